@@ -1,0 +1,148 @@
+//! The classify step: read the response body (bounded), parse the envelope once, and attach the
+//! [`Outcome`](crate::Outcome) to the response.
+//!
+//! It sits right above the HTTP client, under the per-attempt timeout, so a stalled body counts
+//! against the attempt. Everything above it works on `Response<Full<Bytes>>` and reads the
+//! `Outcome` from the extensions instead of parsing again.
+//!
+//! # Errors
+//!
+//! The service's error is a [`BoxError`](crate::error::BoxError) holding one of:
+//! - [`Transport`](crate::error::Transport): the client failed; it says whether the request
+//!   was sent ([`SendState`](crate::error::SendState)), and a body that broke off mid-read
+//!   counts as sent;
+//! - [`BodyTooLarge`](crate::error::BodyTooLarge): the body passed the limit (it is not read
+//!   past it);
+//! - [`MalformedResponse`](crate::error::MalformedResponse): not a Kling envelope.
+//!
+//! # Example
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use kling_core::{ClassifyLayer, Code, Outcome};
+//! use tower::{service_fn, Layer, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), kling_core::error::BoxError> {
+//! let client = service_fn(|_req: http::Request<Full<Bytes>>| async {
+//!     let body = r#"{"code":1303,"message":"parallel task over resource pack limit","request_id":"r1"}"#;
+//!     let response = http::Response::builder().status(429).body(Full::new(Bytes::from(body)))?;
+//!     Ok::<_, http::Error>(response)
+//! });
+//! let classify = ClassifyLayer::new().layer(client);
+//! let response = classify.oneshot(http::Request::new(Full::new(Bytes::new()))).await?;
+//! let outcome = Outcome::of(&response).expect("attached by the classify step");
+//! assert_eq!(outcome.code(), Code::ParallelTaskLimit);
+//! assert_eq!(outcome.request_id(), Some("r1"));
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod future;
+
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::Full;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::error::{BoxError, Transport};
+
+/// The default limit on a response body: Kling answers are small JSON, and a 500-task list page
+/// stays well under it.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// Applies [`Classify`] to a service. See the [module docs](self).
+#[derive(Clone, Copy, Debug)]
+pub struct ClassifyLayer {
+    max_body_bytes: usize,
+}
+
+impl ClassifyLayer {
+    /// A classify layer with the default body limit ([`DEFAULT_MAX_BODY_BYTES`]).
+    pub fn new() -> Self {
+        ClassifyLayer {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+
+    /// Sets the largest response body read; a longer one is an error.
+    pub fn max_body_bytes(mut self, limit: usize) -> Self {
+        self.max_body_bytes = limit;
+        self
+    }
+}
+
+impl Default for ClassifyLayer {
+    fn default() -> Self {
+        ClassifyLayer::new()
+    }
+}
+
+impl<S> Layer<S> for ClassifyLayer {
+    type Service = Classify<S>;
+
+    fn layer(&self, inner: S) -> Classify<S> {
+        Classify {
+            inner,
+            max_body_bytes: self.max_body_bytes,
+        }
+    }
+}
+
+/// Reads each response body (bounded) and attaches its [`Outcome`](crate::Outcome).
+///
+/// See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct Classify<S> {
+    inner: S,
+    max_body_bytes: usize,
+}
+
+impl<S> Classify<S> {
+    /// Wraps `inner` with the default body limit.
+    pub fn new(inner: S) -> Self {
+        ClassifyLayer::new().layer(inner)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for Classify<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    ResB: Body,
+    ResB::Error: Into<BoxError>,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = BoxError;
+    type Future = future::ResponseFuture<S::Future, ResB>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| Box::new(Transport::new(e)) as BoxError)
+    }
+
+    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+        future::ResponseFuture::new(self.inner.call(request), self.max_body_bytes)
+    }
+}

@@ -1,0 +1,294 @@
+//! Error types shared by the stack.
+//!
+//! They stay distinguishable after boxing: downcast a [`BoxError`] to these types. The one
+//! question every retry rule asks of a failed attempt is [`SendState`]: did the request surely
+//! not reach the server (a create may be repeated), or is its outcome unknown?
+
+use std::error::Error as StdError;
+use std::fmt;
+
+use http::StatusCode;
+
+use crate::code::Code;
+use crate::outcome::Outcome;
+
+/// A type-erased error, as tower uses.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Whether a failed request reached the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SendState {
+    /// The request never left the client (e.g. the connection was refused): a create surely
+    /// did not happen and may be repeated.
+    NotSent,
+    /// The request may have reached the server (timeouts, resets, a lost response): a create
+    /// may have happened.
+    Unknown,
+}
+
+impl SendState {
+    /// Reads the send state of any error by walking its source chain.
+    ///
+    /// [`Transport`] and [`NotSent`] markers say it outright; an I/O error of kind
+    /// `ConnectionRefused` proves the request never left; with the `hyper-util` feature,
+    /// hyper-util's connect errors do too. Everything else is [`SendState::Unknown`].
+    pub fn of(error: &(dyn StdError + 'static)) -> SendState {
+        let mut current: Option<&(dyn StdError + 'static)> = Some(error);
+        while let Some(err) = current {
+            if let Some(transport) = err.downcast_ref::<Transport>() {
+                return transport.state;
+            }
+            if err.is::<NotSent>() {
+                return SendState::NotSent;
+            }
+            if let Some(io) = err.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::ConnectionRefused
+            {
+                return SendState::NotSent;
+            }
+            #[cfg(feature = "hyper-util")]
+            if let Some(client) = err.downcast_ref::<hyper_util::client::legacy::Error>()
+                && client.is_connect()
+            {
+                return SendState::NotSent;
+            }
+            current = err.source();
+        }
+        SendState::Unknown
+    }
+}
+
+/// A marker an HTTP client adapter wraps around errors that prove the request was never sent
+/// (a failed connect, a refused connection, a full pool).
+#[derive(Debug)]
+pub struct NotSent {
+    source: BoxError,
+}
+
+impl NotSent {
+    /// Marks `source` as an error before the request was sent.
+    pub fn new(source: impl Into<BoxError>) -> Self {
+        NotSent {
+            source: source.into(),
+        }
+    }
+}
+
+impl fmt::Display for NotSent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "request was never sent: {}", self.source)
+    }
+}
+
+impl StdError for NotSent {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// A failure of the HTTP client under the classify step, with whether the request was sent.
+#[derive(Debug)]
+pub struct Transport {
+    state: SendState,
+    source: BoxError,
+}
+
+impl Transport {
+    /// Wraps a client error, reading its [`SendState`] from its source chain.
+    pub fn new(source: impl Into<BoxError>) -> Self {
+        let source = source.into();
+        let state = SendState::of(&*source);
+        Transport { state, source }
+    }
+
+    /// Wraps an error that happened after the request left (e.g. the response body broke off).
+    pub fn after_sent(source: impl Into<BoxError>) -> Self {
+        Transport {
+            state: SendState::Unknown,
+            source: source.into(),
+        }
+    }
+
+    /// Whether the request reached the server.
+    pub fn send_state(&self) -> SendState {
+        self.state
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.state {
+            SendState::NotSent => write!(f, "request was never sent: {}", self.source),
+            SendState::Unknown => write!(f, "request failed after it was sent: {}", self.source),
+        }
+    }
+}
+
+impl StdError for Transport {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// A response body longer than the configured limit; it was not read further.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyTooLarge {
+    status: StatusCode,
+    limit: usize,
+}
+
+impl BodyTooLarge {
+    pub(crate) fn new(status: StatusCode, limit: usize) -> Self {
+        BodyTooLarge { status, limit }
+    }
+
+    /// The HTTP status of the oversize response.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The limit in bytes that was exceeded.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
+impl fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "kling response body (http {}) is larger than the {}-byte limit",
+            self.status.as_u16(),
+            self.limit
+        )
+    }
+}
+
+impl StdError for BodyTooLarge {}
+
+/// A response whose body is not a Kling envelope (not JSON, or no numeric `code`).
+///
+/// A gateway's HTML error page lands here; its status tells whether a retry may help.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MalformedResponse {
+    status: StatusCode,
+    reason: String,
+}
+
+impl MalformedResponse {
+    pub(crate) fn new(status: StatusCode, reason: impl Into<String>) -> Self {
+        MalformedResponse {
+            status,
+            reason: reason.into(),
+        }
+    }
+
+    /// The HTTP status of the response.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// Why the body could not be read as an envelope.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl fmt::Display for MalformedResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "malformed kling response (http {}): {}",
+            self.status.as_u16(),
+            self.reason
+        )
+    }
+}
+
+impl StdError for MalformedResponse {}
+
+/// A Kling error response, with everything support needs: code, message and request id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    status: StatusCode,
+    code: Code,
+    message: String,
+    request_id: Option<String>,
+}
+
+impl ApiError {
+    /// The error an outcome describes.
+    pub fn from_outcome(outcome: &Outcome) -> Self {
+        ApiError {
+            status: outcome.status(),
+            code: outcome.code(),
+            message: outcome.message().to_owned(),
+            request_id: outcome.request_id().map(str::to_owned),
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The Kling business code.
+    pub fn code(&self) -> Code {
+        self.code
+    }
+
+    /// The server's message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The server's request id.
+    pub fn request_id(&self) -> Option<&str> {
+        self.request_id.as_deref()
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "kling error {} ({}), http {}: {}",
+            self.code,
+            self.code.description(),
+            self.status.as_u16(),
+            self.message
+        )?;
+        if let Some(id) = &self.request_id {
+            write!(f, " (request_id {id})")?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for ApiError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_state_walks_the_chain() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(Transport::new(refused).send_state(), SendState::NotSent);
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(Transport::new(reset).send_state(), SendState::Unknown);
+        let marked = NotSent::new("pool closed");
+        assert_eq!(Transport::new(marked).send_state(), SendState::NotSent);
+        let nested: BoxError = Box::new(Transport::new(NotSent::new("x")));
+        assert_eq!(SendState::of(&*nested), SendState::NotSent);
+    }
+
+    #[test]
+    fn display_is_one_lowercase_line() {
+        let err = Transport::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        let text = err.to_string();
+        assert!(text.starts_with("request failed after it was sent"), "{text}");
+        assert!(!text.contains('\n'));
+    }
+}

@@ -1,0 +1,80 @@
+//! The shared vocabulary of kling-tower: what a Kling response says, what a request is, and
+//! the one step every layer needs, classification.
+//!
+//! Kling answers overload with HTTP 429, but five different business codes hide behind that
+//! status and only two are worth retrying. This crate reads each response once — the envelope
+//! `{code, message, request_id, data}`, the tasks it reports, any `Retry-After` — into an
+//! [`Outcome`], and says for every [`Code`] what a client should do ([`Disposition`]). The
+//! policy layers (`kling-retry`, `kling-ratelimit`, `kling-concurrency`, …) build on it; this
+//! crate has no policy of its own.
+//!
+//! ```
+//! use http::StatusCode;
+//! use kling_core::{Code, Disposition, Outcome, RetryKind};
+//!
+//! let body = br#"{"code":1302,"message":"too many requests","request_id":"8f1c"}"#;
+//! let outcome = Outcome::parse(
+//!     StatusCode::TOO_MANY_REQUESTS,
+//!     &http::HeaderMap::new(),
+//!     body,
+//!     tokio::time::Instant::now(),
+//! )
+//! .unwrap();
+//! assert_eq!(outcome.code(), Code::RateLimited);
+//! assert_eq!(outcome.disposition(), Disposition::Retry(RetryKind::Throttled));
+//!
+//! // 1102 also arrives as HTTP 429, and must never be retried.
+//! assert_eq!(
+//!     Code::from_i64(1102).disposition(StatusCode::TOO_MANY_REQUESTS),
+//!     Disposition::Fatal
+//! );
+//! ```
+//!
+//! # What is here
+//!
+//! | item | why |
+//! |---|---|
+//! | [`Code`], [`Disposition`] | the error-code table, once |
+//! | [`Envelope`], [`TaskReport`], [`TaskStatus`] | both API generations' task fields |
+//! | [`Outcome`] | one response, parsed once, shared through extensions |
+//! | [`RetryAfter`] | delta-seconds and all three HTTP-date forms |
+//! | [`Recognized`], [`Pool`] | create / query / list / account, pool and weight |
+//! | [`AccountId`] | the key every limit is counted under |
+//! | [`TokioClock`] | a governor clock on tokio time, for paused-time tests |
+//! | [`ClassifyLayer`] | bounded body read that attaches the [`Outcome`] |
+//! | [`metrics`] | every metric name of the stack |
+//! | [`signals`] | extensions layers use to cooperate (deadline, attempt, slot-gated 1303) |
+//!
+//! # Feature flags
+//!
+//! | feature | default | what it does |
+//! |---|---|---|
+//! | `hyper-util` | no | recognise hyper-util's connect errors as "never sent" |
+//!
+//! # Minimum supported Rust version
+//!
+//! Rust 1.88.
+
+pub mod body;
+pub mod classify;
+mod account;
+mod clock;
+mod code;
+mod envelope;
+pub mod error;
+pub mod metrics;
+mod outcome;
+mod request;
+mod retry_after;
+pub mod signals;
+
+pub use account::AccountId;
+pub use body::PeekBody;
+pub use classify::{Classify, ClassifyLayer};
+pub use clock::{TokioClock, TokioInstant};
+pub use code::{Code, Disposition, RetryKind, status_disposition};
+pub use envelope::{Envelope, TaskReport, TaskStatus};
+pub use error::{BoxError, SendState};
+pub use outcome::Outcome;
+pub use request::{ApiGeneration, Pool, Product, Recognized, RequestKind};
+pub use retry_after::{MAX_RETRY_AFTER, RetryAfter, retry_after_delay};

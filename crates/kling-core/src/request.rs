@@ -1,0 +1,434 @@
+//! Recognising what a request is: a create (which pool, what weight), a query, a list, an
+//! account request or something else, for both API generations.
+//!
+//! Only creates take task slots; an image create takes `n` of them. Every layer that needs to
+//! know reads one [`Recognized`], computed once per request and kept in its extensions.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+use http::{Method, Request, Uri};
+use serde::Deserialize;
+
+use crate::body::PeekBody;
+
+/// Which generation of the Kling API a path belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ApiGeneration {
+    /// `/v1/videos/text2video` and friends: `task_id`, `task_status`, `succeed`.
+    Legacy,
+    /// `/text-to-video/kling-3.0` and `/tasks`: `id`, `status`, `succeeded`.
+    New,
+}
+
+/// The resource-pack type a create draws its slots from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Product {
+    /// Video generation.
+    Video,
+    /// Image generation (weight `n`).
+    Image,
+    /// Virtual try-on.
+    TryOn,
+}
+
+impl Product {
+    /// The product's name in pool names and metric labels: `video`, `image`, `try-on`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Product::Video => "video",
+            Product::Image => "image",
+            Product::TryOn => "try-on",
+        }
+    }
+}
+
+/// A concurrency pool: a product, and for new-style paths the model version.
+///
+/// Displayed as `video`, `image`, `try-on` (legacy paths) or `video:kling-3.0` (new-style), the
+/// same names `kling-mock` reports.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Pool {
+    product: Product,
+    model: Option<Arc<str>>,
+}
+
+impl Pool {
+    /// A pool of a product shared by all models (legacy paths).
+    pub fn new(product: Product) -> Self {
+        Pool {
+            product,
+            model: None,
+        }
+    }
+
+    /// A pool of one model version of a product (new-style paths).
+    pub fn with_model(product: Product, model: impl Into<Arc<str>>) -> Self {
+        Pool {
+            product,
+            model: Some(model.into()),
+        }
+    }
+
+    /// The product.
+    pub fn product(&self) -> Product {
+        self.product
+    }
+
+    /// The model version, for new-style paths.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    /// Parses the display form back (`video`, `image:kling-v2`); `None` for unknown products.
+    pub fn parse(name: &str) -> Option<Pool> {
+        let (product, model) = match name.split_once(':') {
+            Some((product, model)) if !model.is_empty() => (product, Some(model)),
+            Some(_) => return None,
+            None => (name, None),
+        };
+        let product = match product {
+            "video" => Product::Video,
+            "image" => Product::Image,
+            "try-on" => Product::TryOn,
+            _ => return None,
+        };
+        Some(Pool {
+            product,
+            model: model.map(Arc::from),
+        })
+    }
+}
+
+impl fmt::Display for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.model {
+            Some(model) => write!(f, "{}:{}", self.product.as_str(), model),
+            None => f.write_str(self.product.as_str()),
+        }
+    }
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Pool({self})")
+    }
+}
+
+/// What kind of request this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RequestKind {
+    /// Creates a generation task: takes slots.
+    Create,
+    /// Queries one task (legacy) or a batch of tasks (`GET /tasks`).
+    Query,
+    /// Lists tasks (legacy `GET {create path}`, new `POST /tasks`).
+    List,
+    /// `/account/costs`: resource-pack information (1 query per second at most).
+    Account,
+    /// Anything else.
+    Other,
+}
+
+impl RequestKind {
+    /// The kind's name in metric labels and spans.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestKind::Create => "create",
+            RequestKind::Query => "query",
+            RequestKind::List => "list",
+            RequestKind::Account => "account",
+            RequestKind::Other => "other",
+        }
+    }
+}
+
+/// The image weight range Kling accepts (`n` from 1 to 9).
+const MAX_IMAGE_WEIGHT: u32 = 9;
+
+/// What a request is, as far as limits care.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Recognized {
+    /// The kind of request.
+    pub kind: RequestKind,
+    /// The API generation of its path, when known.
+    pub generation: Option<ApiGeneration>,
+    /// The pool a create draws from (`None` for everything else).
+    pub pool: Option<Pool>,
+    /// Slots a create takes: `n` for images (clamped to 1..=9), else 1; 0 for non-creates.
+    pub weight: u32,
+    /// The create's own id (`external_task_id`, or `external_id` on new-style paths).
+    pub external_id: Option<String>,
+    /// Whether the create asks for a callback.
+    pub has_callback: bool,
+    /// The task ids a query asks about (the path's id, or `task_ids=`).
+    pub task_ids: Vec<String>,
+    /// The external ids a batch query asks about (`external_task_ids=`).
+    pub external_ids: Vec<String>,
+}
+
+impl Recognized {
+    /// Recognises a request from its method, URI and (for creates) JSON body.
+    ///
+    /// The body is only parsed for creates; a body that is not JSON leaves the defaults
+    /// (weight 1, no external id) and the server will reject it.
+    pub fn from_parts(method: &Method, uri: &Uri, body: &[u8]) -> Recognized {
+        let mut recognized = Recognized {
+            kind: RequestKind::Other,
+            generation: None,
+            pool: None,
+            weight: 0,
+            external_id: None,
+            has_callback: false,
+            task_ids: Vec::new(),
+            external_ids: Vec::new(),
+        };
+        let path = uri.path().trim_end_matches('/');
+        if path.ends_with("/account/costs") || path == "account/costs" {
+            recognized.kind = RequestKind::Account;
+            return recognized;
+        }
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+
+        // Legacy: .../v1/{videos|images}/{endpoint}[/{id}]
+        if let Some(v1) = segments.iter().rposition(|s| *s == "v1") {
+            let rest = &segments[v1 + 1..];
+            let product = match rest {
+                ["videos", ..] => Some(Product::Video),
+                ["images", "kolors-virtual-try-on", ..] => Some(Product::TryOn),
+                ["images", ..] => Some(Product::Image),
+                _ => None,
+            };
+            if let Some(product) = product {
+                recognized.generation = Some(ApiGeneration::Legacy);
+                match (rest.len(), method) {
+                    (2, &Method::POST) => {
+                        recognized.kind = RequestKind::Create;
+                        recognized.pool = Some(Pool::new(product));
+                        recognized.read_create_body(product, ApiGeneration::Legacy, body);
+                    }
+                    (2, &Method::GET) => recognized.kind = RequestKind::List,
+                    (3, &Method::GET) => {
+                        recognized.kind = RequestKind::Query;
+                        recognized.task_ids.push(rest[2].to_owned());
+                    }
+                    _ => {}
+                }
+                return recognized;
+            }
+        }
+
+        // New: /tasks (batch query or list) and /{product}/{model} (create).
+        match segments.as_slice() {
+            [.., "tasks"] => {
+                recognized.generation = Some(ApiGeneration::New);
+                if method == Method::GET {
+                    recognized.kind = RequestKind::Query;
+                    recognized.read_batch_query(uri.query().unwrap_or(""));
+                } else if method == Method::POST {
+                    recognized.kind = RequestKind::List;
+                }
+            }
+            [.., product, model] if method == Method::POST => {
+                if let Some(product) = new_style_product(product) {
+                    recognized.generation = Some(ApiGeneration::New);
+                    recognized.kind = RequestKind::Create;
+                    recognized.pool = Some(Pool::with_model(product, *model));
+                    recognized.read_create_body(product, ApiGeneration::New, body);
+                }
+            }
+            _ => {}
+        }
+        recognized
+    }
+
+    /// Recognises a request, using (or filling) the copy cached in its extensions.
+    pub fn of<B: PeekBody>(request: &mut Request<B>) -> &Recognized {
+        if request.extensions().get::<Recognized>().is_none() {
+            let recognized = Recognized::from_request(request);
+            request.extensions_mut().insert(recognized);
+        }
+        request
+            .extensions()
+            .get::<Recognized>()
+            .expect("inserted above")
+    }
+
+    /// Recognises a request afresh, ignoring any cached copy (after a layer rewrote the body).
+    pub fn from_request<B: PeekBody>(request: &Request<B>) -> Recognized {
+        let needs_body = request.method() == Method::POST;
+        let body = if needs_body {
+            request.body().peek_bytes()
+        } else {
+            bytes::Bytes::new()
+        };
+        Recognized::from_parts(request.method(), request.uri(), &body)
+    }
+
+    /// Whether this request creates a task.
+    pub fn is_create(&self) -> bool {
+        self.kind == RequestKind::Create
+    }
+
+    fn read_create_body(&mut self, product: Product, generation: ApiGeneration, body: &[u8]) {
+        self.weight = 1;
+        let Ok(fields) = serde_json::from_slice::<CreateFields<'_>>(body) else {
+            return;
+        };
+        if product == Product::Image
+            && let Some(n) = fields.n.as_ref().and_then(serde_json::Value::as_u64)
+        {
+            self.weight = n.clamp(1, u64::from(MAX_IMAGE_WEIGHT)) as u32;
+        }
+        self.external_id = match generation {
+            ApiGeneration::Legacy => fields.external_task_id,
+            ApiGeneration::New => fields.external_id.or(fields.external_task_id),
+        }
+        .filter(|id| !id.is_empty())
+        .map(Cow::into_owned);
+        self.has_callback = match generation {
+            ApiGeneration::Legacy => fields.callback_url.is_some_and(|u| !u.is_empty()),
+            ApiGeneration::New => fields
+                .options
+                .and_then(|o| o.callback_url)
+                .is_some_and(|u| !u.is_empty()),
+        };
+    }
+
+    fn read_batch_query(&mut self, query: &str) {
+        for pair in query.split('&') {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let target = match name {
+                "task_ids" => &mut self.task_ids,
+                "external_task_ids" => &mut self.external_ids,
+                _ => continue,
+            };
+            target.extend(
+                value
+                    .split(',')
+                    .flat_map(|v| v.split("%2C"))
+                    .filter(|id| !id.is_empty())
+                    .map(String::from),
+            );
+        }
+    }
+}
+
+/// The product of a new-style create path's first segment (`text-to-video`, `omni-video`, …).
+fn new_style_product(segment: &str) -> Option<Product> {
+    match segment {
+        "text-to-video" | "image-to-video" | "omni-video" | "motion-control" => {
+            Some(Product::Video)
+        }
+        "text-to-image" | "image-to-image" => Some(Product::Image),
+        s if s.contains("try-on") => Some(Product::TryOn),
+        s if s.ends_with("-video") => Some(Product::Video),
+        s if s.ends_with("-image") => Some(Product::Image),
+        _ => None,
+    }
+}
+
+/// The fields of a create body the limits care about; everything else is skipped unread.
+#[derive(Deserialize)]
+struct CreateFields<'a> {
+    #[serde(default)]
+    n: Option<serde_json::Value>,
+    #[serde(default, borrow)]
+    external_task_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    external_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    callback_url: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    options: Option<CreateOptions<'a>>,
+}
+
+#[derive(Deserialize)]
+struct CreateOptions<'a> {
+    #[serde(default, borrow)]
+    callback_url: Option<Cow<'a, str>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recognize(method: &Method, uri: &str, body: &str) -> Recognized {
+        Recognized::from_parts(method, &uri.parse().unwrap(), body.as_bytes())
+    }
+
+    #[test]
+    fn legacy_paths() {
+        let r = recognize(&Method::POST,
+            "https://api-singapore.klingai.com/v1/videos/text2video",
+            r#"{"prompt":"a cat","external_task_id":"job-1","callback_url":"http://x"}"#,
+        );
+        assert_eq!(r.kind, RequestKind::Create);
+        assert_eq!(r.generation, Some(ApiGeneration::Legacy));
+        assert_eq!(r.pool.as_ref().unwrap().to_string(), "video");
+        assert_eq!(r.weight, 1);
+        assert_eq!(r.external_id.as_deref(), Some("job-1"));
+        assert!(r.has_callback);
+
+        let r = recognize(&Method::POST, "/v1/images/generations", r#"{"n":4}"#);
+        assert_eq!((r.pool.unwrap().to_string(), r.weight), ("image".into(), 4));
+        let r = recognize(&Method::POST, "/v1/images/generations", r#"{"n":40}"#);
+        assert_eq!(r.weight, 9);
+        let r = recognize(&Method::POST, "/v1/images/generations", "not json");
+        assert_eq!(r.weight, 1);
+        let r = recognize(&Method::POST, "/v1/images/kolors-virtual-try-on", r#"{"n":3}"#);
+        assert_eq!((r.pool.unwrap().to_string(), r.weight), ("try-on".into(), 1));
+
+        let r = recognize(&Method::GET, "/v1/videos/text2video/abc123", "");
+        assert_eq!(r.kind, RequestKind::Query);
+        assert_eq!(r.task_ids, vec!["abc123"]);
+        let r = recognize(&Method::GET, "/v1/videos/text2video?pageNum=1&pageSize=30", "");
+        assert_eq!(r.kind, RequestKind::List);
+        assert_eq!(recognize(&Method::GET, "/account/costs", "").kind, RequestKind::Account);
+        assert_eq!(recognize(&Method::GET, "/healthz", "").kind, RequestKind::Other);
+    }
+
+    #[test]
+    fn new_style_paths() {
+        let r = recognize(&Method::POST,
+            "/text-to-video/kling-3.0",
+            r#"{"prompt":"x","external_id":"e1","options":{"callback_url":"http://cb"}}"#,
+        );
+        assert_eq!(r.kind, RequestKind::Create);
+        assert_eq!(r.generation, Some(ApiGeneration::New));
+        assert_eq!(r.pool.as_ref().unwrap().to_string(), "video:kling-3.0");
+        assert_eq!(r.external_id.as_deref(), Some("e1"));
+        assert!(r.has_callback);
+
+        let r = recognize(&Method::GET, "/tasks?task_ids=a,b,c", "");
+        assert_eq!(r.kind, RequestKind::Query);
+        assert_eq!(r.task_ids, vec!["a", "b", "c"]);
+        let r = recognize(&Method::GET, "/tasks?external_task_ids=x%2Cy", "");
+        assert_eq!(r.external_ids, vec!["x", "y"]);
+        assert_eq!(recognize(&Method::POST, "/tasks", "{}").kind, RequestKind::List);
+        assert_eq!(recognize(&Method::POST, "/foo/bar", "{}").kind, RequestKind::Other);
+    }
+
+    #[test]
+    fn pool_names_round_trip() {
+        for name in ["video", "image", "try-on", "video:kling-3.0"] {
+            assert_eq!(Pool::parse(name).unwrap().to_string(), name);
+        }
+        assert_eq!(Pool::parse("audio"), None);
+        assert_eq!(Pool::parse("video:"), None);
+    }
+
+    #[test]
+    fn recognition_is_cached_in_the_request() {
+        let mut req = Request::post("/v1/images/generations")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{\"n\":2}")))
+            .unwrap();
+        assert_eq!(Recognized::of(&mut req).weight, 2);
+        assert!(req.extensions().get::<Recognized>().is_some());
+    }
+}

@@ -1,0 +1,144 @@
+//! `Retry-After` (RFC 9110 §10.2.3): delta-seconds or an HTTP-date.
+//!
+//! Kling documents no `Retry-After`, but proxies and future versions may send one, and a client
+//! that ignores it retries too early. Both forms are parsed; an HTTP-date is read relative to the
+//! response's own `Date` header when there is one, so a skewed local clock does not stretch or
+//! shrink the wait.
+
+use std::time::{Duration, SystemTime};
+
+use http::HeaderMap;
+use http::header::{DATE, RETRY_AFTER};
+
+/// The longest delay a `Retry-After` can express here; larger values saturate to it.
+///
+/// A day is far beyond any wait a client honours (layers clamp to their own maximum), and the
+/// cap keeps instant arithmetic from overflowing.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A parsed `Retry-After` value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryAfter {
+    /// `Retry-After: 7`: wait this long after the response arrived.
+    Delay(Duration),
+    /// `Retry-After: Fri, 31 Dec 1999 23:59:59 GMT`: retry at or after this time.
+    At(SystemTime),
+}
+
+impl RetryAfter {
+    /// Parses one header value; garbage (and a negative or fractional number) is `None`.
+    ///
+    /// All three HTTP-date forms are accepted (IMF-fixdate, RFC 850, asctime).
+    pub fn parse(value: &[u8]) -> Option<RetryAfter> {
+        let text = std::str::from_utf8(value).ok()?.trim();
+        if text.is_empty() {
+            return None;
+        }
+        if text.bytes().all(|b| b.is_ascii_digit()) {
+            // An absurdly long but valid number saturates rather than being ignored.
+            let secs = text.parse::<u64>().unwrap_or(u64::MAX);
+            let delay = Duration::from_secs(secs).min(MAX_RETRY_AFTER);
+            return Some(RetryAfter::Delay(delay));
+        }
+        httpdate::parse_http_date(text).ok().map(RetryAfter::At)
+    }
+
+    /// The `Retry-After` of a response's headers, if present and valid.
+    pub fn from_headers(headers: &HeaderMap) -> Option<RetryAfter> {
+        headers
+            .get(RETRY_AFTER)
+            .and_then(|v| RetryAfter::parse(v.as_bytes()))
+    }
+
+    /// How long to wait counting from when the response was received.
+    ///
+    /// A date is measured against `date` (the response's `Date` header) when given, else
+    /// against `now`; a date in the past is zero.
+    pub fn delay(&self, date: Option<SystemTime>, now: SystemTime) -> Duration {
+        match *self {
+            RetryAfter::Delay(delay) => delay,
+            RetryAfter::At(at) => at
+                .duration_since(date.unwrap_or(now))
+                .unwrap_or(Duration::ZERO)
+                .min(MAX_RETRY_AFTER),
+        }
+    }
+}
+
+/// The delay a response's headers ask for, measured as [`RetryAfter::delay`] does, with its
+/// own `Date` header as the reference when present.
+pub fn retry_after_delay(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let retry_after = RetryAfter::from_headers(headers)?;
+    let date = headers
+        .get(DATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v.trim()).ok());
+    Some(retry_after.delay(date, now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn delta_seconds() {
+        assert_eq!(
+            RetryAfter::parse(b"7"),
+            Some(RetryAfter::Delay(Duration::from_secs(7)))
+        );
+        assert_eq!(
+            RetryAfter::parse(b" 0 "),
+            Some(RetryAfter::Delay(Duration::ZERO))
+        );
+        assert_eq!(
+            RetryAfter::parse(b"99999999999999999999999"),
+            Some(RetryAfter::Delay(MAX_RETRY_AFTER))
+        );
+    }
+
+    #[test]
+    fn garbage_is_none() {
+        for bad in [&b""[..], b"-1", b"1.5", b"soon", b"7 s", b"\xff\xfe", b"Fri, 99 Foo"] {
+            assert_eq!(RetryAfter::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn all_three_date_forms() {
+        // RFC 9110's own example instant, in each of the three forms it lists.
+        let expected = RetryAfter::At(at(784_111_777));
+        for form in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+        ] {
+            assert_eq!(RetryAfter::parse(form.as_bytes()), Some(expected), "{form}");
+        }
+    }
+
+    #[test]
+    fn a_date_is_relative_to_the_date_header_and_never_negative() {
+        let ra = RetryAfter::At(at(1_000));
+        assert_eq!(ra.delay(Some(at(993)), at(0)), Duration::from_secs(7));
+        assert_eq!(ra.delay(None, at(990)), Duration::from_secs(10));
+        assert_eq!(ra.delay(Some(at(2_000)), at(0)), Duration::ZERO);
+    }
+
+    #[test]
+    fn headers_use_their_own_date() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Sun, 06 Nov 1994 08:49:44 GMT"),
+        );
+        headers.insert(DATE, HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"));
+        // The local clock is a day off; the server's Date keeps the wait right.
+        let now = at(784_111_777 + 86_400);
+        assert_eq!(retry_after_delay(&headers, now), Some(Duration::from_secs(7)));
+    }
+}
