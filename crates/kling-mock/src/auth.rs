@@ -1,0 +1,137 @@
+//! Bearer authentication: API keys and the legacy HS256 JWT, checked by hand.
+//!
+//! The JWT check is written out (split, base64url, HMAC-SHA256) rather than taken from a JWT crate
+//! so the mock stays an independent oracle for the client's signer.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, KeyInit as _, Mac as _};
+use sha2::Sha256;
+
+use crate::config::MockConfig;
+
+/// Who a request is, or why it is refused (a Kling code with its message).
+pub(crate) type AuthResult = Result<String, (u32, &'static str)>;
+
+/// Resolves the `Authorization` header value to an account id.
+pub(crate) fn authenticate(config: &MockConfig, header: Option<&[u8]>) -> AuthResult {
+    let Some(raw) = header else {
+        return Err((1001, "authorization header is empty"));
+    };
+    let Ok(value) = std::str::from_utf8(raw) else {
+        return Err((1000, "authentication failed"));
+    };
+    let value = value.trim();
+    if value.is_empty() {
+        return Err((1001, "authorization header is empty"));
+    }
+    let token = match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+        _ => return Err((1000, "authentication failed: expected a Bearer token")),
+    };
+    if token.is_empty() {
+        return Err((1001, "authorization header is empty"));
+    }
+
+    let jwt = Jwt::parse(token);
+    if let (Some(access), Some(secret), Some(jwt)) =
+        (&config.access_key, &config.secret_key, jwt.as_ref())
+    {
+        return verify_jwt(config, access, secret, jwt, token);
+    }
+    if !config.api_keys.is_empty() || config.access_key.is_some() {
+        return config
+            .api_keys
+            .iter()
+            .find(|k| k.key == token)
+            .map(|k| k.account.clone())
+            .ok_or((1002, "invalid api key"));
+    }
+    // Open mode: any key is its own account. A JWT is keyed by its issuer so that re-signing
+    // every 30 minutes does not move the client to a fresh account with fresh limits.
+    if let Some(iss) = jwt.and_then(|j| {
+        j.claims
+            .get("iss")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    }) {
+        return Ok(iss);
+    }
+    Ok(token.to_owned())
+}
+
+struct Jwt {
+    header: serde_json::Value,
+    claims: serde_json::Value,
+    signature: Vec<u8>,
+}
+
+impl Jwt {
+    /// Three base64url segments whose first two are JSON objects, or `None`.
+    fn parse(token: &str) -> Option<Jwt> {
+        let mut parts = token.split('.');
+        let (h, c, s) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        let header: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(h).ok()?).ok()?;
+        let claims: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(c).ok()?).ok()?;
+        let signature = URL_SAFE_NO_PAD.decode(s).ok()?;
+        (header.is_object() && claims.is_object()).then_some(Jwt {
+            header,
+            claims,
+            signature,
+        })
+    }
+}
+
+fn verify_jwt(
+    config: &MockConfig,
+    access: &str,
+    secret: &str,
+    jwt: &Jwt,
+    token: &str,
+) -> AuthResult {
+    if jwt.claims.get("iss").and_then(|v| v.as_str()) != Some(access) {
+        return Err((1002, "invalid access key"));
+    }
+    if jwt.header.get("alg").and_then(|v| v.as_str()) != Some("HS256") {
+        return Err((1000, "authentication failed: unsupported algorithm"));
+    }
+    let Some(signed_len) = token.rfind('.') else {
+        return Err((1000, "authentication failed"));
+    };
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else {
+        return Err((1000, "authentication failed"));
+    };
+    mac.update(&token.as_bytes()[..signed_len]);
+    if mac.verify_slice(&jwt.signature).is_err() {
+        return Err((1000, "authentication failed: bad signature"));
+    }
+    let now = now_secs(config.clock_offset_secs);
+    let claim = |name: &str| jwt.claims.get(name).and_then(serde_json::Value::as_f64);
+    if let Some(nbf) = claim("nbf")
+        && nbf > now
+    {
+        return Err((1003, "token is not yet valid"));
+    }
+    match claim("exp") {
+        Some(exp) if exp <= now => Err((1004, "token has expired")),
+        Some(_) => Ok(access.to_owned()),
+        None => Err((1000, "authentication failed: token has no exp")),
+    }
+}
+
+/// Real Unix time in seconds plus the configured offset: token lifetimes stay real even when the
+/// mock's task clock is paused or sped up.
+fn now_secs(offset: i64) -> f64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    now + offset as f64
+}

@@ -1,0 +1,629 @@
+//! Configuration of the mock: presets, limits, credentials, faults.
+//!
+//! Every number the mock enforces lives here so a test can state the exact account it simulates.
+//! Durations are given in *API time*; the mock divides them by [`MockConfig::speed`] before use, so a
+//! demo at `speed(60.0)` runs a minute of Kling in one second while the numbers still read like
+//! Kling's.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The longest duration the mock ever adds to an instant (ten years): keeps `Instant`
+/// arithmetic far from overflow whatever the configuration.
+pub(crate) const MAX_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// The account tiers of the published Kling rate-limit guide.
+///
+/// | preset | slots per pool | requests / minute | credits |
+/// |---|---|---|---|
+/// | `Free` | 1 | 10 | 66 |
+/// | `Standard` | 3 | 30 | unlimited |
+/// | `Pro` | 5 | 60 | unlimited |
+/// | `Enterprise` | 10 | unlimited | unlimited |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Preset {
+    /// 1 slot per pool, 10 requests per minute, 66 credits.
+    Free,
+    /// 3 slots per pool, 30 requests per minute.
+    Standard,
+    /// 5 slots per pool, 60 requests per minute (the default).
+    #[default]
+    Pro,
+    /// 10 slots per pool, no request-rate limit unless one is set.
+    Enterprise,
+}
+
+impl Preset {
+    /// Slots per pool of this tier.
+    pub fn slots(self) -> u32 {
+        match self {
+            Preset::Free => 1,
+            Preset::Standard => 3,
+            Preset::Pro => 5,
+            Preset::Enterprise => 10,
+        }
+    }
+
+    /// The request-rate limit of this tier, if it has one.
+    pub fn rate_limit(self) -> Option<RateLimit> {
+        let per_minute = match self {
+            Preset::Free => 10.0,
+            Preset::Standard => 30.0,
+            Preset::Pro => 60.0,
+            Preset::Enterprise => return None,
+        };
+        Some(RateLimit {
+            per_minute,
+            burst: 1,
+            penalty: false,
+        })
+    }
+
+    /// The credit budget of this tier (`None` = unlimited).
+    pub fn credits(self) -> Option<f64> {
+        match self {
+            Preset::Free => Some(66.0),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Preset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Preset::Free => "free",
+            Preset::Standard => "standard",
+            Preset::Pro => "pro",
+            Preset::Enterprise => "enterprise",
+        })
+    }
+}
+
+/// The error of parsing a [`Preset`] or a [`RetryAfterMode`] from a string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    what: &'static str,
+    input: String,
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown {} `{}`", self.what, self.input)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+impl FromStr for Preset {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "free" => Ok(Preset::Free),
+            "standard" => Ok(Preset::Standard),
+            "pro" => Ok(Preset::Pro),
+            "enterprise" => Ok(Preset::Enterprise),
+            _ => Err(ParseError {
+                what: "preset (expected free, standard, pro or enterprise)",
+                input: s.to_owned(),
+            }),
+        }
+    }
+}
+
+/// Whether and how 1302 and 1303 responses carry a `Retry-After` header.
+///
+/// Kling documents none; proxies and a future API may send one, so clients must handle both forms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum RetryAfterMode {
+    /// No header (what Kling documents).
+    #[default]
+    None,
+    /// Delta seconds: the real wait rounded up, at least 1.
+    Seconds,
+    /// An HTTP-date (rounded up to the next whole second) plus a `Date` header.
+    Date,
+}
+
+impl FromStr for RetryAfterMode {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "none" => Ok(RetryAfterMode::None),
+            "seconds" => Ok(RetryAfterMode::Seconds),
+            "date" => Ok(RetryAfterMode::Date),
+            _ => Err(ParseError {
+                what: "retry-after mode (expected none, seconds or date)",
+                input: s.to_owned(),
+            }),
+        }
+    }
+}
+
+/// A GCRA request-rate limit applied per account to every request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct RateLimit {
+    /// Requests allowed per minute of API time.
+    pub per_minute: f64,
+    /// Requests allowed back to back (1 = perfectly even spacing).
+    pub burst: u32,
+    /// Whether a refused request pushes the next allowed time one interval further, which locks
+    /// out clients that retry before the advertised time.
+    pub penalty: bool,
+}
+
+impl RateLimit {
+    /// `per_minute` requests per minute, burst 1, no penalty.
+    pub fn per_minute(per_minute: f64) -> Self {
+        RateLimit {
+            per_minute,
+            burst: 1,
+            penalty: false,
+        }
+    }
+}
+
+/// Account-state switches: each one makes every request of every account fail with its code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Switches {
+    /// Account abnormal: 429 code 1100.
+    pub abnormal: bool,
+    /// Account in arrears: 429 code 1101.
+    pub arrears: bool,
+    /// Caller refused by the IP whitelist: 429 code 1304.
+    pub ip_denied: bool,
+}
+
+impl Switches {
+    /// All off.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Sets the "account abnormal" switch (1100).
+    pub fn abnormal(mut self, on: bool) -> Self {
+        self.abnormal = on;
+        self
+    }
+    /// Sets the "account in arrears" switch (1101).
+    pub fn arrears(mut self, on: bool) -> Self {
+        self.arrears = on;
+        self
+    }
+    /// Sets the "IP whitelist deny" switch (1304).
+    pub fn ip_denied(mut self, on: bool) -> Self {
+        self.ip_denied = on;
+        self
+    }
+}
+
+/// Probabilities of injected faults, each drawn per request from the seeded RNG.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct Faults {
+    /// Share of requests answered 5000/5001/5002 (HTTP 500/503/504) without doing anything.
+    pub fault_rate: f64,
+    /// Share of successful creates answered 5000 although the task *was* created and billed.
+    pub ghost_create_rate: f64,
+    /// Share of requests whose connection is dropped without a response.
+    pub drop_rate: f64,
+    /// Share of requests answered only after [`Faults::slow_delay`].
+    pub slow_rate: f64,
+    /// How long a slow response waits (API time, divided by speed).
+    pub slow_delay: Duration,
+    /// Share of requests answered HTTP 200 with a body that is not JSON.
+    pub malformed_rate: f64,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            fault_rate: 0.0,
+            ghost_create_rate: 0.0,
+            drop_rate: 0.0,
+            slow_rate: 0.0,
+            slow_delay: Duration::from_secs(30),
+            malformed_rate: 0.0,
+        }
+    }
+}
+
+/// One configured API key and the account it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ApiKey {
+    /// The bearer value.
+    pub key: String,
+    /// The account whose limits the key shares.
+    pub account: String,
+}
+
+/// The whole configuration of a mock. `Default` is the [`Preset::Pro`] tier.
+///
+/// Built with chained methods: `MockConfig::preset(Preset::Free).speed(60.0).credits(10.0)`.
+/// [`MockConfig::validate`] (called by the constructors) rejects impossible values, naming the
+/// field.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct MockConfig {
+    /// The tier the numbers below started from.
+    pub preset: Preset,
+    /// Time compression: every duration and window is divided by it.
+    pub speed: f64,
+    /// Slots of every pool that has no entry in [`MockConfig::pool_slots`].
+    pub slots: u32,
+    /// Per-pool capacity overrides, keyed by pool name (`video`, `image:kolors-v2`, ...).
+    pub pool_slots: BTreeMap<String, u32>,
+    /// The request-rate limit per account, if any.
+    pub rate_limit: Option<RateLimit>,
+    /// Credit budget per account (`None` = unlimited).
+    pub credits: Option<f64>,
+    /// Whether 1302/1303 carry `Retry-After`.
+    pub retry_after: RetryAfterMode,
+    /// Shortest task duration (API time).
+    pub task_duration_min: Duration,
+    /// Longest task duration (API time).
+    pub task_duration_max: Duration,
+    /// Share of tasks that end `failed`.
+    pub failure_rate: f64,
+    /// Accepted API keys; empty = any bearer accepted (unless access/secret keys are set).
+    pub api_keys: Vec<ApiKey>,
+    /// Account used for keys added with [`MockConfig::api_key`] and for JWTs.
+    pub account: Option<String>,
+    /// Legacy access key (JWT `iss`).
+    pub access_key: Option<String>,
+    /// Legacy secret key (JWT HS256 key).
+    pub secret_key: Option<String>,
+    /// Seconds added to the real clock when checking JWT `nbf`/`exp` (simulates server skew).
+    pub clock_offset_secs: i64,
+    /// Model names that get 403 code 1103.
+    pub forbidden_models: Vec<String>,
+    /// Standard-Webhooks secret for signing callbacks (`whsec_<base64>` or raw).
+    pub callback_secret: Option<String>,
+    /// Account-state switches at start.
+    pub switches: Switches,
+    /// Injected faults.
+    pub faults: Faults,
+    /// Seed of the RNG behind faults, durations and failures.
+    pub seed: u64,
+    /// Largest accepted request body in bytes; larger gets 400 code 1200.
+    pub max_body_bytes: usize,
+    /// TCP port of [`crate::MockServer::start`] on 127.0.0.1 (0 = a free port).
+    pub port: u16,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        MockConfig::preset(Preset::Pro)
+    }
+}
+
+impl MockConfig {
+    /// The configuration of a tier, everything else at its default.
+    pub fn preset(preset: Preset) -> Self {
+        MockConfig {
+            preset,
+            speed: 1.0,
+            slots: preset.slots(),
+            pool_slots: BTreeMap::new(),
+            rate_limit: preset.rate_limit(),
+            credits: preset.credits(),
+            retry_after: RetryAfterMode::None,
+            task_duration_min: Duration::from_secs(60),
+            task_duration_max: Duration::from_secs(120),
+            failure_rate: 0.0,
+            api_keys: Vec::new(),
+            account: None,
+            access_key: None,
+            secret_key: None,
+            clock_offset_secs: 0,
+            forbidden_models: Vec::new(),
+            callback_secret: None,
+            switches: Switches::default(),
+            faults: Faults::default(),
+            seed: 0x006b_6c69_6e67,
+            max_body_bytes: 10 * 1024 * 1024,
+            port: 0,
+        }
+    }
+
+    /// Sets the speed factor.
+    pub fn speed(mut self, speed: f64) -> Self {
+        self.speed = speed;
+        self
+    }
+    /// Sets the slots of every pool without an override.
+    pub fn slots(mut self, slots: u32) -> Self {
+        self.slots = slots;
+        self
+    }
+    /// Overrides the capacity of one pool.
+    pub fn pool_slots(mut self, pool: impl Into<String>, slots: u32) -> Self {
+        self.pool_slots.insert(pool.into(), slots);
+        self
+    }
+    /// Sets the request-rate limit (`None` = unlimited).
+    pub fn rate_limit(mut self, limit: Option<RateLimit>) -> Self {
+        self.rate_limit = limit;
+        self
+    }
+    /// Sets requests per minute, keeping burst and penalty (burst 1 if there was no limit).
+    pub fn rate_per_minute(mut self, per_minute: f64) -> Self {
+        let mut limit = self
+            .rate_limit
+            .unwrap_or_else(|| RateLimit::per_minute(per_minute));
+        limit.per_minute = per_minute;
+        self.rate_limit = Some(limit);
+        self
+    }
+    /// Removes the request-rate limit.
+    pub fn no_rate_limit(mut self) -> Self {
+        self.rate_limit = None;
+        self
+    }
+    /// Sets the GCRA burst (has no effect without a rate limit).
+    pub fn burst(mut self, burst: u32) -> Self {
+        if let Some(limit) = self.rate_limit.as_mut() {
+            limit.burst = burst;
+        }
+        self
+    }
+    /// Turns the penalty mode on or off (has no effect without a rate limit).
+    pub fn penalty(mut self, on: bool) -> Self {
+        if let Some(limit) = self.rate_limit.as_mut() {
+            limit.penalty = on;
+        }
+        self
+    }
+    /// Sets a credit budget per account.
+    pub fn credits(mut self, credits: f64) -> Self {
+        self.credits = Some(credits);
+        self
+    }
+    /// Removes the credit budget.
+    pub fn unlimited_credits(mut self) -> Self {
+        self.credits = None;
+        self
+    }
+    /// Sets the `Retry-After` mode.
+    pub fn retry_after(mut self, mode: RetryAfterMode) -> Self {
+        self.retry_after = mode;
+        self
+    }
+    /// Sets the range task durations are drawn from (API time).
+    pub fn task_duration(mut self, min: Duration, max: Duration) -> Self {
+        self.task_duration_min = min;
+        self.task_duration_max = max;
+        self
+    }
+    /// Sets the share of tasks that fail.
+    pub fn failure_rate(mut self, rate: f64) -> Self {
+        self.failure_rate = rate;
+        self
+    }
+    /// Accepts an API key belonging to the configured account (see [`MockConfig::account`]).
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        let account = self.default_account();
+        self.api_keys.push(ApiKey {
+            key: key.into(),
+            account,
+        });
+        self
+    }
+    /// Accepts an API key belonging to the named account.
+    pub fn api_key_for(mut self, key: impl Into<String>, account: impl Into<String>) -> Self {
+        self.api_keys.push(ApiKey {
+            key: key.into(),
+            account: account.into(),
+        });
+        self
+    }
+    /// Names the account of configured credentials (default: the access key, else `default`).
+    pub fn account(mut self, account: impl Into<String>) -> Self {
+        let account = account.into();
+        let old = self.default_account();
+        for key in &mut self.api_keys {
+            if key.account == old {
+                key.account.clone_from(&account);
+            }
+        }
+        self.account = Some(account);
+        self
+    }
+    /// Configures the legacy access key + secret key (JWT auth).
+    pub fn access_key(
+        mut self,
+        access_key: impl Into<String>,
+        secret_key: impl Into<String>,
+    ) -> Self {
+        let old = self.default_account();
+        self.access_key = Some(access_key.into());
+        self.secret_key = Some(secret_key.into());
+        let new = self.default_account();
+        for key in &mut self.api_keys {
+            if key.account == old {
+                key.account.clone_from(&new);
+            }
+        }
+        self
+    }
+    /// Shifts the clock JWTs are checked against.
+    pub fn clock_offset_secs(mut self, secs: i64) -> Self {
+        self.clock_offset_secs = secs;
+        self
+    }
+    /// Makes a model name answer 403 code 1103.
+    pub fn forbid_model(mut self, model: impl Into<String>) -> Self {
+        self.forbidden_models.push(model.into());
+        self
+    }
+    /// Signs callbacks with this Standard-Webhooks secret.
+    pub fn callback_secret(mut self, secret: impl Into<String>) -> Self {
+        self.callback_secret = Some(secret.into());
+        self
+    }
+    /// Sets the account-state switches.
+    pub fn switches(mut self, switches: Switches) -> Self {
+        self.switches = switches;
+        self
+    }
+    /// Sets all fault probabilities at once.
+    pub fn faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
+    }
+    /// Share of requests answered 5000/5001/5002.
+    pub fn fault_rate(mut self, rate: f64) -> Self {
+        self.faults.fault_rate = rate;
+        self
+    }
+    /// Share of creates answered 5000 although the task was created.
+    pub fn ghost_create_rate(mut self, rate: f64) -> Self {
+        self.faults.ghost_create_rate = rate;
+        self
+    }
+    /// Share of requests whose connection is dropped.
+    pub fn drop_rate(mut self, rate: f64) -> Self {
+        self.faults.drop_rate = rate;
+        self
+    }
+    /// Share of requests answered after `delay` (API time).
+    pub fn slow(mut self, rate: f64, delay: Duration) -> Self {
+        self.faults.slow_rate = rate;
+        self.faults.slow_delay = delay;
+        self
+    }
+    /// Share of requests answered with a non-JSON body.
+    pub fn malformed_rate(mut self, rate: f64) -> Self {
+        self.faults.malformed_rate = rate;
+        self
+    }
+    /// Seeds the RNG.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+    /// Sets the request-body limit in bytes.
+    pub fn max_body_bytes(mut self, bytes: usize) -> Self {
+        self.max_body_bytes = bytes;
+        self
+    }
+
+    /// Sets the TCP port of [`crate::MockServer::start`] (0 = a free port).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// The account configured credentials belong to.
+    pub fn default_account(&self) -> String {
+        self.account
+            .clone()
+            .or_else(|| self.access_key.clone())
+            .unwrap_or_else(|| "default".to_owned())
+    }
+
+    /// The capacity of a pool.
+    pub fn capacity(&self, pool: &str) -> u32 {
+        self.pool_slots.get(pool).copied().unwrap_or(self.slots)
+    }
+
+    /// Checks every field, naming the first one that is impossible.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |field: &'static str, reason: &'static str| Err(ConfigError { field, reason });
+        if !(self.speed.is_finite() && self.speed > 0.0) {
+            return err("speed", "must be a finite number above 0");
+        }
+        if let Some(limit) = &self.rate_limit {
+            if !(limit.per_minute.is_finite() && limit.per_minute > 0.0) {
+                return err("rate_limit.per_minute", "must be a finite number above 0");
+            }
+            if limit.burst == 0 {
+                return err("rate_limit.burst", "must be at least 1");
+            }
+        }
+        if let Some(credits) = self.credits
+            && !(credits.is_finite() && credits >= 0.0)
+        {
+            return err("credits", "must be a finite number, 0 or more");
+        }
+        if self.task_duration_min > self.task_duration_max {
+            return err("task_duration_min", "must not exceed task_duration_max");
+        }
+        if self.task_duration_max > Duration::from_secs(365 * 24 * 3600) {
+            return err("task_duration_max", "must be at most a year");
+        }
+        if self.faults.slow_delay > Duration::from_secs(24 * 3600) {
+            return err("faults.slow_delay", "must be at most a day");
+        }
+        let rates = [
+            ("failure_rate", self.failure_rate),
+            ("faults.fault_rate", self.faults.fault_rate),
+            ("faults.ghost_create_rate", self.faults.ghost_create_rate),
+            ("faults.drop_rate", self.faults.drop_rate),
+            ("faults.slow_rate", self.faults.slow_rate),
+            ("faults.malformed_rate", self.faults.malformed_rate),
+        ];
+        for (field, rate) in rates {
+            if !(0.0..=1.0).contains(&rate) {
+                return err(field, "must be a probability between 0 and 1");
+            }
+        }
+        if self.access_key.is_some() != self.secret_key.is_some() {
+            return err("secret_key", "access_key and secret_key go together");
+        }
+        Ok(())
+    }
+
+    /// Divides an API-time duration by the speed factor.
+    ///
+    /// Capped at ten years so that adding it to an `Instant` can never overflow.
+    pub(crate) fn scaled(&self, d: Duration) -> Duration {
+        self.scaled_secs(d.as_secs_f64())
+    }
+
+    /// Like [`MockConfig::scaled`], from seconds of API time.
+    pub(crate) fn scaled_secs(&self, secs: f64) -> Duration {
+        Duration::try_from_secs_f64(secs / self.speed)
+            .unwrap_or(MAX_WAIT)
+            .min(MAX_WAIT)
+    }
+}
+
+/// An impossible configuration value, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    field: &'static str,
+    reason: &'static str,
+}
+
+impl ConfigError {
+    /// The offending field.
+    pub fn field(&self) -> &'static str {
+        self.field
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid mock configuration: `{}` {}",
+            self.field, self.reason
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl From<ConfigError> for std::io::Error {
+    fn from(e: ConfigError) -> Self {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, e)
+    }
+}

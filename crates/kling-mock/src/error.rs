@@ -1,0 +1,25 @@
+//! The error of the in-process service.
+
+use std::fmt;
+
+/// The mock dropped the connection instead of answering (the `drop_rate` fault).
+///
+/// Over TCP the connection is closed without a response; in process the call fails with this.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MockError {
+    _private: (),
+}
+
+impl MockError {
+    pub(crate) fn dropped() -> Self {
+        MockError { _private: () }
+    }
+}
+
+impl fmt::Display for MockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("connection dropped by mock")
+    }
+}
+
+impl std::error::Error for MockError {}

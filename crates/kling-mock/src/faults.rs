@@ -1,0 +1,47 @@
+//! Fault injection: one seeded draw per request decides whether it is dropped, slowed, garbled or
+//! answered with a 5xx.
+
+use std::time::Duration;
+
+use crate::state::State;
+
+/// What the fault injector does to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// Answer normally.
+    None,
+    /// Close the connection without a response.
+    Drop,
+    /// Sleep this long (already divided by speed), then answer normally.
+    Slow(Duration),
+    /// HTTP 200 with a body that is not JSON.
+    Malformed,
+    /// 5000, 5001 or 5002 with its HTTP status; nothing else happens.
+    ServerError(u32),
+}
+
+impl State {
+    /// Draws the fault of one request. Zero rates draw nothing, so a fault-free mock's sequence
+    /// of task durations does not depend on how many requests it served.
+    pub(crate) fn draw_fault(&mut self) -> Fault {
+        let faults = self.config.faults;
+        if self.chance(faults.drop_rate) {
+            return Fault::Drop;
+        }
+        if self.chance(faults.malformed_rate) {
+            return Fault::Malformed;
+        }
+        if self.chance(faults.fault_rate) {
+            let code = match self.draw() {
+                x if x < 1.0 / 3.0 => 5000,
+                x if x < 2.0 / 3.0 => 5001,
+                _ => 5002,
+            };
+            return Fault::ServerError(code);
+        }
+        if self.chance(faults.slow_rate) {
+            return Fault::Slow(self.config.scaled(faults.slow_delay));
+        }
+        Fault::None
+    }
+}

@@ -1,0 +1,557 @@
+//! The endpoints: creates, queries, lists, account costs, in the order Kling checks things.
+//!
+//! Check order for a create: body JSON (1200) → fields (1201) → model permission (1103) →
+//! content policy (1300/1301) → credits latched (1102) → duplicate external id (1201) → credits
+//! (1102) → slots (1303) → task. Billing before slots: an empty pack is final, a busy pool is not.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Response;
+use http_body_util::Full;
+use serde_json::{Map, Value, json};
+use tokio::time::Instant;
+
+use crate::config::MAX_WAIT;
+use crate::routes::{LegacyFamily, NEW_IMAGE_PRODUCTS, Route, query_pairs};
+use crate::state::State;
+use crate::task::{Generation, OutputKind, Phase, Task};
+
+type Resp = Response<Full<Bytes>>;
+
+/// A callback to deliver for a newly created task.
+#[derive(Debug, Clone)]
+pub(crate) struct CallbackJob {
+    pub(crate) url: String,
+    pub(crate) task: Task,
+}
+
+/// The most ids a batch query or a page may name.
+const MAX_PAGE: u64 = 500;
+
+/// What a create asks for, after validation.
+struct CreateSpec {
+    generation: Generation,
+    output: OutputKind,
+    pool: String,
+    weight: u32,
+    model: String,
+    external_id: Option<String>,
+    callback_url: Option<String>,
+    video_duration: String,
+}
+
+enum BodyError {
+    NotJson,
+    Invalid(String),
+}
+
+fn parse_object(body: &Bytes, empty_ok: bool) -> Result<Map<String, Value>, BodyError> {
+    if empty_ok && body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(BodyError::Invalid(
+            "request body must be a JSON object".into(),
+        )),
+        Err(_) => Err(BodyError::NotJson),
+    }
+}
+
+/// An optional string field: absent/null → `None`, a non-empty string → `Some`, else invalid.
+fn opt_string(map: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 4096 => Ok(Some(s.clone())),
+        Some(_) => Err(format!("invalid parameter: {key}")),
+    }
+}
+
+fn required_string(map: &Map<String, Value>, key: &str) -> Result<String, String> {
+    opt_string(map, key)?.ok_or_else(|| format!("missing required parameter: {key}"))
+}
+
+impl State {
+    /// Dispatches a recognised, authenticated, rate-checked request.
+    pub(crate) fn dispatch(
+        &mut self,
+        account: &str,
+        route: &Route,
+        query: Option<&str>,
+        body: &Bytes,
+        now: Instant,
+    ) -> (Resp, Option<CallbackJob>) {
+        match route {
+            Route::LegacyCreate { .. } | Route::NewCreate { .. } => {
+                self.create(account, route, body, now)
+            }
+            Route::LegacyQuery { endpoint, id } => {
+                (self.legacy_query(account, endpoint, id, now), None)
+            }
+            Route::LegacyList { endpoint } => {
+                (self.legacy_list(account, endpoint, query, now), None)
+            }
+            Route::NewBatchQuery => (self.new_batch(account, query, now), None),
+            Route::NewList => (self.new_list(account, body, now), None),
+            Route::AccountCosts => (self.account_costs(account, now), None),
+        }
+    }
+
+    fn create_spec(&self, route: &Route, map: &Map<String, Value>) -> Result<CreateSpec, String> {
+        let n_weight = |map: &Map<String, Value>| -> Result<u32, String> {
+            match map.get("n") {
+                None | Some(Value::Null) => Ok(1),
+                Some(v) => v
+                    .as_u64()
+                    .filter(|n| (1..=9).contains(n))
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| {
+                        "invalid parameter: n must be an integer from 1 to 9".to_owned()
+                    }),
+            }
+        };
+        let video_duration = match map.get("duration") {
+            Some(Value::String(s)) if s.parse::<f64>().is_ok_and(|d| d.is_finite() && d > 0.0) => {
+                s.clone()
+            }
+            Some(Value::Number(n)) if n.as_f64().is_some_and(|d| d > 0.0) => n.to_string(),
+            None | Some(Value::Null) => "5".to_owned(),
+            Some(_) => return Err("invalid parameter: duration".into()),
+        };
+        match route {
+            Route::LegacyCreate {
+                endpoint,
+                kind,
+                family,
+            } => {
+                let model = opt_string(map, "model_name")?.unwrap_or_else(|| "kling-v1".into());
+                let (output, pool, weight) = match family {
+                    LegacyFamily::Video => (OutputKind::Video, "video", 1),
+                    LegacyFamily::TryOn => (OutputKind::Image, "try-on", 1),
+                    LegacyFamily::Image => (OutputKind::Image, "image", n_weight(map)?),
+                };
+                match (family, kind.as_str()) {
+                    (LegacyFamily::Video, "text2video") | (LegacyFamily::Image, "generations") => {
+                        required_string(map, "prompt")?;
+                    }
+                    (LegacyFamily::TryOn, _) => {
+                        required_string(map, "human_image")?;
+                        required_string(map, "cloth_image")?;
+                    }
+                    _ => {
+                        opt_string(map, "prompt")?;
+                    }
+                }
+                Ok(CreateSpec {
+                    generation: Generation::Legacy {
+                        endpoint: endpoint.clone(),
+                    },
+                    output,
+                    pool: pool.to_owned(),
+                    weight,
+                    model,
+                    external_id: opt_string(map, "external_task_id")?,
+                    callback_url: opt_string(map, "callback_url")?,
+                    video_duration,
+                })
+            }
+            Route::NewCreate { product, model } => {
+                let image = NEW_IMAGE_PRODUCTS.contains(&product.as_str());
+                if matches!(product.as_str(), "text-to-video" | "text-to-image") {
+                    required_string(map, "prompt")?;
+                } else {
+                    opt_string(map, "prompt")?;
+                }
+                let callback_url = match map.get("options") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::Object(options)) => opt_string(options, "callback_url")?,
+                    Some(_) => return Err("invalid parameter: options".into()),
+                };
+                let (output, pool, weight) = if image {
+                    (OutputKind::Image, format!("image:{model}"), n_weight(map)?)
+                } else {
+                    (OutputKind::Video, format!("video:{model}"), 1)
+                };
+                Ok(CreateSpec {
+                    generation: Generation::New {
+                        product: product.clone(),
+                    },
+                    output,
+                    pool,
+                    weight,
+                    model: model.clone(),
+                    external_id: opt_string(map, "external_id")?,
+                    callback_url,
+                    video_duration,
+                })
+            }
+            _ => Err("not a create".into()),
+        }
+    }
+
+    fn create(
+        &mut self,
+        account: &str,
+        route: &Route,
+        body: &Bytes,
+        now: Instant,
+    ) -> (Resp, Option<CallbackJob>) {
+        let map = match parse_object(body, false) {
+            Ok(map) => map,
+            Err(BodyError::NotJson) => {
+                return (
+                    self.error(1200, "request body is not valid JSON", now, None),
+                    None,
+                );
+            }
+            Err(BodyError::Invalid(m)) => return (self.error(1200, &m, now, None), None),
+        };
+        let spec = match self.create_spec(route, &map) {
+            Ok(spec) => spec,
+            Err(m) => return (self.error(1201, &m, now, None), None),
+        };
+        if self.config.forbidden_models.contains(&spec.model) {
+            let msg = format!("no permission for model {}", spec.model);
+            return (self.error(1103, &msg, now, None), None);
+        }
+        let prompts = ["prompt", "negative_prompt"]
+            .iter()
+            .filter_map(|k| map.get(*k).and_then(Value::as_str))
+            .collect::<Vec<_>>();
+        if prompts.iter().any(|p| p.contains("__policy__")) {
+            return (
+                self.error(1300, "request violates platform policy", now, None),
+                None,
+            );
+        }
+        if prompts.iter().any(|p| p.contains("__unsafe__")) {
+            return (
+                self.error(1301, "content security check failed", now, None),
+                None,
+            );
+        }
+        self.settle(account, now);
+        if self.account(account).first_1102.is_some() {
+            return (self.error(1102, "resource pack exhausted", now, None), None);
+        }
+        if let Some(ext) = &spec.external_id
+            && self.account(account).external.contains_key(ext)
+        {
+            self.stats.duplicate_external_ids += 1;
+            return (
+                self.error(1201, "duplicate external task id", now, None),
+                None,
+            );
+        }
+        let cost = spec.weight;
+        if let Some(left) = self.remaining(account)
+            && left < f64::from(cost)
+        {
+            self.account(account).first_1102 = Some(now);
+            return (self.error(1102, "resource pack exhausted", now, None), None);
+        }
+        let capacity = self.config.capacity(&spec.pool);
+        if self.in_use(account, &spec.pool).saturating_add(spec.weight) > capacity {
+            let wait = self.slot_wait(account, &spec.pool, spec.weight, now);
+            return (
+                self.error(1303, "parallel task over resource pack limit", now, wait),
+                None,
+            );
+        }
+
+        // Accepted: draw the task's life.
+        let (min, max) = (
+            self.config.task_duration_min.as_secs_f64(),
+            self.config.task_duration_max.as_secs_f64(),
+        );
+        let api_secs = min + (max - min) * self.draw();
+        let duration = self.config.scaled_secs(api_secs).min(MAX_WAIT);
+        let fails = self.chance(self.config.failure_rate);
+        let seq = self.tasks.len() as u64 + 1;
+        let id = format!("{}", 860_000_000_000_000_000u64 + seq);
+        let task = Task {
+            seq,
+            id: id.clone(),
+            account: account.to_owned(),
+            generation: spec.generation,
+            output: spec.output,
+            pool: spec.pool.clone(),
+            weight: spec.weight,
+            cost,
+            outputs: if spec.output == OutputKind::Image {
+                spec.weight
+            } else {
+                1
+            },
+            video_duration: spec.video_duration,
+            external_id: spec.external_id.clone(),
+            created: now,
+            processing_at: now + duration / 10,
+            end: now + duration,
+            fails,
+        };
+        let index = self.tasks.len();
+        let data = task.to_json(&self.clock, now);
+        self.tasks.push(task);
+        self.by_id.insert(id, index);
+        self.add_active(account, index);
+        if let Some(ext) = spec.external_id {
+            self.account(account).external.insert(ext, index);
+        }
+        self.charge(account, cost);
+        self.stats.tasks_created += 1;
+        *self
+            .stats
+            .task_seconds
+            .entry(spec.pool.clone())
+            .or_default() += duration.as_secs_f64();
+        self.note_usage(account, &spec.pool);
+
+        let job = spec.callback_url.map(|url| CallbackJob {
+            url,
+            task: self.tasks[index].clone(),
+        });
+        if self.chance(self.config.faults.ghost_create_rate) {
+            return (self.error(5000, "internal error", now, None), job);
+        }
+        (self.ok(data, now), job)
+    }
+
+    fn find_legacy(&self, account: &str, endpoint: &str, id: &str) -> Option<usize> {
+        let by_id = self.by_id.get(id).copied();
+        let by_ext = self
+            .accounts
+            .get(account)
+            .and_then(|a| a.external.get(id).copied());
+        [by_id, by_ext].into_iter().flatten().find(|&i| {
+            let t = &self.tasks[i];
+            t.account == account
+                && matches!(&t.generation, Generation::Legacy { endpoint: e } if e == endpoint)
+        })
+    }
+
+    fn legacy_query(&mut self, account: &str, endpoint: &str, id: &str, now: Instant) -> Resp {
+        match self.find_legacy(account, endpoint, id) {
+            Some(i) => {
+                let data = self.tasks[i].legacy_json(&self.clock, now);
+                self.ok(data, now)
+            }
+            None => self.error(1203, "task not found", now, None),
+        }
+    }
+
+    fn legacy_list(
+        &mut self,
+        account: &str,
+        endpoint: &str,
+        query: Option<&str>,
+        now: Instant,
+    ) -> Resp {
+        let mut page_num = 1u64;
+        let mut page_size = 30u64;
+        for (k, v) in query_pairs(query) {
+            let target = match k.as_str() {
+                "pageNum" => &mut page_num,
+                "pageSize" => &mut page_size,
+                _ => continue,
+            };
+            match v.parse::<u64>() {
+                Ok(n) => *target = n,
+                Err(_) => return self.error(1201, &format!("invalid parameter: {k}"), now, None),
+            }
+        }
+        if page_num == 0 {
+            return self.error(
+                1201,
+                "invalid parameter: pageNum must be at least 1",
+                now,
+                None,
+            );
+        }
+        if page_size == 0 || page_size > MAX_PAGE {
+            return self.error(
+                1201,
+                "invalid parameter: pageSize must be from 1 to 500",
+                now,
+                None,
+            );
+        }
+        let skip = usize::try_from((page_num - 1).saturating_mul(page_size)).unwrap_or(usize::MAX);
+        let data: Vec<Value> = self
+            .accounts
+            .get(account)
+            .map(|a| a.tasks.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .rev()
+            .map(|&i| &self.tasks[i])
+            .filter(
+                |t| matches!(&t.generation, Generation::Legacy { endpoint: e } if e == endpoint),
+            )
+            .skip(skip)
+            .take(page_size as usize)
+            .map(|t| t.legacy_json(&self.clock, now))
+            .collect();
+        self.ok(Value::Array(data), now)
+    }
+
+    fn new_batch(&mut self, account: &str, query: Option<&str>, now: Instant) -> Resp {
+        let mut task_ids: Option<String> = None;
+        let mut external_ids: Option<String> = None;
+        for (k, v) in query_pairs(query) {
+            match k.as_str() {
+                "task_ids" => task_ids = Some(v),
+                "external_task_ids" => external_ids = Some(v),
+                _ => {}
+            }
+        }
+        let (list, external) = match (task_ids, external_ids) {
+            (Some(_), Some(_)) => {
+                return self.error(
+                    1201,
+                    "task_ids and external_task_ids cannot be mixed",
+                    now,
+                    None,
+                );
+            }
+            (Some(ids), None) => (ids, false),
+            (None, Some(ids)) => (ids, true),
+            (None, None) => {
+                return self.error(
+                    1201,
+                    "missing required parameter: task_ids or external_task_ids",
+                    now,
+                    None,
+                );
+            }
+        };
+        let ids: Vec<&str> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if ids.is_empty() || ids.len() as u64 > MAX_PAGE {
+            return self.error(1201, "invalid parameter: between 1 and 500 ids", now, None);
+        }
+        let found: Vec<Value> = ids
+            .iter()
+            .filter_map(|id| {
+                if external {
+                    self.accounts.get(account)?.external.get(*id).copied()
+                } else {
+                    self.by_id.get(*id).copied()
+                }
+            })
+            .map(|i| &self.tasks[i])
+            .filter(|t| t.account == account && matches!(t.generation, Generation::New { .. }))
+            .map(|t| t.new_json(&self.clock, now))
+            .collect();
+        if found.is_empty() {
+            return self.error(1203, "task not found", now, None);
+        }
+        self.ok(Value::Array(found), now)
+    }
+
+    fn new_list(&mut self, account: &str, body: &Bytes, now: Instant) -> Resp {
+        let map = match parse_object(body, true) {
+            Ok(map) => map,
+            Err(BodyError::NotJson) => {
+                return self.error(1200, "request body is not valid JSON", now, None);
+            }
+            Err(BodyError::Invalid(m)) => return self.error(1200, &m, now, None),
+        };
+        let limit = match map.get("limit") {
+            None | Some(Value::Null) => 30,
+            Some(v) => match v.as_u64().filter(|n| (1..=MAX_PAGE).contains(n)) {
+                Some(n) => n as usize,
+                None => {
+                    return self.error(
+                        1201,
+                        "invalid parameter: limit must be from 1 to 500",
+                        now,
+                        None,
+                    );
+                }
+            },
+        };
+        let before = match map.get("cursor") {
+            None | Some(Value::Null) => u64::MAX,
+            Some(Value::String(s)) if s.is_empty() => u64::MAX,
+            Some(Value::String(s)) => match s.parse::<u64>() {
+                Ok(n) => n,
+                Err(_) => return self.error(1201, "invalid parameter: cursor", now, None),
+            },
+            Some(_) => return self.error(1201, "invalid parameter: cursor", now, None),
+        };
+        let status = match opt_string(&map, "status") {
+            Ok(None) => None,
+            Ok(Some(s)) => match s.as_str() {
+                "submitted" => Some(Phase::Submitted),
+                "processing" => Some(Phase::Processing),
+                "succeeded" => Some(Phase::Succeeded),
+                "failed" => Some(Phase::Failed),
+                _ => return self.error(1201, "invalid parameter: status", now, None),
+            },
+            Err(m) => return self.error(1201, &m, now, None),
+        };
+        let product = match opt_string(&map, "product_type") {
+            Ok(p) => p,
+            Err(m) => return self.error(1201, &m, now, None),
+        };
+        let mut page: Vec<&Task> = self
+            .accounts
+            .get(account)
+            .map(|a| a.tasks.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .rev()
+            .map(|&i| &self.tasks[i])
+            .filter(|t| t.seq < before)
+            .filter(|t| match &t.generation {
+                Generation::New { product: p } => product.as_ref().is_none_or(|want| want == p),
+                Generation::Legacy { .. } => false,
+            })
+            .filter(|t| status.is_none_or(|s| t.phase(now) == s))
+            .take(limit + 1)
+            .collect();
+        let next_cursor = if page.len() > limit {
+            page.truncate(limit);
+            page.last().map(|t| Value::String(t.seq.to_string()))
+        } else {
+            None
+        };
+        let tasks: Vec<Value> = page.iter().map(|t| t.new_json(&self.clock, now)).collect();
+        self.ok(
+            json!({"tasks": tasks, "next_cursor": next_cursor.unwrap_or(Value::Null)}),
+            now,
+        )
+    }
+
+    fn account_costs(&mut self, account: &str, now: Instant) -> Resp {
+        self.settle(account, now);
+        const UNLIMITED: f64 = 1_000_000_000.0;
+        let total = self.config.credits.unwrap_or(UNLIMITED);
+        let remaining = self
+            .remaining(account)
+            .unwrap_or_else(|| UNLIMITED - self.net_charged(account) as f64);
+        let start = self.clock.millis(now);
+        let thirty_days = Duration::from_secs(30 * 24 * 3600).as_millis() as u64;
+        let data = json!({
+            "code": 0,
+            "msg": "SUCCEED",
+            "resource_pack_subscribe_infos": [{
+                "resource_pack_name": if self.config.credits.is_some() { "mock resource pack" } else { "mock unlimited pack" },
+                "resource_pack_id": "mock-pack-1",
+                "resource_pack_type": "decreasing_total",
+                "total_quantity": total,
+                "remaining_quantity": remaining.max(0.0),
+                "purchase_time": start,
+                "effective_time": start,
+                "invalid_time": start.saturating_add(thirty_days),
+                "status": if remaining >= 1.0 { "online" } else { "run_out" },
+            }],
+        });
+        self.ok(data, now)
+    }
+}

@@ -1,0 +1,154 @@
+//! `kling-mock`: the Kling API mock as a standalone server on 127.0.0.1.
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use clap::Parser;
+use kling_mock::{MockConfig, MockServer, Preset, RetryAfterMode};
+
+/// A real HTTP mock of the Kling AI API on 127.0.0.1.
+#[derive(Debug, Parser)]
+#[command(name = "kling-mock", version, about)]
+struct Args {
+    /// Account tier: free, standard, pro or enterprise.
+    #[arg(long, default_value = "pro")]
+    preset: Preset,
+    /// TCP port on 127.0.0.1 (0 = a free port).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Time compression: durations and windows are divided by it.
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
+    /// Credit budget per account.
+    #[arg(long)]
+    credits: Option<f64>,
+    /// Retry-After on 1302/1303: none, seconds or date.
+    #[arg(long, default_value = "none")]
+    retry_after: RetryAfterMode,
+    /// Share of requests answered 5000/5001/5002.
+    #[arg(long, default_value_t = 0.0)]
+    fault_rate: f64,
+    /// Share of creates answered 5000 although the task was created.
+    #[arg(long, default_value_t = 0.0)]
+    ghost_create_rate: f64,
+    /// Share of requests whose connection is dropped.
+    #[arg(long, default_value_t = 0.0)]
+    drop_rate: f64,
+    /// Share of tasks that end failed.
+    #[arg(long, default_value_t = 0.0)]
+    failure_rate: f64,
+    /// Requests per minute per account (0 = unlimited).
+    #[arg(long)]
+    rate_per_minute: Option<f64>,
+    /// GCRA burst.
+    #[arg(long)]
+    burst: Option<u32>,
+    /// A refused request pushes the next allowed time further.
+    #[arg(long)]
+    penalty: bool,
+    /// Slots of every pool.
+    #[arg(long)]
+    slots: Option<u32>,
+    /// Task duration range in seconds of API time, `MIN..MAX`.
+    #[arg(long, value_parser = parse_range)]
+    task_duration: Option<(Duration, Duration)>,
+    /// Accept only this API key (repeatable).
+    #[arg(long)]
+    api_key: Vec<String>,
+    /// Legacy access key (JWT iss); needs --secret-key.
+    #[arg(long, requires = "secret_key")]
+    access_key: Option<String>,
+    /// Legacy secret key (JWT HS256 key); needs --access-key.
+    #[arg(long, requires = "access_key")]
+    secret_key: Option<String>,
+    /// Sign callbacks with this Standard-Webhooks secret.
+    #[arg(long)]
+    callback_secret: Option<String>,
+    /// Seed of the RNG behind faults, durations and failures.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+fn parse_range(s: &str) -> Result<(Duration, Duration), String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("expected MIN..MAX seconds, got `{s}`"))?;
+    let secs = |x: &str| {
+        x.trim()
+            .parse::<f64>()
+            .ok()
+            .and_then(|v| Duration::try_from_secs_f64(v).ok())
+            .ok_or_else(|| format!("not a number of seconds: `{x}`"))
+    };
+    let (min, max) = (secs(a)?, secs(b)?);
+    if min > max {
+        return Err(format!("MIN must not exceed MAX in `{s}`"));
+    }
+    Ok((min, max))
+}
+
+fn config(args: Args) -> MockConfig {
+    let mut config = MockConfig::preset(args.preset)
+        .port(args.port)
+        .speed(args.speed)
+        .retry_after(args.retry_after)
+        .fault_rate(args.fault_rate)
+        .ghost_create_rate(args.ghost_create_rate)
+        .drop_rate(args.drop_rate)
+        .failure_rate(args.failure_rate);
+    if let Some(credits) = args.credits {
+        config = config.credits(credits);
+    }
+    if let Some(rate) = args.rate_per_minute {
+        config = if rate == 0.0 {
+            config.no_rate_limit()
+        } else {
+            config.rate_per_minute(rate)
+        };
+    }
+    // Burst and penalty shape a rate limit; without one (enterprise, `--rate-per-minute 0`)
+    // they have nothing to act on.
+    if let Some(burst) = args.burst {
+        config = config.burst(burst);
+    }
+    config = config.penalty(args.penalty);
+    if let Some(slots) = args.slots {
+        config = config.slots(slots);
+    }
+    if let Some((min, max)) = args.task_duration {
+        config = config.task_duration(min, max);
+    }
+    for key in args.api_key {
+        config = config.api_key(key);
+    }
+    if let (Some(a), Some(s)) = (args.access_key, args.secret_key) {
+        config = config.access_key(a, s);
+    }
+    if let Some(secret) = args.callback_secret {
+        config = config.callback_secret(secret);
+    }
+    if let Some(seed) = args.seed {
+        config = config.seed(seed);
+    }
+    config
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let server = match MockServer::start(config(args)).await {
+        Ok(server) => server,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "kling-mock: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {}", server.base_url());
+        let _ = out.flush();
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    server.shutdown().await;
+    std::process::ExitCode::SUCCESS
+}

@@ -1,0 +1,306 @@
+//! [`MockKling`]: the mock as an in-process `tower_service::Service`.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body_util::Full;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::auth::authenticate;
+use crate::callbacks::{self, HttpClient};
+use crate::config::{ConfigError, MAX_WAIT, MockConfig, Switches};
+use crate::error::MockError;
+use crate::faults::Fault;
+use crate::routes::{self, Route};
+use crate::state::State;
+use crate::stats::Stats;
+use crate::task::Clock;
+
+/// State shared by every clone of a [`MockKling`] and its callback tasks.
+pub(crate) struct Shared {
+    pub(crate) config: MockConfig,
+    pub(crate) clock: Clock,
+    state: Mutex<State>,
+    pub(crate) client: OnceLock<HttpClient>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Locks the state; a panic elsewhere never poisons the mock for good.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The future returned by [`MockKling`]'s `call`.
+pub type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, MockError>> + Send + 'static>>;
+
+/// The Kling API, in process.
+///
+/// Answers `http::Request<Full<Bytes>>` exactly as the TCP server does (the server calls it), with
+/// all time taken from `tokio::time`, so under `#[tokio::test(start_paused = true)]` an hour of
+/// traffic runs in milliseconds.
+///
+/// # Clone
+///
+/// Clones share one state: tasks, limits, counters. Cloning never creates a second account.
+///
+/// # Example
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::{BodyExt, Full};
+/// use kling_mock::{MockConfig, MockKling};
+/// use tower_service::Service;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let mut mock = MockKling::new(MockConfig::default()).unwrap();
+/// let req = http::Request::post("/v1/videos/text2video")
+///     .header("authorization", "Bearer my-key")
+///     .body(Full::new(Bytes::from(r#"{"prompt":"a cat"}"#)))
+///     .unwrap();
+/// let resp = mock.call(req).await.unwrap();
+/// let body = resp.into_body().collect().await.unwrap().to_bytes();
+/// let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+/// assert_eq!(json["code"], 0);
+/// assert_eq!(json["data"]["task_status"], "submitted");
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct MockKling {
+    shared: Arc<Shared>,
+}
+
+impl MockKling {
+    /// A mock with this configuration; the clock starts now (call it inside the runtime whose
+    /// time the tests control).
+    pub fn new(config: MockConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let clock = Clock::new();
+        Ok(MockKling {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::new(config.clone(), clock)),
+                config,
+                clock,
+                client: OnceLock::new(),
+            }),
+        })
+    }
+
+    /// The configuration the mock was built with.
+    pub fn config(&self) -> &MockConfig {
+        &self.shared.config
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        self.shared.lock().snapshot(Instant::now())
+    }
+
+    /// Zeroes the counters (tasks, limits and credits are kept).
+    pub fn reset_stats(&self) {
+        self.shared.lock().reset_stats(Instant::now());
+    }
+
+    /// The account-state switches now in force.
+    pub fn switches(&self) -> Switches {
+        self.shared.lock().switches
+    }
+
+    /// Replaces the account-state switches (1100 / 1101 / 1304 for every request while on).
+    pub fn set_switches(&self, switches: Switches) {
+        self.shared.lock().switches = switches;
+    }
+
+    /// Holds `slots` of `pool` in `account` for `duration` of API time (divided by the speed), as
+    /// if another tenant of the account had created tasks.
+    pub fn occupy(&self, account: &str, pool: &str, slots: u32, duration: Duration) {
+        let now = Instant::now();
+        let until = now + self.shared.config.scaled(duration).min(MAX_WAIT);
+        self.shared.lock().occupy(account, pool, slots, until, now);
+    }
+
+    /// Slots of `pool` the account holds now (its tasks plus occupations).
+    pub fn in_use(&self, account: &str, pool: &str) -> u32 {
+        let mut state = self.shared.lock();
+        state.settle(account, Instant::now());
+        state.in_use(account, pool)
+    }
+
+    /// Credits the account has left (`None` when credits are unlimited).
+    pub fn remaining_credits(&self, account: &str) -> Option<f64> {
+        let mut state = self.shared.lock();
+        state.settle(account, Instant::now());
+        state.remaining(account)
+    }
+
+    /// Answers one request; the body of the TCP server and of the `Service` impl.
+    pub(crate) async fn handle(
+        self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<Full<Bytes>>, MockError> {
+        let (parts, body) = req.into_parts();
+        let body = http_body_util::BodyExt::collect(body)
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let path = parts.uri.path().to_owned();
+        if let Some(control) = path.strip_prefix("/__mock/") {
+            return Ok(self.control(&parts.method, control, &body));
+        }
+        let fault = {
+            let mut state = self.shared.lock();
+            state.stats.requests_total += 1;
+            let fault = state.draw_fault();
+            match fault {
+                Fault::Drop => {
+                    state.stats.connections_dropped += 1;
+                    return Err(MockError::dropped());
+                }
+                Fault::Malformed => return Ok(state.malformed(Instant::now())),
+                Fault::ServerError(code) => {
+                    let msg = match code {
+                        5001 => "service temporarily unavailable",
+                        5002 => "internal timeout",
+                        _ => "internal error",
+                    };
+                    return Ok(state.error(code, msg, Instant::now(), None));
+                }
+                f => f,
+            }
+        };
+        if let Fault::Slow(delay) = fault {
+            tokio::time::sleep(delay).await;
+        }
+
+        let (resp, job) = {
+            let mut state = self.shared.lock();
+            let now = Instant::now();
+            if body.len() > self.shared.config.max_body_bytes {
+                return Ok(state.error(1200, "request body too large", now, None));
+            }
+            let route = routes::parse(&parts.method, &path);
+            let auth = parts
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .map(|v| v.as_bytes());
+            let account = match authenticate(&self.shared.config, auth) {
+                Ok(account) => account,
+                Err((code, msg)) => return Ok(state.error(code, msg, now, None)),
+            };
+            let switches = state.switches;
+            let refused = if switches.abnormal {
+                Some((1100, "account abnormal"))
+            } else if switches.arrears {
+                Some((1101, "account in arrears"))
+            } else if switches.ip_denied {
+                Some((1304, "ip whitelist policy"))
+            } else {
+                None
+            };
+            if let Some((code, msg)) = refused {
+                return Ok(state.error(code, msg, now, None));
+            }
+            if route.as_ref().is_some_and(Route::is_create) {
+                let grace = self.shared.config.scaled(Duration::from_millis(100));
+                if state
+                    .account(&account)
+                    .first_1102
+                    .is_some_and(|first| now > first + grace)
+                {
+                    state.stats.creates_after_1102 += 1;
+                }
+            }
+            if let Err(wait) = state.rate_check(&account, now) {
+                return Ok(state.error(1302, "request rate over limit", now, Some(wait)));
+            }
+            let Some(route) = route else {
+                return Ok(state.error(1202, "wrong method or path", now, None));
+            };
+            state.dispatch(&account, &route, parts.uri.query(), &body, now)
+        };
+        if let Some(job) = job {
+            callbacks::spawn(self.shared.clone(), job);
+        }
+        Ok(resp)
+    }
+
+    /// Bodies are collected by the server before the limit can be checked; this answers the
+    /// oversized ones the same way the in-process path does.
+    pub(crate) fn too_large(&self) -> Response<Full<Bytes>> {
+        let mut state = self.shared.lock();
+        state.stats.requests_total += 1;
+        state.error(1200, "request body too large", Instant::now(), None)
+    }
+
+    /// `/__mock/...`: stats and runtime control, without auth, limits or faults.
+    fn control(&self, method: &Method, path: &str, body: &Bytes) -> Response<Full<Bytes>> {
+        let json = |value: Value| {
+            let mut resp = Response::new(Full::new(Bytes::from(value.to_string())));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            resp
+        };
+        let stats_json = |stats: Stats| serde_json::to_value(stats).unwrap_or(Value::Null);
+        match (method, path) {
+            (&Method::GET, "stats") => json(stats_json(self.stats())),
+            (&Method::POST, "reset-stats") => {
+                self.reset_stats();
+                json(stats_json(self.stats()))
+            }
+            (&Method::POST, "switches") => {
+                let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+                let flag = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
+                let switches = Switches::new()
+                    .abnormal(flag("abnormal"))
+                    .arrears(flag("arrears"))
+                    .ip_denied(flag("ip_denied"));
+                self.set_switches(switches);
+                json(serde_json::json!({
+                    "abnormal": switches.abnormal,
+                    "arrears": switches.arrears,
+                    "ip_denied": switches.ip_denied,
+                }))
+            }
+            _ => {
+                let mut resp = json(
+                    serde_json::json!({"code": 1202, "message": "unknown mock control endpoint"}),
+                );
+                *resp.status_mut() = http::StatusCode::NOT_FOUND;
+                resp
+            }
+        }
+    }
+}
+
+impl tower_service::Service<Request<Full<Bytes>>> for MockKling {
+    type Response = Response<Full<Bytes>>;
+    type Error = MockError;
+    type Future = ResponseFuture;
+
+    /// Always ready: the mock refuses with Kling codes, it never applies backpressure.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
+        Box::pin(self.clone().handle(req))
+    }
+}

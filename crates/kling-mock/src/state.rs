@@ -1,0 +1,408 @@
+//! Accounting: tasks, slots, credits, request-rate GCRA and counters, all behind one mutex.
+//!
+//! Everything is computed lazily from `tokio::time::Instant`: a task ends when the clock passes
+//! its end, so slots free themselves and paused-time tests need no timers.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::config::{MAX_WAIT, MockConfig, RetryAfterMode, Switches};
+use crate::stats::Stats;
+use crate::task::{Clock, Task};
+
+/// The HTTP status Kling sends with a business code.
+pub(crate) fn http_status(code: u32) -> StatusCode {
+    match code {
+        0 => StatusCode::OK,
+        1000..=1004 => StatusCode::UNAUTHORIZED,
+        1100 | 1101 | 1102 | 1302 | 1303 | 1304 => StatusCode::TOO_MANY_REQUESTS,
+        1103 => StatusCode::FORBIDDEN,
+        1200 | 1201 | 1300 | 1301 => StatusCode::BAD_REQUEST,
+        1202 | 1203 => StatusCode::NOT_FOUND,
+        5001 => StatusCode::SERVICE_UNAVAILABLE,
+        5002 => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// A slot held by "another tenant" of the account, set through [`crate::MockKling::occupy`].
+#[derive(Debug, Clone)]
+struct Occupation {
+    pool: String,
+    slots: u32,
+    until: Instant,
+}
+
+/// Per-account state: everything Kling keys by account (not by API key).
+#[derive(Debug, Default)]
+pub(crate) struct Account {
+    /// Every task of the account, oldest first (indexes into `State::tasks`).
+    pub(crate) tasks: Vec<usize>,
+    /// Tasks not yet seen ended.
+    active: Vec<usize>,
+    /// External id → task index.
+    pub(crate) external: HashMap<String, usize>,
+    /// GCRA theoretical arrival time.
+    tat: Option<Instant>,
+    charged: u64,
+    refunded: u64,
+    /// When the first 1102 was sent; from then on every create gets 1102.
+    pub(crate) first_1102: Option<Instant>,
+    occupied: Vec<Occupation>,
+}
+
+/// The mutable heart of the mock.
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) config: MockConfig,
+    pub(crate) clock: Clock,
+    pub(crate) switches: Switches,
+    pub(crate) rng: StdRng,
+    pub(crate) tasks: Vec<Task>,
+    pub(crate) by_id: HashMap<String, usize>,
+    pub(crate) accounts: HashMap<String, Account>,
+    pub(crate) stats: Stats,
+    next_request: u64,
+}
+
+impl State {
+    pub(crate) fn new(config: MockConfig, clock: Clock) -> Self {
+        State {
+            switches: config.switches,
+            rng: StdRng::seed_from_u64(config.seed),
+            config,
+            clock,
+            tasks: Vec::new(),
+            by_id: HashMap::new(),
+            accounts: HashMap::new(),
+            stats: Stats::default(),
+            next_request: 0,
+        }
+    }
+
+    /// A uniform draw in `[0, 1)`.
+    pub(crate) fn draw(&mut self) -> f64 {
+        self.rng.random::<f64>()
+    }
+
+    /// Whether an event of probability `p` happens (never draws for `p == 0`, so adding a zero
+    /// rate does not change the sequence of other draws).
+    pub(crate) fn chance(&mut self, p: f64) -> bool {
+        p > 0.0 && self.draw() < p
+    }
+
+    fn request_id(&mut self) -> String {
+        self.next_request += 1;
+        format!(
+            "mock-{:08x}-{:012x}",
+            self.config.seed as u32, self.next_request
+        )
+    }
+
+    fn count_code(&mut self, code: u32) {
+        *self
+            .stats
+            .responses_by_code
+            .entry(code.to_string())
+            .or_default() += 1;
+    }
+
+    /// The common headers: JSON content type and a `Date` from the mock's clock.
+    fn base_response(
+        &self,
+        status: StatusCode,
+        body: Bytes,
+        now: Instant,
+    ) -> Response<Full<Bytes>> {
+        let mut resp = Response::new(Full::new(body));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(self.clock.wall(now))) {
+            resp.headers_mut().insert(header::DATE, date);
+        }
+        resp
+    }
+
+    /// A success envelope around `data`.
+    pub(crate) fn ok(&mut self, data: Value, now: Instant) -> Response<Full<Bytes>> {
+        let mut body = serde_json::Map::new();
+        body.insert("code".into(), json!(0));
+        body.insert("message".into(), json!("SUCCEED"));
+        body.insert("request_id".into(), json!(self.request_id()));
+        body.insert("data".into(), data);
+        let body = Value::Object(body);
+        self.count_code(0);
+        self.base_response(StatusCode::OK, Bytes::from(body.to_string()), now)
+    }
+
+    /// An error envelope (no `data`), with `Retry-After` when a wait is known and the mode asks.
+    pub(crate) fn error(
+        &mut self,
+        code: u32,
+        message: &str,
+        now: Instant,
+        wait: Option<Duration>,
+    ) -> Response<Full<Bytes>> {
+        let body = json!({
+            "code": code,
+            "message": message,
+            "request_id": self.request_id(),
+        });
+        self.count_code(code);
+        let mut resp = self.base_response(http_status(code), Bytes::from(body.to_string()), now);
+        if let Some(wait) = wait {
+            let value = match self.config.retry_after {
+                RetryAfterMode::None => None,
+                RetryAfterMode::Seconds => {
+                    let secs = (wait.as_secs_f64().ceil() as u64).max(1);
+                    Some(secs.to_string())
+                }
+                RetryAfterMode::Date => {
+                    // HTTP-dates have 1 s resolution: round the resume time up so a client that
+                    // obeys it is never early.
+                    let resume = self.clock.wall(now) + wait;
+                    let since = resume
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or(Duration::ZERO);
+                    let mut secs = since.as_secs();
+                    if since.subsec_nanos() > 0 {
+                        secs += 1;
+                    }
+                    let at = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+                    Some(httpdate::fmt_http_date(at))
+                }
+            };
+            if let Some(v) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+
+    /// HTTP 200 whose body is truncated JSON (the `malformed_rate` fault).
+    pub(crate) fn malformed(&mut self, now: Instant) -> Response<Full<Bytes>> {
+        self.stats.malformed_responses += 1;
+        self.base_response(
+            StatusCode::OK,
+            Bytes::from_static(b"{\"code\":0,\"message\":\"SUCC"),
+            now,
+        )
+    }
+
+    pub(crate) fn account(&mut self, id: &str) -> &mut Account {
+        self.accounts.entry(id.to_owned()).or_default()
+    }
+
+    /// Moves ended tasks out of the active set: counts them finished and refunds failures.
+    pub(crate) fn settle(&mut self, account: &str, now: Instant) {
+        let Some(acct) = self.accounts.get_mut(account) else {
+            return;
+        };
+        let tasks = &self.tasks;
+        let mut finished = 0;
+        acct.active.retain(|&i| {
+            let t = &tasks[i];
+            if now >= t.end {
+                finished += 1;
+                if t.fails {
+                    acct.refunded += u64::from(t.cost);
+                }
+                false
+            } else {
+                true
+            }
+        });
+        acct.occupied.retain(|o| o.until > now);
+        self.stats.tasks_finished += finished;
+    }
+
+    pub(crate) fn settle_all(&mut self, now: Instant) {
+        let ids: Vec<String> = self.accounts.keys().cloned().collect();
+        for id in ids {
+            self.settle(&id, now);
+        }
+    }
+
+    /// Slots of `pool` held by `account` now (call [`State::settle`] first).
+    pub(crate) fn in_use(&self, account: &str, pool: &str) -> u32 {
+        let Some(acct) = self.accounts.get(account) else {
+            return 0;
+        };
+        let tasks: u32 = acct
+            .active
+            .iter()
+            .map(|&i| &self.tasks[i])
+            .filter(|t| t.pool == pool)
+            .map(|t| t.weight)
+            .fold(0, u32::saturating_add);
+        let occupied: u32 = acct
+            .occupied
+            .iter()
+            .filter(|o| o.pool == pool)
+            .map(|o| o.slots)
+            .fold(0, u32::saturating_add);
+        tasks.saturating_add(occupied)
+    }
+
+    /// How long until `need` more slots of `pool` are free, if that ever happens.
+    pub(crate) fn slot_wait(
+        &self,
+        account: &str,
+        pool: &str,
+        need: u32,
+        now: Instant,
+    ) -> Option<Duration> {
+        let capacity = self.config.capacity(pool);
+        if need > capacity {
+            return None;
+        }
+        let acct = self.accounts.get(account)?;
+        let mut holds: Vec<(Instant, u32)> = acct
+            .active
+            .iter()
+            .map(|&i| &self.tasks[i])
+            .filter(|t| t.pool == pool)
+            .map(|t| (t.end, t.weight))
+            .chain(
+                acct.occupied
+                    .iter()
+                    .filter(|o| o.pool == pool)
+                    .map(|o| (o.until, o.slots)),
+            )
+            .collect();
+        holds.sort_by_key(|h| h.0);
+        let mut used = self.in_use(account, pool);
+        for (end, weight) in holds {
+            used = used.saturating_sub(weight);
+            if used.saturating_add(need) <= capacity {
+                return Some(end.saturating_duration_since(now));
+            }
+        }
+        None
+    }
+
+    /// Records a new high-water mark of slots for `pool`.
+    pub(crate) fn note_usage(&mut self, account: &str, pool: &str) {
+        let used = self.in_use(account, pool);
+        let max = self
+            .stats
+            .max_concurrent
+            .entry(pool.to_owned())
+            .or_default();
+        *max = (*max).max(used);
+    }
+
+    /// Holds slots as another tenant of the account would.
+    pub(crate) fn occupy(
+        &mut self,
+        account: &str,
+        pool: &str,
+        slots: u32,
+        until: Instant,
+        now: Instant,
+    ) {
+        self.settle(account, now);
+        self.account(account).occupied.push(Occupation {
+            pool: pool.to_owned(),
+            slots,
+            until,
+        });
+        self.note_usage(account, pool);
+    }
+
+    /// Credits left to the account (`None` = unlimited; call [`State::settle`] first).
+    pub(crate) fn remaining(&self, account: &str) -> Option<f64> {
+        let budget = self.config.credits?;
+        Some(budget - self.net_charged(account) as f64)
+    }
+
+    /// Credits charged minus refunds (call [`State::settle`] first).
+    pub(crate) fn net_charged(&self, account: &str) -> u64 {
+        self.accounts
+            .get(account)
+            .map_or(0, |a| a.charged.saturating_sub(a.refunded))
+    }
+
+    pub(crate) fn charge(&mut self, account: &str, cost: u32) {
+        let acct = self.account(account);
+        acct.charged = acct.charged.saturating_add(u64::from(cost));
+    }
+
+    pub(crate) fn add_active(&mut self, account: &str, index: usize) {
+        let acct = self.account(account);
+        acct.active.push(index);
+        acct.tasks.push(index);
+    }
+
+    /// GCRA over every request of the account. `Err` carries the wait until a request would pass.
+    pub(crate) fn rate_check(&mut self, account: &str, now: Instant) -> Result<(), Duration> {
+        let Some(limit) = self.config.rate_limit else {
+            return Ok(());
+        };
+        let interval = self.config.scaled_secs(60.0 / limit.per_minute);
+        let tolerance = interval
+            .saturating_mul(limit.burst.saturating_sub(1))
+            .min(MAX_WAIT);
+        let acct = self.account(account);
+        let tat = acct.tat.map_or(now, |t| t.max(now));
+        if tat <= now + tolerance {
+            acct.tat = Some(tat + interval);
+            Ok(())
+        } else {
+            let tat = if limit.penalty { tat + interval } else { tat };
+            acct.tat = Some(tat);
+            Err(tat.saturating_duration_since(now + tolerance))
+        }
+    }
+
+    /// The snapshot served by `/__mock/stats`.
+    pub(crate) fn snapshot(&mut self, now: Instant) -> Stats {
+        self.settle_all(now);
+        let mut in_use: std::collections::BTreeMap<String, u32> = Default::default();
+        for acct in self.accounts.values() {
+            for &i in &acct.active {
+                let t = &self.tasks[i];
+                let e = in_use.entry(t.pool.clone()).or_default();
+                *e = e.saturating_add(t.weight);
+            }
+            for o in &acct.occupied {
+                let e = in_use.entry(o.pool.clone()).or_default();
+                *e = e.saturating_add(o.slots);
+            }
+        }
+        let mut stats = self.stats.clone();
+        stats.in_use = in_use;
+        stats
+    }
+
+    /// Zeroes the counters; high-water marks restart from the slots held now.
+    pub(crate) fn reset_stats(&mut self, now: Instant) {
+        self.settle_all(now);
+        self.stats = Stats::default();
+        let pairs: Vec<(String, String)> = self
+            .accounts
+            .iter()
+            .flat_map(|(id, a)| {
+                a.active
+                    .iter()
+                    .map(|&i| self.tasks[i].pool.clone())
+                    .chain(a.occupied.iter().map(|o| o.pool.clone()))
+                    .map(move |p| (id.clone(), p))
+            })
+            .collect();
+        for (account, pool) in pairs {
+            self.note_usage(&account, &pool);
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! What the mock observed, as one serializable snapshot.
+//!
+//! Tests and benches judge a client by the server's truth: how many requests it needed, whether a
+//! pool was ever over capacity, how many task-seconds it bought (the efficiency bound).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A snapshot of the mock's counters, served as JSON by `GET /__mock/stats`.
+///
+/// Pools are keyed by their names (`video`, `image`, `try-on`, `video:{model}`,
+/// `image:{model}`). `max_concurrent` is the highest number of slots one account held in a pool at
+/// any moment (the limit is per account); `in_use` sums all accounts now.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Requests received (control endpoints under `/__mock/` excluded).
+    pub requests_total: u64,
+    /// Responses sent, by Kling `code` as a string (`"0"`, `"1303"`, ...).
+    pub responses_by_code: BTreeMap<String, u64>,
+    /// Tasks created (ghost creates included).
+    pub tasks_created: u64,
+    /// Tasks that have reached a terminal state.
+    pub tasks_finished: u64,
+    /// Pool → highest slots in use by one account at any moment.
+    pub max_concurrent: BTreeMap<String, u32>,
+    /// Pool → slots in use now (all accounts).
+    pub in_use: BTreeMap<String, u32>,
+    /// Creates received more than 100 ms (divided by speed) after the account's first 1102.
+    pub creates_after_1102: u64,
+    /// Creates refused because their external id was already used.
+    pub duplicate_external_ids: u64,
+    /// Pool → sum of the durations of created tasks, in real (sped-up) seconds.
+    pub task_seconds: BTreeMap<String, f64>,
+    /// Callbacks delivered with a 2xx answer.
+    pub callbacks_sent: u64,
+    /// Callbacks that failed (connection error, timeout, non-2xx).
+    pub callbacks_failed: u64,
+    /// Connections dropped by the fault injector.
+    pub connections_dropped: u64,
+    /// Responses with a non-JSON body sent by the fault injector.
+    pub malformed_responses: u64,
+}

@@ -1,0 +1,148 @@
+//! API keys and the legacy HS256 JWT (1000, 1002, 1003, 1004), signed here by hand.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, KeyInit as _, Mac as _};
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+use crate::support::{Caller, quiet};
+
+const AK: &str = "ak-test";
+const SK: &str = "sk-test";
+const T2V: &str = "/v1/videos/text2video";
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn jwt(claims: &Value, secret: &str) -> String {
+    let header = URL_SAFE_NO_PAD.encode(json!({"alg": "HS256", "typ": "JWT"}).to_string());
+    let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
+    let signed = format!("{header}.{claims}");
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(signed.as_bytes());
+    let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    format!("{signed}.{sig}")
+}
+
+fn good_claims() -> Value {
+    json!({"iss": AK, "exp": now() + 1800, "nbf": now() - 5})
+}
+
+fn caller() -> Caller {
+    Caller::new(quiet().access_key(AK, SK))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_valid_jwt_is_accepted_and_its_account_is_the_access_key() {
+    let c = caller().with_key(&jwt(&good_claims(), SK));
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    assert_eq!(c.mock.in_use(AK, "video"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_jwt_with_a_bad_signature_is_401_1000() {
+    let c = caller().with_key(&jwt(&good_claims(), "other-secret"));
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(401, 1000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_jwt_of_another_access_key_is_401_1002() {
+    let claims = json!({"iss": "someone-else", "exp": now() + 1800, "nbf": now() - 5});
+    let c = caller().with_key(&jwt(&claims, SK));
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(401, 1002);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_jwt_not_yet_valid_is_401_1003() {
+    let claims = json!({"iss": AK, "exp": now() + 1800, "nbf": now() + 120});
+    let c = caller().with_key(&jwt(&claims, SK));
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(401, 1003);
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_clock_skew_makes_a_fresh_token_not_yet_valid() {
+    let c = Caller::new(quiet().access_key(AK, SK).clock_offset_secs(-60))
+        .with_key(&jwt(&good_claims(), SK));
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(401, 1003);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_jwt_is_401_1004() {
+    let claims = json!({"iss": AK, "exp": now() - 1, "nbf": now() - 1805});
+    let c = caller().with_key(&jwt(&claims, SK));
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(401, 1004);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_non_jwt_bearer_needs_a_configured_api_key_when_ak_sk_are_set() {
+    let c = caller();
+    c.with_key("plain")
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(401, 1002);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_api_key_and_ak_sk_share_one_account() {
+    let c = Caller::new(
+        crate::support::quiet()
+            .access_key(AK, SK)
+            .api_key("api-key")
+            .slots(1),
+    );
+    c.with_key("api-key")
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .data();
+    c.with_key(&jwt(&good_claims(), SK))
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1303);
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_api_keys_of_one_account_share_its_slots() {
+    let c = Caller::new(quiet().api_key("k1").api_key("k2").slots(1));
+    c.with_key("k1")
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .data();
+    c.with_key("k2")
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1303);
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_open_mode_each_key_is_its_own_account() {
+    let c = Caller::new(quiet().slots(1));
+    c.with_key("a")
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .data();
+    c.with_key("b")
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .data();
+    c.with_key("a")
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1303);
+}

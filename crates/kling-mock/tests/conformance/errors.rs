@@ -1,0 +1,296 @@
+//! Every row of the error-code table: HTTP status, code, and no `data`.
+
+use bytes::Bytes;
+use http::Method;
+use kling_mock::{MockConfig, Preset, Switches};
+use serde_json::json;
+
+use crate::support::{Caller, advance, quiet};
+
+const T2V: &str = "/v1/videos/text2video";
+
+#[tokio::test(start_paused = true)]
+async fn missing_authorization_header_is_401_1001() {
+    let c = Caller::new(quiet()).without_auth();
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(401, 1001);
+    c.get("/tasks?task_ids=1").await.assert_error(401, 1001);
+}
+
+#[tokio::test(start_paused = true)]
+async fn non_bearer_scheme_is_401_1000() {
+    let mut c = Caller::new(quiet());
+    c.auth = Some("Basic dXNlcjpwYXNz".into());
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(401, 1000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_api_key_is_401_1002() {
+    let c = Caller::new(quiet().api_key("good"));
+    c.with_key("bad")
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(401, 1002);
+    c.with_key("good")
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .data();
+}
+
+#[tokio::test(start_paused = true)]
+async fn account_switches_refuse_every_request_with_429() {
+    for (switches, code) in [
+        (Switches::new().abnormal(true), 1100),
+        (Switches::new().arrears(true), 1101),
+        (Switches::new().ip_denied(true), 1304),
+    ] {
+        let c = Caller::new(quiet().switches(switches));
+        c.post(T2V, json!({"prompt": "x"}))
+            .await
+            .assert_error(429, code);
+        c.get(&format!("{T2V}/123")).await.assert_error(429, code);
+        c.get("/account/costs").await.assert_error(429, code);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn switches_can_be_flipped_at_runtime() {
+    let c = Caller::new(quiet());
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    c.mock.set_switches(Switches::new().arrears(true));
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1101);
+    c.mock.set_switches(Switches::new());
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+}
+
+#[tokio::test(start_paused = true)]
+async fn exhausted_credits_are_429_1102() {
+    let c = Caller::new(quiet().credits(1.0));
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1102);
+}
+
+#[tokio::test(start_paused = true)]
+async fn forbidden_model_is_403_1103_in_both_generations() {
+    let c = Caller::new(
+        quiet()
+            .forbid_model("kling-v2-master")
+            .forbid_model("kling-3.0"),
+    );
+    c.post(T2V, json!({"prompt": "x", "model_name": "kling-v2-master"}))
+        .await
+        .assert_error(403, 1103);
+    c.post("/text-to-video/kling-3.0", json!({"prompt": "x"}))
+        .await
+        .assert_error(403, 1103);
+    c.post("/text-to-video/kling-2.6", json!({"prompt": "x"}))
+        .await
+        .data();
+}
+
+#[tokio::test(start_paused = true)]
+async fn body_that_is_not_json_is_400_1200() {
+    let c = Caller::new(quiet());
+    c.raw(Method::POST, T2V, Bytes::from_static(b"{nope"))
+        .await
+        .assert_error(400, 1200);
+    c.raw(Method::POST, "/text-to-video/kling-3.0", Bytes::new())
+        .await
+        .assert_error(400, 1200);
+    c.raw(Method::POST, "/tasks", Bytes::from_static(b"["))
+        .await
+        .assert_error(400, 1200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn oversized_body_is_400_1200() {
+    let c = Caller::new(quiet().max_body_bytes(64));
+    let big = json!({"prompt": "x".repeat(100)});
+    c.post(T2V, big).await.assert_error(400, 1200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_parameters_are_400_1201() {
+    let c = Caller::new(quiet());
+    c.post(T2V, json!({})).await.assert_error(400, 1201);
+    c.post(T2V, json!({"prompt": ""}))
+        .await
+        .assert_error(400, 1201);
+    c.post(T2V, json!({"prompt": 7}))
+        .await
+        .assert_error(400, 1201);
+    c.post("/text-to-image/kolors-v2", json!({}))
+        .await
+        .assert_error(400, 1201);
+    for n in [
+        json!(0),
+        json!(10),
+        json!(-1),
+        json!(2.5),
+        json!("3"),
+        json!(1e300),
+    ] {
+        c.post("/v1/images/generations", json!({"prompt": "x", "n": n}))
+            .await
+            .assert_error(400, 1201);
+    }
+    c.post(
+        "/v1/images/kolors-virtual-try-on",
+        json!({"human_image": "h"}),
+    )
+    .await
+    .assert_error(400, 1201);
+    c.get(&format!("{T2V}?pageNum=1&pageSize=501"))
+        .await
+        .assert_error(400, 1201);
+    c.get(&format!("{T2V}?pageNum=0"))
+        .await
+        .assert_error(400, 1201);
+    c.get(&format!("{T2V}?pageSize=99999999999999999999999"))
+        .await
+        .assert_error(400, 1201);
+    c.get("/tasks?task_ids=a&external_task_ids=b")
+        .await
+        .assert_error(400, 1201);
+    c.get("/tasks").await.assert_error(400, 1201);
+    c.post("/tasks", json!({"limit": 501}))
+        .await
+        .assert_error(400, 1201);
+    c.post("/tasks", json!({"status": "succeed"}))
+        .await
+        .assert_error(400, 1201);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_path_and_wrong_method_are_404_1202() {
+    let c = Caller::new(quiet());
+    c.get("/v2/nothing").await.assert_error(404, 1202);
+    c.post("/v1/videos/text2audio", json!({"prompt": "x"}))
+        .await
+        .assert_error(404, 1202);
+    c.get("/text-to-video/kling-3.0")
+        .await
+        .assert_error(404, 1202);
+    c.raw(Method::DELETE, "/tasks", Bytes::new())
+        .await
+        .assert_error(404, 1202);
+    c.raw(Method::PUT, T2V, Bytes::new())
+        .await
+        .assert_error(404, 1202);
+    c.get("/").await.assert_error(404, 1202);
+    c.get("/v1/videos/text2video/a/b")
+        .await
+        .assert_error(404, 1202);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_task_is_404_1203() {
+    let c = Caller::new(quiet());
+    c.get(&format!("{T2V}/999")).await.assert_error(404, 1203);
+    c.get("/tasks?task_ids=999").await.assert_error(404, 1203);
+    c.get("/tasks?external_task_ids=nope")
+        .await
+        .assert_error(404, 1203);
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_prompts_are_400_1300_and_1301() {
+    let c = Caller::new(quiet());
+    c.post(T2V, json!({"prompt": "a __policy__ b"}))
+        .await
+        .assert_error(400, 1300);
+    c.post("/text-to-video/kling-3.0", json!({"prompt": "__unsafe__"}))
+        .await
+        .assert_error(400, 1301);
+    assert_eq!(c.mock.stats().tasks_created, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn request_rate_over_limit_is_429_1302() {
+    let c = Caller::new(quiet().rate_per_minute(60.0));
+    c.get("/account/costs").await.data();
+    c.get("/account/costs").await.assert_error(429, 1302);
+    advance(1).await;
+    c.get("/account/costs").await.data();
+}
+
+#[tokio::test(start_paused = true)]
+async fn parallel_tasks_over_limit_is_429_1303() {
+    let c = Caller::new(MockConfig::preset(Preset::Free).no_rate_limit());
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1303);
+}
+
+#[tokio::test(start_paused = true)]
+async fn injected_server_errors_are_5000_5001_5002_with_their_statuses() {
+    let c = Caller::new(quiet().fault_rate(1.0).seed(7));
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        let r = c.post(T2V, json!({"prompt": "x"})).await;
+        let status = match r.code() {
+            5000 => 500,
+            5001 => 503,
+            5002 => 504,
+            other => panic!("unexpected code {other}"),
+        };
+        r.assert_error(status, r.code());
+        seen.insert(r.code());
+    }
+    assert_eq!(seen.len(), 3, "all three server errors appear");
+    assert_eq!(
+        c.mock.stats().tasks_created,
+        0,
+        "a 5xx fault creates nothing"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn odd_inputs_get_an_envelope_never_a_panic() {
+    let c = Caller::new(quiet().slots(100));
+    let long = format!("/v1/videos/text2video/{}", "a".repeat(5000));
+    for path in [
+        "/v1/videos/text2video/%",
+        "/v1/videos/text2video/%ff%fe",
+        "/tasks?task_ids=%%%,,,",
+        "/tasks?external_task_ids=",
+        "/v1/images/%ff",
+        "/v1/images/generations?pageNum=18446744073709551615&pageSize=500",
+        "/v1//videos",
+        "/account/costs?x",
+        long.as_str(),
+    ] {
+        let r = c.get(path).await;
+        assert!(r.body["request_id"].is_string(), "{path}: {:?}", r.body);
+    }
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    for body in [
+        deep.as_str(),
+        r#"{"prompt":"x","n":1e400}"#,
+        r#"{"prompt":"x","duration":{"a":1}}"#,
+        r#"{"prompt":"x","external_task_id":12}"#,
+        r#"{"prompt":"x","callback_url":"not a url"}"#,
+        r#"{"prompt":"x","duration":"18446744073709551616"}"#,
+        "\u{0}\u{1}",
+        "null",
+    ] {
+        for path in [T2V, "/text-to-image/m", "/tasks"] {
+            let r = c
+                .raw(Method::POST, path, Bytes::from(body.to_owned()))
+                .await;
+            assert!(
+                r.body["request_id"].is_string(),
+                "{path} {body}: {:?}",
+                r.body
+            );
+        }
+    }
+}

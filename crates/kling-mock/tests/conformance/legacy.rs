@@ -1,0 +1,193 @@
+//! The legacy generation end to end: `task_id`, `task_status`, `succeed`, `task_result`,
+//! `final_unit_deduction`, queries by id and external id, lists.
+
+use serde_json::json;
+
+use crate::support::{Caller, advance, quiet};
+
+const T2V: &str = "/v1/videos/text2video";
+
+#[tokio::test(start_paused = true)]
+async fn a_legacy_video_goes_submitted_processing_succeed_with_result_and_cost() {
+    let c = Caller::new(quiet());
+    let created = c
+        .post(T2V, json!({"prompt": "a cat", "duration": "10"}))
+        .await;
+    let data = created.data();
+    let id = data["task_id"].as_str().unwrap().to_owned();
+    assert_eq!(data["task_status"], "submitted");
+    assert!(
+        data["created_at"].as_u64().unwrap() > 1_600_000_000_000,
+        "milliseconds"
+    );
+    assert!(data.get("task_result").is_none());
+    assert!(data.get("final_unit_deduction").is_none());
+
+    advance(5).await;
+    assert_eq!(
+        c.get(&format!("{T2V}/{id}")).await.data()["task_status"],
+        "submitted"
+    );
+    advance(6).await; // 11 s: past 10% of 100 s
+    let q = c.get(&format!("{T2V}/{id}")).await;
+    assert_eq!(q.data()["task_status"], "processing");
+    assert!(q.data()["updated_at"].as_u64() > q.data()["created_at"].as_u64());
+
+    advance(90).await;
+    let q = c.get(&format!("{T2V}/{id}")).await;
+    let d = q.data();
+    assert_eq!(d["task_status"], "succeed");
+    assert_eq!(d["final_unit_deduction"], "1");
+    let video = &d["task_result"]["videos"][0];
+    assert!(video["id"].is_string());
+    assert!(video["url"].as_str().unwrap().starts_with("https://"));
+    assert_eq!(video["duration"], "10");
+    assert!(d.get("task_status_msg").is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_legacy_task_reports_its_reason_and_frees_its_slot() {
+    let c = Caller::new(quiet().failure_rate(1.0).slots(1));
+    let id = c.post(T2V, json!({"prompt": "x"})).await.data()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1303);
+    advance(100).await;
+    let q = c.get(&format!("{T2V}/{id}")).await;
+    let d = q.data();
+    assert_eq!(d["task_status"], "failed");
+    assert!(d["task_status_msg"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(d.get("task_result").is_none());
+    assert_eq!(d["final_unit_deduction"], "0", "failures are not billed");
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+}
+
+#[tokio::test(start_paused = true)]
+async fn legacy_images_return_n_images_with_index() {
+    let c = Caller::new(quiet());
+    let path = "/v1/images/generations";
+    let id = c.post(path, json!({"prompt": "x", "n": 3})).await.data()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    advance(100).await;
+    let q = c.get(&format!("{path}/{id}")).await;
+    let images = q.data()["task_result"]["images"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(images.len(), 3);
+    assert_eq!(images[2]["index"], 2);
+    assert_eq!(q.data()["final_unit_deduction"], "3");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_is_queryable_by_its_external_task_id_echoed_in_task_info() {
+    let c = Caller::new(quiet());
+    let created = c
+        .post(T2V, json!({"prompt": "x", "external_task_id": "job-1"}))
+        .await;
+    let id = created.data()["task_id"].as_str().unwrap().to_owned();
+    assert_eq!(created.data()["task_info"]["external_task_id"], "job-1");
+    let q = c.get(&format!("{T2V}/job-1")).await;
+    assert_eq!(q.data()["task_id"], id.as_str());
+    // Another endpoint does not know it; another account does not either.
+    c.get("/v1/videos/image2video/job-1")
+        .await
+        .assert_error(404, 1203);
+    c.with_key("other")
+        .get(&format!("{T2V}/job-1"))
+        .await
+        .assert_error(404, 1203);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_external_task_id_is_400_1201_and_counted() {
+    let c = Caller::new(quiet());
+    c.post(T2V, json!({"prompt": "x", "external_task_id": "job-1"}))
+        .await
+        .data();
+    c.post(T2V, json!({"prompt": "x", "external_task_id": "job-1"}))
+        .await
+        .assert_error(400, 1201);
+    // Even after the first task ended: external ids are unique per account, forever.
+    advance(200).await;
+    c.post(
+        "/v1/videos/image2video",
+        json!({"image": "i", "external_task_id": "job-1"}),
+    )
+    .await
+    .assert_error(400, 1201);
+    let stats = c.mock.stats();
+    assert_eq!(stats.duplicate_external_ids, 2);
+    assert_eq!(stats.tasks_created, 1);
+    // Another account may use the same id.
+    c.with_key("other")
+        .post(T2V, json!({"prompt": "x", "external_task_id": "job-1"}))
+        .await
+        .data();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_legacy_list_pages_newest_first() {
+    let c = Caller::new(quiet().slots(10));
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let r = c.post(T2V, json!({"prompt": format!("p{i}")})).await;
+        ids.push(r.data()["task_id"].as_str().unwrap().to_owned());
+    }
+    c.post("/v1/videos/image2video", json!({"image": "x"}))
+        .await
+        .data();
+    let page1 = c.get(&format!("{T2V}?pageNum=1&pageSize=2")).await;
+    let page1 = page1.data().as_array().unwrap().clone();
+    assert_eq!(page1.len(), 2);
+    assert_eq!(page1[0]["task_id"], ids[4].as_str());
+    assert_eq!(page1[1]["task_id"], ids[3].as_str());
+    let page3 = c.get(&format!("{T2V}?pageNum=3&pageSize=2")).await;
+    let page3 = page3.data().as_array().unwrap().clone();
+    assert_eq!(page3.len(), 1);
+    assert_eq!(page3[0]["task_id"], ids[0].as_str());
+    let all = c.get(T2V).await;
+    assert_eq!(
+        all.data().as_array().unwrap().len(),
+        5,
+        "default page of 30, this endpoint only"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn try_on_uses_its_own_pool() {
+    let c = Caller::new(quiet().slots(1));
+    let path = "/v1/images/kolors-virtual-try-on";
+    c.post(path, json!({"human_image": "h", "cloth_image": "c"}))
+        .await
+        .data();
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    c.post("/v1/images/generations", json!({"prompt": "x"}))
+        .await
+        .data();
+    c.post(path, json!({"human_image": "h", "cloth_image": "c"}))
+        .await
+        .assert_error(429, 1303);
+    let stats = c.mock.stats();
+    assert_eq!(stats.in_use["try-on"], 1);
+    assert_eq!(stats.in_use["video"], 1);
+    assert_eq!(stats.in_use["image"], 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn account_costs_report_remaining_credits() {
+    let c = Caller::new(quiet().credits(10.0));
+    c.post("/v1/images/generations", json!({"prompt": "x", "n": 4}))
+        .await
+        .data();
+    let r = c.get("/account/costs").await;
+    let pack = &r.data()["resource_pack_subscribe_infos"][0];
+    assert_eq!(pack["total_quantity"], 10.0);
+    assert_eq!(pack["remaining_quantity"], 6.0);
+    assert_eq!(c.mock.remaining_credits("test-key"), Some(6.0));
+}

@@ -1,0 +1,327 @@
+//! Account limits: weighted slots, credits, request-rate GCRA with penalty, Retry-After, speed.
+
+use std::time::Duration;
+
+use kling_mock::{MockConfig, Preset, RetryAfterMode};
+use serde_json::json;
+
+use crate::support::{Caller, advance, quiet, secs};
+
+const T2V: &str = "/v1/videos/text2video";
+const IMG: &str = "/v1/images/generations";
+
+#[tokio::test(start_paused = true)]
+async fn an_image_request_with_n_4_takes_4_image_slots() {
+    let c = Caller::new(quiet()); // Pro: 5 slots
+    c.post(IMG, json!({"prompt": "x", "n": 4})).await.data();
+    assert_eq!(c.mock.in_use("test-key", "image"), 4);
+    c.post(IMG, json!({"prompt": "x", "n": 2}))
+        .await
+        .assert_error(429, 1303);
+    c.post(IMG, json!({"prompt": "x"})).await.data();
+    c.post(IMG, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1303);
+    let stats = c.mock.stats();
+    assert_eq!(stats.max_concurrent["image"], 5);
+    assert_eq!(stats.in_use["image"], 5);
+    advance(100).await;
+    assert_eq!(c.mock.in_use("test-key", "image"), 0);
+    let stats = c.mock.stats();
+    assert_eq!(stats.tasks_finished, 2);
+    assert_eq!(stats.task_seconds["image"], 200.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_style_image_request_weighs_n_too() {
+    let c = Caller::new(quiet().pool_slots("image:kolors-v2", 9));
+    c.post("/text-to-image/kolors-v2", json!({"prompt": "x", "n": 9}))
+        .await
+        .data();
+    c.post("/text-to-image/kolors-v2", json!({"prompt": "x", "n": 1}))
+        .await
+        .assert_error(429, 1303);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slot_is_held_until_the_task_ends_and_failures_count() {
+    let c = Caller::new(
+        MockConfig::preset(Preset::Free)
+            .no_rate_limit()
+            .task_duration(secs(100), secs(100)),
+    );
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    advance(99).await;
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1303);
+    advance(1).await;
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+}
+
+#[tokio::test(start_paused = true)]
+async fn slots_held_by_another_tenant_count_against_the_account() {
+    let c = Caller::new(quiet().slots(2));
+    c.mock.occupy("test-key", "video", 2, secs(30));
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1303);
+    advance(30).await;
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_the_first_1102_every_create_gets_1102_forever_but_queries_work() {
+    let c = Caller::new(quiet().credits(2.0));
+    let id = c.post(T2V, json!({"prompt": "x"})).await.data()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.post(IMG, json!({"prompt": "x", "n": 2}))
+        .await
+        .assert_error(429, 1102);
+    // 1 credit is still left, but the pack is reported exhausted from now on.
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1102);
+    advance(1000).await;
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1102);
+    c.post("/text-to-video/kling-3.0", json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1102);
+    assert_eq!(
+        c.get(&format!("{T2V}/{id}")).await.data()["task_status"],
+        "succeed"
+    );
+    let stats = c.mock.stats();
+    assert_eq!(stats.responses_by_code["1102"], 4);
+    assert_eq!(
+        stats.creates_after_1102, 2,
+        "the one 0 ms after does not count, the two later do"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn gcra_spaces_requests_and_counts_every_request() {
+    let c = Caller::new(quiet().rate_per_minute(30.0)); // one per 2 s, burst 1
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    advance(1).await;
+    c.get("/tasks?task_ids=1").await.assert_error(429, 1302);
+    advance(1).await;
+    c.get(&format!("{T2V}?pageSize=1")).await.data();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_allows_back_to_back_requests() {
+    let c = Caller::new(quiet().rate_per_minute(60.0).burst(3));
+    for _ in 0..3 {
+        c.get("/account/costs").await.data();
+    }
+    c.get("/account/costs").await.assert_error(429, 1302);
+}
+
+#[tokio::test(start_paused = true)]
+async fn penalty_mode_pushes_the_next_allowed_time_on_every_refusal() {
+    let plain = Caller::new(quiet().rate_per_minute(60.0));
+    let penal = Caller::new(quiet().rate_per_minute(60.0).penalty(true));
+    plain.get("/account/costs").await.data();
+    penal.get("/account/costs").await.data();
+    for _ in 0..3 {
+        advance_ms(300).await;
+        plain.get("/account/costs").await.assert_error(429, 1302);
+        penal.get("/account/costs").await.assert_error(429, 1302);
+    }
+    // 1 s after the first request: the plain limiter lets the next one through...
+    advance_ms(100).await;
+    plain.get("/account/costs").await.data();
+    // ...the penalised one pushed its next slot 1 s further per refusal: 1 + 4 = 5 s.
+    let r = penal.get("/account/costs").await;
+    r.assert_error(429, 1302);
+    advance_ms(3_950).await;
+    // Still early at 4.95 s, which pushes it once more, to 6 s.
+    penal.get("/account/costs").await.assert_error(429, 1302);
+    advance_ms(1_000).await;
+    penal.get("/account/costs").await.assert_error(429, 1302);
+    // 5.95 s was early again (→ 7 s); obeying the advertised time finally works.
+    advance_ms(1_050).await;
+    penal.get("/account/costs").await.data();
+}
+
+async fn advance_ms(ms: u64) {
+    tokio::time::advance(Duration::from_millis(ms)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_seconds_is_the_ceiled_wait_on_1302_and_1303() {
+    let c = Caller::new(
+        quiet()
+            .rate_per_minute(60.0)
+            .slots(1)
+            .retry_after(RetryAfterMode::Seconds),
+    );
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    advance_ms(100).await;
+    let r = c.get("/account/costs").await;
+    r.assert_error(429, 1302);
+    assert_eq!(r.headers["retry-after"], "1", "0.9 s rounds up to 1");
+    advance_ms(1_000).await;
+    let r = c.post(T2V, json!({"prompt": "x"})).await;
+    r.assert_error(429, 1303);
+    // The task ends 100 s after creation, now is 1.1 s after: 98.9 s → 99.
+    assert_eq!(r.headers["retry-after"], "99");
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_date_is_rounded_up_and_comes_with_a_date_header() {
+    let c = Caller::new(
+        quiet()
+            .rate_per_minute(60.0)
+            .retry_after(RetryAfterMode::Date),
+    );
+    c.get("/account/costs").await.data();
+    advance_ms(250).await;
+    let r = c.get("/account/costs").await;
+    r.assert_error(429, 1302);
+    let retry = httpdate::parse_http_date(r.headers["retry-after"].to_str().unwrap()).unwrap();
+    let date = httpdate::parse_http_date(r.headers["date"].to_str().unwrap()).unwrap();
+    let gap = retry.duration_since(date).unwrap();
+    assert!(
+        gap >= Duration::from_secs(1) && gap <= Duration::from_secs(2),
+        "gap {gap:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_mode_there_is_no_retry_after() {
+    let c = Caller::new(quiet().rate_per_minute(60.0));
+    c.get("/account/costs").await.data();
+    let r = c.get("/account/costs").await;
+    r.assert_error(429, 1302);
+    assert!(r.headers.get("retry-after").is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_speed_factor_divides_task_durations_and_rate_windows() {
+    let c = Caller::new(quiet().speed(10.0).rate_per_minute(60.0));
+    let id = c.post(T2V, json!({"prompt": "x"})).await.data()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    advance_ms(100).await; // one API second
+    let q = c.get(&format!("{T2V}/{id}")).await;
+    assert_eq!(q.data()["task_status"], "submitted");
+    advance_ms(50).await;
+    c.get(&format!("{T2V}/{id}")).await.assert_error(429, 1302);
+    advance_ms(9_850).await; // 10 s real = 100 s API
+    let q = c.get(&format!("{T2V}/{id}")).await;
+    assert_eq!(q.data()["task_status"], "succeed");
+    assert_eq!(c.mock.stats().task_seconds["video"], 10.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn task_durations_are_drawn_from_the_configured_range() {
+    let c = Caller::new(
+        quiet()
+            .slots(100)
+            .task_duration(secs(60), secs(120))
+            .seed(3),
+    );
+    for _ in 0..50 {
+        c.post(T2V, json!({"prompt": "x"})).await.data();
+    }
+    let total = c.mock.stats().task_seconds["video"];
+    assert!((50.0 * 60.0..=50.0 * 120.0).contains(&total));
+    advance(59).await;
+    assert_eq!(c.mock.in_use("test-key", "video"), 50);
+    advance(62).await;
+    assert_eq!(c.mock.in_use("test-key", "video"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ghost_creates_answer_5000_but_bill_a_task_findable_by_external_id() {
+    let c = Caller::new(quiet().ghost_create_rate(1.0));
+    let r = c
+        .post(T2V, json!({"prompt": "x", "external_task_id": "g1"}))
+        .await;
+    r.assert_error(500, 5000);
+    assert_eq!(c.mock.stats().tasks_created, 1);
+    let q = c.get(&format!("{T2V}/g1")).await;
+    assert_eq!(q.data()["task_status"], "submitted");
+}
+
+#[tokio::test(start_paused = true)]
+async fn malformed_answers_are_200_and_not_json() {
+    use http_body_util::{BodyExt, Full};
+    use tower_service::Service;
+    let mut mock = crate::support::mock(quiet().malformed_rate(1.0));
+    let req = http::Request::get("/account/costs")
+        .header("authorization", "Bearer k")
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = mock.call(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(serde_json::from_slice::<serde_json::Value>(&body).is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_connection_is_a_mock_error_in_process() {
+    use http_body_util::Full;
+    use tower_service::Service;
+    let mut mock = crate::support::mock(quiet().drop_rate(1.0));
+    let req = http::Request::get("/account/costs")
+        .header("authorization", "Bearer k")
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let err = mock.call(req).await.unwrap_err();
+    assert_eq!(err.to_string(), "connection dropped by mock");
+    assert_eq!(mock.stats().connections_dropped, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_answers_arrive_after_the_scaled_delay() {
+    let c = Caller::new(quiet().speed(2.0).slow(1.0, secs(10)));
+    let started = tokio::time::Instant::now();
+    c.get("/account/costs").await.data();
+    assert_eq!(started.elapsed(), secs(5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_hour_of_traffic_never_exceeds_capacity() {
+    let c = Caller::new(
+        MockConfig::preset(Preset::Standard)
+            .no_rate_limit()
+            .seed(11),
+    );
+    let mut accepted = 0;
+    let mut refused = 0;
+    for _ in 0..3600 {
+        match c.post(T2V, json!({"prompt": "x"})).await.code() {
+            0 => accepted += 1,
+            1303 => refused += 1,
+            other => panic!("unexpected {other}"),
+        }
+        advance(1).await;
+    }
+    let stats = c.mock.stats();
+    assert_eq!(stats.max_concurrent["video"], 3);
+    assert!(refused > 0, "negative control: a greedy client is refused");
+    // 3 slots × 3600 s ÷ 60..120 s per task.
+    assert!((90..=181).contains(&accepted), "accepted {accepted}");
+    assert_eq!(stats.requests_total, 3600);
+    assert_eq!(stats.responses_by_code["1303"], refused);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stats_can_be_reset() {
+    let c = Caller::new(quiet());
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    c.mock.reset_stats();
+    let stats = c.mock.stats();
+    assert_eq!(stats.requests_total, 0);
+    assert_eq!(stats.tasks_created, 0);
+    assert_eq!(stats.in_use["video"], 1);
+    assert_eq!(stats.max_concurrent["video"], 1);
+}

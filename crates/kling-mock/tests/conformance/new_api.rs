@@ -1,0 +1,172 @@
+//! The new generation end to end: `id`, `status`, `succeeded`, `outputs`, `billing`,
+//! batch query, cursor list.
+
+use serde_json::json;
+
+use crate::support::{Caller, advance, quiet};
+
+const T2V: &str = "/text-to-video/kling-3.0";
+
+#[tokio::test(start_paused = true)]
+async fn a_new_video_goes_submitted_processing_succeeded_with_outputs_and_billing() {
+    let c = Caller::new(quiet());
+    let created = c
+        .post(T2V, json!({"prompt": "a cat", "external_id": "e1"}))
+        .await;
+    let d = created.data();
+    let id = d["id"].as_str().unwrap().to_owned();
+    assert_eq!(d["status"], "submitted");
+    assert_eq!(d["external_id"], "e1");
+    assert!(d.get("task_id").is_none() && d.get("billing").is_none());
+
+    advance(11).await;
+    let q = c.get(&format!("/tasks?task_ids={id}")).await;
+    assert_eq!(q.data()[0]["status"], "processing");
+
+    advance(90).await;
+    let q = c.get(&format!("/tasks?task_ids={id}")).await;
+    let t = &q.data()[0];
+    assert_eq!(t["status"], "succeeded");
+    assert_eq!(t["outputs"][0]["type"], "video");
+    assert!(t["outputs"][0]["url"].is_string());
+    assert!(t["outputs"][0]["duration"].is_number());
+    assert_eq!(
+        t["billing"],
+        json!([{"charge_type": "credits", "amount": 1, "currency": "credit", "package_type": "video"}])
+    );
+    assert!(t.get("message").is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_new_task_carries_a_message() {
+    let c = Caller::new(quiet().failure_rate(1.0));
+    let id = c.post(T2V, json!({"prompt": "x"})).await.data()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    advance(100).await;
+    let q = c.get(&format!("/tasks?task_ids={id}")).await;
+    let t = &q.data()[0];
+    assert_eq!(t["status"], "failed");
+    assert!(t["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(t.get("outputs").is_none());
+    assert_eq!(t["billing"][0]["amount"], 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_batch_query_answers_by_ids_or_external_ids_in_order() {
+    let c = Caller::new(quiet());
+    let a = c
+        .post(T2V, json!({"prompt": "x", "external_id": "ea"}))
+        .await
+        .data()["id"]
+        .clone();
+    let b = c
+        .post(
+            "/text-to-image/kolors-v2",
+            json!({"prompt": "x", "external_id": "eb"}),
+        )
+        .await
+        .data()["id"]
+        .clone();
+    let r = c
+        .get(&format!(
+            "/tasks?task_ids={},{}",
+            b.as_str().unwrap(),
+            a.as_str().unwrap()
+        ))
+        .await;
+    let list = r.data().as_array().unwrap().clone();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0]["id"], b);
+    assert_eq!(list[1]["id"], a);
+    let r = c.get("/tasks?external_task_ids=ea%2Ceb,unknown").await;
+    let list = r.data().as_array().unwrap().clone();
+    assert_eq!(list.len(), 2, "unknown ids are left out");
+    assert_eq!(list[0]["external_id"], "ea");
+    // Another account sees none of them.
+    c.with_key("other")
+        .get("/tasks?external_task_ids=ea")
+        .await
+        .assert_error(404, 1203);
+}
+
+#[tokio::test(start_paused = true)]
+async fn post_tasks_lists_with_a_cursor_and_filters() {
+    let c = Caller::new(quiet().slots(10));
+    for i in 0..5 {
+        c.post(T2V, json!({"prompt": format!("p{i}")})).await.data();
+    }
+    c.post("/image-to-video/kling-3.0", json!({"image": "x"}))
+        .await
+        .data();
+    let mut seen = Vec::new();
+    let mut cursor = serde_json::Value::Null;
+    loop {
+        let r = c
+            .post(
+                "/tasks",
+                json!({"cursor": cursor, "limit": 2, "product_type": "text-to-video"}),
+            )
+            .await;
+        let d = r.data();
+        for t in d["tasks"].as_array().unwrap() {
+            seen.push(t["id"].as_str().unwrap().to_owned());
+        }
+        cursor = d["next_cursor"].clone();
+        if cursor.is_null() {
+            break;
+        }
+        assert!(cursor.is_string());
+    }
+    assert_eq!(seen.len(), 5);
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.reverse();
+    assert_eq!(seen, sorted, "newest first");
+
+    let r = c.post("/tasks", json!({"status": "succeeded"})).await;
+    assert_eq!(r.data()["tasks"].as_array().unwrap().len(), 0);
+    advance(100).await;
+    let r = c.post("/tasks", json!({"status": "succeeded"})).await;
+    assert_eq!(r.data()["tasks"].as_array().unwrap().len(), 6);
+    assert!(r.data()["next_cursor"].is_null());
+    // An empty body lists everything.
+    let r = c
+        .raw(http::Method::POST, "/tasks", bytes::Bytes::new())
+        .await;
+    assert_eq!(r.data()["tasks"].as_array().unwrap().len(), 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn new_style_pools_are_per_model() {
+    let c = Caller::new(quiet().slots(1));
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    c.post("/image-to-video/kling-3.0", json!({"image": "x"}))
+        .await
+        .assert_error(429, 1303);
+    c.post("/text-to-video/kling-2.6", json!({"prompt": "x"}))
+        .await
+        .data();
+    c.post("/v1/videos/text2video", json!({"prompt": "x"}))
+        .await
+        .data();
+    let stats = c.mock.stats();
+    assert_eq!(stats.in_use["video:kling-3.0"], 1);
+    assert_eq!(stats.in_use["video:kling-2.6"], 1);
+    assert_eq!(stats.in_use["video"], 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_new_callback_url_lives_in_options() {
+    let c = Caller::new(quiet());
+    c.post(
+        T2V,
+        json!({"prompt": "x", "options": {"callback_url": "http://127.0.0.1:9/cb"}}),
+    )
+    .await
+    .data();
+    c.post(T2V, json!({"prompt": "x", "options": "nope"}))
+        .await
+        .assert_error(400, 1201);
+}

@@ -1,0 +1,209 @@
+//! The mock over real TCP: real time, sped up, short.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+use hmac::{Hmac, KeyInit as _, Mac as _};
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kling_mock::{MockConfig, MockServer, Stats};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// 100 s tasks at speed 1000: 100 ms real.
+fn fast() -> MockConfig {
+    MockConfig::default()
+        .no_rate_limit()
+        .speed(1000.0)
+        .task_duration(Duration::from_secs(100), Duration::from_secs(100))
+}
+
+async fn send(client: &HttpClient, method: &str, url: String, body: Option<Value>) -> (u16, Value) {
+    let req = Request::builder()
+        .method(method)
+        .uri(url)
+        .header("authorization", "Bearer tcp-key")
+        .header("content-type", "application/json")
+        .body(Full::new(
+            body.map(|b| Bytes::from(b.to_string())).unwrap_or_default(),
+        ))
+        .unwrap();
+    let resp = client.request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).expect("json"))
+}
+
+#[tokio::test]
+async fn the_server_starts_on_a_free_port_and_a_task_round_trips() {
+    let server = MockServer::start(fast()).await.unwrap();
+    assert!(server.base_url().starts_with("http://127.0.0.1:"));
+    assert_ne!(server.addr().port(), 0);
+    let base = server.base_url();
+    let c = client();
+    let (status, created) = send(
+        &c,
+        "POST",
+        format!("{base}/v1/videos/text2video"),
+        Some(json!({"prompt": "x"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let id = created["data"]["task_id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (_, q) = send(&c, "GET", format!("{base}/v1/videos/text2video/{id}"), None).await;
+    assert_eq!(q["data"]["task_status"], "succeed");
+    let (status, err) = send(&c, "GET", format!("{base}/nope"), None).await;
+    assert_eq!((status, err["code"].as_i64()), (404, Some(1202)));
+
+    // Stats over HTTP, without auth.
+    let req = Request::get(format!("{base}/__mock/stats"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let body = c
+        .request(req)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    let stats: Stats = serde_json::from_slice(&body).unwrap();
+    assert_eq!(stats.requests_total, 3);
+    assert_eq!(stats.tasks_created, 1);
+    assert_eq!(stats.tasks_finished, 1);
+    assert_eq!(stats.responses_by_code["1202"], 1);
+    assert_eq!(server.stats().requests_total, 3);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_oversized_body_over_tcp_is_1200() {
+    let server = MockServer::start(fast().max_body_bytes(16)).await.unwrap();
+    let (status, err) = send(
+        &client(),
+        "POST",
+        format!("{}/v1/videos/text2video", server.base_url()),
+        Some(json!({"prompt": "a prompt longer than sixteen bytes"})),
+    )
+    .await;
+    assert_eq!((status, err["code"].as_i64()), (400, Some(1200)));
+    assert!(err.get("data").is_none());
+}
+
+#[tokio::test]
+async fn a_dropped_connection_fault_really_closes_the_connection() {
+    let server = MockServer::start(fast().drop_rate(1.0)).await.unwrap();
+    let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+    stream
+        .write_all(b"GET /account/costs HTTP/1.1\r\nhost: x\r\nauthorization: Bearer k\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "no response bytes: {read:?} {buf:?}"
+    );
+    assert_eq!(server.stats().connections_dropped, 1);
+}
+
+#[tokio::test]
+async fn the_server_stops_when_shut_down() {
+    let server = MockServer::start(fast()).await.unwrap();
+    let addr = server.addr();
+    server.shutdown().await;
+    assert!(TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn callbacks_are_delivered_signed_at_each_status_change() {
+    let key = b"callback-key-bytes";
+    let secret = format!("whsec_{}", STANDARD.encode(key));
+    let (tx, mut rx) = mpsc::unbounded_channel::<(http::HeaderMap, Bytes)>();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body.collect().await?.to_bytes();
+                        let _ = tx.send((parts.headers, body));
+                        Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::new())))
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+
+    let server = MockServer::start(fast().callback_secret(secret))
+        .await
+        .unwrap();
+    let (status, _) = send(
+        &client(),
+        "POST",
+        format!("{}/v1/videos/text2video", server.base_url()),
+        Some(json!({"prompt": "x", "callback_url": hook, "external_task_id": "cb-1"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let mut statuses = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (headers, body) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("callback in time")
+            .expect("callback");
+        let id = headers["webhook-id"].to_str().unwrap().to_owned();
+        let ts = headers["webhook-timestamp"].to_str().unwrap().to_owned();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(ts.parse::<u64>().unwrap().abs_diff(now) < 300);
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
+        mac.update(format!("{id}.{ts}.").as_bytes());
+        mac.update(&body);
+        let expected = format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()));
+        assert_eq!(headers["webhook-signature"].to_str().unwrap(), expected);
+        let task: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(task["task_info"]["external_task_id"], "cb-1");
+        statuses.push(task["task_status"].as_str().unwrap().to_owned());
+        ids.push(id);
+    }
+    assert_eq!(statuses, ["processing", "succeed"]);
+    assert_ne!(ids[0], ids[1], "webhook-id is unique per message");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server.stats().callbacks_sent < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(server.stats().callbacks_sent, 2);
+    assert_eq!(server.stats().callbacks_failed, 0);
+}
