@@ -1,0 +1,252 @@
+//! Where slot state lives: the [`SlotBackend`] trait and the in-process [`InProcess`] backend.
+//!
+//! The trait is shaped for a remote store from the start (a Redis backend implements it
+//! unchanged): acquiring may wait and is cancelled by dropping its future; every change is one
+//! [`SlotOp`] (one script on a remote store) whose result says which tasks it released; a task's
+//! slots are released by task id exactly once (whichever of query, callback, `complete` or lease
+//! comes first); a running task's lease is renewed whenever it is reported running; a waiting
+//! acquire is woken when slots free; and every operation can fail with
+//! [`BackendError`] when the store is unreachable.
+
+mod memory;
+
+use std::future::Future;
+use std::time::Duration;
+
+use kling_core::error::ApiError;
+use kling_core::{AccountId, Outcome, Pool, TaskReport, TaskStatus};
+
+use crate::error::{AcquireError, BackendError};
+
+pub use memory::{InProcess, InProcessAcquire};
+
+/// The unit slots are counted in: one pool of one account.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    /// The account.
+    pub account: AccountId,
+    /// The pool.
+    pub pool: Pool,
+}
+
+impl SlotKey {
+    /// The key of `pool` in `account`.
+    pub fn new(account: AccountId, pool: Pool) -> Self {
+        SlotKey { account, pool }
+    }
+}
+
+/// Slots granted to one create and not yet kept under a task or given back.
+///
+/// Plain data, not a guard: the layer hands it back to the backend in exactly one [`SlotOp`]
+/// (`GiveBack`, `Hold`, `Congested` or `Halt`), also when its future is dropped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    /// Where the slots were taken.
+    pub key: SlotKey,
+    /// How many.
+    pub weight: u32,
+    /// The backend's id of this grant (unique per backend), e.g. to expire an abandoned grant
+    /// on a remote store.
+    pub token: u64,
+}
+
+/// The ids a task's slots are kept under.
+///
+/// With an `id`, a query or callback reporting the task ends it; with only an `external_id`
+/// (the create's outcome is unknown) a report carrying that external id does, and the holding
+/// is then known by the task id too; with neither, only the lease ends it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TaskRef {
+    /// The server's task id.
+    pub id: Option<String>,
+    /// The caller's `external_task_id` / `external_id`.
+    pub external_id: Option<String>,
+}
+
+/// What a query, list, callback or [`complete`](crate::SlotsHandle::complete) says of a task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskUpdate {
+    /// The task id (or, for `complete`, possibly an external id).
+    pub id: String,
+    /// The caller's external id, when reported.
+    pub external_id: Option<String>,
+    /// The reported status; `None` when the caller only said the task ended.
+    pub status: Option<TaskStatus>,
+}
+
+impl TaskUpdate {
+    /// The update a task report carries.
+    pub fn from_report(report: &TaskReport) -> Self {
+        TaskUpdate {
+            id: report.id.clone(),
+            external_id: report.external_id.clone(),
+            status: Some(report.status.clone()),
+        }
+    }
+
+    /// Whether the update says the task has ended.
+    pub fn is_terminal(&self) -> bool {
+        self.status.as_ref().is_none_or(TaskStatus::is_terminal)
+    }
+}
+
+/// One change of slot state. Adding a variant is a breaking change on purpose: every backend
+/// must handle every change.
+#[derive(Clone, Debug)]
+pub enum SlotOp {
+    /// The create surely did not happen (or failed): free its slots now.
+    GiveBack(Reservation),
+    /// The create happened or may have: keep its slots under `task` with a lease.
+    Hold {
+        /// The granted slots.
+        reservation: Reservation,
+        /// The ids to keep them under.
+        task: TaskRef,
+        /// The lease (maximum task lifetime).
+        lease: Duration,
+    },
+    /// The create met `1303`: free its slots and lower the pool's believed capacity.
+    Congested(Reservation),
+    /// The create met `1102` (or `1100`/`1101`): free its slots and refuse further creates of
+    /// the account until [`SlotOp::ResetHalt`].
+    Halt {
+        /// The granted slots.
+        reservation: Reservation,
+        /// The server's refusal.
+        cause: ApiError,
+    },
+    /// Tasks were reported: terminal ones are released (exactly once), running ones renew
+    /// their lease to `lease` from now.
+    Update {
+        /// The reports.
+        updates: Vec<TaskUpdate>,
+        /// The lease to renew running tasks to.
+        lease: Duration,
+    },
+    /// A response was seen: the tasks it reports are handled as in [`SlotOp::Update`] (the
+    /// response's parsed [`Outcome`] is shared, so nothing is copied on the way).
+    Observed {
+        /// The response's outcome.
+        outcome: Outcome,
+        /// The lease to renew running tasks to.
+        lease: Duration,
+    },
+    /// A task found on the server (reconcile): keep `weight` slots of `key` under it unless
+    /// it is already known.
+    Adopt {
+        /// Where it counts.
+        key: SlotKey,
+        /// Its ids.
+        task: TaskRef,
+        /// Its weight.
+        weight: u32,
+        /// Its lease.
+        lease: Duration,
+    },
+    /// Sets a pool's capacity at run time, for one account or (`None`) for all.
+    SetCapacity {
+        /// The account, or every account.
+        account: Option<AccountId>,
+        /// The pool.
+        pool: Pool,
+        /// The new capacity (0 holds every create of the pool).
+        capacity: u32,
+    },
+    /// Lifts a halt.
+    ResetHalt(AccountId),
+}
+
+/// Why a task's slots were released.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReleaseReason {
+    /// A query, list or callback reported this terminal status.
+    Ended(TaskStatus),
+    /// The caller said the task ended ([`SlotsHandle::complete`](crate::SlotsHandle::complete)).
+    Completed,
+    /// Nothing reported the task ended before its lease ran out.
+    LeaseExpired,
+}
+
+impl ReleaseReason {
+    /// The `status` label of the finished-task metrics.
+    pub fn as_str(&self) -> &str {
+        match self {
+            ReleaseReason::Ended(status) => status.as_str(),
+            ReleaseReason::Completed => "completed",
+            ReleaseReason::LeaseExpired => "expired",
+        }
+    }
+}
+
+/// One task whose slots were released.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Released {
+    /// Where the slots were.
+    pub key: SlotKey,
+    /// The task id (or external id) they were held under, if any.
+    pub task: Option<std::sync::Arc<str>>,
+    /// How many.
+    pub weight: u32,
+    /// How long they were held.
+    pub held_for: Duration,
+    /// Why they were released.
+    pub reason: ReleaseReason,
+}
+
+/// What one [`SlotOp`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Tasks whose slots it released (each one exactly once over the backend's life).
+    pub released: Vec<Released>,
+    /// Whether it changed anything (an adopt of an unknown task, a halt that was on, a
+    /// capacity that differed).
+    pub changed: bool,
+}
+
+/// The state of one pool, as [`SlotBackend::snapshot`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolSnapshot {
+    /// The pool and its account.
+    pub key: SlotKey,
+    /// Slots held by running tasks and creates in progress.
+    pub in_use: u32,
+    /// Slots the pool is believed to have now (configured minus those hidden by `1303`).
+    pub capacity: u32,
+    /// Slots configured.
+    pub configured: u32,
+    /// Creates waiting.
+    pub waiters: usize,
+    /// Tasks holding slots.
+    pub tasks: usize,
+}
+
+/// Where slot state lives. See the [module docs](self).
+///
+/// # Contract
+///
+/// - [`acquire`](SlotBackend::acquire) grants in first-come-first-served order per
+///   [`SlotKey`]; dropping the future before it completes holds nothing (a grant it already
+///   received is given back); it fails with [`AcquireError::Halted`] while the account is halted.
+/// - [`apply`](SlotBackend::apply) starts the change when called: it takes effect even when
+///   the returned future is dropped unpolled (a remote backend sends or spawns the command
+///   before returning); the future only reports the result. Layers call it from `Drop`.
+/// - A task's slots are released exactly once, and a release wakes waiters of its pool.
+pub trait SlotBackend: Clone + Send + Sync + 'static {
+    /// The future of [`acquire`](SlotBackend::acquire).
+    type Acquire: Future<Output = Result<Reservation, AcquireError>> + Send + Unpin + 'static;
+    /// The future of [`apply`](SlotBackend::apply).
+    type Apply: Future<Output = Result<Applied, BackendError>> + Send + Unpin + 'static;
+    /// The future of [`snapshot`](SlotBackend::snapshot).
+    type Snapshot: Future<Output = Result<Vec<PoolSnapshot>, BackendError>> + Send + Unpin + 'static;
+
+    /// Waits (FIFO, cancellable by drop) for `weight` slots of `key`.
+    fn acquire(&self, key: SlotKey, weight: u32) -> Self::Acquire;
+
+    /// Applies one change.
+    fn apply(&self, op: SlotOp) -> Self::Apply;
+
+    /// Every known pool's state (expired leases released first).
+    fn snapshot(&self) -> Self::Snapshot;
+}

@@ -1,0 +1,281 @@
+//! The errors this crate adds; each is a small struct that stays distinguishable after boxing
+//! (downcast a [`BoxError`](kling_core::error::BoxError) to it).
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+use kling_core::error::ApiError;
+use kling_core::{AccountId, Code, Pool};
+
+/// Creates for this account are refused locally: the server answered `1102` (resource pack
+/// exhausted; also `1100`/`1101`), so no further create can succeed until a person acts and
+/// calls [`SlotsHandle::reset_halt`](crate::SlotsHandle::reset_halt).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Halted {
+    account: AccountId,
+    cause: ApiError,
+}
+
+impl Halted {
+    /// A halt of `account` caused by the server's `cause`.
+    pub fn new(account: AccountId, cause: ApiError) -> Self {
+        Halted { account, cause }
+    }
+
+    /// The halted account.
+    pub fn account(&self) -> &AccountId {
+        &self.account
+    }
+
+    /// The Kling code that caused the halt.
+    pub fn code(&self) -> Code {
+        self.cause.code()
+    }
+
+    /// The server's message of the response that caused the halt.
+    pub fn message(&self) -> &str {
+        self.cause.message()
+    }
+
+    /// The server's request id of the response that caused the halt.
+    pub fn request_id(&self) -> Option<&str> {
+        self.cause.request_id()
+    }
+
+    /// The error response that caused the halt.
+    pub fn cause(&self) -> &ApiError {
+        &self.cause
+    }
+}
+
+impl fmt::Display for Halted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "creates for account {} are halted locally after {}",
+            self.account, self.cause
+        )
+    }
+}
+
+impl StdError for Halted {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&self.cause)
+    }
+}
+
+/// A create gave up waiting for task slots because the request's
+/// [`Deadline`](kling_core::signals::Deadline) would have passed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadlineExceeded {
+    pool: Pool,
+    weight: u32,
+    waited: Duration,
+}
+
+impl DeadlineExceeded {
+    pub(crate) fn new(pool: Pool, weight: u32, waited: Duration) -> Self {
+        DeadlineExceeded {
+            pool,
+            weight,
+            waited,
+        }
+    }
+
+    /// The pool the create waited in.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The slots the create needed.
+    pub fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    /// How long it waited before giving up.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+}
+
+impl fmt::Display for DeadlineExceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "deadline reached after waiting {:?} for {} slot(s) in pool {}",
+            self.waited, self.weight, self.pool
+        )
+    }
+}
+
+impl StdError for DeadlineExceeded {}
+
+/// A create needs more slots than its pool has at all, so it could never be admitted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OverCapacity {
+    pool: Pool,
+    weight: u32,
+    capacity: u32,
+}
+
+impl OverCapacity {
+    /// A create of `weight` slots refused by a pool of `capacity` slots.
+    pub fn new(pool: Pool, weight: u32, capacity: u32) -> Self {
+        OverCapacity {
+            pool,
+            weight,
+            capacity,
+        }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The slots the create needs.
+    pub fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    /// The pool's configured capacity.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+}
+
+impl fmt::Display for OverCapacity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "create needs {} slot(s) but pool {} has only {}",
+            self.weight, self.pool, self.capacity
+        )
+    }
+}
+
+impl StdError for OverCapacity {}
+
+/// The slot store could not be reached or answered nonsense (a remote backend's failure).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendError {
+    message: String,
+}
+
+impl BackendError {
+    /// A backend failure described by `message`.
+    pub fn new(message: impl Into<String>) -> Self {
+        BackendError {
+            message: message.into(),
+        }
+    }
+
+    /// What went wrong.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "task slot store unavailable: {}", self.message)
+    }
+}
+
+impl StdError for BackendError {}
+
+/// Why a backend did not grant slots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AcquireError {
+    /// The account is halted after `1102`.
+    Halted(Halted),
+    /// The create can never fit its pool.
+    OverCapacity(OverCapacity),
+    /// The store is unreachable.
+    Backend(BackendError),
+}
+
+impl fmt::Display for AcquireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AcquireError::Halted(e) => e.fmt(f),
+            AcquireError::OverCapacity(e) => e.fmt(f),
+            AcquireError::Backend(e) => e.fmt(f),
+        }
+    }
+}
+
+impl StdError for AcquireError {}
+
+impl AcquireError {
+    /// The concrete error, boxed (so callers can downcast to [`Halted`] and friends).
+    pub fn into_box(self) -> kling_core::error::BoxError {
+        match self {
+            AcquireError::Halted(e) => Box::new(e),
+            AcquireError::OverCapacity(e) => Box::new(e),
+            AcquireError::Backend(e) => Box::new(e),
+        }
+    }
+}
+
+/// Invalid configuration; the message names the field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    field: String,
+    reason: &'static str,
+}
+
+impl ConfigError {
+    pub(crate) fn new(field: impl Into<String>, reason: &'static str) -> Self {
+        ConfigError {
+            field: field.into(),
+            reason,
+        }
+    }
+
+    /// The offending field.
+    pub fn field(&self) -> &str {
+        &self.field
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid task slots configuration: {} {}",
+            self.field, self.reason
+        )
+    }
+}
+
+impl StdError for ConfigError {}
+
+/// A callback payload that holds no task object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadCallback {
+    reason: String,
+}
+
+impl BadCallback {
+    pub(crate) fn new(reason: impl Into<String>) -> Self {
+        BadCallback {
+            reason: reason.into(),
+        }
+    }
+
+    /// Why the payload was not understood.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl fmt::Display for BadCallback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "callback payload holds no task: {}", self.reason)
+    }
+}
+
+impl StdError for BadCallback {}

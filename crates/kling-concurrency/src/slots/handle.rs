@@ -1,0 +1,399 @@
+//! [`SlotsHandle`]: callbacks, reconcile, halts, capacities and snapshots.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, Uri};
+use http_body_util::Full;
+use kling_core::error::{ApiError, BoxError};
+use kling_core::{AccountId, Envelope, Outcome, Pool, Recognized, TaskReport};
+use tower_service::Service;
+
+use super::layer::Settings;
+use crate::backend::{
+    Applied, InProcess, PoolSnapshot, Released, SlotBackend, SlotKey, SlotOp, TaskRef, TaskUpdate,
+};
+use crate::error::{BackendError, BadCallback};
+
+/// The legacy create paths [`Reconcile::new`] lists by default.
+pub const LEGACY_PATHS: &[&str] = &[
+    "/v1/videos/text2video",
+    "/v1/videos/image2video",
+    "/v1/videos/multi-image2video",
+    "/v1/videos/video-extend",
+    "/v1/videos/lip-sync",
+    "/v1/videos/effects",
+    "/v1/images/generations",
+    "/v1/images/kolors-virtual-try-on",
+];
+
+/// The largest page Kling serves (legacy `pageSize`, new `limit`).
+const PAGE_SIZE: usize = 500;
+
+/// At most this many pages are read per path and status (250 000 tasks).
+const MAX_PAGES: usize = 500;
+
+/// A handle on a [`TaskSlotsLayer`](crate::TaskSlotsLayer)'s slots, from
+/// [`TaskSlotsLayer::pair`](crate::TaskSlotsLayer::pair) or
+/// [`handle`](crate::TaskSlotsLayer::handle).
+///
+/// # Clone
+///
+/// Clones share the backend (every slot, lease, halt and capacity).
+pub struct SlotsHandle<B = InProcess> {
+    backend: B,
+    settings: Arc<Settings>,
+}
+
+impl<B: Clone> Clone for SlotsHandle<B> {
+    fn clone(&self) -> Self {
+        SlotsHandle {
+            backend: self.backend.clone(),
+            settings: self.settings.clone(),
+        }
+    }
+}
+
+impl<B: fmt::Debug> fmt::Debug for SlotsHandle<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlotsHandle")
+            .field("backend", &self.backend)
+            .field("lease", &self.settings.lease)
+            .finish()
+    }
+}
+
+/// Every pool's state at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pools: Vec<PoolSnapshot>,
+}
+
+impl Snapshot {
+    /// Every known pool, ordered by account and pool.
+    pub fn pools(&self) -> &[PoolSnapshot] {
+        &self.pools
+    }
+
+    /// One pool of one account, if it has been used.
+    pub fn get(&self, account: &AccountId, pool: &Pool) -> Option<&PoolSnapshot> {
+        self.pools
+            .iter()
+            .find(|p| p.key.account == *account && p.key.pool == *pool)
+    }
+}
+
+/// What [`SlotsHandle::reconcile`] lists: the legacy create paths (each listed with
+/// `GET {path}?pageNum=N&pageSize=500`) and the new-style product types (each listed with
+/// `POST /tasks`, filtered by status and `product_type`), with the pool each new-style product's
+/// tasks count in (new-style list entries do not say their model).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Reconcile {
+    base_url: String,
+    legacy_paths: Vec<String>,
+    new_style: Vec<(String, Pool)>,
+    account: Option<AccountId>,
+}
+
+impl Reconcile {
+    /// Lists [`LEGACY_PATHS`] under `base_url` (e.g. `https://api-singapore.klingai.com`, or
+    /// `""` for a service that takes bare paths), and no new-style product.
+    pub fn new(base_url: impl Into<String>) -> Self {
+        Reconcile {
+            base_url: base_url.into().trim_end_matches('/').to_owned(),
+            legacy_paths: LEGACY_PATHS.iter().map(|p| (*p).to_owned()).collect(),
+            new_style: Vec::new(),
+            account: None,
+        }
+    }
+
+    /// Replaces the legacy paths listed.
+    pub fn legacy_paths<I: IntoIterator<Item = P>, P: Into<String>>(mut self, paths: I) -> Self {
+        self.legacy_paths = paths.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Also lists new-style tasks of `product_type` (e.g. `text-to-video`) and counts them in
+    /// `pool` (e.g. `video:kling-3.0`).
+    pub fn new_style(mut self, product_type: impl Into<String>, pool: Pool) -> Self {
+        self.new_style.push((product_type.into(), pool));
+        self
+    }
+
+    /// The account whose tasks are listed (set as the requests' [`AccountId`] extension, and
+    /// the account they are adopted into); default: the layer's default account.
+    pub fn account(mut self, account: AccountId) -> Self {
+        self.account = Some(account);
+        self
+    }
+}
+
+/// What [`SlotsHandle::reconcile`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Reconciled {
+    /// Unfinished tasks the server listed.
+    pub unfinished: usize,
+    /// Of those, tasks not yet known here, now holding slots.
+    pub adopted: usize,
+}
+
+impl<B: SlotBackend> SlotsHandle<B> {
+    pub(crate) fn new(backend: B, settings: Arc<Settings>) -> Self {
+        SlotsHandle { backend, settings }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The account of requests without an [`AccountId`].
+    pub fn default_account(&self) -> &AccountId {
+        &self.settings.default_account
+    }
+
+    /// Says a task ended (by task id, or by the external id a create carried); its slots are
+    /// released unless something already did. Returns the release, if this call made it.
+    pub async fn complete(&self, task_id: &str) -> Result<Option<Released>, BackendError> {
+        let applied = self
+            .backend
+            .apply(SlotOp::Update {
+                updates: vec![TaskUpdate {
+                    id: task_id.to_owned(),
+                    external_id: None,
+                    status: None,
+                }],
+                lease: self.settings.lease,
+            })
+            .await?;
+        Ok(applied.released.into_iter().next())
+    }
+
+    /// Feeds a callback body (the bare task object Kling posts, legacy or new shape; an
+    /// envelope around it is accepted too): a terminal status releases the task's slots, a
+    /// running one renews its lease. Verify the signature before calling this.
+    pub async fn on_callback(&self, payload: &[u8]) -> Result<Applied, BoxError> {
+        let tasks = parse_callback(payload)?;
+        let updates = tasks.iter().map(TaskUpdate::from_report).collect();
+        let applied = self
+            .backend
+            .apply(SlotOp::Update {
+                updates,
+                lease: self.settings.lease,
+            })
+            .await?;
+        Ok(applied)
+    }
+
+    /// Lifts the local halt of `account` after `1102`; returns whether it was halted.
+    pub async fn reset_halt(&self, account: &AccountId) -> Result<bool, BackendError> {
+        let applied = self
+            .backend
+            .apply(SlotOp::ResetHalt(account.clone()))
+            .await?;
+        Ok(applied.changed)
+    }
+
+    /// Sets a pool's capacity at run time, for one account or (`None`) every account. A
+    /// product-wide pool (`video`) also sets its model pools unless they have their own
+    /// setting. Capacity 0 holds every create of the pool.
+    pub async fn set_capacity(
+        &self,
+        account: Option<&AccountId>,
+        pool: Pool,
+        capacity: u32,
+    ) -> Result<(), BackendError> {
+        self.backend
+            .apply(SlotOp::SetCapacity {
+                account: account.cloned(),
+                pool,
+                capacity,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Slots in use, believed capacity, configured capacity, waiters and tasks of every pool.
+    pub async fn snapshot(&self) -> Result<Snapshot, BackendError> {
+        Ok(Snapshot {
+            pools: self.backend.snapshot().await?,
+        })
+    }
+
+    /// Lists the account's unfinished tasks on the server (both API generations, see
+    /// [`Reconcile`]) and adopts each one not known here into its pool, so a restarted
+    /// process does not over-admit. Legacy image tasks count 1 slot each (a list does not say
+    /// their `n`); a pool that turns out fuller still corrects itself through `1303`.
+    ///
+    /// `service` is the client to list with (with auth; it may be the whole stack).
+    pub async fn reconcile<S>(
+        &self,
+        service: &mut S,
+        plan: &Reconcile,
+    ) -> Result<Reconciled, BoxError>
+    where
+        S: Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>>,
+        S::Error: Into<BoxError>,
+    {
+        let account = plan
+            .account
+            .clone()
+            .unwrap_or_else(|| self.settings.default_account.clone());
+        let mut found: Vec<(Pool, TaskReport)> = Vec::new();
+        for path in &plan.legacy_paths {
+            let uri: Uri = format!("{}{path}", plan.base_url).parse()?;
+            let Some(pool) = Recognized::from_parts(&Method::POST, &uri, b"{}").pool else {
+                continue;
+            };
+            for page in 1..=MAX_PAGES {
+                let request = Request::get(format!(
+                    "{}{path}?pageNum={page}&pageSize={PAGE_SIZE}",
+                    plan.base_url
+                ))
+                .extension(account.clone())
+                .body(Full::new(Bytes::new()))?;
+                let (outcome, _) = list(service, request).await?;
+                let n = outcome.tasks().len();
+                found.extend(
+                    outcome
+                        .tasks()
+                        .iter()
+                        .filter(|t| !t.status.is_terminal())
+                        .map(|t| (pool.clone(), t.clone())),
+                );
+                if n < PAGE_SIZE {
+                    break;
+                }
+            }
+        }
+        for (product_type, pool) in &plan.new_style {
+            for status in ["submitted", "processing"] {
+                let mut cursor: Option<String> = None;
+                for _ in 0..MAX_PAGES {
+                    let mut body = serde_json::json!({
+                        "status": status,
+                        "product_type": product_type,
+                        "limit": PAGE_SIZE,
+                    });
+                    if let Some(cursor) = &cursor {
+                        body["cursor"] = serde_json::Value::String(cursor.clone());
+                    }
+                    let request = Request::post(format!("{}/tasks", plan.base_url))
+                        .header(http::header::CONTENT_TYPE, "application/json")
+                        .extension(account.clone())
+                        .body(Full::new(Bytes::from(body.to_string())))?;
+                    let (outcome, next) = list(service, request).await?;
+                    found.extend(
+                        outcome
+                            .tasks()
+                            .iter()
+                            .filter(|t| !t.status.is_terminal())
+                            .map(|t| (pool.clone(), t.clone())),
+                    );
+                    match next {
+                        Some(next) => cursor = Some(next),
+                        None => break,
+                    }
+                }
+            }
+        }
+        let mut reconciled = Reconciled {
+            unfinished: found.len(),
+            adopted: 0,
+        };
+        for (pool, task) in found {
+            let applied = self
+                .backend
+                .apply(SlotOp::Adopt {
+                    key: SlotKey::new(account.clone(), pool),
+                    task: TaskRef {
+                        id: Some(task.id),
+                        external_id: task.external_id,
+                    },
+                    weight: 1,
+                    lease: self.settings.lease,
+                })
+                .await?;
+            if applied.changed {
+                reconciled.adopted += 1;
+            }
+        }
+        Ok(reconciled)
+    }
+}
+
+/// Sends one list request; returns its outcome and the new-style `next_cursor`.
+async fn list<S>(
+    service: &mut S,
+    request: Request<Full<Bytes>>,
+) -> Result<(Outcome, Option<String>), BoxError>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>>,
+    S::Error: Into<BoxError>,
+{
+    std::future::poll_fn(|cx| service.poll_ready(cx))
+        .await
+        .map_err(Into::into)?;
+    let mut response = service.call(request).await.map_err(Into::into)?;
+    let outcome = Outcome::ensure(&mut response)?;
+    if !outcome.is_success() {
+        return Err(Box::new(ApiError::from_outcome(&outcome)));
+    }
+    let next = {
+        use kling_core::PeekBody;
+        let body = response.body().peek_bytes();
+        serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| match &v["data"]["next_cursor"] {
+                serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+                serde_json::Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            })
+    };
+    Ok((outcome, next))
+}
+
+/// The tasks of a callback body: a bare task object (either generation) or an envelope.
+fn parse_callback(payload: &[u8]) -> Result<Vec<TaskReport>, BadCallback> {
+    if let Ok(envelope) = Envelope::parse(payload)
+        && !envelope.tasks.is_empty()
+    {
+        return Ok(envelope.tasks);
+    }
+    let mut wrapped = Vec::with_capacity(payload.len() + 20);
+    wrapped.extend_from_slice(br#"{"code":0,"data":"#);
+    wrapped.extend_from_slice(payload);
+    wrapped.push(b'}');
+    match Envelope::parse(&wrapped) {
+        Ok(envelope) if !envelope.tasks.is_empty() => Ok(envelope.tasks),
+        Ok(_) => Err(BadCallback::new("no task id and status")),
+        Err(e) => Err(BadCallback::new(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kling_core::TaskStatus;
+
+    #[test]
+    fn callback_payloads_of_both_generations() {
+        let legacy =
+            br#"{"task_id":"t1","task_status":"succeed","task_info":{"external_task_id":"e"}}"#;
+        let tasks = parse_callback(legacy).unwrap();
+        assert_eq!(tasks[0].id, "t1");
+        assert_eq!(tasks[0].status, TaskStatus::Succeeded);
+        let new = br#"{"id":"t2","status":"processing"}"#;
+        assert_eq!(
+            parse_callback(new).unwrap()[0].status,
+            TaskStatus::Processing
+        );
+        let wrapped = br#"{"code":0,"data":{"id":"t3","status":"failed"}}"#;
+        assert_eq!(parse_callback(wrapped).unwrap()[0].id, "t3");
+        assert!(parse_callback(b"{}").is_err());
+        assert!(parse_callback(b"not json").is_err());
+    }
+}

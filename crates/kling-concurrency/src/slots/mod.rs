@@ -1,0 +1,61 @@
+//! [`TaskSlotsLayer`]: weighted slots per account and pool, held for a task's server-side life.
+//!
+//! # What it does to each request
+//!
+//! - **Create** (recognised by [`kling_core::Recognized`]): waits, first come first served,
+//!   until its pool of its account (the request's [`AccountId`](kling_core::AccountId), else the
+//!   configured default) has as many free slots as its weight (`n` for images, else 1), then
+//!   sends it. The response decides what happens to the slots:
+//!
+//!   | response | slots |
+//!   |---|---|
+//!   | success with a task id | kept under the task id (and its external id) with a lease |
+//!   | success that already reports a terminal status | given back |
+//!   | `1303` | given back; the pool's believed capacity is lowered (below); [`SlotGated`](kling_core::signals::SlotGated) is inserted |
+//!   | `1102` (also `1100`, `1101`) | given back; further creates of the account fail locally with [`Halted`](crate::error::Halted) until [`SlotsHandle::reset_halt`] |
+//!   | `5000`/`5002` (or an undocumented code) with an external id | kept under the external id: the task may exist |
+//!   | any other error code | given back |
+//!   | client error, request never sent ([`SendState::NotSent`](kling_core::error::SendState)) | given back |
+//!   | client error after sending, unreadable body, or the response future dropped while the create was in flight | kept under the external id, or under a lease alone |
+//!
+//!   A wait respects the request's [`Deadline`](kling_core::signals::Deadline): the create
+//!   fails with [`DeadlineExceeded`](crate::error::DeadlineExceeded) instead of waiting past it.
+//!   Dropping a waiting create holds nothing. A wait is added to the response's
+//!   [`Waited`](kling_core::signals::Waited) extension and recorded as
+//!   [`SLOTS_WAIT`](kling_core::metrics::SLOTS_WAIT).
+//! - **Query and list** (legacy single, legacy list, new `/tasks` batch or page): pass through;
+//!   every task the response reports with a terminal status releases its slots (one response
+//!   can end several tasks), every running one renews its lease.
+//! - Anything else passes through untouched.
+//!
+//! Slots are released **exactly once**, by whichever comes first: a query or list response, a
+//! callback ([`SlotsHandle::on_callback`]), [`SlotsHandle::complete`], or the lease (the
+//! configured maximum task lifetime, counted from the create or the last report of the task
+//! running).
+//!
+//! # The `1303` rule
+//!
+//! A `1303` means someone we cannot see (another process, another key of the account, tasks
+//! from before a restart) holds slots of the pool. The pool's believed capacity drops to the
+//! slots this layer holds there now (`hidden = configured − in_use`), so no further create of
+//! the pool is sent until one of ours ends. Hidden slots come back one per task of the pool that
+//! ends here, and one per [`recovery_interval`](crate::SlotsConfig::recovery_interval)
+//! ([`DEFAULT_RECOVERY_INTERVAL`](crate::DEFAULT_RECOVERY_INTERVAL), 20 s) without a new `1303`;
+//! another `1303` lowers it again. The retried create (the retry layer retries at once on
+//! `SlotGated`) waits here meanwhile.
+//!
+//! # Position
+//!
+//! Under the retry layer (each attempt of a create waits for its own slot) and over the rate
+//! limiter (a create holding a slot is paced, not the other way round), over
+//! [`ClassifyLayer`](kling_core::ClassifyLayer) (it reads the [`Outcome`](kling_core::Outcome);
+//! without one, it parses the buffered body itself).
+
+pub mod future;
+mod handle;
+mod layer;
+mod service;
+
+pub use handle::{LEGACY_PATHS, Reconcile, Reconciled, SlotsHandle, Snapshot};
+pub use layer::TaskSlotsLayer;
+pub use service::TaskSlots;

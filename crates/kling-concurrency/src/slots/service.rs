@@ -1,0 +1,134 @@
+//! [`TaskSlots`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use kling_core::error::BoxError;
+use kling_core::signals::Deadline;
+use kling_core::{AccountId, PeekBody, Recognized, RequestKind};
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use super::layer::Settings;
+use crate::backend::{InProcess, SlotBackend, SlotKey};
+
+/// Holds a create until its pool has slots for it, keeps the slots for the task's server-side
+/// life, and releases them when a query, list, callback or lease says the task ended.
+///
+/// Queries and lists pass through, and the tasks their responses report update the slots;
+/// everything else passes through untouched. See the [module docs](crate::slots).
+///
+/// # Clone
+///
+/// Clones share the backend (every slot, lease, halt and capacity) and clone the inner service.
+pub struct TaskSlots<S, B = InProcess> {
+    inner: S,
+    backend: B,
+    settings: Arc<Settings>,
+}
+
+impl<S: Clone, B: Clone> Clone for TaskSlots<S, B> {
+    fn clone(&self) -> Self {
+        TaskSlots {
+            inner: self.inner.clone(),
+            backend: self.backend.clone(),
+            settings: self.settings.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, B: fmt::Debug> fmt::Debug for TaskSlots<S, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskSlots")
+            .field("inner", &self.inner)
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, B> TaskSlots<S, B> {
+    pub(crate) fn new(inner: S, backend: B, settings: Arc<Settings>) -> Self {
+        TaskSlots {
+            inner,
+            backend,
+            settings,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B, ReqB> Service<Request<ReqB>> for TaskSlots<S, B>
+where
+    S: Service<Request<ReqB>, Response = Response<Full<Bytes>>> + Clone,
+    S::Error: Into<BoxError>,
+    B: SlotBackend,
+    ReqB: PeekBody,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, ReqB, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Nothing is reserved here: how many slots a create needs, and where, depends on the
+        // request; the wait happens in the response future.
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut request: Request<ReqB>) -> Self::Future {
+        let recognized = Recognized::of(&mut request);
+        match (recognized.kind, &recognized.pool) {
+            (RequestKind::Create, Some(pool)) => {
+                let pool = pool.clone();
+                let weight = recognized.weight.max(1);
+                let external = recognized.external_id.clone();
+                let account = AccountId::of(&request)
+                    .unwrap_or(&self.settings.default_account)
+                    .clone();
+                let deadline = Deadline::of(&request);
+                let acquire = self
+                    .backend
+                    .acquire(SlotKey::new(account, pool.clone()), weight);
+                // Call the service that was made ready; keep a fresh clone for the next call.
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::create(
+                    acquire,
+                    inner,
+                    request,
+                    super::future::Ctx {
+                        backend: self.backend.clone(),
+                        lease: self.settings.lease,
+                        external,
+                        pool,
+                        weight,
+                    },
+                    deadline,
+                )
+            }
+            (RequestKind::Query | RequestKind::List, _) => ResponseFuture::observe(
+                self.inner.call(request),
+                self.backend.clone(),
+                self.settings.lease,
+            ),
+            _ => ResponseFuture::pass(self.inner.call(request)),
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! The integration tests of `kling-concurrency`, one binary.
+
+mod in_flight;
+mod props;
+mod reconcile;
+mod steps;
+mod support;
+mod tcp;

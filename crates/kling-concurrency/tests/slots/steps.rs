@@ -1,0 +1,445 @@
+//! Paused-time tests that drive the task-slots layer step by step.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use kling_concurrency::error::{DeadlineExceeded, Halted, OverCapacity};
+use kling_concurrency::{SlotsConfig, TaskSlots, TaskSlotsLayer};
+use kling_core::error::BoxError;
+use kling_core::signals::{Deadline, SlotGated, Waited};
+use kling_core::{Code, Outcome, Pool, Product};
+use tokio::time::{Instant, advance};
+use tokio_test::task::spawn;
+use tokio_test::{assert_pending, assert_ready_ok};
+use tower::{Layer, Service, ServiceExt};
+
+use crate::support::*;
+
+type Slots = TaskSlots<Fake>;
+
+fn stack(config: SlotsConfig) -> (Slots, kling_concurrency::SlotsHandle, Fake) {
+    let fake = Fake::new();
+    let (layer, handle) = TaskSlotsLayer::pair(config).unwrap();
+    (layer.layer(fake.clone()), handle, fake)
+}
+
+async fn call(
+    svc: &mut Slots,
+    req: Request<Full<Bytes>>,
+) -> <Slots as Service<Request<Full<Bytes>>>>::Future {
+    svc.ready().await.unwrap();
+    svc.call(req)
+}
+
+async fn send(
+    svc: &mut Slots,
+    req: Request<Full<Bytes>>,
+) -> Result<Response<Full<Bytes>>, BoxError> {
+    call(svc, req).await.await
+}
+
+fn task_id(response: &Response<Full<Bytes>>) -> String {
+    Outcome::of(response).unwrap().task().unwrap().id.clone()
+}
+
+#[tokio::test(start_paused = true)]
+async fn create_over_capacity_waits_until_a_query_reports_an_earlier_task_ended() {
+    let (mut svc, handle, fake) = stack(SlotsConfig::new(2));
+    let t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    send(&mut svc, create()).await.unwrap();
+    assert_eq!(fake.creates(), 2);
+
+    let mut third = spawn(call(&mut svc, create()).await);
+    assert_pending!(third.poll());
+    advance(Duration::from_secs(600)).await;
+    assert_pending!(third.poll());
+    assert_eq!(
+        fake.creates(),
+        2,
+        "the third create must not reach the server"
+    );
+    assert_eq!(pool_state(&handle, &video()).await, (2, 2, 1));
+
+    // A query that says t1 is still running frees nothing.
+    send(&mut svc, get(&format!("/v1/videos/text2video/{t1}")))
+        .await
+        .unwrap();
+    assert!(!third.is_woken());
+    assert_pending!(third.poll());
+
+    fake.finish(&t1);
+    send(&mut svc, get(&format!("/v1/videos/text2video/{t1}")))
+        .await
+        .unwrap();
+    assert!(third.is_woken());
+    let response = assert_ready_ok!(third.poll());
+    assert_eq!(fake.creates(), 3);
+    let waited = response.extensions().get::<Waited>().unwrap();
+    assert_eq!(waited.slots, Duration::from_secs(600));
+    assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_query_ending_two_tasks_wakes_two_waiters() {
+    let (mut svc, handle, fake) = stack(SlotsConfig::new(2));
+    let path = "/text-to-video/kling-3.0";
+    let pool = Pool::with_model(Product::Video, "kling-3.0");
+    let a = task_id(&send(&mut svc, post(path, "{}")).await.unwrap());
+    let b = task_id(&send(&mut svc, post(path, "{}")).await.unwrap());
+    let mut w1 = spawn(call(&mut svc, post(path, "{}")).await);
+    let mut w2 = spawn(call(&mut svc, post(path, "{}")).await);
+    let mut w3 = spawn(call(&mut svc, post(path, "{}")).await);
+    assert_pending!(w1.poll());
+    assert_pending!(w2.poll());
+    assert_pending!(w3.poll());
+    assert_eq!(pool_state(&handle, &pool).await, (2, 2, 3));
+
+    fake.finish(&a);
+    fake.finish(&b);
+    send(&mut svc, get(&format!("/tasks?task_ids={a},{b}")))
+        .await
+        .unwrap();
+    assert!(w1.is_woken() && w2.is_woken());
+    assert!(!w3.is_woken(), "only two slots freed");
+    assert_ready_ok!(w1.poll());
+    assert_ready_ok!(w2.poll());
+    assert_pending!(w3.poll());
+    assert_eq!(fake.creates(), 4);
+    assert_eq!(pool_state(&handle, &pool).await, (2, 2, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_callback_releases_the_slots_once() {
+    let (mut svc, handle, _fake) = stack(SlotsConfig::new(1));
+    let t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    let mut waiting = spawn(call(&mut svc, create()).await);
+    assert_pending!(waiting.poll());
+
+    let running = format!(r#"{{"task_id":"{t1}","task_status":"processing"}}"#);
+    let applied = handle.on_callback(running.as_bytes()).await.unwrap();
+    assert!(applied.released.is_empty());
+    assert_pending!(waiting.poll());
+
+    let ended = format!(r#"{{"task_id":"{t1}","task_status":"succeed"}}"#);
+    let applied = handle.on_callback(ended.as_bytes()).await.unwrap();
+    assert_eq!(applied.released.len(), 1);
+    assert_eq!(applied.released[0].task.as_deref(), Some(t1.as_str()));
+    assert_ready_ok!(waiting.poll());
+
+    // A repeated delivery, or `complete`, releases nothing more.
+    assert!(
+        handle
+            .on_callback(ended.as_bytes())
+            .await
+            .unwrap()
+            .released
+            .is_empty()
+    );
+    assert!(handle.complete(&t1).await.unwrap().is_none());
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn complete_releases_a_task_by_id() {
+    let (mut svc, handle, _fake) = stack(SlotsConfig::new(3));
+    let t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+    let released = handle.complete(&t1).await.unwrap().unwrap();
+    assert_eq!(released.weight, 1);
+    assert_eq!(pool_state(&handle, &video()).await.0, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_lease_deadline_releases_a_task_nobody_follows() {
+    let lease = Duration::from_secs(600);
+    let (mut svc, handle, _fake) = stack(SlotsConfig::new(1).lease(lease));
+    let t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    advance(Duration::from_secs(300)).await;
+    // A query that reports the task running renews its lease from now.
+    send(&mut svc, get(&format!("/v1/videos/text2video/{t1}")))
+        .await
+        .unwrap();
+
+    let mut waiting = spawn(call(&mut svc, create()).await);
+    assert_pending!(waiting.poll());
+    advance(Duration::from_secs(599)).await;
+    assert_pending!(waiting.poll());
+    advance(Duration::from_secs(1)).await;
+    assert!(waiting.is_woken(), "the waiter sleeps until the lease ends");
+    assert_ready_ok!(waiting.poll());
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+    // The expired task is gone for good: a late report of it releases nothing.
+    assert!(handle.complete(&t1).await.unwrap().is_none());
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_waiting_create_holds_nothing() {
+    let (mut svc, handle, fake) = stack(SlotsConfig::new(1));
+    let t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    let mut first = spawn(call(&mut svc, create()).await);
+    let mut second = spawn(call(&mut svc, create()).await);
+    assert_pending!(first.poll());
+    assert_pending!(second.poll());
+    assert_eq!(pool_state(&handle, &video()).await.2, 2);
+    drop(first);
+    assert_eq!(pool_state(&handle, &video()).await.2, 1);
+
+    fake.finish(&t1);
+    send(&mut svc, get(&format!("/v1/videos/text2video/{t1}")))
+        .await
+        .unwrap();
+    assert_ready_ok!(second.poll());
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+    assert_eq!(fake.creates(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_granted_then_dropped_before_it_was_sent_gives_its_slot_on() {
+    let (mut svc, handle, fake) = stack(SlotsConfig::new(1));
+    let t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    let mut granted = spawn(call(&mut svc, create()).await);
+    let mut next = spawn(call(&mut svc, create()).await);
+    assert_pending!(granted.poll());
+    assert_pending!(next.poll());
+    fake.finish(&t1);
+    send(&mut svc, get(&format!("/v1/videos/text2video/{t1}")))
+        .await
+        .unwrap();
+    // The head was handed the slot but is dropped before it picks it up.
+    drop(granted);
+    assert!(next.is_woken());
+    assert_ready_ok!(next.poll());
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+}
+
+/// A service whose responses the test sends by hand.
+type Manual = tower_test::mock::Mock<Request<Full<Bytes>>, Response<Full<Bytes>>>;
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_response_future_after_the_create_was_sent_does_not_leak_its_slot() {
+    let (mock, mut server) =
+        tower_test::mock::pair::<Request<Full<Bytes>>, Response<Full<Bytes>>>();
+    let lease = Duration::from_secs(900);
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2).lease(lease)).unwrap();
+    let mut svc: TaskSlots<Manual> = layer.layer(mock);
+
+    // With an external id: kept under it until a report of the task says it ended.
+    svc.ready().await.unwrap();
+    let mut with_ext = spawn(svc.call(create_with_external("job-1")));
+    assert_pending!(with_ext.poll());
+    let (_req, _respond) = server.next_request().await.unwrap();
+    drop(with_ext);
+    // Without one: kept under the lease alone.
+    svc.ready().await.unwrap();
+    let mut anon = spawn(svc.call(create()));
+    assert_pending!(anon.poll());
+    let (_req2, _respond2) = server.next_request().await.unwrap();
+    drop(anon);
+    assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
+
+    // A list reports the task the first create made, by its external id, as failed.
+    svc.ready().await.unwrap();
+    let mut list = spawn(svc.call(get("/v1/videos/text2video?pageNum=1&pageSize=30")));
+    assert_pending!(list.poll());
+    let (_req, respond) = server.next_request().await.unwrap();
+    respond.send_response(envelope(
+        200,
+        0,
+        &serde_json::json!([{"task_id":"t77","task_status":"failed","task_info":{"external_task_id":"job-1"}}]),
+    ));
+    assert_ready_ok!(list.poll());
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+
+    advance(lease).await;
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        0,
+        "the lease ended the other"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_outcomes_keep_the_slot_and_refused_sends_give_it_back() {
+    let (mut svc, handle, fake) = stack(SlotsConfig::new(3));
+    fake.script(Scripted::Refused);
+    assert!(send(&mut svc, create_with_external("e1")).await.is_err());
+    assert_eq!(pool_state(&handle, &video()).await.0, 0);
+
+    fake.script(Scripted::Lost);
+    let err = send(&mut svc, create_with_external("e2"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("after it was sent"), "{err}");
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+
+    fake.script(Scripted::Code(5000, 500));
+    send(&mut svc, create_with_external("e3")).await.unwrap();
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        2,
+        "a 5000 may have created e3"
+    );
+    fake.script(Scripted::Code(5000, 500));
+    send(&mut svc, create()).await.unwrap();
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        2,
+        "no external id: given back"
+    );
+    fake.script(Scripted::Code(1301, 400));
+    send(&mut svc, create_with_external("e4")).await.unwrap();
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        2,
+        "a fatal 4xx created nothing"
+    );
+
+    // `complete` by external id ends a task whose id was never learnt.
+    assert!(handle.complete("e2").await.unwrap().is_some());
+    assert!(handle.complete("e3").await.unwrap().is_some());
+    assert_eq!(pool_state(&handle, &video()).await.0, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_1303_gives_back_lowers_capacity_and_it_grows_back() {
+    let (mut svc, handle, fake) =
+        stack(SlotsConfig::new(3).recovery_interval(Duration::from_secs(20)));
+    let t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    fake.script(Scripted::Code(1303, 429));
+    let response = send(&mut svc, create()).await.unwrap();
+    assert_eq!(
+        Outcome::of(&response).unwrap().code(),
+        Code::ParallelTaskLimit
+    );
+    assert!(response.extensions().get::<SlotGated>().is_some());
+    // Given back, and the pool is believed to hold only what we hold.
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+
+    let mut retried = spawn(call(&mut svc, create()).await);
+    assert_pending!(retried.poll());
+    advance(Duration::from_secs(19)).await;
+    assert_pending!(retried.poll());
+    assert_eq!(fake.creates(), 2);
+
+    // Our task ends: its slot frees, and one hidden slot comes back with it.
+    fake.finish(&t1);
+    send(&mut svc, get(&format!("/v1/videos/text2video/{t1}")))
+        .await
+        .unwrap();
+    assert_ready_ok!(retried.poll());
+    assert_eq!(pool_state(&handle, &video()).await, (1, 2, 0));
+
+    // With no new 1303, the last hidden slot comes back by time.
+    advance(Duration::from_secs(20)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (1, 3, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_1303_with_nothing_of_ours_running_recovers_by_time() {
+    let (mut svc, handle, fake) =
+        stack(SlotsConfig::new(2).recovery_interval(Duration::from_secs(20)));
+    fake.script(Scripted::Code(1303, 429));
+    send(&mut svc, create()).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await, (0, 0, 0));
+    let mut retried = spawn(call(&mut svc, create()).await);
+    assert_pending!(retried.poll());
+    advance(Duration::from_secs(20)).await;
+    assert!(retried.is_woken());
+    assert_ready_ok!(retried.poll());
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_1102_halts_creates_locally_until_reset() {
+    let (mut svc, handle, fake) = stack(SlotsConfig::new(3));
+    let t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    fake.script(Scripted::Code(1102, 429));
+    send(&mut svc, create()).await.unwrap();
+    assert_eq!(fake.creates(), 2);
+
+    let err = send(&mut svc, create()).await.unwrap_err();
+    let halted = err.downcast_ref::<Halted>().expect("typed error");
+    assert_eq!(halted.code(), Code::ResourcePackExhausted);
+    assert_eq!(halted.request_id(), Some("req-1"));
+    // Queries still pass; creates never reach the server.
+    send(&mut svc, get(&format!("/v1/videos/text2video/{t1}")))
+        .await
+        .unwrap();
+    assert_eq!(fake.creates(), 2);
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+
+    assert!(handle.reset_halt(handle.default_account()).await.unwrap());
+    send(&mut svc, create()).await.unwrap();
+    assert_eq!(fake.creates(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_halt_fails_creates_already_waiting() {
+    let (mut svc, _handle, fake) = stack(SlotsConfig::new(1));
+    let _t1 = send(&mut svc, create()).await.unwrap();
+    let mut waiting = spawn(call(&mut svc, create()).await);
+    assert_pending!(waiting.poll());
+    // Another pool of the account meets 1102.
+    fake.script(Scripted::Code(1102, 429));
+    send(&mut svc, post("/v1/images/generations", "{}"))
+        .await
+        .unwrap();
+    assert!(waiting.is_woken());
+    let err = tokio_test::assert_ready_err!(waiting.poll());
+    assert!(err.is::<Halted>());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_gives_up_at_the_request_deadline() {
+    let (mut svc, handle, _fake) = stack(SlotsConfig::new(1));
+    send(&mut svc, create()).await.unwrap();
+    let mut req = create();
+    req.extensions_mut()
+        .insert(Deadline(Instant::now() + Duration::from_secs(30)));
+    let mut waiting = spawn(call(&mut svc, req).await);
+    assert_pending!(waiting.poll());
+    advance(Duration::from_secs(30)).await;
+    let err = tokio_test::assert_ready_err!(waiting.poll());
+    let late = err.downcast_ref::<DeadlineExceeded>().expect("typed error");
+    assert_eq!(late.waited(), Duration::from_secs(30));
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn image_creates_weigh_n_and_too_heavy_ones_are_refused() {
+    let (mut svc, handle, fake) = stack(SlotsConfig::new(4));
+    let image = Pool::new(Product::Image);
+    send(&mut svc, post("/v1/images/generations", r#"{"n":3}"#))
+        .await
+        .unwrap();
+    assert_eq!(pool_state(&handle, &image).await.0, 3);
+    let mut two = spawn(call(&mut svc, post("/v1/images/generations", r#"{"n":2}"#)).await);
+    assert_pending!(two.poll());
+    let err = send(&mut svc, post("/v1/images/generations", r#"{"n":5}"#))
+        .await
+        .unwrap_err();
+    assert!(err.is::<OverCapacity>());
+    assert_eq!(fake.creates(), 1);
+
+    // Raising the capacity at run time admits the waiter.
+    handle.set_capacity(None, image.clone(), 5).await.unwrap();
+    assert_ready_ok!(two.poll());
+    assert_eq!(pool_state(&handle, &image).await, (5, 5, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn accounts_have_their_own_slots() {
+    let (mut svc, handle, _fake) = stack(SlotsConfig::new(1));
+    send(&mut svc, create()).await.unwrap();
+    let mut other = create();
+    other
+        .extensions_mut()
+        .insert(kling_core::AccountId::new("other"));
+    send(&mut svc, other).await.unwrap();
+    let snapshot = handle.snapshot().await.unwrap();
+    assert_eq!(snapshot.pools().len(), 2);
+    assert!(snapshot.pools().iter().all(|p| p.in_use == 1));
+}
