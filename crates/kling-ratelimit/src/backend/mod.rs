@@ -1,0 +1,203 @@
+//! Where the limiter's state lives: the [`Backend`] trait, and [`InProcess`], the governor
+//! backend for one process.
+//!
+//! The layer keeps the parts that belong to one process — the FIFO queue of waiting requests,
+//! their wakers and timers — and asks the backend only two questions, both shaped for a remote
+//! store (Redis) as much as for memory:
+//!
+//! - [`acquire`](Backend::acquire): may one request of this key go now? The answer is
+//!   [`Decision::Admit`] (the request's cell is taken) or [`Decision::NotBefore`] (nothing is
+//!   taken; ask again at that instant). Only the head of a key's queue asks, so a remote store
+//!   sees one question per admitted request plus one per wake-up, never one per waiter.
+//! - [`feedback`](Backend::feedback): what a response said (success, or a 1302 / `Retry-After`),
+//!   so the key's cooldown, its escalation streak and its adaptive rate — which every process
+//!   sharing the account must see — live in the store too.
+//!
+//! Both return futures: the in-process backend's are [`std::future::Ready`], so the success path
+//! costs one lock and no allocation; a remote backend returns its own (e.g. boxed) futures and
+//! reports an unreachable store as a [`BackendError`]. Instants are tokio instants of the
+//! calling process; a remote backend converts them to its store's clock (for Redis: wall-clock
+//! milliseconds, `SystemTime::now() + (instant − Instant::now())`) and back.
+
+mod memory;
+
+use std::future::Future;
+use std::time::Duration;
+
+use kling_core::{AccountId, RequestKind};
+use tokio::time::Instant;
+
+pub use memory::InProcess;
+
+use crate::error::BackendError;
+use crate::policy::{Adaptive, Cooldown};
+use crate::quota::Quota;
+
+/// The key one quota is counted under: an account (or the shared key) and, for a separate
+/// endpoint-class quota, the class.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BucketKey {
+    account: Option<AccountId>,
+    class: Option<RequestKind>,
+}
+
+impl BucketKey {
+    /// The account-wide key (`None`: the one shared key of requests without an account).
+    pub fn account(account: Option<AccountId>) -> Self {
+        BucketKey {
+            account,
+            class: None,
+        }
+    }
+
+    /// The key of one endpoint class of an account.
+    pub fn class(account: Option<AccountId>, class: RequestKind) -> Self {
+        BucketKey {
+            account,
+            class: Some(class),
+        }
+    }
+
+    /// The account, if any.
+    pub fn account_id(&self) -> Option<&AccountId> {
+        self.account.as_ref()
+    }
+
+    /// The endpoint class, for a class quota's key.
+    pub fn request_kind(&self) -> Option<RequestKind> {
+        self.class
+    }
+}
+
+/// What the layer asks the backend to enforce for one key.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Policy {
+    /// The configured quota (with adaptive mode: the ceiling).
+    pub quota: Quota,
+    /// The adaptive rule, if the key adapts.
+    pub adaptive: Option<Adaptive>,
+    /// The cooldown rule (account keys; class keys are never paused on their own).
+    pub cooldown: Cooldown,
+}
+
+impl Policy {
+    /// A policy with no adaptive rule.
+    pub fn new(quota: Quota, cooldown: Cooldown) -> Self {
+        Policy {
+            quota,
+            adaptive: None,
+            cooldown,
+        }
+    }
+
+    /// Adds an adaptive rule.
+    pub fn with_adaptive(mut self, adaptive: Option<Adaptive>) -> Self {
+        self.adaptive = adaptive;
+        self
+    }
+}
+
+/// A backend's answer to [`Backend::acquire`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Decision {
+    /// The request may go now; its cell is taken.
+    Admit,
+    /// Nothing was taken; the key allows no request before `at`.
+    NotBefore {
+        /// The earliest instant to ask again.
+        at: Instant,
+        /// Whether the key is paused by a cooldown (rather than paced by its quota).
+        cooldown: bool,
+    },
+}
+
+/// What a response said, for [`Backend::feedback`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Feedback {
+    /// The request succeeded (code 0).
+    Success {
+        /// When the request was admitted.
+        sent_at: Instant,
+    },
+    /// The server asked the key to slow down: a 1302 and/or a `Retry-After`.
+    Pause {
+        /// When the request was admitted.
+        sent_at: Instant,
+        /// When the response arrived.
+        received_at: Instant,
+        /// The `Retry-After` instant, if the response had one.
+        resume_at: Option<Instant>,
+        /// Whether the code was 1302 (it counts towards the streak and the adaptive rate).
+        throttled: bool,
+    },
+}
+
+/// A backend's answer to [`Backend::feedback`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Reported {
+    /// The instant a cooldown now lasts until, if this feedback started or extended one.
+    pub cooldown_until: Option<Instant>,
+    /// The key's streak of 1302s after this feedback.
+    pub streak: u32,
+}
+
+/// A snapshot of one key's state, for handles and tests.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct KeyState {
+    /// The quota enforced now (the adaptive rate applied to the ceiling).
+    pub effective: Quota,
+    /// The end of the key's cooldown, if it is paused.
+    pub cooldown_until: Option<Instant>,
+    /// Consecutive 1302s.
+    pub streak: u32,
+    /// The adaptive rate, requests per second.
+    pub adaptive_rate: Option<f64>,
+}
+
+/// The limiter's state: a GCRA decision per key, plus the cooldown and adaptive state shared by
+/// every process that uses the same store. See the [module docs](self).
+///
+/// Implementations must be consistent under concurrent calls: two `acquire`s that both get
+/// [`Decision::Admit`] must both fit the quota.
+pub trait Backend: Send + Sync + 'static {
+    /// The future of [`Backend::acquire`].
+    type AcquireFuture: Future<Output = Result<Decision, BackendError>> + Send + Unpin + 'static;
+    /// The future of [`Backend::feedback`].
+    type FeedbackFuture: Future<Output = Result<Reported, BackendError>> + Send + Unpin + 'static;
+
+    /// Takes one request's cell from `key` now, or says when to ask again.
+    fn acquire(&self, key: &BucketKey, policy: &Policy) -> Self::AcquireFuture;
+
+    /// Records what a response of `key` said: starts or extends the cooldown, moves the streak
+    /// and the adaptive rate.
+    fn feedback(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        feedback: Feedback,
+    ) -> Self::FeedbackFuture;
+}
+
+/// The cooldown a pause feedback asks for, given the streak it makes: the `Retry-After`
+/// instant, and for a 1302 the escalated pause from when it arrived.
+pub fn pause_until(
+    cooldown: &Cooldown,
+    interval: Duration,
+    streak: u32,
+    received_at: Instant,
+    resume_at: Option<Instant>,
+    throttled: bool,
+) -> Instant {
+    let escalated = throttled.then(|| received_at + cooldown.pause(streak, interval));
+    match (resume_at, escalated) {
+        (Some(a), Some(b)) => a.max(b),
+        (Some(a), None) => a,
+        (None, Some(b)) => b,
+        (None, None) => received_at,
+    }
+}

@@ -1,0 +1,260 @@
+//! Errors the rate limiter adds to the inner service's.
+//!
+//! The service's error is a [`kling_core::BoxError`]; downcast it to these types.
+//! Every refusal carries the instant the request could have been sent ([`tokio::time::Instant`]),
+//! so a caller (or the retry layer above) knows how long to wait.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+use kling_core::{AccountId, BoxError};
+use tokio::time::Instant;
+
+/// Reject mode: the request would have had to wait; it was not sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimited {
+    resume_at: Instant,
+    retry_after: Duration,
+    cooldown: bool,
+}
+
+impl RateLimited {
+    pub(crate) fn new(resume_at: Instant, now: Instant, cooldown: bool) -> Self {
+        RateLimited {
+            resume_at,
+            retry_after: resume_at.saturating_duration_since(now),
+            cooldown,
+        }
+    }
+
+    /// How long to wait before trying again (from when the request was refused).
+    pub fn retry_after(&self) -> Duration {
+        self.retry_after
+    }
+
+    /// The earliest instant the request may be sent.
+    pub fn resume_at(&self) -> Instant {
+        self.resume_at
+    }
+
+    /// Whether the key is paused after a 1302 or a `Retry-After` (rather than just paced).
+    pub fn in_cooldown(&self) -> bool {
+        self.cooldown
+    }
+}
+
+impl fmt::Display for RateLimited {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let why = if self.cooldown {
+            "paused after a throttling response"
+        } else {
+            "over its quota"
+        };
+        write!(
+            f,
+            "rate limited: key {why}, retry after {:?}",
+            self.retry_after
+        )
+    }
+}
+
+impl StdError for RateLimited {}
+
+/// Which bound a waiting request ran into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum WaitLimit {
+    /// The layer's configured maximum wait.
+    MaxWait,
+    /// The request's [`Deadline`](kling_core::signals::Deadline) extension.
+    Deadline,
+}
+
+/// Wait mode: the request would have had to wait past its maximum wait or its deadline; it
+/// was not sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitExceeded {
+    resume_at: Instant,
+    limit: WaitLimit,
+    queued: bool,
+}
+
+impl WaitExceeded {
+    pub(crate) fn new(resume_at: Instant, limit: WaitLimit, queued: bool) -> Self {
+        WaitExceeded {
+            resume_at,
+            limit,
+            queued,
+        }
+    }
+
+    /// The earliest instant the request could have been sent. When the request gave up while
+    /// still queued behind others this is a lower bound (the head of the queue's next turn).
+    pub fn resume_at(&self) -> Instant {
+        self.resume_at
+    }
+
+    /// Which bound was reached.
+    pub fn limit(&self) -> WaitLimit {
+        self.limit
+    }
+
+    /// Whether the request gave up while queued behind other requests.
+    pub fn was_queued(&self) -> bool {
+        self.queued
+    }
+}
+
+impl fmt::Display for WaitExceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let limit = match self.limit {
+            WaitLimit::MaxWait => "the maximum wait",
+            WaitLimit::Deadline => "the request's deadline",
+        };
+        let resume = self.resume_at.saturating_duration_since(Instant::now());
+        write!(
+            f,
+            "rate limit wait would pass {limit}: next turn in {resume:?}"
+        )
+    }
+}
+
+impl StdError for WaitExceeded {}
+
+/// Wait mode: the key's queue already holds the configured maximum of waiting requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueFull {
+    account: Option<AccountId>,
+    max: usize,
+}
+
+impl QueueFull {
+    pub(crate) fn new(account: Option<AccountId>, max: usize) -> Self {
+        QueueFull { account, max }
+    }
+
+    /// The account whose queue is full (`None` for the shared key).
+    pub fn account(&self) -> Option<&AccountId> {
+        self.account.as_ref()
+    }
+
+    /// The configured maximum queue length.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+impl fmt::Display for QueueFull {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.account {
+            Some(account) => write!(
+                f,
+                "rate limit queue of account {account} is full ({} waiting)",
+                self.max
+            ),
+            None => write!(f, "rate limit queue is full ({} waiting)", self.max),
+        }
+    }
+}
+
+impl StdError for QueueFull {}
+
+/// What went wrong in a [`Backend`](crate::Backend).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BackendErrorKind {
+    /// The shared store could not be reached (connection refused, timed out).
+    Unreachable,
+    /// The store answered with something the backend does not understand.
+    Protocol,
+}
+
+/// A [`Backend`](crate::Backend) could not decide: the request was not sent.
+#[derive(Debug)]
+pub struct BackendError {
+    kind: BackendErrorKind,
+    source: BoxError,
+}
+
+impl BackendError {
+    /// The store could not be reached.
+    pub fn unreachable(source: impl Into<BoxError>) -> Self {
+        BackendError {
+            kind: BackendErrorKind::Unreachable,
+            source: source.into(),
+        }
+    }
+
+    /// The store answered unexpectedly.
+    pub fn protocol(source: impl Into<BoxError>) -> Self {
+        BackendError {
+            kind: BackendErrorKind::Protocol,
+            source: source.into(),
+        }
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> BackendErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            BackendErrorKind::Unreachable => {
+                write!(f, "rate limit store unreachable: {}", self.source)
+            }
+            BackendErrorKind::Protocol => {
+                write!(f, "rate limit store protocol error: {}", self.source)
+            }
+        }
+    }
+}
+
+impl StdError for BackendError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// Invalid configuration, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    owner: &'static str,
+    field: &'static str,
+    reason: &'static str,
+}
+
+impl ConfigError {
+    pub(crate) fn new(owner: &'static str, field: &'static str, reason: &'static str) -> Self {
+        ConfigError {
+            owner,
+            field,
+            reason,
+        }
+    }
+
+    /// The invalid field, as `quota.rate`, `cooldown.ceiling`, `adaptive.start`, …
+    pub fn field(&self) -> String {
+        format!("{}.{}", self.owner, self.field)
+    }
+
+    /// Why it is invalid.
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid rate limit configuration: {}.{} {}",
+            self.owner, self.field, self.reason
+        )
+    }
+}
+
+impl StdError for ConfigError {}

@@ -1,0 +1,410 @@
+//! [`ResponseFuture`]: waits for the key's turn, calls the inner service, reports the outcome.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use kling_core::metrics::{COOLDOWNS, LABEL_ACCOUNT, LABEL_KIND, RATELIMIT_WAIT};
+use kling_core::signals::{Deadline, Waited};
+use kling_core::{BoxError, Code, Outcome, PeekBody, Recognized};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use crate::backend::{Backend, BucketKey, Decision, Feedback};
+use crate::error::{QueueFull, RateLimited, WaitExceeded, WaitLimit};
+use crate::layer::{Mode, Shared};
+use crate::queue::Place;
+
+/// Where a request stands at one gate (its class quota, then its account quota).
+enum Step<A> {
+    /// Not asked yet.
+    Start,
+    /// Asking the backend.
+    Acquiring(A),
+    /// Queued behind other requests.
+    Queued,
+    /// At the head, sleeping until the backend's "not before".
+    Sleeping,
+}
+
+/// The waiting part of a response future.
+struct Gate<Bk: Backend> {
+    shared: Arc<Shared<Bk>>,
+    account_key: BucketKey,
+    class_key: Option<BucketKey>,
+    step: Step<Bk::AcquireFuture>,
+    place: Option<Place>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    epoch: u64,
+    /// When the request first had to wait.
+    waited_since: Option<Instant>,
+    /// The instant it must not wait past, and why (set when it first waits).
+    limit: Option<(Instant, WaitLimit)>,
+}
+
+impl<Bk: Backend> Gate<Bk> {
+    fn key(&self) -> &BucketKey {
+        self.class_key.as_ref().unwrap_or(&self.account_key)
+    }
+
+    fn acquire(&self) -> Bk::AcquireFuture {
+        let key = self.key();
+        self.shared
+            .backend
+            .acquire(key, &self.shared.policy_for(key))
+    }
+
+    fn start_waiting<B>(&mut self, request: &Request<B>, now: Instant) {
+        if self.waited_since.is_some() {
+            return;
+        }
+        self.waited_since = Some(now);
+        let max_wait = self
+            .shared
+            .max_wait
+            .map(|max| (now + max, WaitLimit::MaxWait));
+        let deadline = Deadline::of(request).map(|d| (d, WaitLimit::Deadline));
+        self.limit = match (max_wait, deadline) {
+            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
+            (a, b) => a.or(b),
+        };
+    }
+
+    fn sleep_until(&mut self, at: Instant) {
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    /// Joins the key's queue; `Ok(true)` when it is at the head at once.
+    fn join(&mut self, cx: &Context<'_>) -> Result<bool, BoxError> {
+        let key = self.key().clone();
+        let queues = &self.shared.queues;
+        match queues.enqueue(&key, cx.waker(), self.shared.max_queue) {
+            Ok(ticket) => {
+                self.place = Some(Place {
+                    queues: Arc::clone(queues),
+                    key,
+                    id: ticket.id,
+                });
+                Ok(ticket.is_head)
+            }
+            Err(()) => Err(Box::new(QueueFull::new(
+                self.account_key.account_id().cloned(),
+                self.shared.max_queue.unwrap_or(0),
+            ))),
+        }
+    }
+
+    /// Passed one gate: on to the account gate, or done.
+    fn passed(&mut self) -> bool {
+        self.place = None;
+        self.step = Step::Start;
+        self.class_key.take().is_none()
+    }
+
+    fn poll<B>(
+        &mut self,
+        cx: &mut Context<'_>,
+        request: &Request<B>,
+    ) -> Poll<Result<(), BoxError>> {
+        loop {
+            match &mut self.step {
+                Step::Start => {
+                    if self.shared.mode == Mode::Reject || self.shared.queues.is_idle() {
+                        self.step = Step::Acquiring(self.acquire());
+                    } else {
+                        self.start_waiting(request, Instant::now());
+                        self.step = if self.join(cx)? {
+                            Step::Acquiring(self.acquire())
+                        } else {
+                            Step::Queued
+                        };
+                    }
+                }
+                Step::Acquiring(future) => match ready!(Pin::new(future).poll(cx))? {
+                    Decision::Admit => {
+                        if self.passed() {
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                    Decision::NotBefore { at, cooldown } => {
+                        let now = Instant::now();
+                        if self.shared.mode == Mode::Reject {
+                            return Poll::Ready(Err(Box::new(RateLimited::new(at, now, cooldown))));
+                        }
+                        self.start_waiting(request, now);
+                        if let Some((limit, why)) = self.limit
+                            && at > limit
+                        {
+                            self.place = None;
+                            return Poll::Ready(Err(Box::new(WaitExceeded::new(at, why, false))));
+                        }
+                        if self.place.is_none() && !self.join(cx)? {
+                            // Others queued meanwhile: wait for our turn behind them.
+                            self.step = Step::Queued;
+                            continue;
+                        }
+                        self.shared.queues.set_head_not_before(self.key(), at);
+                        self.epoch = self.shared.epoch.load(Ordering::Acquire);
+                        self.sleep_until(at);
+                        self.step = Step::Sleeping;
+                    }
+                },
+                Step::Queued => {
+                    let place = self.place.as_ref().expect("a queued request holds a place");
+                    match self
+                        .shared
+                        .queues
+                        .poll_head(&place.key, place.id, cx.waker())
+                    {
+                        Ok(_) => self.step = Step::Acquiring(self.acquire()),
+                        Err(hint) => {
+                            let Some((limit, why)) = self.limit else {
+                                return Poll::Pending;
+                            };
+                            let now = Instant::now();
+                            if now >= limit {
+                                self.place = None;
+                                let resume_at = hint.map_or(now, |h| h.max(now));
+                                return Poll::Ready(Err(Box::new(WaitExceeded::new(
+                                    resume_at, why, true,
+                                ))));
+                            }
+                            self.sleep_until(limit);
+                            let sleep = self.sleep.as_mut().expect("just set");
+                            ready!(sleep.as_mut().poll(cx));
+                        }
+                    }
+                }
+                Step::Sleeping => {
+                    if self.shared.epoch.load(Ordering::Acquire) == self.epoch {
+                        let sleep = self.sleep.as_mut().expect("a sleeping head has a timer");
+                        ready!(sleep.as_mut().poll(cx));
+                    }
+                    self.step = Step::Acquiring(self.acquire());
+                }
+            }
+        }
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, R> {
+        Gating,
+        Calling { #[pin] future: F },
+        Reporting { report: R, response: Option<Response<Full<Bytes>>> },
+        Done,
+    }
+}
+
+pin_project! {
+    /// The response future of [`Gcra`](crate::Gcra): waits for the key's turn, calls the inner
+    /// service, and reports a 1302, a `Retry-After` or (when needed) a success to the backend.
+    ///
+    /// Dropping it while it waits gives its place in the queue up.
+    pub struct ResponseFuture<S, B, Bk>
+    where
+        S: Service<Request<B>>,
+        Bk: Backend,
+    {
+        #[pin]
+        state: State<S::Future, Bk::FeedbackFuture>,
+        gate: Gate<Bk>,
+        inner: Option<S>,
+        request: Option<Request<B>>,
+        sent_at: Option<Instant>,
+        waited: Duration,
+    }
+}
+
+impl<S, B, Bk> ResponseFuture<S, B, Bk>
+where
+    S: Service<Request<B>>,
+    Bk: Backend,
+{
+    pub(crate) fn new(
+        shared: Arc<Shared<Bk>>,
+        account_key: BucketKey,
+        class_key: Option<BucketKey>,
+        inner: S,
+        request: Request<B>,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Gating,
+            gate: Gate {
+                shared,
+                account_key,
+                class_key,
+                step: Step::Start,
+                place: None,
+                sleep: None,
+                epoch: 0,
+                waited_since: None,
+                limit: None,
+            },
+            inner: Some(inner),
+            request: Some(request),
+            sent_at: None,
+            waited: Duration::ZERO,
+        }
+    }
+}
+
+impl<S, B, Bk> fmt::Debug for ResponseFuture<S, B, Bk>
+where
+    S: Service<Request<B>>,
+    Bk: Backend,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Gating => "gating",
+            State::Calling { .. } => "calling",
+            State::Reporting { .. } => "reporting",
+            State::Done => "done",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .field("account", &self.gate.account_key.account_id())
+            .field("queued", &self.gate.place.is_some())
+            .finish()
+    }
+}
+
+/// What a response tells the backend, if anything.
+fn feedback_of(
+    response: &mut Response<Full<Bytes>>,
+    sent_at: Instant,
+    report_success: bool,
+) -> Option<Feedback> {
+    let outcome = match Outcome::of(response) {
+        Some(outcome) => outcome,
+        None => {
+            Outcome::ensure(response).ok()?;
+            Outcome::of(response)?
+        }
+    };
+    let throttled = outcome.code() == Code::RateLimited;
+    let resume_at = outcome.resume_at();
+    if throttled || resume_at.is_some() {
+        Some(Feedback::Pause {
+            sent_at,
+            received_at: outcome.received_at(),
+            resume_at,
+            throttled,
+        })
+    } else if report_success && outcome.is_success() {
+        Some(Feedback::Success { sent_at })
+    } else {
+        None
+    }
+}
+
+impl<S, B, Bk> Future for ResponseFuture<S, B, Bk>
+where
+    S: Service<Request<B>, Response = Response<Full<Bytes>>>,
+    S::Error: Into<BoxError>,
+    B: PeekBody,
+    Bk: Backend,
+{
+    type Output = Result<Response<Full<Bytes>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Gating => {
+                    let request = this.request.as_ref().expect("gating holds the request");
+                    if let Err(error) = ready!(this.gate.poll(cx, request)) {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(error));
+                    }
+                    let mut request = this.request.take().expect("gating holds the request");
+                    let now = Instant::now();
+                    *this.sent_at = Some(now);
+                    if let Some(since) = this.gate.waited_since {
+                        *this.waited = now.saturating_duration_since(since);
+                        let kind = Recognized::of(&mut request).kind.as_str();
+                        metrics::histogram!(RATELIMIT_WAIT, LABEL_KIND => kind)
+                            .record(this.waited.as_secs_f64());
+                    }
+                    let mut inner = this.inner.take().expect("called once");
+                    this.state.set(State::Calling {
+                        future: inner.call(request),
+                    });
+                }
+                StateProj::Calling { future } => {
+                    let result = ready!(future.poll(cx));
+                    let mut response = match result {
+                        Ok(response) => response,
+                        Err(error) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error.into()));
+                        }
+                    };
+                    if !this.waited.is_zero() {
+                        match response.extensions_mut().get_mut::<Waited>() {
+                            Some(waited) => waited.rate_limit += *this.waited,
+                            None => {
+                                response.extensions_mut().insert(Waited {
+                                    rate_limit: *this.waited,
+                                    ..Waited::default()
+                                });
+                            }
+                        }
+                    }
+                    let shared = &this.gate.shared;
+                    let report_success = shared.report_success.load(Ordering::Relaxed);
+                    let sent_at = this.sent_at.expect("set before calling");
+                    match feedback_of(&mut response, sent_at, report_success) {
+                        None => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Ok(response));
+                        }
+                        Some(feedback) => {
+                            if matches!(feedback, Feedback::Pause { .. }) && !report_success {
+                                shared.report_success.store(true, Ordering::Relaxed);
+                            }
+                            let key = &this.gate.account_key;
+                            let report =
+                                shared
+                                    .backend
+                                    .feedback(key, &shared.account_policy(), feedback);
+                            this.state.set(State::Reporting {
+                                report,
+                                response: Some(response),
+                            });
+                        }
+                    }
+                }
+                StateProj::Reporting { report, response } => {
+                    // A store that cannot take the report must not cost the caller its response.
+                    if let Ok(reported) = ready!(Pin::new(report).poll(cx))
+                        && reported.cooldown_until.is_some()
+                    {
+                        let account = this
+                            .gate
+                            .account_key
+                            .account_id()
+                            .map_or_else(String::new, |a| a.to_string());
+                        metrics::counter!(COOLDOWNS, LABEL_ACCOUNT => account).increment(1);
+                    }
+                    let response = response.take().expect("reporting holds the response");
+                    this.state.set(State::Done);
+                    return Poll::Ready(Ok(response));
+                }
+                StateProj::Done => panic!("ResponseFuture polled after completion"),
+            }
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! GCRA pacing for the Kling API on [`governor`]: requests wait their turn (FIFO) or are
+//! rejected with the wait, per account and endpoint class, pause together after a 1302, and
+//! optionally find the server's real limit on their own.
+//!
+//! ```
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use kling_core::AccountId;
+//! use kling_ratelimit::{GcraLayer, Quota};
+//! use tower::{Layer, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), kling_core::BoxError> {
+//! let client = service_fn(|_req: http::Request<Full<Bytes>>| async {
+//!     let body = r#"{"code":0,"message":"SUCCEED","request_id":"r"}"#;
+//!     Ok::<_, kling_core::BoxError>(http::Response::new(Full::new(Bytes::from(body))))
+//! });
+//! // The Pro tier: 60 requests a minute, evenly spaced, with 5% headroom.
+//! let layer = GcraLayer::new(Quota::per_minute(60.0).with_headroom(0.05))?;
+//! let service = layer.layer(client);
+//!
+//! let start = tokio::time::Instant::now();
+//! for _ in 0..3 {
+//!     let mut request = http::Request::new(Full::new(Bytes::new()));
+//!     request.extensions_mut().insert(AccountId::new("acct-1"));
+//!     service.clone().oneshot(request).await?;
+//! }
+//! // The first goes at once, the next two 1.0526 s apart each (tokio timers fire on whole
+//! // milliseconds, so never earlier than that and at most a millisecond later).
+//! let elapsed = start.elapsed().as_millis();
+//! assert!((2105..=2107).contains(&elapsed), "{elapsed}");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # How it paces
+//!
+//! - **Quotas** are a rate and a burst ([`Quota::per_minute`], [`Quota::per_second`],
+//!   [`Quota::with_burst`]), checked when the layer is built ([`Builder::build`]).
+//! - **Keys**: one quota per [`AccountId`](kling_core::AccountId) (the request extension), or
+//!   per whatever a [`key_fn`](Builder::key_fn) names; without either, one shared quota.
+//!   [`class_quota`](Builder::class_quota) adds a separate quota for an endpoint class of each
+//!   account (e.g. `/account/costs` at one per second): such a request passes its class
+//!   quota, then its account's. Idle keys are dropped, so keyed state stays bounded.
+//! - **Wait mode** (default): requests of a key are served first come, first served through a
+//!   per-key queue in which only the head asks the backend; a dropped request gives its place
+//!   up; [`max_queue`](Builder::max_queue), [`max_wait`](Builder::max_wait) and a request's
+//!   [`Deadline`](kling_core::signals::Deadline) turn a long wait into a typed error
+//!   ([`error::QueueFull`], [`error::WaitExceeded`]) carrying the resume time.
+//!   **Reject mode** ([`Builder::reject`]) fails at once with [`error::RateLimited`], which
+//!   carries the wait — for servers, which ignore backpressure.
+//! - **Time**: every wait is one [`tokio::time::Sleep`] until the instant governor names with
+//!   [`kling_core::TokioClock`]; never governor's own `until_ready`. Paused-time tests are exact.
+//! - **Cooldown**: a 1302 or a `Retry-After` pauses the whole key — queued and new requests
+//!   alike — which then resumes in order; 1302s in a row escalate the pause up to a ceiling
+//!   ([`Cooldown`]).
+//! - **Adaptive rate** (opt-in, [`Adaptive`]): the rate drops on each 1302 and climbs back
+//!   while responses succeed, under the configured quota as ceiling.
+//! - **Clones share one limiter** (`Arc`); [`GcraHandle`] changes quotas at run time, and
+//!   waiting requests follow the change at once.
+//! - **Backends**: the state lives behind the async [`Backend`] trait; [`InProcess`] is the
+//!   governor backend here, a Redis backend shares it between processes.
+//!
+//! # Fairness between creates and queries
+//!
+//! Creates, queries and every other request of an account share one FIFO queue in front of the
+//! account quota, so neither can starve the other: a request waits for at most the requests
+//! that arrived before it, whatever their kind. Polling that should not delay creates gets a
+//! class quota of its own ([`Builder::class_quota`] with
+//! [`RequestKind::Query`](kling_core::RequestKind::Query)), which caps its share of the account
+//! quota while it still counts against it.
+//!
+//! # Errors
+//!
+//! The service's error is a [`BoxError`](kling_core::BoxError): the inner service's error, or
+//! one of [`error::RateLimited`], [`error::WaitExceeded`], [`error::QueueFull`],
+//! [`error::BackendError`].
+//!
+//! # Metrics
+//!
+//! Recorded through the `metrics` facade under [`kling_core::metrics`] names:
+//! `RATELIMIT_WAIT` (seconds, for requests that waited; label `kind`),
+//! `RATELIMIT_QUEUE_DEPTH` (label `account`) and `COOLDOWNS` (label `account`).
+//!
+//! # Feature flags
+//!
+//! This crate has no feature flags.
+//!
+//! # Minimum supported Rust version
+//!
+//! Rust 1.88.
+
+pub mod backend;
+pub mod error;
+pub mod future;
+mod layer;
+mod policy;
+mod queue;
+mod quota;
+mod service;
+
+pub use backend::{Backend, BucketKey, Decision, Feedback, InProcess, Policy};
+pub use layer::{Builder, GcraHandle, GcraLayer, KeyFn, Mode};
+pub use policy::{Adaptive, AdaptiveState, Cooldown};
+pub use quota::Quota;
+pub use service::Gcra;
+
+/// The bytes of one waiting request's record in a key's queue (its ticket and its waker).
+pub const WAITER_RECORD_BYTES: usize = queue::WAITER_RECORD_BYTES;

@@ -1,0 +1,332 @@
+//! What a key does after a throttling response: the cooldown and its escalation, and the
+//! adaptive rate.
+
+use std::time::Duration;
+
+use crate::error::ConfigError;
+use crate::quota::Quota;
+
+/// How long a key pauses after a 1302 or a `Retry-After`, and how the pause escalates.
+///
+/// When a response says 1302 (requests too fast) or carries a `Retry-After`, the whole key
+/// pauses — every queued and every new request of it — until:
+///
+/// - the `Retry-After` instant, when the response has one, and at least
+/// - for the *n*-th 1302 in a row (`n` counted within [`window`](Cooldown::window), reset by a
+///   success): `max(first · 2ⁿ⁻¹, one emission interval)` while `n` is below
+///   [`escalate_after`](Cooldown::escalate_after), then the published guide's burst rule,
+///   `backoff · 2ⁿ⁻ᵉˢᶜᵃˡᵃᵗᵉ_ᵃᶠᵗᵉʳ`; never more than [`ceiling`](Cooldown::ceiling).
+///
+/// Only a 1302 for a request sent after the previous pause began counts towards the streak:
+/// the other requests that were already in flight when the first 1302 came back are refused
+/// for the same reason and do not escalate it.
+///
+/// Defaults: `first` 1 s, `escalate_after` 3, `backoff` 30 s, `ceiling` 60 s, `window` 60 s
+/// ("burst detection: back off 30–60 s").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Cooldown {
+    /// The pause after a first 1302 without `Retry-After` (at least one emission interval).
+    pub first: Duration,
+    /// The streak length at which the burst backoff starts.
+    pub escalate_after: u32,
+    /// The burst backoff: the pause at the `escalate_after`-th 1302 in a row.
+    pub backoff: Duration,
+    /// The longest pause an escalation reaches (a `Retry-After` may ask for more).
+    pub ceiling: Duration,
+    /// 1302s further apart than this do not add up to a streak.
+    pub window: Duration,
+}
+
+impl Default for Cooldown {
+    fn default() -> Self {
+        Cooldown {
+            first: Duration::from_secs(1),
+            escalate_after: 3,
+            backoff: Duration::from_secs(30),
+            ceiling: Duration::from_secs(60),
+            window: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Cooldown {
+    /// The defaults.
+    pub fn new() -> Self {
+        Cooldown::default()
+    }
+
+    /// Sets [`first`](Cooldown::first).
+    pub fn first(mut self, first: Duration) -> Self {
+        self.first = first;
+        self
+    }
+
+    /// Sets [`escalate_after`](Cooldown::escalate_after).
+    pub fn escalate_after(mut self, streak: u32) -> Self {
+        self.escalate_after = streak;
+        self
+    }
+
+    /// Sets [`backoff`](Cooldown::backoff).
+    pub fn backoff(mut self, backoff: Duration) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Sets [`ceiling`](Cooldown::ceiling).
+    pub fn ceiling(mut self, ceiling: Duration) -> Self {
+        self.ceiling = ceiling;
+        self
+    }
+
+    /// Sets [`window`](Cooldown::window).
+    pub fn window(mut self, window: Duration) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// Divides every duration by `speed`: the shared speed factor of the mock and socket tests.
+    pub fn scaled(self, speed: f64) -> Self {
+        let scale = |d: Duration| {
+            if speed.is_finite() && speed > 0.0 {
+                d.div_f64(speed)
+            } else {
+                d
+            }
+        };
+        Cooldown {
+            first: scale(self.first),
+            escalate_after: self.escalate_after,
+            backoff: scale(self.backoff),
+            ceiling: scale(self.ceiling),
+            window: scale(self.window),
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let err = |field, reason| Err(ConfigError::new("cooldown", field, reason));
+        if self.escalate_after == 0 {
+            return err("escalate_after", "must be at least 1");
+        }
+        if self.ceiling.is_zero() {
+            return err("ceiling", "must be positive");
+        }
+        if self.first > self.ceiling {
+            return err("first", "must not exceed the ceiling");
+        }
+        if self.backoff > self.ceiling {
+            return err("backoff", "must not exceed the ceiling");
+        }
+        if self.window.is_zero() {
+            return err("window", "must be positive");
+        }
+        Ok(())
+    }
+
+    /// The pause for the `streak`-th 1302 in a row (`streak` ≥ 1) of a key whose emission
+    /// interval is `interval`.
+    pub fn pause(&self, streak: u32, interval: Duration) -> Duration {
+        let streak = streak.max(1);
+        let doubled = |base: Duration, exp: u32| base.saturating_mul(1u32 << exp.min(20));
+        let pause = if streak < self.escalate_after {
+            doubled(self.first, streak - 1).max(interval)
+        } else {
+            doubled(self.backoff, streak - self.escalate_after)
+        };
+        pause.min(self.ceiling)
+    }
+}
+
+/// Opt-in adaptive rate: finds the server's real limit from its 1302s.
+///
+/// The configured quota is the ceiling; the key's allowed rate `r` moves under it, with these
+/// rules (an AIMD rule with a remembered limit, like CUBIC's `W_max`):
+///
+/// | event | rule |
+/// |---|---|
+/// | start | `r = start`, or `ceiling / 4` when no start is given (conservative) |
+/// | success, no 1302 seen yet | `r ← min(ceiling, r · (1 + growth))` (slow start, `growth` = 5%) |
+/// | 1302 (a request sent after the last decrease) | `limit ← r`, `r ← r · decrease` (`decrease` = 0.85) |
+/// | success, `r` below `target · limit` (`target` = 97%) | `r ← r + max((target · limit − r) / 4, probe · limit)` |
+/// | success, `r` at or above `target · limit` | `r ← r + probe · limit` (`probe` = 0.1%) |
+///
+/// `r` never goes above the ceiling nor below `ceiling / 1000`. After a 1302 the rate falls to
+/// 85% of where it was refused, climbs back to 97% of it within about ten successes, and then
+/// probes upward by 0.1% of the limit per success — about forty successes per refusal, so a
+/// steady load sees roughly one 1302 in forty requests at 90–100% of the real limit, and
+/// notices a limit that was raised. (The cooldown after each 1302 still applies.)
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Adaptive {
+    /// The starting rate in requests per second (`None`: a quarter of the ceiling).
+    pub start: Option<f64>,
+    /// Slow-start growth per success before the first 1302.
+    pub growth: f64,
+    /// The multiplicative decrease on a 1302.
+    pub decrease: f64,
+    /// The fraction of the remembered limit that recovery climbs back to quickly.
+    pub target: f64,
+    /// The probe step per success, as a fraction of the remembered limit.
+    pub probe: f64,
+}
+
+impl Default for Adaptive {
+    fn default() -> Self {
+        Adaptive {
+            start: None,
+            growth: 0.05,
+            decrease: 0.85,
+            target: 0.97,
+            probe: 0.001,
+        }
+    }
+}
+
+impl Adaptive {
+    /// The defaults (start at a quarter of the ceiling).
+    pub fn new() -> Self {
+        Adaptive::default()
+    }
+
+    /// Starts from `start` instead of a quarter of the ceiling.
+    pub fn start(mut self, start: Quota) -> Self {
+        self.start = Some(start.rate_per_second());
+        self
+    }
+
+    /// Sets the multiplicative decrease on a 1302 (in `0..1`).
+    pub fn decrease(mut self, decrease: f64) -> Self {
+        self.decrease = decrease;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let err = |field, reason| Err(ConfigError::new("adaptive", field, reason));
+        if let Some(start) = self.start
+            && !(start.is_finite() && start > 0.0)
+        {
+            return err("start", "must be a positive rate");
+        }
+        let in_unit = |v: f64| v > 0.0 && v < 1.0;
+        if !(self.growth > 0.0 && self.growth.is_finite()) {
+            return err("growth", "must be positive");
+        }
+        if !in_unit(self.decrease) {
+            return err("decrease", "must lie in 0..1");
+        }
+        if !(in_unit(self.target) || self.target == 1.0) {
+            return err("target", "must lie in 0..=1");
+        }
+        if !in_unit(self.probe) {
+            return err("probe", "must lie in 0..1");
+        }
+        Ok(())
+    }
+}
+
+/// The adaptive state of one key: its current rate and remembered limit, requests per second.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdaptiveState {
+    rate: f64,
+    limit: Option<f64>,
+}
+
+impl AdaptiveState {
+    /// The state of a key seen for the first time under `ceiling` requests per second.
+    pub fn new(config: &Adaptive, ceiling: f64) -> Self {
+        let rate = config.start.unwrap_or(ceiling / 4.0).min(ceiling);
+        AdaptiveState { rate, limit: None }
+    }
+
+    /// Rebuilds a state from its parts (e.g. read from a shared store).
+    pub fn from_parts(rate: f64, limit: Option<f64>) -> Self {
+        AdaptiveState { rate, limit }
+    }
+
+    /// The allowed rate, requests per second.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    /// The rate at which the last 1302 came, if any.
+    pub fn limit(&self) -> Option<f64> {
+        self.limit
+    }
+
+    /// A response succeeded.
+    pub fn on_success(&mut self, config: &Adaptive, ceiling: f64) {
+        let rate = match self.limit {
+            None => self.rate * (1.0 + config.growth),
+            Some(limit) => {
+                let target = config.target * limit;
+                let probe = config.probe * limit;
+                self.rate + ((target - self.rate) / 4.0).max(probe)
+            }
+        };
+        self.rate = rate.clamp(ceiling / 1000.0, ceiling);
+    }
+
+    /// A 1302 came back for a request sent after the previous decrease.
+    pub fn on_throttle(&mut self, config: &Adaptive, ceiling: f64) {
+        self.limit = Some(self.rate);
+        self.rate = (self.rate * config.decrease).clamp(ceiling / 1000.0, ceiling);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pauses_escalate_to_the_ceiling() {
+        let c = Cooldown::default();
+        let second = Duration::from_secs(1);
+        assert_eq!(c.pause(1, Duration::from_millis(100)), second);
+        assert_eq!(c.pause(1, Duration::from_secs(5)), Duration::from_secs(5));
+        assert_eq!(c.pause(2, Duration::ZERO), 2 * second);
+        assert_eq!(c.pause(3, Duration::ZERO), 30 * second);
+        assert_eq!(c.pause(4, Duration::ZERO), 60 * second);
+        assert_eq!(c.pause(400, Duration::ZERO), 60 * second);
+        let fast = c.scaled(60.0);
+        assert_eq!(fast.pause(3, Duration::ZERO), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn invalid_cooldowns_name_their_field() {
+        let err = Cooldown::new()
+            .backoff(Duration::from_secs(90))
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.field(), "cooldown.backoff");
+        let err = Cooldown::new().escalate_after(0).validate().unwrap_err();
+        assert_eq!(err.field(), "cooldown.escalate_after");
+        let err = Adaptive::new().decrease(1.5).validate().unwrap_err();
+        assert_eq!(err.field(), "adaptive.decrease");
+    }
+
+    #[test]
+    fn adaptive_rate_recovers_below_its_limit_then_probes() {
+        let cfg = Adaptive::default();
+        let mut s = AdaptiveState::new(&cfg, 10.0);
+        assert_eq!(s.rate(), 2.5);
+        for _ in 0..200 {
+            s.on_success(&cfg, 10.0);
+        }
+        assert_eq!(s.rate(), 10.0, "slow start stops at the ceiling");
+        s.on_throttle(&cfg, 10.0);
+        assert_eq!((s.rate(), s.limit()), (8.5, Some(10.0)));
+        for _ in 0..12 {
+            s.on_success(&cfg, 10.0);
+        }
+        assert!(s.rate() > 9.6 && s.rate() < 9.75, "{}", s.rate());
+        for _ in 0..40 {
+            s.on_success(&cfg, 10.0);
+        }
+        assert!(
+            s.rate() > 10.0 * 0.99,
+            "probing goes past the limit again: {}",
+            s.rate()
+        );
+    }
+}

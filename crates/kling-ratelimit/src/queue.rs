@@ -1,0 +1,220 @@
+//! The per-key FIFO queues of waiting requests (one process's part of the waiting).
+//!
+//! A waiter's record is its ticket number and its waker (24 bytes in the queue's ring buffer);
+//! ticket numbers only grow, so a waiter finds itself by binary search. A dropped waiter that is
+//! not at the head leaves a tombstone (its waker taken) that is popped when it reaches the head,
+//! so giving up is O(log n) and never shifts the queue.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Waker;
+
+use kling_core::metrics::{LABEL_ACCOUNT, RATELIMIT_QUEUE_DEPTH};
+use tokio::time::Instant;
+
+use crate::backend::BucketKey;
+
+/// One waiting request: 8 bytes of ticket, 16 of waker (`None` once it gave up).
+#[derive(Debug)]
+pub(crate) struct Waiter {
+    id: u64,
+    waker: Option<Waker>,
+}
+
+/// The size of one waiter's record in the queue.
+pub(crate) const WAITER_RECORD_BYTES: usize = std::mem::size_of::<Waiter>();
+
+#[derive(Debug)]
+struct Queue {
+    waiters: VecDeque<Waiter>,
+    live: usize,
+    next_id: u64,
+    /// The head's latest "not before", a lower bound on every other waiter's turn.
+    head_not_before: Option<Instant>,
+    depth: metrics::Gauge,
+}
+
+impl Queue {
+    fn new(key: &BucketKey) -> Queue {
+        let account = key
+            .account_id()
+            .map_or_else(String::new, |a| a.as_str().to_owned());
+        Queue {
+            waiters: VecDeque::new(),
+            live: 0,
+            next_id: 0,
+            head_not_before: None,
+            depth: metrics::gauge!(RATELIMIT_QUEUE_DEPTH, LABEL_ACCOUNT => account),
+        }
+    }
+
+    /// Pops tombstones at the front and wakes the live head, if any.
+    fn settle_front(&mut self) {
+        while self.waiters.front().is_some_and(|w| w.waker.is_none()) {
+            self.waiters.pop_front();
+        }
+        if let Some(head) = self.waiters.front()
+            && let Some(waker) = &head.waker
+        {
+            waker.wake_by_ref();
+        }
+    }
+}
+
+/// Where a new waiter stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ticket {
+    pub(crate) id: u64,
+    pub(crate) is_head: bool,
+}
+
+/// Every key's queue of one limiter.
+#[derive(Debug, Default)]
+pub(crate) struct Queues {
+    map: Mutex<HashMap<BucketKey, Queue>>,
+    /// Waiters over all keys: zero lets a request skip the queues entirely.
+    waiting: AtomicUsize,
+}
+
+impl Queues {
+    fn lock(&self) -> MutexGuard<'_, HashMap<BucketKey, Queue>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether no request waits anywhere.
+    #[inline]
+    pub(crate) fn is_idle(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) == 0
+    }
+
+    /// Requests waiting over all keys.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    /// Requests waiting for one key.
+    pub(crate) fn depth(&self, key: &BucketKey) -> usize {
+        self.lock().get(key).map_or(0, |q| q.live)
+    }
+
+    /// Joins the back of `key`'s queue; `Err(())` when it already holds `max` waiters.
+    pub(crate) fn enqueue(
+        &self,
+        key: &BucketKey,
+        waker: &Waker,
+        max: Option<usize>,
+    ) -> Result<Ticket, ()> {
+        let mut map = self.lock();
+        if !map.contains_key(key) {
+            map.insert(key.clone(), Queue::new(key));
+        }
+        let queue = map.get_mut(key).expect("inserted above");
+        if max.is_some_and(|max| queue.live >= max) {
+            if queue.waiters.is_empty() {
+                map.remove(key);
+            }
+            return Err(());
+        }
+        let id = queue.next_id;
+        queue.next_id += 1;
+        queue.waiters.push_back(Waiter {
+            id,
+            waker: Some(waker.clone()),
+        });
+        queue.live += 1;
+        queue.depth.set(queue.live as f64);
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        Ok(Ticket {
+            id,
+            is_head: queue.waiters.len() == 1,
+        })
+    }
+
+    /// Whether ticket `id` is at the head; records `waker` either way.
+    pub(crate) fn poll_head(
+        &self,
+        key: &BucketKey,
+        id: u64,
+        waker: &Waker,
+    ) -> Result<bool, Option<Instant>> {
+        let mut map = self.lock();
+        let Some(queue) = map.get_mut(key) else {
+            return Ok(false);
+        };
+        let Ok(index) = queue.waiters.binary_search_by_key(&id, |w| w.id) else {
+            return Ok(false);
+        };
+        let slot = &mut queue.waiters[index].waker;
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
+        if index == 0 {
+            Ok(true)
+        } else {
+            Err(queue.head_not_before)
+        }
+    }
+
+    /// The head's latest answer from the backend, a lower bound for everyone behind it.
+    pub(crate) fn set_head_not_before(&self, key: &BucketKey, at: Instant) {
+        if let Some(queue) = self.lock().get_mut(key) {
+            queue.head_not_before = Some(at);
+        }
+    }
+
+    /// The head `id` was admitted (or gave up): it leaves, and the next waiter is woken.
+    pub(crate) fn leave(&self, key: &BucketKey, id: u64) {
+        let mut map = self.lock();
+        let Some(queue) = map.get_mut(key) else {
+            return;
+        };
+        let Ok(index) = queue.waiters.binary_search_by_key(&id, |w| w.id) else {
+            return;
+        };
+        if queue.waiters[index].waker.take().is_none() {
+            return;
+        }
+        queue.live -= 1;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        queue.depth.set(queue.live as f64);
+        if index == 0 {
+            queue.head_not_before = None;
+            queue.settle_front();
+        }
+        if queue.live == 0 && queue.waiters.is_empty() {
+            map.remove(key);
+        }
+    }
+
+    /// Wakes the head of every queue, so it asks the backend again (after a quota change).
+    pub(crate) fn wake_heads(&self) {
+        for queue in self.lock().values() {
+            if let Some(waker) = queue.waiters.front().and_then(|w| w.waker.as_ref()) {
+                waker.wake_by_ref();
+            }
+        }
+    }
+
+    /// Memory the queues reserve now, in bytes (ring buffers only).
+    pub(crate) fn reserved_bytes(&self) -> usize {
+        self.lock()
+            .values()
+            .map(|q| q.waiters.capacity() * WAITER_RECORD_BYTES)
+            .sum()
+    }
+}
+
+/// A place in a queue, given up on drop unless it was admitted.
+#[derive(Debug)]
+pub(crate) struct Place {
+    pub(crate) queues: Arc<Queues>,
+    pub(crate) key: BucketKey,
+    pub(crate) id: u64,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.queues.leave(&self.key, self.id);
+    }
+}

@@ -1,0 +1,86 @@
+//! Adaptive rate against the in-process mock, whose limit the test draws and hides.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use kling_core::{ClassifyLayer, Code, Outcome};
+use kling_mock::{MockConfig, MockKling, Preset};
+use kling_ratelimit::{Adaptive, GcraLayer, Quota};
+use rand::{Rng, SeedableRng};
+use tokio::time::Instant;
+use tower::{Layer, ServiceExt};
+
+fn create() -> http::Request<Full<Bytes>> {
+    http::Request::post("/v1/videos/text2video")
+        .header("authorization", "Bearer key")
+        .body(Full::new(Bytes::from_static(br#"{"prompt":"a cat"}"#)))
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_mode_converges_near_a_hidden_limit_without_a_refusal_storm() {
+    let seed: u64 = rand::rngs::StdRng::from_os_rng().random();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let hidden = rng.random_range(20.0..120.0);
+    let context = format!("seed {seed}, hidden limit {hidden:.1}/min");
+
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .rate_per_minute(hidden)
+            .slots(100_000),
+    )
+    .unwrap();
+    // The client only knows a ceiling far above, and starts conservatively.
+    let layer = GcraLayer::builder(Quota::per_minute(600.0))
+        .adaptive(Adaptive::new().start(Quota::per_minute(10.0)))
+        .build()
+        .unwrap();
+    let service = layer.layer(ClassifyLayer::new().layer(mock.clone()));
+
+    let log: Arc<Mutex<Vec<(Instant, Code)>>> = Arc::default();
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let service = service.clone();
+        let log = Arc::clone(&log);
+        workers.push(tokio::spawn(async move {
+            for _ in 0..200 {
+                let response = service.clone().oneshot(create()).await.unwrap();
+                let code = Outcome::of(&response).unwrap().code();
+                log.lock().unwrap().push((Instant::now(), code));
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let log = log.lock().unwrap();
+    let refused_total = log.iter().filter(|(_, c)| *c == Code::RateLimited).count();
+    assert!(
+        refused_total * 20 <= log.len(),
+        "{refused_total} refusals of {}; {context}",
+        log.len()
+    );
+
+    // After warming up: throughput within 10% of the hidden limit, refusals rare and isolated.
+    let steady = &log[300..];
+    let span = steady.last().unwrap().0 - steady.first().unwrap().0;
+    let ok = steady.iter().filter(|(_, c)| *c == Code::Success).count();
+    let per_minute = (ok - 1) as f64 / span.as_secs_f64() * 60.0;
+    assert!(per_minute >= 0.9 * hidden, "{per_minute:.1}/min; {context}");
+    assert!(
+        per_minute <= hidden * 1.001,
+        "{per_minute:.1}/min; {context}"
+    );
+    let refused = steady.len() - ok;
+    assert!(
+        refused * 25 <= steady.len(),
+        "{refused} refusals in {}; {context}",
+        steady.len()
+    );
+    let in_a_row = steady
+        .windows(2)
+        .filter(|w| w[0].1 == Code::RateLimited && w[1].1 == Code::RateLimited)
+        .count();
+    assert_eq!(in_a_row, 0, "two refusals in a row; {context}");
+}

@@ -1,0 +1,176 @@
+//! Cooldown: a 1302 or a `Retry-After` pauses the whole key, escalating within a ceiling.
+
+use std::time::{Duration, SystemTime};
+
+use kling_ratelimit::error::RateLimited;
+use kling_ratelimit::{BucketKey, Cooldown, GcraLayer, Quota};
+use tokio::time::Instant;
+use tower::{Layer, ServiceExt};
+
+use crate::support::{Reply, Server, request, spawn_call};
+
+/// Four requests of account `a` queued at once behind a first answer, and one of `b`.
+async fn pause_after(first: Reply) -> Vec<(String, u128)> {
+    let server = Server::new();
+    server.script([first]);
+    let service = GcraLayer::new(Quota::per_second(10.0))
+        .unwrap()
+        .layer(server.service());
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for tag in ["a1", "a2", "a3", "a4"] {
+        calls.push(spawn_call(&service, request(Some("a"), tag)).await);
+    }
+    calls.push(spawn_call(&service, request(Some("b"), "b1")).await);
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    // A new request of `a` after the pause started waits for it too.
+    server.times_ms(start)
+}
+
+fn expected(pause_ms: u128) -> Vec<(String, u128)> {
+    vec![
+        ("a1".into(), 0),
+        ("b1".into(), 0),
+        ("a2".into(), pause_ms),
+        ("a3".into(), pause_ms + 100),
+        ("a4".into(), pause_ms + 200),
+    ]
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_1302_pauses_every_request_of_the_key_and_none_of_another() {
+    // Without the pause a2..a4 would go at 100, 200, 300 ms; the first pause is 1 s.
+    assert_eq!(pause_after(Reply::throttled()).await, expected(1000));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_in_seconds_pauses_the_key_until_then() {
+    let reply = Reply::throttled().header("retry-after", "3");
+    assert_eq!(pause_after(reply).await, expected(3000));
+    // Any response with a Retry-After pauses the key, not only a 1302.
+    let reply = Reply::status(503, 5001).header("retry-after", "2");
+    assert_eq!(pause_after(reply).await, expected(2000));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_as_an_http_date_pauses_the_key_until_then() {
+    let date = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let reply = Reply::throttled()
+        .header("date", httpdate_fmt(date))
+        .header("retry-after", httpdate_fmt(date + Duration::from_secs(5)));
+    assert_eq!(pause_after(reply).await, expected(5000));
+}
+
+fn httpdate_fmt(t: SystemTime) -> String {
+    // IMF-fixdate without a dependency: the epoch day and the civil date from it.
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
+    let z = days as i64 + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let name = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][month as usize - 1];
+    format!(
+        "{weekday}, {day:02} {name} {year} {:02}:{:02}:{:02} GMT",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn consecutive_1302s_escalate_within_the_ceiling_and_a_success_resets() {
+    let server = Server::new();
+    server.script([
+        Reply::throttled(),
+        Reply::throttled(),
+        Reply::throttled(),
+        Reply::throttled(),
+        Reply::ok(),
+        Reply::throttled(),
+    ]);
+    let cooldown = Cooldown::new().ceiling(Duration::from_secs(45));
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .cooldown(cooldown)
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    for i in 0..7 {
+        service
+            .clone()
+            .oneshot(request(Some("a"), &i.to_string()))
+            .await
+            .unwrap();
+    }
+    let times: Vec<u128> = server.times_ms(start).into_iter().map(|(_, t)| t).collect();
+    // Pauses: 1 s, 2 s, then the burst backoff 30 s, then 60 s capped at the 45 s ceiling;
+    // the success resets the streak, so the next 1302 pauses 1 s again.
+    assert_eq!(times, vec![0, 1000, 3000, 33_000, 78_000, 78_100, 79_100]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_flight_1302s_do_not_escalate_the_pause() {
+    let server = Server::with_latency(Duration::from_millis(50));
+    server.script([Reply::throttled(), Reply::throttled(), Reply::throttled()]);
+    let layer = GcraLayer::new(Quota::per_second(10.0).with_burst(3)).unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for tag in ["x", "y", "z", "next"] {
+        calls.push(spawn_call(&service, request(Some("a"), tag)).await);
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    // Three sent together, all refused: one pause of 1 s from the first refusal.
+    let times = server.times_ms(start);
+    assert_eq!(times.last().unwrap(), &("next".to_owned(), 1050));
+    let key = BucketKey::account(Some("a".into()));
+    assert_eq!(
+        handle.backend().key_state(&key).unwrap().streak,
+        0,
+        "reset by the success"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn reject_mode_reports_the_cooldown() {
+    let server = Server::new();
+    server.script([Reply::throttled().header("retry-after", "4")]);
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .reject()
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    service
+        .clone()
+        .oneshot(request(Some("a"), "1"))
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let err = service
+        .clone()
+        .oneshot(request(Some("a"), "2"))
+        .await
+        .unwrap_err();
+    let limited = err.downcast_ref::<RateLimited>().expect("RateLimited");
+    assert!(limited.in_cooldown());
+    assert_eq!(limited.retry_after(), Duration::from_secs(3));
+    service
+        .clone()
+        .oneshot(request(Some("b"), "3"))
+        .await
+        .unwrap();
+}

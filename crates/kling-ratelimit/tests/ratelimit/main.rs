@@ -1,0 +1,9 @@
+//! Integration tests of kling-ratelimit: pacing and waiting, cooldowns, adaptive rate,
+//! properties, and the real mock server over TCP.
+
+mod adaptive;
+mod cooldown;
+mod mock;
+mod pacing;
+mod properties;
+mod support;

@@ -1,0 +1,385 @@
+//! Pacing: never early, never late, FIFO, cancellation, bounds, modes, keys, run-time changes.
+
+use std::time::Duration;
+
+use kling_core::signals::{Deadline, Waited};
+use kling_core::{AccountId, RequestKind};
+use kling_ratelimit::error::{QueueFull, RateLimited, WaitExceeded, WaitLimit};
+use kling_ratelimit::{GcraLayer, Quota};
+use tokio::time::Instant;
+use tower::{Layer, ServiceExt};
+
+use crate::support::{Server, ms, request, request_to, spawn_call};
+
+#[tokio::test(start_paused = true)]
+async fn requests_are_never_earlier_than_the_quota_allows() {
+    let server = Server::new();
+    let service = GcraLayer::new(Quota::per_second(4.0))
+        .unwrap()
+        .layer(server.service());
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        calls.push(spawn_call(&service, request(Some("a"), &i.to_string())).await);
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let times: Vec<u128> = server.times_ms(start).into_iter().map(|(_, t)| t).collect();
+    assert_eq!(times, vec![0, 250, 500, 750, 1000, 1250]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_key_waits_only_for_what_is_still_owed() {
+    let server = Server::new();
+    let service = GcraLayer::new(Quota::per_second(1.0))
+        .unwrap()
+        .layer(server.service());
+    let start = Instant::now();
+    service
+        .clone()
+        .oneshot(request(Some("a"), "first"))
+        .await
+        .unwrap();
+    // After a full interval of silence the next request goes at once …
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let response = service
+        .clone()
+        .oneshot(request(Some("a"), "idle"))
+        .await
+        .unwrap();
+    assert!(
+        response.extensions().get::<Waited>().is_none(),
+        "no wait recorded"
+    );
+    // … and 300 ms after that one it waits exactly the remaining 700 ms.
+    tokio::time::sleep(ms(300)).await;
+    let response = service
+        .clone()
+        .oneshot(request(Some("a"), "owed"))
+        .await
+        .unwrap();
+    assert_eq!(
+        response.extensions().get::<Waited>().unwrap().rate_limit,
+        ms(700)
+    );
+    assert_eq!(
+        server.times_ms(start),
+        vec![
+            ("first".into(), 0),
+            ("idle".into(), 3000),
+            ("owed".into(), 4000)
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_goes_at_once_then_the_rate_holds() {
+    let server = Server::new();
+    let layer = GcraLayer::new(Quota::per_second(2.0).with_burst(3)).unwrap();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..5 {
+        calls.push(spawn_call(&service, request(None, &i.to_string())).await);
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let times: Vec<u128> = server.times_ms(start).into_iter().map(|(_, t)| t).collect();
+    assert_eq!(times, vec![0, 0, 0, 500, 1000]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_are_served_first_come_first_served() {
+    let server = Server::new();
+    let layer = GcraLayer::new(Quota::per_second(10.0)).unwrap();
+    // Several services and clones of the same layer share one queue.
+    let one = layer.layer(server.service());
+    let two = layer.layer(server.service());
+    let mut calls = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..30 {
+        let tag = format!("{i:02}");
+        let service = if i % 3 == 0 { &one } else { &two };
+        calls.push(spawn_call(service, request(Some("a"), &tag)).await);
+        expected.push(tag);
+    }
+    assert_eq!(layer.handle().queue_depth(Some(&AccountId::new("a"))), 29);
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(server.tags(), expected);
+    assert_eq!(layer.handle().waiting(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_request_gives_its_place_up() {
+    let server = Server::new();
+    let layer = GcraLayer::new(Quota::per_second(1.0)).unwrap();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let first = spawn_call(&service, request(None, "first")).await;
+    let head = spawn_call(&service, request(None, "head")).await;
+    let middle = spawn_call(&service, request(None, "middle")).await;
+    let last = spawn_call(&service, request(None, "last")).await;
+    assert_eq!(layer.handle().waiting(), 3);
+    // The head (sleeping until 1 s) and a waiter in the middle give up.
+    head.abort();
+    middle.abort();
+    tokio::task::yield_now().await;
+    assert_eq!(layer.handle().waiting(), 1);
+    first.await.unwrap().unwrap();
+    last.await.unwrap().unwrap();
+    assert_eq!(
+        server.times_ms(start),
+        vec![("first".into(), 0), ("last".into(), 1000)]
+    );
+    assert_eq!(layer.handle().waiting(), 0);
+    assert_eq!(layer.handle().queue_bytes(), 0, "an empty queue is dropped");
+}
+
+#[tokio::test(start_paused = true)]
+async fn keys_are_independent_and_a_key_fn_replaces_the_account() {
+    let server = Server::new();
+    let service = GcraLayer::new(Quota::per_second(1.0))
+        .unwrap()
+        .layer(server.service());
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for (account, tag) in [("a", "a1"), ("b", "b1"), ("a", "a2"), ("b", "b2")] {
+        calls.push(spawn_call(&service, request(Some(account), tag)).await);
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let accounts: Vec<_> = server.hits().into_iter().map(|h| h.account).collect();
+    assert!(
+        accounts.iter().all(|a| a.is_some()),
+        "the account extension reaches the server"
+    );
+    let mut times = server.times_ms(start);
+    times.sort();
+    assert_eq!(
+        times,
+        vec![
+            ("a1".into(), 0),
+            ("a2".into(), 1000),
+            ("b1".into(), 0),
+            ("b2".into(), 1000)
+        ]
+    );
+
+    // A key function that counts everything under one tenant, whatever the account says.
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(1.0))
+        .key_fn(|parts| {
+            parts
+                .headers
+                .get("x-tenant")
+                .map(|v| AccountId::new(v.to_str().unwrap()))
+        })
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let mut a = request(Some("a"), "a");
+    a.headers_mut().insert("x-tenant", "t".parse().unwrap());
+    let mut b = request(Some("b"), "b");
+    b.headers_mut().insert("x-tenant", "t".parse().unwrap());
+    let a = spawn_call(&service, a).await;
+    let b = spawn_call(&service, b).await;
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    assert_eq!(
+        server.times_ms(start),
+        vec![("a".into(), 0), ("b".into(), 1000)]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn reject_mode_fails_fast_with_the_wait() {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(2.0))
+        .reject()
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    service.clone().oneshot(request(None, "1")).await.unwrap();
+    let err = service
+        .clone()
+        .oneshot(request(None, "2"))
+        .await
+        .unwrap_err();
+    let limited = err.downcast_ref::<RateLimited>().expect("RateLimited");
+    assert_eq!(limited.retry_after(), ms(500));
+    assert!(!limited.in_cooldown());
+    assert_eq!(
+        err.to_string(),
+        "rate limited: key over its quota, retry after 500ms"
+    );
+    tokio::time::advance(ms(500)).await;
+    service.clone().oneshot(request(None, "3")).await.unwrap();
+    assert_eq!(server.tags(), vec!["1", "3"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_and_a_long_wait_become_typed_errors() {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(1.0))
+        .max_queue(2)
+        .max_wait(ms(1500))
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    let first = spawn_call(&service, request(Some("a"), "first")).await;
+    let second = spawn_call(&service, request(Some("a"), "second")).await;
+    let third = spawn_call(&service, request(Some("a"), "third")).await;
+    // Two wait; the next one finds the queue full.
+    let err = service
+        .clone()
+        .oneshot(request(Some("a"), "fourth"))
+        .await
+        .unwrap_err();
+    let full = err.downcast_ref::<QueueFull>().expect("QueueFull");
+    assert_eq!(
+        (full.max(), full.account().map(AccountId::as_str)),
+        (2, Some("a"))
+    );
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    // The third would go at 2 s, past its 1.5 s maximum wait.
+    let err = third.await.unwrap().unwrap_err();
+    let exceeded = err.downcast_ref::<WaitExceeded>().expect("WaitExceeded");
+    assert_eq!(exceeded.limit(), WaitLimit::MaxWait);
+    assert!(exceeded.resume_at() > Instant::now() - ms(1000));
+    assert_eq!(server.tags(), vec!["first", "second"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_bounds_the_wait() {
+    let server = Server::new();
+    let service = GcraLayer::new(Quota::per_second(1.0))
+        .unwrap()
+        .layer(server.service());
+    let start = Instant::now();
+    service
+        .clone()
+        .oneshot(request(None, "first"))
+        .await
+        .unwrap();
+    let mut late = request(None, "late");
+    late.extensions_mut().insert(Deadline(start + ms(400)));
+    let err = service.clone().oneshot(late).await.unwrap_err();
+    let exceeded = err.downcast_ref::<WaitExceeded>().expect("WaitExceeded");
+    assert_eq!(exceeded.limit(), WaitLimit::Deadline);
+    assert_eq!(exceeded.resume_at(), start + ms(1000));
+    assert_eq!(
+        Instant::now(),
+        start,
+        "it failed at once instead of sleeping"
+    );
+    let mut fine = request(None, "fine");
+    fine.extensions_mut().insert(Deadline(start + ms(1000)));
+    service.clone().oneshot(fine).await.unwrap();
+    assert_eq!(server.tags(), vec!["first", "fine"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_class_quota_applies_on_top_of_the_account_quota() {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..3 {
+        calls.push(
+            spawn_call(
+                &service,
+                request_to("/account/costs", Some("a"), &format!("costs{i}")),
+            )
+            .await,
+        );
+        calls.push(spawn_call(&service, request(Some("a"), &format!("create{i}"))).await);
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let times = server.times_ms(start);
+    let costs: Vec<u128> = times
+        .iter()
+        .filter(|(t, _)| t.starts_with("costs"))
+        .map(|(_, t)| *t)
+        .collect();
+    let creates: Vec<u128> = times
+        .iter()
+        .filter(|(t, _)| t.starts_with("create"))
+        .map(|(_, t)| *t)
+        .collect();
+    assert_eq!(costs, vec![0, 1000, 2000]);
+    assert_eq!(creates, vec![100, 200, 300]);
+    assert_eq!(
+        layer.handle().class_quota(RequestKind::Account),
+        Some(Quota::per_second(1.0))
+    );
+    assert!(
+        layer
+            .handle()
+            .set_class_quota(RequestKind::Query, Quota::per_second(1.0))
+            .is_err()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quota_change_reaches_requests_already_waiting() {
+    let server = Server::new();
+    let layer = GcraLayer::new(Quota::per_minute(1.0)).unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let first = spawn_call(&service, request(None, "first")).await;
+    let second = spawn_call(&service, request(None, "second")).await;
+    let third = spawn_call(&service, request(None, "third")).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        server.tags() == vec!["first"],
+        "the second still waits for the 60 s slot"
+    );
+    handle.set_quota(Quota::per_second(1.0)).unwrap();
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    third.await.unwrap().unwrap();
+    // The 50 s still owed at 1/min are 50/60 of an interval, 834 ms at 1/s.
+    assert_eq!(
+        server.times_ms(start),
+        vec![
+            ("first".into(), 0),
+            ("second".into(), 10_834),
+            ("third".into(), 11_834)
+        ]
+    );
+    assert!(handle.set_quota(Quota::per_second(-1.0)).is_err());
+}
+
+#[tokio::test]
+async fn invalid_configuration_names_the_field() {
+    let err = GcraLayer::new(Quota::per_minute(0.0)).unwrap_err();
+    assert_eq!(err.field(), "quota.rate");
+    assert_eq!(
+        err.to_string(),
+        "invalid rate limit configuration: quota.rate must be a positive, finite number"
+    );
+    let err = GcraLayer::builder(Quota::per_minute(1.0))
+        .max_queue(0)
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "layer.max_queue");
+    let err = GcraLayer::builder(Quota::per_minute(1.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0).with_burst(0))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "class_quota.burst");
+}
