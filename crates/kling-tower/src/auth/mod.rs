@@ -1,0 +1,476 @@
+//! [`AuthLayer`]: sets the `Authorization` header from an API key, or from an access key and a
+//! secret key signed into an HS256 JWT, and re-signs once on 1003/1004.
+//!
+//! A JWT carries `iss` = access key, `exp` = now + 1800 s and `nbf` = now − 5 s. It is cached
+//! and signed again [`renew_before`](AuthLayer::renew_before) its expiry (5 minutes by
+//! default). When the server still answers 1003 (not yet valid) or 1004 (expired), the layer
+//! signs a fresh token and sends that attempt once more itself; the second answer is returned
+//! whatever it is. The re-sent copy carries the method, URI, version, headers and body, not the
+//! extensions (copying them would cost allocations on every request, and the layers below
+//! this one in the recommended order read none). Only a JWT keeps such a copy; an API key
+//! cannot be refreshed, so its requests pass through with no copy at all.
+//!
+//! The layer also sets the request's [`AccountId`] when it has none: for an API key,
+//! `key-` and the first 12 hex digits of the key's SHA-256; for an access key, the access key
+//! itself (it is not secret). Credentials never appear in `Debug` output.
+//!
+//! # Example
+//!
+//! ```
+//! use kling_tower::auth::{AuthLayer, Credentials};
+//!
+//! let credentials = Credentials::access_key("ak-demo", "sk-demo")?;
+//! assert!(!format!("{credentials:?}").contains("sk-demo"));
+//! let layer = AuthLayer::new(credentials);
+//! assert_eq!(layer.account_id().as_str(), "ak-demo");
+//! # Ok::<(), kling_tower::error::ConfigError>(())
+//! ```
+//!
+//! # Position
+//!
+//! Below the rate limiter (each attempt it sends is paced) and above the per-attempt timeout
+//! and `ClassifyLayer`, whose [`Outcome`](kling_core::Outcome) it reads.
+
+pub mod future;
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::AUTHORIZATION;
+use http::{HeaderValue, Request, Response};
+use http_body_util::Full;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use kling_core::{AccountId, BoxError};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::clock::{SystemClock, WallClock};
+use crate::error::{ConfigError, SigningError};
+
+/// How long a signed token is valid (Kling's `exp` = now + 1800 s).
+pub const TOKEN_LIFETIME: Duration = Duration::from_secs(1800);
+/// How far `nbf` is set in the past (Kling's `nbf` = now − 5 s).
+pub const NOT_BEFORE_SKEW: Duration = Duration::from_secs(5);
+/// The default margin before expiry at which a cached token is signed again.
+pub const DEFAULT_RENEW_BEFORE: Duration = Duration::from_secs(300);
+
+/// Kling credentials: an API key, or a legacy access key and secret key.
+///
+/// `Debug` shows the kind and the derived account id, never a key.
+#[derive(Clone)]
+pub struct Credentials {
+    kind: Kind,
+}
+
+#[derive(Clone)]
+enum Kind {
+    ApiKey(Arc<str>),
+    AccessKey { access: Arc<str>, secret: Arc<[u8]> },
+}
+
+impl Credentials {
+    /// An API key, sent as `Authorization: Bearer <key>`.
+    pub fn api_key(key: impl Into<String>) -> Result<Credentials, ConfigError> {
+        let key = key.into();
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(ConfigError::new("api_key", "must not be empty"));
+        }
+        if HeaderValue::from_str(&format!("Bearer {key}")).is_err() {
+            return Err(ConfigError::new(
+                "api_key",
+                "must be visible ascii (it goes into a header)",
+            ));
+        }
+        Ok(Credentials {
+            kind: Kind::ApiKey(Arc::from(key)),
+        })
+    }
+
+    /// A legacy access key and secret key, signed into an HS256 JWT.
+    pub fn access_key(
+        access_key: impl Into<String>,
+        secret_key: impl Into<String>,
+    ) -> Result<Credentials, ConfigError> {
+        let access = access_key.into();
+        let secret = secret_key.into();
+        if access.trim().is_empty() {
+            return Err(ConfigError::new("access_key", "must not be empty"));
+        }
+        if secret.is_empty() {
+            return Err(ConfigError::new("secret_key", "must not be empty"));
+        }
+        if EncodingKey::from_secret(secret.as_bytes()).is_err() {
+            return Err(ConfigError::new("secret_key", "is not a usable HS256 key"));
+        }
+        Ok(Credentials {
+            kind: Kind::AccessKey {
+                access: Arc::from(access.trim()),
+                secret: Arc::from(secret.into_bytes()),
+            },
+        })
+    }
+
+    /// Reads `KLING_API_KEY`, or else `KLING_ACCESS_KEY` and `KLING_SECRET_KEY`.
+    pub fn from_env() -> Result<Credentials, ConfigError> {
+        Credentials::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Credentials::from_env`], with variables looked up by name.
+    pub fn from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Credentials, ConfigError> {
+        if let Some(key) = lookup("KLING_API_KEY") {
+            return Credentials::api_key(key).map_err(|e| e.renamed("KLING_API_KEY"));
+        }
+        match (lookup("KLING_ACCESS_KEY"), lookup("KLING_SECRET_KEY")) {
+            (Some(ak), Some(sk)) => Credentials::access_key(ak, sk).map_err(|e| {
+                let var = if e.field() == "access_key" {
+                    "KLING_ACCESS_KEY"
+                } else {
+                    "KLING_SECRET_KEY"
+                };
+                e.renamed(var)
+            }),
+            (Some(_), None) => Err(ConfigError::new(
+                "KLING_SECRET_KEY",
+                "must be set with KLING_ACCESS_KEY",
+            )),
+            (None, _) => Err(ConfigError::new(
+                "KLING_API_KEY",
+                "is not set (nor KLING_ACCESS_KEY and KLING_SECRET_KEY)",
+            )),
+        }
+    }
+
+    /// The account these credentials belong to: `key-` + 12 hex digits of the key's SHA-256,
+    /// or the access key.
+    pub fn account_id(&self) -> AccountId {
+        match &self.kind {
+            Kind::ApiKey(key) => {
+                let digest = Sha256::digest(key.as_bytes());
+                let mut id = String::with_capacity(16);
+                id.push_str("key-");
+                for byte in &digest[..6] {
+                    id.push_str(&format!("{byte:02x}"));
+                }
+                AccountId::new(id)
+            }
+            Kind::AccessKey { access, .. } => AccountId::new(access.clone()),
+        }
+    }
+
+    /// Whether these are an access key and secret key (signed into a JWT).
+    pub fn is_jwt(&self) -> bool {
+        matches!(self.kind, Kind::AccessKey { .. })
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            Kind::ApiKey(_) => "api_key",
+            Kind::AccessKey { .. } => "access_key",
+        };
+        f.debug_struct("Credentials")
+            .field("kind", &kind)
+            .field("account", &self.account_id().as_str())
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Serialize)]
+struct Claims<'a> {
+    iss: &'a str,
+    exp: u64,
+    nbf: u64,
+}
+
+/// One signed token and when to sign the next.
+#[derive(Clone)]
+struct Token {
+    header: HeaderValue,
+    renew_at: Duration,
+    generation: u64,
+}
+
+pub(crate) struct Shared {
+    credentials: Credentials,
+    account: AccountId,
+    clock: Arc<dyn WallClock>,
+    renew_before: Duration,
+    /// The fixed header of an API key.
+    static_header: Option<HeaderValue>,
+    /// The issuer and key of a JWT.
+    signer: Option<(Arc<str>, EncodingKey)>,
+    token: Mutex<Option<Token>>,
+    signed: AtomicU64,
+}
+
+impl Shared {
+    /// The header to send now and its token generation (0 for an API key).
+    fn header(&self) -> Result<(HeaderValue, u64), SigningError> {
+        if let Some(header) = &self.static_header {
+            return Ok((header.clone(), 0));
+        }
+        let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        let now = self.clock.unix_now();
+        if let Some(t) = token.as_ref()
+            && now < t.renew_at
+        {
+            return Ok((t.header.clone(), t.generation));
+        }
+        let fresh = self.sign(now)?;
+        let out = (fresh.header.clone(), fresh.generation);
+        *token = Some(fresh);
+        Ok(out)
+    }
+
+    /// A fresh header after the server refused generation `refused`; a token another request
+    /// signed since is reused rather than signing again.
+    fn resign(&self, refused: u64) -> Result<(HeaderValue, u64), SigningError> {
+        let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = token.as_ref()
+            && t.generation != refused
+        {
+            return Ok((t.header.clone(), t.generation));
+        }
+        let fresh = self.sign(self.clock.unix_now())?;
+        let out = (fresh.header.clone(), fresh.generation);
+        *token = Some(fresh);
+        Ok(out)
+    }
+
+    fn sign(&self, now: Duration) -> Result<Token, SigningError> {
+        let Some((access, key)) = &self.signer else {
+            return Err(SigningError::new(
+                jsonwebtoken::errors::ErrorKind::InvalidKeyFormat.into(),
+            ));
+        };
+        let now_secs = now.as_secs();
+        let claims = Claims {
+            iss: access,
+            exp: now_secs + TOKEN_LIFETIME.as_secs(),
+            nbf: now_secs.saturating_sub(NOT_BEFORE_SKEW.as_secs()),
+        };
+        let jwt = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key)
+            .map_err(SigningError::new)?;
+        let header = HeaderValue::try_from(format!("Bearer {jwt}"))
+            .map_err(|_| SigningError::new(jsonwebtoken::errors::ErrorKind::InvalidToken.into()))?;
+        let generation = self.signed.fetch_add(1, Ordering::Relaxed) + 1;
+        Ok(Token {
+            header,
+            renew_at: Duration::from_secs(now_secs) + TOKEN_LIFETIME - self.renew_before,
+            generation,
+        })
+    }
+}
+
+/// Applies [`Auth`] to a service. See the [module docs](self).
+///
+/// # Clone
+///
+/// Clones (and every service they build) share the credentials and the token cache: one
+/// token is signed for all of them.
+#[derive(Clone)]
+pub struct AuthLayer {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for AuthLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthLayer")
+            .field("credentials", &self.shared.credentials)
+            .field("renew_before", &self.shared.renew_before)
+            .field("clock", &self.shared.clock)
+            .finish()
+    }
+}
+
+impl AuthLayer {
+    /// An auth layer on the system clock, renewing tokens 5 minutes before expiry.
+    pub fn new(credentials: Credentials) -> AuthLayer {
+        AuthLayer::build(credentials, Arc::new(SystemClock), DEFAULT_RENEW_BEFORE)
+    }
+
+    fn build(
+        credentials: Credentials,
+        clock: Arc<dyn WallClock>,
+        renew_before: Duration,
+    ) -> AuthLayer {
+        let static_header = match &credentials.kind {
+            Kind::ApiKey(key) => HeaderValue::try_from(format!("Bearer {key}")).ok(),
+            Kind::AccessKey { .. } => None,
+        }
+        .map(|mut v| {
+            v.set_sensitive(true);
+            v
+        });
+        let signer = match &credentials.kind {
+            Kind::AccessKey { access, secret } => EncodingKey::from_secret(secret)
+                .ok()
+                .map(|key| (access.clone(), key)),
+            Kind::ApiKey(_) => None,
+        };
+        AuthLayer {
+            shared: Arc::new(Shared {
+                account: credentials.account_id(),
+                signer,
+                credentials,
+                clock,
+                renew_before,
+                static_header,
+                token: Mutex::new(None),
+                signed: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Reads the wall clock from `clock` (e.g. a
+    /// [`TokioWallClock`](crate::clock::TokioWallClock) in paused-time tests).
+    pub fn with_clock(self, clock: impl WallClock) -> AuthLayer {
+        AuthLayer::build(
+            self.shared.credentials.clone(),
+            Arc::new(clock),
+            self.shared.renew_before,
+        )
+    }
+
+    /// Signs a cached token again this long before it expires; must be below the 1800 s
+    /// lifetime.
+    pub fn renew_before(self, margin: Duration) -> Result<AuthLayer, ConfigError> {
+        if margin >= TOKEN_LIFETIME {
+            return Err(ConfigError::new(
+                "renew_before",
+                "must be below the 1800 s token lifetime",
+            ));
+        }
+        Ok(AuthLayer::build(
+            self.shared.credentials.clone(),
+            self.shared.clock.clone(),
+            margin,
+        ))
+    }
+
+    /// The account id the layer sets on requests without one.
+    pub fn account_id(&self) -> &AccountId {
+        &self.shared.account
+    }
+
+    /// How many tokens have been signed (0 for an API key).
+    pub fn tokens_signed(&self) -> u64 {
+        self.shared.signed.load(Ordering::Relaxed)
+    }
+
+    /// The `Authorization` value the next request would carry (signing a token if needed).
+    /// Marked sensitive.
+    pub fn authorization(&self) -> Result<HeaderValue, SigningError> {
+        self.shared.header().map(|(mut v, _)| {
+            v.set_sensitive(true);
+            v
+        })
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+
+    fn layer(&self, inner: S) -> Auth<S> {
+        Auth {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Sets `Authorization` and the [`AccountId`]; re-signs once on 1003/1004. See the
+/// [module docs](self).
+///
+/// # Clone
+///
+/// Clones share the token cache with each other and with the [`AuthLayer`] that built them.
+#[derive(Clone)]
+pub struct Auth<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for Auth<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Auth")
+            .field("inner", &self.inner)
+            .field("account", &self.shared.account)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Auth<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B> Service<Request<B>> for Auth<S>
+where
+    S: Service<Request<B>, Response = Response<Full<Bytes>>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Clone,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = BoxError;
+    type Future = future::ResponseFuture<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if request.extensions().get::<AccountId>().is_none() {
+            request.extensions_mut().insert(self.shared.account.clone());
+        }
+        let (header, generation) = match self.shared.header() {
+            Ok(found) => found,
+            Err(e) => return future::ResponseFuture::failed(Box::new(e)),
+        };
+        request.headers_mut().insert(AUTHORIZATION, header);
+        // Only a JWT can be refreshed: keep what a second attempt needs.
+        let retry = self.shared.static_header.is_none().then(|| future::Retry {
+            request: clone_request(&request),
+            service: self.inner.clone(),
+            shared: self.shared.clone(),
+            generation,
+        });
+        future::ResponseFuture::new(self.inner.call(request), retry)
+    }
+}
+
+/// A copy of a request to send again: method, URI, version, headers and body.
+///
+/// Extensions are not copied (each would cost an allocation on every request): the layers
+/// below this one in the recommended order (timeout, classify, the client) read none.
+pub(crate) fn clone_request<B: Clone>(request: &Request<B>) -> Request<B> {
+    let mut copy = Request::new(request.body().clone());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}

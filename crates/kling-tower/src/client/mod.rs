@@ -1,0 +1,26 @@
+//! HTTP clients under the stack: an HTTPS hyper-util client (feature `hyper`) and a
+//! `reqwest::Client` adapter (feature `reqwest`), both on rustls with the `ring` provider.
+//!
+//! Kling's API is HTTPS only. The whole workspace uses one rustls crypto provider, `ring`;
+//! `install_ring_provider` (features `hyper` or `reqwest`) makes it the process default:
+//! reqwest, built without a provider of its own, needs one before a client is built.
+
+#[cfg(feature = "hyper")]
+mod hyper;
+#[cfg(feature = "reqwest")]
+mod reqwest;
+
+#[cfg(feature = "hyper")]
+pub use self::hyper::{HttpsClient, https_client};
+#[cfg(feature = "reqwest")]
+pub use self::reqwest::{ReqwestService, ResponseFuture as ReqwestFuture};
+
+/// Makes rustls' `ring` provider the process default, if no default is installed yet.
+///
+/// Idempotent; returns whether this call installed it.
+#[cfg(any(feature = "hyper", feature = "reqwest"))]
+pub fn install_ring_provider() -> bool {
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_ok()
+}

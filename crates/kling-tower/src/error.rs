@@ -1,0 +1,259 @@
+//! The errors this crate adds to the stack's [`BoxError`](kling_core::BoxError).
+//!
+//! Each is a small struct with the data a caller needs; downcast a boxed error to read it.
+//! Errors of the layers below (a [`kling_core::error::Transport`], an
+//! [`ApiError`]) pass through unchanged.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::time::Duration;
+
+use kling_core::AccountId;
+use kling_core::error::ApiError;
+
+/// An invalid configuration value, naming the field (or the environment variable) it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    field: Cow<'static, str>,
+    reason: Cow<'static, str>,
+}
+
+impl ConfigError {
+    pub(crate) fn new(
+        field: impl Into<Cow<'static, str>>,
+        reason: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        ConfigError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The offending field: a configuration key (`burst`, `pool_slots.video`), an environment
+    /// variable (`KLING_BURST`) or `toml` for a document that does not parse.
+    pub fn field(&self) -> &str {
+        &self.field
+    }
+
+    /// Why the value was refused.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    pub(crate) fn renamed(mut self, field: impl Into<Cow<'static, str>>) -> Self {
+        self.field = field.into();
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid kling-tower configuration: `{}` {}",
+            self.field, self.reason
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A JWT could not be signed (the signing backend refused the key).
+#[derive(Debug)]
+pub struct SigningError {
+    source: jsonwebtoken::errors::Error,
+}
+
+impl SigningError {
+    pub(crate) fn new(source: jsonwebtoken::errors::Error) -> Self {
+        SigningError { source }
+    }
+}
+
+impl fmt::Display for SigningError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "could not sign the kling jwt: {}", self.source)
+    }
+}
+
+impl std::error::Error for SigningError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// A create refused before it reached the server: its estimated cost would pass the credit
+/// budget left for the current period.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetExceeded {
+    pub(crate) account: Option<AccountId>,
+    pub(crate) budget: f64,
+    pub(crate) committed: f64,
+    pub(crate) estimate: f64,
+    pub(crate) resets_in: Duration,
+}
+
+impl BudgetExceeded {
+    /// The account the budget belongs to (`None` for requests without an [`AccountId`]).
+    pub fn account(&self) -> Option<&AccountId> {
+        self.account.as_ref()
+    }
+
+    /// The credit budget of one period.
+    pub fn budget(&self) -> f64 {
+        self.budget
+    }
+
+    /// Credits spent or reserved in this period (reported costs, plus estimates of tasks whose
+    /// cost is not known yet).
+    pub fn committed(&self) -> f64 {
+        self.committed
+    }
+
+    /// What is left of the budget.
+    pub fn remaining(&self) -> f64 {
+        (self.budget - self.committed).max(0.0)
+    }
+
+    /// The estimated cost of the refused create.
+    pub fn estimate(&self) -> f64 {
+        self.estimate
+    }
+
+    /// How long until the budget period starts again.
+    pub fn resets_in(&self) -> Duration {
+        self.resets_in
+    }
+}
+
+impl fmt::Display for BudgetExceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "create refused locally: estimated cost {} credits exceeds the {} left of the {}-credit budget (resets in {}s)",
+            self.estimate,
+            self.remaining(),
+            self.budget,
+            self.resets_in.as_secs()
+        )
+    }
+}
+
+impl std::error::Error for BudgetExceeded {}
+
+/// Why a signed callback was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum WebhookErrorKind {
+    /// `webhook-id`, `webhook-timestamp` or `webhook-signature` is missing or not text.
+    MissingHeader,
+    /// `webhook-timestamp` is not a number of seconds.
+    BadTimestamp,
+    /// The timestamp is further than the tolerance from now (a stale or future message).
+    Stale,
+    /// No `v1,` signature matches any configured secret.
+    BadSignature,
+    /// A message with this `webhook-id` was already accepted.
+    Replayed,
+}
+
+/// A callback whose Standard-Webhooks signature was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookError {
+    pub(crate) kind: WebhookErrorKind,
+    pub(crate) detail: Cow<'static, str>,
+}
+
+impl WebhookError {
+    pub(crate) fn new(kind: WebhookErrorKind, detail: impl Into<Cow<'static, str>>) -> Self {
+        WebhookError {
+            kind,
+            detail: detail.into(),
+        }
+    }
+
+    /// Why it was refused.
+    pub fn kind(&self) -> WebhookErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for WebhookError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "webhook refused: {}", self.detail)
+    }
+}
+
+impl std::error::Error for WebhookError {}
+
+/// Why following a task stopped before the task ended.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum FollowError {
+    /// The task did not end within its deadline.
+    DeadlineExceeded {
+        /// The task id.
+        task_id: String,
+        /// The deadline that passed.
+        deadline: Duration,
+        /// The last status a query reported, if any.
+        last_status: Option<String>,
+    },
+    /// The task reference cannot be queried (e.g. an id with characters a URL cannot carry).
+    InvalidTask {
+        /// The task id.
+        task_id: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A query got an answer that no retry can change (e.g. `1203` not found, `1000` auth).
+    Api {
+        /// The task id.
+        task_id: String,
+        /// The error, with code, message and request id.
+        error: ApiError,
+    },
+}
+
+impl FollowError {
+    /// The task this error is about.
+    pub fn task_id(&self) -> &str {
+        match self {
+            FollowError::DeadlineExceeded { task_id, .. }
+            | FollowError::InvalidTask { task_id, .. }
+            | FollowError::Api { task_id, .. } => task_id,
+        }
+    }
+}
+
+impl fmt::Display for FollowError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FollowError::DeadlineExceeded {
+                task_id,
+                deadline,
+                last_status,
+            } => write!(
+                f,
+                "task {task_id} did not end within {}s (last status {})",
+                deadline.as_secs_f64(),
+                last_status.as_deref().unwrap_or("unknown")
+            ),
+            FollowError::InvalidTask { task_id, reason } => {
+                write!(f, "cannot follow task {task_id:?}: {reason}")
+            }
+            FollowError::Api { task_id, error } => {
+                write!(f, "following task {task_id} failed: {error}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for FollowError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            FollowError::Api { error, .. } => Some(error),
+            FollowError::DeadlineExceeded { .. } | FollowError::InvalidTask { .. } => None,
+        }
+    }
+}

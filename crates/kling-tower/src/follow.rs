@@ -1,0 +1,544 @@
+//! [`Follower`]: waits for tasks to end, querying through whatever stack it is given.
+//!
+//! Each task is queried at an interval that grows with its age (young tasks are looked at
+//! often, old ones seldom), gives up at a per-task deadline, and backs off when queries fail.
+//! Many new-style tasks are asked about in one `GET /tasks?task_ids=a,b,c`; legacy tasks are
+//! queried one by one at `{create path}/{task_id}`. When callbacks are configured
+//! ([`FollowPolicy::callbacks_first`]) a task delivered through [`Follower::deliver`] ends at
+//! once and queries only run as a slow safety net.
+//!
+//! The queries are ordinary requests through the service given, so they are paced by the rate
+//! limiter and a query that reports a task ended frees its slots, like any other.
+//!
+//! Request URIs are relative (`/tasks?task_ids=…`): put a
+//! [`BaseUrlLayer`](crate::base_url::BaseUrlLayer) in the stack for a real client.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use kling_core::{ClassifyLayer, TaskStatus};
+//! use kling_mock::{MockConfig, MockKling, Preset};
+//! use kling_tower::follow::{FollowPolicy, Follower, TaskRef};
+//! use tower::{Layer, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let mock = MockKling::new(MockConfig::preset(Preset::Pro).no_rate_limit())?;
+//! let service = ClassifyLayer::new().layer(mock);
+//! let create = http::Request::post("/text-to-video/kling-3.0")
+//!     .header("authorization", "Bearer key")
+//!     .body(http_body_util::Full::new(bytes::Bytes::from(r#"{"prompt":"a cat"}"#)))?;
+//! let created = service.clone().oneshot(create).await?;
+//! let task = kling_core::Outcome::of(&created).and_then(|o| o.task()).cloned().unwrap();
+//!
+//! let follower = Follower::new(service, FollowPolicy::new())?;
+//! # let follower = follower.with_header("authorization", "Bearer key")?;
+//! let done = follower.follow(TaskRef::from_report("/text-to-video/kling-3.0", &task)).await?;
+//! assert_eq!(done.status, TaskStatus::Succeeded);
+//! # Ok(()) }
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, Response};
+use http_body_util::Full;
+use kling_core::error::ApiError;
+use kling_core::{ApiGeneration, BoxError, Disposition, Outcome, TaskReport};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use crate::error::{ConfigError, FollowError};
+
+/// When and how long to query a task. Durations are API time; [`FollowPolicy::speed`]
+/// divides them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FollowPolicy {
+    first_query: Duration,
+    min_interval: Duration,
+    max_interval: Duration,
+    age_factor: f64,
+    deadline: Duration,
+    error_backoff: Duration,
+    max_error_backoff: Duration,
+    batch_size: usize,
+    callbacks_first: bool,
+    callback_interval: Duration,
+}
+
+impl Default for FollowPolicy {
+    fn default() -> Self {
+        FollowPolicy::new()
+    }
+}
+
+impl FollowPolicy {
+    /// First query 5 s after following starts, then every age × 0.2 (between 2 s and 30 s),
+    /// a 30-minute deadline per task, error backoff from 1 s doubling to 60 s, batches of 50.
+    pub fn new() -> Self {
+        FollowPolicy {
+            first_query: Duration::from_secs(5),
+            min_interval: Duration::from_secs(2),
+            max_interval: Duration::from_secs(30),
+            age_factor: 0.2,
+            deadline: Duration::from_secs(30 * 60),
+            error_backoff: Duration::from_secs(1),
+            max_error_backoff: Duration::from_secs(60),
+            batch_size: 50,
+            callbacks_first: false,
+            callback_interval: Duration::from_secs(120),
+        }
+    }
+
+    /// Sets the wait before a task's first query.
+    pub fn first_query(mut self, wait: Duration) -> Self {
+        self.first_query = wait;
+        self
+    }
+
+    /// Sets the bounds of the query interval.
+    pub fn interval_bounds(mut self, min: Duration, max: Duration) -> Self {
+        self.min_interval = min;
+        self.max_interval = max;
+        self
+    }
+
+    /// Sets the interval as a share of the task's age (0.2: a 60 s old task waits 12 s).
+    pub fn age_factor(mut self, factor: f64) -> Self {
+        self.age_factor = factor;
+        self
+    }
+
+    /// Sets how long a task may run before following it fails.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Sets the backoff after a failed query: `base`, doubling up to `max`.
+    pub fn error_backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.error_backoff = base;
+        self.max_error_backoff = max;
+        self
+    }
+
+    /// Sets how many task ids one batch query carries.
+    pub fn batch_size(mut self, size: usize) -> Self {
+        self.batch_size = size;
+        self
+    }
+
+    /// Relies on callbacks ([`Follower::deliver`]): queries only every `safety_interval`.
+    pub fn callbacks_first(mut self, safety_interval: Duration) -> Self {
+        self.callbacks_first = true;
+        self.callback_interval = safety_interval;
+        self
+    }
+
+    /// Divides every duration by `speed` (the mock's `--speed`).
+    pub fn speed(mut self, speed: f64) -> Self {
+        if speed.is_finite() && speed > 0.0 {
+            for d in [
+                &mut self.first_query,
+                &mut self.min_interval,
+                &mut self.max_interval,
+                &mut self.deadline,
+                &mut self.error_backoff,
+                &mut self.max_error_backoff,
+                &mut self.callback_interval,
+            ] {
+                *d = Duration::try_from_secs_f64(d.as_secs_f64() / speed).unwrap_or(*d);
+            }
+        }
+        self
+    }
+
+    /// Checks the numbers, naming the first impossible one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |field: &'static str, reason: &'static str| Err(ConfigError::new(field, reason));
+        if self.min_interval.is_zero() {
+            return err("follow.min_interval", "must be above 0");
+        }
+        if self.max_interval < self.min_interval {
+            return err("follow.max_interval", "must be at least min_interval");
+        }
+        if !(self.age_factor.is_finite() && self.age_factor >= 0.0) {
+            return err("follow.age_factor", "must be a finite number, 0 or more");
+        }
+        if self.deadline.is_zero() {
+            return err("follow.deadline", "must be above 0");
+        }
+        if self.error_backoff.is_zero() || self.max_error_backoff < self.error_backoff {
+            return err(
+                "follow.error_backoff",
+                "must be above 0 and at most max_error_backoff",
+            );
+        }
+        if self.batch_size == 0 {
+            return err("follow.batch_size", "must be at least 1");
+        }
+        if self.callbacks_first && self.callback_interval.is_zero() {
+            return err("follow.callback_interval", "must be above 0");
+        }
+        Ok(())
+    }
+
+    /// The wait before the next query of a task of this age.
+    pub fn interval(&self, age: Duration) -> Duration {
+        if self.callbacks_first {
+            return self.callback_interval;
+        }
+        let scaled = Duration::try_from_secs_f64(age.as_secs_f64() * self.age_factor)
+            .unwrap_or(self.max_interval);
+        scaled.clamp(self.min_interval, self.max_interval)
+    }
+
+    /// The backoff after `errors` failed queries in a row (1 for the first).
+    pub fn backoff(&self, errors: u32) -> Duration {
+        let factor = 2u32.saturating_pow(errors.saturating_sub(1).min(20));
+        self.error_backoff
+            .checked_mul(factor)
+            .unwrap_or(self.max_error_backoff)
+            .min(self.max_error_backoff)
+    }
+}
+
+/// A task to follow: its id and how to query it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskRef {
+    id: String,
+    legacy_path: Option<String>,
+    created_at: Option<Instant>,
+}
+
+impl TaskRef {
+    /// A new-style task, queried with `GET /tasks?task_ids=…`.
+    pub fn new_style(id: impl Into<String>) -> Self {
+        TaskRef {
+            id: id.into(),
+            legacy_path: None,
+            created_at: None,
+        }
+    }
+
+    /// A legacy task, queried at `{create_path}/{id}` (e.g. `/v1/videos/text2video`).
+    pub fn legacy(create_path: impl Into<String>, id: impl Into<String>) -> Self {
+        let path: String = create_path.into();
+        TaskRef {
+            id: id.into(),
+            legacy_path: Some(path.trim_end_matches('/').to_owned()),
+            created_at: None,
+        }
+    }
+
+    /// The task a create at `create_path` reported, in the generation the report used.
+    pub fn from_report(create_path: &str, report: &TaskReport) -> Self {
+        match report.generation {
+            ApiGeneration::Legacy => TaskRef::legacy(create_path, report.id.clone()),
+            _ => TaskRef::new_style(report.id.clone()),
+        }
+    }
+
+    /// When the task was created (its age sets the query interval; by default, when
+    /// following starts).
+    pub fn created_at(mut self, at: Instant) -> Self {
+        self.created_at = Some(at);
+        self
+    }
+
+    /// The task id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn valid_id(&self) -> bool {
+        !self.id.is_empty()
+            && self
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'))
+    }
+}
+
+/// Terminal reports delivered by callbacks, waiting for their followers.
+#[derive(Debug, Default)]
+struct Board {
+    reports: Mutex<(HashMap<String, TaskReport>, VecDeque<String>)>,
+    notify: Notify,
+}
+
+/// How many delivered reports are kept for tasks nobody follows yet.
+const BOARD_CAPACITY: usize = 10_000;
+
+impl Board {
+    fn take(&self, id: &str) -> Option<TaskReport> {
+        let mut board = self.reports.lock().unwrap_or_else(|e| e.into_inner());
+        board.0.remove(id)
+    }
+}
+
+/// Follows tasks until they end. See the [module docs](self).
+///
+/// # Clone
+///
+/// Clones share the service (cloned per query) and the board of delivered callbacks.
+#[derive(Clone)]
+pub struct Follower<S> {
+    service: S,
+    policy: FollowPolicy,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    board: Arc<Board>,
+}
+
+impl<S> fmt::Debug for Follower<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Follower")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One task being followed.
+struct Tracked {
+    task: TaskRef,
+    started: Instant,
+    next_at: Instant,
+    errors: u32,
+    last_status: Option<String>,
+    result: Option<Result<TaskReport, FollowError>>,
+}
+
+impl<S> Follower<S>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    /// A follower that queries through `service`.
+    pub fn new(service: S, policy: FollowPolicy) -> Result<Self, ConfigError> {
+        policy.validate()?;
+        Ok(Follower {
+            service,
+            policy,
+            headers: Vec::new(),
+            board: Arc::new(Board::default()),
+        })
+    }
+
+    /// Adds a header to every query (e.g. `authorization` when the service has no auth layer).
+    pub fn with_header(mut self, name: &str, value: &str) -> Result<Self, ConfigError> {
+        let name = HeaderName::try_from(name)
+            .map_err(|_| ConfigError::new("follow.header", "is not a header name"))?;
+        let mut value = HeaderValue::try_from(value)
+            .map_err(|_| ConfigError::new("follow.header", "is not a header value"))?;
+        value.set_sensitive(true);
+        self.headers.push((name, value));
+        Ok(self)
+    }
+
+    /// Hands over a task report from a callback: a follower waiting for that task ends with
+    /// it at once (non-terminal reports are ignored).
+    pub fn deliver(&self, report: TaskReport) {
+        if !report.status.is_terminal() {
+            return;
+        }
+        {
+            let mut board = self.board.reports.lock().unwrap_or_else(|e| e.into_inner());
+            let (reports, order) = &mut *board;
+            if reports.insert(report.id.clone(), report.clone()).is_none() {
+                order.push_back(report.id);
+            }
+            while order.len() > BOARD_CAPACITY {
+                if let Some(old) = order.pop_front() {
+                    reports.remove(&old);
+                }
+            }
+        }
+        self.board.notify.notify_waiters();
+    }
+
+    /// Follows one task until it ends (succeeded or failed), its deadline passes, or a query
+    /// gets an answer no retry can change.
+    pub async fn follow(&self, task: TaskRef) -> Result<TaskReport, FollowError> {
+        self.follow_many(vec![task])
+            .await
+            .pop()
+            .unwrap_or_else(|| unreachable!("one result per task"))
+    }
+
+    /// Follows many tasks at once, new-style ones in batch queries; results are in the order
+    /// given.
+    pub async fn follow_many(&self, tasks: Vec<TaskRef>) -> Vec<Result<TaskReport, FollowError>> {
+        let now = Instant::now();
+        let mut tracked: Vec<Tracked> = tasks
+            .into_iter()
+            .map(|task| {
+                let started = task.created_at.unwrap_or(now);
+                let first = if self.policy.callbacks_first {
+                    self.policy.callback_interval
+                } else {
+                    self.policy.first_query
+                };
+                let invalid = (!task.valid_id()).then(|| {
+                    Err(FollowError::InvalidTask {
+                        task_id: task.id.clone(),
+                        reason: "task ids are letters, digits, `-`, `_`, `.` and `~`",
+                    })
+                });
+                Tracked {
+                    next_at: now.max(started + first),
+                    started,
+                    task,
+                    errors: 0,
+                    last_status: None,
+                    result: invalid,
+                }
+            })
+            .collect();
+
+        loop {
+            let notified = self.board.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+
+            let now = Instant::now();
+            for t in tracked.iter_mut().filter(|t| t.result.is_none()) {
+                if let Some(report) = self.board.take(&t.task.id) {
+                    t.result = Some(Ok(report));
+                } else if now >= t.started + self.policy.deadline {
+                    t.result = Some(Err(FollowError::DeadlineExceeded {
+                        task_id: t.task.id.clone(),
+                        deadline: self.policy.deadline,
+                        last_status: t.last_status.clone(),
+                    }));
+                }
+            }
+            if tracked.iter().all(|t| t.result.is_some()) {
+                break;
+            }
+
+            // Legacy tasks that are due, one query each.
+            let due: Vec<usize> = (0..tracked.len())
+                .filter(|&i| {
+                    let t = &tracked[i];
+                    t.result.is_none() && t.next_at <= now
+                })
+                .collect();
+            let legacy: Vec<(usize, String)> = due
+                .iter()
+                .filter_map(|&i| {
+                    let t = &tracked[i].task;
+                    t.legacy_path
+                        .as_ref()
+                        .map(|path| (i, format!("{path}/{}", t.id)))
+                })
+                .collect();
+            for (i, uri) in legacy {
+                let answer = self.query(uri).await;
+                self.apply(&mut tracked, &[i], answer);
+            }
+            // New-style tasks: when any is due, ask about every pending one, in batches.
+            if due.iter().any(|&i| tracked[i].task.legacy_path.is_none()) {
+                let pending: Vec<usize> = (0..tracked.len())
+                    .filter(|&i| {
+                        tracked[i].result.is_none() && tracked[i].task.legacy_path.is_none()
+                    })
+                    .collect();
+                for chunk in pending.chunks(self.policy.batch_size) {
+                    let ids: Vec<&str> =
+                        chunk.iter().map(|&i| tracked[i].task.id.as_str()).collect();
+                    let uri = format!("/tasks?task_ids={}", ids.join(","));
+                    let answer = self.query(uri).await;
+                    self.apply(&mut tracked, chunk, answer);
+                }
+            }
+
+            let wake = tracked
+                .iter()
+                .filter(|t| t.result.is_none())
+                .map(|t| t.next_at.min(t.started + self.policy.deadline))
+                .min();
+            let Some(wake) = wake else { break };
+            tokio::select! {
+                () = tokio::time::sleep_until(wake) => {}
+                () = &mut notified => {}
+            }
+        }
+        tracked
+            .into_iter()
+            .map(|t| match t.result {
+                Some(result) => result,
+                None => Err(FollowError::DeadlineExceeded {
+                    task_id: t.task.id,
+                    deadline: self.policy.deadline,
+                    last_status: t.last_status,
+                }),
+            })
+            .collect()
+    }
+
+    async fn query(&self, uri: String) -> Result<Response<Full<Bytes>>, BoxError> {
+        let mut service = self.service.clone();
+        poll_fn(|cx| service.poll_ready(cx))
+            .await
+            .map_err(Into::into)?;
+        let mut request = Request::get(uri).body(Full::new(Bytes::new()))?;
+        for (name, value) in &self.headers {
+            request.headers_mut().insert(name.clone(), value.clone());
+        }
+        service.call(request).await.map_err(Into::into)
+    }
+
+    /// Applies one query's answer to the tasks it asked about.
+    fn apply(
+        &self,
+        tracked: &mut [Tracked],
+        asked: &[usize],
+        answer: Result<Response<Full<Bytes>>, BoxError>,
+    ) {
+        let now = Instant::now();
+        let outcome = answer
+            .ok()
+            .and_then(|mut response| Outcome::ensure(&mut response).ok());
+        let outcome = match outcome {
+            Some(outcome) if outcome.is_success() => outcome,
+            Some(outcome) if outcome.disposition() == Disposition::Fatal => {
+                for &i in asked {
+                    tracked[i].result = Some(Err(FollowError::Api {
+                        task_id: tracked[i].task.id.clone(),
+                        error: ApiError::from_outcome(&outcome),
+                    }));
+                }
+                return;
+            }
+            // A transport error, an unreadable body or a retryable code: back off.
+            _ => {
+                for &i in asked {
+                    let t = &mut tracked[i];
+                    t.errors += 1;
+                    t.next_at = now + self.policy.backoff(t.errors);
+                }
+                return;
+            }
+        };
+        for &i in asked {
+            let t = &mut tracked[i];
+            t.errors = 0;
+            match outcome.tasks().iter().find(|r| r.id == t.task.id) {
+                Some(report) if report.status.is_terminal() => {
+                    t.result = Some(Ok(report.clone()));
+                }
+                Some(report) => {
+                    t.last_status = Some(report.status.as_str().to_owned());
+                    t.next_at = now + self.policy.interval(now - t.started);
+                }
+                None => t.next_at = now + self.policy.interval(now - t.started),
+            }
+        }
+    }
+}

@@ -1,0 +1,742 @@
+//! Tier presets: the numbers a stack enforces, as plain data.
+//!
+//! [`StackConfig::preset`] starts from one of the tiers of the published Kling rate-limit guide
+//! (or from a resource-pack account), every number can be overridden, and the whole can be read
+//! from environment variables ([`StackConfig::from_env`]) or a TOML document
+//! ([`StackConfig::from_toml_str`]). [`StackConfig::validate`] rejects impossible values with an
+//! error that names the field.
+//!
+//! | tier | slots per pool | requests / minute | daily credits |
+//! |---|---|---|---|
+//! | [`Tier::Free`] | 1 | 10 | 66 |
+//! | [`Tier::Standard`] | 3 | 30 | none |
+//! | [`Tier::Pro`] | 5 | 60 | none |
+//! | [`Tier::Enterprise`] | 10 (set yours) | no cap (set yours) | none |
+//! | [`Tier::ResourcePack`] | video 20, image 9, try-on 20 | no cap | none |
+//!
+//! Every preset paces at a GCRA burst of 1 with a 5% headroom under the rate, so network jitter
+//! does not turn into 1302s.
+//!
+//! # Speed factor
+//!
+//! [`StackConfig::speed`] matches the mock's `--speed N`: the getters return what the layers
+//! enforce, rates × N and durations ÷ N, so a demo against `kling-mock --speed 60` runs a minute
+//! of Kling in a second. Token lifetimes are not in this configuration and stay real.
+//!
+//! # TOML
+//!
+//! ```toml
+//! tier = "pro"              # free | standard | pro | enterprise | resource-pack
+//! speed = 1.0
+//! rate_per_minute = 60      # or "none" for no cap
+//! burst = 1
+//! headroom = 0.05
+//! slots = 5
+//! task_lease_secs = 1800
+//! retry_max_attempts = 6
+//! retry_deadline_secs = 600
+//! retry_budget_ratio = 0.2
+//! attempt_timeout_secs = 30
+//! max_body_bytes = 2097152
+//! daily_credits = "none"    # or a number
+//! credit_period_secs = 86400
+//!
+//! [pool_slots]
+//! video = 5
+//! "image:kling-v2" = 3
+//! ```
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use kling_core::Pool;
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+/// An account tier: where a [`StackConfig`]'s numbers start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Tier {
+    /// 1 slot per pool, 10 requests per minute, 66 credits per day.
+    #[default]
+    Free,
+    /// 3 slots per pool, 30 requests per minute.
+    Standard,
+    /// 5 slots per pool, 60 requests per minute.
+    Pro,
+    /// 10 slots per pool and no request-rate cap until you set your contract's numbers.
+    Enterprise,
+    /// Slots per resource pack (video 20, image 9, try-on 20) and no request-rate cap, as
+    /// Kling's own concurrency pages describe.
+    ResourcePack,
+}
+
+impl Tier {
+    /// Every tier, in the table's order.
+    pub const ALL: [Tier; 5] = [
+        Tier::Free,
+        Tier::Standard,
+        Tier::Pro,
+        Tier::Enterprise,
+        Tier::ResourcePack,
+    ];
+
+    /// The tier's name in configuration: `free`, `standard`, `pro`, `enterprise`,
+    /// `resource-pack`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Free => "free",
+            Tier::Standard => "standard",
+            Tier::Pro => "pro",
+            Tier::Enterprise => "enterprise",
+            Tier::ResourcePack => "resource-pack",
+        }
+    }
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Tier {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Tier, ConfigError> {
+        let name = s.trim().to_ascii_lowercase().replace('_', "-");
+        Tier::ALL
+            .into_iter()
+            .find(|tier| tier.as_str() == name)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "tier",
+                    format!(
+                        "must be free, standard, pro, enterprise or resource-pack, not `{}`",
+                        s.trim()
+                    ),
+                )
+            })
+    }
+}
+
+/// The numbers a Kling stack enforces. See the [module docs](self).
+///
+/// Setters take Kling's own (API-time) numbers; getters return what the layers enforce at the
+/// configured [`speed`](StackConfig::speed). Setters never fail: call
+/// [`validate`](StackConfig::validate) (the loaders do) to reject impossible values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StackConfig {
+    tier: Tier,
+    speed: f64,
+    rate_per_minute: Option<f64>,
+    burst: u32,
+    headroom: f64,
+    slots: u32,
+    pool_slots: BTreeMap<String, u32>,
+    task_lease: Duration,
+    retry_max_attempts: u32,
+    retry_deadline: Duration,
+    retry_budget_ratio: f64,
+    attempt_timeout: Duration,
+    max_body_bytes: usize,
+    daily_credits: Option<f64>,
+    credit_period: Duration,
+}
+
+/// The default headroom under the request rate.
+pub const DEFAULT_HEADROOM: f64 = 0.05;
+
+impl Default for StackConfig {
+    /// The [`Tier::Free`] preset: the numbers every account has.
+    fn default() -> Self {
+        StackConfig::preset(Tier::Free)
+    }
+}
+
+impl StackConfig {
+    /// The numbers of a tier (see the [module docs](self) for the table).
+    pub fn preset(tier: Tier) -> StackConfig {
+        let (slots, rate, credits) = match tier {
+            Tier::Free => (1, Some(10.0), Some(66.0)),
+            Tier::Standard => (3, Some(30.0), None),
+            Tier::Pro => (5, Some(60.0), None),
+            Tier::Enterprise => (10, None, None),
+            Tier::ResourcePack => (20, None, None),
+        };
+        let mut pool_slots = BTreeMap::new();
+        if tier == Tier::ResourcePack {
+            pool_slots.insert("video".to_owned(), 20);
+            pool_slots.insert("image".to_owned(), 9);
+            pool_slots.insert("try-on".to_owned(), 20);
+        }
+        StackConfig {
+            tier,
+            speed: 1.0,
+            rate_per_minute: rate,
+            burst: 1,
+            headroom: DEFAULT_HEADROOM,
+            slots,
+            pool_slots,
+            task_lease: Duration::from_secs(30 * 60),
+            retry_max_attempts: 6,
+            retry_deadline: Duration::from_secs(10 * 60),
+            retry_budget_ratio: 0.2,
+            attempt_timeout: Duration::from_secs(30),
+            max_body_bytes: kling_core::classify::DEFAULT_MAX_BODY_BYTES,
+            daily_credits: credits,
+            credit_period: Duration::from_secs(24 * 60 * 60),
+        }
+    }
+
+    /// An enterprise account with the contract's numbers: `slots` per pool and
+    /// `rate_per_minute` requests per minute (`None`: no cap).
+    pub fn enterprise(slots: u32, rate_per_minute: Option<f64>) -> StackConfig {
+        let mut config = StackConfig::preset(Tier::Enterprise).slots(slots);
+        config.rate_per_minute = rate_per_minute;
+        config
+    }
+
+    /// A resource-pack account: the given slots per pool (`video`, `image`, `try-on`,
+    /// `video:kling-3.0`, …), no request-rate cap; pools not named get the largest given.
+    pub fn resource_pack<P: Into<String>>(
+        pools: impl IntoIterator<Item = (P, u32)>,
+    ) -> StackConfig {
+        let mut config = StackConfig::preset(Tier::ResourcePack);
+        config.pool_slots.clear();
+        for (pool, slots) in pools {
+            config.pool_slots.insert(pool.into(), slots);
+        }
+        if let Some(max) = config.pool_slots.values().copied().max() {
+            config.slots = max;
+        }
+        config
+    }
+
+    // ---- setters (API time) ----
+
+    /// Sets the speed factor: rates × `speed`, durations ÷ `speed` (not cumulative).
+    pub fn speed(mut self, speed: f64) -> Self {
+        self.speed = speed;
+        self
+    }
+
+    /// Sets the request rate per minute the account allows.
+    pub fn rate_per_minute(mut self, per_minute: f64) -> Self {
+        self.rate_per_minute = Some(per_minute);
+        self
+    }
+
+    /// Removes the request-rate cap.
+    pub fn no_rate_limit(mut self) -> Self {
+        self.rate_per_minute = None;
+        self
+    }
+
+    /// Sets the GCRA burst (1 = evenly spaced requests).
+    pub fn burst(mut self, burst: u32) -> Self {
+        self.burst = burst;
+        self
+    }
+
+    /// Sets the share of the rate left unused (0.05 = pace at 95%).
+    pub fn headroom(mut self, headroom: f64) -> Self {
+        self.headroom = headroom;
+        self
+    }
+
+    /// Sets the slots of every pool without its own entry.
+    pub fn slots(mut self, slots: u32) -> Self {
+        self.slots = slots;
+        self
+    }
+
+    /// Sets the slots of one pool (`video`, `image`, `try-on`, or `video:kling-3.0`).
+    pub fn pool_slots(mut self, pool: impl Into<String>, slots: u32) -> Self {
+        self.pool_slots.insert(pool.into(), slots);
+        self
+    }
+
+    /// Sets how long a task may hold its slot without news before the slot is reclaimed.
+    pub fn task_lease(mut self, lease: Duration) -> Self {
+        self.task_lease = lease;
+        self
+    }
+
+    /// Sets the attempts of one logical call (1 = no retry).
+    pub fn retry_max_attempts(mut self, attempts: u32) -> Self {
+        self.retry_max_attempts = attempts;
+        self
+    }
+
+    /// Sets how long one logical call may take, waits and retries included.
+    pub fn retry_deadline(mut self, deadline: Duration) -> Self {
+        self.retry_deadline = deadline;
+        self
+    }
+
+    /// Sets the retry budget: retries allowed per first attempt, over a window.
+    pub fn retry_budget_ratio(mut self, ratio: f64) -> Self {
+        self.retry_budget_ratio = ratio;
+        self
+    }
+
+    /// Sets the timeout of one attempt (body read included).
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout;
+        self
+    }
+
+    /// Sets the largest response body read.
+    pub fn max_body_bytes(mut self, bytes: usize) -> Self {
+        self.max_body_bytes = bytes;
+        self
+    }
+
+    /// Sets a credit budget per period (a day by default).
+    pub fn daily_credits(mut self, credits: f64) -> Self {
+        self.daily_credits = Some(credits);
+        self
+    }
+
+    /// Removes the credit budget.
+    pub fn no_daily_credits(mut self) -> Self {
+        self.daily_credits = None;
+        self
+    }
+
+    /// Sets the period after which the credit budget starts again (a day).
+    pub fn credit_period(mut self, period: Duration) -> Self {
+        self.credit_period = period;
+        self
+    }
+
+    // ---- getters (what the layers enforce) ----
+
+    /// The tier the numbers started from.
+    pub fn tier(&self) -> Tier {
+        self.tier
+    }
+
+    /// The speed factor.
+    pub fn speed_factor(&self) -> f64 {
+        self.speed
+    }
+
+    /// The account's request rate per minute at this speed (`None`: no cap).
+    pub fn account_rate_per_minute(&self) -> Option<f64> {
+        self.rate_per_minute.map(|r| r * self.speed)
+    }
+
+    /// The rate the stack paces at: the account's rate less the headroom, at this speed.
+    pub fn pacing_rate_per_minute(&self) -> Option<f64> {
+        self.account_rate_per_minute()
+            .map(|r| r * (1.0 - self.headroom))
+    }
+
+    /// The GCRA burst.
+    pub fn burst_size(&self) -> u32 {
+        self.burst
+    }
+
+    /// The headroom under the rate.
+    pub fn headroom_share(&self) -> f64 {
+        self.headroom
+    }
+
+    /// The slots of pools without their own entry.
+    pub fn default_slots(&self) -> u32 {
+        self.slots
+    }
+
+    /// The pools with their own slot count.
+    pub fn pool_slot_overrides(&self) -> impl Iterator<Item = (&str, u32)> + '_ {
+        self.pool_slots.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+
+    /// The slots of a pool: its own entry (`video:kling-3.0`), else its product's (`video`),
+    /// else the default.
+    pub fn slots_for(&self, pool: &Pool) -> u32 {
+        let exact = self.pool_slots.get(pool.to_string().as_str());
+        let product = || self.pool_slots.get(pool.product().as_str());
+        exact.or_else(product).copied().unwrap_or(self.slots)
+    }
+
+    /// The slot lease at this speed.
+    pub fn task_lease_duration(&self) -> Duration {
+        self.scaled(self.task_lease)
+    }
+
+    /// The attempts of one logical call.
+    pub fn max_attempts(&self) -> u32 {
+        self.retry_max_attempts
+    }
+
+    /// The deadline of one logical call at this speed.
+    pub fn retry_deadline_duration(&self) -> Duration {
+        self.scaled(self.retry_deadline)
+    }
+
+    /// The retry budget ratio.
+    pub fn retry_budget(&self) -> f64 {
+        self.retry_budget_ratio
+    }
+
+    /// The timeout of one attempt at this speed.
+    pub fn attempt_timeout_duration(&self) -> Duration {
+        self.scaled(self.attempt_timeout)
+    }
+
+    /// The largest response body read.
+    pub fn body_limit(&self) -> usize {
+        self.max_body_bytes
+    }
+
+    /// The credit budget per period (`None`: no budget).
+    pub fn credit_budget(&self) -> Option<f64> {
+        self.daily_credits
+    }
+
+    /// The credit period at this speed.
+    pub fn credit_period_duration(&self) -> Duration {
+        self.scaled(self.credit_period)
+    }
+
+    /// Divides an API-time duration by the speed factor.
+    pub fn scaled(&self, duration: Duration) -> Duration {
+        if self.speed.is_finite() && self.speed > 0.0 {
+            Duration::try_from_secs_f64(duration.as_secs_f64() / self.speed).unwrap_or(duration)
+        } else {
+            duration
+        }
+    }
+
+    /// Checks every number, naming the first impossible one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |field: &'static str, reason: &'static str| Err(ConfigError::new(field, reason));
+        if !(self.speed.is_finite() && self.speed > 0.0) {
+            return err("speed", "must be a finite number above 0");
+        }
+        if let Some(rate) = self.rate_per_minute
+            && !(rate.is_finite() && rate > 0.0)
+        {
+            return err("rate_per_minute", "must be a finite number above 0");
+        }
+        if self.burst == 0 {
+            return err("burst", "must be at least 1");
+        }
+        if !(self.headroom.is_finite() && (0.0..1.0).contains(&self.headroom)) {
+            return err("headroom", "must be at least 0 and below 1");
+        }
+        if self.slots == 0 {
+            return err("slots", "must be at least 1");
+        }
+        for (pool, slots) in &self.pool_slots {
+            if Pool::parse(pool).is_none() {
+                return Err(ConfigError::new(
+                    format!("pool_slots.{pool}"),
+                    "is not a pool (video, image, try-on, or product:model)",
+                ));
+            }
+            if *slots == 0 {
+                return Err(ConfigError::new(
+                    format!("pool_slots.{pool}"),
+                    "must be at least 1",
+                ));
+            }
+        }
+        let durations = [
+            ("task_lease_secs", self.task_lease),
+            ("retry_deadline_secs", self.retry_deadline),
+            ("attempt_timeout_secs", self.attempt_timeout),
+            ("credit_period_secs", self.credit_period),
+        ];
+        for (field, duration) in durations {
+            if duration.is_zero() {
+                return err(field, "must be above 0");
+            }
+            if duration > Duration::from_secs(365 * 24 * 3600) {
+                return err(field, "must be at most a year");
+            }
+        }
+        if self.retry_max_attempts == 0 {
+            return err("retry_max_attempts", "must be at least 1");
+        }
+        if !(self.retry_budget_ratio.is_finite() && self.retry_budget_ratio >= 0.0) {
+            return err("retry_budget_ratio", "must be a finite number, 0 or more");
+        }
+        if self.max_body_bytes < 1024 {
+            return err("max_body_bytes", "must be at least 1024");
+        }
+        if let Some(credits) = self.daily_credits
+            && !(credits.is_finite() && credits >= 0.0)
+        {
+            return err("daily_credits", "must be a finite number, 0 or more");
+        }
+        Ok(())
+    }
+
+    // ---- loading ----
+
+    /// Reads the configuration from `KLING_*` environment variables (see
+    /// [`StackConfig::from_lookup`] for the list) and validates it.
+    pub fn from_env() -> Result<StackConfig, ConfigError> {
+        StackConfig::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the configuration from variables looked up by name, and validates it.
+    ///
+    /// `KLING_TIER` picks the preset (default `free`, the numbers every account has); the
+    /// others override one number each:
+    ///
+    /// | variable | field | value |
+    /// |---|---|---|
+    /// | `KLING_TIER` | tier | `free`, `standard`, `pro`, `enterprise`, `resource-pack` |
+    /// | `KLING_SPEED` | speed | number above 0 |
+    /// | `KLING_RATE_PER_MINUTE` | rate_per_minute | number, or `none` |
+    /// | `KLING_BURST` | burst | integer ≥ 1 |
+    /// | `KLING_HEADROOM` | headroom | 0 ≤ x < 1 |
+    /// | `KLING_SLOTS` | slots | integer ≥ 1 |
+    /// | `KLING_POOL_SLOTS` | pool_slots | `video=20,image=9` |
+    /// | `KLING_TASK_LEASE_SECS` | task_lease | seconds |
+    /// | `KLING_RETRY_MAX_ATTEMPTS` | retry_max_attempts | integer ≥ 1 |
+    /// | `KLING_RETRY_DEADLINE_SECS` | retry_deadline | seconds |
+    /// | `KLING_RETRY_BUDGET_RATIO` | retry_budget_ratio | number ≥ 0 |
+    /// | `KLING_ATTEMPT_TIMEOUT_SECS` | attempt_timeout | seconds |
+    /// | `KLING_MAX_BODY_BYTES` | max_body_bytes | integer ≥ 1024 |
+    /// | `KLING_DAILY_CREDITS` | daily_credits | number, or `none` |
+    /// | `KLING_CREDIT_PERIOD_SECS` | credit_period | seconds |
+    ///
+    /// Errors name the variable.
+    pub fn from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<StackConfig, ConfigError> {
+        let tier = match lookup("KLING_TIER") {
+            Some(name) => name.parse::<Tier>().map_err(|e| e.renamed("KLING_TIER"))?,
+            None => Tier::Free,
+        };
+        StackConfig::preset(tier).with_lookup(lookup)
+    }
+
+    /// Overrides this configuration's numbers with the `KLING_*` variables that are set (all
+    /// but `KLING_TIER`), and validates the result.
+    pub fn with_lookup(
+        mut self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<StackConfig, ConfigError> {
+        let get = |var: &'static str| lookup(var).map(|v| (var, v.trim().to_owned()));
+        if let Some((var, v)) = get("KLING_SPEED") {
+            self.speed = parse_num(var, &v)?;
+        }
+        if let Some((var, v)) = get("KLING_RATE_PER_MINUTE") {
+            self.rate_per_minute = parse_optional(var, &v)?;
+        }
+        if let Some((var, v)) = get("KLING_BURST") {
+            self.burst = parse_num(var, &v)?;
+        }
+        if let Some((var, v)) = get("KLING_HEADROOM") {
+            self.headroom = parse_num(var, &v)?;
+        }
+        if let Some((var, v)) = get("KLING_SLOTS") {
+            self.slots = parse_num(var, &v)?;
+        }
+        if let Some((var, v)) = get("KLING_POOL_SLOTS") {
+            for entry in v.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+                let Some((pool, slots)) = entry.split_once('=') else {
+                    return Err(ConfigError::new(
+                        var,
+                        format!("entry `{entry}` is not `pool=slots`"),
+                    ));
+                };
+                let slots = parse_num(var, slots.trim())?;
+                self.pool_slots.insert(pool.trim().to_owned(), slots);
+            }
+        }
+        if let Some((var, v)) = get("KLING_TASK_LEASE_SECS") {
+            self.task_lease = parse_secs(var, &v)?;
+        }
+        if let Some((var, v)) = get("KLING_RETRY_MAX_ATTEMPTS") {
+            self.retry_max_attempts = parse_num(var, &v)?;
+        }
+        if let Some((var, v)) = get("KLING_RETRY_DEADLINE_SECS") {
+            self.retry_deadline = parse_secs(var, &v)?;
+        }
+        if let Some((var, v)) = get("KLING_RETRY_BUDGET_RATIO") {
+            self.retry_budget_ratio = parse_num(var, &v)?;
+        }
+        if let Some((var, v)) = get("KLING_ATTEMPT_TIMEOUT_SECS") {
+            self.attempt_timeout = parse_secs(var, &v)?;
+        }
+        if let Some((var, v)) = get("KLING_MAX_BODY_BYTES") {
+            self.max_body_bytes = parse_num(var, &v)?;
+        }
+        if let Some((var, v)) = get("KLING_DAILY_CREDITS") {
+            self.daily_credits = parse_optional(var, &v)?;
+        }
+        if let Some((var, v)) = get("KLING_CREDIT_PERIOD_SECS") {
+            self.credit_period = parse_secs(var, &v)?;
+        }
+        self.validate().map_err(|e| {
+            let var = env_var_of(e.field());
+            e.renamed(var)
+        })?;
+        Ok(self)
+    }
+
+    /// Reads a TOML document (see the [module docs](self) for the keys) and validates it.
+    ///
+    /// `tier` picks the preset (default `free`); the other keys override it. Unknown keys are
+    /// refused; errors name the key.
+    pub fn from_toml_str(text: &str) -> Result<StackConfig, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::new("toml", e.message().to_owned()))?;
+        raw.into_config()
+    }
+}
+
+/// The variable behind a field name, for errors found by validation after reading variables.
+fn env_var_of(field: &str) -> Cow<'static, str> {
+    let var = match field {
+        "speed" => "KLING_SPEED",
+        "rate_per_minute" => "KLING_RATE_PER_MINUTE",
+        "burst" => "KLING_BURST",
+        "headroom" => "KLING_HEADROOM",
+        "slots" => "KLING_SLOTS",
+        "task_lease_secs" => "KLING_TASK_LEASE_SECS",
+        "retry_max_attempts" => "KLING_RETRY_MAX_ATTEMPTS",
+        "retry_deadline_secs" => "KLING_RETRY_DEADLINE_SECS",
+        "retry_budget_ratio" => "KLING_RETRY_BUDGET_RATIO",
+        "attempt_timeout_secs" => "KLING_ATTEMPT_TIMEOUT_SECS",
+        "max_body_bytes" => "KLING_MAX_BODY_BYTES",
+        "daily_credits" => "KLING_DAILY_CREDITS",
+        "credit_period_secs" => "KLING_CREDIT_PERIOD_SECS",
+        f if f.starts_with("pool_slots") => {
+            return Cow::Owned(format!("KLING_POOL_SLOTS ({f})"));
+        }
+        other => return Cow::Owned(other.to_owned()),
+    };
+    Cow::Borrowed(var)
+}
+
+fn parse_num<T: FromStr>(var: &'static str, value: &str) -> Result<T, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| ConfigError::new(var, format!("`{value}` is not a valid number here")))
+}
+
+fn parse_optional(var: &'static str, value: &str) -> Result<Option<f64>, ConfigError> {
+    if value.eq_ignore_ascii_case("none") {
+        Ok(None)
+    } else {
+        parse_num(var, value).map(Some)
+    }
+}
+
+fn parse_secs(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let secs: f64 = parse_num(var, value)?;
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| ConfigError::new(var, format!("`{value}` is not a valid number of seconds")))
+}
+
+/// A number, or the word `none`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumberOrNone {
+    Number(f64),
+    Word(String),
+}
+
+impl NumberOrNone {
+    fn into_option(self, field: &'static str) -> Result<Option<f64>, ConfigError> {
+        match self {
+            NumberOrNone::Number(n) => Ok(Some(n)),
+            NumberOrNone::Word(w) if w.eq_ignore_ascii_case("none") => Ok(None),
+            NumberOrNone::Word(w) => Err(ConfigError::new(
+                field,
+                format!("must be a number or \"none\", not \"{w}\""),
+            )),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    tier: Option<String>,
+    speed: Option<f64>,
+    rate_per_minute: Option<NumberOrNone>,
+    burst: Option<u32>,
+    headroom: Option<f64>,
+    slots: Option<u32>,
+    pool_slots: Option<BTreeMap<String, u32>>,
+    task_lease_secs: Option<f64>,
+    retry_max_attempts: Option<u32>,
+    retry_deadline_secs: Option<f64>,
+    retry_budget_ratio: Option<f64>,
+    attempt_timeout_secs: Option<f64>,
+    max_body_bytes: Option<usize>,
+    daily_credits: Option<NumberOrNone>,
+    credit_period_secs: Option<f64>,
+}
+
+impl RawConfig {
+    fn into_config(self) -> Result<StackConfig, ConfigError> {
+        let tier = match self.tier {
+            Some(name) => name.parse::<Tier>()?,
+            None => Tier::Free,
+        };
+        let mut c = StackConfig::preset(tier);
+        let secs = |field: &'static str, secs: f64| {
+            Duration::try_from_secs_f64(secs)
+                .map_err(|_| ConfigError::new(field, "must be a number of seconds, 0 or more"))
+        };
+        if let Some(v) = self.speed {
+            c.speed = v;
+        }
+        if let Some(v) = self.rate_per_minute {
+            c.rate_per_minute = v.into_option("rate_per_minute")?;
+        }
+        if let Some(v) = self.burst {
+            c.burst = v;
+        }
+        if let Some(v) = self.headroom {
+            c.headroom = v;
+        }
+        if let Some(v) = self.slots {
+            c.slots = v;
+        }
+        if let Some(v) = self.pool_slots {
+            c.pool_slots.extend(v);
+        }
+        if let Some(v) = self.task_lease_secs {
+            c.task_lease = secs("task_lease_secs", v)?;
+        }
+        if let Some(v) = self.retry_max_attempts {
+            c.retry_max_attempts = v;
+        }
+        if let Some(v) = self.retry_deadline_secs {
+            c.retry_deadline = secs("retry_deadline_secs", v)?;
+        }
+        if let Some(v) = self.retry_budget_ratio {
+            c.retry_budget_ratio = v;
+        }
+        if let Some(v) = self.attempt_timeout_secs {
+            c.attempt_timeout = secs("attempt_timeout_secs", v)?;
+        }
+        if let Some(v) = self.max_body_bytes {
+            c.max_body_bytes = v;
+        }
+        if let Some(v) = self.daily_credits {
+            c.daily_credits = v.into_option("daily_credits")?;
+        }
+        if let Some(v) = self.credit_period_secs {
+            c.credit_period = secs("credit_period_secs", v)?;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}

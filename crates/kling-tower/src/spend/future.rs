@@ -1,0 +1,135 @@
+//! The [`SpendGuard`](super::SpendGuard) response future.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::Response;
+use http_body_util::Full;
+use kling_core::{AccountId, BoxError, Outcome, SendState};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+
+use super::Ledger;
+use crate::error::BudgetExceeded;
+
+/// A create's reservation, settled by its response.
+pub(crate) struct Settle {
+    pub(crate) ledger: Arc<Ledger>,
+    pub(crate) account: Option<AccountId>,
+    pub(crate) estimate: f64,
+    pub(crate) period_start: Instant,
+}
+
+pin_project! {
+    /// Refuses an over-budget create at once, or waits for the inner response and settles the
+    /// create's reservation (or reads task costs from a query's answer).
+    pub struct ResponseFuture<F> {
+        #[pin]
+        state: State<F>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Refused { error: Option<BudgetExceeded> },
+        Create { #[pin] future: F, settle: Option<Settle> },
+        Other { #[pin] future: F, observe: Option<(Arc<Ledger>, Option<AccountId>)> },
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    pub(crate) fn refused(error: BudgetExceeded) -> Self {
+        ResponseFuture {
+            state: State::Refused { error: Some(error) },
+        }
+    }
+
+    pub(crate) fn create(future: F, settle: Settle) -> Self {
+        ResponseFuture {
+            state: State::Create {
+                future,
+                settle: Some(settle),
+            },
+        }
+    }
+
+    pub(crate) fn observe(future: F, observe: Option<(Arc<Ledger>, Option<AccountId>)>) -> Self {
+        ResponseFuture {
+            state: State::Other { future, observe },
+        }
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<Full<Bytes>>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<Full<Bytes>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Refused { error } => Poll::Ready(Err(match error.take() {
+                Some(error) => Box::new(error),
+                None => "polled after completion".into(),
+            })),
+            StateProj::Create { future, settle } => {
+                let result = ready!(future.poll(cx)).map_err(Into::into);
+                let Some(settle) = settle.take() else {
+                    return Poll::Ready(result);
+                };
+                let Settle {
+                    ledger,
+                    account,
+                    estimate,
+                    period_start,
+                } = settle;
+                match result {
+                    Ok(mut response) => {
+                        match Outcome::ensure(&mut response) {
+                            Ok(outcome) if outcome.is_success() => {
+                                // A success without a task id keeps its estimate.
+                                if let Some(task) = outcome.task() {
+                                    ledger.created(&account, estimate, period_start, task);
+                                }
+                            }
+                            Ok(outcome) if !outcome.code().may_have_created() => {
+                                ledger.release(&account, estimate, period_start);
+                            }
+                            // 5000/5002, an unknown code or an unreadable body: the task may
+                            // exist and be billed.
+                            _ => {}
+                        }
+                        Poll::Ready(Ok(response))
+                    }
+                    Err(error) => {
+                        if SendState::of(&*error) == SendState::NotSent {
+                            ledger.release(&account, estimate, period_start);
+                        }
+                        Poll::Ready(Err(error))
+                    }
+                }
+            }
+            StateProj::Other { future, observe } => {
+                let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
+                if let Some((ledger, account)) = observe.take()
+                    && let Ok(outcome) = Outcome::ensure(&mut response)
+                {
+                    ledger.observe(&account, outcome.tasks());
+                }
+                Poll::Ready(Ok(response))
+            }
+        }
+    }
+}

@@ -1,0 +1,450 @@
+//! [`SpendGuardLayer`]: a credit budget per period (a day), enforced before creates reach the
+//! server.
+//!
+//! Each create is priced by a [`CostTable`] (per pool or product; an image create costs the
+//! per-image price × `n`). When the estimate would pass what is left of the budget, the create
+//! fails at once with [`BudgetExceeded`] and is never sent. An accepted estimate counts against
+//! the budget straight away; it is given back when the server refuses the create (a code that
+//! cannot have created a task, or a request that was never sent), and replaced by the real
+//! cost when a query or callback reports the finished task's cost ([`TaskReport::cost`]: the
+//! legacy `final_unit_deduction` or the sum of new-style `billing[].amount`). A create whose
+//! outcome is unknown keeps its estimate: the task may run and be billed.
+//!
+//! Budgets are kept per [`AccountId`] (requests without one share a budget) and start again
+//! every period, counted from an account's first create.
+//!
+//! # Example
+//!
+//! ```
+//! use kling_tower::spend::{CostTable, SpendGuardLayer};
+//!
+//! // The Free tier's 66 credits a day, a video at 10 credits, an image at 1 per picture.
+//! let costs = CostTable::new().video(10.0).image_per_image(1.0);
+//! let guard = SpendGuardLayer::new(66.0, costs)?;
+//! assert_eq!(guard.remaining(None), 66.0);
+//! # Ok::<(), kling_tower::error::ConfigError>(())
+//! ```
+
+pub mod future;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body_util::Full;
+use kling_core::{AccountId, BoxError, PeekBody, Product, Recognized, TaskReport};
+use tokio::time::Instant;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::error::{BudgetExceeded, ConfigError};
+use crate::preset::StackConfig;
+
+/// What a create is estimated to cost, in credits (the unit of `final_unit_deduction`).
+///
+/// A pool's own price (`video:kling-3.0`) wins over its product's; an image create costs its
+/// price × `n`. The defaults are 1 credit per video, per image and per try-on, what
+/// `kling-mock` bills; set your models' prices.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CostTable {
+    video: f64,
+    image: f64,
+    try_on: f64,
+    pools: BTreeMap<String, f64>,
+}
+
+impl Default for CostTable {
+    fn default() -> Self {
+        CostTable::new()
+    }
+}
+
+impl CostTable {
+    /// 1 credit per video, per image and per try-on.
+    pub fn new() -> Self {
+        CostTable {
+            video: 1.0,
+            image: 1.0,
+            try_on: 1.0,
+            pools: BTreeMap::new(),
+        }
+    }
+
+    /// The price of a video create.
+    pub fn video(mut self, credits: f64) -> Self {
+        self.video = credits;
+        self
+    }
+
+    /// The price of one image (an image create costs this × `n`).
+    pub fn image_per_image(mut self, credits: f64) -> Self {
+        self.image = credits;
+        self
+    }
+
+    /// The price of a try-on create.
+    pub fn try_on(mut self, credits: f64) -> Self {
+        self.try_on = credits;
+        self
+    }
+
+    /// The price in one pool (`video:kling-3.0`, `image:kling-v2`: per image).
+    pub fn pool(mut self, pool: impl Into<String>, credits: f64) -> Self {
+        self.pools.insert(pool.into(), credits);
+        self
+    }
+
+    /// The estimated cost of a recognised request (0 for anything but a create).
+    pub fn estimate(&self, request: &Recognized) -> f64 {
+        let Some(pool) = request.pool.as_ref().filter(|_| request.is_create()) else {
+            return 0.0;
+        };
+        let unit = self
+            .pools
+            .get(pool.to_string().as_str())
+            .copied()
+            .unwrap_or(match pool.product() {
+                Product::Image => self.image,
+                Product::TryOn => self.try_on,
+                _ => self.video,
+            });
+        match pool.product() {
+            Product::Image => unit * f64::from(request.weight.max(1)),
+            _ => unit,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let ok = |c: f64| c.is_finite() && c >= 0.0;
+        for (field, cost) in [
+            ("costs.video", self.video),
+            ("costs.image", self.image),
+            ("costs.try_on", self.try_on),
+        ] {
+            if !ok(cost) {
+                return Err(ConfigError::new(
+                    field,
+                    "must be a finite number, 0 or more",
+                ));
+            }
+        }
+        for (pool, cost) in &self.pools {
+            if !ok(*cost) {
+                return Err(ConfigError::new(
+                    format!("costs.{pool}"),
+                    "must be a finite number, 0 or more",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Slack for float sums: a create that fits to within this is accepted.
+const EPSILON: f64 = 1e-9;
+
+#[derive(Debug)]
+struct Account {
+    period_start: Instant,
+    committed: f64,
+    /// Task id → the estimate it was charged, until its real cost is known.
+    tasks: HashMap<String, f64>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Ledger {
+    budget: f64,
+    period: Duration,
+    costs: CostTable,
+    accounts: Mutex<HashMap<Option<AccountId>, Account>>,
+    /// Tasks whose cost is awaited, over all accounts: responses are only inspected when
+    /// some are.
+    awaited: AtomicUsize,
+}
+
+impl Ledger {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Option<AccountId>, Account>> {
+        self.accounts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The account's entry, started or rolled into the current period.
+    fn account<'a>(
+        &self,
+        accounts: &'a mut HashMap<Option<AccountId>, Account>,
+        key: &Option<AccountId>,
+        now: Instant,
+    ) -> &'a mut Account {
+        let account = accounts.entry(key.clone()).or_insert_with(|| Account {
+            period_start: now,
+            committed: 0.0,
+            tasks: HashMap::new(),
+        });
+        if now >= account.period_start + self.period {
+            let periods = (now - account.period_start).as_nanos() / self.period.as_nanos().max(1);
+            let advance = self
+                .period
+                .checked_mul(u32::try_from(periods).unwrap_or(u32::MAX))
+                .unwrap_or(now - account.period_start);
+            account.period_start += advance;
+            account.committed = 0.0;
+            self.awaited
+                .fetch_sub(account.tasks.len(), Ordering::Relaxed);
+            account.tasks.clear();
+        }
+        account
+    }
+
+    /// Reserves `estimate` or refuses the create.
+    fn reserve(&self, key: &Option<AccountId>, estimate: f64) -> Result<Instant, BudgetExceeded> {
+        let now = Instant::now();
+        let mut accounts = self.lock();
+        let account = self.account(&mut accounts, key, now);
+        if account.committed + estimate > self.budget + EPSILON {
+            return Err(BudgetExceeded {
+                account: key.clone(),
+                budget: self.budget,
+                committed: account.committed,
+                estimate,
+                resets_in: (account.period_start + self.period).saturating_duration_since(now),
+            });
+        }
+        account.committed += estimate;
+        Ok(account.period_start)
+    }
+
+    /// Gives a reservation back (the create did not happen).
+    fn release(&self, key: &Option<AccountId>, estimate: f64, period_start: Instant) {
+        let mut accounts = self.lock();
+        let account = self.account(&mut accounts, key, Instant::now());
+        if account.period_start == period_start {
+            account.committed = (account.committed - estimate).max(0.0);
+        }
+    }
+
+    /// Records the task a create made, then applies its report.
+    fn created(
+        &self,
+        key: &Option<AccountId>,
+        estimate: f64,
+        period_start: Instant,
+        report: &TaskReport,
+    ) {
+        let mut accounts = self.lock();
+        let account = self.account(&mut accounts, key, Instant::now());
+        if account.period_start != period_start {
+            return;
+        }
+        if account.tasks.insert(report.id.clone(), estimate).is_none() {
+            self.awaited.fetch_add(1, Ordering::Relaxed);
+        }
+        self.apply(account, report);
+    }
+
+    /// Applies task reports from a query or callback of `key`'s account.
+    fn observe(&self, key: &Option<AccountId>, reports: &[TaskReport]) {
+        if self.awaited.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut accounts = self.lock();
+        let account = self.account(&mut accounts, key, Instant::now());
+        for report in reports {
+            self.apply(account, report);
+        }
+    }
+
+    fn apply(&self, account: &mut Account, report: &TaskReport) {
+        if !report.status.is_terminal() {
+            return;
+        }
+        let Some(estimate) = account.tasks.remove(&report.id) else {
+            return;
+        };
+        self.awaited.fetch_sub(1, Ordering::Relaxed);
+        if let Some(cost) = report.cost.filter(|c| c.is_finite() && *c >= 0.0) {
+            account.committed = (account.committed - estimate + cost).max(0.0);
+        }
+    }
+}
+
+/// Applies [`SpendGuard`] to a service. See the [module docs](self).
+///
+/// # Clone
+///
+/// Clones, and every service they build, share one ledger: the budget is spent once.
+#[derive(Clone, Debug)]
+pub struct SpendGuardLayer {
+    ledger: Arc<Ledger>,
+}
+
+impl SpendGuardLayer {
+    /// A budget of `credits` per day, with creates priced by `costs`.
+    pub fn new(credits: f64, costs: CostTable) -> Result<SpendGuardLayer, ConfigError> {
+        SpendGuardLayer::with_period(credits, Duration::from_secs(24 * 60 * 60), costs)
+    }
+
+    /// A budget of `credits` per `period`.
+    pub fn with_period(
+        credits: f64,
+        period: Duration,
+        costs: CostTable,
+    ) -> Result<SpendGuardLayer, ConfigError> {
+        if !(credits.is_finite() && credits >= 0.0) {
+            return Err(ConfigError::new(
+                "daily_credits",
+                "must be a finite number, 0 or more",
+            ));
+        }
+        if period.is_zero() {
+            return Err(ConfigError::new("credit_period_secs", "must be above 0"));
+        }
+        costs.validate()?;
+        Ok(SpendGuardLayer {
+            ledger: Arc::new(Ledger {
+                budget: credits,
+                period,
+                costs,
+                accounts: Mutex::new(HashMap::new()),
+                awaited: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// The guard a configuration asks for (its budget and period, at its speed), or `None`
+    /// when it sets no budget.
+    pub fn from_config(
+        config: &StackConfig,
+        costs: CostTable,
+    ) -> Result<Option<SpendGuardLayer>, ConfigError> {
+        config.validate()?;
+        config
+            .credit_budget()
+            .map(|credits| {
+                SpendGuardLayer::with_period(credits, config.credit_period_duration(), costs)
+            })
+            .transpose()
+    }
+
+    /// The credit budget of one period.
+    pub fn budget(&self) -> f64 {
+        self.ledger.budget
+    }
+
+    /// Credits spent or reserved by an account in the current period.
+    pub fn committed(&self, account: Option<&AccountId>) -> f64 {
+        let key = account.cloned();
+        let mut accounts = self.ledger.lock();
+        self.ledger
+            .account(&mut accounts, &key, Instant::now())
+            .committed
+    }
+
+    /// What an account has left in the current period.
+    pub fn remaining(&self, account: Option<&AccountId>) -> f64 {
+        (self.ledger.budget - self.committed(account)).max(0.0)
+    }
+
+    /// Applies a task report from elsewhere (a callback): a finished task's cost replaces its
+    /// estimate.
+    pub fn report(&self, account: Option<&AccountId>, report: &TaskReport) {
+        self.ledger
+            .observe(&account.cloned(), std::slice::from_ref(report));
+    }
+}
+
+impl<S> Layer<S> for SpendGuardLayer {
+    type Service = SpendGuard<S>;
+
+    fn layer(&self, inner: S) -> SpendGuard<S> {
+        SpendGuard {
+            inner,
+            ledger: self.ledger.clone(),
+        }
+    }
+}
+
+/// Refuses creates that would pass the credit budget. See the [module docs](self).
+///
+/// # Clone
+///
+/// Clones share the ledger of the [`SpendGuardLayer`] that built them.
+#[derive(Clone)]
+pub struct SpendGuard<S> {
+    inner: S,
+    ledger: Arc<Ledger>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for SpendGuard<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpendGuard")
+            .field("inner", &self.inner)
+            .field("budget", &self.ledger.budget)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> SpendGuard<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B> Service<Request<B>> for SpendGuard<S>
+where
+    S: Service<Request<B>, Response = Response<Full<Bytes>>>,
+    S::Error: Into<BoxError>,
+    B: PeekBody,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = BoxError;
+    type Future = future::ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        // Only a POST can create; anything else skips recognition.
+        let estimate = if request.method() == Method::POST {
+            let recognized = Recognized::of(&mut request);
+            recognized
+                .is_create()
+                .then(|| self.ledger.costs.estimate(recognized))
+        } else {
+            None
+        };
+        let Some(estimate) = estimate else {
+            let observe = (self.ledger.awaited.load(Ordering::Relaxed) > 0)
+                .then(|| (self.ledger.clone(), AccountId::of(&request).cloned()));
+            return future::ResponseFuture::observe(self.inner.call(request), observe);
+        };
+        let account = AccountId::of(&request).cloned();
+        match self.ledger.reserve(&account, estimate) {
+            Ok(period_start) => future::ResponseFuture::create(
+                self.inner.call(request),
+                future::Settle {
+                    ledger: self.ledger.clone(),
+                    account,
+                    estimate,
+                    period_start,
+                },
+            ),
+            Err(refused) => future::ResponseFuture::refused(refused),
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! Verification of signed Kling callbacks (the Standard Webhooks scheme) and, with the `axum`
+//! feature, a handler that verifies them.
+//!
+//! A signed callback carries `webhook-id`, `webhook-timestamp` (Unix seconds) and
+//! `webhook-signature`: one or more space-separated `v1,<base64>` HMAC-SHA256 signatures of
+//! `{id}.{timestamp}.{raw body}` (several while a key is being rotated). [`WebhookVerifier`]
+//! accepts a message when any signature matches any configured secret (compared in constant
+//! time), its timestamp is within ±5 minutes of now, and its id has not been accepted before
+//! (a bounded cache of recent ids; older ids are refused as stale anyway).
+//!
+//! Secrets are `whsec_<base64>` (the key is the decoded bytes) or, as `kling-mock` also
+//! accepts, raw text used as the key.
+//!
+//! ```
+//! use http::HeaderMap;
+//! use kling_tower::webhook::WebhookVerifier;
+//!
+//! let secret = "whsec_c2VjcmV0LWtleS1mb3ItdGVzdHM=";
+//! let verifier = WebhookVerifier::new(secret)?;
+//! let body = br#"{"task_id":"t1","task_status":"succeed"}"#;
+//! let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+//! let mut headers = HeaderMap::new();
+//! headers.insert("webhook-id", "msg_1".parse()?);
+//! headers.insert("webhook-timestamp", now.to_string().parse()?);
+//! headers.insert("webhook-signature", WebhookVerifier::sign(secret, "msg_1", now, body)?.parse()?);
+//! assert!(verifier.verify(&headers, body).is_ok());
+//! // The same message again is a replay.
+//! assert!(verifier.verify(&headers, body).is_err());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#[cfg(feature = "axum")]
+pub mod axum;
+
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use hmac::{Hmac, KeyInit as _, Mac as _};
+use http::HeaderMap;
+use kling_core::{Envelope, TaskReport};
+use sha2::Sha256;
+
+use crate::clock::{SystemClock, WallClock};
+use crate::error::{ConfigError, WebhookError, WebhookErrorKind};
+
+/// The default tolerance between a message's timestamp and now.
+pub const DEFAULT_TOLERANCE: Duration = Duration::from_secs(5 * 60);
+/// The default number of recent message ids remembered against replays.
+pub const DEFAULT_REPLAY_CAPACITY: usize = 10_000;
+
+/// A verified message's id and timestamp.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    /// `webhook-id`.
+    pub id: String,
+    /// `webhook-timestamp`, Unix seconds.
+    pub timestamp: u64,
+}
+
+/// Verifies Standard-Webhooks signatures. See the [module docs](self).
+///
+/// # Clone
+///
+/// Clones share the secrets and the cache of recently seen ids, so a replay is caught
+/// whichever clone sees it.
+#[derive(Clone)]
+pub struct WebhookVerifier {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    keys: Vec<Vec<u8>>,
+    tolerance: Duration,
+    clock: Arc<dyn WallClock>,
+    capacity: usize,
+    seen: Mutex<Seen>,
+}
+
+#[derive(Default)]
+struct Seen {
+    order: VecDeque<(String, u64)>,
+    ids: HashSet<String>,
+}
+
+impl fmt::Debug for WebhookVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookVerifier")
+            .field(
+                "secrets",
+                &format_args!("<{} redacted>", self.inner.keys.len()),
+            )
+            .field("tolerance", &self.inner.tolerance)
+            .field("replay_capacity", &self.inner.capacity)
+            .finish()
+    }
+}
+
+fn decode_secret(secret: &str) -> Result<Vec<u8>, ConfigError> {
+    let secret = secret.trim();
+    let key = match secret.strip_prefix("whsec_") {
+        Some(b64) => STANDARD.decode(b64).map_err(|_| {
+            ConfigError::new(
+                "webhook_secret",
+                "has the whsec_ prefix but is not valid base64 after it",
+            )
+        })?,
+        None => secret.as_bytes().to_vec(),
+    };
+    if key.is_empty() {
+        return Err(ConfigError::new("webhook_secret", "must not be empty"));
+    }
+    Ok(key)
+}
+
+impl WebhookVerifier {
+    /// A verifier for one secret, on the system clock, with a ±5 minute tolerance.
+    pub fn new(secret: &str) -> Result<WebhookVerifier, ConfigError> {
+        Ok(WebhookVerifier {
+            inner: Arc::new(Inner {
+                keys: vec![decode_secret(secret)?],
+                tolerance: DEFAULT_TOLERANCE,
+                clock: Arc::new(SystemClock),
+                capacity: DEFAULT_REPLAY_CAPACITY,
+                seen: Mutex::new(Seen::default()),
+            }),
+        })
+    }
+
+    fn rebuild(
+        &self,
+        change: impl FnOnce(&mut Vec<Vec<u8>>, &mut Duration, &mut Arc<dyn WallClock>, &mut usize),
+    ) -> WebhookVerifier {
+        let mut keys = self.inner.keys.clone();
+        let mut tolerance = self.inner.tolerance;
+        let mut clock = self.inner.clock.clone();
+        let mut capacity = self.inner.capacity;
+        change(&mut keys, &mut tolerance, &mut clock, &mut capacity);
+        WebhookVerifier {
+            inner: Arc::new(Inner {
+                keys,
+                tolerance,
+                clock,
+                capacity,
+                seen: Mutex::new(Seen::default()),
+            }),
+        }
+    }
+
+    /// Also accepts signatures made with `secret` (during a key rotation).
+    pub fn with_secret(self, secret: &str) -> Result<WebhookVerifier, ConfigError> {
+        let key = decode_secret(secret)?;
+        Ok(self.rebuild(|keys, _, _, _| keys.push(key)))
+    }
+
+    /// Sets how far a message's timestamp may be from now, either way.
+    pub fn tolerance(self, tolerance: Duration) -> WebhookVerifier {
+        self.rebuild(|_, t, _, _| *t = tolerance)
+    }
+
+    /// Reads the time from `clock`.
+    pub fn with_clock(self, clock: impl WallClock) -> WebhookVerifier {
+        self.rebuild(|_, _, c, _| *c = Arc::new(clock))
+    }
+
+    /// Sets how many recent ids are remembered against replays (at least 1).
+    pub fn replay_capacity(self, capacity: usize) -> Result<WebhookVerifier, ConfigError> {
+        if capacity == 0 {
+            return Err(ConfigError::new("replay_capacity", "must be at least 1"));
+        }
+        Ok(self.rebuild(|_, _, _, c| *c = capacity))
+    }
+
+    /// The `webhook-signature` value `v1,<base64>` for a message, as a sender makes it.
+    pub fn sign(
+        secret: &str,
+        id: &str,
+        timestamp: u64,
+        body: &[u8],
+    ) -> Result<String, ConfigError> {
+        let key = decode_secret(secret)?;
+        let mac = mac(&key, id, timestamp, body);
+        Ok(format!(
+            "v1,{}",
+            STANDARD.encode(mac.finalize().into_bytes())
+        ))
+    }
+
+    /// Verifies a message: headers present, timestamp within tolerance, a matching signature,
+    /// and an id not seen before (which it then remembers).
+    pub fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<Verified, WebhookError> {
+        let header = |name: &'static str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| {
+                    WebhookError::new(
+                        WebhookErrorKind::MissingHeader,
+                        format!("missing or unreadable `{name}` header"),
+                    )
+                })
+        };
+        let id = header("webhook-id")?;
+        let timestamp_text = header("webhook-timestamp")?;
+        let signatures = header("webhook-signature")?;
+        let timestamp: u64 = timestamp_text.parse().map_err(|_| {
+            WebhookError::new(
+                WebhookErrorKind::BadTimestamp,
+                format!("`webhook-timestamp` `{timestamp_text}` is not unix seconds"),
+            )
+        })?;
+        let now = self.inner.clock.unix_now().as_secs();
+        let tolerance = self.inner.tolerance.as_secs();
+        if now.abs_diff(timestamp) > tolerance {
+            return Err(WebhookError::new(
+                WebhookErrorKind::Stale,
+                format!("timestamp {timestamp} is more than {tolerance}s from now ({now})"),
+            ));
+        }
+        let candidates: Vec<Vec<u8>> = signatures
+            .split_whitespace()
+            .filter_map(|sig| sig.strip_prefix("v1,"))
+            .filter_map(|b64| STANDARD.decode(b64).ok())
+            .collect();
+        let matched = self.inner.keys.iter().any(|key| {
+            candidates
+                .iter()
+                .any(|sig| mac(key, id, timestamp, body).verify_slice(sig).is_ok())
+        });
+        if !matched {
+            return Err(WebhookError::new(
+                WebhookErrorKind::BadSignature,
+                "no v1 signature matches a configured secret",
+            ));
+        }
+        self.remember(id, timestamp, now)?;
+        Ok(Verified {
+            id: id.to_owned(),
+            timestamp,
+        })
+    }
+
+    /// Verifies a message and reads the task it reports.
+    pub fn verify_task(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<Option<TaskReport>, WebhookError> {
+        self.verify(headers, body)?;
+        Ok(parse_task(body))
+    }
+
+    fn remember(&self, id: &str, timestamp: u64, now: u64) -> Result<(), WebhookError> {
+        let mut seen = self.inner.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.ids.contains(id) {
+            return Err(WebhookError::new(
+                WebhookErrorKind::Replayed,
+                format!("message `{id}` was already accepted"),
+            ));
+        }
+        // Ids whose timestamps are out of tolerance would be refused as stale: forget them.
+        let horizon = now.saturating_sub(self.inner.tolerance.as_secs());
+        while seen
+            .order
+            .front()
+            .is_some_and(|(_, ts)| *ts < horizon || seen.order.len() >= self.inner.capacity)
+        {
+            if let Some((old, _)) = seen.order.pop_front() {
+                seen.ids.remove(&old);
+            }
+        }
+        seen.ids.insert(id.to_owned());
+        seen.order.push_back((id.to_owned(), timestamp));
+        Ok(())
+    }
+}
+
+fn mac(key: &[u8], id: &str, timestamp: u64, body: &[u8]) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256>>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    mac
+}
+
+/// Reads the task a callback body reports: the bare task object Kling posts (either
+/// generation), or a whole `{code, data}` envelope.
+pub fn parse_task(body: &[u8]) -> Option<TaskReport> {
+    if let Ok(envelope) = Envelope::parse(body) {
+        return envelope.tasks.into_iter().next();
+    }
+    let mut wrapped = Vec::with_capacity(body.len() + 20);
+    wrapped.extend_from_slice(br#"{"code":0,"data":"#);
+    wrapped.extend_from_slice(body);
+    wrapped.push(b'}');
+    Envelope::parse(&wrapped).ok()?.tasks.into_iter().next()
+}

@@ -1,0 +1,289 @@
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::AUTHORIZATION;
+use http_body_util::Full;
+use kling_core::{AccountId, ClassifyLayer, Code, Outcome};
+use kling_mock::{MockConfig, MockKling, Preset};
+use kling_tower::auth::{AuthLayer, Credentials};
+use kling_tower::clock::TokioWallClock;
+use tower::{Layer, ServiceExt, service_fn};
+
+use crate::support::{envelope, request};
+
+/// 2024-01-01T00:00:00Z.
+const T0: u64 = 1_704_067_200;
+
+fn claims(header: &http::HeaderValue) -> serde_json::Value {
+    let token = header.to_str().unwrap().strip_prefix("Bearer ").unwrap();
+    let parts: Vec<&str> = token.split('.').collect();
+    assert_eq!(parts.len(), 3);
+    let head: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts[0])
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(head["alg"], "HS256");
+    assert_eq!(head["typ"], "JWT");
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts[1])
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// A service recording each `Authorization` it sees and answering from `answer`.
+type Seen = Arc<Mutex<Vec<http::HeaderValue>>>;
+
+type Inner = tower::util::BoxCloneService<
+    http::Request<Full<Bytes>>,
+    http::Response<Full<Bytes>>,
+    std::convert::Infallible,
+>;
+
+fn recorder(
+    answer: impl Fn(usize) -> (u16, &'static str) + Clone + Send + Sync + 'static,
+) -> (Seen, Inner) {
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    let svc = service_fn(move |req: http::Request<Full<Bytes>>| {
+        let log = log.clone();
+        let answer = answer.clone();
+        async move {
+            let n = {
+                let mut log = log.lock().unwrap();
+                log.push(req.headers()[AUTHORIZATION].clone());
+                log.len()
+            };
+            let (status, body) = answer(n);
+            Ok::<_, std::convert::Infallible>(envelope(status, body))
+        }
+    });
+    (seen, tower::util::BoxCloneService::new(svc))
+}
+
+const OK: &str = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":null}"#;
+const EXPIRED: &str = r#"{"code":1004,"message":"token expired","request_id":"r"}"#;
+
+#[tokio::test(start_paused = true)]
+async fn jwt_claims_are_iss_exp_and_nbf() {
+    let layer = AuthLayer::new(Credentials::access_key("ak-1", "sk-1").unwrap())
+        .with_clock(TokioWallClock::starting_at(Duration::from_secs(T0)));
+    let c = claims(&layer.authorization().unwrap());
+    assert_eq!(c["iss"], "ak-1");
+    assert_eq!(c["exp"], T0 + 1800);
+    assert_eq!(c["nbf"], T0 - 5);
+    assert_eq!(layer.tokens_signed(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn token_is_cached_then_renewed_before_it_expires() {
+    let layer = AuthLayer::new(Credentials::access_key("ak", "sk").unwrap())
+        .with_clock(TokioWallClock::starting_at(Duration::from_secs(T0)))
+        .renew_before(Duration::from_secs(300))
+        .unwrap();
+    let (seen, inner) = recorder(|_| (200, OK));
+    let svc = layer.layer(inner);
+    svc.clone()
+        .oneshot(request("GET", "/v1/videos/text2video/1", ""))
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(1499)).await;
+    svc.clone()
+        .oneshot(request("GET", "/v1/videos/text2video/1", ""))
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    svc.clone()
+        .oneshot(request("GET", "/v1/videos/text2video/1", ""))
+        .await
+        .unwrap();
+
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen[0], seen[1], "cached for 1499 s");
+    assert_ne!(seen[1], seen[2], "renewed 300 s before exp");
+    assert_eq!(claims(&seen[2])["exp"], T0 + 1500 + 1800);
+    assert_eq!(layer.tokens_signed(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn token_expired_answer_triggers_exactly_one_resign_and_retry() {
+    let clock = TokioWallClock::starting_at(Duration::from_secs(T0));
+    let layer = AuthLayer::new(Credentials::access_key("ak", "sk").unwrap()).with_clock(clock);
+    // The server refuses the first token it sees and accepts any other.
+    let (seen, inner) = recorder(|n| if n == 1 { (401, EXPIRED) } else { (200, OK) });
+    let svc = ClassifyLayer::new().layer(inner);
+    let svc = layer.layer(svc);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    layer.authorization().unwrap(); // signs at T0 + 10
+    tokio::time::advance(Duration::from_secs(60)).await;
+    let response = svc
+        .clone()
+        .oneshot(request(
+            "POST",
+            "/v1/videos/text2video",
+            r#"{"prompt":"x"}"#,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(Outcome::of(&response).unwrap().code(), Code::Success);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "one retry");
+    assert_ne!(seen[0], seen[1], "with a fresh token");
+    assert_eq!(claims(&seen[1])["exp"], T0 + 70 + 1800);
+    assert_eq!(layer.tokens_signed(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_refusal_is_returned_not_retried_again() {
+    let layer = AuthLayer::new(Credentials::access_key("ak", "sk").unwrap());
+    let (seen, inner) = recorder(|_| (401, EXPIRED));
+    let svc = layer.layer(ClassifyLayer::new().layer(inner));
+    let response = svc
+        .oneshot(request("GET", "/tasks?task_ids=a", ""))
+        .await
+        .unwrap();
+    assert_eq!(Outcome::of(&response).unwrap().code(), Code::TokenExpired);
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn mock_accepts_the_signed_token_and_counts_the_access_key_account() {
+    let mock = MockKling::new(MockConfig::preset(Preset::Pro).access_key("ak-9", "sk-9")).unwrap();
+    let layer = AuthLayer::new(Credentials::access_key("ak-9", "sk-9").unwrap());
+    assert_eq!(layer.account_id().as_str(), "ak-9");
+    let svc = layer.layer(ClassifyLayer::new().layer(mock.clone()));
+    let response = svc
+        .oneshot(request(
+            "POST",
+            "/v1/videos/text2video",
+            r#"{"prompt":"a cat"}"#,
+        ))
+        .await
+        .unwrap();
+    assert!(Outcome::of(&response).unwrap().is_success());
+    assert_eq!(mock.in_use("ak-9", "video"), 1);
+    assert_eq!(mock.stats().requests_total, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn mock_with_a_skewed_clock_sees_exactly_two_attempts() {
+    // The mock's clock runs 2000 s ahead: every token it sees has expired.
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .access_key("ak", "sk")
+            .clock_offset_secs(2000),
+    )
+    .unwrap();
+    let layer = AuthLayer::new(Credentials::access_key("ak", "sk").unwrap());
+    let svc = layer.layer(ClassifyLayer::new().layer(mock.clone()));
+    let response = svc
+        .oneshot(request(
+            "POST",
+            "/v1/videos/text2video",
+            r#"{"prompt":"a cat"}"#,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(Outcome::of(&response).unwrap().code(), Code::TokenExpired);
+    let stats = mock.stats();
+    assert_eq!(stats.requests_total, 2);
+    assert_eq!(stats.responses_by_code.get("1004"), Some(&2));
+    assert_eq!(stats.tasks_created, 0);
+    assert_eq!(layer.tokens_signed(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn api_key_is_sent_as_is_and_never_retried() {
+    let credentials = Credentials::api_key("kling-key-123").unwrap();
+    let layer = AuthLayer::new(credentials.clone());
+    let (seen, inner) = recorder(|_| (401, EXPIRED));
+    let svc = layer.layer(ClassifyLayer::new().layer(inner));
+    let response = svc
+        .oneshot(request("GET", "/tasks?task_ids=a", ""))
+        .await
+        .unwrap();
+    assert_eq!(Outcome::of(&response).unwrap().code(), Code::TokenExpired);
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0], "Bearer kling-key-123");
+    assert_eq!(layer.tokens_signed(), 0);
+    let id = credentials.account_id();
+    assert!(
+        id.as_str().starts_with("key-") && id.as_str().len() == 16,
+        "{id}"
+    );
+    assert!(!id.as_str().contains("kling-key"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn account_id_is_set_unless_the_request_has_one() {
+    let layer = AuthLayer::new(Credentials::access_key("ak-acct", "sk").unwrap());
+    let accounts: Arc<Mutex<Vec<Option<AccountId>>>> = Arc::default();
+    let log = accounts.clone();
+    let inner = service_fn(move |req: http::Request<Full<Bytes>>| {
+        log.lock().unwrap().push(AccountId::of(&req).cloned());
+        async { Ok::<_, std::convert::Infallible>(envelope(200, OK)) }
+    });
+    let svc = layer.layer(inner);
+    svc.clone().oneshot(request("GET", "/x", "")).await.unwrap();
+    let mut own = request("GET", "/x", "");
+    own.extensions_mut().insert(AccountId::new("tenant-7"));
+    svc.oneshot(own).await.unwrap();
+    let accounts = accounts.lock().unwrap();
+    assert_eq!(accounts[0].as_ref().unwrap().as_str(), "ak-acct");
+    assert_eq!(accounts[1].as_ref().unwrap().as_str(), "tenant-7");
+}
+
+#[test]
+fn credentials_are_redacted_and_checked() {
+    let c = Credentials::access_key("ak-visible", "super-secret-value").unwrap();
+    let text = format!("{c:?} {:?}", AuthLayer::new(c.clone()));
+    assert!(!text.contains("super-secret-value"), "{text}");
+    assert!(text.contains("ak-visible"));
+    let c = Credentials::api_key("sk-live-abcdef").unwrap();
+    assert!(!format!("{c:?}").contains("sk-live-abcdef"));
+
+    assert_eq!(Credentials::api_key("  ").unwrap_err().field(), "api_key");
+    assert_eq!(
+        Credentials::api_key("bad\nkey").unwrap_err().field(),
+        "api_key"
+    );
+    assert_eq!(
+        Credentials::access_key("", "s").unwrap_err().field(),
+        "access_key"
+    );
+    assert_eq!(
+        Credentials::access_key("a", "").unwrap_err().field(),
+        "secret_key"
+    );
+    let err = AuthLayer::new(c)
+        .renew_before(Duration::from_secs(1800))
+        .unwrap_err();
+    assert_eq!(err.field(), "renew_before");
+
+    let lookup = |pairs: &'static [(&'static str, &'static str)]| {
+        move |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    };
+    assert!(Credentials::from_lookup(lookup(&[("KLING_API_KEY", "k")])).is_ok());
+    let jwt = Credentials::from_lookup(lookup(&[
+        ("KLING_ACCESS_KEY", "a"),
+        ("KLING_SECRET_KEY", "s"),
+    ]));
+    assert!(jwt.unwrap().is_jwt());
+    let err = Credentials::from_lookup(lookup(&[("KLING_ACCESS_KEY", "a")])).unwrap_err();
+    assert_eq!(err.field(), "KLING_SECRET_KEY");
+    assert_eq!(
+        Credentials::from_lookup(lookup(&[])).unwrap_err().field(),
+        "KLING_API_KEY"
+    );
+}

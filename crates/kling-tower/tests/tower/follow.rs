@@ -1,0 +1,242 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use kling_core::{BoxError, Classify, ClassifyLayer, Code, Outcome, TaskReport, TaskStatus};
+use kling_mock::{MockConfig, MockKling, Preset};
+use kling_tower::error::FollowError;
+use kling_tower::follow::{FollowPolicy, Follower, TaskRef};
+use tokio::time::Instant;
+use tower::{Layer, ServiceBuilder, ServiceExt};
+
+use crate::support::request;
+
+fn mock(min: u64, max: u64) -> MockKling {
+    MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .no_rate_limit()
+            .task_duration(Duration::from_secs(min), Duration::from_secs(max)),
+    )
+    .unwrap()
+}
+
+async fn create(service: &Classify<MockKling>, path: &str) -> TaskReport {
+    let mut req = request("POST", path, r#"{"prompt":"a cat"}"#);
+    req.headers_mut()
+        .insert("authorization", "Bearer key".parse().unwrap());
+    let response = service.clone().oneshot(req).await.unwrap();
+    let outcome = Outcome::of(&response).unwrap();
+    assert!(outcome.is_success(), "{:?}", outcome.to_result());
+    outcome.task().unwrap().clone()
+}
+
+fn follower<S>(service: S, policy: FollowPolicy) -> Follower<S>
+where
+    S: tower::Service<http::Request<Full<Bytes>>, Response = http::Response<Full<Bytes>>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    Follower::new(service, policy)
+        .unwrap()
+        .with_header("authorization", "Bearer key")
+        .unwrap()
+}
+
+#[test]
+fn query_interval_grows_with_age_and_errors_back_off() {
+    let p = FollowPolicy::new();
+    assert_eq!(p.interval(Duration::ZERO), Duration::from_secs(2));
+    assert_eq!(p.interval(Duration::from_secs(60)), Duration::from_secs(12));
+    assert_eq!(
+        p.interval(Duration::from_secs(3600)),
+        Duration::from_secs(30)
+    );
+    assert_eq!(p.backoff(1), Duration::from_secs(1));
+    assert_eq!(p.backoff(3), Duration::from_secs(4));
+    assert_eq!(p.backoff(30), Duration::from_secs(60));
+    let fast = FollowPolicy::new().speed(10.0);
+    assert_eq!(
+        fast.interval(Duration::from_secs(6)),
+        Duration::from_millis(1200)
+    );
+    let err = FollowPolicy::new().batch_size(0).validate().unwrap_err();
+    assert_eq!(err.field(), "follow.batch_size");
+    let err = FollowPolicy::new()
+        .interval_bounds(Duration::from_secs(5), Duration::from_secs(1))
+        .validate()
+        .unwrap_err();
+    assert_eq!(err.field(), "follow.max_interval");
+}
+
+#[tokio::test(start_paused = true)]
+async fn follows_a_legacy_task_until_it_succeeds() {
+    let mock = mock(60, 120);
+    let service = ClassifyLayer::new().layer(mock.clone());
+    let task = create(&service, "/v1/videos/text2video").await;
+    let start = Instant::now();
+    let done = follower(service, FollowPolicy::new())
+        .follow(TaskRef::from_report("/v1/videos/text2video", &task))
+        .await
+        .unwrap();
+    assert_eq!(done.id, task.id);
+    assert_eq!(done.status, TaskStatus::Succeeded);
+    assert!(!done.urls.is_empty());
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(60) && took <= Duration::from_secs(150),
+        "{took:?}"
+    );
+    let queries = mock.stats().requests_total - 1;
+    // 5 s, then age × 0.2 between 2 s and 30 s: a handful of queries, not one a second.
+    assert!((3..=15).contains(&queries), "{queries} queries");
+}
+
+#[tokio::test(start_paused = true)]
+async fn many_new_style_tasks_are_followed_with_batch_queries() {
+    let mock = mock(60, 300);
+    let classify = ClassifyLayer::new().layer(mock.clone());
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        let task = create(&classify, "/text-to-video/kling-3.0").await;
+        tasks.push(TaskRef::from_report("/text-to-video/kling-3.0", &task));
+    }
+    let uris: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = uris.clone();
+    let service = ServiceBuilder::new()
+        .map_request(move |req: http::Request<Full<Bytes>>| {
+            log.lock().unwrap().push(req.uri().to_string());
+            req
+        })
+        .service(classify);
+    let results = follower(service, FollowPolicy::new().batch_size(3))
+        .follow_many(tasks.clone())
+        .await;
+    for (task, result) in tasks.iter().zip(&results) {
+        let report = result.as_ref().unwrap();
+        assert_eq!(report.id, task.id());
+        assert_eq!(report.status, TaskStatus::Succeeded);
+    }
+    let uris = uris.lock().unwrap();
+    assert!(
+        uris.iter().all(|u| u.starts_with("/tasks?task_ids=")),
+        "{uris:?}"
+    );
+    // The first round asks about all five in two batches (3 + 2).
+    assert_eq!(uris[0].matches(',').count(), 2, "{uris:?}");
+    assert_eq!(uris[1].matches(',').count(), 1, "{uris:?}");
+    // Far fewer queries than five tasks queried one by one would need.
+    assert!(uris.len() <= 40, "{} queries", uris.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_that_outlives_its_deadline_fails_with_its_last_status() {
+    let mock = mock(3600, 3600);
+    let service = ClassifyLayer::new().layer(mock);
+    let task = create(&service, "/v1/videos/text2video").await;
+    let start = Instant::now();
+    let err = follower(
+        service,
+        FollowPolicy::new().deadline(Duration::from_secs(600)),
+    )
+    .follow(TaskRef::from_report("/v1/videos/text2video", &task))
+    .await
+    .unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(600));
+    match err {
+        FollowError::DeadlineExceeded { last_status, .. } => {
+            assert_eq!(last_status.as_deref(), Some("processing"));
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unknown_task_fails_with_the_api_error() {
+    let service = ClassifyLayer::new().layer(mock(60, 60));
+    let err = follower(service, FollowPolicy::new())
+        .follow(TaskRef::legacy("/v1/videos/text2video", "nope"))
+        .await
+        .unwrap_err();
+    match &err {
+        FollowError::Api { error, task_id } => {
+            assert_eq!(error.code(), Code::NotFound);
+            assert_eq!(task_id, "nope");
+        }
+        other => panic!("{other}"),
+    }
+    let invalid = follower(
+        ClassifyLayer::new().layer(mock(60, 60)),
+        FollowPolicy::new(),
+    )
+    .follow(TaskRef::new_style("a,b"))
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(invalid, FollowError::InvalidTask { .. }),
+        "{invalid}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_queries_back_off_and_following_goes_on() {
+    let mock = mock(30, 30);
+    let classify = ClassifyLayer::new().layer(mock.clone());
+    let task = create(&classify, "/v1/videos/text2video").await;
+    // The first three queries fail in transport.
+    let failures = Arc::new(AtomicUsize::new(3));
+    let start = Instant::now();
+    let at: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let log = at.clone();
+    let service = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let classify = classify.clone();
+        let failures = failures.clone();
+        log.lock().unwrap().push(start.elapsed());
+        async move {
+            if failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err::<http::Response<Full<Bytes>>, BoxError>("connection reset".into());
+            }
+            classify.oneshot(req).await
+        }
+    });
+    let done = follower(service, FollowPolicy::new())
+        .follow(TaskRef::from_report("/v1/videos/text2video", &task))
+        .await
+        .unwrap();
+    assert_eq!(done.status, TaskStatus::Succeeded);
+    // Queries at 5 s (fails), 6 s (fails), 8 s (fails), 12 s: the backoff doubled.
+    let at = at.lock().unwrap();
+    let secs: Vec<u64> = at.iter().take(4).map(Duration::as_secs).collect();
+    assert_eq!(secs, vec![5, 6, 8, 12]);
+    assert!(start.elapsed() >= Duration::from_secs(30));
+    assert_eq!(mock.stats().requests_total, 1 + at.len() as u64 - 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_callbacks_first_a_delivered_report_ends_the_wait_without_queries() {
+    let mock = mock(60, 60);
+    let service = ClassifyLayer::new().layer(mock.clone());
+    let task = create(&service, "/text-to-video/kling-3.0").await;
+    let follower = follower(
+        service,
+        FollowPolicy::new().callbacks_first(Duration::from_secs(600)),
+    );
+    let delivering = follower.clone();
+    let mut report = task.clone();
+    report.status = TaskStatus::Succeeded;
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        delivering.deliver(report);
+    });
+    let start = Instant::now();
+    let done = follower
+        .follow(TaskRef::from_report("/text-to-video/kling-3.0", &task))
+        .await
+        .unwrap();
+    assert_eq!(done.status, TaskStatus::Succeeded);
+    assert_eq!(start.elapsed(), Duration::from_secs(61));
+    assert_eq!(mock.stats().requests_total, 1, "only the create");
+}

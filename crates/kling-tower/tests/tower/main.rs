@@ -1,0 +1,12 @@
+//! Integration tests of kling-tower: presets, auth, spend guard, follower, webhooks, base URL
+//! and client adapters, against `kling-mock` in paused time (in process) or over TCP.
+
+mod auth;
+mod base_url;
+mod follow;
+mod preset;
+#[cfg(feature = "reqwest")]
+mod reqwest;
+mod spend;
+mod support;
+mod webhook;

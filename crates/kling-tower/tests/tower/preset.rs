@@ -1,0 +1,267 @@
+use std::collections::HashMap;
+use std::time::Duration;
+
+use kling_core::Pool;
+use kling_tower::preset::{StackConfig, Tier};
+
+fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let map: HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    move |name| map.get(name).cloned()
+}
+
+#[test]
+fn each_tier_preset_has_the_published_numbers() {
+    let expected = [
+        (Tier::Free, 1, Some(10.0), Some(66.0)),
+        (Tier::Standard, 3, Some(30.0), None),
+        (Tier::Pro, 5, Some(60.0), None),
+        (Tier::Enterprise, 10, None, None),
+    ];
+    for (tier, slots, rate, credits) in expected {
+        let c = StackConfig::preset(tier);
+        c.validate().unwrap();
+        assert_eq!(c.tier(), tier);
+        assert_eq!(c.default_slots(), slots, "{tier}");
+        assert_eq!(c.account_rate_per_minute(), rate, "{tier}");
+        assert_eq!(c.pacing_rate_per_minute(), rate.map(|r| r * 0.95), "{tier}");
+        assert_eq!(c.burst_size(), 1);
+        assert_eq!(c.headroom_share(), 0.05);
+        assert_eq!(c.credit_budget(), credits, "{tier}");
+        for pool in ["video", "image", "try-on", "video:kling-3.0"] {
+            assert_eq!(
+                c.slots_for(&Pool::parse(pool).unwrap()),
+                slots,
+                "{tier} {pool}"
+            );
+        }
+    }
+}
+
+#[test]
+fn resource_pack_preset_has_slots_per_pool_and_no_rate_cap() {
+    let c = StackConfig::preset(Tier::ResourcePack);
+    c.validate().unwrap();
+    assert_eq!(c.account_rate_per_minute(), None);
+    assert_eq!(c.slots_for(&Pool::parse("video").unwrap()), 20);
+    assert_eq!(c.slots_for(&Pool::parse("image").unwrap()), 9);
+    assert_eq!(c.slots_for(&Pool::parse("image:kling-v2").unwrap()), 9);
+
+    let c = StackConfig::resource_pack([("video", 40), ("image:kling-v2", 3)]);
+    assert_eq!(c.slots_for(&Pool::parse("video:kling-3.0").unwrap()), 40);
+    assert_eq!(c.slots_for(&Pool::parse("image:kling-v2").unwrap()), 3);
+    assert_eq!(c.account_rate_per_minute(), None);
+
+    let c = StackConfig::enterprise(25, Some(300.0));
+    assert_eq!(
+        (c.default_slots(), c.account_rate_per_minute()),
+        (25, Some(300.0))
+    );
+}
+
+#[test]
+fn every_number_can_be_overridden() {
+    let c = StackConfig::preset(Tier::Pro)
+        .rate_per_minute(120.0)
+        .burst(3)
+        .headroom(0.1)
+        .slots(7)
+        .pool_slots("image", 2)
+        .task_lease(Duration::from_secs(600))
+        .retry_max_attempts(3)
+        .retry_deadline(Duration::from_secs(60))
+        .retry_budget_ratio(0.5)
+        .attempt_timeout(Duration::from_secs(10))
+        .max_body_bytes(4096)
+        .daily_credits(100.0)
+        .credit_period(Duration::from_secs(3600));
+    c.validate().unwrap();
+    assert_eq!(c.pacing_rate_per_minute(), Some(108.0));
+    assert_eq!(c.burst_size(), 3);
+    assert_eq!(c.slots_for(&Pool::parse("image").unwrap()), 2);
+    assert_eq!(c.slots_for(&Pool::parse("video").unwrap()), 7);
+    assert_eq!(c.task_lease_duration(), Duration::from_secs(600));
+    assert_eq!(c.max_attempts(), 3);
+    assert_eq!(c.retry_deadline_duration(), Duration::from_secs(60));
+    assert_eq!(c.retry_budget(), 0.5);
+    assert_eq!(c.attempt_timeout_duration(), Duration::from_secs(10));
+    assert_eq!(c.body_limit(), 4096);
+    assert_eq!(c.credit_budget(), Some(100.0));
+    assert_eq!(c.credit_period_duration(), Duration::from_secs(3600));
+    assert_eq!(c.no_rate_limit().no_daily_credits().credit_budget(), None);
+}
+
+#[test]
+fn speed_multiplies_rates_and_divides_durations() {
+    let c = StackConfig::preset(Tier::Pro).speed(60.0);
+    c.validate().unwrap();
+    assert_eq!(c.account_rate_per_minute(), Some(3600.0));
+    assert_eq!(c.pacing_rate_per_minute(), Some(3420.0));
+    assert_eq!(c.task_lease_duration(), Duration::from_secs(30));
+    assert_eq!(c.attempt_timeout_duration(), Duration::from_millis(500));
+    assert_eq!(c.credit_period_duration(), Duration::from_secs(24 * 60));
+    // Not cumulative, and slot counts do not scale.
+    assert_eq!(c.clone().speed(60.0), c);
+    assert_eq!(c.default_slots(), 5);
+}
+
+#[test]
+fn validation_names_the_field() {
+    let cases = [
+        (StackConfig::preset(Tier::Pro).speed(0.0), "speed"),
+        (
+            StackConfig::preset(Tier::Pro).rate_per_minute(-1.0),
+            "rate_per_minute",
+        ),
+        (
+            StackConfig::preset(Tier::Pro).rate_per_minute(f64::NAN),
+            "rate_per_minute",
+        ),
+        (StackConfig::preset(Tier::Pro).burst(0), "burst"),
+        (StackConfig::preset(Tier::Pro).headroom(1.0), "headroom"),
+        (StackConfig::preset(Tier::Pro).slots(0), "slots"),
+        (
+            StackConfig::preset(Tier::Pro).pool_slots("audio", 3),
+            "pool_slots.audio",
+        ),
+        (
+            StackConfig::preset(Tier::Pro).pool_slots("video", 0),
+            "pool_slots.video",
+        ),
+        (
+            StackConfig::preset(Tier::Pro).task_lease(Duration::ZERO),
+            "task_lease_secs",
+        ),
+        (
+            StackConfig::preset(Tier::Pro).retry_max_attempts(0),
+            "retry_max_attempts",
+        ),
+        (
+            StackConfig::preset(Tier::Pro).max_body_bytes(10),
+            "max_body_bytes",
+        ),
+        (
+            StackConfig::preset(Tier::Pro).daily_credits(-5.0),
+            "daily_credits",
+        ),
+    ];
+    for (config, field) in cases {
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.field(), field);
+        assert!(err.to_string().contains(field), "{err}");
+    }
+}
+
+#[test]
+fn env_variables_pick_the_tier_and_override_numbers() {
+    let c = StackConfig::from_lookup(vars(&[
+        ("KLING_TIER", "standard"),
+        ("KLING_SPEED", "10"),
+        ("KLING_RATE_PER_MINUTE", "45"),
+        ("KLING_POOL_SLOTS", "video=4, image:kling-v2=2"),
+        ("KLING_DAILY_CREDITS", "500"),
+        ("KLING_ATTEMPT_TIMEOUT_SECS", "20"),
+    ]))
+    .unwrap();
+    assert_eq!(c.tier(), Tier::Standard);
+    assert_eq!(c.account_rate_per_minute(), Some(450.0));
+    assert_eq!(c.default_slots(), 3);
+    assert_eq!(c.slots_for(&Pool::parse("video").unwrap()), 4);
+    assert_eq!(c.slots_for(&Pool::parse("image:kling-v2").unwrap()), 2);
+    assert_eq!(c.credit_budget(), Some(500.0));
+    assert_eq!(c.attempt_timeout_duration(), Duration::from_secs(2));
+
+    // Nothing set: the Free tier.
+    assert_eq!(
+        StackConfig::from_lookup(vars(&[])).unwrap(),
+        StackConfig::preset(Tier::Free)
+    );
+    // `none` lifts a cap.
+    let c = StackConfig::from_lookup(vars(&[
+        ("KLING_TIER", "free"),
+        ("KLING_DAILY_CREDITS", "none"),
+    ]))
+    .unwrap();
+    assert_eq!(c.credit_budget(), None);
+}
+
+#[test]
+fn bad_env_values_are_rejected_naming_the_variable() {
+    let cases: [(&[(&str, &str)], &str); 6] = [
+        (&[("KLING_TIER", "platinum")], "KLING_TIER"),
+        (&[("KLING_BURST", "many")], "KLING_BURST"),
+        (&[("KLING_BURST", "0")], "KLING_BURST"),
+        (&[("KLING_HEADROOM", "1.5")], "KLING_HEADROOM"),
+        (&[("KLING_POOL_SLOTS", "video")], "KLING_POOL_SLOTS"),
+        (&[("KLING_TASK_LEASE_SECS", "-3")], "KLING_TASK_LEASE_SECS"),
+    ];
+    for (pairs, var) in cases {
+        let err = StackConfig::from_lookup(vars(pairs)).unwrap_err();
+        assert!(err.field().starts_with(var), "{pairs:?}: {err}");
+    }
+    let err = StackConfig::from_lookup(vars(&[("KLING_POOL_SLOTS", "audio=3")])).unwrap_err();
+    assert!(err.field().contains("KLING_POOL_SLOTS"), "{err}");
+    assert!(err.field().contains("audio"), "{err}");
+}
+
+const TOML: &str = r#"
+tier = "pro"
+speed = 2.0
+rate_per_minute = 60
+burst = 2
+headroom = 0.1
+task_lease_secs = 900
+retry_max_attempts = 4
+daily_credits = 250
+
+[pool_slots]
+video = 4
+"image:kling-v2" = 2
+"#;
+
+#[test]
+fn toml_loads_every_key() {
+    let c = StackConfig::from_toml_str(TOML).unwrap();
+    assert_eq!(c.tier(), Tier::Pro);
+    assert_eq!(c.account_rate_per_minute(), Some(120.0));
+    assert_eq!(c.pacing_rate_per_minute(), Some(108.0));
+    assert_eq!(c.burst_size(), 2);
+    assert_eq!(c.task_lease_duration(), Duration::from_secs(450));
+    assert_eq!(c.max_attempts(), 4);
+    assert_eq!(c.credit_budget(), Some(250.0));
+    assert_eq!(c.slots_for(&Pool::parse("video").unwrap()), 4);
+    assert_eq!(c.slots_for(&Pool::parse("image:kling-v2").unwrap()), 2);
+    assert_eq!(c.slots_for(&Pool::parse("try-on").unwrap()), 5);
+
+    let c =
+        StackConfig::from_toml_str("tier = \"resource-pack\"\nrate_per_minute = \"none\"").unwrap();
+    assert_eq!(c.account_rate_per_minute(), None);
+    assert_eq!(
+        StackConfig::from_toml_str("").unwrap(),
+        StackConfig::preset(Tier::Free)
+    );
+}
+
+#[test]
+fn bad_toml_is_rejected_naming_the_key() {
+    let cases = [
+        ("burst = 0", "burst"),
+        ("headroom = -0.1", "headroom"),
+        ("tier = \"gold\"", "tier"),
+        ("rate_per_minute = \"fast\"", "rate_per_minute"),
+        ("task_lease_secs = -1", "task_lease_secs"),
+        ("[pool_slots]\naudio = 2", "pool_slots.audio"),
+    ];
+    for (text, field) in cases {
+        let err = StackConfig::from_toml_str(text).unwrap_err();
+        assert_eq!(err.field(), field, "{text}: {err}");
+    }
+    // Unknown keys and wrong types: the parser's message names the key.
+    let err = StackConfig::from_toml_str("rate_per_minut = 60").unwrap_err();
+    assert_eq!(err.field(), "toml");
+    assert!(err.reason().contains("rate_per_minut"), "{err}");
+    let err = StackConfig::from_toml_str("burst = \"two\"").unwrap_err();
+    assert_eq!(err.field(), "toml");
+}

@@ -1,0 +1,221 @@
+use std::time::Duration;
+
+use http::HeaderMap;
+use kling_core::TaskStatus;
+use kling_tower::clock::TokioWallClock;
+use kling_tower::error::WebhookErrorKind;
+use kling_tower::webhook::{WebhookVerifier, parse_task};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const OTHER: &str = "whsec_c2VjcmV0LWtleS1mb3ItdGVzdHM=";
+const NOW: u64 = 1_704_067_200;
+const BODY: &[u8] = br#"{"task_id":"t-1","task_status":"succeed","final_unit_deduction":"1"}"#;
+
+fn verifier() -> WebhookVerifier {
+    WebhookVerifier::new(SECRET)
+        .unwrap()
+        .with_clock(TokioWallClock::starting_at(Duration::from_secs(NOW)))
+}
+
+fn headers(id: &str, timestamp: u64, signature: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("webhook-id", id.parse().unwrap());
+    h.insert("webhook-timestamp", timestamp.to_string().parse().unwrap());
+    h.insert("webhook-signature", signature.parse().unwrap());
+    h
+}
+
+#[tokio::test(start_paused = true)]
+async fn accepts_the_right_signature_made_by_the_mock() {
+    let v = verifier();
+    let signature = kling_mock::sign_webhook(SECRET, "msg_1", NOW, BODY);
+    assert_eq!(
+        signature,
+        WebhookVerifier::sign(SECRET, "msg_1", NOW, BODY).unwrap(),
+        "same scheme as the mock"
+    );
+    let verified = v.verify(&headers("msg_1", NOW, &signature), BODY).unwrap();
+    assert_eq!((verified.id.as_str(), verified.timestamp), ("msg_1", NOW));
+    // Raw (non-whsec) secrets work the mock's way too.
+    let raw = WebhookVerifier::new("plain-secret")
+        .unwrap()
+        .with_clock(TokioWallClock::starting_at(Duration::from_secs(NOW)));
+    let signature = kling_mock::sign_webhook("plain-secret", "msg_2", NOW, BODY);
+    raw.verify(&headers("msg_2", NOW, &signature), BODY)
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejects_a_wrong_signature_a_changed_body_and_another_key() {
+    let v = verifier();
+    let good = kling_mock::sign_webhook(SECRET, "msg_1", NOW, BODY);
+    let wrong = [
+        (
+            headers(
+                "msg_1",
+                NOW,
+                "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            ),
+            BODY,
+        ),
+        (
+            headers("msg_1", NOW, &good),
+            &br#"{"task_id":"t-1","task_status":"failed"}"#[..],
+        ),
+        (
+            headers(
+                "msg_1",
+                NOW,
+                &kling_mock::sign_webhook(OTHER, "msg_1", NOW, BODY),
+            ),
+            BODY,
+        ),
+        (headers("msg_2", NOW, &good), BODY),
+        (headers("msg_1", NOW, &good.replace("v1,", "v2,")), BODY),
+    ];
+    for (h, body) in wrong {
+        let err = v.verify(&h, body).unwrap_err();
+        assert_eq!(err.kind(), WebhookErrorKind::BadSignature, "{err}");
+    }
+    let mut missing = headers("msg_1", NOW, &good);
+    missing.remove("webhook-signature");
+    assert_eq!(
+        v.verify(&missing, BODY).unwrap_err().kind(),
+        WebhookErrorKind::MissingHeader
+    );
+    let mut bad_ts = headers("msg_1", NOW, &good);
+    bad_ts.insert("webhook-timestamp", "yesterday".parse().unwrap());
+    assert_eq!(
+        v.verify(&bad_ts, BODY).unwrap_err().kind(),
+        WebhookErrorKind::BadTimestamp
+    );
+    // None of the refusals burnt the id.
+    v.verify(&headers("msg_1", NOW, &good), BODY).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejects_stale_and_future_timestamps_beyond_five_minutes() {
+    let v = verifier();
+    for (ts, ok) in [
+        (NOW - 300, true),
+        (NOW + 300, true),
+        (NOW - 301, false),
+        (NOW + 301, false),
+    ] {
+        let id = format!("msg_{ts}");
+        let sig = kling_mock::sign_webhook(SECRET, &id, ts, BODY);
+        let result = v.verify(&headers(&id, ts, &sig), BODY);
+        assert_eq!(result.is_ok(), ok, "{ts}: {result:?}");
+        if !ok {
+            assert_eq!(result.unwrap_err().kind(), WebhookErrorKind::Stale);
+        }
+    }
+    // Time moves: a message signed now is stale in six minutes.
+    let sig = kling_mock::sign_webhook(SECRET, "late", NOW, BODY);
+    tokio::time::advance(Duration::from_secs(360)).await;
+    assert_eq!(
+        v.verify(&headers("late", NOW, &sig), BODY)
+            .unwrap_err()
+            .kind(),
+        WebhookErrorKind::Stale
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejects_a_replayed_message_on_any_clone() {
+    let v = verifier();
+    let sig = kling_mock::sign_webhook(SECRET, "msg_r", NOW, BODY);
+    v.verify(&headers("msg_r", NOW, &sig), BODY).unwrap();
+    let err = v
+        .clone()
+        .verify(&headers("msg_r", NOW, &sig), BODY)
+        .unwrap_err();
+    assert_eq!(err.kind(), WebhookErrorKind::Replayed);
+
+    // The cache is bounded: with room for 2 ids, the oldest is forgotten (and a message that
+    // old would be refused as stale once out of tolerance).
+    let small = verifier().replay_capacity(2).unwrap();
+    for id in ["a", "b", "c"] {
+        let sig = kling_mock::sign_webhook(SECRET, id, NOW, BODY);
+        small.verify(&headers(id, NOW, &sig), BODY).unwrap();
+    }
+    let sig = kling_mock::sign_webhook(SECRET, "c", NOW, BODY);
+    assert_eq!(
+        small
+            .verify(&headers("c", NOW, &sig), BODY)
+            .unwrap_err()
+            .kind(),
+        WebhookErrorKind::Replayed
+    );
+    assert_eq!(
+        verifier().replay_capacity(0).unwrap_err().field(),
+        "replay_capacity"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn several_signatures_and_several_secrets_during_rotation() {
+    let v = verifier();
+    let old = kling_mock::sign_webhook(OTHER, "rot_1", NOW, BODY);
+    let new = kling_mock::sign_webhook(SECRET, "rot_1", NOW, BODY);
+    // The sender signs with both keys while rotating; ours is the second.
+    v.verify(&headers("rot_1", NOW, &format!("{old} {new}")), BODY)
+        .unwrap();
+
+    // We accept both keys while rotating; the sender signs with the old one.
+    let both = verifier().with_secret(OTHER).unwrap();
+    let sig = kling_mock::sign_webhook(OTHER, "rot_2", NOW, BODY);
+    both.verify(&headers("rot_2", NOW, &sig), BODY).unwrap();
+    assert_eq!(
+        WebhookVerifier::new("whsec_!!!").unwrap_err().field(),
+        "webhook_secret"
+    );
+    assert!(!format!("{both:?}").contains("MfKQ"));
+}
+
+#[test]
+fn callback_payloads_of_both_generations_are_read() {
+    let legacy = parse_task(BODY).unwrap();
+    assert_eq!(
+        (legacy.id.as_str(), &legacy.status, legacy.cost),
+        ("t-1", &TaskStatus::Succeeded, Some(1.0))
+    );
+    let new = parse_task(br#"{"id":"n-1","status":"failed","message":"why"}"#).unwrap();
+    assert_eq!(new.status, TaskStatus::Failed);
+    let wrapped = parse_task(br#"{"code":0,"data":{"id":"n-2","status":"succeeded"}}"#).unwrap();
+    assert_eq!(wrapped.id, "n-2");
+    assert!(parse_task(b"not json").is_none());
+}
+
+#[cfg(feature = "axum")]
+#[tokio::test(start_paused = true)]
+async fn axum_route_verifies_and_hands_over_the_task() {
+    use std::sync::{Arc, Mutex};
+
+    use axum::Router;
+    use kling_tower::webhook::axum::callback_route;
+    use tower::ServiceExt;
+
+    let got: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = got.clone();
+    let app: Router = Router::new().route(
+        "/cb",
+        callback_route(verifier(), move |task| log.lock().unwrap().push(task.id)),
+    );
+    let post = |sig: &str| {
+        let mut req = http::Request::post("/cb")
+            .body(axum::body::Body::from(BODY))
+            .unwrap();
+        *req.headers_mut() = headers("ax_1", NOW, sig);
+        req
+    };
+    let good = kling_mock::sign_webhook(SECRET, "ax_1", NOW, BODY);
+    let status = |r: http::Response<axum::body::Body>| r.status().as_u16();
+    assert_eq!(
+        status(app.clone().oneshot(post("v1,AAAA")).await.unwrap()),
+        401
+    );
+    assert_eq!(status(app.clone().oneshot(post(&good)).await.unwrap()), 204);
+    assert_eq!(status(app.clone().oneshot(post(&good)).await.unwrap()), 200);
+    assert_eq!(*got.lock().unwrap(), vec!["t-1".to_owned()]);
+}
