@@ -349,7 +349,9 @@ mod tests {
     #[test]
     fn the_table_matches_kling_api_md() {
         let s = StatusCode::OK;
-        for n in [1000, 1001, 1002, 1100, 1101, 1102, 1103, 1200, 1201, 1202, 1203, 1300, 1301, 1304] {
+        for n in [
+            1000, 1001, 1002, 1100, 1101, 1102, 1103, 1200, 1201, 1202, 1203, 1300, 1301, 1304,
+        ] {
             assert_eq!(Code::from_i64(n).disposition(s), Disposition::Fatal, "{n}");
         }
         assert_eq!(Code::from_i64(1003).disposition(s), Disposition::Resign);
@@ -358,7 +360,10 @@ mod tests {
             Code::from_i64(1302).disposition(s),
             Disposition::Retry(RetryKind::Throttled)
         );
-        assert_eq!(Code::from_i64(1303).disposition(s), Disposition::WaitForSlot);
+        assert_eq!(
+            Code::from_i64(1303).disposition(s),
+            Disposition::WaitForSlot
+        );
         assert_eq!(
             Code::from_i64(5000).disposition(s),
             Disposition::Retry(RetryKind::Transient)

@@ -8,8 +8,8 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use crate::code::Code;
 use crate::request::ApiGeneration;
@@ -243,7 +243,9 @@ impl RawTask<'_> {
                     .map(Cow::into_owned),
                 failure: self.task_status_msg.map(Cow::into_owned),
                 urls: urls.into_iter().map(Cow::into_owned).collect(),
-                cost: self.final_unit_deduction.and_then(|d| d.0.trim().parse().ok()),
+                cost: self
+                    .final_unit_deduction
+                    .and_then(|d| d.0.trim().parse().ok()),
             });
         }
         let (Some(id), Some(status)) = (&self.id, &self.status) else {
@@ -403,7 +405,11 @@ mod tests {
             br#"{"code":0,"data":{"resource_pack_subscribe_infos":[]}}"#,
             br#"{"code":0,"data":[1,2]}"#,
         ] {
-            assert!(Envelope::parse(body).is_ok(), "{}", String::from_utf8_lossy(body));
+            assert!(
+                Envelope::parse(body).is_ok(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
         assert!(Envelope::parse(b"<html>502</html>").is_err());
         assert!(Envelope::parse(br#"{"message":"no code"}"#).is_err());

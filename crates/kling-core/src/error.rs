@@ -288,7 +288,10 @@ mod tests {
     fn display_is_one_lowercase_line() {
         let err = Transport::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
         let text = err.to_string();
-        assert!(text.starts_with("request failed after it was sent"), "{text}");
+        assert!(
+            text.starts_with("request failed after it was sent"),
+            "{text}"
+        );
         assert!(!text.contains('\n'));
     }
 }

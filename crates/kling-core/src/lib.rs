@@ -55,9 +55,9 @@
 //!
 //! Rust 1.88.
 
+mod account;
 pub mod body;
 pub mod classify;
-mod account;
 mod clock;
 mod code;
 mod envelope;

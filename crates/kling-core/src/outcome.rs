@@ -75,12 +75,7 @@ impl Outcome {
             return Ok(outcome.clone());
         }
         let body = response.body().peek_bytes();
-        let outcome = Outcome::parse(
-            response.status(),
-            response.headers(),
-            &body,
-            Instant::now(),
-        )?;
+        let outcome = Outcome::parse(response.status(), response.headers(), &body, Instant::now())?;
         response.extensions_mut().insert(outcome.clone());
         Ok(outcome)
     }

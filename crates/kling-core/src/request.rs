@@ -364,7 +364,8 @@ mod tests {
 
     #[test]
     fn legacy_paths() {
-        let r = recognize(&Method::POST,
+        let r = recognize(
+            &Method::POST,
             "https://api-singapore.klingai.com/v1/videos/text2video",
             r#"{"prompt":"a cat","external_task_id":"job-1","callback_url":"http://x"}"#,
         );
@@ -381,21 +382,39 @@ mod tests {
         assert_eq!(r.weight, 9);
         let r = recognize(&Method::POST, "/v1/images/generations", "not json");
         assert_eq!(r.weight, 1);
-        let r = recognize(&Method::POST, "/v1/images/kolors-virtual-try-on", r#"{"n":3}"#);
-        assert_eq!((r.pool.unwrap().to_string(), r.weight), ("try-on".into(), 1));
+        let r = recognize(
+            &Method::POST,
+            "/v1/images/kolors-virtual-try-on",
+            r#"{"n":3}"#,
+        );
+        assert_eq!(
+            (r.pool.unwrap().to_string(), r.weight),
+            ("try-on".into(), 1)
+        );
 
         let r = recognize(&Method::GET, "/v1/videos/text2video/abc123", "");
         assert_eq!(r.kind, RequestKind::Query);
         assert_eq!(r.task_ids, vec!["abc123"]);
-        let r = recognize(&Method::GET, "/v1/videos/text2video?pageNum=1&pageSize=30", "");
+        let r = recognize(
+            &Method::GET,
+            "/v1/videos/text2video?pageNum=1&pageSize=30",
+            "",
+        );
         assert_eq!(r.kind, RequestKind::List);
-        assert_eq!(recognize(&Method::GET, "/account/costs", "").kind, RequestKind::Account);
-        assert_eq!(recognize(&Method::GET, "/healthz", "").kind, RequestKind::Other);
+        assert_eq!(
+            recognize(&Method::GET, "/account/costs", "").kind,
+            RequestKind::Account
+        );
+        assert_eq!(
+            recognize(&Method::GET, "/healthz", "").kind,
+            RequestKind::Other
+        );
     }
 
     #[test]
     fn new_style_paths() {
-        let r = recognize(&Method::POST,
+        let r = recognize(
+            &Method::POST,
             "/text-to-video/kling-3.0",
             r#"{"prompt":"x","external_id":"e1","options":{"callback_url":"http://cb"}}"#,
         );
@@ -410,8 +429,14 @@ mod tests {
         assert_eq!(r.task_ids, vec!["a", "b", "c"]);
         let r = recognize(&Method::GET, "/tasks?external_task_ids=x%2Cy", "");
         assert_eq!(r.external_ids, vec!["x", "y"]);
-        assert_eq!(recognize(&Method::POST, "/tasks", "{}").kind, RequestKind::List);
-        assert_eq!(recognize(&Method::POST, "/foo/bar", "{}").kind, RequestKind::Other);
+        assert_eq!(
+            recognize(&Method::POST, "/tasks", "{}").kind,
+            RequestKind::List
+        );
+        assert_eq!(
+            recognize(&Method::POST, "/foo/bar", "{}").kind,
+            RequestKind::Other
+        );
     }
 
     #[test]
@@ -426,7 +451,9 @@ mod tests {
     #[test]
     fn recognition_is_cached_in_the_request() {
         let mut req = Request::post("/v1/images/generations")
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{\"n\":2}")))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"{\"n\":2}",
+            )))
             .unwrap();
         assert_eq!(Recognized::of(&mut req).weight, 2);
         assert!(req.extensions().get::<Recognized>().is_some());

@@ -103,7 +103,15 @@ mod tests {
 
     #[test]
     fn garbage_is_none() {
-        for bad in [&b""[..], b"-1", b"1.5", b"soon", b"7 s", b"\xff\xfe", b"Fri, 99 Foo"] {
+        for bad in [
+            &b""[..],
+            b"-1",
+            b"1.5",
+            b"soon",
+            b"7 s",
+            b"\xff\xfe",
+            b"Fri, 99 Foo",
+        ] {
             assert_eq!(RetryAfter::parse(bad), None, "{bad:?}");
         }
     }
@@ -136,9 +144,15 @@ mod tests {
             RETRY_AFTER,
             HeaderValue::from_static("Sun, 06 Nov 1994 08:49:44 GMT"),
         );
-        headers.insert(DATE, HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"));
+        headers.insert(
+            DATE,
+            HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"),
+        );
         // The local clock is a day off; the server's Date keeps the wait right.
         let now = at(784_111_777 + 86_400);
-        assert_eq!(retry_after_delay(&headers, now), Some(Duration::from_secs(7)));
+        assert_eq!(
+            retry_after_delay(&headers, now),
+            Some(Duration::from_secs(7))
+        );
     }
 }

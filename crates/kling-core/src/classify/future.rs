@@ -5,9 +5,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
+use http::Response;
 use http::header::CONTENT_LENGTH;
 use http::response::Parts;
-use http::Response;
 use http_body::Body;
 use http_body_util::Full;
 use pin_project_lite::pin_project;
@@ -174,11 +174,15 @@ where
                     let parts = parts.take().expect("parts are taken once");
                     let bytes = std::mem::take(buffer).into_bytes();
                     this.state.set(State::Done);
-                    let outcome =
-                        match Outcome::parse(parts.status, &parts.headers, &bytes, Instant::now()) {
-                            Ok(outcome) => outcome,
-                            Err(malformed) => return Poll::Ready(Err(Box::new(malformed))),
-                        };
+                    let outcome = match Outcome::parse(
+                        parts.status,
+                        &parts.headers,
+                        &bytes,
+                        Instant::now(),
+                    ) {
+                        Ok(outcome) => outcome,
+                        Err(malformed) => return Poll::Ready(Err(Box::new(malformed))),
+                    };
                     let mut response = Response::from_parts(parts, Full::new(bytes));
                     response.extensions_mut().insert(outcome);
                     return Poll::Ready(Ok(response));

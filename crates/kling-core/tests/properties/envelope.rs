@@ -6,7 +6,9 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
         Just(serde_json::Value::Null),
         any::<bool>().prop_map(serde_json::Value::from),
         any::<i64>().prop_map(serde_json::Value::from),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(serde_json::Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(serde_json::Value::from),
         "[a-z_]{0,12}".prop_map(serde_json::Value::from),
     ];
     leaf.prop_recursive(4, 64, 8, |inner| {
@@ -14,10 +16,16 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
             proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
             proptest::collection::btree_map(
                 prop_oneof![
-                    Just("task_id".to_owned()), Just("task_status".to_owned()),
-                    Just("id".to_owned()), Just("status".to_owned()), Just("tasks".to_owned()),
-                    Just("task_result".to_owned()), Just("outputs".to_owned()),
-                    Just("billing".to_owned()), Just("url".to_owned()), "[a-z]{1,6}",
+                    Just("task_id".to_owned()),
+                    Just("task_status".to_owned()),
+                    Just("id".to_owned()),
+                    Just("status".to_owned()),
+                    Just("tasks".to_owned()),
+                    Just("task_result".to_owned()),
+                    Just("outputs".to_owned()),
+                    Just("billing".to_owned()),
+                    Just("url".to_owned()),
+                    "[a-z]{1,6}",
                 ],
                 inner,
                 0..6,
