@@ -1,0 +1,209 @@
+//! How long to wait before a retry: the server's hint when it gave one, else exponential backoff
+//! with full jitter.
+
+use std::time::Duration;
+
+use crate::error::ConfigError;
+use crate::rng::RandomSource;
+
+/// Why a retry waits, which picks the backoff base.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DelayKind {
+    /// No wait: a task-slots layer below holds the retried create until a slot frees (a `1303`
+    /// that carries [`kling_core::signals::SlotGated`]).
+    Immediate,
+    /// A transient fault (`5000`, `5002`, a 5xx without an envelope, a connection error, a
+    /// timeout): full jitter over the transient base.
+    Transient,
+    /// Throttled (`1302`): at least the throttle base (1 s, as Kling advises), plus jitter.
+    Throttled,
+    /// Maintenance (`5001`): at least the maintenance base, plus jitter.
+    Maintenance,
+    /// No task slot free (`1303`) and no slots layer below: like [`DelayKind::Throttled`].
+    SlotFull,
+}
+
+impl DelayKind {
+    /// The kind's name in the `reason` label of [`kling_core::metrics::RETRIES`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DelayKind::Immediate => "slot_gated",
+            DelayKind::Transient => "transient",
+            DelayKind::Throttled => "throttled",
+            DelayKind::Maintenance => "maintenance",
+            DelayKind::SlotFull => "slot_full",
+        }
+    }
+}
+
+/// The delay rules, with their documented bounds.
+///
+/// For retry number `r` (1 for the first retry) without a server hint, the delay is drawn
+/// uniformly from `[floor, floor + min(max_backoff, base × 2^(r−1))]`:
+///
+/// | kind | base | floor |
+/// |---|---|---|
+/// | [`Immediate`](DelayKind::Immediate) | — | 0 (no wait at all) |
+/// | [`Transient`](DelayKind::Transient) | `transient_base` (200 ms) | 0 (full jitter) |
+/// | [`Throttled`](DelayKind::Throttled), [`SlotFull`](DelayKind::SlotFull) | `throttle_base` (1 s) | `throttle_base` |
+/// | [`Maintenance`](DelayKind::Maintenance) | `maintenance_base` (5 s) | `maintenance_base` |
+///
+/// With a `Retry-After` hint `h` (either form), the delay counts from the response's arrival
+/// and is drawn from `[min(h, max_retry_after), min(h, max_retry_after) + retry_after_jitter]`:
+/// jitter only upward, so a retry is never early (unless the hint is over `max_retry_after`,
+/// which caps what a proxy can make a client wait; the default is 2 minutes).
+///
+/// Every duration must be positive; `max_backoff` (30 s) caps the exponential part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    throttle_base: Duration,
+    transient_base: Duration,
+    maintenance_base: Duration,
+    max_backoff: Duration,
+    max_retry_after: Duration,
+    retry_after_jitter: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            throttle_base: Duration::from_secs(1),
+            transient_base: Duration::from_millis(200),
+            maintenance_base: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(120),
+            retry_after_jitter: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Backoff {
+    /// Kling's defaults (see the table above).
+    pub fn new() -> Self {
+        Backoff::default()
+    }
+
+    /// Sets the base and floor of throttled and slot-full waits (Kling advises 1 s or more; go
+    /// lower only against a sped-up mock).
+    pub fn throttle_base(mut self, base: Duration) -> Self {
+        self.throttle_base = base;
+        self
+    }
+
+    /// Sets the base of transient-fault waits.
+    pub fn transient_base(mut self, base: Duration) -> Self {
+        self.transient_base = base;
+        self
+    }
+
+    /// Sets the base and floor of maintenance (`5001`) waits.
+    pub fn maintenance_base(mut self, base: Duration) -> Self {
+        self.maintenance_base = base;
+        self
+    }
+
+    /// Sets the cap on the exponential part of a backoff.
+    pub fn max_backoff(mut self, max: Duration) -> Self {
+        self.max_backoff = max;
+        self
+    }
+
+    /// Sets the longest `Retry-After` followed; longer hints are clamped to it.
+    pub fn max_retry_after(mut self, max: Duration) -> Self {
+        self.max_retry_after = max;
+        self
+    }
+
+    /// Sets the most jitter added above a `Retry-After` hint (zero for none).
+    pub fn retry_after_jitter(mut self, jitter: Duration) -> Self {
+        self.retry_after_jitter = jitter;
+        self
+    }
+
+    /// Checks every field; the error names the first invalid one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (field, value) in [
+            ("backoff.throttle_base", self.throttle_base),
+            ("backoff.transient_base", self.transient_base),
+            ("backoff.maintenance_base", self.maintenance_base),
+            ("backoff.max_backoff", self.max_backoff),
+            ("backoff.max_retry_after", self.max_retry_after),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::new(field, "must be positive"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Scales every duration by `1 / speed`, for a mock that runs `speed` times faster than
+    /// Kling (the shared speed factor of socket tests and demos). A non-positive or non-finite
+    /// speed leaves the rules unchanged.
+    pub fn sped_up(self, speed: f64) -> Self {
+        if !(speed.is_finite() && speed > 0.0) {
+            return self;
+        }
+        let scale = |d: Duration| {
+            Duration::from_secs_f64(d.as_secs_f64() / speed).max(Duration::from_nanos(1))
+        };
+        Backoff {
+            throttle_base: scale(self.throttle_base),
+            transient_base: scale(self.transient_base),
+            maintenance_base: scale(self.maintenance_base),
+            max_backoff: scale(self.max_backoff),
+            max_retry_after: scale(self.max_retry_after),
+            retry_after_jitter: if self.retry_after_jitter.is_zero() {
+                Duration::ZERO
+            } else {
+                scale(self.retry_after_jitter)
+            },
+        }
+    }
+
+    /// The inclusive range a delay of `kind` for retry number `retry` (1-based) is drawn from.
+    pub fn bounds(&self, kind: DelayKind, retry: u32) -> (Duration, Duration) {
+        let (base, floor) = match kind {
+            DelayKind::Immediate => return (Duration::ZERO, Duration::ZERO),
+            DelayKind::Transient => (self.transient_base, Duration::ZERO),
+            DelayKind::Throttled | DelayKind::SlotFull => (self.throttle_base, self.throttle_base),
+            DelayKind::Maintenance => (self.maintenance_base, self.maintenance_base),
+        };
+        let doublings = retry.saturating_sub(1).min(31);
+        let exponential = base.saturating_mul(1u32 << doublings).min(self.max_backoff);
+        (floor, floor.saturating_add(exponential))
+    }
+
+    /// A delay of `kind` for retry number `retry`, drawn uniformly within [`Backoff::bounds`].
+    pub fn delay(&self, kind: DelayKind, retry: u32, rng: &dyn RandomSource) -> Duration {
+        let (low, high) = self.bounds(kind, retry);
+        pick(low, high, rng)
+    }
+
+    /// The inclusive range a delay after a `Retry-After` of `hint` is drawn from.
+    pub fn hint_bounds(&self, hint: Duration) -> (Duration, Duration) {
+        let low = hint.min(self.max_retry_after);
+        (low, low.saturating_add(self.retry_after_jitter))
+    }
+
+    /// A delay after a `Retry-After` of `hint`, drawn uniformly within [`Backoff::hint_bounds`].
+    pub fn hinted(&self, hint: Duration, rng: &dyn RandomSource) -> Duration {
+        let (low, high) = self.hint_bounds(hint);
+        pick(low, high, rng)
+    }
+}
+
+/// A uniform draw from `[low, high]` (to the nanosecond; `high` itself is never drawn unless
+/// equal to `low`).
+fn pick(low: Duration, high: Duration, rng: &dyn RandomSource) -> Duration {
+    let span = high.saturating_sub(low).as_nanos();
+    if span == 0 {
+        return low;
+    }
+    let x = u128::from(rng.next_u64());
+    // `span < 2^94` (a Duration's range), so splitting it keeps every product below 2^128.
+    let offset = ((span >> 64) * x) + (((span & u128::from(u64::MAX)) * x) >> 64);
+    let secs = u64::try_from(offset / 1_000_000_000).unwrap_or(u64::MAX);
+    let nanos = (offset % 1_000_000_000) as u32;
+    low.saturating_add(Duration::new(secs, nanos))
+}

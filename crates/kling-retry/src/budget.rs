@@ -1,0 +1,237 @@
+//! The retry budget: retries may be at most a share of recent requests, plus a small floor, so
+//! a failing API never multiplies its own load.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::ConfigError;
+
+/// How many buckets the window is split into; requests age out one bucket at a time.
+const BUCKETS: usize = 10;
+
+/// A retry budget on tokio time, shared by clones.
+///
+/// Every logical request deposits one; every retry withdraws one. A retry is allowed while the
+/// retries of the last `window` stay within `min_per_sec × window + ratio × requests of the last
+/// window`. The defaults (10 s window, 1 retry per second floor, ratio 0.2) let a healthy client
+/// retry its occasional 1302 or 5xx, and limit a client facing a failing API to 1.2 requests per
+/// logical call plus the floor.
+///
+/// Deposits are lock-free (one compare-and-swap on an atomic bucket); withdrawals take a short
+/// lock, never held across an `.await`.
+///
+/// # Clone
+///
+/// Clones share one budget (an `Arc`): every service a [`RetryLayer`](crate::RetryLayer) makes,
+/// and every clone of those services, draws from it. Pass one budget to several layers to share
+/// it among them too.
+#[derive(Clone)]
+pub struct RetryBudget {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    origin: Instant,
+    bucket_nanos: u64,
+    window: Duration,
+    min_per_sec: u32,
+    ratio: f64,
+    floor: f64,
+    deposits: [AtomicU64; BUCKETS],
+    withdrawals: [AtomicU64; BUCKETS],
+    withdraw_lock: Mutex<()>,
+}
+
+impl RetryBudget {
+    /// A budget over a sliding `window`: at least `min_per_sec` retries per second, and beyond
+    /// that `ratio` retries per request (0.2 = 20 %).
+    ///
+    /// `window` must be at least 10 ms and `ratio` finite and not negative.
+    pub fn new(window: Duration, min_per_sec: u32, ratio: f64) -> Result<Self, ConfigError> {
+        if window < Duration::from_millis(10) {
+            return Err(ConfigError::new("budget.window", "must be at least 10 ms"));
+        }
+        if !(ratio.is_finite() && ratio >= 0.0) {
+            return Err(ConfigError::new(
+                "budget.ratio",
+                "must be finite and not negative",
+            ));
+        }
+        let bucket_nanos = (window / BUCKETS as u32)
+            .as_nanos()
+            .min(u128::from(u64::MAX)) as u64;
+        Ok(RetryBudget {
+            inner: Arc::new(Inner {
+                origin: Instant::now(),
+                bucket_nanos,
+                window,
+                min_per_sec,
+                ratio,
+                floor: f64::from(min_per_sec) * window.as_secs_f64(),
+                deposits: Default::default(),
+                withdrawals: Default::default(),
+                withdraw_lock: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// A budget that allows every retry (the attempt limit and the deadline still apply).
+    pub fn unlimited() -> Self {
+        RetryBudget::new(Duration::from_secs(10), u32::MAX, f64::MAX).expect("valid")
+    }
+
+    /// Records one logical request.
+    pub fn deposit(&self) {
+        self.deposit_at(Instant::now());
+    }
+
+    pub(crate) fn deposit_at(&self, now: Instant) {
+        let epoch = self.inner.epoch(now);
+        add(&self.inner.deposits[epoch as usize % BUCKETS], epoch, 1);
+    }
+
+    /// Takes one retry from the budget; `false` when the budget is spent.
+    pub fn try_withdraw(&self) -> bool {
+        let inner = &*self.inner;
+        let now = Instant::now();
+        let epoch = inner.epoch(now);
+        let _serial = inner
+            .withdraw_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let spent = sum(&inner.withdrawals, epoch);
+        if spent as f64 + 1.0 > inner.allowance(epoch) {
+            return false;
+        }
+        add(&inner.withdrawals[epoch as usize % BUCKETS], epoch, 1);
+        true
+    }
+
+    /// How many retries the budget would allow now.
+    pub fn remaining(&self) -> u64 {
+        let inner = &*self.inner;
+        let epoch = inner.epoch(Instant::now());
+        let allowance = inner.allowance(epoch).floor();
+        let spent = sum(&inner.withdrawals, epoch) as f64;
+        let left = (allowance - spent).max(0.0);
+        if left >= u64::MAX as f64 {
+            u64::MAX
+        } else {
+            left as u64
+        }
+    }
+}
+
+impl Default for RetryBudget {
+    /// A 10 s window, a floor of 1 retry per second, and 20 % of requests.
+    fn default() -> Self {
+        RetryBudget::new(Duration::from_secs(10), 1, 0.2).expect("valid defaults")
+    }
+}
+
+impl fmt::Debug for RetryBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryBudget")
+            .field("window", &self.inner.window)
+            .field("min_per_sec", &self.inner.min_per_sec)
+            .field("ratio", &self.inner.ratio)
+            .field("remaining", &self.remaining())
+            .finish()
+    }
+}
+
+impl Inner {
+    fn epoch(&self, now: Instant) -> u32 {
+        // u64 nanoseconds (584 years) keep this a single hardware division on the hot path.
+        let elapsed = now.saturating_duration_since(self.origin).as_nanos() as u64;
+        (elapsed / self.bucket_nanos) as u32
+    }
+
+    fn allowance(&self, epoch: u32) -> f64 {
+        self.floor + self.ratio * sum(&self.deposits, epoch) as f64
+    }
+}
+
+fn pack(epoch: u32, count: u32) -> u64 {
+    (u64::from(epoch) << 32) | u64::from(count)
+}
+
+fn unpack(value: u64) -> (u32, u32) {
+    ((value >> 32) as u32, value as u32)
+}
+
+/// Adds `n` to a bucket, restarting it if it holds an older epoch.
+fn add(slot: &AtomicU64, epoch: u32, n: u32) {
+    let mut current = slot.load(Ordering::Relaxed);
+    loop {
+        let (held, count) = unpack(current);
+        let next = if held == epoch {
+            pack(epoch, count.saturating_add(n))
+        } else {
+            pack(epoch, n)
+        };
+        match slot.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(actual) => current = actual,
+        }
+    }
+}
+
+/// The total of the buckets that belong to the window ending at `epoch`.
+fn sum(slots: &[AtomicU64; BUCKETS], epoch: u32) -> u64 {
+    slots
+        .iter()
+        .map(|slot| unpack(slot.load(Ordering::Relaxed)))
+        .filter(|(held, _)| epoch.wrapping_sub(*held) < BUCKETS as u32)
+        .map(|(_, count)| u64::from(count))
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_are_a_share_of_requests_plus_a_floor() {
+        let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.5).unwrap();
+        assert!(!budget.try_withdraw(), "no requests yet, no floor");
+        for _ in 0..4 {
+            budget.deposit();
+        }
+        assert_eq!(budget.remaining(), 2);
+        assert!(budget.try_withdraw());
+        assert!(budget.try_withdraw());
+        assert!(!budget.try_withdraw());
+        // The requests age out with the window, and the retries with them.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(budget.remaining(), 0);
+        budget.deposit();
+        budget.deposit();
+        assert!(budget.try_withdraw());
+        assert!(!budget.try_withdraw());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_floor_allows_a_few_retries_without_requests() {
+        let budget = RetryBudget::new(Duration::from_secs(2), 3, 0.0).unwrap();
+        assert_eq!(budget.remaining(), 6);
+        for _ in 0..6 {
+            assert!(budget.try_withdraw());
+        }
+        assert!(!budget.try_withdraw());
+        let clone = budget.clone();
+        assert!(!clone.try_withdraw(), "clones share the budget");
+    }
+
+    #[test]
+    fn invalid_settings_name_the_field() {
+        let err = RetryBudget::new(Duration::ZERO, 1, 0.2).unwrap_err();
+        assert_eq!(err.field(), "budget.window");
+        let err = RetryBudget::new(Duration::from_secs(1), 1, f64::NAN).unwrap_err();
+        assert_eq!(err.field(), "budget.ratio");
+    }
+}

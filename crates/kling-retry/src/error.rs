@@ -1,0 +1,276 @@
+//! The errors the retry layer adds.
+//!
+//! Each is returned boxed ([`BoxError`]); downcast to read its data. Errors from the layers below
+//! that this layer does not retry (a limiter's "the deadline would be passed", a configuration
+//! error of the client) pass through unchanged; these types describe only what this layer
+//! decided.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+use http::StatusCode;
+use kling_core::Code;
+use kling_core::error::{ApiError, BoxError};
+use tokio::time::Instant;
+
+/// Why the layer stopped retrying and returned [`Failed`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StopReason {
+    /// The policy said the result is final (e.g. `1102`, `1201`, a `1004` the auth layer could
+    /// not fix).
+    NotRetryable,
+    /// Every allowed attempt was used.
+    AttemptsExhausted,
+    /// The retry budget shared by the service's clones is spent: retries are at their allowed
+    /// share of recent requests.
+    BudgetExhausted,
+    /// A create may have made a billed task (a 5xx, a timeout, a reset after sending) and carries
+    /// no `external_task_id` by which to look it up, so re-sending it could make a second task.
+    CreateMayHaveHappened,
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StopReason::NotRetryable => "not retryable",
+            StopReason::AttemptsExhausted => "attempts exhausted",
+            StopReason::BudgetExhausted => "retry budget exhausted",
+            StopReason::CreateMayHaveHappened => {
+                "create may have made a task and has no external_task_id to look it up by"
+            }
+        })
+    }
+}
+
+/// The last failure a call saw: a Kling error response or an error from below.
+#[derive(Debug)]
+pub(crate) enum Last {
+    Api(ApiError),
+    Error(BoxError),
+}
+
+impl Last {
+    fn api(&self) -> Option<&ApiError> {
+        match self {
+            Last::Api(api) => Some(api),
+            Last::Error(_) => None,
+        }
+    }
+
+    fn source(&self) -> &(dyn StdError + 'static) {
+        match self {
+            Last::Api(api) => api,
+            Last::Error(error) => &**error,
+        }
+    }
+}
+
+impl fmt::Display for Last {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Last::Api(api) => fmt::Display::fmt(api, f),
+            Last::Error(error) => fmt::Display::fmt(error, f),
+        }
+    }
+}
+
+/// What a call had done when it stopped: attempts and time.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tally {
+    pub(crate) attempts: u32,
+    pub(crate) elapsed: Duration,
+    pub(crate) waited: Duration,
+}
+
+impl fmt::Display for Tally {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let plural = if self.attempts == 1 { "" } else { "s" };
+        write!(
+            f,
+            "after {} attempt{plural} in {:?} ({:?} backing off)",
+            self.attempts, self.elapsed, self.waited
+        )
+    }
+}
+
+macro_rules! last_accessors {
+    () => {
+        /// How many requests were sent (creates, queries and lookups by external id).
+        pub fn attempts(&self) -> u32 {
+            self.tally.attempts
+        }
+
+        /// Time from the call to this error, including waits in the layers below.
+        pub fn elapsed(&self) -> Duration {
+            self.tally.elapsed
+        }
+
+        /// Time this layer spent backing off between attempts.
+        pub fn waited(&self) -> Duration {
+            self.tally.waited
+        }
+
+        /// The last Kling error response, if the last failure was one.
+        pub fn api_error(&self) -> Option<&ApiError> {
+            self.last.api()
+        }
+
+        /// The Kling code of the last error response.
+        pub fn code(&self) -> Option<Code> {
+            self.last.api().map(ApiError::code)
+        }
+
+        /// The server's message of the last error response.
+        pub fn message(&self) -> Option<&str> {
+            self.last.api().map(ApiError::message)
+        }
+
+        /// The server's request id of the last error response, to quote to Kling support.
+        pub fn request_id(&self) -> Option<&str> {
+            self.last.api().and_then(ApiError::request_id)
+        }
+
+        /// The HTTP status of the last error response.
+        pub fn status(&self) -> Option<StatusCode> {
+            self.last.api().map(ApiError::status)
+        }
+    };
+}
+
+/// The call failed for good: the last failure, why the layer stopped, attempts and time.
+///
+/// Its [`source`](StdError::source) is the last failure: a
+/// [`kling_core::error::ApiError`] for a Kling error response, or the error from below (so
+/// [`kling_core::SendState::of`] still tells whether the last request was sent).
+#[derive(Debug)]
+pub struct Failed {
+    reason: StopReason,
+    tally: Tally,
+    last: Last,
+}
+
+impl Failed {
+    pub(crate) fn new(reason: StopReason, tally: Tally, last: Last) -> Self {
+        Failed {
+            reason,
+            tally,
+            last,
+        }
+    }
+
+    /// Why the layer stopped.
+    pub fn reason(&self) -> StopReason {
+        self.reason
+    }
+
+    last_accessors!();
+}
+
+impl fmt::Display for Failed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.reason, self.tally, self.last)
+    }
+}
+
+impl StdError for Failed {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(self.last.source())
+    }
+}
+
+/// The next retry would start after the call's deadline, so the layer returned at once instead
+/// of sleeping; [`resume_at`](Self::resume_at) says when the server (or the backoff) allows the
+/// next try.
+///
+/// A caller with more time may send the request again at that instant.
+#[derive(Debug)]
+pub struct DeadlineExceeded {
+    resume_at: Instant,
+    deadline: Instant,
+    retry_after: Duration,
+    tally: Tally,
+    last: Last,
+}
+
+impl DeadlineExceeded {
+    pub(crate) fn new(
+        resume_at: Instant,
+        deadline: Instant,
+        now: Instant,
+        tally: Tally,
+        last: Last,
+    ) -> Self {
+        DeadlineExceeded {
+            resume_at,
+            deadline,
+            retry_after: resume_at.saturating_duration_since(now),
+            tally,
+            last,
+        }
+    }
+
+    /// When the next attempt may be sent (tokio time).
+    pub fn resume_at(&self) -> Instant {
+        self.resume_at
+    }
+
+    /// How long after this error the next attempt may be sent.
+    pub fn retry_after(&self) -> Duration {
+        self.retry_after
+    }
+
+    /// The call's deadline, which `resume_at` is after.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    last_accessors!();
+}
+
+impl fmt::Display for DeadlineExceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "next retry in {:?} would pass the deadline {}: {}",
+            self.retry_after, self.tally, self.last
+        )
+    }
+}
+
+impl StdError for DeadlineExceeded {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(self.last.source())
+    }
+}
+
+/// An invalid configuration value, naming the field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    field: &'static str,
+    reason: &'static str,
+}
+
+impl ConfigError {
+    pub(crate) fn new(field: &'static str, reason: &'static str) -> Self {
+        ConfigError { field, reason }
+    }
+
+    /// The configuration field that is invalid (e.g. `max_attempts`, `budget.ratio`).
+    pub fn field(&self) -> &'static str {
+        self.field
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid retry configuration: `{}` {}",
+            self.field, self.reason
+        )
+    }
+}
+
+impl StdError for ConfigError {}

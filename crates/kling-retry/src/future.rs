@@ -1,0 +1,378 @@
+//! The [`Retry`](crate::Retry) response future.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use kling_core::error::{ApiError, BoxError};
+use kling_core::metrics::{LABEL_KIND, LABEL_REASON, RETRIES, RETRY_BUDGET_EXHAUSTED};
+use kling_core::signals::{Attempt, Deadline};
+use kling_core::{Outcome, Recognized};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use crate::backoff::DelayKind;
+use crate::body::ReplayBody;
+use crate::error::{DeadlineExceeded, Failed, Last, StopReason, Tally};
+use crate::layer::Shared;
+use crate::lookup::{self, Lookup, Recovered};
+use crate::policy::{Attempted, CreateState, Policy, Verdict};
+use crate::service::clone_request;
+
+pin_project! {
+    /// The response future of [`Retry`](crate::Retry): sends attempts, waits between them, and
+    /// looks creates up by external id, all without boxing.
+    pub struct ResponseFuture<S, B, P>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S::Future>,
+        call: Call<S, B, P>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Calling { #[pin] future: F },
+        Sleeping,
+        Readying,
+        Done,
+    }
+}
+
+/// What an attempt sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sending {
+    /// The caller's request.
+    Original,
+    /// A lookup of the create by its external id.
+    Lookup,
+}
+
+/// Everything a call carries between attempts (not pinned).
+struct Call<S, B, P> {
+    service: S,
+    template: Request<B>,
+    /// While a create's outcome is unknown: the lookup request and the external id.
+    lookup: Option<(Request<B>, String)>,
+    shared: Arc<Shared<P>>,
+    started: Instant,
+    deadline: Option<Instant>,
+    attempts: u32,
+    waited: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+    sleep_from: Instant,
+    sending: Sending,
+    next: Sending,
+    last: Option<Last>,
+}
+
+/// What to do after an attempt.
+enum Step {
+    Finish(Result<Response<Full<Bytes>>, BoxError>),
+    Sleep,
+    Send,
+}
+
+impl<S, B, P> ResponseFuture<S, B, P>
+where
+    S: Service<Request<B>>,
+{
+    pub(crate) fn new(
+        future: S::Future,
+        service: S,
+        template: Request<B>,
+        shared: Arc<Shared<P>>,
+        started: Instant,
+        deadline: Option<Instant>,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Calling { future },
+            call: Call {
+                service,
+                template,
+                lookup: None,
+                shared,
+                started,
+                deadline,
+                attempts: 1,
+                waited: Duration::ZERO,
+                sleep: None,
+                sleep_from: started,
+                sending: Sending::Original,
+                next: Sending::Original,
+                last: None,
+            },
+        }
+    }
+}
+
+impl<S, B, P> fmt::Debug for ResponseFuture<S, B, P>
+where
+    S: Service<Request<B>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("attempts", &self.call.attempts)
+            .field("waited", &self.call.waited)
+            .field("deadline", &self.call.deadline)
+            .field("looking_up", &self.call.lookup.as_ref().map(|(_, id)| id))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, B, P> Future for ResponseFuture<S, B, P>
+where
+    S: Service<Request<B>, Response = Response<Full<Bytes>>>,
+    S::Error: Into<BoxError>,
+    B: ReplayBody,
+    P: Policy,
+{
+    type Output = Result<Response<Full<Bytes>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Calling { future } => {
+                    let result = ready!(future.poll(cx)).map_err(Into::into);
+                    match this.call.after_attempt(result) {
+                        Step::Finish(output) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(output);
+                        }
+                        Step::Sleep => this.state.set(State::Sleeping),
+                        Step::Send => this.state.set(State::Readying),
+                    }
+                }
+                StateProj::Sleeping => {
+                    if let Some(sleep) = this.call.sleep.as_mut() {
+                        ready!(sleep.as_mut().poll(cx));
+                    }
+                    let now = Instant::now();
+                    this.call.waited += now.saturating_duration_since(this.call.sleep_from);
+                    this.state.set(State::Readying);
+                }
+                StateProj::Readying => {
+                    if let Err(error) = ready!(this.call.service.poll_ready(cx)) {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(error.into()));
+                    }
+                    let request = this.call.next_request();
+                    let future = this.call.service.call(request);
+                    this.state.set(State::Calling { future });
+                }
+                StateProj::Done => panic!("kling-retry ResponseFuture polled after completion"),
+            }
+        }
+    }
+}
+
+/// Far enough ahead to never arrive, near enough to never overflow.
+fn far_future(now: Instant) -> Instant {
+    now + Duration::from_secs(86_400 * 365 * 30)
+}
+
+impl<S, B, P> Call<S, B, P>
+where
+    B: ReplayBody,
+    P: Policy,
+{
+    fn after_attempt(&mut self, result: Result<Response<Full<Bytes>>, BoxError>) -> Step {
+        let mut response = match result {
+            Ok(response) => response,
+            Err(error) => return self.after_error(error),
+        };
+        if Outcome::of(&response).is_none()
+            && let Err(malformed) = Outcome::ensure(&mut response)
+        {
+            return self.after_error(Box::new(malformed));
+        }
+        let Some(outcome) = Outcome::of(&response) else {
+            unreachable!("the outcome was attached above")
+        };
+        if self.sending == Sending::Lookup {
+            let read = match &self.lookup {
+                Some((_, id)) => lookup::read(outcome, id),
+                None => Lookup::Inconclusive,
+            };
+            match read {
+                Lookup::Found(task_id) => {
+                    let external_id = self.lookup.take().map(|(_, id)| id).unwrap_or_default();
+                    response.extensions_mut().insert(Recovered {
+                        external_id,
+                        task_id,
+                    });
+                    return Step::Finish(Ok(response));
+                }
+                Lookup::NotFound => return self.resend_after_lookup(),
+                Lookup::Inconclusive => {}
+            }
+        }
+        match self
+            .shared
+            .policy
+            .judge(Attempted::Response(&response, outcome))
+        {
+            Verdict::Return if outcome.is_success() => Step::Finish(Ok(response)),
+            Verdict::Return => {
+                let last = Last::Api(ApiError::from_outcome(outcome));
+                self.fail(StopReason::NotRetryable, last)
+            }
+            Verdict::Retry { delay, create } => {
+                let hint = outcome.retry_after().map(|h| (outcome.received_at(), h));
+                let last = Last::Api(ApiError::from_outcome(outcome));
+                self.schedule(delay, create, hint, last)
+            }
+        }
+    }
+
+    fn after_error(&mut self, error: BoxError) -> Step {
+        match self.shared.policy.judge(Attempted::Error(&error)) {
+            Verdict::Return => Step::Finish(Err(error)),
+            Verdict::Retry { delay, create } => {
+                self.schedule(delay, create, None, Last::Error(error))
+            }
+        }
+    }
+
+    fn tally(&self) -> Tally {
+        Tally {
+            attempts: self.attempts,
+            elapsed: Instant::now().saturating_duration_since(self.started),
+            waited: self.waited,
+        }
+    }
+
+    fn fail(&mut self, reason: StopReason, last: Last) -> Step {
+        Step::Finish(Err(Box::new(Failed::new(reason, self.tally(), last))))
+    }
+
+    fn kind(&mut self) -> &'static str {
+        Recognized::of(&mut self.template).kind.as_str()
+    }
+
+    /// Decides whether and when the next attempt goes, after a retryable failure.
+    fn schedule(
+        &mut self,
+        delay: DelayKind,
+        create: CreateState,
+        hint: Option<(Instant, Duration)>,
+        last: Last,
+    ) -> Step {
+        if self.sending == Sending::Original {
+            self.next = Sending::Original;
+            if create == CreateState::MaybeCreated {
+                Recognized::of(&mut self.template);
+                let recognized = self.template.extensions().get::<Recognized>();
+                if let Some(recognized) = recognized.filter(|r| r.is_create()) {
+                    let Some(id) = recognized.external_id.clone() else {
+                        return self.fail(StopReason::CreateMayHaveHappened, last);
+                    };
+                    let Some(request) = lookup::request(&self.template, recognized, &id) else {
+                        return self.fail(StopReason::CreateMayHaveHappened, last);
+                    };
+                    self.lookup = Some((request, id));
+                    self.next = Sending::Lookup;
+                }
+            }
+        }
+        if self.attempts >= self.shared.max_attempts {
+            return self.fail(StopReason::AttemptsExhausted, last);
+        }
+        let now = Instant::now();
+        let shared = &*self.shared;
+        let at = match hint {
+            Some((received, hint)) => {
+                let wait = shared.backoff.hinted(hint, &*shared.rng);
+                received.checked_add(wait)
+            }
+            None => {
+                let wait = shared.backoff.delay(delay, self.attempts, &*shared.rng);
+                now.checked_add(wait)
+            }
+        }
+        .unwrap_or_else(|| far_future(now));
+        if let Some(deadline) = self.deadline
+            && at > deadline
+        {
+            let error = DeadlineExceeded::new(at, deadline, now, self.tally(), last);
+            return Step::Finish(Err(Box::new(error)));
+        }
+        let kind = self.kind();
+        // Slot-gated retries wait for a slot in the layer below, not on the API: they spend no
+        // budget (the attempt limit and the deadline still bound them).
+        if delay != DelayKind::Immediate && !self.shared.budget.try_withdraw() {
+            metrics::counter!(RETRY_BUDGET_EXHAUSTED, LABEL_KIND => kind).increment(1);
+            return self.fail(StopReason::BudgetExhausted, last);
+        }
+        let reason = match self.next {
+            Sending::Lookup => "lookup",
+            Sending::Original => delay.as_str(),
+        };
+        metrics::counter!(RETRIES, LABEL_KIND => kind, LABEL_REASON => reason).increment(1);
+        self.last = Some(last);
+        if at <= now {
+            return Step::Send;
+        }
+        match self.sleep.as_mut() {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+        self.sleep_from = now;
+        Step::Sleep
+    }
+
+    /// The lookup found no task: the create did not happen, send it again now.
+    fn resend_after_lookup(&mut self) -> Step {
+        self.lookup = None;
+        self.next = Sending::Original;
+        let last = self
+            .last
+            .take()
+            .unwrap_or_else(|| Last::Error("create outcome unknown".into()));
+        if self.attempts >= self.shared.max_attempts {
+            return self.fail(StopReason::AttemptsExhausted, last);
+        }
+        let now = Instant::now();
+        if let Some(deadline) = self.deadline
+            && now > deadline
+        {
+            let error = DeadlineExceeded::new(now, deadline, now, self.tally(), last);
+            return Step::Finish(Err(Box::new(error)));
+        }
+        let kind = self.kind();
+        if !self.shared.budget.try_withdraw() {
+            metrics::counter!(RETRY_BUDGET_EXHAUSTED, LABEL_KIND => kind).increment(1);
+            return self.fail(StopReason::BudgetExhausted, last);
+        }
+        metrics::counter!(RETRIES, LABEL_KIND => kind, LABEL_REASON => "not_found").increment(1);
+        self.last = Some(last);
+        Step::Send
+    }
+
+    fn next_request(&mut self) -> Request<B> {
+        self.attempts += 1;
+        let (source, sending) = match (&self.next, &self.lookup) {
+            (Sending::Lookup, Some((lookup, _))) => (lookup, Sending::Lookup),
+            _ => (&self.template, Sending::Original),
+        };
+        self.sending = sending;
+        let mut request = clone_request(source);
+        let extensions = request.extensions_mut();
+        if let Some(deadline) = self.deadline {
+            extensions.insert(Deadline(deadline));
+        }
+        extensions.insert(Attempt(self.attempts));
+        request
+    }
+}

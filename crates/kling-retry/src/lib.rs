@@ -1,0 +1,154 @@
+//! A Tower retry layer that knows what Kling's 429s mean: it retries `1302`, `1303` and 5xx, never
+//! `1102`, follows `Retry-After`, and never creates a billed task twice.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//!
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use kling_core::{ClassifyLayer, Code};
+//! use kling_retry::RetryLayer;
+//! use kling_retry::error::{Failed, StopReason};
+//! use tower::{Layer, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), kling_core::error::BoxError> {
+//! // A Kling that throttles the first request, then accepts; and refuses job 2 for good.
+//! let calls = Arc::new(AtomicUsize::new(0));
+//! let seen = calls.clone();
+//! let kling = service_fn(move |req: http::Request<Full<Bytes>>| {
+//!     let n = seen.fetch_add(1, Ordering::SeqCst);
+//!     async move {
+//!         let (status, body) = if req.uri().path().ends_with("/2") {
+//!             (429, r#"{"code":1102,"message":"resource pack exhausted","request_id":"r2"}"#)
+//!         } else if n == 0 {
+//!             (429, r#"{"code":1302,"message":"too fast","request_id":"r0"}"#)
+//!         } else {
+//!             (200, r#"{"code":0,"message":"SUCCEED","request_id":"r1","data":{"task_id":"t1","task_status":"succeed"}}"#)
+//!         };
+//!         http::Response::builder().status(status).body(Full::new(Bytes::from(body)))
+//!     }
+//! });
+//! let client = RetryLayer::builder().seed(7).build()?.layer(ClassifyLayer::new().layer(kling));
+//!
+//! let get = |path: &str| http::Request::get(path).body(Full::new(Bytes::new())).unwrap();
+//! let response = client.clone().oneshot(get("/v1/videos/text2video/1")).await?;
+//! assert_eq!(response.status(), 200);
+//! assert_eq!(calls.load(Ordering::SeqCst), 2, "the 1302 was retried once");
+//!
+//! let error = client.oneshot(get("/v1/videos/text2video/2")).await.unwrap_err();
+//! let failed = error.downcast_ref::<Failed>().expect("a final kling error");
+//! assert_eq!(failed.reason(), StopReason::NotRetryable);
+//! assert_eq!(failed.code(), Some(Code::ResourcePackExhausted));
+//! assert_eq!(failed.request_id(), Some("r2"));
+//! assert_eq!(calls.load(Ordering::SeqCst), 3, "the 1102 went out exactly once");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What it decides, and from what
+//!
+//! Every decision reads the attempt's [`Outcome`](kling_core::Outcome) (attached by
+//! [`ClassifyLayer`](kling_core::ClassifyLayer), or parsed here from the buffered body), never
+//! the status alone; the table is on [`KlingPolicy`], and [`Policy`] lets you change it.
+//!
+//! - **Retried**: `1302`; `5000`, `5001`, `5002` and other 5xx; connection errors before the
+//!   request was sent; timeouts and resets after it was sent (subject to the create rules).
+//! - **`1303`**: when the response carries [`SlotGated`](kling_core::signals::SlotGated) (a
+//!   task-slots layer below gave the slot back and will hold the retried create until one
+//!   frees) it is retried at once; without a slots layer, after a backoff of at least 1 s.
+//! - **Never retried**: `1000`–`1002`, `1100`–`1103`, `1200`–`1203`, `1300`, `1301`, `1304`,
+//!   and `1003`/`1004` (the auth layer below re-signs and retries those once itself).
+//! - **Delay**: a `Retry-After` (delta seconds or HTTP-date) counts from the response's arrival,
+//!   clamped to a maximum, with jitter only upward so a retry is never early; otherwise
+//!   exponential backoff with full jitter, with separate bases for throttling (≥ 1 s) and
+//!   transient faults. See [`Backoff`] for the exact bounds.
+//! - **Bounds**: at most [`max_attempts`](RetryLayerBuilder::max_attempts) requests; a total
+//!   [`deadline`](RetryLayerBuilder::deadline), passed down as
+//!   [`Deadline`](kling_core::signals::Deadline) so the rate limiter and the slots layer stop
+//!   waiting at it too; and a [`RetryBudget`] shared by clones. When the next retry would start
+//!   after the deadline, the call returns at once with [`error::DeadlineExceeded`], which says
+//!   when to resume.
+//! - **No duplicate billed tasks**: a create is sent again after `1302`, `1303` or a connection
+//!   that was never made (it did not happen). After a 5xx, a timeout or a reset it is sent again
+//!   only when it carries an `external_task_id`, and only after a lookup by that id
+//!   (`GET {create path}/{id}` or `GET /tasks?external_task_ids={id}`) finds no task; if the
+//!   lookup finds one, the caller gets it as the create's result (see [`Recovered`]). Without an
+//!   id the call fails with [`StopReason::CreateMayHaveHappened`](error::StopReason);
+//!   [`generate_external_ids`](RetryLayerBuilder::generate_external_ids) gives every create one.
+//!
+//! # What the caller gets
+//!
+//! - a success (code 0) as the response;
+//! - a Kling error response that is final, or still failing when the attempts, the budget or the
+//!   deadline run out, as [`error::Failed`] or [`error::DeadlineExceeded`], carrying the Kling
+//!   `code`, `message`, `request_id`, the attempts and the time waited, with a one-line
+//!   `Display`;
+//! - an error from below that is not retried (a limiter's deadline error, for instance)
+//!   unchanged.
+//!
+//! # Requests must be replayable
+//!
+//! The layer keeps a copy of each request to send it again, so the body must be in memory and
+//! cheap to clone: [`ReplayBody`] is implemented for `Full<Bytes>`, `Bytes`, `String` and
+//! `Vec<u8>`. A streaming body is refused at compile time with a message saying so:
+//!
+//! ```compile_fail
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use tower::{Layer, Service, service_fn};
+//!
+//! /// A body that streams from a socket: it cannot be sent twice.
+//! struct Streaming;
+//!
+//! fn ready<S: Service<http::Request<Streaming>>>(_: S) {}
+//!
+//! let client = service_fn(|_req: http::Request<Streaming>| async {
+//!     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+//! });
+//! // error[E0277]: the retry layer cannot replay a `Streaming` request body
+//! ready(kling_retry::RetryLayer::new().layer(client));
+//! ```
+//!
+//! # Where it goes
+//!
+//! Outermost but one, under the metrics layer: it sets [`Deadline`](kling_core::signals::Deadline)
+//! and [`Attempt`](kling_core::signals::Attempt) on each attempt's request for the task-slots,
+//! rate-limit and auth layers below, and wraps a per-attempt `tower::timeout` and the classify
+//! step.
+//!
+//! # Time and randomness
+//!
+//! Every wait is a `tokio::time` sleep, so `tokio::time::pause()` makes tests exact; the jitter's
+//! [`RandomSource`] is injectable ([`RetryLayerBuilder::seed`]).
+//!
+//! # Feature flags
+//!
+//! | feature | default | what it does |
+//! |---|---|---|
+//! | `hyper-util` | no | recognise hyper-util's legacy-client connect errors as "never sent" (enables `kling-core/hyper-util`), so a create whose connection failed is sent again |
+//!
+//! # Minimum supported Rust version
+//!
+//! Rust 1.88.
+
+mod backoff;
+mod body;
+mod budget;
+pub mod error;
+pub mod future;
+mod layer;
+mod lookup;
+mod policy;
+mod rng;
+mod service;
+
+pub use backoff::{Backoff, DelayKind};
+pub use body::ReplayBody;
+pub use budget::RetryBudget;
+pub use layer::{DEFAULT_DEADLINE, DEFAULT_MAX_ATTEMPTS, RetryLayer, RetryLayerBuilder};
+pub use lookup::Recovered;
+pub use policy::{Attempted, CreateState, KlingPolicy, Policy, Verdict};
+pub use rng::{RandomSource, SplitMix};
+pub use service::Retry;

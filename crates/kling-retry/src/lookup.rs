@@ -1,0 +1,219 @@
+//! Looking a create up by its external id before sending it again, and giving creates an
+//! external id.
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_LENGTH};
+use http::{HeaderValue, Method, Request, Uri};
+use kling_core::{AccountId, ApiGeneration, Code, Outcome, Recognized};
+
+use crate::body::ReplayBody;
+use crate::rng::RandomSource;
+
+/// Response extension: this create's result was recovered by a lookup, not sent by the create.
+///
+/// A create whose outcome was unknown (a 5xx, a timeout) and that carries an
+/// `external_task_id` is looked up by that id before it is sent again. When the lookup finds
+/// the task, the caller gets **the lookup's response** in place of the create's: HTTP 200,
+/// code 0, the query's JSON body (legacy `GET {create path}/{id}`: `data` is the task object,
+/// the same shape as a create's answer; new-style `GET /tasks?external_task_ids=…`: `data` is
+/// an array holding the task), its [`Outcome`] in the extensions reporting the existing task
+/// (so [`Outcome::task`] gives its id and status, which may already be past `submitted`), and
+/// this extension.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Recovered {
+    /// The create's external id.
+    pub external_id: String,
+    /// The id of the task the lookup found.
+    pub task_id: String,
+}
+
+/// What a lookup says.
+pub(crate) enum Lookup {
+    Found(String),
+    NotFound,
+    /// An error response or a malformed answer: judge it like any other attempt.
+    Inconclusive,
+}
+
+/// Reads a lookup response.
+pub(crate) fn read(outcome: &Outcome, external_id: &str) -> Lookup {
+    if outcome.code() == Code::NotFound {
+        return Lookup::NotFound;
+    }
+    if !outcome.is_success() {
+        return Lookup::Inconclusive;
+    }
+    let found = outcome.tasks().iter().find(|task| {
+        task.external_id
+            .as_deref()
+            .is_none_or(|id| id == external_id)
+    });
+    match found {
+        Some(task) => Lookup::Found(task.id.clone()),
+        None => Lookup::NotFound,
+    }
+}
+
+/// The query that finds a create by its external id, with the create's account and
+/// `Authorization` (the auth layer below sets a fresh one anyway). `None` when the create's URI
+/// cannot carry it.
+pub(crate) fn request<B: ReplayBody>(
+    create: &Request<B>,
+    recognized: &Recognized,
+    external_id: &str,
+) -> Option<Request<B>> {
+    let uri = create.uri();
+    let path = uri.path().trim_end_matches('/');
+    let id = encode(external_id);
+    let path_and_query = match recognized.generation? {
+        ApiGeneration::Legacy => format!("{path}/{id}"),
+        _ => {
+            // `{prefix}/{product}/{model}` → `{prefix}/tasks`.
+            let mut parts = path.rsplitn(3, '/');
+            let (_model, _product) = (parts.next()?, parts.next()?);
+            let prefix = parts.next().unwrap_or("");
+            format!("{prefix}/tasks?external_task_ids={id}")
+        }
+    };
+    let mut builder = Uri::builder();
+    if let Some(scheme) = uri.scheme() {
+        builder = builder.scheme(scheme.clone());
+    }
+    if let Some(authority) = uri.authority() {
+        builder = builder.authority(authority.clone());
+    }
+    let uri = builder.path_and_query(path_and_query).build().ok()?;
+    let mut lookup = Request::new(B::empty());
+    *lookup.method_mut() = Method::GET;
+    *lookup.uri_mut() = uri;
+    *lookup.version_mut() = create.version();
+    if let Some(auth) = create.headers().get(AUTHORIZATION) {
+        lookup.headers_mut().insert(AUTHORIZATION, auth.clone());
+    }
+    if let Some(account) = AccountId::of(create) {
+        lookup.extensions_mut().insert(account.clone());
+    }
+    Some(lookup)
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// A fresh external id: `kr-` and 32 hex digits.
+pub(crate) fn generate(rng: &dyn RandomSource) -> String {
+    format!("kr-{:016x}{:016x}", rng.next_u64(), rng.next_u64())
+}
+
+/// Adds `external_id` to a create's JSON body (`external_task_id` on legacy paths, `external_id`
+/// on new-style ones) and refreshes the cached [`Recognized`]. A body that is not a JSON
+/// object is left alone (the server will refuse it anyway).
+pub(crate) fn set_external_id<B: ReplayBody>(request: &mut Request<B>, external_id: &str) {
+    let recognized = Recognized::of(request);
+    let field = match recognized.generation {
+        Some(ApiGeneration::Legacy) => "external_task_id",
+        Some(_) => "external_id",
+        None => return,
+    };
+    let body = request.body().peek_bytes();
+    let Ok(serde_json::Value::Object(mut fields)) = serde_json::from_slice(&body) else {
+        return;
+    };
+    fields.insert(field.to_owned(), serde_json::Value::from(external_id));
+    let Ok(rewritten) = serde_json::to_vec(&fields) else {
+        return;
+    };
+    if request.headers().contains_key(CONTENT_LENGTH) {
+        request
+            .headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
+    }
+    *request.body_mut() = B::from_bytes(Bytes::from(rewritten));
+    let refreshed = Recognized::from_request(request);
+    request.extensions_mut().insert(refreshed);
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::Full;
+    use kling_core::PeekBody;
+
+    use super::*;
+
+    fn create(uri: &str, body: &'static str) -> Request<Full<Bytes>> {
+        let mut request = Request::post(uri)
+            .header(AUTHORIZATION, "Bearer k")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        request.extensions_mut().insert(AccountId::new("acct"));
+        request
+    }
+
+    #[test]
+    fn legacy_lookups_query_the_create_path() {
+        let mut req = create(
+            "http://127.0.0.1:9/v1/videos/text2video",
+            r#"{"external_task_id":"job 1"}"#,
+        );
+        let recognized = Recognized::of(&mut req).clone();
+        let lookup = request(&req, &recognized, "job 1").unwrap();
+        assert_eq!(lookup.method(), Method::GET);
+        assert_eq!(
+            lookup.uri().to_string(),
+            "http://127.0.0.1:9/v1/videos/text2video/job%201"
+        );
+        assert_eq!(lookup.headers()[AUTHORIZATION], "Bearer k");
+        assert_eq!(AccountId::of(&lookup).unwrap().as_str(), "acct");
+    }
+
+    #[test]
+    fn new_style_lookups_query_tasks_under_the_same_prefix() {
+        let mut req = create(
+            "https://h/api/text-to-video/kling-3.0",
+            r#"{"external_id":"e"}"#,
+        );
+        let recognized = Recognized::of(&mut req).clone();
+        let lookup = request(&req, &recognized, "e").unwrap();
+        assert_eq!(
+            lookup.uri().to_string(),
+            "https://h/api/tasks?external_task_ids=e"
+        );
+        let mut req = create("/text-to-video/kling-3.0", r#"{"external_id":"e"}"#);
+        let recognized = Recognized::of(&mut req).clone();
+        let lookup = request(&req, &recognized, "e").unwrap();
+        assert_eq!(lookup.uri().to_string(), "/tasks?external_task_ids=e");
+    }
+
+    #[test]
+    fn an_external_id_is_written_into_the_body() {
+        let mut req = create("/v1/videos/text2video", r#"{"prompt":"cat"}"#);
+        req.headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from(16));
+        set_external_id(&mut req, "kr-1");
+        assert_eq!(
+            Recognized::of(&mut req).external_id.as_deref(),
+            Some("kr-1")
+        );
+        let body = req.body().peek_bytes();
+        assert_eq!(
+            req.headers()[CONTENT_LENGTH],
+            body.len().to_string().as_str()
+        );
+
+        let mut req = create("/text-to-video/kling-3.0", r#"{"prompt":"cat"}"#);
+        set_external_id(&mut req, "kr-2");
+        assert!(
+            String::from_utf8_lossy(&req.body().peek_bytes()).contains(r#""external_id":"kr-2""#)
+        );
+    }
+}

@@ -1,0 +1,157 @@
+//! What to do with one attempt's result: the [`Policy`] trait and Kling's rules.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::Response;
+use http_body_util::Full;
+use kling_core::error::{BodyTooLarge, BoxError, MalformedResponse, NotSent, Transport};
+use kling_core::signals::SlotGated;
+use kling_core::{Disposition, Outcome, RetryKind, SendState};
+
+use crate::backoff::DelayKind;
+
+/// One attempt's result, as a policy sees it.
+#[derive(Clone, Copy)]
+pub enum Attempted<'a> {
+    /// A response, with its parsed [`Outcome`].
+    Response(&'a Response<Full<Bytes>>, &'a Outcome),
+    /// An error from the layers below (boxed; downcast to read it).
+    Error(&'a BoxError),
+}
+
+impl fmt::Debug for Attempted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Attempted::Response(_, outcome) => f
+                .debug_tuple("Response")
+                .field(&outcome.status())
+                .field(&outcome.code())
+                .finish(),
+            Attempted::Error(error) => f.debug_tuple("Error").field(error).finish(),
+        }
+    }
+}
+
+/// Whether a failed create may nevertheless have made a (billed) task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CreateState {
+    /// Surely not: the request never left (connect failure) or was refused before any work
+    /// (`1302`, `1303`). A create may be sent again.
+    NotCreated,
+    /// Perhaps: a 5xx, a timeout, a reset after sending. A create is sent again only if it carries
+    /// an `external_task_id`, and only after a lookup by that id finds no task.
+    MaybeCreated,
+}
+
+/// A policy's verdict on one attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Verdict {
+    /// Return the result to the caller: a success as it is, a Kling error response as
+    /// [`Failed`](crate::error::Failed), an error from below unchanged.
+    Return,
+    /// Try again, if the attempt limit, the deadline and the budget allow.
+    Retry {
+        /// Which backoff to wait (a `Retry-After` on the response overrides it).
+        delay: DelayKind,
+        /// Whether a create may have happened (non-creates are always safe to repeat).
+        create: CreateState,
+    },
+}
+
+/// Decides, from each attempt's result, whether to retry.
+///
+/// The layer does the rest: the `Retry-After` hint, the backoff, the attempt limit, the
+/// deadline, the budget, and the duplicate-create rules (driven by [`Verdict::Retry`]'s
+/// `create`). Implement it to retry more or less than [`KlingPolicy`]; delegating to
+/// `KlingPolicy` for the cases you do not change keeps Kling's rules.
+pub trait Policy: Send + Sync + 'static {
+    /// Judges one attempt.
+    fn judge(&self, attempted: Attempted<'_>) -> Verdict;
+}
+
+/// Kling's rules, from the [`Outcome`] (never from the status alone).
+///
+/// | result | verdict |
+/// |---|---|
+/// | code 0 | return |
+/// | `1302` | retry, [`Throttled`](DelayKind::Throttled), not created |
+/// | `1303` with [`SlotGated`] (a slots layer below will hold the retry) | retry, [`Immediate`](DelayKind::Immediate), not created |
+/// | `1303` without | retry, [`SlotFull`](DelayKind::SlotFull) (≥ 1 s), not created |
+/// | `5000`, `5002`, another 5xx code | retry, [`Transient`](DelayKind::Transient), maybe created |
+/// | `5001` | retry, [`Maintenance`](DelayKind::Maintenance), maybe created |
+/// | `1003`, `1004` (the auth layer below already re-signed once) | return |
+/// | `1000`–`1002`, `1100`–`1103`, `1200`–`1203`, `1300`, `1301`, `1304`, other codes below 500 | return |
+/// | [`Transport`] error, never sent ([`SendState::NotSent`], [`NotSent`]) | retry, transient, not created |
+/// | [`Transport`] error after sending, `tower::timeout::error::Elapsed` | retry, transient, maybe created |
+/// | [`MalformedResponse`] or [`BodyTooLarge`] with a 5xx status | retry, transient (503: maintenance), maybe created |
+/// | any other error (a limiter's deadline error, a bad request, …) | return it unchanged |
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KlingPolicy;
+
+impl Policy for KlingPolicy {
+    fn judge(&self, attempted: Attempted<'_>) -> Verdict {
+        match attempted {
+            Attempted::Response(response, outcome) => judge_outcome(response, outcome),
+            Attempted::Error(error) => judge_error(error),
+        }
+    }
+}
+
+fn judge_outcome(response: &Response<Full<Bytes>>, outcome: &Outcome) -> Verdict {
+    let (delay, create) = match outcome.disposition() {
+        Disposition::Retry(RetryKind::Throttled) => (DelayKind::Throttled, CreateState::NotCreated),
+        Disposition::Retry(RetryKind::Maintenance) => {
+            (DelayKind::Maintenance, CreateState::MaybeCreated)
+        }
+        Disposition::Retry(_) => (DelayKind::Transient, CreateState::MaybeCreated),
+        Disposition::WaitForSlot => {
+            let delay = if response.extensions().get::<SlotGated>().is_some() {
+                DelayKind::Immediate
+            } else {
+                DelayKind::SlotFull
+            };
+            (delay, CreateState::NotCreated)
+        }
+        _ => return Verdict::Return,
+    };
+    Verdict::Retry { delay, create }
+}
+
+fn judge_error(error: &BoxError) -> Verdict {
+    let by_status = |status: http::StatusCode| {
+        if status == http::StatusCode::SERVICE_UNAVAILABLE {
+            Some(DelayKind::Maintenance)
+        } else if status.is_server_error() {
+            Some(DelayKind::Transient)
+        } else {
+            None
+        }
+    };
+    let (delay, create) = if let Some(transport) = error.downcast_ref::<Transport>() {
+        let create = match transport.send_state() {
+            SendState::NotSent => CreateState::NotCreated,
+            _ => CreateState::MaybeCreated,
+        };
+        (DelayKind::Transient, create)
+    } else if error.is::<NotSent>() {
+        (DelayKind::Transient, CreateState::NotCreated)
+    } else if error.is::<tower::timeout::error::Elapsed>() {
+        (DelayKind::Transient, CreateState::MaybeCreated)
+    } else if let Some(malformed) = error.downcast_ref::<MalformedResponse>() {
+        match by_status(malformed.status()) {
+            Some(delay) => (delay, CreateState::MaybeCreated),
+            None => return Verdict::Return,
+        }
+    } else if let Some(large) = error.downcast_ref::<BodyTooLarge>() {
+        match by_status(large.status()) {
+            Some(delay) => (delay, CreateState::MaybeCreated),
+            None => return Verdict::Return,
+        }
+    } else {
+        return Verdict::Return;
+    };
+    Verdict::Retry { delay, create }
+}

@@ -1,0 +1,171 @@
+//! Retry-After in both forms, jitter only upward, and the backoff without a hint.
+
+use std::time::{Duration, SystemTime};
+
+use kling_retry::{Backoff, RetryLayer};
+use tower::Layer;
+
+use crate::support::{Reply, code, get, kling, send, task, with_header};
+
+const JITTER: Duration = Duration::from_millis(300);
+
+fn layer(seed: u64) -> RetryLayer {
+    RetryLayer::builder()
+        .seed(seed)
+        .backoff(Backoff::new().retry_after_jitter(JITTER))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_of_7_seconds_delays_by_7_to_7_plus_the_jitter() {
+    for seed in 0..10 {
+        let (server, log) = kling(|_, i| {
+            Reply::Now(if i == 0 {
+                with_header(code(1302), "retry-after", "7")
+            } else {
+                task("t1", None)
+            })
+        });
+        send(&layer(seed).layer(server), get("/v1/videos/text2video/t1"))
+            .await
+            .unwrap();
+        let seen = log.all();
+        let gap = seen[1].at - seen[0].at;
+        assert!(
+            gap >= Duration::from_secs(7),
+            "seed {seed}: {gap:?} is early"
+        );
+        assert!(
+            gap <= Duration::from_secs(7) + JITTER,
+            "seed {seed}: {gap:?} is late"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_http_date_of_7_seconds_delays_the_same() {
+    // The date is read against the response's own Date header, so the local clock does not
+    // matter; whole seconds keep the HTTP-date exact.
+    let date = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    for seed in 0..10 {
+        let (server, log) = kling(move |_, i| {
+            Reply::Now(if i == 0 {
+                let res = with_header(code(1302), "date", &httpdate::fmt_http_date(date));
+                with_header(
+                    res,
+                    "retry-after",
+                    &httpdate::fmt_http_date(date + Duration::from_secs(7)),
+                )
+            } else {
+                task("t1", None)
+            })
+        });
+        send(&layer(seed).layer(server), get("/v1/videos/text2video/t1"))
+            .await
+            .unwrap();
+        let seen = log.all();
+        let gap = seen[1].at - seen[0].at;
+        assert!(
+            gap >= Duration::from_secs(7),
+            "seed {seed}: {gap:?} is early"
+        );
+        assert!(
+            gap <= Duration::from_secs(7) + JITTER,
+            "seed {seed}: {gap:?} is late"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_overrides_even_a_5xx_backoff_and_is_clamped_to_the_maximum() {
+    let backoff = Backoff::new()
+        .retry_after_jitter(Duration::ZERO)
+        .max_retry_after(Duration::from_secs(30));
+    let (server, log) = kling(|_, i| {
+        Reply::Now(if i == 0 {
+            with_header(code(5001), "retry-after", "86400")
+        } else {
+            task("t1", None)
+        })
+    });
+    let client = RetryLayer::builder()
+        .seed(1)
+        .backoff(backoff)
+        .build()
+        .unwrap()
+        .layer(server);
+    send(&client, get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap();
+    let seen = log.all();
+    assert_eq!(seen[1].at - seen[0].at, Duration::from_secs(30));
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttled_retries_wait_at_least_a_second_and_transient_ones_use_full_jitter() {
+    let backoff = Backoff::new();
+    for seed in 0..10 {
+        let (server, log) =
+            kling(|_, i| Reply::Now(if i < 3 { code(1302) } else { task("t", None) }));
+        let client = RetryLayer::builder()
+            .seed(seed)
+            .backoff(backoff)
+            .build()
+            .unwrap()
+            .layer(server);
+        send(&client, get("/v1/videos/text2video/t1"))
+            .await
+            .unwrap();
+        let seen = log.all();
+        for retry in 1..=3u32 {
+            let gap = seen[retry as usize].at - seen[retry as usize - 1].at;
+            let (low, high) = backoff.bounds(kling_retry::DelayKind::Throttled, retry);
+            assert!(low >= Duration::from_secs(1));
+            assert!(
+                gap >= low && gap <= high,
+                "retry {retry}: {gap:?} not in {low:?}..={high:?}"
+            );
+        }
+
+        let (server, log) =
+            kling(|_, i| Reply::Now(if i < 3 { code(5000) } else { task("t", None) }));
+        let client = RetryLayer::builder()
+            .seed(seed)
+            .backoff(backoff)
+            .build()
+            .unwrap()
+            .layer(server);
+        send(&client, get("/v1/videos/text2video/t1"))
+            .await
+            .unwrap();
+        let seen = log.all();
+        for retry in 1..=3u32 {
+            let gap = seen[retry as usize].at - seen[retry as usize - 1].at;
+            let (low, high) = backoff.bounds(kling_retry::DelayKind::Transient, retry);
+            assert_eq!(low, Duration::ZERO);
+            assert_eq!(high, Duration::from_millis(200) * (1 << (retry - 1)));
+            assert!(gap <= high, "retry {retry}: {gap:?} over {high:?}");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_same_seed_gives_the_same_delays() {
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let (server, log) =
+            kling(|_, i| Reply::Now(if i < 3 { code(5002) } else { task("t", None) }));
+        let client = RetryLayer::builder()
+            .seed(42)
+            .build()
+            .unwrap()
+            .layer(server);
+        let start = tokio::time::Instant::now();
+        send(&client, get("/v1/videos/text2video/t1"))
+            .await
+            .unwrap();
+        runs.push(log.all().iter().map(|s| s.at - start).collect::<Vec<_>>());
+    }
+    assert_eq!(runs[0], runs[1]);
+}

@@ -1,0 +1,221 @@
+//! Attempts, the deadline, the budget, and the signals passed down.
+
+use std::time::Duration;
+
+use kling_core::Code;
+use kling_core::signals::Deadline;
+use kling_retry::error::{DeadlineExceeded, Failed, StopReason};
+use kling_retry::{Backoff, RetryBudget, RetryLayer};
+use tokio::time::Instant;
+use tower::Layer;
+
+use crate::support::{Reply, code, get, kling, send, task, with_header};
+
+#[tokio::test(start_paused = true)]
+async fn max_attempts_bounds_the_requests() {
+    let (server, log) = kling(|_, _| Reply::Now(code(1302)));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .max_attempts(3)
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap_err();
+    assert_eq!(log.len(), 3);
+    let failed = error.downcast_ref::<Failed>().unwrap();
+    assert_eq!(failed.reason(), StopReason::AttemptsExhausted);
+    assert_eq!(failed.attempts(), 3);
+    assert_eq!(failed.code(), Some(Code::RateLimited));
+    assert!(
+        failed.waited() >= Duration::from_secs(2),
+        "two throttled backoffs of ≥ 1 s"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_attempt_carries_its_number_and_the_deadline() {
+    let (server, log) = kling(|_, i| Reply::Now(if i < 2 { code(5000) } else { task("t", None) }));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .deadline(Duration::from_secs(60))
+        .build()
+        .unwrap()
+        .layer(server);
+    let start = Instant::now();
+    send(&client, get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap();
+    let seen = log.all();
+    assert_eq!(
+        seen.iter().map(|s| s.attempt).collect::<Vec<_>>(),
+        vec![Some(1), Some(2), Some(3)]
+    );
+    for s in &seen {
+        assert_eq!(s.deadline, Some(start + Duration::from_secs(60)));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_earlier_deadline_on_the_request_is_kept() {
+    let (server, log) = kling(|_, _| Reply::Now(task("t", None)));
+    let client = RetryLayer::new().layer(server);
+    let mut request = get("/v1/videos/text2video/t1");
+    let early = Instant::now() + Duration::from_secs(3);
+    request.extensions_mut().insert(Deadline(early));
+    send(&client, request).await.unwrap();
+    assert_eq!(log.all()[0].deadline, Some(early));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hint_longer_than_the_deadline_returns_the_resume_error_at_once() {
+    let (server, log) = kling(|_, _| Reply::Now(with_header(code(1302), "retry-after", "7")));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .deadline(Duration::from_secs(5))
+        .backoff(Backoff::new().retry_after_jitter(Duration::ZERO))
+        .build()
+        .unwrap()
+        .layer(server);
+    let start = Instant::now();
+    let error = send(&client, get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap_err();
+    assert_eq!(Instant::now(), start, "returned at once, no sleeping");
+    assert_eq!(log.len(), 1);
+    let late = error
+        .downcast_ref::<DeadlineExceeded>()
+        .expect("the resume error");
+    assert_eq!(late.resume_at(), start + Duration::from_secs(7));
+    assert_eq!(late.retry_after(), Duration::from_secs(7));
+    assert_eq!(late.deadline(), start + Duration::from_secs(5));
+    assert_eq!(late.code(), Some(Code::RateLimited));
+    assert_eq!(late.request_id(), Some("req-1302"));
+    assert_eq!(
+        error.to_string(),
+        "next retry in 7s would pass the deadline after 1 attempt in 0ns (0ns backing off): \
+         kling error 1302 (requests too fast), http 429: message 1302 (request_id req-1302)"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_counts_time_spent_below() {
+    // Each attempt takes 4 s below the layer (a slow server, a wait in a limiter); after two,
+    // a retry 1 s later would pass the 8.5 s deadline.
+    let (server, log) = kling(|_, _| Reply::Later(Duration::from_secs(4), code(1302)));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .deadline(Duration::from_millis(8_500))
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap_err();
+    let late = error
+        .downcast_ref::<DeadlineExceeded>()
+        .expect("the resume error");
+    assert_eq!(log.len(), 2);
+    assert!(late.elapsed() >= Duration::from_secs(9));
+    assert_eq!(late.attempts(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_budget_stops_a_retry_storm() {
+    // A failing API: every request gets a 5000. 100 logical queries, 5 attempts allowed each.
+    let storm = |budget: RetryBudget| async move {
+        let (server, log) = kling(|_, _| Reply::Now(code(5000)));
+        let client = RetryLayer::builder()
+            .seed(9)
+            .max_attempts(5)
+            .budget(budget)
+            .build()
+            .unwrap()
+            .layer(server);
+        let mut exhausted = 0;
+        let calls: Vec<_> = (0..100)
+            .map(|i| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    send(&client, get(&format!("/v1/videos/text2video/{i}"))).await
+                })
+            })
+            .collect();
+        for call in calls {
+            let error = call.await.unwrap().unwrap_err();
+            let failed = error.downcast_ref::<Failed>().unwrap();
+            if failed.reason() == StopReason::BudgetExhausted {
+                exhausted += 1;
+            }
+        }
+        (log.len(), exhausted)
+    };
+    // Budget: 20 % of requests plus 1 retry per second over a 10 s window.
+    let (requests, exhausted) =
+        storm(RetryBudget::new(Duration::from_secs(10), 1, 0.2).unwrap()).await;
+    assert!(
+        requests <= 100 + 20 + 10,
+        "{requests} requests for 100 calls"
+    );
+    assert!(exhausted >= 70, "{exhausted} calls stopped by the budget");
+    // Negative control: without a budget every call uses all 5 attempts.
+    let (requests, exhausted) = storm(RetryBudget::unlimited()).await;
+    assert_eq!(requests, 500);
+    assert_eq!(exhausted, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn clones_and_services_of_one_layer_share_the_budget() {
+    let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0).unwrap();
+    let layer = RetryLayer::builder()
+        .seed(1)
+        .budget(budget.clone())
+        .build()
+        .unwrap();
+    let (ok, _) = kling(|_, _| Reply::Now(task("t", None)));
+    let (flaky, _) = kling(|_, i| Reply::Now(if i == 0 { code(5000) } else { task("t", None) }));
+    let a = layer.layer(ok);
+    let b = layer.layer(flaky);
+    // Two calls through clones of one service deposit two retries' worth...
+    send(&a, get("/v1/videos/text2video/1")).await.unwrap();
+    send(&a, get("/v1/videos/text2video/2")).await.unwrap();
+    assert_eq!(budget.remaining(), 2);
+    assert_eq!(layer.budget().remaining(), 2);
+    // ...and a retry by another service of the same layer draws from the same budget.
+    send(&b, get("/v1/videos/text2video/3")).await.unwrap();
+    assert_eq!(budget.remaining(), 3 - 1);
+}
+
+#[test]
+fn invalid_configuration_names_the_field() {
+    let err = RetryLayer::builder().max_attempts(0).build().unwrap_err();
+    assert_eq!(err.field(), "max_attempts");
+    assert_eq!(
+        err.to_string(),
+        "invalid retry configuration: `max_attempts` must be at least 1"
+    );
+    let err = RetryLayer::builder()
+        .deadline(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "deadline");
+    let err = RetryLayer::builder()
+        .backoff(Backoff::new().throttle_base(Duration::ZERO))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "backoff.throttle_base");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_call_sends_nothing_more() {
+    let (server, log) = kling(|_, _| Reply::Now(code(1302)));
+    let client = RetryLayer::builder().seed(1).build().unwrap().layer(server);
+    let mut call = tokio_test::task::spawn(send(&client, get("/v1/videos/text2video/t1")));
+    // The first attempt got its 1302; the call now sleeps before the retry.
+    tokio_test::assert_pending!(call.poll());
+    assert_eq!(log.len(), 1);
+    drop(call);
+    tokio::time::advance(Duration::from_secs(60)).await;
+    assert_eq!(log.len(), 1, "a dropped call never retries");
+}

@@ -1,0 +1,172 @@
+//! A scripted Kling on tokio time: answers each request with what the test's handler says, and
+//! logs what it saw.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use kling_core::error::BoxError;
+use kling_core::signals::{Attempt, Deadline};
+use kling_core::{ClassifyLayer, PeekBody};
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+
+pub(crate) type Req = Request<Full<Bytes>>;
+pub(crate) type Res = Response<Full<Bytes>>;
+
+/// One request as the scripted server saw it.
+#[derive(Clone, Debug)]
+pub(crate) struct Seen {
+    pub(crate) method: http::Method,
+    pub(crate) uri: String,
+    pub(crate) body: String,
+    pub(crate) at: Instant,
+    pub(crate) attempt: Option<u32>,
+    pub(crate) deadline: Option<Instant>,
+}
+
+/// What the scripted server answers.
+pub(crate) enum Reply {
+    /// A response now.
+    Now(Res),
+    /// A client error now (it will be wrapped in `Transport` by the classify step).
+    Fail(BoxError),
+    /// A response after a delay (to trip a per-attempt timeout).
+    Later(Duration, Res),
+}
+
+#[derive(Clone, Default)]
+pub(crate) struct Log(Arc<Mutex<Vec<Seen>>>);
+
+impl Log {
+    pub(crate) fn all(&self) -> Vec<Seen> {
+        self.0.lock().unwrap().clone()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    pub(crate) fn count(&self, method: &str, path_part: &str) -> usize {
+        self.all()
+            .iter()
+            .filter(|s| s.method == method && s.uri.contains(path_part))
+            .count()
+    }
+}
+
+/// The scripted server under the classify step; `handler` gets each request and its index.
+pub(crate) fn kling<H>(
+    handler: H,
+) -> (
+    impl Service<
+        Req,
+        Response = Res,
+        Error = BoxError,
+        Future = impl Future<Output = Result<Res, BoxError>> + Send,
+    > + Clone
+    + Send
+    + 'static,
+    Log,
+)
+where
+    H: Fn(&Seen, usize) -> Reply + Send + Sync + 'static,
+{
+    let log = Log::default();
+    let seen_log = log.clone();
+    let handler = Arc::new(handler);
+    let server = tower::service_fn(move |req: Req| {
+        let seen = Seen {
+            method: req.method().clone(),
+            uri: req.uri().to_string(),
+            body: String::from_utf8_lossy(&req.body().peek_bytes()).into_owned(),
+            at: Instant::now(),
+            attempt: req.extensions().get::<Attempt>().map(|a| a.0),
+            deadline: Deadline::of(&req),
+        };
+        let index = {
+            let mut all = seen_log.0.lock().unwrap();
+            all.push(seen.clone());
+            all.len() - 1
+        };
+        let reply = handler(&seen, index);
+        async move {
+            match reply {
+                Reply::Now(res) => Ok(res),
+                Reply::Fail(error) => Err(error),
+                Reply::Later(delay, res) => {
+                    tokio::time::sleep(delay).await;
+                    Ok(res)
+                }
+            }
+        }
+    });
+    (ClassifyLayer::new().layer(server), log)
+}
+
+/// A Kling envelope with the code's documented status.
+pub(crate) fn code(code: i64) -> Res {
+    let status = kling_core::Code::from_i64(code)
+        .documented_status()
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    envelope(status, code, "null")
+}
+
+pub(crate) fn envelope(status: StatusCode, code: i64, data: &str) -> Res {
+    let body = format!(
+        r#"{{"code":{code},"message":"message {code}","request_id":"req-{code}","data":{data}}}"#
+    );
+    Response::builder()
+        .status(status)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+/// A legacy task answer (create or query).
+pub(crate) fn task(id: &str, external: Option<&str>) -> Res {
+    let info = external.map_or(String::new(), |e| {
+        format!(r#","task_info":{{"external_task_id":"{e}"}}"#)
+    });
+    envelope(
+        StatusCode::OK,
+        0,
+        &format!(r#"{{"task_id":"{id}","task_status":"submitted"{info}}}"#),
+    )
+}
+
+pub(crate) fn with_header(mut res: Res, name: &'static str, value: &str) -> Res {
+    res.headers_mut().insert(name, value.parse().unwrap());
+    res
+}
+
+pub(crate) fn get(path: &str) -> Req {
+    Request::get(format!("http://kling.test{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+pub(crate) fn create(body: &str) -> Req {
+    Request::post("http://kling.test/v1/videos/text2video")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap()
+}
+
+pub(crate) fn refused() -> BoxError {
+    Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+}
+
+pub(crate) fn reset() -> BoxError {
+    Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
+}
+
+/// Sends one request through a fresh clone of `service`.
+pub(crate) async fn send<S>(service: &S, request: Req) -> Result<Res, BoxError>
+where
+    S: Service<Req, Response = Res, Error = BoxError> + Clone,
+{
+    service.clone().oneshot(request).await
+}
