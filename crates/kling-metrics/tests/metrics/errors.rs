@@ -1,0 +1,188 @@
+//! Calls that end in an error, or in a body that is no envelope, are labelled by what is known.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use kling_core::error::{ApiError, BoxError};
+use kling_core::metrics::{REQUEST_DURATION, RESPONSES};
+use kling_core::{ClassifyLayer, Outcome};
+use kling_metrics::MetricsLayer;
+use tower::{Layer, ServiceExt};
+
+use crate::support::{Recording, Value, answering, request};
+
+/// An error whose cause is a Kling error, as the retry layer's "gave up" error is.
+#[derive(Debug)]
+struct GaveUp(ApiError);
+
+impl fmt::Display for GaveUp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "gave up: {}", self.0)
+    }
+}
+
+impl std::error::Error for GaveUp {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+type Labels = Vec<(String, String)>;
+
+/// The labels of the one duration series recorded, and the one response code.
+fn labels_of_the_call(recording: &Recording) -> (Labels, Labels) {
+    let recorded = recording.take();
+    let mut duration = recorded.iter().filter(|((n, _), _)| n == REQUEST_DURATION);
+    let ((_, labels), (_, value)) = duration.next().expect("a duration");
+    assert!(duration.next().is_none());
+    assert!(matches!(value, Value::Histogram(h) if h.len() == 1));
+    let mut responses = recorded.iter().filter(|((n, _), _)| n == RESPONSES);
+    let ((_, response_labels), (_, count)) = responses.next().expect("a response count");
+    assert_eq!(*count, Value::Counter(1));
+    (labels.clone(), response_labels.clone())
+}
+
+fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut v: Vec<_> = items
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_kling_error_inside_an_error_is_labelled_with_its_code() {
+    let recording = Recording::start();
+    let layer = MetricsLayer::new();
+    let monitor = layer.monitor().clone();
+    let failing = tower::service_fn(|_req: http::Request<Full<Bytes>>| async {
+        let outcome = Outcome::parse(
+            http::StatusCode::TOO_MANY_REQUESTS,
+            &http::HeaderMap::new(),
+            br#"{"code":1102,"message":"resource pack exhausted","request_id":"r9"}"#,
+            tokio::time::Instant::now(),
+        )
+        .unwrap();
+        Err::<http::Response<Full<Bytes>>, BoxError>(Box::new(GaveUp(ApiError::from_outcome(
+            &outcome,
+        ))))
+    });
+    let error = layer
+        .layer(failing)
+        .oneshot(request("POST", "/v1/videos/text2video", "{}", "k"))
+        .await
+        .unwrap_err();
+    assert!(error.is::<GaveUp>(), "the error passes through unchanged");
+
+    let (duration, response) = labels_of_the_call(&recording);
+    assert_eq!(
+        duration,
+        pairs(&[
+            ("kind", "create"),
+            ("pool", "video"),
+            ("status", "429"),
+            ("code", "1102")
+        ])
+    );
+    assert_eq!(response, pairs(&[("kind", "create"), ("code", "1102")]));
+    assert_eq!(monitor.snapshot().rejections_of(1102), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transport_error_is_labelled_error() {
+    let recording = Recording::start();
+    let failing = tower::service_fn(|_req: http::Request<Full<Bytes>>| async {
+        Err::<http::Response<Full<Bytes>>, std::io::Error>(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        ))
+    });
+    let error = MetricsLayer::new()
+        .layer(failing)
+        .oneshot(request("GET", "/tasks?task_ids=a,b", "", "k"))
+        .await
+        .unwrap_err();
+    assert!(error.is::<std::io::Error>());
+    let (duration, response) = labels_of_the_call(&recording);
+    assert_eq!(
+        duration,
+        pairs(&[
+            ("kind", "query"),
+            ("pool", ""),
+            ("status", "error"),
+            ("code", "error")
+        ])
+    );
+    assert_eq!(response, pairs(&[("kind", "query"), ("code", "error")]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_is_no_envelope_is_labelled_malformed() {
+    // Without the classify step: the layer parses the buffered body itself.
+    let recording = Recording::start();
+    let response = MetricsLayer::new()
+        .layer(answering(502, "<html>bad gateway</html>"))
+        .oneshot(request("POST", "/tasks", "{}", "k"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    let (duration, _) = labels_of_the_call(&recording);
+    assert_eq!(
+        duration,
+        pairs(&[
+            ("kind", "list"),
+            ("pool", ""),
+            ("status", "502"),
+            ("code", "malformed")
+        ])
+    );
+
+    // With it: the classify step's typed error.
+    let error = MetricsLayer::new()
+        .layer(ClassifyLayer::new().layer(answering(502, "<html>bad gateway</html>")))
+        .oneshot(request("GET", "/healthz", "", "k"))
+        .await
+        .unwrap_err();
+    assert!(error.is::<kling_core::error::MalformedResponse>());
+    let (duration, _) = labels_of_the_call(&recording);
+    assert_eq!(
+        duration,
+        pairs(&[
+            ("kind", "other"),
+            ("pool", ""),
+            ("status", "502"),
+            ("code", "malformed")
+        ])
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_envelope_without_classify_is_parsed_once_and_left_for_the_caller() {
+    let recording = Recording::start();
+    let response = MetricsLayer::new()
+        .layer(answering(
+            429,
+            r#"{"code":1303,"message":"busy","request_id":"q"}"#,
+        ))
+        .oneshot(request(
+            "POST",
+            "/v1/images/kolors-virtual-try-on",
+            "{}",
+            "k",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(Outcome::of(&response).unwrap().request_id(), Some("q"));
+    let (duration, _) = labels_of_the_call(&recording);
+    assert_eq!(
+        duration,
+        pairs(&[
+            ("kind", "create"),
+            ("pool", "try-on"),
+            ("status", "429"),
+            ("code", "1303")
+        ])
+    );
+}

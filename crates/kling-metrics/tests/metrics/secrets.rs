@@ -1,0 +1,145 @@
+//! No span, event or metric label ever carries the API key, the secret, the JWT or a piece of it.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, KeyInit as _, Mac as _};
+use kling_core::{AccountId, ClassifyLayer};
+use kling_metrics::{MetricsLayer, Monitor};
+use kling_mock::{MockConfig, MockKling, Preset};
+use sha2::Sha256;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::support::{Capture, Recording, request};
+
+const API_KEY: &str = "ak-live-9f8e7d6c5b4a39281706";
+const ACCESS_KEY: &str = "access-0b1c2d3e4f5a6978";
+const SECRET_KEY: &str = "secret-zz11yy22xx33ww44vv55";
+
+/// An HS256 JWT as Kling's legacy auth wants it.
+fn sign_jwt(access: &str, secret: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let claims = URL_SAFE_NO_PAD
+        .encode(serde_json::json!({"iss": access, "exp": now + 1800, "nbf": now - 5}).to_string());
+    let signed = format!("{header}.{claims}");
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(signed.as_bytes());
+    let signature = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    format!("{signed}.{signature}")
+}
+
+/// The secrets found in `text`.
+fn leaks<'a>(text: &str, secrets: &[&'a str]) -> Vec<&'a str> {
+    secrets
+        .iter()
+        .copied()
+        .filter(|secret| text.contains(secret))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_span_event_or_label_contains_a_key_secret_or_token() {
+    let capture = Capture::default();
+    let _tracing = tracing::subscriber::set_default(capture.clone());
+    let recording = Recording::start();
+
+    let jwt = sign_jwt(ACCESS_KEY, SECRET_KEY);
+    let segments: Vec<&str> = jwt.split('.').collect();
+    assert_eq!(segments.len(), 3);
+    let mut secrets = vec![API_KEY, ACCESS_KEY, SECRET_KEY, jwt.as_str()];
+    secrets.extend(&segments);
+
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Free)
+            .no_rate_limit()
+            .access_key(ACCESS_KEY, SECRET_KEY)
+            // Both credentials share the access key's account (the mock keys JWTs by `iss`).
+            .api_key(API_KEY)
+            .credits(1.0),
+    )
+    .unwrap();
+    let monitor = Monitor::builder()
+        .rate_quota(2, Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let mut stack =
+        MetricsLayer::with_monitor(monitor.clone()).layer(ClassifyLayer::new().layer(mock));
+
+    let mut send = async |method: &str, uri: &str, body: &str, bearer: &str| {
+        let mut req = request(method, uri, body, bearer);
+        req.extensions_mut().insert(AccountId::new("acct-7"));
+        let response = stack.ready().await.unwrap().call(req).await.unwrap();
+        kling_core::Outcome::of(&response).unwrap().clone()
+    };
+    let created = send("POST", "/v1/videos/text2video", r#"{"prompt":"a"}"#, &jwt).await;
+    assert!(created.is_success(), "{}", created.message());
+    let task = created.task().unwrap().id.clone();
+    let refused = send(
+        "POST",
+        "/v1/videos/text2video",
+        r#"{"prompt":"b"}"#,
+        API_KEY,
+    )
+    .await;
+    assert_eq!(refused.code().as_i64(), 1102);
+    let queried = send("GET", &format!("/v1/videos/text2video/{task}"), "", &jwt).await;
+    assert!(queried.is_success());
+    let wrong = send("GET", "/v1/videos/text2video/x", "", "not-a-valid-key").await;
+    assert_eq!(wrong.code().as_i64(), 1002);
+    // Four requests against a quota of two: the usage warning fired too.
+    monitor.snapshot();
+
+    // The capture saw what the layer records...
+    let spans = capture.spans();
+    assert_eq!(spans.len(), 4);
+    assert_eq!(spans[0].name, "kling.request");
+    assert_eq!(spans[0].field("kind"), Some("create"));
+    assert_eq!(spans[0].field("pool"), Some("video"));
+    assert_eq!(spans[0].field("task_id"), Some(task.as_str()));
+    assert_eq!(spans[0].field("request_id"), created.request_id());
+    assert_eq!(spans[1].field("code"), Some("1102"));
+    let events = capture.events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.level == "WARN" && e.field("code") == Some("1102"))
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.field("message") == Some("usage passed the warning threshold"))
+    );
+    let labels: String = recording
+        .take()
+        .keys()
+        .map(|(name, labels)| format!("{name} {labels:?}\n"))
+        .collect();
+    assert!(labels.contains("1102"));
+
+    // ...and none of it holds a secret.
+    let text = capture.all_text();
+    assert_eq!(
+        leaks(&text, &secrets),
+        Vec::<&str>::new(),
+        "in spans/events:\n{text}"
+    );
+    assert_eq!(
+        leaks(&labels, &secrets),
+        Vec::<&str>::new(),
+        "in labels:\n{labels}"
+    );
+    let snapshot = format!("{:?} {:?}", monitor.snapshot(), monitor);
+    assert_eq!(leaks(&snapshot, &secrets), Vec::<&str>::new());
+
+    // The check itself finds a leak where there is one.
+    let leaky = Capture::default();
+    tracing::subscriber::with_default(leaky.clone(), || {
+        tracing::info!(authorization = %format!("Bearer {}", jwt), "oops");
+    });
+    assert_eq!(leaks(&leaky.all_text(), &secrets).len(), 4); // the JWT and its three segments
+}

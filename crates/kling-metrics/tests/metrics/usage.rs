@@ -1,0 +1,247 @@
+//! The Monitor: rate usage over the last window, warnings once per crossing, sources, attempts,
+//! tasks ended by callbacks.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use kling_core::metrics::{LABEL_POOL, LABEL_STATUS, TASKS_FINISHED};
+use kling_core::signals::{Attempt, Waited};
+use kling_core::{ClassifyLayer, TaskStatus};
+use kling_metrics::{
+    MetricsLayer, Monitor, PoolUsage, QueueDepth, Resource, Snapshot, UsageWarning,
+};
+use tokio::time::advance;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::support::{Capture, Recording, Value, answering, request};
+
+const OK: &str = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":null}"#;
+
+fn recorder_of(
+    warnings: &Arc<Mutex<Vec<UsageWarning>>>,
+) -> impl Fn(&UsageWarning) + Send + Sync + 'static {
+    let warnings = warnings.clone();
+    move |w: &UsageWarning| warnings.lock().unwrap().push(w.clone())
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_rate_warning_fires_once_per_crossing_and_rearms_below_the_hysteresis() {
+    let capture = Capture::default();
+    let _tracing = tracing::subscriber::set_default(capture.clone());
+    let warnings = Arc::new(Mutex::new(Vec::new()));
+    let monitor = Monitor::builder()
+        .rate_quota(10, Duration::from_secs(60))
+        .on_usage_warning(recorder_of(&warnings))
+        .build()
+        .unwrap();
+    assert_eq!(monitor.usage_threshold(), 0.8);
+    let mut stack = MetricsLayer::with_monitor(monitor.clone())
+        .layer(ClassifyLayer::new().layer(answering(200, OK)));
+    let mut send = async || {
+        let req = request("GET", "/v1/videos/text2video/1", "", "k");
+        stack.ready().await.unwrap().call(req).await.unwrap();
+        advance(Duration::from_secs(1)).await;
+    };
+
+    for _ in 0..7 {
+        send().await;
+    }
+    assert!(
+        warnings.lock().unwrap().is_empty(),
+        "70% is below the threshold"
+    );
+    send().await;
+    {
+        let warnings = warnings.lock().unwrap();
+        assert_eq!(warnings.len(), 1);
+        assert_eq!(warnings[0].resource, Resource::RateQuota);
+        assert_eq!((warnings[0].usage, warnings[0].threshold), (0.8, 0.8));
+    }
+    send().await;
+    send().await;
+    assert_eq!(monitor.snapshot().rate.percent(), Some(100.0));
+    assert_eq!(warnings.lock().unwrap().len(), 1, "once per crossing");
+
+    // A minute later the window is empty; the next request re-arms the warning.
+    advance(Duration::from_secs(60)).await;
+    assert_eq!(monitor.snapshot().rate.requests, 0);
+    for _ in 0..7 {
+        send().await;
+    }
+    assert_eq!(warnings.lock().unwrap().len(), 1);
+    send().await;
+    assert_eq!(warnings.lock().unwrap().len(), 2);
+
+    let events = capture.events();
+    let warned: Vec<_> = events
+        .iter()
+        .filter(|e| e.field("message") == Some("usage passed the warning threshold"))
+        .collect();
+    assert_eq!(warned.len(), 2);
+    assert_eq!(warned[0].level, "WARN");
+    assert_eq!(warned[0].field("resource"), Some("rate quota"));
+    assert_eq!(warned[0].field("usage"), Some("0.8"));
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.field("message") == Some("usage fell back below the warning threshold"))
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn pool_warnings_come_from_sources_once_per_crossing() {
+    let warnings = Arc::new(Mutex::new(Vec::new()));
+    let monitor = Monitor::builder()
+        .usage_threshold(0.8)
+        .hysteresis(0.1)
+        .on_usage_warning(recorder_of(&warnings))
+        .build()
+        .unwrap();
+    let in_use = Arc::new(AtomicU32::new(3));
+    let source = in_use.clone();
+    monitor.add_source(move |s: &mut Snapshot| {
+        s.pools.push(
+            PoolUsage::new("video", source.load(Ordering::Relaxed), 5, 2).with_account("acct"),
+        );
+        s.queues.push(QueueDepth::new("ratelimit:acct", 4));
+    });
+
+    let usage_at = |n: u32| {
+        in_use.store(n, Ordering::Relaxed);
+        monitor.snapshot()
+    };
+    let snapshot = usage_at(3);
+    assert_eq!(snapshot.pool("video").unwrap().waiters, 2);
+    assert_eq!(snapshot.queues, [QueueDepth::new("ratelimit:acct", 4)]);
+    assert!(warnings.lock().unwrap().is_empty());
+    usage_at(4);
+    usage_at(4);
+    usage_at(5);
+    assert_eq!(warnings.lock().unwrap().len(), 1);
+    // 0.75 is not below 0.8 - 0.1: still armed off.
+    usage_at(4);
+    usage_at(3);
+    assert_eq!(warnings.lock().unwrap().len(), 1);
+    usage_at(4);
+    let warnings = warnings.lock().unwrap();
+    assert_eq!(warnings.len(), 2);
+    assert_eq!(
+        warnings[1].resource,
+        Resource::Slots {
+            account: Some("acct".into()),
+            pool: "video".into()
+        }
+    );
+    assert_eq!(
+        warnings[1].to_string(),
+        "video slots of account acct at 80% (warning threshold 80%)"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempts_reported_below_count_against_the_quota_and_show_in_the_span() {
+    let capture = Capture::default();
+    let _tracing = tracing::subscriber::set_default(capture.clone());
+    let monitor = Monitor::builder()
+        .rate_quota(60, Duration::from_secs(60))
+        .build()
+        .unwrap();
+    // What a retry layer below reports: the third attempt answered, after waits.
+    let retried = tower::service_fn(|_req: http::Request<Full<Bytes>>| async {
+        let mut response = http::Response::new(Full::new(Bytes::from_static(OK.as_bytes())));
+        response.extensions_mut().insert(Attempt(3));
+        response.extensions_mut().insert(Waited {
+            rate_limit: Duration::from_millis(1500),
+            slots: Duration::from_secs(2),
+        });
+        Ok::<_, kling_core::error::BoxError>(response)
+    });
+    let stack = MetricsLayer::with_monitor(monitor.clone()).layer(retried);
+    let mut req = request("POST", "/text-to-video/kling-3.0", r#"{"prompt":"x"}"#, "k");
+    req.extensions_mut().insert(Attempt(1));
+    stack.oneshot(req).await.unwrap();
+
+    assert_eq!(monitor.snapshot().rate.requests, 3);
+    let span = &capture.spans()[0];
+    assert_eq!(span.field("pool"), Some("video:kling-3.0"));
+    assert_eq!(
+        span.fields.iter().filter(|(n, _)| n == "attempt").count(),
+        2
+    );
+    assert_eq!(span.field("attempt"), Some("3"));
+    assert_eq!(span.field("wait_rate_limit_s"), Some("1.5"));
+    assert_eq!(span.field("wait_slots_s"), Some("2.0"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_end_reported_by_a_callback_is_counted_once() {
+    let recording = Recording::start();
+    let created = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t-1","task_status":"submitted"}}"#;
+    let monitor = Monitor::builder()
+        .record_task_metrics(true)
+        .build()
+        .unwrap();
+    let stack = MetricsLayer::with_monitor(monitor.clone())
+        .layer(ClassifyLayer::new().layer(answering(200, created)));
+    let req = request("POST", "/v1/images/generations", r#"{"n":3}"#, "k");
+    stack.oneshot(req).await.unwrap();
+    assert_eq!(monitor.snapshot().tasks.running, 1);
+
+    advance(Duration::from_secs(90)).await;
+    assert!(!monitor.task_finished("t-1", &TaskStatus::Processing));
+    assert!(monitor.task_finished("t-1", &TaskStatus::Failed));
+    assert!(
+        !monitor.task_finished("t-1", &TaskStatus::Failed),
+        "counted once"
+    );
+    assert!(!monitor.task_finished("unknown", &TaskStatus::Succeeded));
+
+    let tasks = monitor.snapshot().tasks;
+    assert_eq!(
+        (tasks.created, tasks.finished, tasks.failed, tasks.running),
+        (1, 1, 1, 0)
+    );
+    let recorded = recording.take();
+    let series = (
+        TASKS_FINISHED.to_owned(),
+        vec![
+            (LABEL_POOL.to_owned(), "image".to_owned()),
+            (LABEL_STATUS.to_owned(), "failed".to_owned()),
+        ],
+    );
+    assert_eq!(recorded[&series].1, Value::Counter(1));
+    let lifetime = (
+        kling_core::metrics::TASK_LIFETIME.to_owned(),
+        series.1.clone(),
+    );
+    assert_eq!(recorded[&lifetime].1, Value::Histogram(vec![90.0]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn task_metrics_are_left_to_the_slots_layer_unless_asked_for() {
+    let recording = Recording::start();
+    let created = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t-2","task_status":"submitted"}}"#;
+    let layer = MetricsLayer::new();
+    let monitor = layer.monitor().clone();
+    let stack = layer.layer(ClassifyLayer::new().layer(answering(200, created)));
+    stack
+        .oneshot(request("POST", "/v1/videos/text2video", "{}", "k"))
+        .await
+        .unwrap();
+    assert!(monitor.task_finished("t-2", &TaskStatus::Succeeded));
+    // The snapshot still counts the task...
+    assert_eq!(monitor.snapshot().tasks.finished, 1);
+    // ...but the metrics are the slots layer's, by default.
+    let recorded = recording.take();
+    assert!(
+        recorded
+            .keys()
+            .all(|(name, _)| name != TASKS_FINISHED && name != kling_core::metrics::TASK_LIFETIME),
+        "{recorded:?}"
+    );
+}
