@@ -224,7 +224,11 @@ impl Code {
             Code::ParallelTaskLimit => Disposition::WaitForSlot,
             Code::InternalError | Code::InternalTimeout => Disposition::Retry(RetryKind::Transient),
             Code::Unavailable => Disposition::Retry(RetryKind::Maintenance),
-            Code::Unknown(_) => status_disposition(status),
+            // A non-zero code is never a success, whatever the status says (code 0 is).
+            Code::Unknown(_) => match status_disposition(status) {
+                Disposition::Success => Disposition::Fatal,
+                other => other,
+            },
             Code::AuthFailed
             | Code::AuthHeaderEmpty
             | Code::InvalidKey
@@ -394,5 +398,8 @@ mod tests {
             unknown.disposition(StatusCode::TOO_MANY_REQUESTS),
             Disposition::Fatal
         );
+        // Found by the `envelope` fuzz target: an undocumented non-zero code under HTTP 200
+        // was a success, against this method's own documentation.
+        assert_eq!(Code::Unknown(1).disposition(StatusCode::OK), Disposition::Fatal);
     }
 }

@@ -7,8 +7,8 @@
 //!
 //! # Errors
 //!
-//! The service's error is a [`BoxError`](crate::error::BoxError) holding one of:
-//! - [`Transport`](crate::error::Transport): the client failed; it says whether the request
+//! The service's error is a [`BoxError`] holding one of:
+//! - [`Transport`]: the client failed; it says whether the request
 //!   was sent ([`SendState`](crate::error::SendState)), and a body that broke off mid-read
 //!   counts as sent;
 //! - [`BodyTooLarge`](crate::error::BodyTooLarge): the body passed the limit (it is not read
