@@ -400,6 +400,9 @@ mod tests {
         );
         // Found by the `envelope` fuzz target: an undocumented non-zero code under HTTP 200
         // was a success, against this method's own documentation.
-        assert_eq!(Code::Unknown(1).disposition(StatusCode::OK), Disposition::Fatal);
+        assert_eq!(
+            Code::Unknown(1).disposition(StatusCode::OK),
+            Disposition::Fatal
+        );
     }
 }
