@@ -13,6 +13,7 @@ use kling_core::Outcome;
 use kling_tower::auth::{AuthLayer, Credentials};
 use kling_tower::base_url::BaseUrlLayer;
 use kling_tower::spend::{CostTable, SpendGuardLayer};
+use kling_tower::{DrainLayer, KlingLayer, StackConfig, Tier};
 use tower::{Layer, Service};
 
 /// An always-ready inner service answering a pre-classified success.
@@ -133,6 +134,19 @@ fn layers(c: &mut Criterion) {
     run(c, "spend guard, query", guard.layer(Ready200::new()));
     let base = BaseUrlLayer::global();
     run(c, "base url", base.layer(Ready200::new()));
+    run(c, "drain gate", DrainLayer::new().layer(Ready200::new()));
+    // The whole stack with no rate cap and no budget (a paced query would wait): metrics,
+    // drain, retry, slots, auth, timeout, classify, base url over the ready service.
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Enterprise),
+        Credentials::api_key("bench-key").expect("key"),
+    )
+    .expect("stack");
+    run(
+        c,
+        "kling stack (enterprise), query",
+        kling.layer(Ready200::new()),
+    );
 }
 
 criterion_group!(benches, layers);

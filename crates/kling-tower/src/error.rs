@@ -257,3 +257,64 @@ impl std::error::Error for FollowError {
         }
     }
 }
+
+/// A create refused because the stack is draining ([`DrainHandle::drain`]); it was never sent.
+///
+/// [`DrainHandle::drain`]: crate::drain::DrainHandle::drain
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Draining {
+    path: String,
+}
+
+impl Draining {
+    pub(crate) fn new(path: &str) -> Self {
+        Draining {
+            path: path.to_owned(),
+        }
+    }
+
+    /// The path of the refused create.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+impl fmt::Display for Draining {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "create to {} refused: the stack is draining and admits no new tasks",
+            self.path
+        )
+    }
+}
+
+impl std::error::Error for Draining {}
+
+/// A gateway request for an account the gateway has no stack for (or with no [`AccountId`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownAccount {
+    account: Option<AccountId>,
+}
+
+impl UnknownAccount {
+    pub(crate) fn new(account: Option<AccountId>) -> Self {
+        UnknownAccount { account }
+    }
+
+    /// The account the request named, if any.
+    pub fn account(&self) -> Option<&AccountId> {
+        self.account.as_ref()
+    }
+}
+
+impl fmt::Display for UnknownAccount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.account {
+            Some(account) => write!(f, "no kling stack is configured for account {account}"),
+            None => f.write_str("the request names no account (set an AccountId extension)"),
+        }
+    }
+}
+
+impl std::error::Error for UnknownAccount {}

@@ -54,6 +54,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower_service::Service;
 
+use crate::drain::DrainHandle;
 use crate::error::{ConfigError, FollowError};
 
 /// When and how long to query a task. Durations are API time; [`FollowPolicy::speed`]
@@ -294,6 +295,7 @@ pub struct Follower<S> {
     policy: FollowPolicy,
     headers: Vec<(HeaderName, HeaderValue)>,
     board: Arc<Board>,
+    drain: Option<DrainHandle>,
 }
 
 impl<S> fmt::Debug for Follower<S> {
@@ -327,6 +329,7 @@ where
             policy,
             headers: Vec::new(),
             board: Arc::new(Board::default()),
+            drain: None,
         })
     }
 
@@ -339,6 +342,13 @@ where
         value.set_sensitive(true);
         self.headers.push((name, value));
         Ok(self)
+    }
+
+    /// Holds `drain` open while following: a [`DrainHandle::drain`] waits until every task
+    /// being followed has ended (its queries still pass the gate).
+    pub fn with_drain(mut self, drain: DrainHandle) -> Self {
+        self.drain = Some(drain);
+        self
     }
 
     /// Hands over a task report from a callback: a follower waiting for that task ends with
@@ -374,6 +384,7 @@ where
     /// Follows many tasks at once, new-style ones in batch queries; results are in the order
     /// given.
     pub async fn follow_many(&self, tasks: Vec<TaskRef>) -> Vec<Result<TaskReport, FollowError>> {
+        let _in_flight = self.drain.as_ref().map(DrainHandle::track);
         let now = Instant::now();
         let mut tracked: Vec<Tracked> = tasks
             .into_iter()

@@ -262,8 +262,11 @@ impl Shared {
         };
         let jwt = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key)
             .map_err(SigningError::new)?;
-        let header = HeaderValue::try_from(format!("Bearer {jwt}"))
+        let mut header = HeaderValue::try_from(format!("Bearer {jwt}"))
             .map_err(|_| SigningError::new(jsonwebtoken::errors::ErrorKind::InvalidToken.into()))?;
+        // Like the API key's header: `Debug` of a request (a log line, a trace) shows
+        // `Sensitive`, never the token.
+        header.set_sensitive(true);
         let generation = self.signed.fetch_add(1, Ordering::Relaxed) + 1;
         Ok(Token {
             header,

@@ -3,10 +3,13 @@
 
 mod auth;
 mod base_url;
+mod e2e;
 mod follow;
+mod metrics;
 mod preset;
 #[cfg(feature = "reqwest")]
 mod reqwest;
 mod spend;
+mod stack;
 mod support;
 mod webhook;

@@ -1,0 +1,267 @@
+//! [`GatewayLayer`]: several Kling accounts in one process — one service keyed by
+//! [`AccountId`], each account with its own preset and credentials.
+//!
+//! Each request names its account with an [`AccountId`] extension (a gateway sets it from
+//! whatever identifies the internal user); the gateway hands it to that account's
+//! [`Kling`] stack. Every account has its own numbers (a Free account's one slot and 10
+//! requests a minute beside a Pro account's 5 and 60), its own credentials, token cache, retry
+//! budget, spend ledger and metrics monitor; all of them share the one HTTP client (and its
+//! connection pool) the layer is applied to. A request naming no account, or an unknown one,
+//! fails with [`UnknownAccount`] and is never sent.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use kling_core::{AccountId, Outcome};
+//! use kling_mock::{MockConfig, MockKling, Preset};
+//! use kling_tower::gateway::GatewayLayer;
+//! use kling_tower::{Credentials, KlingLayer, StackConfig, Tier};
+//! use tower::{Layer, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), kling_core::BoxError> {
+//! let gateway = GatewayLayer::builder()
+//!     .account(
+//!         "team-a",
+//!         KlingLayer::builder(StackConfig::preset(Tier::Pro), Credentials::api_key("key-a")?),
+//!     )
+//!     .account(
+//!         "team-b",
+//!         KlingLayer::builder(StackConfig::preset(Tier::Free), Credentials::api_key("key-b")?),
+//!     )
+//!     .build()?;
+//! let mock = MockKling::new(
+//!     MockConfig::preset(Preset::Pro).api_key_for("key-a", "a").api_key_for("key-b", "b"),
+//! )?;
+//! let service = gateway.layer(mock);
+//!
+//! let mut create = http::Request::post("/v1/videos/text2video")
+//!     .body(Full::new(Bytes::from(r#"{"prompt":"a cat"}"#)))?;
+//! create.extensions_mut().insert(AccountId::new("team-b"));
+//! let response = service.oneshot(create).await?;
+//! assert!(Outcome::of(&response).unwrap().is_success());
+//!
+//! let team_b = gateway.get(&AccountId::new("team-b")).unwrap();
+//! assert_eq!(team_b.snapshot().pool("video").unwrap().capacity, 1); // the Free tier's slot
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use kling_core::{AccountId, BoxError};
+use pin_project_lite::pin_project;
+use tower::util::Oneshot;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::error::{ConfigError, UnknownAccount};
+use crate::stack::{Kling, KlingBuilder, KlingLayer};
+
+/// Collects the accounts of a [`GatewayLayer`].
+#[must_use]
+#[derive(Debug, Default)]
+pub struct GatewayBuilder {
+    accounts: Vec<(AccountId, KlingBuilder)>,
+}
+
+impl GatewayBuilder {
+    /// Adds an account: requests carrying `account` go through the stack `stack` builds (its
+    /// limits count under `account`).
+    pub fn account(mut self, account: impl Into<AccountId>, stack: KlingBuilder) -> Self {
+        self.accounts.push((account.into(), stack));
+        self
+    }
+
+    /// Builds every account's stack; an error names the account and the field
+    /// (`accounts.team-a.burst`).
+    pub fn build(self) -> Result<GatewayLayer, ConfigError> {
+        if self.accounts.is_empty() {
+            return Err(ConfigError::new(
+                "accounts",
+                "must name at least one account",
+            ));
+        }
+        let mut stacks = BTreeMap::new();
+        for (account, builder) in self.accounts {
+            let field = |e: ConfigError| {
+                let name = format!("accounts.{account}.{}", e.field());
+                e.renamed(name)
+            };
+            let layer = builder.account(account.clone()).build().map_err(field)?;
+            if stacks.insert(account.clone(), layer).is_some() {
+                return Err(ConfigError::new(
+                    format!("accounts.{account}"),
+                    "is configured twice",
+                ));
+            }
+        }
+        Ok(GatewayLayer {
+            stacks: Arc::new(stacks),
+        })
+    }
+}
+
+/// One [`KlingLayer`] per account, applied to one client. See the [module docs](self).
+///
+/// # Clone
+///
+/// Clones share every account's stack (limits, handles, monitors).
+#[derive(Clone, Debug)]
+pub struct GatewayLayer {
+    stacks: Arc<BTreeMap<AccountId, KlingLayer>>,
+}
+
+impl GatewayLayer {
+    /// A builder to add accounts to.
+    pub fn builder() -> GatewayBuilder {
+        GatewayBuilder::default()
+    }
+
+    /// One account's stack (its handles: slots, rate limit, snapshot, drain, callbacks).
+    pub fn get(&self, account: &AccountId) -> Option<&KlingLayer> {
+        self.stacks.get(account)
+    }
+
+    /// Every account and its stack, ordered by account.
+    pub fn accounts(&self) -> impl Iterator<Item = (&AccountId, &KlingLayer)> {
+        self.stacks.iter()
+    }
+
+    /// Drains every account: stops admitting creates everywhere, then waits until nothing is
+    /// in flight in any account.
+    pub async fn drain(&self) {
+        for stack in self.stacks.values() {
+            stack.drain_handle().close();
+        }
+        for stack in self.stacks.values() {
+            stack.drain().await;
+        }
+    }
+}
+
+impl<S: Clone> Layer<S> for GatewayLayer {
+    type Service = Gateway<S>;
+
+    fn layer(&self, client: S) -> Gateway<S> {
+        let stacks = self
+            .stacks
+            .iter()
+            .map(|(account, layer)| (account.clone(), layer.layer(client.clone())))
+            .collect();
+        Gateway {
+            stacks: Arc::new(stacks),
+        }
+    }
+}
+
+/// Routes each request to its account's [`Kling`] stack. See the [module docs](self).
+///
+/// Always ready: each call waits for readiness of a clone of its account's stack (the stacks
+/// themselves are always ready; their limits wait inside the response future).
+///
+/// # Clone
+///
+/// Clones share the stacks.
+pub struct Gateway<S> {
+    stacks: Arc<BTreeMap<AccountId, Kling<S>>>,
+}
+
+impl<S> Clone for Gateway<S> {
+    fn clone(&self) -> Self {
+        Gateway {
+            stacks: self.stacks.clone(),
+        }
+    }
+}
+
+impl<S> fmt::Debug for Gateway<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gateway")
+            .field("accounts", &self.stacks.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl<S> Service<Request<Full<Bytes>>> for Gateway<S>
+where
+    Kling<S>:
+        Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = BoxError> + Clone,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<Kling<S>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Full<Bytes>>) -> Self::Future {
+        let account = AccountId::of(&request);
+        match account.and_then(|a| self.stacks.get(a)) {
+            Some(stack) => ResponseFuture {
+                state: State::Routed {
+                    future: Oneshot::new(stack.clone(), request),
+                },
+            },
+            None => ResponseFuture {
+                state: State::Unknown {
+                    error: Some(UnknownAccount::new(account.cloned())),
+                },
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The [`Gateway`] response future.
+    pub struct ResponseFuture<K>
+    where
+        K: Service<Request<Full<Bytes>>>,
+    {
+        #[pin]
+        state: State<K>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<K>
+    where
+        K: Service<Request<Full<Bytes>>>,
+    {
+        Routed { #[pin] future: Oneshot<K, Request<Full<Bytes>>> },
+        Unknown { error: Option<UnknownAccount> },
+    }
+}
+
+impl<K: Service<Request<Full<Bytes>>>> fmt::Debug for ResponseFuture<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<K> Future for ResponseFuture<K>
+where
+    K: Service<Request<Full<Bytes>>, Error = BoxError>,
+{
+    type Output = Result<K::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Routed { future } => future.poll(cx),
+            StateProj::Unknown { error } => Poll::Ready(Err(match error.take() {
+                Some(e) => Box::new(e),
+                None => "gateway future polled after completion".into(),
+            })),
+        }
+    }
+}

@@ -1,0 +1,587 @@
+//! [`KlingLayer`]: the whole recommended stack in one layer, with the numbers of a preset and
+//! the handles users need.
+//!
+//! Outer to inner (DESIGN.md), and why each sits where it does:
+//!
+//! | # | layer | why here |
+//! |---|---|---|
+//! | 1 | [`MetricsLayer`] | sees the whole logical call: waiting, retries, final outcome |
+//! | 2 | [`DrainLayer`] | a graceful drain refuses new creates before anything waits for them, and counts what is in flight |
+//! | 3 | [`SpendGuardLayer`] (with a credit budget) | an over-budget create fails before it waits or is retried |
+//! | 4 | [`RetryLayer`] | decides from each attempt's `Outcome` whether and when to try again; its deadline bounds every wait below |
+//! | 5 | [`TaskSlotsLayer`] | a create waits for a weighted slot in its pool, held until the task ends; a retried 1303 waits here |
+//! | 6 | [`GcraLayer`] (with a rate cap) | paces every attempt, retries included; a 1302 pauses the whole account |
+//! | 7 | [`AuthLayer`] | sets the bearer token per attempt; re-signs and retries once on 1003/1004 |
+//! | 8 | `tower::timeout::Timeout` | per attempt, around the classify step, so a stalled body counts too |
+//! | 9 | [`ClassifyLayer`] | reads the body (bounded) and parses the envelope once |
+//! | 10 | [`BaseUrlLayer`] | resolves `/v1/...` against the region, a proxy or the mock |
+//! | 11 | your client | hyper-util ([`https_client`](crate::client)), reqwest ([`ReqwestService`](crate::client)), … |
+//!
+//! The numbers come from a [`StackConfig`] (a [`Tier`](crate::Tier) preset, overridden as
+//! needed) at its [`speed`](StackConfig::speed): rates × N, durations ÷ N.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use kling_core::Outcome;
+//! use kling_mock::{MockConfig, MockKling, Preset};
+//! use kling_tower::{Credentials, KlingLayer, StackConfig, Tier};
+//! use tower::{Layer, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), kling_core::BoxError> {
+//! let kling = KlingLayer::new(StackConfig::preset(Tier::Pro), Credentials::api_key("my-key")?)?;
+//! let service = kling.layer(MockKling::new(MockConfig::preset(Preset::Pro).api_key("my-key"))?);
+//!
+//! let create = http::Request::post("/v1/videos/text2video")
+//!     .body(Full::new(Bytes::from(r#"{"prompt":"a cat"}"#)))?;
+//! let response = service.oneshot(create).await?;
+//! assert!(Outcome::of(&response).unwrap().is_success());
+//! // The task holds one of the Pro tier's 5 video slots until a query or callback says it ended.
+//! let snapshot = kling.snapshot();
+//! let video = snapshot.pool("video").unwrap();
+//! assert_eq!((video.in_use, video.capacity), (1, 5));
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use kling_concurrency::{DEFAULT_RECOVERY_INTERVAL, SlotsConfig, SlotsHandle, TaskSlotsLayer};
+use kling_core::{AccountId, BoxError, ClassifyLayer, Pool, RequestKind, TaskReport};
+use kling_metrics::{MetricsLayer, Monitor, PoolUsage, QueueDepth, Snapshot, SnapshotSource};
+use kling_ratelimit::{Cooldown, GcraHandle, GcraLayer, Quota};
+use kling_retry::{Backoff, RetryBudget, RetryLayer};
+use tower::timeout::TimeoutLayer;
+use tower::util::Either;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::auth::{Auth, AuthLayer, Credentials};
+use crate::base_url::{BaseUrl, BaseUrlLayer};
+use crate::drain::{Drain, DrainHandle, DrainLayer};
+use crate::error::ConfigError;
+use crate::follow::{FollowPolicy, Follower};
+use crate::preset::StackConfig;
+use crate::spend::{CostTable, SpendGuard, SpendGuardLayer};
+
+/// Auth, per-attempt timeout, classify and base URL over the client `S`.
+pub type Attempt<S> = Auth<tower::timeout::Timeout<kling_core::Classify<BaseUrl<S>>>>;
+/// [`Attempt`] paced by the rate limiter, when the preset has a rate cap.
+pub type Paced<S> = Either<kling_ratelimit::Gcra<Attempt<S>>, Attempt<S>>;
+/// Retry over task slots over [`Paced`].
+pub type Core<S> = kling_retry::Retry<kling_concurrency::TaskSlots<Paced<S>>>;
+/// [`Core`] behind the spend guard, when the preset has a credit budget.
+pub type Guarded<S> = Either<SpendGuard<Core<S>>, Core<S>>;
+/// The whole stack over the client `S`, as [`Kling`] wraps it.
+pub type Stack<S> = kling_metrics::Metrics<Drain<Guarded<S>>>;
+
+/// Builds a [`KlingLayer`]: a [`StackConfig`], [`Credentials`], and the few choices that are
+/// not numbers.
+#[must_use]
+pub struct KlingBuilder {
+    config: StackConfig,
+    credentials: Credentials,
+    account: Option<AccountId>,
+    base_url: Result<BaseUrlLayer, ConfigError>,
+    costs: CostTable,
+    monitor: Option<Monitor>,
+    auth: Option<AuthLayer>,
+    generate_external_ids: bool,
+    seed: Option<u64>,
+}
+
+impl fmt::Debug for KlingBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KlingBuilder")
+            .field("config", &self.config)
+            .field("credentials", &self.credentials)
+            .field("account", &self.account)
+            .field("base_url", &self.base_url)
+            .field("costs", &self.costs)
+            .field("generate_external_ids", &self.generate_external_ids)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KlingBuilder {
+    /// The account every limit counts under (default: the one the credentials derive,
+    /// [`Credentials::account_id`]). Requests that carry their own [`AccountId`] keep it.
+    pub fn account(mut self, account: AccountId) -> Self {
+        self.account = Some(account);
+        self
+    }
+
+    /// The base URL relative request URIs resolve against (default Kling's global host,
+    /// [`base_url::GLOBAL`](crate::base_url::GLOBAL)): a region, a proxy or the mock.
+    pub fn base_url(mut self, base: &str) -> Self {
+        self.base_url = BaseUrlLayer::new(base);
+        self
+    }
+
+    /// The prices the spend guard estimates creates with (default [`CostTable::new`]).
+    pub fn costs(mut self, costs: CostTable) -> Self {
+        self.costs = costs;
+        self
+    }
+
+    /// The metrics monitor (default: one measuring usage against the preset's rate).
+    pub fn monitor(mut self, monitor: Monitor) -> Self {
+        self.monitor = Some(monitor);
+        self
+    }
+
+    /// The auth layer, e.g. one with a test clock (default `AuthLayer::new(credentials)`).
+    pub fn auth(mut self, auth: AuthLayer) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// Whether creates without an `external_task_id` get one, so a create whose outcome is
+    /// unknown (5xx, timeout) can be looked up and retried without a duplicate (default on).
+    pub fn generate_external_ids(mut self, on: bool) -> Self {
+        self.generate_external_ids = on;
+        self
+    }
+
+    /// Seeds the retry jitter, for reproducible tests.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Checks the configuration and builds the layers.
+    pub fn build(self) -> Result<KlingLayer, ConfigError> {
+        let config = self.config;
+        config.validate()?;
+        let base_url = self.base_url?;
+        let speed = config.speed_factor();
+        let auth = self
+            .auth
+            .unwrap_or_else(|| AuthLayer::new(self.credentials.clone()));
+        let account = self
+            .account
+            .unwrap_or_else(|| self.credentials.account_id());
+
+        // Retry: the preset's attempts, deadline and budget; backoff at the speed factor.
+        let budget = RetryBudget::new(
+            config.scaled(Duration::from_secs(10)),
+            speed.ceil().clamp(1.0, f64::from(u32::MAX)) as u32,
+            config.retry_budget(),
+        )
+        .map_err(|e| layer_error("retry", e.field(), &e))?;
+        let mut retry = RetryLayer::builder()
+            .max_attempts(config.max_attempts())
+            .deadline(config.retry_deadline_duration())
+            .backoff(Backoff::new().sped_up(speed))
+            .budget(budget)
+            .generate_external_ids(self.generate_external_ids);
+        if let Some(seed) = self.seed {
+            retry = retry.seed(seed);
+        }
+        let retry = retry
+            .build()
+            .map_err(|e| layer_error("retry", e.field(), &e))?;
+
+        // Task slots: the preset's slots per pool, lease and 1303 recovery at the speed factor.
+        let mut slots = SlotsConfig::new(config.default_slots())
+            .lease(config.task_lease_duration())
+            .recovery_interval(config.scaled(DEFAULT_RECOVERY_INTERVAL))
+            .default_account(account.clone());
+        for (pool, n) in config.pool_slot_overrides() {
+            let parsed = Pool::parse(pool)
+                .ok_or_else(|| ConfigError::new(format!("pool_slots.{pool}"), "is not a pool"))?;
+            slots = slots.pool_capacity(parsed, n);
+        }
+        let (slots, slots_handle) =
+            TaskSlotsLayer::pair(slots).map_err(|e| layer_error("slots", e.field(), &e))?;
+
+        // Rate: the preset's rate less the headroom, burst, and a key-wide cooldown after 1302;
+        // `/account/costs` at most once a second (Kling asks for it).
+        let gcra = match config.account_rate_per_minute() {
+            Some(rate) => {
+                let quota = Quota::per_minute(rate)
+                    .with_headroom(config.headroom_share())
+                    .with_burst(config.burst_size());
+                let layer = GcraLayer::builder(quota)
+                    .cooldown(Cooldown::default().scaled(speed))
+                    .class_quota(RequestKind::Account, Quota::per_second(speed))
+                    .build()
+                    .map_err(|e| layer_error("rate_per_minute", e.field(), &e))?;
+                Some(layer)
+            }
+            None => None,
+        };
+
+        let spend = SpendGuardLayer::from_config(&config, self.costs)?;
+
+        let monitor = match self.monitor {
+            Some(monitor) => monitor,
+            None => {
+                let mut builder = Monitor::builder();
+                if let Some(rate) = config.account_rate_per_minute() {
+                    let per_window = (rate / speed).round().max(1.0) as u32;
+                    builder =
+                        builder.rate_quota(per_window, config.scaled(Duration::from_secs(60)));
+                }
+                builder
+                    .build()
+                    .map_err(|e| layer_error("monitor", e.field(), &e))?
+            }
+        };
+        monitor.add_source(SlotsSource::new(slots_handle.clone()));
+        if let Some(gcra) = &gcra {
+            monitor.add_source(RateLimitSource::new(gcra.handle(), vec![account.clone()]));
+        }
+
+        Ok(KlingLayer {
+            inner: Arc::new(Parts {
+                metrics: MetricsLayer::with_monitor(monitor),
+                drain: DrainLayer::new(),
+                spend,
+                retry,
+                slots,
+                slots_handle,
+                gcra,
+                auth,
+                timeout: config.attempt_timeout_duration(),
+                classify: ClassifyLayer::new().max_body_bytes(config.body_limit()),
+                base_url,
+                account,
+                config,
+            }),
+        })
+    }
+}
+
+/// Names the layer crate a configuration error came from.
+fn layer_error(scope: &str, field: impl fmt::Display, error: impl fmt::Display) -> ConfigError {
+    ConfigError::new(format!("{scope}.{field}"), error.to_string())
+}
+
+struct Parts {
+    config: StackConfig,
+    account: AccountId,
+    metrics: MetricsLayer,
+    drain: DrainLayer,
+    spend: Option<SpendGuardLayer>,
+    retry: RetryLayer,
+    slots: TaskSlotsLayer,
+    slots_handle: SlotsHandle,
+    gcra: Option<GcraLayer>,
+    auth: AuthLayer,
+    timeout: Duration,
+    classify: ClassifyLayer,
+    base_url: BaseUrlLayer,
+}
+
+/// The recommended stack as one layer, with its handles. See the [module docs](self).
+///
+/// # Clone
+///
+/// Clones (and every service they build) share every limit and handle: the slots, the rate
+/// limiter, the retry budget, the spend ledger, the token cache, the drain gate and the
+/// metrics monitor. Layering the same `KlingLayer` over two clients makes two services that
+/// count against one account.
+#[derive(Clone)]
+pub struct KlingLayer {
+    inner: Arc<Parts>,
+}
+
+impl fmt::Debug for KlingLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KlingLayer")
+            .field("account", &self.inner.account)
+            .field("config", &self.inner.config)
+            .field("auth", &self.inner.auth)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KlingLayer {
+    /// The stack of `config`, against Kling's global host.
+    pub fn new(config: StackConfig, credentials: Credentials) -> Result<KlingLayer, ConfigError> {
+        KlingLayer::builder(config, credentials).build()
+    }
+
+    /// A builder, for the base URL, prices, monitor and other choices.
+    pub fn builder(config: StackConfig, credentials: Credentials) -> KlingBuilder {
+        KlingBuilder {
+            config,
+            credentials,
+            account: None,
+            base_url: Ok(BaseUrlLayer::global()),
+            costs: CostTable::new(),
+            monitor: None,
+            auth: None,
+            generate_external_ids: true,
+            seed: None,
+        }
+    }
+
+    /// The configuration the stack enforces.
+    pub fn config(&self) -> &StackConfig {
+        &self.inner.config
+    }
+
+    /// The account requests without an [`AccountId`] count under.
+    pub fn account_id(&self) -> &AccountId {
+        &self.inner.account
+    }
+
+    /// The task-slots handle: callbacks ([`SlotsHandle::on_callback`]), reconcile after a
+    /// restart, halts, capacities, snapshots.
+    pub fn slots(&self) -> &SlotsHandle {
+        &self.inner.slots_handle
+    }
+
+    /// The rate limiter's handle (`None` when the preset has no rate cap).
+    pub fn rate_limit(&self) -> Option<GcraHandle> {
+        self.inner.gcra.as_ref().map(GcraLayer::handle)
+    }
+
+    /// The retry budget every service of this stack draws from.
+    pub fn retry_budget(&self) -> &RetryBudget {
+        self.inner.retry.budget()
+    }
+
+    /// The spend guard (`None` when the preset sets no credit budget).
+    pub fn spend_guard(&self) -> Option<&SpendGuardLayer> {
+        self.inner.spend.as_ref()
+    }
+
+    /// The auth layer (token cache, account id).
+    pub fn auth(&self) -> &AuthLayer {
+        &self.inner.auth
+    }
+
+    /// The metrics monitor: usage against the rate quota, 429s by code, task counts, and the
+    /// pools and queues of the slots and rate-limit handles.
+    pub fn monitor(&self) -> &Monitor {
+        self.inner.metrics.monitor()
+    }
+
+    /// How close the account is to its limits now.
+    pub fn snapshot(&self) -> Snapshot {
+        self.monitor().snapshot()
+    }
+
+    /// The drain gate's handle.
+    pub fn drain_handle(&self) -> DrainHandle {
+        self.inner.drain.handle()
+    }
+
+    /// Stops admitting creates ([`Draining`](crate::error::Draining)), then waits until every
+    /// request in flight and every task followed by a [`follower`](KlingLayer::follower) has
+    /// finished.
+    pub async fn drain(&self) {
+        self.inner.drain.handle().drain().await;
+    }
+
+    /// The follow policy of this preset: [`FollowPolicy::new`] at the preset's speed.
+    pub fn follow_policy(&self) -> FollowPolicy {
+        FollowPolicy::new().speed(self.inner.config.speed_factor())
+    }
+
+    /// A task follower that queries through `service` (normally this stack's service, so its
+    /// queries are paced and free slots like any other) and holds the drain open while it
+    /// follows.
+    pub fn follower<S>(&self, service: S, policy: FollowPolicy) -> Result<Follower<S>, ConfigError>
+    where
+        S: Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>> + Clone,
+        S::Error: Into<BoxError>,
+    {
+        Ok(Follower::new(service, policy)?.with_drain(self.drain_handle()))
+    }
+
+    /// Hands a verified callback body (the task object Kling posts) to the stack: a terminal
+    /// status frees the task's slots, its reported cost corrects the spend guard, and the
+    /// monitor counts it. Verify the signature first ([`WebhookVerifier`](crate::WebhookVerifier)).
+    pub async fn on_callback(&self, payload: &[u8]) -> Result<Option<TaskReport>, BoxError> {
+        self.inner.slots_handle.on_callback(payload).await?;
+        let task = crate::webhook::parse_task(payload);
+        if let Some(task) = &task {
+            self.settle(task);
+        }
+        Ok(task)
+    }
+
+    /// Hands a task report from elsewhere (a verified callback already parsed, e.g. by
+    /// [`callback_route`](crate::webhook)): a terminal one frees the task's slots, corrects
+    /// the spend guard and is counted by the monitor; a running one changes nothing.
+    pub async fn on_task(&self, task: &TaskReport) -> Result<(), BoxError> {
+        if task.status.is_terminal() {
+            self.inner.slots_handle.complete(&task.id).await?;
+            self.settle(task);
+        }
+        Ok(())
+    }
+
+    fn settle(&self, task: &TaskReport) {
+        if let Some(spend) = &self.inner.spend {
+            spend.report(Some(&self.inner.account), task);
+        }
+        if task.status.is_terminal() {
+            self.monitor().task_finished(&task.id, &task.status);
+        }
+    }
+}
+
+impl<S> Layer<S> for KlingLayer {
+    type Service = Kling<S>;
+
+    fn layer(&self, client: S) -> Kling<S> {
+        let p = &*self.inner;
+        let attempt = p
+            .auth
+            .layer(TimeoutLayer::new(p.timeout).layer(p.classify.layer(p.base_url.layer(client))));
+        let paced = match &p.gcra {
+            Some(gcra) => Either::Left(gcra.layer(attempt)),
+            None => Either::Right(attempt),
+        };
+        let core = p.retry.layer(p.slots.layer(paced));
+        let guarded = match &p.spend {
+            Some(spend) => Either::Left(spend.layer(core)),
+            None => Either::Right(core),
+        };
+        Kling {
+            inner: p.metrics.layer(p.drain.layer(guarded)),
+            account: p.account.clone(),
+        }
+    }
+}
+
+/// The recommended stack over a client `S`, from a [`KlingLayer`].
+///
+/// Takes `http::Request<Full<Bytes>>` with a relative (`/v1/videos/text2video`) or absolute
+/// URI and answers `http::Response<Full<Bytes>>` with the [`Outcome`](kling_core::Outcome) in
+/// its extensions. Requests without an [`AccountId`] count under the stack's account. Errors
+/// are a [`BoxError`]: downcast to the layers' error types (`kling_retry::error::Failed`,
+/// [`BudgetExceeded`](crate::error::BudgetExceeded), [`Draining`](crate::error::Draining), …).
+///
+/// # Clone
+///
+/// Clones share every limit (see [`KlingLayer`]); clone it per task or request freely.
+#[derive(Clone)]
+pub struct Kling<S> {
+    inner: Stack<S>,
+    account: AccountId,
+}
+
+impl<S> fmt::Debug for Kling<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Kling")
+            .field("account", &self.account)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Kling<S> {
+    /// The layers, outermost first.
+    pub fn get_ref(&self) -> &Stack<S> {
+        &self.inner
+    }
+
+    /// The account requests without an [`AccountId`] count under.
+    pub fn account_id(&self) -> &AccountId {
+        &self.account
+    }
+}
+
+impl<S> Service<Request<Full<Bytes>>> for Kling<S>
+where
+    Stack<S>: Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = BoxError>,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = BoxError;
+    type Future = <Stack<S> as Service<Request<Full<Bytes>>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Full<Bytes>>) -> Self::Future {
+        if request.extensions().get::<AccountId>().is_none() {
+            request.extensions_mut().insert(self.account.clone());
+        }
+        self.inner.call(request)
+    }
+}
+
+/// A task-slots handle as a [`SnapshotSource`]: every pool's slots in use, believed capacity
+/// and waiters, and a queue depth per pool (`slots:{account}:{pool}`).
+///
+/// A snapshot reads the backend once without waiting: the in-process backend always answers
+/// at once; a remote backend that cannot answer now adds nothing to that snapshot.
+#[derive(Clone, Debug)]
+pub struct SlotsSource<B = kling_concurrency::backend::InProcess> {
+    handle: SlotsHandle<B>,
+}
+
+impl<B> SlotsSource<B> {
+    /// A source reading `handle`.
+    pub fn new(handle: SlotsHandle<B>) -> Self {
+        SlotsSource { handle }
+    }
+}
+
+impl<B: kling_concurrency::backend::SlotBackend> SnapshotSource for SlotsSource<B> {
+    fn fill(&self, snapshot: &mut Snapshot) {
+        let mut future = self.handle.backend().snapshot();
+        let mut cx = Context::from_waker(Waker::noop());
+        let Poll::Ready(Ok(pools)) = std::pin::Pin::new(&mut future).poll(&mut cx) else {
+            return;
+        };
+        for pool in pools {
+            let account = pool.key.account.as_str();
+            let name = pool.key.pool.to_string();
+            snapshot.queues.push(QueueDepth::new(
+                format!("slots:{account}:{name}"),
+                pool.waiters as u64,
+            ));
+            snapshot.pools.push(
+                PoolUsage::new(
+                    name,
+                    pool.in_use,
+                    pool.capacity,
+                    u32::try_from(pool.waiters).unwrap_or(u32::MAX),
+                )
+                .with_account(account),
+            );
+        }
+    }
+}
+
+use std::future::Future as _;
+
+/// A rate-limiter handle as a [`SnapshotSource`]: the queue depth of each listed account
+/// (`ratelimit:{account}`).
+#[derive(Clone, Debug)]
+pub struct RateLimitSource<Bk = kling_ratelimit::InProcess> {
+    handle: GcraHandle<Bk>,
+    accounts: Vec<AccountId>,
+}
+
+impl<Bk> RateLimitSource<Bk> {
+    /// A source reading `handle`'s queues for `accounts`.
+    pub fn new(handle: GcraHandle<Bk>, accounts: Vec<AccountId>) -> Self {
+        RateLimitSource { handle, accounts }
+    }
+}
+
+impl<Bk: Send + Sync + 'static> SnapshotSource for RateLimitSource<Bk> {
+    fn fill(&self, snapshot: &mut Snapshot) {
+        for account in &self.accounts {
+            snapshot.queues.push(QueueDepth::new(
+                format!("ratelimit:{account}"),
+                self.handle.queue_depth(Some(account)) as u64,
+            ));
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! End to end over real TCP, in real time at a shared speed factor: 100 jobs (create, then
+//! query until done) through the Pro preset against `kling-mock` on Pro, per client, each with
+//! its negative control through the bare client.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use kling_core::{BoxError, ClassifyLayer, Outcome, TaskStatus};
+use kling_mock::{MockConfig, MockKling, MockServer, Preset, Stats};
+use kling_tower::{Credentials, FollowPolicy, KlingLayer, StackConfig, TaskRef, Tier};
+use tower::{Layer, Service, ServiceExt};
+
+use crate::support::request;
+
+/// API time runs this many times faster on both sides: Pro's 60 requests a minute become 10 a
+/// second (100 ms apart, which the stack paces at 105.3 ms). The 5% headroom is 5.3 ms of slack
+/// here for timer and scheduling jitter (53 ms at real speed): jitter does not scale with the
+/// speed factor, so a faster run measures the machine's load rather than the stack (at 12×, a
+/// machine at load 5 on 2 cores showed one 1302 in 200 requests). 200 requests at that pace
+/// take about 21 s.
+const SPEED: f64 = 10.0;
+
+/// The real-time tests of this file run one at a time: two at once on a 2-core machine would
+/// each add the other's scheduling jitter.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+const JOBS: usize = 100;
+const KEY: &str = "e2e-key";
+const CREATE: &str = "/text-to-video/kling-3.0";
+
+/// The mock on a runtime and thread of its own, so the client's tasks do not delay its clock
+/// readings (the arrival times its rate limit judges).
+struct Mock {
+    base_url: String,
+    mock: MockKling,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Mock {
+    fn stats(&self) -> Stats {
+        self.mock.stats()
+    }
+
+    fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+}
+
+fn pro_mock() -> Mock {
+    // Tasks of 6–9 s of API time (0.6–0.9 s here).
+    let config = MockConfig::preset(Preset::Pro)
+        .speed(SPEED)
+        .task_duration(Duration::from_secs(6), Duration::from_secs(9))
+        .api_key(KEY);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let server = MockServer::start(config).await.unwrap();
+            ready_tx
+                .send((server.base_url(), server.mock().clone()))
+                .unwrap();
+            let _ = stopped.await;
+            server.shutdown().await;
+        });
+    });
+    let (base_url, mock) = ready_rx.recv().unwrap();
+    Mock {
+        base_url,
+        mock,
+        stop: Some(stop),
+        thread: Some(thread),
+    }
+}
+
+fn pro_stack(server: &Mock) -> KlingLayer {
+    KlingLayer::builder(
+        StackConfig::preset(Tier::Pro).speed(SPEED),
+        Credentials::api_key(KEY).unwrap(),
+    )
+    .base_url(&server.base_url)
+    .build()
+    .unwrap()
+}
+
+/// Opens the client's pooled connection (and resolves the address) before the run, with the
+/// mock's control endpoint, which no limit counts: otherwise the first request pays for the
+/// connect and arrives late while the second, on time, arrives less than an interval after it
+/// — one 1302 per run that says nothing about the stack.
+async fn warm_up<C>(client: C, server: &Mock)
+where
+    C: Service<http::Request<Full<Bytes>>>,
+    C::Error: std::fmt::Debug,
+{
+    let stats = request("GET", &format!("{}/__mock/stats", server.base_url), "");
+    client.oneshot(stats).await.unwrap();
+}
+
+fn refused(stats: &Stats, code: &str) -> u64 {
+    stats.responses_by_code.get(code).copied().unwrap_or(0)
+}
+
+/// Runs every job (create, then follow until it ends) at once through `service`.
+async fn run_jobs<S>(kling: &KlingLayer, service: S) -> Vec<TaskStatus>
+where
+    S: Service<
+            http::Request<Full<Bytes>>,
+            Response = http::Response<Full<Bytes>>,
+            Error = BoxError,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+{
+    // The first query after 9.5 s of API time, when a task is done: one query per job.
+    let policy = FollowPolicy::new()
+        .first_query(Duration::from_millis(9500))
+        .speed(SPEED);
+    let follower = kling.follower(service.clone(), policy).unwrap();
+    let jobs: Vec<_> = (0..JOBS)
+        .map(|i| {
+            let service = service.clone();
+            let follower = follower.clone();
+            tokio::spawn(async move {
+                let body = format!(r#"{{"prompt":"job {i}"}}"#);
+                let created = service
+                    .oneshot(request("POST", CREATE, &body))
+                    .await
+                    .expect("the create succeeds");
+                let task = Outcome::of(&created).unwrap().task().unwrap().clone();
+                follower
+                    .follow(TaskRef::from_report(CREATE, &task))
+                    .await
+                    .expect("the task is followed to its end")
+                    .status
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for job in jobs {
+        statuses.push(job.await.unwrap());
+    }
+    statuses
+}
+
+fn assert_nothing_refused(stats: &Stats, statuses: &[TaskStatus]) {
+    assert_eq!(statuses.len(), JOBS);
+    assert!(
+        statuses.iter().all(|s| *s == TaskStatus::Succeeded),
+        "{statuses:?}"
+    );
+    assert_eq!(stats.tasks_created, JOBS as u64, "{stats:?}");
+    assert_eq!(refused(stats, "1302"), 0, "{stats:?}");
+    assert_eq!(refused(stats, "1303"), 0, "{stats:?}");
+    assert_eq!(stats.duplicate_external_ids, 0, "{stats:?}");
+    assert!(stats.max_concurrent.values().all(|&n| n <= 5), "{stats:?}");
+    assert_eq!(
+        stats.max_concurrent.get("video:kling-3.0"),
+        Some(&5),
+        "{stats:?}"
+    );
+}
+
+/// The negative control: the same jobs through the bare client (classify only), at once. Each
+/// job creates, then queries its task once; refusals are counted, nothing is retried.
+async fn bare_jobs<S>(service: S, base: &str)
+where
+    S: Service<
+            http::Request<Full<Bytes>>,
+            Response = http::Response<Full<Bytes>>,
+            Error = BoxError,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    let base = base.to_owned();
+    let jobs: Vec<_> = (0..JOBS)
+        .map(|i| {
+            let service = service.clone();
+            let base = base.clone();
+            tokio::spawn(async move {
+                let mut create = request(
+                    "POST",
+                    &format!("{base}{CREATE}"),
+                    &format!(r#"{{"prompt":"job {i}"}}"#),
+                );
+                create
+                    .headers_mut()
+                    .insert("authorization", format!("Bearer {KEY}").parse().unwrap());
+                let created = service.clone().oneshot(create).await.unwrap();
+                if let Some(task) = Outcome::of(&created).unwrap().task() {
+                    let mut query =
+                        request("GET", &format!("{base}/tasks?task_ids={}", task.id), "");
+                    query
+                        .headers_mut()
+                        .insert("authorization", format!("Bearer {KEY}").parse().unwrap());
+                    service.oneshot(query).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for job in jobs {
+        job.await.unwrap();
+    }
+}
+
+fn assert_bare_client_is_refused(stats: &Stats) {
+    let refusals = refused(stats, "1302") + refused(stats, "1303");
+    assert!(
+        refusals >= (JOBS / 2) as u64,
+        "only {refusals} refusals through the bare client: {stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_jobs_through_the_pro_preset_on_hyper_are_never_refused() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let server = pro_mock();
+    let kling = pro_stack(&server);
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    warm_up(client.clone(), &server).await;
+    let started = std::time::Instant::now();
+    let statuses = run_jobs(&kling, kling.layer(client.clone())).await;
+    let took = started.elapsed();
+    assert_nothing_refused(&server.stats(), &statuses);
+    assert!(took < Duration::from_secs(40), "{took:?}");
+    assert_eq!(kling.snapshot().pool("video:kling-3.0").unwrap().in_use, 0);
+    server.shutdown();
+
+    // Negative control: the same jobs, same mock settings, bare client.
+    let server = pro_mock();
+    bare_jobs(ClassifyLayer::new().layer(client), &server.base_url).await;
+    assert_bare_client_is_refused(&server.stats());
+    server.shutdown();
+}
+
+#[cfg(feature = "reqwest")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_jobs_through_the_pro_preset_on_reqwest_are_never_refused() {
+    use kling_tower::client::ReqwestService;
+
+    let _one = ONE_AT_A_TIME.lock().await;
+    let server = pro_mock();
+    let kling = pro_stack(&server);
+    let client = ReqwestService::new_client().unwrap();
+    warm_up(client.clone(), &server).await;
+    let started = std::time::Instant::now();
+    let statuses = run_jobs(&kling, kling.layer(client.clone())).await;
+    let took = started.elapsed();
+    assert_nothing_refused(&server.stats(), &statuses);
+    assert!(took < Duration::from_secs(40), "{took:?}");
+    server.shutdown();
+
+    let server = pro_mock();
+    bare_jobs(ClassifyLayer::new().layer(client), &server.base_url).await;
+    assert_bare_client_is_refused(&server.stats());
+    server.shutdown();
+}

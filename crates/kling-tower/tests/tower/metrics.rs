@@ -1,0 +1,188 @@
+//! The metrics the retry, rate-limit and task-slots layers record inside the whole stack,
+//! checked against the kling-metrics README table (`kling_metrics::catalog`), with a
+//! debugging recorder, in paused time against the in-process mock.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use kling_metrics::catalog::{self, MetricType};
+use kling_mock::{MockConfig, MockKling, Preset};
+use kling_tower::{Credentials, KlingLayer, StackConfig, TaskRef, Tier};
+use metrics_util::MetricKind;
+use metrics_util::debugging::DebuggingRecorder;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::support::request;
+
+type Series = (String, MetricKind, BTreeSet<String>);
+
+/// Runs `f` on a current-thread runtime with paused time, recording into a fresh debugging
+/// recorder; returns every series recorded (name, kind, label names).
+fn recorded(f: impl std::future::Future<Output = ()>) -> BTreeSet<Series> {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap()
+            .block_on(f);
+    });
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, _)| {
+            let kind = key.kind();
+            let key = key.key();
+            let labels = key.labels().map(|l| l.key().to_owned()).collect();
+            (key.name().to_owned(), kind, labels)
+        })
+        .collect()
+}
+
+async fn call<S>(service: &S, req: http::Request<Full<Bytes>>)
+where
+    S: Service<
+            http::Request<Full<Bytes>>,
+            Response = http::Response<Full<Bytes>>,
+            Error = kling_core::BoxError,
+        > + Clone,
+{
+    // Errors are part of the script (a spent retry budget); only the metrics matter here.
+    let _ = service.clone().oneshot(req).await;
+}
+
+/// Pro numbers in the stack over a mock with fewer slots (2: 1303s), half the rate (1302s) and
+/// some 5xx: retries of every kind, cooldowns, rate-limit and slot waits, tasks that end.
+async fn busy_account() {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .slots(2)
+            .rate_per_minute(30.0)
+            .fault_rate(0.1)
+            .task_duration(Duration::from_secs(20), Duration::from_secs(30))
+            .seed(7),
+    )
+    .unwrap();
+    let kling = KlingLayer::builder(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("k").unwrap(),
+    )
+    .seed(7)
+    .build()
+    .unwrap();
+    let service = kling.layer(mock);
+    let follower = kling
+        .follower(service.clone(), kling.follow_policy())
+        .unwrap();
+    let jobs: Vec<_> = (0..8)
+        .map(|i| {
+            let service = service.clone();
+            let follower = follower.clone();
+            tokio::spawn(async move {
+                let created = service
+                    .oneshot(request(
+                        "POST",
+                        "/v1/videos/text2video",
+                        &format!(r#"{{"prompt":"{i}"}}"#),
+                    ))
+                    .await;
+                if let Ok(created) = created
+                    && let Some(task) = kling_core::Outcome::of(&created).and_then(|o| o.task())
+                {
+                    let _ = follower
+                        .follow(TaskRef::from_report("/v1/videos/text2video", task))
+                        .await;
+                }
+            })
+        })
+        .collect();
+    for job in jobs {
+        job.await.unwrap();
+    }
+    let _ = kling.snapshot();
+}
+
+/// An account with no rate cap and no retry budget beyond its floor, against a failing API:
+/// the budget runs out.
+async fn failing_account() {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Enterprise)
+            .no_rate_limit()
+            .fault_rate(1.0),
+    )
+    .unwrap();
+    let kling = KlingLayer::builder(
+        StackConfig::preset(Tier::Enterprise).retry_budget_ratio(0.0),
+        Credentials::api_key("k").unwrap(),
+    )
+    .seed(7)
+    .build()
+    .unwrap();
+    let service = kling.layer(mock);
+    let calls: Vec<_> = (0..30)
+        .map(|i| {
+            let service = service.clone();
+            tokio::spawn(async move {
+                call(
+                    &service,
+                    request("GET", &format!("/v1/videos/text2video/t{i}"), ""),
+                )
+                .await;
+            })
+        })
+        .collect();
+    for c in calls {
+        c.await.unwrap();
+    }
+}
+
+fn kind_of(t: MetricType) -> MetricKind {
+    match t {
+        MetricType::Counter => MetricKind::Counter,
+        MetricType::Gauge => MetricKind::Gauge,
+        MetricType::Histogram => MetricKind::Histogram,
+        other => panic!("unknown metric type {other:?}"),
+    }
+}
+
+#[test]
+fn the_other_layers_record_every_metric_of_their_rows_with_its_type_and_labels() {
+    let mut series = recorded(busy_account());
+    series.extend(recorded(failing_account()));
+
+    let mut rows = Vec::new();
+    for krate in ["kling-retry", "kling-ratelimit", "kling-concurrency"] {
+        let docs = catalog::recorded_by(krate);
+        assert!(!docs.is_empty(), "{krate} has rows in the table");
+        rows.extend(docs);
+    }
+    let by_name: BTreeMap<&str, _> = rows.iter().map(|d| (d.name, d)).collect();
+
+    // Every row is recorded …
+    for doc in &rows {
+        assert!(
+            series.iter().any(|(name, _, _)| name == doc.name),
+            "{} ({}) was never recorded; recorded: {series:#?}",
+            doc.name,
+            doc.recorded_by
+        );
+    }
+    // … and every series of those rows has the row's type and label names.
+    for (name, kind, labels) in &series {
+        let Some(doc) = by_name.get(name.as_str()) else {
+            continue;
+        };
+        assert_eq!(*kind, kind_of(doc.metric_type), "{name}");
+        let expected: BTreeSet<String> = doc.labels.iter().map(|l| (*l).to_owned()).collect();
+        assert_eq!(labels, &expected, "{name}");
+    }
+    // Every name recorded by anyone is in the table (no undocumented metric).
+    for (name, _, _) in &series {
+        assert!(catalog::find(name).is_some(), "{name} is not in the table");
+    }
+}

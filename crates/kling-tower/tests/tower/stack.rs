@@ -1,0 +1,356 @@
+//! The one-line stack in paused time against the in-process mock: presets, handles, drain,
+//! callbacks and the gateway.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use kling_core::{AccountId, Outcome, TaskStatus};
+use kling_mock::{MockConfig, MockKling, Preset};
+use kling_tower::error::{Draining, UnknownAccount};
+use kling_tower::gateway::GatewayLayer;
+use kling_tower::{Credentials, KlingLayer, StackConfig, TaskRef, Tier};
+use tower::{Layer, Service, ServiceExt};
+
+use crate::support::request;
+
+type Response = http::Response<Full<Bytes>>;
+
+async fn send<S>(
+    service: &S,
+    req: http::Request<Full<Bytes>>,
+) -> Result<Response, kling_core::BoxError>
+where
+    S: Service<http::Request<Full<Bytes>>, Response = Response, Error = kling_core::BoxError>
+        + Clone,
+{
+    service.clone().oneshot(req).await
+}
+
+fn roomy_mock() -> MockKling {
+    MockKling::new(
+        MockConfig::preset(Preset::Enterprise)
+            .slots(50)
+            .no_rate_limit()
+            .unlimited_credits(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_preset_builds_the_stack_with_its_numbers() {
+    // tier, video slots, image slots, rate per minute, daily credits
+    let table = [
+        (Tier::Free, 1, 1, Some(10.0), Some(66.0)),
+        (Tier::Standard, 3, 3, Some(30.0), None),
+        (Tier::Pro, 5, 5, Some(60.0), None),
+        (Tier::Enterprise, 10, 10, None, None),
+        (Tier::ResourcePack, 20, 9, None, None),
+    ];
+    let speed = 2.0;
+    for (tier, video, image, rate, credits) in table {
+        let config = StackConfig::preset(tier).speed(speed);
+        let kling = KlingLayer::new(config, Credentials::api_key("k").unwrap()).unwrap();
+        let service = kling.layer(roomy_mock());
+        for (path, body) in [
+            ("/v1/videos/text2video", r#"{"prompt":"a"}"#),
+            ("/v1/images/generations", r#"{"prompt":"b","n":1}"#),
+        ] {
+            let response = send(&service, request("POST", path, body)).await.unwrap();
+            assert!(Outcome::of(&response).unwrap().is_success(), "{tier}");
+        }
+        let snapshot = kling.snapshot();
+        let pool = |name: &str| snapshot.pool(name).unwrap().clone();
+        assert_eq!(
+            (pool("video").capacity, pool("video").in_use),
+            (video, 1),
+            "{tier}"
+        );
+        assert_eq!(pool("image").capacity, image, "{tier}");
+        assert_eq!(
+            pool("video").account.as_deref(),
+            Some(kling.account_id().as_str())
+        );
+
+        // The rate limiter paces at the rate less 5%, times the speed; none without a cap.
+        let paced = kling.rate_limit().map(|h| h.quota().rate_per_second());
+        let expected = rate.map(|r: f64| r * speed * 0.95 / 60.0);
+        match (paced, expected) {
+            (Some(p), Some(e)) => assert!((p - e).abs() < 1e-6, "{tier}: {p} vs {e}"),
+            (None, None) => {}
+            other => panic!("{tier}: {other:?}"),
+        }
+        // The monitor measures usage against the account's rate over a (sped-up) minute.
+        assert_eq!(snapshot.rate.quota, rate.map(|r| r as u32), "{tier}");
+        if rate.is_some() {
+            assert_eq!(snapshot.rate.window, Duration::from_secs(30), "{tier}");
+        }
+        assert_eq!(snapshot.rate.requests, 2, "{tier}");
+        // The Free tier's 66 credits a day, two of them spent on estimates.
+        assert_eq!(kling.spend_guard().map(|g| g.budget()), credits, "{tier}");
+        if let Some(guard) = kling.spend_guard() {
+            assert_eq!(guard.remaining(Some(kling.account_id())), 64.0);
+        }
+        // The retry layer and the follow policy run at the speed factor.
+        assert_eq!(
+            kling.config().retry_deadline_duration(),
+            Duration::from_secs(300)
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_pro_stack_runs_forty_jobs_without_a_refusal() {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .task_duration(Duration::from_secs(20), Duration::from_secs(40))
+            .access_key("ak", "sk"),
+    )
+    .unwrap();
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::access_key("ak", "sk").unwrap(),
+    )
+    .unwrap();
+    let service = kling.layer(mock.clone());
+    let follower = kling
+        .follower(service.clone(), kling.follow_policy())
+        .unwrap();
+    let jobs: Vec<_> = (0..40)
+        .map(|i| {
+            let service = service.clone();
+            let follower = follower.clone();
+            tokio::spawn(async move {
+                let body = format!(r#"{{"prompt":"job {i}"}}"#);
+                let created = send(&service, request("POST", "/text-to-video/kling-3.0", &body))
+                    .await
+                    .unwrap();
+                let task = Outcome::of(&created).unwrap().task().unwrap().clone();
+                follower
+                    .follow(TaskRef::from_report("/text-to-video/kling-3.0", &task))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for job in jobs {
+        assert_eq!(job.await.unwrap().status, TaskStatus::Succeeded);
+    }
+    let stats = mock.stats();
+    assert_eq!(stats.tasks_created, 40);
+    assert_eq!(stats.responses_by_code.get("1302"), None, "{stats:?}");
+    assert_eq!(stats.responses_by_code.get("1303"), None, "{stats:?}");
+    assert!(stats.max_concurrent.values().all(|&n| n <= 5), "{stats:?}");
+    assert_eq!(stats.max_concurrent.get("video:kling-3.0"), Some(&5));
+    // Every slot came back: the follower's queries went through the slots layer.
+    assert_eq!(kling.snapshot().pool("video:kling-3.0").unwrap().in_use, 0);
+    // The JWT was signed once and reused.
+    assert_eq!(kling.auth().tokens_signed(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_refuses_new_creates_and_waits_for_followed_tasks() {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .task_duration(Duration::from_secs(60), Duration::from_secs(60)),
+    )
+    .unwrap();
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("k").unwrap(),
+    )
+    .unwrap();
+    let service = kling.layer(mock.clone());
+    let created = send(
+        &service,
+        request("POST", "/v1/videos/text2video", r#"{"prompt":"a"}"#),
+    )
+    .await
+    .unwrap();
+    let task = Outcome::of(&created).unwrap().task().unwrap().clone();
+    let follower = kling
+        .follower(service.clone(), kling.follow_policy())
+        .unwrap();
+    let follow = tokio::spawn(async move {
+        follower
+            .follow(TaskRef::from_report("/v1/videos/text2video", &task))
+            .await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let drained = tokio::spawn({
+        let kling = kling.clone();
+        async move {
+            kling.drain().await;
+            tokio::time::Instant::now()
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !drained.is_finished(),
+        "a followed task holds the drain open"
+    );
+    assert!(kling.drain_handle().is_draining());
+
+    // A new create is refused locally, never sent; a query still passes.
+    let before = mock.stats().requests_total;
+    let err = send(
+        &service,
+        request("POST", "/v1/videos/text2video", r#"{"prompt":"a"}"#),
+    )
+    .await
+    .unwrap_err();
+    let draining = err.downcast_ref::<Draining>().expect("a Draining error");
+    assert_eq!(draining.path(), "/v1/videos/text2video");
+    assert_eq!(mock.stats().requests_total, before);
+    let listed = send(
+        &service,
+        request("GET", "/v1/videos/text2video?pageNum=1", ""),
+    )
+    .await
+    .unwrap();
+    assert!(Outcome::of(&listed).unwrap().is_success());
+
+    let done = follow.await.unwrap().unwrap();
+    assert_eq!(done.status, TaskStatus::Succeeded);
+    let drained_at = drained.await.unwrap();
+    assert!(drained_at.elapsed() < Duration::from_secs(1));
+    assert_eq!(kling.drain_handle().in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_verified_callback_frees_the_tasks_slot() {
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Free),
+        Credentials::api_key("k").unwrap(),
+    )
+    .unwrap();
+    let service = kling.layer(roomy_mock());
+    let created = send(
+        &service,
+        request("POST", "/v1/videos/text2video", r#"{"prompt":"a"}"#),
+    )
+    .await
+    .unwrap();
+    let id = Outcome::of(&created).unwrap().task().unwrap().id.clone();
+    assert_eq!(kling.snapshot().pool("video").unwrap().in_use, 1);
+
+    let payload =
+        format!(r#"{{"task_id":"{id}","task_status":"succeed","final_unit_deduction":"0.5"}}"#);
+    let task = kling
+        .on_callback(payload.as_bytes())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(task.status, TaskStatus::Succeeded);
+    let snapshot = kling.snapshot();
+    assert_eq!(snapshot.pool("video").unwrap().in_use, 0);
+    assert_eq!(snapshot.tasks.finished, 1);
+    // The reported cost replaced the 1-credit estimate.
+    let guard = kling.spend_guard().unwrap();
+    assert_eq!(guard.remaining(Some(kling.account_id())), 65.5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_gateway_gives_each_account_its_own_preset() {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Enterprise)
+            .slots(50)
+            .no_rate_limit()
+            .unlimited_credits()
+            .api_key_for("key-a", "acct-a")
+            .api_key_for("key-b", "acct-b"),
+    )
+    .unwrap();
+    let gateway = GatewayLayer::builder()
+        .account(
+            "team-a",
+            KlingLayer::builder(
+                StackConfig::preset(Tier::Pro),
+                Credentials::api_key("key-a").unwrap(),
+            ),
+        )
+        .account(
+            "team-b",
+            KlingLayer::builder(
+                StackConfig::preset(Tier::Free),
+                Credentials::api_key("key-b").unwrap(),
+            ),
+        )
+        .build()
+        .unwrap();
+    let service = gateway.layer(mock.clone());
+    let for_account = |account: &str| {
+        let mut req = request("POST", "/v1/videos/text2video", r#"{"prompt":"a"}"#);
+        req.extensions_mut().insert(AccountId::new(account));
+        req
+    };
+
+    // team-b (Free) has one slot: its second create waits for it; team-a's do not wait.
+    send(&service, for_account("team-b")).await.unwrap();
+    let waiting = tokio::spawn({
+        let service = service.clone();
+        let req = for_account("team-b");
+        async move { service.oneshot(req).await }
+    });
+    for _ in 0..3 {
+        send(&service, for_account("team-a")).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !waiting.is_finished(),
+        "team-b's second create waits for its slot"
+    );
+
+    let a = gateway.get(&AccountId::new("team-a")).unwrap().snapshot();
+    let b = gateway.get(&AccountId::new("team-b")).unwrap().snapshot();
+    let (a, b) = (a.pool("video").unwrap(), b.pool("video").unwrap());
+    assert_eq!((a.in_use, a.capacity), (3, 5));
+    assert_eq!((b.in_use, b.capacity, b.waiters), (1, 1, 1));
+    assert_eq!(a.account.as_deref(), Some("team-a"));
+    assert_eq!(mock.in_use("acct-a", "video"), 3);
+    assert_eq!(mock.in_use("acct-b", "video"), 1);
+    waiting.abort();
+
+    // A request for no account, or an unknown one, is refused before it is sent.
+    let err = send(&service, request("GET", "/v1/videos/text2video/x", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<UnknownAccount>().unwrap().account(),
+        None
+    );
+    let mut stranger = request("GET", "/v1/videos/text2video/x", "");
+    stranger.extensions_mut().insert(AccountId::new("team-z"));
+    let err = send(&service, stranger).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "no kling stack is configured for account team-z"
+    );
+
+    // Bad numbers name the account and the field.
+    let err = GatewayLayer::builder()
+        .account(
+            "team-c",
+            KlingLayer::builder(
+                StackConfig::preset(Tier::Pro).burst(0),
+                Credentials::api_key("key-c").unwrap(),
+            ),
+        )
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "accounts.team-c.burst");
+}
+
+#[test]
+fn invalid_numbers_are_refused_with_the_field() {
+    let credentials = || Credentials::api_key("k").unwrap();
+    let err =
+        KlingLayer::new(StackConfig::preset(Tier::Pro).headroom(1.5), credentials()).unwrap_err();
+    assert_eq!(err.field(), "headroom");
+    let err = KlingLayer::builder(StackConfig::preset(Tier::Pro), credentials())
+        .base_url("ftp://example.com")
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "base_url");
+}

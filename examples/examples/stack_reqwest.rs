@@ -1,0 +1,83 @@
+//! The whole stack on a `reqwest::Client`, with an access key and secret key signed into a
+//! JWT: ten image jobs (`n` = 2, two slots each) through the Standard preset.
+//!
+//! Run: `cargo run -p kling-examples --example stack_reqwest`
+
+#![allow(clippy::print_stdout)] // an example reports what it does
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use kling_core::Outcome;
+use kling_core::error::BoxError;
+use kling_mock::{MockConfig, MockServer, Preset};
+use kling_tower::client::ReqwestService;
+use kling_tower::{Credentials, KlingLayer, StackConfig, TaskRef, Tier};
+use tower::{Layer, ServiceExt};
+
+const SPEED: f64 = 30.0;
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let mock = MockServer::start(
+        MockConfig::preset(Preset::Standard)
+            .speed(SPEED)
+            .task_duration(Duration::from_secs(20), Duration::from_secs(30))
+            .access_key("ak-demo", "sk-demo"),
+    )
+    .await?;
+    let kling = KlingLayer::builder(
+        StackConfig::preset(Tier::Standard).speed(SPEED),
+        Credentials::access_key("ak-demo", "sk-demo")?,
+    )
+    .base_url(&mock.base_url())
+    .build()?;
+    let service = kling.layer(ReqwestService::new_client()?);
+    let follower = kling.follower(service.clone(), kling.follow_policy())?;
+
+    let jobs: Vec<_> = (0..10)
+        .map(|i| {
+            let (service, follower) = (service.clone(), follower.clone());
+            tokio::spawn(async move {
+                let create = http::Request::post("/v1/images/generations").body(Full::new(
+                    Bytes::from(format!(r#"{{"prompt":"still {i}","n":2}}"#)),
+                ))?;
+                let created = service.oneshot(create).await?;
+                let task = Outcome::of(&created)
+                    .and_then(Outcome::task)
+                    .ok_or("no task")?
+                    .clone();
+                Ok::<_, BoxError>(
+                    follower
+                        .follow(TaskRef::from_report("/v1/images/generations", &task))
+                        .await?,
+                )
+            })
+        })
+        .collect();
+    for job in jobs {
+        let done = job.await??;
+        println!("task {} {}", done.id, done.status);
+    }
+    let stats = mock.stats();
+    println!(
+        "mock: {:?}, max concurrent {:?}",
+        stats.responses_by_code, stats.max_concurrent
+    );
+    assert_eq!(stats.tasks_created, 10);
+    assert!(!stats.responses_by_code.contains_key("1303"));
+    // Three image slots: one two-image task at a time, never two.
+    assert!(stats.max_concurrent.get("image").is_some_and(|&n| n <= 3));
+    println!("jwt signed {} time(s)", kling.auth().tokens_signed());
+    mock.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn runs_to_completion_against_the_mock() {
+        super::main().expect("the example finishes without error");
+    }
+}
