@@ -107,6 +107,17 @@ impl SlotsConfig {
         self.default_capacity
     }
 
+    /// The configured lease ([`lease`](Self::lease)), for backends outside this crate.
+    pub fn get_lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// The configured recovery interval ([`recovery_interval`](Self::recovery_interval)), for
+    /// backends outside this crate.
+    pub fn get_recovery_interval(&self) -> Duration {
+        self.recovery_interval
+    }
+
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.default_capacity == 0 {

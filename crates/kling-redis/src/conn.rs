@@ -1,0 +1,362 @@
+//! [`RedisConfig`] and [`Connection`]: one auto-reconnecting Redis connection, its key prefix,
+//! its command timeout and the fleet's shared clock.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{FromRedisValue, Script};
+use tokio::time::Instant;
+
+use crate::error::{ConfigError, StoreError};
+
+/// The default command timeout.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "kling";
+
+/// Where Redis is and how to talk to it.
+///
+/// ```
+/// use std::time::Duration;
+/// use kling_redis::RedisConfig;
+///
+/// let config = RedisConfig::new("redis://127.0.0.1:6379/")
+///     .prefix("kling:prod")
+///     .command_timeout(Duration::from_millis(200));
+/// assert!(config.validate().is_ok());
+/// assert_eq!(RedisConfig::new("not a url").validate().unwrap_err().field(), "url");
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RedisConfig {
+    /// `redis://host:port/db` (or `rediss://` where the `redis` crate has TLS).
+    pub url: String,
+    /// Every key starts with this and a colon (default [`DEFAULT_PREFIX`]).
+    pub prefix: String,
+    /// Every command fails with [`StoreError`] after this (default [`DEFAULT_COMMAND_TIMEOUT`]).
+    pub command_timeout: Duration,
+    /// A connection attempt fails after this (default one second).
+    pub connect_timeout: Duration,
+    /// How often the offset to the Redis server's clock is measured again (default 30 s).
+    pub calibrate_every: Duration,
+}
+
+impl RedisConfig {
+    /// The defaults for the server at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig {
+            url: url.into(),
+            prefix: DEFAULT_PREFIX.to_owned(),
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            connect_timeout: Duration::from_secs(1),
+            calibrate_every: Duration::from_secs(30),
+        }
+    }
+
+    /// Sets [`prefix`](Self::prefix): one Redis can serve several fleets or environments.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Sets [`command_timeout`](Self::command_timeout).
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// Sets [`connect_timeout`](Self::connect_timeout).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets [`calibrate_every`](Self::calibrate_every).
+    pub fn calibrate_every(mut self, every: Duration) -> Self {
+        self.calibrate_every = every;
+        self
+    }
+
+    /// Checks every field, naming the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if redis::Client::open(self.url.as_str()).is_err() {
+            return Err(ConfigError::new("url", "is not a redis:// URL"));
+        }
+        if self.prefix.is_empty() {
+            return Err(ConfigError::new("prefix", "must not be empty"));
+        }
+        if self.command_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "command_timeout",
+                "must be longer than zero",
+            ));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "connect_timeout",
+                "must be longer than zero",
+            ));
+        }
+        if self.calibrate_every.is_zero() {
+            return Err(ConfigError::new(
+                "calibrate_every",
+                "must be longer than zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One auto-reconnecting connection to Redis (the `redis` crate's `ConnectionManager`, which
+/// multiplexes every command of the process over one socket), with the key prefix, a timeout on
+/// every command, and the fleet clock.
+///
+/// # The fleet clock
+///
+/// GCRA instants and leases in Redis are integer microseconds of Unix time. Scripts never call
+/// `TIME` (so they run the same on managed Redis and under any replication mode); instead each
+/// process measures the offset between its own clock and the server's `TIME` — on connect and
+/// every [`calibrate_every`](RedisConfig::calibrate_every) — and sends `local time + offset`.
+/// A client whose clock is minutes off therefore still agrees with the fleet, to within half
+/// the round trip of the measurement (well under a millisecond on a LAN). Scripts also never
+/// move a key's state backwards in time.
+///
+/// # Clone
+///
+/// Clones share the connection, the clock offset and the state-loss flag.
+#[derive(Clone)]
+pub struct Connection {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    manager: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    offset_us: AtomicI64,
+    calibrated: AtomicBool,
+    calibrate_every: Duration,
+    last_calibration: std::sync::Mutex<Option<Instant>>,
+    client: redis::Client,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("prefix", &self.inner.prefix)
+            .field("timeout", &self.inner.timeout)
+            .field("offset_us", &self.inner.offset_us.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// Connects and measures the clock offset; fails when Redis does not answer.
+    pub async fn connect(config: RedisConfig) -> Result<Connection, StoreError> {
+        let connection = Connection::lazy(config).map_err(StoreError::config)?;
+        connection.calibrate().await?;
+        Ok(connection)
+    }
+
+    /// A connection that connects on first use: a process may start while Redis is down, and
+    /// every command fails with [`StoreError`] until it is back. Needs a tokio runtime.
+    pub fn lazy(config: RedisConfig) -> Result<Connection, ConfigError> {
+        config.validate()?;
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|_| ConfigError::new("url", "is not a redis:// URL"))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.command_timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(200));
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+            .map_err(|_| ConfigError::new("url", "cannot be used by the redis client"))?;
+        Ok(Connection {
+            inner: Arc::new(Inner {
+                manager,
+                prefix: config.prefix,
+                timeout: config.command_timeout,
+                offset_us: AtomicI64::new(0),
+                calibrated: AtomicBool::new(false),
+                calibrate_every: config.calibrate_every,
+                last_calibration: std::sync::Mutex::new(None),
+                client,
+            }),
+        })
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// The command timeout.
+    pub fn command_timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    /// The measured offset of the server's clock from this process's, microseconds.
+    pub fn clock_offset_us(&self) -> i64 {
+        self.inner.offset_us.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn client(&self) -> &redis::Client {
+        &self.inner.client
+    }
+
+    /// Fleet time now: Unix microseconds on the server's clock.
+    pub fn now_us(&self) -> i64 {
+        local_us() + self.inner.offset_us.load(Ordering::Relaxed)
+    }
+
+    /// Fleet time of a tokio instant of this process.
+    pub(crate) fn to_fleet(&self, instant: Instant, now: Instant, now_us: i64) -> i64 {
+        if instant >= now {
+            now_us.saturating_add(micros(instant - now))
+        } else {
+            now_us.saturating_sub(micros(now - instant))
+        }
+    }
+
+    /// The tokio instant of a fleet time.
+    pub(crate) fn to_instant(&self, fleet_us: i64, now: Instant, now_us: i64) -> Instant {
+        let delta = fleet_us.saturating_sub(now_us);
+        if delta >= 0 {
+            now + Duration::from_micros(delta as u64)
+        } else {
+            now.checked_sub(Duration::from_micros(delta.unsigned_abs()))
+                .unwrap_or(now)
+        }
+    }
+
+    /// Measures the offset to the server's clock now (`TIME`, keeping the fastest of three
+    /// probes).
+    pub async fn calibrate(&self) -> Result<(), StoreError> {
+        let mut best: Option<(i64, i64)> = None;
+        for _ in 0..3 {
+            let before = local_us();
+            let (secs, micros): (i64, i64) = self.query(&redis::cmd("TIME")).await?;
+            let after = local_us();
+            let rtt = after - before;
+            let server = secs * 1_000_000 + micros;
+            let offset = server - (before + rtt / 2);
+            if best.is_none_or(|(r, _)| rtt < r) {
+                best = Some((rtt, offset));
+            }
+        }
+        if let Some((rtt, offset)) = best {
+            self.inner.offset_us.store(offset, Ordering::Relaxed);
+            self.inner.calibrated.store(true, Ordering::Relaxed);
+            *self
+                .inner
+                .last_calibration
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            if offset.abs() > 1_000_000 {
+                tracing::warn!(
+                    offset_us = offset,
+                    rtt_us = rtt,
+                    "local clock is off the redis server's clock by more than a second; corrected"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a calibration in the background when the last one is older than
+    /// `calibrate_every` (or there was none).
+    pub(crate) fn maybe_calibrate(&self) {
+        let due = {
+            let mut last = self
+                .inner
+                .last_calibration
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let due = last.is_none_or(|at| at.elapsed() >= self.inner.calibrate_every);
+            if due {
+                // Claim it, so one probe runs at a time.
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if due && let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let this = self.clone();
+            handle.spawn(async move {
+                if this.calibrate().await.is_err() {
+                    *this
+                        .inner
+                        .last_calibration
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = None;
+                }
+            });
+        }
+    }
+
+    /// Runs one command with the timeout.
+    pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        let mut manager = self.inner.manager.clone();
+        let timeout = self.inner.timeout;
+        with_timeout(timeout, cmd.query_async(&mut manager)).await
+    }
+
+    /// Runs a script (`EVALSHA`, loading it when Redis has forgotten it) with the timeout.
+    pub(crate) async fn run<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<T, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(arg);
+        }
+        let mut manager = self.inner.manager.clone();
+        with_timeout(self.inner.timeout, invocation.invoke_async(&mut manager)).await
+    }
+
+    /// The key `prefix:rest`.
+    pub(crate) fn key(&self, rest: &str) -> String {
+        let mut key = String::with_capacity(self.inner.prefix.len() + 1 + rest.len());
+        key.push_str(&self.inner.prefix);
+        key.push(':');
+        key.push_str(rest);
+        key
+    }
+}
+
+async fn with_timeout<T>(
+    timeout: Duration,
+    future: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, future).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(StoreError::from_redis(&error)),
+        Err(_) => Err(StoreError::timed_out(timeout)),
+    }
+}
+
+fn local_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Whole microseconds of a duration, rounded up (a wait is never shortened).
+pub(crate) fn micros(duration: Duration) -> i64 {
+    let us = duration.as_nanos().div_ceil(1000);
+    i64::try_from(us).unwrap_or(i64::MAX)
+}
+
+/// A key segment that keeps `:` and `|` in account and pool names from colliding.
+pub(crate) fn segment(text: &str) -> String {
+    format!("{}.{}", text.len(), text)
+}

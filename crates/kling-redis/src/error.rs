@@ -1,0 +1,150 @@
+//! Errors of the Redis backends.
+//!
+//! The layers see them as their own backend errors
+//! ([`kling_ratelimit::error::BackendError`], [`kling_concurrency::error::BackendError`]),
+//! whose source (for the rate limiter) is a [`StoreError`].
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+/// What went wrong talking to Redis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// Redis could not be reached (refused, reset, no connection yet).
+    Unreachable,
+    /// A command took longer than the command timeout.
+    TimedOut,
+    /// Redis answered something the backend does not understand, or refused the script.
+    Protocol,
+    /// The configuration is invalid.
+    Config,
+}
+
+/// A failed Redis command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    detail: String,
+}
+
+impl StoreError {
+    pub(crate) fn from_redis(error: &redis::RedisError) -> Self {
+        let kind = if error.is_timeout() {
+            StoreErrorKind::TimedOut
+        } else if error.is_io_error()
+            || error.is_connection_dropped()
+            || error.is_connection_refusal()
+            || error.is_unrecoverable_error()
+        {
+            StoreErrorKind::Unreachable
+        } else {
+            StoreErrorKind::Protocol
+        };
+        StoreError {
+            kind,
+            detail: error.to_string(),
+        }
+    }
+
+    pub(crate) fn timed_out(after: Duration) -> Self {
+        StoreError {
+            kind: StoreErrorKind::TimedOut,
+            detail: format!("no answer within {after:?}"),
+        }
+    }
+
+    pub(crate) fn protocol(detail: impl Into<String>) -> Self {
+        StoreError {
+            kind: StoreErrorKind::Protocol,
+            detail: detail.into(),
+        }
+    }
+
+    pub(crate) fn config(error: ConfigError) -> Self {
+        StoreError {
+            kind: StoreErrorKind::Config,
+            detail: error.to_string(),
+        }
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+
+    /// Whether Redis is (for now) out of reach: unreachable or timed out.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self.kind,
+            StoreErrorKind::Unreachable | StoreErrorKind::TimedOut
+        )
+    }
+
+    /// The `redis` crate's description, or the timeout.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    pub(crate) fn into_ratelimit(self) -> kling_ratelimit::error::BackendError {
+        if self.is_unreachable() {
+            kling_ratelimit::error::BackendError::unreachable(self)
+        } else {
+            kling_ratelimit::error::BackendError::protocol(self)
+        }
+    }
+
+    pub(crate) fn into_slots(self) -> kling_concurrency::error::BackendError {
+        kling_concurrency::error::BackendError::new(self.to_string())
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            StoreErrorKind::Unreachable => "redis unreachable",
+            StoreErrorKind::TimedOut => "redis command timed out",
+            StoreErrorKind::Protocol => "redis protocol error",
+            StoreErrorKind::Config => "redis configuration invalid",
+        };
+        write!(f, "{what}: {}", self.detail)
+    }
+}
+
+impl StdError for StoreError {}
+
+/// Invalid configuration, naming the field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    field: &'static str,
+    reason: &'static str,
+}
+
+impl ConfigError {
+    pub(crate) fn new(field: &'static str, reason: &'static str) -> Self {
+        ConfigError { field, reason }
+    }
+
+    /// The offending field.
+    pub fn field(&self) -> &'static str {
+        self.field
+    }
+
+    /// Why it is invalid.
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid redis backend configuration: {} {}",
+            self.field, self.reason
+        )
+    }
+}
+
+impl StdError for ConfigError {}

@@ -1,0 +1,506 @@
+//! [`RedisGcra`]: the rate limiter's [`Backend`] in Redis, one Lua script per decision.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use kling_ratelimit::backend::Reported;
+use kling_ratelimit::error::BackendError;
+use kling_ratelimit::{Backend, BucketKey, Decision, Feedback, InProcess, Policy};
+use redis::Script;
+use tokio::time::Instant;
+
+use crate::conn::{Connection, micros, segment};
+use crate::error::StoreError;
+use crate::unreachable::{DEFAULT_RETRY_EVERY, WhenUnreachable};
+
+/// How long a key without traffic keeps its state (cooldown streak, adaptive rate) by default.
+pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(600);
+
+/// One GCRA decision. Times are integer microseconds of fleet time; numbers written back go
+/// through `%.0f` (Lua's `tostring` keeps only 14 digits) and `%.17g` for rates.
+///
+/// KEYS[1] the key's hash. ARGV: now, period (µs, rounded up), burst, adaptive (0/1),
+/// adaptive start rate (-1: ceiling/4), ceiling rate, idle TTL (µs).
+/// Returns {0} (admit) or {1, not_before, cooldown 0/1}.
+const ACQUIRE: &str = r"
+local key = KEYS[1]
+local now = tonumber(ARGV[1])
+local period = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local v = redis.call('HMGET', key, 't', 'p', 'cd', 'r', 'se')
+local cd = tonumber(v[3])
+if cd and cd > now then
+  return {1, cd, 1}
+end
+if ARGV[4] == '1' then
+  local rate = tonumber(v[4])
+  if not rate then
+    local ceiling = tonumber(ARGV[6])
+    rate = tonumber(ARGV[5])
+    if rate < 0 then rate = ceiling / 4 end
+    if rate > ceiling then rate = ceiling end
+    redis.call('HSET', key, 'r', string.format('%.17g', rate))
+  end
+  local p = math.ceil(1e6 / rate)
+  if p > period then period = p end
+end
+local tat = tonumber(v[1])
+local applied = tonumber(v[2])
+if tat and applied and applied ~= period then
+  if tat > now then
+    tat = now + math.ceil((tat - now) * period / applied)
+  end
+  redis.call('HSET', key, 't', string.format('%.0f', tat), 'p', string.format('%.0f', period))
+end
+if not tat then tat = now end
+local earliest = tat - period * (burst - 1)
+if now < earliest then
+  return {1, earliest, 0}
+end
+local nxt = math.max(tat, now) + period
+redis.call('HSET', key, 't', string.format('%.0f', nxt), 'p', string.format('%.0f', period))
+local last = nxt
+local se = tonumber(v[5])
+if se and se > last then last = se end
+redis.call('PEXPIRE', key, math.ceil((last - now + tonumber(ARGV[7])) / 1000))
+return {0}
+";
+
+/// What a response said. KEYS[1] the key's hash. ARGV: now, kind (s/p), sent_at, received_at,
+/// resume_at ('' for none), throttled (0/1), configured period, adaptive (0/1), start rate,
+/// ceiling, growth, decrease, target, probe, cooldown first, escalate_after, backoff, ceiling,
+/// window, idle TTL. Returns {cooldown_until or -1, streak}.
+const FEEDBACK: &str = r"
+local key = KEYS[1]
+local now = tonumber(ARGV[1])
+local v = redis.call('HMGET', key, 's', 'lp', 'se', 'cd', 'r', 'l', 'p', 't')
+local streak = tonumber(v[1]) or 0
+local lp = tonumber(v[2])
+local se = tonumber(v[3])
+local cd = tonumber(v[4])
+local rate = tonumber(v[5])
+local limit = tonumber(v[6])
+local adaptive = ARGV[8] == '1'
+local ceiling = tonumber(ARGV[10])
+local function clamp(x)
+  if x < ceiling / 1000 then x = ceiling / 1000 end
+  if x > ceiling then x = ceiling end
+  return x
+end
+local function start_rate()
+  local r = tonumber(ARGV[9])
+  if r < 0 then r = ceiling / 4 end
+  if r > ceiling then r = ceiling end
+  return r
+end
+local function int(x) return string.format('%.0f', x) end
+local function expire()
+  local last = now
+  for _, t in ipairs({tonumber(v[8]), cd, se}) do
+    if t and t > last then last = t end
+  end
+  redis.call('PEXPIRE', key, math.ceil((last - now + tonumber(ARGV[20])) / 1000))
+end
+if ARGV[2] == 's' then
+  redis.call('HSET', key, 's', 0)
+  redis.call('HDEL', key, 'se')
+  se = nil
+  if adaptive and rate then
+    if limit then
+      local target = tonumber(ARGV[13]) * limit
+      local probe = tonumber(ARGV[14]) * limit
+      rate = rate + math.max((target - rate) / 4, probe)
+    else
+      rate = rate * (1 + tonumber(ARGV[11]))
+    end
+    redis.call('HSET', key, 'r', string.format('%.17g', clamp(rate)))
+  end
+  expire()
+  return {-1, 0}
+end
+local sent = tonumber(ARGV[3])
+local recv = tonumber(ARGV[4])
+local resume = tonumber(ARGV[5])
+local throttled = ARGV[6] == '1'
+if throttled and ((not lp) or sent >= lp) then
+  local window = tonumber(ARGV[19])
+  if streak > 0 and lp and (recv - lp) <= window then
+    streak = streak + 1
+  else
+    streak = 1
+  end
+  lp = recv
+  se = recv + window
+  redis.call('HSET', key, 's', streak, 'lp', int(lp), 'se', int(se))
+  if adaptive then
+    if not rate then rate = start_rate() end
+    limit = rate
+    rate = clamp(rate * tonumber(ARGV[12]))
+    redis.call('HSET', key, 'r', string.format('%.17g', rate), 'l', string.format('%.17g', limit))
+  end
+end
+local interval = tonumber(v[7]) or tonumber(ARGV[7])
+local esc = nil
+if throttled then
+  local s = math.max(streak, 1)
+  local ea = tonumber(ARGV[16])
+  local pause
+  if s < ea then
+    pause = math.max(tonumber(ARGV[15]) * 2 ^ math.min(s - 1, 20), interval)
+  else
+    pause = tonumber(ARGV[17]) * 2 ^ math.min(s - ea, 20)
+  end
+  pause = math.min(pause, tonumber(ARGV[18]))
+  esc = recv + pause
+end
+local untl = recv
+if resume and esc then untl = math.max(resume, esc)
+elseif resume then untl = resume
+elseif esc then untl = esc end
+local extends = untl > now and ((not cd) or untl > cd)
+if extends then
+  cd = untl
+  redis.call('HSET', key, 'cd', int(cd))
+end
+expire()
+if extends then return {untl, streak} end
+return {-1, streak}
+";
+
+/// The rate limiter's state in Redis, shared by every process of a fleet: implements
+/// [`kling_ratelimit::Backend`] for [`GcraLayer`](kling_ratelimit::GcraLayer).
+///
+/// - **One script per decision**: [`acquire`](Backend::acquire) is one atomic `EVALSHA`
+///   (reloaded when Redis has forgotten the script), so two processes never both take the
+///   last cell; the state is a hash per key, `PREFIX:gcra:ACCOUNT[:CLASS]`, expiring once idle.
+/// - **Same answers as in process**: the script is governor's GCRA (`tat`, tolerance
+///   `period × (burst − 1)`), the cooldown escalation of
+///   [`Cooldown`](kling_ratelimit::Cooldown) and the AIMD rule of
+///   [`Adaptive`](kling_ratelimit::Adaptive), so a fleet learns a 1302 and an adaptive rate
+///   together. The emission interval is rounded up to a whole microsecond.
+/// - **Waiting stays in the process**: the layer's FIFO queue and tokio sleep; only a queue's
+///   head asks Redis.
+/// - **Unreachable Redis**: see [`WhenUnreachable`].
+///
+/// # Clone
+///
+/// Clones share the connection and the fallback state.
+#[derive(Clone)]
+pub struct RedisGcra {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Connection,
+    when_unreachable: WhenUnreachable,
+    retry_every: Duration,
+    idle_ttl: Duration,
+    fallback: InProcess,
+    /// Whether the last command failed for want of Redis.
+    out: AtomicBool,
+    acquire: Script,
+    feedback: Script,
+}
+
+impl fmt::Debug for RedisGcra {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisGcra")
+            .field("conn", &self.inner.conn)
+            .field("when_unreachable", &self.inner.when_unreachable)
+            .field("retry_every", &self.inner.retry_every)
+            .field("out", &self.inner.out.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl RedisGcra {
+    /// A backend on `conn`, failing closed by waiting while Redis is away.
+    pub fn new(conn: Connection) -> Self {
+        RedisGcra::with_options(
+            conn,
+            WhenUnreachable::default(),
+            DEFAULT_RETRY_EVERY,
+            DEFAULT_IDLE_TTL,
+        )
+    }
+
+    fn with_options(
+        conn: Connection,
+        when_unreachable: WhenUnreachable,
+        retry_every: Duration,
+        idle_ttl: Duration,
+    ) -> Self {
+        RedisGcra {
+            inner: Arc::new(Inner {
+                conn,
+                when_unreachable,
+                retry_every,
+                idle_ttl,
+                fallback: InProcess::new(),
+                out: AtomicBool::new(false),
+                acquire: Script::new(ACQUIRE),
+                feedback: Script::new(FEEDBACK),
+            }),
+        }
+    }
+
+    /// What to do while Redis is unreachable (default [`WhenUnreachable::Wait`]).
+    pub fn when_unreachable(self, choice: WhenUnreachable) -> Self {
+        let i = &self.inner;
+        RedisGcra::with_options(i.conn.clone(), choice, i.retry_every, i.idle_ttl)
+    }
+
+    /// How often a waiting request asks an unreachable Redis again (default 100 ms).
+    pub fn retry_every(self, every: Duration) -> Self {
+        let i = &self.inner;
+        let every = every.max(Duration::from_millis(1));
+        RedisGcra::with_options(i.conn.clone(), i.when_unreachable, every, i.idle_ttl)
+    }
+
+    /// How long an idle key keeps its state (default [`DEFAULT_IDLE_TTL`]).
+    pub fn idle_ttl(self, ttl: Duration) -> Self {
+        let i = &self.inner;
+        RedisGcra::with_options(i.conn.clone(), i.when_unreachable, i.retry_every, ttl)
+    }
+
+    /// The connection.
+    pub fn connection(&self) -> &Connection {
+        &self.inner.conn
+    }
+
+    /// Whether the last command found Redis unreachable.
+    pub fn is_out(&self) -> bool {
+        self.inner.out.load(Ordering::Relaxed)
+    }
+
+    /// One decision at an explicit fleet time `now_us` (Unix microseconds), without the
+    /// unreachable-Redis handling: what [`Backend::acquire`] does with the current time. For
+    /// simulations and tests that replay an arrival pattern.
+    pub async fn decide_at(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        now_us: i64,
+    ) -> Result<FleetDecision, StoreError> {
+        self.inner.decide(self.key_of(key), policy, now_us).await
+    }
+
+    /// The Redis key of a bucket.
+    pub fn key_of(&self, key: &BucketKey) -> String {
+        let account = key
+            .account_id()
+            .map_or_else(|| "-".to_owned(), |a| segment(a.as_str()));
+        match key.request_kind() {
+            Some(kind) => self
+                .inner
+                .conn
+                .key(&format!("gcra:{account}:{}", kind.as_str())),
+            None => self.inner.conn.key(&format!("gcra:{account}")),
+        }
+    }
+}
+
+/// A decision in fleet time (Unix microseconds on the Redis server's clock), from
+/// [`RedisGcra::decide_at`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FleetDecision {
+    /// The request may go; its cell is taken.
+    Admit,
+    /// Nothing was taken; ask again at `at_us`.
+    NotBefore {
+        /// Fleet time, microseconds.
+        at_us: i64,
+        /// Whether the key is paused by a cooldown.
+        cooldown: bool,
+    },
+}
+
+/// The boxed future of a remote decision.
+pub type GcraFuture<T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send>>;
+
+fn adaptive_args(policy: &Policy) -> (bool, f64, f64) {
+    let ceiling = policy.quota.rate_per_second();
+    match &policy.adaptive {
+        Some(a) => (true, a.start.unwrap_or(-1.0), ceiling),
+        None => (false, -1.0, ceiling),
+    }
+}
+
+fn share(policy: &Policy, processes: u32) -> Policy {
+    let quota = policy.quota.scaled(1.0 / f64::from(processes.max(1)));
+    Policy::new(quota, policy.cooldown).with_adaptive(policy.adaptive)
+}
+
+impl Inner {
+    async fn decide(
+        &self,
+        redis_key: String,
+        policy: &Policy,
+        now_us: i64,
+    ) -> Result<FleetDecision, StoreError> {
+        let (adaptive, start, ceiling) = adaptive_args(policy);
+        let args = [
+            now_us.to_string(),
+            micros(policy.quota.period()).max(1).to_string(),
+            policy.quota.burst().to_string(),
+            if adaptive { "1" } else { "0" }.to_owned(),
+            format!("{start:e}"),
+            format!("{ceiling:e}"),
+            micros(self.idle_ttl).to_string(),
+        ];
+        let result: Result<Vec<i64>, StoreError> =
+            self.conn.run(&self.acquire, &[redis_key], &args).await;
+        self.note(&result);
+        match result?.as_slice() {
+            [0, ..] => Ok(FleetDecision::Admit),
+            [1, at, cooldown] => Ok(FleetDecision::NotBefore {
+                at_us: *at,
+                cooldown: *cooldown == 1,
+            }),
+            other => Err(StoreError::protocol(format!("gcra reply {other:?}"))),
+        }
+    }
+
+    fn note(&self, result: &Result<impl Sized, StoreError>) {
+        match result {
+            Err(e) if e.is_unreachable() => {
+                if !self.out.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "redis unreachable: rate limiter {:?}", self.when_unreachable);
+                }
+            }
+            _ => {
+                if self.out.swap(false, Ordering::Relaxed) {
+                    tracing::info!("redis reachable again: rate limiter shared again");
+                }
+            }
+        }
+    }
+}
+
+impl Backend for RedisGcra {
+    type AcquireFuture = GcraFuture<Decision>;
+    type FeedbackFuture = GcraFuture<Reported>;
+
+    fn acquire(&self, key: &BucketKey, policy: &Policy) -> Self::AcquireFuture {
+        let inner = Arc::clone(&self.inner);
+        let redis_key = self.key_of(key);
+        let key = key.clone();
+        let policy = *policy;
+        inner.conn.maybe_calibrate();
+        Box::pin(async move {
+            let now = Instant::now();
+            let now_us = inner.conn.now_us();
+            let result = inner.decide(redis_key, &policy, now_us).await;
+            match result {
+                Ok(FleetDecision::Admit) => Ok(Decision::Admit),
+                Ok(FleetDecision::NotBefore { at_us, cooldown }) => Ok(Decision::NotBefore {
+                    at: inner.conn.to_instant(at_us, now, now_us),
+                    cooldown,
+                }),
+                Err(e) if e.is_unreachable() => match inner.when_unreachable {
+                    WhenUnreachable::Wait => Ok(Decision::NotBefore {
+                        at: Instant::now() + inner.retry_every,
+                        cooldown: false,
+                    }),
+                    WhenUnreachable::Fallback { processes } => Ok(inner
+                        .fallback
+                        .acquire_now(&key, &share(&policy, processes.get()))),
+                    _ => Err(e.into_ratelimit()),
+                },
+                Err(e) => Err(e.into_ratelimit()),
+            }
+        })
+    }
+
+    fn feedback(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        feedback: Feedback,
+    ) -> Self::FeedbackFuture {
+        let inner = Arc::clone(&self.inner);
+        let redis_key = self.key_of(key);
+        let key = key.clone();
+        let policy = *policy;
+        Box::pin(async move {
+            let now = Instant::now();
+            let now_us = inner.conn.now_us();
+            let fleet = |t: Instant| inner.conn.to_fleet(t, now, now_us).to_string();
+            let (kind, sent, received, resume, throttled) = match feedback {
+                Feedback::Success { sent_at } => {
+                    ("s", fleet(sent_at), String::new(), String::new(), false)
+                }
+                Feedback::Pause {
+                    sent_at,
+                    received_at,
+                    resume_at,
+                    throttled,
+                } => (
+                    "p",
+                    fleet(sent_at),
+                    fleet(received_at),
+                    resume_at.map(fleet).unwrap_or_default(),
+                    throttled,
+                ),
+                _ => return Ok(Reported::default()),
+            };
+            let (adaptive, start, ceiling) = adaptive_args(&policy);
+            let a = policy.adaptive.unwrap_or_default();
+            let c = policy.cooldown;
+            let args = [
+                now_us.to_string(),
+                kind.to_owned(),
+                sent,
+                received,
+                resume,
+                if throttled { "1" } else { "0" }.to_owned(),
+                micros(policy.quota.period()).max(1).to_string(),
+                if adaptive { "1" } else { "0" }.to_owned(),
+                format!("{start:e}"),
+                format!("{ceiling:e}"),
+                format!("{:e}", a.growth),
+                format!("{:e}", a.decrease),
+                format!("{:e}", a.target),
+                format!("{:e}", a.probe),
+                micros(c.first).to_string(),
+                c.escalate_after.to_string(),
+                micros(c.backoff).to_string(),
+                micros(c.ceiling).to_string(),
+                micros(c.window).to_string(),
+                micros(inner.idle_ttl).to_string(),
+            ];
+            let result: Result<Vec<i64>, StoreError> =
+                inner.conn.run(&inner.feedback, &[redis_key], &args).await;
+            inner.note(&result);
+            match result {
+                Ok(reply) => {
+                    match reply.as_slice() {
+                        [until, streak] => {
+                            let mut reported = Reported::default();
+                            reported.streak = u32::try_from(*streak).unwrap_or(0);
+                            reported.cooldown_until =
+                                (*until >= 0).then(|| inner.conn.to_instant(*until, now, now_us));
+                            Ok(reported)
+                        }
+                        other => Err(StoreError::protocol(format!("feedback reply {other:?}"))
+                            .into_ratelimit()),
+                    }
+                }
+                Err(e) if e.is_unreachable() => match inner.when_unreachable {
+                    WhenUnreachable::Fallback { processes } => Ok(inner.fallback.feedback_now(
+                        &key,
+                        &share(&policy, processes.get()),
+                        feedback,
+                    )),
+                    _ => Err(e.into_ratelimit()),
+                },
+                Err(e) => Err(e.into_ratelimit()),
+            }
+        })
+    }
+}

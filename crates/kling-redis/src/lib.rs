@@ -1,0 +1,98 @@
+//! One Kling account's limits shared by a fleet of processes, through Redis: the backends of
+//! `kling-ratelimit`'s [`GcraLayer`](kling_ratelimit::GcraLayer) and `kling-concurrency`'s
+//! [`TaskSlotsLayer`](kling_concurrency::TaskSlotsLayer), unchanged layers over a shared store.
+//!
+//! ```
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use kling_core::AccountId;
+//! use kling_ratelimit::{GcraLayer, Quota};
+//! use kling_redis::{Connection, RedisConfig, RedisGcra};
+//! use kling_redis::testing::RedisServer;
+//! use tower::{Layer, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), kling_core::BoxError> {
+//! // A throw-away redis-server (feature `testing`); in production, your Redis.
+//! let Some(server) = RedisServer::start_or_skip()? else { return Ok(()) };
+//! let conn = Connection::connect(RedisConfig::new(server.url()).prefix("doc")).await?;
+//!
+//! let client = service_fn(|_req: http::Request<Full<Bytes>>| async {
+//!     let body = r#"{"code":0,"message":"SUCCEED","request_id":"r"}"#;
+//!     Ok::<_, kling_core::BoxError>(http::Response::new(Full::new(Bytes::from(body))))
+//! });
+//! // Two processes would build the same layer on the same Redis and share the 10 per second.
+//! let layer = GcraLayer::builder(Quota::per_second(10.0))
+//!     .backend(RedisGcra::new(conn))
+//!     .build()?;
+//! let service = layer.layer(client);
+//!
+//! let start = tokio::time::Instant::now();
+//! for _ in 0..3 {
+//!     let mut request = http::Request::new(Full::new(Bytes::new()));
+//!     request.extensions_mut().insert(AccountId::new("acct-1"));
+//!     service.clone().oneshot(request).await?;
+//! }
+//! // The first goes at once, the next two 100 ms apart each.
+//! assert!(start.elapsed() >= Duration::from_millis(199), "{:?}", start.elapsed());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What is here
+//!
+//! | item | what |
+//! |---|---|
+//! | [`RedisConfig`], [`Connection`] | one auto-reconnecting connection (the `redis` crate's `ConnectionManager`), a timeout on every command, the key prefix, the fleet clock |
+//! | [`RedisGcra`] | [`kling_ratelimit::Backend`]: GCRA, cooldown after 1302 and adaptive rate in one script per decision |
+//! | [`RedisSlots`] | [`kling_concurrency::backend::SlotBackend`]: weighted task slots with leases, 1303 capacity, 1102 halt, waiters woken by pub/sub |
+//! | [`WhenUnreachable`] | what both do while Redis is away: wait (default), fail, or fall back to a per-process share |
+//! | `testing` (feature `testing`) | a throw-away `redis-server` on a free loopback port, for tests |
+//!
+//! # Time
+//!
+//! Scripts never read the server's clock: each process sends fleet time, its own clock
+//! corrected by the offset to the server's `TIME` that [`Connection`] measures on connect and
+//! every 30 s, so client clock skew does not leak into the limits (the residue is half a
+//! round trip). Times are integer microseconds (Lua numbers are doubles: exact to 2⁵³ µs);
+//! emission intervals are rounded up to a whole microsecond, never down.
+//!
+//! # When Redis restarts or goes away
+//!
+//! Every process keeps a record of the slots it holds. A script that finds Redis has lost its
+//! state (the `PREFIX:alive` key is gone) starts a grace period in which no create is
+//! admitted, and every process registers its slots again within one maintenance pass
+//! (default 1 s; grace 3 s). Changes made while Redis was unreachable are replayed, in order,
+//! when it is back. What happens meanwhile is [`WhenUnreachable`]'s choice. The GCRA state of
+//! a restarted Redis starts empty: a key admits one request, then paces again — a fresh key
+//! never admits more than its burst.
+//!
+//! Not supported: Redis Cluster (the scripts touch keys they compute, and task ids map to pools
+//! across accounts); a single primary, with or without replicas, works, managed or not.
+//!
+//! # Feature flags
+//!
+//! | feature | default | what it does |
+//! |---|---|---|
+//! | `testing` | no | the `testing` module: start and stop a `redis-server` for tests |
+//!
+//! # Minimum supported Rust version
+//!
+//! Rust 1.88.
+
+mod conn;
+pub mod error;
+mod gcra;
+mod slots;
+mod slots_lua;
+#[cfg(feature = "testing")]
+pub mod testing;
+mod unreachable;
+
+pub use conn::{Connection, DEFAULT_COMMAND_TIMEOUT, DEFAULT_PREFIX, RedisConfig};
+pub use gcra::{DEFAULT_IDLE_TTL, FleetDecision, GcraFuture, RedisGcra};
+pub use slots::{
+    DEFAULT_GRACE, DEFAULT_MAINTAIN_EVERY, DEFAULT_POLL_EVERY, RedisSlots, SlotsFuture,
+};
+pub use unreachable::{DEFAULT_RETRY_EVERY, WhenUnreachable};

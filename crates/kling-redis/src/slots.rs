@@ -1,0 +1,1347 @@
+//! [`RedisSlots`]: the task-slot [`SlotBackend`] in Redis.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::Poll;
+use std::time::Duration;
+
+use http::{HeaderMap, StatusCode};
+use kling_concurrency::SlotsConfig;
+use kling_concurrency::backend::{
+    Applied, PoolSnapshot, ReleaseReason, Released, Reservation, SlotBackend, SlotKey, SlotOp,
+};
+use kling_concurrency::error::{AcquireError, BackendError, Halted, OverCapacity};
+use kling_core::error::ApiError;
+use kling_core::{AccountId, Outcome, Pool, TaskStatus};
+use redis::{Script, Value};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::conn::{Connection, micros, segment};
+use crate::error::{ConfigError, StoreError};
+use crate::slots_lua;
+use crate::unreachable::{DEFAULT_RETRY_EVERY, WhenUnreachable};
+
+/// How often a waiting create asks Redis again when no release was announced, by default.
+pub const DEFAULT_POLL_EVERY: Duration = Duration::from_secs(1);
+/// How often each process replays what it could not send, checks Redis kept its state and
+/// prunes its own record of the slots it holds, by default.
+pub const DEFAULT_MAINTAIN_EVERY: Duration = Duration::from_secs(1);
+/// How long new creates wait after Redis lost its state, so every process can register the
+/// slots it holds again first, by default.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(3);
+
+/// The task slots' state in Redis, shared by every process of a fleet: implements
+/// [`kling_concurrency::backend::SlotBackend`] for
+/// [`TaskSlotsLayer::with_backend`](kling_concurrency::TaskSlotsLayer::with_backend).
+///
+/// - **Weighted slots per account and pool**, each holding recorded with its lease in a sorted
+///   set by deadline; every change is one atomic script. A task's slots are released exactly
+///   once by task id (or external id), whichever of query, callback, `complete` or lease comes
+///   first; a task reported running renews its lease; expired leases are released by the next
+///   script that touches the pool.
+/// - **Waiting**: FIFO within the process (only the head of a pool asks Redis); the head
+///   sleeps until a release is announced on the `PREFIX:freed` channel (pub/sub), the next
+///   lease deadline or recovery step, or at the latest [`poll_every`](Self::poll_every).
+///   Across processes, grants are first come first served at Redis, not strictly FIFO.
+/// - **Shared learning**: a 1303 lowers the pool's capacity in Redis for the whole fleet; a
+///   1102 halts the account for every process until
+///   [`SlotsHandle::reset_halt`](kling_concurrency::SlotsHandle::reset_halt); run-time
+///   capacities are stored in Redis.
+/// - **State loss**: every process keeps a record of the slots it holds; when a script finds
+///   Redis has lost its state (restart without persistence), the fleet registers its slots
+///   again during a [`grace`](Self::grace) in which no create is admitted.
+/// - **Unreachable Redis**: see [`WhenUnreachable`]; changes that could not be sent are kept
+///   in order and replayed when Redis is back.
+///
+/// # Clone
+///
+/// Clones share the connection, the local queues, the record of held slots and the replay
+/// queue.
+#[derive(Clone)]
+pub struct RedisSlots {
+    inner: Arc<Inner>,
+}
+
+struct PoolLocal {
+    fifo: tokio::sync::Mutex<()>,
+    notify: Notify,
+    waiters: AtomicUsize,
+}
+
+/// A holding this process has (its record, for replay and re-registration).
+#[derive(Clone, Debug)]
+struct Held {
+    key: SlotKey,
+    pk: String,
+    weight: u32,
+    id: Option<String>,
+    ext: Option<String>,
+    task: bool,
+    since: Instant,
+    lease: Duration,
+    /// Known to exist in Redis (pruned when it no longer does).
+    registered: bool,
+}
+
+/// A change that could not be sent yet.
+#[derive(Debug)]
+enum Pending {
+    /// `APPLY` arguments (the time at index 1 is refreshed when replayed).
+    Args(Vec<String>),
+    /// Register a holding granted while Redis was away.
+    Register(String),
+}
+
+struct Inner {
+    conn: Connection,
+    config: SlotsConfig,
+    when_unreachable: WhenUnreachable,
+    retry_every: Duration,
+    poll_every: Duration,
+    maintain_every: Duration,
+    grace: Duration,
+    instance: String,
+    next: AtomicU64,
+    pools: Mutex<HashMap<String, Arc<PoolLocal>>>,
+    registry: Mutex<HashMap<String, Held>>,
+    halts: Mutex<HashMap<AccountId, ApiError>>,
+    pending: Mutex<VecDeque<Pending>>,
+    out: AtomicBool,
+    started: AtomicBool,
+    init: tokio::sync::OnceCell<()>,
+    needs_register: AtomicBool,
+    generation: std::sync::atomic::AtomicI64,
+    wake_maintenance: Arc<Notify>,
+    shutdown: Arc<Notify>,
+    acquire: Script,
+    apply: Script,
+    snapshot: Script,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown.notify_waiters();
+        self.shutdown.notify_one();
+    }
+}
+
+impl fmt::Debug for RedisSlots {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSlots")
+            .field("conn", &self.inner.conn)
+            .field("instance", &self.inner.instance)
+            .field("when_unreachable", &self.inner.when_unreachable)
+            .field("held", &lock(&self.inner.registry).len())
+            .field("pending", &lock(&self.inner.pending).len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A process-unique prefix for holding ids.
+fn instance_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{:x}.{:x}.{n}", std::process::id(), nanos)
+}
+
+/// Options of [`RedisSlots`], applied with its builder methods.
+#[derive(Clone, Copy, Debug)]
+struct Options {
+    when_unreachable: WhenUnreachable,
+    retry_every: Duration,
+    poll_every: Duration,
+    maintain_every: Duration,
+    grace: Duration,
+}
+
+impl RedisSlots {
+    /// A backend on `conn` with the capacities, lease (also the lease of a grant not yet
+    /// settled) and recovery interval of `config`; fails closed by waiting while Redis is away.
+    ///
+    /// Background work (the release subscriber and the maintenance loop) starts on first use,
+    /// on the tokio runtime of the caller, and ends when the last clone is dropped.
+    pub fn new(conn: Connection, config: SlotsConfig) -> Result<Self, ConfigError> {
+        config.validate().map_err(|_| {
+            ConfigError::new("slots_config", "is invalid (see SlotsConfig::validate)")
+        })?;
+        Ok(RedisSlots::build(
+            conn,
+            config,
+            Options {
+                when_unreachable: WhenUnreachable::default(),
+                retry_every: DEFAULT_RETRY_EVERY,
+                poll_every: DEFAULT_POLL_EVERY,
+                maintain_every: DEFAULT_MAINTAIN_EVERY,
+                grace: DEFAULT_GRACE,
+            },
+        ))
+    }
+
+    fn build(conn: Connection, config: SlotsConfig, options: Options) -> Self {
+        RedisSlots {
+            inner: Arc::new(Inner {
+                conn,
+                config,
+                when_unreachable: options.when_unreachable,
+                retry_every: options.retry_every,
+                poll_every: options.poll_every,
+                maintain_every: options.maintain_every,
+                grace: options.grace,
+                instance: instance_id(),
+                next: AtomicU64::new(0),
+                pools: Mutex::new(HashMap::new()),
+                registry: Mutex::new(HashMap::new()),
+                halts: Mutex::new(HashMap::new()),
+                pending: Mutex::new(VecDeque::new()),
+                out: AtomicBool::new(false),
+                started: AtomicBool::new(false),
+                init: tokio::sync::OnceCell::new(),
+                needs_register: AtomicBool::new(false),
+                generation: std::sync::atomic::AtomicI64::new(i64::MIN),
+                wake_maintenance: Arc::new(Notify::new()),
+                shutdown: Arc::new(Notify::new()),
+                acquire: Script::new(&slots_lua::acquire()),
+                apply: Script::new(&slots_lua::apply()),
+                snapshot: Script::new(&slots_lua::snapshot()),
+            }),
+        }
+    }
+
+    fn options(&self) -> Options {
+        let i = &self.inner;
+        Options {
+            when_unreachable: i.when_unreachable,
+            retry_every: i.retry_every,
+            poll_every: i.poll_every,
+            maintain_every: i.maintain_every,
+            grace: i.grace,
+        }
+    }
+
+    fn with(self, f: impl FnOnce(&mut Options)) -> Self {
+        let mut options = self.options();
+        f(&mut options);
+        RedisSlots::build(self.inner.conn.clone(), self.inner.config.clone(), options)
+    }
+
+    /// What to do while Redis is unreachable (default [`WhenUnreachable::Wait`]).
+    pub fn when_unreachable(self, choice: WhenUnreachable) -> Self {
+        self.with(|o| o.when_unreachable = choice)
+    }
+
+    /// How often a waiting create asks an unreachable Redis again (default 100 ms).
+    pub fn retry_every(self, every: Duration) -> Self {
+        self.with(|o| o.retry_every = every.max(Duration::from_millis(1)))
+    }
+
+    /// The polling fallback: a waiting create asks Redis again at least this often even when
+    /// no release was announced (default [`DEFAULT_POLL_EVERY`]).
+    pub fn poll_every(self, every: Duration) -> Self {
+        self.with(|o| o.poll_every = every.max(Duration::from_millis(1)))
+    }
+
+    /// How often the maintenance loop runs (default [`DEFAULT_MAINTAIN_EVERY`]).
+    pub fn maintain_every(self, every: Duration) -> Self {
+        self.with(|o| o.maintain_every = every.max(Duration::from_millis(1)))
+    }
+
+    /// How long creates wait after Redis lost its state, while the fleet registers its slots
+    /// again (default [`DEFAULT_GRACE`]; keep it above `maintain_every`).
+    pub fn grace(self, grace: Duration) -> Self {
+        self.with(|o| o.grace = grace)
+    }
+
+    /// The connection.
+    pub fn connection(&self) -> &Connection {
+        &self.inner.conn
+    }
+
+    /// Whether the last command found Redis unreachable.
+    pub fn is_out(&self) -> bool {
+        self.inner.out.load(Ordering::Relaxed)
+    }
+
+    /// Slots this process believes it holds (tasks and grants), over all pools.
+    pub fn held_here(&self) -> u32 {
+        lock(&self.inner.registry).values().map(|h| h.weight).sum()
+    }
+
+    /// Changes waiting to be replayed once Redis is back.
+    pub fn pending(&self) -> usize {
+        lock(&self.inner.pending).len()
+    }
+
+    /// Runs one maintenance pass now: replays what could not be sent, registers held slots
+    /// again if Redis lost its state, prunes the record of held slots.
+    pub async fn maintain(&self) -> Result<(), StoreError> {
+        self.inner.maintain().await
+    }
+}
+
+impl Inner {
+    fn pk(&self, key: &SlotKey) -> String {
+        self.conn.key(&format!(
+            "pool:{}:{}",
+            segment(key.account.as_str()),
+            segment(&key.pool.to_string())
+        ))
+    }
+
+    fn holding(&self, token: u64) -> String {
+        format!("{}.{token}", self.instance)
+    }
+
+    fn local(&self, pk: &str) -> Arc<PoolLocal> {
+        let mut pools = lock(&self.pools);
+        if let Some(pool) = pools.get(pk) {
+            return Arc::clone(pool);
+        }
+        let pool = Arc::new(PoolLocal {
+            fifo: tokio::sync::Mutex::new(()),
+            notify: Notify::new(),
+            waiters: AtomicUsize::new(0),
+        });
+        pools.insert(pk.to_owned(), Arc::clone(&pool));
+        pool
+    }
+
+    fn wake(&self, pk: &str) {
+        let pools = lock(&self.pools);
+        if pk == "*" {
+            for pool in pools.values() {
+                pool.notify.notify_waiters();
+            }
+        } else if let Some(pool) = pools.get(pk) {
+            pool.notify.notify_waiters();
+        }
+    }
+
+    fn cap_fields(key: &SlotKey) -> Vec<String> {
+        let pool = key.pool.to_string();
+        let mut fields = vec![
+            format!("{}|{pool}", segment(key.account.as_str())),
+            format!("*|{pool}"),
+        ];
+        if key.pool.model().is_some() {
+            fields.push(format!("*|{}", key.pool.product().as_str()));
+        }
+        fields
+    }
+
+    fn halt_key(&self, account: &AccountId) -> String {
+        self.conn
+            .key(&format!("halt:{}", segment(account.as_str())))
+    }
+
+    fn head(&self) -> [String; 3] {
+        [
+            self.conn.prefix().to_owned(),
+            self.conn.now_us().to_string(),
+            micros(self.grace).to_string(),
+        ]
+    }
+
+    fn note(&self, result: &Result<Value, StoreError>) {
+        match result {
+            Err(e) if e.is_unreachable() => {
+                if !self.out.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "redis unreachable: task slots {:?}", self.when_unreachable);
+                }
+            }
+            Err(_) => {}
+            Ok(_) => {
+                if self.out.swap(false, Ordering::Relaxed) {
+                    tracing::info!("redis reachable again: task slots shared again");
+                    self.wake_maintenance.notify_one();
+                }
+            }
+        }
+    }
+
+    /// Notes the store's generation; a change means Redis lost its state.
+    fn saw_generation(&self, generation: i64) -> bool {
+        let previous = self.generation.swap(generation, Ordering::AcqRel);
+        let lost = previous != i64::MIN && previous != generation;
+        if lost {
+            self.state_lost();
+        }
+        lost
+    }
+
+    fn state_lost(&self) {
+        if !self.needs_register.swap(true, Ordering::Relaxed) {
+            tracing::warn!("redis lost its state: registering held task slots again");
+        }
+        self.wake_maintenance.notify_one();
+    }
+
+    async fn run(&self, script: &Script, args: &[String]) -> Result<Value, StoreError> {
+        let result = self.conn.run::<Value>(script, &[], args).await;
+        self.note(&result);
+        result
+    }
+
+    /// Runs `APPLY` with fresh time; parses `{lost, changed, released}`.
+    async fn apply_args(
+        &self,
+        args: &mut [String],
+    ) -> Result<(bool, Vec<Released>, Vec<String>), StoreError> {
+        args[1] = self.conn.now_us().to_string();
+        let now_us = self.conn.now_us();
+        let value = self.run(&self.apply, args).await?;
+        let items = array(value)?;
+        self.saw_generation(int_at(&items, 0)?);
+        let changed = int_at(&items, 1)? == 1;
+        let mut released = Vec::new();
+        let mut holdings = Vec::new();
+        if let Some(Value::Array(flat)) = items.get(2) {
+            for chunk in flat.chunks_exact(7) {
+                let account = text(&chunk[0]);
+                let pool = text(&chunk[1]);
+                let Some(pool) = Pool::parse(&pool) else {
+                    continue;
+                };
+                let task = text(&chunk[2]);
+                let weight = u32::try_from(int(&chunk[3])).unwrap_or(0);
+                let since = int(&chunk[4]);
+                let reason = text(&chunk[5]);
+                let reason = match reason.strip_prefix("ended:") {
+                    Some(status) => ReleaseReason::Ended(TaskStatus::parse(status)),
+                    None if reason == "completed" => ReleaseReason::Completed,
+                    None => ReleaseReason::LeaseExpired,
+                };
+                holdings.push(text(&chunk[6]));
+                released.push(Released {
+                    key: SlotKey::new(AccountId::new(account), pool),
+                    task: (!task.is_empty()).then(|| Arc::from(task.as_str())),
+                    weight,
+                    held_for: Duration::from_micros(now_us.saturating_sub(since).max(0) as u64),
+                    reason,
+                });
+            }
+        }
+        Ok((changed, released, holdings))
+    }
+
+    fn start(self: &Arc<Self>) {
+        if self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            self.started.store(false, Ordering::Release);
+            return;
+        };
+        handle.spawn(subscriber(Arc::downgrade(self), Arc::clone(&self.shutdown)));
+        handle.spawn(maintenance(
+            Arc::downgrade(self),
+            Arc::clone(&self.shutdown),
+        ));
+    }
+
+    /// The arguments of an operation on a holding.
+    fn hold_args(
+        &self,
+        op: &str,
+        pk: &str,
+        holding: &str,
+        held: &Held,
+        lease: Duration,
+    ) -> Vec<String> {
+        let [p, now, grace] = self.head();
+        vec![
+            p,
+            now,
+            grace,
+            op.to_owned(),
+            pk.to_owned(),
+            holding.to_owned(),
+            held.weight.to_string(),
+            held.id.clone().unwrap_or_default(),
+            held.ext.clone().unwrap_or_default(),
+            micros(lease).to_string(),
+            held.key.account.as_str().to_owned(),
+            held.key.pool.to_string(),
+            if held.task { "t" } else { "g" }.to_owned(),
+        ]
+    }
+
+    /// Translates an operation into `APPLY` arguments, and records it in the local record of
+    /// held slots.
+    fn prepare(&self, op: SlotOp) -> Prepared {
+        let [p, now, grace] = self.head();
+        let mut args = vec![p, now, grace];
+        let mut local = Applied {
+            released: Vec::new(),
+            changed: true,
+        };
+        let mut wake = None;
+        match op {
+            SlotOp::GiveBack(res) => {
+                let pk = self.pk(&res.key);
+                let h = self.holding(res.token);
+                lock(&self.registry).remove(&h);
+                args.extend(["give".to_owned(), pk.clone(), h]);
+                wake = Some(pk);
+            }
+            SlotOp::Congested(res) => {
+                let pk = self.pk(&res.key);
+                let h = self.holding(res.token);
+                lock(&self.registry).remove(&h);
+                args.extend([
+                    "cong".to_owned(),
+                    pk,
+                    h,
+                    self.config
+                        .capacity_of(&res.key.account, &res.key.pool)
+                        .to_string(),
+                ]);
+                args.extend(Inner::cap_fields(&res.key));
+            }
+            SlotOp::Halt { reservation, cause } => {
+                let pk = self.pk(&reservation.key);
+                let h = self.holding(reservation.token);
+                lock(&self.registry).remove(&h);
+                let halt = self.halt_key(&reservation.key.account);
+                lock(&self.halts).insert(reservation.key.account.clone(), cause.clone());
+                args.extend(["halt".to_owned(), pk, h, halt, encode_cause(&cause)]);
+                wake = Some("*".to_owned());
+            }
+            SlotOp::Hold {
+                reservation,
+                task,
+                lease,
+            } => {
+                let pk = self.pk(&reservation.key);
+                let h = self.holding(reservation.token);
+                let held = Held {
+                    pk: pk.clone(),
+                    weight: reservation.weight,
+                    id: task.id,
+                    ext: task.external_id,
+                    task: true,
+                    since: Instant::now(),
+                    lease,
+                    registered: false,
+                    key: reservation.key,
+                };
+                args = self.hold_args("hold", &pk, &h, &held, lease);
+                let mut registry = lock(&self.registry);
+                // An earlier create of the same task (sent again) is superseded, as in Redis.
+                registry.retain(|other, old| {
+                    *other == h
+                        || old.key.account != held.key.account
+                        || !((held.id.is_some() && old.id == held.id)
+                            || (held.ext.is_some() && old.ext == held.ext))
+                });
+                registry.insert(h, held);
+            }
+            SlotOp::Adopt {
+                key,
+                task,
+                weight,
+                lease,
+            } => {
+                let known = {
+                    let registry = lock(&self.registry);
+                    registry.values().any(|held| {
+                        (task.id.is_some() && held.id == task.id)
+                            || (task.external_id.is_some() && held.ext == task.external_id)
+                    })
+                };
+                let pk = self.pk(&key);
+                let h = self.holding(self.next.fetch_add(1, Ordering::Relaxed));
+                let held = Held {
+                    pk: pk.clone(),
+                    weight,
+                    id: task.id,
+                    ext: task.external_id,
+                    task: true,
+                    since: Instant::now(),
+                    lease,
+                    registered: false,
+                    key,
+                };
+                args = self.hold_args("adopt", &pk, &h, &held, lease);
+                local.changed = !known;
+                return Prepared {
+                    args,
+                    local,
+                    wake,
+                    adopt: Some((h, held)),
+                };
+            }
+            SlotOp::Update { updates, lease } => {
+                args.extend(["upd".to_owned(), micros(lease).to_string()]);
+                let reports = updates
+                    .iter()
+                    .map(|u| (u.id.as_str(), u.external_id.as_deref(), u.status.as_ref()));
+                local = self.local_update(reports, &mut args);
+            }
+            SlotOp::Observed { outcome, lease } => {
+                args.extend(["upd".to_owned(), micros(lease).to_string()]);
+                let reports = outcome
+                    .tasks()
+                    .iter()
+                    .map(|t| (t.id.as_str(), t.external_id.as_deref(), Some(&t.status)));
+                local = self.local_update(reports, &mut args);
+            }
+            SlotOp::SetCapacity {
+                account,
+                pool,
+                capacity,
+            } => {
+                let field = match &account {
+                    Some(account) => format!("{}|{pool}", segment(account.as_str())),
+                    None => format!("*|{pool}"),
+                };
+                args.extend(["cap".to_owned(), field, capacity.to_string()]);
+                wake = Some("*".to_owned());
+            }
+            SlotOp::ResetHalt(account) => {
+                local.changed = lock(&self.halts).remove(&account).is_some();
+                let halt = self.halt_key(&account);
+                args.extend(["unhalt".to_owned(), halt]);
+            }
+        }
+        Prepared {
+            args,
+            local,
+            wake,
+            adopt: None,
+        }
+    }
+
+    /// Adds the reports to `args`, and applies them to the local record: what the process
+    /// would release if Redis were away.
+    fn local_update<'a>(
+        &self,
+        reports: impl Iterator<Item = (&'a str, Option<&'a str>, Option<&'a TaskStatus>)>,
+        args: &mut Vec<String>,
+    ) -> Applied {
+        let mut applied = Applied::default();
+        let mut registry = lock(&self.registry);
+        let now = Instant::now();
+        for (id, ext, status) in reports {
+            let terminal = status.is_none_or(TaskStatus::is_terminal);
+            args.extend([
+                id.to_owned(),
+                ext.unwrap_or_default().to_owned(),
+                status.map_or_else(String::new, |s| s.as_str().to_owned()),
+                if terminal { "1" } else { "0" }.to_owned(),
+            ]);
+            let found = registry
+                .iter()
+                .find(|(_, held)| {
+                    held.id.as_deref() == Some(id)
+                        || (ext.is_some() && held.ext.as_deref() == ext)
+                        || (status.is_none() && held.ext.as_deref() == Some(id))
+                })
+                .map(|(h, _)| h.clone());
+            if let Some(h) = found {
+                applied.changed = true;
+                if terminal && let Some(held) = registry.remove(&h) {
+                    applied.released.push(Released {
+                        key: held.key,
+                        task: held.id.or(held.ext).map(|s| Arc::from(s.as_str())),
+                        weight: held.weight,
+                        held_for: now.saturating_duration_since(held.since),
+                        reason: match status {
+                            Some(status) => ReleaseReason::Ended(status.clone()),
+                            None => ReleaseReason::Completed,
+                        },
+                    });
+                } else if let Some(held) = registry.get_mut(&h)
+                    && held.id.is_none()
+                {
+                    held.id = Some(id.to_owned());
+                }
+            }
+        }
+        applied
+    }
+
+    /// Applies an operation: in Redis, or (Redis away) to the local record and the replay
+    /// queue.
+    async fn apply_op(self: Arc<Self>, op: SlotOp) -> Result<Applied, BackendError> {
+        let Prepared {
+            mut args,
+            local,
+            wake,
+            adopt,
+        } = self.prepare(op);
+        if let Some(pk) = &wake {
+            self.wake(pk);
+        }
+        let queued = !lock(&self.pending).is_empty();
+        let result = if queued {
+            // Keep the order: behind what is waiting to be replayed.
+            Err(StoreError::protocol(
+                "queued behind changes waiting for redis",
+            ))
+        } else {
+            self.apply_args(&mut args).await
+        };
+        match result {
+            Ok((changed, released, holdings)) => {
+                {
+                    let mut registry = lock(&self.registry);
+                    for h in &holdings {
+                        registry.remove(h);
+                    }
+                    if let Some((h, mut held)) = adopt
+                        && changed
+                    {
+                        held.registered = true;
+                        registry.insert(h, held);
+                    }
+                    if args[3] == "hold"
+                        && let Some(held) = registry.get_mut(&args[5])
+                    {
+                        held.registered = true;
+                    }
+                }
+                for r in &released {
+                    let pk = self.pk(&r.key);
+                    self.wake(&pk);
+                }
+                Ok(Applied { released, changed })
+            }
+            Err(e) if e.is_unreachable() || queued => {
+                if let Some((h, held)) = adopt
+                    && local.changed
+                {
+                    lock(&self.registry).insert(h, held);
+                }
+                lock(&self.pending).push_back(Pending::Args(args));
+                for r in &local.released {
+                    let pk = self.pk(&r.key);
+                    self.wake(&pk);
+                }
+                match self.when_unreachable {
+                    WhenUnreachable::Fail if !queued => Err(e.into_slots()),
+                    _ => Ok(local),
+                }
+            }
+            Err(e) => Err(e.into_slots()),
+        }
+    }
+
+    /// Marks a fresh store alive once per backend, without a grace (nothing was lost yet).
+    async fn init(&self) -> Result<(), StoreError> {
+        self.init
+            .get_or_try_init(|| async {
+                let [p, now, grace] = self.head();
+                let mut args = vec![p, now, grace, "init".to_owned()];
+                self.apply_args(&mut args).await.map(|_| ())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// One maintenance pass.
+    async fn maintain(&self) -> Result<(), StoreError> {
+        self.conn.maybe_calibrate();
+        self.init().await?;
+        // 1. Replay, in order.
+        loop {
+            let next = lock(&self.pending).pop_front();
+            let Some(pending) = next else { break };
+            let result = match &pending {
+                Pending::Args(args) => {
+                    let mut args = args.clone();
+                    self.apply_args(&mut args).await.map(|(_, _, holdings)| {
+                        let mut registry = lock(&self.registry);
+                        for h in holdings {
+                            registry.remove(&h);
+                        }
+                        if matches!(args[3].as_str(), "hold" | "adopt")
+                            && let Some(held) = registry.get_mut(&args[5])
+                        {
+                            held.registered = true;
+                        }
+                    })
+                }
+                Pending::Register(h) => {
+                    let held = lock(&self.registry).get(h).cloned();
+                    match held {
+                        Some(held) => {
+                            let mut args = self.hold_args("reg", &held.pk, h, &held, held.lease);
+                            self.apply_args(&mut args).await.map(|_| {
+                                if let Some(held) = lock(&self.registry).get_mut(h) {
+                                    held.registered = true;
+                                }
+                            })
+                        }
+                        None => Ok(()),
+                    }
+                }
+            };
+            if let Err(e) = result {
+                if e.is_unreachable() {
+                    lock(&self.pending).push_front(pending);
+                    return Err(e);
+                }
+                tracing::warn!(error = %e, "dropping a task slot change redis refused");
+            }
+        }
+        // 2. Did Redis keep its state? (Every script checks; this one runs while idle too.)
+        let [p, now, grace] = self.head();
+        let mut args = vec![p, now, grace, "alive".to_owned()];
+        self.apply_args(&mut args).await?;
+        if self.needs_register.swap(false, Ordering::AcqRel) {
+            let held: Vec<(String, Held)> = lock(&self.registry)
+                .iter()
+                .map(|(h, held)| (h.clone(), held.clone()))
+                .collect();
+            for (h, held) in held {
+                let mut args = self.hold_args("reg", &held.pk, &h, &held, held.lease);
+                if let Err(e) = self.apply_args(&mut args).await {
+                    self.needs_register.store(true, Ordering::Release);
+                    return Err(e);
+                }
+                if let Some(held) = lock(&self.registry).get_mut(&h) {
+                    held.registered = true;
+                }
+            }
+            return Ok(());
+        }
+        // 3. Prune what others released for us (a query of theirs, a lease).
+        let registered: Vec<(String, String)> = lock(&self.registry)
+            .iter()
+            .filter(|(_, held)| held.registered)
+            .map(|(h, held)| (held.pk.clone(), h.clone()))
+            .collect();
+        if !registered.is_empty() {
+            let [p, now, grace] = self.head();
+            let mut args = vec![p, now, grace, "ex".to_owned()];
+            for (pk, h) in &registered {
+                args.push(pk.clone());
+                args.push(h.clone());
+            }
+            args[1] = self.conn.now_us().to_string();
+            let items = array(self.run(&self.apply, &args).await?)?;
+            if self.saw_generation(int_at(&items, 0)?) {
+                return Ok(());
+            }
+            if let Some(Value::Array(flags)) = items.get(2) {
+                let mut registry = lock(&self.registry);
+                for ((_, h), flag) in registered.iter().zip(flags) {
+                    if int(flag) == 0 {
+                        registry.remove(h);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tries a grant from this process's share while Redis is away.
+    fn fallback_grant(
+        &self,
+        key: &SlotKey,
+        pk: &str,
+        holding: &str,
+        weight: u32,
+        processes: u32,
+    ) -> bool {
+        let capacity = self.config.capacity_of(&key.account, &key.pool);
+        let share = capacity / processes.max(1);
+        let mut registry = lock(&self.registry);
+        let used: u32 = registry
+            .values()
+            .filter(|held| held.pk == pk)
+            .map(|held| held.weight)
+            .sum();
+        if used + weight > share {
+            return false;
+        }
+        registry.insert(
+            holding.to_owned(),
+            Held {
+                key: key.clone(),
+                pk: pk.to_owned(),
+                weight,
+                id: None,
+                ext: None,
+                task: false,
+                since: Instant::now(),
+                lease: self.config.get_lease(),
+                registered: false,
+            },
+        );
+        drop(registry);
+        lock(&self.pending).push_back(Pending::Register(holding.to_owned()));
+        true
+    }
+}
+
+struct Prepared {
+    args: Vec<String>,
+    local: Applied,
+    wake: Option<String>,
+    adopt: Option<(String, Held)>,
+}
+
+fn encode_cause(cause: &ApiError) -> String {
+    let body = serde_json::json!({
+        "code": cause.code().as_i64(),
+        "message": cause.message(),
+        "request_id": cause.request_id(),
+    });
+    format!("{}\n{body}", cause.status().as_u16())
+}
+
+fn decode_cause(text: &str) -> Option<ApiError> {
+    let (status, body) = text.split_once('\n')?;
+    let status = StatusCode::from_u16(status.parse().ok()?).ok()?;
+    let outcome =
+        Outcome::parse(status, &HeaderMap::new(), body.as_bytes(), Instant::now()).ok()?;
+    Some(ApiError::from_outcome(&outcome))
+}
+
+fn array(value: Value) -> Result<Vec<Value>, StoreError> {
+    match value {
+        Value::Array(items) => Ok(items),
+        other => Err(StoreError::protocol(format!(
+            "expected an array, got {other:?}"
+        ))),
+    }
+}
+
+fn int(value: &Value) -> i64 {
+    match value {
+        Value::Int(n) => *n,
+        Value::BulkString(bytes) => std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn int_at(items: &[Value], i: usize) -> Result<i64, StoreError> {
+    items
+        .get(i)
+        .map(int)
+        .ok_or_else(|| StoreError::protocol(format!("reply too short: {items:?}")))
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(n) => n.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// Listens on `PREFIX:freed` and wakes the heads of the pools named; reconnects on loss and
+/// then wakes every head (a release may have been missed).
+async fn subscriber(inner: Weak<Inner>, shutdown: Arc<Notify>) {
+    let mut stopped = pin!(shutdown.notified_owned());
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let client = strong.conn.client().clone();
+        let channel = strong.conn.key("freed");
+        let timeout = strong.conn.command_timeout();
+        drop(strong);
+        let connected = tokio::time::timeout(timeout, async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        })
+        .await;
+        let Ok(Ok(pubsub)) = connected else {
+            let sleep = pin!(tokio::time::sleep(Duration::from_millis(100)));
+            if wait_either(stopped.as_mut(), sleep).await {
+                return;
+            }
+            continue;
+        };
+        if let Some(strong) = inner.upgrade() {
+            strong.wake("*");
+        }
+        let mut stream = pubsub.into_on_message();
+        loop {
+            let next = std::future::poll_fn(|cx| {
+                if stopped.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                match futures_core::Stream::poll_next(Pin::new(&mut stream), cx) {
+                    Poll::Ready(Some(msg)) => Poll::Ready(Some(Some(msg))),
+                    Poll::Ready(None) => Poll::Ready(Some(None)),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+            match next {
+                None => return,
+                Some(Some(msg)) => {
+                    let Some(strong) = inner.upgrade() else {
+                        return;
+                    };
+                    let pk: String = msg.get_payload().unwrap_or_default();
+                    strong.wake(&pk);
+                }
+                Some(None) => break,
+            }
+        }
+        if let Some(strong) = inner.upgrade() {
+            strong.wake("*");
+        }
+    }
+}
+
+/// `true` when `stopped` fired first.
+async fn wait_either(
+    mut stopped: Pin<&mut tokio::sync::futures::OwnedNotified>,
+    mut other: Pin<&mut impl Future<Output = ()>>,
+) -> bool {
+    std::future::poll_fn(|cx| {
+        if stopped.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(true);
+        }
+        other.as_mut().poll(cx).map(|()| false)
+    })
+    .await
+}
+
+/// Runs [`Inner::maintain`] every `maintain_every`, and at once when woken.
+async fn maintenance(inner: Weak<Inner>, shutdown: Arc<Notify>) {
+    let mut stopped = pin!(shutdown.notified_owned());
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let every = strong.maintain_every;
+        let _ = strong.maintain().await;
+        let woken = Arc::clone(&strong.wake_maintenance).notified_owned();
+        drop(strong);
+        let wait = pin!(async move {
+            let _ = tokio::time::timeout(every, woken).await;
+        });
+        if wait_either(stopped.as_mut(), wait).await {
+            return;
+        }
+    }
+}
+
+/// Gives a possibly received grant back if the acquire future is dropped (or fails) while
+/// its script may have run.
+struct GrantGuard {
+    inner: Arc<Inner>,
+    key: SlotKey,
+    token: u64,
+    weight: u32,
+    armed: bool,
+}
+
+impl Drop for GrantGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let op = SlotOp::GiveBack(Reservation {
+            key: self.key.clone(),
+            weight: self.weight,
+            token: self.token,
+        });
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(Arc::clone(&self.inner).apply_op(op));
+        }
+    }
+}
+
+/// Counts a waiter of a pool for snapshots.
+struct WaiterCount(Arc<PoolLocal>);
+
+impl Drop for WaiterCount {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The boxed futures of [`RedisSlots`].
+pub type SlotsFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+enum Verdict {
+    Granted,
+    Wait(Option<i64>),
+    Halted(String),
+    Over(u32),
+}
+
+impl SlotBackend for RedisSlots {
+    type Acquire = SlotsFuture<Reservation, AcquireError>;
+    type Apply = SlotsFuture<Applied, BackendError>;
+    type Snapshot = SlotsFuture<Vec<PoolSnapshot>, BackendError>;
+
+    fn acquire(&self, key: SlotKey, weight: u32) -> Self::Acquire {
+        let inner = Arc::clone(&self.inner);
+        inner.start();
+        Box::pin(async move {
+            let pk = inner.pk(&key);
+            let local = inner.local(&pk);
+            local.waiters.fetch_add(1, Ordering::Relaxed);
+            let _count = WaiterCount(Arc::clone(&local));
+            // FIFO within the process: only the head asks Redis.
+            let _turn = local.fifo.lock().await;
+            // A fresh store is marked alive first (an unreachable one is retried below).
+            let _ = inner.init().await;
+            let token = inner.next.fetch_add(1, Ordering::Relaxed);
+            let holding = inner.holding(token);
+            let mut guard = GrantGuard {
+                inner: Arc::clone(&inner),
+                key: key.clone(),
+                token,
+                weight,
+                armed: false,
+            };
+            let configured = inner.config.capacity_of(&key.account, &key.pool);
+            if configured > 0 && weight > configured {
+                return Err(AcquireError::OverCapacity(OverCapacity::new(
+                    key.pool.clone(),
+                    weight,
+                    configured,
+                )));
+            }
+            let halt_key = inner.halt_key(&key.account);
+            loop {
+                let mut notified = pin!(local.notify.notified());
+                notified.as_mut().enable();
+                let [p, now, grace] = inner.head();
+                let mut args = vec![
+                    p,
+                    now,
+                    grace,
+                    pk.clone(),
+                    holding.clone(),
+                    weight.to_string(),
+                    configured.to_string(),
+                    halt_key.clone(),
+                    micros(inner.config.get_recovery_interval())
+                        .max(1)
+                        .to_string(),
+                    micros(inner.config.get_lease()).to_string(),
+                    key.account.as_str().to_owned(),
+                    key.pool.to_string(),
+                ];
+                args.extend(Inner::cap_fields(&key));
+                guard.armed = true;
+                let now = Instant::now();
+                let now_us = inner.conn.now_us();
+                let verdict = match inner.run(&inner.acquire, &args).await {
+                    Ok(value) => {
+                        let items =
+                            array(value).map_err(|e| AcquireError::Backend(e.into_slots()))?;
+                        let verdict =
+                            int_at(&items, 0).map_err(|e| AcquireError::Backend(e.into_slots()))?;
+                        let lost = if verdict == 0 {
+                            items.get(1)
+                        } else {
+                            items.get(2)
+                        };
+                        if let Some(generation) = lost {
+                            inner.saw_generation(int(generation));
+                        }
+                        match verdict {
+                            0 => Verdict::Granted,
+                            1 | 2 => Verdict::Wait(items.get(1).map(int).filter(|&t| t >= 0)),
+                            3 => Verdict::Halted(items.get(1).map(text).unwrap_or_default()),
+                            4 => Verdict::Over(
+                                u32::try_from(items.get(1).map_or(0, int)).unwrap_or(0),
+                            ),
+                            other => {
+                                return Err(AcquireError::Backend(
+                                    StoreError::protocol(format!("acquire verdict {other}"))
+                                        .into_slots(),
+                                ));
+                            }
+                        }
+                    }
+                    Err(e) if e.is_unreachable() => {
+                        if let Some(cause) = lock(&inner.halts).get(&key.account).cloned() {
+                            return Err(AcquireError::Halted(Halted::new(
+                                key.account.clone(),
+                                cause,
+                            )));
+                        }
+                        match inner.when_unreachable {
+                            WhenUnreachable::Fail => {
+                                return Err(AcquireError::Backend(e.into_slots()));
+                            }
+                            WhenUnreachable::Fallback { processes }
+                                if inner.fallback_grant(
+                                    &key,
+                                    &pk,
+                                    &holding,
+                                    weight,
+                                    processes.get(),
+                                ) =>
+                            {
+                                guard.armed = false;
+                                return Ok(Reservation { key, weight, token });
+                            }
+                            _ => {}
+                        }
+                        let wake = Instant::now() + inner.retry_every;
+                        let _ = tokio::time::timeout_at(wake, notified).await;
+                        continue;
+                    }
+                    Err(e) => return Err(AcquireError::Backend(e.into_slots())),
+                };
+                match verdict {
+                    Verdict::Granted => {
+                        lock(&inner.registry).insert(
+                            holding.clone(),
+                            Held {
+                                key: key.clone(),
+                                pk: pk.clone(),
+                                weight,
+                                id: None,
+                                ext: None,
+                                task: false,
+                                since: Instant::now(),
+                                lease: inner.config.get_lease(),
+                                registered: true,
+                            },
+                        );
+                        guard.armed = false;
+                        return Ok(Reservation { key, weight, token });
+                    }
+                    Verdict::Halted(cause) => {
+                        guard.armed = false;
+                        let cause = decode_cause(&cause).unwrap_or_else(|| {
+                            let body = r#"{"code":1102,"message":"resource pack exhausted","request_id":null}"#;
+                            let outcome = Outcome::parse(
+                                StatusCode::TOO_MANY_REQUESTS,
+                                &HeaderMap::new(),
+                                body.as_bytes(),
+                                Instant::now(),
+                            )
+                            .expect("a valid envelope");
+                            ApiError::from_outcome(&outcome)
+                        });
+                        lock(&inner.halts).insert(key.account.clone(), cause.clone());
+                        return Err(AcquireError::Halted(Halted::new(
+                            key.account.clone(),
+                            cause,
+                        )));
+                    }
+                    Verdict::Over(capacity) => {
+                        guard.armed = false;
+                        return Err(AcquireError::OverCapacity(OverCapacity::new(
+                            key.pool.clone(),
+                            weight,
+                            capacity,
+                        )));
+                    }
+                    Verdict::Wait(next) => {
+                        guard.armed = false;
+                        let mut wake = now + inner.poll_every;
+                        if let Some(next) = next {
+                            let at =
+                                inner.conn.to_instant(next, now, now_us) + Duration::from_millis(1);
+                            wake = wake.min(at);
+                        }
+                        let _ = tokio::time::timeout_at(wake, notified).await;
+                    }
+                }
+            }
+        })
+    }
+
+    fn apply(&self, op: SlotOp) -> Self::Apply {
+        let inner = Arc::clone(&self.inner);
+        inner.start();
+        // The change starts now, even if the returned future is never polled.
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                let task = handle.spawn(inner.apply_op(op));
+                Box::pin(async move {
+                    task.await.unwrap_or_else(|e| {
+                        Err(BackendError::new(format!("task slot change lost: {e}")))
+                    })
+                })
+            }
+            Err(_) => Box::pin(std::future::ready(Err(BackendError::new(
+                "no tokio runtime to send the change on",
+            )))),
+        }
+    }
+
+    fn snapshot(&self) -> Self::Snapshot {
+        let inner = Arc::clone(&self.inner);
+        inner.start();
+        Box::pin(async move {
+            let [p, now, grace] = inner.head();
+            let args = [
+                p,
+                now,
+                grace,
+                micros(inner.config.get_recovery_interval())
+                    .max(1)
+                    .to_string(),
+            ];
+            let items = array(
+                inner
+                    .run(&inner.snapshot, &args)
+                    .await
+                    .map_err(StoreError::into_slots)?,
+            )
+            .map_err(StoreError::into_slots)?;
+            if let Some(generation) = items.first() {
+                inner.saw_generation(int(generation));
+            }
+            let mut caps = HashMap::new();
+            if let Some(Value::Array(flat)) = items.get(1) {
+                for pair in flat.chunks_exact(2) {
+                    caps.insert(text(&pair[0]), u32::try_from(int(&pair[1])).unwrap_or(0));
+                }
+            }
+            let pools = lock(&inner.pools)
+                .iter()
+                .map(|(pk, local)| (pk.clone(), local.waiters.load(Ordering::Relaxed)))
+                .collect::<HashMap<_, _>>();
+            let mut out = Vec::new();
+            if let Some(Value::Array(flat)) = items.get(2) {
+                for chunk in flat.chunks_exact(5) {
+                    let Some(pool) = Pool::parse(&text(&chunk[1])) else {
+                        continue;
+                    };
+                    let key = SlotKey::new(AccountId::new(text(&chunk[0])), pool);
+                    let configured = Inner::cap_fields(&key)
+                        .iter()
+                        .find_map(|field| caps.get(field).copied())
+                        .unwrap_or_else(|| inner.config.capacity_of(&key.account, &key.pool));
+                    let hidden = u32::try_from(int(&chunk[3])).unwrap_or(0).min(configured);
+                    let pk = inner.pk(&key);
+                    out.push(PoolSnapshot {
+                        in_use: u32::try_from(int(&chunk[2])).unwrap_or(0),
+                        capacity: configured - hidden,
+                        configured,
+                        waiters: pools.get(&pk).copied().unwrap_or(0),
+                        tasks: usize::try_from(int(&chunk[4])).unwrap_or(0),
+                        key,
+                    });
+                }
+            }
+            out.sort_by(|a, b| a.key.cmp(&b.key));
+            Ok(out)
+        })
+    }
+}

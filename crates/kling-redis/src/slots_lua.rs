@@ -1,0 +1,317 @@
+//! The Lua scripts of [`RedisSlots`](crate::RedisSlots).
+//!
+//! Layout under the prefix `P`:
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `P:pool:ACCOUNT:POOL:h` | hash | holding id → `{w, s, k, id, ext}` (weight, since, `g` grant or `t` task) |
+//! | `P:pool:ACCOUNT:POOL:l` | sorted set | holding id by lease deadline (µs) |
+//! | `P:pool:ACCOUNT:POOL:m` | hash | `used`, `hid` (hidden after a 1303), `rec` (last recovery), `acct`, `pool` |
+//! | `P:ids`, `P:ext` | hash | task id / external id → `pool key \n holding id` |
+//! | `P:pools` | set | every pool key |
+//! | `P:cap` | hash | capacity set at run time: `ACCOUNT|POOL` or `*|POOL` → slots |
+//! | `P:halt:ACCOUNT` | string | the 1102 that halted the account (`status \n envelope`) |
+//! | `P:alive` | string | present while Redis keeps its state; value: the generation, which is the end of the re-registration grace (µs), or minus the first start |
+//! | channel `P:freed` | pub/sub | a pool key (or `*`) whenever slots may have freed |
+//!
+//! Times are integer microseconds of fleet time (see [`Connection`](crate::Connection)),
+//! written with `%.0f` (Lua's own conversion keeps 14 digits only).
+
+/// Shared by every slots script. ARGV[1] prefix, ARGV[2] now, ARGV[3] grace (µs). `lost`
+/// is the store's generation (the `P:alive` value): a process that sees it change knows Redis
+/// lost its state.
+const PRELUDE: &str = r"
+local P = ARGV[1]
+local now = tonumber(ARGV[2])
+local IDS = P .. ':ids'
+local EXT = P .. ':ext'
+local function int(x) return string.format('%.0f', x) end
+local grace_until = 0
+do
+  local g = redis.call('GET', P .. ':alive')
+  if not g and ARGV[4] == 'init' then
+    grace_until = -now
+    redis.call('SET', P .. ':alive', int(grace_until))
+  elseif not g then
+    grace_until = now + tonumber(ARGV[3])
+    redis.call('SET', P .. ':alive', int(grace_until))
+  else
+    grace_until = tonumber(g)
+  end
+end
+-- The store's generation: a new one after every loss of state.
+local lost = grace_until
+local released = {}
+local function release(pk, h, rec, reason)
+  redis.call('HDEL', pk .. ':h', h)
+  redis.call('ZREM', pk .. ':l', h)
+  local m = pk .. ':m'
+  local used = redis.call('HINCRBY', m, 'used', -rec.w)
+  if used < 0 then redis.call('HSET', m, 'used', 0) end
+  local place = pk .. '\n' .. h
+  if rec.id and redis.call('HGET', IDS, rec.id) == place then redis.call('HDEL', IDS, rec.id) end
+  if rec.ext and redis.call('HGET', EXT, rec.ext) == place then redis.call('HDEL', EXT, rec.ext) end
+  if reason then
+    local hidden = tonumber(redis.call('HGET', m, 'hid') or '0')
+    if hidden > 0 then redis.call('HSET', m, 'hid', hidden - 1) end
+    local a = redis.call('HMGET', m, 'acct', 'pool')
+    table.insert(released, a[1] or '')
+    table.insert(released, a[2] or '')
+    table.insert(released, rec.id or rec.ext or '')
+    table.insert(released, rec.w)
+    table.insert(released, tonumber(rec.s))
+    table.insert(released, reason)
+    table.insert(released, h)
+  end
+  redis.call('PUBLISH', P .. ':freed', pk)
+end
+local function maintain(pk, interval)
+  local m = pk .. ':m'
+  local hidden = tonumber(redis.call('HGET', m, 'hid') or '0')
+  if hidden > 0 then
+    local rec = tonumber(redis.call('HGET', m, 'rec') or int(now))
+    local steps = math.floor((now - rec) / interval)
+    if steps > hidden then steps = hidden end
+    if steps > 0 then
+      hidden = hidden - steps
+      if hidden == 0 then rec = now else rec = rec + interval * steps end
+      redis.call('HSET', m, 'hid', hidden, 'rec', int(rec))
+      redis.call('PUBLISH', P .. ':freed', pk)
+    end
+  end
+  local expired = redis.call('ZRANGEBYSCORE', pk .. ':l', '-inf', int(now))
+  for _, h in ipairs(expired) do
+    local raw = redis.call('HGET', pk .. ':h', h)
+    if raw then
+      release(pk, h, cjson.decode(raw), 'expired')
+    else
+      redis.call('ZREM', pk .. ':l', h)
+    end
+  end
+end
+local function map_ids(pk, h, id, ext)
+  local place = pk .. '\n' .. h
+  if id then redis.call('HSET', IDS, id, place) end
+  if ext then redis.call('HSET', EXT, ext, place) end
+end
+local function create(pk, h, w, kind, id, ext, lease, acct, pool)
+  local rec = {w = w, s = int(now), k = kind, id = id, ext = ext}
+  redis.call('HSET', pk .. ':h', h, cjson.encode(rec))
+  redis.call('ZADD', pk .. ':l', int(now + lease), h)
+  redis.call('HINCRBY', pk .. ':m', 'used', w)
+  redis.call('HSET', pk .. ':m', 'acct', acct, 'pool', pool)
+  redis.call('SADD', P .. ':pools', pk)
+  map_ids(pk, h, id, ext)
+end
+-- A task id, and an external id within an account, name one task: a holding already under
+-- either is the same task's earlier create (outcome unknown, sent again); it gives its slots
+-- back now instead of hiding them until its lease.
+local function supersede(map, name, pk, h, acct)
+  if not name then return end
+  local place = redis.call('HGET', map, name)
+  if not place or place == pk .. '\n' .. h then return end
+  local sep = string.find(place, '\n', 1, true)
+  local opk = string.sub(place, 1, sep - 1)
+  local oh = string.sub(place, sep + 1)
+  if redis.call('HGET', opk .. ':m', 'acct') ~= acct then return end
+  local raw = redis.call('HGET', opk .. ':h', oh)
+  if raw then
+    release(opk, oh, cjson.decode(raw), nil)
+  else
+    redis.call('HDEL', map, name)
+  end
+end
+local function capacity(default, first)
+  for i = first, #ARGV do
+    local c = redis.call('HGET', P .. ':cap', ARGV[i])
+    if c then return tonumber(c) end
+  end
+  return tonumber(default)
+end
+local function opt(s) if s == '' then return nil end return s end
+";
+
+/// Acquire. ARGV: 4 pool key, 5 holding, 6 weight, 7 configured capacity, 8 halt key,
+/// 9 recovery interval, 10 grant lease, 11 account, 12 pool, 13.. capacity fields.
+/// Returns {0, lost} granted, {1, next wake or -1, lost} full, {2, grace end, lost},
+/// {3, cause, lost} halted, {4, capacity, lost} never fits.
+const ACQUIRE_BODY: &str = r"
+local pk = ARGV[4]
+local h = ARGV[5]
+local w = tonumber(ARGV[6])
+local cause = redis.call('GET', ARGV[8])
+if cause then return {3, cause, lost} end
+if redis.call('HEXISTS', pk .. ':h', h) == 1 then return {0, lost} end
+if now < grace_until then return {2, grace_until, lost} end
+maintain(pk, tonumber(ARGV[9]))
+local cap = capacity(ARGV[7], 13)
+if cap > 0 and w > cap then return {4, cap, lost} end
+local m = pk .. ':m'
+local v = redis.call('HMGET', m, 'used', 'hid', 'rec')
+local used = tonumber(v[1] or '0')
+local hidden = tonumber(v[2] or '0')
+if hidden > cap then hidden = cap end
+if used + w <= cap - hidden then
+  create(pk, h, w, 'g', nil, nil, tonumber(ARGV[10]), ARGV[11], ARGV[12])
+  return {0, lost}
+end
+local nxt = -1
+local first = redis.call('ZRANGE', pk .. ':l', 0, 0, 'WITHSCORES')
+if first[2] then nxt = tonumber(first[2]) end
+if hidden > 0 then
+  local rec = tonumber(v[3] or int(now)) + tonumber(ARGV[9])
+  if nxt < 0 or rec < nxt then nxt = rec end
+end
+return {1, nxt, lost}
+";
+
+/// Every change. ARGV[4] is the operation; see each branch. Returns {lost, changed, released
+/// as flat septuples (account, pool, task, weight, since, reason, holding)} or, for `ex`,
+/// {lost, 0, flags}.
+const APPLY_BODY: &str = r"
+local op = ARGV[4]
+local changed = 0
+local function give(pk, h)
+  local raw = redis.call('HGET', pk .. ':h', h)
+  if raw then release(pk, h, cjson.decode(raw), nil) end
+end
+if op == 'give' then
+  give(ARGV[5], ARGV[6])
+  changed = 1
+elseif op == 'cong' then
+  local pk = ARGV[5]
+  give(pk, ARGV[6])
+  local cap = capacity(ARGV[7], 8)
+  local used = tonumber(redis.call('HGET', pk .. ':m', 'used') or '0')
+  local hidden = cap - used
+  if hidden < 0 then hidden = 0 end
+  redis.call('HSET', pk .. ':m', 'hid', hidden, 'rec', int(now))
+  changed = 1
+elseif op == 'halt' then
+  give(ARGV[5], ARGV[6])
+  redis.call('SET', ARGV[7], ARGV[8])
+  redis.call('PUBLISH', P .. ':freed', '*')
+  changed = 1
+elseif op == 'hold' or op == 'reg' then
+  -- 5 pool key, 6 holding, 7 weight, 8 id, 9 ext, 10 lease, 11 account, 12 pool, 13 kind
+  local pk = ARGV[5]
+  local h = ARGV[6]
+  local id = opt(ARGV[8])
+  local ext = opt(ARGV[9])
+  local lease = tonumber(ARGV[10])
+  if op == 'hold' then
+    supersede(IDS, id, pk, h, ARGV[11])
+    supersede(EXT, ext, pk, h, ARGV[11])
+  end
+  local raw = redis.call('HGET', pk .. ':h', h)
+  if raw and op == 'hold' then
+    local rec = cjson.decode(raw)
+    rec.k = 't'
+    rec.id = id
+    rec.ext = ext
+    rec.s = int(now)
+    redis.call('HSET', pk .. ':h', h, cjson.encode(rec))
+    redis.call('ZADD', pk .. ':l', int(now + lease), h)
+    map_ids(pk, h, id, ext)
+    changed = 1
+  elseif not raw then
+    local kind = 't'
+    if op == 'reg' then kind = ARGV[13] end
+    create(pk, h, tonumber(ARGV[7]), kind, id, ext, lease, ARGV[11], ARGV[12])
+    changed = 1
+  end
+elseif op == 'adopt' then
+  local id = opt(ARGV[8])
+  local ext = opt(ARGV[9])
+  local known = (id and redis.call('HEXISTS', IDS, id) == 1)
+    or (ext and redis.call('HEXISTS', EXT, ext) == 1)
+  if not known then
+    create(ARGV[5], ARGV[6], tonumber(ARGV[7]), 't', id, ext, tonumber(ARGV[10]), ARGV[11], ARGV[12])
+    changed = 1
+  end
+elseif op == 'upd' then
+  -- 5 lease, then quads: id, ext, status ('' = said ended), terminal (1/0)
+  local lease = tonumber(ARGV[5])
+  local i = 6
+  while i + 3 <= #ARGV do
+    local id = ARGV[i]
+    local ext = ARGV[i + 1]
+    local status = ARGV[i + 2]
+    local terminal = ARGV[i + 3] == '1'
+    i = i + 4
+    local place = redis.call('HGET', IDS, id)
+    if not place and ext ~= '' then place = redis.call('HGET', EXT, ext) end
+    if not place and status == '' then place = redis.call('HGET', EXT, id) end
+    if place then
+      local sep = string.find(place, '\n', 1, true)
+      local pk = string.sub(place, 1, sep - 1)
+      local h = string.sub(place, sep + 1)
+      local raw = redis.call('HGET', pk .. ':h', h)
+      if raw then
+        changed = 1
+        local rec = cjson.decode(raw)
+        if terminal then
+          local reason = 'completed'
+          if status ~= '' then reason = 'ended:' .. status end
+          release(pk, h, rec, reason)
+        else
+          redis.call('ZADD', pk .. ':l', int(now + lease), h)
+          if not rec.id then
+            rec.id = id
+            redis.call('HSET', pk .. ':h', h, cjson.encode(rec))
+            redis.call('HSET', IDS, id, place)
+          end
+        end
+      end
+    end
+  end
+elseif op == 'cap' then
+  local old = redis.call('HGET', P .. ':cap', ARGV[5])
+  redis.call('HSET', P .. ':cap', ARGV[5], ARGV[6])
+  redis.call('PUBLISH', P .. ':freed', '*')
+  if old ~= ARGV[6] then changed = 1 end
+elseif op == 'unhalt' then
+  changed = redis.call('DEL', ARGV[5])
+elseif op == 'ex' then
+  local flags = {}
+  local i = 5
+  while i + 1 <= #ARGV do
+    table.insert(flags, redis.call('HEXISTS', ARGV[i] .. ':h', ARGV[i + 1]))
+    i = i + 2
+  end
+  return {lost, 0, flags}
+end
+return {lost, changed, released}
+";
+
+/// Every pool's state. ARGV[4] recovery interval. Returns {lost, capacity overrides (flat
+/// field/value), pools (flat quintuples: account, pool, used, hidden, tasks)}.
+const SNAPSHOT_BODY: &str = r"
+local out = {}
+for _, pk in ipairs(redis.call('SMEMBERS', P .. ':pools')) do
+  maintain(pk, tonumber(ARGV[4]))
+  local v = redis.call('HMGET', pk .. ':m', 'acct', 'pool', 'used', 'hid')
+  local tasks = 0
+  for _, raw in ipairs(redis.call('HVALS', pk .. ':h')) do
+    if cjson.decode(raw).k == 't' then tasks = tasks + 1 end
+  end
+  table.insert(out, v[1] or '')
+  table.insert(out, v[2] or '')
+  table.insert(out, tonumber(v[3] or '0'))
+  table.insert(out, tonumber(v[4] or '0'))
+  table.insert(out, tasks)
+end
+return {lost, redis.call('HGETALL', P .. ':cap'), out}
+";
+
+pub(crate) fn acquire() -> String {
+    format!("{PRELUDE}{ACQUIRE_BODY}")
+}
+
+pub(crate) fn apply() -> String {
+    format!("{PRELUDE}{APPLY_BODY}")
+}
+
+pub(crate) fn snapshot() -> String {
+    format!("{PRELUDE}{SNAPSHOT_BODY}")
+}

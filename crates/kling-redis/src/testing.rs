@@ -1,0 +1,185 @@
+//! A throw-away `redis-server` for tests (feature `testing`): a free loopback port, no
+//! persistence, answering `PING` before it is handed out, killed on drop.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use kling_redis::testing::RedisServer;
+//!
+//! // `None` means "no redis-server here and not on CI": the test may skip, saying why.
+//! let Some(server) = RedisServer::start_or_skip()? else { return Ok(()) };
+//! let url = server.url(); // redis://127.0.0.1:PORT/
+//! # let _ = url;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Under `CI=true` a server that cannot be started is an error, never a skip. The binary is
+//! `redis-server` on the `PATH`, or the one `KLING_REDIS_SERVER` names (Debian package
+//! `redis-server`; `.ci/run` installs it when missing).
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a fresh server may take to answer `PING`.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A `redis-server` child process on a loopback port, killed when dropped.
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    binary: String,
+}
+
+impl fmt::Debug for RedisServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisServer")
+            .field("port", &self.port)
+            .field("running", &self.child.is_some())
+            .finish()
+    }
+}
+
+/// Whether tests run on CI, where a missing Redis is a failure.
+pub fn on_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+impl RedisServer {
+    /// Starts a server on a free loopback port and waits until it answers `PING`.
+    pub fn start() -> io::Result<RedisServer> {
+        let port = free_port()?;
+        let binary =
+            std::env::var("KLING_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
+        let mut server = RedisServer {
+            child: None,
+            port,
+            binary,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// [`RedisServer::start`], except that outside CI a machine without `redis-server` gives
+    /// `Ok(None)` after printing why (the caller skips); under `CI=true` it is an error.
+    pub fn start_or_skip() -> io::Result<Option<RedisServer>> {
+        match RedisServer::start() {
+            Ok(server) => Ok(Some(server)),
+            Err(error) if !on_ci() => {
+                #[allow(clippy::print_stderr)]
+                {
+                    eprintln!("skipping: cannot start redis-server ({error}); on CI this fails");
+                }
+                Ok(None)
+            }
+            Err(error) => Err(io::Error::new(
+                error.kind(),
+                format!("CI=true and redis-server cannot be started: {error}"),
+            )),
+        }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:PORT/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kills the server (its state is lost: no persistence); [`restart`](Self::restart)
+    /// brings a fresh one up on the same port.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether the server process is running.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Starts a fresh, empty server on the same port (after [`stop`](Self::stop)).
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.stop();
+        self.spawn()
+    }
+
+    fn spawn(&mut self) -> io::Result<()> {
+        let child = Command::new(&self.binary)
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+                "--loglevel",
+                "warning",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.binary)))?;
+        self.child = Some(child);
+        let started = Instant::now();
+        loop {
+            if ping(self.port).is_ok() {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                self.child = None;
+                return Err(io::Error::other(format!(
+                    "redis-server exited at start ({status})"
+                )));
+            }
+            if started.elapsed() > START_TIMEOUT {
+                self.stop();
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "redis-server did not answer PING",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A port nobody listens on now (bound once by the OS and released).
+fn free_port() -> io::Result<u16> {
+    let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn ping(port: u16) -> io::Result<()> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+    stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+    stream.write_all(b"PING\r\n")?;
+    let mut buf = [0u8; 7];
+    stream.read_exact(&mut buf)?;
+    if &buf == b"+PONG\r\n" {
+        Ok(())
+    } else {
+        Err(io::Error::other("unexpected answer to PING"))
+    }
+}

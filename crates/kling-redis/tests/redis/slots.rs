@@ -1,0 +1,408 @@
+//! Task slots in Redis: shared by processes, released exactly once, woken by pub/sub, leases,
+//! halts, 1303 capacity, and a restart that loses the state.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use kling_concurrency::SlotsConfig;
+use kling_concurrency::backend::{
+    ReleaseReason, Reservation, SlotBackend, SlotKey, SlotOp, TaskRef, TaskUpdate,
+};
+use kling_concurrency::error::AcquireError;
+use kling_core::{AccountId, Outcome, Pool, Product, TaskStatus};
+use kling_redis::RedisSlots;
+use proptest::prelude::*;
+
+use crate::support::{connect, redis};
+
+fn video() -> SlotKey {
+    SlotKey::new(AccountId::new("acct"), Pool::new(Product::Video))
+}
+
+async fn backend(server: &kling_redis::testing::RedisServer, capacity: u32) -> RedisSlots {
+    RedisSlots::new(connect(server).await, SlotsConfig::new(capacity))
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .maintain_every(Duration::from_millis(50))
+        .grace(Duration::from_millis(300))
+}
+
+fn hold(reservation: Reservation, id: &str, lease: Duration) -> SlotOp {
+    SlotOp::Hold {
+        reservation,
+        task: TaskRef {
+            id: Some(id.to_owned()),
+            external_id: None,
+        },
+        lease,
+    }
+}
+
+fn ended(id: &str, status: Option<TaskStatus>) -> SlotOp {
+    SlotOp::Update {
+        updates: vec![TaskUpdate {
+            id: id.to_owned(),
+            external_id: None,
+            status,
+        }],
+        lease: Duration::from_secs(60),
+    }
+}
+
+async fn in_use(backend: &RedisSlots) -> u32 {
+    let snapshot = backend.snapshot().await.unwrap();
+    snapshot.iter().map(|p| p.in_use).sum()
+}
+
+const LONG: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_slots_and_a_task_is_released_exactly_once() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 2).await;
+    let two = backend(&server, 2).await;
+    let a = one.acquire(video(), 1).await.unwrap();
+    let b = two.acquire(video(), 1).await.unwrap();
+    one.apply(hold(a, "t1", LONG)).await.unwrap();
+    two.apply(hold(b, "t2", LONG)).await.unwrap();
+    assert_eq!(in_use(&one).await, 2);
+    // Full: a third create waits, in either process.
+    let third = tokio::time::timeout(Duration::from_millis(100), one.acquire(video(), 1)).await;
+    assert!(third.is_err(), "over capacity");
+
+    // Process two sees t1 end (a query of its own); process one sees it again (a callback).
+    let applied = two
+        .apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(applied.released.len(), 1);
+    assert_eq!(applied.released[0].task.as_deref(), Some("t1"));
+    assert_eq!(
+        applied.released[0].reason,
+        ReleaseReason::Ended(TaskStatus::Succeeded)
+    );
+    assert_eq!(applied.released[0].key, video());
+    let again = one
+        .apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert!(again.released.is_empty(), "released twice: {again:?}");
+    assert_eq!(in_use(&one).await, 1);
+    let c = tokio::time::timeout(Duration::from_secs(2), one.acquire(video(), 1))
+        .await
+        .expect("the freed slot is granted")
+        .unwrap();
+    assert_eq!(c.weight, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_is_woken_by_a_release_in_another_process_not_by_polling() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 1).await;
+    let two = backend(&server, 1).await;
+    let held = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(held, "t1", LONG)).await.unwrap();
+    let waiter = tokio::spawn({
+        let two = two.clone();
+        async move {
+            let reservation = two.acquire(video(), 1).await.unwrap();
+            (reservation, tokio::time::Instant::now())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished());
+    let released_at = tokio::time::Instant::now();
+    one.apply(ended("t1", Some(TaskStatus::Failed)))
+        .await
+        .unwrap();
+    let (_, granted_at) = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("woken")
+        .unwrap();
+    // The polling fallback is 30 s here: only the announcement can explain a prompt grant.
+    let latency = granted_at - released_at;
+    assert!(latency < Duration::from_secs(1), "{latency:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_lease_expires_and_lets_a_waiter_in() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 1).await;
+    let two = backend(&server, 1).await;
+    let held = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(held, "abandoned", Duration::from_millis(300)))
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let granted = tokio::time::timeout(Duration::from_secs(5), two.acquire(video(), 1))
+        .await
+        .expect("the lease ends")
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(250), "{waited:?}");
+    assert!(waited < Duration::from_millis(1500), "{waited:?}");
+    assert_eq!(granted.weight, 1);
+    // Nothing releases it again.
+    let late = one
+        .apply(ended("abandoned", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert!(late.released.is_empty());
+}
+
+fn outcome(code: i64) -> kling_core::error::ApiError {
+    let body =
+        format!(r#"{{"code":{code},"message":"resource pack exhausted","request_id":"r-9"}}"#);
+    let outcome = Outcome::parse(
+        http::StatusCode::TOO_MANY_REQUESTS,
+        &http::HeaderMap::new(),
+        body.as_bytes(),
+        tokio::time::Instant::now(),
+    )
+    .unwrap();
+    kling_core::error::ApiError::from_outcome(&outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1102_halts_the_account_in_every_process_until_reset() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 5).await;
+    let two = backend(&server, 5).await;
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(SlotOp::Halt {
+        reservation: r,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    match two.acquire(video(), 1).await {
+        Err(AcquireError::Halted(halted)) => {
+            assert_eq!(halted.code(), kling_core::Code::ResourcePackExhausted);
+            assert_eq!(halted.request_id(), Some("r-9"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let applied = two
+        .apply(SlotOp::ResetHalt(AccountId::new("acct")))
+        .await
+        .unwrap();
+    assert!(applied.changed);
+    // The other process had learnt the halt locally too; Redis is the truth once reset.
+    assert!(one.acquire(video(), 1).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1303_lowers_the_pool_for_the_whole_fleet() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 3).await;
+    let two = backend(&server, 3).await;
+    let a = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(a, "t1", LONG)).await.unwrap();
+    let b = two.acquire(video(), 1).await.unwrap();
+    two.apply(SlotOp::Congested(b)).await.unwrap();
+    let snapshot = one.snapshot().await.unwrap();
+    assert_eq!(
+        (
+            snapshot[0].in_use,
+            snapshot[0].capacity,
+            snapshot[0].configured
+        ),
+        (1, 1, 3)
+    );
+    let blocked = tokio::time::timeout(Duration::from_millis(150), one.acquire(video(), 1)).await;
+    assert!(blocked.is_err(), "the fleet believes the pool full");
+    // One of ours ends: one hidden slot comes back with it.
+    two.apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    let snapshot = two.snapshot().await.unwrap();
+    assert_eq!((snapshot[0].in_use, snapshot[0].capacity), (0, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_loses_its_state_every_process_registers_its_slots_again() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 3).await;
+    let two = backend(&server, 3).await;
+    let a = one.acquire(video(), 2).await.unwrap();
+    one.apply(hold(a, "t1", LONG)).await.unwrap();
+    let b = two.acquire(video(), 1).await.unwrap();
+    two.apply(hold(b, "t2", LONG)).await.unwrap();
+    server.restart().unwrap();
+    // The first script after the restart starts the grace; creates wait through it.
+    let started = tokio::time::Instant::now();
+    let third = tokio::time::timeout(Duration::from_secs(3), one.acquire(video(), 1)).await;
+    assert!(
+        third.is_err(),
+        "admitted over the re-registered slots: {third:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    assert_eq!(
+        in_use(&one).await,
+        3,
+        "both processes registered their slots again"
+    );
+    // And the registered tasks end as usual.
+    let applied = one
+        .apply(ended("t2", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(applied.released.len(), 1);
+    assert_eq!(in_use(&two).await, 2);
+}
+
+/// A create whose outcome was unknown is kept under its external id; sent again and
+/// answered, the same task's new holding replaces the old one in whichever process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_sent_again_supersedes_its_earlier_holding() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 3).await;
+    let two = backend(&server, 3).await;
+    let first = one.acquire(video(), 1).await.unwrap();
+    one.apply(SlotOp::Hold {
+        reservation: first,
+        task: TaskRef {
+            id: None,
+            external_id: Some("job-7".to_owned()),
+        },
+        lease: LONG,
+    })
+    .await
+    .unwrap();
+    let again = two.acquire(video(), 1).await.unwrap();
+    two.apply(SlotOp::Hold {
+        reservation: again,
+        task: TaskRef {
+            id: Some("t7".to_owned()),
+            external_id: Some("job-7".to_owned()),
+        },
+        lease: LONG,
+    })
+    .await
+    .unwrap();
+    assert_eq!(in_use(&one).await, 1, "one task, one slot");
+    let applied = one
+        .apply(ended("t7", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(applied.released.len(), 1);
+    assert_eq!(in_use(&one).await, 0);
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    /// A create in process `p` of `weight` slots; `short` lease or not.
+    Create { p: usize, weight: u32, short: bool },
+    /// Process `p` learns that the `n`-th task ended (query, callback or `complete`).
+    End { p: usize, n: usize, how: u8 },
+    /// A query reports the `n`-th task still running (renews its lease).
+    Running { p: usize, n: usize },
+    /// Time passes beyond every short lease.
+    Expire,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => (0..2usize, 1..=3u32, any::<bool>()).prop_map(|(p, weight, short)| Step::Create { p, weight, short }),
+        3 => (0..2usize, 0..12usize, 0..3u8).prop_map(|(p, n, how)| Step::End { p, n, how }),
+        1 => (0..2usize, 0..12usize).prop_map(|(p, n)| Step::Running { p, n }),
+        1 => Just(Step::Expire),
+    ]
+}
+
+/// What the model knows of a live task's lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lease {
+    /// Surely held.
+    Long,
+    /// Gone after the next `Expire`, maybe sooner.
+    Short,
+    /// Short, then renewed: held or expired, the model cannot tell.
+    Unsure,
+}
+
+const CAPACITY: u32 = 3;
+const SHORT: Duration = Duration::from_millis(40);
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Random creates, queries, callbacks, completions and lease expiries from two processes:
+    /// Redis never holds more than the capacity, never less than the live long-lease tasks,
+    /// and no task is ever released twice.
+    #[test]
+    fn slots_are_never_over_capacity_and_released_exactly_once(
+        steps in proptest::collection::vec(step(), 1..30)
+    ) {
+        let Some(server) = redis() else { return Ok(()) };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let procs = [backend(&server, CAPACITY).await, backend(&server, CAPACITY).await];
+            // n → (id, weight)
+            let mut tasks: Vec<(String, u32)> = Vec::new();
+            let mut live: HashMap<String, (u32, Lease)> = HashMap::new();
+            let mut released: HashSet<String> = HashSet::new();
+            for step in steps {
+                match step {
+                    Step::Create { p, weight, short } => {
+                        let acquire = procs[p].acquire(video(), weight);
+                        if let Ok(reservation) = tokio::time::timeout(Duration::from_millis(30), acquire).await {
+                            let reservation = reservation.unwrap();
+                            let id = format!("t{}", tasks.len());
+                            let lease = if short { SHORT } else { LONG };
+                            procs[p].apply(hold(reservation, &id, lease)).await.unwrap();
+                            tasks.push((id.clone(), weight));
+                            live.insert(id, (weight, if short { Lease::Short } else { Lease::Long }));
+                        }
+                    }
+                    Step::End { p, n, how } => {
+                        let Some((id, _)) = tasks.get(n).cloned() else { continue };
+                        let op = match how {
+                            0 => ended(&id, Some(TaskStatus::Succeeded)),
+                            1 => ended(&id, Some(TaskStatus::Failed)),
+                            _ => ended(&id, None),
+                        };
+                        let applied = procs[p].apply(op).await.unwrap();
+                        for r in &applied.released {
+                            let task = r.task.as_deref().unwrap().to_owned();
+                            assert!(released.insert(task.clone()), "{task} released twice");
+                            let (weight, _) = live.remove(&task).expect("released a task that was not live");
+                            assert_eq!(r.weight, weight);
+                        }
+                        // A long-lease live task is always found.
+                        if let Some((_, Lease::Long)) = live.get(&id) {
+                            panic!("live task {id} not released");
+                        }
+                        live.remove(&id);
+                    }
+                    Step::Running { p, n } => {
+                        let Some((id, _)) = tasks.get(n).cloned() else { continue };
+                        let applied = procs[p].apply(ended(&id, Some(TaskStatus::Processing))).await.unwrap();
+                        assert!(applied.released.is_empty());
+                        // Reported running: renewed to the long lease, unless its short one
+                        // had already run out (real time passes between steps).
+                        if let Some(task) = live.get_mut(&id)
+                            && task.1 == Lease::Short
+                        {
+                            task.1 = Lease::Unsure;
+                        }
+                    }
+                    Step::Expire => {
+                        tokio::time::sleep(SHORT + Duration::from_millis(10)).await;
+                        in_use(&procs[0]).await; // a snapshot expires leases
+                        live.retain(|_, (_, lease)| *lease != Lease::Short);
+                    }
+                }
+                let used = in_use(&procs[0]).await;
+                let floor: u32 = live.values().filter(|(_, l)| *l == Lease::Long).map(|(w, _)| w).sum();
+                let ceiling: u32 = live.values().map(|(w, _)| w).sum();
+                assert!(used <= CAPACITY, "over capacity: {used}");
+                assert!(used >= floor && used <= ceiling, "used {used}, live {live:?}");
+            }
+        });
+    }
+}
