@@ -44,6 +44,7 @@
 //! | [`drain`] | [`DrainLayer`]: graceful drain — refuse new creates, finish what is in flight |
 //! | [`follow`] | [`Follower`]: waits for tasks to end, batch queries, callbacks first |
 //! | [`webhook`] | Standard-Webhooks verification of Kling callbacks (and an axum route) |
+//! | [`backends`] | where the stack's limits live: in process (default), or in Redis shared by a fleet (`KlingBuilder::shared`, feature `redis`) |
 //! | [`base_url`] | [`BaseUrlLayer`]: regions, proxies, the mock |
 //! | [`client`] | an HTTPS hyper-util client and a reqwest adapter, on rustls with `ring` |
 //! | [`clock`] | the wall clock JWTs and webhooks read, injectable for paused-time tests |
@@ -51,7 +52,7 @@
 //!
 //! The layer crates are re-exported whole: [`core`] (kling-core), [`retry`] (kling-retry),
 //! [`ratelimit`] (kling-ratelimit), [`concurrency`] (kling-concurrency), [`metrics`]
-//! (kling-metrics).
+//! (kling-metrics), and with feature `redis`, `redis` (kling-redis).
 //!
 //! # Layer order
 //!
@@ -66,12 +67,14 @@
 //! | `reqwest` | no | `client::ReqwestService`: a `reqwest::Client` as a `tower::Service` (rustls, `ring`) |
 //! | `axum` | no | `webhook::axum::callback_route`: verify and hand over callbacks in an axum router |
 //! | `prometheus` | no | `metrics::prometheus`: a Prometheus recorder with the stack's buckets and a `GET /metrics` service |
+//! | `redis` | no | `KlingBuilder::shared` and `backends::Redis`: the rate limiter and task slots in Redis (kling-redis), shared by every process of an account; re-exports kling-redis as `redis` |
 //!
 //! # Minimum supported Rust version
 //!
 //! Rust 1.88.
 
 pub mod auth;
+pub mod backends;
 pub mod base_url;
 pub mod builder;
 pub mod client;
@@ -101,4 +104,6 @@ pub use kling_concurrency as concurrency;
 pub use kling_core as core;
 pub use kling_metrics as metrics;
 pub use kling_ratelimit as ratelimit;
+#[cfg(feature = "redis")]
+pub use kling_redis as redis;
 pub use kling_retry as retry;

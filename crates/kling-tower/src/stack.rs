@@ -64,6 +64,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::auth::{Auth, AuthLayer, Credentials};
+use crate::backends::{InProcess, StackBackends};
 use crate::base_url::{BaseUrl, BaseUrlLayer};
 use crate::drain::{Drain, DrainHandle, DrainLayer};
 use crate::error::ConfigError;
@@ -73,19 +74,23 @@ use crate::spend::{CostTable, SpendGuard, SpendGuardLayer};
 
 /// Auth, per-attempt timeout, classify and base URL over the client `S`.
 pub type Attempt<S> = Auth<tower::timeout::Timeout<kling_core::Classify<BaseUrl<S>>>>;
-/// [`Attempt`] paced by the rate limiter, when the preset has a rate cap.
-pub type Paced<S> = Either<kling_ratelimit::Gcra<Attempt<S>>, Attempt<S>>;
-/// Retry over task slots over [`Paced`].
-pub type Core<S> = kling_retry::Retry<kling_concurrency::TaskSlots<Paced<S>>>;
+/// [`Attempt`] paced by the rate limiter (on the rate backend of `B`), when the preset has a
+/// rate cap.
+pub type Paced<S, B = InProcess> =
+    Either<kling_ratelimit::Gcra<Attempt<S>, <B as StackBackends>::Rate>, Attempt<S>>;
+/// Retry over task slots (on the slots backend of `B`) over [`Paced`].
+pub type Core<S, B = InProcess> =
+    kling_retry::Retry<kling_concurrency::TaskSlots<Paced<S, B>, <B as StackBackends>::Slots>>;
 /// [`Core`] behind the spend guard, when the preset has a credit budget.
-pub type Guarded<S> = Either<SpendGuard<Core<S>>, Core<S>>;
+pub type Guarded<S, B = InProcess> = Either<SpendGuard<Core<S, B>>, Core<S, B>>;
 /// The whole stack over the client `S`, as [`Kling`] wraps it.
-pub type Stack<S> = kling_metrics::Metrics<Drain<Guarded<S>>>;
+pub type Stack<S, B = InProcess> = kling_metrics::Metrics<Drain<Guarded<S, B>>>;
 
 /// Builds a [`KlingLayer`]: a [`StackConfig`], [`Credentials`], and the few choices that are
-/// not numbers.
+/// not numbers — among them where the limits live (`B`, [`StackBackends`]: in this process by
+/// default, or in Redis with `shared`, feature `redis`).
 #[must_use]
-pub struct KlingBuilder {
+pub struct KlingBuilder<B = InProcess> {
     config: StackConfig,
     credentials: Credentials,
     account: Option<AccountId>,
@@ -95,9 +100,10 @@ pub struct KlingBuilder {
     auth: Option<AuthLayer>,
     generate_external_ids: bool,
     seed: Option<u64>,
+    backends: B,
 }
 
-impl fmt::Debug for KlingBuilder {
+impl<B: fmt::Debug> fmt::Debug for KlingBuilder<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KlingBuilder")
             .field("config", &self.config)
@@ -106,11 +112,12 @@ impl fmt::Debug for KlingBuilder {
             .field("base_url", &self.base_url)
             .field("costs", &self.costs)
             .field("generate_external_ids", &self.generate_external_ids)
+            .field("backends", &self.backends)
             .finish_non_exhaustive()
     }
 }
 
-impl KlingBuilder {
+impl<B: StackBackends> KlingBuilder<B> {
     /// The account every limit counts under (default: the one the credentials derive,
     /// [`Credentials::account_id`]). Requests that carry their own [`AccountId`] keep it.
     pub fn account(mut self, account: AccountId) -> Self {
@@ -156,8 +163,86 @@ impl KlingBuilder {
         self
     }
 
+    /// Keeps the rate limiter's and the task slots' state in `backends` (default
+    /// [`InProcess`]); the layers, their order and numbers stay the same.
+    pub fn backends<B2: StackBackends>(self, backends: B2) -> KlingBuilder<B2> {
+        KlingBuilder {
+            config: self.config,
+            credentials: self.credentials,
+            account: self.account,
+            base_url: self.base_url,
+            costs: self.costs,
+            monitor: self.monitor,
+            auth: self.auth,
+            generate_external_ids: self.generate_external_ids,
+            seed: self.seed,
+            backends,
+        }
+    }
+
+    /// Shares the account's limits with every other stack on the same Redis and key prefix
+    /// (other processes, other hosts): the rate limiter and the task slots keep their state
+    /// in Redis ([`RedisGcra`](kling_redis::RedisGcra), [`RedisSlots`](kling_redis::RedisSlots)),
+    /// keyed by the stack's [`AccountId`]; waiting stays in the process. Shorthand for
+    /// `.backends(Redis::new(connection))` ([`Redis`](crate::backends::Redis) has the
+    /// settings); fails closed by waiting while Redis is unreachable unless
+    /// [`when_unreachable`](KlingBuilder::when_unreachable) says otherwise. Feature `redis`.
+    ///
+    /// The synchronous [`KlingLayer::snapshot`] then shows no slot pools (reading them is a
+    /// round trip): read them with `kling.slots().snapshot().await`.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use kling_core::{Outcome, Pool};
+    /// use kling_mock::{MockConfig, MockKling, Preset};
+    /// use kling_redis::testing::RedisServer;
+    /// use kling_tower::redis::{Connection, RedisConfig, WhenUnreachable};
+    /// use kling_tower::{Credentials, KlingLayer, StackConfig, Tier};
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), kling_core::BoxError> {
+    /// // A throw-away redis-server (kling-redis's `testing` feature); in production, yours.
+    /// let Some(redis) = RedisServer::start_or_skip()? else { return Ok(()) };
+    /// let config = RedisConfig::new(redis.url()).prefix("kling:doc");
+    ///
+    /// // Two processes of one account would each build this, on their own connection.
+    /// let mut stacks = Vec::new();
+    /// for _ in 0..2 {
+    ///     let conn = Connection::connect(config.clone()).await?;
+    ///     let stack = KlingLayer::builder(StackConfig::preset(Tier::Pro), Credentials::api_key("my-key")?)
+    ///         .shared(conn)
+    ///         .when_unreachable(WhenUnreachable::Wait) // the default: fail closed by waiting
+    ///         .build()?;
+    ///     stacks.push(stack);
+    /// }
+    ///
+    /// let mock = MockKling::new(MockConfig::preset(Preset::Pro).api_key("my-key"))?;
+    /// for stack in &stacks {
+    ///     let create = http::Request::post("/v1/videos/text2video")
+    ///         .body(Full::new(Bytes::from(r#"{"prompt":"a cat"}"#)))?;
+    ///     let response = stack.layer(mock.clone()).oneshot(create).await?;
+    ///     assert!(Outcome::of(&response).unwrap().is_success());
+    /// }
+    ///
+    /// // Either stack sees the account's two tasks, each holding one of its 5 video slots.
+    /// let slots = stacks[0].slots().snapshot().await?;
+    /// let video = slots.get(stacks[0].account_id(), &Pool::parse("video").unwrap()).unwrap();
+    /// assert_eq!((video.in_use, video.capacity), (2, 5));
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "redis")]
+    pub fn shared(
+        self,
+        connection: kling_redis::Connection,
+    ) -> KlingBuilder<crate::backends::Redis> {
+        self.backends(crate::backends::Redis::new(connection))
+    }
+
     /// Checks the configuration and builds the layers.
-    pub fn build(self) -> Result<KlingLayer, ConfigError> {
+    pub fn build(self) -> Result<KlingLayer<B>, ConfigError> {
         let config = self.config;
         config.validate()?;
         let base_url = self.base_url?;
@@ -199,8 +284,10 @@ impl KlingBuilder {
                 .ok_or_else(|| ConfigError::new(format!("pool_slots.{pool}"), "is not a pool"))?;
             slots = slots.pool_capacity(parsed, n);
         }
-        let (slots, slots_handle) =
-            TaskSlotsLayer::pair(slots).map_err(|e| layer_error("slots", e.field(), &e))?;
+        let slots_backend = self.backends.slots_backend(&slots, &config)?;
+        let slots = TaskSlotsLayer::with_backend(&slots, slots_backend)
+            .map_err(|e| layer_error("slots", e.field(), &e))?;
+        let slots_handle = slots.handle();
 
         // Rate: the preset's rate less the headroom, burst, and a key-wide cooldown after 1302;
         // `/account/costs` at most once a second (Kling asks for it).
@@ -212,6 +299,7 @@ impl KlingBuilder {
                 let layer = GcraLayer::builder(quota)
                     .cooldown(Cooldown::default().scaled(speed))
                     .class_quota(RequestKind::Account, Quota::per_second(speed))
+                    .backend(self.backends.rate_backend(&config)?)
                     .build()
                     .map_err(|e| layer_error("rate_per_minute", e.field(), &e))?;
                 Some(layer)
@@ -235,7 +323,9 @@ impl KlingBuilder {
                     .map_err(|e| layer_error("monitor", e.field(), &e))?
             }
         };
-        monitor.add_source(SlotsSource::new(slots_handle.clone()));
+        if B::SNAPSHOT_AT_ONCE {
+            monitor.add_source(SlotsSource::new(slots_handle.clone()));
+        }
         if let Some(gcra) = &gcra {
             monitor.add_source(RateLimitSource::new(gcra.handle(), vec![account.clone()]));
         }
@@ -260,21 +350,37 @@ impl KlingBuilder {
     }
 }
 
+#[cfg(feature = "redis")]
+impl KlingBuilder<crate::backends::Redis> {
+    /// What the rate limiter and the slots do while Redis cannot be reached (default
+    /// [`WhenUnreachable::Wait`](kling_redis::WhenUnreachable::Wait), fail closed by waiting;
+    /// `Fail` errs at once; `Fallback { processes }` gives each process its share of the
+    /// limits). Feature `redis`.
+    pub fn when_unreachable(mut self, choice: kling_redis::WhenUnreachable) -> Self {
+        self.backends = self.backends.when_unreachable(choice);
+        self
+    }
+}
+
 /// Names the layer crate a configuration error came from.
-fn layer_error(scope: &str, field: impl fmt::Display, error: impl fmt::Display) -> ConfigError {
+pub(crate) fn layer_error(
+    scope: &str,
+    field: impl fmt::Display,
+    error: impl fmt::Display,
+) -> ConfigError {
     ConfigError::new(format!("{scope}.{field}"), error.to_string())
 }
 
-struct Parts {
+struct Parts<B: StackBackends> {
     config: StackConfig,
     account: AccountId,
     metrics: MetricsLayer,
     drain: DrainLayer,
     spend: Option<SpendGuardLayer>,
     retry: RetryLayer,
-    slots: TaskSlotsLayer,
-    slots_handle: SlotsHandle,
-    gcra: Option<GcraLayer>,
+    slots: TaskSlotsLayer<B::Slots>,
+    slots_handle: SlotsHandle<B::Slots>,
+    gcra: Option<GcraLayer<B::Rate>>,
     auth: AuthLayer,
     timeout: Duration,
     classify: ClassifyLayer,
@@ -283,18 +389,30 @@ struct Parts {
 
 /// The recommended stack as one layer, with its handles. See the [module docs](self).
 ///
+/// `B` says where the rate limiter's and the slots' state lives ([`StackBackends`]): in this
+/// process by default; in Redis, shared with the account's other processes, when built with
+/// `KlingBuilder::shared` (feature `redis`).
+///
 /// # Clone
 ///
 /// Clones (and every service they build) share every limit and handle: the slots, the rate
 /// limiter, the retry budget, the spend ledger, the token cache, the drain gate and the
 /// metrics monitor. Layering the same `KlingLayer` over two clients makes two services that
-/// count against one account.
-#[derive(Clone)]
-pub struct KlingLayer {
-    inner: Arc<Parts>,
+/// count against one account. With Redis backends, the rate and the slots are also shared
+/// with every other stack on the same Redis and key prefix.
+pub struct KlingLayer<B: StackBackends = InProcess> {
+    inner: Arc<Parts<B>>,
 }
 
-impl fmt::Debug for KlingLayer {
+impl<B: StackBackends> Clone for KlingLayer<B> {
+    fn clone(&self) -> Self {
+        KlingLayer {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<B: StackBackends> fmt::Debug for KlingLayer<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KlingLayer")
             .field("account", &self.inner.account)
@@ -322,9 +440,12 @@ impl KlingLayer {
             auth: None,
             generate_external_ids: true,
             seed: None,
+            backends: InProcess,
         }
     }
+}
 
+impl<B: StackBackends> KlingLayer<B> {
     /// The configuration the stack enforces.
     pub fn config(&self) -> &StackConfig {
         &self.inner.config
@@ -337,12 +458,12 @@ impl KlingLayer {
 
     /// The task-slots handle: callbacks ([`SlotsHandle::on_callback`]), reconcile after a
     /// restart, halts, capacities, snapshots.
-    pub fn slots(&self) -> &SlotsHandle {
+    pub fn slots(&self) -> &SlotsHandle<B::Slots> {
         &self.inner.slots_handle
     }
 
     /// The rate limiter's handle (`None` when the preset has no rate cap).
-    pub fn rate_limit(&self) -> Option<GcraHandle> {
+    pub fn rate_limit(&self) -> Option<GcraHandle<B::Rate>> {
         self.inner.gcra.as_ref().map(GcraLayer::handle)
     }
 
@@ -433,10 +554,10 @@ impl KlingLayer {
     }
 }
 
-impl<S> Layer<S> for KlingLayer {
-    type Service = Kling<S>;
+impl<S, B: StackBackends> Layer<S> for KlingLayer<B> {
+    type Service = Kling<S, B>;
 
-    fn layer(&self, client: S) -> Kling<S> {
+    fn layer(&self, client: S) -> Kling<S, B> {
         let p = &*self.inner;
         let attempt = p
             .auth
@@ -468,13 +589,24 @@ impl<S> Layer<S> for KlingLayer {
 /// # Clone
 ///
 /// Clones share every limit (see [`KlingLayer`]); clone it per task or request freely.
-#[derive(Clone)]
-pub struct Kling<S> {
-    inner: Stack<S>,
+pub struct Kling<S, B: StackBackends = InProcess> {
+    inner: Stack<S, B>,
     account: AccountId,
 }
 
-impl<S> fmt::Debug for Kling<S> {
+impl<S, B: StackBackends> Clone for Kling<S, B>
+where
+    Stack<S, B>: Clone,
+{
+    fn clone(&self) -> Self {
+        Kling {
+            inner: self.inner.clone(),
+            account: self.account.clone(),
+        }
+    }
+}
+
+impl<S, B: StackBackends> fmt::Debug for Kling<S, B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Kling")
             .field("account", &self.account)
@@ -482,9 +614,9 @@ impl<S> fmt::Debug for Kling<S> {
     }
 }
 
-impl<S> Kling<S> {
+impl<S, B: StackBackends> Kling<S, B> {
     /// The layers, outermost first.
-    pub fn get_ref(&self) -> &Stack<S> {
+    pub fn get_ref(&self) -> &Stack<S, B> {
         &self.inner
     }
 
@@ -494,13 +626,13 @@ impl<S> Kling<S> {
     }
 }
 
-impl<S> Service<Request<Full<Bytes>>> for Kling<S>
+impl<S, B: StackBackends> Service<Request<Full<Bytes>>> for Kling<S, B>
 where
-    Stack<S>: Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = BoxError>,
+    Stack<S, B>: Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = BoxError>,
 {
     type Response = Response<Full<Bytes>>;
     type Error = BoxError;
-    type Future = <Stack<S> as Service<Request<Full<Bytes>>>>::Future;
+    type Future = <Stack<S, B> as Service<Request<Full<Bytes>>>>::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)

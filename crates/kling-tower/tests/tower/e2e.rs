@@ -23,28 +23,55 @@ use crate::support::request;
 /// take about 21 s.
 const SPEED: f64 = 10.0;
 
-/// The real-time tests of this file run one at a time: two at once on a 2-core machine would
-/// each add the other's scheduling jitter.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// The real-time tests of this binary (this file's and `shared`'s) run one at a time: two at
+/// once on a 2-core machine would each add the other's scheduling jitter.
+pub(crate) static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const JOBS: usize = 100;
 const KEY: &str = "e2e-key";
 const CREATE: &str = "/text-to-video/kling-3.0";
 
 /// The mock on a runtime and thread of its own, so the client's tasks do not delay its clock
 /// readings (the arrival times its rate limit judges).
-struct Mock {
-    base_url: String,
+pub(crate) struct Mock {
+    pub(crate) base_url: String,
     mock: MockKling,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Mock {
-    fn stats(&self) -> Stats {
+    /// Starts a mock server of `config` on a thread of its own.
+    pub(crate) fn start(config: MockConfig) -> Mock {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let server = MockServer::start(config).await.unwrap();
+                ready_tx
+                    .send((server.base_url(), server.mock().clone()))
+                    .unwrap();
+                let _ = stopped.await;
+                server.shutdown().await;
+            });
+        });
+        let (base_url, mock) = ready_rx.recv().unwrap();
+        Mock {
+            base_url,
+            mock,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
         self.mock.stats()
     }
 
-    fn shutdown(mut self) {
+    pub(crate) fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -60,29 +87,7 @@ fn pro_mock() -> Mock {
         .speed(SPEED)
         .task_duration(Duration::from_secs(6), Duration::from_secs(9))
         .api_key(KEY);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let server = MockServer::start(config).await.unwrap();
-            ready_tx
-                .send((server.base_url(), server.mock().clone()))
-                .unwrap();
-            let _ = stopped.await;
-            server.shutdown().await;
-        });
-    });
-    let (base_url, mock) = ready_rx.recv().unwrap();
-    Mock {
-        base_url,
-        mock,
-        stop: Some(stop),
-        thread: Some(thread),
-    }
+    Mock::start(config)
 }
 
 fn pro_stack(server: &Mock) -> KlingLayer {
@@ -99,7 +104,7 @@ fn pro_stack(server: &Mock) -> KlingLayer {
 /// mock's control endpoint, which no limit counts: otherwise the first request pays for the
 /// connect and arrives late while the second, on time, arrives less than an interval after it
 /// — one 1302 per run that says nothing about the stack.
-async fn warm_up<C>(client: C, server: &Mock)
+pub(crate) async fn warm_up<C>(client: C, server: &Mock)
 where
     C: Service<http::Request<Full<Bytes>>>,
     C::Error: std::fmt::Debug,

@@ -9,6 +9,8 @@ mod metrics;
 mod preset;
 #[cfg(feature = "reqwest")]
 mod reqwest;
+#[cfg(feature = "redis")]
+mod shared;
 mod spend;
 mod stack;
 mod support;

@@ -1,0 +1,194 @@
+//! Where a [`KlingLayer`](crate::KlingLayer)'s limits live: in this process ([`InProcess`], the
+//! default) or in Redis, shared by every process of the account (`Redis`, feature `redis`).
+//!
+//! Kling's limits are account-wide: as soon as two processes (two workers, a worker and a web
+//! app) call with one account, limits kept in each process over-admit — each believes it has
+//! the Pro tier's 5 slots — and the account meets 1303s. With `Redis`, the rate limiter and
+//! the task slots of every stack built on the same Redis (and key prefix) count under one
+//! account, keyed by the stack's [`AccountId`](kling_core::AccountId). Only where the state
+//! lives changes: the layers, their order and their numbers stay the same.
+//!
+//! `KlingBuilder::shared` has an example (feature `redis`);
+//! `examples/stack_redis.rs` runs two stacks of one account on one Redis against the mock.
+
+use kling_concurrency::SlotsConfig;
+use kling_concurrency::backend::SlotBackend;
+
+use crate::error::ConfigError;
+use crate::preset::StackConfig;
+
+/// The backends of a stack's rate limiter ([`GcraLayer`](kling_ratelimit::GcraLayer)) and task
+/// slots ([`TaskSlotsLayer`](kling_concurrency::TaskSlotsLayer)), made once per
+/// [`KlingBuilder::build`](crate::KlingBuilder::build).
+///
+/// Implemented by [`InProcess`] and `Redis` (feature `redis`); implement it to keep the
+/// limits in another store.
+pub trait StackBackends {
+    /// The rate limiter's backend.
+    type Rate: kling_ratelimit::Backend;
+    /// The task slots' backend.
+    type Slots: SlotBackend;
+
+    /// Whether the slots backend's snapshot answers without waiting, so that
+    /// [`KlingLayer::snapshot`](crate::KlingLayer::snapshot) can show its pools (default
+    /// `true`). A remote backend says `false`: its pools are read with
+    /// `kling.slots().snapshot().await` instead, and the synchronous snapshot sends nothing.
+    const SNAPSHOT_AT_ONCE: bool = true;
+
+    /// The rate limiter's backend for `config` (called only when the preset has a rate cap).
+    fn rate_backend(&self, config: &StackConfig) -> Result<Self::Rate, ConfigError>;
+
+    /// The task slots' backend: `slots` has the preset's capacities per pool, lease, 1303
+    /// recovery interval and the stack's account.
+    fn slots_backend(
+        &self,
+        slots: &SlotsConfig,
+        config: &StackConfig,
+    ) -> Result<Self::Slots, ConfigError>;
+}
+
+/// The limits in this process (the default): every clone of one
+/// [`KlingLayer`](crate::KlingLayer) shares them; another process does not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InProcess;
+
+impl StackBackends for InProcess {
+    type Rate = kling_ratelimit::InProcess;
+    type Slots = kling_concurrency::backend::InProcess;
+
+    fn rate_backend(&self, _config: &StackConfig) -> Result<Self::Rate, ConfigError> {
+        Ok(kling_ratelimit::InProcess::new())
+    }
+
+    fn slots_backend(
+        &self,
+        slots: &SlotsConfig,
+        _config: &StackConfig,
+    ) -> Result<Self::Slots, ConfigError> {
+        kling_concurrency::backend::InProcess::new(slots.clone())
+            .map_err(|e| crate::stack::layer_error("slots", e.field(), &e))
+    }
+}
+
+#[cfg(feature = "redis")]
+pub use self::redis::Redis;
+
+#[cfg(feature = "redis")]
+mod redis {
+    use std::time::Duration;
+
+    use kling_concurrency::SlotsConfig;
+    use kling_redis::{Connection, DEFAULT_POLL_EVERY, RedisGcra, RedisSlots, WhenUnreachable};
+
+    use super::StackBackends;
+    use crate::error::ConfigError;
+    use crate::preset::StackConfig;
+
+    /// The shortest polling fallback the stack derives from its speed.
+    const MIN_POLL_EVERY: Duration = Duration::from_millis(50);
+
+    /// The limits in Redis, shared by every stack (every process) built on the same Redis and
+    /// key prefix: [`RedisGcra`] paces the account's requests, [`RedisSlots`] counts its
+    /// tasks, both keyed by the stack's [`AccountId`](kling_core::AccountId). Feature `redis`.
+    ///
+    /// Usually made by [`KlingBuilder::shared`](crate::KlingBuilder::shared); see the
+    /// [module docs](super) and kling-redis for what is shared and how time is kept.
+    ///
+    /// | setting | default |
+    /// |---|---|
+    /// | [`when_unreachable`](Self::when_unreachable) | [`WhenUnreachable::Wait`]: fail closed by waiting |
+    /// | [`retry_every`](Self::retry_every) | kling-redis's 100 ms |
+    /// | [`poll_every`](Self::poll_every) | kling-redis's 1 s divided by the preset's speed, at least 50 ms (releases are announced at once; this is the fallback) |
+    ///
+    /// Every stack of the fleet should use the same preset numbers: the capacities a create is
+    /// admitted against are the asking stack's.
+    ///
+    /// # Clone
+    ///
+    /// Clones share the connection; each [`build`](crate::KlingBuilder::build) makes its own
+    /// backends on it.
+    #[derive(Clone, Debug)]
+    pub struct Redis {
+        conn: Connection,
+        when_unreachable: WhenUnreachable,
+        retry_every: Option<Duration>,
+        poll_every: Option<Duration>,
+    }
+
+    impl Redis {
+        /// The limits in the Redis of `conn` (its key prefix names the fleet).
+        pub fn new(conn: Connection) -> Self {
+            Redis {
+                conn,
+                when_unreachable: WhenUnreachable::default(),
+                retry_every: None,
+                poll_every: None,
+            }
+        }
+
+        /// What the rate limiter and the slots do while Redis cannot be reached (default
+        /// [`WhenUnreachable::Wait`]); see [`WhenUnreachable`] for the over-admission each
+        /// choice allows.
+        pub fn when_unreachable(mut self, choice: WhenUnreachable) -> Self {
+            self.when_unreachable = choice;
+            self
+        }
+
+        /// How often a waiting request asks an unreachable Redis again.
+        pub fn retry_every(mut self, every: Duration) -> Self {
+            self.retry_every = Some(every);
+            self
+        }
+
+        /// How often a waiting create asks Redis again when no release was announced.
+        pub fn poll_every(mut self, every: Duration) -> Self {
+            self.poll_every = Some(every);
+            self
+        }
+
+        /// The connection.
+        pub fn connection(&self) -> &Connection {
+            &self.conn
+        }
+
+        /// The unreachable-Redis choice.
+        pub fn get_when_unreachable(&self) -> WhenUnreachable {
+            self.when_unreachable
+        }
+    }
+
+    impl StackBackends for Redis {
+        type Rate = RedisGcra;
+        type Slots = RedisSlots;
+
+        const SNAPSHOT_AT_ONCE: bool = false;
+
+        fn rate_backend(&self, _config: &StackConfig) -> Result<RedisGcra, ConfigError> {
+            let mut backend =
+                RedisGcra::new(self.conn.clone()).when_unreachable(self.when_unreachable);
+            if let Some(every) = self.retry_every {
+                backend = backend.retry_every(every);
+            }
+            Ok(backend)
+        }
+
+        fn slots_backend(
+            &self,
+            slots: &SlotsConfig,
+            config: &StackConfig,
+        ) -> Result<RedisSlots, ConfigError> {
+            let poll_every = self
+                .poll_every
+                .unwrap_or_else(|| config.scaled(DEFAULT_POLL_EVERY).max(MIN_POLL_EVERY));
+            let mut backend = RedisSlots::new(self.conn.clone(), slots.clone())
+                .map_err(|e| crate::stack::layer_error("redis", e.field(), e))?
+                .when_unreachable(self.when_unreachable)
+                .poll_every(poll_every);
+            if let Some(every) = self.retry_every {
+                backend = backend.retry_every(every);
+            }
+            Ok(backend)
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! The one-line stack on Redis (feature `redis`): two `KlingLayer`s standing for two processes
+//! of one account share its limits through one Redis, over real TCP against `kling-mock` on
+//! Pro, in real time at a shared speed factor; the negative control is the same two stacks
+//! with in-process limits. Each test starts its own `redis-server` (skipped, saying why, when
+//! there is none and `CI` is not set).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use kling_core::{BoxError, Outcome, Pool, TaskStatus};
+use kling_mock::{MockConfig, MockKling, Preset, Stats};
+use kling_redis::testing::RedisServer;
+use kling_tower::backends::{Redis, StackBackends};
+use kling_tower::redis::{Connection, RedisConfig, WhenUnreachable};
+use kling_tower::{Credentials, FollowPolicy, Kling, KlingLayer, StackConfig, TaskRef, Tier};
+use tower::{Layer, Service, ServiceExt};
+
+use crate::e2e::{Mock, ONE_AT_A_TIME, warm_up};
+use crate::support::request;
+
+/// API time runs this many times faster on the mock and in both stacks: Pro's 60 requests a
+/// minute become 30 a second, its tasks of 12–18 s last 0.4–0.6 s.
+const SPEED: f64 = 30.0;
+/// Jobs (create, then follow until done) per stack.
+const JOBS_EACH: usize = 12;
+const KEY: &str = "shared-key";
+const CREATE: &str = "/v1/videos/text2video";
+
+fn mock_config() -> MockConfig {
+    MockConfig::preset(Preset::Pro)
+        .speed(SPEED)
+        .task_duration(Duration::from_secs(12), Duration::from_secs(18))
+        .api_key(KEY)
+}
+
+fn redis() -> Option<RedisServer> {
+    RedisServer::start_or_skip().expect("redis-server starts (CI=true)")
+}
+
+async fn connect(server: &RedisServer, prefix: &str) -> Connection {
+    Connection::connect(RedisConfig::new(server.url()).prefix(prefix))
+        .await
+        .expect("redis answers")
+}
+
+fn builder(mock: &Mock) -> kling_tower::KlingBuilder {
+    KlingLayer::builder(
+        StackConfig::preset(Tier::Pro).speed(SPEED),
+        Credentials::api_key(KEY).unwrap(),
+    )
+    .base_url(&mock.base_url)
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+/// Runs `JOBS_EACH` jobs through each stack at once; the statuses, or the errors, of all.
+async fn run_jobs<B>(stacks: &[KlingLayer<B>]) -> Vec<Result<TaskStatus, BoxError>>
+where
+    B: StackBackends,
+    Kling<HttpClient, B>: Service<
+            http::Request<Full<Bytes>>,
+            Response = http::Response<Full<Bytes>>,
+            Error = BoxError,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    <Kling<HttpClient, B> as Service<http::Request<Full<Bytes>>>>::Future: Send,
+{
+    // The first query after 18.5 s of API time, when a task is done: one query per job.
+    let policy = FollowPolicy::new()
+        .first_query(Duration::from_millis(18_500))
+        .speed(SPEED);
+    let mut jobs = Vec::new();
+    for (n, kling) in stacks.iter().enumerate() {
+        // Each stack ("process") on a client of its own.
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let service = kling.layer(client);
+        let follower = kling.follower(service.clone(), policy.clone()).unwrap();
+        for i in 0..JOBS_EACH {
+            let (service, follower) = (service.clone(), follower.clone());
+            jobs.push(tokio::spawn(async move {
+                let body = format!(r#"{{"prompt":"stack {n} job {i}"}}"#);
+                let created = service.oneshot(request("POST", CREATE, &body)).await?;
+                let task = Outcome::of(&created)
+                    .and_then(Outcome::task)
+                    .ok_or("the create answered no task")?
+                    .clone();
+                let done = follower.follow(TaskRef::from_report(CREATE, &task)).await?;
+                Ok::<_, BoxError>(done.status)
+            }));
+        }
+    }
+    let mut results = Vec::new();
+    for job in jobs {
+        results.push(job.await.expect("the job does not panic"));
+    }
+    results
+}
+
+fn code(stats: &Stats, code: &str) -> u64 {
+    stats.responses_by_code.get(code).copied().unwrap_or(0)
+}
+
+fn video_peak(stats: &Stats) -> u32 {
+    stats.max_concurrent.get("video").copied().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stacks_sharing_one_redis_never_exceed_the_pro_capacity() {
+    let Some(redis) = redis() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mock = Mock::start(mock_config());
+    warm_up(
+        Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>(),
+        &mock,
+    )
+    .await;
+
+    // Two "processes": each its own connection, its own stack, its own HTTP client.
+    let mut stacks = Vec::new();
+    for _ in 0..2 {
+        let conn = connect(&redis, "shared-test").await;
+        stacks.push(builder(&mock).shared(conn).build().unwrap());
+    }
+    let started = std::time::Instant::now();
+    let results = run_jobs(&stacks).await;
+    let took = started.elapsed();
+    let stats = mock.stats();
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!(
+            "shared: {} jobs in {took:?}, codes {:?}, peak {}",
+            results.len(),
+            stats.responses_by_code,
+            video_peak(&stats)
+        );
+    }
+    for result in &results {
+        assert_eq!(
+            result.as_ref().map_err(ToString::to_string),
+            Ok(&TaskStatus::Succeeded)
+        );
+    }
+    assert_eq!(stats.tasks_created, 2 * JOBS_EACH as u64, "{stats:?}");
+    assert_eq!(code(&stats, "1303"), 0, "{stats:?}");
+    assert_eq!(stats.duplicate_external_ids, 0, "{stats:?}");
+    assert!(video_peak(&stats) <= 5, "{stats:?}");
+    // The account was used: both stacks together kept its 5 slots busy.
+    assert_eq!(video_peak(&stats), 5, "{stats:?}");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    // Every slot was given back, in Redis, for the account of both stacks.
+    let slots = stacks[1].slots().snapshot().await.unwrap();
+    let video = slots
+        .get(stacks[0].account_id(), &Pool::parse("video").unwrap())
+        .unwrap();
+    assert_eq!((video.in_use, video.capacity), (0, 5));
+    mock.shutdown();
+
+    // Negative control: the same two stacks with limits of their own, on the same settings.
+    let mock = Mock::start(mock_config());
+    let stacks = [
+        builder(&mock).build().unwrap(),
+        builder(&mock).build().unwrap(),
+    ];
+    let results = tokio::time::timeout(Duration::from_secs(30), run_jobs(&stacks)).await;
+    let stats = mock.stats();
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!(
+            "in process: finished {}, codes {:?}",
+            results.is_ok(),
+            stats.responses_by_code
+        );
+    }
+    assert!(
+        code(&stats, "1303") > 0,
+        "two stacks with in-process limits meet 1303s: {stats:?}"
+    );
+    mock.shutdown();
+}
+
+/// A lazily connected stack whose Redis is not there.
+fn unreachable_stack(choice: WhenUnreachable) -> KlingLayer<Redis> {
+    let conn = Connection::lazy(
+        RedisConfig::new("redis://127.0.0.1:1/")
+            .prefix("nowhere")
+            .connect_timeout(Duration::from_millis(50))
+            .command_timeout(Duration::from_millis(50)),
+    )
+    .unwrap();
+    KlingLayer::builder(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key(KEY).unwrap(),
+    )
+    .shared(conn)
+    .when_unreachable(choice)
+    .build()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_unreachable_policy_reaches_the_shared_limits() {
+    let mock = MockKling::new(MockConfig::preset(Preset::Pro).api_key(KEY)).unwrap();
+    let create = || request("POST", CREATE, r#"{"prompt":"a"}"#);
+
+    // Fail: the create fails at once, and nothing was sent.
+    let kling = unreachable_stack(WhenUnreachable::Fail);
+    let started = std::time::Instant::now();
+    let err = kling
+        .layer(mock.clone())
+        .oneshot(create())
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let backend = err
+        .downcast_ref::<kling_tower::concurrency::error::BackendError>()
+        .unwrap_or_else(|| panic!("the slots' backend error: {err}"));
+    assert!(backend.message().contains("unreachable"), "{backend}");
+    assert_eq!(mock.stats().requests_total, 0);
+
+    // Wait (the default): the create waits for Redis, and nothing is sent meanwhile.
+    let kling = unreachable_stack(WhenUnreachable::Wait);
+    let waited = tokio::time::timeout(
+        Duration::from_millis(400),
+        kling.layer(mock.clone()).oneshot(create()),
+    )
+    .await;
+    assert!(waited.is_err(), "still waiting for Redis");
+    assert_eq!(mock.stats().requests_total, 0);
+}
+
+/// Three creates one after the other, through the services of stacks one, two, one; how long
+/// they took. Each stack paces its own first request at once.
+async fn alternate<S>(services: [S; 2]) -> Duration
+where
+    S: Service<http::Request<Full<Bytes>>, Response = http::Response<Full<Bytes>>> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    let started = std::time::Instant::now();
+    for n in [0, 1, 0] {
+        let body = format!(r#"{{"prompt":"from stack {n}"}}"#);
+        let response = services[n]
+            .clone()
+            .oneshot(request("POST", CREATE, &body))
+            .await
+            .unwrap();
+        assert!(Outcome::of(&response).unwrap().is_success());
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_rate_is_shared_by_the_stacks() {
+    let Some(redis) = redis() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    // Pro at 10×: 10 requests a second, paced 105 ms apart. The mock (in process, on the real
+    // clock) has no rate limit here, so the time taken is the stacks' pacing alone.
+    let pro = || StackConfig::preset(Tier::Pro).speed(10.0);
+    let mock = || {
+        let config = MockConfig::preset(Preset::Pro).speed(10.0).no_rate_limit();
+        MockKling::new(config.api_key(KEY)).unwrap()
+    };
+    let credentials = || Credentials::api_key(KEY).unwrap();
+
+    let mut shared = Vec::new();
+    for _ in 0..2 {
+        let conn = connect(&redis, "rate-test").await;
+        let kling = KlingLayer::builder(pro(), credentials())
+            .shared(conn)
+            .build()
+            .unwrap();
+        shared.push(kling);
+    }
+    let mock_one = mock();
+    let took = alternate([shared[0].layer(mock_one.clone()), shared[1].layer(mock_one)]).await;
+    // One account-wide pace: 0, 105, 210 ms.
+    assert!(took >= Duration::from_millis(200), "{took:?}");
+
+    // The control: in-process limits pace each stack alone: 0, 0, 105 ms.
+    let local = [
+        KlingLayer::new(pro(), credentials()).unwrap(),
+        KlingLayer::new(pro(), credentials()).unwrap(),
+    ];
+    let mock_two = mock();
+    let took = alternate([local[0].layer(mock_two.clone()), local[1].layer(mock_two)]).await;
+    assert!(took < Duration::from_millis(200), "{took:?}");
+}
