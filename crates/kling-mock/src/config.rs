@@ -296,6 +296,10 @@ pub struct MockConfig {
     pub max_body_bytes: usize,
     /// TCP port of [`crate::MockServer::start`] on 127.0.0.1 (0 = a free port).
     pub port: u16,
+    /// Base of result URLs (`{base}/{task_id}/{index}.{ext}`). `None`: a non-resolvable
+    /// `https://mock.klingai.invalid/outputs`, except under [`crate::MockServer::start`], which
+    /// points them at its own `GET /__mock/files/...` so results can be downloaded.
+    pub files_base_url: Option<String>,
 }
 
 impl Default for MockConfig {
@@ -330,6 +334,7 @@ impl MockConfig {
             seed: 0x006b_6c69_6e67,
             max_body_bytes: 10 * 1024 * 1024,
             port: 0,
+            files_base_url: None,
         }
     }
 
@@ -518,6 +523,12 @@ impl MockConfig {
     /// Sets the TCP port of [`crate::MockServer::start`] (0 = a free port).
     pub fn port(mut self, port: u16) -> Self {
         self.port = port;
+        self
+    }
+
+    /// Sets the base of result URLs (see [`MockConfig::files_base_url`]).
+    pub fn files_base_url(mut self, base: impl Into<String>) -> Self {
+        self.files_base_url = Some(base.into().trim_end_matches('/').to_owned());
         self
     }
 

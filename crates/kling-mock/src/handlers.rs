@@ -286,6 +286,11 @@ impl State {
             },
             video_duration: spec.video_duration,
             external_id: spec.external_id.clone(),
+            files_base: self
+                .config
+                .files_base_url
+                .as_deref()
+                .map(std::sync::Arc::from),
             created: now,
             processing_at: now + duration / 10,
             end: now + duration,

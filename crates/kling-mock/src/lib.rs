@@ -42,7 +42,9 @@
 //!
 //! Pools are named `video`, `image`, `try-on` (legacy endpoints) and `video:{model}`,
 //! `image:{model}` (new endpoints, model from the path). Control and observation without auth:
-//! `GET /__mock/stats` ([`Stats`]), `POST /__mock/reset-stats`, `POST /__mock/switches`.
+//! `GET /__mock/stats` ([`Stats`]), `POST /__mock/reset-stats`, `POST /__mock/switches`, and
+//! `GET /__mock/files/...`, the result files ([`file_bytes`]) that [`MockServer`]'s result URLs
+//! point at.
 //!
 //! No cargo features. MSRV: the workspace's `rust-version` (1.88).
 
@@ -68,3 +70,15 @@ pub use error::MockError;
 pub use server::MockServer;
 pub use service::{MockKling, ResponseFuture};
 pub use stats::Stats;
+
+/// The bytes `GET /__mock/files/{name}` answers: 4 KiB that name the file, the same on every
+/// call, so a downloaded result can be checked.
+pub fn file_bytes(name: &str) -> bytes::Bytes {
+    let line = format!("kling-mock result {name}\n");
+    let mut out = Vec::with_capacity(4096);
+    while out.len() < 4096 {
+        out.extend_from_slice(line.as_bytes());
+    }
+    out.truncate(4096);
+    bytes::Bytes::from(out)
+}

@@ -41,24 +41,39 @@ impl MockServer {
     /// Binds `127.0.0.1:{config.port}` (0 = a free port) and starts serving.
     ///
     /// An invalid configuration is an [`io::ErrorKind::InvalidInput`] error naming the field.
-    pub async fn start(config: MockConfig) -> io::Result<MockServer> {
-        let port = config.port;
+    ///
+    /// Result URLs point at the server itself (`GET /__mock/files/{task_id}/{index}.{ext}`
+    /// answers small deterministic bytes, [`file_bytes`](crate::file_bytes)) unless
+    /// [`MockConfig::files_base_url`] is set.
+    pub async fn start(mut config: MockConfig) -> io::Result<MockServer> {
+        config.validate()?;
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, config.port)).await?;
+        let addr = listener.local_addr()?;
+        if config.files_base_url.is_none() {
+            config.files_base_url = Some(format!("http://{addr}/__mock/files"));
+        }
         let mock = MockKling::new(config)?;
-        Self::serve(mock, port).await
+        Ok(Self::serve_on(listener, mock))
     }
 
     /// Serves an existing mock (its state shared with the caller's clones) on `127.0.0.1:port`.
     pub async fn serve(mock: MockKling, port: u16) -> io::Result<MockServer> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
-        let addr = listener.local_addr()?;
+        Ok(Self::serve_on(listener, mock))
+    }
+
+    fn serve_on(listener: TcpListener, mock: MockKling) -> MockServer {
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(accept_loop(listener, mock.clone(), stopped));
-        Ok(MockServer {
+        MockServer {
             addr,
             mock,
             stop: Some(stop),
             task: Some(task),
-        })
+        }
     }
 
     /// `http://127.0.0.1:PORT`.

@@ -261,6 +261,15 @@ impl MockKling {
         let stats_json = |stats: Stats| serde_json::to_value(stats).unwrap_or(Value::Null);
         match (method, path) {
             (&Method::GET, "stats") => json(stats_json(self.stats())),
+            (&Method::GET, file) if file.starts_with("files/") => {
+                let name = &file["files/".len()..];
+                let mut resp = Response::new(Full::new(crate::file_bytes(name)));
+                resp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/octet-stream"),
+                );
+                resp
+            }
             (&Method::POST, "reset-stats") => {
                 self.reset_stats();
                 json(stats_json(self.stats()))

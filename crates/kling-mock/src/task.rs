@@ -115,6 +115,8 @@ pub(crate) struct Task {
     pub(crate) outputs: u32,
     pub(crate) video_duration: String,
     pub(crate) external_id: Option<String>,
+    /// Base of the result URLs; `None` for the non-resolvable default host.
+    pub(crate) files_base: Option<std::sync::Arc<str>>,
     pub(crate) created: Instant,
     pub(crate) processing_at: Instant,
     pub(crate) end: Instant,
@@ -154,10 +156,11 @@ impl Task {
             OutputKind::Video => "mp4",
             OutputKind::Image => "png",
         };
-        format!(
-            "https://mock.klingai.invalid/outputs/{}/{index}.{ext}",
-            self.id
-        )
+        let base = self
+            .files_base
+            .as_deref()
+            .unwrap_or("https://mock.klingai.invalid/outputs");
+        format!("{base}/{}/{index}.{ext}", self.id)
     }
 
     /// The shape of the task's own generation.

@@ -207,3 +207,56 @@ async fn callbacks_are_delivered_signed_at_each_status_change() {
     assert_eq!(server.stats().callbacks_sent, 2);
     assert_eq!(server.stats().callbacks_failed, 0);
 }
+
+#[tokio::test]
+async fn result_urls_point_at_the_server_which_serves_the_files() {
+    let server = MockServer::start(fast()).await.unwrap();
+    let base = server.base_url();
+    let c = client();
+    let (_, created) = send(
+        &c,
+        "POST",
+        format!("{base}/v1/images/generations"),
+        Some(json!({"prompt": "x", "n": 2})),
+    )
+    .await;
+    let id = created["data"]["task_id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (_, q) = send(
+        &c,
+        "GET",
+        format!("{base}/v1/images/generations/{id}"),
+        None,
+    )
+    .await;
+    let images = q["data"]["task_result"]["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2);
+    let url = images[1]["url"].as_str().unwrap();
+    assert_eq!(url, format!("{base}/__mock/files/{id}/1.png"));
+    let fetch = |url: String| {
+        let c = c.clone();
+        async move {
+            let resp = c
+                .request(Request::get(url).body(Full::new(Bytes::new())).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.into_body().collect().await.unwrap().to_bytes()
+        }
+    };
+    let first = fetch(url.to_owned()).await;
+    assert_eq!(first.len(), 4096);
+    assert_eq!(first, kling_mock::file_bytes(&format!("{id}/1.png")));
+    assert_eq!(
+        fetch(url.to_owned()).await,
+        first,
+        "the same bytes every time"
+    );
+
+    // An in-process mock keeps the non-resolvable host unless told otherwise.
+    let config = fast().files_base_url("http://files.example/out/");
+    assert_eq!(
+        config.files_base_url.as_deref(),
+        Some("http://files.example/out")
+    );
+}

@@ -1,0 +1,100 @@
+//! Putting a run together: listeners, progress, the engine, and the summary. Shared by
+//! `kling-batch run` and `kling-batch demo`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use kling_core::Pool;
+use kling_tower::{StackConfig, WebhookVerifier};
+use tokio::net::TcpListener;
+
+use crate::callbacks;
+use crate::error::SetupError;
+use crate::jobs::Job;
+use crate::journal::Journal;
+use crate::progress::{self, Bars};
+use crate::run::{Engine, RunOptions, RunReport, StopSignal};
+use crate::stack::Stack;
+use crate::summary::{ServerTruth, Summary, bound_secs};
+
+/// The listeners a run serves while it runs.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct Listeners {
+    /// The callback listener and, if callbacks are signed, their verifier.
+    pub callback: Option<(TcpListener, Option<WebhookVerifier>)>,
+    /// The Prometheus `/metrics` listener.
+    pub metrics: Option<TcpListener>,
+}
+
+/// Runs `jobs` through `stack`, serving the listeners and drawing progress (unless `quiet`
+/// or stderr is not a terminal), until done or `stop`.
+pub async fn execute(
+    stack: Stack,
+    journal: Journal,
+    jobs: &[Job],
+    options: RunOptions,
+    listeners: Listeners,
+    quiet: bool,
+    stop: StopSignal,
+) -> Result<RunReport, SetupError> {
+    let engine = Engine::new(stack.clone(), journal, options)
+        .map_err(|e| SetupError::new(e.field().to_owned(), e.to_string()))?;
+    let mut served = Vec::new();
+    if let Some(listener) = listeners.metrics {
+        let endpoint = kling_metrics::prometheus::install()
+            .map_err(|e| SetupError::new("--metrics-addr", e.to_string()))?
+            .with_monitor(stack.layer().monitor().clone());
+        let router = Router::new().route_service("/metrics", endpoint);
+        served.push(callbacks::spawn(listener, router));
+    }
+    if let Some((listener, verifier)) = listeners.callback {
+        served.push(callbacks::spawn(
+            listener,
+            callbacks::router(engine.clone(), verifier),
+        ));
+    }
+    let bars = Arc::new(Bars::new(quiet));
+    let drawing = tokio::spawn(progress::drive(
+        bars.clone(),
+        engine.progress(),
+        stack.clone(),
+    ));
+    let report = engine.run(jobs, stop).await;
+    drawing.abort();
+    bars.finish();
+    for task in served {
+        task.abort();
+    }
+    report.map_err(|e| SetupError::new("journal", e.to_string()))
+}
+
+/// The summary of a run: jobs from the records, traffic from the stack's counters, and the
+/// bound from `truth` (the mock's task durations) or else from what the run observed.
+pub fn summarize(
+    stack: &Stack,
+    config: &StackConfig,
+    report: &RunReport,
+    truth: Option<&kling_mock::Stats>,
+) -> Summary {
+    let mut summary = Summary::default();
+    summary.count_jobs(&report.records);
+    summary.set_traffic(
+        stack.calls().requests(),
+        stack.attempts().requests(),
+        &stack.attempts().by_code(),
+    );
+    summary.creates = report.creates;
+    summary.interrupted = report.interrupted;
+    let (task_seconds, basis) = match truth {
+        Some(stats) => (stats.task_seconds.clone(), "mock"),
+        None => (report.observed_task_seconds.clone(), "observed"),
+    };
+    let slots_of =
+        |pool: &str| Pool::parse(pool).map_or(config.default_slots(), |p| config.slots_for(&p));
+    let rate = config.account_rate_per_minute().map(|r| r / 60.0);
+    let bound = bound_secs(&task_seconds, slots_of, report.creates, rate);
+    summary.set_timing(report.makespan.as_secs_f64(), bound, basis);
+    summary.server = truth.map(ServerTruth::from_stats);
+    summary
+}

@@ -1,0 +1,342 @@
+//! The command line: `kling-batch run` and `kling-batch demo`.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use kling_tower::{Credentials, FollowPolicy, StackConfig, Tier, WebhookVerifier};
+use tokio::sync::watch;
+
+use crate::app::{self, Listeners};
+use crate::callbacks::{self, CALLBACK_PATH};
+use crate::demo::{self, DemoOptions};
+use crate::error::SetupError;
+use crate::jobs::parse_jobs;
+use crate::journal::Journal;
+use crate::output::write_results;
+use crate::run::{RunOptions, StopSignal};
+use crate::stack::Stack;
+use crate::summary::Summary;
+
+/// Exit status: every job succeeded.
+pub const EXIT_OK: i32 = 0;
+/// Exit status: some job failed, was not submitted, or is still running.
+pub const EXIT_INCOMPLETE: i32 = 1;
+/// Exit status: bad input or configuration; nothing was sent.
+pub const EXIT_SETUP: i32 = 2;
+/// Exit status: stopped by Ctrl-C (run again to resume).
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// Generate with Kling as fast as your account allows: resumable, never paying twice.
+#[derive(Debug, Parser)]
+#[command(name = "kling-batch", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the jobs of a JSONL file (one create body per line) and write their results.
+    Run(RunArgs),
+    /// Run a generated workload against the embedded mock: no account needed.
+    Demo(DemoArgs),
+}
+
+/// `kling-batch run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The jobs: one JSON object per line (`prompt` and other create fields, optional `id`
+    /// and `endpoint`).
+    pub jobs: PathBuf,
+    /// The journal (SQLite); running again on the same journal resumes. Default:
+    /// `JOBS.journal.sqlite`.
+    #[arg(long)]
+    pub journal: Option<PathBuf>,
+    /// Where results go, one JSON line per job. Default: `JOBS.results.jsonl`.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// The API's base URL (a region, a proxy, or a mock).
+    #[arg(long, default_value = kling_tower::base_url::GLOBAL)]
+    pub base_url: String,
+    /// The account tier: free, standard, pro, enterprise, resource-pack (default: `KLING_TIER`,
+    /// else free). `KLING_*` variables override its numbers.
+    #[arg(long, conflicts_with = "config")]
+    pub tier: Option<Tier>,
+    /// A TOML file with the tier and every number (see kling-tower's `preset` docs).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Speed factor (for a sped-up mock): rates × N, durations ÷ N.
+    #[arg(long)]
+    pub speed: Option<f64>,
+    /// Listen for Kling's callbacks on ADDR (e.g. 0.0.0.0:8787).
+    #[arg(long)]
+    pub callback_listen: Option<SocketAddr>,
+    /// The public URL Kling should post callbacks to (default: http://ADDR/kling/callback).
+    #[arg(long, requires = "callback_listen")]
+    pub callback_url: Option<String>,
+    /// Standard-Webhooks secret of signed callbacks (or `KLING_WEBHOOK_SECRET`); without one,
+    /// each callback is confirmed with a query.
+    #[arg(long, requires = "callback_listen")]
+    pub callback_secret: Option<String>,
+    /// Save each result file under DIR as soon as its task succeeds.
+    #[arg(long)]
+    pub download: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics while running.
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Refuse the whole file when a line is malformed (default: report and skip it).
+    #[arg(long)]
+    pub strict: bool,
+    /// No progress bars.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// `kling-batch demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// The tier the mock enforces and the stack is set for: free, standard, pro, enterprise.
+    #[arg(long, default_value = "pro")]
+    pub tier: Tier,
+    /// How many jobs.
+    #[arg(long, default_value_t = 100)]
+    pub jobs: usize,
+    /// Speed factor of the mock and the stack alike.
+    #[arg(long, default_value_t = 60.0)]
+    pub speed: f64,
+    /// Save each result file under DIR.
+    #[arg(long)]
+    pub download: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics while running.
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bars.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+fn note(message: impl std::fmt::Display) {
+    let _ = writeln!(std::io::stderr(), "kling-batch: {message}");
+}
+
+/// Runs a parsed command line; returns the exit status.
+pub async fn main(cli: Cli) -> i32 {
+    let stop = stop_on_ctrl_c();
+    let result = match cli.command {
+        Command::Run(args) => run(args, stop).await,
+        Command::Demo(args) => demo(args, stop).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            note(e);
+            EXIT_SETUP
+        }
+    }
+}
+
+/// A stop signal set by the first Ctrl-C; a second one exits at once.
+fn stop_on_ctrl_c() -> StopSignal {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_err() {
+            // No signal handling here: the run goes on without it.
+            std::future::pending::<()>().await;
+        }
+        note("stopping: no new creates; the journal is kept (ctrl-c again to quit at once)");
+        let _ = tx.send(true);
+        let _ = tokio::signal::ctrl_c().await;
+        std::process::exit(EXIT_INTERRUPTED);
+    });
+    rx
+}
+
+fn default_path(jobs: &Path, suffix: &str) -> PathBuf {
+    let stem = jobs
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "jobs".to_owned());
+    jobs.with_file_name(format!("{stem}{suffix}"))
+}
+
+/// Reads the stack configuration: `--config`, else `--tier` with `KLING_*` overrides, else
+/// `KLING_*` alone; then `--speed`.
+pub fn load_config(args: &RunArgs) -> Result<StackConfig, SetupError> {
+    let config = if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            SetupError::new("--config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        StackConfig::from_toml_str(&text).map_err(|e| {
+            SetupError::new(format!("{} ({})", path.display(), e.field()), e.to_string())
+        })?
+    } else if let Some(tier) = args.tier {
+        StackConfig::preset(tier)
+            .with_lookup(|name| std::env::var(name).ok())
+            .map_err(|e| SetupError::new(e.field().to_owned(), e.to_string()))?
+    } else {
+        StackConfig::from_env().map_err(|e| SetupError::new(e.field().to_owned(), e.to_string()))?
+    };
+    let config = match args.speed {
+        Some(speed) => config.speed(speed),
+        None => config,
+    };
+    config
+        .validate()
+        .map_err(|e| SetupError::new(format!("--{}", e.field()), e.to_string()))?;
+    Ok(config)
+}
+
+async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, SetupError> {
+    let text = std::fs::read_to_string(&args.jobs).map_err(|e| {
+        SetupError::new("JOBS", format!("cannot read {}: {e}", args.jobs.display()))
+    })?;
+    let (jobs, errors) = parse_jobs(&text);
+    for error in &errors {
+        note(format_args!(
+            "{}: {error}{}",
+            args.jobs.display(),
+            if args.strict { "" } else { " (skipped)" }
+        ));
+    }
+    if args.strict && !errors.is_empty() {
+        return Err(SetupError::new(
+            "--strict",
+            format!(
+                "{} malformed line(s) in {}; nothing was sent",
+                errors.len(),
+                args.jobs.display()
+            ),
+        ));
+    }
+    if jobs.is_empty() {
+        return Err(SetupError::new(
+            "JOBS",
+            format!("{} holds no job", args.jobs.display()),
+        ));
+    }
+    let config = load_config(&args)?;
+    let credentials = Credentials::from_env()
+        .map_err(|e| SetupError::new(e.field().to_owned(), e.to_string()))?;
+    let stack = Stack::new(config.clone(), credentials, &args.base_url)?;
+    let journal_path = args
+        .journal
+        .clone()
+        .unwrap_or_else(|| default_path(&args.jobs, ".journal.sqlite"));
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| default_path(&args.jobs, ".results.jsonl"));
+    let journal = Journal::open(&journal_path)
+        .map_err(|e| SetupError::new("--journal", format!("{}: {e}", journal_path.display())))?;
+
+    let mut listeners = Listeners::default();
+    let mut follow = crate::run::default_follow_policy(config.speed_factor());
+    let mut options_callback = None;
+    if let Some(addr) = args.callback_listen {
+        let listener = callbacks::bind(addr)
+            .await
+            .map_err(|e| SetupError::new("--callback-listen", format!("{addr}: {e}")))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| SetupError::new("--callback-listen", e.to_string()))?;
+        let url = args
+            .callback_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{bound}{CALLBACK_PATH}"));
+        let secret = args
+            .callback_secret
+            .clone()
+            .or_else(|| std::env::var("KLING_WEBHOOK_SECRET").ok());
+        let verifier = match secret {
+            Some(secret) => Some(
+                WebhookVerifier::new(&secret)
+                    .map_err(|e| SetupError::new("--callback-secret", e.to_string()))?,
+            ),
+            None => None,
+        };
+        listeners.callback = Some((listener, verifier));
+        options_callback = Some(url);
+        follow = FollowPolicy::new()
+            .callbacks_first(std::time::Duration::from_secs(60))
+            .speed(config.speed_factor());
+    }
+    if let Some(addr) = args.metrics_addr {
+        listeners.metrics = Some(
+            callbacks::bind(addr)
+                .await
+                .map_err(|e| SetupError::new("--metrics-addr", format!("{addr}: {e}")))?,
+        );
+    }
+    let mut options = RunOptions::new(follow);
+    if let Some(url) = options_callback {
+        options = options.callback_url(url);
+    }
+    if let Some(dir) = &args.download {
+        options = options.download_dir(dir.clone());
+    }
+    let report = app::execute(
+        stack.clone(),
+        journal,
+        &jobs,
+        options,
+        listeners,
+        args.quiet,
+        stop,
+    )
+    .await?;
+    write_results(&output, &report.records)
+        .map_err(|e| SetupError::new("--output", format!("{}: {e}", output.display())))?;
+    let summary = app::summarize(&stack, &config, &report, None);
+    print_summary(&summary, args.json);
+    note(format_args!(
+        "results in {}, journal in {}",
+        output.display(),
+        journal_path.display()
+    ));
+    Ok(exit_code(&summary))
+}
+
+async fn demo(args: DemoArgs, stop: StopSignal) -> Result<i32, SetupError> {
+    let options = DemoOptions {
+        tier: args.tier,
+        jobs: args.jobs,
+        speed: args.speed,
+        download_dir: args.download,
+        metrics_addr: args.metrics_addr,
+        quiet: args.quiet,
+    };
+    let (summary, _) = demo::run_demo(&options, stop).await?;
+    print_summary(&summary, args.json);
+    Ok(exit_code(&summary))
+}
+
+fn print_summary(summary: &Summary, json: bool) {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let _ = serde_json::to_writer(&mut out, summary);
+        let _ = writeln!(out);
+    } else {
+        let _ = write!(out, "{summary}");
+    }
+}
+
+/// The exit status a summary calls for.
+pub fn exit_code(summary: &Summary) -> i32 {
+    if summary.interrupted {
+        EXIT_INTERRUPTED
+    } else if summary.ok == summary.jobs {
+        EXIT_OK
+    } else {
+        EXIT_INCOMPLETE
+    }
+}

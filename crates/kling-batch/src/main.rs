@@ -1,0 +1,25 @@
+//! `kling-batch`: run a batch of Kling generation jobs through the kling-tower stack.
+
+use clap::Parser as _;
+use kling_batch::cli::{self, Cli};
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            let _ = std::io::Write::write_fmt(
+                &mut std::io::stderr(),
+                format_args!("kling-batch: cannot start the runtime: {e}\n"),
+            );
+            std::process::exit(cli::EXIT_SETUP);
+        }
+    };
+    let code = runtime.block_on(cli::main(cli));
+    // Background tasks (listeners, the ctrl-c watcher) are not waited for.
+    runtime.shutdown_background();
+    std::process::exit(code);
+}

@@ -1,0 +1,80 @@
+//! The output JSONL: one line per job, in the jobs file's order.
+//!
+//! ```json
+//! {"job_id":"cat","line":1,"state":"succeeded","external_id":"kb-…","task_id":"8600…","status":"succeeded","urls":["https://…/0.mp4"],"files":["out/cat/0.mp4"]}
+//! {"job_id":"dog","line":2,"state":"failed","external_id":"kb-…","error":{"code":1301,"message":"content security check failed","request_id":"…"}}
+//! ```
+//!
+//! `state` is `succeeded`, `failed`, `not_submitted`, `created` (still running: run again to
+//! follow it) or `creating` (create outcome unknown: run again to look it up).
+
+use std::io::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::journal::{ErrorInfo, JobRecord, JobState};
+
+/// One output line.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct ResultLine<'a> {
+    /// The job's id.
+    pub job_id: &'a str,
+    /// Its line in the jobs file.
+    pub line: usize,
+    /// Where it ended.
+    pub state: JobState,
+    /// The external id its create carried.
+    pub external_id: &'a str,
+    /// The task id, once created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<&'a str>,
+    /// The task's last status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<&'a str>,
+    /// Result URLs.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub urls: &'a [String],
+    /// Downloaded files.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub files: &'a [String],
+    /// The error, with Kling's code and request id when Kling gave them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a ErrorInfo>,
+}
+
+impl<'a> ResultLine<'a> {
+    /// The line of a journal record.
+    pub fn of(record: &'a JobRecord) -> Self {
+        ResultLine {
+            job_id: &record.job_id,
+            line: record.line,
+            state: record.state,
+            external_id: &record.external_id,
+            task_id: record.task_id.as_deref(),
+            status: record.status.as_deref(),
+            urls: &record.urls,
+            files: &record.files,
+            error: if record.state == JobState::Succeeded {
+                None
+            } else {
+                record.error.as_ref()
+            },
+        }
+    }
+}
+
+/// Writes the records as JSONL to `path` (through a temporary file, renamed when complete).
+pub fn write_results(path: &Path, records: &[JobRecord]) -> std::io::Result<()> {
+    let tmp = path.with_extension("jsonl.tmp");
+    {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        for record in records {
+            serde_json::to_writer(&mut file, &ResultLine::of(record))?;
+            file.write_all(b"\n")?;
+        }
+        file.flush()?;
+    }
+    std::fs::rename(&tmp, path)
+}

@@ -1,0 +1,933 @@
+//! The run: create every job through the stack, follow each task to its end, record every
+//! step in the journal, and resume where a killed run stopped.
+//!
+//! - **Creates** go one at a time per pool: a create waits in the task-slots layer for a free
+//!   slot, so one waiting create per pool keeps the pool full, and no second create can be on
+//!   the wire when Kling answers `1102` (the run then stops creating and reports the rest as
+//!   not submitted).
+//! - **Resume**: jobs whose create may have been sent (`creating`) are looked up by their
+//!   external id first (`GET {endpoint}/{id}` or `GET /tasks?external_task_ids=`); jobs
+//!   already created are followed (in one batch), after the slots they hold were adopted
+//!   ([`SlotsHandle::reconcile`](kling_concurrency::SlotsHandle::reconcile)). Nothing is created
+//!   twice.
+//! - **Follow**: kling-tower's [`Follower`] with the run's [`FollowPolicy`]; callbacks (when a
+//!   listener is configured) end a follow at once.
+//! - **Stop** (Ctrl-C): the stack's drain gate closes (no create leaves any more), creates in
+//!   flight get a short grace to be recorded, and the run ends; a later run picks up.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use kling_concurrency::Reconcile;
+use kling_core::error::ApiError;
+use kling_core::{ApiGeneration, BoxError, Code, Outcome, TaskReport, TaskStatus};
+use kling_tower::error::FollowError;
+use kling_tower::{FollowPolicy, Follower, TaskRef};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tower::ServiceExt as _;
+
+use crate::download;
+use crate::error::JournalError;
+use crate::jobs::Job;
+use crate::journal::{ErrorInfo, JobRecord, JobState, Journal, Update};
+use crate::progress::Progress;
+use crate::stack::{BatchService, Stack};
+
+/// The most task ids one batch query carries.
+pub const BATCH_SIZE: usize = 50;
+
+/// What a run does besides creating and following.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RunOptions {
+    /// The URL Kling posts task changes to (a listener must answer there).
+    pub callback_url: Option<String>,
+    /// Where result files are saved, if anywhere.
+    pub download_dir: Option<PathBuf>,
+    /// How tasks are queried.
+    pub follow: FollowPolicy,
+    /// How long creates in flight may still finish after a stop.
+    pub stop_grace: Duration,
+}
+
+impl RunOptions {
+    /// No callbacks, no downloads, `follow` as given, a 2 s grace.
+    pub fn new(follow: FollowPolicy) -> Self {
+        RunOptions {
+            callback_url: None,
+            download_dir: None,
+            follow,
+            stop_grace: Duration::from_secs(2),
+        }
+    }
+
+    /// Sets the callback URL sent with each create.
+    pub fn callback_url(mut self, url: impl Into<String>) -> Self {
+        self.callback_url = Some(url.into());
+        self
+    }
+
+    /// Saves result files under `dir`.
+    pub fn download_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.download_dir = Some(dir.into());
+        self
+    }
+}
+
+/// The follow policy of a run without callbacks, at `speed`: first query after 10 s, then
+/// every quarter of the task's age between 5 s and 30 s (API time), so the five tasks of a Pro
+/// account cost about one query every four seconds while a task's end is noticed within a
+/// quarter of its age.
+pub fn default_follow_policy(speed: f64) -> FollowPolicy {
+    FollowPolicy::new()
+        .first_query(Duration::from_secs(10))
+        .interval_bounds(Duration::from_secs(5), Duration::from_secs(30))
+        .age_factor(0.25)
+        .speed(speed)
+}
+
+/// What a run measured.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct RunReport {
+    /// Every job's final record, in line order.
+    pub records: Vec<JobRecord>,
+    /// From the first create to the last task's end.
+    pub makespan: Duration,
+    /// Per pool, the seconds tasks ran as this run saw them (create answer to end noticed).
+    pub observed_task_seconds: BTreeMap<String, f64>,
+    /// Creates sent in this run.
+    pub creates: u64,
+    /// Whether the run was stopped before it finished.
+    pub interrupted: bool,
+}
+
+/// A stop signal: `true` once the run should stop creating.
+pub type StopSignal = watch::Receiver<bool>;
+
+/// One run of a batch. See the [module docs](self).
+#[derive(Debug)]
+pub struct Engine {
+    stack: Stack,
+    journal: Journal,
+    follower: Follower<BatchService>,
+    /// Follows new-style tasks: the batch poller delivers their ends, so its own queries are
+    /// only a slow safety net.
+    batch_follower: Follower<BatchService>,
+    new_style_tracked: tokio::sync::Notify,
+    options: RunOptions,
+    progress: Arc<Progress>,
+    halted: AtomicBool,
+    halt_reason: Mutex<Option<ErrorInfo>>,
+    tasks: Mutex<HashMap<String, Running>>,
+    lifetimes: Mutex<BTreeMap<String, f64>>,
+    creates: std::sync::atomic::AtomicU64,
+    last_end: Mutex<Option<Instant>>,
+}
+
+#[derive(Clone, Debug)]
+struct Running {
+    /// `{create path}/` for legacy tasks; `None` for new-style ones (`GET /tasks`).
+    legacy_path: Option<String>,
+    pool: String,
+    created: Instant,
+}
+
+/// A created task for the coordinator to follow.
+struct Created {
+    job_id: String,
+    task: TaskRef,
+    batched: bool,
+}
+
+impl Engine {
+    /// An engine over `stack`, recording in `journal`.
+    pub fn new(
+        stack: Stack,
+        journal: Journal,
+        options: RunOptions,
+    ) -> Result<Arc<Engine>, kling_tower::error::ConfigError> {
+        let follower = stack
+            .layer()
+            .follower(stack.service(), options.follow.clone())?;
+        let safety = options
+            .follow
+            .interval(Duration::from_secs(u64::from(u32::MAX)))
+            .saturating_mul(4);
+        let batch_follower = stack.layer().follower(
+            stack.service(),
+            options.follow.clone().callbacks_first(safety),
+        )?;
+        Ok(Arc::new(Engine {
+            stack,
+            journal,
+            follower,
+            batch_follower,
+            new_style_tracked: tokio::sync::Notify::new(),
+            options,
+            progress: Arc::new(Progress::default()),
+            halted: AtomicBool::new(false),
+            halt_reason: Mutex::new(None),
+            tasks: Mutex::new(HashMap::new()),
+            lifetimes: Mutex::new(BTreeMap::new()),
+            creates: std::sync::atomic::AtomicU64::new(0),
+            last_end: Mutex::new(None),
+        }))
+    }
+
+    /// The live job counts.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
+    /// The stack.
+    pub fn stack(&self) -> &Stack {
+        &self.stack
+    }
+
+    /// The journal.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    fn move_to(
+        &self,
+        job_id: &str,
+        from: JobState,
+        to: JobState,
+        update: Update,
+    ) -> Result<(), JournalError> {
+        self.journal.transition(job_id, to, update)?;
+        self.progress.moved(from, to);
+        Ok(())
+    }
+
+    /// Runs `jobs` to the end (or until `stop`), and returns what happened.
+    pub async fn run(
+        self: &Arc<Self>,
+        jobs: &[Job],
+        mut stop: StopSignal,
+    ) -> Result<RunReport, JournalError> {
+        let records = self.journal.register(jobs)?;
+        let jobs_by_id: HashMap<&str, &Job> = jobs.iter().map(|j| (j.id.as_str(), j)).collect();
+        let mut queued: Vec<&Job> = Vec::new();
+        let mut creating: Vec<(&Job, String, JobState)> = Vec::new();
+        let mut created: Vec<(&Job, String)> = Vec::new();
+        let mut undownloaded: Vec<(&Job, Vec<String>)> = Vec::new();
+        for record in &records {
+            let job = jobs_by_id[record.job_id.as_str()];
+            self.progress.enter(record.state);
+            match record.state {
+                JobState::Queued => queued.push(job),
+                JobState::NotSubmitted => {
+                    // Never created: this run tries again.
+                    self.move_to(
+                        &job.id,
+                        JobState::NotSubmitted,
+                        JobState::Queued,
+                        Update::default(),
+                    )?;
+                    queued.push(job);
+                }
+                JobState::Creating => {
+                    creating.push((job, record.external_id.clone(), JobState::Creating));
+                }
+                JobState::Created => match &record.task_id {
+                    Some(task) => created.push((job, task.clone())),
+                    None => creating.push((job, record.external_id.clone(), JobState::Created)),
+                },
+                JobState::Succeeded => {
+                    let missing = record.files.len() < record.urls.len()
+                        || record
+                            .files
+                            .iter()
+                            .any(|f| !std::path::Path::new(f).exists());
+                    if self.options.download_dir.is_some() && missing {
+                        undownloaded.push((job, record.urls.clone()));
+                    }
+                }
+                JobState::Failed => {}
+            }
+        }
+
+        // Resume: adopt the slots of tasks still running on the server, then settle every
+        // create whose outcome is unknown by looking it up, before anything is created.
+        if !creating.is_empty() || !created.is_empty() {
+            self.adopt_slots(jobs).await;
+        }
+        for (job, external_id, state) in creating {
+            match self.lookup(job, &external_id).await {
+                Ok(Some(report)) => {
+                    self.move_to(
+                        &job.id,
+                        state,
+                        JobState::Created,
+                        Update::task(report.id.clone()),
+                    )?;
+                    created.push((job, report.id));
+                }
+                Ok(None) => {
+                    self.move_to(&job.id, state, JobState::Queued, Update::default())?;
+                    queued.push(job);
+                }
+                Err(e) => {
+                    tracing::warn!(job = %job.id, error = %e, "cannot look the job up; it stays unknown until a later run");
+                }
+            }
+        }
+        queued.sort_by_key(|j| j.line);
+
+        let start = Instant::now();
+        let poller = tokio::spawn(self.clone().poll_new_style());
+        let (tx, mut rx) = mpsc::unbounded_channel::<Created>();
+        let mut follows: JoinSet<()> = JoinSet::new();
+
+        // Tasks created by an earlier run: one batch follow.
+        if !created.is_empty() {
+            let now = Instant::now();
+            let refs: Vec<(String, TaskRef)> = created
+                .iter()
+                .map(|(job, task)| {
+                    let task = match job.generation() {
+                        ApiGeneration::New => TaskRef::new_style(task.clone()),
+                        _ => TaskRef::legacy(job.endpoint.clone(), task.clone()),
+                    };
+                    self.track(job, &task, now);
+                    (job.id.clone(), task)
+                })
+                .collect();
+            // Legacy tasks are queried one by one; new-style ones in batches by the poller.
+            let (new_style, legacy): (Vec<_>, Vec<_>) =
+                refs.into_iter().partition(|(job_id, _)| {
+                    jobs_by_id[job_id.as_str()].generation() == ApiGeneration::New
+                });
+            for (refs, batched) in [(legacy, false), (new_style, true)] {
+                if refs.is_empty() {
+                    continue;
+                }
+                let engine = self.clone();
+                follows.spawn(async move {
+                    let follower = if batched {
+                        &engine.batch_follower
+                    } else {
+                        &engine.follower
+                    };
+                    let results = follower
+                        .follow_many(refs.iter().map(|(_, t)| t.clone()).collect())
+                        .await;
+                    for ((job_id, task), result) in refs.into_iter().zip(results) {
+                        engine.finish(&job_id, task.id(), result).await;
+                    }
+                });
+            }
+        }
+        for (job, urls) in undownloaded {
+            let engine = self.clone();
+            let job_id = job.id.clone();
+            follows.spawn(async move { engine.download(&job_id, &urls).await });
+        }
+
+        // Creators: one per pool, one create in flight each.
+        let mut pools: BTreeMap<String, Vec<Job>> = BTreeMap::new();
+        for job in queued {
+            pools
+                .entry(job.pool().to_string())
+                .or_default()
+                .push(job.clone());
+        }
+        let mut creators: JoinSet<Result<(), JournalError>> = JoinSet::new();
+        for (_, jobs) in pools {
+            let engine = self.clone();
+            let tx = tx.clone();
+            let stop = stop.clone();
+            creators.spawn(async move { engine.create_all(jobs, tx, stop).await });
+        }
+        drop(tx);
+
+        let mut interrupted = false;
+        let mut stop_closed = false;
+        let mut creators_done = creators.is_empty();
+        let mut channel_open = true;
+        let mut journal_error = None;
+        loop {
+            if creators_done && !channel_open && follows.is_empty() {
+                break;
+            }
+            tokio::select! {
+                created = rx.recv(), if channel_open => match created {
+                    Some(created) => {
+                        let engine = self.clone();
+                        follows.spawn(async move {
+                            let follower = if created.batched {
+                                &engine.batch_follower
+                            } else {
+                                &engine.follower
+                            };
+                            let result = follower.follow(created.task.clone()).await;
+                            engine.finish(&created.job_id, created.task.id(), result).await;
+                        });
+                    }
+                    None => channel_open = false,
+                },
+                done = creators.join_next(), if !creators_done => match done {
+                    Some(Ok(Err(e))) => journal_error = Some(e),
+                    Some(_) => {}
+                    None => creators_done = true,
+                },
+                Some(_) = follows.join_next(), if !follows.is_empty() => {}
+                changed = stop.changed(), if !interrupted && !stop_closed => {
+                    if changed.is_err() {
+                        // Nobody can stop this run any more: run to the end.
+                        stop_closed = true;
+                    } else if *stop.borrow() {
+                        interrupted = true;
+                        self.stack.layer().drain_handle().close();
+                        // Creates in flight get a short grace to be answered and recorded.
+                        let grace = tokio::time::sleep(self.options.stop_grace);
+                        tokio::pin!(grace);
+                        loop {
+                            tokio::select! {
+                                () = &mut grace => break,
+                                done = creators.join_next() => match done {
+                                    Some(Ok(Err(e))) => journal_error = Some(e),
+                                    Some(_) => {}
+                                    None => break,
+                                },
+                            }
+                        }
+                        creators.abort_all();
+                        follows.abort_all();
+                        break;
+                    }
+                }
+            }
+        }
+        poller.abort();
+        if let Some(e) = journal_error {
+            return Err(e);
+        }
+        let end = self
+            .last_end
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(Instant::now);
+        // The journal may hold jobs of earlier files: report this file's.
+        let mut records = self.journal.records()?;
+        records.retain(|r| jobs_by_id.contains_key(r.job_id.as_str()));
+        Ok(RunReport {
+            records,
+            makespan: end.saturating_duration_since(start),
+            observed_task_seconds: self
+                .lifetimes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            creates: self.creates.load(Ordering::Relaxed),
+            interrupted,
+        })
+    }
+
+    /// Lists the account's unfinished tasks and adopts their slots (best effort: a failure
+    /// only means the slots layer learns the real count through 1303s).
+    async fn adopt_slots(&self, jobs: &[Job]) {
+        let mut plan = Reconcile::new("");
+        let mut seen = Vec::new();
+        for job in jobs.iter().filter(|j| j.generation() == ApiGeneration::New) {
+            let product = job
+                .endpoint
+                .trim_start_matches('/')
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            let pool = job.pool();
+            if !seen.contains(&(product.clone(), pool.clone())) {
+                seen.push((product.clone(), pool.clone()));
+                plan = plan.new_style(product, pool);
+            }
+        }
+        let mut service = self.stack.service();
+        match self
+            .stack
+            .layer()
+            .slots()
+            .reconcile(&mut service, &plan)
+            .await
+        {
+            Ok(found) => tracing::info!(
+                unfinished = found.unfinished,
+                adopted = found.adopted,
+                "adopted the slots of running tasks"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list running tasks; slots are learned through 1303")
+            }
+        }
+    }
+
+    /// Looks a job's task up by its external id: `Some` if Kling has it, `None` if Kling
+    /// says it does not exist.
+    pub async fn lookup(
+        &self,
+        job: &Job,
+        external_id: &str,
+    ) -> Result<Option<TaskReport>, BoxError> {
+        let uri = match job.generation() {
+            ApiGeneration::New => format!("/tasks?external_task_ids={external_id}"),
+            _ => format!("{}/{external_id}", job.endpoint.trim_end_matches('/')),
+        };
+        let request = Request::get(uri).body(Full::new(Bytes::new()))?;
+        match self.stack.service().oneshot(request).await {
+            Ok(mut response) => {
+                let outcome = Outcome::ensure(&mut response)?;
+                if outcome.is_success() {
+                    let found = outcome
+                        .tasks()
+                        .iter()
+                        .find(|t| t.external_id.as_deref() == Some(external_id))
+                        .or_else(|| outcome.task())
+                        .cloned();
+                    Ok(found)
+                } else if outcome.code() == Code::NotFound {
+                    Ok(None)
+                } else {
+                    Err(Box::new(ApiError::from_outcome(&outcome)))
+                }
+            }
+            Err(e) if failure_of(&*e).code == Some(Code::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn track(&self, job: &Job, task: &TaskRef, created: Instant) {
+        if job.generation() == ApiGeneration::New {
+            self.new_style_tracked.notify_one();
+        }
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            task.id().to_owned(),
+            Running {
+                legacy_path: (job.generation() != ApiGeneration::New)
+                    .then(|| job.endpoint.trim_end_matches('/').to_owned()),
+                pool: job.pool().to_string(),
+                created,
+            },
+        );
+    }
+
+    /// Queries every running new-style task in batch `GET /tasks?task_ids=…` requests (up to
+    /// [`BATCH_SIZE`] ids each), as often as the follow policy asks for the youngest of them,
+    /// and hands the ended ones to their follows.
+    async fn poll_new_style(self: Arc<Self>) {
+        loop {
+            let running: Vec<(String, Instant)> = self
+                .tasks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|(_, r)| r.legacy_path.is_none())
+                .map(|(id, r)| (id.clone(), r.created))
+                .collect();
+            let Some(youngest) = running.iter().map(|(_, created)| *created).max() else {
+                self.new_style_tracked.notified().await;
+                continue;
+            };
+            let now = Instant::now();
+            let age = now.saturating_duration_since(youngest);
+            let first = self.options.follow.interval(Duration::ZERO);
+            let wait = if age < first {
+                first - age
+            } else {
+                self.options.follow.interval(age)
+            };
+            tokio::time::sleep(wait).await;
+            for chunk in running.chunks(BATCH_SIZE) {
+                let ids: Vec<&str> = chunk.iter().map(|(id, _)| id.as_str()).collect();
+                let uri = format!("/tasks?task_ids={}", ids.join(","));
+                let Ok(request) = Request::get(uri).body(Full::new(Bytes::new())) else {
+                    continue;
+                };
+                if let Ok(mut response) = self.stack.service().oneshot(request).await
+                    && let Ok(outcome) = Outcome::ensure(&mut response)
+                {
+                    for report in outcome.tasks().iter().filter(|t| t.status.is_terminal()) {
+                        self.batch_follower.deliver(report.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    fn halt(&self, info: ErrorInfo) {
+        self.halted.store(true, Ordering::SeqCst);
+        self.halt_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(info);
+    }
+
+    async fn create_all(
+        self: Arc<Self>,
+        jobs: Vec<Job>,
+        tx: mpsc::UnboundedSender<Created>,
+        stop: StopSignal,
+    ) -> Result<(), JournalError> {
+        for job in jobs {
+            if *stop.borrow() {
+                let info = ErrorInfo::new(0, "not submitted: the run was stopped", None);
+                self.move_to(
+                    &job.id,
+                    JobState::Queued,
+                    JobState::NotSubmitted,
+                    Update::error(info),
+                )?;
+                continue;
+            }
+            if self.halted.load(Ordering::SeqCst) {
+                let cause = self
+                    .halt_reason
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                    .unwrap_or_default();
+                let info = ErrorInfo::new(
+                    cause.code,
+                    format!("not submitted: creates stopped after {}", cause.message),
+                    cause.request_id,
+                );
+                self.move_to(
+                    &job.id,
+                    JobState::Queued,
+                    JobState::NotSubmitted,
+                    Update::error(info),
+                )?;
+                continue;
+            }
+            self.create_one(&job, &tx).await?;
+        }
+        Ok(())
+    }
+
+    async fn create_one(
+        &self,
+        job: &Job,
+        tx: &mpsc::UnboundedSender<Created>,
+    ) -> Result<(), JournalError> {
+        let external_id = self.journal.external_id_for(&job.id);
+        self.move_to(
+            &job.id,
+            JobState::Queued,
+            JobState::Creating,
+            Update::default(),
+        )?;
+        let body = job.create_body(&external_id, self.options.callback_url.as_deref());
+        let request = Request::post(job.endpoint.as_str())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)));
+        let request = match request {
+            Ok(request) => request,
+            Err(e) => {
+                let info = ErrorInfo::new(0, format!("cannot build the request: {e}"), None);
+                return self.move_to(
+                    &job.id,
+                    JobState::Creating,
+                    JobState::Failed,
+                    Update::error(info),
+                );
+            }
+        };
+        self.creates.fetch_add(1, Ordering::Relaxed);
+        let answer = self.stack.service().oneshot(request).await;
+        let failure = match answer {
+            Ok(mut response) => match Outcome::ensure(&mut response) {
+                Ok(outcome) if outcome.is_success() => match outcome.task() {
+                    Some(report) => return self.created(job, report, tx),
+                    None => Failure::unknown("the create answer reports no task"),
+                },
+                Ok(outcome) => Failure::from_api(&ApiError::from_outcome(&outcome)),
+                Err(e) => Failure::unknown(e.to_string()),
+            },
+            Err(e) => failure_of(&*e),
+        };
+        if failure.draining {
+            let info = ErrorInfo::new(0, "not submitted: the run was stopped", None);
+            return self.move_to(
+                &job.id,
+                JobState::Creating,
+                JobState::NotSubmitted,
+                Update::error(info),
+            );
+        }
+        if failure.halts {
+            self.halt(failure.info.clone());
+            return self.move_to(
+                &job.id,
+                JobState::Creating,
+                JobState::NotSubmitted,
+                Update::error(failure.info),
+            );
+        }
+        // Any other error: the create may have happened (or a duplicate id was refused), so
+        // look it up before deciding.
+        match self.lookup(job, &external_id).await {
+            Ok(Some(report)) => self.created(job, &report, tx),
+            Ok(None) if failure.final_refusal => self.move_to(
+                &job.id,
+                JobState::Creating,
+                JobState::Failed,
+                Update::error(failure.info),
+            ),
+            Ok(None) => self.move_to(
+                &job.id,
+                JobState::Creating,
+                JobState::NotSubmitted,
+                Update::error(failure.info),
+            ),
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %e, "create outcome unknown and the lookup failed; a later run looks it up again");
+                self.journal
+                    .transition(&job.id, JobState::Creating, Update::error(failure.info))
+            }
+        }
+    }
+
+    fn created(
+        &self,
+        job: &Job,
+        report: &TaskReport,
+        tx: &mpsc::UnboundedSender<Created>,
+    ) -> Result<(), JournalError> {
+        let update = Update {
+            task_id: Some(report.id.clone()),
+            status: Some(report.status.as_str().to_owned()),
+            ..Update::default()
+        };
+        self.move_to(&job.id, JobState::Creating, JobState::Created, update)?;
+        let task = TaskRef::from_report(&job.endpoint, report).created_at(Instant::now());
+        self.track(job, &task, Instant::now());
+        let _ = tx.send(Created {
+            job_id: job.id.clone(),
+            task,
+            batched: job.generation() == ApiGeneration::New,
+        });
+        Ok(())
+    }
+
+    async fn finish(&self, job_id: &str, task_id: &str, result: Result<TaskReport, FollowError>) {
+        let running = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(task_id);
+        let now = Instant::now();
+        if let Some(running) = &running {
+            *self
+                .lifetimes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(running.pool.clone())
+                .or_default() += now.duration_since(running.created).as_secs_f64();
+        }
+        let outcome = match result {
+            Ok(report) if report.status == TaskStatus::Succeeded => {
+                let update = Update {
+                    status: Some(report.status.as_str().to_owned()),
+                    urls: Some(report.urls.clone()),
+                    ..Update::default()
+                };
+                let moved = self.move_to(job_id, JobState::Created, JobState::Succeeded, update);
+                self.ended(now);
+                if moved.is_ok() {
+                    self.download(job_id, &report.urls).await;
+                }
+                moved
+            }
+            Ok(report) => {
+                let message = report
+                    .failure
+                    .clone()
+                    .unwrap_or_else(|| format!("task ended {}", report.status));
+                let update = Update {
+                    status: Some(report.status.as_str().to_owned()),
+                    error: Some(ErrorInfo::new(0, format!("task failed: {message}"), None)),
+                    ..Update::default()
+                };
+                self.ended(now);
+                self.move_to(job_id, JobState::Created, JobState::Failed, update)
+            }
+            Err(FollowError::Api { error, .. }) => {
+                self.ended(now);
+                let info = ErrorInfo::new(
+                    error.code().as_i64(),
+                    error.message(),
+                    error.request_id().map(str::to_owned),
+                );
+                self.move_to(
+                    job_id,
+                    JobState::Created,
+                    JobState::Failed,
+                    Update::error(info),
+                )
+            }
+            Err(e) => {
+                tracing::warn!(job = %job_id, error = %e, "task not finished; a later run follows it");
+                let update = Update {
+                    error: Some(ErrorInfo::new(0, e.to_string(), None)),
+                    ..Update::default()
+                };
+                self.journal.transition(job_id, JobState::Created, update)
+            }
+        };
+        if let Err(e) = outcome {
+            tracing::error!(job = %job_id, error = %e, "journal write failed");
+        }
+    }
+
+    fn ended(&self, at: Instant) {
+        let mut last = self.last_end.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|l| l < at) {
+            *last = Some(at);
+        }
+    }
+
+    async fn download(&self, job_id: &str, urls: &[String]) {
+        let Some(dir) = &self.options.download_dir else {
+            return;
+        };
+        match download::fetch_all(self.stack.client(), dir, job_id, urls).await {
+            Ok(files) => {
+                let update = Update {
+                    files: Some(files),
+                    ..Update::default()
+                };
+                if let Err(e) = self.journal.transition(job_id, JobState::Succeeded, update) {
+                    tracing::error!(job = %job_id, error = %e, "journal write failed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(job = %job_id, error = %e, "download failed; a later run tries again")
+            }
+        }
+    }
+
+    /// A task report from a callback. `trusted` (the signature was verified): the report
+    /// frees the task's slots and ends its follow at once. Otherwise the task is queried
+    /// through the stack first, and that answer is what counts.
+    pub async fn on_callback(&self, payload: &[u8], report: TaskReport, trusted: bool) {
+        if !report.status.is_terminal() {
+            return;
+        }
+        if trusted {
+            if let Err(e) = self.stack.layer().on_callback(payload).await {
+                tracing::warn!(error = %e, "callback not applied to the slots");
+            }
+            self.follower.deliver(report.clone());
+            self.batch_follower.deliver(report);
+            return;
+        }
+        // One query confirms it (and frees the slots as any query does).
+        let uri = {
+            let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(running) = tasks.get(&report.id) else {
+                return;
+            };
+            match &running.legacy_path {
+                Some(path) => format!("{path}/{}", report.id),
+                None => format!("/tasks?task_ids={}", report.id),
+            }
+        };
+        let Ok(request) = Request::get(uri).body(Full::new(Bytes::new())) else {
+            return;
+        };
+        if let Ok(mut response) = self.stack.service().oneshot(request).await
+            && let Ok(outcome) = Outcome::ensure(&mut response)
+            && let Some(found) = outcome.tasks().iter().find(|t| t.id == report.id)
+            && found.status.is_terminal()
+        {
+            self.follower.deliver(found.clone());
+            self.batch_follower.deliver(found.clone());
+        }
+    }
+}
+
+/// What a failed create says about itself.
+#[derive(Clone, Debug)]
+struct Failure {
+    info: ErrorInfo,
+    code: Option<Code>,
+    /// Surely not created, and sending it again would fail the same way.
+    final_refusal: bool,
+    /// The account can create nothing more (1102, 1100, 1101, 1304, a spent budget).
+    halts: bool,
+    /// The stack's drain gate refused it (never sent).
+    draining: bool,
+}
+
+impl Failure {
+    fn unknown(message: impl Into<String>) -> Self {
+        Failure {
+            info: ErrorInfo::new(0, message, None),
+            code: None,
+            final_refusal: false,
+            halts: false,
+            draining: false,
+        }
+    }
+
+    fn from_api(error: &ApiError) -> Self {
+        let code = error.code();
+        Failure {
+            info: ErrorInfo::new(
+                code.as_i64(),
+                error.message(),
+                error.request_id().map(str::to_owned),
+            ),
+            code: Some(code),
+            final_refusal: !code.may_have_created()
+                && !code.disposition(error.status()).is_retryable(),
+            halts: code.halts_creates(),
+            draining: false,
+        }
+    }
+}
+
+/// Reads a stack error: the Kling code it carries, whether it halts creates, whether the
+/// drain gate refused it.
+fn failure_of(error: &(dyn std::error::Error + 'static)) -> Failure {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(err) = current {
+        if let Some(failed) = err.downcast_ref::<kling_retry::error::Failed>()
+            && let Some(api) = failed.api_error()
+        {
+            return Failure::from_api(api);
+        }
+        if let Some(api) = err.downcast_ref::<ApiError>() {
+            return Failure::from_api(api);
+        }
+        if let Some(halted) = err.downcast_ref::<kling_concurrency::error::Halted>() {
+            let mut failure = Failure::from_api(halted.cause());
+            failure.halts = true;
+            return failure;
+        }
+        if err.is::<kling_tower::error::Draining>() {
+            let mut failure = Failure::unknown(err.to_string());
+            failure.draining = true;
+            return failure;
+        }
+        if err.is::<kling_tower::error::BudgetExceeded>() {
+            let mut failure = Failure::unknown(err.to_string());
+            failure.halts = true;
+            failure.final_refusal = true;
+            return failure;
+        }
+        current = err.source();
+    }
+    Failure::unknown(error.to_string())
+}

@@ -1,0 +1,290 @@
+//! The end-of-run summary: jobs by outcome, traffic, and efficiency against the bound the
+//! account's limits allow.
+//!
+//! DESIGN.md's bound: a run can never finish sooner than
+//! `max(task-seconds of each pool ÷ its slots, requests it must send ÷ allowed rate)`.
+//! Efficiency is that bound divided by the measured makespan (1.0 = as fast as the account
+//! allows). The demo takes the task-seconds from the mock's truth; a run against Kling takes
+//! them from what it observed (create answer to end noticed), which can only make the bound
+//! larger than the truth.
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use kling_batch::summary::bound_secs;
+//!
+//! // 100 tasks of 90 s on 5 slots: 1800 s; 100 creates at 1 a second: 100 s.
+//! let task_seconds = BTreeMap::from([("video".to_owned(), 9000.0)]);
+//! let bound = bound_secs(&task_seconds, |_| 5, 100, Some(1.0));
+//! assert_eq!(bound, 1800.0);
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
+
+use serde::{Deserialize, Serialize};
+
+use crate::journal::{JobRecord, JobState};
+use crate::progress::is_429;
+
+/// The lower bound on a run's makespan, in seconds: task-seconds of each pool over its slots,
+/// and the requests that must be sent over the allowed rate (per second; `None` = no cap).
+pub fn bound_secs(
+    task_seconds: &BTreeMap<String, f64>,
+    slots_of: impl Fn(&str) -> u32,
+    requests: u64,
+    rate_per_sec: Option<f64>,
+) -> f64 {
+    let slots_bound = task_seconds
+        .iter()
+        .map(|(pool, secs)| secs / f64::from(slots_of(pool).max(1)))
+        .fold(0.0, f64::max);
+    let rate_bound = match rate_per_sec {
+        Some(rate) if rate > 0.0 => requests as f64 / rate,
+        _ => 0.0,
+    };
+    slots_bound.max(rate_bound)
+}
+
+/// What a run did, as the table and `--json` show it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Summary {
+    /// Jobs in the file.
+    pub jobs: usize,
+    /// Jobs whose task succeeded.
+    pub ok: usize,
+    /// Jobs that failed.
+    pub failed: usize,
+    /// Failed jobs by reason (`1301 content security check failed`, `task failed`, …).
+    pub failed_by_reason: BTreeMap<String, usize>,
+    /// Jobs never created (credits ran out, stopped).
+    pub not_submitted: usize,
+    /// Jobs created whose task was still running when the run ended.
+    pub unfinished: usize,
+    /// Jobs whose create outcome is still unknown (looked up again by the next run).
+    pub unknown: usize,
+    /// Logical calls through the stack (creates, queries, lookups).
+    pub calls: u64,
+    /// Requests sent to the server (retries included).
+    pub requests: u64,
+    /// Requests sent beyond the logical calls: retries and re-signs.
+    pub retries: u64,
+    /// Creates sent.
+    pub creates: u64,
+    /// Answers by Kling code (`"0"`, `"1302"`, …).
+    pub responses_by_code: BTreeMap<String, u64>,
+    /// The HTTP 429 answers among them, by code.
+    pub rejections_429: BTreeMap<String, u64>,
+    /// From the first create to the last task's end, seconds.
+    pub makespan_secs: f64,
+    /// The fastest the account's limits allow, seconds.
+    pub bound_secs: f64,
+    /// Where the task durations of the bound came from (`mock` or `observed`).
+    pub bound_basis: String,
+    /// `bound_secs / makespan_secs` (1.0 = as fast as allowed); `None` when nothing ran.
+    pub efficiency: Option<f64>,
+    /// Whether the run was stopped before the end.
+    pub interrupted: bool,
+    /// What the server counted, when the server is the embedded mock (the demo).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerTruth>,
+}
+
+/// The mock server's own counts, the truth a demo is judged by.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ServerTruth {
+    /// Tasks the server created.
+    pub tasks_created: u64,
+    /// Creates refused because their external id was used before (a duplicate create).
+    pub duplicate_external_ids: u64,
+    /// Creates received after the account's first 1102.
+    pub creates_after_1102: u64,
+    /// Pool → most slots one account held at once.
+    pub max_concurrent: BTreeMap<String, u32>,
+    /// Answers by Kling code.
+    pub responses_by_code: BTreeMap<String, u64>,
+    /// Pool → the created tasks' durations, seconds (the bound's input).
+    pub task_seconds: BTreeMap<String, f64>,
+}
+
+impl ServerTruth {
+    /// The truth in a mock's stats.
+    pub fn from_stats(stats: &kling_mock::Stats) -> Self {
+        ServerTruth {
+            tasks_created: stats.tasks_created,
+            duplicate_external_ids: stats.duplicate_external_ids,
+            creates_after_1102: stats.creates_after_1102,
+            max_concurrent: stats.max_concurrent.clone(),
+            responses_by_code: stats.responses_by_code.clone(),
+            task_seconds: stats.task_seconds.clone(),
+        }
+    }
+}
+
+impl Summary {
+    /// Counts the jobs of `records` by state and reason.
+    pub fn count_jobs(&mut self, records: &[JobRecord]) {
+        self.jobs = records.len();
+        for record in records {
+            match record.state {
+                JobState::Succeeded => self.ok += 1,
+                JobState::Failed => {
+                    self.failed += 1;
+                    let reason = match &record.error {
+                        Some(e) if e.code != 0 => {
+                            let code = kling_core::Code::from_i64(e.code);
+                            format!("{} {}", e.code, code.description())
+                        }
+                        Some(e) if e.message.starts_with("task failed") => "task failed".to_owned(),
+                        Some(e) => e.message.clone(),
+                        None => "unknown".to_owned(),
+                    };
+                    *self.failed_by_reason.entry(reason).or_default() += 1;
+                }
+                JobState::NotSubmitted | JobState::Queued => self.not_submitted += 1,
+                JobState::Created => self.unfinished += 1,
+                JobState::Creating => self.unknown += 1,
+            }
+        }
+    }
+
+    /// Sets the traffic counts from answers by code.
+    pub fn set_traffic(&mut self, calls: u64, requests: u64, by_code: &BTreeMap<i64, u64>) {
+        self.calls = calls;
+        self.requests = requests;
+        self.retries = requests.saturating_sub(calls);
+        self.responses_by_code = by_code.iter().map(|(c, n)| (c.to_string(), *n)).collect();
+        self.rejections_429 = by_code
+            .iter()
+            .filter(|(c, _)| is_429(**c))
+            .map(|(c, n)| (c.to_string(), *n))
+            .collect();
+    }
+
+    /// Sets the makespan and the bound, and the efficiency from them.
+    pub fn set_timing(&mut self, makespan_secs: f64, bound_secs: f64, basis: &str) {
+        self.makespan_secs = makespan_secs;
+        self.bound_secs = bound_secs;
+        self.bound_basis = basis.to_owned();
+        self.efficiency =
+            (makespan_secs > 0.0 && bound_secs > 0.0).then(|| bound_secs / makespan_secs);
+    }
+
+    /// The 429 answers of one code.
+    pub fn rejections_of(&self, code: i64) -> u64 {
+        self.rejections_429
+            .get(&code.to_string())
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl fmt::Display for Summary {
+    /// The summary table.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut rows: Vec<(String, String)> = vec![
+            ("jobs".into(), self.jobs.to_string()),
+            ("ok".into(), self.ok.to_string()),
+            ("failed".into(), self.failed.to_string()),
+        ];
+        for (reason, n) in &self.failed_by_reason {
+            rows.push((format!("  {reason}"), n.to_string()));
+        }
+        rows.push(("not submitted".into(), self.not_submitted.to_string()));
+        if self.unfinished > 0 {
+            rows.push(("still running".into(), self.unfinished.to_string()));
+        }
+        if self.unknown > 0 {
+            rows.push(("create outcome unknown".into(), self.unknown.to_string()));
+        }
+        rows.push((
+            "requests".into(),
+            format!("{} ({} creates)", self.requests, self.creates),
+        ));
+        rows.push(("retries".into(), self.retries.to_string()));
+        let mut rejections = String::new();
+        for (code, n) in &self.rejections_429 {
+            let _ = write!(
+                rejections,
+                "{}{code}×{n}",
+                if rejections.is_empty() { "" } else { " " }
+            );
+        }
+        rows.push((
+            "429s by code".into(),
+            if rejections.is_empty() {
+                "none".into()
+            } else {
+                rejections
+            },
+        ));
+        rows.push(("makespan".into(), format!("{:.2} s", self.makespan_secs)));
+        rows.push((
+            "bound".into(),
+            format!(
+                "{:.2} s ({} task durations)",
+                self.bound_secs, self.bound_basis
+            ),
+        ));
+        rows.push((
+            "efficiency".into(),
+            self.efficiency
+                .map_or_else(|| "-".to_owned(), |e| format!("{:.1}%", e * 100.0)),
+        ));
+        if self.interrupted {
+            rows.push(("interrupted".into(), "yes: run again to resume".into()));
+        }
+        let width = rows
+            .iter()
+            .map(|(k, _)| k.chars().count())
+            .max()
+            .unwrap_or(0);
+        for (key, value) in rows {
+            writeln!(f, "{key:<width$}  {value}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn the_bound_is_never_below_either_limit(
+            secs in proptest::collection::btree_map("[a-z]{1,6}", 0.0f64..1e6, 0..5),
+            slots in 1u32..50,
+            requests in 0u64..100_000,
+            rate in 0.01f64..1e4,
+        ) {
+            let bound = bound_secs(&secs, |_| slots, requests, Some(rate));
+            prop_assert!(bound >= requests as f64 / rate - 1e-9);
+            for s in secs.values() {
+                prop_assert!(bound >= s / f64::from(slots) - 1e-9);
+            }
+            let no_cap = bound_secs(&secs, |_| slots, requests, None);
+            prop_assert!(no_cap <= bound);
+        }
+    }
+
+    #[test]
+    fn efficiency_is_bound_over_makespan() {
+        let mut s = Summary::default();
+        s.set_timing(40.0, 36.0, "mock");
+        assert_eq!(s.efficiency, Some(0.9));
+        s.set_timing(0.0, 36.0, "mock");
+        assert_eq!(s.efficiency, None);
+        let mut by_code = BTreeMap::new();
+        by_code.insert(0, 10);
+        by_code.insert(1302, 2);
+        s.set_traffic(10, 12, &by_code);
+        assert_eq!(s.retries, 2);
+        assert_eq!(s.rejections_of(1302), 2);
+        assert_eq!(s.rejections_of(1303), 0);
+        let table = s.to_string();
+        assert!(table.contains("429s by code"), "{table}");
+    }
+}

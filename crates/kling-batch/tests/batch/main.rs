@@ -1,0 +1,9 @@
+//! kling-batch against kling-mock over real TCP, in real time sped up (the mock and the run
+//! share the speed factor), mostly through the binary as a user runs it.
+
+mod bad_input;
+mod demo;
+mod downloads;
+mod resume;
+mod runs;
+mod support;

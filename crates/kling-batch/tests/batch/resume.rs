@@ -1,0 +1,252 @@
+//! A run killed midway (SIGKILL) or stopped (Ctrl-C), then run again on the same journal.
+
+use std::time::Duration;
+
+use kling_batch::journal::{JobState, Journal};
+use kling_mock::MockServer;
+
+use crate::support::{finish, in_state, pro_mock, results, run_command, temp_dir, write_jobs};
+
+/// Waits until the mock has created at least `n` tasks.
+async fn until_created(server: &MockServer, n: u64) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while server.stats().tasks_created < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the run creates tasks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_run_resumes_and_creates_nothing_twice() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("killed");
+    let jobs = write_jobs(&dir, 60);
+    let journal = dir.join("journal.sqlite");
+    let out = dir.join("out.jsonl");
+    let args = [
+        "--journal",
+        journal.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+
+    let mut first = run_command(&jobs, &server.base_url(), &args)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    until_created(&server, 20).await;
+    first.kill().await.unwrap(); // SIGKILL: no cleanup at all
+    let created_before = server.stats().tasks_created;
+    assert!(
+        created_before < 60,
+        "killed midway, after {created_before} creates"
+    );
+    assert!(
+        !out.exists(),
+        "the killed run never got to write its results"
+    );
+
+    let second = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    assert_eq!(
+        second.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let stats = server.stats();
+    assert_eq!(stats.duplicate_external_ids, 0, "{stats:?}");
+    assert_eq!(stats.tasks_created, 60, "{stats:?}");
+    assert!(
+        stats.max_concurrent["video"] <= 5,
+        "the resumed run adopted the running tasks' slots"
+    );
+    let lines = results(&out);
+    assert_eq!(in_state(&lines, "succeeded").len(), 60);
+
+    // The journal holds every step; jobs created by the first run were never created again.
+    let journal = Journal::open(&journal).unwrap();
+    let records = journal.records().unwrap();
+    assert!(records.iter().all(|r| r.state == JobState::Succeeded));
+    let creates: usize = records
+        .iter()
+        .map(|r| {
+            journal
+                .transitions(&r.job_id)
+                .unwrap()
+                .iter()
+                .filter(|s| *s == "created")
+                .count()
+        })
+        .sum();
+    assert_eq!(creates, 60, "each job entered `created` exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_creating_exits_cleanly_and_a_rerun_finishes() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("ctrlc");
+    let jobs = write_jobs(&dir, 60);
+    let journal = dir.join("journal.sqlite");
+    let out = dir.join("out.jsonl");
+    let args = [
+        "--journal",
+        journal.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ];
+
+    let first = run_command(&jobs, &server.base_url(), &args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    until_created(&server, 10).await;
+    let pid = first.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = tokio::time::timeout(Duration::from_secs(20), first.wait_with_output())
+        .await
+        .expect("the run stops soon after ctrl-c")
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let created = server.stats().tasks_created;
+    assert!(created < 60, "{created}");
+
+    // The results of the stopped run: nothing lost, the rest not submitted.
+    let lines = results(&out);
+    assert_eq!(lines.len(), 60);
+    let submitted = lines.iter().filter(|l| l["task_id"].is_string()).count() as u64;
+    assert_eq!(
+        submitted, created,
+        "every task the mock made is in the results"
+    );
+    assert!(!in_state(&lines, "not_submitted").is_empty());
+    let summary = crate::support::summary(&output);
+    assert_eq!(summary["interrupted"], true);
+    let n = |key: &str| summary[key].as_u64().unwrap();
+    assert_eq!(n("ok") + n("unfinished"), created, "{summary}");
+    assert_eq!(n("not_submitted"), 60 - created, "{summary}");
+
+    let second = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    assert_eq!(
+        second.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let stats = server.stats();
+    assert_eq!(
+        (stats.tasks_created, stats.duplicate_external_ids),
+        (60, 0),
+        "{stats:?}"
+    );
+    assert_eq!(in_state(&results(&out), "succeeded").len(), 60);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_of_unknown_outcome_is_looked_up_before_anything_is_created() {
+    use bytes::Bytes;
+    use http::Request;
+    use http_body_util::Full;
+    use kling_batch::jobs::parse_jobs;
+    use kling_batch::journal::Update;
+    use kling_batch::run::{Engine, RunOptions, default_follow_policy};
+    use kling_batch::stack::Stack;
+    use kling_tower::{Credentials, StackConfig, Tier};
+
+    use crate::support::SPEED;
+
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let (jobs, _) = parse_jobs(
+        "{\"id\":\"sent\",\"prompt\":\"a\"}\n{\"id\":\"lost\",\"prompt\":\"b\"}\n{\"id\":\"new\",\"prompt\":\"c\",\"endpoint\":\"/text-to-video/kling-3.0\"}\n",
+    );
+    let journal = Journal::open_in_memory().unwrap();
+    journal.register(&jobs).unwrap();
+    // A previous process marked all three `creating`, and only the first and third reached
+    // Kling before it died.
+    for job in ["sent", "lost", "new"] {
+        journal
+            .transition(job, JobState::Creating, Update::default())
+            .unwrap();
+    }
+    let client = crate::support::bare_client();
+    for (path, field, job) in [
+        ("/v1/videos/text2video", "external_task_id", "sent"),
+        ("/text-to-video/kling-3.0", "external_id", "new"),
+    ] {
+        let body = format!(
+            "{{\"prompt\":\"x\",\"{field}\":\"{}\"}}",
+            journal.external_id_for(job)
+        );
+        let request = Request::post(format!("{}{path}", server.base_url()))
+            .header("authorization", "Bearer test-key")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        assert_eq!(client.request(request).await.unwrap().status(), 200);
+        // Kept apart by more than the Pro rate's 10 ms at this speed.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+
+    let config = StackConfig::preset(Tier::Pro).speed(SPEED).headroom(0.3);
+    let stack = Stack::new(
+        config,
+        Credentials::api_key("test-key").unwrap(),
+        &server.base_url(),
+    )
+    .unwrap();
+    let engine = Engine::new(
+        stack,
+        journal.clone(),
+        RunOptions::new(default_follow_policy(SPEED)),
+    )
+    .unwrap();
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    let report = tokio::time::timeout(Duration::from_secs(30), engine.run(&jobs, stop))
+        .await
+        .unwrap()
+        .unwrap();
+
+    assert!(
+        report
+            .records
+            .iter()
+            .all(|r| r.state == JobState::Succeeded),
+        "{report:?}"
+    );
+    assert_eq!(
+        report.creates, 1,
+        "only the job that never reached Kling was created"
+    );
+    let stats = server.stats();
+    assert_eq!(
+        (stats.tasks_created, stats.duplicate_external_ids),
+        (3, 0),
+        "{stats:?}"
+    );
+    assert_eq!(
+        journal.transitions("sent").unwrap(),
+        ["queued", "creating", "created", "succeeded"]
+    );
+    assert_eq!(
+        journal.transitions("lost").unwrap(),
+        [
+            "queued",
+            "creating",
+            "queued",
+            "creating",
+            "created",
+            "succeeded"
+        ]
+    );
+}

@@ -1,0 +1,192 @@
+//! Whole runs: everything completes, nothing is refused, credits running out.
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use kling_mock::MockServer;
+
+use crate::support::{
+    bare_client, finish, in_state, pro_mock, results, run_command, summary, temp_dir, write_jobs,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_jobs_on_pro_all_complete_without_a_refused_create() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("sixty");
+    let jobs = write_jobs(&dir, 60);
+    let out = dir.join("out.jsonl");
+    let output = finish(run_command(
+        &jobs,
+        &server.base_url(),
+        &[
+            "--json",
+            "-o",
+            out.to_str().unwrap(),
+            "--callback-listen",
+            "127.0.0.1:0",
+        ],
+    ))
+    .await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let lines = results(&out);
+    assert_eq!(lines.len(), 60);
+    assert_eq!(in_state(&lines, "succeeded").len(), 60);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["urls"].as_array().is_some_and(|u| u.len() == 1))
+    );
+    let s = summary(&output);
+    assert_eq!((s["jobs"].as_u64(), s["ok"].as_u64()), (Some(60), Some(60)));
+    assert_eq!(s["creates"], 60);
+
+    let stats = server.stats();
+    assert_eq!(stats.tasks_created, 60);
+    assert_eq!(stats.duplicate_external_ids, 0);
+    assert_eq!(stats.responses_by_code.get("1303"), None, "{stats:?}");
+    assert!(stats.max_concurrent["video"] <= 5, "{stats:?}");
+    assert!(stats.callbacks_sent > 0, "the run listened for callbacks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_sixty_creates_from_a_bare_client_are_refused() {
+    // Negative control: the mock enforces Pro's limits, so a client without the stack is
+    // refused.
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let client = bare_client();
+    let mut sends = Vec::new();
+    for i in 0..60 {
+        let request = Request::post(format!("{}/v1/videos/text2video", server.base_url()))
+            .header("authorization", "Bearer test-key")
+            .body(Full::new(Bytes::from(format!(
+                "{{\"prompt\":\"shot {i}\"}}"
+            ))))
+            .unwrap();
+        sends.push(client.request(request));
+    }
+    for send in sends {
+        send.await.unwrap();
+    }
+    let stats = server.stats();
+    let refused = stats.responses_by_code.get("1303").copied().unwrap_or(0)
+        + stats.responses_by_code.get("1302").copied().unwrap_or(0);
+    assert!(refused >= 50, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_credits_run_out_creates_stop_and_the_rest_are_not_submitted() {
+    let server = MockServer::start(pro_mock().credits(12.0)).await.unwrap();
+    let dir = temp_dir("credits");
+    let jobs = write_jobs(&dir, 60);
+    let out = dir.join("out.jsonl");
+    let output = finish(run_command(
+        &jobs,
+        &server.base_url(),
+        &["--json", "-o", out.to_str().unwrap()],
+    ))
+    .await;
+    assert_eq!(output.status.code(), Some(1), "not every job ran");
+
+    let stats = server.stats();
+    assert_eq!(stats.creates_after_1102, 0, "{stats:?}");
+    assert_eq!(stats.tasks_created, 12);
+    assert_eq!(
+        stats.responses_by_code.get("1102"),
+        Some(&1),
+        "one create saw 1102, no more"
+    );
+
+    let lines = results(&out);
+    assert_eq!(in_state(&lines, "succeeded").len(), 12);
+    let rest = in_state(&lines, "not_submitted");
+    assert_eq!(rest.len(), 48);
+    assert!(rest.iter().all(|l| l["error"]["code"] == 1102), "{rest:?}");
+    assert!(rest.iter().all(|l| l.get("task_id").is_none()));
+    let s = summary(&output);
+    assert_eq!(s["not_submitted"], 48);
+    assert_eq!(s["rejections_429"]["1102"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_answered_5000_after_the_task_was_made_are_not_paid_twice() {
+    // A third of the creates are "ghosts": the mock creates and bills the task, then answers
+    // 5000. The stack looks each one up by its external id instead of creating it again.
+    let server = MockServer::start(pro_mock().ghost_create_rate(0.3).seed(7))
+        .await
+        .unwrap();
+    let dir = temp_dir("ghosts");
+    let jobs = write_jobs(&dir, 20);
+    let out = dir.join("out.jsonl");
+    let output = finish(run_command(
+        &jobs,
+        &server.base_url(),
+        &["-o", out.to_str().unwrap()],
+    ))
+    .await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stats = server.stats();
+    assert!(
+        stats.responses_by_code.get("5000").copied().unwrap_or(0) >= 2,
+        "{stats:?}"
+    );
+    assert_eq!(
+        (stats.tasks_created, stats.duplicate_external_ids),
+        (20, 0),
+        "{stats:?}"
+    );
+    assert_eq!(in_state(&results(&out), "succeeded").len(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_and_new_style_jobs_run_side_by_side_in_their_own_pools() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("mixed");
+    let jobs = dir.join("jobs.jsonl");
+    let text: String = (1..=16)
+        .map(|i| {
+            if i % 2 == 0 {
+                format!("{{\"id\":{i},\"prompt\":\"new {i}\",\"endpoint\":\"/text-to-video/kling-3.0\"}}\n")
+            } else {
+                format!("{{\"id\":{i},\"prompt\":\"legacy {i}\"}}\n")
+            }
+        })
+        .collect();
+    std::fs::write(&jobs, text).unwrap();
+    let out = dir.join("out.jsonl");
+    let output = finish(run_command(
+        &jobs,
+        &server.base_url(),
+        &["-o", out.to_str().unwrap()],
+    ))
+    .await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stats = server.stats();
+    assert_eq!(stats.tasks_created, 16);
+    assert!(stats.max_concurrent["video"] <= 5);
+    assert!(stats.max_concurrent["video:kling-3.0"] <= 5);
+    assert_eq!(stats.responses_by_code.get("1303"), None, "{stats:?}");
+    let lines = results(&out);
+    assert_eq!(in_state(&lines, "succeeded").len(), 16);
+    assert!(
+        lines[1]["urls"][0]
+            .as_str()
+            .unwrap()
+            .contains("/__mock/files/")
+    );
+}
