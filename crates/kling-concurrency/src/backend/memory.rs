@@ -367,6 +367,21 @@ impl State {
         let number = self.token();
         let id: Option<Arc<str>> = task.id.map(Arc::from);
         let external: Option<Arc<str>> = task.external_id.map(Arc::from);
+        // A task id, and an external id within an account, name one task: a holding already
+        // under either is this same task's earlier create, whose outcome was unknown and which
+        // was sent again. It gives its slots back now instead of hiding them until its lease.
+        let earlier = [
+            id.as_ref().and_then(|n| self.ids.get(n)).cloned(),
+            external
+                .as_ref()
+                .and_then(|n| self.externals.get(n))
+                .cloned(),
+        ];
+        for place in earlier.into_iter().flatten() {
+            if place.0.account == key.account {
+                self.supersede(place);
+            }
+        }
         if let Some(id) = &id {
             self.ids.insert(id.clone(), (key.clone(), number));
         }
@@ -387,6 +402,30 @@ impl State {
             },
         );
         pool.publish();
+    }
+
+    /// Drops a holding that a newer one of the same task replaces: its slots go back, and it
+    /// counts as no finished task.
+    fn supersede(&mut self, (key, number): Place) {
+        let Some(pool) = self.pools.get_mut(&key) else {
+            return;
+        };
+        let Some(old) = pool.holdings.remove(&number) else {
+            return;
+        };
+        pool.give_back(old.weight);
+        pool.dispatch();
+        pool.publish();
+        if let Some(id) = &old.id
+            && self.ids.get(id).is_some_and(|(_, n)| *n == number)
+        {
+            self.ids.remove(id);
+        }
+        if let Some(ext) = &old.external
+            && self.externals.get(ext).is_some_and(|(_, n)| *n == number)
+        {
+            self.externals.remove(ext);
+        }
     }
 
     /// Where the task a report names is held: by id, else by external id.

@@ -1,0 +1,456 @@
+//! Fault injection over real TCP against `kling-mock`, in real time with mock and stack sped up
+//! by the same factor. For each fault: no panic, no slot leaked (the slots snapshot is back to
+//! zero when idle), no job lost, no task created twice, and the error the user sees names the
+//! cause.
+
+use std::time::Duration;
+
+use http::Method;
+use kling_core::error::{BodyTooLarge, MalformedResponse};
+use kling_mock::{MockConfig, MockServer, Preset, Stats};
+use kling_retry::error::Failed;
+use kling_tower::auth::Credentials;
+
+use crate::support::{self, JumpClock, Opts, Svc, request, run_job, send};
+
+const SPEED: f64 = 100.0;
+const POLL: Duration = Duration::from_millis(40);
+
+fn mock_config() -> MockConfig {
+    MockConfig::preset(Preset::Pro)
+        .speed(SPEED)
+        .task_duration(Duration::from_secs(10), Duration::from_secs(40))
+        .unlimited_credits()
+        .api_key_for("reliability-test-key", ACCOUNT)
+        .seed(7)
+}
+
+/// The mock's account for the stack's key.
+const ACCOUNT: &str = "acct-main";
+
+/// Asserts a call failed with the mock's "task not found" (1203): the request went through.
+fn assert_not_found(result: Result<kling_core::Outcome, kling_core::error::BoxError>) {
+    let error = result.expect_err("a missing task is an error");
+    let failed = error
+        .downcast_ref::<Failed>()
+        .expect("the retry layer's error");
+    assert_eq!(failed.code().map(|c| c.as_i64()), Some(1203), "{failed}");
+    assert!(failed.to_string().contains("1203"), "{failed}");
+}
+
+async fn start(config: MockConfig) -> MockServer {
+    MockServer::start(config).await.expect("mock starts")
+}
+
+/// Runs `jobs` jobs at once through `svc`; returns the errors callers saw.
+async fn run_jobs(svc: &Svc, base: &str, jobs: usize) -> Vec<String> {
+    let mut handles = Vec::new();
+    for job in 0..jobs {
+        let svc = svc.clone();
+        let base = base.to_owned();
+        handles.push(tokio::spawn(
+            async move { run_job(svc, &base, job, POLL).await },
+        ));
+    }
+    let mut errors = Vec::new();
+    let mut ids = std::collections::HashSet::new();
+    for handle in handles {
+        let (task, seen) = handle.await.expect("no job panicked");
+        assert!(ids.insert(task), "two jobs ended up with one task");
+        errors.extend(seen);
+    }
+    errors
+}
+
+/// What every fault test asserts at the end.
+async fn assert_nothing_lost(server: &MockServer, handles: &support::Handles, jobs: usize) {
+    handles.assert_idle().await;
+    let stats: Stats = server.stats();
+    assert_eq!(
+        stats.duplicate_external_ids, 0,
+        "a create was repeated: {stats:?}"
+    );
+    assert_eq!(
+        stats.tasks_created, jobs as u64,
+        "one task per job: {stats:?}"
+    );
+    for (pool, max) in &stats.max_concurrent {
+        assert!(*max <= 5, "pool {pool} ran {max} tasks at once: {stats:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_drops_lose_no_job_and_create_nothing_twice() {
+    let server = start(mock_config().drop_rate(0.15)).await;
+    let opts = Opts::new(SPEED);
+    let (svc, handles) = support::stack(support::tcp_client(opts.max_body), &opts);
+    run_jobs(&svc, &server.base_url(), 12).await;
+    assert!(server.stats().connections_dropped > 0, "the fault happened");
+    assert_nothing_lost(&server, &handles, 12).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_responses_time_out_and_lose_no_job() {
+    // 60 s of API time is 0.6 s here; the attempt timeout is 0.25 s.
+    let server = start(mock_config().slow(0.2, Duration::from_secs(60))).await;
+    let mut opts = Opts::new(SPEED);
+    opts.attempt_timeout = Duration::from_millis(250);
+    let (svc, handles) = support::stack(support::tcp_client(opts.max_body), &opts);
+    run_jobs(&svc, &server.base_url(), 10).await;
+    assert_nothing_lost(&server, &handles, 10).await;
+
+    // A call that cannot be retried shows the timeout as its cause.
+    let always_slow = start(mock_config().slow(1.0, Duration::from_secs(60))).await;
+    let mut once = Opts::new(SPEED);
+    once.attempt_timeout = Duration::from_millis(100);
+    once.max_attempts = 1;
+    let (svc, handles) = support::stack(support::tcp_client(once.max_body), &once);
+    let url = format!("{}/v1/videos/text2video/nothing", always_slow.base_url());
+    let error = send(&svc, request(Method::GET, &url, ""))
+        .await
+        .unwrap_err();
+    let failed = error
+        .downcast_ref::<Failed>()
+        .expect("the retry layer's error");
+    assert!(failed.to_string().contains("timed out"), "{failed}");
+    handles.assert_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_bodies_are_typed_errors_and_lose_no_job() {
+    let server = start(mock_config().malformed_rate(0.15)).await;
+    let opts = Opts::new(SPEED);
+    let (svc, handles) = support::stack(support::tcp_client(opts.max_body), &opts);
+    run_jobs(&svc, &server.base_url(), 10).await;
+    assert!(server.stats().malformed_responses > 0, "the fault happened");
+    assert_nothing_lost(&server, &handles, 10).await;
+
+    let garbled = start(mock_config().malformed_rate(1.0)).await;
+    let mut once = Opts::new(SPEED);
+    once.max_attempts = 1;
+    let (svc, handles) = support::stack(support::tcp_client(once.max_body), &once);
+    let url = format!("{}/v1/videos/text2video/nothing", garbled.base_url());
+    let error = send(&svc, request(Method::GET, &url, ""))
+        .await
+        .unwrap_err();
+    let text = error.to_string();
+    assert!(
+        text.contains("malformed kling response (http 200)"),
+        "{text}"
+    );
+    assert!(find::<MalformedResponse>(&*error).is_some(), "{error:?}");
+    handles.assert_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_bodies_are_refused_at_the_limit_and_the_stack_goes_on() {
+    let server = start(mock_config()).await;
+    let mut opts = Opts::new(SPEED);
+    opts.max_body = 1024;
+    opts.max_attempts = 1;
+    let (svc, handles) = support::stack(support::tcp_client(opts.max_body), &opts);
+    let base = server.base_url();
+    run_jobs(&svc, &base, 8).await;
+    // A list of eight tasks is far over 1 KiB.
+    let url = format!("{base}/v1/videos/text2video?pageNum=1&pageSize=500");
+    let error = send(&svc, request(Method::GET, &url, ""))
+        .await
+        .unwrap_err();
+    let too_large = find::<BodyTooLarge>(&*error).expect("a typed body-too-large error");
+    assert_eq!(too_large.limit(), 1024);
+    assert!(
+        error
+            .to_string()
+            .contains("larger than the 1024-byte limit"),
+        "{error}"
+    );
+    // The next small answer is read as usual.
+    let small = format!("{base}/v1/videos/text2video/missing");
+    assert_not_found(send(&svc, request(Method::GET, &small, "")).await);
+    assert_nothing_lost(&server, &handles, 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_error_storm_creates_each_task_exactly_once() {
+    // A third of all answers are 5000/5001/5002, and a third of the creates that do succeed
+    // answer 5000 anyway (a billed "ghost" task the client must find by its external id).
+    let server = start(mock_config().fault_rate(0.3).ghost_create_rate(0.3)).await;
+    let opts = Opts::new(SPEED);
+    let (svc, handles) = support::stack(support::tcp_client(opts.max_body), &opts);
+    run_jobs(&svc, &server.base_url(), 12).await;
+    let stats = server.stats();
+    let server_errors: u64 = ["5000", "5001", "5002"]
+        .iter()
+        .filter_map(|c| stats.responses_by_code.get(*c))
+        .sum();
+    assert!(server_errors > 0, "the storm happened: {stats:?}");
+    assert_nothing_lost(&server, &handles, 12).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenant_holding_slots_leaks_nothing() {
+    let server = start(mock_config()).await;
+    let account = ACCOUNT;
+    // Another key of the account holds 4 of the 5 video slots for 60 s of API time (0.6 s).
+    server
+        .mock()
+        .occupy(account, "video", 4, Duration::from_secs(60));
+    let opts = Opts::new(SPEED);
+    let (svc, handles) = support::stack(support::tcp_client(opts.max_body), &opts);
+    run_jobs(&svc, &server.base_url(), 10).await;
+    let stats = server.stats();
+    assert!(
+        stats.responses_by_code.get("1303").copied().unwrap_or(0) > 0,
+        "the 1303 storm happened: {stats:?}"
+    );
+    handles.assert_idle().await;
+    assert_eq!(stats.duplicate_external_ids, 0);
+    assert_eq!(stats.tasks_created, 10);
+    assert_eq!(server.mock().in_use(account, "video"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bare_client_is_refused_on_the_same_workload() {
+    // Negative control for the tests above: without the stack, the same mock refuses.
+    let server = start(mock_config()).await;
+    let client = support::tcp_client(64 * 1024);
+    let url = format!("{}/v1/videos/text2video", server.base_url());
+    let mut calls = Vec::new();
+    for job in 0..12 {
+        let body = format!(r#"{{"prompt":"job {job}","external_task_id":"bare-{job}"}}"#);
+        let mut req = request(Method::POST, &url, &body);
+        req.headers_mut().insert(
+            "authorization",
+            "Bearer reliability-test-key".parse().unwrap(),
+        );
+        calls.push(tower::ServiceExt::oneshot(client.clone(), req));
+    }
+    let mut refused = 0;
+    for call in calls {
+        let mut response = call.await.expect("the mock answers");
+        let outcome = kling_core::Outcome::ensure(&mut response).unwrap();
+        if matches!(outcome.code().as_i64(), 1302 | 1303) {
+            refused += 1;
+        }
+    }
+    // Five slots and a burst of one: most of twelve simultaneous creates are refused.
+    assert!(
+        refused >= 5,
+        "only {refused} of 12 refused with 1302 or 1303"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_that_expires_mid_run_is_signed_again() {
+    // The mock's clock is 1797 s ahead: every token it sees expires 3 s after it is signed.
+    let server = start(
+        mock_config()
+            .access_key("ak-reliability", "sk-reliability-secret")
+            .clock_offset_secs(1797),
+    )
+    .await;
+    let mut opts = Opts::new(SPEED);
+    opts.credentials =
+        Credentials::access_key("ak-reliability", "sk-reliability-secret").expect("valid keys");
+    let (svc, handles) = support::stack(support::tcp_client(opts.max_body), &opts);
+    let url = format!("{}/v1/videos/text2video/missing", server.base_url());
+    let started = std::time::Instant::now();
+    let mut answers = 0;
+    while started.elapsed() < Duration::from_millis(4500) {
+        // Never an auth failure: the expired token was signed again and the query re-sent.
+        assert_not_found(send(&svc, request(Method::GET, &url, "")).await);
+        answers += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answers > 20);
+    let stats = server.stats();
+    assert!(
+        stats.responses_by_code.get("1004").copied().unwrap_or(0) >= 1,
+        "{stats:?}"
+    );
+    assert!(handles.auth.tokens_signed() >= 2);
+    handles.assert_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wall_clock_jump_is_named_and_survived() {
+    let server = start(mock_config().access_key("ak-jump", "sk-jump-secret")).await;
+    let clock = JumpClock::default();
+    let mut opts = Opts::new(SPEED);
+    opts.credentials = Credentials::access_key("ak-jump", "sk-jump-secret").expect("valid keys");
+    opts.clock = Some(clock.clone());
+    let (svc, handles) = support::stack(support::tcp_client(opts.max_body), &opts);
+    let base = server.base_url();
+    let url = format!("{base}/v1/videos/text2video/missing");
+    assert_not_found(send(&svc, request(Method::GET, &url, "")).await);
+
+    // The local clock leaps an hour ahead: the new token is not yet valid for the server, and
+    // the caller is told so (code 1003 and its meaning), not left hanging.
+    clock.jump(3600);
+    let error = send(&svc, request(Method::GET, &url, ""))
+        .await
+        .unwrap_err();
+    let failed = error
+        .downcast_ref::<Failed>()
+        .expect("the retry layer's error");
+    assert_eq!(failed.code().map(|c| c.as_i64()), Some(1003), "{failed}");
+    assert!(
+        failed.to_string().contains("token not yet valid"),
+        "{failed}"
+    );
+
+    // It leaps back: the stack recovers by itself on the next call.
+    clock.jump(-3600);
+    assert_not_found(send(&svc, request(Method::GET, &url, "")).await);
+    run_jobs(&svc, &base, 3).await;
+    assert_nothing_lost(&server, &handles, 3).await;
+}
+
+/// The first error of type `T` in a chain.
+fn find<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicated_late_and_out_of_order_callbacks_release_each_task_once() {
+    use kling_tower::error::WebhookErrorKind;
+    use kling_tower::webhook::WebhookVerifier;
+
+    let server = start(mock_config()).await;
+    let opts = Opts::new(SPEED);
+    let (svc, handles) = support::stack(support::tcp_client(opts.max_body), &opts);
+    let url = format!("{}/v1/videos/text2video", server.base_url());
+    let mut tasks = Vec::new();
+    for job in 0..3 {
+        let body = format!(r#"{{"prompt":"cb {job}","external_task_id":"cb-{job}"}}"#);
+        let outcome = send(&svc, request(Method::POST, &url, &body))
+            .await
+            .unwrap();
+        tasks.push(outcome.task().expect("created").id.clone());
+    }
+    let in_use = |s: &kling_concurrency::Snapshot| s.pools().iter().map(|p| p.in_use).sum::<u32>();
+    assert_eq!(in_use(&handles.slots.snapshot().await.unwrap()), 3);
+
+    let secret = "whsec_c2VjcmV0LWtleS1mb3ItdGVzdHM=";
+    let verifier = WebhookVerifier::new(secret).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let deliver = |id: &str, timestamp: u64, body: &str| {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("webhook-id", id.parse().unwrap());
+        headers.insert("webhook-timestamp", timestamp.to_string().parse().unwrap());
+        let signature = WebhookVerifier::sign(secret, id, timestamp, body.as_bytes()).unwrap();
+        headers.insert("webhook-signature", signature.parse().unwrap());
+        verifier
+            .verify(&headers, body.as_bytes())
+            .map(|_| body.to_owned())
+    };
+    let status =
+        |task: &str, status: &str| format!(r#"{{"task_id":"{task}","task_status":"{status}"}}"#);
+
+    // Task 0: running, then ended, then the same delivery again, then a late "processing".
+    let body = deliver("m0a", now, &status(&tasks[0], "processing")).unwrap();
+    assert!(
+        handles
+            .slots
+            .on_callback(body.as_bytes())
+            .await
+            .unwrap()
+            .released
+            .is_empty()
+    );
+    let ended = deliver("m0b", now, &status(&tasks[0], "succeed")).unwrap();
+    assert_eq!(
+        handles
+            .slots
+            .on_callback(ended.as_bytes())
+            .await
+            .unwrap()
+            .released
+            .len(),
+        1
+    );
+    let replay = deliver("m0b", now, &status(&tasks[0], "succeed")).unwrap_err();
+    assert_eq!(replay.kind(), WebhookErrorKind::Replayed);
+    // Even fed directly (an unsigned route), the duplicate releases nothing.
+    assert!(
+        handles
+            .slots
+            .on_callback(ended.as_bytes())
+            .await
+            .unwrap()
+            .released
+            .is_empty()
+    );
+    let late = deliver("m0c", now, &status(&tasks[0], "processing")).unwrap();
+    assert!(
+        handles
+            .slots
+            .on_callback(late.as_bytes())
+            .await
+            .unwrap()
+            .released
+            .is_empty()
+    );
+    assert_eq!(
+        in_use(&handles.slots.snapshot().await.unwrap()),
+        2,
+        "the late report held nothing"
+    );
+
+    // Task 1: "failed" arrives before "processing" (out of order).
+    let failed = deliver("m1a", now, &status(&tasks[1], "failed")).unwrap();
+    assert_eq!(
+        handles
+            .slots
+            .on_callback(failed.as_bytes())
+            .await
+            .unwrap()
+            .released
+            .len(),
+        1
+    );
+    let stale_order = deliver("m1b", now, &status(&tasks[1], "processing")).unwrap();
+    assert!(
+        handles
+            .slots
+            .on_callback(stale_order.as_bytes())
+            .await
+            .unwrap()
+            .released
+            .is_empty()
+    );
+
+    // Task 2: a delivery older than the tolerance is refused as stale, and the named error says so.
+    let stale = deliver("m2a", now - 600, &status(&tasks[2], "succeed")).unwrap_err();
+    assert_eq!(stale.kind(), WebhookErrorKind::Stale);
+    assert!(
+        stale.to_string().contains("more than 300s from now"),
+        "{stale}"
+    );
+    // The task ends anyway: a poll finds it (callbacks are a hint, queries the truth).
+    let base = server.base_url();
+    for task in &tasks {
+        loop {
+            let url = format!("{base}/v1/videos/text2video/{task}");
+            let outcome = send(&svc, request(Method::GET, &url, "")).await.unwrap();
+            if outcome.task().is_some_and(|t| t.status.is_terminal()) {
+                break;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+    handles.assert_idle().await;
+    assert_eq!(server.stats().tasks_created, 3);
+}
