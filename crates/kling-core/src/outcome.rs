@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use http::header::RETRY_AFTER;
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::Full;
 use tokio::time::Instant;
@@ -57,7 +58,12 @@ impl Outcome {
             inner: Arc::new(Inner {
                 status,
                 envelope,
-                retry_after: retry_after_delay(headers, SystemTime::now()),
+                // The system clock is only read for a `Retry-After` (an HTTP-date needs it).
+                retry_after: if headers.contains_key(RETRY_AFTER) {
+                    retry_after_delay(headers, SystemTime::now())
+                } else {
+                    None
+                },
                 received_at,
             }),
         })
@@ -156,7 +162,6 @@ impl Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::header::RETRY_AFTER;
 
     #[tokio::test(start_paused = true)]
     async fn retry_after_counts_from_arrival() {

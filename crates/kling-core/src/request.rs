@@ -193,7 +193,23 @@ impl Recognized {
             recognized.kind = RequestKind::Account;
             return recognized;
         }
-        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        // Kling paths have a handful of segments: keep them on the stack (no allocation per
+        // request), with a vector for anything longer.
+        let mut on_stack = [""; 16];
+        let spilled: Vec<&str>;
+        let count = path.split('/').filter(|s| !s.is_empty()).count();
+        let segments: &[&str] = if count <= on_stack.len() {
+            for (slot, segment) in on_stack
+                .iter_mut()
+                .zip(path.split('/').filter(|s| !s.is_empty()))
+            {
+                *slot = segment;
+            }
+            &on_stack[..count]
+        } else {
+            spilled = path.split('/').filter(|s| !s.is_empty()).collect();
+            &spilled
+        };
 
         // Legacy: .../v1/{videos|images}/{endpoint}[/{id}]
         if let Some(v1) = segments.iter().rposition(|s| *s == "v1") {
@@ -224,7 +240,7 @@ impl Recognized {
         }
 
         // New: /tasks (batch query or list) and /{product}/{model} (create).
-        match segments.as_slice() {
+        match segments {
             [.., "tasks"] => {
                 recognized.generation = Some(ApiGeneration::New);
                 if method == Method::GET {

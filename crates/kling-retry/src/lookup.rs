@@ -112,25 +112,31 @@ fn encode(text: &str) -> String {
 
 /// A fresh external id: `kr-` and 32 hex digits.
 pub(crate) fn generate(rng: &dyn RandomSource) -> String {
-    format!("kr-{:016x}{:016x}", rng.next_u64(), rng.next_u64())
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(35);
+    id.push_str("kr-");
+    for word in [rng.next_u64(), rng.next_u64()] {
+        for shift in (0..16).rev() {
+            id.push(char::from(HEX[((word >> (shift * 4)) & 0xf) as usize]));
+        }
+    }
+    id
 }
 
 /// Adds `external_id` to a create's JSON body (`external_task_id` on legacy paths, `external_id`
 /// on new-style ones) and refreshes the cached [`Recognized`]. A body that is not a JSON
 /// object is left alone (the server will refuse it anyway).
+///
+/// The field is spliced in after the opening brace, so the body is not parsed again nor
+/// re-serialized (the create's bytes, large base64 images included, are copied once).
 pub(crate) fn set_external_id<B: ReplayBody>(request: &mut Request<B>, external_id: &str) {
-    let recognized = Recognized::of(request);
-    let field = match recognized.generation {
+    let field = match Recognized::of(request).generation {
         Some(ApiGeneration::Legacy) => "external_task_id",
         Some(_) => "external_id",
         None => return,
     };
     let body = request.body().peek_bytes();
-    let Ok(serde_json::Value::Object(mut fields)) = serde_json::from_slice(&body) else {
-        return;
-    };
-    fields.insert(field.to_owned(), serde_json::Value::from(external_id));
-    let Ok(rewritten) = serde_json::to_vec(&fields) else {
+    let Some(rewritten) = splice_field(&body, field, external_id) else {
         return;
     };
     if request.headers().contains_key(CONTENT_LENGTH) {
@@ -139,8 +145,37 @@ pub(crate) fn set_external_id<B: ReplayBody>(request: &mut Request<B>, external_
             .insert(CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
     }
     *request.body_mut() = B::from_bytes(Bytes::from(rewritten));
-    let refreshed = Recognized::from_request(request);
-    request.extensions_mut().insert(refreshed);
+    match request.extensions_mut().get_mut::<Recognized>() {
+        Some(recognized) => recognized.external_id = Some(external_id.to_owned()),
+        None => {
+            let refreshed = Recognized::from_request(request);
+            request.extensions_mut().insert(refreshed);
+        }
+    }
+}
+
+/// `body` (a JSON object) with `"field":"value",` inserted first; `None` when the body is not
+/// an object.
+fn splice_field(body: &[u8], field: &str, value: &str) -> Option<Vec<u8>> {
+    let is_space = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    let open = body.iter().position(|b| !is_space(b))?;
+    let close = body.iter().rposition(|b| !is_space(b))?;
+    if body[open] != b'{' || body[close] != b'}' || close == open {
+        return None;
+    }
+    let empty = body[open + 1..close].iter().all(is_space);
+    let quoted = serde_json::to_string(value).ok()?;
+    let mut out = Vec::with_capacity(body.len() + field.len() + quoted.len() + 4);
+    out.extend_from_slice(&body[..=open]);
+    out.push(b'"');
+    out.extend_from_slice(field.as_bytes());
+    out.extend_from_slice(b"\":");
+    out.extend_from_slice(quoted.as_bytes());
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(&body[open + 1..]);
+    Some(out)
 }
 
 #[cfg(test)]
@@ -215,5 +250,41 @@ mod tests {
         assert!(
             String::from_utf8_lossy(&req.body().peek_bytes()).contains(r#""external_id":"kr-2""#)
         );
+    }
+
+    #[test]
+    fn the_spliced_body_is_the_same_json_with_the_id() {
+        for (body, expected) in [
+            (
+                r#"{"prompt":"cat"}"#,
+                r#"{"external_task_id":"a\"b","prompt":"cat"}"#,
+            ),
+            (" { } ", r#" {"external_task_id":"a\"b" } "#),
+            ("{}", r#"{"external_task_id":"a\"b"}"#),
+        ] {
+            let out = splice_field(body.as_bytes(), "external_task_id", "a\"b").unwrap();
+            assert_eq!(String::from_utf8(out.clone()).unwrap(), expected);
+            let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(value["external_task_id"], "a\"b");
+        }
+        for not_an_object in ["", "  ", "[1]", "\"x\"", "not json", "{", "}"] {
+            assert_eq!(splice_field(not_an_object.as_bytes(), "f", "v"), None);
+        }
+    }
+
+    #[test]
+    fn generated_ids_are_kr_and_32_hex_digits() {
+        let rng = crate::rng::SplitMix::seeded(3);
+        let id = generate(&rng);
+        assert_eq!(id.len(), 35);
+        assert!(id.starts_with("kr-"));
+        assert!(
+            id[3..]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        let again = crate::rng::SplitMix::seeded(3);
+        let (a, b) = (again.next_u64(), again.next_u64());
+        assert_eq!(id, format!("kr-{a:016x}{b:016x}"));
     }
 }
