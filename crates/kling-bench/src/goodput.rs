@@ -1,0 +1,549 @@
+//! Goodput in paused time against the in-process `kling_mock::MockKling` (no sockets: hours
+//! of traffic take seconds): jobs that create a task and poll it to its end, through the
+//! kling-tower stack and through tower's own layers with a simple 429 retry, on the same mock.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderValue, Request};
+use http_body_util::Full;
+use kling_concurrency::{SlotsConfig, TaskSlotsLayer};
+use kling_core::{BoxError, ClassifyLayer, Outcome};
+use kling_mock::{MockConfig, MockKling, Preset, RetryAfterMode};
+use kling_ratelimit::{Adaptive, GcraLayer, Quota};
+use kling_retry::RetryLayer;
+use kling_tower::{Credentials, KlingLayer, ServiceBuilderExt, StackConfig, Tier};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+
+use crate::fixtures::{CREATE_BODY, Req, Res};
+use crate::tower_client::{SimpleRetry, tower_stack_buffered_with};
+
+/// The account presets compared.
+pub const PRESETS: [Preset; 4] = [
+    Preset::Free,
+    Preset::Standard,
+    Preset::Pro,
+    Preset::Enterprise,
+];
+
+/// A workload and the server it meets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Scenario {
+    /// The preset's limits, known to the client.
+    Plain,
+    /// 3% of requests answered 5xx, 3% of creates answered 5000 although the task was created
+    /// (and billed), 1% of connections dropped.
+    Faults,
+    /// Credits run out mid-run (the client is not told the budget): 1102 for every later create.
+    Credits,
+    /// The client's rate is set 50% too high (kling-tower runs in adaptive mode under it);
+    /// 1302s carry `Retry-After: <seconds>`.
+    RetryAfterSeconds,
+    /// As [`Scenario::RetryAfterSeconds`], with an HTTP-date `Retry-After` and a `Date` header.
+    RetryAfterDate,
+    /// The client's rate is set 50% too high (kling-tower runs in adaptive mode under it) and
+    /// the server pushes its window one interval further on every early request.
+    Penalty,
+    /// Every job polls once a second: together far faster than the rate allows.
+    PollFast,
+    /// The client does not know the rate: adaptive mode from a ceiling of 4x the real rate.
+    Adaptive,
+}
+
+impl Scenario {
+    /// Every scenario, in table order.
+    pub const ALL: [Scenario; 8] = [
+        Scenario::Plain,
+        Scenario::Faults,
+        Scenario::Credits,
+        Scenario::RetryAfterSeconds,
+        Scenario::RetryAfterDate,
+        Scenario::Penalty,
+        Scenario::PollFast,
+        Scenario::Adaptive,
+    ];
+
+    /// Its name in the tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Plain => "plain",
+            Scenario::Faults => "faults",
+            Scenario::Credits => "credits run out",
+            Scenario::RetryAfterSeconds => "Retry-After seconds",
+            Scenario::RetryAfterDate => "Retry-After date",
+            Scenario::Penalty => "penalty window",
+            Scenario::PollFast => "poll every 1 s",
+            Scenario::Adaptive => "unknown rate (adaptive)",
+        }
+    }
+
+    /// Whether the client is told the real limits.
+    pub fn limits_known(self) -> bool {
+        matches!(
+            self,
+            Scenario::Plain | Scenario::Faults | Scenario::Credits | Scenario::PollFast
+        )
+    }
+
+    fn applies_to(self, preset: Preset) -> bool {
+        let rated = preset.rate_limit().is_some();
+        match self {
+            Scenario::Credits => preset == Preset::Free,
+            Scenario::RetryAfterSeconds
+            | Scenario::RetryAfterDate
+            | Scenario::Penalty
+            | Scenario::PollFast
+            | Scenario::Adaptive => rated,
+            Scenario::Plain | Scenario::Faults => true,
+        }
+    }
+}
+
+/// Which client ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Client {
+    /// kling-tower's stack: `KlingLayer` at the preset where the limits are known; where they
+    /// are not, retry + task slots + adaptive GCRA + auth + classify composed by hand.
+    Kling,
+    /// tower's `Retry` (simple 429/5xx retry, 10 attempts, 1 s apart) over `Buffer` +
+    /// `ConcurrencyLimit` + `RateLimit` at the preset's numbers, jobs gated by a semaphore of
+    /// the slot count.
+    Tower,
+}
+
+/// How big the runs are.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Jobs per slot of the preset (the run has `slots × waves` jobs).
+    pub waves: usize,
+    /// Seconds between a job's queries (except [`Scenario::PollFast`]).
+    pub query_interval: Duration,
+}
+
+impl Options {
+    /// The published configuration.
+    pub fn full() -> Self {
+        Options {
+            waves: 100,
+            query_interval: Duration::from_secs(10),
+        }
+    }
+
+    /// A smoke test.
+    pub fn tiny() -> Self {
+        Options {
+            waves: 3,
+            query_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One run's figures.
+#[derive(Clone, Debug, Default)]
+pub struct Run {
+    /// The preset.
+    pub preset: String,
+    /// The scenario.
+    pub scenario: String,
+    /// The client.
+    pub client: String,
+    /// Whether the client knew the limits.
+    pub limits_known: bool,
+    /// Jobs started.
+    pub jobs: usize,
+    /// Jobs whose task ended (succeeded or failed on the server).
+    pub completed: usize,
+    /// Jobs refused for good by the server (1102 and other fatal codes): not a give-up.
+    pub refused: usize,
+    /// Jobs the client gave up on (retries exhausted, deadline).
+    pub lost: usize,
+    /// First job start to last job end, seconds.
+    pub makespan: f64,
+    /// The best makespan the limits allow given the query interval, seconds.
+    pub bound: f64,
+    /// Requests the server received.
+    pub requests: u64,
+    /// HTTP 429 answers by code.
+    pub rejections: BTreeMap<String, u64>,
+    /// Creates the server received more than 100 ms after the account's first 1102.
+    pub after_1102: u64,
+    /// Tasks created beyond one per job that got one (billed twice or never used).
+    pub duplicates: u64,
+}
+
+impl Run {
+    /// bound ÷ makespan.
+    pub fn efficiency(&self) -> f64 {
+        if self.makespan > 0.0 {
+            self.bound / self.makespan
+        } else {
+            0.0
+        }
+    }
+
+    /// All 429s.
+    pub fn rejected(&self) -> u64 {
+        self.rejections.values().sum()
+    }
+}
+
+/// What one job ended with.
+enum JobEnd {
+    /// The task ended; its life on the server (ms) and the query interval it was polled at.
+    Done { life_ms: u64 },
+    /// The server refused the create for good.
+    Refused,
+    /// The client gave up.
+    Lost,
+}
+
+fn create_request(auth: bool) -> Req {
+    let mut request = Request::post("/v1/videos/text2video")
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from_static(CREATE_BODY.as_bytes())))
+        .expect("a valid request");
+    if auth {
+        request
+            .headers_mut()
+            .insert(AUTHORIZATION, HeaderValue::from_static("Bearer bench-key"));
+    }
+    request
+}
+
+fn query_request(task: &str, auth: bool) -> Req {
+    let mut request = Request::get(format!("/v1/videos/text2video/{task}"))
+        .body(Full::new(Bytes::new()))
+        .expect("a valid request");
+    if auth {
+        request
+            .headers_mut()
+            .insert(AUTHORIZATION, HeaderValue::from_static("Bearer bench-key"));
+    }
+    request
+}
+
+/// The task's life on the server from a terminal query answer: `updated_at - created_at`.
+fn life_ms(body: &[u8]) -> Option<u64> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let data = &value["data"];
+    Some(data["updated_at"].as_u64()? - data["created_at"].as_u64()?)
+}
+
+/// Whether an error says the server refused for good (a fatal Kling code such as 1102, or the
+/// slots layer refusing creates after one): the job is refused, not given up on.
+fn refused_for_good(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(err) = current {
+        if err.is::<kling_concurrency::error::Halted>() {
+            return true;
+        }
+        if let Some(api) = err.downcast_ref::<kling_core::error::ApiError>() {
+            return api.code().disposition(api.status()) == kling_core::Disposition::Fatal;
+        }
+        current = err.source();
+    }
+    false
+}
+
+/// Creates a task and polls it every `interval` until it ends (or the client gives up).
+async fn job<S>(service: S, interval: Duration, auth: bool, give_up: Instant) -> JobEnd
+where
+    S: Service<Req, Response = Res> + Clone,
+    S::Error: Into<BoxError>,
+{
+    let task = match service.clone().oneshot(create_request(auth)).await {
+        Err(error) => {
+            let error: BoxError = error.into();
+            return if refused_for_good(&*error) {
+                JobEnd::Refused
+            } else {
+                JobEnd::Lost
+            };
+        }
+        Ok(mut response) => match Outcome::ensure(&mut response) {
+            Ok(outcome) if outcome.is_success() => match outcome.task() {
+                Some(task) => task.id.clone(),
+                None => return JobEnd::Lost,
+            },
+            Ok(outcome) if outcome.disposition() == kling_core::Disposition::Fatal => {
+                return JobEnd::Refused;
+            }
+            _ => return JobEnd::Lost,
+        },
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        if Instant::now() > give_up {
+            return JobEnd::Lost;
+        }
+        let Ok(mut response) = service.clone().oneshot(query_request(&task, auth)).await else {
+            continue;
+        };
+        let Ok(outcome) = Outcome::ensure(&mut response) else {
+            continue;
+        };
+        if let Some(report) = outcome.task()
+            && report.status.is_terminal()
+        {
+            let life = life_ms(&response.body().clone_bytes()).unwrap_or(0);
+            return JobEnd::Done { life_ms: life };
+        }
+    }
+}
+
+trait CloneBytes {
+    fn clone_bytes(&self) -> Bytes;
+}
+
+impl CloneBytes for Full<Bytes> {
+    fn clone_bytes(&self) -> Bytes {
+        kling_core::PeekBody::peek_bytes(self)
+    }
+}
+
+fn tier(preset: Preset) -> Tier {
+    match preset {
+        Preset::Free => Tier::Free,
+        Preset::Standard => Tier::Standard,
+        Preset::Pro => Tier::Pro,
+        _ => Tier::Enterprise,
+    }
+}
+
+fn mock_config(preset: Preset, scenario: Scenario) -> MockConfig {
+    let mut config = MockConfig::preset(preset).seed(0x5eed);
+    if preset == Preset::Free && scenario != Scenario::Credits {
+        config = config.unlimited_credits();
+    }
+    match scenario {
+        Scenario::Faults => {
+            config = config
+                .fault_rate(0.03)
+                .ghost_create_rate(0.03)
+                .drop_rate(0.01);
+        }
+        Scenario::RetryAfterSeconds => config = config.retry_after(RetryAfterMode::Seconds),
+        Scenario::RetryAfterDate => config = config.retry_after(RetryAfterMode::Date),
+        Scenario::Penalty => config = config.penalty(true),
+        _ => {}
+    }
+    config
+}
+
+/// The rate the client is configured with, per minute (`None`: no cap).
+fn client_rate(preset: Preset, scenario: Scenario) -> Option<f64> {
+    let real = preset.rate_limit().map(|r| r.per_minute)?;
+    Some(match scenario {
+        Scenario::RetryAfterSeconds | Scenario::RetryAfterDate | Scenario::Penalty => real * 1.5,
+        Scenario::Adaptive => real * 4.0,
+        _ => real,
+    })
+}
+
+fn kling_config(preset: Preset, scenario: Scenario) -> StackConfig {
+    let mut config = StackConfig::preset(tier(preset)).no_daily_credits();
+    if preset == Preset::Enterprise {
+        config = StackConfig::enterprise(preset.slots(), None);
+    }
+    if let Some(rate) = client_rate(preset, scenario) {
+        config = config.rate_per_minute(rate);
+    }
+    // Every job is queued at once: the whole run may wait, so no call gives up on a deadline.
+    config.retry_deadline(JOB_DEADLINE)
+}
+
+/// How long a job may take before the client gives up on it.
+const JOB_DEADLINE: Duration = Duration::from_secs(48 * 3600);
+
+/// Runs the jobs through `service` on a paused clock and collects the figures.
+async fn drive<S>(
+    service: S,
+    mock: &MockKling,
+    jobs: usize,
+    interval: Duration,
+    auth: bool,
+    gate: Option<Arc<Semaphore>>,
+) -> (Vec<JobEnd>, f64)
+where
+    S: Service<Req, Response = Res> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+{
+    let start = Instant::now();
+    let give_up = start + JOB_DEADLINE;
+    let mut handles = Vec::with_capacity(jobs);
+    for _ in 0..jobs {
+        let service = service.clone();
+        let gate = gate.clone();
+        handles.push(tokio::spawn(async move {
+            let _permit = match &gate {
+                Some(gate) => Some(gate.acquire().await.expect("never closed")),
+                None => None,
+            };
+            let end = job(service, interval, auth, give_up).await;
+            (end, Instant::now())
+        }));
+    }
+    let mut ends = Vec::with_capacity(jobs);
+    let mut last = start;
+    for handle in handles {
+        let (end, at) = handle.await.expect("a job never panics");
+        last = last.max(at);
+        ends.push(end);
+    }
+    let _ = mock;
+    (ends, last.duration_since(start).as_secs_f64())
+}
+
+/// Runs one preset × scenario × client.
+pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Options) -> Run {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a runtime");
+    rt.block_on(async move {
+        let mock = MockKling::new(mock_config(preset, scenario)).expect("a valid mock");
+        let slots = preset.slots() as usize;
+        let jobs = slots * options.waves;
+        let interval = if scenario == Scenario::PollFast {
+            Duration::from_secs(1)
+        } else {
+            options.query_interval
+        };
+        let (ends, makespan) = match client {
+            Client::Kling if !scenario.limits_known() => {
+                let (slots_layer, _) =
+                    TaskSlotsLayer::pair(SlotsConfig::new(preset.slots())).expect("valid");
+                let ceiling = client_rate(preset, scenario).expect("a rated preset");
+                let gcra = GcraLayer::builder(Quota::per_minute(ceiling))
+                    .adaptive(Adaptive::new())
+                    .build()
+                    .expect("valid");
+                let service = ServiceBuilder::new()
+                    .kling_retry(
+                        RetryLayer::builder()
+                            .deadline(JOB_DEADLINE)
+                            .generate_external_ids(true)
+                            .seed(7)
+                            .build()
+                            .expect("valid"),
+                    )
+                    .task_slots(slots_layer)
+                    .gcra(gcra)
+                    .kling_auth(Credentials::api_key("bench-key").expect("a key"))
+                    .classify()
+                    .service(mock.clone());
+                drive(service, &mock, jobs, interval, false, None).await
+            }
+            Client::Kling => {
+                let kling = KlingLayer::builder(
+                    kling_config(preset, scenario),
+                    Credentials::api_key("bench-key").expect("a key"),
+                )
+                .seed(7)
+                .build()
+                .expect("a valid stack");
+                let service = kling.layer(mock.clone());
+                drive(service, &mock, jobs, interval, false, None).await
+            }
+            Client::Tower => {
+                let rate = client_rate(preset, scenario).unwrap_or(6e9);
+                let service = tower_stack_buffered_with(
+                    ClassifyLayer::new().layer(mock.clone()),
+                    slots,
+                    rate,
+                    1,
+                    jobs + 16,
+                    SimpleRetry::new(10, Duration::from_secs(1)),
+                );
+                let gate = Arc::new(Semaphore::new(slots));
+                drive(service, &mock, jobs, interval, true, Some(gate)).await
+            }
+        };
+        let stats = mock.stats();
+        let mut run = Run {
+            preset: preset.to_string(),
+            scenario: scenario.name().to_owned(),
+            client: match client {
+                Client::Kling => "kling-tower".to_owned(),
+                Client::Tower => "tower".to_owned(),
+            },
+            limits_known: scenario.limits_known(),
+            jobs,
+            makespan,
+            requests: stats.requests_total,
+            after_1102: stats.creates_after_1102,
+            ..Run::default()
+        };
+        let q = interval.as_millis() as u64;
+        // With one slot, the create after the poll that frees it must wait one request interval:
+        // that gap is part of the best any client can do.
+        let create_gap_ms = match preset.rate_limit() {
+            Some(limit) if slots == 1 => (60_000.0 / limit.per_minute) as u64,
+            _ => 0,
+        };
+        let (mut slot_ms, mut needed) = (0u64, 0u64);
+        let mut with_task = 0u64;
+        for end in &ends {
+            match end {
+                JobEnd::Done { life_ms } => {
+                    run.completed += 1;
+                    with_task += 1;
+                    let polls = life_ms.div_ceil(q).max(1);
+                    slot_ms += polls * q + create_gap_ms;
+                    needed += 1 + polls;
+                }
+                JobEnd::Refused => run.refused += 1,
+                JobEnd::Lost => run.lost += 1,
+            }
+        }
+        run.duplicates = stats.tasks_created.saturating_sub(with_task);
+        let slot_bound = slot_ms as f64 / 1000.0 / slots as f64;
+        // Polling every second asks for more than the rate allows: the requests the run
+        // actually sent are what it had to send.
+        if scenario == Scenario::PollFast {
+            needed = stats.requests_total;
+        }
+        let rate_bound = match preset.rate_limit() {
+            Some(limit) => needed as f64 / (limit.per_minute / 60.0),
+            None => 0.0,
+        };
+        run.bound = slot_bound.max(rate_bound);
+        for (code, n) in &stats.responses_by_code {
+            if matches!(
+                code.as_str(),
+                "1100" | "1101" | "1102" | "1302" | "1303" | "1304"
+            ) {
+                run.rejections.insert(code.clone(), *n);
+            }
+        }
+        run
+    })
+}
+
+/// Runs every preset × applicable scenario × both clients.
+pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Vec<Run> {
+    let mut runs = Vec::new();
+    for preset in PRESETS {
+        for scenario in Scenario::ALL {
+            if !scenario.applies_to(preset) {
+                continue;
+            }
+            for client in [Client::Kling, Client::Tower] {
+                log(&format!(
+                    "goodput: {preset} / {} / {client:?}",
+                    scenario.name()
+                ));
+                runs.push(run_one(preset, scenario, client, options));
+            }
+        }
+    }
+    runs
+}

@@ -1,0 +1,83 @@
+//! `kling-bench`: runs the sections and prints their tables (Markdown) on stdout.
+//!
+//! ```text
+//! kling-bench [all|overhead|goodput|scale|sockets] [--quick] [--out FILE]
+//! kling-bench profile <subject name part> [lives]     # one overhead subject, for callgrind
+//! ```
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use kling_bench::{goodput, overhead, report, scale, sockets};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let section = args
+        .iter()
+        .find(|a| !a.starts_with("--"))
+        .map_or("all", String::as_str);
+    if section == "profile" {
+        let name = args.get(1).map_or("", String::as_str);
+        let lives = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(20_000);
+        match overhead::profile(name, lives) {
+            Some(sample) => println!("{sample:?}"),
+            None => eprintln!("no subject named like `{name}`"),
+        }
+        return;
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1));
+    let all = section == "all";
+    if !all && !["overhead", "goodput", "scale", "sockets"].contains(&section) {
+        eprintln!("usage: kling-bench [all|overhead|goodput|scale|sockets] [--quick] [--out FILE]");
+        std::process::exit(2);
+    }
+    let mut log = |line: &str| eprintln!("{line}");
+    let mut text = format!("{}\n\n", kling_bench::machine());
+    if all || section == "overhead" {
+        let mut options = overhead::Options::full();
+        if quick {
+            options.rounds = 3;
+            options.lives = 5_000;
+        }
+        let r = overhead::run(options, &mut log);
+        text.push_str(&format!("## Overhead\n\n{}\n", report::overhead(&r)));
+    }
+    if all || section == "goodput" {
+        let mut options = goodput::Options::full();
+        if quick {
+            options.waves = 20;
+        }
+        let runs = goodput::run(options, &mut log);
+        text.push_str(&format!("## Goodput\n\n{}\n", report::goodput(&runs)));
+    }
+    if all || section == "scale" {
+        let mut options = scale::Options::full();
+        if quick {
+            options.waiters = 10_000;
+            options.decisions = 50_000;
+        }
+        let r = scale::run(options, &mut log);
+        text.push_str(&format!("## Scale\n\n{}\n", report::scale(&r)));
+    }
+    if all || section == "sockets" {
+        let mut options = sockets::Options::full();
+        if quick {
+            options.rounds = 5;
+            options.lives = 500;
+        }
+        let rows = sockets::run(options, &mut log);
+        text.push_str(&format!(
+            "## Real sockets\n\n{}\n",
+            report::sockets(&rows, options)
+        ));
+    }
+    print!("{text}");
+    if let Some(path) = out
+        && let Err(e) = std::fs::write(path, &text)
+    {
+        eprintln!("cannot write {path}: {e}");
+        std::process::exit(1);
+    }
+}

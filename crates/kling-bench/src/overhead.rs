@@ -1,0 +1,638 @@
+//! Success-path overhead: `ready` + `call` + await over an always-ready in-memory Kling, one
+//! driver task and 64, on a 2-worker runtime, every subject in the same run.
+//!
+//! Each driver does create-then-query lives: the create is answered with the 230-byte create
+//! envelope, the query with the 360-byte "succeed" envelope of the same task (which frees the
+//! slot the create took). A figure is process CPU time per request (every thread, from
+//! `/proc/self/task/*/schedstat`), the median over interleaved rounds: on a shared machine CPU
+//! time is far steadier than wall time. Wall time is kept beside it.
+
+use std::fmt::Debug;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use governor::{Quota as GovernorQuota, RateLimiter};
+use http::StatusCode;
+use kling_concurrency::{SlotsConfig, TaskSlotsLayer};
+use kling_core::{AccountId, ClassifyLayer, Outcome};
+use kling_metrics::MetricsLayer;
+use kling_ratelimit::{GcraLayer, Quota};
+use kling_retry::RetryLayer;
+use kling_tower::auth::{AuthLayer, Credentials};
+use kling_tower::base_url::BaseUrlLayer;
+use kling_tower::{DrainLayer, KlingLayer, StackConfig, Tier};
+use serde::Deserialize;
+use tokio::runtime::Runtime;
+use tower::timeout::TimeoutLayer;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::alloc::Counting;
+use crate::cpu;
+use crate::fixtures::{EchoKling, Fixtures, LIVE, Req, Res, create_envelope};
+use crate::tower_client::{tower_stack, tower_stack_buffered};
+
+/// How much to measure.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Interleaved rounds; each figure is the median over them.
+    pub rounds: usize,
+    /// Create+query lives per subject per round (split over the driver tasks).
+    pub lives: usize,
+    /// Driver tasks of the concurrent case.
+    pub tasks: usize,
+}
+
+impl Options {
+    /// The published configuration.
+    pub fn full() -> Self {
+        Options {
+            rounds: 7,
+            lives: 20_000,
+            tasks: 64,
+        }
+    }
+
+    /// A smoke test.
+    pub fn tiny() -> Self {
+        Options {
+            rounds: 1,
+            lives: 256,
+            tasks: 64,
+        }
+    }
+}
+
+/// One measurement: nanoseconds per request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sample {
+    /// Process CPU time per request.
+    pub cpu_ns: f64,
+    /// Wall time per request.
+    pub wall_ns: f64,
+}
+
+/// What one subject measured.
+#[derive(Clone, Debug, Default)]
+pub struct Row {
+    /// The subject.
+    pub name: String,
+    /// What it is compared with (its own baseline row), for the "+ns" column.
+    pub baseline: Option<&'static str>,
+    /// One driver task, per round.
+    pub single: Vec<Sample>,
+    /// Many driver tasks, per round (`None` when the subject cannot be shared).
+    pub multi: Option<Vec<Sample>>,
+    /// Allocations per request, one driver task.
+    pub allocs: f64,
+    /// Bytes allocated per request, one driver task.
+    pub bytes: f64,
+}
+
+impl Row {
+    /// Median CPU ns per request, one task.
+    pub fn single_ns(&self) -> f64 {
+        cpu::median(&self.single.iter().map(|s| s.cpu_ns).collect::<Vec<_>>())
+    }
+
+    /// Median wall ns per request, one task.
+    pub fn single_wall(&self) -> f64 {
+        cpu::median(&self.single.iter().map(|s| s.wall_ns).collect::<Vec<_>>())
+    }
+
+    /// Median CPU ns per request, many tasks.
+    pub fn multi_ns(&self) -> Option<f64> {
+        self.multi
+            .as_ref()
+            .map(|m| cpu::median(&m.iter().map(|s| s.cpu_ns).collect::<Vec<_>>()))
+    }
+
+    /// Median wall ns per request, many tasks.
+    pub fn multi_wall(&self) -> Option<f64> {
+        self.multi
+            .as_ref()
+            .map(|m| cpu::median(&m.iter().map(|s| s.wall_ns).collect::<Vec<_>>()))
+    }
+}
+
+/// Everything the overhead section measured.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// The options used.
+    pub tasks: usize,
+    /// Rounds and lives.
+    pub rounds: usize,
+    /// Create+query lives per subject per round.
+    pub lives: usize,
+    /// The service subjects.
+    pub rows: Vec<Row>,
+    /// governor's `check` alone: ns per check, one task and many (median CPU).
+    pub governor: (f64, f64),
+    /// Reading the create envelope: plain typed serde_json parse, ns (median CPU).
+    pub serde_create: f64,
+    /// Reading the query envelope: plain typed serde_json parse, ns.
+    pub serde_query: f64,
+    /// `Outcome::parse` of the create envelope, ns.
+    pub outcome_create: f64,
+    /// `Outcome::parse` of the query envelope, ns.
+    pub outcome_query: f64,
+}
+
+impl Report {
+    /// The row of a subject.
+    pub fn row(&self, name: &str) -> Option<&Row> {
+        self.rows.iter().find(|r| r.name == name)
+    }
+}
+
+/// A subject the runner can measure.
+trait Subject {
+    fn name(&self) -> &str;
+    fn baseline(&self) -> Option<&'static str>;
+    fn shareable(&self) -> bool;
+    /// Runs `lives` create+query lives over `tasks` drivers; returns CPU and wall ns/request.
+    fn run(&self, rt: &Runtime, fixtures: &Arc<Fixtures>, tasks: usize, lives: usize) -> Sample;
+}
+
+async fn drive<S>(mut service: S, fixtures: Arc<Fixtures>, base: usize, lives: usize, auth: bool)
+where
+    S: Service<Req, Response = Res>,
+    S::Error: Debug,
+{
+    for j in 0..lives {
+        let index = base + j % LIVE;
+        let (mut create, mut query) = (fixtures.create(index), fixtures.query(index));
+        if auth {
+            with_auth(&mut create);
+            with_auth(&mut query);
+        }
+        let response = ServiceExt::ready(&mut service)
+            .await
+            .expect("ready")
+            .call(create)
+            .await
+            .expect("the create succeeds");
+        if j == 0 {
+            assert_success(&response);
+        }
+        std::hint::black_box(response);
+        let response = ServiceExt::ready(&mut service)
+            .await
+            .expect("ready")
+            .call(query)
+            .await
+            .expect("the query succeeds");
+        if j == 0 {
+            assert_success(&response);
+        }
+        std::hint::black_box(response);
+    }
+}
+
+fn with_auth(request: &mut Req) {
+    request.headers_mut().insert(
+        http::header::AUTHORIZATION,
+        http::HeaderValue::from_static("Bearer bench-key"),
+    );
+}
+
+/// A success, and where a classify step ran, a success by its Kling code too.
+fn assert_success(response: &Res) {
+    assert_eq!(response.status(), StatusCode::OK);
+    if let Some(outcome) = Outcome::of(response) {
+        assert!(outcome.is_success(), "{outcome:?}");
+    }
+}
+
+fn timed(rt: &Runtime, requests: usize, work: impl std::future::Future<Output = ()>) -> Sample {
+    let wall = Instant::now();
+    let cpu = cpu::process();
+    rt.block_on(work);
+    let cpu = cpu::process().saturating_sub(cpu);
+    let wall = wall.elapsed();
+    Sample {
+        cpu_ns: cpu.as_nanos() as f64 / requests as f64,
+        wall_ns: wall.as_nanos() as f64 / requests as f64,
+    }
+}
+
+/// A subject whose service clones share its limits.
+struct Shared<F> {
+    name: String,
+    baseline: Option<&'static str>,
+    auth: bool,
+    make: F,
+}
+
+impl<F, S> Subject for Shared<F>
+where
+    F: Fn() -> S,
+    S: Service<Req, Response = Res> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Debug + Send,
+{
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn baseline(&self) -> Option<&'static str> {
+        self.baseline
+    }
+
+    fn shareable(&self) -> bool {
+        true
+    }
+
+    fn run(&self, rt: &Runtime, fixtures: &Arc<Fixtures>, tasks: usize, lives: usize) -> Sample {
+        let service = {
+            let _entered = rt.enter();
+            (self.make)()
+        };
+        let per_task = (lives / tasks).max(1);
+        let auth = self.auth;
+        let fixtures = Arc::clone(fixtures);
+        timed(rt, per_task * tasks * 2, async move {
+            let drivers: Vec<_> = (0..tasks)
+                .map(|t| {
+                    tokio::spawn(drive(
+                        service.clone(),
+                        Arc::clone(&fixtures),
+                        t * LIVE,
+                        per_task,
+                        auth,
+                    ))
+                })
+                .collect();
+            for driver in drivers {
+                driver.await.expect("the driver finishes");
+            }
+        })
+    }
+}
+
+/// A subject that cannot be shared between tasks (tower's `RateLimit` is not `Clone`).
+struct Single<F> {
+    name: String,
+    make: F,
+}
+
+impl<F, S> Subject for Single<F>
+where
+    F: Fn() -> S,
+    S: Service<Req, Response = Res> + Send + 'static,
+    S::Future: Send,
+    S::Error: Debug + Send,
+{
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn baseline(&self) -> Option<&'static str> {
+        Some(BARE)
+    }
+
+    fn shareable(&self) -> bool {
+        false
+    }
+
+    fn run(&self, rt: &Runtime, fixtures: &Arc<Fixtures>, _tasks: usize, lives: usize) -> Sample {
+        let service = {
+            let _entered = rt.enter();
+            (self.make)()
+        };
+        let fixtures = Arc::clone(fixtures);
+        timed(rt, lives * 2, async move {
+            tokio::spawn(drive(service, fixtures, 0, lives, true))
+                .await
+                .expect("the driver finishes");
+        })
+    }
+}
+
+/// The bare in-memory Kling.
+pub const BARE: &str = "bare in-memory Kling";
+/// The classify step alone: the envelope read.
+pub const CLASSIFY: &str = "ClassifyLayer (envelope read)";
+/// The whole Pro stack.
+pub const PRO_STACK: &str = "kling-tower Pro stack (KlingLayer)";
+/// tower's stack, unshared.
+pub const TOWER: &str = "tower ConcurrencyLimit+RateLimit+Retry (unshared)";
+/// tower's stack behind a Buffer.
+pub const TOWER_BUFFERED: &str = "tower Retry+Buffer+ConcurrencyLimit+RateLimit";
+
+/// tower's `RateLimit` is a fixed window (`num` per `per`); with `num` = 1 and a 1 ns `per`
+/// every request would wait for the timer wheel's 1 ms tick, so the window is a billion requests
+/// a second: the success path.
+const TOWER_BURST: u64 = 1_000_000_000;
+
+/// The Pro preset with every limit too high to wait for: the success path of every layer.
+pub fn pro_config() -> StackConfig {
+    StackConfig::preset(Tier::Pro)
+        .rate_per_minute(60e9)
+        .slots(100_000)
+}
+
+fn subjects(fixtures: &Arc<Fixtures>) -> Vec<Box<dyn Subject>> {
+    let echo = {
+        let fixtures = Arc::clone(fixtures);
+        move || EchoKling::new(Arc::clone(&fixtures))
+    };
+    let classified = {
+        let echo = echo.clone();
+        move || ClassifyLayer::new().layer(echo())
+    };
+    let account = AccountId::new("bench");
+    let mut out: Vec<Box<dyn Subject>> = Vec::new();
+    out.push(Box::new(Shared {
+        name: BARE.into(),
+        baseline: None,
+        auth: true,
+        make: echo.clone(),
+    }));
+    out.push(Box::new(Shared {
+        name: CLASSIFY.into(),
+        baseline: Some(BARE),
+        auth: true,
+        make: classified.clone(),
+    }));
+    macro_rules! over_classify {
+        ($name:expr, $layer:expr) => {{
+            let classified = classified.clone();
+            let layer = $layer;
+            out.push(Box::new(Shared {
+                name: $name.into(),
+                baseline: Some(CLASSIFY),
+                auth: true,
+                make: move || layer.layer(classified()),
+            }));
+        }};
+    }
+    over_classify!("MetricsLayer", MetricsLayer::new());
+    over_classify!("DrainLayer", DrainLayer::new());
+    over_classify!(
+        "RetryLayer (external ids on, as in the stack)",
+        RetryLayer::builder()
+            .generate_external_ids(true)
+            .build()
+            .expect("valid")
+    );
+    over_classify!("RetryLayer (external ids off)", RetryLayer::new());
+    over_classify!(
+        "TaskSlotsLayer",
+        TaskSlotsLayer::new(SlotsConfig::new(100_000).default_account(account.clone()))
+            .expect("valid")
+    );
+    over_classify!(
+        "GcraLayer",
+        GcraLayer::new(Quota::per_second(1e9)).expect("valid")
+    );
+    over_classify!(
+        "AuthLayer (API key)",
+        AuthLayer::new(Credentials::api_key("bench-key").expect("key"))
+    );
+    over_classify!(
+        "AuthLayer (JWT, cached)",
+        AuthLayer::new(Credentials::access_key("ak", "sk").expect("keys"))
+    );
+    over_classify!(
+        "tower Timeout (per attempt)",
+        TimeoutLayer::new(Duration::from_secs(30))
+    );
+    over_classify!("BaseUrlLayer", BaseUrlLayer::global());
+    {
+        let echo = echo.clone();
+        let kling = KlingLayer::new(
+            pro_config(),
+            Credentials::api_key("bench-key").expect("key"),
+        )
+        .expect("a valid stack");
+        out.push(Box::new(Shared {
+            name: PRO_STACK.into(),
+            baseline: Some(BARE),
+            auth: false,
+            make: move || kling.layer(echo()),
+        }));
+    }
+    {
+        let echo = echo.clone();
+        out.push(Box::new(Single {
+            name: TOWER.into(),
+            make: move || tower_stack(echo(), 100_000, 60e9, TOWER_BURST),
+        }));
+    }
+    {
+        let echo = echo.clone();
+        out.push(Box::new(Shared {
+            name: TOWER_BUFFERED.into(),
+            baseline: Some(BARE),
+            auth: true,
+            make: move || tower_stack_buffered(echo(), 100_000, 60e9, TOWER_BURST, 1024),
+        }));
+    }
+    out
+}
+
+/// A 2-worker runtime, as the issue asks.
+pub fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bench-worker")
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
+/// Checks that a subject answers what a real client would: a success whose outcome (where the
+/// stack attaches one) is a success.
+fn check(subject: &dyn Subject, rt: &Runtime, fixtures: &Arc<Fixtures>) {
+    subject.run(rt, fixtures, 1, 2);
+}
+
+fn governor_checks(rt: &Runtime, tasks: usize, checks: usize) -> f64 {
+    let limiter = Arc::new(RateLimiter::direct(GovernorQuota::per_second(
+        NonZeroU32::MAX,
+    )));
+    let per_task = (checks / tasks).max(1);
+    let sample = timed(rt, per_task * tasks, async move {
+        let drivers: Vec<_> = (0..tasks)
+            .map(|_| {
+                let limiter = Arc::clone(&limiter);
+                tokio::spawn(async move {
+                    let mut admitted = 0usize;
+                    for _ in 0..per_task {
+                        admitted += usize::from(limiter.check().is_ok());
+                    }
+                    std::hint::black_box(admitted);
+                })
+            })
+            .collect();
+        for driver in drivers {
+            driver.await.expect("finishes");
+        }
+    });
+    sample.cpu_ns
+}
+
+/// A plain typed parse of an envelope, as a client without this stack would read it.
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct PlainEnvelope {
+    code: i64,
+    message: String,
+    request_id: String,
+    data: Option<PlainTask>,
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct PlainTask {
+    task_id: String,
+    task_status: String,
+    #[serde(default)]
+    task_status_msg: Option<String>,
+    #[serde(default)]
+    task_info: Option<PlainInfo>,
+    #[serde(default)]
+    task_result: Option<PlainResult>,
+    #[serde(default)]
+    final_unit_deduction: Option<String>,
+    created_at: u64,
+    updated_at: u64,
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct PlainInfo {
+    #[serde(default)]
+    external_task_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct PlainResult {
+    #[serde(default)]
+    videos: Vec<PlainVideo>,
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct PlainVideo {
+    id: String,
+    url: String,
+    duration: String,
+}
+
+fn per_call(n: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..n / 10 {
+        f();
+    }
+    let start = cpu::thread();
+    for _ in 0..n {
+        f();
+    }
+    cpu::thread().saturating_sub(start).as_nanos() as f64 / n as f64
+}
+
+/// Envelope reads on one thread: plain serde_json against `Outcome::parse` (ns, median).
+fn parses(rounds: usize, n: usize) -> [f64; 4] {
+    let create = Bytes::from(create_envelope(1));
+    let query = Bytes::from(crate::fixtures::query_envelope(1));
+    let headers = http::HeaderMap::new();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let _entered = rt.enter();
+    let mut samples: [Vec<f64>; 4] = Default::default();
+    for _ in 0..rounds {
+        samples[0].push(per_call(n, || {
+            let env: PlainEnvelope = serde_json::from_slice(&create).expect("parses");
+            std::hint::black_box(env);
+        }));
+        samples[1].push(per_call(n, || {
+            let env: PlainEnvelope = serde_json::from_slice(&query).expect("parses");
+            std::hint::black_box(env);
+        }));
+        samples[2].push(per_call(n, || {
+            let now = tokio::time::Instant::now();
+            let outcome = Outcome::parse(StatusCode::OK, &headers, &create, now).expect("parses");
+            std::hint::black_box(outcome);
+        }));
+        samples[3].push(per_call(n, || {
+            let now = tokio::time::Instant::now();
+            let outcome = Outcome::parse(StatusCode::OK, &headers, &query, now).expect("parses");
+            std::hint::black_box(outcome);
+        }));
+    }
+    samples.map(|s| cpu::median(&s))
+}
+
+/// Runs the overhead section.
+pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
+    let rt = runtime();
+    let fixtures = Fixtures::new();
+    let subjects = subjects(&fixtures);
+    for subject in &subjects {
+        check(subject.as_ref(), &rt, &fixtures);
+    }
+    let mut rows: Vec<Row> = subjects
+        .iter()
+        .map(|s| Row {
+            name: s.name().to_owned(),
+            baseline: s.baseline(),
+            multi: s.shareable().then(Vec::new),
+            ..Row::default()
+        })
+        .collect();
+
+    // Allocations, one driver task, counted once (they do not vary).
+    let counted = (options.lives / 10).clamp(64, 2_000);
+    for (subject, row) in subjects.iter().zip(&mut rows) {
+        subject.run(&rt, &fixtures, 1, counted / 4);
+        Counting::start();
+        subject.run(&rt, &fixtures, 1, counted);
+        let counts = Counting::stop();
+        row.allocs = counts.allocs as f64 / (counted * 2) as f64;
+        row.bytes = counts.bytes as f64 / (counted * 2) as f64;
+    }
+
+    let mut governor = (Vec::new(), Vec::new());
+    for round in 0..options.rounds {
+        log(&format!("overhead: round {}/{}", round + 1, options.rounds));
+        for (subject, row) in subjects.iter().zip(&mut rows) {
+            row.single
+                .push(subject.run(&rt, &fixtures, 1, options.lives));
+            if let Some(multi) = &mut row.multi {
+                multi.push(subject.run(&rt, &fixtures, options.tasks, options.lives));
+            }
+        }
+        governor.0.push(governor_checks(&rt, 1, options.lives * 2));
+        governor
+            .1
+            .push(governor_checks(&rt, options.tasks, options.lives * 2));
+    }
+    let [serde_create, serde_query, outcome_create, outcome_query] =
+        parses(options.rounds, options.lives.max(1_000));
+    Report {
+        tasks: options.tasks,
+        rounds: options.rounds,
+        lives: options.lives,
+        rows,
+        governor: (cpu::median(&governor.0), cpu::median(&governor.1)),
+        serde_create,
+        serde_query,
+        outcome_create,
+        outcome_query,
+    }
+}
+
+/// Runs one subject (the first whose name contains `name`) for `lives` lives on one driver
+/// task: for profilers (`valgrind --tool=callgrind`).
+pub fn profile(name: &str, lives: usize) -> Option<Sample> {
+    let rt = runtime();
+    let fixtures = Fixtures::new();
+    let subjects = subjects(&fixtures);
+    let subject = subjects.iter().find(|s| s.name().contains(name))?;
+    Some(subject.run(&rt, &fixtures, 1, lives))
+}

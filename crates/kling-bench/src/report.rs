@@ -1,0 +1,218 @@
+//! Markdown tables of every section.
+
+use std::fmt::Write as _;
+
+use crate::{goodput, overhead, scale, sockets};
+
+fn ns(value: f64) -> String {
+    format!("{value:.0}")
+}
+
+fn signed(value: f64) -> String {
+    format!("{value:+.0}")
+}
+
+/// The overhead tables.
+pub fn overhead(report: &overhead::Report) -> String {
+    let mut out = String::new();
+    let bare = report.row(overhead::BARE);
+    let tower = report.row(overhead::TOWER_BUFFERED);
+    let base = |name: Option<&'static str>| name.and_then(|n| report.row(n));
+    let _ = writeln!(
+        out,
+        "Process CPU ns per request (median of {} interleaved rounds; {} create+query lives per \
+         subject per round; 2-worker runtime). \"+\" is over the row named in \"over\". \"× tower\" \
+         is the subject's added cost over the bare service divided by tower's shareable stack's.\n",
+        report.rounds, report.lives
+    );
+    let _ = writeln!(
+        out,
+        "| subject | over | 1 task ns/req | + ns | {t} tasks ns/req | + ns | × tower (1 / {t}) | allocs/req | bytes/req |",
+        t = report.tasks
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    let added = |row: &overhead::Row| {
+        let b = bare.map_or(0.0, overhead::Row::single_ns);
+        let bm = bare.and_then(overhead::Row::multi_ns).unwrap_or(0.0);
+        (row.single_ns() - b, row.multi_ns().map(|m| m - bm))
+    };
+    let (tower_single, tower_multi) = tower.map_or((f64::NAN, None), added);
+    for row in &report.rows {
+        let over = base(row.baseline);
+        let plus_single = over.map_or(String::new(), |o| signed(row.single_ns() - o.single_ns()));
+        let plus_multi = match (row.multi_ns(), over.and_then(overhead::Row::multi_ns)) {
+            (Some(m), Some(o)) => signed(m - o),
+            _ => String::new(),
+        };
+        let (a1, am) = added(row);
+        let ratio = if row.baseline.is_some() {
+            format!(
+                "{:.2} / {}",
+                a1 / tower_single,
+                match (am, tower_multi) {
+                    (Some(a), Some(t)) => format!("{:.2}", a / t),
+                    _ => "–".to_owned(),
+                }
+            )
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.0} |",
+            row.name,
+            row.baseline.unwrap_or(""),
+            ns(row.single_ns()),
+            plus_single,
+            row.multi_ns().map_or("–".to_owned(), ns),
+            plus_multi,
+            ratio,
+            row.allocs,
+            row.bytes
+        );
+    }
+    let _ = writeln!(
+        out,
+        "| governor `check` alone (per check) | | {} | | {} | | | 0 | 0 |",
+        ns(report.governor.0),
+        ns(report.governor.1)
+    );
+    let _ = writeln!(out, "\nWall-clock ns per request (same runs, median):\n");
+    let _ = writeln!(out, "| subject | 1 task | {} tasks |", report.tasks);
+    let _ = writeln!(out, "|---|---:|---:|");
+    for row in &report.rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} |",
+            row.name,
+            ns(row.single_wall()),
+            row.multi_wall().map_or("–".to_owned(), ns)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nReading an envelope, CPU ns per parse on one thread (median):\n\n\
+         | envelope | plain typed serde_json | `Outcome::parse` (what ClassifyLayer does) |\n\
+         |---|---:|---:|\n\
+         | create (230 bytes) | {} | {} |\n\
+         | query (360 bytes) | {} | {} |",
+        ns(report.serde_create),
+        ns(report.outcome_create),
+        ns(report.serde_query),
+        ns(report.outcome_query)
+    );
+    out
+}
+
+/// The goodput tables.
+pub fn goodput(runs: &[goodput::Run]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| preset | scenario | client | limits known | jobs | completed | refused (fatal) | lost (gave up) | makespan s | bound s | efficiency | requests | 429s by code | 429 share | creates after 1102 | duplicate creates |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
+    );
+    for r in runs {
+        let codes = if r.rejections.is_empty() {
+            "–".to_owned()
+        } else {
+            r.rejections
+                .iter()
+                .map(|(c, n)| format!("{c}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.1}% | {} | {} | {:.2}% | {} | {} |",
+            r.preset,
+            r.scenario,
+            r.client,
+            if r.limits_known { "yes" } else { "no" },
+            r.jobs,
+            r.completed,
+            r.refused,
+            r.lost,
+            r.makespan,
+            r.bound,
+            r.efficiency() * 100.0,
+            r.requests,
+            codes,
+            r.rejected() as f64 * 100.0 / r.requests.max(1) as f64,
+            r.after_1102,
+            r.duplicates
+        );
+    }
+    out
+}
+
+/// The scale tables.
+pub fn scale(report: &scale::Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| limiter | queued waiters | limiter bytes per waiter | response future (caller's) bytes | CPU s to serve all | served out of order |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+    for w in &report.waiters {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.1} | {} | {:.3} | {} |",
+            w.limiter, w.count, w.bytes_per_waiter, w.future_bytes, w.serve_cpu_s, w.out_of_order
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n| GCRA decision (GcraLayer over classify, one thread) | CPU ns per request |\n|---|---:|\n| 1 key | {} |\n| {} keys, round robin | {} |\n| difference | {} |",
+        ns(report.one_key_ns),
+        report.keys,
+        ns(report.many_keys_ns),
+        signed(report.many_keys_ns - report.one_key_ns)
+    );
+    let (tasks, makespan, requests, cpu, peak) = report.followed;
+    let _ = writeln!(
+        out,
+        "\n| concurrent tasks followed to the end (paused time, Enterprise, whole stack + in-process mock) | |\n|---|---:|\n| tasks completed | {tasks} |\n| makespan (simulated) | {makespan:.0} s |\n| requests | {requests} |\n| CPU time, stack + mock | {:.3} s ({:.1} µs per request) |\n| peak live heap during the run | {:.1} MiB |",
+        cpu,
+        cpu * 1e6 / requests.max(1) as f64,
+        peak as f64 / (1024.0 * 1024.0)
+    );
+    out
+}
+
+/// The real-socket table.
+pub fn sockets(rows: &[sockets::Row], options: sockets::Options) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} interleaved rounds × {} create+list lives, {} concurrent tasks, 2 client worker threads; \
+         client CPU is the client runtime's threads only (the mock runs on its own thread).\n",
+        options.rounds, options.lives, options.concurrency
+    );
+    let _ = writeln!(
+        out,
+        "| client | client CPU µs/request (median) | + over bare | requests/s (median) | p50 µs | p99 µs |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+    for (i, row) in rows.iter().enumerate() {
+        let plus = if i % 2 == 1 {
+            format!("{:+.2}", row.cpu() - rows[i - 1].cpu())
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {:.2} | {} | {:.0} | {:.0} | {:.0} |",
+            row.name,
+            row.cpu(),
+            plus,
+            row.rps(),
+            row.latency(0.5),
+            row.latency(0.99)
+        );
+    }
+    out
+}

@@ -1,0 +1,398 @@
+//! Scale: 100,000 queued waiters (bytes each, served in order), 10,000 keys (cost per
+//! decision), 1,000 concurrent tasks followed to the end.
+
+use std::convert::Infallible;
+use std::future::{Future, Ready, ready};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant as StdInstant};
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{Method, Request, Response};
+use http_body_util::Full;
+use kling_concurrency::{SlotsConfig, SlotsHandle, TaskSlotsLayer};
+use kling_core::{AccountId, ClassifyLayer};
+use kling_mock::{MockConfig, MockKling, Preset};
+use kling_ratelimit::{GcraLayer, Quota};
+use kling_tower::{Credentials, KlingLayer, StackConfig};
+use tower::{Layer, Service};
+
+use crate::alloc::Counting;
+use crate::cpu;
+use crate::fixtures::{Req, Res, TASK_HEADER};
+
+/// How big the runs are.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Queued waiters.
+    pub waiters: usize,
+    /// Keys.
+    pub keys: usize,
+    /// Decisions per key-count measurement.
+    pub decisions: usize,
+    /// Concurrent tasks followed to the end.
+    pub tasks: usize,
+}
+
+impl Options {
+    /// The published configuration.
+    pub fn full() -> Self {
+        Options {
+            waiters: 100_000,
+            keys: 10_000,
+            decisions: 200_000,
+            tasks: 1_000,
+        }
+    }
+
+    /// A smoke test.
+    pub fn tiny() -> Self {
+        Options {
+            waiters: 500,
+            keys: 50,
+            decisions: 2_000,
+            tasks: 20,
+        }
+    }
+}
+
+/// Queued waiters at one limiter.
+#[derive(Clone, Debug, Default)]
+pub struct Waiters {
+    /// The limiter.
+    pub limiter: String,
+    /// Waiters.
+    pub count: usize,
+    /// The limiter's own bytes per waiter (queue entries, wakers, timers), measured as the
+    /// live-heap growth from polling the already built futures once.
+    pub bytes_per_waiter: f64,
+    /// The size of one response future (held by the caller, not the limiter).
+    pub future_bytes: usize,
+    /// CPU seconds to serve them all (paused time: the limiter's work, not the waiting).
+    pub serve_cpu_s: f64,
+    /// Requests that reached the inner service out of arrival order.
+    pub out_of_order: usize,
+}
+
+/// The scale section's results.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Queued waiters per limiter.
+    pub waiters: Vec<Waiters>,
+    /// GCRA ns per decision with one key.
+    pub one_key_ns: f64,
+    /// GCRA ns per decision cycling over many keys.
+    pub many_keys_ns: f64,
+    /// How many keys.
+    pub keys: usize,
+    /// The 1,000-task run: tasks, makespan (s), requests, CPU seconds, peak live heap (bytes).
+    pub followed: (usize, f64, u64, f64, i64),
+}
+
+/// An always-ready inner that answers every request with a task that has already ended (so a
+/// create gives its slot back at once) and counts requests that arrive out of order.
+#[derive(Clone)]
+struct InOrder {
+    next: Arc<AtomicUsize>,
+    late: Arc<AtomicUsize>,
+    body: Bytes,
+    /// Creates answer a running task `t{index}` (it holds its slot until completed).
+    hold: bool,
+}
+
+impl InOrder {
+    fn new() -> Self {
+        InOrder {
+            next: Arc::new(AtomicUsize::new(0)),
+            late: Arc::new(AtomicUsize::new(0)),
+            body: Bytes::from_static(
+                br#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t","task_status":"succeed"}}"#,
+            ),
+            hold: false,
+        }
+    }
+
+    fn holding() -> Self {
+        InOrder {
+            hold: true,
+            ..InOrder::new()
+        }
+    }
+}
+
+impl Service<Req> for InOrder {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Ready<Result<Res, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let index: usize = request
+            .headers()
+            .get(TASK_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(usize::MAX);
+        let expected = self.next.fetch_add(1, Ordering::Relaxed);
+        if index != expected {
+            self.late.fetch_add(1, Ordering::Relaxed);
+        }
+        let body = if self.hold && request.method() == Method::POST {
+            Bytes::from(format!(
+                r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":{{"task_id":"t{index}","task_status":"submitted"}}}}"#
+            ))
+        } else {
+            self.body.clone()
+        };
+        let mut response = Response::new(Full::new(body));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        ready(Ok(response))
+    }
+}
+
+fn numbered(method: Method, index: usize) -> Req {
+    let mut request = Request::new(Full::new(Bytes::from_static(b"{\"prompt\":\"x\"}")));
+    *request.method_mut() = method;
+    *request.uri_mut() = http::Uri::from_static("/v1/videos/text2video");
+    request
+        .headers_mut()
+        .insert(TASK_HEADER, http::HeaderValue::from(index));
+    request.extensions_mut().insert(AccountId::new("scale"));
+    request
+}
+
+/// Builds `count` response futures, polls each once (they queue), measures the heap growth of
+/// that poll, then serves them all in paused time (awaiting them in arrival order) and checks
+/// the order in which they reached the inner service.
+async fn queue<S>(
+    name: &str,
+    count: usize,
+    method: Method,
+    mut service: S,
+    inner: &InOrder,
+    slots: Option<SlotsHandle>,
+) -> Waiters
+where
+    S: Service<Req, Response = Res>,
+    S::Error: std::fmt::Debug,
+{
+    let mut futures: Vec<Pin<Box<S::Future>>> = Vec::with_capacity(count);
+    let mut cx = Context::from_waker(Waker::noop());
+    for i in 0..count {
+        assert!(service.poll_ready(&mut cx).is_ready());
+        futures.push(Box::pin(service.call(numbered(method.clone(), i))));
+    }
+    Counting::start();
+    let mut waiting = Vec::with_capacity(count);
+    for mut future in futures {
+        if future.as_mut().poll(&mut cx).is_pending() {
+            waiting.push(future);
+        }
+    }
+    let grown = Counting::stop();
+    let queued = waiting.len();
+    let cpu = cpu::thread();
+    for (i, future) in waiting.into_iter().enumerate() {
+        if let Some(slots) = &slots {
+            // The task the previous create made ends: the next waiter's turn.
+            slots.complete(&format!("t{i}")).await.expect("in-process");
+        }
+        future.await.expect("served");
+    }
+    Waiters {
+        limiter: name.to_owned(),
+        count,
+        bytes_per_waiter: grown.live as f64 / queued.max(1) as f64,
+        future_bytes: std::mem::size_of::<S::Future>(),
+        serve_cpu_s: cpu::thread().saturating_sub(cpu).as_secs_f64(),
+        out_of_order: inner.late.load(Ordering::Relaxed),
+    }
+}
+
+/// Runs the scale section.
+pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
+    let mut report = Report {
+        keys: options.keys,
+        ..Report::default()
+    };
+    log("scale: queued waiters");
+    report.waiters.push(paused(async {
+        let inner = InOrder::new();
+        let gcra = GcraLayer::new(Quota::per_second(1_000.0)).expect("valid");
+        let service = gcra.layer(ClassifyLayer::new().layer(inner.clone()));
+        queue(
+            "GcraLayer",
+            options.waiters,
+            Method::GET,
+            service,
+            &inner,
+            None,
+        )
+        .await
+    }));
+    report.waiters.push(paused(async {
+        let inner = InOrder::holding();
+        let (slots, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).expect("valid");
+        let service = slots.layer(ClassifyLayer::new().layer(inner.clone()));
+        queue(
+            "TaskSlotsLayer",
+            options.waiters,
+            Method::POST,
+            service,
+            &inner,
+            Some(handle),
+        )
+        .await
+    }));
+    log("scale: keys");
+    let (one, many) = keys(options.keys, options.decisions);
+    report.one_key_ns = one;
+    report.many_keys_ns = many;
+    log("scale: tasks followed to the end");
+    report.followed = followed(options.tasks);
+    report
+}
+
+fn paused<T>(work: impl Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a runtime")
+        .block_on(work)
+}
+
+/// GCRA cost per decision with one key and cycling over `keys` keys (CPU ns, one thread).
+fn keys(keys: usize, decisions: usize) -> (f64, f64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a runtime");
+    let accounts: Vec<AccountId> = (0..keys)
+        .map(|k| AccountId::new(format!("acct-{k}")))
+        .collect();
+    let measure = |count: usize| {
+        rt.block_on(async {
+            let gcra = GcraLayer::new(Quota::per_second(1e9)).expect("valid");
+            let mut service = gcra.layer(ClassifyLayer::new().layer(InOrder::new()));
+            let mut cx = Context::from_waker(Waker::noop());
+            let mut decide = |i: usize| {
+                let mut request = Request::new(Full::new(Bytes::new()));
+                *request.uri_mut() = http::Uri::from_static("/v1/videos/text2video/t");
+                request.extensions_mut().insert(accounts[i % count].clone());
+                assert!(service.poll_ready(&mut cx).is_ready());
+                let mut future = std::pin::pin!(service.call(request));
+                assert!(future.as_mut().poll(&mut cx).is_ready());
+            };
+            // Every key seen once before timing: the map is full.
+            for i in 0..count.max(decisions / 10) {
+                decide(i);
+            }
+            let start = cpu::thread();
+            for i in 0..decisions {
+                decide(i);
+            }
+            cpu::thread().saturating_sub(start).as_nanos() as f64 / decisions as f64
+        })
+    };
+    let (mut one, mut many) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        one.push(measure(1));
+        many.push(measure(keys));
+    }
+    (cpu::median(&one), cpu::median(&many))
+}
+
+/// `tasks` jobs at once on an Enterprise account with as many slots and no rate cap, each
+/// created and polled every 10 s to its end through the whole stack, in paused time.
+fn followed(tasks: usize) -> (usize, f64, u64, f64, i64) {
+    paused(async move {
+        let mock = MockKling::new(
+            MockConfig::preset(Preset::Enterprise)
+                .slots(tasks as u32)
+                .seed(11),
+        )
+        .expect("a valid mock");
+        let kling = KlingLayer::builder(
+            StackConfig::enterprise(tasks as u32, None),
+            Credentials::api_key("bench-key").expect("a key"),
+        )
+        .seed(3)
+        .build()
+        .expect("a valid stack");
+        let service = kling.layer(mock.clone());
+        let started = tokio::time::Instant::now();
+        let cpu = cpu::thread();
+        let wall = StdInstant::now();
+        Counting::start();
+        let mut handles = Vec::with_capacity(tasks);
+        for _ in 0..tasks {
+            let service = service.clone();
+            handles.push(tokio::spawn(follow_one(service)));
+        }
+        let mut peak = 0i64;
+        let mut done = 0;
+        for handle in handles {
+            peak = peak.max(Counting::read().live);
+            if handle.await.expect("a job never panics") {
+                done += 1;
+            }
+        }
+        let _ = Counting::stop();
+        let _ = wall;
+        (
+            done,
+            started.elapsed().as_secs_f64(),
+            mock.stats().requests_total,
+            cpu::thread().saturating_sub(cpu).as_secs_f64(),
+            peak,
+        )
+    })
+}
+
+async fn follow_one<S>(service: S) -> bool
+where
+    S: Service<Req, Response = Res> + Clone,
+    S::Error: Into<kling_core::BoxError>,
+{
+    use tower::ServiceExt;
+    let create = Request::post("/v1/videos/text2video")
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from_static(
+            crate::fixtures::CREATE_BODY.as_bytes(),
+        )))
+        .expect("valid");
+    let Ok(mut response) = service.clone().oneshot(create).await else {
+        return false;
+    };
+    let Some(task) = kling_core::Outcome::ensure(&mut response)
+        .ok()
+        .and_then(|o| o.task().map(|t| t.id.clone()))
+    else {
+        return false;
+    };
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let query = Request::get(format!("/v1/videos/text2video/{task}"))
+            .body(Full::new(Bytes::new()))
+            .expect("valid");
+        let Ok(mut response) = service.clone().oneshot(query).await else {
+            continue;
+        };
+        if kling_core::Outcome::ensure(&mut response)
+            .ok()
+            .and_then(|o| o.task().map(|t| t.status.is_terminal()))
+            == Some(true)
+        {
+            return true;
+        }
+    }
+}

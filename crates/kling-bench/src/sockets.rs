@@ -1,0 +1,307 @@
+//! Real sockets: the full stack over hyper-util and over reqwest against `kling-mock` on
+//! loopback, against the same clients bare, in interleaved rounds. The figure that can show
+//! a difference of a microsecond on a shared machine is the client's CPU time per request
+//! (its runtime's threads only, from `/proc/self/task/*/schedstat`); requests per second and
+//! latency percentiles are kept beside it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use kling_mock::{MockConfig, MockServer, Preset};
+use kling_tower::client::ReqwestService;
+use kling_tower::{Credentials, KlingLayer};
+use tokio::runtime::Runtime;
+use tower::{BoxError, Layer, Service, ServiceExt};
+
+use crate::cpu;
+use crate::fixtures::CREATE_BODY;
+
+/// How much to measure.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Interleaved rounds (at least 5 for the published figures).
+    pub rounds: usize,
+    /// Create+query lives per client per round.
+    pub lives: usize,
+    /// Concurrent driver tasks.
+    pub concurrency: usize,
+}
+
+impl Options {
+    /// The published configuration.
+    pub fn full() -> Self {
+        Options {
+            rounds: 7,
+            lives: 2_000,
+            concurrency: 8,
+        }
+    }
+
+    /// A smoke test.
+    pub fn tiny() -> Self {
+        Options {
+            rounds: 1,
+            lives: 20,
+            concurrency: 2,
+        }
+    }
+}
+
+/// One client's figures.
+#[derive(Clone, Debug, Default)]
+pub struct Row {
+    /// The client.
+    pub name: String,
+    /// Client CPU µs per request, per round.
+    pub cpu_us: Vec<f64>,
+    /// Requests per second, per round.
+    pub rps: Vec<f64>,
+    /// Latencies of every request, µs.
+    pub latencies: Vec<f64>,
+}
+
+impl Row {
+    /// Median client CPU µs per request.
+    pub fn cpu(&self) -> f64 {
+        cpu::median(&self.cpu_us)
+    }
+
+    /// Median requests per second.
+    pub fn rps(&self) -> f64 {
+        cpu::median(&self.rps)
+    }
+
+    /// A latency percentile, µs.
+    pub fn latency(&self, q: f64) -> f64 {
+        cpu::quantile(&mut self.latencies.clone(), q)
+    }
+}
+
+type Call = Box<
+    dyn Fn(
+            Request<Full<Bytes>>,
+        ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>
+        + Send
+        + Sync,
+>;
+
+use std::future::Future;
+
+/// Sends one request through `service` and reads the whole body (a bare client must read it
+/// too), boxed so the four clients fit one driver (the same box for all four).
+fn caller<S, B>(service: S) -> Call
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    Box::new(move |request| {
+        let service = service.clone();
+        Box::pin(async move {
+            let response = service.oneshot(request).await.map_err(Into::into)?;
+            if !response.status().is_success() {
+                return Err(format!("http {}", response.status()).into());
+            }
+            let body = response.into_body().collect().await.map_err(Into::into)?;
+            std::hint::black_box(body.to_bytes());
+            Ok(())
+        })
+    })
+}
+
+struct Client_ {
+    name: &'static str,
+    call: Call,
+    /// Whether requests must carry the absolute URI and the bearer header themselves.
+    bare: bool,
+}
+
+fn request(
+    method: Method,
+    base: &str,
+    path: &str,
+    body: Bytes,
+    bare: bool,
+) -> Request<Full<Bytes>> {
+    let uri: Uri = if bare {
+        format!("{base}{path}").parse().expect("a valid uri")
+    } else {
+        path.parse().expect("a valid path")
+    };
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    request
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if bare {
+        request
+            .headers_mut()
+            .insert(AUTHORIZATION, HeaderValue::from_static("Bearer bench-key"));
+    }
+    request
+}
+
+async fn life(client: &Client_, base: &str) -> Result<(f64, f64), BoxError> {
+    let started = Instant::now();
+    let create = request(
+        Method::POST,
+        base,
+        "/v1/videos/text2video",
+        Bytes::from_static(CREATE_BODY.as_bytes()),
+        client.bare,
+    );
+    // The id is not needed: the mock answers any query of a created task; a fixed id is
+    // looked up (404, 1203) by the bare client and the stack alike, so query the create path.
+    (client.call)(create).await?;
+    let created = Instant::now();
+    let list = request(
+        Method::GET,
+        base,
+        "/v1/videos/text2video?pageNum=1&pageSize=1",
+        Bytes::new(),
+        client.bare,
+    );
+    (client.call)(list).await?;
+    Ok((
+        created.duration_since(started).as_secs_f64() * 1e6,
+        created.elapsed().as_secs_f64() * 1e6,
+    ))
+}
+
+fn round(rt: &Runtime, client: &Arc<Client_>, base: &str, options: Options, row: &mut Row) {
+    let per_task = (options.lives / options.concurrency).max(1);
+    let requests = per_task * options.concurrency * 2;
+    let cpu_before = cpu::named("bench-client");
+    let wall = Instant::now();
+    let latencies = rt.block_on(async {
+        let drivers: Vec<_> = (0..options.concurrency)
+            .map(|_| {
+                let client = Arc::clone(client);
+                let base = base.to_owned();
+                tokio::spawn(async move {
+                    let mut out = Vec::with_capacity(per_task * 2);
+                    for _ in 0..per_task {
+                        let (a, b) = life(&client, &base).await.expect("the mock answers");
+                        out.push(a);
+                        out.push(b);
+                    }
+                    out
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for driver in drivers {
+            all.extend(driver.await.expect("a driver finishes"));
+        }
+        all
+    });
+    let wall = wall.elapsed();
+    let cpu = cpu::named("bench-client").saturating_sub(cpu_before);
+    row.cpu_us.push(cpu.as_secs_f64() * 1e6 / requests as f64);
+    row.rps.push(requests as f64 / wall.as_secs_f64());
+    row.latencies.extend(latencies);
+}
+
+/// Runs the real-socket section.
+pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Vec<Row> {
+    // The mock on its own runtime and thread, so the client's CPU time is the client's.
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("bench-mock")
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let server = server_rt
+        .block_on(MockServer::start(
+            MockConfig::preset(Preset::Enterprise)
+                .slots(1_000_000)
+                .no_rate_limit()
+                .speed(1e6),
+        ))
+        .expect("the mock starts");
+    let base = server.base_url();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bench-client")
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let config = crate::overhead::pro_config();
+    let clients: Vec<Arc<Client_>> = {
+        let _entered = rt.enter();
+        let hyper = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let reqwest = ReqwestService::new_client().expect("a reqwest client");
+        let kling = KlingLayer::builder(
+            config.clone(),
+            Credentials::api_key("bench-key").expect("a key"),
+        )
+        .base_url(&base)
+        .build()
+        .expect("a valid stack");
+        vec![
+            Arc::new(Client_ {
+                name: "hyper-util, bare",
+                call: caller(hyper.clone()),
+                bare: true,
+            }),
+            Arc::new(Client_ {
+                name: "hyper-util + kling-tower Pro stack",
+                call: caller(kling.layer(hyper)),
+                bare: false,
+            }),
+            Arc::new(Client_ {
+                name: "reqwest, bare",
+                call: caller(reqwest.clone()),
+                bare: true,
+            }),
+            Arc::new(Client_ {
+                name: "reqwest + kling-tower Pro stack",
+                call: caller(kling.layer(reqwest)),
+                bare: false,
+            }),
+        ]
+    };
+    let mut rows: Vec<Row> = clients
+        .iter()
+        .map(|c| Row {
+            name: c.name.to_owned(),
+            ..Row::default()
+        })
+        .collect();
+    // Warm the connection pools.
+    for (client, row) in clients.iter().zip(&mut rows) {
+        let mut warm = Row::default();
+        round(
+            &rt,
+            client,
+            &base,
+            Options {
+                lives: 50,
+                ..options
+            },
+            &mut warm,
+        );
+        let _ = row;
+    }
+    for r in 0..options.rounds {
+        log(&format!("sockets: round {}/{}", r + 1, options.rounds));
+        for (client, row) in clients.iter().zip(&mut rows) {
+            round(&rt, client, &base, options, row);
+        }
+    }
+    drop(clients);
+    drop(rt);
+    server_rt.block_on(async move { drop(server) });
+    let _ = Duration::ZERO;
+    rows
+}

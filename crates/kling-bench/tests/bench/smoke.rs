@@ -1,0 +1,84 @@
+use kling_bench::{goodput, overhead, report, scale, sockets};
+
+#[test]
+fn overhead_measures_every_subject_in_one_run() {
+    let r = overhead::run(overhead::Options::tiny(), &mut |_| {});
+    for name in [
+        overhead::BARE,
+        overhead::CLASSIFY,
+        overhead::PRO_STACK,
+        overhead::TOWER,
+        overhead::TOWER_BUFFERED,
+    ] {
+        let row = r.row(name).unwrap_or_else(|| panic!("no row {name}"));
+        assert!(row.single_ns() > 0.0, "{name}");
+    }
+    assert!(r.row(overhead::TOWER).unwrap().multi.is_none());
+    assert!(r.row(overhead::PRO_STACK).unwrap().multi_ns().unwrap() > 0.0);
+    // The classify step allocates for what it parses; the bare service does not parse.
+    let bare = r.row(overhead::BARE).unwrap();
+    let classify = r.row(overhead::CLASSIFY).unwrap();
+    assert!(classify.allocs > bare.allocs);
+    assert!(r.serde_create > 0.0 && r.outcome_create > 0.0);
+    let table = report::overhead(&r);
+    assert!(table.contains(overhead::PRO_STACK));
+}
+
+#[test]
+fn goodput_judges_the_stack_by_the_mock() {
+    let options = goodput::Options::tiny();
+    let plain = goodput::run_one(
+        kling_mock::Preset::Pro,
+        goodput::Scenario::Plain,
+        goodput::Client::Kling,
+        options,
+    );
+    assert_eq!(plain.completed, plain.jobs);
+    assert_eq!(plain.rejected(), 0);
+    assert_eq!(plain.duplicates, 0);
+    assert!(
+        plain.efficiency() > 0.5 && plain.efficiency() <= 1.0,
+        "{plain:?}"
+    );
+
+    let credits = |client| {
+        goodput::run_one(
+            kling_mock::Preset::Free,
+            goodput::Scenario::Credits,
+            client,
+            goodput::Options {
+                waves: 80,
+                ..options
+            },
+        )
+    };
+    let ours = credits(goodput::Client::Kling);
+    assert!(ours.refused > 0, "the credits ran out: {ours:?}");
+    assert_eq!(ours.after_1102, 0);
+    assert_eq!(ours.lost, 0);
+    // The negative control: tower's simple 429 retry keeps creating after the 1102.
+    let tower = credits(goodput::Client::Tower);
+    assert!(tower.after_1102 > 0, "{tower:?}");
+}
+
+#[test]
+fn scale_serves_waiters_in_arrival_order() {
+    let r = scale::run(scale::Options::tiny(), &mut |_| {});
+    assert_eq!(r.waiters.len(), 2);
+    for w in &r.waiters {
+        assert_eq!(w.out_of_order, 0, "{w:?}");
+        assert!(w.bytes_per_waiter > 0.0, "{w:?}");
+    }
+    assert_eq!(r.followed.0, scale::Options::tiny().tasks);
+    assert!(report::scale(&r).contains("GcraLayer"));
+}
+
+#[test]
+fn sockets_compare_each_client_with_itself_bare() {
+    let rows = sockets::run(sockets::Options::tiny(), &mut |_| {});
+    assert_eq!(rows.len(), 4);
+    for row in &rows {
+        assert!(row.rps() > 0.0, "{row:?}");
+        assert!(!row.latencies.is_empty());
+    }
+}
