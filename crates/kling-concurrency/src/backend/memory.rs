@@ -41,7 +41,7 @@ impl fmt::Debug for InProcess {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = self.lock();
         f.debug_struct("InProcess")
-            .field("pools", &state.pools.len())
+            .field("pools", &state.list.len())
             .field("halted", &state.halted.len())
             .finish_non_exhaustive()
     }
@@ -55,6 +55,7 @@ impl InProcess {
             shared: Arc::new(Mutex::new(State {
                 config,
                 pools: FxMap::default(),
+                list: Vec::new(),
                 ids: FxMap::default(),
                 externals: FxMap::default(),
                 halted: HashMap::new(),
@@ -135,6 +136,7 @@ struct Waiter {
 }
 
 struct PoolState {
+    key: SlotKey,
     configured: u32,
     /// Slots believed held by someone else after a 1303.
     hidden: u32,
@@ -183,12 +185,15 @@ impl Gauges {
     }
 }
 
-/// Where a task id or external id is held: its pool and holding number.
-type Place = (SlotKey, u64);
+/// Where a task id or external id is held: its pool's index in `State::list` and its holding
+/// number.
+type Place = (usize, u64);
 
 struct State {
     config: SlotsConfig,
-    pools: FxMap<SlotKey, PoolState>,
+    /// Each pool's index in `list` (pools are never removed, so indices stay valid).
+    pools: FxMap<SlotKey, usize>,
+    list: Vec<PoolState>,
     ids: FxMap<Arc<str>, Place>,
     externals: FxMap<Arc<str>, Place>,
     halted: HashMap<AccountId, ApiError>,
@@ -202,6 +207,7 @@ impl PoolState {
             (names::LABEL_POOL, key.pool.to_string()),
         ];
         let pool = PoolState {
+            key: key.clone(),
             configured,
             hidden: 0,
             recovered_at: Instant::now(),
@@ -280,13 +286,21 @@ impl PoolState {
 }
 
 impl State {
-    fn pool_mut(&mut self, key: &SlotKey) -> &mut PoolState {
-        if !self.pools.contains_key(key) {
-            let configured = self.config.capacity_of(&key.account, &key.pool);
-            self.pools
-                .insert(key.clone(), PoolState::new(key, configured));
+    /// The index of `key`'s pool, made on first use (one hash lookup when known).
+    fn index(&mut self, key: &SlotKey) -> usize {
+        if let Some(&i) = self.pools.get(key) {
+            return i;
         }
-        self.pools.get_mut(key).expect("inserted above")
+        let configured = self.config.capacity_of(&key.account, &key.pool);
+        let i = self.list.len();
+        self.list.push(PoolState::new(key, configured));
+        self.pools.insert(key.clone(), i);
+        i
+    }
+
+    fn pool_mut(&mut self, key: &SlotKey) -> &mut PoolState {
+        let i = self.index(key);
+        &mut self.list[i]
     }
 
     fn token(&mut self) -> u64 {
@@ -297,12 +311,12 @@ impl State {
     /// Releases one holding (exactly once: it is removed here).
     fn release(
         &mut self,
-        key: &SlotKey,
+        index: usize,
         holding: u64,
         reason: ReleaseReason,
         now: Instant,
     ) -> Option<Released> {
-        let pool = self.pools.get_mut(key)?;
+        let pool = self.list.get_mut(index)?;
         let holding = pool.holdings.remove(&holding)?;
         pool.give_back(holding.weight);
         // Tasks ending is also how slots held by others come back: one per ended task.
@@ -318,7 +332,7 @@ impl State {
             self.externals.remove(ext);
         }
         Some(Released {
-            key: key.clone(),
+            key: self.list[index].key.clone(),
             task: holding.id.or(holding.external),
             weight: holding.weight,
             held_for,
@@ -327,9 +341,9 @@ impl State {
     }
 
     /// Expires leases and brings hidden slots back by time, for one pool.
-    fn maintain(&mut self, key: &SlotKey, now: Instant, released: &mut Vec<Released>) {
+    fn maintain(&mut self, index: usize, now: Instant, released: &mut Vec<Released>) {
         let interval = self.config.recovery_interval;
-        let Some(pool) = self.pools.get_mut(key) else {
+        let Some(pool) = self.list.get_mut(index) else {
             return;
         };
         if pool.hidden > 0 {
@@ -353,12 +367,12 @@ impl State {
                 .map(|(&n, _)| n)
                 .collect();
             for holding in expired {
-                released.extend(self.release(key, holding, ReleaseReason::LeaseExpired, now));
+                released.extend(self.release(index, holding, ReleaseReason::LeaseExpired, now));
             }
-            let pool = self.pools.get_mut(key).expect("pool exists");
+            let pool = &mut self.list[index];
             pool.next_lease = pool.holdings.values().map(|h| h.lease_until).min();
         }
-        let pool = self.pools.get_mut(key).expect("pool exists");
+        let pool = &mut self.list[index];
         pool.dispatch();
         pool.publish();
     }
@@ -378,18 +392,19 @@ impl State {
                 .cloned(),
         ];
         for place in earlier.into_iter().flatten() {
-            if place.0.account == key.account {
+            if self.list[place.0].key.account == key.account {
                 self.supersede(place);
             }
         }
+        let index = self.index(key);
         if let Some(id) = &id {
-            self.ids.insert(id.clone(), (key.clone(), number));
+            self.ids.insert(id.clone(), (index, number));
         }
         if let Some(ext) = &external {
-            self.externals.insert(ext.clone(), (key.clone(), number));
+            self.externals.insert(ext.clone(), (index, number));
         }
         let lease_until = now + lease;
-        let pool = self.pool_mut(key);
+        let pool = &mut self.list[index];
         pool.next_lease = Some(pool.next_lease.map_or(lease_until, |t| t.min(lease_until)));
         pool.holdings.insert(
             number,
@@ -406,8 +421,8 @@ impl State {
 
     /// Drops a holding that a newer one of the same task replaces: its slots go back, and it
     /// counts as no finished task.
-    fn supersede(&mut self, (key, number): Place) {
-        let Some(pool) = self.pools.get_mut(&key) else {
+    fn supersede(&mut self, (index, number): Place) {
+        let Some(pool) = self.list.get_mut(index) else {
             return;
         };
         let Some(old) = pool.holdings.remove(&number) else {
@@ -430,11 +445,11 @@ impl State {
 
     /// Where the task a report names is held: by id, else by external id.
     fn find(&self, id: &str, external: Option<&str>, by_complete: bool) -> Option<Place> {
-        if let Some(place) = self.ids.get(id) {
-            return Some(place.clone());
+        if let Some(&place) = self.ids.get(id) {
+            return Some(place);
         }
-        if let Some(place) = external.and_then(|ext| self.externals.get(ext)) {
-            return Some(place.clone());
+        if let Some(&place) = external.and_then(|ext| self.externals.get(ext)) {
+            return Some(place);
         }
         if by_complete {
             // `complete` may name a task by its external id.
@@ -453,7 +468,7 @@ impl State {
         now: &mut Option<Instant>,
         applied: &mut Applied,
     ) {
-        let Some((key, number)) = self.find(id, external, status.is_none()) else {
+        let Some((index, number)) = self.find(id, external, status.is_none()) else {
             return;
         };
         let now = *now.get_or_insert_with(Instant::now);
@@ -465,14 +480,14 @@ impl State {
             };
             applied
                 .released
-                .extend(self.release(&key, number, reason, now));
+                .extend(self.release(index, number, reason, now));
             return;
         }
         // Still running: renew the lease, and learn the task id of a create whose outcome was
         // unknown.
         let Some(holding) = self
-            .pools
-            .get_mut(&key)
+            .list
+            .get_mut(index)
             .and_then(|pool| pool.holdings.get_mut(&number))
         else {
             return;
@@ -481,7 +496,7 @@ impl State {
         if holding.id.is_none() {
             let id: Arc<str> = Arc::from(id);
             holding.id = Some(id.clone());
-            self.ids.insert(id, (key, number));
+            self.ids.insert(id, (index, number));
         }
     }
 
@@ -523,8 +538,8 @@ impl State {
                 pool.publish();
                 self.halted.insert(account.clone(), cause);
                 // Wake the account's waiters: they fail with `Halted`.
-                for (key, pool) in &mut self.pools {
-                    if key.account == account {
+                for pool in &mut self.list {
+                    if pool.key.account == account {
                         for waiter in &pool.queue {
                             waiter.waker.wake_by_ref();
                         }
@@ -592,7 +607,8 @@ impl State {
                     }
                 }
                 let config = &self.config;
-                for (key, state) in &mut self.pools {
+                for state in &mut self.list {
+                    let key = &state.key;
                     let matches = account.as_ref().is_none_or(|a| *a == key.account)
                         && (key.pool == pool
                             || (pool.model().is_none() && key.pool.product() == pool.product()));
@@ -636,19 +652,19 @@ impl SlotBackend for InProcess {
     fn snapshot(&self) -> Self::Snapshot {
         let mut state = self.lock();
         let now = Instant::now();
-        let keys: Vec<SlotKey> = state.pools.keys().cloned().collect();
+        let count = state.list.len();
         let mut expired = Vec::new();
-        let mut pools = Vec::with_capacity(keys.len());
-        for key in keys {
-            state.maintain(&key, now, &mut expired);
-            let pool = &state.pools[&key];
+        let mut pools = Vec::with_capacity(count);
+        for index in 0..count {
+            state.maintain(index, now, &mut expired);
+            let pool = &state.list[index];
             pools.push(PoolSnapshot {
                 in_use: pool.in_use,
                 capacity: pool.capacity(),
                 configured: pool.configured,
                 waiters: pool.queue.len(),
                 tasks: pool.holdings.len(),
-                key,
+                key: pool.key.clone(),
             });
         }
         pools.sort_by(|a, b| a.key.cmp(&b.key));
@@ -741,9 +757,10 @@ impl Future for InProcessAcquire {
             };
             let now = Instant::now();
             let mut expired = Vec::new();
-            state.maintain(key, now, &mut expired);
+            let index = state.index(key);
+            state.maintain(index, now, &mut expired);
             let interval = state.config.recovery_interval;
-            let pool = state.pool_mut(key);
+            let pool = &mut state.list[index];
             if pool.take_grant(token) {
                 this.token = None;
                 let key = this.key.take().expect("checked above");

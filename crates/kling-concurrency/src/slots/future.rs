@@ -7,16 +7,16 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Method, Request, Response, Uri};
 use http_body_util::Full;
 use kling_core::error::{ApiError, BoxError, SendState};
 use kling_core::signals::{SlotGated, Waited};
-use kling_core::{Code, Outcome, Pool, metrics as names};
+use kling_core::{ApiGeneration, Code, Outcome, Pool, Recognized, metrics as names};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use crate::backend::{Reservation, SlotBackend, SlotOp, TaskRef};
+use crate::backend::{Reservation, SlotBackend, SlotOp, TaskRef, TaskUpdate};
 use crate::error::DeadlineExceeded;
 
 /// What a create carries from `call` to the end of its response.
@@ -31,12 +31,13 @@ pub(crate) struct Ctx<B> {
 impl<B: SlotBackend> Ctx<B> {
     /// Keeps the slots of a create whose outcome is unknown: under its external id, or else
     /// under a lease alone.
-    fn keep_unknown(&self, reservation: Reservation) -> SlotOp {
+    /// Moves the external id out: a create is settled once.
+    fn keep_unknown(&mut self, reservation: Reservation) -> SlotOp {
         SlotOp::Hold {
             reservation,
             task: TaskRef {
                 id: None,
-                external_id: self.external.clone(),
+                external_id: self.external.take(),
             },
             lease: self.lease,
         }
@@ -64,7 +65,7 @@ pin_project! {
             let this = this.project();
             if let StateProj::Create { reservation, ctx, .. } = this.state.project()
                 && let Some(reservation) = reservation.take()
-                && let Some(ctx) = ctx.take()
+                && let Some(mut ctx) = ctx.take()
             {
                 // The create was handed to the inner service and may have reached the server:
                 // the task would run on regardless, so its slots stay held (under its external
@@ -104,6 +105,7 @@ pin_project! {
             future: S::Future,
             backend: B,
             lease: Duration,
+            asked: Option<Uri>,
         },
         Pass {
             #[pin]
@@ -162,12 +164,18 @@ where
         }
     }
 
-    pub(crate) fn observe(future: S::Future, backend: B, lease: Duration) -> Self {
+    pub(crate) fn observe(
+        future: S::Future,
+        backend: B,
+        lease: Duration,
+        asked: Option<Uri>,
+    ) -> Self {
         ResponseFuture {
             state: State::Observe {
                 future,
                 backend,
                 lease,
+                asked,
             },
         }
     }
@@ -183,7 +191,7 @@ where
 fn settle_create<B: SlotBackend>(
     result: Result<Response<Full<Bytes>>, BoxError>,
     reservation: Reservation,
-    ctx: &Ctx<B>,
+    ctx: &mut Ctx<B>,
     waited: Duration,
 ) -> (SlotOp, Result<Response<Full<Bytes>>, BoxError>) {
     let mut response = match result {
@@ -220,7 +228,10 @@ fn settle_create<B: SlotBackend>(
                 reservation,
                 task: TaskRef {
                     id: Some(task.id.clone()),
-                    external_id: task.external_id.clone().or_else(|| ctx.external.clone()),
+                    external_id: match &task.external_id {
+                        Some(external) => Some(external.clone()),
+                        None => ctx.external.take(),
+                    },
                 },
                 lease: ctx.lease,
             },
@@ -240,6 +251,53 @@ fn settle_create<B: SlotBackend>(
         SlotOp::GiveBack(reservation)
     };
     (op, Ok(response))
+}
+
+/// The external ids a query asked about that its answer says do not exist, as updates that
+/// end what is held under them (`None` when the query was no lookup by external id or the answer
+/// does not say).
+///
+/// A lookup by external id is legacy `GET {create path}/{id}` (the id may be a task id or an
+/// external id: only a holding under that external id is ended) or new-style
+/// `GET /tasks?external_task_ids=…`. "Absent" is `1203` (not found), or a successful answer
+/// that reports other tasks, each with its external id.
+fn absent(uri: &Uri, outcome: &Outcome) -> Option<Vec<TaskUpdate>> {
+    // Cheap tests first: this runs on every query's answer.
+    let by_external = uri
+        .query()
+        .is_some_and(|q| q.contains("external_task_ids="));
+    let not_found = outcome.code() == Code::NotFound;
+    let none_listed = by_external
+        && outcome.is_success()
+        && outcome.tasks().iter().all(|t| t.external_id.is_some());
+    if !(not_found || none_listed) {
+        return None;
+    }
+    let recognized = Recognized::from_parts(&Method::GET, uri, b"");
+    let asked = if by_external {
+        recognized.external_ids
+    } else if recognized.generation == Some(ApiGeneration::Legacy) {
+        // A single-task legacy query names one id in its path (`not_found` holds here).
+        recognized.task_ids
+    } else {
+        return None;
+    };
+    let updates: Vec<TaskUpdate> = asked
+        .into_iter()
+        .filter(|ext| {
+            !outcome
+                .tasks()
+                .iter()
+                .any(|t| t.external_id.as_deref() == Some(ext.as_str()))
+        })
+        .map(|ext| TaskUpdate {
+            // No task id: only a holding under this external id is ended.
+            id: String::new(),
+            external_id: Some(ext),
+            status: None,
+        })
+        .collect();
+    (!updates.is_empty()).then_some(updates)
 }
 
 impl<S, ReqB, B> Future for ResponseFuture<S, ReqB, B>
@@ -322,8 +380,8 @@ where
                 } => {
                     let result = ready!(future.poll(cx)).map_err(Into::into);
                     let reservation = reservation.take().expect("reservation is taken once");
-                    let ctx = ctx.take().expect("ctx is taken once");
-                    let (op, output) = settle_create(result, reservation, &ctx, *waited);
+                    let mut ctx = ctx.take().expect("ctx is taken once");
+                    let (op, output) = settle_create(result, reservation, &mut ctx, *waited);
                     let apply = ctx.backend.apply(op);
                     this.state.set(State::Settle {
                         apply,
@@ -334,6 +392,7 @@ where
                     future,
                     backend,
                     lease,
+                    asked,
                 } => {
                     let mut response = match ready!(future.poll(cx)) {
                         Ok(response) => response,
@@ -343,12 +402,33 @@ where
                         }
                     };
                     let outcome = match Outcome::ensure(&mut response) {
-                        Ok(outcome) if !outcome.tasks().is_empty() => outcome,
-                        _ => {
+                        Ok(outcome) => outcome,
+                        Err(_) => {
                             this.state.set(State::Done);
                             return Poll::Ready(Ok(response));
                         }
                     };
+                    if let Some(mut updates) = asked.as_ref().and_then(|uri| absent(uri, &outcome))
+                    {
+                        // The server says these external ids name no task: the creates held
+                        // under them never happened, and their slots go back now (the create
+                        // sent again waits for slots like any other). The tasks the answer does
+                        // report are handled as always, in the same change.
+                        updates.extend(outcome.tasks().iter().map(TaskUpdate::from_report));
+                        let apply = backend.apply(SlotOp::Update {
+                            updates,
+                            lease: *lease,
+                        });
+                        this.state.set(State::Settle {
+                            apply,
+                            output: Some(Ok(response)),
+                        });
+                        continue;
+                    }
+                    if outcome.tasks().is_empty() {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(response));
+                    }
                     let apply = backend.apply(SlotOp::Observed {
                         outcome,
                         lease: *lease,

@@ -25,7 +25,12 @@
 //!   [`SLOTS_WAIT`](kling_core::metrics::SLOTS_WAIT).
 //! - **Query and list** (legacy single, legacy list, new `/tasks` batch or page): pass through;
 //!   every task the response reports with a terminal status releases its slots (one response
-//!   can end several tasks), every running one renews its lease.
+//!   can end several tasks), every running one renews its lease. A task reported with its
+//!   external id also ends (or renews, and is from then on known by its task id) what a create
+//!   of unknown outcome holds under that external id. A lookup by external id (legacy
+//!   `GET {create path}/{external id}`, new `GET /tasks?external_task_ids=…`, as the retry layer
+//!   sends before creating again) that finds no task (`1203`, or an answer without it) gives
+//!   back what is held under that external id at once: that create never happened.
 //! - Anything else passes through untouched.
 //!
 //! Slots are released **exactly once**, by whichever comes first: a query or list response, a

@@ -123,11 +123,17 @@ where
                     deadline,
                 )
             }
-            (RequestKind::Query | RequestKind::List, _) => ResponseFuture::observe(
-                self.inner.call(request),
-                self.backend.clone(),
-                self.settings.lease,
-            ),
+            (RequestKind::Query | RequestKind::List, _) => {
+                // A query may be a lookup by external id (the retry layer's, before it sends a
+                // create again): keep its URI (a reference count) to read on a "not found".
+                let asked = (recognized.kind == RequestKind::Query).then(|| request.uri().clone());
+                ResponseFuture::observe(
+                    self.inner.call(request),
+                    self.backend.clone(),
+                    self.settings.lease,
+                    asked,
+                )
+            }
             _ => ResponseFuture::pass(self.inner.call(request)),
         }
     }

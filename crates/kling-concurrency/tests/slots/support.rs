@@ -23,6 +23,8 @@ pub(crate) enum Scripted {
     Lost,
     /// A client error before the request was sent.
     Refused,
+    /// The task is created, but the answer is `5000` (a "ghost" create).
+    Ghost,
 }
 
 #[derive(Default)]
@@ -88,11 +90,13 @@ impl Fake {
         let legacy = path.starts_with("/v1/");
         let data = if req.method() == Method::POST && path != "/tasks" {
             state.creates += 1;
-            if let Some(answer) = state.script.pop_front() {
+            let ghost = matches!(state.script.front(), Some(Scripted::Ghost));
+            if let Some(answer) = state.script.pop_front().filter(|_| !ghost) {
                 return match answer {
                     Scripted::Code(code, status) => Ok(envelope(status, code, &Value::Null)),
                     Scripted::Lost => Err(Box::new(Transport::after_sent("connection reset"))),
                     Scripted::Refused => Err(Box::new(Transport::new(NotSent::new("refused")))),
+                    Scripted::Ghost => unreachable!("filtered above"),
                 };
             }
             let body: Value = serde_json::from_slice(&kling_core::PeekBody::peek_bytes(req.body()))
@@ -106,22 +110,43 @@ impl Fake {
             state
                 .tasks
                 .insert(id.clone(), ("submitted", external.clone(), legacy));
+            if ghost {
+                return Ok(envelope(500, 5000, &Value::Null));
+            }
             Fake::task_json(&id, "submitted", external.as_ref(), legacy)
         } else if path == "/tasks" {
             let query = req.uri().query().unwrap_or("");
-            let ids = query.strip_prefix("task_ids=").unwrap_or("");
-            let tasks: Vec<Value> = ids
-                .split(',')
-                .filter_map(|id| {
-                    let (status, ext, _) = state.tasks.get(id)?;
-                    Some(Fake::task_json(id, status, ext.as_ref(), false))
-                })
-                .collect();
+            let tasks: Vec<Value> = if let Some(exts) = query.strip_prefix("external_task_ids=") {
+                exts.split(',')
+                    .filter_map(|ext| {
+                        let (id, (status, ext, _)) = state
+                            .tasks
+                            .iter()
+                            .find(|(_, (_, e, _))| e.as_deref() == Some(ext))?;
+                        Some(Fake::task_json(id, status, ext.as_ref(), false))
+                    })
+                    .collect()
+            } else {
+                let ids = query.strip_prefix("task_ids=").unwrap_or("");
+                ids.split(',')
+                    .filter_map(|id| {
+                        let (status, ext, _) = state.tasks.get(id)?;
+                        Some(Fake::task_json(id, status, ext.as_ref(), false))
+                    })
+                    .collect()
+            };
             Value::Array(tasks)
         } else {
             let id = path.rsplit('/').next().unwrap_or("");
-            match state.tasks.get(id) {
-                Some((status, ext, _)) => Fake::task_json(id, status, ext.as_ref(), true),
+            // A legacy query names a task id or an external id.
+            let found = state.tasks.get_key_value(id).or_else(|| {
+                state
+                    .tasks
+                    .iter()
+                    .find(|(_, (_, ext, _))| ext.as_deref() == Some(id))
+            });
+            match found {
+                Some((id, (status, ext, _))) => Fake::task_json(id, status, ext.as_ref(), true),
                 None => return Ok(envelope(404, 1203, &Value::Null)),
             }
         };

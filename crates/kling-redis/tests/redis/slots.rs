@@ -406,3 +406,79 @@ proptest! {
         });
     }
 }
+
+/// What the slots layer applies when a lookup by external id finds no task: an update with
+/// no task id, the external id, and no status.
+fn absent(external: &str) -> SlotOp {
+    SlotOp::Update {
+        updates: vec![TaskUpdate {
+            id: String::new(),
+            external_id: Some(external.to_owned()),
+            status: None,
+        }],
+        lease: LONG,
+    }
+}
+
+fn hold_unknown(reservation: Reservation, external: &str) -> SlotOp {
+    SlotOp::Hold {
+        reservation,
+        task: TaskRef {
+            id: None,
+            external_id: Some(external.to_owned()),
+        },
+        lease: LONG,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_creates_end_when_a_lookup_finds_nothing_or_link_when_it_finds_the_task() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 2).await;
+    let two = backend(&server, 2).await;
+    // Two creates with unknown outcomes hold both slots under their external ids.
+    let a = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold_unknown(a, "e1")).await.unwrap();
+    let b = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold_unknown(b, "e2")).await.unwrap();
+    assert_eq!(in_use(&one).await, 2);
+    let waiter = tokio::spawn({
+        let two = two.clone();
+        async move { two.acquire(video(), 1).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished());
+
+    // An unrelated external id ends nothing.
+    let none = one.apply(absent("e9")).await.unwrap();
+    assert!(none.released.is_empty(), "{none:?}");
+
+    // The lookup of e1 finds no task: its slot goes to the waiter in the other process.
+    let applied = one.apply(absent("e1")).await.unwrap();
+    assert_eq!(applied.released.len(), 1, "{applied:?}");
+    assert_eq!(applied.released[0].task.as_deref(), Some("e1"));
+    let granted = tokio::time::timeout(Duration::from_secs(2), waiter)
+        .await
+        .expect("the freed slot is granted")
+        .unwrap();
+    two.apply(SlotOp::GiveBack(granted)).await.unwrap();
+
+    // The lookup of e2 finds the task running: the holding learns its id, and a query of
+    // that id ending it releases it.
+    one.apply(SlotOp::Update {
+        updates: vec![TaskUpdate {
+            id: "t7".to_owned(),
+            external_id: Some("e2".to_owned()),
+            status: Some(TaskStatus::Processing),
+        }],
+        lease: LONG,
+    })
+    .await
+    .unwrap();
+    let ended = two
+        .apply(ended("t7", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(ended.released.len(), 1, "{ended:?}");
+    assert_eq!(in_use(&one).await, 0);
+}

@@ -1,0 +1,141 @@
+//! Creates whose outcome was unknown, then looked up by external id (as the retry layer does
+//! before sending them again): a lookup that finds nothing gives their slots back at once.
+
+use std::time::Duration;
+
+use kling_concurrency::{SlotsConfig, TaskSlotsLayer};
+use tokio::time::advance;
+use tokio_test::task::spawn;
+use tokio_test::{assert_pending, assert_ready_ok};
+use tower::{Layer, Service, ServiceExt};
+
+use crate::support::*;
+
+#[tokio::test(start_paused = true)]
+async fn a_legacy_lookup_that_finds_nothing_frees_the_slot_for_the_next_create() {
+    let fake = Fake::new();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).unwrap();
+    let mut svc = layer.layer(fake.clone());
+
+    // Step 1: the create is lost after it was sent; its slot stays held under `e1`.
+    fake.script(Scripted::Lost);
+    svc.ready().await.unwrap();
+    assert!(svc.call(create_with_external("e1")).await.is_err());
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+
+    // Step 2: the create sent again waits for the only slot.
+    svc.ready().await.unwrap();
+    let mut again = spawn(svc.call(create_with_external("e1")));
+    assert_pending!(again.poll());
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 1));
+
+    // Step 3: the lookup by external id finds no task (1203): the slot goes to the waiter
+    // now, not when the 30-minute lease ends.
+    svc.ready().await.unwrap();
+    let lookup = svc.call(get("/v1/videos/text2video/e1")).await.unwrap();
+    assert_eq!(lookup.status(), 404);
+    assert!(again.is_woken());
+    let created = assert_ready_ok!(again.poll());
+    assert_eq!(created.status(), 200);
+    let snap = handle.snapshot().await.unwrap();
+    let pool = snap.get(handle.default_account(), &video()).unwrap();
+    assert_eq!((pool.in_use, pool.tasks, pool.waiters), (1, 1, 0));
+    assert_eq!(fake.creates(), 2);
+
+    // Step 4: a query by a task id the server does not know ends nothing of ours.
+    svc.ready().await.unwrap();
+    let unknown = svc.call(get("/v1/videos/text2video/t99")).await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+    advance(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_style_lookup_that_finds_nothing_frees_the_slot() {
+    let fake = Fake::new();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2)).unwrap();
+    let mut svc = layer.layer(fake.clone());
+    let create = |ext: &str| {
+        post(
+            "/text-to-video/kling-3.0",
+            &format!(r#"{{"prompt":"x","external_id":"{ext}"}}"#),
+        )
+    };
+    let pool = kling_core::Pool::with_model(kling_core::Product::Video, "kling-3.0");
+
+    // Two creates lost after sending: both slots held under their external ids.
+    for ext in ["e1", "e2"] {
+        fake.script(Scripted::Lost);
+        svc.ready().await.unwrap();
+        assert!(svc.call(create(ext)).await.is_err());
+    }
+    assert_eq!(pool_state(&handle, &pool).await.0, 2);
+
+    // A lookup of `e1` answered with no task: `e1`'s slot comes back, `e2`'s stays.
+    svc.ready().await.unwrap();
+    svc.call(get("/tasks?external_task_ids=e1")).await.unwrap();
+    assert_eq!(pool_state(&handle, &pool).await.0, 1);
+
+    // A lookup of a task id (not an external id) ends nothing.
+    svc.ready().await.unwrap();
+    svc.call(get("/tasks?task_ids=t9")).await.unwrap();
+    assert_eq!(pool_state(&handle, &pool).await.0, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lookup_that_finds_a_ghost_create_links_its_task_id() {
+    let fake = Fake::new();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).unwrap();
+    let mut svc = layer.layer(fake.clone());
+
+    // Step 1: the task is created but the answer is 5000: held under `e1` only.
+    fake.script(Scripted::Ghost);
+    svc.ready().await.unwrap();
+    let ghost = svc.call(create_with_external("e1")).await.unwrap();
+    assert_eq!(ghost.status(), 500);
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+
+    // Step 2: the lookup by external id reports `t1` running with `e1`: the holding now
+    // answers to `t1` too, and keeps its slot.
+    svc.ready().await.unwrap();
+    let found = svc.call(get("/v1/videos/text2video/e1")).await.unwrap();
+    assert_eq!(found.status(), 200);
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+
+    // Step 3: a query by the task id ends it.
+    fake.finish("t1");
+    svc.ready().await.unwrap();
+    svc.call(get("/v1/videos/text2video/t1")).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await, (0, 1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_lookup_ends_the_absent_and_still_settles_the_found() {
+    let fake = Fake::new();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2)).unwrap();
+    let mut svc = layer.layer(fake.clone());
+    let pool = kling_core::Pool::with_model(kling_core::Product::Video, "kling-3.0");
+    let create = |ext: &str| {
+        post(
+            "/text-to-video/kling-3.0",
+            &format!(r#"{{"prompt":"x","external_id":"{ext}"}}"#),
+        )
+    };
+    // `e1` is lost before the server saw it; `e2` is a ghost: created, answered 5000.
+    fake.script(Scripted::Lost);
+    svc.ready().await.unwrap();
+    assert!(svc.call(create("e1")).await.is_err());
+    fake.script(Scripted::Ghost);
+    svc.ready().await.unwrap();
+    svc.call(create("e2")).await.unwrap();
+    assert_eq!(pool_state(&handle, &pool).await.0, 2);
+
+    // The task ends; one batch lookup reports `e2` ended and says nothing of `e1`: both
+    // slots come back.
+    fake.finish("t1");
+    svc.ready().await.unwrap();
+    svc.call(get("/tasks?external_task_ids=e1,e2"))
+        .await
+        .unwrap();
+    assert_eq!(pool_state(&handle, &pool).await, (0, 2, 0));
+}
