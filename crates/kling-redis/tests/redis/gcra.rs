@@ -81,8 +81,13 @@ proptest! {
     }
 }
 
-/// 16 sockets race 400 requests at a quota of 10 for an hour: exactly 10 get through. A
-/// read-then-write in two commands would let several through on the same stale state.
+/// 16 sockets race 400 requests at a quota of 10 for an hour: never more than 10 get through.
+/// A read-then-write in two commands would let several through on the same stale state.
+///
+/// Not "exactly 10": each connection sends fleet time corrected by its own measured offset, and
+/// the residue (half a round trip) can put a late request a few microseconds before the first
+/// admitted one, which the quota then rightly refuses. Exact admission counts for one clock are
+/// `lua_gcra_admits_exactly_what_in_process_gcra_admits`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_connections_racing_never_admit_more_than_the_quota() {
     let Some(server) = redis() else { return };
@@ -107,7 +112,12 @@ async fn many_connections_racing_never_admit_more_than_the_quota() {
     for task in tasks {
         task.await.unwrap();
     }
-    assert_eq!(admitted.load(Ordering::Relaxed), 10);
+    let admitted = admitted.load(Ordering::Relaxed);
+    assert!(admitted <= 10, "{admitted} admitted over a quota of 10");
+    assert!(
+        admitted >= 5,
+        "only {admitted} admitted: the race did not run"
+    );
 }
 
 /// A 1302 reported by one process pauses the key for another.
