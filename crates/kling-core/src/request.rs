@@ -195,19 +195,32 @@ impl Recognized {
         }
         // Kling paths have a handful of segments: keep them on the stack (no allocation per
         // request), with a vector for anything longer.
+        // One pass over the bytes (a `/` is always a character boundary).
         let mut on_stack = [""; 16];
-        let spilled: Vec<&str>;
-        let count = path.split('/').filter(|s| !s.is_empty()).count();
-        let segments: &[&str] = if count <= on_stack.len() {
-            for (slot, segment) in on_stack
-                .iter_mut()
-                .zip(path.split('/').filter(|s| !s.is_empty()))
-            {
-                *slot = segment;
+        let mut spilled: Vec<&str> = Vec::new();
+        let mut count = 0;
+        let mut start = 0;
+        for (at, byte) in path.bytes().chain(std::iter::once(b'/')).enumerate() {
+            if byte != b'/' {
+                continue;
             }
+            if at > start {
+                let segment = &path[start..at];
+                if count < on_stack.len() {
+                    on_stack[count] = segment;
+                } else {
+                    if spilled.is_empty() {
+                        spilled.extend_from_slice(&on_stack);
+                    }
+                    spilled.push(segment);
+                }
+                count += 1;
+            }
+            start = at + 1;
+        }
+        let segments: &[&str] = if spilled.is_empty() {
             &on_stack[..count]
         } else {
-            spilled = path.split('/').filter(|s| !s.is_empty()).collect();
             &spilled
         };
 
@@ -293,6 +306,13 @@ impl Recognized {
 
     fn read_create_body(&mut self, product: Product, generation: ApiGeneration, body: &[u8]) {
         self.weight = 1;
+        if may_name_a_create_field(body, product == Product::Image) {
+            self.parse_create_body(product, generation, body);
+        }
+        // Otherwise, parsed or not, the body leaves the defaults: no parse.
+    }
+
+    fn parse_create_body(&mut self, product: Product, generation: ApiGeneration, body: &[u8]) {
         let Ok(fields) = serde_json::from_slice::<CreateFields<'_>>(body) else {
             return;
         };
@@ -333,6 +353,21 @@ impl Recognized {
             );
         }
     }
+}
+
+/// Whether a create body may hold a field [`Recognized`] reads (`external_task_id`,
+/// `external_id`, `callback_url` at either level, and `n` when `image`). A key can only spell one
+/// of them as written (`"external_…`, `"callback_url`, `"n"`) or with an escape, so a UTF-8 body
+/// with none of those and no `\` leaves the defaults whatever it holds, valid JSON or not: the
+/// common case (no external id, no callback) costs a few vectorised searches instead of a parse.
+fn may_name_a_create_field(body: &[u8], image: bool) -> bool {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return true;
+    };
+    text.contains('\\')
+        || text.contains("\"external_")
+        || text.contains("\"callback_url")
+        || (image && text.contains("\"n\""))
 }
 
 /// The product of a new-style create path's first segment (`text-to-video`, `omni-video`, …).
@@ -453,6 +488,53 @@ mod tests {
             recognize(&Method::POST, "/foo/bar", "{}").kind,
             RequestKind::Other
         );
+    }
+
+    #[test]
+    fn skipping_the_parse_never_changes_what_is_read() {
+        let bodies = [
+            "",
+            "not json",
+            "{}",
+            "[]",
+            r#"{"prompt":"a cat"}"#,
+            r#"{"prompt":"a \"cat\"\n","duration":"5"}"#,
+            r#"{"prompt":"x","external_task_id":"job-1"}"#,
+            r#"{"prompt":"x","external_task_id":""}"#,
+            r#"{"prompt":"x","external_id":"e1","external_task_id":"t1"}"#,
+            r#"{"prompt":"x","callback_url":"http://cb"}"#,
+            r#"{"options":{"callback_url":"http://cb"}}"#,
+            r#"{"\u0065xternal_task_id":"escaped"}"#,
+            r#"{"\u006e":3}"#,
+            r#"{"n":3}"#,
+            r#"{"n":3,"n":4}"#,
+            r#"{"n":"three"}"#,
+            r#"{"n":12,"prompt":"x"} trailing"#,
+            r#"{"prompt":"n","mode":"std"}"#,
+            r#"{"external_task_id":7}"#,
+            r#"{"prompt":"has \\u in it"}"#,
+        ];
+        for body in bodies {
+            for product in [Product::Video, Product::Image, Product::TryOn] {
+                for generation in [ApiGeneration::Legacy, ApiGeneration::New] {
+                    let blank = || recognize(&Method::GET, "/healthz", "");
+                    let (mut fast, mut parsed) = (blank(), blank());
+                    fast.read_create_body(product, generation, body.as_bytes());
+                    parsed.weight = 1;
+                    parsed.parse_create_body(product, generation, body.as_bytes());
+                    assert_eq!(fast, parsed, "{body} as {product:?} {generation:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn long_paths_spill_their_segments() {
+        let deep = format!("{}/v1/images/generations", "/x".repeat(20));
+        let r = recognize(&Method::POST, &deep, r#"{"n":2}"#);
+        assert_eq!((r.kind, r.weight), (RequestKind::Create, 2));
+        let r = recognize(&Method::GET, "//v1//videos/text2video//abc//", "");
+        assert_eq!(r.task_ids, vec!["abc"]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The [`Metrics`](crate::Metrics) response future.
 
+use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
@@ -138,7 +139,7 @@ impl Call {
                     reason = malformed.reason(),
                     "kling call answered with no envelope"
                 );
-                SharedString::const_str(labels::MALFORMED)
+                Cow::Borrowed(labels::MALFORMED)
             }
         };
         let extensions = response.extensions();
@@ -165,24 +166,44 @@ impl Call {
                 }
                 (labels::status(api.status()), labels::code(api.code()))
             }
-            Some(Cause::Malformed(status)) => (
-                labels::status(status),
-                SharedString::const_str(labels::MALFORMED),
-            ),
+            Some(Cause::Malformed(status)) => {
+                (labels::status(status), Cow::Borrowed(labels::MALFORMED))
+            }
             None => (
-                SharedString::const_str(labels::NO_STATUS),
-                SharedString::const_str(labels::NO_CODE),
+                Cow::Borrowed(labels::NO_STATUS),
+                Cow::Borrowed(labels::NO_CODE),
             ),
         };
         tracing::warn!(target: "kling_metrics", error = %error, "kling call failed");
         self.record(status, code, span);
     }
 
-    fn record(self, status: SharedString, code: SharedString, span: &Span) {
+    fn record(self, status: Cow<'static, str>, code: Cow<'static, str>, span: &Span) {
         let elapsed = Instant::now().saturating_duration_since(self.start);
         let kind = self.kind.as_str();
         span.record("status", &*status);
         span.record("code", &*code);
+        let seconds = elapsed.as_secs_f64();
+        // The common case: every label is `'static`, and the keys are built once per
+        // combination (see `labels::call_keys`) instead of once per call.
+        if let (Cow::Borrowed(status), Cow::Borrowed(code), Some(pool)) =
+            (&status, &code, labels::pool_static(self.pool.as_ref()))
+        {
+            static METADATA: metrics::Metadata<'static> =
+                metrics::Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+            let keys = labels::call_keys(kind, pool, status, code);
+            metrics::with_recorder(|recorder| {
+                recorder
+                    .register_histogram(&keys.duration, &METADATA)
+                    .record(seconds);
+                recorder
+                    .register_counter(&keys.responses, &METADATA)
+                    .increment(1);
+            });
+            return;
+        }
+        let status = SharedString::from(status);
+        let code = SharedString::from(code);
         metrics::histogram!(
             REQUEST_DURATION,
             LABEL_KIND => kind,
@@ -190,7 +211,7 @@ impl Call {
             LABEL_STATUS => status,
             LABEL_CODE => code.clone(),
         )
-        .record(elapsed.as_secs_f64());
+        .record(seconds);
         metrics::counter!(RESPONSES, LABEL_KIND => kind, LABEL_CODE => code).increment(1);
     }
 }

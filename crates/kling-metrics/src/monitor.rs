@@ -147,7 +147,7 @@ impl MonitorBuilder {
                 pool_warned: Mutex::new(HashMap::new()),
                 hook: self.hook,
                 rejections: Mutex::new(BTreeMap::new()),
-                tasks: Mutex::new(HashMap::new()),
+                tasks: Mutex::new(HashMap::default()),
                 max_tracked_tasks: self.max_tracked_tasks,
                 record_task_metrics: self.record_task_metrics,
                 created: AtomicU64::new(0),
@@ -180,7 +180,8 @@ struct Inner {
     pool_warned: Mutex<HashMap<(Option<String>, String), bool>>,
     hook: Option<Hook>,
     rejections: Mutex<BTreeMap<i64, u64>>,
-    tasks: Mutex<HashMap<String, Tracked>>,
+    /// Tracked tasks by id; foldhash rather than SipHash (two hashes per task on the hot path).
+    tasks: Mutex<HashMap<String, Tracked, foldhash::fast::RandomState>>,
     max_tracked_tasks: usize,
     record_task_metrics: bool,
     created: AtomicU64,
@@ -317,6 +318,14 @@ impl Monitor {
             }
             return;
         }
+        if let [task] = tasks {
+            // One task (a query): no list of ended tasks to build.
+            let ended = lock(&self.inner.tasks).remove(&task.id);
+            if let Some(entry) = ended {
+                self.record_end(entry, &task.status, now);
+            }
+            return;
+        }
         let ended: Vec<(Tracked, &TaskStatus)> = {
             let mut tracked = lock(&self.inner.tasks);
             tasks
@@ -339,7 +348,7 @@ impl Monitor {
         if !inner.record_task_metrics {
             return;
         }
-        let status = SharedString::from(status.as_str().to_owned());
+        let status = labels::task_status(status);
         let lifetime = now.saturating_duration_since(tracked.since);
         metrics::histogram!(TASK_LIFETIME, LABEL_POOL => tracked.pool.clone(), LABEL_STATUS => status.clone())
             .record(lifetime.as_secs_f64());

@@ -200,8 +200,9 @@ impl<Bk: Backend> Gate<Bk> {
 
 pin_project! {
     #[project = StateProj]
-    enum State<F, R> {
-        Gating,
+    enum State<S, B, F, R> {
+        // The service and the request share their space with the call they become.
+        Gating { inner: Option<S>, request: Option<Request<B>> },
         Calling { #[pin] future: F },
         Reporting { report: R, response: Option<Response<Full<Bytes>>> },
         Done,
@@ -219,10 +220,8 @@ pin_project! {
         Bk: Backend,
     {
         #[pin]
-        state: State<S::Future, Bk::FeedbackFuture>,
+        state: State<S, B, S::Future, Bk::FeedbackFuture>,
         gate: Gate<Bk>,
-        inner: Option<S>,
-        request: Option<Request<B>>,
         sent_at: Option<Instant>,
         waited: Duration,
     }
@@ -241,7 +240,10 @@ where
         request: Request<B>,
     ) -> Self {
         ResponseFuture {
-            state: State::Gating,
+            state: State::Gating {
+                inner: Some(inner),
+                request: Some(request),
+            },
             gate: Gate {
                 shared,
                 account_key,
@@ -253,8 +255,6 @@ where
                 waited_since: None,
                 limit: None,
             },
-            inner: Some(inner),
-            request: Some(request),
             sent_at: None,
             waited: Duration::ZERO,
         }
@@ -268,7 +268,7 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
-            State::Gating => "gating",
+            State::Gating { .. } => "gating",
             State::Calling { .. } => "calling",
             State::Reporting { .. } => "reporting",
             State::Done => "done",
@@ -323,13 +323,13 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Gating => {
-                    let request = this.request.as_ref().expect("gating holds the request");
-                    if let Err(error) = ready!(this.gate.poll(cx, request)) {
+                StateProj::Gating { inner, request } => {
+                    let held = request.as_ref().expect("gating holds the request");
+                    if let Err(error) = ready!(this.gate.poll(cx, held)) {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(error));
                     }
-                    let mut request = this.request.take().expect("gating holds the request");
+                    let mut request = request.take().expect("gating holds the request");
                     let now = Instant::now();
                     *this.sent_at = Some(now);
                     if let Some(since) = this.gate.waited_since {
@@ -338,7 +338,7 @@ where
                         metrics::histogram!(RATELIMIT_WAIT, LABEL_KIND => kind)
                             .record(this.waited.as_secs_f64());
                     }
-                    let mut inner = this.inner.take().expect("called once");
+                    let mut inner = inner.take().expect("called once");
                     this.state.set(State::Calling {
                         future: inner.call(request),
                     });

@@ -62,8 +62,9 @@ enum Sending {
 struct Call<S, B, P> {
     service: S,
     template: Request<B>,
-    /// While a create's outcome is unknown: the lookup request and the external id.
-    lookup: Option<(Request<B>, String)>,
+    /// While a create's outcome is unknown: the lookup request and the external id. Boxed: it
+    /// is rare, and every layer above moves this future.
+    lookup: Option<Box<(Request<B>, String)>>,
     shared: Arc<Shared<P>>,
     started: Instant,
     deadline: Option<Instant>,
@@ -125,7 +126,7 @@ where
             .field("attempts", &self.call.attempts)
             .field("waited", &self.call.waited)
             .field("deadline", &self.call.deadline)
-            .field("looking_up", &self.call.lookup.as_ref().map(|(_, id)| id))
+            .field("looking_up", &self.call.lookup.as_ref().map(|l| &l.1))
             .finish_non_exhaustive()
     }
 }
@@ -202,12 +203,16 @@ where
         };
         if self.sending == Sending::Lookup {
             let read = match &self.lookup {
-                Some((_, id)) => lookup::read(outcome, id),
+                Some(pending) => lookup::read(outcome, &pending.1),
                 None => Lookup::Inconclusive,
             };
             match read {
                 Lookup::Found(task_id) => {
-                    let external_id = self.lookup.take().map(|(_, id)| id).unwrap_or_default();
+                    let external_id = self
+                        .lookup
+                        .take()
+                        .map(|pending| pending.1)
+                        .unwrap_or_default();
                     response.extensions_mut().insert(Recovered {
                         external_id,
                         task_id,
@@ -281,7 +286,7 @@ where
                     let Some(request) = lookup::request(&self.template, recognized, &id) else {
                         return self.fail(StopReason::CreateMayHaveHappened, last);
                     };
-                    self.lookup = Some((request, id));
+                    self.lookup = Some(Box::new((request, id)));
                     self.next = Sending::Lookup;
                 }
             }
@@ -363,7 +368,7 @@ where
     fn next_request(&mut self) -> Request<B> {
         self.attempts += 1;
         let (source, sending) = match (&self.next, &self.lookup) {
-            (Sending::Lookup, Some((lookup, _))) => (lookup, Sending::Lookup),
+            (Sending::Lookup, Some(pending)) => (&pending.0, Sending::Lookup),
             _ => (&self.template, Sending::Original),
         };
         self.sending = sending;

@@ -104,7 +104,7 @@ where
             let recognized = Recognized::of(&mut request);
             if recognized.is_create() && recognized.external_id.is_none() {
                 let id = lookup::generate(&*shared.rng);
-                lookup::set_external_id(&mut request, &id);
+                lookup::set_external_id(&mut request, id);
             }
         }
         // The copy is taken before the signals are set: each attempt sets its own (and the copy

@@ -18,6 +18,7 @@
 //! # Ok(()) }
 //! ```
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -42,8 +43,9 @@ pub struct BaseUrlLayer {
 struct Base {
     scheme: Scheme,
     authority: Authority,
-    /// The base's path without its trailing slash; empty for none.
-    prefix: String,
+    /// The base's path without its trailing slash; empty for none. Shared: the service is
+    /// cloned for every call by the layers above it, and a clone must not allocate.
+    prefix: Arc<str>,
 }
 
 impl BaseUrlLayer {
@@ -66,7 +68,7 @@ impl BaseUrlLayer {
         if uri.query().is_some() {
             return Err(ConfigError::new("base_url", "must not have a query"));
         }
-        let prefix = uri.path().trim_end_matches('/').to_owned();
+        let prefix = Arc::from(uri.path().trim_end_matches('/'));
         Ok(BaseUrlLayer {
             base: Base {
                 scheme,
@@ -133,7 +135,7 @@ impl Base {
             let joined = match parts.path_and_query.as_ref() {
                 Some(pq) if pq.as_str().starts_with('/') => format!("{}{}", self.prefix, pq),
                 Some(pq) => format!("{}/{}", self.prefix, pq),
-                None => self.prefix.clone(),
+                None => self.prefix.to_string(),
             };
             match PathAndQuery::try_from(joined) {
                 Ok(pq) => parts.path_and_query = Some(pq),

@@ -142,7 +142,9 @@ impl fmt::Debug for Entry {
 
 #[derive(Debug, Default)]
 struct State {
-    map: HashMap<BucketKey, Entry>,
+    /// foldhash rather than SipHash: one hash per decision is most of the map's cost, and the
+    /// keys are the caller's own accounts (seeded per process all the same).
+    map: HashMap<BucketKey, Entry, foldhash::fast::RandomState>,
     ops: usize,
 }
 
