@@ -116,6 +116,23 @@ impl Envelope {
             tasks: raw.data.0,
         })
     }
+
+    /// The tasks a callback body reports: the bare task object Kling posts (either
+    /// generation), or a whole `{code, data}` envelope. A body that reports no task is `Ok`
+    /// with none; one that is not JSON is the parse error.
+    pub fn parse_callback(body: &[u8]) -> Result<Vec<TaskReport>, serde_json::Error> {
+        if let Ok(envelope) = Envelope::parse(body)
+            && !envelope.tasks.is_empty()
+        {
+            return Ok(envelope.tasks);
+        }
+        // A bare task object has no `code`: read it as the `data` of a success envelope.
+        let mut wrapped = Vec::with_capacity(body.len() + 20);
+        wrapped.extend_from_slice(br#"{"code":0,"data":"#);
+        wrapped.extend_from_slice(body);
+        wrapped.push(b'}');
+        Envelope::parse(&wrapped).map(|envelope| envelope.tasks)
+    }
 }
 
 #[derive(Deserialize)]
@@ -420,6 +437,19 @@ mod tests {
         assert!(Envelope::parse(b"<html>502</html>").is_err());
         assert!(Envelope::parse(br#"{"message":"no code"}"#).is_err());
         assert!(Envelope::parse(br#"{"code":"0"}"#).is_err());
+    }
+
+    #[test]
+    fn callback_bodies_are_bare_tasks_or_envelopes() {
+        let legacy = Envelope::parse_callback(br#"{"task_id":"t1","task_status":"succeed"}"#);
+        assert_eq!(legacy.unwrap()[0].id, "t1");
+        let new = Envelope::parse_callback(br#"{"id":"n","status":"failed","message":"m"}"#);
+        assert_eq!(new.unwrap()[0].failure.as_deref(), Some("m"));
+        let wrapped =
+            Envelope::parse_callback(br#"{"code":0,"data":{"id":"w","status":"succeeded"}}"#);
+        assert_eq!(wrapped.unwrap()[0].id, "w");
+        assert!(Envelope::parse_callback(b"{}").unwrap().is_empty());
+        assert!(Envelope::parse_callback(b"not json").is_err());
     }
 
     #[test]

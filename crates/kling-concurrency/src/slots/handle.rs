@@ -358,17 +358,8 @@ where
 
 /// The tasks of a callback body: a bare task object (either generation) or an envelope.
 fn parse_callback(payload: &[u8]) -> Result<Vec<TaskReport>, BadCallback> {
-    if let Ok(envelope) = Envelope::parse(payload)
-        && !envelope.tasks.is_empty()
-    {
-        return Ok(envelope.tasks);
-    }
-    let mut wrapped = Vec::with_capacity(payload.len() + 20);
-    wrapped.extend_from_slice(br#"{"code":0,"data":"#);
-    wrapped.extend_from_slice(payload);
-    wrapped.push(b'}');
-    match Envelope::parse(&wrapped) {
-        Ok(envelope) if !envelope.tasks.is_empty() => Ok(envelope.tasks),
+    match Envelope::parse_callback(payload) {
+        Ok(tasks) if !tasks.is_empty() => Ok(tasks),
         Ok(_) => Err(BadCallback::new("no task id and status")),
         Err(e) => Err(BadCallback::new(e.to_string())),
     }

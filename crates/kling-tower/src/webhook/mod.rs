@@ -293,12 +293,5 @@ fn mac(key: &[u8], id: &str, timestamp: u64, body: &[u8]) -> Hmac<Sha256> {
 /// Reads the task a callback body reports: the bare task object Kling posts (either
 /// generation), or a whole `{code, data}` envelope.
 pub fn parse_task(body: &[u8]) -> Option<TaskReport> {
-    if let Ok(envelope) = Envelope::parse(body) {
-        return envelope.tasks.into_iter().next();
-    }
-    let mut wrapped = Vec::with_capacity(body.len() + 20);
-    wrapped.extend_from_slice(br#"{"code":0,"data":"#);
-    wrapped.extend_from_slice(body);
-    wrapped.push(b'}');
-    Envelope::parse(&wrapped).ok()?.tasks.into_iter().next()
+    Envelope::parse_callback(body).ok()?.into_iter().next()
 }
