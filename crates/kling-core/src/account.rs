@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use http::Request;
 
+use crate::signals::CallContext;
+
 /// The Kling account whose limits a request counts against, carried as a request extension.
 ///
 /// Kling's limits are account-wide: every API key of an account shares them. The stack sets this
@@ -25,9 +27,24 @@ impl AccountId {
         &self.0
     }
 
-    /// The account id a request carries, if any.
+    /// The account id a request carries, if any: an `AccountId` extension the caller inserted
+    /// (a gateway routing per request), else the one a stack set with
+    /// [`AccountId::set_if_absent`].
     pub fn of<B>(request: &Request<B>) -> Option<&AccountId> {
-        request.extensions().get::<AccountId>()
+        // The stack only sets its account where the caller named none, so the combined
+        // extension is read first (one lookup in the usual case).
+        CallContext::of(request)
+            .and_then(|call| call.account.as_ref())
+            .or_else(|| request.extensions().get::<AccountId>())
+    }
+
+    /// Counts the request under `account` unless it already names one (kept in the request's
+    /// one combined signal extension, see [`signals`](crate::signals)).
+    pub fn set_if_absent<B>(request: &mut Request<B>, account: &AccountId) {
+        if AccountId::of(request).is_some() {
+            return;
+        }
+        CallContext::of_mut(request).account = Some(account.clone());
     }
 }
 

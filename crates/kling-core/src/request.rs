@@ -12,6 +12,7 @@ use http::{Method, Request, Uri};
 use serde::Deserialize;
 
 use crate::body::PeekBody;
+use crate::signals::CallContext;
 
 /// Which generation of the Kling API a path belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -277,15 +278,44 @@ impl Recognized {
     }
 
     /// Recognises a request, using (or filling) the copy cached in its extensions.
+    ///
+    /// The copy is kept in the request's one combined signal extension
+    /// ([`signals`](crate::signals)) behind an `Arc`, so a retry layer's copy of the request
+    /// shares it; a `Recognized` extension the caller inserted is used as is.
     pub fn of<B: PeekBody>(request: &mut Request<B>) -> &Recognized {
-        if request.extensions().get::<Recognized>().is_none() {
-            let recognized = Recognized::from_request(request);
-            request.extensions_mut().insert(recognized);
+        let cached = CallContext::of(request).is_some_and(|call| call.recognized.is_some());
+        if !cached && request.extensions().get::<Recognized>().is_none() {
+            let recognized = Arc::new(Recognized::from_request(request));
+            CallContext::of_mut(request).recognized = Some(recognized);
         }
-        request
-            .extensions()
-            .get::<Recognized>()
-            .expect("inserted above")
+        Recognized::cached(request).expect("recognised above")
+    }
+
+    /// The recognition cached in a request by [`Recognized::of`], if any (never computes it).
+    pub fn cached<B>(request: &Request<B>) -> Option<&Recognized> {
+        CallContext::of(request)
+            .and_then(|call| call.recognized.as_deref())
+            .or_else(|| request.extensions().get::<Recognized>())
+    }
+
+    /// The cached recognition, to change after a layer rewrote the request (e.g. added an
+    /// external id to a create's body); recognised first when not cached yet.
+    pub fn of_mut<B: PeekBody>(request: &mut Request<B>) -> &mut Recognized {
+        let cached = CallContext::of(request).is_some_and(|call| call.recognized.is_some());
+        if !cached && request.extensions().get::<Recognized>().is_some() {
+            return request
+                .extensions_mut()
+                .get_mut::<Recognized>()
+                .expect("checked");
+        }
+        if !cached {
+            let recognized = Arc::new(Recognized::from_request(request));
+            CallContext::of_mut(request).recognized = Some(recognized);
+        }
+        let call = CallContext::of_mut(request);
+        let recognized = call.recognized.as_mut().expect("cached above");
+        // Copied on write only while a retry copy of the request still shares it.
+        Arc::make_mut(recognized)
     }
 
     /// Recognises a request afresh, ignoring any cached copy (after a layer rewrote the body).
@@ -357,17 +387,28 @@ impl Recognized {
 
 /// Whether a create body may hold a field [`Recognized`] reads (`external_task_id`,
 /// `external_id`, `callback_url` at either level, and `n` when `image`). A key can only spell one
-/// of them as written (`"external_…`, `"callback_url`, `"n"`) or with an escape, so a UTF-8 body
-/// with none of those and no `\` leaves the defaults whatever it holds, valid JSON or not: the
-/// common case (no external id, no callback) costs a few vectorised searches instead of a parse.
+/// of them as written (`"external_…`, `"callback_url`, `"n"`) or with an escape, so a body with
+/// none of those and no `\` leaves the defaults whatever it holds, valid JSON or not (a body that
+/// is not UTF-8 fails the parse and leaves them too): the common create (no external id, no
+/// callback) costs one pass over its quotes instead of a parse.
 fn may_name_a_create_field(body: &[u8], image: bool) -> bool {
-    let Ok(text) = std::str::from_utf8(body) else {
-        return true;
-    };
-    text.contains('\\')
-        || text.contains("\"external_")
-        || text.contains("\"callback_url")
-        || (image && text.contains("\"n\""))
+    let mut at = 0;
+    loop {
+        at = crate::envelope::find_special(body, at);
+        let Some(&special) = body.get(at) else {
+            return false;
+        };
+        let rest = &body[at + 1..];
+        if special == b'\\'
+            || (special == b'"'
+                && (rest.starts_with(b"external_")
+                    || rest.starts_with(b"callback_url")
+                    || (image && rest.starts_with(b"n\""))))
+        {
+            return true;
+        }
+        at += 1;
+    }
 }
 
 /// The product of a new-style create path's first segment (`text-to-video`, `omni-video`, …).
@@ -554,6 +595,6 @@ mod tests {
             )))
             .unwrap();
         assert_eq!(Recognized::of(&mut req).weight, 2);
-        assert!(req.extensions().get::<Recognized>().is_some());
+        assert!(Recognized::cached(&req).is_some());
     }
 }

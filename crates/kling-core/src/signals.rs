@@ -4,8 +4,45 @@
 //! are how they cooperate: the retry layer tells the layers below how long the whole call may
 //! still wait, and the slots layer tells the retry layer that a 1303 needs no backoff because
 //! it will hold the retried create until a slot frees.
+//!
+//! The request-side signals ([`Deadline`], [`Attempt`], the [`AccountId`] and the cached
+//! [`Recognized`]) share one extension, reached through their `of`/`set` functions; inserting
+//! the standalone types still works (they are read when no layer set the signal).
 
+use std::sync::Arc;
+
+use http::Request;
 use tokio::time::Instant;
+
+use crate::account::AccountId;
+use crate::request::Recognized;
+
+/// Everything the stack's layers tell each other about one request, kept in ONE request
+/// extension: `http::Extensions` allocates a box per type (and its table grows past three), and
+/// the retry layer copies them all for every call, so one extension instead of four saves about
+/// ten allocations per request. Read and written only through the accessors on [`Deadline`],
+/// [`Attempt`], [`AccountId`] and [`Recognized`], which also honour the standalone extensions of
+/// those types when a caller inserted them.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CallContext {
+    pub(crate) account: Option<AccountId>,
+    /// Shared, so the retry layer's copy of a request does not copy the recognized strings.
+    pub(crate) recognized: Option<Arc<Recognized>>,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) attempt: Option<u32>,
+}
+
+impl CallContext {
+    pub(crate) fn of<B>(request: &Request<B>) -> Option<&CallContext> {
+        request.extensions().get::<CallContext>()
+    }
+
+    pub(crate) fn of_mut<B>(request: &mut Request<B>) -> &mut CallContext {
+        request
+            .extensions_mut()
+            .get_or_insert_default::<CallContext>()
+    }
+}
 
 /// Request extension: the instant after which the whole logical call (all attempts, all waits)
 /// is late. Set by the retry layer; layers that wait (rate limiter, task slots) give up with
@@ -14,9 +51,18 @@ use tokio::time::Instant;
 pub struct Deadline(pub Instant);
 
 impl Deadline {
-    /// The deadline a request carries, if any.
-    pub fn of<B>(request: &http::Request<B>) -> Option<Instant> {
-        request.extensions().get::<Deadline>().map(|d| d.0)
+    /// The deadline a request carries, if any: the one a layer set with [`Deadline::set`], else
+    /// a `Deadline` extension the caller inserted.
+    pub fn of<B>(request: &Request<B>) -> Option<Instant> {
+        CallContext::of(request)
+            .and_then(|call| call.deadline)
+            .or_else(|| request.extensions().get::<Deadline>().map(|d| d.0))
+    }
+
+    /// Sets the deadline the layers below will read (in the request's one combined signal
+    /// extension, see the module docs).
+    pub fn set<B>(request: &mut Request<B>, deadline: Instant) {
+        CallContext::of_mut(request).deadline = Some(deadline);
     }
 }
 
@@ -24,6 +70,21 @@ impl Deadline {
 /// retry layer, read by metrics and tracing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attempt(pub u32);
+
+impl Attempt {
+    /// Which attempt a request is, if a retry layer said ([`Attempt::set`]) or the caller
+    /// inserted an `Attempt` extension.
+    pub fn of<B>(request: &Request<B>) -> Option<u32> {
+        CallContext::of(request)
+            .and_then(|call| call.attempt)
+            .or_else(|| request.extensions().get::<Attempt>().map(|a| a.0))
+    }
+
+    /// Marks which attempt a request is.
+    pub fn set<B>(request: &mut Request<B>, attempt: u32) {
+        CallContext::of_mut(request).attempt = Some(attempt);
+    }
+}
 
 /// Response extension: a task-slots layer saw this 1303, gave the slots back and lowered its
 /// believed capacity; a retried create will wait in that layer until a slot frees, so the retry
@@ -39,4 +100,68 @@ pub struct Waited {
     pub rate_limit: std::time::Duration,
     /// Time spent waiting for task slots.
     pub slots: std::time::Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn request() -> Request<&'static str> {
+        Request::post("/v1/videos/text2video")
+            .body(r#"{"prompt":"a cat"}"#)
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_signal_shares_one_extension() {
+        let mut req = request();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        Deadline::set(&mut req, deadline);
+        Attempt::set(&mut req, 2);
+        AccountId::set_if_absent(&mut req, &AccountId::new("acct"));
+        assert!(Recognized::of(&mut req).is_create());
+        assert_eq!(req.extensions().len(), 1);
+        assert_eq!(Deadline::of(&req), Some(deadline));
+        assert_eq!(Attempt::of(&req), Some(2));
+        assert_eq!(AccountId::of(&req).map(AccountId::as_str), Some("acct"));
+        assert!(Recognized::cached(&req).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn standalone_extensions_are_still_read() {
+        let mut req = request();
+        assert_eq!((Deadline::of(&req), Attempt::of(&req)), (None, None));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        req.extensions_mut().insert(Deadline(deadline));
+        req.extensions_mut().insert(Attempt(3));
+        req.extensions_mut().insert(AccountId::new("routed"));
+        assert_eq!(Deadline::of(&req), Some(deadline));
+        assert_eq!(Attempt::of(&req), Some(3));
+        // A caller's account wins over the stack's default.
+        AccountId::set_if_absent(&mut req, &AccountId::new("default"));
+        assert_eq!(AccountId::of(&req).map(AccountId::as_str), Some("routed"));
+        // A layer's deadline and attempt win over the standalone ones.
+        Deadline::set(&mut req, deadline - Duration::from_secs(1));
+        Attempt::set(&mut req, 4);
+        assert_eq!(Deadline::of(&req), Some(deadline - Duration::from_secs(1)));
+        assert_eq!(Attempt::of(&req), Some(4));
+    }
+
+    #[test]
+    fn a_copy_shares_the_recognition_until_one_changes_it() {
+        let mut req = request();
+        Recognized::of(&mut req);
+        let mut copy = Request::new(*req.body());
+        *copy.uri_mut() = req.uri().clone();
+        *copy.method_mut() = req.method().clone();
+        *copy.extensions_mut() = req.extensions().clone();
+        Recognized::of_mut(&mut copy).external_id = Some("mine".into());
+        assert_eq!(
+            Recognized::cached(&copy).unwrap().external_id.as_deref(),
+            Some("mine")
+        );
+        assert_eq!(Recognized::cached(&req).unwrap().external_id, None);
+    }
 }
