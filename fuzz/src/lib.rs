@@ -51,10 +51,38 @@ pub fn envelope(data: &[u8]) {
     };
     let status = StatusCode::from_u16(STATUSES[usize::from(first % 8)]).expect("valid status");
     let parsed = Envelope::parse(body);
+    // The fast scanner behind `Envelope::parse` and `Outcome` reads exactly what the serde_json
+    // reference reads (`Debug` compares floats exactly, NaN and the sign of zero included).
+    let same = |a: &Envelope, b: &Envelope| format!("{a:?}") == format!("{b:?}");
+    match (&parsed, Envelope::parse_reference(body)) {
+        (Ok(fast), Ok(reference)) => assert!(
+            same(fast, &reference),
+            "fast {fast:?}, reference {reference:?}"
+        ),
+        (Err(fast), Err(reference)) => assert_eq!(fast.to_string(), reference.to_string()),
+        (fast, reference) => panic!("fast {fast:?}, reference {reference:?}"),
+    }
     let outcome = Outcome::parse(status, &HeaderMap::new(), body, tokio::time::Instant::now());
+    let shared = Outcome::parse_bytes(
+        status,
+        &HeaderMap::new(),
+        body.to_vec().into(),
+        tokio::time::Instant::now(),
+    );
+    match (&outcome, &shared) {
+        (Ok(a), Ok(b)) => assert!(
+            same(a.envelope(), b.envelope()),
+            "parse and parse_bytes agree"
+        ),
+        (Err(a), Err(b)) => assert_eq!(a.reason(), b.reason()),
+        _ => panic!("Outcome::parse and Outcome::parse_bytes disagree"),
+    }
     match (&parsed, &outcome) {
         (Ok(env), Ok(outcome)) => {
-            assert_eq!(env, outcome.envelope(), "one parse, one envelope");
+            assert!(same(env, outcome.envelope()), "one parse, one envelope");
+            assert_eq!(outcome.message(), env.message);
+            assert_eq!(outcome.request_id(), env.request_id.as_deref());
+            assert_eq!(format!("{:?}", outcome.tasks()), format!("{:?}", env.tasks));
             assert_eq!(outcome.code(), env.code);
             // Code round trip: what is read back out is what came in.
             assert_eq!(Code::from_i64(env.code.as_i64()), env.code);

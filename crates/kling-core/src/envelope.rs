@@ -4,6 +4,10 @@
 //! and request id every error must carry, and the tasks it reports (legacy single task, legacy
 //! list, new `/tasks` batch or page): one response can end several tasks, and each ended task
 //! frees its slots.
+//!
+//! Every response is read, so the read is a hand-rolled scanner (`scan`); the typed serde_json
+//! parse is its fallback for anything it does not handle exactly alike, and the reference its
+//! tests and the `envelope` fuzz target compare it to.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -13,6 +17,10 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use crate::code::Code;
 use crate::request::ApiGeneration;
+
+mod scan;
+
+pub(crate) use scan::{Piece, Reports, find_special, scan};
 
 /// A task's status, in either API generation's words.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -101,7 +109,24 @@ pub struct Envelope {
 
 impl Envelope {
     /// Parses an envelope; a body that is not JSON or has no numeric `code` is an error.
+    ///
+    /// A hand-rolled single-pass scanner reads the usual envelopes; whatever it does not
+    /// handle exactly as serde_json does (and every error) goes to
+    /// [`Envelope::parse_reference`], so the result is always the reference's.
     pub fn parse(body: &[u8]) -> Result<Envelope, serde_json::Error> {
+        let mut tasks = Reports::None;
+        if let Ok(text) = std::str::from_utf8(body)
+            && let Ok(head) = scan::scan(text, &mut tasks)
+        {
+            return Ok(head.into_envelope(tasks));
+        }
+        Envelope::parse_reference(body)
+    }
+
+    /// The typed serde_json parse that [`Envelope::parse`] must agree with: its fallback, and
+    /// the reference the property tests and the `envelope` fuzz target compare it to.
+    #[doc(hidden)]
+    pub fn parse_reference(body: &[u8]) -> Result<Envelope, serde_json::Error> {
         // One UTF-8 check of the whole body (a word at a time for ASCII) instead of one per
         // string, which is what `from_slice` does; a body that is not UTF-8 still goes through
         // `from_slice`, so it fails where and how it did.

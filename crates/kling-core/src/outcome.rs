@@ -1,6 +1,8 @@
 //! [`Outcome`]: what one response says, parsed once and shared by every layer.
 
-use std::sync::Arc;
+use std::fmt;
+use std::ops::Range;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -11,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::body::PeekBody;
 use crate::code::{Code, Disposition};
-use crate::envelope::{Envelope, TaskReport};
+use crate::envelope::{self, Envelope, Piece, Reports, TaskReport};
 use crate::error::{ApiError, MalformedResponse};
 use crate::retry_after::retry_after_delay;
 
@@ -21,17 +23,90 @@ use crate::retry_after::retry_after_delay;
 /// [`ClassifyLayer`](crate::ClassifyLayer) parses it once per response and puts it in the
 /// response's extensions; every layer above reads it from there ([`Outcome::of`]). Cloning is
 /// cheap (the parsed data sits behind an `Arc`).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Outcome {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
+impl fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outcome")
+            .field("status", &self.status())
+            .field("code", &self.code())
+            .field("message", &self.message())
+            .field("request_id", &self.request_id())
+            .field("tasks", &self.tasks())
+            .field("retry_after", &self.inner.retry_after)
+            .field("received_at", &self.inner.received_at)
+            .finish()
+    }
+}
+
+/// One representation whichever reader ran: the scanner (the usual case, few allocations) or
+/// the serde_json reference it falls back to (whose envelope is taken apart the same way).
 struct Inner {
     status: StatusCode,
-    envelope: Envelope,
+    code: Code,
+    /// Holds `message` and `request_id`.
+    texts: Texts,
+    message: Range<usize>,
+    request_id: Option<Range<usize>>,
+    tasks: Reports,
+    /// Built on the first [`Outcome::envelope`] call only (boxed: most outcomes never build
+    /// it, and a smaller `Inner` is cheaper to allocate).
+    envelope: OnceLock<Box<Envelope>>,
     retry_after: Option<Duration>,
     received_at: Instant,
+}
+
+impl Inner {
+    /// Copies message and request id together into one string.
+    fn copy_texts(&mut self, message: Option<&str>, request_id: Option<&str>) {
+        let message = message.unwrap_or_default();
+        let mut both = String::with_capacity(message.len() + request_id.map_or(0, str::len));
+        both.push_str(message);
+        both.push_str(request_id.unwrap_or_default());
+        self.message = 0..message.len();
+        self.request_id = request_id.map(|_| message.len()..both.len());
+        self.texts = Texts::Copied(both.into_boxed_str());
+    }
+}
+
+/// Where the message and request id live: in the (small) body itself, or copied together into
+/// one string (a body borrowed, a large one not to be kept alive, or escaped texts).
+enum Texts {
+    Body(Bytes),
+    Copied(Box<str>),
+}
+
+impl Texts {
+    fn get(&self, range: Range<usize>) -> &str {
+        match self {
+            // The scanner read the range from the UTF-8-checked body, at char boundaries.
+            Texts::Body(body) => std::str::from_utf8(body.get(range).unwrap_or_default())
+                .expect("a range the scanner read from checked UTF-8"),
+            Texts::Copied(text) => text.get(range).unwrap_or_default(),
+        }
+    }
+}
+
+/// Bodies up to this size are kept by the outcome for its message and request id (no copy);
+/// larger ones are not kept alive by it.
+const KEEP_BODY: usize = 4096;
+
+/// The body given to [`Outcome::read`].
+enum Body<'b> {
+    Slice(&'b [u8]),
+    Bytes(Bytes),
+}
+
+impl Body<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Body::Slice(body) => body,
+            Body::Bytes(body) => body,
+        }
+    }
 }
 
 impl Outcome {
@@ -46,27 +121,86 @@ impl Outcome {
         body: &[u8],
         received_at: Instant,
     ) -> Result<Outcome, MalformedResponse> {
-        let envelope = Envelope::parse(body).map_err(|e| {
-            let reason = if body.is_empty() {
-                "empty body".to_owned()
+        Outcome::read(status, headers, Body::Slice(body), received_at)
+    }
+
+    /// [`Outcome::parse`] of a body already in [`Bytes`]: a small body is kept (shared, not
+    /// copied) to hold the message and request id.
+    pub fn parse_bytes(
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: Bytes,
+        received_at: Instant,
+    ) -> Result<Outcome, MalformedResponse> {
+        Outcome::read(status, headers, Body::Bytes(body), received_at)
+    }
+
+    fn read(
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: Body<'_>,
+        received_at: Instant,
+    ) -> Result<Outcome, MalformedResponse> {
+        // Built first, so the scanner writes the tasks straight into their place.
+        let mut inner = Arc::new(Inner {
+            status,
+            code: Code::Success,
+            texts: Texts::Copied(Box::default()),
+            message: 0..0,
+            request_id: None,
+            tasks: Reports::None,
+            envelope: OnceLock::new(),
+            // The system clock is only read for a `Retry-After` (an HTTP-date needs it).
+            retry_after: if headers.contains_key(RETRY_AFTER) {
+                retry_after_delay(headers, SystemTime::now())
             } else {
-                e.to_string()
-            };
-            MalformedResponse::new(status, reason)
-        })?;
-        Ok(Outcome {
-            inner: Arc::new(Inner {
-                status,
-                envelope,
-                // The system clock is only read for a `Retry-After` (an HTTP-date needs it).
-                retry_after: if headers.contains_key(RETRY_AFTER) {
-                    retry_after_delay(headers, SystemTime::now())
+                None
+            },
+            received_at,
+        });
+        let slot = Arc::get_mut(&mut inner).expect("a new `Arc` is unique");
+        let bytes = body.as_slice();
+        match std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|text| envelope::scan(text, &mut slot.tasks).ok())
+        {
+            Some(head) => {
+                slot.code = Code::from_i64(head.code);
+                let message = head.message.as_ref().map_or(Some(0..0), Piece::range);
+                let request_id = head.request_id.as_ref().map(Piece::range);
+                // Unescaped texts of a small shared body: kept there, no copy.
+                let in_body = matches!(&body, Body::Bytes(body) if body.len() <= KEEP_BODY)
+                    && message.is_some()
+                    && !matches!(request_id, Some(None));
+                if in_body {
+                    drop(head);
+                    if let Body::Bytes(body) = body {
+                        slot.texts = Texts::Body(body);
+                    }
+                    slot.message = message.unwrap_or_default();
+                    slot.request_id = request_id.flatten();
                 } else {
-                    None
-                },
-                received_at,
-            }),
-        })
+                    slot.copy_texts(
+                        head.message.as_ref().map(Piece::as_str),
+                        head.request_id.as_ref().map(Piece::as_str),
+                    );
+                }
+            }
+            None => {
+                let envelope = Envelope::parse_reference(bytes).map_err(|e| {
+                    let reason = if bytes.is_empty() {
+                        "empty body".to_owned()
+                    } else {
+                        e.to_string()
+                    };
+                    MalformedResponse::new(status, reason)
+                })?;
+                slot.code = envelope.code;
+                slot.copy_texts(Some(&envelope.message), envelope.request_id.as_deref());
+                slot.tasks = Reports::from(envelope.tasks);
+            }
+        }
+        Ok(Outcome { inner })
     }
 
     /// The outcome attached to a response, if the classify step ran.
@@ -81,7 +215,8 @@ impl Outcome {
             return Ok(outcome.clone());
         }
         let body = response.body().peek_bytes();
-        let outcome = Outcome::parse(response.status(), response.headers(), &body, Instant::now())?;
+        let outcome =
+            Outcome::parse_bytes(response.status(), response.headers(), body, Instant::now())?;
         response.extensions_mut().insert(outcome.clone());
         Ok(outcome)
     }
@@ -93,33 +228,41 @@ impl Outcome {
 
     /// The business code.
     pub fn code(&self) -> Code {
-        self.inner.envelope.code
+        self.inner.code
     }
 
     /// The server's message.
     pub fn message(&self) -> &str {
-        &self.inner.envelope.message
+        self.inner.texts.get(self.inner.message.clone())
     }
 
     /// The server's request id.
     pub fn request_id(&self) -> Option<&str> {
-        self.inner.envelope.request_id.as_deref()
+        let inner = &*self.inner;
+        inner.request_id.clone().map(|range| inner.texts.get(range))
     }
 
     /// The tasks the response reports (one for a create or single query, several for lists
     /// and batch queries).
     pub fn tasks(&self) -> &[TaskReport] {
-        &self.inner.envelope.tasks
+        self.inner.tasks.as_slice()
     }
 
     /// The first task reported, e.g. the task a create made.
     pub fn task(&self) -> Option<&TaskReport> {
-        self.inner.envelope.tasks.first()
+        self.tasks().first()
     }
 
-    /// The parsed envelope.
+    /// The parsed envelope (built on the first call: the layers read the parts above).
     pub fn envelope(&self) -> &Envelope {
-        &self.inner.envelope
+        self.inner.envelope.get_or_init(|| {
+            Box::new(Envelope {
+                code: self.code(),
+                message: self.message().to_owned(),
+                request_id: self.request_id().map(str::to_owned),
+                tasks: self.tasks().to_vec(),
+            })
+        })
     }
 
     /// What a client should do, from the code and (for unknown codes) the status.

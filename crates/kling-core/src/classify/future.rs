@@ -174,10 +174,10 @@ where
                     let parts = parts.take().expect("parts are taken once");
                     let bytes = std::mem::take(buffer).into_bytes();
                     this.state.set(State::Done);
-                    let outcome = match Outcome::parse(
+                    let outcome = match Outcome::parse_bytes(
                         parts.status,
                         &parts.headers,
-                        &bytes,
+                        bytes.clone(),
                         Instant::now(),
                     ) {
                         Ok(outcome) => outcome,

@@ -1,0 +1,604 @@
+//! The scanner against the serde_json reference: whatever the scanner accepts, the reference
+//! accepts and reads the same; `Envelope::parse` and `Outcome` always agree with the reference.
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use proptest::prelude::*;
+
+use super::*;
+use crate::envelope::Envelope;
+use crate::outcome::Outcome;
+
+/// Exact equality, NaN and the sign of zero included (`Debug` prints floats round-trip).
+fn same(a: &Envelope, b: &Envelope) -> bool {
+    format!("{a:?}") == format!("{b:?}")
+}
+
+/// Checks every reader of `body` against the reference; returns whether the scanner took it.
+fn agree(body: &[u8]) -> bool {
+    let reference = Envelope::parse_reference(body);
+    let mut tasks = Reports::None;
+    let scanned = std::str::from_utf8(body)
+        .ok()
+        .and_then(|text| scan(text, &mut tasks).ok());
+    let took = scanned.is_some();
+    if let Some(head) = scanned {
+        let Ok(reference) = &reference else {
+            panic!(
+                "the scanner accepts what the reference rejects: {:?}",
+                String::from_utf8_lossy(body)
+            );
+        };
+        let fast = head.into_envelope(tasks);
+        assert!(
+            same(&fast, reference),
+            "scanner {fast:?}\nreference {reference:?}\nbody {:?}",
+            String::from_utf8_lossy(body)
+        );
+    }
+    match (&reference, Envelope::parse(body)) {
+        (Ok(a), Ok(b)) => assert!(same(a, &b), "{a:?} != {b:?}"),
+        (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+        (a, b) => panic!("reference {a:?}, parse {b:?}"),
+    }
+    let now = tokio::time::Instant::now();
+    let headers = HeaderMap::new();
+    for outcome in [
+        Outcome::parse(StatusCode::OK, &headers, body, now),
+        Outcome::parse_bytes(StatusCode::OK, &headers, Bytes::copy_from_slice(body), now),
+    ] {
+        match (&reference, outcome) {
+            (Ok(env), Ok(outcome)) => {
+                assert_eq!(outcome.code(), env.code);
+                assert_eq!(outcome.message(), env.message);
+                assert_eq!(outcome.request_id(), env.request_id.as_deref());
+                assert_eq!(format!("{:?}", outcome.tasks()), format!("{:?}", env.tasks));
+                assert!(same(outcome.envelope(), env));
+            }
+            (Err(e), Err(malformed)) => {
+                let reason = if body.is_empty() {
+                    "empty body".to_owned()
+                } else {
+                    e.to_string()
+                };
+                assert_eq!(malformed.reason(), reason);
+            }
+            (a, b) => panic!("reference {a:?}, outcome {b:?}"),
+        }
+    }
+    took
+}
+
+const CREATE: &str = r#"{"code":0,"message":"SUCCEED","request_id":"CjMkWmdH6zUAA-00001","data":{"task_id":"860000000000000001","task_status":"submitted","task_info":{"external_task_id":"job-00001"},"created_at":1722769557708,"updated_at":1722769557708}}"#;
+const QUERY: &str = r#"{"code":0,"message":"SUCCEED","request_id":"CjMkWmdH6zUAAAAAAJ9ucRxy-00001","data":{"task_id":"860000000000000001","task_status":"succeed","task_result":{"videos":[{"id":"v860000000000000001","url":"https://cdn.klingai.com/bs2/upload/860000000000000001.mp4","duration":"5.1"}]},"final_unit_deduction":"1","created_at":1722769557708,"updated_at":1722769627708}}"#;
+
+#[test]
+fn the_bench_envelopes_take_the_fast_path() {
+    assert!(agree(CREATE.as_bytes()));
+    assert!(agree(QUERY.as_bytes()));
+    let mut tasks = Reports::None;
+    let env = scan(QUERY, &mut tasks).unwrap().into_envelope(tasks);
+    assert_eq!(env.tasks[0].urls.len(), 1);
+    assert_eq!(env.tasks[0].cost, Some(1.0));
+}
+
+#[test]
+fn the_fast_path_reads_every_shape() {
+    for body in [
+        // Legacy list, new batch with billing, page, nested lists, odd data.
+        r#"{"code":0,"data":[{"task_id":"a","task_status":"failed","task_status_msg":"bad"},{"task_id":"b","task_status":"processing"}]}"#,
+        r#"{"code":0,"data":[{"id":"a","status":"succeeded","outputs":[{"type":"video","url":"u"},{"url":null}],"billing":[{"amount":1},{"amount":0.5},{"amount":null},{}]},{"id":"b","status":"failed","message":"why","external_id":"e"}]}"#,
+        r#"{"code":0,"data":{"tasks":[{"id":"c","status":"submitted"},{"task_id":"d","task_status":"succeed"}],"next_cursor":null}}"#,
+        r#"{"code":0,"data":[[{"id":"c","status":"x"}],1,-2.5e3,"s",true,false,null,{}]}"#,
+        r#"{"code":0,"data":{"task_id":12,"task_status":"succeed","final_unit_deduction":3,"task_result":{"images":[{"url":"i"}],"videos":[{"url":"v"}]}}}"#,
+        r#"{"code":0,"data":{"id":-7,"status":"succeeded","billing":[]}}"#,
+        r#"{"code":-1,"message":null,"request_id":null,"data":null}"#,
+        r#"{"code":1303,"message":"parallel task over resource pack limit","request_id":"x"}"#,
+        " \n\t\r{ \"code\" : 0 , \"data\" : [ { \"id\" : \"a\" , \"status\" : \"b\" } ] } \n",
+        r#"{"code":0,"message":"caf\u00e9 \"q\" \\ \/ \b\f\n\r\t","request_id":"r\/1"}"#,
+        r#"{"code":0,"data":{"id":"\u4e2d","status":"ok","message":"中文 é"}}"#,
+        r#"{"code":0,"data":{"task_id":"t","task_status":"succeed","final_unit_deduction":" nan "}}"#,
+        r#"{"code":0,"extra":{"deep":[[[{"a":[1,2,{"b":"\ud800"}]}]]],"n":-0.0e-5},"x":"\ud83d"}"#,
+        r#"{"code":0,"data":{"id":1.5,"status":"s","billing":[{"amount":0.1},{"amount":-0}]}}"#,
+        r#"{"code":0,"data":{"id":12345678901234567890,"status":"s"}}"#,
+        r#"{"code":0,"data":{"id":-0,"status":"s"}}"#,
+        r#"{"code":0,"data":{"id":1e20,"status":"s"}}"#,
+        r#"{"code":0,"data":{"task_id":null,"task_status":"s","id":"i","status":"t","task_info":null,"task_result":null,"outputs":null,"billing":null,"tasks":null}}"#,
+    ] {
+        assert!(agree(body.as_bytes()), "fell back on {body}");
+    }
+}
+
+#[test]
+fn what_the_scanner_leaves_to_the_reference() {
+    for body in [
+        "",
+        " ",
+        "[]",
+        "null",
+        r#"{"code":0}x"#,
+        r#"{"code":0,}"#,
+        r#"{"code":0}}"#,
+        r#"{"code":"0"}"#,
+        r#"{"code":-0}"#,
+        r#"{"code":1.0}"#,
+        r#"{"code":1e2}"#,
+        r#"{"code":01}"#,
+        r#"{"code":9223372036854775807}"#,
+        r#"{"code":99999999999999999999}"#,
+        r#"{"message":"no code"}"#,
+        r#"{"code":0,"code":0}"#,
+        r#"{"code":0,"data":{"id":"a","id":"b","status":"s"}}"#,
+        r#"{"co\u0064e":0}"#,
+        r#"{"code":0,"message":"\ud83d\ude00"}"#,
+        r#"{"code":0,"message":"\ud800"}"#,
+        r#"{"code":0,"message":1}"#,
+        r#"{"code":0,"data":{"task_id":true,"task_status":"s"}}"#,
+        r#"{"code":0,"data":{"task_info":["x"]}}"#,
+        r#"{"code":0,"data":{"billing":[{"amount":"1"}]}}"#,
+        r#"{"code":0,"data":{"billing":[{"amount":1e999}]}}"#,
+        r#"{"code":0,"data":1e999}"#,
+        r#"{"code":0,"data":{"outputs":[null]}}"#,
+        "{\"code\":0,\"message\":\"a\u{1}b\"}",
+        r#"{"code":0,"message":"\x"}"#,
+        r#"{"code":0,"message":"\u12"}"#,
+        r#"{"code":0,"x":[1,]}"#,
+        r#"{"code":0,"x":tru}"#,
+        r#"{"code":0,"x":1.}"#,
+        r#"{"code":0,"x":-}"#,
+        "{\"code\":0\u{c}}",
+    ] {
+        assert!(!agree(body.as_bytes()), "the scanner took {body:?}");
+    }
+    let deep = format!(r#"{{"code":0,"x":{}{}}}"#, "[".repeat(100), "]".repeat(100));
+    assert!(!agree(deep.as_bytes()));
+    let not_utf8 = b"{\"code\":0,\"message\":\"\xff\"}";
+    assert!(!agree(not_utf8));
+}
+
+#[test]
+fn find_special_and_digits_end_agree_with_byte_loops() {
+    let bytes: Vec<u8> = (0..=255).collect();
+    for start in 0..bytes.len() {
+        for len in 0..40.min(bytes.len() - start) {
+            let slice = &bytes[start..start + len];
+            let slow = slice
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+                .unwrap_or(len);
+            assert_eq!(find_special(slice, 0), slow);
+            let slow = slice
+                .iter()
+                .position(|b| !b.is_ascii_digit())
+                .unwrap_or(len);
+            assert_eq!(digits_end(slice, 0), slow);
+        }
+    }
+}
+
+/// A JSON value, rendered with optional whitespace; object keys may repeat.
+#[derive(Clone, Debug)]
+enum Node {
+    Raw(String),
+    Arr(Vec<Node>),
+    Obj(Vec<(String, Node)>),
+}
+
+impl Node {
+    fn render(&self, ws: &mut impl Iterator<Item = u8>, out: &mut String) {
+        fn space(ws: &mut impl Iterator<Item = u8>, out: &mut String) {
+            match ws.next().unwrap_or(0) % 16 {
+                0 => out.push(' '),
+                1 => out.push_str("\n\t"),
+                2 => out.push('\r'),
+                _ => {}
+            }
+        }
+        match self {
+            Node::Raw(text) => out.push_str(text),
+            Node::Arr(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    space(ws, out);
+                    item.render(ws, out);
+                    space(ws, out);
+                }
+                out.push(']');
+            }
+            Node::Obj(fields) => {
+                out.push('{');
+                for (i, (key, value)) in fields.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    space(ws, out);
+                    out.push('"');
+                    out.push_str(key);
+                    out.push('"');
+                    space(ws, out);
+                    out.push(':');
+                    space(ws, out);
+                    value.render(ws, out);
+                }
+                space(ws, out);
+                out.push('}');
+            }
+        }
+    }
+}
+
+fn raw(text: &str) -> Node {
+    Node::Raw(text.to_owned())
+}
+
+fn string() -> impl Strategy<Value = Node> + Clone {
+    prop_oneof![
+        4 => "[a-zA-Z0-9 ._:/-]{0,24}".prop_map(|s| Node::Raw(format!("\"{s}\""))),
+        1 => proptest::collection::vec(
+            prop_oneof![
+                Just("a"), Just("\\\""), Just("\\\\"), Just("\\/"), Just("\\n"), Just("\\t"),
+                Just("\\u0041"), Just("\\u00e9"), Just("\\u4E2D"), Just("\\ud83d\\ude00"),
+                Just("\\ud800"), Just("\\udc00"), Just("\\ude00\\ud83d"), Just("é"), Just("中"), Just("\\b\\f\\r"),
+            ],
+            0..5,
+        )
+        .prop_map(|parts| Node::Raw(format!("\"{}\"", parts.concat()))),
+    ]
+}
+
+fn number() -> impl Strategy<Value = Node> + Clone {
+    prop_oneof![
+        4 => any::<i32>().prop_map(|n| Node::Raw(n.to_string())),
+        1 => prop_oneof![
+            Just("0"), Just("-0"), Just("1.5"), Just("-0.0"), Just("1e3"), Just("2E+2"),
+            Just("5e-1"), Just("123456789012345678"), Just("1234567890123456789"),
+            Just("-9223372036854775808"), Just("18446744073709551615"),
+            Just("18446744073709551616"), Just("1e400"), Just("0.1"), Just("1722769557708"),
+        ]
+        .prop_map(raw),
+    ]
+}
+
+fn scalar() -> impl Strategy<Value = Node> + Clone {
+    prop_oneof![
+        Just(raw("null")),
+        Just(raw("true")),
+        Just(raw("false")),
+        number(),
+        string(),
+    ]
+}
+
+/// Any value, its object keys drawn from the names the readers look for.
+fn any_value() -> BoxedStrategy<Node> {
+    scalar()
+        .prop_recursive(4, 32, 5, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Node::Arr),
+                proptest::collection::vec((key(), inner), 0..4).prop_map(Node::Obj),
+            ]
+        })
+        .boxed()
+}
+
+fn key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("task_id"),
+        Just("task_status"),
+        Just("task_status_msg"),
+        Just("task_info"),
+        Just("external_task_id"),
+        Just("task_result"),
+        Just("videos"),
+        Just("images"),
+        Just("url"),
+        Just("final_unit_deduction"),
+        Just("id"),
+        Just("status"),
+        Just("message"),
+        Just("external_id"),
+        Just("outputs"),
+        Just("billing"),
+        Just("amount"),
+        Just("tasks"),
+        Just("code"),
+        Just("data"),
+        Just("created_at"),
+        Just("task\\u005fid"),
+        Just("x"),
+    ]
+    .prop_map(str::to_owned)
+}
+
+fn opt(value: impl Strategy<Value = Node> + Clone) -> impl Strategy<Value = Option<Node>> + Clone {
+    prop_oneof![2 => Just(None), 1 => Just(Some(raw("null"))), 4 => value.prop_map(Some)]
+}
+
+fn status() -> impl Strategy<Value = Node> + Clone {
+    prop_oneof![
+        Just("submitted"),
+        Just("processing"),
+        Just("succeed"),
+        Just("succeeded"),
+        Just("failed"),
+        Just("queued"),
+    ]
+    .prop_map(|s| Node::Raw(format!("\"{s}\"")))
+}
+
+fn text() -> impl Strategy<Value = Node> + Clone {
+    prop_oneof![string(), number()]
+}
+
+fn url_list() -> impl Strategy<Value = Node> + Clone {
+    proptest::collection::vec(
+        (opt(string()), opt(scalar())).prop_map(|(url, other)| {
+            let mut fields = Vec::new();
+            if let Some(other) = other {
+                fields.push(("duration".to_owned(), other));
+            }
+            if let Some(url) = url {
+                fields.push(("url".to_owned(), url));
+            }
+            Node::Obj(fields)
+        }),
+        0..3,
+    )
+    .prop_map(Node::Arr)
+}
+
+/// A task object of either generation, well typed, fields in any order.
+fn task() -> BoxedStrategy<Node> {
+    let amount = prop_oneof![number(), Just(raw("null"))];
+    let billing = proptest::collection::vec(
+        opt(amount)
+            .prop_map(|a| Node::Obj(a.map(|a| ("amount".to_owned(), a)).into_iter().collect())),
+        0..3,
+    )
+    .prop_map(Node::Arr);
+    let result = (opt(url_list()), opt(url_list())).prop_map(|(v, i)| {
+        let mut fields = Vec::new();
+        fields.extend(v.map(|v| ("videos".to_owned(), v)));
+        fields.extend(i.map(|i| ("images".to_owned(), i)));
+        Node::Obj(fields)
+    });
+    let info = opt(string()).prop_map(|e| {
+        Node::Obj(
+            e.map(|e| ("external_task_id".to_owned(), e))
+                .into_iter()
+                .collect(),
+        )
+    });
+    (
+        (
+            opt(text()),
+            opt(status()),
+            opt(string()),
+            opt(info),
+            opt(result),
+            opt(text()),
+        ),
+        (
+            opt(text()),
+            opt(status()),
+            opt(string()),
+            opt(string()),
+            opt(url_list()),
+            opt(billing),
+        ),
+        opt(any_value()),
+        any::<u64>(),
+        prop_oneof![4 => Just(None), 1 => any::<usize>().prop_map(Some)],
+    )
+        .prop_map(|(legacy, new, other, order, dup)| {
+            let (task_id, task_status, msg, info, result, deduction) = legacy;
+            let (id, status, message, external, outputs, billing) = new;
+            let mut fields: Vec<(String, Node)> = [
+                ("task_id", task_id),
+                ("task_status", task_status),
+                ("task_status_msg", msg),
+                ("task_info", info),
+                ("task_result", result),
+                ("final_unit_deduction", deduction),
+                ("id", id),
+                ("status", status),
+                ("message", message),
+                ("external_id", external),
+                ("outputs", outputs),
+                ("billing", billing),
+                ("created_at", other),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v)))
+            .collect();
+            // A cheap shuffle driven by `order`.
+            let n = fields.len();
+            for i in 0..n {
+                let j = (order.rotate_left(i as u32 * 7) as usize) % n;
+                fields.swap(i, j);
+            }
+            // A repeated field is serde's "duplicate field" error.
+            if let Some(i) = dup.filter(|_| n > 0) {
+                fields.push(fields[i % n].clone());
+            }
+            Node::Obj(fields)
+        })
+        .boxed()
+}
+
+/// `data` in each shape: one task, a list, a page, nested lists, or anything.
+fn data() -> BoxedStrategy<Node> {
+    prop_oneof![
+        3 => task(),
+        2 => proptest::collection::vec(task(), 0..4).prop_map(Node::Arr),
+        1 => proptest::collection::vec(task(), 0..3)
+            .prop_map(|tasks| Node::Obj(vec![("tasks".to_owned(), Node::Arr(tasks))])),
+        1 => proptest::collection::vec(prop_oneof![task(), scalar()], 0..3)
+            .prop_map(|items| Node::Arr(vec![Node::Arr(items)])),
+        1 => any_value(),
+    ]
+    .boxed()
+}
+
+fn envelope() -> impl Strategy<Value = Node> {
+    (
+        prop_oneof![8 => number(), 1 => scalar()],
+        opt(string()),
+        opt(string()),
+        opt(data()),
+        opt(any_value()),
+        any::<bool>(),
+        prop_oneof![6 => Just(None), 1 => any::<usize>().prop_map(Some)],
+    )
+        .prop_map(|(code, message, request_id, data, extra, code_last, dup)| {
+            let mut fields = vec![("code".to_owned(), code)];
+            fields.extend(message.map(|m| ("message".to_owned(), m)));
+            fields.extend(request_id.map(|r| ("request_id".to_owned(), r)));
+            fields.extend(extra.map(|x| ("extra".to_owned(), x)));
+            fields.extend(data.map(|d| ("data".to_owned(), d)));
+            if code_last {
+                fields.rotate_left(1);
+            }
+            if let Some(i) = dup {
+                fields.push(fields[i % fields.len()].clone());
+            }
+            Node::Obj(fields)
+        })
+}
+
+#[derive(Clone, Debug)]
+enum Mutation {
+    None,
+    Truncate(usize),
+    Flip(usize, u8),
+    Insert(usize, &'static str),
+    Delete(usize),
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        4 => Just(Mutation::None),
+        1 => any::<usize>().prop_map(Mutation::Truncate),
+        1 => (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Flip(i, b)),
+        2 => (
+            any::<usize>(),
+            prop_oneof![
+                Just(" "), Just("\n"), Just("\\n"), Just("\\u0041"), Just("\""), Just(","),
+                Just("}"), Just("]"), Just("\"code\":1,"), Just("\"task_id\":\"x\","),
+                Just("\"id\":\"y\","), Just("\"status\":\"failed\","), Just("\\"), Just("-"),
+                Just("0"), Just("."), Just("e"), Just("null"), Just("\u{1}"), Just("é"),
+            ]
+        )
+            .prop_map(|(i, s)| Mutation::Insert(i, s)),
+        1 => any::<usize>().prop_map(Mutation::Delete),
+    ]
+}
+
+fn mutate(text: String, mutation: &Mutation) -> Vec<u8> {
+    let mut bytes = text.into_bytes();
+    let at = |i: usize, len: usize| if len == 0 { 0 } else { i % len };
+    match *mutation {
+        Mutation::None => {}
+        Mutation::Truncate(i) => bytes.truncate(at(i, bytes.len())),
+        Mutation::Flip(i, b) => {
+            if !bytes.is_empty() {
+                let i = at(i, bytes.len());
+                bytes[i] = b;
+            }
+        }
+        Mutation::Insert(i, s) => {
+            let i = at(i, bytes.len() + 1);
+            bytes.splice(i..i, s.bytes());
+        }
+        Mutation::Delete(i) => {
+            if !bytes.is_empty() {
+                let i = at(i, bytes.len());
+                bytes.remove(i);
+            }
+        }
+    }
+    bytes
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    #[test]
+    fn scanner_agrees_with_the_reference(
+        envelope in envelope(),
+        ws in proptest::collection::vec(any::<u8>(), 0..64),
+        mutation in mutation(),
+    ) {
+        let mut text = String::new();
+        envelope.render(&mut ws.into_iter().chain(std::iter::repeat(9)), &mut text);
+        agree(&mutate(text, &mutation));
+    }
+
+    #[test]
+    fn plain_envelopes_take_the_fast_path(
+        tasks in proptest::collection::vec(("[a-z0-9]{1,12}", status(), "[a-z:/.]{0,20}", any::<bool>()), 0..5),
+        code in any::<i32>(),
+    ) {
+        let tasks: Vec<Node> = tasks
+            .into_iter()
+            .map(|(id, status, url, legacy)| {
+                let id = Node::Raw(format!("\"{id}\""));
+                let url = Node::Raw(format!("\"{url}\""));
+                if legacy {
+                    Node::Obj(vec![
+                        ("task_id".to_owned(), id),
+                        ("task_status".to_owned(), status),
+                        ("task_result".to_owned(), Node::Obj(vec![(
+                            "videos".to_owned(),
+                            Node::Arr(vec![Node::Obj(vec![("url".to_owned(), url)])]),
+                        )])),
+                    ])
+                } else {
+                    Node::Obj(vec![
+                        ("id".to_owned(), id),
+                        ("status".to_owned(), status),
+                        ("outputs".to_owned(), Node::Arr(vec![Node::Obj(vec![("url".to_owned(), url)])])),
+                    ])
+                }
+            })
+            .collect();
+        let n = tasks.len();
+        let body = Node::Obj(vec![
+            ("code".to_owned(), Node::Raw(code.to_string())),
+            ("message".to_owned(), raw("\"ok\"")),
+            ("data".to_owned(), Node::Arr(tasks)),
+        ]);
+        let mut text = String::new();
+        body.render(&mut std::iter::empty(), &mut text);
+        prop_assert!(agree(text.as_bytes()), "fell back on {}", text);
+        let mut tasks = Reports::None;
+        scan(&text, &mut tasks).unwrap();
+        prop_assert_eq!(tasks.as_slice().len(), n);
+    }
+}
+
+/// Every committed fuzz corpus file (and, for envelope inputs, the body after the status byte)
+/// reads the same through the scanner, `Envelope::parse` and `Outcome` as through the reference.
+#[test]
+fn fuzz_corpora_agree() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
+    let mut files = 0;
+    let mut fast = 0;
+    for dir in std::fs::read_dir(&root).expect("the fuzz corpora are committed") {
+        let dir = dir.expect("readable corpus directory").path();
+        for entry in std::fs::read_dir(&dir).expect("readable corpus directory") {
+            let data = std::fs::read(entry.expect("readable corpus entry").path())
+                .expect("readable corpus file");
+            files += 1;
+            fast += usize::from(agree(&data));
+            if let Some((_, body)) = data.split_first() {
+                fast += usize::from(agree(body));
+            }
+        }
+    }
+    assert!(files >= 1000, "only {files} corpus files");
+    assert!(fast >= 50, "the scanner took only {fast} corpus inputs");
+}
