@@ -62,19 +62,40 @@ enum Sending {
 struct Call<S, B, P> {
     service: S,
     template: Request<B>,
-    /// While a create's outcome is unknown: the lookup request and the external id. Boxed: it
-    /// is rare, and every layer above moves this future.
-    lookup: Option<Box<(Request<B>, String)>>,
     shared: Arc<Shared<P>>,
     started: Instant,
     deadline: Option<Instant>,
     attempts: u32,
+    /// What the attempt in flight sent.
+    sending: Sending,
+    /// Made at the first retry. Boxed: the success path needs none of it, and every layer above
+    /// moves this future.
+    retry: Option<Box<Retrying<B>>>,
+}
+
+/// What a call keeps once it retries.
+struct Retrying<B> {
+    /// While a create's outcome is unknown: the lookup request and the external id.
+    lookup: Option<(Request<B>, String)>,
+    /// What the next attempt sends.
+    next: Sending,
     waited: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
     sleep_from: Instant,
-    sending: Sending,
-    next: Sending,
     last: Option<Last>,
+}
+
+impl<B> Retrying<B> {
+    fn new(now: Instant) -> Self {
+        Retrying {
+            lookup: None,
+            next: Sending::Original,
+            waited: Duration::ZERO,
+            sleep: None,
+            sleep_from: now,
+            last: None,
+        }
+    }
 }
 
 /// What to do after an attempt.
@@ -88,6 +109,9 @@ impl<S, B, P> ResponseFuture<S, B, P>
 where
     S: Service<Request<B>>,
 {
+    // Inlined into `Retry::call`, where the inner future is made as its argument: fewer copies
+    // of a large future.
+    #[inline(always)]
     pub(crate) fn new(
         future: S::Future,
         service: S,
@@ -101,17 +125,12 @@ where
             call: Call {
                 service,
                 template,
-                lookup: None,
                 shared,
                 started,
                 deadline,
                 attempts: 1,
-                waited: Duration::ZERO,
-                sleep: None,
-                sleep_from: started,
                 sending: Sending::Original,
-                next: Sending::Original,
-                last: None,
+                retry: None,
             },
         }
     }
@@ -124,9 +143,9 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("attempts", &self.call.attempts)
-            .field("waited", &self.call.waited)
+            .field("waited", &self.call.waited())
             .field("deadline", &self.call.deadline)
-            .field("looking_up", &self.call.lookup.as_ref().map(|l| &l.1))
+            .field("looking_up", &self.call.looking_up())
             .finish_non_exhaustive()
     }
 }
@@ -156,11 +175,13 @@ where
                     }
                 }
                 StateProj::Sleeping => {
-                    if let Some(sleep) = this.call.sleep.as_mut() {
-                        ready!(sleep.as_mut().poll(cx));
+                    if let Some(retry) = this.call.retry.as_deref_mut() {
+                        if let Some(sleep) = retry.sleep.as_mut() {
+                            ready!(sleep.as_mut().poll(cx));
+                        }
+                        let now = Instant::now();
+                        retry.waited += now.saturating_duration_since(retry.sleep_from);
                     }
-                    let now = Instant::now();
-                    this.call.waited += now.saturating_duration_since(this.call.sleep_from);
                     this.state.set(State::Readying);
                 }
                 StateProj::Readying => {
@@ -183,6 +204,25 @@ fn far_future(now: Instant) -> Instant {
     now + Duration::from_secs(86_400 * 365 * 30)
 }
 
+impl<S, B, P> Call<S, B, P> {
+    fn waited(&self) -> Duration {
+        self.retry
+            .as_ref()
+            .map_or(Duration::ZERO, |retry| retry.waited)
+    }
+
+    fn looking_up(&self) -> Option<&str> {
+        let retry = self.retry.as_deref()?;
+        retry.lookup.as_ref().map(|(_, id)| id.as_str())
+    }
+
+    /// The retry state, made at the first retry.
+    fn retrying(&mut self) -> &mut Retrying<B> {
+        self.retry
+            .get_or_insert_with(|| Box::new(Retrying::new(self.started)))
+    }
+}
+
 impl<S, B, P> Call<S, B, P>
 where
     B: ReplayBody,
@@ -202,16 +242,17 @@ where
             unreachable!("the outcome was attached above")
         };
         if self.sending == Sending::Lookup {
-            let read = match &self.lookup {
-                Some(pending) => lookup::read(outcome, &pending.1),
+            let read = match self.looking_up() {
+                Some(external_id) => lookup::read(outcome, external_id),
                 None => Lookup::Inconclusive,
             };
             match read {
                 Lookup::Found(task_id) => {
                     let external_id = self
-                        .lookup
-                        .take()
-                        .map(|pending| pending.1)
+                        .retry
+                        .as_mut()
+                        .and_then(|retry| retry.lookup.take())
+                        .map(|(_, id)| id)
                         .unwrap_or_default();
                     response.extensions_mut().insert(Recovered {
                         external_id,
@@ -254,7 +295,7 @@ where
         Tally {
             attempts: self.attempts,
             elapsed: Instant::now().saturating_duration_since(self.started),
-            waited: self.waited,
+            waited: self.waited(),
         }
     }
 
@@ -275,10 +316,10 @@ where
         last: Last,
     ) -> Step {
         if self.sending == Sending::Original {
-            self.next = Sending::Original;
+            let mut pending = None;
             if create == CreateState::MaybeCreated {
                 Recognized::of(&mut self.template);
-                let recognized = self.template.extensions().get::<Recognized>();
+                let recognized = Recognized::cached(&self.template);
                 if let Some(recognized) = recognized.filter(|r| r.is_create()) {
                     let Some(id) = recognized.external_id.clone() else {
                         return self.fail(StopReason::CreateMayHaveHappened, last);
@@ -286,10 +327,15 @@ where
                     let Some(request) = lookup::request(&self.template, recognized, &id) else {
                         return self.fail(StopReason::CreateMayHaveHappened, last);
                     };
-                    self.lookup = Some(Box::new((request, id)));
-                    self.next = Sending::Lookup;
+                    pending = Some((request, id));
                 }
             }
+            let retry = self.retrying();
+            retry.next = match pending {
+                Some(_) => Sending::Lookup,
+                None => Sending::Original,
+            };
+            retry.lookup = pending;
         }
         if self.attempts >= self.shared.max_attempts {
             return self.fail(StopReason::AttemptsExhausted, last);
@@ -320,28 +366,30 @@ where
             metrics::counter!(RETRY_BUDGET_EXHAUSTED, LABEL_KIND => kind).increment(1);
             return self.fail(StopReason::BudgetExhausted, last);
         }
-        let reason = match self.next {
+        let retry = self.retrying();
+        let reason = match retry.next {
             Sending::Lookup => "lookup",
             Sending::Original => delay.as_str(),
         };
         metrics::counter!(RETRIES, LABEL_KIND => kind, LABEL_REASON => reason).increment(1);
-        self.last = Some(last);
+        retry.last = Some(last);
         if at <= now {
             return Step::Send;
         }
-        match self.sleep.as_mut() {
+        match retry.sleep.as_mut() {
             Some(sleep) => sleep.as_mut().reset(at),
-            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+            None => retry.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
         }
-        self.sleep_from = now;
+        retry.sleep_from = now;
         Step::Sleep
     }
 
     /// The lookup found no task: the create did not happen, send it again now.
     fn resend_after_lookup(&mut self) -> Step {
-        self.lookup = None;
-        self.next = Sending::Original;
-        let last = self
+        let retry = self.retrying();
+        retry.lookup = None;
+        retry.next = Sending::Original;
+        let last = retry
             .last
             .take()
             .unwrap_or_else(|| Last::Error("create outcome unknown".into()));
@@ -361,23 +409,27 @@ where
             return self.fail(StopReason::BudgetExhausted, last);
         }
         metrics::counter!(RETRIES, LABEL_KIND => kind, LABEL_REASON => "not_found").increment(1);
-        self.last = Some(last);
+        self.retrying().last = Some(last);
         Step::Send
     }
 
     fn next_request(&mut self) -> Request<B> {
         self.attempts += 1;
-        let (source, sending) = match (&self.next, &self.lookup) {
-            (Sending::Lookup, Some(pending)) => (&pending.0, Sending::Lookup),
-            _ => (&self.template, Sending::Original),
+        let lookup = self
+            .retry
+            .as_deref()
+            .filter(|retry| retry.next == Sending::Lookup)
+            .and_then(|retry| retry.lookup.as_ref());
+        let (source, sending) = match lookup {
+            Some((request, _)) => (request, Sending::Lookup),
+            None => (&self.template, Sending::Original),
         };
         self.sending = sending;
         let mut request = clone_request(source);
-        let extensions = request.extensions_mut();
         if let Some(deadline) = self.deadline {
-            extensions.insert(Deadline(deadline));
+            Deadline::set(&mut request, deadline);
         }
-        extensions.insert(Attempt(self.attempts));
+        Attempt::set(&mut request, self.attempts);
         request
     }
 }

@@ -92,7 +92,7 @@ pub(crate) fn request<B: ReplayBody>(
         lookup.headers_mut().insert(AUTHORIZATION, auth.clone());
     }
     if let Some(account) = AccountId::of(create) {
-        lookup.extensions_mut().insert(account.clone());
+        AccountId::set_if_absent(&mut lookup, account);
     }
     Some(lookup)
 }
@@ -110,35 +110,84 @@ fn encode(text: &str) -> String {
     out
 }
 
-/// A fresh external id: `kr-` and 32 hex digits.
-pub(crate) fn generate(rng: &dyn RandomSource) -> String {
+/// Length of a generated external id: `kr-` and 32 hex digits.
+const ID_LEN: usize = 35;
+
+/// Every byte as two lowercase hex digits, so an id is written a byte (not a nibble) at a time.
+const HEX_PAIRS: [[u8; 2]; 256] = {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    // Filled as bytes, then checked once (35 ASCII bytes), instead of 32 `String::push`es.
-    let mut id = [0u8; 35];
-    id[..3].copy_from_slice(b"kr-");
-    for (half, word) in [rng.next_u64(), rng.next_u64()].into_iter().enumerate() {
-        for (digit, out) in id[3 + half * 16..][..16].iter_mut().enumerate() {
-            *out = HEX[((word >> ((15 - digit) * 4)) & 0xf) as usize];
-        }
+    let mut table = [[0; 2]; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        table[byte] = [HEX[byte >> 4], HEX[byte & 0xf]];
+        byte += 1;
     }
-    String::from_utf8(id.to_vec()).expect("hex digits are ASCII")
+    table
+};
+
+/// A fresh external id, `kr-` and 32 hex digits, made on the stack: it is spliced into the body
+/// and copied once into [`Recognized::external_id`], with no intermediate `String`.
+/// Word-aligned, so checking it is UTF-8 takes the fast path.
+#[repr(align(8))]
+struct GeneratedId([u8; ID_LEN]);
+
+impl GeneratedId {
+    fn new(rng: &dyn RandomSource) -> Self {
+        let mut id = [0; ID_LEN];
+        id[..3].copy_from_slice(b"kr-");
+        let (high, low) = (rng.next_u64(), rng.next_u64());
+        let bytes = (u128::from(high) << 64 | u128::from(low)).to_be_bytes();
+        for (out, byte) in id[3..].chunks_exact_mut(2).zip(bytes) {
+            out.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
+        }
+        GeneratedId(id)
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
 }
 
-/// Adds `external_id` to a create's JSON body (`external_task_id` on legacy paths, `external_id`
-/// on new-style ones) and refreshes the cached [`Recognized`]. A body that is not a JSON
-/// object is left alone (the server will refuse it anyway).
+/// Gives a create that has no external id a generated one (`external_task_id` on legacy paths,
+/// `external_id` on new-style ones), in its body and in its cached [`Recognized`]. Anything
+/// else, and a create whose body is not a JSON object (the server will refuse it anyway), is
+/// left alone.
 ///
-/// The field is spliced in after the opening brace, so the body is not parsed again nor
-/// re-serialized (the create's bytes, large base64 images included, are copied once).
-pub(crate) fn set_external_id<B: ReplayBody>(request: &mut Request<B>, external_id: String) {
-    let field = match Recognized::of(request).generation {
-        Some(ApiGeneration::Legacy) => "external_task_id",
-        Some(_) => "external_id",
-        None => return,
-    };
-    let body = request.body().peek_bytes();
-    let Some(rewritten) = splice_field(&body, field, &external_id) else {
+/// The field is spliced in after the opening brace, so the body is neither parsed nor
+/// re-serialized (the create's bytes, large base64 images included, are copied once), and the
+/// cached recognition is updated, not recognised again from the rewritten body.
+pub(crate) fn add_generated_id<B: ReplayBody>(request: &mut Request<B>, rng: &dyn RandomSource) {
+    let recognized = Recognized::of(request);
+    if !recognized.is_create() || recognized.external_id.is_some() {
         return;
+    }
+    let Some(field) = field_name(recognized) else {
+        return;
+    };
+    let id = GeneratedId::new(rng);
+    if splice_into_body(request, field, id.as_bytes()) {
+        Recognized::of_mut(request).external_id = Some(id.as_str().to_owned());
+    }
+}
+
+/// The body field that names a create's external id, by API generation.
+fn field_name(recognized: &Recognized) -> Option<&'static str> {
+    match recognized.generation? {
+        ApiGeneration::Legacy => Some("external_task_id"),
+        _ => Some("external_id"),
+    }
+}
+
+/// Writes `"field":"id"` first into the request's JSON-object body and fixes its
+/// `Content-Length`; `false` (and the request untouched) when the body is not an object.
+fn splice_into_body<B: ReplayBody>(request: &mut Request<B>, field: &str, id: &[u8]) -> bool {
+    let body = request.body().peek_bytes();
+    let Some(rewritten) = splice_field(&body, field, id) else {
+        return false;
     };
     if request.headers().contains_key(CONTENT_LENGTH) {
         request
@@ -146,18 +195,16 @@ pub(crate) fn set_external_id<B: ReplayBody>(request: &mut Request<B>, external_
             .insert(CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
     }
     *request.body_mut() = B::from_bytes(Bytes::from(rewritten));
-    match request.extensions_mut().get_mut::<Recognized>() {
-        Some(recognized) => recognized.external_id = Some(external_id),
-        None => {
-            let refreshed = Recognized::from_request(request);
-            request.extensions_mut().insert(refreshed);
-        }
-    }
+    true
 }
 
-/// `body` (a JSON object) with `"field":"value",` inserted first; `None` when the body is not
-/// an object.
-fn splice_field(body: &[u8], field: &str, value: &str) -> Option<Vec<u8>> {
+/// `body` (a JSON object) with `"field":"id",` inserted first; `None` when the body is not an
+/// object. `id` is written as it is: a generated id needs no JSON escaping.
+fn splice_field(body: &[u8], field: &str, id: &[u8]) -> Option<Vec<u8>> {
+    debug_assert!(
+        id.iter()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\'))
+    );
     let is_space = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
     let open = body.iter().position(|b| !is_space(b))?;
     let close = body.iter().rposition(|b| !is_space(b))?;
@@ -165,31 +212,20 @@ fn splice_field(body: &[u8], field: &str, value: &str) -> Option<Vec<u8>> {
         return None;
     }
     let empty = body[open + 1..close].iter().all(is_space);
-    // A generated id needs no escaping: quote it in place instead of serializing it.
-    let plain = value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
-    let escaped = if plain {
-        None
-    } else {
-        Some(serde_json::to_string(value).ok()?)
-    };
-    let quoted_len = escaped.as_ref().map_or(value.len() + 2, String::len);
-    let mut out = Vec::with_capacity(body.len() + field.len() + quoted_len + 4);
+    // Exactly the final length, so `Bytes::from` keeps the buffer as it is.
+    let len = body.len() + field.len() + id.len() + 5 + usize::from(!empty);
+    let mut out = Vec::with_capacity(len);
     out.extend_from_slice(&body[..=open]);
     out.push(b'"');
     out.extend_from_slice(field.as_bytes());
-    out.extend_from_slice(b"\":");
-    match &escaped {
-        Some(escaped) => out.extend_from_slice(escaped.as_bytes()),
-        None => {
-            out.push(b'"');
-            out.extend_from_slice(value.as_bytes());
-            out.push(b'"');
-        }
-    }
+    out.extend_from_slice(b"\":\"");
+    out.extend_from_slice(id);
+    out.push(b'"');
     if !empty {
         out.push(b',');
     }
     out.extend_from_slice(&body[open + 1..]);
+    debug_assert_eq!(out.len(), len);
     Some(out)
 }
 
@@ -197,6 +233,7 @@ fn splice_field(body: &[u8], field: &str, value: &str) -> Option<Vec<u8>> {
 mod tests {
     use http_body_util::Full;
     use kling_core::PeekBody;
+    use proptest::prelude::*;
 
     use super::*;
 
@@ -244,27 +281,128 @@ mod tests {
         assert_eq!(lookup.uri().to_string(), "/tasks?external_task_ids=e");
     }
 
+    fn generated_id(seed: u64) -> String {
+        let rng = crate::rng::SplitMix::seeded(seed);
+        format!("kr-{:016x}{:016x}", rng.next_u64(), rng.next_u64())
+    }
+
     #[test]
-    fn an_external_id_is_written_into_the_body() {
+    fn a_generated_id_is_written_into_the_body_and_the_cached_recognition() {
+        let rng = crate::rng::SplitMix::seeded(1);
         let mut req = create("/v1/videos/text2video", r#"{"prompt":"cat"}"#);
         req.headers_mut()
             .insert(CONTENT_LENGTH, HeaderValue::from(16));
-        set_external_id(&mut req, "kr-1".to_owned());
-        assert_eq!(
-            Recognized::of(&mut req).external_id.as_deref(),
-            Some("kr-1")
-        );
+        add_generated_id(&mut req, &rng);
+        let id = generated_id(1);
         let body = req.body().peek_bytes();
+        assert_eq!(
+            String::from_utf8_lossy(&body),
+            format!(r#"{{"external_task_id":"{id}","prompt":"cat"}}"#)
+        );
         assert_eq!(
             req.headers()[CONTENT_LENGTH],
             body.len().to_string().as_str()
         );
+        let cached = Recognized::cached(&req).expect("recognised once, and kept");
+        assert_eq!(cached.external_id.as_deref(), Some(id.as_str()));
+        assert_eq!(*cached, Recognized::from_request(&req));
 
+        let rng = crate::rng::SplitMix::seeded(2);
         let mut req = create("/text-to-video/kling-3.0", r#"{"prompt":"cat"}"#);
-        set_external_id(&mut req, "kr-2".to_owned());
+        add_generated_id(&mut req, &rng);
+        let id = generated_id(2);
         assert!(
-            String::from_utf8_lossy(&req.body().peek_bytes()).contains(r#""external_id":"kr-2""#)
+            String::from_utf8_lossy(&req.body().peek_bytes())
+                .starts_with(&format!(r#"{{"external_id":"{id}","#))
         );
+        assert_eq!(
+            Recognized::cached(&req).unwrap().external_id.as_deref(),
+            Some(id.as_str())
+        );
+        assert!(!req.headers().contains_key(CONTENT_LENGTH));
+    }
+
+    #[test]
+    fn only_creates_without_an_id_and_with_an_object_body_get_one() {
+        let rng = crate::rng::SplitMix::seeded(1);
+        for (method, uri, body) in [
+            (
+                Method::POST,
+                "/v1/videos/text2video",
+                r#"{"external_task_id":"mine"}"#,
+            ),
+            (
+                Method::POST,
+                "/text-to-video/kling-3.0",
+                r#"{"external_id":"mine"}"#,
+            ),
+            (Method::POST, "/v1/videos/text2video", "[1]"),
+            (Method::POST, "/v1/videos/text2video", "not json"),
+            (Method::GET, "/v1/videos/text2video/t1", ""),
+            (Method::POST, "/account/costs", "{}"),
+        ] {
+            let mut req = create(uri, body);
+            *req.method_mut() = method;
+            add_generated_id(&mut req, &rng);
+            assert_eq!(req.body().peek_bytes(), body.as_bytes(), "{uri} {body}");
+            let cached = Recognized::cached(&req).expect("recognised");
+            assert_eq!(*cached, Recognized::from_request(&req), "{uri} {body}");
+            assert!(
+                cached.external_id.as_deref().is_none_or(|id| id == "mine"),
+                "{uri} {body}"
+            );
+        }
+    }
+
+    proptest! {
+        /// The cached recognition updated in place agrees with recognising the rewritten
+        /// request afresh, and the body is the caller's JSON plus the id.
+        #[test]
+        fn the_updated_recognition_matches_a_fresh_one(
+            legacy in any::<bool>(),
+            fields in prop::collection::btree_map(
+                prop_oneof![
+                    Just("n".to_owned()),
+                    Just("callback_url".to_owned()),
+                    Just("prompt".to_owned()),
+                    "[a-z_]{1,12}",
+                ],
+                prop_oneof![
+                    Just(serde_json::Value::Null),
+                    (0u32..20).prop_map(serde_json::Value::from),
+                    ".{0,16}".prop_map(serde_json::Value::from),
+                ],
+                0..5,
+            ),
+            space in "[ \t\r\n]{0,2}",
+            seed in any::<u64>(),
+        ) {
+            let field = if legacy { "external_task_id" } else { "external_id" };
+            let mut object: serde_json::Map<String, serde_json::Value> = fields
+                .into_iter()
+                .filter(|(key, _)| key != "external_task_id" && key != "external_id")
+                // A `callback_url` or `options` of the wrong type fails the typed parse of the
+                // whole body (so a fresh recognition finds no id); Kling refuses such a body.
+                .filter(|(key, value)| match key.as_str() {
+                    "callback_url" => value.is_null() || value.is_string(),
+                    "options" => value.is_null(),
+                    _ => true,
+                })
+                .collect();
+            let body = format!("{space}{}{space}", serde_json::Value::Object(object.clone()));
+            let uri = if legacy { "/v1/images/generations" } else { "/text-to-image/kling-3.0" };
+            let mut req = Request::post(uri)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            add_generated_id(&mut req, &crate::rng::SplitMix::seeded(seed));
+            let id = generated_id(seed);
+            let cached = Recognized::cached(&req).expect("recognised").clone();
+            prop_assert_eq!(cached.external_id.as_deref(), Some(id.as_str()));
+            prop_assert_eq!(&cached, &Recognized::from_request(&req));
+            let sent: serde_json::Value = serde_json::from_slice(&req.body().peek_bytes()).unwrap();
+            object.insert(field.to_owned(), id.into());
+            prop_assert_eq!(sent, serde_json::Value::Object(object));
+        }
     }
 
     #[test]
@@ -272,38 +410,30 @@ mod tests {
         for (body, expected) in [
             (
                 r#"{"prompt":"cat"}"#,
-                r#"{"external_task_id":"a\"b","prompt":"cat"}"#,
+                r#"{"external_task_id":"kr-1","prompt":"cat"}"#,
             ),
-            (" { } ", r#" {"external_task_id":"a\"b" } "#),
-            ("{}", r#"{"external_task_id":"a\"b"}"#),
+            (" { } ", r#" {"external_task_id":"kr-1" } "#),
+            ("{}", r#"{"external_task_id":"kr-1"}"#),
+            (
+                "\n{\"n\":1}\t",
+                "\n{\"external_task_id\":\"kr-1\",\"n\":1}\t",
+            ),
         ] {
-            let out = splice_field(body.as_bytes(), "external_task_id", "a\"b").unwrap();
+            let out = splice_field(body.as_bytes(), "external_task_id", b"kr-1").unwrap();
             assert_eq!(String::from_utf8(out.clone()).unwrap(), expected);
             let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
-            assert_eq!(value["external_task_id"], "a\"b");
-        }
-        for value in [
-            "kr-0123abcd",
-            "caf\u{e9} \u{7f}",
-            "tab\there",
-            "back\\slash",
-        ] {
-            let out = splice_field(br#"{"n":1}"#, "external_id", value).unwrap();
-            let expected = format!(
-                r#"{{"external_id":{},"n":1}}"#,
-                serde_json::to_string(value).unwrap()
-            );
-            assert_eq!(String::from_utf8(out).unwrap(), expected);
+            assert_eq!(value["external_task_id"], "kr-1");
         }
         for not_an_object in ["", "  ", "[1]", "\"x\"", "not json", "{", "}"] {
-            assert_eq!(splice_field(not_an_object.as_bytes(), "f", "v"), None);
+            assert_eq!(splice_field(not_an_object.as_bytes(), "f", b"1"), None);
         }
     }
 
     #[test]
     fn generated_ids_are_kr_and_32_hex_digits() {
         let rng = crate::rng::SplitMix::seeded(3);
-        let id = generate(&rng);
+        let generated = GeneratedId::new(&rng);
+        let id = generated.as_str();
         assert_eq!(id.len(), 35);
         assert!(id.starts_with("kr-"));
         assert!(
@@ -311,8 +441,14 @@ mod tests {
                 .bytes()
                 .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
         );
-        let again = crate::rng::SplitMix::seeded(3);
-        let (a, b) = (again.next_u64(), again.next_u64());
-        assert_eq!(id, format!("kr-{a:016x}{b:016x}"));
+        assert_eq!(id, generated_id(3));
+        assert_eq!(generated.as_bytes(), id.as_bytes());
+        // Every byte value maps to its two digits.
+        for byte in 0..=255u8 {
+            assert_eq!(
+                HEX_PAIRS[usize::from(byte)],
+                *format!("{byte:02x}").as_bytes()
+            );
+        }
     }
 }

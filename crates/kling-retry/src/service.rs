@@ -7,7 +7,6 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::Full;
-use kling_core::Recognized;
 use kling_core::error::BoxError;
 use kling_core::signals::{Attempt, Deadline};
 use tokio::time::Instant;
@@ -101,25 +100,21 @@ where
             (a, b) => a.or(b),
         };
         if shared.generate_external_ids && request.method() == Method::POST {
-            let recognized = Recognized::of(&mut request);
-            if recognized.is_create() && recognized.external_id.is_none() {
-                let id = lookup::generate(&*shared.rng);
-                lookup::set_external_id(&mut request, id);
-            }
+            lookup::add_generated_id(&mut request, &*shared.rng);
         }
-        // The copy is taken before the signals are set: each attempt sets its own (and the copy
-        // clones two extensions fewer on the success path).
+        // The copy is taken before the signals are set: every attempt sets its own, and a
+        // request that carried no extensions is copied without any (the signals' extension is
+        // then made once, below, instead of made and copied).
         let template = clone_request(&request);
-        let extensions = request.extensions_mut();
         if let Some(deadline) = deadline {
-            extensions.insert(Deadline(deadline));
+            Deadline::set(&mut request, deadline);
         }
-        extensions.insert(Attempt(1));
-        let clone = self.inner.clone();
-        let mut service = std::mem::replace(&mut self.inner, clone);
-        let future = service.call(request);
+        Attempt::set(&mut request, 1);
+        // `poll_ready` readied `self.inner`: it sends the first attempt, and the future keeps a
+        // clone (readied again before any retry) instead of swapping the two.
+        let service = self.inner.clone();
         ResponseFuture::new(
-            future,
+            self.inner.call(request),
             service,
             template,
             Arc::clone(&self.shared),

@@ -84,7 +84,7 @@ where
             uri: req.uri().to_string(),
             body: String::from_utf8_lossy(&req.body().peek_bytes()).into_owned(),
             at: Instant::now(),
-            attempt: req.extensions().get::<Attempt>().map(|a| a.0),
+            attempt: Attempt::of(&req),
             deadline: Deadline::of(&req),
         };
         let index = {
