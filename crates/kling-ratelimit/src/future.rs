@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -187,6 +187,14 @@ impl<Bk: Backend> Gate<Bk> {
                     }
                 }
                 Step::Sleeping => {
+                    // The queue wakes its head on a quota change: give it this poll's waker
+                    // (an earlier poll may have had another, e.g. the waker-less first look).
+                    if let Some(place) = &self.place {
+                        let _ = self
+                            .shared
+                            .queues
+                            .poll_head(&place.key, place.id, cx.waker());
+                    }
                     if self.shared.epoch.load(Ordering::Acquire) == self.epoch {
                         let sleep = self.sleep.as_mut().expect("a sleeping head has a timer");
                         ready!(sleep.as_mut().poll(cx));
@@ -198,11 +206,23 @@ impl<Bk: Backend> Gate<Bk> {
     }
 }
 
+/// What a request that must wait carries while it waits: boxed, so the future of a request
+/// admitted at once (the success path) is small and cheap to move.
+struct Waiting<S, B, Bk: Backend> {
+    gate: Gate<Bk>,
+    inner: Option<S>,
+    request: Option<Request<B>>,
+}
+
 pin_project! {
     #[project = StateProj]
-    enum State<S, B, F, R> {
-        // The service and the request share their space with the call they become.
-        Gating { inner: Option<S>, request: Option<Request<B>> },
+    enum State<S, B, F, R, Bk>
+    where
+        Bk: Backend,
+    {
+        Gating { waiting: Box<Waiting<S, B, Bk>> },
+        // The gate refused the request when `call` first asked it.
+        Failed { error: Option<BoxError> },
         Calling { #[pin] future: F },
         Reporting { report: R, response: Option<Response<Full<Bytes>>> },
         Done,
@@ -220,8 +240,9 @@ pin_project! {
         Bk: Backend,
     {
         #[pin]
-        state: State<S, B, S::Future, Bk::FeedbackFuture>,
-        gate: Gate<Bk>,
+        state: State<S, B, S::Future, Bk::FeedbackFuture, Bk>,
+        shared: Arc<Shared<Bk>>,
+        account_key: BucketKey,
         sent_at: Option<Instant>,
         waited: Duration,
     }
@@ -232,32 +253,94 @@ where
     S: Service<Request<B>>,
     Bk: Backend,
 {
+    /// Asks the gate once, from `call`: a request admitted at once (the usual case, and every
+    /// case on the in-process backend when nothing queues) is sent from here, so the inner
+    /// service is not cloned into the future; one that must wait takes the ready inner service
+    /// with it and waits in the future. The first look has no waker to register, which is
+    /// safe: the task's first poll passes its own waker to whatever the gate waits on.
     pub(crate) fn new(
         shared: Arc<Shared<Bk>>,
         account_key: BucketKey,
         class_key: Option<BucketKey>,
-        inner: S,
-        request: Request<B>,
-    ) -> Self {
+        inner: &mut S,
+        mut request: Request<B>,
+    ) -> Self
+    where
+        S: Clone,
+        B: PeekBody,
+    {
+        let mut gate = Gate {
+            shared,
+            account_key,
+            class_key,
+            step: Step::Start,
+            place: None,
+            sleep: None,
+            epoch: 0,
+            waited_since: None,
+            limit: None,
+        };
+        let mut cx = Context::from_waker(Waker::noop());
+        let first_look = gate.poll(&mut cx, &request);
+        let (mut sent_at, mut waited) = (None, Duration::ZERO);
+        let state = match first_look {
+            Poll::Ready(Ok(())) => {
+                admitted(&gate, &mut sent_at, &mut waited, &mut request);
+                State::Calling {
+                    future: inner.call(request),
+                }
+            }
+            Poll::Ready(Err(error)) => State::Failed { error: Some(error) },
+            Poll::Pending => {
+                let clone = inner.clone();
+                let waiting = Waiting {
+                    gate,
+                    inner: Some(std::mem::replace(inner, clone)),
+                    request: Some(request),
+                };
+                let (shared, account_key) = (
+                    Arc::clone(&waiting.gate.shared),
+                    waiting.gate.account_key.clone(),
+                );
+                return ResponseFuture {
+                    state: State::Gating {
+                        waiting: Box::new(waiting),
+                    },
+                    shared,
+                    account_key,
+                    sent_at,
+                    waited,
+                };
+            }
+        };
+        let Gate {
+            shared,
+            account_key,
+            ..
+        } = gate;
         ResponseFuture {
-            state: State::Gating {
-                inner: Some(inner),
-                request: Some(request),
-            },
-            gate: Gate {
-                shared,
-                account_key,
-                class_key,
-                step: Step::Start,
-                place: None,
-                sleep: None,
-                epoch: 0,
-                waited_since: None,
-                limit: None,
-            },
-            sent_at: None,
-            waited: Duration::ZERO,
+            state,
+            shared,
+            account_key,
+            sent_at,
+            waited,
         }
+    }
+}
+
+/// Notes when an admitted request is sent and how long it waited (recorded for metrics).
+fn admitted<Bk: Backend, B: PeekBody>(
+    gate: &Gate<Bk>,
+    sent_at: &mut Option<Instant>,
+    waited: &mut Duration,
+    request: &mut Request<B>,
+) {
+    let now = Instant::now();
+    *sent_at = Some(now);
+    if let Some(since) = gate.waited_since {
+        *waited = now.saturating_duration_since(since);
+        let kind = Recognized::of(request).kind.as_str();
+        metrics::histogram!(RATELIMIT_WAIT, LABEL_KIND => kind).record(waited.as_secs_f64());
     }
 }
 
@@ -269,14 +352,18 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Gating { .. } => "gating",
+            State::Failed { .. } => "failed",
             State::Calling { .. } => "calling",
             State::Reporting { .. } => "reporting",
             State::Done => "done",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
-            .field("account", &self.gate.account_key.account_id())
-            .field("queued", &self.gate.place.is_some())
+            .field("account", &self.account_key.account_id())
+            .field(
+                "queued",
+                &matches!(&self.state, State::Gating { waiting } if waiting.gate.place.is_some()),
+            )
             .finish()
     }
 }
@@ -323,25 +410,30 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Gating { inner, request } => {
+                StateProj::Gating { waiting } => {
+                    let Waiting {
+                        gate,
+                        inner,
+                        request,
+                    } = &mut **waiting;
                     let held = request.as_ref().expect("gating holds the request");
-                    if let Err(error) = ready!(this.gate.poll(cx, held)) {
+                    if let Err(error) = ready!(gate.poll(cx, held)) {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(error));
                     }
                     let mut request = request.take().expect("gating holds the request");
-                    let now = Instant::now();
-                    *this.sent_at = Some(now);
-                    if let Some(since) = this.gate.waited_since {
-                        *this.waited = now.saturating_duration_since(since);
-                        let kind = Recognized::of(&mut request).kind.as_str();
-                        metrics::histogram!(RATELIMIT_WAIT, LABEL_KIND => kind)
-                            .record(this.waited.as_secs_f64());
-                    }
+                    admitted(gate, this.sent_at, this.waited, &mut request);
                     let mut inner = inner.take().expect("called once");
                     this.state.set(State::Calling {
                         future: inner.call(request),
                     });
+                }
+                StateProj::Failed { error } => {
+                    let error = error
+                        .take()
+                        .unwrap_or_else(|| "polled after completion".into());
+                    this.state.set(State::Done);
+                    return Poll::Ready(Err(error));
                 }
                 StateProj::Calling { future } => {
                     let result = ready!(future.poll(cx));
@@ -363,7 +455,7 @@ where
                             }
                         }
                     }
-                    let shared = &this.gate.shared;
+                    let shared = &*this.shared;
                     let report_success = shared.report_success.load(Ordering::Relaxed);
                     let sent_at = this.sent_at.expect("set before calling");
                     match feedback_of(&mut response, sent_at, report_success) {
@@ -375,7 +467,7 @@ where
                             if matches!(feedback, Feedback::Pause { .. }) && !report_success {
                                 shared.report_success.store(true, Ordering::Relaxed);
                             }
-                            let key = &this.gate.account_key;
+                            let key = &*this.account_key;
                             let report =
                                 shared
                                     .backend
@@ -393,7 +485,6 @@ where
                         && reported.cooldown_until.is_some()
                     {
                         let account = this
-                            .gate
                             .account_key
                             .account_id()
                             .map_or_else(String::new, |a| a.to_string());

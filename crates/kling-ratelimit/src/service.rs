@@ -103,13 +103,11 @@ where
                 .any(|(k, _)| *k == kind)
                 .then(|| BucketKey::class(account.clone(), kind))
         };
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
         ResponseFuture::new(
             Arc::clone(&self.shared),
             BucketKey::account(account),
             class_key,
-            inner,
+            &mut self.inner,
             request,
         )
     }
