@@ -1,9 +1,11 @@
 //! The in-process backend: one mutex-guarded map, a synchronous fast path, FIFO hand-off.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::{Future, Ready, ready};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
@@ -24,8 +26,12 @@ use crate::error::{AcquireError, BackendError, ConfigError, Halted, OverCapacity
 /// The in-process slot backend: state in this process, behind one mutex.
 ///
 /// Acquiring is synchronous when slots are free and nobody waits (one lock, no allocation once
-/// the pool is known); otherwise the create joins its pool's FIFO queue and released slots are
-/// handed to the queue's head in order. Leases and the `1303` recovery are checked lazily: when
+/// the pool is known; the pool used last is found without hashing); otherwise the create joins
+/// its pool's FIFO queue and released slots are handed to the queue's head in order. A task's
+/// holding sits in a reused slot of its pool and is found by task id or external id through an
+/// index keyed by the id's hash, so holding and releasing a task copies nothing beyond the ids
+/// the [`SlotOp`] brings; only listing a release in [`Applied`] allocates (the list and the
+/// task id as an `Arc<str>`), which [`apply_unread`](SlotBackend::apply_unread) skips. Leases and the `1303` recovery are checked lazily: when
 /// a create would wait (its future also sleeps until the next lease end or recovery step), on
 /// every [`SlotOp`] touching the pool, and in [`snapshot`](SlotBackend::snapshot).
 ///
@@ -56,8 +62,9 @@ impl InProcess {
                 config,
                 pools: FxMap::default(),
                 list: Vec::new(),
-                ids: FxMap::default(),
-                externals: FxMap::default(),
+                last: 0,
+                ids: Index::default(),
+                externals: Index::default(),
                 halted: HashMap::new(),
                 next_token: 0,
             })),
@@ -125,8 +132,164 @@ struct Holding {
     weight: u32,
     since: Instant,
     lease_until: Instant,
-    id: Option<Arc<str>>,
-    external: Option<Arc<str>>,
+    /// The ids it is kept under, moved from the [`TaskRef`] (no copy on the create path).
+    id: Option<String>,
+    external: Option<String>,
+}
+
+impl Holding {
+    fn key(&self, which: Which) -> Option<&str> {
+        match which {
+            Which::Id => self.id.as_deref(),
+            Which::External => self.external.as_deref(),
+        }
+    }
+}
+
+/// Which of a holding's ids an [`Index`] maps.
+#[derive(Clone, Copy)]
+enum Which {
+    Id,
+    External,
+}
+
+/// Task ids (or external ids) → where the holding kept under them is.
+///
+/// Keyed by a 64-bit hash of the id rather than the id itself: the holding already owns the
+/// text, so the index copies nothing, and a hit is confirmed against the holding's own id. An id
+/// whose hash equals a different held id's goes to `spill`, keyed by its text.
+///
+/// Invariant: every entry names a live holding whose id (of this index's kind) is the entry's.
+struct Index<H = IdHash> {
+    by_hash: FxMap<u64, Place>,
+    spill: FxMap<String, Place>,
+    hash: PhantomData<H>,
+}
+
+impl<H> Default for Index<H> {
+    fn default() -> Self {
+        Index {
+            by_hash: FxMap::default(),
+            spill: FxMap::default(),
+            hash: PhantomData,
+        }
+    }
+}
+
+/// How an [`Index`] hashes ids (a test uses one that collides).
+trait HashId {
+    fn hash(text: &str) -> u64;
+}
+
+/// The hash of ids: a word at a time, the tail read as one (overlapping) word, each step mixed
+/// by a folded multiply. Collisions cost a trip to `spill`, never a wrong answer.
+struct IdHash;
+
+impl HashId for IdHash {
+    fn hash(text: &str) -> u64 {
+        const K: u64 = 0x9e37_79b9_7f4a_7c15;
+        fn mix(x: u64) -> u64 {
+            let m = u128::from(x) * u128::from(0xa076_1d64_78bd_642f_u64);
+            (m as u64) ^ ((m >> 64) as u64)
+        }
+        let bytes = text.as_bytes();
+        let mut hash = (bytes.len() as u64).wrapping_mul(K);
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            hash = mix(hash ^ u64::from_le_bytes(word.try_into().expect("8 bytes")));
+        }
+        let rest = words.remainder();
+        if !rest.is_empty() {
+            let tail = match bytes.len().checked_sub(8) {
+                Some(start) => u64::from_le_bytes(bytes[start..].try_into().expect("8 bytes")),
+                None => rest.iter().fold(0, |acc, &b| (acc << 8) | u64::from(b)),
+            };
+            hash = mix(hash ^ tail ^ K);
+        }
+        hash
+    }
+}
+
+/// Where an [`Index`] confirms a hit: the id a place holds.
+trait Keys {
+    fn key(&self, place: Place) -> Option<&str>;
+}
+
+/// The ids of one kind held in the pools.
+struct Kept<'a>(&'a [PoolState], Which);
+
+impl Keys for Kept<'_> {
+    fn key(&self, (index, slot): Place) -> Option<&str> {
+        self.0.get(index)?.holdings.get(slot)?.as_ref()?.key(self.1)
+    }
+}
+
+impl<H: HashId> Index<H> {
+    /// Where `text` is held.
+    fn get(&self, text: &str, keys: &impl Keys) -> Option<Place> {
+        if let Some(&place) = self.by_hash.get(&H::hash(text))
+            && keys.key(place) == Some(text)
+        {
+            return Some(place);
+        }
+        if self.spill.is_empty() {
+            return None;
+        }
+        self.spill.get(text).copied()
+    }
+
+    /// Files `text` under `place`; returns the holding filed under it before, if any.
+    fn insert(&mut self, text: &str, place: Place, keys: &impl Keys) -> Option<Place> {
+        let spilled = if self.spill.is_empty() {
+            None
+        } else {
+            self.spill.remove(text)
+        };
+        match self.by_hash.entry(H::hash(text)) {
+            Entry::Vacant(entry) => {
+                entry.insert(place);
+                spilled
+            }
+            Entry::Occupied(mut entry) => {
+                let there = *entry.get();
+                if keys.key(there) == Some(text) {
+                    entry.insert(place);
+                    Some(there)
+                } else {
+                    // Another id with the same hash: file this one by its text.
+                    self.spill.insert(text.to_owned(), place);
+                    spilled
+                }
+            }
+        }
+    }
+
+    /// Where `text` is held, unfiled from here (one lookup instead of a `get` and a `remove`).
+    fn take(&mut self, text: &str, keys: &impl Keys) -> Option<Place> {
+        match self.by_hash.entry(H::hash(text)) {
+            Entry::Occupied(entry) if keys.key(*entry.get()) == Some(text) => Some(entry.remove()),
+            _ if self.spill.is_empty() => None,
+            _ => self.spill.remove(text),
+        }
+    }
+
+    /// Unfiles `text` if it still names `place`.
+    fn remove(&mut self, text: &str, place: Place) {
+        match self.by_hash.entry(H::hash(text)) {
+            Entry::Occupied(entry) if *entry.get() == place => {
+                entry.remove();
+            }
+            _ => {
+                if !self.spill.is_empty() && self.spill.get(text) == Some(&place) {
+                    self.spill.remove(text);
+                }
+            }
+        }
+    }
+
+    fn contains(&self, text: &str, keys: &impl Keys) -> bool {
+        self.get(text, keys).is_some()
+    }
 }
 
 struct Waiter {
@@ -146,8 +309,12 @@ struct PoolState {
     queue: VecDeque<Waiter>,
     /// Grants handed to waiters that have not picked them up yet.
     granted: Vec<u64>,
-    /// Holdings by holding number.
-    holdings: FxMap<u64, Holding>,
+    /// Holdings, by slot (a vacant slot is reused: no hashing, no allocation once grown).
+    holdings: Vec<Option<Holding>>,
+    /// Vacant slots of `holdings`.
+    vacant: Vec<usize>,
+    /// Live holdings.
+    tasks: usize,
     /// No lease ends before this (may be early after renewals; then rescanned).
     next_lease: Option<Instant>,
     gauges: Gauges,
@@ -185,17 +352,40 @@ impl Gauges {
     }
 }
 
-/// Where a task id or external id is held: its pool's index in `State::list` and its holding
-/// number.
-type Place = (usize, u64);
+/// What the reports of one [`SlotOp::Update`] or [`SlotOp::Observed`] share.
+struct Reports {
+    lease: Duration,
+    /// Read once, when a report first finds its task.
+    now: Option<Instant>,
+    applied: Applied,
+    /// Releases are not listed in `applied`.
+    unread: bool,
+}
+
+impl Reports {
+    fn new(lease: Duration, unread: bool) -> Self {
+        Reports {
+            lease,
+            now: None,
+            applied: Applied::default(),
+            unread,
+        }
+    }
+}
+
+/// Where a task id or external id is held: its pool's index in `State::list` and its slot in
+/// the pool's `holdings`.
+type Place = (usize, usize);
 
 struct State {
     config: SlotsConfig,
     /// Each pool's index in `list` (pools are never removed, so indices stay valid).
     pools: FxMap<SlotKey, usize>,
     list: Vec<PoolState>,
-    ids: FxMap<Arc<str>, Place>,
-    externals: FxMap<Arc<str>, Place>,
+    /// The index of the pool used last.
+    last: usize,
+    ids: Index,
+    externals: Index,
     halted: HashMap<AccountId, ApiError>,
     next_token: u64,
 }
@@ -214,7 +404,9 @@ impl PoolState {
             in_use: 0,
             queue: VecDeque::new(),
             granted: Vec::new(),
-            holdings: FxMap::default(),
+            holdings: Vec::new(),
+            vacant: Vec::new(),
+            tasks: 0,
             next_lease: None,
             gauges: Gauges {
                 in_use: metrics::gauge!(names::SLOTS_IN_USE, &labels),
@@ -283,18 +475,61 @@ impl PoolState {
         }
         false
     }
+
+    /// Files a holding in a vacant slot; returns the slot.
+    fn put(&mut self, holding: Holding) -> usize {
+        self.tasks += 1;
+        match self.vacant.pop() {
+            Some(slot) => {
+                self.holdings[slot] = Some(holding);
+                slot
+            }
+            None => {
+                self.holdings.push(Some(holding));
+                self.holdings.len() - 1
+            }
+        }
+    }
+
+    /// Takes the holding out of `slot`, if there is one.
+    fn take(&mut self, slot: usize) -> Option<Holding> {
+        let holding = self.holdings.get_mut(slot)?.take()?;
+        self.tasks -= 1;
+        self.vacant.push(slot);
+        Some(holding)
+    }
+
+    fn live(&self) -> impl Iterator<Item = (usize, &Holding)> {
+        self.holdings
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, h)| h.as_ref().map(|h| (slot, h)))
+    }
 }
 
 impl State {
-    /// The index of `key`'s pool, made on first use (one hash lookup when known).
+    /// The index of `key`'s pool, made on first use: the pool used last is checked first (its
+    /// account and pool names are usually the very same `Arc`s, compared by address), else one
+    /// hash lookup.
     fn index(&mut self, key: &SlotKey) -> usize {
-        if let Some(&i) = self.pools.get(key) {
-            return i;
+        if self
+            .list
+            .get(self.last)
+            .is_some_and(|pool| pool.key == *key)
+        {
+            return self.last;
         }
-        let configured = self.config.capacity_of(&key.account, &key.pool);
-        let i = self.list.len();
-        self.list.push(PoolState::new(key, configured));
-        self.pools.insert(key.clone(), i);
+        let i = match self.pools.get(key) {
+            Some(&i) => i,
+            None => {
+                let configured = self.config.capacity_of(&key.account, &key.pool);
+                let i = self.list.len();
+                self.list.push(PoolState::new(key, configured));
+                self.pools.insert(key.clone(), i);
+                i
+            }
+        };
+        self.last = i;
         i
     }
 
@@ -308,16 +543,24 @@ impl State {
         self.next_token
     }
 
-    /// Releases one holding (exactly once: it is removed here).
+    /// Releases one holding (exactly once: it is removed here), and reports it in `out` unless
+    /// the caller reads no report. `id_unfiled`: the caller already took its task id out of
+    /// the index.
     fn release(
         &mut self,
-        index: usize,
-        holding: u64,
+        place: Place,
         reason: ReleaseReason,
         now: Instant,
-    ) -> Option<Released> {
-        let pool = self.list.get_mut(index)?;
-        let holding = pool.holdings.remove(&holding)?;
+        out: Option<&mut Vec<Released>>,
+        id_unfiled: bool,
+    ) {
+        let (index, slot) = place;
+        let Some(pool) = self.list.get_mut(index) else {
+            return;
+        };
+        let Some(holding) = pool.take(slot) else {
+            return;
+        };
         pool.give_back(holding.weight);
         // Tasks ending is also how slots held by others come back: one per ended task.
         pool.hidden = pool.hidden.saturating_sub(1);
@@ -325,19 +568,23 @@ impl State {
         pool.publish();
         let held_for = now.saturating_duration_since(holding.since);
         pool.gauges.finished(reason.as_str(), held_for);
-        if let Some(id) = &holding.id {
-            self.ids.remove(id);
+        if let Some(id) = &holding.id
+            && !id_unfiled
+        {
+            self.ids.remove(id, place);
         }
         if let Some(ext) = &holding.external {
-            self.externals.remove(ext);
+            self.externals.remove(ext, place);
         }
-        Some(Released {
-            key: self.list[index].key.clone(),
-            task: holding.id.or(holding.external),
-            weight: holding.weight,
-            held_for,
-            reason,
-        })
+        if let Some(out) = out {
+            out.push(Released {
+                key: self.list[index].key.clone(),
+                task: holding.id.or(holding.external).map(Arc::from),
+                weight: holding.weight,
+                held_for,
+                reason,
+            });
+        }
     }
 
     /// Expires leases and brings hidden slots back by time, for one pool.
@@ -360,17 +607,17 @@ impl State {
             }
         }
         if pool.next_lease.is_some_and(|at| at <= now) {
-            let expired: Vec<u64> = pool
-                .holdings
-                .iter()
+            let expired: Vec<usize> = pool
+                .live()
                 .filter(|(_, h)| h.lease_until <= now)
-                .map(|(&n, _)| n)
+                .map(|(slot, _)| slot)
                 .collect();
-            for holding in expired {
-                released.extend(self.release(index, holding, ReleaseReason::LeaseExpired, now));
+            for slot in expired {
+                let out = Some(&mut *released);
+                self.release((index, slot), ReleaseReason::LeaseExpired, now, out, false);
             }
             let pool = &mut self.list[index];
-            pool.next_lease = pool.holdings.values().map(|h| h.lease_until).min();
+            pool.next_lease = pool.live().map(|(_, h)| h.lease_until).min();
         }
         let pool = &mut self.list[index];
         pool.dispatch();
@@ -378,82 +625,82 @@ impl State {
     }
 
     fn hold(&mut self, key: &SlotKey, task: TaskRef, weight: u32, lease: Duration, now: Instant) {
-        let number = self.token();
-        let id: Option<Arc<str>> = task.id.map(Arc::from);
-        let external: Option<Arc<str>> = task.external_id.map(Arc::from);
+        let index = self.index(key);
+        let lease_until = now + lease;
+        let pool = &mut self.list[index];
+        let slot = pool.put(Holding {
+            weight,
+            since: now,
+            lease_until,
+            id: task.id,
+            external: task.external_id,
+        });
+        pool.next_lease = Some(pool.next_lease.map_or(lease_until, |t| t.min(lease_until)));
+        pool.publish();
+        let place = (index, slot);
         // A task id, and an external id within an account, name one task: a holding already
         // under either is this same task's earlier create, whose outcome was unknown and which
         // was sent again. It gives its slots back now instead of hiding them until its lease.
+        let list = &self.list;
+        let holding = list[index].holdings[slot].as_ref().expect("just filed");
         let earlier = [
-            id.as_ref().and_then(|n| self.ids.get(n)).cloned(),
-            external
-                .as_ref()
-                .and_then(|n| self.externals.get(n))
-                .cloned(),
+            holding
+                .id
+                .as_deref()
+                .and_then(|id| self.ids.insert(id, place, &Kept(list, Which::Id))),
+            holding.external.as_deref().and_then(|ext| {
+                self.externals
+                    .insert(ext, place, &Kept(list, Which::External))
+            }),
         ];
-        for place in earlier.into_iter().flatten() {
-            if self.list[place.0].key.account == key.account {
-                self.supersede(place);
+        for old in earlier.into_iter().flatten() {
+            if old != place && self.list[old.0].key.account == key.account {
+                self.supersede(old);
             }
         }
-        let index = self.index(key);
-        if let Some(id) = &id {
-            self.ids.insert(id.clone(), (index, number));
-        }
-        if let Some(ext) = &external {
-            self.externals.insert(ext.clone(), (index, number));
-        }
-        let lease_until = now + lease;
-        let pool = &mut self.list[index];
-        pool.next_lease = Some(pool.next_lease.map_or(lease_until, |t| t.min(lease_until)));
-        pool.holdings.insert(
-            number,
-            Holding {
-                weight,
-                since: now,
-                lease_until,
-                id,
-                external,
-            },
-        );
-        pool.publish();
     }
 
     /// Drops a holding that a newer one of the same task replaces: its slots go back, and it
     /// counts as no finished task.
-    fn supersede(&mut self, (index, number): Place) {
-        let Some(pool) = self.list.get_mut(index) else {
+    fn supersede(&mut self, place: Place) {
+        let Some(pool) = self.list.get_mut(place.0) else {
             return;
         };
-        let Some(old) = pool.holdings.remove(&number) else {
+        let Some(old) = pool.take(place.1) else {
             return;
         };
         pool.give_back(old.weight);
         pool.dispatch();
         pool.publish();
-        if let Some(id) = &old.id
-            && self.ids.get(id).is_some_and(|(_, n)| *n == number)
-        {
-            self.ids.remove(id);
+        if let Some(id) = &old.id {
+            self.ids.remove(id, place);
         }
-        if let Some(ext) = &old.external
-            && self.externals.get(ext).is_some_and(|(_, n)| *n == number)
-        {
-            self.externals.remove(ext);
+        if let Some(ext) = &old.external {
+            self.externals.remove(ext, place);
         }
     }
 
-    /// Where the task a report names is held: by id, else by external id.
-    fn find(&self, id: &str, external: Option<&str>, by_complete: bool) -> Option<Place> {
-        if let Some(&place) = self.ids.get(id) {
+    /// Where the task a report names is held: by id (unless the caller looked already), else
+    /// by external id.
+    fn find(
+        &self,
+        id: &str,
+        external: Option<&str>,
+        by_complete: bool,
+        id_looked_up: bool,
+    ) -> Option<Place> {
+        let list = &self.list;
+        if !id_looked_up && let Some(place) = self.ids.get(id, &Kept(list, Which::Id)) {
             return Some(place);
         }
-        if let Some(&place) = external.and_then(|ext| self.externals.get(ext)) {
+        if let Some(place) =
+            external.and_then(|ext| self.externals.get(ext, &Kept(list, Which::External)))
+        {
             return Some(place);
         }
         if by_complete {
             // `complete` may name a task by its external id.
-            return self.externals.get(id).cloned();
+            return self.externals.get(id, &Kept(list, Which::External));
         }
         None
     }
@@ -464,45 +711,54 @@ impl State {
         id: &str,
         external: Option<&str>,
         status: Option<&TaskStatus>,
-        lease: Duration,
-        now: &mut Option<Instant>,
-        applied: &mut Applied,
+        reports: &mut Reports,
     ) {
-        let Some((index, number)) = self.find(id, external, status.is_none()) else {
+        let terminal = status.is_none_or(TaskStatus::is_terminal);
+        // A task that ended and is known by its id (the usual query) is found and unfiled in
+        // one lookup.
+        let taken = if terminal {
+            self.ids.take(id, &Kept(&self.list, Which::Id))
+        } else {
+            None
+        };
+        let Some(place) = taken.or_else(|| self.find(id, external, status.is_none(), terminal))
+        else {
             return;
         };
-        let now = *now.get_or_insert_with(Instant::now);
+        let now = *reports.now.get_or_insert_with(Instant::now);
+        let (lease, applied) = (reports.lease, &mut reports.applied);
         applied.changed = true;
-        if status.is_none_or(TaskStatus::is_terminal) {
+        if terminal {
             let reason = match status {
                 Some(status) => ReleaseReason::Ended(status.clone()),
                 None => ReleaseReason::Completed,
             };
-            applied
-                .released
-                .extend(self.release(index, number, reason, now));
+            let out = (!reports.unread).then_some(&mut applied.released);
+            self.release(place, reason, now, out, taken.is_some());
             return;
         }
         // Still running: renew the lease, and learn the task id of a create whose outcome was
         // unknown.
         let Some(holding) = self
             .list
-            .get_mut(index)
-            .and_then(|pool| pool.holdings.get_mut(&number))
+            .get_mut(place.0)
+            .and_then(|pool| pool.holdings.get_mut(place.1))
+            .and_then(Option::as_mut)
         else {
             return;
         };
         holding.lease_until = now + lease;
         if holding.id.is_none() {
-            let id: Arc<str> = Arc::from(id);
-            holding.id = Some(id.clone());
-            self.ids.insert(id, (index, number));
+            holding.id = Some(id.to_owned());
+            // Known by its task id from now on (an older holding filed under the same id, in
+            // another account, is no longer found by it).
+            self.ids.insert(id, place, &Kept(&self.list, Which::Id));
         }
     }
 
-    fn apply(&mut self, op: SlotOp) -> Applied {
+    /// Applies one change; with `unread`, releases are not listed in the result.
+    fn apply(&mut self, op: SlotOp, unread: bool) -> Applied {
         let mut applied = Applied::default();
-        let mut now = None;
         match op {
             SlotOp::GiveBack(res) => {
                 let pool = self.pool_mut(&res.key);
@@ -548,28 +804,20 @@ impl State {
                 applied.changed = true;
             }
             SlotOp::Observed { outcome, lease } => {
+                let mut reports = Reports::new(lease, unread);
                 for task in outcome.tasks() {
-                    self.report(
-                        &task.id,
-                        task.external_id.as_deref(),
-                        Some(&task.status),
-                        lease,
-                        &mut now,
-                        &mut applied,
-                    );
+                    let (ext, status) = (task.external_id.as_deref(), Some(&task.status));
+                    self.report(&task.id, ext, status, &mut reports);
                 }
+                applied = reports.applied;
             }
             SlotOp::Update { updates, lease } => {
+                let mut reports = Reports::new(lease, unread);
                 for update in &updates {
-                    self.report(
-                        &update.id,
-                        update.external_id.as_deref(),
-                        update.status.as_ref(),
-                        lease,
-                        &mut now,
-                        &mut applied,
-                    );
+                    let (ext, status) = (update.external_id.as_deref(), update.status.as_ref());
+                    self.report(&update.id, ext, status, &mut reports);
                 }
+                applied = reports.applied;
             }
             SlotOp::Adopt {
                 key,
@@ -577,14 +825,14 @@ impl State {
                 weight,
                 lease,
             } => {
+                let list = &self.list;
                 let known = task
                     .id
                     .as_deref()
-                    .is_some_and(|id| self.ids.contains_key(id))
-                    || task
-                        .external_id
-                        .as_deref()
-                        .is_some_and(|ext| self.externals.contains_key(ext));
+                    .is_some_and(|id| self.ids.contains(id, &Kept(list, Which::Id)))
+                    || task.external_id.as_deref().is_some_and(|ext| {
+                        self.externals.contains(ext, &Kept(list, Which::External))
+                    });
                 if !known {
                     self.pool_mut(&key).in_use += weight;
                     self.hold(&key, task, weight, lease, Instant::now());
@@ -646,7 +894,13 @@ impl SlotBackend for InProcess {
     }
 
     fn apply(&self, op: SlotOp) -> Self::Apply {
-        ready(Ok(self.lock().apply(op)))
+        ready(Ok(self.lock().apply(op, false)))
+    }
+
+    /// As [`apply`](SlotBackend::apply), without building the list of released tasks (no
+    /// allocation on the layer's create + query path).
+    fn apply_unread(&self, op: SlotOp) -> Self::Apply {
+        ready(Ok(self.lock().apply(op, true)))
     }
 
     fn snapshot(&self) -> Self::Snapshot {
@@ -663,7 +917,7 @@ impl SlotBackend for InProcess {
                 capacity: pool.capacity(),
                 configured: pool.configured,
                 waiters: pool.queue.len(),
-                tasks: pool.holdings.len(),
+                tasks: pool.tasks,
                 key: pool.key.clone(),
             });
         }
@@ -812,6 +1066,7 @@ impl Drop for InProcessAcquire {
 mod tests {
     use super::*;
     use kling_core::{Pool, Product};
+    use proptest::prelude::*;
 
     fn key() -> SlotKey {
         SlotKey::new(AccountId::new("a"), Pool::new(Product::Video))
@@ -832,5 +1087,209 @@ mod tests {
         assert_eq!(granted.weight, 1);
         let snap = backend.snapshot().await.unwrap();
         assert_eq!((snap[0].in_use, snap[0].waiters), (1, 0));
+    }
+
+    /// The output of a future that is ready at once.
+    fn now<F: Future + Unpin>(mut future: F) -> F::Output {
+        match Pin::new(&mut future).poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(output) => output,
+            Poll::Pending => panic!("not ready"),
+        }
+    }
+
+    fn pool(backend: &InProcess, account: &str) -> (u32, usize) {
+        let snap = now(backend.snapshot()).unwrap();
+        snap.iter()
+            .find(|p| p.key.account.as_str() == account)
+            .map_or((0, 0), |p| (p.in_use, p.tasks))
+    }
+
+    fn hold(backend: &InProcess, key: SlotKey, id: Option<&str>, ext: Option<&str>) {
+        let reservation = now(backend.acquire(key, 1)).unwrap();
+        let op = SlotOp::Hold {
+            reservation,
+            task: TaskRef {
+                id: id.map(str::to_owned),
+                external_id: ext.map(str::to_owned),
+            },
+            lease: Duration::from_secs(600),
+        };
+        now(backend.apply(op)).unwrap();
+    }
+
+    fn ended(id: &str) -> SlotOp {
+        SlotOp::Update {
+            updates: vec![super::super::TaskUpdate {
+                id: id.to_owned(),
+                external_id: None,
+                status: Some(TaskStatus::Succeeded),
+            }],
+            lease: Duration::from_secs(600),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unread_apply_releases_the_same_but_lists_nothing() {
+        let backend = InProcess::new(SlotsConfig::new(2)).unwrap();
+        hold(&backend, key(), Some("t1"), Some("e1"));
+        hold(&backend, key(), Some("t2"), None);
+        assert_eq!(pool(&backend, "a"), (2, 2));
+        let unread = backend.apply_unread(ended("t1")).await.unwrap();
+        assert!(unread.changed && unread.released.is_empty());
+        assert_eq!(pool(&backend, "a"), (1, 1));
+        // Released exactly once, however it was applied.
+        assert!(!backend.apply(ended("t1")).await.unwrap().changed);
+        let read = backend.apply(ended("t2")).await.unwrap();
+        assert_eq!(read.released.len(), 1);
+        assert_eq!(read.released[0].task.as_deref(), Some("t2"));
+        assert_eq!(pool(&backend, "a"), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_create_sent_again_replaces_its_earlier_holding_in_its_account_only() {
+        let backend = InProcess::new(SlotsConfig::new(3)).unwrap();
+        let other = SlotKey::new(AccountId::new("b"), Pool::new(Product::Video));
+        // Unknown outcomes, held under their external id.
+        hold(&backend, other, None, Some("e1"));
+        hold(&backend, key(), None, Some("e1"));
+        // Sent again in account `a`: the answer names the task and the same external id.
+        hold(&backend, key(), Some("t1"), Some("e1"));
+        assert_eq!(
+            pool(&backend, "a"),
+            (1, 1),
+            "the earlier holding is given back"
+        );
+        assert_eq!(pool(&backend, "b"), (1, 1), "another account's is not");
+        // The superseded holding's slot is filled again, and both end by their ids.
+        hold(&backend, key(), Some("t2"), Some("e2"));
+        assert_eq!(pool(&backend, "a"), (2, 2));
+        let released = backend.apply(ended("t1")).await.unwrap().released;
+        assert_eq!(released[0].task.as_deref(), Some("t1"));
+        backend.apply(ended("t2")).await.unwrap();
+        assert_eq!(pool(&backend, "a"), (0, 0));
+        // Account `b`'s holding runs until its lease.
+        assert_eq!(pool(&backend, "b"), (1, 1));
+        tokio::time::advance(Duration::from_secs(600)).await;
+        assert_eq!(pool(&backend, "b"), (0, 0));
+    }
+
+    /// The ids an index test files: place → id.
+    struct Model(HashMap<Place, String>);
+
+    impl Keys for Model {
+        fn key(&self, place: Place) -> Option<&str> {
+            self.0.get(&place).map(String::as_str)
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum IndexOp {
+        /// A new holding filed under this id (the one filed before stays held, unfiled).
+        File(usize),
+        /// The n-th live holding is released.
+        Release(usize),
+        /// The holding filed under this id is found, unfiled and released (a query saying the
+        /// task ended).
+        End(usize),
+    }
+
+    const IDS: [&str; 6] = [
+        "",
+        "t1",
+        "t2",
+        "8600000000000000001",
+        "8600000000000000002",
+        "job",
+    ];
+
+    fn index_ops() -> impl Strategy<Value = Vec<IndexOp>> {
+        proptest::collection::vec(
+            prop_oneof![
+                (0..IDS.len()).prop_map(IndexOp::File),
+                any::<usize>().prop_map(IndexOp::Release),
+                (0..IDS.len()).prop_map(IndexOp::End),
+            ],
+            1..60,
+        )
+    }
+
+    /// Ids of the same length collide: `spill` does the work.
+    struct Colliding;
+
+    impl HashId for Colliding {
+        fn hash(text: &str) -> u64 {
+            text.len() as u64 % 2
+        }
+    }
+
+    fn check_index<H: HashId>(ops: Vec<IndexOp>) -> Result<(), TestCaseError> {
+        let mut index = Index::<H>::default();
+        let mut held = Model(HashMap::new());
+        let mut filed: HashMap<&str, Place> = HashMap::new();
+        let mut next = 0;
+        for op in ops {
+            match op {
+                IndexOp::File(i) => {
+                    next += 1;
+                    let place = (next % 3, next);
+                    held.0.insert(place, IDS[i].to_owned());
+                    let before = index.insert(IDS[i], place, &held);
+                    prop_assert_eq!(before, filed.insert(IDS[i], place));
+                }
+                IndexOp::Release(n) if !held.0.is_empty() => {
+                    let mut places: Vec<Place> = held.0.keys().copied().collect();
+                    places.sort_unstable();
+                    let place = places[n % places.len()];
+                    let id = held.0.remove(&place).expect("live");
+                    index.remove(&id, place);
+                    if filed.get(id.as_str()) == Some(&place) {
+                        filed.remove(id.as_str());
+                    }
+                }
+                IndexOp::Release(_) => {}
+                IndexOp::End(i) => {
+                    let taken = index.take(IDS[i], &held);
+                    prop_assert_eq!(taken, filed.remove(IDS[i]));
+                    if let Some(place) = taken {
+                        let id = held.0.remove(&place);
+                        prop_assert_eq!(id.as_deref(), Some(IDS[i]));
+                    }
+                }
+            }
+            for id in IDS {
+                prop_assert_eq!(index.get(id, &held), filed.get(id).copied(), "{}", id);
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn the_index_finds_what_a_map_of_ids_finds(ops in index_ops()) {
+            check_index::<IdHash>(ops)?;
+        }
+
+        #[test]
+        fn the_index_finds_what_a_map_of_ids_finds_when_hashes_collide(ops in index_ops()) {
+            check_index::<Colliding>(ops)?;
+        }
+    }
+
+    #[test]
+    fn the_id_hash_tells_apart_ids_that_differ_anywhere() {
+        let ids = [
+            "",
+            "a",
+            "b",
+            "ab",
+            "ba",
+            "abcdefgh",
+            "abcdefgi",
+            "abcdefghi",
+            "xbcdefghi",
+        ];
+        let hashes: std::collections::HashSet<u64> =
+            ids.iter().map(|id| IdHash::hash(id)).collect();
+        assert_eq!(hashes.len(), ids.len());
     }
 }

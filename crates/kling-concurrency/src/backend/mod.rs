@@ -247,6 +247,14 @@ pub trait SlotBackend: Clone + Send + Sync + 'static {
     /// Applies one change.
     fn apply(&self, op: SlotOp) -> Self::Apply;
 
+    /// Applies one change whose [`Applied`] the caller drops unread (the layer's bookkeeping
+    /// after each response): the change, its metrics and its errors are those of
+    /// [`apply`](SlotBackend::apply), but the backend may leave [`Applied::released`] empty
+    /// rather than build it. By default, `apply`.
+    fn apply_unread(&self, op: SlotOp) -> Self::Apply {
+        self.apply(op)
+    }
+
     /// Every known pool's state (expired leases released first).
     fn snapshot(&self) -> Self::Snapshot;
 }

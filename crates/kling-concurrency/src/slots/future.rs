@@ -7,6 +7,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri};
 use http_body_util::Full;
 use kling_core::error::{ApiError, BoxError, SendState};
@@ -19,28 +20,94 @@ use tower_service::Service;
 use crate::backend::{Reservation, SlotBackend, SlotOp, TaskRef, TaskUpdate};
 use crate::error::DeadlineExceeded;
 
-/// What a create carries from `call` to the end of its response.
-pub(crate) struct Ctx<B> {
+/// What a granted create carries until its response settles its slots. Kept small: it sits in
+/// every create's response future, which each layer above moves.
+pub(crate) struct Held<B> {
+    pub(crate) reservation: Reservation,
+    pub(crate) backend: B,
+    pub(crate) lease: Duration,
+    pub(crate) external: Option<String>,
+    /// How long the create waited for its slots (zero on the fast path).
+    pub(crate) waited: Duration,
+}
+
+/// Keeps the slots of a create whose outcome is unknown: under its external id, or else under a
+/// lease alone.
+fn keep_unknown(reservation: Reservation, external: Option<String>, lease: Duration) -> SlotOp {
+    SlotOp::Hold {
+        reservation,
+        task: TaskRef {
+            id: None,
+            external_id: external,
+        },
+        lease,
+    }
+}
+
+/// A granted create handed to the inner service: its response future and what settles it.
+type Sent<S, ReqB, B> = (<S as Service<Request<ReqB>>>::Future, Held<B>);
+
+/// A create that found no free slot in `call`: everything it needs once granted, boxed (one
+/// allocation on a path that waits anyway) so the response future stays small.
+pub(crate) struct Waiting<S, ReqB, B: SlotBackend> {
+    pub(crate) acquire: B::Acquire,
+    /// Taken when the slots are granted.
+    pub(crate) inner: Option<S>,
+    pub(crate) request: Option<Request<ReqB>>,
     pub(crate) backend: B,
     pub(crate) lease: Duration,
     pub(crate) external: Option<String>,
     pub(crate) pool: Pool,
     pub(crate) weight: u32,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) sleep: Option<Pin<Box<Sleep>>>,
+    pub(crate) since: Instant,
 }
 
-impl<B: SlotBackend> Ctx<B> {
-    /// Keeps the slots of a create whose outcome is unknown: under its external id, or else
-    /// under a lease alone.
-    /// Moves the external id out: a create is settled once.
-    fn keep_unknown(&mut self, reservation: Reservation) -> SlotOp {
-        SlotOp::Hold {
+impl<S, ReqB, B> Waiting<S, ReqB, B>
+where
+    S: Service<Request<ReqB>>,
+    B: SlotBackend,
+{
+    /// Waits for the slots (or the deadline), then sends the create.
+    fn poll_granted(&mut self, cx: &mut Context<'_>) -> Poll<Result<Sent<S, ReqB, B>, BoxError>> {
+        let reservation = match Pin::new(&mut self.acquire).poll(cx) {
+            Poll::Ready(Ok(reservation)) => reservation,
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into_box())),
+            Poll::Pending => {
+                if let Some(deadline) = self.deadline {
+                    let now = Instant::now();
+                    let late = deadline <= now || {
+                        let sleep = self
+                            .sleep
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                        sleep.as_mut().poll(cx).is_ready()
+                    };
+                    if late {
+                        let waited = now.saturating_duration_since(self.since);
+                        return Poll::Ready(Err(Box::new(DeadlineExceeded::new(
+                            self.pool.clone(),
+                            self.weight,
+                            waited,
+                        ))));
+                    }
+                }
+                return Poll::Pending;
+            }
+        };
+        let waited = Instant::now().saturating_duration_since(self.since);
+        metrics::histogram!(names::SLOTS_WAIT, names::LABEL_POOL => self.pool.to_string())
+            .record(waited.as_secs_f64());
+        let mut inner = self.inner.take().expect("inner is taken once");
+        let request = self.request.take().expect("request is taken once");
+        let held = Held {
             reservation,
-            task: TaskRef {
-                id: None,
-                external_id: self.external.take(),
-            },
+            backend: self.backend.clone(),
             lease: self.lease,
-        }
+            external: self.external.take(),
+            waited,
+        };
+        Poll::Ready(Ok((inner.call(request), held)))
     }
 }
 
@@ -63,15 +130,14 @@ pin_project! {
     {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let StateProj::Create { reservation, ctx, .. } = this.state.project()
-                && let Some(reservation) = reservation.take()
-                && let Some(mut ctx) = ctx.take()
+            if let StateProj::Create { held, .. } = this.state.project()
+                && let Some(held) = held.take()
             {
                 // The create was handed to the inner service and may have reached the server:
                 // the task would run on regardless, so its slots stay held (under its external
                 // id, or its lease).
-                let op = ctx.keep_unknown(reservation);
-                drop(ctx.backend.apply(op));
+                let op = keep_unknown(held.reservation, held.external, held.lease);
+                drop(held.backend.apply_unread(op));
             }
         }
     }
@@ -84,28 +150,20 @@ pin_project! {
         S: Service<Request<ReqB>>,
         B: SlotBackend,
     {
-        Acquire {
-            acquire: B::Acquire,
-            inner: Option<S>,
-            request: Option<Request<ReqB>>,
-            ctx: Option<Ctx<B>>,
-            deadline: Option<Instant>,
-            sleep: Option<Pin<Box<Sleep>>>,
-            since: Option<Instant>,
+        Waiting {
+            waiting: Box<Waiting<S, ReqB, B>>,
         },
         Create {
             #[pin]
             future: S::Future,
-            reservation: Option<Reservation>,
-            ctx: Option<Ctx<B>>,
-            waited: Duration,
+            held: Option<Held<B>>,
         },
         Observe {
             #[pin]
             future: S::Future,
             backend: B,
             lease: Duration,
-            asked: Option<Uri>,
+            asked: Option<PathAndQuery>,
         },
         Pass {
             #[pin]
@@ -114,6 +172,9 @@ pin_project! {
         Settle {
             apply: B::Apply,
             output: Option<Result<Response<Full<Bytes>>, BoxError>>,
+        },
+        Failed {
+            error: Option<BoxError>,
         },
         Done,
     }
@@ -126,11 +187,12 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
-            State::Acquire { .. } => "acquire",
+            State::Waiting { .. } => "waiting",
             State::Create { .. } => "create",
             State::Observe { .. } => "observe",
             State::Pass { .. } => "pass",
             State::Settle { .. } => "settle",
+            State::Failed { .. } => "failed",
             State::Done => "done",
         };
         f.debug_struct("ResponseFuture")
@@ -144,23 +206,27 @@ where
     S: Service<Request<ReqB>>,
     B: SlotBackend,
 {
-    pub(crate) fn create(
-        acquire: B::Acquire,
-        inner: S,
-        request: Request<ReqB>,
-        ctx: Ctx<B>,
-        deadline: Option<Instant>,
-    ) -> Self {
+    /// A create granted its slots in `call`, already handed to the inner service.
+    pub(crate) fn create(future: S::Future, held: Held<B>) -> Self {
         ResponseFuture {
-            state: State::Acquire {
-                acquire,
-                inner: Some(inner),
-                request: Some(request),
-                ctx: Some(ctx),
-                deadline,
-                sleep: None,
-                since: None,
+            state: State::Create {
+                future,
+                held: Some(held),
             },
+        }
+    }
+
+    /// A create that waits for its slots.
+    pub(crate) fn wait(waiting: Box<Waiting<S, ReqB, B>>) -> Self {
+        ResponseFuture {
+            state: State::Waiting { waiting },
+        }
+    }
+
+    /// A create refused before it was sent (halted account, too heavy for its pool).
+    pub(crate) fn failed(error: BoxError) -> Self {
+        ResponseFuture {
+            state: State::Failed { error: Some(error) },
         }
     }
 
@@ -168,7 +234,7 @@ where
         future: S::Future,
         backend: B,
         lease: Duration,
-        asked: Option<Uri>,
+        asked: Option<PathAndQuery>,
     ) -> Self {
         ResponseFuture {
             state: State::Observe {
@@ -190,25 +256,34 @@ where
 /// What a create's result means for its slots.
 fn settle_create<B: SlotBackend>(
     result: Result<Response<Full<Bytes>>, BoxError>,
-    reservation: Reservation,
-    ctx: &mut Ctx<B>,
-    waited: Duration,
-) -> (SlotOp, Result<Response<Full<Bytes>>, BoxError>) {
+    held: Held<B>,
+) -> (B, SlotOp, Result<Response<Full<Bytes>>, BoxError>) {
+    // Taken apart: the backend goes back to the caller, which applies the change with it.
+    let Held {
+        reservation,
+        backend,
+        lease,
+        external,
+        waited,
+    } = held;
     let mut response = match result {
         Ok(response) => response,
         Err(error) => {
             let op = match SendState::of(&*error) {
                 SendState::NotSent => SlotOp::GiveBack(reservation),
-                _ => ctx.keep_unknown(reservation),
+                _ => keep_unknown(reservation, external, lease),
             };
-            return (op, Err(error));
+            return (backend, op, Err(error));
         }
     };
-    let outcome = match Outcome::ensure(&mut response) {
-        Ok(outcome) => outcome,
+    // Borrowed, not cloned, when `ClassifyLayer` (or another layer) attached it.
+    if Outcome::of(&response).is_none()
+        && let Err(malformed) = Outcome::ensure(&mut response)
+    {
         // An answer nobody can read: the create may have happened.
-        Err(malformed) => return (ctx.keep_unknown(reservation), Err(Box::new(malformed))),
-    };
+        let op = keep_unknown(reservation, external, lease);
+        return (backend, op, Err(Box::new(malformed)));
+    }
     if !waited.is_zero() {
         match response.extensions_mut().get_mut::<Waited>() {
             Some(w) => w.slots += waited,
@@ -220,7 +295,9 @@ fn settle_create<B: SlotBackend>(
             }
         }
     }
+    let outcome = Outcome::of(&response).expect("attached above");
     let code = outcome.code();
+    let mut gated = false;
     let op = if outcome.is_success() {
         match outcome.task() {
             Some(task) if task.status.is_terminal() => SlotOp::GiveBack(reservation),
@@ -228,29 +305,34 @@ fn settle_create<B: SlotBackend>(
                 reservation,
                 task: TaskRef {
                     id: Some(task.id.clone()),
-                    external_id: match &task.external_id {
-                        Some(external) => Some(external.clone()),
-                        None => ctx.external.take(),
+                    // The create's own external id when the answer echoes it (no copy).
+                    external_id: match (&task.external_id, external) {
+                        (Some(reported), Some(sent)) if *reported == sent => Some(sent),
+                        (Some(reported), _) => Some(reported.clone()),
+                        (None, sent) => sent,
                     },
                 },
-                lease: ctx.lease,
+                lease,
             },
-            None => ctx.keep_unknown(reservation),
+            None => keep_unknown(reservation, external, lease),
         }
     } else if code == Code::ParallelTaskLimit {
-        response.extensions_mut().insert(SlotGated);
+        gated = true;
         SlotOp::Congested(reservation)
     } else if code.halts_creates() {
         SlotOp::Halt {
             reservation,
-            cause: ApiError::from_outcome(&outcome),
+            cause: ApiError::from_outcome(outcome),
         }
-    } else if code.may_have_created() && ctx.external.is_some() {
-        ctx.keep_unknown(reservation)
+    } else if code.may_have_created() && external.is_some() {
+        keep_unknown(reservation, external, lease)
     } else {
         SlotOp::GiveBack(reservation)
     };
-    (op, Ok(response))
+    if gated {
+        response.extensions_mut().insert(SlotGated);
+    }
+    (backend, op, Ok(response))
 }
 
 /// The external ids a query asked about that its answer says do not exist, as updates that
@@ -261,9 +343,9 @@ fn settle_create<B: SlotBackend>(
 /// external id: only a holding under that external id is ended) or new-style
 /// `GET /tasks?external_task_ids=…`. "Absent" is `1203` (not found), or a successful answer
 /// that reports other tasks, each with its external id.
-fn absent(uri: &Uri, outcome: &Outcome) -> Option<Vec<TaskUpdate>> {
+fn absent(asked: &PathAndQuery, outcome: &Outcome) -> Option<Vec<TaskUpdate>> {
     // Cheap tests first: this runs on every query's answer.
-    let by_external = uri
+    let by_external = asked
         .query()
         .is_some_and(|q| q.contains("external_task_ids="));
     let not_found = outcome.code() == Code::NotFound;
@@ -273,7 +355,7 @@ fn absent(uri: &Uri, outcome: &Outcome) -> Option<Vec<TaskUpdate>> {
     if !(not_found || none_listed) {
         return None;
     }
-    let recognized = Recognized::from_parts(&Method::GET, uri, b"");
+    let recognized = Recognized::from_parts(&Method::GET, &Uri::from(asked.clone()), b"");
     let asked = if by_external {
         recognized.external_ids
     } else if recognized.generation == Some(ApiGeneration::Legacy) {
@@ -311,82 +393,12 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
-            match this.state.as_mut().project() {
-                StateProj::Acquire {
-                    acquire,
-                    inner,
-                    request,
-                    ctx,
-                    deadline,
-                    sleep,
-                    since,
-                } => {
-                    let reservation = match Pin::new(acquire).poll(cx) {
-                        Poll::Ready(Ok(reservation)) => reservation,
-                        Poll::Ready(Err(error)) => {
-                            this.state.set(State::Done);
-                            return Poll::Ready(Err(error.into_box()));
-                        }
-                        Poll::Pending => {
-                            let now = Instant::now();
-                            let started = *since.get_or_insert(now);
-                            if let Some(deadline) = *deadline {
-                                let late = deadline <= now || {
-                                    let sleep = sleep.get_or_insert_with(|| {
-                                        Box::pin(tokio::time::sleep_until(deadline))
-                                    });
-                                    sleep.as_mut().poll(cx).is_ready()
-                                };
-                                if late {
-                                    let ctx = ctx.take().expect("ctx is taken once");
-                                    let waited = now.saturating_duration_since(started);
-                                    // Dropping the acquire future leaves the queue.
-                                    this.state.set(State::Done);
-                                    return Poll::Ready(Err(Box::new(DeadlineExceeded::new(
-                                        ctx.pool, ctx.weight, waited,
-                                    ))));
-                                }
-                            }
-                            return Poll::Pending;
-                        }
-                    };
-                    let waited = match since {
-                        Some(since) => {
-                            let waited = Instant::now().saturating_duration_since(*since);
-                            if let Some(ctx) = ctx.as_ref() {
-                                metrics::histogram!(names::SLOTS_WAIT, names::LABEL_POOL => ctx.pool.to_string())
-                                    .record(waited.as_secs_f64());
-                            }
-                            waited
-                        }
-                        None => Duration::ZERO,
-                    };
-                    let mut inner = inner.take().expect("inner is taken once");
-                    let request = request.take().expect("request is taken once");
-                    let ctx = ctx.take();
-                    let future = inner.call(request);
-                    this.state.set(State::Create {
-                        future,
-                        reservation: Some(reservation),
-                        ctx,
-                        waited,
-                    });
-                }
-                StateProj::Create {
-                    future,
-                    reservation,
-                    ctx,
-                    waited,
-                } => {
+            let (apply, output) = match this.state.as_mut().project() {
+                StateProj::Create { future, held } => {
                     let result = ready!(future.poll(cx)).map_err(Into::into);
-                    let reservation = reservation.take().expect("reservation is taken once");
-                    let mut ctx = ctx.take().expect("ctx is taken once");
-                    let (op, output) = settle_create(result, reservation, &mut ctx, *waited);
-                    let apply = ctx.backend.apply(op);
-                    this.state.set(State::Settle {
-                        apply,
-                        output: Some(output),
-                    });
+                    let held = held.take().expect("held is taken once");
+                    let (backend, op, output) = settle_create(result, held);
+                    (backend.apply_unread(op), output)
                 }
                 StateProj::Observe {
                     future,
@@ -401,60 +413,83 @@ where
                             return Poll::Ready(Err(error.into()));
                         }
                     };
-                    let outcome = match Outcome::ensure(&mut response) {
-                        Ok(outcome) => outcome,
-                        Err(_) => {
-                            this.state.set(State::Done);
-                            return Poll::Ready(Ok(response));
-                        }
+                    let Ok(outcome) = Outcome::ensure(&mut response) else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(response));
                     };
-                    if let Some(mut updates) = asked.as_ref().and_then(|uri| absent(uri, &outcome))
+                    let lease = *lease;
+                    let op = if let Some(mut updates) =
+                        asked.as_ref().and_then(|asked| absent(asked, &outcome))
                     {
                         // The server says these external ids name no task: the creates held
                         // under them never happened, and their slots go back now (the create
                         // sent again waits for slots like any other). The tasks the answer does
                         // report are handled as always, in the same change.
                         updates.extend(outcome.tasks().iter().map(TaskUpdate::from_report));
-                        let apply = backend.apply(SlotOp::Update {
-                            updates,
-                            lease: *lease,
-                        });
-                        this.state.set(State::Settle {
-                            apply,
-                            output: Some(Ok(response)),
-                        });
-                        continue;
-                    }
-                    if outcome.tasks().is_empty() {
+                        SlotOp::Update { updates, lease }
+                    } else if outcome.tasks().is_empty() {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
-                    }
-                    let apply = backend.apply(SlotOp::Observed {
-                        outcome,
-                        lease: *lease,
-                    });
-                    this.state.set(State::Settle {
-                        apply,
-                        output: Some(Ok(response)),
-                    });
+                    } else {
+                        SlotOp::Observed { outcome, lease }
+                    };
+                    (backend.apply_unread(op), Ok(response))
                 }
                 StateProj::Pass { future } => {
                     let output = ready!(future.poll(cx)).map_err(Into::into);
                     this.state.set(State::Done);
                     return Poll::Ready(output);
                 }
+                StateProj::Waiting { waiting } => {
+                    match ready!(waiting.poll_granted(cx)) {
+                        Ok((future, held)) => this.state.set(State::Create {
+                            future,
+                            held: Some(held),
+                        }),
+                        Err(error) => {
+                            // Dropping the acquire future leaves the queue.
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error));
+                        }
+                    }
+                    continue;
+                }
                 StateProj::Settle { apply, output } => {
                     if let Err(error) = ready!(Pin::new(apply).poll(cx)) {
-                        // The response is real; losing it over bookkeeping would make callers
-                        // repeat a create that happened. Leases bound the damage.
-                        tracing::warn!(%error, "task slot state not updated");
+                        warn_unsettled(&error);
                     }
                     let output = output.take().expect("output is taken once");
                     this.state.set(State::Done);
                     return Poll::Ready(output);
                 }
+                StateProj::Failed { error } => {
+                    let error = error.take().expect("error is taken once");
+                    this.state.set(State::Done);
+                    return Poll::Ready(Err(error));
+                }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
+            };
+            // The in-process backend settles at once: answer without a trip through `Settle`.
+            let mut apply = apply;
+            match Pin::new(&mut apply).poll(cx) {
+                Poll::Ready(result) => {
+                    if let Err(error) = result {
+                        warn_unsettled(&error);
+                    }
+                    this.state.set(State::Done);
+                    return Poll::Ready(output);
+                }
+                Poll::Pending => this.state.set(State::Settle {
+                    apply,
+                    output: Some(output),
+                }),
             }
         }
     }
+}
+
+fn warn_unsettled(error: &crate::error::BackendError) {
+    // The response is real; losing it over bookkeeping would make callers repeat a create that
+    // happened. Leases bound the damage.
+    tracing::warn!(%error, "task slot state not updated");
 }

@@ -5,7 +5,9 @@
 //! - **Create** (recognised by [`kling_core::Recognized`]): waits, first come first served,
 //!   until its pool of its account (the request's [`AccountId`](kling_core::AccountId), else the
 //!   configured default) has as many free slots as its weight (`n` for images, else 1), then
-//!   sends it. The response decides what happens to the slots:
+//!   sends it. A create that finds them free with nobody ahead is granted and handed to the
+//!   inner service in `call` itself (no clone of it, nothing waited); one that waits is held in
+//!   its response future and sent from there. The response decides what happens to the slots:
 //!
 //!   | response | slots |
 //!   |---|---|
@@ -16,7 +18,7 @@
 //!   | `5000`/`5002` (or an undocumented code) with an external id | kept under the external id: the task may exist |
 //!   | any other error code | given back |
 //!   | client error, request never sent ([`SendState::NotSent`](kling_core::error::SendState)) | given back |
-//!   | client error after sending, unreadable body, or the response future dropped while the create was in flight | kept under the external id, or under a lease alone |
+//!   | client error after sending, unreadable body, or the response future dropped once the create was handed to the inner service (for a create granted at once, that is in `call`, even if the future is never polled) | kept under the external id, or under a lease alone |
 //!
 //!   A wait respects the request's [`Deadline`](kling_core::signals::Deadline): the create
 //!   fails with [`DeadlineExceeded`](crate::error::DeadlineExceeded) instead of waiting past it.

@@ -1,18 +1,22 @@
 //! [`TaskSlots`].
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
 use kling_core::error::BoxError;
 use kling_core::signals::Deadline;
-use kling_core::{AccountId, PeekBody, Recognized, RequestKind};
+use kling_core::{AccountId, ApiGeneration, PeekBody, Recognized, RequestKind};
+use tokio::time::Instant;
 use tower_service::Service;
 
-use super::future::ResponseFuture;
+use super::future::{Held, ResponseFuture, Waiting};
 use super::layer::Settings;
 use crate::backend::{InProcess, SlotBackend, SlotKey};
 
@@ -94,47 +98,77 @@ where
 
     fn call(&mut self, mut request: Request<ReqB>) -> Self::Future {
         let recognized = Recognized::of(&mut request);
-        match (recognized.kind, &recognized.pool) {
-            (RequestKind::Create, Some(pool)) => {
-                let pool = pool.clone();
-                let weight = recognized.weight.max(1);
-                let external = recognized.external_id.clone();
-                let account = AccountId::of(&request)
-                    .unwrap_or(&self.settings.default_account)
-                    .clone();
-                let deadline = Deadline::of(&request);
-                let acquire = self
-                    .backend
-                    .acquire(SlotKey::new(account, pool.clone()), weight);
-                // Call the service that was made ready; keep a fresh clone for the next call.
-                let clone = self.inner.clone();
-                let inner = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::create(
-                    acquire,
-                    inner,
-                    request,
-                    super::future::Ctx {
-                        backend: self.backend.clone(),
-                        lease: self.settings.lease,
-                        external,
-                        pool,
-                        weight,
-                    },
-                    deadline,
-                )
-            }
-            (RequestKind::Query | RequestKind::List, _) => {
-                // A query may be a lookup by external id (the retry layer's, before it sends a
-                // create again): keep its URI (a reference count) to read on a "not found".
-                let asked = (recognized.kind == RequestKind::Query).then(|| request.uri().clone());
-                ResponseFuture::observe(
+        let (weight, pool, external) = match (recognized.kind, &recognized.pool) {
+            (RequestKind::Create, Some(pool)) => (
+                recognized.weight.max(1),
+                pool.clone(),
+                recognized.external_id.clone(),
+            ),
+            (RequestKind::Query, _) => {
+                // A lookup by external id (the retry layer's, before it sends a create again)
+                // that finds nothing gives back what is held under that id: keep what it asked
+                // (a reference count) where a "not found" can mean that.
+                let asked = (recognized.generation == Some(ApiGeneration::Legacy)
+                    || !recognized.external_ids.is_empty())
+                .then(|| request.uri().path_and_query().cloned())
+                .flatten();
+                return ResponseFuture::observe(
                     self.inner.call(request),
                     self.backend.clone(),
                     self.settings.lease,
                     asked,
-                )
+                );
             }
-            _ => ResponseFuture::pass(self.inner.call(request)),
+            (RequestKind::List, _) => {
+                return ResponseFuture::observe(
+                    self.inner.call(request),
+                    self.backend.clone(),
+                    self.settings.lease,
+                    None,
+                );
+            }
+            _ => return ResponseFuture::pass(self.inner.call(request)),
+        };
+        let account = AccountId::of(&request)
+            .unwrap_or(&self.settings.default_account)
+            .clone();
+        let mut acquire = self
+            .backend
+            .acquire(SlotKey::new(account, pool.clone()), weight);
+        // The fast path: free slots and nobody ahead are granted on the first poll, so the
+        // create goes straight to the service that was made ready; no waker is needed (a
+        // create that waits is polled again with the caller's).
+        match Pin::new(&mut acquire).poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(reservation)) => ResponseFuture::create(
+                self.inner.call(request),
+                Held {
+                    reservation,
+                    backend: self.backend.clone(),
+                    lease: self.settings.lease,
+                    external,
+                    waited: Duration::ZERO,
+                },
+            ),
+            Poll::Ready(Err(error)) => ResponseFuture::failed(error.into_box()),
+            Poll::Pending => {
+                let deadline = Deadline::of(&request);
+                // Call the service that was made ready; keep a fresh clone for the next call.
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::wait(Box::new(Waiting {
+                    acquire,
+                    inner: Some(inner),
+                    request: Some(request),
+                    backend: self.backend.clone(),
+                    lease: self.settings.lease,
+                    external,
+                    pool,
+                    weight,
+                    deadline,
+                    sleep: None,
+                    since: Instant::now(),
+                }))
+            }
         }
     }
 }

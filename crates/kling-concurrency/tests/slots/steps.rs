@@ -443,3 +443,54 @@ async fn accounts_have_their_own_slots() {
     assert_eq!(snapshot.pools().len(), 2);
     assert!(snapshot.pools().iter().all(|p| p.in_use == 1));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_create_with_free_slots_is_sent_from_call_and_a_waiting_one_once_granted() {
+    let (mut svc, handle, fake) = stack(SlotsConfig::new(1));
+    svc.ready().await.unwrap();
+    let first = svc.call(create());
+    assert_eq!(
+        fake.creates(),
+        1,
+        "free slots and nobody ahead: sent from `call`"
+    );
+    let mut second = spawn(call(&mut svc, create()).await);
+    assert_eq!(fake.creates(), 1, "no free slot: not sent");
+    let response = first.await.unwrap();
+    assert!(
+        response.extensions().get::<Waited>().is_none(),
+        "nothing waited"
+    );
+    let t1 = task_id(&response);
+    assert_pending!(second.poll());
+    fake.finish(&t1);
+    send(&mut svc, get(&format!("/v1/videos/text2video/{t1}")))
+        .await
+        .unwrap();
+    assert_ready_ok!(second.poll());
+    assert_eq!(fake.creates(), 2);
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_sent_from_call_and_dropped_unpolled_keeps_its_slot_until_its_task_ends() {
+    let (mut svc, handle, fake) = stack(SlotsConfig::new(1));
+    svc.ready().await.unwrap();
+    // Handed to the inner service in `call` (which here creates the task at once): its slot
+    // stays held under its external id, as for any create dropped in flight.
+    drop(svc.call(create_with_external("e1")));
+    assert_eq!(fake.creates(), 1);
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+    // The retry layer's lookup by external id finds the task running: from now on it is
+    // known by its task id, and its end frees the slot.
+    let found = send(&mut svc, get("/v1/videos/text2video/e1"))
+        .await
+        .unwrap();
+    let t1 = task_id(&found);
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+    fake.finish(&t1);
+    send(&mut svc, get(&format!("/v1/videos/text2video/{t1}")))
+        .await
+        .unwrap();
+    assert_eq!(pool_state(&handle, &video()).await, (0, 1, 0));
+}
