@@ -1,6 +1,5 @@
 //! The [`Metrics`](crate::Metrics) response future.
 
-use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
@@ -14,8 +13,7 @@ use kling_core::metrics::{
     LABEL_CODE, LABEL_KIND, LABEL_POOL, LABEL_STATUS, REQUEST_DURATION, RESPONSES,
 };
 use kling_core::signals::{Attempt, Waited};
-use kling_core::{Outcome, Pool, RequestKind};
-use metrics::SharedString;
+use kling_core::{Outcome, RequestKind};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tracing::Span;
@@ -46,7 +44,7 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 struct Call {
     start: Instant,
     kind: RequestKind,
-    pool: Option<Pool>,
+    pool: labels::Value,
     monitor: Monitor,
 }
 
@@ -56,7 +54,7 @@ impl<F> ResponseFuture<F> {
         span: Span,
         start: Instant,
         kind: RequestKind,
-        pool: Option<Pool>,
+        pool: labels::Value,
         monitor: Monitor,
     ) -> Self {
         ResponseFuture {
@@ -82,116 +80,128 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let _entered = this.span.enter();
-        let result = ready!(this.inner.poll(cx));
+        let mut result = ready!(this.inner.poll(cx)).map_err(Into::into);
         let call = this
             .call
             .take()
             .expect("ResponseFuture polled after completion");
-        Poll::Ready(match result {
-            Ok(mut response) => {
-                call.response(&mut response, this.span);
-                Ok(response)
-            }
-            Err(error) => {
-                let error = error.into();
-                call.error(&*error, this.span);
-                Err(error)
-            }
-        })
+        // Looked at in place: a response is large enough that each move is a `memcpy`.
+        match &mut result {
+            Ok(response) => call.response(response, this.span),
+            Err(error) => call.error(&**error, this.span),
+        }
+        Poll::Ready(result)
     }
 }
 
 impl Call {
     fn response(self, response: &mut Response<Full<Bytes>>, span: &Span) {
         let status = response.status();
-        let code = match Outcome::ensure(response) {
-            Ok(outcome) => {
-                self.monitor.observe_tasks(
-                    self.kind == RequestKind::Create,
-                    self.pool.as_ref(),
-                    &outcome,
-                );
-                if !span.is_disabled() {
-                    span.record("request_id", outcome.request_id());
-                    if let [task] = outcome.tasks() {
-                        span.record("task_id", task.id.as_str());
-                    }
-                }
-                if !outcome.is_success() {
+        let (code, end) = match Outcome::of(response) {
+            Some(outcome) => self.outcome(outcome, status, span),
+            // Parsed here only when no classify step attached it.
+            None => match Outcome::ensure(response) {
+                Ok(outcome) => self.outcome(&outcome, status, span),
+                Err(malformed) => {
                     tracing::warn!(
                         target: "kling_metrics",
-                        code = outcome.code().as_i64(),
                         http_status = status.as_u16(),
-                        message = outcome.message(),
-                        request_id = outcome.request_id(),
-                        "kling call failed"
+                        reason = malformed.reason(),
+                        "kling call answered with no envelope"
                     );
+                    (labels::CodeLabel::Malformed, Instant::now())
                 }
-                if status == StatusCode::TOO_MANY_REQUESTS {
-                    self.monitor.note_rejection(outcome.code().as_i64());
-                }
-                labels::code(outcome.code())
-            }
-            Err(malformed) => {
-                tracing::warn!(
-                    target: "kling_metrics",
-                    http_status = status.as_u16(),
-                    reason = malformed.reason(),
-                    "kling call answered with no envelope"
-                );
-                Cow::Borrowed(labels::MALFORMED)
-            }
+            },
         };
         let extensions = response.extensions();
         if let Some(&Attempt(attempts)) = extensions.get::<Attempt>() {
-            span.record("attempt", attempts);
+            if !span.is_disabled() {
+                span.record("attempt", attempts);
+            }
             if attempts > 1 {
-                self.monitor
-                    .note_requests(Instant::now(), u64::from(attempts - 1));
+                self.monitor.note_requests(end, u64::from(attempts - 1));
             }
         }
-        if let Some(waited) = extensions.get::<Waited>() {
+        if !span.is_disabled()
+            && let Some(waited) = extensions.get::<Waited>()
+        {
             span.record("wait_rate_limit_s", waited.rate_limit.as_secs_f64());
             span.record("wait_slots_s", waited.slots.as_secs_f64());
         }
-        self.record(labels::status(status), code, span);
+        self.record(labels::Status::Http(status), code, end, span);
+    }
+
+    /// Reports what the response said; returns its `code` label and the call's end.
+    fn outcome(
+        &self,
+        outcome: &Outcome,
+        status: StatusCode,
+        span: &Span,
+    ) -> (labels::CodeLabel, Instant) {
+        // The classify step read the clock when the response arrived: the layers between it
+        // and this one only pass the response up, so that is the call's end. An outcome from
+        // before the call (a response replayed from a cache) is not.
+        let end = match outcome.received_at() {
+            received if received >= self.start => received,
+            _ => Instant::now(),
+        };
+        self.monitor
+            .observe_tasks(self.kind == RequestKind::Create, &self.pool, outcome, end);
+        if !span.is_disabled() {
+            span.record("request_id", outcome.request_id());
+            if let [task] = outcome.tasks() {
+                span.record("task_id", task.id.as_str());
+            }
+        }
+        if !outcome.is_success() {
+            tracing::warn!(
+                target: "kling_metrics",
+                code = outcome.code().as_i64(),
+                http_status = status.as_u16(),
+                message = outcome.message(),
+                request_id = outcome.request_id(),
+                "kling call failed"
+            );
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            self.monitor.note_rejection(outcome.code().as_i64());
+        }
+        (labels::CodeLabel::Kling(outcome.code()), end)
     }
 
     fn error(self, error: &(dyn StdError + 'static), span: &Span) {
+        let end = Instant::now();
         let (status, code) = match find_cause(error) {
             Some(Cause::Api(api)) => {
                 span.record("request_id", api.request_id());
                 if api.status() == StatusCode::TOO_MANY_REQUESTS {
                     self.monitor.note_rejection(api.code().as_i64());
                 }
-                (labels::status(api.status()), labels::code(api.code()))
+                (
+                    labels::Status::Http(api.status()),
+                    labels::CodeLabel::Kling(api.code()),
+                )
             }
             Some(Cause::Malformed(status)) => {
-                (labels::status(status), Cow::Borrowed(labels::MALFORMED))
+                (labels::Status::Http(status), labels::CodeLabel::Malformed)
             }
-            None => (
-                Cow::Borrowed(labels::NO_STATUS),
-                Cow::Borrowed(labels::NO_CODE),
-            ),
+            None => (labels::Status::None, labels::CodeLabel::None),
         };
         tracing::warn!(target: "kling_metrics", error = %error, "kling call failed");
-        self.record(status, code, span);
+        self.record(status, code, end, span);
     }
 
-    fn record(self, status: Cow<'static, str>, code: Cow<'static, str>, span: &Span) {
-        let elapsed = Instant::now().saturating_duration_since(self.start);
-        let kind = self.kind.as_str();
-        span.record("status", &*status);
-        span.record("code", &*code);
-        let seconds = elapsed.as_secs_f64();
-        // The common case: every label is `'static`, and the keys are built once per
-        // combination (see `labels::call_keys`) instead of once per call.
-        if let (Cow::Borrowed(status), Cow::Borrowed(code), Some(pool)) =
-            (&status, &code, labels::pool_static(self.pool.as_ref()))
-        {
+    fn record(self, status: labels::Status, code: labels::CodeLabel, end: Instant, span: &Span) {
+        let seconds = end.saturating_duration_since(self.start).as_secs_f64();
+        if !span.is_disabled() {
+            span.record("status", status.value().as_str());
+            span.record("code", code.value().as_str());
+        }
+        // The common case: every label value is indexed, and the keys were built by an
+        // earlier call with the same values (see `labels::call_keys`).
+        if let Some(keys) = labels::call_keys(self.kind, &self.pool, status, code) {
             static METADATA: metrics::Metadata<'static> =
                 metrics::Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
-            let keys = labels::call_keys(kind, pool, status, code);
             metrics::with_recorder(|recorder| {
                 recorder
                     .register_histogram(&keys.duration, &METADATA)
@@ -202,13 +212,13 @@ impl Call {
             });
             return;
         }
-        let status = SharedString::from(status);
-        let code = SharedString::from(code);
+        let kind = self.kind.as_str();
+        let code = code.value().to_shared();
         metrics::histogram!(
             REQUEST_DURATION,
             LABEL_KIND => kind,
-            LABEL_POOL => labels::pool(self.pool.as_ref()),
-            LABEL_STATUS => status,
+            LABEL_POOL => self.pool.to_shared(),
+            LABEL_STATUS => status.value().to_shared(),
             LABEL_CODE => code.clone(),
         )
         .record(seconds);
@@ -238,4 +248,117 @@ fn find_cause<'a>(error: &'a (dyn StdError + 'static)) -> Option<Cause<'a>> {
         current = err.source();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    //! The duration histogram runs from `call` to the arrival of the final response, read from
+    //! the classify step's `Outcome::received_at` (one clock read per call), or the clock when
+    //! that is older than the call.
+
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use kling_core::ClassifyLayer;
+    use kling_core::error::BoxError;
+    use kling_core::metrics::REQUEST_DURATION;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use tokio::time::{Instant, advance, sleep};
+    use tower::{Layer, ServiceExt, service_fn};
+
+    use super::*;
+    use crate::MetricsLayer;
+
+    const OK: &str = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":null}"#;
+
+    fn ok() -> Response<Full<Bytes>> {
+        Response::new(Full::new(Bytes::from_static(OK.as_bytes())))
+    }
+
+    fn query() -> http::Request<Full<Bytes>> {
+        http::Request::get("/v1/videos/text2video/1")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    }
+
+    /// Sends `request` through `service` with a fresh recorder; returns the one duration.
+    async fn duration<S>(service: S) -> f64
+    where
+        S: tower_service::Service<
+                http::Request<Full<Bytes>>,
+                Response = Response<Full<Bytes>>,
+                Error = BoxError,
+            >,
+    {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _guard = metrics::set_default_local_recorder(&recorder);
+        let _ = service.oneshot(query()).await;
+        let samples: Vec<f64> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, ..)| key.key().name() == REQUEST_DURATION)
+            .flat_map(|(.., value)| match value {
+                DebugValue::Histogram(samples) => samples.into_iter().map(|s| s.into_inner()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(samples.len(), 1, "{samples:?}");
+        samples[0]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_duration_runs_from_call_to_the_arrival_of_the_response() {
+        let slow = service_fn(|_req: http::Request<Full<Bytes>>| async {
+            sleep(Duration::from_secs(3)).await;
+            Ok::<_, BoxError>(ok())
+        });
+        let stack = MetricsLayer::new().layer(ClassifyLayer::new().layer(slow));
+        assert_eq!(duration(stack).await, 3.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_classify_step_the_layer_reads_the_response_when_it_arrives() {
+        let slow = service_fn(|_req: http::Request<Full<Bytes>>| async {
+            sleep(Duration::from_secs(2)).await;
+            Ok::<_, BoxError>(ok())
+        });
+        assert_eq!(duration(MetricsLayer::new().layer(slow)).await, 2.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_read_before_the_call_is_timed_by_the_clock() {
+        // A response replayed from a cache: its outcome was read 5 s before the call.
+        let mut cached = ok();
+        let outcome = Outcome::parse(
+            StatusCode::OK,
+            cached.headers(),
+            OK.as_bytes(),
+            Instant::now(),
+        )
+        .unwrap();
+        cached.extensions_mut().insert(outcome);
+        advance(Duration::from_secs(5)).await;
+        let replay = service_fn(move |_req: http::Request<Full<Bytes>>| {
+            let cached = cached.clone();
+            async move {
+                sleep(Duration::from_secs(2)).await;
+                Ok::<_, BoxError>(cached)
+            }
+        });
+        // 2 s, not the 0 s a duration up to the outcome's read would give.
+        assert_eq!(duration(MetricsLayer::new().layer(replay)).await, 2.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_error_is_timed_by_the_clock() {
+        let failing = service_fn(|_req: http::Request<Full<Bytes>>| async {
+            sleep(Duration::from_secs(4)).await;
+            Err::<Response<Full<Bytes>>, BoxError>("connection reset".into())
+        });
+        let stack = MetricsLayer::new().layer(ClassifyLayer::new().layer(failing));
+        assert_eq!(duration(stack).await, 4.0);
+    }
 }

@@ -1,12 +1,14 @@
-//! Label values as `'static` strings where possible, so the common path builds no `String`.
+//! Label values as `'static` strings where possible, and the metric keys of every combination
+//! of them built once, so the common path builds no `String`, no label vector and hashes no
+//! label.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::RwLock;
+use std::sync::{OnceLock, RwLock};
 
-use kling_core::{Code, Pool, TaskStatus};
+use kling_core::{Code, Product, RequestKind, TaskStatus};
 use metrics::{Key, Label, SharedString};
+
+use crate::route::PoolRef;
 
 /// The `status` label of a call that ended without an HTTP response.
 pub(crate) const NO_STATUS: &str = "error";
@@ -15,55 +17,170 @@ pub(crate) const NO_CODE: &str = "error";
 /// The `code` label of a response whose body was not a Kling envelope.
 pub(crate) const MALFORMED: &str = "malformed";
 
-/// An HTTP status as a label value, `'static` for the common ones.
-pub(crate) fn status(status: http::StatusCode) -> Cow<'static, str> {
-    let text = match status.as_u16() {
-        200 => "200",
-        201 => "201",
-        204 => "204",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        408 => "408",
-        429 => "429",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
-        other => return Cow::Owned(other.to_string()),
-    };
-    Cow::Borrowed(text)
+/// The `status` values with an index (the common HTTP statuses, then [`NO_STATUS`]).
+const STATUSES: [&str; 14] = [
+    "200", "201", "204", "400", "401", "403", "404", "408", "429", "500", "502", "503", "504",
+    NO_STATUS,
+];
+
+/// The `code` values with an index (the documented codes, then [`NO_CODE`] and [`MALFORMED`]).
+const CODES: [&str; 24] = [
+    "0", "1000", "1001", "1002", "1003", "1004", "1100", "1101", "1102", "1103", "1200", "1201",
+    "1202", "1203", "1300", "1301", "1302", "1303", "1304", "5000", "5001", "5002", NO_CODE,
+    MALFORMED,
+];
+
+/// The `kind` values with an index, in [`kind_index`] order.
+const KINDS: usize = 5;
+/// Pools with an index: none (`""`), the three products, then interned model pools.
+const POOLS: usize = 64;
+/// Pool indices taken by no pool and the three products.
+const FIXED_POOLS: usize = 4;
+/// Model pools labelled from an interned `'static` string at most; later ones allocate theirs.
+const MAX_MODEL_POOLS: usize = POOLS - FIXED_POOLS;
+/// Longer model names are not interned (a path segment is caller input).
+const MAX_MODEL_LEN: usize = 64;
+
+/// A label value: `'static` text with its index in its fixed set, or text built for this call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Value {
+    text: Cow<'static, str>,
+    /// Set only for `Cow::Borrowed` text.
+    index: Option<u16>,
 }
 
-/// A Kling business code as a label value, `'static` for the documented ones.
-pub(crate) fn code(code: Code) -> Cow<'static, str> {
-    let text = match code.as_i64() {
-        0 => "0",
-        1000 => "1000",
-        1001 => "1001",
-        1002 => "1002",
-        1003 => "1003",
-        1004 => "1004",
-        1100 => "1100",
-        1101 => "1101",
-        1102 => "1102",
-        1103 => "1103",
-        1200 => "1200",
-        1201 => "1201",
-        1202 => "1202",
-        1203 => "1203",
-        1300 => "1300",
-        1301 => "1301",
-        1302 => "1302",
-        1303 => "1303",
-        1304 => "1304",
-        5000 => "5000",
-        5001 => "5001",
-        5002 => "5002",
-        other => return Cow::Owned(other.to_string()),
-    };
-    Cow::Borrowed(text)
+impl Value {
+    const fn fixed(text: &'static str, index: usize) -> Value {
+        Value {
+            text: Cow::Borrowed(text),
+            index: Some(index as u16),
+        }
+    }
+
+    fn built(text: String) -> Value {
+        Value {
+            text: Cow::Owned(text),
+            index: None,
+        }
+    }
+
+    /// The label text.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The text and index, when the value is one of its fixed set.
+    fn indexed(&self) -> Option<(&'static str, usize)> {
+        match (&self.text, self.index) {
+            (Cow::Borrowed(text), Some(index)) => Some((text, usize::from(index))),
+            _ => None,
+        }
+    }
+
+    /// As a `metrics` label value (no copy of a `'static` text).
+    pub(crate) fn to_shared(&self) -> SharedString {
+        match &self.text {
+            Cow::Borrowed(text) => SharedString::const_str(text),
+            Cow::Owned(text) => SharedString::from(text.clone()),
+        }
+    }
+}
+
+/// A call's `status` label: its HTTP status, or none (it ended without a response).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Status {
+    Http(http::StatusCode),
+    None,
+}
+
+impl Status {
+    /// The index in [`STATUSES`], for the common statuses.
+    fn index(self) -> Option<usize> {
+        let http = match self {
+            Status::Http(http) => http,
+            Status::None => return Some(13),
+        };
+        Some(match http.as_u16() {
+            200 => 0,
+            201 => 1,
+            204 => 2,
+            400 => 3,
+            401 => 4,
+            403 => 5,
+            404 => 6,
+            408 => 7,
+            429 => 8,
+            500 => 9,
+            502 => 10,
+            503 => 11,
+            504 => 12,
+            _ => return None,
+        })
+    }
+
+    /// The label value (built only for a span or an uncommon status).
+    pub(crate) fn value(self) -> Value {
+        match (self.index(), self) {
+            (Some(at), _) => Value::fixed(STATUSES[at], at),
+            (None, Status::Http(http)) => Value::built(http.as_u16().to_string()),
+            (None, Status::None) => Value::built(NO_STATUS.to_owned()),
+        }
+    }
+}
+
+/// A call's `code` label: the Kling business code, none (no envelope: a transport error, a
+/// timeout) or malformed (a body that was no envelope).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CodeLabel {
+    Kling(Code),
+    None,
+    Malformed,
+}
+
+impl CodeLabel {
+    /// The index in [`CODES`], for the documented codes.
+    fn index(self) -> Option<usize> {
+        let code = match self {
+            CodeLabel::Kling(code) => code,
+            CodeLabel::None => return Some(22),
+            CodeLabel::Malformed => return Some(23),
+        };
+        Some(match code.as_i64() {
+            0 => 0,
+            1000 => 1,
+            1001 => 2,
+            1002 => 3,
+            1003 => 4,
+            1004 => 5,
+            1100 => 6,
+            1101 => 7,
+            1102 => 8,
+            1103 => 9,
+            1200 => 10,
+            1201 => 11,
+            1202 => 12,
+            1203 => 13,
+            1300 => 14,
+            1301 => 15,
+            1302 => 16,
+            1303 => 17,
+            1304 => 18,
+            5000 => 19,
+            5001 => 20,
+            5002 => 21,
+            _ => return None,
+        })
+    }
+
+    /// The label value (built only for a span or an undocumented code).
+    pub(crate) fn value(self) -> Value {
+        match (self.index(), self) {
+            (Some(at), _) => Value::fixed(CODES[at], at),
+            (None, CodeLabel::Kling(code)) => Value::built(code.as_i64().to_string()),
+            (None, CodeLabel::None) => Value::built(NO_CODE.to_owned()),
+            (None, CodeLabel::Malformed) => Value::built(MALFORMED.to_owned()),
+        }
+    }
 }
 
 /// A task status as a label value, `'static` for the known ones.
@@ -80,49 +197,113 @@ pub(crate) fn task_status(status: &TaskStatus) -> SharedString {
     SharedString::const_str(text)
 }
 
-/// A pool as a label value: empty for requests that draw from no pool.
-pub(crate) fn pool(pool: Option<&Pool>) -> SharedString {
+/// A pool as a label value: empty for requests that draw from no pool, `video:kling-3.0` for a
+/// model's pool (the `Display` of [`kling_core::Pool`]).
+pub(crate) fn pool(pool: PoolRef<'_>) -> Value {
     match pool {
-        None => SharedString::const_str(""),
-        Some(pool) if pool.model().is_none() => SharedString::const_str(pool.product().as_str()),
-        Some(pool) => SharedString::from(pool.to_string()),
+        PoolRef::None => Value::fixed("", 0),
+        PoolRef::Product(product) => match product {
+            Product::Video => Value::fixed(Product::Video.as_str(), 1),
+            Product::Image => Value::fixed(Product::Image.as_str(), 2),
+            Product::TryOn => Value::fixed(Product::TryOn.as_str(), 3),
+            other => Value {
+                text: Cow::Borrowed(other.as_str()),
+                index: None,
+            },
+        },
+        PoolRef::Model(product, model) => model_pool(product, model),
     }
 }
 
-/// A pool as a `'static` label value, when it has one (no pool, or a legacy pool).
-pub(crate) fn pool_static(pool: Option<&Pool>) -> Option<&'static str> {
-    match pool {
-        None => Some(""),
-        Some(pool) if pool.model().is_none() => Some(pool.product().as_str()),
-        Some(_) => None,
+/// Model pool labels seen so far, leaked once each (at most [`MAX_MODEL_POOLS`] of at most
+/// [`MAX_MODEL_LEN`] bytes): index `FIXED_POOLS + position`.
+static MODEL_POOLS: RwLock<Vec<&'static str>> = RwLock::new(Vec::new());
+
+fn model_pool(product: Product, model: &str) -> Value {
+    let product = product.as_str();
+    let is_label = |label: &&'static str| {
+        label.len() == product.len() + 1 + model.len()
+            && label.starts_with(product)
+            && label.as_bytes()[product.len()] == b':'
+            && label.ends_with(model)
+    };
+    let found = |pools: &[&'static str]| {
+        pools
+            .iter()
+            .position(is_label)
+            .map(|at| Value::fixed(pools[at], FIXED_POOLS + at))
+    };
+    if let Some(value) = found(&MODEL_POOLS.read().unwrap_or_else(|e| e.into_inner())) {
+        return value;
+    }
+    if model.len() <= MAX_MODEL_LEN {
+        let mut pools = MODEL_POOLS.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(value) = found(&pools) {
+            return value;
+        }
+        if pools.len() < MAX_MODEL_POOLS {
+            let label: &'static str = Box::leak(format!("{product}:{model}").into_boxed_str());
+            pools.push(label);
+            return Value::fixed(label, FIXED_POOLS + pools.len() - 1);
+        }
+    }
+    Value::built(format!("{product}:{model}"))
+}
+
+/// The index of a request kind in the key table.
+fn kind_index(kind: RequestKind) -> Option<usize> {
+    match kind {
+        RequestKind::Create => Some(0),
+        RequestKind::Query => Some(1),
+        RequestKind::List => Some(2),
+        RequestKind::Account => Some(3),
+        RequestKind::Other => Some(4),
+        _ => None,
     }
 }
 
-/// The metric keys of one finished call whose labels are all `'static`: the
+/// The metric keys of one finished call whose labels are all indexed: the
 /// [`REQUEST_DURATION`](kling_core::metrics::REQUEST_DURATION) histogram's and the
 /// [`RESPONSES`](kling_core::metrics::RESPONSES) counter's.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(crate) struct CallKeys {
     pub(crate) duration: Key,
     pub(crate) responses: Key,
 }
 
-/// Identifies a combination of `'static` label values by their addresses and lengths: equal
-/// ones are equal strings (two addresses of one string only make two equal entries).
-type ComboId = [(usize, usize); 4];
-
-/// Call keys by label combination, built once per combination so that a call builds no label
-/// vector and hashes no label. Only keys are cached, never metric handles: the recorder a
-/// handle comes from may change (a thread-local recorder in a test), a key does not.
+/// Per (kind, pool), the call keys per (status, code), each built on first use, so a call
+/// finds its keys by index: no lock, no hash, no clone. Only keys are cached, never metric
+/// handles: the recorder a handle comes from may change (a thread-local recorder in a test),
+/// a key does not.
 ///
-/// The label arrays are leaked to get the `'static` slices a cheaply cloned [`Key`] needs; the
-/// combinations of `'static` values are finite (5 kinds × 4 pools × 13 statuses × 23 codes at
-/// the very most), so the leak is bounded.
-static CALL_KEYS: RwLock<HashMap<ComboId, CallKeys, BuildHasherDefault<ComboHasher>>> =
-    RwLock::new(HashMap::with_hasher(BuildHasherDefault::new()));
+/// The label arrays are leaked to get the `'static` slices a [`Key`] borrows; the combinations
+/// are finite (5 kinds × 64 pools × 14 statuses × 24 codes at the very most), so the leak is
+/// bounded.
+static CALL_KEYS: [OnceLock<Box<[OnceLock<CallKeys>]>>; KINDS * POOLS] =
+    [const { OnceLock::new() }; KINDS * POOLS];
 
-/// The call keys of a combination of `'static` label values.
+/// The call keys of a combination of label values, when every one is indexed.
 pub(crate) fn call_keys(
+    kind: RequestKind,
+    pool: &Value,
+    status: Status,
+    code: CodeLabel,
+) -> Option<&'static CallKeys> {
+    let kind_at = kind_index(kind)?;
+    let (pool, pool_at) = pool.indexed()?;
+    let status_at = status.index()?;
+    let code_at = code.index()?;
+    let table = CALL_KEYS[kind_at * POOLS + pool_at].get_or_init(|| {
+        (0..STATUSES.len() * CODES.len())
+            .map(|_| OnceLock::new())
+            .collect()
+    });
+    let keys = table[status_at * CODES.len() + code_at]
+        .get_or_init(|| build_keys(kind.as_str(), pool, STATUSES[status_at], CODES[code_at]));
+    Some(keys)
+}
+
+fn build_keys(
     kind: &'static str,
     pool: &'static str,
     status: &'static str,
@@ -131,14 +312,6 @@ pub(crate) fn call_keys(
     use kling_core::metrics::{
         LABEL_CODE, LABEL_KIND, LABEL_POOL, LABEL_STATUS, REQUEST_DURATION, RESPONSES,
     };
-    let id = [kind, pool, status, code].map(|s| (s.as_ptr() as usize, s.len()));
-    if let Some(keys) = CALL_KEYS
-        .read()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .get(&id)
-    {
-        return keys.clone();
-    }
     let duration: &'static [Label] = Box::leak(Box::new([
         Label::from_static_parts(LABEL_KIND, kind),
         Label::from_static_parts(LABEL_POOL, pool),
@@ -149,64 +322,150 @@ pub(crate) fn call_keys(
         Label::from_static_parts(LABEL_KIND, kind),
         Label::from_static_parts(LABEL_CODE, code),
     ]));
-    let keys = CallKeys {
+    CallKeys {
         duration: Key::from_static_parts(REQUEST_DURATION, duration),
         responses: Key::from_static_parts(RESPONSES, responses),
-    };
-    CALL_KEYS
-        .write()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .entry(id)
-        .or_insert(keys)
-        .clone()
-}
-
-/// A multiplicative hasher for [`ComboId`]s (four machine words; no hostile input).
-#[derive(Default)]
-struct ComboHasher(u64);
-
-impl Hasher for ComboHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.write_u64(u64::from(byte));
-        }
-    }
-
-    fn write_usize(&mut self, word: usize) {
-        self.write_u64(word as u64);
-    }
-
-    fn write_u64(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kling_core::Product;
 
     #[test]
     fn label_values_read_as_numbers_and_names() {
         for documented in Code::DOCUMENTED {
-            assert_eq!(&*code(documented), documented.as_i64().to_string());
+            let value = CodeLabel::Kling(documented).value();
+            assert_eq!(value.as_str(), documented.as_i64().to_string());
+            assert!(value.indexed().is_some(), "{documented:?}");
         }
-        assert_eq!(&*code(Code::from_i64(4242)), "4242");
+        assert_eq!(
+            CodeLabel::Kling(Code::from_i64(4242)).value(),
+            Value::built("4242".into())
+        );
+        assert_eq!(CodeLabel::None.value().as_str(), NO_CODE);
+        assert_eq!(CodeLabel::Malformed.value().as_str(), MALFORMED);
         for s in [
             200u16, 201, 204, 400, 401, 403, 404, 408, 418, 429, 500, 502, 503, 504,
         ] {
             let status = http::StatusCode::from_u16(s).unwrap();
-            assert_eq!(&*super::status(status), s.to_string());
+            assert_eq!(Status::Http(status).value().as_str(), s.to_string());
         }
-        assert_eq!(&*pool(None), "");
-        assert_eq!(&*pool(Some(&Pool::new(Product::TryOn))), "try-on");
+        assert_eq!(Status::Http(http::StatusCode::IM_A_TEAPOT).index(), None);
+        assert_eq!(Status::None.value().as_str(), NO_STATUS);
+        assert_eq!(pool(PoolRef::None).as_str(), "");
+        assert_eq!(pool(PoolRef::Product(Product::TryOn)).as_str(), "try-on");
         assert_eq!(
-            &*pool(Some(&Pool::with_model(Product::Video, "kling-3.0"))),
+            pool(PoolRef::Model(Product::Video, "kling-3.0")).as_str(),
             "video:kling-3.0"
         );
+    }
+
+    #[test]
+    fn every_indexed_value_is_its_table_entry() {
+        let statuses = (100..600).filter_map(|s| http::StatusCode::from_u16(s).ok());
+        let mut indexed = 0;
+        for label in statuses.map(Status::Http).chain([Status::None]) {
+            if let Some(at) = label.index() {
+                assert_eq!(label.value().indexed(), Some((STATUSES[at], at)));
+                indexed += 1;
+            }
+        }
+        assert_eq!(indexed, STATUSES.len(), "every status has one index");
+        let mut indexed = 0;
+        for label in Code::DOCUMENTED
+            .into_iter()
+            .map(CodeLabel::Kling)
+            .chain([CodeLabel::None, CodeLabel::Malformed])
+        {
+            let at = label.index().expect("indexed");
+            assert_eq!(label.value().indexed(), Some((CODES[at], at)));
+            indexed += 1;
+        }
+        assert_eq!(indexed, CODES.len(), "every code has one index");
+    }
+
+    #[test]
+    fn model_pools_are_interned_up_to_the_limit_then_built() {
+        let first = pool(PoolRef::Model(Product::Image, "interned-test-0"));
+        let (text, at) = first.indexed().expect("interned");
+        assert_eq!(text, "image:interned-test-0");
+        assert!(at >= FIXED_POOLS);
+        // The same model of another product is another pool.
+        let other = pool(PoolRef::Model(Product::Video, "interned-test-0"));
+        assert_eq!(other.as_str(), "video:interned-test-0");
+        assert_ne!(other.indexed(), first.indexed());
+        assert_eq!(
+            pool(PoolRef::Model(Product::Image, "interned-test-0")),
+            first
+        );
+        let long = "m".repeat(MAX_MODEL_LEN + 1);
+        let built = pool(PoolRef::Model(Product::Video, &long));
+        assert_eq!(
+            (built.as_str(), built.indexed()),
+            (&*format!("video:{long}"), None)
+        );
+        for n in 0..MAX_MODEL_POOLS {
+            let value = pool(PoolRef::Model(
+                Product::TryOn,
+                &format!("interned-test-{n}"),
+            ));
+            assert_eq!(value.as_str(), format!("try-on:interned-test-{n}"));
+            if let Some((_, at)) = value.indexed() {
+                assert!(at < POOLS);
+            }
+        }
+        let past = pool(PoolRef::Model(Product::TryOn, "interned-test-past"));
+        assert_eq!(past.as_str(), "try-on:interned-test-past");
+        assert_eq!(past.indexed(), None, "the table is full");
+    }
+
+    #[test]
+    fn call_keys_carry_the_label_values_and_are_built_once() {
+        let video = pool(PoolRef::Product(Product::Video));
+        let ok = Status::Http(http::StatusCode::OK);
+        let success = CodeLabel::Kling(Code::Success);
+        let keys = call_keys(RequestKind::Create, &video, ok, success).unwrap();
+        let labels: Vec<_> = keys
+            .duration
+            .labels()
+            .map(|l| (l.key(), l.value()))
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                ("kind", "create"),
+                ("pool", "video"),
+                ("status", "200"),
+                ("code", "0")
+            ]
+        );
+        assert_eq!(keys.duration.name(), kling_core::metrics::REQUEST_DURATION);
+        assert_eq!(keys.responses.name(), kling_core::metrics::RESPONSES);
+        let labels: Vec<_> = keys
+            .responses
+            .labels()
+            .map(|l| (l.key(), l.value()))
+            .collect();
+        assert_eq!(labels, [("kind", "create"), ("code", "0")]);
+        let again = call_keys(RequestKind::Create, &video, ok, success).unwrap();
+        assert!(std::ptr::eq(keys, again));
+        let query = call_keys(
+            RequestKind::Query,
+            &pool(PoolRef::None),
+            Status::None,
+            CodeLabel::None,
+        );
+        let labels: Vec<_> = query
+            .unwrap()
+            .duration
+            .labels()
+            .map(|l| l.value())
+            .collect();
+        assert_eq!(labels, ["query", "", "error", "error"]);
+        let teapot = Status::Http(http::StatusCode::IM_A_TEAPOT);
+        assert!(call_keys(RequestKind::Query, &video, teapot, CodeLabel::Malformed).is_none());
+        let unknown = CodeLabel::Kling(Code::from_i64(4242));
+        assert!(call_keys(RequestKind::Query, &video, ok, unknown).is_none());
     }
 }

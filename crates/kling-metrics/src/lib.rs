@@ -70,6 +70,7 @@ mod layer;
 mod monitor;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
+mod route;
 mod service;
 mod snapshot;
 

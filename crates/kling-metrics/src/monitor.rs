@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use kling_core::metrics::{LABEL_POOL, LABEL_STATUS, TASK_LIFETIME, TASKS_FINISHED};
-use kling_core::{Outcome, Pool, TaskStatus};
+use kling_core::{Outcome, TaskStatus};
 use metrics::SharedString;
 use tokio::time::Instant;
 
@@ -181,13 +181,67 @@ struct Inner {
     hook: Option<Hook>,
     rejections: Mutex<BTreeMap<i64, u64>>,
     /// Tracked tasks by id; foldhash rather than SipHash (two hashes per task on the hot path).
-    tasks: Mutex<HashMap<String, Tracked, foldhash::fast::RandomState>>,
+    tasks: Mutex<HashMap<TaskKey, Tracked, foldhash::fast::RandomState>>,
     max_tracked_tasks: usize,
     record_task_metrics: bool,
     created: AtomicU64,
     finished: AtomicU64,
     failed: AtomicU64,
     sources: RwLock<Vec<Arc<dyn SnapshotSource>>>,
+}
+
+/// A tracked task's id: inline when short (Kling's ids are 18 to 36 bytes), so tracking a
+/// task allocates nothing. Hashed and compared as its bytes, so a map of them is searched with
+/// a `&[u8]`.
+enum TaskKey {
+    Inline { len: u8, bytes: [u8; INLINE_ID] },
+    Heap(Box<[u8]>),
+}
+
+/// The longest task id kept inline.
+const INLINE_ID: usize = 46;
+
+impl TaskKey {
+    fn new(id: &str) -> TaskKey {
+        let id = id.as_bytes();
+        if id.len() > INLINE_ID {
+            return TaskKey::Heap(id.into());
+        }
+        let mut bytes = [0; INLINE_ID];
+        bytes[..id.len()].copy_from_slice(id);
+        TaskKey::Inline {
+            len: id.len() as u8,
+            bytes,
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            TaskKey::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            TaskKey::Heap(bytes) => bytes,
+        }
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for TaskKey {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl PartialEq for TaskKey {
+    fn eq(&self, other: &TaskKey) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for TaskKey {}
+
+impl std::hash::Hash for TaskKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `[u8]` hashes, so `Borrow<[u8]>` finds it.
+        self.as_bytes().hash(state);
+    }
 }
 
 /// A created task whose end is awaited.
@@ -264,7 +318,7 @@ impl Monitor {
         if !status.is_terminal() {
             return false;
         }
-        let tracked = lock(&self.inner.tasks).remove(task_id);
+        let tracked = lock(&self.inner.tasks).remove(task_id.as_bytes());
         match tracked {
             Some(tracked) => {
                 self.record_end(tracked, status, Instant::now());
@@ -293,16 +347,21 @@ impl Monitor {
     }
 
     /// Tracks the tasks a successful create made, and ends tracked tasks a response reports
-    /// terminal.
-    pub(crate) fn observe_tasks(&self, is_create: bool, pool: Option<&Pool>, outcome: &Outcome) {
+    /// terminal; `now` is when the response arrived.
+    pub(crate) fn observe_tasks(
+        &self,
+        is_create: bool,
+        pool: &labels::Value,
+        outcome: &Outcome,
+        now: Instant,
+    ) {
         let tasks = outcome.tasks();
         let create = is_create && outcome.is_success() && !tasks.is_empty();
         if !create && !tasks.iter().any(|t| t.status.is_terminal()) {
             return;
         }
-        let now = Instant::now();
         if create {
-            let pool = labels::pool(pool);
+            let pool = pool.to_shared();
             let mut tracked = lock(&self.inner.tasks);
             for task in tasks {
                 self.inner.created.fetch_add(1, Ordering::Relaxed);
@@ -313,14 +372,14 @@ impl Monitor {
                 if task.status.is_terminal() {
                     self.record_end(entry, &task.status, now);
                 } else if tracked.len() < self.inner.max_tracked_tasks {
-                    tracked.insert(task.id.clone(), entry);
+                    tracked.insert(TaskKey::new(&task.id), entry);
                 }
             }
             return;
         }
         if let [task] = tasks {
             // One task (a query): no list of ended tasks to build.
-            let ended = lock(&self.inner.tasks).remove(&task.id);
+            let ended = lock(&self.inner.tasks).remove(task.id.as_bytes());
             if let Some(entry) = ended {
                 self.record_end(entry, &task.status, now);
             }
@@ -331,7 +390,11 @@ impl Monitor {
             tasks
                 .iter()
                 .filter(|t| t.status.is_terminal())
-                .filter_map(|t| tracked.remove(&t.id).map(|entry| (entry, &t.status)))
+                .filter_map(|t| {
+                    tracked
+                        .remove(t.id.as_bytes())
+                        .map(|entry| (entry, &t.status))
+                })
                 .collect()
         };
         for (entry, status) in ended {
@@ -543,6 +606,76 @@ impl RateWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn outcome(id: &str, status: &str) -> Outcome {
+        let body = format!(
+            r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":{{"task_id":"{id}","task_status":"{status}"}}}}"#
+        );
+        Outcome::parse(
+            http::StatusCode::OK,
+            &http::HeaderMap::new(),
+            body.as_bytes(),
+            Instant::now(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn task_keys_are_their_bytes_inline_or_not() {
+        let long = "y".repeat(INLINE_ID + 1);
+        for id in ["7", "ab", "ab\0", &"x".repeat(INLINE_ID), &long, "é"] {
+            let key = TaskKey::new(id);
+            assert_eq!(key.as_bytes(), id.as_bytes());
+            assert_eq!(matches!(key, TaskKey::Heap(_)), id.len() > INLINE_ID);
+        }
+        assert!(TaskKey::new("ab") != TaskKey::new("ab\0"));
+        let mut map: HashMap<TaskKey, u8, foldhash::fast::RandomState> = HashMap::default();
+        map.insert(TaskKey::new("ab"), 1);
+        map.insert(TaskKey::new(&long), 2);
+        assert_eq!(map.get(b"ab".as_slice()), Some(&1));
+        assert_eq!(map.get(long.as_bytes()), Some(&2));
+        assert_eq!(map.get(b"ab\0".as_slice()), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tasks_are_tracked_until_they_end_whatever_the_length_of_their_id() {
+        let monitor = Monitor::default();
+        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let ids = [
+            "7".to_owned(),
+            "x".repeat(INLINE_ID),
+            "y".repeat(INLINE_ID + 1),
+            "é".repeat(40),
+        ];
+        for id in &ids {
+            monitor.observe_tasks(true, &video, &outcome(id, "submitted"), Instant::now());
+        }
+        assert_eq!(monitor.snapshot().tasks.running, 4);
+        // A query is no create: an unknown id is not tracked, a running one stays.
+        monitor.observe_tasks(
+            false,
+            &video,
+            &outcome("unknown", "succeed"),
+            Instant::now(),
+        );
+        monitor.observe_tasks(
+            false,
+            &video,
+            &outcome(&ids[0], "processing"),
+            Instant::now(),
+        );
+        for (n, id) in ids.iter().enumerate() {
+            let end = if n % 2 == 0 { "succeed" } else { "failed" };
+            monitor.observe_tasks(false, &video, &outcome(id, end), Instant::now());
+            // Seen ending twice, counted once.
+            monitor.observe_tasks(false, &video, &outcome(id, end), Instant::now());
+        }
+        let tasks = monitor.snapshot().tasks;
+        assert_eq!(
+            (tasks.created, tasks.finished, tasks.failed, tasks.running),
+            (4, 4, 2, 0)
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_window_forgets_requests_older_than_a_minute() {

@@ -5,15 +5,15 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
+use kling_core::PeekBody;
 use kling_core::error::BoxError;
 use kling_core::signals::Attempt;
-use kling_core::{PeekBody, Recognized};
 use tokio::time::Instant;
 use tower_service::Service;
 use tracing::field::Empty;
 
-use crate::Monitor;
 use crate::future::ResponseFuture;
+use crate::{Monitor, labels, route};
 
 /// Measures each call and reports it through the `metrics` facade, a `tracing` span and its
 /// [`Monitor`]. See [`MetricsLayer`](crate::MetricsLayer) and the crate docs.
@@ -72,19 +72,22 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        // The call's only clock read when a classify step timed the response (its arrival is
+        // the call's end, see `ResponseFuture`).
         let start = Instant::now();
-        let recognized = Recognized::of(&mut request);
-        let kind = recognized.kind;
-        let pool = recognized.pool.clone();
-        let attempt = request.extensions().get::<Attempt>().map(|a| a.0);
-        // Only what the request *is*: never its headers, URI query or body.
+        // The kind and pool from the path (or a cached recognition): no allocation, and the
+        // layers below recognise the request when they need more.
+        let (kind, pool) = route::of(&request);
+        let pool = labels::pool(pool);
+        // Only what the request *is*: never its headers, URI query or body. The field values
+        // are only computed when the span is enabled.
         let span = tracing::info_span!(
             target: "kling_metrics",
             "kling.request",
             kind = kind.as_str(),
-            pool = pool.as_ref().map(display),
-            attempt,
+            pool = (!pool.as_str().is_empty()).then(|| display(pool.as_str())),
+            attempt = Attempt::of(&request),
             status = Empty,
             code = Empty,
             request_id = Empty,

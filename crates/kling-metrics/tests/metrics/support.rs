@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -107,9 +107,24 @@ impl Captured {
 }
 
 /// A `tracing` subscriber that keeps every span (with later `record`s) and every event.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(crate) struct Capture {
     inner: Arc<Mutex<CaptureState>>,
+}
+
+impl Default for Capture {
+    fn default() -> Self {
+        // While at most one dispatcher exists, tracing-core computes a callsite's interest
+        // from the dispatcher of the thread that first hits it: a callsite first hit by a test
+        // without a subscriber while this capture is set would be cached as "never", and the
+        // capture would miss it. A second, process-wide dispatcher makes tracing-core ask every
+        // dispatcher ("sometimes"), so each thread's own decides.
+        static SECOND: OnceLock<tracing::Dispatch> = OnceLock::new();
+        SECOND.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::new()));
+        Capture {
+            inner: Arc::default(),
+        }
+    }
 }
 
 #[derive(Default)]
