@@ -38,6 +38,7 @@
 
 use std::time::Duration;
 
+use crate::timeout::AttemptTimeoutLayer;
 use kling_concurrency::{InFlightLayer, TaskSlotsLayer};
 use kling_core::ClassifyLayer;
 use kling_metrics::{MetricsLayer, Monitor};
@@ -45,7 +46,6 @@ use kling_ratelimit::GcraLayer;
 use kling_retry::RetryLayer;
 use tower::ServiceBuilder;
 use tower::layer::util::Stack;
-use tower::timeout::TimeoutLayer;
 
 use crate::auth::{AuthLayer, Credentials};
 use crate::base_url::BaseUrlLayer;
@@ -81,8 +81,8 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     /// An [`AuthLayer`] for `credentials`.
     fn kling_auth(self, credentials: Credentials) -> ServiceBuilder<Stack<AuthLayer, L>>;
 
-    /// A per-attempt `tower::timeout` (put it right above [`classify`](Self::classify)).
-    fn attempt_timeout(self, timeout: Duration) -> ServiceBuilder<Stack<TimeoutLayer, L>>;
+    /// A per-attempt [`AttemptTimeoutLayer`] (put it right above [`classify`](Self::classify)).
+    fn attempt_timeout(self, timeout: Duration) -> ServiceBuilder<Stack<AttemptTimeoutLayer, L>>;
 
     /// kling-core's [`ClassifyLayer`] with the default body limit.
     fn classify(self) -> ServiceBuilder<Stack<ClassifyLayer, L>>;
@@ -125,8 +125,8 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self.layer(AuthLayer::new(credentials))
     }
 
-    fn attempt_timeout(self, timeout: Duration) -> ServiceBuilder<Stack<TimeoutLayer, L>> {
-        self.layer(TimeoutLayer::new(timeout))
+    fn attempt_timeout(self, timeout: Duration) -> ServiceBuilder<Stack<AttemptTimeoutLayer, L>> {
+        self.layer(AttemptTimeoutLayer::new(timeout))
     }
 
     fn classify(self) -> ServiceBuilder<Stack<ClassifyLayer, L>> {

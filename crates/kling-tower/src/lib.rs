@@ -86,6 +86,7 @@ pub mod gateway;
 pub mod preset;
 pub mod spend;
 pub mod stack;
+pub mod timeout;
 pub mod webhook;
 
 pub use auth::{AuthLayer, Credentials};

@@ -14,8 +14,12 @@
 //! | [`Tier::Enterprise`] | 10 (set yours) | no cap (set yours) | none |
 //! | [`Tier::ResourcePack`] | video 20, image 9, try-on 20 | no cap | none |
 //!
-//! Every preset paces at a GCRA burst of 1 with a 5% headroom under the rate, so network jitter
-//! does not turn into 1302s.
+//! Every preset paces at a GCRA burst of 1, each request at least the rate's interval plus a
+//! [jitter allowance](StackConfig::jitter_allowance) (15 ms) after the one before, so network
+//! and scheduling jitter do not turn into 1302s. The allowance is real time: it does not shrink
+//! with the [speed factor](StackConfig::speed), because jitter does not, and it costs the least
+//! where the rate is lowest (0.25% of the Free tier's 6 s interval, 1.5% of Pro's 1 s). A
+//! proportional [`headroom`](StackConfig::headroom) (default 0) can be added on top.
 //!
 //! # Speed factor
 //!
@@ -30,7 +34,8 @@
 //! speed = 1.0
 //! rate_per_minute = 60      # or "none" for no cap
 //! burst = 1
-//! headroom = 0.05
+//! headroom = 0.0
+//! jitter_allowance_ms = 15  # real time, not scaled by speed
 //! slots = 5
 //! task_lease_secs = 1800
 //! retry_max_attempts = 6
@@ -136,6 +141,7 @@ pub struct StackConfig {
     rate_per_minute: Option<f64>,
     burst: u32,
     headroom: f64,
+    jitter_allowance: Duration,
     slots: u32,
     pool_slots: BTreeMap<String, u32>,
     task_lease: Duration,
@@ -148,8 +154,16 @@ pub struct StackConfig {
     credit_period: Duration,
 }
 
-/// The default headroom under the request rate.
-pub const DEFAULT_HEADROOM: f64 = 0.05;
+/// The default proportional headroom under the request rate: none, the
+/// [`DEFAULT_JITTER_ALLOWANCE`] keeps requests apart instead.
+pub const DEFAULT_HEADROOM: f64 = 0.0;
+
+/// The default real-time gap kept beyond the rate's interval between two requests: the
+/// scheduling and network jitter one request's arrival may have against the next one's.
+pub const DEFAULT_JITTER_ALLOWANCE: Duration = Duration::from_millis(15);
+
+/// The largest jitter allowance accepted.
+const MAX_JITTER_ALLOWANCE: Duration = Duration::from_secs(10);
 
 impl Default for StackConfig {
     /// The [`Tier::Free`] preset: the numbers every account has.
@@ -180,6 +194,7 @@ impl StackConfig {
             rate_per_minute: rate,
             burst: 1,
             headroom: DEFAULT_HEADROOM,
+            jitter_allowance: DEFAULT_JITTER_ALLOWANCE,
             slots,
             pool_slots,
             task_lease: Duration::from_secs(30 * 60),
@@ -243,9 +258,17 @@ impl StackConfig {
         self
     }
 
-    /// Sets the share of the rate left unused (0.05 = pace at 95%).
+    /// Sets the share of the rate left unused (0.05 = pace at 95%), on top of the
+    /// [jitter allowance](Self::jitter_allowance).
     pub fn headroom(mut self, headroom: f64) -> Self {
         self.headroom = headroom;
+        self
+    }
+
+    /// Sets the real-time gap kept beyond the rate's interval between two requests (default
+    /// [`DEFAULT_JITTER_ALLOWANCE`]). Not scaled by the speed factor: jitter is not.
+    pub fn jitter_allowance(mut self, allowance: Duration) -> Self {
+        self.jitter_allowance = allowance;
         self
     }
 
@@ -332,10 +355,18 @@ impl StackConfig {
         self.rate_per_minute.map(|r| r * self.speed)
     }
 
-    /// The rate the stack paces at: the account's rate less the headroom, at this speed.
+    /// The rate the stack paces at, at this speed: one request per
+    /// [`pacing_interval`](Self::pacing_interval).
     pub fn pacing_rate_per_minute(&self) -> Option<f64> {
-        self.account_rate_per_minute()
-            .map(|r| r * (1.0 - self.headroom))
+        self.pacing_interval().map(|i| 60.0 / i.as_secs_f64())
+    }
+
+    /// The least time between two requests' turns, at this speed: the account's interval
+    /// (60 s ÷ its rate) less the headroom's share of the rate, plus the jitter allowance.
+    pub fn pacing_interval(&self) -> Option<Duration> {
+        let per_minute = self.account_rate_per_minute()? * (1.0 - self.headroom);
+        let interval = Duration::try_from_secs_f64(60.0 / per_minute).ok()?;
+        Some(interval + self.jitter_allowance)
     }
 
     /// The GCRA burst.
@@ -346,6 +377,11 @@ impl StackConfig {
     /// The headroom under the rate.
     pub fn headroom_share(&self) -> f64 {
         self.headroom
+    }
+
+    /// The real-time gap kept beyond the rate's interval (not scaled).
+    pub fn jitter_allowance_duration(&self) -> Duration {
+        self.jitter_allowance
     }
 
     /// The slots of pools without their own entry.
@@ -432,6 +468,9 @@ impl StackConfig {
         if !(self.headroom.is_finite() && (0.0..1.0).contains(&self.headroom)) {
             return err("headroom", "must be at least 0 and below 1");
         }
+        if self.jitter_allowance > MAX_JITTER_ALLOWANCE {
+            return err("jitter_allowance_ms", "must be at most 10000");
+        }
         if self.slots == 0 {
             return err("slots", "must be at least 1");
         }
@@ -500,6 +539,7 @@ impl StackConfig {
     /// | `KLING_RATE_PER_MINUTE` | rate_per_minute | number, or `none` |
     /// | `KLING_BURST` | burst | integer ≥ 1 |
     /// | `KLING_HEADROOM` | headroom | 0 ≤ x < 1 |
+    /// | `KLING_JITTER_ALLOWANCE_MS` | jitter allowance | milliseconds, 0 to 10000 |
     /// | `KLING_SLOTS` | slots | integer ≥ 1 |
     /// | `KLING_POOL_SLOTS` | pool_slots | `video=20,image=9` |
     /// | `KLING_TASK_LEASE_SECS` | task_lease | seconds |
@@ -540,6 +580,9 @@ impl StackConfig {
         }
         if let Some((var, v)) = get("KLING_HEADROOM") {
             self.headroom = parse_num(var, &v)?;
+        }
+        if let Some((var, v)) = get("KLING_JITTER_ALLOWANCE_MS") {
+            self.jitter_allowance = parse_millis(var, &v)?;
         }
         if let Some((var, v)) = get("KLING_SLOTS") {
             self.slots = parse_num(var, &v)?;
@@ -605,6 +648,7 @@ fn env_var_of(field: &str) -> Cow<'static, str> {
         "rate_per_minute" => "KLING_RATE_PER_MINUTE",
         "burst" => "KLING_BURST",
         "headroom" => "KLING_HEADROOM",
+        "jitter_allowance_ms" => "KLING_JITTER_ALLOWANCE_MS",
         "slots" => "KLING_SLOTS",
         "task_lease_secs" => "KLING_TASK_LEASE_SECS",
         "retry_max_attempts" => "KLING_RETRY_MAX_ATTEMPTS",
@@ -634,6 +678,12 @@ fn parse_optional(var: &'static str, value: &str) -> Result<Option<f64>, ConfigE
     } else {
         parse_num(var, value).map(Some)
     }
+}
+
+fn parse_millis(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let millis: f64 = parse_num(var, value)?;
+    Duration::try_from_secs_f64(millis / 1000.0)
+        .map_err(|_| ConfigError::new(var, "must be a number of milliseconds, 0 or more"))
 }
 
 fn parse_secs(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
@@ -671,6 +721,7 @@ struct RawConfig {
     rate_per_minute: Option<NumberOrNone>,
     burst: Option<u32>,
     headroom: Option<f64>,
+    jitter_allowance_ms: Option<f64>,
     slots: Option<u32>,
     pool_slots: Option<BTreeMap<String, u32>>,
     task_lease_secs: Option<f64>,
@@ -705,6 +756,14 @@ impl RawConfig {
         }
         if let Some(v) = self.headroom {
             c.headroom = v;
+        }
+        if let Some(v) = self.jitter_allowance_ms {
+            c.jitter_allowance = Duration::try_from_secs_f64(v / 1000.0).map_err(|_| {
+                ConfigError::new(
+                    "jitter_allowance_ms",
+                    "must be a number of milliseconds, 0 or more",
+                )
+            })?;
         }
         if let Some(v) = self.slots {
             c.slots = v;

@@ -12,7 +12,7 @@
 //! | 5 | [`TaskSlotsLayer`] | a create waits for a weighted slot in its pool, held until the task ends; a retried 1303 waits here |
 //! | 6 | [`GcraLayer`] (with a rate cap) | paces every attempt, retries included; a 1302 pauses the whole account |
 //! | 7 | [`AuthLayer`] | sets the bearer token per attempt; re-signs and retries once on 1003/1004 |
-//! | 8 | `tower::timeout::Timeout` | per attempt, around the classify step, so a stalled body counts too |
+//! | 8 | [`AttemptTimeoutLayer`](crate::timeout::AttemptTimeoutLayer) | per attempt, around the classify step, so a stalled body counts too; its timer is armed only when the attempt waits |
 //! | 9 | [`ClassifyLayer`] | reads the body (bounded) and parses the envelope once |
 //! | 10 | [`BaseUrlLayer`] | resolves `/v1/...` against the region, a proxy or the mock |
 //! | 11 | your client | hyper-util ([`https_client`](crate::client)), reqwest ([`ReqwestService`](crate::client)), … |
@@ -54,11 +54,10 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
 use kling_concurrency::{DEFAULT_RECOVERY_INTERVAL, SlotsConfig, SlotsHandle, TaskSlotsLayer};
-use kling_core::{AccountId, BoxError, ClassifyLayer, Pool, RequestKind, TaskReport};
+use kling_core::{AccountId, BoxError, ClassifyLayer, Pool, Recognized, RequestKind, TaskReport};
 use kling_metrics::{MetricsLayer, Monitor, PoolUsage, QueueDepth, Snapshot, SnapshotSource};
 use kling_ratelimit::{Cooldown, GcraHandle, GcraLayer, Quota};
 use kling_retry::{Backoff, RetryBudget, RetryLayer};
-use tower::timeout::TimeoutLayer;
 use tower::util::Either;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -71,9 +70,10 @@ use crate::error::ConfigError;
 use crate::follow::{FollowPolicy, Follower};
 use crate::preset::StackConfig;
 use crate::spend::{CostTable, SpendGuard, SpendGuardLayer};
+use crate::timeout::{AttemptTimeout, AttemptTimeoutLayer};
 
 /// Auth, per-attempt timeout, classify and base URL over the client `S`.
-pub type Attempt<S> = Auth<tower::timeout::Timeout<kling_core::Classify<BaseUrl<S>>>>;
+pub type Attempt<S> = Auth<AttemptTimeout<kling_core::Classify<BaseUrl<S>>>>;
 /// [`Attempt`] paced by the rate limiter (on the rate backend of `B`), when the preset has a
 /// rate cap.
 pub type Paced<S, B = InProcess> =
@@ -289,13 +289,12 @@ impl<B: StackBackends> KlingBuilder<B> {
             .map_err(|e| layer_error("slots", e.field(), &e))?;
         let slots_handle = slots.handle();
 
-        // Rate: the preset's rate less the headroom, burst, and a key-wide cooldown after 1302;
-        // `/account/costs` at most once a second (Kling asks for it).
-        let gcra = match config.account_rate_per_minute() {
-            Some(rate) => {
-                let quota = Quota::per_minute(rate)
-                    .with_headroom(config.headroom_share())
-                    .with_burst(config.burst_size());
+        // Rate: one request per pacing interval (the rate's, plus the jitter allowance), burst,
+        // and a key-wide cooldown after 1302; `/account/costs` at most once a second (Kling
+        // asks for it).
+        let gcra = match config.pacing_interval() {
+            Some(interval) => {
+                let quota = Quota::with_period(interval).with_burst(config.burst_size());
                 let layer = GcraLayer::builder(quota)
                     .cooldown(Cooldown::default().scaled(speed))
                     .class_quota(RequestKind::Account, Quota::per_second(speed))
@@ -559,9 +558,9 @@ impl<S, B: StackBackends> Layer<S> for KlingLayer<B> {
 
     fn layer(&self, client: S) -> Kling<S, B> {
         let p = &*self.inner;
-        let attempt = p
-            .auth
-            .layer(TimeoutLayer::new(p.timeout).layer(p.classify.layer(p.base_url.layer(client))));
+        let attempt = p.auth.layer(
+            AttemptTimeoutLayer::new(p.timeout).layer(p.classify.layer(p.base_url.layer(client))),
+        );
         let paced = match &p.gcra {
             Some(gcra) => Either::Left(gcra.layer(attempt)),
             None => Either::Right(attempt),
@@ -639,9 +638,10 @@ where
     }
 
     fn call(&mut self, mut request: Request<Full<Bytes>>) -> Self::Future {
-        if request.extensions().get::<AccountId>().is_none() {
-            request.extensions_mut().insert(self.account.clone());
-        }
+        AccountId::set_if_absent(&mut request, &self.account);
+        // Recognised once, here: metrics, retry, slots and the rate limiter all read the copy
+        // cached in the request.
+        Recognized::of(&mut request);
         self.inner.call(request)
     }
 }

@@ -33,7 +33,9 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future>,
-        retry: Option<Retry<S, B>>,
+        // Boxed: only a JWT needs it, and an API key's future stays small for the layers
+        // above to move.
+        retry: Option<Box<Retry<S, B>>>,
     }
 }
 
@@ -51,7 +53,7 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
 {
-    pub(crate) fn new(future: S::Future, retry: Option<Retry<S, B>>) -> Self {
+    pub(crate) fn new(future: S::Future, retry: Option<Box<Retry<S, B>>>) -> Self {
         ResponseFuture {
             state: State::First { future },
             retry,
@@ -117,14 +119,14 @@ where
                         continue;
                     };
                     ready!(retry.service.poll_ready(cx)).map_err(Into::into)?;
-                    let Some(Retry {
+                    let Some(retry) = this.retry.take() else {
+                        continue;
+                    };
+                    let Retry {
                         mut service,
                         request,
                         ..
-                    }) = this.retry.take()
-                    else {
-                        continue;
-                    };
+                    } = *retry;
                     let future = service.call(request);
                     this.state.set(State::Second { future });
                 }

@@ -446,20 +446,20 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        if request.extensions().get::<AccountId>().is_none() {
-            request.extensions_mut().insert(self.shared.account.clone());
-        }
+        AccountId::set_if_absent(&mut request, &self.shared.account);
         let (header, generation) = match self.shared.header() {
             Ok(found) => found,
             Err(e) => return future::ResponseFuture::failed(Box::new(e)),
         };
         request.headers_mut().insert(AUTHORIZATION, header);
         // Only a JWT can be refreshed: keep what a second attempt needs.
-        let retry = self.shared.static_header.is_none().then(|| future::Retry {
-            request: clone_request(&request),
-            service: self.inner.clone(),
-            shared: self.shared.clone(),
-            generation,
+        let retry = self.shared.static_header.is_none().then(|| {
+            Box::new(future::Retry {
+                request: clone_request(&request),
+                service: self.inner.clone(),
+                shared: self.shared.clone(),
+                generation,
+            })
         });
         future::ResponseFuture::new(self.inner.call(request), retry)
     }

@@ -16,11 +16,9 @@ use tower::{Layer, Service, ServiceExt};
 use crate::support::request;
 
 /// API time runs this many times faster on both sides: Pro's 60 requests a minute become 10 a
-/// second (100 ms apart, which the stack paces at 105.3 ms). The 5% headroom is 5.3 ms of slack
-/// here for timer and scheduling jitter (53 ms at real speed): jitter does not scale with the
-/// speed factor, so a faster run measures the machine's load rather than the stack (at 12×, a
-/// machine at load 5 on 2 cores showed one 1302 in 200 requests). 200 requests at that pace
-/// take about 21 s.
+/// second (100 ms apart, which the stack paces at 115 ms: the preset's 15 ms jitter allowance
+/// is real time and does not shrink with the speed factor, because timer and scheduling jitter
+/// do not). 200 requests at that pace take about 23 s.
 const SPEED: f64 = 10.0;
 
 /// The real-time tests of this binary (this file's and `shared`'s) run one at a time: two at

@@ -26,9 +26,12 @@ fn each_tier_preset_has_the_published_numbers() {
         assert_eq!(c.tier(), tier);
         assert_eq!(c.default_slots(), slots, "{tier}");
         assert_eq!(c.account_rate_per_minute(), rate, "{tier}");
-        assert_eq!(c.pacing_rate_per_minute(), rate.map(|r| r * 0.95), "{tier}");
+        // The rate's own interval plus 15 ms of real time for jitter, no proportional headroom.
+        let interval = rate.map(|r| Duration::from_secs_f64(60.0 / r) + Duration::from_millis(15));
+        assert_eq!(c.pacing_interval(), interval, "{tier}");
         assert_eq!(c.burst_size(), 1);
-        assert_eq!(c.headroom_share(), 0.05);
+        assert_eq!(c.headroom_share(), 0.0);
+        assert_eq!(c.jitter_allowance_duration(), Duration::from_millis(15));
         assert_eq!(c.credit_budget(), credits, "{tier}");
         for pool in ["video", "image", "try-on", "video:kling-3.0"] {
             assert_eq!(
@@ -67,6 +70,7 @@ fn every_number_can_be_overridden() {
         .rate_per_minute(120.0)
         .burst(3)
         .headroom(0.1)
+        .jitter_allowance(Duration::ZERO)
         .slots(7)
         .pool_slots("image", 2)
         .task_lease(Duration::from_secs(600))
@@ -78,7 +82,7 @@ fn every_number_can_be_overridden() {
         .daily_credits(100.0)
         .credit_period(Duration::from_secs(3600));
     c.validate().unwrap();
-    assert_eq!(c.pacing_rate_per_minute(), Some(108.0));
+    assert!((c.pacing_rate_per_minute().unwrap() - 108.0).abs() < 1e-6);
     assert_eq!(c.burst_size(), 3);
     assert_eq!(c.slots_for(&Pool::parse("image").unwrap()), 2);
     assert_eq!(c.slots_for(&Pool::parse("video").unwrap()), 7);
@@ -98,7 +102,11 @@ fn speed_multiplies_rates_and_divides_durations() {
     let c = StackConfig::preset(Tier::Pro).speed(60.0);
     c.validate().unwrap();
     assert_eq!(c.account_rate_per_minute(), Some(3600.0));
-    assert_eq!(c.pacing_rate_per_minute(), Some(3420.0));
+    // The jitter allowance is real time: it does not shrink with the speed factor.
+    assert_eq!(
+        c.pacing_interval(),
+        Some(Duration::from_secs_f64(1.0 / 60.0) + Duration::from_millis(15))
+    );
     assert_eq!(c.task_lease_duration(), Duration::from_secs(30));
     assert_eq!(c.attempt_timeout_duration(), Duration::from_millis(500));
     assert_eq!(c.credit_period_duration(), Duration::from_secs(24 * 60));
@@ -163,8 +171,10 @@ fn env_variables_pick_the_tier_and_override_numbers() {
         ("KLING_POOL_SLOTS", "video=4, image:kling-v2=2"),
         ("KLING_DAILY_CREDITS", "500"),
         ("KLING_ATTEMPT_TIMEOUT_SECS", "20"),
+        ("KLING_JITTER_ALLOWANCE_MS", "2.5"),
     ]))
     .unwrap();
+    assert_eq!(c.jitter_allowance_duration(), Duration::from_micros(2500));
     assert_eq!(c.tier(), Tier::Standard);
     assert_eq!(c.account_rate_per_minute(), Some(450.0));
     assert_eq!(c.default_slots(), 3);
@@ -189,11 +199,19 @@ fn env_variables_pick_the_tier_and_override_numbers() {
 
 #[test]
 fn bad_env_values_are_rejected_naming_the_variable() {
-    let cases: [(&[(&str, &str)], &str); 6] = [
+    let cases: [(&[(&str, &str)], &str); 8] = [
         (&[("KLING_TIER", "platinum")], "KLING_TIER"),
         (&[("KLING_BURST", "many")], "KLING_BURST"),
         (&[("KLING_BURST", "0")], "KLING_BURST"),
         (&[("KLING_HEADROOM", "1.5")], "KLING_HEADROOM"),
+        (
+            &[("KLING_JITTER_ALLOWANCE_MS", "-1")],
+            "KLING_JITTER_ALLOWANCE_MS",
+        ),
+        (
+            &[("KLING_JITTER_ALLOWANCE_MS", "60000")],
+            "KLING_JITTER_ALLOWANCE_MS",
+        ),
         (&[("KLING_POOL_SLOTS", "video")], "KLING_POOL_SLOTS"),
         (&[("KLING_TASK_LEASE_SECS", "-3")], "KLING_TASK_LEASE_SECS"),
     ];
@@ -212,6 +230,7 @@ speed = 2.0
 rate_per_minute = 60
 burst = 2
 headroom = 0.1
+jitter_allowance_ms = 0
 task_lease_secs = 900
 retry_max_attempts = 4
 daily_credits = 250
@@ -226,7 +245,7 @@ fn toml_loads_every_key() {
     let c = StackConfig::from_toml_str(TOML).unwrap();
     assert_eq!(c.tier(), Tier::Pro);
     assert_eq!(c.account_rate_per_minute(), Some(120.0));
-    assert_eq!(c.pacing_rate_per_minute(), Some(108.0));
+    assert!((c.pacing_rate_per_minute().unwrap() - 108.0).abs() < 1e-6);
     assert_eq!(c.burst_size(), 2);
     assert_eq!(c.task_lease_duration(), Duration::from_secs(450));
     assert_eq!(c.max_attempts(), 4);
@@ -249,6 +268,8 @@ fn bad_toml_is_rejected_naming_the_key() {
     let cases = [
         ("burst = 0", "burst"),
         ("headroom = -0.1", "headroom"),
+        ("jitter_allowance_ms = -1", "jitter_allowance_ms"),
+        ("jitter_allowance_ms = 20000", "jitter_allowance_ms"),
         ("tier = \"gold\"", "tier"),
         ("rate_per_minute = \"fast\"", "rate_per_minute"),
         ("task_lease_secs = -1", "task_lease_secs"),

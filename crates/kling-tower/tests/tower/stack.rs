@@ -72,9 +72,10 @@ async fn each_preset_builds_the_stack_with_its_numbers() {
             Some(kling.account_id().as_str())
         );
 
-        // The rate limiter paces at the rate less 5%, times the speed; none without a cap.
+        // The rate limiter paces at the rate's interval at this speed plus the 15 ms jitter
+        // allowance (real time, not scaled); none without a cap.
         let paced = kling.rate_limit().map(|h| h.quota().rate_per_second());
-        let expected = rate.map(|r: f64| r * speed * 0.95 / 60.0);
+        let expected = rate.map(|r: f64| 1.0 / (60.0 / (r * speed) + 0.015));
         match (paced, expected) {
             (Some(p), Some(e)) => assert!((p - e).abs() < 1e-6, "{tier}: {p} vs {e}"),
             (None, None) => {}
