@@ -483,11 +483,12 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
             ..Run::default()
         };
         let q = interval.as_millis() as u64;
-        // With one slot, the create after the poll that frees it must wait one request interval:
-        // that gap is part of the best any client can do.
+        // The create that reuses a slot follows the poll that found the slot free, and under a
+        // rate with a burst of 1 no request follows another sooner than one interval: that gap
+        // is part of the best any client can do, whatever the number of slots.
         let create_gap_ms = match preset.rate_limit() {
-            Some(limit) if slots == 1 => (60_000.0 / limit.per_minute) as u64,
-            _ => 0,
+            Some(limit) => (60_000.0 / limit.per_minute) as u64,
+            None => 0,
         };
         let (mut slot_ms, mut needed) = (0u64, 0u64);
         let mut with_task = 0u64;
@@ -505,6 +506,8 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
             }
         }
         run.duplicates = stats.tasks_created.saturating_sub(with_task);
+        // Only a slot's later tasks wait for a poll: its first create goes at the start.
+        slot_ms = slot_ms.saturating_sub(with_task.min(slots as u64) * create_gap_ms);
         let slot_bound = slot_ms as f64 / 1000.0 / slots as f64;
         // Polling every second asks for more than the rate allows: the requests the run
         // actually sent are what it had to send.

@@ -22,10 +22,10 @@ use kling_ratelimit::{GcraLayer, Quota};
 use kling_retry::RetryLayer;
 use kling_tower::auth::{AuthLayer, Credentials};
 use kling_tower::base_url::BaseUrlLayer;
+use kling_tower::timeout::AttemptTimeoutLayer;
 use kling_tower::{DrainLayer, KlingLayer, StackConfig, Tier};
 use serde::Deserialize;
 use tokio::runtime::Runtime;
-use tower::timeout::TimeoutLayer;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::alloc::Counting;
@@ -209,13 +209,19 @@ fn timed(rt: &Runtime, requests: usize, work: impl std::future::Future<Output = 
     let wall = Instant::now();
     let cpu = cpu::process();
     rt.block_on(work);
-    let cpu = cpu::process().saturating_sub(cpu);
     let wall = wall.elapsed();
+    // The kernel adds a running thread's time up when it is switched out (or at a tick): let the
+    // workers park before reading, so their last slice is counted.
+    std::thread::sleep(SETTLE);
+    let cpu = cpu::process().saturating_sub(cpu);
     Sample {
         cpu_ns: cpu.as_nanos() as f64 / requests as f64,
         wall_ns: wall.as_nanos() as f64 / requests as f64,
     }
 }
+
+/// How long the workers are given to park before their CPU time is read.
+const SETTLE: Duration = Duration::from_millis(3);
 
 /// A subject whose service clones share its limits.
 struct Shared<F> {
@@ -330,6 +336,7 @@ const TOWER_BURST: u64 = 1_000_000_000;
 pub fn pro_config() -> StackConfig {
     StackConfig::preset(Tier::Pro)
         .rate_per_minute(60e9)
+        .jitter_allowance(Duration::ZERO)
         .slots(100_000)
 }
 
@@ -396,8 +403,8 @@ fn subjects(fixtures: &Arc<Fixtures>) -> Vec<Box<dyn Subject>> {
         AuthLayer::new(Credentials::access_key("ak", "sk").expect("keys"))
     );
     over_classify!(
-        "tower Timeout (per attempt)",
-        TimeoutLayer::new(Duration::from_secs(30))
+        "AttemptTimeoutLayer (per attempt)",
+        AttemptTimeoutLayer::new(Duration::from_secs(30))
     );
     over_classify!("BaseUrlLayer", BaseUrlLayer::global());
     {
@@ -523,16 +530,27 @@ struct PlainVideo {
     duration: String,
 }
 
+/// CPU ns per call of `f`, over at least `n` calls and at least [`MIN_LOOP`] of wall time: the
+/// kernel adds a running thread's CPU time up at scheduler ticks (every few milliseconds), so a
+/// shorter loop could read as 0.
 fn per_call(n: usize, mut f: impl FnMut()) -> f64 {
     for _ in 0..n / 10 {
         f();
     }
     let start = cpu::thread();
-    for _ in 0..n {
-        f();
+    let started = std::time::Instant::now();
+    let mut calls = 0;
+    while calls < n || started.elapsed() < MIN_LOOP {
+        for _ in 0..1000 {
+            f();
+        }
+        calls += 1000;
     }
-    cpu::thread().saturating_sub(start).as_nanos() as f64 / n as f64
+    cpu::thread().saturating_sub(start).as_nanos() as f64 / calls as f64
 }
+
+/// The least wall time one [`per_call`] loop runs: long against the scheduler tick.
+const MIN_LOOP: Duration = Duration::from_millis(250);
 
 /// Envelope reads on one thread: plain serde_json against `Outcome::parse` (ns, median).
 fn parses(rounds: usize, n: usize) -> [f64; 4] {

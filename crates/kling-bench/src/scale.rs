@@ -66,8 +66,9 @@ pub struct Waiters {
     pub limiter: String,
     /// Waiters.
     pub count: usize,
-    /// The limiter's own bytes per waiter (queue entries, wakers, timers), measured as the
-    /// live-heap growth from polling the already built futures once.
+    /// The limiter's own bytes per waiter (queue entries, wakers, timers, what it boxes beside
+    /// the request), measured as the live-heap growth from calling and polling once, less the
+    /// futures' own boxes and the requests the waiters hand over.
     pub bytes_per_waiter: f64,
     /// The size of one response future (held by the caller, not the limiter).
     pub future_bytes: usize,
@@ -169,8 +170,11 @@ fn numbered(method: Method, index: usize) -> Req {
     request
 }
 
-/// Builds `count` response futures, polls each once (they queue), measures the heap growth of
-/// that poll, then serves them all in paused time (awaiting them in arrival order) and checks
+/// Builds `count` response futures and polls each once (they queue), measuring the live-heap
+/// growth of both steps: the limiters take a request's turn when it is called, and box what a
+/// waiting request carries. The caller's part of that growth — the futures' own boxes and the
+/// requests moved into the limiter while they wait — is taken off, leaving the limiter's own
+/// bookkeeping. Then serves them all in paused time (awaiting them in arrival order) and checks
 /// the order in which they reached the inner service.
 async fn queue<S>(
     name: &str,
@@ -184,14 +188,15 @@ where
     S: Service<Req, Response = Res>,
     S::Error: std::fmt::Debug,
 {
+    let requests: Vec<Req> = (0..count).map(|i| numbered(method.clone(), i)).collect();
     let mut futures: Vec<Pin<Box<S::Future>>> = Vec::with_capacity(count);
-    let mut cx = Context::from_waker(Waker::noop());
-    for i in 0..count {
-        assert!(service.poll_ready(&mut cx).is_ready());
-        futures.push(Box::pin(service.call(numbered(method.clone(), i))));
-    }
-    Counting::start();
     let mut waiting = Vec::with_capacity(count);
+    let mut cx = Context::from_waker(Waker::noop());
+    Counting::start();
+    for request in requests {
+        assert!(service.poll_ready(&mut cx).is_ready());
+        futures.push(Box::pin(service.call(request)));
+    }
     for mut future in futures {
         if future.as_mut().poll(&mut cx).is_pending() {
             waiting.push(future);
@@ -210,7 +215,10 @@ where
     Waiters {
         limiter: name.to_owned(),
         count,
-        bytes_per_waiter: grown.live as f64 / queued.max(1) as f64,
+        bytes_per_waiter: (grown.live as f64
+            - (count * std::mem::size_of::<S::Future>()) as f64
+            - (queued * std::mem::size_of::<Req>()) as f64)
+            / queued.max(1) as f64,
         future_bytes: std::mem::size_of::<S::Future>(),
         serve_cpu_s: cpu::thread().saturating_sub(cpu).as_secs_f64(),
         out_of_order: inner.late.load(Ordering::Relaxed),
