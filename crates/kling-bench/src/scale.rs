@@ -68,7 +68,8 @@ pub struct Waiters {
     pub count: usize,
     /// The limiter's own bytes per waiter (queue entries, wakers, timers, what it boxes beside
     /// the request), measured as the live-heap growth from calling and polling once, less the
-    /// futures' own boxes and the requests the waiters hand over.
+    /// futures' own boxes (the requests the waiters hand over are the caller's too: their
+    /// vector is freed as they move in).
     pub bytes_per_waiter: f64,
     /// The size of one response future (held by the caller, not the limiter).
     pub future_bytes: usize,
@@ -172,9 +173,9 @@ fn numbered(method: Method, index: usize) -> Req {
 
 /// Builds `count` response futures and polls each once (they queue), measuring the live-heap
 /// growth of both steps: the limiters take a request's turn when it is called, and box what a
-/// waiting request carries. The caller's part of that growth — the futures' own boxes and the
-/// requests moved into the limiter while they wait — is taken off, leaving the limiter's own
-/// bookkeeping. Then serves them all in paused time (awaiting them in arrival order) and checks
+/// waiting request carries. The caller's part of that growth — the futures' own boxes — is taken
+/// off; the requests moved into the limiter while they wait leave the measured vector they came
+/// from, so what remains is the limiter's own bookkeeping. Then serves them all in paused time (awaiting them in arrival order) and checks
 /// the order in which they reached the inner service.
 async fn queue<S>(
     name: &str,
@@ -215,9 +216,12 @@ where
     Waiters {
         limiter: name.to_owned(),
         count,
+        // The requests' vector and the futures' vector are freed inside the measured span
+        // (the requests moved into the futures), which gives back what the moved requests
+        // occupy in the limiter's boxes; the futures' own boxes are the caller's.
         bytes_per_waiter: (grown.live as f64
             - (count * std::mem::size_of::<S::Future>()) as f64
-            - (queued * std::mem::size_of::<Req>()) as f64)
+            + (count * std::mem::size_of::<Pin<Box<S::Future>>>()) as f64)
             / queued.max(1) as f64,
         future_bytes: std::mem::size_of::<S::Future>(),
         serve_cpu_s: cpu::thread().saturating_sub(cpu).as_secs_f64(),

@@ -36,9 +36,10 @@ enum Step<A> {
 }
 
 /// The waiting part of a response future.
+///
+/// The layer's shared state and the account key are the future's, passed in: a waiting request
+/// boxes only what is its own.
 struct Gate<Bk: Backend> {
-    shared: Arc<Shared<Bk>>,
-    account_key: BucketKey,
     class_key: Option<BucketKey>,
     step: Step<Bk::AcquireFuture>,
     place: Option<Place>,
@@ -51,26 +52,21 @@ struct Gate<Bk: Backend> {
 }
 
 impl<Bk: Backend> Gate<Bk> {
-    fn key(&self) -> &BucketKey {
-        self.class_key.as_ref().unwrap_or(&self.account_key)
+    fn key<'k>(&'k self, account_key: &'k BucketKey) -> &'k BucketKey {
+        self.class_key.as_ref().unwrap_or(account_key)
     }
 
-    fn acquire(&self) -> Bk::AcquireFuture {
-        let key = self.key();
-        self.shared
-            .backend
-            .acquire(key, &self.shared.policy_for(key))
+    fn acquire(&self, shared: &Shared<Bk>, account_key: &BucketKey) -> Bk::AcquireFuture {
+        let key = self.key(account_key);
+        shared.backend.acquire(key, &shared.policy_for(key))
     }
 
-    fn start_waiting<B>(&mut self, request: &Request<B>, now: Instant) {
+    fn start_waiting<B>(&mut self, shared: &Shared<Bk>, request: &Request<B>, now: Instant) {
         if self.waited_since.is_some() {
             return;
         }
         self.waited_since = Some(now);
-        let max_wait = self
-            .shared
-            .max_wait
-            .map(|max| (now + max, WaitLimit::MaxWait));
+        let max_wait = shared.max_wait.map(|max| (now + max, WaitLimit::MaxWait));
         let deadline = Deadline::of(request).map(|d| (d, WaitLimit::Deadline));
         self.limit = match (max_wait, deadline) {
             (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
@@ -86,10 +82,15 @@ impl<Bk: Backend> Gate<Bk> {
     }
 
     /// Joins the key's queue; `Ok(true)` when it is at the head at once.
-    fn join(&mut self, cx: &Context<'_>) -> Result<bool, BoxError> {
-        let key = self.key().clone();
-        let queues = &self.shared.queues;
-        match queues.enqueue(&key, cx.waker(), self.shared.max_queue) {
+    fn join(
+        &mut self,
+        cx: &Context<'_>,
+        shared: &Shared<Bk>,
+        account_key: &BucketKey,
+    ) -> Result<bool, BoxError> {
+        let key = self.key(account_key).clone();
+        let queues = &shared.queues;
+        match queues.enqueue(&key, cx.waker(), shared.max_queue) {
             Ok(ticket) => {
                 self.place = Some(Place {
                     queues: Arc::clone(queues),
@@ -99,8 +100,8 @@ impl<Bk: Backend> Gate<Bk> {
                 Ok(ticket.is_head)
             }
             Err(()) => Err(Box::new(QueueFull::new(
-                self.account_key.account_id().cloned(),
-                self.shared.max_queue.unwrap_or(0),
+                account_key.account_id().cloned(),
+                shared.max_queue.unwrap_or(0),
             ))),
         }
     }
@@ -116,16 +117,18 @@ impl<Bk: Backend> Gate<Bk> {
         &mut self,
         cx: &mut Context<'_>,
         request: &Request<B>,
+        shared: &Shared<Bk>,
+        account_key: &BucketKey,
     ) -> Poll<Result<(), BoxError>> {
         loop {
             match &mut self.step {
                 Step::Start => {
-                    if self.shared.mode == Mode::Reject || self.shared.queues.is_idle() {
-                        self.step = Step::Acquiring(self.acquire());
+                    if shared.mode == Mode::Reject || shared.queues.is_idle() {
+                        self.step = Step::Acquiring(self.acquire(shared, account_key));
                     } else {
-                        self.start_waiting(request, Instant::now());
-                        self.step = if self.join(cx)? {
-                            Step::Acquiring(self.acquire())
+                        self.start_waiting(shared, request, Instant::now());
+                        self.step = if self.join(cx, shared, account_key)? {
+                            Step::Acquiring(self.acquire(shared, account_key))
                         } else {
                             Step::Queued
                         };
@@ -139,35 +142,31 @@ impl<Bk: Backend> Gate<Bk> {
                     }
                     Decision::NotBefore { at, cooldown } => {
                         let now = Instant::now();
-                        if self.shared.mode == Mode::Reject {
+                        if shared.mode == Mode::Reject {
                             return Poll::Ready(Err(Box::new(RateLimited::new(at, now, cooldown))));
                         }
-                        self.start_waiting(request, now);
+                        self.start_waiting(shared, request, now);
                         if let Some((limit, why)) = self.limit
                             && at > limit
                         {
                             self.place = None;
                             return Poll::Ready(Err(Box::new(WaitExceeded::new(at, why, false))));
                         }
-                        if self.place.is_none() && !self.join(cx)? {
+                        if self.place.is_none() && !self.join(cx, shared, account_key)? {
                             // Others queued meanwhile: wait for our turn behind them.
                             self.step = Step::Queued;
                             continue;
                         }
-                        self.shared.queues.set_head_not_before(self.key(), at);
-                        self.epoch = self.shared.epoch.load(Ordering::Acquire);
+                        shared.queues.set_head_not_before(self.key(account_key), at);
+                        self.epoch = shared.epoch.load(Ordering::Acquire);
                         self.sleep_until(at);
                         self.step = Step::Sleeping;
                     }
                 },
                 Step::Queued => {
                     let place = self.place.as_ref().expect("a queued request holds a place");
-                    match self
-                        .shared
-                        .queues
-                        .poll_head(&place.key, place.id, cx.waker())
-                    {
-                        Ok(_) => self.step = Step::Acquiring(self.acquire()),
+                    match shared.queues.poll_head(&place.key, place.id, cx.waker()) {
+                        Ok(_) => self.step = Step::Acquiring(self.acquire(shared, account_key)),
                         Err(hint) => {
                             let Some((limit, why)) = self.limit else {
                                 return Poll::Pending;
@@ -190,16 +189,13 @@ impl<Bk: Backend> Gate<Bk> {
                     // The queue wakes its head on a quota change: give it this poll's waker
                     // (an earlier poll may have had another, e.g. the waker-less first look).
                     if let Some(place) = &self.place {
-                        let _ = self
-                            .shared
-                            .queues
-                            .poll_head(&place.key, place.id, cx.waker());
+                        let _ = shared.queues.poll_head(&place.key, place.id, cx.waker());
                     }
-                    if self.shared.epoch.load(Ordering::Acquire) == self.epoch {
+                    if shared.epoch.load(Ordering::Acquire) == self.epoch {
                         let sleep = self.sleep.as_mut().expect("a sleeping head has a timer");
                         ready!(sleep.as_mut().poll(cx));
                     }
-                    self.step = Step::Acquiring(self.acquire());
+                    self.step = Step::Acquiring(self.acquire(shared, account_key));
                 }
             }
         }
@@ -270,8 +266,6 @@ where
         B: PeekBody,
     {
         let mut gate = Gate {
-            shared,
-            account_key,
             class_key,
             step: Step::Start,
             place: None,
@@ -281,7 +275,7 @@ where
             limit: None,
         };
         let mut cx = Context::from_waker(Waker::noop());
-        let first_look = gate.poll(&mut cx, &request);
+        let first_look = gate.poll(&mut cx, &request, &shared, &account_key);
         let (mut sent_at, mut waited) = (None, Duration::ZERO);
         let state = match first_look {
             Poll::Ready(Ok(())) => {
@@ -293,31 +287,15 @@ where
             Poll::Ready(Err(error)) => State::Failed { error: Some(error) },
             Poll::Pending => {
                 let clone = inner.clone();
-                let waiting = Waiting {
-                    gate,
-                    inner: Some(std::mem::replace(inner, clone)),
-                    request: Some(request),
-                };
-                let (shared, account_key) = (
-                    Arc::clone(&waiting.gate.shared),
-                    waiting.gate.account_key.clone(),
-                );
-                return ResponseFuture {
-                    state: State::Gating {
-                        waiting: Box::new(waiting),
-                    },
-                    shared,
-                    account_key,
-                    sent_at,
-                    waited,
-                };
+                State::Gating {
+                    waiting: Box::new(Waiting {
+                        gate,
+                        inner: Some(std::mem::replace(inner, clone)),
+                        request: Some(request),
+                    }),
+                }
             }
         };
-        let Gate {
-            shared,
-            account_key,
-            ..
-        } = gate;
         ResponseFuture {
             state,
             shared,
@@ -417,7 +395,7 @@ where
                         request,
                     } = &mut **waiting;
                     let held = request.as_ref().expect("gating holds the request");
-                    if let Err(error) = ready!(gate.poll(cx, held)) {
+                    if let Err(error) = ready!(gate.poll(cx, held, this.shared, this.account_key)) {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(error));
                     }
