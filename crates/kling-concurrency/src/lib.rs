@@ -72,6 +72,7 @@
 pub mod backend;
 mod config;
 pub mod error;
+mod id;
 pub mod in_flight;
 pub mod slots;
 

@@ -22,6 +22,7 @@ use super::{
 };
 use crate::config::SlotsConfig;
 use crate::error::{AcquireError, BackendError, ConfigError, Halted, OverCapacity};
+use crate::id::SmallId;
 
 /// The in-process slot backend: state in this process, behind one mutex.
 ///
@@ -29,9 +30,12 @@ use crate::error::{AcquireError, BackendError, ConfigError, Halted, OverCapacity
 /// the pool is known; the pool used last is found without hashing); otherwise the create joins
 /// its pool's FIFO queue and released slots are handed to the queue's head in order. A task's
 /// holding sits in a reused slot of its pool and is found by task id or external id through an
-/// index keyed by the id's hash, so holding and releasing a task copies nothing beyond the ids
-/// the [`SlotOp`] brings; only listing a release in [`Applied`] allocates (the list and the
-/// task id as an `Arc<str>`), which [`apply_unread`](SlotBackend::apply_unread) skips. Leases and the `1303` recovery are checked lazily: when
+/// index keyed by the id's hash. The holding keeps its ids inline when they are short (up to 38
+/// bytes: Kling task ids, generated external ids), copied from the `&str`s
+/// [`hold_unread`](SlotBackend::hold_unread) borrows, so keeping and releasing a task
+/// allocates nothing; only listing a release in [`Applied`] does (the list and the task id as
+/// an `Arc<str>`), which [`apply_unread`](SlotBackend::apply_unread) skips. Leases and the
+/// `1303` recovery are checked lazily: when
 /// a create would wait (its future also sleeps until the next lease end or recovery step), on
 /// every [`SlotOp`] touching the pool, and in [`snapshot`](SlotBackend::snapshot).
 ///
@@ -132,16 +136,17 @@ struct Holding {
     weight: u32,
     since: Instant,
     lease_until: Instant,
-    /// The ids it is kept under, moved from the [`TaskRef`] (no copy on the create path).
-    id: Option<String>,
-    external: Option<String>,
+    /// The ids it is kept under: inline when short, so keeping and releasing a task allocates
+    /// and frees nothing.
+    id: Option<SmallId>,
+    external: Option<SmallId>,
 }
 
 impl Holding {
-    fn key(&self, which: Which) -> Option<&str> {
+    fn key(&self, which: Which) -> Option<&[u8]> {
         match which {
-            Which::Id => self.id.as_deref(),
-            Which::External => self.external.as_deref(),
+            Which::Id => self.id.as_ref().map(SmallId::as_bytes),
+            Which::External => self.external.as_ref().map(SmallId::as_bytes),
         }
     }
 }
@@ -162,7 +167,7 @@ enum Which {
 /// Invariant: every entry names a live holding whose id (of this index's kind) is the entry's.
 struct Index<H = IdHash> {
     by_hash: FxMap<u64, Place>,
-    spill: FxMap<String, Place>,
+    spill: FxMap<Box<[u8]>, Place>,
     hash: PhantomData<H>,
 }
 
@@ -178,7 +183,7 @@ impl<H> Default for Index<H> {
 
 /// How an [`Index`] hashes ids (a test uses one that collides).
 trait HashId {
-    fn hash(text: &str) -> u64;
+    fn hash(text: &[u8]) -> u64;
 }
 
 /// The hash of ids: a word at a time, the tail read as one (overlapping) word, each step mixed
@@ -186,13 +191,13 @@ trait HashId {
 struct IdHash;
 
 impl HashId for IdHash {
-    fn hash(text: &str) -> u64 {
+    fn hash(text: &[u8]) -> u64 {
         const K: u64 = 0x9e37_79b9_7f4a_7c15;
         fn mix(x: u64) -> u64 {
             let m = u128::from(x) * u128::from(0xa076_1d64_78bd_642f_u64);
             (m as u64) ^ ((m >> 64) as u64)
         }
-        let bytes = text.as_bytes();
+        let bytes = text;
         let mut hash = (bytes.len() as u64).wrapping_mul(K);
         let mut words = bytes.chunks_exact(8);
         for word in &mut words {
@@ -212,21 +217,21 @@ impl HashId for IdHash {
 
 /// Where an [`Index`] confirms a hit: the id a place holds.
 trait Keys {
-    fn key(&self, place: Place) -> Option<&str>;
+    fn key(&self, place: Place) -> Option<&[u8]>;
 }
 
 /// The ids of one kind held in the pools.
 struct Kept<'a>(&'a [PoolState], Which);
 
 impl Keys for Kept<'_> {
-    fn key(&self, (index, slot): Place) -> Option<&str> {
+    fn key(&self, (index, slot): Place) -> Option<&[u8]> {
         self.0.get(index)?.holdings.get(slot)?.as_ref()?.key(self.1)
     }
 }
 
 impl<H: HashId> Index<H> {
     /// Where `text` is held.
-    fn get(&self, text: &str, keys: &impl Keys) -> Option<Place> {
+    fn get(&self, text: &[u8], keys: &impl Keys) -> Option<Place> {
         if let Some(&place) = self.by_hash.get(&H::hash(text))
             && keys.key(place) == Some(text)
         {
@@ -239,7 +244,7 @@ impl<H: HashId> Index<H> {
     }
 
     /// Files `text` under `place`; returns the holding filed under it before, if any.
-    fn insert(&mut self, text: &str, place: Place, keys: &impl Keys) -> Option<Place> {
+    fn insert(&mut self, text: &[u8], place: Place, keys: &impl Keys) -> Option<Place> {
         let spilled = if self.spill.is_empty() {
             None
         } else {
@@ -257,7 +262,7 @@ impl<H: HashId> Index<H> {
                     Some(there)
                 } else {
                     // Another id with the same hash: file this one by its text.
-                    self.spill.insert(text.to_owned(), place);
+                    self.spill.insert(text.into(), place);
                     spilled
                 }
             }
@@ -265,7 +270,7 @@ impl<H: HashId> Index<H> {
     }
 
     /// Where `text` is held, unfiled from here (one lookup instead of a `get` and a `remove`).
-    fn take(&mut self, text: &str, keys: &impl Keys) -> Option<Place> {
+    fn take(&mut self, text: &[u8], keys: &impl Keys) -> Option<Place> {
         match self.by_hash.entry(H::hash(text)) {
             Entry::Occupied(entry) if keys.key(*entry.get()) == Some(text) => Some(entry.remove()),
             _ if self.spill.is_empty() => None,
@@ -274,7 +279,7 @@ impl<H: HashId> Index<H> {
     }
 
     /// Unfiles `text` if it still names `place`.
-    fn remove(&mut self, text: &str, place: Place) {
+    fn remove(&mut self, text: &[u8], place: Place) {
         match self.by_hash.entry(H::hash(text)) {
             Entry::Occupied(entry) if *entry.get() == place => {
                 entry.remove();
@@ -287,7 +292,7 @@ impl<H: HashId> Index<H> {
         }
     }
 
-    fn contains(&self, text: &str, keys: &impl Keys) -> bool {
+    fn contains(&self, text: &[u8], keys: &impl Keys) -> bool {
         self.get(text, keys).is_some()
     }
 }
@@ -369,6 +374,21 @@ impl Reports {
             now: None,
             applied: Applied::default(),
             unread,
+        }
+    }
+}
+
+/// The ids a holding is kept under.
+struct Ids {
+    id: Option<SmallId>,
+    external: Option<SmallId>,
+}
+
+impl From<TaskRef> for Ids {
+    fn from(task: TaskRef) -> Self {
+        Ids {
+            id: task.id.map(SmallId::from_string),
+            external: task.external_id.map(SmallId::from_string),
         }
     }
 }
@@ -571,15 +591,18 @@ impl State {
         if let Some(id) = &holding.id
             && !id_unfiled
         {
-            self.ids.remove(id, place);
+            self.ids.remove(id.as_bytes(), place);
         }
         if let Some(ext) = &holding.external {
-            self.externals.remove(ext, place);
+            self.externals.remove(ext.as_bytes(), place);
         }
         if let Some(out) = out {
             out.push(Released {
                 key: self.list[index].key.clone(),
-                task: holding.id.or(holding.external).map(Arc::from),
+                task: holding
+                    .id
+                    .or(holding.external)
+                    .map(|id| Arc::from(id.as_str())),
                 weight: holding.weight,
                 held_for,
                 reason,
@@ -624,7 +647,7 @@ impl State {
         pool.publish();
     }
 
-    fn hold(&mut self, key: &SlotKey, task: TaskRef, weight: u32, lease: Duration, now: Instant) {
+    fn hold(&mut self, key: &SlotKey, task: Ids, weight: u32, lease: Duration, now: Instant) {
         let index = self.index(key);
         let lease_until = now + lease;
         let pool = &mut self.list[index];
@@ -633,10 +656,10 @@ impl State {
             since: now,
             lease_until,
             id: task.id,
-            external: task.external_id,
+            external: task.external,
         });
+        // Nothing a gauge shows changed: the slots were counted when granted.
         pool.next_lease = Some(pool.next_lease.map_or(lease_until, |t| t.min(lease_until)));
-        pool.publish();
         let place = (index, slot);
         // A task id, and an external id within an account, name one task: a holding already
         // under either is this same task's earlier create, whose outcome was unknown and which
@@ -644,13 +667,13 @@ impl State {
         let list = &self.list;
         let holding = list[index].holdings[slot].as_ref().expect("just filed");
         let earlier = [
-            holding
-                .id
-                .as_deref()
-                .and_then(|id| self.ids.insert(id, place, &Kept(list, Which::Id))),
-            holding.external.as_deref().and_then(|ext| {
+            holding.id.as_ref().and_then(|id| {
+                self.ids
+                    .insert(id.as_bytes(), place, &Kept(list, Which::Id))
+            }),
+            holding.external.as_ref().and_then(|ext| {
                 self.externals
-                    .insert(ext, place, &Kept(list, Which::External))
+                    .insert(ext.as_bytes(), place, &Kept(list, Which::External))
             }),
         ];
         for old in earlier.into_iter().flatten() {
@@ -673,10 +696,10 @@ impl State {
         pool.dispatch();
         pool.publish();
         if let Some(id) = &old.id {
-            self.ids.remove(id, place);
+            self.ids.remove(id.as_bytes(), place);
         }
         if let Some(ext) = &old.external {
-            self.externals.remove(ext, place);
+            self.externals.remove(ext.as_bytes(), place);
         }
     }
 
@@ -690,17 +713,20 @@ impl State {
         id_looked_up: bool,
     ) -> Option<Place> {
         let list = &self.list;
-        if !id_looked_up && let Some(place) = self.ids.get(id, &Kept(list, Which::Id)) {
+        if !id_looked_up && let Some(place) = self.ids.get(id.as_bytes(), &Kept(list, Which::Id)) {
             return Some(place);
         }
-        if let Some(place) =
-            external.and_then(|ext| self.externals.get(ext, &Kept(list, Which::External)))
-        {
+        if let Some(place) = external.and_then(|ext| {
+            self.externals
+                .get(ext.as_bytes(), &Kept(list, Which::External))
+        }) {
             return Some(place);
         }
         if by_complete {
             // `complete` may name a task by its external id.
-            return self.externals.get(id, &Kept(list, Which::External));
+            return self
+                .externals
+                .get(id.as_bytes(), &Kept(list, Which::External));
         }
         None
     }
@@ -717,7 +743,7 @@ impl State {
         // A task that ended and is known by its id (the usual query) is found and unfiled in
         // one lookup.
         let taken = if terminal {
-            self.ids.take(id, &Kept(&self.list, Which::Id))
+            self.ids.take(id.as_bytes(), &Kept(&self.list, Which::Id))
         } else {
             None
         };
@@ -749,10 +775,11 @@ impl State {
         };
         holding.lease_until = now + lease;
         if holding.id.is_none() {
-            holding.id = Some(id.to_owned());
+            holding.id = Some(SmallId::new(id));
             // Known by its task id from now on (an older holding filed under the same id, in
             // another account, is no longer found by it).
-            self.ids.insert(id, place, &Kept(&self.list, Which::Id));
+            self.ids
+                .insert(id.as_bytes(), place, &Kept(&self.list, Which::Id));
         }
     }
 
@@ -773,6 +800,7 @@ impl State {
                 lease,
             } => {
                 let now = Instant::now();
+                let task = Ids::from(task);
                 self.hold(&reservation.key, task, reservation.weight, lease, now);
                 applied.changed = true;
             }
@@ -829,13 +857,16 @@ impl State {
                 let known = task
                     .id
                     .as_deref()
-                    .is_some_and(|id| self.ids.contains(id, &Kept(list, Which::Id)))
+                    .is_some_and(|id| self.ids.contains(id.as_bytes(), &Kept(list, Which::Id)))
                     || task.external_id.as_deref().is_some_and(|ext| {
-                        self.externals.contains(ext, &Kept(list, Which::External))
+                        self.externals
+                            .contains(ext.as_bytes(), &Kept(list, Which::External))
                     });
                 if !known {
-                    self.pool_mut(&key).in_use += weight;
-                    self.hold(&key, task, weight, lease, Instant::now());
+                    let pool = self.pool_mut(&key);
+                    pool.in_use += weight;
+                    pool.publish();
+                    self.hold(&key, Ids::from(task), weight, lease, Instant::now());
                     applied.changed = true;
                 }
             }
@@ -901,6 +932,28 @@ impl SlotBackend for InProcess {
     /// allocation on the layer's create + query path).
     fn apply_unread(&self, op: SlotOp) -> Self::Apply {
         ready(Ok(self.lock().apply(op, true)))
+    }
+
+    /// As `apply_unread` of [`SlotOp::Hold`], the ids copied inline (no allocation for ids up
+    /// to 38 bytes).
+    fn hold_unread(
+        &self,
+        reservation: Reservation,
+        id: Option<&str>,
+        external_id: Option<&str>,
+        lease: Duration,
+    ) -> Self::Apply {
+        let task = Ids {
+            id: id.map(SmallId::new),
+            external: external_id.map(SmallId::new),
+        };
+        let now = Instant::now();
+        self.lock()
+            .hold(&reservation.key, task, reservation.weight, lease, now);
+        ready(Ok(Applied {
+            released: Vec::new(),
+            changed: true,
+        }))
     }
 
     fn snapshot(&self) -> Self::Snapshot {
@@ -1177,8 +1230,8 @@ mod tests {
     struct Model(HashMap<Place, String>);
 
     impl Keys for Model {
-        fn key(&self, place: Place) -> Option<&str> {
-            self.0.get(&place).map(String::as_str)
+        fn key(&self, place: Place) -> Option<&[u8]> {
+            self.0.get(&place).map(String::as_bytes)
         }
     }
 
@@ -1217,7 +1270,7 @@ mod tests {
     struct Colliding;
 
     impl HashId for Colliding {
-        fn hash(text: &str) -> u64 {
+        fn hash(text: &[u8]) -> u64 {
             text.len() as u64 % 2
         }
     }
@@ -1233,7 +1286,7 @@ mod tests {
                     next += 1;
                     let place = (next % 3, next);
                     held.0.insert(place, IDS[i].to_owned());
-                    let before = index.insert(IDS[i], place, &held);
+                    let before = index.insert(IDS[i].as_bytes(), place, &held);
                     prop_assert_eq!(before, filed.insert(IDS[i], place));
                 }
                 IndexOp::Release(n) if !held.0.is_empty() => {
@@ -1241,14 +1294,14 @@ mod tests {
                     places.sort_unstable();
                     let place = places[n % places.len()];
                     let id = held.0.remove(&place).expect("live");
-                    index.remove(&id, place);
+                    index.remove(id.as_bytes(), place);
                     if filed.get(id.as_str()) == Some(&place) {
                         filed.remove(id.as_str());
                     }
                 }
                 IndexOp::Release(_) => {}
                 IndexOp::End(i) => {
-                    let taken = index.take(IDS[i], &held);
+                    let taken = index.take(IDS[i].as_bytes(), &held);
                     prop_assert_eq!(taken, filed.remove(IDS[i]));
                     if let Some(place) = taken {
                         let id = held.0.remove(&place);
@@ -1257,7 +1310,12 @@ mod tests {
                 }
             }
             for id in IDS {
-                prop_assert_eq!(index.get(id, &held), filed.get(id).copied(), "{}", id);
+                prop_assert_eq!(
+                    index.get(id.as_bytes(), &held),
+                    filed.get(id).copied(),
+                    "{}",
+                    id
+                );
             }
         }
         Ok(())
@@ -1275,6 +1333,145 @@ mod tests {
         }
     }
 
+    /// The trait's provided `hold_unread` and `apply_unread` over `InProcess` (which overrides
+    /// both).
+    #[derive(Clone)]
+    struct Provided(InProcess);
+
+    impl SlotBackend for Provided {
+        type Acquire = InProcessAcquire;
+        type Apply = Ready<Result<Applied, BackendError>>;
+        type Snapshot = Ready<Result<Vec<PoolSnapshot>, BackendError>>;
+
+        fn acquire(&self, key: SlotKey, weight: u32) -> InProcessAcquire {
+            self.0.acquire(key, weight)
+        }
+
+        fn apply(&self, op: SlotOp) -> Self::Apply {
+            self.0.apply(op)
+        }
+
+        fn snapshot(&self) -> Self::Snapshot {
+            self.0.snapshot()
+        }
+    }
+
+    /// Ids short enough to be kept inline, exactly as long as the inline room, and longer.
+    const LONG_IDS: [&str; 5] = [
+        "8600000000000000001",
+        "kr-0123456789abcdef0123456789abcdef",
+        "kr-0123456789abcdef0123456789abcdef-xy",
+        "kr-0123456789abcdef0123456789abcdef-and-then-some",
+        "kr-0123456789abcdef0123456789abcdef-and-then-more",
+    ];
+
+    #[derive(Clone, Debug)]
+    enum HoldOp {
+        /// A create answered with these ids (task id, external id) by index into `LONG_IDS`.
+        Hold(Option<usize>, Option<usize>),
+        /// A report of a task: `(id, external, ended)`.
+        Report(usize, Option<usize>, bool),
+        /// `complete` by an id (task id or external id).
+        Complete(usize),
+    }
+
+    fn hold_ops() -> impl Strategy<Value = Vec<HoldOp>> {
+        let id = 0..LONG_IDS.len();
+        proptest::collection::vec(
+            prop_oneof![
+                (
+                    proptest::option::of(id.clone()),
+                    proptest::option::of(id.clone())
+                )
+                    .prop_map(|(i, e)| HoldOp::Hold(i, e)),
+                (id.clone(), proptest::option::of(id.clone()), any::<bool>())
+                    .prop_map(|(i, e, end)| HoldOp::Report(i, e, end)),
+                id.prop_map(HoldOp::Complete),
+            ],
+            1..40,
+        )
+    }
+
+    fn run_holds<B: SlotBackend>(backend: &B, ops: &[HoldOp]) -> Vec<(Vec<Released>, usize)> {
+        let lease = Duration::from_secs(600);
+        let mut seen = Vec::new();
+        for op in ops {
+            let released = match op {
+                HoldOp::Hold(id, ext) => {
+                    // Unread: what a create's answer does to the slots.
+                    // A full pool: the acquire waits, and dropping it holds nothing.
+                    let mut acquire = backend.acquire(key(), 1);
+                    let polled =
+                        Pin::new(&mut acquire).poll(&mut Context::from_waker(Waker::noop()));
+                    let Poll::Ready(Ok(reservation)) = polled else {
+                        continue;
+                    };
+                    let (id, ext) = (id.map(|i| LONG_IDS[i]), ext.map(|i| LONG_IDS[i]));
+                    let applied = now(backend.hold_unread(reservation, id, ext, lease)).unwrap();
+                    assert!(applied.changed);
+                    Vec::new()
+                }
+                HoldOp::Report(id, ext, end) => {
+                    let update = super::super::TaskUpdate {
+                        id: LONG_IDS[*id].to_owned(),
+                        external_id: ext.map(|i| LONG_IDS[i].to_owned()),
+                        status: Some(if *end {
+                            TaskStatus::Succeeded
+                        } else {
+                            TaskStatus::Processing
+                        }),
+                    };
+                    let op = SlotOp::Update {
+                        updates: vec![update],
+                        lease,
+                    };
+                    now(backend.apply(op)).unwrap().released
+                }
+                HoldOp::Complete(id) => {
+                    let op = SlotOp::Update {
+                        updates: vec![super::super::TaskUpdate {
+                            id: LONG_IDS[*id].to_owned(),
+                            external_id: None,
+                            status: None,
+                        }],
+                        lease,
+                    };
+                    now(backend.apply(op)).unwrap().released
+                }
+            };
+            let tasks = now(backend.snapshot())
+                .unwrap()
+                .first()
+                .map_or(0, |p| p.tasks);
+            seen.push((released, tasks));
+        }
+        seen
+    }
+
+    proptest! {
+        /// `InProcess::hold_unread` (ids copied inline, or boxed when long) keeps tasks as the
+        /// provided method's `SlotOp::Hold` with owned ids does.
+        #[test]
+        fn a_borrowed_hold_keeps_tasks_as_an_owned_one_does(ops in hold_ops()) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            let _entered = runtime.enter();
+            let fast = InProcess::new(SlotsConfig::new(8)).unwrap();
+            let provided = Provided(InProcess::new(SlotsConfig::new(8)).unwrap());
+            let a = run_holds(&fast, &ops);
+            let b = run_holds(&provided, &ops);
+            let strip = |runs: Vec<(Vec<Released>, usize)>| -> Vec<(Vec<Option<Arc<str>>>, usize)> {
+                runs.into_iter()
+                    .map(|(r, n)| (r.into_iter().map(|r| r.task).collect(), n))
+                    .collect()
+            };
+            prop_assert_eq!(strip(a), strip(b));
+        }
+    }
+
     #[test]
     fn the_id_hash_tells_apart_ids_that_differ_anywhere() {
         let ids = [
@@ -1289,7 +1486,7 @@ mod tests {
             "xbcdefghi",
         ];
         let hashes: std::collections::HashSet<u64> =
-            ids.iter().map(|id| IdHash::hash(id)).collect();
+            ids.iter().map(|id| IdHash::hash(id.as_bytes())).collect();
         assert_eq!(hashes.len(), ids.len());
     }
 }

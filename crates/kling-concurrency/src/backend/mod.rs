@@ -255,6 +255,28 @@ pub trait SlotBackend: Clone + Send + Sync + 'static {
         self.apply(op)
     }
 
+    /// Keeps a granted create's slots under the ids its answer (or the create itself) gave,
+    /// the result dropped unread: [`apply_unread`](SlotBackend::apply_unread) of
+    /// [`SlotOp::Hold`], with the ids borrowed so that a backend may keep them without copying
+    /// them into `String`s first (the layer's create path). By default, that `Hold` with the ids
+    /// copied into its [`TaskRef`].
+    fn hold_unread(
+        &self,
+        reservation: Reservation,
+        id: Option<&str>,
+        external_id: Option<&str>,
+        lease: Duration,
+    ) -> Self::Apply {
+        self.apply_unread(SlotOp::Hold {
+            reservation,
+            task: TaskRef {
+                id: id.map(str::to_owned),
+                external_id: external_id.map(str::to_owned),
+            },
+            lease,
+        })
+    }
+
     /// Every known pool's state (expired leases released first).
     fn snapshot(&self) -> Self::Snapshot;
 }

@@ -17,8 +17,9 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use crate::backend::{Reservation, SlotBackend, SlotOp, TaskRef, TaskUpdate};
+use crate::backend::{Reservation, SlotBackend, SlotOp, TaskUpdate};
 use crate::error::DeadlineExceeded;
+use crate::id::SmallId;
 
 /// What a granted create carries until its response settles its slots. Kept small: it sits in
 /// every create's response future, which each layer above moves.
@@ -26,22 +27,21 @@ pub(crate) struct Held<B> {
     pub(crate) reservation: Reservation,
     pub(crate) backend: B,
     pub(crate) lease: Duration,
-    pub(crate) external: Option<String>,
+    /// The create's own external id (copied inline: no allocation).
+    pub(crate) external: Option<SmallId>,
     /// How long the create waited for its slots (zero on the fast path).
     pub(crate) waited: Duration,
 }
 
 /// Keeps the slots of a create whose outcome is unknown: under its external id, or else under a
 /// lease alone.
-fn keep_unknown(reservation: Reservation, external: Option<String>, lease: Duration) -> SlotOp {
-    SlotOp::Hold {
-        reservation,
-        task: TaskRef {
-            id: None,
-            external_id: external,
-        },
-        lease,
-    }
+fn keep_unknown<B: SlotBackend>(
+    backend: &B,
+    reservation: Reservation,
+    external: Option<&SmallId>,
+    lease: Duration,
+) -> B::Apply {
+    backend.hold_unread(reservation, None, external.map(SmallId::as_str), lease)
 }
 
 /// A granted create handed to the inner service: its response future and what settles it.
@@ -56,7 +56,7 @@ pub(crate) struct Waiting<S, ReqB, B: SlotBackend> {
     pub(crate) request: Option<Request<ReqB>>,
     pub(crate) backend: B,
     pub(crate) lease: Duration,
-    pub(crate) external: Option<String>,
+    pub(crate) external: Option<SmallId>,
     pub(crate) pool: Pool,
     pub(crate) weight: u32,
     pub(crate) deadline: Option<Instant>,
@@ -136,8 +136,14 @@ pin_project! {
                 // The create was handed to the inner service and may have reached the server:
                 // the task would run on regardless, so its slots stay held (under its external
                 // id, or its lease).
-                let op = keep_unknown(held.reservation, held.external, held.lease);
-                drop(held.backend.apply_unread(op));
+                let Held {
+                    reservation,
+                    backend,
+                    lease,
+                    external,
+                    ..
+                } = held;
+                drop(keep_unknown(&backend, reservation, external.as_ref(), lease));
             }
         }
     }
@@ -253,12 +259,13 @@ where
     }
 }
 
-/// What a create's result means for its slots.
+/// Settles a create's slots from its result: starts the backend change and returns its future.
+/// The result is changed in place (to an error when the answer cannot be read; markers added),
+/// not moved.
 fn settle_create<B: SlotBackend>(
-    result: Result<Response<Full<Bytes>>, BoxError>,
+    result: &mut Result<Response<Full<Bytes>>, BoxError>,
     held: Held<B>,
-) -> (B, SlotOp, Result<Response<Full<Bytes>>, BoxError>) {
-    // Taken apart: the backend goes back to the caller, which applies the change with it.
+) -> B::Apply {
     let Held {
         reservation,
         backend,
@@ -266,24 +273,24 @@ fn settle_create<B: SlotBackend>(
         external,
         waited,
     } = held;
-    let mut response = match result {
+    let response = match result {
         Ok(response) => response,
         Err(error) => {
-            let op = match SendState::of(&*error) {
-                SendState::NotSent => SlotOp::GiveBack(reservation),
-                _ => keep_unknown(reservation, external, lease),
+            return match SendState::of(&**error) {
+                SendState::NotSent => backend.apply_unread(SlotOp::GiveBack(reservation)),
+                _ => keep_unknown(&backend, reservation, external.as_ref(), lease),
             };
-            return (backend, op, Err(error));
         }
     };
-    // Borrowed, not cloned, when `ClassifyLayer` (or another layer) attached it.
-    if Outcome::of(&response).is_none()
-        && let Err(malformed) = Outcome::ensure(&mut response)
-    {
-        // An answer nobody can read: the create may have happened.
-        let op = keep_unknown(reservation, external, lease);
-        return (backend, op, Err(Box::new(malformed)));
-    }
+    // One lookup (and a reference count) when `ClassifyLayer` or another layer attached it.
+    let outcome = match Outcome::ensure(response) {
+        Ok(outcome) => outcome,
+        Err(malformed) => {
+            // An answer nobody can read: the create may have happened.
+            *result = Err(Box::new(malformed));
+            return keep_unknown(&backend, reservation, external.as_ref(), lease);
+        }
+    };
     if !waited.is_zero() {
         match response.extensions_mut().get_mut::<Waited>() {
             Some(w) => w.slots += waited,
@@ -295,44 +302,39 @@ fn settle_create<B: SlotBackend>(
             }
         }
     }
-    let outcome = Outcome::of(&response).expect("attached above");
     let code = outcome.code();
-    let mut gated = false;
-    let op = if outcome.is_success() {
-        match outcome.task() {
-            Some(task) if task.status.is_terminal() => SlotOp::GiveBack(reservation),
-            Some(task) => SlotOp::Hold {
+    if outcome.is_success() {
+        return match outcome.task() {
+            Some(task) if task.status.is_terminal() => {
+                backend.apply_unread(SlotOp::GiveBack(reservation))
+            }
+            // Kept under the ids borrowed from the answer (the backend copies them inline);
+            // the external id the answer reports, else the create's own.
+            Some(task) => backend.hold_unread(
                 reservation,
-                task: TaskRef {
-                    id: Some(task.id.clone()),
-                    // The create's own external id when the answer echoes it (no copy).
-                    external_id: match (&task.external_id, external) {
-                        (Some(reported), Some(sent)) if *reported == sent => Some(sent),
-                        (Some(reported), _) => Some(reported.clone()),
-                        (None, sent) => sent,
-                    },
-                },
+                Some(&task.id),
+                task.external_id
+                    .as_deref()
+                    .or_else(|| external.as_ref().map(SmallId::as_str)),
                 lease,
-            },
-            None => keep_unknown(reservation, external, lease),
-        }
-    } else if code == Code::ParallelTaskLimit {
-        gated = true;
+            ),
+            None => keep_unknown(&backend, reservation, external.as_ref(), lease),
+        };
+    }
+    let op = if code == Code::ParallelTaskLimit {
+        response.extensions_mut().insert(SlotGated);
         SlotOp::Congested(reservation)
     } else if code.halts_creates() {
         SlotOp::Halt {
             reservation,
-            cause: ApiError::from_outcome(outcome),
+            cause: ApiError::from_outcome(&outcome),
         }
     } else if code.may_have_created() && external.is_some() {
-        keep_unknown(reservation, external, lease)
+        return keep_unknown(&backend, reservation, external.as_ref(), lease);
     } else {
         SlotOp::GiveBack(reservation)
     };
-    if gated {
-        response.extensions_mut().insert(SlotGated);
-    }
-    (backend, op, Ok(response))
+    backend.apply_unread(op)
 }
 
 /// The external ids a query asked about that its answer says do not exist, as updates that
@@ -395,10 +397,10 @@ where
         loop {
             let (apply, output) = match this.state.as_mut().project() {
                 StateProj::Create { future, held } => {
-                    let result = ready!(future.poll(cx)).map_err(Into::into);
+                    let mut output = ready!(future.poll(cx)).map_err(Into::into);
                     let held = held.take().expect("held is taken once");
-                    let (backend, op, output) = settle_create(result, held);
-                    (backend.apply_unread(op), output)
+                    let apply = settle_create(&mut output, held);
+                    (apply, output)
                 }
                 StateProj::Observe {
                     future,

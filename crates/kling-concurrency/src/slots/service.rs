@@ -12,13 +12,14 @@ use http::{Request, Response};
 use http_body_util::Full;
 use kling_core::error::BoxError;
 use kling_core::signals::Deadline;
-use kling_core::{AccountId, ApiGeneration, PeekBody, Recognized, RequestKind};
+use kling_core::{AccountId, ApiGeneration, PeekBody, Pool, Recognized, RequestKind};
 use tokio::time::Instant;
 use tower_service::Service;
 
 use super::future::{Held, ResponseFuture, Waiting};
 use super::layer::Settings;
 use crate::backend::{InProcess, SlotBackend, SlotKey};
+use crate::id::SmallId;
 
 /// Holds a create until its pool has slots for it, keeps the slots for the task's server-side
 /// life, and releases them when a query, list, callback or lease says the task ended.
@@ -79,6 +80,40 @@ impl<S, B> TaskSlots<S, B> {
     }
 }
 
+/// What `call` does with a request, read from its recognition (owned, so the request is free
+/// again).
+enum Route {
+    Create {
+        weight: u32,
+        pool: Pool,
+        external: Option<SmallId>,
+    },
+    Query {
+        /// Whether a "not found" can mean a create held under an external id never happened.
+        by_external: bool,
+    },
+    List,
+    Other,
+}
+
+impl Route {
+    fn of(recognized: &Recognized) -> Self {
+        match (recognized.kind, &recognized.pool) {
+            (RequestKind::Create, Some(pool)) => Route::Create {
+                weight: recognized.weight.max(1),
+                pool: pool.clone(),
+                external: recognized.external_id.as_deref().map(SmallId::new),
+            },
+            (RequestKind::Query, _) => Route::Query {
+                by_external: recognized.generation == Some(ApiGeneration::Legacy)
+                    || !recognized.external_ids.is_empty(),
+            },
+            (RequestKind::List, _) => Route::List,
+            _ => Route::Other,
+        }
+    }
+}
+
 impl<S, B, ReqB> Service<Request<ReqB>> for TaskSlots<S, B>
 where
     S: Service<Request<ReqB>, Response = Response<Full<Bytes>>> + Clone,
@@ -97,21 +132,24 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqB>) -> Self::Future {
-        let recognized = Recognized::of(&mut request);
-        let (weight, pool, external) = match (recognized.kind, &recognized.pool) {
-            (RequestKind::Create, Some(pool)) => (
-                recognized.weight.max(1),
-                pool.clone(),
-                recognized.external_id.clone(),
-            ),
-            (RequestKind::Query, _) => {
+        // One lookup when a layer above recognised the request already (the stack's case).
+        let route = match Recognized::cached(&request) {
+            Some(recognized) => Route::of(recognized),
+            None => Route::of(Recognized::of(&mut request)),
+        };
+        let (weight, pool, external) = match route {
+            Route::Create {
+                weight,
+                pool,
+                external,
+            } => (weight, pool, external),
+            Route::Query { by_external } => {
                 // A lookup by external id (the retry layer's, before it sends a create again)
                 // that finds nothing gives back what is held under that id: keep what it asked
                 // (a reference count) where a "not found" can mean that.
-                let asked = (recognized.generation == Some(ApiGeneration::Legacy)
-                    || !recognized.external_ids.is_empty())
-                .then(|| request.uri().path_and_query().cloned())
-                .flatten();
+                let asked = by_external
+                    .then(|| request.uri().path_and_query().cloned())
+                    .flatten();
                 return ResponseFuture::observe(
                     self.inner.call(request),
                     self.backend.clone(),
@@ -119,7 +157,7 @@ where
                     asked,
                 );
             }
-            (RequestKind::List, _) => {
+            Route::List => {
                 return ResponseFuture::observe(
                     self.inner.call(request),
                     self.backend.clone(),
@@ -127,14 +165,12 @@ where
                     None,
                 );
             }
-            _ => return ResponseFuture::pass(self.inner.call(request)),
+            Route::Other => return ResponseFuture::pass(self.inner.call(request)),
         };
         let account = AccountId::of(&request)
             .unwrap_or(&self.settings.default_account)
             .clone();
-        let mut acquire = self
-            .backend
-            .acquire(SlotKey::new(account, pool.clone()), weight);
+        let mut acquire = self.backend.acquire(SlotKey::new(account, pool), weight);
         // The fast path: free slots and nobody ahead are granted on the first poll, so the
         // create goes straight to the service that was made ready; no waker is needed (a
         // create that waits is polled again with the caller's).
@@ -152,6 +188,10 @@ where
             Poll::Ready(Err(error)) => ResponseFuture::failed(error.into_box()),
             Poll::Pending => {
                 let deadline = Deadline::of(&request);
+                // Cloned only here: the fast path moved it into the acquire's key.
+                let pool = Recognized::cached(&request)
+                    .and_then(|recognized| recognized.pool.clone())
+                    .expect("a create recognised above");
                 // Call the service that was made ready; keep a fresh clone for the next call.
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);

@@ -152,6 +152,29 @@ async fn complete_releases_a_task_by_id() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_answer_without_the_external_id_keeps_the_task_under_the_one_sent() {
+    let (mut svc, handle, fake) = stack(SlotsConfig::new(3));
+    // Short enough to be kept inline, and longer than that.
+    let long = "kr-0123456789abcdef0123456789abcdef-and-then-some";
+    for external in ["job-1", long] {
+        fake.script(Scripted::Unechoed);
+        let response = send(&mut svc, create_with_external(external))
+            .await
+            .unwrap();
+        assert_eq!(
+            Outcome::of(&response).unwrap().task().unwrap().external_id,
+            None
+        );
+    }
+    assert_eq!(pool_state(&handle, &video()).await.0, 2);
+    // Known by the external ids the creates carried.
+    let released = handle.complete(long).await.unwrap().unwrap();
+    assert_eq!(released.task.as_deref(), Some("t2"));
+    assert!(handle.complete("job-1").await.unwrap().is_some());
+    assert_eq!(pool_state(&handle, &video()).await.0, 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_lease_deadline_releases_a_task_nobody_follows() {
     let lease = Duration::from_secs(600);
     let (mut svc, handle, _fake) = stack(SlotsConfig::new(1).lease(lease));

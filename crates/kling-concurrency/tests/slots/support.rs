@@ -25,6 +25,8 @@ pub(crate) enum Scripted {
     Refused,
     /// The task is created, but the answer is `5000` (a "ghost" create).
     Ghost,
+    /// The task is created; the answer does not echo the create's external id.
+    Unechoed,
 }
 
 #[derive(Default)]
@@ -91,12 +93,13 @@ impl Fake {
         let data = if req.method() == Method::POST && path != "/tasks" {
             state.creates += 1;
             let ghost = matches!(state.script.front(), Some(Scripted::Ghost));
-            if let Some(answer) = state.script.pop_front().filter(|_| !ghost) {
+            let unechoed = matches!(state.script.front(), Some(Scripted::Unechoed));
+            if let Some(answer) = state.script.pop_front().filter(|_| !ghost && !unechoed) {
                 return match answer {
                     Scripted::Code(code, status) => Ok(envelope(status, code, &Value::Null)),
                     Scripted::Lost => Err(Box::new(Transport::after_sent("connection reset"))),
                     Scripted::Refused => Err(Box::new(Transport::new(NotSent::new("refused")))),
-                    Scripted::Ghost => unreachable!("filtered above"),
+                    Scripted::Ghost | Scripted::Unechoed => unreachable!("filtered above"),
                 };
             }
             let body: Value = serde_json::from_slice(&kling_core::PeekBody::peek_bytes(req.body()))
@@ -113,7 +116,8 @@ impl Fake {
             if ghost {
                 return Ok(envelope(500, 5000, &Value::Null));
             }
-            Fake::task_json(&id, "submitted", external.as_ref(), legacy)
+            let echoed = external.as_ref().filter(|_| !unechoed);
+            Fake::task_json(&id, "submitted", echoed, legacy)
         } else if path == "/tasks" {
             let query = req.uri().query().unwrap_or("");
             let tasks: Vec<Value> = if let Some(exts) = query.strip_prefix("external_task_ids=") {
