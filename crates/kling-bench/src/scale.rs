@@ -14,7 +14,7 @@ use http::header::CONTENT_TYPE;
 use http::{Method, Request, Response};
 use http_body_util::Full;
 use kling_concurrency::{SlotsConfig, SlotsHandle, TaskSlotsLayer};
-use kling_core::{AccountId, ClassifyLayer};
+use kling_core::{AccountId, ClassifyLayer, Recognized};
 use kling_mock::{MockConfig, MockKling, Preset};
 use kling_ratelimit::{GcraLayer, Quota};
 use kling_tower::{Credentials, KlingLayer, StackConfig};
@@ -168,6 +168,9 @@ fn numbered(method: Method, index: usize) -> Req {
         .headers_mut()
         .insert(TASK_HEADER, http::HeaderValue::from(index));
     request.extensions_mut().insert(AccountId::new("scale"));
+    // Recognised up front, as `Kling::call` does for the whole stack: the recognition is the
+    // request's, not a waiter's bookkeeping.
+    Recognized::of(&mut request);
     request
 }
 
@@ -219,8 +222,7 @@ where
         // The requests' vector and the futures' vector are freed inside the measured span
         // (the requests moved into the futures), which gives back what the moved requests
         // occupy in the limiter's boxes; the futures' own boxes are the caller's.
-        bytes_per_waiter: (grown.live as f64
-            - (count * std::mem::size_of::<S::Future>()) as f64
+        bytes_per_waiter: (grown.live as f64 - (count * std::mem::size_of::<S::Future>()) as f64
             + (count * std::mem::size_of::<Pin<Box<S::Future>>>()) as f64)
             / queued.max(1) as f64,
         future_bytes: std::mem::size_of::<S::Future>(),

@@ -11,7 +11,7 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri};
 use http_body_util::Full;
 use kling_core::error::{ApiError, BoxError, SendState};
-use kling_core::signals::{SlotGated, Waited};
+use kling_core::signals::{Deadline, SlotGated, Waited};
 use kling_core::{ApiGeneration, Code, Outcome, Pool, Recognized, metrics as names};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -48,7 +48,9 @@ fn keep_unknown<B: SlotBackend>(
 type Sent<S, ReqB, B> = (<S as Service<Request<ReqB>>>::Future, Held<B>);
 
 /// A create that found no free slot in `call`: everything it needs once granted, boxed (one
-/// allocation on a path that waits anyway) so the response future stays small.
+/// allocation on a path that waits anyway) so the response future stays small. Its pool,
+/// weight, external id and deadline are read from the request it holds (recognised in `call`)
+/// when needed, so each waiter's box stays small too.
 pub(crate) struct Waiting<S, ReqB, B: SlotBackend> {
     pub(crate) acquire: B::Acquire,
     /// Taken when the slots are granted.
@@ -56,10 +58,6 @@ pub(crate) struct Waiting<S, ReqB, B: SlotBackend> {
     pub(crate) request: Option<Request<ReqB>>,
     pub(crate) backend: B,
     pub(crate) lease: Duration,
-    pub(crate) external: Option<SmallId>,
-    pub(crate) pool: Pool,
-    pub(crate) weight: u32,
-    pub(crate) deadline: Option<Instant>,
     pub(crate) sleep: Option<Pin<Box<Sleep>>>,
     pub(crate) since: Instant,
 }
@@ -69,13 +67,22 @@ where
     S: Service<Request<ReqB>>,
     B: SlotBackend,
 {
+    /// The create's recognition, cached in its request by `call`.
+    fn recognized(&self) -> &Recognized {
+        self.request
+            .as_ref()
+            .and_then(Recognized::cached)
+            .expect("a waiting create holds its recognised request")
+    }
+
     /// Waits for the slots (or the deadline), then sends the create.
     fn poll_granted(&mut self, cx: &mut Context<'_>) -> Poll<Result<Sent<S, ReqB, B>, BoxError>> {
         let reservation = match Pin::new(&mut self.acquire).poll(cx) {
             Poll::Ready(Ok(reservation)) => reservation,
             Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into_box())),
             Poll::Pending => {
-                if let Some(deadline) = self.deadline {
+                let deadline = self.request.as_ref().and_then(Deadline::of);
+                if let Some(deadline) = deadline {
                     let now = Instant::now();
                     let late = deadline <= now || {
                         let sleep = self
@@ -85,9 +92,11 @@ where
                     };
                     if late {
                         let waited = now.saturating_duration_since(self.since);
+                        let recognized = self.recognized();
+                        let pool = recognized.pool.clone().expect("a create has a pool");
                         return Poll::Ready(Err(Box::new(DeadlineExceeded::new(
-                            self.pool.clone(),
-                            self.weight,
+                            pool,
+                            recognized.weight.max(1),
                             waited,
                         ))));
                     }
@@ -96,7 +105,14 @@ where
             }
         };
         let waited = Instant::now().saturating_duration_since(self.since);
-        metrics::histogram!(names::SLOTS_WAIT, names::LABEL_POOL => self.pool.to_string())
+        let recognized = self.recognized();
+        let pool = recognized
+            .pool
+            .as_ref()
+            .map(Pool::to_string)
+            .unwrap_or_default();
+        let external = recognized.external_id.as_deref().map(SmallId::new);
+        metrics::histogram!(names::SLOTS_WAIT, names::LABEL_POOL => pool)
             .record(waited.as_secs_f64());
         let mut inner = self.inner.take().expect("inner is taken once");
         let request = self.request.take().expect("request is taken once");
@@ -104,7 +120,7 @@ where
             reservation,
             backend: self.backend.clone(),
             lease: self.lease,
-            external: self.external.take(),
+            external,
             waited,
         };
         Poll::Ready(Ok((inner.call(request), held)))

@@ -11,7 +11,6 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
 use kling_core::error::BoxError;
-use kling_core::signals::Deadline;
 use kling_core::{AccountId, ApiGeneration, PeekBody, Pool, Recognized, RequestKind};
 use tokio::time::Instant;
 use tower_service::Service;
@@ -187,11 +186,6 @@ where
             ),
             Poll::Ready(Err(error)) => ResponseFuture::failed(error.into_box()),
             Poll::Pending => {
-                let deadline = Deadline::of(&request);
-                // Cloned only here: the fast path moved it into the acquire's key.
-                let pool = Recognized::cached(&request)
-                    .and_then(|recognized| recognized.pool.clone())
-                    .expect("a create recognised above");
                 // Call the service that was made ready; keep a fresh clone for the next call.
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);
@@ -201,10 +195,6 @@ where
                     request: Some(request),
                     backend: self.backend.clone(),
                     lease: self.settings.lease,
-                    external,
-                    pool,
-                    weight,
-                    deadline,
                     sleep: None,
                     since: Instant::now(),
                 }))
