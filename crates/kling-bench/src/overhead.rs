@@ -221,7 +221,7 @@ fn timed(rt: &Runtime, requests: usize, work: impl std::future::Future<Output = 
 }
 
 /// How long the workers are given to park before their CPU time is read.
-const SETTLE: Duration = Duration::from_millis(3);
+pub(crate) const SETTLE: Duration = Duration::from_millis(3);
 
 /// A subject whose service clones share its limits.
 struct Shared<F> {
