@@ -39,6 +39,7 @@
 //! | [`Outcome`] | one response, parsed once, shared through extensions |
 //! | [`RetryAfter`] | delta-seconds and all three HTTP-date forms |
 //! | [`Recognized`], [`Pool`] | create / query / list / account, pool and weight |
+//! | [`Route`] | what the method and path alone say (kind, pool), without allocating |
 //! | [`AccountId`] | the key every limit is counted under |
 //! | [`TokioClock`] | a governor clock on tokio time, for paused-time tests |
 //! | [`ClassifyLayer`] | bounded body read that attaches the [`Outcome`] |
@@ -66,6 +67,7 @@ pub mod metrics;
 mod outcome;
 mod request;
 mod retry_after;
+mod route;
 pub mod signals;
 
 pub use account::AccountId;
@@ -78,3 +80,4 @@ pub use error::{BoxError, SendState};
 pub use outcome::Outcome;
 pub use request::{ApiGeneration, Pool, Product, Recognized, RequestKind};
 pub use retry_after::{MAX_RETRY_AFTER, RetryAfter, retry_after_delay};
+pub use route::Route;

@@ -12,6 +12,7 @@ use http::{Method, Request, Uri};
 use serde::Deserialize;
 
 use crate::body::PeekBody;
+use crate::route::Route;
 use crate::signals::CallContext;
 
 /// Which generation of the Kling API a path belongs to.
@@ -179,99 +180,26 @@ impl Recognized {
     /// The body is only parsed for creates; a body that is not JSON leaves the defaults
     /// (weight 1, no external id) and the server will reject it.
     pub fn from_parts(method: &Method, uri: &Uri, body: &[u8]) -> Recognized {
+        // The path decides the kind, generation and pool; the body and the query the rest.
+        let route = Route::of(method, uri.path());
         let mut recognized = Recognized {
-            kind: RequestKind::Other,
-            generation: None,
-            pool: None,
+            kind: route.kind,
+            generation: route.generation,
+            pool: route.pool(),
             weight: 0,
             external_id: None,
             has_callback: false,
             task_ids: Vec::new(),
             external_ids: Vec::new(),
         };
-        let path = uri.path().trim_end_matches('/');
-        if path.ends_with("/account/costs") || path == "account/costs" {
-            recognized.kind = RequestKind::Account;
-            return recognized;
-        }
-        // Kling paths have a handful of segments: keep them on the stack (no allocation per
-        // request), with a vector for anything longer.
-        // One pass over the bytes (a `/` is always a character boundary).
-        let mut on_stack = [""; 16];
-        let mut spilled: Vec<&str> = Vec::new();
-        let mut count = 0;
-        let mut start = 0;
-        for (at, byte) in path.bytes().chain(std::iter::once(b'/')).enumerate() {
-            if byte != b'/' {
-                continue;
+        match (route.kind, route.generation, route.product) {
+            (RequestKind::Create, Some(generation), Some(product)) => {
+                recognized.read_create_body(product, generation, body);
             }
-            if at > start {
-                let segment = &path[start..at];
-                if count < on_stack.len() {
-                    on_stack[count] = segment;
-                } else {
-                    if spilled.is_empty() {
-                        spilled.extend_from_slice(&on_stack);
-                    }
-                    spilled.push(segment);
-                }
-                count += 1;
-            }
-            start = at + 1;
-        }
-        let segments: &[&str] = if spilled.is_empty() {
-            &on_stack[..count]
-        } else {
-            &spilled
-        };
-
-        // Legacy: .../v1/{videos|images}/{endpoint}[/{id}]
-        if let Some(v1) = segments.iter().rposition(|s| *s == "v1") {
-            let rest = &segments[v1 + 1..];
-            let product = match rest {
-                ["videos", ..] => Some(Product::Video),
-                ["images", "kolors-virtual-try-on", ..] => Some(Product::TryOn),
-                ["images", ..] => Some(Product::Image),
-                _ => None,
-            };
-            if let Some(product) = product {
-                recognized.generation = Some(ApiGeneration::Legacy);
-                match (rest.len(), method) {
-                    (2, &Method::POST) => {
-                        recognized.kind = RequestKind::Create;
-                        recognized.pool = Some(Pool::new(product));
-                        recognized.read_create_body(product, ApiGeneration::Legacy, body);
-                    }
-                    (2, &Method::GET) => recognized.kind = RequestKind::List,
-                    (3, &Method::GET) => {
-                        recognized.kind = RequestKind::Query;
-                        recognized.task_ids.push(rest[2].to_owned());
-                    }
-                    _ => {}
-                }
-                return recognized;
-            }
-        }
-
-        // New: /tasks (batch query or list) and /{product}/{model} (create).
-        match segments {
-            [.., "tasks"] => {
-                recognized.generation = Some(ApiGeneration::New);
-                if method == Method::GET {
-                    recognized.kind = RequestKind::Query;
-                    recognized.read_batch_query(uri.query().unwrap_or(""));
-                } else if method == Method::POST {
-                    recognized.kind = RequestKind::List;
-                }
-            }
-            [.., product, model] if method == Method::POST => {
-                if let Some(product) = new_style_product(product) {
-                    recognized.generation = Some(ApiGeneration::New);
-                    recognized.kind = RequestKind::Create;
-                    recognized.pool = Some(Pool::with_model(product, *model));
-                    recognized.read_create_body(product, ApiGeneration::New, body);
-                }
-            }
+            (RequestKind::Query, _, _) => match route.task_id {
+                Some(id) => recognized.task_ids.push(id.to_owned()),
+                None => recognized.read_batch_query(uri.query().unwrap_or("")),
+            },
             _ => {}
         }
         recognized
@@ -408,20 +336,6 @@ fn may_name_a_create_field(body: &[u8], image: bool) -> bool {
             return true;
         }
         at += 1;
-    }
-}
-
-/// The product of a new-style create path's first segment (`text-to-video`, `omni-video`, …).
-fn new_style_product(segment: &str) -> Option<Product> {
-    match segment {
-        "text-to-video" | "image-to-video" | "omni-video" | "motion-control" => {
-            Some(Product::Video)
-        }
-        "text-to-image" | "image-to-image" => Some(Product::Image),
-        s if s.contains("try-on") => Some(Product::TryOn),
-        s if s.ends_with("-video") => Some(Product::Video),
-        s if s.ends_with("-image") => Some(Product::Image),
-        _ => None,
     }
 }
 
@@ -570,7 +484,7 @@ mod tests {
     }
 
     #[test]
-    fn long_paths_spill_their_segments() {
+    fn long_and_doubled_slash_paths_are_recognised() {
         let deep = format!("{}/v1/images/generations", "/x".repeat(20));
         let r = recognize(&Method::POST, &deep, r#"{"n":2}"#);
         assert_eq!((r.kind, r.weight), (RequestKind::Create, 2));

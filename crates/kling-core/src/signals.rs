@@ -44,6 +44,34 @@ impl CallContext {
     }
 }
 
+/// A request's per-call signals on their own, for a layer that keeps a copy of the request to
+/// send again (the retry layer): when the signals are all the request's extensions hold — the
+/// stack's usual case — the copy keeps just them (no allocation) and each later attempt gets a
+/// fresh extension map holding them, instead of every call deep-copying the map.
+#[derive(Clone, Debug, Default)]
+pub struct CallSignals(Option<CallContext>);
+
+impl CallSignals {
+    /// The signals of `extensions` when nothing else is in them (`None`: copy the extensions
+    /// whole).
+    pub fn if_alone(extensions: &http::Extensions) -> Option<CallSignals> {
+        match extensions.len() {
+            0 => Some(CallSignals(None)),
+            1 => extensions
+                .get::<CallContext>()
+                .map(|call| CallSignals(Some(call.clone()))),
+            _ => None,
+        }
+    }
+
+    /// Puts the signals into a request (which then carries them as the original did).
+    pub fn restore<B>(&self, request: &mut Request<B>) {
+        if let Some(call) = &self.0 {
+            request.extensions_mut().insert(call.clone());
+        }
+    }
+}
+
 /// Request extension: the instant after which the whole logical call (all attempts, all waits)
 /// is late. Set by the retry layer; layers that wait (rate limiter, task slots) give up with
 /// their typed error instead of waiting past it.
@@ -91,6 +119,16 @@ impl Attempt {
 /// layer may retry without its own backoff.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SlotGated;
+
+/// Response extension: an auth layer below saw this 1003/1004 (token not yet valid, expired),
+/// dropped the token the server refused and did not resend, so the next attempt carries a
+/// freshly signed one. kling-retry's `KlingPolicy` retries such a response at once, at most once
+/// per call and outside the attempt limit (as the auth layer's own resend was).
+///
+/// kling-tower's `AuthLayer::resend_on_refusal(false)` sets it; a 1003/1004 without it (no auth
+/// layer, or one that already re-signed and resent) is final.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TokenDropped;
 
 /// Response extension: how long the request waited inside a limiting layer before it was sent
 /// (rate limiter and task slots add theirs up), for metrics.
@@ -147,6 +185,24 @@ mod tests {
         Attempt::set(&mut req, 4);
         assert_eq!(Deadline::of(&req), Some(deadline - Duration::from_secs(1)));
         assert_eq!(Attempt::of(&req), Some(4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn signals_alone_are_kept_without_the_map_and_restored_whole() {
+        let mut req = request();
+        assert!(CallSignals::if_alone(req.extensions()).is_some());
+        Attempt::set(&mut req, 2);
+        Deadline::set(&mut req, Instant::now());
+        Recognized::of(&mut req);
+        let kept = CallSignals::if_alone(req.extensions()).expect("only the signals");
+        let mut again = Request::new(*req.body());
+        kept.restore(&mut again);
+        assert_eq!(Attempt::of(&again), Some(2));
+        assert_eq!(Deadline::of(&again), Deadline::of(&req));
+        assert!(Recognized::cached(&again).is_some());
+        // Anything else in the map: the caller must copy the map.
+        req.extensions_mut().insert(7_u8);
+        assert!(CallSignals::if_alone(req.extensions()).is_none());
     }
 
     #[test]

@@ -1,0 +1,524 @@
+//! What a request's method and path alone say it is: the path rules of [`Recognized`], once.
+//!
+//! [`Recognized`] adds what a create's body and a batch query's query string say, and owns
+//! its strings; a layer that only needs the kind and the pool (a metrics label) reads a
+//! [`Route`] instead, which borrows from the path and never allocates.
+//!
+//! [`Recognized`]: crate::Recognized
+
+use http::Method;
+
+use crate::request::{ApiGeneration, Pool, Product, RequestKind};
+
+/// What a request's method and path say it is, borrowed from the path (no allocation).
+///
+/// [`Recognized::from_parts`](crate::Recognized::from_parts) starts from this.
+///
+/// ```
+/// use http::Method;
+/// use kling_core::{ApiGeneration, Product, RequestKind, Route};
+///
+/// let route = Route::of(&Method::POST, "/text-to-video/kling-3.0");
+/// assert_eq!(route.kind, RequestKind::Create);
+/// assert_eq!(route.generation, Some(ApiGeneration::New));
+/// assert_eq!((route.product, route.model), (Some(Product::Video), Some("kling-3.0")));
+///
+/// let route = Route::of(&Method::GET, "/v1/videos/text2video/abc");
+/// assert_eq!((route.kind, route.task_id), (RequestKind::Query, Some("abc")));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Route<'a> {
+    /// The kind of request.
+    pub kind: RequestKind,
+    /// The API generation of the path, when known.
+    pub generation: Option<ApiGeneration>,
+    /// The product of the pool a create draws from (`None` for everything else).
+    pub product: Option<Product>,
+    /// The model version of a new-style create's pool (`kling-3.0`).
+    pub model: Option<&'a str>,
+    /// The task id a legacy query names as its last segment.
+    pub task_id: Option<&'a str>,
+}
+
+impl<'a> Route<'a> {
+    /// Recognises a request from its method and URI path (without the query string).
+    ///
+    /// Legacy paths end in `v1/{videos|images}/{endpoint}[/{id}]` (after the last `v1`),
+    /// new-style ones in `tasks` or `{product}/{model}`; `account/costs` is the account
+    /// request. Empty segments and trailing `/`s are ignored, and any prefix (a proxy's base
+    /// path) is allowed.
+    ///
+    /// Inlined across crates so that a caller that reads only some fields (a metrics label)
+    /// does not pay for the rest.
+    #[inline]
+    pub fn of(method: &Method, path: &'a str) -> Route<'a> {
+        // `/` is ASCII, so trimming bytes keeps `path` on a character boundary.
+        let mut trimmed = path.len();
+        while trimmed > 0 && path.as_bytes()[trimmed - 1] == b'/' {
+            trimmed -= 1;
+        }
+        let path = &path[..trimmed];
+        if path.ends_with("/account/costs") || path == "account/costs" {
+            return Route::other(RequestKind::Account);
+        }
+        // The non-empty segments, as byte ranges, on the stack, and the index of the one after
+        // the last `v1` (`usize::MAX` for no `v1`: a plain index keeps it in a register).
+        let bytes = path.as_bytes();
+        let mut on_stack = [(0, 0); ON_STACK];
+        let mut count = 0;
+        let mut after_v1 = usize::MAX;
+        each_segment(bytes, |(from, to)| {
+            if to - from == 2 && bytes[from..to] == *b"v1" {
+                after_v1 = count + 1;
+            }
+            if count < ON_STACK {
+                on_stack[count] = (from, to);
+            }
+            count += 1;
+        });
+        if count > ON_STACK {
+            return Route::of_long(method, path, after_v1);
+        }
+        Route::by_rules(method, path, &on_stack[..count], after_v1)
+    }
+
+    /// [`Route::of`] of a trimmed path with more than `ON_STACK` segments: rare, so kept out
+    /// of the common path.
+    #[cold]
+    #[inline(never)]
+    fn of_long(method: &Method, path: &'a str, after_v1: usize) -> Route<'a> {
+        let mut all = Vec::new();
+        each_segment(path.as_bytes(), |segment| all.push(segment));
+        Route::by_rules(method, path, &all, after_v1)
+    }
+
+    /// The rules, given the trimmed path's non-empty `segments` and the index of the one after
+    /// the last `v1` among them (`usize::MAX` for no `v1`).
+    #[inline(always)]
+    fn by_rules(method: &Method, path: &'a str, segments: &[Range], after_v1: usize) -> Route<'a> {
+        let mut route = Route::other(RequestKind::Other);
+        // Compared as bytes: slicing the `str` would check character boundaries each time. A
+        // segment is always on them (it ends at a `/` or the end); `get` cannot panic, so a
+        // caller that ignores `task_id` or `model` does not pay for the check once inlined.
+        let raw = |(from, to): Range| &path.as_bytes()[from..to];
+        let text = |(from, to): Range| path.get(from..to).unwrap_or_default();
+
+        // Legacy: .../v1/{videos|images}/{endpoint}[/{id}]
+        if let Some(rest) = segments.get(after_v1..) {
+            let product = match rest {
+                [first, ..] if raw(*first) == b"videos" => Some(Product::Video),
+                [first, second, ..]
+                    if raw(*first) == b"images" && raw(*second) == b"kolors-virtual-try-on" =>
+                {
+                    Some(Product::TryOn)
+                }
+                [first, ..] if raw(*first) == b"images" => Some(Product::Image),
+                _ => None,
+            };
+            if let Some(product) = product {
+                route.generation = Some(ApiGeneration::Legacy);
+                match (rest.len(), method) {
+                    (2, &Method::POST) => {
+                        route.kind = RequestKind::Create;
+                        route.product = Some(product);
+                    }
+                    (2, &Method::GET) => route.kind = RequestKind::List,
+                    (3, &Method::GET) => {
+                        route.kind = RequestKind::Query;
+                        route.task_id = Some(text(rest[2]));
+                    }
+                    _ => {}
+                }
+                return route;
+            }
+        }
+
+        // New: /tasks (batch query or list) and /{product}/{model} (create).
+        match segments {
+            [.., last] if raw(*last) == b"tasks" => {
+                route.generation = Some(ApiGeneration::New);
+                if method == Method::GET {
+                    route.kind = RequestKind::Query;
+                } else if method == Method::POST {
+                    route.kind = RequestKind::List;
+                }
+            }
+            [.., product, model] if method == Method::POST => {
+                if let Some(product) = new_style_product(text(*product)) {
+                    route.generation = Some(ApiGeneration::New);
+                    route.kind = RequestKind::Create;
+                    route.product = Some(product);
+                    route.model = Some(text(*model));
+                }
+            }
+            _ => {}
+        }
+        route
+    }
+
+    /// A route of `kind` with nothing else known.
+    fn other(kind: RequestKind) -> Route<'a> {
+        Route {
+            kind,
+            generation: None,
+            product: None,
+            model: None,
+            task_id: None,
+        }
+    }
+
+    /// The pool a create draws from (`None` for everything else); allocates the model's name.
+    pub fn pool(&self) -> Option<Pool> {
+        let product = self.product?;
+        Some(match self.model {
+            None => Pool::new(product),
+            Some(model) => Pool::with_model(product, model),
+        })
+    }
+}
+
+/// A segment of a path, as byte offsets (from, to).
+type Range = (usize, usize);
+
+/// Segments kept on the stack; Kling paths have two to four, and a longer path takes
+/// `Route::of_long`.
+const ON_STACK: usize = 8;
+
+/// Calls `segment` with the byte range of each non-empty `/`-separated segment, in order,
+/// finding the `/`s eight bytes at a time (a byte loop or `split` costs several times more on
+/// paths this short). Always inlined: its callback is then inlined too.
+#[inline(always)]
+fn each_segment(bytes: &[u8], mut segment: impl FnMut(Range)) {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const SLASHES: u64 = 0x2f2f_2f2f_2f2f_2f2f;
+    let mut start = 0;
+    // `word` holds `bytes[base..]` little-endian (byte `base + i` in bits `8 * i..`).
+    let mut scan = |word: u64, base: usize| {
+        let x = word ^ SLASHES;
+        // The high bit of exactly the zero bytes of `x`, i.e. the `/`s (no carry crosses a
+        // byte).
+        let mut found = !(((x & LOW7) + LOW7) | x | LOW7);
+        while found != 0 {
+            let at = base + found.trailing_zeros() as usize / 8;
+            found &= found - 1;
+            if at > start {
+                segment((start, at));
+            }
+            start = at + 1;
+        }
+    };
+    let mut chunks = bytes.chunks_exact(8);
+    let mut base = 0;
+    for chunk in &mut chunks {
+        scan(u64::from_le_bytes(chunk.try_into().expect("8 bytes")), base);
+        base += 8;
+    }
+    let rest = chunks.remainder().len();
+    if rest > 0 {
+        // The eight bytes that end the string, shifted so that the ones already seen drop out
+        // and zeros (no `/`) come in; a string shorter than a word is read bytewise.
+        let word = match bytes.last_chunk::<8>() {
+            Some(last) => u64::from_le_bytes(*last) >> (8 * (8 - rest)),
+            None => bytes
+                .iter()
+                .rev()
+                .fold(0, |word, &byte| (word << 8) | u64::from(byte)),
+        };
+        scan(word, base);
+    }
+    if bytes.len() > start {
+        segment((start, bytes.len()));
+    }
+}
+
+/// The product of a new-style create path's first segment (`text-to-video`, `omni-video`, …).
+fn new_style_product(segment: &str) -> Option<Product> {
+    match segment {
+        "text-to-video" | "image-to-video" | "omni-video" | "motion-control" => {
+            Some(Product::Video)
+        }
+        "text-to-image" | "image-to-image" => Some(Product::Image),
+        s if s.contains("try-on") => Some(Product::TryOn),
+        s if s.ends_with("-video") => Some(Product::Video),
+        s if s.ends_with("-image") => Some(Product::Image),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rules as first written: split the path into its segments, then match on them.
+    fn reference<'a>(method: &Method, path: &'a str) -> Route<'a> {
+        let mut route = Route {
+            kind: RequestKind::Other,
+            generation: None,
+            product: None,
+            model: None,
+            task_id: None,
+        };
+        let path = path.trim_end_matches('/');
+        if path.ends_with("/account/costs") || path == "account/costs" {
+            route.kind = RequestKind::Account;
+            return route;
+        }
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        if let Some(v1) = segments.iter().rposition(|s| *s == "v1") {
+            let rest = &segments[v1 + 1..];
+            let product = match rest {
+                ["videos", ..] => Some(Product::Video),
+                ["images", "kolors-virtual-try-on", ..] => Some(Product::TryOn),
+                ["images", ..] => Some(Product::Image),
+                _ => None,
+            };
+            if let Some(product) = product {
+                route.generation = Some(ApiGeneration::Legacy);
+                match (rest.len(), method) {
+                    (2, &Method::POST) => {
+                        route.kind = RequestKind::Create;
+                        route.product = Some(product);
+                    }
+                    (2, &Method::GET) => route.kind = RequestKind::List,
+                    (3, &Method::GET) => {
+                        route.kind = RequestKind::Query;
+                        route.task_id = Some(rest[2]);
+                    }
+                    _ => {}
+                }
+                return route;
+            }
+        }
+        match segments[..] {
+            [.., "tasks"] => {
+                route.generation = Some(ApiGeneration::New);
+                if method == Method::GET {
+                    route.kind = RequestKind::Query;
+                } else if method == Method::POST {
+                    route.kind = RequestKind::List;
+                }
+            }
+            [.., product, model] if method == Method::POST => {
+                if let Some(product) = new_style_product(product) {
+                    route.generation = Some(ApiGeneration::New);
+                    route.kind = RequestKind::Create;
+                    route.product = Some(product);
+                    route.model = Some(model);
+                }
+            }
+            _ => {}
+        }
+        route
+    }
+
+    /// Every word a rule looks at, a near miss of each, and filler.
+    const WORDS: [&str; 20] = [
+        "v1",
+        "videos",
+        "images",
+        "kolors-virtual-try-on",
+        "text2video",
+        "tasks",
+        "account",
+        "costs",
+        "text-to-video",
+        "motion-control",
+        "text-to-image",
+        "my-video",
+        "an-image",
+        "virtual-try-on",
+        "kling-3.0",
+        "V1",
+        "task",
+        "myaccount",
+        "123",
+        "x",
+    ];
+
+    fn agrees(method: &Method, path: &str) {
+        let uri: http::Uri = path.parse().unwrap();
+        assert_eq!(
+            Route::of(method, uri.path()),
+            reference(method, uri.path()),
+            "{method} {path}"
+        );
+    }
+
+    #[test]
+    fn every_path_of_up_to_four_words_is_recognised_as_the_reference_does() {
+        let methods = [Method::GET, Method::POST, Method::DELETE];
+        let mut checked = 0;
+        let mut words: Vec<Vec<&str>> = vec![vec![]];
+        for _ in 0..4 {
+            let longer: Vec<Vec<&str>> = words
+                .iter()
+                .filter(|w| w.len() == words.last().map_or(0, Vec::len))
+                .flat_map(|w| {
+                    WORDS.iter().map(move |word| {
+                        let mut w = w.clone();
+                        w.push(*word);
+                        w
+                    })
+                })
+                .collect();
+            words.extend(longer);
+        }
+        for path in &words {
+            let joined = path.join("/");
+            for variant in [
+                format!("/{joined}"),
+                format!("/{joined}/"),
+                format!("/api//{joined}?task_ids=1,2"),
+                format!("https://api.example.com/x/{joined}"),
+            ] {
+                for method in &methods {
+                    agrees(method, &variant);
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 1_000_000, "{checked}");
+    }
+
+    #[test]
+    fn long_paths_are_recognised_as_the_reference_does() {
+        let deep = format!("/{}", ["a"; ON_STACK].join("/"));
+        for path in [
+            format!("{deep}/v1/videos/text2video"),
+            format!("{deep}/v1/videos/text2video/1"),
+            format!("/v1/videos{deep}"),
+            format!("/v1/images/kolors-virtual-try-on{deep}"),
+            format!("/v1/images/v1{deep}/v1/images/generations"),
+            format!("{deep}/text-to-video/kling-3.0"),
+            format!("{deep}/tasks"),
+            format!("//v1//videos/text2video//abc//{deep}/"),
+        ] {
+            for method in [Method::GET, Method::POST] {
+                agrees(&method, &path);
+            }
+        }
+        let create = format!("{deep}/v1/images/generations");
+        let route = Route::of(&Method::POST, &create);
+        assert_eq!(
+            (route.kind, route.product),
+            (RequestKind::Create, Some(Product::Image))
+        );
+        let route = Route::of(&Method::GET, "//v1//videos/text2video//abc//");
+        assert_eq!(route.task_id, Some("abc"));
+    }
+
+    #[test]
+    fn segments_are_found_in_every_short_string() {
+        // Every string of up to 9 symbols over `/`, `a` and a two-byte character: every
+        // length around the 8-byte words, every position of a `/`.
+        let symbols = ["/", "a", "é"];
+        let mut strings = vec![String::new()];
+        let mut checked = 0;
+        for _ in 0..9 {
+            strings = strings
+                .iter()
+                .flat_map(|s| symbols.iter().map(move |c| format!("{s}{c}")))
+                .collect();
+            for s in &strings {
+                let expected: Vec<&str> = s.split('/').filter(|s| !s.is_empty()).collect();
+                let mut found = Vec::new();
+                each_segment(s.as_bytes(), |(from, to)| found.push(&s[from..to]));
+                assert_eq!(found, expected, "{s:?}");
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, (1..=9).map(|n| 3usize.pow(n)).sum::<usize>());
+    }
+
+    #[test]
+    fn the_documented_paths_are_recognised() {
+        let create = |product, model| Route {
+            kind: RequestKind::Create,
+            product: Some(product),
+            model,
+            ..Route::of(&Method::GET, "/")
+        };
+        let legacy = |route: Route<'static>| Route {
+            generation: Some(ApiGeneration::Legacy),
+            ..route
+        };
+        let new = |route: Route<'static>| Route {
+            generation: Some(ApiGeneration::New),
+            ..route
+        };
+        let kind = |kind| Route {
+            kind,
+            ..Route::of(&Method::GET, "/")
+        };
+        let cases = [
+            (
+                Method::POST,
+                "/v1/videos/text2video",
+                legacy(create(Product::Video, None)),
+            ),
+            (
+                Method::POST,
+                "/v1/images/kolors-virtual-try-on",
+                legacy(create(Product::TryOn, None)),
+            ),
+            (
+                Method::POST,
+                "/v1/images/generations",
+                legacy(create(Product::Image, None)),
+            ),
+            (
+                Method::GET,
+                "/v1/videos/text2video/abc",
+                Route {
+                    task_id: Some("abc"),
+                    ..legacy(kind(RequestKind::Query))
+                },
+            ),
+            (
+                Method::GET,
+                "/v1/videos/text2video",
+                legacy(kind(RequestKind::List)),
+            ),
+            (
+                Method::DELETE,
+                "/v1/videos/text2video",
+                legacy(kind(RequestKind::Other)),
+            ),
+            (
+                Method::POST,
+                "/text-to-video/kling-3.0",
+                new(create(Product::Video, Some("kling-3.0"))),
+            ),
+            (
+                Method::POST,
+                "/virtual-try-on/kolors-v1.5",
+                new(create(Product::TryOn, Some("kolors-v1.5"))),
+            ),
+            (Method::GET, "/tasks", new(kind(RequestKind::Query))),
+            (Method::POST, "/tasks/", new(kind(RequestKind::List))),
+            (Method::GET, "/account/costs", kind(RequestKind::Account)),
+            (Method::GET, "/", kind(RequestKind::Other)),
+        ];
+        for (method, path, expected) in cases {
+            assert_eq!(Route::of(&method, path), expected, "{method} {path}");
+            agrees(&method, path);
+        }
+        assert_eq!(kind(RequestKind::Other).generation, None);
+    }
+
+    #[test]
+    fn only_a_create_has_a_pool() {
+        let pool = |method, path| Route::of(&method, path).pool().map(|p| p.to_string());
+        assert_eq!(
+            pool(Method::POST, "/v1/images/generations").as_deref(),
+            Some("image")
+        );
+        assert_eq!(
+            pool(Method::POST, "/omni-video/kling-o1").as_deref(),
+            Some("video:kling-o1")
+        );
+        assert_eq!(pool(Method::GET, "/v1/images/generations"), None);
+        assert_eq!(pool(Method::POST, "/tasks"), None);
+    }
+}
