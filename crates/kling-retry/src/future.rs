@@ -13,7 +13,7 @@ use http_body_util::Full;
 use kling_core::error::{ApiError, BoxError};
 use kling_core::metrics::{LABEL_KIND, LABEL_REASON, RETRIES, RETRY_BUDGET_EXHAUSTED};
 use kling_core::signals::{Attempt, Deadline};
-use kling_core::{Outcome, Recognized};
+use kling_core::{Disposition, Outcome, Recognized};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
@@ -25,6 +25,7 @@ use crate::layer::Shared;
 use crate::lookup::{self, Lookup, Recovered};
 use crate::policy::{Attempted, CreateState, Policy, Verdict};
 use crate::service::clone_request;
+use crate::template::Template;
 
 pin_project! {
     /// The response future of [`Retry`](crate::Retry): sends attempts, waits between them, and
@@ -61,13 +62,15 @@ enum Sending {
 /// Everything a call carries between attempts (not pinned).
 struct Call<S, B, P> {
     service: S,
-    template: Request<B>,
+    template: Box<Template<B>>,
     shared: Arc<Shared<P>>,
     started: Instant,
     deadline: Option<Instant>,
     attempts: u32,
     /// What the attempt in flight sent.
     sending: Sending,
+    /// Whether a refused token (1003/1004) was already retried: at most once per call.
+    resigned: bool,
     /// Made at the first retry. Boxed: the success path needs none of it, and every layer above
     /// moves this future.
     retry: Option<Box<Retrying<B>>>,
@@ -115,7 +118,7 @@ where
     pub(crate) fn new(
         future: S::Future,
         service: S,
-        template: Request<B>,
+        template: Box<Template<B>>,
         shared: Arc<Shared<P>>,
         started: Instant,
         deadline: Option<Instant>,
@@ -130,6 +133,7 @@ where
                 deadline,
                 attempts: 1,
                 sending: Sending::Original,
+                resigned: false,
                 retry: None,
             },
         }
@@ -275,18 +279,33 @@ where
                 self.fail(StopReason::NotRetryable, last)
             }
             Verdict::Retry { delay, create } => {
-                let hint = outcome.retry_after().map(|h| (outcome.received_at(), h));
                 let last = Last::Api(ApiError::from_outcome(outcome));
-                self.schedule(delay, create, hint, last)
+                let resign = outcome.disposition() == Disposition::Resign;
+                if resign {
+                    if self.resigned {
+                        return self.fail(StopReason::NotRetryable, last);
+                    }
+                    self.resigned = true;
+                }
+                let hint = outcome.retry_after().map(|h| (outcome.received_at(), h));
+                self.schedule(delay, create, hint, last, resign)
             }
         }
+    }
+
+    /// The attempt limit, plus the one retry of a refused token (outside the limit, as the
+    /// auth layer's own resend was).
+    fn attempt_limit(&self) -> u32 {
+        self.shared
+            .max_attempts
+            .saturating_add(u32::from(self.resigned))
     }
 
     fn after_error(&mut self, error: BoxError) -> Step {
         match self.shared.policy.judge(Attempted::Error(&error)) {
             Verdict::Return => Step::Finish(Err(error)),
             Verdict::Retry { delay, create } => {
-                self.schedule(delay, create, None, Last::Error(error))
+                self.schedule(delay, create, None, Last::Error(error), false)
             }
         }
     }
@@ -304,7 +323,7 @@ where
     }
 
     fn kind(&mut self) -> &'static str {
-        Recognized::of(&mut self.template).kind.as_str()
+        Recognized::of(self.template.request()).kind.as_str()
     }
 
     /// Decides whether and when the next attempt goes, after a retryable failure.
@@ -314,17 +333,19 @@ where
         create: CreateState,
         hint: Option<(Instant, Duration)>,
         last: Last,
+        resign: bool,
     ) -> Step {
         if self.sending == Sending::Original {
             let mut pending = None;
             if create == CreateState::MaybeCreated {
-                Recognized::of(&mut self.template);
-                let recognized = Recognized::cached(&self.template);
+                let template = self.template.request();
+                Recognized::of(template);
+                let recognized = Recognized::cached(template);
                 if let Some(recognized) = recognized.filter(|r| r.is_create()) {
                     let Some(id) = recognized.external_id.clone() else {
                         return self.fail(StopReason::CreateMayHaveHappened, last);
                     };
-                    let Some(request) = lookup::request(&self.template, recognized, &id) else {
+                    let Some(request) = lookup::request(template, recognized, &id) else {
                         return self.fail(StopReason::CreateMayHaveHappened, last);
                     };
                     pending = Some((request, id));
@@ -337,7 +358,7 @@ where
             };
             retry.lookup = pending;
         }
-        if self.attempts >= self.shared.max_attempts {
+        if self.attempts >= self.attempt_limit() {
             return self.fail(StopReason::AttemptsExhausted, last);
         }
         let now = Instant::now();
@@ -368,6 +389,7 @@ where
         }
         let retry = self.retrying();
         let reason = match retry.next {
+            _ if resign => "resign",
             Sending::Lookup => "lookup",
             Sending::Original => delay.as_str(),
         };
@@ -393,7 +415,7 @@ where
             .last
             .take()
             .unwrap_or_else(|| Last::Error("create outcome unknown".into()));
-        if self.attempts >= self.shared.max_attempts {
+        if self.attempts >= self.attempt_limit() {
             return self.fail(StopReason::AttemptsExhausted, last);
         }
         let now = Instant::now();
@@ -422,7 +444,7 @@ where
             .and_then(|retry| retry.lookup.as_ref());
         let (source, sending) = match lookup {
             Some((request, _)) => (request, Sending::Lookup),
-            None => (&self.template, Sending::Original),
+            None => (&*self.template.request(), Sending::Original),
         };
         self.sending = sending;
         let mut request = clone_request(source);

@@ -59,7 +59,10 @@
 //!   task-slots layer below gave the slot back and will hold the retried create until one
 //!   frees) it is retried at once; without a slots layer, after a backoff of at least 1 s.
 //! - **Never retried**: `1000`–`1002`, `1100`–`1103`, `1200`–`1203`, `1300`, `1301`, `1304`,
-//!   and `1003`/`1004` (the auth layer below re-signs and retries those once itself).
+//!   and `1003`/`1004` (the auth layer below re-signs and retries those once itself) unless
+//!   the response carries [`TokenDropped`]: the auth layer below dropped the refused token and
+//!   left the resend to this layer, which sends it again at once, at most once per call and
+//!   outside the attempt limit.
 //! - **Delay**: a `Retry-After` (delta seconds or HTTP-date) counts from the response's arrival,
 //!   clamped to a maximum, with jitter only upward so a retry is never early; otherwise
 //!   exponential backoff with full jitter, with separate bases for throttling (≥ 1 s) and
@@ -143,10 +146,12 @@ mod lookup;
 mod policy;
 mod rng;
 mod service;
+mod template;
 
 pub use backoff::{Backoff, DelayKind};
 pub use body::ReplayBody;
 pub use budget::RetryBudget;
+pub use kling_core::signals::TokenDropped;
 pub use layer::{DEFAULT_DEADLINE, DEFAULT_MAX_ATTEMPTS, RetryLayer, RetryLayerBuilder};
 pub use lookup::Recovered;
 pub use policy::{Attempted, CreateState, KlingPolicy, Policy, Verdict};

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http::Response;
 use http_body_util::Full;
 use kling_core::error::{BodyTooLarge, BoxError, MalformedResponse, NotSent, Transport};
-use kling_core::signals::SlotGated;
+use kling_core::signals::{SlotGated, TokenDropped};
 use kling_core::{Disposition, Outcome, RetryKind, SendState};
 
 use crate::backoff::DelayKind;
@@ -82,7 +82,8 @@ pub trait Policy: Send + Sync + 'static {
 /// | `1303` without | retry, [`SlotFull`](DelayKind::SlotFull) (≥ 1 s), not created |
 /// | `5000`, `5002`, another 5xx code | retry, [`Transient`](DelayKind::Transient), maybe created |
 /// | `5001` | retry, [`Maintenance`](DelayKind::Maintenance), maybe created |
-/// | `1003`, `1004` (the auth layer below already re-signed once) | return |
+/// | `1003`, `1004` with [`TokenDropped`] (an auth layer below dropped the refused token) | retry, [`Immediate`](DelayKind::Immediate), not created (once per call) |
+/// | `1003`, `1004` without (the auth layer below already re-signed once) | return |
 /// | `1000`–`1002`, `1100`–`1103`, `1200`–`1203`, `1300`, `1301`, `1304`, other codes below 500 | return |
 /// | [`Transport`] error, never sent ([`SendState::NotSent`], [`NotSent`]) | retry, transient, not created |
 /// | [`Transport`] error after sending, `tower::timeout::error::Elapsed` | retry, transient, maybe created |
@@ -107,6 +108,9 @@ fn judge_outcome(response: &Response<Full<Bytes>>, outcome: &Outcome) -> Verdict
             (DelayKind::Maintenance, CreateState::MaybeCreated)
         }
         Disposition::Retry(_) => (DelayKind::Transient, CreateState::MaybeCreated),
+        Disposition::Resign if response.extensions().get::<TokenDropped>().is_some() => {
+            (DelayKind::Immediate, CreateState::NotCreated)
+        }
         Disposition::WaitForSlot => {
             let delay = if response.extensions().get::<SlotGated>().is_some() {
                 DelayKind::Immediate

@@ -17,6 +17,7 @@ use crate::future::ResponseFuture;
 use crate::layer::{RetryLayer, Shared};
 use crate::lookup;
 use crate::policy::{KlingPolicy, Policy};
+use crate::template::Template;
 
 /// Retries a Kling request by its [`Outcome`](kling_core::Outcome). See the [crate docs](crate).
 ///
@@ -102,10 +103,7 @@ where
         if shared.generate_external_ids && request.method() == Method::POST {
             lookup::add_generated_id(&mut request, &*shared.rng);
         }
-        // The copy is taken before the signals are set: every attempt sets its own, and a
-        // request that carried no extensions is copied without any (the signals' extension is
-        // then made once, below, instead of made and copied).
-        let template = clone_request(&request);
+        let template = Template::new(&request);
         if let Some(deadline) = deadline {
             Deadline::set(&mut request, deadline);
         }

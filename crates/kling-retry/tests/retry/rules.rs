@@ -5,12 +5,12 @@ use std::time::Duration;
 use http::StatusCode;
 use kling_core::Code;
 use kling_core::signals::SlotGated;
-use kling_retry::RetryLayer;
 use kling_retry::error::{Failed, StopReason};
+use kling_retry::{RetryLayer, TokenDropped};
 use tokio::time::Instant;
 use tower::Layer;
 
-use crate::support::{Reply, code, get, kling, refused, reset, send, task};
+use crate::support::{Reply, Res, code, create, get, kling, refused, reset, send, task};
 
 fn layer() -> RetryLayer {
     RetryLayer::builder().seed(1).build().unwrap()
@@ -51,6 +51,109 @@ async fn never_retried_codes_return_at_once() {
         let failed = error.downcast_ref::<Failed>().expect("a Failed");
         assert_eq!(failed.code(), Some(Code::from_i64(c)));
         assert_eq!(failed.reason(), StopReason::NotRetryable);
+    }
+}
+
+/// A refusal of the token (1003/1004) from an auth layer that dropped it and left the resend
+/// to the retry layer.
+fn token_dropped(c: i64) -> Res {
+    let mut response = code(c);
+    response.extensions_mut().insert(TokenDropped);
+    response
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_token_is_sent_again_at_once_and_a_second_refusal_is_final() {
+    for c in [1003, 1004] {
+        let (server, log) = kling(move |_, _| Reply::Now(token_dropped(c)));
+        let client = layer().layer(server);
+        let started = Instant::now();
+        let error = send(&client, create(r#"{"prompt":"cat"}"#))
+            .await
+            .unwrap_err();
+        assert_eq!(Instant::now(), started, "code {c} waited");
+        let attempts: Vec<_> = log.all().iter().map(|s| s.attempt).collect();
+        assert_eq!(attempts, [Some(1), Some(2)], "code {c}: resent once");
+        let failed = error.downcast_ref::<Failed>().expect("a Failed");
+        assert_eq!(failed.code(), Some(Code::from_i64(c)));
+        assert_eq!(failed.reason(), StopReason::NotRetryable);
+        assert_eq!(failed.attempts(), 2);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_token_is_resent_even_past_the_attempt_limit() {
+    let (server, log) = kling(|_, i| {
+        Reply::Now(if i == 0 {
+            token_dropped(1004)
+        } else {
+            task("t1", None)
+        })
+    });
+    let client = RetryLayer::builder()
+        .seed(1)
+        .max_attempts(1)
+        .build()
+        .unwrap()
+        .layer(server);
+    let response = send(&client, create(r#"{"prompt":"cat"}"#)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(log.count("POST", "text2video"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_token_is_resent_once_per_call_not_once_per_attempt() {
+    let (server, log) = kling(|_, i| {
+        Reply::Now(match i {
+            1 => code(1302),
+            _ => token_dropped(1004),
+        })
+    });
+    let client = layer().layer(server);
+    let error = send(&client, get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap_err();
+    assert_eq!(log.len(), 3, "1004, resent; 1302, retried; 1004 is final");
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.code(), Some(Code::TokenExpired));
+    assert_eq!(failed.reason(), StopReason::NotRetryable);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retried_request_carries_the_callers_headers_account_and_extensions() {
+    #[derive(Clone)]
+    struct Tag;
+    // Each call: a 1302, then a success.
+    let (server, log) = kling(|_, i| {
+        Reply::Now(if i % 2 == 0 {
+            code(1302)
+        } else {
+            task("t1", None)
+        })
+    });
+    let client = layer().layer(server);
+    for foreign in [false, true] {
+        let mut request = create(r#"{"prompt":"cat"}"#);
+        request
+            .headers_mut()
+            .append("x-trace", "1".parse().unwrap());
+        request
+            .headers_mut()
+            .append("x-trace", "2".parse().unwrap());
+        kling_core::AccountId::set_if_absent(&mut request, &kling_core::AccountId::new("acct"));
+        if foreign {
+            request.extensions_mut().insert(Tag);
+        }
+        let expected = request.headers().clone();
+        send(&client, request).await.unwrap();
+        let seen = log.all();
+        let (first, retried) = (&seen[seen.len() - 2], &seen[seen.len() - 1]);
+        assert_eq!(retried.attempt, Some(2));
+        for attempt in [first, retried] {
+            assert_eq!(attempt.headers, expected, "foreign extension: {foreign}");
+            assert_eq!(attempt.account.as_deref(), Some("acct"));
+            assert_eq!(attempt.body, r#"{"prompt":"cat"}"#);
+        }
     }
 }
 

@@ -26,6 +26,8 @@ pub(crate) struct Seen {
     pub(crate) at: Instant,
     pub(crate) attempt: Option<u32>,
     pub(crate) deadline: Option<Instant>,
+    pub(crate) account: Option<String>,
+    pub(crate) headers: http::HeaderMap,
 }
 
 /// What the scripted server answers.
@@ -86,6 +88,8 @@ where
             at: Instant::now(),
             attempt: Attempt::of(&req),
             deadline: Deadline::of(&req),
+            account: kling_core::AccountId::of(&req).map(|a| a.as_str().to_owned()),
+            headers: req.headers().clone(),
         };
         let index = {
             let mut all = seen_log.0.lock().unwrap();
