@@ -11,8 +11,8 @@
 //! | 4 | [`RetryLayer`] | decides from each attempt's `Outcome` whether and when to try again; its deadline bounds every wait below |
 //! | 5 | [`TaskSlotsLayer`] | a create waits for a weighted slot in its pool, held until the task ends; a retried 1303 waits here |
 //! | 6 | [`GcraLayer`] (with a rate cap) | paces every attempt, retries included; a 1302 pauses the whole account |
-//! | 7 | [`AuthLayer`] | sets the bearer token per attempt; re-signs and retries once on 1003/1004 |
-//! | 8 | [`AttemptTimeoutLayer`](crate::timeout::AttemptTimeoutLayer) | per attempt, around the classify step, so a stalled body counts too; its timer is armed only when the attempt waits |
+//! | 7 | [`AuthLayer`] | sets the bearer token per attempt; on 1003/1004 drops the refused token, and the retry layer resends once, signed afresh |
+//! | 8 | [`AttemptTimeoutLayer`] | per attempt, around the classify step, so a stalled body counts too; its timer is armed only when the attempt waits |
 //! | 9 | [`ClassifyLayer`] | reads the body (bounded) and parses the envelope once |
 //! | 10 | [`BaseUrlLayer`] | resolves `/v1/...` against the region, a proxy or the mock |
 //! | 11 | your client | hyper-util ([`https_client`](crate::client)), reqwest ([`ReqwestService`](crate::client)), … |
@@ -144,7 +144,9 @@ impl<B: StackBackends> KlingBuilder<B> {
         self
     }
 
-    /// The auth layer, e.g. one with a test clock (default `AuthLayer::new(credentials)`).
+    /// The auth layer, e.g. one with a test clock (default `AuthLayer::new(credentials)`). The
+    /// stack turns its own resend off (`resend_on_refusal(false)`): the retry layer resends a
+    /// 1003/1004 once, through the slots and the rate limiter.
     pub fn auth(mut self, auth: AuthLayer) -> Self {
         self.auth = Some(auth);
         self
@@ -249,7 +251,8 @@ impl<B: StackBackends> KlingBuilder<B> {
         let speed = config.speed_factor();
         let auth = self
             .auth
-            .unwrap_or_else(|| AuthLayer::new(self.credentials.clone()));
+            .unwrap_or_else(|| AuthLayer::new(self.credentials.clone()))
+            .resend_on_refusal(false);
         let account = self
             .account
             .unwrap_or_else(|| self.credentials.account_id());

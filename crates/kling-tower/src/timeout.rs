@@ -6,7 +6,7 @@
 //! mock — never needs one. This layer polls the attempt first and arms the timer on the first
 //! poll that finds it pending, so the time counts from that poll (the stack's layers poll an
 //! attempt in the same step that sends it). A late attempt fails with tower's own
-//! [`Elapsed`](tower::timeout::error::Elapsed), so code that recognises tower's timeout keeps
+//! [`Elapsed`], so code that recognises tower's timeout keeps
 //! working.
 //!
 //! ```

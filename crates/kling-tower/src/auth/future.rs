@@ -8,34 +8,99 @@ use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http::header::AUTHORIZATION;
-use http::{Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use http_body_util::Full;
 use kling_core::{BoxError, Disposition, Outcome};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::Shared;
+use super::{Shared, TokenDropped};
+
+/// Most header values a [`Retry`] keeps inline, in its box; a request with more keeps a
+/// `HeaderMap` copy.
+const INLINE_HEADERS: usize = 6;
 
 /// What a second attempt needs: the request as first sent, a clone of the inner service and
 /// the token generation the server refused.
 pub(crate) struct Retry<S, B> {
-    pub(crate) request: Request<B>,
-    pub(crate) service: S,
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) generation: u64,
+    /// Method, URI, version and body; the headers too when there are more than fit inline.
+    request: Request<B>,
+    /// The header values in `HeaderMap::iter` order: copying them here costs no allocation,
+    /// a `HeaderMap` copy two, on every JWT request.
+    headers: [Option<(HeaderName, HeaderValue)>; INLINE_HEADERS],
+    service: S,
+    shared: Arc<Shared>,
+    generation: u64,
+}
+
+impl<S, B: Clone> Retry<S, B> {
+    /// A copy of `request` (method, URI, version, headers and body, not the extensions: see
+    /// the [module docs](super)), filled in place in its box.
+    pub(crate) fn new(
+        request: &Request<B>,
+        service: S,
+        shared: Arc<Shared>,
+        generation: u64,
+    ) -> Box<Self> {
+        let mut retry = Box::new(Retry {
+            request: Request::new(request.body().clone()),
+            headers: [const { None }; INLINE_HEADERS],
+            service,
+            shared,
+            generation,
+        });
+        let copy = &mut retry.request;
+        *copy.method_mut() = request.method().clone();
+        *copy.uri_mut() = request.uri().clone();
+        *copy.version_mut() = request.version();
+        if request.headers().len() <= INLINE_HEADERS {
+            for (slot, (name, value)) in retry.headers.iter_mut().zip(request.headers()) {
+                *slot = Some((name.clone(), value.clone()));
+            }
+        } else {
+            *copy.headers_mut() = request.headers().clone();
+        }
+        retry
+    }
+}
+
+impl<S, B> Retry<S, B> {
+    /// Puts the headers back, with `authorization` in place of the refused token.
+    fn restore(&mut self, authorization: HeaderValue) {
+        for (name, value) in self.headers.iter_mut().map_while(Option::take) {
+            self.request.headers_mut().append(name, value);
+        }
+        self.request
+            .headers_mut()
+            .insert(AUTHORIZATION, authorization);
+    }
+}
+
+/// What a refusal (1003/1004) leads to.
+pub(crate) enum Refusal<S, B> {
+    /// Nothing: an API key cannot be refreshed.
+    Pass,
+    /// Sign afresh and send the attempt once more. Boxed: only a JWT that this layer resends
+    /// needs it, and the future stays small for the layers above to move.
+    Resend(Box<Retry<S, B>>),
+    /// Drop the refused token and mark the response [`TokenDropped`]; a retry layer above
+    /// resends.
+    Drop {
+        shared: Arc<Shared>,
+        generation: u64,
+    },
 }
 
 pin_project! {
-    /// Sends the attempt; on 1003/1004 with a JWT, signs a fresh token and sends it once more.
+    /// Sends the attempt; on 1003/1004 with a JWT, signs a fresh token and sends it once more
+    /// (or leaves the resend to a retry layer above).
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<B>>,
     {
         #[pin]
         state: State<S::Future>,
-        // Boxed: only a JWT needs it, and an API key's future stays small for the layers
-        // above to move.
-        retry: Option<Box<Retry<S, B>>>,
+        refusal: Refusal<S, B>,
     }
 }
 
@@ -53,17 +118,17 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
 {
-    pub(crate) fn new(future: S::Future, retry: Option<Box<Retry<S, B>>>) -> Self {
+    pub(crate) fn new(future: S::Future, refusal: Refusal<S, B>) -> Self {
         ResponseFuture {
             state: State::First { future },
-            retry,
+            refusal,
         }
     }
 
     pub(crate) fn failed(error: BoxError) -> Self {
         ResponseFuture {
             state: State::Failed { error: Some(error) },
-            retry: None,
+            refusal: Refusal::Pass,
         }
     }
 }
@@ -74,7 +139,11 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("can_resign", &self.retry.is_some())
+            .field("can_resign", &matches!(self.refusal, Refusal::Resend(_)))
+            .field(
+                "drops_refused_token",
+                &matches!(self.refusal, Refusal::Drop { .. }),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -98,28 +167,35 @@ where
                 }
                 StateProj::First { future } => {
                     let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
-                    let Some(retry) = this.retry.as_mut() else {
-                        return Poll::Ready(Ok(response));
+                    let retry = match this.refusal {
+                        Refusal::Pass => return Poll::Ready(Ok(response)),
+                        Refusal::Resend(retry) => retry,
+                        Refusal::Drop { shared, generation } => {
+                            if refused(&mut response) {
+                                shared.invalidate(*generation);
+                                response.extensions_mut().insert(TokenDropped);
+                            }
+                            return Poll::Ready(Ok(response));
+                        }
                     };
-                    let resign = Outcome::ensure(&mut response)
-                        .is_ok_and(|o| o.disposition() == Disposition::Resign);
-                    if !resign {
+                    if !refused(&mut response) {
                         return Poll::Ready(Ok(response));
                     }
                     let (header, _) = retry
                         .shared
                         .resign(retry.generation)
                         .map_err(|e| Box::new(e) as BoxError)?;
-                    retry.request.headers_mut().insert(AUTHORIZATION, header);
+                    retry.restore(header);
                     this.state.set(State::AwaitReady);
                 }
                 StateProj::AwaitReady => {
-                    let Some(retry) = this.retry.as_mut() else {
+                    let Refusal::Resend(retry) = this.refusal else {
                         this.state.set(State::Failed { error: None });
                         continue;
                     };
                     ready!(retry.service.poll_ready(cx)).map_err(Into::into)?;
-                    let Some(retry) = this.retry.take() else {
+                    let Refusal::Resend(retry) = std::mem::replace(this.refusal, Refusal::Pass)
+                    else {
                         continue;
                     };
                     let Retry {
@@ -136,4 +212,10 @@ where
             }
         }
     }
+}
+
+/// Whether the server refused the token (1003/1004).
+#[inline]
+fn refused(response: &mut Response<Full<Bytes>>) -> bool {
+    Outcome::ensure(response).is_ok_and(|o| o.disposition() == Disposition::Resign)
 }

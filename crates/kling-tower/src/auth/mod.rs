@@ -10,6 +10,13 @@
 //! this one in the recommended order read none). Only a JWT keeps such a copy; an API key
 //! cannot be refreshed, so its requests pass through with no copy at all.
 //!
+//! Under a retry layer, which keeps a copy of every request anyway, the copy here is waste:
+//! with [`resend_on_refusal(false)`](AuthLayer::resend_on_refusal) (as
+//! [`KlingLayer`](crate::KlingLayer) sets it) the layer keeps no copy, and on 1003/1004 only
+//! drops the refused token, so the next attempt is signed afresh, and marks the response
+//! [`TokenDropped`]: [`KlingPolicy`](kling_retry::KlingPolicy) then sends it again at once,
+//! once per call.
+//!
 //! The layer also sets the request's [`AccountId`] when it has none: for an API key,
 //! `key-` and the first 12 hex digits of the key's SHA-256; for an access key, the access key
 //! itself (it is not secret). Credentials never appear in `Debug` output.
@@ -44,6 +51,7 @@ use http::header::AUTHORIZATION;
 use http::{HeaderValue, Request, Response};
 use http_body_util::Full;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use kling_core::signals::TokenDropped;
 use kling_core::{AccountId, BoxError};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -233,6 +241,15 @@ impl Shared {
         Ok(out)
     }
 
+    /// Drops the cached token if it is still generation `refused`, so the next request signs
+    /// afresh (a token another request signed since is kept).
+    fn invalidate(&self, refused: u64) {
+        let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        if token.as_ref().is_some_and(|t| t.generation == refused) {
+            *token = None;
+        }
+    }
+
     /// A fresh header after the server refused generation `refused`; a token another request
     /// signed since is reused rather than signing again.
     fn resign(&self, refused: u64) -> Result<(HeaderValue, u64), SigningError> {
@@ -285,6 +302,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct AuthLayer {
     shared: Arc<Shared>,
+    resend: bool,
 }
 
 impl fmt::Debug for AuthLayer {
@@ -293,6 +311,7 @@ impl fmt::Debug for AuthLayer {
             .field("credentials", &self.shared.credentials)
             .field("renew_before", &self.shared.renew_before)
             .field("clock", &self.shared.clock)
+            .field("resend_on_refusal", &self.resend)
             .finish()
     }
 }
@@ -333,6 +352,7 @@ impl AuthLayer {
                 token: Mutex::new(None),
                 signed: AtomicU64::new(0),
             }),
+            resend: true,
         }
     }
 
@@ -344,6 +364,17 @@ impl AuthLayer {
             Arc::new(clock),
             self.shared.renew_before,
         )
+        .resend_on_refusal(self.resend)
+    }
+
+    /// Whether a JWT request the server refused with 1003/1004 is signed afresh and sent once
+    /// more by this layer (default `true`). With `false` the layer keeps no copy of the
+    /// request: it drops the refused token and marks the response [`TokenDropped`], for a
+    /// retry layer above to send again ([`KlingPolicy`](kling_retry::KlingPolicy) does, once
+    /// per call). Set `false` only under such a layer. Clones keep sharing the token cache.
+    pub fn resend_on_refusal(mut self, on: bool) -> AuthLayer {
+        self.resend = on;
+        self
     }
 
     /// Signs a cached token again this long before it expires; must be below the 1800 s
@@ -359,7 +390,8 @@ impl AuthLayer {
             self.shared.credentials.clone(),
             self.shared.clock.clone(),
             margin,
-        ))
+        )
+        .resend_on_refusal(self.resend))
     }
 
     /// The account id the layer sets on requests without one.
@@ -389,12 +421,13 @@ impl<S> Layer<S> for AuthLayer {
         Auth {
             inner,
             shared: self.shared.clone(),
+            resend: self.resend,
         }
     }
 }
 
-/// Sets `Authorization` and the [`AccountId`]; re-signs once on 1003/1004. See the
-/// [module docs](self).
+/// Sets `Authorization` and the [`AccountId`]; on 1003/1004 re-signs and resends once, or
+/// leaves the resend to a retry layer above. See the [module docs](self).
 ///
 /// # Clone
 ///
@@ -403,6 +436,7 @@ impl<S> Layer<S> for AuthLayer {
 pub struct Auth<S> {
     inner: S,
     shared: Arc<Shared>,
+    resend: bool,
 }
 
 impl<S: fmt::Debug> fmt::Debug for Auth<S> {
@@ -452,28 +486,21 @@ where
             Err(e) => return future::ResponseFuture::failed(Box::new(e)),
         };
         request.headers_mut().insert(AUTHORIZATION, header);
-        // Only a JWT can be refreshed: keep what a second attempt needs.
-        let retry = self.shared.static_header.is_none().then(|| {
-            Box::new(future::Retry {
-                request: clone_request(&request),
-                service: self.inner.clone(),
+        // Only a JWT can be refreshed: keep what a second attempt needs, or, when a retry layer
+        // above resends, what dropping the refused token needs.
+        let refusal = match (self.shared.static_header.is_none(), self.resend) {
+            (false, _) => future::Refusal::Pass,
+            (true, true) => future::Refusal::Resend(future::Retry::new(
+                &request,
+                self.inner.clone(),
+                self.shared.clone(),
+                generation,
+            )),
+            (true, false) => future::Refusal::Drop {
                 shared: self.shared.clone(),
                 generation,
-            })
-        });
-        future::ResponseFuture::new(self.inner.call(request), retry)
+            },
+        };
+        future::ResponseFuture::new(self.inner.call(request), refusal)
     }
-}
-
-/// A copy of a request to send again: method, URI, version, headers and body.
-///
-/// Extensions are not copied (each would cost an allocation on every request): the layers
-/// below this one in the recommended order (timeout, classify, the client) read none.
-pub(crate) fn clone_request<B: Clone>(request: &Request<B>) -> Request<B> {
-    let mut copy = Request::new(request.body().clone());
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
-    copy
 }

@@ -5,11 +5,14 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http::header::AUTHORIZATION;
 use http_body_util::Full;
+use kling_core::signals::TokenDropped;
 use kling_core::{AccountId, ClassifyLayer, Code, Outcome};
 use kling_mock::{MockConfig, MockKling, Preset};
+use kling_retry::error::{Failed, StopReason};
 use kling_tower::auth::{AuthLayer, Credentials};
 use kling_tower::clock::TokioWallClock;
-use tower::{Layer, ServiceExt, service_fn};
+use kling_tower::{KlingLayer, StackConfig, Tier};
+use tower::{Layer, Service, ServiceExt, service_fn};
 
 use crate::support::{envelope, request};
 
@@ -139,6 +142,43 @@ async fn token_expired_answer_triggers_exactly_one_resign_and_retry() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_resent_copy_carries_every_header_and_only_a_fresh_token() {
+    for extra in [1, 9] {
+        let layer = AuthLayer::new(Credentials::access_key("ak", "sk").unwrap());
+        let seen: Arc<Mutex<Vec<http::HeaderMap>>> = Arc::default();
+        let log = seen.clone();
+        let inner = service_fn(move |req: http::Request<Full<Bytes>>| {
+            let n = {
+                let mut log = log.lock().unwrap();
+                log.push(req.headers().clone());
+                log.len()
+            };
+            let (status, body) = if n == 1 { (401, EXPIRED) } else { (200, OK) };
+            async move { Ok::<_, std::convert::Infallible>(envelope(status, body)) }
+        });
+        let svc = layer.layer(ClassifyLayer::new().layer(inner));
+        let mut req = request("POST", "/v1/videos/text2video", r#"{"prompt":"x"}"#);
+        req.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        for i in 0..extra {
+            req.headers_mut()
+                .append("x-trace", i.to_string().parse().unwrap());
+        }
+        let sent = req.headers().clone();
+        svc.oneshot(req).await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2);
+        for attempt in &seen {
+            let mut without_token = attempt.clone();
+            assert_eq!(without_token.get_all(AUTHORIZATION).iter().count(), 1);
+            without_token.remove(AUTHORIZATION);
+            assert_eq!(without_token, sent, "{extra} extra headers");
+        }
+        assert_eq!(layer.tokens_signed(), 2, "signed afresh");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_second_refusal_is_returned_not_retried_again() {
     let layer = AuthLayer::new(Credentials::access_key("ak", "sk").unwrap());
     let (seen, inner) = recorder(|_| (401, EXPIRED));
@@ -149,6 +189,184 @@ async fn a_second_refusal_is_returned_not_retried_again() {
         .unwrap();
     assert_eq!(Outcome::of(&response).unwrap().code(), Code::TokenExpired);
     assert_eq!(seen.lock().unwrap().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_resend_a_refusal_drops_the_token_and_is_marked_for_the_retry_layer() {
+    let layer = AuthLayer::new(Credentials::access_key("ak", "sk").unwrap())
+        .with_clock(TokioWallClock::starting_at(Duration::from_secs(T0)))
+        .resend_on_refusal(false);
+    let (seen, inner) = recorder(|n| if n == 1 { (401, EXPIRED) } else { (200, OK) });
+    let svc = layer.layer(ClassifyLayer::new().layer(inner));
+    let response = svc
+        .clone()
+        .oneshot(request("GET", "/tasks?task_ids=a", ""))
+        .await
+        .unwrap();
+    assert_eq!(Outcome::of(&response).unwrap().code(), Code::TokenExpired);
+    assert!(response.extensions().get::<TokenDropped>().is_some());
+    assert_eq!(seen.lock().unwrap().len(), 1, "not resent here");
+    assert_eq!(layer.tokens_signed(), 1);
+
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let response = svc
+        .oneshot(request("GET", "/tasks?task_ids=a", ""))
+        .await
+        .unwrap();
+    assert_eq!(Outcome::of(&response).unwrap().code(), Code::Success);
+    assert!(response.extensions().get::<TokenDropped>().is_none());
+    let seen = seen.lock().unwrap().clone();
+    assert_ne!(seen[0], seen[1], "the next request is signed afresh");
+    assert_eq!(claims(&seen[1])["exp"], T0 + 1 + 1800);
+    assert_eq!(layer.tokens_signed(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_resend_a_token_signed_since_the_refusal_is_kept() {
+    let layer = AuthLayer::new(Credentials::access_key("ak", "sk").unwrap())
+        .with_clock(TokioWallClock::starting_at(Duration::from_secs(T0)))
+        .resend_on_refusal(false);
+    let (seen, inner) = recorder(|n| if n == 1 { (401, EXPIRED) } else { (200, OK) });
+    let svc = layer.layer(ClassifyLayer::new().layer(inner));
+    // Request A carries generation 1; before its refusal arrives, the token is renewed
+    // (generation 2) for request B.
+    let a =
+        svc.clone()
+            .ready_oneshot()
+            .await
+            .unwrap()
+            .call(request("GET", "/tasks?task_ids=a", ""));
+    tokio::time::advance(Duration::from_secs(1500)).await;
+    let b =
+        svc.clone()
+            .ready_oneshot()
+            .await
+            .unwrap()
+            .call(request("GET", "/tasks?task_ids=b", ""));
+    assert_eq!(layer.tokens_signed(), 2);
+    let a = a.await.unwrap();
+    assert!(a.extensions().get::<TokenDropped>().is_some());
+    b.await.unwrap();
+    svc.oneshot(request("GET", "/tasks?task_ids=c", ""))
+        .await
+        .unwrap();
+    assert_eq!(layer.tokens_signed(), 2, "generation 2 was kept");
+    let seen = seen.lock().unwrap();
+    assert_ne!(seen[0], seen[1]);
+    assert_eq!(seen[1], seen[2]);
+}
+
+/// A request's `Authorization` and attempt number.
+type TokenAndAttempt = (http::HeaderValue, Option<u32>);
+
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_a_1004_is_signed_afresh_and_sent_once_more() {
+    // Records each request's token and attempt number: the retry layer, not the auth layer,
+    // sends the second (the auth layer's copy would carry no attempt number).
+    let seen: Arc<Mutex<Vec<TokenAndAttempt>>> = Arc::default();
+    let log = seen.clone();
+    let inner = service_fn(move |req: http::Request<Full<Bytes>>| {
+        let n = {
+            let mut log = log.lock().unwrap();
+            log.push((
+                req.headers()[AUTHORIZATION].clone(),
+                kling_core::signals::Attempt::of(&req),
+            ));
+            log.len()
+        };
+        let (status, body) = if n == 1 { (401, EXPIRED) } else { (200, OK) };
+        async move { Ok::<_, std::convert::Infallible>(envelope(status, body)) }
+    });
+    let auth = AuthLayer::new(Credentials::access_key("ak", "sk").unwrap())
+        .with_clock(TokioWallClock::starting_at(Duration::from_secs(T0)));
+    let kling = KlingLayer::builder(
+        StackConfig::preset(Tier::Pro),
+        Credentials::access_key("ak", "sk").unwrap(),
+    )
+    .auth(auth.clone())
+    .build()
+    .unwrap();
+    let svc = kling.layer(inner);
+    let response = svc
+        .oneshot(request(
+            "POST",
+            "/v1/videos/text2video",
+            r#"{"prompt":"x"}"#,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(Outcome::of(&response).unwrap().code(), Code::Success);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "one resend");
+    assert_ne!(seen[0].0, seen[1].0, "with a fresh token");
+    assert_eq!(
+        (seen[0].1, seen[1].1),
+        (Some(1), Some(2)),
+        "sent by the retry layer"
+    );
+    assert_eq!(auth.tokens_signed(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_a_second_1004_is_returned() {
+    let (seen, inner) = recorder(|_| (401, EXPIRED));
+    let auth = AuthLayer::new(Credentials::access_key("ak", "sk").unwrap())
+        .with_clock(TokioWallClock::starting_at(Duration::from_secs(T0)));
+    let kling = KlingLayer::builder(
+        StackConfig::preset(Tier::Pro),
+        Credentials::access_key("ak", "sk").unwrap(),
+    )
+    .auth(auth.clone())
+    .build()
+    .unwrap();
+    let error = kling
+        .layer(inner)
+        .oneshot(request(
+            "POST",
+            "/v1/videos/text2video",
+            r#"{"prompt":"x"}"#,
+        ))
+        .await
+        .unwrap_err();
+    let failed = error.downcast_ref::<Failed>().expect("a final kling error");
+    assert_eq!(failed.code(), Some(Code::TokenExpired));
+    assert_eq!(failed.reason(), StopReason::NotRetryable);
+    assert_eq!(failed.attempts(), 2);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "sent twice, not more");
+    assert_ne!(seen[0], seen[1], "the second with a fresh token");
+    assert_eq!(auth.tokens_signed(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_a_skewed_mock_sees_exactly_two_attempts() {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .access_key("ak", "sk")
+            .clock_offset_secs(2000),
+    )
+    .unwrap();
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::access_key("ak", "sk").unwrap(),
+    )
+    .unwrap();
+    let error = kling
+        .layer(mock.clone())
+        .oneshot(request(
+            "POST",
+            "/v1/videos/text2video",
+            r#"{"prompt":"a cat"}"#,
+        ))
+        .await
+        .unwrap_err();
+    let failed = error.downcast_ref::<Failed>().expect("a final kling error");
+    assert_eq!(failed.code(), Some(Code::TokenExpired));
+    let stats = mock.stats();
+    assert_eq!(stats.requests_total, 2);
+    assert_eq!(stats.responses_by_code.get("1004"), Some(&2));
+    assert_eq!(stats.tasks_created, 0);
+    assert_eq!(kling.auth().tokens_signed(), 2);
 }
 
 #[tokio::test(start_paused = true)]
