@@ -399,8 +399,12 @@ fn subjects(fixtures: &Arc<Fixtures>) -> Vec<Box<dyn Subject>> {
         AuthLayer::new(Credentials::api_key("bench-key").expect("key"))
     );
     over_classify!(
-        "AuthLayer (JWT, cached)",
+        "AuthLayer (JWT, cached, resends a refusal itself)",
         AuthLayer::new(Credentials::access_key("ak", "sk").expect("keys"))
+    );
+    over_classify!(
+        "AuthLayer (JWT, cached, leaves the resend to retry: as in the stack)",
+        AuthLayer::new(Credentials::access_key("ak", "sk").expect("keys")).resend_on_refusal(false)
     );
     over_classify!(
         "AttemptTimeoutLayer (per attempt)",
