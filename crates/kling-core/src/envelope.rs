@@ -115,9 +115,7 @@ impl Envelope {
     /// [`Envelope::parse_reference`], so the result is always the reference's.
     pub fn parse(body: &[u8]) -> Result<Envelope, serde_json::Error> {
         let mut tasks = Reports::None;
-        if let Ok(text) = std::str::from_utf8(body)
-            && let Ok(head) = scan::scan(text, &mut tasks)
-        {
+        if let Ok(head) = scan::scan(body, &mut tasks) {
             return Ok(head.into_envelope(tasks));
         }
         Envelope::parse_reference(body)

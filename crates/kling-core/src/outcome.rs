@@ -160,10 +160,8 @@ impl Outcome {
         });
         let slot = Arc::get_mut(&mut inner).expect("a new `Arc` is unique");
         let bytes = body.as_slice();
-        match std::str::from_utf8(bytes)
-            .ok()
-            .and_then(|text| envelope::scan(text, &mut slot.tasks).ok())
-        {
+        // The scanner checks the body's UTF-8 (a body that is not goes to the reference).
+        match envelope::scan(bytes, &mut slot.tasks).ok() {
             Some(head) => {
                 slot.code = Code::from_i64(head.code);
                 let message = head.message.as_ref().map_or(Some(0..0), Piece::range);

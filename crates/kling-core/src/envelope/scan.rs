@@ -3,6 +3,12 @@
 //! machinery, no owned copy of what the stack only looks at, SWAR searches through strings and
 //! digits.
 //!
+//! Every response is read, so the hot path is kept short: the read position is passed and
+//! returned by value (a register, not a field behind `&mut self`), a field name is recognised
+//! by a few word compares, a task's texts are kept as spans of the body until its report is
+//! built, and what is rare (whitespace, escapes, other numbers, containers to skip) sits in
+//! functions of its own.
+//!
 //! It reads exactly what the reference reads (top-level `code`, `message`, `request_id`,
 //! `data`, and in `data` the task fields of both generations) and skips every other value with
 //! a validating skipper. Whatever it does not handle exactly as serde_json does (escaped keys,
@@ -35,7 +41,8 @@ type Scan<T> = Result<T, Fallback>;
 /// A string value as read: a range of the body when it has no escape, else unescaped.
 #[derive(Debug)]
 pub(crate) enum Piece<'a> {
-    /// Unescaped text at `range` of the body.
+    /// Unescaped text at `range` of the body (the whole body: sliced only when the text is
+    /// wanted, as `Outcome` mostly keeps the range alone).
     Raw(&'a str, Range<usize>),
     /// Text that had escapes, unescaped.
     Unescaped(String),
@@ -44,7 +51,8 @@ pub(crate) enum Piece<'a> {
 impl Piece<'_> {
     pub(crate) fn as_str(&self) -> &str {
         match self {
-            Piece::Raw(text, _) => text,
+            // The range lies between two quotes the scanner found: always a `str` boundary.
+            Piece::Raw(body, range) => body.get(range.clone()).unwrap_or_default(),
             Piece::Unescaped(text) => text,
         }
     }
@@ -59,7 +67,7 @@ impl Piece<'_> {
 
     pub(crate) fn into_string(self) -> String {
         match self {
-            Piece::Raw(text, _) => text.to_owned(),
+            Piece::Raw(..) => self.as_str().to_owned(),
             Piece::Unescaped(text) => text,
         }
     }
@@ -140,23 +148,38 @@ impl Head<'_> {
 
 /// Reads an envelope, its tasks into `tasks`, or gives up ([`Fallback`]) where the reference
 /// must decide (`tasks` then holds any part).
-pub(crate) fn scan<'a>(text: &'a str, tasks: &mut Reports) -> Scan<Head<'a>> {
-    let mut s = Scanner {
+///
+/// A body that is not UTF-8 goes to the reference. (One check of the whole body, a word at a
+/// time for ASCII, costs less than checking each string the scanner returns: safe code gets
+/// a `&str` only from a check, and each call has its own start-up cost.)
+pub(crate) fn scan<'a, B: AsRef<[u8]> + ?Sized>(
+    body: &'a B,
+    tasks: &mut Reports,
+) -> Scan<Head<'a>> {
+    let text = std::str::from_utf8(body.as_ref()).map_err(|_| Fallback)?;
+    // Spans keep `u32` offsets.
+    if u32::try_from(text.len()).is_err() {
+        return Err(Fallback);
+    }
+    let s = Scanner {
         text,
         bytes: text.as_bytes(),
-        pos: 0,
     };
-    let envelope = s.envelope(tasks)?;
-    match s.peek() {
-        None => Ok(envelope),
-        Some(_) => Err(Fallback),
+    let (envelope, end) = s.envelope(tasks)?;
+    if ws(s.bytes, end) == s.bytes.len() {
+        Ok(envelope)
+    } else {
+        Err(Fallback)
     }
 }
 
+/// The body being read. The read position is not kept here but passed along by value (and
+/// returned past what was read), so it stays in a register instead of going through memory
+/// at every byte.
+#[derive(Clone, Copy)]
 struct Scanner<'a> {
     text: &'a str,
     bytes: &'a [u8],
-    pos: usize,
 }
 
 /// A number as written: its text, and whether it is a short plain integer (at most 18 digits,
@@ -203,69 +226,46 @@ impl Number<'_> {
     }
 }
 
+/// Where a text value the scanner read sits in the body, and how to read it there; the
+/// owned copy is made only for what the report keeps.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    start: u32,
+    end: u32,
+    kind: Kind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// A string without escapes: the text as is.
+    Raw,
+    /// A string with (checked) escapes, to unescape.
+    Escaped,
+    /// A plain number (see [`Number`]): the text as is.
+    Plain,
+    /// Any other number (checked when read): serde_json's value of it, as text.
+    Number,
+}
+
 /// A task object of either generation (or a page), as read before deciding what it reports;
-/// the scanner's `RawTask`.
+/// the scanner's `RawTask`. Texts are spans of the body (no drop, no copy until reported).
 #[derive(Default)]
-struct RawTask<'a> {
-    seen: u16,
-    task_id: Option<Cow<'a, str>>,
-    task_status: Option<Piece<'a>>,
-    task_status_msg: Option<Piece<'a>>,
-    external_task_id: Option<Piece<'a>>,
+struct RawTask {
+    task_id: Option<Span>,
+    task_status: Option<Span>,
+    task_status_msg: Option<Span>,
+    external_task_id: Option<Span>,
+    final_unit_deduction: Option<Span>,
+    id: Option<Span>,
+    status: Option<Span>,
+    message: Option<Span>,
+    external_id: Option<Span>,
     /// `task_result` was present: its video and image URLs.
     videos: Vec<String>,
     images: Vec<String>,
-    final_unit_deduction: Option<Cow<'a, str>>,
-    id: Option<Cow<'a, str>>,
-    status: Option<Piece<'a>>,
-    message: Option<Piece<'a>>,
-    external_id: Option<Piece<'a>>,
     outputs: Vec<String>,
     billing: Option<f64>,
     page: Option<Vec<TaskReport>>,
-}
-
-impl RawTask<'_> {
-    /// The report, with the reference's rules: legacy when `task_id` and `task_status` are
-    /// both there, else new when `id` and `status` are, else none.
-    #[inline(always)]
-    fn take_report(&mut self) -> Option<TaskReport> {
-        if self.task_id.is_some() && self.task_status.is_some() {
-            let (Some(id), Some(status)) = (self.task_id.take(), &self.task_status) else {
-                return None;
-            };
-            let mut urls = std::mem::take(&mut self.videos);
-            if urls.is_empty() {
-                urls = std::mem::take(&mut self.images);
-            } else {
-                urls.append(&mut self.images);
-            }
-            return Some(TaskReport {
-                id: id.into_owned(),
-                status: TaskStatus::parse(status.as_str()),
-                generation: ApiGeneration::Legacy,
-                external_id: self.external_task_id.take().map(Piece::into_string),
-                failure: self.task_status_msg.take().map(Piece::into_string),
-                urls,
-                cost: self
-                    .final_unit_deduction
-                    .as_deref()
-                    .and_then(|d| d.trim().parse().ok()),
-            });
-        }
-        let (Some(id), Some(status)) = (self.id.take(), &self.status) else {
-            return None;
-        };
-        Some(TaskReport {
-            id: id.into_owned(),
-            status: TaskStatus::parse(status.as_str()),
-            generation: ApiGeneration::New,
-            external_id: self.external_id.take().map(Piece::into_string),
-            failure: self.message.take().map(Piece::into_string),
-            urls: std::mem::take(&mut self.outputs),
-            cost: self.billing,
-        })
-    }
 }
 
 /// Marks field `bit` seen; a second sighting is serde's "duplicate field" error.
@@ -284,8 +284,25 @@ const HI: u64 = 0x8080_8080_8080_8080;
 /// The index of the first `"`, `\` or control character at or after `i` (or the end).
 #[inline(always)]
 pub(crate) fn find_special(bytes: &[u8], mut i: usize) -> usize {
-    // Eight bytes at a time: a byte is flagged when it equals `"` or `\`, or is below 0x20.
-    // Borrows only flag bytes above a true hit, so the lowest flag is the first hit.
+    // Sixteen bytes at a time, written so the compiler turns it into a few SSE2 compares:
+    // each byte becomes 0xFF where special, the lowest set byte of the word is the first hit.
+    while let Some(chunk) = bytes.get(i..i + 16) {
+        let mut flags = [0u8; 16];
+        for (flag, &b) in flags.iter_mut().zip(chunk) {
+            *flag = if (b == b'"') | (b == b'\\') | (b < 0x20) {
+                0xFF
+            } else {
+                0
+            };
+        }
+        let flags = u128::from_le_bytes(flags);
+        if flags != 0 {
+            return i + (flags.trailing_zeros() / 8) as usize;
+        }
+        i += 16;
+    }
+    // Then eight bytes at a time: a byte is flagged when it equals `"` or `\`, or is below
+    // 0x20. Borrows only flag bytes above a true hit, so the lowest flag is the first hit.
     while let Some(chunk) = bytes.get(i..i + 8) {
         let mut word = [0; 8];
         word.copy_from_slice(chunk);
@@ -379,590 +396,989 @@ fn unescape(raw: &str) -> Scan<String> {
     Ok(out)
 }
 
-impl<'a> Scanner<'a> {
-    /// The next byte after JSON whitespace, not consumed.
-    #[inline]
-    fn peek(&mut self) -> Option<u8> {
-        match self.bytes.get(self.pos) {
-            Some(&b) if b > b' ' => Some(b),
-            _ => self.peek_after_whitespace(),
-        }
-    }
+/// The byte at `i`, if any.
+#[inline(always)]
+fn at(bytes: &[u8], i: usize) -> Option<u8> {
+    bytes.get(i).copied()
+}
 
-    #[cold]
-    fn peek_after_whitespace(&mut self) -> Option<u8> {
-        while let Some(&b) = self.bytes.get(self.pos) {
-            if !matches!(b, b' ' | b'\n' | b'\t' | b'\r') {
-                return Some(b);
-            }
-            self.pos += 1;
-        }
-        None
+/// The index of the first byte at or after `i` that is not JSON whitespace.
+#[inline(always)]
+fn ws(bytes: &[u8], i: usize) -> usize {
+    // Kling sends compact JSON: one compare in the usual case.
+    match bytes.get(i) {
+        Some(&b) if b > b' ' => i,
+        _ => ws_slow(bytes, i),
     }
+}
 
-    /// Consumes `b` (after whitespace).
-    #[inline(always)]
-    fn eat(&mut self, b: u8) -> Scan<()> {
-        if self.peek() == Some(b) {
-            self.pos += 1;
-            Ok(())
-        } else {
-            Err(Fallback)
-        }
+#[cold]
+#[inline(never)]
+fn ws_slow(bytes: &[u8], mut i: usize) -> usize {
+    while matches!(bytes.get(i), Some(b' ' | b'\n' | b'\t' | b'\r')) {
+        i += 1;
     }
+    i
+}
 
-    /// After a value inside a container: `true` at the closing `close` (consumed), `false`
-    /// after a comma (consumed).
-    #[inline(always)]
-    fn next_or_close(&mut self, close: u8) -> Scan<bool> {
-        match self.peek() {
-            Some(b',') => {
-                self.pos += 1;
-                Ok(false)
-            }
-            Some(b) if b == close => {
-                self.pos += 1;
-                Ok(true)
-            }
-            _ => Err(Fallback),
-        }
+/// Past `b` (after whitespace) at `i`.
+#[inline(always)]
+fn eat(bytes: &[u8], i: usize, b: u8) -> Scan<usize> {
+    // `b` is never whitespace: one compare when there is none.
+    if at(bytes, i) == Some(b) {
+        return Ok(i + 1);
     }
+    eat_after_whitespace(bytes, i, b)
+}
 
-    /// Consumes `open` and tells whether the container is empty (its `close` then consumed
-    /// too).
-    #[inline(always)]
-    fn open(&mut self, open: u8, close: u8) -> Scan<bool> {
-        self.eat(open)?;
-        if self.peek() == Some(close) {
-            self.pos += 1;
-            return Ok(true);
-        }
-        Ok(false)
+#[cold]
+#[inline(never)]
+fn eat_after_whitespace(bytes: &[u8], i: usize, b: u8) -> Scan<usize> {
+    let i = ws(bytes, i);
+    if at(bytes, i) == Some(b) {
+        Ok(i + 1)
+    } else {
+        Err(Fallback)
     }
+}
 
-    /// A string at the cursor (whitespace skipped): its content range and whether it has
-    /// escapes. `strict` refuses surrogate escapes, which serde_json checks in a string it
-    /// reads (lone ones are errors) but not in one it skips.
-    #[inline(always)]
-    fn string(&mut self, strict: bool) -> Scan<(Range<usize>, bool)> {
-        self.eat(b'"')?;
-        let start = self.pos;
-        let escaped = self.string_rest(strict)?;
-        Ok((start..self.pos - 1, escaped))
+/// After a value inside a container: past the closing `close` (`true`) or past a comma
+/// (`false`).
+#[inline(always)]
+fn next_or_close(bytes: &[u8], i: usize, close: u8) -> Scan<(bool, usize)> {
+    match at(bytes, i) {
+        Some(b',') => Ok((false, i + 1)),
+        Some(b) if b == close => Ok((true, i + 1)),
+        _ => next_or_close_after_whitespace(bytes, i, close),
     }
+}
 
-    /// The rest of a string after its opening quote: moves past the closing quote and tells
-    /// whether there were escapes.
-    #[inline(always)]
-    fn string_rest(&mut self, strict: bool) -> Scan<bool> {
-        let i = find_special(self.bytes, self.pos);
-        if self.bytes.get(i) == Some(&b'"') {
-            self.pos = i + 1;
-            return Ok(false);
-        }
-        self.string_escaped(i, strict).map(|()| true)
+#[cold]
+#[inline(never)]
+fn next_or_close_after_whitespace(bytes: &[u8], i: usize, close: u8) -> Scan<(bool, usize)> {
+    let i = ws(bytes, i);
+    match at(bytes, i) {
+        Some(b',') => Ok((false, i + 1)),
+        Some(b) if b == close => Ok((true, i + 1)),
+        _ => Err(Fallback),
     }
+}
 
-    /// [`Scanner::string_rest`] from the first `\\` or control character at `i`.
-    #[cold]
-    #[inline(never)]
-    fn string_escaped(&mut self, mut i: usize, strict: bool) -> Scan<()> {
-        let bytes = self.bytes;
-        loop {
-            match bytes.get(i) {
-                Some(b'"') => {
-                    self.pos = i + 1;
-                    return Ok(());
-                }
-                Some(b'\\') => {
-                    match bytes.get(i + 1) {
-                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
-                        Some(b'u') => {
-                            let unit = hex4(bytes, i + 2)?;
-                            if strict && (0xD800..0xE000).contains(&unit) {
-                                return Err(Fallback);
-                            }
-                            i += 6;
-                        }
-                        _ => return Err(Fallback),
-                    }
-                    i = find_special(bytes, i);
-                }
-                _ => return Err(Fallback),
-            }
-        }
+/// Past the `open` at `i` (after whitespace); `true` (and past `close` too) when the container
+/// is empty.
+#[inline(always)]
+fn open(bytes: &[u8], i: usize, open: u8, close: u8) -> Scan<(bool, usize)> {
+    let i = ws(bytes, eat(bytes, i, open)?);
+    if at(bytes, i) == Some(close) {
+        Ok((true, i + 1))
+    } else {
+        Ok((false, i))
     }
+}
 
-    /// A string value the reference reads (a `Cow<str>`).
-    #[inline(always)]
-    fn piece(&mut self) -> Scan<Piece<'a>> {
-        let (range, escaped) = self.string(true)?;
-        let text = &self.text[range.clone()];
-        Ok(if escaped {
-            Piece::Unescaped(unescape(text)?)
-        } else {
-            Piece::Raw(text, range)
-        })
+/// The rest of a string from `i` (after its opening quote): the index of its closing quote
+/// and whether there were escapes. `strict` refuses surrogate escapes, which serde_json checks
+/// in a string it reads (lone ones are errors) but not in one it skips.
+#[inline(always)]
+fn string_rest(bytes: &[u8], i: usize, strict: bool) -> Scan<(usize, bool)> {
+    let end = find_special(bytes, i);
+    if at(bytes, end) == Some(b'"') {
+        return Ok((end, false));
     }
+    string_escaped(bytes, end, strict).map(|end| (end, true))
+}
 
-    /// An object key and its colon: its index in `known`, or past the end for any other key.
-    /// A known key is recognised by its bytes and closing quote, without a scan; escaped keys
-    /// are left to the reference (serde matches field names after unescaping).
-    #[inline(always)]
-    fn key(&mut self, known: &[&[u8]]) -> Scan<usize> {
-        self.eat(b'"')?;
-        let rest = self.bytes.get(self.pos..).unwrap_or_default();
-        let mut index = known.len();
-        for (i, name) in known.iter().enumerate() {
-            if rest.first() == name.first()
-                && rest.get(name.len()) == Some(&b'"')
-                && rest.starts_with(name)
-            {
-                index = i;
-                break;
-            }
-        }
-        if let Some(name) = known.get(index) {
-            self.pos += name.len() + 1;
-        } else if self.string_rest(true)? {
-            return Err(Fallback);
-        }
-        self.eat(b':')?;
-        Ok(index)
-    }
-
-    /// A number at the cursor (whitespace skipped), checked against JSON's grammar.
-    #[inline(always)]
-    fn number(&mut self) -> Scan<Number<'a>> {
-        let start = self.pos;
-        let plain = self.number_end()?;
-        Ok(Number {
-            text: self.text.get(start..self.pos).ok_or(Fallback)?,
-            plain,
-        })
-    }
-
-    /// Moves past a number at the cursor, checking JSON's grammar; tells whether it is plain
-    /// (see [`Number`]).
-    #[inline(always)]
-    fn number_end(&mut self) -> Scan<bool> {
-        let bytes = self.bytes;
-        let mut i = self.pos;
-        let negative = bytes.get(i) == Some(&b'-');
-        if negative {
-            i += 1;
-        }
-        let int_start = i;
+/// [`string_rest`] from the first `\\` or control character at `i`: the closing quote's index.
+#[cold]
+#[inline(never)]
+fn string_escaped(bytes: &[u8], mut i: usize, strict: bool) -> Scan<usize> {
+    loop {
         match bytes.get(i) {
-            Some(b'0') => i += 1,
-            Some(b'1'..=b'9') => i = digits_end(bytes, i + 1),
+            Some(b'"') => return Ok(i),
+            Some(b'\\') => {
+                match bytes.get(i + 1) {
+                    Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
+                    Some(b'u') => {
+                        let unit = hex4(bytes, i + 2)?;
+                        if strict && (0xD800..0xE000).contains(&unit) {
+                            return Err(Fallback);
+                        }
+                        i += 6;
+                    }
+                    _ => return Err(Fallback),
+                }
+                i = find_special(bytes, i);
+            }
             _ => return Err(Fallback),
         }
-        let mut plain = i - int_start <= 18 && !(negative && bytes[int_start] == b'0');
-        if bytes.get(i) == Some(&b'.') {
-            plain = false;
-            let digits = i + 1;
-            i = digits_end(bytes, digits);
-            if i == digits {
-                return Err(Fallback);
-            }
+    }
+}
+
+/// Past a number at `i`, checking JSON's grammar; whether it is plain (see [`Number`]).
+#[inline(always)]
+fn number_end(bytes: &[u8], mut i: usize) -> Scan<(usize, bool)> {
+    let negative = at(bytes, i) == Some(b'-');
+    if negative {
+        i += 1;
+    }
+    let int_start = i;
+    match at(bytes, i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => i = digits_end(bytes, i + 1),
+        _ => return Err(Fallback),
+    }
+    let mut plain = i - int_start <= 18 && !(negative && bytes[int_start] == b'0');
+    if matches!(at(bytes, i), Some(b'.' | b'e' | b'E')) {
+        plain = false;
+        i = number_tail(bytes, i)?;
+    }
+    Ok((i, plain))
+}
+
+/// Past a number's fraction and exponent (rare in what the scanner reads).
+#[inline(never)]
+fn number_tail(bytes: &[u8], mut i: usize) -> Scan<usize> {
+    if at(bytes, i) == Some(b'.') {
+        let digits = i + 1;
+        i = digits_end(bytes, digits);
+        if i == digits {
+            return Err(Fallback);
         }
-        if matches!(bytes.get(i), Some(b'e' | b'E')) {
-            plain = false;
+    }
+    if matches!(at(bytes, i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(at(bytes, i), Some(b'+' | b'-')) {
             i += 1;
-            if matches!(bytes.get(i), Some(b'+' | b'-')) {
-                i += 1;
-            }
-            let digits = i;
-            i = digits_end(bytes, digits);
-            if i == digits {
-                return Err(Fallback);
-            }
         }
-        self.pos = i;
-        Ok(plain)
+        let digits = i;
+        i = digits_end(bytes, digits);
+        if i == digits {
+            return Err(Fallback);
+        }
+    }
+    Ok(i)
+}
+
+/// Past `word` (`null`, `true` or `false`) at `i`.
+#[inline(always)]
+fn literal(bytes: &[u8], i: usize, word: &[u8]) -> Scan<usize> {
+    if bytes.get(i..i + word.len()) == Some(word) {
+        Ok(i + word.len())
+    } else {
+        Err(Fallback)
+    }
+}
+
+/// Whether the value at `i` is `null`, and where the scan goes on (past the `null`, or at the
+/// value after whitespace): serde reads `null` as `None`.
+#[inline(always)]
+fn null(bytes: &[u8], i: usize) -> Scan<(bool, usize)> {
+    let i = ws(bytes, i);
+    if at(bytes, i) == Some(b'n') {
+        return literal(bytes, i, b"null").map(|i| (true, i));
+    }
+    Ok((false, i))
+}
+
+/// Where serde expects a struct: an object at `i` (after whitespace). (serde_json would also
+/// take an array, by position; that is left to the reference.)
+#[inline(always)]
+fn struct_start(bytes: &[u8], i: usize) -> Scan<usize> {
+    let i = ws(bytes, i);
+    if at(bytes, i) == Some(b'{') {
+        Ok(i)
+    } else {
+        Err(Fallback)
+    }
+}
+
+/// Skips any value at `i`, checking it as serde_json's `ignore_value` does (or more
+/// strictly).
+#[inline(always)]
+fn skip(bytes: &[u8], i: usize, depth: u32) -> Scan<usize> {
+    let i = ws(bytes, i);
+    match at(bytes, i) {
+        Some(b'"') => string_rest(bytes, i + 1, false).map(|(end, _)| end + 1),
+        Some(b'-' | b'0'..=b'9') => number_end(bytes, i).map(|(end, _)| end),
+        _ => skip_other(bytes, i, depth),
+    }
+}
+
+/// [`skip`] of a literal, an array or an object.
+#[inline(never)]
+fn skip_other(bytes: &[u8], i: usize, depth: u32) -> Scan<usize> {
+    match at(bytes, i) {
+        Some(b'n') => literal(bytes, i, b"null"),
+        Some(b't') => literal(bytes, i, b"true"),
+        Some(b'f') => literal(bytes, i, b"false"),
+        Some(b'[') => {
+            let depth = deeper(depth)?;
+            let (mut done, mut i) = open(bytes, i, b'[', b']')?;
+            while !done {
+                i = skip(bytes, i, depth)?;
+                (done, i) = next_or_close(bytes, i, b']')?;
+            }
+            Ok(i)
+        }
+        Some(b'{') => {
+            let depth = deeper(depth)?;
+            let (mut done, mut i) = open(bytes, i, b'{', b'}')?;
+            while !done {
+                let (end, _) = string_rest(bytes, eat(bytes, i, b'"')?, false)?;
+                i = skip(bytes, eat(bytes, end + 1, b':')?, depth)?;
+                (done, i) = next_or_close(bytes, i, b'}')?;
+            }
+            Ok(i)
+        }
+        _ => Err(Fallback),
+    }
+}
+
+/// The eight bytes at `i` as a little-endian word, zero past the end.
+#[inline(always)]
+fn word(bytes: &[u8], i: usize) -> u64 {
+    match bytes.get(i..i + 8) {
+        Some(chunk) => {
+            let mut word = [0; 8];
+            word.copy_from_slice(chunk);
+            u64::from_le_bytes(word)
+        }
+        None => word_tail(bytes, i),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn word_tail(bytes: &[u8], i: usize) -> u64 {
+    let mut word = [0; 8];
+    for (to, from) in word.iter_mut().zip(bytes.get(i..).unwrap_or_default()) {
+        *to = *from;
+    }
+    u64::from_le_bytes(word)
+}
+
+/// The low `n` bytes of a word.
+const fn mask(n: usize) -> u64 {
+    if n >= 8 { u64::MAX } else { (1 << (8 * n)) - 1 }
+}
+
+/// A field name with its closing quote, as words, so a key is recognised by a few word
+/// compares instead of a search for its end and a byte compare.
+struct Name {
+    words: [u64; 3],
+    len: usize,
+}
+
+impl Name {
+    const fn new(name: &[u8]) -> Name {
+        let mut words = [0; 3];
+        let mut k = 0;
+        while k < name.len() {
+            words[k / 8] |= (name[k] as u64) << (8 * (k % 8));
+            k += 1;
+        }
+        words[k / 8] |= (b'"' as u64) << (8 * (k % 8));
+        Name {
+            words,
+            len: name.len() + 1,
+        }
     }
 
-    /// `null`, `true` or `false` at the cursor.
+    /// Whether the key at `start` (`first` its first word) is this name, closing quote
+    /// included.
     #[inline(always)]
-    fn literal(&mut self, word: &[u8]) -> Scan<()> {
-        if self.bytes.get(self.pos..self.pos + word.len()) == Some(word) {
-            self.pos += word.len();
-            Ok(())
+    fn is_at(&self, bytes: &[u8], start: usize, first: u64) -> bool {
+        if self.len <= 8 {
+            return first & mask(self.len) == self.words[0];
+        }
+        if first != self.words[0] {
+            return false;
+        }
+        let second = word(bytes, start + 8);
+        if self.len <= 16 {
+            return second & mask(self.len - 8) == self.words[1];
+        }
+        second == self.words[1] && word(bytes, start + 16) & mask(self.len - 16) == self.words[2]
+    }
+}
+
+/// An object key at `i` (after whitespace) and its colon: the index of the name it is in
+/// `names` (`N` for any other) and where its value starts. Escaped keys (and control
+/// characters) are left to the reference: serde matches field names after unescaping.
+#[inline(always)]
+fn key<const N: usize>(bytes: &[u8], i: usize, names: &[Name; N]) -> Scan<(usize, usize)> {
+    let start = eat(bytes, i, b'"')?;
+    let first = word(bytes, start);
+    for (index, name) in names.iter().enumerate() {
+        if name.is_at(bytes, start, first) {
+            return Ok((index, eat(bytes, start + name.len, b':')?));
+        }
+    }
+    Ok((N, other_key(bytes, start)?))
+}
+
+/// Past the colon of a key that is no field the reader wants, from `start` (after its quote).
+#[inline(always)]
+fn other_key(bytes: &[u8], start: usize) -> Scan<usize> {
+    let (end, escaped) = string_rest(bytes, start, true)?;
+    if escaped {
+        return Err(Fallback);
+    }
+    eat(bytes, end + 1, b':')
+}
+
+const CODE: Name = Name::new(b"code");
+const MESSAGE: Name = Name::new(b"message");
+const REQUEST_ID: Name = Name::new(b"request_id");
+const DATA: Name = Name::new(b"data");
+const TASK_ID: Name = Name::new(b"task_id");
+const TASK_STATUS: Name = Name::new(b"task_status");
+const TASK_STATUS_MSG: Name = Name::new(b"task_status_msg");
+const TASK_INFO: Name = Name::new(b"task_info");
+const TASK_RESULT: Name = Name::new(b"task_result");
+const FINAL_UNIT_DEDUCTION: Name = Name::new(b"final_unit_deduction");
+const ID: Name = Name::new(b"id");
+const STATUS: Name = Name::new(b"status");
+const EXTERNAL_ID: Name = Name::new(b"external_id");
+const OUTPUTS: Name = Name::new(b"outputs");
+const BILLING: Name = Name::new(b"billing");
+const TASKS: Name = Name::new(b"tasks");
+const EXTERNAL_TASK_ID: Name = Name::new(b"external_task_id");
+const VIDEOS: Name = Name::new(b"videos");
+const IMAGES: Name = Name::new(b"images");
+const URL: Name = Name::new(b"url");
+const AMOUNT: Name = Name::new(b"amount");
+
+/// A span of the body (which [`scan`] checked fits `u32` offsets).
+#[inline(always)]
+fn span(start: usize, end: usize, kind: Kind) -> Span {
+    Span {
+        start: start as u32,
+        end: end as u32,
+        kind,
+    }
+}
+
+/// A field of the reference's `RawTask`.
+#[derive(Clone, Copy)]
+enum Field {
+    TaskId,
+    TaskStatus,
+    TaskStatusMsg,
+    TaskInfo,
+    TaskResult,
+    FinalUnitDeduction,
+    Id,
+    Status,
+    Message,
+    ExternalId,
+    Outputs,
+    Billing,
+    Tasks,
+    Other,
+}
+
+/// A task object's key at `i` and its colon: the field it names (told apart by its first
+/// byte, then compared a word at a time) and where its value starts.
+#[inline(always)]
+fn task_key(bytes: &[u8], i: usize) -> Scan<(Field, usize)> {
+    let start = eat(bytes, i, b'"')?;
+    let first = word(bytes, start);
+    // Each name is a constant: the compares fold into immediate word compares.
+    macro_rules! try_names {
+        ($(($field:expr, $name:expr)),+) => {{
+            $(
+                if $name.is_at(bytes, start, first) {
+                    return Ok(($field, eat(bytes, start + $name.len, b':')?));
+                }
+            )+
+        }};
+    }
+    match first as u8 {
+        b't' => try_names!(
+            (Field::TaskId, TASK_ID),
+            (Field::TaskStatus, TASK_STATUS),
+            (Field::TaskInfo, TASK_INFO),
+            (Field::TaskResult, TASK_RESULT),
+            (Field::TaskStatusMsg, TASK_STATUS_MSG),
+            (Field::Tasks, TASKS)
+        ),
+        b'f' => try_names!((Field::FinalUnitDeduction, FINAL_UNIT_DEDUCTION)),
+        b'i' => try_names!((Field::Id, ID)),
+        b's' => try_names!((Field::Status, STATUS)),
+        b'm' => try_names!((Field::Message, MESSAGE)),
+        b'e' => try_names!((Field::ExternalId, EXTERNAL_ID)),
+        b'o' => try_names!((Field::Outputs, OUTPUTS)),
+        b'b' => try_names!((Field::Billing, BILLING)),
+        _ => {}
+    }
+    Ok((Field::Other, other_key(bytes, start)?))
+}
+
+/// The `code` at `start` (after whitespace): a plain integer (see [`Number`]), else left to
+/// the reference.
+#[inline(never)]
+fn code_value(bytes: &[u8], start: usize) -> Scan<(i64, usize)> {
+    if !matches!(at(bytes, start), Some(b'-' | b'0'..=b'9')) {
+        return Err(Fallback);
+    }
+    let (end, plain) = number_end(bytes, start)?;
+    if !plain {
+        return Err(Fallback);
+    }
+    Ok((plain_i64(bytes.get(start..end).ok_or(Fallback)?), end))
+}
+
+/// A `final_unit_deduction` as the reference reads it (`trim` then `f64` parse), with a short
+/// path for what Kling sends: a few digits, which `f64` holds exactly.
+#[inline(always)]
+fn deduction(text: &str) -> Option<f64> {
+    let digits = text.as_bytes();
+    if !digits.is_empty() && digits.len() <= 15 && digits.iter().all(u8::is_ascii_digit) {
+        let n = digits
+            .iter()
+            .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        // At most 15 digits: below 2^53, so exact, as the parse of the same text is.
+        return Some(n as f64);
+    }
+    text.trim().parse().ok()
+}
+
+/// A plain integer's value (at most 18 digits: no overflow).
+#[inline(always)]
+fn plain_i64(text: &[u8]) -> i64 {
+    let (negative, digits) = match text.split_first() {
+        Some((b'-', digits)) => (true, digits),
+        _ => (false, text),
+    };
+    let n = digits
+        .iter()
+        .fold(0i64, |n, &d| n * 10 + i64::from(d - b'0'));
+    if negative { -n } else { n }
+}
+
+impl<'a> Scanner<'a> {
+    /// The text of `range` (ASCII-bounded: a string's content or a number).
+    #[inline(always)]
+    fn slice(&self, range: Range<usize>) -> Scan<&'a str> {
+        self.text.get(range).ok_or(Fallback)
+    }
+
+    /// A string value the reference reads (a `Cow<str>`), at `i` (its opening quote).
+    #[inline(always)]
+    fn piece(&self, i: usize) -> Scan<(Piece<'a>, usize)> {
+        let start = i + 1;
+        let (end, escaped) = string_rest(self.bytes, start, true)?;
+        let piece = if escaped {
+            Piece::Unescaped(unescape(self.slice(start..end)?)?)
         } else {
-            Err(Fallback)
-        }
-    }
-
-    /// Whether the next value is `null` (consumed if so): serde reads `null` as `None`.
-    #[inline(always)]
-    fn null(&mut self) -> Scan<bool> {
-        if self.peek() == Some(b'n') {
-            self.literal(b"null")?;
-            return Ok(true);
-        }
-        Ok(false)
-    }
-
-    /// Skips any value, checking it as serde_json's `ignore_value` does (or more strictly).
-    #[inline(always)]
-    fn skip(&mut self, depth: u32) -> Scan<()> {
-        match self.peek().ok_or(Fallback)? {
-            b'"' => {
-                self.pos += 1;
-                self.string_rest(false).map(drop)
-            }
-            b'-' | b'0'..=b'9' => self.number_end().map(drop),
-            b'n' => self.literal(b"null"),
-            b't' => self.literal(b"true"),
-            b'f' => self.literal(b"false"),
-            _ => self.skip_container(depth),
-        }
-    }
-
-    /// [`Scanner::skip`] of an array or object.
-    #[inline(never)]
-    fn skip_container(&mut self, depth: u32) -> Scan<()> {
-        match self.peek().ok_or(Fallback)? {
-            b'[' => {
-                let depth = deeper(depth)?;
-                if self.open(b'[', b']')? {
-                    return Ok(());
-                }
-                loop {
-                    self.skip(depth)?;
-                    if self.next_or_close(b']')? {
-                        return Ok(());
-                    }
-                }
-            }
-            b'{' => {
-                let depth = deeper(depth)?;
-                if self.open(b'{', b'}')? {
-                    return Ok(());
-                }
-                loop {
-                    self.eat(b'"')?;
-                    self.string_rest(false)?;
-                    self.eat(b':')?;
-                    self.skip(depth)?;
-                    if self.next_or_close(b'}')? {
-                        return Ok(());
-                    }
-                }
-            }
-            _ => Err(Fallback),
-        }
-    }
-
-    /// Runs `field` for each key of an object (the cursor at its `{`), with the key's index in
-    /// `known`, or past the end for any other key.
-    #[inline(always)]
-    fn object(
-        &mut self,
-        depth: u32,
-        known: &[&[u8]],
-        mut field: impl FnMut(&mut Self, usize, u32) -> Scan<()>,
-    ) -> Scan<()> {
-        let depth = deeper(depth)?;
-        if self.open(b'{', b'}')? {
-            return Ok(());
-        }
-        loop {
-            let key = self.key(known)?;
-            field(self, key, depth)?;
-            if self.next_or_close(b'}')? {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Runs `element` for each element of an array (the cursor at its `[`).
-    #[inline(always)]
-    fn array(
-        &mut self,
-        depth: u32,
-        mut element: impl FnMut(&mut Self, u32) -> Scan<()>,
-    ) -> Scan<()> {
-        let depth = deeper(depth)?;
-        if self.open(b'[', b']')? {
-            return Ok(());
-        }
-        loop {
-            element(self, depth)?;
-            if self.next_or_close(b']')? {
-                return Ok(());
-            }
-        }
-    }
-
-    /// The top-level object.
-    fn envelope(&mut self, tasks: &mut Reports) -> Scan<Head<'a>> {
-        let mut seen = 0;
-        let mut code = None;
-        let mut message = None;
-        let mut request_id = None;
-        const KEYS: &[&[u8]] = &[b"code", b"message", b"request_id", b"data"];
-        self.object(0, KEYS, |s, key, depth| match key {
-            0 => {
-                first_sighting(&mut seen, 1)?;
-                if !matches!(s.peek(), Some(b'-' | b'0'..=b'9')) {
-                    return Err(Fallback);
-                }
-                let n = s.number()?;
-                if !n.plain {
-                    return Err(Fallback);
-                }
-                code = Some(n.text.parse::<i64>().map_err(|_| Fallback)?);
-                Ok(())
-            }
-            1 => {
-                first_sighting(&mut seen, 2)?;
-                message = s.opt_piece()?;
-                Ok(())
-            }
-            2 => {
-                first_sighting(&mut seen, 4)?;
-                request_id = s.opt_piece()?;
-                Ok(())
-            }
-            3 => {
-                first_sighting(&mut seen, 8)?;
-                s.data(depth, tasks)
-            }
-            _ => s.skip(depth),
-        })?;
-        Ok(Head {
-            code: code.ok_or(Fallback)?,
-            message,
-            request_id,
-        })
+            Piece::Raw(self.text, start..end)
+        };
+        Ok((piece, end + 1))
     }
 
     /// An `Option<Cow<str>>` value: `null` or a string.
     #[inline(always)]
-    fn opt_piece(&mut self) -> Scan<Option<Piece<'a>>> {
-        if self.null()? {
-            return Ok(None);
+    fn opt_piece(&self, i: usize) -> Scan<(Option<Piece<'a>>, usize)> {
+        let i = ws(self.bytes, i);
+        match at(self.bytes, i) {
+            Some(b'"') => self.piece(i).map(|(piece, i)| (Some(piece), i)),
+            Some(b'n') => literal(self.bytes, i, b"null").map(|i| (None, i)),
+            _ => Err(Fallback),
         }
-        self.piece().map(Some)
     }
 
-    /// An `Option<Text>` value: `null`, a string, or a number kept as text.
+    /// A number at `i` (after whitespace), checked against JSON's grammar.
     #[inline(always)]
-    fn opt_text(&mut self) -> Scan<Option<Cow<'a, str>>> {
-        match self.peek() {
-            Some(b'n') => self.literal(b"null").map(|()| None),
-            Some(b'"') => Ok(Some(match self.piece()? {
-                Piece::Raw(text, _) => Cow::Borrowed(text),
-                Piece::Unescaped(text) => Cow::Owned(text),
-            })),
+    fn number(&self, i: usize) -> Scan<(Number<'a>, usize)> {
+        let (end, plain) = number_end(self.bytes, i)?;
+        Ok((
+            Number {
+                text: self.slice(i..end)?,
+                plain,
+            },
+            end,
+        ))
+    }
+
+    /// An `Option<Cow<str>>` value of a task: `null` or a string, as a span.
+    #[inline(always)]
+    fn opt_string(&self, i: usize) -> Scan<(Option<Span>, usize)> {
+        let i = ws(self.bytes, i);
+        match at(self.bytes, i) {
+            Some(b'"') => self.string_span(i + 1).map(|(span, end)| (Some(span), end)),
+            Some(b'n') => literal(self.bytes, i, b"null").map(|i| (None, i)),
+            _ => Err(Fallback),
+        }
+    }
+
+    /// A string read as a span, from `start` (after its opening quote).
+    #[inline(always)]
+    fn string_span(&self, start: usize) -> Scan<(Span, usize)> {
+        let (end, escaped) = string_rest(self.bytes, start, true)?;
+        let kind = if escaped { Kind::Escaped } else { Kind::Raw };
+        Ok((span(start, end, kind), end + 1))
+    }
+
+    /// An `Option<Text>` value: `null`, a string, or a number kept as text, as a span.
+    #[inline(always)]
+    fn opt_text(&self, i: usize) -> Scan<(Option<Span>, usize)> {
+        let i = ws(self.bytes, i);
+        match at(self.bytes, i) {
+            Some(b'"') => self.string_span(i + 1).map(|(span, end)| (Some(span), end)),
+            _ => self.opt_text_other(i),
+        }
+    }
+
+    /// [`Scanner::opt_text`] of anything but a string.
+    #[inline(never)]
+    fn opt_text_other(&self, i: usize) -> Scan<(Option<Span>, usize)> {
+        match at(self.bytes, i) {
+            Some(b'n') => literal(self.bytes, i, b"null").map(|i| (None, i)),
             Some(b'-' | b'0'..=b'9') => {
-                let n = self.number()?;
-                Ok(Some(match n.to_text()? {
-                    Cow::Borrowed(_) => Cow::Borrowed(n.text),
-                    Cow::Owned(text) => Cow::Owned(text),
-                }))
+                let (n, end) = self.number(i)?;
+                let kind = if n.plain {
+                    Kind::Plain
+                } else {
+                    // Checked now: a number serde_json cannot read fails the envelope even
+                    // when the task reports nothing.
+                    n.to_text()?;
+                    Kind::Number
+                };
+                Ok((Some(span(i, end, kind)), end))
             }
             _ => Err(Fallback),
         }
     }
 
-    /// `data`, or an element of it: what the reference's `TasksVisitor` reads with
-    /// `deserialize_any` (so strings and numbers are checked as read, not as skipped).
-    fn data(&mut self, depth: u32, tasks: &mut Reports) -> Scan<()> {
-        match self.peek().ok_or(Fallback)? {
-            b'{' => {
-                let mut task = RawTask::default();
-                self.task(depth, &mut task)?;
-                if let Some(page) = task.page.take() {
-                    for report in page {
-                        tasks.push(report);
-                    }
-                } else if let Some(report) = task.take_report() {
-                    tasks.push(report);
-                }
-                Ok(())
-            }
-            b'[' => self.array(depth, |s, depth| s.data(depth, tasks)),
-            b'"' => {
-                self.pos += 1;
-                self.string_rest(true).map(drop)
-            }
-            b'-' | b'0'..=b'9' => self.number()?.to_f64().map(drop),
-            b'n' => self.literal(b"null"),
-            b't' => self.literal(b"true"),
-            b'f' => self.literal(b"false"),
-            _ => Err(Fallback),
-        }
-    }
-
-    /// A task object (the cursor at its `{`), with the reference's `RawTask` fields.
-    fn task(&mut self, depth: u32, t: &mut RawTask<'a>) -> Scan<()> {
-        // The reference's `RawTask` fields, in the order of the `match` below.
-        const KEYS: &[&[u8]] = &[
-            b"task_id",
-            b"task_status",
-            b"task_status_msg",
-            b"task_info",
-            b"task_result",
-            b"final_unit_deduction",
-            b"id",
-            b"status",
-            b"message",
-            b"external_id",
-            b"outputs",
-            b"billing",
-            b"tasks",
-        ];
-        self.object(depth, KEYS, |s, key, depth| {
-            match key {
+    /// The top-level object.
+    fn envelope(&self, tasks: &mut Reports) -> Scan<(Head<'a>, usize)> {
+        let bytes = self.bytes;
+        let mut seen = 0;
+        let mut code = None;
+        let mut message = None;
+        let mut request_id = None;
+        let depth = deeper(0)?;
+        let (mut done, mut i) = open(bytes, 0, b'{', b'}')?;
+        while !done {
+            let (name, at_value) = key(bytes, i, &[CODE, MESSAGE, REQUEST_ID, DATA])?;
+            i = match name {
                 0 => {
-                    first_sighting(&mut t.seen, 1)?;
-                    t.task_id = s.opt_text()?;
+                    first_sighting(&mut seen, 1)?;
+                    let start = ws(bytes, at_value);
+                    // The usual code: one digit (`0` for success), nothing of a number after.
+                    if let Some(digit @ b'0'..=b'9') = at(bytes, start)
+                        && !matches!(at(bytes, start + 1), Some(b'0'..=b'9' | b'.' | b'e' | b'E'))
+                    {
+                        code = Some(i64::from(digit - b'0'));
+                        start + 1
+                    } else {
+                        let (value, end) = code_value(bytes, start)?;
+                        code = Some(value);
+                        end
+                    }
                 }
                 1 => {
-                    first_sighting(&mut t.seen, 1 << 1)?;
-                    t.task_status = s.opt_piece()?;
+                    first_sighting(&mut seen, 2)?;
+                    let (piece, end) = self.opt_piece(at_value)?;
+                    message = piece;
+                    end
                 }
                 2 => {
-                    first_sighting(&mut t.seen, 1 << 2)?;
-                    t.task_status_msg = s.opt_piece()?;
+                    first_sighting(&mut seen, 4)?;
+                    let (piece, end) = self.opt_piece(at_value)?;
+                    request_id = piece;
+                    end
                 }
                 3 => {
-                    first_sighting(&mut t.seen, 1 << 3)?;
-                    if !s.null()? {
-                        s.struct_start()?;
-                        let mut seen = 0;
-                        s.object(depth, &[b"external_task_id"], |s, key, depth| match key {
-                            0 => {
-                                first_sighting(&mut seen, 1)?;
-                                t.external_task_id = s.opt_piece()?;
-                                Ok(())
-                            }
-                            _ => s.skip(depth),
-                        })?;
-                    }
+                    first_sighting(&mut seen, 8)?;
+                    self.data(at_value, depth, tasks)?
                 }
-                4 => {
-                    first_sighting(&mut t.seen, 1 << 4)?;
-                    if !s.null()? {
-                        s.struct_start()?;
-                        let mut seen = 0;
-                        s.object(depth, &[b"videos", b"images"], |s, key, depth| match key {
-                            0 => {
-                                first_sighting(&mut seen, 1)?;
-                                s.urls(depth, &mut t.videos)
-                            }
-                            1 => {
-                                first_sighting(&mut seen, 2)?;
-                                s.urls(depth, &mut t.images)
-                            }
-                            _ => s.skip(depth),
-                        })?;
-                    }
-                }
-                5 => {
-                    first_sighting(&mut t.seen, 1 << 5)?;
-                    t.final_unit_deduction = s.opt_text()?;
-                }
-                6 => {
-                    first_sighting(&mut t.seen, 1 << 6)?;
-                    t.id = s.opt_text()?;
-                }
-                7 => {
-                    first_sighting(&mut t.seen, 1 << 7)?;
-                    t.status = s.opt_piece()?;
-                }
-                8 => {
-                    first_sighting(&mut t.seen, 1 << 8)?;
-                    t.message = s.opt_piece()?;
-                }
-                9 => {
-                    first_sighting(&mut t.seen, 1 << 9)?;
-                    t.external_id = s.opt_piece()?;
-                }
-                10 => {
-                    first_sighting(&mut t.seen, 1 << 10)?;
-                    s.urls(depth, &mut t.outputs)?;
-                }
-                11 => {
-                    first_sighting(&mut t.seen, 1 << 11)?;
-                    if !s.null()? {
-                        // `Sum for f64` starts from its own zero: start where it does.
-                        let mut sum: f64 = std::iter::empty::<f64>().sum();
-                        s.array(depth, |s, depth| {
-                            s.struct_start()?;
-                            let mut seen = 0;
-                            s.object(depth, &[b"amount"], |s, key, depth| match key {
-                                0 => {
-                                    first_sighting(&mut seen, 1)?;
-                                    if s.null()? {
-                                        return Ok(());
-                                    }
-                                    if !matches!(s.peek(), Some(b'-' | b'0'..=b'9')) {
-                                        return Err(Fallback);
-                                    }
-                                    sum += s.number()?.to_f64()?;
-                                    Ok(())
-                                }
-                                _ => s.skip(depth),
-                            })
-                        })?;
-                        t.billing = Some(sum);
-                    }
-                }
-                12 => {
-                    first_sighting(&mut t.seen, 1 << 12)?;
-                    if !s.null()? {
-                        let mut page = Vec::new();
-                        s.array(depth, |s, depth| {
-                            s.struct_start()?;
-                            let mut task = RawTask::default();
-                            s.task(depth, &mut task)?;
-                            page.extend(task.take_report());
-                            Ok(())
-                        })?;
-                        t.page = Some(page);
-                    }
-                }
-                _ => s.skip(depth)?,
-            }
-            Ok(())
-        })
+                _ => skip(bytes, at_value, depth)?,
+            };
+            (done, i) = next_or_close(bytes, i, b'}')?;
+        }
+        let head = Head {
+            code: code.ok_or(Fallback)?,
+            message,
+            request_id,
+        };
+        Ok((head, i))
     }
 
-    /// Where serde expects a struct: an object. (serde_json would also take an array, by
-    /// position; that is left to the reference.)
+    /// `data`, or an element of it, at `i`: what the reference's `TasksVisitor` reads with
+    /// `deserialize_any` (so strings and numbers are checked as read, not as skipped).
     #[inline(always)]
-    fn struct_start(&mut self) -> Scan<()> {
-        if self.peek() == Some(b'{') {
-            Ok(())
-        } else {
-            Err(Fallback)
+    fn data(&self, i: usize, depth: u32, tasks: &mut Reports) -> Scan<usize> {
+        let i = ws(self.bytes, i);
+        if at(self.bytes, i) == Some(b'{') {
+            let mut task = RawTask::default();
+            let i = self.task(i, depth, &mut task)?;
+            if let Some(page) = task.page.take() {
+                for report in page {
+                    tasks.push(report);
+                }
+            } else if let Some(report) = self.report(task)? {
+                tasks.push(report);
+            }
+            return Ok(i);
         }
+        self.data_other(i, depth, tasks)
+    }
+
+    /// [`Scanner::data`] of anything but an object.
+    #[inline(never)]
+    fn data_other(&self, i: usize, depth: u32, tasks: &mut Reports) -> Scan<usize> {
+        let bytes = self.bytes;
+        match at(bytes, i) {
+            Some(b'[') => {
+                let depth = deeper(depth)?;
+                let (mut done, mut i) = open(bytes, i, b'[', b']')?;
+                while !done {
+                    i = self.data(i, depth, tasks)?;
+                    (done, i) = next_or_close(bytes, i, b']')?;
+                }
+                Ok(i)
+            }
+            Some(b'"') => string_rest(bytes, i + 1, true).map(|(end, _)| end + 1),
+            Some(b'-' | b'0'..=b'9') => {
+                let (n, i) = self.number(i)?;
+                n.to_f64()?;
+                Ok(i)
+            }
+            Some(b'n') => literal(bytes, i, b"null"),
+            Some(b't') => literal(bytes, i, b"true"),
+            Some(b'f') => literal(bytes, i, b"false"),
+            _ => Err(Fallback),
+        }
+    }
+
+    /// A task object at `i` (its `{`), with the reference's `RawTask` fields.
+    fn task(&self, i: usize, depth: u32, t: &mut RawTask) -> Scan<usize> {
+        let bytes = self.bytes;
+        // The fields seen, for serde's "duplicate field" (a local: kept in a register).
+        let mut seen = 0;
+        let depth = deeper(depth)?;
+        let (mut done, mut i) = open(bytes, i, b'{', b'}')?;
+        while !done {
+            let (field, at_value) = task_key(bytes, i)?;
+            i = match field {
+                Field::TaskId => {
+                    first_sighting(&mut seen, 1)?;
+                    let (text, end) = self.opt_text(at_value)?;
+                    t.task_id = text;
+                    end
+                }
+                Field::TaskStatus => {
+                    first_sighting(&mut seen, 1 << 1)?;
+                    let (span, end) = self.opt_string(at_value)?;
+                    t.task_status = span;
+                    end
+                }
+                Field::TaskStatusMsg => {
+                    first_sighting(&mut seen, 1 << 2)?;
+                    let (span, end) = self.opt_string(at_value)?;
+                    t.task_status_msg = span;
+                    end
+                }
+                Field::TaskInfo => {
+                    first_sighting(&mut seen, 1 << 3)?;
+                    self.task_info(at_value, depth, t)?
+                }
+                Field::TaskResult => {
+                    first_sighting(&mut seen, 1 << 4)?;
+                    self.task_result(at_value, depth, t)?
+                }
+                Field::FinalUnitDeduction => {
+                    first_sighting(&mut seen, 1 << 5)?;
+                    let (text, end) = self.opt_text(at_value)?;
+                    t.final_unit_deduction = text;
+                    end
+                }
+                Field::Id => {
+                    first_sighting(&mut seen, 1 << 6)?;
+                    let (text, end) = self.opt_text(at_value)?;
+                    t.id = text;
+                    end
+                }
+                Field::Status => {
+                    first_sighting(&mut seen, 1 << 7)?;
+                    let (span, end) = self.opt_string(at_value)?;
+                    t.status = span;
+                    end
+                }
+                Field::Message => {
+                    first_sighting(&mut seen, 1 << 8)?;
+                    let (span, end) = self.opt_string(at_value)?;
+                    t.message = span;
+                    end
+                }
+                Field::ExternalId => {
+                    first_sighting(&mut seen, 1 << 9)?;
+                    let (span, end) = self.opt_string(at_value)?;
+                    t.external_id = span;
+                    end
+                }
+                Field::Outputs => {
+                    first_sighting(&mut seen, 1 << 10)?;
+                    self.urls(at_value, depth, &mut t.outputs)?
+                }
+                Field::Billing => {
+                    first_sighting(&mut seen, 1 << 11)?;
+                    self.billing(at_value, depth, t)?
+                }
+                Field::Tasks => {
+                    first_sighting(&mut seen, 1 << 12)?;
+                    self.page(at_value, depth, t)?
+                }
+                Field::Other => skip(bytes, at_value, depth)?,
+            };
+            (done, i) = next_or_close(bytes, i, b'}')?;
+        }
+        Ok(i)
+    }
+
+    /// The report of a task, with the reference's rules: legacy when `task_id` and
+    /// `task_status` are both there, else new when `id` and `status` are, else none.
+    #[inline(never)]
+    fn report(&self, t: RawTask) -> Scan<Option<TaskReport>> {
+        if let (Some(id), Some(status)) = (t.task_id, t.task_status) {
+            let mut urls = t.videos;
+            let mut images = t.images;
+            if urls.is_empty() {
+                urls = images;
+            } else {
+                urls.append(&mut images);
+            }
+            let cost = match t.final_unit_deduction {
+                Some(d) => deduction(&self.text(d)?),
+                None => None,
+            };
+            return Ok(Some(TaskReport {
+                id: self.owned(id)?,
+                status: self.status(status)?,
+                generation: ApiGeneration::Legacy,
+                external_id: self.opt_owned(t.external_task_id)?,
+                failure: self.opt_owned(t.task_status_msg)?,
+                urls,
+                cost,
+            }));
+        }
+        let (Some(id), Some(status)) = (t.id, t.status) else {
+            return Ok(None);
+        };
+        Ok(Some(TaskReport {
+            id: self.owned(id)?,
+            status: self.status(status)?,
+            generation: ApiGeneration::New,
+            external_id: self.opt_owned(t.external_id)?,
+            failure: self.opt_owned(t.message)?,
+            urls: t.outputs,
+            cost: t.billing,
+        }))
+    }
+
+    /// A task status: the documented words are told from the body's bytes (no `str` slice);
+    /// anything else, or escaped, as [`TaskStatus::parse`] reads its text.
+    #[inline(always)]
+    fn status(&self, span: Span) -> Scan<TaskStatus> {
+        if span.kind == Kind::Raw {
+            let word = self
+                .bytes
+                .get(span.start as usize..span.end as usize)
+                .ok_or(Fallback)?;
+            match word {
+                b"submitted" => return Ok(TaskStatus::Submitted),
+                b"processing" => return Ok(TaskStatus::Processing),
+                b"succeed" | b"succeeded" => return Ok(TaskStatus::Succeeded),
+                b"failed" => return Ok(TaskStatus::Failed),
+                _ => {}
+            }
+        }
+        Ok(TaskStatus::parse(&self.text(span)?))
+    }
+
+    /// The text a span stands for, as the reference reads it.
+    #[inline(always)]
+    fn text(&self, span: Span) -> Scan<Cow<'a, str>> {
+        let text = self.slice(span.start as usize..span.end as usize)?;
+        match span.kind {
+            Kind::Raw | Kind::Plain => Ok(Cow::Borrowed(text)),
+            _ => self.text_slow(text, span.kind),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn text_slow(&self, text: &'a str, kind: Kind) -> Scan<Cow<'a, str>> {
+        match kind {
+            Kind::Escaped => unescape(text).map(Cow::Owned),
+            _ => Number { text, plain: false }
+                .to_text()
+                .map(|text| Cow::Owned(text.into_owned())),
+        }
+    }
+
+    /// [`Scanner::text`], owned.
+    #[inline(always)]
+    fn owned(&self, span: Span) -> Scan<String> {
+        self.text(span).map(Cow::into_owned)
+    }
+
+    #[inline(always)]
+    fn opt_owned(&self, span: Option<Span>) -> Scan<Option<String>> {
+        span.map(|span| self.owned(span)).transpose()
+    }
+
+    /// `task_info`: `null` or `{external_task_id}`.
+    #[inline(always)]
+    fn task_info(&self, i: usize, depth: u32, t: &mut RawTask) -> Scan<usize> {
+        let bytes = self.bytes;
+        let (is_null, i) = null(bytes, i)?;
+        if is_null {
+            return Ok(i);
+        }
+        let depth = deeper(depth)?;
+        let mut seen = 0;
+        let (mut done, mut i) = open(bytes, struct_start(bytes, i)?, b'{', b'}')?;
+        while !done {
+            let (name, at_value) = key(bytes, i, &[EXTERNAL_TASK_ID])?;
+            i = if name == 0 {
+                first_sighting(&mut seen, 1)?;
+                let (span, end) = self.opt_string(at_value)?;
+                t.external_task_id = span;
+                end
+            } else {
+                skip(bytes, at_value, depth)?
+            };
+            (done, i) = next_or_close(bytes, i, b'}')?;
+        }
+        Ok(i)
+    }
+
+    /// `task_result`: `null` or `{videos, images}`.
+    #[inline(never)]
+    fn task_result(&self, i: usize, depth: u32, t: &mut RawTask) -> Scan<usize> {
+        let bytes = self.bytes;
+        let (is_null, i) = null(bytes, i)?;
+        if is_null {
+            return Ok(i);
+        }
+        let depth = deeper(depth)?;
+        let mut seen = 0;
+        let (mut done, mut i) = open(bytes, struct_start(bytes, i)?, b'{', b'}')?;
+        while !done {
+            let (name, at_value) = key(bytes, i, &[VIDEOS, IMAGES])?;
+            i = match name {
+                0 => {
+                    first_sighting(&mut seen, 1)?;
+                    self.urls(at_value, depth, &mut t.videos)?
+                }
+                1 => {
+                    first_sighting(&mut seen, 2)?;
+                    self.urls(at_value, depth, &mut t.images)?
+                }
+                _ => skip(bytes, at_value, depth)?,
+            };
+            (done, i) = next_or_close(bytes, i, b'}')?;
+        }
+        Ok(i)
+    }
+
+    /// `billing`: `null` or `[{amount}]`, summed.
+    #[inline(never)]
+    fn billing(&self, i: usize, depth: u32, t: &mut RawTask) -> Scan<usize> {
+        let bytes = self.bytes;
+        let (is_null, i) = null(bytes, i)?;
+        if is_null {
+            return Ok(i);
+        }
+        // `Sum for f64` starts from its own zero: start where it does.
+        let mut sum: f64 = std::iter::empty::<f64>().sum();
+        let depth = deeper(depth)?;
+        let (mut done, mut i) = open(bytes, i, b'[', b']')?;
+        while !done {
+            let item_depth = deeper(depth)?;
+            let mut seen = 0;
+            let (mut item_done, mut j) = open(bytes, struct_start(bytes, i)?, b'{', b'}')?;
+            while !item_done {
+                let (name, at_value) = key(bytes, j, &[AMOUNT])?;
+                j = if name == 0 {
+                    first_sighting(&mut seen, 1)?;
+                    let (is_null, at_value) = null(bytes, at_value)?;
+                    if is_null {
+                        at_value
+                    } else {
+                        if !matches!(at(bytes, at_value), Some(b'-' | b'0'..=b'9')) {
+                            return Err(Fallback);
+                        }
+                        let (n, end) = self.number(at_value)?;
+                        sum += n.to_f64()?;
+                        end
+                    }
+                } else {
+                    skip(bytes, at_value, item_depth)?
+                };
+                (item_done, j) = next_or_close(bytes, j, b'}')?;
+            }
+            (done, i) = next_or_close(bytes, j, b']')?;
+        }
+        t.billing = Some(sum);
+        Ok(i)
+    }
+
+    /// `tasks` (a page): `null` or an array of task objects.
+    #[inline(never)]
+    fn page(&self, i: usize, depth: u32, t: &mut RawTask) -> Scan<usize> {
+        let bytes = self.bytes;
+        let (is_null, i) = null(bytes, i)?;
+        if is_null {
+            return Ok(i);
+        }
+        let mut page = Vec::new();
+        let depth = deeper(depth)?;
+        let (mut done, mut i) = open(bytes, i, b'[', b']')?;
+        while !done {
+            let mut task = RawTask::default();
+            i = self.task(struct_start(bytes, i)?, depth, &mut task)?;
+            page.extend(self.report(task)?);
+            (done, i) = next_or_close(bytes, i, b']')?;
+        }
+        t.page = Some(page);
+        Ok(i)
     }
 
     /// An `Option<Vec<{url: Option<Cow<str>>}>>` value: pushes each `url` to `urls`.
-    #[inline(always)]
-    fn urls(&mut self, depth: u32, urls: &mut Vec<String>) -> Scan<()> {
-        if self.null()? {
-            return Ok(());
+    #[inline(never)]
+    fn urls(&self, i: usize, depth: u32, urls: &mut Vec<String>) -> Scan<usize> {
+        let bytes = self.bytes;
+        let (is_null, i) = null(bytes, i)?;
+        if is_null {
+            return Ok(i);
         }
-        self.array(depth, |s, depth| {
-            s.struct_start()?;
+        let depth = deeper(depth)?;
+        let (mut done, mut i) = open(bytes, i, b'[', b']')?;
+        while !done {
+            let item_depth = deeper(depth)?;
             let mut seen = 0;
-            s.object(depth, &[b"url"], |s, key, depth| match key {
-                0 => {
+            let (mut item_done, mut j) = open(bytes, struct_start(bytes, i)?, b'{', b'}')?;
+            while !item_done {
+                let (name, at_value) = key(bytes, j, &[URL])?;
+                j = if name == 0 {
                     first_sighting(&mut seen, 1)?;
-                    if let Some(url) = s.opt_piece()? {
+                    let (piece, end) = self.opt_piece(at_value)?;
+                    if let Some(url) = piece {
                         urls.push(url.into_string());
                     }
-                    Ok(())
-                }
-                _ => s.skip(depth),
-            })
-        })
+                    end
+                } else {
+                    skip(bytes, at_value, item_depth)?
+                };
+                (item_done, j) = next_or_close(bytes, j, b'}')?;
+            }
+            (done, i) = next_or_close(bytes, j, b']')?;
+        }
+        Ok(i)
     }
 }
 

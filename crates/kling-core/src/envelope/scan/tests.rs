@@ -156,6 +156,101 @@ fn what_the_scanner_leaves_to_the_reference() {
     assert!(!agree(not_utf8));
 }
 
+/// The field names the scanner recognises a word at a time, as keys of every object it reads.
+const NAMES: &[&str] = &[
+    "code",
+    "message",
+    "request_id",
+    "data",
+    "task_id",
+    "task_status",
+    "task_status_msg",
+    "task_info",
+    "task_result",
+    "final_unit_deduction",
+    "id",
+    "status",
+    "external_id",
+    "outputs",
+    "billing",
+    "tasks",
+    "external_task_id",
+    "videos",
+    "images",
+    "url",
+    "amount",
+];
+
+/// Keys one byte off a field name: shorter, longer, last byte changed, first byte changed.
+fn near_misses(name: &str) -> Vec<String> {
+    let mut out = vec![
+        name[..name.len() - 1].to_owned(),
+        format!("{name}x"),
+        format!("{name}_"),
+        format!("{}X", &name[..name.len() - 1]),
+        format!("X{}", &name[1..]),
+    ];
+    out.retain(|key| !NAMES.contains(&key.as_str()));
+    out
+}
+
+#[test]
+fn keys_next_to_field_names_are_other_keys() {
+    for name in NAMES {
+        for key in near_misses(name) {
+            for body in [
+                format!(r#"{{"code":0,"{key}":"v","data":{{"task_id":"t","task_status":"s"}}}}"#),
+                format!(r#"{{"code":0,"data":{{"task_id":"t","{key}":1,"task_status":"s"}}}}"#),
+                format!(
+                    r#"{{"code":0,"data":{{"id":"t","status":"s","{key}":[{{"{key}":"u"}}]}}}}"#
+                ),
+                format!(
+                    r#"{{"code":0,"data":{{"id":"t","status":"s","task_info":{{"{key}":"x"}},"outputs":[{{"{key}":"u"}}],"billing":[{{"{key}":2}}],"task_result":{{"{key}":null}}}}}}"#
+                ),
+            ] {
+                assert!(agree(body.as_bytes()), "fell back on {body}");
+            }
+        }
+    }
+}
+
+#[test]
+fn keys_at_the_end_of_the_body_are_read_safely() {
+    // Cut short after each byte: a key's word compare reads past the end of the body.
+    let body = r#"{"code":0,"data":{"id":"t","status":"s","tasks":null,"final_unit_deduction":1,"external_task_id":2}}"#;
+    for end in 0..body.len() {
+        agree(&body.as_bytes()[..end]);
+    }
+    for name in NAMES {
+        agree(format!(r#"{{"code":0,"{name}"#).as_bytes());
+        agree(format!(r#"{{"code":0,"data":{{"{name}""#).as_bytes());
+        agree(format!(r#"{{"code":0,"data":{{"{name}":"#).as_bytes());
+    }
+}
+
+#[test]
+fn one_digit_codes_and_the_numbers_that_start_like_them() {
+    for body in [
+        r#"{"code":7}"#,
+        r#"{"code":0,"message":"m"}"#,
+        r#"{"code": 5 ,"data":null}"#,
+        r#"{"code":12}"#,
+        r#"{"code":-3}"#,
+    ] {
+        assert!(agree(body.as_bytes()), "fell back on {body}");
+    }
+    for body in [
+        r#"{"code":0E1}"#,
+        r#"{"code":5.}"#,
+        r#"{"code":5.5}"#,
+        r#"{"code":00}"#,
+        r#"{"code":7x}"#,
+        r#"{"code":7"#,
+    ] {
+        assert!(!agree(body.as_bytes()), "the scanner took {body}");
+    }
+}
+
 #[test]
 fn find_special_and_digits_end_agree_with_byte_loops() {
     let bytes: Vec<u8> = (0..=255).collect();
@@ -521,6 +616,14 @@ fn mutate(text: String, mutation: &Mutation) -> Vec<u8> {
         }
     }
     bytes
+}
+
+proptest! {
+    #[test]
+    fn deduction_reads_as_the_parse(text in "[0-9]{0,18}|[ 0-9.eE+-]{0,12}|\\PC{0,8}") {
+        let parsed: Option<f64> = text.trim().parse().ok();
+        prop_assert_eq!(format!("{:?}", deduction(&text)), format!("{parsed:?}"));
+    }
 }
 
 proptest! {
