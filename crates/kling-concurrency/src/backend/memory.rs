@@ -330,6 +330,10 @@ struct Gauges {
     in_use: metrics::Gauge,
     capacity: metrics::Gauge,
     waiters: metrics::Gauge,
+    /// What the three gauges were last set to (in use, capacity, waiters): a gauge is set only
+    /// when its value changed, so the layer's create and query leave the capacity and waiters
+    /// gauges (shared metric state a recorder keeps) untouched.
+    shown: (u32, u32, usize),
     /// Finished-task metrics by status, registered on first use.
     finished: Vec<(String, metrics::Counter, metrics::Histogram)>,
 }
@@ -360,7 +364,7 @@ impl Gauges {
 /// What the reports of one [`SlotOp::Update`] or [`SlotOp::Observed`] share.
 struct Reports {
     lease: Duration,
-    /// Read once, when a report first finds its task.
+    /// Read before the lock was taken, or else once, when a report first finds its task.
     now: Option<Instant>,
     applied: Applied,
     /// Releases are not listed in `applied`.
@@ -368,10 +372,10 @@ struct Reports {
 }
 
 impl Reports {
-    fn new(lease: Duration, unread: bool) -> Self {
+    fn new(lease: Duration, now: Option<Instant>, unread: bool) -> Self {
         Reports {
             lease,
-            now: None,
+            now,
             applied: Applied::default(),
             unread,
         }
@@ -434,9 +438,14 @@ impl PoolState {
                 waiters: metrics::gauge!(names::SLOTS_WAITERS, &labels),
                 finished: Vec::new(),
                 labels,
+                // Nothing hidden, in use or waiting yet.
+                shown: (0, configured, 0),
             },
         };
-        pool.publish();
+        // Every gauge starts shown, also at zero.
+        pool.gauges.in_use.set(0.0);
+        pool.gauges.capacity.set(f64::from(configured));
+        pool.gauges.waiters.set(0.0);
         pool
     }
 
@@ -448,10 +457,26 @@ impl PoolState {
         self.capacity().saturating_sub(self.in_use)
     }
 
-    fn publish(&self) {
+    /// Sets the gauges whose values changed since they were last set.
+    fn publish(&mut self) {
+        let (in_use, capacity, waiters) = (self.in_use, self.capacity(), self.queue.len());
+        let shown = &mut self.gauges.shown;
+        if shown.0 != in_use {
+            self.gauges.in_use.set(f64::from(in_use));
+        }
+        if shown.1 != capacity {
+            self.gauges.capacity.set(f64::from(capacity));
+        }
+        if shown.2 != waiters {
+            self.gauges.waiters.set(waiters as f64);
+        }
+        *shown = (in_use, capacity, waiters);
+    }
+
+    /// Sets the in-use gauge (the one change of a grant on the fast path).
+    fn publish_in_use(&mut self) {
         self.gauges.in_use.set(f64::from(self.in_use));
-        self.gauges.capacity.set(f64::from(self.capacity()));
-        self.gauges.waiters.set(self.queue.len() as f64);
+        self.gauges.shown.0 = self.in_use;
     }
 
     /// Hands free slots to the queue's head, in order.
@@ -783,8 +808,9 @@ impl State {
         }
     }
 
-    /// Applies one change; with `unread`, releases are not listed in the result.
-    fn apply(&mut self, op: SlotOp, unread: bool) -> Applied {
+    /// Applies one change; with `unread`, releases are not listed in the result. `now`: the
+    /// time read before the lock, for reports.
+    fn apply(&mut self, op: SlotOp, now: Option<Instant>, unread: bool) -> Applied {
         let mut applied = Applied::default();
         match op {
             SlotOp::GiveBack(res) => {
@@ -832,7 +858,7 @@ impl State {
                 applied.changed = true;
             }
             SlotOp::Observed { outcome, lease } => {
-                let mut reports = Reports::new(lease, unread);
+                let mut reports = Reports::new(lease, now, unread);
                 for task in outcome.tasks() {
                     let (ext, status) = (task.external_id.as_deref(), Some(&task.status));
                     self.report(&task.id, ext, status, &mut reports);
@@ -840,7 +866,7 @@ impl State {
                 applied = reports.applied;
             }
             SlotOp::Update { updates, lease } => {
-                let mut reports = Reports::new(lease, unread);
+                let mut reports = Reports::new(lease, now, unread);
                 for update in &updates {
                     let (ext, status) = (update.external_id.as_deref(), update.status.as_ref());
                     self.report(&update.id, ext, status, &mut reports);
@@ -909,6 +935,16 @@ impl State {
     }
 }
 
+/// The time reports renew leases from, read before the lock is taken (the clock stays out of
+/// the critical section); `None` for changes that report no task.
+fn report_time(op: &SlotOp) -> Option<Instant> {
+    match op {
+        SlotOp::Observed { outcome, .. } if !outcome.tasks().is_empty() => Some(Instant::now()),
+        SlotOp::Update { updates, .. } if !updates.is_empty() => Some(Instant::now()),
+        _ => None,
+    }
+}
+
 impl SlotBackend for InProcess {
     type Acquire = InProcessAcquire;
     type Apply = Ready<Result<Applied, BackendError>>;
@@ -924,14 +960,44 @@ impl SlotBackend for InProcess {
         }
     }
 
+    /// Grants under one lock, with no future built (no `Arc` clone), when slots are free,
+    /// nobody waits and no account is halted; otherwise the first poll of
+    /// [`acquire`](SlotBackend::acquire), which decides it all again.
+    fn acquire_now(
+        &self,
+        key: SlotKey,
+        weight: u32,
+    ) -> Result<Result<Reservation, AcquireError>, InProcessAcquire> {
+        {
+            let mut state = self.lock();
+            if state.halted.is_empty() {
+                let pool = state.pool_mut(&key);
+                // (A create heavier than its pool never fits in `free`: the slow path refuses it.)
+                if pool.queue.is_empty() && pool.free() >= weight {
+                    pool.in_use += weight;
+                    pool.publish_in_use();
+                    let token = state.token();
+                    return Ok(Ok(Reservation { key, weight, token }));
+                }
+            }
+        }
+        let mut acquire = self.acquire(key, weight);
+        match Pin::new(&mut acquire).poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(result) => Ok(result),
+            Poll::Pending => Err(acquire),
+        }
+    }
+
     fn apply(&self, op: SlotOp) -> Self::Apply {
-        ready(Ok(self.lock().apply(op, false)))
+        let now = report_time(&op);
+        ready(Ok(self.lock().apply(op, now, false)))
     }
 
     /// As [`apply`](SlotBackend::apply), without building the list of released tasks (no
     /// allocation on the layer's create + query path).
     fn apply_unread(&self, op: SlotOp) -> Self::Apply {
-        ready(Ok(self.lock().apply(op, true)))
+        let now = report_time(&op);
+        ready(Ok(self.lock().apply(op, now, true)))
     }
 
     /// As `apply_unread` of [`SlotOp::Hold`], the ids copied inline (no allocation for ids up
@@ -1047,7 +1113,7 @@ impl Future for InProcessAcquire {
                     if pool.queue.is_empty() && pool.free() >= weight {
                         // The fast path: free slots and nobody ahead.
                         pool.in_use += weight;
-                        pool.gauges.in_use.set(f64::from(pool.in_use));
+                        pool.publish_in_use();
                         let key = this.key.take().expect("checked above");
                         return Poll::Ready(Ok(Reservation { key, weight, token }));
                     }
@@ -1118,7 +1184,7 @@ impl Drop for InProcessAcquire {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kling_core::{Pool, Product};
+    use kling_core::{Outcome, Pool, Product};
     use proptest::prelude::*;
 
     fn key() -> SlotKey {
@@ -1333,8 +1399,8 @@ mod tests {
         }
     }
 
-    /// The trait's provided `hold_unread` and `apply_unread` over `InProcess` (which overrides
-    /// both).
+    /// The trait's provided `acquire_now`, `hold_unread` and `apply_unread` over `InProcess`
+    /// (which overrides all three).
     #[derive(Clone)]
     struct Provided(InProcess);
 
@@ -1470,6 +1536,244 @@ mod tests {
             };
             prop_assert_eq!(strip(a), strip(b));
         }
+    }
+
+    #[derive(Clone, Debug)]
+    enum AcquireOp {
+        /// A create of this weight in pool `0` or `1` takes its slots at once or joins the queue.
+        Acquire(bool, u32),
+        /// The n-th granted reservation is given back.
+        GiveBack(usize),
+        /// The queued acquires are polled again.
+        Poll,
+        /// The n-th queued acquire is dropped.
+        Drop(usize),
+        /// The account is halted (by the n-th reservation, or by nothing held) or the halt lifted.
+        Halt(usize),
+        ResetHalt,
+    }
+
+    fn acquire_ops() -> impl Strategy<Value = Vec<AcquireOp>> {
+        proptest::collection::vec(
+            prop_oneof![
+                4 => (any::<bool>(), 0..5u32).prop_map(|(p, w)| AcquireOp::Acquire(p, w)),
+                2 => any::<usize>().prop_map(AcquireOp::GiveBack),
+                1 => Just(AcquireOp::Poll),
+                1 => any::<usize>().prop_map(AcquireOp::Drop),
+                1 => any::<usize>().prop_map(AcquireOp::Halt),
+                1 => Just(AcquireOp::ResetHalt),
+            ],
+            1..50,
+        )
+    }
+
+    /// What each step of `ops` returned and left, as text.
+    fn run_acquires<B: SlotBackend>(backend: &B, ops: &[AcquireOp]) -> Vec<String> {
+        let pools = [
+            key(),
+            SlotKey::new(AccountId::new("a"), Pool::new(Product::Image)),
+        ];
+        let refused = Outcome::parse(
+            http::StatusCode::TOO_MANY_REQUESTS,
+            &http::HeaderMap::new(),
+            br#"{"code":1102,"message":"no balance","request_id":"r"}"#,
+            Instant::now(),
+        )
+        .unwrap();
+        let cause = ApiError::from_outcome(&refused);
+        let mut granted: Vec<Reservation> = Vec::new();
+        let mut queued: Vec<B::Acquire> = Vec::new();
+        let mut trace = Vec::new();
+        for op in ops {
+            let step = match op {
+                AcquireOp::Acquire(p, weight) => {
+                    match backend.acquire_now(pools[usize::from(*p)].clone(), *weight) {
+                        Ok(Ok(reservation)) => {
+                            granted.push(reservation.clone());
+                            format!("granted {reservation:?}")
+                        }
+                        Ok(Err(error)) => format!("refused {error:?}"),
+                        Err(acquire) => {
+                            queued.push(acquire);
+                            "queued".to_owned()
+                        }
+                    }
+                }
+                AcquireOp::GiveBack(n) if !granted.is_empty() => {
+                    let reservation = granted.remove(n % granted.len());
+                    format!("{:?}", now(backend.apply(SlotOp::GiveBack(reservation))))
+                }
+                AcquireOp::Poll => {
+                    let mut out = String::new();
+                    let mut still = Vec::new();
+                    for mut acquire in queued.drain(..) {
+                        match Pin::new(&mut acquire).poll(&mut Context::from_waker(Waker::noop())) {
+                            Poll::Ready(Ok(reservation)) => {
+                                out += &format!("granted {reservation:?}; ");
+                                granted.push(reservation);
+                            }
+                            Poll::Ready(Err(error)) => out += &format!("refused {error:?}; "),
+                            Poll::Pending => still.push(acquire),
+                        }
+                    }
+                    queued = still;
+                    out
+                }
+                AcquireOp::Drop(n) if !queued.is_empty() => {
+                    drop(queued.remove(n % queued.len()));
+                    "dropped".to_owned()
+                }
+                AcquireOp::Halt(n) if !granted.is_empty() => {
+                    let reservation = granted.remove(n % granted.len());
+                    let cause = cause.clone();
+                    format!(
+                        "{:?}",
+                        now(backend.apply(SlotOp::Halt { reservation, cause }))
+                    )
+                }
+                AcquireOp::ResetHalt => {
+                    format!(
+                        "{:?}",
+                        now(backend.apply(SlotOp::ResetHalt(AccountId::new("a"))))
+                    )
+                }
+                _ => continue,
+            };
+            let snapshot = now(backend.snapshot()).unwrap();
+            trace.push(format!("{op:?}: {step} -> {snapshot:?}"));
+        }
+        trace
+    }
+
+    proptest! {
+        /// `InProcess::acquire_now` (a grant under one lock, no future built) answers as the
+        /// provided method, the first poll of `acquire`, does: grants, tokens, queueing,
+        /// refusals (halted, too heavy) and what the pools hold.
+        #[test]
+        fn acquiring_now_answers_as_the_first_poll_of_an_acquire(ops in acquire_ops()) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            let _entered = runtime.enter();
+            let config = || SlotsConfig::new(3);
+            let fast = InProcess::new(config()).unwrap();
+            let provided = Provided(InProcess::new(config()).unwrap());
+            prop_assert_eq!(run_acquires(&fast, &ops), run_acquires(&provided, &ops));
+        }
+    }
+
+    /// Logs every gauge set, as (gauge name, value).
+    #[derive(Clone, Default)]
+    struct GaugeLog(Arc<Mutex<Vec<(String, f64)>>>);
+
+    struct LoggedGauge(String, GaugeLog);
+
+    impl metrics::GaugeFn for LoggedGauge {
+        fn increment(&self, _: f64) {}
+        fn decrement(&self, _: f64) {}
+        fn set(&self, value: f64) {
+            self.1.0.lock().unwrap().push((self.0.clone(), value));
+        }
+    }
+
+    impl metrics::Recorder for GaugeLog {
+        fn describe_counter(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_gauge(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_histogram(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn register_counter(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Counter {
+            metrics::Counter::noop()
+        }
+        fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+            let name = key.name().to_owned();
+            metrics::Gauge::from_arc(Arc::new(LoggedGauge(name, self.clone())))
+        }
+        fn register_histogram(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Histogram {
+            metrics::Histogram::noop()
+        }
+    }
+
+    #[test]
+    fn a_gauge_is_set_when_its_value_changes_and_only_then() {
+        let log = GaugeLog::default();
+        let _recorder = metrics::set_default_local_recorder(&log);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        let backend = InProcess::new(SlotsConfig::new(2)).unwrap();
+        let take = || std::mem::take(&mut *log.0.lock().unwrap());
+        let granted = |r: Result<Result<Reservation, AcquireError>, InProcessAcquire>| match r {
+            Ok(Ok(reservation)) => reservation,
+            _ => panic!("not granted"),
+        };
+        let (used, cap, waiting) = (
+            names::SLOTS_IN_USE,
+            names::SLOTS_CAPACITY,
+            names::SLOTS_WAITERS,
+        );
+        let s = |name: &str, v: f64| (name.to_owned(), v);
+        // A new pool shows all three.
+        let first = granted(backend.acquire_now(key(), 1));
+        assert_eq!(
+            take(),
+            [s(used, 0.0), s(cap, 2.0), s(waiting, 0.0), s(used, 1.0)]
+        );
+        let second = granted(backend.acquire_now(key(), 1));
+        assert_eq!(take(), [s(used, 2.0)]);
+        // A create that waits: only the waiters changed.
+        let Err(mut third) = backend.acquire_now(key(), 1) else {
+            panic!("granted");
+        };
+        assert_eq!(take(), [s(waiting, 1.0)]);
+        // Its slot is handed over: in use stays 2.
+        now(backend.apply(SlotOp::GiveBack(first))).unwrap();
+        assert_eq!(take(), [s(waiting, 0.0)]);
+        let third = match Pin::new(&mut third).poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(reservation)) => reservation,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(take(), []);
+        // `1303`: in use and capacity change.
+        now(backend.apply(SlotOp::Congested(second))).unwrap();
+        assert_eq!(take(), [s(used, 1.0), s(cap, 1.0)]);
+        now(backend.apply(SlotOp::GiveBack(third))).unwrap();
+        assert_eq!(take(), [s(used, 0.0)]);
+        // What the gauges show is what the pool holds.
+        let snap = now(backend.snapshot()).unwrap();
+        assert_eq!(
+            (snap[0].in_use, snap[0].capacity, snap[0].waiters),
+            (0, 1, 0)
+        );
     }
 
     #[test]

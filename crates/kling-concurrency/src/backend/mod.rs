@@ -11,6 +11,8 @@
 mod memory;
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use kling_core::error::ApiError;
@@ -243,6 +245,23 @@ pub trait SlotBackend: Clone + Send + Sync + 'static {
 
     /// Waits (FIFO, cancellable by drop) for `weight` slots of `key`.
     fn acquire(&self, key: SlotKey, weight: u32) -> Self::Acquire;
+
+    /// [`acquire`](SlotBackend::acquire) polled once, without a waker: `Ok` with its result
+    /// when that first poll is ready, else `Err` with the future, which keeps its place in the
+    /// queue and must be polled again with a real waker. A backend may grant without building
+    /// the future (the layer's create path: no `Arc` clone per create). By default, exactly
+    /// that first poll.
+    fn acquire_now(
+        &self,
+        key: SlotKey,
+        weight: u32,
+    ) -> Result<Result<Reservation, AcquireError>, Self::Acquire> {
+        let mut acquire = self.acquire(key, weight);
+        match Pin::new(&mut acquire).poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(result) => Ok(result),
+            Poll::Pending => Err(acquire),
+        }
+    }
 
     /// Applies one change.
     fn apply(&self, op: SlotOp) -> Self::Apply;

@@ -1,10 +1,8 @@
 //! [`TaskSlots`].
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -169,12 +167,14 @@ where
         let account = AccountId::of(&request)
             .unwrap_or(&self.settings.default_account)
             .clone();
-        let mut acquire = self.backend.acquire(SlotKey::new(account, pool), weight);
-        // The fast path: free slots and nobody ahead are granted on the first poll, so the
-        // create goes straight to the service that was made ready; no waker is needed (a
-        // create that waits is polled again with the caller's).
-        match Pin::new(&mut acquire).poll(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(Ok(reservation)) => ResponseFuture::create(
+        // The fast path: free slots and nobody ahead are granted here, so the create goes
+        // straight to the service that was made ready; no waker is needed (a create that waits
+        // is polled again with the caller's).
+        match self
+            .backend
+            .acquire_now(SlotKey::new(account, pool), weight)
+        {
+            Ok(Ok(reservation)) => ResponseFuture::create(
                 self.inner.call(request),
                 Held {
                     reservation,
@@ -184,8 +184,8 @@ where
                     waited: Duration::ZERO,
                 },
             ),
-            Poll::Ready(Err(error)) => ResponseFuture::failed(error.into_box()),
-            Poll::Pending => {
+            Ok(Err(error)) => ResponseFuture::failed(error.into_box()),
+            Err(acquire) => {
                 // Call the service that was made ready; keep a fresh clone for the next call.
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);
