@@ -1,8 +1,10 @@
 //! [`Monitor`]: the in-process usage state behind [`Snapshot`] and the usage warnings.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -147,12 +149,11 @@ impl MonitorBuilder {
                 pool_warned: Mutex::new(HashMap::new()),
                 hook: self.hook,
                 rejections: Mutex::new(BTreeMap::new()),
-                tasks: Mutex::new(HashMap::default()),
+                tasks: std::array::from_fn(|_| TaskShard::default()),
+                task_hasher: foldhash::fast::RandomState::default(),
+                tracked: Padded(AtomicUsize::new(0)),
                 max_tracked_tasks: self.max_tracked_tasks,
                 record_task_metrics: self.record_task_metrics,
-                created: AtomicU64::new(0),
-                finished: AtomicU64::new(0),
-                failed: AtomicU64::new(0),
                 sources: RwLock::new(Vec::new()),
             }),
         })
@@ -180,14 +181,133 @@ struct Inner {
     pool_warned: Mutex<HashMap<(Option<String>, String), bool>>,
     hook: Option<Hook>,
     rejections: Mutex<BTreeMap<i64, u64>>,
-    /// Tracked tasks by id; foldhash rather than SipHash (two hashes per task on the hot path).
-    tasks: Mutex<HashMap<TaskKey, Tracked, foldhash::fast::RandomState>>,
+    /// Tracked tasks and task counts, in shards picked by task id: concurrent calls on
+    /// different tasks rarely share a lock or a cache line.
+    tasks: [TaskShard; TASK_SHARDS],
+    /// Hashes task ids for [`TaskTable`] and the shards; foldhash rather than SipHash.
+    task_hasher: foldhash::fast::RandomState,
+    /// Tasks tracked across all shards, for `max_tracked_tasks` (on its own cache line).
+    tracked: Padded<AtomicUsize>,
     max_tracked_tasks: usize,
     record_task_metrics: bool,
-    created: AtomicU64,
-    finished: AtomicU64,
-    failed: AtomicU64,
     sources: RwLock<Vec<Arc<dyn SnapshotSource>>>,
+}
+
+/// Shards of the tracked tasks (a power of two).
+const TASK_SHARDS: usize = 16;
+
+/// A value alone on its cache lines (128 bytes: adjacent-line prefetch pairs them).
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded<T>(T);
+
+/// One shard of the tracked tasks, with the task counts of the calls that locked it (the
+/// snapshot sums them): counting under the lock a call takes anyway costs no shared atomic.
+#[derive(Default)]
+struct TaskShard(Padded<Mutex<ShardState>>);
+
+#[derive(Default)]
+struct ShardState {
+    tasks: TaskTable,
+    created: u64,
+    finished: u64,
+    failed: u64,
+}
+
+impl ShardState {
+    fn count_end(&mut self, status: &TaskStatus) {
+        self.finished += 1;
+        if *status == TaskStatus::Failed {
+            self.failed += 1;
+        }
+    }
+}
+
+/// Tracked tasks by the hash of their id, computed once per call (it also picks the shard):
+/// the map itself hashes nothing and compares `u64`s. Ids with one hash share a slot.
+#[derive(Default)]
+struct TaskTable {
+    slots: HashMap<u64, Slot, BuildHasherDefault<Prehashed>>,
+    len: usize,
+}
+
+/// The tracked tasks of one id hash: almost always one.
+struct Slot {
+    first: (TaskKey, Tracked),
+    more: Vec<(TaskKey, Tracked)>,
+}
+
+impl TaskTable {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Tracks `id` (whose hash is `hash`); returns the entry it replaced, if it was tracked.
+    fn insert(&mut self, hash: u64, id: &str, tracked: Tracked) -> Option<Tracked> {
+        let slot = match self.slots.entry(hash) {
+            Entry::Vacant(vacant) => {
+                vacant.insert(Slot {
+                    first: (TaskKey::new(id), tracked),
+                    more: Vec::new(),
+                });
+                self.len += 1;
+                return None;
+            }
+            Entry::Occupied(occupied) => occupied.into_mut(),
+        };
+        let id_bytes = id.as_bytes();
+        let same = std::iter::once(&mut slot.first)
+            .chain(slot.more.iter_mut())
+            .find(|(key, _)| key.as_bytes() == id_bytes);
+        match same {
+            Some((_, old)) => Some(std::mem::replace(old, tracked)),
+            None => {
+                slot.more.push((TaskKey::new(id), tracked));
+                self.len += 1;
+                None
+            }
+        }
+    }
+
+    /// Stops tracking `id` (whose hash is `hash`); returns its entry, if it was tracked.
+    fn remove(&mut self, hash: u64, id: &[u8]) -> Option<Tracked> {
+        let Entry::Occupied(mut occupied) = self.slots.entry(hash) else {
+            return None;
+        };
+        let slot = occupied.get_mut();
+        let tracked = if slot.first.0.as_bytes() == id {
+            match slot.more.pop() {
+                Some(last) => std::mem::replace(&mut slot.first, last).1,
+                None => occupied.remove().first.1,
+            }
+        } else {
+            let at = slot.more.iter().position(|(key, _)| key.as_bytes() == id)?;
+            slot.more.swap_remove(at).1
+        };
+        self.len -= 1;
+        Some(tracked)
+    }
+}
+
+/// The hasher of [`TaskTable`]: its keys are hashes already.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64`s are hashed here; kept correct for anything else.
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
 }
 
 /// A tracked task's id: inline when short (Kling's ids are 18 to 36 bytes), so tracking a
@@ -220,27 +340,6 @@ impl TaskKey {
             TaskKey::Inline { len, bytes } => &bytes[..usize::from(*len)],
             TaskKey::Heap(bytes) => bytes,
         }
-    }
-}
-
-impl std::borrow::Borrow<[u8]> for TaskKey {
-    fn borrow(&self) -> &[u8] {
-        self.as_bytes()
-    }
-}
-
-impl PartialEq for TaskKey {
-    fn eq(&self, other: &TaskKey) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl Eq for TaskKey {}
-
-impl std::hash::Hash for TaskKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        // As `[u8]` hashes, so `Borrow<[u8]>` finds it.
-        self.as_bytes().hash(state);
     }
 }
 
@@ -296,12 +395,7 @@ impl Monitor {
             pools: Vec::new(),
             queues: Vec::new(),
             rejections: lock(&inner.rejections).clone(),
-            tasks: TaskCounts {
-                created: inner.created.load(Ordering::Relaxed),
-                finished: inner.finished.load(Ordering::Relaxed),
-                failed: inner.failed.load(Ordering::Relaxed),
-                running: lock(&inner.tasks).len() as u64,
-            },
+            tasks: self.task_counts(),
         };
         let sources: Vec<_> = self.read_sources().clone();
         for source in sources {
@@ -318,14 +412,65 @@ impl Monitor {
         if !status.is_terminal() {
             return false;
         }
-        let tracked = lock(&self.inner.tasks).remove(task_id.as_bytes());
-        match tracked {
+        match self.end_tracked(task_id, status) {
             Some(tracked) => {
                 self.record_end(tracked, status, Instant::now());
                 true
             }
             None => false,
         }
+    }
+
+    /// The task counts, summed over the shards.
+    fn task_counts(&self) -> TaskCounts {
+        let mut counts = TaskCounts {
+            created: 0,
+            finished: 0,
+            failed: 0,
+            running: 0,
+        };
+        for shard in &self.inner.tasks {
+            let state = lock(&shard.0.0);
+            counts.created += state.created;
+            counts.finished += state.finished;
+            counts.failed += state.failed;
+            counts.running += state.tasks.len() as u64;
+        }
+        counts
+    }
+
+    /// The hash of a task id, and its shard, locked.
+    fn shard(&self, id: &[u8]) -> (u64, MutexGuard<'_, ShardState>) {
+        let hash = self.inner.task_hasher.hash_one(id);
+        // Bits neither the map's bucket index (low) nor its tag (high) uses.
+        let shard = (hash >> 32) as usize % TASK_SHARDS;
+        (hash, lock(&self.inner.tasks[shard].0.0))
+    }
+
+    /// Stops tracking a task that ended with `status` (terminal) and counts its end; `None`
+    /// when it was not tracked (nothing is counted then).
+    fn end_tracked(&self, id: &str, status: &TaskStatus) -> Option<Tracked> {
+        let id = id.as_bytes();
+        let tracked = {
+            let (hash, mut shard) = self.shard(id);
+            let tracked = shard.tasks.remove(hash, id)?;
+            shard.count_end(status);
+            tracked
+        };
+        self.inner.tracked.0.fetch_sub(1, Ordering::Relaxed);
+        Some(tracked)
+    }
+
+    /// Takes one of the `max_tracked_tasks` places; `false` when all are taken.
+    fn reserve_tracked(&self) -> bool {
+        let max = self.inner.max_tracked_tasks;
+        self.inner
+            .tracked
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
     }
 
     /// The configured warning threshold.
@@ -362,52 +507,37 @@ impl Monitor {
         }
         if create {
             let pool = pool.to_shared();
-            let mut tracked = lock(&self.inner.tasks);
             for task in tasks {
-                self.inner.created.fetch_add(1, Ordering::Relaxed);
                 let entry = Tracked {
                     since: now,
                     pool: pool.clone(),
                 };
+                let id = task.id.as_bytes();
+                let (hash, mut shard) = self.shard(id);
+                shard.created += 1;
                 if task.status.is_terminal() {
+                    shard.count_end(&task.status);
+                    drop(shard);
                     self.record_end(entry, &task.status, now);
-                } else if tracked.len() < self.inner.max_tracked_tasks {
-                    tracked.insert(TaskKey::new(&task.id), entry);
+                } else if self.reserve_tracked()
+                    && shard.tasks.insert(hash, &task.id, entry).is_some()
+                {
+                    // The id was tracked already (created twice): one place, not two.
+                    self.inner.tracked.0.fetch_sub(1, Ordering::Relaxed);
                 }
             }
             return;
         }
-        if let [task] = tasks {
-            // One task (a query): no list of ended tasks to build.
-            let ended = lock(&self.inner.tasks).remove(task.id.as_bytes());
-            if let Some(entry) = ended {
+        for task in tasks.iter().filter(|t| t.status.is_terminal()) {
+            if let Some(entry) = self.end_tracked(&task.id, &task.status) {
                 self.record_end(entry, &task.status, now);
             }
-            return;
-        }
-        let ended: Vec<(Tracked, &TaskStatus)> = {
-            let mut tracked = lock(&self.inner.tasks);
-            tasks
-                .iter()
-                .filter(|t| t.status.is_terminal())
-                .filter_map(|t| {
-                    tracked
-                        .remove(t.id.as_bytes())
-                        .map(|entry| (entry, &t.status))
-                })
-                .collect()
-        };
-        for (entry, status) in ended {
-            self.record_end(entry, status, now);
         }
     }
 
+    /// Records the metrics of a task's end, once its shard counted it.
     fn record_end(&self, tracked: Tracked, status: &TaskStatus, now: Instant) {
         let inner = &*self.inner;
-        inner.finished.fetch_add(1, Ordering::Relaxed);
-        if *status == TaskStatus::Failed {
-            inner.failed.fetch_add(1, Ordering::Relaxed);
-        }
         if !inner.record_task_metrics {
             return;
         }
@@ -522,6 +652,21 @@ fn unpack(word: u64) -> (u64, u64) {
     (word >> COUNT_BITS, word & COUNT_MASK)
 }
 
+/// The last step of a window a thread saw: `epoch` of window `window` runs from `from` until
+/// `until` (excluded).
+#[derive(Clone, Copy)]
+struct CachedEpoch {
+    window: u64,
+    epoch: u64,
+    from: Instant,
+    until: Instant,
+}
+
+thread_local! {
+    /// Per thread, so it costs no shared write.
+    static EPOCH_CACHE: std::cell::Cell<Option<CachedEpoch>> = const { std::cell::Cell::new(None) };
+}
+
 /// Requests per sliding window, in 60 lock-free buckets.
 ///
 /// Each bucket word packs the bucket's epoch (which step of the window it counts) with its
@@ -529,6 +674,8 @@ fn unpack(word: u64) -> (u64, u64) {
 /// other 59 buckets only changes when a new step starts, so it is cached per step and a request
 /// costs one CAS and two loads.
 struct RateWindow {
+    /// Tells this window's entry in [`EPOCH_CACHE`] from another's.
+    id: u64,
     start: Instant,
     window: Duration,
     bucket_nanos: u64,
@@ -539,7 +686,9 @@ struct RateWindow {
 
 impl RateWindow {
     fn new(window: Duration, bucket_nanos: u64) -> Self {
+        static IDS: AtomicU64 = AtomicU64::new(0);
         RateWindow {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             start: Instant::now(),
             window,
             bucket_nanos,
@@ -548,7 +697,36 @@ impl RateWindow {
         }
     }
 
+    /// The step of the window `now` falls in: from this thread's cache of the last step seen
+    /// when `now` is within it (two instant comparisons), else worked out (an instant
+    /// subtraction and a division) and cached.
     fn epoch(&self, now: Instant) -> u64 {
+        if let Some(cached) = EPOCH_CACHE.get()
+            && cached.window == self.id
+            && cached.from <= now
+            && now < cached.until
+        {
+            return cached.epoch;
+        }
+        let epoch = self.epoch_of(now);
+        let from = epoch
+            .checked_sub(1)
+            .and_then(|step| step.checked_mul(self.bucket_nanos))
+            .and_then(|nanos| self.start.checked_add(Duration::from_nanos(nanos)));
+        let until = from.and_then(|from| from.checked_add(Duration::from_nanos(self.bucket_nanos)));
+        if let (Some(from), Some(until)) = (from, until) {
+            EPOCH_CACHE.set(Some(CachedEpoch {
+                window: self.id,
+                epoch,
+                from,
+                until,
+            }));
+        }
+        epoch
+    }
+
+    /// [`RateWindow::epoch`], worked out.
+    fn epoch_of(&self, now: Instant) -> u64 {
         // Epoch 0 is reserved for "never used" (a zeroed bucket word). u64 nanoseconds last
         // 584 years, and u64 division is several times cheaper than u128.
         let elapsed = now.saturating_duration_since(self.start);
@@ -628,13 +806,53 @@ mod tests {
             assert_eq!(key.as_bytes(), id.as_bytes());
             assert_eq!(matches!(key, TaskKey::Heap(_)), id.len() > INLINE_ID);
         }
-        assert!(TaskKey::new("ab") != TaskKey::new("ab\0"));
-        let mut map: HashMap<TaskKey, u8, foldhash::fast::RandomState> = HashMap::default();
-        map.insert(TaskKey::new("ab"), 1);
-        map.insert(TaskKey::new(&long), 2);
-        assert_eq!(map.get(b"ab".as_slice()), Some(&1));
-        assert_eq!(map.get(long.as_bytes()), Some(&2));
-        assert_eq!(map.get(b"ab\0".as_slice()), None);
+        assert!(TaskKey::new("ab").as_bytes() != TaskKey::new("ab\0").as_bytes());
+    }
+
+    fn tracked(pool: &'static str) -> Tracked {
+        Tracked {
+            since: Instant::now(),
+            pool: SharedString::const_str(pool),
+        }
+    }
+
+    /// The table agrees with a plain map of ids, with real hashes and with hashes that
+    /// collide (a handful of values), over a long run of random inserts and removes.
+    #[test]
+    fn the_task_table_agrees_with_a_map_of_ids_even_when_hashes_collide() {
+        let hasher = foldhash::fast::RandomState::default();
+        for buckets in [None, Some(1), Some(3)] {
+            let mut table = TaskTable::default();
+            let mut model: HashMap<String, &'static str> = HashMap::new();
+            let mut state = 0x2545_f491_4f6c_dd1d_u64;
+            let pools = ["a", "b", "c"];
+            for _ in 0..20_000 {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let id = format!("task-{}", (state >> 33) % 64);
+                // Colliding: a function of the last digit, so one id keeps one hash.
+                let hash = match buckets {
+                    None => hasher.hash_one(id.as_bytes()),
+                    Some(n) => u64::from(id.as_bytes()[id.len() - 1]) % n,
+                };
+                let pool = pools[(state >> 20) as usize % 3];
+                if (state >> 50) & 1 == 0 {
+                    let old = table.insert(hash, &id, tracked(pool));
+                    let expected = model.insert(id, pool);
+                    assert_eq!(old.map(|t| t.pool), expected.map(SharedString::const_str));
+                } else {
+                    let removed = table.remove(hash, id.as_bytes());
+                    let expected = model.remove(&id);
+                    assert_eq!(
+                        removed.map(|t| t.pool),
+                        expected.map(SharedString::const_str)
+                    );
+                }
+                assert_eq!(table.len(), model.len());
+            }
+            assert!(model.len() > 10, "the run ends with tasks tracked");
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -675,6 +893,117 @@ mod tests {
             (tasks.created, tasks.finished, tasks.failed, tasks.running),
             (4, 4, 2, 0)
         );
+    }
+
+    #[test]
+    fn the_prehashed_hasher_passes_a_hash_through() {
+        let mut hasher = Prehashed::default();
+        hasher.write_u64(0xdead_beef);
+        assert_eq!(hasher.finish(), 0xdead_beef);
+        let mut bytes = Prehashed::default();
+        bytes.write(&[1, 2]);
+        assert_eq!(bytes.finish(), 0x0102);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_most_max_tracked_tasks_are_tracked_and_an_ended_one_frees_its_place() {
+        let monitor = Monitor::builder().max_tracked_tasks(3).build().unwrap();
+        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let create = |id: &str| {
+            monitor.observe_tasks(true, &video, &outcome(id, "submitted"), Instant::now())
+        };
+        for id in ["a", "b", "c", "d", "e"] {
+            create(id);
+        }
+        // Created twice: still one place.
+        create("a");
+        let tasks = monitor.snapshot().tasks;
+        assert_eq!((tasks.created, tasks.running), (6, 3));
+        // "d" was not tracked: its end is not counted.
+        assert!(!monitor.task_finished("d", &TaskStatus::Succeeded));
+        assert!(monitor.task_finished("a", &TaskStatus::Succeeded));
+        create("f");
+        assert_eq!(monitor.snapshot().tasks.running, 3);
+        create("g");
+        assert!(monitor.task_finished("f", &TaskStatus::Failed));
+        assert!(!monitor.task_finished("g", &TaskStatus::Failed));
+        let tasks = monitor.snapshot().tasks;
+        assert_eq!(
+            (tasks.created, tasks.finished, tasks.failed, tasks.running),
+            (8, 2, 1, 2)
+        );
+    }
+
+    #[test]
+    fn concurrent_calls_count_every_task_once() {
+        let monitor = Monitor::default();
+        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        std::thread::scope(|scope| {
+            for thread in 0..4 {
+                let (monitor, video) = (&monitor, &video);
+                scope.spawn(move || {
+                    for n in 0..500 {
+                        let id = format!("task-{thread}-{n:08}");
+                        monitor.observe_tasks(
+                            true,
+                            video,
+                            &outcome(&id, "submitted"),
+                            Instant::now(),
+                        );
+                        let end = if n % 5 == 0 { "failed" } else { "succeed" };
+                        monitor.observe_tasks(false, video, &outcome(&id, end), Instant::now());
+                        monitor.observe_tasks(false, video, &outcome(&id, end), Instant::now());
+                    }
+                });
+            }
+        });
+        let tasks = monitor.snapshot().tasks;
+        assert_eq!(
+            (tasks.created, tasks.finished, tasks.failed, tasks.running),
+            (2000, 2000, 400, 0)
+        );
+        assert_eq!(monitor.inner.tracked.0.load(Ordering::Relaxed), 0);
+    }
+
+    /// The thread's cached step agrees with the step worked out, for two windows used in
+    /// turn, at instants at, just before and just after step boundaries, and at random.
+    #[tokio::test(start_paused = true)]
+    async fn the_cached_step_is_the_step_worked_out() {
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let windows = [
+            RateWindow::new(Duration::from_secs(60), 1_000_000_000),
+            RateWindow::new(Duration::from_nanos(600), 10),
+        ];
+        let start = Instant::now();
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        for n in 0..20_000u64 {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let window = &windows[(state >> 60) as usize % 2];
+            let step = window.bucket_nanos;
+            let boundary = (state >> 20) % 100 * step;
+            let nanos = match n % 4 {
+                0 => boundary,
+                1 => boundary.saturating_sub(1),
+                2 => boundary + 1,
+                _ => (state >> 8) % (200 * step),
+            };
+            // Some instants before the window's start too.
+            let now = (start + Duration::from_nanos(nanos))
+                .checked_sub(Duration::from_nanos(3 * step))
+                .unwrap();
+            assert_eq!(window.epoch(now), window.epoch_of(now), "{nanos} / {step}");
+            // Right after: mostly answered from the cache, across a boundary or not.
+            for later in [1, step - 1, step] {
+                let then = now + Duration::from_nanos(later);
+                assert_eq!(
+                    window.epoch(then),
+                    window.epoch_of(then),
+                    "{nanos} + {later}"
+                );
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]
