@@ -2,7 +2,7 @@
 //! a failing API never multiplies its own load.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,6 +13,24 @@ use crate::error::ConfigError;
 /// How many buckets the window is split into; requests age out one bucket at a time.
 const BUCKETS: usize = 10;
 
+/// Deposit counters, one set per group of threads: every call deposits, and one counter that
+/// every worker thread writes moves between their caches on each call.
+const SHARDS: usize = 4;
+
+/// One shard's buckets, on cache lines of their own.
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard([AtomicU64; BUCKETS]);
+
+/// The deposit shard of the current thread (threads take shards in turn).
+fn shard_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    INDEX.with(|index| *index)
+}
+
 /// A retry budget on tokio time, shared by clones.
 ///
 /// Every logical request deposits one; every retry withdraws one. A retry is allowed while the
@@ -21,8 +39,9 @@ const BUCKETS: usize = 10;
 /// retry its occasional 1302 or 5xx, and limit a client facing a failing API to 1.2 requests per
 /// logical call plus the floor.
 ///
-/// Deposits are lock-free (one compare-and-swap on an atomic bucket); withdrawals take a short
-/// lock, never held across an `.await`.
+/// Deposits are lock-free (one atomic add on a bucket of the calling thread's shard, so threads
+/// do not contend for one counter); withdrawals take a short lock, never held across an
+/// `.await`.
 ///
 /// # Clone
 ///
@@ -41,7 +60,7 @@ struct Inner {
     min_per_sec: u32,
     ratio: f64,
     floor: f64,
-    deposits: [AtomicU64; BUCKETS],
+    deposits: [Shard; SHARDS],
     withdrawals: [AtomicU64; BUCKETS],
     withdraw_lock: Mutex<()>,
 }
@@ -91,7 +110,8 @@ impl RetryBudget {
 
     pub(crate) fn deposit_at(&self, now: Instant) {
         let epoch = self.inner.epoch(now);
-        add(&self.inner.deposits[epoch as usize % BUCKETS], epoch, 1);
+        let shard = &self.inner.deposits[shard_index()];
+        add(&shard.0[epoch as usize % BUCKETS], epoch, 1);
     }
 
     /// Takes one retry from the budget; `false` when the budget is spent.
@@ -152,7 +172,8 @@ impl Inner {
     }
 
     fn allowance(&self, epoch: u32) -> f64 {
-        self.floor + self.ratio * sum(&self.deposits, epoch) as f64
+        let deposits: u64 = self.deposits.iter().map(|shard| sum(&shard.0, epoch)).sum();
+        self.floor + self.ratio * deposits as f64
     }
 }
 
@@ -167,6 +188,13 @@ fn unpack(value: u64) -> (u32, u32) {
 /// Adds `n` to a bucket, restarting it if it holds an older epoch.
 fn add(slot: &AtomicU64, epoch: u32, n: u32) {
     let mut current = slot.load(Ordering::Relaxed);
+    let (held, count) = unpack(current);
+    if held == epoch && count < u32::MAX / 2 && n < u32::MAX / 4 {
+        // The bucket is current and far from full: one add, no retry loop. (Were it restarted
+        // meanwhile — a whole window later — the request counts in the new epoch: harmless.)
+        slot.fetch_add(u64::from(n), Ordering::Relaxed);
+        return;
+    }
     loop {
         let (held, count) = unpack(current);
         let next = if held == epoch {
@@ -225,6 +253,41 @@ mod tests {
         assert!(!budget.try_withdraw());
         let clone = budget.clone();
         assert!(!clone.try_withdraw(), "clones share the budget");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deposits_from_every_thread_count() {
+        let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0).unwrap();
+        let threads: Vec<_> = (0..2 * SHARDS)
+            .map(|_| {
+                let budget = budget.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..10 {
+                        budget.deposit_at(budget.inner.origin);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(budget.remaining(), 20 * SHARDS as u64);
+    }
+
+    #[test]
+    fn a_current_bucket_adds_and_an_old_one_restarts() {
+        let slot = AtomicU64::new(pack(3, 5));
+        add(&slot, 3, 1);
+        assert_eq!(unpack(slot.load(Ordering::Relaxed)), (3, 6));
+        add(&slot, 4, 1);
+        assert_eq!(unpack(slot.load(Ordering::Relaxed)), (4, 1));
+        let full = AtomicU64::new(pack(4, u32::MAX - 1));
+        add(&full, 4, 7);
+        assert_eq!(
+            unpack(full.load(Ordering::Relaxed)),
+            (4, u32::MAX),
+            "saturates"
+        );
     }
 
     #[test]

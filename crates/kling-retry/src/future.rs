@@ -24,6 +24,7 @@ use crate::error::{DeadlineExceeded, Failed, Last, StopReason, Tally};
 use crate::layer::Shared;
 use crate::lookup::{self, Lookup, Recovered};
 use crate::policy::{Attempted, CreateState, Policy, Verdict};
+use crate::service::Handle;
 use crate::service::clone_request;
 use crate::template::Template;
 
@@ -61,11 +62,10 @@ enum Sending {
 
 /// Everything a call carries between attempts (not pinned).
 struct Call<S, B, P> {
-    service: S,
+    /// The configuration and the spare service retries clone.
+    handle: Arc<Handle<S, P>>,
+    /// The request to send again, the call's start and its deadline.
     template: Box<Template<B>>,
-    shared: Arc<Shared<P>>,
-    started: Instant,
-    deadline: Option<Instant>,
     attempts: u32,
     /// What the attempt in flight sent.
     sending: Sending,
@@ -73,11 +73,13 @@ struct Call<S, B, P> {
     resigned: bool,
     /// Made at the first retry. Boxed: the success path needs none of it, and every layer above
     /// moves this future.
-    retry: Option<Box<Retrying<B>>>,
+    retry: Option<Box<Retrying<S, B>>>,
 }
 
 /// What a call keeps once it retries.
-struct Retrying<B> {
+struct Retrying<S, B> {
+    /// The service retries go through (a clone of the spare), made at the first retry.
+    service: Option<S>,
     /// While a create's outcome is unknown: the lookup request and the external id.
     lookup: Option<(Request<B>, String)>,
     /// What the next attempt sends.
@@ -88,9 +90,10 @@ struct Retrying<B> {
     last: Option<Last>,
 }
 
-impl<B> Retrying<B> {
+impl<S, B> Retrying<S, B> {
     fn new(now: Instant) -> Self {
         Retrying {
+            service: None,
             lookup: None,
             next: Sending::Original,
             waited: Duration::ZERO,
@@ -117,20 +120,14 @@ where
     #[inline(always)]
     pub(crate) fn new(
         future: S::Future,
-        service: S,
+        handle: Arc<Handle<S, P>>,
         template: Box<Template<B>>,
-        shared: Arc<Shared<P>>,
-        started: Instant,
-        deadline: Option<Instant>,
     ) -> Self {
         ResponseFuture {
             state: State::Calling { future },
             call: Call {
-                service,
+                handle,
                 template,
-                shared,
-                started,
-                deadline,
                 attempts: 1,
                 sending: Sending::Original,
                 resigned: false,
@@ -148,7 +145,7 @@ where
         f.debug_struct("ResponseFuture")
             .field("attempts", &self.call.attempts)
             .field("waited", &self.call.waited())
-            .field("deadline", &self.call.deadline)
+            .field("deadline", &self.call.template.deadline)
             .field("looking_up", &self.call.looking_up())
             .finish_non_exhaustive()
     }
@@ -156,7 +153,7 @@ where
 
 impl<S, B, P> Future for ResponseFuture<S, B, P>
 where
-    S: Service<Request<B>, Response = Response<Full<Bytes>>>,
+    S: Service<Request<B>, Response = Response<Full<Bytes>>> + Clone,
     S::Error: Into<BoxError>,
     B: ReplayBody,
     P: Policy,
@@ -189,12 +186,12 @@ where
                     this.state.set(State::Readying);
                 }
                 StateProj::Readying => {
-                    if let Err(error) = ready!(this.call.service.poll_ready(cx)) {
+                    if let Err(error) = ready!(this.call.service().poll_ready(cx)) {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(error.into()));
                     }
                     let request = this.call.next_request();
-                    let future = this.call.service.call(request);
+                    let future = this.call.service().call(request);
                     this.state.set(State::Calling { future });
                 }
                 StateProj::Done => panic!("kling-retry ResponseFuture polled after completion"),
@@ -209,6 +206,10 @@ fn far_future(now: Instant) -> Instant {
 }
 
 impl<S, B, P> Call<S, B, P> {
+    fn shared(&self) -> &Shared<P> {
+        &self.handle.shared
+    }
+
     fn waited(&self) -> Duration {
         self.retry
             .as_ref()
@@ -221,9 +222,21 @@ impl<S, B, P> Call<S, B, P> {
     }
 
     /// The retry state, made at the first retry.
-    fn retrying(&mut self) -> &mut Retrying<B> {
+    fn retrying(&mut self) -> &mut Retrying<S, B> {
+        let started = self.template.started;
         self.retry
-            .get_or_insert_with(|| Box::new(Retrying::new(self.started)))
+            .get_or_insert_with(|| Box::new(Retrying::new(started)))
+    }
+}
+
+impl<S: Clone, B, P> Call<S, B, P> {
+    /// The service a retry goes through.
+    fn service(&mut self) -> &mut S {
+        let handle = &self.handle;
+        let retry = self
+            .retry
+            .get_or_insert_with(|| Box::new(Retrying::new(self.template.started)));
+        retry.service.get_or_insert_with(|| handle.service())
     }
 }
 
@@ -237,13 +250,19 @@ where
             Ok(response) => response,
             Err(error) => return self.after_error(error),
         };
-        if Outcome::of(&response).is_none()
-            && let Err(malformed) = Outcome::ensure(&mut response)
-        {
-            return self.after_error(Box::new(malformed));
-        }
-        let Some(outcome) = Outcome::of(&response) else {
-            unreachable!("the outcome was attached above")
+        // One extension lookup when the classify step below attached the outcome (the stack's
+        // case); parsed here otherwise.
+        let outcome = match Outcome::of(&response) {
+            Some(outcome) => outcome,
+            None => {
+                if let Err(malformed) = Outcome::ensure(&mut response) {
+                    return self.after_error(Box::new(malformed));
+                }
+                let Some(outcome) = Outcome::of(&response) else {
+                    unreachable!("the outcome was attached above")
+                };
+                outcome
+            }
         };
         if self.sending == Sending::Lookup {
             let read = match self.looking_up() {
@@ -269,7 +288,7 @@ where
             }
         }
         match self
-            .shared
+            .shared()
             .policy
             .judge(Attempted::Response(&response, outcome))
         {
@@ -296,13 +315,13 @@ where
     /// The attempt limit, plus the one retry of a refused token (outside the limit, as the
     /// auth layer's own resend was).
     fn attempt_limit(&self) -> u32 {
-        self.shared
+        self.shared()
             .max_attempts
             .saturating_add(u32::from(self.resigned))
     }
 
     fn after_error(&mut self, error: BoxError) -> Step {
-        match self.shared.policy.judge(Attempted::Error(&error)) {
+        match self.shared().policy.judge(Attempted::Error(&error)) {
             Verdict::Return => Step::Finish(Err(error)),
             Verdict::Retry { delay, create } => {
                 self.schedule(delay, create, None, Last::Error(error), false)
@@ -313,7 +332,7 @@ where
     fn tally(&self) -> Tally {
         Tally {
             attempts: self.attempts,
-            elapsed: Instant::now().saturating_duration_since(self.started),
+            elapsed: Instant::now().saturating_duration_since(self.template.started),
             waited: self.waited(),
         }
     }
@@ -362,7 +381,7 @@ where
             return self.fail(StopReason::AttemptsExhausted, last);
         }
         let now = Instant::now();
-        let shared = &*self.shared;
+        let shared = self.shared();
         let at = match hint {
             Some((received, hint)) => {
                 let wait = shared.backoff.hinted(hint, &*shared.rng);
@@ -374,7 +393,7 @@ where
             }
         }
         .unwrap_or_else(|| far_future(now));
-        if let Some(deadline) = self.deadline
+        if let Some(deadline) = self.template.deadline
             && at > deadline
         {
             let error = DeadlineExceeded::new(at, deadline, now, self.tally(), last);
@@ -383,7 +402,7 @@ where
         let kind = self.kind();
         // Slot-gated retries wait for a slot in the layer below, not on the API: they spend no
         // budget (the attempt limit and the deadline still bound them).
-        if delay != DelayKind::Immediate && !self.shared.budget.try_withdraw() {
+        if delay != DelayKind::Immediate && !self.shared().budget.try_withdraw() {
             metrics::counter!(RETRY_BUDGET_EXHAUSTED, LABEL_KIND => kind).increment(1);
             return self.fail(StopReason::BudgetExhausted, last);
         }
@@ -419,14 +438,14 @@ where
             return self.fail(StopReason::AttemptsExhausted, last);
         }
         let now = Instant::now();
-        if let Some(deadline) = self.deadline
+        if let Some(deadline) = self.template.deadline
             && now > deadline
         {
             let error = DeadlineExceeded::new(now, deadline, now, self.tally(), last);
             return Step::Finish(Err(Box::new(error)));
         }
         let kind = self.kind();
-        if !self.shared.budget.try_withdraw() {
+        if !self.shared().budget.try_withdraw() {
             metrics::counter!(RETRY_BUDGET_EXHAUSTED, LABEL_KIND => kind).increment(1);
             return self.fail(StopReason::BudgetExhausted, last);
         }
@@ -448,7 +467,7 @@ where
         };
         self.sending = sending;
         let mut request = clone_request(source);
-        if let Some(deadline) = self.deadline {
+        if let Some(deadline) = self.template.deadline {
             Deadline::set(&mut request, deadline);
         }
         Attempt::set(&mut request, self.attempts);

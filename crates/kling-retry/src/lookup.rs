@@ -152,6 +152,22 @@ impl GeneratedId {
     }
 }
 
+/// A generated id written into a create's body: enough to write it into the original body
+/// again, for a retry.
+pub(crate) struct Spliced {
+    field: &'static str,
+    id: GeneratedId,
+}
+
+impl Spliced {
+    /// `original` with the id written in, byte for byte the body the first attempt sent.
+    pub(crate) fn body<B: ReplayBody>(&self, original: &B) -> B {
+        let rewritten = splice_field(&original.peek_bytes(), self.field, self.id.as_bytes())
+            .expect("the body took the id once, and takes it the same way again");
+        B::from_bytes(Bytes::from(rewritten))
+    }
+}
+
 /// Gives a create that has no external id a generated one (`external_task_id` on legacy paths,
 /// `external_id` on new-style ones), in its body and in its cached [`Recognized`]. Anything
 /// else, and a create whose body is not a JSON object (the server will refuse it anyway), is
@@ -160,18 +176,23 @@ impl GeneratedId {
 /// The field is spliced in after the opening brace, so the body is neither parsed nor
 /// re-serialized (the create's bytes, large base64 images included, are copied once), and the
 /// cached recognition is updated, not recognised again from the rewritten body.
-pub(crate) fn add_generated_id<B: ReplayBody>(request: &mut Request<B>, rng: &dyn RandomSource) {
+///
+/// Returns the original body and the id when it wrote one: the retry layer keeps those, not a
+/// clone of the rewritten body (a `Bytes` made from a `Vec` allocates again when first cloned),
+/// and writes the id in again only for a retry.
+pub(crate) fn add_generated_id<B: ReplayBody>(
+    request: &mut Request<B>,
+    rng: &dyn RandomSource,
+) -> Option<(B, Spliced)> {
     let recognized = Recognized::of(request);
     if !recognized.is_create() || recognized.external_id.is_some() {
-        return;
+        return None;
     }
-    let Some(field) = field_name(recognized) else {
-        return;
-    };
+    let field = field_name(recognized)?;
     let id = GeneratedId::new(rng);
-    if splice_into_body(request, field, id.as_bytes()) {
-        Recognized::of_mut(request).external_id = Some(id.as_str().to_owned());
-    }
+    let original = splice_into_body(request, field, id.as_bytes())?;
+    Recognized::of_mut(request).external_id = Some(id.as_str().to_owned());
+    Some((original, Spliced { field, id }))
 }
 
 /// The body field that names a create's external id, by API generation.
@@ -183,19 +204,21 @@ fn field_name(recognized: &Recognized) -> Option<&'static str> {
 }
 
 /// Writes `"field":"id"` first into the request's JSON-object body and fixes its
-/// `Content-Length`; `false` (and the request untouched) when the body is not an object.
-fn splice_into_body<B: ReplayBody>(request: &mut Request<B>, field: &str, id: &[u8]) -> bool {
+/// `Content-Length`; the original body, or `None` (and the request untouched) when the body is
+/// not an object.
+fn splice_into_body<B: ReplayBody>(request: &mut Request<B>, field: &str, id: &[u8]) -> Option<B> {
     let body = request.body().peek_bytes();
-    let Some(rewritten) = splice_field(&body, field, id) else {
-        return false;
-    };
+    let rewritten = splice_field(&body, field, id)?;
+    drop(body);
     if request.headers().contains_key(CONTENT_LENGTH) {
         request
             .headers_mut()
             .insert(CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
     }
-    *request.body_mut() = B::from_bytes(Bytes::from(rewritten));
-    true
+    Some(std::mem::replace(
+        request.body_mut(),
+        B::from_bytes(Bytes::from(rewritten)),
+    ))
 }
 
 /// `body` (a JSON object) with `"field":"id",` inserted first; `None` when the body is not an
@@ -292,9 +315,15 @@ mod tests {
         let mut req = create("/v1/videos/text2video", r#"{"prompt":"cat"}"#);
         req.headers_mut()
             .insert(CONTENT_LENGTH, HeaderValue::from(16));
-        add_generated_id(&mut req, &rng);
+        let (original, spliced) = add_generated_id(&mut req, &rng).expect("an id was written");
         let id = generated_id(1);
         let body = req.body().peek_bytes();
+        assert_eq!(original.peek_bytes(), r#"{"prompt":"cat"}"#.as_bytes());
+        assert_eq!(
+            spliced.body(&original).peek_bytes(),
+            body,
+            "written again the same"
+        );
         assert_eq!(
             String::from_utf8_lossy(&body),
             format!(r#"{{"external_task_id":"{id}","prompt":"cat"}}"#)
@@ -343,7 +372,7 @@ mod tests {
         ] {
             let mut req = create(uri, body);
             *req.method_mut() = method;
-            add_generated_id(&mut req, &rng);
+            assert!(add_generated_id(&mut req, &rng).is_none(), "{uri} {body}");
             assert_eq!(req.body().peek_bytes(), body.as_bytes(), "{uri} {body}");
             let cached = Recognized::cached(&req).expect("recognised");
             assert_eq!(*cached, Recognized::from_request(&req), "{uri} {body}");
@@ -394,7 +423,9 @@ mod tests {
             let mut req = Request::post(uri)
                 .body(Full::new(Bytes::from(body)))
                 .unwrap();
-            add_generated_id(&mut req, &crate::rng::SplitMix::seeded(seed));
+            let (original, spliced) = add_generated_id(&mut req, &crate::rng::SplitMix::seeded(seed))
+                .expect("an object body takes an id");
+            prop_assert_eq!(spliced.body(&original).peek_bytes(), req.body().peek_bytes());
             let id = generated_id(seed);
             let cached = Recognized::cached(&req).expect("recognised").clone();
             prop_assert_eq!(cached.external_id.as_deref(), Some(id.as_str()));

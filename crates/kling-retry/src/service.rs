@@ -1,7 +1,7 @@
 //! The [`Retry`] service.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -25,9 +25,32 @@ use crate::template::Template;
 ///
 /// Clones share the layer's configuration, its [`RetryBudget`](crate::RetryBudget) and its
 /// random source; each clone owns a clone of the inner service.
+///
+/// Retries go through a clone of the inner service kept aside at the first call (and shared by
+/// clones), so a call that succeeds at once clones no service: a clone per call costs the
+/// stack below's reference counts twice, on cache lines every task touches.
 pub struct Retry<S, P = KlingPolicy> {
     inner: S,
-    shared: Arc<Shared<P>>,
+    handle: Arc<Handle<S, P>>,
+}
+
+/// What every call of one `Retry` (and of its clones) shares: one reference count per call.
+pub(crate) struct Handle<S, P> {
+    pub(crate) shared: Arc<Shared<P>>,
+    /// The service retries are cloned from, kept at the first call. Behind a mutex, taken only
+    /// to clone it, so the future is `Send` whenever `S` is (no `Sync` needed).
+    spare: OnceLock<Mutex<S>>,
+}
+
+impl<S: Clone, P> Handle<S, P> {
+    /// A service for a retry: a clone of the spare.
+    pub(crate) fn service(&self) -> S {
+        let spare = self
+            .spare
+            .get()
+            .expect("the first call kept a spare service");
+        spare.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
 }
 
 impl<S> Retry<S> {
@@ -39,7 +62,11 @@ impl<S> Retry<S> {
 
 impl<S, P> Retry<S, P> {
     pub(crate) fn from_shared(inner: S, shared: Arc<Shared<P>>) -> Self {
-        Retry { inner, shared }
+        let handle = Arc::new(Handle {
+            shared,
+            spare: OnceLock::new(),
+        });
+        Retry { inner, handle }
     }
 
     /// The inner service.
@@ -48,6 +75,9 @@ impl<S, P> Retry<S, P> {
     }
 
     /// The inner service, mutably.
+    ///
+    /// Retries go through a clone of the service taken at the first call: a change made here
+    /// after that reaches first attempts only.
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
@@ -62,7 +92,7 @@ impl<S: Clone, P> Clone for Retry<S, P> {
     fn clone(&self) -> Self {
         Retry {
             inner: self.inner.clone(),
-            shared: Arc::clone(&self.shared),
+            handle: Arc::clone(&self.handle),
         }
     }
 }
@@ -71,7 +101,7 @@ impl<S: fmt::Debug, P: fmt::Debug> fmt::Debug for Retry<S, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Retry")
             .field("inner", &self.inner)
-            .field("config", &self.shared)
+            .field("config", &self.handle.shared)
             .finish()
     }
 }
@@ -92,7 +122,8 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let shared = &*self.shared;
+        let handle = &*self.handle;
+        let shared = &*handle.shared;
         let now = Instant::now();
         shared.budget.deposit_at(now);
         let own = shared.deadline.and_then(|d| now.checked_add(d));
@@ -100,25 +131,23 @@ where
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if shared.generate_external_ids && request.method() == Method::POST {
-            lookup::add_generated_id(&mut request, &*shared.rng);
-        }
-        let template = Template::new(&request);
+        let spliced = if shared.generate_external_ids && request.method() == Method::POST {
+            lookup::add_generated_id(&mut request, &*shared.rng)
+        } else {
+            None
+        };
+        let template = Template::new(&request, now, deadline, spliced);
         if let Some(deadline) = deadline {
             Deadline::set(&mut request, deadline);
         }
         Attempt::set(&mut request, 1);
-        // `poll_ready` readied `self.inner`: it sends the first attempt, and the future keeps a
-        // clone (readied again before any retry) instead of swapping the two.
-        let service = self.inner.clone();
-        ResponseFuture::new(
-            self.inner.call(request),
-            service,
-            template,
-            Arc::clone(&self.shared),
-            now,
-            deadline,
-        )
+        // `poll_ready` readied `self.inner`: it sends the first attempt. A retry sends through a
+        // clone of the spare (readied first), kept once for every call.
+        if handle.spare.get().is_none() {
+            let _ = handle.spare.set(Mutex::new(self.inner.clone()));
+        }
+        let handle = Arc::clone(&self.handle);
+        ResponseFuture::new(self.inner.call(request), handle, template)
     }
 }
 
@@ -131,4 +160,67 @@ pub(crate) fn clone_request<B: Clone>(request: &Request<B>) -> Request<B> {
     *copy.headers_mut() = request.headers().clone();
     *copy.extensions_mut() = request.extensions().clone();
     copy
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::convert::Infallible;
+    use std::future::{Ready, ready};
+
+    use kling_core::Outcome;
+    use tower::ServiceExt;
+    use tower_layer::Layer;
+
+    use super::*;
+
+    /// A service that may move between threads but not be shared by them (as tower's
+    /// `BoxCloneService` is), answering a 1302 first and a success after.
+    #[derive(Clone, Default)]
+    struct NotSync {
+        calls: Arc<std::sync::atomic::AtomicUsize>,
+        _not_sync: Cell<()>,
+    }
+
+    impl Service<Request<Full<Bytes>>> for NotSync {
+        type Response = Response<Full<Bytes>>;
+        type Error = Infallible;
+        type Future = Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<Full<Bytes>>) -> Self::Future {
+            let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let body = if n == 0 {
+                r#"{"code":1302,"message":"too fast","request_id":"r0"}"#
+            } else {
+                r#"{"code":0,"message":"SUCCEED","request_id":"r1","data":{}}"#
+            };
+            ready(Ok(Response::new(Full::new(Bytes::from_static(
+                body.as_bytes(),
+            )))))
+        }
+    }
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_goes_through_the_spare_and_the_future_needs_no_sync_service() {
+        let inner = NotSync::default();
+        let calls = Arc::clone(&inner.calls);
+        let mut service = RetryLayer::builder().seed(3).build().unwrap().layer(inner);
+        let clone = service.clone();
+        assert!(clone.handle.spare.get().is_none(), "kept at the first call");
+        let request = Request::get("/v1/videos/text2video/t1")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let future = service.ready().await.unwrap().call(request);
+        assert_send(&future);
+        assert!(clone.handle.spare.get().is_some(), "shared by clones");
+        let response = future.await.unwrap();
+        assert!(Outcome::of(&response).unwrap().is_success());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
 }

@@ -5,75 +5,151 @@
 //! move) instead of `http::HeaderMap`'s two and `http::Extensions`' three. A retry, rare, puts
 //! the request back together first ([`Template::request`]).
 
-use http::{HeaderName, HeaderValue, Request};
+use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 use kling_core::signals::CallSignals;
+use tokio::time::Instant;
+
+use crate::body::ReplayBody;
+use crate::lookup::Spliced;
 
 /// Most header values kept inline; a request with more keeps a `HeaderMap` copy.
 const INLINE_HEADERS: usize = 6;
 
-/// A request to send again: see the [module docs](self).
+/// A request to send again, and the call's start and deadline (kept here rather than in the
+/// response future, which every layer above moves): see the [module docs](self).
 pub(crate) struct Template<B> {
-    /// Method, URI, version, body; the headers and the account once [`restore`](Self::restore)d.
-    request: Request<B>,
-    /// The header values in `HeaderMap::iter` order, until restored.
-    headers: [Option<(HeaderName, HeaderValue)>; INLINE_HEADERS],
-    /// The per-call signals to put back, when they were the request's only extension (the
-    /// extensions were then not copied).
-    signals: Option<CallSignals>,
-    restored: bool,
+    pub(crate) started: Instant,
+    pub(crate) deadline: Option<Instant>,
+    kept: Kept<B>,
 }
 
-impl<B: Clone> Template<B> {
-    /// A copy of `request`.
+/// The request, in pieces until a retry needs it whole: an empty `Request` costs its
+/// construction and its drop on every call.
+// Always in the template's box, whose size the largest variant sets anyway.
+#[expect(clippy::large_enum_variant)]
+enum Kept<B> {
+    Parts(Parts<B>),
+    Whole(Request<B>),
+    /// Only while [`Template::request`] swaps the one for the other.
+    Taken,
+}
+
+// Inline: a `HeaderMap` copy allocates twice, and most requests carry a few headers.
+#[expect(clippy::large_enum_variant)]
+enum Headers {
+    /// The header values in `HeaderMap::iter` order, when there are few.
+    Inline([Option<(HeaderName, HeaderValue)>; INLINE_HEADERS]),
+    /// The headers, when there are more.
+    Map(HeaderMap),
+}
+
+struct Parts<B> {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    /// The body as sent, or the caller's body and the generated id the sent one holds.
+    body: Result<B, (B, Spliced)>,
+    headers: Headers,
+    /// The per-call signals to put back, when they were the request's only extension (the
+    /// extensions were then not copied); else the extensions copied whole.
+    extensions: Result<CallSignals, Extensions>,
+}
+
+impl<B: ReplayBody> Template<B> {
+    /// A copy of `request`, with the call's start and deadline; `spliced`: the caller's body
+    /// and the generated id written into the request's (the body is then not copied).
     ///
     /// When the request's only extension holds the per-call signals (the deadline and attempt
     /// each attempt sets anew, the account, the cached recognition), the copy keeps just them
     /// (no allocation) and a retry puts them back. Any other extension is copied as it is.
-    pub(crate) fn new(request: &Request<B>) -> Box<Self> {
+    pub(crate) fn new(
+        request: &Request<B>,
+        started: Instant,
+        deadline: Option<Instant>,
+        spliced: Option<(B, Spliced)>,
+    ) -> Box<Self> {
         // Filled in place: built on the stack and moved, it would be copied into the box.
         let mut template = Box::new(Template {
-            request: Request::new(request.body().clone()),
-            headers: [const { None }; INLINE_HEADERS],
-            signals: None,
-            restored: false,
+            started,
+            deadline,
+            kept: Kept::Parts(Parts {
+                method: request.method().clone(),
+                uri: request.uri().clone(),
+                version: request.version(),
+                body: match spliced {
+                    Some(spliced) => Err(spliced),
+                    None => Ok(request.body().clone()),
+                },
+                headers: Headers::Inline([const { None }; INLINE_HEADERS]),
+                extensions: Ok(CallSignals::default()),
+            }),
         });
-        let copy = &mut template.request;
-        *copy.method_mut() = request.method().clone();
-        *copy.uri_mut() = request.uri().clone();
-        *copy.version_mut() = request.version();
-        if request.headers().len() <= INLINE_HEADERS {
-            for (slot, (name, value)) in template.headers.iter_mut().zip(request.headers()) {
-                *slot = Some((name.clone(), value.clone()));
+        let Kept::Parts(parts) = &mut template.kept else {
+            unreachable!("made in parts above")
+        };
+        match &mut parts.headers {
+            Headers::Inline(slots) if request.headers().len() <= INLINE_HEADERS => {
+                for (slot, (name, value)) in slots.iter_mut().zip(request.headers()) {
+                    *slot = Some((name.clone(), value.clone()));
+                }
             }
-        } else {
-            *copy.headers_mut() = request.headers().clone();
+            headers => *headers = Headers::Map(request.headers().clone()),
         }
-        match CallSignals::if_alone(request.extensions()) {
-            Some(signals) => template.signals = Some(signals),
-            None => *template.request.extensions_mut() = request.extensions().clone(),
+        if let Some(signals) = CallSignals::if_alone(request.extensions()) {
+            parts.extensions = Ok(signals);
+        } else {
+            parts.extensions = Err(request.extensions().clone());
         }
         template
     }
 }
 
-impl<B> Template<B> {
-    /// The request as the caller sent it (headers, extensions and account back in place).
+impl<B: ReplayBody> Template<B> {
+    /// The request as the first attempt sent it (headers, extensions and account back in place).
     pub(crate) fn request(&mut self) -> &mut Request<B> {
-        if !self.restored {
+        if !matches!(self.kept, Kept::Whole(_)) {
             self.restore();
         }
-        &mut self.request
+        match &mut self.kept {
+            Kept::Whole(request) => request,
+            _ => unreachable!("restored above"),
+        }
     }
 
     #[cold]
     fn restore(&mut self) {
-        self.restored = true;
-        for (name, value) in self.headers.iter_mut().map_while(Option::take) {
-            self.request.headers_mut().append(name, value);
+        let Kept::Parts(parts) = std::mem::replace(&mut self.kept, Kept::Taken) else {
+            unreachable!("a template is restored once")
+        };
+        let Parts {
+            method,
+            uri,
+            version,
+            body,
+            headers,
+            extensions,
+        } = parts;
+        let body = match body {
+            Ok(body) => body,
+            Err((original, spliced)) => spliced.body(&original),
+        };
+        let mut request = Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        *request.version_mut() = version;
+        match headers {
+            Headers::Map(map) => *request.headers_mut() = map,
+            Headers::Inline(slots) => {
+                for (name, value) in slots.into_iter().map_while(|slot| slot) {
+                    request.headers_mut().append(name, value);
+                }
+            }
         }
-        if let Some(signals) = self.signals.take() {
-            signals.restore(&mut self.request);
+        match extensions {
+            Ok(signals) => signals.restore(&mut request),
+            Err(extensions) => *request.extensions_mut() = extensions,
         }
+        self.kept = Kept::Whole(request);
     }
 }
 
@@ -119,9 +195,12 @@ mod tests {
     #[test]
     fn a_request_with_only_signals_is_restored_with_its_account_and_no_copied_extension() {
         let original = request();
-        let mut template = Template::new(&original);
-        assert!(template.request.extensions().is_empty(), "not copied");
-        assert!(template.request.headers().is_empty(), "kept inline");
+        let mut template = Template::new(&original, Instant::now(), None, None);
+        let Kept::Parts(parts) = &template.kept else {
+            panic!("kept in parts")
+        };
+        assert!(parts.extensions.is_ok(), "not copied");
+        assert!(matches!(parts.headers, Headers::Inline(_)), "kept inline");
         let restored = template.request();
         assert_same_request(restored, &original);
         assert_eq!(
@@ -134,10 +213,35 @@ mod tests {
     }
 
     #[test]
+    fn a_create_given_an_id_is_restored_with_the_body_it_sent() {
+        let mut sent = request();
+        let rng = crate::rng::SplitMix::seeded(5);
+        let spliced = crate::lookup::add_generated_id(&mut sent, &rng).expect("an id");
+        let mut template = Template::new(&sent, Instant::now(), None, Some(spliced));
+        let Kept::Parts(parts) = &template.kept else {
+            panic!("kept in parts")
+        };
+        assert!(
+            parts.body.is_err(),
+            "the caller's body kept, not the rewritten one"
+        );
+        let restored = template.request();
+        assert_same_request(restored, &sent);
+        assert!(
+            String::from_utf8_lossy(&restored.body().peek_bytes())
+                .starts_with(r#"{"external_task_id":"kr-"#)
+        );
+        assert_eq!(
+            Recognized::of(restored).external_id,
+            Recognized::cached(&sent).unwrap().external_id
+        );
+    }
+
+    #[test]
     fn a_foreign_extension_is_copied_with_the_signals() {
         let mut original = request();
         original.extensions_mut().insert(Foreign(7));
-        let mut template = Template::new(&original);
+        let mut template = Template::new(&original, Instant::now(), None, None);
         let restored = template.request();
         assert_same_request(restored, &original);
         assert_eq!(restored.extensions().get::<Foreign>(), Some(&Foreign(7)));
@@ -146,7 +250,7 @@ mod tests {
         // Alone, it is copied too (it is no signal).
         let mut original = Request::new(Full::new(Bytes::new()));
         original.extensions_mut().insert(Foreign(8));
-        let mut template = Template::new(&original);
+        let mut template = Template::new(&original, Instant::now(), None, None);
         assert_eq!(
             template.request().extensions().get::<Foreign>(),
             Some(&Foreign(8))
@@ -161,8 +265,11 @@ mod tests {
                 .headers_mut()
                 .append("x-many", HeaderValue::from(i));
         }
-        let mut template = Template::new(&original);
-        assert_eq!(template.request.headers(), original.headers());
+        let mut template = Template::new(&original, Instant::now(), None, None);
+        let Kept::Parts(parts) = &template.kept else {
+            panic!("kept in parts")
+        };
+        assert!(matches!(&parts.headers, Headers::Map(map) if map == original.headers()));
         assert_same_request(template.request(), &original);
     }
 
@@ -181,7 +288,7 @@ mod tests {
             for (name, value) in headers {
                 original.headers_mut().append(name, HeaderValue::from(value));
             }
-            let mut template = Template::new(&original);
+            let mut template = Template::new(&original, Instant::now(), None, None);
             let restored = template.request();
             prop_assert_eq!(restored.headers(), original.headers());
             prop_assert_eq!(restored.method(), original.method());

@@ -250,3 +250,37 @@ async fn generated_external_ids_make_an_unknown_create_safe_to_repeat() {
             .contains(r#""external_task_id":"mine""#)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_create_with_a_generated_id_is_resent_byte_for_byte_when_the_lookup_finds_nothing() {
+    // The first create fails with a 5xx before any task exists; the lookup finds nothing; the
+    // create goes again with the same generated id.
+    let (server, log) = kling(|seen: &Seen, n| {
+        if seen.method == Method::POST && n == 0 {
+            return Reply::Now(code(5000));
+        }
+        if seen.method == Method::GET {
+            return Reply::Now(code(1203));
+        }
+        Reply::Now(task("t1", None))
+    });
+    let client = RetryLayer::builder()
+        .seed(9)
+        .generate_external_ids(true)
+        .build()
+        .unwrap()
+        .layer(server);
+    let response = send(&client, create(r#"{"prompt":"a cat"}"#))
+        .await
+        .unwrap();
+    assert_eq!(Outcome::of(&response).unwrap().task().unwrap().id, "t1");
+    let seen = log.all();
+    let creates: Vec<_> = seen.iter().filter(|s| s.method == Method::POST).collect();
+    assert_eq!(creates.len(), 2, "{seen:?}");
+    assert!(creates[0].body.starts_with(r#"{"external_task_id":"kr-"#));
+    assert_eq!(
+        creates[0].body, creates[1].body,
+        "the same id, the same bytes"
+    );
+    assert_eq!(log.count("GET", "text2video/kr-"), 1);
+}
