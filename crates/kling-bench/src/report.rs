@@ -194,12 +194,12 @@ pub fn sockets(rows: &[sockets::Row], options: sockets::Options) -> String {
     );
     let _ = writeln!(
         out,
-        "| client | client CPU µs/request (median) | + over bare | requests/s (median) | p50 µs | p99 µs |"
+        "| client | client CPU µs/request (median) | + over bare (median of the rounds' differences) | requests/s (median) | p50 µs | p99 µs |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
     for (i, row) in rows.iter().enumerate() {
         let plus = if i % 2 == 1 {
-            format!("{:+.2}", row.cpu() - rows[i - 1].cpu())
+            format!("{:+.2}", row.cpu_over(&rows[i - 1]))
         } else {
             String::new()
         };
