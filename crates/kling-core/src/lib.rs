@@ -45,6 +45,7 @@
 //! | [`ClassifyLayer`] | bounded body read that attaches the [`Outcome`] |
 //! | [`metrics`] | every metric name of the stack |
 //! | [`signals`] | extensions layers use to cooperate (deadline, attempt, slot-gated 1303) |
+//! | [`headers`] | a copy of a request's headers kept to send it again, without allocating |
 //!
 //! # Feature flags
 //!
@@ -63,6 +64,7 @@ mod clock;
 mod code;
 mod envelope;
 pub mod error;
+pub mod headers;
 pub mod metrics;
 mod outcome;
 mod request;

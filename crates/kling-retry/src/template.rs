@@ -5,15 +5,13 @@
 //! move) instead of `http::HeaderMap`'s two and `http::Extensions`' three. A retry, rare, puts
 //! the request back together first ([`Template::request`]).
 
-use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
+use http::{Extensions, Method, Request, Uri, Version};
+use kling_core::headers::HeaderCopy;
 use kling_core::signals::CallSignals;
 use tokio::time::Instant;
 
 use crate::body::ReplayBody;
 use crate::lookup::Spliced;
-
-/// Most header values kept inline; a request with more keeps a `HeaderMap` copy.
-const INLINE_HEADERS: usize = 6;
 
 /// A request to send again, and the call's start and deadline (kept here rather than in the
 /// response future, which every layer above moves): see the [module docs](self).
@@ -34,22 +32,13 @@ enum Kept<B> {
     Taken,
 }
 
-// Inline: a `HeaderMap` copy allocates twice, and most requests carry a few headers.
-#[expect(clippy::large_enum_variant)]
-enum Headers {
-    /// The header values in `HeaderMap::iter` order, when there are few.
-    Inline([Option<(HeaderName, HeaderValue)>; INLINE_HEADERS]),
-    /// The headers, when there are more.
-    Map(HeaderMap),
-}
-
 struct Parts<B> {
     method: Method,
     uri: Uri,
     version: Version,
     /// The body as sent, or the caller's body and the generated id the sent one holds.
     body: Result<B, (B, Spliced)>,
-    headers: Headers,
+    headers: HeaderCopy,
     /// The per-call signals to put back, when they were the request's only extension (the
     /// extensions were then not copied); else the extensions copied whole.
     extensions: Result<CallSignals, Extensions>,
@@ -80,21 +69,13 @@ impl<B: ReplayBody> Template<B> {
                     Some(spliced) => Err(spliced),
                     None => Ok(request.body().clone()),
                 },
-                headers: Headers::Inline([const { None }; INLINE_HEADERS]),
+                headers: HeaderCopy::of(request.headers()),
                 extensions: Ok(CallSignals::default()),
             }),
         });
         let Kept::Parts(parts) = &mut template.kept else {
             unreachable!("made in parts above")
         };
-        match &mut parts.headers {
-            Headers::Inline(slots) if request.headers().len() <= INLINE_HEADERS => {
-                for (slot, (name, value)) in slots.iter_mut().zip(request.headers()) {
-                    *slot = Some((name.clone(), value.clone()));
-                }
-            }
-            headers => *headers = Headers::Map(request.headers().clone()),
-        }
         if let Some(signals) = CallSignals::if_alone(request.extensions()) {
             parts.extensions = Ok(signals);
         } else {
@@ -137,14 +118,7 @@ impl<B: ReplayBody> Template<B> {
         *request.method_mut() = method;
         *request.uri_mut() = uri;
         *request.version_mut() = version;
-        match headers {
-            Headers::Map(map) => *request.headers_mut() = map,
-            Headers::Inline(slots) => {
-                for (name, value) in slots.into_iter().map_while(|slot| slot) {
-                    request.headers_mut().append(name, value);
-                }
-            }
-        }
+        *request.headers_mut() = headers.into_map();
         match extensions {
             Ok(signals) => signals.restore(&mut request),
             Err(extensions) => *request.extensions_mut() = extensions,
@@ -157,7 +131,7 @@ impl<B: ReplayBody> Template<B> {
 mod tests {
     use bytes::Bytes;
     use http::header::{ACCEPT, CONTENT_TYPE};
-    use http::{Method, Version};
+    use http::{HeaderValue, Method, Version};
     use http_body_util::Full;
     use kling_core::PeekBody;
     use proptest::prelude::*;
@@ -200,7 +174,7 @@ mod tests {
             panic!("kept in parts")
         };
         assert!(parts.extensions.is_ok(), "not copied");
-        assert!(matches!(parts.headers, Headers::Inline(_)), "kept inline");
+        assert!(parts.headers.is_inline(), "kept inline");
         let restored = template.request();
         assert_same_request(restored, &original);
         assert_eq!(
@@ -260,7 +234,7 @@ mod tests {
     #[test]
     fn many_headers_are_copied_as_a_map() {
         let mut original = request();
-        for i in 0..INLINE_HEADERS {
+        for i in 0..6 {
             original
                 .headers_mut()
                 .append("x-many", HeaderValue::from(i));
@@ -269,7 +243,7 @@ mod tests {
         let Kept::Parts(parts) = &template.kept else {
             panic!("kept in parts")
         };
-        assert!(matches!(&parts.headers, Headers::Map(map) if map == original.headers()));
+        assert!(!parts.headers.is_inline());
         assert_same_request(template.request(), &original);
     }
 

@@ -8,26 +8,23 @@ use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http::header::AUTHORIZATION;
-use http::{HeaderName, HeaderValue, Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body_util::Full;
+use kling_core::headers::HeaderCopy;
 use kling_core::{BoxError, Disposition, Outcome};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::{Shared, TokenDropped};
 
-/// Most header values a [`Retry`] keeps inline, in its box; a request with more keeps a
-/// `HeaderMap` copy.
-const INLINE_HEADERS: usize = 6;
-
 /// What a second attempt needs: the request as first sent, a clone of the inner service and
 /// the token generation the server refused.
 pub(crate) struct Retry<S, B> {
-    /// Method, URI, version and body; the headers too when there are more than fit inline.
+    /// Method, URI, version and body.
     request: Request<B>,
-    /// The header values in `HeaderMap::iter` order: copying them here costs no allocation,
-    /// a `HeaderMap` copy two, on every JWT request.
-    headers: [Option<(HeaderName, HeaderValue)>; INLINE_HEADERS],
+    /// The headers, until the resend puts them back: a few are copied without allocating, on
+    /// every JWT request.
+    headers: Option<HeaderCopy>,
     service: S,
     shared: Arc<Shared>,
     generation: u64,
@@ -44,7 +41,7 @@ impl<S, B: Clone> Retry<S, B> {
     ) -> Box<Self> {
         let mut retry = Box::new(Retry {
             request: Request::new(request.body().clone()),
-            headers: [const { None }; INLINE_HEADERS],
+            headers: Some(HeaderCopy::of(request.headers())),
             service,
             shared,
             generation,
@@ -53,13 +50,6 @@ impl<S, B: Clone> Retry<S, B> {
         *copy.method_mut() = request.method().clone();
         *copy.uri_mut() = request.uri().clone();
         *copy.version_mut() = request.version();
-        if request.headers().len() <= INLINE_HEADERS {
-            for (slot, (name, value)) in retry.headers.iter_mut().zip(request.headers()) {
-                *slot = Some((name.clone(), value.clone()));
-            }
-        } else {
-            *copy.headers_mut() = request.headers().clone();
-        }
         retry
     }
 }
@@ -67,8 +57,8 @@ impl<S, B: Clone> Retry<S, B> {
 impl<S, B> Retry<S, B> {
     /// Puts the headers back, with `authorization` in place of the refused token.
     fn restore(&mut self, authorization: HeaderValue) {
-        for (name, value) in self.headers.iter_mut().map_while(Option::take) {
-            self.request.headers_mut().append(name, value);
+        if let Some(headers) = self.headers.take() {
+            *self.request.headers_mut() = headers.into_map();
         }
         self.request
             .headers_mut()
