@@ -20,7 +20,7 @@ use crate::request::ApiGeneration;
 
 mod scan;
 
-pub(crate) use scan::{Piece, Reports, find_special, scan};
+pub(crate) use scan::{Piece, Reports, scan};
 
 /// A task's status, in either API generation's words.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -121,7 +121,14 @@ impl Outcome {
         body: &[u8],
         received_at: Instant,
     ) -> Result<Outcome, MalformedResponse> {
-        Outcome::read(status, headers, Body::Slice(body), received_at)
+        let has_retry_after = headers.contains_key(RETRY_AFTER);
+        Outcome::read(
+            status,
+            headers,
+            has_retry_after,
+            Body::Slice(body),
+            received_at,
+        )
     }
 
     /// [`Outcome::parse`] of a body already in [`Bytes`]: a small body is kept (shared, not
@@ -132,12 +139,38 @@ impl Outcome {
         body: Bytes,
         received_at: Instant,
     ) -> Result<Outcome, MalformedResponse> {
-        Outcome::read(status, headers, Body::Bytes(body), received_at)
+        let has_retry_after = headers.contains_key(RETRY_AFTER);
+        Outcome::read(
+            status,
+            headers,
+            has_retry_after,
+            Body::Bytes(body),
+            received_at,
+        )
+    }
+
+    /// [`Outcome::parse_bytes`] for a caller that already knows whether the headers hold a
+    /// `Retry-After` (the classify step finds it in the pass that looks for `Content-Length`).
+    pub(crate) fn parse_classified(
+        status: StatusCode,
+        headers: &HeaderMap,
+        has_retry_after: bool,
+        body: Bytes,
+        received_at: Instant,
+    ) -> Result<Outcome, MalformedResponse> {
+        Outcome::read(
+            status,
+            headers,
+            has_retry_after,
+            Body::Bytes(body),
+            received_at,
+        )
     }
 
     fn read(
         status: StatusCode,
         headers: &HeaderMap,
+        has_retry_after: bool,
         body: Body<'_>,
         received_at: Instant,
     ) -> Result<Outcome, MalformedResponse> {
@@ -151,7 +184,7 @@ impl Outcome {
             tasks: Reports::None,
             envelope: OnceLock::new(),
             // The system clock is only read for a `Retry-After` (an HTTP-date needs it).
-            retry_after: if headers.contains_key(RETRY_AFTER) {
+            retry_after: if has_retry_after {
                 retry_after_delay(headers, SystemTime::now())
             } else {
                 None

@@ -5,9 +5,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::Response;
-use http::header::CONTENT_LENGTH;
+use http::header::{CONTENT_LENGTH, RETRY_AFTER};
 use http::response::Parts;
+use http::{HeaderMap, HeaderValue, Response};
 use http_body::Body;
 use http_body_util::Full;
 use pin_project_lite::pin_project;
@@ -29,7 +29,7 @@ pin_project! {
     #[project = StateProj]
     enum State<F, B> {
         Calling { #[pin] future: F },
-        Reading { parts: Option<Parts>, #[pin] body: B, buffer: Buffer },
+        Reading { parts: Option<Parts>, #[pin] body: B, buffer: Buffer, has_retry_after: bool },
         Done,
     }
 }
@@ -86,6 +86,31 @@ impl Buffer {
     }
 }
 
+/// Response maps with at most this many names are read in one pass for the two headers the
+/// step reads; a larger one is looked up twice.
+const ONE_PASS_HEADERS: usize = 16;
+
+/// The first `Content-Length` value and whether a `Retry-After` is present, in one pass over a
+/// small map: for the few headers a response has, comparing names (two standard names compare
+/// as two bytes) costs less than hashing both names for two lookups.
+fn read_headers(headers: &HeaderMap) -> (Option<&HeaderValue>, bool) {
+    if headers.keys_len() > ONE_PASS_HEADERS {
+        return (
+            headers.get(CONTENT_LENGTH),
+            headers.contains_key(RETRY_AFTER),
+        );
+    }
+    let (mut length, mut retry_after) = (None, false);
+    for (name, value) in headers {
+        if *name == CONTENT_LENGTH {
+            length = length.or(Some(value));
+        } else if *name == RETRY_AFTER {
+            retry_after = true;
+        }
+    }
+    (length, retry_after)
+}
+
 impl<F, B> ResponseFuture<F, B> {
     pub(crate) fn new(future: F, limit: usize) -> Self {
         ResponseFuture {
@@ -125,9 +150,8 @@ where
                         }
                     };
                     let (parts, body) = response.into_parts();
-                    let declared = parts
-                        .headers
-                        .get(CONTENT_LENGTH)
+                    let (length, has_retry_after) = read_headers(&parts.headers);
+                    let declared = length
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse::<u64>().ok());
                     if declared.is_some_and(|len| len > *this.limit as u64) {
@@ -141,12 +165,14 @@ where
                         parts: Some(parts),
                         body,
                         buffer: Buffer::Empty,
+                        has_retry_after,
                     });
                 }
                 StateProj::Reading {
                     parts,
                     mut body,
                     buffer,
+                    has_retry_after,
                 } => {
                     loop {
                         match ready!(body.as_mut().poll_frame(cx)) {
@@ -173,10 +199,12 @@ where
                     }
                     let parts = parts.take().expect("parts are taken once");
                     let bytes = std::mem::take(buffer).into_bytes();
+                    let has_retry_after = *has_retry_after;
                     this.state.set(State::Done);
-                    let outcome = match Outcome::parse_bytes(
+                    let outcome = match Outcome::parse_classified(
                         parts.status,
                         &parts.headers,
+                        has_retry_after,
                         bytes.clone(),
                         Instant::now(),
                     ) {
@@ -188,6 +216,111 @@ where
                     return Poll::Ready(Ok(response));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::HeaderName;
+    use tower::{Layer, ServiceExt, service_fn};
+
+    use super::*;
+    use crate::ClassifyLayer;
+    use crate::error::BodyTooLarge;
+
+    /// Classifies a 429 carrying `headers` (plus `extra` other names) through the layer.
+    async fn classify(
+        headers: &[(HeaderName, &'static str)],
+        extra: usize,
+    ) -> Result<Response<Full<Bytes>>, BoxError> {
+        let mut map = HeaderMap::new();
+        for k in 0..extra {
+            let name = HeaderName::try_from(format!("x-extra-{k}")).unwrap();
+            map.insert(name, HeaderValue::from_static("v"));
+        }
+        for (name, value) in headers {
+            map.append(name, HeaderValue::from_static(value));
+        }
+        let client = service_fn(move |_req: http::Request<Full<Bytes>>| {
+            let mut response = Response::new(Full::new(Bytes::from_static(
+                br#"{"code":1302,"message":"too fast","request_id":"r"}"#,
+            )));
+            *response.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
+            *response.headers_mut() = map.clone();
+            async move { Ok::<_, BoxError>(response) }
+        });
+        ClassifyLayer::new()
+            .max_body_bytes(100)
+            .layer(client)
+            .oneshot(http::Request::new(Full::new(Bytes::new())))
+            .await
+    }
+
+    #[tokio::test]
+    async fn the_step_reads_retry_after_and_content_length_in_maps_of_any_size() {
+        for extra in [0, 3, ONE_PASS_HEADERS + 4] {
+            let response = classify(&[(RETRY_AFTER, "7")], extra).await.unwrap();
+            let outcome = crate::Outcome::of(&response).unwrap();
+            assert_eq!(
+                outcome.retry_after(),
+                Some(Duration::from_secs(7)),
+                "{extra}"
+            );
+
+            let response = classify(&[], extra).await.unwrap();
+            assert_eq!(crate::Outcome::of(&response).unwrap().retry_after(), None);
+
+            // The first `Content-Length` is the one declared.
+            let too_long = [(CONTENT_LENGTH, "101"), (CONTENT_LENGTH, "5")];
+            let err = classify(&too_long, extra).await.unwrap_err();
+            assert!(err.is::<BodyTooLarge>(), "{extra}: {err}");
+            let fits = [(CONTENT_LENGTH, "5"), (CONTENT_LENGTH, "101")];
+            assert!(classify(&fits, extra).await.is_ok(), "{extra}");
+        }
+    }
+
+    #[test]
+    fn one_pass_over_the_headers_reads_what_two_lookups_read() {
+        let names = [
+            CONTENT_LENGTH,
+            RETRY_AFTER,
+            http::header::CONTENT_TYPE,
+            http::header::DATE,
+            HeaderName::from_static("x-request-id"),
+        ];
+        // Maps of every size around the one-pass limit, each name present or not, repeated
+        // values included.
+        for extra in [
+            0,
+            3,
+            ONE_PASS_HEADERS - 2,
+            ONE_PASS_HEADERS,
+            ONE_PASS_HEADERS + 5,
+        ] {
+            for present in 0..(1 << names.len()) {
+                let mut headers = HeaderMap::new();
+                for k in 0..extra {
+                    let name = HeaderName::try_from(format!("x-extra-{k}")).unwrap();
+                    headers.insert(name, HeaderValue::from_static("v"));
+                }
+                for (bit, name) in names.iter().enumerate() {
+                    if present & (1 << bit) != 0 {
+                        headers.append(name, HeaderValue::from(bit));
+                        headers.append(name, HeaderValue::from(bit + 10));
+                    }
+                }
+                assert_eq!(
+                    read_headers(&headers),
+                    (
+                        headers.get(CONTENT_LENGTH),
+                        headers.contains_key(RETRY_AFTER)
+                    ),
+                    "{headers:?}"
+                );
             }
         }
     }

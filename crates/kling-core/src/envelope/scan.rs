@@ -285,7 +285,9 @@ const HI: u64 = 0x8080_8080_8080_8080;
 #[inline(always)]
 pub(crate) fn find_special(bytes: &[u8], mut i: usize) -> usize {
     // Sixteen bytes at a time, written so the compiler turns it into a few SSE2 compares:
-    // each byte becomes 0xFF where special, the lowest set byte of the word is the first hit.
+    // each byte becomes 0xFF where special. The loop only asks whether any byte is (an OR of
+    // the flags compiles to one mask move and a test); the lowest set byte of the flags as a
+    // word, the first hit, is worked out once, on the way out.
     while let Some(chunk) = bytes.get(i..i + 16) {
         let mut flags = [0u8; 16];
         for (flag, &b) in flags.iter_mut().zip(chunk) {
@@ -295,9 +297,8 @@ pub(crate) fn find_special(bytes: &[u8], mut i: usize) -> usize {
                 0
             };
         }
-        let flags = u128::from_le_bytes(flags);
-        if flags != 0 {
-            return i + (flags.trailing_zeros() / 8) as usize;
+        if flags.iter().fold(0, |any, &flag| any | flag) != 0 {
+            return i + (u128::from_le_bytes(flags).trailing_zeros() / 8) as usize;
         }
         i += 16;
     }
@@ -1018,8 +1019,8 @@ impl<'a> Scanner<'a> {
                 for report in page {
                     tasks.push(report);
                 }
-            } else if let Some(report) = self.report(task)? {
-                tasks.push(report);
+            } else {
+                self.report(&mut task, |report| tasks.push(report))?;
             }
             return Ok(i);
         }
@@ -1140,11 +1141,17 @@ impl<'a> Scanner<'a> {
 
     /// The report of a task, with the reference's rules: legacy when `task_id` and
     /// `task_status` are both there, else new when `id` and `status` are, else none.
+    ///
+    /// Takes the task by reference and moves its lists out: a `RawTask` passed by value
+    /// is a copy of over 200 bytes per task.
+    ///
+    /// The report goes to `sink` (which puts it in its place) rather than being returned: an
+    /// `Option<TaskReport>` returned is one more copy of it.
     #[inline(never)]
-    fn report(&self, t: RawTask) -> Scan<Option<TaskReport>> {
+    fn report(&self, t: &mut RawTask, sink: impl FnOnce(TaskReport)) -> Scan<()> {
         if let (Some(id), Some(status)) = (t.task_id, t.task_status) {
-            let mut urls = t.videos;
-            let mut images = t.images;
+            let mut urls = std::mem::take(&mut t.videos);
+            let mut images = std::mem::take(&mut t.images);
             if urls.is_empty() {
                 urls = images;
             } else {
@@ -1154,7 +1161,7 @@ impl<'a> Scanner<'a> {
                 Some(d) => deduction(&self.text(d)?),
                 None => None,
             };
-            return Ok(Some(TaskReport {
+            sink(TaskReport {
                 id: self.owned(id)?,
                 status: self.status(status)?,
                 generation: ApiGeneration::Legacy,
@@ -1162,20 +1169,22 @@ impl<'a> Scanner<'a> {
                 failure: self.opt_owned(t.task_status_msg)?,
                 urls,
                 cost,
-            }));
+            });
+            return Ok(());
         }
         let (Some(id), Some(status)) = (t.id, t.status) else {
-            return Ok(None);
+            return Ok(());
         };
-        Ok(Some(TaskReport {
+        sink(TaskReport {
             id: self.owned(id)?,
             status: self.status(status)?,
             generation: ApiGeneration::New,
             external_id: self.opt_owned(t.external_id)?,
             failure: self.opt_owned(t.message)?,
-            urls: t.outputs,
+            urls: std::mem::take(&mut t.outputs),
             cost: t.billing,
-        }))
+        });
+        Ok(())
     }
 
     /// A task status: the documented words are told from the body's bytes (no `str` slice);
@@ -1341,7 +1350,7 @@ impl<'a> Scanner<'a> {
         while !done {
             let mut task = RawTask::default();
             i = self.task(struct_start(bytes, i)?, depth, &mut task)?;
-            page.extend(self.report(task)?);
+            self.report(&mut task, |report| page.push(report))?;
             (done, i) = next_or_close(bytes, i, b']')?;
         }
         t.page = Some(page);
