@@ -1,6 +1,5 @@
 //! The in-process backend: one mutex-guarded map, a synchronous fast path, FIFO hand-off.
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::{Future, Ready, ready};
@@ -13,7 +12,7 @@ use std::time::Duration;
 
 use kling_core::error::ApiError;
 use kling_core::metrics as names;
-use kling_core::{AccountId, TaskStatus};
+use kling_core::{AccountId, Outcome, TaskStatus};
 use tokio::time::{Instant, Sleep};
 
 use super::{
@@ -36,7 +35,8 @@ use crate::id::SmallId;
 /// allocates nothing; only listing a release in [`Applied`] does (the list and the task id as
 /// an `Arc<str>`), which [`apply_unread`](SlotBackend::apply_unread) skips. Leases and the
 /// `1303` recovery are checked lazily: when
-/// a create would wait (its future also sleeps until the next lease end or recovery step), on
+/// a create would wait (the queue's head also sleeps until the next lease end or recovery step:
+/// one timer per pool, none per waiter), on
 /// every [`SlotOp`] touching the pool, and in [`snapshot`](SlotBackend::snapshot).
 ///
 /// # Clone
@@ -140,9 +140,39 @@ struct Holding {
     /// and frees nothing.
     id: Option<SmallId>,
     external: Option<SmallId>,
+    /// The [`IdHash`] of `id` and of `external` (0 without one), kept so that unfiling them
+    /// hashes nothing again.
+    hashes: [u64; 2],
 }
 
 impl Holding {
+    /// A holding of `weight` slots from `now`, its ids hashed (before the lock is taken, on the
+    /// create path).
+    fn new(
+        id: Option<SmallId>,
+        external: Option<SmallId>,
+        weight: u32,
+        now: Instant,
+        lease: Duration,
+    ) -> Self {
+        let hash = |id: &Option<SmallId>| id.as_ref().map_or(0, |id| IdHash::hash(id.as_bytes()));
+        Holding {
+            weight,
+            since: now,
+            lease_until: now + lease,
+            hashes: [hash(&id), hash(&external)],
+            id,
+            external,
+        }
+    }
+
+    /// A holding kept under the ids of `task`.
+    fn of(task: TaskRef, weight: u32, now: Instant, lease: Duration) -> Self {
+        let id = task.id.map(SmallId::from_string);
+        let external = task.external_id.map(SmallId::from_string);
+        Holding::new(id, external, weight, now, lease)
+    }
+
     fn key(&self, which: Which) -> Option<&[u8]> {
         match which {
             Which::Id => self.id.as_ref().map(SmallId::as_bytes),
@@ -166,7 +196,7 @@ enum Which {
 ///
 /// Invariant: every entry names a live holding whose id (of this index's kind) is the entry's.
 struct Index<H = IdHash> {
-    by_hash: FxMap<u64, Place>,
+    by_hash: Table,
     spill: FxMap<Box<[u8]>, Place>,
     hash: PhantomData<H>,
 }
@@ -174,10 +204,125 @@ struct Index<H = IdHash> {
 impl<H> Default for Index<H> {
     fn default() -> Self {
         Index {
-            by_hash: FxMap::default(),
+            by_hash: Table::default(),
             spill: FxMap::default(),
             hash: PhantomData,
         }
+    }
+}
+
+/// One [`Table`] entry; a vacant one has `place.0 == usize::MAX`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Filed {
+    hash: u64,
+    place: Place,
+}
+
+impl Filed {
+    const VACANT: Filed = Filed {
+        hash: 0,
+        place: (usize::MAX, 0),
+    };
+
+    fn is_vacant(&self) -> bool {
+        self.place.0 == usize::MAX
+    }
+}
+
+/// A map from id hashes (already well mixed) to places: open addressing with linear probing,
+/// at most half full, deletion by backward shift (no tombstones). An [`Index`] does one or two
+/// of its operations per create and per query: the key is used as its own hash (no second
+/// hashing) and a lookup is usually one probe.
+#[derive(Default)]
+struct Table {
+    /// A power of two long (or empty).
+    entries: Vec<Filed>,
+    len: usize,
+}
+
+impl Table {
+    fn mask(&self) -> usize {
+        self.entries.len().wrapping_sub(1)
+    }
+
+    fn home(&self, hash: u64) -> usize {
+        // The high bits: the id hash's best mixed, and not what `Colliding` varies in tests.
+        (hash.rotate_left(32) as usize) & self.mask()
+    }
+
+    /// The entry index of `hash`, if filed.
+    fn find(&self, hash: u64) -> Option<usize> {
+        if self.len == 0 {
+            return None;
+        }
+        let mask = self.mask();
+        let mut i = self.home(hash);
+        loop {
+            let entry = &self.entries[i];
+            if entry.is_vacant() {
+                return None;
+            }
+            if entry.hash == hash {
+                return Some(i);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    fn get(&self, hash: u64) -> Option<Place> {
+        self.find(hash).map(|i| self.entries[i].place)
+    }
+
+    /// Files `hash`, which must not be filed yet.
+    fn insert_new(&mut self, hash: u64, place: Place) {
+        if (self.len + 1) * 2 > self.entries.len() {
+            self.grow();
+        }
+        let mask = self.mask();
+        let mut i = self.home(hash);
+        while !self.entries[i].is_vacant() {
+            i = (i + 1) & mask;
+        }
+        self.entries[i] = Filed { hash, place };
+        self.len += 1;
+    }
+
+    fn grow(&mut self) {
+        let size = (self.entries.len() * 2).max(16);
+        let old = std::mem::replace(&mut self.entries, vec![Filed::VACANT; size]);
+        self.len = 0;
+        for entry in old.into_iter().filter(|e| !e.is_vacant()) {
+            self.insert_new(entry.hash, entry.place);
+        }
+    }
+
+    /// Unfiles entry `i` (from [`find`](Table::find)); returns its place.
+    fn remove_at(&mut self, mut i: usize) -> Place {
+        let place = self.entries[i].place;
+        self.len -= 1;
+        let mask = self.mask();
+        // Backward shift: move up each later entry of the run that may sit in the hole.
+        let mut j = i;
+        loop {
+            j = (j + 1) & mask;
+            let entry = self.entries[j];
+            if entry.is_vacant() {
+                break;
+            }
+            let home = self.home(entry.hash);
+            // The entry stays when its home lies cyclically in (i, j].
+            let stays = if i <= j {
+                i < home && home <= j
+            } else {
+                i < home || home <= j
+            };
+            if !stays {
+                self.entries[i] = entry;
+                i = j;
+            }
+        }
+        self.entries[i] = Filed::VACANT;
+        place
     }
 }
 
@@ -232,7 +377,7 @@ impl Keys for Kept<'_> {
 impl<H: HashId> Index<H> {
     /// Where `text` is held.
     fn get(&self, text: &[u8], keys: &impl Keys) -> Option<Place> {
-        if let Some(&place) = self.by_hash.get(&H::hash(text))
+        if let Some(place) = self.by_hash.get(H::hash(text))
             && keys.key(place) == Some(text)
         {
             return Some(place);
@@ -244,21 +389,33 @@ impl<H: HashId> Index<H> {
     }
 
     /// Files `text` under `place`; returns the holding filed under it before, if any.
+    #[cfg(test)]
     fn insert(&mut self, text: &[u8], place: Place, keys: &impl Keys) -> Option<Place> {
+        self.insert_hashed(H::hash(text), text, place, keys)
+    }
+
+    /// [`insert`](Index::insert) of a `text` whose `H::hash` is `hash`.
+    fn insert_hashed(
+        &mut self,
+        hash: u64,
+        text: &[u8],
+        place: Place,
+        keys: &impl Keys,
+    ) -> Option<Place> {
         let spilled = if self.spill.is_empty() {
             None
         } else {
             self.spill.remove(text)
         };
-        match self.by_hash.entry(H::hash(text)) {
-            Entry::Vacant(entry) => {
-                entry.insert(place);
+        match self.by_hash.find(hash) {
+            None => {
+                self.by_hash.insert_new(hash, place);
                 spilled
             }
-            Entry::Occupied(mut entry) => {
-                let there = *entry.get();
+            Some(i) => {
+                let there = self.by_hash.entries[i].place;
                 if keys.key(there) == Some(text) {
-                    entry.insert(place);
+                    self.by_hash.entries[i].place = place;
                     Some(there)
                 } else {
                     // Another id with the same hash: file this one by its text.
@@ -271,18 +428,26 @@ impl<H: HashId> Index<H> {
 
     /// Where `text` is held, unfiled from here (one lookup instead of a `get` and a `remove`).
     fn take(&mut self, text: &[u8], keys: &impl Keys) -> Option<Place> {
-        match self.by_hash.entry(H::hash(text)) {
-            Entry::Occupied(entry) if keys.key(*entry.get()) == Some(text) => Some(entry.remove()),
+        match self.by_hash.find(H::hash(text)) {
+            Some(i) if keys.key(self.by_hash.entries[i].place) == Some(text) => {
+                Some(self.by_hash.remove_at(i))
+            }
             _ if self.spill.is_empty() => None,
             _ => self.spill.remove(text),
         }
     }
 
     /// Unfiles `text` if it still names `place`.
+    #[cfg(test)]
     fn remove(&mut self, text: &[u8], place: Place) {
-        match self.by_hash.entry(H::hash(text)) {
-            Entry::Occupied(entry) if *entry.get() == place => {
-                entry.remove();
+        self.remove_hashed(H::hash(text), text, place);
+    }
+
+    /// [`remove`](Index::remove) of a `text` whose `H::hash` is `hash`.
+    fn remove_hashed(&mut self, hash: u64, text: &[u8], place: Place) {
+        match self.by_hash.find(hash) {
+            Some(i) if self.by_hash.entries[i].place == place => {
+                self.by_hash.remove_at(i);
             }
             _ => {
                 if !self.spill.is_empty() && self.spill.get(text) == Some(&place) {
@@ -382,21 +547,6 @@ impl Reports {
     }
 }
 
-/// The ids a holding is kept under.
-struct Ids {
-    id: Option<SmallId>,
-    external: Option<SmallId>,
-}
-
-impl From<TaskRef> for Ids {
-    fn from(task: TaskRef) -> Self {
-        Ids {
-            id: task.id.map(SmallId::from_string),
-            external: task.external_id.map(SmallId::from_string),
-        }
-    }
-}
-
 /// Where a task id or external id is held: its pool's index in `State::list` and its slot in
 /// the pool's `holdings`.
 type Place = (usize, usize);
@@ -481,6 +631,7 @@ impl PoolState {
 
     /// Hands free slots to the queue's head, in order.
     fn dispatch(&mut self) {
+        let mut moved = false;
         while let Some(front) = self.queue.front() {
             if front.weight > self.free() {
                 break;
@@ -489,7 +640,28 @@ impl PoolState {
             self.in_use += waiter.weight;
             self.granted.push(waiter.token);
             waiter.waker.wake();
+            moved = true;
         }
+        if moved {
+            self.head_changed();
+        }
+    }
+
+    /// Only the queue's head sleeps until maintenance has work (nobody behind it can be granted
+    /// first), so a waiter carries no timer: a new head is woken to arm its own when there is
+    /// maintenance to wait for.
+    fn head_changed(&self) {
+        if let Some(head) = self.queue.front()
+            && self.has_maintenance()
+        {
+            head.waker.wake_by_ref();
+        }
+    }
+
+    /// Whether lazy maintenance may have work some time: a lease to end or a hidden slot to
+    /// bring back.
+    fn has_maintenance(&self) -> bool {
+        self.tasks > 0 || self.hidden > 0
     }
 
     /// The next instant lazy maintenance has something to do.
@@ -508,6 +680,9 @@ impl PoolState {
     fn remove_waiter(&mut self, token: u64) -> bool {
         if let Some(i) = self.queue.iter().position(|w| w.token == token) {
             self.queue.remove(i);
+            if i == 0 {
+                self.head_changed();
+            }
             return true;
         }
         false
@@ -616,10 +791,12 @@ impl State {
         if let Some(id) = &holding.id
             && !id_unfiled
         {
-            self.ids.remove(id.as_bytes(), place);
+            self.ids
+                .remove_hashed(holding.hashes[0], id.as_bytes(), place);
         }
         if let Some(ext) = &holding.external {
-            self.externals.remove(ext.as_bytes(), place);
+            self.externals
+                .remove_hashed(holding.hashes[1], ext.as_bytes(), place);
         }
         if let Some(out) = out {
             out.push(Released {
@@ -672,19 +849,18 @@ impl State {
         pool.publish();
     }
 
-    fn hold(&mut self, key: &SlotKey, task: Ids, weight: u32, lease: Duration, now: Instant) {
+    fn hold(&mut self, key: &SlotKey, holding: Holding) {
         let index = self.index(key);
-        let lease_until = now + lease;
+        let (lease_until, hashes) = (holding.lease_until, holding.hashes);
         let pool = &mut self.list[index];
-        let slot = pool.put(Holding {
-            weight,
-            since: now,
-            lease_until,
-            id: task.id,
-            external: task.external,
-        });
+        let timerless = !pool.queue.is_empty() && !pool.has_maintenance();
+        let slot = pool.put(holding);
         // Nothing a gauge shows changed: the slots were counted when granted.
         pool.next_lease = Some(pool.next_lease.map_or(lease_until, |t| t.min(lease_until)));
+        if timerless {
+            // The head waits with no timer: it has a lease to wait for now.
+            pool.head_changed();
+        }
         let place = (index, slot);
         // A task id, and an external id within an account, name one task: a holding already
         // under either is this same task's earlier create, whose outcome was unknown and which
@@ -694,11 +870,12 @@ impl State {
         let earlier = [
             holding.id.as_ref().and_then(|id| {
                 self.ids
-                    .insert(id.as_bytes(), place, &Kept(list, Which::Id))
+                    .insert_hashed(hashes[0], id.as_bytes(), place, &Kept(list, Which::Id))
             }),
             holding.external.as_ref().and_then(|ext| {
+                let keys = &Kept(list, Which::External);
                 self.externals
-                    .insert(ext.as_bytes(), place, &Kept(list, Which::External))
+                    .insert_hashed(hashes[1], ext.as_bytes(), place, keys)
             }),
         ];
         for old in earlier.into_iter().flatten() {
@@ -721,10 +898,11 @@ impl State {
         pool.dispatch();
         pool.publish();
         if let Some(id) = &old.id {
-            self.ids.remove(id.as_bytes(), place);
+            self.ids.remove_hashed(old.hashes[0], id.as_bytes(), place);
         }
         if let Some(ext) = &old.external {
-            self.externals.remove(ext.as_bytes(), place);
+            self.externals
+                .remove_hashed(old.hashes[1], ext.as_bytes(), place);
         }
     }
 
@@ -800,11 +978,13 @@ impl State {
         };
         holding.lease_until = now + lease;
         if holding.id.is_none() {
+            let hash = IdHash::hash(id.as_bytes());
             holding.id = Some(SmallId::new(id));
+            holding.hashes[0] = hash;
             // Known by its task id from now on (an older holding filed under the same id, in
             // another account, is no longer found by it).
-            self.ids
-                .insert(id.as_bytes(), place, &Kept(&self.list, Which::Id));
+            let keys = &Kept(&self.list, Which::Id);
+            self.ids.insert_hashed(hash, id.as_bytes(), place, keys);
         }
     }
 
@@ -825,19 +1005,23 @@ impl State {
                 task,
                 lease,
             } => {
-                let now = Instant::now();
-                let task = Ids::from(task);
-                self.hold(&reservation.key, task, reservation.weight, lease, now);
+                let holding = Holding::of(task, reservation.weight, Instant::now(), lease);
+                self.hold(&reservation.key, holding);
                 applied.changed = true;
             }
             SlotOp::Congested(res) => {
                 let pool = self.pool_mut(&res.key);
                 pool.give_back(res.weight);
+                let timerless = !pool.has_maintenance();
                 // What we thought free is held by someone we cannot see: believe the pool
                 // holds only what we hold now.
                 pool.hidden = pool.configured.saturating_sub(pool.in_use);
                 pool.recovered_at = Instant::now();
                 pool.dispatch();
+                if timerless {
+                    // The head may wait with no timer: hidden slots come back by time.
+                    pool.head_changed();
+                }
                 pool.publish();
                 applied.changed = true;
             }
@@ -892,7 +1076,7 @@ impl State {
                     let pool = self.pool_mut(&key);
                     pool.in_use += weight;
                     pool.publish();
-                    self.hold(&key, Ids::from(task), weight, lease, Instant::now());
+                    self.hold(&key, Holding::of(task, weight, Instant::now(), lease));
                     applied.changed = true;
                 }
             }
@@ -1008,18 +1192,35 @@ impl SlotBackend for InProcess {
         id: Option<&str>,
         external_id: Option<&str>,
         lease: Duration,
+        answered_at: Option<Instant>,
     ) -> Self::Apply {
-        let task = Ids {
-            id: id.map(SmallId::new),
-            external: external_id.map(SmallId::new),
-        };
-        let now = Instant::now();
-        self.lock()
-            .hold(&reservation.key, task, reservation.weight, lease, now);
+        let (id, external) = (id.map(SmallId::new), external_id.map(SmallId::new));
+        let now = answered_at.unwrap_or_else(Instant::now);
+        let holding = Holding::new(id, external, reservation.weight, now, lease);
+        self.lock().hold(&reservation.key, holding);
         ready(Ok(Applied {
             released: Vec::new(),
             changed: true,
         }))
+    }
+
+    /// As `apply_unread` of [`SlotOp::Observed`], with no change built or matched: the
+    /// reports are read from the outcome in place, under one lock (none when it reports no
+    /// task).
+    fn observe_unread(&self, outcome: &Outcome, lease: Duration) -> Self::Apply {
+        let tasks = outcome.tasks();
+        if tasks.is_empty() {
+            return ready(Ok(Applied::default()));
+        }
+        // The answer's arrival is the time its reports speak of: no clock read.
+        let mut reports = Reports::new(lease, Some(outcome.received_at()), true);
+        let mut state = self.lock();
+        for task in tasks {
+            let (ext, status) = (task.external_id.as_deref(), Some(&task.status));
+            state.report(&task.id, ext, status, &mut reports);
+        }
+        drop(state);
+        ready(Ok(reports.applied))
     }
 
     fn snapshot(&self) -> Self::Snapshot {
@@ -1053,6 +1254,7 @@ pub struct InProcessAcquire {
     weight: u32,
     /// Set once the future joined the queue.
     token: Option<u64>,
+    /// Until lazy maintenance has work; only while this waiter is its queue's head.
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
@@ -1139,13 +1341,21 @@ impl Future for InProcessAcquire {
                 let key = this.key.take().expect("checked above");
                 return Poll::Ready(Ok(Reservation { key, weight, token }));
             }
-            if let Some(waiter) = pool.queue.iter_mut().find(|w| w.token == token)
-                && !waiter.waker.will_wake(cx.waker())
+            let mut head = false;
+            if let Some((i, waiter)) = pool
+                .queue
+                .iter_mut()
+                .enumerate()
+                .find(|(_, w)| w.token == token)
             {
-                waiter.waker = cx.waker().clone();
+                head = i == 0;
+                if !waiter.waker.will_wake(cx.waker()) {
+                    waiter.waker = cx.waker().clone();
+                }
             }
-            // Sleep until maintenance has work (a lease ends, a hidden slot comes back).
-            let Some(wake_at) = pool.next_wake(interval) else {
+            // The head sleeps until maintenance has work (a lease ends, a hidden slot comes
+            // back); the others wait their turn, woken when they become the head.
+            let Some(wake_at) = pool.next_wake(interval).filter(|_| head) else {
                 this.sleep = None;
                 return Poll::Pending;
             };
@@ -1247,6 +1457,83 @@ mod tests {
         }
     }
 
+    /// The queue's head alone sleeps until a lease ends; whoever becomes the head is woken to
+    /// arm its own timer when there is a lease to wait for, and served in turn.
+    #[tokio::test(start_paused = true)]
+    async fn only_the_head_sleeps_and_each_new_head_is_served_when_leases_end() {
+        let lease = Duration::from_secs(600);
+        let backend = InProcess::new(SlotsConfig::new(1)).unwrap();
+        hold(&backend, key(), Some("t0"), None);
+        let mut w1 = tokio_test::task::spawn(backend.acquire(key(), 1));
+        let mut w2 = tokio_test::task::spawn(backend.acquire(key(), 1));
+        let mut w3 = tokio_test::task::spawn(backend.acquire(key(), 1));
+        assert!(w1.poll().is_pending() && w2.poll().is_pending() && w3.poll().is_pending());
+        tokio::time::advance(lease).await;
+        assert!(w1.is_woken(), "the head sleeps until the lease ends");
+        assert!(!w2.is_woken() && !w3.is_woken(), "the others have no timer");
+        let Poll::Ready(Ok(r1)) = w1.poll() else {
+            panic!("the head is served when the lease ends")
+        };
+        assert!(!w2.is_woken(), "no lease left to wait for");
+        let op = |reservation, id: &str| SlotOp::Hold {
+            reservation,
+            task: TaskRef {
+                id: Some(id.to_owned()),
+                external_id: None,
+            },
+            lease,
+        };
+        backend.apply(op(r1, "t1")).await.unwrap();
+        assert!(w2.is_woken(), "the new head has a lease to wait for");
+        assert!(w2.poll().is_pending());
+        // The head leaves: the next one takes over the timer.
+        drop(w2);
+        assert!(w3.is_woken());
+        assert!(w3.poll().is_pending());
+        tokio::time::advance(lease).await;
+        assert!(w3.is_woken());
+        assert!(matches!(w3.poll(), Poll::Ready(Ok(_))));
+        assert_eq!(pool(&backend, "a"), (1, 0));
+    }
+
+    /// Leases count from when the answer arrived: the create's and the query's.
+    #[tokio::test(start_paused = true)]
+    async fn leases_count_from_the_answers_arrival() {
+        let lease = Duration::from_secs(600);
+        let backend = InProcess::new(SlotsConfig::new(2)).unwrap();
+        tokio::time::advance(Duration::from_secs(1_000)).await;
+        let answered = Instant::now() - Duration::from_secs(100);
+        let reservation = now(backend.acquire(key(), 1)).unwrap();
+        now(backend.hold_unread(reservation, Some("t1"), None, lease, Some(answered))).unwrap();
+        let reservation = now(backend.acquire(key(), 1)).unwrap();
+        now(backend.hold_unread(reservation, Some("t2"), None, lease, None)).unwrap();
+        // t2 is reported running by an answer that arrived 50 s ago.
+        tokio::time::advance(Duration::from_secs(450)).await;
+        let running = Outcome::parse(
+            http::StatusCode::OK,
+            &http::HeaderMap::new(),
+            br#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t2","task_status":"processing"}}"#,
+            Instant::now() - Duration::from_secs(50),
+        )
+        .unwrap();
+        now(backend.observe_unread(&running, lease)).unwrap();
+        assert_eq!(pool(&backend, "a"), (2, 2));
+        tokio::time::advance(Duration::from_secs(50)).await;
+        assert_eq!(
+            pool(&backend, "a"),
+            (1, 1),
+            "t1's lease ran from its answer"
+        );
+        tokio::time::advance(Duration::from_secs(499)).await;
+        assert_eq!(pool(&backend, "a"), (1, 1));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            pool(&backend, "a"),
+            (0, 0),
+            "t2's lease ran from the query's answer"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_unread_apply_releases_the_same_but_lists_nothing() {
         let backend = InProcess::new(SlotsConfig::new(2)).unwrap();
@@ -1290,6 +1577,62 @@ mod tests {
         assert_eq!(pool(&backend, "b"), (1, 1));
         tokio::time::advance(Duration::from_secs(600)).await;
         assert_eq!(pool(&backend, "b"), (0, 0));
+    }
+
+    #[derive(Clone, Debug)]
+    enum TableOp {
+        Insert(u64),
+        Remove(u64),
+    }
+
+    /// Hashes that crowd a few homes (long runs that wrap around the end), and well spread ones.
+    fn table_hash() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            (0u64..40).prop_map(|n| n << 32),
+            (0u64..40).prop_map(|n| (n << 32) | 0xffff_ffff),
+            (0u64..8).prop_map(|n| (n.wrapping_sub(4) << 32) | n),
+            any::<u64>(),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn the_table_maps_hashes_as_a_hash_map_does(
+            ops in proptest::collection::vec(
+                prop_oneof![
+                    table_hash().prop_map(TableOp::Insert),
+                    table_hash().prop_map(TableOp::Remove),
+                ],
+                1..300,
+            )
+        ) {
+            let mut table = Table::default();
+            let mut model: HashMap<u64, Place> = HashMap::new();
+            for (n, op) in ops.into_iter().enumerate() {
+                match op {
+                    TableOp::Insert(hash) => match table.find(hash) {
+                        Some(i) => {
+                            prop_assert!(model.contains_key(&hash));
+                            table.entries[i].place = (n, n);
+                            model.insert(hash, (n, n));
+                        }
+                        None => {
+                            prop_assert!(!model.contains_key(&hash));
+                            table.insert_new(hash, (n, n));
+                            model.insert(hash, (n, n));
+                        }
+                    },
+                    TableOp::Remove(hash) => {
+                        let removed = table.find(hash).map(|i| table.remove_at(i));
+                        prop_assert_eq!(removed, model.remove(&hash));
+                    }
+                }
+                prop_assert_eq!(table.len, model.len());
+                for (&hash, &place) in &model {
+                    prop_assert_eq!(table.get(hash), Some(place));
+                }
+            }
+        }
     }
 
     /// The ids an index test files: place → id.
@@ -1439,6 +1782,8 @@ mod tests {
         Report(usize, Option<usize>, bool),
         /// `complete` by an id (task id or external id).
         Complete(usize),
+        /// A query's answer reporting a task, read in place: `(id, external, ended)`.
+        Observe(usize, Option<usize>, bool),
     }
 
     fn hold_ops() -> impl Strategy<Value = Vec<HoldOp>> {
@@ -1452,7 +1797,9 @@ mod tests {
                     .prop_map(|(i, e)| HoldOp::Hold(i, e)),
                 (id.clone(), proptest::option::of(id.clone()), any::<bool>())
                     .prop_map(|(i, e, end)| HoldOp::Report(i, e, end)),
-                id.prop_map(HoldOp::Complete),
+                id.clone().prop_map(HoldOp::Complete),
+                (id.clone(), proptest::option::of(id), any::<bool>())
+                    .prop_map(|(i, e, end)| HoldOp::Observe(i, e, end)),
             ],
             1..40,
         )
@@ -1472,8 +1819,12 @@ mod tests {
                     let Poll::Ready(Ok(reservation)) = polled else {
                         continue;
                     };
+                    // With a task id, as answered (the answer's arrival given); else as kept
+                    // after an unknown outcome.
+                    let answered = id.map(|_| Instant::now());
                     let (id, ext) = (id.map(|i| LONG_IDS[i]), ext.map(|i| LONG_IDS[i]));
-                    let applied = now(backend.hold_unread(reservation, id, ext, lease)).unwrap();
+                    let applied = now(backend.hold_unread(reservation, id, ext, lease, answered));
+                    let applied = applied.unwrap();
                     assert!(applied.changed);
                     Vec::new()
                 }
@@ -1492,6 +1843,27 @@ mod tests {
                         lease,
                     };
                     now(backend.apply(op)).unwrap().released
+                }
+                HoldOp::Observe(id, ext, end) => {
+                    let info = ext.map_or(String::new(), |e| {
+                        format!(r#","task_info":{{"external_task_id":"{}"}}"#, LONG_IDS[e])
+                    });
+                    let status = if *end { "succeed" } else { "processing" };
+                    let body = format!(
+                        r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":{{"task_id":"{}","task_status":"{status}"{info}}}}}"#,
+                        LONG_IDS[*id]
+                    );
+                    let outcome = Outcome::parse(
+                        http::StatusCode::OK,
+                        &http::HeaderMap::new(),
+                        body.as_bytes(),
+                        Instant::now(),
+                    )
+                    .unwrap();
+                    assert_eq!(outcome.tasks().len(), 1);
+                    // Unread: `InProcess` lists nothing, the provided method's `apply` does.
+                    now(backend.observe_unread(&outcome, lease)).unwrap();
+                    Vec::new()
                 }
                 HoldOp::Complete(id) => {
                     let op = SlotOp::Update {
@@ -1516,7 +1888,8 @@ mod tests {
 
     proptest! {
         /// `InProcess::hold_unread` (ids copied inline, or boxed when long) keeps tasks as the
-        /// provided method's `SlotOp::Hold` with owned ids does.
+        /// provided method's `SlotOp::Hold` with owned ids does, and `InProcess::observe_unread`
+        /// (the outcome read in place) ends and renews them as the provided `SlotOp::Observed`.
         #[test]
         fn a_borrowed_hold_keeps_tasks_as_an_owned_one_does(ops in hold_ops()) {
             let runtime = tokio::runtime::Builder::new_current_thread()

@@ -15,6 +15,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use kling_core::error::ApiError;
 use kling_core::{AccountId, Outcome, Pool, TaskReport, TaskStatus};
 
@@ -277,21 +279,37 @@ pub trait SlotBackend: Clone + Send + Sync + 'static {
     /// Keeps a granted create's slots under the ids its answer (or the create itself) gave,
     /// the result dropped unread: [`apply_unread`](SlotBackend::apply_unread) of
     /// [`SlotOp::Hold`], with the ids borrowed so that a backend may keep them without copying
-    /// them into `String`s first (the layer's create path). By default, that `Hold` with the ids
-    /// copied into its [`TaskRef`].
+    /// them into `String`s first (the layer's create path). `answered_at`: when the answer
+    /// arrived ([`Outcome::received_at`]), if there was one: a backend on this process's clock
+    /// may start the lease there instead of reading the clock. By default, that `Hold` with the
+    /// ids copied into its [`TaskRef`] (`answered_at` unused).
     fn hold_unread(
         &self,
         reservation: Reservation,
         id: Option<&str>,
         external_id: Option<&str>,
         lease: Duration,
+        answered_at: Option<Instant>,
     ) -> Self::Apply {
+        let _ = answered_at;
         self.apply_unread(SlotOp::Hold {
             reservation,
             task: TaskRef {
                 id: id.map(str::to_owned),
                 external_id: external_id.map(str::to_owned),
             },
+            lease,
+        })
+    }
+
+    /// Handles the tasks a response reports, the result dropped unread:
+    /// [`apply_unread`](SlotBackend::apply_unread) of [`SlotOp::Observed`], with the outcome
+    /// borrowed so that a backend may read it in place (the layer's query path; a backend on
+    /// this process's clock may renew leases from [`Outcome::received_at`] instead of reading
+    /// the clock). By default, that `Observed` with the outcome cloned (a reference count).
+    fn observe_unread(&self, outcome: &Outcome, lease: Duration) -> Self::Apply {
+        self.apply_unread(SlotOp::Observed {
+            outcome: outcome.clone(),
             lease,
         })
     }

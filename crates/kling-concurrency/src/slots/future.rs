@@ -41,7 +41,13 @@ fn keep_unknown<B: SlotBackend>(
     external: Option<&SmallId>,
     lease: Duration,
 ) -> B::Apply {
-    backend.hold_unread(reservation, None, external.map(SmallId::as_str), lease)
+    backend.hold_unread(
+        reservation,
+        None,
+        external.map(SmallId::as_str),
+        lease,
+        None,
+    )
 }
 
 /// A granted create handed to the inner service: its response future and what settles it.
@@ -333,6 +339,8 @@ fn settle_create<B: SlotBackend>(
                     .as_deref()
                     .or_else(|| external.as_ref().map(SmallId::as_str)),
                 lease,
+                // The lease counts from the answer's arrival (no clock read here).
+                Some(outcome.received_at()),
             ),
             None => keep_unknown(&backend, reservation, external.as_ref(), lease),
         };
@@ -436,7 +444,7 @@ where
                         return Poll::Ready(Ok(response));
                     };
                     let lease = *lease;
-                    let op = if let Some(mut updates) =
+                    let apply = if let Some(mut updates) =
                         asked.as_ref().and_then(|asked| absent(asked, &outcome))
                     {
                         // The server says these external ids name no task: the creates held
@@ -444,14 +452,14 @@ where
                         // sent again waits for slots like any other). The tasks the answer does
                         // report are handled as always, in the same change.
                         updates.extend(outcome.tasks().iter().map(TaskUpdate::from_report));
-                        SlotOp::Update { updates, lease }
+                        backend.apply_unread(SlotOp::Update { updates, lease })
                     } else if outcome.tasks().is_empty() {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
                     } else {
-                        SlotOp::Observed { outcome, lease }
+                        backend.observe_unread(&outcome, lease)
                     };
-                    (backend.apply_unread(op), Ok(response))
+                    (apply, Ok(response))
                 }
                 StateProj::Pass { future } => {
                     let output = ready!(future.poll(cx)).map_err(Into::into);
