@@ -21,7 +21,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, Parts, PathAndQuery, Scheme};
 use http::{Request, Uri};
 use tower_layer::Layer;
 use tower_service::Service;
@@ -32,6 +32,18 @@ use crate::error::ConfigError;
 pub const GLOBAL: &str = "https://api-singapore.klingai.com";
 /// Kling's China API host.
 pub const CHINA: &str = "https://api-beijing.klingai.com";
+
+/// Kling's hosts, as `'static` authorities: every resolved URI clones the base's authority,
+/// and a static one is cloned without touching a reference count shared by every request.
+static KNOWN_HOSTS: [&str; 2] = ["api-singapore.klingai.com", "api-beijing.klingai.com"];
+
+/// `authority` as a static one when it is one of [`KNOWN_HOSTS`].
+fn static_authority(authority: &Authority) -> Option<Authority> {
+    KNOWN_HOSTS
+        .iter()
+        .find(|host| authority.as_str() == **host)
+        .map(|host| Authority::from_static(host))
+}
 
 /// Applies [`BaseUrl`] to a service. See the [module docs](self).
 #[derive(Clone, Debug)]
@@ -52,8 +64,8 @@ impl BaseUrlLayer {
     /// A base URL such as `https://api-singapore.klingai.com` or `http://127.0.0.1:PORT`; it
     /// needs a scheme (`http` or `https`) and a host, and carries no query.
     pub fn new(base: &str) -> Result<BaseUrlLayer, ConfigError> {
+        let base = base.trim();
         let uri: Uri = base
-            .trim()
             .parse()
             .map_err(|e| ConfigError::new("base_url", format!("is not a URL: {e}")))?;
         let scheme = uri
@@ -72,7 +84,7 @@ impl BaseUrlLayer {
         Ok(BaseUrlLayer {
             base: Base {
                 scheme,
-                authority,
+                authority: static_authority(&authority).unwrap_or(authority),
                 prefix,
             },
         })
@@ -125,32 +137,48 @@ impl<S> BaseUrl<S> {
 }
 
 impl Base {
-    /// Resolves a relative URI in place; absolute ones are left alone.
+    /// Resolves a relative URI in place; absolute ones are left alone. A splice of the base's
+    /// parsed scheme and authority with the request's own path and query: nothing is parsed
+    /// again unless the base has a path.
+    #[inline]
     fn resolve(&self, uri: &mut Uri) {
         if uri.scheme().is_some() || uri.authority().is_some() {
             return;
         }
         let mut parts = std::mem::take(uri).into_parts();
         if !self.prefix.is_empty() {
-            let joined = match parts.path_and_query.as_ref() {
-                Some(pq) if pq.as_str().starts_with('/') => format!("{}{}", self.prefix, pq),
-                Some(pq) => format!("{}/{}", self.prefix, pq),
-                None => self.prefix.to_string(),
-            };
-            match PathAndQuery::try_from(joined) {
-                Ok(pq) => parts.path_and_query = Some(pq),
-                Err(_) => {
-                    *uri = Uri::from_parts(parts).unwrap_or_default();
-                    return;
-                }
+            if !self.prefix_path(&mut parts) {
+                // Left relative, as it came.
+                *uri = Uri::from_parts(parts).unwrap_or_default();
+                return;
             }
         } else if parts.path_and_query.is_none() {
             parts.path_and_query = Some(PathAndQuery::from_static("/"));
         }
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
-        // Valid parts make a valid URI; the fallback only keeps the type checker happy.
+        // A scheme, an authority and a path make a valid URI; the fallback only keeps the type
+        // checker happy.
         *uri = Uri::from_parts(parts).unwrap_or_default();
+    }
+
+    /// Puts the base's path before the relative path; `false` when the joined path is not a
+    /// valid one (the parts are then left as they were).
+    #[cold]
+    #[inline(never)]
+    fn prefix_path(&self, parts: &mut Parts) -> bool {
+        let joined = match parts.path_and_query.as_ref() {
+            Some(pq) if pq.as_str().starts_with('/') => format!("{}{}", self.prefix, pq),
+            Some(pq) => format!("{}/{}", self.prefix, pq),
+            None => self.prefix.to_string(),
+        };
+        match PathAndQuery::try_from(joined) {
+            Ok(pq) => {
+                parts.path_and_query = Some(pq);
+                true
+            }
+            Err(_) => false,
+        }
     }
 }
 
@@ -166,8 +194,86 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, mut request: Request<B>) -> S::Future {
         self.base.resolve(request.uri_mut());
         self.inner.call(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolved(base: &str, uri: &str) -> Uri {
+        let layer = BaseUrlLayer::new(base).unwrap();
+        let mut uri: Uri = uri.parse().unwrap();
+        layer.base.resolve(&mut uri);
+        uri
+    }
+
+    /// The splice agrees with parsing the joined text, for every base and relative URI here.
+    #[test]
+    fn the_splice_agrees_with_parsing_the_joined_text() {
+        let bases = [
+            GLOBAL,
+            CHINA,
+            "http://127.0.0.1:8080",
+            "http://127.0.0.1:8080/",
+            "https://proxy.example/kling",
+            "https://proxy.example/kling/",
+            "http://user@proxy.example:9/a/b/",
+        ];
+        let relatives = [
+            "/",
+            "/v1/videos/text2video",
+            "/v1/videos/text2video/abc-123",
+            "/v1/tasks?task_ids=a,b",
+            "/v1/images/generations?pageNum=1&pageSize=30",
+            "/%7Euser/x?q=%20",
+        ];
+        for base in bases {
+            let layer = BaseUrlLayer::new(base).unwrap();
+            let prefix = layer.base.prefix.to_string();
+            let origin = format!("{}://{}", layer.base.scheme, layer.base.authority);
+            for relative in relatives {
+                let uri = resolved(base, relative);
+                let pq = relative.parse::<Uri>().unwrap();
+                let pq = pq.path_and_query().unwrap().as_str();
+                let expected = match (prefix.is_empty(), pq.starts_with('/')) {
+                    (true, true) => format!("{origin}{pq}"),
+                    (true, false) => format!("{origin}/{pq}"),
+                    (false, true) => format!("{origin}{prefix}{pq}"),
+                    (false, false) => format!("{origin}{prefix}/{pq}"),
+                };
+                let expected: Uri = expected.parse().unwrap();
+                assert_eq!(uri, expected, "{base} + {relative}");
+                assert_eq!(uri.to_string(), expected.to_string(), "{base} + {relative}");
+            }
+        }
+    }
+
+    #[test]
+    fn absolute_uris_are_left_alone() {
+        for absolute in ["http://127.0.0.1:9/v1/x", "https://other.example/?q=1"] {
+            assert_eq!(resolved(GLOBAL, absolute), absolute.parse::<Uri>().unwrap());
+        }
+    }
+
+    #[test]
+    fn kling_hosts_are_kept_as_static_authorities() {
+        for (base, host) in [GLOBAL, CHINA].into_iter().zip(&KNOWN_HOSTS) {
+            let layer = BaseUrlLayer::new(base).unwrap();
+            assert_eq!(layer.base.authority.as_str(), *host);
+            // A static authority points into the binary's text, not a parsed copy.
+            assert!(std::ptr::eq(
+                layer.base.authority.as_str().as_ptr(),
+                host.as_ptr()
+            ));
+        }
+        let other: Authority = "proxy.example:8080".parse().unwrap();
+        assert!(static_authority(&other).is_none());
+        let port: Authority = "api-singapore.klingai.com:443".parse().unwrap();
+        assert!(static_authority(&port).is_none());
     }
 }

@@ -561,7 +561,8 @@ impl<S, B: StackBackends> Layer<S> for KlingLayer<B> {
 
     fn layer(&self, client: S) -> Kling<S, B> {
         let p = &*self.inner;
-        let attempt = p.auth.layer(
+        // `Kling::call` sets the account of every request, so the auth service need not.
+        let attempt = p.auth.layer_below_account(
             AttemptTimeoutLayer::new(p.timeout).layer(p.classify.layer(p.base_url.layer(client))),
         );
         let paced = match &p.gcra {

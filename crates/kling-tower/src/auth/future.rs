@@ -76,7 +76,7 @@ pub(crate) enum Refusal<S, B> {
     /// Drop the refused token and mark the response [`TokenDropped`]; a retry layer above
     /// resends.
     Drop {
-        shared: Arc<Shared>,
+        owner: super::local::Owner,
         generation: u64,
     },
 }
@@ -156,13 +156,21 @@ where
                     return Poll::Ready(Err(error));
                 }
                 StateProj::First { future } => {
+                    // An API key's attempt: the inner answer as it comes, not moved through
+                    // the refusal check.
+                    if let Refusal::Pass = this.refusal {
+                        return future.poll(cx).map_err(Into::into);
+                    }
                     let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
                     let retry = match this.refusal {
                         Refusal::Pass => return Poll::Ready(Ok(response)),
                         Refusal::Resend(retry) => retry,
-                        Refusal::Drop { shared, generation } => {
+                        Refusal::Drop { owner, generation } => {
                             if refused(&mut response) {
-                                shared.invalidate(*generation);
+                                // Gone with its layer: no cache left to drop the token from.
+                                if let Some(shared) = owner.upgrade() {
+                                    shared.invalidate(*generation);
+                                }
                                 response.extensions_mut().insert(TokenDropped);
                             }
                             return Poll::Ready(Ok(response));
@@ -204,8 +212,12 @@ where
     }
 }
 
-/// Whether the server refused the token (1003/1004).
+/// Whether the server refused the token (1003/1004). Read in place when a classify step
+/// attached the outcome (no clone of it: a reference count), else parsed and attached.
 #[inline]
 fn refused(response: &mut Response<Full<Bytes>>) -> bool {
+    if let Some(outcome) = Outcome::of(response) {
+        return outcome.disposition() == Disposition::Resign;
+    }
     Outcome::ensure(response).is_ok_and(|o| o.disposition() == Disposition::Resign)
 }

@@ -17,6 +17,12 @@
 //! [`TokenDropped`]: [`KlingPolicy`](kling_retry::KlingPolicy) then sends it again at once,
 //! once per call.
 //!
+//! Every request clones the `Authorization` value without writing memory other threads
+//! share: an API key's value lives in static bytes (kept once per distinct key for the life of
+//! the process), and each thread keeps its own copy of the current JWT, checked against the
+//! shared token's generation with a plain read, so the lock is taken only to sign or to drop a
+//! token.
+//!
 //! The layer also sets the request's [`AccountId`] when it has none: for an API key,
 //! `key-` and the first 12 hex digits of the key's SHA-256; for an access key, the access key
 //! itself (it is not secret). Credentials never appear in `Debug` output.
@@ -39,6 +45,7 @@
 //! and `ClassifyLayer`, whose [`Outcome`](kling_core::Outcome) it reads.
 
 pub mod future;
+mod local;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -194,6 +201,9 @@ impl fmt::Debug for Credentials {
     }
 }
 
+/// A header to send, its token generation, and maybe the way back to its cache.
+type Found = (HeaderValue, u64, Option<local::Owner>);
+
 #[derive(Serialize)]
 struct Claims<'a> {
     iss: &'a str,
@@ -219,26 +229,61 @@ pub(crate) struct Shared {
     /// The issuer and key of a JWT.
     signer: Option<(Arc<str>, EncodingKey)>,
     token: Mutex<Option<Token>>,
+    /// The generation of the token in `token` (0 for none): threads whose own copy
+    /// ([`local`]) is of this generation send it without taking the lock.
+    current: AtomicU64,
     signed: AtomicU64,
+    /// This cache's key in the threads' copies.
+    id: u64,
 }
 
 impl Shared {
-    /// The header to send now and its token generation (0 for an API key).
-    fn header(&self) -> Result<(HeaderValue, u64), SigningError> {
+    /// The header to send now, its token generation (0 for an API key) and, when `owner` asks
+    /// for it, the way back here to drop a refused token: the API key's static value; for a
+    /// JWT this thread's own copy while it is current, else the shared one (signing a token if
+    /// needed), copied for this thread.
+    #[inline]
+    fn header(self: &Arc<Self>, owner: bool) -> Result<Found, SigningError> {
         if let Some(header) = &self.static_header {
-            return Ok((header.clone(), 0));
+            return Ok((header.clone(), 0, None));
         }
-        let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
         let now = self.clock.unix_now();
-        if let Some(t) = token.as_ref()
-            && now < t.renew_at
+        let current = self.current.load(Ordering::Acquire);
+        if current != 0
+            && let Some((own, owner)) = local::get(self.id, current, now, owner)
         {
-            return Ok((t.header.clone(), t.generation));
+            return Ok((own, current, owner));
         }
-        let fresh = self.sign(now)?;
-        let out = (fresh.header.clone(), fresh.generation);
-        *token = Some(fresh);
-        Ok(out)
+        self.shared_header(now, owner)
+    }
+
+    /// [`header`](Shared::header) for a JWT, under the lock.
+    #[cold]
+    fn shared_header(self: &Arc<Self>, now: Duration, owner: bool) -> Result<Found, SigningError> {
+        let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        let current = match token.as_ref() {
+            Some(t) if now < t.renew_at => t,
+            _ => self.replace(&mut token, self.sign(now)?),
+        };
+        let back: local::Owner = Arc::new(Arc::downgrade(self));
+        local::put(
+            self.id,
+            current.generation,
+            current.renew_at,
+            &current.header,
+            back.clone(),
+        );
+        Ok((
+            current.header.clone(),
+            current.generation,
+            owner.then_some(back),
+        ))
+    }
+
+    /// Makes `fresh` the cached token.
+    fn replace<'a>(&self, token: &'a mut Option<Token>, fresh: Token) -> &'a Token {
+        self.current.store(fresh.generation, Ordering::Release);
+        token.insert(fresh)
     }
 
     /// Drops the cached token if it is still generation `refused`, so the next request signs
@@ -247,6 +292,7 @@ impl Shared {
         let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
         if token.as_ref().is_some_and(|t| t.generation == refused) {
             *token = None;
+            self.current.store(0, Ordering::Release);
         }
     }
 
@@ -260,9 +306,8 @@ impl Shared {
             return Ok((t.header.clone(), t.generation));
         }
         let fresh = self.sign(self.clock.unix_now())?;
-        let out = (fresh.header.clone(), fresh.generation);
-        *token = Some(fresh);
-        Ok(out)
+        let fresh = self.replace(&mut token, fresh);
+        Ok((fresh.header.clone(), fresh.generation))
     }
 
     fn sign(&self, now: Duration) -> Result<Token, SigningError> {
@@ -291,6 +336,25 @@ impl Shared {
             generation,
         })
     }
+}
+
+/// `Bearer <key>` as a value over static bytes, kept once per distinct key for the life of the
+/// process: every request clones the value, and a static one is cloned without writing a
+/// reference count every thread shares. What is kept is bounded by the number of distinct API
+/// keys the process uses (an API key, unlike a JWT, never changes).
+fn api_key_header(key: &str) -> Option<HeaderValue> {
+    static KEPT: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    let value = format!("Bearer {key}");
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    let text = match kept.iter().find(|kept| **kept == value) {
+        Some(text) => *text,
+        None => {
+            let text: &'static str = Box::leak(value.into_boxed_str());
+            kept.push(text);
+            text
+        }
+    };
+    HeaderValue::from_maybe_shared(Bytes::from_static(text.as_bytes())).ok()
 }
 
 /// Applies [`Auth`] to a service. See the [module docs](self).
@@ -328,7 +392,7 @@ impl AuthLayer {
         renew_before: Duration,
     ) -> AuthLayer {
         let static_header = match &credentials.kind {
-            Kind::ApiKey(key) => HeaderValue::try_from(format!("Bearer {key}")).ok(),
+            Kind::ApiKey(key) => api_key_header(key),
             Kind::AccessKey { .. } => None,
         }
         .map(|mut v| {
@@ -350,7 +414,9 @@ impl AuthLayer {
                 renew_before,
                 static_header,
                 token: Mutex::new(None),
+                current: AtomicU64::new(0),
                 signed: AtomicU64::new(0),
+                id: local::next_id(),
             }),
             resend: true,
         }
@@ -407,7 +473,7 @@ impl AuthLayer {
     /// The `Authorization` value the next request would carry (signing a token if needed).
     /// Marked sensitive.
     pub fn authorization(&self) -> Result<HeaderValue, SigningError> {
-        self.shared.header().map(|(mut v, _)| {
+        self.shared.header(false).map(|(mut v, _, _)| {
             v.set_sensitive(true);
             v
         })
@@ -422,6 +488,19 @@ impl<S> Layer<S> for AuthLayer {
             inner,
             shared: self.shared.clone(),
             resend: self.resend,
+            set_account: true,
+        }
+    }
+}
+
+impl AuthLayer {
+    /// [`Layer::layer`] for the stack ([`Kling`](crate::Kling)), whose service sets every
+    /// request's [`AccountId`] before it reaches this layer (and whose layers in between keep
+    /// it): the auth service skips looking for it again.
+    pub(crate) fn layer_below_account<S>(&self, inner: S) -> Auth<S> {
+        Auth {
+            set_account: false,
+            ..self.layer(inner)
         }
     }
 }
@@ -437,6 +516,8 @@ pub struct Auth<S> {
     inner: S,
     shared: Arc<Shared>,
     resend: bool,
+    /// Whether to set the [`AccountId`] (false only under [`Kling`](crate::Kling), which did).
+    set_account: bool,
 }
 
 impl<S: fmt::Debug> fmt::Debug for Auth<S> {
@@ -480,27 +561,171 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        AccountId::set_if_absent(&mut request, &self.shared.account);
-        let (header, generation) = match self.shared.header() {
+        if self.set_account {
+            AccountId::set_if_absent(&mut request, &self.shared.account);
+        }
+        let drops = self.shared.static_header.is_none() && !self.resend;
+        let (header, generation, owner) = match self.shared.header(drops) {
             Ok(found) => found,
             Err(e) => return future::ResponseFuture::failed(Box::new(e)),
         };
         request.headers_mut().insert(AUTHORIZATION, header);
         // Only a JWT can be refreshed: keep what a second attempt needs, or, when a retry layer
-        // above resends, what dropping the refused token needs.
-        let refusal = match (self.shared.static_header.is_none(), self.resend) {
-            (false, _) => future::Refusal::Pass,
-            (true, true) => future::Refusal::Resend(future::Retry::new(
+        // above resends, what dropping the refused token needs (this thread's way back to the
+        // cache: no write to the reference count every thread shares).
+        let refusal = match (self.shared.static_header.is_none(), self.resend, owner) {
+            (false, _, _) => future::Refusal::Pass,
+            (true, true, _) => future::Refusal::Resend(future::Retry::new(
                 &request,
                 self.inner.clone(),
                 self.shared.clone(),
                 generation,
             )),
-            (true, false) => future::Refusal::Drop {
-                shared: self.shared.clone(),
-                generation,
-            },
+            (true, false, Some(owner)) => future::Refusal::Drop { owner, generation },
+            // `header` gives a JWT's owner whenever asked: unreachable, and harmless.
+            (true, false, None) => future::Refusal::Pass,
         };
         future::ResponseFuture::new(self.inner.call(request), refusal)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+
+    /// A wall clock tests move by hand.
+    #[derive(Debug, Clone, Default)]
+    struct ManualClock(Arc<AtomicU64>);
+
+    impl ManualClock {
+        fn set(&self, secs: u64) {
+            self.0.store(secs, Ordering::SeqCst);
+        }
+    }
+
+    impl WallClock for ManualClock {
+        fn unix_now(&self) -> Duration {
+            Duration::from_secs(self.0.load(Ordering::SeqCst))
+        }
+    }
+
+    /// The header and generation [`Shared::header`] finds.
+    fn pair(shared: &Arc<Shared>) -> (HeaderValue, u64) {
+        let (value, generation, _) = shared.header(false).unwrap();
+        (value, generation)
+    }
+
+    fn jwt(clock: &ManualClock) -> AuthLayer {
+        AuthLayer::new(Credentials::access_key("ak", "sk").unwrap()).with_clock(clock.clone())
+    }
+
+    /// A thread's own copy is sent only while it is the current token: a token dropped on
+    /// another thread, or one due for renewal, is signed afresh.
+    #[test]
+    fn a_threads_copy_follows_the_shared_token() {
+        let clock = ManualClock::default();
+        clock.set(1_000_000);
+        let layer = jwt(&clock);
+        let (first, generation) = pair(&layer.shared);
+        assert_eq!(pair(&layer.shared), (first.clone(), generation));
+        assert_eq!(layer.tokens_signed(), 1);
+
+        let shared = layer.shared.clone();
+        std::thread::spawn(move || {
+            assert_eq!(pair(&shared).1, generation);
+            shared.invalidate(generation);
+        })
+        .join()
+        .unwrap();
+        let (second, next) = pair(&layer.shared);
+        assert_ne!(next, generation);
+        // Signed at the same second with the same claims: the same text, a new generation.
+        assert_eq!(second, first);
+        assert_eq!(layer.tokens_signed(), 2);
+
+        // Due for renewal (the copy's time, not only the shared token's, is checked).
+        clock.set(1_000_000 + (TOKEN_LIFETIME - DEFAULT_RENEW_BEFORE).as_secs());
+        let (_, renewed) = pair(&layer.shared);
+        assert_ne!(renewed, next);
+        assert_eq!(layer.tokens_signed(), 3);
+
+        // A token re-signed after a refusal on another thread replaces this thread's copy.
+        let shared = layer.shared.clone();
+        let resigned = std::thread::spawn(move || shared.resign(renewed).unwrap().1)
+            .join()
+            .unwrap();
+        assert_eq!(pair(&layer.shared).1, resigned);
+        assert_eq!(layer.tokens_signed(), 4);
+    }
+
+    /// The way back to the cache leads to it while the layer lives, and keeps neither it nor
+    /// its credentials alive after.
+    #[test]
+    fn the_way_back_does_not_keep_the_layer_alive() {
+        let clock = ManualClock::default();
+        let layer = jwt(&clock);
+        let (_, generation, owner) = layer.shared.header(true).unwrap();
+        let owner = owner.expect("asked for");
+        assert!(Arc::ptr_eq(&owner.upgrade().unwrap(), &layer.shared));
+        // From the thread's copy too.
+        let (_, again, from_copy) = layer.shared.header(true).unwrap();
+        assert_eq!(again, generation);
+        assert!(Arc::ptr_eq(&from_copy.unwrap(), &owner));
+        owner.upgrade().unwrap().invalidate(generation);
+        assert_eq!(layer.shared.current.load(Ordering::SeqCst), 0);
+        let weak = Arc::downgrade(&layer.shared);
+        drop(layer);
+        assert!(weak.upgrade().is_none());
+        assert!(owner.upgrade().is_none());
+    }
+
+    /// JWT layers that share a thread slot keep their own tokens.
+    #[test]
+    fn layers_sharing_a_slot_keep_their_own_values() {
+        let clock = ManualClock::default();
+        let layers: Vec<AuthLayer> = (0..9)
+            .map(|i| {
+                AuthLayer::new(Credentials::access_key(format!("ak-{i}"), "sk").unwrap())
+                    .with_clock(clock.clone())
+            })
+            .collect();
+        let first: Vec<HeaderValue> = layers.iter().map(|l| pair(&l.shared).0).collect();
+        for _ in 0..2 {
+            for (layer, first) in layers.iter().zip(&first) {
+                let (value, generation) = pair(&layer.shared);
+                assert_eq!(&value, first);
+                assert!(value.is_sensitive());
+                assert_eq!(generation, 1);
+                assert_eq!(layer.tokens_signed(), 1);
+            }
+        }
+        for (i, a) in first.iter().enumerate() {
+            assert!(first[i + 1..].iter().all(|b| b != a), "distinct issuers");
+        }
+    }
+
+    /// An API key's value is kept once per distinct key, over static bytes, and sent as is.
+    #[test]
+    fn an_api_keys_value_is_kept_once_per_key() {
+        let a = api_key_header("key-a").unwrap();
+        let again = api_key_header("key-a").unwrap();
+        let b = api_key_header("key-b").unwrap();
+        assert_eq!(a, "Bearer key-a");
+        assert_eq!(b, "Bearer key-b");
+        assert_eq!(
+            a.as_bytes().as_ptr(),
+            again.as_bytes().as_ptr(),
+            "kept once"
+        );
+        let layer = AuthLayer::new(Credentials::api_key("key-a").unwrap());
+        let (value, generation) = pair(&layer.shared);
+        assert_eq!(
+            (value.as_bytes().as_ptr(), generation),
+            (a.as_bytes().as_ptr(), 0)
+        );
+        assert!(value.is_sensitive());
+        assert!(format!("{value:?}").contains("Sensitive"));
     }
 }

@@ -141,6 +141,33 @@ async fn token_expired_answer_triggers_exactly_one_resign_and_retry() {
     assert_eq!(layer.tokens_signed(), 2);
 }
 
+/// Without a classify step below, the layer reads the refusal from the body itself, in both
+/// modes.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_is_recognised_without_a_classify_step() {
+    for resend in [true, false] {
+        let clock = TokioWallClock::starting_at(Duration::from_secs(T0));
+        let layer = AuthLayer::new(Credentials::access_key("ak", "sk").unwrap())
+            .with_clock(clock)
+            .resend_on_refusal(resend);
+        let (seen, inner) = recorder(|n| if n == 1 { (401, EXPIRED) } else { (200, OK) });
+        let svc = layer.layer(inner);
+        let response = svc
+            .oneshot(request("GET", "/v1/videos/text2video/t1", ""))
+            .await
+            .unwrap();
+        let seen = seen.lock().unwrap().len();
+        if resend {
+            assert_eq!(response.status(), 200);
+            assert_eq!(seen, 2, "sent once more");
+        } else {
+            assert_eq!(Outcome::of(&response).unwrap().code(), Code::TokenExpired);
+            assert!(response.extensions().get::<TokenDropped>().is_some());
+            assert_eq!(seen, 1);
+        }
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_resent_copy_carries_every_header_and_only_a_fresh_token() {
     for extra in [1, 9] {

@@ -355,3 +355,54 @@ fn invalid_numbers_are_refused_with_the_field() {
         .unwrap_err();
     assert_eq!(err.field(), "base_url");
 }
+
+/// The client below the stack sees every attempt's account: the stack's own, or the one the
+/// caller set, on a retried attempt too (the stack sets it once, above the retry layer).
+#[tokio::test(start_paused = true)]
+async fn every_attempt_reaches_the_client_with_its_account() {
+    use std::sync::{Arc, Mutex};
+
+    let seen: Arc<Mutex<Vec<Option<AccountId>>>> = Arc::default();
+    let log = seen.clone();
+    let client = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let n = {
+            let mut log = log.lock().unwrap();
+            log.push(AccountId::of(&req).cloned());
+            log.len()
+        };
+        async move {
+            // Every first attempt is a 5xx (retried), every second one a success.
+            let (status, body) = if n % 2 == 1 {
+                (500, r#"{"code":5000,"message":"busy","request_id":"r"}"#)
+            } else {
+                (
+                    200,
+                    r#"{"code":0,"message":"SUCCEED","request_id":"r","data":null}"#,
+                )
+            };
+            Ok::<_, kling_core::BoxError>(
+                http::Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from_static(body.as_bytes())))
+                    .unwrap(),
+            )
+        }
+    });
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("k").unwrap(),
+    )
+    .unwrap();
+    let service = kling.layer(client);
+    let own = kling.account_id().clone();
+    send(&service, request("GET", "/v1/videos/text2video/t1", ""))
+        .await
+        .unwrap();
+    let mut theirs = request("GET", "/v1/videos/text2video/t2", "");
+    AccountId::set_if_absent(&mut theirs, &AccountId::new("team-x"));
+    send(&service, theirs).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let team = Some(AccountId::new("team-x"));
+    assert_eq!(seen, [Some(own.clone()), Some(own), team.clone(), team]);
+}

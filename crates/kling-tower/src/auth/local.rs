@@ -1,0 +1,147 @@
+//! Each thread's own copy of the `Authorization` values in use.
+//!
+//! Every request clones the header value, and a `HeaderValue` clone bumps the reference count of
+//! its bytes: with one shared copy, every thread writes that one cache line twice per request
+//! (and a JWT took a mutex besides). A copy per thread keeps those writes in the thread's own
+//! cache; a JWT request reads the shared token generation (a load, no write) to know its copy is
+//! still the current token.
+//!
+//! A copy stays in its thread until another layer's value takes its slot or the thread ends;
+//! like any header it is marked sensitive, so `Debug` never shows it.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderValue;
+
+use super::Shared;
+
+/// The way back to a layer's token cache from a response future (to drop a refused token),
+/// one per thread and token: cloning it writes this thread's reference count, not the shared
+/// cache's. Weak, so a thread's copy does not keep the credentials alive.
+pub(crate) type Owner = Arc<Weak<Shared>>;
+
+/// How many layers' values a thread keeps (more layers share slots and copy again).
+const SLOTS: usize = 4;
+
+/// Identifies one layer's token cache (its [`Shared`](super::Shared)) in the thread slots.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A fresh layer id, never 0 (0 marks an empty slot).
+pub(super) fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// One layer's value as this thread last copied it.
+struct Copy {
+    id: u64,
+    generation: u64,
+    renew_at: Duration,
+    header: HeaderValue,
+    owner: Owner,
+}
+
+thread_local! {
+    static COPIES: RefCell<[Option<Copy>; SLOTS]> = const { RefCell::new([const { None }; SLOTS]) };
+}
+
+fn slot(id: u64) -> usize {
+    (id % SLOTS as u64) as usize
+}
+
+/// This thread's copy of layer `id`'s value when it is of token `generation` and `now` is
+/// before its renewal time, with its [`Owner`] when `owner` asks for it.
+#[inline]
+pub(super) fn get(
+    id: u64,
+    generation: u64,
+    now: Duration,
+    owner: bool,
+) -> Option<(HeaderValue, Option<Owner>)> {
+    COPIES.with(|copies| {
+        let copies = copies.borrow();
+        match &copies[slot(id)] {
+            Some(copy) if copy.id == id && copy.generation == generation && now < copy.renew_at => {
+                Some((copy.header.clone(), owner.then(|| copy.owner.clone())))
+            }
+            _ => None,
+        }
+    })
+}
+
+/// Keeps a copy of `header` (token `generation`, to be renewed at `renew_at`) for this thread,
+/// in bytes of its own, with `owner`.
+pub(super) fn put(
+    id: u64,
+    generation: u64,
+    renew_at: Duration,
+    header: &HeaderValue,
+    owner: Owner,
+) {
+    let mut own = match HeaderValue::from_maybe_shared(Bytes::copy_from_slice(header.as_bytes())) {
+        Ok(own) => own,
+        // A valid value copies to a valid value; keep nothing rather than panic.
+        Err(_) => return,
+    };
+    own.set_sensitive(true);
+    COPIES.with(|copies| {
+        copies.borrow_mut()[slot(id)] = Some(Copy {
+            id,
+            generation,
+            renew_at,
+            header: own,
+            owner,
+        });
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner() -> Owner {
+        Arc::new(Weak::new())
+    }
+
+    #[test]
+    fn a_copy_is_found_only_for_its_layer_generation_and_time() {
+        let id = next_id();
+        let value = HeaderValue::from_static("Bearer t1");
+        assert!(get(id, 1, Duration::ZERO, false).is_none());
+        let kept = owner();
+        put(id, 1, Duration::from_secs(100), &value, kept.clone());
+        let (copy, none) = get(id, 1, Duration::from_secs(99), false).expect("the copy");
+        assert!(none.is_none());
+        let (_, found) = get(id, 1, Duration::from_secs(99), true).unwrap();
+        assert!(Arc::ptr_eq(&found.unwrap(), &kept));
+        assert_eq!(copy, value);
+        assert!(copy.is_sensitive());
+        // Its own bytes, not the shared ones.
+        assert_ne!(copy.as_bytes().as_ptr(), value.as_bytes().as_ptr());
+        assert!(
+            get(id, 2, Duration::from_secs(99), false).is_none(),
+            "another token"
+        );
+        assert!(
+            get(id, 1, Duration::from_secs(100), false).is_none(),
+            "due for renewal"
+        );
+        // Another layer in the same slot takes it over.
+        let other = id + SLOTS as u64;
+        let value = HeaderValue::from_static("Bearer other");
+        put(other, 1, Duration::MAX, &value, owner());
+        assert!(get(id, 1, Duration::ZERO, false).is_none());
+        assert_eq!(
+            get(other, 1, Duration::ZERO, false).unwrap().0,
+            "Bearer other"
+        );
+        // Other threads keep their own.
+        let found = std::thread::spawn(move || get(other, 1, Duration::ZERO, false).is_some())
+            .join()
+            .unwrap();
+        assert!(!found);
+    }
+}
