@@ -1,5 +1,6 @@
 //! The [`Metrics`](crate::Metrics) response future.
 
+use std::cell::Cell;
 use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
@@ -20,6 +21,7 @@ use tracing::Span;
 
 use crate::Monitor;
 use crate::labels;
+use crate::recorder::{self, Probe, Target};
 
 pin_project! {
     /// Waits for the inner call inside the request's span, then records its metrics.
@@ -43,12 +45,17 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 /// What the future needs to record once the call ends.
 struct Call {
     start: Instant,
+    /// The kind and pool labels; only the kind's being a create when nothing records them
+    /// (see `Metrics::call`).
     kind: RequestKind,
     pool: labels::Value,
     monitor: Monitor,
+    target: Target,
 }
 
 impl<F> ResponseFuture<F> {
+    /// Inlined: the inner future (the whole stack below) is large, and each move is a `memcpy`.
+    #[inline(always)]
     pub(crate) fn new(
         inner: F,
         span: Span,
@@ -56,6 +63,7 @@ impl<F> ResponseFuture<F> {
         kind: RequestKind,
         pool: labels::Value,
         monitor: Monitor,
+        target: Target,
     ) -> Self {
         ResponseFuture {
             inner,
@@ -65,6 +73,7 @@ impl<F> ResponseFuture<F> {
                 kind,
                 pool,
                 monitor,
+                target,
             }),
         }
     }
@@ -200,18 +209,30 @@ impl Call {
             span.record("status", status.value().as_str());
             span.record("code", code.value().as_str());
         }
+        if self.target == Target::Nothing {
+            return;
+        }
         // The common case: every label value is indexed, and the keys were built by an
         // earlier call with the same values (see `labels::call_keys`).
         if let Some(keys) = labels::call_keys(self.kind, &self.pool, status, code) {
-            static METADATA: metrics::Metadata<'static> =
-                metrics::Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+            if self.target == Target::Global {
+                let (duration, responses) = keys.global_handles();
+                duration.record(seconds);
+                responses.increment(1);
+                return;
+            }
             metrics::with_recorder(|recorder| {
+                let asked = Cell::new(false);
                 recorder
-                    .register_histogram(&keys.duration, &METADATA)
-                    .record(seconds);
+                    .register_histogram(&keys.duration, &labels::METADATA)
+                    .record(Probe {
+                        value: seconds,
+                        asked: &asked,
+                    });
                 recorder
-                    .register_counter(&keys.responses, &METADATA)
+                    .register_counter(&keys.responses, &labels::METADATA)
                     .increment(1);
+                recorder::classify(recorder, asked.get());
             });
             return;
         }

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::sync::{OnceLock, RwLock};
 
 use kling_core::{Code, Product, RequestKind, TaskStatus};
-use metrics::{Key, Label, SharedString};
+use metrics::{Counter, Histogram, Key, Label, Metadata, SharedString};
 
 use crate::route::PoolRef;
 
@@ -197,11 +197,14 @@ pub(crate) fn task_status(status: &TaskStatus) -> SharedString {
     SharedString::const_str(text)
 }
 
+/// The pool label of a request that draws from no pool.
+pub(crate) const NO_POOL: Value = Value::fixed("", 0);
+
 /// A pool as a label value: empty for requests that draw from no pool, `video:kling-3.0` for a
 /// model's pool (the `Display` of [`kling_core::Pool`]).
 pub(crate) fn pool(pool: PoolRef<'_>) -> Value {
     match pool {
-        PoolRef::None => Value::fixed("", 0),
+        PoolRef::None => NO_POOL,
         PoolRef::Product(product) => match product {
             Product::Video => Value::fixed(Product::Video.as_str(), 1),
             Product::Image => Value::fixed(Product::Image.as_str(), 2),
@@ -269,12 +272,34 @@ fn kind_index(kind: RequestKind) -> Option<usize> {
 pub(crate) struct CallKeys {
     pub(crate) duration: Key,
     pub(crate) responses: Key,
+    /// The handles of both from the global recorder, registered on first use (see
+    /// [`crate::recorder`]: only the global recorder's handles are kept).
+    global: OnceLock<(Histogram, Counter)>,
 }
 
+impl CallKeys {
+    /// The duration histogram and response counter of the global recorder, which must be the
+    /// current recorder ([`Target::Global`](crate::recorder::Target::Global)).
+    pub(crate) fn global_handles(&self) -> &(Histogram, Counter) {
+        self.global.get_or_init(|| {
+            metrics::with_recorder(|recorder| {
+                (
+                    recorder.register_histogram(&self.duration, &METADATA),
+                    recorder.register_counter(&self.responses, &METADATA),
+                )
+            })
+        })
+    }
+}
+
+/// The metadata the call metrics are registered with.
+pub(crate) static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
 /// Per (kind, pool), the call keys per (status, code), each built on first use, so a call
-/// finds its keys by index: no lock, no hash, no clone. Only keys are cached, never metric
-/// handles: the recorder a handle comes from may change (a thread-local recorder in a test),
-/// a key does not.
+/// finds its keys by index: no lock, no hash, no clone. Handles are kept only for the global
+/// recorder, which never changes once installed; any other recorder (a thread-local one in a
+/// test) registers from the keys on each call.
 ///
 /// The label arrays are leaked to get the `'static` slices a [`Key`] borrows; the combinations
 /// are finite (5 kinds × 64 pools × 14 statuses × 24 codes at the very most), so the leak is
@@ -325,6 +350,7 @@ fn build_keys(
     CallKeys {
         duration: Key::from_static_parts(REQUEST_DURATION, duration),
         responses: Key::from_static_parts(RESPONSES, responses),
+        global: OnceLock::new(),
     }
 }
 

@@ -51,6 +51,17 @@
 //! # }
 //! ```
 //!
+//! # Recorders
+//!
+//! With no recorder installed the layer records nothing and skips the work only labels need
+//! (it still keeps the [`Monitor`]'s usage and task counts). With the global recorder it
+//! registers the duration histogram and response counter of each label combination once and
+//! keeps the handles. A thread-local recorder (`metrics::with_local_recorder`, as in tests)
+//! gets each call's metrics registered on it, as the facade's macros do. A global recorder
+//! installed after the layer was built is used from the next call on (its first calls register
+//! on each call, then the handles are kept); a call already in flight when it is installed is
+//! not recorded.
+//!
 //! # Feature flags
 //!
 //! | feature | default | what it does |
@@ -70,6 +81,7 @@ mod layer;
 mod monitor;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
+mod recorder;
 mod route;
 mod service;
 mod snapshot;

@@ -473,6 +473,11 @@ impl Monitor {
             .is_ok()
     }
 
+    /// Whether task ends are recorded as metrics (their pool label is then kept).
+    pub(crate) fn records_task_metrics(&self) -> bool {
+        self.inner.record_task_metrics
+    }
+
     /// The configured warning threshold.
     pub fn usage_threshold(&self) -> f64 {
         self.inner.threshold
@@ -480,9 +485,11 @@ impl Monitor {
 
     /// A request was sent (or `n` more: retried attempts reported afterwards).
     pub(crate) fn note_requests(&self, now: Instant, n: u64) {
-        let total = self.inner.window.record(now, n);
+        // The window's total is only needed to check it against a quota.
         if self.inner.quota.is_some() {
-            self.check_rate(total);
+            self.check_rate(self.inner.window.record(now, n));
+        } else {
+            self.inner.window.count(now, n);
         }
     }
 
@@ -739,6 +746,12 @@ impl RateWindow {
 
     /// Counts `n` requests now; returns the requests in the window, these included.
     fn record(&self, now: Instant, n: u64) -> u64 {
+        let (epoch, count) = self.count(now, n);
+        count + self.others(epoch)
+    }
+
+    /// Counts `n` requests now; returns the step and the requests in its bucket.
+    fn count(&self, now: Instant, n: u64) -> (u64, u64) {
         let epoch = self.epoch(now);
         let slot = &self.buckets[(epoch % BUCKETS as u64) as usize];
         let mut current = slot.load(Ordering::Relaxed);
@@ -754,15 +767,18 @@ impl RateWindow {
                 Err(actual) => current = actual,
             }
         };
+        (epoch, count)
+    }
+
+    /// The requests in the buckets of the window at step `epoch` but its own.
+    fn others(&self, epoch: u64) -> u64 {
         let (cached_epoch, cached) = unpack(self.others.load(Ordering::Acquire));
-        let others = if cached_epoch == epoch {
-            cached
-        } else {
-            let sum = self.sum(epoch, true);
-            self.others.store(pack(epoch, sum), Ordering::Release);
-            sum
-        };
-        count + others
+        if cached_epoch == epoch {
+            return cached;
+        }
+        let sum = self.sum(epoch, true);
+        self.others.store(pack(epoch, sum), Ordering::Release);
+        sum
     }
 
     /// The requests in the window ending now.

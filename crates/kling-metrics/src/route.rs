@@ -7,6 +7,8 @@
 //! borrows from the path and never allocates (the layers below recognise the request when they
 //! need more).
 
+use std::cell::RefCell;
+
 use http::{Method, Request};
 use kling_core::{Pool, Product, Recognized, RequestKind, Route};
 
@@ -43,6 +45,42 @@ pub(crate) fn of<B>(request: &Request<B>) -> (RequestKind, PoolRef<'_>) {
         Some(recognized) => (recognized.kind, PoolRef::of(recognized.pool.as_ref())),
         None => from_path(request.method(), request.uri().path()),
     }
+}
+
+/// The longest path [`kind_of_post`] remembers.
+const REMEMBERED_PATH: usize = 64;
+
+thread_local! {
+    /// The last POST path this thread routed, and its kind: creates repeat their path.
+    static LAST_POST: RefCell<Option<([u8; REMEMBERED_PATH], usize, RequestKind)>> =
+        const { RefCell::new(None) };
+}
+
+/// The kind of a POST request (whether it is a create): its cached recognition, else this
+/// thread's last POST path when it is the same text (a comparison instead of the path rules),
+/// else its path.
+pub(crate) fn kind_of_post<B>(request: &Request<B>) -> RequestKind {
+    if !request.extensions().is_empty()
+        && let Some(recognized) = Recognized::cached(request)
+    {
+        return recognized.kind;
+    }
+    let path = request.uri().path();
+    let bytes = path.as_bytes();
+    LAST_POST.with_borrow_mut(|last| {
+        if let Some((text, len, kind)) = last
+            && text[..*len] == *bytes
+        {
+            return *kind;
+        }
+        let kind = Route::of(&Method::POST, path).kind;
+        if bytes.len() <= REMEMBERED_PATH {
+            let mut text = [0; REMEMBERED_PATH];
+            text[..bytes.len()].copy_from_slice(bytes);
+            *last = Some((text, bytes.len(), kind));
+        }
+        kind
+    })
 }
 
 /// The kind and pool [`Route`] finds for `method` and `path`.
@@ -104,6 +142,48 @@ mod tests {
             }
         }
         assert_eq!(checked, 3 * (12 + 144 + 1728));
+    }
+
+    /// The remembered POST path gives the kind the path rules give, over runs of paths that
+    /// repeat, share prefixes, or are too long to remember.
+    #[test]
+    fn the_kind_of_a_post_is_its_routes_whatever_came_before() {
+        let long = format!("/v1/videos/{}", "x".repeat(REMEMBERED_PATH));
+        let paths = [
+            "/v1/videos/text2video",
+            "/v1/videos/text2video",
+            "/v1/videos/text2vide",
+            "/v1/videos/text2video/",
+            "/v1/videos/text2video/abc",
+            "/tasks",
+            "/text-to-video/kling-3.0",
+            "/text-to-video/kling-3.0",
+            "/v1/images/generations",
+            long.as_str(),
+            long.as_str(),
+            "/v1/videos",
+            "",
+            "/",
+        ];
+        for round in 0..3 {
+            // In order, then by steps of 3 and 5 (coprime with the 14 paths).
+            for n in 0..paths.len() {
+                let path = paths[(n * (2 * round + 1)) % paths.len()];
+                let uri = if path.is_empty() { "/" } else { path };
+                let request = Request::post(uri).body(()).unwrap();
+                assert_eq!(
+                    kind_of_post(&request),
+                    Route::of(&Method::POST, request.uri().path()).kind,
+                    "{path}"
+                );
+            }
+        }
+        // A cached recognition wins, as in `of`.
+        let mut request = Request::post("/v1/videos/text2video").body(()).unwrap();
+        let mut recognized = Recognized::from_parts(&Method::POST, request.uri(), b"");
+        recognized.kind = RequestKind::Other;
+        request.extensions_mut().insert(recognized);
+        assert_eq!(kind_of_post(&request), RequestKind::Other);
     }
 
     #[test]

@@ -3,17 +3,19 @@
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use http_body_util::Full;
-use kling_core::PeekBody;
 use kling_core::error::BoxError;
 use kling_core::signals::Attempt;
+use kling_core::{PeekBody, RequestKind};
 use tokio::time::Instant;
 use tower_service::Service;
 use tracing::field::Empty;
 
 use crate::future::ResponseFuture;
-use crate::{Monitor, labels, route};
+use crate::recorder::{self, Target};
+use crate::route;
+use crate::{Monitor, labels};
 
 /// Measures each call and reports it through the `metrics` facade, a `tracing` span and its
 /// [`Monitor`]. See [`MetricsLayer`](crate::MetricsLayer) and the crate docs.
@@ -76,10 +78,21 @@ where
         // The call's only clock read when a classify step timed the response (its arrival is
         // the call's end, see `ResponseFuture`).
         let start = Instant::now();
+        let target = recorder::target();
         // The kind and pool from the path (or a cached recognition): no allocation, and the
-        // layers below recognise the request when they need more.
-        let (kind, pool) = route::of(&request);
-        let pool = labels::pool(pool);
+        // layers below recognise the request when they need more. Only what tracks tasks when
+        // nothing records the labels: whether it is a create (always a POST).
+        let labelled = target != Target::Nothing
+            || self.monitor.records_task_metrics()
+            || tracing::level_enabled!(tracing::Level::INFO);
+        let (kind, pool) = if labelled {
+            let (kind, pool) = route::of(&request);
+            (kind, labels::pool(pool))
+        } else if request.method() == Method::POST {
+            (route::kind_of_post(&request), labels::NO_POOL)
+        } else {
+            (RequestKind::Other, labels::NO_POOL)
+        };
         // Only what the request *is*: never its headers, URI query or body. The field values
         // are only computed when the span is enabled.
         let span = tracing::info_span!(
@@ -100,6 +113,14 @@ where
             let _entered = span.enter();
             self.inner.call(request)
         };
-        ResponseFuture::new(future, span, start, kind, pool, self.monitor.clone())
+        ResponseFuture::new(
+            future,
+            span,
+            start,
+            kind,
+            pool,
+            self.monitor.clone(),
+            target,
+        )
     }
 }

@@ -1,0 +1,207 @@
+//! Which `metrics` recorder a call records to, told apart cheaply, so a call with no recorder
+//! installed records nothing and a call to the global recorder uses handles registered once.
+//!
+//! The `metrics` facade hands out the current recorder (a thread's local one, else the global
+//! one, else its no-op) but does not say which it is. This module learns the recorder a thread
+//! *without* a local one sees — call it the default: the no-op until a global recorder is
+//! installed, that recorder after — by asking on a fresh thread, and learns whether the default
+//! is the no-op from the first duration recorded through it: the no-op has no size and its
+//! histogram never asks for its value (see [`Probe`]; a real recorder that drops the duration
+//! histogram, a filter, has a size, so its counter is still recorded). A call whose recorder
+//! is the default then knows, with one thread-local read and two loads:
+//!
+//! - the default is the no-op: nothing to record ([`Target::Nothing`]);
+//! - the default is a real recorder: it is the global one, installed for good, so handles
+//!   registered from it stay valid ([`Target::Global`]);
+//! - anything else (a thread's local recorder, a global recorder installed since the default
+//!   was learned, or a default not yet classified): every metric is registered on each call,
+//!   as the facade's macros do ([`Target::Each`]). The default is learned again at most every
+//!   4,096 such calls (the first such call after a new default), so a global recorder installed
+//!   after the layer was built gets its handles kept within that many calls (each recorded
+//!   correctly meanwhile).
+//!
+//! A recorder is told apart by its address: only a zero-sized local recorder can share the
+//! address of the global one, and would be taken for it.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use metrics::Recorder;
+
+/// Where a call's metrics go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// No recorder is installed: nothing is recorded.
+    Nothing,
+    /// The global recorder: handles registered once are reused.
+    Global,
+    /// Another recorder, or one not classified yet: registered on each call.
+    Each,
+}
+
+/// The default recorder's address shifted left by two, with its kind in the low two bits;
+/// 0 before it is first learned.
+static DEFAULT: AtomicU64 = AtomicU64::new(0);
+/// Calls that found another recorder than the default (or none known), to learn it again now
+/// and then; reset when a new default is learned.
+static MISSES: AtomicU32 = AtomicU32::new(0);
+/// Every how many such calls the default is learned again.
+const RELEARN_EVERY: u32 = 4096;
+
+const UNKNOWN: u64 = 0;
+const NOOP: u64 = 1;
+const REAL: u64 = 2;
+const KIND: u64 = 0b11;
+
+fn address(recorder: &dyn Recorder) -> u64 {
+    (recorder as *const dyn Recorder).cast::<()>() as usize as u64
+}
+
+/// The current recorder's address (a thread-local read and, without a local recorder, a load).
+fn current() -> u64 {
+    metrics::with_recorder(address)
+}
+
+/// Learns the default recorder on a fresh thread (which has no local recorder), keeping what
+/// is known about it when it did not change. Blocks the caller for the thread's life (tens of
+/// microseconds), once and then at most once per [`RELEARN_EVERY`] calls to another recorder;
+/// where no thread can be started, nothing is learned and every call registers its metrics.
+fn learn() -> u64 {
+    let default = std::thread::Builder::new()
+        .name("kling-metrics-probe".into())
+        .spawn(current)
+        .ok()
+        .and_then(|probe| probe.join().ok());
+    let Some(default) = default else {
+        return DEFAULT.load(Ordering::Acquire);
+    };
+    let mut known = DEFAULT.load(Ordering::Acquire);
+    loop {
+        if known != 0 && known >> 2 == default {
+            return known;
+        }
+        let next = (default << 2) | UNKNOWN;
+        match DEFAULT.compare_exchange(known, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                // A new default (a global recorder installed): the next call to another
+                // recorder learns again at once.
+                MISSES.store(0, Ordering::Relaxed);
+                return next;
+            }
+            Err(actual) => known = actual,
+        }
+    }
+}
+
+/// Where the metrics of a call starting now go.
+pub(crate) fn target() -> Target {
+    let current = current();
+    let mut known = DEFAULT.load(Ordering::Acquire);
+    // Rate-limited even when nothing is known yet: where no thread starts, learning fails.
+    let relearn = (known == 0 || known >> 2 != current)
+        && MISSES
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(RELEARN_EVERY);
+    if relearn {
+        known = learn();
+    }
+    if known >> 2 != current {
+        return Target::Each;
+    }
+    match known & KIND {
+        NOOP => Target::Nothing,
+        REAL => Target::Global,
+        _ => Target::Each,
+    }
+}
+
+/// Classifies `recorder` if it is the default and not classified yet: `asked` says whether a
+/// histogram it registered asked for the value it recorded. Only a recorder of no size whose
+/// histogram did not ask is the no-op.
+pub(crate) fn classify(recorder: &dyn Recorder, asked: bool) {
+    let known = DEFAULT.load(Ordering::Acquire);
+    if known & KIND != UNKNOWN || known >> 2 != address(recorder) || known == 0 {
+        return;
+    }
+    let kind = kind_of(recorder, asked);
+    // Lost only to a newer default, which is classified by a later call.
+    let _ = DEFAULT.compare_exchange(known, known | kind, Ordering::AcqRel, Ordering::Relaxed);
+}
+
+/// Whether a recorder whose histogram asked (or not) for its value is real or the no-op.
+fn kind_of(recorder: &dyn Recorder, asked: bool) -> u64 {
+    if asked || std::mem::size_of_val(recorder) != 0 {
+        REAL
+    } else {
+        NOOP
+    }
+}
+
+/// A value handed to a histogram that notes whether the histogram asked for it: a no-op
+/// recorder's histogram never does.
+pub(crate) struct Probe<'a, V> {
+    pub(crate) value: V,
+    pub(crate) asked: &'a Cell<bool>,
+}
+
+impl<V: metrics::IntoF64> metrics::IntoF64 for Probe<'_, V> {
+    fn into_f64(self) -> f64 {
+        self.asked.set(true);
+        self.value.into_f64()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use metrics_util::debugging::DebuggingRecorder;
+
+    use super::*;
+
+    #[test]
+    fn a_probe_tells_a_real_histogram_from_a_no_op_one() {
+        let key = metrics::Key::from_static_name("probe_test");
+        let meta = metrics::Metadata::new(module_path!(), metrics::Level::INFO, None);
+        let asked = Cell::new(false);
+        metrics::NoopRecorder
+            .register_histogram(&key, &meta)
+            .record(Probe {
+                value: 1.0,
+                asked: &asked,
+            });
+        assert!(!asked.get());
+        DebuggingRecorder::new()
+            .register_histogram(&key, &meta)
+            .record(Probe {
+                value: 1.0,
+                asked: &asked,
+            });
+        assert!(asked.get());
+    }
+
+    /// Only a recorder of no size whose histogram did not ask is the no-op: a sized one (a
+    /// filter that drops the histogram) still gets its counter.
+    #[test]
+    fn only_a_sizeless_recorder_that_never_asks_is_the_no_op() {
+        assert_eq!(kind_of(&metrics::NoopRecorder, false), NOOP);
+        assert_eq!(kind_of(&metrics::NoopRecorder, true), REAL);
+        assert_eq!(kind_of(&DebuggingRecorder::new(), false), REAL);
+        assert_eq!(kind_of(&DebuggingRecorder::new(), true), REAL);
+    }
+
+    /// A thread's local recorder is never the default, whatever the default is.
+    #[test]
+    fn a_local_recorder_is_recorded_to_on_each_call() {
+        let recorder = DebuggingRecorder::new();
+        metrics::with_local_recorder(&recorder, || {
+            for _ in 0..3 {
+                assert_eq!(target(), Target::Each);
+                metrics::with_recorder(|r| classify(r, true));
+            }
+        });
+        assert_ne!(
+            DEFAULT.load(Ordering::Acquire),
+            0,
+            "the default was learned"
+        );
+    }
+}
