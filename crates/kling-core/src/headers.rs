@@ -24,47 +24,63 @@ const INLINE: usize = 6;
 /// assert_eq!(copy.into_map(), headers);
 /// ```
 #[derive(Clone, Debug)]
-pub struct HeaderCopy(Kept);
-
-// Inline values are the point: the map variant is the rare one.
-#[expect(clippy::large_enum_variant)]
-#[derive(Clone, Debug)]
-enum Kept {
-    /// The values in `HeaderMap::iter` order.
-    Inline([Option<(HeaderName, HeaderValue)>; INLINE]),
-    Map(HeaderMap),
+pub struct HeaderCopy {
+    inline: [Option<(HeaderName, HeaderValue)>; INLINE],
+    /// More than [`INLINE`] values: boxed, as it is rare and a copy's size is moved around.
+    map: Option<Box<HeaderMap>>,
 }
 
 impl HeaderCopy {
+    /// An empty copy, to [`fill`](HeaderCopy::fill) in place (e.g. inside a box, where
+    /// [`of`](HeaderCopy::of)'s return value would be copied again on its way in).
+    pub const EMPTY: HeaderCopy = HeaderCopy {
+        inline: [const { None }; INLINE],
+        map: None,
+    };
+
     /// A copy of `headers`.
     pub fn of(headers: &HeaderMap) -> HeaderCopy {
+        let mut copy = HeaderCopy::EMPTY;
+        copy.fill(headers);
+        copy
+    }
+
+    /// Copies `headers` into `self`, which must be empty (as [`EMPTY`](HeaderCopy::EMPTY), or
+    /// after [`take`](HeaderCopy::take)).
+    pub fn fill(&mut self, headers: &HeaderMap) {
+        debug_assert!(
+            self.map.is_none() && self.inline[0].is_none(),
+            "fill an empty copy"
+        );
         if headers.len() > INLINE {
-            return HeaderCopy(Kept::Map(headers.clone()));
+            self.map = Some(Box::new(headers.clone()));
+            return;
         }
-        let mut slots = [const { None }; INLINE];
-        for (slot, (name, value)) in slots.iter_mut().zip(headers) {
+        for (slot, (name, value)) in self.inline.iter_mut().zip(headers) {
             *slot = Some((name.clone(), value.clone()));
         }
-        HeaderCopy(Kept::Inline(slots))
     }
 
     /// Whether the values are kept inline (the copy allocated nothing).
     pub fn is_inline(&self) -> bool {
-        matches!(self.0, Kept::Inline(_))
+        self.map.is_none()
+    }
+
+    /// The headers as they were copied, leaving `self` empty.
+    pub fn take(&mut self) -> HeaderMap {
+        if let Some(map) = self.map.take() {
+            return *map;
+        }
+        let mut map = HeaderMap::new();
+        for (name, value) in self.inline.iter_mut().map_while(Option::take) {
+            map.append(name, value);
+        }
+        map
     }
 
     /// The headers as they were copied.
-    pub fn into_map(self) -> HeaderMap {
-        match self.0 {
-            Kept::Map(map) => map,
-            Kept::Inline(slots) => {
-                let mut map = HeaderMap::new();
-                for (name, value) in slots.into_iter().map_while(|slot| slot) {
-                    map.append(name, value);
-                }
-                map
-            }
-        }
+    pub fn into_map(mut self) -> HeaderMap {
+        self.take()
     }
 }
 
@@ -89,7 +105,14 @@ mod tests {
             }
             let copy = HeaderCopy::of(&headers);
             prop_assert_eq!(copy.is_inline(), headers.len() <= INLINE);
-            prop_assert_eq!(copy.into_map(), headers);
+            prop_assert_eq!(copy.into_map(), headers.clone());
+            // Filled in place, taken, and filled again: the same.
+            let mut copy = HeaderCopy::EMPTY;
+            copy.fill(&headers);
+            prop_assert_eq!(copy.take(), headers.clone());
+            prop_assert_eq!(copy.take(), HeaderMap::new());
+            copy.fill(&headers);
+            prop_assert_eq!(copy.take(), headers);
         }
     }
 }

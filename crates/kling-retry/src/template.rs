@@ -2,8 +2,8 @@
 //!
 //! Every call makes one and almost every call drops it unused, so it is built for that: one
 //! allocation (the box, which also keeps the response future small for the layers above to
-//! move) instead of `http::HeaderMap`'s two and `http::Extensions`' three. A retry, rare, puts
-//! the request back together first ([`Template::request`]).
+//! move) instead of `http::HeaderMap`'s two and `http::Extensions`' three, and filled in place
+//! in that box. A retry, rare, puts the request back together first ([`Template::request`]).
 
 use http::{Extensions, Method, Request, Uri, Version};
 use kling_core::headers::HeaderCopy;
@@ -18,13 +18,13 @@ use crate::lookup::Spliced;
 pub(crate) struct Template<B> {
     pub(crate) started: Instant,
     pub(crate) deadline: Option<Instant>,
+    /// Beside `kept`, not in it: written slot by slot in the box, not built aside and moved in.
+    headers: HeaderCopy,
     kept: Kept<B>,
 }
 
 /// The request, in pieces until a retry needs it whole: an empty `Request` costs its
 /// construction and its drop on every call.
-// Always in the template's box, whose size the largest variant sets anyway.
-#[expect(clippy::large_enum_variant)]
 enum Kept<B> {
     Parts(Parts<B>),
     Whole(Request<B>),
@@ -38,7 +38,6 @@ struct Parts<B> {
     version: Version,
     /// The body as sent, or the caller's body and the generated id the sent one holds.
     body: Result<B, (B, Spliced)>,
-    headers: HeaderCopy,
     /// The per-call signals to put back, when they were the request's only extension (the
     /// extensions were then not copied); else the extensions copied whole.
     extensions: Result<CallSignals, Extensions>,
@@ -57,30 +56,27 @@ impl<B: ReplayBody> Template<B> {
         deadline: Option<Instant>,
         spliced: Option<(B, Spliced)>,
     ) -> Box<Self> {
-        // Filled in place: built on the stack and moved, it would be copied into the box.
+        let parts = Parts {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            version: request.version(),
+            body: match spliced {
+                Some(spliced) => Err(spliced),
+                None => Ok(request.body().clone()),
+            },
+            extensions: match CallSignals::if_alone(request.extensions()) {
+                Some(signals) => Ok(signals),
+                None => Err(request.extensions().clone()),
+            },
+        };
         let mut template = Box::new(Template {
             started,
             deadline,
-            kept: Kept::Parts(Parts {
-                method: request.method().clone(),
-                uri: request.uri().clone(),
-                version: request.version(),
-                body: match spliced {
-                    Some(spliced) => Err(spliced),
-                    None => Ok(request.body().clone()),
-                },
-                headers: HeaderCopy::of(request.headers()),
-                extensions: Ok(CallSignals::default()),
-            }),
+            headers: HeaderCopy::EMPTY,
+            kept: Kept::Parts(parts),
         });
-        let Kept::Parts(parts) = &mut template.kept else {
-            unreachable!("made in parts above")
-        };
-        if let Some(signals) = CallSignals::if_alone(request.extensions()) {
-            parts.extensions = Ok(signals);
-        } else {
-            parts.extensions = Err(request.extensions().clone());
-        }
+        // In place: `HeaderCopy::of`'s value would be copied again on its way into the box.
+        template.headers.fill(request.headers());
         template
     }
 }
@@ -107,7 +103,6 @@ impl<B: ReplayBody> Template<B> {
             uri,
             version,
             body,
-            headers,
             extensions,
         } = parts;
         let body = match body {
@@ -118,7 +113,7 @@ impl<B: ReplayBody> Template<B> {
         *request.method_mut() = method;
         *request.uri_mut() = uri;
         *request.version_mut() = version;
-        *request.headers_mut() = headers.into_map();
+        *request.headers_mut() = self.headers.take();
         match extensions {
             Ok(signals) => signals.restore(&mut request),
             Err(extensions) => *request.extensions_mut() = extensions,
@@ -174,7 +169,7 @@ mod tests {
             panic!("kept in parts")
         };
         assert!(parts.extensions.is_ok(), "not copied");
-        assert!(parts.headers.is_inline(), "kept inline");
+        assert!(template.headers.is_inline(), "kept inline");
         let restored = template.request();
         assert_same_request(restored, &original);
         assert_eq!(
@@ -240,10 +235,7 @@ mod tests {
                 .append("x-many", HeaderValue::from(i));
         }
         let mut template = Template::new(&original, Instant::now(), None, None);
-        let Kept::Parts(parts) = &template.kept else {
-            panic!("kept in parts")
-        };
-        assert!(!parts.headers.is_inline());
+        assert!(!template.headers.is_inline());
         assert_same_request(template.request(), &original);
     }
 
