@@ -88,6 +88,8 @@ pub struct Row {
     pub allocs: f64,
     /// Bytes allocated per request, one driver task.
     pub bytes: f64,
+    /// The size of the subject's response future.
+    pub future_bytes: usize,
 }
 
 impl Row {
@@ -151,6 +153,8 @@ trait Subject {
     fn name(&self) -> &str;
     fn baseline(&self) -> Option<&'static str>;
     fn shareable(&self) -> bool;
+    /// The size of the service's response future: what every layer above moves.
+    fn future_bytes(&self) -> usize;
     /// Runs `lives` create+query lives over `tasks` drivers; returns CPU and wall ns/request.
     fn run(&self, rt: &Runtime, fixtures: &Arc<Fixtures>, tasks: usize, lives: usize) -> Sample;
 }
@@ -250,6 +254,10 @@ where
         true
     }
 
+    fn future_bytes(&self) -> usize {
+        std::mem::size_of::<S::Future>()
+    }
+
     fn run(&self, rt: &Runtime, fixtures: &Arc<Fixtures>, tasks: usize, lives: usize) -> Sample {
         let service = {
             let _entered = rt.enter();
@@ -300,6 +308,10 @@ where
 
     fn shareable(&self) -> bool {
         false
+    }
+
+    fn future_bytes(&self) -> usize {
+        std::mem::size_of::<S::Future>()
     }
 
     fn run(&self, rt: &Runtime, fixtures: &Arc<Fixtures>, _tasks: usize, lives: usize) -> Sample {
@@ -604,6 +616,7 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
             name: s.name().to_owned(),
             baseline: s.baseline(),
             multi: s.shareable().then(Vec::new),
+            future_bytes: s.future_bytes(),
             ..Row::default()
         })
         .collect();

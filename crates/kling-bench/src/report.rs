@@ -27,10 +27,10 @@ pub fn overhead(report: &overhead::Report) -> String {
     );
     let _ = writeln!(
         out,
-        "| subject | over | 1 task ns/req | + ns | {t} tasks ns/req | + ns | × tower (1 / {t}) | allocs/req | bytes/req |",
+        "| subject | over | 1 task ns/req | + ns | {t} tasks ns/req | + ns | × tower (1 / {t}) | allocs/req | bytes/req | future B |",
         t = report.tasks
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let added = |row: &overhead::Row| {
         let b = bare.map_or(0.0, overhead::Row::single_ns);
         let bm = bare.and_then(overhead::Row::multi_ns).unwrap_or(0.0);
@@ -59,7 +59,7 @@ pub fn overhead(report: &overhead::Report) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.0} | {} |",
             row.name,
             row.baseline.unwrap_or(""),
             ns(row.single_ns()),
@@ -68,12 +68,13 @@ pub fn overhead(report: &overhead::Report) -> String {
             plus_multi,
             ratio,
             row.allocs,
-            row.bytes
+            row.bytes,
+            row.future_bytes
         );
     }
     let _ = writeln!(
         out,
-        "| governor `check` alone (per check) | | {} | | {} | | | 0 | 0 |",
+        "| governor `check` alone (per check) | | {} | | {} | | | 0 | 0 | |",
         ns(report.governor.0),
         ns(report.governor.1)
     );
