@@ -121,7 +121,8 @@ fn verify_jwt(
     }
     match claim("exp") {
         Some(exp) if exp <= now => Err((1004, "token has expired")),
-        Some(_) => Ok(access.to_owned()),
+        // The configured account's name, like an API key's (the access key when none is set).
+        Some(_) => Ok(config.default_account()),
         None => Err((1000, "authentication failed: token has no exp")),
     }
 }

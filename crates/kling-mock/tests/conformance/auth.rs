@@ -47,6 +47,15 @@ async fn a_valid_jwt_is_accepted_and_its_account_is_the_access_key() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_valid_jwt_belongs_to_the_named_account_when_one_is_set() {
+    let c = Caller::new(quiet().access_key(AK, SK).account("acme"));
+    let c = c.with_key(&jwt(&good_claims(), SK));
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    assert_eq!(c.mock.in_use("acme", "video"), 1);
+    assert_eq!(c.mock.in_use(AK, "video"), 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_jwt_with_a_bad_signature_is_401_1000() {
     let c = caller().with_key(&jwt(&good_claims(), "other-secret"));
     c.post(T2V, json!({"prompt": "x"}))
