@@ -49,6 +49,10 @@ struct Gate<Bk: Backend> {
     waited_since: Option<Instant>,
     /// The instant it must not wait past, and why (set when it first waits).
     limit: Option<(Instant, WaitLimit)>,
+    /// The instant the backend noted for the last decision, while its answer came at once (in
+    /// the same poll): an admitted request is sent at that instant, with no clock read of its
+    /// own.
+    decided_at: Option<Instant>,
 }
 
 impl<Bk: Backend> Gate<Bk> {
@@ -56,9 +60,13 @@ impl<Bk: Backend> Gate<Bk> {
         self.class_key.as_ref().unwrap_or(account_key)
     }
 
-    fn acquire(&self, shared: &Shared<Bk>, account_key: &BucketKey) -> Bk::AcquireFuture {
-        let key = self.key(account_key);
-        shared.backend.acquire(key, &shared.policy_for(key))
+    fn acquire(&mut self, shared: &Shared<Bk>, account_key: &BucketKey) -> Bk::AcquireFuture {
+        let key = self.class_key.as_ref().unwrap_or(account_key);
+        let policy = shared.policy_for(key);
+        self.decided_at = None;
+        shared
+            .backend
+            .acquire_noting(key, &policy, &mut self.decided_at)
     }
 
     fn start_waiting<B>(&mut self, shared: &Shared<Bk>, request: &Request<B>, now: Instant) {
@@ -134,35 +142,41 @@ impl<Bk: Backend> Gate<Bk> {
                         };
                     }
                 }
-                Step::Acquiring(future) => match ready!(Pin::new(future).poll(cx))? {
-                    Decision::Admit => {
-                        if self.passed() {
-                            return Poll::Ready(Ok(()));
+                Step::Acquiring(future) => {
+                    match ready!(answered(Pin::new(future).poll(cx), &mut self.decided_at))? {
+                        Decision::Admit => {
+                            if self.passed() {
+                                return Poll::Ready(Ok(()));
+                            }
+                        }
+                        Decision::NotBefore { at, cooldown } => {
+                            let now = Instant::now();
+                            if shared.mode == Mode::Reject {
+                                return Poll::Ready(Err(Box::new(RateLimited::new(
+                                    at, now, cooldown,
+                                ))));
+                            }
+                            self.start_waiting(shared, request, now);
+                            if let Some((limit, why)) = self.limit
+                                && at > limit
+                            {
+                                self.place = None;
+                                return Poll::Ready(Err(Box::new(WaitExceeded::new(
+                                    at, why, false,
+                                ))));
+                            }
+                            if self.place.is_none() && !self.join(cx, shared, account_key)? {
+                                // Others queued meanwhile: wait for our turn behind them.
+                                self.step = Step::Queued;
+                                continue;
+                            }
+                            shared.queues.set_head_not_before(self.key(account_key), at);
+                            self.epoch = shared.epoch.load(Ordering::Acquire);
+                            self.sleep_until(at);
+                            self.step = Step::Sleeping;
                         }
                     }
-                    Decision::NotBefore { at, cooldown } => {
-                        let now = Instant::now();
-                        if shared.mode == Mode::Reject {
-                            return Poll::Ready(Err(Box::new(RateLimited::new(at, now, cooldown))));
-                        }
-                        self.start_waiting(shared, request, now);
-                        if let Some((limit, why)) = self.limit
-                            && at > limit
-                        {
-                            self.place = None;
-                            return Poll::Ready(Err(Box::new(WaitExceeded::new(at, why, false))));
-                        }
-                        if self.place.is_none() && !self.join(cx, shared, account_key)? {
-                            // Others queued meanwhile: wait for our turn behind them.
-                            self.step = Step::Queued;
-                            continue;
-                        }
-                        shared.queues.set_head_not_before(self.key(account_key), at);
-                        self.epoch = shared.epoch.load(Ordering::Acquire);
-                        self.sleep_until(at);
-                        self.step = Step::Sleeping;
-                    }
-                },
+                }
                 Step::Queued => {
                     let place = self.place.as_ref().expect("a queued request holds a place");
                     match shared.queues.poll_head(&place.key, place.id, cx.waker()) {
@@ -200,6 +214,15 @@ impl<Bk: Backend> Gate<Bk> {
             }
         }
     }
+}
+
+/// Passes a backend's answer on; for one not ready at once, forgets any instant the backend
+/// noted (the send time is then read when the request is admitted).
+fn answered<T>(polled: Poll<T>, decided_at: &mut Option<Instant>) -> Poll<T> {
+    if polled.is_pending() {
+        *decided_at = None;
+    }
+    polled
 }
 
 /// What a request that must wait carries while it waits: boxed, so the future of a request
@@ -254,6 +277,7 @@ where
     /// service is not cloned into the future; one that must wait takes the ready inner service
     /// with it and waits in the future. The first look has no waker to register, which is
     /// safe: the task's first poll passes its own waker to whatever the gate waits on.
+    #[inline(always)]
     pub(crate) fn new(
         shared: Arc<Shared<Bk>>,
         account_key: BucketKey,
@@ -265,16 +289,55 @@ where
         S: Clone,
         B: PeekBody,
     {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut step = Step::Start;
+        // The usual case, asked directly: nothing queues, one gate (the account's), admitted at
+        // once and sent at the instant the backend decided at. Any other answer goes through
+        // the gate, which asks again (a refusal took nothing) or polls the pending answer.
+        if class_key.is_none() && (shared.mode == Mode::Reject || shared.queues.is_idle()) {
+            let mut decided_at = None;
+            let mut acquire = shared.backend.acquire_noting(
+                &account_key,
+                &shared.account_policy(),
+                &mut decided_at,
+            );
+            match Pin::new(&mut acquire).poll(&mut cx) {
+                Poll::Ready(Ok(Decision::Admit)) => {
+                    return ResponseFuture {
+                        state: State::Calling {
+                            future: inner.call(request),
+                        },
+                        shared,
+                        account_key,
+                        sent_at: Some(decided_at.unwrap_or_else(Instant::now)),
+                        waited: Duration::ZERO,
+                    };
+                }
+                Poll::Ready(Err(error)) => {
+                    return ResponseFuture {
+                        state: State::Failed {
+                            error: Some(error.into()),
+                        },
+                        shared,
+                        account_key,
+                        sent_at: None,
+                        waited: Duration::ZERO,
+                    };
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Pending => step = Step::Acquiring(acquire),
+            }
+        }
         let mut gate = Gate {
             class_key,
-            step: Step::Start,
+            step,
             place: None,
             sleep: None,
             epoch: 0,
             waited_since: None,
             limit: None,
+            decided_at: None,
         };
-        let mut cx = Context::from_waker(Waker::noop());
         let first_look = gate.poll(&mut cx, &request, &shared, &account_key);
         let (mut sent_at, mut waited) = (None, Duration::ZERO);
         let state = match first_look {
@@ -313,7 +376,7 @@ fn admitted<Bk: Backend, B: PeekBody>(
     waited: &mut Duration,
     request: &mut Request<B>,
 ) {
-    let now = Instant::now();
+    let now = gate.decided_at.unwrap_or_else(Instant::now);
     *sent_at = Some(now);
     if let Some(since) = gate.waited_since {
         *waited = now.saturating_duration_since(since);

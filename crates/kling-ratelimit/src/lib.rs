@@ -50,8 +50,11 @@
 //!   ([`error::QueueFull`], [`error::WaitExceeded`]) carrying the resume time.
 //!   **Reject mode** ([`Builder::reject`]) fails at once with [`error::RateLimited`], which
 //!   carries the wait — for servers, which ignore backpressure.
-//! - **Time**: every wait is one [`tokio::time::Sleep`] until the instant governor names with
-//!   [`kling_core::TokioClock`]; never governor's own `until_ready`. Paused-time tests are exact.
+//! - **Time**: tokio time throughout. A request reads the clock once, under the backend's lock:
+//!   governor's `check` decides at that instant (the key's limiter has a clock that hands it
+//!   back rather than reading its own), which is also the request's send time; every wait is
+//!   one [`tokio::time::Sleep`] until the instant governor names, never governor's own
+//!   `until_ready`. Paused-time tests are exact.
 //! - **Cooldown**: a 1302 or a `Retry-After` pauses the whole key — queued and new requests
 //!   alike — which then resumes in order; 1302s in a row escalate the pause up to a ceiling
 //!   ([`Cooldown`]).

@@ -1,4 +1,5 @@
-//! The in-process backend: one governor GCRA limiter per key, on tokio time.
+//! The in-process backend: one governor GCRA limiter per key, on tokio time read once per
+//! decision (governor's clock hands back the instant the backend read under its lock).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -8,10 +9,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use governor::RateLimiter;
+use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::state::{NotKeyed, StateStore};
-use kling_core::{TokioClock, TokioInstant};
+use kling_core::RequestKind;
 use tokio::time::Instant;
 
 use super::{Backend, BucketKey, Decision, Feedback, KeyState, Policy, Reported, pause_until};
@@ -26,10 +28,34 @@ const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(600);
 /// The state cell's "no measurement yet".
 const EMPTY: u64 = u64::MAX;
 
+/// One key's two cells, in nanoseconds since the key's start: the instant the backend decides
+/// at (governor's clock reads it) and the theoretical arrival time (governor's state). Shared
+/// by the limiter and the entry, so the backend can set the one and read the other. Every
+/// access happens under the backend's lock: relaxed loads and stores suffice.
+#[derive(Debug)]
+struct Cells {
+    now: AtomicU64,
+    tat: AtomicU64,
+}
+
+/// governor's clock for one key: the instant the backend read under its lock, so a decision
+/// costs no clock read of its own.
+#[derive(Debug, Clone)]
+struct DecidedAt(Arc<Cells>);
+
+impl Clock for DecidedAt {
+    /// Nanoseconds since the key's start (the limiter's own start reads 0).
+    type Instant = Nanos;
+
+    fn now(&self) -> Nanos {
+        Nanos::from(self.0.now.load(Ordering::Relaxed))
+    }
+}
+
 /// A governor state store whose theoretical arrival time the backend can read and carry over
 /// when a key's quota changes.
 #[derive(Debug, Clone)]
-struct TatCell(Arc<AtomicU64>);
+struct TatCell(Arc<Cells>);
 
 impl StateStore for TatCell {
     type Key = NotKeyed;
@@ -39,21 +65,34 @@ impl StateStore for TatCell {
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
         // Every call happens under the backend's lock: a plain load and store suffice.
-        let prev = self.0.load(Ordering::Relaxed);
+        let prev = self.0.tat.load(Ordering::Relaxed);
         let (result, next) = f((prev != EMPTY).then(|| Nanos::from(prev)))?;
-        self.0.store(next.as_u64(), Ordering::Relaxed);
+        self.0.tat.store(next.as_u64(), Ordering::Relaxed);
         Ok(result)
     }
 }
 
-type Limiter = RateLimiter<NotKeyed, TatCell, TokioClock, NoOpMiddleware<TokioInstant>>;
+type Limiter = RateLimiter<NotKeyed, TatCell, DecidedAt, NoOpMiddleware<Nanos>>;
+
+/// The nanoseconds from `start` to `now` (0 if `now` is earlier).
+fn nanos_since(now: Instant, start: Instant) -> u64 {
+    nanos(now.saturating_duration_since(start))
+}
+
+/// A duration in nanoseconds, without `as_nanos`'s u128 (saturating, past 584 years).
+fn nanos(duration: Duration) -> u64 {
+    duration
+        .as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(duration.subsec_nanos()))
+}
 
 /// The state of one key.
 struct Entry {
     limiter: Limiter,
-    tat: TatCell,
-    /// Taken just before the limiter was built: governor's own start is this or later, so
-    /// converting through it errs on the late side.
+    cells: Arc<Cells>,
+    /// The instant the limiter was built at (its clock's 0): the key was made or its quota
+    /// last changed. No decision is earlier.
     start: Instant,
     applied: Quota,
     cooldown_until: Option<Instant>,
@@ -64,13 +103,15 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(quota: Quota) -> Entry {
-        let tat = TatCell(Arc::new(AtomicU64::new(EMPTY)));
-        let start = Instant::now();
+    fn new(quota: Quota, now: Instant) -> Entry {
+        let cells = Arc::new(Cells {
+            now: AtomicU64::new(0),
+            tat: AtomicU64::new(EMPTY),
+        });
         Entry {
-            limiter: RateLimiter::new(quota.to_governor(), tat.clone(), TokioClock),
-            tat,
-            start,
+            limiter: Entry::limiter(quota, &cells),
+            cells,
+            start: now,
             applied: quota,
             cooldown_until: None,
             streak: 0,
@@ -80,10 +121,55 @@ impl Entry {
         }
     }
 
+    /// A governor limiter for `quota` on the key's cells, started at the clock's 0 (the
+    /// caller's `start`).
+    fn limiter(quota: Quota, cells: &Arc<Cells>) -> Limiter {
+        cells.now.store(0, Ordering::Relaxed);
+        RateLimiter::new(
+            quota.to_governor(),
+            TatCell(Arc::clone(cells)),
+            DecidedAt(Arc::clone(cells)),
+        )
+    }
+
     /// The theoretical arrival time, absolute.
     fn tat(&self) -> Option<Instant> {
-        let rel = self.tat.0.load(Ordering::Relaxed);
+        let rel = self.cells.tat.load(Ordering::Relaxed);
         (rel != EMPTY).then(|| self.start + Duration::from_nanos(rel))
+    }
+
+    /// governor's `check` at `now`: the limiter's clock reads `now` from the key's cell, so
+    /// governor decides at the instant the backend read; its earliest instant is turned back
+    /// into tokio time through the key's start.
+    fn check(&mut self, now: Instant) -> Decision {
+        let at = nanos_since(now, self.start);
+        self.cells.now.store(at, Ordering::Relaxed);
+        match self.limiter.check() {
+            Ok(()) => Decision::Admit,
+            Err(not_until) => Decision::NotBefore {
+                at: self.start + Duration::from(not_until.earliest_possible()),
+                cooldown: false,
+            },
+        }
+    }
+
+    /// Admits a request at `now` or says when to ask again: the cooldown, then GCRA at the
+    /// quota in force (changed first if the adaptive rate moved).
+    fn decide(&mut self, policy: &Policy, now: Instant) -> Decision {
+        if let Some(until) = self.cooldown_until {
+            if until > now {
+                return Decision::NotBefore {
+                    at: until,
+                    cooldown: true,
+                };
+            }
+            self.cooldown_until = None;
+        }
+        let quota = self.effective(policy);
+        if quota != self.applied {
+            self.apply(quota, now);
+        }
+        self.check(now)
     }
 
     /// The quota to enforce now: the configured one, slowed to the adaptive rate.
@@ -100,22 +186,18 @@ impl Entry {
         }
     }
 
-    /// Rebuilds the limiter for a new quota, keeping the key's debt: the requests admitted but
-    /// not yet paid off count the same number of emission intervals under the new quota.
-    fn apply(&mut self, quota: Quota) {
-        let now = Instant::now();
-        let tat = self.tat().filter(|tat| *tat > now).map(|tat| {
-            let debt = tat - now;
+    /// Switches to a new quota, keeping the key's debt: the requests admitted but not yet
+    /// paid off count the same number of emission intervals under the new quota.
+    fn apply(&mut self, quota: Quota, now: Instant) {
+        let debt = self.tat().filter(|tat| *tat > now).map(|tat| {
             let ratio = quota.period().as_secs_f64() / self.applied.period().as_secs_f64();
-            now + debt.mul_f64(ratio)
+            (tat - now).mul_f64(ratio)
         });
-        let start = Instant::now();
-        let rel = tat.map_or(EMPTY, |tat| {
-            tat.saturating_duration_since(start).as_nanos() as u64
-        });
-        self.tat.0.store(rel, Ordering::Relaxed);
-        self.limiter = RateLimiter::new(quota.to_governor(), self.tat.clone(), TokioClock);
-        self.start = start;
+        // The new limiter starts at `now`: the debt is its theoretical arrival time.
+        let rel = debt.map_or(EMPTY, nanos);
+        self.cells.tat.store(rel, Ordering::Relaxed);
+        self.limiter = Entry::limiter(quota, &self.cells);
+        self.start = now;
         self.applied = quota;
     }
 
@@ -144,12 +226,39 @@ impl fmt::Debug for Entry {
 struct State {
     /// foldhash rather than SipHash: one hash per decision is most of the map's cost, and the
     /// keys are the caller's own accounts (seeded per process all the same).
-    map: HashMap<BucketKey, Entry, foldhash::fast::RandomState>,
+    ///
+    /// The map holds each key's index in `entries`: a lookup copies an index out, so a known
+    /// key costs one hash and no key clone (an account's reference count is shared by every
+    /// call of that account).
+    map: HashMap<BucketKey, usize, foldhash::fast::RandomState>,
+    entries: Vec<(BucketKey, Entry)>,
+    /// The key last looked up and its index: a run of calls of one account skips the hash.
+    last: Option<(KeyId, usize)>,
     ops: usize,
 }
 
-/// The in-process [`Backend`]: one governor GCRA limiter per key on
-/// [`TokioClock`], with the key's cooldown and adaptive state beside it, behind one mutex.
+/// A key known to `entries`, by the address of its account's text: `entries` holds a clone of
+/// the key, so no other account can have that address while the entry lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct KeyId {
+    account: usize,
+    class: Option<RequestKind>,
+}
+
+impl KeyId {
+    fn of(key: &BucketKey) -> KeyId {
+        KeyId {
+            account: key
+                .account_id()
+                .map_or(0, |account| account.as_str().as_ptr() as usize),
+            class: key.request_kind(),
+        }
+    }
+}
+
+/// The in-process [`Backend`]: one governor GCRA limiter per key on tokio time, with the key's
+/// cooldown and adaptive state beside it, behind one mutex. The clock is read once per
+/// decision, under the lock; the limiter's clock hands governor that instant.
 ///
 /// Every decision is synchronous (its futures are [`Ready`]), so the success path takes one
 /// uncontended lock and allocates nothing. Keys are dropped once idle — their GCRA state paid
@@ -176,7 +285,7 @@ impl InProcess {
 
     /// The number of keys held.
     pub fn len(&self) -> usize {
-        self.lock().map.len()
+        self.lock().entries.len()
     }
 
     /// Whether no key is held.
@@ -193,7 +302,7 @@ impl InProcess {
     /// A snapshot of one key's state.
     pub fn key_state(&self, key: &BucketKey) -> Option<KeyState> {
         let state = self.lock();
-        let entry = state.map.get(key)?;
+        let entry = &state.entries[*state.map.get(key)?].1;
         Some(KeyState {
             effective: entry.applied,
             cooldown_until: entry.cooldown_until.filter(|until| *until > Instant::now()),
@@ -209,52 +318,63 @@ impl InProcess {
     fn sweep_locked(&self, state: &mut State) {
         let now = Instant::now();
         let ttl = self.idle_ttl.unwrap_or(DEFAULT_IDLE_TTL);
-        state.map.retain(|_, entry| !entry.is_idle(now, ttl));
+        state.entries.retain(|(_, entry)| !entry.is_idle(now, ttl));
+        state.map.clear();
+        state.last = None;
+        for (at, (key, _)) in state.entries.iter().enumerate() {
+            state.map.insert(key.clone(), at);
+        }
         state.ops = 0;
     }
 
-    fn entry<'a>(&self, state: &'a mut State, key: &BucketKey, policy: &Policy) -> &'a mut Entry {
+    fn entry<'a>(
+        &self,
+        state: &'a mut State,
+        key: &BucketKey,
+        policy: &Policy,
+        now: Instant,
+    ) -> &'a mut Entry {
         state.ops += 1;
         if state.ops >= SWEEP_EVERY.max(state.map.len()) {
             self.sweep_locked(state);
         }
-        // One hash per decision; the key clone is a reference-count increment.
-        state
-            .map
-            .entry(key.clone())
-            .or_insert_with(|| Entry::new(policy.quota))
+        let id = KeyId::of(key);
+        let at = match state.last {
+            Some((last, at)) if last == id => at,
+            _ => match state.map.get(key) {
+                Some(&at) => at,
+                None => {
+                    let at = state.entries.len();
+                    state.map.insert(key.clone(), at);
+                    state
+                        .entries
+                        .push((key.clone(), Entry::new(policy.quota, now)));
+                    at
+                }
+            },
+        };
+        state.last = Some((id, at));
+        &mut state.entries[at].1
     }
 
     /// [`Backend::acquire`], synchronously.
     pub fn acquire_now(&self, key: &BucketKey, policy: &Policy) -> Decision {
+        self.acquire_decided(key, policy).0
+    }
+
+    /// [`Backend::acquire`], synchronously, with the instant it decided at: the clock is read
+    /// under the lock, so the decisions of one key are made at instants that only move on.
+    fn acquire_decided(&self, key: &BucketKey, policy: &Policy) -> (Decision, Instant) {
         let mut state = self.lock();
-        let entry = self.entry(&mut state, key, policy);
-        if let Some(until) = entry.cooldown_until {
-            if until > Instant::now() {
-                return Decision::NotBefore {
-                    at: until,
-                    cooldown: true,
-                };
-            }
-            entry.cooldown_until = None;
-        }
-        let quota = entry.effective(policy);
-        if quota != entry.applied {
-            entry.apply(quota);
-        }
-        match entry.limiter.check() {
-            Ok(()) => Decision::Admit,
-            Err(not_until) => Decision::NotBefore {
-                at: not_until.earliest_possible().into_inner(),
-                cooldown: false,
-            },
-        }
+        let now = Instant::now();
+        let entry = self.entry(&mut state, key, policy, now);
+        (entry.decide(policy, now), now)
     }
 
     /// [`Backend::feedback`], synchronously.
     pub fn feedback_now(&self, key: &BucketKey, policy: &Policy, feedback: Feedback) -> Reported {
         let mut state = self.lock();
-        let entry = self.entry(&mut state, key, policy);
+        let entry = self.entry(&mut state, key, policy, Instant::now());
         let ceiling = policy.quota.rate_per_second();
         match feedback {
             Feedback::Success { .. } => {
@@ -326,6 +446,17 @@ impl Backend for InProcess {
         ready(Ok(self.acquire_now(key, policy)))
     }
 
+    fn acquire_noting(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        decided_at: &mut Option<Instant>,
+    ) -> Self::AcquireFuture {
+        let (decision, at) = self.acquire_decided(key, policy);
+        *decided_at = Some(at);
+        ready(Ok(decision))
+    }
+
     fn feedback(
         &self,
         key: &BucketKey,
@@ -338,6 +469,8 @@ impl Backend for InProcess {
 
 #[cfg(test)]
 mod tests {
+    use kling_core::AccountId;
+
     use super::*;
     use crate::policy::Cooldown;
 
@@ -364,6 +497,84 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// The wiring: the backend decides as a governor limiter of its own on [`TokioClock`] does
+    /// (which reads the clock itself), for random quotas (interval, burst) and random gaps
+    /// between requests, both started at the same instant.
+    ///
+    /// [`TokioClock`]: kling_core::TokioClock
+    #[tokio::test(start_paused = true)]
+    async fn the_gcra_decisions_are_governors() {
+        use governor::RateLimiter;
+        use kling_core::{AccountId, TokioClock};
+        let mut state = 0x853c_49e6_748f_ea9b_u64;
+        let mut next = move |n: u64| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) % n
+        };
+        let backend = InProcess::new();
+        let mut refused = 0;
+        for round in 0..200 {
+            let period = Duration::from_nanos(1 + next(5_000_000));
+            let burst = 1 + next(5) as u32;
+            let quota = Quota::with_period(period).with_burst(burst);
+            let p = policy(quota);
+            let key = BucketKey::account(Some(AccountId::new(format!("k{round}"))));
+            let governor = RateLimiter::direct_with_clock(quota.to_governor(), TokioClock);
+            // The key's first decision makes its limiter, at governor's start.
+            assert_eq!(governor.check(), Ok(()));
+            assert_eq!(backend.acquire_now(&key, &p), Decision::Admit);
+            for _ in 0..50 {
+                let gap = Duration::from_nanos(next(3 * period.as_nanos() as u64 / 2 + 1));
+                tokio::time::advance(gap).await;
+                let expected = match governor.check() {
+                    Ok(()) => Decision::Admit,
+                    Err(not_until) => {
+                        refused += 1;
+                        Decision::NotBefore {
+                            at: not_until.earliest_possible().into_inner(),
+                            cooldown: false,
+                        }
+                    }
+                };
+                assert_eq!(backend.acquire_now(&key, &p), expected, "{quota:?}");
+            }
+        }
+        assert!(refused > 100, "the run is refused often enough: {refused}");
+    }
+
+    /// The last key's shortcut finds a key by its account's address: another copy of the same
+    /// account is the same key, another account is not.
+    #[tokio::test(start_paused = true)]
+    async fn keys_are_their_account_whichever_copy_asks() {
+        let backend = InProcess::new();
+        let p = policy(Quota::per_second(1.0));
+        let a = || BucketKey::account(Some(AccountId::new("a")));
+        let b = BucketKey::account(Some(AccountId::new("b")));
+        let none = BucketKey::account(None);
+        let class = BucketKey::class(None, RequestKind::Account);
+        for key in [&a(), &b, &none, &class] {
+            assert_eq!(backend.acquire_now(key, &p), Decision::Admit);
+        }
+        for key in [&a(), &b, &a(), &none, &class, &none] {
+            assert!(
+                matches!(backend.acquire_now(key, &p), Decision::NotBefore { .. }),
+                "{key:?}"
+            );
+        }
+        assert_eq!(backend.len(), 4);
+        backend.sweep();
+        assert_eq!(backend.len(), 4, "every key still owes its interval");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(backend.acquire_now(&a(), &p), Decision::Admit);
+        assert!(matches!(
+            backend.acquire_now(&a(), &p),
+            Decision::NotBefore { .. }
+        ));
+        assert_eq!(backend.acquire_now(&b, &p), Decision::Admit);
     }
 
     #[tokio::test(start_paused = true)]

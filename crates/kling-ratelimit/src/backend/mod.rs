@@ -173,6 +173,21 @@ pub trait Backend: Send + Sync + 'static {
     /// Takes one request's cell from `key` now, or says when to ask again.
     fn acquire(&self, key: &BucketKey, policy: &Policy) -> Self::AcquireFuture;
 
+    /// [`Backend::acquire`], noting in `decided_at` the instant (this process's tokio clock) it
+    /// decided at, when it decides at once: the layer sends a request admitted then at that
+    /// instant instead of reading the clock again. The default leaves `decided_at` alone (a
+    /// remote store decides on its own clock, and the layer reads the clock when the answer
+    /// arrives); the in-process backend notes the instant it read under its lock.
+    fn acquire_noting(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        decided_at: &mut Option<Instant>,
+    ) -> Self::AcquireFuture {
+        let _ = decided_at;
+        self.acquire(key, policy)
+    }
+
     /// Records what a response of `key` said: starts or extends the cooldown, moves the streak
     /// and the adaptive rate.
     fn feedback(
