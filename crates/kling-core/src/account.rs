@@ -33,9 +33,9 @@ impl AccountId {
     pub fn of<B>(request: &Request<B>) -> Option<&AccountId> {
         // The stack only sets its account where the caller named none, so the combined
         // extension is read first (one lookup in the usual case).
-        CallContext::of(request)
-            .and_then(|call| call.account.as_ref())
-            .or_else(|| request.extensions().get::<AccountId>())
+        let (call, others) = CallContext::with_others(request);
+        call.and_then(|call| call.account.as_ref())
+            .or_else(|| CallContext::standalone(request, others))
     }
 
     /// Counts the request under `account` unless it already names one (kept in the request's

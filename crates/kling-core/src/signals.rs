@@ -42,6 +42,31 @@ impl CallContext {
             .extensions_mut()
             .get_or_insert_default::<CallContext>()
     }
+
+    /// The combined extension, and whether the map holds anything else (so a standalone signal
+    /// may be there): in the stack the map holds only this one, and a signal it lacks is then
+    /// known absent without a second lookup.
+    pub(crate) fn with_others<B>(request: &Request<B>) -> (Option<&CallContext>, bool) {
+        let extensions = request.extensions();
+        if extensions.is_empty() {
+            return (None, false);
+        }
+        let call = extensions.get::<CallContext>();
+        (call, extensions.len() > usize::from(call.is_some()))
+    }
+
+    /// A standalone extension of type `T`, looked for only when `others` (see
+    /// [`CallContext::with_others`]) says the map may hold one.
+    pub(crate) fn standalone<B, T: Send + Sync + 'static>(
+        request: &Request<B>,
+        others: bool,
+    ) -> Option<&T> {
+        if others {
+            request.extensions().get::<T>()
+        } else {
+            None
+        }
+    }
 }
 
 /// A request's per-call signals on their own, for a layer that keeps a copy of the request to
@@ -82,9 +107,9 @@ impl Deadline {
     /// The deadline a request carries, if any: the one a layer set with [`Deadline::set`], else
     /// a `Deadline` extension the caller inserted.
     pub fn of<B>(request: &Request<B>) -> Option<Instant> {
-        CallContext::of(request)
-            .and_then(|call| call.deadline)
-            .or_else(|| request.extensions().get::<Deadline>().map(|d| d.0))
+        let (call, others) = CallContext::with_others(request);
+        call.and_then(|call| call.deadline)
+            .or_else(|| CallContext::standalone::<B, Deadline>(request, others).map(|d| d.0))
     }
 
     /// Sets the deadline the layers below will read (in the request's one combined signal
@@ -103,14 +128,57 @@ impl Attempt {
     /// Which attempt a request is, if a retry layer said ([`Attempt::set`]) or the caller
     /// inserted an `Attempt` extension.
     pub fn of<B>(request: &Request<B>) -> Option<u32> {
-        CallContext::of(request)
-            .and_then(|call| call.attempt)
-            .or_else(|| request.extensions().get::<Attempt>().map(|a| a.0))
+        let (call, others) = CallContext::with_others(request);
+        call.and_then(|call| call.attempt)
+            .or_else(|| CallContext::standalone::<B, Attempt>(request, others).map(|a| a.0))
     }
 
     /// Marks which attempt a request is.
     pub fn set<B>(request: &mut Request<B>, attempt: u32) {
         CallContext::of_mut(request).attempt = Some(attempt);
+    }
+
+    /// Marks which attempt a request is and, when given, its deadline: what
+    /// [`Attempt::set`] and [`Deadline::set`] do, with one lookup of the combined extension
+    /// instead of two (the retry layer does both for every attempt).
+    pub fn set_with_deadline<B>(request: &mut Request<B>, attempt: u32, deadline: Option<Instant>) {
+        let call = CallContext::of_mut(request);
+        call.attempt = Some(attempt);
+        if let Some(deadline) = deadline {
+            call.deadline = Some(deadline);
+        }
+    }
+
+    /// Starts a call's attempt: the request's deadline ([`Deadline::of`]) brought forward to
+    /// `limit` when that is sooner, set with the attempt ([`Attempt::set_with_deadline`]);
+    /// returns that deadline. One lookup of the combined extension where the request already
+    /// carries it alone (the stack's case), instead of three.
+    pub fn begin<B>(
+        request: &mut Request<B>,
+        attempt: u32,
+        limit: Option<Instant>,
+    ) -> Option<Instant> {
+        let alone = request.extensions().len() == 1;
+        if let Some(call) = request.extensions_mut().get_mut::<CallContext>() {
+            // A standalone deadline is read only when the combined extension has none.
+            if alone || call.deadline.is_some() {
+                let deadline = earlier(call.deadline, limit);
+                call.attempt = Some(attempt);
+                call.deadline = deadline;
+                return deadline;
+            }
+        }
+        let deadline = earlier(Deadline::of(request), limit);
+        Attempt::set_with_deadline(request, attempt, deadline);
+        deadline
+    }
+}
+
+/// The sooner of two optional instants (either, when only one is set).
+fn earlier(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -214,6 +282,169 @@ mod tests {
         *copy.method_mut() = req.method().clone();
         *copy.extensions_mut() = req.extensions().clone();
         Recognized::of_mut(&mut copy).external_id = Some("mine".into());
+        assert_eq!(
+            Recognized::cached(&copy).unwrap().external_id.as_deref(),
+            Some("mine")
+        );
+        assert_eq!(Recognized::cached(&req).unwrap().external_id, None);
+    }
+
+    /// One way a request's extensions can be: which fields the combined extension has (bit 0:
+    /// present at all), which standalone signals a caller inserted, and whether anything else
+    /// is in the map.
+    fn shaped(shape: u16, now: Instant) -> Request<&'static str> {
+        let mut req = request();
+        let bit = |n: u16| shape & (1 << n) != 0;
+        if bit(0) {
+            let created = Recognized::from_request(&req);
+            req.extensions_mut().insert(CallContext {
+                account: bit(1).then(|| AccountId::new("layer")),
+                recognized: bit(2).then(|| Arc::new(created)),
+                deadline: bit(3).then(|| now + Duration::from_secs(1)),
+                attempt: bit(4).then_some(2),
+            });
+        }
+        if bit(5) {
+            req.extensions_mut().insert(AccountId::new("caller"));
+        }
+        if bit(6) {
+            // Told apart from the request's own recognition by its kind.
+            let query = Recognized::from_parts(
+                &http::Method::GET,
+                &http::Uri::from_static("/v1/videos/text2video/t1"),
+                b"",
+            );
+            req.extensions_mut().insert(query);
+        }
+        if bit(7) {
+            req.extensions_mut()
+                .insert(Deadline(now + Duration::from_secs(2)));
+        }
+        if bit(8) {
+            req.extensions_mut().insert(Attempt(3));
+        }
+        if bit(9) {
+            req.extensions_mut().insert(7_u8);
+        }
+        req
+    }
+
+    /// Every signal as read with two plain lookups, as the accessors did before they skipped
+    /// the standalone lookup when nothing else is in the map.
+    fn slow_reads(
+        req: &Request<&'static str>,
+    ) -> (
+        Option<Instant>,
+        Option<u32>,
+        Option<String>,
+        Option<Recognized>,
+    ) {
+        let call = req.extensions().get::<CallContext>();
+        let extensions = req.extensions();
+        (
+            call.and_then(|c| c.deadline)
+                .or_else(|| extensions.get::<Deadline>().map(|d| d.0)),
+            call.and_then(|c| c.attempt)
+                .or_else(|| extensions.get::<Attempt>().map(|a| a.0)),
+            call.and_then(|c| c.account.as_ref())
+                .or_else(|| extensions.get::<AccountId>())
+                .map(|a| a.as_str().to_owned()),
+            call.and_then(|c| c.recognized.as_deref())
+                .or_else(|| extensions.get::<Recognized>())
+                .cloned(),
+        )
+    }
+
+    fn reads(
+        req: &Request<&'static str>,
+    ) -> (
+        Option<Instant>,
+        Option<u32>,
+        Option<String>,
+        Option<Recognized>,
+    ) {
+        (
+            Deadline::of(req),
+            Attempt::of(req),
+            AccountId::of(req).map(|a| a.as_str().to_owned()),
+            Recognized::cached(req).cloned(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_lookup_reads_agree_with_two_lookups_for_every_shape() {
+        let now = Instant::now();
+        for shape in 0..1 << 10 {
+            let req = shaped(shape, now);
+            assert_eq!(reads(&req), slow_reads(&req), "shape {shape:#b}");
+            let (recognized, account) = Recognized::cached_with_account(&req);
+            assert_eq!(recognized, Recognized::cached(&req), "shape {shape:#b}");
+            assert_eq!(account, AccountId::of(&req), "shape {shape:#b}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn combined_writes_agree_with_the_single_ones_for_every_shape() {
+        let now = Instant::now();
+        let account = AccountId::new("stack");
+        let later = now + Duration::from_secs(9);
+        for shape in 0..1 << 10 {
+            // The stack's entry: account and recognition together.
+            let (mut one, mut two) = (shaped(shape, now), shaped(shape, now));
+            let got = Recognized::of_with_account(&mut one, &account).clone();
+            AccountId::set_if_absent(&mut two, &account);
+            assert_eq!(got, *Recognized::of(&mut two), "shape {shape:#b}");
+            assert_eq!(reads(&one), reads(&two), "shape {shape:#b}");
+            assert_eq!(one.extensions().len(), two.extensions().len());
+
+            // The retry layer's attempt, with and without a deadline.
+            for deadline in [None, Some(later)] {
+                let (mut one, mut two) = (shaped(shape, now), shaped(shape, now));
+                Attempt::set_with_deadline(&mut one, 5, deadline);
+                if let Some(deadline) = deadline {
+                    Deadline::set(&mut two, deadline);
+                }
+                Attempt::set(&mut two, 5);
+                assert_eq!(reads(&one), reads(&two), "shape {shape:#b}");
+                assert_eq!(Attempt::of(&one), Some(5));
+            }
+
+            // The retry layer's first attempt: the deadline brought forward to its own limit.
+            for limit in [None, Some(now), Some(later)] {
+                let (mut one, mut two) = (shaped(shape, now), shaped(shape, now));
+                let got = Attempt::begin(&mut one, 1, limit);
+                let want = match (Deadline::of(&two), limit) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                if let Some(deadline) = want {
+                    Deadline::set(&mut two, deadline);
+                }
+                Attempt::set(&mut two, 1);
+                assert_eq!(got, want, "shape {shape:#b} limit {limit:?}");
+                assert_eq!(reads(&one), reads(&two), "shape {shape:#b} limit {limit:?}");
+            }
+
+            // A generated external id.
+            let (mut one, mut two) = (shaped(shape, now), shaped(shape, now));
+            Recognized::set_external_id(&mut one, Some("gen".into()));
+            Recognized::of_mut(&mut two).external_id = Some("gen".into());
+            assert_eq!(reads(&one), reads(&two), "shape {shape:#b}");
+            assert_eq!(
+                Recognized::cached(&one).unwrap().external_id.as_deref(),
+                Some("gen"),
+                "shape {shape:#b}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_external_id_set_on_a_copy_leaves_the_original_alone() {
+        let mut req = request();
+        Recognized::of(&mut req);
+        let mut copy = Request::new(*req.body());
+        *copy.extensions_mut() = req.extensions().clone();
+        Recognized::set_external_id(&mut copy, Some("mine".into()));
         assert_eq!(
             Recognized::cached(&copy).unwrap().external_id.as_deref(),
             Some("mine")

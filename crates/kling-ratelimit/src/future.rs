@@ -380,7 +380,11 @@ fn admitted<Bk: Backend, B: PeekBody>(
     *sent_at = Some(now);
     if let Some(since) = gate.waited_since {
         *waited = now.saturating_duration_since(since);
-        let kind = Recognized::of(request).kind.as_str();
+        let kind = match Recognized::cached(request) {
+            Some(recognized) => recognized.kind,
+            None => Recognized::of(request).kind,
+        }
+        .as_str();
         metrics::histogram!(RATELIMIT_WAIT, LABEL_KIND => kind).record(waited.as_secs_f64());
     }
 }

@@ -84,19 +84,32 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let account = match &self.shared.key_fn {
+        let by_class = !self.shared.classes.is_empty();
+        // The kind, when classes need it, is read with the account: one lookup where a layer
+        // above recognised the request (the stack's case).
+        let (account, cached_kind) = match &self.shared.key_fn {
             Some(key_fn) => {
                 let (parts, body) = request.into_parts();
                 let account = key_fn(&parts);
                 request = Request::from_parts(parts, body);
-                account
+                (account, None)
             }
-            None => AccountId::of(&request).cloned(),
+            None if by_class => {
+                let (recognized, account) = Recognized::cached_with_account(&request);
+                (
+                    account.cloned(),
+                    recognized.map(|recognized| recognized.kind),
+                )
+            }
+            None => (AccountId::of(&request).cloned(), None),
         };
-        let class_key = if self.shared.classes.is_empty() {
+        let class_key = if !by_class {
             None
         } else {
-            let kind = Recognized::of(&mut request).kind;
+            let kind = match cached_kind {
+                Some(kind) => kind,
+                None => Recognized::of(&mut request).kind,
+            };
             self.shared
                 .classes
                 .iter()

@@ -12,7 +12,7 @@ use http::{Request, Response};
 use http_body_util::Full;
 use kling_core::error::{ApiError, BoxError};
 use kling_core::metrics::{LABEL_KIND, LABEL_REASON, RETRIES, RETRY_BUDGET_EXHAUSTED};
-use kling_core::signals::{Attempt, Deadline};
+use kling_core::signals::Attempt;
 use kling_core::{Disposition, Outcome, Recognized};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -467,10 +467,7 @@ where
         };
         self.sending = sending;
         let mut request = clone_request(source);
-        if let Some(deadline) = self.template.deadline {
-            Deadline::set(&mut request, deadline);
-        }
-        Attempt::set(&mut request, self.attempts);
+        Attempt::set_with_deadline(&mut request, self.attempts, self.template.deadline);
         request
     }
 }

@@ -184,14 +184,18 @@ pub(crate) fn add_generated_id<B: ReplayBody>(
     request: &mut Request<B>,
     rng: &dyn RandomSource,
 ) -> Option<(B, Spliced)> {
-    let recognized = Recognized::of(request);
+    // One lookup where a layer above recognised the request (the stack's case).
+    let recognized = match Recognized::cached(request) {
+        Some(recognized) => recognized,
+        None => Recognized::of(request),
+    };
     if !recognized.is_create() || recognized.external_id.is_some() {
         return None;
     }
     let field = field_name(recognized)?;
     let id = GeneratedId::new(rng);
     let original = splice_into_body(request, field, id.as_bytes())?;
-    Recognized::of_mut(request).external_id = Some(id.as_str().to_owned());
+    Recognized::set_external_id(request, Some(id.as_str().to_owned()));
     Some((original, Spliced { field, id }))
 }
 

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::Full;
 use kling_core::error::BoxError;
-use kling_core::signals::{Attempt, Deadline};
+use kling_core::signals::Attempt;
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -127,20 +127,14 @@ where
         let now = Instant::now();
         shared.budget.deposit_at(now);
         let own = shared.deadline.and_then(|d| now.checked_add(d));
-        let deadline = match (Deadline::of(&request), own) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        // Deadline and first attempt set before the copy: each retry sets its own anew.
+        let deadline = Attempt::begin(&mut request, 1, own);
         let spliced = if shared.generate_external_ids && request.method() == Method::POST {
             lookup::add_generated_id(&mut request, &*shared.rng)
         } else {
             None
         };
         let template = Template::new(&request, now, deadline, spliced);
-        if let Some(deadline) = deadline {
-            Deadline::set(&mut request, deadline);
-        }
-        Attempt::set(&mut request, 1);
         // `poll_ready` readied `self.inner`: it sends the first attempt. A retry sends through a
         // clone of the spare (readied first), kept once for every call.
         if handle.spare.get().is_none() {

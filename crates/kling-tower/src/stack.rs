@@ -642,10 +642,9 @@ where
     }
 
     fn call(&mut self, mut request: Request<Full<Bytes>>) -> Self::Future {
-        AccountId::set_if_absent(&mut request, &self.account);
         // Recognised once, here: metrics, retry, slots and the rate limiter all read the copy
         // cached in the request.
-        Recognized::of(&mut request);
+        Recognized::of_with_account(&mut request, &self.account);
         self.inner.call(request)
     }
 }

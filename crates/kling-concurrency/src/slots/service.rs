@@ -130,9 +130,13 @@ where
 
     fn call(&mut self, mut request: Request<ReqB>) -> Self::Future {
         // One lookup when a layer above recognised the request already (the stack's case).
-        let route = match Recognized::cached(&request) {
-            Some(recognized) => Route::of(recognized),
-            None => Route::of(Recognized::of(&mut request)),
+        // The account is read with it (one lookup for both), used by creates only.
+        let (route, account) = match Recognized::cached_with_account(&request) {
+            (Some(recognized), account) => (Route::of(recognized), account),
+            (None, _) => {
+                let route = Route::of(Recognized::of(&mut request));
+                (route, AccountId::of(&request))
+            }
         };
         let (weight, pool, external) = match route {
             Route::Create {
@@ -164,9 +168,7 @@ where
             }
             Route::Other => return ResponseFuture::pass(self.inner.call(request)),
         };
-        let account = AccountId::of(&request)
-            .unwrap_or(&self.settings.default_account)
-            .clone();
+        let account = account.unwrap_or(&self.settings.default_account).clone();
         // The fast path: free slots and nobody ahead are granted here, so the create goes
         // straight to the service that was made ready; no waker is needed (a create that waits
         // is polled again with the caller's).
