@@ -49,10 +49,6 @@ struct Gate<Bk: Backend> {
     waited_since: Option<Instant>,
     /// The instant it must not wait past, and why (set when it first waits).
     limit: Option<(Instant, WaitLimit)>,
-    /// The instant the backend noted for the last decision, while its answer came at once (in
-    /// the same poll): an admitted request is sent at that instant, with no clock read of its
-    /// own.
-    decided_at: Option<Instant>,
 }
 
 impl<Bk: Backend> Gate<Bk> {
@@ -60,13 +56,12 @@ impl<Bk: Backend> Gate<Bk> {
         self.class_key.as_ref().unwrap_or(account_key)
     }
 
-    fn acquire(&mut self, shared: &Shared<Bk>, account_key: &BucketKey) -> Bk::AcquireFuture {
-        let key = self.class_key.as_ref().unwrap_or(account_key);
-        let policy = shared.policy_for(key);
-        self.decided_at = None;
-        shared
-            .backend
-            .acquire_noting(key, &policy, &mut self.decided_at)
+    /// Asks the backend. A request that goes through the gate (a class quota, others queued, or
+    /// a wait) reads the clock again when admitted: the instant a backend notes is kept only on
+    /// the direct path in [`ResponseFuture::new`], so a waiter's boxed state stays small.
+    fn acquire(&self, shared: &Shared<Bk>, account_key: &BucketKey) -> Bk::AcquireFuture {
+        let key = self.key(account_key);
+        shared.backend.acquire(key, &shared.policy_for(key))
     }
 
     fn start_waiting<B>(&mut self, shared: &Shared<Bk>, request: &Request<B>, now: Instant) {
@@ -143,7 +138,7 @@ impl<Bk: Backend> Gate<Bk> {
                     }
                 }
                 Step::Acquiring(future) => {
-                    match ready!(answered(Pin::new(future).poll(cx), &mut self.decided_at))? {
+                    match ready!(Pin::new(future).poll(cx))? {
                         Decision::Admit => {
                             if self.passed() {
                                 return Poll::Ready(Ok(()));
@@ -214,15 +209,6 @@ impl<Bk: Backend> Gate<Bk> {
             }
         }
     }
-}
-
-/// Passes a backend's answer on; for one not ready at once, forgets any instant the backend
-/// noted (the send time is then read when the request is admitted).
-fn answered<T>(polled: Poll<T>, decided_at: &mut Option<Instant>) -> Poll<T> {
-    if polled.is_pending() {
-        *decided_at = None;
-    }
-    polled
 }
 
 /// What a request that must wait carries while it waits: boxed, so the future of a request
@@ -336,7 +322,6 @@ where
             epoch: 0,
             waited_since: None,
             limit: None,
-            decided_at: None,
         };
         let first_look = gate.poll(&mut cx, &request, &shared, &account_key);
         let (mut sent_at, mut waited) = (None, Duration::ZERO);
@@ -376,7 +361,7 @@ fn admitted<Bk: Backend, B: PeekBody>(
     waited: &mut Duration,
     request: &mut Request<B>,
 ) {
-    let now = gate.decided_at.unwrap_or_else(Instant::now);
+    let now = Instant::now();
     *sent_at = Some(now);
     if let Some(since) = gate.waited_since {
         *waited = now.saturating_duration_since(since);
