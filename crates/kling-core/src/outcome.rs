@@ -140,13 +140,7 @@ impl Outcome {
         received_at: Instant,
     ) -> Result<Outcome, MalformedResponse> {
         let has_retry_after = headers.contains_key(RETRY_AFTER);
-        Outcome::read(
-            status,
-            headers,
-            has_retry_after,
-            Body::Bytes(body),
-            received_at,
-        )
+        Outcome::parse_classified(status, headers, has_retry_after, body, received_at)
     }
 
     /// [`Outcome::parse_bytes`] for a caller that already knows whether the headers hold a
