@@ -331,8 +331,14 @@ async fn four_processes_share_one_account_without_a_1303() {
         );
     }
 
-    // Negative control: the same workload, each process limited on its own.
-    let control = MockServer::start(mock_config(5)).await.unwrap();
+    // Negative control: the same workload, each process limited on its own. The control's
+    // server allows twice Pro's rate: at Pro's rate, polling every 5 s of API time holds the
+    // tasks it can serve to about rate × poll interval = 5 at once, the slot count itself, so
+    // whether per-process slots over-admit would be left to chance. The processes, each told
+    // Pro's rate, still send more than even that rate together.
+    let control = MockServer::start(mock_config(5).rate_per_minute(120.0))
+        .await
+        .unwrap();
     let tally = collect(spawn_workers(
         &control.base_url(),
         &redis_server.url(),
@@ -341,6 +347,15 @@ async fn four_processes_share_one_account_without_a_1303() {
     ))
     .await;
     let stats = control.stats();
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!(
+            "control: 1302s {}, 1303s {}, peak {}",
+            code(&stats, "1302"),
+            code(&stats, "1303"),
+            video_peak(&stats)
+        );
+    }
     assert_eq!(tally.completed, JOBS as u64);
     // Each process believes it has the 5 slots and the whole rate.
     assert!(
