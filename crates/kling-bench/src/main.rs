@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! kling-bench [all|overhead|goodput|scale|sockets] [--quick] [--out FILE]
-//! kling-bench profile <subject name part> [lives]     # one overhead subject, for callgrind
+//! kling-bench profile <subject name part> [lives] [tasks]   # one overhead subject, for a profiler
 //! ```
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -17,7 +17,8 @@ fn main() {
     if section == "profile" {
         let name = args.get(1).map_or("", String::as_str);
         let lives = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(20_000);
-        match overhead::profile(name, lives) {
+        let tasks = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1);
+        match overhead::profile(name, lives, tasks) {
             Some(sample) => println!("{sample:?}"),
             None => eprintln!("no subject named like `{name}`"),
         }

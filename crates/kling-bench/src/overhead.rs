@@ -662,12 +662,12 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
     }
 }
 
-/// Runs one subject (the first whose name contains `name`) for `lives` lives on one driver
-/// task: for profilers (`valgrind --tool=callgrind`).
-pub fn profile(name: &str, lives: usize) -> Option<Sample> {
+/// Runs one subject (the first whose name contains `name`) for `lives` lives shared by `tasks`
+/// driver tasks (1 for `valgrind --tool=callgrind`; 64 to see contention under `perf`).
+pub fn profile(name: &str, lives: usize, tasks: usize) -> Option<Sample> {
     let rt = runtime();
     let fixtures = Fixtures::new();
     let subjects = subjects(&fixtures);
     let subject = subjects.iter().find(|s| s.name().contains(name))?;
-    Some(subject.run(&rt, &fixtures, 1, lives))
+    Some(subject.run(&rt, &fixtures, tasks.max(1), lives))
 }
