@@ -361,7 +361,8 @@ fn subjects(fixtures: &Arc<Fixtures>) -> Vec<Box<dyn Subject>> {
         let echo = echo.clone();
         move || ClassifyLayer::new().layer(echo())
     };
-    let account = AccountId::new("bench");
+    // What the stack's auth layer sets: an id that clones without a shared reference count.
+    let account = AccountId::from_static("bench");
     let mut out: Vec<Box<dyn Subject>> = Vec::new();
     out.push(Box::new(Shared {
         name: BARE.into(),

@@ -1,7 +1,10 @@
 //! The account a request is counted against.
 
+use std::cmp::Ordering;
+use std::collections::HashSet;
 use std::fmt;
-use std::sync::Arc;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use http::Request;
 
@@ -13,18 +16,62 @@ use crate::signals::CallContext;
 /// from its configured credentials (an id derived from the key, never the secret itself), or a
 /// gateway sets it per request. Never key limits by the bearer token: a JWT changes every 30
 /// minutes.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AccountId(Arc<str>);
+///
+/// # Clone
+///
+/// An id made by [`AccountId::new`] is shared: a clone bumps a reference count. Every request
+/// of a stack carries its account, and the layers clone it several times per request; when
+/// several threads do that, the shared count is a cache line they fight over. An id made by
+/// [`AccountId::from_static`] or [`AccountId::interned`] (as a stack's own credentials are)
+/// clones as a plain copy.
+#[derive(Clone)]
+pub struct AccountId(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    /// Static or interned: copied, never counted.
+    Static(&'static str),
+    Shared(Arc<str>),
+}
 
 impl AccountId {
     /// An account id from any stable, non-secret name.
     pub fn new(id: impl Into<Arc<str>>) -> Self {
-        AccountId(id.into())
+        AccountId(Repr::Shared(id.into()))
+    }
+
+    /// An account id from a name known at compile time; cloned without a reference count.
+    pub const fn from_static(id: &'static str) -> Self {
+        AccountId(Repr::Static(id))
+    }
+
+    /// An account id whose text is kept once per distinct name for the rest of the process,
+    /// so that clones are plain copies.
+    ///
+    /// For the few ids a process is configured with (a stack's credentials), not for ids
+    /// taken from each request: each distinct name is kept until the process ends. Interning
+    /// takes a process-wide lock; do it when building a stack, not per request.
+    pub fn interned(id: &str) -> Self {
+        static NAMES: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
+        let mut names = NAMES.lock().unwrap_or_else(PoisonError::into_inner);
+        let names = names.get_or_insert_with(HashSet::new);
+        let kept = match names.get(id) {
+            Some(kept) => kept,
+            None => {
+                let kept: &'static str = Box::leak(Box::from(id));
+                names.insert(kept);
+                kept
+            }
+        };
+        AccountId(Repr::Static(kept))
     }
 
     /// The id as text, e.g. for metric labels and Redis keys.
     pub fn as_str(&self) -> &str {
-        &self.0
+        match &self.0 {
+            Repr::Static(id) => id,
+            Repr::Shared(id) => id,
+        }
     }
 
     /// The account id a request carries, if any: an `AccountId` extension the caller inserted
@@ -48,15 +95,42 @@ impl AccountId {
     }
 }
 
+// Compared, hashed and ordered by text, however the id is kept.
+impl PartialEq for AccountId {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for AccountId {}
+
+impl Hash for AccountId {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl PartialOrd for AccountId {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for AccountId {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
 impl fmt::Debug for AccountId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("AccountId").field(&&*self.0).finish()
+        f.debug_tuple("AccountId").field(&self.as_str()).finish()
     }
 }
 
 impl fmt::Display for AccountId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
@@ -69,5 +143,44 @@ impl From<&str> for AccountId {
 impl From<String> for AccountId {
     fn from(id: String) -> Self {
         AccountId::new(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::hash_map::DefaultHasher;
+
+    use super::*;
+
+    fn hash_of(id: &AccountId) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        id.hash(&mut hasher);
+        hasher.finish()
+    }
+
+    #[test]
+    fn every_form_of_an_id_is_the_same_id() {
+        let shared = AccountId::new("acct-1");
+        let fixed = AccountId::from_static("acct-1");
+        let interned = AccountId::interned("acct-1");
+        for id in [&fixed, &interned] {
+            assert_eq!(id, &shared);
+            assert_eq!(hash_of(id), hash_of(&shared));
+            assert_eq!(id.cmp(&shared), Ordering::Equal);
+            assert_eq!(id.to_string(), "acct-1");
+            assert_eq!(format!("{id:?}"), format!("{shared:?}"));
+        }
+        assert!(AccountId::interned("acct-0") < shared);
+        assert_ne!(AccountId::interned("acct-2"), shared);
+    }
+
+    #[test]
+    fn a_name_is_interned_once() {
+        let name = String::from("acct-interned-once");
+        let a = AccountId::interned(&name);
+        let b = AccountId::interned(&name);
+        assert_eq!(a.as_str().as_ptr(), b.as_str().as_ptr());
+        let other = AccountId::interned("acct-interned-other");
+        assert_ne!(a.as_str().as_ptr(), other.as_str().as_ptr());
     }
 }

@@ -166,6 +166,9 @@ impl Credentials {
 
     /// The account these credentials belong to: `key-` + 12 hex digits of the key's SHA-256,
     /// or the access key.
+    ///
+    /// Interned ([`AccountId::interned`]): every request carries it, and a copy that touches no
+    /// shared reference count keeps the threads of a runtime from contending on it.
     pub fn account_id(&self) -> AccountId {
         match &self.kind {
             Kind::ApiKey(key) => {
@@ -175,9 +178,9 @@ impl Credentials {
                 for byte in &digest[..6] {
                     id.push_str(&format!("{byte:02x}"));
                 }
-                AccountId::new(id)
+                AccountId::interned(&id)
             }
-            Kind::AccessKey { access, .. } => AccountId::new(access.clone()),
+            Kind::AccessKey { access, .. } => AccountId::interned(access),
         }
     }
 
