@@ -120,6 +120,9 @@ impl<B: fmt::Debug> fmt::Debug for KlingBuilder<B> {
 impl<B: StackBackends> KlingBuilder<B> {
     /// The account every limit counts under (default: the one the credentials derive,
     /// [`Credentials::account_id`]). Requests that carry their own [`AccountId`] keep it.
+    ///
+    /// The stack keeps an interned copy ([`AccountId::interned`]), which every request then
+    /// carries without touching a shared reference count.
     pub fn account(mut self, account: AccountId) -> Self {
         self.account = Some(account);
         self
@@ -253,9 +256,10 @@ impl<B: StackBackends> KlingBuilder<B> {
             .auth
             .unwrap_or_else(|| AuthLayer::new(self.credentials.clone()))
             .resend_on_refusal(false);
-        let account = self
-            .account
-            .unwrap_or_else(|| self.credentials.account_id());
+        let account = self.account.map_or_else(
+            || self.credentials.account_id(),
+            |account| AccountId::interned(account.as_str()),
+        );
 
         // Retry: the preset's attempts, deadline and budget; backoff at the speed factor.
         let budget = RetryBudget::new(
