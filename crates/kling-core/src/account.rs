@@ -1,10 +1,9 @@
 //! The account a request is counted against.
 
 use std::cmp::Ordering;
-use std::collections::HashSet;
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use http::Request;
 
@@ -49,21 +48,9 @@ impl AccountId {
     /// so that clones are plain copies.
     ///
     /// For the few ids a process is configured with (a stack's credentials), not for ids
-    /// taken from each request: each distinct name is kept until the process ends. Interning
-    /// takes a process-wide lock; do it when building a stack, not per request.
+    /// taken from each request: see [`intern`](crate::intern::intern).
     pub fn interned(id: &str) -> Self {
-        static NAMES: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
-        let mut names = NAMES.lock().unwrap_or_else(PoisonError::into_inner);
-        let names = names.get_or_insert_with(HashSet::new);
-        let kept = match names.get(id) {
-            Some(kept) => kept,
-            None => {
-                let kept: &'static str = Box::leak(Box::from(id));
-                names.insert(kept);
-                kept
-            }
-        };
-        AccountId(Repr::Static(kept))
+        AccountId(Repr::Static(crate::intern::intern(id)))
     }
 
     /// The id as text, e.g. for metric labels and Redis keys.

@@ -46,6 +46,7 @@
 //! | [`metrics`] | every metric name of the stack |
 //! | [`signals`] | extensions layers use to cooperate (deadline, attempt, slot-gated 1303) |
 //! | [`headers`] | a copy of a request's headers kept to send it again, without allocating |
+//! | [`intern`] | configured texts kept once, so copies touch no reference count |
 //!
 //! # Feature flags
 //!
@@ -65,6 +66,7 @@ mod code;
 mod envelope;
 pub mod error;
 pub mod headers;
+pub mod intern;
 pub mod metrics;
 mod outcome;
 mod request;

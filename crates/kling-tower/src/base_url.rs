@@ -18,9 +18,9 @@
 //! # Ok(()) }
 //! ```
 
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use http::uri::{Authority, Parts, PathAndQuery, Scheme};
 use http::{Request, Uri};
 use tower_layer::Layer;
@@ -37,12 +37,17 @@ pub const CHINA: &str = "https://api-beijing.klingai.com";
 /// and a static one is cloned without touching a reference count shared by every request.
 static KNOWN_HOSTS: [&str; 2] = ["api-singapore.klingai.com", "api-beijing.klingai.com"];
 
-/// `authority` as a static one when it is one of [`KNOWN_HOSTS`].
-fn static_authority(authority: &Authority) -> Option<Authority> {
-    KNOWN_HOSTS
+/// `authority` as a static one: Kling's hosts from the binary's text ([`KNOWN_HOSTS`]), any
+/// other (a proxy, a mock) interned ([`kling_core::intern`]), once per distinct host.
+fn static_authority(authority: &Authority) -> Authority {
+    let text = KNOWN_HOSTS
         .iter()
         .find(|host| authority.as_str() == **host)
-        .map(|host| Authority::from_static(host))
+        .copied()
+        .unwrap_or_else(|| kling_core::intern::intern(authority.as_str()));
+    // The same text parsed again, so it cannot fail; the parsed copy is the fallback anyway.
+    Authority::from_maybe_shared(Bytes::from_static(text.as_bytes()))
+        .unwrap_or_else(|_| authority.clone())
 }
 
 /// Applies [`BaseUrl`] to a service. See the [module docs](self).
@@ -55,9 +60,10 @@ pub struct BaseUrlLayer {
 struct Base {
     scheme: Scheme,
     authority: Authority,
-    /// The base's path without its trailing slash; empty for none. Shared: the service is
-    /// cloned for every call by the layers above it, and a clone must not allocate.
-    prefix: Arc<str>,
+    /// The base's path without its trailing slash; empty for none. Interned: the service is
+    /// cloned for every call by the layers above it, and a clone must neither allocate nor
+    /// write a shared reference count.
+    prefix: &'static str,
 }
 
 impl BaseUrlLayer {
@@ -80,11 +86,11 @@ impl BaseUrlLayer {
         if uri.query().is_some() {
             return Err(ConfigError::new("base_url", "must not have a query"));
         }
-        let prefix = Arc::from(uri.path().trim_end_matches('/'));
+        let prefix = kling_core::intern::intern(uri.path().trim_end_matches('/'));
         Ok(BaseUrlLayer {
             base: Base {
                 scheme,
-                authority: static_authority(&authority).unwrap_or(authority),
+                authority: static_authority(&authority),
                 prefix,
             },
         })
@@ -271,9 +277,26 @@ mod tests {
                 host.as_ptr()
             ));
         }
-        let other: Authority = "proxy.example:8080".parse().unwrap();
-        assert!(static_authority(&other).is_none());
-        let port: Authority = "api-singapore.klingai.com:443".parse().unwrap();
-        assert!(static_authority(&port).is_none());
+    }
+
+    /// Any other host is interned: two layers on one host share one static text.
+    #[test]
+    fn other_hosts_are_interned() {
+        for base in [
+            "https://proxy.example:8080/kling",
+            "https://api-singapore.klingai.com:443",
+            "http://user@127.0.0.1:9",
+        ] {
+            let (a, b) = (
+                BaseUrlLayer::new(base).unwrap(),
+                BaseUrlLayer::new(base).unwrap(),
+            );
+            let expected: Uri = base.parse().unwrap();
+            assert_eq!(Some(&a.base.authority), expected.authority());
+            assert!(std::ptr::eq(
+                a.base.authority.as_str().as_ptr(),
+                b.base.authority.as_str().as_ptr()
+            ));
+        }
     }
 }
