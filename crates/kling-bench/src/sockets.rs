@@ -3,6 +3,9 @@
 //! a difference of a microsecond on a shared machine is the client's CPU time per request
 //! (its runtime's threads only, from `/proc/self/task/*/schedstat`); requests per second and
 //! latency percentiles are kept beside it.
+//!
+//! `KLING_BENCH_CLIENTS=<text>` runs only the clients whose name holds the text, to put one of
+//! them under a profiler (`perf record … kling-bench sockets`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -290,6 +293,14 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Vec<Row> {
                 bare: false,
             }),
         ]
+    };
+    // One client alone, for a profiler (see the module docs).
+    let clients: Vec<Arc<Client_>> = match std::env::var("KLING_BENCH_CLIENTS") {
+        Ok(only) => clients
+            .into_iter()
+            .filter(|c| c.name.contains(&*only))
+            .collect(),
+        Err(_) => clients,
     };
     let mut rows: Vec<Row> = clients
         .iter()
