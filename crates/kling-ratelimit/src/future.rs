@@ -13,14 +13,14 @@ use http::{Request, Response};
 use http_body_util::Full;
 use kling_core::metrics::{COOLDOWNS, LABEL_ACCOUNT, LABEL_KIND, RATELIMIT_WAIT};
 use kling_core::signals::{Deadline, Waited};
-use kling_core::{BoxError, Code, Outcome, PeekBody, Recognized};
+use kling_core::{AccountId, BoxError, Code, Outcome, PeekBody, Recognized};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use crate::backend::{Backend, BucketKey, Decision, Feedback};
 use crate::error::{QueueFull, RateLimited, WaitExceeded, WaitLimit};
-use crate::layer::{Mode, Shared};
+use crate::layer::{Lane, Mode, Shared};
 use crate::queue::Place;
 
 /// Where a request stands at one gate (its class quota, then its account quota).
@@ -211,10 +211,21 @@ impl<Bk: Backend> Gate<Bk> {
     }
 }
 
+/// The direct path's answer (see [`ResponseFuture::direct`]).
+pub(crate) enum Direct<A> {
+    /// Admitted at that instant.
+    Admitted(Instant),
+    /// The backend failed.
+    Failed(BoxError),
+    /// Through the gate, with the backend's answer if it is still to come.
+    Gate(Option<A>),
+}
+
 /// What a request that must wait carries while it waits: boxed, so the future of a request
 /// admitted at once (the success path) is small and cheap to move.
 struct Waiting<S, B, Bk: Backend> {
     gate: Gate<Bk>,
+    account_key: BucketKey,
     inner: Option<S>,
     request: Option<Request<B>>,
 }
@@ -229,7 +240,9 @@ pin_project! {
         // The gate refused the request when `call` first asked it.
         Failed { error: Option<BoxError> },
         Calling { #[pin] future: F },
-        Reporting { report: R, response: Option<Response<Full<Bytes>>> },
+        // Boxed: only a backend whose report is still to come waits here, and the inner
+        // future's variant then stays the largest.
+        Reporting { reporting: Box<(R, Option<Response<Full<Bytes>>>)> },
         Done,
     }
 }
@@ -246,10 +259,14 @@ pin_project! {
     {
         #[pin]
         state: State<S, B, S::Future, Bk::FeedbackFuture, Bk>,
-        shared: Arc<Shared<Bk>>,
-        account_key: BucketKey,
+        // The calling thread's lane: the reference count it writes is that thread's.
+        lane: Arc<Lane<Bk>>,
+        // The account alone and the wait in nanoseconds rather than a `BucketKey` and a
+        // `Duration`: 16 bytes fewer keep the future within 256 bytes around a 192-byte inner
+        // future, which every move of it costs less for.
+        account: Option<AccountId>,
         sent_at: Option<Instant>,
-        waited: Duration,
+        waited_nanos: u64,
     }
 }
 
@@ -258,16 +275,73 @@ where
     S: Service<Request<B>>,
     Bk: Backend,
 {
-    /// Asks the gate once, from `call`: a request admitted at once (the usual case, and every
-    /// case on the in-process backend when nothing queues) is sent from here, so the inner
-    /// service is not cloned into the future; one that must wait takes the ready inner service
-    /// with it and waits in the future. The first look has no waker to register, which is
-    /// safe: the task's first poll passes its own waker to whatever the gate waits on.
+    /// The usual case, asked directly from `call` before anything else is built: nothing
+    /// queues, one gate (the account's), admitted at once and sent at the instant the backend
+    /// decided at. Any other answer goes through the gate ([`ResponseFuture::gated`]), which
+    /// asks again (a refusal took nothing) or polls the pending answer.
     #[inline(always)]
-    pub(crate) fn new(
-        shared: Arc<Shared<Bk>>,
+    pub(crate) fn direct(
+        shared: &Shared<Bk>,
+        account_key: &BucketKey,
+    ) -> Direct<Bk::AcquireFuture> {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut decided_at = None;
+        let mut acquire =
+            shared
+                .backend
+                .acquire_noting(account_key, &shared.account_policy(), &mut decided_at);
+        match Pin::new(&mut acquire).poll(&mut cx) {
+            Poll::Ready(Ok(Decision::Admit)) => {
+                Direct::Admitted(decided_at.unwrap_or_else(Instant::now))
+            }
+            Poll::Ready(Err(error)) => Direct::Failed(error.into()),
+            Poll::Ready(Ok(_)) => Direct::Gate(None),
+            Poll::Pending => Direct::Gate(Some(acquire)),
+        }
+    }
+
+    /// A request admitted directly, sent at `sent_at`: `future` is the inner service's, built
+    /// by the caller (calling the service in `call`'s own frame rather than in here saves a
+    /// copy of the request on the way).
+    #[inline(always)]
+    pub(crate) fn calling(
+        lane: Arc<Lane<Bk>>,
+        account_key: BucketKey,
+        sent_at: Instant,
+        future: S::Future,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Calling { future },
+            lane,
+            account: account_key.into_account(),
+            sent_at: Some(sent_at),
+            waited_nanos: 0,
+        }
+    }
+
+    /// A request the backend failed for.
+    pub(crate) fn failed(lane: Arc<Lane<Bk>>, account_key: BucketKey, error: BoxError) -> Self {
+        ResponseFuture {
+            state: State::Failed { error: Some(error) },
+            lane,
+            account: account_key.into_account(),
+            sent_at: None,
+            waited_nanos: 0,
+        }
+    }
+
+    /// Asks the gate once, from `call` (a class quota, others queued, or a wait; `pending` is the
+    /// direct path's answer if it is still to come): a request admitted at once is sent from
+    /// here, so the inner service is not cloned into the future; one that must wait takes the
+    /// ready inner service with it and waits in the future. The first look has no waker to
+    /// register, which is safe: the task's first poll passes its own waker to whatever the
+    /// gate waits on.
+    #[inline(never)]
+    pub(crate) fn gated(
+        lane: Arc<Lane<Bk>>,
         account_key: BucketKey,
         class_key: Option<BucketKey>,
+        pending: Option<Bk::AcquireFuture>,
         inner: &mut S,
         mut request: Request<B>,
     ) -> Self
@@ -275,45 +349,9 @@ where
         S: Clone,
         B: PeekBody,
     {
+        let shared = &*lane.0;
         let mut cx = Context::from_waker(Waker::noop());
-        let mut step = Step::Start;
-        // The usual case, asked directly: nothing queues, one gate (the account's), admitted at
-        // once and sent at the instant the backend decided at. Any other answer goes through
-        // the gate, which asks again (a refusal took nothing) or polls the pending answer.
-        if class_key.is_none() && (shared.mode == Mode::Reject || shared.queues.is_idle()) {
-            let mut decided_at = None;
-            let mut acquire = shared.backend.acquire_noting(
-                &account_key,
-                &shared.account_policy(),
-                &mut decided_at,
-            );
-            match Pin::new(&mut acquire).poll(&mut cx) {
-                Poll::Ready(Ok(Decision::Admit)) => {
-                    return ResponseFuture {
-                        state: State::Calling {
-                            future: inner.call(request),
-                        },
-                        shared,
-                        account_key,
-                        sent_at: Some(decided_at.unwrap_or_else(Instant::now)),
-                        waited: Duration::ZERO,
-                    };
-                }
-                Poll::Ready(Err(error)) => {
-                    return ResponseFuture {
-                        state: State::Failed {
-                            error: Some(error.into()),
-                        },
-                        shared,
-                        account_key,
-                        sent_at: None,
-                        waited: Duration::ZERO,
-                    };
-                }
-                Poll::Ready(Ok(_)) => {}
-                Poll::Pending => step = Step::Acquiring(acquire),
-            }
-        }
+        let step = pending.map_or(Step::Start, Step::Acquiring);
         let mut gate = Gate {
             class_key,
             step,
@@ -323,7 +361,7 @@ where
             waited_since: None,
             limit: None,
         };
-        let first_look = gate.poll(&mut cx, &request, &shared, &account_key);
+        let first_look = gate.poll(&mut cx, &request, shared, &account_key);
         let (mut sent_at, mut waited) = (None, Duration::ZERO);
         let state = match first_look {
             Poll::Ready(Ok(())) => {
@@ -335,23 +373,36 @@ where
             Poll::Ready(Err(error)) => State::Failed { error: Some(error) },
             Poll::Pending => {
                 let clone = inner.clone();
-                State::Gating {
-                    waiting: Box::new(Waiting {
-                        gate,
-                        inner: Some(std::mem::replace(inner, clone)),
-                        request: Some(request),
-                    }),
-                }
+                let account = account_key.account_id().cloned();
+                return ResponseFuture {
+                    state: State::Gating {
+                        waiting: Box::new(Waiting {
+                            gate,
+                            account_key,
+                            inner: Some(std::mem::replace(inner, clone)),
+                            request: Some(request),
+                        }),
+                    },
+                    lane,
+                    account,
+                    sent_at: None,
+                    waited_nanos: 0,
+                };
             }
         };
         ResponseFuture {
             state,
-            shared,
-            account_key,
+            lane,
+            account: account_key.into_account(),
             sent_at,
-            waited,
+            waited_nanos: nanos(waited),
         }
     }
+}
+
+/// A duration in nanoseconds (saturating, past 584 years).
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Notes when an admitted request is sent and how long it waited (recorded for metrics).
@@ -389,12 +440,24 @@ where
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
-            .field("account", &self.account_key.account_id())
+            .field("account", &self.account)
             .field(
                 "queued",
                 &matches!(&self.state, State::Gating { waiting } if waiting.gate.place.is_some()),
             )
             .finish()
+    }
+}
+
+/// Counts a cooldown the backend reported. A store that cannot take the report must not cost
+/// the caller its response: an error is let go.
+fn note_cooldown(
+    reported: Result<crate::backend::Reported, crate::error::BackendError>,
+    account: &Option<AccountId>,
+) {
+    if reported.is_ok_and(|reported| reported.cooldown_until.is_some()) {
+        let account = account.as_ref().map_or_else(String::new, |a| a.to_string());
+        metrics::counter!(COOLDOWNS, LABEL_ACCOUNT => account).increment(1);
     }
 }
 
@@ -443,16 +506,19 @@ where
                 StateProj::Gating { waiting } => {
                     let Waiting {
                         gate,
+                        account_key,
                         inner,
                         request,
                     } = &mut **waiting;
                     let held = request.as_ref().expect("gating holds the request");
-                    if let Err(error) = ready!(gate.poll(cx, held, this.shared, this.account_key)) {
+                    if let Err(error) = ready!(gate.poll(cx, held, &this.lane.0, account_key)) {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(error));
                     }
                     let mut request = request.take().expect("gating holds the request");
-                    admitted(gate, this.sent_at, this.waited, &mut request);
+                    let mut waited = Duration::ZERO;
+                    admitted(gate, this.sent_at, &mut waited, &mut request);
+                    *this.waited_nanos = nanos(waited);
                     let mut inner = inner.take().expect("called once");
                     this.state.set(State::Calling {
                         future: inner.call(request),
@@ -474,18 +540,19 @@ where
                             return Poll::Ready(Err(error.into()));
                         }
                     };
-                    if !this.waited.is_zero() {
+                    if *this.waited_nanos != 0 {
+                        let rate_limit = Duration::from_nanos(*this.waited_nanos);
                         match response.extensions_mut().get_mut::<Waited>() {
-                            Some(waited) => waited.rate_limit += *this.waited,
+                            Some(waited) => waited.rate_limit += rate_limit,
                             None => {
                                 response.extensions_mut().insert(Waited {
-                                    rate_limit: *this.waited,
+                                    rate_limit,
                                     ..Waited::default()
                                 });
                             }
                         }
                     }
-                    let shared = &*this.shared;
+                    let shared = &*this.lane.0;
                     let report_success = shared.report_success.load(Ordering::Relaxed);
                     let sent_at = this.sent_at.expect("set before calling");
                     match feedback_of(&mut response, sent_at, report_success) {
@@ -497,29 +564,28 @@ where
                             if matches!(feedback, Feedback::Pause { .. }) && !report_success {
                                 shared.report_success.store(true, Ordering::Relaxed);
                             }
-                            let key = &*this.account_key;
-                            let report =
+                            // The account is lent to the key for the call, not cloned.
+                            let key = BucketKey::account(this.account.take());
+                            let mut report =
                                 shared
                                     .backend
-                                    .feedback(key, &shared.account_policy(), feedback);
+                                    .feedback(&key, &shared.account_policy(), feedback);
+                            *this.account = key.into_account();
+                            // The in-process backend's report is ready at once: no state for it.
+                            if let Poll::Ready(reported) = Pin::new(&mut report).poll(cx) {
+                                note_cooldown(reported, this.account);
+                                this.state.set(State::Done);
+                                return Poll::Ready(Ok(response));
+                            }
                             this.state.set(State::Reporting {
-                                report,
-                                response: Some(response),
+                                reporting: Box::new((report, Some(response))),
                             });
                         }
                     }
                 }
-                StateProj::Reporting { report, response } => {
-                    // A store that cannot take the report must not cost the caller its response.
-                    if let Ok(reported) = ready!(Pin::new(report).poll(cx))
-                        && reported.cooldown_until.is_some()
-                    {
-                        let account = this
-                            .account_key
-                            .account_id()
-                            .map_or_else(String::new, |a| a.to_string());
-                        metrics::counter!(COOLDOWNS, LABEL_ACCOUNT => account).increment(1);
-                    }
+                StateProj::Reporting { reporting } => {
+                    let (report, response) = &mut **reporting;
+                    note_cooldown(ready!(Pin::new(report).poll(cx)), this.account);
                     let response = response.take().expect("reporting holds the response");
                     this.state.set(State::Done);
                     return Poll::Ready(Ok(response));

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kling_core::{AccountId, RequestKind};
@@ -69,6 +69,45 @@ impl<Bk> Shared<Bk> {
             None => self.account_policy(),
         }
     }
+}
+
+/// How many [`Lane`]s a limiter has: more than the worker threads of a usual runtime.
+const LANES: usize = 8;
+
+/// One owning pointer to a limiter's shared state, alone on its cache lines: a response future
+/// holds its thread's lane (see [`Lanes`]), so the reference counts the futures of one thread
+/// write stay on a line no other thread writes.
+#[repr(align(128))]
+pub(crate) struct Lane<Bk>(pub(crate) Arc<Shared<Bk>>);
+
+/// The lanes of one limiter, shared by its layer and services; threads take lanes in turn.
+pub(crate) struct Lanes<Bk> {
+    pub(crate) shared: Arc<Shared<Bk>>,
+    lanes: Box<[Arc<Lane<Bk>>]>,
+}
+
+impl<Bk> Lanes<Bk> {
+    fn new(shared: Arc<Shared<Bk>>) -> Lanes<Bk> {
+        let lanes = (0..LANES)
+            .map(|_| Arc::new(Lane(Arc::clone(&shared))))
+            .collect();
+        Lanes { shared, lanes }
+    }
+
+    /// A reference to the shared state for a response future of this thread.
+    #[inline]
+    pub(crate) fn lane(&self) -> Arc<Lane<Bk>> {
+        Arc::clone(&self.lanes[lane_index() % LANES])
+    }
+}
+
+/// The lane index of the current thread (threads take indices in turn).
+fn lane_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    INDEX.try_with(|index| *index).unwrap_or(0)
 }
 
 impl<Bk: fmt::Debug> fmt::Debug for Shared<Bk> {
@@ -202,25 +241,27 @@ impl<Bk> Builder<Bk> {
             return Err(ConfigError::new("layer", "max_queue", "must be at least 1"));
         }
         let report_success = self.adaptive.is_some();
+        let shared = Arc::new(Shared {
+            backend: self.backend,
+            quota: QuotaCell::new(self.quota),
+            classes: self
+                .classes
+                .into_iter()
+                .map(|(k, q)| (k, QuotaCell::new(q)))
+                .collect(),
+            cooldown: self.cooldown,
+            adaptive: self.adaptive,
+            mode: self.mode,
+            max_queue: self.max_queue,
+            max_wait: self.max_wait,
+            key_fn: self.key_fn,
+            queues: Arc::new(Queues::default()),
+            epoch: AtomicU64::new(0),
+            report_success: AtomicBool::new(report_success),
+        });
         Ok(GcraLayer {
-            shared: Arc::new(Shared {
-                backend: self.backend,
-                quota: QuotaCell::new(self.quota),
-                classes: self
-                    .classes
-                    .into_iter()
-                    .map(|(k, q)| (k, QuotaCell::new(q)))
-                    .collect(),
-                cooldown: self.cooldown,
-                adaptive: self.adaptive,
-                mode: self.mode,
-                max_queue: self.max_queue,
-                max_wait: self.max_wait,
-                key_fn: self.key_fn,
-                queues: Arc::new(Queues::default()),
-                epoch: AtomicU64::new(0),
-                report_success: AtomicBool::new(report_success),
-            }),
+            lanes: Arc::new(Lanes::new(Arc::clone(&shared))),
+            shared,
         })
     }
 }
@@ -233,7 +274,8 @@ impl<Bk> Builder<Bk> {
 /// queues, cooldowns, adaptive state, backend) through an `Arc`: cloning never creates a second
 /// quota.
 pub struct GcraLayer<Bk = InProcess> {
-    pub(crate) shared: Arc<Shared<Bk>>,
+    shared: Arc<Shared<Bk>>,
+    lanes: Arc<Lanes<Bk>>,
 }
 
 impl GcraLayer<InProcess> {
@@ -272,6 +314,7 @@ impl<Bk> Clone for GcraLayer<Bk> {
     fn clone(&self) -> Self {
         GcraLayer {
             shared: Arc::clone(&self.shared),
+            lanes: Arc::clone(&self.lanes),
         }
     }
 }
@@ -288,7 +331,7 @@ impl<S, Bk> Layer<S> for GcraLayer<Bk> {
     type Service = Gcra<S, Bk>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Gcra::from_shared(inner, Arc::clone(&self.shared))
+        Gcra::from_lanes(inner, Arc::clone(&self.lanes))
     }
 }
 

@@ -50,11 +50,16 @@
 //!   ([`error::QueueFull`], [`error::WaitExceeded`]) carrying the resume time.
 //!   **Reject mode** ([`Builder::reject`]) fails at once with [`error::RateLimited`], which
 //!   carries the wait — for servers, which ignore backpressure.
-//! - **Time**: tokio time throughout. A request reads the clock once, under the backend's lock:
-//!   governor's `check` decides at that instant (the key's limiter has a clock that hands it
-//!   back rather than reading its own), which is also the request's send time; every wait is
-//!   one [`tokio::time::Sleep`] until the instant governor names, never governor's own
+//! - **Time**: tokio time throughout. A request reads the clock once: governor's `check`
+//!   decides at that instant (the key's limiter has a clock that hands it back rather than
+//!   reading its own), which is also the request's send time; every wait is one
+//!   [`tokio::time::Sleep`] until the instant governor names, never governor's own
 //!   `until_ready`. Paused-time tests are exact.
+//! - **Threads**: a key's governor state is one atomic cell, so the usual decision (a key the
+//!   thread asked recently, no cooldown, no quota change, no adaptive rate) takes no lock and
+//!   writes no line another request of another key writes; decisions of one key made on two
+//!   threads at once may reach its state out of instant order, and GCRA still admits no more
+//!   than the quota in any window of decision instants (see [`InProcess`]).
 //! - **Cooldown**: a 1302 or a `Retry-After` pauses the whole key — queued and new requests
 //!   alike — which then resumes in order; 1302s in a row escalate the pause up to a ceiling
 //!   ([`Cooldown`]).

@@ -1,6 +1,17 @@
 //! The in-process backend: one governor GCRA limiter per key, on tokio time read once per
-//! decision (governor's clock hands back the instant the backend read under its lock).
+//! decision (governor's clock hands back the instant the deciding thread read).
+//!
+//! A key's governor state is one atomic cell (governor's own store is a compare-and-swap on an
+//! atomic too), so the usual decision — a key this thread asked recently, no cooldown, the
+//! quota unchanged, no adaptive rate — takes no lock and writes nothing but that cell: the
+//! thread finds the key's limiter in a small per-thread list, without touching the key table.
+//! Everything else (a new key, a cooldown, a quota change, adaptive keys, feedback, sweeps)
+//! takes the backend's lock. A limiter that stops being the key's (its quota changed, or the key
+//! was dropped as idle) is *retired*: its cell is swapped for a mark that refuses every
+//! decision, so a thread still holding it asks the key table instead and no two limiters of one
+//! key ever admit side by side.
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fmt;
 use std::future::{Ready, ready};
@@ -21,41 +32,49 @@ use crate::error::BackendError;
 use crate::policy::AdaptiveState;
 use crate::quota::Quota;
 
-/// The smallest number of decisions between two sweeps for idle keys.
+/// The smallest number of locked decisions between two sweeps for idle keys.
 const SWEEP_EVERY: usize = 1024;
 /// How long the adaptive state of a key without traffic is kept, by default.
 const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(600);
-/// The state cell's "no measurement yet".
-const EMPTY: u64 = u64::MAX;
+/// The state cell's "no measurement yet" (governor's `None`): once a request is admitted the
+/// theoretical arrival time is at least one interval, never 0.
+const EMPTY: u64 = 0;
+/// The state cell of a retired limiter: every decision on it is refused (see [`TatCell`]).
+const RETIRED: u64 = u64::MAX;
+/// The largest burst tolerance (nanoseconds) a limiter may have and still be asked without the
+/// lock: below it, a retired cell refuses every decision made within four centuries of its
+/// start.
+const LOCK_FREE_MAX_TAU: u64 = 1 << 62;
+/// The keys a thread remembers per thread (over every backend): an account key and a class
+/// key, for a couple of limiters.
+const RECENT_KEYS: usize = 4;
 
-/// One key's two cells, in nanoseconds since the key's start: the instant the backend decides
-/// at (governor's clock reads it) and the theoretical arrival time (governor's state). Shared
-/// by the limiter and the entry, so the backend can set the one and read the other. Every
-/// access happens under the backend's lock: relaxed loads and stores suffice.
-#[derive(Debug)]
-struct Cells {
-    now: AtomicU64,
-    tat: AtomicU64,
+thread_local! {
+    /// The instant the calling thread decides at, in nanoseconds since its backend's base:
+    /// governor's clock ([`DecidedAt`]) reads it, so a decision costs no second clock read.
+    static DECIDING_AT: Cell<u64> = const { Cell::new(0) };
+    /// The limiters this thread asked last (see [`Recent`]).
+    static RECENT: RefCell<Recent> = const { RefCell::new(Recent::new()) };
 }
 
-/// governor's clock for one key: the instant the backend read under its lock, so a decision
-/// costs no clock read of its own.
-#[derive(Debug, Clone)]
-struct DecidedAt(Arc<Cells>);
+/// governor's clock: the instant the deciding thread read (set in [`DECIDING_AT`] just before
+/// each `check`, on the same thread).
+#[derive(Debug, Clone, Copy)]
+struct DecidedAt;
 
 impl Clock for DecidedAt {
-    /// Nanoseconds since the key's start (the limiter's own start reads 0).
+    /// Nanoseconds since the backend's base.
     type Instant = Nanos;
 
     fn now(&self) -> Nanos {
-        Nanos::from(self.0.now.load(Ordering::Relaxed))
+        Nanos::from(DECIDING_AT.with(Cell::get))
     }
 }
 
-/// A governor state store whose theoretical arrival time the backend can read and carry over
-/// when a key's quota changes.
+/// A governor state store on one atomic cell holding the theoretical arrival time (relative to
+/// the limiter's start), which the backend can also read, carry over and retire.
 #[derive(Debug, Clone)]
-struct TatCell(Arc<Cells>);
+struct TatCell(Arc<AtomicU64>);
 
 impl StateStore for TatCell {
     type Key = NotKeyed;
@@ -64,11 +83,25 @@ impl StateStore for TatCell {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        // Every call happens under the backend's lock: a plain load and store suffice.
-        let prev = self.0.tat.load(Ordering::Relaxed);
-        let (result, next) = f((prev != EMPTY).then(|| Nanos::from(prev)))?;
-        self.0.tat.store(next.as_u64(), Ordering::Relaxed);
-        Ok(result)
+        let mut prev = self.0.load(Ordering::Acquire);
+        loop {
+            if prev == RETIRED {
+                // A theoretical arrival time at the end of time: governor refuses (for a
+                // burst tolerance under `LOCK_FREE_MAX_TAU`, see `Generation::lock_free`), and
+                // nothing is stored. The caller sees the mark and asks the key's current limiter.
+                return f(Some(Nanos::from(RETIRED))).map(|(result, _)| result);
+            }
+            let (result, next) = f((prev != EMPTY).then(|| Nanos::from(prev)))?;
+            match self.0.compare_exchange_weak(
+                prev,
+                next.as_u64(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(result),
+                Err(actual) => prev = actual,
+            }
+        }
     }
 }
 
@@ -87,14 +120,70 @@ fn nanos(duration: Duration) -> u64 {
         .saturating_add(u64::from(duration.subsec_nanos()))
 }
 
-/// The state of one key.
-struct Entry {
+/// One key's governor limiter for one quota, from one start: a quota change or the key's
+/// removal retires it and (for a change) makes the next.
+struct Generation {
     limiter: Limiter,
-    cells: Arc<Cells>,
-    /// The instant the limiter was built at (its clock's 0): the key was made or its quota
-    /// last changed. No decision is earlier.
-    start: Instant,
-    applied: Quota,
+    /// The limiter's state, shared with its store.
+    tat: Arc<AtomicU64>,
+    quota: Quota,
+    /// governor's 0 for this limiter, in nanoseconds since the backend's base.
+    start: u64,
+    /// The end of the key's cooldown in nanoseconds since the base (0: none), so a decision
+    /// without the lock sees a pause the locked path set.
+    paused_until: AtomicU64,
+    /// Whether a decision may skip the lock (see [`LOCK_FREE_MAX_TAU`]).
+    lock_free: bool,
+}
+
+impl Generation {
+    /// A limiter for `quota` started at `start`, owing `tat` (relative to `start`; [`EMPTY`]
+    /// for none).
+    fn new(quota: Quota, start: u64, tat: u64, paused_until: u64) -> Generation {
+        let tat = Arc::new(AtomicU64::new(tat));
+        let governor_quota = quota.to_governor();
+        let tau = nanos(
+            governor_quota
+                .replenish_interval()
+                .saturating_mul(governor_quota.burst_size().get().saturating_sub(1)),
+        );
+        // The limiter's start is its clock's reading now.
+        DECIDING_AT.with(|at| at.set(start));
+        Generation {
+            limiter: RateLimiter::new(governor_quota, TatCell(Arc::clone(&tat)), DecidedAt),
+            tat,
+            quota,
+            start,
+            paused_until: AtomicU64::new(paused_until),
+            lock_free: tau < LOCK_FREE_MAX_TAU,
+        }
+    }
+
+    /// governor's `check` at `now` (nanoseconds since the base): the limiter's clock reads it
+    /// back, so governor decides at the instant the caller read. `None` when the limiter was
+    /// retired (nothing taken: ask the key's current one).
+    fn check(&self, now: u64, base: Instant) -> Option<Decision> {
+        DECIDING_AT.with(|at| at.set(now));
+        match self.limiter.check() {
+            Ok(()) => Some(Decision::Admit),
+            Err(_) if self.tat.load(Ordering::Acquire) == RETIRED => None,
+            Err(not_until) => Some(Decision::NotBefore {
+                at: base + Duration::from(not_until.earliest_possible()),
+                cooldown: false,
+            }),
+        }
+    }
+
+    /// Retires the limiter: from now on it refuses everything. Returns its last theoretical
+    /// arrival time (relative to its start; [`EMPTY`] for none).
+    fn retire(&self) -> u64 {
+        self.tat.swap(RETIRED, Ordering::AcqRel)
+    }
+}
+
+/// The state of one key, under the backend's lock.
+struct Entry {
+    generation: Arc<Generation>,
     cooldown_until: Option<Instant>,
     streak: u32,
     last_pause: Option<Instant>,
@@ -103,16 +192,9 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(quota: Quota, now: Instant) -> Entry {
-        let cells = Arc::new(Cells {
-            now: AtomicU64::new(0),
-            tat: AtomicU64::new(EMPTY),
-        });
+    fn new(quota: Quota, now: u64) -> Entry {
         Entry {
-            limiter: Entry::limiter(quota, &cells),
-            cells,
-            start: now,
-            applied: quota,
+            generation: Arc::new(Generation::new(quota, now, EMPTY, 0)),
             cooldown_until: None,
             streak: 0,
             last_pause: None,
@@ -121,41 +203,18 @@ impl Entry {
         }
     }
 
-    /// A governor limiter for `quota` on the key's cells, started at the clock's 0 (the
-    /// caller's `start`).
-    fn limiter(quota: Quota, cells: &Arc<Cells>) -> Limiter {
-        cells.now.store(0, Ordering::Relaxed);
-        RateLimiter::new(
-            quota.to_governor(),
-            TatCell(Arc::clone(cells)),
-            DecidedAt(Arc::clone(cells)),
-        )
-    }
-
-    /// The theoretical arrival time, absolute.
-    fn tat(&self) -> Option<Instant> {
-        let rel = self.cells.tat.load(Ordering::Relaxed);
-        (rel != EMPTY).then(|| self.start + Duration::from_nanos(rel))
-    }
-
-    /// governor's `check` at `now`: the limiter's clock reads `now` from the key's cell, so
-    /// governor decides at the instant the backend read; its earliest instant is turned back
-    /// into tokio time through the key's start.
-    fn check(&mut self, now: Instant) -> Decision {
-        let at = nanos_since(now, self.start);
-        self.cells.now.store(at, Ordering::Relaxed);
-        match self.limiter.check() {
-            Ok(()) => Decision::Admit,
-            Err(not_until) => Decision::NotBefore {
-                at: self.start + Duration::from(not_until.earliest_possible()),
-                cooldown: false,
-            },
-        }
+    /// The theoretical arrival time, absolute (the generation is never retired while the entry
+    /// holds it).
+    fn tat(&self, base: Instant) -> Option<Instant> {
+        let generation = &self.generation;
+        let rel = generation.tat.load(Ordering::Acquire);
+        (rel != EMPTY && rel != RETIRED)
+            .then(|| base + Duration::from_nanos(generation.start.saturating_add(rel)))
     }
 
     /// Admits a request at `now` or says when to ask again: the cooldown, then GCRA at the
     /// quota in force (changed first if the adaptive rate moved).
-    fn decide(&mut self, policy: &Policy, now: Instant) -> Decision {
+    fn decide(&mut self, policy: &Policy, now: Instant, base: Instant) -> Decision {
         if let Some(until) = self.cooldown_until {
             if until > now {
                 return Decision::NotBefore {
@@ -164,12 +223,16 @@ impl Entry {
                 };
             }
             self.cooldown_until = None;
+            self.generation.paused_until.store(0, Ordering::Release);
         }
         let quota = self.effective(policy);
-        if quota != self.applied {
-            self.apply(quota, now);
+        let at = nanos_since(now, base);
+        if quota != self.generation.quota {
+            self.apply(quota, at);
         }
-        self.check(now)
+        self.generation
+            .check(at, base)
+            .expect("the key's own limiter is never retired")
     }
 
     /// The quota to enforce now: the configured one, slowed to the adaptive rate.
@@ -186,23 +249,31 @@ impl Entry {
         }
     }
 
-    /// Switches to a new quota, keeping the key's debt: the requests admitted but not yet
-    /// paid off count the same number of emission intervals under the new quota.
-    fn apply(&mut self, quota: Quota, now: Instant) {
-        let debt = self.tat().filter(|tat| *tat > now).map(|tat| {
-            let ratio = quota.period().as_secs_f64() / self.applied.period().as_secs_f64();
-            (tat - now).mul_f64(ratio)
+    /// Switches to a new quota at `now` (nanoseconds since the base), keeping the key's debt:
+    /// the requests admitted but not yet paid off count the same number of emission intervals
+    /// under the new quota. The old limiter is retired first, so nothing is admitted on it
+    /// once its debt is read.
+    fn apply(&mut self, quota: Quota, now: u64) {
+        let old = &self.generation;
+        let last = old.retire();
+        let tat = (last != EMPTY)
+            .then(|| old.start.saturating_add(last))
+            .filter(|tat| *tat > now);
+        let debt = tat.map(|tat| {
+            let ratio = quota.period().as_secs_f64() / old.quota.period().as_secs_f64();
+            Duration::from_nanos(tat - now).mul_f64(ratio)
         });
         // The new limiter starts at `now`: the debt is its theoretical arrival time.
+        // (A debt of 0 decides as no debt: governor admits at once either way.)
         let rel = debt.map_or(EMPTY, nanos);
-        self.cells.tat.store(rel, Ordering::Relaxed);
-        self.limiter = Entry::limiter(quota, &self.cells);
-        self.start = now;
-        self.applied = quota;
+        let paused = old.paused_until.load(Ordering::Acquire);
+        self.generation = Arc::new(Generation::new(quota, now, rel, paused));
     }
 
-    fn is_idle(&self, now: Instant, idle_ttl: Duration) -> bool {
-        let paid_off = self.tat().unwrap_or(self.start);
+    fn is_idle(&self, now: Instant, idle_ttl: Duration, base: Instant) -> bool {
+        let paid_off = self
+            .tat(base)
+            .unwrap_or(base + Duration::from_nanos(self.generation.start));
         self.cooldown_until.is_none_or(|until| until <= now)
             && self.streak_expires.is_none_or(|at| at <= now)
             && paid_off <= now
@@ -213,8 +284,8 @@ impl Entry {
 impl fmt::Debug for Entry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Entry")
-            .field("applied", &self.applied)
-            .field("tat", &self.tat())
+            .field("applied", &self.generation.quota)
+            .field("tat", &self.generation.tat.load(Ordering::Relaxed))
             .field("cooldown_until", &self.cooldown_until)
             .field("streak", &self.streak)
             .field("adaptive", &self.adaptive)
@@ -224,24 +295,22 @@ impl fmt::Debug for Entry {
 
 #[derive(Debug, Default)]
 struct State {
-    /// foldhash rather than SipHash: one hash per decision is most of the map's cost, and the
-    /// keys are the caller's own accounts (seeded per process all the same).
+    /// foldhash rather than SipHash: one hash per locked decision is most of the map's cost,
+    /// and the keys are the caller's own accounts (seeded per process all the same).
     ///
     /// The map holds each key's index in `entries`: a lookup copies an index out, so a known
-    /// key costs one hash and no key clone (an account's reference count is shared by every
-    /// call of that account).
+    /// key costs one hash and no key clone.
     map: HashMap<BucketKey, usize, foldhash::fast::RandomState>,
     entries: Vec<(BucketKey, Entry)>,
-    /// The key last looked up and its index: a run of calls of one account skips the hash.
-    last: Option<(KeyId, usize)>,
     ops: usize,
 }
 
-/// A key known to `entries`, by the address of its account's text: `entries` holds a clone of
-/// the key, so no other account can have that address while the entry lives.
+/// A key by the address and length of its account's text: two keys with the same address and
+/// length hold the same text, so they are the same key. [`Recent`] keeps a clone of the key
+/// beside its id, so the address stays that text's while the id is remembered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct KeyId {
-    account: usize,
+    account: Option<(usize, usize)>,
     class: Option<RequestKind>,
 }
 
@@ -250,25 +319,112 @@ impl KeyId {
         KeyId {
             account: key
                 .account_id()
-                .map_or(0, |account| account.as_str().as_ptr() as usize),
+                .map(|account| (account.as_str().as_ptr() as usize, account.as_str().len())),
             class: key.request_kind(),
         }
     }
 }
 
+/// One remembered limiter: of which backend, for which key.
+struct Remembered {
+    backend: u64,
+    id: KeyId,
+    /// Keeps the account text at `id`'s address alive.
+    _key: BucketKey,
+    generation: Arc<Generation>,
+}
+
+/// The limiters a thread asked last, so the usual decision finds its key's limiter without the
+/// key table (whose lookups would write its lock). A remembered limiter that was retired is
+/// refused and replaced by the table's current one.
+struct Recent {
+    slots: [Option<Remembered>; RECENT_KEYS],
+    /// The slot the next miss fills.
+    next: usize,
+}
+
+impl Recent {
+    const fn new() -> Recent {
+        Recent {
+            slots: [const { None }; RECENT_KEYS],
+            next: 0,
+        }
+    }
+
+    fn find(&self, backend: u64, id: KeyId) -> Option<&Arc<Generation>> {
+        self.slots
+            .iter()
+            .flatten()
+            .find(|slot| slot.backend == backend && slot.id == id)
+            .map(|slot| &slot.generation)
+    }
+
+    fn remember(&mut self, backend: u64, key: &BucketKey, generation: Arc<Generation>) {
+        let id = KeyId::of(key);
+        let slot = match self.slots.iter().position(|slot| {
+            slot.as_ref()
+                .is_some_and(|s| s.backend == backend && s.id == id)
+        }) {
+            Some(at) => at,
+            None => {
+                let at = self.next;
+                self.next = (at + 1) % RECENT_KEYS;
+                at
+            }
+        };
+        self.slots[slot] = Some(Remembered {
+            backend,
+            id,
+            _key: key.clone(),
+            generation,
+        });
+    }
+}
+
 /// The in-process [`Backend`]: one governor GCRA limiter per key on tokio time, with the key's
-/// cooldown and adaptive state beside it, behind one mutex. The clock is read once per
-/// decision, under the lock; the limiter's clock hands governor that instant.
+/// cooldown and adaptive state beside it. The clock is read once per decision; the limiter's
+/// clock hands governor that instant.
 ///
-/// Every decision is synchronous (its futures are [`Ready`]), so the success path takes one
-/// uncontended lock and allocates nothing. Keys are dropped once idle — their GCRA state paid
-/// off, no cooldown or streak running, and for adaptive keys no traffic for the idle TTL (ten
-/// minutes unless set) — in sweeps that cost O(1) amortized per decision, so the map stays
-/// bounded by the keys active recently.
-#[derive(Debug, Default)]
+/// Every decision is synchronous (its futures are [`Ready`]) and allocates nothing on the
+/// success path. A key this thread asked recently, with no cooldown running, its quota
+/// unchanged and no adaptive rule, is decided without a lock (one compare-and-swap on the key's
+/// governor state); anything else takes one lock. Keys are dropped once idle — their GCRA state
+/// paid off, no cooldown or streak running, and for adaptive keys no traffic for the idle TTL
+/// (ten minutes unless set) — in sweeps that cost O(1) amortized per locked decision, so the
+/// map stays bounded by the keys active recently.
+///
+/// Decisions of one key made at the same time on several threads may reach its state in
+/// another order than their instants; GCRA still admits no more than the quota in any window
+/// of decision instants (each admission moves the theoretical arrival time on by one interval,
+/// and an earlier instant only makes the test stricter).
 pub struct InProcess {
     state: Mutex<State>,
     idle_ttl: Option<Duration>,
+    /// Instants are kept as nanoseconds since this one.
+    base: Instant,
+    /// Which backend a thread's remembered limiters belong to.
+    id: u64,
+}
+
+impl Default for InProcess {
+    fn default() -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        InProcess {
+            state: Mutex::default(),
+            idle_ttl: None,
+            base: Instant::now(),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+}
+
+impl fmt::Debug for InProcess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InProcess")
+            .field("state", &self.state)
+            .field("idle_ttl", &self.idle_ttl)
+            .finish()
+    }
 }
 
 impl InProcess {
@@ -304,7 +460,7 @@ impl InProcess {
         let state = self.lock();
         let entry = &state.entries[*state.map.get(key)?].1;
         Some(KeyState {
-            effective: entry.applied,
+            effective: entry.generation.quota,
             cooldown_until: entry.cooldown_until.filter(|until| *until > Instant::now()),
             streak: entry.streak,
             adaptive_rate: entry.adaptive.map(|a| a.rate()),
@@ -315,12 +471,23 @@ impl InProcess {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Drops the idle keys, retiring each one's limiter in the same step as its idleness is
+    /// confirmed (a compare-and-swap from the paid-off state): a decision that slipped in
+    /// between keeps the key.
     fn sweep_locked(&self, state: &mut State) {
         let now = Instant::now();
         let ttl = self.idle_ttl.unwrap_or(DEFAULT_IDLE_TTL);
-        state.entries.retain(|(_, entry)| !entry.is_idle(now, ttl));
+        let base = self.base;
+        state.entries.retain(|(_, entry)| {
+            let observed = entry.generation.tat.load(Ordering::Acquire);
+            !(entry.is_idle(now, ttl, base)
+                && entry
+                    .generation
+                    .tat
+                    .compare_exchange(observed, RETIRED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok())
+        });
         state.map.clear();
-        state.last = None;
         for (at, (key, _)) in state.entries.iter().enumerate() {
             state.map.insert(key.clone(), at);
         }
@@ -338,22 +505,16 @@ impl InProcess {
         if state.ops >= SWEEP_EVERY.max(state.map.len()) {
             self.sweep_locked(state);
         }
-        let id = KeyId::of(key);
-        let at = match state.last {
-            Some((last, at)) if last == id => at,
-            _ => match state.map.get(key) {
-                Some(&at) => at,
-                None => {
-                    let at = state.entries.len();
-                    state.map.insert(key.clone(), at);
-                    state
-                        .entries
-                        .push((key.clone(), Entry::new(policy.quota, now)));
-                    at
-                }
-            },
+        let at = match state.map.get(key) {
+            Some(&at) => at,
+            None => {
+                let at = state.entries.len();
+                state.map.insert(key.clone(), at);
+                let entry = Entry::new(policy.quota, nanos_since(now, self.base));
+                state.entries.push((key.clone(), entry));
+                at
+            }
         };
-        state.last = Some((id, at));
         &mut state.entries[at].1
     }
 
@@ -362,18 +523,88 @@ impl InProcess {
         self.acquire_decided(key, policy).0
     }
 
-    /// [`Backend::acquire`], synchronously, with the instant it decided at: the clock is read
-    /// under the lock, so the decisions of one key are made at instants that only move on.
+    /// [`Backend::acquire`], synchronously, with the instant it decided at (read once).
+    #[inline]
     fn acquire_decided(&self, key: &BucketKey, policy: &Policy) -> (Decision, Instant) {
+        if policy.adaptive.is_none()
+            && let Some(decided) = self.decide_remembered_with(key, policy, Instant::now)
+        {
+            return decided;
+        }
+        self.acquire_locked(key, policy)
+    }
+
+    /// The decision without the lock, at the instant `now` reads (only once a limiter is
+    /// found: a miss costs no clock read), on the limiter this thread remembers for `key`:
+    /// `None` when there is none, or it was retired, or the key is paused or its quota changed
+    /// (the locked path decides those).
+    fn decide_remembered_with(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        now: impl FnOnce() -> Instant,
+    ) -> Option<(Decision, Instant)> {
+        let id = KeyId::of(key);
+        // (A thread tearing down its locals asks under the lock.)
+        let recent = RECENT.try_with(|recent| {
+            let recent = recent.borrow();
+            let generation = recent.find(self.id, id)?;
+            let now = now();
+            let at = nanos_since(now, self.base);
+            if !generation.lock_free
+                || generation.quota != policy.quota
+                || generation.paused_until.load(Ordering::Acquire) > at
+            {
+                return None;
+            }
+            generation
+                .check(at, self.base)
+                .map(|decision| (decision, now))
+        });
+        recent.ok().flatten()
+    }
+
+    /// [`InProcess::decide_remembered_with`] at `now`.
+    #[cfg(test)]
+    fn decide_remembered(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        now: Instant,
+    ) -> Option<Decision> {
+        self.decide_remembered_with(key, policy, || now)
+            .map(|(decision, _)| decision)
+    }
+
+    /// The limiter this thread remembers for `key`, if any.
+    #[cfg(test)]
+    fn remembered(&self, key: &BucketKey) -> Option<Arc<Generation>> {
+        RECENT.with_borrow(|recent| recent.find(self.id, KeyId::of(key)).cloned())
+    }
+
+    /// The decision under the lock, at the instant read under it; remembers the key's limiter
+    /// for this thread's next decisions.
+    fn acquire_locked(&self, key: &BucketKey, policy: &Policy) -> (Decision, Instant) {
         let mut state = self.lock();
         let now = Instant::now();
+        let base = self.base;
         let entry = self.entry(&mut state, key, policy, now);
-        (entry.decide(policy, now), now)
+        let decision = entry.decide(policy, now, base);
+        let remember = (policy.adaptive.is_none() && entry.generation.lock_free)
+            .then(|| Arc::clone(&entry.generation));
+        drop(state);
+        if let Some(generation) = remember {
+            let _ = RECENT.try_with(|recent| {
+                recent.borrow_mut().remember(self.id, key, generation);
+            });
+        }
+        (decision, now)
     }
 
     /// [`Backend::feedback`], synchronously.
     pub fn feedback_now(&self, key: &BucketKey, policy: &Policy, feedback: Feedback) -> Reported {
         let mut state = self.lock();
+        let base = self.base;
         let entry = self.entry(&mut state, key, policy, Instant::now());
         let ceiling = policy.quota.rate_per_second();
         match feedback {
@@ -418,7 +649,7 @@ impl InProcess {
                 }
                 let until = pause_until(
                     &policy.cooldown,
-                    entry.applied.period(),
+                    entry.generation.quota.period(),
                     entry.streak,
                     received_at,
                     resume_at,
@@ -428,6 +659,11 @@ impl InProcess {
                     until > Instant::now() && entry.cooldown_until.is_none_or(|c| until > c);
                 if extends {
                     entry.cooldown_until = Some(until);
+                    // Seen by decisions without the lock, which then take it.
+                    entry
+                        .generation
+                        .paused_until
+                        .store(nanos_since(until, base).max(1), Ordering::Release);
                 }
                 Reported {
                     cooldown_until: extends.then_some(until),
@@ -575,6 +811,255 @@ mod tests {
             Decision::NotBefore { .. }
         ));
         assert_eq!(backend.acquire_now(&b, &p), Decision::Admit);
+    }
+
+    /// Whether admitted decision instants fit GCRA's bound: any `n` of them (sorted) span at
+    /// least `n - burst` intervals.
+    fn conform(admitted: &mut [Instant], quota: Quota) -> Result<(), String> {
+        admitted.sort();
+        let period = quota.period();
+        let burst = quota.to_governor().burst_size().get() as usize;
+        for i in 0..admitted.len() {
+            for j in i + burst..admitted.len() {
+                let need = period * (j - i + 1 - burst) as u32;
+                if admitted[j] - admitted[i] < need {
+                    return Err(format!(
+                        "{} admitted within {:?}",
+                        j - i + 1,
+                        admitted[j] - admitted[i]
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decisions made without the lock may reach the key's state in another order than their
+    /// instants (two threads read the clock, the later one decides first). The guarantee that
+    /// replaces "decisions in instant order": whatever the order, the admitted instants never
+    /// beat the quota. Random quotas, random instants, decided in a shuffled order.
+    #[tokio::test(start_paused = true)]
+    async fn decisions_out_of_instant_order_never_beat_the_quota() {
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) % n
+        };
+        let backend = InProcess::new();
+        let (mut admitted_total, mut refused_total) = (0, 0);
+        for round in 0..100 {
+            let period = Duration::from_nanos(1_000 + next(1_000_000));
+            let quota = Quota::with_period(period).with_burst(1 + next(4) as u32);
+            let p = policy(quota);
+            let key = BucketKey::account(Some(AccountId::new(format!("k{round}"))));
+            // The locked path makes the key and this thread remembers its limiter.
+            let start = Instant::now();
+            assert_eq!(backend.acquire_now(&key, &p), Decision::Admit);
+            let mut admitted = vec![start];
+            // Instants over a few intervals, each decided in a random order.
+            let span = period.as_nanos() as u64 * 8;
+            let mut instants: Vec<Instant> = (0..40)
+                .map(|_| start + Duration::from_nanos(next(span)))
+                .collect();
+            for i in (1..instants.len()).rev() {
+                instants.swap(i, next(i as u64 + 1) as usize);
+            }
+            for at in instants {
+                match backend.decide_remembered(&key, &p, at) {
+                    Some(Decision::Admit) => admitted.push(at),
+                    Some(Decision::NotBefore { .. }) => refused_total += 1,
+                    None => panic!("the remembered limiter decides"),
+                }
+            }
+            admitted_total += admitted.len();
+            conform(&mut admitted, quota).unwrap_or_else(|e| panic!("{quota:?}: {e}"));
+        }
+        assert!(
+            admitted_total > 500 && refused_total > 500,
+            "{admitted_total} / {refused_total}"
+        );
+    }
+
+    /// The check above fails on a limiter that admits too much (its negative control).
+    #[test]
+    fn the_conformance_check_catches_an_excess() {
+        let start = Instant::now();
+        let quota = Quota::with_period(Duration::from_millis(10)).with_burst(2);
+        let ms = |n| start + Duration::from_millis(n);
+        assert!(conform(&mut [ms(0), ms(0), ms(10), ms(20)], quota).is_ok());
+        assert!(conform(&mut [ms(0), ms(0), ms(9)], quota).is_err());
+        assert!(conform(&mut [ms(20), ms(0), ms(5), ms(9)], quota).is_err());
+    }
+
+    /// Several threads deciding on one key at once, without the lock, in real time: the
+    /// decision instants they were admitted at fit the quota.
+    #[test]
+    fn threads_deciding_at_once_stay_within_the_quota() {
+        let backend = Arc::new(InProcess::new());
+        let quota = Quota::with_period(Duration::from_micros(20)).with_burst(3);
+        let p = policy(quota);
+        let key = BucketKey::account(Some(AccountId::from_static("shared")));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (backend, key) = (Arc::clone(&backend), key.clone());
+                std::thread::spawn(move || {
+                    let mut admitted = Vec::new();
+                    for _ in 0..20_000 {
+                        let (decision, at) = backend.acquire_decided(&key, &p);
+                        if decision == Decision::Admit {
+                            admitted.push(at);
+                        }
+                    }
+                    admitted
+                })
+            })
+            .collect();
+        let mut admitted: Vec<Instant> = threads
+            .into_iter()
+            .flat_map(|t| t.join().expect("no panic"))
+            .collect();
+        assert!(admitted.len() > 10, "{}", admitted.len());
+        conform(&mut admitted, quota).unwrap();
+    }
+
+    /// A limiter stops deciding once it is not its key's any more: after a quota change (the
+    /// debt carries over to the new one) and after its key was dropped as idle; a thread that
+    /// remembered it asks the key table and goes on with the key's current limiter.
+    #[tokio::test(start_paused = true)]
+    async fn a_retired_limiter_refuses_and_the_key_goes_on() {
+        let backend = InProcess::new();
+        let key = BucketKey::account(Some(AccountId::new("k")));
+        let slow = policy(Quota::per_second(1.0));
+        assert_eq!(backend.acquire_now(&key, &slow), Decision::Admit);
+        let first = backend.remembered(&key).expect("remembered");
+        let now = Instant::now();
+        assert!(backend.decide_remembered(&key, &slow, now).is_some());
+        // A quota change retires it; the debt (1 s at 1/s) becomes 0.5 s at 2/s.
+        let fast = policy(Quota::per_second(2.0));
+        assert!(
+            backend.decide_remembered(&key, &fast, now).is_none(),
+            "a changed quota"
+        );
+        assert_eq!(
+            backend.acquire_now(&key, &fast),
+            Decision::NotBefore {
+                at: now + Duration::from_millis(500),
+                cooldown: false
+            }
+        );
+        assert_eq!(
+            first.check(
+                nanos_since(now, backend.base) + 10_000_000_000,
+                backend.base
+            ),
+            None
+        );
+        let second = backend.remembered(&key).expect("remembered");
+        assert!(!Arc::ptr_eq(&first, &second));
+        // Idle, swept: the remembered limiter is retired and the key starts afresh.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        backend.sweep();
+        assert_eq!(backend.len(), 0);
+        assert_eq!(backend.decide_remembered(&key, &fast, Instant::now()), None);
+        assert_eq!(backend.acquire_now(&key, &fast), Decision::Admit);
+        assert_eq!(backend.len(), 1);
+        assert!(matches!(
+            backend.acquire_now(&key, &fast),
+            Decision::NotBefore {
+                cooldown: false,
+                ..
+            }
+        ));
+    }
+
+    /// A sweep keeps a key whose limiter admitted between its idleness check and its
+    /// retirement: the retirement is a compare-and-swap from the state it judged idle.
+    #[tokio::test(start_paused = true)]
+    async fn a_sweep_retires_only_the_state_it_judged_idle() {
+        let backend = InProcess::new();
+        let key = BucketKey::account(None);
+        let p = policy(Quota::per_second(1.0));
+        assert_eq!(backend.acquire_now(&key, &p), Decision::Admit);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let generation = backend.remembered(&key).expect("remembered");
+        let observed = generation.tat.load(Ordering::Acquire);
+        // A decision slips in after the sweep read the state.
+        assert!(backend.decide_remembered(&key, &p, Instant::now()) == Some(Decision::Admit));
+        assert!(
+            generation
+                .tat
+                .compare_exchange(observed, RETIRED, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        );
+        backend.sweep();
+        assert_eq!(backend.len(), 1, "the key owes an interval again");
+    }
+
+    /// A cooldown set by feedback reaches the decisions that skip the lock.
+    #[tokio::test(start_paused = true)]
+    async fn a_cooldown_reaches_decisions_without_the_lock() {
+        let backend = InProcess::new();
+        let key = BucketKey::account(Some(AccountId::from_static("paused")));
+        let p = policy(Quota::per_second(1000.0));
+        assert_eq!(backend.acquire_now(&key, &p), Decision::Admit);
+        let now = Instant::now();
+        let resume = now + Duration::from_secs(3);
+        let reported = backend.feedback_now(
+            &key,
+            &p,
+            Feedback::Pause {
+                sent_at: now,
+                received_at: now,
+                resume_at: Some(resume),
+                throttled: false,
+            },
+        );
+        assert_eq!(reported.cooldown_until, Some(resume));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(backend.decide_remembered(&key, &p, Instant::now()), None);
+        assert_eq!(
+            backend.acquire_now(&key, &p),
+            Decision::NotBefore {
+                at: resume,
+                cooldown: true
+            }
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(backend.acquire_now(&key, &p), Decision::Admit);
+        assert!(
+            backend
+                .decide_remembered(&key, &p, Instant::now())
+                .is_some()
+        );
+    }
+
+    /// An account made per request and dropped leaves its text's address free for the next
+    /// one: the next account, though at that address, is its own key.
+    #[tokio::test(start_paused = true)]
+    async fn an_account_at_a_freed_address_is_another_key() {
+        let backend = InProcess::new();
+        let p = policy(Quota::per_second(1.0));
+        for i in 0..50 {
+            // Two copies of one account: the table keeps the first, the request holds the second.
+            let kept = BucketKey::account(Some(AccountId::new(format!("a{i:03}"))));
+            assert_eq!(backend.acquire_now(&kept, &p), Decision::Admit);
+            let asked = BucketKey::account(Some(AccountId::new(format!("a{i:03}"))));
+            assert!(matches!(
+                backend.acquire_now(&asked, &p),
+                Decision::NotBefore { .. }
+            ));
+            let name = format!("b{i:03}");
+            drop(asked);
+            // Likely at the address `asked` had (the allocator reuses a freed block of a size).
+            let other = BucketKey::account(Some(AccountId::new(name)));
+            assert_eq!(
+                backend.acquire_now(&other, &p),
+                Decision::Admit,
+                "round {i}"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -67,6 +67,11 @@ impl BucketKey {
     pub fn request_kind(&self) -> Option<RequestKind> {
         self.class
     }
+
+    /// The account, taken out of the key.
+    pub(crate) fn into_account(self) -> Option<AccountId> {
+        self.account
+    }
 }
 
 /// What the layer asks the backend to enforce for one key.

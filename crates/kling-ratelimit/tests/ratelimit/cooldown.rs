@@ -29,6 +29,73 @@ async fn pause_after(first: Reply) -> Vec<(String, u128)> {
     server.times_ms(start)
 }
 
+/// The in-process backend with reports that arrive one poll late, as a remote store's do.
+#[derive(Debug, Default)]
+struct LateReports(kling_ratelimit::InProcess);
+
+/// A report that is pending on its first poll.
+struct Late(
+    Option<Result<kling_ratelimit::backend::Reported, kling_ratelimit::error::BackendError>>,
+    bool,
+);
+
+impl std::future::Future for Late {
+    type Output = Result<kling_ratelimit::backend::Reported, kling_ratelimit::error::BackendError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        if !self.1 {
+            self.1 = true;
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        std::task::Poll::Ready(self.0.take().expect("polled once more"))
+    }
+}
+
+impl kling_ratelimit::Backend for LateReports {
+    type AcquireFuture = <kling_ratelimit::InProcess as kling_ratelimit::Backend>::AcquireFuture;
+    type FeedbackFuture = Late;
+
+    fn acquire(&self, key: &BucketKey, policy: &kling_ratelimit::Policy) -> Self::AcquireFuture {
+        self.0.acquire(key, policy)
+    }
+
+    fn feedback(
+        &self,
+        key: &BucketKey,
+        policy: &kling_ratelimit::Policy,
+        feedback: kling_ratelimit::Feedback,
+    ) -> Self::FeedbackFuture {
+        Late(Some(Ok(self.0.feedback_now(key, policy, feedback))), false)
+    }
+}
+
+/// A backend whose report is still to come when the response is in: the response waits for it
+/// (boxed beside it), then the pause holds as with the in-process backend.
+#[tokio::test(start_paused = true)]
+async fn a_report_that_comes_later_still_pauses_the_key() {
+    let server = Server::new();
+    server.script([Reply::throttled()]);
+    let service = GcraLayer::builder(Quota::per_second(10.0))
+        .backend(LateReports::default())
+        .build()
+        .unwrap()
+        .layer(server.service());
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for tag in ["a1", "a2", "a3", "a4"] {
+        calls.push(spawn_call(&service, request(Some("a"), tag)).await);
+    }
+    calls.push(spawn_call(&service, request(Some("b"), "b1")).await);
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(server.times_ms(start), expected(1000));
+}
+
 fn expected(pause_ms: u128) -> Vec<(String, u128)> {
     vec![
         ("a1".into(), 0),
