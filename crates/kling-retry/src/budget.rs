@@ -56,6 +56,9 @@ pub struct RetryBudget {
 struct Inner {
     origin: Instant,
     bucket_nanos: u64,
+    /// `u64::MAX / bucket_nanos`, to find a deposit's bucket without a division (see
+    /// [`divide`]).
+    reciprocal: u64,
     window: Duration,
     min_per_sec: u32,
     ratio: f64,
@@ -87,6 +90,7 @@ impl RetryBudget {
             inner: Arc::new(Inner {
                 origin: Instant::now(),
                 bucket_nanos,
+                reciprocal: u64::MAX / bucket_nanos,
                 window,
                 min_per_sec,
                 ratio,
@@ -166,15 +170,28 @@ impl fmt::Debug for RetryBudget {
 
 impl Inner {
     fn epoch(&self, now: Instant) -> u32 {
-        // u64 nanoseconds (584 years) keep this a single hardware division on the hot path.
+        // u64 nanoseconds: 584 years.
         let elapsed = now.saturating_duration_since(self.origin).as_nanos() as u64;
-        (elapsed / self.bucket_nanos) as u32
+        divide(elapsed, self.bucket_nanos, self.reciprocal) as u32
     }
 
     fn allowance(&self, epoch: u32) -> f64 {
         let deposits: u64 = self.deposits.iter().map(|shard| sum(&shard.0, epoch)).sum();
         self.floor + self.ratio * deposits as f64
     }
+}
+
+/// `n / d`, given `reciprocal` = `u64::MAX / d`: a multiplication and a correction. Every call
+/// deposits, and a 64-bit hardware division takes tens of cycles.
+///
+/// The estimate `n × reciprocal / 2⁶⁴` is never above `n / d` and less than 2 below it, so it
+/// is the quotient or one less.
+fn divide(n: u64, d: u64, reciprocal: u64) -> u64 {
+    let mut q = ((u128::from(n) * u128::from(reciprocal)) >> 64) as u64;
+    while n - q * d >= d {
+        q += 1;
+    }
+    q
 }
 
 fn pack(epoch: u32, count: u32) -> u64 {
@@ -288,6 +305,52 @@ mod tests {
             (4, u32::MAX),
             "saturates"
         );
+    }
+
+    proptest::proptest! {
+        /// The division by multiplication agrees with the hardware's, for any dividend and
+        /// divisor (the budget's divisors are at least 1 ms).
+        #[test]
+        fn dividing_by_the_reciprocal_is_exact(n: u64, d in 1u64..) {
+            proptest::prop_assert_eq!(divide(n, d, u64::MAX / d), n / d);
+        }
+
+        #[test]
+        fn dividing_elapsed_nanoseconds_by_a_bucket_is_exact(
+            n in 0u64..1 << 62,
+            d in 1_000_000u64..100_000_000_000,
+        ) {
+            proptest::prop_assert_eq!(divide(n, d, u64::MAX / d), n / d);
+        }
+    }
+
+    #[test]
+    fn division_edges_are_exact() {
+        for d in [
+            1,
+            2,
+            3,
+            7,
+            1_000_000,
+            1_000_000_007,
+            u64::MAX / 2,
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
+            for n in [0, 1, d - 1, d, d.saturating_add(1), u64::MAX - 1, u64::MAX] {
+                assert_eq!(divide(n, d, u64::MAX / d), n / d, "{n} / {d}");
+            }
+            // Just below and at each multiple near the top.
+            let top = u64::MAX / d * d;
+            for n in [
+                top,
+                top - 1,
+                top.saturating_sub(d),
+                top.saturating_sub(d) + 1,
+            ] {
+                assert_eq!(divide(n, d, u64::MAX / d), n / d, "{n} / {d}");
+            }
+        }
     }
 
     #[test]

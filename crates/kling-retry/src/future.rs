@@ -22,16 +22,28 @@ use crate::backoff::DelayKind;
 use crate::body::ReplayBody;
 use crate::error::{DeadlineExceeded, Failed, Last, StopReason, Tally};
 use crate::layer::Shared;
-use crate::lookup::{self, Lookup, Recovered};
+use crate::lookup::{self, Lookup, Recovered, Spliced};
 use crate::policy::{Attempted, CreateState, Policy, Verdict};
 use crate::service::Handle;
 use crate::service::clone_request;
 use crate::template::Template;
 
+/// The response future of [`Retry`](crate::Retry): sends attempts, waits between them, and
+/// looks creates up by external id.
+///
+/// The attempt in flight, the request kept to send again and the call's state share one
+/// allocation (the one the copy of the request needs anyway): the inner future is copied there
+/// from the inner service's `call` and stays put, and this future, which every layer above
+/// moves, is one pointer.
+pub struct ResponseFuture<S, B, P>
+where
+    S: Service<Request<B>>,
+{
+    inner: Pin<Box<Inner<S, B, P>>>,
+}
+
 pin_project! {
-    /// The response future of [`Retry`](crate::Retry): sends attempts, waits between them, and
-    /// looks creates up by external id, all without boxing.
-    pub struct ResponseFuture<S, B, P>
+    struct Inner<S, B, P>
     where
         S: Service<Request<B>>,
     {
@@ -65,7 +77,7 @@ struct Call<S, B, P> {
     /// The configuration and the spare service retries clone.
     handle: Arc<Handle<S, P>>,
     /// The request to send again, the call's start and its deadline.
-    template: Box<Template<B>>,
+    template: Template<B>,
     attempts: u32,
     /// What the attempt in flight sent.
     sending: Sending,
@@ -115,27 +127,53 @@ impl<S, B, P> ResponseFuture<S, B, P>
 where
     S: Service<Request<B>>,
 {
-    // Inlined into `Retry::call`, where the inner future is made as its argument: fewer copies
-    // of a large future.
+    /// The allocation of a call, holding `request`'s copy (written in place, not built aside
+    /// and copied in) and no attempt yet: [`send`](Self::send) adds it. Two steps, so
+    /// `Retry::call` sends its own `request` (moving it into a function would copy it).
     #[inline(always)]
-    pub(crate) fn new(
-        future: S::Future,
+    pub(crate) fn prepare(
         handle: Arc<Handle<S, P>>,
-        template: Box<Template<B>>,
-    ) -> Self {
-        ResponseFuture {
-            state: State::Calling { future },
-            call: Call {
-                handle,
-                template,
-                attempts: 1,
-                sending: Sending::Original,
-                resigned: false,
-                retry: None,
+        request: &Request<B>,
+        started: Instant,
+        deadline: Option<Instant>,
+        spliced: Option<(B, Spliced)>,
+    ) -> Prepared<S, B, P>
+    where
+        B: ReplayBody,
+    {
+        let mut boxed = Box::write(
+            Box::new_uninit(),
+            Inner {
+                state: State::Done,
+                call: Call {
+                    handle,
+                    template: Template::new(request, started, deadline, spliced),
+                    attempts: 1,
+                    sending: Sending::Original,
+                    resigned: false,
+                    retry: None,
+                },
             },
+        );
+        boxed.call.template.copy_headers(request);
+        Prepared(boxed)
+    }
+
+    /// The future of the call `prepared` holds, its first attempt `future`.
+    #[inline(always)]
+    pub(crate) fn send(prepared: Prepared<S, B, P>, future: S::Future) -> Self {
+        let Prepared(mut boxed) = prepared;
+        boxed.state = State::Calling { future };
+        ResponseFuture {
+            inner: Box::into_pin(boxed),
         }
     }
 }
+
+/// A call's allocation before its first attempt is sent: see [`ResponseFuture::prepare`].
+pub(crate) struct Prepared<S, B, P>(Box<Inner<S, B, P>>)
+where
+    S: Service<Request<B>>;
 
 impl<S, B, P> fmt::Debug for ResponseFuture<S, B, P>
 where
@@ -143,10 +181,10 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("attempts", &self.call.attempts)
-            .field("waited", &self.call.waited())
-            .field("deadline", &self.call.template.deadline)
-            .field("looking_up", &self.call.looking_up())
+            .field("attempts", &self.inner.call.attempts)
+            .field("waited", &self.inner.call.waited())
+            .field("deadline", &self.inner.call.template.deadline)
+            .field("looking_up", &self.inner.call.looking_up())
             .finish_non_exhaustive()
     }
 }
@@ -161,7 +199,7 @@ where
     type Output = Result<Response<Full<Bytes>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let mut this = self.get_mut().inner.as_mut().project();
         loop {
             match this.state.as_mut().project() {
                 StateProj::Calling { future } => {

@@ -132,11 +132,10 @@ const HEX_PAIRS: [[u8; 2]; 256] = {
 struct GeneratedId([u8; ID_LEN]);
 
 impl GeneratedId {
-    fn new(rng: &dyn RandomSource) -> Self {
+    /// The id of 16 random bytes.
+    fn of(bytes: [u8; 16]) -> Self {
         let mut id = [0; ID_LEN];
         id[..3].copy_from_slice(b"kr-");
-        let (high, low) = (rng.next_u64(), rng.next_u64());
-        let bytes = (u128::from(high) << 64 | u128::from(low)).to_be_bytes();
         for (out, byte) in id[3..].chunks_exact_mut(2).zip(bytes) {
             out.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
         }
@@ -153,16 +152,18 @@ impl GeneratedId {
 }
 
 /// A generated id written into a create's body: enough to write it into the original body
-/// again, for a retry.
+/// again, for a retry. The id's 16 random bytes, not its 35 digits: every create's retry
+/// template keeps one, and a retry (rare) writes the digits again.
 pub(crate) struct Spliced {
     field: &'static str,
-    id: GeneratedId,
+    bits: [u8; 16],
 }
 
 impl Spliced {
     /// `original` with the id written in, byte for byte the body the first attempt sent.
     pub(crate) fn body<B: ReplayBody>(&self, original: &B) -> B {
-        let rewritten = splice_field(&original.peek_bytes(), self.field, self.id.as_bytes())
+        let id = GeneratedId::of(self.bits);
+        let rewritten = splice_field(&original.peek_bytes(), self.field, id.as_bytes())
             .expect("the body took the id once, and takes it the same way again");
         B::from_bytes(Bytes::from(rewritten))
     }
@@ -193,10 +194,12 @@ pub(crate) fn add_generated_id<B: ReplayBody>(
         return None;
     }
     let field = field_name(recognized)?;
-    let id = GeneratedId::new(rng);
+    // One draw of 128 bits: one atomic step of the shared `SplitMix`, not two.
+    let bits = rng.next_u128().to_be_bytes();
+    let id = GeneratedId::of(bits);
     let original = splice_into_body(request, field, id.as_bytes())?;
     Recognized::set_external_id(request, Some(id.as_str().to_owned()));
-    Some((original, Spliced { field, id }))
+    Some((original, Spliced { field, bits }))
 }
 
 /// The body field that names a create's external id, by API generation.
@@ -467,7 +470,7 @@ mod tests {
     #[test]
     fn generated_ids_are_kr_and_32_hex_digits() {
         let rng = crate::rng::SplitMix::seeded(3);
-        let generated = GeneratedId::new(&rng);
+        let generated = GeneratedId::of(rng.next_u128().to_be_bytes());
         let id = generated.as_str();
         assert_eq!(id.len(), 35);
         assert!(id.starts_with("kr-"));

@@ -1,46 +1,37 @@
 //! The copy of a request the retry layer keeps to send again.
 //!
-//! Every call makes one and almost every call drops it unused, so it is built for that: one
-//! allocation (the box, which also keeps the response future small for the layers above to
-//! move) instead of `http::HeaderMap`'s two and `http::Extensions`' three, and filled in place
-//! in that box. A retry, rare, puts the request back together first ([`Template::request`]).
+//! Every call makes one and almost every call drops it unused, so it is built for that: it
+//! lives in the response future's one allocation (beside the attempt in flight), with no
+//! allocation of its own instead of `http::HeaderMap`'s two and `http::Extensions`' three,
+//! written in place there (built aside, it would be copied in whole), and holds only what a
+//! resend needs: the request's parts, a few headers inline, the generated id's 16 bytes. What
+//! is rare is boxed apart: many headers, the request put back together for a retry
+//! ([`Template::request`]).
 
-use http::{Extensions, Method, Request, Uri, Version};
-use kling_core::headers::HeaderCopy;
+use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 use kling_core::signals::CallSignals;
 use tokio::time::Instant;
 
 use crate::body::ReplayBody;
 use crate::lookup::Spliced;
 
-/// A request to send again, and the call's start and deadline (kept here rather than in the
-/// response future, which every layer above moves): see the [module docs](self).
+/// A request to send again, and the call's start and deadline: see the [module docs](self).
 pub(crate) struct Template<B> {
     pub(crate) started: Instant,
     pub(crate) deadline: Option<Instant>,
-    /// Beside `kept`, not in it: written slot by slot in the box, not built aside and moved in.
-    headers: HeaderCopy,
-    kept: Kept<B>,
-}
-
-/// The request, in pieces until a retry needs it whole: an empty `Request` costs its
-/// construction and its drop on every call.
-enum Kept<B> {
-    Parts(Parts<B>),
-    Whole(Request<B>),
-    /// Only while [`Template::request`] swaps the one for the other.
-    Taken,
-}
-
-struct Parts<B> {
     method: Method,
     uri: Uri,
     version: Version,
-    /// The body as sent, or the caller's body and the generated id the sent one holds.
-    body: Result<B, (B, Spliced)>,
+    /// The body as sent, or the caller's body when `spliced` holds the generated id the sent
+    /// one has (the rewritten body is then not kept).
+    body: B,
+    spliced: Option<Spliced>,
     /// The per-call signals to put back, when they were the request's only extension (the
     /// extensions were then not copied); else the extensions copied whole.
     extensions: Result<CallSignals, Extensions>,
+    headers: Headers,
+    /// The request put back together, at the first retry.
+    whole: Option<Box<Request<B>>>,
 }
 
 impl<B: ReplayBody> Template<B> {
@@ -50,75 +41,121 @@ impl<B: ReplayBody> Template<B> {
     /// When the request's only extension holds the per-call signals (the deadline and attempt
     /// each attempt sets anew, the account, the cached recognition), the copy keeps just them
     /// (no allocation) and a retry puts them back. Any other extension is copied as it is.
+    ///
+    /// Inlined, so it is written where the caller puts it (see
+    /// [`ResponseFuture`](crate::future::ResponseFuture)), not built aside and copied there;
+    /// the headers follow with [`copy_headers`](Self::copy_headers).
+    #[inline(always)]
     pub(crate) fn new(
         request: &Request<B>,
         started: Instant,
         deadline: Option<Instant>,
         spliced: Option<(B, Spliced)>,
-    ) -> Box<Self> {
-        let parts = Parts {
+    ) -> Self {
+        let (body, spliced) = match spliced {
+            Some((original, spliced)) => (original, Some(spliced)),
+            None => (request.body().clone(), None),
+        };
+        Template {
+            started,
+            deadline,
             method: request.method().clone(),
             uri: request.uri().clone(),
             version: request.version(),
-            body: match spliced {
-                Some(spliced) => Err(spliced),
-                None => Ok(request.body().clone()),
-            },
+            body,
+            spliced,
             extensions: match CallSignals::if_alone(request.extensions()) {
                 Some(signals) => Ok(signals),
                 None => Err(request.extensions().clone()),
             },
-        };
-        let mut template = Box::new(Template {
-            started,
-            deadline,
-            headers: HeaderCopy::EMPTY,
-            kept: Kept::Parts(parts),
-        });
-        // In place: `HeaderCopy::of`'s value would be copied again on its way into the box.
-        template.headers.fill(request.headers());
-        template
+            headers: Headers::empty(),
+            whole: None,
+        }
     }
-}
 
-impl<B: ReplayBody> Template<B> {
+    /// Copies the headers of `request` (the one [`new`](Self::new) copied), in place.
+    pub(crate) fn copy_headers(&mut self, request: &Request<B>) {
+        self.headers.fill(request.headers());
+    }
+
     /// The request as the first attempt sent it (headers, extensions and account back in place).
     pub(crate) fn request(&mut self) -> &mut Request<B> {
-        if !matches!(self.kept, Kept::Whole(_)) {
-            self.restore();
+        if self.whole.is_none() {
+            self.whole = Some(Box::new(self.restore()));
         }
-        match &mut self.kept {
-            Kept::Whole(request) => request,
-            _ => unreachable!("restored above"),
-        }
+        self.whole.as_deref_mut().expect("restored above")
     }
 
     #[cold]
-    fn restore(&mut self) {
-        let Kept::Parts(parts) = std::mem::replace(&mut self.kept, Kept::Taken) else {
-            unreachable!("a template is restored once")
-        };
-        let Parts {
-            method,
-            uri,
-            version,
-            body,
-            extensions,
-        } = parts;
-        let body = match body {
-            Ok(body) => body,
-            Err((original, spliced)) => spliced.body(&original),
+    fn restore(&self) -> Request<B> {
+        let body = match &self.spliced {
+            None => self.body.clone(),
+            Some(spliced) => spliced.body(&self.body),
         };
         let mut request = Request::new(body);
-        *request.method_mut() = method;
-        *request.uri_mut() = uri;
-        *request.version_mut() = version;
-        *request.headers_mut() = self.headers.take();
-        match extensions {
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.to_map();
+        match &self.extensions {
             Ok(signals) => signals.restore(&mut request),
-            Err(extensions) => *request.extensions_mut() = extensions,
+            Err(extensions) => *request.extensions_mut() = extensions.clone(),
         }
-        self.kept = Kept::Whole(request);
+        request
+    }
+}
+
+/// The most header values kept inline: a Kling request at the retry layer carries one to three
+/// (`Content-Type`, perhaps `Authorization` and one of the caller's), and every slot is 72 bytes
+/// of the template written on every call.
+const INLINE: usize = 3;
+
+/// A copy of a request's headers: up to [`INLINE`] values inline (no allocation), more as a
+/// boxed `HeaderMap` copy. Repeated names and their order are kept.
+struct Headers {
+    inline: [Option<(HeaderName, HeaderValue)>; INLINE],
+    /// More than [`INLINE`] values: rare, boxed apart.
+    map: Option<Box<HeaderMap>>,
+}
+
+impl Headers {
+    /// No headers. A function, not a constant: a constant is copied in whole from read-only
+    /// memory, where this writes each slot's `None` (a tag).
+    #[inline(always)]
+    fn empty() -> Headers {
+        Headers {
+            inline: [None, None, None],
+            map: None,
+        }
+    }
+
+    /// Copies `headers` into `self`, which must be [`empty`](Headers::empty).
+    fn fill(&mut self, headers: &HeaderMap) {
+        if headers.len() > INLINE {
+            self.map = Some(Box::new(headers.clone()));
+            return;
+        }
+        for (slot, (name, value)) in self.inline.iter_mut().zip(headers) {
+            *slot = Some((name.clone(), value.clone()));
+        }
+    }
+
+    /// Whether the values are kept inline (the copy allocated nothing).
+    #[cfg(test)]
+    fn is_inline(&self) -> bool {
+        self.map.is_none()
+    }
+
+    /// The headers as they were copied.
+    fn to_map(&self) -> HeaderMap {
+        if let Some(map) = &self.map {
+            return (**map).clone();
+        }
+        let mut map = HeaderMap::new();
+        for (name, value) in self.inline.iter().map_while(Option::as_ref) {
+            map.append(name.clone(), value.clone());
+        }
+        map
     }
 }
 
@@ -144,12 +181,21 @@ mod tests {
             .header(CONTENT_TYPE, "application/json")
             .header(ACCEPT, "a")
             .header(ACCEPT, "b")
-            .header("x-custom", "c")
             .body(Full::new(Bytes::from_static(br#"{"prompt":"cat"}"#)))
             .unwrap();
         AccountId::set_if_absent(&mut request, &AccountId::new("acct"));
         Recognized::of(&mut request);
         request
+    }
+
+    /// A template as `Retry::call` makes it: the parts, then the headers.
+    fn copy(
+        request: &Request<Full<Bytes>>,
+        spliced: Option<(Full<Bytes>, Spliced)>,
+    ) -> Template<Full<Bytes>> {
+        let mut template = Template::new(request, Instant::now(), None, spliced);
+        template.copy_headers(request);
+        template
     }
 
     fn assert_same_request(copy: &Request<Full<Bytes>>, original: &Request<Full<Bytes>>) {
@@ -164,11 +210,8 @@ mod tests {
     #[test]
     fn a_request_with_only_signals_is_restored_with_its_account_and_no_copied_extension() {
         let original = request();
-        let mut template = Template::new(&original, Instant::now(), None, None);
-        let Kept::Parts(parts) = &template.kept else {
-            panic!("kept in parts")
-        };
-        assert!(parts.extensions.is_ok(), "not copied");
+        let mut template = copy(&original, None);
+        assert!(template.extensions.is_ok(), "not copied");
         assert!(template.headers.is_inline(), "kept inline");
         let restored = template.request();
         assert_same_request(restored, &original);
@@ -186,12 +229,11 @@ mod tests {
         let mut sent = request();
         let rng = crate::rng::SplitMix::seeded(5);
         let spliced = crate::lookup::add_generated_id(&mut sent, &rng).expect("an id");
-        let mut template = Template::new(&sent, Instant::now(), None, Some(spliced));
-        let Kept::Parts(parts) = &template.kept else {
-            panic!("kept in parts")
-        };
-        assert!(
-            parts.body.is_err(),
+        let mut template = copy(&sent, Some(spliced));
+        assert!(template.spliced.is_some());
+        assert_eq!(
+            template.body.peek_bytes(),
+            br#"{"prompt":"cat"}"#.as_slice(),
             "the caller's body kept, not the rewritten one"
         );
         let restored = template.request();
@@ -210,7 +252,7 @@ mod tests {
     fn a_foreign_extension_is_copied_with_the_signals() {
         let mut original = request();
         original.extensions_mut().insert(Foreign(7));
-        let mut template = Template::new(&original, Instant::now(), None, None);
+        let mut template = copy(&original, None);
         let restored = template.request();
         assert_same_request(restored, &original);
         assert_eq!(restored.extensions().get::<Foreign>(), Some(&Foreign(7)));
@@ -219,11 +261,34 @@ mod tests {
         // Alone, it is copied too (it is no signal).
         let mut original = Request::new(Full::new(Bytes::new()));
         original.extensions_mut().insert(Foreign(8));
-        let mut template = Template::new(&original, Instant::now(), None, None);
+        let mut template = copy(&original, None);
         assert_eq!(
             template.request().extensions().get::<Foreign>(),
             Some(&Foreign(8))
         );
+    }
+
+    #[test]
+    fn the_template_stays_small() {
+        // Written on every call: the parts, three header slots, the signals (was 736 bytes).
+        let size = std::mem::size_of::<Template<Full<Bytes>>>();
+        assert!(size <= 512, "{size} bytes");
+    }
+
+    #[test]
+    fn three_headers_are_kept_inline_and_a_fourth_as_a_map() {
+        let mut original = request();
+        assert_eq!(original.headers().len(), INLINE);
+        let mut template = copy(&original, None);
+        assert!(template.headers.is_inline());
+        assert_same_request(template.request(), &original);
+
+        original
+            .headers_mut()
+            .insert("x-custom", HeaderValue::from_static("c"));
+        let mut template = copy(&original, None);
+        assert!(!template.headers.is_inline());
+        assert_same_request(template.request(), &original);
     }
 
     #[test]
@@ -234,7 +299,7 @@ mod tests {
                 .headers_mut()
                 .append("x-many", HeaderValue::from(i));
         }
-        let mut template = Template::new(&original, Instant::now(), None, None);
+        let mut template = copy(&original, None);
         assert!(!template.headers.is_inline());
         assert_same_request(template.request(), &original);
     }
@@ -254,7 +319,7 @@ mod tests {
             for (name, value) in headers {
                 original.headers_mut().append(name, HeaderValue::from(value));
             }
-            let mut template = Template::new(&original, Instant::now(), None, None);
+            let mut template = copy(&original, None);
             let restored = template.request();
             prop_assert_eq!(restored.headers(), original.headers());
             prop_assert_eq!(restored.method(), original.method());
