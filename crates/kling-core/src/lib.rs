@@ -47,6 +47,7 @@
 //! | [`signals`] | extensions layers use to cooperate (deadline, attempt, slot-gated 1303) |
 //! | [`headers`] | a copy of a request's headers kept to send it again, without allocating |
 //! | [`intern`] | configured texts kept once, so copies touch no reference count |
+//! | [`lanes`] | per-thread references to a layer's shared state, so threads write no one count |
 //!
 //! # Feature flags
 //!
@@ -67,6 +68,7 @@ mod envelope;
 pub mod error;
 pub mod headers;
 pub mod intern;
+pub mod lanes;
 pub mod metrics;
 mod outcome;
 mod request;

@@ -20,7 +20,7 @@ use tower_service::Service;
 
 use crate::backend::{Backend, BucketKey, Decision, Feedback};
 use crate::error::{QueueFull, RateLimited, WaitExceeded, WaitLimit};
-use crate::layer::{Lane, Mode, Shared};
+use crate::layer::{Lane, Mode, Shared, shared_of};
 use crate::queue::Place;
 
 /// Where a request stands at one gate (its class quota, then its account quota).
@@ -349,7 +349,7 @@ where
         S: Clone,
         B: PeekBody,
     {
-        let shared = &*lane.0;
+        let shared = &**shared_of(&lane);
         let mut cx = Context::from_waker(Waker::noop());
         let step = pending.map_or(Step::Start, Step::Acquiring);
         let mut gate = Gate {
@@ -511,7 +511,9 @@ where
                         request,
                     } = &mut **waiting;
                     let held = request.as_ref().expect("gating holds the request");
-                    if let Err(error) = ready!(gate.poll(cx, held, &this.lane.0, account_key)) {
+                    if let Err(error) =
+                        ready!(gate.poll(cx, held, shared_of(this.lane), account_key))
+                    {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(error));
                     }
@@ -552,7 +554,7 @@ where
                             }
                         }
                     }
-                    let shared = &*this.lane.0;
+                    let shared = &**shared_of(this.lane);
                     let report_success = shared.report_success.load(Ordering::Relaxed);
                     let sent_at = this.sent_at.expect("set before calling");
                     match feedback_of(&mut response, sent_at, report_success) {

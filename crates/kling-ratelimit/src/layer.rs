@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use kling_core::{AccountId, RequestKind};
@@ -71,43 +71,18 @@ impl<Bk> Shared<Bk> {
     }
 }
 
-/// How many [`Lane`]s a limiter has: more than the worker threads of a usual runtime.
-const LANES: usize = 8;
-
 /// One owning pointer to a limiter's shared state, alone on its cache lines: a response future
-/// holds its thread's lane (see [`Lanes`]), so the reference counts the futures of one thread
-/// write stay on a line no other thread writes.
-#[repr(align(128))]
-pub(crate) struct Lane<Bk>(pub(crate) Arc<Shared<Bk>>);
+/// holds its thread's lane ([`kling_core::lanes`]), so the reference counts the futures of one
+/// thread write stay on lines no other thread writes.
+pub(crate) type Lane<Bk> = kling_core::lanes::Lane<Arc<Shared<Bk>>>;
 
-/// The lanes of one limiter, shared by its layer and services; threads take lanes in turn.
-pub(crate) struct Lanes<Bk> {
-    pub(crate) shared: Arc<Shared<Bk>>,
-    lanes: Box<[Arc<Lane<Bk>>]>,
-}
+/// The lanes of one limiter, shared by its layer and services.
+pub(crate) type Lanes<Bk> = kling_core::lanes::Lanes<Arc<Shared<Bk>>>;
 
-impl<Bk> Lanes<Bk> {
-    fn new(shared: Arc<Shared<Bk>>) -> Lanes<Bk> {
-        let lanes = (0..LANES)
-            .map(|_| Arc::new(Lane(Arc::clone(&shared))))
-            .collect();
-        Lanes { shared, lanes }
-    }
-
-    /// A reference to the shared state for a response future of this thread.
-    #[inline]
-    pub(crate) fn lane(&self) -> Arc<Lane<Bk>> {
-        Arc::clone(&self.lanes[lane_index() % LANES])
-    }
-}
-
-/// The lane index of the current thread (threads take indices in turn).
-fn lane_index() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed);
-    }
-    INDEX.try_with(|index| *index).unwrap_or(0)
+/// The shared state `lane` points to.
+#[inline]
+pub(crate) fn shared_of<Bk>(lane: &Lane<Bk>) -> &Arc<Shared<Bk>> {
+    lane
 }
 
 impl<Bk: fmt::Debug> fmt::Debug for Shared<Bk> {

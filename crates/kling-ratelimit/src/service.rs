@@ -63,7 +63,7 @@ impl<S: fmt::Debug, Bk: fmt::Debug> fmt::Debug for Gcra<S, Bk> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Gcra")
             .field("inner", &self.inner)
-            .field("shared", &self.lanes.shared)
+            .field("shared", self.lanes.get())
             .finish()
     }
 }
@@ -77,7 +77,7 @@ macro_rules! respond {
     ($gcra:expr, $account_key:expr, $class_key:expr, $request:expr) => {{
         let gcra = $gcra;
         let (account_key, class_key) = ($account_key, $class_key);
-        let shared = &*gcra.lanes.shared;
+        let shared = &**gcra.lanes.get();
         let lane = gcra.lanes.lane();
         let mut pending = None;
         if class_key.is_none() && (shared.mode == Mode::Reject || shared.queues.is_idle()) {
@@ -121,7 +121,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let shared = &*self.lanes.shared;
+        let shared = &**self.lanes.get();
         if shared.key_fn.is_some() {
             return self.call_with_key_fn(request);
         }
@@ -150,7 +150,7 @@ impl<S, Bk> Gcra<S, Bk> {
         cached_kind: Option<RequestKind>,
         request: &mut Request<B>,
     ) -> Option<BucketKey> {
-        let classes = &self.lanes.shared.classes;
+        let classes = &self.lanes.get().classes;
         if classes.is_empty() {
             return None;
         }
@@ -176,7 +176,7 @@ impl<S, Bk> Gcra<S, Bk> {
     {
         let key_fn = self
             .lanes
-            .shared
+            .get()
             .key_fn
             .as_ref()
             .expect("called with a key fn");

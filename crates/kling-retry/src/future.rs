@@ -27,6 +27,7 @@ use crate::policy::{Attempted, CreateState, Policy, Verdict};
 use crate::service::Handle;
 use crate::service::clone_request;
 use crate::template::Template;
+use kling_core::lanes::Lane;
 
 /// The response future of [`Retry`](crate::Retry): sends attempts, waits between them, and
 /// looks creates up by external id.
@@ -75,7 +76,7 @@ enum Sending {
 /// Everything a call carries between attempts (not pinned).
 struct Call<S, B, P> {
     /// The configuration and the spare service retries clone.
-    handle: Arc<Handle<S, P>>,
+    handle: Arc<Lane<Handle<S, P>>>,
     /// The request to send again, the call's start and its deadline.
     template: Template<B>,
     attempts: u32,
@@ -132,7 +133,7 @@ where
     /// `Retry::call` sends its own `request` (moving it into a function would copy it).
     #[inline(always)]
     pub(crate) fn prepare(
-        handle: Arc<Handle<S, P>>,
+        handle: Arc<Lane<Handle<S, P>>>,
         request: &Request<B>,
         started: Instant,
         deadline: Option<Instant>,

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::Full;
 use kling_core::error::BoxError;
+use kling_core::lanes::Lanes;
 use kling_core::signals::Attempt;
 use tokio::time::Instant;
 use tower_service::Service;
@@ -23,31 +24,36 @@ use crate::policy::{KlingPolicy, Policy};
 /// # Clone
 ///
 /// Clones share the layer's configuration, its [`RetryBudget`](crate::RetryBudget) and its
-/// random source; each clone owns a clone of the inner service, and a small handle of its own
-/// (one allocation per clone): each call's future counts a reference on its clone's handle, so
-/// tasks that each call their own clone never write to one shared count.
+/// random source; each clone owns a clone of the inner service. Each call's future counts a
+/// reference on its thread's lane ([`kling_core::lanes`]), so the threads of a runtime never
+/// write one shared count per call.
 ///
 /// Retries go through a clone of the inner service kept aside at the first call (and shared by
 /// clones), so a call that succeeds at once clones no service: a clone per call costs the
 /// stack below's reference counts twice, on cache lines every task touches.
 pub struct Retry<S, P = KlingPolicy> {
     inner: S,
-    handle: Arc<Handle<S, P>>,
+    lanes: Arc<Lanes<Handle<S, P>>>,
 }
 
-/// What the calls of one `Retry` clone share: one reference count per call, written only by
-/// the task calling that clone (a count every clone shared would move between worker threads'
+/// What every call of a `Retry` and its clones reads, held once per lane: a future's reference
+/// count is its thread's lane's (a count every call shared would move between worker threads'
 /// caches on every call and every drop, tens of nanoseconds each).
-///
-/// Aligned to two cache lines, so that neither that count nor what the calls read here shares
-/// a line with another clone's handle or another allocation.
-#[repr(align(128))]
 pub(crate) struct Handle<S, P> {
     pub(crate) shared: Arc<Shared<P>>,
     /// The service retries are cloned from, kept at the first call of any clone. Behind a
     /// mutex, taken only to clone it, so the future is `Send` whenever `S` is (no `Sync`
     /// needed).
     spare: Arc<OnceLock<Mutex<S>>>,
+}
+
+impl<S, P> Clone for Handle<S, P> {
+    fn clone(&self) -> Self {
+        Handle {
+            shared: Arc::clone(&self.shared),
+            spare: Arc::clone(&self.spare),
+        }
+    }
 }
 
 impl<S: Clone, P> Handle<S, P> {
@@ -70,11 +76,11 @@ impl<S> Retry<S> {
 
 impl<S, P> Retry<S, P> {
     pub(crate) fn from_shared(inner: S, shared: Arc<Shared<P>>) -> Self {
-        let handle = Arc::new(Handle {
+        let lanes = Arc::new(Lanes::new(Handle {
             shared,
             spare: Arc::new(OnceLock::new()),
-        });
-        Retry { inner, handle }
+        }));
+        Retry { inner, lanes }
     }
 
     /// The inner service.
@@ -100,10 +106,7 @@ impl<S: Clone, P> Clone for Retry<S, P> {
     fn clone(&self) -> Self {
         Retry {
             inner: self.inner.clone(),
-            handle: Arc::new(Handle {
-                shared: Arc::clone(&self.handle.shared),
-                spare: Arc::clone(&self.handle.spare),
-            }),
+            lanes: Arc::clone(&self.lanes),
         }
     }
 }
@@ -112,7 +115,7 @@ impl<S: fmt::Debug, P: fmt::Debug> fmt::Debug for Retry<S, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Retry")
             .field("inner", &self.inner)
-            .field("config", &self.handle.shared)
+            .field("config", &self.lanes.get().shared)
             .finish()
     }
 }
@@ -133,7 +136,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let handle = &*self.handle;
+        let handle = self.lanes.get();
         let shared = &*handle.shared;
         let now = Instant::now();
         shared.budget.deposit_at(now);
@@ -150,7 +153,7 @@ where
         if handle.spare.get().is_none() {
             let _ = handle.spare.set(Mutex::new(self.inner.clone()));
         }
-        let handle = Arc::clone(&self.handle);
+        let handle = self.lanes.lane();
         let prepared = ResponseFuture::prepare(handle, &request, now, deadline, spliced);
         ResponseFuture::send(prepared, self.inner.call(request))
     }
@@ -214,36 +217,36 @@ mod tests {
     fn assert_unpin<T: Unpin>(_: &T) {}
 
     #[tokio::test(start_paused = true)]
-    async fn a_call_counts_a_reference_on_its_own_clone_only() {
+    async fn a_call_counts_a_reference_on_its_threads_lane_only() {
         let mut service = RetryLayer::builder()
             .seed(3)
             .build()
             .unwrap()
             .layer(NotSync::default());
         let clone = service.clone();
-        assert!(!Arc::ptr_eq(&service.handle, &clone.handle));
-        assert!(Arc::ptr_eq(&service.handle.shared, &clone.handle.shared));
-        assert!(Arc::ptr_eq(&service.handle.spare, &clone.handle.spare));
+        assert!(
+            Arc::ptr_eq(&service.lanes, &clone.lanes),
+            "clones share lanes"
+        );
+        let lane = service.lanes.lane();
+        let before = Arc::strong_count(&lane);
         let request = Request::get("/v1/videos/text2video/t1")
             .body(Full::new(Bytes::new()))
             .unwrap();
         let future = service.ready().await.unwrap().call(request);
-        assert_eq!(Arc::strong_count(&service.handle), 2, "the future's");
-        assert_eq!(Arc::strong_count(&clone.handle), 1, "untouched");
+        assert_eq!(Arc::strong_count(&lane), before + 1, "the future's");
         // The spare kept by the first call serves the clone's retries too.
-        assert!(clone.handle.spare.get().is_some());
+        assert!(clone.lanes.get().spare.get().is_some());
         future.await.unwrap();
-        assert_eq!(Arc::strong_count(&service.handle), 1);
+        assert_eq!(Arc::strong_count(&lane), before);
     }
 
     #[test]
-    fn the_future_is_one_pointer_and_the_shared_count_has_its_own_lines() {
+    fn the_future_is_one_pointer() {
         let mut service = RetryLayer::new().layer(NotSync::default());
         let future = service.call(Request::new(Full::new(Bytes::new())));
         assert_unpin(&future);
         assert_eq!(std::mem::size_of_val(&future), std::mem::size_of::<usize>());
-        // The `Arc`'s counts sit before the handle, 128 bytes (two cache lines) away.
-        assert!(std::mem::align_of::<Handle<NotSync, KlingPolicy>>() >= 128);
     }
 
     #[tokio::test(start_paused = true)]
@@ -252,13 +255,16 @@ mod tests {
         let calls = Arc::clone(&inner.calls);
         let mut service = RetryLayer::builder().seed(3).build().unwrap().layer(inner);
         let clone = service.clone();
-        assert!(clone.handle.spare.get().is_none(), "kept at the first call");
+        assert!(
+            clone.lanes.get().spare.get().is_none(),
+            "kept at the first call"
+        );
         let request = Request::get("/v1/videos/text2video/t1")
             .body(Full::new(Bytes::new()))
             .unwrap();
         let future = service.ready().await.unwrap().call(request);
         assert_send(&future);
-        assert!(clone.handle.spare.get().is_some(), "shared by clones");
+        assert!(clone.lanes.get().spare.get().is_some(), "shared by clones");
         let response = future.await.unwrap();
         assert!(Outcome::of(&response).unwrap().is_success());
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
