@@ -377,7 +377,12 @@ impl Keys for Kept<'_> {
 impl<H: HashId> Index<H> {
     /// Where `text` is held.
     fn get(&self, text: &[u8], keys: &impl Keys) -> Option<Place> {
-        if let Some(place) = self.by_hash.get(H::hash(text))
+        self.get_hashed(H::hash(text), text, keys)
+    }
+
+    /// [`get`](Index::get) of a `text` whose `H::hash` is `hash`.
+    fn get_hashed(&self, hash: u64, text: &[u8], keys: &impl Keys) -> Option<Place> {
+        if let Some(place) = self.by_hash.get(hash)
             && keys.key(place) == Some(text)
         {
             return Some(place);
@@ -427,8 +432,14 @@ impl<H: HashId> Index<H> {
     }
 
     /// Where `text` is held, unfiled from here (one lookup instead of a `get` and a `remove`).
+    #[cfg(test)]
     fn take(&mut self, text: &[u8], keys: &impl Keys) -> Option<Place> {
-        match self.by_hash.find(H::hash(text)) {
+        self.take_hashed(H::hash(text), text, keys)
+    }
+
+    /// [`take`](Index::take) of a `text` whose `H::hash` is `hash`.
+    fn take_hashed(&mut self, hash: u64, text: &[u8], keys: &impl Keys) -> Option<Place> {
+        match self.by_hash.find(hash) {
             Some(i) if keys.key(self.by_hash.entries[i].place) == Some(text) => {
                 Some(self.by_hash.remove_at(i))
             }
@@ -911,12 +922,17 @@ impl State {
     fn find(
         &self,
         id: &str,
+        hash: u64,
         external: Option<&str>,
         by_complete: bool,
         id_looked_up: bool,
     ) -> Option<Place> {
         let list = &self.list;
-        if !id_looked_up && let Some(place) = self.ids.get(id.as_bytes(), &Kept(list, Which::Id)) {
+        if !id_looked_up
+            && let Some(place) = self
+                .ids
+                .get_hashed(hash, id.as_bytes(), &Kept(list, Which::Id))
+        {
             return Some(place);
         }
         if let Some(place) = external.and_then(|ext| {
@@ -935,9 +951,11 @@ impl State {
     }
 
     /// One report of a task: a terminal status releases it, a running one renews its lease.
+    /// `hash`: the [`IdHash`] of `id` (computed before the lock where the caller can).
     fn report(
         &mut self,
         id: &str,
+        hash: u64,
         external: Option<&str>,
         status: Option<&TaskStatus>,
         reports: &mut Reports,
@@ -946,11 +964,13 @@ impl State {
         // A task that ended and is known by its id (the usual query) is found and unfiled in
         // one lookup.
         let taken = if terminal {
-            self.ids.take(id.as_bytes(), &Kept(&self.list, Which::Id))
+            self.ids
+                .take_hashed(hash, id.as_bytes(), &Kept(&self.list, Which::Id))
         } else {
             None
         };
-        let Some(place) = taken.or_else(|| self.find(id, external, status.is_none(), terminal))
+        let by_complete = status.is_none();
+        let Some(place) = taken.or_else(|| self.find(id, hash, external, by_complete, terminal))
         else {
             return;
         };
@@ -978,7 +998,6 @@ impl State {
         };
         holding.lease_until = now + lease;
         if holding.id.is_none() {
-            let hash = IdHash::hash(id.as_bytes());
             holding.id = Some(SmallId::new(id));
             holding.hashes[0] = hash;
             // Known by its task id from now on (an older holding filed under the same id, in
@@ -1045,7 +1064,8 @@ impl State {
                 let mut reports = Reports::new(lease, now, unread);
                 for task in outcome.tasks() {
                     let (ext, status) = (task.external_id.as_deref(), Some(&task.status));
-                    self.report(&task.id, ext, status, &mut reports);
+                    let hash = IdHash::hash(task.id.as_bytes());
+                    self.report(&task.id, hash, ext, status, &mut reports);
                 }
                 applied = reports.applied;
             }
@@ -1053,7 +1073,8 @@ impl State {
                 let mut reports = Reports::new(lease, now, unread);
                 for update in &updates {
                     let (ext, status) = (update.external_id.as_deref(), update.status.as_ref());
-                    self.report(&update.id, ext, status, &mut reports);
+                    let hash = IdHash::hash(update.id.as_bytes());
+                    self.report(&update.id, hash, ext, status, &mut reports);
                 }
                 applied = reports.applied;
             }
@@ -1118,6 +1139,10 @@ impl State {
         applied
     }
 }
+
+/// How many of a response's task ids [`InProcess::observe_unread`] hashes before it takes the
+/// lock (the rest are hashed under it).
+const PREHASHED: usize = 4;
 
 /// The time reports renew leases from, read before the lock is taken (the clock stays out of
 /// the critical section); `None` for changes that report no task.
@@ -1214,10 +1239,19 @@ impl SlotBackend for InProcess {
         }
         // The answer's arrival is the time its reports speak of: no clock read.
         let mut reports = Reports::new(lease, Some(outcome.received_at()), true);
+        // The ids are hashed before the lock is taken (the first few: a query reports one).
+        let mut hashes = [0; PREHASHED];
+        for (hash, task) in hashes.iter_mut().zip(tasks) {
+            *hash = IdHash::hash(task.id.as_bytes());
+        }
         let mut state = self.lock();
-        for task in tasks {
+        for (i, task) in tasks.iter().enumerate() {
             let (ext, status) = (task.external_id.as_deref(), Some(&task.status));
-            state.report(&task.id, ext, status, &mut reports);
+            let hash = match hashes.get(i) {
+                Some(&hash) => hash,
+                None => IdHash::hash(task.id.as_bytes()),
+            };
+            state.report(&task.id, hash, ext, status, &mut reports);
         }
         drop(state);
         ready(Ok(reports.applied))

@@ -3,6 +3,9 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+
+use kling_core::lanes::Lane;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -25,7 +28,8 @@ use crate::id::SmallId;
 /// every create's response future, which each layer above moves.
 pub(crate) struct Held<B> {
     pub(crate) reservation: Reservation,
-    pub(crate) backend: B,
+    /// The sending thread's lane of the backend (see `TaskSlots`'s `backend`).
+    pub(crate) backend: Arc<Lane<B>>,
     pub(crate) lease: Duration,
     /// The create's own external id (copied inline: no allocation).
     pub(crate) external: Option<SmallId>,
@@ -62,7 +66,7 @@ pub(crate) struct Waiting<S, ReqB, B: SlotBackend> {
     /// Taken when the slots are granted.
     pub(crate) inner: Option<S>,
     pub(crate) request: Option<Request<ReqB>>,
-    pub(crate) backend: B,
+    pub(crate) backend: Arc<Lane<B>>,
     pub(crate) lease: Duration,
     pub(crate) sleep: Option<Pin<Box<Sleep>>>,
     pub(crate) since: Instant,
@@ -165,7 +169,7 @@ pin_project! {
                     external,
                     ..
                 } = held;
-                drop(keep_unknown(&backend, reservation, external.as_ref(), lease));
+                drop(keep_unknown(&**backend, reservation, external.as_ref(), lease));
             }
         }
     }
@@ -189,7 +193,7 @@ pin_project! {
         Observe {
             #[pin]
             future: S::Future,
-            backend: B,
+            backend: Arc<Lane<B>>,
             lease: Duration,
             asked: Option<PathAndQuery>,
         },
@@ -260,7 +264,7 @@ where
 
     pub(crate) fn observe(
         future: S::Future,
-        backend: B,
+        backend: Arc<Lane<B>>,
         lease: Duration,
         asked: Option<PathAndQuery>,
     ) -> Self {
@@ -300,7 +304,7 @@ fn settle_create<B: SlotBackend>(
         Err(error) => {
             return match SendState::of(&**error) {
                 SendState::NotSent => backend.apply_unread(SlotOp::GiveBack(reservation)),
-                _ => keep_unknown(&backend, reservation, external.as_ref(), lease),
+                _ => keep_unknown(&**backend, reservation, external.as_ref(), lease),
             };
         }
     };
@@ -310,7 +314,7 @@ fn settle_create<B: SlotBackend>(
         Err(malformed) => {
             // An answer nobody can read: the create may have happened.
             *result = Err(Box::new(malformed));
-            return keep_unknown(&backend, reservation, external.as_ref(), lease);
+            return keep_unknown(&**backend, reservation, external.as_ref(), lease);
         }
     };
     if !waited.is_zero() {
@@ -342,7 +346,7 @@ fn settle_create<B: SlotBackend>(
                 // The lease counts from the answer's arrival (no clock read here).
                 Some(outcome.received_at()),
             ),
-            None => keep_unknown(&backend, reservation, external.as_ref(), lease),
+            None => keep_unknown(&**backend, reservation, external.as_ref(), lease),
         };
     }
     let op = if code == Code::ParallelTaskLimit {
@@ -354,7 +358,7 @@ fn settle_create<B: SlotBackend>(
             cause: ApiError::from_outcome(&outcome),
         }
     } else if code.may_have_created() && external.is_some() {
-        return keep_unknown(&backend, reservation, external.as_ref(), lease);
+        return keep_unknown(&**backend, reservation, external.as_ref(), lease);
     } else {
         SlotOp::GiveBack(reservation)
     };

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
 use kling_core::error::BoxError;
+use kling_core::lanes::Lanes;
 use kling_core::{AccountId, ApiGeneration, PeekBody, Pool, Recognized, RequestKind};
 use tokio::time::Instant;
 use tower_service::Service;
@@ -27,9 +28,12 @@ use crate::id::SmallId;
 /// # Clone
 ///
 /// Clones share the backend (every slot, lease, halt and capacity) and clone the inner service.
+/// A response future references its thread's lane of the backend ([`kling_core::lanes`]), so
+/// the threads of a runtime never write one shared reference count per request.
 pub struct TaskSlots<S, B = InProcess> {
     inner: S,
-    backend: B,
+    /// The backend, one copy per lane: a response future references its thread's.
+    backend: Arc<Lanes<B>>,
     settings: Arc<Settings>,
 }
 
@@ -37,7 +41,7 @@ impl<S: Clone, B: Clone> Clone for TaskSlots<S, B> {
     fn clone(&self) -> Self {
         TaskSlots {
             inner: self.inner.clone(),
-            backend: self.backend.clone(),
+            backend: Arc::clone(&self.backend),
             settings: self.settings.clone(),
         }
     }
@@ -52,15 +56,17 @@ impl<S: fmt::Debug, B: fmt::Debug> fmt::Debug for TaskSlots<S, B> {
     }
 }
 
-impl<S, B> TaskSlots<S, B> {
+impl<S, B: Clone> TaskSlots<S, B> {
     pub(crate) fn new(inner: S, backend: B, settings: Arc<Settings>) -> Self {
         TaskSlots {
             inner,
-            backend,
+            backend: Arc::new(Lanes::new(backend)),
             settings,
         }
     }
+}
 
+impl<S, B> TaskSlots<S, B> {
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -153,7 +159,7 @@ where
                     .flatten();
                 return ResponseFuture::observe(
                     self.inner.call(request),
-                    self.backend.clone(),
+                    self.backend.lane(),
                     self.settings.lease,
                     asked,
                 );
@@ -161,7 +167,7 @@ where
             Route::List => {
                 return ResponseFuture::observe(
                     self.inner.call(request),
-                    self.backend.clone(),
+                    self.backend.lane(),
                     self.settings.lease,
                     None,
                 );
@@ -174,13 +180,14 @@ where
         // is polled again with the caller's).
         match self
             .backend
+            .get()
             .acquire_now(SlotKey::new(account, pool), weight)
         {
             Ok(Ok(reservation)) => ResponseFuture::create(
                 self.inner.call(request),
                 Held {
                     reservation,
-                    backend: self.backend.clone(),
+                    backend: self.backend.lane(),
                     lease: self.settings.lease,
                     external,
                     waited: Duration::ZERO,
@@ -195,12 +202,87 @@ where
                     acquire,
                     inner: Some(inner),
                     request: Some(request),
-                    backend: self.backend.clone(),
+                    backend: self.backend.lane(),
                     lease: self.settings.lease,
                     sleep: None,
                     since: Instant::now(),
                 }))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use http_body_util::Full;
+    use tower::{Layer, ServiceExt, service_fn};
+
+    use super::*;
+    use crate::{SlotsConfig, TaskSlotsLayer};
+
+    /// A create answered with a new task each time.
+    fn server() -> impl Service<
+        Request<Full<Bytes>>,
+        Response = Response<Full<Bytes>>,
+        Error = BoxError,
+        Future = impl Send,
+    > + Clone {
+        let next = Arc::new(AtomicU32::new(0));
+        service_fn(move |_: Request<Full<Bytes>>| {
+            let id = next.fetch_add(1, Ordering::SeqCst);
+            let body = format!(
+                r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":{{"task_id":"t{id}","task_status":"submitted"}}}}"#
+            );
+            std::future::ready(Ok::<_, BoxError>(Response::new(Full::new(Bytes::from(
+                body,
+            )))))
+        })
+    }
+
+    fn create() -> Request<Full<Bytes>> {
+        Request::post("/v1/videos/text2video")
+            .body(Full::new(Bytes::from_static(br#"{"prompt":"a cat"}"#)))
+            .unwrap()
+    }
+
+    async fn send<S>(svc: &mut TaskSlots<S>)
+    where
+        S: Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>> + Clone,
+        S::Error: Into<BoxError>,
+    {
+        svc.ready().await.unwrap().call(create()).await.unwrap();
+    }
+
+    /// Clones share the backend's lanes (no allocation per clone), a pending create counts a
+    /// reference on its thread's lane only, and every clone counts in the same slots.
+    #[tokio::test]
+    async fn clones_share_the_lanes_and_the_slots() {
+        let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(5)).unwrap();
+        let mut first = layer.layer(server());
+        let mut clone = first.clone();
+        assert!(Arc::ptr_eq(&first.backend, &clone.backend));
+        let lane = first.backend.lane();
+        let before = Arc::strong_count(&lane);
+        let pending = clone.ready().await.unwrap().call(create());
+        assert_eq!(Arc::strong_count(&lane), before + 1, "the future's");
+        pending.await.unwrap();
+        assert_eq!(Arc::strong_count(&lane), before, "settled");
+        let mut grandchild = clone.clone();
+        send(&mut clone).await;
+        send(&mut first).await;
+        send(&mut grandchild).await;
+        send(&mut first).await;
+        let snapshot = handle.snapshot().await.unwrap();
+        let pool = &snapshot.pools()[0];
+        assert_eq!(
+            (pool.in_use, pool.tasks),
+            (5, 5),
+            "one backend for every clone"
+        );
+        // Full: a sixth create waits, whichever clone sends it.
+        let mut sixth = tokio_test::task::spawn(grandchild.ready().await.unwrap().call(create()));
+        assert!(sixth.poll().is_pending());
     }
 }

@@ -7,3 +7,4 @@ mod reconcile;
 mod steps;
 mod support;
 mod tcp;
+mod threads;
