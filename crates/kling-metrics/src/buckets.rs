@@ -1,7 +1,7 @@
 //! Explicit histogram buckets for the stack's histograms, in seconds.
 //!
-//! The `metrics` facade records raw samples; buckets belong to the exporter. The
-//! [`prometheus`](crate::prometheus) helper applies these; users of another exporter can apply
+//! The `metrics` facade records raw samples; buckets belong to the exporter. The `prometheus`
+//! module's helper (feature `prometheus`) applies these; users of another exporter can apply
 //! them the same way.
 
 /// Buckets of [`REQUEST_DURATION`](kling_core::metrics::REQUEST_DURATION): OpenTelemetry's

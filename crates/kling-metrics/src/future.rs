@@ -4,12 +4,14 @@ use std::cell::Cell;
 use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use kling_core::error::{ApiError, BodyTooLarge, BoxError, MalformedResponse};
+use kling_core::lanes::Lane;
 use kling_core::metrics::{
     LABEL_CODE, LABEL_KIND, LABEL_POOL, LABEL_STATUS, REQUEST_DURATION, RESPONSES,
 };
@@ -43,38 +45,29 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
 }
 
 /// What the future needs to record once the call ends.
-struct Call {
-    start: Instant,
+pub(crate) struct Call {
+    pub(crate) start: Instant,
     /// The kind and pool labels; only the kind's being a create when nothing records them
     /// (see `Metrics::call`).
-    kind: RequestKind,
-    pool: labels::Value,
-    monitor: Monitor,
-    target: Target,
+    pub(crate) kind: RequestKind,
+    pub(crate) pool: labels::Value,
+    pub(crate) monitor: MonitorHandle,
+    pub(crate) target: Target,
 }
+
+/// A call's hold on the monitor: its thread's lane ([`kling_core::lanes`]), whose count only
+/// that thread writes (a clone of the monitor writes a count every thread shares, and each
+/// write can cost a cache-line transfer between cores).
+pub(crate) type MonitorHandle = Arc<Lane<Monitor>>;
 
 impl<F> ResponseFuture<F> {
     /// Inlined: the inner future (the whole stack below) is large, and each move is a `memcpy`.
     #[inline(always)]
-    pub(crate) fn new(
-        inner: F,
-        span: Span,
-        start: Instant,
-        kind: RequestKind,
-        pool: labels::Value,
-        monitor: Monitor,
-        target: Target,
-    ) -> Self {
+    pub(crate) fn new(inner: F, span: Span, call: Call) -> Self {
         ResponseFuture {
             inner,
             span,
-            call: Some(Call {
-                start,
-                kind,
-                pool,
-                monitor,
-                target,
-            }),
+            call: Some(call),
         }
     }
 }

@@ -66,7 +66,7 @@
 //!
 //! | feature | default | what it does |
 //! |---|---|---|
-//! | `prometheus` | no | [`prometheus`]: a recorder with the stack's buckets, `render`, and a `GET /metrics` `tower::Service` (no listener of its own) |
+//! | `prometheus` | no | the `prometheus` module: a recorder with the stack's buckets, `render`, and a `GET /metrics` `tower::Service` (no listener of its own) |
 //!
 //! # Minimum supported Rust version
 //!

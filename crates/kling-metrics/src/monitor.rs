@@ -144,6 +144,9 @@ impl MonitorBuilder {
                 threshold: self.threshold,
                 hysteresis: self.hysteresis,
                 quota: self.quota.map(|(requests, _)| requests),
+                fire_at: self
+                    .quota
+                    .map(|(requests, _)| fire_at(requests, self.threshold)),
                 window: RateWindow::new(self.window, bucket_nanos as u64),
                 rate_warned: AtomicBool::new(false),
                 pool_warned: Mutex::new(HashMap::new()),
@@ -151,8 +154,7 @@ impl MonitorBuilder {
                 rejections: Mutex::new(BTreeMap::new()),
                 tasks: std::array::from_fn(|_| TaskShard::default()),
                 task_hasher: foldhash::fast::RandomState::default(),
-                tracked: Padded(AtomicUsize::new(0)),
-                max_tracked_tasks: self.max_tracked_tasks,
+                free_places: Padded(AtomicUsize::new(self.max_tracked_tasks)),
                 record_task_metrics: self.record_task_metrics,
                 sources: RwLock::new(Vec::new()),
             }),
@@ -176,6 +178,8 @@ struct Inner {
     threshold: f64,
     hysteresis: f64,
     quota: Option<u32>,
+    /// The fewest requests in the window whose usage of `quota` reaches `threshold`.
+    fire_at: Option<u64>,
     window: RateWindow,
     rate_warned: AtomicBool,
     pool_warned: Mutex<HashMap<(Option<String>, String), bool>>,
@@ -186,9 +190,10 @@ struct Inner {
     tasks: [TaskShard; TASK_SHARDS],
     /// Hashes task ids for [`TaskTable`] and the shards; foldhash rather than SipHash.
     task_hasher: foldhash::fast::RandomState,
-    /// Tasks tracked across all shards, for `max_tracked_tasks` (on its own cache line).
-    tracked: Padded<AtomicUsize>,
-    max_tracked_tasks: usize,
+    /// The places of `max_tracked_tasks` no shard holds (on its own cache line). Shards take
+    /// them [`PLACES_CHUNK`] at a time and give spare ones back in chunks, so tracking a task
+    /// and ending it rarely write this line, which every thread shares.
+    free_places: Padded<AtomicUsize>,
     record_task_metrics: bool,
     sources: RwLock<Vec<Arc<dyn SnapshotSource>>>,
 }
@@ -209,12 +214,28 @@ struct TaskShard(Padded<Mutex<ShardState>>);
 #[derive(Default)]
 struct ShardState {
     tasks: TaskTable,
+    /// Places taken from `free_places`: at least `tasks.len()`.
+    places: usize,
     created: u64,
     finished: u64,
     failed: u64,
 }
 
+/// How many places a shard takes from `free_places` at once; it gives spare ones back once it
+/// holds twice as many.
+const PLACES_CHUNK: usize = 64;
+
 impl ShardState {
+    /// Gives back the places past one chunk once twice that many are spare.
+    fn trim_places(&mut self, free: &AtomicUsize) {
+        let spare = self.places - self.tasks.len();
+        if spare >= 2 * PLACES_CHUNK {
+            let back = spare - PLACES_CHUNK;
+            self.places -= back;
+            free.fetch_add(back, Ordering::Relaxed);
+        }
+    }
+
     fn count_end(&mut self, status: &TaskStatus) {
         self.finished += 1;
         if *status == TaskStatus::Failed {
@@ -243,6 +264,8 @@ impl TaskTable {
     }
 
     /// Tracks `id` (whose hash is `hash`); returns the entry it replaced, if it was tracked.
+    /// Inlined into the create path (its other caller is the cold exact path).
+    #[inline(always)]
     fn insert(&mut self, hash: u64, id: &str, tracked: Tracked) -> Option<Tracked> {
         let slot = match self.slots.entry(hash) {
             Entry::Vacant(vacant) => {
@@ -267,6 +290,15 @@ impl TaskTable {
                 None
             }
         }
+    }
+
+    /// Whether `id` (whose hash is `hash`) is tracked.
+    fn contains(&self, hash: u64, id: &[u8]) -> bool {
+        self.slots.get(&hash).is_some_and(|slot| {
+            std::iter::once(&slot.first)
+                .chain(&slot.more)
+                .any(|(key, _)| key.as_bytes() == id)
+        })
     }
 
     /// Stops tracking `id` (whose hash is `hash`); returns its entry, if it was tracked.
@@ -442,9 +474,7 @@ impl Monitor {
     /// The hash of a task id, and its shard, locked.
     fn shard(&self, id: &[u8]) -> (u64, MutexGuard<'_, ShardState>) {
         let hash = self.inner.task_hasher.hash_one(id);
-        // Bits neither the map's bucket index (low) nor its tag (high) uses.
-        let shard = (hash >> 32) as usize % TASK_SHARDS;
-        (hash, lock(&self.inner.tasks[shard].0.0))
+        (hash, lock(&self.inner.tasks[shard_of(hash)].0.0))
     }
 
     /// Stops tracking a task that ended with `status` (terminal) and counts its end; `None`
@@ -455,22 +485,60 @@ impl Monitor {
             let (hash, mut shard) = self.shard(id);
             let tracked = shard.tasks.remove(hash, id)?;
             shard.count_end(status);
+            shard.trim_places(&self.inner.free_places.0);
             tracked
         };
-        self.inner.tracked.0.fetch_sub(1, Ordering::Relaxed);
         Some(tracked)
     }
 
-    /// Takes one of the `max_tracked_tasks` places; `false` when all are taken.
-    fn reserve_tracked(&self) -> bool {
-        let max = self.inner.max_tracked_tasks;
-        self.inner
-            .tracked
-            .0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok()
+    /// Tracks `id` in its locked shard if one of the `max_tracked_tasks` places is free
+    /// (tracked again, an id keeps its place). The shard uses a place it holds, else takes a
+    /// chunk; when none is free it asks every shard for its spare places (all locked, so the
+    /// answer is exact: a task is refused only when `max_tracked_tasks` are tracked).
+    fn track(&self, hash: u64, id: &str, entry: Tracked, mut shard: MutexGuard<'_, ShardState>) {
+        let free = &self.inner.free_places.0;
+        if shard.tasks.len() == shard.places {
+            let taken = free.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n > 0).then(|| n - n.min(PLACES_CHUNK))
+            });
+            match taken {
+                Ok(n) => shard.places += n.min(PLACES_CHUNK),
+                Err(_) => {
+                    drop(shard);
+                    return self.track_exactly(hash, id, entry);
+                }
+            }
+        }
+        shard.tasks.insert(hash, id, entry);
+    }
+
+    /// [`Monitor::track`] when no place was free: collects the spare places of every shard.
+    #[cold]
+    fn track_exactly(&self, hash: u64, id: &str, entry: Tracked) {
+        let free = &self.inner.free_places.0;
+        // In index order, and no other lock held: no deadlock with another call doing this.
+        let mut shards: Vec<_> = self.inner.tasks.iter().map(|s| lock(&s.0.0)).collect();
+        for state in &mut shards {
+            let spare = state.places - state.tasks.len();
+            state.places -= spare;
+            free.fetch_add(spare, Ordering::Relaxed);
+        }
+        let shard = &mut shards[shard_of(hash)];
+        // As when places were counted one by one: a task tracked already is tracked again
+        // (keeping its place) only while a place is free.
+        if free.load(Ordering::Relaxed) > 0 {
+            if !shard.tasks.contains(hash, id.as_bytes()) {
+                free.fetch_sub(1, Ordering::Relaxed);
+                shard.places += 1;
+            }
+            shard.tasks.insert(hash, id, entry);
+        }
+    }
+
+    /// How many handles hold the monitor's state (clones, and the services' own `Arc`s).
+    #[cfg(test)]
+    pub(crate) fn holders(&self) -> usize {
+        Arc::strong_count(&self.inner)
     }
 
     /// Whether task ends are recorded as metrics (their pool label is then kept).
@@ -485,11 +553,15 @@ impl Monitor {
 
     /// A request was sent (or `n` more: retried attempts reported afterwards).
     pub(crate) fn note_requests(&self, now: Instant, n: u64) {
-        // The window's total is only needed to check it against a quota.
-        if self.inner.quota.is_some() {
-            self.check_rate(self.inner.window.record(now, n));
-        } else {
-            self.inner.window.count(now, n);
+        let inner = &*self.inner;
+        let (epoch, own) = inner.window.count(now, n);
+        // The window's total is only needed to check it against a quota, and only worked out
+        // (reading every thread's count) when a warning may be due or re-armed.
+        if let Some(fire_at) = inner.fire_at
+            && (inner.rate_warned.load(Ordering::Relaxed)
+                || !inner.window.surely_below(epoch, own, fire_at))
+        {
+            self.check_rate(inner.window.total_at(epoch));
         }
     }
 
@@ -526,11 +598,8 @@ impl Monitor {
                     shard.count_end(&task.status);
                     drop(shard);
                     self.record_end(entry, &task.status, now);
-                } else if self.reserve_tracked()
-                    && shard.tasks.insert(hash, &task.id, entry).is_some()
-                {
-                    // The id was tracked already (created twice): one place, not two.
-                    self.inner.tracked.0.fetch_sub(1, Ordering::Relaxed);
+                } else {
+                    self.track(hash, &task.id, entry, shard);
                 }
             }
             return;
@@ -640,6 +709,26 @@ impl Monitor {
     }
 }
 
+/// The shard of a task id's hash: bits neither the map's bucket index (low) nor its tag
+/// (high) uses.
+fn shard_of(hash: u64) -> usize {
+    (hash >> 32) as usize % TASK_SHARDS
+}
+
+/// The fewest requests whose usage of `quota` (as [`Monitor::check_rate`] works it out)
+/// reaches `threshold` (in (0, 1]).
+fn fire_at(quota: u32, threshold: f64) -> u64 {
+    let reaches = |requests: u64| requests as f64 / f64::from(quota) >= threshold;
+    let mut requests = (threshold * f64::from(quota)).floor() as u64;
+    while requests > 0 && reaches(requests - 1) {
+        requests -= 1;
+    }
+    while !reaches(requests) {
+        requests += 1;
+    }
+    requests
+}
+
 /// Locks a mutex; a panic elsewhere never poisons the monitor for good.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
@@ -674,21 +763,45 @@ thread_local! {
     static EPOCH_CACHE: std::cell::Cell<Option<CachedEpoch>> = const { std::cell::Cell::new(None) };
 }
 
-/// Requests per sliding window, in 60 lock-free buckets.
+/// Requests per sliding window, in 60 lock-free buckets per shard of threads.
 ///
 /// Each bucket word packs the bucket's epoch (which step of the window it counts) with its
-/// count, so a stale bucket is reset by the same compare-and-swap that counts. The sum of the
-/// other 59 buckets only changes when a new step starts, so it is cached per step and a request
-/// costs one CAS and two loads.
+/// count, so a stale bucket is reset by the same compare-and-swap that counts. A thread counts
+/// in its own shard (its own cache lines: a count shared by every thread costs a cache-line
+/// transfer between cores on each request); the window's total is the sum over the shards. The
+/// sum of the other 59 steps only changes when a new step starts, so it is cached per step.
 struct RateWindow {
     /// Tells this window's entry in [`EPOCH_CACHE`] from another's.
     id: u64,
     start: Instant,
     window: Duration,
     bucket_nanos: u64,
-    buckets: [AtomicU64; BUCKETS],
+    shards: [Padded<[AtomicU64; BUCKETS]>; WINDOW_SHARDS],
     /// `pack(epoch, sum of the other buckets within the window at that epoch)`.
-    others: AtomicU64,
+    others: Padded<AtomicU64>,
+    /// The last step in which a shard's count reached its share of the requests left before
+    /// a warning (see [`RateWindow::surely_below`]).
+    near: AtomicU64,
+}
+
+/// Shards of the rate window's counts.
+const WINDOW_SHARDS: usize = 8;
+
+thread_local! {
+    /// This thread's shard of every rate window, handed out in turn.
+    static WINDOW_SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// This thread's shard of the rate windows.
+fn window_shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let shard = WINDOW_SHARD.get();
+    if shard < WINDOW_SHARDS {
+        return shard;
+    }
+    let shard = NEXT.fetch_add(1, Ordering::Relaxed) % WINDOW_SHARDS;
+    WINDOW_SHARD.set(shard);
+    shard
 }
 
 impl RateWindow {
@@ -699,8 +812,9 @@ impl RateWindow {
             start: Instant::now(),
             window,
             bucket_nanos,
-            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            others: AtomicU64::new(0),
+            shards: std::array::from_fn(|_| Padded(std::array::from_fn(|_| AtomicU64::new(0)))),
+            others: Padded(AtomicU64::new(0)),
+            near: AtomicU64::new(0),
         }
     }
 
@@ -745,15 +859,17 @@ impl RateWindow {
     }
 
     /// Counts `n` requests now; returns the requests in the window, these included.
+    #[cfg(test)]
     fn record(&self, now: Instant, n: u64) -> u64 {
-        let (epoch, count) = self.count(now, n);
-        count + self.others(epoch)
+        let (epoch, _) = self.count(now, n);
+        self.total_at(epoch)
     }
 
-    /// Counts `n` requests now; returns the step and the requests in its bucket.
+    /// Counts `n` requests now in this thread's shard; returns the step and the requests in
+    /// the shard's bucket.
     fn count(&self, now: Instant, n: u64) -> (u64, u64) {
         let epoch = self.epoch(now);
-        let slot = &self.buckets[(epoch % BUCKETS as u64) as usize];
+        let slot = &self.shards[window_shard()].0[(epoch % BUCKETS as u64) as usize];
         let mut current = slot.load(Ordering::Relaxed);
         let count = loop {
             let (e, c) = unpack(current);
@@ -762,7 +878,7 @@ impl RateWindow {
             } else {
                 pack(epoch, n)
             };
-            match slot.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed) {
+            match slot.compare_exchange_weak(current, next, Ordering::SeqCst, Ordering::Relaxed) {
                 Ok(_) => break unpack(next).1,
                 Err(actual) => current = actual,
             }
@@ -770,14 +886,48 @@ impl RateWindow {
         (epoch, count)
     }
 
+    /// Whether the window surely holds fewer than `limit` requests at step `epoch`, given that
+    /// this thread's shard counts `own` in it, without reading the other shards: the requests
+    /// left before `limit` are split in equal shares, and while no shard's count reached its
+    /// share the total is below `limit`. The first shard to reach its share marks the step
+    /// (`near`), and from then on every call reads all shards.
+    fn surely_below(&self, epoch: u64, own: u64, limit: u64) -> bool {
+        let Some(left) = limit.checked_sub(self.others(epoch)) else {
+            return false;
+        };
+        if own >= left / WINDOW_SHARDS as u64 {
+            // Sequentially consistent with the counts' CAS and the loads of `total_at`: a call
+            // that missed this mark counted before this call sums the shards.
+            self.near.fetch_max(epoch, Ordering::SeqCst);
+            return false;
+        }
+        self.near.load(Ordering::SeqCst) < epoch
+    }
+
+    /// The requests in the window at step `epoch`.
+    fn total_at(&self, epoch: u64) -> u64 {
+        self.others(epoch) + self.current(epoch)
+    }
+
+    /// The requests in the bucket of step `epoch`, over the shards.
+    fn current(&self, epoch: u64) -> u64 {
+        let slot = (epoch % BUCKETS as u64) as usize;
+        self.shards
+            .iter()
+            .map(|shard| unpack(shard.0[slot].load(Ordering::SeqCst)))
+            .filter(|&(e, _)| e == epoch)
+            .map(|(_, c)| c)
+            .sum()
+    }
+
     /// The requests in the buckets of the window at step `epoch` but its own.
     fn others(&self, epoch: u64) -> u64 {
-        let (cached_epoch, cached) = unpack(self.others.load(Ordering::Acquire));
+        let (cached_epoch, cached) = unpack(self.others.0.load(Ordering::Acquire));
         if cached_epoch == epoch {
             return cached;
         }
         let sum = self.sum(epoch, true);
-        self.others.store(pack(epoch, sum), Ordering::Release);
+        self.others.0.store(pack(epoch, sum), Ordering::Release);
         sum
     }
 
@@ -788,8 +938,9 @@ impl RateWindow {
 
     fn sum(&self, epoch: u64, skip_current: bool) -> u64 {
         let oldest = epoch.saturating_sub(BUCKETS as u64 - 1);
-        self.buckets
+        self.shards
             .iter()
+            .flat_map(|shard| &shard.0)
             .map(|b| unpack(b.load(Ordering::Acquire)))
             .filter(|&(e, _)| e >= oldest && e <= epoch && !(skip_current && e == epoch))
             .map(|(_, c)| c)
@@ -978,7 +1129,139 @@ mod tests {
             (tasks.created, tasks.finished, tasks.failed, tasks.running),
             (2000, 2000, 400, 0)
         );
-        assert_eq!(monitor.inner.tracked.0.load(Ordering::Relaxed), 0);
+        assert_places(&monitor, DEFAULT_MAX_TRACKED_TASKS, 0);
+    }
+
+    /// The fewest requests that fire a warning, as `check_rate` works usage out.
+    #[test]
+    fn fire_at_is_the_fewest_requests_whose_usage_reaches_the_threshold() {
+        for quota in [1, 2, 3, 7, 10, 60, 100, 997, 1_000_000, u32::MAX] {
+            for threshold in [0.01, 0.1, 0.3, 0.5, 0.7, 0.8, 0.95, 0.999, 1.0] {
+                let at = fire_at(quota, threshold);
+                let usage = |n: u64| n as f64 / f64::from(quota);
+                assert!(usage(at) >= threshold, "{quota} {threshold}");
+                assert!(usage(at - 1) < threshold, "{quota} {threshold}");
+            }
+        }
+    }
+
+    /// Requests noted one at a time, from threads in turn (so from several shards): the
+    /// warning fires at the request that brings usage to the threshold, and only then.
+    #[test]
+    fn the_rate_warning_fires_at_the_request_that_reaches_the_threshold_whatever_the_thread() {
+        for (quota, threshold) in [(100, 0.8), (1_000, 0.5), (37, 0.9), (5, 1.0), (4_000, 0.99)] {
+            let fired = Arc::new(Mutex::new(Vec::new()));
+            let monitor = {
+                let fired = Arc::clone(&fired);
+                Monitor::builder()
+                    .rate_quota(quota, Duration::from_secs(3600))
+                    .usage_threshold(threshold)
+                    .on_usage_warning(move |warning| fired.lock().unwrap().push(warning.usage))
+                    .build()
+                    .unwrap()
+            };
+            let at = fire_at(quota, threshold);
+            let mut sent = 0;
+            for thread in 0..2 * WINDOW_SHARDS as u64 {
+                std::thread::scope(|scope| {
+                    scope.spawn(|| {
+                        // Unequal runs, so shards reach their shares at different times.
+                        for _ in 0..(u64::from(quota) / 7 + thread % 3) {
+                            monitor.note_requests(Instant::now(), 1);
+                            sent += 1;
+                            let fired = fired.lock().unwrap();
+                            assert_eq!(fired.len(), usize::from(sent >= at), "{quota} {sent}");
+                        }
+                    });
+                });
+            }
+            assert_eq!(monitor.snapshot().rate.requests, sent);
+            if sent >= at {
+                assert_eq!(fired.lock().unwrap()[0], at as f64 / f64::from(quota));
+            }
+        }
+    }
+
+    /// Two threads hammering the window (in its shards) at once: the snapshot counts every
+    /// request, and a warning due is fired once.
+    #[test]
+    fn concurrent_requests_are_all_counted_and_a_due_warning_fires_once() {
+        for quota in [None, Some(30_000), Some(u32::MAX)] {
+            let fired = Arc::new(AtomicUsize::new(0));
+            let mut builder = Monitor::builder();
+            if let Some(quota) = quota {
+                let fired = Arc::clone(&fired);
+                builder = builder
+                    .rate_quota(quota, Duration::from_secs(3600))
+                    .usage_threshold(0.5)
+                    .on_usage_warning(move |_| {
+                        fired.fetch_add(1, Ordering::Relaxed);
+                    });
+            }
+            let monitor = builder.build().unwrap();
+            std::thread::scope(|scope| {
+                for _ in 0..2 {
+                    scope.spawn(|| {
+                        for n in 0..10_000 {
+                            monitor.note_requests(Instant::now(), 1 + n % 2);
+                        }
+                    });
+                }
+            });
+            assert_eq!(monitor.snapshot().rate.requests, 30_000);
+            let due = quota == Some(30_000);
+            assert_eq!(fired.load(Ordering::Relaxed), usize::from(due), "{quota:?}");
+        }
+    }
+
+    /// Checks that the places free and held add up to `max` and that `running` are tracked.
+    fn assert_places(monitor: &Monitor, max: usize, running: usize) {
+        let inner = &*monitor.inner;
+        let (mut held, mut tracked) = (0, 0);
+        for shard in &inner.tasks {
+            let state = lock(&shard.0.0);
+            assert!(state.places >= state.tasks.len());
+            held += state.places;
+            tracked += state.tasks.len();
+        }
+        assert_eq!(tracked, running);
+        assert_eq!(inner.free_places.0.load(Ordering::Relaxed) + held, max);
+    }
+
+    /// The places taken in chunks agree with one count of tracked tasks against the maximum
+    /// (what the monitor did before chunks): random creates (some of ids tracked already) and
+    /// ends, for small and large maximums, so both the chunks and the exact path run.
+    #[tokio::test(start_paused = true)]
+    async fn tracking_in_chunks_agrees_with_one_count_against_the_maximum() {
+        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let mut state = 0x853c_49e6_748f_ea9b_u64;
+        for max in [0, 1, 3, 17, 64, 65, 300, 5_000] {
+            let monitor = Monitor::builder().max_tracked_tasks(max).build().unwrap();
+            let mut model: HashMap<String, Instant> = HashMap::new();
+            for step in 0..6_000u32 {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let id = format!("t{}", (state >> 33) % 400);
+                let now = Instant::now();
+                if !(state >> 20).is_multiple_of(3) {
+                    monitor.observe_tasks(true, &video, &outcome(&id, "submitted"), now);
+                    // Tracked (again) only while a place is free.
+                    if model.len() < max {
+                        model.insert(id, now);
+                    }
+                } else {
+                    let ended = monitor.task_finished(&id, &TaskStatus::Succeeded);
+                    assert_eq!(ended, model.remove(&id).is_some(), "{max} {step} {id}");
+                }
+                if step % 97 == 0 {
+                    assert_places(&monitor, max, model.len());
+                    tokio::time::advance(Duration::from_millis(1)).await;
+                }
+            }
+            assert_places(&monitor, max, model.len());
+            assert_eq!(monitor.snapshot().tasks.running, model.len() as u64);
+        }
     }
 
     /// The thread's cached step agrees with the step worked out, for two windows used in

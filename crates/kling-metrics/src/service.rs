@@ -1,18 +1,21 @@
 //! [`Metrics`]: the service.
 
+use std::fmt;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::Full;
 use kling_core::error::BoxError;
+use kling_core::lanes::Lanes;
 use kling_core::signals::Attempt;
 use kling_core::{PeekBody, RequestKind};
 use tokio::time::Instant;
 use tower_service::Service;
 use tracing::field::Empty;
 
-use crate::future::ResponseFuture;
+use crate::future::{Call, ResponseFuture};
 use crate::recorder::{self, Target};
 use crate::route;
 use crate::{Monitor, labels};
@@ -27,21 +30,44 @@ use crate::{Monitor, labels};
 /// # Clone
 ///
 /// Clones share the [`Monitor`].
-#[derive(Clone, Debug)]
 pub struct Metrics<S> {
     inner: S,
-    monitor: Monitor,
+    /// The monitor, one handle per lane: each call's future holds the monitor until it ends,
+    /// through its thread's lane ([`kling_core::lanes`]), so the threads of a runtime do not
+    /// write one shared count per call. Clones share the lanes.
+    monitor: Arc<Lanes<Monitor>>,
+}
+
+impl<S: Clone> Clone for Metrics<S> {
+    fn clone(&self) -> Self {
+        Metrics {
+            inner: self.inner.clone(),
+            monitor: Arc::clone(&self.monitor),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Metrics<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics")
+            .field("inner", &self.inner)
+            .field("monitor", self.monitor.get())
+            .finish()
+    }
 }
 
 impl<S> Metrics<S> {
     /// Wraps `inner`, reporting to `monitor`.
     pub fn new(inner: S, monitor: Monitor) -> Self {
-        Metrics { inner, monitor }
+        Metrics {
+            inner,
+            monitor: Arc::new(Lanes::new(monitor)),
+        }
     }
 
     /// The monitor.
     pub fn monitor(&self) -> &Monitor {
-        &self.monitor
+        self.monitor.get()
     }
 
     /// The inner service.
@@ -83,7 +109,7 @@ where
         // layers below recognise the request when they need more. Only what tracks tasks when
         // nothing records the labels: whether it is a create (always a POST).
         let labelled = target != Target::Nothing
-            || self.monitor.records_task_metrics()
+            || self.monitor.get().records_task_metrics()
             || tracing::level_enabled!(tracing::Level::INFO);
         let (kind, pool) = if labelled {
             let (kind, pool) = route::of(&request);
@@ -108,19 +134,86 @@ where
             wait_rate_limit_s = Empty,
             wait_slots_s = Empty,
         );
-        self.monitor.note_requests(start, 1);
-        let future = {
-            let _entered = span.enter();
-            self.inner.call(request)
-        };
-        ResponseFuture::new(
-            future,
-            span,
+        self.monitor.get().note_requests(start, 1);
+        let call = Call {
             start,
             kind,
             pool,
-            self.monitor.clone(),
+            monitor: self.monitor.lane(),
             target,
-        )
+        };
+        let inner = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        ResponseFuture::new(inner, span, call)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each call's future holds the monitor until it ends, through its thread's lane.
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use tower::{Service, ServiceExt, service_fn};
+
+    use super::*;
+
+    const CREATED: &str = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"ID","task_status":"submitted"}}"#;
+
+    fn create() -> Request<Full<Bytes>> {
+        Request::post("/v1/videos/text2video")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    }
+
+    /// A service answering each create with a new task id, in order.
+    fn kling() -> impl Service<
+        Request<Full<Bytes>>,
+        Response = Response<Full<Bytes>>,
+        Error = BoxError,
+        Future = impl Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send,
+    > + Clone {
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        service_fn(move |_req: Request<Full<Bytes>>| {
+            let id = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            async move {
+                let body = CREATED.replace("ID", &format!("task-{id}"));
+                Ok::<_, BoxError>(Response::new(Full::new(Bytes::from(body))))
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn futures_keep_the_monitor_and_report_after_their_service_is_gone() {
+        let monitor = Monitor::default();
+        let mut service = Metrics::new(kling(), monitor.clone());
+        let mut futures = Vec::new();
+        for _ in 0..5 {
+            futures.push(service.ready().await.unwrap().call(create()));
+        }
+        // The monitor and the service's lanes (futures count on a lane, not on the monitor).
+        let lanes = 1 + kling_core::lanes::LANES;
+        assert_eq!(monitor.holders(), lanes);
+        let lane = service.monitor.lane();
+        assert_eq!(
+            Arc::strong_count(&lane),
+            2 + 5,
+            "the lanes, this one and five futures"
+        );
+        // Clones share the lanes.
+        let mut clone = service.clone();
+        futures.push(clone.ready().await.unwrap().call(create()));
+        assert_eq!(monitor.holders(), lanes);
+        drop(lane);
+        drop((service, clone));
+        for future in futures {
+            future.await.unwrap();
+        }
+        assert_eq!(monitor.holders(), 1);
+        let snapshot = monitor.snapshot();
+        assert_eq!((snapshot.rate.requests, snapshot.tasks.created), (6, 6));
+        assert_eq!(snapshot.tasks.running, 6);
     }
 }
