@@ -6,11 +6,10 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-/// The most header values kept inline.
-const INLINE: usize = 6;
-
-/// A copy of a request's headers, to put back when the request is sent again: up to six values
-/// inline (no allocation), more as a `HeaderMap` copy. Repeated names and their order are kept.
+/// A copy of a request's headers, to put back when the request is sent again: up to `N` values
+/// inline (no allocation; six by default), more as a `HeaderMap` copy. Repeated names and their
+/// order are kept. A layer whose copy is written on every call picks a smaller `N` (each slot
+/// is 72 bytes written per call).
 ///
 /// ```
 /// use http::HeaderMap;
@@ -24,9 +23,9 @@ const INLINE: usize = 6;
 /// assert_eq!(copy.into_map(), headers);
 /// ```
 #[derive(Clone, Debug)]
-pub struct HeaderCopy {
-    inline: [Option<(HeaderName, HeaderValue)>; INLINE],
-    /// More than [`INLINE`] values: boxed, as it is rare and a copy's size is moved around.
+pub struct HeaderCopy<const N: usize = 6> {
+    inline: [Option<(HeaderName, HeaderValue)>; N],
+    /// More than `N` values: boxed, as it is rare and a copy's size is moved around.
     map: Option<Box<HeaderMap>>,
 }
 
@@ -34,7 +33,7 @@ impl HeaderCopy {
     /// An empty copy, to [`fill`](HeaderCopy::fill) in place (e.g. inside a box, where
     /// [`of`](HeaderCopy::of)'s return value would be copied again on its way in).
     pub const EMPTY: HeaderCopy = HeaderCopy {
-        inline: [const { None }; INLINE],
+        inline: [const { None }; 6],
         map: None,
     };
 
@@ -44,6 +43,18 @@ impl HeaderCopy {
         copy.fill(headers);
         copy
     }
+}
+
+impl<const N: usize> HeaderCopy<N> {
+    /// An empty copy, to [`fill`](HeaderCopy::fill) in place, written slot by slot where it is
+    /// put (the [`EMPTY`](HeaderCopy::EMPTY) constant is copied in whole from read-only memory).
+    #[inline(always)]
+    pub fn empty() -> HeaderCopy<N> {
+        HeaderCopy {
+            inline: std::array::from_fn(|_| None),
+            map: None,
+        }
+    }
 
     /// Copies `headers` into `self`, which must be empty (as [`EMPTY`](HeaderCopy::EMPTY), or
     /// after [`take`](HeaderCopy::take)).
@@ -52,7 +63,7 @@ impl HeaderCopy {
             self.map.is_none() && self.inline[0].is_none(),
             "fill an empty copy"
         );
-        if headers.len() > INLINE {
+        if headers.len() > N {
             self.map = Some(Box::new(headers.clone()));
             return;
         }
@@ -64,6 +75,18 @@ impl HeaderCopy {
     /// Whether the values are kept inline (the copy allocated nothing).
     pub fn is_inline(&self) -> bool {
         self.map.is_none()
+    }
+
+    /// The headers as they were copied, kept (for a layer that may send them more than once).
+    pub fn to_map(&self) -> HeaderMap {
+        if let Some(map) = &self.map {
+            return (**map).clone();
+        }
+        let mut map = HeaderMap::new();
+        for (name, value) in self.inline.iter().map_while(Option::as_ref) {
+            map.append(name.clone(), value.clone());
+        }
+        map
     }
 
     /// The headers as they were copied, leaving `self` empty.
@@ -104,9 +127,15 @@ mod tests {
                 headers.append(name, HeaderValue::from(value));
             }
             let copy = HeaderCopy::of(&headers);
-            prop_assert_eq!(copy.is_inline(), headers.len() <= INLINE);
+            prop_assert_eq!(copy.is_inline(), headers.len() <= 6);
+            prop_assert_eq!(copy.to_map(), headers.clone());
             prop_assert_eq!(copy.into_map(), headers.clone());
-            // Filled in place, taken, and filled again: the same.
+            // Three inline, filled in place, taken, and filled again: the same.
+            let mut copy = HeaderCopy::<3>::empty();
+            copy.fill(&headers);
+            prop_assert_eq!(copy.is_inline(), headers.len() <= 3);
+            prop_assert_eq!(copy.to_map(), headers.clone());
+            prop_assert_eq!(copy.take(), headers.clone());
             let mut copy = HeaderCopy::EMPTY;
             copy.fill(&headers);
             prop_assert_eq!(copy.take(), headers.clone());

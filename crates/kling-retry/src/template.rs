@@ -8,7 +8,8 @@
 //! is rare is boxed apart: many headers, the request put back together for a retry
 //! ([`Template::request`]).
 
-use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
+use http::{Extensions, Method, Request, Uri, Version};
+use kling_core::headers::HeaderCopy;
 use kling_core::signals::CallSignals;
 use tokio::time::Instant;
 
@@ -110,54 +111,8 @@ impl<B: ReplayBody> Template<B> {
 /// of the template written on every call.
 const INLINE: usize = 3;
 
-/// A copy of a request's headers: up to [`INLINE`] values inline (no allocation), more as a
-/// boxed `HeaderMap` copy. Repeated names and their order are kept.
-struct Headers {
-    inline: [Option<(HeaderName, HeaderValue)>; INLINE],
-    /// More than [`INLINE`] values: rare, boxed apart.
-    map: Option<Box<HeaderMap>>,
-}
-
-impl Headers {
-    /// No headers. A function, not a constant: a constant is copied in whole from read-only
-    /// memory, where this writes each slot's `None` (a tag).
-    #[inline(always)]
-    fn empty() -> Headers {
-        Headers {
-            inline: [None, None, None],
-            map: None,
-        }
-    }
-
-    /// Copies `headers` into `self`, which must be [`empty`](Headers::empty).
-    fn fill(&mut self, headers: &HeaderMap) {
-        if headers.len() > INLINE {
-            self.map = Some(Box::new(headers.clone()));
-            return;
-        }
-        for (slot, (name, value)) in self.inline.iter_mut().zip(headers) {
-            *slot = Some((name.clone(), value.clone()));
-        }
-    }
-
-    /// Whether the values are kept inline (the copy allocated nothing).
-    #[cfg(test)]
-    fn is_inline(&self) -> bool {
-        self.map.is_none()
-    }
-
-    /// The headers as they were copied.
-    fn to_map(&self) -> HeaderMap {
-        if let Some(map) = &self.map {
-            return (**map).clone();
-        }
-        let mut map = HeaderMap::new();
-        for (name, value) in self.inline.iter().map_while(Option::as_ref) {
-            map.append(name.clone(), value.clone());
-        }
-        map
-    }
-}
+/// The template's copy of the request's headers.
+type Headers = HeaderCopy<INLINE>;
 
 #[cfg(test)]
 mod tests {
