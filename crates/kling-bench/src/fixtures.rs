@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::CONTENT_TYPE;
+use http::header::{CONTENT_TYPE, HeaderName};
 use http::{HeaderValue, Method, Request, Response, Uri};
 use http_body_util::Full;
 use tower_service::Service;
@@ -23,8 +23,10 @@ pub const LIVE: usize = 64;
 pub const TASKS: usize = 64 * LIVE;
 
 /// The header carrying the fixture index from the driver to [`EchoKling`] (so the in-memory
-/// Kling answers a query about the task a create made without parsing anything).
-pub const TASK_HEADER: &str = "x-bench-task";
+/// Kling answers a query about the task a create made without parsing anything). A constant
+/// name, as a careful caller's would be: a name given as text is parsed and copied into a new
+/// buffer on every insert, and the first copy a layer keeps of that buffer allocates.
+pub const TASK_HEADER: HeaderName = HeaderName::from_static("x-bench-task");
 
 /// A create body as a user sends it (no `external_task_id`: the stack adds one).
 pub const CREATE_BODY: &str = r#"{"model_name":"kling-v2-master","prompt":"a red fox running through fresh snow at dawn","duration":"5","mode":"std"}"#;
