@@ -3,6 +3,13 @@
 //! A layer that can resend a request (the retry layer, an auth layer re-signing a refused
 //! token) keeps a copy of it on every call, and almost every call drops that copy unused. A
 //! `HeaderMap` copy allocates twice; most Kling requests carry a few headers, which fit inline.
+//!
+//! Short values are kept as their bytes. A `HeaderValue` made from text (`"application/json"
+//! .parse()`, `Request::builder().header(..)`) holds a buffer whose first clone allocates to
+//! share it, and every clone of a shared value writes a reference count; a copy of thirty
+//! bytes does neither. They become a `HeaderValue` again only when the request is sent again.
+
+use std::fmt;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -24,7 +31,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 /// ```
 #[derive(Clone, Debug)]
 pub struct HeaderCopy<const N: usize = 6> {
-    inline: [Option<(HeaderName, HeaderValue)>; N],
+    inline: [Option<(HeaderName, Value)>; N],
     /// More than `N` values: boxed, as it is rare and a copy's size is moved around.
     map: Option<Box<HeaderMap>>,
 }
@@ -68,7 +75,7 @@ impl<const N: usize> HeaderCopy<N> {
             return;
         }
         for (slot, (name, value)) in self.inline.iter_mut().zip(headers) {
-            *slot = Some((name.clone(), value.clone()));
+            *slot = Some((name.clone(), Value::of(value)));
         }
     }
 
@@ -84,7 +91,7 @@ impl<const N: usize> HeaderCopy<N> {
         }
         let mut map = HeaderMap::new();
         for (name, value) in self.inline.iter().map_while(Option::as_ref) {
-            map.append(name.clone(), value.clone());
+            map.append(name.clone(), value.to_value());
         }
         map
     }
@@ -96,7 +103,7 @@ impl<const N: usize> HeaderCopy<N> {
         }
         let mut map = HeaderMap::new();
         for (name, value) in self.inline.iter_mut().map_while(Option::take) {
-            map.append(name, value);
+            map.append(name, value.to_value());
         }
         map
     }
@@ -107,6 +114,61 @@ impl<const N: usize> HeaderCopy<N> {
     }
 }
 
+/// The longest value kept as its bytes.
+const SHORT: usize = 30;
+
+/// A header value as copied: see the [module docs](self).
+#[derive(Clone)]
+enum Value {
+    Short {
+        len: u8,
+        bytes: [u8; SHORT],
+        sensitive: bool,
+    },
+    Whole(HeaderValue),
+}
+
+impl Value {
+    #[inline]
+    fn of(value: &HeaderValue) -> Value {
+        let text = value.as_bytes();
+        // The bytes `HeaderValue::from_bytes` accepts, so that they make a value again.
+        if text.len() <= SHORT && text.iter().all(|&b| (b >= b' ' && b != 0x7f) || b == b'\t') {
+            let mut bytes = [0; SHORT];
+            bytes[..text.len()].copy_from_slice(text);
+            return Value::Short {
+                len: text.len() as u8,
+                bytes,
+                sensitive: value.is_sensitive(),
+            };
+        }
+        Value::Whole(value.clone())
+    }
+
+    fn to_value(&self) -> HeaderValue {
+        match self {
+            Value::Whole(value) => value.clone(),
+            Value::Short {
+                len,
+                bytes,
+                sensitive,
+            } => {
+                let mut value = HeaderValue::from_bytes(&bytes[..usize::from(*len)])
+                    .expect("only bytes a header value accepts are kept");
+                value.set_sensitive(*sensitive);
+                value
+            }
+        }
+    }
+}
+
+/// As the value's own `Debug` (which hides a sensitive one).
+impl fmt::Debug for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.to_value(), f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -114,6 +176,24 @@ mod tests {
     use super::*;
 
     proptest! {
+        /// Any value a `HeaderValue` may hold comes back equal and as sensitive, short or not.
+        #[test]
+        fn a_value_comes_back_the_same(
+            text in prop::collection::vec(any::<u8>(), 0..40),
+            sensitive in any::<bool>(),
+        ) {
+            let Ok(mut value) = HeaderValue::from_bytes(&text) else {
+                return Ok(());
+            };
+            value.set_sensitive(sensitive);
+            let copy = Value::of(&value);
+            prop_assert_eq!(matches!(copy, Value::Short { .. }), text.len() <= SHORT);
+            let back = copy.to_value();
+            prop_assert_eq!(&back, &value);
+            prop_assert_eq!(back.is_sensitive(), sensitive);
+            prop_assert_eq!(format!("{copy:?}"), format!("{value:?}"));
+        }
+
         /// Whatever the headers (repeated names, any count), the copy gives back the same.
         #[test]
         fn a_copy_gives_back_the_same_headers(
