@@ -8,6 +8,7 @@
 //! is rare is boxed apart: many headers, the request put back together for a retry
 //! ([`Template::request`]).
 
+use bytes::Bytes;
 use http::{Extensions, Method, Request, Uri, Version};
 use kling_core::headers::HeaderCopy;
 use kling_core::signals::CallSignals;
@@ -21,7 +22,7 @@ pub(crate) struct Template<B> {
     pub(crate) started: Instant,
     pub(crate) deadline: Option<Instant>,
     method: Method,
-    uri: Uri,
+    uri: UriCopy,
     version: Version,
     /// The body as sent, or the caller's body when `spliced` holds the generated id the sent
     /// one has (the rewritten body is then not kept).
@@ -61,7 +62,7 @@ impl<B: ReplayBody> Template<B> {
             started,
             deadline,
             method: request.method().clone(),
-            uri: request.uri().clone(),
+            uri: UriCopy::of(request.uri()),
             version: request.version(),
             body,
             spliced,
@@ -95,7 +96,7 @@ impl<B: ReplayBody> Template<B> {
         };
         let mut request = Request::new(body);
         *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
+        *request.uri_mut() = self.uri.to_uri();
         *request.version_mut() = self.version;
         *request.headers_mut() = self.headers.to_map();
         match &self.extensions {
@@ -103,6 +104,49 @@ impl<B: ReplayBody> Template<B> {
             Err(extensions) => *request.extensions_mut() = extensions.clone(),
         }
         request
+    }
+}
+
+/// The longest relative URI kept as its text.
+const SHORT_URI: usize = 80;
+
+/// The request's URI as copied: a short relative one (a path and query, as the stack's
+/// callers send) as its text, any other as the URI. A URI parsed from text (which
+/// `Request::get("/v1/…")` does too) holds a buffer whose first clone allocates to share it,
+/// and a shared one's every clone writes a reference count: a copy of its text does neither,
+/// and is parsed again only for a retry.
+enum UriCopy {
+    Short { len: u8, text: [u8; SHORT_URI] },
+    Whole(Uri),
+}
+
+impl UriCopy {
+    #[inline]
+    fn of(uri: &Uri) -> UriCopy {
+        if uri.scheme().is_none() && uri.authority().is_none() {
+            let text = uri.path_and_query().map_or("", |pq| pq.as_str()).as_bytes();
+            // Only origin-form text ("/…") is sure to parse back as the same path and query
+            // (not "*", say): others whole.
+            if text.first() == Some(&b'/') && text.len() <= SHORT_URI {
+                let mut copy = [0; SHORT_URI];
+                copy[..text.len()].copy_from_slice(text);
+                return UriCopy::Short {
+                    len: text.len() as u8,
+                    text: copy,
+                };
+            }
+        }
+        UriCopy::Whole(uri.clone())
+    }
+
+    fn to_uri(&self) -> Uri {
+        match self {
+            UriCopy::Whole(uri) => uri.clone(),
+            UriCopy::Short { len, text } => {
+                Uri::from_maybe_shared(Bytes::copy_from_slice(&text[..usize::from(*len)]))
+                    .expect("the text of a URI parses back")
+            }
+        }
     }
 }
 
@@ -221,6 +265,34 @@ mod tests {
             template.request().extensions().get::<Foreign>(),
             Some(&Foreign(8))
         );
+    }
+
+    proptest! {
+        /// A relative URI comes back equal, however it was kept.
+        #[test]
+        fn a_uri_comes_back_the_same(
+            path in "(/[a-zA-Z0-9_.~%-]{0,30}){1,4}",
+            query in proptest::option::of("[a-z_]{1,12}=[a-zA-Z0-9,%]{0,60}"),
+        ) {
+            let text = match &query {
+                Some(query) => format!("{path}?{query}"),
+                None => path.clone(),
+            };
+            let uri: Uri = text.parse().unwrap();
+            let copy = UriCopy::of(&uri);
+            prop_assert_eq!(matches!(copy, UriCopy::Short { .. }), text.len() <= SHORT_URI);
+            prop_assert_eq!(copy.to_uri(), uri);
+        }
+    }
+
+    #[test]
+    fn absolute_and_odd_uris_are_kept_whole() {
+        for text in ["https://h/api/tasks?task_ids=a", "*", "http://h:9"] {
+            let uri: Uri = text.parse().unwrap();
+            let copy = UriCopy::of(&uri);
+            assert!(matches!(copy, UriCopy::Whole(_)), "{text}");
+            assert_eq!(copy.to_uri(), uri);
+        }
     }
 
     #[test]
