@@ -68,11 +68,12 @@ fn main() {
             options.rounds = 5;
             options.lives = 500;
         }
-        let rows = sockets::run(options, &mut log);
-        text.push_str(&format!(
-            "## Real sockets\n\n{}\n",
-            report::sockets(&rows, options)
-        ));
+        text.push_str("## Real sockets\n\n");
+        for workers in [1, 2] {
+            let options = sockets::Options { workers, ..options };
+            let rows = sockets::run(options, &mut log);
+            text.push_str(&format!("{}\n", report::sockets(&rows, options)));
+        }
     }
     print!("{text}");
     if let Some(path) = out

@@ -189,9 +189,13 @@ pub fn sockets(rows: &[sockets::Row], options: sockets::Options) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{} interleaved rounds × {} create+list lives, {} concurrent tasks, 2 client worker threads; \
-         client CPU is the client runtime's threads only (the mock runs on its own thread).\n",
-        options.rounds, options.lives, options.concurrency
+        "**{} client worker thread{}.** {} interleaved rounds × {} create+list lives, {} concurrent \
+         tasks; client CPU is the client runtime's threads only (the mock runs on its own thread).\n",
+        options.workers,
+        if options.workers == 1 { "" } else { "s" },
+        options.rounds,
+        options.lives,
+        options.concurrency
     );
     let _ = writeln!(
         out,
