@@ -194,6 +194,31 @@ where
     }
 }
 
+/// [`drive`], each request through a clone of `service` made for it.
+async fn drive_clones<S>(service: S, fixtures: Arc<Fixtures>, base: usize, lives: usize, auth: bool)
+where
+    S: Service<Req, Response = Res> + Clone,
+    S::Error: Debug,
+{
+    for j in 0..lives {
+        let index = base + j % LIVE;
+        for mut request in [fixtures.create(index), fixtures.query(index)] {
+            if auth {
+                with_auth(&mut request);
+            }
+            let response = service
+                .clone()
+                .oneshot(request)
+                .await
+                .expect("the request succeeds");
+            if j == 0 {
+                assert_success(&response);
+            }
+            std::hint::black_box(response);
+        }
+    }
+}
+
 fn with_auth(request: &mut Req) {
     // A constant, checked at compile time: `from_static`'s check at run time was inlined
     // differently from build to build and moved every subject's figure with it.
@@ -234,6 +259,9 @@ struct Shared<F> {
     name: String,
     baseline: Option<&'static str>,
     auth: bool,
+    /// Each request through its own clone (`service.clone().oneshot(request)`, a common way to
+    /// call a shared tower service), so the clone and its drop are counted too.
+    clone_per_request: bool,
     make: F,
 }
 
@@ -267,17 +295,19 @@ where
         };
         let per_task = (lives / tasks).max(1);
         let auth = self.auth;
+        let clone_per_request = self.clone_per_request;
         let fixtures = Arc::clone(fixtures);
         timed(rt, per_task * tasks * 2, async move {
             let drivers: Vec<_> = (0..tasks)
                 .map(|t| {
-                    tokio::spawn(drive(
-                        service.clone(),
-                        Arc::clone(&fixtures),
-                        t * LIVE,
-                        per_task,
-                        auth,
-                    ))
+                    let (service, fixtures) = (service.clone(), Arc::clone(&fixtures));
+                    tokio::spawn(async move {
+                        if clone_per_request {
+                            drive_clones(service, fixtures, t * LIVE, per_task, auth).await;
+                        } else {
+                            drive(service, fixtures, t * LIVE, per_task, auth).await;
+                        }
+                    })
                 })
                 .collect();
             for driver in drivers {
@@ -340,6 +370,15 @@ pub const PRO_STACK: &str = "kling-tower Pro stack (KlingLayer)";
 pub const TOWER: &str = "tower ConcurrencyLimit+RateLimit+Retry (unshared)";
 /// tower's stack behind a Buffer.
 pub const TOWER_BUFFERED: &str = "tower Retry+Buffer+ConcurrencyLimit+RateLimit";
+/// The end of the name of a subject whose requests each go through a clone made for it.
+pub const CLONED: &str = ", cloned per request";
+/// The bare service, each request through a clone made for it.
+pub const BARE_CLONED: &str = "bare in-memory Kling, cloned per request";
+/// The whole Pro stack, each request through a clone made for it.
+pub const PRO_STACK_CLONED: &str = "kling-tower Pro stack (KlingLayer), cloned per request";
+/// tower's shareable stack, each request through a clone made for it.
+pub const TOWER_BUFFERED_CLONED: &str =
+    "tower Retry+Buffer+ConcurrencyLimit+RateLimit, cloned per request";
 
 /// tower's `RateLimit` is a fixed window (`num` per `per`); with `num` = 1 and a 1 ns `per`
 /// every request would wait for the timer wheel's 1 ms tick, so the window is a billion requests
@@ -370,12 +409,21 @@ fn subjects(fixtures: &Arc<Fixtures>) -> Vec<Box<dyn Subject>> {
         name: BARE.into(),
         baseline: None,
         auth: true,
+        clone_per_request: false,
+        make: echo.clone(),
+    }));
+    out.push(Box::new(Shared {
+        name: BARE_CLONED.into(),
+        baseline: None,
+        auth: true,
+        clone_per_request: true,
         make: echo.clone(),
     }));
     out.push(Box::new(Shared {
         name: CLASSIFY.into(),
         baseline: Some(BARE),
         auth: true,
+        clone_per_request: false,
         make: classified.clone(),
     }));
     macro_rules! over_classify {
@@ -386,6 +434,7 @@ fn subjects(fixtures: &Arc<Fixtures>) -> Vec<Box<dyn Subject>> {
                 name: $name.into(),
                 baseline: Some(CLASSIFY),
                 auth: true,
+                clone_per_request: false,
                 make: move || layer.layer(classified()),
             }));
         }};
@@ -437,6 +486,22 @@ fn subjects(fixtures: &Arc<Fixtures>) -> Vec<Box<dyn Subject>> {
             name: PRO_STACK.into(),
             baseline: Some(BARE),
             auth: false,
+            clone_per_request: false,
+            make: move || kling.layer(echo()),
+        }));
+    }
+    {
+        let echo = echo.clone();
+        let kling = KlingLayer::new(
+            pro_config(),
+            Credentials::api_key("bench-key").expect("key"),
+        )
+        .expect("a valid stack");
+        out.push(Box::new(Shared {
+            name: PRO_STACK_CLONED.into(),
+            baseline: Some(BARE_CLONED),
+            auth: false,
+            clone_per_request: true,
             make: move || kling.layer(echo()),
         }));
     }
@@ -453,6 +518,17 @@ fn subjects(fixtures: &Arc<Fixtures>) -> Vec<Box<dyn Subject>> {
             name: TOWER_BUFFERED.into(),
             baseline: Some(BARE),
             auth: true,
+            clone_per_request: false,
+            make: move || tower_stack_buffered(echo(), 100_000, 60e9, TOWER_BURST, 1024),
+        }));
+    }
+    {
+        let echo = echo.clone();
+        out.push(Box::new(Shared {
+            name: TOWER_BUFFERED_CLONED.into(),
+            baseline: Some(BARE_CLONED),
+            auth: true,
+            clone_per_request: true,
             make: move || tower_stack_buffered(echo(), 100_000, 60e9, TOWER_BURST, 1024),
         }));
     }

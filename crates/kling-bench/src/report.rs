@@ -22,7 +22,10 @@ pub fn overhead(report: &overhead::Report) -> String {
         out,
         "Process CPU ns per request (median of {} interleaved rounds; {} create+query lives per \
          subject per round; 2-worker runtime). \"+\" is over the row named in \"over\". \"× tower\" \
-         is the subject's added cost over the bare service divided by tower's shareable stack's.\n",
+         is the subject's added cost over the bare service divided by tower's shareable stack's; \
+         rows \"cloned per request\" send each request through a clone made for it \
+         (`service.clone().oneshot(request)`) and are set against the bare service and tower's \
+         stack called that way.\n",
         report.rounds, report.lives
     );
     let _ = writeln!(
@@ -31,12 +34,23 @@ pub fn overhead(report: &overhead::Report) -> String {
         t = report.tasks
     );
     let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let added = |row: &overhead::Row| {
+    // A row cloned per request is set against the bare service and tower's stack cloned per
+    // request too.
+    let references = |row: &overhead::Row| {
+        if row.name.ends_with(overhead::CLONED) {
+            (
+                report.row(overhead::BARE_CLONED),
+                report.row(overhead::TOWER_BUFFERED_CLONED),
+            )
+        } else {
+            (bare, tower)
+        }
+    };
+    let added = |row: &overhead::Row, bare: Option<&overhead::Row>| {
         let b = bare.map_or(0.0, overhead::Row::single_ns);
         let bm = bare.and_then(overhead::Row::multi_ns).unwrap_or(0.0);
         (row.single_ns() - b, row.multi_ns().map(|m| m - bm))
     };
-    let (tower_single, tower_multi) = tower.map_or((f64::NAN, None), added);
     for row in &report.rows {
         let over = base(row.baseline);
         let plus_single = over.map_or(String::new(), |o| signed(row.single_ns() - o.single_ns()));
@@ -44,7 +58,9 @@ pub fn overhead(report: &overhead::Report) -> String {
             (Some(m), Some(o)) => signed(m - o),
             _ => String::new(),
         };
-        let (a1, am) = added(row);
+        let (bare, tower) = references(row);
+        let (a1, am) = added(row, bare);
+        let (tower_single, tower_multi) = tower.map_or((f64::NAN, None), |t| added(t, bare));
         let ratio = if row.baseline.is_some() {
             format!(
                 "{:.2} / {}",
