@@ -403,7 +403,7 @@ fn subjects(fixtures: &Arc<Fixtures>) -> Vec<Box<dyn Subject>> {
         move || ClassifyLayer::new().layer(echo())
     };
     // What the stack's auth layer sets: an id that clones without a shared reference count.
-    let account = AccountId::from_static("bench");
+    let account = AccountId::interned("bench");
     let mut out: Vec<Box<dyn Subject>> = Vec::new();
     out.push(Box::new(Shared {
         name: BARE.into(),

@@ -21,27 +21,23 @@ use crate::signals::CallContext;
 /// An id made by [`AccountId::new`] is shared: a clone bumps a reference count. Every request
 /// of a stack carries its account, and the layers clone it several times per request; when
 /// several threads do that, the shared count is a cache line they fight over. An id made by
-/// [`AccountId::from_static`] or [`AccountId::interned`] (as a stack's own credentials are)
-/// clones as a plain copy.
+/// [`AccountId::interned`] (as a stack's own credentials are) clones as a plain copy.
+///
+/// Two words, either way (thin pointers): limiters keep one in every queued request.
 #[derive(Clone)]
 pub struct AccountId(Repr);
 
 #[derive(Clone)]
 enum Repr {
-    /// Static or interned: copied, never counted.
-    Static(&'static str),
-    Shared(Arc<str>),
+    /// Interned: copied, never counted.
+    Kept(&'static String),
+    Shared(Arc<String>),
 }
 
 impl AccountId {
     /// An account id from any stable, non-secret name.
-    pub fn new(id: impl Into<Arc<str>>) -> Self {
-        AccountId(Repr::Shared(id.into()))
-    }
-
-    /// An account id from a name known at compile time; cloned without a reference count.
-    pub const fn from_static(id: &'static str) -> Self {
-        AccountId(Repr::Static(id))
+    pub fn new(id: impl Into<String>) -> Self {
+        AccountId(Repr::Shared(Arc::new(id.into())))
     }
 
     /// An account id whose text is kept once per distinct name for the rest of the process,
@@ -50,13 +46,13 @@ impl AccountId {
     /// For the few ids a process is configured with (a stack's credentials), not for ids
     /// taken from each request: see [`intern`](crate::intern::intern).
     pub fn interned(id: &str) -> Self {
-        AccountId(Repr::Static(crate::intern::intern(id)))
+        AccountId(Repr::Kept(crate::intern::kept(id)))
     }
 
     /// The id as text, e.g. for metric labels and Redis keys.
     pub fn as_str(&self) -> &str {
         match &self.0 {
-            Repr::Static(id) => id,
+            Repr::Kept(id) => id,
             Repr::Shared(id) => id,
         }
     }
@@ -148,15 +144,13 @@ mod tests {
     #[test]
     fn every_form_of_an_id_is_the_same_id() {
         let shared = AccountId::new("acct-1");
-        let fixed = AccountId::from_static("acct-1");
         let interned = AccountId::interned("acct-1");
-        for id in [&fixed, &interned] {
-            assert_eq!(id, &shared);
-            assert_eq!(hash_of(id), hash_of(&shared));
-            assert_eq!(id.cmp(&shared), Ordering::Equal);
-            assert_eq!(id.to_string(), "acct-1");
-            assert_eq!(format!("{id:?}"), format!("{shared:?}"));
-        }
+        assert_eq!(std::mem::size_of::<AccountId>(), 16);
+        assert_eq!(interned, shared);
+        assert_eq!(hash_of(&interned), hash_of(&shared));
+        assert_eq!(interned.cmp(&shared), Ordering::Equal);
+        assert_eq!(interned.to_string(), "acct-1");
+        assert_eq!(format!("{interned:?}"), format!("{shared:?}"));
         assert!(AccountId::interned("acct-0") < shared);
         assert_ne!(AccountId::interned("acct-2"), shared);
     }

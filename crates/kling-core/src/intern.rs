@@ -5,7 +5,7 @@
 //! base URL's host), and when the threads of a runtime do that at once, the count's cache line
 //! moves between their cores on every request. A `&'static str` is copied for free.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 /// `text`, kept for the rest of the process: one copy per distinct text, however often it is
@@ -15,14 +15,19 @@ use std::sync::{Mutex, PoisonError};
 /// each distinct text stays in memory until the process ends. Takes a process-wide lock; call
 /// it when building a stack, not per request.
 pub fn intern(text: &str) -> &'static str {
-    static TEXTS: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
+    kept(text).as_str()
+}
+
+/// [`intern`], as a thin reference (one word: an [`AccountId`](crate::AccountId) stays two).
+pub(crate) fn kept(text: &str) -> &'static String {
+    static TEXTS: Mutex<Option<HashMap<&'static str, &'static String>>> = Mutex::new(None);
     let mut texts = TEXTS.lock().unwrap_or_else(PoisonError::into_inner);
-    let texts = texts.get_or_insert_with(HashSet::new);
+    let texts = texts.get_or_insert_with(HashMap::new);
     if let Some(kept) = texts.get(text) {
         return kept;
     }
-    let kept: &'static str = Box::leak(Box::from(text));
-    texts.insert(kept);
+    let kept: &'static String = Box::leak(Box::new(text.to_owned()));
+    texts.insert(kept.as_str(), kept);
     kept
 }
 

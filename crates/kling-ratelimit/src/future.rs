@@ -225,7 +225,6 @@ pub(crate) enum Direct<A> {
 /// admitted at once (the success path) is small and cheap to move.
 struct Waiting<S, B, Bk: Backend> {
     gate: Gate<Bk>,
-    account_key: BucketKey,
     inner: Option<S>,
     request: Option<Request<B>>,
 }
@@ -373,18 +372,16 @@ where
             Poll::Ready(Err(error)) => State::Failed { error: Some(error) },
             Poll::Pending => {
                 let clone = inner.clone();
-                let account = account_key.account_id().cloned();
                 return ResponseFuture {
                     state: State::Gating {
                         waiting: Box::new(Waiting {
                             gate,
-                            account_key,
                             inner: Some(std::mem::replace(inner, clone)),
                             request: Some(request),
                         }),
                     },
                     lane,
-                    account,
+                    account: account_key.into_account(),
                     sent_at: None,
                     waited_nanos: 0,
                 };
@@ -506,13 +503,16 @@ where
                 StateProj::Gating { waiting } => {
                     let Waiting {
                         gate,
-                        account_key,
                         inner,
                         request,
                     } = &mut **waiting;
                     let held = request.as_ref().expect("gating holds the request");
+                    // The account key is the future's account (never a class): rebuilt for each
+                    // wake-up rather than kept in the waiter's box, which 100,000 queued
+                    // requests each hold.
+                    let account_key = BucketKey::account(this.account.clone());
                     if let Err(error) =
-                        ready!(gate.poll(cx, held, shared_of(this.lane), account_key))
+                        ready!(gate.poll(cx, held, shared_of(this.lane), &account_key))
                     {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(error));

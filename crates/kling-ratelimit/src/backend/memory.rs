@@ -900,7 +900,7 @@ mod tests {
         let backend = Arc::new(InProcess::new());
         let quota = Quota::with_period(Duration::from_micros(20)).with_burst(3);
         let p = policy(quota);
-        let key = BucketKey::account(Some(AccountId::from_static("shared")));
+        let key = BucketKey::account(Some(AccountId::interned("shared")));
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let (backend, key) = (Arc::clone(&backend), key.clone());
@@ -1001,7 +1001,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_cooldown_reaches_decisions_without_the_lock() {
         let backend = InProcess::new();
-        let key = BucketKey::account(Some(AccountId::from_static("paused")));
+        let key = BucketKey::account(Some(AccountId::interned("paused")));
         let p = policy(Quota::per_second(1000.0));
         assert_eq!(backend.acquire_now(&key, &p), Decision::Admit);
         let now = Instant::now();
