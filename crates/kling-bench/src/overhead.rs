@@ -475,7 +475,10 @@ fn subjects(fixtures: &Arc<Fixtures>) -> Vec<Box<dyn Subject>> {
         AttemptTimeoutLayer::new(Duration::from_secs(30))
     );
     over_classify!("BaseUrlLayer", BaseUrlLayer::global());
-    {
+    for (name, baseline, clone_per_request) in [
+        (PRO_STACK, BARE, false),
+        (PRO_STACK_CLONED, BARE_CLONED, true),
+    ] {
         let echo = echo.clone();
         let kling = KlingLayer::new(
             pro_config(),
@@ -483,25 +486,10 @@ fn subjects(fixtures: &Arc<Fixtures>) -> Vec<Box<dyn Subject>> {
         )
         .expect("a valid stack");
         out.push(Box::new(Shared {
-            name: PRO_STACK.into(),
-            baseline: Some(BARE),
+            name: name.into(),
+            baseline: Some(baseline),
             auth: false,
-            clone_per_request: false,
-            make: move || kling.layer(echo()),
-        }));
-    }
-    {
-        let echo = echo.clone();
-        let kling = KlingLayer::new(
-            pro_config(),
-            Credentials::api_key("bench-key").expect("key"),
-        )
-        .expect("a valid stack");
-        out.push(Box::new(Shared {
-            name: PRO_STACK_CLONED.into(),
-            baseline: Some(BARE_CLONED),
-            auth: false,
-            clone_per_request: true,
+            clone_per_request,
             make: move || kling.layer(echo()),
         }));
     }
@@ -512,23 +500,16 @@ fn subjects(fixtures: &Arc<Fixtures>) -> Vec<Box<dyn Subject>> {
             make: move || tower_stack(echo(), 100_000, 60e9, TOWER_BURST),
         }));
     }
-    {
+    for (name, baseline, clone_per_request) in [
+        (TOWER_BUFFERED, BARE, false),
+        (TOWER_BUFFERED_CLONED, BARE_CLONED, true),
+    ] {
         let echo = echo.clone();
         out.push(Box::new(Shared {
-            name: TOWER_BUFFERED.into(),
-            baseline: Some(BARE),
+            name: name.into(),
+            baseline: Some(baseline),
             auth: true,
-            clone_per_request: false,
-            make: move || tower_stack_buffered(echo(), 100_000, 60e9, TOWER_BURST, 1024),
-        }));
-    }
-    {
-        let echo = echo.clone();
-        out.push(Box::new(Shared {
-            name: TOWER_BUFFERED_CLONED.into(),
-            baseline: Some(BARE_CLONED),
-            auth: true,
-            clone_per_request: true,
+            clone_per_request,
             make: move || tower_stack_buffered(echo(), 100_000, 60e9, TOWER_BURST, 1024),
         }));
     }

@@ -710,6 +710,18 @@ mod tests {
     use super::*;
     use crate::policy::Cooldown;
 
+    /// A seeded generator of numbers below `n` (a 64-bit LCG's high bits): the same draws
+    /// every run.
+    fn below(seed: u64) -> impl FnMut(u64) -> u64 {
+        let mut state = seed;
+        move |n| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) % n
+        }
+    }
+
     fn policy(quota: Quota) -> Policy {
         Policy::new(quota, Cooldown::default())
     }
@@ -744,13 +756,7 @@ mod tests {
     async fn the_gcra_decisions_are_governors() {
         use governor::RateLimiter;
         use kling_core::{AccountId, TokioClock};
-        let mut state = 0x853c_49e6_748f_ea9b_u64;
-        let mut next = move |n: u64| {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (state >> 33) % n
-        };
+        let mut next = below(0x853c_49e6_748f_ea9b_u64);
         let backend = InProcess::new();
         let mut refused = 0;
         for round in 0..200 {
@@ -840,13 +846,7 @@ mod tests {
     /// beat the quota. Random quotas, random instants, decided in a shuffled order.
     #[tokio::test(start_paused = true)]
     async fn decisions_out_of_instant_order_never_beat_the_quota() {
-        let mut state = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = move |n: u64| {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (state >> 33) % n
-        };
+        let mut next = below(0x2545_f491_4f6c_dd1d_u64);
         let backend = InProcess::new();
         let (mut admitted_total, mut refused_total) = (0, 0);
         for round in 0..100 {
