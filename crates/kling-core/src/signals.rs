@@ -329,16 +329,17 @@ mod tests {
         req
     }
 
-    /// Every signal as read with two plain lookups, as the accessors did before they skipped
-    /// the standalone lookup when nothing else is in the map.
-    fn slow_reads(
-        req: &Request<&'static str>,
-    ) -> (
+    /// Every signal a request carries: deadline, attempt, account, recognition.
+    type Reads = (
         Option<Instant>,
         Option<u32>,
         Option<String>,
         Option<Recognized>,
-    ) {
+    );
+
+    /// Every signal as read with two plain lookups, as the accessors did before they skipped
+    /// the standalone lookup when nothing else is in the map.
+    fn slow_reads(req: &Request<&'static str>) -> Reads {
         let call = req.extensions().get::<CallContext>();
         let extensions = req.extensions();
         (
@@ -355,14 +356,7 @@ mod tests {
         )
     }
 
-    fn reads(
-        req: &Request<&'static str>,
-    ) -> (
-        Option<Instant>,
-        Option<u32>,
-        Option<String>,
-        Option<Recognized>,
-    ) {
+    fn reads(req: &Request<&'static str>) -> Reads {
         (
             Deadline::of(req),
             Attempt::of(req),

@@ -11,11 +11,17 @@ use crate::support::{Reply, Server, request, spawn_call};
 
 /// Four requests of account `a` queued at once behind a first answer, and one of `b`.
 async fn pause_after(first: Reply) -> Vec<(String, u128)> {
+    queued_behind(first, GcraLayer::new(Quota::per_second(10.0)).unwrap()).await
+}
+
+/// [`pause_after`] through `layer`: when each request reached the server.
+async fn queued_behind<Bk>(first: Reply, layer: GcraLayer<Bk>) -> Vec<(String, u128)>
+where
+    Bk: kling_ratelimit::Backend,
+{
     let server = Server::new();
     server.script([first]);
-    let service = GcraLayer::new(Quota::per_second(10.0))
-        .unwrap()
-        .layer(server.service());
+    let service = layer.layer(server.service());
     let start = Instant::now();
     let mut calls = Vec::new();
     for tag in ["a1", "a2", "a3", "a4"] {
@@ -77,23 +83,14 @@ impl kling_ratelimit::Backend for LateReports {
 /// (boxed beside it), then the pause holds as with the in-process backend.
 #[tokio::test(start_paused = true)]
 async fn a_report_that_comes_later_still_pauses_the_key() {
-    let server = Server::new();
-    server.script([Reply::throttled()]);
-    let service = GcraLayer::builder(Quota::per_second(10.0))
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
         .backend(LateReports::default())
         .build()
-        .unwrap()
-        .layer(server.service());
-    let start = Instant::now();
-    let mut calls = Vec::new();
-    for tag in ["a1", "a2", "a3", "a4"] {
-        calls.push(spawn_call(&service, request(Some("a"), tag)).await);
-    }
-    calls.push(spawn_call(&service, request(Some("b"), "b1")).await);
-    for call in calls {
-        call.await.unwrap().unwrap();
-    }
-    assert_eq!(server.times_ms(start), expected(1000));
+        .unwrap();
+    assert_eq!(
+        queued_behind(Reply::throttled(), layer).await,
+        expected(1000)
+    );
 }
 
 fn expected(pause_ms: u128) -> Vec<(String, u128)> {
