@@ -61,6 +61,7 @@
 
 mod account;
 pub mod body;
+pub mod call_clock;
 pub mod classify;
 mod clock;
 mod code;

@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::Full;
+use kling_core::call_clock;
 use kling_core::error::BoxError;
 use kling_core::lanes::Lanes;
 use kling_core::signals::Attempt;
@@ -102,8 +103,20 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         // The call's only clock read when a classify step timed the response (its arrival is
-        // the call's end, see `ResponseFuture`).
-        let start = Instant::now();
+        // the call's end, see `ResponseFuture`); the layers called below share it.
+        call_clock::scoped(|start| self.call_at(request, start))
+    }
+}
+
+impl<S> Metrics<S> {
+    /// [`Service::call`] at `start`, the call's clock reading.
+    #[inline(always)]
+    fn call_at<B>(&mut self, request: Request<B>, start: Instant) -> ResponseFuture<S::Future>
+    where
+        S: Service<Request<B>, Response = Response<Full<Bytes>>>,
+        S::Error: Into<BoxError>,
+        B: PeekBody,
+    {
         let target = recorder::target();
         // The kind and pool from the path (or a cached recognition): no allocation, and the
         // layers below recognise the request when they need more. Only what tracks tasks when
@@ -215,5 +228,35 @@ mod tests {
         let snapshot = monitor.snapshot();
         assert_eq!((snapshot.rate.requests, snapshot.tasks.created), (6, 6));
         assert_eq!(snapshot.tasks.running, 6);
+    }
+
+    /// Real time (not paused): the layers called inside share the metrics layer's reading,
+    /// however long they work; the response future is outside it.
+    #[tokio::test]
+    async fn the_layers_below_share_the_calls_clock_reading() {
+        let readings = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = readings.clone();
+        let inner = service_fn(move |_req: Request<Full<Bytes>>| {
+            let first = call_clock::now();
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            log.lock().unwrap().push((first, call_clock::now()));
+            let log = log.clone();
+            async move {
+                log.lock().unwrap().push((call_clock::now(), first));
+                Ok::<_, BoxError>(Response::new(Full::new(Bytes::from(CREATED))))
+            }
+        });
+        let mut service = Metrics::new(inner, Monitor::default());
+        let outside = Instant::now();
+        service.ready().await.unwrap().call(create()).await.unwrap();
+        let readings = readings.lock().unwrap().clone();
+        let (first, second) = readings[0];
+        assert_eq!(first, second, "one reading inside the call");
+        assert!(first >= outside);
+        let (polled, first) = readings[1];
+        assert!(
+            polled >= first + std::time::Duration::from_millis(2),
+            "read afresh"
+        );
     }
 }

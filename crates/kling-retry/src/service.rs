@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::Full;
+use kling_core::call_clock;
 use kling_core::error::BoxError;
 use kling_core::lanes::Lanes;
 use kling_core::signals::Attempt;
@@ -135,10 +136,24 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        // The call's clock reading, shared with the layers above and below (`call_clock`).
+        call_clock::scoped(|now| self.call_at(request, now))
+    }
+}
+
+impl<S, P> Retry<S, P> {
+    /// [`Service::call`] at `now`, the call's clock reading.
+    #[inline(always)]
+    fn call_at<B>(&mut self, mut request: Request<B>, now: Instant) -> ResponseFuture<S, B, P>
+    where
+        S: Service<Request<B>, Response = Response<Full<Bytes>>> + Clone,
+        S::Error: Into<BoxError>,
+        B: ReplayBody,
+        P: Policy,
+    {
         let handle = self.lanes.get();
         let shared = &*handle.shared;
-        let now = Instant::now();
         shared.budget.deposit_at(now);
         let own = shared.deadline.and_then(|d| now.checked_add(d));
         // Deadline and first attempt set before the copy: each retry sets its own anew.
@@ -247,6 +262,60 @@ mod tests {
         let future = service.call(Request::new(Full::new(Bytes::new())));
         assert_unpin(&future);
         assert_eq!(std::mem::size_of_val(&future), std::mem::size_of::<usize>());
+    }
+
+    /// Records the deadline each request reaches the service with, answering a success.
+    #[derive(Clone, Default)]
+    struct Deadlines(Arc<Mutex<Vec<Option<Instant>>>>);
+
+    impl Service<Request<Full<Bytes>>> for Deadlines {
+        type Response = Response<Full<Bytes>>;
+        type Error = Infallible;
+        type Future = Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: Request<Full<Bytes>>) -> Self::Future {
+            let deadline = kling_core::signals::Deadline::of(&request);
+            self.0.lock().unwrap().push(deadline);
+            ready(Ok(Response::new(Full::new(Bytes::from_static(
+                br#"{"code":0,"message":"SUCCEED","request_id":"r1","data":{}}"#,
+            )))))
+        }
+    }
+
+    /// Real time (not paused): the clock moves while the calling layer works.
+    #[tokio::test]
+    async fn a_call_inside_another_layers_call_counts_its_deadline_from_that_reading() {
+        let total = std::time::Duration::from_secs(60);
+        let seen = Deadlines::default();
+        let mut service = RetryLayer::builder()
+            .deadline(total)
+            .build()
+            .unwrap()
+            .layer(seen.clone());
+        let request = || {
+            Request::get("/v1/videos/text2video/t1")
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        };
+        // A layer above read the clock, then worked 5 ms before calling this one.
+        service.ready().await.unwrap();
+        let (above, future) = call_clock::scoped(|above| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            (above, service.call(request()))
+        });
+        future.await.unwrap();
+        // Called on its own, it reads the clock itself: 5 ms of work before count.
+        service.ready().await.unwrap();
+        let before = Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        service.call(request()).await.unwrap();
+        let seen = seen.0.lock().unwrap().clone();
+        assert_eq!(seen[0], Some(above + total), "the enclosing call's reading");
+        assert!(seen[1].unwrap() >= before + total + std::time::Duration::from_millis(5));
     }
 
     #[tokio::test(start_paused = true)]
