@@ -132,15 +132,25 @@ impl Value {
     #[inline]
     fn of(value: &HeaderValue) -> Value {
         let text = value.as_bytes();
-        // The bytes `HeaderValue::from_bytes` accepts, so that they make a value again.
-        if text.len() <= SHORT && text.iter().all(|&b| (b >= b' ' && b != 0x7f) || b == b'\t') {
-            let mut bytes = [0; SHORT];
-            bytes[..text.len()].copy_from_slice(text);
-            return Value::Short {
-                len: text.len() as u8,
-                bytes,
-                sensitive: value.is_sensitive(),
-            };
+        if text.len() <= SHORT {
+            // Padded with spaces (a byte values accept) to 32, so the check below runs over a
+            // fixed-size array: a few vector compares instead of a loop per byte.
+            let mut padded = [b' '; 32];
+            padded[..text.len()].copy_from_slice(text);
+            // The bytes `HeaderValue::from_bytes` accepts, so that they make a value again
+            // (one made without the check may hold others: it is kept whole).
+            let refused = padded.iter().fold(0u8, |refused, &b| {
+                refused | (u8::from(b < b' ') & u8::from(b != b'\t')) | u8::from(b == 0x7f)
+            });
+            if refused == 0 {
+                let mut bytes = [0; SHORT];
+                bytes.copy_from_slice(&padded[..SHORT]);
+                return Value::Short {
+                    len: text.len() as u8,
+                    bytes,
+                    sensitive: value.is_sensitive(),
+                };
+            }
         }
         Value::Whole(value.clone())
     }
