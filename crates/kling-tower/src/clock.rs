@@ -11,6 +11,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub trait WallClock: fmt::Debug + Send + Sync + 'static {
     /// Now, as a duration since the Unix epoch.
     fn unix_now(&self) -> Duration;
+
+    /// Whether this clock's time passes as tokio's clock's does, so that "has this much time
+    /// passed since I read you" may be asked of tokio's clock instead (`false` unless a clock
+    /// says so). The auth layer then checks its cached token against the call's reading of
+    /// tokio's clock ([`kling_core::call_clock`]), which the stack has read already, instead of
+    /// reading the wall clock for every request.
+    fn passes_with_tokio(&self) -> bool {
+        false
+    }
 }
 
 /// The system's clock.
@@ -22,6 +31,13 @@ impl WallClock for SystemClock {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
+    }
+
+    /// Between steps of the system's clock, yes; and across one, the time that really passed
+    /// (what tokio's monotonic clock counts) is what decides when a token signed before it
+    /// expires at the server, whose own clock did not step.
+    fn passes_with_tokio(&self) -> bool {
+        true
     }
 }
 
@@ -57,5 +73,9 @@ impl Default for TokioWallClock {
 impl WallClock for TokioWallClock {
     fn unix_now(&self) -> Duration {
         self.start_unix + self.start.elapsed()
+    }
+
+    fn passes_with_tokio(&self) -> bool {
+        true
     }
 }

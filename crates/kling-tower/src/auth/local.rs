@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderValue;
+use tokio::time::Instant;
 
 use super::Shared;
 
@@ -39,9 +40,20 @@ pub(super) fn next_id() -> u64 {
 struct Copy {
     id: u64,
     generation: u64,
+    /// When to renew, in the layer's wall-clock time and in tokio's (see [`Now`]).
     renew_at: Duration,
+    renew_by: Instant,
     header: HeaderValue,
     owner: Owner,
+}
+
+/// The time a copy is checked at: the wall clock's, or, for a clock whose time passes as
+/// tokio's does ([`WallClock::passes_with_tokio`](crate::clock::WallClock::passes_with_tokio)),
+/// tokio's, which the call has read already.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Now {
+    Unix(Duration),
+    Tokio(Instant),
 }
 
 thread_local! {
@@ -58,13 +70,13 @@ fn slot(id: u64) -> usize {
 pub(super) fn get(
     id: u64,
     generation: u64,
-    now: Duration,
+    now: Now,
     owner: bool,
 ) -> Option<(HeaderValue, Option<Owner>)> {
     COPIES.with(|copies| {
         let copies = copies.borrow();
         match &copies[slot(id)] {
-            Some(copy) if copy.id == id && copy.generation == generation && now < copy.renew_at => {
+            Some(copy) if copy.id == id && copy.generation == generation && copy.fresh(now) => {
                 Some((copy.header.clone(), owner.then(|| copy.owner.clone())))
             }
             _ => None,
@@ -72,12 +84,23 @@ pub(super) fn get(
     })
 }
 
-/// Keeps a copy of `header` (token `generation`, to be renewed at `renew_at`) for this thread,
+impl Copy {
+    fn fresh(&self, now: Now) -> bool {
+        match now {
+            Now::Unix(now) => now < self.renew_at,
+            Now::Tokio(now) => now < self.renew_by,
+        }
+    }
+}
+
+/// Keeps a copy of `header` (token `generation`, to be renewed at `renew_at`, which is
+/// `renew_by` in tokio's time) for this thread,
 /// in bytes of its own, with `owner`.
 pub(super) fn put(
     id: u64,
     generation: u64,
     renew_at: Duration,
+    renew_by: Instant,
     header: &HeaderValue,
     owner: Owner,
 ) {
@@ -92,6 +115,7 @@ pub(super) fn put(
             id,
             generation,
             renew_at,
+            renew_by,
             header: own,
             owner,
         });
@@ -106,40 +130,48 @@ mod tests {
         Arc::new(Weak::new())
     }
 
-    #[test]
-    fn a_copy_is_found_only_for_its_layer_generation_and_time() {
+    fn unix(secs: u64) -> Now {
+        Now::Unix(Duration::from_secs(secs))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_copy_is_found_only_for_its_layer_generation_and_time() {
+        let start = Instant::now();
         let id = next_id();
         let value = HeaderValue::from_static("Bearer t1");
-        assert!(get(id, 1, Duration::ZERO, false).is_none());
+        assert!(get(id, 1, unix(0), false).is_none());
         let kept = owner();
-        put(id, 1, Duration::from_secs(100), &value, kept.clone());
-        let (copy, none) = get(id, 1, Duration::from_secs(99), false).expect("the copy");
+        let renew_by = start + Duration::from_secs(100);
+        put(
+            id,
+            1,
+            Duration::from_secs(100),
+            renew_by,
+            &value,
+            kept.clone(),
+        );
+        let (copy, none) = get(id, 1, unix(99), false).expect("the copy");
         assert!(none.is_none());
-        let (_, found) = get(id, 1, Duration::from_secs(99), true).unwrap();
+        let (_, found) = get(id, 1, unix(99), true).unwrap();
         assert!(Arc::ptr_eq(&found.unwrap(), &kept));
         assert_eq!(copy, value);
         assert!(copy.is_sensitive());
         // Its own bytes, not the shared ones.
         assert_ne!(copy.as_bytes().as_ptr(), value.as_bytes().as_ptr());
-        assert!(
-            get(id, 2, Duration::from_secs(99), false).is_none(),
-            "another token"
-        );
-        assert!(
-            get(id, 1, Duration::from_secs(100), false).is_none(),
-            "due for renewal"
-        );
+        assert!(get(id, 2, unix(99), false).is_none(), "another token");
+        assert!(get(id, 1, unix(100), false).is_none(), "due for renewal");
+        // The same in tokio's time.
+        let at = |secs| Now::Tokio(start + Duration::from_secs(secs));
+        assert!(get(id, 1, at(99), false).is_some());
+        assert!(get(id, 1, at(100), false).is_none(), "due for renewal");
         // Another layer in the same slot takes it over.
         let other = id + SLOTS as u64;
         let value = HeaderValue::from_static("Bearer other");
-        put(other, 1, Duration::MAX, &value, owner());
-        assert!(get(id, 1, Duration::ZERO, false).is_none());
-        assert_eq!(
-            get(other, 1, Duration::ZERO, false).unwrap().0,
-            "Bearer other"
-        );
+        put(other, 1, Duration::MAX, start, &value, owner());
+        assert!(get(id, 1, unix(0), false).is_none());
+        assert_eq!(get(other, 1, unix(0), false).unwrap().0, "Bearer other");
         // Other threads keep their own.
-        let found = std::thread::spawn(move || get(other, 1, Duration::ZERO, false).is_some())
+        let found = std::thread::spawn(move || get(other, 1, unix(0), false).is_some())
             .join()
             .unwrap();
         assert!(!found);

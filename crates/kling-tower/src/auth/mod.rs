@@ -58,6 +58,7 @@ use http::header::AUTHORIZATION;
 use http::{HeaderValue, Request, Response};
 use http_body_util::Full;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use kling_core::call_clock;
 use kling_core::signals::TokenDropped;
 use kling_core::{AccountId, BoxError};
 use serde::Serialize;
@@ -226,6 +227,8 @@ pub(crate) struct Shared {
     credentials: Credentials,
     account: AccountId,
     clock: Arc<dyn WallClock>,
+    /// `clock.passes_with_tokio()`, asked once.
+    passes_with_tokio: bool,
     renew_before: Duration,
     /// The fixed header of an API key.
     static_header: Option<HeaderValue>,
@@ -250,14 +253,20 @@ impl Shared {
         if let Some(header) = &self.static_header {
             return Ok((header.clone(), 0, None));
         }
-        let now = self.clock.unix_now();
+        // A clock whose time passes as tokio's: the call's reading of tokio's clock, which
+        // the layers above took already, instead of a wall-clock read per request.
+        let now = if self.passes_with_tokio {
+            local::Now::Tokio(call_clock::now())
+        } else {
+            local::Now::Unix(self.clock.unix_now())
+        };
         let current = self.current.load(Ordering::Acquire);
         if current != 0
             && let Some((own, owner)) = local::get(self.id, current, now, owner)
         {
             return Ok((own, current, owner));
         }
-        self.shared_header(now, owner)
+        self.shared_header(self.clock.unix_now(), owner)
     }
 
     /// [`header`](Shared::header) for a JWT, under the lock.
@@ -269,10 +278,12 @@ impl Shared {
             _ => self.replace(&mut token, self.sign(now)?),
         };
         let back: local::Owner = Arc::new(Arc::downgrade(self));
+        let renew_by = call_clock::now() + current.renew_at.saturating_sub(now);
         local::put(
             self.id,
             current.generation,
             current.renew_at,
+            renew_by,
             &current.header,
             back.clone(),
         );
@@ -413,6 +424,7 @@ impl AuthLayer {
                 account: credentials.account_id(),
                 signer,
                 credentials,
+                passes_with_tokio: clock.passes_with_tokio(),
                 clock,
                 renew_before,
                 static_header,
