@@ -11,9 +11,11 @@
 //! a buffer's worker or a waiter woken later reads the clock afresh, because the reading is
 //! only visible on this thread while the outermost `scoped` runs.
 //!
-//! The metrics and retry layers share it: nothing between them waits, and what they time (a
-//! call's start, its deadline, a retry budget's window) is not changed by the few hundred
-//! nanoseconds a reading ages on its way down the stack. The limiters do not: a GCRA decision
+//! The metrics and retry layers share it, and so does kling-tower's auth layer when it checks
+//! a cached JWT: nothing between them waits on the usual path, and what they time (a call's
+//! start, its deadline, a retry budget's window, a token's renewal) is not changed by the few
+//! hundred nanoseconds a reading ages on its way down the stack (a request that waited in a
+//! limiter is called from a poll, outside the scope). The limiters do not: a GCRA decision
 //! at an instant that old lets another thread's later decision come first, and under a tight
 //! quota that turned admissions into timer waits (measured with `kling-bench profile "Pro
 //! stack" 300000 64`, whose 1 ns emission interval is the tightest there is).
