@@ -118,11 +118,15 @@ impl<S> Metrics<S> {
         B: PeekBody,
     {
         let target = recorder::target();
+        // This thread's lane, looked up once: the future holds it, and the monitor is read
+        // through it.
+        let lane = self.monitor.lane();
+        let monitor: &Monitor = &lane;
         // The kind and pool from the path (or a cached recognition): no allocation, and the
         // layers below recognise the request when they need more. Only what tracks tasks when
         // nothing records the labels: whether it is a create (always a POST).
         let labelled = target != Target::Nothing
-            || self.monitor.get().records_task_metrics()
+            || monitor.records_task_metrics()
             || tracing::level_enabled!(tracing::Level::INFO);
         let (kind, pool) = if labelled {
             let (kind, pool) = route::of(&request);
@@ -147,12 +151,12 @@ impl<S> Metrics<S> {
             wait_rate_limit_s = Empty,
             wait_slots_s = Empty,
         );
-        self.monitor.get().note_requests(start, 1);
+        monitor.note_requests(start, 1);
         let call = Call {
             start,
             kind,
             pool,
-            monitor: self.monitor.lane(),
+            monitor: lane,
             target,
         };
         let inner = {
