@@ -99,12 +99,16 @@ where
 impl Call {
     fn response(self, response: &mut Response<Full<Bytes>>, span: &Span) {
         let status = response.status();
+        // Whether an outcome is attached (by the classify step, or here): when it is the only
+        // extension, there is no `Attempt` to look up.
+        let mut attached = true;
         let (code, end) = match Outcome::of(response) {
             Some(outcome) => self.outcome(outcome, status, span),
             // Parsed here only when no classify step attached it.
             None => match Outcome::ensure(response) {
                 Ok(outcome) => self.outcome(&outcome, status, span),
                 Err(malformed) => {
+                    attached = false;
                     tracing::warn!(
                         target: "kling_metrics",
                         http_status = status.as_u16(),
@@ -116,7 +120,8 @@ impl Call {
             },
         };
         let extensions = response.extensions();
-        if let Some(&Attempt(attempts)) = extensions.get::<Attempt>() {
+        let others = !attached || extensions.len() > 1;
+        if others && let Some(&Attempt(attempts)) = extensions.get::<Attempt>() {
             if !span.is_disabled() {
                 span.record("attempt", attempts);
             }

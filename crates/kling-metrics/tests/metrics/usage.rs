@@ -178,6 +178,39 @@ async fn attempts_reported_below_count_against_the_quota_and_show_in_the_span() 
     assert_eq!(span.field("wait_slots_s"), Some("2.0"));
 }
 
+/// The attempts a layer below reports count whatever else the response carries: beside the
+/// outcome alone (the layer skips the lookup only when the outcome is the one extension), and
+/// on a response with no envelope (no outcome attached).
+#[tokio::test(start_paused = true)]
+async fn attempts_count_beside_the_outcome_alone_and_on_a_response_with_no_envelope() {
+    for (status, body, classified) in [
+        (200, OK, true),
+        (200, OK, false),
+        (502, "<html>bad gateway</html>", false),
+    ] {
+        let monitor = Monitor::builder()
+            .rate_quota(60, Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let retried = tower::service_fn(move |_req: http::Request<Full<Bytes>>| async move {
+            let mut response = http::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+            *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            response.extensions_mut().insert(Attempt(3));
+            Ok::<_, kling_core::error::BoxError>(response)
+        });
+        let req = request("GET", "/v1/videos/text2video/t-1", "", "k");
+        if classified {
+            let stack = MetricsLayer::with_monitor(monitor.clone())
+                .layer(ClassifyLayer::new().layer(retried));
+            let _ = stack.oneshot(req).await;
+        } else {
+            let stack = MetricsLayer::with_monitor(monitor.clone()).layer(retried);
+            let _ = stack.oneshot(req).await;
+        }
+        assert_eq!(monitor.snapshot().rate.requests, 3, "{status} {classified}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_task_end_reported_by_a_callback_is_counted_once() {
     let recording = Recording::start();
