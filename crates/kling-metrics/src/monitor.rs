@@ -245,48 +245,52 @@ impl ShardState {
 }
 
 /// Tracked tasks by the hash of their id, computed once per call (it also picks the shard):
-/// the map itself hashes nothing and compares `u64`s. Ids with one hash share a slot.
+/// the map itself hashes nothing and compares `u64`s. An id whose hash another tracked id has
+/// already waits in `collided` (almost never any), so a map entry is one task: no list to
+/// check or free per entry, and fewer bytes moved and cache lines touched per create and end.
 #[derive(Default)]
 struct TaskTable {
-    slots: HashMap<u64, Slot, BuildHasherDefault<Prehashed>>,
-    len: usize,
-}
-
-/// The tracked tasks of one id hash: almost always one.
-struct Slot {
-    first: (TaskKey, Tracked),
-    more: Vec<(TaskKey, Tracked)>,
+    slots: HashMap<u64, (TaskKey, Tracked), BuildHasherDefault<Prehashed>>,
+    /// Tracked tasks whose hash an entry of `slots` has too (every hash here is in `slots`).
+    collided: Vec<(u64, TaskKey, Tracked)>,
 }
 
 impl TaskTable {
     fn len(&self) -> usize {
-        self.len
+        self.slots.len() + self.collided.len()
     }
 
     /// Tracks `id` (whose hash is `hash`); returns the entry it replaced, if it was tracked.
     /// Inlined into the create path (its other caller is the cold exact path).
     #[inline(always)]
     fn insert(&mut self, hash: u64, id: &str, tracked: Tracked) -> Option<Tracked> {
-        let slot = match self.slots.entry(hash) {
+        match self.slots.entry(hash) {
             Entry::Vacant(vacant) => {
-                vacant.insert(Slot {
-                    first: (TaskKey::new(id), tracked),
-                    more: Vec::new(),
-                });
-                self.len += 1;
-                return None;
+                vacant.insert((TaskKey::new(id), tracked));
+                None
             }
-            Entry::Occupied(occupied) => occupied.into_mut(),
-        };
-        let id_bytes = id.as_bytes();
-        let same = std::iter::once(&mut slot.first)
-            .chain(slot.more.iter_mut())
-            .find(|(key, _)| key.as_bytes() == id_bytes);
+            Entry::Occupied(occupied) => {
+                let (key, old) = occupied.into_mut();
+                if key.as_bytes() == id.as_bytes() {
+                    Some(std::mem::replace(old, tracked))
+                } else {
+                    self.insert_collided(hash, id, tracked)
+                }
+            }
+        }
+    }
+
+    /// [`TaskTable::insert`] of an id whose hash another tracked id has.
+    #[cold]
+    fn insert_collided(&mut self, hash: u64, id: &str, tracked: Tracked) -> Option<Tracked> {
+        let same = self
+            .collided
+            .iter_mut()
+            .find(|(h, key, _)| *h == hash && key.as_bytes() == id.as_bytes());
         match same {
-            Some((_, old)) => Some(std::mem::replace(old, tracked)),
+            Some((_, _, old)) => Some(std::mem::replace(old, tracked)),
             None => {
-                slot.more.push((TaskKey::new(id), tracked));
-                self.len += 1;
+                self.collided.push((hash, TaskKey::new(id), tracked));
                 None
             }
         }
@@ -294,11 +298,13 @@ impl TaskTable {
 
     /// Whether `id` (whose hash is `hash`) is tracked.
     fn contains(&self, hash: u64, id: &[u8]) -> bool {
-        self.slots.get(&hash).is_some_and(|slot| {
-            std::iter::once(&slot.first)
-                .chain(&slot.more)
-                .any(|(key, _)| key.as_bytes() == id)
-        })
+        self.slots
+            .get(&hash)
+            .is_some_and(|(key, _)| key.as_bytes() == id)
+            || self
+                .collided
+                .iter()
+                .any(|(h, key, _)| *h == hash && key.as_bytes() == id)
     }
 
     /// Stops tracking `id` (whose hash is `hash`); returns its entry, if it was tracked.
@@ -306,18 +312,25 @@ impl TaskTable {
         let Entry::Occupied(mut occupied) = self.slots.entry(hash) else {
             return None;
         };
-        let slot = occupied.get_mut();
-        let tracked = if slot.first.0.as_bytes() == id {
-            match slot.more.pop() {
-                Some(last) => std::mem::replace(&mut slot.first, last).1,
-                None => occupied.remove().first.1,
+        if occupied.get().0.as_bytes() != id {
+            let at = self
+                .collided
+                .iter()
+                .position(|(h, key, _)| *h == hash && key.as_bytes() == id)?;
+            return Some(self.collided.swap_remove(at).2);
+        }
+        if self.collided.is_empty() {
+            return Some(occupied.remove().1);
+        }
+        // Another id of this hash takes the entry's place, so every collided hash stays in
+        // `slots`.
+        Some(match self.collided.iter().position(|(h, ..)| *h == hash) {
+            Some(at) => {
+                let (_, key, tracked) = self.collided.swap_remove(at);
+                std::mem::replace(occupied.get_mut(), (key, tracked)).1
             }
-        } else {
-            let at = slot.more.iter().position(|(key, _)| key.as_bytes() == id)?;
-            slot.more.swap_remove(at).1
-        };
-        self.len -= 1;
-        Some(tracked)
+            None => occupied.remove().1,
+        })
     }
 }
 
