@@ -12,7 +12,6 @@ use kling_core::error::BoxError;
 use kling_core::lanes::Lanes;
 use kling_core::signals::Attempt;
 use kling_core::{PeekBody, RequestKind};
-use tokio::time::Instant;
 use tower_service::Service;
 use tracing::field::Empty;
 
@@ -102,21 +101,6 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        // The call's only clock read when a classify step timed the response (its arrival is
-        // the call's end, see `ResponseFuture`); the layers called below share it.
-        call_clock::scoped(|start| self.call_at(request, start))
-    }
-}
-
-impl<S> Metrics<S> {
-    /// [`Service::call`] at `start`, the call's clock reading.
-    #[inline(always)]
-    fn call_at<B>(&mut self, request: Request<B>, start: Instant) -> ResponseFuture<S::Future>
-    where
-        S: Service<Request<B>, Response = Response<Full<Bytes>>>,
-        S::Error: Into<BoxError>,
-        B: PeekBody,
-    {
         let target = recorder::target();
         // This thread's lane, looked up once: the future holds it, and the monitor is read
         // through it.
@@ -151,6 +135,20 @@ impl<S> Metrics<S> {
             wait_rate_limit_s = Empty,
             wait_slots_s = Empty,
         );
+        // The call's only clock read when a classify step timed the response (its arrival is
+        // the call's end, see `ResponseFuture`); the layers called below share it. Only the
+        // inner call is in the scope: a closure this small is inlined, so the request is not
+        // copied into it and out again.
+        let inner_service = &mut self.inner;
+        let mut start = None;
+        let inner = {
+            let _entered = span.enter();
+            call_clock::scoped(|now| {
+                start = Some(now);
+                inner_service.call(request)
+            })
+        };
+        let start = start.expect("the scope ran");
         monitor.note_requests(start, 1);
         let call = Call {
             start,
@@ -158,10 +156,6 @@ impl<S> Metrics<S> {
             pool,
             monitor: lane,
             target,
-        };
-        let inner = {
-            let _entered = span.enter();
-            self.inner.call(request)
         };
         ResponseFuture::new(inner, span, call)
     }
@@ -173,6 +167,7 @@ mod tests {
 
     use bytes::Bytes;
     use http_body_util::Full;
+    use tokio::time::Instant;
     use tower::{Service, ServiceExt, service_fn};
 
     use super::*;
