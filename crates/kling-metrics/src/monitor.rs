@@ -391,7 +391,9 @@ impl TaskKey {
 /// A created task whose end is awaited.
 struct Tracked {
     since: Instant,
-    pool: SharedString,
+    /// Its pool label, kept only when task ends are recorded as metrics (nothing else reads
+    /// it, and a label kept is cloned at the create and dropped at the end).
+    pool: Option<SharedString>,
 }
 
 impl fmt::Debug for Monitor {
@@ -598,7 +600,7 @@ impl Monitor {
             return;
         }
         if create {
-            let pool = pool.to_shared();
+            let pool = self.inner.record_task_metrics.then(|| pool.to_shared());
             for task in tasks {
                 let entry = Tracked {
                     since: now,
@@ -624,18 +626,24 @@ impl Monitor {
         }
     }
 
-    /// Records the metrics of a task's end, once its shard counted it.
+    /// Records the metrics of a task's end, once its shard counted it; inlined, so a monitor
+    /// that does not record them costs a test of its flag.
+    #[inline]
     fn record_end(&self, tracked: Tracked, status: &TaskStatus, now: Instant) {
-        let inner = &*self.inner;
-        if !inner.record_task_metrics {
-            return;
+        if self.inner.record_task_metrics {
+            Monitor::record_task_end(tracked, status, now);
         }
+    }
+
+    /// [`Monitor::record_end`] when task ends are recorded.
+    #[inline(never)]
+    fn record_task_end(tracked: Tracked, status: &TaskStatus, now: Instant) {
+        let pool = tracked.pool.unwrap_or(SharedString::const_str(""));
         let status = labels::task_status(status);
         let lifetime = now.saturating_duration_since(tracked.since);
-        metrics::histogram!(TASK_LIFETIME, LABEL_POOL => tracked.pool.clone(), LABEL_STATUS => status.clone())
+        metrics::histogram!(TASK_LIFETIME, LABEL_POOL => pool.clone(), LABEL_STATUS => status.clone())
             .record(lifetime.as_secs_f64());
-        metrics::counter!(TASKS_FINISHED, LABEL_POOL => tracked.pool, LABEL_STATUS => status)
-            .increment(1);
+        metrics::counter!(TASKS_FINISHED, LABEL_POOL => pool, LABEL_STATUS => status).increment(1);
     }
 
     /// Fires or re-arms the rate warning for `requests` in the window.
@@ -992,7 +1000,7 @@ mod tests {
     fn tracked(pool: &'static str) -> Tracked {
         Tracked {
             since: Instant::now(),
-            pool: SharedString::const_str(pool),
+            pool: Some(SharedString::const_str(pool)),
         }
     }
 
@@ -1020,12 +1028,15 @@ mod tests {
                 if (state >> 50) & 1 == 0 {
                     let old = table.insert(hash, &id, tracked(pool));
                     let expected = model.insert(id, pool);
-                    assert_eq!(old.map(|t| t.pool), expected.map(SharedString::const_str));
+                    assert_eq!(
+                        old.and_then(|t| t.pool),
+                        expected.map(SharedString::const_str)
+                    );
                 } else {
                     let removed = table.remove(hash, id.as_bytes());
                     let expected = model.remove(&id);
                     assert_eq!(
-                        removed.map(|t| t.pool),
+                        removed.and_then(|t| t.pool),
                         expected.map(SharedString::const_str)
                     );
                 }
