@@ -161,14 +161,7 @@ impl Call {
             }
         }
         if !outcome.is_success() {
-            tracing::warn!(
-                target: "kling_metrics",
-                code = outcome.code().as_i64(),
-                http_status = status.as_u16(),
-                message = outcome.message(),
-                request_id = outcome.request_id(),
-                "kling call failed"
-            );
+            failed(outcome, status);
         }
         if status == StatusCode::TOO_MANY_REQUESTS {
             self.monitor.note_rejection(outcome.code().as_i64());
@@ -198,7 +191,17 @@ impl Call {
         self.record(status, code, end, span);
     }
 
+    /// Inlined: with no span and no recorder (the bench's case) there is nothing to do.
+    #[inline]
     fn record(self, status: labels::Status, code: labels::CodeLabel, end: Instant, span: &Span) {
+        if self.target != Target::Nothing || !span.is_disabled() {
+            self.record_to(status, code, end, span);
+        }
+    }
+
+    /// [`Call::record`] to the span and the recorder.
+    #[inline(never)]
+    fn record_to(self, status: labels::Status, code: labels::CodeLabel, end: Instant, span: &Span) {
         let seconds = Elapsed {
             start: self.start,
             end,
@@ -246,6 +249,21 @@ impl Call {
         .record(seconds);
         metrics::counter!(RESPONSES, LABEL_KIND => kind, LABEL_CODE => code).increment(1);
     }
+}
+
+/// Warns of a response whose code is not success (out of line: the success path needs none
+/// of it).
+#[cold]
+#[inline(never)]
+fn failed(outcome: &Outcome, status: StatusCode) {
+    tracing::warn!(
+        target: "kling_metrics",
+        code = outcome.code().as_i64(),
+        http_status = status.as_u16(),
+        message = outcome.message(),
+        request_id = outcome.request_id(),
+        "kling call failed"
+    );
 }
 
 /// A call's duration in seconds, worked out only when a histogram records it: a no-op

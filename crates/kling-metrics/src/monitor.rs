@@ -842,6 +842,8 @@ impl RateWindow {
     /// The step of the window `now` falls in: from this thread's cache of the last step seen
     /// when `now` is within it (two instant comparisons), else worked out (an instant
     /// subtraction and a division) and cached.
+    /// Inlined: the cached case is a few comparisons, and the rest is out of line.
+    #[inline]
     fn epoch(&self, now: Instant) -> u64 {
         if let Some(cached) = EPOCH_CACHE.get()
             && cached.window == self.id
@@ -850,6 +852,14 @@ impl RateWindow {
         {
             return cached.epoch;
         }
+        self.epoch_uncached(now)
+    }
+
+    /// [`RateWindow::epoch`] when this thread's cache does not hold `now`: worked out and
+    /// cached.
+    #[cold]
+    #[inline(never)]
+    fn epoch_uncached(&self, now: Instant) -> u64 {
         let epoch = self.epoch_of(now);
         let from = epoch
             .checked_sub(1)
