@@ -448,7 +448,7 @@ impl Monitor {
         for source in sources {
             source.fill(&mut snapshot);
         }
-        self.check_rate(requests);
+        self.check_rate(requests, || inner.window.total(now));
         self.check_pools(&snapshot);
         snapshot
     }
@@ -576,7 +576,8 @@ impl Monitor {
             && (inner.rate_warned.load(Ordering::Relaxed)
                 || !inner.window.surely_below(epoch, own, fire_at))
         {
-            self.check_rate(inner.window.total_at(epoch));
+            let total = || inner.window.total_at(epoch);
+            self.check_rate(total(), total);
         }
     }
 
@@ -646,13 +647,19 @@ impl Monitor {
         metrics::counter!(TASKS_FINISHED, LABEL_POOL => pool, LABEL_STATUS => status).increment(1);
     }
 
-    /// Fires or re-arms the rate warning for `requests` in the window.
-    fn check_rate(&self, requests: u64) {
+    /// Fires or re-arms the rate warning for `requests` in the window; `fresh` reads the
+    /// window again.
+    ///
+    /// A re-arm goes by a reading taken after the warning was seen fired: `requests` may have
+    /// been read before another thread counted more and fired, and re-arming on it would let
+    /// the next request fire the warning a second time in one crossing.
+    fn check_rate(&self, requests: u64, fresh: impl FnOnce() -> u64) {
         let Some(quota) = self.inner.quota else {
             return;
         };
         let usage = requests as f64 / f64::from(quota);
         let inner = &*self.inner;
+        let rearm_below = inner.threshold - inner.hysteresis;
         if usage >= inner.threshold {
             if !inner.rate_warned.load(Ordering::Relaxed)
                 && !inner.rate_warned.swap(true, Ordering::AcqRel)
@@ -663,8 +670,9 @@ impl Monitor {
                     threshold: inner.threshold,
                 });
             }
-        } else if usage < inner.threshold - inner.hysteresis
-            && inner.rate_warned.load(Ordering::Relaxed)
+        } else if usage < rearm_below
+            && inner.rate_warned.load(Ordering::Acquire)
+            && (fresh() as f64 / f64::from(quota)) < rearm_below
             && inner.rate_warned.swap(false, Ordering::AcqRel)
         {
             tracing::info!(
@@ -1214,6 +1222,40 @@ mod tests {
                 assert_eq!(fired.lock().unwrap()[0], at as f64 / f64::from(quota));
             }
         }
+    }
+
+    /// A reading older than the firing of the warning (another thread counted more and fired
+    /// meanwhile) does not re-arm it, so the next request does not fire it again.
+    #[tokio::test(start_paused = true)]
+    async fn a_reading_from_before_the_warning_fired_does_not_rearm_it() {
+        let fired = Arc::new(AtomicUsize::new(0));
+        let monitor = {
+            let fired = Arc::clone(&fired);
+            Monitor::builder()
+                .rate_quota(10, Duration::from_secs(60))
+                .on_usage_warning(move |_| {
+                    fired.fetch_add(1, Ordering::Relaxed);
+                })
+                .build()
+                .unwrap()
+        };
+        for _ in 0..8 {
+            monitor.note_requests(Instant::now(), 1);
+        }
+        assert_eq!(fired.load(Ordering::Relaxed), 1);
+        // What a thread that summed the window at 3 requests, before the others were counted,
+        // asks once it sees the warning fired.
+        let epoch = monitor.inner.window.epoch(Instant::now());
+        monitor.check_rate(3, || monitor.inner.window.total_at(epoch));
+        monitor.note_requests(Instant::now(), 1);
+        assert_eq!(fired.load(Ordering::Relaxed), 1, "one warning per crossing");
+        // A fresh reading below the hysteresis re-arms it: the window moved on.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(monitor.snapshot().rate.requests, 0);
+        for _ in 0..8 {
+            monitor.note_requests(Instant::now(), 1);
+        }
+        assert_eq!(fired.load(Ordering::Relaxed), 2);
     }
 
     /// Two threads hammering the window (in its shards) at once: the snapshot counts every
