@@ -58,6 +58,7 @@ fn address(recorder: &dyn Recorder) -> u64 {
 }
 
 /// The current recorder's address (a thread-local read and, without a local recorder, a load).
+#[inline]
 fn current() -> u64 {
     metrics::with_recorder(address)
 }
@@ -93,10 +94,35 @@ fn learn() -> u64 {
     }
 }
 
-/// Where the metrics of a call starting now go.
+/// Where the metrics of a call starting now go. Inlined: the current recorder is the
+/// classified default on almost every call; the rest is out of line.
+#[inline]
 pub(crate) fn target() -> Target {
     let current = current();
-    let mut known = DEFAULT.load(Ordering::Acquire);
+    let known = DEFAULT.load(Ordering::Acquire);
+    match classified(current, known) {
+        Some(target) => target,
+        None => target_otherwise(current, known),
+    }
+}
+
+/// The target when `current` is the default `known` holds and that is classified (nothing
+/// known, 0, is unclassified).
+#[inline]
+fn classified(current: u64, known: u64) -> Option<Target> {
+    if known >> 2 != current {
+        return None;
+    }
+    match known & KIND {
+        NOOP => Some(Target::Nothing),
+        REAL => Some(Target::Global),
+        _ => None,
+    }
+}
+
+/// [`target`] when the current recorder is not the classified default.
+#[inline(never)]
+fn target_otherwise(current: u64, mut known: u64) -> Target {
     // Rate-limited even when nothing is known yet: where no thread starts, learning fails.
     let relearn = (known == 0 || known >> 2 != current)
         && MISSES
@@ -156,6 +182,29 @@ mod tests {
     use metrics_util::debugging::DebuggingRecorder;
 
     use super::*;
+
+    /// The inlined answer for a classified default is the full path's, and it leaves every
+    /// other case to the full path (only cases that learn nothing are run through it: the
+    /// others start a thread and change what is known).
+    #[test]
+    fn the_classified_default_is_answered_as_the_full_path_answers_it() {
+        for address in [8_u64, 0x7f00_dead_bee0, 1 << 40] {
+            for kind in [UNKNOWN, NOOP, REAL] {
+                let known = (address << 2) | kind;
+                let fast = classified(address, known);
+                assert_eq!(fast.is_some(), kind != UNKNOWN, "{kind}");
+                assert_eq!(
+                    fast.unwrap_or(Target::Each),
+                    target_otherwise(address, known),
+                    "{kind}"
+                );
+                // Another recorder, or nothing known: the full path decides.
+                assert_eq!(classified(address + 8, known), None);
+                assert_eq!(classified(address, 0), None);
+            }
+        }
+        assert_eq!(classified(0, 0), None, "nothing known yet");
+    }
 
     #[test]
     fn a_probe_tells_a_real_histogram_from_a_no_op_one() {
