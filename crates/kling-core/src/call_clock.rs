@@ -21,6 +21,7 @@
 //! stack" 300000 64`, whose 1 ns emission interval is the tightest there is).
 
 use std::cell::Cell;
+use std::marker::PhantomData;
 
 use tokio::time::Instant;
 
@@ -46,17 +47,69 @@ thread_local! {
 /// ```
 #[inline]
 pub fn scoped<R>(f: impl FnOnce(Instant) -> R) -> R {
+    let (now, _scope) = enter();
+    f(now)
+}
+
+/// What [`scoped`] does, without a closure: the instant of the call being made, shared with
+/// the layers called while the returned [`Scope`] lives. For a layer's `call`, whose request a
+/// closure would copy in and out again.
+///
+/// ```
+/// use kling_core::call_clock;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let (outer, scope) = call_clock::enter();
+/// assert_eq!(call_clock::now(), outer);
+/// drop(scope);
+/// # }
+/// ```
+#[inline]
+pub fn enter() -> (Instant, Scope) {
     match READING.try_with(Cell::get) {
-        Ok(Some(now)) => f(now),
+        Ok(Some(now)) => (now, Scope::inner()),
         Ok(None) => {
             let now = Instant::now();
             READING.set(Some(now));
-            // Cleared however `f` ends, a panic included.
-            let _clear = Clear;
-            f(now)
+            (
+                now,
+                Scope {
+                    clears: true,
+                    _this_thread: PhantomData,
+                },
+            )
         }
         // The thread is tearing down its locals: no sharing.
-        Err(_) => f(Instant::now()),
+        Err(_) => (Instant::now(), Scope::inner()),
+    }
+}
+
+/// Keeps the reading [`enter`] returned for the calls made while it lives, on this thread (it
+/// cannot be sent to another). The outermost one clears it when dropped; drop it before the
+/// `call` returns (forgetting it would leave the reading to this thread's later calls).
+#[must_use = "the reading is shared only while the scope lives"]
+#[derive(Debug)]
+pub struct Scope {
+    /// Whether this scope set the reading (the outermost), and so clears it.
+    clears: bool,
+    _this_thread: PhantomData<*const ()>,
+}
+
+impl Scope {
+    fn inner() -> Scope {
+        Scope {
+            clears: false,
+            _this_thread: PhantomData,
+        }
+    }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        if self.clears {
+            let _ = READING.try_with(|reading| reading.set(None));
+        }
     }
 }
 
@@ -66,15 +119,6 @@ pub fn now() -> Instant {
     match READING.try_with(Cell::get) {
         Ok(Some(now)) => now,
         _ => Instant::now(),
-    }
-}
-
-/// Clears the reading when the outermost [`scoped`] ends.
-struct Clear;
-
-impl Drop for Clear {
-    fn drop(&mut self) {
-        let _ = READING.try_with(|reading| reading.set(None));
     }
 }
 
@@ -96,6 +140,19 @@ mod tests {
         // Outside, the clock is read afresh.
         assert_eq!(now(), outer + Duration::from_secs(1));
         assert_eq!(scoped(|again| again), outer + Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_entered_scope_shares_its_reading_until_it_is_dropped() {
+        let (outer, scope) = enter();
+        let (inner, nested) = enter();
+        assert_eq!(inner, outer);
+        // A nested scope's end leaves the outer reading in place, however time moves.
+        drop(nested);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(now(), outer);
+        drop(scope);
+        assert_eq!(now(), outer + Duration::from_secs(1));
     }
 
     #[tokio::test(start_paused = true)]

@@ -136,19 +136,13 @@ where
             wait_slots_s = Empty,
         );
         // The call's only clock read when a classify step timed the response (its arrival is
-        // the call's end, see `ResponseFuture`); the layers called below share it. Only the
-        // inner call is in the scope: a closure this small is inlined, so the request is not
-        // copied into it and out again.
-        let inner_service = &mut self.inner;
-        let mut start = None;
+        // the call's end, see `ResponseFuture`); the layers called below share it.
+        let (start, scope) = call_clock::enter();
         let inner = {
             let _entered = span.enter();
-            call_clock::scoped(|now| {
-                start = Some(now);
-                inner_service.call(request)
-            })
+            self.inner.call(request)
         };
-        let start = start.expect("the scope ran");
+        drop(scope);
         monitor.note_requests(start, 1);
         let call = Call {
             start,

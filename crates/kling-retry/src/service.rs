@@ -11,7 +11,6 @@ use kling_core::call_clock;
 use kling_core::error::BoxError;
 use kling_core::lanes::Lanes;
 use kling_core::signals::Attempt;
-use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::body::ReplayBody;
@@ -136,22 +135,9 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         // The call's clock reading, shared with the layers above and below (`call_clock`).
-        call_clock::scoped(|now| self.call_at(request, now))
-    }
-}
-
-impl<S, P> Retry<S, P> {
-    /// [`Service::call`] at `now`, the call's clock reading.
-    #[inline(always)]
-    fn call_at<B>(&mut self, mut request: Request<B>, now: Instant) -> ResponseFuture<S, B, P>
-    where
-        S: Service<Request<B>, Response = Response<Full<Bytes>>> + Clone,
-        S::Error: Into<BoxError>,
-        B: ReplayBody,
-        P: Policy,
-    {
+        let (now, _scope) = call_clock::enter();
         let handle = self.lanes.get();
         let shared = &*handle.shared;
         shared.budget.deposit_at(now);
@@ -192,6 +178,7 @@ mod tests {
     use std::future::{Ready, ready};
 
     use kling_core::Outcome;
+    use tokio::time::Instant;
     use tower::ServiceExt;
     use tower_layer::Layer;
 
