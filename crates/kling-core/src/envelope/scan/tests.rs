@@ -179,6 +179,9 @@ const NAMES: &[&str] = &[
     "images",
     "url",
     "amount",
+    "created_at",
+    "updated_at",
+    "duration",
 ];
 
 /// Keys one byte off a field name: shorter, longer, last byte changed, first byte changed.
@@ -402,6 +405,8 @@ fn key() -> impl Strategy<Value = String> {
         Just("code"),
         Just("data"),
         Just("created_at"),
+        Just("updated_at"),
+        Just("duration"),
         Just("task\\u005fid"),
         Just("x"),
     ]
