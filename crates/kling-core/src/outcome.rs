@@ -59,17 +59,21 @@ struct Inner {
     received_at: Instant,
 }
 
-impl Inner {
-    /// Copies message and request id together into one string.
-    fn copy_texts(&mut self, message: Option<&str>, request_id: Option<&str>) {
-        let message = message.unwrap_or_default();
-        let mut both = String::with_capacity(message.len() + request_id.map_or(0, str::len));
-        both.push_str(message);
-        both.push_str(request_id.unwrap_or_default());
-        self.message = 0..message.len();
-        self.request_id = request_id.map(|_| message.len()..both.len());
-        self.texts = Texts::Copied(both.into_boxed_str());
-    }
+/// Message and request id copied together into one string, and where each is in it.
+fn copy_texts(
+    message: Option<&str>,
+    request_id: Option<&str>,
+) -> (Texts, Range<usize>, Option<Range<usize>>) {
+    let message = message.unwrap_or_default();
+    let mut both = String::with_capacity(message.len() + request_id.map_or(0, str::len));
+    both.push_str(message);
+    both.push_str(request_id.unwrap_or_default());
+    let request_id = request_id.map(|_| message.len()..both.len());
+    (
+        Texts::Copied(both.into_boxed_str()),
+        0..message.len(),
+        request_id,
+    )
 }
 
 /// Where the message and request id live: in the (small) body itself, or copied together into
@@ -168,29 +172,18 @@ impl Outcome {
         body: Body<'_>,
         received_at: Instant,
     ) -> Result<Outcome, MalformedResponse> {
-        // Built first, so the scanner writes the tasks straight into their place.
-        let mut inner = Arc::new(Inner {
-            status,
-            code: Code::Success,
-            texts: Texts::Copied(Box::default()),
-            message: 0..0,
-            request_id: None,
-            tasks: Reports::None,
-            envelope: OnceLock::new(),
-            // The system clock is only read for a `Retry-After` (an HTTP-date needs it).
-            retry_after: if has_retry_after {
-                retry_after_delay(headers, SystemTime::now())
-            } else {
-                None
-            },
-            received_at,
-        });
-        let slot = Arc::get_mut(&mut inner).expect("a new `Arc` is unique");
+        // The system clock is only read for a `Retry-After` (an HTTP-date needs it).
+        let retry_after = if has_retry_after {
+            retry_after_delay(headers, SystemTime::now())
+        } else {
+            None
+        };
         let bytes = body.as_slice();
+        let mut tasks = Reports::None;
         // The scanner checks the body's UTF-8 (a body that is not goes to the reference).
-        match envelope::scan(bytes, &mut slot.tasks).ok() {
+        let (code, (texts, message, request_id)) = match envelope::scan(bytes, &mut tasks).ok() {
             Some(head) => {
-                slot.code = Code::from_i64(head.code);
+                let code = Code::from_i64(head.code);
                 let message = head.message.as_ref().map_or(Some(0..0), Piece::range);
                 let request_id = head.request_id.as_ref().map(Piece::range);
                 // Unescaped texts of a small shared body: kept there, no copy.
@@ -199,16 +192,23 @@ impl Outcome {
                     && !matches!(request_id, Some(None));
                 if in_body {
                     drop(head);
-                    if let Body::Bytes(body) = body {
-                        slot.texts = Texts::Body(body);
-                    }
-                    slot.message = message.unwrap_or_default();
-                    slot.request_id = request_id.flatten();
+                    let texts = match body {
+                        Body::Bytes(body) => Texts::Body(body),
+                        // `in_body` holds only for `Bytes`.
+                        Body::Slice(_) => Texts::Copied(Box::default()),
+                    };
+                    (
+                        code,
+                        (texts, message.unwrap_or_default(), request_id.flatten()),
+                    )
                 } else {
-                    slot.copy_texts(
-                        head.message.as_ref().map(Piece::as_str),
-                        head.request_id.as_ref().map(Piece::as_str),
-                    );
+                    (
+                        code,
+                        copy_texts(
+                            head.message.as_ref().map(Piece::as_str),
+                            head.request_id.as_ref().map(Piece::as_str),
+                        ),
+                    )
                 }
             }
             None => {
@@ -220,11 +220,26 @@ impl Outcome {
                     };
                     MalformedResponse::new(status, reason)
                 })?;
-                slot.code = envelope.code;
-                slot.copy_texts(Some(&envelope.message), envelope.request_id.as_deref());
-                slot.tasks = Reports::from(envelope.tasks);
+                tasks = Reports::from(envelope.tasks);
+                (
+                    envelope.code,
+                    copy_texts(Some(&envelope.message), envelope.request_id.as_deref()),
+                )
             }
-        }
+        };
+        // Built last, with the tasks moved in: a unique `Arc` built first and filled through
+        // `Arc::get_mut` costs an atomic compare-exchange, and moves no fewer bytes.
+        let inner = Arc::new(Inner {
+            status,
+            code,
+            texts,
+            message,
+            request_id,
+            tasks,
+            envelope: OnceLock::new(),
+            retry_after,
+            received_at,
+        });
         Ok(Outcome { inner })
     }
 
