@@ -1398,7 +1398,14 @@ impl<'a> Scanner<'a> {
                     first_sighting(&mut seen, 1)?;
                     let (piece, end) = self.opt_piece(at_value)?;
                     if let Some(url) = piece {
-                        urls.push(url.into_string());
+                        let url = url.into_string();
+                        if urls.is_empty() {
+                            // Most tasks report one URL: a list of just it is one allocation
+                            // of its size, not a push's growth path (room for four).
+                            *urls = vec![url];
+                        } else {
+                            urls.push(url);
+                        }
                     }
                     end
                 } else {

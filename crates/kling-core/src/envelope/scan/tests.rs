@@ -92,6 +92,7 @@ fn the_fast_path_reads_every_shape() {
         r#"{"code":0,"data":[[{"id":"c","status":"x"}],1,-2.5e3,"s",true,false,null,{}]}"#,
         r#"{"code":0,"data":{"task_id":12,"task_status":"succeed","final_unit_deduction":3,"task_result":{"images":[{"url":"i"}],"videos":[{"url":"v"}]}}}"#,
         r#"{"code":0,"data":{"id":-7,"status":"succeeded","billing":[]}}"#,
+        r#"{"code":0,"data":{"task_id":"t","task_status":"succeed","task_result":{"videos":[{"url":"a"},{"url":null},{"url":"b"},{"url":"c"},{"url":"d"},{"url":"e"}]}}}"#,
         r#"{"code":-1,"message":null,"request_id":null,"data":null}"#,
         r#"{"code":1303,"message":"parallel task over resource pack limit","request_id":"x"}"#,
         " \n\t\r{ \"code\" : 0 , \"data\" : [ { \"id\" : \"a\" , \"status\" : \"b\" } ] } \n",
