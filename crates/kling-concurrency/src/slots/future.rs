@@ -20,7 +20,8 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use crate::backend::{Reservation, SlotBackend, SlotOp, TaskUpdate};
+use crate::backend::{Applied, Reservation, SlotBackend, SlotOp, TaskUpdate};
+use crate::error::BackendError;
 use crate::error::DeadlineExceeded;
 use crate::id::SmallId;
 
@@ -423,12 +424,23 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
-            let (apply, output) = match this.state.as_mut().project() {
+            // The in-process backend settles at once: each arm answers without a trip through
+            // `Settle` (and without moving the response more than once).
+            match this.state.as_mut().project() {
                 StateProj::Create { future, held } => {
                     let mut output = ready!(future.poll(cx)).map_err(Into::into);
                     let held = held.take().expect("held is taken once");
                     let apply = settle_create(&mut output, held);
-                    (apply, output)
+                    match settle_now(apply, cx) {
+                        None => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(output);
+                        }
+                        Some(apply) => this.state.set(State::Settle {
+                            apply,
+                            output: Some(output),
+                        }),
+                    }
                 }
                 StateProj::Observe {
                     future,
@@ -463,7 +475,17 @@ where
                     } else {
                         backend.observe_unread(&outcome, lease)
                     };
-                    (apply, Ok(response))
+                    drop(outcome);
+                    match settle_now(apply, cx) {
+                        None => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Ok(response));
+                        }
+                        Some(apply) => this.state.set(State::Settle {
+                            apply,
+                            output: Some(Ok(response)),
+                        }),
+                    }
                 }
                 StateProj::Pass { future } => {
                     let output = ready!(future.poll(cx)).map_err(Into::into);
@@ -498,26 +520,32 @@ where
                     return Poll::Ready(Err(error));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
-            };
-            // The in-process backend settles at once: answer without a trip through `Settle`.
-            let mut apply = apply;
-            match Pin::new(&mut apply).poll(cx) {
-                Poll::Ready(result) => {
-                    if let Err(error) = result {
-                        warn_unsettled(&error);
-                    }
-                    this.state.set(State::Done);
-                    return Poll::Ready(output);
-                }
-                Poll::Pending => this.state.set(State::Settle {
-                    apply,
-                    output: Some(output),
-                }),
             }
         }
     }
 }
 
+/// Polls a backend change once: `None` when it finished (its result only logged), else the
+/// change to wait for.
+#[inline(always)]
+fn settle_now<A>(mut apply: A, cx: &mut Context<'_>) -> Option<A>
+where
+    A: Future<Output = Result<Applied, BackendError>> + Unpin,
+{
+    match Pin::new(&mut apply).poll(cx) {
+        Poll::Ready(Ok(applied)) => {
+            drop(applied.released);
+            None
+        }
+        Poll::Ready(Err(error)) => {
+            warn_unsettled(&error);
+            None
+        }
+        Poll::Pending => Some(apply),
+    }
+}
+
+#[cold]
 fn warn_unsettled(error: &crate::error::BackendError) {
     // The response is real; losing it over bookkeeping would make callers repeat a create that
     // happened. Leases bound the damage.
