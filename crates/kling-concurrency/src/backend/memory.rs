@@ -948,10 +948,21 @@ impl State {
                     .insert_hashed(hashes[1], ext.as_bytes(), place, keys)
             }),
         ];
-        for old in earlier.into_iter().flatten() {
-            if old != place && self.list[old.0].key.account == key.account {
-                self.supersede(old);
-            }
+        // (Two `if let`s, not a loop over the array: this runs on every create.)
+        let [by_id, by_external] = earlier;
+        if let Some(old) = by_id {
+            self.supersede_other(old, place, key);
+        }
+        if let Some(old) = by_external {
+            self.supersede_other(old, place, key);
+        }
+    }
+
+    /// Supersedes the holding at `old` if it is another one of `key`'s account.
+    #[cold]
+    fn supersede_other(&mut self, old: Place, place: Place, key: &SlotKey) {
+        if old != place && self.list[old.0].key.account == key.account {
+            self.supersede(old);
         }
     }
 
