@@ -525,10 +525,26 @@ struct Gauges {
     shown: (u32, u32, usize),
     /// Finished-task metrics by status, registered on first use.
     finished: Vec<(String, metrics::Counter, metrics::Histogram)>,
+    /// Where in `finished` the usual reasons are ([`Why::known`]), once registered.
+    known: [Option<usize>; 4],
 }
 
 impl Gauges {
-    fn finished(&mut self, status: &str, held_for: Duration) {
+    fn finished(&mut self, why: Why<'_>, held_for: Duration) {
+        // The usual reasons are found by number, the others by their label.
+        let known = why.known();
+        let i = match known.and_then(|k| self.known[k]) {
+            Some(i) => i,
+            None => self.register(why.label(), known),
+        };
+        let (_, counter, histogram) = &self.finished[i];
+        counter.increment(1);
+        histogram.record(held_for.as_secs_f64());
+    }
+
+    /// The index in `finished` of the metrics labelled `status`, registered if new.
+    #[cold]
+    fn register(&mut self, status: &str, known: Option<usize>) -> usize {
         let i = match self.finished.iter().position(|(s, ..)| s == status) {
             Some(i) => i,
             None => {
@@ -544,9 +560,49 @@ impl Gauges {
                 self.finished.len() - 1
             }
         };
-        let (_, counter, histogram) = &self.finished[i];
-        counter.increment(1);
-        histogram.record(held_for.as_secs_f64());
+        if let Some(k) = known {
+            self.known[k] = Some(i);
+        }
+        i
+    }
+}
+
+/// Why a holding is released, borrowed from the report: the [`ReleaseReason`] is built only
+/// when a release is listed.
+#[derive(Clone, Copy)]
+enum Why<'a> {
+    Ended(&'a TaskStatus),
+    Completed,
+    LeaseExpired,
+}
+
+impl<'a> Why<'a> {
+    fn reason(self) -> ReleaseReason {
+        match self {
+            Why::Ended(status) => ReleaseReason::Ended(status.clone()),
+            Why::Completed => ReleaseReason::Completed,
+            Why::LeaseExpired => ReleaseReason::LeaseExpired,
+        }
+    }
+
+    /// The `status` label: [`ReleaseReason::as_str`] of [`reason`](Why::reason).
+    fn label(self) -> &'a str {
+        match self {
+            Why::Ended(status) => status.as_str(),
+            Why::Completed => "completed",
+            Why::LeaseExpired => "expired",
+        }
+    }
+
+    /// Its index in [`Gauges::known`], for the reasons a release usually has.
+    fn known(self) -> Option<usize> {
+        match self {
+            Why::Ended(TaskStatus::Succeeded) => Some(0),
+            Why::Ended(TaskStatus::Failed) => Some(1),
+            Why::Ended(_) => None,
+            Why::Completed => Some(2),
+            Why::LeaseExpired => Some(3),
+        }
     }
 }
 
@@ -611,6 +667,7 @@ impl PoolState {
                 capacity: metrics::gauge!(names::SLOTS_CAPACITY, &labels),
                 waiters: metrics::gauge!(names::SLOTS_WAITERS, &labels),
                 finished: Vec::new(),
+                known: [None; 4],
                 labels,
                 // Nothing hidden, in use or waiting yet.
                 shown: (0, configured, 0),
@@ -831,7 +888,7 @@ impl State {
     fn release(
         &mut self,
         place: Place,
-        reason: ReleaseReason,
+        why: Why<'_>,
         now: Instant,
         out: Option<&mut Vec<Released>>,
         id_unfiled: bool,
@@ -870,14 +927,14 @@ impl State {
         pool.dispatch();
         pool.publish();
         let held_for = now.saturating_duration_since(since);
-        pool.gauges.finished(reason.as_str(), held_for);
+        pool.gauges.finished(why, held_for);
         if let Some(out) = out {
             out.push(Released {
                 key: pool.key.clone(),
                 task: task.flatten(),
                 weight,
                 held_for,
-                reason,
+                reason: why.reason(),
             });
         }
     }
@@ -909,7 +966,7 @@ impl State {
                 .collect();
             for slot in expired {
                 let out = Some(&mut *released);
-                self.release((index, slot), ReleaseReason::LeaseExpired, now, out, false);
+                self.release((index, slot), Why::LeaseExpired, now, out, false);
             }
             let pool = &mut self.list[index];
             pool.next_lease = pool.live().map(|(_, h)| h.lease_until).min();
@@ -1048,12 +1105,12 @@ impl State {
         let (lease, applied) = (reports.lease, &mut reports.applied);
         applied.changed = true;
         if terminal {
-            let reason = match status {
-                Some(status) => ReleaseReason::Ended(status.clone()),
-                None => ReleaseReason::Completed,
+            let why = match status {
+                Some(status) => Why::Ended(status),
+                None => Why::Completed,
             };
             let out = (!reports.unread).then_some(&mut applied.released);
-            self.release(place, reason, now, out, taken.is_some());
+            self.release(place, why, now, out, taken.is_some());
             return;
         }
         // Still running: renew the lease, and learn the task id of a create whose outcome was
@@ -2139,6 +2196,119 @@ mod tests {
             let provided = Provided(InProcess::new(config()).unwrap());
             prop_assert_eq!(run_acquires(&fast, &ops), run_acquires(&provided, &ops));
         }
+    }
+
+    /// Logs every increment of the finished-task counter, by its `status` label.
+    #[derive(Clone, Default)]
+    struct StatusLog(Arc<Mutex<Vec<String>>>);
+
+    struct LoggedCounter(String, StatusLog);
+
+    impl metrics::CounterFn for LoggedCounter {
+        fn increment(&self, value: u64) {
+            for _ in 0..value {
+                self.1.0.lock().unwrap().push(self.0.clone());
+            }
+        }
+        fn absolute(&self, _: u64) {}
+    }
+
+    impl metrics::Recorder for StatusLog {
+        fn describe_counter(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_gauge(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_histogram(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn register_counter(
+            &self,
+            key: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Counter {
+            let status = key.labels().find(|l| l.key() == names::LABEL_STATUS);
+            let status = status.map_or("", |l| l.value()).to_owned();
+            metrics::Counter::from_arc(Arc::new(LoggedCounter(status, self.clone())))
+        }
+        fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+            metrics::Gauge::noop()
+        }
+        fn register_histogram(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Histogram {
+            metrics::Histogram::noop()
+        }
+    }
+
+    /// Each way a task ends counts under its own status, the second time too (when its
+    /// metrics are found by number rather than registered).
+    #[test]
+    fn each_ended_task_counts_under_its_status() {
+        let log = StatusLog::default();
+        let _recorder = metrics::set_default_local_recorder(&log);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        let backend = InProcess::new(SlotsConfig::new(9)).unwrap();
+        let end = |id: &str, status: Option<TaskStatus>| {
+            let update = super::super::TaskUpdate {
+                id: id.to_owned(),
+                external_id: None,
+                status,
+            };
+            let lease = Duration::from_secs(600);
+            let op = SlotOp::Update {
+                updates: vec![update],
+                lease,
+            };
+            now(backend.apply_unread(op)).unwrap();
+        };
+        for round in 0..2 {
+            let id = |n: u32| format!("t{round}-{n}");
+            for n in 0..4 {
+                hold(&backend, key(), Some(&id(n)), None);
+            }
+            end(&id(0), Some(TaskStatus::Succeeded));
+            end(&id(1), Some(TaskStatus::Failed));
+            end(&id(2), None);
+            runtime.block_on(tokio::time::advance(Duration::from_secs(601)));
+            now(backend.snapshot()).unwrap();
+        }
+        let counted = std::mem::take(&mut *log.0.lock().unwrap());
+        let once = ["succeeded", "failed", "completed", "expired"];
+        assert_eq!(counted, [once, once].concat());
+    }
+
+    #[test]
+    fn a_borrowed_reason_labels_as_the_reason_it_stands_for() {
+        let other = TaskStatus::Other("paused".to_owned());
+        let statuses = [TaskStatus::Succeeded, TaskStatus::Failed, other];
+        let mut whys: Vec<Why<'_>> = statuses.iter().map(Why::Ended).collect();
+        whys.extend([Why::Completed, Why::LeaseExpired]);
+        for why in &whys {
+            assert_eq!(why.label(), why.reason().as_str());
+        }
+        let known: std::collections::HashSet<_> = whys.iter().filter_map(|w| w.known()).collect();
+        assert_eq!(known.len(), 4, "one slot per usual reason");
     }
 
     /// Logs every gauge set, as (gauge name, value).
