@@ -810,7 +810,8 @@ impl PoolState {
 
     /// Drops the holding in `slot`, which must be there (read in place first: no copy).
     fn clear(&mut self, slot: usize) {
-        self.holdings[slot] = None;
+        // (Not `= None`, which compiles to a copy of a whole `None` holding from the stack.)
+        drop(self.holdings[slot].take());
         self.tasks -= 1;
         self.vacant.push(slot);
     }
