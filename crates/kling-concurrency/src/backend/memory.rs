@@ -2199,69 +2199,11 @@ mod tests {
         }
     }
 
-    /// Logs every increment of the finished-task counter, by its `status` label.
-    #[derive(Clone, Default)]
-    struct StatusLog(Arc<Mutex<Vec<String>>>);
-
-    struct LoggedCounter(String, StatusLog);
-
-    impl metrics::CounterFn for LoggedCounter {
-        fn increment(&self, value: u64) {
-            for _ in 0..value {
-                self.1.0.lock().unwrap().push(self.0.clone());
-            }
-        }
-        fn absolute(&self, _: u64) {}
-    }
-
-    impl metrics::Recorder for StatusLog {
-        fn describe_counter(
-            &self,
-            _: metrics::KeyName,
-            _: Option<metrics::Unit>,
-            _: metrics::SharedString,
-        ) {
-        }
-        fn describe_gauge(
-            &self,
-            _: metrics::KeyName,
-            _: Option<metrics::Unit>,
-            _: metrics::SharedString,
-        ) {
-        }
-        fn describe_histogram(
-            &self,
-            _: metrics::KeyName,
-            _: Option<metrics::Unit>,
-            _: metrics::SharedString,
-        ) {
-        }
-        fn register_counter(
-            &self,
-            key: &metrics::Key,
-            _: &metrics::Metadata<'_>,
-        ) -> metrics::Counter {
-            let status = key.labels().find(|l| l.key() == names::LABEL_STATUS);
-            let status = status.map_or("", |l| l.value()).to_owned();
-            metrics::Counter::from_arc(Arc::new(LoggedCounter(status, self.clone())))
-        }
-        fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-            metrics::Gauge::noop()
-        }
-        fn register_histogram(
-            &self,
-            _: &metrics::Key,
-            _: &metrics::Metadata<'_>,
-        ) -> metrics::Histogram {
-            metrics::Histogram::noop()
-        }
-    }
-
     /// Each way a task ends counts under its own status, the second time too (when its
     /// metrics are found by number rather than registered).
     #[test]
     fn each_ended_task_counts_under_its_status() {
-        let log = StatusLog::default();
+        let log = MetricLog::default();
         let _recorder = metrics::set_default_local_recorder(&log);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -2294,7 +2236,7 @@ mod tests {
             runtime.block_on(tokio::time::advance(Duration::from_secs(601)));
             now(backend.snapshot()).unwrap();
         }
-        let counted = std::mem::take(&mut *log.0.lock().unwrap());
+        let counted = std::mem::take(&mut *log.statuses.lock().unwrap());
         let once = ["succeeded", "failed", "completed", "expired"];
         assert_eq!(counted, [once, once].concat());
     }
@@ -2312,21 +2254,36 @@ mod tests {
         assert_eq!(known.len(), 4, "one slot per usual reason");
     }
 
-    /// Logs every gauge set, as (gauge name, value).
+    /// Logs every increment of a counter by its `status` label (the finished-task counter),
+    /// and every gauge set as (gauge name, value).
     #[derive(Clone, Default)]
-    struct GaugeLog(Arc<Mutex<Vec<(String, f64)>>>);
+    struct MetricLog {
+        statuses: Arc<Mutex<Vec<String>>>,
+        gauges: Arc<Mutex<Vec<(String, f64)>>>,
+    }
 
-    struct LoggedGauge(String, GaugeLog);
+    struct LoggedCounter(String, MetricLog);
+
+    impl metrics::CounterFn for LoggedCounter {
+        fn increment(&self, value: u64) {
+            for _ in 0..value {
+                self.1.statuses.lock().unwrap().push(self.0.clone());
+            }
+        }
+        fn absolute(&self, _: u64) {}
+    }
+
+    struct LoggedGauge(String, MetricLog);
 
     impl metrics::GaugeFn for LoggedGauge {
         fn increment(&self, _: f64) {}
         fn decrement(&self, _: f64) {}
         fn set(&self, value: f64) {
-            self.1.0.lock().unwrap().push((self.0.clone(), value));
+            self.1.gauges.lock().unwrap().push((self.0.clone(), value));
         }
     }
 
-    impl metrics::Recorder for GaugeLog {
+    impl metrics::Recorder for MetricLog {
         fn describe_counter(
             &self,
             _: metrics::KeyName,
@@ -2350,10 +2307,12 @@ mod tests {
         }
         fn register_counter(
             &self,
-            _: &metrics::Key,
+            key: &metrics::Key,
             _: &metrics::Metadata<'_>,
         ) -> metrics::Counter {
-            metrics::Counter::noop()
+            let status = key.labels().find(|l| l.key() == names::LABEL_STATUS);
+            let status = status.map_or("", |l| l.value()).to_owned();
+            metrics::Counter::from_arc(Arc::new(LoggedCounter(status, self.clone())))
         }
         fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
             let name = key.name().to_owned();
@@ -2370,7 +2329,7 @@ mod tests {
 
     #[test]
     fn a_gauge_is_set_when_its_value_changes_and_only_then() {
-        let log = GaugeLog::default();
+        let log = MetricLog::default();
         let _recorder = metrics::set_default_local_recorder(&log);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -2379,7 +2338,7 @@ mod tests {
             .unwrap();
         let _entered = runtime.enter();
         let backend = InProcess::new(SlotsConfig::new(2)).unwrap();
-        let take = || std::mem::take(&mut *log.0.lock().unwrap());
+        let take = || std::mem::take(&mut *log.gauges.lock().unwrap());
         let granted = |r: Result<Result<Reservation, AcquireError>, InProcessAcquire>| match r {
             Ok(Ok(reservation)) => reservation,
             _ => panic!("not granted"),
