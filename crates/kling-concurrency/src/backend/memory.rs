@@ -2054,11 +2054,7 @@ mod tests {
         /// (the outcome read in place) ends and renews them as the provided `SlotOp::Observed`.
         #[test]
         fn a_borrowed_hold_keeps_tasks_as_an_owned_one_does(ops in hold_ops()) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .start_paused(true)
-                .build()
-                .unwrap();
+            let runtime = paused_runtime();
             let _entered = runtime.enter();
             let fast = InProcess::new(SlotsConfig::new(8)).unwrap();
             let provided = Provided(InProcess::new(SlotsConfig::new(8)).unwrap());
@@ -2186,11 +2182,7 @@ mod tests {
         /// refusals (halted, too heavy) and what the pools hold.
         #[test]
         fn acquiring_now_answers_as_the_first_poll_of_an_acquire(ops in acquire_ops()) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .start_paused(true)
-                .build()
-                .unwrap();
+            let runtime = paused_runtime();
             let _entered = runtime.enter();
             let config = || SlotsConfig::new(3);
             let fast = InProcess::new(config()).unwrap();
@@ -2199,46 +2191,62 @@ mod tests {
         }
     }
 
+    /// A current-thread runtime with paused time, for tests that drive a backend directly.
+    fn paused_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    }
+
+    /// Runs `f` with a [`MetricLog`] as this thread's recorder, inside a paused runtime, on a
+    /// backend of `slots` slots.
+    fn with_metric_log(
+        slots: u32,
+        f: impl FnOnce(&MetricLog, &tokio::runtime::Runtime, &InProcess),
+    ) {
+        let log = MetricLog::default();
+        let _recorder = metrics::set_default_local_recorder(&log);
+        let runtime = paused_runtime();
+        let _entered = runtime.enter();
+        let backend = InProcess::new(SlotsConfig::new(slots)).unwrap();
+        f(&log, &runtime, &backend);
+    }
+
     /// Each way a task ends counts under its own status, the second time too (when its
     /// metrics are found by number rather than registered).
     #[test]
     fn each_ended_task_counts_under_its_status() {
-        let log = MetricLog::default();
-        let _recorder = metrics::set_default_local_recorder(&log);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        let _entered = runtime.enter();
-        let backend = InProcess::new(SlotsConfig::new(9)).unwrap();
-        let end = |id: &str, status: Option<TaskStatus>| {
-            let update = super::super::TaskUpdate {
-                id: id.to_owned(),
-                external_id: None,
-                status,
+        with_metric_log(9, |log, runtime, backend| {
+            let end = |id: &str, status: Option<TaskStatus>| {
+                let update = super::super::TaskUpdate {
+                    id: id.to_owned(),
+                    external_id: None,
+                    status,
+                };
+                let lease = Duration::from_secs(600);
+                let op = SlotOp::Update {
+                    updates: vec![update],
+                    lease,
+                };
+                now(backend.apply_unread(op)).unwrap();
             };
-            let lease = Duration::from_secs(600);
-            let op = SlotOp::Update {
-                updates: vec![update],
-                lease,
-            };
-            now(backend.apply_unread(op)).unwrap();
-        };
-        for round in 0..2 {
-            let id = |n: u32| format!("t{round}-{n}");
-            for n in 0..4 {
-                hold(&backend, key(), Some(&id(n)), None);
+            for round in 0..2 {
+                let id = |n: u32| format!("t{round}-{n}");
+                for n in 0..4 {
+                    hold(backend, key(), Some(&id(n)), None);
+                }
+                end(&id(0), Some(TaskStatus::Succeeded));
+                end(&id(1), Some(TaskStatus::Failed));
+                end(&id(2), None);
+                runtime.block_on(tokio::time::advance(Duration::from_secs(601)));
+                now(backend.snapshot()).unwrap();
             }
-            end(&id(0), Some(TaskStatus::Succeeded));
-            end(&id(1), Some(TaskStatus::Failed));
-            end(&id(2), None);
-            runtime.block_on(tokio::time::advance(Duration::from_secs(601)));
-            now(backend.snapshot()).unwrap();
-        }
-        let counted = std::mem::take(&mut *log.statuses.lock().unwrap());
-        let once = ["succeeded", "failed", "completed", "expired"];
-        assert_eq!(counted, [once, once].concat());
+            let counted = std::mem::take(&mut *log.statuses.lock().unwrap());
+            let once = ["succeeded", "failed", "completed", "expired"];
+            assert_eq!(counted, [once, once].concat());
+        });
     }
 
     #[test]
@@ -2329,58 +2337,51 @@ mod tests {
 
     #[test]
     fn a_gauge_is_set_when_its_value_changes_and_only_then() {
-        let log = MetricLog::default();
-        let _recorder = metrics::set_default_local_recorder(&log);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        let _entered = runtime.enter();
-        let backend = InProcess::new(SlotsConfig::new(2)).unwrap();
-        let take = || std::mem::take(&mut *log.gauges.lock().unwrap());
-        let granted = |r: Result<Result<Reservation, AcquireError>, InProcessAcquire>| match r {
-            Ok(Ok(reservation)) => reservation,
-            _ => panic!("not granted"),
-        };
-        let (used, cap, waiting) = (
-            names::SLOTS_IN_USE,
-            names::SLOTS_CAPACITY,
-            names::SLOTS_WAITERS,
-        );
-        let s = |name: &str, v: f64| (name.to_owned(), v);
-        // A new pool shows all three.
-        let first = granted(backend.acquire_now(key(), 1));
-        assert_eq!(
-            take(),
-            [s(used, 0.0), s(cap, 2.0), s(waiting, 0.0), s(used, 1.0)]
-        );
-        let second = granted(backend.acquire_now(key(), 1));
-        assert_eq!(take(), [s(used, 2.0)]);
-        // A create that waits: only the waiters changed.
-        let Err(mut third) = backend.acquire_now(key(), 1) else {
-            panic!("granted");
-        };
-        assert_eq!(take(), [s(waiting, 1.0)]);
-        // Its slot is handed over: in use stays 2.
-        now(backend.apply(SlotOp::GiveBack(first))).unwrap();
-        assert_eq!(take(), [s(waiting, 0.0)]);
-        let third = match Pin::new(&mut third).poll(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(Ok(reservation)) => reservation,
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(take(), []);
-        // `1303`: in use and capacity change.
-        now(backend.apply(SlotOp::Congested(second))).unwrap();
-        assert_eq!(take(), [s(used, 1.0), s(cap, 1.0)]);
-        now(backend.apply(SlotOp::GiveBack(third))).unwrap();
-        assert_eq!(take(), [s(used, 0.0)]);
-        // What the gauges show is what the pool holds.
-        let snap = now(backend.snapshot()).unwrap();
-        assert_eq!(
-            (snap[0].in_use, snap[0].capacity, snap[0].waiters),
-            (0, 1, 0)
-        );
+        with_metric_log(2, |log, _, backend| {
+            let take = || std::mem::take(&mut *log.gauges.lock().unwrap());
+            let granted = |r: Result<Result<Reservation, AcquireError>, InProcessAcquire>| match r {
+                Ok(Ok(reservation)) => reservation,
+                _ => panic!("not granted"),
+            };
+            let (used, cap, waiting) = (
+                names::SLOTS_IN_USE,
+                names::SLOTS_CAPACITY,
+                names::SLOTS_WAITERS,
+            );
+            let s = |name: &str, v: f64| (name.to_owned(), v);
+            // A new pool shows all three.
+            let first = granted(backend.acquire_now(key(), 1));
+            assert_eq!(
+                take(),
+                [s(used, 0.0), s(cap, 2.0), s(waiting, 0.0), s(used, 1.0)]
+            );
+            let second = granted(backend.acquire_now(key(), 1));
+            assert_eq!(take(), [s(used, 2.0)]);
+            // A create that waits: only the waiters changed.
+            let Err(mut third) = backend.acquire_now(key(), 1) else {
+                panic!("granted");
+            };
+            assert_eq!(take(), [s(waiting, 1.0)]);
+            // Its slot is handed over: in use stays 2.
+            now(backend.apply(SlotOp::GiveBack(first))).unwrap();
+            assert_eq!(take(), [s(waiting, 0.0)]);
+            let third = match Pin::new(&mut third).poll(&mut Context::from_waker(Waker::noop())) {
+                Poll::Ready(Ok(reservation)) => reservation,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(take(), []);
+            // `1303`: in use and capacity change.
+            now(backend.apply(SlotOp::Congested(second))).unwrap();
+            assert_eq!(take(), [s(used, 1.0), s(cap, 1.0)]);
+            now(backend.apply(SlotOp::GiveBack(third))).unwrap();
+            assert_eq!(take(), [s(used, 0.0)]);
+            // What the gauges show is what the pool holds.
+            let snap = now(backend.snapshot()).unwrap();
+            assert_eq!(
+                (snap[0].in_use, snap[0].capacity, snap[0].waiters),
+                (0, 1, 0)
+            );
+        });
     }
 
     #[test]
