@@ -18,7 +18,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use crate::backend::{Backend, BucketKey, Decision, Feedback};
+use crate::backend::{Backend, BucketKey, Decision, Feedback, Policy};
 use crate::error::{QueueFull, RateLimited, WaitExceeded, WaitLimit};
 use crate::layer::{Lane, Mode, Shared, shared_of};
 use crate::queue::Place;
@@ -275,20 +275,18 @@ where
     Bk: Backend,
 {
     /// The usual case, asked directly from `call` before anything else is built: nothing
-    /// queues, one gate (the account's), admitted at once and sent at the instant the backend
-    /// decided at. Any other answer goes through the gate ([`ResponseFuture::gated`]), which
+    /// queues, the gate of `key` (a class's, then the account's) admits at once; the request
+    /// is sent at the instant the backend decided at for the account. Any other answer goes through the gate ([`ResponseFuture::gated`]), which
     /// asks again (a refusal took nothing) or polls the pending answer.
     #[inline(always)]
     pub(crate) fn direct(
         shared: &Shared<Bk>,
-        account_key: &BucketKey,
+        key: &BucketKey,
+        policy: &Policy,
     ) -> Direct<Bk::AcquireFuture> {
         let mut cx = Context::from_waker(Waker::noop());
         let mut decided_at = None;
-        let mut acquire =
-            shared
-                .backend
-                .acquire_noting(account_key, &shared.account_policy(), &mut decided_at);
+        let mut acquire = shared.backend.acquire_noting(key, policy, &mut decided_at);
         match Pin::new(&mut acquire).poll(&mut cx) {
             Poll::Ready(Ok(Decision::Admit)) => {
                 Direct::Admitted(decided_at.unwrap_or_else(Instant::now))

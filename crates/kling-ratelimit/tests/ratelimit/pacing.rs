@@ -333,6 +333,51 @@ async fn a_class_quota_applies_on_top_of_the_account_quota() {
     );
 }
 
+/// The class gate and then the account gate, both decided in `call` when nothing queues: a
+/// refusal at either is the request's, and a class refusal takes nothing from the account.
+#[tokio::test(start_paused = true)]
+async fn reject_mode_checks_the_class_then_the_account() {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .reject()
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    let costs = |tag: &str| request_to("/account/costs", Some("a"), tag);
+    service.clone().oneshot(costs("c0")).await.unwrap();
+    tokio::time::advance(ms(200)).await;
+    // The account (one per 100 ms) would admit it; the class (one per second) does not.
+    let err = service.clone().oneshot(costs("c1")).await.unwrap_err();
+    let limited = err.downcast_ref::<RateLimited>().expect("RateLimited");
+    assert_eq!(limited.retry_after(), ms(800));
+    // The refused class request took no account turn.
+    service
+        .clone()
+        .oneshot(request(Some("a"), "create0"))
+        .await
+        .unwrap();
+    tokio::time::advance(ms(800)).await;
+    service.clone().oneshot(costs("c2")).await.unwrap();
+    // The class admits (a tenth of its interval later) but the account is spent.
+    tokio::time::advance(ms(10)).await;
+    let layer = GcraLayer::builder(Quota::per_second(1.0))
+        .class_quota(RequestKind::Account, Quota::per_second(10.0))
+        .reject()
+        .build()
+        .unwrap();
+    let strict = layer.layer(server.service());
+    strict
+        .clone()
+        .oneshot(request(Some("a"), "create1"))
+        .await
+        .unwrap();
+    let err = strict.clone().oneshot(costs("c3")).await.unwrap_err();
+    let limited = err.downcast_ref::<RateLimited>().expect("RateLimited");
+    assert_eq!(limited.retry_after(), ms(1000));
+    assert_eq!(server.tags(), vec!["c0", "create0", "c2", "create1"]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_quota_change_reaches_requests_already_waiting() {
     let server = Server::new();
