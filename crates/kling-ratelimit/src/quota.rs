@@ -202,6 +202,7 @@ impl QuotaCell {
         QuotaCell(AtomicU64::new(quota.pack()))
     }
 
+    #[inline]
     pub(crate) fn get(&self) -> Quota {
         Quota::unpack(self.0.load(Ordering::Acquire))
     }
