@@ -470,12 +470,12 @@ fn feedback_of(
         }
     };
     let throttled = outcome.code() == Code::RateLimited;
-    let resume_at = outcome.resume_at();
-    if throttled || resume_at.is_some() {
+    // `Retry-After` is asked about first: the instant it names is worked out only when there.
+    if throttled || outcome.retry_after().is_some() {
         Some(Feedback::Pause {
             sent_at,
             received_at: outcome.received_at(),
-            resume_at,
+            resume_at: outcome.resume_at(),
             throttled,
         })
     } else if report_success && outcome.is_success() {
