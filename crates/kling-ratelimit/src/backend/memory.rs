@@ -162,6 +162,7 @@ impl Generation {
     /// governor's `check` at `now` (nanoseconds since the base): the limiter's clock reads it
     /// back, so governor decides at the instant the caller read. `None` when the limiter was
     /// retired (nothing taken: ask the key's current one).
+    #[inline]
     fn check(&self, now: u64, base: Instant) -> Option<Decision> {
         DECIDING_AT.with(|at| at.set(now));
         match self.limiter.check() {
@@ -682,6 +683,7 @@ impl Backend for InProcess {
         ready(Ok(self.acquire_now(key, policy)))
     }
 
+    #[inline]
     fn acquire_noting(
         &self,
         key: &BucketKey,
