@@ -12,7 +12,7 @@ use tower_service::Service;
 
 use crate::backend::{Backend, BucketKey, InProcess};
 use crate::future::{Direct, ResponseFuture};
-use crate::layer::{Lanes, Mode};
+use crate::layer::{Lane, Lanes, Mode, Shared, shared_of};
 
 /// Paces requests by GCRA per key, waiting (FIFO) or rejecting. See the [crate docs](crate).
 ///
@@ -74,11 +74,10 @@ impl<S: fmt::Debug, Bk: fmt::Debug> fmt::Debug for Gcra<S, Bk> {
 /// arguments (callgrind on `kling-bench profile GcraLayer 20000`: two ~250-byte copies per
 /// request this way, three with an inlined function, four before).
 macro_rules! respond {
-    ($gcra:expr, $account_key:expr, $class_key:expr, $request:expr) => {{
-        let gcra = $gcra;
+    ($gcra:expr, $lane:expr, $account_key:expr, $class_key:expr, $request:expr) => {{
+        let (gcra, lane) = ($gcra, $lane);
         let (account_key, mut class_key) = ($account_key, $class_key);
-        let shared = &**gcra.lanes.get();
-        let lane = gcra.lanes.lane();
+        let shared = &**shared_of(&lane);
         let mut pending = None;
         if shared.mode == Mode::Reject || shared.queues.is_idle() {
             // A class admitted here has passed its gate: the account's is asked next, directly
@@ -140,9 +139,12 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let shared = &**self.lanes.get();
+        // The thread's lane, taken once: the future holds it, and the shared state is read
+        // through it (each `Lanes::get` is a thread-local lookup).
+        let lane = self.lanes.lane();
+        let shared = &**shared_of(&lane);
         if shared.key_fn.is_some() {
-            return self.call_with_key_fn(request);
+            return self.call_with_key_fn(lane, request);
         }
         let account_key;
         let class_key;
@@ -154,55 +156,55 @@ where
             // the request (the stack's case).
             let (recognized, account) = Recognized::cached_with_account(&request);
             let (account, cached_kind) = (account.cloned(), recognized.map(|r| r.kind));
-            class_key = self.class_key(&account, cached_kind, &mut request);
+            class_key = class_key_of(shared, &account, cached_kind, &mut request);
             account_key = BucketKey::account(account);
         }
-        respond!(self, account_key, class_key, request)
+        respond!(self, lane, account_key, class_key, request)
     }
 }
 
-impl<S, Bk> Gcra<S, Bk> {
-    /// The class key of a request of `account`, when its kind has a class quota.
-    fn class_key<B: PeekBody>(
-        &self,
-        account: &Option<AccountId>,
-        cached_kind: Option<RequestKind>,
-        request: &mut Request<B>,
-    ) -> Option<BucketKey> {
-        let classes = &self.lanes.get().classes;
-        if classes.is_empty() {
-            return None;
-        }
-        let kind = match cached_kind {
-            Some(kind) => kind,
-            None => Recognized::of(request).kind,
-        };
-        classes
-            .iter()
-            .any(|(k, _)| *k == kind)
-            .then(|| BucketKey::class(account.clone(), kind))
+/// The class key of a request of `account`, when its kind has a class quota.
+fn class_key_of<B: PeekBody, Bk>(
+    shared: &Shared<Bk>,
+    account: &Option<AccountId>,
+    cached_kind: Option<RequestKind>,
+    request: &mut Request<B>,
+) -> Option<BucketKey> {
+    let classes = &shared.classes;
+    if classes.is_empty() {
+        return None;
     }
+    let kind = match cached_kind {
+        Some(kind) => kind,
+        None => Recognized::of(request).kind,
+    };
+    classes
+        .iter()
+        .any(|(k, _)| *k == kind)
+        .then(|| BucketKey::class(account.clone(), kind))
+}
 
+impl<S, Bk> Gcra<S, Bk> {
     /// [`Service::call`] with a key function: out of the usual path, so that taking the
     /// request apart and back together costs the usual path no copy of it.
     #[inline(never)]
-    fn call_with_key_fn<B>(&mut self, request: Request<B>) -> ResponseFuture<S, B, Bk>
+    fn call_with_key_fn<B>(
+        &mut self,
+        lane: Arc<Lane<Bk>>,
+        request: Request<B>,
+    ) -> ResponseFuture<S, B, Bk>
     where
         S: Service<Request<B>, Response = Response<Full<Bytes>>> + Clone,
         S::Error: Into<BoxError>,
         B: PeekBody,
         Bk: Backend,
     {
-        let key_fn = self
-            .lanes
-            .get()
-            .key_fn
-            .as_ref()
-            .expect("called with a key fn");
+        let shared = &**shared_of(&lane);
+        let key_fn = shared.key_fn.as_ref().expect("called with a key fn");
         let (parts, body) = request.into_parts();
         let account = key_fn(&parts);
         let mut request = Request::from_parts(parts, body);
-        let class_key = self.class_key(&account, None, &mut request);
-        respond!(self, BucketKey::account(account), class_key, request)
+        let class_key = class_key_of(shared, &account, None, &mut request);
+        respond!(self, lane, BucketKey::account(account), class_key, request)
     }
 }
