@@ -532,13 +532,12 @@ where
                     return Poll::Ready(Err(error));
                 }
                 StateProj::Calling { future } => {
-                    let result = ready!(future.poll(cx));
-                    let mut response = match result {
-                        Ok(response) => response,
-                        Err(error) => {
-                            this.state.set(State::Done);
-                            return Poll::Ready(Err(error.into()));
-                        }
+                    // The response stays in the output it is returned in (no copy of it on the
+                    // way out); the checks below borrow it there.
+                    let mut result: Self::Output = ready!(future.poll(cx)).map_err(Into::into);
+                    let Ok(response) = &mut result else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(result);
                     };
                     if *this.waited_nanos != 0 {
                         let rate_limit = Duration::from_nanos(*this.waited_nanos);
@@ -555,10 +554,10 @@ where
                     let shared = &**shared_of(this.lane);
                     let report_success = shared.report_success.load(Ordering::Relaxed);
                     let sent_at = this.sent_at.expect("set before calling");
-                    match feedback_of(&mut response, sent_at, report_success) {
+                    match feedback_of(response, sent_at, report_success) {
                         None => {
                             this.state.set(State::Done);
-                            return Poll::Ready(Ok(response));
+                            return Poll::Ready(result);
                         }
                         Some(feedback) => {
                             if matches!(feedback, Feedback::Pause { .. }) && !report_success {
@@ -575,10 +574,10 @@ where
                             if let Poll::Ready(reported) = Pin::new(&mut report).poll(cx) {
                                 note_cooldown(reported, this.account);
                                 this.state.set(State::Done);
-                                return Poll::Ready(Ok(response));
+                                return Poll::Ready(result);
                             }
                             this.state.set(State::Reporting {
-                                reporting: Box::new((report, Some(response))),
+                                reporting: Box::new((report, result.ok())),
                             });
                         }
                     }
