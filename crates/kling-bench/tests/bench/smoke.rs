@@ -1,7 +1,19 @@
+use std::sync::{Mutex, MutexGuard};
+
 use kling_bench::{goodput, overhead, report, scale, sockets};
+
+/// The bench counts allocations process-wide, so its sections must not run side by side (as
+/// `cargo test` would run these tests): each test holds this while it runs.
+fn alone() -> MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 #[test]
 fn overhead_measures_every_subject_in_one_run() {
+    let _alone = alone();
     let r = overhead::run(overhead::Options::tiny(), &mut |_| {});
     for name in [
         overhead::BARE,
@@ -26,6 +38,7 @@ fn overhead_measures_every_subject_in_one_run() {
 
 #[test]
 fn goodput_judges_the_stack_by_the_mock() {
+    let _alone = alone();
     let options = goodput::Options::tiny();
     let plain = goodput::run_one(
         kling_mock::Preset::Pro,
@@ -63,6 +76,7 @@ fn goodput_judges_the_stack_by_the_mock() {
 
 #[test]
 fn scale_serves_waiters_in_arrival_order() {
+    let _alone = alone();
     let r = scale::run(scale::Options::tiny(), &mut |_| {});
     assert_eq!(r.waiters.len(), 2);
     for w in &r.waiters {
@@ -75,6 +89,7 @@ fn scale_serves_waiters_in_arrival_order() {
 
 #[test]
 fn sockets_compare_each_client_with_itself_bare() {
+    let _alone = alone();
     let rows = sockets::run(sockets::Options::tiny(), &mut |_| {});
     assert_eq!(rows.len(), 4);
     for row in &rows {
