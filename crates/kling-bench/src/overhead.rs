@@ -26,7 +26,7 @@ use kling_tower::timeout::AttemptTimeoutLayer;
 use kling_tower::{DrainLayer, KlingLayer, StackConfig, Tier};
 use serde::Deserialize;
 use tokio::runtime::Runtime;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use crate::alloc::Counting;
 use crate::cpu;
@@ -364,6 +364,8 @@ where
 pub const BARE: &str = "bare in-memory Kling";
 /// The classify step alone: the envelope read.
 pub const CLASSIFY: &str = "ClassifyLayer (envelope read)";
+/// As many layer boundaries as the Pro stack crosses, each doing nothing: what crossing them costs.
+pub const PASS_THROUGH: &str = "nine pass-through layers (tower MapResponse, identity)";
 /// The whole Pro stack.
 pub const PRO_STACK: &str = "kling-tower Pro stack (KlingLayer)";
 /// tower's stack, unshared.
@@ -482,6 +484,24 @@ fn subjects(fixtures: &Arc<Fixtures>) -> Vec<Box<dyn Subject>> {
         AttemptTimeoutLayer::new(Duration::from_secs(30))
     );
     over_classify!("BaseUrlLayer", BaseUrlLayer::global());
+    // What crossing the stack's boundaries costs by itself: the Pro stack's eight layers and its
+    // outer `Kling` service, each replaced by the thinnest layer that still wraps the response
+    // future.
+    let same: fn(Res) -> Res = |response| response;
+    over_classify!(
+        PASS_THROUGH,
+        ServiceBuilder::new()
+            .map_response(same)
+            .map_response(same)
+            .map_response(same)
+            .map_response(same)
+            .map_response(same)
+            .map_response(same)
+            .map_response(same)
+            .map_response(same)
+            .map_response(same)
+            .into_inner()
+    );
     for (name, baseline, clone_per_request) in [
         (PRO_STACK, BARE, false),
         (PRO_STACK_CLONED, BARE_CLONED, true),

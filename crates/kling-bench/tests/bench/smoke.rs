@@ -18,6 +18,7 @@ fn overhead_measures_every_subject_in_one_run() {
     for name in [
         overhead::BARE,
         overhead::CLASSIFY,
+        overhead::PASS_THROUGH,
         overhead::PRO_STACK,
         overhead::TOWER,
         overhead::TOWER_BUFFERED,
