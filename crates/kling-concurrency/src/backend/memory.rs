@@ -1,16 +1,19 @@
 //! The in-process backend: one mutex-guarded map, a synchronous fast path, FIFO hand-off.
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::{Future, Ready, ready};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use kling_core::error::ApiError;
+use kling_core::lanes::LANES;
 use kling_core::metrics as names;
 use kling_core::{AccountId, Outcome, TaskStatus};
 use tokio::time::{Instant, Sleep};
@@ -28,8 +31,8 @@ use crate::id::SmallId;
 /// Acquiring is synchronous when slots are free and nobody waits (one lock, no allocation once
 /// the pool is known; the pool used last is found without hashing); otherwise the create joins
 /// its pool's FIFO queue and released slots are handed to the queue's head in order. A task's
-/// holding sits in a reused slot of its pool and is found by task id or external id through an
-/// index keyed by the id's hash. The holding keeps its ids inline when they are short (up to 38
+/// holding sits in a reused slot of its pool (one the same thread freed, when there is one: see
+/// `Entry`) and is found by task id or external id through an index keyed by the id's hash. The holding keeps its ids inline when they are short (up to 38
 /// bytes: Kling task ids, generated external ids), copied from the `&str`s
 /// [`hold_unread`](SlotBackend::hold_unread) borrows, so keeping and releasing a task
 /// allocates nothing; only listing a release in [`Applied`] does (the list and the task id as
@@ -180,6 +183,55 @@ impl Holding {
             Which::External => self.external.as_ref().map(SmallId::as_bytes),
         }
     }
+}
+
+/// The end of a free list.
+const NONE: usize = usize::MAX;
+
+/// A pool's slot for one holding, alone on its cache lines (a multiple of two: adjacent-line
+/// prefetching pairs them): with the slot reused by the thread that freed it (see
+/// [`thread_lane`]), two threads' holdings never share a line, and a create finds the slot it
+/// writes in its own core's cache instead of on the other core, where the other thread last
+/// wrote it.
+#[repr(align(128))]
+struct Entry {
+    held: Option<Holding>,
+    /// While vacant: the next slot of the free list it is on ([`NONE`] at the end).
+    next: usize,
+}
+
+impl Entry {
+    fn held(&self) -> Option<&Holding> {
+        self.held.as_ref()
+    }
+}
+
+/// The first slot of one lane's list of vacant slots, chained through [`Entry::next`]; alone
+/// on its cache lines, so that each thread writes only its own.
+#[repr(align(128))]
+#[derive(Clone, Copy)]
+struct FreeList {
+    head: usize,
+}
+
+/// The current thread's lane: which free list of a pool it takes vacant slots from and puts
+/// the slots it frees on. Threads take lanes in turn, once ([`LANES`] of them, more than a
+/// usual runtime's workers; threads beyond share lanes, which is still correct: every list is
+/// only touched under the lock).
+#[inline(always)]
+fn thread_lane() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static LANE: Cell<usize> = const { Cell::new(NONE) };
+    }
+    LANE.with(|lane| match lane.get() {
+        NONE => {
+            let next = NEXT.fetch_add(1, Ordering::Relaxed) % LANES;
+            lane.set(next);
+            next
+        }
+        known => known,
+    })
 }
 
 /// Which of a holding's ids an [`Index`] maps.
@@ -380,7 +432,7 @@ struct Kept<'a>(&'a [PoolState], Which);
 
 impl Keys for Kept<'_> {
     fn key(&self, (index, slot): Place) -> Option<&[u8]> {
-        self.0.get(index)?.holdings.get(slot)?.as_ref()?.key(self.1)
+        self.0.get(index)?.holdings.get(slot)?.held()?.key(self.1)
     }
 }
 
@@ -504,9 +556,9 @@ struct PoolState {
     /// Grants handed to waiters that have not picked them up yet.
     granted: Vec<u64>,
     /// Holdings, by slot (a vacant slot is reused: no hashing, no allocation once grown).
-    holdings: Vec<Option<Holding>>,
-    /// Vacant slots of `holdings`.
-    vacant: Vec<usize>,
+    holdings: Vec<Entry>,
+    /// The vacant slots of `holdings`, one free list per thread lane ([`thread_lane`]).
+    free: [FreeList; LANES],
     /// Live holdings.
     tasks: usize,
     /// No lease ends before this (may be early after renewals; then rescanned).
@@ -659,7 +711,7 @@ impl PoolState {
             queue: VecDeque::new(),
             granted: Vec::new(),
             holdings: Vec::new(),
-            vacant: Vec::new(),
+            free: [FreeList { head: NONE }; LANES],
             tasks: 0,
             next_lease: None,
             gauges: Gauges {
@@ -785,42 +837,69 @@ impl PoolState {
         false
     }
 
-    /// Files a holding in a vacant slot; returns the slot.
+    /// Files a holding in a vacant slot, one this thread's lane freed when there is one;
+    /// returns the slot.
+    #[inline(always)]
     fn put(&mut self, holding: Holding) -> usize {
         self.tasks += 1;
-        match self.vacant.pop() {
-            Some(slot) => {
-                self.holdings[slot] = Some(holding);
-                slot
-            }
-            None => {
-                self.holdings.push(Some(holding));
-                self.holdings.len() - 1
-            }
+        let lane = thread_lane();
+        let mut slot = self.free[lane].head;
+        if slot == NONE {
+            slot = self.adopt_free(lane);
         }
+        if slot == NONE {
+            self.holdings.push(Entry {
+                held: Some(holding),
+                next: NONE,
+            });
+            return self.holdings.len() - 1;
+        }
+        let entry = &mut self.holdings[slot];
+        self.free[lane].head = entry.next;
+        entry.held = Some(holding);
+        slot
+    }
+
+    /// Moves another lane's whole free list to `lane`'s (which is empty), so that vacant
+    /// slots are reused whichever thread freed them (the holdings grow only when every slot is
+    /// held); returns its first slot, or [`NONE`] when every list is empty.
+    #[cold]
+    fn adopt_free(&mut self, lane: usize) -> usize {
+        let Some(other) = self.free.iter().position(|list| list.head != NONE) else {
+            return NONE;
+        };
+        let head = std::mem::replace(&mut self.free[other].head, NONE);
+        self.free[lane].head = head;
+        head
+    }
+
+    /// Puts the vacant `slot` on this thread's lane's free list.
+    #[inline(always)]
+    fn free_slot(&mut self, slot: usize) {
+        self.tasks -= 1;
+        let list = &mut self.free[thread_lane()];
+        self.holdings[slot].next = std::mem::replace(&mut list.head, slot);
     }
 
     /// Takes the holding out of `slot`, if there is one.
     fn take(&mut self, slot: usize) -> Option<Holding> {
-        let holding = self.holdings.get_mut(slot)?.take()?;
-        self.tasks -= 1;
-        self.vacant.push(slot);
+        let holding = self.holdings.get_mut(slot)?.held.take()?;
+        self.free_slot(slot);
         Some(holding)
     }
 
     /// Drops the holding in `slot`, which must be there (read in place first: no copy).
     fn clear(&mut self, slot: usize) {
         // (Not `= None`, which compiles to a copy of a whole `None` holding from the stack.)
-        drop(self.holdings[slot].take());
-        self.tasks -= 1;
-        self.vacant.push(slot);
+        drop(self.holdings[slot].held.take());
+        self.free_slot(slot);
     }
 
     fn live(&self) -> impl Iterator<Item = (usize, &Holding)> {
         self.holdings
             .iter()
             .enumerate()
-            .filter_map(|(slot, h)| h.as_ref().map(|h| (slot, h)))
+            .filter_map(|(slot, entry)| entry.held().map(|h| (slot, h)))
     }
 }
 
@@ -905,7 +984,7 @@ impl State {
         let Some(pool) = list.get_mut(index) else {
             return;
         };
-        let Some(Some(holding)) = pool.holdings.get(slot) else {
+        let Some(holding) = pool.holdings.get(slot).and_then(Entry::held) else {
             return;
         };
         let (weight, since) = (holding.weight, holding.since);
@@ -994,7 +1073,7 @@ impl State {
         // under either is this same task's earlier create, whose outcome was unknown and which
         // was sent again. It gives its slots back now instead of hiding them until its lease.
         let list = &self.list;
-        let holding = list[index].holdings[slot].as_ref().expect("just filed");
+        let holding = list[index].holdings[slot].held().expect("just filed");
         let earlier = [
             holding.id.as_ref().and_then(|id| {
                 self.ids
@@ -1120,7 +1199,7 @@ impl State {
             .list
             .get_mut(place.0)
             .and_then(|pool| pool.holdings.get_mut(place.1))
-            .and_then(Option::as_mut)
+            .and_then(|entry| entry.held.as_mut())
         else {
             return;
         };
@@ -2437,5 +2516,73 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// How many slots the pool's holdings have (held or vacant).
+    fn slots(backend: &InProcess) -> usize {
+        backend.lock().list[0].holdings.len()
+    }
+
+    /// Holdings kept on one thread and ended on another, then both at once: a slot freed on
+    /// one thread is reused on the other (the holdings grow only to the most held at once,
+    /// however the threads share the work), no slot is handed out twice (each task is released
+    /// once, by its own report), and every slot comes back.
+    #[test]
+    fn slots_freed_on_one_thread_are_reused_on_the_other_and_never_twice() {
+        use std::sync::mpsc::sync_channel;
+        const LIVES: usize = 20_000;
+        // Held at once, at most: those in the channel, one kept but not sent, one received
+        // but not ended yet (per direction).
+        const QUEUED: usize = 4;
+        let backend = InProcess::new(SlotsConfig::new(1_000)).unwrap();
+        let release = |id: &str| {
+            let applied = now(backend.apply(ended(id))).unwrap();
+            assert_eq!(applied.released.len(), 1, "{id} released once");
+        };
+        // One thread keeps, the other ends: the ending thread's free list is the only one
+        // that ever has slots.
+        std::thread::scope(|s| {
+            let (sent, received) = sync_channel::<String>(QUEUED);
+            let (release, backend) = (&release, &backend);
+            s.spawn(move || {
+                for life in 0..LIVES {
+                    let id = format!("one-{life}");
+                    hold(backend, key(), Some(&id), None);
+                    sent.send(id).unwrap();
+                }
+            });
+            s.spawn(move || received.iter().for_each(|id| release(&id)));
+        });
+        assert_eq!(pool(&backend, "a"), (0, 0), "every slot came back");
+        assert!(slots(&backend) <= QUEUED + 2, "{} slots", slots(&backend));
+        // Both keep, each ends half of its own tasks and every task the other sends it.
+        std::thread::scope(|s| {
+            let (to_b, from_a) = sync_channel::<String>(QUEUED);
+            let (to_a, from_b) = sync_channel::<String>(QUEUED);
+            for (name, to, from) in [("a", to_b, from_b), ("b", to_a, from_a)] {
+                let release = &release;
+                let backend = &backend;
+                s.spawn(move || {
+                    for life in 0..LIVES {
+                        let id = format!("{name}-{life}");
+                        hold(backend, key(), Some(&id), None);
+                        if life % 2 == 0 {
+                            release(&id);
+                        } else {
+                            to.send(id).unwrap();
+                        }
+                        if life % 2 == 1 {
+                            release(&from.recv().unwrap());
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(pool(&backend, "a"), (0, 0), "every slot came back");
+        assert!(
+            slots(&backend) <= 2 * (QUEUED + 2),
+            "{} slots",
+            slots(&backend)
+        );
     }
 }
