@@ -1,8 +1,9 @@
 //! Two threads taking strict turns at a task's slot life on one `InProcess` backend (grant,
 //! keep under a task id and external id, the query's answer that ends it): every turn finds
 //! the lines the other thread wrote on the other core, which is what a turn at the backend
-//! costs when a runtime's worker threads serve requests at once. One thread alone is the
-//! baseline. `cargo bench -p kling-concurrency --bench turns` prints, in ns per life, the
+//! costs when a runtime's worker threads serve requests at once. The turns are whole lives, or
+//! single steps (grant, hold, report: the threads' calls interleaved as finely as they can be).
+//! One thread alone is the baseline. `cargo bench -p kling-concurrency --bench turns` prints, in ns per life, the
 //! fastest of many batches and the tenth percentile: on a shared machine slower batches
 //! include time a thread waited for a core (the fastest are those where both had their own).
 
@@ -53,19 +54,28 @@ fn tasks(thread: usize) -> Vec<(String, String, Outcome)> {
         .collect()
 }
 
-/// One life: a grant, the holding under both ids, the report that ends it.
-fn life(backend: &InProcess, key: &SlotKey, (id, external, ended): &(String, String, Outcome)) {
+/// One life: a grant, the holding under both ids, the report that ends it; `step` is called
+/// between the three.
+fn life(
+    backend: &InProcess,
+    key: &SlotKey,
+    (id, external, ended): &(String, String, Outcome),
+    mut step: impl FnMut(),
+) {
     let lease = Duration::from_secs(600);
     let Ok(Ok(granted)) = backend.acquire_now(key.clone(), 1) else {
         panic!("a free slot")
     };
+    step();
     let answered = Some(ended.received_at());
     now(backend.hold_unread(granted, Some(id), Some(external), lease, answered)).expect("kept");
+    step();
     now(backend.observe_unread(ended, lease)).expect("ended");
 }
 
-/// Ns per life of each batch, sorted: `threads` (1 or 2) threads taking turns.
-fn run(threads: usize) -> Vec<f64> {
+/// Ns per life of each batch, sorted: `threads` (1 or 2) threads taking turns, a whole life
+/// each turn or (`by_step`) one step of it.
+fn run(threads: usize, by_step: bool) -> Vec<f64> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
@@ -82,12 +92,21 @@ fn run(threads: usize) -> Vec<f64> {
                     let tasks = tasks(thread);
                     let mut batches = Vec::with_capacity(BATCHES);
                     let mut start = Instant::now();
-                    for j in 0..BATCHES * BATCH {
+                    let wait = || {
                         while turn.load(Ordering::Acquire) % threads != thread {
                             std::hint::spin_loop();
                         }
-                        life(backend, key, &tasks[j % IDS]);
-                        turn.fetch_add(1, Ordering::Release);
+                    };
+                    let pass = || turn.fetch_add(1, Ordering::Release);
+                    for j in 0..BATCHES * BATCH {
+                        wait();
+                        life(backend, key, &tasks[j % IDS], || {
+                            if by_step {
+                                pass();
+                                wait();
+                            }
+                        });
+                        pass();
                         if (j + 1) % BATCH == 0 {
                             let lives = (BATCH * threads) as f64;
                             batches.push(start.elapsed().as_nanos() as f64 / lives);
@@ -109,8 +128,13 @@ fn run(threads: usize) -> Vec<f64> {
 
 fn main() -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
-    for (threads, name) in [(1, "one thread"), (2, "two threads taking turns")] {
-        let batches = run(threads);
+    let runs = [
+        (1, false, "one thread"),
+        (2, false, "two threads taking turns, a life each"),
+        (2, true, "two threads taking turns, a step each"),
+    ];
+    for (threads, by_step, name) in runs {
+        let batches = run(threads, by_step);
         let (fastest, p10) = (batches[0], batches[batches.len() / 10]);
         writeln!(
             out,
