@@ -152,7 +152,7 @@ impl MonitorBuilder {
                 pool_warned: Mutex::new(HashMap::new()),
                 hook: self.hook,
                 rejections: Mutex::new(BTreeMap::new()),
-                tasks: std::array::from_fn(|_| TaskShard::default()),
+                tasks: (0..TASK_BUCKETS).map(|_| Bucket::default()).collect(),
                 task_hasher: foldhash::fast::RandomState::default(),
                 free_places: Padded(AtomicUsize::new(self.max_tracked_tasks)),
                 record_task_metrics: self.record_task_metrics,
@@ -185,12 +185,12 @@ struct Inner {
     pool_warned: Mutex<HashMap<(Option<String>, String), bool>>,
     hook: Option<Hook>,
     rejections: Mutex<BTreeMap<i64, u64>>,
-    /// Tracked tasks and task counts, in shards picked by task id: concurrent calls on
-    /// different tasks rarely share a lock or a cache line.
-    tasks: [TaskShard; TASK_SHARDS],
-    /// Hashes task ids for [`TaskTable`] and the shards; foldhash rather than SipHash.
+    /// Tracked tasks and task counts, in buckets picked by task id, each alone on its cache
+    /// lines: a create or an end of a task touches one bucket's lines (see [`Bucket`]).
+    tasks: Box<[Bucket]>,
+    /// Hashes task ids for the buckets and [`TaskTable`]; foldhash rather than SipHash.
     task_hasher: foldhash::fast::RandomState,
-    /// The places of `max_tracked_tasks` no shard holds (on its own cache line). Shards take
+    /// The places of `max_tracked_tasks` no bucket holds (on its own cache line). Buckets take
     /// them [`PLACES_CHUNK`] at a time and give spare ones back in chunks, so tracking a task
     /// and ending it rarely write this line, which every thread shares.
     free_places: Padded<AtomicUsize>,
@@ -198,37 +198,92 @@ struct Inner {
     sources: RwLock<Vec<Arc<dyn SnapshotSource>>>,
 }
 
-/// Shards of the tracked tasks (a power of two).
-const TASK_SHARDS: usize = 16;
+/// Buckets of the tracked tasks (a power of two): many more than tracked tasks usually
+/// (Kling lets an account run tens of tasks at once), so a task is mostly alone in its
+/// bucket and held in the bucket's own slot.
+const TASK_BUCKETS: usize = 1024;
 
 /// A value alone on its cache lines (128 bytes: adjacent-line prefetch pairs them).
 #[repr(align(128))]
 #[derive(Default)]
 struct Padded<T>(T);
 
-/// One shard of the tracked tasks, with the task counts of the calls that locked it (the
-/// snapshot sums them): counting under the lock a call takes anyway costs no shared atomic.
+/// One bucket of the tracked tasks: its lock, its task counts, its places and one tracked task
+/// in 128 bytes (adjacent-line prefetch moves them together). The create and the end of a task
+/// often run on different threads, and with a lock, counts and a hash table on separate lines
+/// each call waited for three or four lines to come from the other core; here it waits for one
+/// pair. The counts of the calls that locked the bucket are kept here (the snapshot sums them):
+/// counting under the lock a call takes anyway costs no shared atomic.
+#[repr(align(128))]
 #[derive(Default)]
-struct TaskShard(Padded<Mutex<ShardState>>);
+struct Bucket(Mutex<BucketState>);
+
+// The lock and the state fill one aligned pair of lines.
+const _: () = assert!(std::mem::size_of::<Bucket>() == 128);
 
 #[derive(Default)]
-struct ShardState {
-    tasks: TaskTable,
-    /// Places taken from `free_places`: at least `tasks.len()`.
+struct BucketState {
+    /// A tracked task kept in the bucket's own lines (the usual case).
+    slot: Option<SlotTask>,
+    /// The bucket's other tracked tasks, read only when `overflowed` says it holds any: a
+    /// second task of the bucket, an id longer than [`SLOT_ID`], a task with a pool label.
+    /// Kept once allocated.
+    overflow: Option<Box<TaskTable>>,
+    /// How many tasks `overflow` holds.
+    overflowed: u32,
+    /// Places taken from `free_places`: at least `len()`.
     places: usize,
     created: u64,
     finished: u64,
     failed: u64,
 }
 
-/// How many places a shard takes from `free_places` at once; it gives spare ones back once it
-/// holds twice as many.
-const PLACES_CHUNK: usize = 64;
+/// The longest task id a bucket's slot holds (Kling's ids are 18 to 36 bytes).
+const SLOT_ID: usize = 48;
 
-impl ShardState {
+/// A tracked task in a bucket's slot: its id inline and its start, no pool label.
+struct SlotTask {
+    since: Instant,
+    len: u8,
+    id: [u8; SLOT_ID],
+}
+
+impl SlotTask {
+    /// The slot form of `tracked`, if it has one (a short id, no pool label).
+    #[inline]
+    fn new(id: &str, tracked: &Tracked) -> Option<SlotTask> {
+        let id = id.as_bytes();
+        if id.len() > SLOT_ID || tracked.pool.is_some() {
+            return None;
+        }
+        let mut bytes = [0; SLOT_ID];
+        bytes[..id.len()].copy_from_slice(id);
+        Some(SlotTask {
+            since: tracked.since,
+            len: id.len() as u8,
+            id: bytes,
+        })
+    }
+
+    fn id(&self) -> &[u8] {
+        &self.id[..usize::from(self.len)]
+    }
+}
+
+/// How many places a bucket takes from `free_places` at once; it gives spare ones back once it
+/// holds twice as many. One: buckets are many and mostly hold one task or none, so a bucket
+/// keeps the place its last task freed and the next task there takes no shared write.
+const PLACES_CHUNK: usize = 1;
+
+impl BucketState {
+    /// How many tasks the bucket tracks.
+    fn len(&self) -> usize {
+        usize::from(self.slot.is_some()) + self.overflowed as usize
+    }
+
     /// Gives back the places past one chunk once twice that many are spare.
     fn trim_places(&mut self, free: &AtomicUsize) {
-        let spare = self.places - self.tasks.len();
+        let spare = self.places - self.len();
         if spare >= 2 * PLACES_CHUNK {
             let back = spare - PLACES_CHUNK;
             self.places -= back;
@@ -242,9 +297,66 @@ impl ShardState {
             self.failed += 1;
         }
     }
+
+    /// Whether `id` (whose hash is `hash`) is tracked.
+    fn contains(&self, hash: u64, id: &[u8]) -> bool {
+        self.slot.as_ref().is_some_and(|slot| slot.id() == id)
+            || (self.overflowed > 0
+                && self
+                    .overflow
+                    .as_ref()
+                    .is_some_and(|table| table.contains(hash, id)))
+    }
+
+    /// Tracks `id` (whose hash is `hash`); returns the entry it replaced, if it was tracked.
+    /// Inlined into the create path (its other caller is the cold exact path).
+    #[inline(always)]
+    fn insert(&mut self, hash: u64, id: &str, tracked: Tracked) -> Option<Tracked> {
+        let old = self.remove(hash, id.as_bytes());
+        match SlotTask::new(id, &tracked) {
+            Some(slot) if self.slot.is_none() => self.slot = Some(slot),
+            _ => self.insert_overflow(hash, id, tracked),
+        }
+        old
+    }
+
+    /// [`BucketState::insert`] of a task the slot cannot hold (`id` is not tracked).
+    #[cold]
+    #[inline(never)]
+    fn insert_overflow(&mut self, hash: u64, id: &str, tracked: Tracked) {
+        let table = self.overflow.get_or_insert_with(Box::default);
+        let replaced = table.insert(hash, id, tracked);
+        debug_assert!(replaced.is_none(), "removed before");
+        self.overflowed += 1;
+    }
+
+    /// Stops tracking `id` (whose hash is `hash`); returns its entry, if it was tracked.
+    #[inline]
+    fn remove(&mut self, hash: u64, id: &[u8]) -> Option<Tracked> {
+        if let Some(slot) = &self.slot
+            && slot.id() == id
+        {
+            let since = slot.since;
+            self.slot = None;
+            return Some(Tracked { since, pool: None });
+        }
+        if self.overflowed == 0 {
+            return None;
+        }
+        self.remove_overflow(hash, id)
+    }
+
+    /// [`BucketState::remove`] from `overflow`.
+    #[cold]
+    #[inline(never)]
+    fn remove_overflow(&mut self, hash: u64, id: &[u8]) -> Option<Tracked> {
+        let removed = self.overflow.as_mut()?.remove(hash, id)?;
+        self.overflowed -= 1;
+        Some(removed)
+    }
 }
 
-/// Tracked tasks by the hash of their id, computed once per call (it also picks the shard):
+/// Tracked tasks by the hash of their id, computed once per call (it also picks the bucket):
 /// the map itself hashes nothing and compares `u64`s. An id whose hash another tracked id has
 /// already waits in `collided` (almost never any), so a map entry is one task: no list to
 /// check or free per entry, and fewer bytes moved and cache lines touched per create and end.
@@ -256,6 +368,7 @@ struct TaskTable {
 }
 
 impl TaskTable {
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.slots.len() + self.collided.len()
     }
@@ -468,7 +581,7 @@ impl Monitor {
         }
     }
 
-    /// The task counts, summed over the shards.
+    /// The task counts, summed over the buckets.
     fn task_counts(&self) -> TaskCounts {
         let mut counts = TaskCounts {
             created: 0,
@@ -476,77 +589,74 @@ impl Monitor {
             failed: 0,
             running: 0,
         };
-        for shard in &self.inner.tasks {
-            let state = lock(&shard.0.0);
+        for bucket in &self.inner.tasks {
+            let state = lock(&bucket.0);
             counts.created += state.created;
             counts.finished += state.finished;
             counts.failed += state.failed;
-            counts.running += state.tasks.len() as u64;
+            counts.running += state.len() as u64;
         }
         counts
     }
 
-    /// The hash of a task id, and its shard, locked.
-    fn shard(&self, id: &[u8]) -> (u64, MutexGuard<'_, ShardState>) {
+    /// The hash of a task id, and its bucket, locked.
+    fn bucket(&self, id: &[u8]) -> (u64, MutexGuard<'_, BucketState>) {
         let hash = self.inner.task_hasher.hash_one(id);
-        (hash, lock(&self.inner.tasks[shard_of(hash)].0.0))
+        (hash, lock(&self.inner.tasks[bucket_of(hash)].0))
     }
 
     /// Stops tracking a task that ended with `status` (terminal) and counts its end; `None`
     /// when it was not tracked (nothing is counted then).
     fn end_tracked(&self, id: &str, status: &TaskStatus) -> Option<Tracked> {
         let id = id.as_bytes();
-        let tracked = {
-            let (hash, mut shard) = self.shard(id);
-            let tracked = shard.tasks.remove(hash, id)?;
-            shard.count_end(status);
-            shard.trim_places(&self.inner.free_places.0);
-            tracked
-        };
+        let (hash, mut bucket) = self.bucket(id);
+        let tracked = bucket.remove(hash, id)?;
+        bucket.count_end(status);
+        bucket.trim_places(&self.inner.free_places.0);
         Some(tracked)
     }
 
-    /// Tracks `id` in its locked shard if one of the `max_tracked_tasks` places is free
-    /// (tracked again, an id keeps its place). The shard uses a place it holds, else takes a
-    /// chunk; when none is free it asks every shard for its spare places (all locked, so the
+    /// Tracks `id` in its locked bucket if one of the `max_tracked_tasks` places is free
+    /// (tracked again, an id keeps its place). The bucket uses a place it holds, else takes a
+    /// chunk; when none is free it asks every bucket for its spare places (all locked, so the
     /// answer is exact: a task is refused only when `max_tracked_tasks` are tracked).
-    fn track(&self, hash: u64, id: &str, entry: Tracked, mut shard: MutexGuard<'_, ShardState>) {
+    fn track(&self, hash: u64, id: &str, entry: Tracked, mut bucket: MutexGuard<'_, BucketState>) {
         let free = &self.inner.free_places.0;
-        if shard.tasks.len() == shard.places {
+        if bucket.len() == bucket.places {
             let taken = free.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 (n > 0).then(|| n - n.min(PLACES_CHUNK))
             });
             match taken {
-                Ok(n) => shard.places += n.min(PLACES_CHUNK),
+                Ok(n) => bucket.places += n.min(PLACES_CHUNK),
                 Err(_) => {
-                    drop(shard);
+                    drop(bucket);
                     return self.track_exactly(hash, id, entry);
                 }
             }
         }
-        shard.tasks.insert(hash, id, entry);
+        bucket.insert(hash, id, entry);
     }
 
-    /// [`Monitor::track`] when no place was free: collects the spare places of every shard.
+    /// [`Monitor::track`] when no place was free: collects the spare places of every bucket.
     #[cold]
     fn track_exactly(&self, hash: u64, id: &str, entry: Tracked) {
         let free = &self.inner.free_places.0;
         // In index order, and no other lock held: no deadlock with another call doing this.
-        let mut shards: Vec<_> = self.inner.tasks.iter().map(|s| lock(&s.0.0)).collect();
-        for state in &mut shards {
-            let spare = state.places - state.tasks.len();
+        let mut buckets: Vec<_> = self.inner.tasks.iter().map(|b| lock(&b.0)).collect();
+        for state in &mut buckets {
+            let spare = state.places - state.len();
             state.places -= spare;
             free.fetch_add(spare, Ordering::Relaxed);
         }
-        let shard = &mut shards[shard_of(hash)];
+        let bucket = &mut buckets[bucket_of(hash)];
         // As when places were counted one by one: a task tracked already is tracked again
         // (keeping its place) only while a place is free.
         if free.load(Ordering::Relaxed) > 0 {
-            if !shard.tasks.contains(hash, id.as_bytes()) {
+            if !bucket.contains(hash, id.as_bytes()) {
                 free.fetch_sub(1, Ordering::Relaxed);
-                shard.places += 1;
+                bucket.places += 1;
             }
-            shard.tasks.insert(hash, id, entry);
+            bucket.insert(hash, id, entry);
         }
     }
 
@@ -608,14 +718,14 @@ impl Monitor {
                     pool: pool.clone(),
                 };
                 let id = task.id.as_bytes();
-                let (hash, mut shard) = self.shard(id);
-                shard.created += 1;
+                let (hash, mut bucket) = self.bucket(id);
+                bucket.created += 1;
                 if task.status.is_terminal() {
-                    shard.count_end(&task.status);
-                    drop(shard);
+                    bucket.count_end(&task.status);
+                    drop(bucket);
                     self.record_end(entry, &task.status, now);
                 } else {
-                    self.track(hash, &task.id, entry, shard);
+                    self.track(hash, &task.id, entry, bucket);
                 }
             }
             return;
@@ -738,10 +848,10 @@ impl Monitor {
     }
 }
 
-/// The shard of a task id's hash: bits neither the map's bucket index (low) nor its tag
-/// (high) uses.
-fn shard_of(hash: u64) -> usize {
-    (hash >> 32) as usize % TASK_SHARDS
+/// The bucket of a task id's hash: bits neither the overflow map's bucket index (low) nor its
+/// tag (high) uses.
+fn bucket_of(hash: u64) -> usize {
+    (hash >> 32) as usize % TASK_BUCKETS
 }
 
 /// The fewest requests whose usage of `quota` (as [`Monitor::check_rate`] works it out)
@@ -1064,6 +1174,82 @@ mod tests {
         }
     }
 
+    /// A bucket (its slot, then its overflow table) agrees with a plain map of ids: short and
+    /// long ids, with and without a pool label, with real hashes and with hashes that collide,
+    /// over a long run of random inserts and removes; the slot is used whenever it can be.
+    #[test]
+    fn a_bucket_agrees_with_a_map_of_ids_slot_or_overflow() {
+        let hasher = foldhash::fast::RandomState::default();
+        let long = "L".repeat(SLOT_ID);
+        for (colliding, with_pools) in [(false, false), (true, false), (false, true), (true, true)]
+        {
+            let mut bucket = BucketState::default();
+            let mut model: HashMap<String, Option<&'static str>> = HashMap::new();
+            let mut state = 0x2545_f491_4f6c_dd1d_u64;
+            let pools = ["a", "b", "c"];
+            let (mut in_slot, mut in_overflow) = (0, 0);
+            for step in 0..20_000 {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let n = (state >> 33) % 12;
+                // Ids of the slot's longest length and one longer, and Kling-like ones.
+                let id = match n % 4 {
+                    0 => format!("{long}{n}"),
+                    1 => format!("{}{n}", &long[..SLOT_ID - 1]),
+                    _ => format!("86000000000000{n:04}"),
+                };
+                let hash = if colliding {
+                    n % 2
+                } else {
+                    hasher.hash_one(id.as_bytes())
+                };
+                let pool = (with_pools && (state >> 40) & 1 == 0)
+                    .then(|| pools[(state >> 20) as usize % 3]);
+                if (state >> 50) & 1 == 0 {
+                    let entry = Tracked {
+                        since: Instant::now(),
+                        pool: pool.map(SharedString::const_str),
+                    };
+                    let old = bucket.insert(hash, &id, entry);
+                    let expected = model.insert(id.clone(), pool);
+                    assert_eq!(old.is_some(), expected.is_some(), "{step}");
+                    assert_eq!(
+                        old.and_then(|t| t.pool),
+                        expected.flatten().map(SharedString::const_str)
+                    );
+                } else {
+                    let removed = bucket.remove(hash, id.as_bytes());
+                    let expected = model.remove(&id);
+                    assert_eq!(removed.is_some(), expected.is_some(), "{step}");
+                    assert_eq!(
+                        removed.and_then(|t| t.pool),
+                        expected.flatten().map(SharedString::const_str)
+                    );
+                }
+                for known in model.keys() {
+                    let hash = if colliding {
+                        (known.as_bytes()[known.len() - 1] - b'0') as u64 % 2
+                    } else {
+                        hasher.hash_one(known.as_bytes())
+                    };
+                    assert!(bucket.contains(hash, known.as_bytes()), "{step} {known}");
+                }
+                assert_eq!(bucket.len(), model.len());
+                let overflowed = bucket.overflow.as_ref().map_or(0, |table| table.len());
+                assert_eq!(overflowed, bucket.overflowed as usize);
+                // The slot holds only a task that fits it.
+                if let Some(slot) = &bucket.slot {
+                    let id = std::str::from_utf8(slot.id()).unwrap();
+                    assert!(id.len() <= SLOT_ID && model[id].is_none(), "{step} {id}");
+                }
+                in_slot += usize::from(bucket.slot.is_some());
+                in_overflow += usize::from(bucket.overflowed > 0);
+            }
+            assert!(in_slot > 1_000 && in_overflow > 1_000, "both used");
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn tasks_are_tracked_until_they_end_whatever_the_length_of_their_id() {
         let monitor = Monitor::default();
@@ -1172,6 +1358,67 @@ mod tests {
             (2000, 2000, 400, 0)
         );
         assert_places(&monitor, DEFAULT_MAX_TRACKED_TASKS, 0);
+    }
+
+    /// One thread creates tasks while two others end each one as soon as it is created,
+    /// racing for it, through buckets holding several tasks (slot and overflow, short and long
+    /// ids): each task's end is counted once, and the counts and places add up.
+    #[test]
+    fn tasks_ended_by_racing_threads_are_counted_once() {
+        // Rounds, so a lost race shows (a check and a removal under two locks failed 2 runs
+        // in 3 with one round).
+        for _ in 0..8 {
+            tasks_ended_by_racing_threads_are_counted_once_in(&Monitor::default());
+        }
+    }
+
+    fn tasks_ended_by_racing_threads_are_counted_once_in(monitor: &Monitor) {
+        const IDS: usize = 6_000;
+        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let ids: Vec<String> = (0..IDS)
+            .map(|n| match n % 7 {
+                0 => format!("{}-{n}", "x".repeat(SLOT_ID)),
+                _ => format!("8600000000{n:08}"),
+            })
+            .collect();
+        let ended: Vec<AtomicUsize> = (0..IDS).map(|_| AtomicUsize::new(0)).collect();
+        let created = AtomicUsize::new(0);
+        let status = |n: usize| {
+            if n.is_multiple_of(5) {
+                TaskStatus::Failed
+            } else {
+                TaskStatus::Succeeded
+            }
+        };
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for (n, id) in ids.iter().enumerate() {
+                    monitor.observe_tasks(true, &video, &outcome(id, "submitted"), Instant::now());
+                    created.store(n + 1, Ordering::Release);
+                }
+            });
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    for (n, id) in ids.iter().enumerate() {
+                        while created.load(Ordering::Acquire) <= n {
+                            std::thread::yield_now();
+                        }
+                        if monitor.task_finished(id, &status(n)) {
+                            ended[n].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        for (n, count) in ended.iter().enumerate() {
+            assert_eq!(count.load(Ordering::Relaxed), 1, "{}", ids[n]);
+        }
+        let tasks = monitor.snapshot().tasks;
+        assert_eq!(
+            (tasks.created, tasks.finished, tasks.failed, tasks.running),
+            (IDS as u64, IDS as u64, IDS as u64 / 5, 0)
+        );
+        assert_places(monitor, DEFAULT_MAX_TRACKED_TASKS, 0);
     }
 
     /// The fewest requests that fire a warning, as `check_rate` works usage out.
@@ -1294,11 +1541,11 @@ mod tests {
     fn assert_places(monitor: &Monitor, max: usize, running: usize) {
         let inner = &*monitor.inner;
         let (mut held, mut tracked) = (0, 0);
-        for shard in &inner.tasks {
-            let state = lock(&shard.0.0);
-            assert!(state.places >= state.tasks.len());
+        for bucket in &inner.tasks {
+            let state = lock(&bucket.0);
+            assert!(state.places >= state.len());
             held += state.places;
-            tracked += state.tasks.len();
+            tracked += state.len();
         }
         assert_eq!(tracked, running);
         assert_eq!(inner.free_places.0.load(Ordering::Relaxed) + held, max);
