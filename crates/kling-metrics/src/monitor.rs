@@ -249,22 +249,6 @@ struct SlotTask {
 }
 
 impl SlotTask {
-    /// The slot form of `tracked`, if it has one (a short id, no pool label).
-    #[inline]
-    fn new(id: &str, tracked: &Tracked) -> Option<SlotTask> {
-        let id = id.as_bytes();
-        if id.len() > SLOT_ID || tracked.pool.is_some() {
-            return None;
-        }
-        let mut bytes = [0; SLOT_ID];
-        bytes[..id.len()].copy_from_slice(id);
-        Some(SlotTask {
-            since: tracked.since,
-            len: id.len() as u8,
-            id: bytes,
-        })
-    }
-
     fn id(&self) -> &[u8] {
         &self.id[..usize::from(self.len)]
     }
@@ -313,9 +297,17 @@ impl BucketState {
     #[inline(always)]
     fn insert(&mut self, hash: u64, id: &str, tracked: Tracked) -> Option<Tracked> {
         let old = self.remove(hash, id.as_bytes());
-        match SlotTask::new(id, &tracked) {
-            Some(slot) if self.slot.is_none() => self.slot = Some(slot),
-            _ => self.insert_overflow(hash, id, tracked),
+        let bytes = id.as_bytes();
+        if self.slot.is_none() && bytes.len() <= SLOT_ID && tracked.pool.is_none() {
+            // Written in place: a task built aside and moved in is a copy through the stack.
+            let slot = self.slot.insert(SlotTask {
+                since: tracked.since,
+                len: bytes.len() as u8,
+                id: [0; SLOT_ID],
+            });
+            slot.id[..bytes.len()].copy_from_slice(bytes);
+        } else {
+            self.insert_overflow(hash, id, tracked);
         }
         old
     }
@@ -572,13 +564,7 @@ impl Monitor {
         if !status.is_terminal() {
             return false;
         }
-        match self.end_tracked(task_id, status) {
-            Some(tracked) => {
-                self.record_end(tracked, status, Instant::now());
-                true
-            }
-            None => false,
-        }
+        self.end_tracked(task_id, status, Instant::now)
     }
 
     /// The task counts, summed over the buckets.
@@ -605,15 +591,21 @@ impl Monitor {
         (hash, lock(&self.inner.tasks[bucket_of(hash)].0))
     }
 
-    /// Stops tracking a task that ended with `status` (terminal) and counts its end; `None`
-    /// when it was not tracked (nothing is counted then).
-    fn end_tracked(&self, id: &str, status: &TaskStatus) -> Option<Tracked> {
+    /// Stops tracking a task that ended with `status` (terminal) at `now`, counts its end and
+    /// records it; returns whether it was tracked (nothing is counted when not). Its entry is
+    /// used here, not returned: moving it out went through the stack, in pieces that the
+    /// reads after it waited for.
+    fn end_tracked(&self, id: &str, status: &TaskStatus, now: impl FnOnce() -> Instant) -> bool {
         let id = id.as_bytes();
         let (hash, mut bucket) = self.bucket(id);
-        let tracked = bucket.remove(hash, id)?;
+        let Some(tracked) = bucket.remove(hash, id) else {
+            return false;
+        };
         bucket.count_end(status);
         bucket.trim_places(&self.inner.free_places.0);
-        Some(tracked)
+        drop(bucket);
+        self.record_end(tracked, status, now());
+        true
     }
 
     /// Tracks `id` in its locked bucket if one of the `max_tracked_tasks` places is free
@@ -731,9 +723,7 @@ impl Monitor {
             return;
         }
         for task in tasks.iter().filter(|t| t.status.is_terminal()) {
-            if let Some(entry) = self.end_tracked(&task.id, &task.status) {
-                self.record_end(entry, &task.status, now);
-            }
+            self.end_tracked(&task.id, &task.status, || now);
         }
     }
 
