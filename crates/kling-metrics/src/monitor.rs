@@ -727,7 +727,7 @@ impl Monitor {
         }
     }
 
-    /// Records the metrics of a task's end, once its shard counted it; inlined, so a monitor
+    /// Records the metrics of a task's end, once its bucket counted it; inlined, so a monitor
     /// that does not record them costs a test of its flag.
     #[inline]
     fn record_end(&self, tracked: Tracked, status: &TaskStatus, now: Instant) {
