@@ -209,11 +209,12 @@ const TASK_BUCKETS: usize = 1024;
 struct Padded<T>(T);
 
 /// One bucket of the tracked tasks: its lock, its task counts, its places and one tracked task
-/// in 128 bytes (adjacent-line prefetch moves them together). The create and the end of a task
-/// often run on different threads, and with a lock, counts and a hash table on separate lines
-/// each call waited for three or four lines to come from the other core; here it waits for one
-/// pair. The counts of the calls that locked the bucket are kept here (the snapshot sums them):
-/// counting under the lock a call takes anyway costs no shared atomic.
+/// in 128 bytes, what a create or an end of a short id touches in the first 64. The create and
+/// the end of a task often run on different threads, and with a lock, counts and a hash table
+/// on separate lines each call waited for three or four lines to come from the other core;
+/// here it waits for one (a store to a second line would be waited for at the unlock). The
+/// counts of the calls that locked the bucket are kept here (the snapshot sums them): counting
+/// under the lock a call takes anyway costs no shared atomic.
 #[repr(align(128))]
 #[derive(Default)]
 struct Bucket(Mutex<BucketState>);
@@ -221,48 +222,77 @@ struct Bucket(Mutex<BucketState>);
 // The lock and the state fill one aligned pair of lines.
 const _: () = assert!(std::mem::size_of::<Bucket>() == 128);
 
-#[derive(Default)]
+/// In declaration order (`repr(C)`): after the lock, what every create and end of a task in
+/// the slot touches, then the slot's id, then the rest. Ends are not counted: a bucket's
+/// finished tasks are its creates that are neither tracked nor `absorbed`, so an end writes
+/// only the first line (the counts read by the snapshot stay exact, all under the lock).
+#[repr(C)]
 struct BucketState {
-    /// A tracked task kept in the bucket's own lines (the usual case).
-    slot: Option<SlotTask>,
+    created: u64,
+    /// Places taken from `free_places`: at least `len()`.
+    places: u32,
+    /// How many tasks `overflow` holds.
+    overflowed: u32,
+    /// The slot's task's start; `None` when the slot is free.
+    slot_since: Option<Instant>,
+    /// The length of the slot's task id.
+    slot_len: u8,
+    /// The slot's task id (its first [`SLOT_ID_FIRST_LINE`] bytes on the first line).
+    slot_id: [u8; SLOT_ID],
+    /// Creates that neither started a tracked task nor ended one: of a task tracked already
+    /// (it keeps its entry), or refused for want of a place.
+    absorbed: u64,
+    failed: u64,
     /// The bucket's other tracked tasks, read only when `overflowed` says it holds any: a
     /// second task of the bucket, an id longer than [`SLOT_ID`], a task with a pool label.
     /// Kept once allocated.
     overflow: Option<Box<TaskTable>>,
-    /// How many tasks `overflow` holds.
-    overflowed: u32,
-    /// Places taken from `free_places`: at least `len()`.
-    places: usize,
-    created: u64,
-    finished: u64,
-    failed: u64,
+}
+
+impl Default for BucketState {
+    fn default() -> Self {
+        BucketState {
+            created: 0,
+            places: 0,
+            overflowed: 0,
+            slot_since: None,
+            slot_len: 0,
+            slot_id: [0; SLOT_ID],
+            absorbed: 0,
+            failed: 0,
+            overflow: None,
+        }
+    }
 }
 
 /// The longest task id a bucket's slot holds (Kling's ids are 18 to 36 bytes).
-const SLOT_ID: usize = 48;
+const SLOT_ID: usize = 63;
 
-/// A tracked task in a bucket's slot: its id inline and its start, no pool label.
-struct SlotTask {
-    since: Instant,
-    len: u8,
-    id: [u8; SLOT_ID],
-}
-
-impl SlotTask {
-    fn id(&self) -> &[u8] {
-        &self.id[..usize::from(self.len)]
-    }
-}
+/// How many bytes of the slot's id share the first cache line with the lock (the mutex's own
+/// 8 bytes, then 33 of the state): Kling's numeric ids (18 or 19 digits) fit.
+#[cfg(test)]
+const SLOT_ID_FIRST_LINE: usize = 64 - 8 - 33;
 
 /// How many places a bucket takes from `free_places` at once; it gives spare ones back once it
 /// holds twice as many. One: buckets are many and mostly hold one task or none, so a bucket
 /// keeps the place its last task freed and the next task there takes no shared write.
-const PLACES_CHUNK: usize = 1;
+const PLACES_CHUNK: u32 = 1;
 
 impl BucketState {
     /// How many tasks the bucket tracks.
-    fn len(&self) -> usize {
-        usize::from(self.slot.is_some()) + self.overflowed as usize
+    fn len(&self) -> u32 {
+        u32::from(self.slot_since.is_some()) + self.overflowed
+    }
+
+    /// The bucket's finished tasks: its creates that neither are tracked nor were absorbed.
+    fn finished(&self) -> u64 {
+        self.created - u64::from(self.len()) - self.absorbed
+    }
+
+    /// The slot's task id, if it holds one.
+    fn slot_id(&self) -> Option<&[u8]> {
+        self.slot_since?;
+        Some(&self.slot_id[..usize::from(self.slot_len)])
     }
 
     /// Gives back the places past one chunk once twice that many are spare.
@@ -271,12 +301,13 @@ impl BucketState {
         if spare >= 2 * PLACES_CHUNK {
             let back = spare - PLACES_CHUNK;
             self.places -= back;
-            free.fetch_add(back, Ordering::Relaxed);
+            free.fetch_add(back as usize, Ordering::Relaxed);
         }
     }
 
+    /// Counts an end with `status` (the end itself is counted by the task's leaving, see
+    /// [`BucketState::finished`]).
     fn count_end(&mut self, status: &TaskStatus) {
-        self.finished += 1;
         if *status == TaskStatus::Failed {
             self.failed += 1;
         }
@@ -284,7 +315,7 @@ impl BucketState {
 
     /// Whether `id` (whose hash is `hash`) is tracked.
     fn contains(&self, hash: u64, id: &[u8]) -> bool {
-        self.slot.as_ref().is_some_and(|slot| slot.id() == id)
+        self.slot_id() == Some(id)
             || (self.overflowed > 0
                 && self
                     .overflow
@@ -292,24 +323,22 @@ impl BucketState {
                     .is_some_and(|table| table.contains(hash, id)))
     }
 
-    /// Tracks `id` (whose hash is `hash`); returns the entry it replaced, if it was tracked.
-    /// Inlined into the create path (its other caller is the cold exact path).
+    /// Tracks `id` (whose hash is `hash`); a create of a task tracked already is counted
+    /// absorbed (it keeps its entry, with the new start). Inlined into the create path (its
+    /// other caller is the cold exact path).
     #[inline(always)]
-    fn insert(&mut self, hash: u64, id: &str, tracked: Tracked) -> Option<Tracked> {
-        let old = self.remove(hash, id.as_bytes());
+    fn insert(&mut self, hash: u64, id: &str, tracked: Tracked) {
+        if self.remove(hash, id.as_bytes()).is_some() {
+            self.absorbed += 1;
+        }
         let bytes = id.as_bytes();
-        if self.slot.is_none() && bytes.len() <= SLOT_ID && tracked.pool.is_none() {
-            // Written in place: a task built aside and moved in is a copy through the stack.
-            let slot = self.slot.insert(SlotTask {
-                since: tracked.since,
-                len: bytes.len() as u8,
-                id: [0; SLOT_ID],
-            });
-            slot.id[..bytes.len()].copy_from_slice(bytes);
+        if self.slot_since.is_none() && bytes.len() <= SLOT_ID && tracked.pool.is_none() {
+            self.slot_since = Some(tracked.since);
+            self.slot_len = bytes.len() as u8;
+            self.slot_id[..bytes.len()].copy_from_slice(bytes);
         } else {
             self.insert_overflow(hash, id, tracked);
         }
-        old
     }
 
     /// [`BucketState::insert`] of a task the slot cannot hold (`id` is not tracked).
@@ -322,20 +351,16 @@ impl BucketState {
         self.overflowed += 1;
     }
 
-    /// Stops tracking `id` (whose hash is `hash`); returns its entry, if it was tracked.
+    /// Stops tracking `id` (whose hash is `hash`); returns what was tracked, if it was.
     #[inline]
-    fn remove(&mut self, hash: u64, id: &[u8]) -> Option<Tracked> {
-        if let Some(slot) = &self.slot
-            && slot.id() == id
-        {
-            let since = slot.since;
-            self.slot = None;
-            return Some(Tracked { since, pool: None });
+    fn remove(&mut self, hash: u64, id: &[u8]) -> Option<Ended> {
+        if self.slot_id() == Some(id) {
+            return self.slot_since.take().map(Ended::Slot);
         }
         if self.overflowed == 0 {
             return None;
         }
-        self.remove_overflow(hash, id)
+        self.remove_overflow(hash, id).map(Ended::Entry)
     }
 
     /// [`BucketState::remove`] from `overflow`.
@@ -493,6 +518,23 @@ impl TaskKey {
     }
 }
 
+/// A task no longer tracked: a slot's start (made a [`Tracked`] only when its end is
+/// recorded), or its entry.
+enum Ended {
+    Slot(Instant),
+    Entry(Tracked),
+}
+
+impl Ended {
+    /// What was tracked.
+    fn into_tracked(self) -> Tracked {
+        match self {
+            Ended::Slot(since) => Tracked { since, pool: None },
+            Ended::Entry(tracked) => tracked,
+        }
+    }
+}
+
 /// A created task whose end is awaited.
 struct Tracked {
     since: Instant,
@@ -578,9 +620,9 @@ impl Monitor {
         for bucket in &self.inner.tasks {
             let state = lock(&bucket.0);
             counts.created += state.created;
-            counts.finished += state.finished;
+            counts.finished += state.finished();
             counts.failed += state.failed;
-            counts.running += state.len() as u64;
+            counts.running += u64::from(state.len());
         }
         counts
     }
@@ -615,12 +657,17 @@ impl Monitor {
     fn track(&self, hash: u64, id: &str, entry: Tracked, mut bucket: MutexGuard<'_, BucketState>) {
         let free = &self.inner.free_places.0;
         if bucket.len() == bucket.places {
+            let chunk = PLACES_CHUNK as usize;
             let taken = free.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n > 0).then(|| n - n.min(PLACES_CHUNK))
+                (n > 0).then(|| n - n.min(chunk))
             });
             match taken {
-                Ok(n) => bucket.places += n.min(PLACES_CHUNK),
+                // At most a chunk.
+                Ok(n) => bucket.places += n.min(chunk) as u32,
                 Err(_) => {
+                    // Counted again under every lock: counted here, it would read as
+                    // finished until then.
+                    bucket.created -= 1;
                     drop(bucket);
                     return self.track_exactly(hash, id, entry);
                 }
@@ -638,9 +685,10 @@ impl Monitor {
         for state in &mut buckets {
             let spare = state.places - state.len();
             state.places -= spare;
-            free.fetch_add(spare, Ordering::Relaxed);
+            free.fetch_add(spare as usize, Ordering::Relaxed);
         }
         let bucket = &mut buckets[bucket_of(hash)];
+        bucket.created += 1;
         // As when places were counted one by one: a task tracked already is tracked again
         // (keeping its place) only while a place is free.
         if free.load(Ordering::Relaxed) > 0 {
@@ -649,6 +697,8 @@ impl Monitor {
                 bucket.places += 1;
             }
             bucket.insert(hash, id, entry);
+        } else {
+            bucket.absorbed += 1;
         }
     }
 
@@ -715,7 +765,7 @@ impl Monitor {
                 if task.status.is_terminal() {
                     bucket.count_end(&task.status);
                     drop(bucket);
-                    self.record_end(entry, &task.status, now);
+                    self.record_end(Ended::Entry(entry), &task.status, now);
                 } else {
                     self.track(hash, &task.id, entry, bucket);
                 }
@@ -730,8 +780,9 @@ impl Monitor {
     /// Records the metrics of a task's end, once its bucket counted it; inlined, so a monitor
     /// that does not record them costs a test of its flag.
     #[inline]
-    fn record_end(&self, tracked: Tracked, status: &TaskStatus, now: Instant) {
+    fn record_end(&self, ended: Ended, status: &TaskStatus, now: Instant) {
         if self.inner.record_task_metrics {
+            let tracked = ended.into_tracked();
             Monitor::record_task_end(tracked, status, now);
         }
     }
@@ -1104,6 +1155,27 @@ mod tests {
         .unwrap()
     }
 
+    /// What a create or an end of a task with an id of up to [`SLOT_ID_FIRST_LINE`] bytes
+    /// touches is on the bucket's first cache line (which the mutex's layout could change).
+    #[test]
+    fn a_slot_task_of_a_short_id_is_on_the_locks_line() {
+        let bucket = Bucket::default();
+        let start = std::ptr::from_ref(&bucket) as usize;
+        let state = lock(&bucket.0);
+        let at = |field: usize| field - start;
+        let first_line = [
+            at(std::ptr::from_ref(&*state) as usize),
+            at(std::ptr::from_ref(&state.created) as usize),
+            at(std::ptr::from_ref(&state.places) as usize),
+            at(std::ptr::from_ref(&state.overflowed) as usize),
+            at(std::ptr::from_ref(&state.slot_since) as usize),
+            at(std::ptr::from_ref(&state.slot_len) as usize),
+        ];
+        assert!(first_line.iter().all(|&at| at < 64), "{first_line:?}");
+        let id = at(std::ptr::from_ref(&state.slot_id) as usize);
+        assert_eq!(64 - id, SLOT_ID_FIRST_LINE);
+    }
+
     #[test]
     fn task_keys_are_their_bytes_inline_or_not() {
         let long = "y".repeat(INLINE_ID + 1);
@@ -1171,10 +1243,11 @@ mod tests {
     fn a_bucket_agrees_with_a_map_of_ids_slot_or_overflow() {
         let hasher = foldhash::fast::RandomState::default();
         let long = "L".repeat(SLOT_ID);
+        let origin = Instant::now();
         for (colliding, with_pools) in [(false, false), (true, false), (false, true), (true, true)]
         {
             let mut bucket = BucketState::default();
-            let mut model: HashMap<String, Option<&'static str>> = HashMap::new();
+            let mut model: HashMap<String, (Option<&'static str>, Instant)> = HashMap::new();
             let mut state = 0x2545_f491_4f6c_dd1d_u64;
             let pools = ["a", "b", "c"];
             let (mut in_slot, mut in_overflow) = (0, 0);
@@ -1196,26 +1269,32 @@ mod tests {
                 };
                 let pool = (with_pools && (state >> 40) & 1 == 0)
                     .then(|| pools[(state >> 20) as usize % 3]);
+                let since =
+                    origin + Duration::new(state >> 30, (state >> 8) as u32 % 1_000_000_000);
+                let found = |entry: Option<Ended>| {
+                    entry.map(Ended::into_tracked).map(|t| (t.pool, t.since))
+                };
+                let expected = |entry: Option<(Option<&'static str>, Instant)>| {
+                    entry.map(|(pool, since)| (pool.map(SharedString::const_str), since))
+                };
                 if (state >> 50) & 1 == 0 {
                     let entry = Tracked {
-                        since: Instant::now(),
+                        since,
                         pool: pool.map(SharedString::const_str),
                     };
-                    let old = bucket.insert(hash, &id, entry);
-                    let expected = model.insert(id.clone(), pool);
-                    assert_eq!(old.is_some(), expected.is_some(), "{step}");
+                    let absorbed = bucket.absorbed;
+                    bucket.insert(hash, &id, entry);
+                    let was = model.insert(id.clone(), (pool, since));
+                    // A create of a task tracked already is absorbed.
                     assert_eq!(
-                        old.and_then(|t| t.pool),
-                        expected.flatten().map(SharedString::const_str)
+                        bucket.absorbed - absorbed,
+                        u64::from(was.is_some()),
+                        "{step}"
                     );
                 } else {
                     let removed = bucket.remove(hash, id.as_bytes());
-                    let expected = model.remove(&id);
-                    assert_eq!(removed.is_some(), expected.is_some(), "{step}");
-                    assert_eq!(
-                        removed.and_then(|t| t.pool),
-                        expected.flatten().map(SharedString::const_str)
-                    );
+                    let was = model.remove(&id);
+                    assert_eq!(found(removed), expected(was), "{step}");
                 }
                 for known in model.keys() {
                     let hash = if colliding {
@@ -1225,15 +1304,15 @@ mod tests {
                     };
                     assert!(bucket.contains(hash, known.as_bytes()), "{step} {known}");
                 }
-                assert_eq!(bucket.len(), model.len());
+                assert_eq!(bucket.len() as usize, model.len());
                 let overflowed = bucket.overflow.as_ref().map_or(0, |table| table.len());
                 assert_eq!(overflowed, bucket.overflowed as usize);
                 // The slot holds only a task that fits it.
-                if let Some(slot) = &bucket.slot {
-                    let id = std::str::from_utf8(slot.id()).unwrap();
-                    assert!(id.len() <= SLOT_ID && model[id].is_none(), "{step} {id}");
+                if let Some(id) = bucket.slot_id() {
+                    let id = std::str::from_utf8(id).unwrap();
+                    assert!(id.len() <= SLOT_ID && model[id].0.is_none(), "{step} {id}");
                 }
-                in_slot += usize::from(bucket.slot.is_some());
+                in_slot += usize::from(bucket.slot_id().is_some());
                 in_overflow += usize::from(bucket.overflowed > 0);
             }
             assert!(in_slot > 1_000 && in_overflow > 1_000, "both used");
@@ -1534,8 +1613,8 @@ mod tests {
         for bucket in &inner.tasks {
             let state = lock(&bucket.0);
             assert!(state.places >= state.len());
-            held += state.places;
-            tracked += state.len();
+            held += state.places as usize;
+            tracked += state.len() as usize;
         }
         assert_eq!(tracked, running);
         assert_eq!(inner.free_places.0.load(Ordering::Relaxed) + held, max);
@@ -1551,14 +1630,21 @@ mod tests {
         for max in [0, 1, 3, 17, 64, 65, 300, 5_000] {
             let monitor = Monitor::builder().max_tracked_tasks(max).build().unwrap();
             let mut model: HashMap<String, Instant> = HashMap::new();
+            // Creates, ends and failed ends seen (the snapshot counts them all).
+            let (mut created, mut finished, mut failed) = (0, 0, 0);
             for step in 0..6_000u32 {
                 state = state
                     .wrapping_mul(6_364_136_223_846_793_005)
                     .wrapping_add(1_442_695_040_888_963_407);
                 let id = format!("t{}", (state >> 33) % 400);
                 let now = Instant::now();
-                if !(state >> 20).is_multiple_of(3) {
+                if (state >> 20).is_multiple_of(11) {
+                    // A create that failed at once: counted, never tracked.
+                    monitor.observe_tasks(true, &video, &outcome(&id, "failed"), now);
+                    (created, finished, failed) = (created + 1, finished + 1, failed + 1);
+                } else if !(state >> 20).is_multiple_of(3) {
                     monitor.observe_tasks(true, &video, &outcome(&id, "submitted"), now);
+                    created += 1;
                     // Tracked (again) only while a place is free.
                     if model.len() < max {
                         model.insert(id, now);
@@ -1566,14 +1652,26 @@ mod tests {
                 } else {
                     let ended = monitor.task_finished(&id, &TaskStatus::Succeeded);
                     assert_eq!(ended, model.remove(&id).is_some(), "{max} {step} {id}");
+                    finished += u64::from(ended);
                 }
                 if step % 97 == 0 {
                     assert_places(&monitor, max, model.len());
+                    let tasks = monitor.snapshot().tasks;
+                    assert_eq!(
+                        (tasks.created, tasks.finished, tasks.failed, tasks.running),
+                        (created, finished, failed, model.len() as u64),
+                        "{max} {step}"
+                    );
                     tokio::time::advance(Duration::from_millis(1)).await;
                 }
             }
             assert_places(&monitor, max, model.len());
-            assert_eq!(monitor.snapshot().tasks.running, model.len() as u64);
+            let tasks = monitor.snapshot().tasks;
+            assert_eq!(
+                (tasks.created, tasks.finished, tasks.failed, tasks.running),
+                (created, finished, failed, model.len() as u64),
+                "{max}"
+            );
         }
     }
 
