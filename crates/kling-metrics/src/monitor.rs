@@ -1490,6 +1490,70 @@ mod tests {
         assert_places(monitor, DEFAULT_MAX_TRACKED_TASKS, 0);
     }
 
+    /// Two threads create and end tasks with few places (so creates often take the exact path,
+    /// which locks every bucket) while a third takes snapshots: no snapshot sees the finished
+    /// count fall, or more tasks finished and running than created. (A create counted before
+    /// the exact path, rather than under its locks, read as finished meanwhile: this failed in
+    /// its first round.)
+    #[test]
+    fn snapshots_taken_meanwhile_never_see_a_count_fall() {
+        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        for _ in 0..2 {
+            let monitor = Monitor::builder().max_tracked_tasks(8).build().unwrap();
+            let done = AtomicBool::new(false);
+            let snapshots = AtomicUsize::new(0);
+            std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..2)
+                    .map(|thread| {
+                        let (monitor, video) = (&monitor, &video);
+                        scope.spawn(move || {
+                            for n in 0..3_000 {
+                                let id = format!("t{thread}-{}", n % 16);
+                                let created = outcome(&id, "submitted");
+                                monitor.observe_tasks(true, video, &created, Instant::now());
+                                if n % 2 == 1 {
+                                    let id = format!("t{thread}-{}", (n + 5) % 16);
+                                    monitor.task_finished(&id, &TaskStatus::Succeeded);
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                scope.spawn(|| {
+                    let mut last = 0;
+                    while !done.load(Ordering::Acquire) {
+                        let tasks = monitor.snapshot().tasks;
+                        assert!(tasks.finished >= last, "{} then {}", last, tasks.finished);
+                        assert!(tasks.created >= tasks.finished + tasks.running);
+                        last = tasks.finished;
+                        snapshots.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+                for worker in workers {
+                    worker.join().unwrap();
+                }
+                done.store(true, Ordering::Release);
+            });
+            let tasks = monitor.snapshot().tasks;
+            assert_eq!(tasks.created, 6_000);
+            assert_eq!(
+                tasks.created,
+                tasks.finished + tasks.running + absorbed(&monitor)
+            );
+            assert!(snapshots.load(Ordering::Relaxed) > 10);
+        }
+    }
+
+    /// The creates absorbed by every bucket.
+    fn absorbed(monitor: &Monitor) -> u64 {
+        monitor
+            .inner
+            .tasks
+            .iter()
+            .map(|b| lock(&b.0).absorbed)
+            .sum()
+    }
+
     /// The fewest requests that fire a warning, as `check_rate` works usage out.
     #[test]
     fn fire_at_is_the_fewest_requests_whose_usage_reaches_the_threshold() {
