@@ -1434,9 +1434,9 @@ mod tests {
     /// ids): each task's end is counted once, and the counts and places add up.
     #[test]
     fn tasks_ended_by_racing_threads_are_counted_once() {
-        // Rounds, so a lost race shows (a check and a removal under two locks failed 2 runs
-        // in 3 with one round).
-        for _ in 0..8 {
+        // Rounds, so a lost race shows: a check and a removal under two locks (both enders
+        // told they ended the task) failed 3 runs in 4 with 8 rounds.
+        for _ in 0..24 {
             tasks_ended_by_racing_threads_are_counted_once_in(&Monitor::default());
         }
     }
