@@ -155,6 +155,9 @@ impl MonitorBuilder {
                 tasks: (0..TASK_BUCKETS).map(|_| Bucket::default()).collect(),
                 task_hasher: foldhash::fast::RandomState::default(),
                 free_places: Padded(AtomicUsize::new(self.max_tracked_tasks)),
+                scarce_places: Padded(AtomicBool::new(false)),
+                #[cfg(test)]
+                exact_runs: AtomicUsize::new(0),
                 record_task_metrics: self.record_task_metrics,
                 sources: RwLock::new(Vec::new()),
             }),
@@ -194,6 +197,14 @@ struct Inner {
     /// them [`PLACES_CHUNK`] at a time and give spare ones back in chunks, so tracking a task
     /// and ending it rarely write this line, which every thread shares.
     free_places: Padded<AtomicUsize>,
+    /// Set by the exact path when fewer places are free than there are buckets: buckets then
+    /// give back every spare place at once (each end writes `free_places`), so when none is
+    /// free, all are tracked and a create is refused without locking every bucket. Cleared
+    /// once twice that many are free again. Read by every end that leaves a place spare.
+    scarce_places: Padded<AtomicBool>,
+    /// How many times the exact path ran.
+    #[cfg(test)]
+    exact_runs: AtomicUsize,
     record_task_metrics: bool,
     sources: RwLock<Vec<Arc<dyn SnapshotSource>>>,
 }
@@ -295,10 +306,23 @@ impl BucketState {
         Some(&self.slot_id[..usize::from(self.slot_len)])
     }
 
-    /// Gives back the places past one chunk once twice that many are spare.
-    fn trim_places(&mut self, free: &AtomicUsize) {
+    /// Gives back the places past one chunk once twice that many are spare, or every spare
+    /// one while places are scarce (`scarce` is read under the bucket's lock, so it shows the
+    /// exact path's setting).
+    fn trim_places(&mut self, free: &AtomicUsize, scarce: &AtomicBool) {
         let spare = self.places - self.len();
-        if spare >= 2 * PLACES_CHUNK {
+        if spare == 0 {
+            return;
+        }
+        if scarce.load(Ordering::Relaxed) {
+            self.places -= spare;
+            // Cleared before the places are counted back (release): a create that finds none
+            // free after them (by a read-modify-write, acquire) sees it cleared.
+            if free.load(Ordering::Relaxed) + spare as usize >= 2 * TASK_BUCKETS {
+                scarce.store(false, Ordering::Relaxed);
+            }
+            free.fetch_add(spare as usize, Ordering::Release);
+        } else if spare >= 2 * PLACES_CHUNK {
             let back = spare - PLACES_CHUNK;
             self.places -= back;
             free.fetch_add(back as usize, Ordering::Relaxed);
@@ -644,7 +668,7 @@ impl Monitor {
             return false;
         };
         bucket.count_end(status);
-        bucket.trim_places(&self.inner.free_places.0);
+        bucket.trim_places(&self.inner.free_places.0, &self.inner.scarce_places.0);
         drop(bucket);
         self.record_end(tracked, status, now());
         true
@@ -653,9 +677,10 @@ impl Monitor {
     /// Tracks `id` in its locked bucket if one of the `max_tracked_tasks` places is free
     /// (tracked again, an id keeps its place). The bucket uses a place it holds, else takes a
     /// chunk; when none is free it asks every bucket for its spare places (all locked, so the
-    /// answer is exact: a task is refused only when `max_tracked_tasks` are tracked).
+    /// answer is exact: a task is refused only when `max_tracked_tasks` are tracked), unless
+    /// places are scarce (then no bucket holds a spare one: none free means all are tracked).
     fn track(&self, hash: u64, id: &str, entry: Tracked, mut bucket: MutexGuard<'_, BucketState>) {
-        let free = &self.inner.free_places.0;
+        let (free, scarce) = (&self.inner.free_places.0, &self.inner.scarce_places.0);
         if bucket.len() == bucket.places {
             let chunk = PLACES_CHUNK as usize;
             let taken = free.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
@@ -664,6 +689,17 @@ impl Monitor {
             match taken {
                 // At most a chunk.
                 Ok(n) => bucket.places += n.min(chunk) as u32,
+                // None free, read again by a read-modify-write (which sees every place given
+                // back before it, and the flag cleared before those).
+                Err(_)
+                    if free
+                        .compare_exchange(0, 0, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                        && scarce.load(Ordering::Acquire) =>
+                {
+                    bucket.absorbed += 1;
+                    return;
+                }
                 Err(_) => {
                     // Counted again under every lock: counted here, it would read as
                     // finished until then.
@@ -674,11 +710,17 @@ impl Monitor {
             }
         }
         bucket.insert(hash, id, entry);
+        // A create of a task tracked already leaves the place it took spare.
+        if bucket.places > bucket.len() {
+            bucket.trim_places(free, scarce);
+        }
     }
 
     /// [`Monitor::track`] when no place was free: collects the spare places of every bucket.
     #[cold]
     fn track_exactly(&self, hash: u64, id: &str, entry: Tracked) {
+        #[cfg(test)]
+        self.inner.exact_runs.fetch_add(1, Ordering::Relaxed);
         let free = &self.inner.free_places.0;
         // In index order, and no other lock held: no deadlock with another call doing this.
         let mut buckets: Vec<_> = self.inner.tasks.iter().map(|b| lock(&b.0)).collect();
@@ -687,6 +729,10 @@ impl Monitor {
             state.places -= spare;
             free.fetch_add(spare as usize, Ordering::Relaxed);
         }
+        // Every bucket locked and none holding a spare place: the flag is seen by every later
+        // call on a bucket.
+        let scarce = free.load(Ordering::Relaxed) < TASK_BUCKETS;
+        self.inner.scarce_places.0.store(scarce, Ordering::Relaxed);
         let bucket = &mut buckets[bucket_of(hash)];
         bucket.created += 1;
         // As when places were counted one by one: a task tracked already is tracked again
@@ -1398,6 +1444,43 @@ mod tests {
         );
     }
 
+    /// Once every place is taken, creates are refused without locking every bucket (the exact
+    /// path runs once, for the first refusal), and a place an end frees is taken by the next
+    /// create, whichever bucket it falls in.
+    #[tokio::test(start_paused = true)]
+    async fn with_every_place_taken_creates_are_refused_without_the_exact_path() {
+        let monitor = Monitor::builder().max_tracked_tasks(3).build().unwrap();
+        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let create = |id: &str| {
+            monitor.observe_tasks(true, &video, &outcome(id, "submitted"), Instant::now());
+        };
+        for id in ["a", "b", "c"] {
+            create(id);
+        }
+        let exact_runs = || monitor.inner.exact_runs.load(Ordering::Relaxed);
+        assert_eq!(exact_runs(), 0);
+        for n in 0..200 {
+            create(&format!("refused-{n}"));
+        }
+        assert_eq!(exact_runs(), 1, "only the first refusal locks every bucket");
+        assert_places(&monitor, 3, 3);
+        for n in 0..50 {
+            assert!(monitor.task_finished(["a", "b", "c"][n % 3], &TaskStatus::Succeeded));
+            create(&format!("next-{n}"));
+            create(&format!("refused-again-{n}"));
+            assert!(!monitor.task_finished(&format!("refused-again-{n}"), &TaskStatus::Failed));
+            assert!(monitor.task_finished(&format!("next-{n}"), &TaskStatus::Failed));
+            create(["a", "b", "c"][n % 3]);
+        }
+        assert_places(&monitor, 3, 3);
+        assert_eq!(exact_runs(), 1);
+        let tasks = monitor.snapshot().tasks;
+        assert_eq!(
+            (tasks.created, tasks.finished, tasks.failed, tasks.running),
+            (3 + 200 + 150, 100, 50, 3)
+        );
+    }
+
     #[test]
     fn concurrent_calls_count_every_task_once() {
         let monitor = Monitor::default();
@@ -1540,6 +1623,7 @@ mod tests {
                 tasks.created,
                 tasks.finished + tasks.running + absorbed(&monitor)
             );
+            assert_places(&monitor, 8, tasks.running as usize);
             assert!(snapshots.load(Ordering::Relaxed) > 10);
         }
     }
