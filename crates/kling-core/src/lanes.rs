@@ -8,6 +8,7 @@
 //! each thread the same one, so the counts one thread writes are its own (threads beyond
 //! [`LANES`] share lanes in turn, which is still correct, only slower).
 
+use std::cell::Cell;
 use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -49,24 +50,35 @@ impl<T> Lanes<T> {
     /// only.
     #[inline]
     pub fn lane(&self) -> Arc<Lane<T>> {
-        Arc::clone(&self.lanes[thread_lane()])
+        Arc::clone(&self.lanes[current()])
     }
 
     /// The handle, read without taking a reference.
     #[inline]
     pub fn get(&self) -> &T {
-        &self.lanes[thread_lane()].0
+        &self.lanes[current()].0
     }
 }
 
-/// The current thread's lane index (threads take indices in turn, once).
+/// The current thread's lane, below [`LANES`]: threads take lanes in turn, once, and keep
+/// them. Anything a layer keeps per thread (shards of a count, free lists) can be chosen by it,
+/// so that one thread-local serves them all.
 #[inline]
-fn thread_lane() -> usize {
+pub fn current() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
-        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % LANES;
+        // Const-initialised and without a destructor: readable at any point of a thread's
+        // life, with no lazy-initialisation check.
+        static LANE: Cell<usize> = const { Cell::new(usize::MAX) };
     }
-    INDEX.try_with(|index| *index).unwrap_or(0)
+    LANE.with(|lane| match lane.get() {
+        usize::MAX => {
+            let taken = NEXT.fetch_add(1, Ordering::Relaxed) % LANES;
+            lane.set(taken);
+            taken
+        }
+        known => known,
+    })
 }
 
 #[cfg(test)]
@@ -89,6 +101,17 @@ mod tests {
         // between, so only "not all one lane" is certain).
         assert!(others.iter().any(|lane| !Arc::ptr_eq(lane, &here)));
         assert!(std::mem::align_of::<Lane<Arc<u8>>>() >= 128);
+    }
+
+    #[test]
+    fn a_thread_keeps_its_lane_number_and_its_lane_is_that_number() {
+        let here = current();
+        assert!(here < LANES);
+        assert_eq!(current(), here, "the same lane each time");
+        let lanes = Lanes::new(Arc::new(7));
+        assert!(Arc::ptr_eq(&lanes.lane(), &lanes.lanes[here]));
+        let there = std::thread::spawn(current).join().unwrap();
+        assert!(there < LANES);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
+use kling_core::lanes;
 use kling_core::metrics::{LABEL_POOL, LABEL_STATUS, TASK_LIFETIME, TASKS_FINISHED};
 use kling_core::{Outcome, TaskStatus};
 use metrics::SharedString;
@@ -1010,25 +1011,9 @@ struct RateWindow {
     near: AtomicU64,
 }
 
-/// Shards of the rate window's counts.
-const WINDOW_SHARDS: usize = 8;
-
-thread_local! {
-    /// This thread's shard of every rate window, handed out in turn.
-    static WINDOW_SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
-}
-
-/// This thread's shard of the rate windows.
-fn window_shard() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let shard = WINDOW_SHARD.get();
-    if shard < WINDOW_SHARDS {
-        return shard;
-    }
-    let shard = NEXT.fetch_add(1, Ordering::Relaxed) % WINDOW_SHARDS;
-    WINDOW_SHARD.set(shard);
-    shard
-}
+/// Shards of the rate window's counts: one per lane, a thread counts in its lane's
+/// ([`lanes::current`]).
+const WINDOW_SHARDS: usize = lanes::LANES;
 
 impl RateWindow {
     fn new(window: Duration, bucket_nanos: u64) -> Self {
@@ -1105,7 +1090,7 @@ impl RateWindow {
     /// the shard's bucket.
     fn count(&self, now: Instant, n: u64) -> (u64, u64) {
         let epoch = self.epoch(now);
-        let slot = &self.shards[window_shard()].0[(epoch % BUCKETS as u64) as usize];
+        let slot = &self.shards[lanes::current()].0[(epoch % BUCKETS as u64) as usize];
         let mut current = slot.load(Ordering::Relaxed);
         let count = loop {
             let (e, c) = unpack(current);

@@ -2,10 +2,11 @@
 //! a failing API never multiplies its own load.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kling_core::lanes;
 use tokio::time::Instant;
 
 use crate::error::ConfigError;
@@ -22,13 +23,10 @@ const SHARDS: usize = 4;
 #[repr(align(128))]
 struct Shard([AtomicU64; BUCKETS]);
 
-/// The deposit shard of the current thread (threads take shards in turn).
+/// The deposit shard of the current thread: its lane's ([`lanes::current`]), lanes taking
+/// shards in turn.
 fn shard_index() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
-    }
-    INDEX.with(|index| *index)
+    lanes::current() % SHARDS
 }
 
 /// A retry budget on tokio time, shared by clones.

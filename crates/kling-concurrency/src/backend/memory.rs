@@ -1,19 +1,17 @@
 //! The in-process backend: one mutex-guarded map, a synchronous fast path, FIFO hand-off.
 
-use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::{Future, Ready, ready};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use kling_core::error::ApiError;
-use kling_core::lanes::LANES;
+use kling_core::lanes::{self, LANES};
 use kling_core::metrics as names;
 use kling_core::{AccountId, Outcome, TaskStatus};
 use tokio::time::{Instant, Sleep};
@@ -214,24 +212,12 @@ struct FreeList {
     head: usize,
 }
 
-/// The current thread's lane: which free list of a pool it takes vacant slots from and puts
-/// the slots it frees on. Threads take lanes in turn, once ([`LANES`] of them, more than a
-/// usual runtime's workers; threads beyond share lanes, which is still correct: every list is
-/// only touched under the lock).
+/// The current thread's lane ([`lanes::current`]): which free list of a pool it takes vacant
+/// slots from and puts the slots it frees on. Threads beyond [`LANES`] share lanes, which is
+/// still correct: every list is only touched under the lock.
 #[inline(always)]
 fn thread_lane() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static LANE: Cell<usize> = const { Cell::new(NONE) };
-    }
-    LANE.with(|lane| match lane.get() {
-        NONE => {
-            let next = NEXT.fetch_add(1, Ordering::Relaxed) % LANES;
-            lane.set(next);
-            next
-        }
-        known => known,
-    })
+    lanes::current()
 }
 
 /// Which of a holding's ids an [`Index`] maps.
