@@ -598,7 +598,8 @@ impl<S, B: StackBackends> Layer<S> for KlingLayer<B> {
 /// Clones share every limit (see [`KlingLayer`]); clone it per task or per request. A clone
 /// writes each layer's shared reference count when it is made and dropped, so a task that
 /// sends many requests does better keeping its own clone than cloning per request
-/// (BENCHMARKS.md: about +100 ns per request with 64 tasks on two threads).
+/// (BENCHMARKS.md, "cloned per request" rows against the plain ones: about +100 ns per request
+/// with one task and +180 ns with 64 tasks on two threads).
 pub struct Kling<S, B: StackBackends = InProcess> {
     inner: Stack<S, B>,
     account: AccountId,
