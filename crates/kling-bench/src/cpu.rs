@@ -64,3 +64,51 @@ pub fn quantile(samples: &mut [f64], q: f64) -> f64 {
     let rank = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len());
     samples[rank - 1]
 }
+
+/// How long one cache line takes to pass from one thread to another, in ns: two threads hand
+/// an atomic back and forth (each waits for the other's write, then writes), the median of 9
+/// batches of `hands` hand-overs (20,000 in the published run). On these machines it is not a
+/// constant: 23–30 ns in most runs, 170–203 ns at the start of two overhead runs minutes apart.
+/// When it is slow, every line the 64-task runs share between the workers costs more, so the
+/// overhead section measures it before and after its rounds (`kling-bench handover` alone).
+pub fn line_handover_ns(hands: u64) -> f64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// The atomic, alone on its lines.
+    #[repr(align(128))]
+    struct Line(AtomicU64);
+
+    // A runtime's workers that just ran spin a while before they park; with two vCPUs, one of
+    // them would take turns with a hand-over thread.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let line = Line(AtomicU64::new(0));
+    let batches: Vec<f64> = (0..9)
+        .map(|_| {
+            line.0.store(0, Ordering::Relaxed);
+            let start = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for first in [0, 1] {
+                    let line = &line;
+                    s.spawn(move || {
+                        let mut mine = first;
+                        while mine < 2 * hands {
+                            let mut spins = 0u32;
+                            while line.0.load(Ordering::Acquire) != mine {
+                                // The other thread may not be running: let it.
+                                spins += 1;
+                                if spins.is_multiple_of(4096) {
+                                    std::thread::yield_now();
+                                }
+                                std::hint::spin_loop();
+                            }
+                            line.0.store(mine + 1, Ordering::Release);
+                            mine += 2;
+                        }
+                    });
+                }
+            });
+            start.elapsed().as_nanos() as f64 / (2 * hands.max(1)) as f64
+        })
+        .collect();
+    median(&batches)
+}

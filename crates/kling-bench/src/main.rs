@@ -3,6 +3,7 @@
 //! ```text
 //! kling-bench [all|overhead|goodput|scale|sockets] [--quick] [--out FILE]
 //! kling-bench profile <subject name part> [lives] [tasks]   # one overhead subject, for a profiler
+//! kling-bench handover                                      # ns to hand a cache line between threads
 //! ```
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -22,6 +23,10 @@ fn main() {
             Some(sample) => println!("{sample:?}"),
             None => eprintln!("no subject named like `{name}`"),
         }
+        return;
+    }
+    if section == "handover" {
+        println!("{:.0}", kling_bench::cpu::line_handover_ns(20_000));
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");

@@ -139,6 +139,9 @@ pub struct Report {
     pub outcome_create: f64,
     /// `Outcome::parse` of the query envelope, ns.
     pub outcome_query: f64,
+    /// A cache line handed between two threads, ns ([`cpu::line_handover_ns`]): before the
+    /// rounds and after them.
+    pub handover_ns: (f64, f64),
 }
 
 impl Report {
@@ -719,6 +722,7 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
         row.bytes = counts.bytes as f64 / (counted * 2) as f64;
     }
 
+    let handover_before = cpu::line_handover_ns(options.lives as u64);
     let mut governor = (Vec::new(), Vec::new());
     for round in 0..options.rounds {
         log(&format!("overhead: round {}/{}", round + 1, options.rounds));
@@ -734,6 +738,7 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
             .1
             .push(governor_checks(&rt, options.tasks, options.lives * 2));
     }
+    let handover_after = cpu::line_handover_ns(options.lives as u64);
     let [serde_create, serde_query, outcome_create, outcome_query] =
         parses(options.rounds, options.lives.max(1_000));
     Report {
@@ -746,6 +751,7 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
         serde_query,
         outcome_create,
         outcome_query,
+        handover_ns: (handover_before, handover_after),
     }
 }
 

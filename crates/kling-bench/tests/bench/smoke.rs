@@ -33,6 +33,7 @@ fn overhead_measures_every_subject_in_one_run() {
     let classify = r.row(overhead::CLASSIFY).unwrap();
     assert!(classify.allocs > bare.allocs);
     assert!(r.serde_create > 0.0 && r.outcome_create > 0.0);
+    assert!(r.handover_ns.0 > 0.0 && r.handover_ns.1 > 0.0);
     let table = report::overhead(&r);
     assert!(table.contains(overhead::PRO_STACK));
 }
