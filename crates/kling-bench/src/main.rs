@@ -3,7 +3,7 @@
 //! ```text
 //! kling-bench [all|overhead|goodput|scale|sockets] [--quick] [--out FILE]
 //! kling-bench profile <subject name part> [lives] [tasks]   # one overhead subject, for a profiler
-//! kling-bench handover                                      # ns to hand a cache line between threads
+//! kling-bench handover                                      # ns for a line between threads
 //! ```
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 

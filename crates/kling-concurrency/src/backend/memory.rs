@@ -30,8 +30,9 @@ use crate::id::SmallId;
 /// the pool is known; the pool used last is found without hashing); otherwise the create joins
 /// its pool's FIFO queue and released slots are handed to the queue's head in order. A task's
 /// holding sits in a reused slot of its pool (one the same thread freed, when there is one: see
-/// `Entry`) and is found by task id or external id through an index keyed by the id's hash. The holding keeps its ids inline when they are short (up to 38
-/// bytes: Kling task ids, generated external ids), copied from the `&str`s
+/// `Entry`) and is found by task id or external id through an index keyed by the id's hash.
+/// The holding keeps its ids inline when they are short (up to 38 bytes: Kling task ids,
+/// generated external ids), copied from the `&str`s
 /// [`hold_unread`](SlotBackend::hold_unread) borrows, so keeping and releasing a task
 /// allocates nothing; only listing a release in [`Applied`] does (the list and the task id as
 /// an `Arc<str>`), which [`apply_unread`](SlotBackend::apply_unread) skips. Leases and the
