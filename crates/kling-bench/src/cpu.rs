@@ -80,35 +80,85 @@ pub fn line_handover_ns(hands: u64) -> f64 {
 
     // A runtime's workers that just ran spin a while before they park; with two vCPUs, one of
     // them would take turns with a hand-over thread.
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::thread::sleep(Duration::from_millis(20));
     let line = Line(AtomicU64::new(0));
+    let spawned = std::sync::Mutex::new(Vec::new());
     let batches: Vec<f64> = (0..9)
         .map(|_| {
             line.0.store(0, Ordering::Relaxed);
             let start = std::time::Instant::now();
             std::thread::scope(|s| {
                 for first in [0, 1] {
-                    let line = &line;
-                    s.spawn(move || {
-                        let mut mine = first;
-                        while mine < 2 * hands {
-                            let mut spins = 0u32;
-                            while line.0.load(Ordering::Acquire) != mine {
-                                // The other thread may not be running: let it.
-                                spins += 1;
-                                if spins.is_multiple_of(4096) {
-                                    std::thread::yield_now();
-                                }
-                                std::hint::spin_loop();
+                    let (line, spawned) = (&line, &spawned);
+                    std::thread::Builder::new()
+                        .name(HANDOVER_THREAD.to_owned())
+                        .spawn_scoped(s, move || {
+                            // `<pid>/task/<tid>`, relative to /proc.
+                            if let Ok(own) = std::fs::read_link("/proc/thread-self") {
+                                let own = std::path::Path::new("/proc").join(own);
+                                spawned.lock().unwrap_or_else(|e| e.into_inner()).push(own);
                             }
-                            line.0.store(mine + 1, Ordering::Release);
-                            mine += 2;
-                        }
-                    });
+                            let mut mine = first;
+                            while mine < 2 * hands {
+                                let mut spins = 0u32;
+                                while line.0.load(Ordering::Acquire) != mine {
+                                    // The other thread may not be running: let it.
+                                    spins += 1;
+                                    if spins.is_multiple_of(4096) {
+                                        std::thread::yield_now();
+                                    }
+                                    std::hint::spin_loop();
+                                }
+                                line.0.store(mine + 1, Ordering::Release);
+                                mine += 2;
+                            }
+                        })
+                        .expect("a thread");
                 }
             });
             start.elapsed().as_nanos() as f64 / (2 * hands.max(1)) as f64
         })
         .collect();
+    wait_until_gone(&spawned.into_inner().unwrap_or_else(|e| e.into_inner()));
     median(&batches)
+}
+
+/// The name of [`line_handover_ns`]'s threads.
+const HANDOVER_THREAD: &str = "kb-handover";
+
+/// Waits (at most a second) until these threads' entries (`/proc/<pid>/task/<tid>`) are gone.
+/// A joined thread stays listed for a moment while it finishes exiting, and [`process`] sums
+/// the threads listed: one that left between a measurement's two readings would take its time
+/// with it and could make the difference negative.
+fn wait_until_gone(tasks: &[std::path::PathBuf]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while std::time::Instant::now() < deadline && tasks.iter().any(|task| task.exists()) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Whether a thread of this name is listed in `/proc/self/task`.
+#[cfg(test)]
+fn named_listed(name: &str) -> bool {
+    std::fs::read_dir("/proc/self/task").is_ok_and(|dir| {
+        dir.flatten().any(|entry| {
+            std::fs::read_to_string(entry.path().join("comm"))
+                .is_ok_and(|comm| comm.trim_end() == name)
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hand-over's threads are gone when it returns, so a CPU reading taken next cannot
+    /// lose their time.
+    #[test]
+    fn the_handover_threads_are_gone_when_it_returns() {
+        for _ in 0..20 {
+            assert!(line_handover_ns(200) > 0.0);
+            assert!(!named_listed(HANDOVER_THREAD));
+        }
+    }
 }
