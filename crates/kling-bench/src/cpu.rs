@@ -68,7 +68,7 @@ pub fn quantile(samples: &mut [f64], q: f64) -> f64 {
 /// How long one cache line takes to pass from one thread to another, in ns: two threads hand
 /// an atomic back and forth (each waits for the other's write, then writes), the median of 9
 /// batches of `hands` hand-overs (20,000 in the published run). On these machines it is not a
-/// constant: 23–30 ns in most runs, 170–203 ns at the start of two overhead runs minutes apart.
+/// constant: 23–30 ns in most runs, 167–203 ns at the start of three overhead runs.
 /// When it is slow, every line the 64-task runs share between the workers costs more, so the
 /// overhead section measures it before and after its rounds (`kling-bench handover` alone).
 pub fn line_handover_ns(hands: u64) -> f64 {
