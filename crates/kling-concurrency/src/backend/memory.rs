@@ -189,7 +189,7 @@ const NONE: usize = usize::MAX;
 
 /// A pool's slot for one holding, alone on its cache lines (a multiple of two: adjacent-line
 /// prefetching pairs them): with the slot reused by the thread that freed it (see
-/// [`thread_lane`]), two threads' holdings never share a line, and a create finds the slot it
+/// [`FreeList`]), two threads' holdings never share a line, and a create finds the slot it
 /// writes in its own core's cache instead of on the other core, where the other thread last
 /// wrote it.
 #[repr(align(128))]
@@ -206,19 +206,14 @@ impl Entry {
 }
 
 /// The first slot of one lane's list of vacant slots, chained through [`Entry::next`]; alone
-/// on its cache lines, so that each thread writes only its own.
+/// on its cache lines, so that each thread writes only its own. A thread's lane
+/// ([`lanes::current`]) picks the list it takes vacant slots from and puts the slots it frees
+/// on; threads beyond [`LANES`] share lanes, which is still correct: every list is only touched
+/// under the lock.
 #[repr(align(128))]
 #[derive(Clone, Copy)]
 struct FreeList {
     head: usize,
-}
-
-/// The current thread's lane ([`lanes::current`]): which free list of a pool it takes vacant
-/// slots from and puts the slots it frees on. Threads beyond [`LANES`] share lanes, which is
-/// still correct: every list is only touched under the lock.
-#[inline(always)]
-fn thread_lane() -> usize {
-    lanes::current()
 }
 
 /// Which of a holding's ids an [`Index`] maps.
@@ -587,7 +582,7 @@ struct PoolState {
     recovered_at: Instant,
     /// Grants handed to waiters that have not picked them up yet.
     granted: Vec<u64>,
-    /// The vacant slots of `holdings`, one free list per thread lane ([`thread_lane`]).
+    /// The vacant slots of `holdings`, one free list per thread lane ([`FreeList`]).
     free: [FreeList; LANES],
 }
 
@@ -879,7 +874,7 @@ impl PoolState {
     /// [`LANES`], whichever threads keep and end the tasks.
     #[inline(always)]
     fn put(&mut self, holding: Holding) -> usize {
-        let lane = thread_lane();
+        let lane = lanes::current();
         let mut slot = self.free[lane].head;
         if slot == NONE && self.holdings.len() - self.tasks >= LANES {
             slot = self.adopt_free(lane);
@@ -915,7 +910,7 @@ impl PoolState {
     #[inline(always)]
     fn free_slot(&mut self, slot: usize) {
         self.tasks -= 1;
-        let list = &mut self.free[thread_lane()];
+        let list = &mut self.free[lanes::current()];
         self.holdings[slot].next = std::mem::replace(&mut list.head, slot);
     }
 
@@ -2580,7 +2575,7 @@ mod tests {
                 }
                 turns.wait();
             }
-            (thread_lane(), used)
+            (lanes::current(), used)
         };
         let ((lane0, used0), (lane1, used1)) = std::thread::scope(|s| {
             let first = s.spawn(|| lives(0));
