@@ -117,6 +117,16 @@ pub enum Client {
     Tower,
 }
 
+impl Client {
+    /// Its name in the tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Client::Kling => "kling-tower",
+            Client::Tower => "tower",
+        }
+    }
+}
+
 /// How big the runs are.
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
@@ -471,10 +481,7 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
         let mut run = Run {
             preset: preset.to_string(),
             scenario: scenario.name().to_owned(),
-            client: match client {
-                Client::Kling => "kling-tower".to_owned(),
-                Client::Tower => "tower".to_owned(),
-            },
+            client: client.name().to_owned(),
             limits_known: scenario.limits_known(),
             jobs,
             makespan,

@@ -1,5 +1,21 @@
-//! Smoke tests of the runner with tiny sizes: every section runs, and what it measures holds
-//! the properties the published tables rely on. (Timings are not asserted: this is a test,
-//! not a benchmark.)
+//! Tests of the runner.
+//!
+//! - `smoke`: every section runs with tiny sizes, and what it measures holds the properties the
+//!   published tables rely on. (Timings are not asserted: this is a test, not a benchmark.)
+//! - `targets`: the targets of BENCHMARKS.md that do not depend on the machine's speed
+//!   (goodput in paused time, bytes per queued waiter, allocations per request), checked at
+//!   the published sizes, so a change that breaks one fails here rather than at the next rerun.
+
+use std::sync::{Mutex, MutexGuard};
 
 mod smoke;
+mod targets;
+
+/// The bench counts allocations process-wide, so its sections must not run side by side (as
+/// `cargo test` would run these tests): each test holds this while it runs.
+fn alone() -> MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

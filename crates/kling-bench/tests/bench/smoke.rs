@@ -1,15 +1,6 @@
-use std::sync::{Mutex, MutexGuard};
-
 use kling_bench::{goodput, overhead, report, scale, sockets};
 
-/// The bench counts allocations process-wide, so its sections must not run side by side (as
-/// `cargo test` would run these tests): each test holds this while it runs.
-fn alone() -> MutexGuard<'static, ()> {
-    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use crate::alone;
 
 #[test]
 fn overhead_measures_every_subject_in_one_run() {
