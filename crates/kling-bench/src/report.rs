@@ -174,14 +174,20 @@ pub fn scale(report: &scale::Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| limiter | queued waiters | limiter bytes per waiter | response future (caller's) bytes | CPU s to serve all | served out of order |"
+        "| limiter | queued waiters | limiter bytes per waiter | response future (caller's) bytes | CPU s to queue all | CPU s to serve all | served out of order |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
     for w in &report.waiters {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.1} | {} | {:.3} | {} |",
-            w.limiter, w.count, w.bytes_per_waiter, w.future_bytes, w.serve_cpu_s, w.out_of_order
+            "| {} | {} | {:.1} | {} | {:.3} | {:.3} | {} |",
+            w.limiter,
+            w.count,
+            w.bytes_per_waiter,
+            w.future_bytes,
+            w.queue_cpu_s,
+            w.serve_cpu_s,
+            w.out_of_order
         );
     }
     let _ = writeln!(

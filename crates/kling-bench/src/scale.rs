@@ -73,6 +73,9 @@ pub struct Waiters {
     pub bytes_per_waiter: f64,
     /// The size of one response future (held by the caller, not the limiter).
     pub future_bytes: usize,
+    /// CPU seconds to queue them all: every call, and the first poll that puts the waiter in
+    /// the limiter's queue.
+    pub queue_cpu_s: f64,
     /// CPU seconds to serve them all (paused time: the limiter's work, not the waiting).
     pub serve_cpu_s: f64,
     /// Requests that reached the inner service out of arrival order.
@@ -196,6 +199,7 @@ where
     let mut futures: Vec<Pin<Box<S::Future>>> = Vec::with_capacity(count);
     let mut waiting = Vec::with_capacity(count);
     let mut cx = Context::from_waker(Waker::noop());
+    let queue_cpu = cpu::thread();
     Counting::start();
     for request in requests {
         assert!(service.poll_ready(&mut cx).is_ready());
@@ -207,6 +211,7 @@ where
         }
     }
     let grown = Counting::stop();
+    let queue_cpu_s = cpu::thread().saturating_sub(queue_cpu).as_secs_f64();
     let queued = waiting.len();
     let cpu = cpu::thread();
     for (i, future) in waiting.into_iter().enumerate() {
@@ -226,6 +231,7 @@ where
             + (count * std::mem::size_of::<Pin<Box<S::Future>>>()) as f64)
             / queued.max(1) as f64,
         future_bytes: std::mem::size_of::<S::Future>(),
+        queue_cpu_s,
         serve_cpu_s: cpu::thread().saturating_sub(cpu).as_secs_f64(),
         out_of_order: inner.late.load(Ordering::Relaxed),
     }
