@@ -3,8 +3,8 @@
 //! - `smoke`: every section runs with tiny sizes, and what it measures holds the properties the
 //!   published tables rely on. (Timings are not asserted: this is a test, not a benchmark.)
 //! - `targets`: the targets of BENCHMARKS.md that do not depend on the machine's speed
-//!   (goodput in paused time, bytes per queued waiter, allocations per request), checked at
-//!   the published sizes, so a change that breaks one fails here rather than at the next rerun.
+//!   (goodput in paused time, bytes per queued waiter), checked at the published sizes, so a
+//!   change that breaks one fails here rather than at the next rerun.
 
 use std::sync::{Mutex, MutexGuard};
 
