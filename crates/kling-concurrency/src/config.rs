@@ -43,6 +43,7 @@ pub struct SlotsConfig {
     pub(crate) lease: Duration,
     pub(crate) recovery_interval: Duration,
     pub(crate) default_account: AccountId,
+    pub(crate) max_queue: Option<usize>,
 }
 
 impl SlotsConfig {
@@ -55,6 +56,7 @@ impl SlotsConfig {
             lease: DEFAULT_LEASE,
             recovery_interval: DEFAULT_RECOVERY_INTERVAL,
             default_account: AccountId::new(DEFAULT_ACCOUNT),
+            max_queue: None,
         }
     }
 
@@ -89,6 +91,21 @@ impl SlotsConfig {
     pub fn default_account(mut self, account: AccountId) -> Self {
         self.default_account = account;
         self
+    }
+
+    /// Bounds each pool's queue (per account): while `max` creates wait for its slots, one more
+    /// is refused at once with [`QueueFull`](crate::error::QueueFull) instead of waiting, and
+    /// is not sent. `0` never waits: a create that finds no free slot is refused. Unbounded by
+    /// default (every create waits its turn, and the queue holds each waiting request).
+    pub fn max_queue(mut self, max: usize) -> Self {
+        self.max_queue = Some(max);
+        self
+    }
+
+    /// The configured queue bound ([`max_queue`](Self::max_queue)), for backends outside this
+    /// crate; `None` when unbounded.
+    pub fn get_max_queue(&self) -> Option<usize> {
+        self.max_queue
     }
 
     /// The capacity configured for `pool` of `account`.

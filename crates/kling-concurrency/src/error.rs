@@ -157,6 +157,57 @@ impl fmt::Display for OverCapacity {
 
 impl StdError for OverCapacity {}
 
+/// A create found its pool's queue full ([`SlotsConfig::max_queue`](crate::SlotsConfig::max_queue))
+/// and was refused without waiting; it was not sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueFull {
+    account: AccountId,
+    pool: Pool,
+    max: usize,
+}
+
+impl QueueFull {
+    /// A create refused by `pool` of `account`, whose queue holds at most `max` waiters.
+    pub fn new(account: AccountId, pool: Pool, max: usize) -> Self {
+        QueueFull { account, pool, max }
+    }
+
+    /// The account.
+    pub fn account(&self) -> &AccountId {
+        &self.account
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The most creates that may wait for the pool (0: none may wait).
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+impl fmt::Display for QueueFull {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.max == 0 {
+            write!(
+                f,
+                "no free slot in pool {} of account {} and creates may not wait",
+                self.pool, self.account
+            )
+        } else {
+            write!(
+                f,
+                "the queue of pool {} of account {} is full ({} waiting)",
+                self.pool, self.account, self.max
+            )
+        }
+    }
+}
+
+impl StdError for QueueFull {}
+
 /// The slot store could not be reached or answered nonsense (a remote backend's failure).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendError {
@@ -193,6 +244,8 @@ pub enum AcquireError {
     Halted(Halted),
     /// The create can never fit its pool.
     OverCapacity(OverCapacity),
+    /// The pool's queue is full (see [`SlotsConfig::max_queue`](crate::SlotsConfig::max_queue)).
+    QueueFull(QueueFull),
     /// The store is unreachable.
     Backend(BackendError),
 }
@@ -202,6 +255,7 @@ impl fmt::Display for AcquireError {
         match self {
             AcquireError::Halted(e) => e.fmt(f),
             AcquireError::OverCapacity(e) => e.fmt(f),
+            AcquireError::QueueFull(e) => e.fmt(f),
             AcquireError::Backend(e) => e.fmt(f),
         }
     }
@@ -215,6 +269,7 @@ impl AcquireError {
         match self {
             AcquireError::Halted(e) => Box::new(e),
             AcquireError::OverCapacity(e) => Box::new(e),
+            AcquireError::QueueFull(e) => Box::new(e),
             AcquireError::Backend(e) => Box::new(e),
         }
     }

@@ -14,7 +14,7 @@ use kling_concurrency::SlotsConfig;
 use kling_concurrency::backend::{
     Applied, PoolSnapshot, ReleaseReason, Released, Reservation, SlotBackend, SlotKey, SlotOp,
 };
-use kling_concurrency::error::{AcquireError, BackendError, Halted, OverCapacity};
+use kling_concurrency::error::{AcquireError, BackendError, Halted, OverCapacity, QueueFull};
 use kling_core::error::ApiError;
 use kling_core::{AccountId, Outcome, Pool, TaskStatus};
 use redis::{Script, Value};
@@ -71,6 +71,9 @@ struct PoolLocal {
     fifo: tokio::sync::Mutex<()>,
     notify: Notify,
     waiters: AtomicUsize,
+    /// Whether the queue's head was last told to wait (no free slot): while it is, this
+    /// process's creates in flight are all waiting, and `max_queue` counts them.
+    blocked: AtomicBool,
 }
 
 /// A holding this process has (its record, for replay and re-registration).
@@ -312,6 +315,7 @@ impl Inner {
             fifo: tokio::sync::Mutex::new(()),
             notify: Notify::new(),
             waiters: AtomicUsize::new(0),
+            blocked: AtomicBool::new(false),
         });
         pools.insert(pk.to_owned(), Arc::clone(&pool));
         pool
@@ -1075,6 +1079,11 @@ impl Drop for WaiterCount {
     }
 }
 
+/// A create refused because `max` creates of its pool already wait in this process.
+fn queue_full(key: SlotKey, max: usize) -> AcquireError {
+    AcquireError::QueueFull(QueueFull::new(key.account, key.pool, max))
+}
+
 /// The boxed futures of [`RedisSlots`].
 pub type SlotsFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
@@ -1096,8 +1105,16 @@ impl SlotBackend for RedisSlots {
         Box::pin(async move {
             let pk = inner.pk(&key);
             let local = inner.local(&pk);
-            local.waiters.fetch_add(1, Ordering::Relaxed);
+            let ahead = local.waiters.fetch_add(1, Ordering::Relaxed);
             let _count = WaiterCount(Arc::clone(&local));
+            let max_queue = inner.config.get_max_queue();
+            if let Some(max) = max_queue
+                && max > 0
+                && ahead >= max
+                && local.blocked.load(Ordering::Relaxed)
+            {
+                return Err(queue_full(key, max));
+            }
             // FIFO within the process: only the head asks Redis.
             let _turn = local.fifo.lock().await;
             // A fresh store is marked alive first (an unreachable one is retried below).
@@ -1206,6 +1223,7 @@ impl SlotBackend for RedisSlots {
                 };
                 match verdict {
                     Verdict::Granted => {
+                        local.blocked.store(false, Ordering::Relaxed);
                         lock(&inner.registry).insert(
                             holding.clone(),
                             Held {
@@ -1252,6 +1270,10 @@ impl SlotBackend for RedisSlots {
                     }
                     Verdict::Wait(next) => {
                         guard.armed = false;
+                        local.blocked.store(true, Ordering::Relaxed);
+                        if max_queue == Some(0) {
+                            return Err(queue_full(key, 0));
+                        }
                         let mut wake = now + inner.poll_every;
                         if let Some(next) = next {
                             let at =

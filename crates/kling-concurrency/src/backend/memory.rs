@@ -21,7 +21,7 @@ use super::{
     TaskRef,
 };
 use crate::config::SlotsConfig;
-use crate::error::{AcquireError, BackendError, ConfigError, Halted, OverCapacity};
+use crate::error::{AcquireError, BackendError, ConfigError, Halted, OverCapacity, QueueFull};
 use crate::id::SmallId;
 
 /// The in-process slot backend: state in this process, behind one mutex.
@@ -1589,6 +1589,7 @@ impl Future for InProcessAcquire {
             let token = match this.token {
                 None => {
                     let token = state.token();
+                    let max_queue = state.config.max_queue;
                     let pool = state.pool_mut(key);
                     if pool.configured > 0 && weight > pool.configured {
                         let err = OverCapacity::new(key.pool.clone(), weight, pool.configured);
@@ -1601,6 +1602,13 @@ impl Future for InProcessAcquire {
                         pool.publish_in_use();
                         let key = this.key.take().expect("checked above");
                         return Poll::Ready(Ok(Reservation { key, weight, token }));
+                    }
+                    if let Some(max) = max_queue
+                        && pool.queue.len() >= max
+                    {
+                        let key = this.key.take().expect("checked above");
+                        let err = QueueFull::new(key.account, key.pool, max);
+                        return Poll::Ready(Err(AcquireError::QueueFull(err)));
                     }
                     debug_assert!(
                         pool.queue.back().is_none_or(|last| last.token < token),

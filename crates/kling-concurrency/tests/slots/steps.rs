@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
-use kling_concurrency::error::{DeadlineExceeded, Halted, OverCapacity};
+use kling_concurrency::error::{DeadlineExceeded, Halted, OverCapacity, QueueFull};
 use kling_concurrency::{SlotsConfig, TaskSlots, TaskSlotsLayer};
 use kling_core::error::BoxError;
 use kling_core::signals::{Deadline, SlotGated, Waited};
@@ -108,6 +108,69 @@ async fn a_batch_query_ending_two_tasks_wakes_two_waiters() {
     assert_pending!(w3.poll());
     assert_eq!(fake.creates(), 4);
     assert_eq!(pool_state(&handle, &pool).await, (2, 2, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_beyond_a_full_queue_is_refused_unsent() {
+    let (mut svc, handle, fake) = stack(SlotsConfig::new(1).max_queue(1));
+    let t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    let mut waiting = spawn(call(&mut svc, create()).await);
+    assert_pending!(waiting.poll());
+    let err = send(&mut svc, create()).await.unwrap_err();
+    let full = err.downcast_ref::<QueueFull>().expect("typed error");
+    assert_eq!((full.pool(), full.max()), (&video(), 1));
+    assert_eq!(full.account(), handle.default_account());
+    assert_eq!(
+        full.to_string(),
+        "the queue of pool video of account default is full (1 waiting)"
+    );
+    assert_eq!(fake.creates(), 1, "the refused create was not sent");
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 1));
+
+    // The waiter keeps its turn; once it is served, the queue has room again.
+    fake.finish(&t1);
+    send(&mut svc, get(&format!("/v1/videos/text2video/{t1}")))
+        .await
+        .unwrap();
+    assert_ready_ok!(waiting.poll());
+    let mut next = spawn(call(&mut svc, create()).await);
+    assert_pending!(next.poll());
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_no_queue_a_create_waits_for_nothing() {
+    let (mut svc, handle, fake) = stack(SlotsConfig::new(1).max_queue(0));
+    let t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    let err = send(&mut svc, create()).await.unwrap_err();
+    let full = err.downcast_ref::<QueueFull>().expect("typed error");
+    assert_eq!(full.max(), 0);
+    assert_eq!(
+        full.to_string(),
+        "no free slot in pool video of account default and creates may not wait"
+    );
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+    // A free slot is taken at once.
+    fake.finish(&t1);
+    send(&mut svc, get(&format!("/v1/videos/text2video/{t1}")))
+        .await
+        .unwrap();
+    send(&mut svc, create()).await.unwrap();
+    assert_eq!(fake.creates(), 2);
+}
+
+// Without a bound, the same creates wait (the control of the two tests above).
+#[tokio::test(start_paused = true)]
+async fn without_a_bound_every_create_waits() {
+    let (mut svc, handle, _fake) = stack(SlotsConfig::new(1));
+    send(&mut svc, create()).await.unwrap();
+    let mut waiters: Vec<_> = Vec::new();
+    for _ in 0..3 {
+        let mut w = spawn(call(&mut svc, create()).await);
+        assert_pending!(w.poll());
+        waiters.push(w);
+    }
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 3));
 }
 
 #[tokio::test(start_paused = true)]

@@ -124,6 +124,60 @@ async fn a_waiter_is_woken_by_a_release_in_another_process_not_by_polling() {
     assert!(latency < Duration::from_secs(1), "{latency:?}");
 }
 
+/// `max_queue` bounds the creates of a pool waiting in one process: one more is refused at once
+/// (with 0, any create that finds no free slot), and the waiter keeps its turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_beyond_a_full_queue_is_refused_at_once() {
+    let Some(server) = redis() else { return };
+    let bounded = |max| {
+        let server = &server;
+        async move {
+            RedisSlots::new(connect(server).await, SlotsConfig::new(1).max_queue(max))
+                .unwrap()
+                .poll_every(Duration::from_secs(30))
+        }
+    };
+    let one = bounded(1).await;
+    let held = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(held, "t1", LONG)).await.unwrap();
+    let waiter = tokio::spawn({
+        let one = one.clone();
+        async move { one.acquire(video(), 1).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished(), "the first waiter waits");
+    let refused = tokio::time::timeout(Duration::from_secs(1), one.acquire(video(), 1))
+        .await
+        .expect("refused at once, not queued");
+    let Err(AcquireError::QueueFull(full)) = refused else {
+        panic!("{refused:?}");
+    };
+    assert_eq!((full.pool(), full.max()), (&video().pool, 1));
+    one.apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    let granted = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the waiter keeps its turn")
+        .unwrap();
+    assert!(granted.is_ok(), "{granted:?}");
+
+    // With no queue, a create that finds the pool full is refused; another process without
+    // the bound (the control) waits.
+    let none = bounded(0).await;
+    let refused = tokio::time::timeout(Duration::from_secs(1), none.acquire(video(), 1))
+        .await
+        .expect("refused at once");
+    assert!(
+        matches!(&refused, Err(AcquireError::QueueFull(f)) if f.max() == 0),
+        "{refused:?}"
+    );
+    let unbounded = backend(&server, 1).await;
+    let waits =
+        tokio::time::timeout(Duration::from_millis(300), unbounded.acquire(video(), 1)).await;
+    assert!(waits.is_err(), "an unbounded create waits");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_lease_expires_and_lets_a_waiter_in() {
     let Some(server) = redis() else { return };
