@@ -37,6 +37,7 @@
 //! headroom = 0.0
 //! jitter_allowance_ms = 15  # real time, not scaled by speed
 //! slots = 5
+//! slot_queue = "none"       # or the most creates that may wait for a pool's slots
 //! task_lease_secs = 1800
 //! retry_max_attempts = 6
 //! retry_deadline_secs = 600
@@ -144,6 +145,7 @@ pub struct StackConfig {
     jitter_allowance: Duration,
     slots: u32,
     pool_slots: BTreeMap<String, u32>,
+    slot_queue: Option<usize>,
     task_lease: Duration,
     retry_max_attempts: u32,
     retry_deadline: Duration,
@@ -197,6 +199,7 @@ impl StackConfig {
             jitter_allowance: DEFAULT_JITTER_ALLOWANCE,
             slots,
             pool_slots,
+            slot_queue: None,
             task_lease: Duration::from_secs(30 * 60),
             retry_max_attempts: 6,
             retry_deadline: Duration::from_secs(10 * 60),
@@ -281,6 +284,15 @@ impl StackConfig {
     /// Sets the slots of one pool (`video`, `image`, `try-on`, or `video:kling-3.0`).
     pub fn pool_slots(mut self, pool: impl Into<String>, slots: u32) -> Self {
         self.pool_slots.insert(pool.into(), slots);
+        self
+    }
+
+    /// Bounds how many creates may wait for a pool's slots (per account; `None`, the default:
+    /// unbounded). One more is refused at once with
+    /// [`QueueFull`](kling_concurrency::error::QueueFull) and is not sent; `Some(0)` refuses any
+    /// create that finds no free slot (for a caller that would rather answer "busy" than wait).
+    pub fn slot_queue(mut self, max: Option<usize>) -> Self {
+        self.slot_queue = max;
         self
     }
 
@@ -400,6 +412,11 @@ impl StackConfig {
         let exact = self.pool_slots.get(pool.to_string().as_str());
         let product = || self.pool_slots.get(pool.product().as_str());
         exact.or_else(product).copied().unwrap_or(self.slots)
+    }
+
+    /// How many creates may wait for a pool's slots (`None`: unbounded).
+    pub fn slot_queue_limit(&self) -> Option<usize> {
+        self.slot_queue
     }
 
     /// The slot lease at this speed.
@@ -542,6 +559,7 @@ impl StackConfig {
     /// | `KLING_JITTER_ALLOWANCE_MS` | jitter allowance | milliseconds, 0 to 10000 |
     /// | `KLING_SLOTS` | slots | integer ≥ 1 |
     /// | `KLING_POOL_SLOTS` | pool_slots | `video=20,image=9` |
+    /// | `KLING_SLOT_QUEUE` | slot_queue | integer ≥ 0, or `none` |
     /// | `KLING_TASK_LEASE_SECS` | task_lease | seconds |
     /// | `KLING_RETRY_MAX_ATTEMPTS` | retry_max_attempts | integer ≥ 1 |
     /// | `KLING_RETRY_DEADLINE_SECS` | retry_deadline | seconds |
@@ -599,6 +617,13 @@ impl StackConfig {
                 self.pool_slots.insert(pool.trim().to_owned(), slots);
             }
         }
+        if let Some((var, v)) = get("KLING_SLOT_QUEUE") {
+            self.slot_queue = if v.eq_ignore_ascii_case("none") {
+                None
+            } else {
+                Some(parse_num(var, &v)?)
+            };
+        }
         if let Some((var, v)) = get("KLING_TASK_LEASE_SECS") {
             self.task_lease = parse_secs(var, &v)?;
         }
@@ -650,6 +675,7 @@ fn env_var_of(field: &str) -> Cow<'static, str> {
         "headroom" => "KLING_HEADROOM",
         "jitter_allowance_ms" => "KLING_JITTER_ALLOWANCE_MS",
         "slots" => "KLING_SLOTS",
+        "slot_queue" => "KLING_SLOT_QUEUE",
         "task_lease_secs" => "KLING_TASK_LEASE_SECS",
         "retry_max_attempts" => "KLING_RETRY_MAX_ATTEMPTS",
         "retry_deadline_secs" => "KLING_RETRY_DEADLINE_SECS",
@@ -724,6 +750,7 @@ struct RawConfig {
     jitter_allowance_ms: Option<f64>,
     slots: Option<u32>,
     pool_slots: Option<BTreeMap<String, u32>>,
+    slot_queue: Option<NumberOrNone>,
     task_lease_secs: Option<f64>,
     retry_max_attempts: Option<u32>,
     retry_deadline_secs: Option<f64>,
@@ -770,6 +797,18 @@ impl RawConfig {
         }
         if let Some(v) = self.pool_slots {
             c.pool_slots.extend(v);
+        }
+        if let Some(v) = self.slot_queue {
+            c.slot_queue = match v.into_option("slot_queue")? {
+                None => None,
+                Some(n) if n >= 0.0 && n.fract() == 0.0 && n <= u32::MAX as f64 => Some(n as usize),
+                Some(_) => {
+                    return Err(ConfigError::new(
+                        "slot_queue",
+                        "must be a whole number, 0 or more, or \"none\"",
+                    ));
+                }
+            };
         }
         if let Some(v) = self.task_lease_secs {
             c.task_lease = secs("task_lease_secs", v)?;

@@ -286,6 +286,9 @@ impl<B: StackBackends> KlingBuilder<B> {
             .lease(config.task_lease_duration())
             .recovery_interval(config.scaled(DEFAULT_RECOVERY_INTERVAL))
             .default_account(account.clone());
+        if let Some(max) = config.slot_queue_limit() {
+            slots = slots.max_queue(max);
+        }
         for (pool, n) in config.pool_slot_overrides() {
             let parsed = Pool::parse(pool)
                 .ok_or_else(|| ConfigError::new(format!("pool_slots.{pool}"), "is not a pool"))?;

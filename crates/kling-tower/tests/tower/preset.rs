@@ -172,8 +172,10 @@ fn env_variables_pick_the_tier_and_override_numbers() {
         ("KLING_DAILY_CREDITS", "500"),
         ("KLING_ATTEMPT_TIMEOUT_SECS", "20"),
         ("KLING_JITTER_ALLOWANCE_MS", "2.5"),
+        ("KLING_SLOT_QUEUE", "7"),
     ]))
     .unwrap();
+    assert_eq!(c.slot_queue_limit(), Some(7));
     assert_eq!(c.jitter_allowance_duration(), Duration::from_micros(2500));
     assert_eq!(c.tier(), Tier::Standard);
     assert_eq!(c.account_rate_per_minute(), Some(450.0));
@@ -192,14 +194,18 @@ fn env_variables_pick_the_tier_and_override_numbers() {
     let c = StackConfig::from_lookup(vars(&[
         ("KLING_TIER", "free"),
         ("KLING_DAILY_CREDITS", "none"),
+        ("KLING_SLOT_QUEUE", "none"),
     ]))
     .unwrap();
     assert_eq!(c.credit_budget(), None);
+    assert_eq!(c.slot_queue_limit(), None);
 }
 
 #[test]
 fn bad_env_values_are_rejected_naming_the_variable() {
-    let cases: [(&[(&str, &str)], &str); 8] = [
+    let cases: [(&[(&str, &str)], &str); 10] = [
+        (&[("KLING_SLOT_QUEUE", "-1")], "KLING_SLOT_QUEUE"),
+        (&[("KLING_SLOT_QUEUE", "a few")], "KLING_SLOT_QUEUE"),
         (&[("KLING_TIER", "platinum")], "KLING_TIER"),
         (&[("KLING_BURST", "many")], "KLING_BURST"),
         (&[("KLING_BURST", "0")], "KLING_BURST"),
@@ -234,6 +240,7 @@ jitter_allowance_ms = 0
 task_lease_secs = 900
 retry_max_attempts = 4
 daily_credits = 250
+slot_queue = 0
 
 [pool_slots]
 video = 4
@@ -250,6 +257,7 @@ fn toml_loads_every_key() {
     assert_eq!(c.task_lease_duration(), Duration::from_secs(450));
     assert_eq!(c.max_attempts(), 4);
     assert_eq!(c.credit_budget(), Some(250.0));
+    assert_eq!(c.slot_queue_limit(), Some(0));
     assert_eq!(c.slots_for(&Pool::parse("video").unwrap()), 4);
     assert_eq!(c.slots_for(&Pool::parse("image:kling-v2").unwrap()), 2);
     assert_eq!(c.slots_for(&Pool::parse("try-on").unwrap()), 5);
@@ -257,6 +265,8 @@ fn toml_loads_every_key() {
     let c =
         StackConfig::from_toml_str("tier = \"resource-pack\"\nrate_per_minute = \"none\"").unwrap();
     assert_eq!(c.account_rate_per_minute(), None);
+    let c = StackConfig::from_toml_str("slot_queue = \"none\"").unwrap();
+    assert_eq!(c.slot_queue_limit(), None);
     assert_eq!(
         StackConfig::from_toml_str("").unwrap(),
         StackConfig::preset(Tier::Free)
@@ -274,6 +284,9 @@ fn bad_toml_is_rejected_naming_the_key() {
         ("rate_per_minute = \"fast\"", "rate_per_minute"),
         ("task_lease_secs = -1", "task_lease_secs"),
         ("[pool_slots]\naudio = 2", "pool_slots.audio"),
+        ("slot_queue = -1", "slot_queue"),
+        ("slot_queue = 2.5", "slot_queue"),
+        ("slot_queue = \"all\"", "slot_queue"),
     ];
     for (text, field) in cases {
         let err = StackConfig::from_toml_str(text).unwrap_err();

@@ -252,6 +252,42 @@ async fn a_verified_callback_frees_the_tasks_slot() {
     assert_eq!(guard.remaining(Some(kling.account_id())), 65.5);
 }
 
+/// `slot_queue` reaches the stack's task slots: with no queue, a create that finds the Free
+/// tier's one slot taken is refused at once, unsent and not retried; without it, it waits.
+#[tokio::test(start_paused = true)]
+async fn with_no_slot_queue_a_create_that_finds_no_slot_is_refused_unsent() {
+    let create = || request("POST", "/v1/videos/text2video", r#"{"prompt":"a"}"#);
+    let mock = roomy_mock();
+    let busy = KlingLayer::new(
+        StackConfig::preset(Tier::Free).slot_queue(Some(0)),
+        Credentials::api_key("k").unwrap(),
+    )
+    .unwrap()
+    .layer(mock.clone());
+    send(&busy, create()).await.unwrap();
+    let err = send(&busy, create()).await.unwrap_err();
+    let full = err
+        .downcast_ref::<kling_concurrency::error::QueueFull>()
+        .unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(full.max(), 0);
+    assert_eq!(
+        mock.stats().tasks_created,
+        1,
+        "the refused create was not sent"
+    );
+
+    // The control: the same stack without the bound waits for the slot.
+    let waits = KlingLayer::new(
+        StackConfig::preset(Tier::Free),
+        Credentials::api_key("k").unwrap(),
+    )
+    .unwrap()
+    .layer(roomy_mock());
+    send(&waits, create()).await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(60), send(&waits, create())).await;
+    assert!(second.is_err(), "waits for the slot");
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_gateway_gives_each_account_its_own_preset() {
     let mock = MockKling::new(
