@@ -1211,6 +1211,7 @@ impl SlotBackend for RedisSlots {
                                 ) =>
                             {
                                 guard.armed = false;
+                                local.blocked.store(false, Ordering::Relaxed);
                                 return Ok(Reservation { key, weight, token });
                             }
                             _ => {}
