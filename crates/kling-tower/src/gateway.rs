@@ -9,6 +9,10 @@
 //! connection pool) the layer is applied to. A request naming no account, or an unknown one,
 //! fails with [`UnknownAccount`] and is never sent.
 //!
+//! A fleet of gateways shares each account's limits through Redis (feature `redis`): build
+//! every account's stack with [`KlingBuilder::shared`](crate::KlingBuilder::shared), and the
+//! gateway is a `GatewayLayer<backends::Redis>`, each account keyed by its [`AccountId`].
+//!
 //! ```
 //! use bytes::Bytes;
 //! use http_body_util::Full;
@@ -63,27 +67,45 @@ use tower::util::Oneshot;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::backends::{InProcess, StackBackends};
 use crate::error::{ConfigError, UnknownAccount};
 use crate::stack::{Kling, KlingBuilder, KlingLayer};
 
-/// Collects the accounts of a [`GatewayLayer`].
+/// Collects the accounts of a [`GatewayLayer`]. Every account's stack keeps its limits where
+/// `B` says ([`StackBackends`]): in this process by default, or in Redis for a fleet of
+/// gateways (each account's builder made with [`KlingBuilder::shared`], feature `redis`).
 #[must_use]
-#[derive(Debug, Default)]
-pub struct GatewayBuilder {
-    accounts: Vec<(AccountId, KlingBuilder)>,
+pub struct GatewayBuilder<B = InProcess> {
+    accounts: Vec<(AccountId, KlingBuilder<B>)>,
 }
 
-impl GatewayBuilder {
+impl<B> Default for GatewayBuilder<B> {
+    fn default() -> Self {
+        GatewayBuilder {
+            accounts: Vec::new(),
+        }
+    }
+}
+
+impl<B: fmt::Debug> fmt::Debug for GatewayBuilder<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GatewayBuilder")
+            .field("accounts", &self.accounts)
+            .finish()
+    }
+}
+
+impl<B: StackBackends> GatewayBuilder<B> {
     /// Adds an account: requests carrying `account` go through the stack `stack` builds (its
     /// limits count under `account`).
-    pub fn account(mut self, account: impl Into<AccountId>, stack: KlingBuilder) -> Self {
+    pub fn account(mut self, account: impl Into<AccountId>, stack: KlingBuilder<B>) -> Self {
         self.accounts.push((account.into(), stack));
         self
     }
 
     /// Builds every account's stack; an error names the account and the field
     /// (`accounts.team-a.burst`).
-    pub fn build(self) -> Result<GatewayLayer, ConfigError> {
+    pub fn build(self) -> Result<GatewayLayer<B>, ConfigError> {
         if self.accounts.is_empty() {
             return Err(ConfigError::new(
                 "accounts",
@@ -115,24 +137,39 @@ impl GatewayBuilder {
 /// # Clone
 ///
 /// Clones share every account's stack (limits, handles, monitors).
-#[derive(Clone, Debug)]
-pub struct GatewayLayer {
-    stacks: Arc<BTreeMap<AccountId, KlingLayer>>,
+pub struct GatewayLayer<B: StackBackends = InProcess> {
+    stacks: Arc<BTreeMap<AccountId, KlingLayer<B>>>,
 }
 
-impl GatewayLayer {
-    /// A builder to add accounts to.
-    pub fn builder() -> GatewayBuilder {
+impl<B: StackBackends> Clone for GatewayLayer<B> {
+    fn clone(&self) -> Self {
+        GatewayLayer {
+            stacks: Arc::clone(&self.stacks),
+        }
+    }
+}
+
+impl<B: StackBackends> fmt::Debug for GatewayLayer<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GatewayLayer")
+            .field("stacks", &self.stacks)
+            .finish()
+    }
+}
+
+impl<B: StackBackends> GatewayLayer<B> {
+    /// A builder to add accounts to (the backends `B` follow from the accounts' builders).
+    pub fn builder() -> GatewayBuilder<B> {
         GatewayBuilder::default()
     }
 
     /// One account's stack (its handles: slots, rate limit, snapshot, drain, callbacks).
-    pub fn get(&self, account: &AccountId) -> Option<&KlingLayer> {
+    pub fn get(&self, account: &AccountId) -> Option<&KlingLayer<B>> {
         self.stacks.get(account)
     }
 
     /// Every account and its stack, ordered by account.
-    pub fn accounts(&self) -> impl Iterator<Item = (&AccountId, &KlingLayer)> {
+    pub fn accounts(&self) -> impl Iterator<Item = (&AccountId, &KlingLayer<B>)> {
         self.stacks.iter()
     }
 
@@ -148,10 +185,10 @@ impl GatewayLayer {
     }
 }
 
-impl<S: Clone> Layer<S> for GatewayLayer {
-    type Service = Gateway<S>;
+impl<S: Clone, B: StackBackends> Layer<S> for GatewayLayer<B> {
+    type Service = Gateway<S, B>;
 
-    fn layer(&self, client: S) -> Gateway<S> {
+    fn layer(&self, client: S) -> Gateway<S, B> {
         let stacks = self
             .stacks
             .iter()
@@ -171,11 +208,11 @@ impl<S: Clone> Layer<S> for GatewayLayer {
 /// # Clone
 ///
 /// Clones share the stacks.
-pub struct Gateway<S> {
-    stacks: Arc<BTreeMap<AccountId, Kling<S>>>,
+pub struct Gateway<S, B: StackBackends = InProcess> {
+    stacks: Arc<BTreeMap<AccountId, Kling<S, B>>>,
 }
 
-impl<S> Clone for Gateway<S> {
+impl<S, B: StackBackends> Clone for Gateway<S, B> {
     fn clone(&self) -> Self {
         Gateway {
             stacks: self.stacks.clone(),
@@ -183,7 +220,7 @@ impl<S> Clone for Gateway<S> {
     }
 }
 
-impl<S> fmt::Debug for Gateway<S> {
+impl<S, B: StackBackends> fmt::Debug for Gateway<S, B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Gateway")
             .field("accounts", &self.stacks.keys().collect::<Vec<_>>())
@@ -191,14 +228,14 @@ impl<S> fmt::Debug for Gateway<S> {
     }
 }
 
-impl<S> Service<Request<Full<Bytes>>> for Gateway<S>
+impl<S, B: StackBackends> Service<Request<Full<Bytes>>> for Gateway<S, B>
 where
-    Kling<S>:
+    Kling<S, B>:
         Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = BoxError> + Clone,
 {
     type Response = Response<Full<Bytes>>;
     type Error = BoxError;
-    type Future = ResponseFuture<Kling<S>>;
+    type Future = ResponseFuture<Kling<S, B>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))

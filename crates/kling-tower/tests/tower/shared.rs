@@ -289,3 +289,72 @@ async fn the_request_rate_is_shared_by_the_stacks() {
     let took = alternate([local[0].layer(mock_two.clone()), local[1].layer(mock_two)]).await;
     assert!(took < Duration::from_millis(200), "{took:?}");
 }
+
+/// A gateway in each of two processes (two `GatewayLayer`s on one Redis): an account's slot
+/// taken through one is taken for the other, and the other's create for that account waits,
+/// while another account's does not. The control: the same two gateways with in-process
+/// limits each grant their own slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_in_two_processes_share_each_accounts_limits_through_redis() {
+    use kling_core::AccountId;
+    use kling_tower::gateway::GatewayLayer;
+
+    let Some(server) = redis() else { return };
+    let mock = kling_mock::MockKling::new(
+        MockConfig::preset(Preset::Enterprise)
+            .slots(50)
+            .no_rate_limit()
+            .unlimited_credits(),
+    )
+    .unwrap();
+    // One slot, no request-rate cap: only the slot can make a create wait.
+    let stack = || {
+        KlingLayer::builder(
+            StackConfig::preset(Tier::Enterprise).slots(1),
+            Credentials::api_key("k").unwrap(),
+        )
+    };
+    let for_account = |account: &str| {
+        let mut req = request("POST", CREATE, r#"{"prompt":"a"}"#);
+        req.extensions_mut().insert(AccountId::new(account));
+        req
+    };
+    let shared = |connection: Connection| {
+        GatewayLayer::builder()
+            .account("team-a", stack().shared(connection.clone()))
+            .account("team-b", stack().shared(connection))
+            .build()
+            .unwrap()
+            .layer(mock.clone())
+    };
+    let one = shared(connect(&server, "gateway").await);
+    let two = shared(connect(&server, "gateway").await);
+    one.clone().oneshot(for_account("team-b")).await.unwrap();
+    let waits = tokio::time::timeout(
+        Duration::from_millis(500),
+        two.clone().oneshot(for_account("team-b")),
+    )
+    .await;
+    assert!(
+        waits.is_err(),
+        "team-b's one slot is taken in the other process"
+    );
+    two.clone().oneshot(for_account("team-a")).await.unwrap();
+
+    let local = || {
+        GatewayLayer::builder()
+            .account("team-b", stack())
+            .build()
+            .unwrap()
+            .layer(mock.clone())
+    };
+    let (one, two) = (local(), local());
+    one.oneshot(for_account("team-b")).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_millis(500),
+        two.oneshot(for_account("team-b")),
+    )
+    .await
+    .expect("in-process limits: each gateway has its own slot")
+    .unwrap();
+}
