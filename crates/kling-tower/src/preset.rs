@@ -618,11 +618,7 @@ impl StackConfig {
             }
         }
         if let Some((var, v)) = get("KLING_SLOT_QUEUE") {
-            self.slot_queue = if v.eq_ignore_ascii_case("none") {
-                None
-            } else {
-                Some(parse_num(var, &v)?)
-            };
+            self.slot_queue = parse_optional(var, &v)?;
         }
         if let Some((var, v)) = get("KLING_TASK_LEASE_SECS") {
             self.task_lease = parse_secs(var, &v)?;
@@ -698,7 +694,7 @@ fn parse_num<T: FromStr>(var: &'static str, value: &str) -> Result<T, ConfigErro
         .map_err(|_| ConfigError::new(var, format!("`{value}` is not a valid number here")))
 }
 
-fn parse_optional(var: &'static str, value: &str) -> Result<Option<f64>, ConfigError> {
+fn parse_optional<T: FromStr>(var: &'static str, value: &str) -> Result<Option<T>, ConfigError> {
     if value.eq_ignore_ascii_case("none") {
         Ok(None)
     } else {
