@@ -93,6 +93,7 @@ mod unreachable;
 pub use conn::{Connection, DEFAULT_COMMAND_TIMEOUT, DEFAULT_PREFIX, RedisConfig};
 pub use gcra::{DEFAULT_IDLE_TTL, FleetDecision, GcraFuture, RedisGcra};
 pub use slots::{
-    DEFAULT_GRACE, DEFAULT_MAINTAIN_EVERY, DEFAULT_POLL_EVERY, RedisSlots, SlotsFuture,
+    DEFAULT_GRACE, DEFAULT_MAINTAIN_EVERY, DEFAULT_PLACE_TTL_POLLS, DEFAULT_POLL_EVERY, RedisSlots,
+    SlotsFuture,
 };
 pub use unreachable::{DEFAULT_RETRY_EVERY, WhenUnreachable};

@@ -34,6 +34,9 @@ pub const DEFAULT_MAINTAIN_EVERY: Duration = Duration::from_secs(1);
 /// How long new creates wait after Redis lost its state, so every process can register the
 /// slots it holds again first, by default.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(3);
+/// How long a waiting create's place in the fleet's queue outlives its process's last ask, by
+/// default, as a multiple of [`poll_every`](RedisSlots::poll_every).
+pub const DEFAULT_PLACE_TTL_POLLS: u32 = 3;
 
 /// The task slots' state in Redis, shared by every process of a fleet: implements
 /// [`kling_concurrency::backend::SlotBackend`] for
@@ -47,7 +50,11 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(3);
 /// - **Waiting**: FIFO within the process (only the head of a pool asks Redis); the head
 ///   sleeps until a release is announced on the `PREFIX:freed` channel (pub/sub), the next
 ///   lease deadline or recovery step, or at the latest [`poll_every`](Self::poll_every).
-///   Across processes, grants are first come first served at Redis, not strictly FIFO.
+/// - **Fleet order**: across processes, freed slots go to creates in the order they arrived
+///   (fleet time). Each waiting head holds a place in the pool's queue in Redis, renewed by
+///   every ask; a create that gives up leaves it at once, and a place whose process stopped
+///   asking ends after [`place_ttl`](Self::place_ttl). [`arrival_order(false)`](Self::arrival_order)
+///   serves whoever asks first instead.
 /// - **Shared learning**: a 1303 lowers the pool's capacity in Redis for the whole fleet; a
 ///   1102 halts the account for every process until
 ///   [`SlotsHandle::reset_halt`](kling_concurrency::SlotsHandle::reset_halt); run-time
@@ -108,6 +115,8 @@ struct Inner {
     poll_every: Duration,
     maintain_every: Duration,
     grace: Duration,
+    arrival_order: bool,
+    place_ttl: Option<Duration>,
     instance: String,
     next: AtomicU64,
     pools: Mutex<HashMap<String, Arc<PoolLocal>>>,
@@ -167,6 +176,8 @@ struct Options {
     poll_every: Duration,
     maintain_every: Duration,
     grace: Duration,
+    arrival_order: bool,
+    place_ttl: Option<Duration>,
 }
 
 impl RedisSlots {
@@ -188,6 +199,8 @@ impl RedisSlots {
                 poll_every: DEFAULT_POLL_EVERY,
                 maintain_every: DEFAULT_MAINTAIN_EVERY,
                 grace: DEFAULT_GRACE,
+                arrival_order: true,
+                place_ttl: None,
             },
         ))
     }
@@ -202,6 +215,8 @@ impl RedisSlots {
                 poll_every: options.poll_every,
                 maintain_every: options.maintain_every,
                 grace: options.grace,
+                arrival_order: options.arrival_order,
+                place_ttl: options.place_ttl,
                 instance: instance_id(),
                 next: AtomicU64::new(0),
                 pools: Mutex::new(HashMap::new()),
@@ -230,6 +245,8 @@ impl RedisSlots {
             poll_every: i.poll_every,
             maintain_every: i.maintain_every,
             grace: i.grace,
+            arrival_order: i.arrival_order,
+            place_ttl: i.place_ttl,
         }
     }
 
@@ -264,6 +281,24 @@ impl RedisSlots {
     /// again (default [`DEFAULT_GRACE`]; keep it above `maintain_every`).
     pub fn grace(self, grace: Duration) -> Self {
         self.with(|o| o.grace = grace)
+    }
+
+    /// Whether freed slots go to the fleet's waiting creates in the order they arrived
+    /// (default `true`). With `false`, whichever process's waiting create asks Redis first
+    /// after a release gets the slot: a create that has waited minutes in one process can lose
+    /// every race to fresh ones in another. Every process sharing a pool should choose the
+    /// same; one that does not take part is still kept behind the waiting creates of those
+    /// that do, as if each of its asks had just arrived.
+    pub fn arrival_order(self, on: bool) -> Self {
+        self.with(|o| o.arrival_order = on)
+    }
+
+    /// How long a waiting create keeps its place in the fleet's queue after its process last
+    /// asked (default [`DEFAULT_PLACE_TTL_POLLS`] × [`poll_every`](Self::poll_every)). A waiting
+    /// process asks at least every `poll_every`, so keep it well above that: it bounds how long
+    /// the fleet waits for a create whose process stopped (crashed, or stalled).
+    pub fn place_ttl(self, ttl: Duration) -> Self {
+        self.with(|o| o.place_ttl = Some(ttl.max(Duration::from_millis(1))))
     }
 
     /// The connection.
@@ -1045,18 +1080,20 @@ async fn maintenance(inner: Weak<Inner>, shutdown: Arc<Notify>) {
 }
 
 /// Gives a possibly received grant back if the acquire future is dropped (or fails) while
-/// its script may have run.
+/// its script may have run, and gives up the create's place in the fleet's queue.
 struct GrantGuard {
     inner: Arc<Inner>,
     key: SlotKey,
     token: u64,
     weight: u32,
     armed: bool,
+    /// Holds a place in the fleet's queue.
+    queued: bool,
 }
 
 impl Drop for GrantGuard {
     fn drop(&mut self) {
-        if !self.armed {
+        if !self.armed && !self.queued {
             return;
         }
         let op = SlotOp::GiveBack(Reservation {
@@ -1103,6 +1140,8 @@ impl SlotBackend for RedisSlots {
         let inner = Arc::clone(&self.inner);
         inner.start();
         Box::pin(async move {
+            // When this create arrived, in fleet time: its place in the fleet's order.
+            let arrival = inner.conn.now_us();
             let pk = inner.pk(&key);
             let local = inner.local(&pk);
             let ahead = local.waiters.fetch_add(1, Ordering::Relaxed);
@@ -1127,6 +1166,7 @@ impl SlotBackend for RedisSlots {
                 token,
                 weight,
                 armed: false,
+                queued: false,
             };
             let configured = inner.config.capacity_of(&key.account, &key.pool);
             if configured > 0 && weight > configured {
@@ -1137,6 +1177,15 @@ impl SlotBackend for RedisSlots {
                 )));
             }
             let halt_key = inner.halt_key(&key.account);
+            let place_ttl = micros(
+                inner
+                    .place_ttl
+                    .unwrap_or(inner.poll_every * DEFAULT_PLACE_TTL_POLLS),
+            )
+            .max(1)
+            .to_string();
+            // A create that will not wait takes no place; nor does any without the fleet order.
+            let join = inner.arrival_order && max_queue != Some(0);
             loop {
                 let mut notified = pin!(local.notify.notified());
                 notified.as_mut().enable();
@@ -1156,6 +1205,16 @@ impl SlotBackend for RedisSlots {
                     micros(inner.config.get_lease()).to_string(),
                     key.account.as_str().to_owned(),
                     key.pool.to_string(),
+                    // Without a place, a create counts as arriving at each ask: behind every
+                    // create that holds one.
+                    if inner.arrival_order {
+                        arrival
+                    } else {
+                        inner.conn.now_us()
+                    }
+                    .to_string(),
+                    place_ttl.clone(),
+                    if join { "1" } else { "0" }.to_owned(),
                 ];
                 args.extend(Inner::cap_fields(&key));
                 guard.armed = true;
@@ -1211,6 +1270,9 @@ impl SlotBackend for RedisSlots {
                                 ) =>
                             {
                                 guard.armed = false;
+                                // A place taken before Redis went away ends with its TTL
+                                // (giving it back would give back this grant too).
+                                guard.queued = false;
                                 local.blocked.store(false, Ordering::Relaxed);
                                 return Ok(Reservation { key, weight, token });
                             }
@@ -1224,6 +1286,8 @@ impl SlotBackend for RedisSlots {
                 };
                 match verdict {
                     Verdict::Granted => {
+                        // The script took the create out of the fleet's queue.
+                        guard.queued = false;
                         local.blocked.store(false, Ordering::Relaxed);
                         lock(&inner.registry).insert(
                             holding.clone(),
@@ -1244,6 +1308,7 @@ impl SlotBackend for RedisSlots {
                     }
                     Verdict::Halted(cause) => {
                         guard.armed = false;
+                        guard.queued = false;
                         let cause = decode_cause(&cause).unwrap_or_else(|| {
                             let body = r#"{"code":1102,"message":"resource pack exhausted","request_id":null}"#;
                             let outcome = Outcome::parse(
@@ -1263,6 +1328,7 @@ impl SlotBackend for RedisSlots {
                     }
                     Verdict::Over(capacity) => {
                         guard.armed = false;
+                        guard.queued = false;
                         return Err(AcquireError::OverCapacity(OverCapacity::new(
                             key.pool.clone(),
                             weight,
@@ -1271,6 +1337,7 @@ impl SlotBackend for RedisSlots {
                     }
                     Verdict::Wait(next) => {
                         guard.armed = false;
+                        guard.queued = join;
                         local.blocked.store(true, Ordering::Relaxed);
                         if max_queue == Some(0) {
                             return Err(queue_full(key, 0));

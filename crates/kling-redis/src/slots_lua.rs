@@ -7,6 +7,8 @@
 //! | `P:pool:ACCOUNT:POOL:h` | hash | holding id → `{w, s, k, id, ext}` (weight, since, `g` grant or `t` task) |
 //! | `P:pool:ACCOUNT:POOL:l` | sorted set | holding id by lease deadline (µs) |
 //! | `P:pool:ACCOUNT:POOL:m` | hash | `used`, `hid` (hidden after a 1303), `rec` (last recovery), `acct`, `pool` |
+//! | `P:pool:ACCOUNT:POOL:q` | sorted set | the fleet's queue: each waiting process's head create by arrival (µs) |
+//! | `P:pool:ACCOUNT:POOL:qx` | sorted set | the same creates by the end of their place (µs): a process that stops asking loses it |
 //! | `P:ids`, `P:ext` | hash | task id / external id → `pool key \n holding id` |
 //! | `P:pools` | set | every pool key |
 //! | `P:cap` | hash | capacity set at run time: `ACCOUNT|POOL` or `*|POOL` → slots |
@@ -129,31 +131,78 @@ local function capacity(default, first)
   return tonumber(default)
 end
 local function opt(s) if s == '' then return nil end return s end
+-- Takes a create out of the fleet's queue; true if it was in it.
+local function leave(pk, h)
+  if redis.call('ZREM', pk .. ':q', h) == 0 then return false end
+  redis.call('ZREM', pk .. ':qx', h)
+  return true
+end
 ";
 
 /// Acquire. ARGV: 4 pool key, 5 holding, 6 weight, 7 configured capacity, 8 halt key,
-/// 9 recovery interval, 10 grant lease, 11 account, 12 pool, 13.. capacity fields.
-/// Returns {0, lost} granted, {1, next wake or -1, lost} full, {2, grace end, lost},
-/// {3, cause, lost} halted, {4, capacity, lost} never fits.
+/// 9 recovery interval, 10 grant lease, 11 account, 12 pool, 13 arrival (µs), 14 how long a
+/// place outlives its last ask (µs), 15 '1' to take a place when it must wait, 16.. capacity
+/// fields.
+/// Returns {0, lost} granted, {1, next wake or -1, lost} full or another create is ahead,
+/// {2, grace end, lost}, {3, cause, lost} halted, {4, capacity, lost} never fits.
+///
+/// The fleet's order: each process sends only its queue's head, with the instant that create
+/// arrived; heads are served in arrival order, so the fleet's waiting creates are too. A place
+/// lasts while its process keeps asking (each ask renews it); a process that stops loses it.
+/// A create that takes no place (its process serves whoever asks first) is still kept behind
+/// those that hold one and arrived before it.
 const ACQUIRE_BODY: &str = r"
 local pk = ARGV[4]
 local h = ARGV[5]
 local w = tonumber(ARGV[6])
 local cause = redis.call('GET', ARGV[8])
-if cause then return {3, cause, lost} end
+if cause then
+  if leave(pk, h) then redis.call('PUBLISH', P .. ':freed', pk) end
+  return {3, cause, lost}
+end
 if redis.call('HEXISTS', pk .. ':h', h) == 1 then return {0, lost} end
 if now < grace_until then return {2, grace_until, lost} end
 maintain(pk, tonumber(ARGV[9]))
-local cap = capacity(ARGV[7], 13)
-if cap > 0 and w > cap then return {4, cap, lost} end
+local cap = capacity(ARGV[7], 16)
+if cap > 0 and w > cap then
+  if leave(pk, h) then redis.call('PUBLISH', P .. ':freed', pk) end
+  return {4, cap, lost}
+end
+-- Who is ahead in the fleet's queue, once the places of processes that stopped asking are gone.
+local ahead = nil
+local ahead_until = -1
+local q = pk .. ':q'
+local qx = pk .. ':qx'
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', qx, '-inf', int(now))) do
+  redis.call('ZREM', q, gone)
+  redis.call('ZREM', qx, gone)
+end
+local first = redis.call('ZRANGE', q, 0, 0, 'WITHSCORES')
+if first[1] and first[1] ~= h then
+  local arrival = tonumber(ARGV[13])
+  local theirs = tonumber(first[2])
+  if theirs < arrival or (theirs == arrival and first[1] < h) then
+    ahead = first[1]
+    ahead_until = tonumber(redis.call('ZSCORE', qx, ahead) or '-1')
+  end
+end
 local m = pk .. ':m'
 local v = redis.call('HMGET', m, 'used', 'hid', 'rec')
 local used = tonumber(v[1] or '0')
 local hidden = tonumber(v[2] or '0')
 if hidden > cap then hidden = cap end
-if used + w <= cap - hidden then
+if not ahead and used + w <= cap - hidden then
   create(pk, h, w, 'g', nil, nil, tonumber(ARGV[10]), ARGV[11], ARGV[12])
+  leave(pk, h)
+  -- The next in line asks at once if a slot is still free.
+  if used + w < cap - hidden and redis.call('ZCARD', q) > 0 then
+    redis.call('PUBLISH', P .. ':freed', pk)
+  end
   return {0, lost}
+end
+if ARGV[15] == '1' then
+  redis.call('ZADD', q, 'NX', ARGV[13], h)
+  redis.call('ZADD', qx, int(now + tonumber(ARGV[14])), h)
 end
 local nxt = -1
 local first = redis.call('ZRANGE', pk .. ':l', 0, 0, 'WITHSCORES')
@@ -162,6 +211,8 @@ if hidden > 0 then
   local rec = tonumber(v[3] or int(now)) + tonumber(ARGV[9])
   if nxt < 0 or rec < nxt then nxt = rec end
 end
+-- A place ahead that is not renewed ends then: ask again at that instant.
+if ahead_until >= 0 and (nxt < 0 or ahead_until < nxt) then nxt = ahead_until end
 return {1, nxt, lost}
 ";
 
@@ -176,7 +227,10 @@ local function give(pk, h)
   if raw then release(pk, h, cjson.decode(raw), nil) end
 end
 if op == 'give' then
+  -- Also a waiting create that gave up: its place in the fleet's queue goes, and the next in
+  -- line asks.
   give(ARGV[5], ARGV[6])
+  if leave(ARGV[5], ARGV[6]) then redis.call('PUBLISH', P .. ':freed', ARGV[5]) end
   changed = 1
 elseif op == 'cong' then
   local pk = ARGV[5]

@@ -178,6 +178,111 @@ async fn a_create_beyond_a_full_queue_is_refused_at_once() {
     assert!(waits.is_err(), "an unbounded create waits");
 }
 
+/// Three processes on one slot: `holder` has it, `early`'s create waits, then `early` stalls
+/// (its future is no longer polled, so it cannot ask again) and the slot is freed. Returns
+/// whether `late`, whose create arrives after that, got the slot ahead of `early`'s; with the
+/// fleet order it must wait until `early`'s create has had its turn.
+async fn a_later_create_jumps_the_queue(
+    server: &kling_redis::testing::RedisServer,
+    arrival_order: bool,
+) -> bool {
+    let process = || async { backend(server, 1).await.arrival_order(arrival_order) };
+    let (holder, early, late) = (process().await, process().await, process().await);
+    let held = holder.acquire(video(), 1).await.unwrap();
+    holder.apply(hold(held, "t1", LONG)).await.unwrap();
+    let mut first = std::pin::pin!(early.acquire(video(), 1));
+    let asked = tokio::time::timeout(Duration::from_millis(300), &mut first).await;
+    assert!(asked.is_err(), "the pool is full: early waits");
+    holder
+        .apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    let second = tokio::spawn({
+        let late = late.clone();
+        async move { late.acquire(video(), 1).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    if second.is_finished() {
+        assert!(second.await.unwrap().is_ok());
+        return true;
+    }
+    // Early's process runs again: its create gets the slot, and gives it back.
+    let granted = tokio::time::timeout(Duration::from_secs(2), &mut first)
+        .await
+        .expect("early is first in line")
+        .unwrap();
+    early.apply(SlotOp::GiveBack(granted)).await.unwrap();
+    let later = tokio::time::timeout(Duration::from_secs(2), second)
+        .await
+        .expect("then late's turn")
+        .unwrap();
+    assert!(later.is_ok(), "{later:?}");
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_processes_a_freed_slot_goes_to_the_create_that_arrived_first() {
+    let Some(server) = redis() else { return };
+    assert!(!a_later_create_jumps_the_queue(&server, true).await);
+    // The control: served in the order they ask Redis, the later create takes the slot.
+    let server = redis().expect("started above");
+    assert!(a_later_create_jumps_the_queue(&server, false).await);
+}
+
+/// A waiting create whose process stopped asking loses its place after `place_ttl`; one that
+/// gives up (its future dropped) leaves at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_in_the_fleet_queue_ends_when_its_create_gives_up_or_stops_asking() {
+    let Some(server) = redis() else { return };
+    let holder = backend(&server, 1).await;
+    let stalled = backend(&server, 1)
+        .await
+        .place_ttl(Duration::from_millis(600));
+    let late = backend(&server, 1).await;
+    let held = holder.acquire(video(), 1).await.unwrap();
+    holder.apply(hold(held, "t1", LONG)).await.unwrap();
+    let mut first = std::pin::pin!(stalled.acquire(video(), 1));
+    let asked = tokio::time::timeout(Duration::from_millis(300), &mut first).await;
+    assert!(asked.is_err(), "waits");
+    holder
+        .apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let second = tokio::spawn({
+        let late = late.clone();
+        async move { late.acquire(video(), 1).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !second.is_finished(),
+        "the stalled create still has its place"
+    );
+    let granted = tokio::time::timeout(Duration::from_secs(3), second)
+        .await
+        .expect("the place ends with its TTL")
+        .unwrap()
+        .unwrap();
+    // Asked again when the place ended, not at the 30 s poll.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A create that gives up takes its place with it: with a 90 s place, the next create still
+    // gets a freed slot at once.
+    let waiting = backend(&server, 1).await;
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(300), waiting.acquire(video(), 1)).await;
+    assert!(gave_up.is_err(), "full: waited, then gave up");
+    late.apply(SlotOp::GiveBack(granted)).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(1), holder.acquire(video(), 1))
+        .await
+        .expect("no place of the create that gave up is left ahead");
+    assert!(next.is_ok(), "{next:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_lease_expires_and_lets_a_waiter_in() {
     let Some(server) = redis() else { return };
