@@ -1,10 +1,11 @@
 //! [`RedisGcra`]: the rate limiter's [`Backend`] in Redis, one Lua script per decision.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use kling_ratelimit::backend::Reported;
@@ -19,22 +20,89 @@ use crate::unreachable::{DEFAULT_RETRY_EVERY, WhenUnreachable};
 
 /// How long a key without traffic keeps its state (cooldown streak, adaptive rate) by default.
 pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(600);
+/// How long a waiting process's place in a key's queue lasts past the instant it was told to
+/// ask again, by default.
+pub const DEFAULT_GCRA_PLACE_TTL: Duration = Duration::from_secs(2);
+
+/// A process's place in a key's fleet queue, as this process knows it.
+#[derive(Clone, Copy, Debug)]
+struct Place {
+    since: i64,
+    until: i64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Options of [`RedisGcra`], applied with its builder methods.
+#[derive(Clone, Copy, Debug)]
+struct Options {
+    when_unreachable: WhenUnreachable,
+    retry_every: Duration,
+    idle_ttl: Duration,
+    arrival_order: bool,
+    place_ttl: Duration,
+}
 
 /// One GCRA decision. Times are integer microseconds of fleet time; numbers written back go
 /// through `%.0f` (Lua's `tostring` keeps only 14 digits) and `%.17g` for rates.
 ///
-/// KEYS[1] the key's hash. ARGV: now, period (µs, rounded up), burst, adaptive (0/1),
-/// adaptive start rate (-1: ceiling/4), ceiling rate, idle TTL (µs).
+/// KEYS[1] the key's hash, KEYS[2] its fleet queue (sorted set: waiting process → since when,
+/// µs), KEYS[3] when each place ends (µs). ARGV: now, period (µs, rounded up), burst, adaptive
+/// (0/1), adaptive start rate (-1: ceiling/4), ceiling rate, idle TTL (µs), the asking
+/// process's place ('' = it takes none), since when it waits (µs), how long a place outlives
+/// the instant its process was told to ask again (µs).
 /// Returns {0} (admit) or {1, not_before, cooldown 0/1}.
+///
+/// The fleet's order: a process whose request must wait holds a place, scored by when it began
+/// waiting; a cell goes only to the process that has waited longest (or to one that holds no
+/// place and arrived before every place), so no process is starved by one that is nearer to
+/// Redis and always asks first. Admitted, a process leaves its place; its next request, if
+/// refused, queues behind the others.
 const ACQUIRE: &str = r"
 local key = KEYS[1]
+local q = KEYS[2]
+local qx = KEYS[3]
 local now = tonumber(ARGV[1])
 local period = tonumber(ARGV[2])
 local burst = tonumber(ARGV[3])
+local me = ARGV[8]
+local since = tonumber(ARGV[9])
+local function int(x) return string.format('%.0f', x) end
+-- The end of the place of the process ahead of this one, if one is. (No queue, the usual
+-- case when nobody waits: one lookup.)
+local ahead_until = nil
+local queued = redis.call('EXISTS', qx) == 1
+if queued then
+  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', qx, '-inf', int(now))) do
+    redis.call('ZREM', q, gone)
+    redis.call('ZREM', qx, gone)
+  end
+  local first = redis.call('ZRANGE', q, 0, 0, 'WITHSCORES')
+  if first[1] and first[1] ~= me then
+    local theirs = tonumber(first[2])
+    local ends = redis.call('ZSCORE', qx, first[1])
+    if ends and (theirs < since or (theirs == since and first[1] < me)) then
+      ahead_until = tonumber(ends)
+    end
+  end
+end
+local function wait(at, cooldown)
+  if me ~= '' then
+    redis.call('ZADD', q, 'NX', ARGV[9], me)
+    redis.call('ZADD', qx, int(math.max(at, now) + tonumber(ARGV[10])), me)
+    local last = redis.call('ZRANGE', qx, -1, -1, 'WITHSCORES')
+    local ms = math.ceil((tonumber(last[2]) - now) / 1000) + 1000
+    redis.call('PEXPIRE', q, ms)
+    redis.call('PEXPIRE', qx, ms)
+  end
+  return {1, at, cooldown}
+end
 local v = redis.call('HMGET', key, 't', 'p', 'cd', 'r', 'se')
 local cd = tonumber(v[3])
 if cd and cd > now then
-  return {1, cd, 1}
+  return wait(cd, 1)
 end
 if ARGV[4] == '1' then
   local rate = tonumber(v[4])
@@ -58,9 +126,14 @@ if tat and applied and applied ~= period then
 end
 if not tat then tat = now end
 local earliest = tat - period * (burst - 1)
-if now < earliest then
-  return {1, earliest, 0}
+if ahead_until then
+  -- The cell goes to the process ahead: ask for the one after it, or when its place ends.
+  return wait(math.min(math.max(earliest, now) + period, ahead_until), 0)
 end
+if now < earliest then
+  return wait(earliest, 0)
+end
+if queued and me ~= '' and redis.call('ZREM', q, me) == 1 then redis.call('ZREM', qx, me) end
 local nxt = math.max(tat, now) + period
 redis.call('HSET', key, 't', string.format('%.0f', nxt), 'p', string.format('%.0f', period))
 local last = nxt
@@ -184,6 +257,13 @@ return {-1, streak}
 ///   together. The emission interval is rounded up to a whole microsecond.
 /// - **Waiting stays in the process**: the layer's FIFO queue and tokio sleep; only a queue's
 ///   head asks Redis.
+/// - **Fleet order**: a process whose request is told to wait holds a place in the key's queue
+///   in Redis, scored by when it began waiting, and the next cell goes to the process that has
+///   waited longest. Without it, the process nearest to Redis would win every cell it asked
+///   for at the same instant as another, and could starve it. A process leaves its place when
+///   admitted; a place ends [`place_ttl`](Self::place_ttl) after the instant its process was
+///   told to ask again, so a process whose waiters all gave up holds the fleet up for at most
+///   that long. [`arrival_order(false)`](Self::arrival_order) serves whoever asks first.
 /// - **Unreachable Redis**: see [`WhenUnreachable`].
 ///
 /// # Clone
@@ -199,6 +279,13 @@ struct Inner {
     when_unreachable: WhenUnreachable,
     retry_every: Duration,
     idle_ttl: Duration,
+    arrival_order: bool,
+    place_ttl: Duration,
+    /// This process's place id in the fleet queues.
+    instance: String,
+    /// Since when this process has waited for each key (by Redis key), and until when that
+    /// place lasts (fleet µs): set by a refused ask, cleared by an admitted one.
+    waiting: Mutex<HashMap<String, Place>>,
     fallback: InProcess,
     /// Whether the last command failed for want of Redis.
     out: AtomicBool,
@@ -222,24 +309,27 @@ impl RedisGcra {
     pub fn new(conn: Connection) -> Self {
         RedisGcra::with_options(
             conn,
-            WhenUnreachable::default(),
-            DEFAULT_RETRY_EVERY,
-            DEFAULT_IDLE_TTL,
+            Options {
+                when_unreachable: WhenUnreachable::default(),
+                retry_every: DEFAULT_RETRY_EVERY,
+                idle_ttl: DEFAULT_IDLE_TTL,
+                arrival_order: true,
+                place_ttl: DEFAULT_GCRA_PLACE_TTL,
+            },
         )
     }
 
-    fn with_options(
-        conn: Connection,
-        when_unreachable: WhenUnreachable,
-        retry_every: Duration,
-        idle_ttl: Duration,
-    ) -> Self {
+    fn with_options(conn: Connection, o: Options) -> Self {
         RedisGcra {
             inner: Arc::new(Inner {
                 conn,
-                when_unreachable,
-                retry_every,
-                idle_ttl,
+                when_unreachable: o.when_unreachable,
+                retry_every: o.retry_every,
+                idle_ttl: o.idle_ttl,
+                arrival_order: o.arrival_order,
+                place_ttl: o.place_ttl,
+                instance: crate::slots::instance_id(),
+                waiting: Mutex::new(HashMap::new()),
                 fallback: InProcess::new(),
                 out: AtomicBool::new(false),
                 acquire: Script::new(ACQUIRE),
@@ -248,23 +338,48 @@ impl RedisGcra {
         }
     }
 
+    fn with(self, f: impl FnOnce(&mut Options)) -> Self {
+        let i = &self.inner;
+        let mut options = Options {
+            when_unreachable: i.when_unreachable,
+            retry_every: i.retry_every,
+            idle_ttl: i.idle_ttl,
+            arrival_order: i.arrival_order,
+            place_ttl: i.place_ttl,
+        };
+        f(&mut options);
+        RedisGcra::with_options(i.conn.clone(), options)
+    }
+
     /// What to do while Redis is unreachable (default [`WhenUnreachable::Wait`]).
     pub fn when_unreachable(self, choice: WhenUnreachable) -> Self {
-        let i = &self.inner;
-        RedisGcra::with_options(i.conn.clone(), choice, i.retry_every, i.idle_ttl)
+        self.with(|o| o.when_unreachable = choice)
     }
 
     /// How often a waiting request asks an unreachable Redis again (default 100 ms).
     pub fn retry_every(self, every: Duration) -> Self {
-        let i = &self.inner;
-        let every = every.max(Duration::from_millis(1));
-        RedisGcra::with_options(i.conn.clone(), i.when_unreachable, every, i.idle_ttl)
+        self.with(|o| o.retry_every = every.max(Duration::from_millis(1)))
     }
 
     /// How long an idle key keeps its state (default [`DEFAULT_IDLE_TTL`]).
     pub fn idle_ttl(self, ttl: Duration) -> Self {
-        let i = &self.inner;
-        RedisGcra::with_options(i.conn.clone(), i.when_unreachable, i.retry_every, ttl)
+        self.with(|o| o.idle_ttl = ttl)
+    }
+
+    /// Whether the next cell of a key goes to the process that has waited for it longest
+    /// (default `true`). With `false`, whichever process asks first at the instant a cell
+    /// frees gets it, so the process nearest to Redis can starve the others. Every process
+    /// sharing a key should choose the same; one that does not take part still waits behind
+    /// the processes that hold places, as if it had just begun waiting.
+    pub fn arrival_order(self, on: bool) -> Self {
+        self.with(|o| o.arrival_order = on)
+    }
+
+    /// How long a process's place in a key's queue lasts past the instant it was told to ask
+    /// again (default [`DEFAULT_GCRA_PLACE_TTL`]): what a process whose waiting requests all
+    /// gave up can cost the others.
+    pub fn place_ttl(self, ttl: Duration) -> Self {
+        self.with(|o| o.place_ttl = ttl.max(Duration::from_millis(1)))
     }
 
     /// The connection.
@@ -286,7 +401,10 @@ impl RedisGcra {
         policy: &Policy,
         now_us: i64,
     ) -> Result<FleetDecision, StoreError> {
-        self.inner.decide(self.key_of(key), policy, now_us).await
+        // A simulation's decision takes no place (it still waits behind those who hold one).
+        self.inner
+            .decide(self.key_of(key), policy, now_us, None)
+            .await
     }
 
     /// The Redis key of a bucket.
@@ -337,13 +455,17 @@ fn share(policy: &Policy, processes: u32) -> Policy {
 }
 
 impl Inner {
+    /// One decision; `since` is when this process began waiting for the key, if it takes a
+    /// place in the fleet's order.
     async fn decide(
         &self,
         redis_key: String,
         policy: &Policy,
         now_us: i64,
+        since: Option<i64>,
     ) -> Result<FleetDecision, StoreError> {
         let (adaptive, start, ceiling) = adaptive_args(policy);
+        let keys = [format!("{redis_key}:wq"), format!("{redis_key}:wqx")];
         let args = [
             now_us.to_string(),
             micros(policy.quota.period()).max(1).to_string(),
@@ -352,9 +474,19 @@ impl Inner {
             format!("{start:e}"),
             format!("{ceiling:e}"),
             micros(self.idle_ttl).to_string(),
+            if since.is_some() {
+                self.instance.clone()
+            } else {
+                String::new()
+            },
+            since.unwrap_or(now_us).to_string(),
+            micros(self.place_ttl).max(1).to_string(),
         ];
-        let result: Result<Vec<i64>, StoreError> =
-            self.conn.run(&self.acquire, &[redis_key], &args).await;
+        let [q, qx] = keys;
+        let result: Result<Vec<i64>, StoreError> = self
+            .conn
+            .run(&self.acquire, &[redis_key, q, qx], &args)
+            .await;
         self.note(&result);
         match result?.as_slice() {
             [0, ..] => Ok(FleetDecision::Admit),
@@ -363,6 +495,37 @@ impl Inner {
                 cooldown: *cooldown == 1,
             }),
             other => Err(StoreError::protocol(format!("gcra reply {other:?}"))),
+        }
+    }
+
+    /// Since when this process has waited for `redis_key`: its place's, if it still has one,
+    /// else from now.
+    fn waiting_since(&self, redis_key: &str, now_us: i64) -> i64 {
+        match lock(&self.waiting).get(redis_key) {
+            Some(place) if now_us <= place.until => place.since,
+            _ => now_us,
+        }
+    }
+
+    /// Keeps this process's place after a refusal (it ends `place_ttl` after the instant it
+    /// was told to ask again, as in Redis), gives it up once admitted.
+    fn note_place(
+        &self,
+        redis_key: String,
+        since: i64,
+        result: &Result<FleetDecision, StoreError>,
+    ) {
+        let mut waiting = lock(&self.waiting);
+        match result {
+            Ok(FleetDecision::Admit) => {
+                waiting.remove(&redis_key);
+            }
+            Ok(FleetDecision::NotBefore { at_us, .. }) => {
+                let until = at_us.saturating_add(micros(self.place_ttl));
+                waiting.insert(redis_key, Place { since, until });
+            }
+            // Unreachable, or a bad reply: the place stands as it was.
+            Err(_) => {}
         }
     }
 
@@ -395,7 +558,15 @@ impl Backend for RedisGcra {
         Box::pin(async move {
             let now = Instant::now();
             let now_us = inner.conn.now_us();
-            let result = inner.decide(redis_key, &policy, now_us).await;
+            let since = inner
+                .arrival_order
+                .then(|| inner.waiting_since(&redis_key, now_us));
+            let result = inner
+                .decide(redis_key.clone(), &policy, now_us, since)
+                .await;
+            if let Some(since) = since {
+                inner.note_place(redis_key, since, &result);
+            }
             match result {
                 Ok(FleetDecision::Admit) => Ok(Decision::Admit),
                 Ok(FleetDecision::NotBefore { at_us, cooldown }) => Ok(Decision::NotBefore {

@@ -91,7 +91,7 @@ pub mod testing;
 mod unreachable;
 
 pub use conn::{Connection, DEFAULT_COMMAND_TIMEOUT, DEFAULT_PREFIX, RedisConfig};
-pub use gcra::{DEFAULT_IDLE_TTL, FleetDecision, GcraFuture, RedisGcra};
+pub use gcra::{DEFAULT_GCRA_PLACE_TTL, DEFAULT_IDLE_TTL, FleetDecision, GcraFuture, RedisGcra};
 pub use slots::{
     DEFAULT_GRACE, DEFAULT_MAINTAIN_EVERY, DEFAULT_PLACE_TTL_POLLS, DEFAULT_POLL_EVERY, RedisSlots,
     SlotsFuture,

@@ -158,8 +158,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A process-unique prefix for holding ids.
-fn instance_id() -> String {
+/// A process-unique id: the prefix of holding ids, and a process's place in fleet queues.
+pub(crate) fn instance_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -204,3 +204,107 @@ async fn an_adaptive_rate_is_learned_by_the_whole_fleet() {
         other => panic!("{other:?}"),
     }
 }
+
+/// One key paced at a cell every 300 ms (burst 1).
+fn slow() -> (BucketKey, Policy) {
+    let quota = Quota::with_period(Duration::from_millis(300));
+    (
+        BucketKey::account(Some(AccountId::new("fair"))),
+        Policy::new(quota, Cooldown::default()),
+    )
+}
+
+/// Asks until admitted (at each instant it is told), for at most `limit`; how many refusals.
+async fn ask_until_admitted(backend: &RedisGcra, limit: Duration) -> usize {
+    let (key, policy) = slow();
+    let give_up = tokio::time::Instant::now() + limit;
+    let mut refused = 0;
+    loop {
+        match backend.acquire(&key, &policy).await.unwrap() {
+            Decision::Admit => return refused,
+            Decision::NotBefore { at, .. } => {
+                refused += 1;
+                assert!(at < give_up, "not admitted within {limit:?}");
+                tokio::time::sleep_until(at + Duration::from_millis(5)).await;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// `early` begins waiting for the next cell before `late` does; when the cell comes, `late`
+/// asks first (as a process nearer to Redis would). Returns whether `late` got it.
+async fn the_process_that_asks_first_takes_the_cell(
+    server: &kling_redis::testing::RedisServer,
+    arrival_order: bool,
+) -> bool {
+    let (key, policy) = slow();
+    let process = || async { RedisGcra::new(connect(server).await).arrival_order(arrival_order) };
+    let (early, late) = (process().await, process().await);
+    assert_eq!(early.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+    let Decision::NotBefore { at, .. } = early.acquire(&key, &policy).await.unwrap() else {
+        panic!("the cell is taken");
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let refused = late.acquire(&key, &policy).await.unwrap();
+    assert!(matches!(refused, Decision::NotBefore { .. }), "{refused:?}");
+    tokio::time::sleep_until(at + Duration::from_millis(20)).await;
+    if late.acquire(&key, &policy).await.unwrap() == Decision::Admit {
+        return true;
+    }
+    assert_eq!(
+        early.acquire(&key, &policy).await.unwrap(),
+        Decision::Admit,
+        "the cell waited for early"
+    );
+    ask_until_admitted(&late, Duration::from_secs(2)).await;
+    false
+}
+
+#[tokio::test]
+async fn the_next_cell_goes_to_the_process_that_has_waited_longest() {
+    let Some(server) = redis() else { return };
+    assert!(!the_process_that_asks_first_takes_the_cell(&server, true).await);
+    // The control: served in the order they ask, the process that asks first wins.
+    let server = redis().expect("started above");
+    assert!(the_process_that_asks_first_takes_the_cell(&server, false).await);
+}
+
+/// A process that stops asking loses its place `place_ttl` after the instant it was told, and
+/// when it asks again it queues from then, behind processes that waited meanwhile.
+#[tokio::test]
+async fn a_place_ends_when_its_process_stops_asking_and_is_not_kept_for_later() {
+    let Some(server) = redis() else { return };
+    let (key, policy) = slow();
+    let early = RedisGcra::new(connect(&server).await).place_ttl(Duration::from_millis(300));
+    let late = RedisGcra::new(connect(&server).await);
+    assert_eq!(early.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+    let Decision::NotBefore { at, .. } = early.acquire(&key, &policy).await.unwrap() else {
+        panic!("the cell is taken");
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_ne!(late.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+    // Early stalls. While its place lasts, the cell waits for it; then late takes it.
+    tokio::time::sleep_until(at + Duration::from_millis(20)).await;
+    assert_ne!(
+        late.acquire(&key, &policy).await.unwrap(),
+        Decision::Admit,
+        "early's place still lasts"
+    );
+    tokio::time::sleep_until(at + Duration::from_millis(350)).await;
+    ask_until_admitted(&late, Duration::from_secs(2)).await;
+
+    // Late waits for the next cell; early, asking again only now, queues behind it.
+    let Decision::NotBefore { at, .. } = late.acquire(&key, &policy).await.unwrap() else {
+        panic!("the cell is taken");
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_ne!(early.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+    tokio::time::sleep_until(at + Duration::from_millis(20)).await;
+    assert_ne!(
+        early.acquire(&key, &policy).await.unwrap(),
+        Decision::Admit,
+        "early's old place is gone: late has waited longer"
+    );
+    assert_eq!(late.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+}
