@@ -10,7 +10,7 @@ use kling_ratelimit::{Backend, BucketKey, Cooldown, Decision, InProcess, Policy,
 use kling_redis::{FleetDecision, RedisGcra};
 use proptest::prelude::*;
 
-use crate::support::{connect, redis};
+use crate::support::{connect, connect_port, far_relay, redis};
 
 /// What in-process governor decides for arrivals at `offsets` (µs from the first), as
 /// (admitted, not-before offset in µs).
@@ -307,4 +307,55 @@ async fn a_place_ends_when_its_process_stops_asking_and_is_not_kept_for_later() 
         "early's old place is gone: late has waited longer"
     );
     assert_eq!(late.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+}
+
+/// Takes every cell of a key it can until `until`, as a queue head does: asks, and when told
+/// to wait, asks again at that instant. How many it was given.
+async fn cells_taken(backend: RedisGcra, until: tokio::time::Instant) -> usize {
+    let key = BucketKey::account(Some(AccountId::new("share")));
+    let policy = Policy::new(
+        Quota::with_period(Duration::from_millis(50)),
+        Cooldown::default(),
+    );
+    let mut taken = 0;
+    while tokio::time::Instant::now() < until {
+        match backend.acquire(&key, &policy).await.unwrap() {
+            Decision::Admit => taken += 1,
+            Decision::NotBefore { at, .. } => tokio::time::sleep_until(at).await,
+            other => panic!("{other:?}"),
+        }
+    }
+    taken
+}
+
+/// Two processes with requests always waiting share one key; one is 5 ms farther from Redis
+/// (each way). Returns the far process's share of the cells.
+async fn far_share(arrival_order: bool) -> f64 {
+    let server = redis().expect("checked by the caller");
+    let relay = far_relay(server.port(), Duration::from_millis(5)).await;
+    let near = RedisGcra::new(connect(&server).await).arrival_order(arrival_order);
+    let far = RedisGcra::new(connect_port(relay).await).arrival_order(arrival_order);
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let (near, far) = tokio::join!(
+        tokio::spawn(cells_taken(near, until)),
+        tokio::spawn(cells_taken(far, until))
+    );
+    let (near, far) = (near.unwrap(), far.unwrap());
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!("arrival order {arrival_order}: near {near} cells, far {far}");
+    }
+    far as f64 / (near + far) as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_far_from_redis_still_gets_its_turn() {
+    if redis().is_none() {
+        return;
+    }
+    let share = far_share(true).await;
+    assert!(share > 0.35, "far share {share:.2}");
+    // The control: first to ask wins, and the near process wins every race.
+    let share = far_share(false).await;
+    assert!(share < 0.15, "far share without the order {share:.2}");
 }

@@ -13,7 +13,7 @@ use kling_core::{AccountId, Outcome, Pool, Product, TaskStatus};
 use kling_redis::RedisSlots;
 use proptest::prelude::*;
 
-use crate::support::{connect, redis};
+use crate::support::{connect, connect_port, far_relay, redis};
 
 fn video() -> SlotKey {
     SlotKey::new(AccountId::new("acct"), Pool::new(Product::Video))
@@ -281,6 +281,59 @@ async fn a_place_in_the_fleet_queue_ends_when_its_create_gives_up_or_stops_askin
         .await
         .expect("no place of the create that gave up is left ahead");
     assert!(next.is_ok(), "{next:?}");
+}
+
+/// Takes the one slot, holds it 50 ms and gives it back, over and over until `until`, as a
+/// process whose creates always wait would. How many grants it got.
+async fn grants_taken(backend: RedisSlots, until: tokio::time::Instant) -> usize {
+    let mut taken = 0;
+    while let Ok(granted) = tokio::time::timeout_at(until, backend.acquire(video(), 1)).await {
+        taken += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        backend
+            .apply(SlotOp::GiveBack(granted.unwrap()))
+            .await
+            .unwrap();
+    }
+    taken
+}
+
+/// Two processes whose creates always wait share one slot; one is 5 ms farther from Redis
+/// (each way). Returns the far process's share of the grants.
+async fn far_share(arrival_order: bool) -> f64 {
+    let server = redis().expect("checked by the caller");
+    let relay = far_relay(server.port(), Duration::from_millis(5)).await;
+    let process = |conn| {
+        RedisSlots::new(conn, SlotsConfig::new(1))
+            .unwrap()
+            .poll_every(Duration::from_secs(30))
+            .arrival_order(arrival_order)
+    };
+    let near = process(connect(&server).await);
+    let far = process(connect_port(relay).await);
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let (near, far) = tokio::join!(
+        tokio::spawn(grants_taken(near, until)),
+        tokio::spawn(grants_taken(far, until))
+    );
+    let (near, far) = (near.unwrap(), far.unwrap());
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!("arrival order {arrival_order}: near {near} grants, far {far}");
+    }
+    far as f64 / (near + far) as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_far_from_redis_still_gets_its_turn_at_the_slots() {
+    if redis().is_none() {
+        return;
+    }
+    let share = far_share(true).await;
+    assert!(share > 0.35, "far share {share:.2}");
+    // The control: first to ask wins, and the near process wins every race.
+    let share = far_share(false).await;
+    assert!(share < 0.15, "far share without the order {share:.2}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,3 +20,47 @@ pub(crate) async fn connect(server: &RedisServer) -> Connection {
     .await
     .expect("redis answers")
 }
+
+/// A TCP relay to the Redis on `port` that holds each chunk for `delay` before passing it on,
+/// both ways: a process farther from Redis than the others. Returns the relay's port.
+pub(crate) async fn far_relay(port: u16, delay: Duration) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        delay: Duration,
+    ) {
+        let mut buf = vec![0; 16 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            tokio::time::sleep(delay).await;
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                continue;
+            };
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            tokio::spawn(pipe(client_read, server_write, delay));
+            tokio::spawn(pipe(server_read, client_write, delay));
+        }
+    });
+    relay
+}
+
+/// A new connection to a Redis (or relay) on a loopback `port`.
+pub(crate) async fn connect_port(port: u16) -> Connection {
+    Connection::connect(
+        RedisConfig::new(format!("redis://127.0.0.1:{port}/"))
+            .prefix("test")
+            .command_timeout(Duration::from_secs(2)),
+    )
+    .await
+    .expect("redis answers")
+}
