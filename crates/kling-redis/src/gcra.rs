@@ -21,8 +21,10 @@ use crate::unreachable::{DEFAULT_RETRY_EVERY, WhenUnreachable};
 /// How long a key without traffic keeps its state (cooldown streak, adaptive rate) by default.
 pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(600);
 /// How long a waiting process's place in a key's queue lasts past the instant it was told to
-/// ask again, by default.
-pub const DEFAULT_GCRA_PLACE_TTL: Duration = Duration::from_secs(2);
+/// ask again, by default. A waiting process asks again at that instant, so its next ask is due
+/// within a round trip; the place ending soon after bounds what a process whose waiting requests
+/// all gave up costs the fleet (the rate layer does not tell the store when a queue empties).
+pub const DEFAULT_GCRA_PLACE_TTL: Duration = Duration::from_millis(500);
 
 /// A process's place in a key's fleet queue, as this process knows it.
 #[derive(Clone, Copy, Debug)]
@@ -377,7 +379,8 @@ impl RedisGcra {
 
     /// How long a process's place in a key's queue lasts past the instant it was told to ask
     /// again (default [`DEFAULT_GCRA_PLACE_TTL`]): what a process whose waiting requests all
-    /// gave up can cost the others.
+    /// gave up can cost the others. Keep it well above a round trip to Redis plus the time a
+    /// busy process may take to wake: a process that asks later than that loses its place.
     pub fn place_ttl(self, ttl: Duration) -> Self {
         self.with(|o| o.place_ttl = ttl.max(Duration::from_millis(1)))
     }
