@@ -44,7 +44,7 @@ pub async fn execute(
     if let Some(listener) = listeners.metrics {
         let endpoint = kling_metrics::prometheus::install()
             .map_err(|e| SetupError::new("--metrics-addr", e.to_string()))?
-            .with_monitor(stack.layer().monitor().clone());
+            .with_monitor(stack.monitor().clone());
         let router = Router::new().route_service("/metrics", endpoint);
         served.push(callbacks::spawn(listener, router));
     }

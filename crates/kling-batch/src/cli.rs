@@ -39,6 +39,8 @@ pub struct Cli {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the jobs of a JSONL file (one create body per line) and write their results.
     Run(RunArgs),
@@ -97,6 +99,17 @@ pub struct RunArgs {
     /// No progress bars.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Share the account's limits (task slots, rate, a 1102 halt, a lowered capacity) through
+    /// the Redis at URL, e.g. `redis://10.0.0.5:6379/` (or `KLING_REDIS_URL`): runs and
+    /// services of one account on one Redis then never together exceed its limits. Feature
+    /// `redis`.
+    #[cfg(feature = "redis")]
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
+    /// The key prefix in that Redis (default `kling`): only runs under one prefix share limits.
+    #[cfg(feature = "redis")]
+    #[arg(long, value_name = "PREFIX")]
+    pub redis_prefix: Option<String>,
 }
 
 /// `kling-batch demo`.
@@ -227,7 +240,7 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, SetupError> {
     let config = load_config(&args)?;
     let credentials = Credentials::from_env()
         .map_err(|e| SetupError::new(e.field().to_owned(), e.to_string()))?;
-    let stack = Stack::new(config.clone(), credentials, &args.base_url)?;
+    let stack = build_stack(&args, config.clone(), credentials).await?;
     let journal_path = args
         .journal
         .clone()
@@ -304,6 +317,32 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, SetupError> {
         journal_path.display()
     ));
     Ok(exit_code(&summary))
+}
+
+/// The run's stack: its limits in this process, or (feature `redis`, `--redis`) in Redis.
+async fn build_stack(
+    args: &RunArgs,
+    config: StackConfig,
+    credentials: Credentials,
+) -> Result<Stack, SetupError> {
+    #[cfg(feature = "redis")]
+    if let Some(url) = args
+        .redis
+        .clone()
+        .or_else(|| std::env::var("KLING_REDIS_URL").ok())
+    {
+        use kling_tower::redis::{Connection, RedisConfig};
+        let mut redis = RedisConfig::new(url);
+        if let Some(prefix) = &args.redis_prefix {
+            redis = redis.prefix(prefix.clone());
+        }
+        // The URL is not echoed: it may hold a password.
+        let connection = Connection::connect(redis)
+            .await
+            .map_err(|e| SetupError::new("--redis", format!("cannot use that Redis: {e}")))?;
+        return Stack::shared(config, credentials, &args.base_url, connection);
+    }
+    Stack::new(config, credentials, &args.base_url)
 }
 
 async fn demo(args: DemoArgs, stop: StopSignal) -> Result<i32, SetupError> {

@@ -113,7 +113,7 @@ impl Bars {
             progress.count(JobState::Queued),
             progress.count(JobState::Failed),
         ));
-        let snapshot = stack.layer().snapshot();
+        let snapshot = stack.snapshot();
         let pools: Vec<String> = snapshot
             .pools
             .iter()

@@ -155,17 +155,12 @@ impl Engine {
         journal: Journal,
         options: RunOptions,
     ) -> Result<Arc<Engine>, kling_tower::error::ConfigError> {
-        let follower = stack
-            .layer()
-            .follower(stack.service(), options.follow.clone())?;
+        let follower = stack.follower(options.follow.clone())?;
         let safety = options
             .follow
             .interval(Duration::from_secs(u64::from(u32::MAX)))
             .saturating_mul(4);
-        let batch_follower = stack.layer().follower(
-            stack.service(),
-            options.follow.clone().callbacks_first(safety),
-        )?;
+        let batch_follower = stack.follower(options.follow.clone().callbacks_first(safety))?;
         Ok(Arc::new(Engine {
             stack,
             journal,
@@ -389,7 +384,7 @@ impl Engine {
                         stop_closed = true;
                     } else if *stop.borrow() {
                         interrupted = true;
-                        self.stack.layer().drain_handle().close();
+                        self.stack.drain_handle().close();
                         // Creates in flight get a short grace to be answered and recorded.
                         let grace = tokio::time::sleep(self.options.stop_grace);
                         tokio::pin!(grace);
@@ -454,14 +449,7 @@ impl Engine {
                 plan = plan.new_style(product, pool);
             }
         }
-        let mut service = self.stack.service();
-        match self
-            .stack
-            .layer()
-            .slots()
-            .reconcile(&mut service, &plan)
-            .await
-        {
+        match self.stack.reconcile(&plan).await {
             Ok(found) => tracing::info!(
                 unfinished = found.unfinished,
                 adopted = found.adopted,
@@ -825,7 +813,7 @@ impl Engine {
             return;
         }
         if trusted {
-            if let Err(e) = self.stack.layer().on_callback(payload).await {
+            if let Err(e) = self.stack.on_callback(payload).await {
                 tracing::warn!(error = %e, "callback not applied to the slots");
             }
             self.follower.deliver(report.clone());

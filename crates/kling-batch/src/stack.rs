@@ -8,13 +8,25 @@
 //!       classify (so the attempt's code can be counted)
 //!         hyper-util client (rustls, ring; plain http for the mock)
 //! ```
+//!
+//! The account's limits live in this process ([`Stack::new`]) or, with feature `redis`, in a
+//! Redis every run of the account shares ([`Stack::shared`]): several `kling-batch` runs, or a
+//! run beside a service, then never together exceed the account's slots or rate.
 
 use std::sync::Arc;
 
-use kling_core::{Classify, ClassifyLayer};
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use kling_concurrency::{Reconcile, Reconciled};
+use kling_core::{BoxError, Classify, ClassifyLayer, TaskReport};
+use kling_metrics::{Monitor, Snapshot};
 use kling_tower::client::{HttpsClient, https_client};
-use kling_tower::{Credentials, Kling, KlingLayer, StackConfig};
+use kling_tower::{
+    Credentials, DrainHandle, FollowPolicy, Follower, KlingBuilder, KlingLayer, StackConfig,
+};
 use tower::Layer;
+use tower::util::BoxCloneSyncService;
 
 use crate::error::SetupError;
 use crate::tally::{Counts, Tally, TallyLayer};
@@ -22,8 +34,30 @@ use crate::tally::{Counts, Tally, TallyLayer};
 /// The client under the stack: each attempt is counted by its Kling code.
 pub type Client = Tally<Classify<HttpsClient>>;
 
+/// The kling-tower stack over [`Client`], wherever its limits live.
+pub type KlingService = BoxCloneSyncService<Request<Full<Bytes>>, Response<Full<Bytes>>, BoxError>;
+
 /// The service a run sends every request through.
-pub type BatchService = Tally<Kling<Client>>;
+pub type BatchService = Tally<KlingService>;
+
+/// Where the account's limits live: the layer of one backend or the other.
+#[derive(Clone, Debug)]
+enum Limits {
+    InProcess(KlingLayer),
+    #[cfg(feature = "redis")]
+    Redis(KlingLayer<kling_tower::backends::Redis>),
+}
+
+/// Evaluates `$body` with `$layer` bound to the stack's [`KlingLayer`], whichever its backend.
+macro_rules! with_layer {
+    ($limits:expr, $layer:ident => $body:expr) => {
+        match $limits {
+            Limits::InProcess($layer) => $body,
+            #[cfg(feature = "redis")]
+            Limits::Redis($layer) => $body,
+        }
+    };
+}
 
 /// The stack, its service and its counters.
 ///
@@ -32,42 +66,105 @@ pub type BatchService = Tally<Kling<Client>>;
 /// Clones share the stack's limits (slots, rate, retry budget) and the counters.
 #[derive(Clone, Debug)]
 pub struct Stack {
-    layer: KlingLayer,
+    limits: Limits,
     service: BatchService,
     client: HttpsClient,
     calls: Arc<Counts>,
     attempts: Arc<Counts>,
 }
 
+fn builder(config: StackConfig, credentials: Credentials, base_url: &str) -> KlingBuilder {
+    KlingLayer::builder(config, credentials).base_url(base_url)
+}
+
+fn setup_error(e: &kling_tower::error::ConfigError) -> SetupError {
+    SetupError::new(e.field().to_owned(), e.to_string())
+}
+
 impl Stack {
-    /// Builds the stack of `config` with `credentials` against `base_url`.
+    /// Builds the stack of `config` with `credentials` against `base_url`, its limits in this
+    /// process.
     pub fn new(
         config: StackConfig,
         credentials: Credentials,
         base_url: &str,
     ) -> Result<Stack, SetupError> {
-        let layer = KlingLayer::builder(config, credentials)
-            .base_url(base_url)
+        let layer = builder(config, credentials, base_url)
             .build()
-            .map_err(|e| SetupError::new(e.field().to_owned(), e.to_string()))?;
+            .map_err(|e| setup_error(&e))?;
+        Stack::assemble(Limits::InProcess(layer))
+    }
+
+    /// [`Stack::new`] with the account's limits (slots, rate, halts, lowered capacities) in the
+    /// Redis of `connection`, shared with every other stack of the account on it. Feature
+    /// `redis`.
+    #[cfg(feature = "redis")]
+    pub fn shared(
+        config: StackConfig,
+        credentials: Credentials,
+        base_url: &str,
+        connection: kling_tower::redis::Connection,
+    ) -> Result<Stack, SetupError> {
+        let layer = builder(config, credentials, base_url)
+            .shared(connection)
+            .build()
+            .map_err(|e| setup_error(&e))?;
+        Stack::assemble(Limits::Redis(layer))
+    }
+
+    fn assemble(limits: Limits) -> Result<Stack, SetupError> {
         kling_tower::client::install_ring_provider();
         let client = https_client().map_err(|e| SetupError::new("tls", e.to_string()))?;
         let attempts = TallyLayer::new();
         let calls = TallyLayer::new();
         let bottom = attempts.layer(ClassifyLayer::new().layer(client.clone()));
-        let service = calls.layer(layer.layer(bottom));
+        let kling = with_layer!(&limits, layer => KlingService::new(layer.layer(bottom)));
         Ok(Stack {
-            layer,
-            service,
+            service: calls.layer(kling),
+            limits,
             client,
             calls: calls.counts(),
             attempts: attempts.counts(),
         })
     }
 
-    /// The kling-tower layer: slots handle, monitor, drain, follow policy.
-    pub fn layer(&self) -> &KlingLayer {
-        &self.layer
+    /// Whether the limits live in Redis, shared with other processes.
+    pub fn is_shared(&self) -> bool {
+        !matches!(self.limits, Limits::InProcess(_))
+    }
+
+    /// The monitor every layer reports to.
+    pub fn monitor(&self) -> &Monitor {
+        with_layer!(&self.limits, layer => layer.monitor())
+    }
+
+    /// Usage now: rate, slots, 429s, tasks.
+    pub fn snapshot(&self) -> Snapshot {
+        with_layer!(&self.limits, layer => layer.snapshot())
+    }
+
+    /// The drain: closing it refuses new creates.
+    pub fn drain_handle(&self) -> DrainHandle {
+        with_layer!(&self.limits, layer => layer.drain_handle())
+    }
+
+    /// A task follower querying through this stack's service.
+    pub fn follower(
+        &self,
+        policy: FollowPolicy,
+    ) -> Result<Follower<BatchService>, kling_tower::error::ConfigError> {
+        with_layer!(&self.limits, layer => layer.follower(self.service(), policy))
+    }
+
+    /// Lists the account's unfinished tasks through the stack and adopts their slots.
+    pub async fn reconcile(&self, plan: &Reconcile) -> Result<Reconciled, BoxError> {
+        let mut service = self.service();
+        with_layer!(&self.limits, layer => layer.slots().reconcile(&mut service, plan).await)
+    }
+
+    /// Hands a verified callback body to the stack (frees the task's slots, settles its cost).
+    pub async fn on_callback(&self, payload: &[u8]) -> Result<Option<TaskReport>, BoxError> {
+        with_layer!(&self.limits, layer => layer.on_callback(payload).await)
     }
 
     /// A clone of the service.

@@ -6,4 +6,6 @@ mod demo;
 mod downloads;
 mod resume;
 mod runs;
+#[cfg(feature = "redis")]
+mod shared;
 mod support;

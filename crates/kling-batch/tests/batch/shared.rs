@@ -1,0 +1,98 @@
+//! Two runs of one account at once, sharing its limits through Redis (`--redis`, feature
+//! `redis`), against one mock that enforces the Pro tier's limits.
+
+use std::path::{Path, PathBuf};
+
+use kling_mock::{MockServer, Stats as MockStats};
+use kling_redis::testing::RedisServer;
+
+use crate::support::{finish, pro_mock, results, run_command, summary, temp_dir};
+
+/// Writes `n` text-to-video jobs named `{name}-1` … to `dir/jobs.jsonl`: two runs never share
+/// a job id (so never an external id either).
+fn jobs_named(dir: &Path, name: &str, n: usize) -> PathBuf {
+    let text: String = (1..=n)
+        .map(|i| format!("{{\"id\":\"{name}-{i}\",\"prompt\":\"{name} shot {i}\"}}\n"))
+        .collect();
+    let path = dir.join("jobs.jsonl");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs two processes of 30 jobs each on one account at once (sharing `redis`, if given);
+/// checks every job of both succeeded and returns the mock's counts.
+async fn two_runs(name: &str, redis: Option<&RedisServer>) -> MockStats {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let mut runs = Vec::new();
+    for run in ["a", "b"] {
+        let dir = temp_dir(&format!("{name}-{run}"));
+        let jobs = jobs_named(&dir, run, 30);
+        let out = dir.join("out.jsonl");
+        let mut extra = vec![
+            "--json".to_owned(),
+            "-o".to_owned(),
+            out.to_str().unwrap().to_owned(),
+        ];
+        if let Some(redis) = redis {
+            extra.extend(["--redis".to_owned(), redis.url()]);
+            extra.extend(["--redis-prefix".to_owned(), name.to_owned()]);
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let command = run_command(&jobs, &server.base_url(), &extra);
+        runs.push((tokio::spawn(finish(command)), out));
+    }
+    for (run, out) in runs {
+        let output = run.await.unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(summary(&output)["ok"], 30);
+        assert_eq!(results(&out).len(), 30);
+    }
+    server.stats()
+}
+
+fn code(stats: &MockStats, code: &str) -> u64 {
+    stats.responses_by_code.get(code).copied().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_runs_sharing_redis_never_exceed_the_accounts_slots() {
+    let Some(redis) = RedisServer::start_or_skip().expect("CI=true requires a redis-server") else {
+        return;
+    };
+    let stats = two_runs("shared", Some(&redis)).await;
+    assert_eq!(stats.tasks_created, 60, "{stats:?}");
+    assert_eq!(stats.duplicate_external_ids, 0, "{stats:?}");
+    // Neither a create over the account's 5 slots nor a request over its rate.
+    assert_eq!(code(&stats, "1303"), 0, "{stats:?}");
+    assert_eq!(code(&stats, "1302"), 0, "{stats:?}");
+    assert!(stats.max_concurrent["video"] <= 5, "{stats:?}");
+
+    // The control: the same two runs, each counting the account's slots and rate as its own,
+    // are refused (and recover through the retry layer, paying for it in 429s: 3–7 1303s and
+    // 17–36 1302s in three runs).
+    let stats = two_runs("apart", None).await;
+    assert_eq!(stats.tasks_created, 60, "{stats:?}");
+    assert!(code(&stats, "1303") + code(&stats, "1302") > 0, "{stats:?}");
+}
+
+#[tokio::test]
+async fn an_unusable_redis_url_is_refused_before_anything_is_sent() {
+    let dir = temp_dir("bad-redis");
+    let jobs = jobs_named(&dir, "x", 1);
+    // A password in the URL is not echoed.
+    let output = finish(run_command(
+        &jobs,
+        "http://127.0.0.1:9",
+        &["--redis", "redis://:hunter2@127.0.0.1:1/"],
+    ))
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--redis"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
