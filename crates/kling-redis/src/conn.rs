@@ -30,7 +30,9 @@ pub const DEFAULT_PREFIX: &str = "kling";
 /// assert!(config.validate().is_ok());
 /// assert_eq!(RedisConfig::new("not a url").validate().unwrap_err().field(), "url");
 /// ```
-#[derive(Clone, Debug)]
+///
+/// `Debug` shows the URL without its user and password.
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct RedisConfig {
     /// `redis://host:port/db` (or `rediss://` where the `redis` crate has TLS).
@@ -43,6 +45,30 @@ pub struct RedisConfig {
     pub connect_timeout: Duration,
     /// How often the offset to the Redis server's clock is measured again (default 30 s).
     pub calibrate_every: Duration,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &without_userinfo(&self.url))
+            .field("prefix", &self.prefix)
+            .field("command_timeout", &self.command_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("calibrate_every", &self.calibrate_every)
+            .finish()
+    }
+}
+
+/// `url` with any `user:password@` replaced by `***@`: a Redis URL may carry its password.
+fn without_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.into();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]).into(),
+        None => url.into(),
+    }
 }
 
 impl RedisConfig {
@@ -359,4 +385,27 @@ pub(crate) fn micros(duration: Duration) -> i64 {
 /// A key segment that keeps `:` and `|` in account and pool names from colliding.
 pub(crate) fn segment(text: &str) -> String {
     format!("{}.{}", text.len(), text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_urls_password() {
+        for url in [
+            "redis://:hunter2@10.0.0.5:6379/0",
+            "redis://admin:hunter2@10.0.0.5/",
+            "rediss://hunter2@cache.example:6380",
+        ] {
+            let shown = format!("{:?}", RedisConfig::new(url));
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("***@"), "{shown}");
+        }
+        let shown = format!("{:?}", RedisConfig::new("redis://127.0.0.1:6379/?name=a@b"));
+        assert!(
+            shown.contains("redis://127.0.0.1:6379/?name=a@b"),
+            "{shown}"
+        );
+    }
 }
