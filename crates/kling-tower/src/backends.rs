@@ -79,7 +79,10 @@ mod redis {
     use std::time::Duration;
 
     use kling_concurrency::SlotsConfig;
-    use kling_redis::{Connection, DEFAULT_POLL_EVERY, RedisGcra, RedisSlots, WhenUnreachable};
+    use kling_redis::{
+        Connection, DEFAULT_GCRA_PLACE_TTL, DEFAULT_POLL_EVERY, RedisGcra, RedisSlots,
+        WhenUnreachable,
+    };
 
     use super::StackBackends;
     use crate::error::ConfigError;
@@ -100,6 +103,7 @@ mod redis {
     /// | [`when_unreachable`](Self::when_unreachable) | [`WhenUnreachable::Wait`]: fail closed by waiting |
     /// | [`retry_every`](Self::retry_every) | kling-redis's 100 ms |
     /// | [`poll_every`](Self::poll_every) | kling-redis's 1 s divided by the preset's speed, at least 50 ms (releases are announced at once; this is the fallback) |
+    /// | [`arrival_order`](Self::arrival_order) | on: freed slots and rate cells go to the fleet's waiting requests in turn (kling-redis's fleet order); a rate place lasts kling-redis's 500 ms divided by the preset's speed, at least 50 ms |
     ///
     /// Every stack of the fleet should use the same preset numbers: the capacities a create is
     /// admitted against are the asking stack's.
@@ -114,6 +118,7 @@ mod redis {
         when_unreachable: WhenUnreachable,
         retry_every: Option<Duration>,
         poll_every: Option<Duration>,
+        arrival_order: bool,
     }
 
     impl Redis {
@@ -124,6 +129,7 @@ mod redis {
                 when_unreachable: WhenUnreachable::default(),
                 retry_every: None,
                 poll_every: None,
+                arrival_order: true,
             }
         }
 
@@ -147,6 +153,15 @@ mod redis {
             self
         }
 
+        /// Whether freed slots and rate cells go to the fleet's waiting requests in turn (default
+        /// `true`), rather than to whichever process asks Redis first, which lets the process
+        /// nearest to Redis starve the others: kling-redis's `RedisSlots::arrival_order` and
+        /// `RedisGcra::arrival_order`. Every process of the fleet should choose the same.
+        pub fn arrival_order(mut self, on: bool) -> Self {
+            self.arrival_order = on;
+            self
+        }
+
         /// The connection.
         pub fn connection(&self) -> &Connection {
             &self.conn
@@ -164,9 +179,11 @@ mod redis {
 
         const SNAPSHOT_AT_ONCE: bool = false;
 
-        fn rate_backend(&self, _config: &StackConfig) -> Result<RedisGcra, ConfigError> {
-            let mut backend =
-                RedisGcra::new(self.conn.clone()).when_unreachable(self.when_unreachable);
+        fn rate_backend(&self, config: &StackConfig) -> Result<RedisGcra, ConfigError> {
+            let mut backend = RedisGcra::new(self.conn.clone())
+                .when_unreachable(self.when_unreachable)
+                .arrival_order(self.arrival_order)
+                .place_ttl(config.scaled(DEFAULT_GCRA_PLACE_TTL).max(MIN_POLL_EVERY));
             if let Some(every) = self.retry_every {
                 backend = backend.retry_every(every);
             }
@@ -184,7 +201,8 @@ mod redis {
             let mut backend = RedisSlots::new(self.conn.clone(), slots.clone())
                 .map_err(|e| crate::stack::layer_error("redis", e.field(), e))?
                 .when_unreachable(self.when_unreachable)
-                .poll_every(poll_every);
+                .poll_every(poll_every)
+                .arrival_order(self.arrival_order);
             if let Some(every) = self.retry_every {
                 backend = backend.retry_every(every);
             }
