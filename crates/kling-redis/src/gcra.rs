@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::conn::{Connection, micros, segment};
 use crate::error::StoreError;
+use crate::order_lua::AHEAD_OF;
 use crate::unreachable::{DEFAULT_RETRY_EVERY, WhenUnreachable};
 
 /// How long a key without traffic keeps its state (cooldown streak, adaptive rate) by default.
@@ -62,7 +63,7 @@ struct Options {
 /// place and arrived before every place), so no process is starved by one that is nearer to
 /// Redis and always asks first. Admitted, a process leaves its place; its next request, if
 /// refused, queues behind the others.
-const ACQUIRE: &str = r"
+const ACQUIRE_BODY: &str = r"
 local key = KEYS[1]
 local q = KEYS[2]
 local qx = KEYS[3]
@@ -76,20 +77,7 @@ local function int(x) return string.format('%.0f', x) end
 -- case when nobody waits: one lookup.)
 local ahead_until = nil
 local queued = redis.call('EXISTS', qx) == 1
-if queued then
-  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', qx, '-inf', int(now))) do
-    redis.call('ZREM', q, gone)
-    redis.call('ZREM', qx, gone)
-  end
-  local first = redis.call('ZRANGE', q, 0, 0, 'WITHSCORES')
-  if first[1] and first[1] ~= me then
-    local theirs = tonumber(first[2])
-    local ends = redis.call('ZSCORE', qx, first[1])
-    if ends and (theirs < since or (theirs == since and first[1] < me)) then
-      ahead_until = tonumber(ends)
-    end
-  end
-end
+if queued then ahead_until = ahead_of(q, qx, me, since, now) end
 local function wait(at, cooldown)
   if me ~= '' then
     redis.call('ZADD', q, 'NX', ARGV[9], me)
@@ -334,7 +322,7 @@ impl RedisGcra {
                 waiting: Mutex::new(HashMap::new()),
                 fallback: InProcess::new(),
                 out: AtomicBool::new(false),
-                acquire: Script::new(ACQUIRE),
+                acquire: Script::new(&format!("{AHEAD_OF}{ACQUIRE_BODY}")),
                 feedback: Script::new(FEEDBACK),
             }),
         }

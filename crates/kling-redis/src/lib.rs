@@ -84,6 +84,7 @@
 mod conn;
 pub mod error;
 mod gcra;
+mod order_lua;
 mod slots;
 mod slots_lua;
 #[cfg(feature = "testing")]

@@ -19,6 +19,8 @@
 //! Times are integer microseconds of fleet time (see [`Connection`](crate::Connection)),
 //! written with `%.0f` (Lua's own conversion keeps 14 digits only).
 
+use crate::order_lua::AHEAD_OF;
+
 /// Shared by every slots script. ARGV[1] prefix, ARGV[2] now, ARGV[3] grace (µs). `lost`
 /// is the store's generation (the `P:alive` value): a process that sees it change knows Redis
 /// lost its state.
@@ -168,30 +170,16 @@ if cap > 0 and w > cap then
   if leave(pk, h) then redis.call('PUBLISH', P .. ':freed', pk) end
   return {4, cap, lost}
 end
--- Who is ahead in the fleet's queue, once the places of processes that stopped asking are gone.
-local ahead = nil
-local ahead_until = -1
+-- Whether a create that arrived earlier waits in the fleet's queue, and until when its place lasts.
 local q = pk .. ':q'
 local qx = pk .. ':qx'
-for _, gone in ipairs(redis.call('ZRANGEBYSCORE', qx, '-inf', int(now))) do
-  redis.call('ZREM', q, gone)
-  redis.call('ZREM', qx, gone)
-end
-local first = redis.call('ZRANGE', q, 0, 0, 'WITHSCORES')
-if first[1] and first[1] ~= h then
-  local arrival = tonumber(ARGV[13])
-  local theirs = tonumber(first[2])
-  if theirs < arrival or (theirs == arrival and first[1] < h) then
-    ahead = first[1]
-    ahead_until = tonumber(redis.call('ZSCORE', qx, ahead) or '-1')
-  end
-end
+local ahead_until = ahead_of(q, qx, h, tonumber(ARGV[13]), now)
 local m = pk .. ':m'
 local v = redis.call('HMGET', m, 'used', 'hid', 'rec')
 local used = tonumber(v[1] or '0')
 local hidden = tonumber(v[2] or '0')
 if hidden > cap then hidden = cap end
-if not ahead and used + w <= cap - hidden then
+if not ahead_until and used + w <= cap - hidden then
   create(pk, h, w, 'g', nil, nil, tonumber(ARGV[10]), ARGV[11], ARGV[12])
   leave(pk, h)
   -- The next in line asks at once if a slot is still free.
@@ -212,7 +200,7 @@ if hidden > 0 then
   if nxt < 0 or rec < nxt then nxt = rec end
 end
 -- A place ahead that is not renewed ends then: ask again at that instant.
-if ahead_until >= 0 and (nxt < 0 or ahead_until < nxt) then nxt = ahead_until end
+if ahead_until and (nxt < 0 or ahead_until < nxt) then nxt = ahead_until end
 return {1, nxt, lost}
 ";
 
@@ -359,7 +347,7 @@ return {lost, redis.call('HGETALL', P .. ':cap'), out}
 ";
 
 pub(crate) fn acquire() -> String {
-    format!("{PRELUDE}{ACQUIRE_BODY}")
+    format!("{PRELUDE}{AHEAD_OF}{ACQUIRE_BODY}")
 }
 
 pub(crate) fn apply() -> String {

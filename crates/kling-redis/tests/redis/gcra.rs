@@ -10,7 +10,7 @@ use kling_ratelimit::{Backend, BucketKey, Cooldown, Decision, InProcess, Policy,
 use kling_redis::{FleetDecision, RedisGcra};
 use proptest::prelude::*;
 
-use crate::support::{connect, connect_port, far_relay, redis};
+use crate::support::{connect, near_and_far, redis};
 
 /// What in-process governor decides for arrivals at `offsets` (µs from the first), as
 /// (admitted, not-before offset in µs).
@@ -328,19 +328,14 @@ async fn cells_taken(backend: RedisGcra, until: tokio::time::Instant) -> usize {
     taken
 }
 
-/// Two processes with requests always waiting share one key; one is 5 ms farther from Redis
-/// (each way). Returns the far process's share of the cells.
+/// Two processes with requests always waiting share one key, one of them farther from Redis
+/// ([`near_and_far`]). Returns the far process's share of the cells.
 async fn far_share(arrival_order: bool) -> f64 {
-    let server = redis().expect("checked by the caller");
-    let relay = far_relay(server.port(), Duration::from_millis(5)).await;
-    let near = RedisGcra::new(connect(&server).await).arrival_order(arrival_order);
-    let far = RedisGcra::new(connect_port(relay).await).arrival_order(arrival_order);
-    let until = tokio::time::Instant::now() + Duration::from_secs(3);
-    let (near, far) = tokio::join!(
-        tokio::spawn(cells_taken(near, until)),
-        tokio::spawn(cells_taken(far, until))
-    );
-    let (near, far) = (near.unwrap(), far.unwrap());
+    let (near, far) = near_and_far(
+        |conn| RedisGcra::new(conn).arrival_order(arrival_order),
+        cells_taken,
+    )
+    .await;
     #[allow(clippy::print_stderr)]
     {
         eprintln!("arrival order {arrival_order}: near {near} cells, far {far}");

@@ -13,7 +13,7 @@ use kling_core::{AccountId, Outcome, Pool, Product, TaskStatus};
 use kling_redis::RedisSlots;
 use proptest::prelude::*;
 
-use crate::support::{connect, connect_port, far_relay, redis};
+use crate::support::{connect, near_and_far, redis};
 
 fn video() -> SlotKey {
     SlotKey::new(AccountId::new("acct"), Pool::new(Product::Video))
@@ -298,25 +298,19 @@ async fn grants_taken(backend: RedisSlots, until: tokio::time::Instant) -> usize
     taken
 }
 
-/// Two processes whose creates always wait share one slot; one is 5 ms farther from Redis
-/// (each way). Returns the far process's share of the grants.
+/// Two processes whose creates always wait share one slot, one of them farther from Redis
+/// ([`near_and_far`]). Returns the far process's share of the grants.
 async fn far_share(arrival_order: bool) -> f64 {
-    let server = redis().expect("checked by the caller");
-    let relay = far_relay(server.port(), Duration::from_millis(5)).await;
-    let process = |conn| {
-        RedisSlots::new(conn, SlotsConfig::new(1))
-            .unwrap()
-            .poll_every(Duration::from_secs(30))
-            .arrival_order(arrival_order)
-    };
-    let near = process(connect(&server).await);
-    let far = process(connect_port(relay).await);
-    let until = tokio::time::Instant::now() + Duration::from_secs(3);
-    let (near, far) = tokio::join!(
-        tokio::spawn(grants_taken(near, until)),
-        tokio::spawn(grants_taken(far, until))
-    );
-    let (near, far) = (near.unwrap(), far.unwrap());
+    let (near, far) = near_and_far(
+        |conn| {
+            RedisSlots::new(conn, SlotsConfig::new(1))
+                .unwrap()
+                .poll_every(Duration::from_secs(30))
+                .arrival_order(arrival_order)
+        },
+        grants_taken,
+    )
+    .await;
     #[allow(clippy::print_stderr)]
     {
         eprintln!("arrival order {arrival_order}: near {near} grants, far {far}");

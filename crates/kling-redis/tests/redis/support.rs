@@ -23,7 +23,7 @@ pub(crate) async fn connect(server: &RedisServer) -> Connection {
 
 /// A TCP relay to the Redis on `port` that holds each chunk for `delay` before passing it on,
 /// both ways: a process farther from Redis than the others. Returns the relay's port.
-pub(crate) async fn far_relay(port: u16, delay: Duration) -> u16 {
+async fn far_relay(port: u16, delay: Duration) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     async fn pipe(
         mut from: tokio::net::tcp::OwnedReadHalf,
@@ -55,7 +55,7 @@ pub(crate) async fn far_relay(port: u16, delay: Duration) -> u16 {
 }
 
 /// A new connection to a Redis (or relay) on a loopback `port`.
-pub(crate) async fn connect_port(port: u16) -> Connection {
+async fn connect_port(port: u16) -> Connection {
     Connection::connect(
         RedisConfig::new(format!("redis://127.0.0.1:{port}/"))
             .prefix("test")
@@ -63,4 +63,27 @@ pub(crate) async fn connect_port(port: u16) -> Connection {
     )
     .await
     .expect("redis answers")
+}
+
+/// Two processes of one fleet on a fresh Redis, made by `process` from a connection: one
+/// near Redis, one reaching it through a relay that holds every chunk 5 ms each way. Each runs
+/// `take` for 3 s; returns how many each took (near, far).
+pub(crate) async fn near_and_far<B, F, Fut>(
+    process: impl Fn(Connection) -> B,
+    take: F,
+) -> (usize, usize)
+where
+    F: Fn(B, tokio::time::Instant) -> Fut,
+    Fut: std::future::Future<Output = usize> + Send + 'static,
+{
+    let server = redis().expect("checked by the caller");
+    let relay = far_relay(server.port(), Duration::from_millis(5)).await;
+    let near = process(connect(&server).await);
+    let far = process(connect_port(relay).await);
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let (near, far) = tokio::join!(
+        tokio::spawn(take(near, until)),
+        tokio::spawn(take(far, until))
+    );
+    (near.unwrap(), far.unwrap())
 }
