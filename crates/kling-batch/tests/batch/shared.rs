@@ -1,23 +1,11 @@
 //! Two runs of one account at once, sharing its limits through Redis (`--redis`, feature
-//! `redis`), against one mock that enforces the Pro tier's limits.
-
-use std::path::{Path, PathBuf};
+//! `redis`), against one mock that enforces the Pro tier's limits. The runs' jobs are named
+//! apart, so they never share a job id (nor an external id).
 
 use kling_mock::{MockServer, Stats as MockStats};
 use kling_redis::testing::RedisServer;
 
-use crate::support::{finish, pro_mock, results, run_command, summary, temp_dir};
-
-/// Writes `n` text-to-video jobs named `{name}-1` … to `dir/jobs.jsonl`: two runs never share
-/// a job id (so never an external id either).
-fn jobs_named(dir: &Path, name: &str, n: usize) -> PathBuf {
-    let text: String = (1..=n)
-        .map(|i| format!("{{\"id\":\"{name}-{i}\",\"prompt\":\"{name} shot {i}\"}}\n"))
-        .collect();
-    let path = dir.join("jobs.jsonl");
-    std::fs::write(&path, text).unwrap();
-    path
-}
+use crate::support::{finish, pro_mock, results, run_command, summary, temp_dir, write_jobs_named};
 
 /// Runs two processes of 30 jobs each on one account at once (sharing `redis`, if given);
 /// checks every job of both succeeded and returns the mock's counts.
@@ -26,7 +14,7 @@ async fn two_runs(name: &str, redis: Option<&RedisServer>) -> MockStats {
     let mut runs = Vec::new();
     for run in ["a", "b"] {
         let dir = temp_dir(&format!("{name}-{run}"));
-        let jobs = jobs_named(&dir, run, 30);
+        let jobs = write_jobs_named(&dir, run, 30);
         let out = dir.join("out.jsonl");
         let mut extra = vec![
             "--json".to_owned(),
@@ -83,7 +71,7 @@ async fn two_runs_sharing_redis_never_exceed_the_accounts_slots() {
 #[tokio::test]
 async fn an_unusable_redis_url_is_refused_before_anything_is_sent() {
     let dir = temp_dir("bad-redis");
-    let jobs = jobs_named(&dir, "x", 1);
+    let jobs = write_jobs_named(&dir, "x", 1);
     // A password in the URL is not echoed.
     let output = finish(run_command(
         &jobs,

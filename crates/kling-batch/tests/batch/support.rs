@@ -32,8 +32,13 @@ pub(crate) fn temp_dir(name: &str) -> PathBuf {
 
 /// Writes `n` text-to-video jobs (`job-1` …) to `dir/jobs.jsonl`.
 pub(crate) fn write_jobs(dir: &Path, n: usize) -> PathBuf {
+    write_jobs_named(dir, "job", n)
+}
+
+/// Writes `n` text-to-video jobs `{name}-1` … to `dir/jobs.jsonl`.
+pub(crate) fn write_jobs_named(dir: &Path, name: &str, n: usize) -> PathBuf {
     let text: String = (1..=n)
-        .map(|i| format!("{{\"id\":\"job-{i}\",\"prompt\":\"shot {i}\"}}\n"))
+        .map(|i| format!("{{\"id\":\"{name}-{i}\",\"prompt\":\"shot {i}\"}}\n"))
         .collect();
     let path = dir.join("jobs.jsonl");
     std::fs::write(&path, text).unwrap();

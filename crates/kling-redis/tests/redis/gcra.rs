@@ -10,7 +10,7 @@ use kling_ratelimit::{Backend, BucketKey, Cooldown, Decision, InProcess, Policy,
 use kling_redis::{FleetDecision, RedisGcra};
 use proptest::prelude::*;
 
-use crate::support::{connect, near_and_far, redis};
+use crate::support::{connect, far_process_gets_its_turn, redis};
 
 /// What in-process governor decides for arrivals at `offsets` (µs from the first), as
 /// (admitted, not-before offset in µs).
@@ -328,29 +328,16 @@ async fn cells_taken(backend: RedisGcra, until: tokio::time::Instant) -> usize {
     taken
 }
 
-/// Two processes with requests always waiting share one key, one of them farther from Redis
-/// ([`near_and_far`]). Returns the far process's share of the cells.
-async fn far_share(arrival_order: bool) -> f64 {
-    let (near, far) = near_and_far(
-        |conn| RedisGcra::new(conn).arrival_order(arrival_order),
-        cells_taken,
-    )
-    .await;
-    #[allow(clippy::print_stderr)]
-    {
-        eprintln!("arrival order {arrival_order}: near {near} cells, far {far}");
-    }
-    far as f64 / (near + far) as f64
-}
-
+/// Two processes with requests always waiting share one key, one of them farther from Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_far_from_redis_still_gets_its_turn() {
     if redis().is_none() {
         return;
     }
-    let share = far_share(true).await;
-    assert!(share > 0.35, "far share {share:.2}");
-    // The control: first to ask wins, and the near process wins every race.
-    let share = far_share(false).await;
-    assert!(share < 0.15, "far share without the order {share:.2}");
+    far_process_gets_its_turn(
+        "cells",
+        |conn, arrival_order| RedisGcra::new(conn).arrival_order(arrival_order),
+        cells_taken,
+    )
+    .await;
 }

@@ -65,25 +65,42 @@ async fn connect_port(port: u16) -> Connection {
     .expect("redis answers")
 }
 
-/// Two processes of one fleet on a fresh Redis, made by `process` from a connection: one
-/// near Redis, one reaching it through a relay that holds every chunk 5 ms each way. Each runs
-/// `take` for 3 s; returns how many each took (near, far).
-pub(crate) async fn near_and_far<B, F, Fut>(
-    process: impl Fn(Connection) -> B,
+/// Two processes of one fleet on a fresh Redis, made by `process` from a connection and the
+/// fleet-order choice: one near Redis, one reaching it through a relay that holds every chunk
+/// 5 ms each way. Each runs `take` (which counts what it got) for 3 s. In arrival order the far
+/// process must get more than a third; the control, first to ask wins, must starve it (under
+/// 15%: the near process wins every race).
+pub(crate) async fn far_process_gets_its_turn<B, F, Fut>(
+    what: &str,
+    process: impl Fn(Connection, bool) -> B,
     take: F,
-) -> (usize, usize)
-where
+) where
     F: Fn(B, tokio::time::Instant) -> Fut,
     Fut: std::future::Future<Output = usize> + Send + 'static,
 {
-    let server = redis().expect("checked by the caller");
-    let relay = far_relay(server.port(), Duration::from_millis(5)).await;
-    let near = process(connect(&server).await);
-    let far = process(connect_port(relay).await);
-    let until = tokio::time::Instant::now() + Duration::from_secs(3);
-    let (near, far) = tokio::join!(
-        tokio::spawn(take(near, until)),
-        tokio::spawn(take(far, until))
-    );
-    (near.unwrap(), far.unwrap())
+    for arrival_order in [true, false] {
+        let server = redis().expect("checked by the caller");
+        let relay = far_relay(server.port(), Duration::from_millis(5)).await;
+        let near = process(connect(&server).await, arrival_order);
+        let far = process(connect_port(relay).await, arrival_order);
+        let until = tokio::time::Instant::now() + Duration::from_secs(3);
+        let (near, far) = tokio::join!(
+            tokio::spawn(take(near, until)),
+            tokio::spawn(take(far, until))
+        );
+        let (near, far) = (near.unwrap(), far.unwrap());
+        #[allow(clippy::print_stderr)]
+        {
+            eprintln!("arrival order {arrival_order}: near {near} {what}, far {far}");
+        }
+        let share = far as f64 / (near + far) as f64;
+        if arrival_order {
+            assert!(
+                share > 0.35,
+                "far share {share:.2} ({near} near, {far} far)"
+            );
+        } else {
+            assert!(share < 0.15, "far share without the order {share:.2}");
+        }
+    }
 }
