@@ -289,6 +289,8 @@ impl fmt::Debug for RedisGcra {
             .field("conn", &self.inner.conn)
             .field("when_unreachable", &self.inner.when_unreachable)
             .field("retry_every", &self.inner.retry_every)
+            .field("arrival_order", &self.inner.arrival_order)
+            .field("place_ttl", &self.inner.place_ttl)
             .field("out", &self.inner.out.load(Ordering::Relaxed))
             .finish()
     }

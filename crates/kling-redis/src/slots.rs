@@ -148,6 +148,7 @@ impl fmt::Debug for RedisSlots {
             .field("conn", &self.inner.conn)
             .field("instance", &self.inner.instance)
             .field("when_unreachable", &self.inner.when_unreachable)
+            .field("arrival_order", &self.inner.arrival_order)
             .field("held", &lock(&self.inner.registry).len())
             .field("pending", &lock(&self.inner.pending).len())
             .finish_non_exhaustive()

@@ -184,14 +184,19 @@ async fn two_stacks_sharing_one_redis_never_exceed_the_pro_capacity() {
 }
 
 /// A lazily connected stack whose Redis is not there.
-fn unreachable_stack(choice: WhenUnreachable) -> KlingLayer<Redis> {
-    let conn = Connection::lazy(
+/// A connection to a Redis that is not there (it connects on first use).
+fn nowhere() -> Connection {
+    Connection::lazy(
         RedisConfig::new("redis://127.0.0.1:1/")
             .prefix("nowhere")
             .connect_timeout(Duration::from_millis(50))
             .command_timeout(Duration::from_millis(50)),
     )
-    .unwrap();
+    .unwrap()
+}
+
+fn unreachable_stack(choice: WhenUnreachable) -> KlingLayer<Redis> {
+    let conn = nowhere();
     KlingLayer::builder(
         StackConfig::preset(Tier::Pro),
         Credentials::api_key(KEY).unwrap(),
@@ -200,6 +205,28 @@ fn unreachable_stack(choice: WhenUnreachable) -> KlingLayer<Redis> {
     .when_unreachable(choice)
     .build()
     .unwrap()
+}
+
+/// The fleet-order choice reaches both Redis backends: on by default, off when asked.
+#[tokio::test]
+async fn the_fleet_order_choice_reaches_both_shared_limits() {
+    for (backends, on) in [
+        (Redis::new(nowhere()), true),
+        (Redis::new(nowhere()).arrival_order(false), false),
+    ] {
+        let kling = KlingLayer::builder(
+            StackConfig::preset(Tier::Pro),
+            Credentials::api_key(KEY).unwrap(),
+        )
+        .backends(backends)
+        .build()
+        .unwrap();
+        let expected = format!("arrival_order: {on}");
+        let slots = format!("{:?}", kling.slots());
+        assert!(slots.contains(&expected), "{slots}");
+        let rate = format!("{:?}", kling.rate_limit().expect("Pro paces requests"));
+        assert!(rate.contains(&expected), "{rate}");
+    }
 }
 
 #[tokio::test]
