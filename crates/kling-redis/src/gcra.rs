@@ -5,7 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kling_ratelimit::backend::Reported;
@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use crate::conn::{Connection, micros, segment};
 use crate::error::StoreError;
 use crate::order_lua::AHEAD_OF;
+use crate::slots::{instance_id, lock};
 use crate::unreachable::{DEFAULT_RETRY_EVERY, WhenUnreachable};
 
 /// How long a key without traffic keeps its state (cooldown streak, adaptive rate) by default.
@@ -32,10 +33,6 @@ pub const DEFAULT_GCRA_PLACE_TTL: Duration = Duration::from_millis(500);
 struct Place {
     since: i64,
     until: i64,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Options of [`RedisGcra`], applied with its builder methods.
@@ -320,7 +317,7 @@ impl RedisGcra {
                 idle_ttl: o.idle_ttl,
                 arrival_order: o.arrival_order,
                 place_ttl: o.place_ttl,
-                instance: crate::slots::instance_id(),
+                instance: instance_id(),
                 waiting: Mutex::new(HashMap::new()),
                 fallback: InProcess::new(),
                 out: AtomicBool::new(false),
@@ -458,7 +455,6 @@ impl Inner {
         since: Option<i64>,
     ) -> Result<FleetDecision, StoreError> {
         let (adaptive, start, ceiling) = adaptive_args(policy);
-        let keys = [format!("{redis_key}:wq"), format!("{redis_key}:wqx")];
         let args = [
             now_us.to_string(),
             micros(policy.quota.period()).max(1).to_string(),
@@ -475,7 +471,7 @@ impl Inner {
             since.unwrap_or(now_us).to_string(),
             micros(self.place_ttl).max(1).to_string(),
         ];
-        let [q, qx] = keys;
+        let (q, qx) = (format!("{redis_key}:wq"), format!("{redis_key}:wqx"));
         let result: Result<Vec<i64>, StoreError> = self
             .conn
             .run(&self.acquire, &[redis_key, q, qx], &args)
