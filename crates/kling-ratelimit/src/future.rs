@@ -56,12 +56,18 @@ impl<Bk: Backend> Gate<Bk> {
         self.class_key.as_ref().unwrap_or(account_key)
     }
 
-    /// Asks the backend. A request that goes through the gate (a class quota, others queued, or
-    /// a wait) reads the clock again when admitted: the instant a backend notes is kept only on
-    /// the direct path in [`ResponseFuture::new`], so a waiter's boxed state stays small.
+    /// Asks the backend; a request that has waited says since when
+    /// ([`Backend::acquire_waiting`]). A request that goes through the gate (a class quota,
+    /// others queued, or a wait) reads the clock again when admitted: the instant a backend
+    /// notes is kept only on the direct path in [`ResponseFuture::new`], so a waiter's boxed
+    /// state stays small.
     fn acquire(&self, shared: &Shared<Bk>, account_key: &BucketKey) -> Bk::AcquireFuture {
         let key = self.key(account_key);
-        shared.backend.acquire(key, &shared.policy_for(key))
+        let policy = shared.policy_for(key);
+        match self.waited_since {
+            Some(since) => shared.backend.acquire_waiting(key, &policy, since),
+            None => shared.backend.acquire(key, &policy),
+        }
     }
 
     fn start_waiting<B>(&mut self, shared: &Shared<Bk>, request: &Request<B>, now: Instant) {

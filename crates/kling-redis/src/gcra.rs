@@ -1,11 +1,10 @@
 //! [`RedisGcra`]: the rate limiter's [`Backend`] in Redis, one Lua script per decision.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kling_ratelimit::backend::Reported;
@@ -17,7 +16,7 @@ use tokio::time::Instant;
 use crate::conn::{Connection, micros, segment};
 use crate::error::StoreError;
 use crate::order_lua::AHEAD_OF;
-use crate::slots::{instance_id, lock};
+use crate::slots::instance_id;
 use crate::unreachable::{DEFAULT_RETRY_EVERY, WhenUnreachable};
 
 /// How long a key without traffic keeps its state (cooldown streak, adaptive rate) by default.
@@ -27,13 +26,6 @@ pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(600);
 /// within a round trip; the place ending soon after bounds what a process whose waiting requests
 /// all gave up costs the fleet (the rate layer does not tell the store when a queue empties).
 pub const DEFAULT_GCRA_PLACE_TTL: Duration = Duration::from_millis(500);
-
-/// A process's place in a key's fleet queue, as this process knows it.
-#[derive(Clone, Copy, Debug)]
-struct Place {
-    since: i64,
-    until: i64,
-}
 
 /// Options of [`RedisGcra`], applied with its builder methods.
 #[derive(Clone, Copy, Debug)]
@@ -48,18 +40,20 @@ struct Options {
 /// One GCRA decision. Times are integer microseconds of fleet time; numbers written back go
 /// through `%.0f` (Lua's `tostring` keeps only 14 digits) and `%.17g` for rates.
 ///
-/// KEYS[1] the key's hash, KEYS[2] its fleet queue (sorted set: waiting process → since when,
-/// µs), KEYS[3] when each place ends (µs). ARGV: now, period (µs, rounded up), burst, adaptive
-/// (0/1), adaptive start rate (-1: ceiling/4), ceiling rate, idle TTL (µs), the asking
-/// process's place ('' = it takes none), since when it waits (µs), how long a place outlives
-/// the instant its process was told to ask again (µs).
+/// KEYS[1] the key's hash, KEYS[2] its fleet queue (sorted set: waiting process → since when
+/// its asking request has waited, µs), KEYS[3] when each place ends (µs). ARGV: now, period (µs,
+/// rounded up), burst, adaptive (0/1), adaptive start rate (-1: ceiling/4), ceiling rate, idle
+/// TTL (µs), the asking process's place ('' = it takes none), since when the asking request
+/// has waited (µs), how long a place outlives the instant its process was told to ask again
+/// (µs).
 /// Returns {0} (admit) or {1, not_before, cooldown 0/1}.
 ///
-/// The fleet's order: a process whose request must wait holds a place, scored by when it began
-/// waiting; a cell goes only to the process that has waited longest (or to one that holds no
-/// place and arrived before every place), so no process is starved by one that is nearer to
-/// Redis and always asks first. Admitted, a process leaves its place; its next request, if
-/// refused, queues behind the others.
+/// The fleet's order: each process sends only its queue's head, with the instant that request
+/// began waiting; a refused head holds its process's place, scored by that instant, and a cell
+/// goes only to the head that has waited longest (or to a request that holds no place and
+/// waited longer than every place). Each process queues in arrival order too, so the fleet's
+/// requests are served in the order they began waiting, and no process is starved by one that
+/// is nearer to Redis and always asks first. Admitted, a head leaves its process's place.
 const ACQUIRE_BODY: &str = r"
 local key = KEYS[1]
 local q = KEYS[2]
@@ -77,7 +71,7 @@ local queued = redis.call('EXISTS', qx) == 1
 if queued then ahead_until = ahead_of(q, qx, me, since, now) end
 local function wait(at, cooldown)
   if me ~= '' then
-    redis.call('ZADD', q, 'NX', ARGV[9], me)
+    redis.call('ZADD', q, ARGV[9], me)
     redis.call('ZADD', qx, int(math.max(at, now) + tonumber(ARGV[10])), me)
     local last = redis.call('ZRANGE', qx, -1, -1, 'WITHSCORES')
     local ms = math.ceil((tonumber(last[2]) - now) / 1000) + 1000
@@ -244,13 +238,15 @@ return {-1, streak}
 ///   together. The emission interval is rounded up to a whole microsecond.
 /// - **Waiting stays in the process**: the layer's FIFO queue and tokio sleep; only a queue's
 ///   head asks Redis.
-/// - **Fleet order**: a process whose request is told to wait holds a place in the key's queue
-///   in Redis, scored by when it began waiting, and the next cell goes to the process that has
-///   waited longest. Without it, the process nearest to Redis would win every cell it asked
-///   for at the same instant as another, and could starve it. A process leaves its place when
-///   admitted; a place ends [`place_ttl`](Self::place_ttl) after the instant its process was
-///   told to ask again, so a process whose waiters all gave up holds the fleet up for at most
-///   that long. [`arrival_order(false)`](Self::arrival_order) serves whoever asks first.
+/// - **Fleet order**: a refused request holds its process's place in the key's queue in Redis,
+///   scored by when it began waiting (the layer says, through
+///   [`Backend::acquire_waiting`]), and the next cell goes to the request that has waited
+///   longest in any process. Without it, the process nearest to Redis would win every cell it
+///   asked for at the same instant as another, and could starve it. An admitted request leaves
+///   its process's place; a place ends [`place_ttl`](Self::place_ttl) after the instant its
+///   process was told to ask again, so a process whose waiters all gave up holds the fleet up
+///   for at most that long. [`arrival_order(false)`](Self::arrival_order) serves whoever asks
+///   first.
 /// - **Unreachable Redis**: see [`WhenUnreachable`].
 ///
 /// # Clone
@@ -270,9 +266,6 @@ struct Inner {
     place_ttl: Duration,
     /// This process's place id in the fleet queues.
     instance: String,
-    /// Since when this process has waited for each key (by Redis key), and until when that
-    /// place lasts (fleet µs): set by a refused ask, cleared by an admitted one.
-    waiting: Mutex<HashMap<String, Place>>,
     fallback: InProcess,
     /// Whether the last command failed for want of Redis.
     out: AtomicBool,
@@ -318,7 +311,6 @@ impl RedisGcra {
                 arrival_order: o.arrival_order,
                 place_ttl: o.place_ttl,
                 instance: instance_id(),
-                waiting: Mutex::new(HashMap::new()),
                 fallback: InProcess::new(),
                 out: AtomicBool::new(false),
                 acquire: Script::new(&format!("{AHEAD_OF}{ACQUIRE_BODY}")),
@@ -355,11 +347,11 @@ impl RedisGcra {
         self.with(|o| o.idle_ttl = ttl)
     }
 
-    /// Whether the next cell of a key goes to the process that has waited for it longest
-    /// (default `true`). With `false`, whichever process asks first at the instant a cell
-    /// frees gets it, so the process nearest to Redis can starve the others. Every process
-    /// sharing a key should choose the same; one that does not take part still waits behind
-    /// the processes that hold places, as if it had just begun waiting.
+    /// Whether the next cell of a key goes to the request that has waited for it longest, in
+    /// whichever process (default `true`). With `false`, whichever process asks first at the
+    /// instant a cell frees gets it, so the process nearest to Redis can starve the others.
+    /// Every process sharing a key should choose the same; one that does not take part still
+    /// waits behind the requests that hold places, as if each of its asks had just arrived.
     pub fn arrival_order(self, on: bool) -> Self {
         self.with(|o| o.arrival_order = on)
     }
@@ -487,37 +479,6 @@ impl Inner {
         }
     }
 
-    /// Since when this process has waited for `redis_key`: its place's, if it still has one,
-    /// else from now.
-    fn waiting_since(&self, redis_key: &str, now_us: i64) -> i64 {
-        match lock(&self.waiting).get(redis_key) {
-            Some(place) if now_us <= place.until => place.since,
-            _ => now_us,
-        }
-    }
-
-    /// Keeps this process's place after a refusal (it ends `place_ttl` after the instant it
-    /// was told to ask again, as in Redis), gives it up once admitted.
-    fn note_place(
-        &self,
-        redis_key: String,
-        since: i64,
-        result: &Result<FleetDecision, StoreError>,
-    ) {
-        let mut waiting = lock(&self.waiting);
-        match result {
-            Ok(FleetDecision::Admit) => {
-                waiting.remove(&redis_key);
-            }
-            Ok(FleetDecision::NotBefore { at_us, .. }) => {
-                let until = at_us.saturating_add(micros(self.place_ttl));
-                waiting.insert(redis_key, Place { since, until });
-            }
-            // Unreachable, or a bad reply: the place stands as it was.
-            Err(_) => {}
-        }
-    }
-
     fn note(&self, result: &Result<impl Sized, StoreError>) {
         match result {
             Err(e) if e.is_unreachable() => {
@@ -534,11 +495,16 @@ impl Inner {
     }
 }
 
-impl Backend for RedisGcra {
-    type AcquireFuture = GcraFuture<Decision>;
-    type FeedbackFuture = GcraFuture<Reported>;
-
-    fn acquire(&self, key: &BucketKey, policy: &Policy) -> Self::AcquireFuture {
+impl RedisGcra {
+    /// One decision for a request that has waited since `since` (`None`: it arrives now). With
+    /// the fleet order, a refused request holds this process's place in the key's queue,
+    /// scored by when it began waiting.
+    fn asking(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        since: Option<Instant>,
+    ) -> GcraFuture<Decision> {
         let inner = Arc::clone(&self.inner);
         let redis_key = self.key_of(key);
         let key = key.clone();
@@ -549,13 +515,8 @@ impl Backend for RedisGcra {
             let now_us = inner.conn.now_us();
             let since = inner
                 .arrival_order
-                .then(|| inner.waiting_since(&redis_key, now_us));
-            let result = inner
-                .decide(redis_key.clone(), &policy, now_us, since)
-                .await;
-            if let Some(since) = since {
-                inner.note_place(redis_key, since, &result);
-            }
+                .then(|| since.map_or(now_us, |since| inner.conn.to_fleet(since, now, now_us)));
+            let result = inner.decide(redis_key, &policy, now_us, since).await;
             match result {
                 Ok(FleetDecision::Admit) => Ok(Decision::Admit),
                 Ok(FleetDecision::NotBefore { at_us, cooldown }) => Ok(Decision::NotBefore {
@@ -575,6 +536,24 @@ impl Backend for RedisGcra {
                 Err(e) => Err(e.into_ratelimit()),
             }
         })
+    }
+}
+
+impl Backend for RedisGcra {
+    type AcquireFuture = GcraFuture<Decision>;
+    type FeedbackFuture = GcraFuture<Reported>;
+
+    fn acquire(&self, key: &BucketKey, policy: &Policy) -> Self::AcquireFuture {
+        self.asking(key, policy, None)
+    }
+
+    fn acquire_waiting(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        since: Instant,
+    ) -> Self::AcquireFuture {
+        self.asking(key, policy, Some(since))
     }
 
     fn feedback(

@@ -103,7 +103,7 @@ mod redis {
     /// | [`when_unreachable`](Self::when_unreachable) | [`WhenUnreachable::Wait`]: fail closed by waiting |
     /// | [`retry_every`](Self::retry_every) | kling-redis's 100 ms |
     /// | [`poll_every`](Self::poll_every) | kling-redis's 1 s divided by the preset's speed, at least 50 ms (releases are announced at once; this is the fallback) |
-    /// | [`arrival_order`](Self::arrival_order) | on: freed slots and rate cells go to the fleet's waiting requests in turn (kling-redis's fleet order); a rate place lasts kling-redis's 500 ms divided by the preset's speed, at least 50 ms |
+    /// | [`arrival_order`](Self::arrival_order) | on: freed slots and rate cells go to the fleet's waiting requests in the order they began waiting (kling-redis's fleet order); a rate place lasts kling-redis's 500 ms divided by the preset's speed, at least 50 ms |
     ///
     /// Every stack of the fleet should use the same preset numbers: the capacities a create is
     /// admitted against are the asking stack's.
@@ -153,8 +153,8 @@ mod redis {
             self
         }
 
-        /// Whether freed slots and rate cells go to the fleet's waiting requests in turn (default
-        /// `true`), rather than to whichever process asks Redis first, which lets the process
+        /// Whether freed slots and rate cells go to the fleet's waiting requests in the order
+        /// they began waiting (default `true`), rather than to whichever process asks Redis first, which lets the process
         /// nearest to Redis starve the others: kling-redis's `RedisSlots::arrival_order` and
         /// `RedisGcra::arrival_order`. Every process of the fleet should choose the same.
         pub fn arrival_order(mut self, on: bool) -> Self {

@@ -8,7 +8,10 @@
 //! - [`acquire`](Backend::acquire): may one request of this key go now? The answer is
 //!   [`Decision::Admit`] (the request's cell is taken) or [`Decision::NotBefore`] (nothing is
 //!   taken; ask again at that instant). Only the head of a key's queue asks, so a remote store
-//!   sees one question per admitted request plus one per wake-up, never one per waiter.
+//!   sees one question per admitted request plus one per wake-up, never one per waiter. A
+//!   head that has waited asks with [`acquire_waiting`](Backend::acquire_waiting), saying
+//!   since when, so a store shared by several processes can serve their waiting requests in
+//!   that order.
 //! - [`feedback`](Backend::feedback): what a response said (success, or a 1302 / `Retry-After`),
 //!   so the key's cooldown, its escalation streak and its adaptive rate — which every process
 //!   sharing the account must see — live in the store too.
@@ -190,6 +193,21 @@ pub trait Backend: Send + Sync + 'static {
         decided_at: &mut Option<Instant>,
     ) -> Self::AcquireFuture {
         let _ = decided_at;
+        self.acquire(key, policy)
+    }
+
+    /// [`Backend::acquire`] for a request that has waited since `since` (this process's tokio
+    /// clock): the head of a key's queue asking again. A store that several processes share
+    /// may give a key's next cell to the request that has waited longest in any of them, so
+    /// that no process starves another by asking first; the default ignores `since` (one
+    /// process's FIFO queue already orders its own waiters).
+    fn acquire_waiting(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        since: Instant,
+    ) -> Self::AcquireFuture {
+        let _ = since;
         self.acquire(key, policy)
     }
 

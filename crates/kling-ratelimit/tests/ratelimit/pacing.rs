@@ -428,3 +428,73 @@ async fn invalid_configuration_names_the_field() {
         .unwrap_err();
     assert_eq!(err.field(), "class_quota.burst");
 }
+
+/// The in-process backend, recording how each request asked: plainly, or saying since when it
+/// had waited ([`kling_ratelimit::Backend::acquire_waiting`]).
+#[derive(Debug, Default)]
+struct Recording {
+    inner: kling_ratelimit::InProcess,
+    asks: std::sync::Mutex<Vec<Option<Instant>>>,
+}
+
+impl kling_ratelimit::Backend for Recording {
+    type AcquireFuture = <kling_ratelimit::InProcess as kling_ratelimit::Backend>::AcquireFuture;
+    type FeedbackFuture = <kling_ratelimit::InProcess as kling_ratelimit::Backend>::FeedbackFuture;
+
+    fn acquire(
+        &self,
+        key: &kling_ratelimit::BucketKey,
+        policy: &kling_ratelimit::Policy,
+    ) -> Self::AcquireFuture {
+        self.asks.lock().unwrap().push(None);
+        self.inner.acquire(key, policy)
+    }
+
+    fn acquire_waiting(
+        &self,
+        key: &kling_ratelimit::BucketKey,
+        policy: &kling_ratelimit::Policy,
+        since: Instant,
+    ) -> Self::AcquireFuture {
+        self.asks.lock().unwrap().push(Some(since));
+        self.inner.acquire(key, policy)
+    }
+
+    fn feedback(
+        &self,
+        key: &kling_ratelimit::BucketKey,
+        policy: &kling_ratelimit::Policy,
+        feedback: kling_ratelimit::Feedback,
+    ) -> Self::FeedbackFuture {
+        self.inner.feedback(key, policy, feedback)
+    }
+}
+
+/// A request that has waited tells the backend since when, every time it asks again: a store
+/// several processes share can then serve their waiting requests in that order.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_request_asks_saying_since_when_it_has_waited() {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .backend(Recording::default())
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for tag in ["a1", "a2", "a3"] {
+        calls.push(spawn_call(&service, request(Some("a"), tag)).await);
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(server.tags(), ["a1", "a2", "a3"]);
+    // Each request asks plainly at most once, on arrival; a2 and a3 then ask again from the
+    // head of the queue, each saying it has waited since it arrived (all at `start`: time is
+    // paused).
+    let asks = layer.handle().backend().asks.lock().unwrap().clone();
+    assert!(asks.iter().filter(|a| a.is_none()).count() <= 3, "{asks:?}");
+    let waiting: Vec<Instant> = asks.iter().flatten().copied().collect();
+    assert!(waiting.len() >= 2, "{asks:?}");
+    assert!(waiting.iter().all(|&since| since == start), "{asks:?}");
+}

@@ -214,55 +214,100 @@ fn slow() -> (BucketKey, Policy) {
     )
 }
 
-/// Asks until admitted (at each instant it is told), for at most `limit`; how many refusals.
-async fn ask_until_admitted(backend: &RedisGcra, limit: Duration) -> usize {
-    let (key, policy) = slow();
-    let give_up = tokio::time::Instant::now() + limit;
-    let mut refused = 0;
-    loop {
-        match backend.acquire(&key, &policy).await.unwrap() {
-            Decision::Admit => return refused,
-            Decision::NotBefore { at, .. } => {
-                refused += 1;
-                assert!(at < give_up, "not admitted within {limit:?}");
-                tokio::time::sleep_until(at + Duration::from_millis(5)).await;
+/// The head of one process's queue for a key, asking as `GcraLayer` does: a request asks;
+/// refused, it asks again saying since when it has waited; admitted, the next one starts.
+struct Head {
+    backend: RedisGcra,
+    key: BucketKey,
+    policy: Policy,
+    /// When the request now at the head began waiting, once it was refused.
+    since: Option<tokio::time::Instant>,
+}
+
+impl Head {
+    fn new(backend: RedisGcra, (key, policy): (BucketKey, Policy)) -> Head {
+        Head {
+            backend,
+            key,
+            policy,
+            since: None,
+        }
+    }
+
+    async fn ask(&mut self) -> Decision {
+        let asked = tokio::time::Instant::now();
+        let decision = match self.since {
+            Some(since) => self.backend.acquire_waiting(&self.key, &self.policy, since),
+            None => self.backend.acquire(&self.key, &self.policy),
+        }
+        .await
+        .unwrap();
+        match decision {
+            Decision::Admit => self.since = None,
+            _ => {
+                self.since.get_or_insert(asked);
             }
-            other => panic!("{other:?}"),
+        }
+        decision
+    }
+
+    /// The instant a refused request was told to ask again.
+    async fn refused(&mut self) -> tokio::time::Instant {
+        match self.ask().await {
+            Decision::NotBefore { at, .. } => at,
+            other => panic!("refused, not {other:?}"),
+        }
+    }
+
+    /// Asks until admitted (at each instant it is told), for at most `limit`.
+    async fn ask_until_admitted(&mut self, limit: Duration) {
+        let give_up = tokio::time::Instant::now() + limit;
+        loop {
+            match self.ask().await {
+                Decision::Admit => return,
+                Decision::NotBefore { at, .. } => {
+                    assert!(at < give_up, "not admitted within {limit:?}");
+                    tokio::time::sleep_until(at + Duration::from_millis(5)).await;
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 }
 
-/// `early` begins waiting for the next cell before `late` does; when the cell comes, `late`
-/// asks first (as a process nearer to Redis would). Returns whether `late` got it.
+/// `early`'s request begins waiting for the next cell before `late`'s does; when the cell
+/// comes, `late` asks first (as a process nearer to Redis would). Returns whether `late` got
+/// it.
 async fn the_process_that_asks_first_takes_the_cell(
     server: &kling_redis::testing::RedisServer,
     arrival_order: bool,
 ) -> bool {
-    let (key, policy) = slow();
-    let process = || async { RedisGcra::new(connect(server).await).arrival_order(arrival_order) };
-    let (early, late) = (process().await, process().await);
-    assert_eq!(early.acquire(&key, &policy).await.unwrap(), Decision::Admit);
-    let Decision::NotBefore { at, .. } = early.acquire(&key, &policy).await.unwrap() else {
-        panic!("the cell is taken");
+    let process = || async {
+        Head::new(
+            RedisGcra::new(connect(server).await).arrival_order(arrival_order),
+            slow(),
+        )
     };
+    let (mut early, mut late) = (process().await, process().await);
+    assert_eq!(early.ask().await, Decision::Admit);
+    let at = early.refused().await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let refused = late.acquire(&key, &policy).await.unwrap();
-    assert!(matches!(refused, Decision::NotBefore { .. }), "{refused:?}");
+    late.refused().await;
     tokio::time::sleep_until(at + Duration::from_millis(20)).await;
-    if late.acquire(&key, &policy).await.unwrap() == Decision::Admit {
+    if late.ask().await == Decision::Admit {
         return true;
     }
     assert_eq!(
-        early.acquire(&key, &policy).await.unwrap(),
+        early.ask().await,
         Decision::Admit,
         "the cell waited for early"
     );
-    ask_until_admitted(&late, Duration::from_secs(2)).await;
+    late.ask_until_admitted(Duration::from_secs(2)).await;
     false
 }
 
 #[tokio::test]
-async fn the_next_cell_goes_to_the_process_that_has_waited_longest() {
+async fn the_next_cell_goes_to_the_request_that_has_waited_longest() {
     let Some(server) = redis() else { return };
     assert!(!the_process_that_asks_first_takes_the_cell(&server, true).await);
     // The control: served in the order they ask, the process that asks first wins.
@@ -270,56 +315,51 @@ async fn the_next_cell_goes_to_the_process_that_has_waited_longest() {
     assert!(the_process_that_asks_first_takes_the_cell(&server, false).await);
 }
 
-/// A process that stops asking loses its place `place_ttl` after the instant it was told, and
-/// when it asks again it queues from then, behind processes that waited meanwhile.
+/// A process that stops asking loses its place `place_ttl` after the instant it was told; a
+/// request it sends later queues from then, behind requests that waited meanwhile.
 #[tokio::test]
-async fn a_place_ends_when_its_process_stops_asking_and_is_not_kept_for_later() {
+async fn a_place_ends_when_its_process_stops_asking() {
     let Some(server) = redis() else { return };
-    let (key, policy) = slow();
-    let early = RedisGcra::new(connect(&server).await).place_ttl(Duration::from_millis(300));
-    let late = RedisGcra::new(connect(&server).await);
-    assert_eq!(early.acquire(&key, &policy).await.unwrap(), Decision::Admit);
-    let Decision::NotBefore { at, .. } = early.acquire(&key, &policy).await.unwrap() else {
-        panic!("the cell is taken");
-    };
+    let early_backend =
+        RedisGcra::new(connect(&server).await).place_ttl(Duration::from_millis(300));
+    let mut early = Head::new(early_backend.clone(), slow());
+    let mut late = Head::new(RedisGcra::new(connect(&server).await), slow());
+    assert_eq!(early.ask().await, Decision::Admit);
+    let at = early.refused().await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_ne!(late.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+    late.refused().await;
     // Early stalls. While its place lasts, the cell waits for it; then late takes it.
     tokio::time::sleep_until(at + Duration::from_millis(20)).await;
     assert_ne!(
-        late.acquire(&key, &policy).await.unwrap(),
+        late.ask().await,
         Decision::Admit,
         "early's place still lasts"
     );
     tokio::time::sleep_until(at + Duration::from_millis(350)).await;
-    ask_until_admitted(&late, Duration::from_secs(2)).await;
+    late.ask_until_admitted(Duration::from_secs(2)).await;
 
-    // Late waits for the next cell; early, asking again only now, queues behind it.
-    let Decision::NotBefore { at, .. } = late.acquire(&key, &policy).await.unwrap() else {
-        panic!("the cell is taken");
-    };
+    // Early's request gave up; its next one arrives after late's next, and queues behind it.
+    let at = late.refused().await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_ne!(early.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+    let mut early = Head::new(early_backend, slow());
+    early.refused().await;
     tokio::time::sleep_until(at + Duration::from_millis(20)).await;
-    assert_ne!(
-        early.acquire(&key, &policy).await.unwrap(),
-        Decision::Admit,
-        "early's old place is gone: late has waited longer"
-    );
-    assert_eq!(late.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+    assert_ne!(early.ask().await, Decision::Admit, "late has waited longer");
+    assert_eq!(late.ask().await, Decision::Admit);
 }
 
 /// Takes every cell of a key it can until `until`, as a queue head does: asks, and when told
-/// to wait, asks again at that instant. How many it was given.
+/// to wait, asks again at that instant, saying since when it has waited. How many it was given.
 async fn cells_taken(backend: RedisGcra, until: tokio::time::Instant) -> usize {
     let key = BucketKey::account(Some(AccountId::new("share")));
     let policy = Policy::new(
         Quota::with_period(Duration::from_millis(50)),
         Cooldown::default(),
     );
+    let mut head = Head::new(backend, (key, policy));
     let mut taken = 0;
     while tokio::time::Instant::now() < until {
-        match backend.acquire(&key, &policy).await.unwrap() {
+        match head.ask().await {
             Decision::Admit => taken += 1,
             Decision::NotBefore { at, .. } => tokio::time::sleep_until(at).await,
             other => panic!("{other:?}"),
@@ -340,4 +380,61 @@ async fn a_process_far_from_redis_still_gets_its_turn() {
         cells_taken,
     )
     .await;
+}
+
+/// Two processes' `GcraLayer`s on one key (a cell every 300 ms): process `a` sends three
+/// requests 10 ms apart, process `b` one request 100 ms after them. The fleet serves them in the order
+/// they began waiting: `a`'s third request waited from the start, so it does not lose its turn
+/// to `b`'s by becoming its process's head only after `b`'s arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_layer_requests_are_served_in_the_order_they_began_waiting() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use kling_ratelimit::GcraLayer;
+    use tower::{Layer, ServiceExt};
+
+    let Some(server) = redis() else { return };
+    let served = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let process = || async {
+        let served = Arc::clone(&served);
+        let inner = tower::service_fn(move |request: http::Request<Full<Bytes>>| {
+            served.lock().unwrap().push(request.uri().path().to_owned());
+            std::future::ready(Ok::<_, kling_core::BoxError>(http::Response::new(
+                Full::new(Bytes::from_static(
+                    br#"{"code":0,"message":"SUCCEED","request_id":"r","data":{}}"#,
+                )),
+            )))
+        });
+        GcraLayer::builder(Quota::with_period(Duration::from_millis(300)))
+            .backend(RedisGcra::new(connect(&server).await))
+            .build()
+            .unwrap()
+            .layer(inner)
+    };
+    let (a, b) = (process().await, process().await);
+    let send = |service: &_, name: &str| {
+        let service: tower::util::BoxCloneService<_, _, _> = Clone::clone(service);
+        let request = http::Request::get(format!("/v1/videos/text2video/{name}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        tokio::spawn(service.oneshot(request))
+    };
+    let a = tower::util::BoxCloneService::new(a);
+    let b = tower::util::BoxCloneService::new(b);
+    let mut sent = vec![send(&a, "a1")];
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    sent.push(send(&a, "a2"));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    sent.push(send(&a, "a3"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    sent.push(send(&b, "b1"));
+    for request in sent {
+        request.await.unwrap().unwrap();
+    }
+    let served = served.lock().unwrap().clone();
+    let names: Vec<&str> = served
+        .iter()
+        .map(|p| p.rsplit('/').next().unwrap())
+        .collect();
+    assert_eq!(names, ["a1", "a2", "a3", "b1"]);
 }
