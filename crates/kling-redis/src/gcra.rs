@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::conn::{Connection, micros, segment};
 use crate::error::StoreError;
-use crate::order_lua::AHEAD_OF;
+use crate::order_lua::QUEUE;
 use crate::slots::instance_id;
 use crate::unreachable::{DEFAULT_RETRY_EVERY, WhenUnreachable};
 
@@ -70,14 +70,7 @@ local ahead_until = nil
 local queued = redis.call('EXISTS', qx) == 1
 if queued then ahead_until = ahead_of(q, qx, me, since, now) end
 local function wait(at, cooldown)
-  if me ~= '' then
-    redis.call('ZADD', q, ARGV[9], me)
-    redis.call('ZADD', qx, int(math.max(at, now) + tonumber(ARGV[10])), me)
-    local last = redis.call('ZRANGE', qx, -1, -1, 'WITHSCORES')
-    local ms = math.ceil((tonumber(last[2]) - now) / 1000) + 1000
-    redis.call('PEXPIRE', q, ms)
-    redis.call('PEXPIRE', qx, ms)
-  end
+  if me ~= '' then take_place(q, qx, me, ARGV[9], math.max(at, now) + tonumber(ARGV[10]), now) end
   return {1, at, cooldown}
 end
 local v = redis.call('HMGET', key, 't', 'p', 'cd', 'r', 'se')
@@ -114,7 +107,7 @@ end
 if now < earliest then
   return wait(earliest, 0)
 end
-if queued and me ~= '' and redis.call('ZREM', q, me) == 1 then redis.call('ZREM', qx, me) end
+if queued and me ~= '' then leave_place(q, qx, me) end
 local nxt = math.max(tat, now) + period
 redis.call('HSET', key, 't', string.format('%.0f', nxt), 'p', string.format('%.0f', period))
 local last = nxt
@@ -313,7 +306,7 @@ impl RedisGcra {
                 instance: instance_id(),
                 fallback: InProcess::new(),
                 out: AtomicBool::new(false),
-                acquire: Script::new(&format!("{AHEAD_OF}{ACQUIRE_BODY}")),
+                acquire: Script::new(&format!("{QUEUE}{ACQUIRE_BODY}")),
                 feedback: Script::new(FEEDBACK),
             }),
         }
@@ -437,8 +430,8 @@ fn share(policy: &Policy, processes: u32) -> Policy {
 }
 
 impl Inner {
-    /// One decision; `since` is when this process began waiting for the key, if it takes a
-    /// place in the fleet's order.
+    /// One decision; `since` is when the asking request began waiting, if it takes its
+    /// process's place in the fleet's order.
     async fn decide(
         &self,
         redis_key: String,

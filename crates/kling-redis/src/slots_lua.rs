@@ -19,7 +19,7 @@
 //! Times are integer microseconds of fleet time (see [`Connection`](crate::Connection)),
 //! written with `%.0f` (Lua's own conversion keeps 14 digits only).
 
-use crate::order_lua::AHEAD_OF;
+use crate::order_lua::QUEUE;
 
 /// Shared by every slots script. ARGV[1] prefix, ARGV[2] now, ARGV[3] grace (µs). `lost`
 /// is the store's generation (the `P:alive` value): a process that sees it change knows Redis
@@ -135,9 +135,7 @@ end
 local function opt(s) if s == '' then return nil end return s end
 -- Takes a create out of the fleet's queue; true if it was in it.
 local function leave(pk, h)
-  if redis.call('ZREM', pk .. ':q', h) == 0 then return false end
-  redis.call('ZREM', pk .. ':qx', h)
-  return true
+  return leave_place(pk .. ':q', pk .. ':qx', h)
 end
 ";
 
@@ -188,10 +186,8 @@ if not ahead_until and used + w <= cap - hidden then
   end
   return {0, lost}
 end
-if ARGV[15] == '1' then
-  redis.call('ZADD', q, 'NX', ARGV[13], h)
-  redis.call('ZADD', qx, int(now + tonumber(ARGV[14])), h)
-end
+-- A create's arrival is the same at every ask: its place keeps its rank.
+if ARGV[15] == '1' then take_place(q, qx, h, ARGV[13], now + tonumber(ARGV[14]), now) end
 local nxt = -1
 local first = redis.call('ZRANGE', pk .. ':l', 0, 0, 'WITHSCORES')
 if first[2] then nxt = tonumber(first[2]) end
@@ -347,13 +343,13 @@ return {lost, redis.call('HGETALL', P .. ':cap'), out}
 ";
 
 pub(crate) fn acquire() -> String {
-    format!("{PRELUDE}{AHEAD_OF}{ACQUIRE_BODY}")
+    format!("{QUEUE}{PRELUDE}{ACQUIRE_BODY}")
 }
 
 pub(crate) fn apply() -> String {
-    format!("{PRELUDE}{APPLY_BODY}")
+    format!("{QUEUE}{PRELUDE}{APPLY_BODY}")
 }
 
 pub(crate) fn snapshot() -> String {
-    format!("{PRELUDE}{SNAPSHOT_BODY}")
+    format!("{QUEUE}{PRELUDE}{SNAPSHOT_BODY}")
 }
