@@ -128,11 +128,6 @@ impl Stack {
         })
     }
 
-    /// Whether the limits live in Redis, shared with other processes.
-    pub fn is_shared(&self) -> bool {
-        !matches!(self.limits, Limits::InProcess(_))
-    }
-
     /// The monitor every layer reports to.
     pub fn monitor(&self) -> &Monitor {
         with_layer!(&self.limits, layer => layer.monitor())
