@@ -163,17 +163,18 @@ impl Queues {
         }
     }
 
-    /// The head `id` was admitted (or gave up): it leaves, and the next waiter is woken.
-    pub(crate) fn leave(&self, key: &BucketKey, id: u64) {
+    /// Waiter `id` was admitted (or gave up): it leaves, and the next waiter is woken. True
+    /// when it was the key's last live waiter.
+    pub(crate) fn leave(&self, key: &BucketKey, id: u64) -> bool {
         let mut map = self.lock();
         let Some(queue) = map.get_mut(key) else {
-            return;
+            return false;
         };
         let Ok(index) = queue.waiters.binary_search_by_key(&id, |w| w.id) else {
-            return;
+            return false;
         };
         if queue.waiters[index].waker.take().is_none() {
-            return;
+            return false;
         }
         queue.live -= 1;
         self.waiting.fetch_sub(1, Ordering::AcqRel);
@@ -182,9 +183,11 @@ impl Queues {
             queue.head_not_before = None;
             queue.settle_front();
         }
-        if queue.live == 0 && queue.waiters.is_empty() {
+        let last = queue.live == 0;
+        if last && queue.waiters.is_empty() {
             map.remove(key);
         }
+        last
     }
 
     /// Wakes the head of every queue, so it asks the backend again (after a quota change).
@@ -210,11 +213,28 @@ impl Queues {
 pub(crate) struct Place {
     pub(crate) queues: Arc<Queues>,
     pub(crate) key: BucketKey,
+    /// The waiter's ticket; [`LEFT`] once it left.
     pub(crate) id: u64,
+}
+
+/// A [`Place`]'s id once it left (tickets never reach it): no field is added for the mark, so
+/// a waiter's bookkeeping stays as small as it was.
+const LEFT: u64 = u64::MAX;
+
+impl Place {
+    /// Leaves the queue now; true when this was the key's last live waiter.
+    pub(crate) fn leave(mut self) -> bool {
+        let id = std::mem::replace(&mut self.id, LEFT);
+        self.queues.leave(&self.key, id)
+    }
 }
 
 impl Drop for Place {
     fn drop(&mut self) {
-        self.queues.leave(&self.key, self.id);
+        // Once only: an emptied queue is removed, and a new one for the key numbers its
+        // waiters from zero again.
+        if self.id != LEFT {
+            self.queues.leave(&self.key, self.id);
+        }
     }
 }

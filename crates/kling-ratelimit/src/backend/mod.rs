@@ -11,7 +11,8 @@
 //!   sees one question per admitted request plus one per wake-up, never one per waiter. A
 //!   head that has waited asks with [`acquire_waiting`](Backend::acquire_waiting), saying
 //!   since when, so a store shared by several processes can serve their waiting requests in
-//!   that order.
+//!   that order; when the last such request gives up, the layer says so
+//!   ([`stop_waiting`](Backend::stop_waiting)).
 //! - [`feedback`](Backend::feedback): what a response said (success, or a 1302 / `Retry-After`),
 //!   so the key's cooldown, its escalation streak and its adaptive rate — which every process
 //!   sharing the account must see — live in the store too.
@@ -209,6 +210,18 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Self::AcquireFuture {
         let _ = since;
         self.acquire(key, policy)
+    }
+
+    /// This limiter no longer has a request waiting for `key`: the last one that waited gave
+    /// up (its future was dropped, or its wait limit passed), whether or not it had asked with
+    /// [`acquire_waiting`](Backend::acquire_waiting) yet. A store several processes share can
+    /// drop the process's place in the key's fleet queue at once, instead of holding the
+    /// others back until the place ends. (A request admitted after asking with
+    /// `acquire_waiting` is not reported: the store admitting it can drop the place then.)
+    /// Called from `Drop`, so it must not block; the default does nothing (a process's own
+    /// queue needs no telling).
+    fn stop_waiting(&self, key: &BucketKey) {
+        let _ = key;
     }
 
     /// Records what a response of `key` said: starts or extends the cooldown, moves the streak

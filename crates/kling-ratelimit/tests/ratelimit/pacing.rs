@@ -435,6 +435,8 @@ async fn invalid_configuration_names_the_field() {
 struct Recording {
     inner: kling_ratelimit::InProcess,
     asks: std::sync::Mutex<Vec<Option<Instant>>>,
+    /// When the layer said its process stopped waiting for account `a`.
+    stopped: std::sync::Mutex<Vec<Instant>>,
 }
 
 impl kling_ratelimit::Backend for Recording {
@@ -458,6 +460,11 @@ impl kling_ratelimit::Backend for Recording {
     ) -> Self::AcquireFuture {
         self.asks.lock().unwrap().push(Some(since));
         self.inner.acquire(key, policy)
+    }
+
+    fn stop_waiting(&self, key: &kling_ratelimit::BucketKey) {
+        assert_eq!(key.account_id().map(AccountId::as_str), Some("a"));
+        self.stopped.lock().unwrap().push(Instant::now());
     }
 
     fn feedback(
@@ -497,4 +504,64 @@ async fn a_waiting_request_asks_saying_since_when_it_has_waited() {
     let waiting: Vec<Instant> = asks.iter().flatten().copied().collect();
     assert!(waiting.len() >= 2, "{asks:?}");
     assert!(waiting.iter().all(|&since| since == start), "{asks:?}");
+}
+
+/// The backend hears that a process stopped waiting for a key only when the last request that
+/// waited for it gives up: not when one is admitted, nor when one gives up with others still
+/// waiting behind it.
+#[tokio::test(start_paused = true)]
+async fn the_last_waiting_request_to_give_up_tells_the_backend() {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .backend(Recording::default())
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for tag in ["a1", "a2", "a3", "a4"] {
+        calls.push(spawn_call(&service, request(Some("a"), tag)).await);
+    }
+    let stopped = || layer.handle().backend().stopped.lock().unwrap().clone();
+    // a1 went at once, a2 at 100 ms; a3 has asked as the head since, a4 waits behind it.
+    tokio::time::sleep_until(start + ms(150)).await;
+    assert_eq!(server.tags(), ["a1", "a2"]);
+    calls[2].abort();
+    tokio::time::sleep_until(start + ms(170)).await;
+    assert!(stopped().is_empty(), "a4 still waits");
+    // a4 is the head now, and has asked; it gives up too, and nothing of `a` waits.
+    calls[3].abort();
+    tokio::time::sleep_until(start + ms(180)).await;
+    assert_eq!(stopped(), [start + ms(170)]);
+    assert_eq!(server.tags(), ["a1", "a2"]);
+}
+
+/// A request whose wait limit would pass gives up the same way.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_request_past_its_limit_tells_the_backend_too() {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .backend(Recording::default())
+        .max_wait(ms(150))
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for tag in ["a1", "a2", "a3"] {
+        calls.push(spawn_call(&service, request(Some("a"), tag)).await);
+    }
+    let mut results = Vec::new();
+    for call in calls {
+        results.push(call.await.unwrap());
+    }
+    // a3 asked as the head at 100 ms and was told 200 ms, past its limit at 150 ms.
+    let error = results[2].as_ref().unwrap_err();
+    assert!(error.is::<WaitExceeded>(), "{error}");
+    assert_eq!(
+        *layer.handle().backend().stopped.lock().unwrap(),
+        [start + ms(100)]
+    );
+    // An admitted request tells nothing.
+    assert_eq!(server.tags(), ["a1", "a2"]);
 }
