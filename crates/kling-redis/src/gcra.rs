@@ -23,8 +23,9 @@ use crate::unreachable::{DEFAULT_RETRY_EVERY, WhenUnreachable};
 pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(600);
 /// How long a waiting process's place in a key's queue lasts past the instant it was told to
 /// ask again, by default. A waiting process asks again at that instant, so its next ask is due
-/// within a round trip; the place ending soon after bounds what a process whose waiting requests
-/// all gave up costs the fleet (the rate layer does not tell the store when a queue empties).
+/// within a round trip; the place ending soon after bounds what a process that stops asking
+/// without leaving (it crashed, or lost Redis) costs the fleet. A process whose waiting
+/// requests all gave up leaves at once ([`Backend::stop_waiting`]).
 pub const DEFAULT_GCRA_PLACE_TTL: Duration = Duration::from_millis(500);
 
 /// Options of [`RedisGcra`], applied with its builder methods.
@@ -115,6 +116,14 @@ local se = tonumber(v[5])
 if se and se > last then last = se end
 redis.call('PEXPIRE', key, math.ceil((last - now + tonumber(ARGV[7])) / 1000))
 return {0}
+";
+
+/// The asking process gives its place in a key's queue up: no request of it waits for the key
+/// any more. KEYS[1] the queue, KEYS[2] when each place ends; ARGV[1] the process's place.
+/// Returns 1 if it held one.
+const LEAVE_BODY: &str = r"
+if leave_place(KEYS[1], KEYS[2], ARGV[1]) then return 1 end
+return 0
 ";
 
 /// What a response said. KEYS[1] the key's hash. ARGV: now, kind (s/p), sent_at, received_at,
@@ -236,9 +245,10 @@ return {-1, streak}
 ///   [`Backend::acquire_waiting`]), and the next cell goes to the request that has waited
 ///   longest in any process. Without it, the process nearest to Redis would win every cell it
 ///   asked for at the same instant as another, and could starve it. An admitted request leaves
-///   its process's place; a place ends [`place_ttl`](Self::place_ttl) after the instant its
-///   process was told to ask again, so a process whose waiters all gave up holds the fleet up
-///   for at most that long. [`arrival_order(false)`](Self::arrival_order) serves whoever asks
+///   its process's place, and a process whose waiting requests all gave up leaves it
+///   ([`Backend::stop_waiting`]); a place also ends [`place_ttl`](Self::place_ttl) after the
+///   instant its process was told to ask again, so a process that stops asking without leaving
+///   (it crashed, or lost Redis) holds the fleet up for at most that long. [`arrival_order(false)`](Self::arrival_order) serves whoever asks
 ///   first.
 /// - **Unreachable Redis**: see [`WhenUnreachable`].
 ///
@@ -264,6 +274,7 @@ struct Inner {
     out: AtomicBool,
     acquire: Script,
     feedback: Script,
+    leave: Script,
 }
 
 impl fmt::Debug for RedisGcra {
@@ -308,6 +319,7 @@ impl RedisGcra {
                 out: AtomicBool::new(false),
                 acquire: Script::new(&format!("{QUEUE}{ACQUIRE_BODY}")),
                 feedback: Script::new(FEEDBACK),
+                leave: Script::new(&format!("{QUEUE}{LEAVE_BODY}")),
             }),
         }
     }
@@ -350,8 +362,8 @@ impl RedisGcra {
     }
 
     /// How long a process's place in a key's queue lasts past the instant it was told to ask
-    /// again (default [`DEFAULT_GCRA_PLACE_TTL`]): what a process whose waiting requests all
-    /// gave up can cost the others. Keep it well above a round trip to Redis plus the time a
+    /// again (default [`DEFAULT_GCRA_PLACE_TTL`]): what a process that stops asking without
+    /// leaving (it crashed, or lost Redis) can cost the others. Keep it well above a round trip to Redis plus the time a
     /// busy process may take to wake: a process that asks later than that loses its place.
     pub fn place_ttl(self, ttl: Duration) -> Self {
         self.with(|o| o.place_ttl = ttl.max(Duration::from_millis(1)))
@@ -429,6 +441,11 @@ fn share(policy: &Policy, processes: u32) -> Policy {
     Policy::new(quota, policy.cooldown).with_adaptive(policy.adaptive)
 }
 
+/// The fleet queue of the key whose hash is `redis_key`: by arrival, and by each place's end.
+fn queue_keys(redis_key: &str) -> [String; 2] {
+    [format!("{redis_key}:wq"), format!("{redis_key}:wqx")]
+}
+
 impl Inner {
     /// One decision; `since` is when the asking request began waiting, if it takes its
     /// process's place in the fleet's order.
@@ -456,7 +473,7 @@ impl Inner {
             since.unwrap_or(now_us).to_string(),
             micros(self.place_ttl).max(1).to_string(),
         ];
-        let (q, qx) = (format!("{redis_key}:wq"), format!("{redis_key}:wqx"));
+        let [q, qx] = queue_keys(&redis_key);
         let result: Result<Vec<i64>, StoreError> = self
             .conn
             .run(&self.acquire, &[redis_key, q, qx], &args)
@@ -547,6 +564,26 @@ impl Backend for RedisGcra {
         since: Instant,
     ) -> Self::AcquireFuture {
         self.asking(key, policy, Some(since))
+    }
+
+    /// Gives this process's place in the key's queue up now (sent on the runtime; a place that
+    /// is not left ends by its TTL anyway).
+    fn stop_waiting(&self, key: &BucketKey) {
+        if !self.inner.arrival_order {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = Arc::clone(&self.inner);
+        let keys = queue_keys(&self.key_of(key));
+        handle.spawn(async move {
+            let args = [inner.instance.clone()];
+            let result: Result<i64, StoreError> = inner.conn.run(&inner.leave, &keys, &args).await;
+            if let Err(error) = result {
+                tracing::debug!(%error, "could not leave a rate queue in redis; its place will end by itself");
+            }
+        });
     }
 
     fn feedback(

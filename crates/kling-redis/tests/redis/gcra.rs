@@ -348,6 +348,137 @@ async fn a_place_ends_when_its_process_stops_asking() {
     assert_eq!(late.ask().await, Decision::Admit);
 }
 
+/// `early`'s request holds its process's place (its place would last 2 s) and `late`'s
+/// waits behind it; then `early`'s gives up, telling the backend when `tell`. Whether `late`
+/// takes the next cell.
+async fn late_takes_the_next_cell_after_early_gives_up(
+    server: &kling_redis::testing::RedisServer,
+    tell: bool,
+) -> bool {
+    let early_backend = RedisGcra::new(connect(server).await).place_ttl(Duration::from_secs(2));
+    let mut early = Head::new(early_backend.clone(), slow());
+    let mut late = Head::new(RedisGcra::new(connect(server).await), slow());
+    assert_eq!(early.ask().await, Decision::Admit);
+    let at = early.refused().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    late.refused().await;
+    if tell {
+        early_backend.stop_waiting(&early.key);
+    }
+    tokio::time::sleep_until(at + Duration::from_millis(20)).await;
+    late.ask().await == Decision::Admit
+}
+
+#[tokio::test]
+async fn a_process_whose_waiting_requests_gave_up_leaves_its_place_at_once() {
+    let Some(server) = redis() else { return };
+    assert!(late_takes_the_next_cell_after_early_gives_up(&server, true).await);
+    // The control: not told, the store keeps the cell for early while its place lasts.
+    let server = redis().expect("started above");
+    assert!(!late_takes_the_next_cell_after_early_gives_up(&server, false).await);
+}
+
+/// [`RedisGcra`] but for [`Backend::stop_waiting`], which it leaves to the default (nothing):
+/// a store that is never told a process stopped waiting.
+struct NotTold(RedisGcra);
+
+impl Backend for NotTold {
+    type AcquireFuture = <RedisGcra as Backend>::AcquireFuture;
+    type FeedbackFuture = <RedisGcra as Backend>::FeedbackFuture;
+
+    fn acquire(&self, key: &BucketKey, policy: &Policy) -> Self::AcquireFuture {
+        self.0.acquire(key, policy)
+    }
+
+    fn acquire_waiting(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        since: tokio::time::Instant,
+    ) -> Self::AcquireFuture {
+        self.0.acquire_waiting(key, policy, since)
+    }
+
+    fn feedback(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        feedback: Feedback,
+    ) -> Self::FeedbackFuture {
+        self.0.feedback(key, policy, feedback)
+    }
+}
+
+/// Through two processes' `GcraLayer`s on one key (a cell every 300 ms, places lasting 1.5 s):
+/// `a` sends three requests 10 ms apart, `b` one 350 ms after the first, behind `a3`'s place. `a3` is
+/// dropped at 400 ms. How long after the start `b1` was served.
+async fn b_served_after_a_gives_up<Bk: Backend>(
+    server: &kling_redis::testing::RedisServer,
+    backend: impl Fn(RedisGcra) -> Bk,
+) -> Duration {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use kling_ratelimit::GcraLayer;
+    use tower::{Layer, ServiceExt};
+
+    let served = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let start = tokio::time::Instant::now();
+    let mut process = Vec::new();
+    for _ in 0..2 {
+        let served = Arc::clone(&served);
+        let inner = tower::service_fn(move |request: http::Request<Full<Bytes>>| {
+            let name = request.uri().path().rsplit('/').next().unwrap().to_owned();
+            served.lock().unwrap().push((name, start.elapsed()));
+            std::future::ready(Ok::<_, kling_core::BoxError>(http::Response::new(
+                Full::new(Bytes::from_static(
+                    br#"{"code":0,"message":"SUCCEED","request_id":"r","data":{}}"#,
+                )),
+            )))
+        });
+        let redis = RedisGcra::new(connect(server).await).place_ttl(Duration::from_millis(1500));
+        let layer = GcraLayer::builder(Quota::with_period(Duration::from_millis(300)))
+            .backend(backend(redis))
+            .build()
+            .unwrap();
+        process.push(tower::util::BoxCloneService::new(layer.layer(inner)));
+    }
+    let send = |service: &tower::util::BoxCloneService<_, _, _>, name: &str| {
+        let request = http::Request::get(format!("/v1/videos/text2video/{name}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        tokio::spawn(service.clone().oneshot(request))
+    };
+    let mut a = Vec::new();
+    for name in ["a1", "a2", "a3"] {
+        a.push(send(&process[0], name));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep_until(start + Duration::from_millis(350)).await;
+    let b1 = send(&process[1], "b1");
+    tokio::time::sleep_until(start + Duration::from_millis(400)).await;
+    a[2].abort();
+    b1.await.unwrap().unwrap();
+    let served = served.lock().unwrap().clone();
+    let names: Vec<&str> = served.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["a1", "a2", "b1"]);
+    served[2].1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_layer_a_request_that_gives_up_holds_no_one_back() {
+    let Some(server) = redis() else { return };
+    // b1 takes the cell after the one a3 gave up (900 ms) …
+    let told = b_served_after_a_gives_up(&server, |redis| redis).await;
+    // … and with a store that is not told, waits until a3's place ends (600 + 1,500 ms).
+    let server = redis().expect("started above");
+    let not_told = b_served_after_a_gives_up(&server, NotTold).await;
+    assert!(told < Duration::from_millis(1500), "told: {told:?}");
+    assert!(
+        not_told > Duration::from_millis(1800),
+        "not told: {not_told:?}"
+    );
+}
+
 /// Takes every cell of a key it can until `until`, as a queue head does: asks, and when told
 /// to wait, asks again at that instant, saying since when it has waited. How many it was given.
 async fn cells_taken(backend: RedisGcra, until: tokio::time::Instant) -> usize {
