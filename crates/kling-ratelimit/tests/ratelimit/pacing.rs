@@ -477,21 +477,35 @@ impl kling_ratelimit::Backend for Recording {
     }
 }
 
+/// A request sent through the layer, running on its own task.
+type Sent = tokio::task::JoinHandle<Result<crate::support::Res, kling_core::BoxError>>;
+
+/// A layer at 10 requests a second over a [`Recording`] backend (waiting at most `max_wait`),
+/// with `tags` sent through it in that order at the start (account `a`).
+async fn recorded(
+    max_wait: Option<Duration>,
+    tags: &[&str],
+) -> (Server, GcraLayer<Recording>, Instant, Vec<Sent>) {
+    let server = Server::new();
+    let mut builder = GcraLayer::builder(Quota::per_second(10.0)).backend(Recording::default());
+    if let Some(max) = max_wait {
+        builder = builder.max_wait(max);
+    }
+    let layer = builder.build().unwrap();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for tag in tags {
+        calls.push(spawn_call(&service, request(Some("a"), tag)).await);
+    }
+    (server, layer, start, calls)
+}
+
 /// A request that has waited tells the backend since when, every time it asks again: a store
 /// several processes share can then serve their waiting requests in that order.
 #[tokio::test(start_paused = true)]
 async fn a_waiting_request_asks_saying_since_when_it_has_waited() {
-    let server = Server::new();
-    let layer = GcraLayer::builder(Quota::per_second(10.0))
-        .backend(Recording::default())
-        .build()
-        .unwrap();
-    let service = layer.layer(server.service());
-    let start = Instant::now();
-    let mut calls = Vec::new();
-    for tag in ["a1", "a2", "a3"] {
-        calls.push(spawn_call(&service, request(Some("a"), tag)).await);
-    }
+    let (server, layer, start, calls) = recorded(None, &["a1", "a2", "a3"]).await;
     for call in calls {
         call.await.unwrap().unwrap();
     }
@@ -511,17 +525,7 @@ async fn a_waiting_request_asks_saying_since_when_it_has_waited() {
 /// waiting behind it.
 #[tokio::test(start_paused = true)]
 async fn the_last_waiting_request_to_give_up_tells_the_backend() {
-    let server = Server::new();
-    let layer = GcraLayer::builder(Quota::per_second(10.0))
-        .backend(Recording::default())
-        .build()
-        .unwrap();
-    let service = layer.layer(server.service());
-    let start = Instant::now();
-    let mut calls = Vec::new();
-    for tag in ["a1", "a2", "a3", "a4"] {
-        calls.push(spawn_call(&service, request(Some("a"), tag)).await);
-    }
+    let (server, layer, start, calls) = recorded(None, &["a1", "a2", "a3", "a4"]).await;
     let stopped = || layer.handle().backend().stopped.lock().unwrap().clone();
     // a1 went at once, a2 at 100 ms; a3 has asked as the head since, a4 waits behind it.
     tokio::time::sleep_until(start + ms(150)).await;
@@ -539,18 +543,7 @@ async fn the_last_waiting_request_to_give_up_tells_the_backend() {
 /// A request whose wait limit would pass gives up the same way.
 #[tokio::test(start_paused = true)]
 async fn a_waiting_request_past_its_limit_tells_the_backend_too() {
-    let server = Server::new();
-    let layer = GcraLayer::builder(Quota::per_second(10.0))
-        .backend(Recording::default())
-        .max_wait(ms(150))
-        .build()
-        .unwrap();
-    let service = layer.layer(server.service());
-    let start = Instant::now();
-    let mut calls = Vec::new();
-    for tag in ["a1", "a2", "a3"] {
-        calls.push(spawn_call(&service, request(Some("a"), tag)).await);
-    }
+    let (server, layer, start, calls) = recorded(Some(ms(150)), &["a1", "a2", "a3"]).await;
     let mut results = Vec::new();
     for call in calls {
         results.push(call.await.unwrap());
