@@ -248,8 +248,8 @@ return {-1, streak}
 ///   its process's place, and a process whose waiting requests all gave up leaves it
 ///   ([`Backend::stop_waiting`]); a place also ends [`place_ttl`](Self::place_ttl) after the
 ///   instant its process was told to ask again, so a process that stops asking without leaving
-///   (it crashed, or lost Redis) holds the fleet up for at most that long. [`arrival_order(false)`](Self::arrival_order) serves whoever asks
-///   first.
+///   (it crashed, or lost Redis) holds the fleet up for at most that long.
+///   [`arrival_order(false)`](Self::arrival_order) serves whoever asks first.
 /// - **Unreachable Redis**: see [`WhenUnreachable`].
 ///
 /// # Clone
@@ -363,8 +363,9 @@ impl RedisGcra {
 
     /// How long a process's place in a key's queue lasts past the instant it was told to ask
     /// again (default [`DEFAULT_GCRA_PLACE_TTL`]): what a process that stops asking without
-    /// leaving (it crashed, or lost Redis) can cost the others. Keep it well above a round trip to Redis plus the time a
-    /// busy process may take to wake: a process that asks later than that loses its place.
+    /// leaving (it crashed, or lost Redis) can cost the others. Keep it well above a round trip
+    /// to Redis plus the time a busy process may take to wake: a process that asks later than
+    /// that loses its place.
     pub fn place_ttl(self, ttl: Duration) -> Self {
         self.with(|o| o.place_ttl = ttl.max(Duration::from_millis(1)))
     }
