@@ -174,20 +174,21 @@ pub fn scale(report: &scale::Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| limiter | queued waiters | limiter bytes per waiter | response future (caller's) bytes | CPU s to queue all | CPU s to serve all | served out of order |"
+        "| limiter | queued waiters | limiter bytes per waiter | response future (caller's) bytes | CPU s to queue all | CPU s to serve all | served out of order | CPU s for all to give up, in random order |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
     for w in &report.waiters {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.1} | {} | {:.3} | {:.3} | {} |",
+            "| {} | {} | {:.1} | {} | {:.3} | {:.3} | {} | {:.3} |",
             w.limiter,
             w.count,
             w.bytes_per_waiter,
             w.future_bytes,
             w.queue_cpu_s,
             w.serve_cpu_s,
-            w.out_of_order
+            w.out_of_order,
+            w.give_up_cpu_s
         );
     }
     let _ = writeln!(

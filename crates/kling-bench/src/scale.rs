@@ -78,6 +78,9 @@ pub struct Waiters {
     pub queue_cpu_s: f64,
     /// CPU seconds to serve them all (paused time: the limiter's work, not the waiting).
     pub serve_cpu_s: f64,
+    /// CPU seconds for as many queued waiters, queued anew, to give up in random order (their
+    /// futures dropped), as callers whose deadlines differ do.
+    pub give_up_cpu_s: f64,
     /// Requests that reached the inner service out of arrival order.
     pub out_of_order: usize,
 }
@@ -234,7 +237,40 @@ where
         queue_cpu_s,
         serve_cpu_s: cpu::thread().saturating_sub(cpu).as_secs_f64(),
         out_of_order: inner.late.load(Ordering::Relaxed),
+        // Measured on a queue of its own ([`give_up`]).
+        give_up_cpu_s: 0.0,
     }
+}
+
+/// Queues `count` waiters as [`queue`] does, then drops them in a random order (seeded, the
+/// same every run); the CPU seconds the drops took.
+fn give_up<S>(count: usize, method: Method, mut service: S) -> f64
+where
+    S: Service<Req, Response = Res>,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut waiting: Vec<Option<Pin<Box<S::Future>>>> = Vec::with_capacity(count);
+    for i in 0..count {
+        assert!(service.poll_ready(&mut cx).is_ready());
+        let mut future = Box::pin(service.call(numbered(method.clone(), i)));
+        if future.as_mut().poll(&mut cx).is_pending() {
+            waiting.push(Some(future));
+        }
+    }
+    // A Fisher-Yates shuffle of the drop order on a xorshift generator.
+    let mut order: Vec<usize> = (0..waiting.len()).collect();
+    let mut x = 0x9E37_79B9_7F4A_7C15_u64;
+    for i in (1..order.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let cpu = cpu::thread();
+    for i in order {
+        waiting[i] = None;
+    }
+    cpu::thread().saturating_sub(cpu).as_secs_f64()
 }
 
 /// Runs the scale section.
@@ -244,10 +280,13 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
         ..Report::default()
     };
     log("scale: queued waiters");
-    report.waiters.push(paused(async {
+    let gcra = || {
         let inner = InOrder::new();
         let gcra = GcraLayer::new(Quota::per_second(1_000.0)).expect("valid");
-        let service = gcra.layer(ClassifyLayer::new().layer(inner.clone()));
+        (gcra.layer(ClassifyLayer::new().layer(inner.clone())), inner)
+    };
+    let mut waiters = paused(async {
+        let (service, inner) = gcra();
         queue(
             "GcraLayer",
             options.waiters,
@@ -257,11 +296,16 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
             None,
         )
         .await
-    }));
-    report.waiters.push(paused(async {
+    });
+    waiters.give_up_cpu_s = paused(async { give_up(options.waiters, Method::GET, gcra().0) });
+    report.waiters.push(waiters);
+    let slots = || {
         let inner = InOrder::holding();
         let (slots, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).expect("valid");
-        let service = slots.layer(ClassifyLayer::new().layer(inner.clone()));
+        (slots.layer(ClassifyLayer::new().layer(inner.clone())), inner, handle)
+    };
+    let mut waiters = paused(async {
+        let (service, inner, handle) = slots();
         queue(
             "TaskSlotsLayer",
             options.waiters,
@@ -271,7 +315,9 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
             Some(handle),
         )
         .await
-    }));
+    });
+    waiters.give_up_cpu_s = paused(async { give_up(options.waiters, Method::POST, slots().0) });
+    report.waiters.push(waiters);
     log("scale: keys");
     let (one, many) = keys(options.keys, options.decisions);
     report.one_key_ns = one;
