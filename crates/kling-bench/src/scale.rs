@@ -302,7 +302,11 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
     let slots = || {
         let inner = InOrder::holding();
         let (slots, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).expect("valid");
-        (slots.layer(ClassifyLayer::new().layer(inner.clone())), inner, handle)
+        (
+            slots.layer(ClassifyLayer::new().layer(inner.clone())),
+            inner,
+            handle,
+        )
     };
     let mut waiters = paused(async {
         let (service, inner, handle) = slots();

@@ -1723,6 +1723,15 @@ mod tests {
         SlotKey::new(AccountId::new("a"), Pool::new(Product::Video))
     }
 
+    /// The tokens of the waiters still waiting in `pool`'s queue (not its tombstones).
+    fn live_tokens(pool: &PoolState) -> Vec<u64> {
+        pool.queue
+            .iter()
+            .filter(|w| w.waker.is_some())
+            .map(|w| w.token)
+            .collect()
+    }
+
     proptest! {
         /// The queue's binary search finds every waiter where a scan would, and nobody who
         /// left (tombstones included), through arrivals, cancellations anywhere in the queue and
@@ -1744,12 +1753,7 @@ mod tests {
                         });
                     }
                     1 if pool.waiting() > 0 => {
-                        let live: Vec<u64> = pool
-                            .queue
-                            .iter()
-                            .filter(|w| w.waker.is_some())
-                            .map(|w| w.token)
-                            .collect();
+                        let live = live_tokens(&pool);
                         let token = live[at.index(live.len())];
                         prop_assert!(pool.remove_waiter(token));
                         prop_assert!(!pool.remove_waiter(token));
@@ -1760,13 +1764,7 @@ mod tests {
                 }
                 // The front is never a tombstone, and the count of them is right.
                 prop_assert!(pool.queue.front().is_none_or(|w| w.waker.is_some()));
-                let live: Vec<u64> = pool
-                    .queue
-                    .iter()
-                    .filter(|w| w.waker.is_some())
-                    .map(|w| w.token)
-                    .collect();
-                prop_assert_eq!(pool.waiting(), live.len());
+                prop_assert_eq!(pool.waiting(), live_tokens(&pool).len());
                 for token in 0..=next + 1 {
                     let scanned = pool
                         .queue
