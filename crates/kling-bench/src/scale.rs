@@ -244,7 +244,7 @@ where
 
 /// Queues `count` waiters as [`queue`] does, then drops them in a random order (seeded, the
 /// same every run); the CPU seconds the drops took.
-fn give_up<S>(count: usize, method: Method, mut service: S) -> f64
+fn give_up<S>(count: usize, method: &Method, mut service: S) -> f64
 where
     S: Service<Req, Response = Res>,
 {
@@ -297,7 +297,7 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
         )
         .await
     });
-    waiters.give_up_cpu_s = paused(async { give_up(options.waiters, Method::GET, gcra().0) });
+    waiters.give_up_cpu_s = paused(async { give_up(options.waiters, &Method::GET, gcra().0) });
     report.waiters.push(waiters);
     let slots = || {
         let inner = InOrder::holding();
@@ -320,7 +320,7 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
         )
         .await
     });
-    waiters.give_up_cpu_s = paused(async { give_up(options.waiters, Method::POST, slots().0) });
+    waiters.give_up_cpu_s = paused(async { give_up(options.waiters, &Method::POST, slots().0) });
     report.waiters.push(waiters);
     log("scale: keys");
     let (one, many) = keys(options.keys, options.decisions);
