@@ -548,6 +548,10 @@ impl<H: HashId> Index<H> {
     }
 }
 
+/// Tombstones a pool's queue keeps regardless of how many wait (see
+/// [`PoolState::remove_waiter`]).
+const MAX_TOMBSTONES_KEPT: usize = 64;
+
 struct Waiter {
     token: u64,
     weight: u32,
@@ -892,6 +896,13 @@ impl PoolState {
         } else {
             self.queue[i].waker = None;
             self.gone += 1;
+            // A head that waits long (for a task to end) could otherwise keep the tombstones
+            // of every create that gave up behind it meanwhile: at most as many as the waiters,
+            // each compaction halving the queue (amortised, one step per give-up).
+            if self.gone > MAX_TOMBSTONES_KEPT && self.gone > self.waiting() {
+                self.queue.retain(|w| w.waker.is_some());
+                self.gone = 0;
+            }
         }
         true
     }
@@ -1738,7 +1749,7 @@ mod tests {
         /// grants at its head; the front is never a tombstone.
         #[test]
         fn a_waiter_is_found_where_a_scan_finds_it(
-            ops in proptest::collection::vec((0u8..3, any::<prop::sample::Index>()), 1..200),
+            ops in proptest::collection::vec((0u8..3, any::<prop::sample::Index>()), 1..600),
         ) {
             let mut pool = PoolState::new(&key(), 1);
             let mut next = 0;
@@ -1762,9 +1773,12 @@ mod tests {
                         pool.pop_head();
                     }
                 }
-                // The front is never a tombstone, and the count of them is right.
+                // The front is never a tombstone, the count of them is right, and they never
+                // outnumber the waiters by much.
                 prop_assert!(pool.queue.front().is_none_or(|w| w.waker.is_some()));
                 prop_assert_eq!(pool.waiting(), live_tokens(&pool).len());
+                prop_assert_eq!(pool.queue.len() - pool.waiting(), pool.gone);
+                prop_assert!(pool.gone <= MAX_TOMBSTONES_KEPT.max(pool.waiting()));
                 for token in 0..=next + 1 {
                     let scanned = pool
                         .queue
@@ -1772,6 +1786,47 @@ mod tests {
                         .position(|w| w.token == token && w.waker.is_some());
                     prop_assert_eq!(pool.queued(token), scanned, "token {}", token);
                 }
+            }
+        }
+    }
+
+    /// Behind a head that never moves, creates that give up leave no more tombstones than
+    /// there are waiters (beyond a few), and the rest are still found in order.
+    #[test]
+    fn tombstones_behind_a_waiting_head_stay_bounded() {
+        let mut pool = PoolState::new(&key(), 1);
+        for token in 1..=1_000 {
+            pool.queue.push_back(Waiter {
+                token,
+                weight: 1,
+                waker: Some(Waker::noop().clone()),
+            });
+        }
+        // Every create but the head and every tenth gives up, from the back half first.
+        let leaving: Vec<u64> = (501..=1_000)
+            .chain(2..=500)
+            .filter(|t| t % 10 != 0)
+            .collect();
+        for (n, &token) in leaving.iter().enumerate() {
+            assert!(pool.remove_waiter(token));
+            let waiting = 1_000 - (n + 1);
+            assert_eq!(pool.waiting(), waiting);
+            assert!(
+                pool.queue.len() <= 2 * waiting + MAX_TOMBSTONES_KEPT + 1,
+                "{} entries for {waiting} waiters",
+                pool.queue.len()
+            );
+        }
+        let live = live_tokens(&pool);
+        assert_eq!(live.len(), 101);
+        assert_eq!(live[0], 1, "the head stays");
+        for (i, &token) in live.iter().enumerate() {
+            assert_eq!(
+                pool.queued(token).map(|at| pool.queue[at].token),
+                Some(token)
+            );
+            if i > 0 {
+                assert!(live[i - 1] < token, "still in arrival order");
             }
         }
     }
