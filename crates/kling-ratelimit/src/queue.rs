@@ -3,7 +3,9 @@
 //! A waiter's record is its ticket number and its waker (24 bytes in the queue's ring buffer);
 //! ticket numbers only grow, so a waiter finds itself by binary search. A dropped waiter that is
 //! not at the head leaves a tombstone (its waker taken) that is popped when it reaches the head,
-//! so giving up is O(log n) and never shifts the queue.
+//! so giving up is O(log n) and does not shift the queue; once tombstones outnumber the live
+//! waiters (and a few), they are dropped in one pass, so a head that waits long keeps no more of
+//! them than there are waiters.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,6 +23,10 @@ pub(crate) struct Waiter {
     id: u64,
     waker: Option<Waker>,
 }
+
+/// Tombstones a queue keeps regardless of how many wait
+/// ([`Queue::compact_if_mostly_tombstones`]).
+const MAX_TOMBSTONES_KEPT: usize = 64;
 
 /// The size of one waiter's record in the queue.
 pub(crate) const WAITER_RECORD_BYTES: usize = std::mem::size_of::<Waiter>();
@@ -46,6 +52,17 @@ impl Queue {
             next_id: 0,
             head_not_before: None,
             depth: metrics::gauge!(RATELIMIT_QUEUE_DEPTH, LABEL_ACCOUNT => account),
+        }
+    }
+
+    /// Drops the tombstones once they outnumber the live waiters (and a few): a head that
+    /// waits long (a cooldown) would otherwise keep one for every request that gave up behind
+    /// it meanwhile. Each compaction halves the queue, so it is one step per give-up,
+    /// amortised; the order, and so the binary search, is kept.
+    fn compact_if_mostly_tombstones(&mut self) {
+        let tombstones = self.waiters.len() - self.live;
+        if tombstones > MAX_TOMBSTONES_KEPT && tombstones > self.live {
+            self.waiters.retain(|w| w.waker.is_some());
         }
     }
 
@@ -182,6 +199,8 @@ impl Queues {
         if index == 0 {
             queue.head_not_before = None;
             queue.settle_front();
+        } else {
+            queue.compact_if_mostly_tombstones();
         }
         let last = queue.live == 0;
         if last && queue.waiters.is_empty() {
@@ -235,6 +254,51 @@ impl Drop for Place {
         // waiters from zero again.
         if self.id != LEFT {
             self.queues.leave(&self.key, self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Behind a head that never moves, requests that give up leave no more tombstones than
+    /// there are waiters (beyond a few), and the others keep their turns in order.
+    #[test]
+    fn tombstones_behind_a_waiting_head_stay_bounded() {
+        let queues = Queues::default();
+        let key = BucketKey::account(None);
+        let waker = Waker::noop();
+        let ids: Vec<u64> = (0..1_000)
+            .map(|_| queues.enqueue(&key, waker, None).unwrap().id)
+            .collect();
+        let leaving: Vec<u64> = ids[500..]
+            .iter()
+            .chain(&ids[1..500])
+            .copied()
+            .filter(|id| id % 10 != 0)
+            .collect();
+        for (n, &id) in leaving.iter().enumerate() {
+            assert!(!queues.leave(&key, id), "others still wait");
+            let waiting = 1_000 - (n + 1);
+            assert_eq!(queues.depth(&key), waiting);
+            let entries = queues.lock()[&key].waiters.len();
+            assert!(
+                entries <= 2 * waiting + MAX_TOMBSTONES_KEPT + 1,
+                "{entries} entries for {waiting} waiters"
+            );
+        }
+        // The head is still the head; the rest follow it in arrival order.
+        let staying: Vec<u64> = ids.iter().copied().filter(|id| id % 10 == 0).collect();
+        assert_eq!(queues.poll_head(&key, staying[0], waker), Ok(true));
+        for &id in &staying[1..] {
+            assert!(queues.poll_head(&key, id, waker).is_err(), "{id} waits");
+        }
+        for (n, &id) in staying.iter().enumerate() {
+            assert_eq!(queues.leave(&key, id), n == staying.len() - 1);
+            if let Some(&next) = staying.get(n + 1) {
+                assert_eq!(queues.poll_head(&key, next, waker), Ok(true));
+            }
         }
     }
 }
