@@ -4,11 +4,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
 use kling_core::AccountId;
+use kling_ratelimit::GcraLayer;
 use kling_ratelimit::backend::Feedback;
 use kling_ratelimit::{Backend, BucketKey, Cooldown, Decision, InProcess, Policy, Quota};
 use kling_redis::{FleetDecision, RedisGcra};
 use proptest::prelude::*;
+use tower::{Layer, ServiceExt};
 
 use crate::support::{connect, far_process_gets_its_turn, redis};
 
@@ -409,6 +413,74 @@ impl Backend for NotTold {
     }
 }
 
+/// A process's `GcraLayer` as the layer tests send through it.
+type Layered = tower::util::BoxCloneService<
+    http::Request<Full<Bytes>>,
+    http::Response<Full<Bytes>>,
+    kling_core::BoxError,
+>;
+
+/// What the processes of a layer test served: each request's name (its path's last segment)
+/// and when, from the test's start.
+#[derive(Clone)]
+struct Served {
+    start: tokio::time::Instant,
+    log: Arc<std::sync::Mutex<Vec<(String, Duration)>>>,
+}
+
+impl Served {
+    fn new() -> Served {
+        Served {
+            start: tokio::time::Instant::now(),
+            log: Arc::default(),
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// A process: a `GcraLayer` (a cell every 300 ms) over `backend`, in front of a service
+    /// that answers every request with success and notes it here.
+    fn process(&self, backend: impl Backend) -> Layered {
+        let served = self.clone();
+        let inner = tower::service_fn(move |request: http::Request<Full<Bytes>>| {
+            let name = request.uri().path().rsplit('/').next().unwrap().to_owned();
+            served
+                .log
+                .lock()
+                .unwrap()
+                .push((name, served.start.elapsed()));
+            std::future::ready(Ok::<_, kling_core::BoxError>(http::Response::new(
+                Full::new(Bytes::from_static(
+                    br#"{"code":0,"message":"SUCCEED","request_id":"r","data":{}}"#,
+                )),
+            )))
+        });
+        let layer = GcraLayer::builder(Quota::with_period(Duration::from_millis(300)))
+            .backend(backend)
+            .build()
+            .unwrap();
+        tower::util::BoxCloneService::new(layer.layer(inner))
+    }
+}
+
+/// Sends request `name` through `process`, on a task of its own.
+fn send(
+    process: &Layered,
+    name: &str,
+) -> tokio::task::JoinHandle<Result<http::Response<Full<Bytes>>, kling_core::BoxError>> {
+    let request = http::Request::get(format!("/v1/videos/text2video/{name}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    tokio::spawn(process.clone().oneshot(request))
+}
+
 /// Through two processes' `GcraLayer`s on one key (a cell every 300 ms, places lasting 1.5 s):
 /// `a` sends three requests 10 ms apart, `b` one 350 ms after the first, behind `a3`'s place. `a3` is
 /// dropped at 400 ms. How long after the start `b1` was served.
@@ -416,52 +488,24 @@ async fn b_served_after_a_gives_up<Bk: Backend>(
     server: &kling_redis::testing::RedisServer,
     backend: impl Fn(RedisGcra) -> Bk,
 ) -> Duration {
-    use bytes::Bytes;
-    use http_body_util::Full;
-    use kling_ratelimit::GcraLayer;
-    use tower::{Layer, ServiceExt};
-
-    let served = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let start = tokio::time::Instant::now();
+    let served = Served::new();
     let mut process = Vec::new();
     for _ in 0..2 {
-        let served = Arc::clone(&served);
-        let inner = tower::service_fn(move |request: http::Request<Full<Bytes>>| {
-            let name = request.uri().path().rsplit('/').next().unwrap().to_owned();
-            served.lock().unwrap().push((name, start.elapsed()));
-            std::future::ready(Ok::<_, kling_core::BoxError>(http::Response::new(
-                Full::new(Bytes::from_static(
-                    br#"{"code":0,"message":"SUCCEED","request_id":"r","data":{}}"#,
-                )),
-            )))
-        });
         let redis = RedisGcra::new(connect(server).await).place_ttl(Duration::from_millis(1500));
-        let layer = GcraLayer::builder(Quota::with_period(Duration::from_millis(300)))
-            .backend(backend(redis))
-            .build()
-            .unwrap();
-        process.push(tower::util::BoxCloneService::new(layer.layer(inner)));
+        process.push(served.process(backend(redis)));
     }
-    let send = |service: &tower::util::BoxCloneService<_, _, _>, name: &str| {
-        let request = http::Request::get(format!("/v1/videos/text2video/{name}"))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        tokio::spawn(service.clone().oneshot(request))
-    };
     let mut a = Vec::new();
     for name in ["a1", "a2", "a3"] {
         a.push(send(&process[0], name));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::sleep_until(start + Duration::from_millis(350)).await;
+    tokio::time::sleep_until(served.start + Duration::from_millis(350)).await;
     let b1 = send(&process[1], "b1");
-    tokio::time::sleep_until(start + Duration::from_millis(400)).await;
+    tokio::time::sleep_until(served.start + Duration::from_millis(400)).await;
     a[2].abort();
     b1.await.unwrap().unwrap();
-    let served = served.lock().unwrap().clone();
-    let names: Vec<&str> = served.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["a1", "a2", "b1"]);
-    served[2].1
+    assert_eq!(served.names(), ["a1", "a2", "b1"]);
+    served.log.lock().unwrap()[2].1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,39 +563,10 @@ async fn a_process_far_from_redis_still_gets_its_turn() {
 /// to `b`'s by becoming its process's head only after `b`'s arrived.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_the_layer_requests_are_served_in_the_order_they_began_waiting() {
-    use bytes::Bytes;
-    use http_body_util::Full;
-    use kling_ratelimit::GcraLayer;
-    use tower::{Layer, ServiceExt};
-
     let Some(server) = redis() else { return };
-    let served = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let process = || async {
-        let served = Arc::clone(&served);
-        let inner = tower::service_fn(move |request: http::Request<Full<Bytes>>| {
-            served.lock().unwrap().push(request.uri().path().to_owned());
-            std::future::ready(Ok::<_, kling_core::BoxError>(http::Response::new(
-                Full::new(Bytes::from_static(
-                    br#"{"code":0,"message":"SUCCEED","request_id":"r","data":{}}"#,
-                )),
-            )))
-        });
-        GcraLayer::builder(Quota::with_period(Duration::from_millis(300)))
-            .backend(RedisGcra::new(connect(&server).await))
-            .build()
-            .unwrap()
-            .layer(inner)
-    };
-    let (a, b) = (process().await, process().await);
-    let send = |service: &_, name: &str| {
-        let service: tower::util::BoxCloneService<_, _, _> = Clone::clone(service);
-        let request = http::Request::get(format!("/v1/videos/text2video/{name}"))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        tokio::spawn(service.oneshot(request))
-    };
-    let a = tower::util::BoxCloneService::new(a);
-    let b = tower::util::BoxCloneService::new(b);
+    let served = Served::new();
+    let a = served.process(RedisGcra::new(connect(&server).await));
+    let b = served.process(RedisGcra::new(connect(&server).await));
     let mut sent = vec![send(&a, "a1")];
     tokio::time::sleep(Duration::from_millis(10)).await;
     sent.push(send(&a, "a2"));
@@ -562,10 +577,5 @@ async fn through_the_layer_requests_are_served_in_the_order_they_began_waiting()
     for request in sent {
         request.await.unwrap().unwrap();
     }
-    let served = served.lock().unwrap().clone();
-    let names: Vec<&str> = served
-        .iter()
-        .map(|p| p.rsplit('/').next().unwrap())
-        .collect();
-    assert_eq!(names, ["a1", "a2", "a3", "b1"]);
+    assert_eq!(served.names(), ["a1", "a2", "a3", "b1"]);
 }
