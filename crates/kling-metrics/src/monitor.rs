@@ -249,7 +249,7 @@ struct BucketState {
     slot_since: Option<Instant>,
     /// The length of the slot's task id.
     slot_len: u8,
-    /// The slot's task id (its first [`SLOT_ID_FIRST_LINE`] bytes on the first line).
+    /// The slot's task id (its first `SLOT_ID_FIRST_LINE` bytes on the first line).
     slot_id: [u8; SLOT_ID],
     /// Creates that neither started a tracked task nor ended one: of a task tracked already
     /// (it keeps its entry), or refused for want of a place.

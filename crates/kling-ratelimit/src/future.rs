@@ -59,7 +59,7 @@ impl<Bk: Backend> Gate<Bk> {
     /// Asks the backend; a request that has waited says since when
     /// ([`Backend::acquire_waiting`]). A request that goes through the gate (a class quota,
     /// others queued, or a wait) reads the clock again when admitted: the instant a backend
-    /// notes is kept only on the direct path in [`ResponseFuture::new`], so a waiter's boxed
+    /// notes is kept only on the direct path in [`ResponseFuture::direct`], so a waiter's boxed
     /// state stays small.
     fn acquire(&self, shared: &Shared<Bk>, account_key: &BucketKey) -> Bk::AcquireFuture {
         let key = self.key(account_key);

@@ -41,8 +41,8 @@ struct Options {
 /// One GCRA decision. Times are integer microseconds of fleet time; numbers written back go
 /// through `%.0f` (Lua's `tostring` keeps only 14 digits) and `%.17g` for rates.
 ///
-/// KEYS[1] the key's hash, KEYS[2] its fleet queue (sorted set: waiting process → since when
-/// its asking request has waited, µs), KEYS[3] when each place ends (µs). ARGV: now, period (µs,
+/// `KEYS[1]` the key's hash, `KEYS[2]` its fleet queue (sorted set: waiting process → since when
+/// its asking request has waited, µs), `KEYS[3]` when each place ends (µs). ARGV: now, period (µs,
 /// rounded up), burst, adaptive (0/1), adaptive start rate (-1: ceiling/4), ceiling rate, idle
 /// TTL (µs), the asking process's place ('' = it takes none), since when the asking request
 /// has waited (µs), how long a place outlives the instant its process was told to ask again
@@ -119,14 +119,14 @@ return {0}
 ";
 
 /// The asking process gives its place in a key's queue up: no request of it waits for the key
-/// any more. KEYS[1] the queue, KEYS[2] when each place ends; ARGV[1] the process's place.
+/// any more. `KEYS[1]` the queue, `KEYS[2]` when each place ends; `ARGV[1]` the process's place.
 /// Returns 1 if it held one.
 const LEAVE_BODY: &str = r"
 if leave_place(KEYS[1], KEYS[2], ARGV[1]) then return 1 end
 return 0
 ";
 
-/// What a response said. KEYS[1] the key's hash. ARGV: now, kind (s/p), sent_at, received_at,
+/// What a response said. `KEYS[1]` the key's hash. ARGV: now, kind (s/p), sent_at, received_at,
 /// resume_at ('' for none), throttled (0/1), configured period, adaptive (0/1), start rate,
 /// ceiling, growth, decrease, target, probe, cooldown first, escalate_after, backoff, ceiling,
 /// window, idle TTL. Returns {cooldown_until or -1, streak}.

@@ -21,7 +21,7 @@
 
 use crate::order_lua::QUEUE;
 
-/// Shared by every slots script. ARGV[1] prefix, ARGV[2] now, ARGV[3] grace (µs). `lost`
+/// Shared by every slots script. `ARGV[1]` prefix, `ARGV[2]` now, `ARGV[3]` grace (µs). `lost`
 /// is the store's generation (the `P:alive` value): a process that sees it change knows Redis
 /// lost its state.
 const PRELUDE: &str = r"
@@ -200,7 +200,7 @@ if ahead_until and (nxt < 0 or ahead_until < nxt) then nxt = ahead_until end
 return {1, nxt, lost}
 ";
 
-/// Every change. ARGV[4] is the operation; see each branch. Returns {lost, changed, released
+/// Every change. `ARGV[4]` is the operation; see each branch. Returns {lost, changed, released
 /// as flat septuples (account, pool, task, weight, since, reason, holding)} or, for `ex`,
 /// {lost, 0, flags}.
 const APPLY_BODY: &str = r"
@@ -322,7 +322,7 @@ end
 return {lost, changed, released}
 ";
 
-/// Every pool's state. ARGV[4] recovery interval. Returns {lost, capacity overrides (flat
+/// Every pool's state. `ARGV[4]` recovery interval. Returns {lost, capacity overrides (flat
 /// field/value), pools (flat quintuples: account, pool, used, hidden, tasks)}.
 const SNAPSHOT_BODY: &str = r"
 local out = {}

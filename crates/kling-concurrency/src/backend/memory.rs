@@ -471,7 +471,7 @@ impl<H: HashId> Index<H> {
         self.insert_hashed(H::hash(text), text, place, keys)
     }
 
-    /// [`insert`](Index::insert) of a `text` whose `H::hash` is `hash`.
+    /// `insert` of a `text` whose `H::hash` is `hash`.
     #[inline(always)]
     fn insert_hashed(
         &mut self,
@@ -510,7 +510,7 @@ impl<H: HashId> Index<H> {
         self.take_hashed(H::hash(text), text, keys)
     }
 
-    /// [`take`](Index::take) of a `text` whose `H::hash` is `hash`.
+    /// `take` of a `text` whose `H::hash` is `hash`.
     #[inline(always)]
     fn take_hashed(&mut self, hash: u64, text: &[u8], keys: &impl Keys) -> Option<Place> {
         match self.by_hash.find(hash) {
@@ -528,7 +528,7 @@ impl<H: HashId> Index<H> {
         self.remove_hashed(H::hash(text), text, place);
     }
 
-    /// [`remove`](Index::remove) of a `text` whose `H::hash` is `hash`.
+    /// `remove` of a `text` whose `H::hash` is `hash`.
     #[inline(always)]
     fn remove_hashed(&mut self, hash: u64, text: &[u8], place: Place) {
         match self.by_hash.find(hash) {

@@ -363,7 +363,7 @@ fn hex4(bytes: &[u8], i: usize) -> Scan<u32> {
     })
 }
 
-/// Unescapes string content whose escapes [`Scanner::string`] checked (strictly: no surrogate).
+/// Unescapes string content whose escapes [`string_rest`] checked (strictly: no surrogate).
 fn unescape(raw: &str) -> Scan<String> {
     let bytes = raw.as_bytes();
     let mut out = String::with_capacity(raw.len());

@@ -28,7 +28,7 @@ pub(crate) type Owner = Arc<Weak<Shared>>;
 /// How many layers' values a thread keeps (more layers share slots and copy again).
 const SLOTS: usize = 4;
 
-/// Identifies one layer's token cache (its [`Shared`](super::Shared)) in the thread slots.
+/// Identifies one layer's token cache (its [`super::Shared`]) in the thread slots.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A fresh layer id, never 0 (0 marks an empty slot).
