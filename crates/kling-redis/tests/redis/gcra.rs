@@ -516,6 +516,10 @@ async fn through_the_layer_a_request_that_gives_up_holds_no_one_back() {
     // … and with a store that is not told, waits until a3's place ends (600 + 1,500 ms).
     let server = redis().expect("started above");
     let not_told = b_served_after_a_gives_up(&server, NotTold).await;
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!("b1 served at {told:?} when told, {not_told:?} when not");
+    }
     assert!(told < Duration::from_millis(1500), "told: {told:?}");
     assert!(
         not_told > Duration::from_millis(1800),
