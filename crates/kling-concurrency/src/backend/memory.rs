@@ -548,6 +548,9 @@ impl<H: HashId> Index<H> {
     }
 }
 
+/// Pools kept before a new key takes an idle pool's place ([`State::index_by_hash`]).
+const POOLS_BEFORE_REUSE: usize = 64;
+
 /// Tombstones a pool's queue keeps regardless of how many wait (see
 /// [`PoolState::remove_waiter`]).
 const MAX_TOMBSTONES_KEPT: usize = 64;
@@ -732,7 +735,8 @@ struct State {
     // Read on those paths, written only on rare ones.
     halted: HashMap<AccountId, ApiError>,
     config: SlotsConfig,
-    /// Each pool's index in `list` (pools are never removed, so indices stay valid).
+    /// Each pool's index in `list`. A pool is never removed, so indices stay valid; an idle
+    /// one may be given to a new key ([`State::index_by_hash`]).
     pools: FxMap<SlotKey, usize>,
 }
 
@@ -779,6 +783,15 @@ impl PoolState {
 
     fn free(&self) -> u32 {
         self.capacity().saturating_sub(self.in_use)
+    }
+
+    /// Whether nothing is held, waits, is granted or hidden: the pool may make way for another.
+    fn is_idle(&self) -> bool {
+        self.in_use == 0
+            && self.tasks == 0
+            && self.hidden == 0
+            && self.queue.is_empty()
+            && self.granted.is_empty()
     }
 
     /// Sets the gauges whose values changed since they were last set.
@@ -1019,14 +1032,36 @@ impl State {
     }
 
     /// [`index`](State::index) of a pool other than the one used last.
+    ///
+    /// A new key's pool takes the place of an idle one once there are
+    /// [`POOLS_BEFORE_REUSE`] pools: a pool is named by the path's model on new-style
+    /// creates, so a client sending many model names (typos, or through a gateway on purpose)
+    /// would otherwise leave a pool behind for each. An idle pool holds nothing a later
+    /// create would miss: its capacity comes from the configuration, and nothing refers to
+    /// its index (no holding, waiter or grant).
     #[inline(never)]
     fn index_by_hash(&mut self, key: &SlotKey) -> usize {
         let i = match self.pools.get(key) {
             Some(&i) => i,
             None => {
                 let configured = self.config.capacity_of(&key.account, &key.pool);
-                let i = self.list.len();
-                self.list.push(PoolState::new(key, configured));
+                let fresh = PoolState::new(key, configured);
+                let idle = if self.list.len() >= POOLS_BEFORE_REUSE {
+                    self.list.iter().position(PoolState::is_idle)
+                } else {
+                    None
+                };
+                let i = match idle {
+                    Some(i) => {
+                        let old = std::mem::replace(&mut self.list[i], fresh);
+                        self.pools.remove(&old.key);
+                        i
+                    }
+                    None => {
+                        self.list.push(fresh);
+                        self.list.len() - 1
+                    }
+                };
                 self.pools.insert(key.clone(), i);
                 i
             }
@@ -1884,6 +1919,49 @@ mod tests {
             }],
             lease: Duration::from_secs(600),
         }
+    }
+
+    /// A client sending many model names leaves no pool behind for each: once there are
+    /// `POOLS_BEFORE_REUSE` pools, a new one takes an idle one's place. A pool that holds a
+    /// task, or has a create waiting, keeps its own, and both are served as before.
+    #[tokio::test(start_paused = true)]
+    async fn idle_pools_make_way_for_new_ones() {
+        let backend = InProcess::new(SlotsConfig::new(1)).unwrap();
+        let model = |name: &str| {
+            SlotKey::new(
+                AccountId::new("a"),
+                Pool::with_model(Product::Video, name.to_owned()),
+            )
+        };
+        hold(&backend, model("busy"), Some("t-busy"), None);
+        let mut waiter = tokio_test::task::spawn(backend.acquire(model("busy"), 1));
+        assert!(waiter.poll().is_pending());
+        for n in 0..500 {
+            let key = model(&format!("typo-{n}"));
+            let reservation = now(backend.acquire(key, 1)).unwrap();
+            now(backend.apply(SlotOp::GiveBack(reservation))).unwrap();
+        }
+        let pools = backend.lock().list.len();
+        assert!(
+            pools <= POOLS_BEFORE_REUSE + 1,
+            "{pools} pools for 501 models"
+        );
+        let snapshot = now(backend.snapshot()).unwrap();
+        let busy = snapshot.iter().find(|p| p.key == model("busy")).unwrap();
+        assert_eq!((busy.in_use, busy.tasks, busy.waiters), (1, 1, 1));
+        // The busy pool's task ends: its waiter is served.
+        now(backend.apply(ended("t-busy"))).unwrap();
+        assert!(waiter.is_woken());
+        assert!(matches!(waiter.poll(), Poll::Ready(Ok(_))));
+        // A model seen before, whose pool made way, gets a fresh one at its configured size.
+        let again = now(backend.acquire(model("typo-0"), 1)).unwrap();
+        assert!(
+            now(backend.snapshot())
+                .unwrap()
+                .iter()
+                .any(|p| p.key == model("typo-0") && (p.in_use, p.capacity) == (1, 1))
+        );
+        now(backend.apply(SlotOp::GiveBack(again))).unwrap();
     }
 
     /// The queue's head alone sleeps until a lease ends; whoever becomes the head is woken to
