@@ -74,6 +74,9 @@ pub struct RedisSlots {
     inner: Arc<Inner>,
 }
 
+/// This process's pools kept before the unused ones are dropped ([`Inner::local`]).
+const LOCAL_POOLS_BEFORE_DROPPING: usize = 64;
+
 struct PoolLocal {
     fifo: tokio::sync::Mutex<()>,
     notify: Notify,
@@ -151,6 +154,7 @@ impl fmt::Debug for RedisSlots {
             .field("arrival_order", &self.inner.arrival_order)
             .field("held", &lock(&self.inner.registry).len())
             .field("pending", &lock(&self.inner.pending).len())
+            .field("pools", &lock(&self.inner.pools).len())
             .finish_non_exhaustive()
     }
 }
@@ -346,6 +350,11 @@ impl Inner {
         let mut pools = lock(&self.pools);
         if let Some(pool) = pools.get(pk) {
             return Arc::clone(pool);
+        }
+        // Past 64 pools, those no create of this process uses any more are dropped: a pool is
+        // named by a new-style create's model, and a client may name any number of them.
+        if pools.len() >= LOCAL_POOLS_BEFORE_DROPPING {
+            pools.retain(|_, pool| Arc::strong_count(pool) > 1);
         }
         let pool = Arc::new(PoolLocal {
             fifo: tokio::sync::Mutex::new(()),

@@ -210,11 +210,23 @@ local function give(pk, h)
   local raw = redis.call('HGET', pk .. ':h', h)
   if raw then release(pk, h, cjson.decode(raw), nil) end
 end
+-- Past 64 pools, one that holds nothing, hides nothing and has nobody in line is forgotten
+-- (its capacity lives in the configuration and P:cap): a new-style create's pool is named by
+-- its model, and a client may name any number of them.
+local function tidy(pk)
+  if redis.call('SCARD', P .. ':pools') <= 64 then return end
+  local v = redis.call('HMGET', pk .. ':m', 'used', 'hid')
+  if tonumber(v[1] or '0') > 0 or tonumber(v[2] or '0') > 0 then return end
+  if redis.call('EXISTS', pk .. ':h') == 1 or redis.call('EXISTS', pk .. ':q') == 1 then return end
+  redis.call('DEL', pk .. ':m')
+  redis.call('SREM', P .. ':pools', pk)
+end
 if op == 'give' then
   -- Also a waiting create that gave up: its place in the fleet's queue goes, and the next in
   -- line asks.
   give(ARGV[5], ARGV[6])
   if leave(ARGV[5], ARGV[6]) then redis.call('PUBLISH', P .. ':freed', ARGV[5]) end
+  tidy(ARGV[5])
   changed = 1
 elseif op == 'cong' then
   local pk = ARGV[5]

@@ -675,3 +675,54 @@ async fn unknown_creates_end_when_a_lookup_finds_nothing_or_link_when_it_finds_t
     assert_eq!(ended.released.len(), 1, "{ended:?}");
     assert_eq!(in_use(&one).await, 0);
 }
+
+/// Past 64 pools, one that a create gave back and nothing else uses is forgotten, in Redis and
+/// in the process: a client naming many models (a new-style create's pool is its model) leaves
+/// no state behind for each. A pool in use stays.
+#[tokio::test]
+async fn pools_named_by_many_models_leave_nothing_behind() {
+    let Some(server) = redis() else { return };
+    let slots = backend(&server, 1).await;
+    let model = |name: &str| {
+        SlotKey::new(
+            AccountId::new("acct"),
+            Pool::with_model(Product::Video, name.to_owned()),
+        )
+    };
+    let busy = slots.acquire(model("busy"), 1).await.unwrap();
+    for n in 0..150 {
+        let reservation = slots.acquire(model(&format!("typo-{n}")), 1).await.unwrap();
+        slots.apply(SlotOp::GiveBack(reservation)).await.unwrap();
+    }
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let pools: usize = redis::cmd("SCARD")
+        .arg("test:pools")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!((2..=65).contains(&pools), "{pools} pools in redis");
+    let snapshot = slots.snapshot().await.unwrap();
+    assert!(snapshot.len() <= 65, "{} pools listed", snapshot.len());
+    // The process's own record of its pools (its `Debug` counts them).
+    let debug = format!("{slots:?}");
+    let local: usize = debug
+        .split("pools: ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(local <= 65, "{local} pools kept in the process");
+    let listed = snapshot.iter().find(|p| p.key == model("busy")).unwrap();
+    assert_eq!(listed.in_use, 1);
+    slots.apply(SlotOp::GiveBack(busy)).await.unwrap();
+    // A model seen before gets its pool again.
+    let again = slots.acquire(model("typo-0"), 1).await.unwrap();
+    let snapshot = slots.snapshot().await.unwrap();
+    assert!(
+        snapshot
+            .iter()
+            .any(|p| p.key == model("typo-0") && p.in_use == 1)
+    );
+    slots.apply(SlotOp::GiveBack(again)).await.unwrap();
+}
