@@ -178,6 +178,28 @@ async fn a_create_beyond_a_full_queue_is_refused_at_once() {
     assert!(waits.is_err(), "an unbounded create waits");
 }
 
+/// `holder` takes the pool's one slot for task `t1`.
+async fn take_the_only_slot(holder: &RedisSlots) {
+    let held = holder.acquire(video(), 1).await.unwrap();
+    holder.apply(hold(held, "t1", LONG)).await.unwrap();
+}
+
+/// Task `t1` ends, freeing its slot.
+async fn end_t1(holder: &RedisSlots) {
+    holder
+        .apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+}
+
+/// A create of `process`, on a task of its own.
+fn spawn_create(
+    process: &RedisSlots,
+) -> tokio::task::JoinHandle<Result<Reservation, AcquireError>> {
+    let process = process.clone();
+    tokio::spawn(async move { process.acquire(video(), 1).await })
+}
+
 /// Three processes on one slot: `holder` has it, `early`'s create waits, then `early` stalls
 /// (its future is no longer polled, so it cannot ask again) and the slot is freed. Returns
 /// whether `late`, whose create arrives after that, got the slot ahead of `early`'s; with the
@@ -188,19 +210,12 @@ async fn a_later_create_jumps_the_queue(
 ) -> bool {
     let process = || async { backend(server, 1).await.arrival_order(arrival_order) };
     let (holder, early, late) = (process().await, process().await, process().await);
-    let held = holder.acquire(video(), 1).await.unwrap();
-    holder.apply(hold(held, "t1", LONG)).await.unwrap();
+    take_the_only_slot(&holder).await;
     let mut first = std::pin::pin!(early.acquire(video(), 1));
     let asked = tokio::time::timeout(Duration::from_millis(300), &mut first).await;
     assert!(asked.is_err(), "the pool is full: early waits");
-    holder
-        .apply(ended("t1", Some(TaskStatus::Succeeded)))
-        .await
-        .unwrap();
-    let second = tokio::spawn({
-        let late = late.clone();
-        async move { late.acquire(video(), 1).await }
-    });
+    end_t1(&holder).await;
+    let second = spawn_create(&late);
     tokio::time::sleep(Duration::from_millis(500)).await;
     if second.is_finished() {
         assert!(second.await.unwrap().is_ok());
@@ -239,20 +254,13 @@ async fn a_place_in_the_fleet_queue_ends_when_its_create_gives_up_or_stops_askin
         .await
         .place_ttl(Duration::from_millis(600));
     let late = backend(&server, 1).await;
-    let held = holder.acquire(video(), 1).await.unwrap();
-    holder.apply(hold(held, "t1", LONG)).await.unwrap();
+    take_the_only_slot(&holder).await;
     let mut first = std::pin::pin!(stalled.acquire(video(), 1));
     let asked = tokio::time::timeout(Duration::from_millis(300), &mut first).await;
     assert!(asked.is_err(), "waits");
-    holder
-        .apply(ended("t1", Some(TaskStatus::Succeeded)))
-        .await
-        .unwrap();
+    end_t1(&holder).await;
     let started = tokio::time::Instant::now();
-    let second = tokio::spawn({
-        let late = late.clone();
-        async move { late.acquire(video(), 1).await }
-    });
+    let second = spawn_create(&late);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
         !second.is_finished(),
