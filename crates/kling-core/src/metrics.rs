@@ -5,6 +5,10 @@
 //! `LABEL_*` names. Nothing here records anything: each layer records through the `metrics`
 //! facade with these names, and `kling-metrics` documents them in one table.
 
+use std::sync::{PoisonError, RwLock};
+
+use crate::{Pool, Product};
+
 /// Histogram, seconds: one logical request, including waits and retries.
 /// Labels: `kind`, `pool`, `status`, `code`.
 pub const REQUEST_DURATION: &str = "http_client_request_duration_seconds";
@@ -35,7 +39,7 @@ pub const TASKS_FINISHED: &str = "kling_tasks_finished_total";
 
 /// Label: request kind (`create`, `query`, `list`, `account`, `other`).
 pub const LABEL_KIND: &str = "kind";
-/// Label: pool name (`video`, `image:kling-v2`, …; empty for non-creates).
+/// Label: pool name (`video`, `image:kling-v2`, …; empty for non-creates): [`pool_label`].
 pub const LABEL_POOL: &str = "pool";
 /// Label: HTTP status code.
 pub const LABEL_STATUS: &str = "status";
@@ -45,3 +49,134 @@ pub const LABEL_CODE: &str = "code";
 pub const LABEL_REASON: &str = "reason";
 /// Label: account id (never a key or token).
 pub const LABEL_ACCOUNT: &str = "account";
+
+/// How many model pools a process labels by name. A new-style create names its model in its
+/// path, which is caller input: a gateway passing its users' model names through would
+/// otherwise make a new series in the recorder for every name ever sent, and a recorder keeps
+/// its series for good. The first this many distinct `{product}:{model}` pools the process
+/// labels keep their name; later ones share `{product}:other` (Kling has a few dozen models).
+pub const MODEL_POOL_LABELS: usize = 60;
+
+/// The longest model name labelled by name; a longer one is labelled `{product}:other`.
+pub const MODEL_LABEL_MAX_LEN: usize = 64;
+
+/// The `pool` label of every model pool of `product` past [`MODEL_POOL_LABELS`].
+pub fn other_model_label(product: Product) -> &'static str {
+    match product {
+        Product::Video => "video:other",
+        Product::Image => "image:other",
+        Product::TryOn => "try-on:other",
+    }
+}
+
+/// The `pool` label of a pool: `""` for none, the product for a product's pool, and for a
+/// model's pool [`model_pool_label`].
+pub fn pool_label(pool: Option<&Pool>) -> &'static str {
+    match pool {
+        None => "",
+        Some(pool) => match pool.model() {
+            None => pool.product().as_str(),
+            Some(model) => model_pool_label(pool.product(), model).0,
+        },
+    }
+}
+
+/// The `pool` label of a model's pool, and its place among the labelled models (`None` for
+/// [`other_model_label`]): `video:kling-3.0` while fewer than [`MODEL_POOL_LABELS`] models
+/// have a label of their own in this process. A label, once given, stays the same for the
+/// process's life, so every layer and every series agrees on it.
+pub fn model_pool_label(product: Product, model: &str) -> (&'static str, Option<usize>) {
+    /// Labels given so far, leaked once each: at most [`MODEL_POOL_LABELS`] of at most
+    /// `MODEL_LABEL_MAX_LEN` bytes and a product.
+    static LABELS: RwLock<Vec<&'static str>> = RwLock::new(Vec::new());
+    let product_name = product.as_str();
+    let is_label = |label: &&'static str| {
+        label.len() == product_name.len() + 1 + model.len()
+            && label.starts_with(product_name)
+            && label.as_bytes()[product_name.len()] == b':'
+            && label.ends_with(model)
+    };
+    let found = |labels: &[&'static str]| {
+        labels
+            .iter()
+            .position(is_label)
+            .map(|at| (labels[at], Some(at)))
+    };
+    if model.len() > MODEL_LABEL_MAX_LEN {
+        return (other_model_label(product), None);
+    }
+    if let Some(found) = found(&LABELS.read().unwrap_or_else(PoisonError::into_inner)) {
+        return found;
+    }
+    let mut labels = LABELS.write().unwrap_or_else(PoisonError::into_inner);
+    if let Some(found) = found(&labels) {
+        return found;
+    }
+    if labels.len() == MODEL_POOL_LABELS {
+        return (other_model_label(product), None);
+    }
+    let label: &'static str = Box::leak(format!("{product_name}:{model}").into_boxed_str());
+    labels.push(label);
+    (label, Some(labels.len() - 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn model_pools_keep_their_name_up_to_the_limit_then_share_other() {
+        let (label, first) = model_pool_label(Product::Image, "label-test-0");
+        assert_eq!(label, "image:label-test-0");
+        let first = first.expect("a place among the named");
+        // The same model of another product is another pool; the same one again is the same.
+        let (label, second) = model_pool_label(Product::Video, "label-test-0");
+        assert_eq!((label, second), ("video:label-test-0", Some(first + 1)));
+        assert_eq!(
+            model_pool_label(Product::Image, "label-test-0"),
+            ("image:label-test-0", Some(first))
+        );
+        let long = "m".repeat(MODEL_LABEL_MAX_LEN + 1);
+        assert_eq!(
+            model_pool_label(Product::Video, &long),
+            ("video:other", None)
+        );
+        // New names keep theirs until the table is full (other tests of this process may
+        // have named some already).
+        let mut named = first + 2;
+        for n in 1.. {
+            let name = format!("label-test-{n}");
+            match model_pool_label(Product::TryOn, &name) {
+                (label, Some(at)) => {
+                    assert_eq!((label, at), (&*format!("try-on:{name}"), named));
+                    named += 1;
+                }
+                (label, None) => {
+                    assert_eq!(label, "try-on:other");
+                    break;
+                }
+            }
+        }
+        assert_eq!(named, MODEL_POOL_LABELS);
+        for product in [Product::Video, Product::Image, Product::TryOn] {
+            assert_eq!(
+                model_pool_label(product, "label-test-past"),
+                (other_model_label(product), None),
+                "the table is full"
+            );
+        }
+        // Labels given before the table filled keep their name.
+        assert_eq!(
+            model_pool_label(Product::Image, "label-test-0"),
+            ("image:label-test-0", Some(first))
+        );
+        let pool = Pool::with_model(Product::TryOn, Arc::<str>::from("label-test-7"));
+        assert_eq!(pool_label(Some(&pool)), "try-on:label-test-7");
+        let past = Pool::with_model(Product::Image, Arc::<str>::from("label-test-past"));
+        assert_eq!(pool_label(Some(&past)), "image:other");
+        assert_eq!(pool_label(Some(&Pool::new(Product::Video))), "video");
+        assert_eq!(pool_label(None), "");
+    }
+}

@@ -3,8 +3,9 @@
 //! label.
 
 use std::borrow::Cow;
-use std::sync::{OnceLock, RwLock};
+use std::sync::OnceLock;
 
+use kling_core::metrics::{MODEL_POOL_LABELS, model_pool_label};
 use kling_core::{Code, Product, RequestKind, TaskStatus};
 use metrics::{Counter, Histogram, Key, Label, Metadata, SharedString};
 
@@ -32,14 +33,13 @@ const CODES: [&str; 24] = [
 
 /// The `kind` values with an index, in [`kind_index`] order.
 const KINDS: usize = 5;
-/// Pools with an index: none (`""`), the three products, then interned model pools.
-const POOLS: usize = 64;
 /// Pool indices taken by no pool and the three products.
 const FIXED_POOLS: usize = 4;
-/// Model pools labelled from an interned `'static` string at most; later ones allocate theirs.
-const MAX_MODEL_POOLS: usize = POOLS - FIXED_POOLS;
-/// Longer model names are not interned (a path segment is caller input).
-const MAX_MODEL_LEN: usize = 64;
+/// Then each product's `{product}:other`, for model pools past the named ones.
+const OTHER_POOLS: usize = 3;
+/// Pools with an index: the fixed ones, the others, then every model pool labelled by name
+/// ([`kling_core::metrics::model_pool_label`]).
+const POOLS: usize = FIXED_POOLS + OTHER_POOLS + MODEL_POOL_LABELS;
 
 /// A label value: `'static` text with its index in its fixed set, or text built for this call.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -218,39 +218,20 @@ pub(crate) fn pool(pool: PoolRef<'_>) -> Value {
     }
 }
 
-/// Model pool labels seen so far, leaked once each (at most [`MAX_MODEL_POOLS`] of at most
-/// [`MAX_MODEL_LEN`] bytes): index `FIXED_POOLS + position`.
-static MODEL_POOLS: RwLock<Vec<&'static str>> = RwLock::new(Vec::new());
-
+/// A model pool's label: its name, or `{product}:other` past the named ones.
 fn model_pool(product: Product, model: &str) -> Value {
-    let product = product.as_str();
-    let is_label = |label: &&'static str| {
-        label.len() == product.len() + 1 + model.len()
-            && label.starts_with(product)
-            && label.as_bytes()[product.len()] == b':'
-            && label.ends_with(model)
-    };
-    let found = |pools: &[&'static str]| {
-        pools
-            .iter()
-            .position(is_label)
-            .map(|at| Value::fixed(pools[at], FIXED_POOLS + at))
-    };
-    if let Some(value) = found(&MODEL_POOLS.read().unwrap_or_else(|e| e.into_inner())) {
-        return value;
+    match model_pool_label(product, model) {
+        (label, Some(at)) => Value::fixed(label, FIXED_POOLS + OTHER_POOLS + at),
+        (label, None) => match product {
+            Product::Video => Value::fixed(label, FIXED_POOLS),
+            Product::Image => Value::fixed(label, FIXED_POOLS + 1),
+            Product::TryOn => Value::fixed(label, FIXED_POOLS + 2),
+            _ => Value {
+                text: Cow::Borrowed(label),
+                index: None,
+            },
+        },
     }
-    if model.len() <= MAX_MODEL_LEN {
-        let mut pools = MODEL_POOLS.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(value) = found(&pools) {
-            return value;
-        }
-        if pools.len() < MAX_MODEL_POOLS {
-            let label: &'static str = Box::leak(format!("{product}:{model}").into_boxed_str());
-            pools.push(label);
-            return Value::fixed(label, FIXED_POOLS + pools.len() - 1);
-        }
-    }
-    Value::built(format!("{product}:{model}"))
 }
 
 /// The index of a request kind in the key table.
@@ -302,7 +283,7 @@ pub(crate) static METADATA: Metadata<'static> =
 /// test) registers from the keys on each call.
 ///
 /// The label arrays are leaked to get the `'static` slices a [`Key`] borrows; the combinations
-/// are finite (5 kinds × 64 pools × 14 statuses × 24 codes at the very most), so the leak is
+/// are finite (5 kinds × 67 pools × 14 statuses × 24 codes at the very most), so the leak is
 /// bounded.
 static CALL_KEYS: [OnceLock<Box<[OnceLock<CallKeys>]>>; KINDS * POOLS] =
     [const { OnceLock::new() }; KINDS * POOLS];
@@ -412,11 +393,11 @@ mod tests {
     }
 
     #[test]
-    fn model_pools_are_interned_up_to_the_limit_then_built() {
+    fn model_pools_are_indexed_by_name_up_to_the_limit_then_share_other() {
         let first = pool(PoolRef::Model(Product::Image, "interned-test-0"));
-        let (text, at) = first.indexed().expect("interned");
+        let (text, at) = first.indexed().expect("indexed");
         assert_eq!(text, "image:interned-test-0");
-        assert!(at >= FIXED_POOLS);
+        assert!(at >= FIXED_POOLS + OTHER_POOLS);
         // The same model of another product is another pool.
         let other = pool(PoolRef::Model(Product::Video, "interned-test-0"));
         assert_eq!(other.as_str(), "video:interned-test-0");
@@ -425,25 +406,22 @@ mod tests {
             pool(PoolRef::Model(Product::Image, "interned-test-0")),
             first
         );
-        let long = "m".repeat(MAX_MODEL_LEN + 1);
-        let built = pool(PoolRef::Model(Product::Video, &long));
-        assert_eq!(
-            (built.as_str(), built.indexed()),
-            (&*format!("video:{long}"), None)
-        );
-        for n in 0..MAX_MODEL_POOLS {
+        let long = "m".repeat(kling_core::metrics::MODEL_LABEL_MAX_LEN + 1);
+        let video_other = pool(PoolRef::Model(Product::Video, &long));
+        assert_eq!(video_other.indexed(), Some(("video:other", FIXED_POOLS)));
+        for n in 0..MODEL_POOL_LABELS {
             let value = pool(PoolRef::Model(
                 Product::TryOn,
                 &format!("interned-test-{n}"),
             ));
-            assert_eq!(value.as_str(), format!("try-on:interned-test-{n}"));
-            if let Some((_, at)) = value.indexed() {
-                assert!(at < POOLS);
-            }
+            let (_, at) = value.indexed().expect("every model pool has an index");
+            assert!(at < POOLS);
         }
+        // Past the named ones, each product's models share one label and index.
         let past = pool(PoolRef::Model(Product::TryOn, "interned-test-past"));
-        assert_eq!(past.as_str(), "try-on:interned-test-past");
-        assert_eq!(past.indexed(), None, "the table is full");
+        assert_eq!(past.indexed(), Some(("try-on:other", FIXED_POOLS + 2)));
+        let past = pool(PoolRef::Model(Product::Video, "interned-test-past"));
+        assert_eq!(past, video_other);
     }
 
     #[test]
