@@ -740,11 +740,34 @@ struct State {
     pools: FxMap<SlotKey, usize>,
 }
 
+/// Moves `gauge` from `from` to `to` (integers, exact in an `f64`).
+fn move_gauge(gauge: &metrics::Gauge, from: f64, to: f64) {
+    if to > from {
+        gauge.increment(to - from);
+    } else {
+        gauge.decrement(from - to);
+    }
+}
+
+impl Drop for PoolState {
+    /// Takes what the pool showed back out of its gauges: a pool that made way for another
+    /// (or whose backend is gone) no longer counts in them.
+    fn drop(&mut self) {
+        let (in_use, capacity, waiters) = self.shown;
+        move_gauge(&self.gauges.in_use, in_use as f64, 0.0);
+        move_gauge(&self.gauges.capacity, capacity as f64, 0.0);
+        move_gauge(&self.gauges.waiters, waiters as f64, 0.0);
+    }
+}
+
 impl PoolState {
     fn new(key: &SlotKey, configured: u32) -> Self {
         let labels = [
             (names::LABEL_ACCOUNT, key.account.to_string()),
-            (names::LABEL_POOL, key.pool.to_string()),
+            (
+                names::LABEL_POOL,
+                names::pool_label(Some(&key.pool)).to_owned(),
+            ),
         ];
         let pool = PoolState {
             key: key.clone(),
@@ -770,10 +793,8 @@ impl PoolState {
                 labels,
             },
         };
-        // Every gauge starts shown, also at zero.
-        pool.gauges.in_use.set(0.0);
-        pool.gauges.capacity.set(f64::from(configured));
-        pool.gauges.waiters.set(0.0);
+        // The gauges move by differences, so that pools sharing a label (`video:other`) add up.
+        pool.gauges.capacity.increment(f64::from(configured));
         pool
     }
 
@@ -794,25 +815,27 @@ impl PoolState {
             && self.granted.is_empty()
     }
 
-    /// Sets the gauges whose values changed since they were last set.
+    /// Moves the gauges whose values changed since they were last moved, by the change: a
+    /// gauge shows the sum over the pools that share its labels (one, unless they share
+    /// [`other_model_label`](names::other_model_label)).
     fn publish(&mut self) {
         let (in_use, capacity, waiters) = (self.in_use, self.capacity(), self.waiting());
-        let shown = &mut self.shown;
+        let shown = self.shown;
         if shown.0 != in_use {
-            self.gauges.in_use.set(f64::from(in_use));
+            move_gauge(&self.gauges.in_use, shown.0 as f64, in_use as f64);
         }
         if shown.1 != capacity {
-            self.gauges.capacity.set(f64::from(capacity));
+            move_gauge(&self.gauges.capacity, shown.1 as f64, capacity as f64);
         }
         if shown.2 != waiters {
-            self.gauges.waiters.set(waiters as f64);
+            move_gauge(&self.gauges.waiters, shown.2 as f64, waiters as f64);
         }
-        *shown = (in_use, capacity, waiters);
+        self.shown = (in_use, capacity, waiters);
     }
 
-    /// Sets the in-use gauge (the one change of a grant on the fast path).
+    /// Moves the in-use gauge (the one change of a grant on the fast path).
     fn publish_in_use(&mut self) {
-        self.gauges.in_use.set(f64::from(self.in_use));
+        move_gauge(&self.gauges.in_use, self.shown.0 as f64, self.in_use as f64);
         self.shown.0 = self.in_use;
     }
 
@@ -2608,11 +2631,25 @@ mod tests {
     }
 
     /// Logs every increment of a counter by its `status` label (the finished-task counter),
-    /// and every gauge set as (gauge name, value).
+    /// and every move of a gauge as (gauge name and pool label, the value it moved to), each
+    /// series keeping its value as a recorder does.
     #[derive(Clone, Default)]
     struct MetricLog {
         statuses: Arc<Mutex<Vec<String>>>,
         gauges: Arc<Mutex<Vec<(String, f64)>>>,
+        values: Arc<Mutex<HashMap<String, f64>>>,
+    }
+
+    impl MetricLog {
+        fn moved(&self, series: &str, by: f64) {
+            let mut values = self.values.lock().unwrap();
+            let value = values.entry(series.to_owned()).or_default();
+            *value += by;
+            self.gauges
+                .lock()
+                .unwrap()
+                .push((series.to_owned(), *value));
+        }
     }
 
     struct LoggedCounter(String, MetricLog);
@@ -2629,10 +2666,14 @@ mod tests {
     struct LoggedGauge(String, MetricLog);
 
     impl metrics::GaugeFn for LoggedGauge {
-        fn increment(&self, _: f64) {}
-        fn decrement(&self, _: f64) {}
-        fn set(&self, value: f64) {
-            self.1.gauges.lock().unwrap().push((self.0.clone(), value));
+        fn increment(&self, by: f64) {
+            self.1.moved(&self.0, by);
+        }
+        fn decrement(&self, by: f64) {
+            self.1.moved(&self.0, -by);
+        }
+        fn set(&self, _: f64) {
+            panic!("a pool's gauge moves by differences: pools may share its series");
         }
     }
 
@@ -2668,7 +2709,11 @@ mod tests {
             metrics::Counter::from_arc(Arc::new(LoggedCounter(status, self.clone())))
         }
         fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-            let name = key.name().to_owned();
+            let pool = key.labels().find(|l| l.key() == names::LABEL_POOL);
+            let name = match pool.map(metrics::Label::value) {
+                Some(pool) if pool.ends_with(":other") => format!("{} {pool}", key.name()),
+                _ => key.name().to_owned(),
+            };
             metrics::Gauge::from_arc(Arc::new(LoggedGauge(name, self.clone())))
         }
         fn register_histogram(
@@ -2694,12 +2739,9 @@ mod tests {
                 names::SLOTS_WAITERS,
             );
             let s = |name: &str, v: f64| (name.to_owned(), v);
-            // A new pool shows all three.
+            // A new pool shows its capacity.
             let first = granted(backend.acquire_now(key(), 1));
-            assert_eq!(
-                take(),
-                [s(used, 0.0), s(cap, 2.0), s(waiting, 0.0), s(used, 1.0)]
-            );
+            assert_eq!(take(), [s(cap, 2.0), s(used, 1.0)]);
             let second = granted(backend.acquire_now(key(), 1));
             assert_eq!(take(), [s(used, 2.0)]);
             // A create that waits: only the waiters changed.
@@ -2727,6 +2769,57 @@ mod tests {
                 (0, 1, 0)
             );
         });
+    }
+
+    /// Model pools past the named ones share one series per product: each gauge shows their
+    /// sum, and a pool that is gone takes its share back out.
+    #[test]
+    fn pools_sharing_a_label_add_up_in_its_gauges() {
+        let log = MetricLog::default();
+        let _recorder = metrics::set_default_local_recorder(&log);
+        let runtime = paused_runtime();
+        let _entered = runtime.enter();
+        let backend = InProcess::new(SlotsConfig::new(2)).unwrap();
+        let value = |series: &str| log.values.lock().unwrap().get(series).copied();
+        let other = |name: &str| format!("{name} video:other");
+        let (used, cap, waiting) = (
+            other(names::SLOTS_IN_USE),
+            other(names::SLOTS_CAPACITY),
+            other(names::SLOTS_WAITERS),
+        );
+        // Names longer than any labelled by name: labelled `video:other` however many models
+        // this process has labelled.
+        let model = |n: u32| {
+            let name = format!("{n}{}", "m".repeat(names::MODEL_LABEL_MAX_LEN));
+            SlotKey::new(AccountId::new("a"), Pool::with_model(Product::Video, name))
+        };
+        let take = |key: SlotKey| match backend.acquire_now(key, 1) {
+            Ok(Ok(reservation)) => reservation,
+            _ => panic!("not granted"),
+        };
+        let a = take(model(1));
+        let b = take(model(2));
+        let _b2 = take(model(2));
+        let Err(waiter) = backend.acquire_now(model(2), 1) else {
+            panic!("granted");
+        };
+        assert_eq!(
+            (value(&used), value(&cap), value(&waiting)),
+            (Some(3.0), Some(4.0), Some(1.0))
+        );
+        drop(waiter);
+        now(backend.apply(SlotOp::GiveBack(a))).unwrap();
+        now(backend.apply(SlotOp::Congested(b))).unwrap();
+        assert_eq!(
+            (value(&used), value(&cap), value(&waiting)),
+            (Some(1.0), Some(3.0), Some(0.0))
+        );
+        // The backend goes: its pools leave the series at zero.
+        drop(backend);
+        assert_eq!(
+            (value(&used), value(&cap), value(&waiting)),
+            (Some(0.0), Some(0.0), Some(0.0))
+        );
     }
 
     #[test]

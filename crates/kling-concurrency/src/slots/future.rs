@@ -15,7 +15,7 @@ use http::{Method, Request, Response, Uri};
 use http_body_util::Full;
 use kling_core::error::{ApiError, BoxError, SendState};
 use kling_core::signals::{Deadline, SlotGated, Waited};
-use kling_core::{ApiGeneration, Code, Outcome, Pool, Recognized, metrics as names};
+use kling_core::{ApiGeneration, Code, Outcome, Recognized, metrics as names};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
@@ -117,11 +117,7 @@ where
         };
         let waited = Instant::now().saturating_duration_since(self.since);
         let recognized = self.recognized();
-        let pool = recognized
-            .pool
-            .as_ref()
-            .map(Pool::to_string)
-            .unwrap_or_default();
+        let pool = names::pool_label(recognized.pool.as_ref());
         let external = recognized.external_id.as_deref().map(SmallId::new);
         metrics::histogram!(names::SLOTS_WAIT, names::LABEL_POOL => pool)
             .record(waited.as_secs_f64());

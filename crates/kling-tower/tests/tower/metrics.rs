@@ -186,3 +186,64 @@ fn the_other_layers_record_every_metric_of_their_rows_with_its_type_and_labels()
         assert!(catalog::find(name).is_some(), "{name} is not in the table");
     }
 }
+
+/// Creates naming 150 models (a gateway passing its users' model names through): every layer
+/// labels their pools from one bounded set, so the recorder keeps a bounded number of series.
+#[test]
+fn many_model_names_make_a_bounded_set_of_pool_labels() {
+    const MODELS: usize = 150;
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap()
+            .block_on(async {
+                let mock =
+                    MockKling::new(MockConfig::preset(Preset::Enterprise).no_rate_limit()).unwrap();
+                let kling = KlingLayer::new(
+                    StackConfig::preset(Tier::Enterprise),
+                    Credentials::api_key("k").unwrap(),
+                )
+                .unwrap();
+                let service = kling.layer(mock);
+                for n in 0..MODELS {
+                    let path = format!("/text-to-video/model-{n}");
+                    let created = service
+                        .clone()
+                        .oneshot(request("POST", &path, r#"{"prompt":"p"}"#))
+                        .await
+                        .unwrap();
+                    assert_eq!(created.status(), 200, "{path}");
+                }
+            });
+    });
+    let mut pools: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (key, _, _, _) in snapshotter.snapshot().into_vec() {
+        let key = key.key();
+        if let Some(pool) = key.labels().find(|l| l.key() == "pool") {
+            pools
+                .entry(key.name().to_owned())
+                .or_default()
+                .insert(pool.value().to_owned());
+        }
+    }
+    // The duration histogram (kling-metrics) and the slot gauges (kling-concurrency) each
+    // label at most the named models and `video:other`.
+    for name in [
+        kling_core::metrics::REQUEST_DURATION,
+        kling_core::metrics::SLOTS_IN_USE,
+        kling_core::metrics::SLOTS_CAPACITY,
+    ] {
+        let labels = pools.get(name).unwrap_or_else(|| panic!("{name} recorded"));
+        assert!(
+            labels.len() <= kling_core::metrics::MODEL_POOL_LABELS + 1,
+            "{name}: {} pool labels for {MODELS} models",
+            labels.len()
+        );
+        assert!(labels.contains("video:other"), "{name}: {labels:?}");
+        assert!(labels.contains("video:model-0"), "{name}: {labels:?}");
+    }
+}
