@@ -215,7 +215,7 @@ pub fn sockets(rows: &[sockets::Row], options: sockets::Options) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "**{} client worker thread{}.** {} interleaved rounds × {} create+list lives, {} concurrent \
+        "**{} client worker thread{}.** {} interleaved rounds × {} create+query lives, {} concurrent \
          tasks; client CPU is the client runtime's threads only (the mock runs on its own thread).\n",
         options.workers,
         if options.workers == 1 { "" } else { "s" },

@@ -109,7 +109,7 @@ impl Row {
 type Call = Box<
     dyn Fn(
             Request<Full<Bytes>>,
-        ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>
+        ) -> std::pin::Pin<Box<dyn Future<Output = Result<Bytes, BoxError>> + Send>>
         + Send
         + Sync,
 >;
@@ -135,8 +135,7 @@ where
                 return Err(format!("http {}", response.status()).into());
             }
             let body = response.into_body().collect().await.map_err(Into::into)?;
-            std::hint::black_box(body.to_bytes());
-            Ok(())
+            Ok(body.to_bytes())
         })
     })
 }
@@ -183,22 +182,35 @@ async fn life(client: &Client_, base: &str) -> Result<(f64, f64), BoxError> {
         Bytes::from_static(CREATE_BODY.as_bytes()),
         client.bare,
     );
-    // The id is not needed: the mock answers any query of a created task; a fixed id is
-    // looked up (404, 1203) by the bare client and the stack alike, so query the create path.
-    (client.call)(create).await?;
+    let created = (client.call)(create).await?;
+    let id = task_id(&created).ok_or("a create's answer names its task")?;
     let created = Instant::now();
-    let list = request(
+    // The task has ended by now (the mock's tasks last a microsecond): the query reports it,
+    // and the stack frees its slot, as a client that follows its tasks does. A stack that
+    // never saw its tasks end would hold every create of the run (tens of thousands), where a
+    // real account holds a few dozen at most, and each create would look up a table that
+    // large.
+    let query = request(
         Method::GET,
         base,
-        "/v1/videos/text2video?pageNum=1&pageSize=1",
+        &format!("/v1/videos/text2video/{id}"),
         Bytes::new(),
         client.bare,
     );
-    (client.call)(list).await?;
+    std::hint::black_box((client.call)(query).await?);
     Ok((
         created.duration_since(started).as_secs_f64() * 1e6,
         created.elapsed().as_secs_f64() * 1e6,
     ))
+}
+
+/// The `task_id` of a create's answer, found as text (the bare client and the stack alike:
+/// only the request after it differs between them).
+fn task_id(body: &[u8]) -> Option<&str> {
+    const FIELD: &[u8] = br#""task_id":""#;
+    let at = body.windows(FIELD.len()).position(|w| w == FIELD)? + FIELD.len();
+    let len = body[at..].iter().position(|&b| b == b'"')?;
+    std::str::from_utf8(&body[at..at + len]).ok()
 }
 
 fn round(rt: &Runtime, client: &Arc<Client_>, base: &str, options: Options, row: &mut Row) {
@@ -252,6 +264,7 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Vec<Row> {
             MockConfig::preset(Preset::Enterprise)
                 .slots(1_000_000)
                 .no_rate_limit()
+                .task_duration(Duration::from_secs(1), Duration::from_secs(1))
                 .speed(1e6),
         ))
         .expect("the mock starts");
@@ -262,12 +275,10 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Vec<Row> {
         .enable_all()
         .build()
         .expect("a runtime");
-    // A life here is a create and a one-item list, so the stack never sees its tasks end and
-    // holds a slot per create until the lease runs out (as it must): give it more slots than
-    // the run makes creates, or the later rounds wait for slots (100,000 were used up in round
-    // 10 of 15).
+    // A life's query finds its task ended, so the stack frees the slot; the slots are many
+    // all the same, so that no create waits should a query ever come first.
     let config = crate::overhead::pro_config().slots(10_000_000);
-    let clients: Vec<Arc<Client_>> = {
+    let (clients, kling): (Vec<Arc<Client_>>, _) = {
         let _entered = rt.enter();
         let hyper = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
         let reqwest = ReqwestService::new_client().expect("a reqwest client");
@@ -278,7 +289,7 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Vec<Row> {
         .base_url(&base)
         .build()
         .expect("a valid stack");
-        vec![
+        let clients = vec![
             Arc::new(Client_ {
                 name: "hyper-util, bare",
                 call: caller(hyper.clone()),
@@ -299,7 +310,8 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Vec<Row> {
                 call: caller(kling.layer(reqwest)),
                 bare: false,
             }),
-        ]
+        ];
+        (clients, kling)
     };
     // One client alone, for a profiler (see the module docs).
     let clients: Vec<Arc<Client_>> = match std::env::var("KLING_BENCH_CLIENTS") {
@@ -337,9 +349,16 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Vec<Row> {
             round(&rt, client, &base, options, row);
         }
     }
+    // Both stacks (one per client) share the layer's slots: what they still hold is what the
+    // queries did not see end.
+    let pools = kling.snapshot().pools;
+    let held: u32 = pools.iter().map(|p| p.in_use).sum();
+    log(&format!(
+        "sockets: slots the stacks still hold: {held} (in {} pools)",
+        pools.len()
+    ));
     drop(clients);
     drop(rt);
     server_rt.block_on(async move { drop(server) });
-    let _ = Duration::ZERO;
     rows
 }

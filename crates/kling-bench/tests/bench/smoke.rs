@@ -83,10 +83,20 @@ fn scale_serves_waiters_in_arrival_order() {
 #[test]
 fn sockets_compare_each_client_with_itself_bare() {
     let _alone = alone();
-    let rows = sockets::run(sockets::Options::tiny(), &mut |_| {});
+    let mut log = Vec::new();
+    let rows = sockets::run(sockets::Options::tiny(), &mut |line| {
+        log.push(line.to_owned())
+    });
     assert_eq!(rows.len(), 4);
     for row in &rows {
         assert!(row.rps() > 0.0, "{row:?}");
         assert!(!row.latencies.is_empty());
     }
+    // Each life's query saw its task end, so the stacks hold no slot, as a real client's
+    // would not after following its tasks.
+    assert!(
+        log.iter()
+            .any(|line| line.starts_with("sockets: slots the stacks still hold: 0 ")),
+        "{log:?}"
+    );
 }
