@@ -1,7 +1,7 @@
 //! [`Monitor`]: the in-process usage state behind [`Snapshot`] and the usage warnings.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -150,7 +150,7 @@ impl MonitorBuilder {
                     .map(|(requests, _)| fire_at(requests, self.threshold)),
                 window: RateWindow::new(self.window, bucket_nanos as u64),
                 rate_warned: AtomicBool::new(false),
-                pool_warned: Mutex::new(HashMap::new()),
+                pool_warned: Mutex::new(HashSet::new()),
                 hook: self.hook,
                 rejections: Mutex::new(BTreeMap::new()),
                 tasks: (0..TASK_BUCKETS).map(|_| Bucket::default()).collect(),
@@ -186,7 +186,9 @@ struct Inner {
     fire_at: Option<u64>,
     window: RateWindow,
     rate_warned: AtomicBool,
-    pool_warned: Mutex<HashMap<(Option<String>, String), bool>>,
+    /// The pools warned about and not yet back under the hysteresis: only those, so pools
+    /// that come and go (one per model name) leave nothing behind.
+    pool_warned: Mutex<HashSet<(Option<String>, String)>>,
     hook: Option<Hook>,
     rejections: Mutex<BTreeMap<i64, u64>>,
     /// Tracked tasks and task counts, in buckets picked by task id, each alone on its cache
@@ -890,9 +892,9 @@ impl Monitor {
             for pool in &snapshot.pools {
                 let Some(usage) = pool.usage() else { continue };
                 let key = (pool.account.clone(), pool.pool.clone());
-                let was = warned.get(&key).copied().unwrap_or(false);
+                let was = warned.contains(&key);
                 if usage >= inner.threshold && !was {
-                    warned.insert(key, true);
+                    warned.insert(key);
                     fired.push(UsageWarning {
                         resource: Resource::Slots {
                             account: pool.account.clone(),
@@ -902,7 +904,7 @@ impl Monitor {
                         threshold: inner.threshold,
                     });
                 } else if usage < inner.threshold - inner.hysteresis && was {
-                    warned.insert(key, false);
+                    warned.remove(&key);
                 }
             }
         }
@@ -1634,6 +1636,36 @@ mod tests {
                 assert!(usage(at - 1) < threshold, "{quota} {threshold}");
             }
         }
+    }
+
+    /// Pools that crossed the threshold and came back under it (one per model name, say)
+    /// leave no warning state behind.
+    #[test]
+    fn pools_back_under_the_threshold_leave_no_warning_state() {
+        use std::sync::atomic::AtomicU32;
+        let monitor = Monitor::builder()
+            .usage_threshold(0.8)
+            .hysteresis(0.1)
+            .build()
+            .unwrap();
+        let round = Arc::new(AtomicU32::new(0));
+        let source = Arc::clone(&round);
+        // Round n shows model n's pool full and model n - 1's empty.
+        monitor.add_source(move |s: &mut Snapshot| {
+            let n = source.load(Ordering::Relaxed);
+            s.pools
+                .push(crate::PoolUsage::new(format!("video:m-{n}"), 5, 5, 0));
+            if n > 0 {
+                s.pools
+                    .push(crate::PoolUsage::new(format!("video:m-{}", n - 1), 0, 5, 0));
+            }
+        });
+        for n in 0..100 {
+            round.store(n, Ordering::Relaxed);
+            monitor.snapshot();
+        }
+        // Only the pool still full is remembered as warned.
+        assert_eq!(lock(&monitor.inner.pool_warned).len(), 1);
     }
 
     /// Requests noted one at a time, from threads in turn (so from several shards): the
