@@ -254,7 +254,12 @@ return {-1, streak}
 ///
 /// # Clone
 ///
-/// Clones share the connection and the fallback state.
+/// Clones share the connection, the fallback state and the process's place in each key's
+/// fleet queue. Give each [`GcraLayer`](kling_ratelimit::GcraLayer) its own `RedisGcra`
+/// (built on a clone of the [`Connection`]), as `KlingLayer` does: two layers over clones of
+/// one would hold one place between them for a key they both wait for, and the last waiter of
+/// one giving up would take it from the other's head until that head asks again (a cell later
+/// at most).
 #[derive(Clone)]
 pub struct RedisGcra {
     inner: Arc<Inner>,
