@@ -208,7 +208,7 @@ impl Call {
         };
         if !span.is_disabled() {
             span.record("status", status.value().as_str());
-            span.record("code", code.value().as_str());
+            span.record("code", code.span_text().as_ref());
         }
         if self.target == Target::Nothing {
             return;

@@ -3,7 +3,7 @@
 //! label.
 
 use std::borrow::Cow;
-use std::sync::OnceLock;
+use std::sync::{OnceLock, PoisonError, RwLock};
 
 use kling_core::metrics::{MODEL_POOL_LABELS, model_pool_label};
 use kling_core::{Code, Product, RequestKind, TaskStatus};
@@ -176,11 +176,57 @@ impl CodeLabel {
     pub(crate) fn value(self) -> Value {
         match (self.index(), self) {
             (Some(at), _) => Value::fixed(CODES[at], at),
-            (None, CodeLabel::Kling(code)) => Value::built(code.as_i64().to_string()),
+            (None, CodeLabel::Kling(code)) => undocumented_code(code.as_i64()),
             (None, CodeLabel::None) => Value::built(NO_CODE.to_owned()),
             (None, CodeLabel::Malformed) => Value::built(MALFORMED.to_owned()),
         }
     }
+
+    /// The code for a span: its number, also past the labelled ones (a span makes no series).
+    pub(crate) fn span_text(self) -> Cow<'static, str> {
+        match (self.index(), self) {
+            (None, CodeLabel::Kling(code)) => Cow::Owned(code.as_i64().to_string()),
+            _ => self.value().text,
+        }
+    }
+}
+
+/// Undocumented codes labelled by their number in a process; later ones share
+/// [`OTHER_CODE`]. The code is the server's (or a proxy's) input: a recorder keeps every
+/// series it was given for good, so an upstream answering codes at random must not make new
+/// ones without end. Kling documents two dozen codes and adds a few at a time.
+const UNDOCUMENTED_CODE_LABELS: usize = 32;
+
+/// The `code` label of undocumented codes past [`UNDOCUMENTED_CODE_LABELS`].
+pub(crate) const OTHER_CODE: &str = "other";
+
+/// An undocumented code's label: its number, kept for the process (at most
+/// [`UNDOCUMENTED_CODE_LABELS`] of them), or [`OTHER_CODE`].
+fn undocumented_code(code: i64) -> Value {
+    static LABELS: RwLock<Vec<(i64, &'static str)>> = RwLock::new(Vec::new());
+    let label = |text: &'static str| Value {
+        text: Cow::Borrowed(text),
+        index: None,
+    };
+    let found = |labels: &[(i64, &'static str)]| {
+        labels
+            .iter()
+            .find(|(c, _)| *c == code)
+            .map(|(_, text)| label(text))
+    };
+    if let Some(value) = found(&LABELS.read().unwrap_or_else(PoisonError::into_inner)) {
+        return value;
+    }
+    let mut labels = LABELS.write().unwrap_or_else(PoisonError::into_inner);
+    if let Some(value) = found(&labels) {
+        return value;
+    }
+    if labels.len() == UNDOCUMENTED_CODE_LABELS {
+        return label(OTHER_CODE);
+    }
+    let text: &'static str = Box::leak(code.to_string().into_boxed_str());
+    labels.push((code, text));
+    label(text)
 }
 
 /// A task status as a label value, `'static` for the known ones.
@@ -390,6 +436,31 @@ mod tests {
             indexed += 1;
         }
         assert_eq!(indexed, CODES.len(), "every code has one index");
+    }
+
+    #[test]
+    fn undocumented_codes_keep_their_number_up_to_the_limit_then_share_other() {
+        let first = CodeLabel::Kling(Code::from_i64(-7_001)).value();
+        assert_eq!((first.as_str(), first.indexed()), ("-7001", None));
+        let mut named = 0;
+        for n in 0..2 * UNDOCUMENTED_CODE_LABELS as i64 {
+            let value = CodeLabel::Kling(Code::from_i64(-8_000 - n)).value();
+            if value.as_str() == OTHER_CODE {
+                break;
+            }
+            assert_eq!(value.as_str(), (-8_000 - n).to_string());
+            named += 1;
+        }
+        assert!(named < UNDOCUMENTED_CODE_LABELS, "{named} named");
+        assert_eq!(
+            CodeLabel::Kling(Code::from_i64(-9_999)).value().as_str(),
+            OTHER_CODE
+        );
+        // A code labelled before the table filled keeps its number.
+        assert_eq!(
+            CodeLabel::Kling(Code::from_i64(-7_001)).value().as_str(),
+            "-7001"
+        );
     }
 
     #[test]

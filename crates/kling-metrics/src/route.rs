@@ -35,6 +35,18 @@ impl<'a> PoolRef<'a> {
     }
 }
 
+/// The pool's own name (`video:kling-3.0`), for a span: a label may stand for many
+/// ([`kling_core::metrics::pool_label`]).
+impl std::fmt::Display for PoolRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PoolRef::None => Ok(()),
+            PoolRef::Product(product) => f.write_str(product.as_str()),
+            PoolRef::Model(product, model) => write!(f, "{}:{model}", product.as_str()),
+        }
+    }
+}
+
 /// The kind and pool of a request: its cached recognition when there is one, else its path.
 pub(crate) fn of<B>(request: &Request<B>) -> (RequestKind, PoolRef<'_>) {
     // No extension, no cached recognition: skip the two lookups.

@@ -17,7 +17,7 @@ use tracing::field::Empty;
 
 use crate::future::{Call, ResponseFuture};
 use crate::recorder::{self, Target};
-use crate::route;
+use crate::route::{self, PoolRef};
 use crate::{Monitor, labels};
 
 /// Measures each call and reports it through the `metrics` facade, a `tracing` span and its
@@ -112,13 +112,14 @@ where
         let labelled = target != Target::Nothing
             || monitor.records_task_metrics()
             || tracing::level_enabled!(tracing::Level::INFO);
-        let (kind, pool) = if labelled {
-            let (kind, pool) = route::of(&request);
-            (kind, labels::pool(pool))
+        let (kind, named, pool) = if labelled {
+            let (kind, named) = route::of(&request);
+            (kind, named, labels::pool(named))
         } else if request.method() == Method::POST {
-            (route::kind_of_post(&request), labels::NO_POOL)
+            let kind = route::kind_of_post(&request);
+            (kind, PoolRef::None, labels::NO_POOL)
         } else {
-            (RequestKind::Other, labels::NO_POOL)
+            (RequestKind::Other, PoolRef::None, labels::NO_POOL)
         };
         // Only what the request *is*: never its headers, URI query or body. The field values
         // are only computed when the span is enabled.
@@ -126,7 +127,8 @@ where
             target: "kling_metrics",
             "kling.request",
             kind = kind.as_str(),
-            pool = (!pool.as_str().is_empty()).then(|| display(pool.as_str())),
+            // The pool's own name, where its label may stand for many (`video:other`).
+            pool = (named != PoolRef::None).then(|| display(named)),
             attempt = Attempt::of(&request),
             status = Empty,
             code = Empty,

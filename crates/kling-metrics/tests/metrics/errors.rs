@@ -186,3 +186,79 @@ async fn an_envelope_without_classify_is_parsed_once_and_left_for_the_caller() {
         ])
     );
 }
+
+/// Past the models and the undocumented codes a process labels by name, the series share
+/// `video:other` and `other`, so an upstream or a caller cannot make new series without end;
+/// the span, which makes no series, keeps the model and the code.
+#[tokio::test(start_paused = true)]
+async fn past_the_labelled_models_and_codes_series_share_other_and_the_span_keeps_both() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    use kling_core::Product;
+    use kling_core::metrics::{MODEL_POOL_LABELS, model_pool_label};
+
+    use crate::support::Capture;
+
+    let recording = Recording::start();
+    let capture = Capture::default();
+    let _tracing = tracing::subscriber::set_default(capture.clone());
+    // Fill the model labels (other tests of this process may have named some already).
+    for n in 0..MODEL_POOL_LABELS {
+        model_pool_label(Product::Video, &format!("filler-{n}"));
+    }
+    // Each answer carries a new undocumented code.
+    let codes = Arc::new(AtomicI64::new(900_000));
+    let next = Arc::clone(&codes);
+    let client = tower::service_fn(move |_req: http::Request<Full<Bytes>>| {
+        let code = next.fetch_add(1, Ordering::Relaxed);
+        let body = format!(r#"{{"code":{code},"message":"new","request_id":"r{code}"}}"#);
+        async move {
+            Ok::<_, BoxError>(
+                http::Response::builder()
+                    .status(400)
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap(),
+            )
+        }
+    });
+    let service = MetricsLayer::new().layer(ClassifyLayer::new().layer(client));
+    for _ in 0..40 {
+        let create = request("POST", "/text-to-video/past-the-table", "{}", "k");
+        service.clone().oneshot(create).await.unwrap();
+    }
+
+    let recorded = recording.take();
+    let label = |labels: &Labels, name: &str| {
+        labels
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let durations: Vec<&Labels> = recorded
+        .keys()
+        .filter(|(n, _)| n == REQUEST_DURATION)
+        .map(|(_, labels)| labels)
+        .collect();
+    assert!(!durations.is_empty());
+    for labels in &durations {
+        assert_eq!(label(labels, "pool"), "video:other");
+    }
+    let codes: std::collections::BTreeSet<String> =
+        durations.iter().map(|l| label(l, "code")).collect();
+    assert!(codes.contains("other"), "{codes:?}");
+    assert!(
+        codes.len() <= 33,
+        "{} code labels for 40 codes",
+        codes.len()
+    );
+
+    let span = capture
+        .spans()
+        .into_iter()
+        .rfind(|s| s.name == "kling.request")
+        .expect("a span");
+    assert_eq!(span.field("pool"), Some("video:past-the-table"));
+    assert_eq!(span.field("code"), Some("900039"));
+}
