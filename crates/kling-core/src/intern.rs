@@ -4,9 +4,12 @@
 //! every drop. The stack copies a few configured texts into every request (its account id, its
 //! base URL's host), and when the threads of a runtime do that at once, the count's cache line
 //! moves between their cores on every request. A `&'static str` is copied for free.
+//!
+//! [`BoundedLabels`] keeps texts that input chooses (metric label values) the same way, up to
+//! a bound.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError, RwLock};
 
 /// `text`, kept for the rest of the process: one copy per distinct text, however often it is
 /// asked for.
@@ -29,6 +32,62 @@ pub(crate) fn kept(text: &str) -> &'static String {
     let kept: &'static String = Box::leak(Box::new(text.to_owned()));
     texts.insert(kept.as_str(), kept);
     kept
+}
+
+/// Label texts chosen by input (a model named in a path, a code in an answer), kept for the
+/// rest of the process up to a bound: a metrics recorder keeps every series it was given, so
+/// past the bound the caller falls back to a shared label (`other`) instead of a new one.
+///
+/// ```
+/// use kling_core::intern::BoundedLabels;
+///
+/// static LABELS: BoundedLabels = BoundedLabels::new(1);
+/// let kept = LABELS.find_or_keep(|l| l == "a", || "a".to_owned());
+/// assert_eq!(kept, Some(("a", 0)));
+/// assert_eq!(LABELS.find_or_keep(|l| l == "a", || unreachable!()), kept);
+/// assert_eq!(LABELS.find_or_keep(|l| l == "b", || "b".to_owned()), None);
+/// ```
+#[derive(Debug)]
+pub struct BoundedLabels {
+    labels: RwLock<Vec<&'static str>>,
+    max: usize,
+}
+
+impl BoundedLabels {
+    /// Keeps at most `max` labels.
+    pub const fn new(max: usize) -> BoundedLabels {
+        BoundedLabels {
+            labels: RwLock::new(Vec::new()),
+            max,
+        }
+    }
+
+    /// The kept label `is` picks, else `make`'s, kept now if fewer than the bound are; with its
+    /// place in the order kept. `None` once the bound is reached. A label, once kept, is the
+    /// same for the process's life. A read lock and a scan when found; a write lock when not.
+    pub fn find_or_keep(
+        &self,
+        is: impl Fn(&str) -> bool,
+        make: impl FnOnce() -> String,
+    ) -> Option<(&'static str, usize)> {
+        let found = |labels: &[&'static str]| {
+            let at = labels.iter().position(|label| is(label))?;
+            Some((labels[at], at))
+        };
+        if let Some(found) = found(&self.labels.read().unwrap_or_else(PoisonError::into_inner)) {
+            return Some(found);
+        }
+        let mut labels = self.labels.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = found(&labels) {
+            return Some(found);
+        }
+        if labels.len() >= self.max {
+            return None;
+        }
+        let label: &'static str = Box::leak(make().into_boxed_str());
+        labels.push(label);
+        Some((label, labels.len() - 1))
+    }
 }
 
 #[cfg(test)]

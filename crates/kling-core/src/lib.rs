@@ -46,7 +46,7 @@
 //! | [`metrics`] | every metric name of the stack |
 //! | [`signals`] | extensions layers use to cooperate (deadline, attempt, slot-gated 1303) |
 //! | [`headers`] | a copy of a request's headers kept to send it again, without allocating |
-//! | [`intern`] | configured texts kept once, so copies touch no reference count |
+//! | [`intern`] | configured texts kept once, so copies touch no reference count; label texts that input chooses, kept up to a bound |
 //! | [`lanes`] | per-thread references to a layer's shared state, so threads write no one count |
 //!
 //! # Feature flags

@@ -5,8 +5,7 @@
 //! `LABEL_*` names. Nothing here records anything: each layer records through the `metrics`
 //! facade with these names, and `kling-metrics` documents them in one table.
 
-use std::sync::{PoisonError, RwLock};
-
+use crate::intern::BoundedLabels;
 use crate::{Pool, Product};
 
 /// Histogram, seconds: one logical request, including waits and retries.
@@ -86,38 +85,21 @@ pub fn pool_label(pool: Option<&Pool>) -> &'static str {
 /// have a label of their own in this process. A label, once given, stays the same for the
 /// process's life, so every layer and every series agrees on it.
 pub fn model_pool_label(product: Product, model: &str) -> (&'static str, Option<usize>) {
-    /// Labels given so far, leaked once each: at most [`MODEL_POOL_LABELS`] of at most
-    /// `MODEL_LABEL_MAX_LEN` bytes and a product.
-    static LABELS: RwLock<Vec<&'static str>> = RwLock::new(Vec::new());
+    static LABELS: BoundedLabels = BoundedLabels::new(MODEL_POOL_LABELS);
+    if model.len() > MODEL_LABEL_MAX_LEN {
+        return (other_model_label(product), None);
+    }
     let product_name = product.as_str();
-    let is_label = |label: &&'static str| {
+    let is_label = |label: &str| {
         label.len() == product_name.len() + 1 + model.len()
             && label.starts_with(product_name)
             && label.as_bytes()[product_name.len()] == b':'
             && label.ends_with(model)
     };
-    let found = |labels: &[&'static str]| {
-        labels
-            .iter()
-            .position(is_label)
-            .map(|at| (labels[at], Some(at)))
-    };
-    if model.len() > MODEL_LABEL_MAX_LEN {
-        return (other_model_label(product), None);
+    match LABELS.find_or_keep(is_label, || format!("{product_name}:{model}")) {
+        Some((label, at)) => (label, Some(at)),
+        None => (other_model_label(product), None),
     }
-    if let Some(found) = found(&LABELS.read().unwrap_or_else(PoisonError::into_inner)) {
-        return found;
-    }
-    let mut labels = LABELS.write().unwrap_or_else(PoisonError::into_inner);
-    if let Some(found) = found(&labels) {
-        return found;
-    }
-    if labels.len() == MODEL_POOL_LABELS {
-        return (other_model_label(product), None);
-    }
-    let label: &'static str = Box::leak(format!("{product_name}:{model}").into_boxed_str());
-    labels.push(label);
-    (label, Some(labels.len() - 1))
 }
 
 #[cfg(test)]

@@ -3,8 +3,9 @@
 //! label.
 
 use std::borrow::Cow;
-use std::sync::{OnceLock, PoisonError, RwLock};
+use std::sync::OnceLock;
 
+use kling_core::intern::BoundedLabels;
 use kling_core::metrics::{MODEL_POOL_LABELS, model_pool_label};
 use kling_core::{Code, Product, RequestKind, TaskStatus};
 use metrics::{Counter, Histogram, Key, Label, Metadata, SharedString};
@@ -203,30 +204,15 @@ pub(crate) const OTHER_CODE: &str = "other";
 /// An undocumented code's label: its number, kept for the process (at most
 /// [`UNDOCUMENTED_CODE_LABELS`] of them), or [`OTHER_CODE`].
 fn undocumented_code(code: i64) -> Value {
-    static LABELS: RwLock<Vec<(i64, &'static str)>> = RwLock::new(Vec::new());
-    let label = |text: &'static str| Value {
-        text: Cow::Borrowed(text),
+    static LABELS: BoundedLabels = BoundedLabels::new(UNDOCUMENTED_CODE_LABELS);
+    let text = code.to_string();
+    let label = LABELS
+        .find_or_keep(|label| label == text, || text.clone())
+        .map_or(OTHER_CODE, |(label, _)| label);
+    Value {
+        text: Cow::Borrowed(label),
         index: None,
-    };
-    let found = |labels: &[(i64, &'static str)]| {
-        labels
-            .iter()
-            .find(|(c, _)| *c == code)
-            .map(|(_, text)| label(text))
-    };
-    if let Some(value) = found(&LABELS.read().unwrap_or_else(PoisonError::into_inner)) {
-        return value;
     }
-    let mut labels = LABELS.write().unwrap_or_else(PoisonError::into_inner);
-    if let Some(value) = found(&labels) {
-        return value;
-    }
-    if labels.len() == UNDOCUMENTED_CODE_LABELS {
-        return label(OTHER_CODE);
-    }
-    let text: &'static str = Box::leak(code.to_string().into_boxed_str());
-    labels.push((code, text));
-    label(text)
 }
 
 /// A task status as a label value, `'static` for the known ones.
