@@ -10,8 +10,8 @@ use http_body_util::Full;
 use kling_metrics::catalog::{self, MetricType};
 use kling_mock::{MockConfig, MockKling, Preset};
 use kling_tower::{Credentials, KlingLayer, StackConfig, TaskRef, Tier};
-use metrics_util::MetricKind;
 use metrics_util::debugging::DebuggingRecorder;
+use metrics_util::{CompositeKey, MetricKind};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::support::request;
@@ -19,8 +19,8 @@ use crate::support::request;
 type Series = (String, MetricKind, BTreeSet<String>);
 
 /// Runs `f` on a current-thread runtime with paused time, recording into a fresh debugging
-/// recorder; returns every series recorded (name, kind, label names).
-fn recorded(f: impl std::future::Future<Output = ()>) -> BTreeSet<Series> {
+/// recorder; returns the key of every series recorded.
+fn keys_recorded(f: impl std::future::Future<Output = ()>) -> Vec<CompositeKey> {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     metrics::with_local_recorder(&recorder, || {
@@ -35,7 +35,15 @@ fn recorded(f: impl std::future::Future<Output = ()>) -> BTreeSet<Series> {
         .snapshot()
         .into_vec()
         .into_iter()
-        .map(|(key, _, _, _)| {
+        .map(|(key, _, _, _)| key)
+        .collect()
+}
+
+/// [`keys_recorded`] as (name, kind, label names).
+fn recorded(f: impl std::future::Future<Output = ()>) -> BTreeSet<Series> {
+    keys_recorded(f)
+        .into_iter()
+        .map(|key| {
             let kind = key.kind();
             let key = key.key();
             let labels = key.labels().map(|l| l.key().to_owned()).collect();
@@ -192,36 +200,26 @@ fn the_other_layers_record_every_metric_of_their_rows_with_its_type_and_labels()
 #[test]
 fn many_model_names_make_a_bounded_set_of_pool_labels() {
     const MODELS: usize = 150;
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    metrics::with_local_recorder(&recorder, || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap()
-            .block_on(async {
-                let mock =
-                    MockKling::new(MockConfig::preset(Preset::Enterprise).no_rate_limit()).unwrap();
-                let kling = KlingLayer::new(
-                    StackConfig::preset(Tier::Enterprise),
-                    Credentials::api_key("k").unwrap(),
-                )
+    let keys = keys_recorded(async {
+        let mock = MockKling::new(MockConfig::preset(Preset::Enterprise).no_rate_limit()).unwrap();
+        let kling = KlingLayer::new(
+            StackConfig::preset(Tier::Enterprise),
+            Credentials::api_key("k").unwrap(),
+        )
+        .unwrap();
+        let service = kling.layer(mock);
+        for n in 0..MODELS {
+            let path = format!("/text-to-video/model-{n}");
+            let created = service
+                .clone()
+                .oneshot(request("POST", &path, r#"{"prompt":"p"}"#))
+                .await
                 .unwrap();
-                let service = kling.layer(mock);
-                for n in 0..MODELS {
-                    let path = format!("/text-to-video/model-{n}");
-                    let created = service
-                        .clone()
-                        .oneshot(request("POST", &path, r#"{"prompt":"p"}"#))
-                        .await
-                        .unwrap();
-                    assert_eq!(created.status(), 200, "{path}");
-                }
-            });
+            assert_eq!(created.status(), 200, "{path}");
+        }
     });
     let mut pools: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for (key, _, _, _) in snapshotter.snapshot().into_vec() {
+    for key in keys {
         let key = key.key();
         if let Some(pool) = key.labels().find(|l| l.key() == "pool") {
             pools
