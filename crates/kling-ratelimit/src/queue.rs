@@ -38,6 +38,8 @@ struct Queue {
     next_id: u64,
     /// The head's latest "not before", a lower bound on every other waiter's turn.
     head_not_before: Option<Instant>,
+    /// Moved by one per waiter, never set: the gauge is labelled by account only, and an
+    /// account's class keys (and the keys of other layers in the process) add up in it.
     depth: metrics::Gauge,
 }
 
@@ -140,7 +142,7 @@ impl Queues {
             waker: Some(waker.clone()),
         });
         queue.live += 1;
-        queue.depth.set(queue.live as f64);
+        queue.depth.increment(1.0);
         self.waiting.fetch_add(1, Ordering::AcqRel);
         Ok(Ticket {
             id,
@@ -195,7 +197,7 @@ impl Queues {
         }
         queue.live -= 1;
         self.waiting.fetch_sub(1, Ordering::AcqRel);
-        queue.depth.set(queue.live as f64);
+        queue.depth.decrement(1.0);
         if index == 0 {
             queue.head_not_before = None;
             queue.settle_front();
@@ -260,7 +262,109 @@ impl Drop for Place {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
+
+    /// A recorder whose gauges keep their value, as a real one's do.
+    #[derive(Default)]
+    struct Gauges(Arc<Mutex<HashMap<String, f64>>>);
+
+    struct Series(String, Arc<Mutex<HashMap<String, f64>>>);
+
+    impl metrics::GaugeFn for Series {
+        fn increment(&self, by: f64) {
+            *self.1.lock().unwrap().entry(self.0.clone()).or_default() += by;
+        }
+        fn decrement(&self, by: f64) {
+            self.increment(-by);
+        }
+        fn set(&self, value: f64) {
+            self.1.lock().unwrap().insert(self.0.clone(), value);
+        }
+    }
+
+    impl metrics::Recorder for Gauges {
+        fn describe_counter(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_gauge(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_histogram(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn register_counter(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Counter {
+            metrics::Counter::noop()
+        }
+        fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+            let labels: Vec<String> = key
+                .labels()
+                .map(|l| format!("{}={}", l.key(), l.value()))
+                .collect();
+            let series = format!("{}{{{}}}", key.name(), labels.join(","));
+            metrics::Gauge::from_arc(Arc::new(Series(series, Arc::clone(&self.0))))
+        }
+        fn register_histogram(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Histogram {
+            metrics::Histogram::noop()
+        }
+    }
+
+    /// An account's queues (its account-wide key and a class key) share its depth gauge,
+    /// which shows their sum.
+    #[test]
+    fn the_depth_gauge_shows_every_queue_of_the_account() {
+        let gauges = Gauges::default();
+        let values = Arc::clone(&gauges.0);
+        let _recorder = metrics::set_default_local_recorder(&gauges);
+        let depth = || {
+            values
+                .lock()
+                .unwrap()
+                .get("kling_ratelimit_queue_depth{account=a}")
+                .copied()
+        };
+        let queues = Queues::default();
+        let account = Some(kling_core::AccountId::new("a"));
+        let whole = BucketKey::account(account.clone());
+        let class = BucketKey::class(account, kling_core::RequestKind::Query);
+        let waker = Waker::noop();
+        let mut ids = Vec::new();
+        for key in [&whole, &whole, &whole, &class, &class] {
+            ids.push((key, queues.enqueue(key, waker, None).unwrap().id));
+        }
+        assert_eq!(depth(), Some(5.0));
+        // One leaves each queue: the one left in the class queue's head, the other behind.
+        let (key, id) = ids[3];
+        queues.leave(key, id);
+        let (key, id) = ids[1];
+        queues.leave(key, id);
+        assert_eq!(depth(), Some(3.0));
+        for &(key, id) in &ids {
+            queues.leave(key, id);
+        }
+        assert_eq!(depth(), Some(0.0));
+    }
 
     /// Behind a head that never moves, requests that give up leave no more tombstones than
     /// there are waiters (beyond a few), and the others keep their turns in order.
