@@ -262,87 +262,32 @@ impl Drop for Place {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
     use super::*;
-
-    /// A recorder whose gauges keep their value, as a real one's do.
-    #[derive(Default)]
-    struct Gauges(Arc<Mutex<HashMap<String, f64>>>);
-
-    struct Series(String, Arc<Mutex<HashMap<String, f64>>>);
-
-    impl metrics::GaugeFn for Series {
-        fn increment(&self, by: f64) {
-            *self.1.lock().unwrap().entry(self.0.clone()).or_default() += by;
-        }
-        fn decrement(&self, by: f64) {
-            self.increment(-by);
-        }
-        fn set(&self, value: f64) {
-            self.1.lock().unwrap().insert(self.0.clone(), value);
-        }
-    }
-
-    impl metrics::Recorder for Gauges {
-        fn describe_counter(
-            &self,
-            _: metrics::KeyName,
-            _: Option<metrics::Unit>,
-            _: metrics::SharedString,
-        ) {
-        }
-        fn describe_gauge(
-            &self,
-            _: metrics::KeyName,
-            _: Option<metrics::Unit>,
-            _: metrics::SharedString,
-        ) {
-        }
-        fn describe_histogram(
-            &self,
-            _: metrics::KeyName,
-            _: Option<metrics::Unit>,
-            _: metrics::SharedString,
-        ) {
-        }
-        fn register_counter(
-            &self,
-            _: &metrics::Key,
-            _: &metrics::Metadata<'_>,
-        ) -> metrics::Counter {
-            metrics::Counter::noop()
-        }
-        fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-            let labels: Vec<String> = key
-                .labels()
-                .map(|l| format!("{}={}", l.key(), l.value()))
-                .collect();
-            let series = format!("{}{{{}}}", key.name(), labels.join(","));
-            metrics::Gauge::from_arc(Arc::new(Series(series, Arc::clone(&self.0))))
-        }
-        fn register_histogram(
-            &self,
-            _: &metrics::Key,
-            _: &metrics::Metadata<'_>,
-        ) -> metrics::Histogram {
-            metrics::Histogram::noop()
-        }
-    }
 
     /// An account's queues (its account-wide key and a class key) share its depth gauge,
     /// which shows their sum.
     #[test]
     fn the_depth_gauge_shows_every_queue_of_the_account() {
-        let gauges = Gauges::default();
-        let values = Arc::clone(&gauges.0);
-        let _recorder = metrics::set_default_local_recorder(&gauges);
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _recorder = metrics::set_default_local_recorder(&recorder);
+        // The debugging recorder hands a gauge's moves since the last snapshot over: add
+        // them up, as a recorder that keeps the value does.
+        let shown = std::cell::Cell::new(0.0);
         let depth = || {
-            values
-                .lock()
-                .unwrap()
-                .get("kling_ratelimit_queue_depth{account=a}")
-                .copied()
+            let snapshot = snapshotter.snapshot().into_vec();
+            let mut depths = snapshot.iter().filter_map(|(key, _, _, value)| {
+                let key = key.key();
+                let account = key.labels().find(|l| l.key() == LABEL_ACCOUNT)?;
+                (key.name() == RATELIMIT_QUEUE_DEPTH && account.value() == "a").then_some(value)
+            });
+            match depths.next() {
+                Some(DebugValue::Gauge(moved)) => shown.set(shown.get() + moved.into_inner()),
+                other => panic!("one depth gauge, not {other:?}"),
+            }
+            shown.get()
         };
         let queues = Queues::default();
         let account = Some(kling_core::AccountId::new("a"));
@@ -353,17 +298,17 @@ mod tests {
         for key in [&whole, &whole, &whole, &class, &class] {
             ids.push((key, queues.enqueue(key, waker, None).unwrap().id));
         }
-        assert_eq!(depth(), Some(5.0));
+        assert_eq!(depth(), 5.0);
         // One leaves each queue: the one left in the class queue's head, the other behind.
         let (key, id) = ids[3];
         queues.leave(key, id);
         let (key, id) = ids[1];
         queues.leave(key, id);
-        assert_eq!(depth(), Some(3.0));
+        assert_eq!(depth(), 3.0);
         for &(key, id) in &ids {
             queues.leave(key, id);
         }
-        assert_eq!(depth(), Some(0.0));
+        assert_eq!(depth(), 0.0);
     }
 
     /// Behind a head that never moves, requests that give up leave no more tombstones than
