@@ -16,6 +16,7 @@ use kling_concurrency::backend::{
 };
 use kling_concurrency::error::{AcquireError, BackendError, Halted, OverCapacity, QueueFull};
 use kling_core::error::ApiError;
+use kling_core::metrics as names;
 use kling_core::{AccountId, Outcome, Pool, TaskStatus};
 use redis::{Script, Value};
 use tokio::sync::Notify;
@@ -453,34 +454,7 @@ impl Inner {
         let items = array(value)?;
         self.saw_generation(int_at(&items, 0)?);
         let changed = int_at(&items, 1)? == 1;
-        let mut released = Vec::new();
-        let mut holdings = Vec::new();
-        if let Some(Value::Array(flat)) = items.get(2) {
-            for chunk in flat.chunks_exact(7) {
-                let account = text(&chunk[0]);
-                let pool = text(&chunk[1]);
-                let Some(pool) = Pool::parse(&pool) else {
-                    continue;
-                };
-                let task = text(&chunk[2]);
-                let weight = u32::try_from(int(&chunk[3])).unwrap_or(0);
-                let since = int(&chunk[4]);
-                let reason = text(&chunk[5]);
-                let reason = match reason.strip_prefix("ended:") {
-                    Some(status) => ReleaseReason::Ended(TaskStatus::parse(status)),
-                    None if reason == "completed" => ReleaseReason::Completed,
-                    None => ReleaseReason::LeaseExpired,
-                };
-                holdings.push(text(&chunk[6]));
-                released.push(Released {
-                    key: SlotKey::new(AccountId::new(account), pool),
-                    task: (!task.is_empty()).then(|| Arc::from(task.as_str())),
-                    weight,
-                    held_for: Duration::from_micros(now_us.saturating_sub(since).max(0) as u64),
-                    reason,
-                });
-            }
-        }
+        let (released, holdings) = released_by(items.get(2), now_us);
         Ok((changed, released, holdings))
     }
 
@@ -1134,6 +1108,49 @@ fn queue_full(key: SlotKey, max: usize) -> AcquireError {
 /// The boxed futures of [`RedisSlots`].
 pub type SlotsFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
+/// The tasks a script released (flat septuples: account, pool, task, weight, since, reason,
+/// holding), and their holdings. Each release is reported to the one process whose script
+/// made it, which records its finished-task metrics here, so the fleet counts it once.
+fn released_by(flat: Option<&Value>, now_us: i64) -> (Vec<Released>, Vec<String>) {
+    let mut released = Vec::new();
+    let mut holdings = Vec::new();
+    let Some(Value::Array(flat)) = flat else {
+        return (released, holdings);
+    };
+    for chunk in flat.chunks_exact(7) {
+        let account = text(&chunk[0]);
+        let pool = text(&chunk[1]);
+        let Some(pool) = Pool::parse(&pool) else {
+            continue;
+        };
+        let task = text(&chunk[2]);
+        let weight = u32::try_from(int(&chunk[3])).unwrap_or(0);
+        let since = int(&chunk[4]);
+        let reason = text(&chunk[5]);
+        let reason = match reason.strip_prefix("ended:") {
+            Some(status) => ReleaseReason::Ended(TaskStatus::parse(status)),
+            None if reason == "completed" => ReleaseReason::Completed,
+            None => ReleaseReason::LeaseExpired,
+        };
+        holdings.push(text(&chunk[6]));
+        let held_for = Duration::from_micros(now_us.saturating_sub(since).max(0) as u64);
+        let labels = [
+            (names::LABEL_POOL, names::pool_label(Some(&pool)).to_owned()),
+            (names::LABEL_STATUS, reason.as_str().to_owned()),
+        ];
+        metrics::counter!(names::TASKS_FINISHED, &labels).increment(1);
+        metrics::histogram!(names::TASK_LIFETIME, &labels).record(held_for.as_secs_f64());
+        released.push(Released {
+            key: SlotKey::new(AccountId::new(account), pool),
+            task: (!task.is_empty()).then(|| Arc::from(task.as_str())),
+            weight,
+            held_for,
+            reason,
+        });
+    }
+    (released, holdings)
+}
+
 enum Verdict {
     Granted,
     Wait(Option<i64>),
@@ -1241,6 +1258,10 @@ impl SlotBackend for RedisSlots {
                         } else {
                             items.get(2)
                         };
+                        // Leases the script found run out (counted; their holdings are
+                        // others' or pruned by the next maintenance pass).
+                        let expired = if verdict == 0 { 2 } else { 3 };
+                        released_by(items.get(expired), now_us);
                         if let Some(generation) = lost {
                             inner.saw_generation(int(generation));
                         }
@@ -1397,6 +1418,7 @@ impl SlotBackend for RedisSlots {
                     .max(1)
                     .to_string(),
             ];
+            let now_us = inner.conn.now_us();
             let items = array(
                 inner
                     .run(&inner.snapshot, &args)
@@ -1407,6 +1429,8 @@ impl SlotBackend for RedisSlots {
             if let Some(generation) = items.first() {
                 inner.saw_generation(int(generation));
             }
+            // Leases the script found run out: counted here, once.
+            released_by(items.get(3), now_us);
             let mut caps = HashMap::new();
             if let Some(Value::Array(flat)) = items.get(1) {
                 for pair in flat.chunks_exact(2) {

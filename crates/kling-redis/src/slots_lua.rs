@@ -144,7 +144,9 @@ end
 /// place outlives its last ask (µs), 15 '1' to take a place when it must wait, 16.. capacity
 /// fields.
 /// Returns {0, lost} granted, {1, next wake or -1, lost} full or another create is ahead,
-/// {2, grace end, lost}, {3, cause, lost} halted, {4, capacity, lost} never fits.
+/// {2, grace end, lost}, {3, cause, lost} halted, {4, capacity, lost} never fits; once the
+/// pool's leases were checked, the tasks whose lease ran out follow as a last element (flat
+/// septuples, as `APPLY` returns them), so the metrics count them once, in this process.
 ///
 /// The fleet's order: each process sends only its queue's head, with the instant that create
 /// arrived; heads are served in arrival order, so the fleet's waiting creates are too. A place
@@ -166,7 +168,7 @@ maintain(pk, tonumber(ARGV[9]))
 local cap = capacity(ARGV[7], 16)
 if cap > 0 and w > cap then
   if leave(pk, h) then redis.call('PUBLISH', P .. ':freed', pk) end
-  return {4, cap, lost}
+  return {4, cap, lost, released}
 end
 -- Whether a create that arrived earlier waits in the fleet's queue, and until when its place lasts.
 local q = pk .. ':q'
@@ -184,7 +186,7 @@ if not ahead_until and used + w <= cap - hidden then
   if used + w < cap - hidden and redis.call('ZCARD', q) > 0 then
     redis.call('PUBLISH', P .. ':freed', pk)
   end
-  return {0, lost}
+  return {0, lost, released}
 end
 -- A create's arrival is the same at every ask: its place keeps its rank.
 if ARGV[15] == '1' then take_place(q, qx, h, ARGV[13], now + tonumber(ARGV[14]), now) end
@@ -197,7 +199,7 @@ if hidden > 0 then
 end
 -- A place ahead that is not renewed ends then: ask again at that instant.
 if ahead_until and (nxt < 0 or ahead_until < nxt) then nxt = ahead_until end
-return {1, nxt, lost}
+return {1, nxt, lost, released}
 ";
 
 /// Every change. `ARGV[4]` is the operation; see each branch. Returns {lost, changed, released
@@ -335,7 +337,8 @@ return {lost, changed, released}
 ";
 
 /// Every pool's state. `ARGV[4]` recovery interval. Returns {lost, capacity overrides (flat
-/// field/value), pools (flat quintuples: account, pool, used, hidden, tasks)}.
+/// field/value), pools (flat quintuples: account, pool, used, hidden, tasks), the tasks whose
+/// lease ran out (flat septuples, as `APPLY` returns them)}.
 const SNAPSHOT_BODY: &str = r"
 local out = {}
 for _, pk in ipairs(redis.call('SMEMBERS', P .. ':pools')) do
@@ -351,7 +354,7 @@ for _, pk in ipairs(redis.call('SMEMBERS', P .. ':pools')) do
   table.insert(out, tonumber(v[4] or '0'))
   table.insert(out, tasks)
 end
-return {lost, redis.call('HGETALL', P .. ':cap'), out}
+return {lost, redis.call('HGETALL', P .. ':cap'), out, released}
 ";
 
 pub(crate) fn acquire() -> String {

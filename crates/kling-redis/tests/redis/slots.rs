@@ -734,3 +734,64 @@ async fn pools_named_by_many_models_leave_nothing_behind() {
     );
     slots.apply(SlotOp::GiveBack(again)).await.unwrap();
 }
+
+/// The finished-task metrics of the fleet: each release is reported to the one process whose
+/// script made it (a query's report, or a lease found run out by a create or a snapshot),
+/// which counts it, so the fleet counts every task once.
+#[tokio::test]
+async fn every_task_that_ends_is_counted_once_in_the_fleet() {
+    use kling_core::metrics::{LABEL_STATUS, TASK_LIFETIME, TASKS_FINISHED};
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let Some(server) = redis() else { return };
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _recorder = metrics::set_default_local_recorder(&recorder);
+    let one = backend(&server, 3).await;
+    let two = backend(&server, 3).await;
+    let short = Duration::from_millis(200);
+    // Ended by a report in the other process.
+    let held = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(held, "t1", LONG)).await.unwrap();
+    let done = two
+        .apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(done.released.len(), 1);
+    // A lease that runs out, found by the other process's next create.
+    let held = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(held, "t2", short)).await.unwrap();
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
+    let _granted = two.acquire(video(), 1).await.unwrap();
+    // And one found by a snapshot.
+    let held = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(held, "t3", short)).await.unwrap();
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
+    two.snapshot().await.unwrap();
+
+    let mut finished: HashMap<String, u64> = HashMap::new();
+    let mut lifetimes = Vec::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let key = key.key();
+        let status = key.labels().find(|l| l.key() == LABEL_STATUS);
+        let status = status.map(|l| l.value().to_owned()).unwrap_or_default();
+        match value {
+            DebugValue::Counter(n) if key.name() == TASKS_FINISHED => {
+                *finished.entry(status).or_default() += n;
+            }
+            DebugValue::Histogram(seen) if key.name() == TASK_LIFETIME => {
+                lifetimes.extend(seen.into_iter().map(|s| (status.clone(), s.into_inner())));
+            }
+            _ => {}
+        }
+    }
+    let expected: HashMap<String, u64> =
+        HashMap::from([("succeeded".to_owned(), 1), ("expired".to_owned(), 2)]);
+    assert_eq!(finished, expected);
+    assert_eq!(lifetimes.len(), 3, "{lifetimes:?}");
+    for (status, seconds) in &lifetimes {
+        if status == "expired" {
+            assert!(*seconds >= short.as_secs_f64(), "{lifetimes:?}");
+        }
+    }
+}
