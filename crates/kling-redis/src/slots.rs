@@ -87,6 +87,65 @@ struct PoolLocal {
     blocked: AtomicBool,
 }
 
+/// The holdings this process has, by holding id, and the `kling_slots_in_use` gauge they move:
+/// each process shows the slots it holds, so summed over the fleet the gauge is the fleet's
+/// use (a holding another process released leaves at the next maintenance pass). Only
+/// `insert`, `remove` and `retain` change the set, so the gauge follows every change.
+#[derive(Debug, Default)]
+struct Registry {
+    held: HashMap<String, Held>,
+}
+
+impl Registry {
+    fn insert(&mut self, h: String, held: Held) {
+        in_use_gauge(&held.key).increment(f64::from(held.weight));
+        if let Some(old) = self.held.insert(h, held) {
+            in_use_gauge(&old.key).decrement(f64::from(old.weight));
+        }
+    }
+
+    fn remove(&mut self, h: &str) -> Option<Held> {
+        let old = self.held.remove(h)?;
+        in_use_gauge(&old.key).decrement(f64::from(old.weight));
+        Some(old)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&String, &Held) -> bool) {
+        self.held.retain(|h, held| {
+            let kept = keep(h, held);
+            if !kept {
+                in_use_gauge(&held.key).decrement(f64::from(held.weight));
+            }
+            kept
+        });
+    }
+
+    /// A holding, to note its task id or that Redis has it (never its key or weight).
+    fn get_mut(&mut self, h: &str) -> Option<&mut Held> {
+        self.held.get_mut(h)
+    }
+}
+
+impl std::ops::Deref for Registry {
+    type Target = HashMap<String, Held>;
+
+    fn deref(&self) -> &HashMap<String, Held> {
+        &self.held
+    }
+}
+
+/// The in-use gauge of `key`'s pool, labelled as the in-process backend labels it.
+fn in_use_gauge(key: &SlotKey) -> metrics::Gauge {
+    let labels = [
+        (names::LABEL_ACCOUNT, key.account.to_string()),
+        (
+            names::LABEL_POOL,
+            names::pool_label(Some(&key.pool)).to_owned(),
+        ),
+    ];
+    metrics::gauge!(names::SLOTS_IN_USE, &labels)
+}
+
 /// A holding this process has (its record, for replay and re-registration).
 #[derive(Clone, Debug)]
 struct Held {
@@ -124,7 +183,7 @@ struct Inner {
     instance: String,
     next: AtomicU64,
     pools: Mutex<HashMap<String, Arc<PoolLocal>>>,
-    registry: Mutex<HashMap<String, Held>>,
+    registry: Mutex<Registry>,
     halts: Mutex<HashMap<AccountId, ApiError>>,
     pending: Mutex<VecDeque<Pending>>,
     out: AtomicBool,
@@ -226,7 +285,7 @@ impl RedisSlots {
                 instance: instance_id(),
                 next: AtomicU64::new(0),
                 pools: Mutex::new(HashMap::new()),
-                registry: Mutex::new(HashMap::new()),
+                registry: Mutex::new(Registry::default()),
                 halts: Mutex::new(HashMap::new()),
                 pending: Mutex::new(VecDeque::new()),
                 out: AtomicBool::new(false),

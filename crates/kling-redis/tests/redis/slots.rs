@@ -795,3 +795,53 @@ async fn every_task_that_ends_is_counted_once_in_the_fleet() {
         }
     }
 }
+
+/// Each process's `kling_slots_in_use` shows the slots it holds, so the processes' gauges add
+/// up to the fleet's use; a holding another process released leaves at its next maintenance.
+#[tokio::test]
+async fn the_in_use_gauges_of_the_processes_add_up_to_the_fleets_use() {
+    use kling_core::metrics::SLOTS_IN_USE;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let Some(server) = redis() else { return };
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _recorder = metrics::set_default_local_recorder(&recorder);
+    // The debugging recorder hands a gauge's moves since the last snapshot over (both
+    // processes' gauges are one series here, as a fleet's are once summed).
+    let shown = std::cell::Cell::new(0.0);
+    let in_use = || {
+        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+            if let DebugValue::Gauge(moved) = value
+                && key.key().name() == SLOTS_IN_USE
+            {
+                shown.set(shown.get() + moved.into_inner());
+            }
+        }
+        shown.get()
+    };
+    let one = backend(&server, 3).await;
+    let two = backend(&server, 3).await;
+    let held = one.acquire(video(), 1).await.unwrap();
+    assert_eq!(in_use(), 1.0);
+    one.apply(hold(held, "t1", LONG)).await.unwrap();
+    let held = two.acquire(video(), 2).await.unwrap();
+    two.apply(hold(held, "t2", LONG)).await.unwrap();
+    assert_eq!(in_use(), 3.0);
+    // Process one sees t2 end: two's holding goes at two's next maintenance pass.
+    let done = one
+        .apply(ended("t2", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(done.released.len(), 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while in_use() != 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "{}", in_use());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    one.apply(ended("t1", Some(TaskStatus::Failed)))
+        .await
+        .unwrap();
+    assert_eq!(in_use(), 0.0);
+    assert_eq!(one.held_here() + two.held_here(), 0);
+}
