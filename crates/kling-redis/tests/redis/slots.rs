@@ -735,20 +735,32 @@ async fn pools_named_by_many_models_leave_nothing_behind() {
     slots.apply(SlotOp::GiveBack(again)).await.unwrap();
 }
 
+/// A debugging recorder set for this thread while the value lives (a current-thread test runs
+/// every task, the backends' maintenance too, on it), and what it recorded.
+struct Recording {
+    snapshotter: metrics_util::debugging::Snapshotter,
+    _set: metrics::LocalRecorderGuard<'static>,
+}
+
+fn recording() -> Recording {
+    let recorder = Box::leak(Box::new(metrics_util::debugging::DebuggingRecorder::new()));
+    Recording {
+        snapshotter: recorder.snapshotter(),
+        _set: metrics::set_default_local_recorder(recorder),
+    }
+}
+
 /// The finished-task metrics of the fleet: each release is reported to the one process whose
 /// script made it (a query's report, or a lease found run out by a create or a snapshot),
 /// which counts it, so the fleet counts every task once.
 #[tokio::test]
 async fn every_task_that_ends_is_counted_once_in_the_fleet() {
     use kling_core::metrics::{LABEL_STATUS, TASK_LIFETIME, TASKS_FINISHED};
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use metrics_util::debugging::DebugValue;
 
     let Some(server) = redis() else { return };
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let _recorder = metrics::set_default_local_recorder(&recorder);
-    let one = backend(&server, 3).await;
-    let two = backend(&server, 3).await;
+    let recording = recording();
+    let (one, two) = (backend(&server, 3).await, backend(&server, 3).await);
     let short = Duration::from_millis(200);
     // Ended by a report in the other process.
     let held = one.acquire(video(), 1).await.unwrap();
@@ -771,7 +783,7 @@ async fn every_task_that_ends_is_counted_once_in_the_fleet() {
 
     let mut finished: HashMap<String, u64> = HashMap::new();
     let mut lifetimes = Vec::new();
-    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+    for (key, _, _, value) in recording.snapshotter.snapshot().into_vec() {
         let key = key.key();
         let status = key.labels().find(|l| l.key() == LABEL_STATUS);
         let status = status.map(|l| l.value().to_owned()).unwrap_or_default();
@@ -801,17 +813,15 @@ async fn every_task_that_ends_is_counted_once_in_the_fleet() {
 #[tokio::test]
 async fn the_in_use_gauges_of_the_processes_add_up_to_the_fleets_use() {
     use kling_core::metrics::SLOTS_IN_USE;
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use metrics_util::debugging::DebugValue;
 
     let Some(server) = redis() else { return };
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let _recorder = metrics::set_default_local_recorder(&recorder);
+    let recording = recording();
     // The debugging recorder hands a gauge's moves since the last snapshot over (both
     // processes' gauges are one series here, as a fleet's are once summed).
     let shown = std::cell::Cell::new(0.0);
     let in_use = || {
-        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        for (key, _, _, value) in recording.snapshotter.snapshot().into_vec() {
             if let DebugValue::Gauge(moved) = value
                 && key.key().name() == SLOTS_IN_USE
             {
@@ -820,8 +830,7 @@ async fn the_in_use_gauges_of_the_processes_add_up_to_the_fleets_use() {
         }
         shown.get()
     };
-    let one = backend(&server, 3).await;
-    let two = backend(&server, 3).await;
+    let (one, two) = (backend(&server, 3).await, backend(&server, 3).await);
     let held = one.acquire(video(), 1).await.unwrap();
     assert_eq!(in_use(), 1.0);
     one.apply(hold(held, "t1", LONG)).await.unwrap();
