@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use kling_core::lanes;
 use kling_core::metrics::{LABEL_POOL, LABEL_STATUS, TASK_LIFETIME, TASKS_FINISHED};
-use kling_core::{Outcome, TaskStatus};
+use kling_core::{Code, Outcome, TaskStatus};
 use metrics::SharedString;
 use tokio::time::Instant;
 
@@ -152,7 +152,7 @@ impl MonitorBuilder {
                 rate_warned: AtomicBool::new(false),
                 pool_warned: Mutex::new(HashSet::new()),
                 hook: self.hook,
-                rejections: Mutex::new(BTreeMap::new()),
+                rejections: Mutex::new(Rejections::default()),
                 tasks: (0..TASK_BUCKETS).map(|_| Bucket::default()).collect(),
                 task_hasher: foldhash::fast::RandomState::default(),
                 free_places: Padded(AtomicUsize::new(self.max_tracked_tasks)),
@@ -178,6 +178,35 @@ pub struct Monitor {
     inner: Arc<Inner>,
 }
 
+/// Undocumented codes counted by number in [`Snapshot::rejections`]; later ones are summed in
+/// [`Snapshot::rejections_other`]. The code is the upstream's input: one answering codes at
+/// random must not grow the map without end. The same bound as the metrics' code labels.
+const UNDOCUMENTED_REJECTION_CODES: usize = 32;
+
+/// The final 429s by code: every documented code, the first
+/// [`UNDOCUMENTED_REJECTION_CODES`] undocumented ones, and a count of the rest.
+#[derive(Default)]
+struct Rejections {
+    by_code: BTreeMap<i64, u64>,
+    undocumented: usize,
+    other: u64,
+}
+
+impl Rejections {
+    fn note(&mut self, code: i64) {
+        if let Some(count) = self.by_code.get_mut(&code) {
+            *count += 1;
+        } else if !matches!(Code::from_i64(code), Code::Unknown(_)) {
+            self.by_code.insert(code, 1);
+        } else if self.undocumented < UNDOCUMENTED_REJECTION_CODES {
+            self.undocumented += 1;
+            self.by_code.insert(code, 1);
+        } else {
+            self.other += 1;
+        }
+    }
+}
+
 struct Inner {
     threshold: f64,
     hysteresis: f64,
@@ -190,7 +219,7 @@ struct Inner {
     /// that come and go (one per model name) leave nothing behind.
     pool_warned: Mutex<HashSet<(Option<String>, String)>>,
     hook: Option<Hook>,
-    rejections: Mutex<BTreeMap<i64, u64>>,
+    rejections: Mutex<Rejections>,
     /// Tracked tasks and task counts, in buckets picked by task id, each alone on its cache
     /// lines: a create or an end of a task touches one bucket's lines (see [`Bucket`]).
     tasks: Box<[Bucket]>,
@@ -615,9 +644,15 @@ impl Monitor {
             },
             pools: Vec::new(),
             queues: Vec::new(),
-            rejections: lock(&inner.rejections).clone(),
+            rejections: BTreeMap::new(),
+            rejections_other: 0,
             tasks: self.task_counts(),
         };
+        {
+            let rejections = lock(&inner.rejections);
+            snapshot.rejections = rejections.by_code.clone();
+            snapshot.rejections_other = rejections.other;
+        }
         let sources: Vec<_> = self.read_sources().clone();
         for source in sources {
             source.fill(&mut snapshot);
@@ -784,7 +819,7 @@ impl Monitor {
 
     /// A final response (or error) with HTTP 429 and this code.
     pub(crate) fn note_rejection(&self, code: i64) {
-        *lock(&self.inner.rejections).entry(code).or_insert(0) += 1;
+        lock(&self.inner.rejections).note(code);
     }
 
     /// Tracks the tasks a successful create made, and ends tracked tasks a response reports
@@ -1390,6 +1425,29 @@ mod tests {
             (tasks.created, tasks.finished, tasks.failed, tasks.running),
             (4, 4, 2, 0)
         );
+    }
+
+    #[test]
+    fn rejections_keep_documented_codes_and_a_bounded_number_of_others() {
+        let monitor = Monitor::builder().build().unwrap();
+        // An upstream answering 429s with a new code each time.
+        for code in 0..100 {
+            monitor.note_rejection(9_000 + code);
+        }
+        // Documented codes are counted by number however many others came first.
+        monitor.note_rejection(1302);
+        monitor.note_rejection(1302);
+        monitor.note_rejection(1303);
+        // A kept undocumented code goes on counting in its place.
+        monitor.note_rejection(9_000);
+        let snapshot = monitor.snapshot();
+        assert_eq!(snapshot.rejections.len(), UNDOCUMENTED_REJECTION_CODES + 2);
+        assert_eq!(snapshot.rejections_of(9_000), 2);
+        assert_eq!(snapshot.rejections_of(9_031), 1);
+        assert_eq!(snapshot.rejections_of(9_032), 0);
+        assert_eq!((snapshot.rejections_of(1302), snapshot.rejections_of(1303)), (2, 1));
+        assert_eq!(snapshot.rejections_other, 100 - 32);
+        assert_eq!(snapshot.rejections_total(), 104);
     }
 
     #[test]

@@ -20,21 +20,26 @@ pub struct Snapshot {
     pub pools: Vec<PoolUsage>,
     /// Requests waiting per key (from sources).
     pub queues: Vec<QueueDepth>,
-    /// Final responses with HTTP 429, by Kling code (`1302`, `1303`, `1102`, …).
+    /// Final responses with HTTP 429, by Kling code (`1302`, `1303`, `1102`, …): every
+    /// documented code, and the first 32 undocumented codes the process saw.
     pub rejections: BTreeMap<i64, u64>,
+    /// Final 429s with an undocumented code past the first 32 (an upstream's codes are its
+    /// input, so the map stays bounded); counted in [`rejections_total`](Self::rejections_total).
+    pub rejections_other: u64,
     /// Tasks created through the layer and seen to end.
     pub tasks: TaskCounts,
 }
 
 impl Snapshot {
-    /// The 429 responses of one code.
+    /// The 429 responses of one code (0 for an undocumented code past the first 32, counted in
+    /// [`rejections_other`](Self::rejections_other)).
     pub fn rejections_of(&self, code: i64) -> u64 {
         self.rejections.get(&code).copied().unwrap_or(0)
     }
 
     /// All 429 responses.
     pub fn rejections_total(&self) -> u64 {
-        self.rejections.values().sum()
+        self.rejections.values().sum::<u64>() + self.rejections_other
     }
 
     /// The usage of one pool, by pool name (first match over accounts).
