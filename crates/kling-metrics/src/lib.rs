@@ -92,5 +92,6 @@ pub use monitor::{
 };
 pub use service::Metrics;
 pub use snapshot::{
-    PoolUsage, QueueDepth, RateUsage, Resource, Snapshot, SnapshotSource, TaskCounts, UsageWarning,
+    PoolUsage, QueueDepth, RateUsage, Refresh, Resource, Snapshot, SnapshotSource, TaskCounts,
+    UsageWarning,
 };

@@ -662,6 +662,17 @@ impl Monitor {
         snapshot
     }
 
+    /// [`snapshot`](Monitor::snapshot) after every source read again what takes a round trip
+    /// ([`SnapshotSource::refresh`]): with the Redis backends, the fleet's pools as they are
+    /// now rather than as the previous snapshot found them.
+    pub async fn refreshed_snapshot(&self) -> Snapshot {
+        let sources: Vec<_> = self.read_sources().clone();
+        for source in &sources {
+            source.refresh().await;
+        }
+        self.snapshot()
+    }
+
     /// Records that a task ended, for tasks whose end the layer cannot see (a callback).
     /// Returns whether the task was tracked; only tracked tasks are counted.
     pub fn task_finished(&self, task_id: &str, status: &TaskStatus) -> bool {
@@ -1445,7 +1456,10 @@ mod tests {
         assert_eq!(snapshot.rejections_of(9_000), 2);
         assert_eq!(snapshot.rejections_of(9_031), 1);
         assert_eq!(snapshot.rejections_of(9_032), 0);
-        assert_eq!((snapshot.rejections_of(1302), snapshot.rejections_of(1303)), (2, 1));
+        assert_eq!(
+            (snapshot.rejections_of(1302), snapshot.rejections_of(1303)),
+            (2, 1)
+        );
         assert_eq!(snapshot.rejections_other, 100 - 32);
         assert_eq!(snapshot.rejections_total(), 104);
     }

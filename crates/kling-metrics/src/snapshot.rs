@@ -171,8 +171,21 @@ impl TaskCounts {
 /// ```
 pub trait SnapshotSource: Send + Sync + 'static {
     /// Adds what this source knows (pools, queues, more 429s) to `snapshot`.
+    ///
+    /// It must not wait: a source whose figures take a round trip (a fleet's pools in Redis)
+    /// adds those it read last, at its last [`refresh`](SnapshotSource::refresh).
     fn fill(&self, snapshot: &mut Snapshot);
+
+    /// Reads again what takes a round trip, for the next [`fill`](SnapshotSource::fill);
+    /// [`Monitor::refreshed_snapshot`](crate::Monitor::refreshed_snapshot) awaits it. A source
+    /// whose figures are at hand has nothing to read (the default).
+    fn refresh(&self) -> Refresh<'_> {
+        Box::pin(std::future::ready(()))
+    }
 }
+
+/// The future of [`SnapshotSource::refresh`].
+pub type Refresh<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
 impl<F> SnapshotSource for F
 where

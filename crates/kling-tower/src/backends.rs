@@ -29,12 +29,6 @@ pub trait StackBackends {
     /// The task slots' backend.
     type Slots: SlotBackend;
 
-    /// Whether the slots backend's snapshot answers without waiting, so that
-    /// [`KlingLayer::snapshot`](crate::KlingLayer::snapshot) can show its pools (default
-    /// `true`). A remote backend says `false`: its pools are read with
-    /// `kling.slots().snapshot().await` instead, and the synchronous snapshot sends nothing.
-    const SNAPSHOT_AT_ONCE: bool = true;
-
     /// The rate limiter's backend for `config` (called only when the preset has a rate cap).
     fn rate_backend(&self, config: &StackConfig) -> Result<Self::Rate, ConfigError>;
 
@@ -176,8 +170,6 @@ mod redis {
     impl StackBackends for Redis {
         type Rate = RedisGcra;
         type Slots = RedisSlots;
-
-        const SNAPSHOT_AT_ONCE: bool = false;
 
         fn rate_backend(&self, config: &StackConfig) -> Result<RedisGcra, ConfigError> {
             let mut backend = RedisGcra::new(self.conn.clone())

@@ -53,9 +53,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
+use kling_concurrency::backend::PoolSnapshot;
 use kling_concurrency::{DEFAULT_RECOVERY_INTERVAL, SlotsConfig, SlotsHandle, TaskSlotsLayer};
 use kling_core::{AccountId, BoxError, ClassifyLayer, Pool, Recognized, RequestKind, TaskReport};
-use kling_metrics::{MetricsLayer, Monitor, PoolUsage, QueueDepth, Snapshot, SnapshotSource};
+use kling_metrics::{
+    MetricsLayer, Monitor, PoolUsage, QueueDepth, Refresh, Snapshot, SnapshotSource,
+};
 use kling_ratelimit::{Cooldown, GcraHandle, GcraLayer, Quota};
 use kling_retry::{Backoff, RetryBudget, RetryLayer};
 use tower::util::Either;
@@ -193,8 +196,9 @@ impl<B: StackBackends> KlingBuilder<B> {
     /// settings); fails closed by waiting while Redis is unreachable unless
     /// [`when_unreachable`](KlingBuilder::when_unreachable) says otherwise. Feature `redis`.
     ///
-    /// The synchronous [`KlingLayer::snapshot`] then shows no slot pools (reading them is a
-    /// round trip): read them with `kling.slots().snapshot().await`.
+    /// Reading the fleet's pools is a round trip: the synchronous [`KlingLayer::snapshot`]
+    /// shows them as the previous snapshot read them (and starts the next read), and
+    /// [`KlingLayer::refreshed_snapshot`] reads them first.
     ///
     /// ```
     /// use bytes::Bytes;
@@ -332,9 +336,7 @@ impl<B: StackBackends> KlingBuilder<B> {
                     .map_err(|e| layer_error("monitor", e.field(), &e))?
             }
         };
-        if B::SNAPSHOT_AT_ONCE {
-            monitor.add_source(SlotsSource::new(slots_handle.clone()));
-        }
+        monitor.add_source(SlotsSource::new(slots_handle.clone()));
         if let Some(gcra) = &gcra {
             monitor.add_source(RateLimitSource::new(gcra.handle(), vec![account.clone()]));
         }
@@ -497,9 +499,17 @@ impl<B: StackBackends> KlingLayer<B> {
         self.inner.metrics.monitor()
     }
 
-    /// How close the account is to its limits now.
+    /// How close the account is to its limits now, without waiting. With the Redis backends
+    /// the fleet's pools are as the previous snapshot read them (each snapshot starts the next
+    /// read); [`refreshed_snapshot`](KlingLayer::refreshed_snapshot) reads them first.
     pub fn snapshot(&self) -> Snapshot {
         self.monitor().snapshot()
+    }
+
+    /// [`snapshot`](KlingLayer::snapshot) with the fleet's pools read now (a round trip to
+    /// Redis; with the in-process backends, the same as `snapshot`).
+    pub async fn refreshed_snapshot(&self) -> Snapshot {
+        self.monitor().refreshed_snapshot().await
     }
 
     /// The drain gate's handle.
@@ -663,17 +673,52 @@ where
 /// A task-slots handle as a [`SnapshotSource`]: every pool's slots in use, believed capacity
 /// and waiters, and a queue depth per pool (`slots:{account}:{pool}`).
 ///
-/// A snapshot reads the backend once without waiting: the in-process backend always answers
-/// at once; a remote backend that cannot answer now adds nothing to that snapshot.
+/// A snapshot must not wait. The in-process backend answers at once. A remote backend (the
+/// fleet's pools in Redis) takes a round trip: a snapshot shows the pools as its source read
+/// them last, and starts the next read (on the current tokio runtime, one at a time), so a
+/// periodic scrape sees them at most one period old;
+/// [`Monitor::refreshed_snapshot`] reads them first.
 #[derive(Clone, Debug)]
 pub struct SlotsSource<B = kling_concurrency::backend::InProcess> {
     handle: SlotsHandle<B>,
+    last: Arc<LastRead>,
+}
+
+/// The pools a remote backend answered last, and whether a read is under way.
+#[derive(Debug, Default)]
+struct LastRead {
+    pools: std::sync::Mutex<Option<Vec<PoolSnapshot>>>,
+    reading: std::sync::atomic::AtomicBool,
+}
+
+impl LastRead {
+    fn keep(&self, read: Result<Vec<PoolSnapshot>, kling_concurrency::error::BackendError>) {
+        // A failed read (Redis unreachable) keeps the previous pools rather than none: the
+        // slots a fleet holds do not vanish with the connection.
+        if let Ok(pools) = read {
+            *self.pools.lock().unwrap_or_else(|e| e.into_inner()) = Some(pools);
+        }
+    }
+}
+
+/// A read under way; it lets the next one start when it ends, also if its runtime drops it.
+struct Reading(Arc<LastRead>);
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.0
+            .reading
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl<B> SlotsSource<B> {
     /// A source reading `handle`.
     pub fn new(handle: SlotsHandle<B>) -> Self {
-        SlotsSource { handle }
+        SlotsSource {
+            handle,
+            last: Arc::default(),
+        }
     }
 }
 
@@ -681,26 +726,60 @@ impl<B: kling_concurrency::backend::SlotBackend> SnapshotSource for SlotsSource<
     fn fill(&self, snapshot: &mut Snapshot) {
         let mut future = self.handle.backend().snapshot();
         let mut cx = Context::from_waker(Waker::noop());
-        let Poll::Ready(Ok(pools)) = std::pin::Pin::new(&mut future).poll(&mut cx) else {
-            return;
-        };
-        for pool in pools {
-            let account = pool.key.account.as_str();
-            let name = pool.key.pool.to_string();
-            snapshot.queues.push(QueueDepth::new(
-                format!("slots:{account}:{name}"),
-                pool.waiters as u64,
-            ));
-            snapshot.pools.push(
-                PoolUsage::new(
-                    name,
-                    pool.in_use,
-                    pool.capacity,
-                    u32::try_from(pool.waiters).unwrap_or(u32::MAX),
-                )
-                .with_account(account),
-            );
+        match std::pin::Pin::new(&mut future).poll(&mut cx) {
+            Poll::Ready(Ok(pools)) => {
+                add_pools(snapshot, &pools);
+                // A remote backend that answered at once this time: a later snapshot that
+                // must fall back on the last read shows this one, not an older one.
+                let mut last = self.last.pools.lock().unwrap_or_else(|e| e.into_inner());
+                if last.is_some() {
+                    *last = Some(pools);
+                }
+                return;
+            }
+            Poll::Ready(Err(_)) => {}
+            Poll::Pending => {
+                let last = Arc::clone(&self.last);
+                if let Ok(runtime) = tokio::runtime::Handle::try_current()
+                    && !last.reading.swap(true, std::sync::atomic::Ordering::AcqRel)
+                {
+                    let reading = Reading(last);
+                    runtime.spawn(async move { reading.0.keep(future.await) });
+                }
+            }
         }
+        let last = self.last.pools.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pools) = last.as_deref() {
+            add_pools(snapshot, pools);
+        }
+    }
+
+    fn refresh(&self) -> Refresh<'_> {
+        Box::pin(async move {
+            let read = self.handle.backend().snapshot().await;
+            self.last.keep(read);
+        })
+    }
+}
+
+/// Adds each pool's usage, and its waiters as a queue, to `snapshot`.
+fn add_pools(snapshot: &mut Snapshot, pools: &[PoolSnapshot]) {
+    for pool in pools {
+        let account = pool.key.account.as_str();
+        let name = pool.key.pool.to_string();
+        snapshot.queues.push(QueueDepth::new(
+            format!("slots:{account}:{name}"),
+            pool.waiters as u64,
+        ));
+        snapshot.pools.push(
+            PoolUsage::new(
+                name,
+                pool.in_use,
+                pool.capacity,
+                u32::try_from(pool.waiters).unwrap_or(u32::MAX),
+            )
+            .with_account(account),
+        );
     }
 }
 

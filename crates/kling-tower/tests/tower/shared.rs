@@ -4,6 +4,7 @@
 //! with in-process limits. Each test starts its own `redis-server` (skipped, saying why, when
 //! there is none and `CI` is not set).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -315,6 +316,103 @@ async fn the_request_rate_is_shared_by_the_stacks() {
     let mock_two = mock();
     let took = alternate([local[0].layer(mock_two.clone()), local[1].layer(mock_two)]).await;
     assert!(took < Duration::from_millis(200), "{took:?}");
+}
+
+/// Another process's tasks show in this process's snapshot: its pools are the fleet's, read
+/// from Redis by `refreshed_snapshot`, and by each synchronous snapshot for the next one, and
+/// the pool's usage warning fires in a process that created none of the tasks. The control is
+/// the same two stacks with in-process limits: the other process's pool is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_shows_the_fleets_pools_and_warns_in_every_process() {
+    use kling_metrics::{Monitor, Resource};
+
+    let Some(redis) = redis() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    // Tasks of 10 minutes at 10×: a minute of real time, longer than the test.
+    let new_mock = || {
+        MockKling::new(
+            MockConfig::preset(Preset::Pro)
+                .speed(10.0)
+                .no_rate_limit()
+                .task_duration(Duration::from_secs(600), Duration::from_secs(600))
+                .api_key(KEY),
+        )
+        .unwrap()
+    };
+    let mock = new_mock();
+    let pro = || StackConfig::preset(Tier::Pro).speed(10.0);
+    let credentials = || Credentials::api_key(KEY).unwrap();
+    let warned = Arc::new(Mutex::new(Vec::new()));
+    let watching = || {
+        let warned = Arc::clone(&warned);
+        Monitor::builder()
+            .on_usage_warning(move |warning| warned.lock().unwrap().push(warning.resource.clone()))
+            .build()
+            .unwrap()
+    };
+    let create = |kling: &KlingLayer<Redis>, n: usize| {
+        let service = kling.layer(mock.clone());
+        async move {
+            let body = format!(r#"{{"prompt":"fleet task {n}"}}"#);
+            let response = service
+                .oneshot(request("POST", CREATE, &body))
+                .await
+                .unwrap();
+            assert!(Outcome::of(&response).unwrap().is_success());
+        }
+    };
+    let video = |snapshot: &kling_metrics::Snapshot| snapshot.pool("video").map(|p| p.in_use);
+
+    let creating = KlingLayer::builder(pro(), credentials())
+        .shared(connect(&redis, "snapshot-test").await)
+        .build()
+        .unwrap();
+    let watching_stack = KlingLayer::builder(pro(), credentials())
+        .monitor(watching())
+        .shared(connect(&redis, "snapshot-test").await)
+        .build()
+        .unwrap();
+    for n in 0..4 {
+        create(&creating, n).await;
+    }
+    // Nothing read yet: the first synchronous snapshot starts the read (and shows the pools
+    // only if Redis answered within its one poll).
+    let first = video(&watching_stack.snapshot());
+    assert!(matches!(first, None | Some(4)), "{first:?}");
+    let fresh = watching_stack.refreshed_snapshot().await;
+    let pool = fresh.pool("video").expect("the fleet's video pool");
+    assert_eq!((pool.in_use, pool.capacity), (4, 5));
+    assert_eq!(
+        *warned.lock().unwrap(),
+        [Resource::Slots {
+            account: Some(watching_stack.account_id().to_string()),
+            pool: "video".to_owned(),
+        }],
+        "4 of 5 slots is past the 80% threshold"
+    );
+    // A fifth task: the next synchronous snapshots show it once the read they start is back.
+    create(&creating, 4).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while video(&watching_stack.snapshot()) != Some(5) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the snapshot never read the fifth task"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // The control: with limits of their own, the other stack's pool stays empty.
+    let local = KlingLayer::builder(pro(), credentials()).build().unwrap();
+    let local_watching = KlingLayer::builder(pro(), credentials()).build().unwrap();
+    let service = local.layer(new_mock());
+    let response = service
+        .oneshot(request("POST", CREATE, r#"{"prompt":"local"}"#))
+        .await
+        .unwrap();
+    assert!(Outcome::of(&response).unwrap().is_success());
+    let other = local_watching.refreshed_snapshot().await;
+    assert_eq!(video(&other).unwrap_or(0), 0, "{other:?}");
+    assert_eq!(video(&local.snapshot()), Some(1));
 }
 
 /// A gateway in each of two processes (two `GatewayLayer`s on one Redis): an account's slot

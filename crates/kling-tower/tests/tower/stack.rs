@@ -442,3 +442,81 @@ async fn every_attempt_reaches_the_client_with_its_account() {
     let team = Some(AccountId::new("team-x"));
     assert_eq!(seen, [Some(own.clone()), Some(own), team.clone(), team]);
 }
+
+/// A slots backend that answers like a remote store: its snapshot never completes on the
+/// first poll (an in-process backend underneath).
+#[derive(Clone)]
+struct RoundTrip(kling_concurrency::backend::InProcess);
+
+impl kling_concurrency::backend::SlotBackend for RoundTrip {
+    type Acquire =
+        <kling_concurrency::backend::InProcess as kling_concurrency::backend::SlotBackend>::Acquire;
+    type Apply =
+        <kling_concurrency::backend::InProcess as kling_concurrency::backend::SlotBackend>::Apply;
+    type Snapshot = std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<
+                        Vec<kling_concurrency::backend::PoolSnapshot>,
+                        kling_concurrency::error::BackendError,
+                    >,
+                > + Send,
+        >,
+    >;
+
+    fn acquire(&self, key: kling_concurrency::backend::SlotKey, weight: u32) -> Self::Acquire {
+        self.0.acquire(key, weight)
+    }
+
+    fn apply(&self, op: kling_concurrency::backend::SlotOp) -> Self::Apply {
+        self.0.apply(op)
+    }
+
+    fn snapshot(&self) -> Self::Snapshot {
+        let read = self.0.snapshot();
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            read.await
+        })
+    }
+}
+
+/// A source whose backend takes a round trip shows what its last read found, and each
+/// synchronous snapshot starts the next read: the pools are at most one snapshot old, never
+/// missing for good. `refreshed_snapshot` reads them first.
+#[tokio::test(start_paused = true)]
+async fn a_snapshot_of_a_remote_backend_shows_its_last_read_and_starts_the_next() {
+    use kling_concurrency::backend::{SlotBackend, SlotKey};
+    use kling_concurrency::{SlotsConfig, TaskSlotsLayer};
+    use kling_metrics::Monitor;
+    use kling_tower::stack::SlotsSource;
+
+    let config = SlotsConfig::new(5);
+    let backend = RoundTrip(kling_concurrency::backend::InProcess::new(config.clone()).unwrap());
+    let layer = TaskSlotsLayer::with_backend(&config, backend).unwrap();
+    let handle = layer.handle();
+    let monitor = Monitor::builder().build().unwrap();
+    monitor.add_source(SlotsSource::new(handle.clone()));
+    let key = SlotKey::new(
+        AccountId::new("acct"),
+        kling_core::Pool::parse("video").unwrap(),
+    );
+    let in_use = |snapshot: &kling_metrics::Snapshot| snapshot.pool("video").map(|p| p.in_use);
+    // In paused time a sleep ends only once every other task is idle: the read is back.
+    let settle = || tokio::time::sleep(Duration::from_millis(1));
+
+    let _first = handle.backend().acquire(key.clone(), 1).await.unwrap();
+    // Nothing read yet: the pools are missing, and the read starts.
+    assert_eq!(in_use(&monitor.snapshot()), None);
+    settle().await;
+    assert_eq!(in_use(&monitor.snapshot()), Some(1));
+    settle().await;
+    // A second slot: the next snapshot still shows the last read, the one after it the new.
+    let _second = handle.backend().acquire(key.clone(), 1).await.unwrap();
+    assert_eq!(in_use(&monitor.snapshot()), Some(1));
+    settle().await;
+    assert_eq!(in_use(&monitor.snapshot()), Some(2));
+    // A refreshed snapshot reads first.
+    let _third = handle.backend().acquire(key, 1).await.unwrap();
+    assert_eq!(in_use(&monitor.refreshed_snapshot().await), Some(3));
+}
