@@ -102,6 +102,13 @@ async fn main() -> Result<(), BoxError> {
         "redis: video slots in use {} of {}",
         video.in_use, video.capacity
     );
+    // The other process's snapshot shows the fleet's pools too (read from Redis first).
+    let (_, other, _) = &workers[1];
+    let usage = other.refreshed_snapshot().await;
+    println!(
+        "snapshot of process 1: video {:?}",
+        usage.pool("video").map(|p| (p.in_use, p.capacity))
+    );
 
     let stats = mock.stats();
     let peak = stats.max_concurrent.get("video").copied().unwrap_or(0);
