@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use kling_core::AccountId;
 use kling_ratelimit::backend::Reported;
 use kling_ratelimit::error::BackendError;
 use kling_ratelimit::{Backend, BucketKey, Decision, Feedback, InProcess, Policy};
@@ -36,6 +37,7 @@ struct Options {
     idle_ttl: Duration,
     arrival_order: bool,
     place_ttl: Duration,
+    usage_window: Duration,
 }
 
 /// One GCRA decision. Times are integer microseconds of fleet time; numbers written back go
@@ -48,6 +50,10 @@ struct Options {
 /// has waited (µs), how long a place outlives the instant its process was told to ask again
 /// (µs).
 /// Returns {0} (admit) or {1, not_before, cooldown 0/1}.
+///
+/// `KEYS[4]`, for an account-wide key only, counts the admitted requests by time bucket
+/// (ARGV[11], µs; a hash of bucket → count, [`USAGE_BUCKETS`] of them in a window), read by
+/// [`RedisGcra::fleet_requests`].
 ///
 /// The fleet's order: each process sends only its queue's head, with the instant that request
 /// began waiting; a refused head holds its process's place, scored by that instant, and a cell
@@ -111,12 +117,44 @@ end
 if queued and me ~= '' then leave_place(q, qx, me) end
 local nxt = math.max(tat, now) + period
 redis.call('HSET', key, 't', string.format('%.0f', nxt), 'p', string.format('%.0f', period))
+if KEYS[4] then
+  local bucket = tonumber(ARGV[11])
+  local at = math.floor(now / bucket)
+  redis.call('HINCRBY', KEYS[4], int(at), 1)
+  -- Buckets past the window go once they are a few more than it holds: a bounded hash.
+  if redis.call('HLEN', KEYS[4]) > USAGE_BUCKETS + 8 then
+    for _, field in ipairs(redis.call('HKEYS', KEYS[4])) do
+      if tonumber(field) <= at - USAGE_BUCKETS then redis.call('HDEL', KEYS[4], field) end
+    end
+  end
+  redis.call('PEXPIRE', KEYS[4], math.ceil(2 * USAGE_BUCKETS * bucket / 1000))
+end
 local last = nxt
 local se = tonumber(v[5])
 if se and se > last then last = se end
 redis.call('PEXPIRE', key, math.ceil((last - now + tonumber(ARGV[7])) / 1000))
 return {0}
 ";
+
+/// The requests an account-wide key admitted over the last window. `KEYS[1]` the count hash;
+/// ARGV: now (µs), bucket (µs). Returns the sum of the last [`USAGE_BUCKETS`] buckets.
+const USAGE_BODY: &str = r"
+local at = math.floor(tonumber(ARGV[1]) / tonumber(ARGV[2]))
+local flat = redis.call('HGETALL', KEYS[1])
+local sum = 0
+for i = 1, #flat, 2 do
+  if tonumber(flat[i]) > at - USAGE_BUCKETS then sum = sum + tonumber(flat[i + 1]) end
+end
+return sum
+";
+
+/// The buckets of a usage window ([`RedisGcra::usage_window`]): counts move out of the
+/// window a sixtieth of it at a time.
+pub const USAGE_BUCKETS: u32 = 60;
+
+/// The window [`RedisGcra::fleet_requests`] counts over by default: the minute Kling's
+/// request quotas are set per.
+pub const DEFAULT_USAGE_WINDOW: Duration = Duration::from_secs(60);
 
 /// The asking process gives its place in a key's queue up: no request of it waits for the key
 /// any more. `KEYS[1]` the queue, `KEYS[2]` when each place ends; `ARGV[1]` the process's place.
@@ -272,6 +310,7 @@ struct Inner {
     idle_ttl: Duration,
     arrival_order: bool,
     place_ttl: Duration,
+    usage_window: Duration,
     /// This process's place id in the fleet queues.
     instance: String,
     fallback: InProcess,
@@ -280,6 +319,7 @@ struct Inner {
     acquire: Script,
     feedback: Script,
     leave: Script,
+    usage: Script,
 }
 
 impl fmt::Debug for RedisGcra {
@@ -306,6 +346,7 @@ impl RedisGcra {
                 idle_ttl: DEFAULT_IDLE_TTL,
                 arrival_order: true,
                 place_ttl: DEFAULT_GCRA_PLACE_TTL,
+                usage_window: DEFAULT_USAGE_WINDOW,
             },
         )
     }
@@ -319,12 +360,18 @@ impl RedisGcra {
                 idle_ttl: o.idle_ttl,
                 arrival_order: o.arrival_order,
                 place_ttl: o.place_ttl,
+                usage_window: o.usage_window,
                 instance: instance_id(),
                 fallback: InProcess::new(),
                 out: AtomicBool::new(false),
-                acquire: Script::new(&format!("{QUEUE}{ACQUIRE_BODY}")),
+                acquire: Script::new(&format!(
+                    "local USAGE_BUCKETS = {USAGE_BUCKETS}\n{QUEUE}{ACQUIRE_BODY}"
+                )),
                 feedback: Script::new(FEEDBACK),
                 leave: Script::new(&format!("{QUEUE}{LEAVE_BODY}")),
+                usage: Script::new(&format!(
+                    "local USAGE_BUCKETS = {USAGE_BUCKETS}\n{USAGE_BODY}"
+                )),
             }),
         }
     }
@@ -337,6 +384,7 @@ impl RedisGcra {
             idle_ttl: i.idle_ttl,
             arrival_order: i.arrival_order,
             place_ttl: i.place_ttl,
+            usage_window: i.usage_window,
         };
         f(&mut options);
         RedisGcra::with_options(i.conn.clone(), options)
@@ -375,6 +423,32 @@ impl RedisGcra {
         self.with(|o| o.place_ttl = ttl.max(Duration::from_millis(1)))
     }
 
+    /// The window [`fleet_requests`](Self::fleet_requests) counts over (default
+    /// [`DEFAULT_USAGE_WINDOW`]; a preset sped up for tests scales it as it scales the
+    /// minute). Every process of a fleet should use the same: the counts are kept in buckets
+    /// of a sixtieth of it.
+    pub fn usage_window(self, window: Duration) -> Self {
+        self.with(|o| o.usage_window = window.max(Duration::from_micros(USAGE_BUCKETS.into())))
+    }
+
+    /// The requests the whole fleet was admitted under an account's account-wide key over the
+    /// last [`usage_window`](Self::usage_window) (retried attempts included: each asks the
+    /// limiter again), to the nearest sixtieth of it. Requests admitted in process while Redis
+    /// was unreachable ([`WhenUnreachable::fallback`]) are not counted.
+    pub async fn fleet_requests(&self, account: Option<&AccountId>) -> Result<u64, StoreError> {
+        let key = format!("{}:n", self.key_of(&BucketKey::account(account.cloned())));
+        let args = [
+            self.inner.conn.now_us().to_string(),
+            self.inner.bucket_us().to_string(),
+        ];
+        let sum: i64 = self
+            .inner
+            .conn
+            .run(&self.inner.usage, &[key], &args)
+            .await?;
+        Ok(u64::try_from(sum).unwrap_or(0))
+    }
+
     /// The connection.
     pub fn connection(&self) -> &Connection {
         &self.inner.conn
@@ -396,7 +470,13 @@ impl RedisGcra {
     ) -> Result<FleetDecision, StoreError> {
         // A simulation's decision takes no place (it still waits behind those who hold one).
         self.inner
-            .decide(self.key_of(key), policy, now_us, None)
+            .decide(
+                self.key_of(key),
+                policy,
+                now_us,
+                None,
+                key.request_kind().is_none(),
+            )
             .await
     }
 
@@ -453,14 +533,21 @@ fn queue_keys(redis_key: &str) -> [String; 2] {
 }
 
 impl Inner {
+    /// A usage bucket, µs.
+    fn bucket_us(&self) -> i64 {
+        (micros(self.usage_window) / i64::from(USAGE_BUCKETS)).max(1)
+    }
+
     /// One decision; `since` is when the asking request began waiting, if it takes its
-    /// process's place in the fleet's order.
+    /// process's place in the fleet's order; `counted` for an account-wide key, whose admitted
+    /// requests [`RedisGcra::fleet_requests`] counts.
     async fn decide(
         &self,
         redis_key: String,
         policy: &Policy,
         now_us: i64,
         since: Option<i64>,
+        counted: bool,
     ) -> Result<FleetDecision, StoreError> {
         let (adaptive, start, ceiling) = adaptive_args(policy);
         let args = [
@@ -478,12 +565,18 @@ impl Inner {
             },
             since.unwrap_or(now_us).to_string(),
             micros(self.place_ttl).max(1).to_string(),
+            self.bucket_us().to_string(),
         ];
         let [q, qx] = queue_keys(&redis_key);
-        let result: Result<Vec<i64>, StoreError> = self
-            .conn
-            .run(&self.acquire, &[redis_key, q, qx], &args)
-            .await;
+        let result: Result<Vec<i64>, StoreError> = if counted {
+            let count = format!("{redis_key}:n");
+            let keys = [redis_key, q, qx, count];
+            self.conn.run(&self.acquire, &keys, &args).await
+        } else {
+            self.conn
+                .run(&self.acquire, &[redis_key, q, qx], &args)
+                .await
+        };
         self.note(&result);
         match result?.as_slice() {
             [0, ..] => Ok(FleetDecision::Admit),
@@ -532,7 +625,10 @@ impl RedisGcra {
             let since = inner
                 .arrival_order
                 .then(|| since.map_or(now_us, |since| inner.conn.to_fleet(since, now, now_us)));
-            let result = inner.decide(redis_key, &policy, now_us, since).await;
+            let counted = key.request_kind().is_none();
+            let result = inner
+                .decide(redis_key, &policy, now_us, since, counted)
+                .await;
             match result {
                 Ok(FleetDecision::Admit) => Ok(Decision::Admit),
                 Ok(FleetDecision::NotBefore { at_us, cooldown }) => Ok(Decision::NotBefore {

@@ -92,7 +92,10 @@ pub mod testing;
 mod unreachable;
 
 pub use conn::{Connection, DEFAULT_COMMAND_TIMEOUT, DEFAULT_PREFIX, RedisConfig};
-pub use gcra::{DEFAULT_GCRA_PLACE_TTL, DEFAULT_IDLE_TTL, FleetDecision, GcraFuture, RedisGcra};
+pub use gcra::{
+    DEFAULT_GCRA_PLACE_TTL, DEFAULT_IDLE_TTL, DEFAULT_USAGE_WINDOW, FleetDecision, GcraFuture,
+    RedisGcra, USAGE_BUCKETS,
+};
 pub use slots::{
     DEFAULT_GRACE, DEFAULT_MAINTAIN_EVERY, DEFAULT_PLACE_TTL_POLLS, DEFAULT_POLL_EVERY, RedisSlots,
     SlotsFuture,

@@ -583,3 +583,61 @@ async fn through_the_layer_requests_are_served_in_the_order_they_began_waiting()
     }
     assert_eq!(served.names(), ["a1", "a2", "a3", "b1"]);
 }
+
+/// The requests a fleet was admitted under an account's key, counted in Redis: both processes'
+/// admitted requests, not the refused ones, not a class key's, not another account's; gone
+/// once the window has passed; and the count's hash stays bounded however long traffic runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleets_requests_over_the_window_are_counted_once_each() {
+    let Some(server) = redis() else { return };
+    let window = Duration::from_millis(600);
+    let a = RedisGcra::new(connect(&server).await).usage_window(window);
+    let b = RedisGcra::new(connect(&server).await).usage_window(window);
+    // 50 cells and none back for an hour: the 60 asks below admit 50.
+    let quota = Quota::with_period(Duration::from_secs(3600)).with_burst(50);
+    let policy = Policy::new(quota, Cooldown::default());
+    let account = AccountId::new("counted");
+    let key = BucketKey::account(Some(account.clone()));
+    let mut admitted = 0;
+    for backend in [&a, &b] {
+        for _ in 0..30 {
+            if backend.acquire(&key, &policy).await.unwrap() == Decision::Admit {
+                admitted += 1;
+            }
+        }
+    }
+    assert_eq!(admitted, 50);
+    // A class key's and another account's requests are not this account's.
+    let class = BucketKey::class(Some(account.clone()), kling_core::RequestKind::Query);
+    let other = BucketKey::account(Some(AccountId::new("other")));
+    for _ in 0..3 {
+        assert_eq!(a.acquire(&class, &policy).await.unwrap(), Decision::Admit);
+        assert_eq!(b.acquire(&other, &policy).await.unwrap(), Decision::Admit);
+    }
+    assert_eq!(a.fleet_requests(Some(&account)).await.unwrap(), 50);
+    assert_eq!(b.fleet_requests(Some(&account)).await.unwrap(), 50);
+    assert_eq!(a.fleet_requests(Some(&AccountId::new("other"))).await.unwrap(), 3);
+    tokio::time::sleep(window + Duration::from_millis(50)).await;
+    assert_eq!(a.fleet_requests(Some(&account)).await.unwrap(), 0);
+
+    // Traffic over three windows at a bucket (10 ms) a request: old buckets are dropped.
+    let steady = Policy::new(Quota::per_second(10_000.0), Cooldown::default());
+    let busy = BucketKey::account(Some(AccountId::new("busy")));
+    for _ in 0..180 {
+        assert_eq!(a.acquire(&busy, &steady).await.unwrap(), Decision::Admit);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut raw = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let fields: u64 = redis::cmd("HLEN")
+        .arg("test:gcra:busy:n")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(fields <= 60 + 9, "{fields} buckets kept");
+    let recent = a.fleet_requests(Some(&AccountId::new("busy"))).await.unwrap();
+    assert!((20..=61).contains(&recent), "{recent} in the last window");
+}
