@@ -633,11 +633,11 @@ async fn the_fleets_requests_over_the_window_are_counted_once_each() {
         .await
         .unwrap();
     let fields: u64 = redis::cmd("HLEN")
-        .arg("test:gcra:busy:n")
+        .arg(format!("{}:n", a.key_of(&busy)))
         .query_async(&mut raw)
         .await
         .unwrap();
-    assert!(fields <= 60 + 9, "{fields} buckets kept");
+    assert!((50..=60 + 9).contains(&fields), "{fields} buckets kept");
     let recent = a.fleet_requests(Some(&AccountId::new("busy"))).await.unwrap();
     assert!((20..=61).contains(&recent), "{recent} in the last window");
 }
