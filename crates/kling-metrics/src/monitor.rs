@@ -150,6 +150,7 @@ impl MonitorBuilder {
                     .map(|(requests, _)| fire_at(requests, self.threshold)),
                 window: RateWindow::new(self.window, bucket_nanos as u64),
                 rate_warned: AtomicBool::new(false),
+                fleet: FleetCount::default(),
                 pool_warned: Mutex::new(HashSet::new()),
                 hook: self.hook,
                 rejections: Mutex::new(Rejections::default()),
@@ -176,6 +177,35 @@ impl MonitorBuilder {
 #[derive(Clone)]
 pub struct Monitor {
     inner: Arc<Inner>,
+}
+
+/// The requests of a fleet over the rate window, as a [`SnapshotSource`] last read them from
+/// a shared store, and when: a figure older than the window no longer counts.
+#[derive(Default)]
+struct FleetCount {
+    requests: AtomicU64,
+    /// Nanoseconds from the window's start when read, plus one (0: never read).
+    read_at: AtomicU64,
+}
+
+impl FleetCount {
+    fn note(&self, requests: u64, at_nanos: u64) {
+        self.requests.store(requests, Ordering::Relaxed);
+        self.read_at.store(at_nanos + 1, Ordering::Release);
+    }
+
+    /// The figure, if read within the last window (else 0).
+    fn recent(&self, window: &RateWindow) -> u64 {
+        let read_at = self.read_at.load(Ordering::Acquire);
+        if read_at == 0 {
+            return 0;
+        }
+        let now = window.nanos_since_start(Instant::now());
+        if now.saturating_sub(read_at - 1) > window.window.as_nanos() as u64 {
+            return 0;
+        }
+        self.requests.load(Ordering::Relaxed)
+    }
 }
 
 /// Undocumented codes counted by number in [`Snapshot::rejections`]; later ones are summed in
@@ -215,6 +245,8 @@ struct Inner {
     fire_at: Option<u64>,
     window: RateWindow,
     rate_warned: AtomicBool,
+    /// The fleet's requests over the window, as a source last read them.
+    fleet: FleetCount,
     /// The pools warned about and not yet back under the hysteresis: only those, so pools
     /// that come and go (one per model name) leave nothing behind.
     pool_warned: Mutex<HashSet<(Option<String>, String)>>,
@@ -641,6 +673,7 @@ impl Monitor {
                 requests,
                 quota: inner.quota,
                 window: inner.window.window,
+                fleet_requests: None,
             },
             pools: Vec::new(),
             queues: Vec::new(),
@@ -656,6 +689,9 @@ impl Monitor {
         let sources: Vec<_> = self.read_sources().clone();
         for source in sources {
             source.fill(&mut snapshot);
+        }
+        if let Some(fleet) = snapshot.rate.fleet_requests {
+            inner.fleet.note(fleet, inner.window.nanos_since_start(now));
         }
         self.check_rate(requests, || inner.window.total(now));
         self.check_pools(&snapshot);
@@ -903,8 +939,12 @@ impl Monitor {
         let Some(quota) = self.inner.quota else {
             return;
         };
-        let usage = requests as f64 / f64::from(quota);
         let inner = &*self.inner;
+        // The fleet's requests, as the last snapshot read them, count too: otherwise this
+        // process's own count, far below the quota, would re-arm a warning the fleet fired.
+        let fleet = inner.fleet.recent(&inner.window);
+        let usage = requests.max(fleet) as f64 / f64::from(quota);
+        let fresh = || fresh().max(fleet);
         let rearm_below = inner.threshold - inner.hysteresis;
         if usage >= inner.threshold {
             if !inner.rate_warned.load(Ordering::Relaxed)
@@ -1075,6 +1115,11 @@ impl RateWindow {
             others: Padded(AtomicU64::new(0)),
             near: AtomicU64::new(0),
         }
+    }
+
+    /// Nanoseconds from the window's start to `now` (0 before it).
+    fn nanos_since_start(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// The step of the window `now` falls in: from this thread's cache of the last step seen
@@ -1436,6 +1481,57 @@ mod tests {
             (tasks.created, tasks.finished, tasks.failed, tasks.running),
             (4, 4, 2, 0)
         );
+    }
+
+    /// A source's figure for the fleet counts against the quota: the snapshot fires the
+    /// warning this process's own requests would not, the process's requests do not re-arm
+    /// it while the figure is recent, a lower figure does, and a figure older than the window
+    /// no longer counts.
+    #[tokio::test(start_paused = true)]
+    async fn the_fleets_requests_count_against_the_quota() {
+        let fired = Arc::new(Mutex::new(Vec::new()));
+        let fleet = Arc::new(AtomicU64::new(90));
+        let monitor = {
+            let fired = Arc::clone(&fired);
+            Monitor::builder()
+                .rate_quota(100, Duration::from_secs(60))
+                .on_usage_warning(move |w| fired.lock().unwrap().push(w.usage))
+                .build()
+                .unwrap()
+        };
+        {
+            let fleet = Arc::clone(&fleet);
+            monitor.add_source(move |snapshot: &mut Snapshot| {
+                snapshot.rate.fleet_requests = Some(fleet.load(Ordering::Relaxed));
+            });
+        }
+        monitor.note_requests(Instant::now(), 5);
+        let snapshot = monitor.snapshot();
+        assert_eq!(
+            (snapshot.rate.requests, snapshot.rate.fleet_requests),
+            (5, Some(90))
+        );
+        assert_eq!(snapshot.rate.percent(), Some(90.0));
+        assert_eq!(*fired.lock().unwrap(), [0.9]);
+        // This process's requests alone are far below: they do not re-arm the warning.
+        monitor.note_requests(Instant::now(), 1);
+        fleet.store(90, Ordering::Relaxed);
+        monitor.snapshot();
+        assert_eq!(
+            fired.lock().unwrap().len(),
+            1,
+            "fired again: re-armed by 6 requests"
+        );
+        // The fleet's requests fall: re-armed; they rise again: a second warning.
+        fleet.store(10, Ordering::Relaxed);
+        monitor.snapshot();
+        fleet.store(85, Ordering::Relaxed);
+        monitor.snapshot();
+        assert_eq!(*fired.lock().unwrap(), [0.9, 0.85]);
+        // A figure older than the window counts no more: this process's requests re-arm.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        monitor.note_requests(Instant::now(), 1);
+        assert!(!monitor.inner.rate_warned.load(Ordering::Relaxed));
     }
 
     #[test]

@@ -59,12 +59,24 @@ pub struct RateUsage {
     pub quota: Option<u32>,
     /// The window (a minute unless configured).
     pub window: Duration,
+    /// The requests every process sharing the account's limits sent over the window, when a
+    /// source knows (the Redis backends: their shared store counts them); `requests` is this
+    /// process's alone.
+    pub fleet_requests: Option<u64>,
 }
 
 impl RateUsage {
-    /// `requests / quota` (1.0 = the whole quota), or `None` without a quota.
+    /// The requests that count against the quota: the fleet's when known, else this
+    /// process's (whichever is more: the fleet's figure is as old as its last read).
+    pub fn account_requests(&self) -> u64 {
+        self.requests.max(self.fleet_requests.unwrap_or(0))
+    }
+
+    /// [`account_requests`](Self::account_requests)` / quota` (1.0 = the whole quota), or
+    /// `None` without a quota.
     pub fn usage(&self) -> Option<f64> {
-        self.quota.map(|q| self.requests as f64 / f64::from(q))
+        self.quota
+            .map(|q| self.account_requests() as f64 / f64::from(q))
     }
 
     /// The usage in percent.

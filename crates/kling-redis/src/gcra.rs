@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use kling_core::AccountId;
-use kling_ratelimit::backend::Reported;
+use kling_ratelimit::backend::{FleetRequests, Reported};
 use kling_ratelimit::error::BackendError;
 use kling_ratelimit::{Backend, BucketKey, Decision, Feedback, InProcess, Policy};
 use redis::Script;
@@ -654,6 +654,21 @@ impl RedisGcra {
 impl Backend for RedisGcra {
     type AcquireFuture = GcraFuture<Decision>;
     type FeedbackFuture = GcraFuture<Reported>;
+
+    /// [`RedisGcra::fleet_requests`] for an account-wide key (a class key's requests are
+    /// counted under its account's).
+    fn fleet_requests(&self, key: &BucketKey) -> Option<FleetRequests> {
+        if key.request_kind().is_some() {
+            return None;
+        }
+        let this = self.clone();
+        let account = key.account_id().cloned();
+        Some(Box::pin(async move {
+            this.fleet_requests(account.as_ref())
+                .await
+                .map_err(StoreError::into_ratelimit)
+        }))
+    }
 
     fn acquire(&self, key: &BucketKey, policy: &Policy) -> Self::AcquireFuture {
         self.asking(key, policy, None)

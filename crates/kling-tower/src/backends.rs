@@ -175,7 +175,10 @@ mod redis {
             let mut backend = RedisGcra::new(self.conn.clone())
                 .when_unreachable(self.when_unreachable)
                 .arrival_order(self.arrival_order)
-                .place_ttl(config.scaled(DEFAULT_GCRA_PLACE_TTL).max(MIN_POLL_EVERY));
+                .place_ttl(config.scaled(DEFAULT_GCRA_PLACE_TTL).max(MIN_POLL_EVERY))
+                // The fleet's requests are counted over the preset's minute, the monitor's
+                // window.
+                .usage_window(config.scaled(kling_redis::DEFAULT_USAGE_WINDOW));
             if let Some(every) = self.retry_every {
                 backend = backend.retry_every(every);
             }

@@ -232,7 +232,20 @@ pub trait Backend: Send + Sync + 'static {
         policy: &Policy,
         feedback: Feedback,
     ) -> Self::FeedbackFuture;
+
+    /// The requests every process sharing this store was admitted under the account-wide
+    /// `key` over the store's usage window, for a store a fleet shares (the Redis backend);
+    /// `None`, the default, for a store of one process, whose requests its monitor counts
+    /// itself.
+    fn fleet_requests(&self, key: &BucketKey) -> Option<FleetRequests> {
+        let _ = key;
+        None
+    }
 }
+
+/// The future of [`Backend::fleet_requests`].
+pub type FleetRequests =
+    std::pin::Pin<Box<dyn Future<Output = Result<u64, BackendError>> + Send + 'static>>;
 
 /// The cooldown a pause feedback asks for, given the streak it makes: the `Retry-After`
 /// instant, and for a 1302 the escalated pause from when it arrived.

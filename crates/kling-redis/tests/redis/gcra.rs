@@ -616,7 +616,12 @@ async fn the_fleets_requests_over_the_window_are_counted_once_each() {
     }
     assert_eq!(a.fleet_requests(Some(&account)).await.unwrap(), 50);
     assert_eq!(b.fleet_requests(Some(&account)).await.unwrap(), 50);
-    assert_eq!(a.fleet_requests(Some(&AccountId::new("other"))).await.unwrap(), 3);
+    assert_eq!(
+        a.fleet_requests(Some(&AccountId::new("other")))
+            .await
+            .unwrap(),
+        3
+    );
     tokio::time::sleep(window + Duration::from_millis(50)).await;
     assert_eq!(a.fleet_requests(Some(&account)).await.unwrap(), 0);
 
@@ -638,6 +643,9 @@ async fn the_fleets_requests_over_the_window_are_counted_once_each() {
         .await
         .unwrap();
     assert!((50..=60 + 9).contains(&fields), "{fields} buckets kept");
-    let recent = a.fleet_requests(Some(&AccountId::new("busy"))).await.unwrap();
+    let recent = a
+        .fleet_requests(Some(&AccountId::new("busy")))
+        .await
+        .unwrap();
     assert!((20..=61).contains(&recent), "{recent} in the last window");
 }

@@ -415,6 +415,91 @@ async fn a_snapshot_shows_the_fleets_pools_and_warns_in_every_process() {
     assert_eq!(video(&local.snapshot()), Some(1));
 }
 
+/// The requests of the whole fleet count against the account's quota in every process: one
+/// process sends 40 requests, another sends none, and the other's snapshot shows the fleet's
+/// 40 and fires the rate warning. The control: with in-process limits the other process
+/// knows only its own requests (none) and stays quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleets_requests_count_against_the_quota_in_every_process() {
+    use kling_metrics::{Monitor, Resource};
+
+    let Some(redis) = redis() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    // Pro at 30×: 30 requests a second; the minute is 2 s.
+    let pro = || StackConfig::preset(Tier::Pro).speed(30.0);
+    let window = pro().scaled(Duration::from_secs(60));
+    let credentials = || Credentials::api_key(KEY).unwrap();
+    let mock = || {
+        let config = MockConfig::preset(Preset::Pro).speed(30.0).no_rate_limit();
+        MockKling::new(config.api_key(KEY)).unwrap()
+    };
+    let warned = Arc::new(Mutex::new(Vec::new()));
+    let watching = || {
+        let warned = Arc::clone(&warned);
+        Monitor::builder()
+            .rate_quota(40, window)
+            .on_usage_warning(move |warning| warned.lock().unwrap().push(warning.resource.clone()))
+            .build()
+            .unwrap()
+    };
+    async fn forty_queries<B: StackBackends>(kling: &KlingLayer<B>, mock: MockKling)
+    where
+        Kling<MockKling, B>: Service<
+                http::Request<Full<Bytes>>,
+                Response = http::Response<Full<Bytes>>,
+                Error = BoxError,
+            > + Clone,
+    {
+        let service = kling.layer(mock);
+        for _ in 0..40 {
+            // A task the mock does not know: answered 1203, not retried.
+            let _ = service
+                .clone()
+                .oneshot(request("GET", "/v1/videos/text2video/missing", ""))
+                .await;
+        }
+    }
+
+    let sending = KlingLayer::builder(pro(), credentials())
+        .shared(connect(&redis, "fleet-rate-test").await)
+        .build()
+        .unwrap();
+    let quiet = KlingLayer::builder(pro(), credentials())
+        .monitor(watching())
+        .shared(connect(&redis, "fleet-rate-test").await)
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    forty_queries(&sending, mock()).await;
+    let snapshot = quiet.refreshed_snapshot().await;
+    let took = started.elapsed();
+    assert_eq!(snapshot.rate.requests, 0, "{snapshot:?}");
+    if took < window {
+        // All 40 are within the window still.
+        assert_eq!(snapshot.rate.fleet_requests, Some(40), "{snapshot:?}");
+    } else {
+        let fleet = snapshot.rate.fleet_requests.unwrap_or(0);
+        assert!(fleet >= 32, "{fleet} of 40 in the window after {took:?}");
+    }
+    assert_eq!(
+        *warned.lock().unwrap(),
+        [Resource::RateQuota],
+        "the fleet used 80% of the quota: {snapshot:?}"
+    );
+
+    // The control: with limits of their own, the quiet process knows only its own requests.
+    warned.lock().unwrap().clear();
+    let sending = KlingLayer::builder(pro(), credentials()).build().unwrap();
+    let quiet = KlingLayer::builder(pro(), credentials())
+        .monitor(watching())
+        .build()
+        .unwrap();
+    forty_queries(&sending, mock()).await;
+    let snapshot = quiet.refreshed_snapshot().await;
+    assert_eq!(snapshot.rate.fleet_requests, None);
+    assert!(warned.lock().unwrap().is_empty(), "{snapshot:?}");
+}
+
 /// A gateway in each of two processes (two `GatewayLayer`s on one Redis): an account's slot
 /// taken through one is taken for the other, and the other's create for that account waits,
 /// while another account's does not. The control: the same two gateways with in-process
