@@ -120,14 +120,17 @@ redis.call('HSET', key, 't', string.format('%.0f', nxt), 'p', string.format('%.0
 if KEYS[4] then
   local bucket = tonumber(ARGV[11])
   local at = math.floor(now / bucket)
-  redis.call('HINCRBY', KEYS[4], int(at), 1)
-  -- Buckets past the window go once they are a few more than it holds: a bounded hash.
-  if redis.call('HLEN', KEYS[4]) > USAGE_BUCKETS + 8 then
-    for _, field in ipairs(redis.call('HKEYS', KEYS[4])) do
-      if tonumber(field) <= at - USAGE_BUCKETS then redis.call('HDEL', KEYS[4], field) end
+  -- The bucket's first request (the usual request adds to its bucket and nothing more) keeps
+  -- the hash alive two windows, and drops the buckets past the window once they are a few
+  -- more than it holds: a bounded hash.
+  if redis.call('HINCRBY', KEYS[4], int(at), 1) == 1 then
+    if redis.call('HLEN', KEYS[4]) > USAGE_BUCKETS + 8 then
+      for _, field in ipairs(redis.call('HKEYS', KEYS[4])) do
+        if tonumber(field) <= at - USAGE_BUCKETS then redis.call('HDEL', KEYS[4], field) end
+      end
     end
+    redis.call('PEXPIRE', KEYS[4], math.ceil(2 * USAGE_BUCKETS * bucket / 1000))
   end
-  redis.call('PEXPIRE', KEYS[4], math.ceil(2 * USAGE_BUCKETS * bucket / 1000))
 end
 local last = nxt
 local se = tonumber(v[5])
