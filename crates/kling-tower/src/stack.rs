@@ -47,18 +47,15 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
-use kling_concurrency::backend::PoolSnapshot;
 use kling_concurrency::{DEFAULT_RECOVERY_INTERVAL, SlotsConfig, SlotsHandle, TaskSlotsLayer};
 use kling_core::{AccountId, BoxError, ClassifyLayer, Pool, Recognized, RequestKind, TaskReport};
-use kling_metrics::{
-    MetricsLayer, Monitor, PoolUsage, QueueDepth, Refresh, Snapshot, SnapshotSource,
-};
+use kling_metrics::{MetricsLayer, Monitor, Snapshot};
 use kling_ratelimit::{Cooldown, GcraHandle, GcraLayer, Quota};
 use kling_retry::{Backoff, RetryBudget, RetryLayer};
 use tower::util::Either;
@@ -74,6 +71,10 @@ use crate::follow::{FollowPolicy, Follower};
 use crate::preset::StackConfig;
 use crate::spend::{CostTable, SpendGuard, SpendGuardLayer};
 use crate::timeout::{AttemptTimeout, AttemptTimeoutLayer};
+
+mod sources;
+
+pub use sources::{RateLimitSource, SlotsSource};
 
 /// Auth, per-attempt timeout, classify and base URL over the client `S`.
 pub type Attempt<S> = Auth<AttemptTimeout<kling_core::Classify<BaseUrl<S>>>>;
@@ -667,211 +668,5 @@ where
         // cached in the request.
         Recognized::of_with_account(&mut request, &self.account);
         self.inner.call(request)
-    }
-}
-
-/// A task-slots handle as a [`SnapshotSource`]: every pool's slots in use, believed capacity
-/// and waiters, and a queue depth per pool (`slots:{account}:{pool}`).
-///
-/// A snapshot must not wait. The in-process backend answers at once. A remote backend (the
-/// fleet's pools in Redis) takes a round trip: a snapshot shows the pools as its source read
-/// them last, and starts the next read (on the current tokio runtime, one at a time), so a
-/// periodic scrape sees them at most one period old;
-/// [`Monitor::refreshed_snapshot`] reads them first.
-#[derive(Clone, Debug)]
-pub struct SlotsSource<B = kling_concurrency::backend::InProcess> {
-    handle: SlotsHandle<B>,
-    last: Arc<LastRead<Vec<PoolSnapshot>>>,
-}
-
-impl<B> SlotsSource<B> {
-    /// A source reading `handle`.
-    pub fn new(handle: SlotsHandle<B>) -> Self {
-        SlotsSource {
-            handle,
-            last: Arc::default(),
-        }
-    }
-}
-
-impl<B: kling_concurrency::backend::SlotBackend> SnapshotSource for SlotsSource<B> {
-    fn fill(&self, snapshot: &mut Snapshot) {
-        if let Some(pools) = self.last.now_or_last(self.handle.backend().snapshot()) {
-            add_pools(snapshot, &pools);
-        }
-    }
-
-    fn refresh(&self) -> Refresh<'_> {
-        Box::pin(async move {
-            let read = self.handle.backend().snapshot().await;
-            self.last.keep(read.ok());
-        })
-    }
-}
-
-/// Adds each pool's usage, and its waiters as a queue, to `snapshot`.
-fn add_pools(snapshot: &mut Snapshot, pools: &[PoolSnapshot]) {
-    for pool in pools {
-        let account = pool.key.account.as_str();
-        let name = pool.key.pool.to_string();
-        snapshot.queues.push(QueueDepth::new(
-            format!("slots:{account}:{name}"),
-            pool.waiters as u64,
-        ));
-        snapshot.pools.push(
-            PoolUsage::new(
-                name,
-                pool.in_use,
-                pool.capacity,
-                u32::try_from(pool.waiters).unwrap_or(u32::MAX),
-            )
-            .with_account(account),
-        );
-    }
-}
-
-/// What a source read last from a backend that takes a round trip, and whether a read is
-/// under way.
-#[derive(Debug)]
-struct LastRead<T> {
-    value: std::sync::Mutex<Option<T>>,
-    reading: std::sync::atomic::AtomicBool,
-}
-
-impl<T> Default for LastRead<T> {
-    fn default() -> Self {
-        LastRead {
-            value: std::sync::Mutex::new(None),
-            reading: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-}
-
-impl<T: Clone + Send + 'static> LastRead<T> {
-    /// Keeps a read's answer. A failed read (`None`: Redis unreachable) keeps the previous
-    /// one rather than none: the slots and requests of a fleet do not vanish with the
-    /// connection.
-    fn keep(&self, read: Option<T>) {
-        if let Some(value) = read {
-            *self.lock() = Some(value);
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<T>> {
-        self.value.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Polls `read` once: its answer if it has one already. Otherwise what the last read
-    /// found, with `read` started on the current runtime to answer the next call (unless a
-    /// read is under way).
-    fn now_or_last<F, E>(self: &Arc<Self>, mut read: F) -> Option<T>
-    where
-        F: std::future::Future<Output = Result<T, E>> + Send + Unpin + 'static,
-    {
-        let mut cx = Context::from_waker(Waker::noop());
-        match std::pin::Pin::new(&mut read).poll(&mut cx) {
-            Poll::Ready(Ok(value)) => {
-                // A remote backend that answered at once this time: a later call that must
-                // fall back on the last read shows this one, not an older one.
-                let mut last = self.lock();
-                if last.is_some() {
-                    *last = Some(value.clone());
-                }
-                return Some(value);
-            }
-            Poll::Ready(Err(_)) => {}
-            Poll::Pending => {
-                if let Ok(runtime) = tokio::runtime::Handle::try_current()
-                    && !self.reading.swap(true, std::sync::atomic::Ordering::AcqRel)
-                {
-                    let reading = Reading(Arc::clone(self));
-                    runtime.spawn(async move { reading.0.keep(read.await.ok()) });
-                }
-            }
-        }
-        self.lock().clone()
-    }
-}
-
-/// A read under way; it lets the next one start when it ends, also if its runtime drops it.
-struct Reading<T>(Arc<LastRead<T>>);
-
-impl<T> Drop for Reading<T> {
-    fn drop(&mut self) {
-        self.0
-            .reading
-            .store(false, std::sync::atomic::Ordering::Release);
-    }
-}
-
-/// A rate-limiter handle as a [`SnapshotSource`]: the queue depth of each listed account
-/// (`ratelimit:{account}`), and, for a backend a fleet shares (Redis), the requests the
-/// whole fleet sent for them over the window ([`RateUsage::fleet_requests`]), as its last
-/// read found them: like [`SlotsSource`], each snapshot starts the next read, and
-/// [`Monitor::refreshed_snapshot`] reads first. List one account per monitor: the monitor's
-/// quota is an account's.
-///
-/// [`RateUsage::fleet_requests`]: kling_metrics::RateUsage::fleet_requests
-#[derive(Clone, Debug)]
-pub struct RateLimitSource<Bk = kling_ratelimit::InProcess> {
-    handle: GcraHandle<Bk>,
-    accounts: Vec<AccountId>,
-    fleet: Arc<LastRead<u64>>,
-}
-
-impl<Bk> RateLimitSource<Bk> {
-    /// A source reading `handle`'s queues for `accounts`.
-    pub fn new(handle: GcraHandle<Bk>, accounts: Vec<AccountId>) -> Self {
-        RateLimitSource {
-            handle,
-            accounts,
-            fleet: Arc::default(),
-        }
-    }
-}
-
-impl<Bk: kling_ratelimit::Backend> RateLimitSource<Bk> {
-    /// The fleet's requests of every listed account, read together; `None` for a backend of
-    /// one process.
-    fn fleet_read(
-        &self,
-    ) -> Option<impl std::future::Future<Output = Result<u64, ()>> + Send + Unpin + 'static> {
-        let reads = self
-            .accounts
-            .iter()
-            .map(|account| {
-                let key = kling_ratelimit::BucketKey::account(Some(account.clone()));
-                self.handle.backend().fleet_requests(&key)
-            })
-            .collect::<Option<Vec<_>>>()?;
-        Some(Box::pin(async move {
-            let mut sum = 0;
-            for read in reads {
-                sum += read.await.map_err(|_| ())?;
-            }
-            Ok(sum)
-        }))
-    }
-}
-
-impl<Bk: kling_ratelimit::Backend> SnapshotSource for RateLimitSource<Bk> {
-    fn fill(&self, snapshot: &mut Snapshot) {
-        for account in &self.accounts {
-            snapshot.queues.push(QueueDepth::new(
-                format!("ratelimit:{account}"),
-                self.handle.queue_depth(Some(account)) as u64,
-            ));
-        }
-        if let Some(read) = self.fleet_read() {
-            snapshot.rate.fleet_requests = self.fleet.now_or_last(read);
-        }
-    }
-
-    fn refresh(&self) -> Refresh<'_> {
-        Box::pin(async move {
-            if let Some(read) = self.fleet_read() {
-                self.fleet.keep(read.await.ok());
-            }
-        })
     }
 }
