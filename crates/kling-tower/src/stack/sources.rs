@@ -16,8 +16,10 @@ use kling_ratelimit::GcraHandle;
 /// A snapshot must not wait. The in-process backend answers at once. A remote backend (the
 /// fleet's pools in Redis) takes a round trip: a snapshot shows the pools as its source read
 /// them last, and starts the next read (on the current tokio runtime, one at a time), so a
-/// periodic scrape sees them at most one period old;
-/// [`Monitor::refreshed_snapshot`](kling_metrics::Monitor::refreshed_snapshot) reads them first.
+/// periodic scrape sees them at most one period old; [`Monitor::refreshed_snapshot`] reads
+/// them first.
+///
+/// [`Monitor::refreshed_snapshot`]: kling_metrics::Monitor::refreshed_snapshot
 #[derive(Clone, Debug)]
 pub struct SlotsSource<B = kling_concurrency::backend::InProcess> {
     handle: SlotsHandle<B>,
@@ -148,10 +150,11 @@ impl<T> Drop for Reading<T> {
 /// (`ratelimit:{account}`), and, for a backend a fleet shares (Redis), the requests the
 /// whole fleet sent for them over the window ([`RateUsage::fleet_requests`]), as its last
 /// read found them: like [`SlotsSource`], each snapshot starts the next read, and
-/// [`Monitor::refreshed_snapshot`](kling_metrics::Monitor::refreshed_snapshot) reads first. List one account per monitor: the monitor's
+/// [`Monitor::refreshed_snapshot`] reads first. List one account per monitor: the monitor's
 /// quota is an account's.
 ///
 /// [`RateUsage::fleet_requests`]: kling_metrics::RateUsage::fleet_requests
+/// [`Monitor::refreshed_snapshot`]: kling_metrics::Monitor::refreshed_snapshot
 #[derive(Clone, Debug)]
 pub struct RateLimitSource<Bk = kling_ratelimit::InProcess> {
     handle: GcraHandle<Bk>,
