@@ -699,8 +699,8 @@ impl Monitor {
     }
 
     /// [`snapshot`](Monitor::snapshot) after every source read again what takes a round trip
-    /// ([`SnapshotSource::refresh`]): with the Redis backends, the fleet's pools as they are
-    /// now rather than as the previous snapshot found them.
+    /// ([`SnapshotSource::refresh`]): with the Redis backends, the fleet's pools and requests
+    /// as they are now rather than as the previous snapshot found them.
     pub async fn refreshed_snapshot(&self) -> Snapshot {
         let sources: Vec<_> = self.read_sources().clone();
         for source in &sources {

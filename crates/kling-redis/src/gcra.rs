@@ -52,7 +52,7 @@ struct Options {
 /// Returns {0} (admit) or {1, not_before, cooldown 0/1}.
 ///
 /// `KEYS[4]`, for an account-wide key only, counts the admitted requests by time bucket
-/// (ARGV[11], µs; a hash of bucket → count, [`USAGE_BUCKETS`] of them in a window), read by
+/// (`ARGV[11]`, µs; a hash of bucket → count, [`USAGE_BUCKETS`] of them in a window), read by
 /// [`RedisGcra::fleet_requests`].
 ///
 /// The fleet's order: each process sends only its queue's head, with the instant that request

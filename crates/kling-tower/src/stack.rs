@@ -501,14 +501,15 @@ impl<B: StackBackends> KlingLayer<B> {
     }
 
     /// How close the account is to its limits now, without waiting. With the Redis backends
-    /// the fleet's pools are as the previous snapshot read them (each snapshot starts the next
-    /// read); [`refreshed_snapshot`](KlingLayer::refreshed_snapshot) reads them first.
+    /// the fleet's pools and requests are as the previous snapshot read them (each snapshot
+    /// starts the next read); [`refreshed_snapshot`](KlingLayer::refreshed_snapshot) reads
+    /// them first.
     pub fn snapshot(&self) -> Snapshot {
         self.monitor().snapshot()
     }
 
-    /// [`snapshot`](KlingLayer::snapshot) with the fleet's pools read now (a round trip to
-    /// Redis; with the in-process backends, the same as `snapshot`).
+    /// [`snapshot`](KlingLayer::snapshot) with the fleet's pools and requests read now (a
+    /// round trip to Redis; with the in-process backends, the same as `snapshot`).
     pub async fn refreshed_snapshot(&self) -> Snapshot {
         self.monitor().refreshed_snapshot().await
     }

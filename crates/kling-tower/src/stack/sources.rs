@@ -3,12 +3,14 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use kling_concurrency::SlotsHandle;
 use kling_concurrency::backend::PoolSnapshot;
 use kling_core::AccountId;
 use kling_metrics::{PoolUsage, QueueDepth, Refresh, Snapshot, SnapshotSource};
 use kling_ratelimit::GcraHandle;
+use tokio::time::Instant;
 
 /// A task-slots handle as a [`SnapshotSource`]: every pool's slots in use, believed capacity
 /// and waiters, and a queue depth per pool (`slots:{account}:{pool}`).
@@ -38,7 +40,10 @@ impl<B> SlotsSource<B> {
 
 impl<B: kling_concurrency::backend::SlotBackend> SnapshotSource for SlotsSource<B> {
     fn fill(&self, snapshot: &mut Snapshot) {
-        if let Some(pools) = self.last.now_or_last(self.handle.backend().snapshot()) {
+        if let Some(pools) = self
+            .last
+            .now_or_last(self.handle.backend().snapshot(), None)
+        {
             add_pools(snapshot, &pools);
         }
     }
@@ -72,11 +77,11 @@ fn add_pools(snapshot: &mut Snapshot, pools: &[PoolSnapshot]) {
     }
 }
 
-/// What a source read last from a backend that takes a round trip, and whether a read is
-/// under way.
+/// What a source read last from a backend that takes a round trip, when, and whether a read
+/// is under way.
 #[derive(Debug)]
 struct LastRead<T> {
-    value: std::sync::Mutex<Option<T>>,
+    value: std::sync::Mutex<Option<(T, Instant)>>,
     reading: std::sync::atomic::AtomicBool,
 }
 
@@ -91,22 +96,22 @@ impl<T> Default for LastRead<T> {
 
 impl<T: Clone + Send + 'static> LastRead<T> {
     /// Keeps a read's answer. A failed read (`None`: Redis unreachable) keeps the previous
-    /// one rather than none: the slots and requests of a fleet do not vanish with the
-    /// connection.
+    /// one rather than none: the slots of a fleet do not vanish with the connection (a
+    /// caller that needs a recent figure says how old it may be).
     fn keep(&self, read: Option<T>) {
         if let Some(value) = read {
-            *self.lock() = Some(value);
+            *self.lock() = Some((value, Instant::now()));
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<T>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(T, Instant)>> {
         self.value.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Polls `read` once: its answer if it has one already. Otherwise what the last read
-    /// found, with `read` started on the current runtime to answer the next call (unless a
-    /// read is under way).
-    fn now_or_last<F, E>(self: &Arc<Self>, mut read: F) -> Option<T>
+    /// found, if it is no older than `max_age`, with `read` started on the current runtime to
+    /// answer the next call (unless a read is under way).
+    fn now_or_last<F, E>(self: &Arc<Self>, mut read: F, max_age: Option<Duration>) -> Option<T>
     where
         F: std::future::Future<Output = Result<T, E>> + Send + Unpin + 'static,
     {
@@ -117,7 +122,7 @@ impl<T: Clone + Send + 'static> LastRead<T> {
                 // fall back on the last read shows this one, not an older one.
                 let mut last = self.lock();
                 if last.is_some() {
-                    *last = Some(value.clone());
+                    *last = Some((value.clone(), Instant::now()));
                 }
                 return Some(value);
             }
@@ -131,7 +136,12 @@ impl<T: Clone + Send + 'static> LastRead<T> {
                 }
             }
         }
-        self.lock().clone()
+        let last = self.lock();
+        let (value, read_at) = last.as_ref()?;
+        if max_age.is_some_and(|max| read_at.elapsed() > max) {
+            return None;
+        }
+        Some(value.clone())
     }
 }
 
@@ -206,7 +216,10 @@ impl<Bk: kling_ratelimit::Backend> SnapshotSource for RateLimitSource<Bk> {
             ));
         }
         if let Some(read) = self.fleet_read() {
-            snapshot.rate.fleet_requests = self.fleet.now_or_last(read);
+            // A count over the window read longer ago than the window says nothing of now
+            // (Redis has been unreachable since).
+            let window = snapshot.rate.window;
+            snapshot.rate.fleet_requests = self.fleet.now_or_last(read, Some(window));
         }
     }
 

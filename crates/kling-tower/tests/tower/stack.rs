@@ -520,3 +520,103 @@ async fn a_snapshot_of_a_remote_backend_shows_its_last_read_and_starts_the_next(
     let _third = handle.backend().acquire(key, 1).await.unwrap();
     assert_eq!(in_use(&monitor.refreshed_snapshot().await), Some(3));
 }
+
+/// A rate-limit backend that a fleet shares, as the stack sees it: its count of the fleet's
+/// requests answers on a second poll, or fails while `down` (Redis unreachable).
+struct FleetStore {
+    inner: kling_ratelimit::InProcess,
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl kling_ratelimit::Backend for FleetStore {
+    type AcquireFuture = <kling_ratelimit::InProcess as kling_ratelimit::Backend>::AcquireFuture;
+    type FeedbackFuture = <kling_ratelimit::InProcess as kling_ratelimit::Backend>::FeedbackFuture;
+
+    fn acquire(
+        &self,
+        key: &kling_ratelimit::BucketKey,
+        policy: &kling_ratelimit::Policy,
+    ) -> Self::AcquireFuture {
+        self.inner.acquire(key, policy)
+    }
+
+    fn feedback(
+        &self,
+        key: &kling_ratelimit::BucketKey,
+        policy: &kling_ratelimit::Policy,
+        feedback: kling_ratelimit::Feedback,
+    ) -> Self::FeedbackFuture {
+        self.inner.feedback(key, policy, feedback)
+    }
+
+    fn fleet_requests(
+        &self,
+        _key: &kling_ratelimit::BucketKey,
+    ) -> Option<kling_ratelimit::backend::FleetRequests> {
+        let (requests, down) = (self.requests.clone(), self.down.clone());
+        Some(Box::pin(async move {
+            tokio::task::yield_now().await;
+            if down.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(kling_ratelimit::error::BackendError::unreachable("down"));
+            }
+            Ok(requests.load(std::sync::atomic::Ordering::Relaxed))
+        }))
+    }
+}
+
+/// The fleet's requests show in the snapshot from the source's last read (each snapshot
+/// starts the next), count against the quota, and stop showing once the last read is older
+/// than the window (the store unreachable since): a count over the window that old says
+/// nothing of now.
+#[tokio::test(start_paused = true)]
+async fn the_fleets_requests_show_from_the_last_read_until_it_is_older_than_the_window() {
+    use std::sync::atomic::Ordering;
+
+    use kling_metrics::Monitor;
+    use kling_ratelimit::{GcraLayer, Quota};
+    use kling_tower::stack::RateLimitSource;
+
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(45));
+    let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = FleetStore {
+        inner: kling_ratelimit::InProcess::new(),
+        requests: requests.clone(),
+        down: down.clone(),
+    };
+    let layer = GcraLayer::builder(Quota::per_second(1.0))
+        .backend(store)
+        .build()
+        .unwrap();
+    let monitor = Monitor::builder()
+        .rate_quota(50, Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let account = AccountId::new("acct");
+    monitor.add_source(RateLimitSource::new(layer.handle(), vec![account]));
+    let settle = || tokio::time::sleep(Duration::from_millis(1));
+
+    assert_eq!(
+        monitor.snapshot().rate.fleet_requests,
+        None,
+        "nothing read yet"
+    );
+    settle().await;
+    let snapshot = monitor.snapshot();
+    assert_eq!(snapshot.rate.fleet_requests, Some(45));
+    assert_eq!(snapshot.rate.percent(), Some(90.0));
+    // The store goes away: the last read shows while it is within the window, then not.
+    down.store(true, Ordering::Relaxed);
+    tokio::time::advance(Duration::from_secs(30)).await;
+    settle().await;
+    assert_eq!(monitor.snapshot().rate.fleet_requests, Some(45));
+    tokio::time::advance(Duration::from_secs(31)).await;
+    settle().await;
+    assert_eq!(monitor.snapshot().rate.fleet_requests, None);
+    // Back: read again.
+    down.store(false, Ordering::Relaxed);
+    requests.store(7, Ordering::Relaxed);
+    monitor.snapshot();
+    settle().await;
+    assert_eq!(monitor.snapshot().rate.fleet_requests, Some(7));
+}
