@@ -318,13 +318,49 @@ async fn the_request_rate_is_shared_by_the_stacks() {
     assert!(took < Duration::from_millis(200), "{took:?}");
 }
 
+/// Warnings a monitor fired, by resource.
+type Warned = Arc<Mutex<Vec<kling_metrics::Resource>>>;
+
+/// A monitor that records its warnings in `warned`, with a rate quota if given.
+fn watching(warned: &Warned, quota: Option<(u32, Duration)>) -> kling_metrics::Monitor {
+    let warned = Arc::clone(warned);
+    let mut builder = kling_metrics::Monitor::builder()
+        .on_usage_warning(move |warning| warned.lock().unwrap().push(warning.resource.clone()));
+    if let Some((requests, window)) = quota {
+        builder = builder.rate_quota(requests, window);
+    }
+    builder.build().unwrap()
+}
+
+/// Two processes of one account: stacks on `config` sharing `prefix` on `redis`, the first
+/// with the preset's monitor, the second with `monitor`.
+async fn two_processes(
+    redis: &RedisServer,
+    prefix: &str,
+    config: &StackConfig,
+    monitor: kling_metrics::Monitor,
+) -> [KlingLayer<Redis>; 2] {
+    let credentials = || Credentials::api_key(KEY).unwrap();
+    [
+        KlingLayer::builder(config.clone(), credentials())
+            .shared(connect(redis, prefix).await)
+            .build()
+            .unwrap(),
+        KlingLayer::builder(config.clone(), credentials())
+            .monitor(monitor)
+            .shared(connect(redis, prefix).await)
+            .build()
+            .unwrap(),
+    ]
+}
+
 /// Another process's tasks show in this process's snapshot: its pools are the fleet's, read
 /// from Redis by `refreshed_snapshot`, and by each synchronous snapshot for the next one, and
 /// the pool's usage warning fires in a process that created none of the tasks. The control is
 /// the same two stacks with in-process limits: the other process's pool is empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_shows_the_fleets_pools_and_warns_in_every_process() {
-    use kling_metrics::{Monitor, Resource};
+    use kling_metrics::Resource;
 
     let Some(redis) = redis() else { return };
     let _one = ONE_AT_A_TIME.lock().await;
@@ -342,14 +378,7 @@ async fn a_snapshot_shows_the_fleets_pools_and_warns_in_every_process() {
     let mock = new_mock();
     let pro = || StackConfig::preset(Tier::Pro).speed(10.0);
     let credentials = || Credentials::api_key(KEY).unwrap();
-    let warned = Arc::new(Mutex::new(Vec::new()));
-    let watching = || {
-        let warned = Arc::clone(&warned);
-        Monitor::builder()
-            .on_usage_warning(move |warning| warned.lock().unwrap().push(warning.resource.clone()))
-            .build()
-            .unwrap()
-    };
+    let warned = Warned::default();
     let create = |kling: &KlingLayer<Redis>, n: usize| {
         let service = kling.layer(mock.clone());
         async move {
@@ -363,15 +392,8 @@ async fn a_snapshot_shows_the_fleets_pools_and_warns_in_every_process() {
     };
     let video = |snapshot: &kling_metrics::Snapshot| snapshot.pool("video").map(|p| p.in_use);
 
-    let creating = KlingLayer::builder(pro(), credentials())
-        .shared(connect(&redis, "snapshot-test").await)
-        .build()
-        .unwrap();
-    let watching_stack = KlingLayer::builder(pro(), credentials())
-        .monitor(watching())
-        .shared(connect(&redis, "snapshot-test").await)
-        .build()
-        .unwrap();
+    let [creating, watching_stack] =
+        two_processes(&redis, "snapshot-test", &pro(), watching(&warned, None)).await;
     for n in 0..4 {
         create(&creating, n).await;
     }
@@ -421,7 +443,7 @@ async fn a_snapshot_shows_the_fleets_pools_and_warns_in_every_process() {
 /// knows only its own requests (none) and stays quiet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleets_requests_count_against_the_quota_in_every_process() {
-    use kling_metrics::{Monitor, Resource};
+    use kling_metrics::Resource;
 
     let Some(redis) = redis() else { return };
     let _one = ONE_AT_A_TIME.lock().await;
@@ -433,15 +455,8 @@ async fn the_fleets_requests_count_against_the_quota_in_every_process() {
         let config = MockConfig::preset(Preset::Pro).speed(30.0).no_rate_limit();
         MockKling::new(config.api_key(KEY)).unwrap()
     };
-    let warned = Arc::new(Mutex::new(Vec::new()));
-    let watching = || {
-        let warned = Arc::clone(&warned);
-        Monitor::builder()
-            .rate_quota(40, window)
-            .on_usage_warning(move |warning| warned.lock().unwrap().push(warning.resource.clone()))
-            .build()
-            .unwrap()
-    };
+    let warned = Warned::default();
+    let quota = Some((40, window));
     async fn forty_queries<B: StackBackends>(kling: &KlingLayer<B>, mock: MockKling)
     where
         Kling<MockKling, B>: Service<
@@ -460,15 +475,8 @@ async fn the_fleets_requests_count_against_the_quota_in_every_process() {
         }
     }
 
-    let sending = KlingLayer::builder(pro(), credentials())
-        .shared(connect(&redis, "fleet-rate-test").await)
-        .build()
-        .unwrap();
-    let quiet = KlingLayer::builder(pro(), credentials())
-        .monitor(watching())
-        .shared(connect(&redis, "fleet-rate-test").await)
-        .build()
-        .unwrap();
+    let [sending, quiet] =
+        two_processes(&redis, "fleet-rate-test", &pro(), watching(&warned, quota)).await;
     let started = std::time::Instant::now();
     forty_queries(&sending, mock()).await;
     let snapshot = quiet.refreshed_snapshot().await;
@@ -491,7 +499,7 @@ async fn the_fleets_requests_count_against_the_quota_in_every_process() {
     warned.lock().unwrap().clear();
     let sending = KlingLayer::builder(pro(), credentials()).build().unwrap();
     let quiet = KlingLayer::builder(pro(), credentials())
-        .monitor(watching())
+        .monitor(watching(&warned, quota))
         .build()
         .unwrap();
     forty_queries(&sending, mock()).await;
