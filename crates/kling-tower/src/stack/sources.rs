@@ -17,9 +17,9 @@ use tokio::time::Instant;
 ///
 /// A snapshot must not wait. The in-process backend answers at once. A remote backend (the
 /// fleet's pools in Redis) takes a round trip: a snapshot shows the pools as its source read
-/// them last, and starts the next read (on the current tokio runtime, one at a time), so a
-/// periodic scrape sees them at most one period old; [`Monitor::refreshed_snapshot`] reads
-/// them first.
+/// them last, and starts the next read (one at a time, on the current tokio runtime or the
+/// one the source was made on), so a periodic scrape sees them at most one period old;
+/// [`Monitor::refreshed_snapshot`] reads them first.
 ///
 /// [`Monitor::refreshed_snapshot`]: kling_metrics::Monitor::refreshed_snapshot
 #[derive(Clone, Debug)]
@@ -83,6 +83,9 @@ fn add_pools(snapshot: &mut Snapshot, pools: &[PoolSnapshot]) {
 struct LastRead<T> {
     value: std::sync::Mutex<Option<(T, Instant)>>,
     reading: std::sync::atomic::AtomicBool,
+    /// The runtime the source was made on: a read starts there when a snapshot is taken off
+    /// any runtime (a thread of its own serving `/metrics`, say).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl<T> Default for LastRead<T> {
@@ -90,6 +93,7 @@ impl<T> Default for LastRead<T> {
         LastRead {
             value: std::sync::Mutex::new(None),
             reading: std::sync::atomic::AtomicBool::new(false),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 }
@@ -109,8 +113,8 @@ impl<T: Clone + Send + 'static> LastRead<T> {
     }
 
     /// Polls `read` once: its answer if it has one already. Otherwise what the last read
-    /// found, if it is no older than `max_age`, with `read` started on the current runtime to
-    /// answer the next call (unless a read is under way).
+    /// found, if it is no older than `max_age`, with `read` started to answer the next call
+    /// (unless a read is under way) on the current runtime, or else on the source's.
     fn now_or_last<F, E>(self: &Arc<Self>, mut read: F, max_age: Option<Duration>) -> Option<T>
     where
         F: std::future::Future<Output = Result<T, E>> + Send + Unpin + 'static,
@@ -128,7 +132,10 @@ impl<T: Clone + Send + 'static> LastRead<T> {
             }
             Poll::Ready(Err(_)) => {}
             Poll::Pending => {
-                if let Ok(runtime) = tokio::runtime::Handle::try_current()
+                let runtime = tokio::runtime::Handle::try_current()
+                    .ok()
+                    .or_else(|| self.runtime.clone());
+                if let Some(runtime) = runtime
                     && !self.reading.swap(true, std::sync::atomic::Ordering::AcqRel)
                 {
                     let reading = Reading(Arc::clone(self));

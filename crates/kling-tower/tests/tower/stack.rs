@@ -517,8 +517,18 @@ async fn a_snapshot_of_a_remote_backend_shows_its_last_read_and_starts_the_next(
     settle().await;
     assert_eq!(in_use(&monitor.snapshot()), Some(2));
     // A refreshed snapshot reads first.
-    let _third = handle.backend().acquire(key, 1).await.unwrap();
+    let _third = handle.backend().acquire(key.clone(), 1).await.unwrap();
     assert_eq!(in_use(&monitor.refreshed_snapshot().await), Some(3));
+    settle().await;
+    // A snapshot taken off any runtime (a thread of its own) starts the read on the source's.
+    let _fourth = handle.backend().acquire(key, 1).await.unwrap();
+    let off_runtime = monitor.clone();
+    let shown = std::thread::spawn(move || in_use(&off_runtime.snapshot()))
+        .join()
+        .unwrap();
+    assert_eq!(shown, Some(3));
+    settle().await;
+    assert_eq!(in_use(&monitor.snapshot()), Some(4));
 }
 
 /// A rate-limit backend that a fleet shares, as the stack sees it: its count of the fleet's
