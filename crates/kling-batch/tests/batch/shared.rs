@@ -8,8 +8,8 @@ use kling_redis::testing::RedisServer;
 use crate::support::{finish, pro_mock, results, run_command, summary, temp_dir, write_jobs_named};
 
 /// Runs two processes of 30 jobs each on one account at once (sharing `redis`, if given);
-/// checks every job of both succeeded and returns the mock's counts.
-async fn two_runs(name: &str, redis: Option<&RedisServer>) -> MockStats {
+/// with `all_succeed`, checks every job of both succeeded. Returns the mock's counts.
+async fn two_runs(name: &str, redis: Option<&RedisServer>, all_succeed: bool) -> MockStats {
     let server = MockServer::start(pro_mock()).await.unwrap();
     let mut runs = Vec::new();
     for run in ["a", "b"] {
@@ -31,6 +31,9 @@ async fn two_runs(name: &str, redis: Option<&RedisServer>) -> MockStats {
     }
     for (run, out) in runs {
         let output = run.await.unwrap();
+        if !all_succeed {
+            continue;
+        }
         assert_eq!(
             output.status.code(),
             Some(0),
@@ -52,7 +55,7 @@ async fn two_runs_sharing_redis_never_exceed_the_accounts_slots() {
     let Some(redis) = RedisServer::start_or_skip().expect("CI=true requires a redis-server") else {
         return;
     };
-    let stats = two_runs("shared", Some(&redis)).await;
+    let stats = two_runs("shared", Some(&redis), true).await;
     assert_eq!(stats.tasks_created, 60, "{stats:?}");
     assert_eq!(stats.duplicate_external_ids, 0, "{stats:?}");
     // Neither a create over the account's 5 slots nor a request over its rate.
@@ -61,10 +64,10 @@ async fn two_runs_sharing_redis_never_exceed_the_accounts_slots() {
     assert!(stats.max_concurrent["video"] <= 5, "{stats:?}");
 
     // The control: the same two runs, each counting the account's slots and rate as its own,
-    // are refused (and recover through the retry layer, paying for it in 429s: 3–7 1303s and
-    // 17–36 1302s in three runs).
-    let stats = two_runs("apart", None).await;
-    assert_eq!(stats.tasks_created, 60, "{stats:?}");
+    // are refused. They mostly recover through the retry layer, paying for it in 429s (3–7
+    // 1303s and 17–36 1302s in three runs), but on a loaded machine a job can run out of
+    // attempts (a CI run saw one run exit 1): only the refusals are the control's point.
+    let stats = two_runs("apart", None, false).await;
     assert!(code(&stats, "1303") + code(&stats, "1302") > 0, "{stats:?}");
 }
 
