@@ -674,6 +674,7 @@ impl Monitor {
                 quota: inner.quota,
                 window: inner.window.window,
                 fleet_requests: None,
+                fleet_read_at: None,
             },
             pools: Vec::new(),
             queues: Vec::new(),
@@ -691,7 +692,10 @@ impl Monitor {
             source.fill(&mut snapshot);
         }
         if let Some(fleet) = snapshot.rate.fleet_requests {
-            inner.fleet.note(fleet, inner.window.nanos_since_start(now));
+            let read_at = snapshot.rate.fleet_read_at.unwrap_or(now).min(now);
+            inner
+                .fleet
+                .note(fleet, inner.window.nanos_since_start(read_at));
         }
         self.check_rate(requests, || inner.window.total(now));
         self.check_pools(&snapshot);
@@ -1532,6 +1536,33 @@ mod tests {
         tokio::time::advance(Duration::from_secs(61)).await;
         monitor.note_requests(Instant::now(), 1);
         assert!(!monitor.inner.rate_warned.load(Ordering::Relaxed));
+    }
+
+    /// A fleet's figure ages from when its source read it, not from the snapshot that showed
+    /// it: a source showing its last read (Redis unreachable since) stops counting against the
+    /// quota a window after that read.
+    #[tokio::test(start_paused = true)]
+    async fn a_fleet_figure_ages_from_its_read() {
+        let monitor = Monitor::builder()
+            .rate_quota(100, Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let read_at = Instant::now();
+        monitor.add_source(move |snapshot: &mut Snapshot| {
+            snapshot.rate.fleet_requests = Some(95);
+            snapshot.rate.fleet_read_at = Some(read_at);
+        });
+        tokio::time::advance(Duration::from_secs(50)).await;
+        monitor.snapshot();
+        assert!(monitor.inner.rate_warned.load(Ordering::Relaxed));
+        // 61 s after the read (11 after the snapshot): the figure is past its window, and
+        // this process's few requests re-arm the warning.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        monitor.note_requests(Instant::now(), 1);
+        assert!(
+            !monitor.inner.rate_warned.load(Ordering::Relaxed),
+            "a figure read 61 s ago still counted"
+        );
     }
 
     #[test]

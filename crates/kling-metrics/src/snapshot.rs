@@ -63,6 +63,11 @@ pub struct RateUsage {
     /// source knows (the Redis backends: their shared store counts them); `requests` is this
     /// process's alone.
     pub fleet_requests: Option<u64>,
+    /// When the source read `fleet_requests` from the shared store (tokio's clock, so a test
+    /// in paused time ages it too); `None` when it was read for this snapshot. The monitor
+    /// counts the figure against the quota until it is a window old from this time, not from
+    /// the snapshot that showed it.
+    pub fleet_read_at: Option<tokio::time::Instant>,
 }
 
 impl RateUsage {

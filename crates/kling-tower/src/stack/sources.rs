@@ -40,7 +40,7 @@ impl<B> SlotsSource<B> {
 
 impl<B: kling_concurrency::backend::SlotBackend> SnapshotSource for SlotsSource<B> {
     fn fill(&self, snapshot: &mut Snapshot) {
-        if let Some(pools) = self
+        if let Some((pools, _)) = self
             .last
             .now_or_last(self.handle.backend().snapshot(), None)
         {
@@ -114,8 +114,13 @@ impl<T: Clone + Send + 'static> LastRead<T> {
 
     /// Polls `read` once: its answer if it has one already. Otherwise what the last read
     /// found, if it is no older than `max_age`, with `read` started to answer the next call
-    /// (unless a read is under way) on the current runtime, or else on the source's.
-    fn now_or_last<F, E>(self: &Arc<Self>, mut read: F, max_age: Option<Duration>) -> Option<T>
+    /// (unless a read is under way) on the current runtime, or else on the source's. With
+    /// the time of the read.
+    fn now_or_last<F, E>(
+        self: &Arc<Self>,
+        mut read: F,
+        max_age: Option<Duration>,
+    ) -> Option<(T, Instant)>
     where
         F: std::future::Future<Output = Result<T, E>> + Send + Unpin + 'static,
     {
@@ -124,11 +129,12 @@ impl<T: Clone + Send + 'static> LastRead<T> {
             Poll::Ready(Ok(value)) => {
                 // A remote backend that answered at once this time: a later call that must
                 // fall back on the last read shows this one, not an older one.
+                let now = Instant::now();
                 let mut last = self.lock();
                 if last.is_some() {
-                    *last = Some((value.clone(), Instant::now()));
+                    *last = Some((value.clone(), now));
                 }
-                return Some(value);
+                return Some((value, now));
             }
             Poll::Ready(Err(_)) => {}
             Poll::Pending => {
@@ -148,7 +154,7 @@ impl<T: Clone + Send + 'static> LastRead<T> {
         if max_age.is_some_and(|max| read_at.elapsed() > max) {
             return None;
         }
-        Some(value.clone())
+        Some((value.clone(), *read_at))
     }
 }
 
@@ -226,7 +232,10 @@ impl<Bk: kling_ratelimit::Backend> SnapshotSource for RateLimitSource<Bk> {
             // A count over the window read longer ago than the window says nothing of now
             // (Redis has been unreachable since).
             let window = snapshot.rate.window;
-            snapshot.rate.fleet_requests = self.fleet.now_or_last(read, Some(window));
+            if let Some((requests, read_at)) = self.fleet.now_or_last(read, Some(window)) {
+                snapshot.rate.fleet_requests = Some(requests);
+                snapshot.rate.fleet_read_at = Some(read_at);
+            }
         }
     }
 

@@ -615,11 +615,16 @@ async fn the_fleets_requests_show_from_the_last_read_until_it_is_older_than_the_
     let snapshot = monitor.snapshot();
     assert_eq!(snapshot.rate.fleet_requests, Some(45));
     assert_eq!(snapshot.rate.percent(), Some(90.0));
-    // The store goes away: the last read shows while it is within the window, then not.
+    let read_at = snapshot.rate.fleet_read_at.expect("the read's time");
+    assert!(read_at.elapsed() <= Duration::from_millis(1), "{read_at:?}");
+    // The store goes away: the last read shows, with its time, while it is within the
+    // window, then not.
     down.store(true, Ordering::Relaxed);
     tokio::time::advance(Duration::from_secs(30)).await;
     settle().await;
-    assert_eq!(monitor.snapshot().rate.fleet_requests, Some(45));
+    let snapshot = monitor.snapshot();
+    assert_eq!(snapshot.rate.fleet_requests, Some(45));
+    assert_eq!(snapshot.rate.fleet_read_at, Some(read_at));
     tokio::time::advance(Duration::from_secs(31)).await;
     settle().await;
     assert_eq!(monitor.snapshot().rate.fleet_requests, None);
