@@ -83,6 +83,7 @@ pub fn summarize(
         stack.calls().requests(),
         stack.attempts().requests(),
         &stack.attempts().by_code(),
+        stack.attempts().other_codes(),
     );
     summary.creates = report.creates;
     summary.interrupted = report.interrupted;

@@ -71,7 +71,8 @@ pub struct Summary {
     pub retries: u64,
     /// Creates sent.
     pub creates: u64,
-    /// Answers by Kling code (`"0"`, `"1302"`, …).
+    /// Answers by Kling code (`"0"`, `"1302"`, …); `"other"` sums the answers of codes
+    /// outside Kling's table past the first 32 such codes.
     pub responses_by_code: BTreeMap<String, u64>,
     /// The HTTP 429 answers among them, by code.
     pub rejections_429: BTreeMap<String, u64>,
@@ -149,12 +150,23 @@ impl Summary {
         }
     }
 
-    /// Sets the traffic counts from answers by code.
-    pub fn set_traffic(&mut self, calls: u64, requests: u64, by_code: &BTreeMap<i64, u64>) {
+    /// Sets the traffic counts from answers by code, and `other_codes` answers not counted by
+    /// code.
+    pub fn set_traffic(
+        &mut self,
+        calls: u64,
+        requests: u64,
+        by_code: &BTreeMap<i64, u64>,
+        other_codes: u64,
+    ) {
         self.calls = calls;
         self.requests = requests;
         self.retries = requests.saturating_sub(calls);
         self.responses_by_code = by_code.iter().map(|(c, n)| (c.to_string(), *n)).collect();
+        if other_codes > 0 {
+            self.responses_by_code
+                .insert("other".to_owned(), other_codes);
+        }
         self.rejections_429 = by_code
             .iter()
             .filter(|(c, _)| is_429(**c))
@@ -280,7 +292,7 @@ mod tests {
         let mut by_code = BTreeMap::new();
         by_code.insert(0, 10);
         by_code.insert(1302, 2);
-        s.set_traffic(10, 12, &by_code);
+        s.set_traffic(10, 12, &by_code, 0);
         assert_eq!(s.retries, 2);
         assert_eq!(s.rejections_of(1302), 2);
         assert_eq!(s.rejections_of(1303), 0);

@@ -26,13 +26,26 @@ fn slot(code: i64) -> Option<usize> {
     KNOWN.iter().position(|c| *c == code)
 }
 
+/// Codes outside [`KNOWN`] counted by number; the answers of later ones are summed
+/// ([`Counts::other_codes`]). The code is the server's input: one answering a new code each
+/// time must not grow the counts without end. The bound of kling-metrics' snapshot.
+const OTHER_CODES: usize = 32;
+
+/// The answers of codes outside [`KNOWN`].
+#[derive(Debug, Default)]
+struct Others {
+    by_code: BTreeMap<i64, u64>,
+    /// Answers of codes past the first [`OTHER_CODES`].
+    rest: u64,
+}
+
 /// What a [`TallyLayer`] counted.
 #[derive(Debug, Default)]
 pub struct Counts {
     requests: AtomicU64,
     errors: AtomicU64,
     known: [AtomicU64; KNOWN.len()],
-    other: Mutex<BTreeMap<i64, u64>>,
+    other: Mutex<Others>,
 }
 
 impl Counts {
@@ -46,9 +59,10 @@ impl Counts {
         self.errors.load(Ordering::Relaxed)
     }
 
-    /// Responses by Kling code.
+    /// Responses by Kling code: every code of Kling's table, and the first 32 others seen
+    /// (the rest are in [`other_codes`](Self::other_codes)).
     pub fn by_code(&self) -> BTreeMap<i64, u64> {
-        let mut map = self.other.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut map = self.others().by_code.clone();
         for (code, count) in KNOWN.iter().zip(&self.known) {
             let n = count.load(Ordering::Relaxed);
             if n > 0 {
@@ -58,18 +72,21 @@ impl Counts {
         map
     }
 
-    /// Responses of one code.
+    /// Responses of one code (0 for a code past the first 32 outside Kling's table).
     pub fn of(&self, code: i64) -> u64 {
         match slot(code) {
             Some(i) => self.known[i].load(Ordering::Relaxed),
-            None => self
-                .other
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&code)
-                .copied()
-                .unwrap_or(0),
+            None => self.others().by_code.get(&code).copied().unwrap_or(0),
         }
+    }
+
+    /// Responses whose code is outside Kling's table and came after 32 other such codes.
+    pub fn other_codes(&self) -> u64 {
+        self.others().rest
+    }
+
+    fn others(&self) -> std::sync::MutexGuard<'_, Others> {
+        self.other.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn record<B>(&self, result: &Result<Response<B>, impl Sized>) {
@@ -82,8 +99,14 @@ impl Counts {
                             self.known[i].fetch_add(1, Ordering::Relaxed);
                         }
                         None => {
-                            let mut map = self.other.lock().unwrap_or_else(|e| e.into_inner());
-                            *map.entry(code).or_default() += 1;
+                            let mut others = self.others();
+                            if let Some(count) = others.by_code.get_mut(&code) {
+                                *count += 1;
+                            } else if others.by_code.len() < OTHER_CODES {
+                                others.by_code.insert(code, 1);
+                            } else {
+                                others.rest += 1;
+                            }
                         }
                     }
                 }
@@ -219,5 +242,40 @@ mod tests {
         assert_eq!(counts.of(9999), 1);
         let by_code: Vec<(i64, u64)> = counts.by_code().into_iter().collect();
         assert_eq!(by_code, [(0, 1), (1303, 2), (9999, 1)]);
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::*;
+
+    fn answer(code: i64) -> Result<Response<()>, ()> {
+        let body = format!(r#"{{"code":{code},"message":"odd","request_id":"r"}}"#);
+        let outcome = Outcome::parse(
+            http::StatusCode::BAD_REQUEST,
+            &http::HeaderMap::new(),
+            body.as_bytes(),
+            tokio::time::Instant::now(),
+        )
+        .unwrap();
+        let mut response = Response::new(());
+        response.extensions_mut().insert(outcome);
+        Ok(response)
+    }
+
+    /// A server answering a new code each time: 32 are kept by number, the rest summed.
+    #[test]
+    fn codes_outside_the_table_are_kept_up_to_the_bound_then_summed() {
+        let counts = Counts::default();
+        for code in 0..100 {
+            counts.record(&answer(20_000 + code));
+        }
+        counts.record(&answer(20_000));
+        counts.record(&answer(1302));
+        assert_eq!(counts.by_code().len(), OTHER_CODES + 1);
+        assert_eq!(counts.of(20_000), 2);
+        assert_eq!(counts.of(1302), 1);
+        assert_eq!(counts.of(20_099), 0);
+        assert_eq!(counts.other_codes(), 100 - OTHER_CODES as u64);
     }
 }
