@@ -3,7 +3,8 @@
 //!
 //! - latency: one decision at a time (p50, p99, max), the `Backend::acquire` a queue head
 //!   makes, one `EVALSHA` round trip each;
-//! - throughput: 64 decisions in flight at once over the process's one multiplexed connection;
+//! - throughput: 64 decisions in flight at once over the process's one multiplexed connection,
+//!   with the fleet's requests counted (the default) and not, twice each, taking turns;
 //! - the same for task slots: `acquire` + `GiveBack` (two scripts).
 
 #![allow(clippy::print_stdout)]
@@ -39,6 +40,30 @@ fn report(what: &str, mut samples: Vec<Duration>) {
     );
 }
 
+/// Decisions a second with [`IN_FLIGHT`] asking at once for [`THROUGHPUT_FOR`].
+async fn throughput(gcra: &Arc<RedisGcra>, key: &BucketKey, policy: Policy) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Instant::now() + THROUGHPUT_FOR;
+    let tasks: Vec<_> = (0..IN_FLIGHT)
+        .map(|_| {
+            let gcra = Arc::clone(gcra);
+            let done = Arc::clone(&done);
+            let key = key.clone();
+            tokio::spawn(async move {
+                while Instant::now() < stop {
+                    gcra.acquire(&key, &policy).await.unwrap();
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -70,27 +95,16 @@ fn main() {
         }
         report("gcra decision latency", samples);
 
-        let done = Arc::new(AtomicU64::new(0));
-        let stop = Instant::now() + THROUGHPUT_FOR;
-        let tasks: Vec<_> = (0..IN_FLIGHT)
-            .map(|_| {
-                let gcra = Arc::clone(&gcra);
-                let done = Arc::clone(&done);
-                let key = key.clone();
-                tokio::spawn(async move {
-                    while Instant::now() < stop {
-                        gcra.acquire(&key, &policy).await.unwrap();
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-            })
-            .collect();
-        let start = Instant::now();
-        for task in tasks {
-            task.await.unwrap();
+        // Counting the fleet's requests on and off, taking turns so both see the same machine.
+        let quiet = Arc::new(RedisGcra::new(conn.clone()).count_requests(false));
+        for _ in 0..2 {
+            for (backend, what) in [(&gcra, ""), (&quiet, ", requests not counted")] {
+                let rate = throughput(backend, &key, policy).await;
+                println!(
+                    "gcra decisions per second, one process, {IN_FLIGHT} in flight{what}: {rate:.0}"
+                );
+            }
         }
-        let rate = done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
-        println!("gcra decisions per second, one process, {IN_FLIGHT} in flight: {rate:.0}");
 
         let slots = RedisSlots::new(conn, SlotsConfig::new(1_000_000)).unwrap();
         let slot_key = SlotKey::new(AccountId::new("bench"), Pool::new(Product::Video));

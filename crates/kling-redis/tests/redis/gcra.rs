@@ -673,3 +673,26 @@ async fn the_fleets_requests_over_the_window_are_counted_once_each() {
         "{recent} in the last window, expected {surely_in} to {maybe_in}"
     );
 }
+
+/// A process that does not count adds nothing to the fleet's count and reports no fleet
+/// figure (its monitor counts its own requests), while one that counts still does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_does_not_count_requests_adds_nothing_to_the_fleets_count() {
+    let Some(server) = redis() else { return };
+    let quiet = RedisGcra::new(connect(&server).await).count_requests(false);
+    let counting = RedisGcra::new(connect(&server).await);
+    let policy = Policy::new(Quota::per_second(10_000.0), Cooldown::default());
+    let account = AccountId::new("quiet");
+    let key = BucketKey::account(Some(account.clone()));
+    for _ in 0..5 {
+        assert_eq!(quiet.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+    }
+    assert_eq!(
+        counting.acquire(&key, &policy).await.unwrap(),
+        Decision::Admit
+    );
+    assert!(Backend::fleet_requests(&quiet, &key).is_none());
+    let read = Backend::fleet_requests(&counting, &key).expect("a counting backend's figure");
+    assert_eq!(read.await.unwrap(), 1);
+    assert_eq!(quiet.fleet_requests(Some(&account)).await.unwrap(), 1);
+}
