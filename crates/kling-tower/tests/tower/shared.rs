@@ -506,6 +506,29 @@ async fn the_fleets_requests_count_against_the_quota_in_every_process() {
     let snapshot = quiet.refreshed_snapshot().await;
     assert_eq!(snapshot.rate.fleet_requests, None);
     assert!(warned.lock().unwrap().is_empty(), "{snapshot:?}");
+
+    // A fleet that does not count its requests: shared limits, no fleet figure.
+    let not_counting = |monitor: Option<kling_metrics::Monitor>| {
+        let redis = &redis;
+        let pro = pro();
+        async move {
+            let backends =
+                Redis::new(connect(redis, "fleet-rate-uncounted").await).count_requests(false);
+            let builder = KlingLayer::builder(pro, credentials()).backends(backends);
+            match monitor {
+                Some(monitor) => builder.monitor(monitor),
+                None => builder,
+            }
+            .build()
+            .unwrap()
+        }
+    };
+    let sending = not_counting(None).await;
+    let quiet = not_counting(Some(watching(&warned, quota))).await;
+    forty_queries(&sending, mock()).await;
+    let snapshot = quiet.refreshed_snapshot().await;
+    assert_eq!(snapshot.rate.fleet_requests, None, "{snapshot:?}");
+    assert!(warned.lock().unwrap().is_empty(), "{snapshot:?}");
 }
 
 /// A gateway in each of two processes (two `GatewayLayer`s on one Redis): an account's slot
