@@ -125,10 +125,14 @@ async fn main() -> Result<(), BoxError> {
         router = router.route(
             &format!("/kling/callback/{team}"),
             callback_route(verifier.clone(), move |task| {
-                // Free the slot and end the follow at once; the follower confirms later if needed.
-                follower.deliver(task.clone());
-                let stack = stack.clone();
-                tokio::spawn(async move { stack.on_task(&task).await });
+                // Free the slot, then end the follow: whoever sees the task end finds its slot
+                // free (and can create the next task at once). The follower confirms later if
+                // needed.
+                let (stack, follower) = (stack.clone(), follower.clone());
+                tokio::spawn(async move {
+                    stack.on_task(&task).await;
+                    follower.deliver(task);
+                });
             }),
         );
     }
