@@ -352,7 +352,10 @@ where
     }
 
     /// Hands over a task report from a callback: a follower waiting for that task ends with
-    /// it at once (non-terminal reports are ignored).
+    /// it at once (non-terminal reports are ignored). Free the task's slots first
+    /// ([`KlingLayer::on_task`](crate::KlingLayer::on_task) or
+    /// [`on_callback`](crate::KlingLayer::on_callback), awaited), so whoever sees the follow
+    /// end finds them free.
     pub fn deliver(&self, report: TaskReport) {
         if !report.status.is_terminal() {
             return;
