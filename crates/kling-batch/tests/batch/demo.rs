@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_default_demo_completes_every_job_unrefused_and_near_the_bound() {
+async fn the_default_demo_completes_every_job_near_the_bound_without_a_slot_refusal() {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_kling-batch"));
     cmd.args(["demo", "--json"]).kill_on_drop(true);
     let output = tokio::time::timeout(Duration::from_secs(90), cmd.output())
@@ -26,12 +26,22 @@ async fn the_default_demo_completes_every_job_unrefused_and_near_the_bound() {
     let server = &s["server"];
     assert_eq!(server["tasks_created"], 100);
     assert_eq!(server["duplicate_external_ids"], 0);
-    for code in ["1302", "1303"] {
-        assert!(
-            server["responses_by_code"].get(code).is_none(),
-            "{code}: {s}"
-        );
-    }
+    assert!(server["responses_by_code"].get("1303").is_none(), "{s}");
+    // The demo paces requests with a 5 ms real-time margin (`demo::JITTER_MARGIN`); on a
+    // machine loaded enough to hold one request back longer than that on its way to the
+    // mock, the next can reach it early and meet a 1302, which the retry layer absorbs. On a
+    // quiet machine there are none (the README's run); without the stack's pacing, 6 in 106. The
+    // zero-429 targets are checked deterministically in paused time (kling-bench's goodput).
+    let rate_refusals = server["responses_by_code"]
+        .get("1302")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    let requests = s["requests"].as_u64().unwrap();
+    assert!(
+        rate_refusals * 100 < 3 * requests,
+        "{rate_refusals} 1302s in {requests} requests: {s}"
+    );
+    assert_eq!(s["retries"].as_u64(), Some(rate_refusals), "{s}");
     assert_eq!(s["bound_basis"], "mock");
     let efficiency = s["efficiency"].as_f64().unwrap();
     assert!(efficiency >= 0.9, "efficiency {efficiency}: {s}");
