@@ -30,8 +30,8 @@ async fn the_default_demo_completes_every_job_near_the_bound_without_a_slot_refu
     // The demo paces requests with a 5 ms real-time margin (`demo::JITTER_MARGIN`); on a
     // machine loaded enough to hold one request back longer than that on its way to the
     // mock, the next can reach it early and meet a 1302, which the retry layer absorbs. On a
-    // quiet machine there are none (the README's run); without the stack's pacing, 6 in 106. The
-    // zero-429 targets are checked deterministically in paused time (kling-bench's goodput).
+    // quiet machine there are none (the README's run); without the stack's pacing, 6 in 106.
+    // The zero-429 targets are checked exactly in paused time (kling-bench's goodput).
     let rate_refusals = server["responses_by_code"]
         .get("1302")
         .and_then(serde_json::Value::as_u64)

@@ -237,7 +237,7 @@ fn assert_bare_client_is_refused(stats: &Stats) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hundred_jobs_through_the_pro_preset_on_hyper_are_never_refused() {
+async fn a_hundred_jobs_through_the_pro_preset_on_hyper_stay_within_the_limits() {
     let _one = ONE_AT_A_TIME.lock().await;
     let server = pro_mock();
     let kling = pro_stack(&server);
@@ -260,7 +260,7 @@ async fn a_hundred_jobs_through_the_pro_preset_on_hyper_are_never_refused() {
 
 #[cfg(feature = "reqwest")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hundred_jobs_through_the_pro_preset_on_reqwest_are_never_refused() {
+async fn a_hundred_jobs_through_the_pro_preset_on_reqwest_stay_within_the_limits() {
     use kling_tower::client::ReqwestService;
 
     let _one = ONE_AT_A_TIME.lock().await;
