@@ -130,7 +130,9 @@ async fn main() -> Result<(), BoxError> {
                 // needed.
                 let (stack, follower) = (stack.clone(), follower.clone());
                 tokio::spawn(async move {
-                    stack.on_task(&task).await;
+                    if let Err(e) = stack.on_task(&task).await {
+                        println!("task {}: slot not freed by its callback: {e}", task.id);
+                    }
                     follower.deliver(task);
                 });
             }),
