@@ -194,13 +194,13 @@ impl FleetCount {
         self.read_at.store(at_nanos + 1, Ordering::Release);
     }
 
-    /// The figure, if read within the last window (else 0).
-    fn recent(&self, window: &RateWindow) -> u64 {
+    /// The figure, if read within the window before `now` (else 0).
+    fn recent(&self, window: &RateWindow, now: Instant) -> u64 {
         let read_at = self.read_at.load(Ordering::Acquire);
         if read_at == 0 {
             return 0;
         }
-        let now = window.nanos_since_start(Instant::now());
+        let now = window.nanos_since_start(now);
         if now.saturating_sub(read_at - 1) > window.window.as_nanos() as u64 {
             return 0;
         }
@@ -697,7 +697,7 @@ impl Monitor {
                 .fleet
                 .note(fleet, inner.window.nanos_since_start(read_at));
         }
-        self.check_rate(requests, || inner.window.total(now));
+        self.check_rate(now, requests, || inner.window.total(now));
         self.check_pools(&snapshot);
         snapshot
     }
@@ -864,7 +864,7 @@ impl Monitor {
                 || !inner.window.surely_below(epoch, own, fire_at))
         {
             let total = || inner.window.total_at(epoch);
-            self.check_rate(total(), total);
+            self.check_rate(now, total(), total);
         }
     }
 
@@ -933,20 +933,20 @@ impl Monitor {
         metrics::counter!(TASKS_FINISHED, LABEL_POOL => pool, LABEL_STATUS => status).increment(1);
     }
 
-    /// Fires or re-arms the rate warning for `requests` in the window; `fresh` reads the
-    /// window again.
+    /// Fires or re-arms the rate warning for `requests` in the window at `now`; `fresh` reads
+    /// the window again.
     ///
     /// A re-arm goes by a reading taken after the warning was seen fired: `requests` may have
     /// been read before another thread counted more and fired, and re-arming on it would let
     /// the next request fire the warning a second time in one crossing.
-    fn check_rate(&self, requests: u64, fresh: impl FnOnce() -> u64) {
+    fn check_rate(&self, now: Instant, requests: u64, fresh: impl FnOnce() -> u64) {
         let Some(quota) = self.inner.quota else {
             return;
         };
         let inner = &*self.inner;
         // The fleet's requests, as the last snapshot read them, count too: otherwise this
         // process's own count, far below the quota, would re-arm a warning the fleet fired.
-        let fleet = inner.fleet.recent(&inner.window);
+        let fleet = inner.fleet.recent(&inner.window, now);
         let usage = requests.max(fleet) as f64 / f64::from(quota);
         let fresh = || fresh().max(fleet);
         let rearm_below = inner.threshold - inner.hysteresis;
@@ -1925,8 +1925,9 @@ mod tests {
         assert_eq!(fired.load(Ordering::Relaxed), 1);
         // What a thread that summed the window at 3 requests, before the others were counted,
         // asks once it sees the warning fired.
-        let epoch = monitor.inner.window.epoch(Instant::now());
-        monitor.check_rate(3, || monitor.inner.window.total_at(epoch));
+        let now = Instant::now();
+        let epoch = monitor.inner.window.epoch(now);
+        monitor.check_rate(now, 3, || monitor.inner.window.total_at(epoch));
         monitor.note_requests(Instant::now(), 1);
         assert_eq!(fired.load(Ordering::Relaxed), 1, "one warning per crossing");
         // A fresh reading below the hysteresis re-arms it: the window moved on.
