@@ -65,6 +65,9 @@ pub const DEFAULT_PLACE_TTL_POLLS: u32 = 3;
 ///   again during a [`grace`](Self::grace) in which no create is admitted.
 /// - **Unreachable Redis**: see [`WhenUnreachable`]; changes that could not be sent are kept
 ///   in order and replayed when Redis is back.
+/// - **Gauges**: each process records the slots it holds and its waiting creates (summed over
+///   the fleet, the fleet's use and queue) and the fleet's capacity of its pools as its
+///   maintenance pass last read it (one process's figure is the fleet's).
 ///
 /// # Clone
 ///
@@ -79,12 +82,60 @@ pub struct RedisSlots {
 const LOCAL_POOLS_BEFORE_DROPPING: usize = 64;
 
 struct PoolLocal {
+    key: SlotKey,
     fifo: tokio::sync::Mutex<()>,
     notify: Notify,
     waiters: AtomicUsize,
     /// Whether the queue's head was last told to wait (no free slot): while it is, this
     /// process's creates in flight are all waiting, and `max_queue` counts them.
     blocked: AtomicBool,
+    gauges: PoolGauges,
+}
+
+/// The `kling_slots_waiters` and `kling_slots_capacity` gauges of one of this process's pools.
+///
+/// Each process shows its own waiting creates, so summed over the fleet the waiters gauge is
+/// the fleet's queue; each shows the fleet's capacity as it last read it (the configured one
+/// until its first maintenance pass), so a dashboard takes one process's figure, or the
+/// largest. Both move by differences, as the in-process backend's do: pools past the first
+/// model names share one label, and their figures add up.
+struct PoolGauges {
+    waiters: metrics::Gauge,
+    capacity: metrics::Gauge,
+    /// The capacity this pool last added to its gauge.
+    shown_capacity: Mutex<u32>,
+}
+
+impl PoolGauges {
+    fn new(key: &SlotKey, capacity: u32) -> Self {
+        let labels = pool_labels(key);
+        let gauges = PoolGauges {
+            waiters: metrics::gauge!(names::SLOTS_WAITERS, &labels),
+            capacity: metrics::gauge!(names::SLOTS_CAPACITY, &labels),
+            shown_capacity: Mutex::new(capacity),
+        };
+        gauges.capacity.increment(f64::from(capacity));
+        gauges
+    }
+
+    /// Moves the capacity gauge to `capacity` for this pool.
+    fn show_capacity(&self, capacity: u32) {
+        let mut shown = lock(&self.shown_capacity);
+        if *shown != capacity {
+            self.capacity
+                .increment(f64::from(capacity) - f64::from(*shown));
+            *shown = capacity;
+        }
+    }
+}
+
+impl Drop for PoolGauges {
+    /// A pool this process forgets takes its share out of the capacity gauge (it has no
+    /// waiters: each holds the pool).
+    fn drop(&mut self) {
+        let shown = *lock(&self.shown_capacity);
+        self.capacity.decrement(f64::from(shown));
+    }
 }
 
 /// The holdings this process has, by holding id, and the `kling_slots_in_use` gauge they move:
@@ -134,16 +185,20 @@ impl std::ops::Deref for Registry {
     }
 }
 
-/// The in-use gauge of `key`'s pool, labelled as the in-process backend labels it.
-fn in_use_gauge(key: &SlotKey) -> metrics::Gauge {
-    let labels = [
+/// The labels of `key`'s pool's gauges, as the in-process backend labels them.
+fn pool_labels(key: &SlotKey) -> [(&'static str, String); 2] {
+    [
         (names::LABEL_ACCOUNT, key.account.to_string()),
         (
             names::LABEL_POOL,
             names::pool_label(Some(&key.pool)).to_owned(),
         ),
-    ];
-    metrics::gauge!(names::SLOTS_IN_USE, &labels)
+    ]
+}
+
+/// The in-use gauge of `key`'s pool.
+fn in_use_gauge(key: &SlotKey) -> metrics::Gauge {
+    metrics::gauge!(names::SLOTS_IN_USE, &pool_labels(key))
 }
 
 /// A holding this process has (its record, for replay and re-registration).
@@ -406,7 +461,7 @@ impl Inner {
         format!("{}.{token}", self.instance)
     }
 
-    fn local(&self, pk: &str) -> Arc<PoolLocal> {
+    fn local(&self, pk: &str, key: &SlotKey) -> Arc<PoolLocal> {
         let mut pools = lock(&self.pools);
         if let Some(pool) = pools.get(pk) {
             return Arc::clone(pool);
@@ -417,10 +472,12 @@ impl Inner {
             pools.retain(|_, pool| Arc::strong_count(pool) > 1);
         }
         let pool = Arc::new(PoolLocal {
+            key: key.clone(),
             fifo: tokio::sync::Mutex::new(()),
             notify: Notify::new(),
             waiters: AtomicUsize::new(0),
             blocked: AtomicBool::new(false),
+            gauges: PoolGauges::new(key, self.config.capacity_of(&key.account, &key.pool)),
         });
         pools.insert(pk.to_owned(), Arc::clone(&pool));
         pool
@@ -899,7 +956,9 @@ impl Inner {
             }
             return Ok(());
         }
-        // 3. Prune what others released for us (a query of theirs, a lease).
+        // 3. The fleet's capacity of this process's pools, for their gauges.
+        self.show_capacities().await?;
+        // 4. Prune what others released for us (a query of theirs, a lease).
         let registered: Vec<(String, String)> = lock(&self.registry)
             .iter()
             .filter(|(_, held)| held.registered)
@@ -925,6 +984,50 @@ impl Inner {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Reads the fleet's capacity of each pool this process has sent creates to (less what a
+    /// 1303 hides, as recovered by now) and moves the pool's gauge to it.
+    async fn show_capacities(&self) -> Result<(), StoreError> {
+        let pools: Vec<(String, Arc<PoolLocal>)> = lock(&self.pools)
+            .iter()
+            .map(|(pk, pool)| (pk.clone(), Arc::clone(pool)))
+            .collect();
+        if pools.is_empty() {
+            return Ok(());
+        }
+        let [p, now, grace] = self.head();
+        let mut args = vec![
+            p,
+            now,
+            grace,
+            "caps".to_owned(),
+            micros(self.config.get_recovery_interval())
+                .max(1)
+                .to_string(),
+        ];
+        for (pk, pool) in &pools {
+            let key = &pool.key;
+            let fields = Inner::cap_fields(key);
+            args.push(pk.clone());
+            args.push(self.config.capacity_of(&key.account, &key.pool).to_string());
+            args.push(fields.len().to_string());
+            args.extend(fields);
+        }
+        let items = array(self.run(&self.apply, &args).await?)?;
+        if self.saw_generation(int_at(&items, 0)?) {
+            return Ok(());
+        }
+        let Some(Value::Array(caps)) = items.get(2) else {
+            return Err(StoreError::protocol(format!(
+                "expected the pools' capacities, got {items:?}"
+            )));
+        };
+        for ((_, pool), capacity) in pools.iter().zip(caps) {
+            pool.gauges
+                .show_capacity(u32::try_from(int(capacity)).unwrap_or(0));
         }
         Ok(())
     }
@@ -1150,12 +1253,26 @@ impl Drop for GrantGuard {
     }
 }
 
-/// Counts a waiter of a pool for snapshots.
-struct WaiterCount(Arc<PoolLocal>);
+/// Counts a create of a pool, from its arrival until it is granted or refused, for snapshots
+/// and the waiters gauge.
+struct WaiterCount {
+    pool: Arc<PoolLocal>,
+    /// How many of this process's creates of the pool were counted before it.
+    ahead: usize,
+}
+
+impl WaiterCount {
+    fn new(pool: Arc<PoolLocal>) -> Self {
+        let ahead = pool.waiters.fetch_add(1, Ordering::Relaxed);
+        pool.gauges.waiters.increment(1.0);
+        WaiterCount { pool, ahead }
+    }
+}
 
 impl Drop for WaiterCount {
     fn drop(&mut self) {
-        self.0.waiters.fetch_sub(1, Ordering::Relaxed);
+        self.pool.waiters.fetch_sub(1, Ordering::Relaxed);
+        self.pool.gauges.waiters.decrement(1.0);
     }
 }
 
@@ -1229,9 +1346,9 @@ impl SlotBackend for RedisSlots {
             // When this create arrived, in fleet time: its place in the fleet's order.
             let arrival = inner.conn.now_us();
             let pk = inner.pk(&key);
-            let local = inner.local(&pk);
-            let ahead = local.waiters.fetch_add(1, Ordering::Relaxed);
-            let _count = WaiterCount(Arc::clone(&local));
+            let local = inner.local(&pk, &key);
+            let waiting = WaiterCount::new(Arc::clone(&local));
+            let ahead = waiting.ahead;
             let max_queue = inner.config.get_max_queue();
             if let Some(max) = max_queue
                 && max > 0

@@ -125,8 +125,8 @@ local function supersede(map, name, pk, h, acct)
     redis.call('HDEL', map, name)
   end
 end
-local function capacity(default, first)
-  for i = first, #ARGV do
+local function capacity(default, first, last)
+  for i = first, last or #ARGV do
     local c = redis.call('HGET', P .. ':cap', ARGV[i])
     if c then return tonumber(c) end
   end
@@ -204,7 +204,7 @@ return {1, nxt, lost, released}
 
 /// Every change. `ARGV[4]` is the operation; see each branch. Returns {lost, changed, released
 /// as flat septuples (account, pool, task, weight, since, reason, holding)} or, for `ex`,
-/// {lost, 0, flags}.
+/// {lost, 0, flags}, for `caps` {lost, 0, capacities}.
 const APPLY_BODY: &str = r"
 local op = ARGV[4]
 local changed = 0
@@ -324,6 +324,28 @@ elseif op == 'cap' then
   if old ~= ARGV[6] then changed = 1 end
 elseif op == 'unhalt' then
   changed = redis.call('DEL', ARGV[5])
+elseif op == 'caps' then
+  -- 5 recovery interval, then per pool: pool key, configured capacity, how many capacity
+  -- fields follow, the fields. Each pool's capacity less what a 1303 hides, recovered to now
+  -- as `maintain` would (read only: the next script that touches the pool writes it).
+  local interval = tonumber(ARGV[5])
+  local caps = {}
+  local i = 6
+  while i + 2 <= #ARGV do
+    local pk = ARGV[i]
+    local fields = tonumber(ARGV[i + 2])
+    local cap = capacity(ARGV[i + 1], i + 3, i + 2 + fields)
+    local v = redis.call('HMGET', pk .. ':m', 'hid', 'rec')
+    local hidden = tonumber(v[1] or '0')
+    if hidden > 0 then
+      hidden = hidden - math.floor((now - tonumber(v[2] or int(now))) / interval)
+      if hidden < 0 then hidden = 0 end
+    end
+    if hidden > cap then hidden = cap end
+    table.insert(caps, cap - hidden)
+    i = i + 3 + fields
+  end
+  return {lost, 0, caps}
 elseif op == 'ex' then
   local flags = {}
   local i = 5

@@ -870,3 +870,91 @@ async fn the_in_use_gauges_of_the_processes_add_up_to_the_fleets_use() {
     assert_eq!(in_use(), 0.0);
     assert_eq!(one.held_here() + two.held_here(), 0);
 }
+
+/// Each process's `kling_slots_waiters` shows its own waiting creates, so the processes'
+/// gauges add up to the fleet's queue; each process's `kling_slots_capacity` shows the fleet's
+/// capacity of the pool, lowered by a 1303 in any process and recovered with time, as its
+/// maintenance pass reads it.
+#[tokio::test]
+async fn the_waiters_and_capacity_gauges_show_the_fleets_queue_and_capacity() {
+    use kling_core::metrics::{SLOTS_CAPACITY, SLOTS_WAITERS};
+    use metrics_util::debugging::DebugValue;
+
+    let Some(server) = redis() else { return };
+    let recording = recording();
+    // Both processes' gauges are one series here (as a fleet's are once summed): the moves
+    // since the last snapshot, added up.
+    let shown = std::cell::RefCell::new(HashMap::<&str, f64>::new());
+    let gauge = |name: &'static str| {
+        for (key, _, _, value) in recording.snapshotter.snapshot().into_vec() {
+            if let DebugValue::Gauge(moved) = value {
+                for tracked in [SLOTS_WAITERS, SLOTS_CAPACITY] {
+                    if key.key().name() == tracked {
+                        *shown.borrow_mut().entry(tracked).or_default() += moved.into_inner();
+                    }
+                }
+            }
+        }
+        shown.borrow().get(name).copied().unwrap_or_default()
+    };
+    let settles_at = |name: &'static str, value: f64| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        async move {
+            while gauge(name) != value {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{name}: {} rather than {value}",
+                    gauge(name)
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let recovery = Duration::from_millis(800);
+    let process = || async {
+        RedisSlots::new(
+            connect(&server).await,
+            SlotsConfig::new(3).recovery_interval(recovery),
+        )
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .maintain_every(Duration::from_millis(50))
+    };
+    let (one, two) = (process().await, process().await);
+    let held = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(held, "t1", LONG)).await.unwrap();
+    let held = two.acquire(video(), 2).await.unwrap();
+    two.apply(hold(held, "t2", LONG)).await.unwrap();
+    // Each process that sent a create shows the pool's 3 slots.
+    settles_at(SLOTS_CAPACITY, 6.0).await;
+    assert_eq!(gauge(SLOTS_WAITERS), 0.0);
+
+    // The pool is full: two creates wait in one process, one in the other.
+    let mut waiting = [&one, &one, &two].map(|process| {
+        let process = process.clone();
+        tokio::spawn(async move { process.acquire(video(), 1).await })
+    });
+    settles_at(SLOTS_WAITERS, 3.0).await;
+    // A task ends: the create that arrived first gets its slot and leaves the queue.
+    one.apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    let granted = tokio::time::timeout(Duration::from_secs(5), &mut waiting[0])
+        .await
+        .expect("granted")
+        .unwrap()
+        .unwrap();
+    settles_at(SLOTS_WAITERS, 2.0).await;
+    // The other two give up.
+    for waiter in &waiting[1..] {
+        waiter.abort();
+    }
+    settles_at(SLOTS_WAITERS, 0.0).await;
+
+    // A 1303 hides the free capacity for the whole fleet: with the grant sent back, the pool
+    // shows its 2 slots in use as its capacity, in both processes.
+    one.apply(SlotOp::Congested(granted)).await.unwrap();
+    settles_at(SLOTS_CAPACITY, 4.0).await;
+    // The hidden slot comes back after the recovery interval, with no create to ask: 3 each.
+    settles_at(SLOTS_CAPACITY, 6.0).await;
+}
