@@ -910,7 +910,8 @@ async fn the_waiters_and_capacity_gauges_show_the_fleets_queue_and_capacity() {
             }
         }
     };
-    let recovery = Duration::from_millis(800);
+    // Long enough that a loaded machine still sees the lowered capacity before it recovers.
+    let recovery = Duration::from_millis(1500);
     let process = || async {
         RedisSlots::new(
             connect(&server).await,
