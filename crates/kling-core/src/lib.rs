@@ -48,6 +48,7 @@
 //! | [`headers`] | a copy of a request's headers kept to send it again, without allocating |
 //! | [`intern`] | configured texts kept once, so copies touch no reference count; label texts that input chooses, kept up to a bound |
 //! | [`lanes`] | per-thread references to a layer's shared state, so threads write no one count |
+//! | [`waitlist`] | a FIFO of waiters any of which may give up cheaply (the limiters' queues) |
 //!
 //! # Feature flags
 //!
@@ -76,6 +77,7 @@ mod request;
 mod retry_after;
 mod route;
 pub mod signals;
+pub mod waitlist;
 
 pub use account::AccountId;
 pub use body::PeekBody;

@@ -1,40 +1,27 @@
 //! The per-key FIFO queues of waiting requests (one process's part of the waiting).
 //!
-//! A waiter's record is its ticket number and its waker (24 bytes in the queue's ring buffer);
-//! ticket numbers only grow, so a waiter finds itself by binary search. A dropped waiter that is
-//! not at the head leaves a tombstone (its waker taken) that is popped when it reaches the head,
-//! so giving up is O(log n) and does not shift the queue; once tombstones outnumber the live
-//! waiters (and a few), they are dropped in one pass, so a head that waits long keeps no more of
-//! them than there are waiters.
+//! Each key's queue is a [`WaitList`]: a waiter's record is its ticket number and its waker
+//! (24 bytes in the list's ring buffer), a waiter finds itself by binary search, and one that
+//! gives up behind the head leaves a tombstone, so giving up is O(log n), does not shift the
+//! queue, and a head that waits long keeps no more tombstones than there are waiters.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 
 use kling_core::metrics::{LABEL_ACCOUNT, RATELIMIT_QUEUE_DEPTH};
+use kling_core::waitlist::{Removed, WaitList, Waiter};
 use tokio::time::Instant;
 
 use crate::backend::BucketKey;
 
-/// One waiting request: 8 bytes of ticket, 16 of waker (`None` once it gave up).
-#[derive(Debug)]
-pub(crate) struct Waiter {
-    id: u64,
-    waker: Option<Waker>,
-}
-
-/// Tombstones a queue keeps regardless of how many wait
-/// ([`Queue::compact_if_mostly_tombstones`]).
-const MAX_TOMBSTONES_KEPT: usize = 64;
-
 /// The size of one waiter's record in the queue.
-pub(crate) const WAITER_RECORD_BYTES: usize = std::mem::size_of::<Waiter>();
+pub(crate) const WAITER_RECORD_BYTES: usize = std::mem::size_of::<Waiter<()>>();
 
 #[derive(Debug)]
 struct Queue {
-    waiters: VecDeque<Waiter>,
-    live: usize,
+    waiters: WaitList<()>,
     next_id: u64,
     /// The head's latest "not before", a lower bound on every other waiter's turn.
     head_not_before: Option<Instant>,
@@ -49,33 +36,16 @@ impl Queue {
             .account_id()
             .map_or_else(String::new, |a| a.as_str().to_owned());
         Queue {
-            waiters: VecDeque::new(),
-            live: 0,
+            waiters: WaitList::new(),
             next_id: 0,
             head_not_before: None,
             depth: metrics::gauge!(RATELIMIT_QUEUE_DEPTH, LABEL_ACCOUNT => account),
         }
     }
 
-    /// Drops the tombstones once they outnumber the live waiters (and a few): a head that
-    /// waits long (a cooldown) would otherwise keep one for every request that gave up behind
-    /// it meanwhile. Each compaction halves the queue, so it is one step per give-up,
-    /// amortised; the order, and so the binary search, is kept.
-    fn compact_if_mostly_tombstones(&mut self) {
-        let tombstones = self.waiters.len() - self.live;
-        if tombstones > MAX_TOMBSTONES_KEPT && tombstones > self.live {
-            self.waiters.retain(|w| w.waker.is_some());
-        }
-    }
-
-    /// Pops tombstones at the front and wakes the live head, if any.
-    fn settle_front(&mut self) {
-        while self.waiters.front().is_some_and(|w| w.waker.is_none()) {
-            self.waiters.pop_front();
-        }
-        if let Some(head) = self.waiters.front()
-            && let Some(waker) = &head.waker
-        {
+    /// Wakes the head, if anyone waits.
+    fn wake_head(&self) {
+        if let Some(waker) = self.waiters.front().and_then(|w| w.waker.as_ref()) {
             waker.wake_by_ref();
         }
     }
@@ -114,7 +84,7 @@ impl Queues {
 
     /// Requests waiting for one key.
     pub(crate) fn depth(&self, key: &BucketKey) -> usize {
-        self.lock().get(key).map_or(0, |q| q.live)
+        self.lock().get(key).map_or(0, |q| q.waiters.waiting())
     }
 
     /// Joins the back of `key`'s queue; `Err(())` when it already holds `max` waiters.
@@ -129,7 +99,7 @@ impl Queues {
             map.insert(key.clone(), Queue::new(key));
         }
         let queue = map.get_mut(key).expect("inserted above");
-        if max.is_some_and(|max| queue.live >= max) {
+        if max.is_some_and(|max| queue.waiters.waiting() >= max) {
             if queue.waiters.is_empty() {
                 map.remove(key);
             }
@@ -137,16 +107,12 @@ impl Queues {
         }
         let id = queue.next_id;
         queue.next_id += 1;
-        queue.waiters.push_back(Waiter {
-            id,
-            waker: Some(waker.clone()),
-        });
-        queue.live += 1;
+        queue.waiters.push_back(id, (), waker.clone());
         queue.depth.increment(1.0);
         self.waiting.fetch_add(1, Ordering::AcqRel);
         Ok(Ticket {
             id,
-            is_head: queue.waiters.len() == 1,
+            is_head: queue.waiters.records() == 1,
         })
     }
 
@@ -161,10 +127,10 @@ impl Queues {
         let Some(queue) = map.get_mut(key) else {
             return Ok(false);
         };
-        let Ok(index) = queue.waiters.binary_search_by_key(&id, |w| w.id) else {
+        let Some(index) = queue.waiters.position(id) else {
             return Ok(false);
         };
-        let slot = &mut queue.waiters[index].waker;
+        let slot = &mut queue.waiters.get_mut(index).expect("found above").waker;
         if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
             *slot = Some(waker.clone());
         }
@@ -189,22 +155,17 @@ impl Queues {
         let Some(queue) = map.get_mut(key) else {
             return false;
         };
-        let Ok(index) = queue.waiters.binary_search_by_key(&id, |w| w.id) else {
-            return false;
-        };
-        if queue.waiters[index].waker.take().is_none() {
-            return false;
+        match queue.waiters.remove(id) {
+            Removed::NotWaiting => return false,
+            Removed::Head => {
+                queue.head_not_before = None;
+                queue.wake_head();
+            }
+            Removed::Behind => {}
         }
-        queue.live -= 1;
         self.waiting.fetch_sub(1, Ordering::AcqRel);
         queue.depth.decrement(1.0);
-        if index == 0 {
-            queue.head_not_before = None;
-            queue.settle_front();
-        } else {
-            queue.compact_if_mostly_tombstones();
-        }
-        let last = queue.live == 0;
+        let last = queue.waiters.waiting() == 0;
         if last && queue.waiters.is_empty() {
             map.remove(key);
         }
@@ -214,9 +175,7 @@ impl Queues {
     /// Wakes the head of every queue, so it asks the backend again (after a quota change).
     pub(crate) fn wake_heads(&self) {
         for queue in self.lock().values() {
-            if let Some(waker) = queue.waiters.front().and_then(|w| w.waker.as_ref()) {
-                waker.wake_by_ref();
-            }
+            queue.wake_head();
         }
     }
 
@@ -262,6 +221,7 @@ impl Drop for Place {
 
 #[cfg(test)]
 mod tests {
+    use kling_core::waitlist::MAX_TOMBSTONES_KEPT;
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
     use super::*;
@@ -331,7 +291,7 @@ mod tests {
             assert!(!queues.leave(&key, id), "others still wait");
             let waiting = 1_000 - (n + 1);
             assert_eq!(queues.depth(&key), waiting);
-            let entries = queues.lock()[&key].waiters.len();
+            let entries = queues.lock()[&key].waiters.records();
             assert!(
                 entries <= 2 * waiting + MAX_TOMBSTONES_KEPT + 1,
                 "{entries} entries for {waiting} waiters"

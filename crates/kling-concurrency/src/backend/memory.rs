@@ -1,6 +1,6 @@
 //! The in-process backend: one mutex-guarded map, a synchronous fast path, FIFO hand-off.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
 use std::future::{Future, Ready, ready};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -13,6 +13,7 @@ use std::time::Duration;
 use kling_core::error::ApiError;
 use kling_core::lanes::{self, LANES};
 use kling_core::metrics as names;
+use kling_core::waitlist::{Removed, WaitList};
 use kling_core::{AccountId, Outcome, TaskStatus};
 use tokio::time::{Instant, Sleep};
 
@@ -551,17 +552,6 @@ impl<H: HashId> Index<H> {
 /// Pools kept before a new key takes an idle pool's place ([`State::index_by_hash`]).
 const POOLS_BEFORE_REUSE: usize = 64;
 
-/// Tombstones a pool's queue keeps regardless of how many wait (see
-/// [`PoolState::remove_waiter`]).
-const MAX_TOMBSTONES_KEPT: usize = 64;
-
-struct Waiter {
-    token: u64,
-    weight: u32,
-    /// `None` once the waiter gave up: a tombstone, popped when it reaches the front.
-    waker: Option<Waker>,
-}
-
 /// One pool. The fields a create or a query writes come first, on one cache line (the struct
 /// is aligned to 128 bytes: see [`FreeList`]); what they only read follows, on lines no thread
 /// writes on those paths, so both cores keep valid copies.
@@ -581,13 +571,9 @@ struct PoolState {
     next_lease: Option<Instant>,
     // Read on those paths.
     key: SlotKey,
-    /// Waiters in arrival order, which is also their tokens' order (a token is taken from the
-    /// state's counter just before its waiter joins at the back): found by binary search. A
-    /// waiter that gives up behind the head leaves a tombstone rather than shifting the queue
-    /// (100,000 queued creates giving up in random order took 1.25 s of CPU with shifting,
-    /// `kling-bench scale`); the front is never a tombstone, so the queue is empty exactly
-    /// when nobody waits.
-    queue: VecDeque<Waiter>,
+    /// Waiters (their tickets are their tokens, taken from the state's counter just before
+    /// they join at the back, so in order) with the weight each asks for.
+    queue: WaitList<u32>,
     /// Holdings, by slot (a vacant slot is reused: no hashing, no allocation once grown).
     holdings: Vec<Entry>,
     gauges: Gauges,
@@ -596,8 +582,6 @@ struct PoolState {
     recovered_at: Instant,
     /// Grants handed to waiters that have not picked them up yet.
     granted: Vec<u64>,
-    /// Tombstones in `queue` (among the rare fields: only a waiter that gives up writes it).
-    gone: usize,
     /// The vacant slots of `holdings`, one free list per thread lane ([`FreeList`]).
     free: [FreeList; LANES],
 }
@@ -775,8 +759,7 @@ impl PoolState {
             hidden: 0,
             recovered_at: Instant::now(),
             in_use: 0,
-            queue: VecDeque::new(),
-            gone: 0,
+            queue: WaitList::new(),
             granted: Vec::new(),
             holdings: Vec::new(),
             free: [FreeList { head: NONE }; LANES],
@@ -851,12 +834,12 @@ impl PoolState {
     fn dispatch_queued(&mut self) {
         let mut moved = false;
         while let Some(front) = self.queue.front() {
-            if front.weight > self.free() {
+            if front.value > self.free() {
                 break;
             }
-            let waiter = self.pop_head().expect("front exists");
-            self.in_use += waiter.weight;
-            self.granted.push(waiter.token);
+            let waiter = self.queue.pop_front().expect("front exists");
+            self.in_use += waiter.value;
+            self.granted.push(waiter.ticket);
             if let Some(waker) = waiter.waker {
                 waker.wake();
             }
@@ -897,50 +880,22 @@ impl PoolState {
         self.in_use = self.in_use.saturating_sub(weight);
     }
 
-    /// Where the waiter holding `token` is in the queue, if it waits there. A binary search:
-    /// every poll of a waiter looks itself up, and a linear scan made queueing `n` creates
-    /// cost `n²/2` steps (100,000 queued creates took 3.6 s of CPU to join the queue, `kling-bench scale`).
-    fn queued(&self, token: u64) -> Option<usize> {
-        let i = self.queue.binary_search_by_key(&token, |w| w.token).ok()?;
-        self.queue[i].waker.is_some().then_some(i)
-    }
-
     /// Creates waiting (the queue less its tombstones).
     fn waiting(&self) -> usize {
-        self.queue.len() - self.gone
-    }
-
-    /// Takes the head out, and the tombstones that then lead the queue.
-    fn pop_head(&mut self) -> Option<Waiter> {
-        let head = self.queue.pop_front()?;
-        while self.queue.front().is_some_and(|w| w.waker.is_none()) {
-            self.queue.pop_front();
-            self.gone -= 1;
-        }
-        Some(head)
+        self.queue.waiting()
     }
 
     /// The waiter of `token` gives up: the head leaves (and the next is told), any other
     /// leaves a tombstone. False when it was not waiting.
     fn remove_waiter(&mut self, token: u64) -> bool {
-        let Some(i) = self.queued(token) else {
-            return false;
-        };
-        if i == 0 {
-            self.pop_head();
-            self.head_changed();
-        } else {
-            self.queue[i].waker = None;
-            self.gone += 1;
-            // A head that waits long (for a task to end) could otherwise keep the tombstones
-            // of every create that gave up behind it meanwhile: at most as many as the waiters,
-            // each compaction halving the queue (amortised, one step per give-up).
-            if self.gone > MAX_TOMBSTONES_KEPT && self.gone > self.waiting() {
-                self.queue.retain(|w| w.waker.is_some());
-                self.gone = 0;
+        match self.queue.remove(token) {
+            Removed::NotWaiting => false,
+            Removed::Head => {
+                self.head_changed();
+                true
             }
+            Removed::Behind => true,
         }
-        true
     }
 
     fn take_grant(&mut self, token: u64) -> bool {
@@ -1710,15 +1665,7 @@ impl Future for InProcessAcquire {
                         let err = QueueFull::new(key.account, key.pool, max);
                         return Poll::Ready(Err(AcquireError::QueueFull(err)));
                     }
-                    debug_assert!(
-                        pool.queue.back().is_none_or(|last| last.token < token),
-                        "the queue stays in token order"
-                    );
-                    pool.queue.push_back(Waiter {
-                        token,
-                        weight,
-                        waker: Some(cx.waker().clone()),
-                    });
+                    pool.queue.push_back(token, weight, cx.waker().clone());
                     pool.publish();
                     this.token = Some(token);
                     token
@@ -1737,9 +1684,9 @@ impl Future for InProcessAcquire {
                 return Poll::Ready(Ok(Reservation { key, weight, token }));
             }
             let mut head = false;
-            if let Some(i) = pool.queued(token) {
+            if let Some(i) = pool.queue.position(token) {
                 head = i == 0;
-                let waker = &mut pool.queue[i].waker;
+                let waker = &mut pool.queue.get_mut(i).expect("found above").waker;
                 if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                     *waker = Some(cx.waker().clone());
                 }
@@ -1785,6 +1732,7 @@ impl Drop for InProcessAcquire {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kling_core::waitlist::MAX_TOMBSTONES_KEPT;
     use kling_core::{Outcome, Pool, Product};
     use proptest::prelude::*;
 
@@ -1794,57 +1742,7 @@ mod tests {
 
     /// The tokens of the waiters still waiting in `pool`'s queue (not its tombstones).
     fn live_tokens(pool: &PoolState) -> Vec<u64> {
-        pool.queue
-            .iter()
-            .filter(|w| w.waker.is_some())
-            .map(|w| w.token)
-            .collect()
-    }
-
-    proptest! {
-        /// The queue's binary search finds every waiter where a scan would, and nobody who
-        /// left (tombstones included), through arrivals, cancellations anywhere in the queue and
-        /// grants at its head; the front is never a tombstone.
-        #[test]
-        fn a_waiter_is_found_where_a_scan_finds_it(
-            ops in proptest::collection::vec((0u8..3, any::<prop::sample::Index>()), 1..600),
-        ) {
-            let mut pool = PoolState::new(&key(), 1);
-            let mut next = 0;
-            for (op, at) in ops {
-                match op {
-                    0 => {
-                        next += 1;
-                        pool.queue.push_back(Waiter {
-                            token: next,
-                            weight: 1,
-                            waker: Some(Waker::noop().clone()),
-                        });
-                    }
-                    1 if pool.waiting() > 0 => {
-                        let live = live_tokens(&pool);
-                        let token = live[at.index(live.len())];
-                        prop_assert!(pool.remove_waiter(token));
-                        prop_assert!(!pool.remove_waiter(token));
-                    }
-                    _ => {
-                        pool.pop_head();
-                    }
-                }
-                // The front is never a tombstone, the count of them is right (the waiters
-                // counted are those a scan finds), and they never outnumber the waiters by much.
-                prop_assert!(pool.queue.front().is_none_or(|w| w.waker.is_some()));
-                prop_assert_eq!(pool.waiting(), live_tokens(&pool).len());
-                prop_assert!(pool.gone <= MAX_TOMBSTONES_KEPT.max(pool.waiting()));
-                for token in 0..=next + 1 {
-                    let scanned = pool
-                        .queue
-                        .iter()
-                        .position(|w| w.token == token && w.waker.is_some());
-                    prop_assert_eq!(pool.queued(token), scanned, "token {}", token);
-                }
-            }
-        }
+        pool.queue.iter().map(|w| w.ticket).collect()
     }
 
     /// Behind a head that never moves, creates that give up leave no more tombstones than
@@ -1853,11 +1751,7 @@ mod tests {
     fn tombstones_behind_a_waiting_head_stay_bounded() {
         let mut pool = PoolState::new(&key(), 1);
         for token in 1..=1_000 {
-            pool.queue.push_back(Waiter {
-                token,
-                weight: 1,
-                waker: Some(Waker::noop().clone()),
-            });
+            pool.queue.push_back(token, 1, Waker::noop().clone());
         }
         // Every create but the head and every tenth gives up, from the back half first.
         let leaving: Vec<u64> = (501..=1_000)
@@ -1869,19 +1763,17 @@ mod tests {
             let waiting = 1_000 - (n + 1);
             assert_eq!(pool.waiting(), waiting);
             assert!(
-                pool.queue.len() <= 2 * waiting + MAX_TOMBSTONES_KEPT + 1,
+                pool.queue.records() <= 2 * waiting + MAX_TOMBSTONES_KEPT + 1,
                 "{} entries for {waiting} waiters",
-                pool.queue.len()
+                pool.queue.records()
             );
         }
         let live = live_tokens(&pool);
         assert_eq!(live.len(), 101);
         assert_eq!(live[0], 1, "the head stays");
         for (i, &token) in live.iter().enumerate() {
-            assert_eq!(
-                pool.queued(token).map(|at| pool.queue[at].token),
-                Some(token)
-            );
+            let at = pool.queue.position(token).expect("still waiting");
+            assert_eq!(pool.queue.get_mut(at).map(|w| w.ticket), Some(token));
             if i > 0 {
                 assert!(live[i - 1] < token, "still in arrival order");
             }
