@@ -956,9 +956,7 @@ impl Inner {
             }
             return Ok(());
         }
-        // 3. The fleet's capacity of this process's pools, for their gauges.
-        self.show_capacities().await?;
-        // 4. Prune what others released for us (a query of theirs, a lease).
+        // 3. Prune what others released for us (a query of theirs, a lease).
         let registered: Vec<(String, String)> = lock(&self.registry)
             .iter()
             .filter(|(_, held)| held.registered)
@@ -985,7 +983,8 @@ impl Inner {
                 }
             }
         }
-        Ok(())
+        // 4. The fleet's capacity of this process's pools, for their gauges.
+        self.show_capacities().await
     }
 
     /// Reads the fleet's capacity of each pool this process has sent creates to (less what a
