@@ -933,28 +933,35 @@ async fn the_waiters_and_capacity_gauges_show_the_fleets_queue_and_capacity() {
     // The pool is full: two creates wait in one process, one in the other.
     let mut waiting = [&one, &one, &two].map(|process| {
         let process = process.clone();
-        tokio::spawn(async move { process.acquire(video(), 1).await })
+        tokio::spawn(async move {
+            let granted = process.acquire(video(), 1).await;
+            (process, granted)
+        })
     });
     settles_at(SLOTS_WAITERS, 3.0).await;
-    // A task ends: the create that arrived first gets its slot and leaves the queue.
+    // A task ends: the create first in the fleet's order gets its slot and leaves the queue
+    // (its task has finished once the gauge moved: one thread runs them all).
     one.apply(ended("t1", Some(TaskStatus::Succeeded)))
         .await
         .unwrap();
-    let granted = tokio::time::timeout(Duration::from_secs(5), &mut waiting[0])
-        .await
-        .expect("granted")
-        .unwrap()
-        .unwrap();
     settles_at(SLOTS_WAITERS, 2.0).await;
+    let first = waiting
+        .iter()
+        .position(|w| w.is_finished())
+        .expect("granted");
+    let (owner, granted) = (&mut waiting[first]).await.unwrap();
+    let granted = granted.unwrap();
     // The other two give up.
-    for waiter in &waiting[1..] {
-        waiter.abort();
+    for (i, waiter) in waiting.iter().enumerate() {
+        if i != first {
+            waiter.abort();
+        }
     }
     settles_at(SLOTS_WAITERS, 0.0).await;
 
     // A 1303 hides the free capacity for the whole fleet: with the grant sent back, the pool
     // shows its 2 slots in use as its capacity, in both processes.
-    one.apply(SlotOp::Congested(granted)).await.unwrap();
+    owner.apply(SlotOp::Congested(granted)).await.unwrap();
     settles_at(SLOTS_CAPACITY, 4.0).await;
     // The hidden slot comes back after the recovery interval, with no create to ask: 3 each.
     settles_at(SLOTS_CAPACITY, 6.0).await;
