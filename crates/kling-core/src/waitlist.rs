@@ -103,11 +103,6 @@ impl<T> WaitList<T> {
         self.waiters.front()
     }
 
-    /// The waiter that joined last (possibly a tombstone): new tickets must exceed its.
-    pub fn back(&self) -> Option<&Waiter<T>> {
-        self.waiters.back()
-    }
-
     /// Joins at the back. `ticket` must exceed every ticket in the list (checked in debug
     /// builds): the binary search relies on it.
     pub fn push_back(&mut self, ticket: u64, value: T, waker: Waker) {
