@@ -714,12 +714,7 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
     // Allocations, one driver task, counted once (they do not vary).
     let counted = (options.lives / 10).clamp(64, 2_000);
     for (subject, row) in subjects.iter().zip(&mut rows) {
-        subject.run(&rt, &fixtures, 1, counted / 4);
-        Counting::start();
-        subject.run(&rt, &fixtures, 1, counted);
-        let counts = Counting::stop();
-        row.allocs = counts.allocs as f64 / (counted * 2) as f64;
-        row.bytes = counts.bytes as f64 / (counted * 2) as f64;
+        (row.allocs, row.bytes) = allocations(subject.as_ref(), &rt, &fixtures, counted);
     }
 
     let handover_before = cpu::line_handover_ns(options.lives as u64);
@@ -753,6 +748,35 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
         outcome_query,
         handover_ns: (handover_before, handover_after),
     }
+}
+
+/// Allocations and bytes allocated per request by `subject` over `lives` lives of one driver,
+/// after a warm-up (what is allocated once, like a pool's first state, is not counted).
+fn allocations(
+    subject: &dyn Subject,
+    rt: &Runtime,
+    fixtures: &Arc<Fixtures>,
+    lives: usize,
+) -> (f64, f64) {
+    subject.run(rt, fixtures, 1, lives / 4);
+    Counting::start();
+    subject.run(rt, fixtures, 1, lives);
+    let counts = Counting::stop();
+    let requests = (lives * 2) as f64;
+    (
+        counts.allocs as f64 / requests,
+        counts.bytes as f64 / requests,
+    )
+}
+
+/// Allocations and bytes allocated per request by the subject named `name` (exactly), counted
+/// as the overhead section counts them, over `lives` lives.
+pub fn allocations_per_request(name: &str, lives: usize) -> Option<(f64, f64)> {
+    let rt = runtime();
+    let fixtures = Fixtures::new();
+    let subjects = subjects(&fixtures);
+    let subject = subjects.iter().find(|s| s.name() == name)?;
+    Some(allocations(subject.as_ref(), &rt, &fixtures, lives))
 }
 
 /// Runs one subject (the first whose name contains `name`) for `lives` lives shared by `tasks`

@@ -1,5 +1,5 @@
 use kling_bench::goodput::{self, Client, Run, Scenario};
-use kling_bench::scale;
+use kling_bench::{overhead, scale};
 
 use crate::alone;
 
@@ -88,6 +88,40 @@ fn queued_waiters_cost_at_most_256_bytes_and_are_served_in_order() {
         assert!(
             waiters.bytes_per_waiter > 0.0 && waiters.bytes_per_waiter <= 256.0,
             "{waiters:?}"
+        );
+    }
+}
+
+/// Allocations per request on the success path beyond the bare service's, as BENCHMARKS.md
+/// gives them (`allocs/req`: 17.5 against 4.0): the layers' overhead targets hinge on them
+/// (each costs some 140 instructions with its free), and unlike a timing they are the same on
+/// any machine, so a change that adds one fails here instead of hiding in a slow machine's
+/// noise. A change that removes one lowers these (and the table) with it.
+const PRO_STACK_EXTRA_ALLOCS: f64 = 13.5;
+/// The envelope read's share of them (`ClassifyLayer` alone: 10.5 against 4.0).
+const CLASSIFY_EXTRA_ALLOCS: f64 = 6.5;
+/// What the runtime and the run's own reads allocate now and then (a few dozen in 4,000
+/// requests), well under one allocation on every create or every query (0.5 a request).
+const SLACK: f64 = 0.1;
+
+#[test]
+fn the_stack_allocates_no_more_per_request_than_benchmarks_says() {
+    let _alone = alone();
+    // As many lives as the overhead section counts.
+    let allocs = |name: &str| {
+        overhead::allocations_per_request(name, 2_000)
+            .expect("a subject")
+            .0
+    };
+    let bare = allocs(overhead::BARE);
+    for (name, extra) in [
+        (overhead::PRO_STACK, PRO_STACK_EXTRA_ALLOCS),
+        (overhead::CLASSIFY, CLASSIFY_EXTRA_ALLOCS),
+    ] {
+        let added = allocs(name) - bare;
+        assert!(
+            added <= extra + SLACK,
+            "{name}: {added:.3} allocations per request over the bare service, not {extra}"
         );
     }
 }
