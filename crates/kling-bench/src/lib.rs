@@ -27,6 +27,7 @@ pub mod alloc;
 pub mod cpu;
 pub mod fixtures;
 pub mod goodput;
+pub mod instructions;
 pub mod overhead;
 pub mod report;
 pub mod scale;

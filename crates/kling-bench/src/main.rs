@@ -4,10 +4,11 @@
 //! kling-bench [all|overhead|goodput|scale|sockets] [--quick] [--out FILE]
 //! kling-bench profile <subject name part> [lives] [tasks]   # one overhead subject, for a profiler
 //! kling-bench handover                                      # ns for a line between threads
+//! kling-bench instructions [lives]                          # callgrind counts per request
 //! ```
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-use kling_bench::{goodput, overhead, report, scale, sockets};
+use kling_bench::{goodput, instructions, overhead, report, scale, sockets};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -25,6 +26,21 @@ fn main() {
         }
         return;
     }
+    if section == "instructions" {
+        let lives = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(4_000);
+        let exe = std::env::current_exe().unwrap_or_else(|e| {
+            eprintln!("cannot find this program's own path: {e}");
+            std::process::exit(1);
+        });
+        match instructions::run(&exe, lives, &mut |line| eprintln!("{line}")) {
+            Ok(rows) => print!("{}", report::instructions(&rows, lives)),
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     if section == "handover" {
         println!("{:.0}", kling_bench::cpu::line_handover_ns(20_000));
         return;
@@ -36,7 +52,10 @@ fn main() {
         .and_then(|i| args.get(i + 1));
     let all = section == "all";
     if !all && !["overhead", "goodput", "scale", "sockets"].contains(&section) {
-        eprintln!("usage: kling-bench [all|overhead|goodput|scale|sockets] [--quick] [--out FILE]");
+        eprintln!(
+            "usage: kling-bench [all|overhead|goodput|scale|sockets] [--quick] [--out FILE]\n       \
+             kling-bench profile <subject> [lives] [tasks] | handover | instructions [lives]"
+        );
         std::process::exit(2);
     }
     let mut log = |line: &str| eprintln!("{line}");

@@ -779,12 +779,24 @@ pub fn allocations_per_request(name: &str, lives: usize) -> Option<(f64, f64)> {
     Some(allocations(subject.as_ref(), &rt, &fixtures, lives))
 }
 
-/// Runs one subject (the first whose name contains `name`) for `lives` lives shared by `tasks`
-/// driver tasks (1 for `valgrind --tool=callgrind`; 64 to see contention under `perf`).
+/// Every subject's name and the subject its added cost is taken over, in the table's order.
+pub fn subject_names() -> Vec<(String, Option<&'static str>)> {
+    subjects(&Fixtures::new())
+        .iter()
+        .map(|s| (s.name().to_owned(), s.baseline()))
+        .collect()
+}
+
+/// Runs one subject (the one named `name`, else the first whose name contains it) for `lives`
+/// lives shared by `tasks` driver tasks (1 for `valgrind --tool=callgrind`; 64 to see
+/// contention under `perf`).
 pub fn profile(name: &str, lives: usize, tasks: usize) -> Option<Sample> {
     let rt = runtime();
     let fixtures = Fixtures::new();
     let subjects = subjects(&fixtures);
-    let subject = subjects.iter().find(|s| s.name().contains(name))?;
+    let subject = subjects
+        .iter()
+        .find(|s| s.name() == name)
+        .or_else(|| subjects.iter().find(|s| s.name().contains(name)))?;
     Some(subject.run(&rt, &fixtures, tasks.max(1), lives))
 }

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::{goodput, overhead, scale, sockets};
+use crate::{goodput, instructions, overhead, scale, sockets};
 
 fn ns(value: f64) -> String {
     format!("{value:.0}")
@@ -243,6 +243,54 @@ pub fn sockets(rows: &[sockets::Row], options: sockets::Options) -> String {
             row.rps(),
             row.latency(0.5),
             row.latency(0.99)
+        );
+    }
+    out
+}
+
+/// The instruction counts' table.
+pub fn instructions(rows: &[instructions::Row], lives: usize) -> String {
+    let mut out = String::new();
+    let find = |name: &str| rows.iter().find(|r| r.name == name);
+    let _ = writeln!(
+        out,
+        "Instructions per request (`valgrind --tool=callgrind`; the difference between runs of {} \
+         and {} create+query lives, one driver task). \"+\" is over the row named in \"over\"; \
+         \"× tower\" is the subject's added count over the bare service divided by tower's \
+         shareable stack's (rows cloned per request: over the same called that way). Counts are \
+         blind to cache misses and to the kernel, where most of the cost of tower's `Buffer` \
+         (a hand-over to another thread) lies: the times above compare the stacks.\n",
+        lives,
+        2 * lives
+    );
+    let _ = writeln!(out, "| subject | over | instructions/req | + | × tower |");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|");
+    for row in rows {
+        let over = row.baseline.and_then(find);
+        let plus = over.map_or(String::new(), |o| signed(row.per_request - o.per_request));
+        let (bare, tower) = if row.name.ends_with(overhead::CLONED) {
+            (
+                find(overhead::BARE_CLONED),
+                find(overhead::TOWER_BUFFERED_CLONED),
+            )
+        } else {
+            (find(overhead::BARE), find(overhead::TOWER_BUFFERED))
+        };
+        let ratio = match (bare, tower) {
+            (Some(bare), Some(tower)) if row.baseline.is_some() => {
+                let theirs = tower.per_request - bare.per_request;
+                format!("{:.2}", (row.per_request - bare.per_request) / theirs)
+            }
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            row.name,
+            row.baseline.unwrap_or(""),
+            ns(row.per_request),
+            plus,
+            ratio
         );
     }
     out

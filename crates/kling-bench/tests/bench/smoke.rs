@@ -1,4 +1,4 @@
-use kling_bench::{goodput, overhead, report, scale, sockets};
+use kling_bench::{goodput, instructions, overhead, report, scale, sockets};
 
 use crate::alone;
 
@@ -99,4 +99,59 @@ fn sockets_compare_each_client_with_itself_bare() {
             .any(|line| line.starts_with("sockets: slots the stacks still hold: 0 ")),
         "{log:?}"
     );
+}
+
+/// Each subject's instructions are counted under callgrind, through the binary itself: the
+/// stack does more per request than the classify step alone, which does more than the bare
+/// service. (valgrind is on every machine of this kind and `scripts/test` installs it where it
+/// is missing; under `CI=true` its absence fails the test.)
+#[test]
+fn instructions_are_counted_per_request_under_callgrind() {
+    let _alone = alone();
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_kling-bench"));
+    let names = [overhead::BARE, overhead::CLASSIFY, overhead::PRO_STACK];
+    let rows = match instructions::run_subjects(exe, &names, 20, &mut |_| {}) {
+        Err(instructions::Error::Valgrind(e)) if std::env::var("CI").as_deref() != Ok("true") => {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("skipping: cannot start valgrind ({e}); on CI this fails");
+            }
+            return;
+        }
+        rows => rows.expect("each subject counted"),
+    };
+    let count = |name: &str| {
+        rows.iter()
+            .find(|row| row.name == name)
+            .unwrap_or_else(|| panic!("no row {name}"))
+            .per_request
+    };
+    let (bare, classify, stack) = (
+        count(overhead::BARE),
+        count(overhead::CLASSIFY),
+        count(overhead::PRO_STACK),
+    );
+    assert!(bare > 0.0, "{rows:?}");
+    assert!(classify > bare && stack > classify, "{rows:?}");
+    assert_eq!(
+        rows.iter()
+            .find(|r| r.name == overhead::CLASSIFY)
+            .unwrap()
+            .baseline,
+        Some(overhead::BARE)
+    );
+    assert!(report::instructions(&rows, 20).contains(overhead::PRO_STACK));
+}
+
+/// A name no subject has is an error that names it, not a count of nothing.
+#[test]
+fn an_unknown_subject_is_not_counted() {
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_kling-bench"));
+    match instructions::run_subjects(exe, &["no such subject"], 1, &mut |_| {}) {
+        Err(instructions::Error::Valgrind(_)) if std::env::var("CI").as_deref() != Ok("true") => {}
+        Err(e @ instructions::Error::Failed { .. }) => {
+            assert!(e.to_string().contains("no such subject"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
 }
