@@ -259,7 +259,7 @@ pub fn instructions(rows: &[instructions::Row], lives: usize) -> String {
          \"× tower\" is the subject's added count over the bare service divided by tower's \
          shareable stack's (rows cloned per request: over the same called that way). Counts are \
          blind to cache misses and to the kernel, where most of the cost of tower's `Buffer` \
-         (a hand-over to another thread) lies: the times above compare the stacks.\n",
+         (a hand-over to another thread) lies: the overhead section's times compare the stacks.\n",
         lives,
         2 * lives
     );

@@ -96,7 +96,7 @@ fn queued_waiters_cost_at_most_256_bytes_and_are_served_in_order() {
 /// gives them (`allocs/req`: 17.5 against 4.0): the layers' overhead targets hinge on them
 /// (each costs some 140 instructions with its free), and unlike a timing they are the same on
 /// any machine, so a change that adds one fails here instead of hiding in a slow machine's
-/// noise. A change that removes one lowers these (and the table) with it.
+/// noise. A change that removes one lowers these constants (and the table) with it.
 const PRO_STACK_EXTRA_ALLOCS: f64 = 13.5;
 /// The envelope read's share of them (`ClassifyLayer` alone: 10.5 against 4.0).
 const CLASSIFY_EXTRA_ALLOCS: f64 = 6.5;
