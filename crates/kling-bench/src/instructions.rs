@@ -75,8 +75,11 @@ impl std::error::Error for Error {}
 /// between `lives` and `2 × lives` create+query lives.
 pub fn run(exe: &Path, lives: usize, log: &mut dyn FnMut(&str)) -> Result<Vec<Row>, Error> {
     let subjects = overhead::subject_names();
-    let names: Vec<&str> = subjects.iter().map(|(name, _)| name.as_str()).collect();
-    run_subjects(exe, &names, lives, log)
+    let subjects: Vec<(&str, Option<&'static str>)> = subjects
+        .iter()
+        .map(|(name, baseline)| (name.as_str(), *baseline))
+        .collect();
+    count_each(exe, &subjects, lives, log)
 }
 
 /// Counts the overhead subjects named in `names` (exactly), as [`run`] does.
@@ -86,10 +89,27 @@ pub fn run_subjects(
     lives: usize,
     log: &mut dyn FnMut(&str),
 ) -> Result<Vec<Row>, Error> {
-    let baselines = overhead::subject_names();
+    let all = overhead::subject_names();
+    let subjects: Vec<(&str, Option<&'static str>)> = names
+        .iter()
+        .map(|&name| {
+            let baseline = all.iter().find(|(n, _)| n == name).and_then(|(_, b)| *b);
+            (name, baseline)
+        })
+        .collect();
+    count_each(exe, &subjects, lives, log)
+}
+
+/// Counts each of `subjects` (a name and its baseline).
+fn count_each(
+    exe: &Path,
+    subjects: &[(&str, Option<&'static str>)],
+    lives: usize,
+    log: &mut dyn FnMut(&str),
+) -> Result<Vec<Row>, Error> {
     let lives = lives.max(1);
-    let mut rows = Vec::with_capacity(names.len());
-    for &name in names {
+    let mut rows = Vec::with_capacity(subjects.len());
+    for &(name, baseline) in subjects {
         log(&format!("instructions: {name}"));
         let once = count(exe, name, lives)?;
         let twice = count(exe, name, 2 * lives)?;
@@ -97,10 +117,7 @@ pub fn run_subjects(
         let per_request = twice.saturating_sub(once) as f64 / (2 * lives) as f64;
         rows.push(Row {
             name: name.to_owned(),
-            baseline: baselines
-                .iter()
-                .find(|(n, _)| n == name)
-                .and_then(|(_, baseline)| *baseline),
+            baseline,
             per_request,
         });
     }
@@ -116,7 +133,7 @@ fn count(exe: &Path, name: &str, lives: usize) -> Result<u64, Error> {
         .output()
         .map_err(Error::Valgrind)?;
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    // `profile` says on stdout what it ran; an unknown name prints nothing there.
+    // `profile` prints what it measured on stdout, and fails for a name no subject has.
     if !output.status.success() || output.stdout.is_empty() {
         return Err(Error::Failed {
             name: name.to_owned(),

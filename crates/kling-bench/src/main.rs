@@ -22,7 +22,10 @@ fn main() {
         let tasks = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1);
         match overhead::profile(name, lives, tasks) {
             Some(sample) => println!("{sample:?}"),
-            None => eprintln!("no subject named like `{name}`"),
+            None => {
+                eprintln!("no subject named like `{name}`");
+                std::process::exit(2);
+            }
         }
         return;
     }
