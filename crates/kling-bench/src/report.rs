@@ -12,11 +12,19 @@ fn signed(value: f64) -> String {
     format!("{value:+.0}")
 }
 
+/// The bare service and tower's shareable stack a subject is set against: called the way the
+/// subject is (a row cloned per request against those cloned per request too).
+fn references(name: &str) -> (&'static str, &'static str) {
+    if name.ends_with(overhead::CLONED) {
+        (overhead::BARE_CLONED, overhead::TOWER_BUFFERED_CLONED)
+    } else {
+        (overhead::BARE, overhead::TOWER_BUFFERED)
+    }
+}
+
 /// The overhead tables.
 pub fn overhead(report: &overhead::Report) -> String {
     let mut out = String::new();
-    let bare = report.row(overhead::BARE);
-    let tower = report.row(overhead::TOWER_BUFFERED);
     let base = |name: Option<&'static str>| name.and_then(|n| report.row(n));
     let _ = writeln!(
         out,
@@ -37,17 +45,9 @@ pub fn overhead(report: &overhead::Report) -> String {
         t = report.tasks
     );
     let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    // A row cloned per request is set against the bare service and tower's stack cloned per
-    // request too.
-    let references = |row: &overhead::Row| {
-        if row.name.ends_with(overhead::CLONED) {
-            (
-                report.row(overhead::BARE_CLONED),
-                report.row(overhead::TOWER_BUFFERED_CLONED),
-            )
-        } else {
-            (bare, tower)
-        }
+    let against = |row: &overhead::Row| {
+        let (bare, tower) = references(&row.name);
+        (report.row(bare), report.row(tower))
     };
     let added = |row: &overhead::Row, bare: Option<&overhead::Row>| {
         let b = bare.map_or(0.0, overhead::Row::single_ns);
@@ -61,7 +61,7 @@ pub fn overhead(report: &overhead::Report) -> String {
             (Some(m), Some(o)) => signed(m - o),
             _ => String::new(),
         };
-        let (bare, tower) = references(row);
+        let (bare, tower) = against(row);
         let (a1, am) = added(row, bare);
         let (tower_single, tower_multi) = tower.map_or((f64::NAN, None), |t| added(t, bare));
         let ratio = if row.baseline.is_some() {
@@ -268,14 +268,8 @@ pub fn instructions(rows: &[instructions::Row], lives: usize) -> String {
     for row in rows {
         let over = row.baseline.and_then(find);
         let plus = over.map_or(String::new(), |o| signed(row.per_request - o.per_request));
-        let (bare, tower) = if row.name.ends_with(overhead::CLONED) {
-            (
-                find(overhead::BARE_CLONED),
-                find(overhead::TOWER_BUFFERED_CLONED),
-            )
-        } else {
-            (find(overhead::BARE), find(overhead::TOWER_BUFFERED))
-        };
+        let (bare, tower) = references(&row.name);
+        let (bare, tower) = (find(bare), find(tower));
         let ratio = match (bare, tower) {
             (Some(bare), Some(tower)) if row.baseline.is_some() => {
                 let theirs = tower.per_request - bare.per_request;
