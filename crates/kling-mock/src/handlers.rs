@@ -59,11 +59,18 @@ fn parse_object(body: &Bytes, empty_ok: bool) -> Result<Map<String, Value>, Body
     }
 }
 
-/// An optional string field: absent/null → `None`, a non-empty string → `Some`, else invalid.
+/// The longest string field (in bytes) a create accepts, `external_task_id` and `external_id`
+/// included; a legacy query's id segment may be as long once decoded.
+pub(crate) const MAX_STRING_BYTES: usize = 4096;
+
+/// An optional string field: absent/null → `None`, a non-empty string of at most
+/// [`MAX_STRING_BYTES`] → `Some`, else invalid.
 fn opt_string(map: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
     match map.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= 4096 => Ok(Some(s.clone())),
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_STRING_BYTES => {
+            Ok(Some(s.clone()))
+        }
         Some(_) => Err(format!("invalid parameter: {key}")),
     }
 }
@@ -86,9 +93,10 @@ impl State {
             Route::LegacyCreate { .. } | Route::NewCreate { .. } => {
                 self.create(account, route, body, now)
             }
-            Route::LegacyQuery { endpoint, id } => {
-                (self.legacy_query(account, endpoint, id, now), None)
-            }
+            Route::LegacyQuery { endpoint, id } => (
+                self.legacy_query(account, endpoint, id.as_deref(), now),
+                None,
+            ),
             Route::LegacyList { endpoint } => {
                 (self.legacy_list(account, endpoint, query, now), None)
             }
@@ -336,8 +344,15 @@ impl State {
         })
     }
 
-    fn legacy_query(&mut self, account: &str, endpoint: &str, id: &str, now: Instant) -> Resp {
-        match self.find_legacy(account, endpoint, id) {
+    /// `id` is `None` when the segment decoded to bytes that are not UTF-8: no task has it.
+    fn legacy_query(
+        &mut self,
+        account: &str,
+        endpoint: &str,
+        id: Option<&str>,
+        now: Instant,
+    ) -> Resp {
+        match id.and_then(|id| self.find_legacy(account, endpoint, id)) {
             Some(i) => {
                 let data = self.tasks[i].legacy_json(&self.clock, now);
                 self.ok(data, now)

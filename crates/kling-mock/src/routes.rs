@@ -5,6 +5,8 @@
 
 use http::Method;
 
+use crate::handlers::MAX_STRING_BYTES;
+
 /// The legacy video endpoints (`/v1/videos/{kind}`).
 pub(crate) const LEGACY_VIDEO_KINDS: &[&str] = &[
     "text2video",
@@ -47,7 +49,9 @@ pub(crate) enum Route {
     },
     LegacyQuery {
         endpoint: String,
-        id: String,
+        /// The decoded `task_id` or `external_task_id`; `None` when the decoded bytes are not
+        /// UTF-8 (no task can have such an id: 1203, never a lossy match).
+        id: Option<String>,
     },
     LegacyList {
         endpoint: String,
@@ -72,6 +76,58 @@ fn segment_ok(s: &str) -> bool {
         && s.len() <= 128
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'%'))
+}
+
+/// A legacy query's last segment, decoded: any non-empty run of RFC 3986 `pchar`s (unreserved,
+/// `%XX`, sub-delims, `:`, `@`; `+` is a plus) whose decoded bytes fit the longest
+/// `external_task_id` a create accepts. `None`: not such a segment (404 code 1202).
+fn id_segment(s: &str) -> Option<Vec<u8>> {
+    fn hex(b: u8) -> Option<u8> {
+        char::from(b)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let (hi, lo) = (hex(*bytes.get(i + 1)?)?, hex(*bytes.get(i + 2)?)?);
+                out.push(hi << 4 | lo);
+                i += 3;
+            }
+            b if b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                        | b':'
+                        | b'@'
+                ) =>
+            {
+                out.push(b);
+                i += 1;
+            }
+            _ => return None,
+        }
+        if out.len() > MAX_STRING_BYTES {
+            return None;
+        }
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 /// Recognises a path; `None` means 404 code 1202 (wrong method or path).
@@ -101,9 +157,9 @@ pub(crate) fn parse(method: &Method, path: &str) -> Option<Route> {
                     family,
                 }),
                 [] if get => Some(Route::LegacyList { endpoint }),
-                [id] if get && segment_ok(id) => Some(Route::LegacyQuery {
+                [id] if get => id_segment(id).map(|id| Route::LegacyQuery {
                     endpoint,
-                    id: percent_decode(id),
+                    id: String::from_utf8(id).ok(),
                 }),
                 _ => None,
             }

@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::support::{Caller, advance, quiet};
+use crate::support::{Caller, advance, encode, quiet};
 
 const T2V: &str = "/v1/videos/text2video";
 
@@ -102,6 +102,72 @@ async fn a_task_is_queryable_by_its_external_task_id_echoed_in_task_info() {
         .get(&format!("{T2V}/job-1"))
         .await
         .assert_error(404, 1203);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_legacy_query_finds_every_external_task_id_a_create_accepts() {
+    let c = Caller::new(quiet().slots(100));
+    let long = "j".repeat(129);
+    let longest = "\u{e9}".repeat(2048); // 4096 bytes: the create's own limit
+    let cases = [
+        // Over 128 bytes, sent as it is.
+        (long.clone(), long.clone()),
+        // ':' and '@' are path characters; RFC 3986 needs no escape for them.
+        ("user:42@host".to_owned(), "user:42@host".to_owned()),
+        // Sub-delims are path characters too, and '+' in a path is a plus, not a space.
+        ("a!$&'()*+,;=b".to_owned(), "a!$&'()*+,;=b".to_owned()),
+        // Anything else, percent-encoded (a space, '/', '?', '#', '%', non-ASCII).
+        ("job 1/\u{e9}?#%".to_owned(), encode("job 1/\u{e9}?#%")),
+        (longest.clone(), encode(&longest)),
+    ];
+    for (ext, segment) in &cases {
+        let created = c
+            .post(T2V, json!({"prompt": "x", "external_task_id": ext}))
+            .await;
+        let id = created.data()["task_id"].as_str().unwrap().to_owned();
+        let q = c.get(&format!("{T2V}/{segment}")).await;
+        assert_eq!(q.data()["task_id"], id.as_str(), "external id {ext:?}");
+        assert_eq!(q.data()["task_info"]["external_task_id"], ext.as_str());
+    }
+    // A legal id that no task has is 1203 (not found), never 1202 (wrong path): a client that
+    // looks an id up before creating again must be told it is free.
+    for segment in [
+        "k".repeat(129),
+        "nobody@example".to_owned(),
+        "a+b".to_owned(),
+        encode(&"\u{e8}".repeat(2048)),
+    ] {
+        c.get(&format!("{T2V}/{segment}"))
+            .await
+            .assert_error(404, 1203);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_legacy_query_segment_no_path_may_hold_is_404_1202() {
+    let c = Caller::new(quiet());
+    c.post(T2V, json!({"prompt": "x", "external_task_id": "\u{fffd}"}))
+        .await
+        .data();
+    let too_long = encode(&format!("{}x", "\u{e9}".repeat(2048))); // 4097 bytes decoded
+    for segment in [
+        "%",
+        "%4",
+        "%zz",
+        "%+f",
+        "a{b}",
+        "a|b",
+        "a\"b",
+        "\u{e9}",
+        too_long.as_str(),
+    ] {
+        c.get(&format!("{T2V}/{segment}"))
+            .await
+            .assert_error(404, 1202);
+    }
+    // Well-formed escapes that decode to bytes no id can hold (not UTF-8) match nothing; they are
+    // never read as U+FFFD.
+    c.get(&format!("{T2V}/%ff")).await.assert_error(404, 1203);
 }
 
 #[tokio::test(start_paused = true)]

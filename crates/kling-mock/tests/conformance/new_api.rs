@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::support::{Caller, advance, quiet};
+use crate::support::{Caller, advance, encode, quiet};
 
 const T2V: &str = "/text-to-video/kling-3.0";
 
@@ -87,6 +87,36 @@ async fn the_batch_query_answers_by_ids_or_external_ids_in_order() {
     // Another account sees none of them.
     c.with_key("other")
         .get("/tasks?external_task_ids=ea")
+        .await
+        .assert_error(404, 1203);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_batch_query_finds_every_external_id_a_create_accepts() {
+    let c = Caller::new(quiet().slots(100));
+    let long = "j".repeat(129);
+    let longest = "\u{e9}".repeat(2048); // 4096 bytes: the create's own limit
+    for (ext, value) in [
+        (long.clone(), long.clone()),
+        ("user:42@host".to_owned(), "user:42@host".to_owned()),
+        ("a!$'()*;b".to_owned(), "a!$'()*;b".to_owned()),
+        (
+            "job 1/\u{e9}?#%&=+".to_owned(),
+            encode("job 1/\u{e9}?#%&=+"),
+        ),
+        (longest.clone(), encode(&longest)),
+    ] {
+        let created = c
+            .post(T2V, json!({"prompt": "x", "external_id": ext}))
+            .await;
+        let id = created.data()["id"].as_str().unwrap().to_owned();
+        let r = c.get(&format!("/tasks?external_task_ids={value}")).await;
+        let list = r.data().as_array().unwrap().clone();
+        assert_eq!(list.len(), 1, "external id {ext:?}");
+        assert_eq!(list[0]["id"], id.as_str());
+        assert_eq!(list[0]["external_id"], ext.as_str());
+    }
+    c.get(&format!("/tasks?external_task_ids={}", "k".repeat(129)))
         .await
         .assert_error(404, 1203);
 }

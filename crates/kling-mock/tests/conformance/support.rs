@@ -129,3 +129,17 @@ pub(crate) fn secs(s: u64) -> std::time::Duration {
 pub(crate) async fn advance(s: u64) {
     tokio::time::advance(secs(s)).await;
 }
+
+/// Percent-encodes every byte outside RFC 3986's unreserved set (for a path segment or a query
+/// value).
+pub(crate) fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
