@@ -27,8 +27,23 @@ pub enum StopReason {
     /// share of recent requests.
     BudgetExhausted,
     /// A create may have made a billed task (a 5xx, a timeout, a reset after sending) and carries
-    /// no `external_task_id` by which to look it up, so re-sending it could make a second task.
+    /// no `external_task_id` by which to look it up (or its URI cannot carry a lookup), so
+    /// re-sending it could make a second task. A `POST` the layer does not recognise (a create
+    /// endpoint newer than this crate, say) is treated as a possible create and stops here too.
+    ///
+    /// Never send it again blindly: list the account's tasks to see whether it was made.
+    /// [`Failed::external_id`] is the create's id when it has one the layer could not look up by.
     CreateMayHaveHappened,
+    /// A create that carries an external id (the caller's, or a generated `kr-…` one) may have
+    /// made a billed task (a 5xx, a timeout, a reset after sending, or a final refusal of a
+    /// re-sent create such as `1201` "duplicate external task id"), and the call stopped before a
+    /// lookup by that id settled it: the attempts or the retry budget ran out, or the lookup
+    /// itself was refused for good, answered without a task it could read, or failed below.
+    ///
+    /// The task may exist and be billed. Look it up by [`Failed::external_id`]
+    /// (`GET {create path}/{id}`, or `GET /tasks?external_task_ids={id}`) before doing anything
+    /// else; if you send the create again, send it with that same id, never without it.
+    CreateUnresolved,
 }
 
 impl fmt::Display for StopReason {
@@ -39,6 +54,9 @@ impl fmt::Display for StopReason {
             StopReason::BudgetExhausted => "retry budget exhausted",
             StopReason::CreateMayHaveHappened => {
                 "create may have made a task and has no external_task_id to look it up by"
+            }
+            StopReason::CreateUnresolved => {
+                "create may have made a task that no lookup by its external id has ruled out"
             }
         })
     }
@@ -144,11 +162,20 @@ macro_rules! last_accessors {
 /// Its [`source`](StdError::source) is the last failure: a
 /// [`kling_core::error::ApiError`] for a Kling error response, or the error from below (so
 /// [`kling_core::SendState::of`] still tells whether the last request was sent).
+///
+/// # A create that may have made a task
+///
+/// When [`may_have_created`](Self::may_have_created) is true ([`StopReason::CreateUnresolved`]
+/// or [`StopReason::CreateMayHaveHappened`]), a billed task may exist although this call
+/// reports none. Never send the create again without finding out: look it up by
+/// [`external_id`](Self::external_id) when there is one, and if you send it again, send it
+/// with that same id.
 #[derive(Debug)]
 pub struct Failed {
     reason: StopReason,
     tally: Tally,
     last: Last,
+    external_id: Option<String>,
 }
 
 impl Failed {
@@ -157,7 +184,14 @@ impl Failed {
             reason,
             tally,
             last,
+            external_id: None,
         }
+    }
+
+    /// The same error, naming the create's external id.
+    pub(crate) fn with_external_id(mut self, external_id: Option<String>) -> Self {
+        self.external_id = external_id;
+        self
     }
 
     /// Why the layer stopped.
@@ -165,12 +199,55 @@ impl Failed {
         self.reason
     }
 
+    /// Whether a billed task may exist that this call does not report: the reason is
+    /// [`StopReason::CreateUnresolved`] or [`StopReason::CreateMayHaveHappened`]. Look the
+    /// create up (by [`external_id`](Self::external_id) when there is one) before creating
+    /// again.
+    pub fn may_have_created(&self) -> bool {
+        matches!(
+            self.reason,
+            StopReason::CreateUnresolved | StopReason::CreateMayHaveHappened
+        )
+    }
+
+    /// The create's external id (the caller's `external_task_id` / `external_id`, or the
+    /// `kr-…` one [`generate_external_ids`](crate::RetryLayerBuilder::generate_external_ids)
+    /// wrote), when an attempt of this create may have made a task; `None` for every other
+    /// call.
+    ///
+    /// With [`may_have_created`](Self::may_have_created), it is the id to look the task up by
+    /// before doing anything else. Without (a lookup found nothing, then the create stopped for
+    /// another reason), it is the id to send the create again with, so that the server's
+    /// duplicate check still guards it; never send it again without it.
+    pub fn external_id(&self) -> Option<&str> {
+        self.external_id.as_deref()
+    }
+
     last_accessors!();
+}
+
+/// `" (external id …)"` after the reason, when there is one.
+struct ExternalId<'a>(Option<&'a str>);
+
+impl fmt::Display for ExternalId<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(id) => write!(f, " (external id {id})"),
+            None => Ok(()),
+        }
+    }
 }
 
 impl fmt::Display for Failed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}: {}", self.reason, self.tally, self.last)
+        write!(
+            f,
+            "{}{} {}: {}",
+            self.reason,
+            ExternalId(self.external_id()),
+            self.tally,
+            self.last
+        )
     }
 }
 
@@ -184,7 +261,11 @@ impl StdError for Failed {
 /// of sleeping; [`resume_at`](Self::resume_at) says when the server (or the backoff) allows the
 /// next try.
 ///
-/// A caller with more time may send the request again at that instant.
+/// A caller with more time may send the request again at that instant, **unless
+/// [`may_have_created`](Self::may_have_created) is true**: then the next step was a lookup of a
+/// create that may have made a billed task. Look it up by [`external_id`](Self::external_id)
+/// (`GET {create path}/{id}`, or `GET /tasks?external_task_ids={id}`) instead, and if you send
+/// the create again, send it with that same id, never without it.
 #[derive(Debug)]
 pub struct DeadlineExceeded {
     resume_at: Instant,
@@ -192,6 +273,8 @@ pub struct DeadlineExceeded {
     retry_after: Duration,
     tally: Tally,
     last: Last,
+    external_id: Option<String>,
+    unresolved: bool,
 }
 
 impl DeadlineExceeded {
@@ -208,7 +291,30 @@ impl DeadlineExceeded {
             retry_after: resume_at.saturating_duration_since(now),
             tally,
             last,
+            external_id: None,
+            unresolved: false,
         }
+    }
+
+    /// The same error, naming the create's external id and whether its fate is still open.
+    pub(crate) fn with_create(mut self, external_id: Option<String>, unresolved: bool) -> Self {
+        self.external_id = external_id;
+        self.unresolved = unresolved;
+        self
+    }
+
+    /// Whether a create carrying [`external_id`](Self::external_id) may have made a billed
+    /// task that no lookup has ruled out yet: the next attempt would have looked it up. Look it
+    /// up before creating again.
+    pub fn may_have_created(&self) -> bool {
+        self.unresolved
+    }
+
+    /// The create's external id (the caller's, or a generated `kr-…` one), when an attempt of
+    /// this create may have made a task; `None` for every other call. See
+    /// [`Failed::external_id`].
+    pub fn external_id(&self) -> Option<&str> {
+        self.external_id.as_deref()
     }
 
     /// When the next attempt may be sent (tokio time).
@@ -233,8 +339,18 @@ impl fmt::Display for DeadlineExceeded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "next retry in {:?} would pass the deadline {}: {}",
-            self.retry_after, self.tally, self.last
+            "next retry in {:?} would pass the deadline",
+            self.retry_after
+        )?;
+        if self.unresolved {
+            write!(f, "; {}", StopReason::CreateUnresolved)?;
+        }
+        write!(
+            f,
+            "{} {}: {}",
+            ExternalId(self.external_id()),
+            self.tally,
+            self.last
         )
     }
 }

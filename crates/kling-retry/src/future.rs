@@ -13,7 +13,7 @@ use http_body_util::Full;
 use kling_core::error::{ApiError, BoxError};
 use kling_core::metrics::{LABEL_KIND, LABEL_REASON, RETRIES, RETRY_BUDGET_EXHAUSTED};
 use kling_core::signals::Attempt;
-use kling_core::{Disposition, Outcome, Recognized};
+use kling_core::{ApiGeneration, Disposition, Outcome, PeekBody, Recognized, RequestKind};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
@@ -89,12 +89,38 @@ struct Call<S, B, P> {
     retry: Option<Box<Retrying<S, B>>>,
 }
 
+/// A lookup of a create by its external id, queued or in flight: while there is one, the
+/// create's fate is unresolved.
+struct Pending<B> {
+    request: Request<B>,
+    external_id: String,
+    /// The new-style batch query (`GET /tasks?external_task_ids=…`), not a legacy one.
+    new_style: bool,
+    /// Set when the lookup checks a final refusal of a re-sent create (say `1201` "duplicate
+    /// external task id"): what the call returns if the lookup finds no task.
+    final_answer: Option<ApiError>,
+}
+
+/// Whether a request may make a task, and how to look it up if so.
+enum Plan<B> {
+    /// Not a create: safe to send again.
+    Repeatable,
+    /// A create (or an unrecognised non-idempotent request that may be one) that cannot be
+    /// looked up; the external id, if it has one.
+    Unlookable(Option<String>),
+    /// A create with an external id, and its lookup (boxed: it holds a whole request).
+    Lookup(Box<Pending<B>>),
+}
+
 /// What a call keeps once it retries.
 struct Retrying<S, B> {
     /// The service retries go through (a clone of the spare), made at the first retry.
     service: Option<S>,
-    /// While a create's outcome is unknown: the lookup request and the external id.
-    lookup: Option<(Request<B>, String)>,
+    /// While a create's outcome is unknown: the lookup.
+    lookup: Option<Pending<B>>,
+    /// The create's external id, once an attempt of it may have made a task: named in every
+    /// error the call ends with from then on.
+    external_id: Option<String>,
     /// What the next attempt sends.
     next: Sending,
     waited: Duration,
@@ -108,6 +134,7 @@ impl<S, B> Retrying<S, B> {
         Retrying {
             service: None,
             lookup: None,
+            external_id: None,
             next: Sending::Original,
             waited: Duration::ZERO,
             sleep: None,
@@ -227,7 +254,7 @@ where
                 StateProj::Readying => {
                     if let Err(error) = ready!(this.call.service().poll_ready(cx)) {
                         this.state.set(State::Done);
-                        return Poll::Ready(Err(error.into()));
+                        return Poll::Ready(this.call.pass_through(error.into()));
                     }
                     let request = this.call.next_request();
                     let future = this.call.service().call(request);
@@ -257,7 +284,15 @@ impl<S, B, P> Call<S, B, P> {
 
     fn looking_up(&self) -> Option<&str> {
         let retry = self.retry.as_deref()?;
-        retry.lookup.as_ref().map(|(_, id)| id.as_str())
+        retry
+            .lookup
+            .as_ref()
+            .map(|pending| pending.external_id.as_str())
+    }
+
+    /// The create's external id, once an attempt of it may have made a task.
+    fn created_as(&self) -> Option<String> {
+        self.retry.as_deref()?.external_id.clone()
     }
 
     /// The retry state, made at the first retry.
@@ -304,8 +339,13 @@ where
             }
         };
         if self.sending == Sending::Lookup {
-            let read = match self.looking_up() {
-                Some(external_id) => lookup::read(outcome, external_id),
+            let read = match self.retry.as_deref().and_then(|r| r.lookup.as_ref()) {
+                Some(pending) => lookup::read(
+                    &response.body().peek_bytes(),
+                    outcome,
+                    &pending.external_id,
+                    pending.new_style,
+                ),
                 None => Lookup::Inconclusive,
             };
             match read {
@@ -314,7 +354,7 @@ where
                         .retry
                         .as_mut()
                         .and_then(|retry| retry.lookup.take())
-                        .map(|(_, id)| id)
+                        .map(|pending| pending.external_id)
                         .unwrap_or_default();
                     response.extensions_mut().insert(Recovered {
                         external_id,
@@ -322,7 +362,14 @@ where
                     });
                     return Step::Finish(Ok(response));
                 }
-                Lookup::NotFound => return self.resend_after_lookup(),
+                Lookup::NotFound => {
+                    let pending = self.retry.as_mut().and_then(|retry| retry.lookup.take());
+                    if let Some(answer) = pending.and_then(|pending| pending.final_answer) {
+                        // The re-sent create's refusal stands: no task was made.
+                        return self.fail(StopReason::NotRetryable, Last::Api(answer));
+                    }
+                    return self.resend_after_lookup();
+                }
                 Lookup::Inconclusive => {}
             }
         }
@@ -331,20 +378,33 @@ where
             .policy
             .judge(Attempted::Response(&response, outcome))
         {
-            Verdict::Return if outcome.is_success() => Step::Finish(Ok(response)),
-            Verdict::Return => {
-                let last = Last::Api(ApiError::from_outcome(outcome));
-                self.fail(StopReason::NotRetryable, last)
+            Verdict::Return if self.sending == Sending::Lookup => {
+                // The lookup answered for good without settling the create (refused, or a
+                // success naming no task this layer can read): its fate stays open. A success
+                // is not an error to report, so the create's own last failure is.
+                let last = if outcome.is_success() {
+                    self.retry
+                        .as_mut()
+                        .and_then(|retry| retry.last.take())
+                        .unwrap_or_else(|| {
+                            Last::Error("the lookup by external id named no task".into())
+                        })
+                } else {
+                    Last::Api(ApiError::from_outcome(outcome))
+                };
+                self.fail(StopReason::CreateUnresolved, last)
             }
+            Verdict::Return if outcome.is_success() => Step::Finish(Ok(response)),
+            Verdict::Return => self.refused(ApiError::from_outcome(outcome)),
             Verdict::Retry { delay, create } => {
-                let last = Last::Api(ApiError::from_outcome(outcome));
                 let resign = outcome.disposition() == Disposition::Resign;
                 if resign {
                     if self.resigned {
-                        return self.fail(StopReason::NotRetryable, last);
+                        return self.refused(ApiError::from_outcome(outcome));
                     }
                     self.resigned = true;
                 }
+                let last = Last::Api(ApiError::from_outcome(outcome));
                 let hint = outcome.retry_after().map(|h| (outcome.received_at(), h));
                 self.schedule(delay, create, hint, last, resign)
             }
@@ -361,7 +421,7 @@ where
 
     fn after_error(&mut self, error: BoxError) -> Step {
         match self.shared().policy.judge(Attempted::Error(&error)) {
-            Verdict::Return => Step::Finish(Err(error)),
+            Verdict::Return => Step::Finish(self.pass_through(error)),
             Verdict::Retry { delay, create } => {
                 self.schedule(delay, create, None, Last::Error(error), false)
             }
@@ -376,8 +436,107 @@ where
         }
     }
 
+    /// Whether a create may have made a task that no lookup has settled yet (a lookup is
+    /// queued or in flight).
+    fn unresolved(&self) -> bool {
+        self.looking_up().is_some()
+    }
+
+    /// Stops the call. While the create's fate is unresolved, whatever stopped it, the reason
+    /// is [`StopReason::CreateUnresolved`]: the caller must look the create up, not send it again.
     fn fail(&mut self, reason: StopReason, last: Last) -> Step {
-        Step::Finish(Err(Box::new(Failed::new(reason, self.tally(), last))))
+        let reason = if self.unresolved() && reason != StopReason::CreateMayHaveHappened {
+            StopReason::CreateUnresolved
+        } else {
+            reason
+        };
+        let failed = Failed::new(reason, self.tally(), last).with_external_id(self.created_as());
+        Step::Finish(Err(Box::new(failed)))
+    }
+
+    /// Stops the call because the next attempt would start at `at`, after `deadline`.
+    fn past_deadline(&mut self, at: Instant, deadline: Instant, now: Instant, last: Last) -> Step {
+        let error = DeadlineExceeded::new(at, deadline, now, self.tally(), last)
+            .with_create(self.created_as(), self.unresolved());
+        Step::Finish(Err(Box::new(error)))
+    }
+
+    /// An error from below that this layer does not retry: passed through unchanged, unless it
+    /// stops the call while a create's fate is unresolved (it failed a lookup, or the service
+    /// below refused to take one); then it is the source of a
+    /// [`StopReason::CreateUnresolved`] that names the external id.
+    fn pass_through(&mut self, error: BoxError) -> Result<Response<Full<Bytes>>, BoxError> {
+        if !self.unresolved() {
+            return Err(error);
+        }
+        match self.fail(StopReason::CreateUnresolved, Last::Error(error)) {
+            Step::Finish(output) => output,
+            Step::Sleep | Step::Send => unreachable!("`fail` finishes the call"),
+        }
+    }
+
+    /// A final refusal (a code the policy does not retry, or a second refused token). An
+    /// answer to the caller's request is returned as [`StopReason::NotRetryable`], except when
+    /// an earlier attempt of this create may have made a task: the refusal of the re-sent
+    /// create may be because of it (`1201` "duplicate external task id" when the first create
+    /// landed after all), so the create is looked up again first.
+    fn refused(&mut self, answer: ApiError) -> Step {
+        if self.sending == Sending::Original && self.created_as().is_some() {
+            return self.confirm(answer);
+        }
+        self.fail(StopReason::NotRetryable, Last::Api(answer))
+    }
+
+    /// Whether the caller's request may make a task, and its lookup if so.
+    fn plan(&mut self) -> Plan<B> {
+        let template = self.template.request();
+        Recognized::of(template);
+        let Some(recognized) = Recognized::cached(template) else {
+            unreachable!("recognised above")
+        };
+        if !recognized.is_create() {
+            // A non-idempotent request (a `POST`) the router does not know may be a create
+            // endpoint newer than this crate: it may have made a task.
+            return if recognized.kind == RequestKind::Other && !template.method().is_idempotent() {
+                Plan::Unlookable(None)
+            } else {
+                Plan::Repeatable
+            };
+        }
+        let Some(external_id) = recognized.external_id.clone() else {
+            return Plan::Unlookable(None);
+        };
+        let new_style = recognized
+            .generation
+            .is_some_and(|generation| generation != ApiGeneration::Legacy);
+        match lookup::request(template, recognized, &external_id) {
+            Some(request) => Plan::Lookup(Box::new(Pending {
+                request,
+                external_id,
+                new_style,
+                final_answer: None,
+            })),
+            None => Plan::Unlookable(Some(external_id)),
+        }
+    }
+
+    /// Looks the create up again after a final refusal of its re-sent attempt: found, the
+    /// caller gets the task ([`Recovered`]); not found, `answer`. It goes at once and counts as
+    /// an attempt; stopped by the attempt limit, the deadline or the budget, the call ends with
+    /// the create unresolved.
+    fn confirm(&mut self, answer: ApiError) -> Step {
+        let last = Last::Api(answer.clone());
+        let mut pending = match self.plan() {
+            Plan::Lookup(pending) => *pending,
+            Plan::Repeatable | Plan::Unlookable(_) => {
+                return self.fail(StopReason::NotRetryable, last);
+            }
+        };
+        pending.final_answer = Some(answer);
+        let retry = self.retrying();
+        retry.lookup = Some(pending);
+        retry.next = Sending::Lookup;
+        self.send_now("lookup", last)
     }
 
     fn kind(&mut self) -> &'static str {
@@ -396,17 +555,18 @@ where
         if self.sending == Sending::Original {
             let mut pending = None;
             if create == CreateState::MaybeCreated {
-                let template = self.template.request();
-                Recognized::of(template);
-                let recognized = Recognized::cached(template);
-                if let Some(recognized) = recognized.filter(|r| r.is_create()) {
-                    let Some(id) = recognized.external_id.clone() else {
+                match self.plan() {
+                    Plan::Repeatable => {}
+                    Plan::Unlookable(external_id) => {
+                        if external_id.is_some() {
+                            self.retrying().external_id = external_id;
+                        }
                         return self.fail(StopReason::CreateMayHaveHappened, last);
-                    };
-                    let Some(request) = lookup::request(template, recognized, &id) else {
-                        return self.fail(StopReason::CreateMayHaveHappened, last);
-                    };
-                    pending = Some((request, id));
+                    }
+                    Plan::Lookup(lookup) => {
+                        self.retrying().external_id = Some(lookup.external_id.clone());
+                        pending = Some(*lookup);
+                    }
                 }
             }
             let retry = self.retrying();
@@ -435,8 +595,7 @@ where
         if let Some(deadline) = self.template.deadline
             && at > deadline
         {
-            let error = DeadlineExceeded::new(at, deadline, now, self.tally(), last);
-            return Step::Finish(Err(Box::new(error)));
+            return self.past_deadline(at, deadline, now, last);
         }
         let kind = self.kind();
         // Slot-gated retries wait for a slot in the layer below, not on the API: they spend no
@@ -473,6 +632,12 @@ where
             .last
             .take()
             .unwrap_or_else(|| Last::Error("create outcome unknown".into()));
+        self.send_now("not_found", last)
+    }
+
+    /// Sends the next attempt (already chosen) at once, if the attempt limit, the deadline and
+    /// the budget allow.
+    fn send_now(&mut self, reason: &'static str, last: Last) -> Step {
         if self.attempts >= self.attempt_limit() {
             return self.fail(StopReason::AttemptsExhausted, last);
         }
@@ -480,15 +645,14 @@ where
         if let Some(deadline) = self.template.deadline
             && now > deadline
         {
-            let error = DeadlineExceeded::new(now, deadline, now, self.tally(), last);
-            return Step::Finish(Err(Box::new(error)));
+            return self.past_deadline(now, deadline, now, last);
         }
         let kind = self.kind();
         if !self.shared().budget.try_withdraw() {
             metrics::counter!(RETRY_BUDGET_EXHAUSTED, LABEL_KIND => kind).increment(1);
             return self.fail(StopReason::BudgetExhausted, last);
         }
-        metrics::counter!(RETRIES, LABEL_KIND => kind, LABEL_REASON => "not_found").increment(1);
+        metrics::counter!(RETRIES, LABEL_KIND => kind, LABEL_REASON => reason).increment(1);
         self.retrying().last = Some(last);
         Step::Send
     }
@@ -501,7 +665,7 @@ where
             .filter(|retry| retry.next == Sending::Lookup)
             .and_then(|retry| retry.lookup.as_ref());
         let (source, sending) = match lookup {
-            Some((request, _)) => (request, Sending::Lookup),
+            Some(pending) => (&pending.request, Sending::Lookup),
             None => (&*self.template.request(), Sending::Original),
         };
         self.sending = sending;

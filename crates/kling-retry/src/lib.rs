@@ -55,6 +55,9 @@
 //!
 //! - **Retried**: `1302`; `5000`, `5001`, `5002` and other 5xx; connection errors before the
 //!   request was sent; timeouts and resets after it was sent (subject to the create rules).
+//!   `5001` (maintenance) refused the request, so a create is sent again after it like after
+//!   `1302`; whether a code may have created a task is
+//!   [`Code::may_have_created`](kling_core::Code::may_have_created), the table every layer reads.
 //! - **`1303`**: when the response carries [`SlotGated`](kling_core::signals::SlotGated) (a
 //!   task-slots layer below gave the slot back and will hold the retried create until one
 //!   frees) it is retried at once; without a slots layer, after a backoff of at least 1 s.
@@ -72,14 +75,27 @@
 //!   [`Deadline`](kling_core::signals::Deadline) so the rate limiter and the slots layer stop
 //!   waiting at it too; and a [`RetryBudget`] shared by clones. When the next retry would start
 //!   after the deadline, the call returns at once with [`error::DeadlineExceeded`], which says
-//!   when to resume.
-//! - **No duplicate billed tasks**: a create is sent again after `1302`, `1303` or a connection
-//!   that was never made (it did not happen). After a 5xx, a timeout or a reset it is sent again
-//!   only when it carries an `external_task_id`, and only after a lookup by that id
-//!   (`GET {create path}/{id}` or `GET /tasks?external_task_ids={id}`) finds no task; if the
-//!   lookup finds one, the caller gets it as the create's result (see [`Recovered`]). Without an
-//!   id the call fails with [`StopReason::CreateMayHaveHappened`](error::StopReason);
-//!   [`generate_external_ids`](RetryLayerBuilder::generate_external_ids) gives every create one.
+//!   when to resume (unless a create's lookup was next: see below).
+//! - **No duplicate billed tasks**: a create is sent again after `1302`, `1303`, `5001` or a
+//!   connection that was never made (it did not happen). After `5000`, `5002`, a 5xx without a
+//!   Kling envelope, a timeout or a reset it is sent again only when it carries an
+//!   `external_task_id`, and only after a lookup by that id (`GET {create path}/{id}` or
+//!   `GET /tasks?external_task_ids={id}`) says there is no task (`1203`, or a new-style
+//!   `data: []`); if the lookup finds one, the caller gets it as the create's result (see
+//!   [`Recovered`]). Without an id the call fails with
+//!   [`StopReason::CreateMayHaveHappened`](error::StopReason::CreateMayHaveHappened), and so
+//!   does a `POST` the router does not recognise (it may be a create endpoint newer than this
+//!   crate); [`generate_external_ids`](RetryLayerBuilder::generate_external_ids) gives every
+//!   recognised create one. Once an attempt may have created a task, a final refusal of a
+//!   later attempt (`1201` "duplicate external task id" when the first create landed after
+//!   all) is looked up again before it is returned.
+//! - **A create left unresolved is said so**: when the call stops while a lookup is still due
+//!   (the attempts, the budget or the deadline run out, the lookup is refused for good or
+//!   answers without a task the layer can read, an error from below stops it), the caller gets
+//!   [`StopReason::CreateUnresolved`](error::StopReason::CreateUnresolved), or a
+//!   [`DeadlineExceeded`](error::DeadlineExceeded) whose `may_have_created()` is true, each
+//!   naming the create's external id (`external_id()`, the generated one included): look the
+//!   task up by it, never create again without it.
 //!
 //! # What the caller gets
 //!
@@ -87,9 +103,11 @@
 //! - a Kling error response that is final, or still failing when the attempts, the budget or the
 //!   deadline run out, as [`error::Failed`] or [`error::DeadlineExceeded`], carrying the Kling
 //!   `code`, `message`, `request_id`, the attempts and the time waited, with a one-line
-//!   `Display`;
+//!   `Display`; for a create that may have made a task, also `may_have_created()` and the
+//!   `external_id()` to look it up by;
 //! - an error from below that is not retried (a limiter's deadline error, for instance)
-//!   unchanged.
+//!   unchanged, except while a create's lookup is due: then it is the source of a
+//!   [`StopReason::CreateUnresolved`](error::StopReason::CreateUnresolved).
 //!
 //! # Requests must be replayable
 //!

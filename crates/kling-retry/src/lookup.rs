@@ -19,6 +19,10 @@ use crate::rng::RandomSource;
 /// an array holding the task), its [`Outcome`] in the extensions reporting the existing task
 /// (so [`Outcome::task`] gives its id and status, which may already be past `submitted`), and
 /// this extension.
+///
+/// The same holds when, after a lookup found nothing, the create sent again is refused for good
+/// (say `1201` "duplicate external task id": the first create landed meanwhile) and the lookup
+/// made before returning that refusal finds the task.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Recovered {
@@ -32,27 +36,49 @@ pub struct Recovered {
 pub(crate) enum Lookup {
     Found(String),
     NotFound,
-    /// An error response or a malformed answer: judge it like any other attempt.
+    /// An error response or an answer that names no task it could read: judge it like any
+    /// other attempt (a success that says nothing stops the call with the create unresolved).
     Inconclusive,
 }
 
-/// Reads a lookup response.
-pub(crate) fn read(outcome: &Outcome, external_id: &str) -> Lookup {
+/// Reads a lookup response: `body` is the response's body, `new_style` whether the lookup
+/// was the new-style batch query (`GET /tasks?external_task_ids=…`).
+///
+/// Only a definite "no such task" is [`Lookup::NotFound`], since it lets the create be sent
+/// again: code `1203`, or a new-style answer whose `data` is an empty array. A success that
+/// names our task (or a task without an external id, on the path that asked for ours) is
+/// [`Lookup::Found`]. Anything else is [`Lookup::Inconclusive`]: another error, and a success
+/// the layer cannot read a task from (`data` null or missing, a legacy task without
+/// `task_status`, tasks that all carry another external id).
+pub(crate) fn read(body: &[u8], outcome: &Outcome, external_id: &str, new_style: bool) -> Lookup {
     if outcome.code() == Code::NotFound {
         return Lookup::NotFound;
     }
     if !outcome.is_success() {
         return Lookup::Inconclusive;
     }
-    let found = outcome.tasks().iter().find(|task| {
+    let tasks = outcome.tasks();
+    let found = tasks.iter().find(|task| {
         task.external_id
             .as_deref()
             .is_none_or(|id| id == external_id)
     });
     match found {
         Some(task) => Lookup::Found(task.id.clone()),
-        None => Lookup::NotFound,
+        None if tasks.is_empty() && new_style && data_is_empty_array(body) => Lookup::NotFound,
+        None => Lookup::Inconclusive,
     }
+}
+
+/// Whether `body` is a JSON object whose `data` is `[]`. The [`Outcome`] reports no task both
+/// for that and for a `data` it could not read, so the (small, rare) lookup body is read again.
+fn data_is_empty_array(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|value| {
+        value
+            .get("data")
+            .and_then(serde_json::Value::as_array)
+            .is_some_and(Vec::is_empty)
+    })
 }
 
 /// The query that finds a create by its external id, with the create's account and
@@ -274,6 +300,103 @@ mod tests {
             .unwrap();
         request.extensions_mut().insert(AccountId::new("acct"));
         request
+    }
+
+    fn read_answer(status: u16, body: &str, new_style: bool) -> &'static str {
+        let status = http::StatusCode::from_u16(status).unwrap();
+        let outcome = Outcome::parse(
+            status,
+            &http::HeaderMap::new(),
+            body.as_bytes(),
+            tokio::time::Instant::now(),
+        )
+        .unwrap();
+        match read(body.as_bytes(), &outcome, "job", new_style) {
+            Lookup::Found(id) => {
+                assert_eq!(id, "t1", "{body}");
+                "found"
+            }
+            Lookup::NotFound => "not found",
+            Lookup::Inconclusive => "inconclusive",
+        }
+    }
+
+    #[test]
+    fn only_1203_or_an_empty_new_style_array_is_not_found() {
+        let ok = |data: &str| format!(r#"{{"code":0,"message":"SUCCEED","data":{data}}}"#);
+        for (status, body, new_style, expected) in [
+            (
+                404,
+                r#"{"code":1203,"message":"task not found"}"#.to_owned(),
+                false,
+                "not found",
+            ),
+            (
+                404,
+                r#"{"code":1203,"message":"task not found"}"#.to_owned(),
+                true,
+                "not found",
+            ),
+            (200, ok("[]"), true, "not found"),
+            (
+                200,
+                ok(r#"{"task_id":"t1","task_status":"submitted"}"#),
+                false,
+                "found",
+            ),
+            (
+                200,
+                ok(
+                    r#"{"task_id":"t1","task_status":"submitted","task_info":{"external_task_id":"job"}}"#,
+                ),
+                false,
+                "found",
+            ),
+            (
+                200,
+                ok(r#"[{"id":"t1","status":"submitted","external_id":"job"}]"#),
+                true,
+                "found",
+            ),
+            // Code 0 with no task the layer can read: the create may exist.
+            (200, ok("[]"), false, "inconclusive"),
+            (200, ok("null"), false, "inconclusive"),
+            (200, ok("null"), true, "inconclusive"),
+            (
+                200,
+                r#"{"code":0,"message":"SUCCEED"}"#.to_owned(),
+                true,
+                "inconclusive",
+            ),
+            (200, ok(r#"{"task_id":"t1"}"#), false, "inconclusive"),
+            (200, ok(r#"{"tasks":[]}"#), true, "inconclusive"),
+            (200, ok(r#"[{"id":"t1"}]"#), true, "inconclusive"),
+            (
+                200,
+                ok(r#"[{"id":"t2","status":"submitted","external_id":"other"}]"#),
+                true,
+                "inconclusive",
+            ),
+            // Other errors.
+            (
+                500,
+                r#"{"code":5000,"message":"internal error"}"#.to_owned(),
+                true,
+                "inconclusive",
+            ),
+            (
+                403,
+                r#"{"code":1103,"message":"no permission"}"#.to_owned(),
+                false,
+                "inconclusive",
+            ),
+        ] {
+            assert_eq!(
+                read_answer(status, &body, new_style),
+                expected,
+                "{body} new: {new_style}"
+            );
+        }
     }
 
     #[test]

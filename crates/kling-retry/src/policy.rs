@@ -38,10 +38,12 @@ impl fmt::Debug for Attempted<'_> {
 #[non_exhaustive]
 pub enum CreateState {
     /// Surely not: the request never left (connect failure) or was refused before any work
-    /// (`1302`, `1303`). A create may be sent again.
+    /// (`1302`, `1303`, `5001` maintenance). A create may be sent again.
     NotCreated,
-    /// Perhaps: a 5xx, a timeout, a reset after sending. A create is sent again only if it carries
-    /// an `external_task_id`, and only after a lookup by that id finds no task.
+    /// Perhaps: `5000`, `5002`, an undocumented 5xx code, a 5xx without a Kling envelope, a
+    /// timeout, a reset after sending. A create is sent again only if it carries an
+    /// `external_task_id`, and only after a lookup by that id finds no task; a `POST` the
+    /// layer does not recognise (it may be a create) is not sent again.
     MaybeCreated,
 }
 
@@ -81,14 +83,32 @@ pub trait Policy: Send + Sync + 'static {
 /// | `1303` with [`SlotGated`] (a slots layer below will hold the retry) | retry, [`Immediate`](DelayKind::Immediate), not created |
 /// | `1303` without | retry, [`SlotFull`](DelayKind::SlotFull) (≥ 1 s), not created |
 /// | `5000`, `5002`, another 5xx code | retry, [`Transient`](DelayKind::Transient), maybe created |
-/// | `5001` | retry, [`Maintenance`](DelayKind::Maintenance), maybe created |
+/// | `5001` | retry, [`Maintenance`](DelayKind::Maintenance), not created (maintenance refuses the request; [`Code::may_have_created`](kling_core::Code::may_have_created), the table every layer reads) |
 /// | `1003`, `1004` with [`TokenDropped`] (an auth layer below dropped the refused token) | retry, [`Immediate`](DelayKind::Immediate), not created (once per call) |
 /// | `1003`, `1004` without (the auth layer below already re-signed once) | return |
 /// | `1000`–`1002`, `1100`–`1103`, `1200`–`1203`, `1300`, `1301`, `1304`, other codes below 500 | return |
 /// | [`Transport`] error, never sent ([`SendState::NotSent`], [`NotSent`]) | retry, transient, not created |
 /// | [`Transport`] error after sending, `tower::timeout::error::Elapsed` | retry, transient, maybe created |
-/// | [`MalformedResponse`] or [`BodyTooLarge`] with a 5xx status | retry, transient (503: maintenance), maybe created |
+/// | [`MalformedResponse`] or [`BodyTooLarge`] with a 5xx status (no Kling envelope, so no code says what happened) | retry, transient (503: maintenance), maybe created |
 /// | any other error (a limiter's deadline error, a bad request, …) | return it unchanged |
+///
+/// What the layer then does with a retry whose `create` is
+/// [`MaybeCreated`](CreateState::MaybeCreated):
+///
+/// | request | next step |
+/// |---|---|
+/// | not a create (a query, a list, any `GET`) | sent again |
+/// | a create with an external id | looked up by that id: found, the task is the result ([`Recovered`](crate::Recovered)); `1203` or a new-style `data: []`, sent again; any other answer, judged like an attempt (a success naming no task it can read stops the call, unresolved) |
+/// | a create without one, or a `POST` the router does not recognise (it may be a create endpoint newer than this crate) | stop: [`StopReason::CreateMayHaveHappened`](crate::error::StopReason::CreateMayHaveHappened) |
+///
+/// Once an attempt of a create may have made a task, a final refusal of a later attempt (say
+/// `1201` "duplicate external task id": the first create landed after all) is looked up
+/// again before it is returned (found: the task; not found: the refusal). Whenever the call
+/// stops while such a lookup is pending (attempts, budget, a lookup refused for good, an
+/// error from below), it ends with
+/// [`StopReason::CreateUnresolved`](crate::error::StopReason::CreateUnresolved), or a
+/// [`DeadlineExceeded`](crate::error::DeadlineExceeded) whose `may_have_created()` is true,
+/// naming the external id to look the task up by.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct KlingPolicy;
 
@@ -103,11 +123,21 @@ impl Policy for KlingPolicy {
 
 fn judge_outcome(response: &Response<Full<Bytes>>, outcome: &Outcome) -> Verdict {
     let (delay, create) = match outcome.disposition() {
-        Disposition::Retry(RetryKind::Throttled) => (DelayKind::Throttled, CreateState::NotCreated),
-        Disposition::Retry(RetryKind::Maintenance) => {
-            (DelayKind::Maintenance, CreateState::MaybeCreated)
+        Disposition::Retry(kind) => {
+            let delay = match kind {
+                RetryKind::Throttled => DelayKind::Throttled,
+                RetryKind::Maintenance => DelayKind::Maintenance,
+                _ => DelayKind::Transient,
+            };
+            // The one table every layer reads: `5000`, `5002` and undocumented codes may have
+            // created a task; `1302` and `5001` (maintenance) did not.
+            let create = if outcome.code().may_have_created() {
+                CreateState::MaybeCreated
+            } else {
+                CreateState::NotCreated
+            };
+            (delay, create)
         }
-        Disposition::Retry(_) => (DelayKind::Transient, CreateState::MaybeCreated),
         Disposition::Resign if response.extensions().get::<TokenDropped>().is_some() => {
             (DelayKind::Immediate, CreateState::NotCreated)
         }

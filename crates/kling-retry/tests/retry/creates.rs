@@ -284,3 +284,406 @@ async fn a_create_with_a_generated_id_is_resent_byte_for_byte_when_the_lookup_fi
     );
     assert_eq!(log.count("GET", "text2video/kr-"), 1);
 }
+
+/// A create with a generated external id whose first attempt got a 5000; `builder` sets the
+/// limit under test. Returns the error and the id the create carried.
+async fn unresolved_generated_create(
+    builder: kling_retry::RetryLayerBuilder,
+    first: crate::support::Res,
+) -> (kling_core::error::BoxError, crate::support::Log) {
+    let first = std::sync::Mutex::new(Some(first));
+    let (server, log) = kling(move |seen, _| {
+        if seen.method == Method::POST
+            && let Some(first) = first.lock().unwrap().take()
+        {
+            return Reply::Now(first);
+        }
+        Reply::Now(task("t1", None))
+    });
+    let client = builder
+        .seed(3)
+        .generate_external_ids(true)
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, create(r#"{"prompt":"a cat"}"#))
+        .await
+        .unwrap_err();
+    (error, log)
+}
+
+/// The external id the first create carried.
+fn sent_id(log: &crate::support::Log) -> String {
+    let body: serde_json::Value = serde_json::from_str(&log.all()[0].body).unwrap();
+    body["external_task_id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_stopped_by_the_attempt_limit_before_its_lookup_is_unresolved_with_its_id() {
+    let (error, log) =
+        unresolved_generated_create(RetryLayer::builder().max_attempts(1), code(5000)).await;
+    assert_eq!(log.len(), 1, "the lookup had no attempt left");
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::CreateUnresolved);
+    assert!(failed.may_have_created());
+    let id = sent_id(&log);
+    assert!(id.starts_with("kr-"), "{id}");
+    assert_eq!(failed.external_id(), Some(id.as_str()));
+    assert_eq!(failed.code(), Some(kling_core::Code::InternalError));
+    let text = error.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "create may have made a task that no lookup by its external id has ruled out \
+             (external id {id}) after 1 attempt"
+        )),
+        "{text}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_stopped_by_the_budget_before_its_lookup_is_unresolved_with_its_id() {
+    let empty = kling_retry::RetryBudget::new(Duration::from_secs(10), 0, 0.0).unwrap();
+    let (error, log) =
+        unresolved_generated_create(RetryLayer::builder().budget(empty), code(5002)).await;
+    assert_eq!(log.len(), 1, "the budget allowed no lookup");
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::CreateUnresolved);
+    assert_eq!(failed.external_id(), Some(sent_id(&log).as_str()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_stopped_by_the_deadline_before_its_lookup_says_so_and_names_its_id() {
+    let (error, log) = unresolved_generated_create(
+        RetryLayer::builder()
+            .deadline(Duration::from_secs(5))
+            .backoff(kling_retry::Backoff::new().retry_after_jitter(Duration::ZERO)),
+        crate::support::with_header(code(5000), "retry-after", "7"),
+    )
+    .await;
+    assert_eq!(log.len(), 1);
+    let late = error
+        .downcast_ref::<kling_retry::error::DeadlineExceeded>()
+        .expect("the resume error");
+    assert!(late.may_have_created(), "the next step was a lookup");
+    let id = sent_id(&log);
+    assert_eq!(late.external_id(), Some(id.as_str()));
+    let text = error.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "next retry in 7s would pass the deadline; create may have made a task that no \
+             lookup by its external id has ruled out (external id {id}) after 1 attempt"
+        )),
+        "{text}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_query_past_the_deadline_names_no_create() {
+    let (server, _log) =
+        kling(|_, _| Reply::Now(crate::support::with_header(code(5000), "retry-after", "7")));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .deadline(Duration::from_secs(5))
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, crate::support::get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap_err();
+    let late = error
+        .downcast_ref::<kling_retry::error::DeadlineExceeded>()
+        .unwrap();
+    assert!(!late.may_have_created());
+    assert_eq!(late.external_id(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lookup_refused_for_good_leaves_the_create_unresolved_with_its_id() {
+    // 5000 on the create, then the lookup is refused (no permission for the query API).
+    let (server, log) = kling(|seen, _| {
+        Reply::Now(if seen.method == Method::POST {
+            code(5000)
+        } else {
+            code(1103)
+        })
+    });
+    let error = send(
+        &layer().layer(server),
+        create(r#"{"external_task_id":"job-9"}"#),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(log.count("POST", "text2video"), 1);
+    assert_eq!(log.count("GET", "text2video/job-9"), 1);
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::CreateUnresolved);
+    assert_eq!(failed.external_id(), Some("job-9"));
+    assert_eq!(failed.code(), Some(kling_core::Code::NoPermission));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_error_from_below_on_a_lookup_leaves_the_create_unresolved_and_keeps_the_error() {
+    /// What a limiter between this layer and the classify step returns (say, "the deadline
+    /// would pass before a slot frees"): not an answer, and not retried.
+    #[derive(Debug)]
+    struct Refused;
+    impl std::fmt::Display for Refused {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a limiter below refused the request")
+        }
+    }
+    impl std::error::Error for Refused {}
+
+    let (server, log) = kling(|_, _| Reply::Now(code(5000)));
+    // Creates reach the server; lookups are refused on the way.
+    let below = tower::service_fn(move |request: crate::support::Req| {
+        let mut server = server.clone();
+        async move {
+            if request.method() == Method::GET {
+                return Err(Box::new(Refused) as kling_core::error::BoxError);
+            }
+            tower::ServiceExt::ready(&mut server).await?;
+            tower::Service::call(&mut server, request).await
+        }
+    });
+    let error = send(
+        &layer().layer(below),
+        create(r#"{"external_task_id":"job-10"}"#),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(log.len(), 1, "the lookup never reached the server");
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::CreateUnresolved);
+    assert_eq!(failed.external_id(), Some("job-10"));
+    assert!(std::error::Error::source(failed).unwrap().is::<Refused>());
+}
+
+/// The first create fails with a 5000 before any task exists, the lookup finds nothing, the
+/// create goes again and is refused with `1201` "duplicate external task id": the first one
+/// landed after all. `second_lookup` answers the lookup that follows.
+fn late_landing_kling(
+    second_lookup: fn() -> crate::support::Res,
+) -> impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static {
+    move |seen, i| {
+        Reply::Now(match (seen.method.clone(), i) {
+            (Method::POST, 0) => code(5000),
+            (Method::GET, 1) => code(1203),
+            (Method::POST, _) => code(1201),
+            _ => second_lookup(),
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_resend_of_a_create_that_landed_late_returns_the_task_it_made() {
+    let (server, log) = kling(late_landing_kling(|| task("t1", Some("job-11"))));
+    let response = send(
+        &layer().layer(server),
+        create(r#"{"external_task_id":"job-11"}"#),
+    )
+    .await
+    .unwrap();
+    let recovered = response.extensions().get::<Recovered>().expect("recovered");
+    assert_eq!(recovered.task_id, "t1");
+    assert_eq!(recovered.external_id, "job-11");
+    let seen: Vec<_> = log
+        .all()
+        .iter()
+        .map(|s| (s.method.as_str().to_owned(), s.attempt))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("POST".to_owned(), Some(1)),
+            ("GET".to_owned(), Some(2)),
+            ("POST".to_owned(), Some(3)),
+            ("GET".to_owned(), Some(4)),
+        ]
+    );
+    // The second lookup goes at once.
+    let all = log.all();
+    assert_eq!(all[3].at, all[2].at);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_resend_whose_lookup_finds_nothing_returns_the_refusal() {
+    let (server, log) = kling(late_landing_kling(|| code(1203)));
+    let error = send(
+        &layer().layer(server),
+        create(r#"{"external_task_id":"job-12"}"#),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(log.count("POST", "text2video"), 2, "never a third create");
+    assert_eq!(log.count("GET", "text2video/job-12"), 2);
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::NotRetryable);
+    assert!(!failed.may_have_created());
+    assert_eq!(failed.code(), Some(kling_core::Code::InvalidParameter));
+    assert_eq!(failed.external_id(), Some("job-12"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_lookup_after_a_refused_resend_counts_as_an_attempt() {
+    let (server, log) = kling(late_landing_kling(|| task("t1", Some("job-13"))));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .max_attempts(3)
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, create(r#"{"external_task_id":"job-13"}"#))
+        .await
+        .unwrap_err();
+    assert_eq!(log.len(), 3, "no attempt left for the second lookup");
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::CreateUnresolved);
+    assert_eq!(failed.external_id(), Some("job-13"));
+    assert_eq!(failed.code(), Some(kling_core::Code::InvalidParameter));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_of_a_first_create_is_returned_without_a_lookup() {
+    let (server, log) = kling(|_, _| Reply::Now(code(1201)));
+    let error = send(
+        &layer().layer(server),
+        create(r#"{"external_task_id":"job-14"}"#),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(log.len(), 1);
+    let failed = error.downcast_ref::<Failed>().unwrap();
+    assert_eq!(failed.reason(), StopReason::NotRetryable);
+    assert_eq!(failed.external_id(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lookup_that_succeeds_without_a_readable_task_does_not_resend_the_create() {
+    // Code 0 answers the lookup reads no task from: the create may exist, so it is not sent
+    // again; the call stops unresolved, with the create's own failure.
+    for (legacy, data) in [
+        (true, r#"{"task_id":"t1"}"#),
+        (true, "null"),
+        (true, "[]"),
+        (
+            true,
+            r#"{"task_id":"t1","task_status":"submitted","task_info":{"external_task_id":"other"}}"#,
+        ),
+        (false, "null"),
+        (false, r#"{"id":"n1"}"#),
+        (
+            false,
+            r#"[{"id":"n1","status":"submitted","external_id":"other"}]"#,
+        ),
+    ] {
+        let (server, log) = kling(move |seen, _| {
+            Reply::Now(if seen.method == Method::POST {
+                code(5000)
+            } else {
+                envelope(StatusCode::OK, 0, data)
+            })
+        });
+        let (uri, field) = if legacy {
+            ("http://kling.test/v1/videos/text2video", "external_task_id")
+        } else {
+            ("http://kling.test/text-to-video/kling-3.0", "external_id")
+        };
+        let request = http::Request::post(uri)
+            .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+                r#"{{"{field}":"job-15"}}"#
+            ))))
+            .unwrap();
+        let error = send(&layer().layer(server), request).await.unwrap_err();
+        assert_eq!(log.count("POST", ""), 1, "{data}");
+        assert_eq!(log.count("GET", "job-15"), 1, "{data}");
+        let failed = error.downcast_ref::<Failed>().expect("a Failed");
+        assert_eq!(failed.reason(), StopReason::CreateUnresolved, "{data}");
+        assert_eq!(failed.external_id(), Some("job-15"));
+        assert_eq!(
+            failed.code(),
+            Some(kling_core::Code::InternalError),
+            "{data}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_without_an_id_waits_out_maintenance_and_is_sent_again() {
+    // 5001: the service refused the request during maintenance; nothing was created.
+    let (server, log) =
+        kling(|_, i| Reply::Now(if i == 0 { code(5001) } else { task("t1", None) }));
+    let response = send(&layer().layer(server), create(r#"{"prompt":"a cat"}"#))
+        .await
+        .unwrap();
+    assert_eq!(Outcome::of(&response).unwrap().task().unwrap().id, "t1");
+    let seen = log.all();
+    assert_eq!(log.count("POST", "text2video"), 2);
+    assert_eq!(log.count("GET", ""), 0, "no lookup");
+    assert!(
+        seen[1].at - seen[0].at >= Duration::from_secs(5),
+        "the maintenance backoff"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_without_an_id_after_a_503_page_without_an_envelope_is_not_sent_again() {
+    // A 503 with no Kling envelope (a gateway's page) says nothing about what happened.
+    let (server, log) = kling(|_, _| {
+        Reply::Now(
+            http::Response::builder()
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                    b"<html>down</html>",
+                )))
+                .unwrap(),
+        )
+    });
+    let error = send(&layer().layer(server), create(r#"{"prompt":"a cat"}"#))
+        .await
+        .unwrap_err();
+    assert_eq!(log.len(), 1);
+    let failed = error.downcast_ref::<Failed>().unwrap();
+    assert_eq!(failed.reason(), StopReason::CreateMayHaveHappened);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unrecognised_post_that_may_have_created_a_task_is_not_sent_again() {
+    for failure in [
+        || Reply::Now(code(5000)),
+        || Reply::Fail(crate::support::reset()),
+    ] {
+        let (server, log) = kling(move |_, _| failure());
+        let request = http::Request::post("http://kling.test/video-effects/kling-v1")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                br#"{"effect_scene":"hug","external_task_id":"job-16"}"#,
+            )))
+            .unwrap();
+        let error = send(&layer().layer(server), request).await.unwrap_err();
+        assert_eq!(log.len(), 1, "sent once");
+        let failed = error.downcast_ref::<Failed>().expect("a Failed");
+        assert_eq!(failed.reason(), StopReason::CreateMayHaveHappened);
+        assert!(failed.may_have_created());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unrecognised_post_refused_before_any_work_and_an_unrecognised_get_are_sent_again() {
+    let (server, log) = kling(|_, i| {
+        Reply::Now(match i {
+            0 => code(1302),
+            2 => code(5000),
+            _ => task("t1", None),
+        })
+    });
+    let client = layer().layer(server);
+    let post = http::Request::post("http://kling.test/video-effects/kling-v1")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+        .unwrap();
+    send(&client, post).await.unwrap();
+    send(&client, crate::support::get("/v1/something/new"))
+        .await
+        .unwrap();
+    assert_eq!(log.count("POST", "video-effects"), 2);
+    assert_eq!(log.count("GET", "something/new"), 2);
+}
