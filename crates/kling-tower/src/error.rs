@@ -206,7 +206,11 @@ pub enum FollowError {
         /// Why.
         reason: &'static str,
     },
-    /// A query got an answer that no retry can change (e.g. `1203` not found, `1000` auth).
+    /// A query got an answer that no retry can change (e.g. `1203` not found, `1000` auth,
+    /// `1101` arrears): as a response, or as a retry layer's
+    /// [`Failed`](kling_retry::error::Failed) with
+    /// [`StopReason::NotRetryable`](kling_retry::error::StopReason::NotRetryable) (the stack's
+    /// case). Following stops at that query, not at the deadline.
     Api {
         /// The task id.
         task_id: String,

@@ -10,6 +10,14 @@
 //! The queries are ordinary requests through the service given, so they are paced by the rate
 //! limiter and a query that reports a task ended frees its slots, like any other.
 //!
+//! A query answered with a code no retry can change (`1203` not found, `1000`–`1002` auth,
+//! `1100`/`1101` account, …) ends following at once with [`FollowError::Api`], whether the
+//! answer arrives as a response (a service without a retry layer) or as the error a retry
+//! layer makes of it ([`kling_retry::error::Failed`] with
+//! [`StopReason::NotRetryable`], as through [`KlingLayer`](crate::KlingLayer)). Transport
+//! errors, unreadable answers and retryable codes — also when a retry layer gave up on them
+//! (attempts, budget or deadline spent) — back off and query again until the task's deadline.
+//!
 //! Request URIs are relative (`/tasks?task_ids=…`): put a
 //! [`BaseUrlLayer`](crate::base_url::BaseUrlLayer) in the stack for a real client.
 //!
@@ -50,6 +58,7 @@ use http::{HeaderName, HeaderValue, Request, Response};
 use http_body_util::Full;
 use kling_core::error::ApiError;
 use kling_core::{ApiGeneration, BoxError, Disposition, Outcome, TaskReport};
+use kling_retry::error::StopReason;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower_service::Service;
@@ -376,7 +385,8 @@ where
     }
 
     /// Follows one task until it ends (succeeded or failed), its deadline passes, or a query
-    /// gets an answer no retry can change.
+    /// gets an answer no retry can change ([`FollowError::Api`], see the
+    /// [module docs](self)).
     pub async fn follow(&self, task: TaskRef) -> Result<TaskReport, FollowError> {
         self.follow_many(vec![task])
             .await
@@ -516,21 +526,26 @@ where
         answer: Result<Response<Full<Bytes>>, BoxError>,
     ) {
         let now = Instant::now();
-        let outcome = answer
-            .ok()
-            .and_then(|mut response| Outcome::ensure(&mut response).ok());
+        let outcome = match answer {
+            Ok(mut response) => Outcome::ensure(&mut response).ok(),
+            // A stack with a retry layer answers a final Kling error as an error, not a
+            // response: it ends the follow as the response would have.
+            Err(error) => match final_api_error(&*error) {
+                Some(api) => {
+                    fail_with(tracked, asked, api);
+                    return;
+                }
+                None => None,
+            },
+        };
         let outcome = match outcome {
             Some(outcome) if outcome.is_success() => outcome,
             Some(outcome) if outcome.disposition() == Disposition::Fatal => {
-                for &i in asked {
-                    tracked[i].result = Some(Err(FollowError::Api {
-                        task_id: tracked[i].task.id.clone(),
-                        error: ApiError::from_outcome(&outcome),
-                    }));
-                }
+                fail_with(tracked, asked, &ApiError::from_outcome(&outcome));
                 return;
             }
-            // A transport error, an unreadable body or a retryable code: back off.
+            // A transport error, an unreadable body, a retryable code, or a retry layer that
+            // gave up on one (attempts, budget or deadline spent): back off.
             _ => {
                 for &i in asked {
                     let t = &mut tracked[i];
@@ -555,4 +570,39 @@ where
             }
         }
     }
+}
+
+/// Ends the follow of every task a query asked about with the query's final Kling error.
+fn fail_with(tracked: &mut [Tracked], asked: &[usize], error: &ApiError) {
+    for &i in asked {
+        tracked[i].result = Some(Err(FollowError::Api {
+            task_id: tracked[i].task.id.clone(),
+            error: error.clone(),
+        }));
+    }
+}
+
+/// The Kling error in a failed query that no retry can change: a retry layer's
+/// [`Failed`](kling_retry::error::Failed) that stopped because the answer is final
+/// ([`StopReason::NotRetryable`]: `1203`, `1000`, `1101`, …), or a bare [`ApiError`] whose code
+/// is fatal. `None` for transport errors and for a retry layer that gave up on a retryable
+/// answer (attempts, budget or deadline spent), which the follower backs off from.
+fn final_api_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a ApiError> {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(failed) = error.downcast_ref::<kling_retry::error::Failed>() {
+            return match failed.reason() {
+                StopReason::NotRetryable => failed.api_error(),
+                _ => None,
+            };
+        }
+        if error.is::<kling_retry::error::DeadlineExceeded>() {
+            return None;
+        }
+        if let Some(api) = error.downcast_ref::<ApiError>() {
+            return (api.code().disposition(api.status()) == Disposition::Fatal).then_some(api);
+        }
+        current = error.source();
+    }
+    None
 }

@@ -10,7 +10,7 @@
 //! | 3 | [`SpendGuardLayer`] (with a credit budget) | an over-budget create fails before it waits or is retried |
 //! | 4 | [`RetryLayer`] | decides from each attempt's `Outcome` whether and when to try again; its deadline bounds every wait below |
 //! | 5 | [`TaskSlotsLayer`] | a create waits for a weighted slot in its pool, held until the task ends; a retried 1303 waits here |
-//! | 6 | [`GcraLayer`] (with a rate cap) | paces every attempt, retries included; a 1302 pauses the whole account |
+//! | 6 | [`GcraLayer`] | paces every attempt, retries included; a 1302 or a `Retry-After` pauses the whole account; `/account/costs` once a second (without a rate cap, only these) |
 //! | 7 | [`AuthLayer`] | sets the bearer token per attempt; on 1003/1004 drops the refused token, and the retry layer resends once, signed afresh |
 //! | 8 | [`AttemptTimeoutLayer`] | per attempt, around the classify step, so a stalled body counts too; its timer is armed only when the attempt waits |
 //! | 9 | [`ClassifyLayer`] | reads the body (bounded) and parses the envelope once |
@@ -78,10 +78,11 @@ pub use sources::{RateLimitSource, SlotsSource};
 
 /// Auth, per-attempt timeout, classify and base URL over the client `S`.
 pub type Attempt<S> = Auth<AttemptTimeout<kling_core::Classify<BaseUrl<S>>>>;
-/// [`Attempt`] paced by the rate limiter (on the rate backend of `B`), when the preset has a
-/// rate cap.
-pub type Paced<S, B = InProcess> =
-    Either<kling_ratelimit::Gcra<Attempt<S>, <B as StackBackends>::Rate>, Attempt<S>>;
+/// [`Attempt`] paced by the rate limiter (on the rate backend of `B`). Without a rate cap its
+/// account quota never holds a request (one a microsecond, 65,535 back to back), and it still
+/// pauses the account after a 1302 or a `Retry-After` and keeps `/account/costs` to one a
+/// second.
+pub type Paced<S, B = InProcess> = kling_ratelimit::Gcra<Attempt<S>, <B as StackBackends>::Rate>;
 /// Retry over task slots (on the slots backend of `B`) over [`Paced`].
 pub type Core<S, B = InProcess> =
     kling_retry::Retry<kling_concurrency::TaskSlots<Paced<S, B>, <B as StackBackends>::Slots>>;
@@ -305,21 +306,19 @@ impl<B: StackBackends> KlingBuilder<B> {
         let slots_handle = slots.handle();
 
         // Rate: one request per pacing interval (the rate's, plus the jitter allowance), burst,
-        // and a key-wide cooldown after 1302; `/account/costs` at most once a second (Kling
-        // asks for it).
-        let gcra = match config.pacing_interval() {
-            Some(interval) => {
-                let quota = Quota::with_period(interval).with_burst(config.burst_size());
-                let layer = GcraLayer::builder(quota)
-                    .cooldown(Cooldown::default().scaled(speed))
-                    .class_quota(RequestKind::Account, Quota::per_second(speed))
-                    .backend(self.backends.rate_backend(&config)?)
-                    .build()
-                    .map_err(|e| layer_error("rate_per_minute", e.field(), &e))?;
-                Some(layer)
-            }
-            None => None,
+        // and a key-wide cooldown after 1302 or a Retry-After; `/account/costs` at most once a
+        // second (Kling asks for it). Without a rate cap the limiter is still there, for the
+        // cooldown and that class quota, with an account quota that never holds a request.
+        let quota = match config.pacing_interval() {
+            Some(interval) => Quota::with_period(interval).with_burst(config.burst_size()),
+            None => uncapped(),
         };
+        let gcra = GcraLayer::builder(quota)
+            .cooldown(Cooldown::default().scaled(speed))
+            .class_quota(RequestKind::Account, Quota::per_second(speed))
+            .backend(self.backends.rate_backend(&config)?)
+            .build()
+            .map_err(|e| layer_error("rate_per_minute", e.field(), &e))?;
 
         let spend = SpendGuardLayer::from_config(&config, self.costs)?;
 
@@ -338,7 +337,7 @@ impl<B: StackBackends> KlingBuilder<B> {
             }
         };
         monitor.add_source(SlotsSource::new(slots_handle.clone()));
-        if let Some(gcra) = &gcra {
+        if config.pacing_interval().is_some() {
             monitor.add_source(RateLimitSource::new(gcra.handle(), vec![account.clone()]));
         }
 
@@ -374,6 +373,14 @@ impl KlingBuilder<crate::backends::Redis> {
     }
 }
 
+/// The account quota of a preset without a rate cap (Enterprise by default, ResourcePack): a
+/// request every microsecond, 65,535 back to back, so it never holds an ordinary request; the
+/// rate limiter is there for its cooldown (a 1302 or a `Retry-After` pauses the whole
+/// account, as with a cap) and the `/account/costs` quota of one a second.
+fn uncapped() -> Quota {
+    Quota::with_period(Duration::from_micros(1)).with_burst(65_535)
+}
+
 /// Names the layer crate a configuration error came from.
 pub(crate) fn layer_error(
     scope: &str,
@@ -392,7 +399,7 @@ struct Parts<B: StackBackends> {
     retry: RetryLayer,
     slots: TaskSlotsLayer<B::Slots>,
     slots_handle: SlotsHandle<B::Slots>,
-    gcra: Option<GcraLayer<B::Rate>>,
+    gcra: GcraLayer<B::Rate>,
     auth: AuthLayer,
     timeout: Duration,
     classify: ClassifyLayer,
@@ -474,9 +481,12 @@ impl<B: StackBackends> KlingLayer<B> {
         &self.inner.slots_handle
     }
 
-    /// The rate limiter's handle (`None` when the preset has no rate cap).
+    /// The rate limiter's handle. Always `Some`: a preset without a rate cap still has the
+    /// limiter, for the cooldown after a 1302 or a `Retry-After` and the `/account/costs`
+    /// quota, with an account quota that never holds a request (one a microsecond, 65,535 back
+    /// to back).
     pub fn rate_limit(&self) -> Option<GcraHandle<B::Rate>> {
-        self.inner.gcra.as_ref().map(GcraLayer::handle)
+        Some(self.inner.gcra.handle())
     }
 
     /// The retry budget every service of this stack draws from.
@@ -584,11 +594,7 @@ impl<S, B: StackBackends> Layer<S> for KlingLayer<B> {
         let attempt = p.auth.layer_below_account(
             AttemptTimeoutLayer::new(p.timeout).layer(p.classify.layer(p.base_url.layer(client))),
         );
-        let paced = match &p.gcra {
-            Some(gcra) => Either::Left(gcra.layer(attempt)),
-            None => Either::Right(attempt),
-        };
-        let core = p.retry.layer(p.slots.layer(paced));
+        let core = p.retry.layer(p.slots.layer(p.gcra.layer(attempt)));
         let guarded = match &p.spend {
             Some(spend) => Either::Left(spend.layer(core)),
             None => Either::Right(core),

@@ -1,5 +1,6 @@
 //! The [`SpendGuard`](super::SpendGuard) response future.
 
+use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -9,7 +10,9 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http::Response;
 use http_body_util::Full;
-use kling_core::{AccountId, BoxError, Outcome, SendState};
+use kling_core::error::ApiError;
+use kling_core::{AccountId, BoxError, Code, Outcome, SendState};
+use kling_retry::error::{DeadlineExceeded, Failed, StopReason};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
@@ -114,7 +117,7 @@ where
                         Poll::Ready(Ok(response))
                     }
                     Err(error) => {
-                        if SendState::of(&*error) == SendState::NotSent {
+                        if made_no_task(&*error) {
                             ledger.release(&account, estimate, period_start);
                         }
                         Poll::Ready(Err(error))
@@ -132,4 +135,54 @@ where
             }
         }
     }
+}
+
+/// Whether a create that failed with `error` surely made no task, so its estimate goes back.
+///
+/// A retry layer below (the stack's) answers every refusal with an error, not a response:
+/// [`Failed`] or [`DeadlineExceeded`], holding the last Kling answer. The estimate goes back
+/// when that answer's code cannot have created a task (or the last request never left) and no
+/// earlier attempt may have made one: the retry layer stopped because the answer was final,
+/// or its attempts or budget ran out, or the next retry would pass the deadline, and says no
+/// create is left unresolved ([`Failed::may_have_created`],
+/// [`DeadlineExceeded::may_have_created`]). Any other reason keeps the estimate. Without a
+/// retry layer, a Kling [`ApiError`] in the error is read the same way; an error that carries
+/// none gives the estimate back only when the request was never sent.
+fn made_no_task(error: &(dyn StdError + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(link) = current {
+        if let Some(failed) = link.downcast_ref::<Failed>() {
+            let settled = matches!(
+                failed.reason(),
+                StopReason::NotRetryable
+                    | StopReason::AttemptsExhausted
+                    | StopReason::BudgetExhausted
+            );
+            return settled
+                && !failed.may_have_created()
+                && last_made_none(failed.api_error(), link);
+        }
+        if let Some(late) = link.downcast_ref::<DeadlineExceeded>() {
+            return !late.may_have_created() && last_made_none(late.api_error(), link);
+        }
+        if let Some(api) = link.downcast_ref::<ApiError>() {
+            return cannot_have_created(api.code());
+        }
+        current = link.source();
+    }
+    SendState::of(error) == SendState::NotSent
+}
+
+/// Whether a retry layer's last failure made no task: a Kling answer whose code cannot have
+/// created one, or a request that never left.
+fn last_made_none(api: Option<&ApiError>, error: &(dyn StdError + 'static)) -> bool {
+    match api {
+        Some(api) => cannot_have_created(api.code()),
+        None => SendState::of(error) == SendState::NotSent,
+    }
+}
+
+/// A refusal that cannot have created a task (not a success, not a 5xx or an unknown code).
+fn cannot_have_created(code: Code) -> bool {
+    code != Code::Success && !code.may_have_created()
 }

@@ -10,6 +10,17 @@
 //! legacy `final_unit_deduction` or the sum of new-style `billing[].amount`). A create whose
 //! outcome is unknown keeps its estimate: the task may run and be billed.
 //!
+//! The refusal is read wherever it arrives: as a response (the guard over a bare client), or
+//! as the error a retry layer below makes of it (the guard in [`KlingLayer`](crate::KlingLayer),
+//! where every refusal is a `kling_retry` [`Failed`](kling_retry::error::Failed) or
+//! [`DeadlineExceeded`](kling_retry::error::DeadlineExceeded)). Behind a retry layer the
+//! estimate goes back when its last answer's code cannot have created a task (`1301`, `1303`,
+//! `1101`, …; not `5000`/`5002` or an unknown code) and the retry layer stopped for a reason
+//! that leaves no create unresolved: the answer was final, its attempts or budget ran out, or
+//! the deadline came, without an earlier attempt that may have made a task and that no lookup
+//! by external id ruled out (`may_have_created()` on either error). Anything else — a create
+//! that may have happened, an unresolved lookup, an unknown reason — keeps it.
+//!
 //! Budgets are kept per [`AccountId`] (requests without one share a budget) and start again
 //! every period, counted from an account's first create.
 //!

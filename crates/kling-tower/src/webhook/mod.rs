@@ -8,6 +8,12 @@
 //! time), its timestamp is within ±5 minutes of now, and its id has not been accepted before
 //! (a bounded cache of recent ids; older ids are refused as stale anyway).
 //!
+//! Verifying costs one HMAC of the message per configured secret, however many signatures the
+//! header lists: the MAC is computed once and each signature compared with it. Only the first
+//! [`MAX_SIGNATURES`] (16) entries of `webhook-signature` are read, and entries that are not
+//! `v1,` followed by the base64 of 32 bytes are skipped, so a request stuffed with candidates
+//! costs no more than one with a single signature.
+//!
 //! Secrets are `whsec_<base64>` (the key is the decoded bytes) or, as `kling-mock` also
 //! accepts, raw text used as the key.
 //!
@@ -39,6 +45,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use hmac::digest::CtOutput;
 use hmac::{Hmac, KeyInit as _, Mac as _};
 use http::HeaderMap;
 use kling_core::{Envelope, TaskReport};
@@ -51,6 +58,10 @@ use crate::error::{ConfigError, WebhookError, WebhookErrorKind};
 pub const DEFAULT_TOLERANCE: Duration = Duration::from_secs(5 * 60);
 /// The default number of recent message ids remembered against replays.
 pub const DEFAULT_REPLAY_CAPACITY: usize = 10_000;
+/// How many entries of a `webhook-signature` header are read: the first 16, one per secret a
+/// sender signs with (a rotation needs two or three). Later entries are ignored, so a message
+/// whose signature is among them is refused.
+pub const MAX_SIGNATURES: usize = 16;
 
 /// A verified message's id and timestamp.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -189,8 +200,9 @@ impl WebhookVerifier {
         ))
     }
 
-    /// Verifies a message: headers present, timestamp within tolerance, a matching signature,
-    /// and an id not seen before (which it then remembers).
+    /// Verifies a message: headers present, timestamp within tolerance, a matching signature
+    /// among the first [`MAX_SIGNATURES`] entries of `webhook-signature`, and an id not seen
+    /// before (which it then remembers). One HMAC of the message per configured secret.
     pub fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<Verified, WebhookError> {
         let header = |name: &'static str| {
             headers
@@ -222,16 +234,21 @@ impl WebhookVerifier {
                 format!("timestamp {timestamp} is more than {tolerance}s from now ({now})"),
             ));
         }
-        let candidates: Vec<Vec<u8>> = signatures
+        // At most MAX_SIGNATURES entries are read, and only `v1` tags of a SHA-256 MAC's
+        // length; the MAC of the message is computed once per secret, whatever the header
+        // holds, and each tag compared with it in constant time.
+        let tags: Vec<Tag> = signatures
             .split_whitespace()
+            .take(MAX_SIGNATURES)
             .filter_map(|sig| sig.strip_prefix("v1,"))
-            .filter_map(|b64| STANDARD.decode(b64).ok())
+            .filter_map(decode_tag)
             .collect();
-        let matched = self.inner.keys.iter().any(|key| {
-            candidates
-                .iter()
-                .any(|sig| mac(key, id, timestamp, body).verify_slice(sig).is_ok())
-        });
+        let matched = !tags.is_empty()
+            && self.inner.keys.iter().any(|key| {
+                let expected = mac(key, id, timestamp, body).finalize();
+                // `CtOutput`'s `==` compares in constant time.
+                tags.contains(&expected)
+            });
         if !matched {
             return Err(WebhookError::new(
                 WebhookErrorKind::BadSignature,
@@ -280,7 +297,28 @@ impl WebhookVerifier {
     }
 }
 
+/// A signature's tag, compared in constant time.
+type Tag = CtOutput<Hmac<Sha256>>;
+
+/// The tag of a `v1,<base64>` signature, when it decodes to the 32 bytes of an HMAC-SHA256.
+fn decode_tag(b64: &str) -> Option<Tag> {
+    // 32 bytes are 44 base64 characters: anything else is not a tag, and is not decoded.
+    if b64.len() != 44 {
+        return None;
+    }
+    let bytes: [u8; 32] = STANDARD.decode(b64).ok()?.try_into().ok()?;
+    Some(Tag::new(bytes.into()))
+}
+
+#[cfg(test)]
+thread_local! {
+    /// How many MACs of a message this thread computed (tests count them).
+    static MACS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 fn mac(key: &[u8], id: &str, timestamp: u64, body: &[u8]) -> Hmac<Sha256> {
+    #[cfg(test)]
+    MACS.with(|n| n.set(n.get() + 1));
     let mut mac = <Hmac<Sha256>>::new_from_slice(key).expect("HMAC accepts keys of any length");
     mac.update(id.as_bytes());
     mac.update(b".");
@@ -294,4 +332,62 @@ fn mac(key: &[u8], id: &str, timestamp: u64, body: &[u8]) -> Hmac<Sha256> {
 /// generation), or a whole `{code, data}` envelope.
 pub fn parse_task(body: &[u8]) -> Option<TaskReport> {
     Envelope::parse_callback(body).ok()?.into_iter().next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "whsec_c2VjcmV0LWtleS1mb3ItdGVzdHM=";
+
+    #[derive(Debug)]
+    struct At(u64);
+
+    impl WallClock for At {
+        fn unix_now(&self) -> Duration {
+            Duration::from_secs(self.0)
+        }
+    }
+
+    fn headers(id: &str, timestamp: u64, signature: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("webhook-id", id.parse().unwrap());
+        headers.insert("webhook-timestamp", timestamp.to_string().parse().unwrap());
+        headers.insert("webhook-signature", signature.parse().unwrap());
+        headers
+    }
+
+    fn macs() -> usize {
+        MACS.with(std::cell::Cell::get)
+    }
+
+    #[test]
+    fn many_candidates_cost_one_mac_per_secret() {
+        let now = 1_700_000_000;
+        let verifier = WebhookVerifier::new("other-secret")
+            .unwrap()
+            .with_secret(SECRET)
+            .unwrap()
+            .with_clock(At(now));
+        let body = vec![b'x'; 4 * 1024];
+        let good = WebhookVerifier::sign(SECRET, "msg_1", now, &body).unwrap();
+        // Fifteen wrong tags of the right length, then the right one: the 16th entry.
+        let wrong = WebhookVerifier::sign("wrong", "msg_1", now, &body).unwrap();
+        let mut signature = vec![wrong.as_str(); MAX_SIGNATURES - 1];
+        signature.push(&good);
+        let before = macs();
+        verifier
+            .verify(&headers("msg_1", now, &signature.join(" ")), &body)
+            .unwrap();
+        assert_eq!(macs() - before, 2, "one MAC per configured secret");
+
+        // Ten thousand junk candidates: still two MACs, and the refusal is a bad signature.
+        let junk = vec!["v1,AA=="; 10_000].join(" ");
+        let before = macs();
+        let err = verifier
+            .verify(&headers("msg_2", now, &junk), &body)
+            .unwrap_err();
+        assert_eq!(err.kind(), WebhookErrorKind::BadSignature);
+        assert!(macs() - before <= 2, "{} MACs", macs() - before);
+    }
 }

@@ -5,9 +5,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use kling_core::{BoxError, Classify, ClassifyLayer, Code, Outcome, TaskReport, TaskStatus};
-use kling_mock::{MockConfig, MockKling, Preset};
+use kling_mock::{MockConfig, MockKling, Preset, Switches};
 use kling_tower::error::FollowError;
 use kling_tower::follow::{FollowPolicy, Follower, TaskRef};
+use kling_tower::{Credentials, KlingLayer, StackConfig, Tier};
 use tokio::time::Instant;
 use tower::{Layer, ServiceBuilder, ServiceExt};
 
@@ -239,4 +240,106 @@ async fn with_callbacks_first_a_delivered_report_ends_the_wait_without_queries()
     assert_eq!(done.status, TaskStatus::Succeeded);
     assert_eq!(start.elapsed(), Duration::from_secs(61));
     assert_eq!(mock.stats().requests_total, 1, "only the create");
+}
+
+/// Follows `task` through the Pro stack over `mock`, with `credentials`: the error, and how long
+/// following took.
+async fn follow_through_the_stack(
+    mock: &MockKling,
+    credentials: Credentials,
+    task: TaskRef,
+) -> (Result<TaskReport, FollowError>, Duration) {
+    let kling = KlingLayer::new(StackConfig::preset(Tier::Pro), credentials).unwrap();
+    let service = kling.layer(mock.clone());
+    let follower = kling.follower(service, kling.follow_policy()).unwrap();
+    let start = Instant::now();
+    let result = follower.follow(task).await;
+    (result, start.elapsed())
+}
+
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_an_answer_no_retry_can_change_ends_following_at_once() {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .api_key("key")
+            .access_key("ak", "sk")
+            .task_duration(Duration::from_secs(600), Duration::from_secs(600)),
+    )
+    .unwrap();
+    let key = || Credentials::api_key("key").unwrap();
+    let expect_api = |(result, took): (Result<TaskReport, FollowError>, Duration), code| {
+        match result {
+            Err(FollowError::Api { error, .. }) => assert_eq!(error.code(), code),
+            other => panic!("{code:?}: {other:?}"),
+        }
+        // The first query, 5 s after following starts, is the only one.
+        assert_eq!(took, Duration::from_secs(5), "{code:?}");
+    };
+
+    // 1203: a task the account does not have.
+    let unknown = TaskRef::legacy("/v1/videos/text2video", "nope");
+    expect_api(
+        follow_through_the_stack(&mock, key(), unknown.clone()).await,
+        Code::NotFound,
+    );
+
+    // 1000: a token signed with the wrong secret.
+    let wrong = Credentials::access_key("ak", "not-the-secret").unwrap();
+    expect_api(
+        follow_through_the_stack(&mock, wrong, unknown).await,
+        Code::AuthFailed,
+    );
+
+    // 1101: a running task of an account that has fallen into arrears.
+    let mut create = request("POST", "/v1/videos/text2video", r#"{"prompt":"a cat"}"#);
+    create
+        .headers_mut()
+        .insert("authorization", "Bearer key".parse().unwrap());
+    let created = ClassifyLayer::new()
+        .layer(mock.clone())
+        .oneshot(create)
+        .await;
+    let task = Outcome::of(&created.unwrap())
+        .unwrap()
+        .task()
+        .unwrap()
+        .clone();
+    mock.set_switches(Switches::new().arrears(true));
+    let queries = mock.stats().requests_total;
+    expect_api(
+        follow_through_the_stack(
+            &mock,
+            key(),
+            TaskRef::from_report("/v1/videos/text2video", &task),
+        )
+        .await,
+        Code::AccountInArrears,
+    );
+    assert_eq!(mock.stats().requests_total, queries + 1, "one query");
+}
+
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_queries_the_retry_layer_gave_up_on_back_off_until_the_deadline() {
+    // Every answer is a 5xx: the retry layer gives up on each query, and the follower keeps
+    // trying until the task's deadline instead of failing at the first.
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .api_key("key")
+            .fault_rate(1.0),
+    )
+    .unwrap();
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+    )
+    .unwrap();
+    let service = kling.layer(mock.clone());
+    let policy = kling.follow_policy().deadline(Duration::from_secs(600));
+    let follower = kling.follower(service, policy).unwrap();
+    let err = follower
+        .follow(TaskRef::legacy("/v1/videos/text2video", "t-1"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FollowError::DeadlineExceeded { .. }), "{err}");
+    assert!(mock.stats().requests_total > 3, "it kept querying");
 }

@@ -1,3 +1,5 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -7,10 +9,12 @@ use kling_core::{BoxError, ClassifyLayer, Code, Outcome};
 use kling_mock::{MockConfig, MockKling, Preset};
 use kling_tower::error::BudgetExceeded;
 use kling_tower::preset::{StackConfig, Tier};
+use kling_tower::retry::error::{DeadlineExceeded as RetryDeadlineExceeded, Failed};
 use kling_tower::spend::{CostTable, SpendGuardLayer};
+use kling_tower::{Credentials, Kling, KlingLayer};
 use tower::{Layer, Service, ServiceExt, service_fn};
 
-use crate::support::request;
+use crate::support::{envelope, request};
 
 fn authed(method: &str, uri: &str, body: &str) -> http::Request<Full<Bytes>> {
     let mut req = request(method, uri, body);
@@ -169,4 +173,134 @@ fn the_free_tier_guards_66_credits_a_day_and_others_none() {
     assert_eq!(err.field(), "daily_credits");
     let err = SpendGuardLayer::new(1.0, CostTable::new().video(-1.0)).unwrap_err();
     assert_eq!(err.field(), "costs.video");
+}
+
+/// The Free tier's stack (66 credits a day, 1 credit a video) over `client`.
+fn free_stack<S>(client: S) -> (KlingLayer, Kling<S>) {
+    let kling = KlingLayer::builder(
+        StackConfig::preset(Tier::Free),
+        Credentials::api_key("key").unwrap(),
+    )
+    .seed(7)
+    .build()
+    .unwrap();
+    let service = kling.layer(client);
+    (kling, service)
+}
+
+/// A client answering every create with `create` and every other request with `other`
+/// (status, code), counting the requests.
+fn answering(create: (u16, i64), other: (u16, i64), sent: Arc<AtomicUsize>) -> Client {
+    Client::new(service_fn(move |req: http::Request<Full<Bytes>>| {
+        sent.fetch_add(1, Ordering::Relaxed);
+        let (status, code) = if req.method() == http::Method::POST {
+            create
+        } else {
+            other
+        };
+        let body = format!(r#"{{"code":{code},"message":"refused","request_id":"r-{code}"}}"#);
+        async move { Ok::<_, BoxError>(envelope(status, &body)) }
+    }))
+}
+
+type Client = tower::util::BoxCloneSyncService<
+    http::Request<Full<Bytes>>,
+    http::Response<Full<Bytes>>,
+    BoxError,
+>;
+
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_a_create_the_server_refuses_gives_its_estimate_back() {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Free)
+            .api_key("key")
+            .task_duration(Duration::from_secs(60), Duration::from_secs(60)),
+    )
+    .unwrap();
+    let (kling, service) = free_stack(mock.clone());
+    let guard = kling
+        .spend_guard()
+        .expect("the free tier has a budget")
+        .clone();
+    let account = Some(kling.account_id());
+    let unsafe_video = || {
+        request(
+            "POST",
+            "/v1/videos/text2video",
+            r#"{"prompt":"__unsafe__ cat"}"#,
+        )
+    };
+
+    // More refused creates than the day's 66 credits: each 1301 gives its credit back.
+    for _ in 0..70 {
+        let err = service.clone().oneshot(unsafe_video()).await.unwrap_err();
+        let failed = err
+            .downcast_ref::<Failed>()
+            .expect("the retry layer's error");
+        assert_eq!(failed.code(), Some(Code::ContentSecurity));
+        assert_eq!(guard.committed(account), 0.0);
+    }
+    // So a create the server accepts still goes.
+    let created = service
+        .clone()
+        .oneshot(request(
+            "POST",
+            "/v1/videos/text2video",
+            r#"{"prompt":"a cat"}"#,
+        ))
+        .await
+        .unwrap();
+    assert!(Outcome::of(&created).unwrap().is_success());
+    assert_eq!(guard.committed(account), 1.0);
+    assert_eq!(mock.stats().tasks_created, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_a_create_refused_until_the_retries_run_out_gives_its_estimate_back() {
+    // 1302 on every answer: the retry layer gives up (attempts or deadline), and the create
+    // made no task.
+    let sent = Arc::new(AtomicUsize::new(0));
+    let (kling, service) = free_stack(answering((429, 1302), (429, 1302), sent.clone()));
+    let err = service.oneshot(video()).await.unwrap_err();
+    assert!(
+        err.is::<Failed>() || err.is::<RetryDeadlineExceeded>(),
+        "{err}"
+    );
+    assert!(sent.load(Ordering::Relaxed) > 1, "it was retried");
+    let guard = kling.spend_guard().unwrap();
+    assert_eq!(guard.committed(Some(kling.account_id())), 0.0, "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_a_create_that_may_have_made_a_task_keeps_its_estimate() {
+    // A 5000 on the create, then a final refusal (1101) of the lookup by its external id: the
+    // task may exist although the last answer's code made none.
+    let sent = Arc::new(AtomicUsize::new(0));
+    let (kling, service) = free_stack(answering((500, 5000), (429, 1101), sent.clone()));
+    let err = service.oneshot(video()).await.unwrap_err();
+    let failed = err
+        .downcast_ref::<Failed>()
+        .expect("the retry layer's error");
+    assert_eq!(failed.code(), Some(Code::AccountInArrears));
+    assert!(failed.may_have_created(), "{failed}");
+    assert_eq!(sent.load(Ordering::Relaxed), 2, "the create and its lookup");
+    let guard = kling.spend_guard().unwrap();
+    assert_eq!(guard.committed(Some(kling.account_id())), 1.0);
+
+    // Without an external id to look it up by, a 5000 stops the create at once: kept too.
+    let kling = KlingLayer::builder(
+        StackConfig::preset(Tier::Free),
+        Credentials::api_key("key").unwrap(),
+    )
+    .generate_external_ids(false)
+    .build()
+    .unwrap();
+    let service = kling.layer(answering((500, 5000), (429, 1101), sent));
+    let err = service.oneshot(video()).await.unwrap_err();
+    assert!(
+        err.downcast_ref::<Failed>().unwrap().may_have_created(),
+        "{err}"
+    );
+    let guard = kling.spend_guard().unwrap();
+    assert_eq!(guard.committed(Some(kling.account_id())), 1.0);
 }

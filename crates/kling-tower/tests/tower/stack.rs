@@ -1,6 +1,7 @@
 //! The one-line stack in paused time against the in-process mock: presets, handles, drain,
 //! callbacks and the gateway.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,7 +13,7 @@ use kling_tower::gateway::GatewayLayer;
 use kling_tower::{Credentials, KlingLayer, StackConfig, TaskRef, Tier};
 use tower::{Layer, Service, ServiceExt};
 
-use crate::support::request;
+use crate::support::{envelope, request};
 
 type Response = http::Response<Full<Bytes>>;
 
@@ -73,13 +74,23 @@ async fn each_preset_builds_the_stack_with_its_numbers() {
         );
 
         // The rate limiter paces at the rate's interval at this speed plus the 15 ms jitter
-        // allowance (real time, not scaled); none without a cap.
-        let paced = kling.rate_limit().map(|h| h.quota().rate_per_second());
-        let expected = rate.map(|r: f64| 1.0 / (60.0 / (r * speed) + 0.015));
-        match (paced, expected) {
-            (Some(p), Some(e)) => assert!((p - e).abs() < 1e-6, "{tier}: {p} vs {e}"),
-            (None, None) => {}
-            other => panic!("{tier}: {other:?}"),
+        // allowance (real time, not scaled); without a cap it is there too (for the cooldown
+        // and `/account/costs`), with a quota that never holds a request.
+        let quota = kling.rate_limit().expect("always a rate limiter").quota();
+        match rate {
+            Some(r) => {
+                let expected = 1.0 / (60.0 / (r * speed) + 0.015);
+                let paced = quota.rate_per_second();
+                assert!(
+                    (paced - expected).abs() < 1e-6,
+                    "{tier}: {paced} vs {expected}"
+                );
+                assert_eq!(quota.burst(), 1, "{tier}");
+            }
+            None => {
+                assert_eq!(quota.period(), Duration::from_micros(1), "{tier}");
+                assert_eq!(quota.burst(), 65_535, "{tier}");
+            }
         }
         // The monitor measures usage against the account's rate over a (sped-up) minute.
         assert_eq!(snapshot.rate.quota, rate.map(|r| r as u32), "{tier}");
@@ -634,4 +645,84 @@ async fn the_fleets_requests_show_from_the_last_read_until_it_is_older_than_the_
     monitor.snapshot();
     settle().await;
     assert_eq!(monitor.snapshot().rate.fleet_requests, Some(7));
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_rate_cap_a_1302_pauses_the_account_and_account_costs_go_once_a_second() {
+    // The client answers the first request 1302 with `Retry-After: 5` and every other one
+    // code 0, noting when each arrives.
+    let start = tokio::time::Instant::now();
+    let arrivals: Arc<Mutex<Vec<(String, Duration)>>> = Arc::default();
+    let log = arrivals.clone();
+    let client = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let mut log = log.lock().unwrap();
+        let first = log.is_empty();
+        log.push((req.uri().path().to_owned(), start.elapsed()));
+        async move {
+            let response = if first {
+                let mut response = envelope(
+                    429,
+                    r#"{"code":1302,"message":"too fast","request_id":"r1"}"#,
+                );
+                response
+                    .headers_mut()
+                    .insert("retry-after", "5".parse().unwrap());
+                response
+            } else {
+                envelope(200, r#"{"code":0,"message":"SUCCEED","request_id":"r2"}"#)
+            };
+            Ok::<_, kling_core::BoxError>(response)
+        }
+    });
+    for tier in [Tier::Enterprise, Tier::ResourcePack] {
+        arrivals.lock().unwrap().clear();
+        let base = start.elapsed();
+        let kling = KlingLayer::new(
+            StackConfig::preset(tier),
+            Credentials::api_key("k").unwrap(),
+        )
+        .unwrap();
+        let service = kling.layer(client.clone());
+        let query = |id: &str| request("GET", &format!("/v1/videos/text2video/{id}"), "");
+
+        // A query refused with 1302 pauses the account: one sent after it waits too.
+        let first = tokio::spawn(send_owned(service.clone(), query("t-1")));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        send(&service, query("t-2")).await.unwrap();
+        first.await.unwrap().unwrap();
+        // Three `/account/costs` back to back: one a second.
+        for _ in 0..3 {
+            send(&service, request("GET", "/account/costs", ""))
+                .await
+                .unwrap();
+        }
+        let arrivals = arrivals.lock().unwrap();
+        let at: Vec<(&str, u128)> = arrivals
+            .iter()
+            .map(|(path, at)| (path.as_str(), (*at - base).as_millis()))
+            .collect();
+        assert_eq!(at.len(), 6, "{tier}: {at:?}");
+        assert_eq!(at[0], ("/v1/videos/text2video/t-1", 0), "{tier}");
+        // Both queries go once the pause ends (the retry after its jittered Retry-After), not
+        // the second at once.
+        for (path, ms) in &at[1..3] {
+            assert!(path.starts_with("/v1/videos/text2video/"), "{tier}: {at:?}");
+            assert!((5_000..=7_000).contains(ms), "{tier}: {at:?}");
+        }
+        let costs: Vec<u128> = at[3..].iter().map(|(_, ms)| *ms).collect();
+        assert!(
+            costs[1] - costs[0] >= 1_000 && costs[2] - costs[1] >= 1_000,
+            "{tier}: {at:?}"
+        );
+    }
+}
+
+async fn send_owned<S>(
+    service: S,
+    req: http::Request<Full<Bytes>>,
+) -> Result<Response, kling_core::BoxError>
+where
+    S: Service<http::Request<Full<Bytes>>, Response = Response, Error = kling_core::BoxError>,
+{
+    service.oneshot(req).await
 }

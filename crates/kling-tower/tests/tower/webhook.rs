@@ -219,3 +219,25 @@ async fn axum_route_verifies_and_hands_over_the_task() {
     assert_eq!(status(app.clone().oneshot(post(&good)).await.unwrap()), 200);
     assert_eq!(*got.lock().unwrap(), vec!["t-1".to_owned()]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn only_the_first_sixteen_signature_entries_are_read() {
+    let v = verifier();
+    // `junk` undecodable candidates, then the right signature of message `id`.
+    let listed = |id: &str, junk: usize| {
+        let good = kling_mock::sign_webhook(SECRET, id, NOW, BODY);
+        let mut entries = vec!["v1,AA=="; junk];
+        entries.push(&good);
+        headers(id, NOW, &entries.join(" "))
+    };
+    // The right signature as the 16th entry is found; as the 17th or after ten thousand
+    // junk candidates it is not read.
+    assert_eq!(kling_tower::webhook::MAX_SIGNATURES, 16);
+    v.verify(&listed("msg_1", 15), BODY).unwrap();
+    for (id, junk) in [("msg_2", 16), ("msg_3", 10_000)] {
+        let err = v.verify(&listed(id, junk), BODY).unwrap_err();
+        assert_eq!(err.kind(), WebhookErrorKind::BadSignature, "{junk}");
+        // The same message with its signature first is accepted: only the position mattered.
+        v.verify(&listed(id, 0), BODY).unwrap();
+    }
+}
