@@ -70,7 +70,7 @@ fn life(
     let answered = Some(ended.received_at());
     now(backend.hold_unread(granted, Some(id), Some(external), lease, answered)).expect("kept");
     step();
-    now(backend.observe_unread(ended, lease)).expect("ended");
+    now(backend.observe_unread(&key.account, ended, lease)).expect("ended");
 }
 
 /// Ns per life of each batch, sorted: `threads` (1 or 2) threads taking turns, a whole life

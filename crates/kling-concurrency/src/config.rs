@@ -95,8 +95,10 @@ impl SlotsConfig {
 
     /// Bounds each pool's queue (per account): while `max` creates wait for its slots, one more
     /// is refused at once with [`QueueFull`](crate::error::QueueFull) instead of waiting, and
-    /// is not sent. `0` never waits: a create that finds no free slot is refused. Unbounded by
-    /// default (every create waits its turn, and the queue holds each waiting request).
+    /// is not sent. `0` never waits: a create that finds no free slot is refused (after the
+    /// pool's leases that ran out and slots hidden by a `1303` that are due back are counted
+    /// free). Unbounded by default (every create waits its turn, and the queue holds each
+    /// waiting request).
     pub fn max_queue(mut self, max: usize) -> Self {
         self.max_queue = Some(max);
         self

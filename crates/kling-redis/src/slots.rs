@@ -45,9 +45,11 @@ pub const DEFAULT_PLACE_TTL_POLLS: u32 = 3;
 ///
 /// - **Weighted slots per account and pool**, each holding recorded with its lease in a sorted
 ///   set by deadline; every change is one atomic script. A task's slots are released exactly
-///   once by task id (or external id), whichever of query, callback, `complete` or lease comes
-///   first; a task reported running renews its lease; expired leases are released by the next
-///   script that touches the pool.
+///   once by task id (or external id, within the reporting account: external ids are unique
+///   per account only), whichever of query, callback, `complete` or lease comes first; a task
+///   reported running renews its lease; expired leases are released (and hidden slots that
+///   are due come back) in the next script that touches the pool, a create's included: with
+///   `max_queue(0)` a create is refused only after that.
 /// - **Waiting**: FIFO within the process (only the head of a pool asks Redis); the head
 ///   sleeps until a release is announced on the `PREFIX:freed` channel (pub/sub), the next
 ///   lease deadline or recovery step, or at the latest [`poll_every`](Self::poll_every).
@@ -696,7 +698,9 @@ impl Inner {
                     let registry = lock(&self.registry);
                     registry.values().any(|held| {
                         (task.id.is_some() && held.id == task.id)
-                            || (task.external_id.is_some() && held.ext == task.external_id)
+                            || (task.external_id.is_some()
+                                && held.ext == task.external_id
+                                && held.key.account == key.account)
                     })
                 };
                 let pk = self.pk(&key);
@@ -721,20 +725,36 @@ impl Inner {
                     adopt: Some((h, held)),
                 };
             }
-            SlotOp::Update { updates, lease } => {
-                args.extend(["upd".to_owned(), micros(lease).to_string()]);
+            SlotOp::Update {
+                account,
+                updates,
+                lease,
+            } => {
+                args.extend([
+                    "upd".to_owned(),
+                    micros(lease).to_string(),
+                    account.as_str().to_owned(),
+                ]);
                 let reports = updates
                     .iter()
                     .map(|u| (u.id.as_str(), u.external_id.as_deref(), u.status.as_ref()));
-                local = self.local_update(reports, &mut args);
+                local = self.local_update(&account, reports, &mut args);
             }
-            SlotOp::Observed { outcome, lease } => {
-                args.extend(["upd".to_owned(), micros(lease).to_string()]);
+            SlotOp::Observed {
+                account,
+                outcome,
+                lease,
+            } => {
+                args.extend([
+                    "upd".to_owned(),
+                    micros(lease).to_string(),
+                    account.as_str().to_owned(),
+                ]);
                 let reports = outcome
                     .tasks()
                     .iter()
                     .map(|t| (t.id.as_str(), t.external_id.as_deref(), Some(&t.status)));
-                local = self.local_update(reports, &mut args);
+                local = self.local_update(&account, reports, &mut args);
             }
             SlotOp::SetCapacity {
                 account,
@@ -762,10 +782,12 @@ impl Inner {
         }
     }
 
-    /// Adds the reports to `args`, and applies them to the local record: what the process
-    /// would release if Redis were away.
+    /// Adds the reports of `account` to `args`, and applies them to the local record: what the
+    /// process would release if Redis were away. A task is found by its task id, else by its
+    /// external id within `account` (external ids are unique per account only).
     fn local_update<'a>(
         &self,
+        account: &AccountId,
         reports: impl Iterator<Item = (&'a str, Option<&'a str>, Option<&'a TaskStatus>)>,
         args: &mut Vec<String>,
     ) -> Applied {
@@ -783,9 +805,10 @@ impl Inner {
             let found = registry
                 .iter()
                 .find(|(_, held)| {
+                    let in_account = held.key.account == *account;
                     held.id.as_deref() == Some(id)
-                        || (ext.is_some() && held.ext.as_deref() == ext)
-                        || (status.is_none() && held.ext.as_deref() == Some(id))
+                        || (in_account && ext.is_some() && held.ext.as_deref() == ext)
+                        || (in_account && status.is_none() && held.ext.as_deref() == Some(id))
                 })
                 .map(|(h, _)| h.clone());
             if let Some(h) = found {

@@ -9,7 +9,8 @@
 //! | `P:pool:ACCOUNT:POOL:m` | hash | `used`, `hid` (hidden after a 1303), `rec` (last recovery), `acct`, `pool` |
 //! | `P:pool:ACCOUNT:POOL:q` | sorted set | the fleet's queue: each waiting process's head create by arrival (µs) |
 //! | `P:pool:ACCOUNT:POOL:qx` | sorted set | the same creates by the end of their place (µs): a process that stops asking loses it |
-//! | `P:ids`, `P:ext` | hash | task id / external id → `pool key \n holding id` |
+//! | `P:ids` | hash | task id → `pool key \n holding id` |
+//! | `P:ext` | hash | external id within its account (`LEN.ACCOUNT` then the external id: external ids are unique per account only) → `pool key \n holding id` |
 //! | `P:pools` | set | every pool key |
 //! | `P:cap` | hash | capacity set at run time: `ACCOUNT|POOL` or `*|POOL` → slots |
 //! | `P:halt:ACCOUNT` | string | the 1102 that halted the account (`status \n envelope`) |
@@ -46,6 +47,9 @@ end
 -- The store's generation: a new one after every loss of state.
 local lost = grace_until
 local released = {}
+-- An external id's field in EXT: within its account (external ids are unique per account
+-- only), the account's length first so no two pairs share a field.
+local function xf(acct, ext) return #acct .. '.' .. acct .. ext end
 local function release(pk, h, rec, reason)
   redis.call('HDEL', pk .. ':h', h)
   redis.call('ZREM', pk .. ':l', h)
@@ -54,7 +58,10 @@ local function release(pk, h, rec, reason)
   if used < 0 then redis.call('HSET', m, 'used', 0) end
   local place = pk .. '\n' .. h
   if rec.id and redis.call('HGET', IDS, rec.id) == place then redis.call('HDEL', IDS, rec.id) end
-  if rec.ext and redis.call('HGET', EXT, rec.ext) == place then redis.call('HDEL', EXT, rec.ext) end
+  if rec.ext then
+    local f = xf(redis.call('HGET', m, 'acct') or '', rec.ext)
+    if redis.call('HGET', EXT, f) == place then redis.call('HDEL', EXT, f) end
+  end
   if reason then
     local hidden = tonumber(redis.call('HGET', m, 'hid') or '0')
     if hidden > 0 then redis.call('HSET', m, 'hid', hidden - 1) end
@@ -93,10 +100,10 @@ local function maintain(pk, interval)
     end
   end
 end
-local function map_ids(pk, h, id, ext)
+local function map_ids(pk, h, id, ext, acct)
   local place = pk .. '\n' .. h
   if id then redis.call('HSET', IDS, id, place) end
-  if ext then redis.call('HSET', EXT, ext, place) end
+  if ext then redis.call('HSET', EXT, xf(acct, ext), place) end
 end
 local function create(pk, h, w, kind, id, ext, lease, acct, pool)
   local rec = {w = w, s = int(now), k = kind, id = id, ext = ext}
@@ -105,11 +112,11 @@ local function create(pk, h, w, kind, id, ext, lease, acct, pool)
   redis.call('HINCRBY', pk .. ':m', 'used', w)
   redis.call('HSET', pk .. ':m', 'acct', acct, 'pool', pool)
   redis.call('SADD', P .. ':pools', pk)
-  map_ids(pk, h, id, ext)
+  map_ids(pk, h, id, ext, acct)
 end
 -- A task id, and an external id within an account, name one task: a holding already under
 -- either is the same task's earlier create (outcome unknown, sent again); it gives its slots
--- back now instead of hiding them until its lease.
+-- back now instead of hiding them until its lease. (`name`: for EXT, the account's field.)
 local function supersede(map, name, pk, h, acct)
   if not name then return end
   local place = redis.call('HGET', map, name)
@@ -253,7 +260,7 @@ elseif op == 'hold' or op == 'reg' then
   local lease = tonumber(ARGV[10])
   if op == 'hold' then
     supersede(IDS, id, pk, h, ARGV[11])
-    supersede(EXT, ext, pk, h, ARGV[11])
+    supersede(EXT, ext and xf(ARGV[11], ext), pk, h, ARGV[11])
   end
   local raw = redis.call('HGET', pk .. ':h', h)
   if raw and op == 'hold' then
@@ -264,7 +271,7 @@ elseif op == 'hold' or op == 'reg' then
     rec.s = int(now)
     redis.call('HSET', pk .. ':h', h, cjson.encode(rec))
     redis.call('ZADD', pk .. ':l', int(now + lease), h)
-    map_ids(pk, h, id, ext)
+    map_ids(pk, h, id, ext, ARGV[11])
     changed = 1
   elseif not raw then
     local kind = 't'
@@ -276,15 +283,17 @@ elseif op == 'adopt' then
   local id = opt(ARGV[8])
   local ext = opt(ARGV[9])
   local known = (id and redis.call('HEXISTS', IDS, id) == 1)
-    or (ext and redis.call('HEXISTS', EXT, ext) == 1)
+    or (ext and redis.call('HEXISTS', EXT, xf(ARGV[11], ext)) == 1)
   if not known then
     create(ARGV[5], ARGV[6], tonumber(ARGV[7]), 't', id, ext, tonumber(ARGV[10]), ARGV[11], ARGV[12])
     changed = 1
   end
 elseif op == 'upd' then
-  -- 5 lease, then quads: id, ext, status ('' = said ended), terminal (1/0)
+  -- 5 lease, 6 the reports' account (external ids are looked up within it), then quads: id,
+  -- ext, status ('' = said ended), terminal (1/0)
   local lease = tonumber(ARGV[5])
-  local i = 6
+  local acct = ARGV[6]
+  local i = 7
   while i + 3 <= #ARGV do
     local id = ARGV[i]
     local ext = ARGV[i + 1]
@@ -292,8 +301,8 @@ elseif op == 'upd' then
     local terminal = ARGV[i + 3] == '1'
     i = i + 4
     local place = redis.call('HGET', IDS, id)
-    if not place and ext ~= '' then place = redis.call('HGET', EXT, ext) end
-    if not place and status == '' then place = redis.call('HGET', EXT, id) end
+    if not place and ext ~= '' then place = redis.call('HGET', EXT, xf(acct, ext)) end
+    if not place and status == '' then place = redis.call('HGET', EXT, xf(acct, id)) end
     if place then
       local sep = string.find(place, '\n', 1, true)
       local pk = string.sub(place, 1, sep - 1)

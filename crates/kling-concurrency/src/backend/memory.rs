@@ -31,16 +31,21 @@ use crate::id::SmallId;
 /// the pool is known; the pool used last is found without hashing); otherwise the create joins
 /// its pool's FIFO queue and released slots are handed to the queue's head in order. A task's
 /// holding sits in a reused slot of its pool (one the same thread freed, when there is one: see
-/// `Entry`) and is found by task id or external id through an index keyed by the id's hash.
+/// `Entry`) and is found by task id, or by external id within its account, through an index
+/// keyed by the id's hash.
 /// The holding keeps its ids inline when they are short (up to 38 bytes: Kling task ids,
 /// generated external ids), copied from the `&str`s
 /// [`hold_unread`](SlotBackend::hold_unread) borrows, so keeping and releasing a task
 /// allocates nothing; only listing a release in [`Applied`] does (the list and the task id as
 /// an `Arc<str>`), which [`apply_unread`](SlotBackend::apply_unread) skips. Leases and the
-/// `1303` recovery are checked lazily: when
-/// a create would wait (the queue's head also sleeps until the next lease end or recovery step:
-/// one timer per pool, none per waiter), on
-/// every [`SlotOp`] touching the pool, and in [`snapshot`](SlotBackend::snapshot).
+/// `1303` recovery are checked lazily, one pool at a time: when a create finds no free slot,
+/// before it waits or is refused (so with [`SlotsConfig::max_queue`] `0`, where nothing ever
+/// waits, the next create still finds the slots of a lease that ran out, or hidden by a `1303`
+/// and due back, free); while creates wait, by the queue's head, which sleeps until the next
+/// lease end or recovery step (one timer per pool, none per waiter); and in
+/// [`snapshot`](SlotBackend::snapshot). Other changes (holds, reports, give-backs) do not, so
+/// that keeping and reporting a task read no clock: a pool nobody creates in or snapshots shows
+/// an expired task's slots in its `in_use` gauge until one does.
 ///
 /// # Clone
 ///
@@ -149,32 +154,36 @@ struct Holding {
 }
 
 impl Holding {
-    /// A holding of `weight` slots from `now`, its ids hashed (before the lock is taken, on the
-    /// create path).
+    /// A holding of `weight` slots of `account` from `now`, its ids hashed (before the lock is
+    /// taken, on the create path; the external id within the account).
     #[inline(always)]
     fn new(
         id: Option<SmallId>,
         external: Option<SmallId>,
+        account: &AccountId,
         weight: u32,
         now: Instant,
         lease: Duration,
     ) -> Self {
-        let hash = |id: &Option<SmallId>| id.as_ref().map_or(0, |id| IdHash::hash(id.as_bytes()));
+        let id_hash = id.as_ref().map_or(0, |id| IdHash::hash(id.as_bytes()));
+        let external_hash = external.as_ref().map_or(0, |ext| {
+            hash_in::<IdHash>(scope_of(account), ext.as_bytes())
+        });
         Holding {
             weight,
             since: now,
             lease_until: now + lease,
-            hashes: [hash(&id), hash(&external)],
+            hashes: [id_hash, external_hash],
             id,
             external,
         }
     }
 
-    /// A holding kept under the ids of `task`.
-    fn of(task: TaskRef, weight: u32, now: Instant, lease: Duration) -> Self {
+    /// A holding of `account` kept under the ids of `task`.
+    fn of(task: TaskRef, account: &AccountId, weight: u32, now: Instant, lease: Duration) -> Self {
         let id = task.id.map(SmallId::from_string);
         let external = task.external_id.map(SmallId::from_string);
-        Holding::new(id, external, weight, now, lease)
+        Holding::new(id, external, account, weight, now, lease)
     }
 
     fn key(&self, which: Which) -> Option<&[u8]> {
@@ -226,11 +235,16 @@ enum Which {
 
 /// Task ids (or external ids) → where the holding kept under them is.
 ///
-/// Keyed by a 64-bit hash of the id rather than the id itself: the holding already owns the
-/// text, so the index copies nothing, and a hit is confirmed against the holding's own id. An id
-/// whose hash equals a different held id's goes to `spill`, keyed by its text.
+/// An id is filed within a *scope*: none (empty) for task ids, which the server makes unique,
+/// and the account for external ids, which are the caller's and unique per account only (two
+/// accounts' holdings under one external id are two entries, and a lookup finds its own
+/// account's). Keyed by a 64-bit hash of the id in its scope ([`hash_in`]) rather than the id
+/// itself: the holding already owns the text, so the index copies nothing, and a hit is
+/// confirmed against the holding's own id and scope. An id whose hash equals a different held
+/// id's goes to `spill`, keyed by its scope and text.
 ///
-/// Invariant: every entry names a live holding whose id (of this index's kind) is the entry's.
+/// Invariant: every entry names a live holding whose id (of this index's kind) and scope are
+/// the entry's.
 #[repr(C)]
 struct Index<H = IdHash> {
     by_hash: Table,
@@ -248,27 +262,38 @@ impl<H> Default for Index<H> {
     }
 }
 
-/// An [`Index`]'s ids filed by their text (those whose hash another held id has: rare), the
-/// map made on first use, so that an index takes 40 bytes and the state every create and query
-/// writes fits one cache line (see [`State`]).
+/// An [`Index`]'s ids filed by their scope and text (those whose hash another held id has:
+/// rare), the map made on first use, so that an index takes 40 bytes and the state every
+/// create and query writes fits one cache line (see [`State`]).
 #[derive(Default)]
 struct Spill(Option<Box<FxMap<Box<[u8]>, Place>>>);
+
+/// The key of `text` in `scope` in a [`Spill`]: the scope's length, the scope, the text (so no
+/// two pairs share one). Made only on the rare paths that use the spill.
+fn spill_key(scope: &[u8], text: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(8 + scope.len() + text.len());
+    key.extend_from_slice(&(scope.len() as u64).to_le_bytes());
+    key.extend_from_slice(scope);
+    key.extend_from_slice(text);
+    key
+}
 
 impl Spill {
     fn is_empty(&self) -> bool {
         self.0.as_ref().is_none_or(|map| map.is_empty())
     }
 
-    fn get(&self, text: &[u8]) -> Option<&Place> {
-        self.0.as_ref()?.get(text)
+    fn get(&self, scope: &[u8], text: &[u8]) -> Option<&Place> {
+        self.0.as_ref()?.get(spill_key(scope, text).as_slice())
     }
 
-    fn remove(&mut self, text: &[u8]) -> Option<Place> {
-        self.0.as_mut()?.remove(text)
+    fn remove(&mut self, scope: &[u8], text: &[u8]) -> Option<Place> {
+        self.0.as_mut()?.remove(spill_key(scope, text).as_slice())
     }
 
-    fn insert(&mut self, text: Box<[u8]>, place: Place) {
-        self.0.get_or_insert_default().insert(text, place);
+    fn insert(&mut self, scope: &[u8], text: &[u8], place: Place) {
+        let key = spill_key(scope, text).into_boxed_slice();
+        self.0.get_or_insert_default().insert(key, place);
     }
 }
 
@@ -433,50 +458,87 @@ impl HashId for IdHash {
     }
 }
 
-/// Where an [`Index`] confirms a hit: the id a place holds.
+/// Where an [`Index`] confirms a hit: the scope and id a place holds.
 trait Keys {
-    fn key(&self, place: Place) -> Option<&[u8]>;
+    fn key(&self, place: Place) -> Option<(&[u8], &[u8])>;
 }
 
-/// The ids of one kind held in the pools.
+/// No scope: task ids are the server's, unique in every account.
+const NO_SCOPE: &[u8] = &[];
+
+/// The scope of external ids kept in `account`'s pools: external ids are the caller's, unique
+/// per account only.
+fn scope_of(account: &AccountId) -> &[u8] {
+    account.as_str().as_bytes()
+}
+
+/// The ids of one kind held in the pools: task ids in no scope, external ids in their pool's
+/// account.
 struct Kept<'a>(&'a [PoolState], Which);
 
 impl Keys for Kept<'_> {
-    fn key(&self, (index, slot): Place) -> Option<&[u8]> {
-        self.0.get(index)?.holdings.get(slot)?.held()?.key(self.1)
+    fn key(&self, (index, slot): Place) -> Option<(&[u8], &[u8])> {
+        let pool = self.0.get(index)?;
+        let text = pool.holdings.get(slot)?.held()?.key(self.1)?;
+        let scope = match self.1 {
+            Which::Id => NO_SCOPE,
+            Which::External => scope_of(&pool.key.account),
+        };
+        Some((scope, text))
     }
 }
 
+/// The hash an [`Index`] files `text` under in `scope`: `H::hash(text)` in no scope (so a task
+/// id's hash is its plain [`IdHash`]), else mixed with the scope's.
+#[inline(always)]
+fn hash_in<H: HashId>(scope: &[u8], text: &[u8]) -> u64 {
+    let hash = H::hash(text);
+    if scope.is_empty() {
+        return hash;
+    }
+    hash ^ H::hash(scope)
+        .rotate_left(29)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
 impl<H: HashId> Index<H> {
-    /// Where `text` is held.
-    fn get(&self, text: &[u8], keys: &impl Keys) -> Option<Place> {
-        self.get_hashed(H::hash(text), text, keys)
+    /// Where `text` is held in `scope`.
+    fn get(&self, scope: &[u8], text: &[u8], keys: &impl Keys) -> Option<Place> {
+        self.get_hashed(hash_in::<H>(scope, text), scope, text, keys)
     }
 
-    /// [`get`](Index::get) of a `text` whose `H::hash` is `hash`.
-    fn get_hashed(&self, hash: u64, text: &[u8], keys: &impl Keys) -> Option<Place> {
+    /// [`get`](Index::get) of a `text` whose [`hash_in`] `scope` is `hash`.
+    fn get_hashed(&self, hash: u64, scope: &[u8], text: &[u8], keys: &impl Keys) -> Option<Place> {
         if let Some(place) = self.by_hash.get(hash)
-            && keys.key(place) == Some(text)
+            && keys.key(place) == Some((scope, text))
         {
             return Some(place);
         }
         if self.spill.is_empty() {
             return None;
         }
-        self.spill.get(text).copied()
+        self.spill.get(scope, text).copied()
     }
 
-    /// Files `text` under `place`; returns the holding filed under it before, if any.
+    /// Files `text` in `scope` under `place`; returns the holding filed under it before, if
+    /// any.
     #[cfg(test)]
-    fn insert(&mut self, text: &[u8], place: Place, keys: &impl Keys) -> Option<Place> {
-        self.insert_hashed(H::hash(text), text, place, keys)
+    fn insert(
+        &mut self,
+        scope: &[u8],
+        text: &[u8],
+        place: Place,
+        keys: &impl Keys,
+    ) -> Option<Place> {
+        self.insert_hashed(hash_in::<H>(scope, text), scope, text, place, keys)
     }
 
-    /// `insert` of a `text` whose `H::hash` is `hash`.
+    /// `insert` of a `text` whose [`hash_in`] `scope` is `hash`.
     #[inline(always)]
     fn insert_hashed(
         &mut self,
         hash: u64,
+        scope: &[u8],
         text: &[u8],
         place: Place,
         keys: &impl Keys,
@@ -484,7 +546,7 @@ impl<H: HashId> Index<H> {
         let spilled = if self.spill.is_empty() {
             None
         } else {
-            self.spill.remove(text)
+            self.spill.remove(scope, text)
         };
         match self.by_hash.find(hash) {
             None => {
@@ -493,59 +555,66 @@ impl<H: HashId> Index<H> {
             }
             Some(i) => {
                 let there = self.by_hash.entries[i].place;
-                if keys.key(there) == Some(text) {
+                if keys.key(there) == Some((scope, text)) {
                     self.by_hash.entries[i].place = place;
                     Some(there)
                 } else {
-                    // Another id with the same hash: file this one by its text.
-                    self.spill.insert(text.into(), place);
+                    // Another id with the same hash: file this one by its scope and text.
+                    self.spill.insert(scope, text, place);
                     spilled
                 }
             }
         }
     }
 
-    /// Where `text` is held, unfiled from here (one lookup instead of a `get` and a `remove`).
+    /// Where `text` is held in `scope`, unfiled from here (one lookup instead of a `get` and a
+    /// `remove`).
     #[cfg(test)]
-    fn take(&mut self, text: &[u8], keys: &impl Keys) -> Option<Place> {
-        self.take_hashed(H::hash(text), text, keys)
+    fn take(&mut self, scope: &[u8], text: &[u8], keys: &impl Keys) -> Option<Place> {
+        self.take_hashed(hash_in::<H>(scope, text), scope, text, keys)
     }
 
-    /// `take` of a `text` whose `H::hash` is `hash`.
+    /// `take` of a `text` whose [`hash_in`] `scope` is `hash`.
     #[inline(always)]
-    fn take_hashed(&mut self, hash: u64, text: &[u8], keys: &impl Keys) -> Option<Place> {
+    fn take_hashed(
+        &mut self,
+        hash: u64,
+        scope: &[u8],
+        text: &[u8],
+        keys: &impl Keys,
+    ) -> Option<Place> {
         match self.by_hash.find(hash) {
-            Some(i) if keys.key(self.by_hash.entries[i].place) == Some(text) => {
+            Some(i) if keys.key(self.by_hash.entries[i].place) == Some((scope, text)) => {
                 Some(self.by_hash.remove_at(i))
             }
             _ if self.spill.is_empty() => None,
-            _ => self.spill.remove(text),
+            _ => self.spill.remove(scope, text),
         }
     }
 
-    /// Unfiles `text` if it still names `place`.
+    /// Unfiles `text` in `scope` if it still names `place`.
     #[cfg(test)]
-    fn remove(&mut self, text: &[u8], place: Place) {
-        self.remove_hashed(H::hash(text), text, place);
+    fn remove(&mut self, scope: &[u8], text: &[u8], place: Place) {
+        self.remove_hashed(hash_in::<H>(scope, text), scope, text, place);
     }
 
-    /// `remove` of a `text` whose `H::hash` is `hash`.
+    /// `remove` of a `text` whose [`hash_in`] `scope` is `hash`.
     #[inline(always)]
-    fn remove_hashed(&mut self, hash: u64, text: &[u8], place: Place) {
+    fn remove_hashed(&mut self, hash: u64, scope: &[u8], text: &[u8], place: Place) {
         match self.by_hash.find(hash) {
             Some(i) if self.by_hash.entries[i].place == place => {
                 self.by_hash.remove_at(i);
             }
             _ => {
-                if !self.spill.is_empty() && self.spill.get(text) == Some(&place) {
-                    self.spill.remove(text);
+                if !self.spill.is_empty() && self.spill.get(scope, text) == Some(&place) {
+                    self.spill.remove(scope, text);
                 }
             }
         }
     }
 
-    fn contains(&self, text: &[u8], keys: &impl Keys) -> bool {
-        self.get(text, keys).is_some()
+    fn contains(&self, scope: &[u8], text: &[u8], keys: &impl Keys) -> bool {
+        self.get(scope, text, keys).is_some()
     }
 }
 
@@ -582,6 +651,9 @@ struct PoolState {
     recovered_at: Instant,
     /// Grants handed to waiters that have not picked them up yet.
     granted: Vec<u64>,
+    /// Waiters refused because a lowered capacity is below their weight, with that capacity,
+    /// until they pick the refusal up.
+    refused: Vec<(u64, u32)>,
     /// The vacant slots of `holdings`, one free list per thread lane ([`FreeList`]).
     free: [FreeList; LANES],
 }
@@ -675,7 +747,9 @@ impl<'a> Why<'a> {
 }
 
 /// What the reports of one [`SlotOp::Update`] or [`SlotOp::Observed`] share.
-struct Reports {
+struct Reports<'a> {
+    /// The account they come from: external ids are looked up within it.
+    account: &'a AccountId,
     lease: Duration,
     /// Read before the lock was taken, or else once, when a report first finds its task.
     now: Option<Instant>,
@@ -684,9 +758,10 @@ struct Reports {
     unread: bool,
 }
 
-impl Reports {
-    fn new(lease: Duration, now: Option<Instant>, unread: bool) -> Self {
+impl<'a> Reports<'a> {
+    fn new(account: &'a AccountId, lease: Duration, now: Option<Instant>, unread: bool) -> Self {
         Reports {
+            account,
             lease,
             now,
             applied: Applied::default(),
@@ -761,6 +836,7 @@ impl PoolState {
             in_use: 0,
             queue: WaitList::new(),
             granted: Vec::new(),
+            refused: Vec::new(),
             holdings: Vec::new(),
             free: [FreeList { head: NONE }; LANES],
             tasks: 0,
@@ -789,13 +865,26 @@ impl PoolState {
         self.capacity().saturating_sub(self.in_use)
     }
 
-    /// Whether nothing is held, waits, is granted or hidden: the pool may make way for another.
+    /// Takes `weight` slots if they are free and nobody waits ahead; whether it did.
+    #[inline(always)]
+    fn grant_at_once(&mut self, weight: u32) -> bool {
+        if self.queue.is_empty() && self.free() >= weight {
+            self.in_use += weight;
+            self.publish_in_use();
+            return true;
+        }
+        false
+    }
+
+    /// Whether nothing is held, waits, is granted, refused or hidden: the pool may make way
+    /// for another.
     fn is_idle(&self) -> bool {
         self.in_use == 0
             && self.tasks == 0
             && self.hidden == 0
             && self.queue.is_empty()
             && self.granted.is_empty()
+            && self.refused.is_empty()
     }
 
     /// Moves the gauges whose values changed since they were last moved, by the change: a
@@ -904,6 +993,48 @@ impl PoolState {
             return true;
         }
         false
+    }
+
+    /// The capacity that refused the waiter of `token`, if one did (taken: it is told once).
+    fn take_refusal(&mut self, token: u64) -> Option<u32> {
+        let i = self.refused.iter().position(|&(t, _)| t == token)?;
+        Some(self.refused.swap_remove(i).1)
+    }
+
+    /// The waiter of `token`, of `weight` slots, gives up wherever it stands: waiting, granted
+    /// (its slots go back) or refused. The caller dispatches and publishes.
+    fn leave(&mut self, token: u64, weight: u32) {
+        if self.remove_waiter(token) {
+            return;
+        }
+        if self.take_grant(token) {
+            self.give_back(weight);
+            return;
+        }
+        self.take_refusal(token);
+    }
+
+    /// Refuses the waiters that need more than `configured` slots, the pool's capacity just
+    /// lowered (above 0): they could never be served, and would hold up everyone behind them.
+    /// Each leaves the queue and is woken to fail with [`OverCapacity`].
+    #[cold]
+    fn refuse_heavier(&mut self, configured: u32) {
+        if configured == 0 || self.queue.iter().all(|w| w.value <= configured) {
+            return;
+        }
+        let heavy: Vec<(u64, Option<Waker>)> = self
+            .queue
+            .iter()
+            .filter(|w| w.value > configured)
+            .map(|w| (w.ticket, w.waker.clone()))
+            .collect();
+        for (ticket, waker) in heavy {
+            self.remove_waiter(ticket);
+            self.refused.push((ticket, configured));
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        }
     }
 
     /// Files a holding in a vacant slot, one this thread's lane freed when there is one;
@@ -1088,10 +1219,11 @@ impl State {
         if let Some(id) = &holding.id
             && !id_unfiled
         {
-            ids.remove_hashed(holding.hashes[0], id.as_bytes(), place);
+            ids.remove_hashed(holding.hashes[0], NO_SCOPE, id.as_bytes(), place);
         }
         if let Some(ext) = &holding.external {
-            externals.remove_hashed(holding.hashes[1], ext.as_bytes(), place);
+            let account = scope_of(&pool.key.account);
+            externals.remove_hashed(holding.hashes[1], account, ext.as_bytes(), place);
         }
         let task = out.is_some().then(|| {
             let id = holding.id.as_ref().or(holding.external.as_ref());
@@ -1169,17 +1301,21 @@ impl State {
         // A task id, and an external id within an account, name one task: a holding already
         // under either is this same task's earlier create, whose outcome was unknown and which
         // was sent again. It gives its slots back now instead of hiding them until its lease.
+        // (External ids are filed within the account: another account's holding under the
+        // same external id is another task, and stays filed.)
         let list = &self.list;
         let holding = list[index].holdings[slot].held().expect("just filed");
         let earlier = [
             holding.id.as_ref().and_then(|id| {
+                let keys = &Kept(list, Which::Id);
                 self.ids
-                    .insert_hashed(hashes[0], id.as_bytes(), place, &Kept(list, Which::Id))
+                    .insert_hashed(hashes[0], NO_SCOPE, id.as_bytes(), place, keys)
             }),
             holding.external.as_ref().and_then(|ext| {
                 let keys = &Kept(list, Which::External);
+                let account = scope_of(&key.account);
                 self.externals
-                    .insert_hashed(hashes[1], ext.as_bytes(), place, keys)
+                    .insert_hashed(hashes[1], account, ext.as_bytes(), place, keys)
             }),
         ];
         // (Two `if let`s, not a loop over the array: this runs on every create.)
@@ -1213,18 +1349,21 @@ impl State {
         pool.dispatch();
         pool.publish();
         if let Some(id) = &old.id {
-            self.ids.remove_hashed(old.hashes[0], id.as_bytes(), place);
+            self.ids
+                .remove_hashed(old.hashes[0], NO_SCOPE, id.as_bytes(), place);
         }
         if let Some(ext) = &old.external {
+            let account = scope_of(&self.list[place.0].key.account);
             self.externals
-                .remove_hashed(old.hashes[1], ext.as_bytes(), place);
+                .remove_hashed(old.hashes[1], account, ext.as_bytes(), place);
         }
     }
 
-    /// Where the task a report names is held: by id (unless the caller looked already), else
-    /// by external id.
+    /// Where the task a report of `account` names is held: by id (unless the caller looked
+    /// already), else by external id within `account`.
     fn find(
         &self,
+        account: &AccountId,
         id: &str,
         hash: u64,
         external: Option<&str>,
@@ -1233,23 +1372,22 @@ impl State {
     ) -> Option<Place> {
         let list = &self.list;
         if !id_looked_up
-            && let Some(place) = self
-                .ids
-                .get_hashed(hash, id.as_bytes(), &Kept(list, Which::Id))
+            && let Some(place) =
+                self.ids
+                    .get_hashed(hash, NO_SCOPE, id.as_bytes(), &Kept(list, Which::Id))
         {
             return Some(place);
         }
-        if let Some(place) = external.and_then(|ext| {
-            self.externals
-                .get(ext.as_bytes(), &Kept(list, Which::External))
-        }) {
+        let account = scope_of(account);
+        let keys = &Kept(list, Which::External);
+        if let Some(place) =
+            external.and_then(|ext| self.externals.get(account, ext.as_bytes(), keys))
+        {
             return Some(place);
         }
         if by_complete {
             // `complete` may name a task by its external id.
-            return self
-                .externals
-                .get(id.as_bytes(), &Kept(list, Which::External));
+            return self.externals.get(account, id.as_bytes(), keys);
         }
         None
     }
@@ -1262,19 +1400,20 @@ impl State {
         hash: u64,
         external: Option<&str>,
         status: Option<&TaskStatus>,
-        reports: &mut Reports,
+        reports: &mut Reports<'_>,
     ) {
         let terminal = status.is_none_or(TaskStatus::is_terminal);
         // A task that ended and is known by its id (the usual query) is found and unfiled in
         // one lookup.
         let taken = if terminal {
-            self.ids
-                .take_hashed(hash, id.as_bytes(), &Kept(&self.list, Which::Id))
+            let keys = &Kept(&self.list, Which::Id);
+            self.ids.take_hashed(hash, NO_SCOPE, id.as_bytes(), keys)
         } else {
             None
         };
         let by_complete = status.is_none();
-        let Some(place) = taken.or_else(|| self.find(id, hash, external, by_complete, terminal))
+        let Some(place) =
+            taken.or_else(|| self.find(reports.account, id, hash, external, by_complete, terminal))
         else {
             return;
         };
@@ -1307,7 +1446,8 @@ impl State {
             // Known by its task id from now on (an older holding filed under the same id, in
             // another account, is no longer found by it).
             let keys = &Kept(&self.list, Which::Id);
-            self.ids.insert_hashed(hash, id.as_bytes(), place, keys);
+            self.ids
+                .insert_hashed(hash, NO_SCOPE, id.as_bytes(), place, keys);
         }
     }
 
@@ -1328,8 +1468,15 @@ impl State {
                 task,
                 lease,
             } => {
-                let holding = Holding::of(task, reservation.weight, Instant::now(), lease);
-                self.hold(&reservation.key, holding);
+                let key = &reservation.key;
+                let holding = Holding::of(
+                    task,
+                    &key.account,
+                    reservation.weight,
+                    Instant::now(),
+                    lease,
+                );
+                self.hold(key, holding);
                 applied.changed = true;
             }
             SlotOp::Congested(res) => {
@@ -1364,8 +1511,12 @@ impl State {
                 }
                 applied.changed = true;
             }
-            SlotOp::Observed { outcome, lease } => {
-                let mut reports = Reports::new(lease, now, unread);
+            SlotOp::Observed {
+                account,
+                outcome,
+                lease,
+            } => {
+                let mut reports = Reports::new(&account, lease, now, unread);
                 for task in outcome.tasks() {
                     let (ext, status) = (task.external_id.as_deref(), Some(&task.status));
                     let hash = IdHash::hash(task.id.as_bytes());
@@ -1373,8 +1524,12 @@ impl State {
                 }
                 applied = reports.applied;
             }
-            SlotOp::Update { updates, lease } => {
-                let mut reports = Reports::new(lease, now, unread);
+            SlotOp::Update {
+                account,
+                updates,
+                lease,
+            } => {
+                let mut reports = Reports::new(&account, lease, now, unread);
                 for update in &updates {
                     let (ext, status) = (update.external_id.as_deref(), update.status.as_ref());
                     let hash = IdHash::hash(update.id.as_bytes());
@@ -1389,19 +1544,20 @@ impl State {
                 lease,
             } => {
                 let list = &self.list;
-                let known = task
-                    .id
-                    .as_deref()
-                    .is_some_and(|id| self.ids.contains(id.as_bytes(), &Kept(list, Which::Id)))
-                    || task.external_id.as_deref().is_some_and(|ext| {
-                        self.externals
-                            .contains(ext.as_bytes(), &Kept(list, Which::External))
-                    });
+                let account = scope_of(&key.account);
+                let known = task.id.as_deref().is_some_and(|id| {
+                    self.ids
+                        .contains(NO_SCOPE, id.as_bytes(), &Kept(list, Which::Id))
+                }) || task.external_id.as_deref().is_some_and(|ext| {
+                    self.externals
+                        .contains(account, ext.as_bytes(), &Kept(list, Which::External))
+                });
                 if !known {
                     let pool = self.pool_mut(&key);
                     pool.in_use += weight;
                     pool.publish();
-                    self.hold(&key, Holding::of(task, weight, Instant::now(), lease));
+                    let holding = Holding::of(task, &key.account, weight, Instant::now(), lease);
+                    self.hold(&key, holding);
                     applied.changed = true;
                 }
             }
@@ -1431,6 +1587,9 @@ impl State {
                         applied.changed |= configured != state.configured;
                         state.configured = configured;
                         state.hidden = state.hidden.min(configured);
+                        // Waiters the new capacity can never serve fail now rather than hold
+                        // up those behind them.
+                        state.refuse_heavier(configured);
                         state.dispatch();
                         state.publish();
                     }
@@ -1525,7 +1684,8 @@ impl SlotBackend for InProcess {
     ) -> Self::Apply {
         let (id, external) = (id.map(SmallId::new), external_id.map(SmallId::new));
         let now = answered_at.unwrap_or_else(Instant::now);
-        let holding = Holding::new(id, external, reservation.weight, now, lease);
+        let account = &reservation.key.account;
+        let holding = Holding::new(id, external, account, reservation.weight, now, lease);
         self.lock().hold(&reservation.key, holding);
         ready(Ok(Applied {
             released: Vec::new(),
@@ -1536,13 +1696,18 @@ impl SlotBackend for InProcess {
     /// As `apply_unread` of [`SlotOp::Observed`], with no change built or matched: the
     /// reports are read from the outcome in place, under one lock (none when it reports no
     /// task).
-    fn observe_unread(&self, outcome: &Outcome, lease: Duration) -> Self::Apply {
+    fn observe_unread(
+        &self,
+        account: &AccountId,
+        outcome: &Outcome,
+        lease: Duration,
+    ) -> Self::Apply {
         let tasks = outcome.tasks();
         if tasks.is_empty() {
             return ready(Ok(Applied::default()));
         }
         // The answer's arrival is the time its reports speak of: no clock read.
-        let mut reports = Reports::new(lease, Some(outcome.received_at()), true);
+        let mut reports = Reports::new(account, lease, Some(outcome.received_at()), true);
         // The ids are hashed before the lock is taken (the first few: a query reports one).
         let mut hashes = [0; PREHASHED];
         for (hash, task) in hashes.iter_mut().zip(tasks) {
@@ -1631,9 +1796,7 @@ impl Future for InProcessAcquire {
             if let Some(err) = Self::halted(&state, key) {
                 if let Some(token) = this.token.take() {
                     let pool = state.pool_mut(key);
-                    if !pool.remove_waiter(token) && pool.take_grant(token) {
-                        pool.give_back(this.weight);
-                    }
+                    pool.leave(token, this.weight);
                     pool.dispatch();
                     pool.publish();
                 }
@@ -1645,26 +1808,38 @@ impl Future for InProcessAcquire {
                 None => {
                     let token = state.token();
                     let max_queue = state.config.max_queue;
-                    let pool = state.pool_mut(key);
+                    let index = state.index(key);
+                    let pool = &mut state.list[index];
                     if pool.configured > 0 && weight > pool.configured {
                         let err = OverCapacity::new(key.pool.clone(), weight, pool.configured);
                         this.key = None;
                         return Poll::Ready(Err(AcquireError::OverCapacity(err)));
                     }
-                    if pool.queue.is_empty() && pool.free() >= weight {
+                    if pool.grant_at_once(weight) {
                         // The fast path: free slots and nobody ahead.
-                        pool.in_use += weight;
-                        pool.publish_in_use();
                         let key = this.key.take().expect("checked above");
                         return Poll::Ready(Ok(Reservation { key, weight, token }));
                     }
                     if let Some(max) = max_queue
                         && pool.waiting() >= max
                     {
-                        let key = this.key.take().expect("checked above");
-                        let err = QueueFull::new(key.account, key.pool, max);
-                        return Poll::Ready(Err(AcquireError::QueueFull(err)));
+                        // About to refuse: first end the leases that ran out and bring back
+                        // the hidden slots that are due, which nothing else does for a pool
+                        // nobody waits in (with a bound of 0, nobody ever does).
+                        let mut expired = Vec::new();
+                        state.maintain(index, Instant::now(), &mut expired);
+                        let pool = &mut state.list[index];
+                        if pool.grant_at_once(weight) {
+                            let key = this.key.take().expect("checked above");
+                            return Poll::Ready(Ok(Reservation { key, weight, token }));
+                        }
+                        if pool.waiting() >= max {
+                            let key = this.key.take().expect("checked above");
+                            let err = QueueFull::new(key.account, key.pool, max);
+                            return Poll::Ready(Err(AcquireError::QueueFull(err)));
+                        }
                     }
+                    let pool = &mut state.list[index];
                     pool.queue.push_back(token, weight, cx.waker().clone());
                     pool.publish();
                     this.token = Some(token);
@@ -1682,6 +1857,13 @@ impl Future for InProcessAcquire {
                 this.token = None;
                 let key = this.key.take().expect("checked above");
                 return Poll::Ready(Ok(Reservation { key, weight, token }));
+            }
+            if let Some(capacity) = pool.take_refusal(token) {
+                // The pool's capacity was lowered below this create's weight while it waited.
+                this.token = None;
+                let key = this.key.take().expect("checked above");
+                let err = OverCapacity::new(key.pool, weight, capacity);
+                return Poll::Ready(Err(AcquireError::OverCapacity(err)));
             }
             let mut head = false;
             if let Some(i) = pool.queue.position(token) {
@@ -1720,9 +1902,7 @@ impl Drop for InProcessAcquire {
         };
         let mut state = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
         let pool = state.pool_mut(key);
-        if !pool.remove_waiter(token) && pool.take_grant(token) {
-            pool.give_back(self.weight);
-        }
+        pool.leave(token, self.weight);
         // The head may have changed: let the next waiters in.
         pool.dispatch();
         pool.publish();
@@ -1827,6 +2007,7 @@ mod tests {
 
     fn ended(id: &str) -> SlotOp {
         SlotOp::Update {
+            account: key().account,
             updates: vec![super::super::TaskUpdate {
                 id: id.to_owned(),
                 external_id: None,
@@ -1938,7 +2119,7 @@ mod tests {
             Instant::now() - Duration::from_secs(50),
         )
         .unwrap();
-        now(backend.observe_unread(&running, lease)).unwrap();
+        now(backend.observe_unread(&key().account, &running, lease)).unwrap();
         assert_eq!(pool(&backend, "a"), (2, 2));
         tokio::time::advance(Duration::from_secs(50)).await;
         assert_eq!(
@@ -2001,6 +2182,98 @@ mod tests {
         assert_eq!(pool(&backend, "b"), (0, 0));
     }
 
+    /// External ids are unique per account only: each account's holding under one is filed
+    /// and found apart from another's, whichever was kept first.
+    #[tokio::test(start_paused = true)]
+    async fn external_ids_are_filed_and_found_within_their_account() {
+        let backend = InProcess::new(SlotsConfig::new(3)).unwrap();
+        let b = SlotKey::new(AccountId::new("b"), Pool::new(Product::Video));
+        let lease = Duration::from_secs(600);
+        let by_external = |account: &SlotKey, id: &str, external: Option<&str>| SlotOp::Update {
+            account: account.account.clone(),
+            updates: vec![super::super::TaskUpdate {
+                id: id.to_owned(),
+                external_id: external.map(str::to_owned),
+                status: None,
+            }],
+            lease,
+        };
+        // Unknown outcomes under `e1`: account `a`'s first, then `b`'s.
+        hold(&backend, key(), None, Some("e1"));
+        hold(&backend, b.clone(), None, Some("e1"));
+        // `a`'s create sent again and answered: it replaces `a`'s earlier holding, not `b`'s.
+        hold(&backend, key(), Some("t1"), Some("e1"));
+        assert_eq!((pool(&backend, "a"), pool(&backend, "b")), ((1, 1), (1, 1)));
+        // `b`'s lookup finds no task under its `e1`: `b`'s holding ends, `a`'s stays.
+        let released = now(backend.apply(by_external(&b, "", Some("e1"))))
+            .unwrap()
+            .released;
+        assert_eq!(released.len(), 1);
+        assert_eq!(
+            (&released[0].key, released[0].task.as_deref()),
+            (&b, Some("e1"))
+        );
+        assert_eq!((pool(&backend, "a"), pool(&backend, "b")), ((1, 1), (0, 0)));
+        // Reconcile in `b` finds a task under `e1`: not `a`'s, so adopted.
+        let adopt = SlotOp::Adopt {
+            key: b.clone(),
+            task: TaskRef {
+                id: Some("t9".to_owned()),
+                external_id: Some("e1".to_owned()),
+            },
+            weight: 1,
+            lease,
+        };
+        assert!(now(backend.apply(adopt)).unwrap().changed);
+        assert_eq!(pool(&backend, "b"), (1, 1));
+        // `complete` by external id ends the holding of the account it names.
+        let stranger = SlotKey::new(AccountId::new("c"), Pool::new(Product::Video));
+        assert!(
+            !now(backend.apply(by_external(&stranger, "e1", None)))
+                .unwrap()
+                .changed
+        );
+        let released = now(backend.apply(by_external(&key(), "e1", None)))
+            .unwrap()
+            .released;
+        assert_eq!(released[0].task.as_deref(), Some("t1"));
+        assert_eq!((pool(&backend, "a"), pool(&backend, "b")), ((0, 0), (1, 1)));
+        // A task id is the server's, unique everywhere: found from any account.
+        assert!(
+            now(backend.apply(by_external(&stranger, "t9", None)))
+                .unwrap()
+                .changed
+        );
+        assert_eq!(pool(&backend, "b"), (0, 0));
+    }
+
+    /// A waiter refused by a lowered capacity and dropped before it was polled again leaves
+    /// nothing behind: no refusal kept, the pool idle (free to make way for another).
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_refused_by_a_lowered_capacity_and_dropped_leaves_nothing() {
+        let backend = InProcess::new(SlotsConfig::new(2)).unwrap();
+        let held = now(backend.acquire(key(), 1)).unwrap();
+        let mut heavy = tokio_test::task::spawn(backend.acquire(key(), 2));
+        assert!(heavy.poll().is_pending());
+        let lower = SlotOp::SetCapacity {
+            account: None,
+            pool: Pool::new(Product::Video),
+            capacity: 1,
+        };
+        assert!(now(backend.apply(lower)).unwrap().changed);
+        assert!(heavy.is_woken());
+        {
+            let state = backend.lock();
+            assert_eq!(state.list[0].refused, [(2, 1)]);
+            assert_eq!(state.list[0].waiting(), 0);
+        }
+        drop(heavy);
+        now(backend.apply(SlotOp::GiveBack(held))).unwrap();
+        let state = backend.lock();
+        assert!(state.list[0].refused.is_empty());
+        assert!(state.list[0].is_idle());
+    }
+
     #[derive(Clone, Debug)]
     enum TableOp {
         Insert(u64),
@@ -2057,24 +2330,26 @@ mod tests {
         }
     }
 
-    /// The ids an index test files: place → id.
-    struct Model(HashMap<Place, String>);
+    /// The ids an index test files: place → (scope, id).
+    struct Model(HashMap<Place, (&'static str, &'static str)>);
 
     impl Keys for Model {
-        fn key(&self, place: Place) -> Option<&[u8]> {
-            self.0.get(&place).map(String::as_bytes)
+        fn key(&self, place: Place) -> Option<(&[u8], &[u8])> {
+            let (scope, id) = self.0.get(&place)?;
+            Some((scope.as_bytes(), id.as_bytes()))
         }
     }
 
     #[derive(Clone, Debug)]
     enum IndexOp {
-        /// A new holding filed under this id (the one filed before stays held, unfiled).
-        File(usize),
+        /// A new holding filed under this id in this scope (the one filed before there stays
+        /// held, unfiled).
+        File(usize, usize),
         /// The n-th live holding is released.
         Release(usize),
-        /// The holding filed under this id is found, unfiled and released (a query saying the
-        /// task ended).
-        End(usize),
+        /// The holding filed under this id in this scope is found, unfiled and released (a
+        /// query saying the task ended).
+        End(usize, usize),
     }
 
     const IDS: [&str; 6] = [
@@ -2086,18 +2361,23 @@ mod tests {
         "job",
     ];
 
+    /// The scopes ids are filed in: none (task ids) and accounts (external ids), one whose
+    /// name is also an id.
+    const SCOPES: [&str; 3] = ["", "acct", "job"];
+
     fn index_ops() -> impl Strategy<Value = Vec<IndexOp>> {
         proptest::collection::vec(
             prop_oneof![
-                (0..IDS.len()).prop_map(IndexOp::File),
+                (0..IDS.len(), 0..SCOPES.len()).prop_map(|(i, s)| IndexOp::File(i, s)),
                 any::<usize>().prop_map(IndexOp::Release),
-                (0..IDS.len()).prop_map(IndexOp::End),
+                (0..IDS.len(), 0..SCOPES.len()).prop_map(|(i, s)| IndexOp::End(i, s)),
             ],
             1..60,
         )
     }
 
-    /// Ids of the same length collide: `spill` does the work.
+    /// Ids of the same length collide (in any scope of the same length too): `spill` does the
+    /// work.
     struct Colliding;
 
     impl HashId for Colliding {
@@ -2109,44 +2389,49 @@ mod tests {
     fn check_index<H: HashId>(ops: Vec<IndexOp>) -> Result<(), TestCaseError> {
         let mut index = Index::<H>::default();
         let mut held = Model(HashMap::new());
-        let mut filed: HashMap<&str, Place> = HashMap::new();
+        let mut filed: HashMap<(&str, &str), Place> = HashMap::new();
         let mut next = 0;
         for op in ops {
             match op {
-                IndexOp::File(i) => {
+                IndexOp::File(i, s) => {
                     next += 1;
                     let place = (next % 3, next);
-                    held.0.insert(place, IDS[i].to_owned());
-                    let before = index.insert(IDS[i].as_bytes(), place, &held);
-                    prop_assert_eq!(before, filed.insert(IDS[i], place));
+                    let (scope, id) = (SCOPES[s], IDS[i]);
+                    held.0.insert(place, (scope, id));
+                    let before = index.insert(scope.as_bytes(), id.as_bytes(), place, &held);
+                    prop_assert_eq!(before, filed.insert((scope, id), place));
                 }
                 IndexOp::Release(n) if !held.0.is_empty() => {
                     let mut places: Vec<Place> = held.0.keys().copied().collect();
                     places.sort_unstable();
                     let place = places[n % places.len()];
-                    let id = held.0.remove(&place).expect("live");
-                    index.remove(id.as_bytes(), place);
-                    if filed.get(id.as_str()) == Some(&place) {
-                        filed.remove(id.as_str());
+                    let (scope, id) = held.0.remove(&place).expect("live");
+                    index.remove(scope.as_bytes(), id.as_bytes(), place);
+                    if filed.get(&(scope, id)) == Some(&place) {
+                        filed.remove(&(scope, id));
                     }
                 }
                 IndexOp::Release(_) => {}
-                IndexOp::End(i) => {
-                    let taken = index.take(IDS[i].as_bytes(), &held);
-                    prop_assert_eq!(taken, filed.remove(IDS[i]));
+                IndexOp::End(i, s) => {
+                    let (scope, id) = (SCOPES[s], IDS[i]);
+                    let taken = index.take(scope.as_bytes(), id.as_bytes(), &held);
+                    prop_assert_eq!(taken, filed.remove(&(scope, id)));
                     if let Some(place) = taken {
-                        let id = held.0.remove(&place);
-                        prop_assert_eq!(id.as_deref(), Some(IDS[i]));
+                        let kept = held.0.remove(&place);
+                        prop_assert_eq!(kept, Some((scope, id)));
                     }
                 }
             }
-            for id in IDS {
-                prop_assert_eq!(
-                    index.get(id.as_bytes(), &held),
-                    filed.get(id).copied(),
-                    "{}",
-                    id
-                );
+            for scope in SCOPES {
+                for id in IDS {
+                    prop_assert_eq!(
+                        index.get(scope.as_bytes(), id.as_bytes(), &held),
+                        filed.get(&(scope, id)).copied(),
+                        "{} in {:?}",
+                        id,
+                        scope
+                    );
+                }
             }
         }
         Ok(())
@@ -2261,6 +2546,7 @@ mod tests {
                         }),
                     };
                     let op = SlotOp::Update {
+                        account: key().account,
                         updates: vec![update],
                         lease,
                     };
@@ -2284,11 +2570,12 @@ mod tests {
                     .unwrap();
                     assert_eq!(outcome.tasks().len(), 1);
                     // Unread: `InProcess` lists nothing, the provided method's `apply` does.
-                    now(backend.observe_unread(&outcome, lease)).unwrap();
+                    now(backend.observe_unread(&key().account, &outcome, lease)).unwrap();
                     Vec::new()
                 }
                 HoldOp::Complete(id) => {
                     let op = SlotOp::Update {
+                        account: key().account,
                         updates: vec![super::super::TaskUpdate {
                             id: LONG_IDS[*id].to_owned(),
                             external_id: None,
@@ -2487,6 +2774,7 @@ mod tests {
                 };
                 let lease = Duration::from_secs(600);
                 let op = SlotOp::Update {
+                    account: key().account,
                     updates: vec![update],
                     lease,
                 };
@@ -2784,7 +3072,9 @@ mod tests {
                 let id = format!("t{me}-{life}");
                 hold(&backend, key(), Some(&id), None);
                 let state = backend.lock();
-                let place = state.ids.get(id.as_bytes(), &Kept(&state.list, Which::Id));
+                let place = state
+                    .ids
+                    .get(NO_SCOPE, id.as_bytes(), &Kept(&state.list, Which::Id));
                 used.push(place.expect("held").1);
                 drop(state);
                 assert_eq!(now(backend.apply(ended(&id))).unwrap().released.len(), 1);

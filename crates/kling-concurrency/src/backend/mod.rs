@@ -58,8 +58,9 @@ pub struct Reservation {
 /// The ids a task's slots are kept under.
 ///
 /// With an `id`, a query or callback reporting the task ends it; with only an `external_id`
-/// (the create's outcome is unknown) a report carrying that external id does, and the holding
-/// is then known by the task id too; with neither, only the lease ends it.
+/// (the create's outcome is unknown) a report of the same account carrying that external id
+/// does, and the holding is then known by the task id too; with neither, only the lease ends
+/// it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TaskRef {
     /// The server's task id.
@@ -122,7 +123,13 @@ pub enum SlotOp {
     },
     /// Tasks were reported: terminal ones are released (exactly once), running ones renew
     /// their lease to `lease` from now.
+    ///
+    /// A report finds its task by task id (the server's, unique everywhere), else by external
+    /// id within `account` only: external ids are the caller's, unique per account, so one
+    /// account's report never settles another account's holding under the same external id.
     Update {
+        /// The account the reports come from (the query's, or the callback's).
+        account: AccountId,
         /// The reports.
         updates: Vec<TaskUpdate>,
         /// The lease to renew running tasks to.
@@ -131,6 +138,8 @@ pub enum SlotOp {
     /// A response was seen: the tasks it reports are handled as in [`SlotOp::Update`] (the
     /// response's parsed [`Outcome`] is shared, so nothing is copied on the way).
     Observed {
+        /// The account of the request the response answers.
+        account: AccountId,
         /// The response's outcome.
         outcome: Outcome,
         /// The lease to renew running tasks to.
@@ -148,7 +157,9 @@ pub enum SlotOp {
         /// Its lease.
         lease: Duration,
     },
-    /// Sets a pool's capacity at run time, for one account or (`None`) for all.
+    /// Sets a pool's capacity at run time, for one account or (`None`) for all. Creates
+    /// waiting in such a pool that need more slots than its new capacity (above 0) fail with
+    /// [`AcquireError::OverCapacity`] at once; those behind them are served as slots allow.
     SetCapacity {
         /// The account, or every account.
         account: Option<AccountId>,
@@ -237,6 +248,12 @@ pub struct PoolSnapshot {
 ///   the returned future is dropped unpolled (a remote backend sends or spawns the command
 ///   before returning); the future only reports the result. Layers call it from `Drop`.
 /// - A task's slots are released exactly once, and a release wakes waiters of its pool.
+/// - External ids are unique per account only: a holding is found by its external id only by
+///   a change of its own account ([`SlotOp::Update`], [`SlotOp::Observed`], [`SlotOp::Adopt`],
+///   and the supersede rule of [`SlotOp::Hold`]).
+/// - A create waiting for slots whose weight is above its pool's configured capacity, once a
+///   [`SlotOp::SetCapacity`] lowered it, fails with [`AcquireError::OverCapacity`] rather than
+///   block the pool's queue.
 pub trait SlotBackend: Clone + Send + Sync + 'static {
     /// The future of [`acquire`](SlotBackend::acquire).
     type Acquire: Future<Output = Result<Reservation, AcquireError>> + Send + Unpin + 'static;
@@ -302,13 +319,20 @@ pub trait SlotBackend: Clone + Send + Sync + 'static {
         })
     }
 
-    /// Handles the tasks a response reports, the result dropped unread:
-    /// [`apply_unread`](SlotBackend::apply_unread) of [`SlotOp::Observed`], with the outcome
-    /// borrowed so that a backend may read it in place (the layer's query path; a backend on
-    /// this process's clock may renew leases from [`Outcome::received_at`] instead of reading
-    /// the clock). By default, that `Observed` with the outcome cloned (a reference count).
-    fn observe_unread(&self, outcome: &Outcome, lease: Duration) -> Self::Apply {
+    /// Handles the tasks a response to a request of `account` reports, the result dropped
+    /// unread: [`apply_unread`](SlotBackend::apply_unread) of [`SlotOp::Observed`], with the
+    /// outcome borrowed so that a backend may read it in place (the layer's query path; a
+    /// backend on this process's clock may renew leases from [`Outcome::received_at`] instead
+    /// of reading the clock). By default, that `Observed` with the account and the outcome
+    /// cloned (reference counts).
+    fn observe_unread(
+        &self,
+        account: &AccountId,
+        outcome: &Outcome,
+        lease: Duration,
+    ) -> Self::Apply {
         self.apply_unread(SlotOp::Observed {
+            account: account.clone(),
             outcome: outcome.clone(),
             lease,
         })

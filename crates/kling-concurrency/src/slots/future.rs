@@ -15,7 +15,7 @@ use http::{Method, Request, Response, Uri};
 use http_body_util::Full;
 use kling_core::error::{ApiError, BoxError, SendState};
 use kling_core::signals::{Deadline, SlotGated, Waited};
-use kling_core::{ApiGeneration, Code, Outcome, Recognized, metrics as names};
+use kling_core::{AccountId, ApiGeneration, Code, Outcome, Recognized, metrics as names};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
@@ -55,16 +55,14 @@ fn keep_unknown<B: SlotBackend>(
     )
 }
 
-/// A granted create handed to the inner service: its response future and what settles it.
-type Sent<S, ReqB, B> = (<S as Service<Request<ReqB>>>::Future, Held<B>);
-
 /// A create that found no free slot in `call`: everything it needs once granted, boxed (one
 /// allocation on a path that waits anyway) so the response future stays small. Its pool,
 /// weight, external id and deadline are read from the request it holds (recognised in `call`)
 /// when needed, so each waiter's box stays small too.
 pub(crate) struct Waiting<S, ReqB, B: SlotBackend> {
     pub(crate) acquire: B::Acquire,
-    /// Taken when the slots are granted.
+    /// A clone of the inner service, not readied (it reserves nothing below while the create
+    /// waits): readied once the slots are granted, then called (taken).
     pub(crate) inner: Option<S>,
     pub(crate) request: Option<Request<ReqB>>,
     pub(crate) backend: Arc<Lane<B>>,
@@ -86,8 +84,8 @@ where
             .expect("a waiting create holds its recognised request")
     }
 
-    /// Waits for the slots (or the deadline), then sends the create.
-    fn poll_granted(&mut self, cx: &mut Context<'_>) -> Poll<Result<Sent<S, ReqB, B>, BoxError>> {
+    /// Waits for the slots (or the deadline).
+    fn poll_granted(&mut self, cx: &mut Context<'_>) -> Poll<Result<Held<B>, BoxError>> {
         let reservation = match Pin::new(&mut self.acquire).poll(cx) {
             Poll::Ready(Ok(reservation)) => reservation,
             Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into_box())),
@@ -121,16 +119,25 @@ where
         let external = recognized.external_id.as_deref().map(SmallId::new);
         metrics::histogram!(names::SLOTS_WAIT, names::LABEL_POOL => pool)
             .record(waited.as_secs_f64());
-        let mut inner = self.inner.take().expect("inner is taken once");
-        let request = self.request.take().expect("request is taken once");
-        let held = Held {
+        Poll::Ready(Ok(Held {
             reservation,
             backend: self.backend.clone(),
             lease: self.lease,
             external,
             waited,
-        };
-        Poll::Ready(Ok((inner.call(request), held)))
+        }))
+    }
+
+    /// Readies the inner service for the granted create, then sends it.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<S::Future, BoxError>>
+    where
+        S::Error: Into<BoxError>,
+    {
+        let inner = self.inner.as_mut().expect("inner is taken once");
+        ready!(inner.poll_ready(cx)).map_err(Into::into)?;
+        let mut inner = self.inner.take().expect("inner is taken once");
+        let request = self.request.take().expect("request is taken once");
+        Poll::Ready(Ok(inner.call(request)))
     }
 }
 
@@ -153,20 +160,30 @@ pin_project! {
     {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let StateProj::Create { held, .. } = this.state.project()
-                && let Some(held) = held.take()
-            {
-                // The create was handed to the inner service and may have reached the server:
-                // the task would run on regardless, so its slots stay held (under its external
-                // id, or its lease).
-                let Held {
-                    reservation,
-                    backend,
-                    lease,
-                    external,
-                    ..
-                } = held;
-                drop(keep_unknown(&**backend, reservation, external.as_ref(), lease));
+            match this.state.project() {
+                StateProj::Create { held, .. } => {
+                    if let Some(held) = held.take() {
+                        // The create was handed to the inner service and may have reached the
+                        // server: the task would run on regardless, so its slots stay held
+                        // (under its external id, or its lease).
+                        let Held {
+                            reservation,
+                            backend,
+                            lease,
+                            external,
+                            ..
+                        } = held;
+                        drop(keep_unknown(&**backend, reservation, external.as_ref(), lease));
+                    }
+                }
+                StateProj::Waiting { held, .. } => {
+                    if let Some(held) = held.take() {
+                        // Granted, and not sent (the inner service was not ready yet): the
+                        // slots go back.
+                        drop(held.backend.apply_unread(SlotOp::GiveBack(held.reservation)));
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -181,6 +198,8 @@ pin_project! {
     {
         Waiting {
             waiting: Box<Waiting<S, ReqB, B>>,
+            // Set once the slots are granted, while the inner service is readied.
+            held: Option<Held<B>>,
         },
         Create {
             #[pin]
@@ -193,6 +212,7 @@ pin_project! {
             backend: Arc<Lane<B>>,
             lease: Duration,
             asked: Option<PathAndQuery>,
+            account: AccountId,
         },
         Pass {
             #[pin]
@@ -248,7 +268,10 @@ where
     /// A create that waits for its slots.
     pub(crate) fn wait(waiting: Box<Waiting<S, ReqB, B>>) -> Self {
         ResponseFuture {
-            state: State::Waiting { waiting },
+            state: State::Waiting {
+                waiting,
+                held: None,
+            },
         }
     }
 
@@ -259,11 +282,13 @@ where
         }
     }
 
+    /// A query or list of `account` sent: its answer's reports settle slots.
     pub(crate) fn observe(
         future: S::Future,
         backend: Arc<Lane<B>>,
         lease: Duration,
         asked: Option<PathAndQuery>,
+        account: AccountId,
     ) -> Self {
         ResponseFuture {
             state: State::Observe {
@@ -271,6 +296,7 @@ where
                 backend,
                 lease,
                 asked,
+                account,
             },
         }
     }
@@ -443,6 +469,7 @@ where
                     backend,
                     lease,
                     asked,
+                    account,
                 } => {
                     let mut response = match ready!(future.poll(cx)) {
                         Ok(response) => response,
@@ -464,12 +491,17 @@ where
                         // sent again waits for slots like any other). The tasks the answer does
                         // report are handled as always, in the same change.
                         updates.extend(outcome.tasks().iter().map(TaskUpdate::from_report));
-                        backend.apply_unread(SlotOp::Update { updates, lease })
+                        let account = account.clone();
+                        backend.apply_unread(SlotOp::Update {
+                            account,
+                            updates,
+                            lease,
+                        })
                     } else if outcome.tasks().is_empty() {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
                     } else {
-                        backend.observe_unread(&outcome, lease)
+                        backend.observe_unread(account, &outcome, lease)
                     };
                     drop(outcome);
                     match settle_now(apply, cx) {
@@ -488,14 +520,29 @@ where
                     this.state.set(State::Done);
                     return Poll::Ready(output);
                 }
-                StateProj::Waiting { waiting } => {
-                    match ready!(waiting.poll_granted(cx)) {
-                        Ok((future, held)) => this.state.set(State::Create {
-                            future,
-                            held: Some(held),
-                        }),
+                StateProj::Waiting { waiting, held } => {
+                    if held.is_none() {
+                        match ready!(waiting.poll_granted(cx)) {
+                            Ok(granted) => *held = Some(granted),
+                            Err(error) => {
+                                // Dropping the acquire future leaves the queue.
+                                this.state.set(State::Done);
+                                return Poll::Ready(Err(error));
+                            }
+                        }
+                    }
+                    // Granted: the inner service is readied only now, then called.
+                    match ready!(waiting.poll_send(cx)) {
+                        Ok(future) => {
+                            let held = held.take();
+                            this.state.set(State::Create { future, held });
+                        }
                         Err(error) => {
-                            // Dropping the acquire future leaves the queue.
+                            // Not sent: the slots go back.
+                            if let Some(held) = held.take() {
+                                let give_back = SlotOp::GiveBack(held.reservation);
+                                drop(held.backend.apply_unread(give_back));
+                            }
                             this.state.set(State::Done);
                             return Poll::Ready(Err(error));
                         }

@@ -155,12 +155,26 @@ impl<B: SlotBackend> SlotsHandle<B> {
         &self.settings.default_account
     }
 
-    /// Says a task ended (by task id, or by the external id a create carried); its slots are
-    /// released unless something already did. Returns the release, if this call made it.
+    /// Says a task ended (by task id, or by the external id a create of the
+    /// [default account](Self::default_account) carried); its slots are released unless
+    /// something already did. Returns the release, if this call made it. For a task of another
+    /// account named by its external id, see [`complete_in`](Self::complete_in).
     pub async fn complete(&self, task_id: &str) -> Result<Option<Released>, BackendError> {
+        self.complete_in(&self.settings.default_account, task_id)
+            .await
+    }
+
+    /// [`complete`](Self::complete) for a task of `account`: a task id names the task in any
+    /// account, an external id (unique per account only) names it in `account` only.
+    pub async fn complete_in(
+        &self,
+        account: &AccountId,
+        task_id: &str,
+    ) -> Result<Option<Released>, BackendError> {
         let applied = self
             .backend
             .apply(SlotOp::Update {
+                account: account.clone(),
                 updates: vec![TaskUpdate {
                     id: task_id.to_owned(),
                     external_id: None,
@@ -174,13 +188,29 @@ impl<B: SlotBackend> SlotsHandle<B> {
 
     /// Feeds a callback body (the bare task object Kling posts, legacy or new shape; an
     /// envelope around it is accepted too): a terminal status releases the task's slots, a
-    /// running one renews its lease. Verify the signature before calling this.
+    /// running one renews its lease. Verify the signature before calling this. The task is
+    /// found by its task id, else by its external id within the
+    /// [default account](Self::default_account); for a callback of another account, see
+    /// [`on_callback_in`](Self::on_callback_in).
     pub async fn on_callback(&self, payload: &[u8]) -> Result<Applied, BoxError> {
+        self.on_callback_in(&self.settings.default_account, payload)
+            .await
+    }
+
+    /// [`on_callback`](Self::on_callback) for a callback about a task of `account` (e.g. from
+    /// a callback URL per account): a task not yet known by its task id is found by its
+    /// external id within `account` only (external ids are unique per account only).
+    pub async fn on_callback_in(
+        &self,
+        account: &AccountId,
+        payload: &[u8],
+    ) -> Result<Applied, BoxError> {
         let tasks = parse_callback(payload)?;
         let updates = tasks.iter().map(TaskUpdate::from_report).collect();
         let applied = self
             .backend
             .apply(SlotOp::Update {
+                account: account.clone(),
                 updates,
                 lease: self.settings.lease,
             })
@@ -199,7 +229,11 @@ impl<B: SlotBackend> SlotsHandle<B> {
 
     /// Sets a pool's capacity at run time, for one account or (`None`) every account. A
     /// product-wide pool (`video`) also sets its model pools unless they have their own
-    /// setting. Capacity 0 holds every create of the pool.
+    /// setting. Capacity 0 holds every create of the pool. Lowered, creates already waiting
+    /// that need more slots than the new capacity fail with
+    /// [`OverCapacity`](crate::error::OverCapacity) (naming the pool, their weight and the
+    /// capacity), as a create that needs more than its pool has does when it arrives; those
+    /// behind them no longer wait behind them.
     pub async fn set_capacity(
         &self,
         account: Option<&AccountId>,

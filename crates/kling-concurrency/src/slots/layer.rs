@@ -19,6 +19,17 @@ pub(crate) struct Settings {
     pub(crate) default_account: AccountId,
 }
 
+impl Settings {
+    fn of(config: &SlotsConfig) -> Self {
+        Settings {
+            lease: config.lease,
+            // Interned (one of the few names a process is configured with): every request
+            // without an account of its own clones it, a copy rather than a reference count.
+            default_account: AccountId::interned(config.default_account.as_str()),
+        }
+    }
+}
+
 /// Applies [`TaskSlots`] to a service. See the [module docs](crate::slots).
 ///
 /// # Clone
@@ -33,10 +44,7 @@ pub struct TaskSlotsLayer<B = InProcess> {
 impl TaskSlotsLayer<InProcess> {
     /// A layer with an in-process backend.
     pub fn new(config: SlotsConfig) -> Result<Self, ConfigError> {
-        let settings = Settings {
-            lease: config.lease,
-            default_account: config.default_account.clone(),
-        };
+        let settings = Settings::of(&config);
         let backend = InProcess::new(config)?;
         Ok(TaskSlotsLayer {
             backend,
@@ -60,10 +68,7 @@ impl<B: SlotBackend> TaskSlotsLayer<B> {
         config.validate()?;
         Ok(TaskSlotsLayer {
             backend,
-            settings: Arc::new(Settings {
-                lease: config.lease,
-                default_account: config.default_account.clone(),
-            }),
+            settings: Arc::new(Settings::of(config)),
         })
     }
 

@@ -7,7 +7,11 @@
 //!   configured default) has as many free slots as its weight (`n` for images, else 1), then
 //!   sends it. A create that finds them free with nobody ahead is granted and handed to the
 //!   inner service in `call` itself (no clone of it, nothing waited); one that waits is held in
-//!   its response future and sent from there. The response decides what happens to the slots:
+//!   its response future with a clone of the inner service, not readied (the service the
+//!   caller readied stays with the layer for its next call, so a layer below that reserves in
+//!   `poll_ready`, such as an in-flight bound, holds nothing for a waiting create), and once
+//!   granted readies that clone and sends from there (dropped before it is ready, or refused by
+//!   it, it gives its slots back). The response decides what happens to the slots:
 //!
 //!   | response | slots |
 //!   |---|---|
@@ -22,21 +26,28 @@
 //!
 //!   A wait respects the request's [`Deadline`](kling_core::signals::Deadline): the create
 //!   fails with [`DeadlineExceeded`](crate::error::DeadlineExceeded) instead of waiting past it.
-//!   Dropping a waiting create holds nothing. A wait is added to the response's
+//!   Dropping a waiting create holds nothing. A create that waits in a pool whose capacity
+//!   [`SlotsHandle::set_capacity`] lowers below its weight fails with
+//!   [`OverCapacity`](crate::error::OverCapacity) at once, as one too heavy on arrival does,
+//!   and no longer holds up the creates behind it. A wait is added to the response's
 //!   [`Waited`](kling_core::signals::Waited) extension and recorded as
 //!   [`SLOTS_WAIT`](kling_core::metrics::SLOTS_WAIT).
 //! - **Query and list** (legacy single, legacy list, new `/tasks` batch or page): pass through;
 //!   every task the response reports with a terminal status releases its slots (one response
 //!   can end several tasks), every running one renews its lease. A task reported with its
 //!   external id also ends (or renews, and is from then on known by its task id) what a create
-//!   of unknown outcome holds under that external id. A lookup by external id (legacy
+//!   of unknown outcome of the same account (the request's, else the default) holds under that
+//!   external id: external ids are the caller's and unique per account only, so one account's
+//!   answers never settle another's holdings by external id (task ids, the server's, are found
+//!   in any account). A lookup by external id (legacy
 //!   `GET {create path}/{external id}`, new `GET /tasks?external_task_ids=…`, as the retry layer
 //!   sends before creating again) that finds no task (`1203`, or an answer without it) gives
 //!   back what is held under that external id at once: that create never happened.
 //! - Anything else passes through untouched.
 //!
 //! Slots are released **exactly once**, by whichever comes first: a query or list response, a
-//! callback ([`SlotsHandle::on_callback`]), [`SlotsHandle::complete`], or the lease (the
+//! callback ([`SlotsHandle::on_callback`], or [`SlotsHandle::on_callback_in`] for a named
+//! account), [`SlotsHandle::complete`] ([`SlotsHandle::complete_in`]), or the lease (the
 //! configured maximum task lifetime, counted from the create or the last report of the task
 //! running).
 //!
@@ -56,7 +67,9 @@
 //! Under the retry layer (each attempt of a create waits for its own slot) and over the rate
 //! limiter (a create holding a slot is paced, not the other way round), over
 //! [`ClassifyLayer`](kling_core::ClassifyLayer) (it reads the [`Outcome`](kling_core::Outcome);
-//! without one, it parses the buffered body itself).
+//! without one, it parses the buffered body itself). A layer below that reserves in
+//! `poll_ready` ([`InFlightLayer`](crate::InFlightLayer), tower's `ConcurrencyLimit`) is fine
+//! here: a waiting create readies its own clone of the service below only once granted.
 
 pub mod future;
 mod handle;

@@ -136,7 +136,8 @@ where
 
     fn call(&mut self, mut request: Request<ReqB>) -> Self::Future {
         // One lookup when a layer above recognised the request already (the stack's case).
-        // The account is read with it (one lookup for both), used by creates only.
+        // The account is read with it (one lookup for both): a create's slots are the
+        // account's, and a query's reports find external ids within it.
         let (route, account) = match Recognized::cached_with_account(&request) {
             (Some(recognized), account) => (Route::of(recognized), account),
             (None, _) => {
@@ -144,6 +145,9 @@ where
                 (route, AccountId::of(&request))
             }
         };
+        // (Cloned where it is kept: a copy, not a reference count, for an interned account,
+        // such as the stack's and the configured default.)
+        let account = account.unwrap_or(&self.settings.default_account);
         let (weight, pool, external) = match route {
             Route::Create {
                 weight,
@@ -157,31 +161,34 @@ where
                 let asked = by_external
                     .then(|| request.uri().path_and_query().cloned())
                     .flatten();
+                let account = account.clone();
                 return ResponseFuture::observe(
                     self.inner.call(request),
                     self.backend.lane(),
                     self.settings.lease,
                     asked,
+                    account,
                 );
             }
             Route::List => {
+                let account = account.clone();
                 return ResponseFuture::observe(
                     self.inner.call(request),
                     self.backend.lane(),
                     self.settings.lease,
                     None,
+                    account,
                 );
             }
             Route::Other => return ResponseFuture::pass(self.inner.call(request)),
         };
-        let account = account.unwrap_or(&self.settings.default_account).clone();
         // The fast path: free slots and nobody ahead are granted here, so the create goes
         // straight to the service that was made ready; no waker is needed (a create that waits
         // is polled again with the caller's).
         match self
             .backend
             .get()
-            .acquire_now(SlotKey::new(account, pool), weight)
+            .acquire_now(SlotKey::new(account.clone(), pool), weight)
         {
             Ok(Ok(reservation)) => ResponseFuture::create(
                 self.inner.call(request),
@@ -195,12 +202,13 @@ where
             ),
             Ok(Err(error)) => ResponseFuture::failed(error.into_box()),
             Err(acquire) => {
-                // Call the service that was made ready; keep a fresh clone for the next call.
-                let clone = self.inner.clone();
-                let inner = std::mem::replace(&mut self.inner, clone);
+                // The create waits with a clone of the inner service, unreserved, and readies
+                // it once granted: the service `poll_ready` readied stays here for the next
+                // call, so a layer below that reserves in `poll_ready` (an in-flight bound)
+                // holds nothing for a create that waits, maybe for minutes.
                 ResponseFuture::wait(Box::new(Waiting {
                     acquire,
-                    inner: Some(inner),
+                    inner: Some(self.inner.clone()),
                     request: Some(request),
                     backend: self.backend.lane(),
                     lease: self.settings.lease,

@@ -139,3 +139,65 @@ async fn a_batch_lookup_ends_the_absent_and_still_settles_the_found() {
         .unwrap();
     assert_eq!(pool_state(&handle, &pool).await, (0, 2, 0));
 }
+
+/// External ids are unique per account only: what one account's lookups and queries say of an
+/// external id never settles another account's holding under the same external id.
+#[tokio::test(start_paused = true)]
+async fn a_lookup_or_report_in_one_account_never_settles_another_accounts_external_id() {
+    let fake = Fake::new();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2)).unwrap();
+    let mut svc = layer.layer(fake.clone());
+    let other = kling_core::AccountId::new("other");
+    let in_other = |mut request: http::Request<http_body_util::Full<bytes::Bytes>>| {
+        request.extensions_mut().insert(other.clone());
+        request
+    };
+
+    // The default account's create with `e1` is lost after sending: held under `e1`.
+    fake.script(Scripted::Lost);
+    svc.ready().await.unwrap();
+    assert!(svc.call(create_with_external("e1")).await.is_err());
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+
+    // The other account's lookup of its own `e1` finds nothing: the default account's
+    // holding stays.
+    svc.ready().await.unwrap();
+    let lookup = svc
+        .call(in_other(get("/v1/videos/text2video/e1")))
+        .await
+        .unwrap();
+    assert_eq!(lookup.status(), 404);
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        1,
+        "not the other's e1"
+    );
+
+    // The other account's list reports its own task with `e1`, ended (a second layer on the
+    // same backend, over a client that answers so): still nothing of ours ends.
+    let mut reporter = layer.layer(tower::service_fn(
+        |_: http::Request<http_body_util::Full<bytes::Bytes>>| {
+            let tasks = serde_json::json!([
+                {"task_id": "t9", "task_status": "succeed", "task_info": {"external_task_id": "e1"}}
+            ]);
+            std::future::ready(Ok::<_, kling_core::error::BoxError>(envelope(
+                200, 0, &tasks,
+            )))
+        },
+    ));
+    reporter.ready().await.unwrap();
+    reporter
+        .call(in_other(get("/v1/videos/text2video?pageNum=1&pageSize=30")))
+        .await
+        .unwrap();
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        1,
+        "not the other's e1"
+    );
+
+    // The default account's own lookup finds nothing: its slot comes back (the control).
+    svc.ready().await.unwrap();
+    svc.call(get("/v1/videos/text2video/e1")).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await.0, 0);
+}

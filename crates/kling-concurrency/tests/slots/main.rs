@@ -3,6 +3,7 @@
 mod in_flight;
 mod lookup;
 mod props;
+mod readiness;
 mod reconcile;
 mod steps;
 mod support;

@@ -188,6 +188,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let releases = ended || by_complete;
                 let applied = backend
                     .apply(SlotOp::Update {
+                        account: AccountId::new("a"),
                         updates: vec![update],
                         lease: LEASE,
                     })

@@ -580,3 +580,75 @@ async fn a_create_sent_from_call_and_dropped_unpolled_keeps_its_slot_until_its_t
         .unwrap();
     assert_eq!(pool_state(&handle, &video()).await, (0, 1, 0));
 }
+
+/// With no queue, nothing waits: a create that finds no free slot runs the pool's lease
+/// expiry first, so a task nobody followed frees its slot for the next create once its lease
+/// ran out (not never).
+#[tokio::test(start_paused = true)]
+async fn with_no_queue_an_expired_lease_frees_its_slot_for_the_next_create() {
+    let lease = Duration::from_secs(30 * 60);
+    let (mut svc, handle, fake) = stack(SlotsConfig::new(1).lease(lease).max_queue(0));
+    send(&mut svc, create()).await.unwrap();
+    advance(lease - Duration::from_secs(1)).await;
+    let err = send(&mut svc, create()).await.unwrap_err();
+    assert!(err.is::<QueueFull>(), "{err}");
+    advance(Duration::from_secs(61)).await;
+    // No snapshot in between (it would expire the lease itself): the create does it.
+    send(&mut svc, create()).await.unwrap();
+    assert_eq!(fake.creates(), 2);
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+}
+
+/// With no queue, a slot hidden by a `1303` comes back by time: the refused create runs the
+/// pool's recovery before it refuses.
+#[tokio::test(start_paused = true)]
+async fn with_no_queue_a_slot_hidden_by_a_1303_comes_back_by_time() {
+    let (mut svc, handle, fake) = stack(
+        SlotsConfig::new(1)
+            .max_queue(0)
+            .recovery_interval(Duration::from_secs(20)),
+    );
+    fake.script(Scripted::Code(1303, 429));
+    send(&mut svc, create()).await.unwrap();
+    let err = send(&mut svc, create()).await.unwrap_err();
+    assert!(err.is::<QueueFull>(), "hidden: {err}");
+    advance(Duration::from_secs(20)).await;
+    send(&mut svc, create()).await.unwrap();
+    assert_eq!(fake.creates(), 2);
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+}
+
+/// Lowering a pool's capacity below the weight of a create already waiting refuses that create
+/// (it could never be admitted) and serves the creates behind it, which it no longer blocks.
+#[tokio::test(start_paused = true)]
+async fn lowering_the_capacity_below_a_waiting_creates_weight_refuses_it_and_serves_the_rest() {
+    let (mut svc, handle, fake) = stack(SlotsConfig::new(4));
+    let image = Pool::new(Product::Image);
+    let images = |n: u32| post("/v1/images/generations", &format!(r#"{{"n":{n}}}"#));
+    send(&mut svc, images(1)).await.unwrap();
+    let mut heavy = spawn(call(&mut svc, images(4)).await);
+    let mut light = spawn(call(&mut svc, images(1)).await);
+    assert_pending!(heavy.poll());
+    assert_pending!(light.poll());
+    assert_eq!(pool_state(&handle, &image).await, (1, 4, 2));
+
+    handle.set_capacity(None, image.clone(), 3).await.unwrap();
+    assert!(heavy.is_woken());
+    let err = tokio_test::assert_ready_err!(heavy.poll());
+    let over = err.downcast_ref::<OverCapacity>().expect("typed error");
+    assert_eq!(
+        (over.pool(), over.weight(), over.capacity()),
+        (&image, 4, 3)
+    );
+    assert_eq!(
+        err.to_string(),
+        "create needs 4 slot(s) but pool image has only 3"
+    );
+    assert!(
+        light.is_woken(),
+        "no longer behind a create that can never be served"
+    );
+    assert_ready_ok!(light.poll());
+    assert_eq!(fake.creates(), 2, "the refused create was not sent");
+    assert_eq!(pool_state(&handle, &image).await, (2, 3, 0));
+}

@@ -273,7 +273,13 @@ async fn racing_waiters_and_releases(
                             external_id: None,
                             status: Some(TaskStatus::Succeeded),
                         }];
-                        let ended = backend.apply(SlotOp::Update { updates, lease }).await;
+                        let account = AccountId::new("a");
+                        let update = SlotOp::Update {
+                            account,
+                            updates,
+                            lease,
+                        };
+                        let ended = backend.apply(update).await;
                         assert_eq!(ended.unwrap().released.len(), 1, "released once");
                     }
                 }

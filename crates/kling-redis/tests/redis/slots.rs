@@ -40,6 +40,7 @@ fn hold(reservation: Reservation, id: &str, lease: Duration) -> SlotOp {
 
 fn ended(id: &str, status: Option<TaskStatus>) -> SlotOp {
     SlotOp::Update {
+        account: video().account,
         updates: vec![TaskUpdate {
             id: id.to_owned(),
             external_id: None,
@@ -627,7 +628,13 @@ proptest! {
 /// What the slots layer applies when a lookup by external id finds no task: an update with
 /// no task id, the external id, and no status.
 fn absent(external: &str) -> SlotOp {
+    absent_in(&video().account, external)
+}
+
+/// [`absent`] for a lookup of `account`.
+fn absent_in(account: &AccountId, external: &str) -> SlotOp {
     SlotOp::Update {
+        account: account.clone(),
         updates: vec![TaskUpdate {
             id: String::new(),
             external_id: Some(external.to_owned()),
@@ -683,6 +690,7 @@ async fn unknown_creates_end_when_a_lookup_finds_nothing_or_link_when_it_finds_t
     // The lookup of e2 finds the task running: the holding learns its id, and a query of
     // that id ending it releases it.
     one.apply(SlotOp::Update {
+        account: video().account,
         updates: vec![TaskUpdate {
             id: "t7".to_owned(),
             external_id: Some("e2".to_owned()),
@@ -965,4 +973,208 @@ async fn the_waiters_and_capacity_gauges_show_the_fleets_queue_and_capacity() {
     settles_at(SLOTS_CAPACITY, 4.0).await;
     // The hidden slot comes back after the recovery interval, with no create to ask: 3 each.
     settles_at(SLOTS_CAPACITY, 6.0).await;
+}
+
+/// External ids are unique per account only: in Redis too, each account's holding under one
+/// is filed and found apart from another's, whichever process kept it and whichever first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_ids_are_filed_and_found_within_their_account() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 3).await;
+    let two = backend(&server, 3).await;
+    let other = SlotKey::new(AccountId::new("other"), Pool::new(Product::Video));
+    let in_pool = |backend: &RedisSlots, key: &SlotKey| {
+        let (backend, key) = (backend.clone(), key.clone());
+        async move {
+            let snapshot = backend.snapshot().await.unwrap();
+            snapshot
+                .iter()
+                .find(|p| p.key == key)
+                .map_or(0, |p| p.in_use)
+        }
+    };
+    // Unknown outcomes under `e1`: account `acct`'s first (process one), then `other`'s
+    // (process two).
+    let a = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold_unknown(a, "e1")).await.unwrap();
+    let b = two.acquire(other.clone(), 1).await.unwrap();
+    two.apply(hold_unknown(b, "e1")).await.unwrap();
+    // `acct`'s create sent again and answered: it replaces `acct`'s earlier holding only.
+    let again = one.acquire(video(), 1).await.unwrap();
+    one.apply(SlotOp::Hold {
+        reservation: again,
+        task: TaskRef {
+            id: Some("t1".to_owned()),
+            external_id: Some("e1".to_owned()),
+        },
+        lease: LONG,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        in_pool(&one, &video()).await,
+        1,
+        "the earlier holding is given back"
+    );
+    assert_eq!(in_pool(&one, &other).await, 1, "another account's is not");
+
+    // `other`'s lookup finds no task under its `e1`, in process one: `other`'s holding ends.
+    let applied = one.apply(absent_in(&other.account, "e1")).await.unwrap();
+    assert_eq!(applied.released.len(), 1, "{applied:?}");
+    assert_eq!(applied.released[0].key, other);
+    assert_eq!(in_pool(&one, &video()).await, 1, "not acct's e1");
+    // A lookup in a third account ends nothing.
+    let none = two
+        .apply(absent_in(&AccountId::new("third"), "e1"))
+        .await
+        .unwrap();
+    assert!(none.released.is_empty(), "{none:?}");
+    // `acct`'s `complete` by external id ends its task.
+    let done = two
+        .apply(SlotOp::Update {
+            account: video().account,
+            updates: vec![TaskUpdate {
+                id: "e1".to_owned(),
+                external_id: None,
+                status: None,
+            }],
+            lease: LONG,
+        })
+        .await
+        .unwrap();
+    assert_eq!(done.released.len(), 1, "{done:?}");
+    assert_eq!(done.released[0].task.as_deref(), Some("t1"));
+    assert_eq!(in_use(&one).await, 0);
+}
+
+/// With no queue (`max_queue(0)`), the acquire script ends leases that ran out and brings back
+/// hidden slots that are due before it answers, so a create is never refused for good by a
+/// task nobody followed or by a `1303` (the in-process backend needed this fixed; the Redis
+/// one had it already).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_queue_an_expired_lease_and_a_hidden_slot_come_back() {
+    let Some(server) = redis() else { return };
+    let none = RedisSlots::new(
+        connect(&server).await,
+        SlotsConfig::new(1)
+            .max_queue(0)
+            .recovery_interval(Duration::from_millis(300)),
+    )
+    .unwrap()
+    .poll_every(Duration::from_secs(30));
+    let held = none.acquire(video(), 1).await.unwrap();
+    none.apply(hold(held, "t1", Duration::from_millis(300)))
+        .await
+        .unwrap();
+    let refused = none.acquire(video(), 1).await;
+    assert!(
+        matches!(refused, Err(AcquireError::QueueFull(_))),
+        "{refused:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let granted = none.acquire(video(), 1).await.expect("the lease ran out");
+    // A 1303 with nothing else held: the pool's only slot is hidden, then comes back.
+    none.apply(SlotOp::Congested(granted)).await.unwrap();
+    let refused = none.acquire(video(), 1).await;
+    assert!(
+        matches!(refused, Err(AcquireError::QueueFull(_))),
+        "{refused:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    none.acquire(video(), 1)
+        .await
+        .expect("the hidden slot came back");
+}
+
+/// Lowering a pool's capacity below the weight of a create waiting for it refuses that create
+/// with `OverCapacity` (pool, weight, capacity) and serves the creates behind it, in the same
+/// process and in another (the in-process backend needed this fixed; the Redis one had it
+/// already: the change wakes every waiting head, whose next ask is refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowering_the_capacity_below_a_waiting_creates_weight_refuses_it_and_serves_the_rest() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 4).await;
+    let two = backend(&server, 4).await;
+    let held = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(held, "t1", LONG)).await.unwrap();
+    let heavy = tokio::spawn({
+        let one = one.clone();
+        async move { one.acquire(video(), 4).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let behind = tokio::spawn({
+        let one = one.clone();
+        async move { one.acquire(video(), 1).await }
+    });
+    let elsewhere = tokio::spawn({
+        let two = two.clone();
+        async move { two.acquire(video(), 1).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!heavy.is_finished() && !behind.is_finished() && !elsewhere.is_finished());
+
+    one.apply(SlotOp::SetCapacity {
+        account: None,
+        pool: Pool::new(Product::Video),
+        capacity: 3,
+    })
+    .await
+    .unwrap();
+    let within = Duration::from_secs(2);
+    let refused = tokio::time::timeout(within, heavy)
+        .await
+        .expect("refused")
+        .unwrap();
+    let Err(AcquireError::OverCapacity(over)) = refused else {
+        panic!("{refused:?}");
+    };
+    assert_eq!(
+        (over.pool(), over.weight(), over.capacity()),
+        (&video().pool, 4, 3)
+    );
+    for waiter in [behind, elsewhere] {
+        let granted = tokio::time::timeout(within, waiter)
+            .await
+            .expect("served")
+            .unwrap();
+        assert!(granted.is_ok(), "{granted:?}");
+    }
+    assert_eq!(in_use(&one).await, 3);
+}
+
+/// While Redis is away, a report applied to the process's own record finds a holding by its
+/// external id within the report's account only, as the scripts do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_is_away_a_report_finds_external_ids_within_its_account_only() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 2).await;
+    let held = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold_unknown(held, "e1")).await.unwrap();
+    server.stop();
+    // Another account's lookup of its own `e1` finds nothing: this account's holding stays.
+    let other = one
+        .apply(absent_in(&AccountId::new("other"), "e1"))
+        .await
+        .unwrap();
+    assert!(other.released.is_empty(), "{other:?}");
+    // Nor is a task another account's reconcile finds under its own `e1` known here already.
+    let adopt = |account: &str| SlotOp::Adopt {
+        key: SlotKey::new(AccountId::new(account), Pool::new(Product::Video)),
+        task: TaskRef {
+            id: None,
+            external_id: Some("e1".to_owned()),
+        },
+        weight: 1,
+        lease: LONG,
+    };
+    assert!(!one.apply(adopt("acct")).await.unwrap().changed, "known");
+    assert!(
+        one.apply(adopt("other")).await.unwrap().changed,
+        "another account's task"
+    );
+    // This account's lookup does end its own (the control).
+    let own = one.apply(absent("e1")).await.unwrap();
+    assert_eq!(own.released.len(), 1, "{own:?}");
+    assert_eq!(own.released[0].key, video());
+    assert_eq!(one.held_here(), 1, "the adopted task of the other account");
 }

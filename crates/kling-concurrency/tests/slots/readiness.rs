@@ -1,0 +1,111 @@
+//! What a waiting create holds of the service below: nothing. A layer below that reserves in
+//! `poll_ready` (an in-flight bound) is readied again by the create once it is granted.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use kling_concurrency::{InFlightLayer, SlotsConfig, TaskSlotsLayer};
+use kling_core::Outcome;
+use tokio_test::task::spawn;
+use tokio_test::{assert_pending, assert_ready_ok};
+use tower::{Layer, Service, ServiceExt};
+
+use crate::support::*;
+
+/// A create waiting for a slot holds no place of an in-flight bound below, so the query that
+/// ends the task it waits for goes through; granted, the create takes its place then.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_create_holds_no_place_of_a_bound_below_so_queries_pass() {
+    let fake = Fake::new();
+    let in_flight = InFlightLayer::new(1).unwrap();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).unwrap();
+    let svc = layer.layer(in_flight.layer(fake.clone()));
+
+    let first = svc.clone().oneshot(create()).await.unwrap();
+    let t1 = Outcome::of(&first).unwrap().task().unwrap().id.clone();
+    let mut waiting = spawn(svc.clone().oneshot(create()));
+    assert_pending!(waiting.poll());
+    assert_eq!(
+        in_flight.in_flight(),
+        0,
+        "the waiting create holds no place below"
+    );
+
+    fake.finish(&t1);
+    let mut query = spawn(
+        svc.clone()
+            .oneshot(get(&format!("/v1/videos/text2video/{t1}"))),
+    );
+    assert_ready_ok!(query.poll());
+    assert!(waiting.is_woken());
+    assert_ready_ok!(waiting.poll());
+    assert_eq!(fake.creates(), 2);
+    assert_eq!(in_flight.in_flight(), 0);
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+}
+
+/// Granted while the service below is busy, a create keeps its slot and waits for the service;
+/// dropped then, it gives the slot back (it was never sent). Once the service is free, the
+/// next granted create is sent.
+#[tokio::test(start_paused = true)]
+async fn a_granted_create_waits_for_the_service_below_and_gives_its_slot_back_if_dropped() {
+    let fake = Fake::new();
+    let in_flight = InFlightLayer::new(1).unwrap();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).unwrap();
+    let svc = layer.layer(in_flight.layer(fake.clone()));
+
+    let first = svc.clone().oneshot(create()).await.unwrap();
+    let t1 = Outcome::of(&first).unwrap().task().unwrap().id.clone();
+    let mut granted = spawn(svc.clone().oneshot(create()));
+    let mut next = spawn(svc.clone().oneshot(create()));
+    assert_pending!(granted.poll());
+    assert_pending!(next.poll());
+
+    // Another user of the bound takes its only place.
+    let mut busy = in_flight.layer(fake.clone());
+    assert_ready_ok!(spawn(busy.ready()).poll());
+    assert_eq!(in_flight.in_flight(), 1);
+    handle.complete(&t1).await.unwrap();
+    assert!(granted.is_woken());
+    assert_pending!(granted.poll());
+    assert_eq!(
+        pool_state(&handle, &video()).await,
+        (1, 1, 1),
+        "granted, not sent"
+    );
+    assert_eq!(fake.creates(), 1);
+
+    drop(granted);
+    assert!(next.is_woken(), "the slot went on to the next create");
+    assert_pending!(next.poll());
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+    drop(busy);
+    assert!(next.is_woken(), "the place below came free");
+    assert_ready_ok!(next.poll());
+    assert_eq!(fake.creates(), 2);
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+}
+
+/// A granted create whose service below fails to get ready gives its slot back (it was never
+/// sent) and fails with that error.
+#[tokio::test(start_paused = true)]
+async fn a_granted_create_whose_service_below_fails_to_get_ready_gives_its_slot_back() {
+    let (mock, mut server) =
+        tower_test::mock::pair::<http::Request<Full<Bytes>>, http::Response<Full<Bytes>>>();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).unwrap();
+    let mut svc = layer.layer(mock);
+
+    let mut first = spawn(svc.ready().await.unwrap().call(create()));
+    let (_, respond) = server.next_request().await.unwrap();
+    let task = serde_json::json!({"task_id": "t1", "task_status": "submitted"});
+    respond.send_response(envelope(200, 0, &task));
+    assert_ready_ok!(first.poll());
+    let mut waiting = spawn(svc.ready().await.unwrap().call(create()));
+    assert_pending!(waiting.poll());
+
+    server.send_error("the service below is gone");
+    handle.complete("t1").await.unwrap();
+    assert!(waiting.is_woken());
+    let err = tokio_test::assert_ready_err!(waiting.poll());
+    assert_eq!(err.to_string(), "the service below is gone");
+    assert_eq!(pool_state(&handle, &video()).await, (0, 1, 0), "given back");
+}
