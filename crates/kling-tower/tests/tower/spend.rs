@@ -304,3 +304,39 @@ async fn through_the_stack_a_create_that_may_have_made_a_task_keeps_its_estimate
     let guard = kling.spend_guard().unwrap();
     assert_eq!(guard.committed(Some(kling.account_id())), 1.0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_a_create_a_limiter_refuses_before_sending_gives_its_estimate_back() {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Free)
+            .api_key("key")
+            .task_duration(Duration::from_secs(600), Duration::from_secs(600)),
+    )
+    .unwrap();
+    // No queue: a create that finds the Free tier's one slot taken is refused at once.
+    let kling = KlingLayer::builder(
+        StackConfig::preset(Tier::Free).slot_queue(Some(0)),
+        Credentials::api_key("key").unwrap(),
+    )
+    .seed(7)
+    .build()
+    .unwrap();
+    let service = kling.layer(mock.clone());
+    let guard = kling.spend_guard().expect("the free tier has a budget");
+    let account = Some(kling.account_id());
+    let video = || request("POST", "/v1/videos/text2video", r#"{"prompt":"a cat"}"#);
+
+    let created = service.clone().oneshot(video()).await.unwrap();
+    assert!(Outcome::of(&created).unwrap().is_success());
+    assert_eq!(guard.committed(account), 1.0);
+    // More refusals than the day's 66 credits: none was sent, each gives its credit back.
+    for _ in 0..70 {
+        let err = service.clone().oneshot(video()).await.unwrap_err();
+        assert!(
+            err.is::<kling_concurrency::error::QueueFull>(),
+            "the slots layer's refusal: {err}"
+        );
+        assert_eq!(guard.committed(account), 1.0);
+    }
+    assert_eq!(mock.stats().tasks_created, 1);
+}
