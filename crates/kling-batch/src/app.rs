@@ -9,7 +9,7 @@ use kling_tower::{StackConfig, WebhookVerifier};
 use tokio::net::TcpListener;
 
 use crate::callbacks;
-use crate::error::SetupError;
+use crate::error::{ChangedJobs, SetupError};
 use crate::jobs::Job;
 use crate::journal::Journal;
 use crate::progress::{self, Bars};
@@ -66,7 +66,13 @@ pub async fn execute(
     for task in served {
         task.abort();
     }
-    report.map_err(|e| SetupError::new("journal", e.to_string()))
+    report.map_err(|e| {
+        // A job edited under its id: the jobs file is at fault, not the journal.
+        match std::error::Error::source(&e).and_then(|s| s.downcast_ref::<ChangedJobs>()) {
+            Some(changed) => SetupError::new("JOBS", changed.to_string()),
+            None => SetupError::new("journal", e.to_string()),
+        }
+    })
 }
 
 /// The summary of a run: jobs from the records, traffic from the stack's counters, and the

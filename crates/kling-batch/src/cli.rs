@@ -3,6 +3,7 @@
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use kling_tower::{Credentials, FollowPolicy, StackConfig, Tier, WebhookVerifier};
@@ -11,6 +12,7 @@ use tokio::sync::watch;
 use crate::app::{self, Listeners};
 use crate::callbacks::{self, CALLBACK_PATH};
 use crate::demo::{self, DemoOptions};
+use crate::download::DownloadTimeouts;
 use crate::error::SetupError;
 use crate::jobs::parse_jobs;
 use crate::journal::Journal;
@@ -21,7 +23,8 @@ use crate::summary::Summary;
 
 /// Exit status: every job succeeded.
 pub const EXIT_OK: i32 = 0;
-/// Exit status: some job failed, was not submitted, or is still running.
+/// Exit status: some job failed, was not submitted, or is still running, or a result file is
+/// missing (`--download`).
 pub const EXIT_INCOMPLETE: i32 = 1;
 /// Exit status: bad input or configuration; nothing was sent.
 pub const EXIT_SETUP: i32 = 2;
@@ -87,6 +90,17 @@ pub struct RunArgs {
     /// Save each result file under DIR as soon as its task succeeds.
     #[arg(long)]
     pub download: Option<PathBuf>,
+    /// Seconds to wait for a result server's connection (default 10).
+    #[arg(long, value_name = "SECS", requires = "download")]
+    pub download_connect_timeout: Option<f64>,
+    /// Seconds to wait for a result server's answer, or for more bytes of a file, before
+    /// giving the file up until the next run (default 30).
+    #[arg(long, value_name = "SECS", requires = "download")]
+    pub download_idle_timeout: Option<f64>,
+    /// Seconds one result file may take in all before it is given up until the next run
+    /// (default 600).
+    #[arg(long, value_name = "SECS", requires = "download")]
+    pub download_timeout: Option<f64>,
     /// Serve Prometheus metrics at http://ADDR/metrics while running.
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
@@ -182,6 +196,34 @@ fn default_path(jobs: &Path, suffix: &str) -> PathBuf {
     jobs.with_file_name(format!("{stem}{suffix}"))
 }
 
+/// The download timeouts of `--download-connect-timeout`, `--download-idle-timeout` and
+/// `--download-timeout` (seconds, each above 0 and at most a day), the defaults for the rest.
+pub fn download_timeouts(args: &RunArgs) -> Result<DownloadTimeouts, SetupError> {
+    let secs = |option: &str, value: Option<f64>| -> Result<Option<Duration>, SetupError> {
+        match value {
+            None => Ok(None),
+            Some(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => {
+                Ok(Some(Duration::from_secs_f64(v)))
+            }
+            Some(v) => Err(SetupError::new(
+                option,
+                format!("{v} is not a number of seconds above 0 and at most 86400"),
+            )),
+        }
+    };
+    let mut timeouts = DownloadTimeouts::default();
+    if let Some(d) = secs("--download-connect-timeout", args.download_connect_timeout)? {
+        timeouts = timeouts.connect(d);
+    }
+    if let Some(d) = secs("--download-idle-timeout", args.download_idle_timeout)? {
+        timeouts = timeouts.idle(d);
+    }
+    if let Some(d) = secs("--download-timeout", args.download_timeout)? {
+        timeouts = timeouts.total(d);
+    }
+    Ok(timeouts)
+}
+
 /// Reads the stack configuration: `--config`, else `--tier` with `KLING_*` overrides, else
 /// `KLING_*` alone; then `--speed`.
 pub fn load_config(args: &RunArgs) -> Result<StackConfig, SetupError> {
@@ -238,6 +280,7 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, SetupError> {
         ));
     }
     let config = load_config(&args)?;
+    let timeouts = download_timeouts(&args)?;
     let credentials = Credentials::from_env()
         .map_err(|e| SetupError::new(e.field().to_owned(), e.to_string()))?;
     let stack = build_stack(&args, config.clone(), credentials).await?;
@@ -295,7 +338,9 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, SetupError> {
         options = options.callback_url(url);
     }
     if let Some(dir) = &args.download {
-        options = options.download_dir(dir.clone());
+        options = options
+            .download_dir(dir.clone())
+            .download_timeouts(timeouts);
     }
     let report = app::execute(
         stack.clone(),
@@ -369,11 +414,12 @@ fn print_summary(summary: &Summary, json: bool) {
     }
 }
 
-/// The exit status a summary calls for.
+/// The exit status a summary calls for: 0 only when every job succeeded and no result file
+/// is missing.
 pub fn exit_code(summary: &Summary) -> i32 {
     if summary.interrupted {
         EXIT_INTERRUPTED
-    } else if summary.ok == summary.jobs {
+    } else if summary.ok == summary.jobs && summary.downloads_missing == 0 {
         EXIT_OK
     } else {
         EXIT_INCOMPLETE

@@ -4,17 +4,146 @@
 //! Files go to `DIR/{job id}/{index}.{ext}`. A file is written to `… .part` and renamed when
 //! complete, so a file that exists is whole: a resumed run skips it and fetches only what is
 //! missing.
+//!
+//! A result server that stops answering cannot hold a run: each file has a connect timeout,
+//! an idle timeout (the longest wait for the response head or for the next bytes of the body)
+//! and an overall cap ([`DownloadTimeouts`]: 10 s, 30 s and 10 minutes unless set). A file
+//! that runs out of time is given up like any failed download: the job stays `succeeded`,
+//! the journal and the output say which file is missing and why (`download_error`), and the
+//! next run with `--download` fetches it.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
 use http_body_util::BodyExt as _;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::Connect;
+use hyper_util::client::legacy::connect::{Connect, HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use kling_tower::client::HttpsClient;
 use tokio::io::AsyncWriteExt as _;
 
 use crate::error::DownloadError;
+
+/// How long one result file may take.
+///
+/// ```
+/// use std::time::Duration;
+/// use kling_batch::download::DownloadTimeouts;
+///
+/// let timeouts = DownloadTimeouts::default().idle(Duration::from_secs(5));
+/// assert_eq!(timeouts.connect_timeout(), Duration::from_secs(10));
+/// assert_eq!(timeouts.idle_timeout(), Duration::from_secs(5));
+/// assert_eq!(timeouts.total_timeout(), Duration::from_secs(600));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DownloadTimeouts {
+    connect: Duration,
+    idle: Duration,
+    total: Duration,
+}
+
+impl Default for DownloadTimeouts {
+    /// Connect 10 s, idle 30 s, 10 minutes per file.
+    fn default() -> Self {
+        DownloadTimeouts {
+            connect: Duration::from_secs(10),
+            idle: Duration::from_secs(30),
+            total: Duration::from_secs(600),
+        }
+    }
+}
+
+impl DownloadTimeouts {
+    /// Sets the longest wait for the TCP connection to the result server.
+    pub fn connect(mut self, timeout: Duration) -> Self {
+        self.connect = timeout;
+        self
+    }
+
+    /// Sets the longest wait for the response head (after connecting) and between two reads
+    /// of the body.
+    pub fn idle(mut self, timeout: Duration) -> Self {
+        self.idle = timeout;
+        self
+    }
+
+    /// Sets the longest one file may take, from connecting to the last byte.
+    pub fn total(mut self, timeout: Duration) -> Self {
+        self.total = timeout;
+        self
+    }
+
+    /// The connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect
+    }
+
+    /// The idle timeout.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle
+    }
+
+    /// The overall cap per file.
+    pub fn total_timeout(&self) -> Duration {
+        self.total
+    }
+}
+
+/// A download gave up waiting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TimedOut {
+    what: &'static str,
+    after: Duration,
+}
+
+impl TimedOut {
+    /// What it waited for: `connect`, `response`, `data` or `file`.
+    pub fn what(&self) -> &str {
+        self.what
+    }
+}
+
+impl fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.after.as_secs_f64();
+        match self.what {
+            "connect" => write!(f, "timed out: no connection within {secs}s"),
+            "response" => write!(f, "timed out: no response within {secs}s"),
+            "data" => write!(f, "timed out: no data for {secs}s"),
+            _ => write!(f, "timed out: the file took more than {secs}s"),
+        }
+    }
+}
+
+impl std::error::Error for TimedOut {}
+
+/// The client downloads go through: HTTPS (rustls, ring, webpki roots) or plain HTTP, with
+/// `connect` as its TCP connect timeout.
+pub fn client(connect: Duration) -> Result<HttpsClient, DownloadError> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+        .map_err(|e| DownloadError::new("tls", e))?
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
+}
+
+/// What [`fetch_all`] saved, and why anything is missing.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Fetched {
+    /// The paths of the job's files on disk, in URL order (a missing one left out).
+    pub files: Vec<String>,
+    /// The first failure, when a file is missing.
+    pub error: Option<DownloadError>,
+}
 
 /// The file name of result `index` of `url`: the index and the URL's extension.
 pub fn file_name(index: usize, url: &str) -> String {
@@ -49,44 +178,86 @@ pub fn dir_name(job_id: &str) -> String {
     }
 }
 
-/// Downloads every URL of a job that is not on disk yet; returns all the files' paths.
+/// Downloads every URL of a job that is not on disk yet, each within `timeouts`; a failed
+/// file does not stop the others.
 pub async fn fetch_all<C, B>(
     client: &Client<C, B>,
     dir: &Path,
     job_id: &str,
     urls: &[String],
-) -> Result<Vec<String>, DownloadError>
+    timeouts: DownloadTimeouts,
+) -> Fetched
 where
     C: Connect + Clone + Send + Sync + 'static,
     B: http_body::Body<Data = Bytes> + From<Bytes> + Send + 'static + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let job_dir = dir.join(dir_name(job_id));
-    tokio::fs::create_dir_all(&job_dir)
-        .await
-        .map_err(|e| DownloadError::new(job_dir.display().to_string(), e))?;
-    let mut files = Vec::with_capacity(urls.len());
+    let mut fetched = Fetched {
+        files: Vec::with_capacity(urls.len()),
+        error: None,
+    };
+    if let Err(e) = tokio::fs::create_dir_all(&job_dir).await {
+        fetched.error = Some(DownloadError::new(job_dir.display().to_string(), e));
+        return fetched;
+    }
     for (index, url) in urls.iter().enumerate() {
         let path = job_dir.join(file_name(index, url));
         if tokio::fs::metadata(&path).await.is_err() {
-            fetch(client, url, &path).await?;
+            let result =
+                match tokio::time::timeout(timeouts.total, fetch(client, url, &path, timeouts))
+                    .await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(DownloadError::new(
+                        url.clone(),
+                        TimedOut {
+                            what: "file",
+                            after: timeouts.total,
+                        },
+                    )),
+                };
+            if let Err(e) = result {
+                // A `.part` left behind is overwritten by the next attempt; remove it now.
+                let _ = tokio::fs::remove_file(path.with_extension("part")).await;
+                fetched.error.get_or_insert(e);
+                continue;
+            }
         }
-        files.push(path.display().to_string());
+        fetched.files.push(path.display().to_string());
     }
-    Ok(files)
+    fetched
 }
 
-async fn fetch<C, B>(client: &Client<C, B>, url: &str, path: &PathBuf) -> Result<(), DownloadError>
+async fn fetch<C, B>(
+    client: &Client<C, B>,
+    url: &str,
+    path: &PathBuf,
+    timeouts: DownloadTimeouts,
+) -> Result<(), DownloadError>
 where
     C: Connect + Clone + Send + Sync + 'static,
     B: http_body::Body<Data = Bytes> + From<Bytes> + Send + 'static + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let fail = |e: Box<dyn std::error::Error + Send + Sync>| DownloadError::new(url.to_owned(), e);
+    let timed_out = |what, after| fail(Box::new(TimedOut { what, after }));
     let request = Request::get(url)
         .body(B::from(Bytes::new()))
         .map_err(|e| fail(e.into()))?;
-    let response = client.request(request).await.map_err(|e| fail(e.into()))?;
+    // Connecting has its own timeout in the client's connector; the TLS handshake and the
+    // response head must then come within the idle timeout.
+    let head_wait = timeouts.connect.saturating_add(timeouts.idle);
+    let response = tokio::time::timeout(head_wait, client.request(request))
+        .await
+        .map_err(|_| timed_out("response", head_wait))?
+        .map_err(|e| {
+            if is_connect_timeout(&e) {
+                timed_out("connect", timeouts.connect)
+            } else {
+                fail(e.into())
+            }
+        })?;
     if response.status() != StatusCode::OK {
         return Err(fail(format!("http {}", response.status().as_u16()).into()));
     }
@@ -95,7 +266,11 @@ where
         .await
         .map_err(|e| DownloadError::new(part.display().to_string(), e))?;
     let mut body = response.into_body();
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = tokio::time::timeout(timeouts.idle, body.frame())
+            .await
+            .map_err(|_| timed_out("data", timeouts.idle))?;
+        let Some(frame) = frame else { break };
         let frame = frame.map_err(|e| fail(e.into()))?;
         if let Ok(data) = frame.into_data() {
             file.write_all(&data)
@@ -111,6 +286,20 @@ where
         .await
         .map_err(|e| DownloadError::new(path.display().to_string(), e))?;
     Ok(())
+}
+
+/// Whether a client error is the connector's connect timeout.
+fn is_connect_timeout(error: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 #[cfg(test)]

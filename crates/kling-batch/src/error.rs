@@ -79,6 +79,48 @@ impl From<rusqlite::Error> for JournalError {
     }
 }
 
+/// Jobs of the file whose id the journal holds for a different job: their body or endpoint
+/// changed since the journal recorded them. Running them under the recorded state would
+/// report one job's task as another's, so the run is refused and nothing is sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangedJobs {
+    jobs: Vec<(String, usize)>,
+}
+
+impl ChangedJobs {
+    pub(crate) fn new(jobs: Vec<(String, usize)>) -> Self {
+        ChangedJobs { jobs }
+    }
+
+    /// The ids of the changed jobs, in file order.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.jobs.iter().map(|(id, _)| id.as_str())
+    }
+}
+
+impl fmt::Display for ChangedJobs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (one, rest) = match self.jobs.len() {
+            1 => ("job", "its body or endpoint differs from the job"),
+            _ => ("jobs", "their bodies or endpoints differ from the jobs"),
+        };
+        write!(f, "{one} ")?;
+        for (i, (id, line)) in self.jobs.iter().enumerate().take(10) {
+            write!(f, "{}`{id}` (line {line})", if i > 0 { ", " } else { "" })?;
+        }
+        if self.jobs.len() > 10 {
+            write!(f, " and {} more", self.jobs.len() - 10)?;
+        }
+        write!(
+            f,
+            ": {rest} the journal recorded under that id; give a changed job a new `id` (or \
+             undo the change), or use another journal; nothing was sent"
+        )
+    }
+}
+
+impl std::error::Error for ChangedJobs {}
+
 /// A setting the tool cannot run with, naming the option, field or variable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SetupError {
@@ -130,6 +172,11 @@ impl DownloadError {
     /// The URL or path concerned.
     pub fn what(&self) -> &str {
         &self.what
+    }
+
+    /// Whether the download gave up waiting ([`TimedOut`](crate::download::TimedOut)).
+    pub fn is_timeout(&self) -> bool {
+        self.source.is::<crate::download::TimedOut>()
     }
 }
 

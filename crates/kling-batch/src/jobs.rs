@@ -5,12 +5,23 @@
 //!
 //! | field | default | meaning |
 //! |---|---|---|
-//! | `id` | `line-N` | the job's id, unique in the file (a string or a number) |
+//! | `id` | `auto-` and a hash of the job | the job's id, unique in the file (a string or a number) |
 //! | `endpoint` | `/v1/videos/text2video` | the create path: a legacy one (`/v1/images/generations`, …) or a new-style `/{product}/{model}` (`/text-to-video/kling-3.0`) |
 //!
 //! `external_task_id` / `external_id` are set by the tool (one deterministic id per job, see
 //! [`Journal::external_id_for`](crate::journal::Journal::external_id_for)); a line that sets
 //! them is refused. Blank lines and lines starting with `#` are skipped.
+//!
+//! # Default ids
+//!
+//! The journal keeps each job's state under its id, so an id must name the same job from one
+//! run to the next. A job without an `id` gets one from its content ([`default_id`]): `auto-`
+//! and 12 hex digits of SHA-256 over its endpoint and its body in canonical JSON (keys sorted,
+//! no spaces), so adding, removing or reordering other lines, or reordering the keys of its
+//! own line, never changes it. Identical jobs are told apart in order of appearance: the
+//! second gets `-2`, the third `-3`, and so on. Changing a job's body or endpoint gives it a
+//! new id, that is a new job; a job with an explicit `id` whose body changed is refused on
+//! resume (see [`Journal::register`](crate::journal::Journal::register)).
 //!
 //! ```
 //! use kling_batch::jobs::parse_jobs;
@@ -18,16 +29,21 @@
 //! let text = "{\"prompt\":\"a cat\"}\nnot json\n{\"id\":\"dog\",\"prompt\":\"a dog\",\"endpoint\":\"/text-to-video/kling-3.0\"}\n";
 //! let (jobs, errors) = parse_jobs(text);
 //! assert_eq!(jobs.len(), 2);
-//! assert_eq!(jobs[0].id, "line-1");
+//! assert!(jobs[0].id.starts_with("auto-"));
+//! // The same job on another line, keys in another order: the same id.
+//! let (moved, _) = parse_jobs("# a comment\n\n{\"prompt\":\"a cat\",\"endpoint\":\"/v1/videos/text2video\"}\n");
+//! assert_eq!(moved[0].id, jobs[0].id);
 //! assert_eq!(jobs[1].pool().to_string(), "video:kling-3.0");
 //! assert_eq!(errors[0].line(), 2);
 //! ```
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
 
 use http::{Method, Uri};
 use kling_core::{ApiGeneration, Pool, Recognized};
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use crate::error::JobError;
 
@@ -36,6 +52,9 @@ pub const DEFAULT_ENDPOINT: &str = "/v1/videos/text2video";
 
 /// The longest job id accepted.
 pub const MAX_ID_LEN: usize = 128;
+
+/// The prefix of the ids [`default_id`] makes.
+pub const DEFAULT_ID_PREFIX: &str = "auto-";
 
 /// One generation job.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,6 +69,7 @@ pub struct Job {
     /// The create body, without the tool's own fields.
     pub body: Map<String, Value>,
     recognized: Recognized,
+    default_id: bool,
 }
 
 impl Job {
@@ -99,7 +119,18 @@ impl Job {
             endpoint,
             body,
             recognized,
+            default_id: false,
         })
+    }
+
+    /// Whether the id was made by [`default_id`] (the line had no `id`).
+    pub fn has_default_id(&self) -> bool {
+        self.default_id
+    }
+
+    /// Whether `endpoint` and `body` are this job's (the key order of objects aside).
+    pub fn same_content(&self, endpoint: &str, body: &Map<String, Value>) -> bool {
+        self.endpoint == endpoint && canonical_json(&self.body) == canonical_json(body)
     }
 
     /// The pool the job's task takes its slots from.
@@ -148,18 +179,43 @@ impl Job {
 }
 
 /// Parses a JSONL text: the jobs of its good lines, and one error per bad line (with its
-/// line number), in file order.
+/// line number), in file order. A line without `id` gets [`default_id`], with `-2`, `-3`, …
+/// for the second, third, … identical job.
 pub fn parse_jobs(text: &str) -> (Vec<Job>, Vec<JobError>) {
     let mut jobs = Vec::new();
     let mut errors = Vec::new();
     let mut ids = HashSet::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
     for (index, raw) in text.lines().enumerate() {
         let line = index + 1;
         let trimmed = raw.trim();
         if trimmed.is_empty() || trimmed.starts_with('#') {
             continue;
         }
-        match parse_line(trimmed, line) {
+        let parsed = parse_line(trimmed, line).and_then(|(id, endpoint, body)| match id {
+            Some(id) => Job::new(id, line, endpoint, body),
+            None => {
+                let base = default_id(&endpoint, &body);
+                let count = seen.entry(base.clone()).or_default();
+                // The n-th identical job gets `-n`; an explicit id that holds the name
+                // already (unlikely, but allowed) pushes it to the next free suffix.
+                let id = loop {
+                    *count += 1;
+                    let id = if *count == 1 {
+                        base.clone()
+                    } else {
+                        format!("{base}-{count}")
+                    };
+                    if !ids.contains(&id) {
+                        break id;
+                    }
+                };
+                let mut job = Job::new(id, line, endpoint, body)?;
+                job.default_id = true;
+                Ok(job)
+            }
+        });
+        match parsed {
             Ok(job) => {
                 if ids.insert(job.id.clone()) {
                     jobs.push(job);
@@ -176,16 +232,81 @@ pub fn parse_jobs(text: &str) -> (Vec<Job>, Vec<JobError>) {
     (jobs, errors)
 }
 
-fn parse_line(text: &str, line: usize) -> Result<Job, JobError> {
+/// The id of a job without one: [`DEFAULT_ID_PREFIX`] and 12 hex digits of SHA-256 over the
+/// endpoint, a newline and the body in canonical JSON. It depends on nothing but the job
+/// itself (not its line, not its neighbours, not the order of its keys).
+///
+/// ```
+/// use kling_batch::jobs::default_id;
+///
+/// let a: serde_json::Map<_, _> = serde_json::from_str(r#"{"prompt":"a cat","duration":"5"}"#)?;
+/// let b: serde_json::Map<_, _> = serde_json::from_str(r#"{ "duration": "5", "prompt": "a cat" }"#)?;
+/// assert_eq!(default_id("/v1/videos/text2video", &a), default_id("/v1/videos/text2video", &b));
+/// assert_ne!(default_id("/v1/videos/text2video", &a), default_id("/text-to-video/kling-3.0", &a));
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+pub fn default_id(endpoint: &str, body: &Map<String, Value>) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(endpoint.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(canonical_json(body).as_bytes());
+    let digest = hasher.finalize();
+    let mut id = String::from(DEFAULT_ID_PREFIX);
+    for b in &digest[..6] {
+        let _ = write!(id, "{b:02x}");
+    }
+    id
+}
+
+/// A body as canonical JSON: object keys sorted, no whitespace.
+fn canonical_json(body: &Map<String, Value>) -> String {
+    fn write_value(out: &mut String, value: &Value) {
+        match value {
+            Value::Object(map) => write_object(out, map),
+            Value::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    write_value(out, item);
+                }
+                out.push(']');
+            }
+            scalar => out.push_str(&scalar.to_string()),
+        }
+    }
+    fn write_object(out: &mut String, map: &Map<String, Value>) {
+        let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+        entries.sort_by(|a, b| a.0.cmp(b.0));
+        out.push('{');
+        for (i, (key, value)) in entries.into_iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&Value::String(key.clone()).to_string());
+            out.push(':');
+            write_value(out, value);
+        }
+        out.push('}');
+    }
+    let mut out = String::new();
+    write_object(&mut out, body);
+    out
+}
+
+type ParsedLine = (Option<String>, String, Map<String, Value>);
+
+fn parse_line(text: &str, line: usize) -> Result<ParsedLine, JobError> {
     let value: Value = serde_json::from_str(text)
         .map_err(|e| JobError::new(line, format!("not valid JSON: {e}")))?;
     let Value::Object(mut body) = value else {
         return Err(JobError::new(line, "not a JSON object"));
     };
     let id = match body.remove("id") {
-        None | Some(Value::Null) => format!("line-{line}"),
-        Some(Value::String(s)) => s,
-        Some(Value::Number(n)) => n.to_string(),
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(Value::Number(n)) => Some(n.to_string()),
         Some(_) => return Err(JobError::new(line, "`id` must be a string or a number")),
     };
     let endpoint = match body.remove("endpoint") {
@@ -193,7 +314,7 @@ fn parse_line(text: &str, line: usize) -> Result<Job, JobError> {
         Some(Value::String(s)) => s,
         Some(_) => return Err(JobError::new(line, "`endpoint` must be a string")),
     };
-    Job::new(id, line, endpoint, body)
+    Ok((id, endpoint, body))
 }
 
 #[cfg(test)]
@@ -225,5 +346,54 @@ mod tests {
         assert_eq!(new["external_id"], "e2");
         assert_eq!(new["options"]["callback_url"], "http://cb");
         assert_eq!(jobs[1].generation(), ApiGeneration::New);
+    }
+
+    fn ids_by_prompt(text: &str) -> Vec<(String, String)> {
+        let (jobs, errors) = parse_jobs(text);
+        assert!(errors.is_empty(), "{errors:?}");
+        jobs.into_iter()
+            .map(|j| (j.body["prompt"].as_str().unwrap().to_owned(), j.id))
+            .collect()
+    }
+
+    #[test]
+    fn default_ids_do_not_move_when_other_lines_are_added_removed_or_reordered() {
+        let before = ids_by_prompt("{\"prompt\":\"a\"}\n{\"prompt\":\"b\"}\n{\"prompt\":\"c\"}\n");
+        let id = |list: &[(String, String)], prompt: &str| {
+            list.iter().find(|(p, _)| p == prompt).unwrap().1.clone()
+        };
+        // A comment and a blank line on top, a line removed, the rest reordered, keys moved.
+        let after = ids_by_prompt(
+            "# new comment\n\n{\"duration\":\"5\",\"prompt\":\"d\"}\n{\"prompt\":\"c\"}\n{\"endpoint\":\"/v1/videos/text2video\",\"prompt\":\"a\"}\n",
+        );
+        assert_eq!(id(&after, "a"), id(&before, "a"));
+        assert_eq!(id(&after, "c"), id(&before, "c"));
+        assert!(after.iter().all(|(_, i)| i != &id(&before, "b")));
+        assert!(before.iter().all(|(_, i)| i.starts_with(DEFAULT_ID_PREFIX)));
+        let (jobs, _) = parse_jobs("{\"prompt\":\"a\"}\n{\"id\":\"x\",\"prompt\":\"a\"}\n");
+        assert!(jobs[0].has_default_id());
+        assert!(!jobs[1].has_default_id());
+    }
+
+    #[test]
+    fn identical_jobs_are_told_apart_in_order_of_appearance() {
+        let text =
+            "{\"prompt\":\"a\"}\n{\"prompt\":\"b\"}\n{\"prompt\":\"a\"}\n{\"prompt\":\"a\"}\n";
+        let (jobs, errors) = parse_jobs(text);
+        assert!(errors.is_empty());
+        let base = jobs[0].id.clone();
+        assert_eq!(jobs[2].id, format!("{base}-2"));
+        assert_eq!(jobs[3].id, format!("{base}-3"));
+        assert_ne!(jobs[1].id, base);
+        // Another endpoint, another job.
+        let (other, _) =
+            parse_jobs("{\"prompt\":\"a\",\"endpoint\":\"/text-to-video/kling-3.0\"}\n");
+        assert_ne!(other[0].id, base);
+        // An explicit id that holds a default name pushes the default one along.
+        let (jobs, errors) = parse_jobs(&format!(
+            "{{\"id\":\"{base}\",\"prompt\":\"z\"}}\n{{\"prompt\":\"a\"}}\n"
+        ));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(jobs[1].id, format!("{base}-2"));
     }
 }

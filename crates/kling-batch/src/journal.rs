@@ -7,6 +7,13 @@
 //! a job whose create may have reached Kling is looked up by that id before anything else, and
 //! never created a second time.
 //!
+//! A job's state is kept under its id, with the body it was registered with. On resume a job
+//! of the file whose id the journal holds for a different body or endpoint is refused (the
+//! whole file is, before anything is sent: [`ChangedJobs`]), so a task is never reported as
+//! another job's. Journals written before jobs without `id` got content-derived ids (they got
+//! `line-N`) are read: such a job takes over the `line-N` row that holds the same body and
+//! endpoint, with its state, task and external id.
+//!
 //! ```
 //! use kling_batch::journal::{JobState, Journal, Update};
 //! use kling_batch::jobs::parse_jobs;
@@ -33,7 +40,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::JournalError;
+use crate::error::{ChangedJobs, JournalError};
 use crate::jobs::Job;
 
 /// Where a job is.
@@ -134,6 +141,9 @@ pub struct Update {
     pub files: Option<Vec<String>>,
     /// The error.
     pub error: Option<ErrorInfo>,
+    /// Why the last download of the job's result files left some missing (`Some(Some(_))`),
+    /// or that it left none missing (`Some(None)` clears it).
+    pub download_error: Option<Option<ErrorInfo>>,
 }
 
 impl Update {
@@ -149,6 +159,16 @@ impl Update {
     pub fn error(error: ErrorInfo) -> Self {
         Update {
             error: Some(error),
+            ..Update::default()
+        }
+    }
+
+    /// A download that saved `files` (the job's files on disk) and, with `error`, left some
+    /// missing; without, clears an earlier download error.
+    pub fn downloaded(files: Vec<String>, error: Option<ErrorInfo>) -> Self {
+        Update {
+            files: Some(files),
+            download_error: Some(error),
             ..Update::default()
         }
     }
@@ -176,8 +196,11 @@ pub struct JobRecord {
     pub urls: Vec<String>,
     /// Downloaded files.
     pub files: Vec<String>,
-    /// Why it failed or was not submitted.
+    /// Why it failed or was not submitted, or why its task was not followed to its end.
     pub error: Option<ErrorInfo>,
+    /// Why some of its result files are missing after the last download (a later run with
+    /// `--download` fetches them).
+    pub download_error: Option<ErrorInfo>,
 }
 
 /// The journal database. See the [module docs](self).
@@ -212,7 +235,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     urls TEXT NOT NULL DEFAULT '[]',
     files TEXT NOT NULL DEFAULT '[]',
     error TEXT,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    download_error TEXT
 );
 CREATE TABLE IF NOT EXISTS transitions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -248,6 +272,15 @@ impl Journal {
 
     fn init(conn: Connection) -> Result<Journal, JournalError> {
         conn.execute_batch(SCHEMA)?;
+        // Journals of earlier versions lack the columns added since.
+        let has_download_error: bool = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('jobs') WHERE name = 'download_error'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !has_download_error {
+            conn.execute_batch("ALTER TABLE jobs ADD COLUMN download_error TEXT")?;
+        }
         let existing: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'journal_id'", [], |r| {
                 r.get(0)
@@ -280,9 +313,11 @@ impl Journal {
         &self.id
     }
 
-    /// The deterministic external id of a job in this journal: `kb-` and 24 hex digits of
-    /// SHA-256(journal id, job id). The same job always gets the same id, so a create that
-    /// may have happened can be looked up, and a second one would be refused by Kling.
+    /// The deterministic external id a job gets when it is registered in this journal: `kb-`
+    /// and 24 hex digits of SHA-256(journal id, job id). The same job always gets the same id,
+    /// so a create that may have happened can be looked up, and a second one would be refused
+    /// by Kling. The record's [`JobRecord::external_id`] is the one its creates carry (a job
+    /// that took over an old journal's `line-N` row keeps that row's).
     pub fn external_id_for(&self, job_id: &str) -> String {
         let mut hasher = Sha256::new();
         hasher.update(self.id.as_bytes());
@@ -293,24 +328,84 @@ impl Journal {
 
     /// Adds the jobs not yet in the journal (state `queued`) in one transaction, and returns
     /// every job's record in the order given. A job already in the journal keeps its state
-    /// (that is what resuming means).
+    /// (that is what resuming means) and takes its line in the file given.
+    ///
+    /// # Errors
+    ///
+    /// A job whose id the journal holds with another body or endpoint (the job was edited
+    /// but kept its id) is refused: the error's source is [`ChangedJobs`], naming every such
+    /// job, and nothing is written.
     pub fn register(&self, jobs: &[Job]) -> Result<Vec<JobRecord>, JournalError> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let at = now();
+        let mut changed = Vec::new();
+        let mut legacy: Option<Vec<LegacyRow>> = None;
         for job in jobs {
-            let body = serde_json::to_string(&job.body).unwrap_or_default();
-            let inserted = tx.execute(
-                "INSERT OR IGNORE INTO jobs (job_id, line, endpoint, body, external_id, state, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6)",
-                params![job.id, job.line as i64, job.endpoint, body, self.external_id_for(&job.id), at],
-            )?;
-            if inserted == 1 {
-                tx.execute(
-                    "INSERT INTO transitions (job_id, from_state, to_state, at) VALUES (?1, NULL, 'queued', ?2)",
-                    params![job.id, at],
-                )?;
+            let stored: Option<(String, String)> = tx
+                .query_row(
+                    "SELECT endpoint, body FROM jobs WHERE job_id = ?1",
+                    params![job.id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            if let Some((endpoint, body)) = stored {
+                if same_job(job, &endpoint, &body) {
+                    tx.execute(
+                        "UPDATE jobs SET line = ?2 WHERE job_id = ?1",
+                        params![job.id, job.line as i64],
+                    )?;
+                } else {
+                    changed.push((job.id.clone(), job.line));
+                }
+                continue;
             }
+            if job.has_default_id() {
+                // A journal of an earlier version keeps this job under `line-N`.
+                if legacy.is_none() {
+                    legacy = Some(legacy_rows(&tx, jobs)?);
+                }
+                if let Some(found) = legacy
+                    .iter_mut()
+                    .flatten()
+                    .find(|r| !r.taken && same_job(job, &r.endpoint, &r.body))
+                {
+                    found.taken = true;
+                    tx.execute(
+                        "UPDATE jobs SET job_id = ?2, line = ?3 WHERE job_id = ?1",
+                        params![found.job_id, job.id, job.line as i64],
+                    )?;
+                    tx.execute(
+                        "UPDATE transitions SET job_id = ?2 WHERE job_id = ?1",
+                        params![found.job_id, job.id],
+                    )?;
+                    continue;
+                }
+            }
+            let body = serde_json::to_string(&job.body).unwrap_or_default();
+            tx.execute(
+                "INSERT INTO jobs (job_id, line, endpoint, body, external_id, state, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6)",
+                params![
+                    job.id,
+                    job.line as i64,
+                    job.endpoint,
+                    body,
+                    self.external_id_for(&job.id),
+                    at
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO transitions (job_id, from_state, to_state, at) VALUES (?1, NULL, 'queued', ?2)",
+                params![job.id, at],
+            )?;
+        }
+        if !changed.is_empty() {
+            // Dropping the transaction rolls it back: nothing of this file is recorded.
+            return Err(JournalError::new(
+                "the jobs file changed",
+                ChangedJobs::new(changed),
+            ));
         }
         tx.commit()?;
         drop(conn);
@@ -350,10 +445,15 @@ impl Journal {
             urls,
             files,
             error,
+            download_error,
         } = update;
         let json =
             |v: Option<Vec<String>>| v.map(|v| serde_json::to_string(&v).unwrap_or_default());
         let error = error.map(|e| serde_json::to_string(&e).unwrap_or_default());
+        let set_download_error = download_error.is_some();
+        let download_error = download_error
+            .flatten()
+            .map(|e| serde_json::to_string(&e).unwrap_or_default());
         tx.execute(
             "UPDATE jobs SET state = ?2,
                 task_id = COALESCE(?3, task_id),
@@ -361,7 +461,8 @@ impl Journal {
                 urls = COALESCE(?5, urls),
                 files = COALESCE(?6, files),
                 error = COALESCE(?7, error),
-                updated_at = ?8
+                updated_at = ?8,
+                download_error = CASE WHEN ?9 THEN ?10 ELSE download_error END
              WHERE job_id = ?1",
             params![
                 job_id,
@@ -371,7 +472,9 @@ impl Journal {
                 json(urls),
                 json(files),
                 error,
-                at
+                at,
+                set_download_error,
+                download_error
             ],
         )?;
         if from != state.as_str() {
@@ -389,7 +492,8 @@ impl Journal {
         let conn = self.lock();
         let record = conn
             .query_row(
-                "SELECT job_id, line, endpoint, external_id, state, task_id, status, urls, files, error
+                "SELECT job_id, line, endpoint, external_id, state, task_id, status, urls, files, error,
+                    download_error
                  FROM jobs WHERE job_id = ?1",
                 params![job_id],
                 read_record,
@@ -402,7 +506,8 @@ impl Journal {
     pub fn records(&self) -> Result<Vec<JobRecord>, JournalError> {
         let conn = self.lock();
         let mut stmt = conn.prepare(
-            "SELECT job_id, line, endpoint, external_id, state, task_id, status, urls, files, error
+            "SELECT job_id, line, endpoint, external_id, state, task_id, status, urls, files, error,
+                download_error
              FROM jobs ORDER BY line",
         )?;
         let rows = stmt.query_map([], read_record)?;
@@ -426,6 +531,7 @@ fn read_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         Ok(serde_json::from_str(&text).unwrap_or_default())
     };
     let error: Option<String> = row.get(9)?;
+    let download_error: Option<String> = row.get(10)?;
     Ok(JobRecord {
         job_id: row.get(0)?,
         line: row.get::<_, i64>(1)? as usize,
@@ -439,7 +545,46 @@ fn read_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         urls: list(7)?,
         files: list(8)?,
         error: error.and_then(|e| serde_json::from_str(&e).ok()),
+        download_error: download_error.and_then(|e| serde_json::from_str(&e).ok()),
     })
+}
+
+/// Whether a stored endpoint and body (JSON text) are `job`'s.
+fn same_job(job: &Job, endpoint: &str, body: &str) -> bool {
+    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(body)
+        .is_ok_and(|body| job.same_content(endpoint, &body))
+}
+
+/// A row an earlier version registered under a `line-N` id, which a job without `id` may
+/// take over.
+struct LegacyRow {
+    job_id: String,
+    endpoint: String,
+    body: String,
+    taken: bool,
+}
+
+/// The `line-N` rows not held by an id of `jobs`, in line order.
+fn legacy_rows(tx: &rusqlite::Transaction<'_>, jobs: &[Job]) -> rusqlite::Result<Vec<LegacyRow>> {
+    let mut stmt = tx.prepare(
+        "SELECT job_id, endpoint, body FROM jobs WHERE job_id GLOB 'line-[0-9]*' ORDER BY line",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(LegacyRow {
+            job_id: r.get(0)?,
+            endpoint: r.get(1)?,
+            body: r.get(2)?,
+            taken: false,
+        })
+    })?;
+    let mut legacy = Vec::new();
+    for row in rows {
+        let row = row?;
+        if !jobs.iter().any(|j| j.id == row.job_id) {
+            legacy.push(row);
+        }
+    }
+    Ok(legacy)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -484,5 +629,126 @@ mod tests {
         assert_ne!(a.external_id_for("job"), b.external_id_for("job"));
         assert_eq!(a.external_id_for("job"), a.external_id_for("job"));
         assert!(a.external_id_for("job").starts_with("kb-"));
+    }
+
+    #[test]
+    fn a_job_changed_under_its_id_is_refused_and_nothing_is_written() {
+        let journal = Journal::open_in_memory().unwrap();
+        let (jobs, _) =
+            parse_jobs("{\"id\":\"a\",\"prompt\":\"x\"}\n{\"id\":\"b\",\"prompt\":\"y\"}\n");
+        journal.register(&jobs).unwrap();
+        journal
+            .transition("a", JobState::Succeeded, Update::task("t1"))
+            .unwrap();
+
+        // Keys reordered and lines moved: the same jobs, which take their new lines.
+        let (same, _) = parse_jobs(
+            "# moved\n{\"prompt\":\"y\",\"id\":\"b\"}\n{\"prompt\":\"x\",\"id\":\"a\"}\n",
+        );
+        let records = journal.register(&same).unwrap();
+        assert_eq!(records[1].state, JobState::Succeeded);
+        assert_eq!(
+            journal.records().unwrap()[0].job_id,
+            "b",
+            "records follow the file's order"
+        );
+
+        // `a` edited, a new job `c` beside it: refused as a whole, naming `a`.
+        let (edited, _) = parse_jobs(
+            "{\"id\":\"a\",\"prompt\":\"x, but blue\"}\n{\"id\":\"c\",\"prompt\":\"z\"}\n",
+        );
+        let error = journal.register(&edited).unwrap_err();
+        let changed = std::error::Error::source(&error)
+            .and_then(|e| e.downcast_ref::<ChangedJobs>())
+            .expect("the source names the changed jobs");
+        assert_eq!(changed.ids().collect::<Vec<_>>(), ["a"]);
+        assert!(error.to_string().contains("`a` (line 1)"), "{error}");
+        assert_eq!(journal.record("c").unwrap(), None, "nothing was written");
+        let a = journal.record("a").unwrap().unwrap();
+        assert_eq!(
+            (a.state, a.task_id.as_deref()),
+            (JobState::Succeeded, Some("t1"))
+        );
+
+        // Another endpoint is another job too.
+        let (moved, _) = parse_jobs(
+            "{\"id\":\"b\",\"prompt\":\"y\",\"endpoint\":\"/text-to-video/kling-3.0\"}\n",
+        );
+        assert!(journal.register(&moved).is_err());
+    }
+
+    #[test]
+    fn a_journal_of_line_ids_is_taken_over_by_the_jobs_of_the_same_content() {
+        // A journal as the versions that named jobs `line-N` wrote it (no `download_error`
+        // column): line 1 succeeded, line 2 running, two identical jobs on lines 3 and 4.
+        let dir = std::env::temp_dir().join(format!("kb-legacy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("old.sqlite");
+        let _ = std::fs::remove_file(&path);
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                 INSERT INTO meta VALUES ('journal_id', 'feedfacefeedface');
+                 CREATE TABLE jobs (job_id TEXT PRIMARY KEY, line INTEGER NOT NULL,
+                    endpoint TEXT NOT NULL, body TEXT NOT NULL, external_id TEXT NOT NULL UNIQUE,
+                    state TEXT NOT NULL, task_id TEXT, status TEXT,
+                    urls TEXT NOT NULL DEFAULT '[]', files TEXT NOT NULL DEFAULT '[]',
+                    error TEXT, updated_at REAL NOT NULL);
+                 CREATE TABLE transitions (seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                    job_id TEXT NOT NULL, from_state TEXT, to_state TEXT NOT NULL, at REAL NOT NULL);
+                 INSERT INTO jobs (job_id, line, endpoint, body, external_id, state, task_id, updated_at) VALUES
+                    ('line-1', 1, '/v1/videos/text2video', '{\"prompt\":\"a\"}', 'kb-1', 'succeeded', 't1', 0),
+                    ('line-2', 2, '/v1/videos/text2video', '{\"prompt\":\"b\"}', 'kb-2', 'created', 't2', 0),
+                    ('line-3', 3, '/v1/videos/text2video', '{\"prompt\":\"c\"}', 'kb-3', 'created', 't3', 0),
+                    ('line-4', 4, '/v1/videos/text2video', '{\"prompt\":\"c\"}', 'kb-4', 'queued', NULL, 0);
+                 INSERT INTO transitions (job_id, from_state, to_state, at) VALUES
+                    ('line-1', NULL, 'queued', 0), ('line-1', 'queued', 'succeeded', 0);",
+            )
+            .unwrap();
+        }
+        // The same file with a comment added on top.
+        let (jobs, _) = parse_jobs(
+            "# added\n{\"prompt\":\"a\"}\n{\"prompt\":\"b\"}\n{\"prompt\":\"c\"}\n{\"prompt\":\"c\"}\n",
+        );
+        let journal = Journal::open(&path).unwrap();
+        let records = journal.register(&jobs).unwrap();
+        let seen: Vec<(JobState, Option<&str>, &str)> = records
+            .iter()
+            .map(|r| (r.state, r.task_id.as_deref(), r.external_id.as_str()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (JobState::Succeeded, Some("t1"), "kb-1"),
+                (JobState::Created, Some("t2"), "kb-2"),
+                (JobState::Created, Some("t3"), "kb-3"),
+                (JobState::Queued, None, "kb-4"),
+            ]
+        );
+        assert_eq!(records[0].job_id, jobs[0].id);
+        assert_eq!(
+            journal.transitions(&jobs[0].id).unwrap(),
+            ["queued", "succeeded"]
+        );
+        assert_eq!(journal.records().unwrap().len(), 4, "no row was added");
+        // The added column works on the old file.
+        journal
+            .transition(
+                &jobs[0].id,
+                JobState::Succeeded,
+                Update::downloaded(Vec::new(), Some(ErrorInfo::new(0, "x", None))),
+            )
+            .unwrap();
+        assert!(
+            journal
+                .record(&jobs[0].id)
+                .unwrap()
+                .unwrap()
+                .download_error
+                .is_some()
+        );
+        drop(journal);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,8 +5,14 @@
 //! {"job_id":"dog","line":2,"state":"failed","external_id":"kb-…","error":{"code":1301,"message":"content security check failed","request_id":"…"}}
 //! ```
 //!
-//! `state` is `succeeded`, `failed`, `not_submitted`, `created` (still running: run again to
-//! follow it) or `creating` (create outcome unknown: run again to look it up).
+//! `state` is `succeeded`, `failed`, `not_submitted`, `created` (still running, or not
+//! followed to its end, e.g. after a `1101` on its query: run again to follow it) or `creating`
+//! (create outcome unknown: run again to look it up). A succeeded job whose result files are
+//! not all on disk carries `download_error` (run again with `--download` to fetch them):
+//!
+//! ```json
+//! {"job_id":"cat","line":1,"state":"succeeded","external_id":"kb-…","task_id":"8600…","status":"succeeded","urls":["https://…/0.mp4"],"download_error":{"code":0,"message":"download of https://…/0.mp4: timed out: no data for 30s; a later run fetches it again"}}
+//! ```
 
 use std::io::Write as _;
 use std::path::Path;
@@ -42,6 +48,9 @@ pub struct ResultLine<'a> {
     /// The error, with Kling's code and request id when Kling gave them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a ErrorInfo>,
+    /// Why some result files are missing after the last download.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub download_error: Option<&'a ErrorInfo>,
 }
 
 impl<'a> ResultLine<'a> {
@@ -61,6 +70,7 @@ impl<'a> ResultLine<'a> {
             } else {
                 record.error.as_ref()
             },
+            download_error: record.download_error.as_ref(),
         }
     }
 }

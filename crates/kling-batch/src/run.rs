@@ -11,7 +11,14 @@
 //!   ([`SlotsHandle::reconcile`](kling_concurrency::SlotsHandle::reconcile)). Nothing is created
 //!   twice.
 //! - **Follow**: kling-tower's [`Follower`] with the run's [`FollowPolicy`]; callbacks (when a
-//!   listener is configured) end a follow at once.
+//!   listener is configured) end a follow at once. A follow that ends with a Kling error
+//!   fails the job only when the error is about the task: `1203` (Kling does not know the
+//!   task). Any other code — auth (`1000`–`1004`), account (`1100`–`1103`), IP whitelist
+//!   (`1304`), … — says nothing about the task, which may still run and be billed: the job
+//!   stays `created` with the error recorded, and the next run follows it again.
+//! - **Downloads** (`--download`) each have a connect, an idle and an overall timeout
+//!   ([`DownloadTimeouts`]); a file that runs out of time is left for the next run and the
+//!   job's `download_error` says why, so one stalled result server never holds the run.
 //! - **Stop** (Ctrl-C): the stack's drain gate closes (no create leaves any more), creates in
 //!   flight get a short grace to be recorded, and the run ends; a later run picks up.
 
@@ -34,7 +41,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tower::ServiceExt as _;
 
-use crate::download;
+use crate::download::{self, DownloadTimeouts};
 use crate::error::JournalError;
 use crate::jobs::Job;
 use crate::journal::{ErrorInfo, JobRecord, JobState, Journal, Update};
@@ -52,6 +59,8 @@ pub struct RunOptions {
     pub callback_url: Option<String>,
     /// Where result files are saved, if anywhere.
     pub download_dir: Option<PathBuf>,
+    /// How long each result file may take.
+    pub download_timeouts: DownloadTimeouts,
     /// How tasks are queried.
     pub follow: FollowPolicy,
     /// How long creates in flight may still finish after a stop.
@@ -59,11 +68,13 @@ pub struct RunOptions {
 }
 
 impl RunOptions {
-    /// No callbacks, no downloads, `follow` as given, a 2 s grace.
+    /// No callbacks, no downloads (with the default [`DownloadTimeouts`] when set), `follow`
+    /// as given, a 2 s grace.
     pub fn new(follow: FollowPolicy) -> Self {
         RunOptions {
             callback_url: None,
             download_dir: None,
+            download_timeouts: DownloadTimeouts::default(),
             follow,
             stop_grace: Duration::from_secs(2),
         }
@@ -78,6 +89,12 @@ impl RunOptions {
     /// Saves result files under `dir`.
     pub fn download_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.download_dir = Some(dir.into());
+        self
+    }
+
+    /// Sets how long each result file may take.
+    pub fn download_timeouts(mut self, timeouts: DownloadTimeouts) -> Self {
+        self.download_timeouts = timeouts;
         self
     }
 }
@@ -131,6 +148,8 @@ pub struct Engine {
     lifetimes: Mutex<BTreeMap<String, f64>>,
     creates: std::sync::atomic::AtomicU64,
     last_end: Mutex<Option<Instant>>,
+    /// The downloads' client, built at the first download.
+    download_client: std::sync::OnceLock<Result<kling_tower::client::HttpsClient, String>>,
 }
 
 #[derive(Clone, Debug)]
@@ -175,6 +194,7 @@ impl Engine {
             lifetimes: Mutex::new(BTreeMap::new()),
             creates: std::sync::atomic::AtomicU64::new(0),
             last_end: Mutex::new(None),
+            download_client: std::sync::OnceLock::new(),
         }))
     }
 
@@ -608,7 +628,11 @@ impl Engine {
         job: &Job,
         tx: &mpsc::UnboundedSender<Created>,
     ) -> Result<(), JournalError> {
-        let external_id = self.journal.external_id_for(&job.id);
+        // The recorded external id: a job that took over an old journal's row keeps its own.
+        let external_id = match self.journal.record(&job.id)? {
+            Some(record) => record.external_id,
+            None => self.journal.external_id_for(&job.id),
+        };
         self.move_to(
             &job.id,
             JobState::Queued,
@@ -750,11 +774,12 @@ impl Engine {
                 self.ended(now);
                 self.move_to(job_id, JobState::Created, JobState::Failed, update)
             }
-            Err(FollowError::Api { error, .. }) => {
+            Err(FollowError::Api { error, .. }) if error.code() == Code::NotFound => {
+                // Kling does not know the task (any more): it will never report an end.
                 self.ended(now);
                 let info = ErrorInfo::new(
                     error.code().as_i64(),
-                    error.message(),
+                    format!("task {task_id} is unknown to Kling: {}", error.message()),
                     error.request_id().map(str::to_owned),
                 );
                 self.move_to(
@@ -763,6 +788,21 @@ impl Engine {
                     JobState::Failed,
                     Update::error(info),
                 )
+            }
+            Err(FollowError::Api { error, .. }) => {
+                // Auth, account or any other refusal of the query says nothing about the
+                // task, which may still run (and be billed): keep following it next run.
+                tracing::warn!(job = %job_id, error = %error, "task not followed to its end; a later run follows it");
+                let info = ErrorInfo::new(
+                    error.code().as_i64(),
+                    format!(
+                        "task {task_id} not followed to its end (it may still run): {}",
+                        error.message()
+                    ),
+                    error.request_id().map(str::to_owned),
+                );
+                self.journal
+                    .transition(job_id, JobState::Created, Update::error(info))
             }
             Err(e) => {
                 tracing::warn!(job = %job_id, error = %e, "task not finished; a later run follows it");
@@ -789,19 +829,30 @@ impl Engine {
         let Some(dir) = &self.options.download_dir else {
             return;
         };
-        match download::fetch_all(self.stack.client(), dir, job_id, urls).await {
-            Ok(files) => {
-                let update = Update {
-                    files: Some(files),
-                    ..Update::default()
-                };
-                if let Err(e) = self.journal.transition(job_id, JobState::Succeeded, update) {
-                    tracing::error!(job = %job_id, error = %e, "journal write failed");
-                }
+        let timeouts = self.options.download_timeouts;
+        let client = self.download_client.get_or_init(|| {
+            download::client(timeouts.connect_timeout()).map_err(|e| e.to_string())
+        });
+        let update = match client {
+            Ok(client) => {
+                let fetched = download::fetch_all(client, dir, job_id, urls, timeouts).await;
+                let error = fetched.error.map(|e| {
+                    tracing::warn!(job = %job_id, error = %e, "download failed; a later run tries again");
+                    ErrorInfo::new(0, format!("{e}; a later run fetches it again"), None)
+                });
+                Update::downloaded(fetched.files, error)
             }
-            Err(e) => {
-                tracing::warn!(job = %job_id, error = %e, "download failed; a later run tries again")
-            }
+            Err(e) => Update {
+                download_error: Some(Some(ErrorInfo::new(
+                    0,
+                    format!("no download client: {e}"),
+                    None,
+                ))),
+                ..Update::default()
+            },
+        };
+        if let Err(e) = self.journal.transition(job_id, JobState::Succeeded, update) {
+            tracing::error!(job = %job_id, error = %e, "journal write failed");
         }
     }
 
@@ -918,4 +969,126 @@ fn failure_of(error: &(dyn std::error::Error + 'static)) -> Failure {
         current = err.source();
     }
     Failure::unknown(error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use kling_core::ClassifyLayer;
+    use kling_mock::{MockConfig, MockKling, Preset, Switches};
+    use kling_tower::{Credentials, StackConfig, Tier};
+    use tower::Layer as _;
+
+    use super::*;
+    use crate::jobs::parse_jobs;
+
+    const ENDPOINT: &str = "/v1/videos/text2video";
+
+    /// Creates a task on the in-process mock with key `key`, turns `switches` on, and
+    /// follows `task` (the created one unless given) with kling-tower's follower sending
+    /// `follow_key`: what the follow ends with, and the task id followed.
+    async fn follow_on_mock(
+        switches: Switches,
+        follow_key: &str,
+        task: Option<&str>,
+    ) -> (String, Result<TaskReport, FollowError>) {
+        let mock = MockKling::new(
+            MockConfig::preset(Preset::Pro)
+                .no_rate_limit()
+                .api_key("key"),
+        )
+        .unwrap();
+        let service = ClassifyLayer::new().layer(mock.clone());
+        let create = Request::post(ENDPOINT)
+            .header("authorization", "Bearer key")
+            .body(Full::new(Bytes::from_static(br#"{"prompt":"a cat"}"#)))
+            .unwrap();
+        let created = service.clone().oneshot(create).await.unwrap();
+        let report = Outcome::of(&created)
+            .and_then(|o| o.task())
+            .cloned()
+            .unwrap();
+        mock.set_switches(switches);
+        let follower = Follower::new(service, FollowPolicy::new())
+            .unwrap()
+            .with_header("authorization", &format!("Bearer {follow_key}"))
+            .unwrap();
+        let id = task.unwrap_or(&report.id).to_owned();
+        let result = follower.follow(TaskRef::legacy(ENDPOINT, id.clone())).await;
+        (id, result)
+    }
+
+    /// An engine (nothing is sent) with one job `created` as task `task_id`; `finish` is
+    /// handed `result` as a follow's end.
+    async fn finish_created_job(
+        task_id: &str,
+        result: Result<TaskReport, FollowError>,
+    ) -> (Journal, JobRecord) {
+        let stack = Stack::new(
+            StackConfig::preset(Tier::Pro),
+            Credentials::api_key("key").unwrap(),
+            "http://127.0.0.1:9",
+        )
+        .unwrap();
+        let journal = Journal::open_in_memory().unwrap();
+        let (jobs, _) = parse_jobs("{\"id\":\"cat\",\"prompt\":\"a cat\"}\n");
+        journal.register(&jobs).unwrap();
+        journal
+            .transition("cat", JobState::Creating, Update::default())
+            .unwrap();
+        journal
+            .transition("cat", JobState::Created, Update::task(task_id))
+            .unwrap();
+        let engine = Engine::new(
+            stack,
+            journal.clone(),
+            RunOptions::new(default_follow_policy(1.0)),
+        )
+        .unwrap();
+        engine.finish("cat", task_id, result).await;
+        let record = journal.record("cat").unwrap().unwrap();
+        (journal, record)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_account_or_auth_error_on_a_query_keeps_the_job_created_for_the_next_run() {
+        let cases = [
+            (Switches::new().arrears(true), "key", 1101),
+            (Switches::new().abnormal(true), "key", 1100),
+            (Switches::new().ip_denied(true), "key", 1304),
+            (Switches::new(), "revoked-key", 1002),
+        ];
+        for (switches, key, code) in cases {
+            let (task_id, result) = follow_on_mock(switches, key, None).await;
+            match &result {
+                Err(FollowError::Api { error, .. }) => assert_eq!(error.code().as_i64(), code),
+                other => panic!("the follower ends with the Kling error: {other:?}"),
+            }
+            let (journal, record) = finish_created_job(&task_id, result).await;
+            assert_eq!(record.state, JobState::Created, "{code}: {record:?}");
+            assert_eq!(record.task_id.as_deref(), Some(task_id.as_str()));
+            let error = record.error.expect("the error is reported");
+            assert_eq!(error.code, code);
+            assert!(error.message.contains("may still run"), "{error:?}");
+            assert_eq!(
+                journal.transitions("cat").unwrap(),
+                ["queued", "creating", "created"]
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_kling_does_not_know_fails_its_job_naming_the_task() {
+        let (task_id, result) =
+            follow_on_mock(Switches::new(), "key", Some("860000000000000404")).await;
+        match &result {
+            Err(FollowError::Api { error, .. }) => assert_eq!(error.code(), Code::NotFound),
+            other => panic!("the follower ends with 1203: {other:?}"),
+        }
+        let (_, record) = finish_created_job(&task_id, result).await;
+        assert_eq!(record.state, JobState::Failed);
+        let error = record.error.unwrap();
+        assert_eq!(error.code, 1203);
+        assert!(error.message.contains("860000000000000404"), "{error:?}");
+        assert!(error.request_id.is_some());
+    }
 }

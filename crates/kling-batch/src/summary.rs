@@ -45,6 +45,11 @@ pub fn bound_secs(
     slots_bound.max(rate_bound)
 }
 
+/// `1101 account in arrears`: a Kling code and what it means.
+fn code_reason(code: i64) -> String {
+    format!("{code} {}", kling_core::Code::from_i64(code).description())
+}
+
 /// What a run did, as the table and `--json` show it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -59,8 +64,17 @@ pub struct Summary {
     pub failed_by_reason: BTreeMap<String, usize>,
     /// Jobs never created (credits ran out, stopped).
     pub not_submitted: usize,
-    /// Jobs created whose task was still running when the run ended.
+    /// Jobs created whose task was still running when the run ended (or could not be
+    /// followed to its end).
     pub unfinished: usize,
+    /// Unfinished jobs whose follow ended with an error, by reason (`1101 account in
+    /// arrears`, …): run again to follow them.
+    #[serde(default)]
+    pub unfinished_by_reason: BTreeMap<String, usize>,
+    /// Succeeded jobs with a result file still missing after `--download` (run again to
+    /// fetch it).
+    #[serde(default)]
+    pub downloads_missing: usize,
     /// Jobs whose create outcome is still unknown (looked up again by the next run).
     pub unknown: usize,
     /// Logical calls through the stack (creates, queries, lookups).
@@ -129,14 +143,16 @@ impl Summary {
         self.jobs = records.len();
         for record in records {
             match record.state {
-                JobState::Succeeded => self.ok += 1,
+                JobState::Succeeded => {
+                    self.ok += 1;
+                    if record.download_error.is_some() {
+                        self.downloads_missing += 1;
+                    }
+                }
                 JobState::Failed => {
                     self.failed += 1;
                     let reason = match &record.error {
-                        Some(e) if e.code != 0 => {
-                            let code = kling_core::Code::from_i64(e.code);
-                            format!("{} {}", e.code, code.description())
-                        }
+                        Some(e) if e.code != 0 => code_reason(e.code),
                         Some(e) if e.message.starts_with("task failed") => "task failed".to_owned(),
                         Some(e) => e.message.clone(),
                         None => "unknown".to_owned(),
@@ -144,7 +160,15 @@ impl Summary {
                     *self.failed_by_reason.entry(reason).or_default() += 1;
                 }
                 JobState::NotSubmitted | JobState::Queued => self.not_submitted += 1,
-                JobState::Created => self.unfinished += 1,
+                JobState::Created => {
+                    self.unfinished += 1;
+                    if let Some(e) = record.error.as_ref().filter(|e| e.code != 0) {
+                        *self
+                            .unfinished_by_reason
+                            .entry(code_reason(e.code))
+                            .or_default() += 1;
+                    }
+                }
                 JobState::Creating => self.unknown += 1,
             }
         }
@@ -206,6 +230,15 @@ impl fmt::Display for Summary {
         rows.push(("not submitted".into(), self.not_submitted.to_string()));
         if self.unfinished > 0 {
             rows.push(("still running".into(), self.unfinished.to_string()));
+            for (reason, n) in &self.unfinished_by_reason {
+                rows.push((format!("  not followed: {reason}"), n.to_string()));
+            }
+        }
+        if self.downloads_missing > 0 {
+            rows.push((
+                "downloads missing".into(),
+                format!("{} (run again to fetch)", self.downloads_missing),
+            ));
         }
         if self.unknown > 0 {
             rows.push(("create outcome unknown".into(), self.unknown.to_string()));

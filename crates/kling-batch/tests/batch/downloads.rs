@@ -1,7 +1,9 @@
 //! `--download DIR`: result files saved as tasks succeed, resumably.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
+use kling_batch::download::{self, DownloadTimeouts};
 use kling_batch::journal::Journal;
 use kling_mock::MockServer;
 
@@ -55,4 +57,207 @@ async fn results_are_downloaded_recorded_and_a_missing_file_is_fetched_again() {
     assert_eq!(output.status.code(), Some(0));
     assert!(lost.exists());
     assert_eq!(server.stats().tasks_created, 6);
+}
+
+/// A result server on 127.0.0.1 that stalls: the first `stalled` connections are accepted and
+/// then held without a byte of answer; later ones get `BODY`.
+async fn stalling_server(stalled: usize) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        let mut accepted = 0;
+        while let Ok((mut socket, _)) = listener.accept().await {
+            accepted += 1;
+            if accepted <= stalled {
+                held.push(socket);
+                continue;
+            }
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    BODY.len()
+                );
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.write_all(BODY).await;
+            });
+        }
+    });
+    addr
+}
+
+const BODY: &[u8] = b"not really a video";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_download_is_given_up_left_for_the_next_run_and_holds_nothing() {
+    // Result URLs point at a server whose first connection stalls: one of the two files hangs.
+    let files = stalling_server(1).await;
+    let server = MockServer::start(pro_mock().files_base_url(format!("http://{files}/outputs")))
+        .await
+        .unwrap();
+    let dir = temp_dir("download-stall");
+    let jobs = write_jobs(&dir, 2);
+    let files_dir = dir.join("files");
+    let journal_path = dir.join("journal.sqlite");
+    let out = dir.join("out.jsonl");
+    let args = [
+        "--download",
+        files_dir.to_str().unwrap(),
+        "--download-idle-timeout",
+        "0.3",
+        "--download-timeout",
+        "5",
+        "--journal",
+        journal_path.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ];
+    let output = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "a file is missing: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines = results(&out);
+    assert!(lines.iter().all(|l| l["state"] == "succeeded"), "{lines:?}");
+    let (missing, saved): (Vec<&serde_json::Value>, Vec<&serde_json::Value>) = lines
+        .iter()
+        .partition(|l| l.get("download_error").is_some());
+    assert_eq!((missing.len(), saved.len()), (1, 1), "{lines:?}");
+    let why = missing[0]["download_error"]["message"].as_str().unwrap();
+    assert!(why.contains("timed out"), "{why}");
+    assert!(why.contains("a later run fetches it again"), "{why}");
+    assert!(missing[0].get("files").is_none(), "{lines:?}");
+    let saved_file = PathBuf::from(saved[0]["files"][0].as_str().unwrap());
+    assert_eq!(std::fs::read(&saved_file).unwrap(), BODY);
+    assert_eq!(crate::support::summary(&output)["downloads_missing"], 1);
+
+    // The next run fetches the missing file (the server answers now) and creates nothing.
+    let output = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines = results(&out);
+    assert!(
+        lines.iter().all(|l| l.get("download_error").is_none()),
+        "{lines:?}"
+    );
+    for line in &lines {
+        let path = PathBuf::from(line["files"][0].as_str().unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), BODY);
+    }
+    assert_eq!(server.stats().tasks_created, 2);
+    let journal = Journal::open(&journal_path).unwrap();
+    assert!(
+        journal
+            .records()
+            .unwrap()
+            .iter()
+            .all(|r| r.download_error.is_none())
+    );
+}
+
+/// `fetch_all` of one URL on `server`, with a guard against hanging forever.
+async fn fetch_one(
+    addr: std::net::SocketAddr,
+    timeouts: DownloadTimeouts,
+    name: &str,
+) -> kling_batch::download::Fetched {
+    let client = download::client(timeouts.connect_timeout()).unwrap();
+    let dir = temp_dir(name);
+    let url = format!("http://{addr}/outputs/t/0.mp4");
+    let fetched = tokio::time::timeout(
+        Duration::from_secs(20),
+        download::fetch_all(&client, &dir, "job", &[url], timeouts),
+    )
+    .await
+    .expect("the download gives up instead of hanging");
+    assert!(fetched.files.is_empty());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.join("job")).unwrap().collect();
+    assert!(
+        leftovers.is_empty(),
+        "no file or .part is left: {leftovers:?}"
+    );
+    fetched
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_stops_midway_or_only_trickles_is_given_up() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    // Sends the head and 10 of 100 bytes, then nothing: the idle timeout.
+    let midway = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let midway_addr = midway.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut socket, _)) = midway.accept().await {
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let _ = socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+                .await;
+            held.push(socket);
+        }
+    });
+    // Sends a byte every 20 ms forever: never idle, so the overall cap.
+    let trickle = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let trickle_addr = trickle.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = trickle.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100000000\r\n\r\n")
+                    .await;
+                while socket.write_all(b"x").await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+        }
+    });
+
+    let timeouts = DownloadTimeouts::default()
+        .idle(Duration::from_millis(300))
+        .total(Duration::from_secs(2));
+    let fetched = fetch_one(midway_addr, timeouts, "dl-midway").await;
+    let error = fetched.error.expect("the file is reported missing");
+    assert!(error.is_timeout(), "{error}");
+    assert!(error.to_string().contains("no data for 0.3s"), "{error}");
+
+    let fetched = fetch_one(trickle_addr, timeouts, "dl-trickle").await;
+    let error = fetched.error.expect("the file is reported missing");
+    assert!(error.is_timeout(), "{error}");
+    assert!(error.to_string().contains("took more than 2s"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_server_that_never_accepts_is_given_up_at_the_connect_timeout() {
+    // A listener with a backlog of one that never accepts: once one connection fills the
+    // backlog, the kernel drops further SYNs and a connect waits.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _filler = std::net::TcpStream::connect(addr).unwrap();
+
+    // The idle timeout (30 s) is beyond the test's guard: only the connect timeout ends it.
+    let timeouts = DownloadTimeouts::default().connect(Duration::from_millis(200));
+    let fetched = fetch_one(addr, timeouts, "dl-connect").await;
+    let error = fetched.error.expect("the file is reported missing");
+    assert!(error.is_timeout(), "{error}");
+    assert!(
+        error.to_string().contains("no connection within 0.2s"),
+        "{error}"
+    );
+    drop(listener);
 }

@@ -250,3 +250,109 @@ async fn a_create_of_unknown_outcome_is_looked_up_before_anything_is_created() {
         ]
     );
 }
+
+/// `prompt → (job id, task id)` from a results file and the jobs file it came from.
+fn tasks_by_prompt(
+    jobs: &std::path::Path,
+    out: &std::path::Path,
+) -> std::collections::BTreeMap<String, (String, String)> {
+    let text = std::fs::read_to_string(jobs).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    results(out)
+        .iter()
+        .map(|r| {
+            let line = r["line"].as_u64().unwrap() as usize;
+            let job: serde_json::Value = serde_json::from_str(lines[line - 1]).unwrap();
+            (
+                job["prompt"].as_str().unwrap().to_owned(),
+                (
+                    r["job_id"].as_str().unwrap().to_owned(),
+                    r["task_id"].as_str().unwrap().to_owned(),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_without_ids_keep_their_state_when_lines_are_added_or_reordered() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("edited");
+    let jobs = dir.join("jobs.jsonl");
+    let prompts = ["a cat", "a dog", "a fox", "an owl"];
+    let text: String = prompts
+        .iter()
+        .map(|p| format!("{{\"prompt\":\"{p}\"}}\n"))
+        .collect();
+    std::fs::write(&jobs, &text).unwrap();
+    let journal = dir.join("journal.sqlite");
+    let out = dir.join("out.jsonl");
+    let args = [
+        "--journal",
+        journal.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let first = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    assert_eq!(first.status.code(), Some(0));
+    let before = tasks_by_prompt(&jobs, &out);
+    assert_eq!(before.len(), 4);
+
+    // A comment on top, a blank line, the lines reordered.
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.reverse();
+    std::fs::write(&jobs, format!("# my shots\n\n{}\n", lines.join("\n"))).unwrap();
+    let second = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    assert_eq!(
+        second.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert_eq!(
+        tasks_by_prompt(&jobs, &out),
+        before,
+        "every prompt keeps its own id and task"
+    );
+    let stats = server.stats();
+    assert_eq!(
+        stats.tasks_created, 4,
+        "nothing was created again: {stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_edited_under_its_id_is_refused_by_name_and_nothing_is_sent() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("edited-id");
+    let jobs = dir.join("jobs.jsonl");
+    std::fs::write(
+        &jobs,
+        "{\"id\":\"cat\",\"prompt\":\"a cat\"}\n{\"id\":\"dog\",\"prompt\":\"a dog\"}\n",
+    )
+    .unwrap();
+    let journal = dir.join("journal.sqlite");
+    let args = ["--journal", journal.to_str().unwrap()];
+    let first = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    assert_eq!(first.status.code(), Some(0));
+    let requests = server.stats().requests_total;
+
+    std::fs::write(
+        &jobs,
+        "{\"id\":\"cat\",\"prompt\":\"a black cat\"}\n{\"id\":\"dog\",\"prompt\":\"a dog\"}\n{\"id\":\"owl\",\"prompt\":\"an owl\"}\n",
+    )
+    .unwrap();
+    let second = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("`cat` (line 1)"), "{stderr}");
+    assert!(!stderr.contains("`dog`"), "{stderr}");
+    assert!(stderr.contains("nothing was sent"), "{stderr}");
+    assert_eq!(server.stats().requests_total, requests, "nothing was sent");
+    let journal = Journal::open(&journal).unwrap();
+    assert_eq!(journal.record("owl").unwrap(), None, "nothing was recorded");
+    assert_eq!(
+        journal.record("cat").unwrap().unwrap().state,
+        JobState::Succeeded
+    );
+}

@@ -190,3 +190,78 @@ async fn legacy_and_new_style_jobs_run_side_by_side_in_their_own_pools() {
             .contains("/__mock/files/")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_error_while_following_keeps_the_jobs_created_and_a_rerun_finishes_them() {
+    use std::time::Duration;
+
+    use kling_mock::{MockConfig, Preset, Switches};
+
+    // Tasks of 60–120 s (0.6–1.2 s real): the account falls into arrears while they run.
+    let server = MockServer::start(MockConfig::preset(Preset::Pro).speed(crate::support::SPEED))
+        .await
+        .unwrap();
+    let dir = temp_dir("arrears");
+    let jobs = write_jobs(&dir, 3);
+    let journal = dir.join("journal.sqlite");
+    let out = dir.join("out.jsonl");
+    let args = [
+        "--journal",
+        journal.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ];
+    let run = run_command(&jobs, &server.base_url(), &args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while server.stats().tasks_created < 3 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("the run creates its tasks");
+    server.mock().set_switches(Switches::new().arrears(true));
+    let output = tokio::time::timeout(Duration::from_secs(60), run.wait_with_output())
+        .await
+        .expect("the run ends")
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The queries said nothing about the tasks, which run on: the jobs stay `created`.
+    let lines = results(&out);
+    assert_eq!(in_state(&lines, "created").len(), 3, "{lines:?}");
+    assert!(
+        lines.iter().all(|l| l["error"]["code"] == 1101),
+        "{lines:?}"
+    );
+    let s = summary(&output);
+    assert_eq!(s["unfinished"], 3, "{s}");
+    assert_eq!(
+        s["unfinished_by_reason"]["1101 account in arrears"], 3,
+        "{s}"
+    );
+
+    // Paid up: the next run follows the same tasks to their end and creates nothing.
+    server.mock().set_switches(Switches::new());
+    let output = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let after = results(&out);
+    assert_eq!(in_state(&after, "succeeded").len(), 3, "{after:?}");
+    for (before, after) in lines.iter().zip(&after) {
+        assert_eq!(before["task_id"], after["task_id"]);
+    }
+    assert_eq!(server.stats().tasks_created, 3);
+}
