@@ -6,8 +6,10 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::time::Duration;
 
 use http::StatusCode;
+use tokio::time::Instant;
 
 use crate::code::Code;
 use crate::outcome::Outcome;
@@ -169,11 +171,15 @@ impl StdError for BodyTooLarge {}
 
 /// A response whose body is not a Kling envelope (not JSON, or no numeric `code`).
 ///
-/// A gateway's HTML error page lands here; its status tells whether a retry may help.
+/// A gateway's HTML error page lands here; its status tells whether a retry may help, and a
+/// `Retry-After` it sent ([`retry_after`](Self::retry_after)) when: a proxy's 503 or 429 is
+/// honoured like Kling's own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MalformedResponse {
     status: StatusCode,
     reason: String,
+    retry_after: Option<Duration>,
+    received_at: Option<Instant>,
 }
 
 impl MalformedResponse {
@@ -181,7 +187,21 @@ impl MalformedResponse {
         MalformedResponse {
             status,
             reason: reason.into(),
+            retry_after: None,
+            received_at: None,
         }
+    }
+
+    /// The same error, with the response's `Retry-After` (already read as a delay) and when
+    /// the response arrived.
+    pub(crate) fn with_retry_after(
+        mut self,
+        retry_after: Option<Duration>,
+        received_at: Instant,
+    ) -> Self {
+        self.retry_after = retry_after;
+        self.received_at = Some(received_at);
+        self
     }
 
     /// The HTTP status of the response.
@@ -192,6 +212,24 @@ impl MalformedResponse {
     /// Why the body could not be read as an envelope.
     pub fn reason(&self) -> &str {
         &self.reason
+    }
+
+    /// The response's `Retry-After`, either form, as a delay from
+    /// [`received_at`](Self::received_at) (as [`Outcome::retry_after`](crate::Outcome::retry_after)
+    /// reads it); `None` without one or when it could not be read.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// When the response arrived (tokio time), when the error came from a parse that was told
+    /// ([`Outcome::parse`](crate::Outcome::parse) and the classify step are).
+    pub fn received_at(&self) -> Option<Instant> {
+        self.received_at
+    }
+
+    /// The instant the `Retry-After` allows the next request, when both are known.
+    pub fn resume_at(&self) -> Option<Instant> {
+        self.received_at?.checked_add(self.retry_after?)
     }
 }
 

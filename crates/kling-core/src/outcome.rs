@@ -219,6 +219,7 @@ impl Outcome {
                         e.to_string()
                     };
                     MalformedResponse::new(status, reason)
+                        .with_retry_after(retry_after, received_at)
                 })?;
                 tasks = Reports::from(envelope.tasks);
                 (
@@ -345,6 +346,26 @@ impl Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_page_that_is_no_envelope_keeps_its_retry_after() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, "60".parse().unwrap());
+        let now = Instant::now();
+        let err = Outcome::parse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &headers,
+            b"<html>down for maintenance</html>",
+            now,
+        )
+        .unwrap_err();
+        assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(60)));
+        assert_eq!(err.received_at(), Some(now));
+        assert_eq!(err.resume_at(), Some(now + Duration::from_secs(60)));
+        let without = Outcome::parse(StatusCode::BAD_GATEWAY, &HeaderMap::new(), b"", now);
+        assert_eq!(without.unwrap_err().resume_at(), None);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn retry_after_counts_from_arrival() {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
-use kling_core::error::{ApiError, BoxError};
+use kling_core::error::{ApiError, BoxError, MalformedResponse};
 use kling_core::metrics::{LABEL_KIND, LABEL_REASON, RETRIES, RETRY_BUDGET_EXHAUSTED};
 use kling_core::signals::Attempt;
 use kling_core::{ApiGeneration, Disposition, Outcome, PeekBody, Recognized, RequestKind};
@@ -423,7 +423,14 @@ where
         match self.shared().policy.judge(Attempted::Error(&error)) {
             Verdict::Return => Step::Finish(self.pass_through(error)),
             Verdict::Retry { delay, create } => {
-                self.schedule(delay, create, None, Last::Error(error), false)
+                // A response without a Kling envelope (a proxy's page) may still say when to
+                // come back: its `Retry-After` is honoured like Kling's own.
+                let hint = error
+                    .downcast_ref::<MalformedResponse>()
+                    .and_then(|malformed| {
+                        Some((malformed.received_at()?, malformed.retry_after()?))
+                    });
+                self.schedule(delay, create, hint, Last::Error(error), false)
             }
         }
     }

@@ -90,6 +90,7 @@ pub trait Policy: Send + Sync + 'static {
 /// | [`Transport`] error, never sent ([`SendState::NotSent`], [`NotSent`]) | retry, transient, not created |
 /// | [`Transport`] error after sending, `tower::timeout::error::Elapsed` | retry, transient, maybe created |
 /// | [`MalformedResponse`] or [`BodyTooLarge`] with a 5xx status (no Kling envelope, so no code says what happened) | retry, transient (503: maintenance), maybe created |
+/// | [`MalformedResponse`] with status 429 (a proxy's or gateway's page) | retry, [`Throttled`](DelayKind::Throttled), not created |
 /// | any other error (a limiter's deadline error, a bad request, …) | return it unchanged |
 ///
 /// What the layer then does with a retry whose `create` is
@@ -175,9 +176,15 @@ fn judge_error(error: &BoxError) -> Verdict {
     } else if error.is::<tower::timeout::error::Elapsed>() {
         (DelayKind::Transient, CreateState::MaybeCreated)
     } else if let Some(malformed) = error.downcast_ref::<MalformedResponse>() {
-        match by_status(malformed.status()) {
-            Some(delay) => (delay, CreateState::MaybeCreated),
-            None => return Verdict::Return,
+        if malformed.status() == http::StatusCode::TOO_MANY_REQUESTS {
+            // A proxy's or a gateway's 429 page: the request was turned away before it was
+            // handled (RFC 6585), so it is throttled, and nothing was made.
+            (DelayKind::Throttled, CreateState::NotCreated)
+        } else {
+            match by_status(malformed.status()) {
+                Some(delay) => (delay, CreateState::MaybeCreated),
+                None => return Verdict::Return,
+            }
         }
     } else if let Some(large) = error.downcast_ref::<BodyTooLarge>() {
         match by_status(large.status()) {

@@ -169,3 +169,63 @@ async fn the_same_seed_gives_the_same_delays() {
     }
     assert_eq!(runs[0], runs[1]);
 }
+
+/// A page a proxy or gateway answers with instead of a Kling envelope.
+fn page(status: u16, retry_after: &str) -> crate::support::Res {
+    let res = http::Response::builder()
+        .status(status)
+        .header("content-type", "text/html")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"<html><body>try again later</body></html>",
+        )))
+        .unwrap();
+    with_header(res, "retry-after", retry_after)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_proxy_page_s_retry_after_is_honoured_like_kling_s_own() {
+    // A 503 page asking for 60 s: the maintenance backoff alone would come back within 10 s.
+    let (server, log) = kling(|_, i| {
+        Reply::Now(if i == 0 {
+            page(503, "60")
+        } else {
+            task("t1", None)
+        })
+    });
+    send(&layer(3).layer(server), get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap();
+    let seen = log.all();
+    let gap = seen[1].at - seen[0].at;
+    assert!(gap >= Duration::from_secs(60), "{gap:?} is early");
+    assert!(gap <= Duration::from_secs(60) + JITTER, "{gap:?} is late");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_proxy_s_429_page_is_throttled_and_a_create_behind_it_is_sent_again() {
+    // Turned away before it was handled: nothing was made, so even a create without an
+    // external id goes again, after the page's Retry-After.
+    let (server, log) = kling(|_, i| {
+        Reply::Now(if i == 0 {
+            page(429, "5")
+        } else {
+            task("t1", None)
+        })
+    });
+    let client = RetryLayer::builder()
+        .seed(3)
+        .generate_external_ids(false)
+        .backoff(Backoff::new().retry_after_jitter(JITTER))
+        .build()
+        .unwrap()
+        .layer(server);
+    send(&client, crate::support::create(r#"{"prompt":"a cat"}"#))
+        .await
+        .unwrap();
+    let seen = log.all();
+    assert_eq!(seen.len(), 2, "the create and its one resend");
+    assert!(seen.iter().all(|s| s.method == http::Method::POST));
+    let gap = seen[1].at - seen[0].at;
+    assert!(gap >= Duration::from_secs(5), "{gap:?} is early");
+    assert!(gap <= Duration::from_secs(5) + JITTER, "{gap:?} is late");
+}
