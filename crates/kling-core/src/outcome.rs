@@ -289,6 +289,23 @@ impl Outcome {
         self.inner.tasks.as_slice()
     }
 
+    /// Whether the envelope's `data` is a list every element of which was read as a task, so
+    /// that [`tasks`](Self::tasks) is the whole list (an empty one included). `body` is the
+    /// response's body: an outcome reports no task both for `"data": []` and for a `data` it
+    /// could not read (`null`, missing, an element without id or status), which an answer to a
+    /// lookup by external id must tell apart: only the first says a task does not exist.
+    ///
+    /// Reads the body again (serde_json), for the rare answers where that matters, never for
+    /// every response.
+    pub fn lists_every_task(&self, body: &[u8]) -> bool {
+        serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|envelope| {
+            envelope
+                .get("data")
+                .and_then(serde_json::Value::as_array)
+                .is_some_and(|list| list.len() == self.tasks().len())
+        })
+    }
+
     /// The first task reported, e.g. the task a create made.
     pub fn task(&self) -> Option<&TaskReport> {
         self.tasks().first()
@@ -346,6 +363,32 @@ impl Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_is_whole_only_when_data_is_a_list_and_every_element_was_read() {
+        let read = |data: &str| {
+            let body = format!(r#"{{"code":0,"message":"SUCCEED","data":{data}}}"#);
+            let outcome = Outcome::parse(
+                StatusCode::OK,
+                &HeaderMap::new(),
+                body.as_bytes(),
+                Instant::now(),
+            )
+            .unwrap();
+            outcome.lists_every_task(body.as_bytes())
+        };
+        assert!(read("[]"));
+        assert!(read(
+            r#"[{"id":"t1","status":"submitted","external_id":"e1"}]"#
+        ));
+        assert!(!read("null"));
+        assert!(!read(r#"{"task_id":"t1","task_status":"submitted"}"#));
+        assert!(!read(r#"[{"id":"t1"}]"#), "an element read as no task");
+        let no_data = br#"{"code":0,"message":"SUCCEED"}"#;
+        let outcome =
+            Outcome::parse(StatusCode::OK, &HeaderMap::new(), no_data, Instant::now()).unwrap();
+        assert!(!outcome.lists_every_task(no_data));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_page_that_is_no_envelope_keeps_its_retry_after() {

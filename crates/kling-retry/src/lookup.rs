@@ -45,11 +45,14 @@ pub(crate) enum Lookup {
 /// was the new-style batch query (`GET /tasks?external_task_ids=…`).
 ///
 /// Only a definite "no such task" is [`Lookup::NotFound`], since it lets the create be sent
-/// again: code `1203`, or a new-style answer whose `data` is an empty array. A success that
-/// names our task (or a task without an external id, on the path that asked for ours) is
-/// [`Lookup::Found`]. Anything else is [`Lookup::Inconclusive`]: another error, and a success
-/// the layer cannot read a task from (`data` null or missing, a legacy task without
-/// `task_status`, tasks that all carry another external id).
+/// again: code `1203`, or a new-style answer whose `data` is a list read in whole
+/// ([`Outcome::lists_every_task`]) without the id (an empty list included). The task slots
+/// layer below reads the same answer by the same rule, so a slot is given back exactly when
+/// the create is sent again. A success that names our task (or a task without an external id,
+/// on the path that asked for ours) is [`Lookup::Found`]. Anything else is
+/// [`Lookup::Inconclusive`]: another error, and a success the layer cannot read a task from
+/// (`data` null or missing, a legacy task without `task_status`, a list element without id or
+/// status).
 pub(crate) fn read(body: &[u8], outcome: &Outcome, external_id: &str, new_style: bool) -> Lookup {
     if outcome.code() == Code::NotFound {
         return Lookup::NotFound;
@@ -57,28 +60,16 @@ pub(crate) fn read(body: &[u8], outcome: &Outcome, external_id: &str, new_style:
     if !outcome.is_success() {
         return Lookup::Inconclusive;
     }
-    let tasks = outcome.tasks();
-    let found = tasks.iter().find(|task| {
+    let found = outcome.tasks().iter().find(|task| {
         task.external_id
             .as_deref()
             .is_none_or(|id| id == external_id)
     });
     match found {
         Some(task) => Lookup::Found(task.id.clone()),
-        None if tasks.is_empty() && new_style && data_is_empty_array(body) => Lookup::NotFound,
+        None if new_style && outcome.lists_every_task(body) => Lookup::NotFound,
         None => Lookup::Inconclusive,
     }
-}
-
-/// Whether `body` is a JSON object whose `data` is `[]`. The [`Outcome`] reports no task both
-/// for that and for a `data` it could not read, so the (small, rare) lookup body is read again.
-fn data_is_empty_array(body: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|value| {
-        value
-            .get("data")
-            .and_then(serde_json::Value::as_array)
-            .is_some_and(Vec::is_empty)
-    })
 }
 
 /// The query that finds a create by its external id, with the create's account and
@@ -322,7 +313,7 @@ mod tests {
     }
 
     #[test]
-    fn only_1203_or_an_empty_new_style_array_is_not_found() {
+    fn only_1203_or_a_new_style_list_read_in_whole_without_it_is_not_found() {
         let ok = |data: &str| format!(r#"{{"code":0,"message":"SUCCEED","data":{data}}}"#);
         for (status, body, new_style, expected) in [
             (
@@ -371,11 +362,12 @@ mod tests {
             (200, ok(r#"{"task_id":"t1"}"#), false, "inconclusive"),
             (200, ok(r#"{"tasks":[]}"#), true, "inconclusive"),
             (200, ok(r#"[{"id":"t1"}]"#), true, "inconclusive"),
+            // A list read in whole without ours: as the slots layer reads it.
             (
                 200,
                 ok(r#"[{"id":"t2","status":"submitted","external_id":"other"}]"#),
                 true,
-                "inconclusive",
+                "not found",
             ),
             // Other errors.
             (

@@ -15,7 +15,7 @@ use http::{Method, Request, Response, Uri};
 use http_body_util::Full;
 use kling_core::error::{ApiError, BoxError, SendState};
 use kling_core::signals::{Deadline, SlotGated, Waited};
-use kling_core::{AccountId, ApiGeneration, Code, Outcome, Recognized, metrics as names};
+use kling_core::{AccountId, ApiGeneration, Code, Outcome, PeekBody, Recognized, metrics as names};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
@@ -394,17 +394,22 @@ fn settle_create<B: SlotBackend>(
 ///
 /// A lookup by external id is legacy `GET {create path}/{id}` (the id may be a task id or an
 /// external id: only a holding under that external id is ended) or new-style
-/// `GET /tasks?external_task_ids=…`. "Absent" is `1203` (not found), or a successful answer
-/// that reports other tasks, each with its external id.
-fn absent(asked: &PathAndQuery, outcome: &Outcome) -> Option<Vec<TaskUpdate>> {
-    // Cheap tests first: this runs on every query's answer.
+/// `GET /tasks?external_task_ids=…`. "Absent" is `1203` (not found), or a successful new-style
+/// answer whose `data` is a list read in whole ([`Outcome::lists_every_task`], `[]` included)
+/// that does not name it, each task listed carrying its external id. It is the rule the retry
+/// layer above sends a create again by: a `data` the answer could not read (`null`, missing, an
+/// element without id or status) ends nothing, as the task may exist.
+fn absent(asked: &PathAndQuery, outcome: &Outcome, body: &[u8]) -> Option<Vec<TaskUpdate>> {
+    // Cheap tests first: this runs on every query's answer (the body is read again only for a
+    // lookup by external id).
     let by_external = asked
         .query()
         .is_some_and(|q| q.contains("external_task_ids="));
     let not_found = outcome.code() == Code::NotFound;
     let none_listed = by_external
         && outcome.is_success()
-        && outcome.tasks().iter().all(|t| t.external_id.is_some());
+        && outcome.tasks().iter().all(|t| t.external_id.is_some())
+        && outcome.lists_every_task(body);
     if !(not_found || none_listed) {
         return None;
     }
@@ -483,8 +488,9 @@ where
                         return Poll::Ready(Ok(response));
                     };
                     let lease = *lease;
-                    let apply = if let Some(mut updates) =
-                        asked.as_ref().and_then(|asked| absent(asked, &outcome))
+                    let apply = if let Some(mut updates) = asked
+                        .as_ref()
+                        .and_then(|asked| absent(asked, &outcome, &response.body().peek_bytes()))
                     {
                         // The server says these external ids name no task: the creates held
                         // under them never happened, and their slots go back now (the create

@@ -41,8 +41,10 @@
 //!   answers never settle another's holdings by external id (task ids, the server's, are found
 //!   in any account). A lookup by external id (legacy
 //!   `GET {create path}/{external id}`, new `GET /tasks?external_task_ids=…`, as the retry layer
-//!   sends before creating again) that finds no task (`1203`, or an answer without it) gives
-//!   back what is held under that external id at once: that create never happened.
+//!   sends before creating again) that finds no task (`1203`, or a new-style `data` list read in
+//!   whole without it, `[]` included: the rule the retry layer sends the create again by) gives
+//!   back what is held under that external id at once: that create never happened. An answer
+//!   whose `data` cannot be read (`null`, missing) ends nothing.
 //! - Anything else passes through untouched.
 //!
 //! Slots are released **exactly once**, by whichever comes first: a query or list response, a

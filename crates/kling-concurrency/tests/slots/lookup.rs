@@ -201,3 +201,46 @@ async fn a_lookup_or_report_in_one_account_never_settles_another_accounts_extern
     svc.call(get("/v1/videos/text2video/e1")).await.unwrap();
     assert_eq!(pool_state(&handle, &video()).await.0, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lookup_answer_whose_data_cannot_be_read_keeps_the_slot() {
+    // The create is lost after sending; the lookups answer code 0 with `data` null, then `[]`.
+    let answers = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from([
+        "null", "{}", "[]",
+    ])));
+    let inner = tower::service_fn(
+        move |req: http::Request<http_body_util::Full<bytes::Bytes>>| {
+            let answer = if req.method() == http::Method::POST {
+                Err::<_, kling_core::BoxError>(Box::new(kling_core::error::Transport::after_sent(
+                    "connection reset",
+                )))
+            } else {
+                let data = answers.lock().unwrap().pop_front().expect("three lookups");
+                Ok(envelope(200, 0, &serde_json::from_str(data).unwrap()))
+            };
+            std::future::ready(answer)
+        },
+    );
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).unwrap();
+    let mut svc = layer.layer(inner);
+    let pool = kling_core::Pool::with_model(kling_core::Product::Video, "kling-3.0");
+    svc.ready().await.unwrap();
+    let create = post(
+        "/text-to-video/kling-3.0",
+        r#"{"prompt":"x","external_id":"e1"}"#,
+    );
+    assert!(svc.call(create).await.is_err());
+    assert_eq!(pool_state(&handle, &pool).await.0, 1);
+
+    // `data: null` and an object where a list belongs: the task may exist, the slot stays
+    // (the retry layer above does not send the create again on these either).
+    for _ in 0..2 {
+        svc.ready().await.unwrap();
+        svc.call(get("/tasks?external_task_ids=e1")).await.unwrap();
+        assert_eq!(pool_state(&handle, &pool).await.0, 1);
+    }
+    // An empty list: no such task, the slot comes back.
+    svc.ready().await.unwrap();
+    svc.call(get("/tasks?external_task_ids=e1")).await.unwrap();
+    assert_eq!(pool_state(&handle, &pool).await.0, 0);
+}

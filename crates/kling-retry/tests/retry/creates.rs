@@ -572,10 +572,7 @@ async fn a_lookup_that_succeeds_without_a_readable_task_does_not_resend_the_crea
         ),
         (false, "null"),
         (false, r#"{"id":"n1"}"#),
-        (
-            false,
-            r#"[{"id":"n1","status":"submitted","external_id":"other"}]"#,
-        ),
+        (false, r#"[{"id":"n1"}]"#),
     ] {
         let (server, log) = kling(move |seen, _| {
             Reply::Now(if seen.method == Method::POST {
@@ -686,4 +683,40 @@ async fn an_unrecognised_post_refused_before_any_work_and_an_unrecognised_get_ar
         .unwrap();
     assert_eq!(log.count("POST", "video-effects"), 2);
     assert_eq!(log.count("GET", "something/new"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_style_list_read_in_whole_without_the_create_sends_it_again() {
+    // The rule the task slots layer gives the create's slot back by: `[]`, or tasks that all
+    // carry other external ids. The create goes again, with its id.
+    for data in [
+        "[]",
+        r#"[{"id":"n1","status":"submitted","external_id":"other"}]"#,
+    ] {
+        let (server, log) = kling(move |seen, i| {
+            Reply::Now(if i == 0 {
+                code(5000)
+            } else if seen.method == Method::GET {
+                envelope(StatusCode::OK, 0, data)
+            } else {
+                envelope(
+                    StatusCode::OK,
+                    0,
+                    r#"{"id":"n2","status":"submitted","external_id":"job-16"}"#,
+                )
+            })
+        });
+        let request = http::Request::post("http://kling.test/text-to-video/kling-3.0")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                br#"{"external_id":"job-16"}"#,
+            )))
+            .unwrap();
+        let response = send(&layer().layer(server), request).await.unwrap();
+        assert!(
+            kling_core::Outcome::of(&response).unwrap().is_success(),
+            "{data}"
+        );
+        assert_eq!(log.count("POST", ""), 2, "{data}");
+        assert_eq!(log.count("GET", "job-16"), 1, "{data}");
+    }
 }
