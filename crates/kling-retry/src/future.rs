@@ -488,7 +488,11 @@ where
     /// create may be because of it (`1201` "duplicate external task id" when the first create
     /// landed after all), so the create is looked up again first.
     fn refused(&mut self, answer: ApiError) -> Step {
-        if self.sending == Sending::Original && self.created_as().is_some() {
+        let may_have_created = self
+            .retry
+            .as_deref()
+            .is_some_and(|retry| retry.external_id.is_some());
+        if self.sending == Sending::Original && may_have_created {
             return self.confirm(answer);
         }
         self.fail(StopReason::NotRetryable, Last::Api(answer))
