@@ -20,8 +20,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
 use http_body_util::BodyExt as _;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connect, HttpConnector};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::client::legacy::connect::Connect;
 use kling_tower::client::HttpsClient;
 use tokio::io::AsyncWriteExt as _;
 
@@ -120,19 +119,11 @@ impl fmt::Display for TimedOut {
 
 impl std::error::Error for TimedOut {}
 
-/// The client downloads go through: HTTPS (rustls, ring, webpki roots) or plain HTTP, with
-/// `connect` as its TCP connect timeout.
+/// The client downloads go through: kling-tower's HTTPS client (rustls, ring, webpki roots;
+/// plain HTTP too), with `connect` as its TCP connect timeout.
 pub fn client(connect: Duration) -> Result<HttpsClient, DownloadError> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(connect));
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-        .map_err(|e| DownloadError::new("tls", e))?
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new()).build(connector))
+    kling_tower::client::https_client_with_connect_timeout(connect)
+        .map_err(|e| DownloadError::new("tls", e))
 }
 
 /// What [`fetch_all`] saved, and why anything is missing.

@@ -15,10 +15,27 @@ pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 ///
 /// Put `kling_core::ClassifyLayer` over it; its connect errors read as "never sent".
 pub fn https_client() -> Result<HttpsClient, rustls::Error> {
+    build(None)
+}
+
+/// [`https_client`] whose TCP connects give up after `connect`: a host that never accepts
+/// fails then, not after the system's own timeout (minutes). For a caller that bounds each
+/// step of a request (result downloads, say).
+pub fn https_client_with_connect_timeout(
+    connect: std::time::Duration,
+) -> Result<HttpsClient, rustls::Error> {
+    build(Some(connect))
+}
+
+fn build(connect: Option<std::time::Duration>) -> Result<HttpsClient, rustls::Error> {
+    let mut http = HttpConnector::new();
+    // The HTTPS connector takes `https://` URIs, which the plain connector refuses otherwise.
+    http.enforce_http(false);
+    http.set_connect_timeout(connect);
     let connector = HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
         .https_or_http()
         .enable_http1()
-        .build();
+        .wrap_connector(http);
     Ok(Client::builder(TokioExecutor::new()).build(connector))
 }

@@ -11,7 +11,7 @@ mod hyper;
 mod reqwest;
 
 #[cfg(feature = "hyper")]
-pub use self::hyper::{HttpsClient, https_client};
+pub use self::hyper::{HttpsClient, https_client, https_client_with_connect_timeout};
 #[cfg(feature = "reqwest")]
 pub use self::reqwest::{ReqwestService, ResponseFuture as ReqwestFuture};
 
