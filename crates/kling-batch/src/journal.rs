@@ -30,6 +30,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
@@ -41,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{ChangedJobs, JournalError};
-use crate::jobs::Job;
+use crate::jobs::{Job, default_id};
 
 /// Where a job is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -340,7 +341,9 @@ impl Journal {
         let tx = conn.transaction()?;
         let at = now();
         let mut changed = Vec::new();
-        let mut legacy: Option<Vec<LegacyRow>> = None;
+        // An earlier version's `line-N` rows, by the default id of their content: read once,
+        // when the first job without an id is not found under its own.
+        let mut legacy: Option<HashMap<String, VecDeque<LegacyRow>>> = None;
         for job in jobs {
             let stored: Option<(String, String)> = tx
                 .query_row(
@@ -365,12 +368,13 @@ impl Journal {
                 if legacy.is_none() {
                     legacy = Some(legacy_rows(&tx, jobs)?);
                 }
+                // Identical jobs take identical rows in line order, as their ids are numbered.
                 if let Some(found) = legacy
-                    .iter_mut()
-                    .flatten()
-                    .find(|r| !r.taken && same_job(job, &r.endpoint, &r.body))
+                    .as_mut()
+                    .and_then(|rows| rows.get_mut(&default_id(&job.endpoint, &job.body)))
+                    .and_then(VecDeque::pop_front)
+                    .filter(|r| same_job(job, &r.endpoint, &r.body))
                 {
-                    found.taken = true;
                     tx.execute(
                         "UPDATE jobs SET job_id = ?2, line = ?3 WHERE job_id = ?1",
                         params![found.job_id, job.id, job.line as i64],
@@ -561,11 +565,15 @@ struct LegacyRow {
     job_id: String,
     endpoint: String,
     body: String,
-    taken: bool,
 }
 
-/// The `line-N` rows not held by an id of `jobs`, in line order.
-fn legacy_rows(tx: &rusqlite::Transaction<'_>, jobs: &[Job]) -> rusqlite::Result<Vec<LegacyRow>> {
+/// The `line-N` rows not held by an id of `jobs`, by the [`default_id`] of their content, each
+/// list in line order. Rows whose body is not a JSON object are left out (no job matches them).
+fn legacy_rows(
+    tx: &rusqlite::Transaction<'_>,
+    jobs: &[Job],
+) -> rusqlite::Result<HashMap<String, VecDeque<LegacyRow>>> {
+    let ids: HashSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
     let mut stmt = tx.prepare(
         "SELECT job_id, endpoint, body FROM jobs WHERE job_id GLOB 'line-[0-9]*' ORDER BY line",
     )?;
@@ -574,15 +582,23 @@ fn legacy_rows(tx: &rusqlite::Transaction<'_>, jobs: &[Job]) -> rusqlite::Result
             job_id: r.get(0)?,
             endpoint: r.get(1)?,
             body: r.get(2)?,
-            taken: false,
         })
     })?;
-    let mut legacy = Vec::new();
+    let mut legacy: HashMap<String, VecDeque<LegacyRow>> = HashMap::new();
     for row in rows {
         let row = row?;
-        if !jobs.iter().any(|j| j.id == row.job_id) {
-            legacy.push(row);
+        if ids.contains(row.job_id.as_str()) {
+            continue;
         }
+        let Ok(body) =
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&row.body)
+        else {
+            continue;
+        };
+        legacy
+            .entry(default_id(&row.endpoint, &body))
+            .or_default()
+            .push_back(row);
     }
     Ok(legacy)
 }
