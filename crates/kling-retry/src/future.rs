@@ -233,7 +233,17 @@ where
                 StateProj::Calling { future } => {
                     let result = ready!(future.poll(cx)).map_err(Into::into);
                     match this.call.after_attempt(result) {
-                        Step::Finish(output) => {
+                        Step::Finish(mut output) => {
+                            // A call that took more than one request says how many on its
+                            // answer: a metrics layer above counts every request sent against
+                            // the account's rate, not one per call.
+                            if this.call.attempts > 1
+                                && let Ok(response) = &mut output
+                            {
+                                response
+                                    .extensions_mut()
+                                    .insert(Attempt(this.call.attempts));
+                            }
                             this.state.set(State::Done);
                             return Poll::Ready(output);
                         }

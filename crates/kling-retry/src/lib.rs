@@ -137,7 +137,8 @@
 //! Outermost but one, under the metrics layer: it sets [`Deadline`](kling_core::signals::Deadline)
 //! and [`Attempt`](kling_core::signals::Attempt) on each attempt's request for the task-slots,
 //! rate-limit and auth layers below, and wraps a per-attempt `tower::timeout` and the classify
-//! step.
+//! step. A call answered after more than one request carries `Attempt(n)` on its response
+//! too, so the metrics layer above counts all `n` against the account's rate.
 //!
 //! # Time and randomness
 //!

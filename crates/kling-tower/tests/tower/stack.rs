@@ -726,3 +726,44 @@ where
 {
     service.oneshot(req).await
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_call_retried_counts_every_request_it_sent_in_the_rate_usage() {
+    // Each query is answered 1302 once, then with the task: two requests per call reach the
+    // account's rate, and the usage the warning is read from says so.
+    let sent = Arc::new(Mutex::new(0_u32));
+    let counted = sent.clone();
+    let client = tower::service_fn(move |_req: http::Request<Full<Bytes>>| {
+        let n = {
+            let mut sent = counted.lock().unwrap();
+            *sent += 1;
+            *sent
+        };
+        let response = if n % 2 == 1 {
+            envelope(
+                429,
+                r#"{"code":1302,"message":"too fast","request_id":"r1"}"#,
+            )
+        } else {
+            envelope(
+                200,
+                r#"{"code":0,"message":"SUCCEED","request_id":"r2","data":{"task_id":"t1","task_status":"processing"}}"#,
+            )
+        };
+        std::future::ready(Ok::<_, kling_core::BoxError>(response))
+    });
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Enterprise),
+        Credentials::api_key("key").unwrap(),
+    )
+    .unwrap();
+    let service = kling.layer(client);
+    for _ in 0..3 {
+        let response = send(&service, request("GET", "/v1/videos/text2video/t1", ""))
+            .await
+            .unwrap();
+        assert!(Outcome::of(&response).unwrap().is_success());
+    }
+    assert_eq!(*sent.lock().unwrap(), 6);
+    assert_eq!(kling.snapshot().rate.requests, 6);
+}
