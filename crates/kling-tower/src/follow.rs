@@ -57,7 +57,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response};
 use http_body_util::Full;
 use kling_core::error::ApiError;
-use kling_core::{ApiGeneration, BoxError, Disposition, Outcome, TaskReport};
+use kling_core::{AccountId, ApiGeneration, BoxError, Disposition, Outcome, TaskReport};
 use kling_retry::error::StopReason;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -303,6 +303,8 @@ pub struct Follower<S> {
     service: S,
     policy: FollowPolicy,
     headers: Vec<(HeaderName, HeaderValue)>,
+    /// The account every query is sent as, when set ([`with_account`](Follower::with_account)).
+    account: Option<AccountId>,
     board: Arc<Board>,
     drain: Option<DrainHandle>,
 }
@@ -337,6 +339,7 @@ where
             service,
             policy,
             headers: Vec::new(),
+            account: None,
             board: Arc::new(Board::default()),
             drain: None,
         })
@@ -357,6 +360,15 @@ where
     /// being followed has ended (its queries still pass the gate).
     pub fn with_drain(mut self, drain: DrainHandle) -> Self {
         self.drain = Some(drain);
+        self
+    }
+
+    /// Sends every query as `account` (its [`AccountId`] extension): a service that routes by
+    /// account (the [`Gateway`](crate::gateway::Gateway)) refuses a request without one, and
+    /// the slots a query frees are that account's. [`KlingLayer::follower`](crate::KlingLayer::follower)
+    /// sets the stack's own.
+    pub fn with_account(mut self, account: AccountId) -> Self {
+        self.account = Some(account);
         self
     }
 
@@ -514,6 +526,9 @@ where
         let mut request = Request::get(uri).body(Full::new(Bytes::new()))?;
         for (name, value) in &self.headers {
             request.headers_mut().insert(name.clone(), value.clone());
+        }
+        if let Some(account) = &self.account {
+            AccountId::set_if_absent(&mut request, account);
         }
         service.call(request).await.map_err(Into::into)
     }

@@ -543,13 +543,16 @@ impl<B: StackBackends> KlingLayer<B> {
 
     /// A task follower that queries through `service` (normally this stack's service, so its
     /// queries are paced and free slots like any other) and holds the drain open while it
-    /// follows.
+    /// follows. Its queries carry this stack's account, so a [`Gateway`](crate::gateway::Gateway)
+    /// serving several accounts routes them here.
     pub fn follower<S>(&self, service: S, policy: FollowPolicy) -> Result<Follower<S>, ConfigError>
     where
         S: Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>> + Clone,
         S::Error: Into<BoxError>,
     {
-        Ok(Follower::new(service, policy)?.with_drain(self.drain_handle()))
+        Ok(Follower::new(service, policy)?
+            .with_drain(self.drain_handle())
+            .with_account(self.account_id().clone()))
     }
 
     /// Hands a verified callback body (the task object Kling posts) to the stack: a terminal

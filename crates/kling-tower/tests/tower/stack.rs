@@ -767,3 +767,43 @@ async fn a_call_retried_counts_every_request_it_sent_in_the_rate_usage() {
     assert_eq!(*sent.lock().unwrap(), 6);
     assert_eq!(kling.snapshot().rate.requests, 6);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_follower_through_the_gateway_queries_as_its_stack_s_account() {
+    // Without callbacks, only the follower's queries see the task end and free its slot.
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Enterprise)
+            .slots(50)
+            .no_rate_limit()
+            .unlimited_credits()
+            .api_key_for("key-a", "acct-a")
+            .task_duration(Duration::from_secs(20), Duration::from_secs(20)),
+    )
+    .unwrap();
+    let gateway = GatewayLayer::builder()
+        .account(
+            "team-a",
+            KlingLayer::builder(
+                StackConfig::preset(Tier::Pro),
+                Credentials::api_key("key-a").unwrap(),
+            ),
+        )
+        .build()
+        .unwrap();
+    let service = gateway.layer(mock.clone());
+    let mut create = request("POST", "/v1/videos/text2video", r#"{"prompt":"a"}"#);
+    create.extensions_mut().insert(AccountId::new("team-a"));
+    let created = send(&service, create).await.unwrap();
+    let task = Outcome::of(&created).unwrap().task().unwrap().clone();
+
+    let stack = gateway.get(&AccountId::new("team-a")).unwrap();
+    let follower = stack
+        .follower(service.clone(), stack.follow_policy())
+        .unwrap();
+    let done = follower
+        .follow(TaskRef::from_report("/v1/videos/text2video", &task))
+        .await
+        .expect("followed through the gateway");
+    assert_eq!(done.status, TaskStatus::Succeeded);
+    assert_eq!(stack.snapshot().pool("video").unwrap().in_use, 0);
+}
