@@ -149,7 +149,9 @@ impl RedisConfig {
 /// every [`calibrate_every`](RedisConfig::calibrate_every) — and sends `local time + offset`.
 /// A client whose clock is minutes off therefore still agrees with the fleet, to within half
 /// the round trip of the measurement (well under a millisecond on a LAN). Scripts also never
-/// move a key's state backwards in time.
+/// move a key's state backwards in time. A [`lazy`](Connection::lazy) connection takes its
+/// first measurement on first use, and the rate limiter waits for it
+/// ([`is_calibrated`](Connection::is_calibrated)).
 ///
 /// # Clone
 ///
@@ -165,6 +167,13 @@ struct Inner {
     timeout: Duration,
     offset_us: AtomicI64,
     calibrated: AtomicBool,
+    /// Held by the one request that measures the first offset; the others wait for it and
+    /// read its failure, if any (so a down Redis costs them one attempt, not one each).
+    first_calibration: tokio::sync::Mutex<Option<StoreError>>,
+    /// Added to the system clock: a process whose clock is off, for tests
+    /// (`testing::skew_local_clock`).
+    #[cfg(feature = "testing")]
+    local_skew_us: AtomicI64,
     calibrate_every: Duration,
     last_calibration: std::sync::Mutex<Option<Instant>>,
     client: redis::Client,
@@ -190,6 +199,11 @@ impl Connection {
 
     /// A connection that connects on first use: a process may start while Redis is down, and
     /// every command fails with [`StoreError`] until it is back. Needs a tokio runtime.
+    ///
+    /// The clock offset is measured on first use too: the rate limiter's first decision or
+    /// report waits for the measurement (and, while Redis cannot be reached, does what its
+    /// [`WhenUnreachable`](crate::WhenUnreachable) says), so a process whose clock is off
+    /// never writes its own time into the fleet's state.
     pub fn lazy(config: RedisConfig) -> Result<Connection, ConfigError> {
         config.validate()?;
         let client = redis::Client::open(config.url.as_str())
@@ -209,6 +223,9 @@ impl Connection {
                 timeout: config.command_timeout,
                 offset_us: AtomicI64::new(0),
                 calibrated: AtomicBool::new(false),
+                first_calibration: tokio::sync::Mutex::new(None),
+                #[cfg(feature = "testing")]
+                local_skew_us: AtomicI64::new(0),
                 calibrate_every: config.calibrate_every,
                 last_calibration: std::sync::Mutex::new(None),
                 client,
@@ -235,9 +252,63 @@ impl Connection {
         &self.inner.client
     }
 
-    /// Fleet time now: Unix microseconds on the server's clock.
+    /// Fleet time now: Unix microseconds on the server's clock (this process's own clock until
+    /// the offset has been measured, see [`is_calibrated`](Self::is_calibrated)).
     pub fn now_us(&self) -> i64 {
-        local_us() + self.inner.offset_us.load(Ordering::Relaxed)
+        self.local_us() + self.inner.offset_us.load(Ordering::Acquire)
+    }
+
+    /// Whether the offset to the server's clock has been measured: always after
+    /// [`connect`](Self::connect); after the first successful command on a
+    /// [`lazy`](Self::lazy) connection.
+    pub fn is_calibrated(&self) -> bool {
+        self.inner.calibrated.load(Ordering::Acquire)
+    }
+
+    /// Fleet time now, measured against the server's clock: before the first measurement
+    /// succeeded, it is taken first (one request at a time; those that waited for a failed one
+    /// get its error). Later measurements run in the background every `calibrate_every`.
+    pub(crate) async fn calibrated_now_us(&self) -> Result<i64, StoreError> {
+        loop {
+            if self.is_calibrated() {
+                self.maybe_calibrate();
+                return Ok(self.now_us());
+            }
+            let failed = match self.inner.first_calibration.try_lock() {
+                Ok(mut failed) => {
+                    *failed = None;
+                    let result = self.calibrate().await;
+                    *failed = result.as_ref().err().cloned();
+                    result?;
+                    return Ok(self.now_us());
+                }
+                Err(_) => self.inner.first_calibration.lock().await.clone(),
+            };
+            if let Some(error) = failed
+                && !self.is_calibrated()
+            {
+                return Err(error);
+            }
+            // Measured meanwhile, or the request measuring it gave up: look again.
+        }
+    }
+
+    /// See [`testing::skew_local_clock`](crate::testing::skew_local_clock).
+    #[cfg(feature = "testing")]
+    pub(crate) fn skew_local_clock(&self, ahead_us: i64) {
+        self.inner.local_skew_us.store(ahead_us, Ordering::Relaxed);
+    }
+
+    /// This process's clock, Unix microseconds.
+    fn local_us(&self) -> i64 {
+        #[cfg(feature = "testing")]
+        {
+            local_us() + self.inner.local_skew_us.load(Ordering::Relaxed)
+        }
+        #[cfg(not(feature = "testing"))]
+        {
+            local_us()
+        }
     }
 
     /// Fleet time of a tokio instant of this process.
@@ -265,9 +336,9 @@ impl Connection {
     pub async fn calibrate(&self) -> Result<(), StoreError> {
         let mut best: Option<(i64, i64)> = None;
         for _ in 0..3 {
-            let before = local_us();
+            let before = self.local_us();
             let (secs, micros): (i64, i64) = self.query(&redis::cmd("TIME")).await?;
-            let after = local_us();
+            let after = self.local_us();
             let rtt = after - before;
             let server = secs * 1_000_000 + micros;
             let offset = server - (before + rtt / 2);
@@ -276,8 +347,8 @@ impl Connection {
             }
         }
         if let Some((rtt, offset)) = best {
-            self.inner.offset_us.store(offset, Ordering::Relaxed);
-            self.inner.calibrated.store(true, Ordering::Relaxed);
+            self.inner.offset_us.store(offset, Ordering::Release);
+            self.inner.calibrated.store(true, Ordering::Release);
             *self
                 .inner
                 .last_calibration

@@ -12,7 +12,11 @@ use std::time::Duration;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum StoreErrorKind {
-    /// Redis could not be reached (refused, reset, no connection yet).
+    /// Redis could not be reached (refused, reset, no connection yet), or answered that it
+    /// cannot serve commands for now: `LOADING` (restarting with persistence), `MASTERDOWN`
+    /// (a replica that lost its primary), `TRYAGAIN` — the errors the `redis` crate marks
+    /// [`RetryMethod::WaitAndRetry`](redis::RetryMethod::WaitAndRetry). Both backends treat
+    /// it as [`WhenUnreachable`](crate::WhenUnreachable) says.
     Unreachable,
     /// A command took longer than the command timeout.
     TimedOut,
@@ -37,6 +41,8 @@ impl StoreError {
             || error.is_connection_dropped()
             || error.is_connection_refusal()
             || error.is_unrecoverable_error()
+            // A restart or failover in progress: Redis is there but cannot serve yet.
+            || matches!(error.retry_method(), redis::RetryMethod::WaitAndRetry)
         {
             StoreErrorKind::Unreachable
         } else {
@@ -148,3 +154,45 @@ impl fmt::Display for ConfigError {
 }
 
 impl StdError for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error a connection gets for the server's error reply `line` (without CRLF).
+    fn server_error(line: &str) -> redis::RedisError {
+        let reply = redis::parse_redis_value(format!("-{line}\r\n").as_bytes())
+            .expect("a valid error reply");
+        reply.extract_error().expect_err("an error reply")
+    }
+
+    #[test]
+    fn restart_and_failover_replies_count_as_unreachable() {
+        for line in [
+            "LOADING Redis is loading the dataset in memory",
+            "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+        ] {
+            let error = StoreError::from_redis(&server_error(line));
+            assert_eq!(error.kind(), StoreErrorKind::Unreachable, "{line}: {error}");
+            assert!(error.is_unreachable(), "{line}");
+            assert_eq!(
+                error.into_ratelimit().kind(),
+                kling_ratelimit::error::BackendErrorKind::Unreachable
+            );
+        }
+    }
+
+    #[test]
+    fn script_and_command_errors_stay_protocol_errors() {
+        for line in [
+            "ERR Error running script (call to f_0): user_script:1: bad argument",
+            "NOSCRIPT No matching script. Please use EVAL.",
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+        ] {
+            let error = StoreError::from_redis(&server_error(line));
+            assert_eq!(error.kind(), StoreErrorKind::Protocol, "{line}: {error}");
+            assert!(!error.is_unreachable(), "{line}");
+        }
+    }
+}

@@ -15,7 +15,7 @@ use redis::Script;
 use tokio::time::Instant;
 
 use crate::conn::{Connection, micros, segment};
-use crate::error::StoreError;
+use crate::error::{ConfigError, StoreError};
 use crate::order_lua::QUEUE;
 use crate::slots::instance_id;
 use crate::unreachable::{DEFAULT_RETRY_EVERY, WhenUnreachable};
@@ -77,11 +77,20 @@ local function int(x) return string.format('%.0f', x) end
 local ahead_until = nil
 local queued = redis.call('EXISTS', qx) == 1
 if queued then ahead_until = ahead_of(q, qx, me, since, now) end
-local function wait(at, cooldown)
+local v = redis.call('HMGET', key, 't', 'p', 'cd', 'r', 'se')
+-- Whether this script wrote the hash: a write may create it, and every hash gets an expiry.
+local wrote = false
+-- The hash lives the idle TTL past the latest of `last`, the key's pace and its streak window.
+local function expire(last)
+  local se = tonumber(v[5])
+  if se and se > last then last = se end
+  redis.call('PEXPIRE', key, math.ceil((last - now + tonumber(ARGV[7])) / 1000))
+end
+local function wait(at, cooldown, tat)
+  if wrote then expire(math.max(tat or now, now)) end
   if me ~= '' then take_place(q, qx, me, ARGV[9], math.max(at, now) + tonumber(ARGV[10]), now) end
   return {1, at, cooldown}
 end
-local v = redis.call('HMGET', key, 't', 'p', 'cd', 'r', 'se')
 local cd = tonumber(v[3])
 if cd and cd > now then
   return wait(cd, 1)
@@ -94,6 +103,7 @@ if ARGV[4] == '1' then
     if rate < 0 then rate = ceiling / 4 end
     if rate > ceiling then rate = ceiling end
     redis.call('HSET', key, 'r', string.format('%.17g', rate))
+    wrote = true
   end
   local p = math.ceil(1e6 / rate)
   if p > period then period = p end
@@ -105,15 +115,16 @@ if tat and applied and applied ~= period then
     tat = now + math.ceil((tat - now) * period / applied)
   end
   redis.call('HSET', key, 't', string.format('%.0f', tat), 'p', string.format('%.0f', period))
+  wrote = true
 end
 if not tat then tat = now end
 local earliest = tat - period * (burst - 1)
 if ahead_until then
   -- The cell goes to the process ahead: ask for the one after it, or when its place ends.
-  return wait(math.min(math.max(earliest, now) + period, ahead_until), 0)
+  return wait(math.min(math.max(earliest, now) + period, ahead_until), 0, tat)
 end
 if now < earliest then
-  return wait(earliest, 0)
+  return wait(earliest, 0, tat)
 end
 if queued and me ~= '' then leave_place(q, qx, me) end
 local nxt = math.max(tat, now) + period
@@ -133,10 +144,7 @@ if KEYS[4] then
     redis.call('PEXPIRE', KEYS[4], math.ceil(2 * USAGE_BUCKETS * bucket / 1000))
   end
 end
-local last = nxt
-local se = tonumber(v[5])
-if se and se > last then last = se end
-redis.call('PEXPIRE', key, math.ceil((last - now + tonumber(ARGV[7])) / 1000))
+expire(nxt)
 return {0}
 ";
 
@@ -197,10 +205,13 @@ local function start_rate()
 end
 local function int(x) return string.format('%.0f', x) end
 local function expire()
+  -- The latest of the key's pace, its pause and its streak window, any of which may be absent
+  -- (a list holding nils would end at the first: no ipairs).
   local last = now
-  for _, t in ipairs({tonumber(v[8]), cd, se}) do
-    if t and t > last then last = t end
-  end
+  local t = tonumber(v[8])
+  if t and t > last then last = t end
+  if cd and cd > last then last = cd end
+  if se and se > last then last = se end
   redis.call('PEXPIRE', key, math.ceil((last - now + tonumber(ARGV[20])) / 1000))
 end
 if ARGV[2] == 's' then
@@ -410,9 +421,19 @@ impl RedisGcra {
         self.with(|o| o.retry_every = every.max(Duration::from_millis(1)))
     }
 
-    /// How long an idle key keeps its state (default [`DEFAULT_IDLE_TTL`]).
-    pub fn idle_ttl(self, ttl: Duration) -> Self {
-        self.with(|o| o.idle_ttl = ttl)
+    /// How long an idle key keeps its state (default [`DEFAULT_IDLE_TTL`]): a key's hash
+    /// expires this long after the latest of its pace, its pause and its 1302 streak window.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming `idle_ttl` when `ttl` is zero: the key would expire the
+    /// instant its pause or pace is over, forgetting the streak that escalates the next
+    /// pause and the adaptive rate.
+    pub fn idle_ttl(self, ttl: Duration) -> Result<Self, ConfigError> {
+        if ttl.is_zero() {
+            return Err(ConfigError::new("idle_ttl", "must be longer than zero"));
+        }
+        Ok(self.with(|o| o.idle_ttl = ttl))
     }
 
     /// Whether the next cell of a key goes to the request that has waited for it longest, in
@@ -460,7 +481,7 @@ impl RedisGcra {
     pub async fn fleet_requests(&self, account: Option<&AccountId>) -> Result<u64, StoreError> {
         let key = format!("{}:n", self.key_of(&BucketKey::account(account.cloned())));
         let args = [
-            self.inner.conn.now_us().to_string(),
+            self.inner.conn.calibrated_now_us().await?.to_string(),
             self.inner.bucket_us().to_string(),
         ];
         let sum: i64 = self
@@ -610,6 +631,43 @@ impl Inner {
         }
     }
 
+    /// The decision when Redis failed with `e`: [`WhenUnreachable`]'s choice if it is out of
+    /// reach, else the error.
+    fn unreachable_decision(
+        &self,
+        e: StoreError,
+        key: &BucketKey,
+        policy: &Policy,
+    ) -> Result<Decision, BackendError> {
+        match self.when_unreachable {
+            WhenUnreachable::Wait if e.is_unreachable() => Ok(Decision::NotBefore {
+                at: Instant::now() + self.retry_every,
+                cooldown: false,
+            }),
+            WhenUnreachable::Fallback { processes } if e.is_unreachable() => Ok(self
+                .fallback
+                .acquire_now(key, &share(policy, processes.get()))),
+            _ => Err(e.into_ratelimit()),
+        }
+    }
+
+    /// What a report does when Redis failed with `e`: the in-process fallback's answer under
+    /// [`WhenUnreachable::Fallback`] if it is out of reach, else the error.
+    fn unreachable_feedback(
+        &self,
+        e: StoreError,
+        key: &BucketKey,
+        policy: &Policy,
+        feedback: Feedback,
+    ) -> Result<Reported, BackendError> {
+        match self.when_unreachable {
+            WhenUnreachable::Fallback { processes } if e.is_unreachable() => Ok(self
+                .fallback
+                .feedback_now(key, &share(policy, processes.get()), feedback)),
+            _ => Err(e.into_ratelimit()),
+        }
+    }
+
     fn note(&self, result: &Result<impl Sized, StoreError>) {
         match result {
             Err(e) if e.is_unreachable() => {
@@ -640,10 +698,18 @@ impl RedisGcra {
         let redis_key = self.key_of(key);
         let key = key.clone();
         let policy = *policy;
-        inner.conn.maybe_calibrate();
         Box::pin(async move {
+            // Never decide on this process's own clock: the first decision of a lazy
+            // connection waits for the offset to the server's.
+            let now_us = inner.conn.calibrated_now_us().await;
             let now = Instant::now();
-            let now_us = inner.conn.now_us();
+            let now_us = match now_us {
+                Ok(now_us) => now_us,
+                Err(e) => {
+                    inner.note(&Err::<(), _>(e.clone()));
+                    return inner.unreachable_decision(e, &key, &policy);
+                }
+            };
             let since = inner
                 .arrival_order
                 .then(|| since.map_or(now_us, |since| inner.conn.to_fleet(since, now, now_us)));
@@ -657,17 +723,7 @@ impl RedisGcra {
                     at: inner.conn.to_instant(at_us, now, now_us),
                     cooldown,
                 }),
-                Err(e) if e.is_unreachable() => match inner.when_unreachable {
-                    WhenUnreachable::Wait => Ok(Decision::NotBefore {
-                        at: Instant::now() + inner.retry_every,
-                        cooldown: false,
-                    }),
-                    WhenUnreachable::Fallback { processes } => Ok(inner
-                        .fallback
-                        .acquire_now(&key, &share(&policy, processes.get()))),
-                    _ => Err(e.into_ratelimit()),
-                },
-                Err(e) => Err(e.into_ratelimit()),
+                Err(e) => inner.unreachable_decision(e, &key, &policy),
             }
         })
     }
@@ -736,8 +792,16 @@ impl Backend for RedisGcra {
         let key = key.clone();
         let policy = *policy;
         Box::pin(async move {
+            // Reported times go into the fleet's state too: measured against the server's clock.
+            let now_us = inner.conn.calibrated_now_us().await;
             let now = Instant::now();
-            let now_us = inner.conn.now_us();
+            let now_us = match now_us {
+                Ok(now_us) => now_us,
+                Err(e) => {
+                    inner.note(&Err::<(), _>(e.clone()));
+                    return inner.unreachable_feedback(e, &key, &policy, feedback);
+                }
+            };
             let fleet = |t: Instant| inner.conn.to_fleet(t, now, now_us).to_string();
             let (kind, sent, received, resume, throttled) = match feedback {
                 Feedback::Success { sent_at } => {
@@ -799,15 +863,7 @@ impl Backend for RedisGcra {
                             .into_ratelimit()),
                     }
                 }
-                Err(e) if e.is_unreachable() => match inner.when_unreachable {
-                    WhenUnreachable::Fallback { processes } => Ok(inner.fallback.feedback_now(
-                        &key,
-                        &share(&policy, processes.get()),
-                        feedback,
-                    )),
-                    _ => Err(e.into_ratelimit()),
-                },
-                Err(e) => Err(e.into_ratelimit()),
+                Err(e) => inner.unreachable_feedback(e, &key, &policy, feedback),
             }
         })
     }

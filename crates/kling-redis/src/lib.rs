@@ -55,7 +55,9 @@
 //! Scripts never read the server's clock: each process sends fleet time, its own clock
 //! corrected by the offset to the server's `TIME` that [`Connection`] measures on connect and
 //! every 30 s, so client clock skew does not leak into the limits (the residue is half a
-//! round trip). Times are integer microseconds (Lua numbers are doubles: exact to 2⁵³ µs);
+//! round trip). A [`Connection::lazy`] measures it on first use: the rate limiter's first
+//! decision or report waits for the measurement (or, while Redis cannot be reached, does what
+//! [`WhenUnreachable`] says). Times are integer microseconds (Lua numbers are doubles: exact to 2⁵³ µs);
 //! emission intervals are rounded up to a whole microsecond, never down.
 //!
 //! # When Redis restarts or goes away
@@ -64,7 +66,8 @@
 //! state (the `PREFIX:alive` key is gone) starts a grace period in which no create is
 //! admitted, and every process registers its slots again within one maintenance pass
 //! (default 1 s; grace 3 s). Changes made while Redis was unreachable are replayed, in order,
-//! when it is back. What happens meanwhile is [`WhenUnreachable`]'s choice. The GCRA state of
+//! when it is back. What happens meanwhile is [`WhenUnreachable`]'s choice; a Redis that
+//! answers `LOADING`, `MASTERDOWN` or `TRYAGAIN` (restarting, failing over) counts as away. The GCRA state of
 //! a restarted Redis starts empty: a key admits one request, then paces again — a fresh key
 //! never admits more than its burst.
 //!

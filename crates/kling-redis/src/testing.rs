@@ -164,6 +164,13 @@ impl Drop for RedisServer {
     }
 }
 
+/// Makes `conn` (and its clones) read a system clock `ahead_us` microseconds ahead of the real
+/// one (negative: behind): a process whose clock is off, whose decisions must still follow the
+/// Redis server's `TIME`. Set it before the connection's first command.
+pub fn skew_local_clock(conn: &crate::Connection, ahead_us: i64) {
+    conn.skew_local_clock(ahead_us);
+}
+
 /// A port nobody listens on now (bound once by the OS and released).
 fn free_port() -> io::Result<u16> {
     let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;

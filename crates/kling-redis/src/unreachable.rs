@@ -5,6 +5,10 @@ use std::time::Duration;
 
 /// What a backend does while Redis cannot be reached (refused, timed out, restarting).
 ///
+/// "Cannot be reached" includes a Redis that answers but cannot serve yet: `LOADING`
+/// (restarting with persistence), `MASTERDOWN`, `TRYAGAIN` (see
+/// [`StoreErrorKind::Unreachable`](crate::error::StoreErrorKind::Unreachable)).
+///
 /// | choice | rate limiter | task slots | over-admission during the outage |
 /// |---|---|---|---|
 /// | [`Wait`](Self::Wait) (default, fail closed) | requests wait, asking again every `retry_every`; the layer's `max_wait` and a request's `Deadline` turn the wait into its typed error | creates wait, likewise; a `Deadline` ends the wait | none |

@@ -10,7 +10,8 @@ use kling_core::AccountId;
 use kling_ratelimit::GcraLayer;
 use kling_ratelimit::backend::Feedback;
 use kling_ratelimit::{Backend, BucketKey, Cooldown, Decision, InProcess, Policy, Quota};
-use kling_redis::{FleetDecision, RedisGcra};
+use kling_redis::testing::skew_local_clock;
+use kling_redis::{Connection, FleetDecision, RedisConfig, RedisGcra, WhenUnreachable};
 use proptest::prelude::*;
 use tower::{Layer, ServiceExt};
 
@@ -695,4 +696,211 @@ async fn a_process_that_does_not_count_requests_adds_nothing_to_the_fleets_count
     let read = Backend::fleet_requests(&counting, &key).expect("a counting backend's figure");
     assert_eq!(read.await.unwrap(), 1);
     assert_eq!(quiet.fleet_requests(Some(&account)).await.unwrap(), 1);
+}
+
+/// A lazy connection whose clock runs `ahead_us` off the real one (it connects and measures
+/// the offset on first use).
+fn lazy_skewed(server: &kling_redis::testing::RedisServer, ahead_us: i64) -> Connection {
+    let conn = Connection::lazy(
+        RedisConfig::new(server.url())
+            .prefix("test")
+            .command_timeout(Duration::from_secs(2)),
+    )
+    .unwrap();
+    skew_local_clock(&conn, ahead_us);
+    conn
+}
+
+/// Three minutes, µs.
+const THREE_MINUTES_US: i64 = 180_000_000;
+
+/// A process whose clock is three minutes fast, on a lazy connection, takes its first cell on
+/// the server's clock: another process gets the next cell a period later, not three minutes
+/// later.
+#[tokio::test]
+async fn a_lazy_process_with_a_fast_clock_decides_on_the_servers_clock_from_its_first_decision() {
+    let Some(server) = redis() else { return };
+    let fast = RedisGcra::new(lazy_skewed(&server, THREE_MINUTES_US));
+    let other = RedisGcra::new(connect(&server).await);
+    let key = BucketKey::account(Some(AccountId::new("fast-clock")));
+    let policy = Policy::new(
+        Quota::with_period(Duration::from_secs(1)),
+        Cooldown::default(),
+    );
+    assert_eq!(fast.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+    let offset = fast.connection().clock_offset_us();
+    assert!(
+        (offset + THREE_MINUTES_US).abs() < 1_000_000,
+        "measured offset {offset} µs"
+    );
+    let asked = tokio::time::Instant::now();
+    match other.acquire(&key, &policy).await.unwrap() {
+        Decision::NotBefore {
+            at,
+            cooldown: false,
+        } => {
+            let wait = at.saturating_duration_since(asked);
+            assert!(wait <= Duration::from_millis(1050), "{wait:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The same process's first act a 1302 report: the pause it writes ends a second after the
+/// server's now, not three minutes and a second.
+#[tokio::test]
+async fn a_lazy_process_with_a_fast_clock_reports_a_pause_on_the_servers_clock() {
+    let Some(server) = redis() else { return };
+    let fast = RedisGcra::new(lazy_skewed(&server, THREE_MINUTES_US));
+    let other = RedisGcra::new(connect(&server).await);
+    let key = BucketKey::account(Some(AccountId::new("fast-clock-pause")));
+    let policy = Policy::new(Quota::per_second(100.0), Cooldown::default());
+    let now = tokio::time::Instant::now();
+    let reported = fast
+        .feedback(
+            &key,
+            &policy,
+            Feedback::Pause {
+                sent_at: now,
+                received_at: now,
+                resume_at: None,
+                throttled: true,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(reported.streak, 1);
+    let asked = tokio::time::Instant::now();
+    match other.acquire(&key, &policy).await.unwrap() {
+        Decision::NotBefore { at, cooldown: true } => {
+            let wait = at.saturating_duration_since(asked);
+            assert!(wait <= Duration::from_millis(1050), "{wait:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A lazy connection to a Redis that is not there cannot measure the offset: its first
+/// decision does what `when_unreachable` says (here: fall back to the process's share).
+#[tokio::test]
+async fn a_lazy_process_that_cannot_measure_the_offset_follows_when_unreachable() {
+    let Some(mut server) = redis() else { return };
+    server.stop();
+    let conn = Connection::lazy(
+        RedisConfig::new(server.url())
+            .prefix("test")
+            .command_timeout(Duration::from_millis(200))
+            .connect_timeout(Duration::from_millis(200)),
+    )
+    .unwrap();
+    let key = BucketKey::account(Some(AccountId::new("nowhere")));
+    let policy = Policy::new(Quota::per_second(100.0), Cooldown::default());
+    let fail = RedisGcra::new(conn.clone()).when_unreachable(WhenUnreachable::Fail);
+    let error = fail.acquire(&key, &policy).await.unwrap_err();
+    assert_eq!(
+        error.kind(),
+        kling_ratelimit::error::BackendErrorKind::Unreachable,
+        "{error}"
+    );
+    let fallback = RedisGcra::new(conn).when_unreachable(WhenUnreachable::fallback(2));
+    assert_eq!(
+        fallback.acquire(&key, &policy).await.unwrap(),
+        Decision::Admit
+    );
+    assert!(fallback.is_out());
+}
+
+/// A plain connection to `server`, to read what the scripts left.
+async fn raw(server: &kling_redis::testing::RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// The milliseconds `key` has left (-1: no expiry, -2: no key).
+async fn pttl(server: &kling_redis::testing::RedisServer, key: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(&mut raw(server).await)
+        .await
+        .unwrap()
+}
+
+/// A Retry-After of two hours reported for a key no request has been paced under yet (no
+/// `t` in its hash) keeps the key, and so the pause, for the two hours and the idle TTL, not
+/// for the idle TTL alone.
+#[tokio::test]
+async fn a_long_pause_on_a_key_without_a_pace_outlives_the_idle_ttl() {
+    let Some(server) = redis() else { return };
+    let backend = RedisGcra::new(connect(&server).await);
+    let key = BucketKey::account(Some(AccountId::new("long-pause")));
+    let policy = Policy::new(Quota::per_second(100.0), Cooldown::default());
+    let now = tokio::time::Instant::now();
+    let two_hours = Duration::from_secs(2 * 3600);
+    let reported = backend
+        .feedback(
+            &key,
+            &policy,
+            Feedback::Pause {
+                sent_at: now,
+                received_at: now,
+                resume_at: Some(now + two_hours),
+                throttled: true,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(reported.cooldown_until.is_some());
+    let left = pttl(&server, &backend.key_of(&key)).await;
+    let at_least =
+        (two_hours + kling_redis::DEFAULT_IDLE_TTL - Duration::from_secs(60)).as_millis();
+    assert!(left >= at_least as i64, "the key expires in {left} ms");
+}
+
+#[tokio::test]
+async fn an_idle_ttl_of_zero_is_refused_naming_the_field() {
+    let conn = Connection::lazy(RedisConfig::new("redis://127.0.0.1:1/")).unwrap();
+    let error = RedisGcra::new(conn.clone())
+        .idle_ttl(Duration::ZERO)
+        .unwrap_err();
+    assert_eq!(error.field(), "idle_ttl");
+    assert!(error.to_string().contains("idle_ttl"), "{error}");
+    assert!(
+        RedisGcra::new(conn)
+            .idle_ttl(Duration::from_millis(1))
+            .is_ok()
+    );
+}
+
+/// An adaptive decision on a key whose hash is gone (expired or evicted) while another
+/// process still holds a place in its queue writes the starting rate, then is refused: the
+/// hash it created expires too, instead of living on without a TTL.
+#[tokio::test]
+async fn an_adaptive_refusal_that_creates_the_keys_hash_gives_it_an_expiry() {
+    let Some(server) = redis() else { return };
+    let (key, plain) = slow();
+    let one = RedisGcra::new(connect(&server).await);
+    let two = RedisGcra::new(connect(&server).await);
+    let three = RedisGcra::new(connect(&server).await);
+    assert_eq!(one.acquire(&key, &plain).await.unwrap(), Decision::Admit);
+    let since = tokio::time::Instant::now();
+    assert!(matches!(
+        two.acquire_waiting(&key, &plain, since).await.unwrap(),
+        Decision::NotBefore { .. }
+    ));
+    let hash = three.key_of(&key);
+    let _: i64 = redis::cmd("DEL")
+        .arg(&hash)
+        .query_async(&mut raw(&server).await)
+        .await
+        .unwrap();
+    let adaptive = plain.with_adaptive(Some(kling_ratelimit::Adaptive::new()));
+    assert!(matches!(
+        three.acquire(&key, &adaptive).await.unwrap(),
+        Decision::NotBefore { .. }
+    ));
+    let left = pttl(&server, &hash).await;
+    assert!(left > 0, "the hash three created has PTTL {left}");
 }
