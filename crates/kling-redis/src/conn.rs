@@ -150,7 +150,7 @@ impl RedisConfig {
 /// A client whose clock is minutes off therefore still agrees with the fleet, to within half
 /// the round trip of the measurement (well under a millisecond on a LAN). Scripts also never
 /// move a key's state backwards in time. A [`lazy`](Connection::lazy) connection takes its
-/// first measurement on first use, and the rate limiter waits for it
+/// first measurement on first use, and both backends wait for it
 /// ([`is_calibrated`](Connection::is_calibrated)).
 ///
 /// # Clone
@@ -200,8 +200,9 @@ impl Connection {
     /// A connection that connects on first use: a process may start while Redis is down, and
     /// every command fails with [`StoreError`] until it is back. Needs a tokio runtime.
     ///
-    /// The clock offset is measured on first use too: the rate limiter's first decision or
-    /// report waits for the measurement (and, while Redis cannot be reached, does what its
+    /// The clock offset is measured on first use too: the first script of either backend (the
+    /// rate limiter's decisions and reports, the task slots' creates, changes and snapshots)
+    /// waits for the measurement (and, while Redis cannot be reached, does what its
     /// [`WhenUnreachable`](crate::WhenUnreachable) says), so a process whose clock is off
     /// never writes its own time into the fleet's state.
     pub fn lazy(config: RedisConfig) -> Result<Connection, ConfigError> {

@@ -55,9 +55,9 @@
 //! Scripts never read the server's clock: each process sends fleet time, its own clock
 //! corrected by the offset to the server's `TIME` that [`Connection`] measures on connect and
 //! every 30 s, so client clock skew does not leak into the limits (the residue is half a
-//! round trip). A [`Connection::lazy`] measures it on first use: the rate limiter's first
-//! decision or report waits for the measurement (or, while Redis cannot be reached, does what
-//! [`WhenUnreachable`] says). Times are integer microseconds (Lua numbers are doubles: exact to 2⁵³ µs);
+//! round trip). A [`Connection::lazy`] measures it on first use: the first script of either
+//! backend (a decision or report, a create, a change or a snapshot) waits for the measurement
+//! (or, while Redis cannot be reached, does what [`WhenUnreachable`] says). Times are integer microseconds (Lua numbers are doubles: exact to 2⁵³ µs);
 //! emission intervals are rounded up to a whole microsecond, never down.
 //!
 //! # When Redis restarts or goes away

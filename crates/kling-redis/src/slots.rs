@@ -221,7 +221,7 @@ struct Held {
 /// A change that could not be sent yet.
 #[derive(Debug)]
 enum Pending {
-    /// `APPLY` arguments (the time at index 1 is refreshed when replayed).
+    /// `APPLY` arguments (the time at index 1 is stamped when they are sent).
     Args(Vec<String>),
     /// Register a holding granted while Redis was away.
     Register(String),
@@ -513,15 +513,41 @@ impl Inner {
             .key(&format!("halt:{}", segment(account.as_str())))
     }
 
-    fn head(&self) -> [String; 3] {
+    /// The arguments every script starts with: the prefix, fleet time `now_us` (from
+    /// [`now_us`](Self::now_us)) and the grace.
+    fn head(&self, now_us: i64) -> [String; 3] {
         [
             self.conn.prefix().to_owned(),
-            self.conn.now_us().to_string(),
+            now_us.to_string(),
             micros(self.grace).to_string(),
         ]
     }
 
-    fn note(&self, result: &Result<Value, StoreError>) {
+    /// [`head`](Self::head) for `APPLY` arguments, which [`apply_args`](Self::apply_args)
+    /// stamps with the time when it sends them (a change kept for replay is sent later). The
+    /// time is empty until then: a script that got it unstamped fails instead of running at
+    /// a wrong time.
+    fn unstamped_head(&self) -> [String; 3] {
+        [
+            self.conn.prefix().to_owned(),
+            String::new(),
+            micros(self.grace).to_string(),
+        ]
+    }
+
+    /// Fleet time for a script: a [`lazy`](Connection::lazy) connection's first call waits
+    /// for the offset to the server's clock, so no script runs on this process's own clock. A
+    /// failed measurement is noted like a failed script, and each path treats it as it treats
+    /// the script's own failure (an unreachable Redis: [`WhenUnreachable`]).
+    async fn now_us(&self) -> Result<i64, StoreError> {
+        let result = self.conn.calibrated_now_us().await;
+        if result.is_err() {
+            self.note(&result);
+        }
+        result
+    }
+
+    fn note<T>(&self, result: &Result<T, StoreError>) {
         match result {
             Err(e) if e.is_unreachable() => {
                 if !self.out.swap(true, Ordering::Relaxed) {
@@ -561,13 +587,13 @@ impl Inner {
         result
     }
 
-    /// Runs `APPLY` with fresh time; parses `{lost, changed, released}`.
+    /// Runs `APPLY` stamped with fleet time now; parses `{lost, changed, released}`.
     async fn apply_args(
         &self,
         args: &mut [String],
     ) -> Result<(bool, Vec<Released>, Vec<String>), StoreError> {
-        args[1] = self.conn.now_us().to_string();
-        let now_us = self.conn.now_us();
+        let now_us = self.now_us().await?;
+        args[1] = now_us.to_string();
         let value = self.run(&self.apply, args).await?;
         let items = array(value)?;
         self.saw_generation(int_at(&items, 0)?);
@@ -600,7 +626,7 @@ impl Inner {
         held: &Held,
         lease: Duration,
     ) -> Vec<String> {
-        let [p, now, grace] = self.head();
+        let [p, now, grace] = self.unstamped_head();
         vec![
             p,
             now,
@@ -621,7 +647,7 @@ impl Inner {
     /// Translates an operation into `APPLY` arguments, and records it in the local record of
     /// held slots.
     fn prepare(&self, op: SlotOp) -> Prepared {
-        let [p, now, grace] = self.head();
+        let [p, now, grace] = self.unstamped_head();
         let mut args = vec![p, now, grace];
         let mut local = Applied {
             released: Vec::new(),
@@ -904,7 +930,7 @@ impl Inner {
     async fn init(&self) -> Result<(), StoreError> {
         self.init
             .get_or_try_init(|| async {
-                let [p, now, grace] = self.head();
+                let [p, now, grace] = self.unstamped_head();
                 let mut args = vec![p, now, grace, "init".to_owned()];
                 self.apply_args(&mut args).await.map(|_| ())
             })
@@ -914,7 +940,8 @@ impl Inner {
 
     /// One maintenance pass.
     async fn maintain(&self) -> Result<(), StoreError> {
-        self.conn.maybe_calibrate();
+        // Every pass reads fleet time (`init` or `alive` at least), which also starts the
+        // periodic clock measurement when it is due.
         self.init().await?;
         // 1. Replay, in order.
         loop {
@@ -959,7 +986,7 @@ impl Inner {
             }
         }
         // 2. Did Redis keep its state? (Every script checks; this one runs while idle too.)
-        let [p, now, grace] = self.head();
+        let [p, now, grace] = self.unstamped_head();
         let mut args = vec![p, now, grace, "alive".to_owned()];
         self.apply_args(&mut args).await?;
         if self.needs_register.swap(false, Ordering::AcqRel) {
@@ -986,13 +1013,12 @@ impl Inner {
             .map(|(h, held)| (held.pk.clone(), h.clone()))
             .collect();
         if !registered.is_empty() {
-            let [p, now, grace] = self.head();
+            let [p, now, grace] = self.head(self.now_us().await?);
             let mut args = vec![p, now, grace, "ex".to_owned()];
             for (pk, h) in &registered {
                 args.push(pk.clone());
                 args.push(h.clone());
             }
-            args[1] = self.conn.now_us().to_string();
             let items = array(self.run(&self.apply, &args).await?)?;
             if self.saw_generation(int_at(&items, 0)?) {
                 return Ok(());
@@ -1020,7 +1046,7 @@ impl Inner {
         if pools.is_empty() {
             return Ok(());
         }
-        let [p, now, grace] = self.head();
+        let [p, now, grace] = self.head(self.now_us().await?);
         let mut args = vec![
             p,
             now,
@@ -1365,8 +1391,10 @@ impl SlotBackend for RedisSlots {
         let inner = Arc::clone(&self.inner);
         inner.start();
         Box::pin(async move {
-            // When this create arrived, in fleet time: its place in the fleet's order.
-            let arrival = inner.conn.now_us();
+            // When this create arrived; in fleet time (its place in the fleet's order) from
+            // the first ask that has the server's clock, and the same at every ask after.
+            let arrived = Instant::now();
+            let mut arrival = None;
             let pk = inner.pk(&key);
             let local = inner.local(&pk, &key);
             let waiting = WaiterCount::new(Arc::clone(&local));
@@ -1414,39 +1442,47 @@ impl SlotBackend for RedisSlots {
             loop {
                 let mut notified = pin!(local.notify.notified());
                 notified.as_mut().enable();
-                let [p, now, grace] = inner.head();
-                let mut args = vec![
-                    p,
-                    now,
-                    grace,
-                    pk.clone(),
-                    holding.clone(),
-                    weight.to_string(),
-                    configured.to_string(),
-                    halt_key.clone(),
-                    micros(inner.config.get_recovery_interval())
-                        .max(1)
-                        .to_string(),
-                    micros(inner.config.get_lease()).to_string(),
-                    key.account.as_str().to_owned(),
-                    key.pool.to_string(),
-                    // Without a place, a create counts as arriving at each ask: behind every
-                    // create that holds one.
-                    if inner.arrival_order {
-                        arrival
-                    } else {
-                        inner.conn.now_us()
-                    }
-                    .to_string(),
-                    place_ttl.clone(),
-                    if join { "1" } else { "0" }.to_owned(),
-                ];
-                args.extend(Inner::cap_fields(&key));
-                guard.armed = true;
+                // Never on this process's own clock: the first ask of a lazy connection waits
+                // for the offset to the server's (failing, it is an unreachable Redis's case).
+                let asked = inner.now_us().await;
                 let now = Instant::now();
-                let now_us = inner.conn.now_us();
-                let verdict = match inner.run(&inner.acquire, &args).await {
-                    Ok(value) => {
+                let asked = match asked {
+                    Ok(now_us) => {
+                        let arrival = *arrival
+                            .get_or_insert_with(|| inner.conn.to_fleet(arrived, now, now_us));
+                        let [p, time, grace] = inner.head(now_us);
+                        let mut args = vec![
+                            p,
+                            time,
+                            grace,
+                            pk.clone(),
+                            holding.clone(),
+                            weight.to_string(),
+                            configured.to_string(),
+                            halt_key.clone(),
+                            micros(inner.config.get_recovery_interval())
+                                .max(1)
+                                .to_string(),
+                            micros(inner.config.get_lease()).to_string(),
+                            key.account.as_str().to_owned(),
+                            key.pool.to_string(),
+                            // Without a place, a create counts as arriving at each ask: behind
+                            // every create that holds one.
+                            if inner.arrival_order { arrival } else { now_us }.to_string(),
+                            place_ttl.clone(),
+                            if join { "1" } else { "0" }.to_owned(),
+                        ];
+                        args.extend(Inner::cap_fields(&key));
+                        guard.armed = true;
+                        inner
+                            .run(&inner.acquire, &args)
+                            .await
+                            .map(|value| (value, now_us))
+                    }
+                    Err(e) => Err(e),
+                };
+                let (verdict, now_us) = match asked {
+                    Ok((value, now_us)) => {
                         let items =
                             array(value).map_err(|e| AcquireError::Backend(e.into_slots()))?;
                         let verdict =
@@ -1463,7 +1499,7 @@ impl SlotBackend for RedisSlots {
                         if let Some(generation) = lost {
                             inner.saw_generation(int(generation));
                         }
-                        match verdict {
+                        let verdict = match verdict {
                             0 => Verdict::Granted,
                             1 | 2 => Verdict::Wait(items.get(1).map(int).filter(|&t| t >= 0)),
                             3 => Verdict::Halted(items.get(1).map(text).unwrap_or_default()),
@@ -1476,7 +1512,8 @@ impl SlotBackend for RedisSlots {
                                         .into_slots(),
                                 ));
                             }
-                        }
+                        };
+                        (verdict, now_us)
                     }
                     Err(e) if e.is_unreachable() => {
                         if let Some(cause) = lock(&inner.halts).get(&key.account).cloned() {
@@ -1607,7 +1644,8 @@ impl SlotBackend for RedisSlots {
         let inner = Arc::clone(&self.inner);
         inner.start();
         Box::pin(async move {
-            let [p, now, grace] = inner.head();
+            let now_us = inner.now_us().await.map_err(StoreError::into_slots)?;
+            let [p, now, grace] = inner.head(now_us);
             let args = [
                 p,
                 now,
@@ -1616,7 +1654,6 @@ impl SlotBackend for RedisSlots {
                     .max(1)
                     .to_string(),
             ];
-            let now_us = inner.conn.now_us();
             let items = array(
                 inner
                     .run(&inner.snapshot, &args)

@@ -1178,3 +1178,131 @@ async fn while_redis_is_away_a_report_finds_external_ids_within_its_account_only
     assert_eq!(own.released[0].key, video());
     assert_eq!(one.held_here(), 1, "the adopted task of the other account");
 }
+
+/// Three minutes, µs.
+const THREE_MINUTES_US: i64 = 180_000_000;
+
+/// A process of one slot whose clock runs `ahead_us` off the real one, on a lazy connection (it
+/// connects and measures the offset on first use); leases of a minute.
+fn lazy_skewed(server: &kling_redis::testing::RedisServer, ahead_us: i64) -> RedisSlots {
+    let conn = kling_redis::Connection::lazy(
+        kling_redis::RedisConfig::new(server.url())
+            .prefix("test")
+            .command_timeout(Duration::from_secs(2)),
+    )
+    .unwrap();
+    kling_redis::testing::skew_local_clock(&conn, ahead_us);
+    RedisSlots::new(conn, SlotsConfig::new(1).lease(LONG))
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .maintain_every(Duration::from_millis(50))
+}
+
+/// A process whose clock is three minutes slow, on a lazy connection, takes the pool's one
+/// slot: the grant's lease (a minute) runs on the server's clock, so another process's create
+/// waits instead of releasing it as long expired and taking a second slot.
+#[tokio::test]
+async fn a_lazy_process_with_a_slow_clock_grants_a_lease_the_fleet_sees_running() {
+    let Some(server) = redis() else { return };
+    let slow = lazy_skewed(&server, -THREE_MINUTES_US);
+    let other = backend(&server, 1).await;
+    let granted = slow.acquire(video(), 1).await.unwrap();
+    assert!(slow.connection().is_calibrated());
+    let second = tokio::time::timeout(Duration::from_millis(300), other.acquire(video(), 1)).await;
+    assert!(second.is_err(), "a second slot of one: {second:?}");
+    assert_eq!(in_use(&other).await, 1);
+    slow.apply(hold(granted, "slow", LONG)).await.unwrap();
+    assert_eq!(in_use(&other).await, 1);
+}
+
+/// The same process's first act adopts a task found running: its lease, as another process
+/// sees it, runs a minute from now, not a minute from three minutes ago.
+#[tokio::test]
+async fn a_lazy_process_with_a_slow_clock_adopts_a_task_whose_lease_is_not_already_over() {
+    let Some(server) = redis() else { return };
+    let slow = lazy_skewed(&server, -THREE_MINUTES_US);
+    let other = backend(&server, 1).await;
+    let adopted = slow
+        .apply(SlotOp::Adopt {
+            key: video(),
+            task: TaskRef {
+                id: Some("found".to_owned()),
+                external_id: None,
+            },
+            weight: 1,
+            lease: LONG,
+        })
+        .await
+        .unwrap();
+    assert!(adopted.changed);
+    assert_eq!(in_use(&other).await, 1, "the adopted lease was released");
+    let second = tokio::time::timeout(Duration::from_millis(300), other.acquire(video(), 1)).await;
+    assert!(second.is_err(), "a second slot of one: {second:?}");
+}
+
+/// A process whose clock is three minutes fast, on a lazy connection, waits for a full pool:
+/// its create arrived (fleet time) before one another process sends later, so the freed slot
+/// is its own, not the later create's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_process_with_a_fast_clock_keeps_its_place_in_the_fleets_order() {
+    let Some(server) = redis() else { return };
+    let holder = backend(&server, 1).await;
+    let late = backend(&server, 1).await;
+    take_the_only_slot(&holder).await;
+    let fast = lazy_skewed(&server, THREE_MINUTES_US);
+    let early = spawn_create(&fast);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !early.is_finished(),
+        "the pool is full: the fast process waits"
+    );
+    let second = spawn_create(&late);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    end_t1(&holder).await;
+    let granted = tokio::time::timeout(Duration::from_secs(2), early)
+        .await
+        .expect("the earlier create gets the freed slot")
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_finished(), "the later create took a slot too");
+    fast.apply(SlotOp::GiveBack(granted)).await.unwrap();
+    let later = tokio::time::timeout(Duration::from_secs(2), second)
+        .await
+        .expect("then the later create's turn")
+        .unwrap();
+    assert!(later.is_ok(), "{later:?}");
+}
+
+/// A lazy connection to a Redis that is not there cannot measure the offset: creates and
+/// changes do what `when_unreachable` says, as when a script cannot be sent.
+#[tokio::test]
+async fn a_lazy_process_that_cannot_measure_the_offset_follows_when_unreachable() {
+    let Some(mut server) = redis() else { return };
+    server.stop();
+    let conn = kling_redis::Connection::lazy(
+        kling_redis::RedisConfig::new(server.url())
+            .prefix("test")
+            .command_timeout(Duration::from_millis(200))
+            .connect_timeout(Duration::from_millis(200)),
+    )
+    .unwrap();
+    let config = SlotsConfig::new(2);
+    let fail = RedisSlots::new(conn.clone(), config.clone())
+        .unwrap()
+        .when_unreachable(kling_redis::WhenUnreachable::Fail);
+    let refused = fail.acquire(video(), 1).await;
+    assert!(
+        matches!(refused, Err(AcquireError::Backend(_))),
+        "{refused:?}"
+    );
+    assert!(fail.is_out());
+    let fallback = RedisSlots::new(conn, config)
+        .unwrap()
+        .when_unreachable(kling_redis::WhenUnreachable::fallback(2));
+    let granted = fallback.acquire(video(), 1).await.unwrap();
+    fallback.apply(hold(granted, "t1", LONG)).await.unwrap();
+    assert_eq!(fallback.held_here(), 1);
+    assert!(fallback.pending() >= 1, "kept for replay");
+    assert!(!fallback.connection().is_calibrated());
+}
