@@ -492,11 +492,12 @@ fn note_cooldown(
     }
 }
 
-/// What a response tells the backend, if anything.
+/// What a response tells the backend, if anything. A success is reported when
+/// `report_success` says so (asked only for a successful response).
 fn feedback_of(
     response: &mut Response<Full<Bytes>>,
     sent_at: Instant,
-    report_success: bool,
+    report_success: impl FnOnce() -> bool,
 ) -> Option<Feedback> {
     let outcome = match Outcome::of(response) {
         Some(outcome) => outcome,
@@ -514,7 +515,7 @@ fn feedback_of(
             resume_at: outcome.resume_at(),
             throttled,
         })
-    } else if report_success && outcome.is_success() {
+    } else if outcome.is_success() && report_success() {
         Some(Feedback::Success { sent_at })
     } else {
         None
@@ -590,7 +591,18 @@ where
                     let shared = &**shared_of(this.lane);
                     let report_success = shared.report_success.load(Ordering::Relaxed);
                     let sent_at = this.sent_at.expect("set before calling");
-                    match feedback_of(response, sent_at, report_success) {
+                    let account = &mut *this.account;
+                    // A success is reported while a streak may be running: one this process
+                    // saw (`report_success`), or one the store says another process started.
+                    // (The account is lent to the key for the question, not cloned; the
+                    // in-process backend's answer is a constant `false`.)
+                    let mut streak_running = || {
+                        let key = BucketKey::account(account.take());
+                        let running = shared.backend.streak_running(&key);
+                        *account = key.into_account();
+                        running
+                    };
+                    match feedback_of(response, sent_at, || report_success || streak_running()) {
                         None => {
                             this.state.set(State::Done);
                             return Poll::Ready(result);

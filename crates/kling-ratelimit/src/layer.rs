@@ -45,7 +45,9 @@ pub(crate) struct Shared<Bk> {
     pub(crate) queues: Arc<Queues>,
     /// Bumped by every quota change; a sleeping head that sees it move asks again.
     pub(crate) epoch: AtomicU64,
-    /// Whether successes must be reported (adaptive mode, or a streak may be running).
+    /// Whether every success must be reported (adaptive mode, or this process received a
+    /// pause, so a streak may be running); otherwise a success is reported only while the
+    /// backend says a streak is running ([`Backend::streak_running`]).
     pub(crate) report_success: AtomicBool,
 }
 

@@ -1,10 +1,11 @@
 //! [`RedisGcra`]: the rate limiter's [`Backend`] in Redis, one Lua script per decision.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use kling_core::AccountId;
@@ -29,6 +30,10 @@ pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(600);
 /// requests all gave up leaves at once ([`Backend::stop_waiting`]).
 pub const DEFAULT_GCRA_PLACE_TTL: Duration = Duration::from_millis(500);
 
+/// The most pauses a process keeps for delivery while Redis cannot take them; past it the
+/// oldest is dropped (its pause still holds in this process).
+const MAX_UNDELIVERED: usize = 1024;
+
 /// Options of [`RedisGcra`], applied with its builder methods.
 #[derive(Clone, Copy, Debug)]
 struct Options {
@@ -50,7 +55,8 @@ struct Options {
 /// TTL (µs), the asking process's place ('' = it takes none), since when the asking request
 /// has waited (µs), how long a place outlives the instant its process was told to ask again
 /// (µs).
-/// Returns {0} (admit) or {1, not_before, cooldown 0/1}.
+/// Returns {0, streak} (admit; streak 1 while the key's 1302 streak is running, so the process
+/// reports its successes and one of them resets it) or {1, not_before, cooldown 0/1}.
 ///
 /// `KEYS[4]`, for an account-wide key only, counts the admitted requests by time bucket
 /// (`ARGV[11]`, µs; a hash of bucket → count, [`USAGE_BUCKETS`] of them in a window), read by
@@ -145,7 +151,9 @@ if KEYS[4] then
   end
 end
 expire(nxt)
-return {0}
+local se = tonumber(v[5])
+if se and se >= now then return {0, 1} end
+return {0, 0}
 ";
 
 /// The requests an account-wide key admitted over the last window. `KEYS[1]` the count hash;
@@ -303,7 +311,14 @@ return {-1, streak}
 ///   instant its process was told to ask again, so a process that stops asking without leaving
 ///   (it crashed, or lost Redis) holds the fleet up for at most that long.
 ///   [`arrival_order(false)`](Self::arrival_order) serves whoever asks first.
-/// - **Unreachable Redis**: see [`WhenUnreachable`].
+/// - **Unreachable Redis**: see [`WhenUnreachable`]. A pause whose report Redis does not take
+///   (away, timed out) is not lost, in any mode: this process holds it in its own decisions for
+///   the key until it ends, and delivers the report, in order, when Redis answers again (before
+///   its next decision or report there, and every [`retry_every`](Self::retry_every) in the
+///   background), so the fleet pauses and counts the 1302 in its streak.
+/// - **The streak is the fleet's**: while a key's 1302 streak runs, an admission says so
+///   ([`Backend::streak_running`]), and the layer of a process that never received a pause
+///   reports its successes too: any process's success resets the streak.
 ///
 /// # Clone
 ///
@@ -332,6 +347,19 @@ struct Inner {
     fallback: InProcess,
     /// Whether the last command failed for want of Redis.
     out: AtomicBool,
+    /// The account-wide keys (Redis names) whose last admission here said a 1302 streak is
+    /// running there ([`Backend::streak_running`]).
+    streaks: Mutex<HashSet<String>>,
+    /// Whether `streaks` holds any key: the usual success asks nothing more.
+    any_streak: AtomicBool,
+    /// Pauses Redis did not take: held here, and kept for delivery.
+    undelivered: Mutex<Undelivered>,
+    /// Whether `undelivered` holds a pause in force here (or one that ended, not yet dropped).
+    paused_here: AtomicBool,
+    /// Whether `undelivered` holds pauses to deliver.
+    to_deliver: AtomicBool,
+    /// One delivery at a time, so pauses reach Redis in the order they came.
+    delivering: tokio::sync::Mutex<()>,
     acquire: Script,
     feedback: Script,
     leave: Script,
@@ -384,6 +412,12 @@ impl RedisGcra {
                 instance: instance_id(),
                 fallback: InProcess::new(),
                 out: AtomicBool::new(false),
+                streaks: Mutex::new(HashSet::new()),
+                any_streak: AtomicBool::new(false),
+                undelivered: Mutex::new(Undelivered::default()),
+                paused_here: AtomicBool::new(false),
+                to_deliver: AtomicBool::new(false),
+                delivering: tokio::sync::Mutex::new(()),
                 acquire: Script::new(&format!(
                     "local USAGE_BUCKETS = {USAGE_BUCKETS}\n{QUEUE}{ACQUIRE_BODY}"
                 )),
@@ -416,7 +450,8 @@ impl RedisGcra {
         self.with(|o| o.when_unreachable = choice)
     }
 
-    /// How often a waiting request asks an unreachable Redis again (default 100 ms).
+    /// How often a waiting request asks an unreachable Redis again (default 100 ms), and how
+    /// often pauses it could not take are offered to it again.
     pub fn retry_every(self, every: Duration) -> Self {
         self.with(|o| o.retry_every = every.max(Duration::from_millis(1)))
     }
@@ -521,6 +556,7 @@ impl RedisGcra {
                 key.request_kind().is_none(),
             )
             .await
+            .map(|(decision, _)| decision)
     }
 
     /// The Redis key of a bucket.
@@ -554,6 +590,31 @@ pub enum FleetDecision {
     },
 }
 
+/// Pauses whose report Redis did not take (unreachable, timed out, or refused): each holds in
+/// this process until it ends, and those Redis could not be reached for wait to be delivered.
+#[derive(Debug, Default)]
+struct Undelivered {
+    /// The end of each key's pause here, by Redis key.
+    paused: HashMap<String, Instant>,
+    /// Reports to send when Redis answers again, oldest first.
+    pending: VecDeque<Report>,
+    /// Whether a task delivers them.
+    delivering: bool,
+}
+
+/// A report kept for delivery: its times are this process's instants, turned into fleet time
+/// when it is sent.
+#[derive(Clone, Debug)]
+struct Report {
+    redis_key: String,
+    policy: Policy,
+    feedback: Feedback,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// The boxed future of a remote decision.
 pub type GcraFuture<T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send>>;
 
@@ -583,7 +644,8 @@ impl Inner {
 
     /// One decision; `since` is when the asking request began waiting, if it takes its
     /// process's place in the fleet's order; `counted` for an account-wide key, whose admitted
-    /// requests [`RedisGcra::fleet_requests`] counts.
+    /// requests [`RedisGcra::fleet_requests`] counts. With the decision, whether the key's
+    /// 1302 streak is running (said by an admission only).
     async fn decide(
         &self,
         redis_key: String,
@@ -591,7 +653,7 @@ impl Inner {
         now_us: i64,
         since: Option<i64>,
         counted: bool,
-    ) -> Result<FleetDecision, StoreError> {
+    ) -> Result<(FleetDecision, bool), StoreError> {
         let (adaptive, start, ceiling) = adaptive_args(policy);
         let args = [
             now_us.to_string(),
@@ -622,13 +684,237 @@ impl Inner {
         };
         self.note(&result);
         match result?.as_slice() {
-            [0, ..] => Ok(FleetDecision::Admit),
-            [1, at, cooldown] => Ok(FleetDecision::NotBefore {
-                at_us: *at,
-                cooldown: *cooldown == 1,
-            }),
+            [0, streak @ ..] => Ok((FleetDecision::Admit, streak.first() == Some(&1))),
+            [1, at, cooldown] => Ok((
+                FleetDecision::NotBefore {
+                    at_us: *at,
+                    cooldown: *cooldown == 1,
+                },
+                false,
+            )),
             other => Err(StoreError::protocol(format!("gcra reply {other:?}"))),
         }
+    }
+
+    /// Notes what an admission (or a report) said of the account-wide key `redis_key`'s
+    /// streak, for [`Backend::streak_running`]. Costs nothing while no streak is noted and
+    /// none is running.
+    fn saw_streak(&self, redis_key: &str, running: bool) {
+        if !running && !self.any_streak.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut streaks = lock(&self.streaks);
+        if running {
+            if !streaks.contains(redis_key) {
+                streaks.insert(redis_key.to_owned());
+            }
+        } else {
+            streaks.remove(redis_key);
+        }
+        self.any_streak
+            .store(!streaks.is_empty(), Ordering::Relaxed);
+    }
+
+    /// The end of a pause of `redis_key` that Redis did not take, if it holds at `now`.
+    fn held_pause(&self, redis_key: &str, now: Instant) -> Option<Instant> {
+        let mut undelivered = lock(&self.undelivered);
+        undelivered.paused.retain(|_, until| *until > now);
+        self.paused_here
+            .store(!undelivered.paused.is_empty(), Ordering::Relaxed);
+        undelivered.paused.get(redis_key).copied()
+    }
+
+    /// Sends one report to Redis, stamped with fleet time now (a report kept for delivery is
+    /// sent later than it was made: its own instants are turned into fleet time as it is sent).
+    async fn send_feedback(
+        &self,
+        redis_key: &str,
+        policy: &Policy,
+        feedback: Feedback,
+    ) -> Result<Reported, StoreError> {
+        // Reported times go into the fleet's state too: measured against the server's clock.
+        let now_us = self.conn.calibrated_now_us().await;
+        let now = Instant::now();
+        let now_us = match now_us {
+            Ok(now_us) => now_us,
+            Err(e) => {
+                self.note(&Err::<(), _>(e.clone()));
+                return Err(e);
+            }
+        };
+        let fleet = |t: Instant| self.conn.to_fleet(t, now, now_us).to_string();
+        let (kind, sent, received, resume, throttled) = match feedback {
+            Feedback::Success { sent_at } => {
+                ("s", fleet(sent_at), String::new(), String::new(), false)
+            }
+            Feedback::Pause {
+                sent_at,
+                received_at,
+                resume_at,
+                throttled,
+            } => (
+                "p",
+                fleet(sent_at),
+                fleet(received_at),
+                resume_at.map(fleet).unwrap_or_default(),
+                throttled,
+            ),
+            _ => return Ok(Reported::default()),
+        };
+        let (adaptive, start, ceiling) = adaptive_args(policy);
+        let a = policy.adaptive.unwrap_or_default();
+        let c = policy.cooldown;
+        let args = [
+            now_us.to_string(),
+            kind.to_owned(),
+            sent,
+            received,
+            resume,
+            if throttled { "1" } else { "0" }.to_owned(),
+            micros(policy.quota.period()).max(1).to_string(),
+            if adaptive { "1" } else { "0" }.to_owned(),
+            format!("{start:e}"),
+            format!("{ceiling:e}"),
+            format!("{:e}", a.growth),
+            format!("{:e}", a.decrease),
+            format!("{:e}", a.target),
+            format!("{:e}", a.probe),
+            micros(c.first).to_string(),
+            c.escalate_after.to_string(),
+            micros(c.backoff).to_string(),
+            micros(c.ceiling).to_string(),
+            micros(c.window).to_string(),
+            micros(self.idle_ttl).to_string(),
+        ];
+        let result: Result<Vec<i64>, StoreError> = self
+            .conn
+            .run(&self.feedback, &[redis_key.to_owned()], &args)
+            .await;
+        self.note(&result);
+        match result?.as_slice() {
+            [until, streak] => {
+                let mut reported = Reported::default();
+                reported.streak = u32::try_from(*streak).unwrap_or(0);
+                reported.cooldown_until =
+                    (*until >= 0).then(|| self.conn.to_instant(*until, now, now_us));
+                self.saw_streak(redis_key, reported.streak > 0);
+                Ok(reported)
+            }
+            other => Err(StoreError::protocol(format!("feedback reply {other:?}"))),
+        }
+    }
+
+    /// Sends the reports kept for delivery, oldest first, one delivery at a time. Fails, keeping
+    /// the rest, when Redis cannot be reached; a report Redis refuses otherwise is dropped.
+    async fn deliver(&self) -> Result<(), StoreError> {
+        let _one = self.delivering.lock().await;
+        loop {
+            // Only a delivery takes reports off the front, and only one runs.
+            let next = lock(&self.undelivered).pending.front().cloned();
+            let Some(report) = next else {
+                return Ok(());
+            };
+            let result = self
+                .send_feedback(&report.redis_key, &report.policy, report.feedback)
+                .await;
+            match result {
+                Err(e) if e.is_unreachable() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, key = %report.redis_key, "redis refused a pause kept for delivery; dropped");
+                }
+                Ok(_) => {
+                    tracing::debug!(key = %report.redis_key, "a pause kept while redis was away delivered");
+                }
+            }
+            let mut undelivered = lock(&self.undelivered);
+            undelivered.pending.pop_front();
+            self.to_deliver
+                .store(!undelivered.pending.is_empty(), Ordering::Relaxed);
+        }
+    }
+
+    /// What a report does when Redis did not take it (failed with `e`). A pause holds in this
+    /// process until it ends (its length as the in-process fallback works it out) and, when
+    /// Redis could not be reached, is kept and delivered when it answers again; under
+    /// [`WhenUnreachable::Fallback`] an unreachable Redis's report is the fallback's answer,
+    /// otherwise the error.
+    fn not_taken(
+        self: &Arc<Self>,
+        e: StoreError,
+        key: &BucketKey,
+        redis_key: String,
+        policy: &Policy,
+        feedback: Feedback,
+    ) -> Result<Reported, BackendError> {
+        let (processes, fallback) = match self.when_unreachable {
+            WhenUnreachable::Fallback { processes } => (processes.get(), e.is_unreachable()),
+            _ => (1, false),
+        };
+        if !matches!(feedback, Feedback::Pause { .. }) {
+            return if fallback {
+                Ok(self
+                    .fallback
+                    .feedback_now(key, &share(policy, processes), feedback))
+            } else {
+                Err(e.into_ratelimit())
+            };
+        }
+        let local = self
+            .fallback
+            .feedback_now(key, &share(policy, processes), feedback);
+        let mut undelivered = lock(&self.undelivered);
+        if let Some(until) = local.cooldown_until {
+            let held = undelivered.paused.entry(redis_key.clone()).or_insert(until);
+            *held = (*held).max(until);
+            self.paused_here.store(true, Ordering::Relaxed);
+        }
+        if e.is_unreachable() {
+            if undelivered.pending.len() >= MAX_UNDELIVERED {
+                undelivered.pending.pop_front();
+                tracing::warn!("too many pauses kept for redis: the oldest is dropped");
+            }
+            undelivered.pending.push_back(Report {
+                redis_key,
+                policy: *policy,
+                feedback,
+            });
+            self.to_deliver.store(true, Ordering::Relaxed);
+            if !undelivered.delivering {
+                undelivered.delivering = self.start_delivery();
+            }
+        }
+        drop(undelivered);
+        if fallback {
+            Ok(local)
+        } else {
+            Err(e.into_ratelimit())
+        }
+    }
+
+    /// Starts the task that delivers the kept reports once Redis answers: it tries every
+    /// [`retry_every`](RedisGcra::retry_every) until none is left (or the backend is
+    /// dropped). Without a runtime, the next decision or report delivers them.
+    fn start_delivery(self: &Arc<Self>) -> bool {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        let inner: Weak<Inner> = Arc::downgrade(self);
+        let every = self.retry_every;
+        handle.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(inner) = inner.upgrade() else {
+                    return;
+                };
+                let _ = inner.deliver().await;
+                let mut undelivered = lock(&inner.undelivered);
+                if undelivered.pending.is_empty() {
+                    undelivered.delivering = false;
+                    return;
+                }
+            }
+        });
+        true
     }
 
     /// The decision when Redis failed with `e`: [`WhenUnreachable`]'s choice if it is out of
@@ -647,23 +933,6 @@ impl Inner {
             WhenUnreachable::Fallback { processes } if e.is_unreachable() => Ok(self
                 .fallback
                 .acquire_now(key, &share(policy, processes.get()))),
-            _ => Err(e.into_ratelimit()),
-        }
-    }
-
-    /// What a report does when Redis failed with `e`: the in-process fallback's answer under
-    /// [`WhenUnreachable::Fallback`] if it is out of reach, else the error.
-    fn unreachable_feedback(
-        &self,
-        e: StoreError,
-        key: &BucketKey,
-        policy: &Policy,
-        feedback: Feedback,
-    ) -> Result<Reported, BackendError> {
-        match self.when_unreachable {
-            WhenUnreachable::Fallback { processes } if e.is_unreachable() => Ok(self
-                .fallback
-                .feedback_now(key, &share(policy, processes.get()), feedback)),
             _ => Err(e.into_ratelimit()),
         }
     }
@@ -699,6 +968,21 @@ impl RedisGcra {
         let key = key.clone();
         let policy = *policy;
         Box::pin(async move {
+            // A pause Redis did not take holds here until it ends.
+            if inner.paused_here.load(Ordering::Relaxed)
+                && let Some(until) = inner.held_pause(&redis_key, Instant::now())
+            {
+                return Ok(Decision::NotBefore {
+                    at: until,
+                    cooldown: true,
+                });
+            }
+            // Pauses kept while Redis was away reach it before anything is decided there.
+            if inner.to_deliver.load(Ordering::Relaxed)
+                && let Err(e) = inner.deliver().await
+            {
+                return inner.unreachable_decision(e, &key, &policy);
+            }
             // Never decide on this process's own clock: the first decision of a lazy
             // connection waits for the offset to the server's.
             let now_us = inner.conn.calibrated_now_us().await;
@@ -713,13 +997,19 @@ impl RedisGcra {
             let since = inner
                 .arrival_order
                 .then(|| since.map_or(now_us, |since| inner.conn.to_fleet(since, now, now_us)));
-            let counted = inner.count_requests && key.request_kind().is_none();
+            let account_wide = key.request_kind().is_none();
+            let counted = inner.count_requests && account_wide;
             let result = inner
-                .decide(redis_key, &policy, now_us, since, counted)
+                .decide(redis_key.clone(), &policy, now_us, since, counted)
                 .await;
             match result {
-                Ok(FleetDecision::Admit) => Ok(Decision::Admit),
-                Ok(FleetDecision::NotBefore { at_us, cooldown }) => Ok(Decision::NotBefore {
+                Ok((FleetDecision::Admit, streak)) => {
+                    if account_wide {
+                        inner.saw_streak(&redis_key, streak);
+                    }
+                    Ok(Decision::Admit)
+                }
+                Ok((FleetDecision::NotBefore { at_us, cooldown }, _)) => Ok(Decision::NotBefore {
                     at: inner.conn.to_instant(at_us, now, now_us),
                     cooldown,
                 }),
@@ -792,79 +1082,27 @@ impl Backend for RedisGcra {
         let key = key.clone();
         let policy = *policy;
         Box::pin(async move {
-            // Reported times go into the fleet's state too: measured against the server's clock.
-            let now_us = inner.conn.calibrated_now_us().await;
-            let now = Instant::now();
-            let now_us = match now_us {
-                Ok(now_us) => now_us,
-                Err(e) => {
-                    inner.note(&Err::<(), _>(e.clone()));
-                    return inner.unreachable_feedback(e, &key, &policy, feedback);
-                }
+            // Pauses kept while Redis was away go first, in order.
+            let sent = if inner.to_deliver.load(Ordering::Relaxed) {
+                inner.deliver().await
+            } else {
+                Ok(())
             };
-            let fleet = |t: Instant| inner.conn.to_fleet(t, now, now_us).to_string();
-            let (kind, sent, received, resume, throttled) = match feedback {
-                Feedback::Success { sent_at } => {
-                    ("s", fleet(sent_at), String::new(), String::new(), false)
-                }
-                Feedback::Pause {
-                    sent_at,
-                    received_at,
-                    resume_at,
-                    throttled,
-                } => (
-                    "p",
-                    fleet(sent_at),
-                    fleet(received_at),
-                    resume_at.map(fleet).unwrap_or_default(),
-                    throttled,
-                ),
-                _ => return Ok(Reported::default()),
+            let result = match sent {
+                Ok(()) => inner.send_feedback(&redis_key, &policy, feedback).await,
+                Err(e) => Err(e),
             };
-            let (adaptive, start, ceiling) = adaptive_args(&policy);
-            let a = policy.adaptive.unwrap_or_default();
-            let c = policy.cooldown;
-            let args = [
-                now_us.to_string(),
-                kind.to_owned(),
-                sent,
-                received,
-                resume,
-                if throttled { "1" } else { "0" }.to_owned(),
-                micros(policy.quota.period()).max(1).to_string(),
-                if adaptive { "1" } else { "0" }.to_owned(),
-                format!("{start:e}"),
-                format!("{ceiling:e}"),
-                format!("{:e}", a.growth),
-                format!("{:e}", a.decrease),
-                format!("{:e}", a.target),
-                format!("{:e}", a.probe),
-                micros(c.first).to_string(),
-                c.escalate_after.to_string(),
-                micros(c.backoff).to_string(),
-                micros(c.ceiling).to_string(),
-                micros(c.window).to_string(),
-                micros(inner.idle_ttl).to_string(),
-            ];
-            let result: Result<Vec<i64>, StoreError> =
-                inner.conn.run(&inner.feedback, &[redis_key], &args).await;
-            inner.note(&result);
-            match result {
-                Ok(reply) => {
-                    match reply.as_slice() {
-                        [until, streak] => {
-                            let mut reported = Reported::default();
-                            reported.streak = u32::try_from(*streak).unwrap_or(0);
-                            reported.cooldown_until =
-                                (*until >= 0).then(|| inner.conn.to_instant(*until, now, now_us));
-                            Ok(reported)
-                        }
-                        other => Err(StoreError::protocol(format!("feedback reply {other:?}"))
-                            .into_ratelimit()),
-                    }
-                }
-                Err(e) => inner.unreachable_feedback(e, &key, &policy, feedback),
-            }
+            result.or_else(|e| inner.not_taken(e, &key, redis_key, &policy, feedback))
         })
+    }
+
+    /// Whether this process's last admission under `key` (account-wide) was told the key's
+    /// 1302 streak is running, and no report since said it ended: the layer then reports
+    /// successes, so a streak another process started is reset by this process's success.
+    fn streak_running(&self, key: &BucketKey) -> bool {
+        if key.request_kind().is_some() || !self.inner.any_streak.load(Ordering::Relaxed) {
+            return false;
+        }
+        lock(&self.inner.streaks).contains(&self.key_of(key))
     }
 }

@@ -66,7 +66,8 @@
 //! state (the `PREFIX:alive` key is gone) starts a grace period in which no create is
 //! admitted, and every process registers its slots again within one maintenance pass
 //! (default 1 s; grace 3 s). Changes made while Redis was unreachable are replayed, in order,
-//! when it is back. What happens meanwhile is [`WhenUnreachable`]'s choice; a Redis that
+//! when it is back; so are the pauses (1302, `Retry-After`) a process could not report, which
+//! hold in that process meanwhile. What happens meanwhile is [`WhenUnreachable`]'s choice; a Redis that
 //! answers `LOADING`, `MASTERDOWN` or `TRYAGAIN` (restarting, failing over) counts as away. The GCRA state of
 //! a restarted Redis starts empty: a key admits one request, then paces again — a fresh key
 //! never admits more than its burst.

@@ -16,7 +16,8 @@ use std::time::Duration;
 /// | [`Fallback`](Self::Fallback) | each process paces alone at `1/processes` of the quota | each process admits up to `⌊capacity/processes⌋` slots per pool, counting the tasks it already holds | at most one process's share |
 ///
 /// In every mode the changes a process makes while Redis is away (tasks held, ended, given
-/// back) are kept and replayed when it returns, and after Redis lost its state (a restart
+/// back) and the pauses (1302, `Retry-After`) it could not report are kept and replayed when it
+/// returns (a pause holds in the process meanwhile), and after Redis lost its state (a restart
 /// without persistence) every process registers again the slots it holds before new creates
 /// are admitted (see the crate docs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

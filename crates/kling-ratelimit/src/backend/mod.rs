@@ -233,6 +233,21 @@ pub trait Backend: Send + Sync + 'static {
         feedback: Feedback,
     ) -> Self::FeedbackFuture;
 
+    /// Whether the store holds a 1302 streak for the account-wide `key` that a success of it
+    /// must reset, as far as this process last heard: a streak another process may have
+    /// started. The layer then reports this process's successes of `key`
+    /// ([`Feedback::Success`]) although it never received a pause itself, so a fleet's streak
+    /// is reset by any process's success, as [`Cooldown`] says. Called for a successful
+    /// response only, and only while the layer does not report successes anyway (adaptive
+    /// mode, or after this process received a pause), so it must be cheap: a store of one
+    /// process keeps the default, `false` (its layer starts reporting successes when it
+    /// receives the pause that starts a streak); a shared store answers from what its last
+    /// decision for `key` said (kling-redis's acquire reply).
+    fn streak_running(&self, key: &BucketKey) -> bool {
+        let _ = key;
+        false
+    }
+
     /// The requests every process sharing this store was admitted under the account-wide
     /// `key` over the store's usage window, for a store a fleet shares (the Redis backend);
     /// `None`, the default, for a store of one process, whose requests its monitor counts

@@ -238,3 +238,77 @@ async fn reject_mode_reports_the_cooldown() {
         .await
         .unwrap();
 }
+
+/// The in-process backend as a store another process shares: it says a 1302 streak is running
+/// for account `a` while `running` is set, and records the successes reported to it.
+#[derive(Debug, Default)]
+struct SharedStreak {
+    inner: kling_ratelimit::InProcess,
+    running: std::sync::atomic::AtomicBool,
+    successes: std::sync::Mutex<Vec<Option<String>>>,
+}
+
+impl kling_ratelimit::Backend for SharedStreak {
+    type AcquireFuture = <kling_ratelimit::InProcess as kling_ratelimit::Backend>::AcquireFuture;
+    type FeedbackFuture = <kling_ratelimit::InProcess as kling_ratelimit::Backend>::FeedbackFuture;
+
+    fn acquire(&self, key: &BucketKey, policy: &kling_ratelimit::Policy) -> Self::AcquireFuture {
+        self.inner.acquire(key, policy)
+    }
+
+    fn streak_running(&self, key: &BucketKey) -> bool {
+        key.account_id().is_some_and(|a| a.as_str() == "a")
+            && self.running.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn feedback(
+        &self,
+        key: &BucketKey,
+        policy: &kling_ratelimit::Policy,
+        feedback: kling_ratelimit::Feedback,
+    ) -> Self::FeedbackFuture {
+        if matches!(feedback, kling_ratelimit::Feedback::Success { .. }) {
+            self.successes
+                .lock()
+                .unwrap()
+                .push(key.account_id().map(|a| a.to_string()));
+        }
+        self.inner.feedback(key, policy, feedback)
+    }
+}
+
+/// A process that never received a pause reports its successes of an account while the
+/// backend says a streak (another process's) is running for it, so the success resets the
+/// streak; otherwise it reports none.
+#[tokio::test(start_paused = true)]
+async fn successes_are_reported_while_the_backend_says_a_streak_is_running() {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(100.0))
+        .backend(SharedStreak::default())
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    let backend = || layer.handle();
+    service
+        .clone()
+        .oneshot(request(Some("a"), "a1"))
+        .await
+        .unwrap();
+    assert!(backend().backend().successes.lock().unwrap().is_empty());
+    backend()
+        .backend()
+        .running
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::time::advance(Duration::from_millis(20)).await;
+    service
+        .clone()
+        .oneshot(request(Some("a"), "a2"))
+        .await
+        .unwrap();
+    service.oneshot(request(Some("b"), "b1")).await.unwrap();
+    assert_eq!(
+        *backend().backend().successes.lock().unwrap(),
+        [Some("a".to_owned())],
+        "a's success only: no streak runs for b"
+    );
+}

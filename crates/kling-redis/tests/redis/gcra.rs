@@ -904,3 +904,204 @@ async fn an_adaptive_refusal_that_creates_the_keys_hash_gives_it_an_expiry() {
     let left = pttl(&server, &hash).await;
     assert!(left > 0, "the hash three created has PTTL {left}");
 }
+
+/// A connection to `server` whose commands give up after 200 ms.
+async fn impatient(server: &kling_redis::testing::RedisServer) -> Connection {
+    Connection::connect(
+        RedisConfig::new(server.url())
+            .prefix("test")
+            .command_timeout(Duration::from_millis(200))
+            .connect_timeout(Duration::from_millis(200)),
+    )
+    .await
+    .expect("redis answers")
+}
+
+/// A first 1302 pauses `paused_key()` for 5 s.
+fn paused_key() -> (BucketKey, Policy) {
+    (
+        BucketKey::account(Some(AccountId::new("lost-pause"))),
+        Policy::new(
+            Quota::per_second(100.0),
+            Cooldown::default().first(Duration::from_secs(5)),
+        ),
+    )
+}
+
+/// A 1302 received at `at`.
+fn throttled_at(at: tokio::time::Instant) -> Feedback {
+    Feedback::Pause {
+        sent_at: at,
+        received_at: at,
+        resume_at: None,
+        throttled: true,
+    }
+}
+
+/// Asks `backend` for a cell of `paused_key()` every 50 ms until it says the key is paused
+/// (`Some(until)`), or for `limit` (`None`).
+async fn paused_until(backend: &RedisGcra, limit: Duration) -> Option<tokio::time::Instant> {
+    let (key, policy) = paused_key();
+    let give_up = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < give_up {
+        if let Ok(Decision::NotBefore { at, cooldown: true }) = backend.acquire(&key, &policy).await
+        {
+            return Some(at);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// A 1302 whose report Redis could not take (it was stopped, and came back empty) still
+/// pauses the key: this process holds the pause from its next decision on, whatever Redis
+/// says, and delivers it when Redis answers again, so another process pauses too. In every
+/// `WhenUnreachable` mode (with `Fallback` the pause went to the fallback alone, which is not
+/// asked once Redis answers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_redis_could_not_take_holds_here_and_reaches_the_fleet_when_it_is_back() {
+    for mode in [
+        WhenUnreachable::Wait,
+        WhenUnreachable::Fail,
+        WhenUnreachable::fallback(2),
+    ] {
+        let Some(mut server) = redis() else { return };
+        let one = RedisGcra::new(impatient(&server).await)
+            .when_unreachable(mode)
+            .retry_every(Duration::from_millis(50));
+        let other = RedisGcra::new(impatient(&server).await);
+        let (key, policy) = paused_key();
+        assert_eq!(one.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+        server.stop();
+        let received = tokio::time::Instant::now();
+        let reported = one.feedback(&key, &policy, throttled_at(received)).await;
+        assert_eq!(
+            reported.is_ok(),
+            matches!(mode, WhenUnreachable::Fallback { .. }),
+            "{mode:?}: {reported:?}"
+        );
+        server.restart().unwrap();
+        // This process: paused at once, though Redis forgot everything.
+        match one.acquire(&key, &policy).await {
+            Ok(Decision::NotBefore { at, cooldown: true }) => {
+                assert!(at >= received + Duration::from_secs(4), "{mode:?}: {at:?}");
+            }
+            other => panic!("{mode:?}: this process is not paused: {other:?}"),
+        }
+        // The fleet: the pause reaches Redis once it answers.
+        let until = paused_until(&other, Duration::from_secs(3)).await;
+        let until = until.unwrap_or_else(|| panic!("{mode:?}: the fleet never paused"));
+        assert!(
+            until >= received + Duration::from_secs(4),
+            "{mode:?}: {until:?}"
+        );
+    }
+}
+
+/// One command timeout during a burst of 1302s (Redis paused by `CLIENT PAUSE` for 800 ms
+/// while a process reports its 1302, with commands giving up after 200 ms) does not lose the
+/// pause: the process holds it meanwhile, and the other process pauses once Redis answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_whose_report_timed_out_still_pauses_the_fleet() {
+    let Some(server) = redis() else { return };
+    let one = RedisGcra::new(impatient(&server).await).retry_every(Duration::from_millis(50));
+    let other = RedisGcra::new(impatient(&server).await);
+    let (key, policy) = paused_key();
+    assert_eq!(one.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+    let mut admin = raw(&server).await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(800)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let received = tokio::time::Instant::now();
+    let reported = one.feedback(&key, &policy, throttled_at(received)).await;
+    let error = reported.expect_err("the report timed out");
+    assert_eq!(
+        error.kind(),
+        kling_ratelimit::error::BackendErrorKind::Unreachable,
+        "{error}"
+    );
+    match one.acquire(&key, &policy).await {
+        Ok(Decision::NotBefore { at, cooldown: true }) => {
+            assert!(at >= received + Duration::from_secs(4), "{at:?}");
+        }
+        other => panic!("this process is not paused: {other:?}"),
+    }
+    let until = paused_until(&other, Duration::from_secs(3))
+        .await
+        .expect("the fleet never paused");
+    assert!(until >= received + Duration::from_secs(4), "{until:?}");
+}
+
+/// A process of a fleet: a `GcraLayer` (100 a second, a first pause of 100 ms) over `backend`,
+/// in front of a service that answers a request whose path ends in `throttled` with a 1302
+/// and any other with success.
+fn answering(backend: RedisGcra) -> Layered {
+    let inner = tower::service_fn(|request: http::Request<Full<Bytes>>| {
+        let (status, code) = if request.uri().path().ends_with("throttled") {
+            (429, 1302)
+        } else {
+            (200, 0)
+        };
+        let body = format!(r#"{{"code":{code},"message":"m","request_id":"r","data":{{}}}}"#);
+        std::future::ready(Ok::<_, kling_core::BoxError>(
+            http::Response::builder()
+                .status(status)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap(),
+        ))
+    });
+    let layer = GcraLayer::builder(Quota::per_second(100.0))
+        .cooldown(
+            Cooldown::default()
+                .first(Duration::from_millis(100))
+                .backoff(Duration::from_secs(2))
+                .ceiling(Duration::from_secs(2)),
+        )
+        .backend(backend)
+        .build()
+        .unwrap();
+    tower::util::BoxCloneService::new(layer.layer(inner))
+}
+
+/// The 1302 streak Redis holds for the shared key (0 when none).
+async fn fleet_streak(server: &kling_redis::testing::RedisServer, redis_key: &str) -> i64 {
+    let streak: Option<i64> = redis::cmd("HGET")
+        .arg(redis_key)
+        .arg("s")
+        .query_async(&mut raw(server).await)
+        .await
+        .unwrap();
+    streak.unwrap_or(0)
+}
+
+/// Two processes on one Redis: `a` gets a 1302 (a streak of 1), then `b`, which never received
+/// a pause, succeeds, and then gets a 1302 itself. `b`'s success reset the fleet's streak, so
+/// its 1302 starts a new one (1, a first pause) rather than escalating it to 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_in_a_process_that_saw_no_pause_resets_the_fleets_streak() {
+    let Some(server) = redis() else { return };
+    let backend_a = RedisGcra::new(connect(&server).await);
+    let backend_b = RedisGcra::new(connect(&server).await);
+    let key = BucketKey::account(None);
+    let redis_key = backend_b.key_of(&key);
+    let a = answering(backend_a);
+    let b = answering(backend_b.clone());
+    send(&b, "ok").await.unwrap().unwrap();
+    assert!(
+        !backend_b.streak_running(&key),
+        "no streak yet: successes are not reported"
+    );
+    send(&a, "throttled").await.unwrap().unwrap();
+    assert_eq!(fleet_streak(&server, &redis_key).await, 1);
+    // `b` waits out the pause, and its success resets the streak.
+    send(&b, "ok").await.unwrap().unwrap();
+    assert_eq!(fleet_streak(&server, &redis_key).await, 0);
+    assert!(!backend_b.streak_running(&key), "the reset was noted");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    send(&b, "throttled").await.unwrap().unwrap();
+    assert_eq!(fleet_streak(&server, &redis_key).await, 1);
+}
