@@ -68,7 +68,6 @@ macro_rules! with_layer {
 pub struct Stack {
     limits: Limits,
     service: BatchService,
-    client: HttpsClient,
     calls: Arc<Counts>,
     attempts: Arc<Counts>,
 }
@@ -117,12 +116,11 @@ impl Stack {
         let client = https_client().map_err(|e| SetupError::new("tls", e.to_string()))?;
         let attempts = TallyLayer::new();
         let calls = TallyLayer::new();
-        let bottom = attempts.layer(ClassifyLayer::new().layer(client.clone()));
+        let bottom = attempts.layer(ClassifyLayer::new().layer(client));
         let kling = with_layer!(&limits, layer => KlingService::new(layer.layer(bottom)));
         Ok(Stack {
             service: calls.layer(kling),
             limits,
-            client,
             calls: calls.counts(),
             attempts: attempts.counts(),
         })
@@ -165,11 +163,6 @@ impl Stack {
     /// A clone of the service.
     pub fn service(&self) -> BatchService {
         self.service.clone()
-    }
-
-    /// The bare HTTP client (for downloads, which go to result URLs, not to the API).
-    pub fn client(&self) -> &HttpsClient {
-        &self.client
     }
 
     /// Logical calls made through the stack (creates, queries, lookups, lists).
