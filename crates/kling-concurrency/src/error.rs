@@ -5,7 +5,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::time::Duration;
 
-use kling_core::error::ApiError;
+use kling_core::error::{ApiError, RefusedBeforeSending};
 use kling_core::{AccountId, Code, Pool};
 
 /// Creates for this account are refused locally: the server answered `1102` (resource pack
@@ -60,8 +60,10 @@ impl fmt::Display for Halted {
 }
 
 impl StdError for Halted {
+    /// The marker of a refusal before sending, not the response that caused the halt (that
+    /// is [`Halted::cause`]): the create being refused was never sent.
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        Some(&self.cause)
+        Some(&RefusedBeforeSending)
     }
 }
 
@@ -109,7 +111,11 @@ impl fmt::Display for DeadlineExceeded {
     }
 }
 
-impl StdError for DeadlineExceeded {}
+impl StdError for DeadlineExceeded {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&RefusedBeforeSending)
+    }
+}
 
 /// A create needs more slots than its pool has at all, so it could never be admitted.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,7 +161,11 @@ impl fmt::Display for OverCapacity {
     }
 }
 
-impl StdError for OverCapacity {}
+impl StdError for OverCapacity {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&RefusedBeforeSending)
+    }
+}
 
 /// A create found its pool's queue full ([`SlotsConfig::max_queue`](crate::SlotsConfig::max_queue))
 /// and was refused without waiting; it was not sent.
@@ -206,12 +216,18 @@ impl fmt::Display for QueueFull {
     }
 }
 
-impl StdError for QueueFull {}
+impl StdError for QueueFull {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&RefusedBeforeSending)
+    }
+}
 
 /// The slot store could not be reached or answered nonsense (a remote backend's failure).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendError {
     message: String,
+    /// Returned to a create that was refused for it (see [`AcquireError::into_box`]).
+    refused: bool,
 }
 
 impl BackendError {
@@ -219,6 +235,7 @@ impl BackendError {
     pub fn new(message: impl Into<String>) -> Self {
         BackendError {
             message: message.into(),
+            refused: false,
         }
     }
 
@@ -234,7 +251,13 @@ impl fmt::Display for BackendError {
     }
 }
 
-impl StdError for BackendError {}
+impl StdError for BackendError {
+    /// [`RefusedBeforeSending`] when a create was refused for it (the store decides whether it
+    /// may be sent).
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.refused.then_some(&RefusedBeforeSending as _)
+    }
+}
 
 /// Why a backend did not grant slots.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -264,13 +287,14 @@ impl fmt::Display for AcquireError {
 impl StdError for AcquireError {}
 
 impl AcquireError {
-    /// The concrete error, boxed (so callers can downcast to [`Halted`] and friends).
+    /// The concrete error, boxed (so callers can downcast to [`Halted`] and friends), as the
+    /// refused create's error: each names [`RefusedBeforeSending`] as its source.
     pub fn into_box(self) -> kling_core::error::BoxError {
         match self {
             AcquireError::Halted(e) => Box::new(e),
             AcquireError::OverCapacity(e) => Box::new(e),
             AcquireError::QueueFull(e) => Box::new(e),
-            AcquireError::Backend(e) => Box::new(e),
+            AcquireError::Backend(e) => Box::new(BackendError { refused: true, ..e }),
         }
     }
 }
@@ -334,3 +358,41 @@ impl fmt::Display for BadCallback {
 }
 
 impl StdError for BadCallback {}
+
+#[cfg(test)]
+mod tests {
+    use kling_core::{Outcome, Product, SendState};
+
+    use super::*;
+
+    /// Every refusal a create meets here leaves it unsent, and says so to the layers above.
+    #[test]
+    fn every_refusal_of_a_create_reads_as_never_sent() {
+        let refused = Outcome::parse(
+            http::StatusCode::TOO_MANY_REQUESTS,
+            &http::HeaderMap::new(),
+            br#"{"code":1102,"message":"no balance","request_id":"r"}"#,
+            tokio::time::Instant::now(),
+        )
+        .unwrap();
+        let account = AccountId::new("a");
+        let pool = Pool::new(Product::Video);
+        let refusals = [
+            AcquireError::Halted(Halted::new(
+                account.clone(),
+                ApiError::from_outcome(&refused),
+            )),
+            AcquireError::OverCapacity(OverCapacity::new(pool.clone(), 3, 2)),
+            AcquireError::QueueFull(QueueFull::new(account, pool.clone(), 0)),
+            AcquireError::Backend(BackendError::new("connection refused")),
+        ];
+        for refusal in refusals {
+            let error = refusal.into_box();
+            assert_eq!(SendState::of(&*error), SendState::NotSent, "{error}");
+        }
+        let late = DeadlineExceeded::new(pool, 1, Duration::from_secs(1));
+        assert_eq!(SendState::of(&late), SendState::NotSent);
+        // A store failure outside a create's way (a handle's call) says nothing of the sort.
+        assert!(BackendError::new("timed out").source().is_none());
+    }
+}

@@ -32,7 +32,9 @@ pub enum SendState {
 impl SendState {
     /// Reads the send state of any error by walking its source chain.
     ///
-    /// [`Transport`] and [`NotSent`] markers say it outright; an I/O error of kind
+    /// [`Transport`], [`NotSent`] and [`RefusedBeforeSending`] markers say it outright (the
+    /// stack's local refusals, a limiter's or the drain's, carry the last as their source); an
+    /// I/O error of kind
     /// `ConnectionRefused` proves the request never left; with the `hyper-util` feature,
     /// hyper-util's connect errors do too. Everything else is [`SendState::Unknown`].
     pub fn of(error: &(dyn StdError + 'static)) -> SendState {
@@ -41,7 +43,7 @@ impl SendState {
             if let Some(transport) = err.downcast_ref::<Transport>() {
                 return transport.state;
             }
-            if err.is::<NotSent>() {
+            if err.is::<NotSent>() || err.is::<RefusedBeforeSending>() {
                 return SendState::NotSent;
             }
             if let Some(io) = err.downcast_ref::<std::io::Error>()
@@ -88,6 +90,50 @@ impl StdError for NotSent {
         Some(&*self.source)
     }
 }
+
+/// The [`source`](StdError::source) of every refusal a layer makes before the request leaves
+/// the process: a limiter with no slot or no rate in time, a full queue, creates halted after a
+/// `1102`, a draining stack, a spent budget.
+///
+/// Layers meet each other's refusals without knowing their types (DESIGN.md: a layer crate
+/// depends on none of the others), yet must tell them from a request that was sent: the task
+/// slots give a slot back at once, a spend guard gives a credit back, the monitor counts no
+/// request. A refusal error keeps its own type (callers downcast to it) and names this marker
+/// as its source, so [`SendState::of`] reads it as [`SendState::NotSent`]:
+///
+/// ```
+/// use std::error::Error;
+/// use std::fmt;
+/// use kling_core::error::RefusedBeforeSending;
+/// use kling_core::SendState;
+///
+/// #[derive(Debug)]
+/// struct NoRoom;
+///
+/// impl fmt::Display for NoRoom {
+///     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+///         f.write_str("no room to wait")
+///     }
+/// }
+///
+/// impl Error for NoRoom {
+///     fn source(&self) -> Option<&(dyn Error + 'static)> {
+///         Some(&RefusedBeforeSending)
+///     }
+/// }
+///
+/// assert_eq!(SendState::of(&NoRoom), SendState::NotSent);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RefusedBeforeSending;
+
+impl fmt::Display for RefusedBeforeSending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("refused before the request was sent")
+    }
+}
+
+impl StdError for RefusedBeforeSending {}
 
 /// A failure of the HTTP client under the classify step, with whether the request was sent.
 #[derive(Debug)]

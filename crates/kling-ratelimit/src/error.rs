@@ -8,6 +8,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::time::Duration;
 
+use kling_core::error::RefusedBeforeSending;
 use kling_core::{AccountId, BoxError};
 use tokio::time::Instant;
 
@@ -59,7 +60,11 @@ impl fmt::Display for RateLimited {
     }
 }
 
-impl StdError for RateLimited {}
+impl StdError for RateLimited {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&RefusedBeforeSending)
+    }
+}
 
 /// Which bound a waiting request ran into.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -120,7 +125,11 @@ impl fmt::Display for WaitExceeded {
     }
 }
 
-impl StdError for WaitExceeded {}
+impl StdError for WaitExceeded {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&RefusedBeforeSending)
+    }
+}
 
 /// Wait mode: the key's queue already holds the configured maximum of waiting requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,7 +167,11 @@ impl fmt::Display for QueueFull {
     }
 }
 
-impl StdError for QueueFull {}
+impl StdError for QueueFull {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&RefusedBeforeSending)
+    }
+}
 
 /// What went wrong in a [`Backend`](crate::Backend).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -198,6 +211,11 @@ impl BackendError {
     pub fn kind(&self) -> BackendErrorKind {
         self.kind
     }
+
+    /// The store's error (a Redis backend's: `kling_redis::StoreError`).
+    pub fn store_error(&self) -> &(dyn StdError + Send + Sync + 'static) {
+        &*self.source
+    }
 }
 
 impl fmt::Display for BackendError {
@@ -214,8 +232,10 @@ impl fmt::Display for BackendError {
 }
 
 impl StdError for BackendError {
+    /// [`RefusedBeforeSending`]: the request was not sent. The store's own error is
+    /// [`BackendError::store_error`] (and in the message).
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        Some(&*self.source)
+        Some(&RefusedBeforeSending)
     }
 }
 
@@ -258,3 +278,29 @@ impl fmt::Display for ConfigError {
 }
 
 impl StdError for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use kling_core::SendState;
+
+    use super::*;
+
+    /// Every refusal here leaves the request unsent, and says so to the layers above (the task
+    /// slots give the create's slot back).
+    #[test]
+    fn every_refusal_reads_as_never_sent() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(5);
+        let refusals: [BoxError; 4] = [
+            Box::new(RateLimited::new(later, now, false)),
+            Box::new(WaitExceeded::new(later, WaitLimit::MaxWait, true)),
+            Box::new(QueueFull::new(None, 10)),
+            Box::new(BackendError::unreachable("connection refused")),
+        ];
+        for refusal in refusals {
+            assert_eq!(SendState::of(&*refusal), SendState::NotSent, "{refusal}");
+        }
+        let store = BackendError::protocol("unexpected reply");
+        assert_eq!(store.store_error().to_string(), "unexpected reply");
+    }
+}

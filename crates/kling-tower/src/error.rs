@@ -9,7 +9,7 @@ use std::fmt;
 use std::time::Duration;
 
 use kling_core::AccountId;
-use kling_core::error::ApiError;
+use kling_core::error::{ApiError, RefusedBeforeSending};
 
 /// An invalid configuration value, naming the field (or the environment variable) it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,8 +77,10 @@ impl fmt::Display for SigningError {
 }
 
 impl std::error::Error for SigningError {
+    /// [`RefusedBeforeSending`]: the request was not sent. The signer's error is in the
+    /// message.
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.source)
+        Some(&RefusedBeforeSending)
     }
 }
 
@@ -139,7 +141,11 @@ impl fmt::Display for BudgetExceeded {
     }
 }
 
-impl std::error::Error for BudgetExceeded {}
+impl std::error::Error for BudgetExceeded {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&RefusedBeforeSending)
+    }
+}
 
 /// Why a signed callback was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -293,7 +299,11 @@ impl fmt::Display for Draining {
     }
 }
 
-impl std::error::Error for Draining {}
+impl std::error::Error for Draining {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&RefusedBeforeSending)
+    }
+}
 
 /// A gateway request for an account the gateway has no stack for (or with no [`AccountId`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -321,4 +331,8 @@ impl fmt::Display for UnknownAccount {
     }
 }
 
-impl std::error::Error for UnknownAccount {}
+impl std::error::Error for UnknownAccount {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&RefusedBeforeSending)
+    }
+}

@@ -270,3 +270,50 @@ async fn a_create_sent_again_under_its_external_id_frees_the_first_attempts_slot
         .unwrap();
     assert_eq!(in_use(&handle.snapshot().await.unwrap()), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_create_the_rate_limiter_refuses_gives_its_slot_back() {
+    // DESIGN.md's order: the task slots above the rate limiter. A create granted a slot and then
+    // refused by the rate limiter never left the process, so its slot must come back at once,
+    // not stay held as "may have made a task" until its lease ends.
+    let next = Arc::new(AtomicUsize::new(0));
+    let client = service_fn(move |_req: Request<Full<Bytes>>| {
+        let id = next.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let body = format!(
+                r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":{{"task_id":"t{id}","task_status":"submitted"}}}}"#
+            );
+            Ok::<_, BoxError>(Response::new(Full::new(Bytes::from(body))))
+        }
+    });
+    let rate = GcraLayer::builder(Quota::per_minute(1.0))
+        .max_wait(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let (slots, handle) =
+        TaskSlotsLayer::pair(SlotsConfig::new(2).lease(Duration::from_secs(3600))).unwrap();
+    let service = slots.layer(rate.layer(client));
+    let create = || {
+        let mut request = Request::post("/v1/videos/text2video")
+            .body(Full::new(Bytes::from(r#"{"prompt":"x"}"#)))
+            .unwrap();
+        request.extensions_mut().insert(AccountId::new("refused"));
+        request
+    };
+    service.clone().oneshot(create()).await.unwrap();
+    let error = service.clone().oneshot(create()).await.unwrap_err();
+    assert!(
+        error.is::<kling_ratelimit::error::WaitExceeded>(),
+        "refused by the rate limiter: {error}"
+    );
+    assert_eq!(
+        kling_core::SendState::of(&*error),
+        kling_core::SendState::NotSent
+    );
+    let in_use = |s: &kling_concurrency::Snapshot| s.pools().iter().map(|p| p.in_use).sum::<u32>();
+    assert_eq!(
+        in_use(&handle.snapshot().await.unwrap()),
+        1,
+        "only the task that was made holds a slot"
+    );
+}

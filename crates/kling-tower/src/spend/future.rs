@@ -168,29 +168,9 @@ fn made_no_task(error: &(dyn StdError + 'static)) -> bool {
         if let Some(api) = link.downcast_ref::<ApiError>() {
             return cannot_have_created(api.code());
         }
-        if refused_before_sending(link) {
-            return true;
-        }
         current = link.source();
     }
     SendState::of(error) == SendState::NotSent
-}
-
-/// Whether `error` is a limiter below refusing the create before it was sent: no slot in
-/// time or room to wait for one, a pool too small for its weight, creates halted after a
-/// `1102`, or the rate limiter's wait too long or its queue full. (The retry layer passes
-/// these through unchanged, so they arrive as they are; after an attempt that may have made a
-/// task, it wraps them in a [`Failed`] that says so, read above.)
-fn refused_before_sending(error: &(dyn StdError + 'static)) -> bool {
-    use kling_concurrency::error as slots;
-    use kling_ratelimit::error as rate;
-    error.is::<slots::QueueFull>()
-        || error.is::<slots::DeadlineExceeded>()
-        || error.is::<slots::OverCapacity>()
-        || error.is::<slots::Halted>()
-        || error.is::<rate::QueueFull>()
-        || error.is::<rate::WaitExceeded>()
-        || error.is::<rate::RateLimited>()
 }
 
 /// Whether a retry layer's last failure made no task: a Kling answer whose code cannot have

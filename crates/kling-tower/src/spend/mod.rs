@@ -20,9 +20,10 @@
 //! the deadline came, without an earlier attempt that may have made a task and that no lookup
 //! by external id ruled out (`may_have_created()` on either error). Anything else — a create
 //! that may have happened, an unresolved lookup, an unknown reason — keeps it. A create the
-//! limiters below refuse before sending it (`kling_concurrency`'s `QueueFull`,
-//! `DeadlineExceeded`, `OverCapacity` and `Halted`; `kling_ratelimit`'s `QueueFull`,
-//! `WaitExceeded` and `RateLimited`) gives it back too.
+//! layers below refuse before sending it (a limiter's refusal, a signing failure: any error
+//! that [`SendState::of`](kling_core::SendState::of) reads as never sent, which the stack's
+//! refusals say through [`RefusedBeforeSending`](kling_core::error::RefusedBeforeSending))
+//! gives it back too.
 //!
 //! Budgets are kept per [`AccountId`] (requests without one share a budget) and start again
 //! every period, counted from an account's first create.
