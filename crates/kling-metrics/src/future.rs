@@ -16,7 +16,7 @@ use kling_core::metrics::{
     LABEL_CODE, LABEL_KIND, LABEL_POOL, LABEL_STATUS, REQUEST_DURATION, RESPONSES,
 };
 use kling_core::signals::{Attempt, Waited};
-use kling_core::{Outcome, RequestKind};
+use kling_core::{Outcome, RequestKind, SendState};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tracing::Span;
@@ -121,14 +121,16 @@ impl Call {
         };
         let extensions = response.extensions();
         let others = !attached || extensions.len() > 1;
+        // Counted when answered, as many as were sent: a create that waited minutes for a slot
+        // was sent at the end of its wait, and a retry layer's attempts each reached Kling.
+        let mut sent = 1;
         if others && let Some(&Attempt(attempts)) = extensions.get::<Attempt>() {
             if !span.is_disabled() {
                 span.record("attempt", attempts);
             }
-            if attempts > 1 {
-                self.monitor.note_requests(end, u64::from(attempts - 1));
-            }
+            sent = attempts.max(1);
         }
+        self.monitor.note_requests(end, u64::from(sent));
         if !span.is_disabled()
             && let Some(waited) = extensions.get::<Waited>()
         {
@@ -171,6 +173,12 @@ impl Call {
 
     fn error(self, error: &(dyn StdError + 'static), span: &Span) {
         let end = Instant::now();
+        // A request refused in this process (a limiter's, the drain's refusal) or one that never
+        // left the client did not count against Kling's rate; any other reached it, or may have.
+        // Only the last one is known: a retry layer's error does not say how many it sent.
+        if SendState::of(error) != SendState::NotSent {
+            self.monitor.note_requests(end, 1);
+        }
         let (status, code) = match find_cause(error) {
             Some(Cause::Api(api)) => {
                 span.record("request_id", api.request_id());

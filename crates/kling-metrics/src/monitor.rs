@@ -853,7 +853,7 @@ impl Monitor {
         self.inner.threshold
     }
 
-    /// A request was sent (or `n` more: retried attempts reported afterwards).
+    /// `n` requests were sent: counted when the call was answered, as its attempts say.
     pub(crate) fn note_requests(&self, now: Instant, n: u64) {
         let inner = &*self.inner;
         let (epoch, own) = inner.window.count(now, n);

@@ -145,7 +145,6 @@ where
             self.inner.call(request)
         };
         drop(scope);
-        monitor.note_requests(start, 1);
         let call = Call {
             start,
             kind,

@@ -178,6 +178,90 @@ async fn attempts_reported_below_count_against_the_quota_and_show_in_the_span() 
     assert_eq!(span.field("wait_slots_s"), Some("2.0"));
 }
 
+/// A call counts against the rate when it is answered, not when it starts (a create that waits
+/// minutes for a slot is sent at the end of its wait), and a call refused before it left counts
+/// nothing: Kling never saw it.
+#[tokio::test(start_paused = true)]
+async fn requests_count_when_answered_and_refusals_before_sending_count_none() {
+    #[derive(Debug)]
+    struct NoSlotInTime;
+    impl std::fmt::Display for NoSlotInTime {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("no slot in time")
+        }
+    }
+    impl std::error::Error for NoSlotInTime {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&kling_core::error::RefusedBeforeSending)
+        }
+    }
+
+    let monitor = Monitor::builder()
+        .rate_quota(60, Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = calls.clone();
+    let below = tower::service_fn(move |_req: http::Request<Full<Bytes>>| {
+        let n = seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            match n {
+                // Waits five minutes (for a slot), then is sent and answered.
+                0 => {
+                    tokio::time::sleep(Duration::from_secs(300)).await;
+                    Ok(http::Response::new(Full::new(Bytes::from_static(
+                        OK.as_bytes(),
+                    ))))
+                }
+                1 => Err::<_, kling_core::error::BoxError>(Box::new(NoSlotInTime)),
+                // Reset after it was sent: it may have reached Kling.
+                _ => Err(
+                    Box::new(kling_core::error::Transport::new(std::io::Error::from(
+                        std::io::ErrorKind::ConnectionReset,
+                    ))) as kling_core::error::BoxError,
+                ),
+            }
+        }
+    });
+    let stack = MetricsLayer::with_monitor(monitor.clone()).layer(below);
+    let waiting = tokio::spawn(stack.clone().oneshot(request(
+        "POST",
+        "/v1/videos/text2video",
+        r#"{"prompt":"x"}"#,
+        "k",
+    )));
+    advance(Duration::from_secs(30)).await;
+    assert_eq!(monitor.snapshot().rate.requests, 0, "waiting, not sent");
+    advance(Duration::from_secs(270)).await;
+    waiting.await.unwrap().unwrap();
+    assert_eq!(monitor.snapshot().rate.requests, 1, "sent when answered");
+
+    let refused = stack
+        .clone()
+        .oneshot(request("GET", "/v1/videos/text2video/t-1", "", "k"))
+        .await
+        .unwrap_err();
+    assert!(refused.is::<NoSlotInTime>());
+    assert_eq!(
+        monitor.snapshot().rate.requests,
+        1,
+        "refused before sending"
+    );
+    let reset = stack
+        .oneshot(request("GET", "/v1/videos/text2video/t-1", "", "k"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        kling_core::SendState::of(&*reset),
+        kling_core::SendState::Unknown
+    );
+    assert_eq!(
+        monitor.snapshot().rate.requests,
+        2,
+        "may have reached Kling"
+    );
+}
+
 /// The attempts a layer below reports count whatever else the response carries: beside the
 /// outcome alone (the layer skips the lookup only when the outcome is the one extension), and
 /// on a response with no envelope (no outcome attached).
