@@ -11,9 +11,18 @@ mod hyper;
 mod reqwest;
 
 #[cfg(feature = "hyper")]
-pub use self::hyper::{HttpsClient, https_client, https_client_with_connect_timeout};
+pub use self::hyper::{
+    ConnectTimeout, HttpsClient, https_client, https_client_with_connect_timeout,
+};
 #[cfg(feature = "reqwest")]
 pub use self::reqwest::{ReqwestService, ResponseFuture as ReqwestFuture};
+
+/// How long the clients built here let a connection take to open, TCP and TLS together: well
+/// inside the stack's 30 s attempt timeout, so a host that never answers fails as a connect
+/// error (never sent: a create may be repeated) rather than as a timed-out attempt (sent,
+/// outcome unknown: a create must be looked up first).
+#[cfg(any(feature = "hyper", feature = "reqwest"))]
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Makes rustls' `ring` provider the process default, if no default is installed yet.
 ///

@@ -36,10 +36,18 @@ impl ReqwestService {
         ReqwestService { client }
     }
 
-    /// A default reqwest client on rustls with the `ring` provider.
+    /// A default reqwest client on rustls with the `ring` provider, whose connections must
+    /// open (TCP connect and TLS handshake) within
+    /// [`DEFAULT_CONNECT_TIMEOUT`](super::DEFAULT_CONNECT_TIMEOUT): a host that never answers
+    /// then fails as a connect error ([`NotSent`]) rather than as a timed-out attempt, which
+    /// the stack must treat as maybe sent. A client of your own should set
+    /// `connect_timeout` too.
     pub fn new_client() -> Result<Self, reqwest::Error> {
         super::install_ring_provider();
-        Ok(ReqwestService::new(reqwest::Client::builder().build()?))
+        let client = reqwest::Client::builder()
+            .connect_timeout(super::DEFAULT_CONNECT_TIMEOUT)
+            .build()?;
+        Ok(ReqwestService::new(client))
     }
 
     /// The client.

@@ -3,6 +3,7 @@
 
 mod auth;
 mod base_url;
+mod client;
 mod e2e;
 mod follow;
 mod metrics;

@@ -1,0 +1,67 @@
+//! The clients' connections must open in time, TLS handshake included: a server that accepts
+//! and never answers fails the request as never sent (a create may be repeated), not as an
+//! attempt that timed out after it may have been sent.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use kling_core::ClassifyLayer;
+use kling_core::error::SendState;
+use tokio::net::TcpListener;
+use tower::{Layer, ServiceExt};
+
+/// A server on loopback that accepts connections and never says a word (its TLS handshake
+/// never starts), with its address.
+async fn silent_server() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            open.push(socket);
+        }
+    });
+    (format!("https://{address}"), held)
+}
+
+fn create(base: &str) -> Request<Full<Bytes>> {
+    Request::post(format!("{base}/v1/videos/text2video"))
+        .body(Full::new(Bytes::from_static(br#"{"prompt":"x"}"#)))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_handshake_that_never_comes_is_a_connect_error_never_sent() {
+    let (base, server) = silent_server().await;
+    let client =
+        kling_tower::client::https_client_with_connect_timeout(Duration::from_millis(300)).unwrap();
+    let service = ClassifyLayer::new().layer(client);
+    let answered = tokio::time::timeout(Duration::from_secs(10), service.oneshot(create(&base)))
+        .await
+        .expect("the connect timeout bounds the TLS handshake too");
+    let error = answered.unwrap_err();
+    assert_eq!(SendState::of(&*error), SendState::NotSent, "{error}");
+    server.abort();
+}
+
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn reqwest_reports_a_handshake_that_never_comes_as_never_sent() {
+    use kling_tower::client::ReqwestService;
+
+    let (base, server) = silent_server().await;
+    kling_tower::client::install_ring_provider();
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let service = ClassifyLayer::new().layer(ReqwestService::new(client));
+    let answered = tokio::time::timeout(Duration::from_secs(10), service.oneshot(create(&base)))
+        .await
+        .expect("reqwest's connect timeout bounds the TLS handshake too");
+    let error = answered.unwrap_err();
+    assert_eq!(SendState::of(&*error), SendState::NotSent, "{error}");
+    server.abort();
+}
