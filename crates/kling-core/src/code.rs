@@ -246,7 +246,8 @@ impl Code {
         }
     }
 
-    /// Whether a create answered with this code may nevertheless have created a billed task.
+    /// Whether a create answered with this code may nevertheless have created a billed task,
+    /// whatever the HTTP status ([`Code::may_have_created_under`] reads the status too).
     ///
     /// Kling documents this for internal errors and timeouts; an unknown code is assumed to
     /// have done so, since nothing proves otherwise.
@@ -255,6 +256,15 @@ impl Code {
             self,
             Code::InternalError | Code::InternalTimeout | Code::Unknown(_)
         )
+    }
+
+    /// Whether a create answered with this code and HTTP `status` may have created a billed
+    /// task: as [`Code::may_have_created`], except that an unknown code that came with a 4xx
+    /// status did not. Every 4xx code Kling documents is a refusal, and the layers must agree
+    /// on the answer: the retry layer reports such a create as final and not created
+    /// ([`Disposition::Fatal`]), so the task slots and a spend guard give back what it held.
+    pub fn may_have_created_under(self, status: StatusCode) -> bool {
+        self.may_have_created() && !(matches!(self, Code::Unknown(_)) && status.is_client_error())
     }
 
     /// Whether this code means no further create can succeed for the account (`1102`, and the
@@ -384,6 +394,12 @@ mod tests {
         assert!(Code::InternalTimeout.may_have_created());
         assert!(!Code::RateLimited.may_have_created());
         assert!(!Code::ParallelTaskLimit.may_have_created());
+        // An undocumented code: only a 4xx status rules a task out.
+        let unknown = Code::from_i64(1299);
+        assert!(!unknown.may_have_created_under(StatusCode::BAD_REQUEST));
+        assert!(unknown.may_have_created_under(StatusCode::INTERNAL_SERVER_ERROR));
+        assert!(unknown.may_have_created_under(StatusCode::OK));
+        assert!(Code::InternalError.may_have_created_under(StatusCode::BAD_REQUEST));
         assert!(Code::ResourcePackExhausted.halts_creates());
     }
 

@@ -91,6 +91,38 @@ impl StdError for NotSent {
     }
 }
 
+/// Whether a create that failed with `error` may nevertheless have made a billed task: the rule
+/// the task slots (keep the slot or give it back) and a spend guard (keep the credit) share
+/// with the retry layer (send the create again only when it made nothing).
+///
+/// Walks the source chain to the first link that says:
+/// - never sent ([`SendState::NotSent`]: a refused connection, [`NotSent`],
+///   [`RefusedBeforeSending`]): no;
+/// - a Kling error: [`ApiError::may_have_created`];
+/// - an answer that is no Kling envelope ([`MalformedResponse`], [`BodyTooLarge`]) with a 4xx
+///   status: no (a proxy's or a gateway's refusal: 403, 404, 413, a 429 page); any other
+///   status: yes;
+/// - anything else (a reset, a timeout after sending): yes.
+pub fn may_have_created(error: &(dyn StdError + 'static)) -> bool {
+    if SendState::of(error) == SendState::NotSent {
+        return false;
+    }
+    let mut current = Some(error);
+    while let Some(link) = current {
+        if let Some(api) = link.downcast_ref::<ApiError>() {
+            return api.may_have_created();
+        }
+        if let Some(page) = link.downcast_ref::<MalformedResponse>() {
+            return !page.status().is_client_error();
+        }
+        if let Some(large) = link.downcast_ref::<BodyTooLarge>() {
+            return !large.status().is_client_error();
+        }
+        current = link.source();
+    }
+    true
+}
+
 /// The [`source`](StdError::source) of every refusal a layer makes before the request leaves
 /// the process: a limiter with no slot or no rate in time, a full queue, creates halted after a
 /// `1102`, a draining stack, a spent budget.
@@ -331,6 +363,12 @@ impl ApiError {
     pub fn request_id(&self) -> Option<&str> {
         self.request_id.as_deref()
     }
+
+    /// Whether a create refused so may still have created a billed task
+    /// ([`Code::may_have_created_under`]).
+    pub fn may_have_created(&self) -> bool {
+        self.code.may_have_created_under(self.status)
+    }
 }
 
 impl fmt::Display for ApiError {
@@ -366,6 +404,32 @@ mod tests {
         assert_eq!(Transport::new(marked).send_state(), SendState::NotSent);
         let nested: BoxError = Box::new(Transport::new(NotSent::new("x")));
         assert_eq!(SendState::of(&*nested), SendState::NotSent);
+    }
+
+    #[test]
+    fn a_create_may_have_made_a_task_unless_an_error_says_otherwise() {
+        let page =
+            |status: u16| MalformedResponse::new(StatusCode::from_u16(status).unwrap(), "html");
+        // A proxy's refusals made nothing; a page in place of a 5xx or 2xx answer may hide one.
+        for status in [403, 404, 413, 429] {
+            assert!(!may_have_created(&page(status)), "{status}");
+            let nested: BoxError = Box::new(page(status));
+            assert!(!may_have_created(&*nested), "{status}");
+        }
+        for status in [200, 500, 502] {
+            assert!(may_have_created(&page(status)), "{status}");
+        }
+        assert!(!may_have_created(&BodyTooLarge::new(
+            StatusCode::FORBIDDEN,
+            10
+        )));
+        assert!(may_have_created(&BodyTooLarge::new(StatusCode::OK, 10)));
+        // Never sent, refused before sending, reset after sending.
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!may_have_created(&Transport::new(refused)));
+        assert!(!may_have_created(&RefusedBeforeSending));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(may_have_created(&Transport::new(reset)));
     }
 
     #[test]

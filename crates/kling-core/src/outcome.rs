@@ -328,6 +328,12 @@ impl Outcome {
         self.code().disposition(self.status())
     }
 
+    /// Whether a create answered so may have created a billed task
+    /// ([`Code::may_have_created_under`]: its code, and for an unknown code its status).
+    pub fn may_have_created(&self) -> bool {
+        self.code().may_have_created_under(self.status())
+    }
+
     /// Whether the request succeeded (code 0).
     pub fn is_success(&self) -> bool {
         self.disposition() == Disposition::Success

@@ -132,7 +132,7 @@ fn judge_outcome(response: &Response<Full<Bytes>>, outcome: &Outcome) -> Verdict
             };
             // The one table every layer reads: `5000`, `5002` and undocumented codes may have
             // created a task; `1302` and `5001` (maintenance) did not.
-            let create = if outcome.code().may_have_created() {
+            let create = if outcome.may_have_created() {
                 CreateState::MaybeCreated
             } else {
                 CreateState::NotCreated

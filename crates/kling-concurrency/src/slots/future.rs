@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri};
 use http_body_util::Full;
-use kling_core::error::{ApiError, BoxError, SendState};
+use kling_core::error::{ApiError, BoxError};
 use kling_core::signals::{Deadline, SlotGated, Waited};
 use kling_core::{AccountId, ApiGeneration, Code, Outcome, PeekBody, Recognized, metrics as names};
 use pin_project_lite::pin_project;
@@ -325,9 +325,11 @@ fn settle_create<B: SlotBackend>(
     let response = match result {
         Ok(response) => response,
         Err(error) => {
-            return match SendState::of(&**error) {
-                SendState::NotSent => backend.apply_unread(SlotOp::GiveBack(reservation)),
-                _ => keep_unknown(&**backend, reservation, external.as_ref(), lease),
+            // Never sent, a limiter's refusal, a proxy's 4xx page: no task.
+            return if kling_core::error::may_have_created(&**error) {
+                keep_unknown(&**backend, reservation, external.as_ref(), lease)
+            } else {
+                backend.apply_unread(SlotOp::GiveBack(reservation))
             };
         }
     };
@@ -335,9 +337,15 @@ fn settle_create<B: SlotBackend>(
     let outcome = match Outcome::ensure(response) {
         Ok(outcome) => outcome,
         Err(malformed) => {
-            // An answer nobody can read: the create may have happened.
+            // An answer nobody can read: the create may have happened, unless something
+            // refused it with a 4xx page (the same rule as for the classify step's error).
+            let made = kling_core::error::may_have_created(&malformed);
             *result = Err(Box::new(malformed));
-            return keep_unknown(&**backend, reservation, external.as_ref(), lease);
+            return if made {
+                keep_unknown(&**backend, reservation, external.as_ref(), lease)
+            } else {
+                backend.apply_unread(SlotOp::GiveBack(reservation))
+            };
         }
     };
     if !waited.is_zero() {
@@ -380,7 +388,9 @@ fn settle_create<B: SlotBackend>(
             reservation,
             cause: ApiError::from_outcome(&outcome),
         }
-    } else if code.may_have_created() && external.is_some() {
+    } else if outcome.may_have_created() {
+        // The task may run: under its external id (a lookup or a resend with it frees the
+        // slot), else under the lease alone, as for a create whose answer was lost.
         return keep_unknown(&**backend, reservation, external.as_ref(), lease);
     } else {
         SlotOp::GiveBack(reservation)

@@ -19,10 +19,10 @@
 //!   | success that already reports a terminal status | given back |
 //!   | `1303` | given back; the pool's believed capacity is lowered (below); [`SlotGated`](kling_core::signals::SlotGated) is inserted |
 //!   | `1102` (also `1100`, `1101`) | given back; further creates of the account fail locally with [`Halted`](crate::error::Halted) until [`SlotsHandle::reset_halt`] |
-//!   | `5000`/`5002` (or an undocumented code) with an external id | kept under the external id: the task may exist |
+//!   | `5000`/`5002` (or an undocumented code, unless it came with a 4xx status) | kept under the external id, or under a lease alone: the task may exist |
 //!   | any other error code | given back |
-//!   | client error, request never sent ([`SendState::NotSent`](kling_core::error::SendState)) | given back |
-//!   | client error after sending, unreadable body, or the response future dropped once the create was handed to the inner service (for a create granted at once, that is in `call`, even if the future is never polled) | kept under the external id, or under a lease alone |
+//!   | an error that made nothing ([`kling_core::error::may_have_created`] is false): never sent ([`SendState::NotSent`](kling_core::error::SendState)), a layer below refusing it ([`RefusedBeforeSending`](kling_core::error::RefusedBeforeSending)), a 4xx answer that is no Kling envelope (a proxy's 403, 404, 413 or 429 page) | given back |
+//!   | client error after sending, a 5xx or 2xx answer nobody can read, or the response future dropped once the create was handed to the inner service (for a create granted at once, that is in `call`, even if the future is never polled) | kept under the external id, or under a lease alone |
 //!
 //!   A wait respects the request's [`Deadline`](kling_core::signals::Deadline): the create
 //!   fails with [`DeadlineExceeded`](crate::error::DeadlineExceeded) instead of waiting past it.

@@ -349,7 +349,7 @@ async fn a_dropped_response_future_after_the_create_was_sent_does_not_leak_its_s
 
 #[tokio::test(start_paused = true)]
 async fn unknown_outcomes_keep_the_slot_and_refused_sends_give_it_back() {
-    let (mut svc, handle, fake) = stack(SlotsConfig::new(3));
+    let (mut svc, handle, fake) = stack(SlotsConfig::new(4));
     fake.script(Scripted::Refused);
     assert!(send(&mut svc, create_with_external("e1")).await.is_err());
     assert_eq!(pool_state(&handle, &video()).await.0, 0);
@@ -372,21 +372,28 @@ async fn unknown_outcomes_keep_the_slot_and_refused_sends_give_it_back() {
     send(&mut svc, create()).await.unwrap();
     assert_eq!(
         pool_state(&handle, &video()).await.0,
-        2,
-        "no external id: given back"
+        3,
+        "no external id: the task may run all the same, kept under its lease"
     );
     fake.script(Scripted::Code(1301, 400));
     send(&mut svc, create_with_external("e4")).await.unwrap();
     assert_eq!(
         pool_state(&handle, &video()).await.0,
-        2,
+        3,
         "a fatal 4xx created nothing"
+    );
+    fake.script(Scripted::Code(1299, 400));
+    send(&mut svc, create_with_external("e5")).await.unwrap();
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        3,
+        "an undocumented code with a 4xx status created nothing"
     );
 
     // `complete` by external id ends a task whose id was never learnt.
     assert!(handle.complete("e2").await.unwrap().is_some());
     assert!(handle.complete("e3").await.unwrap().is_some());
-    assert_eq!(pool_state(&handle, &video()).await.0, 0);
+    assert_eq!(pool_state(&handle, &video()).await.0, 1, "the lease holds one");
 }
 
 #[tokio::test(start_paused = true)]

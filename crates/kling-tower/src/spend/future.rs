@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::Response;
 use http_body_util::Full;
 use kling_core::error::ApiError;
-use kling_core::{AccountId, BoxError, Code, Outcome, SendState};
+use kling_core::{AccountId, BoxError, Code, Outcome};
 use kling_retry::error::{DeadlineExceeded, Failed, StopReason};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
@@ -107,7 +107,7 @@ where
                                     ledger.created(&account, estimate, period_start, task);
                                 }
                             }
-                            Ok(outcome) if !outcome.code().may_have_created() => {
+                            Ok(outcome) if !outcome.may_have_created() => {
                                 ledger.release(&account, estimate, period_start);
                             }
                             // 5000/5002, an unknown code or an unreadable body: the task may
@@ -146,8 +146,8 @@ where
 /// or its attempts or budget ran out, or the next retry would pass the deadline, and says no
 /// create is left unresolved ([`Failed::may_have_created`],
 /// [`DeadlineExceeded::may_have_created`]). Any other reason keeps the estimate. Without a
-/// retry layer, a Kling [`ApiError`] in the error is read the same way; an error that carries
-/// none gives the estimate back only when the request was never sent.
+/// retry layer, the error is read by [`kling_core::error::may_have_created`]: a Kling error by
+/// its code, a request never sent or refused before sending, a proxy's 4xx page.
 fn made_no_task(error: &(dyn StdError + 'static)) -> bool {
     let mut current = Some(error);
     while let Some(link) = current {
@@ -165,24 +165,21 @@ fn made_no_task(error: &(dyn StdError + 'static)) -> bool {
         if let Some(late) = link.downcast_ref::<DeadlineExceeded>() {
             return !late.may_have_created() && last_made_none(late.api_error(), link);
         }
-        if let Some(api) = link.downcast_ref::<ApiError>() {
-            return cannot_have_created(api.code());
-        }
         current = link.source();
     }
-    SendState::of(error) == SendState::NotSent
+    !kling_core::error::may_have_created(error)
 }
 
-/// Whether a retry layer's last failure made no task: a Kling answer whose code cannot have
-/// created one, or a request that never left.
+/// Whether a retry layer's last failure made no task: a Kling answer that cannot have created
+/// one, or an error that made nothing (never sent, refused before sending, a proxy's 4xx page).
 fn last_made_none(api: Option<&ApiError>, error: &(dyn StdError + 'static)) -> bool {
     match api {
-        Some(api) => cannot_have_created(api.code()),
-        None => SendState::of(error) == SendState::NotSent,
+        Some(api) => cannot_have_created(api),
+        None => !kling_core::error::may_have_created(error),
     }
 }
 
-/// A refusal that cannot have created a task (not a success, not a 5xx or an unknown code).
-fn cannot_have_created(code: Code) -> bool {
-    code != Code::Success && !code.may_have_created()
+/// A refusal that cannot have created a task (not a success; see [`ApiError::may_have_created`]).
+fn cannot_have_created(api: &ApiError) -> bool {
+    api.code() != Code::Success && !api.may_have_created()
 }

@@ -340,3 +340,91 @@ async fn through_the_stack_a_create_a_limiter_refuses_before_sending_gives_its_e
     }
     assert_eq!(mock.stats().tasks_created, 1);
 }
+
+/// A client whose first create gets `first` (status, headers, body) and whose every later
+/// create makes a task, counting the requests.
+fn first_create_gets(
+    first: (u16, Option<&'static str>, &'static str),
+    sent: Arc<AtomicUsize>,
+) -> Client {
+    Client::new(service_fn(move |req: http::Request<Full<Bytes>>| {
+        let n = sent.fetch_add(1, Ordering::Relaxed);
+        let response = if req.method() == http::Method::POST && n == 0 {
+            let (status, retry_after, body) = first;
+            let mut response = envelope(status, body);
+            if let Some(seconds) = retry_after {
+                response
+                    .headers_mut()
+                    .insert("retry-after", seconds.parse().unwrap());
+            }
+            response
+        } else {
+            envelope(
+                200,
+                &format!(
+                    r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":{{"task_id":"t{n}","task_status":"submitted"}}}}"#
+                ),
+            )
+        };
+        async move { Ok::<_, BoxError>(response) }
+    }))
+}
+
+/// An answer that made nothing — a proxy's 4xx page (no Kling envelope) or a 4xx with a code
+/// Kling does not document — gives the create's slot and credit back at once, as the retry
+/// layer reports it: the next create on the Free tier's one video slot goes without waiting.
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_a_4xx_that_made_nothing_gives_back_the_slot_and_the_credit() {
+    let refusals: [(u16, Option<&'static str>, &'static str); 3] = [
+        (413, None, "<html>413 Request Entity Too Large</html>"),
+        (403, None, r#"{"message":"blocked by policy"}"#),
+        (
+            400,
+            None,
+            r#"{"code":1299,"message":"a refusal Kling does not document","request_id":"r"}"#,
+        ),
+    ];
+    for first in refusals {
+        let sent = Arc::new(AtomicUsize::new(0));
+        let (kling, service) = free_stack(first_create_gets(first, sent.clone()));
+        let err = service.clone().oneshot(video()).await.unwrap_err();
+        if let Some(failed) = err.downcast_ref::<Failed>() {
+            assert!(!failed.may_have_created(), "{err}");
+        }
+        let slots = kling.slots().snapshot().await.unwrap();
+        assert!(
+            slots.pools().iter().all(|p| p.in_use == 0),
+            "{}: the slot went back: {slots:?}",
+            first.0
+        );
+        let guard = kling.spend_guard().unwrap();
+        assert_eq!(guard.committed(Some(kling.account_id())), 0.0, "{err}");
+        let started = tokio::time::Instant::now();
+        service.oneshot(video()).await.unwrap();
+        // The rate's pacing only, not the held slot's 30-minute lease.
+        assert!(started.elapsed() < Duration::from_secs(60), "{}", first.0);
+        assert_eq!(sent.load(Ordering::Relaxed), 2, "{}", first.0);
+    }
+}
+
+/// A proxy's 429 page is throttling: the retry layer sends the create again after the page's
+/// Retry-After, and that resend must not wait for a slot its own first attempt still holds.
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_a_proxy_429_page_is_resent_after_its_retry_after() {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let (kling, service) = free_stack(first_create_gets(
+        (429, Some("2"), r#"{"message":"API rate limit exceeded"}"#),
+        sent.clone(),
+    ));
+    let started = tokio::time::Instant::now();
+    let created = service.oneshot(video()).await.unwrap();
+    assert!(Outcome::of(&created).unwrap().is_success());
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    assert_eq!(sent.load(Ordering::Relaxed), 2);
+    let guard = kling.spend_guard().unwrap();
+    assert_eq!(guard.committed(Some(kling.account_id())), 1.0);
+}
