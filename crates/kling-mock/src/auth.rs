@@ -1,7 +1,10 @@
 //! Bearer authentication: API keys and the legacy HS256 JWT, checked by hand.
 //!
 //! The JWT check is written out (split, base64url, HMAC-SHA256) rather than taken from a JWT crate
-//! so the mock stays an independent oracle for the client's signer.
+//! so the mock stays an independent oracle for the client's signer. It asks for what KLING_API.md
+//! gives: header `alg` HS256 and `typ` JWT, claims `iss` (the access key), `nbf` and `exp`, with
+//! `exp` at most 1800 s (plus 300 s of clock skew) ahead; anything else is 1000, except an `iss`
+//! of another key (1002), a token not yet valid (1003) and an expired one (1004).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -102,6 +105,9 @@ fn verify_jwt(
     if jwt.header.get("alg").and_then(|v| v.as_str()) != Some("HS256") {
         return Err((1000, "authentication failed: unsupported algorithm"));
     }
+    if jwt.header.get("typ").and_then(|v| v.as_str()) != Some("JWT") {
+        return Err((1000, "authentication failed: header typ must be JWT"));
+    }
     let Some(signed_len) = token.rfind('.') else {
         return Err((1000, "authentication failed"));
     };
@@ -114,18 +120,33 @@ fn verify_jwt(
     }
     let now = now_secs(config.clock_offset_secs);
     let claim = |name: &str| jwt.claims.get(name).and_then(serde_json::Value::as_f64);
-    if let Some(nbf) = claim("nbf")
-        && nbf > now
-    {
+    let Some(nbf) = claim("nbf") else {
+        return Err((1000, "authentication failed: token has no nbf"));
+    };
+    let Some(exp) = claim("exp") else {
+        return Err((1000, "authentication failed: token has no exp"));
+    };
+    // Not yet valid first: a server whose clock is behind sees a fresh token as early (1003),
+    // which a client fixes by re-signing, rather than as too long-lived.
+    if nbf > now {
         return Err((1003, "token is not yet valid"));
     }
-    match claim("exp") {
-        Some(exp) if exp <= now => Err((1004, "token has expired")),
-        // The configured account's name, like an API key's (the access key when none is set).
-        Some(_) => Ok(config.default_account()),
-        None => Err((1000, "authentication failed: token has no exp")),
+    if exp <= now {
+        return Err((1004, "token has expired"));
     }
+    if exp - now > MAX_LIFETIME_SECS + CLOCK_SKEW_SECS {
+        return Err((1000, "authentication failed: exp is too far in the future"));
+    }
+    // The configured account's name, like an API key's (the access key when none is set).
+    Ok(config.default_account())
 }
+
+/// The lifetime KLING_API.md gives a token: `exp` = now + 1800 s.
+const MAX_LIFETIME_SECS: f64 = 1800.0;
+
+/// How far ahead of the server's clock a client's may run before its fresh token's `exp` is
+/// refused as too far in the future (an `exp` in milliseconds is ~55 000 years out).
+const CLOCK_SKEW_SECS: f64 = 300.0;
 
 /// Real Unix time in seconds plus the configured offset: token lifetimes stay real even when the
 /// mock's task clock is paused or sped up.

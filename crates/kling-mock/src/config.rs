@@ -18,14 +18,16 @@ pub(crate) const MAX_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 ///
 /// | preset | slots per pool | requests / minute | credits |
 /// |---|---|---|---|
-/// | `Free` | 1 | 10 | 66 |
+/// | `Free` | 1 | 10 | 66 a day |
 /// | `Standard` | 3 | 30 | unlimited |
 /// | `Pro` | 5 | 60 | unlimited |
 /// | `Enterprise` | 10 | unlimited | unlimited |
+///
+/// Every tier answers `/account/costs` at most once a second (Kling asks for no more).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Preset {
-    /// 1 slot per pool, 10 requests per minute, 66 credits.
+    /// 1 slot per pool, 10 requests per minute, 66 credits a day.
     Free,
     /// 3 slots per pool, 30 requests per minute.
     Standard,
@@ -66,6 +68,15 @@ impl Preset {
     pub fn credits(self) -> Option<f64> {
         match self {
             Preset::Free => Some(66.0),
+            _ => None,
+        }
+    }
+
+    /// How often this tier's credit budget comes back in full (API time; `None` = never: a
+    /// budget set on a paid tier is a resource pack, spent for good).
+    pub fn credit_period(self) -> Option<Duration> {
+        match self {
+            Preset::Free => Some(Duration::from_secs(24 * 3600)),
             _ => None,
         }
     }
@@ -264,6 +275,13 @@ pub struct MockConfig {
     pub rate_limit: Option<RateLimit>,
     /// Credit budget per account (`None` = unlimited).
     pub credits: Option<f64>,
+    /// How often the credit budget comes back in full (API time), counted in whole periods
+    /// from the account's first create; `None` = never (the budget is spent for good). A new
+    /// period also lifts the 1102 latch.
+    pub credit_period: Option<Duration>,
+    /// `/account/costs` queries allowed per second of API time, per account (`None` =
+    /// unlimited); more is 429 code 1302. Burst 1.
+    pub costs_per_second: Option<f64>,
     /// Whether 1302/1303 carry `Retry-After`.
     pub retry_after: RetryAfterMode,
     /// Shortest task duration (API time).
@@ -318,6 +336,8 @@ impl MockConfig {
             pool_slots: BTreeMap::new(),
             rate_limit: preset.rate_limit(),
             credits: preset.credits(),
+            credit_period: preset.credit_period(),
+            costs_per_second: Some(1.0),
             retry_after: RetryAfterMode::None,
             task_duration_min: Duration::from_secs(60),
             task_duration_max: Duration::from_secs(120),
@@ -394,6 +414,28 @@ impl MockConfig {
     /// Removes the credit budget.
     pub fn unlimited_credits(mut self) -> Self {
         self.credits = None;
+        self
+    }
+    /// Gives the credit budget back in full every `period` of API time (see
+    /// [`MockConfig::credit_period`]).
+    pub fn credit_period(mut self, period: Duration) -> Self {
+        self.credit_period = Some(period);
+        self
+    }
+    /// Makes the credit budget last for good: once spent, every create gets 1102.
+    pub fn lifetime_credits(mut self) -> Self {
+        self.credit_period = None;
+        self
+    }
+    /// Sets how many `/account/costs` queries an account may send per second of API time.
+    pub fn costs_per_second(mut self, per_second: f64) -> Self {
+        self.costs_per_second = Some(per_second);
+        self
+    }
+    /// Removes the `/account/costs` limit (every request still counts against
+    /// [`MockConfig::rate_limit`]).
+    pub fn no_costs_limit(mut self) -> Self {
+        self.costs_per_second = None;
         self
     }
     /// Sets the `Retry-After` mode.
@@ -540,9 +582,18 @@ impl MockConfig {
             .unwrap_or_else(|| "default".to_owned())
     }
 
-    /// The capacity of a pool.
+    /// The capacity of a pool: its own override, else its product's (`video:kling-3.0` takes
+    /// `video`'s: slots count per pack type, and a model's pool is one of its type), else
+    /// [`MockConfig::slots`].
     pub fn capacity(&self, pool: &str) -> u32 {
-        self.pool_slots.get(pool).copied().unwrap_or(self.slots)
+        self.pool_slots
+            .get(pool)
+            .or_else(|| {
+                pool.split_once(':')
+                    .and_then(|(product, _)| self.pool_slots.get(product))
+            })
+            .copied()
+            .unwrap_or(self.slots)
     }
 
     /// Checks every field, naming the first one that is impossible.
@@ -563,6 +614,14 @@ impl MockConfig {
             && !(credits.is_finite() && credits >= 0.0)
         {
             return err("credits", "must be a finite number, 0 or more");
+        }
+        if self.credit_period.is_some_and(|p| p.is_zero()) {
+            return err("credit_period", "must be above 0");
+        }
+        if let Some(per_second) = self.costs_per_second
+            && !(per_second.is_finite() && per_second > 0.0)
+        {
+            return err("costs_per_second", "must be a finite number above 0");
         }
         if self.task_duration_min > self.task_duration_max {
             return err("task_duration_min", "must not exceed task_duration_max");

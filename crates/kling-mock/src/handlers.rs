@@ -3,6 +3,7 @@
 //! Check order for a create: body JSON (1200) → fields (1201) → model permission (1103) →
 //! content policy (1300/1301) → credits latched (1102) → duplicate external id (1201) → credits
 //! (1102) → slots (1303) → task. Billing before slots: an empty pack is final, a busy pool is not.
+//! Every create (refused or not) first starts or rolls the account's credit period.
 
 use std::time::Duration;
 
@@ -205,6 +206,9 @@ impl State {
         body: &Bytes,
         now: Instant,
     ) -> (Resp, Option<CallbackJob>) {
+        // Any create starts the account's credit period, as a client's daily budget starts at
+        // its first create.
+        self.start_credit_period(account, now);
         let map = match parse_object(body, false) {
             Ok(map) => map,
             Err(BodyError::NotJson) => {
@@ -240,7 +244,7 @@ impl State {
             );
         }
         self.settle(account, now);
-        if self.account(account).first_1102.is_some() {
+        if self.first_1102(account, now).is_some() {
             return (self.error(1102, "resource pack exhausted", now, None), None);
         }
         if let Some(ext) = &spec.external_id
@@ -256,7 +260,7 @@ impl State {
         if let Some(left) = self.remaining(account)
             && left < f64::from(cost)
         {
-            self.account(account).first_1102 = Some(now);
+            self.latch_1102(account, now);
             return (self.error(1102, "resource pack exhausted", now, None), None);
         }
         let capacity = self.config.capacity(&spec.pool);
@@ -555,8 +559,16 @@ impl State {
         let remaining = self
             .remaining(account)
             .unwrap_or_else(|| UNLIMITED - self.net_charged(account) as f64);
-        let start = self.clock.millis(now);
-        let thirty_days = Duration::from_secs(30 * 24 * 3600).as_millis() as u64;
+        // A pack that comes back every credit period is valid for the current period; any
+        // other for 30 days from now.
+        let (start, end) = match self.credit_period(account) {
+            Some((start, end)) => (self.clock.millis(start), self.clock.millis(end)),
+            None => {
+                let start = self.clock.millis(now);
+                let thirty_days = Duration::from_secs(30 * 24 * 3600).as_millis() as u64;
+                (start, start.saturating_add(thirty_days))
+            }
+        };
         let data = json!({
             "code": 0,
             "msg": "SUCCEED",
@@ -568,7 +580,7 @@ impl State {
                 "remaining_quantity": remaining.max(0.0),
                 "purchase_time": start,
                 "effective_time": start,
-                "invalid_time": start.saturating_add(thirty_days),
+                "invalid_time": end,
                 "status": if remaining >= 1.0 { "online" } else { "run_out" },
             }],
         });

@@ -4,9 +4,11 @@
 //! `task_id`/`task_status`/`succeed`, new `/{product}/{model}` with `id`/`status`/`succeeded` and
 //! the batch `/tasks` query), the `{code, message, request_id, data}` envelope with every error
 //! code at its HTTP status, account-wide weighted concurrency per pool, a request-rate GCRA with an
-//! optional penalty, credits that run out for good (1102), API-key and HS256-JWT auth, signed
-//! callbacks, and seeded fault injection (5xx, ghost creates, dropped connections, slow and
-//! malformed answers). It is an independent oracle: it shares no code with the client crates.
+//! optional penalty, `/account/costs` at one query a second, credits that run out (1102) until
+//! their period ends (the Free tier's 66 a day) or for good, API-key and HS256-JWT auth (header
+//! and claims as KLING_API.md gives them), signed callbacks, and seeded fault injection (5xx,
+//! ghost creates, dropped connections, slow and malformed answers). It is an independent oracle:
+//! it shares no code with the client crates.
 //!
 //! Two ways to use it:
 //! - [`MockKling`], an in-process `tower_service::Service<http::Request<Full<Bytes>>>` whose time is
@@ -41,7 +43,8 @@
 //! ```
 //!
 //! Pools are named `video`, `image`, `try-on` (legacy endpoints) and `video:{model}`,
-//! `image:{model}` (new endpoints, model from the path). Control and observation without auth:
+//! `image:{model}` (new endpoints, model from the path); a model's pool without a capacity of its
+//! own takes its type's ([`MockConfig::capacity`]). Control and observation without auth:
 //! `GET /__mock/stats` ([`Stats`]), `POST /__mock/reset-stats`, `POST /__mock/switches`, and
 //! `GET /__mock/files/...`, the result files ([`file_bytes`]) that [`MockServer`]'s result URLs
 //! point at.

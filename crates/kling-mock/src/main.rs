@@ -22,6 +22,13 @@ struct Args {
     /// Credit budget per account.
     #[arg(long)]
     credits: Option<f64>,
+    /// Seconds of API time after which the credit budget comes back in full (0 = never;
+    /// default: a day on the free preset, never on the others).
+    #[arg(long, value_parser = parse_secs)]
+    credit_period_secs: Option<Duration>,
+    /// `/account/costs` queries per second of API time per account (0 = unlimited).
+    #[arg(long)]
+    costs_per_second: Option<f64>,
     /// Retry-After on 1302/1303: none, seconds or date.
     #[arg(long, default_value = "none")]
     retry_after: RetryAfterMode,
@@ -69,18 +76,19 @@ struct Args {
     seed: Option<u64>,
 }
 
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .and_then(|v| Duration::try_from_secs_f64(v).ok())
+        .ok_or_else(|| format!("not a number of seconds: `{s}`"))
+}
+
 fn parse_range(s: &str) -> Result<(Duration, Duration), String> {
     let (a, b) = s
         .split_once("..")
         .ok_or_else(|| format!("expected MIN..MAX seconds, got `{s}`"))?;
-    let secs = |x: &str| {
-        x.trim()
-            .parse::<f64>()
-            .ok()
-            .and_then(|v| Duration::try_from_secs_f64(v).ok())
-            .ok_or_else(|| format!("not a number of seconds: `{x}`"))
-    };
-    let (min, max) = (secs(a)?, secs(b)?);
+    let (min, max) = (parse_secs(a)?, parse_secs(b)?);
     if min > max {
         return Err(format!("MIN must not exceed MAX in `{s}`"));
     }
@@ -98,6 +106,20 @@ fn config(args: Args) -> MockConfig {
         .failure_rate(args.failure_rate);
     if let Some(credits) = args.credits {
         config = config.credits(credits);
+    }
+    if let Some(period) = args.credit_period_secs {
+        config = if period.is_zero() {
+            config.lifetime_credits()
+        } else {
+            config.credit_period(period)
+        };
+    }
+    if let Some(per_second) = args.costs_per_second {
+        config = if per_second == 0.0 {
+            config.no_costs_limit()
+        } else {
+            config.costs_per_second(per_second)
+        };
     }
     if let Some(rate) = args.rate_per_minute {
         config = if rate == 0.0 {

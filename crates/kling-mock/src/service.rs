@@ -219,14 +219,14 @@ impl MockKling {
             if route.as_ref().is_some_and(Route::is_create) {
                 let grace = self.shared.config.scaled(Duration::from_millis(100));
                 if state
-                    .account(&account)
-                    .first_1102
+                    .first_1102(&account, now)
                     .is_some_and(|first| now > first + grace)
                 {
                     state.stats.creates_after_1102 += 1;
                 }
             }
-            if let Err(wait) = state.rate_check(&account, now) {
+            let costs = matches!(route, Some(Route::AccountCosts));
+            if let Err(wait) = state.rate_check(&account, costs, now) {
                 return Ok(state.error(1302, "request rate over limit", now, Some(wait)));
             }
             let Some(route) = route else {

@@ -33,6 +33,24 @@ pub(crate) fn http_status(code: u32) -> StatusCode {
     }
 }
 
+/// One GCRA decision on a theoretical arrival time: `Ok` with the new TAT when a request at
+/// `now` passes, else the wait and the TAT to keep (pushed one interval by the penalty mode).
+fn gcra(
+    tat: Option<Instant>,
+    interval: Duration,
+    tolerance: Duration,
+    penalty: bool,
+    now: Instant,
+) -> Result<Instant, (Duration, Instant)> {
+    let tat = tat.map_or(now, |t| t.max(now));
+    if tat <= now + tolerance {
+        Ok(tat + interval)
+    } else {
+        let kept = if penalty { tat + interval } else { tat };
+        Err((kept.saturating_duration_since(now + tolerance), kept))
+    }
+}
+
 /// A slot held by "another tenant" of the account, set through [`crate::MockKling::occupy`].
 #[derive(Debug, Clone)]
 struct Occupation {
@@ -52,10 +70,18 @@ pub(crate) struct Account {
     pub(crate) external: HashMap<String, usize>,
     /// GCRA theoretical arrival time.
     tat: Option<Instant>,
+    /// GCRA theoretical arrival time of `/account/costs`.
+    costs_tat: Option<Instant>,
+    /// Start of the current credit period (set by the account's first create, when the
+    /// configuration has a period).
+    credit_period_start: Option<Instant>,
+    /// Credits charged in the current credit period (all time without a period).
     charged: u64,
+    /// Refunds of failed tasks created in the current credit period.
     refunded: u64,
-    /// When the first 1102 was sent; from then on every create gets 1102.
-    pub(crate) first_1102: Option<Instant>,
+    /// When the first 1102 of the credit period was sent; from then on every create of the
+    /// period gets 1102.
+    first_1102: Option<Instant>,
     occupied: Vec<Occupation>,
 }
 
@@ -71,6 +97,29 @@ pub(crate) struct State {
     pub(crate) accounts: HashMap<String, Account>,
     pub(crate) stats: Stats,
     next_request: u64,
+}
+
+impl Account {
+    /// Moves the credit period on by whole periods once it has ended: the budget comes back
+    /// in full and the 1102 latch is lifted.
+    fn roll_credit_period(&mut self, period: Option<Duration>, now: Instant) {
+        let (Some(period), Some(start)) = (period, self.credit_period_start) else {
+            return;
+        };
+        if period.is_zero() || now < start + period {
+            return;
+        }
+        let elapsed = now - start;
+        let periods = elapsed.as_nanos() / period.as_nanos();
+        let advance = u32::try_from(periods)
+            .ok()
+            .and_then(|n| period.checked_mul(n))
+            .unwrap_or(elapsed);
+        self.credit_period_start = Some(start + advance);
+        self.charged = 0;
+        self.refunded = 0;
+        self.first_1102 = None;
+    }
 }
 
 impl State {
@@ -204,18 +253,22 @@ impl State {
         self.accounts.entry(id.to_owned()).or_default()
     }
 
-    /// Moves ended tasks out of the active set: counts them finished and refunds failures.
+    /// Moves ended tasks out of the active set: counts them finished and refunds failures
+    /// (those created in the current credit period; an older period's counts are gone).
     pub(crate) fn settle(&mut self, account: &str, now: Instant) {
+        let period = self.config.credit_period.map(|p| self.config.scaled(p));
         let Some(acct) = self.accounts.get_mut(account) else {
             return;
         };
+        acct.roll_credit_period(period, now);
+        let period_start = acct.credit_period_start;
         let tasks = &self.tasks;
         let mut finished = 0;
         acct.active.retain(|&i| {
             let t = &tasks[i];
             if now >= t.end {
                 finished += 1;
-                if t.fails {
+                if t.fails && period_start.is_none_or(|start| t.created >= start) {
                     acct.refunded += u64::from(t.cost);
                 }
                 false
@@ -334,6 +387,38 @@ impl State {
             .map_or(0, |a| a.charged.saturating_sub(a.refunded))
     }
 
+    /// Starts the account's credit period at its first create (a no-op without a period or
+    /// once started), then rolls it forward if it has ended.
+    pub(crate) fn start_credit_period(&mut self, account: &str, now: Instant) {
+        let period = self.config.credit_period.map(|p| self.config.scaled(p));
+        let acct = self.account(account);
+        if period.is_some() && acct.credit_period_start.is_none() {
+            acct.credit_period_start = Some(now);
+        }
+        acct.roll_credit_period(period, now);
+    }
+
+    /// The start and end of the account's current credit period, when it has one.
+    pub(crate) fn credit_period(&self, account: &str) -> Option<(Instant, Instant)> {
+        let period = self.config.scaled(self.config.credit_period?);
+        let start = self.accounts.get(account)?.credit_period_start?;
+        Some((start, start + period))
+    }
+
+    /// When the first 1102 of the account's current credit period was sent (rolling the
+    /// period first, so a new period's creates are not counted as after an 1102).
+    pub(crate) fn first_1102(&mut self, account: &str, now: Instant) -> Option<Instant> {
+        let period = self.config.credit_period.map(|p| self.config.scaled(p));
+        let acct = self.accounts.get_mut(account)?;
+        acct.roll_credit_period(period, now);
+        acct.first_1102
+    }
+
+    /// Latches 1102 for the rest of the credit period.
+    pub(crate) fn latch_1102(&mut self, account: &str, now: Instant) {
+        self.account(account).first_1102 = Some(now);
+    }
+
     pub(crate) fn charge(&mut self, account: &str, cost: u32) {
         let acct = self.account(account);
         acct.charged = acct.charged.saturating_add(u64::from(cost));
@@ -345,25 +430,52 @@ impl State {
         acct.tasks.push(index);
     }
 
-    /// GCRA over every request of the account. `Err` carries the wait until a request would pass.
-    pub(crate) fn rate_check(&mut self, account: &str, now: Instant) -> Result<(), Duration> {
-        let Some(limit) = self.config.rate_limit else {
-            return Ok(());
-        };
-        let interval = self.config.scaled_secs(60.0 / limit.per_minute);
-        let tolerance = interval
-            .saturating_mul(limit.burst.saturating_sub(1))
-            .min(MAX_WAIT);
+    /// GCRA over every request of the account and, for `/account/costs` (`costs`), that
+    /// endpoint's own limit. A request passes both or neither: one refused by either takes
+    /// nothing from the other (the penalty mode still pushes the account limit on its own
+    /// refusal). `Err` carries the wait until the request would pass.
+    pub(crate) fn rate_check(
+        &mut self,
+        account: &str,
+        costs: bool,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        let account_limit = self.config.rate_limit.map(|limit| {
+            let interval = self.config.scaled_secs(60.0 / limit.per_minute);
+            let tolerance = interval
+                .saturating_mul(limit.burst.saturating_sub(1))
+                .min(MAX_WAIT);
+            (interval, tolerance, limit.penalty)
+        });
+        let costs_interval = self
+            .config
+            .costs_per_second
+            .filter(|_| costs)
+            .map(|per_second| self.config.scaled_secs(1.0 / per_second));
         let acct = self.account(account);
-        let tat = acct.tat.map_or(now, |t| t.max(now));
-        if tat <= now + tolerance {
-            acct.tat = Some(tat + interval);
-            Ok(())
-        } else {
-            let tat = if limit.penalty { tat + interval } else { tat };
+        let general = account_limit.map(|(interval, tolerance, penalty)| {
+            gcra(acct.tat, interval, tolerance, penalty, now)
+        });
+        let class = costs_interval
+            .map(|interval| gcra(acct.costs_tat, interval, Duration::ZERO, false, now));
+        let mut wait = None;
+        if let Some(Err((w, tat))) = general {
             acct.tat = Some(tat);
-            Err(tat.saturating_duration_since(now + tolerance))
+            wait = Some(w);
         }
+        if let Some(Err((w, _))) = class {
+            wait = Some(wait.map_or(w, |v: Duration| v.max(w)));
+        }
+        if let Some(wait) = wait {
+            return Err(wait);
+        }
+        if let Some(Ok(tat)) = general {
+            acct.tat = Some(tat);
+        }
+        if let Some(Ok(tat)) = class {
+            acct.costs_tat = Some(tat);
+        }
+        Ok(())
     }
 
     /// The snapshot served by `/__mock/stats`.

@@ -1,4 +1,7 @@
 //! API keys and the legacy HS256 JWT (1000, 1002, 1003, 1004), signed here by hand.
+//!
+//! KLING_API.md "Auth": header `{"alg":"HS256","typ":"JWT"}`, claims `iss` = access key,
+//! `exp` = now + 1800 s, `nbf` = now − 5 s.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -22,7 +25,11 @@ fn now() -> i64 {
 }
 
 fn jwt(claims: &Value, secret: &str) -> String {
-    let header = URL_SAFE_NO_PAD.encode(json!({"alg": "HS256", "typ": "JWT"}).to_string());
+    jwt_with_header(&json!({"alg": "HS256", "typ": "JWT"}), claims, secret)
+}
+
+fn jwt_with_header(header: &Value, claims: &Value, secret: &str) -> String {
+    let header = URL_SAFE_NO_PAD.encode(header.to_string());
     let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
     let signed = format!("{header}.{claims}");
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
@@ -154,4 +161,82 @@ async fn in_open_mode_each_key_is_its_own_account() {
         .post(T2V, json!({"prompt": "x"}))
         .await
         .assert_error(429, 1303);
+}
+
+// The token's shape as KLING_API.md "Auth" gives it: anything else is refused, so a client
+// regression cannot pass against the mock.
+
+#[tokio::test(start_paused = true)]
+async fn a_jwt_with_exp_in_milliseconds_is_401_1000() {
+    let claims = json!({"iss": AK, "exp": (now() + 1800) * 1000, "nbf": now() - 5});
+    let c = caller().with_key(&jwt(&claims, SK));
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(401, 1000);
+    assert_eq!(c.mock.stats().tasks_created, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_jwt_valid_for_a_day_is_401_1000() {
+    let claims = json!({"iss": AK, "exp": now() + 24 * 3600, "nbf": now() - 5});
+    let c = caller().with_key(&jwt(&claims, SK));
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(401, 1000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_clock_a_few_minutes_ahead_is_tolerated() {
+    // Signed by a client whose clock runs 4 minutes ahead and which backdates `nbf` by 5
+    // minutes for skew (with `nbf` = now − 5 s it would get 1003): `exp` is 2040 s away for
+    // the mock.
+    let ahead = now() + 240;
+    let claims = json!({"iss": AK, "exp": ahead + 1800, "nbf": ahead - 300});
+    let c = caller().with_key(&jwt(&claims, SK));
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    // Ten minutes ahead is not.
+    let ahead = now() + 600;
+    let claims = json!({"iss": AK, "exp": ahead + 1800, "nbf": ahead - 700});
+    let c = caller().with_key(&jwt(&claims, SK));
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(401, 1000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_jwt_in_milliseconds_throughout_is_not_yet_valid() {
+    let claims = json!({"iss": AK, "exp": (now() + 1800) * 1000, "nbf": (now() - 5) * 1000});
+    let c = caller().with_key(&jwt(&claims, SK));
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(401, 1003);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_jwt_without_nbf_or_exp_is_401_1000() {
+    for claims in [
+        json!({"iss": AK, "exp": now() + 1800}),
+        json!({"iss": AK, "nbf": now() - 5}),
+        json!({"iss": AK, "exp": "soon", "nbf": now() - 5}),
+    ] {
+        let c = caller().with_key(&jwt(&claims, SK));
+        c.post(T2V, json!({"prompt": "x"}))
+            .await
+            .assert_error(401, 1000);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_jwt_header_without_typ_jwt_or_alg_hs256_is_401_1000() {
+    for header in [
+        json!({"alg": "HS256"}),
+        json!({"alg": "HS256", "typ": "JWS"}),
+        json!({"typ": "JWT"}),
+        json!({"alg": "none", "typ": "JWT"}),
+    ] {
+        let c = caller().with_key(&jwt_with_header(&header, &good_claims(), SK));
+        c.post(T2V, json!({"prompt": "x"}))
+            .await
+            .assert_error(401, 1000);
+    }
 }

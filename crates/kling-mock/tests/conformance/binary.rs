@@ -63,6 +63,11 @@ fn invalid_flags_are_rejected_naming_the_flag() {
         (&["--bogus"][..], "--bogus"),
         (&["--task-duration", "9..3"][..], "--task-duration"),
         (&["--retry-after", "later"][..], "--retry-after"),
+        (
+            &["--credit-period-secs", "a day"][..],
+            "--credit-period-secs",
+        ),
+        (&["--costs-per-second", "often"][..], "--costs-per-second"),
     ] {
         let out = Command::new(BIN)
             .args(args)

@@ -215,10 +215,11 @@ async fn policy_prompts_are_400_1300_and_1301() {
 #[tokio::test(start_paused = true)]
 async fn request_rate_over_limit_is_429_1302() {
     let c = Caller::new(quiet().rate_per_minute(60.0));
-    c.get("/account/costs").await.data();
-    c.get("/account/costs").await.assert_error(429, 1302);
+    let list = "/v1/videos/text2video?pageSize=1";
+    c.get(list).await.data();
+    c.get(list).await.assert_error(429, 1302);
     advance(1).await;
-    c.get("/account/costs").await.data();
+    c.get(list).await.data();
 }
 
 #[tokio::test(start_paused = true)]

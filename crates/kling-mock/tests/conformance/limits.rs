@@ -1,4 +1,5 @@
-//! Account limits: weighted slots, credits, request-rate GCRA with penalty, Retry-After, speed.
+//! Account limits: weighted slots, credits and their period, request-rate GCRA with penalty, the
+//! `/account/costs` limit, Retry-After, speed.
 
 use std::time::Duration;
 
@@ -9,6 +10,8 @@ use crate::support::{Caller, advance, quiet, secs};
 
 const T2V: &str = "/v1/videos/text2video";
 const IMG: &str = "/v1/images/generations";
+/// A request of no particular class (a legacy list), for the account-wide request rate.
+const LIST: &str = "/v1/videos/text2video?pageSize=1";
 
 #[tokio::test(start_paused = true)]
 async fn an_image_request_with_n_4_takes_4_image_slots() {
@@ -117,36 +120,36 @@ async fn gcra_spaces_requests_and_counts_every_request() {
 async fn a_burst_allows_back_to_back_requests() {
     let c = Caller::new(quiet().rate_per_minute(60.0).burst(3));
     for _ in 0..3 {
-        c.get("/account/costs").await.data();
+        c.get(LIST).await.data();
     }
-    c.get("/account/costs").await.assert_error(429, 1302);
+    c.get(LIST).await.assert_error(429, 1302);
 }
 
 #[tokio::test(start_paused = true)]
 async fn penalty_mode_pushes_the_next_allowed_time_on_every_refusal() {
     let plain = Caller::new(quiet().rate_per_minute(60.0));
     let penal = Caller::new(quiet().rate_per_minute(60.0).penalty(true));
-    plain.get("/account/costs").await.data();
-    penal.get("/account/costs").await.data();
+    plain.get(LIST).await.data();
+    penal.get(LIST).await.data();
     for _ in 0..3 {
         advance_ms(300).await;
-        plain.get("/account/costs").await.assert_error(429, 1302);
-        penal.get("/account/costs").await.assert_error(429, 1302);
+        plain.get(LIST).await.assert_error(429, 1302);
+        penal.get(LIST).await.assert_error(429, 1302);
     }
     // 1 s after the first request: the plain limiter lets the next one through...
     advance_ms(100).await;
-    plain.get("/account/costs").await.data();
+    plain.get(LIST).await.data();
     // ...the penalised one pushed its next slot 1 s further per refusal: 1 + 4 = 5 s.
-    let r = penal.get("/account/costs").await;
+    let r = penal.get(LIST).await;
     r.assert_error(429, 1302);
     advance_ms(3_950).await;
     // Still early at 4.95 s, which pushes it once more, to 6 s.
-    penal.get("/account/costs").await.assert_error(429, 1302);
+    penal.get(LIST).await.assert_error(429, 1302);
     advance_ms(1_000).await;
-    penal.get("/account/costs").await.assert_error(429, 1302);
+    penal.get(LIST).await.assert_error(429, 1302);
     // 5.95 s was early again (→ 7 s); obeying the advertised time finally works.
     advance_ms(1_050).await;
-    penal.get("/account/costs").await.data();
+    penal.get(LIST).await.data();
 }
 
 async fn advance_ms(ms: u64) {
@@ -163,7 +166,7 @@ async fn retry_after_seconds_is_the_ceiled_wait_on_1302_and_1303() {
     );
     c.post(T2V, json!({"prompt": "x"})).await.data();
     advance_ms(100).await;
-    let r = c.get("/account/costs").await;
+    let r = c.get(LIST).await;
     r.assert_error(429, 1302);
     assert_eq!(r.headers["retry-after"], "1", "0.9 s rounds up to 1");
     advance_ms(1_000).await;
@@ -180,9 +183,9 @@ async fn retry_after_date_is_rounded_up_and_comes_with_a_date_header() {
             .rate_per_minute(60.0)
             .retry_after(RetryAfterMode::Date),
     );
-    c.get("/account/costs").await.data();
+    c.get(LIST).await.data();
     advance_ms(250).await;
-    let r = c.get("/account/costs").await;
+    let r = c.get(LIST).await;
     r.assert_error(429, 1302);
     let retry = httpdate::parse_http_date(r.headers["retry-after"].to_str().unwrap()).unwrap();
     let date = httpdate::parse_http_date(r.headers["date"].to_str().unwrap()).unwrap();
@@ -196,8 +199,8 @@ async fn retry_after_date_is_rounded_up_and_comes_with_a_date_header() {
 #[tokio::test(start_paused = true)]
 async fn without_a_mode_there_is_no_retry_after() {
     let c = Caller::new(quiet().rate_per_minute(60.0));
-    c.get("/account/costs").await.data();
-    let r = c.get("/account/costs").await;
+    c.get(LIST).await.data();
+    let r = c.get(LIST).await;
     r.assert_error(429, 1302);
     assert!(r.headers.get("retry-after").is_none());
 }
@@ -324,4 +327,227 @@ async fn stats_can_be_reset() {
     assert_eq!(stats.tasks_created, 0);
     assert_eq!(stats.in_use["video"], 1);
     assert_eq!(stats.max_concurrent["video"], 1);
+}
+
+// Slots per pack type (KLING_API.md "Concurrency and rate"): a model's pool is one of its type.
+
+#[tokio::test(start_paused = true)]
+async fn a_model_pool_takes_its_types_capacity_before_the_default() {
+    let c = Caller::new(
+        quiet()
+            .slots(1)
+            .pool_slots("video", 2)
+            .pool_slots("image", 3),
+    );
+    for _ in 0..2 {
+        c.post("/text-to-video/kling-3.0", json!({"prompt": "x"}))
+            .await
+            .data();
+    }
+    c.post("/text-to-video/kling-3.0", json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1303);
+    c.post("/text-to-image/kolors-v2", json!({"prompt": "x", "n": 3}))
+        .await
+        .data();
+    // A type without an override keeps the default.
+    c.post(
+        "/v1/images/kolors-virtual-try-on",
+        json!({"human_image": "h", "cloth_image": "c"}),
+    )
+    .await
+    .data();
+    c.post(
+        "/v1/images/kolors-virtual-try-on",
+        json!({"human_image": "h", "cloth_image": "c"}),
+    )
+    .await
+    .assert_error(429, 1303);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_pools_own_capacity_wins_over_its_types() {
+    let c = Caller::new(
+        quiet()
+            .pool_slots("video", 3)
+            .pool_slots("video:kling-3.0", 1),
+    );
+    c.post("/text-to-video/kling-3.0", json!({"prompt": "x"}))
+        .await
+        .data();
+    c.post("/text-to-video/kling-3.0", json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1303);
+    assert_eq!(c.mock.config().capacity("video:kling-2.6"), 3);
+    assert_eq!(c.mock.config().capacity("video:kling-3.0"), 1);
+    assert_eq!(
+        c.mock.config().capacity("image:kolors-v2"),
+        5,
+        "Pro's default"
+    );
+}
+
+// `/account/costs` at most once a second (KLING_API.md "Concurrency and rate").
+
+#[tokio::test(start_paused = true)]
+async fn account_costs_answer_1302_to_a_second_query_within_a_second() {
+    let c = Caller::new(quiet()); // no account-wide request rate
+    c.get("/account/costs").await.data();
+    advance_ms(100).await;
+    c.get("/account/costs").await.assert_error(429, 1302);
+    // Other requests are not held by it.
+    c.get(LIST).await.data();
+    advance_ms(899).await;
+    c.get("/account/costs").await.assert_error(429, 1302);
+    advance_ms(1).await;
+    c.get("/account/costs").await.data();
+    // Per account: another key's account has its own.
+    c.with_key("other").get("/account/costs").await.data();
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_preset_limits_account_costs_to_one_a_second() {
+    for preset in [
+        Preset::Free,
+        Preset::Standard,
+        Preset::Pro,
+        Preset::Enterprise,
+    ] {
+        let config = MockConfig::preset(preset).no_rate_limit();
+        assert_eq!(config.costs_per_second, Some(1.0), "{preset}");
+        let c = Caller::new(config);
+        c.get("/account/costs").await.data();
+        advance_ms(500).await;
+        c.get("/account/costs").await.assert_error(429, 1302);
+        advance_ms(500).await;
+        c.get("/account/costs").await.data();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_account_costs_limit_follows_the_speed_and_can_be_set_or_removed() {
+    let fast = Caller::new(quiet().speed(10.0).retry_after(RetryAfterMode::Seconds));
+    fast.get("/account/costs").await.data();
+    advance_ms(50).await;
+    let r = fast.get("/account/costs").await;
+    r.assert_error(429, 1302);
+    assert_eq!(r.headers["retry-after"], "1", "50 ms to wait, rounded up");
+    advance_ms(50).await;
+    fast.get("/account/costs").await.data();
+
+    let twice = Caller::new(quiet().costs_per_second(2.0));
+    twice.get("/account/costs").await.data();
+    advance_ms(500).await;
+    twice.get("/account/costs").await.data();
+
+    let open = Caller::new(quiet().no_costs_limit());
+    for _ in 0..5 {
+        open.get("/account/costs").await.data();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_costs_query_takes_no_turn_of_the_account_rate() {
+    let c = Caller::new(quiet().rate_per_minute(600.0)); // one per 100 ms
+    c.get("/account/costs").await.data();
+    advance_ms(100).await;
+    c.get(LIST).await.data();
+    advance_ms(100).await;
+    c.get("/account/costs").await.assert_error(429, 1302);
+    // The refusal above left the account's turn at 200 ms free.
+    c.get(LIST).await.data();
+}
+
+// Credits per period: the Free tier's 66 a day (DESIGN's tier table).
+
+#[tokio::test(start_paused = true)]
+async fn the_free_tiers_66_credits_come_back_after_a_day() {
+    // 1440×: a day of API time is 60 s.
+    let c = Caller::new(
+        MockConfig::preset(Preset::Free)
+            .no_rate_limit()
+            .slots(100)
+            .speed(1440.0)
+            .task_duration(secs(60), secs(60)),
+    );
+    for _ in 0..66 {
+        c.post(T2V, json!({"prompt": "x"})).await.data();
+    }
+    assert_eq!(c.mock.remaining_credits("test-key"), Some(0.0));
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1102);
+    advance(59).await;
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1102);
+    advance(2).await;
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    assert_eq!(c.mock.remaining_credits("test-key"), Some(65.0));
+    let pack = c.get("/account/costs").await;
+    let pack = &pack.data()["resource_pack_subscribe_infos"][0];
+    assert_eq!(pack["remaining_quantity"], 65.0);
+    assert_eq!(pack["status"], "online");
+    let valid_ms =
+        pack["invalid_time"].as_u64().unwrap() - pack["effective_time"].as_u64().unwrap();
+    assert_eq!(valid_ms, 60_000, "one day of API time at 1440×");
+    let stats = c.mock.stats();
+    assert_eq!(stats.tasks_created, 67);
+    assert_eq!(
+        stats.creates_after_1102, 1,
+        "the one at 59 s; the one of the new day is not after an 1102"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn credits_without_a_period_are_spent_for_good() {
+    let free = MockConfig::preset(Preset::Free);
+    assert_eq!(free.credit_period, Some(secs(24 * 3600)));
+    assert_eq!(MockConfig::preset(Preset::Pro).credit_period, None);
+    let c = Caller::new(
+        free.no_rate_limit()
+            .lifetime_credits()
+            .credits(1.0)
+            .speed(1440.0),
+    );
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1102);
+    advance(600).await; // ten days of API time
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1102);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_task_of_an_earlier_period_refunds_nothing_in_the_new_one() {
+    // A period of 60 s; tasks of 90 s that fail.
+    let c = Caller::new(
+        quiet()
+            .credits(2.0)
+            .credit_period(secs(60))
+            .failure_rate(1.0)
+            .slots(10)
+            .task_duration(secs(90), secs(90)),
+    );
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    assert_eq!(c.mock.remaining_credits("test-key"), Some(1.0));
+    advance(61).await;
+    assert_eq!(c.mock.remaining_credits("test-key"), Some(2.0));
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    advance(30).await; // the first task failed at 90 s, in the second period
+    assert_eq!(c.mock.remaining_credits("test-key"), Some(1.0));
+    advance(30).await; // the third period (from 120 s)
+    assert_eq!(c.mock.remaining_credits("test-key"), Some(2.0));
+    advance(31).await; // the second task failed at 151 s, created in an earlier period
+    assert_eq!(c.mock.remaining_credits("test-key"), Some(2.0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_zero_credit_period_or_costs_rate_is_refused_naming_the_field() {
+    let err = kling_mock::MockKling::new(quiet().credit_period(secs(0))).unwrap_err();
+    assert_eq!(err.field(), "credit_period");
+    let err = kling_mock::MockKling::new(quiet().costs_per_second(0.0)).unwrap_err();
+    assert_eq!(err.field(), "costs_per_second");
 }
