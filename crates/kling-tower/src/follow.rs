@@ -65,6 +65,7 @@ use tower_service::Service;
 
 use crate::drain::DrainHandle;
 use crate::error::{ConfigError, FollowError};
+use crate::preset::MAX_DURATION;
 
 /// When and how long to query a task. Durations are API time; [`FollowPolicy::speed`]
 /// divides them.
@@ -170,8 +171,27 @@ impl FollowPolicy {
     }
 
     /// Checks the numbers, naming the first impossible one.
+    ///
+    /// Every duration must be at most a year ([`MAX_DURATION`], as in
+    /// [`StackConfig::validate`](crate::StackConfig::validate)), after the
+    /// [speed factor](Self::speed): "no deadline" or "never poll" is a year, not
+    /// `Duration::MAX`, whose sum with an instant does not exist.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |field: &'static str, reason: &'static str| Err(ConfigError::new(field, reason));
+        let durations = [
+            ("follow.first_query", self.first_query),
+            ("follow.min_interval", self.min_interval),
+            ("follow.max_interval", self.max_interval),
+            ("follow.deadline", self.deadline),
+            ("follow.error_backoff", self.error_backoff),
+            ("follow.max_error_backoff", self.max_error_backoff),
+            ("follow.callback_interval", self.callback_interval),
+        ];
+        for (field, duration) in durations {
+            if duration > MAX_DURATION {
+                return err(field, "must be at most a year");
+            }
+        }
         if self.min_interval.is_zero() {
             return err("follow.min_interval", "must be above 0");
         }
@@ -427,7 +447,7 @@ where
                     })
                 });
                 Tracked {
-                    next_at: now.max(started + first),
+                    next_at: now.max(later(started, first)),
                     started,
                     task,
                     errors: 0,
@@ -446,7 +466,7 @@ where
             for t in tracked.iter_mut().filter(|t| t.result.is_none()) {
                 if let Some(report) = self.board.take(&t.task.id) {
                     t.result = Some(Ok(report));
-                } else if now >= t.started + self.policy.deadline {
+                } else if now >= later(t.started, self.policy.deadline) {
                     t.result = Some(Err(FollowError::DeadlineExceeded {
                         task_id: t.task.id.clone(),
                         deadline: self.policy.deadline,
@@ -497,7 +517,7 @@ where
             let wake = tracked
                 .iter()
                 .filter(|t| t.result.is_none())
-                .map(|t| t.next_at.min(t.started + self.policy.deadline))
+                .map(|t| t.next_at.min(later(t.started, self.policy.deadline)))
                 .min();
             let Some(wake) = wake else { break };
             tokio::select! {
@@ -565,7 +585,7 @@ where
                 for &i in asked {
                     let t = &mut tracked[i];
                     t.errors += 1;
-                    t.next_at = now + self.policy.backoff(t.errors);
+                    t.next_at = later(now, self.policy.backoff(t.errors));
                 }
                 return;
             }
@@ -579,12 +599,20 @@ where
                 }
                 Some(report) => {
                     t.last_status = Some(report.status.as_str().to_owned());
-                    t.next_at = now + self.policy.interval(now - t.started);
+                    t.next_at = later(now, self.policy.interval(now - t.started));
                 }
-                None => t.next_at = now + self.policy.interval(now - t.started),
+                None => t.next_at = later(now, self.policy.interval(now - t.started)),
             }
         }
     }
+}
+
+/// `at + by`, never panicking: tokio's `Instant + Duration` panics where the sum does not
+/// exist. [`FollowPolicy::validate`] keeps every `by` within a year, so the sum overflows only
+/// when `at` (a [`TaskRef::created_at`]) is itself within a year of the last representable
+/// instant, which is as far in the future as `at + by` would be: then `at` stands for it.
+fn later(at: Instant, by: Duration) -> Instant {
+    at.checked_add(by).unwrap_or(at)
 }
 
 /// Ends the follow of every task a query asked about with the query's final Kling error.

@@ -164,6 +164,12 @@ pub const DEFAULT_HEADROOM: f64 = 0.0;
 /// scheduling and network jitter one request's arrival may have against the next one's.
 pub const DEFAULT_JITTER_ALLOWANCE: Duration = Duration::from_millis(15);
 
+/// The longest duration a configuration accepts (a year): for this crate's durations
+/// ([`StackConfig::validate`], [`FollowPolicy::validate`](crate::FollowPolicy::validate)) and
+/// for the interval between two requests a rate asks for. "Never" is a year, so that adding any
+/// of them to an instant cannot overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// The largest jitter allowance accepted.
 const MAX_JITTER_ALLOWANCE: Duration = Duration::from_secs(10);
 
@@ -515,7 +521,7 @@ impl StackConfig {
             if duration.is_zero() {
                 return err(field, "must be above 0");
             }
-            if duration > Duration::from_secs(365 * 24 * 3600) {
+            if duration > MAX_DURATION {
                 return err(field, "must be at most a year");
             }
         }

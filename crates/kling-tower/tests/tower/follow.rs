@@ -70,6 +70,98 @@ fn query_interval_grows_with_age_and_errors_back_off() {
     assert_eq!(err.field(), "follow.max_interval");
 }
 
+/// "No deadline" or "callbacks only" written as `Duration::MAX` passed validation, and the
+/// first `follow` then panicked adding it to an instant. Every duration is capped at a year.
+#[test]
+fn a_policy_with_an_unbounded_duration_is_refused_naming_the_field() {
+    let max = Duration::MAX;
+    let year = kling_tower::preset::MAX_DURATION;
+    let cases = [
+        (FollowPolicy::new().deadline(max), "follow.deadline"),
+        (
+            FollowPolicy::new().callbacks_first(max),
+            "follow.callback_interval",
+        ),
+        (FollowPolicy::new().first_query(max), "follow.first_query"),
+        (
+            FollowPolicy::new().interval_bounds(max, max),
+            "follow.min_interval",
+        ),
+        (
+            FollowPolicy::new().interval_bounds(Duration::from_secs(2), max),
+            "follow.max_interval",
+        ),
+        (
+            FollowPolicy::new().error_backoff(max, max),
+            "follow.error_backoff",
+        ),
+        (
+            FollowPolicy::new().error_backoff(Duration::from_secs(1), max),
+            "follow.max_error_backoff",
+        ),
+        // The cap holds after the speed factor too: a year at half speed is two.
+        (
+            FollowPolicy::new().deadline(year).speed(0.5),
+            "follow.deadline",
+        ),
+    ];
+    for (policy, field) in cases {
+        let err = Follower::new(mock(60, 60), policy.clone()).unwrap_err();
+        assert_eq!(err.field(), field, "{policy:?}");
+        assert!(err.to_string().contains("at most a year"), "{err}");
+    }
+    let longest = FollowPolicy::new()
+        .deadline(year)
+        .error_backoff(year, year)
+        .callbacks_first(year);
+    longest.validate().unwrap();
+}
+
+/// A year is the longest policy: following with it works, and a task's creation time far in
+/// the future (an instant whose sum with the first wait does not exist) does not panic either.
+#[tokio::test(start_paused = true)]
+async fn the_longest_policy_and_the_latest_creation_time_follow_without_panicking() {
+    let year = kling_tower::preset::MAX_DURATION;
+    let mock = mock(60, 60);
+    let service = ClassifyLayer::new().layer(mock.clone());
+    let task = create(&service, "/text-to-video/kling-3.0").await;
+    let follower = follower(
+        service,
+        FollowPolicy::new().deadline(year).callbacks_first(year),
+    );
+    let mut report = task.clone();
+    report.status = TaskStatus::Succeeded;
+
+    // The latest instant there is, to a second.
+    let mut latest = Instant::now();
+    let mut step = Duration::from_secs(u64::MAX / 2);
+    while step >= Duration::from_secs(1) {
+        match latest.checked_add(step) {
+            Some(later) => latest = later,
+            None => step /= 2,
+        }
+    }
+    assert!(latest.checked_add(year).is_none());
+    let late = TaskRef::from_report("/text-to-video/kling-3.0", &task).created_at(latest);
+
+    follower.deliver(report.clone());
+    let done = follower.follow(late).await.unwrap();
+    assert_eq!(done.status, TaskStatus::Succeeded);
+
+    let delivering = follower.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        delivering.deliver(report);
+    });
+    let start = Instant::now();
+    let done = follower
+        .follow(TaskRef::from_report("/text-to-video/kling-3.0", &task))
+        .await
+        .unwrap();
+    assert_eq!(done.status, TaskStatus::Succeeded);
+    assert_eq!(start.elapsed(), Duration::from_secs(61));
+}
+
 #[tokio::test(start_paused = true)]
 async fn follows_a_legacy_task_until_it_succeeds() {
     let mock = mock(60, 120);
