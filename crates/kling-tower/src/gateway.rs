@@ -11,7 +11,25 @@
 //!
 //! A fleet of gateways shares each account's limits through Redis (feature `redis`): build
 //! every account's stack with [`KlingBuilder::shared`](crate::KlingBuilder::shared), and the
-//! gateway is a `GatewayLayer<backends::Redis>`, each account keyed by its [`AccountId`].
+//! gateway is a `GatewayLayer<backends::Redis>`, each account keyed by its [`AccountId`]. Every
+//! gateway of the fleet must then give an account the same name: two names are two sets of
+//! limits in Redis.
+//!
+//! # One entry per Kling account
+//!
+//! An entry's name is its stack's [`AccountId`]: the stack's limits count under it, its
+//! snapshot and metrics show it, and its [follower](crate::KlingLayer::follower)'s queries carry
+//! it, so the gateway routes them back to that stack. The name replaces any
+//! [`KlingBuilder::account`](crate::KlingBuilder::account) set on the entry's builder.
+//!
+//! Kling counts slots for the whole account, whatever key a request is signed with. Two
+//! entries on one Kling account would each admit the account's whole slots and rate, and
+//! Kling would answer the excess with 1303 and 1302, so [`GatewayBuilder::build`] refuses two
+//! entries whose credentials derive the same account id
+//! ([`Credentials::account_id`](crate::Credentials::account_id): the same API key, or the same
+//! access key) with `accounts.team-b uses the same credentials as accounts.team-a`. Route such
+//! users to one entry. Different keys of one account (two API keys, or an API key and an
+//! access key) derive different ids and cannot be told apart here: give them one entry too.
 //!
 //! ```
 //! use bytes::Bytes;
@@ -96,15 +114,20 @@ impl<B: fmt::Debug> fmt::Debug for GatewayBuilder<B> {
 }
 
 impl<B: StackBackends> GatewayBuilder<B> {
-    /// Adds an account: requests carrying `account` go through the stack `stack` builds (its
-    /// limits count under `account`).
+    /// Adds an account: requests carrying `account` go through the stack `stack` builds. The
+    /// stack's limits, snapshot and follower count under `account`, which replaces any
+    /// [`KlingBuilder::account`] set on `stack` (see
+    /// [one entry per Kling account](self#one-entry-per-kling-account)).
     pub fn account(mut self, account: impl Into<AccountId>, stack: KlingBuilder<B>) -> Self {
         self.accounts.push((account.into(), stack));
         self
     }
 
     /// Builds every account's stack; an error names the account and the field
-    /// (`accounts.team-a.burst`).
+    /// (`accounts.team-a.burst`). Refuses no account, an account added twice, and two accounts
+    /// whose credentials derive the same account id, naming the later one
+    /// (`accounts.team-b`, "uses the same credentials as accounts.team-a"): they would be one
+    /// Kling account with two sets of limits.
     pub fn build(self) -> Result<GatewayLayer<B>, ConfigError> {
         if self.accounts.is_empty() {
             return Err(ConfigError::new(
@@ -113,12 +136,26 @@ impl<B: StackBackends> GatewayBuilder<B> {
             ));
         }
         let mut stacks = BTreeMap::new();
+        // The account id each entry's credentials derive, and the entry that has it.
+        let mut kling_accounts: BTreeMap<AccountId, AccountId> = BTreeMap::new();
         for (account, builder) in self.accounts {
             let field = |e: ConfigError| {
                 let name = format!("accounts.{account}.{}", e.field());
                 e.renamed(name)
             };
             let layer = builder.account(account.clone()).build().map_err(field)?;
+            // The auth layer's credentials: the ones the stack signs with, also when the
+            // builder was given its own `AuthLayer`.
+            let kling_account = layer.auth().account_id().clone();
+            if let Some(first) = kling_accounts.get(&kling_account)
+                && *first != account
+            {
+                return Err(ConfigError::new(
+                    format!("accounts.{account}"),
+                    format!("uses the same credentials as accounts.{first}"),
+                ));
+            }
+            kling_accounts.insert(kling_account, account.clone());
             if stacks.insert(account.clone(), layer).is_some() {
                 return Err(ConfigError::new(
                     format!("accounts.{account}"),

@@ -162,6 +162,70 @@ fn validation_names_the_field() {
     }
 }
 
+/// Two gateway entries on one Kling account (the same credentials) gave the account two sets
+/// of limits: 10 slots and 120 requests a minute against Pro's 5 and 60, the excess answered
+/// with 1303 and 1302. The build refuses them, naming the second entry and the first.
+#[test]
+fn two_gateway_accounts_with_the_same_credentials_are_refused() {
+    use kling_tower::gateway::GatewayLayer;
+    use kling_tower::{AuthLayer, Credentials, KlingLayer};
+
+    let pro =
+        |credentials: Credentials| KlingLayer::builder(StackConfig::preset(Tier::Pro), credentials);
+    let api_key = |key: &str| Credentials::api_key(key).unwrap();
+    let access_key = |ak: &str, sk: &str| Credentials::access_key(ak, sk).unwrap();
+
+    let err = GatewayLayer::builder()
+        .account("team-a", pro(api_key("k")))
+        .account("team-b", pro(api_key("k")))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "accounts.team-b");
+    assert_eq!(
+        err.to_string(),
+        "invalid kling-tower configuration: `accounts.team-b` uses the same credentials as accounts.team-a"
+    );
+
+    // The same access key is the same account, whatever the secret.
+    let err = GatewayLayer::builder()
+        .account("team-a", pro(access_key("ak", "sk")))
+        .account("team-b", pro(api_key("other")))
+        .account("team-c", pro(access_key("ak", "sk-2")))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "accounts.team-c");
+    assert!(err.reason().contains("accounts.team-a"), "{err}");
+
+    // The credentials compared are the ones the stack signs with: its own `AuthLayer`'s.
+    let err = GatewayLayer::builder()
+        .account("team-a", pro(api_key("k")))
+        .account(
+            "team-b",
+            pro(api_key("unused")).auth(AuthLayer::new(api_key("k"))),
+        )
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "accounts.team-b");
+
+    // One name twice is still "configured twice"; different credentials build.
+    let err = GatewayLayer::builder()
+        .account("team-a", pro(api_key("k")))
+        .account("team-a", pro(api_key("k")))
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        (err.field(), err.reason()),
+        ("accounts.team-a", "is configured twice")
+    );
+    let gateway = GatewayLayer::builder()
+        .account("team-a", pro(api_key("k")))
+        .account("team-b", pro(api_key("k2")))
+        .account("team-c", pro(access_key("ak", "sk")))
+        .build()
+        .unwrap();
+    assert_eq!(gateway.accounts().count(), 3);
+}
+
 #[test]
 fn env_variables_pick_the_tier_and_override_numbers() {
     let c = StackConfig::from_lookup(vars(&[
