@@ -13,8 +13,9 @@
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> Result<(), kling_core::BoxError> {
 //! # let client = MockKling::new(MockConfig::preset(Preset::Pro).access_key("ak", "sk"))?;
-//! // The Pro tier's numbers (5 slots per pool, 60 requests a minute paced at 95%), a JWT
-//! // signed from an access key, Kling's global host; `client` is hyper-util, reqwest, …
+//! // The Pro tier's numbers (5 slots per pool; 60 requests a minute, paced one a second plus
+//! // 15 ms for jitter), a JWT signed from an access key, Kling's global host; `client` is
+//! // hyper-util, reqwest, …
 //! let kling = KlingLayer::new(StackConfig::preset(Tier::Pro), Credentials::access_key("ak", "sk")?)?;
 //! let service = kling.layer(client);
 //!

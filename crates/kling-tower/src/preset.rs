@@ -12,7 +12,7 @@
 //! | [`Tier::Standard`] | 3 | 30 | none |
 //! | [`Tier::Pro`] | 5 | 60 | none |
 //! | [`Tier::Enterprise`] | 10 (set yours) | no cap (set yours) | none |
-//! | [`Tier::ResourcePack`] | video 20, image 9, try-on 20 | no cap | none |
+//! | [`Tier::ResourcePack`] | video 20, image 9, try-on 20 (see below) | no cap | none |
 //!
 //! Every preset paces at a GCRA burst of 1, each request at least the rate's interval plus a
 //! [jitter allowance](StackConfig::jitter_allowance) (15 ms) after the one before, so network
@@ -20,6 +20,11 @@
 //! with the [speed factor](StackConfig::speed), because jitter does not, and it costs the least
 //! where the rate is lowest (0.25% of the Free tier's 6 s interval, 1.5% of Pro's 1 s). A
 //! proportional [`headroom`](StackConfig::headroom) (default 0) can be added on top.
+//!
+//! Kling's own pages publish none of these tiers; they count concurrency per resource pack.
+//! [`Tier::ResourcePack`]'s video 20 and image 9 are third-party figures no official page
+//! confirms, and no try-on figure is published at all: try-on gets the video pack's 20 as a
+//! guess. Set your packs' numbers with [`StackConfig::resource_pack`].
 //!
 //! # Speed factor
 //!
@@ -76,8 +81,10 @@ pub enum Tier {
     Pro,
     /// 10 slots per pool and no request-rate cap until you set your contract's numbers.
     Enterprise,
-    /// Slots per resource pack (video 20, image 9, try-on 20) and no request-rate cap, as
-    /// Kling's own concurrency pages describe.
+    /// Slots per resource pack and no request-rate cap. Kling counts concurrency per pack type;
+    /// the figures here are not Kling's: video 20 and image 9 are published third-party
+    /// figures no official page confirms, and try-on's 20 is a guess (no figure is published).
+    /// Set your packs' numbers with [`StackConfig::resource_pack`].
     ResourcePack,
 }
 
@@ -490,6 +497,18 @@ impl StackConfig {
         }
         if !(self.headroom.is_finite() && (0.0..1.0).contains(&self.headroom)) {
             return err("headroom", "must be at least 0 and below 1");
+        }
+        // A rate so small that its interval is beyond a `Duration` would otherwise make
+        // `pacing_interval` `None`, which the stack reads as "no cap".
+        if self.rate_per_minute.is_some()
+            && self
+                .pacing_interval()
+                .is_none_or(|interval| interval > MAX_DURATION + self.jitter_allowance)
+        {
+            return err(
+                "rate_per_minute",
+                "must allow at least one request a year (at this speed, less the headroom)",
+            );
         }
         if self.jitter_allowance > MAX_JITTER_ALLOWANCE {
             return err("jitter_allowance_ms", "must be at most 10000");

@@ -154,12 +154,49 @@ fn validation_names_the_field() {
             StackConfig::preset(Tier::Pro).daily_credits(-5.0),
             "daily_credits",
         ),
+        (
+            StackConfig::preset(Tier::Pro).task_lease(Duration::from_secs(366 * 24 * 3600)),
+            "task_lease_secs",
+        ),
     ];
     for (config, field) in cases {
         let err = config.validate().unwrap_err();
         assert_eq!(err.field(), field);
         assert!(err.to_string().contains(field), "{err}");
     }
+}
+
+/// A rate whose interval does not fit in a `Duration` (60 / 1e-20 minutes) made
+/// `pacing_interval` `None`, which the stack reads as "no cap": the tiny rate meant no limit.
+/// A rate must allow a request a year, at its speed and less its headroom.
+#[test]
+fn a_rate_too_small_to_pace_is_refused_rather_than_read_as_no_cap() {
+    let too_small = [
+        StackConfig::preset(Tier::Pro).rate_per_minute(1e-20),
+        StackConfig::preset(Tier::Pro).rate_per_minute(1e-6),
+        StackConfig::preset(Tier::Pro).speed(1e-30),
+        StackConfig::preset(Tier::Pro)
+            .rate_per_minute(3e-6)
+            .headroom(0.5),
+    ];
+    for config in too_small {
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.field(), "rate_per_minute", "{config:?}");
+        assert!(err.reason().contains("one request a year"), "{err}");
+    }
+    let err = StackConfig::from_lookup(vars(&[("KLING_RATE_PER_MINUTE", "1e-20")])).unwrap_err();
+    assert_eq!(err.field(), "KLING_RATE_PER_MINUTE");
+    let err = kling_tower::KlingLayer::new(
+        StackConfig::preset(Tier::Pro).rate_per_minute(1e-20),
+        kling_tower::Credentials::api_key("k").unwrap(),
+    )
+    .unwrap_err();
+    assert_eq!(err.field(), "rate_per_minute");
+
+    // One request a year is the slowest rate there is.
+    let yearly = StackConfig::preset(Tier::Pro).rate_per_minute(1.0 / (365.0 * 24.0 * 60.0));
+    yearly.validate().unwrap();
+    assert!(yearly.pacing_interval().unwrap() <= kling_tower::preset::MAX_DURATION * 2);
 }
 
 /// Two gateway entries on one Kling account (the same credentials) gave the account two sets
