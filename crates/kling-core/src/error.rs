@@ -33,8 +33,9 @@ impl SendState {
     /// Reads the send state of any error by walking its source chain.
     ///
     /// [`Transport`], [`NotSent`] and [`RefusedBeforeSending`] markers say it outright (the
-    /// stack's local refusals, a limiter's or the drain's, carry the last as their source); an
-    /// I/O error of kind
+    /// stack's local refusals, a limiter's or the drain's, carry the last as their source), and
+    /// [`Attempts`] whose create may have made a task says [`SendState::Unknown`] whatever its
+    /// last request did; an I/O error of kind
     /// `ConnectionRefused` proves the request never left; with the `hyper-util` feature,
     /// hyper-util's connect errors do too. Everything else is [`SendState::Unknown`].
     pub fn of(error: &(dyn StdError + 'static)) -> SendState {
@@ -45,6 +46,13 @@ impl SendState {
             }
             if err.is::<NotSent>() || err.is::<RefusedBeforeSending>() {
                 return SendState::NotSent;
+            }
+            // A create among several requests may have made a task, whatever the last one did.
+            if err
+                .downcast_ref::<Attempts>()
+                .is_some_and(Attempts::may_have_created)
+            {
+                return SendState::Unknown;
             }
             if let Some(io) = err.downcast_ref::<std::io::Error>()
                 && io.kind() == std::io::ErrorKind::ConnectionRefused
@@ -96,6 +104,7 @@ impl StdError for NotSent {
 /// with the retry layer (send the create again only when it made nothing).
 ///
 /// Walks the source chain to the first link that says:
+/// - a layer's account of several requests ([`Attempts`], a retry layer's): its answer;
 /// - never sent ([`SendState::NotSent`]: a refused connection, [`NotSent`],
 ///   [`RefusedBeforeSending`]): no;
 /// - a Kling error: [`ApiError::may_have_created`];
@@ -109,6 +118,9 @@ pub fn may_have_created(error: &(dyn StdError + 'static)) -> bool {
     }
     let mut current = Some(error);
     while let Some(link) = current {
+        if let Some(attempts) = link.downcast_ref::<Attempts>() {
+            return attempts.may_have_created();
+        }
         if let Some(api) = link.downcast_ref::<ApiError>() {
             return api.may_have_created();
         }
@@ -121,6 +133,67 @@ pub fn may_have_created(error: &(dyn StdError + 'static)) -> bool {
         current = link.source();
     }
     true
+}
+
+/// The requests a layer that sends a call more than once (the retry layer) made for it, as the
+/// [`source`](StdError::source) of the error the call ends with; its own source is the last
+/// failure.
+///
+/// The layers above and callers that cannot name that layer's error types read it here:
+/// [`SendState::of`] and [`may_have_created`] stop at it when a create among the requests may
+/// have made a task (the last one may have been refused before sending, yet an earlier one
+/// reached Kling), and a monitor counts [`sent`](Attempts::sent) against the rate.
+#[derive(Debug)]
+pub struct Attempts {
+    sent: u32,
+    may_have_created: bool,
+    last: BoxError,
+}
+
+impl Attempts {
+    /// `sent` requests, the last failing with `last`; `may_have_created` when a create among
+    /// them may have made a task that nothing has ruled out.
+    pub fn new(sent: u32, may_have_created: bool, last: impl Into<BoxError>) -> Self {
+        Attempts {
+            sent,
+            may_have_created,
+            last: last.into(),
+        }
+    }
+
+    /// How many requests the layer sent for the call (each reached the client; the last may
+    /// have been refused below).
+    pub fn sent(&self) -> u32 {
+        self.sent
+    }
+
+    /// Whether a create among the requests may have made a billed task that no lookup ruled
+    /// out.
+    pub fn may_have_created(&self) -> bool {
+        self.may_have_created
+    }
+
+    /// The last failure.
+    pub fn last(&self) -> &(dyn StdError + Send + Sync + 'static) {
+        &*self.last
+    }
+}
+
+impl fmt::Display for Attempts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let plural = if self.sent == 1 { "" } else { "s" };
+        write!(f, "{} request{plural} sent", self.sent)?;
+        if self.may_have_created {
+            f.write_str(", a create among them may have made a task")?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for Attempts {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.last)
+    }
 }
 
 /// The [`source`](StdError::source) of every refusal a layer makes before the request leaves

@@ -10,7 +10,7 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
-use kling_core::error::{ApiError, BodyTooLarge, BoxError, MalformedResponse};
+use kling_core::error::{ApiError, Attempts, BodyTooLarge, BoxError, MalformedResponse};
 use kling_core::lanes::Lane;
 use kling_core::metrics::{
     LABEL_CODE, LABEL_KIND, LABEL_POOL, LABEL_STATUS, REQUEST_DURATION, RESPONSES,
@@ -173,11 +173,9 @@ impl Call {
 
     fn error(self, error: &(dyn StdError + 'static), span: &Span) {
         let end = Instant::now();
-        // A request refused in this process (a limiter's, the drain's refusal) or one that never
-        // left the client did not count against Kling's rate; any other reached it, or may have.
-        // Only the last one is known: a retry layer's error does not say how many it sent.
-        if SendState::of(error) != SendState::NotSent {
-            self.monitor.note_requests(end, 1);
+        let sent = requests_sent(error);
+        if sent > 0 {
+            self.monitor.note_requests(end, u64::from(sent));
         }
         let (status, code) = match find_cause(error) {
             Some(Cause::Api(api)) => {
@@ -257,6 +255,21 @@ impl Call {
         .record(seconds);
         metrics::counter!(RESPONSES, LABEL_KIND => kind, LABEL_CODE => code).increment(1);
     }
+}
+
+/// How many requests a failed call sent towards Kling: a retry layer's count
+/// ([`Attempts`]), less its last request when that never left; else one, or none for a request
+/// refused in this process (a limiter's, the drain's refusal) or one that never left the client.
+fn requests_sent(error: &(dyn StdError + 'static)) -> u32 {
+    let mut current = Some(error);
+    while let Some(link) = current {
+        if let Some(attempts) = link.downcast_ref::<Attempts>() {
+            let last_unsent = SendState::of(attempts.last()) == SendState::NotSent;
+            return attempts.sent().saturating_sub(u32::from(last_unsent));
+        }
+        current = link.source();
+    }
+    u32::from(SendState::of(error) != SendState::NotSent)
 }
 
 /// Warns of a response whose code is not success (out of line: the success path needs none

@@ -2,8 +2,14 @@
 //!
 //! Each is returned boxed ([`BoxError`]); downcast to read its data. Errors from the layers below
 //! that this layer does not retry (a limiter's "the deadline would be passed", a configuration
-//! error of the client) pass through unchanged; these types describe only what this layer
-//! decided.
+//! error of the client) pass through unchanged when they end the call's only request; these
+//! types describe only what this layer decided.
+//!
+//! The [`source`](StdError::source) of [`Failed`] and [`DeadlineExceeded`] is a
+//! [`kling_core::error::Attempts`] (how many requests were sent, whether a create among them may
+//! have made a task), whose own source is the last failure: the layers above read it without
+//! naming these types, and [`kling_core::SendState::of`] does not report a create that may
+//! exist as never sent because its last request was.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -11,7 +17,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use kling_core::Code;
-use kling_core::error::{ApiError, BoxError};
+use kling_core::error::{ApiError, Attempts, BoxError};
 use tokio::time::Instant;
 
 /// Why the layer stopped retrying and returned [`Failed`].
@@ -70,28 +76,17 @@ pub(crate) enum Last {
 }
 
 impl Last {
-    fn api(&self) -> Option<&ApiError> {
+    fn into_box(self) -> BoxError {
         match self {
-            Last::Api(api) => Some(api),
-            Last::Error(_) => None,
-        }
-    }
-
-    fn source(&self) -> &(dyn StdError + 'static) {
-        match self {
-            Last::Api(api) => api,
-            Last::Error(error) => &**error,
+            Last::Api(api) => Box::new(api),
+            Last::Error(error) => error,
         }
     }
 }
 
-impl fmt::Display for Last {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Last::Api(api) => fmt::Display::fmt(api, f),
-            Last::Error(error) => fmt::Display::fmt(error, f),
-        }
-    }
+/// The last failure of `attempts`, when it is a Kling error response.
+fn api_of(attempts: &Attempts) -> Option<&ApiError> {
+    attempts.last().downcast_ref::<ApiError>()
 }
 
 /// What a call had done when it stopped: attempts and time.
@@ -117,7 +112,7 @@ macro_rules! last_accessors {
     () => {
         /// How many requests were sent (creates, queries and lookups by external id).
         pub fn attempts(&self) -> u32 {
-            self.tally.attempts
+            self.attempts.sent()
         }
 
         /// Time from the call to this error, including waits in the layers below.
@@ -132,36 +127,41 @@ macro_rules! last_accessors {
 
         /// The last Kling error response, if the last failure was one.
         pub fn api_error(&self) -> Option<&ApiError> {
-            self.last.api()
+            api_of(&self.attempts)
         }
 
         /// The Kling code of the last error response.
         pub fn code(&self) -> Option<Code> {
-            self.last.api().map(ApiError::code)
+            self.api_error().map(ApiError::code)
         }
 
         /// The server's message of the last error response.
         pub fn message(&self) -> Option<&str> {
-            self.last.api().map(ApiError::message)
+            self.api_error().map(ApiError::message)
         }
 
         /// The server's request id of the last error response, to quote to Kling support.
         pub fn request_id(&self) -> Option<&str> {
-            self.last.api().and_then(ApiError::request_id)
+            self.api_error().and_then(ApiError::request_id)
         }
 
         /// The HTTP status of the last error response.
         pub fn status(&self) -> Option<StatusCode> {
-            self.last.api().map(ApiError::status)
+            self.api_error().map(ApiError::status)
+        }
+
+        /// The last failure: a Kling error response ([`ApiError`]) or the error from below.
+        pub fn last(&self) -> &(dyn StdError + Send + Sync + 'static) {
+            self.attempts.last()
         }
     };
 }
 
 /// The call failed for good: the last failure, why the layer stopped, attempts and time.
 ///
-/// Its [`source`](StdError::source) is the last failure: a
-/// [`kling_core::error::ApiError`] for a Kling error response, or the error from below (so
-/// [`kling_core::SendState::of`] still tells whether the last request was sent).
+/// Its [`source`](StdError::source) is a [`kling_core::error::Attempts`] (see the module docs)
+/// whose source is the last failure ([`last`](Self::last)): a
+/// [`kling_core::error::ApiError`] for a Kling error response, or the error from below.
 ///
 /// # A create that may have made a task
 ///
@@ -174,16 +174,20 @@ macro_rules! last_accessors {
 pub struct Failed {
     reason: StopReason,
     tally: Tally,
-    last: Last,
+    attempts: Attempts,
     external_id: Option<String>,
 }
 
 impl Failed {
     pub(crate) fn new(reason: StopReason, tally: Tally, last: Last) -> Self {
+        let unresolved = matches!(
+            reason,
+            StopReason::CreateUnresolved | StopReason::CreateMayHaveHappened
+        );
         Failed {
             reason,
             tally,
-            last,
+            attempts: Attempts::new(tally.attempts, unresolved, last.into_box()),
             external_id: None,
         }
     }
@@ -246,14 +250,14 @@ impl fmt::Display for Failed {
             self.reason,
             ExternalId(self.external_id()),
             self.tally,
-            self.last
+            self.attempts.last()
         )
     }
 }
 
 impl StdError for Failed {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        Some(self.last.source())
+        Some(&self.attempts)
     }
 }
 
@@ -272,42 +276,35 @@ pub struct DeadlineExceeded {
     deadline: Instant,
     retry_after: Duration,
     tally: Tally,
-    last: Last,
+    attempts: Attempts,
     external_id: Option<String>,
-    unresolved: bool,
 }
 
 impl DeadlineExceeded {
+    /// `external_id` names the create when it has one to be looked up or sent again with;
+    /// `unresolved` says its fate is still open.
     pub(crate) fn new(
-        resume_at: Instant,
-        deadline: Instant,
-        now: Instant,
+        (resume_at, deadline, now): (Instant, Instant, Instant),
         tally: Tally,
         last: Last,
+        external_id: Option<String>,
+        unresolved: bool,
     ) -> Self {
         DeadlineExceeded {
             resume_at,
             deadline,
             retry_after: resume_at.saturating_duration_since(now),
             tally,
-            last,
-            external_id: None,
-            unresolved: false,
+            attempts: Attempts::new(tally.attempts, unresolved, last.into_box()),
+            external_id,
         }
-    }
-
-    /// The same error, naming the create's external id and whether its fate is still open.
-    pub(crate) fn with_create(mut self, external_id: Option<String>, unresolved: bool) -> Self {
-        self.external_id = external_id;
-        self.unresolved = unresolved;
-        self
     }
 
     /// Whether a create carrying [`external_id`](Self::external_id) may have made a billed
     /// task that no lookup has ruled out yet: the next attempt would have looked it up. Look it
     /// up before creating again.
     pub fn may_have_created(&self) -> bool {
-        self.unresolved
+        self.attempts.may_have_created()
     }
 
     /// The create's external id (the caller's, or a generated `kr-…` one), when an attempt of
@@ -342,7 +339,7 @@ impl fmt::Display for DeadlineExceeded {
             "next retry in {:?} would pass the deadline",
             self.retry_after
         )?;
-        if self.unresolved {
+        if self.may_have_created() {
             write!(f, "; {}", StopReason::CreateUnresolved)?;
         }
         write!(
@@ -350,14 +347,14 @@ impl fmt::Display for DeadlineExceeded {
             "{} {}: {}",
             ExternalId(self.external_id()),
             self.tally,
-            self.last
+            self.attempts.last()
         )
     }
 }
 
 impl StdError for DeadlineExceeded {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        Some(self.last.source())
+        Some(&self.attempts)
     }
 }
 

@@ -473,20 +473,27 @@ where
 
     /// Stops the call because the next attempt would start at `at`, after `deadline`.
     fn past_deadline(&mut self, at: Instant, deadline: Instant, now: Instant, last: Last) -> Step {
-        let error = DeadlineExceeded::new(at, deadline, now, self.tally(), last)
-            .with_create(self.created_as(), self.unresolved());
+        let error = DeadlineExceeded::new(
+            (at, deadline, now),
+            self.tally(),
+            last,
+            self.created_as(),
+            self.unresolved(),
+        );
         Step::Finish(Err(Box::new(error)))
     }
 
-    /// An error from below that this layer does not retry: passed through unchanged, unless it
-    /// stops the call while a create's fate is unresolved (it failed a lookup, or the service
-    /// below refused to take one); then it is the source of a
-    /// [`StopReason::CreateUnresolved`] that names the external id.
+    /// An error from below that this layer does not retry: passed through unchanged when it
+    /// ends the call's only request. After a retry it is the last failure of a [`Failed`]
+    /// that counts the requests sent and names the create's external id (a lookup found
+    /// nothing, so the create goes again only with that id); while a create's fate is
+    /// unresolved (it failed a lookup, or the service below refused to take one), the reason is
+    /// [`StopReason::CreateUnresolved`].
     fn pass_through(&mut self, error: BoxError) -> Result<Response<Full<Bytes>>, BoxError> {
-        if !self.unresolved() {
+        if self.retry.is_none() {
             return Err(error);
         }
-        match self.fail(StopReason::CreateUnresolved, Last::Error(error)) {
+        match self.fail(StopReason::NotRetryable, Last::Error(error)) {
             Step::Finish(output) => output,
             Step::Sleep | Step::Send => unreachable!("`fail` finishes the call"),
         }

@@ -106,8 +106,10 @@
 //!   `Display`; for a create that may have made a task, also `may_have_created()` and the
 //!   `external_id()` to look it up by;
 //! - an error from below that is not retried (a limiter's deadline error, for instance)
-//!   unchanged, except while a create's lookup is due: then it is the source of a
-//!   [`StopReason::CreateUnresolved`](error::StopReason::CreateUnresolved).
+//!   unchanged when it ends the call's first request; after a retry, as the last failure of an
+//!   [`error::Failed`] ([`StopReason::NotRetryable`](error::StopReason::NotRetryable), or
+//!   [`StopReason::CreateUnresolved`](error::StopReason::CreateUnresolved) while a create's
+//!   lookup is due) that counts the requests and names the create's external id.
 //!
 //! # Requests must be replayable
 //!

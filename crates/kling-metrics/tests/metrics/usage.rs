@@ -262,6 +262,41 @@ async fn requests_count_when_answered_and_refusals_before_sending_count_none() {
     );
 }
 
+/// A call a retry layer gave up on counts every request it reports sending
+/// (`kling_core::error::Attempts`), less a last one refused before it left.
+#[tokio::test(start_paused = true)]
+async fn a_failed_call_counts_the_requests_its_retries_sent() {
+    use kling_core::error::{Attempts, BoxError, RefusedBeforeSending};
+
+    let monitor = Monitor::builder()
+        .rate_quota(60, Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = calls.clone();
+    let retried = tower::service_fn(move |_req: http::Request<Full<Bytes>>| {
+        let n = seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let error: BoxError = if n == 0 {
+                Box::new(Attempts::new(6, false, "code 5000 six times"))
+            } else {
+                Box::new(Attempts::new(3, true, RefusedBeforeSending))
+            };
+            Err::<http::Response<Full<Bytes>>, _>(error)
+        }
+    });
+    let stack = MetricsLayer::with_monitor(monitor.clone()).layer(retried);
+    let query = || request("GET", "/v1/videos/text2video/t-1", "", "k");
+    stack.clone().oneshot(query()).await.unwrap_err();
+    assert_eq!(monitor.snapshot().rate.requests, 6);
+    stack.oneshot(query()).await.unwrap_err();
+    assert_eq!(
+        monitor.snapshot().rate.requests,
+        8,
+        "the last of three never left"
+    );
+}
+
 /// The attempts a layer below reports count whatever else the response carries: beside the
 /// outcome alone (the layer skips the lookup only when the outcome is the one extension), and
 /// on a response with no envelope (no outcome attached).

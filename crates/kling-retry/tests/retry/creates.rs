@@ -124,11 +124,7 @@ async fn a_timed_out_create_without_an_external_id_is_not_sent_again() {
     assert_eq!(log.len(), 1);
     let failed = error.downcast_ref::<Failed>().unwrap();
     assert_eq!(failed.reason(), StopReason::CreateMayHaveHappened);
-    assert!(
-        std::error::Error::source(failed)
-            .unwrap()
-            .is::<tower::timeout::error::Elapsed>()
-    );
+    assert!(failed.last().is::<tower::timeout::error::Elapsed>());
 }
 
 #[tokio::test(start_paused = true)]
@@ -432,7 +428,11 @@ async fn an_error_from_below_on_a_lookup_leaves_the_create_unresolved_and_keeps_
             f.write_str("a limiter below refused the request")
         }
     }
-    impl std::error::Error for Refused {}
+    impl std::error::Error for Refused {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&kling_core::error::RefusedBeforeSending)
+        }
+    }
 
     let (server, log) = kling(|_, _| Reply::Now(code(5000)));
     // Creates reach the server; lookups are refused on the way.
@@ -456,7 +456,78 @@ async fn an_error_from_below_on_a_lookup_leaves_the_create_unresolved_and_keeps_
     let failed = error.downcast_ref::<Failed>().expect("a Failed");
     assert_eq!(failed.reason(), StopReason::CreateUnresolved);
     assert_eq!(failed.external_id(), Some("job-10"));
-    assert!(std::error::Error::source(failed).unwrap().is::<Refused>());
+    assert!(failed.last().is::<Refused>());
+    // The last request was refused before sending, but the first create may have made a task:
+    // whoever reads the error without naming this crate's types must not send it again.
+    assert_eq!(
+        kling_core::SendState::of(&*error),
+        kling_core::SendState::Unknown
+    );
+    assert!(kling_core::error::may_have_created(&*error));
+    let attempts = std::error::Error::source(failed)
+        .and_then(|source| source.downcast_ref::<kling_core::error::Attempts>())
+        .expect("the requests counted");
+    assert_eq!(attempts.sent(), 2);
+}
+
+/// The create got a 5000, the lookup by its generated id found nothing (1203), and the resend
+/// was refused below before it left (a limiter): the caller gets the id the create must go
+/// again with, never a bare refusal that leaves it to send the create without one.
+#[tokio::test(start_paused = true)]
+async fn a_resend_refused_below_after_a_lookup_found_nothing_names_the_external_id() {
+    #[derive(Debug)]
+    struct NoSlot;
+    impl std::fmt::Display for NoSlot {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("no slot before the deadline")
+        }
+    }
+    impl std::error::Error for NoSlot {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&kling_core::error::RefusedBeforeSending)
+        }
+    }
+
+    let (server, log) = kling(|seen, _| {
+        Reply::Now(if seen.method == Method::POST {
+            code(5000)
+        } else {
+            code(1203)
+        })
+    });
+    let posts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let below = tower::service_fn(move |request: crate::support::Req| {
+        let mut server = server.clone();
+        let posts = posts.clone();
+        async move {
+            if request.method() == Method::POST
+                && posts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1
+            {
+                return Err(Box::new(NoSlot) as kling_core::error::BoxError);
+            }
+            tower::ServiceExt::ready(&mut server).await?;
+            tower::Service::call(&mut server, request).await
+        }
+    });
+    let client = RetryLayer::builder()
+        .seed(3)
+        .generate_external_ids(true)
+        .build()
+        .unwrap()
+        .layer(below);
+    let error = send(&client, create(r#"{"prompt":"a cat"}"#))
+        .await
+        .unwrap_err();
+    assert_eq!(log.len(), 2, "the create and its lookup reached the server");
+    let failed = error
+        .downcast_ref::<Failed>()
+        .expect("a Failed, not a bare refusal");
+    assert_eq!(failed.reason(), StopReason::NotRetryable);
+    assert!(!failed.may_have_created(), "the lookup ruled the first out");
+    assert_eq!(failed.external_id(), Some(sent_id(&log).as_str()));
+    assert!(failed.last().is::<NoSlot>());
+    assert_eq!(failed.attempts(), 3);
+    assert!(!kling_core::error::may_have_created(&*error));
 }
 
 /// The first create fails with a 5000 before any task exists, the lookup finds nothing, the

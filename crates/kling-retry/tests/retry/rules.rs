@@ -338,8 +338,15 @@ async fn a_final_error_reads_as_one_line_with_everything_support_needs() {
         failed.waited(),
         "paused time: all of it was backing off"
     );
+    // The source is the requests' account, whose source is the last answer.
     let source = std::error::Error::source(failed).unwrap();
-    assert!(source.is::<kling_core::error::ApiError>());
+    let attempts = source
+        .downcast_ref::<kling_core::error::Attempts>()
+        .unwrap();
+    assert_eq!(attempts.sent(), 3);
+    assert!(!attempts.may_have_created());
+    assert!(source.source().unwrap().is::<kling_core::error::ApiError>());
+    assert!(failed.last().is::<kling_core::error::ApiError>());
 }
 
 #[tokio::test(start_paused = true)]

@@ -551,11 +551,12 @@ async fn gateways_in_two_processes_share_each_accounts_limits_through_redis() {
             .unlimited_credits(),
     )
     .unwrap();
-    // One slot, no request-rate cap: only the slot can make a create wait.
-    let stack = || {
+    // One slot, no request-rate cap: only the slot can make a create wait. Each team is its
+    // own Kling account (a gateway refuses two entries with the same credentials).
+    let stack = |key: &str| {
         KlingLayer::builder(
             StackConfig::preset(Tier::Enterprise).slots(1),
-            Credentials::api_key("k").unwrap(),
+            Credentials::api_key(key).unwrap(),
         )
     };
     let for_account = |account: &str| {
@@ -565,8 +566,8 @@ async fn gateways_in_two_processes_share_each_accounts_limits_through_redis() {
     };
     let shared = |connection: Connection| {
         GatewayLayer::builder()
-            .account("team-a", stack().shared(connection.clone()))
-            .account("team-b", stack().shared(connection))
+            .account("team-a", stack("key-a").shared(connection.clone()))
+            .account("team-b", stack("key-b").shared(connection))
             .build()
             .unwrap()
             .layer(mock.clone())
@@ -587,7 +588,7 @@ async fn gateways_in_two_processes_share_each_accounts_limits_through_redis() {
 
     let local = || {
         GatewayLayer::builder()
-            .account("team-b", stack())
+            .account("team-b", stack("key-b"))
             .build()
             .unwrap()
             .layer(mock.clone())
