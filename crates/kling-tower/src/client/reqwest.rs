@@ -87,6 +87,18 @@ impl<B: PeekBody> Service<Request<B>> for ReqwestService {
     }
 }
 
+/// `error` without the user name and password its URL may carry (a proxy's, in a base URL):
+/// reqwest's message quotes the URL, and errors end up in logs.
+fn without_credentials(mut error: reqwest::Error) -> reqwest::Error {
+    if let Some(url) = error.url_mut()
+        && (!url.username().is_empty() || url.password().is_some())
+    {
+        let _ = url.set_password(None);
+        let _ = url.set_username("");
+    }
+    error
+}
+
 pin_project! {
     /// The [`ReqwestService`] response future.
     pub struct ResponseFuture {
@@ -116,8 +128,10 @@ impl Future for ResponseFuture {
         match self.project().state.project() {
             StateProj::Sending { future } => match ready!(future.poll(cx)) {
                 Ok(response) => Poll::Ready(Ok(response.into())),
-                Err(e) if e.is_connect() => Poll::Ready(Err(Box::new(NotSent::new(e)))),
-                Err(e) => Poll::Ready(Err(Box::new(e))),
+                Err(e) if e.is_connect() => {
+                    Poll::Ready(Err(Box::new(NotSent::new(without_credentials(e)))))
+                }
+                Err(e) => Poll::Ready(Err(Box::new(without_credentials(e)))),
             },
             StateProj::Failed { error } => Poll::Ready(Err(error
                 .take()

@@ -5,6 +5,11 @@
 //! not told to keep trying), `401 Unauthorized` to a missing, stale or wrong signature, and
 //! `400 Bad Request` to a verified body that reports no task.
 //!
+//! A message's id is remembered once `on_task` has returned: if it panics, the sender gets an
+//! error and its next delivery of the message is handled, not taken for a replay. Two
+//! deliveries of one message at the same time may both reach `on_task`, which must therefore
+//! be idempotent per task (KLING_API.md: confirm a callback with a query).
+//!
 //! ```
 //! use axum::Router;
 //! use kling_tower::webhook::{WebhookVerifier, axum::callback_route};
@@ -36,10 +41,12 @@ where
         let verifier = verifier.clone();
         let on_task = on_task.clone();
         async move {
-            match verifier.verify(&headers, &body) {
-                Ok(_) => match parse_task(&body) {
+            match verifier.verify_unrecorded(&headers, &body) {
+                Ok(verified) => match parse_task(&body) {
                     Some(task) => {
                         on_task(task);
+                        // Remembered once handled (a concurrent delivery may have been first).
+                        let _ = verifier.record(&verified);
                         StatusCode::NO_CONTENT
                     }
                     None => StatusCode::BAD_REQUEST,

@@ -203,7 +203,23 @@ impl WebhookVerifier {
     /// Verifies a message: headers present, timestamp within tolerance, a matching signature
     /// among the first [`MAX_SIGNATURES`] entries of `webhook-signature`, and an id not seen
     /// before (which it then remembers). One HMAC of the message per configured secret.
+    ///
+    /// To remember the id only once the message is handled, so that a delivery whose handling
+    /// failed is taken again, use [`verify_unrecorded`](Self::verify_unrecorded) and then
+    /// [`record`](Self::record) (the axum route does).
     pub fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<Verified, WebhookError> {
+        let verified = self.verify_unrecorded(headers, body)?;
+        self.record(&verified)?;
+        Ok(verified)
+    }
+
+    /// [`verify`](Self::verify) without remembering the id: an id already
+    /// [`record`](Self::record)ed is refused as a replay, this one is not yet.
+    pub fn verify_unrecorded(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<Verified, WebhookError> {
         let header = |name: &'static str| {
             headers
                 .get(name)
@@ -255,11 +271,21 @@ impl WebhookVerifier {
                 "no v1 signature matches a configured secret",
             ));
         }
-        self.remember(id, timestamp, now)?;
+        if self.seen(id) {
+            return Err(replayed(id));
+        }
         Ok(Verified {
             id: id.to_owned(),
             timestamp,
         })
+    }
+
+    /// Remembers a verified message's id, so a later delivery of it is refused as a replay;
+    /// fails with [`WebhookErrorKind::Replayed`] when it is remembered already (another
+    /// delivery of it was handled in the meantime).
+    pub fn record(&self, verified: &Verified) -> Result<(), WebhookError> {
+        let now = self.inner.clock.unix_now().as_secs();
+        self.remember(&verified.id, verified.timestamp, now)
     }
 
     /// Verifies a message and reads the task it reports.
@@ -272,13 +298,15 @@ impl WebhookVerifier {
         Ok(parse_task(body))
     }
 
+    fn seen(&self, id: &str) -> bool {
+        let seen = self.inner.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.ids.contains(id)
+    }
+
     fn remember(&self, id: &str, timestamp: u64, now: u64) -> Result<(), WebhookError> {
         let mut seen = self.inner.seen.lock().unwrap_or_else(|e| e.into_inner());
         if seen.ids.contains(id) {
-            return Err(WebhookError::new(
-                WebhookErrorKind::Replayed,
-                format!("message `{id}` was already accepted"),
-            ));
+            return Err(replayed(id));
         }
         // Ids whose timestamps are out of tolerance would be refused as stale: forget them.
         let horizon = now.saturating_sub(self.inner.tolerance.as_secs());
@@ -295,6 +323,13 @@ impl WebhookVerifier {
         seen.order.push_back((id.to_owned(), timestamp));
         Ok(())
     }
+}
+
+fn replayed(id: &str) -> WebhookError {
+    WebhookError::new(
+        WebhookErrorKind::Replayed,
+        format!("message `{id}` was already accepted"),
+    )
 }
 
 /// A signature's tag, compared in constant time.

@@ -65,3 +65,30 @@ async fn reqwest_reports_a_handshake_that_never_comes_as_never_sent() {
     assert_eq!(SendState::of(&*error), SendState::NotSent, "{error}");
     server.abort();
 }
+
+/// reqwest quotes the URL in its errors; a proxy's credentials in it stay out of them (errors
+/// end up in logs).
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn reqwest_errors_do_not_quote_credentials_in_the_url() {
+    use kling_tower::client::ReqwestService;
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = closed.local_addr().unwrap();
+    drop(closed);
+    let service = ClassifyLayer::new().layer(ReqwestService::new_client().unwrap());
+    let error = service
+        .oneshot(create(&format!("http://user:hunter2@{address}")))
+        .await
+        .unwrap_err();
+    let mut chain = Vec::new();
+    let mut link: Option<&(dyn std::error::Error + 'static)> = Some(&*error);
+    while let Some(e) = link {
+        chain.push(e.to_string());
+        link = e.source();
+    }
+    let chain = chain.join(": ");
+    assert!(!chain.contains("hunter2"), "{chain}");
+    assert!(!chain.contains("user:"), "{chain}");
+    assert_eq!(SendState::of(&*error), SendState::NotSent, "{chain}");
+}

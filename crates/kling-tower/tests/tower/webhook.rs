@@ -220,6 +220,49 @@ async fn axum_route_verifies_and_hands_over_the_task() {
     assert_eq!(*got.lock().unwrap(), vec!["t-1".to_owned()]);
 }
 
+/// A delivery whose handling failed (here `on_task` panics) is not remembered: the sender's
+/// next delivery of the message is handled, not answered as a replay and dropped.
+#[cfg(feature = "axum")]
+#[tokio::test(start_paused = true)]
+async fn axum_route_takes_again_a_message_whose_handling_failed() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use axum::Router;
+    use kling_tower::webhook::axum::callback_route;
+    use tower::ServiceExt;
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let got: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (count, log) = (calls.clone(), got.clone());
+    let app: Router = Router::new().route(
+        "/cb",
+        callback_route(verifier(), move |task| {
+            assert!(
+                count.fetch_add(1, Ordering::SeqCst) > 0,
+                "the first delivery's handling fails"
+            );
+            log.lock().unwrap().push(task.id);
+        }),
+    );
+    let good = kling_mock::sign_webhook(SECRET, "ax_2", NOW, BODY);
+    let post = || {
+        let mut req = http::Request::post("/cb")
+            .body(axum::body::Body::from(BODY))
+            .unwrap();
+        *req.headers_mut() = headers("ax_2", NOW, &good);
+        req
+    };
+    let failed = tokio::spawn(app.clone().oneshot(post())).await;
+    assert!(failed.unwrap_err().is_panic());
+    let status = |r: http::Response<axum::body::Body>| r.status().as_u16();
+    assert_eq!(status(app.clone().oneshot(post()).await.unwrap()), 204);
+    assert_eq!(*got.lock().unwrap(), vec!["t-1".to_owned()]);
+    // Handled once: now it is a replay.
+    assert_eq!(status(app.oneshot(post()).await.unwrap()), 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn only_the_first_sixteen_signature_entries_are_read() {
     let v = verifier();
