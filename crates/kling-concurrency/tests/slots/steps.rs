@@ -393,7 +393,11 @@ async fn unknown_outcomes_keep_the_slot_and_refused_sends_give_it_back() {
     // `complete` by external id ends a task whose id was never learnt.
     assert!(handle.complete("e2").await.unwrap().is_some());
     assert!(handle.complete("e3").await.unwrap().is_some());
-    assert_eq!(pool_state(&handle, &video()).await.0, 1, "the lease holds one");
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        1,
+        "the lease holds one"
+    );
 }
 
 #[tokio::test(start_paused = true)]
