@@ -307,15 +307,21 @@ impl<B: StackBackends> KlingBuilder<B> {
 
         // Rate: one request per pacing interval (the rate's, plus the jitter allowance), burst,
         // and a key-wide cooldown after 1302 or a Retry-After; `/account/costs` at most once a
-        // second (Kling asks for it). Without a rate cap the limiter is still there, for the
-        // cooldown and that class quota, with an account quota that never holds a request.
+        // second (Kling asks for it), plus the same jitter allowance. Without a rate cap the
+        // limiter is still there, for the cooldown and that class quota, with an account quota
+        // that never holds a request.
         let quota = match config.pacing_interval() {
             Some(interval) => Quota::with_period(interval).with_burst(config.burst_size()),
             None => uncapped(),
         };
         let gcra = GcraLayer::builder(quota)
             .cooldown(Cooldown::default().scaled(speed))
-            .class_quota(RequestKind::Account, Quota::per_second(speed))
+            .class_quota(
+                RequestKind::Account,
+                Quota::with_period(
+                    Duration::from_secs_f64(1.0 / speed) + config.jitter_allowance_duration(),
+                ),
+            )
             .backend(self.backends.rate_backend(&config)?)
             .build()
             .map_err(|e| layer_error("rate_per_minute", e.field(), &e))?;

@@ -690,7 +690,8 @@ async fn without_a_rate_cap_a_1302_pauses_the_account_and_account_costs_go_once_
         tokio::time::sleep(Duration::from_millis(10)).await;
         send(&service, query("t-2")).await.unwrap();
         first.await.unwrap().unwrap();
-        // Three `/account/costs` back to back: one a second.
+        // Three `/account/costs` back to back: one a second, plus the jitter allowance, so
+        // that network jitter does not make two of them arrive within Kling's second.
         for _ in 0..3 {
             send(&service, request("GET", "/account/costs", ""))
                 .await
@@ -711,7 +712,7 @@ async fn without_a_rate_cap_a_1302_pauses_the_account_and_account_costs_go_once_
         }
         let costs: Vec<u128> = at[3..].iter().map(|(_, ms)| *ms).collect();
         assert!(
-            costs[1] - costs[0] >= 1_000 && costs[2] - costs[1] >= 1_000,
+            costs[1] - costs[0] >= 1_015 && costs[2] - costs[1] >= 1_015,
             "{tier}: {at:?}"
         );
     }
