@@ -19,8 +19,9 @@
 //!
 //! An entry's name is its stack's [`AccountId`]: the stack's limits count under it, its
 //! snapshot and metrics show it, and its [follower](crate::KlingLayer::follower)'s queries carry
-//! it, so the gateway routes them back to that stack. The name replaces any
-//! [`KlingBuilder::account`](crate::KlingBuilder::account) set on the entry's builder.
+//! it, so the gateway routes them back to that stack. A different
+//! [`KlingBuilder::account`](crate::KlingBuilder::account) set on the entry's builder is
+//! refused (`accounts.team-a.account`), not silently replaced.
 //!
 //! Kling counts slots for the whole account, whatever key a request is signed with. Two
 //! entries on one Kling account would each admit the account's whole slots and rate, and
@@ -115,8 +116,8 @@ impl<B: fmt::Debug> fmt::Debug for GatewayBuilder<B> {
 
 impl<B: StackBackends> GatewayBuilder<B> {
     /// Adds an account: requests carrying `account` go through the stack `stack` builds. The
-    /// stack's limits, snapshot and follower count under `account`, which replaces any
-    /// [`KlingBuilder::account`] set on `stack` (see
+    /// stack's limits, snapshot and follower count under `account`; a different
+    /// [`KlingBuilder::account`] set on `stack` is refused by [`build`](Self::build) (see
     /// [one entry per Kling account](self#one-entry-per-kling-account)).
     pub fn account(mut self, account: impl Into<AccountId>, stack: KlingBuilder<B>) -> Self {
         self.accounts.push((account.into(), stack));
@@ -124,7 +125,9 @@ impl<B: StackBackends> GatewayBuilder<B> {
     }
 
     /// Builds every account's stack; an error names the account and the field
-    /// (`accounts.team-a.burst`). Refuses no account, an account added twice, and two accounts
+    /// (`accounts.team-a.burst`). Refuses no account, an account added twice, a stack whose
+    /// own [`KlingBuilder::account`] is not its entry's name (`accounts.team-a.account`: the
+    /// gateway routes by that name, so the stack's limits must count under it), and two accounts
     /// whose credentials derive the same account id, naming the later one
     /// (`accounts.team-b`, "uses the same credentials as accounts.team-a"): they would be one
     /// Kling account with two sets of limits.
@@ -143,6 +146,14 @@ impl<B: StackBackends> GatewayBuilder<B> {
                 let name = format!("accounts.{account}.{}", e.field());
                 e.renamed(name)
             };
+            if let Some(set) = builder.account_set()
+                && *set != account
+            {
+                return Err(ConfigError::new(
+                    format!("accounts.{account}.account"),
+                    format!("is {set}, but the gateway counts this stack's limits under {account}"),
+                ));
+            }
             let layer = builder.account(account.clone()).build().map_err(field)?;
             // The auth layer's credentials: the ones the stack signs with, also when the
             // builder was given its own `AuthLayer`.

@@ -133,6 +133,11 @@ impl<B: StackBackends> KlingBuilder<B> {
         self
     }
 
+    /// The account [`account`](Self::account) set, if any (a gateway names each stack's).
+    pub(crate) fn account_set(&self) -> Option<&AccountId> {
+        self.account.as_ref()
+    }
+
     /// The base URL relative request URIs resolve against (default Kling's global host,
     /// [`base_url::GLOBAL`](crate::base_url::GLOBAL)): a region, a proxy or the mock.
     pub fn base_url(mut self, base: &str) -> Self {

@@ -400,3 +400,29 @@ fn bad_toml_is_rejected_naming_the_key() {
     let err = StackConfig::from_toml_str("burst = \"two\"").unwrap_err();
     assert_eq!(err.field(), "toml");
 }
+
+/// A gateway entry's name is its stack's account: a stack given another one of its own is
+/// refused, naming the field, rather than silently renamed; the same name is accepted.
+#[test]
+fn a_gateway_entry_whose_stack_names_another_account_is_refused() {
+    use kling_core::AccountId;
+    use kling_tower::gateway::GatewayLayer;
+    use kling_tower::{Credentials, KlingLayer};
+
+    let pro = || {
+        KlingLayer::builder(
+            StackConfig::preset(Tier::Pro),
+            Credentials::api_key("k").unwrap(),
+        )
+    };
+    let err = GatewayLayer::builder()
+        .account("team-a", pro().account(AccountId::new("acct-7")))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "accounts.team-a.account");
+    assert!(err.reason().contains("acct-7"), "{err}");
+    GatewayLayer::builder()
+        .account("team-a", pro().account(AccountId::new("team-a")))
+        .build()
+        .unwrap();
+}
