@@ -404,6 +404,7 @@ pub struct ApiError {
     code: Code,
     message: String,
     request_id: Option<String>,
+    retry_after: Option<Duration>,
 }
 
 impl ApiError {
@@ -414,6 +415,7 @@ impl ApiError {
             code: outcome.code(),
             message: outcome.message().to_owned(),
             request_id: outcome.request_id().map(str::to_owned),
+            retry_after: outcome.retry_after(),
         }
     }
 
@@ -435,6 +437,12 @@ impl ApiError {
     /// The server's request id.
     pub fn request_id(&self) -> Option<&str> {
         self.request_id.as_deref()
+    }
+
+    /// The wait the response's `Retry-After` asked for, if it had one: a caller that gives up
+    /// (a retry layer out of attempts, a batch run that stops) sends again no sooner.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
     }
 
     /// Whether a create refused so may still have created a billed task

@@ -227,6 +227,12 @@ impl Failed {
         self.external_id.as_deref()
     }
 
+    /// The wait the last answer's `Retry-After` asked for, if it had one: send the request
+    /// again no sooner (the layer stopped before waiting it out).
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.api_error().and_then(ApiError::retry_after)
+    }
+
     last_accessors!();
 }
 

@@ -229,3 +229,31 @@ async fn a_proxy_s_429_page_is_throttled_and_a_create_behind_it_is_sent_again() 
     assert!(gap >= Duration::from_secs(5), "{gap:?} is early");
     assert!(gap <= Duration::from_secs(5) + JITTER, "{gap:?} is late");
 }
+
+/// A call that runs out of attempts on a throttled answer tells the caller how long the server
+/// asked it to wait, so that it does not come straight back.
+#[tokio::test(start_paused = true)]
+async fn a_call_out_of_attempts_reports_the_last_retry_after() {
+    let (server, _log) = kling(|_, _| Reply::Now(with_header(code(1302), "retry-after", "30")));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .max_attempts(2)
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap_err();
+    let failed = error
+        .downcast_ref::<kling_retry::error::Failed>()
+        .expect("a Failed");
+    assert_eq!(
+        failed.reason(),
+        kling_retry::error::StopReason::AttemptsExhausted
+    );
+    assert_eq!(failed.retry_after(), Some(Duration::from_secs(30)));
+    assert_eq!(
+        failed.api_error().unwrap().retry_after(),
+        Some(Duration::from_secs(30))
+    );
+}
