@@ -91,6 +91,7 @@ pub fn summarize(
         &stack.attempts().by_code(),
         stack.attempts().other_codes(),
     );
+    summary.set_pages(&stack.attempts().pages());
     summary.creates = report.creates;
     summary.interrupted = report.interrupted;
     let (task_seconds, basis) = match truth {

@@ -5,6 +5,11 @@
 //!   slot, so one waiting create per pool keeps the pool full, and no second create can be on
 //!   the wire when Kling answers `1102` (the run then stops creating and reports the rest as
 //!   not submitted).
+//! - **A refused create** is looked up by its external id before the job is settled (a
+//!   refusal such as `1201` may be Kling's answer to an id it already has), unless the
+//!   create surely made nothing and met no Kling answer at all (a proxy's `404`/`413` page,
+//!   never sent): the job is then `not_submitted`, saying so, and the next run sends it
+//!   again.
 //! - **Resume**: jobs whose create may have been sent (`creating`) are looked up by their
 //!   external id first (`GET {endpoint}/{id}` or `GET /tasks?external_task_ids=`); jobs
 //!   already created are followed (in one batch), after the slots they hold were adopted
@@ -686,6 +691,16 @@ impl Engine {
                 Update::error(failure.info),
             );
         }
+        if failure.made_nothing() {
+            // Answered by something that is not Kling, or never sent: a lookup would be
+            // answered the same way, and has nothing to find.
+            return self.move_to(
+                &job.id,
+                JobState::Creating,
+                JobState::NotSubmitted,
+                Update::error(failure.info),
+            );
+        }
         // Any other error: the create may have happened (or a duplicate id was refused), so
         // look it up before deciding.
         match self.lookup(job, &external_id).await {
@@ -907,6 +922,9 @@ struct Failure {
     halts: bool,
     /// The stack's drain gate refused it (never sent).
     draining: bool,
+    /// This call may have made a billed task (the retry layer's word when it gave one:
+    /// [`Failed::may_have_created`](kling_retry::error::Failed::may_have_created)).
+    may_have_created: bool,
 }
 
 impl Failure {
@@ -917,6 +935,7 @@ impl Failure {
             final_refusal: false,
             halts: false,
             draining: false,
+            may_have_created: true,
         }
     }
 
@@ -933,13 +952,42 @@ impl Failure {
                 && !code.disposition(error.status()).is_retryable(),
             halts: code.halts_creates(),
             draining: false,
+            may_have_created: error.may_have_created(),
         }
+    }
+
+    /// Whether the create surely made nothing and no lookup could say otherwise: stopped
+    /// without any answer from Kling (a proxy's page, never sent). A Kling refusal of the
+    /// request itself (`1201`, say) may be its answer to an external id it already has, so
+    /// that one is looked up.
+    fn made_nothing(&self) -> bool {
+        !self.may_have_created && self.code.is_none()
     }
 }
 
 /// Reads a stack error: the Kling code it carries, whether it halts creates, whether the
-/// drain gate refused it.
+/// drain gate refused it, whether it may have made a task.
 fn failure_of(error: &(dyn std::error::Error + 'static)) -> Failure {
+    let mut failure = read_failure(error);
+    failure.may_have_created = may_have_created(error);
+    failure
+}
+
+/// Whether the call that failed with `error` may have made a task: the retry layer's
+/// [`Failed`](kling_retry::error::Failed) says so itself (it knows every attempt); any other
+/// error is read by kling-core's rule (never sent, a Kling refusal, a proxy's `4xx` page: no).
+fn may_have_created(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(err) = current {
+        if let Some(failed) = err.downcast_ref::<kling_retry::error::Failed>() {
+            return failed.may_have_created();
+        }
+        current = err.source();
+    }
+    kling_core::error::may_have_created(error)
+}
+
+fn read_failure(error: &(dyn std::error::Error + 'static)) -> Failure {
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(err) = current {
         if let Some(failed) = err.downcast_ref::<kling_retry::error::Failed>()
@@ -965,6 +1013,14 @@ fn failure_of(error: &(dyn std::error::Error + 'static)) -> Failure {
             failure.halts = true;
             failure.final_refusal = true;
             return failure;
+        }
+        if err.is::<kling_core::error::MalformedResponse>()
+            || err.is::<kling_core::error::BodyTooLarge>()
+        {
+            return Failure::unknown(format!(
+                "answered by something other than Kling (a proxy's or gateway's page? check \
+                 --base-url): {error}"
+            ));
         }
         current = err.source();
     }

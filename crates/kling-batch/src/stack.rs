@@ -1,13 +1,17 @@
 //! The client stack a run sends through: kling-tower's [`KlingLayer`] over an HTTPS hyper-util
-//! client, with two [`TallyLayer`]s counting logical calls and attempts.
+//! client, with a [`TallyLayer`] counting logical calls and an [`AttemptTallyLayer`] counting
+//! attempts.
 //!
 //! ```text
 //! Tally (logical calls)
 //!   Kling: metrics → drain → spend guard → retry → task slots → GCRA → auth → timeout → classify → base URL
-//!     Tally (attempts sent, by Kling code)
-//!       classify (so the attempt's code can be counted)
-//!         hyper-util client (rustls, ring; plain http for the mock)
+//!     AttemptTally (attempts sent; each answer's code read as the classify step above reads the body)
+//!       hyper-util client (rustls, ring; plain http for the mock)
 //! ```
+//!
+//! There is one classify step, the stack's: a second one under it would turn every error
+//! it passes up (a proxy's page, a body over the preset's `max_body_bytes`) into a transport
+//! failure after sending, which the retry layer must treat as a create of unknown outcome.
 //!
 //! The account's limits live in this process ([`Stack::new`]) or, with feature `redis`, in a
 //! Redis every run of the account shares ([`Stack::shared`]): several `kling-batch` runs, or a
@@ -19,7 +23,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
 use kling_concurrency::{Reconcile, Reconciled};
-use kling_core::{BoxError, Classify, ClassifyLayer, TaskReport};
+use kling_core::{BoxError, TaskReport};
 use kling_metrics::{Monitor, Snapshot};
 use kling_tower::client::{HttpsClient, https_client};
 use kling_tower::{
@@ -29,10 +33,10 @@ use tower::Layer;
 use tower::util::BoxCloneSyncService;
 
 use crate::error::SetupError;
-use crate::tally::{Counts, Tally, TallyLayer};
+use crate::tally::{AttemptTally, AttemptTallyLayer, Counts, Tally, TallyLayer};
 
 /// The client under the stack: each attempt is counted by its Kling code.
-pub type Client = Tally<Classify<HttpsClient>>;
+pub type Client = AttemptTally<HttpsClient>;
 
 /// The kling-tower stack over [`Client`], wherever its limits live.
 pub type KlingService = BoxCloneSyncService<Request<Full<Bytes>>, Response<Full<Bytes>>, BoxError>;
@@ -114,9 +118,10 @@ impl Stack {
     fn assemble(limits: Limits) -> Result<Stack, SetupError> {
         kling_tower::client::install_ring_provider();
         let client = https_client().map_err(|e| SetupError::new("tls", e.to_string()))?;
-        let attempts = TallyLayer::new();
+        let limit = with_layer!(&limits, layer => layer.config().body_limit());
+        let attempts = AttemptTallyLayer::new(limit);
         let calls = TallyLayer::new();
-        let bottom = attempts.layer(ClassifyLayer::new().layer(client));
+        let bottom = attempts.layer(client);
         let kling = with_layer!(&limits, layer => KlingService::new(layer.layer(bottom)));
         Ok(Stack {
             service: calls.layer(kling),

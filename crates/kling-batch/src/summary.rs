@@ -90,6 +90,10 @@ pub struct Summary {
     pub responses_by_code: BTreeMap<String, u64>,
     /// The HTTP 429 answers among them, by code.
     pub rejections_429: BTreeMap<String, u64>,
+    /// Answers that were no Kling envelope (a proxy's, gateway's or WAF's own page), by HTTP
+    /// status (`"404"`, …).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pages_by_status: BTreeMap<String, u64>,
     /// From the first create to the last task's end, seconds.
     pub makespan_secs: f64,
     /// The fastest the account's limits allow, seconds.
@@ -198,6 +202,14 @@ impl Summary {
             .collect();
     }
 
+    /// Sets the answers that were no Kling envelope, by HTTP status.
+    pub fn set_pages(&mut self, by_status: &BTreeMap<u16, u64>) {
+        self.pages_by_status = by_status
+            .iter()
+            .map(|(status, n)| (status.to_string(), *n))
+            .collect();
+    }
+
     /// Sets the makespan and the bound, and the efficiency from them.
     pub fn set_timing(&mut self, makespan_secs: f64, bound_secs: f64, basis: &str) {
         self.makespan_secs = makespan_secs;
@@ -264,6 +276,14 @@ impl fmt::Display for Summary {
                 rejections
             },
         ));
+        if !self.pages_by_status.is_empty() {
+            let pages: Vec<String> = self
+                .pages_by_status
+                .iter()
+                .map(|(status, n)| format!("http {status}×{n}"))
+                .collect();
+            rows.push(("not Kling answers".into(), pages.join(" ")));
+        }
         rows.push(("makespan".into(), format!("{:.2} s", self.makespan_secs)));
         rows.push((
             "bound".into(),
@@ -331,5 +351,9 @@ mod tests {
         assert_eq!(s.rejections_of(1303), 0);
         let table = s.to_string();
         assert!(table.contains("429s by code"), "{table}");
+        assert!(!table.contains("not Kling answers"), "{table}");
+        s.set_pages(&BTreeMap::from([(404, 2), (413, 1)]));
+        let table = s.to_string();
+        assert!(table.contains("http 404×2 http 413×1"), "{table}");
     }
 }

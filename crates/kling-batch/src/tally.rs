@@ -1,8 +1,16 @@
-//! [`TallyLayer`]: counts the requests that pass it and their answers by Kling code, for the
-//! progress display and the summary.
+//! Counters of requests and their answers by Kling code, for the progress display and the
+//! summary.
 //!
-//! The run puts one above the retry layer (logical calls) and one right above the classify
-//! step (attempts actually sent): the difference is the retries.
+//! The run puts a [`TallyLayer`] above the whole stack (logical calls) and an
+//! [`AttemptTallyLayer`] under it, on the client (attempts actually sent): the difference is
+//! the retries.
+//!
+//! The attempts are counted under the stack's own classify step, not over a second one: a
+//! classify step turns every error from below into a transport failure "after sending", so one
+//! under the stack's made a proxy's `404` page look like a create of unknown outcome (looked
+//! up instead of refused), a `429` page lose its `Retry-After`, and a too-large body look
+//! worth retrying. [`AttemptTally`] passes the client's errors through untouched and reads
+//! each answer's code from the body as the classify step reads it, frame by frame.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -11,8 +19,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
-use http::{Request, Response};
-use kling_core::Outcome;
+use bytes::{Bytes, BytesMut};
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use kling_core::{Envelope, Outcome};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
@@ -39,13 +49,15 @@ struct Others {
     rest: u64,
 }
 
-/// What a [`TallyLayer`] counted.
+/// What a [`TallyLayer`] or an [`AttemptTallyLayer`] counted.
 #[derive(Debug, Default)]
 pub struct Counts {
     requests: AtomicU64,
     errors: AtomicU64,
     known: [AtomicU64; KNOWN.len()],
     other: Mutex<Others>,
+    /// Answers without a Kling envelope, by HTTP status (at most 900 statuses exist).
+    pages: Mutex<BTreeMap<u16, u64>>,
 }
 
 impl Counts {
@@ -54,9 +66,18 @@ impl Counts {
         self.requests.load(Ordering::Relaxed)
     }
 
-    /// Requests that ended in an error instead of a response.
+    /// Requests that ended in an error instead of a response: for attempts, those that got
+    /// no answer (a transport failure) or whose answer was not read to its end (broken off,
+    /// larger than the stack reads, or timed out).
     pub fn errors(&self) -> u64 {
         self.errors.load(Ordering::Relaxed)
+    }
+
+    /// Answers that were no Kling envelope (a proxy's, a gateway's or a WAF's own page), by
+    /// HTTP status. Only an [`AttemptTallyLayer`] counts these; the stack turns them into
+    /// errors (`kling_core::error::MalformedResponse`).
+    pub fn pages(&self) -> BTreeMap<u16, u64> {
+        self.pages.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Responses by Kling code: every code of Kling's table, and the first 32 others seen
@@ -93,28 +114,42 @@ impl Counts {
         match result {
             Ok(response) => {
                 if let Some(outcome) = Outcome::of(response) {
-                    let code = outcome.code().as_i64();
-                    match slot(code) {
-                        Some(i) => {
-                            self.known[i].fetch_add(1, Ordering::Relaxed);
-                        }
-                        None => {
-                            let mut others = self.others();
-                            if let Some(count) = others.by_code.get_mut(&code) {
-                                *count += 1;
-                            } else if others.by_code.len() < OTHER_CODES {
-                                others.by_code.insert(code, 1);
-                            } else {
-                                others.rest += 1;
-                            }
-                        }
-                    }
+                    self.record_code(outcome.code().as_i64());
                 }
             }
-            Err(_) => {
-                self.errors.fetch_add(1, Ordering::Relaxed);
+            Err(_) => self.record_error(),
+        }
+    }
+
+    fn record_code(&self, code: i64) {
+        match slot(code) {
+            Some(i) => {
+                self.known[i].fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                let mut others = self.others();
+                if let Some(count) = others.by_code.get_mut(&code) {
+                    *count += 1;
+                } else if others.by_code.len() < OTHER_CODES {
+                    others.by_code.insert(code, 1);
+                } else {
+                    others.rest += 1;
+                }
             }
         }
+    }
+
+    fn record_error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn record_page(&self, status: StatusCode) {
+        *self
+            .pages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(status.as_u16())
+            .or_default() += 1;
     }
 }
 
@@ -203,6 +238,254 @@ where
     }
 }
 
+/// Counts every attempt the stack sends, from under its classify step: the request, and the
+/// answer's Kling code (or HTTP status, for a page without an envelope) once the classify
+/// step has read the body to its end.
+///
+/// Put it on the client, under [`KlingLayer`](kling_tower::KlingLayer): it changes neither
+/// the requests nor the errors, and hands the body up frame by frame, keeping (shared, not
+/// copied) what it needs to read the code, never more than `max_body_bytes`.
+///
+/// # Clone
+///
+/// Clones share the counts.
+#[derive(Clone, Debug)]
+pub struct AttemptTallyLayer {
+    counts: Arc<Counts>,
+    limit: usize,
+}
+
+impl AttemptTallyLayer {
+    /// A layer with fresh counts that reads answers of up to `max_body_bytes` (the stack's
+    /// [`body_limit`](kling_tower::StackConfig::body_limit): the classify step refuses larger
+    /// ones, and they count as [`errors`](Counts::errors)).
+    pub fn new(max_body_bytes: usize) -> Self {
+        AttemptTallyLayer {
+            counts: Arc::default(),
+            limit: max_body_bytes,
+        }
+    }
+
+    /// The counts, shared with every service this layer made.
+    pub fn counts(&self) -> Arc<Counts> {
+        self.counts.clone()
+    }
+}
+
+impl<S> Layer<S> for AttemptTallyLayer {
+    type Service = AttemptTally<S>;
+
+    fn layer(&self, inner: S) -> AttemptTally<S> {
+        AttemptTally {
+            inner,
+            counts: self.counts.clone(),
+            limit: self.limit,
+        }
+    }
+}
+
+/// The service of [`AttemptTallyLayer`].
+#[derive(Clone, Debug)]
+pub struct AttemptTally<S> {
+    inner: S,
+    counts: Arc<Counts>,
+    limit: usize,
+}
+
+impl<S, B, ResB> Service<Request<B>> for AttemptTally<S>
+where
+    S: Service<Request<B>, Response = Response<ResB>>,
+    ResB: Body<Data = Bytes>,
+{
+    type Response = Response<AttemptBody<ResB>>;
+    type Error = S::Error;
+    type Future = AttemptFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        self.counts.requests.fetch_add(1, Ordering::Relaxed);
+        AttemptFuture {
+            inner: self.inner.call(request),
+            counts: Some(self.counts.clone()),
+            limit: self.limit,
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`AttemptTally`].
+    #[derive(Debug)]
+    pub struct AttemptFuture<F> {
+        #[pin]
+        inner: F,
+        counts: Option<Arc<Counts>>,
+        limit: usize,
+    }
+}
+
+impl<F, ResB, E> Future for AttemptFuture<F>
+where
+    F: Future<Output = Result<Response<ResB>, E>>,
+    ResB: Body<Data = Bytes>,
+{
+    type Output = Result<Response<AttemptBody<ResB>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let counts = this.counts.take().expect("polled after completion");
+        Poll::Ready(match result {
+            Ok(response) => {
+                let status = response.status();
+                let limit = *this.limit;
+                Ok(response.map(|body| AttemptBody {
+                    inner: body,
+                    reading: Some(Reading {
+                        counts,
+                        status,
+                        limit,
+                        body: Kept::Empty,
+                    }),
+                }))
+            }
+            Err(e) => {
+                counts.record_error();
+                Err(e)
+            }
+        })
+    }
+}
+
+pin_project! {
+    /// The body of an answer [`AttemptTally`] counts: the client's, frame by frame. The answer
+    /// is counted when the body ends, as an error when it breaks off or is dropped before.
+    pub struct AttemptBody<B> {
+        #[pin]
+        inner: B,
+        reading: Option<Reading>,
+    }
+
+    impl<B> PinnedDrop for AttemptBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(reading) = this.project().reading.take() {
+                reading.counts.record_error();
+            }
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for AttemptBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttemptBody").finish_non_exhaustive()
+    }
+}
+
+/// An answer being read: where it is counted, and its body so far.
+struct Reading {
+    counts: Arc<Counts>,
+    status: StatusCode,
+    limit: usize,
+    body: Kept,
+}
+
+/// The body data seen so far: one chunk is kept as is (the usual case), more are copied
+/// together; past the limit, nothing.
+enum Kept {
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+    TooLarge,
+}
+
+impl Reading {
+    fn push(&mut self, data: &Bytes) {
+        let len = match &self.body {
+            Kept::Empty => 0,
+            Kept::One(one) => one.len(),
+            Kept::Many(many) => many.len(),
+            Kept::TooLarge => return,
+        };
+        if len + data.len() > self.limit {
+            self.body = Kept::TooLarge;
+            return;
+        }
+        self.body = match std::mem::replace(&mut self.body, Kept::Empty) {
+            Kept::Empty => Kept::One(data.clone()),
+            Kept::One(one) => {
+                let mut many = BytesMut::with_capacity(one.len() + data.len());
+                many.extend_from_slice(&one);
+                many.extend_from_slice(data);
+                Kept::Many(many)
+            }
+            Kept::Many(mut many) => {
+                many.extend_from_slice(data);
+                Kept::Many(many)
+            }
+            Kept::TooLarge => Kept::TooLarge,
+        };
+    }
+
+    /// The body ended: its code, or the page's status when it is no Kling envelope (the
+    /// classify step's own judgement: [`Envelope::parse`]).
+    fn finish(self) {
+        let parsed = match &self.body {
+            Kept::Empty => Envelope::parse(b""),
+            Kept::One(one) => Envelope::parse(one),
+            Kept::Many(many) => Envelope::parse(many),
+            Kept::TooLarge => return self.counts.record_error(),
+        };
+        match parsed {
+            Ok(envelope) => self.counts.record_code(envelope.code.as_i64()),
+            Err(_) => self.counts.record_page(self.status),
+        }
+    }
+}
+
+impl<B> Body for AttemptBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let (Some(data), Some(reading)) = (frame.data_ref(), this.reading.as_mut()) {
+                    reading.push(data);
+                }
+            }
+            Some(Err(_)) => {
+                if let Some(reading) = this.reading.take() {
+                    reading.counts.record_error();
+                }
+            }
+            None => {
+                if let Some(reading) = this.reading.take() {
+                    reading.finish();
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +525,104 @@ mod tests {
         assert_eq!(counts.of(9999), 1);
         let by_code: Vec<(i64, u64)> = counts.by_code().into_iter().collect();
         assert_eq!(by_code, [(0, 1), (1303, 2), (9999, 1)]);
+    }
+
+    /// A body sent in several frames.
+    struct Frames(std::collections::VecDeque<Bytes>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|data| Ok(Frame::data(data))))
+        }
+    }
+
+    fn frames(parts: &[&'static str]) -> Frames {
+        Frames(
+            parts
+                .iter()
+                .map(|p| Bytes::from_static(p.as_bytes()))
+                .collect(),
+        )
+    }
+
+    /// Under the stack's classify step, the attempt tally counts each answer by code (a page by
+    /// status), and the step still sees each error as what it is: a refused connection as
+    /// never sent, a page as a malformed response, a large body as too large.
+    #[tokio::test]
+    async fn attempts_are_counted_under_the_classify_step_without_changing_its_errors() {
+        use kling_core::SendState;
+        use kling_core::error::{BodyTooLarge, MalformedResponse};
+
+        let client = tower::service_fn(|req: Request<Full<Bytes>>| async move {
+            let (status, body) = match req.uri().path() {
+                "/down" => {
+                    return Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+                }
+                "/busy" => (
+                    429,
+                    frames(&[r#"{"code":1303,"message":"busy","request_id":"r"}"#]),
+                ),
+                "/split" => (
+                    200,
+                    frames(&[
+                        r#"{"code":0,"mess"#,
+                        r#"age":"SUCCEED","#,
+                        r#""request_id":"r"}"#,
+                    ]),
+                ),
+                "/page" => (404, frames(&["<html>404 Not Found</html>"])),
+                "/empty" => (502, frames(&[])),
+                _ => (200, Frames([Bytes::from(vec![b'x'; 101])].into())),
+            };
+            Ok(Response::builder().status(status).body(body).unwrap())
+        });
+        let attempts = AttemptTallyLayer::new(100);
+        let service = ClassifyLayer::new()
+            .max_body_bytes(100)
+            .layer(attempts.layer(client));
+        let mut errors = Vec::new();
+        for path in ["/busy", "/split", "/down", "/page", "/empty", "/large"] {
+            let request = Request::get(path).body(Full::new(Bytes::new())).unwrap();
+            if let Err(e) = service.clone().oneshot(request).await {
+                errors.push((path, e));
+            }
+        }
+        let kinds: Vec<(&str, bool)> = errors
+            .iter()
+            .map(|(path, e)| {
+                let right = match *path {
+                    "/down" => SendState::of(&**e) == SendState::NotSent,
+                    "/page" | "/empty" => e.is::<MalformedResponse>(),
+                    "/large" => e.is::<BodyTooLarge>(),
+                    _ => false,
+                };
+                (*path, right)
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("/down", true),
+                ("/page", true),
+                ("/empty", true),
+                ("/large", true)
+            ]
+        );
+        let counts = attempts.counts();
+        assert_eq!(counts.requests(), 6);
+        assert_eq!((counts.of(1303), counts.of(0)), (1, 1));
+        assert_eq!(counts.pages(), BTreeMap::from([(404, 1), (502, 1)]));
+        assert_eq!(
+            counts.errors(),
+            2,
+            "the refused connection and the large body"
+        );
     }
 
     /// An answer of `code`, as the classify step leaves it.

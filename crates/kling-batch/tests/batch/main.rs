@@ -4,6 +4,7 @@
 mod bad_input;
 mod demo;
 mod downloads;
+mod proxies;
 mod resume;
 mod runs;
 #[cfg(feature = "redis")]
