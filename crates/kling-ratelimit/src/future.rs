@@ -9,8 +9,9 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use http_body_util::Full;
+use kling_core::error::MalformedResponse;
 use kling_core::metrics::{COOLDOWNS, LABEL_ACCOUNT, LABEL_KIND, RATELIMIT_WAIT};
 use kling_core::signals::{Deadline, Waited};
 use kling_core::{AccountId, BoxError, Code, Outcome, PeekBody, Recognized};
@@ -263,8 +264,9 @@ pin_project! {
         Failed { error: Option<BoxError> },
         Calling { #[pin] future: F },
         // Boxed: only a backend whose report is still to come waits here, and the inner
-        // future's variant then stays the largest.
-        Reporting { reporting: Box<(R, Option<Response<Full<Bytes>>>)> },
+        // future's variant then stays the largest. It holds the answer, or the inner error a
+        // proxy's page became ([`feedback_of_error`]).
+        Reporting { reporting: Box<(R, Option<Result<Response<Full<Bytes>>, BoxError>>)> },
         Done,
     }
 }
@@ -492,6 +494,35 @@ fn note_cooldown(
     }
 }
 
+/// Sends the pause an inner error asked for ([`feedback_of_error`]) to the backend, as the
+/// success path does for a response; the report, if it is still to come. After it, successes
+/// are reported too, so that one resets the streak. Out of line: the success path's code
+/// stays as it was.
+#[cold]
+#[inline(never)]
+fn report_error<Bk: Backend>(
+    shared: &Shared<Bk>,
+    account: &mut Option<AccountId>,
+    feedback: Feedback,
+    cx: &mut Context<'_>,
+) -> Option<Bk::FeedbackFuture> {
+    if !shared.report_success.load(Ordering::Relaxed) {
+        shared.report_success.store(true, Ordering::Relaxed);
+    }
+    // The account is lent to the key for the call, not cloned.
+    let key = BucketKey::account(account.take());
+    let mut report = shared
+        .backend
+        .feedback(&key, &shared.account_policy(), feedback);
+    *account = key.into_account();
+    // The in-process backend's report is ready at once: no state for it.
+    if let Poll::Ready(reported) = Pin::new(&mut report).poll(cx) {
+        note_cooldown(reported, account);
+        return None;
+    }
+    Some(report)
+}
+
 /// What a response tells the backend, if anything. A success is reported when
 /// `report_success` says so (asked only for a successful response).
 fn feedback_of(
@@ -520,6 +551,48 @@ fn feedback_of(
     } else {
         None
     }
+}
+
+/// What an inner error tells the backend, if anything: a response without a Kling envelope
+/// (a proxy's or gateway's page, which the classify step turns into a [`MalformedResponse`])
+/// pauses the key as [`feedback_of`] does for an envelope. Its `Retry-After` pauses the key
+/// until then, whatever the status (as for a Kling answer); a 429 is a rate refusal, so it
+/// also counts as throttled like a 1302 — it escalates the pause and lowers an adaptive
+/// rate — while a 503 page (maintenance) or any other status pauses only for its
+/// `Retry-After`, and without one says nothing.
+///
+/// The error's source chain is walked, not only its top: every layer that may sit between
+/// this one and the classify step (auth, a timeout, a second classify step wrapping it in a
+/// [`Transport`](kling_core::error::Transport), a caller's own wrapper) answers for this same
+/// request, so a `MalformedResponse` anywhere in the chain is the answer it got. The walk
+/// costs nothing on the success path, and stops at the first one.
+#[cold]
+#[inline(never)]
+fn feedback_of_error(
+    error: &(dyn std::error::Error + 'static),
+    sent_at: Instant,
+) -> Option<Feedback> {
+    let mut cause = Some(error);
+    let malformed = loop {
+        let error = cause?;
+        if let Some(malformed) = error.downcast_ref::<MalformedResponse>() {
+            break malformed;
+        }
+        cause = error.source();
+    };
+    let throttled = malformed.status() == StatusCode::TOO_MANY_REQUESTS;
+    let retry_after = malformed.retry_after();
+    if !throttled && retry_after.is_none() {
+        return None;
+    }
+    // The classify step notes when the page arrived; an error built without it counts from now.
+    let received_at = malformed.received_at().unwrap_or_else(Instant::now);
+    Some(Feedback::Pause {
+        sent_at,
+        received_at,
+        resume_at: retry_after.and_then(|delay| received_at.checked_add(delay)),
+        throttled,
+    })
 }
 
 impl<S, B, Bk> Future for ResponseFuture<S, B, Bk>
@@ -573,8 +646,27 @@ where
                     // way out); the checks below borrow it there.
                     let mut result: Self::Output = ready!(future.poll(cx)).map_err(Into::into);
                     let Ok(response) = &mut result else {
-                        this.state.set(State::Done);
-                        return Poll::Ready(result);
+                        let sent_at = this.sent_at.expect("set before calling");
+                        let feedback = match &result {
+                            Err(error) => feedback_of_error(&**error, sent_at),
+                            Ok(_) => None,
+                        };
+                        let Some(feedback) = feedback else {
+                            this.state.set(State::Done);
+                            return Poll::Ready(result);
+                        };
+                        match report_error(shared_of(this.lane), this.account, feedback, cx) {
+                            None => {
+                                this.state.set(State::Done);
+                                return Poll::Ready(result);
+                            }
+                            Some(report) => {
+                                this.state.set(State::Reporting {
+                                    reporting: Box::new((report, Some(result))),
+                                });
+                                continue;
+                            }
+                        }
                     };
                     if *this.waited_nanos != 0 {
                         let rate_limit = Duration::from_nanos(*this.waited_nanos);
@@ -625,17 +717,17 @@ where
                                 return Poll::Ready(result);
                             }
                             this.state.set(State::Reporting {
-                                reporting: Box::new((report, result.ok())),
+                                reporting: Box::new((report, Some(result))),
                             });
                         }
                     }
                 }
                 StateProj::Reporting { reporting } => {
-                    let (report, response) = &mut **reporting;
+                    let (report, result) = &mut **reporting;
                     note_cooldown(ready!(Pin::new(report).poll(cx)), this.account);
-                    let response = response.take().expect("reporting holds the response");
+                    let result = result.take().expect("reporting holds the result");
                     this.state.set(State::Done);
-                    return Poll::Ready(Ok(response));
+                    return Poll::Ready(result);
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }

@@ -62,7 +62,9 @@
 //!   than the quota in any window of decision instants (see [`InProcess`]).
 //! - **Cooldown**: a 1302 or a `Retry-After` pauses the whole key — queued and new requests
 //!   alike — which then resumes in order; 1302s in a row escalate the pause up to a ceiling
-//!   ([`Cooldown`]).
+//!   ([`Cooldown`]). A proxy's or gateway's page (no Kling envelope, so the classify step's
+//!   [`MalformedResponse`](kling_core::error::MalformedResponse) error) pauses it too: for its
+//!   `Retry-After`, and as a 1302 would when its status is 429.
 //! - **Adaptive rate** (opt-in, [`Adaptive`]): the rate drops on each 1302 and climbs back
 //!   while responses succeed, under the configured quota as ceiling.
 //! - **Clones share one limiter** (`Arc`); [`GcraHandle`] changes quotas at run time, and

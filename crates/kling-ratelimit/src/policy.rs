@@ -17,6 +17,11 @@ use crate::quota::Quota;
 ///   [`escalate_after`](Cooldown::escalate_after), then the published guide's burst rule,
 ///   `backoff · 2ⁿ⁻ᵉˢᶜᵃˡᵃᵗᵉ_ᵃᶠᵗᵉʳ`; never more than [`ceiling`](Cooldown::ceiling).
 ///
+/// A page without a Kling envelope (a proxy's, which the classify step turns into a
+/// [`MalformedResponse`](kling_core::error::MalformedResponse) error) counts the same way: its
+/// `Retry-After` pauses the key, and a 429 page is a 1302 for the streak and the adaptive rate;
+/// a 503 page (maintenance) pauses only for its `Retry-After`.
+///
 /// Only a 1302 for a request sent after the previous pause began counts towards the streak:
 /// the other requests that were already in flight when the first 1302 came back are refused
 /// for the same reason and do not escalate it.

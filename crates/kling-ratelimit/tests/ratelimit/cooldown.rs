@@ -2,12 +2,14 @@
 
 use std::time::{Duration, SystemTime};
 
+use kling_core::ClassifyLayer;
+use kling_core::error::{MalformedResponse, Transport};
 use kling_ratelimit::error::RateLimited;
-use kling_ratelimit::{BucketKey, Cooldown, GcraLayer, Quota};
+use kling_ratelimit::{Adaptive, BucketKey, Cooldown, GcraLayer, Quota};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 
-use crate::support::{Reply, Server, request, spawn_call};
+use crate::support::{Reply, Server, ms, request, spawn_call};
 
 /// Four requests of account `a` queued at once behind a first answer, and one of `b`.
 async fn pause_after(first: Reply) -> Vec<(String, u128)> {
@@ -310,5 +312,179 @@ async fn successes_are_reported_while_the_backend_says_a_streak_is_running() {
         *backend().backend().successes.lock().unwrap(),
         [Some("a".to_owned())],
         "a's success only: no streak runs for b"
+    );
+}
+
+/// A proxy's 429, in the two shapes a gateway sends (Kong's JSON, nginx's HTML).
+const PROXY_429_PAGES: [&str; 2] = [
+    r#"{"message":"API rate limit exceeded"}"#,
+    "<html><head><title>429 Too Many Requests</title></head><body>Too Many Requests</body></html>",
+];
+
+/// `page` answers a first request of account `a` through the classify step, which makes it a
+/// [`MalformedResponse`] (returned); 200 ms later one more request of `a` and one of `b` are
+/// sent: when each request reached the server, by tag.
+async fn after_page<Bk>(
+    page: Reply,
+    layer: &GcraLayer<Bk>,
+) -> (MalformedResponse, Vec<(String, u128)>)
+where
+    Bk: kling_ratelimit::Backend,
+{
+    let server = Server::new();
+    server.script([page]);
+    let service = layer.layer(ClassifyLayer::new().layer(server.service()));
+    let start = Instant::now();
+    let error = service
+        .clone()
+        .oneshot(request(Some("a"), "a1"))
+        .await
+        .unwrap_err();
+    let page = error
+        .downcast_ref::<MalformedResponse>()
+        .expect("the classify step's error, unchanged")
+        .clone();
+    // Without a pause a2 would go at once: one 100 ms interval has passed since a1.
+    tokio::time::advance(ms(200)).await;
+    let a2 = spawn_call(&service, request(Some("a"), "a2")).await;
+    let b1 = spawn_call(&service, request(Some("b"), "b1")).await;
+    a2.await.unwrap().unwrap();
+    b1.await.unwrap().unwrap();
+    let mut times = server.times_ms(start);
+    times.sort();
+    (page, times)
+}
+
+fn paused_until(pause_ms: u128) -> Vec<(String, u128)> {
+    vec![
+        ("a1".into(), 0),
+        ("a2".into(), pause_ms.max(200)),
+        ("b1".into(), 200),
+    ]
+}
+
+/// A proxy's 429 page with `Retry-After` has no Kling envelope, so it reaches this layer as the
+/// classify step's error: it pauses the whole key as a 1302 with the same header does (no
+/// thundering herd against the throttling proxy), and counts as a rate refusal.
+#[tokio::test(start_paused = true)]
+async fn a_proxys_429_page_with_retry_after_pauses_the_key_until_then() {
+    for body in PROXY_429_PAGES {
+        let layer = GcraLayer::new(Quota::per_second(10.0)).unwrap();
+        let start = Instant::now();
+        let (page, times) =
+            after_page(Reply::page(429, body).header("retry-after", "60"), &layer).await;
+        assert_eq!(page.status(), 429);
+        assert_eq!(times, paused_until(60_000), "{body}");
+        assert_eq!(page.resume_at(), Some(start + Duration::from_secs(60)));
+    }
+}
+
+/// The same through a backend whose reports come one poll later, as a shared store's
+/// (kling-redis) do: the error waits for its report, then the pause holds.
+#[tokio::test(start_paused = true)]
+async fn a_proxys_429_page_pauses_the_key_through_a_backend_that_reports_later() {
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .backend(LateReports::default())
+        .build()
+        .unwrap();
+    let page = Reply::page(429, PROXY_429_PAGES[0]).header("retry-after", "60");
+    assert_eq!(after_page(page, &layer).await.1, paused_until(60_000));
+}
+
+/// A 429 page without `Retry-After` is a rate refusal all the same: the key pauses as after a
+/// 1302 without one (1 s), and the streak counts it.
+#[tokio::test(start_paused = true)]
+async fn a_proxys_429_page_without_retry_after_pauses_like_a_1302() {
+    let layer = GcraLayer::new(Quota::per_second(10.0)).unwrap();
+    let handle = layer.handle();
+    let server = Server::new();
+    server.script([Reply::page(429, PROXY_429_PAGES[1]), Reply::throttled()]);
+    let service = layer.layer(ClassifyLayer::new().layer(server.service()));
+    let start = Instant::now();
+    let first = service.clone().oneshot(request(Some("a"), "a1")).await;
+    assert!(first.unwrap_err().is::<MalformedResponse>());
+    let key = BucketKey::account(Some("a".into()));
+    assert_eq!(handle.backend().key_state(&key).unwrap().streak, 1);
+    // The 1302 that follows is the second of a streak: 2 s.
+    for tag in ["a2", "a3"] {
+        service
+            .clone()
+            .oneshot(request(Some("a"), tag))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        server.times_ms(start),
+        [("a1".into(), 0), ("a2".into(), 1000), ("a3".into(), 3000)]
+    );
+}
+
+/// A 503 page (maintenance) pauses the key for its `Retry-After` only: it is no rate refusal,
+/// so it neither starts a streak nor lowers an adaptive rate; without the header, and for any
+/// other page without one, nothing pauses.
+#[tokio::test(start_paused = true)]
+async fn a_proxys_503_page_pauses_only_for_its_retry_after() {
+    let adaptive = || {
+        GcraLayer::builder(Quota::per_second(10.0))
+            .adaptive(Adaptive::new().start(Quota::per_second(10.0)))
+            .build()
+            .unwrap()
+    };
+    let key = BucketKey::account(Some("a".into()));
+    let html = "<html><body>503 Service Temporarily Unavailable</body></html>";
+
+    let layer = adaptive();
+    let (_, times) = after_page(Reply::page(503, html).header("retry-after", "2"), &layer).await;
+    assert_eq!(times, paused_until(2000));
+    let state = layer.handle().backend().key_state(&key).unwrap();
+    assert_eq!(state.streak, 0);
+    assert_eq!(state.adaptive_rate, Some(10.0), "not lowered");
+
+    for page in [
+        Reply::page(503, html),
+        Reply::page(502, "<html>502 Bad Gateway</html>"),
+        Reply::page(404, "<html>404 Not Found</html>"),
+    ] {
+        let (_, times) = after_page(page, &adaptive()).await;
+        assert_eq!(times, paused_until(0));
+    }
+
+    // A 429 page lowers the adaptive rate, as a 1302 does.
+    let layer = adaptive();
+    after_page(Reply::page(429, PROXY_429_PAGES[0]), &layer).await;
+    let rate = layer
+        .handle()
+        .backend()
+        .key_state(&key)
+        .unwrap()
+        .adaptive_rate;
+    assert!(rate.is_some_and(|r| r < 10.0), "{rate:?}");
+}
+
+/// A second classify step (kling-batch's layout) wraps the page's error in a
+/// [`Transport`]: the page is found in the error's source chain and still pauses the key.
+#[tokio::test(start_paused = true)]
+async fn a_proxys_page_wrapped_by_another_layer_still_pauses_the_key() {
+    let layer = GcraLayer::new(Quota::per_second(10.0)).unwrap();
+    let server = Server::new();
+    server.script([Reply::page(429, PROXY_429_PAGES[0]).header("retry-after", "60")]);
+    let service =
+        layer.layer(ClassifyLayer::new().layer(ClassifyLayer::new().layer(server.service())));
+    let start = Instant::now();
+    let error = service
+        .clone()
+        .oneshot(request(Some("a"), "a1"))
+        .await
+        .unwrap_err();
+    assert!(error.is::<Transport>(), "{error}");
+    tokio::time::advance(ms(200)).await;
+    service
+        .clone()
+        .oneshot(request(Some("a"), "a2"))
+        .await
+        .unwrap();
+    assert_eq!(
+        server.times_ms(start),
+        [("a1".into(), 0), ("a2".into(), 60_000)]
     );
 }

@@ -28,23 +28,17 @@ pub(crate) struct Reply {
     status: u16,
     code: i64,
     headers: Vec<(&'static str, String)>,
+    /// A body other than an envelope of `code` (a proxy's page).
+    page: Option<&'static str>,
 }
 
 impl Reply {
     pub(crate) fn ok() -> Self {
-        Reply {
-            status: 200,
-            code: 0,
-            headers: Vec::new(),
-        }
+        Reply::status(200, 0)
     }
 
     pub(crate) fn throttled() -> Self {
-        Reply {
-            status: 429,
-            code: 1302,
-            headers: Vec::new(),
-        }
+        Reply::status(429, 1302)
     }
 
     pub(crate) fn status(status: u16, code: i64) -> Self {
@@ -52,6 +46,15 @@ impl Reply {
             status,
             code,
             headers: Vec::new(),
+            page: None,
+        }
+    }
+
+    /// A page without a Kling envelope, as a proxy or gateway answers.
+    pub(crate) fn page(status: u16, body: &'static str) -> Self {
+        Reply {
+            page: Some(body),
+            ..Reply::status(status, 0)
         }
     }
 
@@ -61,7 +64,10 @@ impl Reply {
     }
 
     pub(crate) fn to_response(&self) -> Res {
-        let body = format!(r#"{{"code":{},"message":"m","request_id":"r"}}"#, self.code);
+        let body = match self.page {
+            Some(page) => page.to_owned(),
+            None => format!(r#"{{"code":{},"message":"m","request_id":"r"}}"#, self.code),
+        };
         let mut builder = Response::builder().status(self.status);
         for (name, value) in &self.headers {
             builder = builder.header(*name, value.as_str());
