@@ -6,15 +6,19 @@
 //!   the wire when Kling answers `1102` (the run then stops creating and reports the rest as
 //!   not submitted).
 //! - **A refused create** is looked up by its external id before the job is settled (a
-//!   refusal such as `1201` may be Kling's answer to an id it already has), unless the
-//!   create surely made nothing and met no Kling answer at all (a proxy's `404`/`413` page,
-//!   never sent): the job is then `not_submitted`, saying so, and the next run sends it
-//!   again.
+//!   refusal such as `1201` may be Kling's answer to an id it already has), unless the refusal
+//!   proves nothing was made and no lookup could say otherwise: a refusal of the account or
+//!   its credentials (`1000`–`1002`, `1100`–`1102`, `1304`), which also halts the run (the
+//!   job and every job not yet created are reported `not_submitted` with its code), or an
+//!   answer that is no Kling envelope at all (a proxy's `404`/`413` page), which leaves the
+//!   job `not_submitted` saying so. The next run sends such jobs again.
 //! - **Resume**: jobs whose create may have been sent (`creating`) are looked up by their
 //!   external id first (`GET {endpoint}/{id}` or `GET /tasks?external_task_ids=`); jobs
 //!   already created are followed (in one batch), after the slots they hold were adopted
 //!   ([`SlotsHandle::reconcile`](kling_concurrency::SlotsHandle::reconcile)). Nothing is created
-//!   twice.
+//!   twice. A listing or lookup refused for the account or its credentials halts the run:
+//!   the remaining lookups would be refused the same way, and the jobs stay `creating` for a
+//!   later run.
 //! - **Follow**: kling-tower's [`Follower`] with the run's [`FollowPolicy`]; callbacks (when a
 //!   listener is configured) end a follow at once. A follow that ends with a Kling error
 //!   fails the job only when the error is about the task: `1203` (Kling does not know the
@@ -284,6 +288,10 @@ impl Engine {
             self.adopt_slots(jobs).await;
         }
         for (job, external_id, state) in creating {
+            if self.halted.load(Ordering::SeqCst) {
+                // Refused for the account: the rest stay unknown until a later run.
+                break;
+            }
             match self.lookup(job, &external_id).await {
                 Ok(Some(report)) => {
                     self.move_to(
@@ -300,6 +308,10 @@ impl Engine {
                 }
                 Err(e) => {
                     tracing::warn!(job = %job.id, error = %e, "cannot look the job up; it stays unknown until a later run");
+                    let failure = failure_of(&*e);
+                    if failure.halts {
+                        self.halt(failure.info);
+                    }
                 }
             }
         }
@@ -481,7 +493,12 @@ impl Engine {
                 "adopted the slots of running tasks"
             ),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot list running tasks; slots are learned through 1303")
+                tracing::warn!(error = %e, "cannot list running tasks; slots are learned through 1303");
+                // Refused for the account (a wrong key, say): so would every lookup be.
+                let failure = failure_of(&*e);
+                if failure.halts {
+                    self.halt(failure.info);
+                }
             }
         }
     }
@@ -684,16 +701,10 @@ impl Engine {
         }
         if failure.halts {
             self.halt(failure.info.clone());
-            return self.move_to(
-                &job.id,
-                JobState::Creating,
-                JobState::NotSubmitted,
-                Update::error(failure.info),
-            );
         }
         if failure.made_nothing() {
-            // Answered by something that is not Kling, or never sent: a lookup would be
-            // answered the same way, and has nothing to find.
+            // Refused for the account, or answered by something that is not Kling: a lookup
+            // would be refused or answered the same way, and has nothing to find.
             return self.move_to(
                 &job.id,
                 JobState::Creating,
@@ -705,7 +716,8 @@ impl Engine {
         // look it up before deciding.
         match self.lookup(job, &external_id).await {
             Ok(Some(report)) => self.created(job, &report, tx),
-            Ok(None) if failure.final_refusal => self.move_to(
+            // A refusal of the account says nothing against the job: the next run sends it.
+            Ok(None) if failure.final_refusal && !failure.halts => self.move_to(
                 &job.id,
                 JobState::Creating,
                 JobState::Failed,
@@ -918,13 +930,27 @@ struct Failure {
     code: Option<Code>,
     /// Surely not created, and sending it again would fail the same way.
     final_refusal: bool,
-    /// The account can create nothing more (1102, 1100, 1101, 1304, a spent budget).
+    /// The account can create nothing more: [`halts_run`] (1000–1002, 1100–1102, 1304), a
+    /// spent budget.
     halts: bool,
     /// The stack's drain gate refused it (never sent).
     draining: bool,
     /// This call may have made a billed task (the retry layer's word when it gave one:
     /// [`Failed::may_have_created`](kling_retry::error::Failed::may_have_created)).
     may_have_created: bool,
+}
+
+/// Whether a Kling code refuses the account or its credentials rather than the request, so
+/// that every further create (and query) of the run would be refused the same way: the
+/// account-level refusals ([`Code::halts_creates`]: 1100, 1101, 1102), and the configuration
+/// errors KLING_API.md says never to retry — authentication (1000, 1001, 1002: a wrong key,
+/// or a key of the other region) and the IP whitelist (1304).
+fn halts_run(code: Code) -> bool {
+    code.halts_creates()
+        || matches!(
+            code,
+            Code::AuthFailed | Code::AuthHeaderEmpty | Code::InvalidKey | Code::IpWhitelist
+        )
 }
 
 impl Failure {
@@ -950,18 +976,18 @@ impl Failure {
             code: Some(code),
             final_refusal: !code.may_have_created()
                 && !code.disposition(error.status()).is_retryable(),
-            halts: code.halts_creates(),
+            halts: halts_run(code),
             draining: false,
             may_have_created: error.may_have_created(),
         }
     }
 
-    /// Whether the create surely made nothing and no lookup could say otherwise: stopped
-    /// without any answer from Kling (a proxy's page, never sent). A Kling refusal of the
-    /// request itself (`1201`, say) may be its answer to an external id it already has, so
-    /// that one is looked up.
+    /// Whether the create surely made nothing and no lookup could say otherwise: refused for
+    /// the account or its credentials, or stopped without any answer from Kling (a proxy's
+    /// page, never sent). A Kling refusal of the request itself (`1201`, say) may be its answer
+    /// to an external id it already has, so that one is looked up.
     fn made_nothing(&self) -> bool {
-        !self.may_have_created && self.code.is_none()
+        !self.may_have_created && (self.halts || self.code.is_none())
     }
 }
 

@@ -50,6 +50,19 @@ fn code_reason(code: i64) -> String {
     format!("{code} {}", kling_core::Code::from_i64(code).description())
 }
 
+/// The longest reason the table shows whole; the results file and `--json` keep every reason
+/// whole.
+const REASON_CHARS: usize = 72;
+
+/// `reason`, cut to [`REASON_CHARS`] with `…` when longer (an error message can be long, and
+/// the table's first column is as wide as its longest row).
+fn shortened(reason: &str) -> std::borrow::Cow<'_, str> {
+    match reason.char_indices().nth(REASON_CHARS) {
+        Some((end, _)) => format!("{}…", &reason[..end]).into(),
+        None => reason.into(),
+    }
+}
+
 /// What a run did, as the table and `--json` show it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -62,8 +75,12 @@ pub struct Summary {
     pub failed: usize,
     /// Failed jobs by reason (`1301 content security check failed`, `task failed`, …).
     pub failed_by_reason: BTreeMap<String, usize>,
-    /// Jobs never created (credits ran out, stopped).
+    /// Jobs never created (credits ran out, a wrong key, stopped).
     pub not_submitted: usize,
+    /// Jobs never created, by reason (`1002 invalid key`, `1102 resource pack exhausted or
+    /// expired`, `not submitted: the run was stopped`, …).
+    #[serde(default)]
+    pub not_submitted_by_reason: BTreeMap<String, usize>,
     /// Jobs created whose task was still running when the run ended (or could not be
     /// followed to its end).
     pub unfinished: usize,
@@ -163,7 +180,18 @@ impl Summary {
                     };
                     *self.failed_by_reason.entry(reason).or_default() += 1;
                 }
-                JobState::NotSubmitted | JobState::Queued => self.not_submitted += 1,
+                JobState::Queued => self.not_submitted += 1,
+                JobState::NotSubmitted => {
+                    self.not_submitted += 1;
+                    if let Some(e) = &record.error {
+                        let reason = if e.code != 0 {
+                            code_reason(e.code)
+                        } else {
+                            e.message.clone()
+                        };
+                        *self.not_submitted_by_reason.entry(reason).or_default() += 1;
+                    }
+                }
                 JobState::Created => {
                     self.unfinished += 1;
                     if let Some(e) = record.error.as_ref().filter(|e| e.code != 0) {
@@ -240,6 +268,9 @@ impl fmt::Display for Summary {
             rows.push((format!("  {reason}"), n.to_string()));
         }
         rows.push(("not submitted".into(), self.not_submitted.to_string()));
+        for (reason, n) in &self.not_submitted_by_reason {
+            rows.push((format!("  {}", shortened(reason)), n.to_string()));
+        }
         if self.unfinished > 0 {
             rows.push(("still running".into(), self.unfinished.to_string()));
             for (reason, n) in &self.unfinished_by_reason {
@@ -333,6 +364,59 @@ mod tests {
             let no_cap = bound_secs(&secs, |_| slots, requests, None);
             prop_assert!(no_cap <= bound);
         }
+    }
+
+    #[test]
+    fn jobs_not_submitted_are_counted_by_reason_and_long_reasons_are_cut_in_the_table() {
+        use crate::journal::ErrorInfo;
+
+        let record = |state, error: Option<ErrorInfo>| JobRecord {
+            job_id: String::new(),
+            line: 0,
+            endpoint: String::new(),
+            external_id: String::new(),
+            state,
+            task_id: None,
+            status: None,
+            urls: Vec::new(),
+            files: Vec::new(),
+            error,
+            download_error: None,
+        };
+        let page = format!(
+            "answered by something other than Kling: {}",
+            "x".repeat(100)
+        );
+        let records = [
+            record(
+                JobState::NotSubmitted,
+                Some(ErrorInfo::new(1002, "invalid api key", None)),
+            ),
+            record(
+                JobState::NotSubmitted,
+                Some(ErrorInfo::new(1002, "not submitted: creates stopped", None)),
+            ),
+            record(JobState::NotSubmitted, Some(ErrorInfo::new(0, &page, None))),
+            // Queued again by this run and never reached: an earlier run's error is stale.
+            record(
+                JobState::Queued,
+                Some(ErrorInfo::new(1102, "earlier run", None)),
+            ),
+        ];
+        let mut s = Summary::default();
+        s.count_jobs(&records);
+        assert_eq!(s.not_submitted, 4);
+        assert_eq!(
+            s.not_submitted_by_reason,
+            BTreeMap::from([("1002 invalid key".to_owned(), 2), (page.clone(), 1)])
+        );
+        let table = s.to_string();
+        assert!(table.contains("  1002 invalid key"), "{table}");
+        assert!(!table.contains(&page), "{table}");
+        assert!(
+            table.contains(&format!("{}…", &page[..REASON_CHARS])),
+            "{table}"
+        );
     }
 
     #[test]

@@ -356,3 +356,67 @@ async fn a_job_edited_under_its_id_is_refused_by_name_and_nothing_is_sent() {
         JobState::Succeeded
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_of_unknown_outcome_cost_one_refused_request_when_the_key_is_wrong() {
+    use kling_batch::jobs::parse_jobs;
+    use kling_batch::journal::Update;
+    use kling_batch::run::{Engine, RunOptions, default_follow_policy};
+    use kling_batch::stack::Stack;
+    use kling_tower::{Credentials, StackConfig, Tier};
+
+    use crate::support::SPEED;
+
+    let server = MockServer::start(pro_mock().api_key("right-key"))
+        .await
+        .unwrap();
+    let (jobs, _) = parse_jobs(
+        "{\"id\":\"a\",\"prompt\":\"a\"}\n{\"id\":\"b\",\"prompt\":\"b\"}\n{\"id\":\"c\",\"prompt\":\"c\"}\n{\"id\":\"d\",\"prompt\":\"d\"}\n",
+    );
+    let journal = Journal::open_in_memory().unwrap();
+    journal.register(&jobs).unwrap();
+    // An earlier run left three creates of unknown outcome.
+    for job in ["a", "b", "c"] {
+        journal
+            .transition(job, JobState::Creating, Update::default())
+            .unwrap();
+    }
+    let config = StackConfig::preset(Tier::Pro).speed(SPEED).headroom(0.3);
+    let stack = Stack::new(
+        config,
+        Credentials::api_key("wrong-key").unwrap(),
+        &server.base_url(),
+    )
+    .unwrap();
+    let engine = Engine::new(
+        stack,
+        journal.clone(),
+        RunOptions::new(default_follow_policy(SPEED)),
+    )
+    .unwrap();
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    let report = tokio::time::timeout(Duration::from_secs(30), engine.run(&jobs, stop))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // The listing of running tasks is refused with 1002: every lookup would be too, and
+    // nothing is created.
+    let stats = server.stats();
+    assert_eq!(stats.requests_total, 1, "{stats:?}");
+    assert_eq!(stats.responses_by_code.get("1002"), Some(&1), "{stats:?}");
+    assert_eq!(report.creates, 0);
+    let states: Vec<JobState> = report.records.iter().map(|r| r.state).collect();
+    assert_eq!(
+        states,
+        [
+            JobState::Creating,
+            JobState::Creating,
+            JobState::Creating,
+            JobState::NotSubmitted
+        ],
+        "{report:?}"
+    );
+    let d = &report.records[3];
+    assert_eq!(d.error.as_ref().map(|e| e.code), Some(1002), "{d:?}");
+}

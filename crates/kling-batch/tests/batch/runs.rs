@@ -265,3 +265,67 @@ async fn an_account_error_while_following_keeps_the_jobs_created_and_a_rerun_fin
     }
     assert_eq!(server.stats().tasks_created, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_api_key_halts_the_run_after_one_create_and_a_rerun_with_the_right_key_finishes() {
+    // The most common first-run mistake: a key the account (or the region) does not know.
+    // Kling answers 1002 and the retry layer says nothing was made: no lookup, no job left
+    // of unknown outcome, and no second create to be refused the same way.
+    let server = MockServer::start(pro_mock().api_key("right-key"))
+        .await
+        .unwrap();
+    let dir = temp_dir("wrong-key");
+    let jobs = write_jobs(&dir, 6);
+    let journal = dir.join("journal.sqlite");
+    let out = dir.join("out.jsonl");
+    let args = [
+        "--journal",
+        journal.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ];
+    let mut wrong = run_command(&jobs, &server.base_url(), &args);
+    wrong.env("KLING_API_KEY", "wrong-key");
+    let output = finish(wrong).await;
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stats = server.stats();
+    assert_eq!(stats.requests_total, 1, "one create, no lookup: {stats:?}");
+    assert_eq!(stats.responses_by_code.get("1002"), Some(&1), "{stats:?}");
+
+    let lines = results(&out);
+    let not_submitted = in_state(&lines, "not_submitted");
+    assert_eq!(not_submitted.len(), 6, "{lines:?}");
+    assert!(
+        not_submitted.iter().all(|l| l["error"]["code"] == 1002),
+        "{lines:?}"
+    );
+    let s = summary(&output);
+    assert_eq!(s["unknown"], 0, "{s}");
+    assert_eq!(s["not_submitted"], 6, "{s}");
+    assert_eq!(s["not_submitted_by_reason"]["1002 invalid key"], 6, "{s}");
+    assert_eq!(s["requests"], 1, "{s}");
+
+    // The key fixed, the next run creates every job once.
+    let mut right = run_command(&jobs, &server.base_url(), &args);
+    right.env("KLING_API_KEY", "right-key");
+    let output = finish(right).await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(in_state(&results(&out), "succeeded").len(), 6);
+    let stats = server.stats();
+    assert_eq!(
+        (stats.tasks_created, stats.duplicate_external_ids),
+        (6, 0),
+        "{stats:?}"
+    );
+}
