@@ -388,6 +388,9 @@ async fn through_the_stack_a_4xx_that_made_nothing_gives_back_the_slot_and_the_c
         let sent = Arc::new(AtomicUsize::new(0));
         let (kling, service) = free_stack(first_create_gets(first, sent.clone()));
         let err = service.clone().oneshot(video()).await.unwrap_err();
+        // A page comes back as it is (the retry layer does not retry it); the undocumented
+        // code as a `Failed`: either way, the error says nothing was made.
+        assert!(!kling_core::error::may_have_created(&*err), "{err}");
         if let Some(failed) = err.downcast_ref::<Failed>() {
             assert!(!failed.may_have_created(), "{err}");
         }
