@@ -17,11 +17,12 @@
 //! [`TokenDropped`]: [`KlingPolicy`](kling_retry::KlingPolicy) then sends it again at once,
 //! once per call.
 //!
-//! Every request clones the `Authorization` value without writing memory other threads
-//! share: an API key's value lives in static bytes (kept once per distinct key for the life of
-//! the process), and each thread keeps its own copy of the current JWT, checked against the
-//! shared token's generation with a plain read, so the lock is taken only to sign or to drop a
-//! token.
+//! Every request clones the `Authorization` value, and never takes a lock to do it: an API
+//! key's value is built once per layer, in bytes the layer and the requests that carry it
+//! share (a clone is a reference count; the bytes are freed with the layer and the last such
+//! request, never kept for the life of the process), and each thread keeps its own copy of the
+//! current JWT, checked against the shared token's generation with a plain read, so the lock
+//! is taken only to sign or to drop a token.
 //!
 //! The layer also sets the request's [`AccountId`] when it has none: for an API key,
 //! `key-` and the first 12 hex digits of the key's SHA-256; for an access key, the access key
@@ -230,7 +231,7 @@ pub(crate) struct Shared {
     /// `clock.passes_with_tokio()`, asked once.
     passes_with_tokio: bool,
     renew_before: Duration,
-    /// The fixed header of an API key.
+    /// The fixed header of an API key ([`api_key_header`]).
     static_header: Option<HeaderValue>,
     /// The issuer and key of a JWT.
     signer: Option<(Arc<str>, EncodingKey)>,
@@ -352,23 +353,39 @@ impl Shared {
     }
 }
 
-/// `Bearer <key>` as a value over static bytes, kept once per distinct key for the life of the
-/// process: every request clones the value, and a static one is cloned without writing a
-/// reference count every thread shares. What is kept is bounded by the number of distinct API
-/// keys the process uses (an API key, unlike a JWT, never changes).
+/// `Bearer <key>`, marked sensitive, over bytes the value and its clones own together: every
+/// request clones the layer's value (a reference count, no allocation, no lock), and the bytes
+/// are freed when the layer and the last request carrying them are gone. Never kept for the
+/// life of the process: a gateway that builds stacks from many keys, or a process that rotates
+/// keys, holds only the keys in use.
 fn api_key_header(key: &str) -> Option<HeaderValue> {
-    static KEPT: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
-    let value = format!("Bearer {key}");
-    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
-    let text = match kept.iter().find(|kept| **kept == value) {
-        Some(text) => *text,
-        None => {
-            let text: &'static str = Box::leak(value.into_boxed_str());
-            kept.push(text);
-            text
-        }
-    };
-    HeaderValue::from_maybe_shared(Bytes::from_static(text.as_bytes())).ok()
+    let mut value = HeaderValue::from_maybe_shared(Bytes::from_owner(BearerText::new(key))).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
+/// The text of an API key's `Authorization` value, owned by the bytes made from it.
+struct BearerText(String);
+
+impl BearerText {
+    fn new(key: &str) -> BearerText {
+        #[cfg(test)]
+        tests::count_bearer_text(1);
+        BearerText(format!("Bearer {key}"))
+    }
+}
+
+impl AsRef<[u8]> for BearerText {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+#[cfg(test)]
+impl Drop for BearerText {
+    fn drop(&mut self) {
+        tests::count_bearer_text(-1);
+    }
 }
 
 /// Applies [`Auth`] to a service. See the [module docs](self).
@@ -408,11 +425,7 @@ impl AuthLayer {
         let static_header = match &credentials.kind {
             Kind::ApiKey(key) => api_key_header(key),
             Kind::AccessKey { .. } => None,
-        }
-        .map(|mut v| {
-            v.set_sensitive(true);
-            v
-        });
+        };
         let signer = match &credentials.kind {
             Kind::AccessKey { access, secret } => EncodingKey::from_secret(secret)
                 .ok()
@@ -721,26 +734,60 @@ mod tests {
         }
     }
 
-    /// An API key's value is kept once per distinct key, over static bytes, and sent as is.
+    thread_local! {
+        /// [`BearerText`]s made on this thread less those dropped on it: a test that makes and
+        /// drops its values on its own thread reads how many of them are alive.
+        static BEARER_TEXTS: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// Counts a [`BearerText`] made (`1`) or dropped (`-1`) on this thread (none once the
+    /// thread is ending).
+    pub(super) fn count_bearer_text(change: isize) {
+        let _ = BEARER_TEXTS.try_with(|live| live.set(live.get() + change));
+    }
+
+    /// An API key's value is the layer's own, sent as is: every request's value shares the
+    /// layer's bytes, and another layer on the same key has bytes of its own.
     #[test]
-    fn an_api_keys_value_is_kept_once_per_key() {
-        let a = api_key_header("key-a").unwrap();
-        let again = api_key_header("key-a").unwrap();
-        let b = api_key_header("key-b").unwrap();
-        assert_eq!(a, "Bearer key-a");
-        assert_eq!(b, "Bearer key-b");
-        assert_eq!(
-            a.as_bytes().as_ptr(),
-            again.as_bytes().as_ptr(),
-            "kept once"
-        );
+    fn an_api_keys_value_is_the_layers_own() {
         let layer = AuthLayer::new(Credentials::api_key("key-a").unwrap());
         let (value, generation) = pair(&layer.shared);
+        let (again, _) = pair(&layer.shared);
         assert_eq!(
-            (value.as_bytes().as_ptr(), generation),
-            (a.as_bytes().as_ptr(), 0)
+            (value.clone(), generation),
+            ("Bearer key-a".parse().unwrap(), 0)
+        );
+        assert_eq!(
+            value.as_bytes().as_ptr(),
+            again.as_bytes().as_ptr(),
+            "shared"
         );
         assert!(value.is_sensitive());
         assert!(format!("{value:?}").contains("Sensitive"));
+        let other = AuthLayer::new(Credentials::api_key("key-a").unwrap());
+        let (theirs, _) = pair(&other.shared);
+        assert_eq!(theirs, value);
+        assert_ne!(
+            theirs.as_bytes().as_ptr(),
+            value.as_bytes().as_ptr(),
+            "not kept"
+        );
+    }
+
+    /// A thousand layers, each with a key of its own: the value of each is freed with the layer
+    /// and the requests that carried it, none is kept for the life of the process.
+    #[test]
+    fn api_key_values_are_freed_with_their_layer() {
+        let live = || BEARER_TEXTS.with(|live| live.get());
+        let before = live();
+        for i in 0..1000 {
+            let layer = AuthLayer::new(Credentials::api_key(format!("rotated-{i}")).unwrap());
+            let sent = layer.authorization().unwrap();
+            assert_eq!(sent, format!("Bearer rotated-{i}").as_str());
+            drop(layer);
+            assert_eq!(live(), before + 1, "kept by the request that carries it");
+            drop(sent);
+            assert_eq!(live(), before, "freed after {i} keys");
+        }
     }
 }
