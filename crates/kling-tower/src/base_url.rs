@@ -1,11 +1,34 @@
 //! [`BaseUrlLayer`]: resolves relative request URIs (`/v1/videos/text2video`) against a base
-//! URL — a region, a proxy, or the mock.
+//! URL — a region, a proxy, or the mock — and keeps requests, with the credentials set above it,
+//! at that base.
 //!
-//! Requests that already carry a scheme and host pass through untouched. A base with a path
-//! (`https://proxy.example/kling`) prefixes it.
+//! A base with a path (`https://proxy.example/kling`) prefixes it. A base is `https://`;
+//! plain `http://` is refused with a [`ConfigError`] naming `base_url`, except to a loopback
+//! host (`127.0.0.0/8`, `::1`, `localhost`: the mock, a local proxy), since the API key or
+//! token every request carries would otherwise cross the network in cleartext (the real API is
+//! HTTPS only).
+//!
+//! # Requests to another origin
+//!
+//! A request whose URI is already absolute passes through untouched when it names the base's
+//! origin (scheme, host and port, the default port for the scheme when none is written), and
+//! is refused before it is sent when it names any other: it fails with [`OtherOrigin`], whose
+//! [`source`](std::error::Error::source) is
+//! [`RefusedBeforeSending`] (so
+//! [`SendState::of`](kling_core::SendState::of) reads it as never sent). The layers above this
+//! one (the auth layer's `Authorization`) set the stack's credentials for its base URL, and a
+//! result URL on a CDN, or a URL someone else chose, must never receive them. Refused rather
+//! than sent without credentials: such a request is a mistake (fetch result files with a
+//! client of their own), and an error says so where a stripped header would turn into a
+//! puzzling 401 or a download that was paced and counted as an API call.
+//!
+//! Below the classify step, a refusal reaches the layers above as a transport error that never
+//! sent anything, which a retry layer retries. So in [`Kling`](crate::Kling) the auth layer,
+//! above the classify step, knows this base's origin and refuses such a request first, with
+//! the same error, before it sets the header: the retry layer returns it at once.
 //!
 //! ```
-//! use kling_tower::base_url::BaseUrlLayer;
+//! use kling_tower::base_url::{BaseUrlLayer, OtherOrigin};
 //! use tower::{Layer, ServiceExt, service_fn};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -13,16 +36,30 @@
 //!     Ok::<_, std::convert::Infallible>(req.uri().to_string())
 //! });
 //! let service = BaseUrlLayer::new("http://127.0.0.1:8080/kling")?.layer(echo);
-//! let uri = service.oneshot(http::Request::get("/tasks?task_ids=a").body(())?).await?;
+//! let uri = service.clone().oneshot(http::Request::get("/tasks?task_ids=a").body(())?).await?;
 //! assert_eq!(uri, "http://127.0.0.1:8080/kling/tasks?task_ids=a");
+//!
+//! let elsewhere = http::Request::get("https://cdn.example/a.mp4").body(())?;
+//! let refused = service.oneshot(elsewhere).await.unwrap_err();
+//! assert!(refused.is::<OtherOrigin>());
+//!
+//! let cleartext = BaseUrlLayer::new("http://api-singapore.klingai.com").unwrap_err();
+//! assert_eq!(cleartext.field(), "base_url");
 //! # Ok(()) }
 //! ```
 
+use std::fmt;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::uri::{Authority, Parts, PathAndQuery, Scheme};
 use http::{Request, Uri};
+use kling_core::BoxError;
+use kling_core::error::RefusedBeforeSending;
+use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -37,17 +74,159 @@ pub const CHINA: &str = "https://api-beijing.klingai.com";
 /// and a static one is cloned without touching a reference count shared by every request.
 static KNOWN_HOSTS: [&str; 2] = ["api-singapore.klingai.com", "api-beijing.klingai.com"];
 
-/// `authority` as a static one: Kling's hosts from the binary's text ([`KNOWN_HOSTS`]), any
+/// `authority` as static text: Kling's hosts from the binary's text ([`KNOWN_HOSTS`]), any
 /// other (a proxy, a mock) interned ([`kling_core::intern`]), once per distinct host.
-fn static_authority(authority: &Authority) -> Authority {
-    let text = KNOWN_HOSTS
+fn static_authority_text(authority: &Authority) -> &'static str {
+    KNOWN_HOSTS
         .iter()
         .find(|host| authority.as_str() == **host)
         .copied()
-        .unwrap_or_else(|| kling_core::intern::intern(authority.as_str()));
-    // The same text parsed again, so it cannot fail; the parsed copy is the fallback anyway.
-    Authority::from_maybe_shared(Bytes::from_static(text.as_bytes()))
-        .unwrap_or_else(|_| authority.clone())
+        .unwrap_or_else(|| kling_core::intern::intern(authority.as_str()))
+}
+
+/// The host part of an authority's text (`user@host:port` → `host`, `[::1]:9` → `[::1]`), as
+/// [`Authority::host`] reads it, but borrowed for as long as the text.
+fn host_of(authority: &str) -> &str {
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    match host.rfind(':') {
+        Some(colon) if !host[colon..].contains(']') => &host[..colon],
+        _ => host,
+    }
+}
+
+/// Whether plain `http://` to `host` stays on this machine: `127.0.0.0/8`, `::1` (also as
+/// `::ffff:127.x.y.z`) or `localhost`.
+fn is_loopback(host: &str) -> bool {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    match bare.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => v4.is_loopback(),
+        Ok(IpAddr::V6(v6)) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+        Err(_) => bare
+            .strip_suffix('.')
+            .unwrap_or(bare)
+            .eq_ignore_ascii_case("localhost"),
+    }
+}
+
+/// The port a URI with `scheme` and no written port goes to.
+fn default_port(scheme: &str) -> Option<u16> {
+    if scheme.eq_ignore_ascii_case("https") {
+        Some(443)
+    } else if scheme.eq_ignore_ascii_case("http") {
+        Some(80)
+    } else {
+        None
+    }
+}
+
+/// A base URL's origin: scheme, host and port. Static texts, so a copy is a plain copy (the
+/// services that hold one are cloned for every call).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Origin {
+    https: bool,
+    host: &'static str,
+    port: u16,
+}
+
+impl Origin {
+    fn scheme(&self) -> &'static str {
+        if self.https { "https" } else { "http" }
+    }
+
+    /// Whether a request to `uri` may go out under this origin: a relative URI (resolved
+    /// against it below), or an absolute one naming the same scheme, host and port.
+    #[inline]
+    pub(crate) fn admits(&self, uri: &Uri) -> bool {
+        if uri.scheme().is_none() && uri.authority().is_none() {
+            return true;
+        }
+        self.same_as(uri)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn same_as(&self, uri: &Uri) -> bool {
+        let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
+            return false;
+        };
+        scheme.eq_ignore_ascii_case(self.scheme())
+            && host.eq_ignore_ascii_case(self.host)
+            && uri.port_u16().or_else(|| default_port(scheme)) == Some(self.port)
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}:{}", self.scheme(), self.host, self.port)
+    }
+}
+
+/// A request to another origin (scheme, host or port) than its base URL's, refused before it
+/// was sent: the credentials the layers above set are for the base URL alone. See the
+/// [module docs](self#requests-to-another-origin).
+///
+/// Its [`source`](std::error::Error::source) is
+/// [`RefusedBeforeSending`]: the request never left.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OtherOrigin {
+    origin: String,
+    base: String,
+}
+
+impl OtherOrigin {
+    pub(crate) fn new(uri: &Uri, base: &Origin) -> OtherOrigin {
+        // Scheme, host and port only: a URI's user info, path and query may hold secrets
+        // (a signed download URL), and this error goes into logs.
+        let origin = match (uri.scheme_str(), uri.host()) {
+            (Some(scheme), Some(host)) => match uri.port_u16().or_else(|| default_port(scheme)) {
+                Some(port) => format!("{scheme}://{host}:{port}"),
+                None => format!("{scheme}://{host}"),
+            },
+            (None, Some(host)) => match uri.port_u16() {
+                Some(port) => format!("{host}:{port}"),
+                None => host.to_owned(),
+            },
+            _ => "an unnamed origin".to_owned(),
+        };
+        OtherOrigin {
+            origin,
+            base: base.to_string(),
+        }
+    }
+
+    /// The refused request's origin, `scheme://host:port` (no user info, path or query).
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The base URL's origin, `scheme://host:port`.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+}
+
+impl fmt::Display for OtherOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "refused a request to {}: the stack sends to its base url {} only, never with its credentials elsewhere",
+            self.origin, self.base
+        )
+    }
+}
+
+impl std::error::Error for OtherOrigin {
+    /// [`RefusedBeforeSending`]: the request was not sent.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&RefusedBeforeSending)
+    }
 }
 
 /// Applies [`BaseUrl`] to a service. See the [module docs](self).
@@ -60,6 +239,7 @@ pub struct BaseUrlLayer {
 struct Base {
     scheme: Scheme,
     authority: Authority,
+    origin: Origin,
     /// The base's path without its trailing slash; empty for none. Interned: the service is
     /// cloned for every call by the layers above it, and a clone must neither allocate nor
     /// write a shared reference count.
@@ -67,8 +247,11 @@ struct Base {
 }
 
 impl BaseUrlLayer {
-    /// A base URL such as `https://api-singapore.klingai.com` or `http://127.0.0.1:PORT`; it
-    /// needs a scheme (`http` or `https`) and a host, and carries no query.
+    /// A base URL such as `https://api-singapore.klingai.com`; it needs a scheme and a host,
+    /// and carries no query. The scheme is `https`, or `http` to a loopback host only
+    /// (`http://127.0.0.1:PORT`, `http://[::1]:PORT`, `http://localhost:PORT`: the mock, a
+    /// local proxy); plain `http` to any other host is refused, since every request's
+    /// credentials would cross the network in cleartext.
     pub fn new(base: &str) -> Result<BaseUrlLayer, ConfigError> {
         let base = base.trim();
         let uri: Uri = base
@@ -78,7 +261,7 @@ impl BaseUrlLayer {
             .scheme()
             .filter(|s| **s == Scheme::HTTP || **s == Scheme::HTTPS)
             .cloned()
-            .ok_or_else(|| ConfigError::new("base_url", "needs an http:// or https:// scheme"))?;
+            .ok_or_else(|| ConfigError::new("base_url", "needs an https:// scheme"))?;
         let authority = uri
             .authority()
             .cloned()
@@ -86,11 +269,29 @@ impl BaseUrlLayer {
         if uri.query().is_some() {
             return Err(ConfigError::new("base_url", "must not have a query"));
         }
+        let https = scheme == Scheme::HTTPS;
+        if !https && !is_loopback(authority.host()) {
+            return Err(ConfigError::new(
+                "base_url",
+                "must be https:// (plain http:// only to a loopback host: 127.0.0.1, [::1] or \
+                 localhost), or every request's credentials cross the network in cleartext",
+            ));
+        }
         let prefix = kling_core::intern::intern(uri.path().trim_end_matches('/'));
+        let text = static_authority_text(&authority);
+        let origin = Origin {
+            https,
+            host: host_of(text),
+            port: authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
+        };
+        // The same text parsed again, so it cannot fail; the parsed copy is the fallback anyway.
+        let authority =
+            Authority::from_maybe_shared(Bytes::from_static(text.as_bytes())).unwrap_or(authority);
         Ok(BaseUrlLayer {
             base: Base {
                 scheme,
-                authority: static_authority(&authority),
+                authority,
+                origin,
                 prefix,
             },
         })
@@ -118,7 +319,8 @@ impl<S> Layer<S> for BaseUrlLayer {
     }
 }
 
-/// Resolves relative request URIs against a base URL. See the [module docs](self).
+/// Resolves relative request URIs against a base URL and refuses requests to another origin.
+/// See the [module docs](self).
 #[derive(Clone, Debug)]
 pub struct BaseUrl<S> {
     inner: S,
@@ -142,21 +344,48 @@ impl<S> BaseUrl<S> {
     }
 }
 
+/// A service with a [`BaseUrl`] at its bottom, which the auth layer of the stack reads its
+/// origin from ([`AuthLayer::layer_below_account`](crate::auth::AuthLayer)): the stack's
+/// attempt service, per-attempt timeout over classify over base URL.
+pub(crate) trait BaseOrigin {
+    /// The origin of the base URL below.
+    fn base_origin(&self) -> Origin;
+}
+
+impl<S> BaseOrigin for BaseUrl<S> {
+    fn base_origin(&self) -> Origin {
+        self.base.origin
+    }
+}
+
+impl<S: BaseOrigin> BaseOrigin for kling_core::Classify<S> {
+    fn base_origin(&self) -> Origin {
+        self.get_ref().base_origin()
+    }
+}
+
+impl<S: BaseOrigin> BaseOrigin for crate::timeout::AttemptTimeout<S> {
+    fn base_origin(&self) -> Origin {
+        self.get_ref().base_origin()
+    }
+}
+
 impl Base {
-    /// Resolves a relative URI in place; absolute ones are left alone. A splice of the base's
-    /// parsed scheme and authority with the request's own path and query: nothing is parsed
-    /// again unless the base has a path.
+    /// Resolves a relative URI in place and says `true`; an absolute one is left alone, `true`
+    /// when it names the base's origin and `false` when it names another (the call refuses
+    /// it). A splice of the base's parsed scheme and authority with the request's own path and
+    /// query: nothing is parsed again unless the base has a path.
     #[inline]
-    fn resolve(&self, uri: &mut Uri) {
+    fn resolves(&self, uri: &mut Uri) -> bool {
         if uri.scheme().is_some() || uri.authority().is_some() {
-            return;
+            return self.origin.same_as(uri);
         }
         let mut parts = std::mem::take(uri).into_parts();
         if !self.prefix.is_empty() {
             if !self.prefix_path(&mut parts) {
                 // Left relative, as it came.
                 *uri = Uri::from_parts(parts).unwrap_or_default();
-                return;
+                return true;
             }
         } else if parts.path_and_query.is_none() {
             parts.path_and_query = Some(PathAndQuery::from_static("/"));
@@ -166,6 +395,7 @@ impl Base {
         // A scheme, an authority and a path make a valid URI; the fallback only keeps the type
         // checker happy.
         *uri = Uri::from_parts(parts).unwrap_or_default();
+        true
     }
 
     /// Puts the base's path before the relative path; `false` when the joined path is not a
@@ -191,19 +421,81 @@ impl Base {
 impl<S, B> Service<Request<B>> for BaseUrl<S>
 where
     S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
 {
     type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     #[inline]
-    fn call(&mut self, mut request: Request<B>) -> S::Future {
-        self.base.resolve(request.uri_mut());
-        self.inner.call(request)
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if !self.base.resolves(request.uri_mut()) {
+            return ResponseFuture::refused(request.uri(), &self.base.origin);
+        }
+        ResponseFuture {
+            state: State::Sent {
+                future: self.inner.call(request),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The [`BaseUrl`] response future: the inner service's, or a request to another origin
+    /// refused ([`OtherOrigin`]).
+    pub struct ResponseFuture<F> {
+        #[pin]
+        state: State<F>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Sent { #[pin] future: F },
+        Refused { error: Option<BoxError> },
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    #[cold]
+    #[inline(never)]
+    fn refused(uri: &Uri, base: &Origin) -> Self {
+        ResponseFuture {
+            state: State::Refused {
+                error: Some(Box::new(OtherOrigin::new(uri, base))),
+            },
+        }
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("refused", &matches!(self.state, State::Refused { .. }))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Sent { future } => future.poll(cx).map_err(Into::into),
+            StateProj::Refused { error } => Poll::Ready(Err(error
+                .take()
+                .unwrap_or_else(|| "polled after completion".into()))),
+        }
     }
 }
 
@@ -211,10 +503,21 @@ where
 mod tests {
     use super::*;
 
+    impl Base {
+        /// [`Base::resolves`], with the refusal the call makes.
+        fn resolve(&self, uri: &mut Uri) -> Result<(), OtherOrigin> {
+            if self.resolves(uri) {
+                Ok(())
+            } else {
+                Err(OtherOrigin::new(uri, &self.origin))
+            }
+        }
+    }
+
     fn resolved(base: &str, uri: &str) -> Uri {
         let layer = BaseUrlLayer::new(base).unwrap();
         let mut uri: Uri = uri.parse().unwrap();
-        layer.base.resolve(&mut uri);
+        layer.base.resolve(&mut uri).unwrap();
         uri
     }
 
@@ -228,7 +531,8 @@ mod tests {
             "http://127.0.0.1:8080/",
             "https://proxy.example/kling",
             "https://proxy.example/kling/",
-            "http://user@proxy.example:9/a/b/",
+            "https://user@proxy.example:9/a/b/",
+            "http://[::1]:9/a",
         ];
         let relatives = [
             "/",
@@ -260,9 +564,97 @@ mod tests {
     }
 
     #[test]
-    fn absolute_uris_are_left_alone() {
-        for absolute in ["http://127.0.0.1:9/v1/x", "https://other.example/?q=1"] {
+    fn absolute_uris_to_the_base_origin_are_left_alone() {
+        for absolute in [
+            "https://api-singapore.klingai.com/v1/x",
+            "HTTPS://API-Singapore.KlingAI.com:443/?q=1",
+        ] {
             assert_eq!(resolved(GLOBAL, absolute), absolute.parse::<Uri>().unwrap());
+        }
+        assert_eq!(
+            resolved("http://user@127.0.0.1:80/kling", "http://127.0.0.1/v1/x"),
+            "http://127.0.0.1/v1/x".parse::<Uri>().unwrap()
+        );
+    }
+
+    #[test]
+    fn absolute_uris_to_another_origin_are_refused() {
+        let layer = BaseUrlLayer::new(GLOBAL).unwrap();
+        for (absolute, origin) in [
+            (
+                "http://api-singapore.klingai.com/v1/x",
+                "http://api-singapore.klingai.com:80",
+            ),
+            (
+                "https://api-singapore.klingai.com:8443/",
+                "https://api-singapore.klingai.com:8443",
+            ),
+            (
+                "https://api-beijing.klingai.com/v1/x",
+                "https://api-beijing.klingai.com:443",
+            ),
+            (
+                "https://user:pw@cdn.example/a.mp4?sig=s",
+                "https://cdn.example:443",
+            ),
+            (
+                "api-singapore.klingai.com:443",
+                "api-singapore.klingai.com:443",
+            ),
+        ] {
+            let mut uri: Uri = absolute.parse().unwrap();
+            let refused = layer.base.resolve(&mut uri).unwrap_err();
+            assert_eq!(refused.origin(), origin, "{absolute}");
+            assert_eq!(refused.base(), "https://api-singapore.klingai.com:443");
+            assert_eq!(uri, absolute.parse::<Uri>().unwrap(), "left as it came");
+            let text = refused.to_string();
+            assert!(!text.contains("pw") && !text.contains("sig"), "{text}");
+        }
+    }
+
+    #[test]
+    fn plain_http_is_refused_except_to_loopback() {
+        for base in [
+            "http://127.0.0.1:9",
+            "http://127.8.9.10",
+            "http://[::1]:9/kling",
+            "http://[::ffff:127.0.0.1]:9",
+            "http://localhost:9",
+            "http://LocalHost.",
+            "http://user@127.0.0.1:9",
+        ] {
+            let layer = BaseUrlLayer::new(base).unwrap_or_else(|e| panic!("{base}: {e}"));
+            assert!(!layer.base.origin.https, "{base}");
+        }
+        for base in [
+            "http://api-singapore.klingai.com",
+            "http://10.0.0.1:8080",
+            "http://0.0.0.0:9",
+            "http://[::2]:9",
+            "http://localhost.example",
+            "http://127.0.0.1.example",
+        ] {
+            let refused = BaseUrlLayer::new(base).unwrap_err();
+            assert_eq!(refused.field(), "base_url", "{base}");
+            assert!(refused.reason().contains("https://"), "{refused}");
+        }
+    }
+
+    /// The host an origin keeps is the one `http` reads from the authority.
+    #[test]
+    fn the_host_is_read_as_http_reads_it() {
+        for authority in [
+            "api-singapore.klingai.com",
+            "h:1",
+            "user@h:1",
+            "u:p@h",
+            "[::1]",
+            "[::1]:9",
+            "u@[::1]:9",
+            "127.0.0.1:8080",
+        ] {
+            let parsed: Authority = authority.parse().unwrap();
+            assert_eq!(host_of(authority), parsed.host(), "{authority}");
         }
     }
 

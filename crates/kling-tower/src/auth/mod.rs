@@ -40,6 +40,18 @@
 //! # Ok::<(), kling_tower::error::ConfigError>(())
 //! ```
 //!
+//! # Where credentials go
+//!
+//! The layer sets `Authorization` on whatever request it is given; it does not know where the
+//! request goes. Put a [`BaseUrlLayer`](crate::base_url::BaseUrlLayer) below it, as
+//! [`KlingLayer`](crate::KlingLayer) does: that layer sends to its base URL's origin only
+//! (`https://`, or plain `http://` to a loopback host) and refuses a request whose absolute URI
+//! names another origin with [`OtherOrigin`], before it is sent.
+//! In [`Kling`](crate::Kling) this layer knows the base URL below it and refuses such a
+//! request itself, with the same error, before it sets the header: the retry layer above then
+//! returns the error at once, where a refusal from below the classify step would read as a
+//! connection that never opened and be retried.
+//!
 //! # Position
 //!
 //! Below the rate limiter (each attempt it sends is paced) and above the per-attempt timeout
@@ -67,6 +79,7 @@ use sha2::{Digest, Sha256};
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::base_url::{BaseOrigin, Origin, OtherOrigin};
 use crate::clock::{SystemClock, WallClock};
 use crate::error::{ConfigError, SigningError};
 
@@ -517,6 +530,7 @@ impl<S> Layer<S> for AuthLayer {
             shared: self.shared.clone(),
             resend: self.resend,
             set_account: true,
+            origin: None,
         }
     }
 }
@@ -524,10 +538,14 @@ impl<S> Layer<S> for AuthLayer {
 impl AuthLayer {
     /// [`Layer::layer`] for the stack ([`Kling`](crate::Kling)), whose service sets every
     /// request's [`AccountId`] before it reaches this layer (and whose layers in between keep
-    /// it): the auth service skips looking for it again.
-    pub(crate) fn layer_below_account<S>(&self, inner: S) -> Auth<S> {
+    /// it): the auth service skips looking for it again. It also reads the origin of the base
+    /// URL at the bottom of `inner` and refuses requests to any other before setting the header
+    /// (see [Where credentials go](self#where-credentials-go)).
+    pub(crate) fn layer_below_account<S: BaseOrigin>(&self, inner: S) -> Auth<S> {
+        let origin = inner.base_origin();
         Auth {
             set_account: false,
+            origin: Some(origin),
             ..self.layer(inner)
         }
     }
@@ -546,6 +564,9 @@ pub struct Auth<S> {
     resend: bool,
     /// Whether to set the [`AccountId`] (false only under [`Kling`](crate::Kling), which did).
     set_account: bool,
+    /// The origin of the base URL below, when known (under [`Kling`](crate::Kling)): a request
+    /// to another is refused before it gets the header.
+    origin: Option<Origin>,
 }
 
 impl<S: fmt::Debug> fmt::Debug for Auth<S> {
@@ -589,6 +610,12 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if let Some(origin) = &self.origin
+            && !origin.admits(request.uri())
+        {
+            let refused = OtherOrigin::new(request.uri(), origin);
+            return future::ResponseFuture::failed(Box::new(refused));
+        }
         if self.set_account {
             AccountId::set_if_absent(&mut request, &self.shared.account);
         }

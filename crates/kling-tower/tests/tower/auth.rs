@@ -6,10 +6,11 @@ use bytes::Bytes;
 use http::header::AUTHORIZATION;
 use http_body_util::Full;
 use kling_core::signals::TokenDropped;
-use kling_core::{AccountId, ClassifyLayer, Code, Outcome};
+use kling_core::{AccountId, ClassifyLayer, Code, Outcome, SendState};
 use kling_mock::{MockConfig, MockKling, Preset};
 use kling_retry::error::{Failed, StopReason};
 use kling_tower::auth::{AuthLayer, Credentials};
+use kling_tower::base_url::OtherOrigin;
 use kling_tower::clock::TokioWallClock;
 use kling_tower::{KlingLayer, StackConfig, Tier};
 use tower::{Layer, Service, ServiceExt, service_fn};
@@ -463,6 +464,51 @@ async fn api_key_is_sent_as_is_and_never_retried() {
         "{id}"
     );
     assert!(!id.as_str().contains("kling-key"));
+}
+
+/// A request whose absolute URI names another scheme, host or port than the stack's base URL
+/// (a result file on a CDN, a URL someone else chose) gets none of the stack's credentials: it
+/// is refused before it is sent, the client never sees it, and the refusal comes back as it
+/// is, not retried as a connection that never opened.
+#[tokio::test(start_paused = true)]
+async fn credentials_are_never_sent_to_another_host() {
+    let (seen, inner) = recorder(|_| (200, OK));
+    let kling = KlingLayer::builder(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("k").unwrap(),
+    )
+    .build()
+    .unwrap();
+    let svc = kling.layer(inner);
+    for uri in [
+        "http://cdn.example/a.mp4",
+        "https://cdn.example/a.mp4",
+        "http://api-singapore.klingai.com/tasks?task_ids=a",
+        "https://api-singapore.klingai.com:8443/tasks?task_ids=a",
+    ] {
+        let error = svc
+            .clone()
+            .oneshot(request("GET", uri, ""))
+            .await
+            .unwrap_err();
+        let refused = error
+            .downcast_ref::<OtherOrigin>()
+            .unwrap_or_else(|| panic!("{uri}: {error}"));
+        assert_eq!(refused.base(), "https://api-singapore.klingai.com:443");
+        assert_eq!(SendState::of(&*error), SendState::NotSent);
+    }
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "the client saw none of them"
+    );
+    // The base's own origin, relative or absolute, gets them.
+    for uri in [
+        "/tasks?task_ids=a",
+        "https://api-singapore.klingai.com/tasks?task_ids=b",
+    ] {
+        svc.clone().oneshot(request("GET", uri, "")).await.unwrap();
+    }
+    assert_eq!(*seen.lock().unwrap(), ["Bearer k", "Bearer k"]);
 }
 
 #[tokio::test(start_paused = true)]

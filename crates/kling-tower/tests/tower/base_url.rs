@@ -1,16 +1,22 @@
 use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+use http::header::AUTHORIZATION;
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use kling_core::{ClassifyLayer, Outcome, TaskStatus};
+use kling_core::{BoxError, ClassifyLayer, Outcome, SendState, TaskStatus};
 use kling_mock::{MockConfig, MockServer, Preset};
 use kling_tower::auth::{AuthLayer, Credentials};
-use kling_tower::base_url::BaseUrlLayer;
+use kling_tower::base_url::{BaseUrlLayer, OtherOrigin};
+use kling_tower::{KlingLayer, StackConfig, Tier};
 use tower::{Layer, ServiceBuilder, ServiceExt, service_fn};
 
 use crate::support::request;
 
-async fn resolved(base: &str, uri: &str) -> String {
+/// Where `uri` goes through a base URL layer on `base`, or why it does not.
+async fn sent(base: &str, uri: &str) -> Result<String, BoxError> {
     let echo =
         service_fn(
             |req: http::Request<()>| async move { Ok::<_, Infallible>(req.uri().to_string()) },
@@ -20,34 +26,130 @@ async fn resolved(base: &str, uri: &str) -> String {
         .layer(echo)
         .oneshot(http::Request::get(uri).body(()).unwrap())
         .await
-        .unwrap()
+}
+
+async fn resolved(base: &str, uri: &str) -> String {
+    sent(base, uri).await.unwrap()
 }
 
 #[tokio::test]
-async fn relative_uris_are_resolved_and_absolute_ones_kept() {
+async fn relative_uris_are_resolved_and_absolute_ones_kept_at_the_base_origin() {
     let global = "https://api-singapore.klingai.com";
     assert_eq!(
         resolved(global, "/v1/videos/text2video").await,
         "https://api-singapore.klingai.com/v1/videos/text2video"
     );
     assert_eq!(
-        resolved("http://proxy:8080/kling/", "/tasks?task_ids=a,b").await,
-        "http://proxy:8080/kling/tasks?task_ids=a,b"
+        resolved("https://proxy:8080/kling/", "/tasks?task_ids=a,b").await,
+        "https://proxy:8080/kling/tasks?task_ids=a,b"
     );
     assert_eq!(
-        resolved(global, "http://127.0.0.1:9/v1/x").await,
-        "http://127.0.0.1:9/v1/x"
+        resolved(global, "https://api-singapore.klingai.com:443/v1/x").await,
+        "https://api-singapore.klingai.com:443/v1/x"
     );
     for bad in [
         "api.klingai.com",
         "ftp://host",
-        "http://host/?q=1",
+        "https://host/?q=1",
         "not a url",
     ] {
         let err = BaseUrlLayer::new(bad).unwrap_err();
         assert_eq!(err.field(), "base_url", "{bad}");
     }
     let _ = (BaseUrlLayer::global(), BaseUrlLayer::china());
+}
+
+/// A request to another scheme, host or port than the base's is refused before it is sent,
+/// whatever it carries.
+#[tokio::test]
+async fn absolute_uris_to_another_origin_are_refused_before_sending() {
+    let global = "https://api-singapore.klingai.com";
+    for uri in [
+        "http://127.0.0.1:9/v1/x",
+        "https://cdn.example/a.mp4",
+        "http://api-singapore.klingai.com/v1/x",
+        "https://api-singapore.klingai.com:8443/v1/x",
+        "https://api-beijing.klingai.com/v1/x",
+    ] {
+        let error = sent(global, uri).await.unwrap_err();
+        let refused = error.downcast_ref::<OtherOrigin>().expect("OtherOrigin");
+        assert_eq!(refused.base(), "https://api-singapore.klingai.com:443");
+        assert_eq!(SendState::of(&*error), SendState::NotSent, "{uri}");
+    }
+    let error = sent("http://127.0.0.1:9", "http://127.0.0.1:10/x")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.downcast_ref::<OtherOrigin>().unwrap().origin(),
+        "http://127.0.0.1:10"
+    );
+}
+
+/// Plain http would carry the API key or token in cleartext: only to a loopback host (the
+/// mock, a local proxy), through the layer and through the stack's builder alike.
+#[test]
+fn plain_http_base_urls_are_refused_except_to_loopback() {
+    for base in [
+        "http://api-singapore.klingai.com",
+        "http://proxy.internal:8080/kling",
+        "http://192.168.1.10",
+    ] {
+        let refused = BaseUrlLayer::new(base).unwrap_err();
+        assert_eq!(refused.field(), "base_url", "{base}");
+        assert!(refused.to_string().contains("https://"), "{refused}");
+        let refused = KlingLayer::builder(
+            StackConfig::preset(Tier::Pro),
+            Credentials::api_key("k").unwrap(),
+        )
+        .base_url(base)
+        .build()
+        .unwrap_err();
+        assert_eq!(refused.field(), "base_url", "{base}");
+    }
+    for base in [
+        "http://127.0.0.1:9",
+        "http://[::1]:9",
+        "http://localhost:9/kling",
+        "https://proxy.internal:8080/kling",
+    ] {
+        assert!(BaseUrlLayer::new(base).is_ok(), "{base}");
+    }
+}
+
+/// Composed by hand (auth, classify, base URL), a request to another host is refused below the
+/// auth layer: the client never sees it nor the key.
+#[tokio::test]
+async fn a_hand_composed_stack_never_sends_credentials_to_another_host() {
+    let seen: Arc<Mutex<Vec<http::Request<Full<Bytes>>>>> = Arc::default();
+    let log = seen.clone();
+    let client = service_fn(move |req: http::Request<Full<Bytes>>| {
+        log.lock().unwrap().push(req);
+        async {
+            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                br#"{"code":0,"message":"SUCCEED","request_id":"r","data":null}"#,
+            ))))
+        }
+    });
+    let service = ServiceBuilder::new()
+        .layer(AuthLayer::new(Credentials::api_key("k1").unwrap()))
+        .layer(ClassifyLayer::new())
+        .layer(BaseUrlLayer::new("http://127.0.0.1:9").unwrap())
+        .service(client);
+    let error = service
+        .clone()
+        .oneshot(request("GET", "http://cdn.example/a.mp4", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(SendState::of(&*error), SendState::NotSent, "{error}");
+    assert!(error.to_string().contains("cdn.example"), "{error}");
+    assert!(seen.lock().unwrap().is_empty(), "never sent");
+    service
+        .oneshot(request("GET", "/tasks?task_ids=a", ""))
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen[0].uri(), "http://127.0.0.1:9/tasks?task_ids=a");
+    assert_eq!(seen[0].headers()[AUTHORIZATION], "Bearer k1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
