@@ -12,7 +12,7 @@
 //! use std::collections::BTreeMap;
 //! use kling_batch::summary::bound_secs;
 //!
-//! // 100 tasks of 90 s on 5 slots: 1800 s; 100 creates at 1 a second: 100 s.
+//! // 100 tasks of 90 s on 5 slots: 1800 s; 100 creates at 1 a second: 99 s.
 //! let task_seconds = BTreeMap::from([("video".to_owned(), 9000.0)]);
 //! let bound = bound_secs(&task_seconds, |_| 5, 100, Some(1.0));
 //! assert_eq!(bound, 1800.0);
@@ -27,7 +27,9 @@ use crate::journal::{JobRecord, JobState};
 use crate::progress::is_429;
 
 /// The lower bound on a run's makespan, in seconds: task-seconds of each pool over its slots,
-/// and the requests that must be sent over the allowed rate (per second; `None` = no cap).
+/// and the intervals between the requests that must be sent at the allowed rate (per second;
+/// `None` = no cap): the first goes at once, so `n` requests take `(n - 1) / rate`, and a run
+/// that sent one create and stopped has no rate bound (its efficiency is `None`, not above 1).
 pub fn bound_secs(
     task_seconds: &BTreeMap<String, f64>,
     slots_of: impl Fn(&str) -> u32,
@@ -39,7 +41,7 @@ pub fn bound_secs(
         .map(|(pool, secs)| secs / f64::from(slots_of(pool).max(1)))
         .fold(0.0, f64::max);
     let rate_bound = match rate_per_sec {
-        Some(rate) if rate > 0.0 => requests as f64 / rate,
+        Some(rate) if rate > 0.0 => requests.saturating_sub(1) as f64 / rate,
         _ => 0.0,
     };
     slots_bound.max(rate_bound)
@@ -357,13 +359,25 @@ mod tests {
             rate in 0.01f64..1e4,
         ) {
             let bound = bound_secs(&secs, |_| slots, requests, Some(rate));
-            prop_assert!(bound >= requests as f64 / rate - 1e-9);
+            prop_assert!(bound >= requests.saturating_sub(1) as f64 / rate - 1e-9);
             for s in secs.values() {
                 prop_assert!(bound >= s / f64::from(slots) - 1e-9);
             }
             let no_cap = bound_secs(&secs, |_| slots, requests, None);
             prop_assert!(no_cap <= bound);
         }
+    }
+
+    /// The first request goes at once: one create that was refused (a wrong key, say) sets no
+    /// bound, so the run's efficiency cannot pass 1.
+    #[test]
+    fn the_rate_bound_counts_the_intervals_between_requests() {
+        let none = BTreeMap::new();
+        assert_eq!(bound_secs(&none, |_| 1, 1, Some(0.5)), 0.0);
+        assert_eq!(bound_secs(&none, |_| 1, 3, Some(0.5)), 4.0);
+        let mut s = Summary::default();
+        s.set_timing(0.02, bound_secs(&none, |_| 1, 1, Some(0.5)), "observed");
+        assert_eq!(s.efficiency, None);
     }
 
     #[test]
