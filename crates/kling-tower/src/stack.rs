@@ -622,8 +622,10 @@ impl<S, B: StackBackends> Layer<S> for KlingLayer<B> {
 
 /// The recommended stack over a client `S`, from a [`KlingLayer`].
 ///
-/// Takes `http::Request<Full<Bytes>>` with a relative (`/v1/videos/text2video`) or absolute
-/// URI and answers `http::Response<Full<Bytes>>` with the [`Outcome`](kling_core::Outcome) in
+/// Takes `http::Request<Full<Bytes>>` with a relative (`/v1/videos/text2video`) URI, or an
+/// absolute one at the base URL's origin (any other is refused before sending with
+/// [`OtherOrigin`](crate::base_url::OtherOrigin): the stack's credentials go nowhere else), and
+/// answers `http::Response<Full<Bytes>>` with the [`Outcome`](kling_core::Outcome) in
 /// its extensions. Requests without an [`AccountId`] count under the stack's account. Errors
 /// are a [`BoxError`]: downcast to the layers' error types (`kling_retry::error::Failed`,
 /// [`BudgetExceeded`](crate::error::BudgetExceeded), [`Draining`](crate::error::Draining), …).

@@ -311,6 +311,44 @@ async fn errors_from_below_that_are_not_retryable_pass_through_unchanged() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
+/// A layer under the classify step that refuses the request (a base URL refusing another
+/// origin) is not retried: the classify step reports it as a transport error that never left,
+/// but the same request would only be refused again.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_under_the_classify_step_is_not_retried() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Debug)]
+    struct OtherHost;
+    impl std::fmt::Display for OtherHost {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("refused: another host")
+        }
+    }
+    impl std::error::Error for OtherHost {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&kling_core::error::RefusedBeforeSending)
+        }
+    }
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let below = tower::service_fn(move |_req: crate::support::Req| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async {
+            Err::<crate::support::Res, _>(kling_core::error::BoxError::from(
+                kling_core::error::Transport::new(OtherHost),
+            ))
+        }
+    });
+    let error = send(&layer().layer(below), get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap_err();
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "{error}");
+    assert!(error.is::<kling_core::error::Transport>(), "{error}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_final_error_reads_as_one_line_with_everything_support_needs() {
     let (server, _log) = kling(|_, i| Reply::Now(if i < 2 { code(5000) } else { code(1201) }));
