@@ -35,7 +35,11 @@ impl WallClock for SystemClock {
 
     /// Between steps of the system's clock, yes; and across one, the time that really passed
     /// (what tokio's monotonic clock counts) is what decides when a token signed before it
-    /// expires at the server, whose own clock did not step.
+    /// expires at the server, whose own clock did not step. Not across a suspend of the
+    /// machine: the monotonic clock stops while the server's time goes on, so after a resume a
+    /// cached token can look fresh when it has expired. The server then answers `1004`, and
+    /// the auth layer signs a new token and the request goes again (one refused request per
+    /// resume).
     fn passes_with_tokio(&self) -> bool {
         true
     }
