@@ -111,14 +111,37 @@ async fn each_preset_builds_the_stack_with_its_numbers() {
     }
 }
 
+/// The Pro mock of the forty-jobs test: tasks of 20–40 s, a JWT account.
+fn forty_jobs_mock() -> MockConfig {
+    MockConfig::preset(Preset::Pro)
+        .task_duration(Duration::from_secs(20), Duration::from_secs(40))
+        .access_key("ak", "sk")
+}
+
+/// The forty creates of the forty-jobs test, at once, through a bare client (a signed JWT and
+/// the classify step, no limit) on a mock of `config`: the mock's counts.
+async fn forty_bare_creates(config: MockConfig) -> kling_mock::Stats {
+    let mock = MockKling::new(config).unwrap();
+    let bare = kling_tower::AuthLayer::new(Credentials::access_key("ak", "sk").unwrap())
+        .layer(kling_core::ClassifyLayer::new().layer(mock.clone()));
+    let creates: Vec<_> = (0..40)
+        .map(|i| {
+            let body = format!(r#"{{"prompt":"job {i}"}}"#);
+            let create = bare
+                .clone()
+                .oneshot(request("POST", "/text-to-video/kling-3.0", &body));
+            tokio::spawn(create)
+        })
+        .collect();
+    for create in creates {
+        create.await.unwrap().expect("the mock answers");
+    }
+    mock.stats()
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_pro_stack_runs_forty_jobs_without_a_refusal() {
-    let mock = MockKling::new(
-        MockConfig::preset(Preset::Pro)
-            .task_duration(Duration::from_secs(20), Duration::from_secs(40))
-            .access_key("ak", "sk"),
-    )
-    .unwrap();
+    let mock = MockKling::new(forty_jobs_mock()).unwrap();
     let kling = KlingLayer::new(
         StackConfig::preset(Tier::Pro),
         Credentials::access_key("ak", "sk").unwrap(),
@@ -152,12 +175,25 @@ async fn the_pro_stack_runs_forty_jobs_without_a_refusal() {
     assert_eq!(stats.tasks_created, 40);
     assert_eq!(stats.responses_by_code.get("1302"), None, "{stats:?}");
     assert_eq!(stats.responses_by_code.get("1303"), None, "{stats:?}");
-    assert!(stats.max_concurrent.values().all(|&n| n <= 5), "{stats:?}");
+    // The account was used to the full (the mock refuses a sixth, so it never shows more).
     assert_eq!(stats.max_concurrent.get("video:kling-3.0"), Some(&5));
     // Every slot came back: the follower's queries went through the slots layer.
     assert_eq!(kling.snapshot().pool("video:kling-3.0").unwrap().in_use, 0);
     // The JWT was signed once and reused.
     assert_eq!(kling.auth().tokens_signed(), 1);
+
+    // Negative control: the same forty creates through a bare client on the same mock
+    // settings meet the rate (a burst of one: all but the first are 1302s) ...
+    let bare = forty_bare_creates(forty_jobs_mock()).await;
+    let code = |stats: &kling_mock::Stats, code: &str| {
+        stats.responses_by_code.get(code).copied().unwrap_or(0)
+    };
+    assert_eq!(code(&bare, "1302"), 39, "{bare:?}");
+    // ... and, with the rate check off (it answers before the slots are looked at), the five
+    // slots: all but five are 1303s.
+    let bare = forty_bare_creates(forty_jobs_mock().no_rate_limit()).await;
+    assert_eq!(code(&bare, "1303"), 35, "{bare:?}");
+    assert_eq!(bare.tasks_created, 5, "{bare:?}");
 }
 
 #[tokio::test(start_paused = true)]
