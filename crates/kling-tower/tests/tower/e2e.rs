@@ -79,14 +79,21 @@ impl Mock {
     }
 }
 
-fn pro_mock() -> Mock {
-    // Tasks of 6–9 s of API time (0.6–0.9 s here).
-    let config = MockConfig::preset(Preset::Pro)
+/// The mock on Pro: tasks of 6–9 s of API time (0.6–0.9 s here).
+fn pro_mock_config() -> MockConfig {
+    MockConfig::preset(Preset::Pro)
         .speed(SPEED)
         .task_duration(Duration::from_secs(6), Duration::from_secs(9))
-        .api_key(KEY);
-    Mock::start(config)
+        .api_key(KEY)
 }
+
+fn pro_mock() -> Mock {
+    Mock::start(pro_mock_config())
+}
+
+/// How long a run of the jobs may take before the test calls it hung: some 21 s on a quiet
+/// machine. A guard, not a speed target (those are benchmarks).
+const HANG_GUARD: Duration = Duration::from_secs(180);
 
 fn pro_stack(server: &Mock) -> KlingLayer {
     KlingLayer::builder(
@@ -176,7 +183,7 @@ fn assert_all_done_within_the_limits(stats: &Stats, statuses: &[TaskStatus]) {
     assert!(refused(stats, "1302") <= 1, "{stats:?}");
     assert_eq!(refused(stats, "1303"), 0, "{stats:?}");
     assert_eq!(stats.duplicate_external_ids, 0, "{stats:?}");
-    assert!(stats.max_concurrent.values().all(|&n| n <= 5), "{stats:?}");
+    // The account was used to the full (the mock refuses a sixth, so it never shows more).
     assert_eq!(
         stats.max_concurrent.get("video:kling-3.0"),
         Some(&5),
@@ -228,12 +235,38 @@ where
     }
 }
 
-fn assert_bare_client_is_refused(stats: &Stats) {
-    let refusals = refused(stats, "1302") + refused(stats, "1303");
+/// Runs the negative controls through the bare client `bare` (classify only): the same jobs on the same
+/// mock settings meet 1302s; on a copy of the mock without its rate check (which answers
+/// before the slots are looked at, so a burst on the real settings never reaches them) they
+/// meet 1303s.
+async fn assert_bare_client_is_refused<S>(bare: S)
+where
+    S: Service<
+            http::Request<Full<Bytes>>,
+            Response = http::Response<Full<Bytes>>,
+            Error = BoxError,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    let server = pro_mock();
+    bare_jobs(bare.clone(), &server.base_url).await;
+    let stats = server.stats();
     assert!(
-        refusals >= (JOBS / 2) as u64,
-        "only {refusals} refusals through the bare client: {stats:?}"
+        refused(&stats, "1302") >= (JOBS / 2) as u64,
+        "the bare client meets the rate: {stats:?}"
     );
+    server.shutdown();
+
+    let server = Mock::start(pro_mock_config().no_rate_limit());
+    bare_jobs(bare, &server.base_url).await;
+    let stats = server.stats();
+    assert!(
+        refused(&stats, "1303") >= (JOBS / 2) as u64,
+        "the bare client meets the slots: {stats:?}"
+    );
+    server.shutdown();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,19 +276,15 @@ async fn a_hundred_jobs_through_the_pro_preset_on_hyper_stay_within_the_limits()
     let kling = pro_stack(&server);
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     warm_up(client.clone(), &server).await;
-    let started = std::time::Instant::now();
-    let statuses = run_jobs(&kling, kling.layer(client.clone())).await;
-    let took = started.elapsed();
+    let statuses = tokio::time::timeout(HANG_GUARD, run_jobs(&kling, kling.layer(client.clone())))
+        .await
+        .expect("the jobs do not hang");
     assert_all_done_within_the_limits(&server.stats(), &statuses);
-    assert!(took < Duration::from_secs(40), "{took:?}");
     assert_eq!(kling.snapshot().pool("video:kling-3.0").unwrap().in_use, 0);
     server.shutdown();
 
     // Negative control: the same jobs, same mock settings, bare client.
-    let server = pro_mock();
-    bare_jobs(ClassifyLayer::new().layer(client), &server.base_url).await;
-    assert_bare_client_is_refused(&server.stats());
-    server.shutdown();
+    assert_bare_client_is_refused(ClassifyLayer::new().layer(client)).await;
 }
 
 #[cfg(feature = "reqwest")]
@@ -268,15 +297,11 @@ async fn a_hundred_jobs_through_the_pro_preset_on_reqwest_stay_within_the_limits
     let kling = pro_stack(&server);
     let client = ReqwestService::new_client().unwrap();
     warm_up(client.clone(), &server).await;
-    let started = std::time::Instant::now();
-    let statuses = run_jobs(&kling, kling.layer(client.clone())).await;
-    let took = started.elapsed();
+    let statuses = tokio::time::timeout(HANG_GUARD, run_jobs(&kling, kling.layer(client.clone())))
+        .await
+        .expect("the jobs do not hang");
     assert_all_done_within_the_limits(&server.stats(), &statuses);
-    assert!(took < Duration::from_secs(40), "{took:?}");
     server.shutdown();
 
-    let server = pro_mock();
-    bare_jobs(ClassifyLayer::new().layer(client), &server.base_url).await;
-    assert_bare_client_is_refused(&server.stats());
-    server.shutdown();
+    assert_bare_client_is_refused(ClassifyLayer::new().layer(client)).await;
 }
