@@ -128,7 +128,10 @@ async fn two_stacks_sharing_one_redis_never_exceed_the_pro_capacity() {
         stacks.push(builder(&mock).shared(conn).build().unwrap());
     }
     let started = std::time::Instant::now();
-    let results = run_jobs(&stacks).await;
+    // About 8 s on a quiet machine: the timeout says "did not hang", not how fast.
+    let results = tokio::time::timeout(Duration::from_secs(120), run_jobs(&stacks))
+        .await
+        .expect("the jobs do not hang");
     let took = started.elapsed();
     let stats = mock.stats();
     #[allow(clippy::print_stderr)]
@@ -149,10 +152,9 @@ async fn two_stacks_sharing_one_redis_never_exceed_the_pro_capacity() {
     assert_eq!(stats.tasks_created, 2 * JOBS_EACH as u64, "{stats:?}");
     assert_eq!(code(&stats, "1303"), 0, "{stats:?}");
     assert_eq!(stats.duplicate_external_ids, 0, "{stats:?}");
-    assert!(video_peak(&stats) <= 5, "{stats:?}");
-    // The account was used: both stacks together kept its 5 slots busy.
+    // The account was used: both stacks together kept its 5 slots busy (the mock refuses a
+    // sixth task, so the peak never shows more: the zero 1303 above is the limit's check).
     assert_eq!(video_peak(&stats), 5, "{stats:?}");
-    assert!(took < Duration::from_secs(20), "{took:?}");
     // Every slot was given back, in Redis, for the account of both stacks.
     let slots = stacks[1].slots().snapshot().await.unwrap();
     let video = slots
@@ -304,18 +306,24 @@ async fn the_request_rate_is_shared_by_the_stacks() {
         shared.push(kling);
     }
     let mock_one = mock();
-    let took = alternate([shared[0].layer(mock_one.clone()), shared[1].layer(mock_one)]).await;
+    let shared_took =
+        alternate([shared[0].layer(mock_one.clone()), shared[1].layer(mock_one)]).await;
     // One account-wide pace: 0, 105, 210 ms.
-    assert!(took >= Duration::from_millis(200), "{took:?}");
+    assert!(shared_took >= Duration::from_millis(200), "{shared_took:?}");
 
-    // The control: in-process limits pace each stack alone: 0, 0, 105 ms.
+    // The control: in-process limits pace each stack alone: 0, 0, 105 ms. Judged against the
+    // shared run rather than a fixed bound, so a slow machine slows both: one interval less,
+    // with half an interval of margin.
     let local = [
         KlingLayer::new(pro(), credentials()).unwrap(),
         KlingLayer::new(pro(), credentials()).unwrap(),
     ];
     let mock_two = mock();
-    let took = alternate([local[0].layer(mock_two.clone()), local[1].layer(mock_two)]).await;
-    assert!(took < Duration::from_millis(200), "{took:?}");
+    let local_took = alternate([local[0].layer(mock_two.clone()), local[1].layer(mock_two)]).await;
+    assert!(
+        local_took + Duration::from_millis(50) < shared_took,
+        "in process {local_took:?}, shared {shared_took:?}"
+    );
 }
 
 /// Warnings a monitor fired, by resource.
@@ -470,10 +478,16 @@ async fn the_fleets_requests_count_against_the_quota_in_every_process() {
         let service = kling.layer(mock);
         for _ in 0..20 {
             // A task the mock does not know: answered 1203, not retried.
-            let _ = service
+            let err = service
                 .clone()
                 .oneshot(request("GET", "/v1/videos/text2video/missing", ""))
-                .await;
+                .await
+                .expect_err("a missing task is an error");
+            let failed = err
+                .downcast_ref::<kling_tower::retry::error::Failed>()
+                .unwrap_or_else(|| panic!("the retry layer's error: {err}"));
+            assert_eq!(failed.code(), Some(kling_core::Code::NotFound), "{failed}");
+            assert_eq!(failed.attempts(), 1, "{failed}");
         }
     }
 
