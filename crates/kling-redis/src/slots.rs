@@ -926,7 +926,9 @@ impl Inner {
         }
     }
 
-    /// Marks a fresh store alive once per backend, without a grace (nothing was lost yet).
+    /// Marks the store alive once per backend. A store with no generation starts one with a
+    /// grace, as after a loss: an empty store looks the same whether it is new or lost its
+    /// state, and creates admitted before the fleet registers its slots again meet 1303s.
     async fn init(&self) -> Result<(), StoreError> {
         self.init
             .get_or_try_init(|| async {

@@ -14,7 +14,7 @@
 //! | `P:pools` | set | every pool key |
 //! | `P:cap` | hash | capacity set at run time: `ACCOUNT|POOL` or `*|POOL` → slots |
 //! | `P:halt:ACCOUNT` | string | the 1102 that halted the account (`status \n envelope`) |
-//! | `P:alive` | string | present while Redis keeps its state; value: the generation, which is the end of the re-registration grace (µs), or minus the first start |
+//! | `P:alive` | string | present while Redis keeps its state; value: the generation, which is the end of the re-registration grace (µs) that started it |
 //! | channel `P:freed` | pub/sub | a pool key (or `*`) whenever slots may have freed |
 //!
 //! Times are integer microseconds of fleet time (see [`Connection`](crate::Connection)),
@@ -34,10 +34,9 @@ local function int(x) return string.format('%.0f', x) end
 local grace_until = 0
 do
   local g = redis.call('GET', P .. ':alive')
-  if not g and ARGV[4] == 'init' then
-    grace_until = -now
-    redis.call('SET', P .. ':alive', int(grace_until))
-  elseif not g then
+  -- A missing generation always starts a grace, a process's first script (`init`) included:
+  -- an empty store looks the same whether it is new or lost its state.
+  if not g then
     grace_until = now + tonumber(ARGV[3])
     redis.call('SET', P .. ':alive', int(grace_until))
   else

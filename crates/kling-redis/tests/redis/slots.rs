@@ -319,6 +319,8 @@ async fn a_process_far_from_redis_still_gets_its_turn_at_the_slots() {
             RedisSlots::new(conn, SlotsConfig::new(1))
                 .unwrap()
                 .poll_every(Duration::from_secs(30))
+                // A fresh store starts with a grace: keep it out of the 3 s measured.
+                .grace(Duration::from_millis(10))
                 .arrival_order(arrival_order)
         },
         grants_taken,
@@ -1061,7 +1063,11 @@ async fn with_no_queue_an_expired_lease_and_a_hidden_slot_come_back() {
             .recovery_interval(Duration::from_millis(300)),
     )
     .unwrap()
-    .poll_every(Duration::from_secs(30));
+    .poll_every(Duration::from_secs(30))
+    .grace(Duration::from_millis(100));
+    // A fresh store starts with a grace, in which a create that may not wait is refused.
+    none.maintain().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
     let held = none.acquire(video(), 1).await.unwrap();
     none.apply(hold(held, "t1", Duration::from_millis(300)))
         .await
@@ -1305,4 +1311,25 @@ async fn a_lazy_process_that_cannot_measure_the_offset_follows_when_unreachable(
     assert_eq!(fallback.held_here(), 1);
     assert!(fallback.pending() >= 1, "kept for replay");
     assert!(!fallback.connection().is_calibrated());
+}
+
+/// A process whose first script (`init`) reaches a restarted, empty Redis first starts the
+/// new generation with a grace too: its creates wait while the fleet registers its slots
+/// again, instead of being granted on the empty pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_start_on_an_empty_store_waits_through_the_grace() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 1)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(r, "t1", LONG)).await.unwrap();
+    server.restart().unwrap();
+    let two = backend(&server, 1).await.grace(Duration::from_secs(2));
+    two.maintain().await.unwrap();
+    let create = tokio::time::timeout(Duration::from_millis(500), two.acquire(video(), 1)).await;
+    assert!(
+        create.is_err(),
+        "granted before the fleet registered: {create:?}"
+    );
 }
