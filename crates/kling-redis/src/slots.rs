@@ -1501,6 +1501,15 @@ impl SlotBackend for RedisSlots {
                         if let Some(generation) = lost {
                             inner.saw_generation(int(generation));
                         }
+                        // Redis answered with no halt set: one this process learnt earlier
+                        // was reset (perhaps by another process), and must not refuse creates
+                        // later while Redis is away.
+                        if verdict != 3 {
+                            let mut halts = lock(&inner.halts);
+                            if !halts.is_empty() {
+                                halts.remove(&key.account);
+                            }
+                        }
                         let verdict = match verdict {
                             0 => Verdict::Granted,
                             1 | 2 => Verdict::Wait(items.get(1).map(int).filter(|&t| t >= 0)),

@@ -1333,3 +1333,30 @@ async fn a_first_start_on_an_empty_store_waits_through_the_grace() {
         "granted before the fleet registered: {create:?}"
     );
 }
+
+/// A halt this process learnt from Redis ends with the reset another process made: the next
+/// time Redis is away, its creates wait (`WhenUnreachable::Wait`) instead of failing with the
+/// old 1102.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_reset_elsewhere_is_not_remembered_while_redis_is_away() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 5).await;
+    let two = backend(&server, 5).await;
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(SlotOp::Halt {
+        reservation: r,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    let halted = two.acquire(video(), 1).await;
+    assert!(matches!(halted, Err(AcquireError::Halted(_))), "{halted:?}");
+    one.apply(SlotOp::ResetHalt(AccountId::new("acct")))
+        .await
+        .unwrap();
+    let granted = two.acquire(video(), 1).await.unwrap();
+    two.apply(SlotOp::GiveBack(granted)).await.unwrap();
+    server.stop();
+    let create = tokio::time::timeout(Duration::from_millis(300), two.acquire(video(), 1)).await;
+    assert!(create.is_err(), "not waiting: {create:?}");
+}
