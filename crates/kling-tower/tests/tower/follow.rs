@@ -205,6 +205,7 @@ async fn many_new_style_tasks_are_followed_with_batch_queries() {
     let results = follower(service, FollowPolicy::new().batch_size(3))
         .follow_many(tasks.clone())
         .await;
+    assert_eq!(results.len(), tasks.len(), "one result per task");
     for (task, result) in tasks.iter().zip(&results) {
         let report = result.as_ref().unwrap();
         assert_eq!(report.id, task.id());
@@ -417,21 +418,59 @@ async fn through_the_stack_queries_the_retry_layer_gave_up_on_back_off_until_the
     let mock = MockKling::new(
         MockConfig::preset(Preset::Pro)
             .api_key("key")
-            .fault_rate(1.0),
+            .fault_rate(1.0)
+            .seed(7),
     )
     .unwrap();
-    let kling = KlingLayer::new(
+    let kling = KlingLayer::builder(
         StackConfig::preset(Tier::Pro),
         Credentials::api_key("key").unwrap(),
     )
+    .seed(7)
+    .build()
     .unwrap();
-    let service = kling.layer(mock.clone());
-    let policy = kling.follow_policy().deadline(Duration::from_secs(600));
-    let follower = kling.follower(service, policy).unwrap();
+    // When each of the follower's queries entered the stack and when its answer (here, the
+    // retry layer's giving up) came back; the retry layer's own attempts are below, not here.
+    let start = Instant::now();
+    let queries: Arc<Mutex<Vec<(Duration, Duration)>>> = Arc::default();
+    let log = queries.clone();
+    let stack = kling.layer(mock.clone());
+    let service = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let (stack, log) = (stack.clone(), log.clone());
+        async move {
+            let began = start.elapsed();
+            let answer = stack.oneshot(req).await;
+            log.lock().unwrap().push((began, start.elapsed()));
+            answer
+        }
+    });
+    let deadline = Duration::from_secs(600);
+    let policy = kling.follow_policy().deadline(deadline);
+    let follower = kling.follower(service, policy.clone()).unwrap();
     let err = follower
         .follow(TaskRef::legacy("/v1/videos/text2video", "t-1"))
         .await
         .unwrap_err();
     assert!(matches!(err, FollowError::DeadlineExceeded { .. }), "{err}");
-    assert!(mock.stats().requests_total > 3, "it kept querying");
+    let queries = queries.lock().unwrap();
+    // Enough queries for the backoff to reach its 60 s cap (the 7th wait).
+    assert!(queries.len() > 8, "it kept querying: {queries:?}");
+    assert!(
+        mock.stats().requests_total > queries.len() as u64,
+        "the retry layer retried each query"
+    );
+    // Between one query's end and the next, the follower waited its error backoff: 1 s, 2 s,
+    // 4 s ... up to 60 s (time is paused: exact).
+    for (n, pair) in queries.windows(2).enumerate() {
+        let waited = pair[1].0 - pair[0].1;
+        assert_eq!(waited, policy.backoff(n as u32 + 1), "{queries:?}");
+    }
+    assert_eq!(policy.backoff(7), Duration::from_secs(60));
+    assert_eq!(policy.backoff(8), Duration::from_secs(60));
+    // It gave up at the deadline, not before: the last query began before it, and following
+    // ended when that query ended or at the deadline, whichever is later (a query in flight at
+    // the deadline is let finish). With these seeds the last query ends at 567 s: exactly 600 s.
+    let (last_began, last_ended) = *queries.last().unwrap();
+    assert!(last_began < deadline, "{queries:?}");
+    assert_eq!(start.elapsed(), last_ended.max(deadline), "{queries:?}");
 }
