@@ -391,8 +391,18 @@ async fn through_the_stack_a_4xx_that_made_nothing_gives_back_the_slot_and_the_c
         // A page comes back as it is (the retry layer does not retry it); the undocumented
         // code as a `Failed`: either way, the error says nothing was made.
         assert!(!kling_core::error::may_have_created(&*err), "{err}");
-        if let Some(failed) = err.downcast_ref::<Failed>() {
+        if first.0 == 400 {
+            let failed = err
+                .downcast_ref::<Failed>()
+                .unwrap_or_else(|| panic!("the retry layer's error: {err}"));
             assert!(!failed.may_have_created(), "{err}");
+            assert_eq!(failed.code().map(Code::as_i64), Some(1299), "{err}");
+        } else {
+            assert!(
+                err.is::<kling_core::error::MalformedResponse>(),
+                "{}: the page as the classify step read it: {err:?}",
+                first.0
+            );
         }
         let slots = kling.slots().snapshot().await.unwrap();
         assert!(
