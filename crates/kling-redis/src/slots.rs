@@ -242,6 +242,9 @@ struct Inner {
     pools: Mutex<HashMap<String, Arc<PoolLocal>>>,
     registry: Mutex<Registry>,
     halts: Mutex<HashMap<AccountId, ApiError>>,
+    /// The capacities set at run time (`PREFIX:cap`, field → slots) as this process last read
+    /// or set them: what it checks a create against and shares out while Redis is away.
+    caps: Mutex<HashMap<String, u32>>,
     pending: Mutex<VecDeque<Pending>>,
     out: AtomicBool,
     started: AtomicBool,
@@ -344,6 +347,7 @@ impl RedisSlots {
                 pools: Mutex::new(HashMap::new()),
                 registry: Mutex::new(Registry::default()),
                 halts: Mutex::new(HashMap::new()),
+                caps: Mutex::new(HashMap::new()),
                 pending: Mutex::new(VecDeque::new()),
                 out: AtomicBool::new(false),
                 started: AtomicBool::new(false),
@@ -479,7 +483,7 @@ impl Inner {
             notify: Notify::new(),
             waiters: AtomicUsize::new(0),
             blocked: AtomicBool::new(false),
-            gauges: PoolGauges::new(key, self.config.capacity_of(&key.account, &key.pool)),
+            gauges: PoolGauges::new(key, self.capacity_of(key)),
         });
         pools.insert(pk.to_owned(), Arc::clone(&pool));
         pool
@@ -506,6 +510,30 @@ impl Inner {
             fields.push(format!("*|{}", key.pool.product().as_str()));
         }
         fields
+    }
+
+    /// `key`'s pool's capacity: the run-time one this process last read or set, else the
+    /// configured one.
+    fn capacity_of(&self, key: &SlotKey) -> u32 {
+        let caps = lock(&self.caps);
+        if !caps.is_empty() {
+            for field in Inner::cap_fields(key) {
+                if let Some(&capacity) = caps.get(&field) {
+                    return capacity;
+                }
+            }
+        }
+        drop(caps);
+        self.config.capacity_of(&key.account, &key.pool)
+    }
+
+    /// Replaces the record of run-time capacities with `PREFIX:cap` as read (flat field/value).
+    fn saw_caps(&self, flat: &[Value]) {
+        let caps = flat
+            .chunks_exact(2)
+            .map(|pair| (text(&pair[0]), u32::try_from(int(&pair[1])).unwrap_or(0)))
+            .collect();
+        *lock(&self.caps) = caps;
     }
 
     fn halt_key(&self, account: &AccountId) -> String {
@@ -791,6 +819,7 @@ impl Inner {
                     Some(account) => format!("{}|{pool}", segment(account.as_str())),
                     None => format!("*|{pool}"),
                 };
+                lock(&self.caps).insert(field.clone(), capacity);
                 args.extend(["cap".to_owned(), field, capacity.to_string()]);
                 wake = Some("*".to_owned());
             }
@@ -1075,6 +1104,9 @@ impl Inner {
                 "expected the pools' capacities, got {items:?}"
             )));
         };
+        if let Some(Value::Array(flat)) = items.get(3) {
+            self.saw_caps(flat);
+        }
         for ((_, pool), capacity) in pools.iter().zip(caps) {
             pool.gauges
                 .show_capacity(u32::try_from(int(capacity)).unwrap_or(0));
@@ -1091,7 +1123,7 @@ impl Inner {
         weight: u32,
         processes: u32,
     ) -> bool {
-        let capacity = self.config.capacity_of(&key.account, &key.pool);
+        let capacity = self.capacity_of(key);
         let share = capacity / processes.max(1);
         let mut registry = lock(&self.registry);
         let used: u32 = registry
@@ -1423,14 +1455,9 @@ impl SlotBackend for RedisSlots {
                 armed: false,
                 queued: false,
             };
+            // No check against the capacity here: the script checks it against the run-time
+            // one in Redis (set by any process), and answers `{4, capacity}`.
             let configured = inner.config.capacity_of(&key.account, &key.pool);
-            if configured > 0 && weight > configured {
-                return Err(AcquireError::OverCapacity(OverCapacity::new(
-                    key.pool.clone(),
-                    weight,
-                    configured,
-                )));
-            }
             let halt_key = inner.halt_key(&key.account);
             let place_ttl = micros(
                 inner
@@ -1531,6 +1558,15 @@ impl SlotBackend for RedisSlots {
                             return Err(AcquireError::Halted(Halted::new(
                                 key.account.clone(),
                                 cause,
+                            )));
+                        }
+                        // The capacity as this process last read or set it.
+                        let capacity = inner.capacity_of(&key);
+                        if capacity > 0 && weight > capacity {
+                            return Err(AcquireError::OverCapacity(OverCapacity::new(
+                                key.pool.clone(),
+                                weight,
+                                capacity,
                             )));
                         }
                         match inner.when_unreachable {
@@ -1679,6 +1715,7 @@ impl SlotBackend for RedisSlots {
             released_by(items.get(3), now_us);
             let mut caps = HashMap::new();
             if let Some(Value::Array(flat)) = items.get(1) {
+                inner.saw_caps(flat);
                 for pair in flat.chunks_exact(2) {
                     caps.insert(text(&pair[0]), u32::try_from(int(&pair[1])).unwrap_or(0));
                 }

@@ -210,7 +210,7 @@ return {1, nxt, lost, released}
 
 /// Every change. `ARGV[4]` is the operation; see each branch. Returns {lost, changed, released
 /// as flat septuples (account, pool, task, weight, since, reason, holding)} or, for `ex`,
-/// {lost, 0, flags}, for `caps` {lost, 0, capacities}.
+/// {lost, 0, flags}, for `caps` {lost, 0, capacities, `P:cap` (flat field/value)}.
 const APPLY_BODY: &str = r"
 local op = ARGV[4]
 local changed = 0
@@ -353,7 +353,7 @@ elseif op == 'caps' then
     table.insert(caps, cap - hidden)
     i = i + 3 + fields
   end
-  return {lost, 0, caps}
+  return {lost, 0, caps, redis.call('HGETALL', P .. ':cap')}
 elseif op == 'ex' then
   local flags = {}
   local i = 5

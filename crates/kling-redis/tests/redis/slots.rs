@@ -1360,3 +1360,45 @@ async fn a_halt_reset_elsewhere_is_not_remembered_while_redis_is_away() {
     let create = tokio::time::timeout(Duration::from_millis(300), two.acquire(video(), 1)).await;
     assert!(create.is_err(), "not waiting: {create:?}");
 }
+
+/// A capacity set at run time counts in every process: a create that needs more than the
+/// configured capacity but fits the new one is admitted, and while Redis is away each process
+/// shares out the capacity it last read from Redis, not the configured one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacities_set_at_run_time_count_in_every_process_and_in_fallback_shares() {
+    let Some(mut server) = redis() else { return };
+    let image = SlotKey::new(AccountId::new("acct"), Pool::new(Product::Image));
+    let one = backend(&server, 4).await;
+    one.apply(SlotOp::SetCapacity {
+        account: None,
+        pool: Pool::new(Product::Image),
+        capacity: 9,
+    })
+    .await
+    .unwrap();
+    let six = tokio::time::timeout(Duration::from_secs(2), one.acquire(image.clone(), 6))
+        .await
+        .expect("answered");
+    assert!(six.is_ok(), "{six:?}");
+    // Another process lowers video to 1; this one reads it at its next maintenance pass.
+    let fallback = backend(&server, 4)
+        .await
+        .maintain_every(Duration::from_secs(60))
+        .when_unreachable(kling_redis::WhenUnreachable::fallback(1));
+    let first = fallback.acquire(video(), 1).await.unwrap();
+    fallback.apply(SlotOp::GiveBack(first)).await.unwrap();
+    one.apply(SlotOp::SetCapacity {
+        account: None,
+        pool: Pool::new(Product::Video),
+        capacity: 1,
+    })
+    .await
+    .unwrap();
+    fallback.maintain().await.unwrap();
+    server.stop();
+    let granted = fallback.acquire(video(), 1).await;
+    assert!(granted.is_ok(), "{granted:?}");
+    let second =
+        tokio::time::timeout(Duration::from_millis(300), fallback.acquire(video(), 1)).await;
+    assert!(second.is_err(), "a share of the configured 4: {second:?}");
+}
