@@ -1,10 +1,15 @@
 //! `kling-batch demo --json` on its default settings (Pro, 100 jobs, 60×): the README's first
-//! command. It takes about 30 s of real time: the demo's own length.
+//! command. It takes about 30 s of real time: the demo's own length. How near the bound it
+//! finishes is a speed target, shown in paused time by kling-bench's goodput, not here.
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use kling_mock::{MockConfig, MockServer, Preset};
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_default_demo_completes_every_job_near_the_bound_without_a_slot_refusal() {
+async fn the_default_demo_completes_every_job_without_a_slot_refusal() {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_kling-batch"));
     cmd.args(["demo", "--json"]).kill_on_drop(true);
     let output = tokio::time::timeout(Duration::from_secs(90), cmd.output())
@@ -43,9 +48,32 @@ async fn the_default_demo_completes_every_job_near_the_bound_without_a_slot_refu
     );
     assert_eq!(s["retries"].as_u64(), Some(rate_refusals), "{s}");
     assert_eq!(s["bound_basis"], "mock");
-    let efficiency = s["efficiency"].as_f64().unwrap();
-    assert!(efficiency >= 0.9, "efficiency {efficiency}: {s}");
-    assert!(s["makespan_secs"].as_f64().unwrap() < 60.0);
+
+    // Negative control: the demo's 100 creates at once from a bare client, on the demo's mock
+    // settings (Pro at 60×) without the rate check, which answers before the slots are looked
+    // at and would turn all but one into 1302s: the five slots refuse the rest with 1303.
+    let server = MockServer::start(MockConfig::preset(Preset::Pro).speed(60.0).no_rate_limit())
+        .await
+        .unwrap();
+    let client = crate::support::bare_client();
+    let creates: Vec<_> = (0..100)
+        .map(|i| {
+            let request =
+                http::Request::post(format!("{}/v1/videos/text2video", server.base_url()))
+                    .header("authorization", "Bearer kling-batch-demo")
+                    .body(Full::new(Bytes::from(format!(
+                        r#"{{"prompt":"shot {i}"}}"#
+                    ))))
+                    .unwrap();
+            client.request(request)
+        })
+        .collect();
+    for create in creates {
+        create.await.unwrap();
+    }
+    let stats = server.stats();
+    let slot_refusals = stats.responses_by_code.get("1303").copied().unwrap_or(0);
+    assert!(slot_refusals >= 50, "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
