@@ -101,7 +101,7 @@ pub use gcra::{
     RedisGcra, USAGE_BUCKETS,
 };
 pub use slots::{
-    DEFAULT_GRACE, DEFAULT_MAINTAIN_EVERY, DEFAULT_PLACE_TTL_POLLS, DEFAULT_POLL_EVERY, RedisSlots,
-    SlotsFuture,
+    DEFAULT_GRACE, DEFAULT_MAINTAIN_EVERY, DEFAULT_PLACE_TTL_POLLS, DEFAULT_POLL_EVERY,
+    MAX_PENDING_REPORTS, RedisSlots, SlotsFuture,
 };
 pub use unreachable::{DEFAULT_RETRY_EVERY, WhenUnreachable};

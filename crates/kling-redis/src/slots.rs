@@ -38,6 +38,13 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(3);
 /// How long a waiting create's place in the fleet's queue outlives its process's last ask, by
 /// default, as a multiple of [`poll_every`](RedisSlots::poll_every).
 pub const DEFAULT_PLACE_TTL_POLLS: u32 = 3;
+/// How many task reports (one per task: a later report of a task replaces its earlier
+/// renewal) a process keeps for replay while Redis is away. Past it, the oldest renewal is
+/// dropped (the task's next query renews its lease again), then, with no renewal left, the
+/// oldest report of an end (that task's slots stay held until its lease runs out). Other
+/// changes (grants given back, tasks held, halts, capacities) are never dropped: they follow
+/// this process's own creates.
+pub const MAX_PENDING_REPORTS: usize = 4096;
 
 /// The task slots' state in Redis, shared by every process of a fleet: implements
 /// [`kling_concurrency::backend::SlotBackend`] for
@@ -246,6 +253,8 @@ struct Inner {
     /// or set them: what it checks a create against and shares out while Redis is away.
     caps: Mutex<HashMap<String, u32>>,
     pending: Mutex<VecDeque<Pending>>,
+    /// Whether reports were dropped from the replay queue since it was last empty (warned once).
+    overflowed: AtomicBool,
     out: AtomicBool,
     started: AtomicBool,
     init: tokio::sync::OnceCell<()>,
@@ -349,6 +358,7 @@ impl RedisSlots {
                 halts: Mutex::new(HashMap::new()),
                 caps: Mutex::new(HashMap::new()),
                 pending: Mutex::new(VecDeque::new()),
+                overflowed: AtomicBool::new(false),
                 out: AtomicBool::new(false),
                 started: AtomicBool::new(false),
                 init: tokio::sync::OnceCell::new(),
@@ -941,7 +951,7 @@ impl Inner {
                 {
                     lock(&self.registry).insert(h, held);
                 }
-                lock(&self.pending).push_back(Pending::Args(args));
+                self.queue(args);
                 for r in &local.released {
                     let pk = self.pk(&r.key);
                     self.wake(&pk);
@@ -953,6 +963,61 @@ impl Inner {
             }
             Err(e) => Err(e.into_slots()),
         }
+    }
+
+    /// Keeps `args` for replay, in order. Task reports (`upd`) are kept once per task: a report
+    /// replaces the earlier renewals of the same tasks (replayed later, it renews the lease
+    /// from then, or ends the task); at most [`MAX_PENDING_REPORTS`] are kept.
+    fn queue(&self, args: Vec<String>) {
+        let mut pending = lock(&self.pending);
+        if args[3] == "upd" {
+            let account = &args[5];
+            let new: Vec<&[String]> = args[UPD_REPORTS..].chunks_exact(4).collect();
+            let mut emptied = false;
+            for entry in pending.iter_mut() {
+                if let Pending::Args(old) = entry
+                    && old[3] == "upd"
+                    && old[5] == *account
+                {
+                    let before = old.len();
+                    retain_reports(old, |q| {
+                        !(q[3] == "0" && new.iter().any(|n| n[0] == q[0] && n[1] == q[1]))
+                    });
+                    emptied |= before > UPD_REPORTS && old.len() == UPD_REPORTS;
+                }
+            }
+            let mut reports = new.len()
+                + pending
+                    .iter()
+                    .map(|entry| match entry {
+                        Pending::Args(old) if old[3] == "upd" => (old.len() - UPD_REPORTS) / 4,
+                        _ => 0,
+                    })
+                    .sum::<usize>();
+            let mut dropped = 0;
+            while reports > MAX_PENDING_REPORTS {
+                // The oldest renewal, else the oldest end.
+                if !drop_oldest_report(&mut pending, "0") && !drop_oldest_report(&mut pending, "1")
+                {
+                    break;
+                }
+                emptied = true;
+                reports -= 1;
+                dropped += 1;
+            }
+            if emptied {
+                pending.retain(|entry| {
+                    !matches!(entry, Pending::Args(old) if old[3] == "upd" && old.len() <= UPD_REPORTS)
+                });
+            }
+            if dropped > 0 && !self.overflowed.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    max = MAX_PENDING_REPORTS,
+                    "redis away: dropping the oldest task reports kept for replay"
+                );
+            }
+        }
+        pending.push_back(Pending::Args(args));
     }
 
     /// Marks the store alive once per backend. A store with no generation starts one with a
@@ -1016,6 +1081,7 @@ impl Inner {
                 tracing::warn!(error = %e, "dropping a task slot change redis refused");
             }
         }
+        self.overflowed.store(false, Ordering::Relaxed);
         // 2. Did Redis keep its state? (Every script checks; this one runs while idle too.)
         let [p, now, grace] = self.unstamped_head();
         let mut args = vec![p, now, grace, "alive".to_owned()];
@@ -1152,6 +1218,38 @@ impl Inner {
         lock(&self.pending).push_back(Pending::Register(holding.to_owned()));
         true
     }
+}
+
+/// Where an `upd`'s reports start in its arguments (then quads: id, ext, status, terminal).
+const UPD_REPORTS: usize = 6;
+
+/// Keeps the reports of the `upd` arguments `args` for which `keep` is true.
+fn retain_reports(args: &mut Vec<String>, mut keep: impl FnMut(&[String]) -> bool) {
+    let reports = args.split_off(UPD_REPORTS);
+    for quad in reports.chunks_exact(4) {
+        if keep(quad) {
+            args.extend_from_slice(quad);
+        }
+    }
+}
+
+/// Drops the oldest kept report whose terminal flag is `terminal`; false if none is kept.
+fn drop_oldest_report(pending: &mut VecDeque<Pending>, terminal: &str) -> bool {
+    for entry in pending.iter_mut() {
+        let Pending::Args(old) = entry else { continue };
+        if old[3] != "upd" {
+            continue;
+        }
+        let at = old[UPD_REPORTS..]
+            .chunks_exact(4)
+            .position(|q| q[3] == terminal);
+        if let Some(at) = at {
+            let start = UPD_REPORTS + at * 4;
+            old.drain(start..start + 4);
+            return true;
+        }
+    }
+    false
 }
 
 struct Prepared {

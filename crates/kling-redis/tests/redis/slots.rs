@@ -1402,3 +1402,53 @@ async fn capacities_set_at_run_time_count_in_every_process_and_in_fallback_share
         tokio::time::timeout(Duration::from_millis(300), fallback.acquire(video(), 1)).await;
     assert!(second.is_err(), "a share of the configured 4: {second:?}");
 }
+
+fn running(id: &str) -> SlotOp {
+    SlotOp::Update {
+        account: video().account,
+        updates: vec![TaskUpdate {
+            id: id.to_owned(),
+            external_id: None,
+            status: Some(TaskStatus::Processing),
+        }],
+        lease: Duration::from_secs(60),
+    }
+}
+
+/// While Redis is away, the replay queue keeps one report per task (a poll answer that renews
+/// a lease replaces the earlier one) and at most `MAX_PENDING_REPORTS` reports; what it keeps
+/// is replayed when Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_is_away_the_replay_queue_keeps_one_report_per_task_and_is_bounded() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 5)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    for i in 0..5 {
+        let r = one.acquire(video(), 1).await.unwrap();
+        one.apply(hold(r, &format!("t{i}"), LONG)).await.unwrap();
+    }
+    server.stop();
+    for n in 0..10_000 {
+        one.apply(running(&format!("t{}", n % 5))).await.unwrap();
+    }
+    assert!(one.pending() <= 6, "{} changes kept", one.pending());
+    one.apply(ended("t0", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert!(one.pending() <= 6, "{} changes kept", one.pending());
+    for n in 0..kling_redis::MAX_PENDING_REPORTS + 100 {
+        one.apply(running(&format!("other-{n}"))).await.unwrap();
+    }
+    assert!(
+        one.pending() <= kling_redis::MAX_PENDING_REPORTS,
+        "{} changes kept",
+        one.pending()
+    );
+    server.restart().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while one.maintain().await.is_err() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(one.pending(), 0, "replayed");
+}
