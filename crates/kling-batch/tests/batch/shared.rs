@@ -58,17 +58,22 @@ async fn two_runs_sharing_redis_never_exceed_the_accounts_slots() {
     let stats = two_runs("shared", Some(&redis), true).await;
     assert_eq!(stats.tasks_created, 60, "{stats:?}");
     assert_eq!(stats.duplicate_external_ids, 0, "{stats:?}");
-    // Neither a create over the account's 5 slots nor a request over its rate.
+    // No create over the account's 5 slots (the mock refuses a sixth, so this is the check,
+    // not its peak), and no request over its rate the pacing could have prevented: a request
+    // held back on a loaded machine can reach the mock early once, which the retry layer
+    // absorbs (kling-tower's e2e allows the same one); a pacing fault meets a dozen or more
+    // (the control below).
     assert_eq!(code(&stats, "1303"), 0, "{stats:?}");
-    assert_eq!(code(&stats, "1302"), 0, "{stats:?}");
-    assert!(stats.max_concurrent["video"] <= 5, "{stats:?}");
+    assert!(code(&stats, "1302") <= 1, "{stats:?}");
 
     // The control: the same two runs, each counting the account's slots and rate as its own,
     // are refused. They mostly recover through the retry layer, paying for it in 429s (3–7
     // 1303s and 17–36 1302s in three runs), but on a loaded machine a job can run out of
-    // attempts (a CI run saw one run exit 1): only the refusals are the control's point.
+    // attempts (a CI run saw one run exit 1): only the refusals are the control's point. Each
+    // kind is asserted on its own, and the 1302s well above the one the shared runs may meet.
     let stats = two_runs("apart", None, false).await;
-    assert!(code(&stats, "1303") + code(&stats, "1302") > 0, "{stats:?}");
+    assert!(code(&stats, "1303") >= 1, "{stats:?}");
+    assert!(code(&stats, "1302") >= 10, "{stats:?}");
 }
 
 #[tokio::test]
