@@ -179,24 +179,25 @@ impl Credentials {
         }
     }
 
-    /// The account these credentials belong to: `key-` + 12 hex digits of the key's SHA-256,
-    /// or the access key.
+    /// The account these credentials belong to: `key-` + 12 hex digits of the API key's
+    /// SHA-256, or `ak-` + 12 hex digits of the access key's. Never the key itself: the id is
+    /// a metric label, a Redis key and part of log lines, and an access key is half of the
+    /// credential pair.
     ///
     /// Interned ([`AccountId::interned`]): every request carries it, and a copy that touches no
     /// shared reference count keeps the threads of a runtime from contending on it.
     pub fn account_id(&self) -> AccountId {
-        match &self.kind {
-            Kind::ApiKey(key) => {
-                let digest = Sha256::digest(key.as_bytes());
-                let mut id = String::with_capacity(16);
-                id.push_str("key-");
-                for byte in &digest[..6] {
-                    id.push_str(&format!("{byte:02x}"));
-                }
-                AccountId::interned(&id)
-            }
-            Kind::AccessKey { access, .. } => AccountId::interned(access),
+        let (prefix, key) = match &self.kind {
+            Kind::ApiKey(key) => ("key-", key),
+            Kind::AccessKey { access, .. } => ("ak-", access),
+        };
+        let digest = Sha256::digest(key.as_bytes());
+        let mut id = String::with_capacity(prefix.len() + 12);
+        id.push_str(prefix);
+        for byte in &digest[..6] {
+            id.push_str(&format!("{byte:02x}"));
         }
+        AccountId::interned(&id)
     }
 
     /// Whether these are an access key and secret key (signed into a JWT).

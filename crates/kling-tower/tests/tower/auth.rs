@@ -401,7 +401,25 @@ async fn through_the_stack_a_skewed_mock_sees_exactly_two_attempts() {
 async fn mock_accepts_the_signed_token_and_counts_the_access_key_account() {
     let mock = MockKling::new(MockConfig::preset(Preset::Pro).access_key("ak-9", "sk-9")).unwrap();
     let layer = AuthLayer::new(Credentials::access_key("ak-9", "sk-9").unwrap());
-    assert_eq!(layer.account_id().as_str(), "ak-9");
+    // The access key's digest, never the key: the id is a metric label and a Redis key.
+    let id = layer.account_id().clone();
+    assert!(
+        id.as_str().starts_with("ak-") && id.as_str().len() == 15,
+        "{id}"
+    );
+    assert_ne!(id.as_str(), "ak-9");
+    assert_eq!(
+        id,
+        Credentials::access_key("ak-9", "other")
+            .unwrap()
+            .account_id()
+    );
+    assert_ne!(
+        id,
+        Credentials::access_key("ak-8", "sk-9")
+            .unwrap()
+            .account_id()
+    );
     let svc = layer.layer(ClassifyLayer::new().layer(mock.clone()));
     let response = svc
         .oneshot(request(
@@ -526,7 +544,10 @@ async fn account_id_is_set_unless_the_request_has_one() {
     own.extensions_mut().insert(AccountId::new("tenant-7"));
     svc.oneshot(own).await.unwrap();
     let accounts = accounts.lock().unwrap();
-    assert_eq!(accounts[0].as_ref().unwrap().as_str(), "ak-acct");
+    assert_eq!(
+        accounts[0].as_ref().unwrap(),
+        &Credentials::access_key("ak-acct", "sk").unwrap().account_id()
+    );
     assert_eq!(accounts[1].as_ref().unwrap().as_str(), "tenant-7");
 }
 
@@ -535,7 +556,9 @@ fn credentials_are_redacted_and_checked() {
     let c = Credentials::access_key("ak-visible", "super-secret-value").unwrap();
     let text = format!("{c:?} {:?}", AuthLayer::new(c.clone()));
     assert!(!text.contains("super-secret-value"), "{text}");
-    assert!(text.contains("ak-visible"));
+    // Nor the access key: the account shown is its digest.
+    assert!(!text.contains("ak-visible"), "{text}");
+    assert!(text.contains(c.account_id().as_str()), "{text}");
     let c = Credentials::api_key("sk-live-abcdef").unwrap();
     assert!(!format!("{c:?}").contains("sk-live-abcdef"));
 
