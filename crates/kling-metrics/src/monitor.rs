@@ -584,6 +584,10 @@ enum TaskKey {
 /// The longest task id kept inline.
 const INLINE_ID: usize = 46;
 
+/// The longest task id tracked at all (a task with a longer id is counted as created, never as
+/// ended: it is absorbed, as when the table is full).
+const MAX_TRACKED_ID: usize = 128;
+
 impl TaskKey {
     fn new(id: &str) -> TaskKey {
         let id = id.as_bytes();
@@ -901,6 +905,10 @@ impl Monitor {
                     bucket.count_end(&task.status);
                     drop(bucket);
                     self.record_end(Ended::Entry(entry), &task.status, now);
+                } else if task.id.len() > MAX_TRACKED_ID {
+                    // Far longer than Kling's ids (18 to 36 bytes): counted, not kept, so what
+                    // a faulty upstream sends cannot grow the table by its bytes.
+                    bucket.absorbed += 1;
                 } else {
                     self.track(hash, &task.id, entry, bucket);
                 }
@@ -1485,6 +1493,32 @@ mod tests {
             (tasks.created, tasks.finished, tasks.failed, tasks.running),
             (4, 4, 2, 0)
         );
+    }
+
+    /// An id longer than any Kling sends is counted, never stored: the table's memory per task
+    /// is bounded whatever an upstream answers.
+    #[tokio::test(start_paused = true)]
+    async fn a_task_id_longer_than_kling_sends_is_counted_not_kept() {
+        let monitor = Monitor::default();
+        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let kept = |monitor: &Monitor| -> u32 {
+            monitor.inner.tasks.iter().map(|b| lock(&b.0).len()).sum()
+        };
+        monitor.observe_tasks(
+            true,
+            &video,
+            &outcome(&"z".repeat(MAX_TRACKED_ID), "submitted"),
+            Instant::now(),
+        );
+        assert_eq!(kept(&monitor), 1);
+        monitor.observe_tasks(
+            true,
+            &video,
+            &outcome(&"z".repeat(100_000), "submitted"),
+            Instant::now(),
+        );
+        assert_eq!(kept(&monitor), 1, "the long one is not stored");
+        assert_eq!(monitor.snapshot().tasks.created, 2);
     }
 
     /// A source's figure for the fleet counts against the quota: the snapshot fires the

@@ -87,14 +87,16 @@ impl<B: PeekBody> Service<Request<B>> for ReqwestService {
     }
 }
 
-/// `error` without the user name and password its URL may carry (a proxy's, in a base URL):
-/// reqwest's message quotes the URL, and errors end up in logs.
+/// `error` with its URL cut to scheme, host and path: reqwest's message quotes the URL, errors
+/// end up in logs, and a URL may carry a user name and password (a proxy's, in a base URL) and
+/// a query (task and external ids), which the stack's logs never show.
 fn without_credentials(mut error: reqwest::Error) -> reqwest::Error {
-    if let Some(url) = error.url_mut()
-        && (!url.username().is_empty() || url.password().is_some())
-    {
-        let _ = url.set_password(None);
-        let _ = url.set_username("");
+    if let Some(url) = error.url_mut() {
+        if !url.username().is_empty() || url.password().is_some() {
+            let _ = url.set_password(None);
+            let _ = url.set_username("");
+        }
+        url.set_query(None);
     }
     error
 }

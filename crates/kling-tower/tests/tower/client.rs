@@ -77,10 +77,12 @@ async fn reqwest_errors_do_not_quote_credentials_in_the_url() {
     let address = closed.local_addr().unwrap();
     drop(closed);
     let service = ClassifyLayer::new().layer(ReqwestService::new_client().unwrap());
-    let error = service
-        .oneshot(create(&format!("http://user:hunter2@{address}")))
-        .await
-        .unwrap_err();
+    let mut request = create(&format!("http://user:hunter2@{address}"));
+    *request.uri_mut() =
+        format!("http://user:hunter2@{address}/tasks?external_task_ids=job-secret-7")
+            .parse()
+            .unwrap();
+    let error = service.oneshot(request).await.unwrap_err();
     let mut chain = Vec::new();
     let mut link: Option<&(dyn std::error::Error + 'static)> = Some(&*error);
     while let Some(e) = link {
@@ -90,5 +92,9 @@ async fn reqwest_errors_do_not_quote_credentials_in_the_url() {
     let chain = chain.join(": ");
     assert!(!chain.contains("hunter2"), "{chain}");
     assert!(!chain.contains("user:"), "{chain}");
+    assert!(
+        !chain.contains("job-secret-7"),
+        "the query stays out too: {chain}"
+    );
     assert_eq!(SendState::of(&*error), SendState::NotSent, "{chain}");
 }
