@@ -129,11 +129,25 @@ pub fn goodput(runs: &[goodput::Run]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| preset | scenario | client | limits known | jobs | completed | refused (fatal) | lost (gave up) | makespan s | bound s | efficiency | requests | 429s by code | 429 share | creates after 1102 | duplicate creates |"
+        "\"bound\" is a lower bound on the makespan from the limits and the lives of the tasks \
+         of the jobs that completed (refused and lost jobs are not in it, though the makespan \
+         covers them): the larger of the slots' bound (each life rounded up to the next poll, \
+         plus one rate interval before a slot's next create) and the rate's ((requests those \
+         jobs need − 1) ÷ rate). \"efficiency\" is bound ÷ makespan. \"rate use\" is \
+         (requests − 1) ÷ rate ÷ makespan. † Polling every second asks for more than the rate \
+         carries: the bound counts one poll per job (the least any client sends), so the \
+         efficiency is shown but not judged, and the target there is the rate kept busy \
+         (rate use). \"creates after 1102\" counts creates (not queries, which must go on for \
+         the tasks still running) the server received more than 100 ms (API time) after the \
+         account's first 1102.\n"
     );
     let _ = writeln!(
         out,
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
+        "| preset | scenario | client | limits known | jobs | completed | refused (fatal) | lost (gave up) | makespan s | bound s | efficiency | rate use | requests | 429s by code | 429 share | creates after 1102 | duplicate creates |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
     );
     for r in runs {
         let codes = if r.rejections.is_empty() {
@@ -147,7 +161,7 @@ pub fn goodput(runs: &[goodput::Run]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.1}% | {} | {} | {:.2}% | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.1}%{} | {} | {} | {} | {:.2}% | {} | {} |",
             r.preset,
             r.scenario,
             r.client,
@@ -159,6 +173,9 @@ pub fn goodput(runs: &[goodput::Run]) -> String {
             r.makespan,
             r.bound,
             r.efficiency() * 100.0,
+            if r.judged_by_efficiency() { "" } else { " †" },
+            r.rate_use()
+                .map_or("–".to_owned(), |u| format!("{:.1}%", u * 100.0)),
             r.requests,
             codes,
             r.rejected() as f64 * 100.0 / r.requests.max(1) as f64,
