@@ -67,7 +67,8 @@ async fn connect_port(port: u16) -> Connection {
 
 /// Two processes of one fleet on a fresh Redis, made by `process` from a connection and the
 /// fleet-order choice: one near Redis, one reaching it through a relay that holds every chunk
-/// 5 ms each way. Each runs `take` (which counts what it got) for 3 s. In arrival order the far
+/// 20 ms each way (far enough that a wakeup a busy 2-core machine delays by a few ms does not
+/// hand the far process the races the control says it loses). Each runs `take` (which counts what it got) for 3 s. In arrival order the far
 /// process must get more than a third; the control, first to ask wins, must starve it (under
 /// 15%: the near process wins every race).
 pub(crate) async fn far_process_gets_its_turn<B, F, Fut>(
@@ -80,7 +81,7 @@ pub(crate) async fn far_process_gets_its_turn<B, F, Fut>(
 {
     for arrival_order in [true, false] {
         let server = redis().expect("checked by the caller");
-        let relay = far_relay(server.port(), Duration::from_millis(5)).await;
+        let relay = far_relay(server.port(), Duration::from_millis(20)).await;
         let near = process(connect(&server).await, arrival_order);
         let far = process(connect_port(relay).await, arrival_order);
         let until = tokio::time::Instant::now() + Duration::from_secs(3);
