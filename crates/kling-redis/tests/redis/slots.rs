@@ -433,14 +433,13 @@ async fn after_redis_loses_its_state_every_process_registers_its_slots_again() {
     let b = two.acquire(video(), 1).await.unwrap();
     two.apply(hold(b, "t2", LONG)).await.unwrap();
     server.restart().unwrap();
-    // The first script after the restart starts the grace; creates wait through it.
-    let started = tokio::time::Instant::now();
+    // The first script after the restart starts the grace; creates wait through it (all 3 s:
+    // the timeout ran out).
     let third = tokio::time::timeout(Duration::from_secs(3), one.acquire(video(), 1)).await;
     assert!(
         third.is_err(),
         "admitted over the re-registered slots: {third:?}"
     );
-    assert!(started.elapsed() >= Duration::from_secs(3));
     assert_eq!(
         in_use(&one).await,
         3,
