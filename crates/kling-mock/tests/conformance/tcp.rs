@@ -253,10 +253,32 @@ async fn result_urls_point_at_the_server_which_serves_the_files() {
         "the same bytes every time"
     );
 
-    // An in-process mock keeps the non-resolvable host unless told otherwise.
-    let config = fast().files_base_url("http://files.example/out/");
-    assert_eq!(
-        config.files_base_url.as_deref(),
-        Some("http://files.example/out")
-    );
+    // An in-process mock keeps the non-resolvable host unless told otherwise (a trailing
+    // slash on the base it is told is not doubled).
+    for (config, base) in [
+        (fast(), "https://mock.klingai.invalid/outputs"),
+        (
+            fast().files_base_url("http://files.example/out/"),
+            "http://files.example/out",
+        ),
+    ] {
+        let caller = crate::support::Caller::new(config);
+        let created = caller
+            .post("/v1/images/generations", json!({"prompt": "x", "n": 2}))
+            .await;
+        let id = created.data()["task_id"].as_str().unwrap().to_owned();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let q = caller.get(&format!("/v1/images/generations/{id}")).await;
+        let urls: Vec<&str> = q.data()["task_result"]["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|image| image["url"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            urls,
+            [format!("{base}/{id}/0.png"), format!("{base}/{id}/1.png")],
+            "{q:?}"
+        );
+    }
 }
