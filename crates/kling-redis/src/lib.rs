@@ -63,9 +63,12 @@
 //! # When Redis restarts or goes away
 //!
 //! Every process keeps a record of the slots it holds. A script that finds Redis has lost its
-//! state (the `PREFIX:alive` key is gone) starts a grace period in which no create is
-//! admitted, and every process registers its slots again within one maintenance pass
-//! (default 1 s; grace 3 s). Changes made while Redis was unreachable are replayed, in order,
+//! state (the `PREFIX:alive` key is gone) or come back older (another server's `run_id`, read
+//! by the maintenance passes, or a script number lower than one already seen) starts a grace
+//! period in which no create is admitted, and every process registers its slots again within
+//! one maintenance pass (default 1 s; grace 3 s), releases its own holdings that came back
+//! although it gave them up, and reports again the ends it reported in the last 30 minutes;
+//! a task reported ended is not registered or held again. Changes made while Redis was unreachable are replayed, in order,
 //! when it is back; so are the pauses (1302, `Retry-After`) a process could not report, which
 //! hold in that process meanwhile. What happens meanwhile is [`WhenUnreachable`]'s choice; a Redis that
 //! answers `LOADING`, `MASTERDOWN` or `TRYAGAIN` (restarting, failing over) counts as away. The GCRA state of

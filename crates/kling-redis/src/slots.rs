@@ -70,8 +70,12 @@ pub const MAX_PENDING_REPORTS: usize = 4096;
 ///   [`SlotsHandle::reset_halt`](kling_concurrency::SlotsHandle::reset_halt); run-time
 ///   capacities are stored in Redis.
 /// - **State loss**: every process keeps a record of the slots it holds; when a script finds
-///   Redis has lost its state (restart without persistence), the fleet registers its slots
-///   again during a [`grace`](Self::grace) in which no create is admitted.
+///   Redis has lost its state (restart without persistence) or come back older (a restart from
+///   a snapshot, a failover: another server's `run_id`, or a script number no greater than one
+///   seen before), the fleet registers its slots again during a [`grace`](Self::grace) in which
+///   no create is admitted; each process releases its own holdings that came back although it
+///   gave them up and reports again the ends it reported lately, and a task reported ended is
+///   not registered or held again.
 /// - **Unreachable Redis**: see [`WhenUnreachable`]; changes that could not be sent are kept
 ///   in order and replayed when Redis is back.
 /// - **Gauges**: each process records the slots it holds and its waiting creates (summed over
@@ -225,6 +229,23 @@ struct Held {
     registered: bool,
 }
 
+/// How long a process remembers the end of a task it reported (the default lease: a holding
+/// that comes back with an older snapshot would hold its slots that long).
+const ENDS_KEPT_FOR: Duration = Duration::from_secs(30 * 60);
+/// How many reported ends a process remembers, the oldest forgotten first.
+const MAX_ENDS_KEPT: usize = 4096;
+
+/// The end of a task this process reported (an `upd` report).
+#[derive(Clone, Debug)]
+struct ReportedEnd {
+    account: AccountId,
+    id: String,
+    ext: String,
+    /// Empty: said ended, with no status.
+    status: String,
+    at: Instant,
+}
+
 /// A change that could not be sent yet.
 #[derive(Debug)]
 enum Pending {
@@ -252,6 +273,9 @@ struct Inner {
     /// The capacities set at run time (`PREFIX:cap`, field → slots) as this process last read
     /// or set them: what it checks a create against and shares out while Redis is away.
     caps: Mutex<HashMap<String, u32>>,
+    /// The ends of tasks this process reported lately, reported again after Redis came back
+    /// with a new generation.
+    ends: Mutex<VecDeque<ReportedEnd>>,
     pending: Mutex<VecDeque<Pending>>,
     /// Whether reports were dropped from the replay queue since it was last empty (warned once).
     overflowed: AtomicBool,
@@ -260,6 +284,11 @@ struct Inner {
     init: tokio::sync::OnceCell<()>,
     needs_register: AtomicBool,
     generation: std::sync::atomic::AtomicI64,
+    /// The largest script number seen (see [`Inner::saw_state`]).
+    max_seq: std::sync::atomic::AtomicI64,
+    /// The generation of a store seen going back to an older state, until the maintenance
+    /// pass starts a new one (`i64::MIN`: none).
+    went_back: std::sync::atomic::AtomicI64,
     wake_maintenance: Arc<Notify>,
     shutdown: Arc<Notify>,
     acquire: Script,
@@ -357,6 +386,7 @@ impl RedisSlots {
                 registry: Mutex::new(Registry::default()),
                 halts: Mutex::new(HashMap::new()),
                 caps: Mutex::new(HashMap::new()),
+                ends: Mutex::new(VecDeque::new()),
                 pending: Mutex::new(VecDeque::new()),
                 overflowed: AtomicBool::new(false),
                 out: AtomicBool::new(false),
@@ -364,6 +394,8 @@ impl RedisSlots {
                 init: tokio::sync::OnceCell::new(),
                 needs_register: AtomicBool::new(false),
                 generation: std::sync::atomic::AtomicI64::new(i64::MIN),
+                max_seq: std::sync::atomic::AtomicI64::new(0),
+                went_back: std::sync::atomic::AtomicI64::new(i64::MIN),
                 wake_maintenance: Arc::new(Notify::new()),
                 shutdown: Arc::new(Notify::new()),
                 acquire: Script::new(&slots_lua::acquire()),
@@ -602,6 +634,40 @@ impl Inner {
         }
     }
 
+    /// The sequence number to compare a script's with: the largest seen before sending it.
+    fn seq_before(&self) -> i64 {
+        self.max_seq.load(Ordering::Acquire)
+    }
+
+    /// Notes a script's `generation:number` (sent when the largest number seen was `before`):
+    /// a new generation means Redis lost its state; a number no greater than `before` that
+    /// the store went back to an older state (a restart from a snapshot, a failover to a
+    /// lagging replica), for which the next maintenance pass starts a new generation.
+    fn saw_state(&self, value: Option<&Value>, before: i64) -> bool {
+        let state = value.map(text).unwrap_or_default();
+        let (generation, seq) = match state.split_once(':') {
+            Some((g, n)) => (g.parse().unwrap_or(0), n.parse().unwrap_or(0)),
+            None => (state.parse().unwrap_or(0), 0),
+        };
+        let lost = self.saw_generation(generation);
+        if seq > 0 {
+            if before > 0 && seq <= before {
+                self.max_seq.store(seq, Ordering::Release);
+                if !lost {
+                    if self.went_back.swap(generation, Ordering::AcqRel) == i64::MIN {
+                        tracing::warn!(
+                            "redis came back with older state: starting a new generation"
+                        );
+                    }
+                    self.wake_maintenance.notify_one();
+                }
+            } else {
+                self.max_seq.fetch_max(seq, Ordering::AcqRel);
+            }
+        }
+        lost
+    }
+
     /// Notes the store's generation; a change means Redis lost its state.
     fn saw_generation(&self, generation: i64) -> bool {
         let previous = self.generation.swap(generation, Ordering::AcqRel);
@@ -632,9 +698,10 @@ impl Inner {
     ) -> Result<(bool, Vec<Released>, Vec<String>), StoreError> {
         let now_us = self.now_us().await?;
         args[1] = now_us.to_string();
+        let before = self.seq_before();
         let value = self.run(&self.apply, args).await?;
         let items = array(value)?;
-        self.saw_generation(int_at(&items, 0)?);
+        self.saw_state(items.first(), before);
         let changed = int_at(&items, 1)? == 1;
         let (released, holdings) = released_by(items.get(2), now_us);
         Ok((changed, released, holdings))
@@ -861,6 +928,19 @@ impl Inner {
         let now = Instant::now();
         for (id, ext, status) in reports {
             let terminal = status.is_none_or(TaskStatus::is_terminal);
+            if terminal {
+                let mut ends = lock(&self.ends);
+                if ends.len() >= MAX_ENDS_KEPT {
+                    ends.pop_front();
+                }
+                ends.push_back(ReportedEnd {
+                    account: account.clone(),
+                    id: id.to_owned(),
+                    ext: ext.unwrap_or_default().to_owned(),
+                    status: status.map_or_else(String::new, |s| s.as_str().to_owned()),
+                    at: now,
+                });
+            }
             args.extend([
                 id.to_owned(),
                 ext.unwrap_or_default().to_owned(),
@@ -1084,8 +1164,25 @@ impl Inner {
         self.overflowed.store(false, Ordering::Relaxed);
         // 2. Did Redis keep its state? (Every script checks; this one runs while idle too.)
         let [p, now, grace] = self.unstamped_head();
-        let mut args = vec![p, now, grace, "alive".to_owned()];
-        self.apply_args(&mut args).await?;
+        let went_back = self.went_back.swap(i64::MIN, Ordering::AcqRel);
+        let mut args = if went_back == i64::MIN {
+            vec![p, now, grace, "alive".to_owned()]
+        } else {
+            // The store went back to an older state: a new generation, so every process
+            // registers its slots again.
+            vec![p, now, grace, "newgen".to_owned(), went_back.to_string()]
+        };
+        if let Err(e) = self.apply_args(&mut args).await {
+            if went_back != i64::MIN {
+                let _ = self.went_back.compare_exchange(
+                    i64::MIN,
+                    went_back,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
+            return Err(e);
+        }
         if self.needs_register.swap(false, Ordering::AcqRel) {
             let held: Vec<(String, Held)> = lock(&self.registry)
                 .iter()
@@ -1093,13 +1190,25 @@ impl Inner {
                 .collect();
             for (h, held) in held {
                 let mut args = self.hold_args("reg", &held.pk, &h, &held, held.lease);
-                if let Err(e) = self.apply_args(&mut args).await {
-                    self.needs_register.store(true, Ordering::Release);
-                    return Err(e);
+                let holdings = match self.apply_args(&mut args).await {
+                    Ok((_, _, holdings)) => holdings,
+                    Err(e) => {
+                        self.needs_register.store(true, Ordering::Release);
+                        return Err(e);
+                    }
+                };
+                let mut registry = lock(&self.registry);
+                // A task whose end was reported first is not registered again.
+                for h in &holdings {
+                    registry.remove(h);
                 }
-                if let Some(held) = lock(&self.registry).get_mut(&h) {
+                if let Some(held) = registry.get_mut(&h) {
                     held.registered = true;
                 }
+            }
+            if let Err(e) = self.after_new_generation().await {
+                self.needs_register.store(true, Ordering::Release);
+                return Err(e);
             }
             return Ok(());
         }
@@ -1116,8 +1225,11 @@ impl Inner {
                 args.push(pk.clone());
                 args.push(h.clone());
             }
+            let before = self.seq_before();
             let items = array(self.run(&self.apply, &args).await?)?;
-            if self.saw_generation(int_at(&items, 0)?) {
+            if self.saw_state(items.first(), before)
+                || self.went_back.load(Ordering::Acquire) != i64::MIN
+            {
                 return Ok(());
             }
             if let Some(Value::Array(flags)) = items.get(2) {
@@ -1131,6 +1243,66 @@ impl Inner {
         }
         // 4. The fleet's capacity of this process's pools, for their gauges.
         self.show_capacities().await
+    }
+
+    /// After this process registered its holdings in a new generation: releases those Redis
+    /// brought back although this process no longer has them (given back or ended after the
+    /// snapshot it loaded), and reports again the ends of tasks it reported recently (their
+    /// reports may be older than the snapshot: a task ended elsewhere would come back).
+    async fn after_new_generation(&self) -> Result<(), StoreError> {
+        let [p, now, grace] = self.unstamped_head();
+        let mut args = vec![
+            p,
+            now,
+            grace,
+            "mine".to_owned(),
+            format!("{}.", self.instance),
+        ];
+        args.extend(lock(&self.registry).keys().cloned());
+        self.apply_args(&mut args).await?;
+        let cutoff = Instant::now().checked_sub(ENDS_KEPT_FOR);
+        let ends: Vec<ReportedEnd> = {
+            let mut ends = lock(&self.ends);
+            if let Some(cutoff) = cutoff {
+                ends.retain(|end| end.at >= cutoff);
+            }
+            ends.iter().cloned().collect()
+        };
+        let mut by_account: HashMap<&AccountId, Vec<&ReportedEnd>> = HashMap::new();
+        for end in &ends {
+            by_account.entry(&end.account).or_default().push(end);
+        }
+        for (account, ends) in by_account {
+            for chunk in ends.chunks(256) {
+                let [p, now, grace] = self.unstamped_head();
+                let mut args = vec![
+                    p,
+                    now,
+                    grace,
+                    "upd".to_owned(),
+                    micros(self.config.get_lease()).to_string(),
+                    account.as_str().to_owned(),
+                ];
+                for end in chunk {
+                    args.extend([
+                        end.id.clone(),
+                        end.ext.clone(),
+                        end.status.clone(),
+                        "1".to_owned(),
+                    ]);
+                }
+                let (_, released, holdings) = self.apply_args(&mut args).await?;
+                let mut registry = lock(&self.registry);
+                for h in &holdings {
+                    registry.remove(h);
+                }
+                drop(registry);
+                for r in &released {
+                    self.wake(&self.pk(&r.key));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Reads the fleet's capacity of each pool this process has sent creates to (less what a
@@ -1161,8 +1333,9 @@ impl Inner {
             args.push(fields.len().to_string());
             args.extend(fields);
         }
+        let before = self.seq_before();
         let items = array(self.run(&self.apply, &args).await?)?;
-        if self.saw_generation(int_at(&items, 0)?) {
+        if self.saw_state(items.first(), before) {
             return Ok(());
         }
         let Some(Value::Array(caps)) = items.get(2) else {
@@ -1601,15 +1774,16 @@ impl SlotBackend for RedisSlots {
                         ];
                         args.extend(Inner::cap_fields(&key));
                         guard.armed = true;
+                        let before = inner.seq_before();
                         inner
                             .run(&inner.acquire, &args)
                             .await
-                            .map(|value| (value, now_us))
+                            .map(|value| (value, now_us, before))
                     }
                     Err(e) => Err(e),
                 };
                 let (verdict, now_us) = match asked {
-                    Ok((value, now_us)) => {
+                    Ok((value, now_us, before)) => {
                         let items =
                             array(value).map_err(|e| AcquireError::Backend(e.into_slots()))?;
                         let verdict =
@@ -1623,9 +1797,7 @@ impl SlotBackend for RedisSlots {
                         // others' or pruned by the next maintenance pass).
                         let expired = if verdict == 0 { 2 } else { 3 };
                         released_by(items.get(expired), now_us);
-                        if let Some(generation) = lost {
-                            inner.saw_generation(int(generation));
-                        }
+                        inner.saw_state(lost, before);
                         // Redis answered with no halt set: one this process learnt earlier
                         // was reset (perhaps by another process), and must not refuse creates
                         // later while Redis is away.
@@ -1799,6 +1971,7 @@ impl SlotBackend for RedisSlots {
                     .max(1)
                     .to_string(),
             ];
+            let before = inner.seq_before();
             let items = array(
                 inner
                     .run(&inner.snapshot, &args)
@@ -1806,9 +1979,7 @@ impl SlotBackend for RedisSlots {
                     .map_err(StoreError::into_slots)?,
             )
             .map_err(StoreError::into_slots)?;
-            if let Some(generation) = items.first() {
-                inner.saw_generation(int(generation));
-            }
+            inner.saw_state(items.first(), before);
             // Leases the script found run out: counted here, once.
             released_by(items.get(3), now_us);
             let mut caps = HashMap::new();

@@ -15,6 +15,9 @@
 //! | `P:cap` | hash | capacity set at run time: `ACCOUNT|POOL` or `*|POOL` → slots |
 //! | `P:halt:ACCOUNT` | string | the 1102 that halted the account (`status \n envelope`) |
 //! | `P:alive` | string | present while Redis keeps its state; value: the generation, which is the end of the re-registration grace (µs) that started it |
+//! | `P:seq` | string | the sequence: each script's number (see `PRELUDE`) |
+//! | `P:run` | string | the `run_id` of the server that wrote the generation: another one (a restart, which may load an older snapshot; a failover to a replica, which may lag) starts a new generation |
+//! | `P:ended` | sorted set | tasks reported ended (`i:` task id) by expiry (µs, 30 min on): a holding of one is not created again (a re-registration, a replayed hold) |
 //! | channel `P:freed` | pub/sub | a pool key (or `*`) whenever slots may have freed |
 //!
 //! Times are integer microseconds of fleet time (see [`Connection`](crate::Connection)),
@@ -23,8 +26,10 @@
 use crate::order_lua::QUEUE;
 
 /// Shared by every slots script. `ARGV[1]` prefix, `ARGV[2]` now, `ARGV[3]` grace (µs). `lost`
-/// is the store's generation (the `P:alive` value): a process that sees it change knows Redis
-/// lost its state.
+/// is the store's generation (the `P:alive` value) and the script's number, as
+/// `generation:number`: a process that sees the generation change knows Redis lost its state,
+/// and one that gets a number no greater than one it saw before sending knows the state went
+/// back (and asks for a new generation with `newgen`).
 const PRELUDE: &str = r"
 local P = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -34,17 +39,31 @@ local function int(x) return string.format('%.0f', x) end
 local grace_until = 0
 do
   local g = redis.call('GET', P .. ':alive')
+  -- The server's identity is read by the maintenance passes only (`INFO` costs more than the
+  -- rest of a script); between them the sequence below catches a store that went back.
+  local run = ''
+  if ARGV[4] == 'alive' or ARGV[4] == 'init' or ARGV[4] == 'newgen' then
+    local ok, info = pcall(redis.call, 'INFO', 'server')
+    if ok then run = string.match(info, 'run_id:(%x+)') or '' end
+  end
   -- A missing generation always starts a grace, a process's first script (`init`) included:
-  -- an empty store looks the same whether it is new or lost its state.
-  if not g then
+  -- an empty store looks the same whether it is new or lost its state. So does a generation
+  -- another server wrote: a restart (an RDB or AOF snapshot may be older than the state the
+  -- fleet saw) or a failover (a replica may lag), which brought the state back older.
+  if not g or (run ~= '' and redis.call('GET', P .. ':run') ~= run) then
     grace_until = now + tonumber(ARGV[3])
+    if g and tonumber(g) == grace_until then grace_until = grace_until + 1 end
     redis.call('SET', P .. ':alive', int(grace_until))
+    if run ~= '' then redis.call('SET', P .. ':run', run) end
   else
     grace_until = tonumber(g)
   end
 end
--- The store's generation: a new one after every loss of state.
-local lost = grace_until
+-- The store's generation (a new one after every loss of state) and its sequence: every
+-- script takes the next number, so a process that gets one no greater than one it saw
+-- before it sent this script knows the store went back to an older state.
+local seq = redis.call('INCR', P .. ':seq')
+local lost = int(grace_until) .. ':' .. seq
 local released = {}
 -- An external id's field in EXT: within its account (external ids are unique per account
 -- only), the account's length first so no two pairs share a field.
@@ -139,6 +158,19 @@ local function capacity(default, first, last)
   return tonumber(default)
 end
 local function opt(s) if s == '' then return nil end return s end
+-- Tasks reported ended, kept 30 minutes (the default lease).
+local ENDED = P .. ':ended'
+local ENDED_FOR = 1800000000
+local function note_ended(id)
+  redis.call('ZREMRANGEBYSCORE', ENDED, '-inf', int(now))
+  redis.call('ZADD', ENDED, int(now + ENDED_FOR), 'i:' .. id)
+  redis.call('PEXPIRE', ENDED, math.floor(ENDED_FOR / 1000))
+end
+local function was_ended(id)
+  if not id then return false end
+  local until_ = redis.call('ZSCORE', ENDED, 'i:' .. id)
+  return until_ and tonumber(until_) > now
+end
 -- Takes a create out of the fleet's queue; true if it was in it.
 local function leave(pk, h)
   return leave_place(pk .. ':q', pk .. ':qx', h)
@@ -262,7 +294,24 @@ elseif op == 'hold' or op == 'reg' then
     supersede(EXT, ext and xf(ARGV[11], ext), pk, h, ARGV[11])
   end
   local raw = redis.call('HGET', pk .. ':h', h)
-  if raw and op == 'hold' then
+  if was_ended(id) then
+    -- Its end was reported first (by another process, before this hold or registration
+    -- reached Redis): the slots go back now, reported released here.
+    if raw then
+      local rec = cjson.decode(raw)
+      rec.id = id
+      release(pk, h, rec, 'completed')
+    else
+      table.insert(released, ARGV[11])
+      table.insert(released, ARGV[12])
+      table.insert(released, id)
+      table.insert(released, tonumber(ARGV[7]))
+      table.insert(released, now)
+      table.insert(released, 'completed')
+      table.insert(released, h)
+    end
+    changed = 1
+  elseif raw and op == 'hold' then
     local rec = cjson.decode(raw)
     rec.k = 't'
     rec.id = id
@@ -283,7 +332,7 @@ elseif op == 'adopt' then
   local ext = opt(ARGV[9])
   local known = (id and redis.call('HEXISTS', IDS, id) == 1)
     or (ext and redis.call('HEXISTS', EXT, xf(ARGV[11], ext)) == 1)
-  if not known then
+  if not known and not was_ended(id) then
     create(ARGV[5], ARGV[6], tonumber(ARGV[7]), 't', id, ext, tonumber(ARGV[10]), ARGV[11], ARGV[12])
     changed = 1
   end
@@ -299,6 +348,7 @@ elseif op == 'upd' then
     local status = ARGV[i + 2]
     local terminal = ARGV[i + 3] == '1'
     i = i + 4
+    if terminal then note_ended(id) end
     local place = redis.call('HGET', IDS, id)
     if not place and ext ~= '' then place = redis.call('HGET', EXT, xf(acct, ext)) end
     if not place and status == '' then place = redis.call('HGET', EXT, xf(acct, id)) end
@@ -330,6 +380,34 @@ elseif op == 'cap' then
   redis.call('HSET', P .. ':cap', ARGV[5], ARGV[6])
   redis.call('PUBLISH', P .. ':freed', '*')
   if old ~= ARGV[6] then changed = 1 end
+elseif op == 'newgen' then
+  -- 5 the generation that went back: a new one starts, with a grace (once: a process that
+  -- asks later finds the new one).
+  if redis.call('GET', P .. ':alive') == ARGV[5] then
+    local g = now + tonumber(ARGV[3])
+    if int(g) == ARGV[5] then g = g + 1 end
+    redis.call('SET', P .. ':alive', int(g))
+    lost = int(g) .. ':' .. seq
+    changed = 1
+  end
+elseif op == 'mine' then
+  -- 5 this process's holding prefix, then the holdings it has. After a new generation, while
+  -- its grace lasts (no create was granted in it), the process's holdings that came back
+  -- although it no longer has them (given back or ended after the snapshot) are released.
+  if now < grace_until then
+    local prefix = ARGV[5]
+    local mine = {}
+    for i = 6, #ARGV do mine[ARGV[i]] = true end
+    for _, pk in ipairs(redis.call('SMEMBERS', P .. ':pools')) do
+      for _, h in ipairs(redis.call('HKEYS', pk .. ':h')) do
+        if string.sub(h, 1, #prefix) == prefix and not mine[h] then
+          local raw = redis.call('HGET', pk .. ':h', h)
+          release(pk, h, cjson.decode(raw), nil)
+          changed = 1
+        end
+      end
+    end
+  end
 elseif op == 'unhalt' then
   changed = redis.call('DEL', ARGV[5])
 elseif op == 'caps' then

@@ -1,5 +1,7 @@
 //! A throw-away `redis-server` for tests (feature `testing`): a free loopback port, no
-//! persistence, answering `PING` before it is handed out, killed on drop.
+//! persistence unless asked ([`RedisServer::save`], then
+//! [`restart_from_snapshot`](RedisServer::restart_from_snapshot)), answering `PING` before it
+//! is handed out, killed on drop.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -20,6 +22,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,6 +34,8 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     binary: String,
+    /// Its working directory, where [`save`](RedisServer::save) writes `dump.rdb`.
+    dir: PathBuf,
 }
 
 impl fmt::Debug for RedisServer {
@@ -53,10 +58,18 @@ impl RedisServer {
         let port = free_port()?;
         let binary =
             std::env::var("KLING_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
+        let dir =
+            std::env::temp_dir().join(format!("kling-redis-test-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        match std::fs::remove_file(dir.join("dump.rdb")) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let mut server = RedisServer {
             child: None,
             port,
             binary,
+            dir,
         };
         server.spawn()?;
         Ok(server)
@@ -108,6 +121,34 @@ impl RedisServer {
     /// Starts a fresh, empty server on the same port (after [`stop`](Self::stop)).
     pub fn restart(&mut self) -> io::Result<()> {
         self.stop();
+        match std::fs::remove_file(self.dir.join("dump.rdb")) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        self.spawn()
+    }
+
+    /// Writes the server's state to its snapshot (`SAVE`), which
+    /// [`restart_from_snapshot`](Self::restart_from_snapshot) loads.
+    pub fn save(&self) -> io::Result<()> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"SAVE\r\n")?;
+        let mut buf = [0u8; 5];
+        stream.read_exact(&mut buf)?;
+        if &buf == b"+OK\r\n" {
+            Ok(())
+        } else {
+            Err(io::Error::other("unexpected answer to SAVE"))
+        }
+    }
+
+    /// Kills the server and starts a new one on the same port that loads the last
+    /// [`save`](Self::save): a restart with persistence, whose state is older than the one
+    /// it lost (what an RDB or AOF restart, or a failover to a lagging replica, brings back).
+    pub fn restart_from_snapshot(&mut self) -> io::Result<()> {
+        self.stop();
         self.spawn()
     }
 
@@ -122,11 +163,12 @@ impl RedisServer {
                 "",
                 "--appendonly",
                 "no",
-                "--protected-mode",
-                "no",
-                "--loglevel",
-                "warning",
+                "--dbfilename",
+                "dump.rdb",
+                "--dir",
             ])
+            .arg(&self.dir)
+            .args(["--protected-mode", "no", "--loglevel", "warning"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -161,6 +203,7 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

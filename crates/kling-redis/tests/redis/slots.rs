@@ -1451,3 +1451,111 @@ async fn while_redis_is_away_the_replay_queue_keeps_one_report_per_task_and_is_b
     }
     assert_eq!(one.pending(), 0, "replayed");
 }
+
+/// Runs maintenance passes until one succeeds (the first after a restart may find the old
+/// connection broken).
+async fn maintained(backend: &RedisSlots) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = backend.maintain().await {
+        assert!(tokio::time::Instant::now() < deadline, "{e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A Redis that comes back with older state (a restart from its snapshot) is a new
+/// generation: the task created after the snapshot is registered again, and the one that ended
+/// after it (reported by another process) does not come back to hold its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_comes_back_older_is_a_new_generation_that_keeps_live_tasks_only() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 2).await;
+    let two = backend(&server, 2).await;
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(r, "t1", LONG)).await.unwrap();
+    server.save().unwrap();
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(r, "t2", LONG)).await.unwrap();
+    two.apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    server.restart_from_snapshot().unwrap();
+    maintained(&one).await;
+    maintained(&two).await;
+    maintained(&one).await;
+    maintained(&one).await;
+    assert_eq!(one.held_here(), 1);
+    assert_eq!(in_use(&one).await, 1);
+    let applied = one
+        .apply(ended("t2", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(applied.released.len(), 1, "t2 was registered again");
+    assert_eq!(in_use(&one).await, 0, "t1 came back");
+}
+
+/// An end reported by another process while Redis was away, replayed on the restarted, empty
+/// store before the owner registers the task again, is not lost: the owner's registration
+/// finds the task ended and gives its slot back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_replayed_before_the_owner_registers_again_frees_the_slot() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 2)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    let two = backend(&server, 2)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(r, "t1", LONG)).await.unwrap();
+    server.stop();
+    two.apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(two.pending(), 1);
+    server.restart().unwrap();
+    maintained(&two).await;
+    assert_eq!(two.pending(), 0);
+    maintained(&one).await;
+    maintained(&one).await;
+    assert_eq!(in_use(&one).await, 0);
+    assert_eq!(one.held_here(), 0);
+}
+
+/// A store that goes back to an older state on the same server (no restart to notice) is
+/// caught by the scripts' sequence: the next maintenance pass starts a new generation and the
+/// process registers the task the older state lacks, instead of forgetting it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_whose_sequence_went_back_is_a_new_generation() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 2)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(r, "t1", LONG)).await.unwrap();
+    // The older state: no holding, an earlier sequence.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("test:pool:*")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    for key in keys.into_iter().chain(["test:ids".to_owned()]) {
+        let () = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+    }
+    let () = redis::cmd("SET")
+        .arg("test:seq")
+        .arg(1)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let _ = one.snapshot().await.unwrap();
+    maintained(&one).await;
+    maintained(&one).await;
+    assert_eq!(one.held_here(), 1);
+    assert_eq!(in_use(&one).await, 1, "t1 registered again");
+}
