@@ -5,9 +5,10 @@
 //! holder stops asking; its holder renews it with every ask.
 
 /// Defines the queue's three operations:
-/// - `ahead_of(q, qx, me, since, now)`: drops the places that ended by `now`, then returns the
-///   end of the place of the first in line when it arrived before `me` (at `since`; ties go to
-///   the smaller member), else `nil`;
+/// - `ahead_of(q, qx, me, since, now)`: drops the places that ended by `now`, moves `me`'s
+///   place (if it holds one) to `since` (its current head's arrival), then returns the end of
+///   the place of the first in line when it arrived before `me` (at `since`; ties go to the
+///   smaller member), else `nil`;
 /// - `take_place(q, qx, me, since, ends, now)`: `me` holds a place, arrived at `since`, until
 ///   `ends`; both sets expire a second after the last place ends, should nobody ask again;
 /// - `leave_place(q, qx, me)`: `me` gives its place up; true if it held one.
@@ -17,6 +18,9 @@ local function ahead_of(q, qx, me, since, now)
     redis.call('ZREM', q, gone)
     redis.call('ZREM', qx, gone)
   end
+  -- A place is ranked by its holder's current head: a process whose head gave up while
+  -- another of its requests waits must not pass the earlier head's arrival on to it.
+  if me ~= '' then redis.call('ZADD', q, 'XX', string.format('%.0f', since), me) end
   local first = redis.call('ZRANGE', q, 0, 0, 'WITHSCORES')
   if not first[1] or first[1] == me then return nil end
   local theirs = tonumber(first[2])

@@ -1105,3 +1105,37 @@ async fn a_success_in_a_process_that_saw_no_pause_resets_the_fleets_streak() {
     send(&b, "throttled").await.unwrap().unwrap();
     assert_eq!(fleet_streak(&server, &redis_key).await, 1);
 }
+
+/// A process's place is ranked by its current head: when the head that took the place gives
+/// up while a later request of the same process waits, that request does not inherit the
+/// earlier arrival and pass a request of another process that has waited longer.
+#[tokio::test]
+async fn a_head_that_gave_up_passes_no_earlier_place_to_the_next_one() {
+    let Some(server) = redis() else { return };
+    let a = RedisGcra::new(connect(&server).await);
+    let b = RedisGcra::new(connect(&server).await);
+    let (key, policy) = slow();
+    assert_eq!(a.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+    let a1 = tokio::time::Instant::now();
+    let Decision::NotBefore { at, .. } = a.acquire_waiting(&key, &policy, a1).await.unwrap() else {
+        panic!("a1 refused");
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let b1 = tokio::time::Instant::now();
+    assert_ne!(
+        b.acquire_waiting(&key, &policy, b1).await.unwrap(),
+        Decision::Admit
+    );
+    // a1 gave up; a2, which began waiting 200 ms after a1, is A's head now.
+    let a2 = a1 + Duration::from_millis(200);
+    tokio::time::sleep_until(at + Duration::from_millis(20)).await;
+    assert_ne!(
+        a.acquire_waiting(&key, &policy, a2).await.unwrap(),
+        Decision::Admit,
+        "a2 took the cell b1 waited longer for"
+    );
+    assert_eq!(
+        b.acquire_waiting(&key, &policy, b1).await.unwrap(),
+        Decision::Admit
+    );
+}
