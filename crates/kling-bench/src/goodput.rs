@@ -40,7 +40,9 @@ pub enum Scenario {
     /// 3% of requests answered 5xx, 3% of creates answered 5000 although the task was created
     /// (and billed), 1% of connections dropped.
     Faults,
-    /// Credits run out mid-run (the client is not told the budget): 1102 for every later create.
+    /// Credits run out mid-run (the client is not told the budget): 1102 for every later
+    /// create. The budget is 66% of the run's jobs at one credit each, on every preset (Free's
+    /// own 66 a day at the published size).
     Credits,
     /// The client's rate is set 50% too high (kling-tower runs in adaptive mode under it);
     /// 1302s carry `Retry-After: <seconds>`.
@@ -54,11 +56,15 @@ pub enum Scenario {
     PollFast,
     /// The client does not know the rate: adaptive mode from a ceiling of 4x the real rate.
     Adaptive,
+    /// The client does not know the slots: it is told twice the real count (Kling's slot
+    /// counts are unconfirmed), so it meets the server's 1303s and must give its extra slots
+    /// up.
+    UnknownSlots,
 }
 
 impl Scenario {
     /// Every scenario, in table order.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Plain,
         Scenario::Faults,
         Scenario::Credits,
@@ -67,6 +73,7 @@ impl Scenario {
         Scenario::Penalty,
         Scenario::PollFast,
         Scenario::Adaptive,
+        Scenario::UnknownSlots,
     ];
 
     /// Its name in the tables.
@@ -80,10 +87,11 @@ impl Scenario {
             Scenario::Penalty => "penalty window",
             Scenario::PollFast => "poll every 1 s",
             Scenario::Adaptive => "unknown rate (adaptive)",
+            Scenario::UnknownSlots => "unknown slots (told 2x)",
         }
     }
 
-    /// Whether the client is told the real limits.
+    /// Whether the client is told the real limits (rate and slots).
     pub fn limits_known(self) -> bool {
         matches!(
             self,
@@ -94,13 +102,12 @@ impl Scenario {
     fn applies_to(self, preset: Preset) -> bool {
         let rated = preset.rate_limit().is_some();
         match self {
-            Scenario::Credits => preset == Preset::Free,
             Scenario::RetryAfterSeconds
             | Scenario::RetryAfterDate
             | Scenario::Penalty
             | Scenario::PollFast
             | Scenario::Adaptive => rated,
-            Scenario::Plain | Scenario::Faults => true,
+            Scenario::Plain | Scenario::Faults | Scenario::Credits | Scenario::UnknownSlots => true,
         }
     }
 }
@@ -108,8 +115,9 @@ impl Scenario {
 /// Which client ran.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Client {
-    /// kling-tower's stack: `KlingLayer` at the preset where the limits are known; where they
-    /// are not, retry + task slots + adaptive GCRA + auth + classify composed by hand.
+    /// kling-tower's stack: `KlingLayer` at the preset where the rate is known (with twice the
+    /// slots in [`Scenario::UnknownSlots`]); where it is not, retry + task slots + adaptive
+    /// GCRA + auth + classify composed by hand.
     Kling,
     /// tower's `Retry` (simple 429/5xx retry, 10 attempts, 1 s apart) over `Buffer` +
     /// `ConcurrencyLimit` + `RateLimit` at the preset's numbers, jobs gated by a semaphore of
@@ -353,11 +361,14 @@ fn tier(preset: Preset) -> Tier {
     }
 }
 
-fn mock_config(preset: Preset, scenario: Scenario) -> MockConfig {
+fn mock_config(preset: Preset, scenario: Scenario, jobs: usize) -> MockConfig {
     let mut config = MockConfig::preset(preset).seed(0x5eed);
-    if preset == Preset::Free && scenario != Scenario::Credits {
-        config = config.unlimited_credits();
-    }
+    config = if scenario == Scenario::Credits {
+        // A create costs one credit here: two thirds of the jobs get a task.
+        config.credits((jobs * 66 / 100) as f64)
+    } else {
+        config.unlimited_credits()
+    };
     match scenario {
         Scenario::Faults => {
             config = config
@@ -383,11 +394,20 @@ fn client_rate(preset: Preset, scenario: Scenario) -> Option<f64> {
     })
 }
 
+/// The slots the client is told.
+fn client_slots(preset: Preset, scenario: Scenario) -> u32 {
+    match scenario {
+        Scenario::UnknownSlots => preset.slots() * 2,
+        _ => preset.slots(),
+    }
+}
+
 fn kling_config(preset: Preset, scenario: Scenario) -> StackConfig {
     let mut config = StackConfig::preset(tier(preset)).no_daily_credits();
     if preset == Preset::Enterprise {
         config = StackConfig::enterprise(preset.slots(), None);
     }
+    config = config.slots(client_slots(preset, scenario));
     if let Some(rate) = client_rate(preset, scenario) {
         config = config.rate_per_minute(rate);
     }
@@ -446,16 +466,18 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
         .build()
         .expect("a runtime");
     rt.block_on(async move {
-        let mock = MockKling::new(mock_config(preset, scenario)).expect("a valid mock");
         let slots = preset.slots() as usize;
         let jobs = slots * options.waves;
+        let mock = MockKling::new(mock_config(preset, scenario, jobs)).expect("a valid mock");
+        let told = client_slots(preset, scenario) as usize;
         let interval = if scenario == Scenario::PollFast {
             Duration::from_secs(1)
         } else {
             options.query_interval
         };
         let (ends, makespan) = match client {
-            Client::Kling if !scenario.limits_known() => {
+            // The rate unknown: adaptive GCRA, composed by hand (`KlingLayer` takes a known rate).
+            Client::Kling if !scenario.limits_known() && scenario != Scenario::UnknownSlots => {
                 let (slots_layer, _) =
                     TaskSlotsLayer::pair(SlotsConfig::new(preset.slots())).expect("valid");
                 let ceiling = client_rate(preset, scenario).expect("a rated preset");
@@ -494,13 +516,13 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
                 let rate = client_rate(preset, scenario).unwrap_or(6e9);
                 let service = tower_stack_buffered_with(
                     ClassifyLayer::new().layer(mock.clone()),
-                    slots,
+                    told,
                     rate,
                     1,
                     jobs + 16,
                     SimpleRetry::new(10, Duration::from_secs(1)),
                 );
-                let gate = Arc::new(Semaphore::new(slots));
+                let gate = Arc::new(Semaphore::new(told));
                 drive(service, &mock, jobs, interval, true, Some(gate)).await
             }
         };
@@ -533,6 +555,11 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
         // least any client sends whatever its own count (a bound that does not grow with the
         // requests the client chose to send).
         let poll_fast = scenario == Scenario::PollFast;
+        // Told more slots than it has, a client creates without having seen a slot free, and
+        // a create the server takes the moment a task ends beats the poll that would see it
+        // end: there the slots' bound is the tasks' lives themselves, with no poll rounding and
+        // no rate interval before the next create (the server's own floor).
+        let blind = scenario == Scenario::UnknownSlots;
         let (mut slot_ms, mut needed) = (0u64, 0u64);
         let mut with_task = 0u64;
         for end in &ends {
@@ -541,7 +568,11 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
                     run.completed += 1;
                     with_task += 1;
                     let polls = life_ms.div_ceil(q).max(1);
-                    slot_ms += polls * q + create_gap_ms;
+                    slot_ms += if blind {
+                        *life_ms
+                    } else {
+                        polls * q + create_gap_ms
+                    };
                     needed += 1 + if poll_fast { 1 } else { polls };
                 }
                 JobEnd::Refused => run.refused += 1,
@@ -550,7 +581,9 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
         }
         run.duplicates = stats.tasks_created.saturating_sub(with_task);
         // Only a slot's later tasks wait for a poll: its first create goes at the start.
-        slot_ms = slot_ms.saturating_sub(with_task.min(slots as u64) * create_gap_ms);
+        if !blind {
+            slot_ms = slot_ms.saturating_sub(with_task.min(slots as u64) * create_gap_ms);
+        }
         let slot_bound = slot_ms as f64 / 1000.0 / slots as f64;
         // `needed` requests under a rate with a burst of 1 take `needed - 1` intervals: the
         // first goes at once.
