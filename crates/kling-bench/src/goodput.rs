@@ -197,7 +197,10 @@ pub struct Run {
     pub requests: u64,
     /// HTTP 429 answers by code.
     pub rejections: BTreeMap<String, u64>,
-    /// Creates the server received more than 100 ms after the account's first 1102.
+    /// Creates the server received more than 100 ms (API time) after the account's first 1102
+    /// (`kling_mock::Stats::creates_after_1102`). Creates only: the queries of tasks still
+    /// running must go on after a 1102, and a create already on its way when the 1102 was
+    /// sent is not the client's fault. Not the "requests after a 1102" literally.
     pub after_1102: u64,
     /// Tasks created beyond one per job that got one (billed twice or never used).
     pub duplicates: u64,

@@ -139,13 +139,13 @@ pub fn goodput(runs: &[goodput::Run]) -> String {
          (requests − 1) ÷ rate ÷ makespan. † Polling every second asks for more than the rate \
          carries: the bound counts one poll per job (the least any client sends), so the \
          efficiency is shown but not judged, and the target there is the rate kept busy \
-         (rate use). \"creates after 1102\" counts creates (not queries, which must go on for \
+         (rate use). \"creates after a 1102\" counts creates (not queries, which must go on for \
          the tasks still running) the server received more than 100 ms (API time) after the \
          account's first 1102.\n"
     );
     let _ = writeln!(
         out,
-        "| preset | scenario | client | limits known | jobs | completed | refused (fatal) | lost (gave up) | makespan s | bound s | efficiency | rate use | requests | 429s by code | 429 share | creates after 1102 | duplicate creates |"
+        "| preset | scenario | client | limits known | jobs | completed | refused (fatal) | lost (gave up) | makespan s | bound s | efficiency | rate use | requests | 429s by code | 429 share | creates after a 1102 (100 ms grace) | duplicate creates |"
     );
     let _ = writeln!(
         out,
