@@ -284,6 +284,8 @@ struct Inner {
     init: tokio::sync::OnceCell<()>,
     needs_register: AtomicBool,
     generation: std::sync::atomic::AtomicI64,
+    /// Held through a maintenance pass.
+    maintaining: tokio::sync::Mutex<()>,
     /// The largest script number seen (see [`Inner::saw_state`]).
     max_seq: std::sync::atomic::AtomicI64,
     /// The generation of a store seen going back to an older state, until the maintenance
@@ -394,6 +396,7 @@ impl RedisSlots {
                 init: tokio::sync::OnceCell::new(),
                 needs_register: AtomicBool::new(false),
                 generation: std::sync::atomic::AtomicI64::new(i64::MIN),
+                maintaining: tokio::sync::Mutex::new(()),
                 max_seq: std::sync::atomic::AtomicI64::new(0),
                 went_back: std::sync::atomic::AtomicI64::new(i64::MIN),
                 wake_maintenance: Arc::new(Notify::new()),
@@ -1114,8 +1117,11 @@ impl Inner {
             .map(|_| ())
     }
 
-    /// One maintenance pass.
+    /// One maintenance pass; one at a time (the loop's and [`RedisSlots::maintain`]'s): a
+    /// pass that prunes while another registers the holdings again would drop the holdings
+    /// not registered yet.
     async fn maintain(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.maintaining.lock().await;
         // Every pass reads fleet time (`init` or `alive` at least), which also starts the
         // periodic clock measurement when it is due.
         self.init().await?;
@@ -1227,8 +1233,11 @@ impl Inner {
             }
             let before = self.seq_before();
             let items = array(self.run(&self.apply, &args).await?)?;
+            // A loss noticed by this reply, or by any script meanwhile: the next pass
+            // registers the holdings again, and nothing is pruned.
             if self.saw_state(items.first(), before)
                 || self.went_back.load(Ordering::Acquire) != i64::MIN
+                || self.needs_register.load(Ordering::Acquire)
             {
                 return Ok(());
             }
