@@ -546,7 +546,9 @@ async fn account_id_is_set_unless_the_request_has_one() {
     let accounts = accounts.lock().unwrap();
     assert_eq!(
         accounts[0].as_ref().unwrap(),
-        &Credentials::access_key("ak-acct", "sk").unwrap().account_id()
+        &Credentials::access_key("ak-acct", "sk")
+            .unwrap()
+            .account_id()
     );
     assert_eq!(accounts[1].as_ref().unwrap().as_str(), "tenant-7");
 }
