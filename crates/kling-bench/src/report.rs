@@ -212,6 +212,13 @@ pub fn scale(report: &scale::Report) -> String {
     }
     let _ = writeln!(
         out,
+        "\nThe waiters are served all at once, each a task of its own spawned newest first; the \
+         inner service counts the requests it sees out of arrival order. Control: through a \
+         deliberately last-in-first-out gate, {} of {} waiters are served out of order.",
+        report.lifo_control.0, report.lifo_control.1
+    );
+    let _ = writeln!(
+        out,
         "\n| GCRA decision (GcraLayer over classify, one thread) | CPU ns per request |\n|---|---:|\n| 1 key | {} |\n| {} keys, round robin | {} |\n| difference | {} |",
         ns(report.one_key_ns),
         report.keys,

@@ -18,6 +18,7 @@ use kling_core::{AccountId, ClassifyLayer, Recognized};
 use kling_mock::{MockConfig, MockKling, Preset};
 use kling_ratelimit::{GcraLayer, Quota};
 use kling_tower::{Credentials, KlingLayer, StackConfig};
+use tokio::sync::{mpsc, oneshot};
 use tower::{Layer, Service};
 
 use crate::alloc::Counting;
@@ -98,6 +99,9 @@ pub struct Report {
     pub keys: usize,
     /// The 1,000-task run: tasks, makespan (s), requests, CPU seconds, peak live heap (bytes).
     pub followed: (usize, f64, u64, f64, i64),
+    /// The order check's control: waiters served out of order through a deliberately
+    /// last-in-first-out gate ([`arrival_order_control`]), and how many waited.
+    pub lifo_control: (usize, usize),
 }
 
 /// An always-ready inner that answers every request with a task that has already ended (so a
@@ -107,8 +111,9 @@ struct InOrder {
     next: Arc<AtomicUsize>,
     late: Arc<AtomicUsize>,
     body: Bytes,
-    /// Creates answer a running task `t{index}` (it holds its slot until completed).
-    hold: bool,
+    /// Creates answer a running task `t{index}` (it holds its slot until completed), and the
+    /// index is sent here, so the driver can end the task.
+    hold: Option<mpsc::UnboundedSender<usize>>,
 }
 
 impl InOrder {
@@ -119,15 +124,20 @@ impl InOrder {
             body: Bytes::from_static(
                 br#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t","task_status":"succeed"}}"#,
             ),
-            hold: false,
+            hold: None,
         }
     }
 
-    fn holding() -> Self {
-        InOrder {
-            hold: true,
-            ..InOrder::new()
-        }
+    /// Creates hold their slot; the receiver hears of each task created.
+    fn holding() -> (Self, mpsc::UnboundedReceiver<usize>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            InOrder {
+                hold: Some(tx),
+                ..InOrder::new()
+            },
+            rx,
+        )
     }
 }
 
@@ -150,7 +160,12 @@ impl Service<Req> for InOrder {
         if index != expected {
             self.late.fetch_add(1, Ordering::Relaxed);
         }
-        let body = if self.hold && request.method() == Method::POST {
+        let body = if let Some(created) = self
+            .hold
+            .as_ref()
+            .filter(|_| request.method() == Method::POST)
+        {
+            let _ = created.send(index);
             Bytes::from(format!(
                 r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":{{"task_id":"t{index}","task_status":"submitted"}}}}"#
             ))
@@ -184,19 +199,27 @@ fn numbered(method: Method, index: usize) -> Req {
 /// growth of both steps: the limiters take a request's turn when it is called, and box what a
 /// waiting request carries. The caller's part of that growth — the futures' own boxes — is taken
 /// off; the requests moved into the limiter while they wait leave the measured vector they came
-/// from, so what remains is the limiter's own bookkeeping. Then serves them all in paused time (awaiting them in arrival order) and checks
-/// the order in which they reached the inner service.
+/// from, so what remains is the limiter's own bookkeeping.
+///
+/// Then serves them all in paused time, every waiter at once: each is spawned as a task of its
+/// own, newest first, so the runtime polls them in the order the limiter wakes them (and at
+/// first in reverse arrival order). Nothing in the driver puts them in order: a limiter that
+/// lets a later waiter through first is seen at the inner service, which counts the requests
+/// it is called with out of arrival order ([`arrival_order_control`] shows the count failing
+/// for a last-in-first-out gate). With `slots`, each task created is ended as soon as the
+/// inner service reports it, which frees the slot for the next waiter.
 async fn queue<S>(
     name: &str,
     count: usize,
     method: Method,
     mut service: S,
     inner: &InOrder,
-    slots: Option<SlotsHandle>,
+    slots: Option<(SlotsHandle, mpsc::UnboundedReceiver<usize>)>,
 ) -> Waiters
 where
     S: Service<Req, Response = Res>,
-    S::Error: std::fmt::Debug,
+    S::Future: 'static,
+    S::Error: std::fmt::Debug + 'static,
 {
     let requests: Vec<Req> = (0..count).map(|i| numbered(method.clone(), i)).collect();
     let mut futures: Vec<Pin<Box<S::Future>>> = Vec::with_capacity(count);
@@ -217,12 +240,24 @@ where
     let queue_cpu_s = cpu::thread().saturating_sub(queue_cpu).as_secs_f64();
     let queued = waiting.len();
     let cpu = cpu::thread();
-    for (i, future) in waiting.into_iter().enumerate() {
-        if let Some(slots) = &slots {
-            // The task the previous create made ends: the next waiter's turn.
-            slots.complete(&format!("t{i}")).await.expect("in-process");
-        }
-        future.await.expect("served");
+    if let Some((slots, mut created)) = slots {
+        // Each task ends as soon as it is created: the next waiter's turn.
+        tokio::task::spawn_local(async move {
+            while let Some(i) = created.recv().await {
+                slots.complete(&format!("t{i}")).await.expect("in-process");
+            }
+        });
+    }
+    let served: Vec<_> = waiting
+        .into_iter()
+        .rev()
+        .map(tokio::task::spawn_local)
+        .collect();
+    for handle in served {
+        handle
+            .await
+            .expect("a waiter never panics")
+            .expect("served");
     }
     Waiters {
         limiter: name.to_owned(),
@@ -300,12 +335,12 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
     waiters.give_up_cpu_s = paused(async { give_up(options.waiters, &Method::GET, gcra().0) });
     report.waiters.push(waiters);
     let slots = || {
-        let inner = InOrder::holding();
+        let (inner, created) = InOrder::holding();
         let (slots, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).expect("valid");
         (
             slots.layer(ClassifyLayer::new().layer(inner.clone())),
             inner,
-            handle,
+            (handle, created),
         )
     };
     let mut waiters = paused(async {
@@ -322,6 +357,8 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
     });
     waiters.give_up_cpu_s = paused(async { give_up(options.waiters, &Method::POST, slots().0) });
     report.waiters.push(waiters);
+    let control = options.waiters.min(CONTROL_WAITERS);
+    report.lifo_control = (arrival_order_control(control, true), control);
     log("scale: keys");
     let (one, many) = keys(options.keys, options.decisions);
     report.one_key_ns = one;
@@ -331,13 +368,81 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
     report
 }
 
+/// Runs `work` on a paused current-thread runtime, inside a `LocalSet` (the waiters are
+/// spawned as local tasks).
 fn paused<T>(work: impl Future<Output = T>) -> T {
     tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .expect("a runtime")
-        .block_on(work)
+        .block_on(tokio::task::LocalSet::new().run_until(work))
+}
+
+/// Waiters in the arrival-order control.
+const CONTROL_WAITERS: usize = 10_000;
+
+/// A gate that lets one request through a millisecond, the newest waiting first (`lifo`) or
+/// the oldest: a deliberately unfair limiter and a fair one, to show what the waiters' order
+/// check sees.
+#[derive(Clone)]
+struct Gate {
+    inner: InOrder,
+    waiting: Arc<std::sync::Mutex<std::collections::VecDeque<oneshot::Sender<()>>>>,
+}
+
+impl Service<Req> for Gate {
+    type Response = Res;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Res, Infallible>>>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let (tx, rx) = oneshot::channel();
+        self.waiting.lock().expect("not poisoned").push_back(tx);
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            rx.await.expect("the gate opens for every waiter");
+            inner.call(request).await
+        })
+    }
+}
+
+/// The waiters' order check on `count` waiters through a [`Gate`], last in first out (`lifo`)
+/// or first in first out: the requests the inner service saw out of arrival order. A check
+/// that can fail finds almost all of them out of order through the LIFO gate, and none
+/// through the FIFO one.
+pub fn arrival_order_control(count: usize, lifo: bool) -> usize {
+    paused(async move {
+        let inner = InOrder::new();
+        let gate = Gate {
+            inner: inner.clone(),
+            waiting: Arc::default(),
+        };
+        let waiting = gate.waiting.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                let next = {
+                    let mut waiting = waiting.lock().expect("not poisoned");
+                    if lifo {
+                        waiting.pop_back()
+                    } else {
+                        waiting.pop_front()
+                    }
+                };
+                if let Some(open) = next {
+                    let _ = open.send(());
+                }
+            }
+        });
+        queue("gate", count, Method::GET, gate, &inner, None)
+            .await
+            .out_of_order
+    })
 }
 
 /// GCRA cost per decision with one key and cycling over `keys` keys (CPU ns, one thread).

@@ -78,6 +78,23 @@ fn scale_serves_waiters_in_arrival_order() {
     }
     assert_eq!(r.followed.0, scale::Options::tiny().tasks);
     assert!(report::scale(&r).contains("GcraLayer"));
+    // The control the table prints: the LIFO gate's waiters are served out of order.
+    assert_eq!(r.lifo_control.1, scale::Options::tiny().waiters);
+    assert!(
+        r.lifo_control.0 >= r.lifo_control.1 - 1,
+        "{:?}",
+        r.lifo_control
+    );
+}
+
+/// The order check can fail: the same driver finds the requests a deliberately
+/// last-in-first-out gate lets through out of arrival order (all of them but perhaps the
+/// middle one), and none through the same gate first-in-first-out.
+#[test]
+fn the_order_check_fails_for_an_unfair_gate() {
+    let _alone = alone();
+    assert!(scale::arrival_order_control(200, true) >= 199);
+    assert_eq!(scale::arrival_order_control(200, false), 0);
 }
 
 #[test]
