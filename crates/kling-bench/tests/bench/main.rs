@@ -20,3 +20,9 @@ fn alone() -> MutexGuard<'static, ()> {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+/// Whether the tests run on CI, where a missing tool is a failure rather than a skip: `CI` set
+/// to `true` or `1`, as `kling_redis::testing::on_ci` reads it (one rule for every crate).
+fn on_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}

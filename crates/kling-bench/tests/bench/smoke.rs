@@ -128,7 +128,7 @@ fn instructions_are_counted_per_request_under_callgrind() {
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_kling-bench"));
     let names = [overhead::BARE, overhead::CLASSIFY, overhead::PRO_STACK];
     let rows = match instructions::run_subjects(exe, &names, 20, &mut |_| {}) {
-        Err(instructions::Error::Valgrind(e)) if std::env::var("CI").as_deref() != Ok("true") => {
+        Err(instructions::Error::Valgrind(e)) if !crate::on_ci() => {
             #[allow(clippy::print_stderr)]
             {
                 eprintln!("skipping: cannot start valgrind ({e}); on CI this fails");
@@ -165,7 +165,7 @@ fn instructions_are_counted_per_request_under_callgrind() {
 fn an_unknown_subject_is_not_counted() {
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_kling-bench"));
     match instructions::run_subjects(exe, &["no such subject"], 1, &mut |_| {}) {
-        Err(instructions::Error::Valgrind(_)) if std::env::var("CI").as_deref() != Ok("true") => {}
+        Err(instructions::Error::Valgrind(_)) if !crate::on_ci() => {}
         Err(e @ instructions::Error::Failed { .. }) => {
             assert!(e.to_string().contains("no such subject"), "{e}");
         }

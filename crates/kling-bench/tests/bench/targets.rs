@@ -71,7 +71,9 @@ fn goodput_meets_every_target_in_every_scenario() {
         );
     }
     // The negative control: tower's simple 429 retry loses jobs and creates twice under
-    // faults, keeps creating after a 1102, and gives up in the penalty window.
+    // faults (where, with the limits known, its jobs also meet more than 1% 1303s: the 429
+    // check can fail, though tower's client meets none on "plain"), keeps creating after a
+    // 1102, and gives up in the penalty window.
     let tower = |preset: &str, scenario: Scenario| {
         runs.iter()
             .find(|r| {
@@ -84,6 +86,10 @@ fn goodput_meets_every_target_in_every_scenario() {
     let faults = missed(tower("pro", Scenario::Faults));
     assert!(faults.contains(&"every job completes"), "{faults:?}");
     assert!(faults.contains(&"no duplicate create"), "{faults:?}");
+    assert!(
+        faults.contains(&"429s under 1% with the limits known"),
+        "{faults:?}"
+    );
     // Credits run out on every preset: tower's client keeps creating after the 1102 on each,
     // Enterprise's ten slots with no rate cap included (where ours creates none).
     for preset in ["free", "standard", "pro", "enterprise"] {
