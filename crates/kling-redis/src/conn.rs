@@ -166,6 +166,12 @@ struct Inner {
     prefix: String,
     timeout: Duration,
     offset_us: AtomicI64,
+    /// Fleet time at `epoch`, as the last measurement put it: fleet time is this plus the
+    /// monotonic time since `epoch`, so a step of the system clock (a resumed VM, a
+    /// `makestep`) does not move it.
+    base_us: AtomicI64,
+    /// The monotonic origin of `base_us`.
+    epoch: std::time::Instant,
     calibrated: AtomicBool,
     /// Held by the one request that measures the first offset; the others wait for it and
     /// read its failure, if any (so a down Redis costs them one attempt, not one each).
@@ -223,6 +229,8 @@ impl Connection {
                 prefix: config.prefix,
                 timeout: config.command_timeout,
                 offset_us: AtomicI64::new(0),
+                base_us: AtomicI64::new(0),
+                epoch: std::time::Instant::now(),
                 calibrated: AtomicBool::new(false),
                 first_calibration: tokio::sync::Mutex::new(None),
                 #[cfg(feature = "testing")]
@@ -254,9 +262,30 @@ impl Connection {
     }
 
     /// Fleet time now: Unix microseconds on the server's clock (this process's own clock until
-    /// the offset has been measured, see [`is_calibrated`](Self::is_calibrated)).
+    /// the offset has been measured, see [`is_calibrated`](Self::is_calibrated)). Measured, it
+    /// runs on the monotonic clock from the last measurement: a step of the system clock
+    /// does not move it.
     pub fn now_us(&self) -> i64 {
-        self.local_us() + self.inner.offset_us.load(Ordering::Acquire)
+        if self.is_calibrated() {
+            self.inner.base_us.load(Ordering::Acquire) + self.mono_us()
+        } else {
+            self.local_us() + self.inner.offset_us.load(Ordering::Acquire)
+        }
+    }
+
+    /// Monotonic microseconds since this connection was made.
+    fn mono_us(&self) -> i64 {
+        i64::try_from(self.inner.epoch.elapsed().as_micros()).unwrap_or(i64::MAX)
+    }
+
+    /// Measures the server's clock again at the next fleet-time read: after Redis was away
+    /// (a failover may have brought a server whose clock differs).
+    pub(crate) fn recalibrate_soon(&self) {
+        *self
+            .inner
+            .last_calibration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Whether the offset to the server's clock has been measured: always after
@@ -335,20 +364,22 @@ impl Connection {
     /// Measures the offset to the server's clock now (`TIME`, keeping the fastest of three
     /// probes).
     pub async fn calibrate(&self) -> Result<(), StoreError> {
-        let mut best: Option<(i64, i64)> = None;
+        let mut best: Option<(i64, i64, i64)> = None;
         for _ in 0..3 {
             let before = self.local_us();
+            let before_mono = self.mono_us();
             let (secs, micros): (i64, i64) = self.query(&redis::cmd("TIME")).await?;
-            let after = self.local_us();
-            let rtt = after - before;
+            let rtt = self.mono_us() - before_mono;
             let server = secs * 1_000_000 + micros;
             let offset = server - (before + rtt / 2);
-            if best.is_none_or(|(r, _)| rtt < r) {
-                best = Some((rtt, offset));
+            let base = server - (before_mono + rtt / 2);
+            if best.is_none_or(|(r, _, _)| rtt < r) {
+                best = Some((rtt, offset, base));
             }
         }
-        if let Some((rtt, offset)) = best {
+        if let Some((rtt, offset, base)) = best {
             self.inner.offset_us.store(offset, Ordering::Release);
+            self.inner.base_us.store(base, Ordering::Release);
             self.inner.calibrated.store(true, Ordering::Release);
             *self
                 .inner

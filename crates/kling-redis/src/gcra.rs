@@ -947,6 +947,7 @@ impl Inner {
             _ => {
                 if self.out.swap(false, Ordering::Relaxed) {
                     tracing::info!("redis reachable again: rate limiter shared again");
+                    self.conn.recalibrate_soon();
                 }
             }
         }

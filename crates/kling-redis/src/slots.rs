@@ -631,6 +631,7 @@ impl Inner {
             Ok(_) => {
                 if self.out.swap(false, Ordering::Relaxed) {
                     tracing::info!("redis reachable again: task slots shared again");
+                    self.conn.recalibrate_soon();
                     self.wake_maintenance.notify_one();
                 }
             }

@@ -1559,3 +1559,22 @@ async fn a_store_whose_sequence_went_back_is_a_new_generation() {
     assert_eq!(one.held_here(), 1);
     assert_eq!(in_use(&one).await, 1, "t1 registered again");
 }
+
+/// Fleet time runs on the monotonic clock from the last measurement of the server's: a
+/// system clock stepped two minutes forward after it (a resumed VM, `makestep`) does not run
+/// a live lease out and grant its slot again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_of_the_system_clock_does_not_end_a_live_lease() {
+    let Some(server) = redis() else { return };
+    let conn = connect(&server).await;
+    let one = RedisSlots::new(conn.clone(), SlotsConfig::new(1))
+        .unwrap()
+        .poll_every(Duration::from_millis(100))
+        .grace(Duration::from_millis(50));
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(r, "t1", LONG)).await.unwrap();
+    kling_redis::testing::skew_local_clock(&conn, 120_000_000);
+    let second = tokio::time::timeout(Duration::from_millis(500), one.acquire(video(), 1)).await;
+    assert!(second.is_err(), "the live lease ran out: {second:?}");
+    assert_eq!(in_use(&one).await, 1);
+}
