@@ -77,6 +77,10 @@ fn scale_serves_waiters_in_arrival_order() {
         assert!(w.bytes_per_waiter > 0.0, "{w:?}");
     }
     assert_eq!(r.followed.0, scale::Options::tiny().tasks);
+    // The GCRA decision at 1 key and at the options' most (50): both timed.
+    let counts: Vec<usize> = r.keys.iter().map(|&(keys, _)| keys).collect();
+    assert_eq!(counts, [1, scale::Options::tiny().keys]);
+    assert!(r.keys.iter().all(|&(_, ns)| ns > 0.0), "{:?}", r.keys);
     assert!(report::scale(&r).contains("GcraLayer"));
     // The control the table prints: the LIFO gate's waiters are served out of order.
     assert_eq!(r.lifo_control.1, scale::Options::tiny().waiters);
