@@ -495,7 +495,8 @@ where
                 })
                 .collect();
             for (i, uri) in legacy {
-                let answer = self.query(uri).await;
+                let until = later(tracked[i].started, self.policy.deadline);
+                let answer = self.query(uri, until).await;
                 self.apply(&mut tracked, &[i], answer);
             }
             // New-style tasks: when any is due, ask about every pending one, in batches.
@@ -509,7 +510,13 @@ where
                     let ids: Vec<&str> =
                         chunk.iter().map(|&i| tracked[i].task.id.as_str()).collect();
                     let uri = format!("/tasks?task_ids={}", ids.join(","));
-                    let answer = self.query(uri).await;
+                    // Until the last of their deadlines: the query answers for all of them.
+                    let until = chunk
+                        .iter()
+                        .map(|&i| later(tracked[i].started, self.policy.deadline))
+                        .max()
+                        .unwrap_or(now);
+                    let answer = self.query(uri, until).await;
                     self.apply(&mut tracked, chunk, answer);
                 }
             }
@@ -538,7 +545,17 @@ where
             .collect()
     }
 
-    async fn query(&self, uri: String) -> Result<Response<Full<Bytes>>, BoxError> {
+    /// One query, given up at `until` (the deadline of the tasks it asks about): a query the
+    /// layers below hold (a rate wait, a retry's backoff) must not keep a follow past its
+    /// deadline. A query is safe to drop.
+    async fn query(&self, uri: String, until: Instant) -> Result<Response<Full<Bytes>>, BoxError> {
+        match tokio::time::timeout_at(until, self.query_now(uri)).await {
+            Ok(answer) => answer,
+            Err(_) => Err("the query was still unanswered at the follow's deadline".into()),
+        }
+    }
+
+    async fn query_now(&self, uri: String) -> Result<Response<Full<Bytes>>, BoxError> {
         let mut service = self.service.clone();
         poll_fn(|cx| service.poll_ready(cx))
             .await

@@ -245,6 +245,26 @@ async fn a_task_that_outlives_its_deadline_fails_with_its_last_status() {
     }
 }
 
+/// A query the layers below hold past the deadline (a rate wait, a retry's backoff: here an
+/// answer that takes ten minutes) does not keep the follow going: it ends at its deadline.
+#[tokio::test(start_paused = true)]
+async fn a_query_still_unanswered_at_the_deadline_ends_the_follow_on_time() {
+    let slow = tower::service_fn(|_req: http::Request<Full<Bytes>>| async {
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        let body = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t1","task_status":"processing"}}"#;
+        Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from_static(
+            body.as_bytes(),
+        ))))
+    });
+    let start = Instant::now();
+    let err = follower(slow, FollowPolicy::new().deadline(Duration::from_secs(60)))
+        .follow(TaskRef::new_style("t1"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FollowError::DeadlineExceeded { .. }), "{err}");
+    assert_eq!(start.elapsed(), Duration::from_secs(60));
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_unknown_task_fails_with_the_api_error() {
     let service = ClassifyLayer::new().layer(mock(60, 60));
