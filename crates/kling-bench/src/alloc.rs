@@ -2,8 +2,9 @@
 //!
 //! The workspace denies `unsafe_code`; this module is the one exception, because a
 //! `GlobalAlloc` implementation is `unsafe` by definition. It only forwards to the system
-//! allocator and adds to a few atomic counters, and only while counting is switched on, so
-//! the timed runs pay one relaxed load per allocation and nothing else.
+//! allocator and adds to a few atomic counters (and keeps a high-water mark with `fetch_max`),
+//! and only while counting is switched on, so the timed runs pay one relaxed load per
+//! allocation and nothing else.
 #![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -17,6 +18,7 @@ static ON: AtomicBool = AtomicBool::new(false);
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
 static BYTES: AtomicU64 = AtomicU64::new(0);
 static LIVE: AtomicI64 = AtomicI64::new(0);
+static PEAK: AtomicI64 = AtomicI64::new(0);
 
 // SAFETY: every call is forwarded unchanged to `System`, which upholds `GlobalAlloc`'s contract;
 // the counters are plain atomics that never allocate.
@@ -25,7 +27,11 @@ unsafe impl GlobalAlloc for Counting {
         if ON.load(Ordering::Relaxed) {
             ALLOCS.fetch_add(1, Ordering::Relaxed);
             BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
-            LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
+            let size = layout.size() as i64;
+            PEAK.fetch_max(
+                LIVE.fetch_add(size, Ordering::Relaxed) + size,
+                Ordering::Relaxed,
+            );
         }
         // SAFETY: forwarded with the caller's layout.
         unsafe { System.alloc(layout) }
@@ -43,7 +49,11 @@ unsafe impl GlobalAlloc for Counting {
         if ON.load(Ordering::Relaxed) {
             ALLOCS.fetch_add(1, Ordering::Relaxed);
             BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
-            LIVE.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
+            let grown = new_size as i64 - layout.size() as i64;
+            PEAK.fetch_max(
+                LIVE.fetch_add(grown, Ordering::Relaxed) + grown,
+                Ordering::Relaxed,
+            );
         }
         // SAFETY: forwarded with the caller's pointer, layout and size.
         unsafe { System.realloc(ptr, layout, new_size) }
@@ -62,6 +72,9 @@ pub struct Counts {
     pub bytes: u64,
     /// Net bytes still allocated (allocated minus freed while counting).
     pub live: i64,
+    /// The highest `live` reached while counting (the allocator's high-water mark, kept with
+    /// a `fetch_max` on every allocation: not sampled).
+    pub peak: i64,
 }
 
 impl Counting {
@@ -70,6 +83,7 @@ impl Counting {
         ALLOCS.store(0, Ordering::Relaxed);
         BYTES.store(0, Ordering::Relaxed);
         LIVE.store(0, Ordering::Relaxed);
+        PEAK.store(0, Ordering::Relaxed);
         ON.store(true, Ordering::SeqCst);
     }
 
@@ -79,6 +93,7 @@ impl Counting {
             allocs: ALLOCS.load(Ordering::Relaxed),
             bytes: BYTES.load(Ordering::Relaxed),
             live: LIVE.load(Ordering::Relaxed),
+            peak: PEAK.load(Ordering::Relaxed),
         }
     }
 

@@ -234,7 +234,7 @@ pub fn scale(report: &scale::Report) -> String {
     let (tasks, makespan, requests, cpu, peak) = report.followed;
     let _ = writeln!(
         out,
-        "\n| concurrent tasks followed to the end (paused time, Enterprise, whole stack + in-process mock) | |\n|---|---:|\n| tasks completed | {tasks} |\n| makespan (simulated) | {makespan:.0} s |\n| requests | {requests} |\n| CPU time, stack + mock | {:.3} s ({:.1} µs per request) |\n| peak live heap during the run | {:.1} MiB |",
+        "\n| concurrent tasks followed to the end (paused time, Enterprise, whole stack + in-process mock) | |\n|---|---:|\n| tasks completed | {tasks} |\n| makespan (simulated) | {makespan:.0} s |\n| requests | {requests} |\n| CPU time, stack + mock | {:.3} s ({:.1} µs per request) |\n| peak heap growth during the run (allocator high-water mark, from after the stack and mock were built) | {:.1} MiB |",
         cpu,
         cpu * 1e6 / requests.max(1) as f64,
         peak as f64 / (1024.0 * 1024.0)
