@@ -277,6 +277,12 @@ struct Inner {
     /// with a new generation.
     ends: Mutex<VecDeque<ReportedEnd>>,
     pending: Mutex<VecDeque<Pending>>,
+    /// Whether a replay runs: new changes queue behind it (read and written under `pending`'s
+    /// lock).
+    replaying: AtomicBool,
+    /// How long the replay waits before sending each change (`testing::delay_replay`).
+    #[cfg(feature = "testing")]
+    replay_delay: Mutex<Duration>,
     /// Whether reports were dropped from the replay queue since it was last empty (warned once).
     overflowed: AtomicBool,
     out: AtomicBool,
@@ -391,6 +397,9 @@ impl RedisSlots {
                 ends: Mutex::new(VecDeque::new()),
                 pending: Mutex::new(VecDeque::new()),
                 overflowed: AtomicBool::new(false),
+                replaying: AtomicBool::new(false),
+                #[cfg(feature = "testing")]
+                replay_delay: Mutex::new(Duration::ZERO),
                 out: AtomicBool::new(false),
                 started: AtomicBool::new(false),
                 init: tokio::sync::OnceCell::new(),
@@ -490,6 +499,12 @@ impl RedisSlots {
     /// Changes waiting to be replayed once Redis is back.
     pub fn pending(&self) -> usize {
         lock(&self.inner.pending).len()
+    }
+
+    /// See [`testing::delay_replay`](crate::testing::delay_replay).
+    #[cfg(feature = "testing")]
+    pub(crate) fn delay_replay(&self, by: Duration) {
+        *lock(&self.inner.replay_delay) = by;
     }
 
     /// Runs one maintenance pass now: replays what could not be sent, registers held slots
@@ -995,7 +1010,12 @@ impl Inner {
         if let Some(pk) = &wake {
             self.wake(pk);
         }
-        let queued = !lock(&self.pending).is_empty();
+        // Behind the replay while it runs, even when its last change is in flight and the
+        // queue looks empty: a change sent now could overtake it.
+        let queued = {
+            let pending = lock(&self.pending);
+            !pending.is_empty() || self.replaying.load(Ordering::Acquire)
+        };
         let result = if queued {
             // Keep the order: behind what is waiting to be replayed.
             Err(StoreError::protocol(
@@ -1126,10 +1146,31 @@ impl Inner {
         // Every pass reads fleet time (`init` or `alive` at least), which also starts the
         // periodic clock measurement when it is due.
         self.init().await?;
-        // 1. Replay, in order.
+        // 1. Replay, in order. While it runs, new changes queue behind it (`replaying`, set
+        // and cleared under the queue's lock).
+        {
+            let pending = lock(&self.pending);
+            if !pending.is_empty() {
+                self.replaying.store(true, Ordering::Release);
+            }
+        }
         loop {
-            let next = lock(&self.pending).pop_front();
+            let next = {
+                let mut pending = lock(&self.pending);
+                let next = pending.pop_front();
+                if next.is_none() {
+                    self.replaying.store(false, Ordering::Release);
+                }
+                next
+            };
             let Some(pending) = next else { break };
+            #[cfg(feature = "testing")]
+            {
+                let delay = *lock(&self.replay_delay);
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+            }
             let result = match &pending {
                 Pending::Args(args) => {
                     let mut args = args.clone();
@@ -1162,7 +1203,9 @@ impl Inner {
             };
             if let Err(e) = result {
                 if e.is_unreachable() {
-                    lock(&self.pending).push_front(pending);
+                    let mut queue = lock(&self.pending);
+                    queue.push_front(pending);
+                    self.replaying.store(false, Ordering::Release);
                     return Err(e);
                 }
                 tracing::warn!(error = %e, "dropping a task slot change redis refused");

@@ -214,6 +214,12 @@ pub fn skew_local_clock(conn: &crate::Connection, ahead_us: i64) {
     conn.skew_local_clock(ahead_us);
 }
 
+/// Makes `slots` (and its clones) wait `by` before sending each change it replays: a replay
+/// whose changes are in flight while the process makes new ones.
+pub fn delay_replay(slots: &crate::RedisSlots, by: Duration) {
+    slots.delay_replay(by);
+}
+
 /// A port nobody listens on now (bound once by the OS and released).
 fn free_port() -> io::Result<u16> {
     let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;

@@ -1578,3 +1578,55 @@ async fn a_step_of_the_system_clock_does_not_end_a_live_lease() {
     assert!(second.is_err(), "the live lease ran out: {second:?}");
     assert_eq!(in_use(&one).await, 1);
 }
+
+/// A change made while the replay runs goes behind it, even while the replay's last change is
+/// in flight and the queue looks empty: a capacity set after one that waited for Redis is the
+/// one that stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_during_the_replay_does_not_overtake_it() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 4)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    let cap = |capacity| SlotOp::SetCapacity {
+        account: None,
+        pool: Pool::new(Product::Video),
+        capacity,
+    };
+    one.apply(cap(4)).await.unwrap();
+    // After the background loop's first pass (it then sleeps until woken).
+    maintained(&one).await;
+    server.stop();
+    one.apply(cap(5)).await.unwrap();
+    assert_eq!(one.pending(), 1);
+    kling_redis::testing::delay_replay(&one, Duration::from_millis(300));
+    server.restart().unwrap();
+    // Connected again (a snapshot replays nothing; the maintenance it wakes does).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while one.snapshot().await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let replay = tokio::spawn({
+        let one = one.clone();
+        async move { maintained(&one).await }
+    });
+    // The replay has taken `cap 5` and waits to send it: the queue looks empty.
+    while one.pending() > 0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    one.apply(cap(3)).await.unwrap();
+    replay.await.unwrap();
+    kling_redis::testing::delay_replay(&one, Duration::ZERO);
+    maintained(&one).await;
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let stored: Option<String> = redis::cmd("HGET")
+        .arg("test:cap")
+        .arg("*|video")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(stored.as_deref(), Some("3"));
+}
