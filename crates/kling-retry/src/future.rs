@@ -127,6 +127,8 @@ struct Retrying<S, B> {
     sleep: Option<Pin<Box<Sleep>>>,
     sleep_from: Instant,
     last: Option<Last>,
+    /// Slot-gated retries so far: outside the attempt limit (see `attempt_limit`).
+    slot_gated: u32,
 }
 
 impl<S, B> Retrying<S, B> {
@@ -136,6 +138,7 @@ impl<S, B> Retrying<S, B> {
             lookup: None,
             external_id: None,
             next: Sending::Original,
+            slot_gated: 0,
             waited: Duration::ZERO,
             sleep: None,
             sleep_from: now,
@@ -422,11 +425,16 @@ where
     }
 
     /// The attempt limit, plus the one retry of a refused token (outside the limit, as the
-    /// auth layer's own resend was).
+    /// auth layer's own resend was) and the slot-gated retries: a `1303` the task-slots layer
+    /// below holds until one of this account's tasks ends is waiting, not hammering the API,
+    /// and on an account whose slot count is set too high it may meet several in a row; the
+    /// deadline bounds those.
     fn attempt_limit(&self) -> u32 {
+        let gated = self.retry.as_deref().map_or(0, |retry| retry.slot_gated);
         self.shared()
             .max_attempts
             .saturating_add(u32::from(self.resigned))
+            .saturating_add(gated)
     }
 
     fn after_error(&mut self, error: BoxError) -> Step {
@@ -603,6 +611,9 @@ where
                 None => Sending::Original,
             };
             retry.lookup = pending;
+        }
+        if delay == DelayKind::Immediate && !resign {
+            self.retrying().slot_gated += 1;
         }
         if self.attempts >= self.attempt_limit() {
             return self.fail(StopReason::AttemptsExhausted, last);

@@ -139,7 +139,10 @@ impl<P> RetryLayerBuilder<P> {
     }
 
     /// Sets the most requests one call sends, the first included (at least 1). Lookups by
-    /// external id count.
+    /// external id count; a slot-gated retry (a `1303` that a task-slots layer below holds
+    /// until a slot frees, [`SlotGated`](kling_core::signals::SlotGated)) and the one resend
+    /// of a refused token do not: they wait rather than hammer the API, and the deadline
+    /// bounds them.
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = attempts;
         self

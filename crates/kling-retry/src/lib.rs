@@ -70,7 +70,8 @@
 //!   clamped to a maximum, with jitter only upward so a retry is never early; otherwise
 //!   exponential backoff with full jitter, with separate bases for throttling (≥ 1 s) and
 //!   transient faults. See [`Backoff`] for the exact bounds.
-//! - **Bounds**: at most [`max_attempts`](RetryLayerBuilder::max_attempts) requests; a total
+//! - **Bounds**: at most [`max_attempts`](RetryLayerBuilder::max_attempts) requests (a
+//!   slot-gated `1303` retry, held below until a slot frees, is not counted); a total
 //!   [`deadline`](RetryLayerBuilder::deadline), passed down as
 //!   [`Deadline`](kling_core::signals::Deadline) so the rate limiter and the slots layer stop
 //!   waiting at it too; and a [`RetryBudget`] shared by clones. When the next retry would start

@@ -51,12 +51,13 @@ fn goodput_meets_every_target_in_every_scenario() {
         .collect();
     assert_eq!(ours.len(), runs.len() / 2, "one run per client");
     for run in &ours {
-        // Told twice the slots it has, the stack at its default 6 attempts per create gives
-        // some creates up to the server's 1303s (2-10% of the jobs), and its makespan is
-        // 5-12% over the server's own floor (the tasks' lives over the slots): known misses,
-        // listed in the README. Any other miss, there or elsewhere, fails.
+        // Told twice the slots it has, the stack completes every job (a 1303 the slots layer
+        // holds is no attempt used), but its makespan is 5-11% over the server's own floor
+        // (the tasks' lives over the slots, which a client that learns of a task's end by
+        // polling cannot reach): a known miss, listed in the README. Any other miss, there or
+        // elsewhere, fails.
         let known: &[&str] = if run.scenario == Scenario::UnknownSlots.name() {
-            &["every job completes", "efficiency within 2% of the bound"]
+            &["efficiency within 2% of the bound"]
         } else {
             &[]
         };

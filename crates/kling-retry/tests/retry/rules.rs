@@ -230,6 +230,52 @@ async fn a_1303_marked_slot_gated_is_retried_at_once_without_spending_budget() {
     assert_eq!(seen[1].at, seen[0].at, "no backoff of its own");
 }
 
+/// An account whose slot count is set too high meets several 1303s in a row: each one the
+/// slots layer below holds until a slot frees is waiting, not a failed attempt, so the create
+/// goes on past the attempt limit (the deadline bounds it); an ungated 1303 still counts.
+#[tokio::test(start_paused = true)]
+async fn slot_gated_1303s_do_not_use_up_the_attempts() {
+    let gated = |i: usize| {
+        Reply::Now(if i < 8 {
+            let mut res = code(1303);
+            res.extensions_mut().insert(SlotGated);
+            res
+        } else {
+            task("t1", None)
+        })
+    };
+    let (server, log) = kling(move |_, i| gated(i));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .max_attempts(3)
+        .build()
+        .unwrap()
+        .layer(server);
+    let response = send(&client, crate::support::create(r#"{"prompt":"a cat"}"#))
+        .await
+        .unwrap();
+    assert_eq!(log.len(), 9);
+    assert_eq!(
+        response
+            .extensions()
+            .get::<kling_core::signals::Attempt>()
+            .map(|a| a.0),
+        Some(9)
+    );
+
+    let (server, log) = kling(|_, i| Reply::Now(if i < 8 { code(1303) } else { task("t1", None) }));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .max_attempts(3)
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, crate::support::create(r#"{"prompt":"a cat"}"#))
+        .await
+        .unwrap_err();
+    assert_eq!(log.len(), 3, "{error}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_1303_without_a_slots_layer_backs_off_at_least_a_second() {
     for seed in 0..20 {
