@@ -52,7 +52,7 @@ fn goodput_meets_every_target_in_every_scenario() {
     assert_eq!(ours.len(), runs.len() / 2, "one run per client");
     for run in &ours {
         // Told twice the slots it has, the stack completes every job (a 1303 the slots layer
-        // holds is no attempt used), but its makespan is 5-11% over the server's own floor
+        // holds is no attempt used), but its makespan is 6-12% over the server's own floor
         // (the tasks' lives over the slots, which a client that learns of a task's end by
         // polling cannot reach): a known miss, listed in the README. Any other miss, there or
         // elsewhere, fails.
