@@ -404,7 +404,7 @@ impl Service<Req> for Gate {
     }
 }
 
-/// The waiters' order check on `count` waiters through a [`Gate`], last in first out (`lifo`)
+/// The waiters' order check on `count` waiters through a gate, last in first out (`lifo`)
 /// or first in first out: the requests the inner service saw out of arrival order. A check
 /// that can fail finds almost all of them out of order through the LIFO gate, and none
 /// through the FIFO one.
