@@ -196,6 +196,19 @@ impl StdError for Attempts {
     }
 }
 
+/// Whether `error`'s source chain names [`RefusedBeforeSending`]: a layer in this process
+/// refused the request, and would refuse it again.
+pub fn refused_before_sending(error: &(dyn StdError + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(link) = current {
+        if link.is::<RefusedBeforeSending>() {
+            return true;
+        }
+        current = link.source();
+    }
+    false
+}
+
 /// The [`source`](StdError::source) of every refusal a layer makes before the request leaves
 /// the process: a limiter with no slot or no rate in time, a full queue, creates halted after a
 /// `1102`, a draining stack, a spent budget.
@@ -248,6 +261,22 @@ pub struct Transport {
 }
 
 impl Transport {
+    /// An error from below the classify step, as the classify step returns it: wrapped in a
+    /// [`Transport`], unless it already says what happened (a [`Transport`], a
+    /// [`MalformedResponse`] or a [`BodyTooLarge`], or a refusal whose chain names
+    /// [`RefusedBeforeSending`]), which passes as it is.
+    pub fn from_below(error: impl Into<BoxError>) -> BoxError {
+        let error = error.into();
+        if error.is::<Transport>()
+            || error.is::<MalformedResponse>()
+            || error.is::<BodyTooLarge>()
+            || refused_before_sending(&*error)
+        {
+            return error;
+        }
+        Box::new(Transport::new(error))
+    }
+
     /// Wraps a client error, reading its [`SendState`] from its source chain.
     pub fn new(source: impl Into<BoxError>) -> Self {
         let source = source.into();
@@ -485,6 +514,24 @@ mod tests {
         assert_eq!(Transport::new(marked).send_state(), SendState::NotSent);
         let nested: BoxError = Box::new(Transport::new(NotSent::new("x")));
         assert_eq!(SendState::of(&*nested), SendState::NotSent);
+    }
+
+    /// The classify step wraps a client's error in a `Transport`, and passes up as it is an
+    /// error that already says what happened: a second classify step below, a local refusal.
+    #[test]
+    fn errors_from_below_are_wrapped_unless_they_say_what_happened() {
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(Transport::from_below(reset).is::<Transport>());
+        let page = MalformedResponse::new(StatusCode::NOT_FOUND, "html");
+        assert!(Transport::from_below(page).is::<MalformedResponse>());
+        assert!(Transport::from_below(BodyTooLarge::new(StatusCode::OK, 1)).is::<BodyTooLarge>());
+        let inner = Transport::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let passed = Transport::from_below(inner);
+        assert!(
+            passed.source().is_some_and(|s| !s.is::<Transport>()),
+            "not wrapped twice"
+        );
+        assert!(Transport::from_below(RefusedBeforeSending).is::<RefusedBeforeSending>());
     }
 
     #[test]

@@ -5,9 +5,7 @@ use std::fmt;
 use bytes::Bytes;
 use http::Response;
 use http_body_util::Full;
-use kling_core::error::{
-    BodyTooLarge, BoxError, MalformedResponse, NotSent, RefusedBeforeSending, Transport,
-};
+use kling_core::error::{BodyTooLarge, BoxError, MalformedResponse, NotSent, Transport};
 use kling_core::signals::{SlotGated, TokenDropped};
 use kling_core::{Disposition, Outcome, RetryKind, SendState};
 
@@ -89,7 +87,7 @@ pub trait Policy: Send + Sync + 'static {
 /// | `1003`, `1004` with [`TokenDropped`] (an auth layer below dropped the refused token) | retry, [`Immediate`](DelayKind::Immediate), not created (once per call) |
 /// | `1003`, `1004` without (the auth layer below already re-signed once) | return |
 /// | `1000`–`1002`, `1100`–`1103`, `1200`–`1203`, `1300`, `1301`, `1304`, other codes below 500 | return |
-/// | [`Transport`] error whose cause is a layer's refusal below the classify step ([`RefusedBeforeSending`]: a base URL that refuses another origin, say) | return (the same request would be refused again) |
+/// | a refusal below the classify step ([`RefusedBeforeSending`](kling_core::error::RefusedBeforeSending) in its chain: a base URL refusing another origin), which the classify step passes up as it is, or a hand-built [`Transport`] wrapping one | return (the same request would be refused again) |
 /// | [`Transport`] error, never sent ([`SendState::NotSent`], [`NotSent`]) | retry, transient, not created |
 /// | [`Transport`] error after sending, `tower::timeout::error::Elapsed` | retry, transient, maybe created |
 /// | [`MalformedResponse`] or [`BodyTooLarge`] with a 5xx status (no Kling envelope, so no code says what happened) | retry, transient (503: maintenance), maybe created |
@@ -158,19 +156,6 @@ fn judge_outcome(response: &Response<Full<Bytes>>, outcome: &Outcome) -> Verdict
     Verdict::Retry { delay, create }
 }
 
-/// Whether a transport error's cause is a refusal made in this process (a layer under the
-/// classify step that will refuse the same request again), not the network's.
-fn refused_locally(transport: &Transport) -> bool {
-    let mut current = std::error::Error::source(transport);
-    while let Some(link) = current {
-        if link.is::<RefusedBeforeSending>() {
-            return true;
-        }
-        current = link.source();
-    }
-    false
-}
-
 fn judge_error(error: &BoxError) -> Verdict {
     let by_status = |status: http::StatusCode| {
         if status == http::StatusCode::SERVICE_UNAVAILABLE {
@@ -182,7 +167,9 @@ fn judge_error(error: &BoxError) -> Verdict {
         }
     };
     let (delay, create) = if let Some(transport) = error.downcast_ref::<Transport>() {
-        if refused_locally(transport) {
+        // A refusal under the classify step that a hand-built `Transport` wraps: the classify
+        // step itself passes one up as it is.
+        if kling_core::error::refused_before_sending(transport) {
             return Verdict::Return;
         }
         let create = match transport.send_state() {

@@ -22,10 +22,9 @@
 //! client of their own), and an error says so where a stripped header would turn into a
 //! puzzling 401 or a download that was paced and counted as an API call.
 //!
-//! Below the classify step, a refusal reaches the layers above as a transport error that never
-//! sent anything, which a retry layer retries. So in [`Kling`](crate::Kling) the auth layer,
-//! above the classify step, knows this base's origin and refuses such a request first, with
-//! the same error, before it sets the header: the retry layer returns it at once.
+//! The refusal's source is [`RefusedBeforeSending`](kling_core::error::RefusedBeforeSending):
+//! the classify step above passes it up as it is, and a retry layer returns it at once rather
+//! than trying again.
 //!
 //! ```
 //! use kling_tower::base_url::{BaseUrlLayer, OtherOrigin};
@@ -138,16 +137,6 @@ pub(crate) struct Origin {
 impl Origin {
     fn scheme(&self) -> &'static str {
         if self.https { "https" } else { "http" }
-    }
-
-    /// Whether a request to `uri` may go out under this origin: a relative URI (resolved
-    /// against it below), or an absolute one naming the same scheme, host and port.
-    #[inline]
-    pub(crate) fn admits(&self, uri: &Uri) -> bool {
-        if uri.scheme().is_none() && uri.authority().is_none() {
-            return true;
-        }
-        self.same_as(uri)
     }
 
     #[cold]
@@ -341,32 +330,6 @@ impl<S> BaseUrl<S> {
     /// Unwraps the inner service.
     pub fn into_inner(self) -> S {
         self.inner
-    }
-}
-
-/// A service with a [`BaseUrl`] at its bottom, which the auth layer of the stack reads its
-/// origin from ([`AuthLayer::layer_below_account`](crate::auth::AuthLayer)): the stack's
-/// attempt service, per-attempt timeout over classify over base URL.
-pub(crate) trait BaseOrigin {
-    /// The origin of the base URL below.
-    fn base_origin(&self) -> Origin;
-}
-
-impl<S> BaseOrigin for BaseUrl<S> {
-    fn base_origin(&self) -> Origin {
-        self.base.origin
-    }
-}
-
-impl<S: BaseOrigin> BaseOrigin for kling_core::Classify<S> {
-    fn base_origin(&self) -> Origin {
-        self.get_ref().base_origin()
-    }
-}
-
-impl<S: BaseOrigin> BaseOrigin for crate::timeout::AttemptTimeout<S> {
-    fn base_origin(&self) -> Origin {
-        self.get_ref().base_origin()
     }
 }
 

@@ -146,7 +146,7 @@ where
                         Ok(response) => response,
                         Err(e) => {
                             this.state.set(State::Done);
-                            return Poll::Ready(Err(Box::new(Transport::new(e))));
+                            return Poll::Ready(Err(Transport::from_below(e)));
                         }
                     };
                     let (parts, body) = response.into_parts();

@@ -13,7 +13,12 @@
 //!   counts as sent;
 //! - [`BodyTooLarge`](crate::error::BodyTooLarge): the body passed the limit (it is not read
 //!   past it);
-//! - [`MalformedResponse`](crate::error::MalformedResponse): not a Kling envelope.
+//! - [`MalformedResponse`](crate::error::MalformedResponse): not a Kling envelope;
+//! - an error from below passed up as it is when it already says what happened: one of the
+//!   three above (a second classify step below, say), or a refusal made before sending (its
+//!   source chain names [`RefusedBeforeSending`](crate::error::RefusedBeforeSending): a base
+//!   URL refusing another origin), which a retry layer must not take for a connection that
+//!   never opened and try again.
 //!
 //! # Example
 //!
@@ -137,9 +142,7 @@ where
     type Future = future::ResponseFuture<S::Future, ResB>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner
-            .poll_ready(cx)
-            .map_err(|e| Box::new(Transport::new(e)) as BoxError)
+        self.inner.poll_ready(cx).map_err(Transport::from_below)
     }
 
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {

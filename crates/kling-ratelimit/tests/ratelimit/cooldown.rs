@@ -461,15 +461,17 @@ async fn a_proxys_503_page_pauses_only_for_its_retry_after() {
     assert!(rate.is_some_and(|r| r < 10.0), "{rate:?}");
 }
 
-/// A second classify step (kling-batch's layout) wraps the page's error in a
-/// [`Transport`]: the page is found in the error's source chain and still pauses the key.
+/// A layer between (here one that wraps every error in a [`Transport`]) hides the page's error
+/// in its chain: the page is found there and still pauses the key.
 #[tokio::test(start_paused = true)]
 async fn a_proxys_page_wrapped_by_another_layer_still_pauses_the_key() {
     let layer = GcraLayer::new(Quota::per_second(10.0)).unwrap();
     let server = Server::new();
     server.script([Reply::page(429, PROXY_429_PAGES[0]).header("retry-after", "60")]);
-    let service =
-        layer.layer(ClassifyLayer::new().layer(ClassifyLayer::new().layer(server.service())));
+    let wrapped = ClassifyLayer::new()
+        .layer(server.service())
+        .map_err(|e| Box::new(Transport::new(e)) as kling_core::BoxError);
+    let service = layer.layer(wrapped);
     let start = Instant::now();
     let error = service
         .clone()

@@ -25,8 +25,9 @@
 //! is taken only to sign or to drop a token.
 //!
 //! The layer also sets the request's [`AccountId`] when it has none: for an API key,
-//! `key-` and the first 12 hex digits of the key's SHA-256; for an access key, the access key
-//! itself (it is not secret). Credentials never appear in `Debug` output.
+//! `key-` and the first 12 hex digits of the key's SHA-256; for an access key, `ak-` and the
+//! same of the access key's (the id is a metric label and a Redis key, and an access key is half
+//! of the credential pair). Credentials never appear in `Debug` output.
 //!
 //! # Example
 //!
@@ -36,7 +37,8 @@
 //! let credentials = Credentials::access_key("ak-demo", "sk-demo")?;
 //! assert!(!format!("{credentials:?}").contains("sk-demo"));
 //! let layer = AuthLayer::new(credentials);
-//! assert_eq!(layer.account_id().as_str(), "ak-demo");
+//! assert!(layer.account_id().as_str().starts_with("ak-"));
+//! assert!(!format!("{layer:?}").contains("ak-demo"));
 //! # Ok::<(), kling_tower::error::ConfigError>(())
 //! ```
 //!
@@ -46,11 +48,10 @@
 //! request goes. Put a [`BaseUrlLayer`](crate::base_url::BaseUrlLayer) below it, as
 //! [`KlingLayer`](crate::KlingLayer) does: that layer sends to its base URL's origin only
 //! (`https://`, or plain `http://` to a loopback host) and refuses a request whose absolute URI
-//! names another origin with [`OtherOrigin`], before it is sent.
-//! In [`Kling`](crate::Kling) this layer knows the base URL below it and refuses such a
-//! request itself, with the same error, before it sets the header: the retry layer above then
-//! returns the error at once, where a refusal from below the classify step would read as a
-//! connection that never opened and be retried.
+//! names another origin with [`OtherOrigin`](crate::base_url::OtherOrigin), before it is sent. The classify step passes that
+//! refusal up as it is (its source is
+//! [`RefusedBeforeSending`](kling_core::error::RefusedBeforeSending)), so a retry layer above
+//! returns it at once rather than trying again.
 //!
 //! # Position
 //!
@@ -79,7 +80,6 @@ use sha2::{Digest, Sha256};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::base_url::{BaseOrigin, Origin, OtherOrigin};
 use crate::clock::{SystemClock, WallClock};
 use crate::error::{ConfigError, SigningError};
 
@@ -531,7 +531,6 @@ impl<S> Layer<S> for AuthLayer {
             shared: self.shared.clone(),
             resend: self.resend,
             set_account: true,
-            origin: None,
         }
     }
 }
@@ -539,14 +538,10 @@ impl<S> Layer<S> for AuthLayer {
 impl AuthLayer {
     /// [`Layer::layer`] for the stack ([`Kling`](crate::Kling)), whose service sets every
     /// request's [`AccountId`] before it reaches this layer (and whose layers in between keep
-    /// it): the auth service skips looking for it again. It also reads the origin of the base
-    /// URL at the bottom of `inner` and refuses requests to any other before setting the header
-    /// (see [Where credentials go](self#where-credentials-go)).
-    pub(crate) fn layer_below_account<S: BaseOrigin>(&self, inner: S) -> Auth<S> {
-        let origin = inner.base_origin();
+    /// it): the auth service skips looking for it again.
+    pub(crate) fn layer_below_account<S>(&self, inner: S) -> Auth<S> {
         Auth {
             set_account: false,
-            origin: Some(origin),
             ..self.layer(inner)
         }
     }
@@ -565,9 +560,6 @@ pub struct Auth<S> {
     resend: bool,
     /// Whether to set the [`AccountId`] (false only under [`Kling`](crate::Kling), which did).
     set_account: bool,
-    /// The origin of the base URL below, when known (under [`Kling`](crate::Kling)): a request
-    /// to another is refused before it gets the header.
-    origin: Option<Origin>,
 }
 
 impl<S: fmt::Debug> fmt::Debug for Auth<S> {
@@ -611,12 +603,6 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        if let Some(origin) = &self.origin
-            && !origin.admits(request.uri())
-        {
-            let refused = OtherOrigin::new(request.uri(), origin);
-            return future::ResponseFuture::failed(Box::new(refused));
-        }
         if self.set_account {
             AccountId::set_if_absent(&mut request, &self.shared.account);
         }
