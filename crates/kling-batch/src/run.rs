@@ -993,24 +993,13 @@ impl Failure {
 
 /// Reads a stack error: the Kling code it carries, whether it halts creates, whether the
 /// drain gate refused it, whether it may have made a task.
+///
+/// Whether it may have made a task is kling-core's rule, which reads the retry layer's own
+/// account of its attempts ([`kling_core::error::Attempts`]) when there is one.
 fn failure_of(error: &(dyn std::error::Error + 'static)) -> Failure {
     let mut failure = read_failure(error);
-    failure.may_have_created = may_have_created(error);
+    failure.may_have_created = kling_core::error::may_have_created(error);
     failure
-}
-
-/// Whether the call that failed with `error` may have made a task: the retry layer's
-/// [`Failed`](kling_retry::error::Failed) says so itself (it knows every attempt); any other
-/// error is read by kling-core's rule (never sent, a Kling refusal, a proxy's `4xx` page: no).
-fn may_have_created(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(err) = current {
-        if let Some(failed) = err.downcast_ref::<kling_retry::error::Failed>() {
-            return failed.may_have_created();
-        }
-        current = err.source();
-    }
-    kling_core::error::may_have_created(error)
 }
 
 fn read_failure(error: &(dyn std::error::Error + 'static)) -> Failure {

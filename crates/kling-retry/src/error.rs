@@ -208,10 +208,7 @@ impl Failed {
     /// create up (by [`external_id`](Self::external_id) when there is one) before creating
     /// again.
     pub fn may_have_created(&self) -> bool {
-        matches!(
-            self.reason,
-            StopReason::CreateUnresolved | StopReason::CreateMayHaveHappened
-        )
+        self.attempts.may_have_created()
     }
 
     /// The create's external id (the caller's `external_task_id` / `external_id`, or the

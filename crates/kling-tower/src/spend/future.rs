@@ -158,25 +158,22 @@ fn made_no_task(error: &(dyn StdError + 'static)) -> bool {
                     | StopReason::AttemptsExhausted
                     | StopReason::BudgetExhausted
             );
-            return settled
-                && !failed.may_have_created()
-                && last_made_none(failed.api_error(), link);
+            return settled && !failed.may_have_created() && last_made_none(failed.api_error());
         }
         if let Some(late) = link.downcast_ref::<DeadlineExceeded>() {
-            return !late.may_have_created() && last_made_none(late.api_error(), link);
+            return !late.may_have_created() && last_made_none(late.api_error());
         }
         current = link.source();
     }
     !kling_core::error::may_have_created(error)
 }
 
-/// Whether a retry layer's last failure made no task: a Kling answer that cannot have created
-/// one, or an error that made nothing (never sent, refused before sending, a proxy's 4xx page).
-fn last_made_none(api: Option<&ApiError>, error: &(dyn StdError + 'static)) -> bool {
-    match api {
-        Some(api) => cannot_have_created(api),
-        None => !kling_core::error::may_have_created(error),
-    }
+/// Whether a retry layer's last failure made no task, once the layer said no create is left
+/// unresolved: a Kling answer that cannot have created one. A failure that is no Kling answer
+/// (never sent, refused before sending, a page, a reset) is settled by that word already: the
+/// layer counts a create whose failure may have made a task as unresolved.
+fn last_made_none(api: Option<&ApiError>) -> bool {
+    api.is_none_or(cannot_have_created)
 }
 
 /// A refusal that cannot have created a task (not a success; see [`ApiError::may_have_created`]).

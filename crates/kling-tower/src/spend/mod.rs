@@ -15,7 +15,9 @@
 //! where every refusal is a `kling_retry` [`Failed`](kling_retry::error::Failed) or
 //! [`DeadlineExceeded`](kling_retry::error::DeadlineExceeded)). Behind a retry layer the
 //! estimate goes back when its last answer's code cannot have created a task (`1301`, `1303`,
-//! `1101`, …; not `5000`/`5002` or an unknown code) and the retry layer stopped for a reason
+//! `1101`, an undocumented code that came with a 4xx status, …; not `5000`/`5002` or another
+//! undocumented code: [`Code::may_have_created_under`](kling_core::Code::may_have_created_under))
+//! and the retry layer stopped for a reason
 //! that leaves no create unresolved: the answer was final, its attempts or budget ran out, or
 //! the deadline came, without an earlier attempt that may have made a task and that no lookup
 //! by external id ruled out (`may_have_created()` on either error). Anything else — a create
