@@ -974,7 +974,9 @@ impl Failure {
                 error.request_id().map(str::to_owned),
             ),
             code: Some(code),
-            final_refusal: !code.may_have_created()
+            // One rule with `may_have_created`: an undocumented code with a 4xx status made
+            // nothing (kling-core's `Code::may_have_created_under`), and is as final a refusal.
+            final_refusal: !error.may_have_created()
                 && !code.disposition(error.status()).is_retryable(),
             halts: halts_run(code),
             draining: false,

@@ -1,5 +1,6 @@
 //! A proxy, gateway or WAF in front of Kling answering with a page of its own (no Kling
 //! envelope): the run's stack reads each such answer once, as the kling-tower stack does.
+//! And a server answering with a code Kling does not document.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -153,4 +154,40 @@ async fn a_run_behind_a_proxy_answering_404_sends_each_create_once_and_leaves_no
     assert_eq!(s["unknown"], 0, "{s}");
     assert_eq!(s["requests"], 2, "{s}");
     assert_eq!(s["pages_by_status"]["404"], 2, "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_refused_with_an_undocumented_code_and_a_4xx_fails_its_job_after_one_lookup() {
+    // A Kling envelope with a code KLING_API.md does not list, under HTTP 400: kling-core
+    // reads it as made nothing and final, so once the lookup finds nothing the job has
+    // failed, as for a documented refusal, rather than being sent again by the next run.
+    let (base, log) = serve(|n| {
+        if n == 1 {
+            let body = r#"{"code":1999,"message":"refused","request_id":"r1"}"#;
+            (StatusCode::BAD_REQUEST, body).into_response()
+        } else {
+            let body = r#"{"code":1203,"message":"task not found","request_id":"r2"}"#;
+            (StatusCode::NOT_FOUND, body).into_response()
+        }
+    })
+    .await;
+    let dir = temp_dir("unknown-code-4xx");
+    let jobs = write_jobs(&dir, 1);
+    let out = dir.join("out.jsonl");
+    let output = finish(run_command(
+        &jobs,
+        &base,
+        &["--json", "-o", out.to_str().unwrap()],
+    ))
+    .await;
+    let sent = log.lock().unwrap().clone();
+    let methods: Vec<&Method> = sent.iter().map(|(_, m, _)| m).collect();
+    assert_eq!(methods, [Method::POST, Method::GET], "{sent:?}");
+
+    let lines = results(&out);
+    let failed = in_state(&lines, "failed");
+    assert_eq!(failed.len(), 1, "{lines:?}");
+    assert_eq!(failed[0]["error"]["code"], 1999, "{}", failed[0]);
+    let s = summary(&output);
+    assert_eq!(s["unknown"], 0, "{s}");
 }
