@@ -43,3 +43,11 @@ pub struct Stats {
     /// Responses with a non-JSON body sent by the fault injector.
     pub malformed_responses: u64,
 }
+
+impl Stats {
+    /// Responses sent with Kling `code` (`"1303"`, say): its entry in
+    /// [`Stats::responses_by_code`], or 0 when the mock never sent it.
+    pub fn responses(&self, code: &str) -> u64 {
+        self.responses_by_code.get(code).copied().unwrap_or(0)
+    }
+}

@@ -22,7 +22,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -61,10 +61,7 @@ impl RedisServer {
         let dir =
             std::env::temp_dir().join(format!("kling-redis-test-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        match std::fs::remove_file(dir.join("dump.rdb")) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
+        remove_snapshot(&dir)?;
         let mut server = RedisServer {
             child: None,
             port,
@@ -121,27 +118,15 @@ impl RedisServer {
     /// Starts a fresh, empty server on the same port (after [`stop`](Self::stop)).
     pub fn restart(&mut self) -> io::Result<()> {
         self.stop();
-        match std::fs::remove_file(self.dir.join("dump.rdb")) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
+        remove_snapshot(&self.dir)?;
         self.spawn()
     }
 
     /// Writes the server's state to its snapshot (`SAVE`), which
     /// [`restart_from_snapshot`](Self::restart_from_snapshot) loads.
     pub fn save(&self) -> io::Result<()> {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(b"SAVE\r\n")?;
-        let mut buf = [0u8; 5];
-        stream.read_exact(&mut buf)?;
-        if &buf == b"+OK\r\n" {
-            Ok(())
-        } else {
-            Err(io::Error::other("unexpected answer to SAVE"))
-        }
+        let timeouts = (Duration::from_millis(500), Duration::from_secs(5));
+        inline_command(self.port, "SAVE", b"+OK\r\n", timeouts)
     }
 
     /// Kills the server and starts a new one on the same port that loads the last
@@ -227,15 +212,35 @@ fn free_port() -> io::Result<u16> {
 }
 
 fn ping(port: u16) -> io::Result<()> {
+    let timeouts = (Duration::from_millis(200), Duration::from_millis(500));
+    inline_command(port, "PING", b"+PONG\r\n", timeouts)
+}
+
+/// Sends the server on `port` one inline `command` and checks that it answers exactly
+/// `reply`, with `(connect, read)` timeouts.
+fn inline_command(
+    port: u16,
+    command: &str,
+    reply: &[u8],
+    (connect, read): (Duration, Duration),
+) -> io::Result<()> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
-    stream.set_read_timeout(Some(Duration::from_millis(500)))?;
-    stream.write_all(b"PING\r\n")?;
-    let mut buf = [0u8; 7];
+    let mut stream = TcpStream::connect_timeout(&addr, connect)?;
+    stream.set_read_timeout(Some(read))?;
+    stream.write_all(format!("{command}\r\n").as_bytes())?;
+    let mut buf = vec![0; reply.len()];
     stream.read_exact(&mut buf)?;
-    if &buf == b"+PONG\r\n" {
+    if buf == reply {
         Ok(())
     } else {
-        Err(io::Error::other("unexpected answer to PING"))
+        Err(io::Error::other(format!("unexpected answer to {command}")))
+    }
+}
+
+/// Removes the server's snapshot in `dir`, if there is one: the next server starts empty.
+fn remove_snapshot(dir: &Path) -> io::Result<()> {
+    match std::fs::remove_file(dir.join("dump.rdb")) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }

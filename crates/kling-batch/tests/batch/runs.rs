@@ -80,14 +80,11 @@ async fn the_same_sixty_creates_from_a_bare_client_are_refused() {
     // Negative control: the mock enforces Pro's limits, so a client without the stack is
     // refused: on the same settings by the rate (a burst of one), which the mock checks
     // first, ...
-    let code = |stats: &kling_mock::Stats, code: &str| {
-        stats.responses_by_code.get(code).copied().unwrap_or(0)
-    };
     let stats = sixty_bare_creates(pro_mock()).await;
-    assert!(code(&stats, "1302") >= 50, "{stats:?}");
+    assert!(stats.responses("1302") >= 50, "{stats:?}");
     // ... and, with the rate check off so that creates reach them, by the five slots.
     let stats = sixty_bare_creates(pro_mock().no_rate_limit()).await;
-    assert!(code(&stats, "1303") >= 50, "{stats:?}");
+    assert!(stats.responses("1303") >= 50, "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,7 +145,7 @@ async fn creates_answered_5000_after_the_task_was_made_are_not_paid_twice() {
     );
     let stats = server.stats();
     assert!(
-        stats.responses_by_code.get("5000").copied().unwrap_or(0) >= 2,
+        stats.responses("5000") >= 2,
         "{stats:?}"
     );
     assert_eq!(

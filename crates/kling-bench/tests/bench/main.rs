@@ -22,7 +22,8 @@ fn alone() -> MutexGuard<'static, ()> {
 }
 
 /// Whether the tests run on CI, where a missing tool is a failure rather than a skip: `CI` set
-/// to `true` or `1`, as `kling_redis::testing::on_ci` reads it (one rule for every crate).
+/// to `true` or `1`. A copy of `kling_redis::testing::on_ci` (kling-bench does not depend on
+/// kling-redis): change both together.
 fn on_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }

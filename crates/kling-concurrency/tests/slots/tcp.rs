@@ -11,7 +11,7 @@ use hyper_util::rt::TokioExecutor;
 use kling_concurrency::{DEFAULT_LEASE, SlotsConfig, TaskSlotsLayer};
 use kling_core::error::BoxError;
 use kling_core::{ClassifyLayer, Code, Outcome};
-use kling_mock::{MockConfig, MockServer, Preset, Stats};
+use kling_mock::{MockConfig, MockServer, Preset};
 use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceExt};
 
@@ -89,10 +89,6 @@ async fn run(stack: Stack, base: &str) -> Vec<Code> {
     codes
 }
 
-fn refused(stats: &Stats) -> u64 {
-    stats.responses_by_code.get("1303").copied().unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_creates_through_the_layer_meet_no_1303_while_a_bare_client_does() {
     // Through the layer: every create waits for a slot the mock really has.
@@ -107,7 +103,7 @@ async fn fifty_creates_through_the_layer_meet_no_1303_while_a_bare_client_does()
     let stats = server.stats();
     assert!(codes.iter().all(|c| *c == Code::Success), "{codes:?}");
     assert_eq!(stats.tasks_created, CREATES as u64);
-    assert_eq!(refused(&stats), 0, "{stats:?}");
+    assert_eq!(stats.responses("1303"), 0, "{stats:?}");
     assert!(stats.max_concurrent["video"] <= 5, "{stats:?}");
     assert_eq!(
         stats.max_concurrent["video"], 5,
@@ -121,7 +117,7 @@ async fn fifty_creates_through_the_layer_meet_no_1303_while_a_bare_client_does()
     let codes = run(bare_client(), &base).await;
     let stats = server.stats();
     assert!(
-        refused(&stats) >= 40,
+        stats.responses("1303") >= 40,
         "the bare client meets the wall: {stats:?}"
     );
     assert_eq!(
@@ -129,7 +125,7 @@ async fn fifty_creates_through_the_layer_meet_no_1303_while_a_bare_client_does()
             .iter()
             .filter(|c| **c == Code::ParallelTaskLimit)
             .count() as u64,
-        refused(&stats)
+        stats.responses("1303")
     );
     server.shutdown().await;
 }

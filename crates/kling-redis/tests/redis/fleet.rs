@@ -284,10 +284,6 @@ async fn collect(children: Vec<std::process::Child>) -> Tally {
     total
 }
 
-fn code(stats: &Stats, code: &str) -> u64 {
-    stats.responses_by_code.get(code).copied().unwrap_or(0)
-}
-
 fn video_peak(stats: &Stats) -> u32 {
     stats.max_concurrent.get("video").copied().unwrap_or(0)
 }
@@ -317,7 +313,7 @@ async fn four_processes_share_one_account_without_a_1303() {
     let elapsed = started.elapsed();
     let stats = mock.stats();
     assert_eq!(tally.completed, JOBS as u64, "{tally:?}");
-    assert_eq!(code(&stats, "1303"), 0, "{stats:?}");
+    assert_eq!(stats.responses("1303"), 0, "{stats:?}");
     assert_eq!(tally.refused_1303, 0);
     // (The mock refuses a sixth task, so its peak never shows more: the 1303s are the check.)
     assert_eq!(stats.tasks_created, JOBS as u64, "{stats:?}");
@@ -326,7 +322,7 @@ async fn four_processes_share_one_account_without_a_1303() {
     {
         eprintln!(
             "fleet: {JOBS} jobs in {elapsed:?}, 1302s {}, peak {}",
-            code(&stats, "1302"),
+            stats.responses("1302"),
             video_peak(&stats)
         );
     }
@@ -351,19 +347,19 @@ async fn four_processes_share_one_account_without_a_1303() {
     {
         eprintln!(
             "control: 1302s {}, 1303s {}, peak {}",
-            code(&stats, "1302"),
-            code(&stats, "1303"),
+            stats.responses("1302"),
+            stats.responses("1303"),
             video_peak(&stats)
         );
     }
     assert_eq!(tally.completed, JOBS as u64);
     // Each process believes it has the 5 slots and the whole rate.
     assert!(
-        code(&stats, "1303") >= 1,
+        stats.responses("1303") >= 1,
         "per-process limits must over-admit: {stats:?}"
     );
     assert!(
-        code(&stats, "1302") >= 20,
+        stats.responses("1302") >= 20,
         "per-process limits must over-send: {stats:?}"
     );
 }

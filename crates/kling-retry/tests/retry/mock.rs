@@ -10,7 +10,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use kling_core::error::BoxError;
 use kling_core::{ClassifyLayer, Code, Outcome};
-use kling_mock::{MockConfig, MockServer, Preset, Stats};
+use kling_mock::{MockConfig, MockServer, Preset};
 use kling_retry::error::{DeadlineExceeded, Failed};
 use kling_retry::{Backoff, RetryBudget, RetryLayer};
 use tower::timeout::TimeoutLayer;
@@ -50,10 +50,6 @@ fn retry_layer(budget: RetryBudget) -> RetryLayer {
         .generate_external_ids(true)
         .build()
         .unwrap()
-}
-
-fn count(stats: &Stats, code: &str) -> u64 {
-    stats.responses_by_code.get(code).copied().unwrap_or(0)
 }
 
 /// A final error must be one of this layer's, read as one line, and carry what happened.
@@ -115,9 +111,9 @@ async fn concurrent_creates_through_faults_and_1303s_all_end_clearly_without_dup
         stats.tasks_created, JOBS as u64,
         "no orphan or duplicate task: {stats:?}"
     );
-    assert!(count(&stats, "1303") > 0, "the slots ran out: {stats:?}");
+    assert!(stats.responses("1303") > 0, "the slots ran out: {stats:?}");
     assert!(
-        count(&stats, "5000") + count(&stats, "5001") + count(&stats, "5002") > 0,
+        stats.responses("5000") + stats.responses("5001") + stats.responses("5002") > 0,
         "faults were injected: {stats:?}"
     );
     assert!(stats.max_concurrent.values().all(|&n| n <= 3), "{stats:?}");
@@ -190,7 +186,7 @@ async fn when_credits_run_out_the_1102_is_final_and_no_create_follows_it() {
     assert!(halted_at.is_some(), "the credits ran out: {stats:?}");
     assert_eq!(succeeded, 6, "six credits, six tasks: {stats:?}");
     assert_eq!(
-        count(&stats, "1102"),
+        stats.responses("1102"),
         1,
         "the 1102 was never retried: {stats:?}"
     );
@@ -218,7 +214,7 @@ async fn when_credits_run_out_the_1102_is_final_and_no_create_follows_it() {
     }
     let stats = server.stats();
     assert!(
-        count(&stats, "1102") > 1,
+        stats.responses("1102") > 1,
         "the naive client re-sent the 1102: {stats:?}"
     );
     assert!(stats.creates_after_1102 > 0, "{stats:?}");

@@ -118,10 +118,6 @@ where
     client.oneshot(stats).await.unwrap();
 }
 
-fn refused(stats: &Stats, code: &str) -> u64 {
-    stats.responses_by_code.get(code).copied().unwrap_or(0)
-}
-
 /// Runs every job (create, then follow until it ends) at once through `service`.
 async fn run_jobs<S>(kling: &KlingLayer, service: S) -> Vec<TaskStatus>
 where
@@ -180,8 +176,8 @@ fn assert_all_done_within_the_limits(stats: &Stats, statuses: &[TaskStatus]) {
     // quiet machine, one in 201 requests once with three busy loops beside the test on two
     // cores (the retry layer absorbs it). A pacing fault meets dozens (the bare client's
     // control below).
-    assert!(refused(stats, "1302") <= 1, "{stats:?}");
-    assert_eq!(refused(stats, "1303"), 0, "{stats:?}");
+    assert!(stats.responses("1302") <= 1, "{stats:?}");
+    assert_eq!(stats.responses("1303"), 0, "{stats:?}");
     assert_eq!(stats.duplicate_external_ids, 0, "{stats:?}");
     // The account was used to the full (the mock refuses a sixth, so it never shows more).
     assert_eq!(
@@ -254,7 +250,7 @@ where
     bare_jobs(bare.clone(), &server.base_url).await;
     let stats = server.stats();
     assert!(
-        refused(&stats, "1302") >= (JOBS / 2) as u64,
+        stats.responses("1302") >= (JOBS / 2) as u64,
         "the bare client meets the rate: {stats:?}"
     );
     server.shutdown();
@@ -263,7 +259,7 @@ where
     bare_jobs(bare, &server.base_url).await;
     let stats = server.stats();
     assert!(
-        refused(&stats, "1303") >= (JOBS / 2) as u64,
+        stats.responses("1303") >= (JOBS / 2) as u64,
         "the bare client meets the slots: {stats:?}"
     );
     server.shutdown();

@@ -102,10 +102,6 @@ where
     results
 }
 
-fn code(stats: &Stats, code: &str) -> u64 {
-    stats.responses_by_code.get(code).copied().unwrap_or(0)
-}
-
 fn video_peak(stats: &Stats) -> u32 {
     stats.max_concurrent.get("video").copied().unwrap_or(0)
 }
@@ -150,7 +146,7 @@ async fn two_stacks_sharing_one_redis_never_exceed_the_pro_capacity() {
         );
     }
     assert_eq!(stats.tasks_created, 2 * JOBS_EACH as u64, "{stats:?}");
-    assert_eq!(code(&stats, "1303"), 0, "{stats:?}");
+    assert_eq!(stats.responses("1303"), 0, "{stats:?}");
     assert_eq!(stats.duplicate_external_ids, 0, "{stats:?}");
     // The account was used: both stacks together kept its 5 slots busy (the mock refuses a
     // sixth task, so the peak never shows more: the zero 1303 above is the limit's check).
@@ -180,7 +176,7 @@ async fn two_stacks_sharing_one_redis_never_exceed_the_pro_capacity() {
         );
     }
     assert!(
-        code(&stats, "1303") > 0,
+        stats.responses("1303") > 0,
         "two stacks with in-process limits meet 1303s: {stats:?}"
     );
     mock.shutdown();

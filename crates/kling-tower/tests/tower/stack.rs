@@ -185,14 +185,11 @@ async fn the_pro_stack_runs_forty_jobs_without_a_refusal() {
     // Negative control: the same forty creates through a bare client on the same mock
     // settings meet the rate (a burst of one: all but the first are 1302s) ...
     let bare = forty_bare_creates(forty_jobs_mock()).await;
-    let code = |stats: &kling_mock::Stats, code: &str| {
-        stats.responses_by_code.get(code).copied().unwrap_or(0)
-    };
-    assert_eq!(code(&bare, "1302"), 39, "{bare:?}");
+    assert_eq!(bare.responses("1302"), 39, "{bare:?}");
     // ... and, with the rate check off (it answers before the slots are looked at), the five
     // slots: all but five are 1303s.
     let bare = forty_bare_creates(forty_jobs_mock().no_rate_limit()).await;
-    assert_eq!(code(&bare, "1303"), 35, "{bare:?}");
+    assert_eq!(bare.responses("1303"), 35, "{bare:?}");
     assert_eq!(bare.tasks_created, 5, "{bare:?}");
 }
 
