@@ -494,19 +494,18 @@ fn note_cooldown(
     }
 }
 
-/// Sends the pause an inner error asked for ([`feedback_of_error`]) to the backend, as the
-/// success path does for a response; the report, if it is still to come. After it, successes
-/// are reported too, so that one resets the streak. Out of line: the success path's code
-/// stays as it was.
-#[cold]
-#[inline(never)]
-fn report_error<Bk: Backend>(
+/// Sends `feedback` (a response's, or the pause an inner error asked for:
+/// [`feedback_of_error`]) to the backend; the report, if it is still to come. After a pause,
+/// successes are reported too, so that one resets the streak.
+#[inline]
+fn report<Bk: Backend>(
     shared: &Shared<Bk>,
     account: &mut Option<AccountId>,
     feedback: Feedback,
     cx: &mut Context<'_>,
 ) -> Option<Bk::FeedbackFuture> {
-    if !shared.report_success.load(Ordering::Relaxed) {
+    if matches!(feedback, Feedback::Pause { .. }) && !shared.report_success.load(Ordering::Relaxed)
+    {
         shared.report_success.store(true, Ordering::Relaxed);
     }
     // The account is lent to the key for the call, not cloned.
@@ -645,82 +644,48 @@ where
                     // The response stays in the output it is returned in (no copy of it on the
                     // way out); the checks below borrow it there.
                     let mut result: Self::Output = ready!(future.poll(cx)).map_err(Into::into);
-                    let Ok(response) = &mut result else {
-                        let sent_at = this.sent_at.expect("set before calling");
-                        let feedback = match &result {
-                            Err(error) => feedback_of_error(&**error, sent_at),
-                            Ok(_) => None,
-                        };
-                        let Some(feedback) = feedback else {
-                            this.state.set(State::Done);
-                            return Poll::Ready(result);
-                        };
-                        match report_error(shared_of(this.lane), this.account, feedback, cx) {
-                            None => {
-                                this.state.set(State::Done);
-                                return Poll::Ready(result);
-                            }
-                            Some(report) => {
-                                this.state.set(State::Reporting {
-                                    reporting: Box::new((report, Some(result))),
-                                });
-                                continue;
-                            }
-                        }
-                    };
-                    if *this.waited_nanos != 0 {
-                        let rate_limit = Duration::from_nanos(*this.waited_nanos);
-                        match response.extensions_mut().get_mut::<Waited>() {
-                            Some(waited) => waited.rate_limit += rate_limit,
-                            None => {
-                                response.extensions_mut().insert(Waited {
-                                    rate_limit,
-                                    ..Waited::default()
-                                });
-                            }
-                        }
-                    }
-                    let shared = &**shared_of(this.lane);
-                    let report_success = shared.report_success.load(Ordering::Relaxed);
                     let sent_at = this.sent_at.expect("set before calling");
-                    let account = &mut *this.account;
-                    // A success is reported while a streak may be running: one this process
-                    // saw (`report_success`), or one the store says another process started.
-                    // (The account is lent to the key for the question, not cloned; the
-                    // in-process backend's answer is a constant `false`.)
-                    let mut streak_running = || {
-                        let key = BucketKey::account(account.take());
-                        let running = shared.backend.streak_running(&key);
-                        *account = key.into_account();
-                        running
+                    let shared = &**shared_of(this.lane);
+                    let feedback = match &mut result {
+                        Ok(response) => {
+                            if *this.waited_nanos != 0 {
+                                let rate_limit = Duration::from_nanos(*this.waited_nanos);
+                                match response.extensions_mut().get_mut::<Waited>() {
+                                    Some(waited) => waited.rate_limit += rate_limit,
+                                    None => {
+                                        response.extensions_mut().insert(Waited {
+                                            rate_limit,
+                                            ..Waited::default()
+                                        });
+                                    }
+                                }
+                            }
+                            let report_success = shared.report_success.load(Ordering::Relaxed);
+                            let account = &mut *this.account;
+                            // A success is reported while a streak may be running: one this
+                            // process saw (`report_success`), or one the store says another
+                            // process started. (The account is lent to the key for the
+                            // question, not cloned; the in-process backend's answer is a
+                            // constant `false`.)
+                            let mut streak_running = || {
+                                let key = BucketKey::account(account.take());
+                                let running = shared.backend.streak_running(&key);
+                                *account = key.into_account();
+                                running
+                            };
+                            feedback_of(response, sent_at, || report_success || streak_running())
+                        }
+                        Err(error) => feedback_of_error(&**error, sent_at),
                     };
-                    match feedback_of(response, sent_at, || report_success || streak_running()) {
-                        None => {
-                            this.state.set(State::Done);
-                            return Poll::Ready(result);
-                        }
-                        Some(feedback) => {
-                            if matches!(feedback, Feedback::Pause { .. }) && !report_success {
-                                shared.report_success.store(true, Ordering::Relaxed);
-                            }
-                            // The account is lent to the key for the call, not cloned.
-                            let key = BucketKey::account(this.account.take());
-                            let mut report =
-                                shared
-                                    .backend
-                                    .feedback(&key, &shared.account_policy(), feedback);
-                            *this.account = key.into_account();
-                            // The in-process backend's report is ready at once: no state for it.
-                            if let Poll::Ready(reported) = Pin::new(&mut report).poll(cx) {
-                                note_cooldown(reported, this.account);
-                                this.state.set(State::Done);
-                                return Poll::Ready(result);
-                            }
-                            this.state.set(State::Reporting {
-                                reporting: Box::new((report, Some(result))),
-                            });
-                        }
-                    }
+                    let Some(pending) =
+                        feedback.and_then(|feedback| report(shared, this.account, feedback, cx))
+                    else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(result);
+                    };
+                    this.state.set(State::Reporting {
+                        reporting: Box::new((pending, Some(result))),
+                    });
                 }
                 StateProj::Reporting { reporting } => {
                     let (report, result) = &mut **reporting;
