@@ -231,18 +231,27 @@ struct Held {
 
 /// How long a process remembers the end of a task it reported (the default lease: a holding
 /// that comes back with an older snapshot would hold its slots that long).
-const ENDS_KEPT_FOR: Duration = Duration::from_secs(30 * 60);
+const ENDS_KEPT_FOR: Duration = kling_concurrency::DEFAULT_LEASE;
 /// How many reported ends a process remembers, the oldest forgotten first.
 const MAX_ENDS_KEPT: usize = 4096;
+
+/// The arguments an `upd` command starts with: the command, the lease, the account; the
+/// reports follow, four arguments each.
+fn upd_head(lease: Duration, account: &AccountId) -> [String; 3] {
+    [
+        "upd".to_owned(),
+        micros(lease).to_string(),
+        account.as_str().to_owned(),
+    ]
+}
 
 /// The end of a task this process reported (an `upd` report).
 #[derive(Clone, Debug)]
 struct ReportedEnd {
     account: AccountId,
-    id: String,
-    ext: String,
-    /// Empty: said ended, with no status.
-    status: String,
+    /// As `upd` was sent it: task id, external id, status (empty: said ended, with no
+    /// status), and `"1"` (ended).
+    report: [String; 4],
     at: Instant,
 }
 
@@ -710,6 +719,19 @@ impl Inner {
         result
     }
 
+    /// Runs a script whose reply is an array that starts with the store's state, and notes
+    /// that state ([`Inner::saw_state`]): the reply's items, and whether Redis lost its state.
+    async fn run_noting_state(
+        &self,
+        script: &Script,
+        args: &[String],
+    ) -> Result<(Vec<Value>, bool), StoreError> {
+        let before = self.seq_before();
+        let items = array(self.run(script, args).await?)?;
+        let lost = self.saw_state(items.first(), before);
+        Ok((items, lost))
+    }
+
     /// Runs `APPLY` stamped with fleet time now; parses `{lost, changed, released}`.
     async fn apply_args(
         &self,
@@ -717,10 +739,7 @@ impl Inner {
     ) -> Result<(bool, Vec<Released>, Vec<String>), StoreError> {
         let now_us = self.now_us().await?;
         args[1] = now_us.to_string();
-        let before = self.seq_before();
-        let value = self.run(&self.apply, args).await?;
-        let items = array(value)?;
-        self.saw_state(items.first(), before);
+        let (items, _) = self.run_noting_state(&self.apply, args).await?;
         let changed = int_at(&items, 1)? == 1;
         let (released, holdings) = released_by(items.get(2), now_us);
         Ok((changed, released, holdings))
@@ -880,11 +899,7 @@ impl Inner {
                 updates,
                 lease,
             } => {
-                args.extend([
-                    "upd".to_owned(),
-                    micros(lease).to_string(),
-                    account.as_str().to_owned(),
-                ]);
+                args.extend(upd_head(lease, &account));
                 let reports = updates
                     .iter()
                     .map(|u| (u.id.as_str(), u.external_id.as_deref(), u.status.as_ref()));
@@ -895,11 +910,7 @@ impl Inner {
                 outcome,
                 lease,
             } => {
-                args.extend([
-                    "upd".to_owned(),
-                    micros(lease).to_string(),
-                    account.as_str().to_owned(),
-                ]);
+                args.extend(upd_head(lease, &account));
                 let reports = outcome
                     .tasks()
                     .iter()
@@ -947,6 +958,12 @@ impl Inner {
         let now = Instant::now();
         for (id, ext, status) in reports {
             let terminal = status.is_none_or(TaskStatus::is_terminal);
+            let report = [
+                id.to_owned(),
+                ext.unwrap_or_default().to_owned(),
+                status.map_or_else(String::new, |s| s.as_str().to_owned()),
+                if terminal { "1" } else { "0" }.to_owned(),
+            ];
             if terminal {
                 let mut ends = lock(&self.ends);
                 if ends.len() >= MAX_ENDS_KEPT {
@@ -954,18 +971,11 @@ impl Inner {
                 }
                 ends.push_back(ReportedEnd {
                     account: account.clone(),
-                    id: id.to_owned(),
-                    ext: ext.unwrap_or_default().to_owned(),
-                    status: status.map_or_else(String::new, |s| s.as_str().to_owned()),
+                    report: report.clone(),
                     at: now,
                 });
             }
-            args.extend([
-                id.to_owned(),
-                ext.unwrap_or_default().to_owned(),
-                status.map_or_else(String::new, |s| s.as_str().to_owned()),
-                if terminal { "1" } else { "0" }.to_owned(),
-            ]);
+            args.extend(report);
             let found = registry
                 .iter()
                 .find(|(_, held)| {
@@ -1275,11 +1285,10 @@ impl Inner {
                 args.push(pk.clone());
                 args.push(h.clone());
             }
-            let before = self.seq_before();
-            let items = array(self.run(&self.apply, &args).await?)?;
+            let (items, lost) = self.run_noting_state(&self.apply, &args).await?;
             // A loss noticed by this reply, or by any script meanwhile: the next pass
             // registers the holdings again, and nothing is pruned.
-            if self.saw_state(items.first(), before)
+            if lost
                 || self.went_back.load(Ordering::Acquire) != i64::MIN
                 || self.needs_register.load(Ordering::Acquire)
             {
@@ -1327,22 +1336,10 @@ impl Inner {
         }
         for (account, ends) in by_account {
             for chunk in ends.chunks(256) {
-                let [p, now, grace] = self.unstamped_head();
-                let mut args = vec![
-                    p,
-                    now,
-                    grace,
-                    "upd".to_owned(),
-                    micros(self.config.get_lease()).to_string(),
-                    account.as_str().to_owned(),
-                ];
+                let mut args = Vec::from(self.unstamped_head());
+                args.extend(upd_head(self.config.get_lease(), account));
                 for end in chunk {
-                    args.extend([
-                        end.id.clone(),
-                        end.ext.clone(),
-                        end.status.clone(),
-                        "1".to_owned(),
-                    ]);
+                    args.extend(end.report.iter().cloned());
                 }
                 let (_, released, holdings) = self.apply_args(&mut args).await?;
                 let mut registry = lock(&self.registry);
@@ -1386,9 +1383,8 @@ impl Inner {
             args.push(fields.len().to_string());
             args.extend(fields);
         }
-        let before = self.seq_before();
-        let items = array(self.run(&self.apply, &args).await?)?;
-        if self.saw_state(items.first(), before) {
+        let (items, lost) = self.run_noting_state(&self.apply, &args).await?;
+        if lost {
             return Ok(());
         }
         let Some(Value::Array(caps)) = items.get(2) else {
@@ -2024,15 +2020,10 @@ impl SlotBackend for RedisSlots {
                     .max(1)
                     .to_string(),
             ];
-            let before = inner.seq_before();
-            let items = array(
-                inner
-                    .run(&inner.snapshot, &args)
-                    .await
-                    .map_err(StoreError::into_slots)?,
-            )
-            .map_err(StoreError::into_slots)?;
-            inner.saw_state(items.first(), before);
+            let (items, _) = inner
+                .run_noting_state(&inner.snapshot, &args)
+                .await
+                .map_err(StoreError::into_slots)?;
             // Leases the script found run out: counted here, once.
             released_by(items.get(3), now_us);
             let mut caps = HashMap::new();

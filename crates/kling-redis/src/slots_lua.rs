@@ -68,6 +68,17 @@ local released = {}
 -- An external id's field in EXT: within its account (external ids are unique per account
 -- only), the account's length first so no two pairs share a field.
 local function xf(acct, ext) return #acct .. '.' .. acct .. ext end
+-- Adds a released holding to the script's answer: account, pool, task (id or external id),
+-- weight, since, reason, holding id.
+local function push_released(acct, pool, task, w, since, reason, h)
+  table.insert(released, acct)
+  table.insert(released, pool)
+  table.insert(released, task)
+  table.insert(released, w)
+  table.insert(released, since)
+  table.insert(released, reason)
+  table.insert(released, h)
+end
 local function release(pk, h, rec, reason)
   redis.call('HDEL', pk .. ':h', h)
   redis.call('ZREM', pk .. ':l', h)
@@ -84,13 +95,7 @@ local function release(pk, h, rec, reason)
     local hidden = tonumber(redis.call('HGET', m, 'hid') or '0')
     if hidden > 0 then redis.call('HSET', m, 'hid', hidden - 1) end
     local a = redis.call('HMGET', m, 'acct', 'pool')
-    table.insert(released, a[1] or '')
-    table.insert(released, a[2] or '')
-    table.insert(released, rec.id or rec.ext or '')
-    table.insert(released, rec.w)
-    table.insert(released, tonumber(rec.s))
-    table.insert(released, reason)
-    table.insert(released, h)
+    push_released(a[1] or '', a[2] or '', rec.id or rec.ext or '', rec.w, tonumber(rec.s), reason, h)
   end
   redis.call('PUBLISH', P .. ':freed', pk)
 end
@@ -158,9 +163,8 @@ local function capacity(default, first, last)
   return tonumber(default)
 end
 local function opt(s) if s == '' then return nil end return s end
--- Tasks reported ended, kept 30 minutes (the default lease).
+-- Tasks reported ended, kept ENDED_FOR (the default lease, set by `script`).
 local ENDED = P .. ':ended'
-local ENDED_FOR = 1800000000
 local function note_ended(id)
   redis.call('ZREMRANGEBYSCORE', ENDED, '-inf', int(now))
   redis.call('ZADD', ENDED, int(now + ENDED_FOR), 'i:' .. id)
@@ -302,13 +306,7 @@ elseif op == 'hold' or op == 'reg' then
       rec.id = id
       release(pk, h, rec, 'completed')
     else
-      table.insert(released, ARGV[11])
-      table.insert(released, ARGV[12])
-      table.insert(released, id)
-      table.insert(released, tonumber(ARGV[7]))
-      table.insert(released, now)
-      table.insert(released, 'completed')
-      table.insert(released, h)
+      push_released(ARGV[11], ARGV[12], id, tonumber(ARGV[7]), now, 'completed', h)
     end
     changed = 1
   elseif raw and op == 'hold' then
@@ -466,13 +464,21 @@ return {lost, redis.call('HGETALL', P .. ':cap'), out, released}
 ";
 
 pub(crate) fn acquire() -> String {
-    format!("{QUEUE}{PRELUDE}{ACQUIRE_BODY}")
+    script(ACQUIRE_BODY)
 }
 
 pub(crate) fn apply() -> String {
-    format!("{QUEUE}{PRELUDE}{APPLY_BODY}")
+    script(APPLY_BODY)
 }
 
 pub(crate) fn snapshot() -> String {
-    format!("{QUEUE}{PRELUDE}{SNAPSHOT_BODY}")
+    script(SNAPSHOT_BODY)
+}
+
+/// A slots script: `body` after the queue's functions and [`PRELUDE`], with `ENDED_FOR` (how
+/// long `P:ended` keeps a task, µs) the default lease, as the processes keep the ends they
+/// reported.
+fn script(body: &str) -> String {
+    let ended_for = kling_concurrency::DEFAULT_LEASE.as_micros();
+    format!("local ENDED_FOR = {ended_for}\n{QUEUE}{PRELUDE}{body}")
 }
