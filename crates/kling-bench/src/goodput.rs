@@ -590,11 +590,11 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
         let slot_bound = slot_ms as f64 / 1000.0 / slots as f64;
         // `needed` requests under a rate with a burst of 1 take `needed - 1` intervals: the
         // first goes at once.
-        let rate_bound = match preset.rate_limit() {
-            Some(limit) => needed.saturating_sub(1) as f64 / (limit.per_minute / 60.0),
+        run.rate_per_s = preset.rate_limit().map(|limit| limit.per_minute / 60.0);
+        let rate_bound = match run.rate_per_s {
+            Some(per_s) => needed.saturating_sub(1) as f64 / per_s,
             None => 0.0,
         };
-        run.rate_per_s = preset.rate_limit().map(|limit| limit.per_minute / 60.0);
         run.bound = slot_bound.max(rate_bound);
         for (code, n) in &stats.responses_by_code {
             if matches!(

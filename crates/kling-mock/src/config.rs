@@ -658,6 +658,11 @@ impl MockConfig {
         self.scaled_secs(d.as_secs_f64())
     }
 
+    /// The credit period ([`MockConfig::credit_period`]) divided by the speed factor.
+    pub(crate) fn scaled_credit_period(&self) -> Option<Duration> {
+        self.credit_period.map(|p| self.scaled(p))
+    }
+
     /// Like [`MockConfig::scaled`], from seconds of API time.
     pub(crate) fn scaled_secs(&self, secs: f64) -> Duration {
         Duration::try_from_secs_f64(secs / self.speed)

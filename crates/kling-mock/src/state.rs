@@ -256,7 +256,7 @@ impl State {
     /// Moves ended tasks out of the active set: counts them finished and refunds failures
     /// (those created in the current credit period; an older period's counts are gone).
     pub(crate) fn settle(&mut self, account: &str, now: Instant) {
-        let period = self.config.credit_period.map(|p| self.config.scaled(p));
+        let period = self.config.scaled_credit_period();
         let Some(acct) = self.accounts.get_mut(account) else {
             return;
         };
@@ -390,7 +390,7 @@ impl State {
     /// Starts the account's credit period at its first create (a no-op without a period or
     /// once started), then rolls it forward if it has ended.
     pub(crate) fn start_credit_period(&mut self, account: &str, now: Instant) {
-        let period = self.config.credit_period.map(|p| self.config.scaled(p));
+        let period = self.config.scaled_credit_period();
         let acct = self.account(account);
         if period.is_some() && acct.credit_period_start.is_none() {
             acct.credit_period_start = Some(now);
@@ -400,7 +400,7 @@ impl State {
 
     /// The start and end of the account's current credit period, when it has one.
     pub(crate) fn credit_period(&self, account: &str) -> Option<(Instant, Instant)> {
-        let period = self.config.scaled(self.config.credit_period?);
+        let period = self.config.scaled_credit_period()?;
         let start = self.accounts.get(account)?.credit_period_start?;
         Some((start, start + period))
     }
@@ -408,7 +408,7 @@ impl State {
     /// When the first 1102 of the account's current credit period was sent (rolling the
     /// period first, so a new period's creates are not counted as after an 1102).
     pub(crate) fn first_1102(&mut self, account: &str, now: Instant) -> Option<Instant> {
-        let period = self.config.credit_period.map(|p| self.config.scaled(p));
+        let period = self.config.scaled_credit_period();
         let acct = self.accounts.get_mut(account)?;
         acct.roll_credit_period(period, now);
         acct.first_1102

@@ -83,18 +83,6 @@ fn static_authority_text(authority: &Authority) -> &'static str {
         .unwrap_or_else(|| kling_core::intern::intern(authority.as_str()))
 }
 
-/// The host part of an authority's text (`user@host:port` → `host`, `[::1]:9` → `[::1]`), as
-/// [`Authority::host`] reads it, but borrowed for as long as the text.
-fn host_of(authority: &str) -> &str {
-    let host = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
-    match host.rfind(':') {
-        Some(colon) if !host[colon..].contains(']') => &host[..colon],
-        _ => host,
-    }
-}
-
 /// Whether plain `http://` to `host` stays on this machine: `127.0.0.0/8`, `::1` (also as
 /// `::ffff:127.x.y.z`) or `localhost`.
 fn is_loopback(host: &str) -> bool {
@@ -270,7 +258,7 @@ impl BaseUrlLayer {
         let text = static_authority_text(&authority);
         let origin = Origin {
             https,
-            host: host_of(text),
+            host: kling_core::intern::intern(authority.host()),
             port: authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
         };
         // The same text parsed again, so it cannot fail; the parsed copy is the fallback anyway.
@@ -617,7 +605,8 @@ mod tests {
             "127.0.0.1:8080",
         ] {
             let parsed: Authority = authority.parse().unwrap();
-            assert_eq!(host_of(authority), parsed.host(), "{authority}");
+            let layer = BaseUrlLayer::new(&format!("https://{authority}")).unwrap();
+            assert_eq!(layer.base.origin.host, parsed.host(), "{authority}");
         }
     }
 

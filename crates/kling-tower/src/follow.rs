@@ -341,6 +341,8 @@ impl<S> fmt::Debug for Follower<S> {
 struct Tracked {
     task: TaskRef,
     started: Instant,
+    /// When the follow gives up: `started` plus the policy's deadline.
+    deadline_at: Instant,
     next_at: Instant,
     errors: u32,
     last_status: Option<String>,
@@ -448,6 +450,7 @@ where
                 });
                 Tracked {
                     next_at: now.max(later(started, first)),
+                    deadline_at: later(started, self.policy.deadline),
                     started,
                     task,
                     errors: 0,
@@ -466,7 +469,7 @@ where
             for t in tracked.iter_mut().filter(|t| t.result.is_none()) {
                 if let Some(report) = self.board.take(&t.task.id) {
                     t.result = Some(Ok(report));
-                } else if now >= later(t.started, self.policy.deadline) {
+                } else if now >= t.deadline_at {
                     t.result = Some(Err(FollowError::DeadlineExceeded {
                         task_id: t.task.id.clone(),
                         deadline: self.policy.deadline,
@@ -495,7 +498,7 @@ where
                 })
                 .collect();
             for (i, uri) in legacy {
-                let until = later(tracked[i].started, self.policy.deadline);
+                let until = tracked[i].deadline_at;
                 let answer = self.query(uri, until).await;
                 self.apply(&mut tracked, &[i], answer);
             }
@@ -513,7 +516,7 @@ where
                     // Until the last of their deadlines: the query answers for all of them.
                     let until = chunk
                         .iter()
-                        .map(|&i| later(tracked[i].started, self.policy.deadline))
+                        .map(|&i| tracked[i].deadline_at)
                         .max()
                         .unwrap_or(now);
                     let answer = self.query(uri, until).await;
@@ -524,7 +527,7 @@ where
             let wake = tracked
                 .iter()
                 .filter(|t| t.result.is_none())
-                .map(|t| t.next_at.min(later(t.started, self.policy.deadline)))
+                .map(|t| t.next_at.min(t.deadline_at))
                 .min();
             let Some(wake) = wake else { break };
             tokio::select! {

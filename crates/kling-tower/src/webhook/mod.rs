@@ -208,9 +208,7 @@ impl WebhookVerifier {
     /// failed is taken again, use [`verify_unrecorded`](Self::verify_unrecorded) and then
     /// [`record`](Self::record) (the axum route does).
     pub fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<Verified, WebhookError> {
-        let verified = self.verify_unrecorded(headers, body)?;
-        self.record(&verified)?;
-        Ok(verified)
+        self.check(headers, body, true)
     }
 
     /// [`verify`](Self::verify) without remembering the id: an id already
@@ -219,6 +217,17 @@ impl WebhookVerifier {
         &self,
         headers: &HeaderMap,
         body: &[u8],
+    ) -> Result<Verified, WebhookError> {
+        self.check(headers, body, false)
+    }
+
+    /// [`verify_unrecorded`](Self::verify_unrecorded), and with `record` the id remembered as
+    /// [`record`](Self::record) does, on the same reading of the clock and under one lock.
+    fn check(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+        record: bool,
     ) -> Result<Verified, WebhookError> {
         let header = |name: &'static str| {
             headers
@@ -271,7 +280,9 @@ impl WebhookVerifier {
                 "no v1 signature matches a configured secret",
             ));
         }
-        if self.seen(id) {
+        if record {
+            self.remember(id, timestamp, now)?;
+        } else if self.seen(id) {
             return Err(replayed(id));
         }
         Ok(Verified {
