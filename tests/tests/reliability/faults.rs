@@ -278,10 +278,7 @@ async fn a_jwt_that_expires_mid_run_is_signed_again() {
     }
     assert!(answers > 20);
     let stats = server.stats();
-    assert!(
-        stats.responses("1004") >= 1,
-        "{stats:?}"
-    );
+    assert!(stats.responses("1004") >= 1, "{stats:?}");
     assert!(handles.auth.tokens_signed() >= 2);
     handles.assert_idle().await;
 }

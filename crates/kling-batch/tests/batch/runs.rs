@@ -144,10 +144,7 @@ async fn creates_answered_5000_after_the_task_was_made_are_not_paid_twice() {
         String::from_utf8_lossy(&output.stderr)
     );
     let stats = server.stats();
-    assert!(
-        stats.responses("5000") >= 2,
-        "{stats:?}"
-    );
+    assert!(stats.responses("5000") >= 2, "{stats:?}");
     assert_eq!(
         (stats.tasks_created, stats.duplicate_external_ids),
         (20, 0),
