@@ -22,7 +22,7 @@
 //! client of their own), and an error says so where a stripped header would turn into a
 //! puzzling 401 or a download that was paced and counted as an API call.
 //!
-//! The refusal's source is [`RefusedBeforeSending`](kling_core::error::RefusedBeforeSending):
+//! The refusal's source is [`RefusedBeforeSending`]:
 //! the classify step above passes it up as it is, and a retry layer returns it at once rather
 //! than trying again.
 //!
