@@ -14,6 +14,10 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(30 * 60);
 /// task of ours ended in the meantime (see [`SlotsConfig::recovery_interval`]).
 pub const DEFAULT_RECOVERY_INTERVAL: Duration = Duration::from_secs(20);
 
+/// How many times `1303`s in a row double a pool's recovery interval: at most 32 times the
+/// configured one (640 s at the default 20 s). See the crate docs' `1303` rule.
+pub const MAX_RECOVERY_DOUBLINGS: u32 = 5;
+
 /// The account requests without an [`AccountId`] extension count against.
 pub const DEFAULT_ACCOUNT: &str = "default";
 
@@ -81,7 +85,8 @@ impl SlotsConfig {
     }
 
     /// Sets how often one slot hidden by a `1303` comes back by itself (default
-    /// [`DEFAULT_RECOVERY_INTERVAL`]); see the crate docs for the rule.
+    /// [`DEFAULT_RECOVERY_INTERVAL`]), doubled for each `1303` in a row at the same level (at
+    /// most [`MAX_RECOVERY_DOUBLINGS`] times); see the crate docs for the rule.
     pub fn recovery_interval(mut self, interval: Duration) -> Self {
         self.recovery_interval = interval;
         self

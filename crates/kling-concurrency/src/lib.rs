@@ -79,6 +79,8 @@ mod id;
 pub mod in_flight;
 pub mod slots;
 
-pub use config::{DEFAULT_ACCOUNT, DEFAULT_LEASE, DEFAULT_RECOVERY_INTERVAL, SlotsConfig};
+pub use config::{
+    DEFAULT_ACCOUNT, DEFAULT_LEASE, DEFAULT_RECOVERY_INTERVAL, MAX_RECOVERY_DOUBLINGS, SlotsConfig,
+};
 pub use in_flight::{InFlight, InFlightLayer};
 pub use slots::{Reconcile, Reconciled, SlotsHandle, Snapshot, TaskSlots, TaskSlotsLayer};

@@ -65,8 +65,8 @@ pub const MAX_PENDING_REPORTS: usize = 4096;
 ///   every ask; a create that gives up leaves it at once, and a place whose process stopped
 ///   asking ends after [`place_ttl`](Self::place_ttl). [`arrival_order(false)`](Self::arrival_order)
 ///   serves whoever asks first instead.
-/// - **Shared learning**: a 1303 lowers the pool's capacity in Redis for the whole fleet; a
-///   1102 halts the account for every process until
+/// - **Shared learning**: a 1303 lowers the pool's capacity in Redis for the whole fleet (with
+///   kling-concurrency's rule, streak of 1303s at the same level included); a 1102 halts the account for every process until
 ///   [`SlotsHandle::reset_halt`](kling_concurrency::SlotsHandle::reset_halt); run-time
 ///   capacities are stored in Redis.
 /// - **State loss**: every process keeps a record of the slots it holds; when a script finds

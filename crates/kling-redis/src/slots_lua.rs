@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `P:pool:ACCOUNT:POOL:h` | hash | holding id → `{w, s, k, id, ext}` (weight, since, `g` grant or `t` task) |
 //! | `P:pool:ACCOUNT:POOL:l` | sorted set | holding id by lease deadline (µs) |
-//! | `P:pool:ACCOUNT:POOL:m` | hash | `used`, `hid` (hidden after a 1303), `rec` (last recovery), `acct`, `pool` |
+//! | `P:pool:ACCOUNT:POOL:m` | hash | `used`, `hid` (hidden after a 1303), `rec` (last recovery), `lvl` (slots in use at the last 1303, the refused create's included; 0 once a create succeeded there), `stk` (1303s in a row at or below `lvl`: the recovery interval is doubled that many times, and ended tasks bring no hidden slot back), `acct`, `pool` |
 //! | `P:pool:ACCOUNT:POOL:q` | sorted set | the fleet's queue: each waiting process's head create by arrival (µs) |
 //! | `P:pool:ACCOUNT:POOL:qx` | sorted set | the same creates by the end of their place (µs): a process that stops asking loses it |
 //! | `P:ids` | hash | task id → `pool key \n holding id` |
@@ -92,17 +92,24 @@ local function release(pk, h, rec, reason)
     if redis.call('HGET', EXT, f) == place then redis.call('HDEL', EXT, f) end
   end
   if reason then
-    local hidden = tonumber(redis.call('HGET', m, 'hid') or '0')
-    if hidden > 0 then redis.call('HSET', m, 'hid', hidden - 1) end
+    -- An ended task brings one hidden slot back, unless 1303s in a row said they do not.
+    local v = redis.call('HMGET', m, 'hid', 'stk')
+    local hidden = tonumber(v[1] or '0')
+    if hidden > 0 and tonumber(v[2] or '0') == 0 then redis.call('HSET', m, 'hid', hidden - 1) end
     local a = redis.call('HMGET', m, 'acct', 'pool')
     push_released(a[1] or '', a[2] or '', rec.id or rec.ext or '', rec.w, tonumber(rec.s), reason, h)
   end
   redis.call('PUBLISH', P .. ':freed', pk)
 end
+-- The recovery interval of a pool whose streak of 1303s is `stk`: doubled that many times.
+local function rinterval(interval, stk)
+  return interval * 2 ^ tonumber(stk or '0')
+end
 local function maintain(pk, interval)
   local m = pk .. ':m'
   local hidden = tonumber(redis.call('HGET', m, 'hid') or '0')
   if hidden > 0 then
+    interval = rinterval(interval, redis.call('HGET', m, 'stk'))
     local rec = tonumber(redis.call('HGET', m, 'rec') or int(now))
     local steps = math.floor((now - rec) / interval)
     if steps > hidden then steps = hidden end
@@ -217,7 +224,7 @@ local q = pk .. ':q'
 local qx = pk .. ':qx'
 local ahead_until = ahead_of(q, qx, h, tonumber(ARGV[13]), now)
 local m = pk .. ':m'
-local v = redis.call('HMGET', m, 'used', 'hid', 'rec')
+local v = redis.call('HMGET', m, 'used', 'hid', 'rec', 'stk')
 local used = tonumber(v[1] or '0')
 local hidden = tonumber(v[2] or '0')
 if hidden > cap then hidden = cap end
@@ -236,7 +243,7 @@ local nxt = -1
 local first = redis.call('ZRANGE', pk .. ':l', 0, 0, 'WITHSCORES')
 if first[2] then nxt = tonumber(first[2]) end
 if hidden > 0 then
-  local rec = tonumber(v[3] or int(now)) + tonumber(ARGV[9])
+  local rec = tonumber(v[3] or int(now)) + rinterval(tonumber(ARGV[9]), v[4])
   if nxt < 0 or rec < nxt then nxt = rec end
 end
 -- A place ahead that is not renewed ends then: ask again at that instant.
@@ -265,6 +272,20 @@ local function tidy(pk)
   redis.call('DEL', pk .. ':m')
   redis.call('SREM', P .. ':pools', pk)
 end
+-- A create of the fleet succeeded: when the tasks held (not the grants still awaiting an
+-- answer, which may yet meet a 1303) fill the last 1303's level, the streak of 1303s ends.
+local function prove_level(pk)
+  local m = pk .. ':m'
+  local v = redis.call('HMGET', m, 'used', 'lvl')
+  local lvl = tonumber(v[2] or '0')
+  if lvl == 0 or tonumber(v[1] or '0') < lvl then return end
+  local held = 0
+  for _, raw in ipairs(redis.call('HVALS', pk .. ':h')) do
+    local rec = cjson.decode(raw)
+    if rec.k ~= 'g' then held = held + tonumber(rec.w) end
+  end
+  if held >= lvl then redis.call('HSET', m, 'lvl', 0, 'stk', 0) end
+end
 if op == 'give' then
   -- Also a waiting create that gave up: its place in the fleet's queue goes, and the next in
   -- line asks.
@@ -273,13 +294,25 @@ if op == 'give' then
   tidy(ARGV[5])
   changed = 1
 elseif op == 'cong' then
+  -- As kling-concurrency's `PoolState::congested`: the pool is believed to hold only what the
+  -- fleet holds now, and a 1303 again at no more slots than the last one's doubles the
+  -- recovery interval (up to MAX_DOUBLINGS times) and stops ended tasks bringing slots back.
   local pk = ARGV[5]
+  local m = pk .. ':m'
+  local raw = redis.call('HGET', pk .. ':h', ARGV[6])
+  local w = 1
+  if raw then w = tonumber(cjson.decode(raw).w) end
   give(pk, ARGV[6])
   local cap = capacity(ARGV[7], 8)
-  local used = tonumber(redis.call('HGET', pk .. ':m', 'used') or '0')
+  local v = redis.call('HMGET', m, 'used', 'lvl', 'stk')
+  local used = tonumber(v[1] or '0')
+  local level = used + w
+  local lvl = tonumber(v[2] or '0')
+  local stk = 0
+  if lvl > 0 and level <= lvl then stk = math.min(tonumber(v[3] or '0') + 1, MAX_DOUBLINGS) end
   local hidden = cap - used
   if hidden < 0 then hidden = 0 end
-  redis.call('HSET', pk .. ':m', 'hid', hidden, 'rec', int(now))
+  redis.call('HSET', m, 'hid', hidden, 'rec', int(now), 'lvl', level, 'stk', stk)
   changed = 1
 elseif op == 'halt' then
   give(ARGV[5], ARGV[6])
@@ -318,6 +351,7 @@ elseif op == 'hold' or op == 'reg' then
     redis.call('HSET', pk .. ':h', h, cjson.encode(rec))
     redis.call('ZADD', pk .. ':l', int(now + lease), h)
     map_ids(pk, h, id, ext, ARGV[11])
+    if id then prove_level(pk) end
     changed = 1
   elseif not raw then
     local kind = 't'
@@ -419,10 +453,11 @@ elseif op == 'caps' then
     local pk = ARGV[i]
     local fields = tonumber(ARGV[i + 2])
     local cap = capacity(ARGV[i + 1], i + 3, i + 2 + fields)
-    local v = redis.call('HMGET', pk .. ':m', 'hid', 'rec')
+    local v = redis.call('HMGET', pk .. ':m', 'hid', 'rec', 'stk')
     local hidden = tonumber(v[1] or '0')
     if hidden > 0 then
-      hidden = hidden - math.floor((now - tonumber(v[2] or int(now))) / interval)
+      local every = rinterval(interval, v[3])
+      hidden = hidden - math.floor((now - tonumber(v[2] or int(now))) / every)
       if hidden < 0 then hidden = 0 end
     end
     if hidden > cap then hidden = cap end
@@ -477,8 +512,11 @@ pub(crate) fn snapshot() -> String {
 
 /// A slots script: `body` after the queue's functions and [`PRELUDE`], with `ENDED_FOR` (how
 /// long `P:ended` keeps a task, µs) the default lease, as the processes keep the ends they
-/// reported.
+/// reported, and `MAX_DOUBLINGS` kling-concurrency's cap on a streak of 1303s.
 fn script(body: &str) -> String {
     let ended_for = kling_concurrency::DEFAULT_LEASE.as_micros();
-    format!("local ENDED_FOR = {ended_for}\n{QUEUE}{PRELUDE}{body}")
+    let doublings = kling_concurrency::MAX_RECOVERY_DOUBLINGS;
+    format!(
+        "local ENDED_FOR = {ended_for}\nlocal MAX_DOUBLINGS = {doublings}\n{QUEUE}{PRELUDE}{body}"
+    )
 }

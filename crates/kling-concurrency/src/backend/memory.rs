@@ -21,7 +21,7 @@ use super::{
     Applied, PoolSnapshot, ReleaseReason, Released, Reservation, SlotBackend, SlotKey, SlotOp,
     TaskRef,
 };
-use crate::config::SlotsConfig;
+use crate::config::{MAX_RECOVERY_DOUBLINGS, SlotsConfig};
 use crate::error::{AcquireError, BackendError, ConfigError, Halted, OverCapacity, QueueFull};
 use crate::id::SmallId;
 
@@ -649,6 +649,13 @@ struct PoolState {
     // Rare.
     /// When the last hidden slot came back by time (or the last 1303).
     recovered_at: Instant,
+    /// The slots in use, the refused create's included, at the last 1303 (0: none since the
+    /// last proof that more fit).
+    refused_level: u32,
+    /// 1303s in a row at or below `refused_level` (capped at [`MAX_RECOVERY_DOUBLINGS`]): each
+    /// doubles the recovery interval, and while there is one an ended task brings no hidden slot
+    /// back. See [`PoolState::congested`].
+    streak: u32,
     /// Grants handed to waiters that have not picked them up yet.
     granted: Vec<u64>,
     /// Waiters refused because a lowered capacity is below their weight, with that capacity,
@@ -833,6 +840,8 @@ impl PoolState {
             configured,
             hidden: 0,
             recovered_at: Instant::now(),
+            refused_level: 0,
+            streak: 0,
             in_use: 0,
             queue: WaitList::new(),
             granted: Vec::new(),
@@ -956,8 +965,57 @@ impl PoolState {
         self.tasks > 0 || self.hidden > 0
     }
 
+    /// The interval at which hidden slots come back now: the configured one, doubled for each
+    /// 1303 in a row at the same level ([`PoolState::congested`]).
+    fn recovery_interval(&self, configured: Duration) -> Duration {
+        configured.saturating_mul(1 << self.streak)
+    }
+
+    /// A 1303 answered a create of `weight` (already given back): what we thought free is held
+    /// by someone we cannot see, so the pool is believed to hold only what we hold now.
+    ///
+    /// A 1303 again at no more slots than the last one's is evidence that the hidden slots are
+    /// not coming back soon (another client's long-running work, or a capacity set higher than
+    /// the account has): each such 1303 doubles the recovery interval, up to
+    /// 2^[`MAX_RECOVERY_DOUBLINGS`] times, and ended tasks of ours stop bringing hidden slots
+    /// back. Without it, told twice the slots it has, the pool met a 1303 after about every
+    /// ended task. A create that succeeds at the refused level or above ends the streak
+    /// ([`PoolState::prove_level`]).
+    fn congested(&mut self, weight: u32, now: Instant) {
+        let level = self.in_use.saturating_add(weight);
+        if self.refused_level > 0 && level <= self.refused_level {
+            self.streak = (self.streak + 1).min(MAX_RECOVERY_DOUBLINGS);
+        } else {
+            self.streak = 0;
+        }
+        self.refused_level = level;
+        self.hidden = self.configured.saturating_sub(self.in_use);
+        self.recovered_at = now;
+    }
+
+    /// A create of ours succeeded: when the tasks we hold now (not the creates still awaiting
+    /// an answer, which may yet meet a 1303) fill the last 1303's level, more fit than that 1303
+    /// said, so the streak of 1303s ends.
+    #[inline(always)]
+    fn prove_level(&mut self) {
+        let level = self.refused_level;
+        if level > 0 && self.in_use >= level && self.held_reach(level) {
+            self.refused_level = 0;
+            self.streak = 0;
+        }
+    }
+
+    /// Whether the holdings weigh `level` or more (counted only when their number falls short,
+    /// as image tasks weigh more than one).
+    #[cold]
+    fn held_reach(&self, level: u32) -> bool {
+        self.tasks >= level as usize
+            || self.live().map(|(_, h)| u64::from(h.weight)).sum::<u64>() >= u64::from(level)
+    }
+
     /// The next instant lazy maintenance has something to do.
     fn next_wake(&self, interval: Duration) -> Option<Instant> {
+        let interval = self.recovery_interval(interval);
         let recovery = (self.hidden > 0).then(|| self.recovered_at + interval);
         match (self.next_lease, recovery) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -1231,8 +1289,11 @@ impl State {
         });
         pool.clear(slot);
         pool.give_back(weight);
-        // Tasks ending is also how slots held by others come back: one per ended task.
-        pool.hidden = pool.hidden.saturating_sub(1);
+        // Tasks ending is also how slots held by others come back: one per ended task, unless
+        // 1303s in a row said they are not coming back that way (`PoolState::congested`).
+        if pool.streak == 0 {
+            pool.hidden = pool.hidden.saturating_sub(1);
+        }
         pool.dispatch();
         pool.publish();
         let held_for = now.saturating_duration_since(since);
@@ -1255,6 +1316,7 @@ impl State {
             return;
         };
         if pool.hidden > 0 {
+            let interval = pool.recovery_interval(interval);
             let elapsed = now.saturating_duration_since(pool.recovered_at);
             let steps = elapsed.as_nanos() / interval.as_nanos().max(1);
             let steps = u32::try_from(steps).unwrap_or(u32::MAX).min(pool.hidden);
@@ -1290,7 +1352,13 @@ impl State {
         let (lease_until, hashes) = (holding.lease_until, holding.hashes);
         let pool = &mut self.list[index];
         let timerless = !pool.queue.is_empty() && !pool.has_maintenance();
+        let proven = holding.id.is_some();
         let slot = pool.put(holding);
+        if proven {
+            // The server made the task: its slots fit (only a task id proves it, not a
+            // create kept under a lease because its outcome is unknown).
+            pool.prove_level();
+        }
         // Nothing a gauge shows changed: the slots were counted when granted.
         pool.next_lease = Some(pool.next_lease.map_or(lease_until, |t| t.min(lease_until)));
         if timerless {
@@ -1483,10 +1551,7 @@ impl State {
                 let pool = self.pool_mut(&res.key);
                 pool.give_back(res.weight);
                 let timerless = !pool.has_maintenance();
-                // What we thought free is held by someone we cannot see: believe the pool
-                // holds only what we hold now.
-                pool.hidden = pool.configured.saturating_sub(pool.in_use);
-                pool.recovered_at = Instant::now();
+                pool.congested(res.weight, Instant::now());
                 pool.dispatch();
                 if timerless {
                     // The head may wait with no timer: hidden slots come back by time.
@@ -1587,6 +1652,9 @@ impl State {
                         applied.changed |= configured != state.configured;
                         state.configured = configured;
                         state.hidden = state.hidden.min(configured);
+                        // What earlier 1303s said about the old capacity is no evidence now.
+                        state.refused_level = 0;
+                        state.streak = 0;
                         // Waiters the new capacity can never serve fail now rather than hold
                         // up those behind them.
                         state.refuse_heavier(configured);

@@ -663,3 +663,104 @@ async fn lowering_the_capacity_below_a_waiting_creates_weight_refuses_it_and_ser
     assert_eq!(fake.creates(), 2, "the refused create was not sent");
     assert_eq!(pool_state(&handle, &image).await, (2, 3, 0));
 }
+
+/// Ends `id` at the fake server and queries it, so the layer sees the task end.
+async fn end(svc: &mut Slots, fake: &Fake, id: &str) {
+    fake.finish(id);
+    send(svc, get(&format!("/v1/videos/text2video/{id}")))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_1303_at_the_same_level_stops_ended_tasks_bringing_slots_back_and_doubles_recovery()
+ {
+    let (mut svc, handle, fake) =
+        stack(SlotsConfig::new(4).recovery_interval(Duration::from_secs(20)));
+    let t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    let t2 = task_id(&send(&mut svc, create()).await.unwrap());
+    // Refused at 3 slots: the pool is believed to hold the 2 we hold.
+    fake.script(Scripted::Code(1303, 429));
+    send(&mut svc, create()).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
+
+    // The first 1303 is no pattern yet: an ended task brings a hidden slot back with it.
+    end(&mut svc, &fake, &t1).await;
+    assert_eq!(pool_state(&handle, &video()).await, (1, 3, 0));
+    let _t3 = task_id(&send(&mut svc, create()).await.unwrap());
+    // Refused at 3 slots again.
+    fake.script(Scripted::Code(1303, 429));
+    send(&mut svc, create()).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
+
+    // Now an ended task frees only its own slot,
+    end(&mut svc, &fake, &t2).await;
+    assert_eq!(pool_state(&handle, &video()).await, (1, 2, 0));
+    // and a hidden slot comes back after twice the interval, not once.
+    advance(Duration::from_secs(20)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (1, 2, 0));
+    advance(Duration::from_secs(20)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (1, 3, 0));
+    assert_eq!(fake.creates(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_that_succeeds_at_the_refused_level_ends_the_1303_streak() {
+    let (mut svc, handle, fake) =
+        stack(SlotsConfig::new(3).recovery_interval(Duration::from_secs(20)));
+    let t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    // Two 1303s at 2 slots: a streak.
+    for _ in 0..2 {
+        fake.script(Scripted::Code(1303, 429));
+        send(&mut svc, create()).await.unwrap();
+        assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+    }
+    // The streak doubled the interval: one slot back after 40 s, none after 20.
+    advance(Duration::from_secs(20)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+    advance(Duration::from_secs(20)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (1, 2, 0));
+
+    // The unseen holder let go: a create succeeds at the level that was refused,
+    let _t2 = task_id(&send(&mut svc, create()).await.unwrap());
+    // so ended tasks bring hidden slots back again, and the interval is the configured one.
+    end(&mut svc, &fake, &t1).await;
+    assert_eq!(pool_state(&handle, &video()).await, (1, 3, 0));
+    let _t3 = task_id(&send(&mut svc, create()).await.unwrap());
+    fake.script(Scripted::Code(1303, 429));
+    send(&mut svc, create()).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
+    advance(Duration::from_secs(20)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (2, 3, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_success_while_another_create_awaits_its_answer_proves_nothing() {
+    let (mut svc, handle, fake) =
+        stack(SlotsConfig::new(2).recovery_interval(Duration::from_secs(20)));
+    let t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    // Two 1303s at 2 slots (the second after the hidden slot came back by time): a streak.
+    fake.script(Scripted::Code(1303, 429));
+    send(&mut svc, create()).await.unwrap();
+    advance(Duration::from_secs(20)).await;
+    fake.script(Scripted::Code(1303, 429));
+    send(&mut svc, create()).await.unwrap();
+    end(&mut svc, &fake, &t1).await;
+    assert_eq!(pool_state(&handle, &video()).await, (0, 1, 0));
+    advance(Duration::from_secs(40)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (0, 2, 0));
+
+    // Both slots are granted at once; the first succeeds while the second is unanswered, so
+    // holding 2 proves nothing yet, and the second's 1303 continues the streak.
+    let first = call(&mut svc, create()).await;
+    fake.script(Scripted::Code(1303, 429));
+    let second = call(&mut svc, create()).await;
+    first.await.unwrap();
+    second.await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+    // Three in a row: four times the interval.
+    advance(Duration::from_secs(79)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (1, 2, 0));
+}

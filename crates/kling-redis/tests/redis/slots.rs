@@ -423,6 +423,81 @@ async fn a_1303_lowers_the_pool_for_the_whole_fleet() {
     assert_eq!((snapshot[0].in_use, snapshot[0].capacity), (0, 2));
 }
 
+/// Two 1303s in a row at the same level: ended tasks stop bringing hidden slots back, and the
+/// recovery interval doubles, for the whole fleet; a create that succeeds at the refused level
+/// ends the streak (kling-concurrency's rule, in Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_1303_at_the_same_level_slows_the_fleets_recovery_until_a_create_proves_more_fit()
+{
+    let Some(server) = redis() else { return };
+    let every = Duration::from_secs(2);
+    let config = SlotsConfig::new(4).recovery_interval(every);
+    let connect_one = || async {
+        RedisSlots::new(connect(&server).await, config.clone())
+            .unwrap()
+            .poll_every(Duration::from_secs(30))
+            .maintain_every(Duration::from_millis(50))
+            .grace(Duration::from_millis(300))
+    };
+    let (one, two) = (connect_one().await, connect_one().await);
+    let state = |backend: &RedisSlots| {
+        let backend = backend.clone();
+        async move {
+            let snapshot = backend.snapshot().await.unwrap();
+            (snapshot[0].in_use, snapshot[0].capacity)
+        }
+    };
+    for id in ["t1", "t2"] {
+        let r = one.acquire(video(), 1).await.unwrap();
+        one.apply(hold(r, id, LONG)).await.unwrap();
+    }
+    // Refused at 3 slots; the first 1303 is no pattern: an ended task brings a slot back.
+    let r = two.acquire(video(), 1).await.unwrap();
+    two.apply(SlotOp::Congested(r)).await.unwrap();
+    assert_eq!(state(&one).await, (2, 2));
+    two.apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(state(&one).await, (1, 3));
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(r, "t3", LONG)).await.unwrap();
+    // Refused at 3 again: a streak.
+    let r = two.acquire(video(), 1).await.unwrap();
+    two.apply(SlotOp::Congested(r)).await.unwrap();
+    let second_1303 = tokio::time::Instant::now();
+    assert_eq!(state(&two).await, (2, 2));
+    one.apply(ended("t2", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(
+        state(&two).await,
+        (1, 2),
+        "an ended task brought a slot back"
+    );
+    assert!(
+        second_1303.elapsed() < every,
+        "too slow to tell the intervals apart"
+    );
+
+    // One slot back after twice the interval.
+    tokio::time::sleep_until(second_1303 + every * 2 + Duration::from_millis(100)).await;
+    assert_eq!(state(&one).await, (1, 3));
+    // Creates succeed up to the refused level: more fit than the 1303s said, the streak ends,
+    // and an ended task brings the last hidden slot back again.
+    for id in ["t4", "t5"] {
+        let r = one.acquire(video(), 1).await.unwrap();
+        one.apply(hold(r, id, LONG)).await.unwrap();
+    }
+    two.apply(ended("t3", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert!(
+        second_1303.elapsed() < every * 4,
+        "too slow: the next step by time would bring it back too"
+    );
+    assert_eq!(state(&one).await, (2, 4));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_redis_loses_its_state_every_process_registers_its_slots_again() {
     let Some(mut server) = redis() else { return };
