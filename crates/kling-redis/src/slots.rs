@@ -229,9 +229,13 @@ struct Held {
     registered: bool,
 }
 
-/// How long a process remembers the end of a task it reported (the default lease: a holding
-/// that comes back with an older snapshot would hold its slots that long).
-const ENDS_KEPT_FOR: Duration = kling_concurrency::DEFAULT_LEASE;
+/// How long the end of a reported task is remembered, by the process that reported it and in
+/// `P:ended`: the longest lease a holding can have (the configured one, at least the default
+/// other processes may use), since a holding that comes back with an older snapshot would
+/// hold its slots that long.
+fn ends_kept_for(config: &SlotsConfig) -> Duration {
+    config.get_lease().max(kling_concurrency::DEFAULT_LEASE)
+}
 /// How many reported ends a process remembers, the oldest forgotten first.
 const MAX_ENDS_KEPT: usize = 4096;
 
@@ -386,6 +390,7 @@ impl RedisSlots {
     }
 
     fn build(conn: Connection, config: SlotsConfig, options: Options) -> Self {
+        let ended_for = ends_kept_for(&config);
         RedisSlots {
             inner: Arc::new(Inner {
                 conn,
@@ -419,9 +424,9 @@ impl RedisSlots {
                 went_back: std::sync::atomic::AtomicI64::new(i64::MIN),
                 wake_maintenance: Arc::new(Notify::new()),
                 shutdown: Arc::new(Notify::new()),
-                acquire: Script::new(&slots_lua::acquire()),
-                apply: Script::new(&slots_lua::apply()),
-                snapshot: Script::new(&slots_lua::snapshot()),
+                acquire: Script::new(&slots_lua::acquire(ended_for)),
+                apply: Script::new(&slots_lua::apply(ended_for)),
+                snapshot: Script::new(&slots_lua::snapshot(ended_for)),
             }),
         }
     }
@@ -1322,7 +1327,7 @@ impl Inner {
         ];
         args.extend(lock(&self.registry).keys().cloned());
         self.apply_args(&mut args).await?;
-        let cutoff = Instant::now().checked_sub(ENDS_KEPT_FOR);
+        let cutoff = Instant::now().checked_sub(ends_kept_for(&self.config));
         let ends: Vec<ReportedEnd> = {
             let mut ends = lock(&self.ends);
             if let Some(cutoff) = cutoff {

@@ -17,11 +17,13 @@
 //! | `P:alive` | string | present while Redis keeps its state; value: the generation, which is the end of the re-registration grace (µs) that started it |
 //! | `P:seq` | string | the sequence: each script's number (see `PRELUDE`) |
 //! | `P:run` | string | the `run_id` of the server that wrote the generation: another one (a restart, which may load an older snapshot; a failover to a replica, which may lag) starts a new generation |
-//! | `P:ended` | sorted set | tasks reported ended (`i:` task id) by expiry (µs, 30 min on): a holding of one is not created again (a re-registration, a replayed hold) |
+//! | `P:ended` | sorted set | tasks reported ended (`i:` task id) by expiry (µs, the configured lease on, at least the default 30 min): a holding of one is not created again (a re-registration, a replayed hold) |
 //! | channel `P:freed` | pub/sub | a pool key (or `*`) whenever slots may have freed |
 //!
 //! Times are integer microseconds of fleet time (see [`Connection`](crate::Connection)),
 //! written with `%.0f` (Lua's own conversion keeps 14 digits only).
+
+use std::time::Duration;
 
 use crate::order_lua::QUEUE;
 
@@ -170,7 +172,7 @@ local function capacity(default, first, last)
   return tonumber(default)
 end
 local function opt(s) if s == '' then return nil end return s end
--- Tasks reported ended, kept ENDED_FOR (the default lease, set by `script`).
+-- Tasks reported ended, kept ENDED_FOR (the longest lease, set by `script`).
 local ENDED = P .. ':ended'
 local function note_ended(id)
   redis.call('ZREMRANGEBYSCORE', ENDED, '-inf', int(now))
@@ -498,23 +500,23 @@ end
 return {lost, redis.call('HGETALL', P .. ':cap'), out, released}
 ";
 
-pub(crate) fn acquire() -> String {
-    script(ACQUIRE_BODY)
+pub(crate) fn acquire(ended_for: Duration) -> String {
+    script(ACQUIRE_BODY, ended_for)
 }
 
-pub(crate) fn apply() -> String {
-    script(APPLY_BODY)
+pub(crate) fn apply(ended_for: Duration) -> String {
+    script(APPLY_BODY, ended_for)
 }
 
-pub(crate) fn snapshot() -> String {
-    script(SNAPSHOT_BODY)
+pub(crate) fn snapshot(ended_for: Duration) -> String {
+    script(SNAPSHOT_BODY, ended_for)
 }
 
 /// A slots script: `body` after the queue's functions and [`PRELUDE`], with `ENDED_FOR` (how
-/// long `P:ended` keeps a task, µs) the default lease, as the processes keep the ends they
+/// long `P:ended` keeps a task, µs) `ended_for`, as long as the process keeps the ends it
 /// reported, and `MAX_DOUBLINGS` kling-concurrency's cap on a streak of 1303s.
-fn script(body: &str) -> String {
-    let ended_for = kling_concurrency::DEFAULT_LEASE.as_micros();
+fn script(body: &str, ended_for: Duration) -> String {
+    let ended_for = ended_for.as_micros();
     let doublings = kling_concurrency::MAX_RECOVERY_DOUBLINGS;
     format!(
         "local ENDED_FOR = {ended_for}\nlocal MAX_DOUBLINGS = {doublings}\n{QUEUE}{PRELUDE}{body}"

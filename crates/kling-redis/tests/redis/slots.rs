@@ -498,6 +498,41 @@ async fn a_second_1303_at_the_same_level_slows_the_fleets_recovery_until_a_creat
     assert_eq!(state(&one).await, (2, 4));
 }
 
+/// With a lease longer than the default, an ended task is remembered in Redis that long: a
+/// holding of it that came back (a replay, an older snapshot) could hold its slots for the
+/// whole lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_tasks_are_remembered_for_the_configured_lease() {
+    let Some(server) = redis() else { return };
+    let lease = Duration::from_secs(2 * 3600);
+    let one = RedisSlots::new(connect(&server).await, SlotsConfig::new(2).lease(lease)).unwrap();
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(r, "t1", lease)).await.unwrap();
+    one.apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    let mut raw = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*:ended")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let left_ms: i64 = redis::cmd("PTTL")
+        .arg(&keys[0])
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(
+        left_ms > 3600 * 1000 && left_ms <= 2 * 3600 * 1000,
+        "kept {left_ms} ms"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_redis_loses_its_state_every_process_registers_its_slots_again() {
     let Some(mut server) = redis() else { return };
