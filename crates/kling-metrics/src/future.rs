@@ -109,6 +109,9 @@ impl Call {
                 Ok(outcome) => self.outcome(&outcome, status, span),
                 Err(malformed) => {
                     attached = false;
+                    if status == StatusCode::TOO_MANY_REQUESTS {
+                        self.monitor.note_rejection_without_code();
+                    }
                     tracing::warn!(
                         target: "kling_metrics",
                         http_status = status.as_u16(),
@@ -189,6 +192,9 @@ impl Call {
                 )
             }
             Some(Cause::Malformed(status)) => {
+                if status == StatusCode::TOO_MANY_REQUESTS {
+                    self.monitor.note_rejection_without_code();
+                }
                 (labels::Status::Http(status), labels::CodeLabel::Malformed)
             }
             None => (labels::Status::None, labels::CodeLabel::None),

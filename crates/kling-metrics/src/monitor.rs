@@ -220,6 +220,8 @@ struct Rejections {
     by_code: BTreeMap<i64, u64>,
     undocumented: usize,
     other: u64,
+    /// 429s with no Kling envelope (a proxy's or gateway's page).
+    without_code: u64,
 }
 
 impl Rejections {
@@ -684,12 +686,14 @@ impl Monitor {
             queues: Vec::new(),
             rejections: BTreeMap::new(),
             rejections_other: 0,
+            rejections_without_code: 0,
             tasks: self.task_counts(),
         };
         {
             let rejections = lock(&inner.rejections);
             snapshot.rejections = rejections.by_code.clone();
             snapshot.rejections_other = rejections.other;
+            snapshot.rejections_without_code = rejections.without_code;
         }
         let sources: Vec<_> = self.read_sources().clone();
         for source in sources {
@@ -875,6 +879,11 @@ impl Monitor {
     /// A final response (or error) with HTTP 429 and this code.
     pub(crate) fn note_rejection(&self, code: i64) {
         lock(&self.inner.rejections).note(code);
+    }
+
+    /// Counts a final 429 that carried no Kling envelope.
+    pub(crate) fn note_rejection_without_code(&self) {
+        lock(&self.inner.rejections).without_code += 1;
     }
 
     /// Tracks the tasks a successful create made, and ends tracked tasks a response reports

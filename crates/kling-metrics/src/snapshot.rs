@@ -26,6 +26,10 @@ pub struct Snapshot {
     /// Final 429s with an undocumented code past the first 32 (an upstream's codes are its
     /// input, so the map stays bounded); counted in [`rejections_total`](Self::rejections_total).
     pub rejections_other: u64,
+    /// Final 429s that carried no Kling envelope, so no code: a proxy's or gateway's own page
+    /// (an HTML "Too Many Requests", say), which the rate limiter also reads as a pause when it
+    /// says `Retry-After`. Counted in [`rejections_total`](Self::rejections_total).
+    pub rejections_without_code: u64,
     /// Tasks created through the layer and seen to end.
     pub tasks: TaskCounts,
 }
@@ -37,9 +41,9 @@ impl Snapshot {
         self.rejections.get(&code).copied().unwrap_or(0)
     }
 
-    /// All 429 responses.
+    /// All 429 responses, with a Kling code or without.
     pub fn rejections_total(&self) -> u64 {
-        self.rejections.values().sum::<u64>() + self.rejections_other
+        self.rejections.values().sum::<u64>() + self.rejections_other + self.rejections_without_code
     }
 
     /// The usage of one pool, by pool name (first match over accounts).

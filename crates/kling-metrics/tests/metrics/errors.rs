@@ -158,6 +158,37 @@ async fn a_body_that_is_no_envelope_is_labelled_malformed() {
     );
 }
 
+/// A proxy's own 429 page carries no Kling code, but it is a 429 all the same: the snapshot
+/// counts it apart, in the total, whether the classify step turned it into an error or the
+/// layer read it itself; a 502 page is no rejection.
+#[tokio::test(start_paused = true)]
+async fn a_429_page_with_no_envelope_counts_as_a_rejection_without_code() {
+    let page = "<html>429 Too Many Requests</html>";
+    let monitor = kling_metrics::Monitor::builder().build().unwrap();
+    let bare = MetricsLayer::with_monitor(monitor.clone()).layer(answering(429, page));
+    let response = bare
+        .oneshot(request("POST", "/v1/videos/text2video", "{}", "k"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let classified = MetricsLayer::with_monitor(monitor.clone())
+        .layer(ClassifyLayer::new().layer(answering(429, page)));
+    classified
+        .oneshot(request("GET", "/v1/videos/text2video/t1", "", "k"))
+        .await
+        .unwrap_err();
+    let gateway = MetricsLayer::with_monitor(monitor.clone())
+        .layer(ClassifyLayer::new().layer(answering(502, page)));
+    gateway
+        .oneshot(request("GET", "/v1/videos/text2video/t1", "", "k"))
+        .await
+        .unwrap_err();
+    let snapshot = monitor.snapshot();
+    assert_eq!(snapshot.rejections_without_code, 2);
+    assert!(snapshot.rejections.is_empty(), "{:?}", snapshot.rejections);
+    assert_eq!(snapshot.rejections_total(), 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_envelope_without_classify_is_parsed_once_and_left_for_the_caller() {
     let recording = Recording::start();
