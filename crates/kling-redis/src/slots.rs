@@ -932,7 +932,16 @@ impl Inner {
                     None => format!("*|{pool}"),
                 };
                 lock(&self.caps).insert(field.clone(), capacity);
-                args.extend(["cap".to_owned(), field, capacity.to_string()]);
+                // The account and pool as the pools' meta hashes hold them: the pools the new
+                // capacity covers forget their streaks of 1303s.
+                let account = account.as_ref().map_or("", AccountId::as_str).to_owned();
+                args.extend([
+                    "cap".to_owned(),
+                    field,
+                    capacity.to_string(),
+                    account,
+                    pool.to_string(),
+                ]);
                 wake = Some("*".to_owned());
             }
             SlotOp::ResetHalt(account) => {

@@ -410,8 +410,22 @@ elseif op == 'upd' then
     end
   end
 elseif op == 'cap' then
+  -- 5 capacity field, 6 capacity, 7 account ('' for every account), 8 pool (a product alone
+  -- also covers its models' pools)
   local old = redis.call('HGET', P .. ':cap', ARGV[5])
   redis.call('HSET', P .. ':cap', ARGV[5], ARGV[6])
+  -- What earlier 1303s said about the old capacity is no evidence now: the pools it covers
+  -- forget their streaks, as kling-concurrency's do.
+  local acct, pool = ARGV[7], ARGV[8]
+  local product = not string.find(pool, ':', 1, true)
+  for _, pk in ipairs(redis.call('SMEMBERS', P .. ':pools')) do
+    local v = redis.call('HMGET', pk .. ':m', 'acct', 'pool')
+    local p = v[2] or ''
+    if (acct == '' or v[1] == acct)
+      and (p == pool or (product and string.sub(p, 1, #pool + 1) == pool .. ':')) then
+      redis.call('HSET', pk .. ':m', 'lvl', 0, 'stk', 0)
+    end
+  end
   redis.call('PUBLISH', P .. ':freed', '*')
   if old ~= ARGV[6] then changed = 1 end
 elseif op == 'newgen' then

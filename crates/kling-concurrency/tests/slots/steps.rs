@@ -764,3 +764,26 @@ async fn a_success_while_another_create_awaits_its_answer_proves_nothing() {
     advance(Duration::from_secs(1)).await;
     assert_eq!(pool_state(&handle, &video()).await, (1, 2, 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn setting_the_capacity_ends_a_1303_streak() {
+    let (mut svc, handle, fake) =
+        stack(SlotsConfig::new(4).recovery_interval(Duration::from_secs(20)));
+    let t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    let t2 = task_id(&send(&mut svc, create()).await.unwrap());
+    fake.script(Scripted::Code(1303, 429));
+    send(&mut svc, create()).await.unwrap();
+    end(&mut svc, &fake, &t1).await;
+    let _t3 = task_id(&send(&mut svc, create()).await.unwrap());
+    fake.script(Scripted::Code(1303, 429));
+    send(&mut svc, create()).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
+    // A streak; the operator sets the capacity (the same number here): what the 1303s said
+    // about the old one is no evidence now, so an ended task brings a hidden slot back again.
+    handle
+        .set_capacity(None, Pool::new(Product::Video), 4)
+        .await
+        .unwrap();
+    end(&mut svc, &fake, &t2).await;
+    assert_eq!(pool_state(&handle, &video()).await, (1, 3, 0));
+}

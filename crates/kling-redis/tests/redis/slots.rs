@@ -498,6 +498,47 @@ async fn a_second_1303_at_the_same_level_slows_the_fleets_recovery_until_a_creat
     assert_eq!(state(&one).await, (2, 4));
 }
 
+/// A capacity set for the pool ends a streak of 1303s in Redis too: an ended task brings a
+/// hidden slot back again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setting_the_capacity_ends_the_fleets_1303_streak() {
+    let Some(server) = redis() else { return };
+    let (one, two) = (backend(&server, 4).await, backend(&server, 4).await);
+    let state = |backend: &RedisSlots| {
+        let backend = backend.clone();
+        async move {
+            let snapshot = backend.snapshot().await.unwrap();
+            (snapshot[0].in_use, snapshot[0].capacity)
+        }
+    };
+    for id in ["t1", "t2"] {
+        let r = one.acquire(video(), 1).await.unwrap();
+        one.apply(hold(r, id, LONG)).await.unwrap();
+    }
+    let r = two.acquire(video(), 1).await.unwrap();
+    two.apply(SlotOp::Congested(r)).await.unwrap();
+    one.apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(r, "t3", LONG)).await.unwrap();
+    let r = two.acquire(video(), 1).await.unwrap();
+    two.apply(SlotOp::Congested(r)).await.unwrap();
+    assert_eq!(state(&one).await, (2, 2));
+    // Set for the product, in the other process: it covers this pool.
+    two.apply(SlotOp::SetCapacity {
+        account: None,
+        pool: Pool::new(Product::Video),
+        capacity: 4,
+    })
+    .await
+    .unwrap();
+    one.apply(ended("t2", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(state(&one).await, (1, 3));
+}
+
 /// With a lease longer than the default, an ended task is remembered in Redis that long: a
 /// holding of it that came back (a replay, an older snapshot) could hold its slots for the
 /// whole lease.
