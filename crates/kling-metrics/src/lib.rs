@@ -88,7 +88,8 @@ mod snapshot;
 
 pub use layer::MetricsLayer;
 pub use monitor::{
-    DEFAULT_HYSTERESIS, DEFAULT_MAX_TRACKED_TASKS, DEFAULT_USAGE_THRESHOLD, Monitor, MonitorBuilder,
+    DEFAULT_HYSTERESIS, DEFAULT_MAX_TRACKED_TASKS, DEFAULT_TASK_LEASE, DEFAULT_USAGE_THRESHOLD,
+    Monitor, MonitorBuilder,
 };
 pub use service::Metrics;
 pub use snapshot::{

@@ -4,13 +4,13 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use kling_core::lanes;
 use kling_core::metrics::{LABEL_POOL, LABEL_STATUS, TASK_LIFETIME, TASKS_FINISHED};
-use kling_core::{Code, Outcome, TaskStatus};
+use kling_core::{Code, Outcome, TaskReport, TaskStatus};
 use metrics::SharedString;
 use tokio::time::Instant;
 
@@ -24,6 +24,10 @@ pub const DEFAULT_USAGE_THRESHOLD: f64 = 0.8;
 pub const DEFAULT_HYSTERESIS: f64 = 0.05;
 /// The default number of created tasks tracked for their lifetime at once.
 pub const DEFAULT_MAX_TRACKED_TASKS: usize = 100_000;
+/// The default task lease: a tracked task with no sign of life (a create, or a report that it
+/// still runs) for this long stops being tracked and counts as expired. The same 30 minutes as
+/// kling-concurrency's default lease, after which the task slots give its slots back.
+pub const DEFAULT_TASK_LEASE: Duration = Duration::from_secs(30 * 60);
 
 type Hook = Arc<dyn Fn(&UsageWarning) + Send + Sync>;
 
@@ -37,6 +41,7 @@ pub struct MonitorBuilder {
     window: Duration,
     hook: Option<Hook>,
     max_tracked_tasks: usize,
+    task_lease: Duration,
     record_task_metrics: bool,
 }
 
@@ -49,6 +54,7 @@ impl fmt::Debug for MonitorBuilder {
             .field("window", &self.window)
             .field("hook", &self.hook.is_some())
             .field("max_tracked_tasks", &self.max_tracked_tasks)
+            .field("task_lease", &self.task_lease)
             .field("record_task_metrics", &self.record_task_metrics)
             .finish()
     }
@@ -63,6 +69,7 @@ impl MonitorBuilder {
             window: Duration::from_secs(60),
             hook: None,
             max_tracked_tasks: DEFAULT_MAX_TRACKED_TASKS,
+            task_lease: DEFAULT_TASK_LEASE,
             record_task_metrics: false,
         }
     }
@@ -105,6 +112,18 @@ impl MonitorBuilder {
         self
     }
 
+    /// How long a tracked task may go without a sign of life (its create, a response that
+    /// reports it still running) before it stops being tracked and counts as
+    /// [`expired`](crate::TaskCounts::expired) (default [`DEFAULT_TASK_LEASE`]; counted in whole
+    /// seconds, rounded up).
+    /// A task nobody follows would otherwise count as running, and hold a tracking place,
+    /// forever. Give it the task slots' lease (`KlingLayer` does), so a task stops counting as
+    /// running here when its slots are given back there.
+    pub fn task_lease(mut self, lease: Duration) -> Self {
+        self.task_lease = lease;
+        self
+    }
+
     /// Also records [`TASK_LIFETIME`] and [`TASKS_FINISHED`] for the tasks the layer sees end.
     /// Default off: `TaskSlotsLayer` (kling-concurrency) records them from the slots it holds
     /// for each task; turn this on only in a stack without it, or every task counts twice.
@@ -132,6 +151,9 @@ impl MonitorBuilder {
             && requests == 0
         {
             return Err(ConfigError::new("rate_quota", "needs at least one request"));
+        }
+        if self.task_lease.is_zero() {
+            return Err(ConfigError::new("task_lease", "must be more than zero"));
         }
         let bucket_nanos = self.window.as_nanos() / BUCKETS as u128;
         if bucket_nanos == 0 || self.window > Duration::from_secs(365 * 24 * 3600) {
@@ -161,6 +183,12 @@ impl MonitorBuilder {
                 #[cfg(test)]
                 exact_runs: AtomicUsize::new(0),
                 record_task_metrics: self.record_task_metrics,
+                // Whole seconds, rounded up (a lease of a speeded-up stack may be under one).
+                task_lease_secs: u32::try_from(self.task_lease.as_secs())
+                    .unwrap_or(u32::MAX)
+                    .saturating_add(u32::from(self.task_lease.subsec_nanos() > 0)),
+                started: Instant::now(),
+                swept_at: AtomicU32::new(0),
                 sources: RwLock::new(Vec::new()),
             }),
         })
@@ -272,6 +300,13 @@ struct Inner {
     #[cfg(test)]
     exact_runs: AtomicUsize,
     record_task_metrics: bool,
+    /// [`MonitorBuilder::task_lease`], in whole seconds.
+    task_lease_secs: u32,
+    /// What a task's last sign of life is counted from (whole seconds since then).
+    started: Instant,
+    /// When a sweep for tasks past their lease last ran ([`Monitor::seconds`], plus one; 0:
+    /// never): at most one a second.
+    swept_at: AtomicU32,
     sources: RwLock<Vec<Arc<dyn SnapshotSource>>>,
 }
 
@@ -312,6 +347,8 @@ struct BucketState {
     overflowed: u32,
     /// The slot's task's start; `None` when the slot is free.
     slot_since: Option<Instant>,
+    /// The slot's task's last sign of life ([`Monitor::seconds`]).
+    slot_seen: u32,
     /// The length of the slot's task id.
     slot_len: u8,
     /// The slot's task id (its first `SLOT_ID_FIRST_LINE` bytes on the first line).
@@ -320,6 +357,8 @@ struct BucketState {
     /// (it keeps its entry), or refused for want of a place.
     absorbed: u64,
     failed: u64,
+    /// Tasks that stopped being tracked with no sign of life for the task lease.
+    expired: u64,
     /// The bucket's other tracked tasks, read only when `overflowed` says it holds any: a
     /// second task of the bucket, an id longer than [`SLOT_ID`], a task with a pool label.
     /// Kept once allocated.
@@ -333,22 +372,25 @@ impl Default for BucketState {
             places: 0,
             overflowed: 0,
             slot_since: None,
+            slot_seen: 0,
             slot_len: 0,
             slot_id: [0; SLOT_ID],
             absorbed: 0,
             failed: 0,
+            expired: 0,
             overflow: None,
         }
     }
 }
 
 /// The longest task id a bucket's slot holds (Kling's ids are 18 to 36 bytes).
-const SLOT_ID: usize = 63;
+const SLOT_ID: usize = 51;
 
 /// How many bytes of the slot's id share the first cache line with the lock (the mutex's own
-/// 8 bytes, then 33 of the state): Kling's numeric ids (18 or 19 digits) fit.
+/// 8 bytes, then 37 of the state, the slot task's last sign of life included, which a query
+/// reporting it running writes): Kling's numeric ids (18 or 19 digits) fit.
 #[cfg(test)]
-const SLOT_ID_FIRST_LINE: usize = 64 - 8 - 33;
+const SLOT_ID_FIRST_LINE: usize = 64 - 8 - 37;
 
 /// How many places a bucket takes from `free_places` at once; it gives spare ones back once it
 /// holds twice as many. One: buckets are many and mostly hold one task or none, so a bucket
@@ -361,9 +403,43 @@ impl BucketState {
         u32::from(self.slot_since.is_some()) + self.overflowed
     }
 
-    /// The bucket's finished tasks: its creates that neither are tracked nor were absorbed.
+    /// The bucket's finished tasks: its creates that neither are tracked nor were absorbed nor
+    /// expired.
     fn finished(&self) -> u64 {
-        self.created - u64::from(self.len()) - self.absorbed
+        self.created - u64::from(self.len()) - self.absorbed - self.expired
+    }
+
+    /// Renews the lease of `id` (whose hash is `hash`), if it is tracked: a sign of life at
+    /// `now` ([`Monitor::seconds`]).
+    fn renew(&mut self, hash: u64, id: &[u8], now: u32) {
+        if self.slot_id() == Some(id) {
+            self.slot_seen = now;
+        } else if self.overflowed > 0
+            && let Some(tracked) = self.overflow.as_mut().and_then(|t| t.get_mut(hash, id))
+        {
+            tracked.seen = now;
+        }
+    }
+
+    /// Stops tracking the tasks with no sign of life for `lease` seconds by `now` (both in
+    /// [`Monitor::seconds`]), counting them expired; returns how many.
+    #[cold]
+    fn expire_idle(&mut self, now: u32, lease: u32) -> u32 {
+        let idle = |seen: u32| now.saturating_sub(seen) >= lease;
+        let mut expired = 0;
+        if self.slot_since.is_some() && idle(self.slot_seen) {
+            self.slot_since = None;
+            expired += 1;
+        }
+        if self.overflowed > 0
+            && let Some(table) = self.overflow.as_mut()
+        {
+            let gone = table.remove_where(|tracked| idle(tracked.seen));
+            self.overflowed -= gone;
+            expired += gone;
+        }
+        self.expired += u64::from(expired);
+        expired
     }
 
     /// The slot's task id, if it holds one.
@@ -424,6 +500,7 @@ impl BucketState {
         let bytes = id.as_bytes();
         if self.slot_since.is_none() && bytes.len() <= SLOT_ID && tracked.pool.is_none() {
             self.slot_since = Some(tracked.since);
+            self.slot_seen = tracked.seen;
             self.slot_len = bytes.len() as u8;
             self.slot_id[..bytes.len()].copy_from_slice(bytes);
         } else {
@@ -514,6 +591,40 @@ impl TaskTable {
                 None
             }
         }
+    }
+
+    /// The entry of `id` (whose hash is `hash`), if it is tracked.
+    fn get_mut(&mut self, hash: u64, id: &[u8]) -> Option<&mut Tracked> {
+        match self.slots.get_mut(&hash) {
+            Some((key, tracked)) if key.as_bytes() == id => Some(tracked),
+            Some(_) => self
+                .collided
+                .iter_mut()
+                .find(|(h, key, _)| *h == hash && key.as_bytes() == id)
+                .map(|(.., tracked)| tracked),
+            None => None,
+        }
+    }
+
+    /// Stops tracking every task `idle` says; returns how many.
+    fn remove_where(&mut self, idle: impl Fn(&Tracked) -> bool) -> u32 {
+        let gone: Vec<(u64, Vec<u8>)> = self
+            .slots
+            .iter()
+            .map(|(hash, (key, tracked))| (*hash, key, tracked))
+            .chain(
+                self.collided
+                    .iter()
+                    .map(|(hash, key, tracked)| (*hash, key, tracked)),
+            )
+            .filter(|(.., tracked)| idle(tracked))
+            .map(|(hash, key, _)| (hash, key.as_bytes().to_vec()))
+            .collect();
+        // One by one, as an end removes them, so every collided hash stays in `slots`.
+        for (hash, id) in &gone {
+            self.remove(*hash, id);
+        }
+        gone.len() as u32
     }
 
     /// Whether `id` (whose hash is `hash`) is tracked.
@@ -623,7 +734,11 @@ impl Ended {
     /// What was tracked.
     fn into_tracked(self) -> Tracked {
         match self {
-            Ended::Slot(since) => Tracked { since, pool: None },
+            Ended::Slot(since) => Tracked {
+                since,
+                seen: 0,
+                pool: None,
+            },
             Ended::Entry(tracked) => tracked,
         }
     }
@@ -632,6 +747,8 @@ impl Ended {
 /// A created task whose end is awaited.
 struct Tracked {
     since: Instant,
+    /// Its last sign of life ([`Monitor::seconds`]).
+    seen: u32,
     /// Its pool label, kept only when task ends are recorded as metrics (nothing else reads
     /// it, and a label kept is cloned at the create and dropped at the end).
     pool: Option<SharedString>,
@@ -673,6 +790,7 @@ impl Monitor {
     pub fn snapshot(&self) -> Snapshot {
         let now = Instant::now();
         let inner = &*self.inner;
+        self.expire_idle_tasks(now);
         let requests = inner.window.total(now);
         let mut snapshot = Snapshot {
             rate: RateUsage {
@@ -737,6 +855,7 @@ impl Monitor {
             finished: 0,
             failed: 0,
             running: 0,
+            expired: 0,
         };
         for bucket in &self.inner.tasks {
             let state = lock(&bucket.0);
@@ -744,6 +863,7 @@ impl Monitor {
             counts.finished += state.finished();
             counts.failed += state.failed;
             counts.running += u64::from(state.len());
+            counts.expired += state.expired;
         }
         counts
     }
@@ -787,12 +907,14 @@ impl Monitor {
                 // At most a chunk.
                 Ok(n) => bucket.places += n.min(chunk) as u32,
                 // None free, read again by a read-modify-write (which sees every place given
-                // back before it, and the flag cleared before those).
+                // back before it, and the flag cleared before those), and no task may have
+                // gone past its lease since the last sweep (at most one a second).
                 Err(_)
                     if free
                         .compare_exchange(0, 0, Ordering::AcqRel, Ordering::Acquire)
                         .is_ok()
-                        && scarce.load(Ordering::Acquire) =>
+                        && scarce.load(Ordering::Acquire)
+                        && !self.sweep_due(entry.since) =>
                 {
                     bucket.absorbed += 1;
                     return;
@@ -819,9 +941,18 @@ impl Monitor {
         #[cfg(test)]
         self.inner.exact_runs.fetch_add(1, Ordering::Relaxed);
         let free = &self.inner.free_places.0;
+        let (now, lease) = (self.seconds(entry.since), self.inner.task_lease_secs);
         // In index order, and no other lock held: no deadlock with another call doing this.
         let mut buckets: Vec<_> = self.inner.tasks.iter().map(|b| lock(&b.0)).collect();
+        // Every bucket is swept below.
+        self.inner
+            .swept_at
+            .store(now.saturating_add(1), Ordering::Relaxed);
         for state in &mut buckets {
+            // Tasks past their lease give their places up first.
+            if state.len() > 0 {
+                state.expire_idle(now, lease);
+            }
             let spare = state.places - state.len();
             state.places -= spare;
             free.fetch_add(spare as usize, Ordering::Relaxed);
@@ -898,13 +1029,19 @@ impl Monitor {
         let tasks = outcome.tasks();
         let create = is_create && outcome.is_success() && !tasks.is_empty();
         if !create && !tasks.iter().any(|t| t.status.is_terminal()) {
+            // A task reported still running shows a sign of life: its lease is renewed.
+            if !tasks.is_empty() && outcome.is_success() {
+                self.renew(tasks, now);
+            }
             return;
         }
         if create {
             let pool = self.inner.record_task_metrics.then(|| pool.to_shared());
+            let seen = self.seconds(now);
             for task in tasks {
                 let entry = Tracked {
                     since: now,
+                    seen,
                     pool: pool.clone(),
                 };
                 let id = task.id.as_bytes();
@@ -924,8 +1061,62 @@ impl Monitor {
             }
             return;
         }
-        for task in tasks.iter().filter(|t| t.status.is_terminal()) {
-            self.end_tracked(&task.id, &task.status, || now);
+        for task in tasks {
+            if task.status.is_terminal() {
+                self.end_tracked(&task.id, &task.status, || now);
+            } else {
+                self.renew(std::slice::from_ref(task), now);
+            }
+        }
+    }
+
+    /// Renews the lease of the tracked ones among `tasks` (none terminal), seen at `now`.
+    #[inline(never)]
+    fn renew(&self, tasks: &[TaskReport], now: Instant) {
+        let now = self.seconds(now);
+        for task in tasks {
+            let id = task.id.as_bytes();
+            let (hash, mut bucket) = self.bucket(id);
+            bucket.renew(hash, id, now);
+        }
+    }
+
+    /// Whole seconds from the monitor's start to `now`: when a tracked task was last seen.
+    fn seconds(&self, now: Instant) -> u32 {
+        let secs = now.saturating_duration_since(self.inner.started).as_secs();
+        u32::try_from(secs).unwrap_or(u32::MAX)
+    }
+
+    /// Whether no sweep for tasks past their lease ran in the second of `now`.
+    fn sweep_due(&self, now: Instant) -> bool {
+        self.inner.swept_at.load(Ordering::Relaxed) != self.seconds(now).saturating_add(1)
+    }
+
+    /// Stops tracking the tasks past their lease (no sign of life for it), counting them
+    /// expired, and gives their places back; at most once a second (a lease is whole seconds).
+    fn expire_idle_tasks(&self, now: Instant) {
+        let inner = &*self.inner;
+        let now = self.seconds(now);
+        let last = inner.swept_at.load(Ordering::Relaxed);
+        if last == now.saturating_add(1)
+            || inner
+                .swept_at
+                .compare_exchange(
+                    last,
+                    now.saturating_add(1),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return;
+        }
+        let (free, scarce) = (&inner.free_places.0, &inner.scarce_places.0);
+        for bucket in inner.tasks.iter() {
+            let mut state = lock(&bucket.0);
+            if state.len() > 0 && state.expire_idle(now, inner.task_lease_secs) > 0 {
+                state.trim_places(free, scarce);
+            }
         }
     }
 
@@ -1314,6 +1505,7 @@ mod tests {
             at(std::ptr::from_ref(&state.places) as usize),
             at(std::ptr::from_ref(&state.overflowed) as usize),
             at(std::ptr::from_ref(&state.slot_since) as usize),
+            at(std::ptr::from_ref(&state.slot_seen) as usize),
             at(std::ptr::from_ref(&state.slot_len) as usize),
         ];
         assert!(first_line.iter().all(|&at| at < 64), "{first_line:?}");
@@ -1335,6 +1527,7 @@ mod tests {
     fn tracked(pool: &'static str) -> Tracked {
         Tracked {
             since: Instant::now(),
+            seen: 0,
             pool: Some(SharedString::const_str(pool)),
         }
     }
@@ -1425,6 +1618,7 @@ mod tests {
                 if (state >> 50) & 1 == 0 {
                     let entry = Tracked {
                         since,
+                        seen: 0,
                         pool: pool.map(SharedString::const_str),
                     };
                     let absorbed = bucket.absorbed;
@@ -1462,6 +1656,96 @@ mod tests {
             }
             assert!(in_slot > 1_000 && in_overflow > 1_000, "both used");
         }
+    }
+
+    /// A task nobody follows stops counting as running at its lease, as the task slots give
+    /// its slots back then, and its tracking place goes to the next task, whether a snapshot
+    /// or a create that finds no place notices it first; a long id (kept apart from the
+    /// bucket's slot) expires the same way.
+    #[tokio::test(start_paused = true)]
+    async fn a_task_nobody_follows_expires_at_its_lease_and_gives_its_place_back() {
+        use std::time::Duration;
+
+        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        for (long, noticed_by_snapshot) in [(false, true), (false, false), (true, false)] {
+            let monitor = Monitor::builder()
+                .task_lease(Duration::from_secs(60))
+                .max_tracked_tasks(1)
+                .build()
+                .unwrap();
+            let id = |n: u32| {
+                let pad = if long {
+                    "x".repeat(SLOT_ID)
+                } else {
+                    String::new()
+                };
+                format!("{pad}{n}")
+            };
+            let create = |n: u32| {
+                monitor.observe_tasks(true, &video, &outcome(&id(n), "submitted"), Instant::now());
+            };
+            create(1);
+            // No place for a second task while the first is tracked.
+            create(2);
+            let tasks = monitor.snapshot().tasks;
+            assert_eq!((tasks.created, tasks.running, tasks.expired), (2, 1, 0));
+
+            tokio::time::advance(Duration::from_secs(60)).await;
+            if noticed_by_snapshot {
+                let tasks = monitor.snapshot().tasks;
+                assert_eq!((tasks.running, tasks.expired, tasks.finished), (0, 1, 0));
+            }
+            create(3);
+            let tasks = monitor.snapshot().tasks;
+            assert_eq!(
+                (tasks.created, tasks.running, tasks.expired, tasks.finished),
+                (3, 1, 1, 0),
+                "long {long}, noticed by a snapshot {noticed_by_snapshot}"
+            );
+            // The expired task's end, seen later, is not counted: it is no longer tracked.
+            monitor.observe_tasks(false, &video, &outcome(&id(1), "succeed"), Instant::now());
+            assert_eq!(monitor.snapshot().tasks.finished, 0);
+        }
+    }
+
+    /// A report that a task still runs renews its lease: it expires a lease after the last one.
+    #[tokio::test(start_paused = true)]
+    async fn a_running_report_renews_a_tasks_lease() {
+        use std::time::Duration;
+
+        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let monitor = Monitor::builder()
+            .task_lease(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let long = "y".repeat(SLOT_ID + 1);
+        for id in ["t1", long.as_str()] {
+            monitor.observe_tasks(true, &video, &outcome(id, "submitted"), Instant::now());
+        }
+        tokio::time::advance(Duration::from_secs(40)).await;
+        for id in ["t1", long.as_str()] {
+            monitor.observe_tasks(false, &video, &outcome(id, "processing"), Instant::now());
+        }
+        tokio::time::advance(Duration::from_secs(59)).await;
+        let tasks = monitor.snapshot().tasks;
+        assert_eq!((tasks.running, tasks.expired), (2, 0));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let tasks = monitor.snapshot().tasks;
+        assert_eq!((tasks.running, tasks.expired), (0, 2));
+    }
+
+    #[test]
+    fn a_zero_task_lease_is_refused_and_a_fraction_of_a_second_rounds_up() {
+        let err = Monitor::builder()
+            .task_lease(std::time::Duration::ZERO)
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("task_lease"), "{err}");
+        let monitor = Monitor::builder()
+            .task_lease(std::time::Duration::from_millis(1_500))
+            .build()
+            .unwrap();
+        assert_eq!(monitor.inner.task_lease_secs, 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -166,6 +166,10 @@ pub struct TaskCounts {
     pub failed: u64,
     /// Created tasks still tracked (not yet seen to end).
     pub running: u64,
+    /// Created tasks that stopped being tracked with no sign of life for the task lease
+    /// ([`MonitorBuilder::task_lease`](crate::MonitorBuilder::task_lease)): nobody followed
+    /// them to their end, and the task slots gave their slots back at the same lease.
+    pub expired: u64,
 }
 
 impl TaskCounts {

@@ -151,7 +151,9 @@ impl<B: StackBackends> KlingBuilder<B> {
         self
     }
 
-    /// The metrics monitor (default: one measuring usage against the preset's rate).
+    /// The metrics monitor (default: one measuring usage against the preset's rate, whose
+    /// tracked tasks expire at the preset's task lease, as their slots do). Give yours the
+    /// same [`task_lease`](kling_metrics::MonitorBuilder::task_lease).
     pub fn monitor(mut self, monitor: Monitor) -> Self {
         self.monitor = Some(monitor);
         self
@@ -336,7 +338,8 @@ impl<B: StackBackends> KlingBuilder<B> {
         let monitor = match self.monitor {
             Some(monitor) => monitor,
             None => {
-                let mut builder = Monitor::builder();
+                // Tasks stop counting as running when their slots are given back.
+                let mut builder = Monitor::builder().task_lease(config.task_lease_duration());
                 if let Some(rate) = config.account_rate_per_minute() {
                     let per_window = (rate / speed).round().max(1.0) as u32;
                     builder =

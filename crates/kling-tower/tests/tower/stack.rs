@@ -841,3 +841,33 @@ async fn a_follower_through_the_gateway_queries_as_its_stack_s_account() {
     assert_eq!(done.status, TaskStatus::Succeeded);
     assert_eq!(stack.snapshot().pool("video").unwrap().in_use, 0);
 }
+
+/// A task nobody follows: at the preset's task lease its slot is given back and the monitor
+/// stops counting it as running, the same moment (the monitor's default lease is the
+/// preset's).
+#[tokio::test(start_paused = true)]
+async fn a_task_nobody_follows_stops_counting_as_running_when_its_slot_is_given_back() {
+    let config = StackConfig::preset(Tier::Pro).task_lease(Duration::from_secs(600));
+    let kling = KlingLayer::new(config, Credentials::api_key("k").unwrap()).unwrap();
+    let mock = MockKling::new(MockConfig::preset(Preset::Pro).api_key("k")).unwrap();
+    let service = kling.layer(mock);
+    let response = service
+        .oneshot(request(
+            "POST",
+            "/v1/videos/text2video",
+            r#"{"prompt":"a cat"}"#,
+        ))
+        .await
+        .unwrap();
+    assert!(Outcome::of(&response).unwrap().is_success());
+    let state = || {
+        let snapshot = kling.snapshot();
+        let video = snapshot.pool("video").unwrap().in_use;
+        (video, snapshot.tasks.running, snapshot.tasks.expired)
+    };
+    assert_eq!(state(), (1, 1, 0));
+    tokio::time::advance(Duration::from_secs(599)).await;
+    assert_eq!(state(), (1, 1, 0));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(state(), (0, 0, 1));
+}
