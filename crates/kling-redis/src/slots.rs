@@ -230,9 +230,9 @@ struct Held {
 }
 
 /// How long the end of a reported task is remembered, by the process that reported it and in
-/// `P:ended`: the longest lease a holding can have (the configured one, at least the default
-/// other processes may use), since a holding that comes back with an older snapshot would
-/// hold its slots that long.
+/// `P:ended` (whose expiry a process only ever lengthens): this process's lease, at least the
+/// default, since a holding that comes back with an older snapshot would hold its slots that
+/// long.
 fn ends_kept_for(config: &SlotsConfig) -> Duration {
     config.get_lease().max(kling_concurrency::DEFAULT_LEASE)
 }
@@ -818,6 +818,7 @@ impl Inner {
                     "cong".to_owned(),
                     pk,
                     h,
+                    res.weight.to_string(),
                     self.config
                         .capacity_of(&res.key.account, &res.key.pool)
                         .to_string(),

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `P:pool:ACCOUNT:POOL:h` | hash | holding id → `{w, s, k, id, ext}` (weight, since, `g` grant or `t` task) |
 //! | `P:pool:ACCOUNT:POOL:l` | sorted set | holding id by lease deadline (µs) |
-//! | `P:pool:ACCOUNT:POOL:m` | hash | `used`, `hid` (hidden after a 1303), `rec` (last recovery), `lvl` (slots in use at the last 1303, the refused create's included; 0 once a create succeeded there), `stk` (1303s in a row at or below `lvl`: the recovery interval is doubled that many times, and ended tasks bring no hidden slot back), `acct`, `pool` |
+//! | `P:pool:ACCOUNT:POOL:m` | hash | `used`, `hid` (hidden after a 1303), `rec` (last recovery), `lvl` (slots in use at the last 1303, the refused create's included; 0 once a create succeeded there), `lvlat` (when the last 1303 that was no part of a burst came, µs), `stk` (1303s in a row at or below `lvl`: the recovery interval is doubled that many times, and ended tasks bring no hidden slot back), `acct`, `pool` |
 //! | `P:pool:ACCOUNT:POOL:q` | sorted set | the fleet's queue: each waiting process's head create by arrival (µs) |
 //! | `P:pool:ACCOUNT:POOL:qx` | sorted set | the same creates by the end of their place (µs): a process that stops asking loses it |
 //! | `P:ids` | hash | task id → `pool key \n holding id` |
@@ -177,7 +177,9 @@ local ENDED = P .. ':ended'
 local function note_ended(id)
   redis.call('ZREMRANGEBYSCORE', ENDED, '-inf', int(now))
   redis.call('ZADD', ENDED, int(now + ENDED_FOR), 'i:' .. id)
-  redis.call('PEXPIRE', ENDED, math.floor(ENDED_FOR / 1000))
+  -- Only ever lengthened: a process with a shorter lease must not cut another's entries short.
+  local keep = math.floor(ENDED_FOR / 1000)
+  if redis.call('PTTL', ENDED) < keep then redis.call('PEXPIRE', ENDED, keep) end
 end
 local function was_ended(id)
   if not id then return false end
@@ -286,7 +288,13 @@ local function prove_level(pk)
     local rec = cjson.decode(raw)
     if rec.k ~= 'g' then held = held + tonumber(rec.w) end
   end
-  if held >= lvl then redis.call('HSET', m, 'lvl', 0, 'stk', 0) end
+  if held >= lvl then
+    -- Hidden slots come back at the configured interval from now, not recounted at it.
+    if tonumber(redis.call('HGET', m, 'stk') or '0') > 0 then
+      redis.call('HSET', m, 'stk', 0, 'rec', int(now))
+    end
+    redis.call('HSET', m, 'lvl', 0)
+  end
 end
 if op == 'give' then
   -- Also a waiting create that gave up: its place in the fleet's queue goes, and the next in
@@ -296,25 +304,32 @@ if op == 'give' then
   tidy(ARGV[5])
   changed = 1
 elseif op == 'cong' then
+  -- 5 pool key, 6 grant, 7 weight, 8 configured capacity, 9.. capacity fields.
   -- As kling-concurrency's `PoolState::congested`: the pool is believed to hold only what the
-  -- fleet holds now, and a 1303 again at no more slots than the last one's doubles the
-  -- recovery interval (up to MAX_DOUBLINGS times) and stops ended tasks bringing slots back.
+  -- fleet holds now, and a 1303 again at no more slots than the last one's, for a create
+  -- granted after it, doubles the recovery interval (up to MAX_DOUBLINGS times) and stops
+  -- ended tasks bringing slots back. The 1303s of creates granted before it (a burst, or a
+  -- grant no longer found) lower the level and leave the streak.
   local pk = ARGV[5]
   local m = pk .. ':m'
   local raw = redis.call('HGET', pk .. ':h', ARGV[6])
-  local w = 1
-  if raw then w = tonumber(cjson.decode(raw).w) end
+  local granted = nil
+  if raw then granted = tonumber(cjson.decode(raw).s) end
   give(pk, ARGV[6])
-  local cap = capacity(ARGV[7], 8)
-  local v = redis.call('HMGET', m, 'used', 'lvl', 'stk')
+  local cap = capacity(ARGV[8], 9)
+  local v = redis.call('HMGET', m, 'used', 'lvl', 'stk', 'lvlat')
   local used = tonumber(v[1] or '0')
-  local level = used + w
+  local level = used + tonumber(ARGV[7])
   local lvl = tonumber(v[2] or '0')
-  local stk = 0
-  if lvl > 0 and level <= lvl then stk = math.min(tonumber(v[3] or '0') + 1, MAX_DOUBLINGS) end
+  local stk = tonumber(v[3] or '0')
+  local at = v[4] or int(now)
+  if lvl == 0 or (granted and granted > tonumber(at)) then
+    if lvl > 0 and level <= lvl then stk = math.min(stk + 1, MAX_DOUBLINGS) else stk = 0 end
+    at = int(now)
+  end
   local hidden = cap - used
   if hidden < 0 then hidden = 0 end
-  redis.call('HSET', m, 'hid', hidden, 'rec', int(now), 'lvl', level, 'stk', stk)
+  redis.call('HSET', m, 'hid', hidden, 'rec', int(now), 'lvl', level, 'stk', stk, 'lvlat', at)
   changed = 1
 elseif op == 'halt' then
   give(ARGV[5], ARGV[6])

@@ -656,6 +656,10 @@ struct PoolState {
     /// doubles the recovery interval, and while there is one an ended task brings no hidden slot
     /// back. See [`PoolState::congested`].
     streak: u32,
+    /// The last token handed out when the last 1303 came ([`State::token`]): a create whose
+    /// grant's token is no greater was granted before it, and was on its way with it (a
+    /// burst).
+    refused_after: u64,
     /// Grants handed to waiters that have not picked them up yet.
     granted: Vec<u64>,
     /// Waiters refused because a lowered capacity is below their weight, with that capacity,
@@ -842,6 +846,7 @@ impl PoolState {
             recovered_at: Instant::now(),
             refused_level: 0,
             streak: 0,
+            refused_after: 0,
             in_use: 0,
             queue: WaitList::new(),
             granted: Vec::new(),
@@ -971,22 +976,28 @@ impl PoolState {
         configured.saturating_mul(1 << self.streak)
     }
 
-    /// A 1303 answered a create of `weight` (already given back): what we thought free is held
-    /// by someone we cannot see, so the pool is believed to hold only what we hold now.
+    /// A 1303 answered a create of `weight` (already given back) whose token is `token`, with
+    /// `last_token` the last one handed out: what we thought free is held by someone we cannot
+    /// see, so the pool is believed to hold only what we hold now.
     ///
-    /// A 1303 again at no more slots than the last one's is evidence that the hidden slots are
-    /// not coming back soon (another client's long-running work, or a capacity set higher than
-    /// the account has): each such 1303 doubles the recovery interval, up to
-    /// 2^[`MAX_RECOVERY_DOUBLINGS`] times, and ended tasks of ours stop bringing hidden slots
-    /// back. Without it, told twice the slots it has, the pool met a 1303 after about every
-    /// ended task. A create that succeeds at the refused level or above ends the streak
-    /// ([`PoolState::prove_level`]).
-    fn congested(&mut self, weight: u32, now: Instant) {
+    /// A 1303 again at no more slots than the last one's, for a create granted after it,
+    /// is evidence that the hidden slots are not coming back soon (another client's
+    /// long-running work, or a capacity set higher than the account has): each such 1303
+    /// doubles the recovery interval, up to 2^[`MAX_RECOVERY_DOUBLINGS`] times, and ended tasks
+    /// of ours stop bringing hidden slots back. Without it, told twice the slots it has, the
+    /// pool met a 1303 after about every ended task. The 1303s of creates already on their way
+    /// (a burst) are one refusal: each lowers the level, none lengthens the streak. A create
+    /// that succeeds at the refused level or above ends the streak ([`PoolState::prove_level`]).
+    fn congested(&mut self, weight: u32, token: u64, last_token: u64, now: Instant) {
         let level = self.in_use.saturating_add(weight);
-        if self.refused_level > 0 && level <= self.refused_level {
-            self.streak = (self.streak + 1).min(MAX_RECOVERY_DOUBLINGS);
-        } else {
-            self.streak = 0;
+        let same_burst = self.refused_level > 0 && token <= self.refused_after;
+        if !same_burst {
+            if self.refused_level > 0 && level <= self.refused_level {
+                self.streak = (self.streak + 1).min(MAX_RECOVERY_DOUBLINGS);
+            } else {
+                self.streak = 0;
+            }
+            self.refused_after = last_token;
         }
         self.refused_level = level;
         self.hidden = self.configured.saturating_sub(self.in_use);
@@ -995,13 +1006,17 @@ impl PoolState {
 
     /// A create of ours succeeded: when the tasks we hold now (not the creates still awaiting
     /// an answer, which may yet meet a 1303) fill the last 1303's level, more fit than that 1303
-    /// said, so the streak of 1303s ends.
+    /// said, so the streak of 1303s ends, and hidden slots come back at the configured interval
+    /// from `now` (not recounted from the last step at the longer one).
     #[inline(always)]
-    fn prove_level(&mut self) {
+    fn prove_level(&mut self, now: Instant) {
         let level = self.refused_level;
         if level > 0 && self.in_use >= level && self.held_reach(level) {
             self.refused_level = 0;
-            self.streak = 0;
+            if self.streak > 0 {
+                self.streak = 0;
+                self.recovered_at = now;
+            }
         }
     }
 
@@ -1016,7 +1031,10 @@ impl PoolState {
     /// The next instant lazy maintenance has something to do.
     fn next_wake(&self, interval: Duration) -> Option<Instant> {
         let interval = self.recovery_interval(interval);
-        let recovery = (self.hidden > 0).then(|| self.recovered_at + interval);
+        // (An interval too long for the clock never comes.)
+        let recovery = (self.hidden > 0)
+            .then(|| self.recovered_at.checked_add(interval))
+            .flatten();
         match (self.next_lease, recovery) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -1347,18 +1365,18 @@ impl State {
         pool.publish();
     }
 
-    fn hold(&mut self, key: &SlotKey, holding: Holding) {
+    /// Files `holding` in the pool of `key`; `answered`: the server just made it (a create's
+    /// answer, not a task adopted by a reconcile).
+    fn hold(&mut self, key: &SlotKey, holding: Holding, answered: bool) {
         let index = self.index(key);
         let (lease_until, hashes) = (holding.lease_until, holding.hashes);
         let pool = &mut self.list[index];
         let timerless = !pool.queue.is_empty() && !pool.has_maintenance();
-        let proven = holding.id.is_some();
+        // Only a task id proves the slots fit, not a create kept under a lease because its
+        // outcome is unknown.
+        let proves = answered && holding.id.is_some();
+        let since = holding.since;
         let slot = pool.put(holding);
-        if proven {
-            // The server made the task: its slots fit (only a task id proves it, not a
-            // create kept under a lease because its outcome is unknown).
-            pool.prove_level();
-        }
         // Nothing a gauge shows changed: the slots were counted when granted.
         pool.next_lease = Some(pool.next_lease.map_or(lease_until, |t| t.min(lease_until)));
         if timerless {
@@ -1393,6 +1411,10 @@ impl State {
         }
         if let Some(old) = by_external {
             self.supersede_other(old, place, key);
+        }
+        if proves {
+            // After the same task's earlier holding gave its slots back: what is held now.
+            self.list[index].prove_level(since);
         }
     }
 
@@ -1544,14 +1566,15 @@ impl State {
                     Instant::now(),
                     lease,
                 );
-                self.hold(key, holding);
+                self.hold(key, holding, true);
                 applied.changed = true;
             }
             SlotOp::Congested(res) => {
+                let last_token = self.next_token;
                 let pool = self.pool_mut(&res.key);
                 pool.give_back(res.weight);
                 let timerless = !pool.has_maintenance();
-                pool.congested(res.weight, Instant::now());
+                pool.congested(res.weight, res.token, last_token, Instant::now());
                 pool.dispatch();
                 if timerless {
                     // The head may wait with no timer: hidden slots come back by time.
@@ -1622,7 +1645,7 @@ impl State {
                     pool.in_use += weight;
                     pool.publish();
                     let holding = Holding::of(task, &key.account, weight, Instant::now(), lease);
-                    self.hold(&key, holding);
+                    self.hold(&key, holding, false);
                     applied.changed = true;
                 }
             }
@@ -1754,7 +1777,7 @@ impl SlotBackend for InProcess {
         let now = answered_at.unwrap_or_else(Instant::now);
         let account = &reservation.key.account;
         let holding = Holding::new(id, external, account, reservation.weight, now, lease);
-        self.lock().hold(&reservation.key, holding);
+        self.lock().hold(&reservation.key, holding, true);
         ready(Ok(Applied {
             released: Vec::new(),
             changed: true,
@@ -1924,6 +1947,10 @@ impl Future for InProcessAcquire {
             if pool.take_grant(token) {
                 this.token = None;
                 let key = this.key.take().expect("checked above");
+                // The grant's own token, not the waiter's (taken when it joined): tokens then
+                // follow the grants, which is how a 1303 tells the creates granted after the
+                // last one from those already on their way (`PoolState::congested`).
+                let token = state.token();
                 return Poll::Ready(Ok(Reservation { key, weight, token }));
             }
             if let Some(capacity) = pool.take_refusal(token) {

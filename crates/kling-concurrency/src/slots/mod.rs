@@ -64,9 +64,10 @@
 //! another `1303` lowers it again. The retried create (the retry layer retries at once on
 //! `SlotGated`) waits here meanwhile.
 //!
-//! A `1303` again at no more slots than the last one's (counting the refused create) says the
-//! hidden slots are not coming back soon: someone's long work, or a capacity set higher than the
-//! account has. Each such `1303` in a row doubles the recovery interval, up to
+//! A `1303` again at no more slots than the last one's (counting the refused create), for a
+//! create granted after it, says the hidden slots are not coming back soon: someone's long
+//! work, or a capacity set higher than the account has (the `1303`s of a burst of creates
+//! already on their way count as one). Each such `1303` in a row doubles the recovery interval, up to
 //! 2^[`MAX_RECOVERY_DOUBLINGS`](crate::MAX_RECOVERY_DOUBLINGS) times (640 s at the default), and
 //! while the streak lasts an ended task frees only its own slots. A create that succeeds with
 //! the tasks held reaching the refused level ends the streak, as does setting the pool's

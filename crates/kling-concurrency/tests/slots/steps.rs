@@ -787,3 +787,119 @@ async fn setting_the_capacity_ends_a_1303_streak() {
     end(&mut svc, &fake, &t2).await;
     assert_eq!(pool_state(&handle, &video()).await, (1, 3, 0));
 }
+
+/// The 1303s of creates already on their way together are one refusal: the level falls to the
+/// last one's, and no streak starts, so an ended task still brings a hidden slot back.
+#[tokio::test(start_paused = true)]
+async fn the_1303s_of_a_burst_count_as_one() {
+    let (mut svc, handle, fake) =
+        stack(SlotsConfig::new(5).recovery_interval(Duration::from_secs(20)));
+    let t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    let _t2 = task_id(&send(&mut svc, create()).await.unwrap());
+    let mut burst = Vec::new();
+    for _ in 0..3 {
+        fake.script(Scripted::Code(1303, 429));
+        burst.push(call(&mut svc, create()).await);
+    }
+    for refused in burst {
+        refused.await.unwrap();
+    }
+    assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
+    end(&mut svc, &fake, &t1).await;
+    assert_eq!(pool_state(&handle, &video()).await, (1, 3, 0));
+}
+
+/// A create sent again after its first answer was lost (kept under its external id) does not
+/// count twice toward the refused level: its earlier holding gives its slot back before the
+/// level is judged, so the streak stays.
+#[tokio::test(start_paused = true)]
+async fn a_create_sent_again_proves_no_level_with_its_earlier_holding() {
+    let (mut svc, handle, fake) =
+        stack(SlotsConfig::new(3).recovery_interval(Duration::from_secs(20)));
+    let _t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    fake.script(Scripted::Lost);
+    send(&mut svc, create_with_external("x1"))
+        .await
+        .unwrap_err();
+    // Two 1303s at 3 slots, the second of a create sent after the first: a streak.
+    fake.script(Scripted::Code(1303, 429));
+    send(&mut svc, create()).await.unwrap();
+    advance(Duration::from_secs(20)).await;
+    fake.script(Scripted::Code(1303, 429));
+    send(&mut svc, create()).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
+    advance(Duration::from_secs(40)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (2, 3, 0));
+    // The lost create, sent again, answers: 2 tasks held (not 3), so the streak goes on and
+    // the next 1303 lengthens it to four times the interval.
+    send(&mut svc, create_with_external("x1")).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await, (2, 3, 0));
+    fake.script(Scripted::Code(1303, 429));
+    send(&mut svc, create()).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
+    advance(Duration::from_secs(79)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (2, 3, 0));
+}
+
+/// A task a reconcile adopts was made by no create of ours just now: it proves nothing about
+/// the level the 1303s refused, and the streak goes on.
+#[tokio::test(start_paused = true)]
+async fn an_adopted_task_does_not_end_a_1303_streak() {
+    use kling_concurrency::backend::{SlotBackend, SlotKey, SlotOp, TaskRef};
+
+    let (mut svc, handle, fake) =
+        stack(SlotsConfig::new(3).recovery_interval(Duration::from_secs(20)));
+    let t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    fake.script(Scripted::Code(1303, 429));
+    send(&mut svc, create()).await.unwrap();
+    advance(Duration::from_secs(20)).await;
+    fake.script(Scripted::Code(1303, 429));
+    send(&mut svc, create()).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+    let key = SlotKey::new(handle.default_account().clone(), Pool::new(Product::Video));
+    handle
+        .backend()
+        .apply(SlotOp::Adopt {
+            key,
+            task: TaskRef {
+                id: Some("t9".to_owned()),
+                external_id: None,
+            },
+            weight: 1,
+            lease: Duration::from_secs(600),
+        })
+        .await
+        .unwrap();
+    assert_eq!(pool_state(&handle, &video()).await, (2, 1, 0));
+    // Still a streak: an ended task of ours frees only its own slot.
+    end(&mut svc, &fake, &t1).await;
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+}
+
+/// When a success ends a streak, hidden slots come back at the configured interval from then:
+/// the time spent under the longer interval is not counted again in shorter steps.
+#[tokio::test(start_paused = true)]
+async fn the_end_of_a_streak_restarts_the_recovery_clock() {
+    let (mut svc, handle, fake) =
+        stack(SlotsConfig::new(4).recovery_interval(Duration::from_secs(20)));
+    let _t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    let _t2 = task_id(&send(&mut svc, create()).await.unwrap());
+    fake.script(Scripted::Code(1303, 429));
+    send(&mut svc, create()).await.unwrap();
+    advance(Duration::from_secs(20)).await;
+    fake.script(Scripted::Code(1303, 429));
+    send(&mut svc, create()).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
+    // Twice the interval for one slot; 30 s into the next 40.
+    advance(Duration::from_secs(70)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (2, 3, 0));
+    // A success at the refused level ends the streak; the last slot is 20 s away from now.
+    let _t3 = task_id(&send(&mut svc, create()).await.unwrap());
+    assert_eq!(pool_state(&handle, &video()).await, (3, 3, 0));
+    advance(Duration::from_secs(19)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (3, 3, 0));
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (3, 4, 0));
+}

@@ -498,6 +498,32 @@ async fn a_second_1303_at_the_same_level_slows_the_fleets_recovery_until_a_creat
     assert_eq!(state(&one).await, (2, 4));
 }
 
+/// The 1303s of creates granted before the first of them (a burst) are one refusal in Redis
+/// too: no streak starts, so an ended task still brings a hidden slot back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_1303s_of_a_burst_count_as_one_in_the_fleet() {
+    let Some(server) = redis() else { return };
+    let (one, two) = (backend(&server, 5).await, backend(&server, 5).await);
+    for id in ["t1", "t2"] {
+        let r = one.acquire(video(), 1).await.unwrap();
+        one.apply(hold(r, id, LONG)).await.unwrap();
+    }
+    let mut burst = Vec::new();
+    for _ in 0..3 {
+        burst.push(two.acquire(video(), 1).await.unwrap());
+    }
+    for refused in burst {
+        two.apply(SlotOp::Congested(refused)).await.unwrap();
+    }
+    let snapshot = one.snapshot().await.unwrap();
+    assert_eq!((snapshot[0].in_use, snapshot[0].capacity), (2, 2));
+    one.apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    let snapshot = two.snapshot().await.unwrap();
+    assert_eq!((snapshot[0].in_use, snapshot[0].capacity), (1, 3));
+}
+
 /// A capacity set for the pool ends a streak of 1303s in Redis too: an ended task brings a
 /// hidden slot back again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
