@@ -115,7 +115,7 @@ impl MonitorBuilder {
     /// How long a tracked task may go without a sign of life (its create, a response that
     /// reports it still running) before it stops being tracked and counts as
     /// [`expired`](crate::TaskCounts::expired) (default [`DEFAULT_TASK_LEASE`]; counted in whole
-    /// seconds, rounded up).
+    /// seconds, rounded up, so a task expires within a second after its lease, never before).
     /// A task nobody follows would otherwise count as running, and hold a tracking place,
     /// forever. Give it the task slots' lease (`KlingLayer` does), so a task stops counting as
     /// running here when its slots are given back there.
@@ -189,6 +189,7 @@ impl MonitorBuilder {
                     .saturating_add(u32::from(self.task_lease.subsec_nanos() > 0)),
                 started: Instant::now(),
                 swept_at: AtomicU32::new(0),
+                swept: AtomicU32::new(0),
                 sources: RwLock::new(Vec::new()),
             }),
         })
@@ -304,9 +305,12 @@ struct Inner {
     task_lease_secs: u32,
     /// What a task's last sign of life is counted from (whole seconds since then).
     started: Instant,
-    /// When a sweep for tasks past their lease last ran ([`Monitor::seconds`], plus one; 0:
-    /// never): at most one a second.
+    /// When a sweep for tasks past their lease was last started ([`Monitor::seconds`], plus
+    /// one; 0: never): at most one a second.
     swept_at: AtomicU32,
+    /// The same, once that sweep gave back the places it freed: a create that finds no place
+    /// is refused without a sweep of its own only after one.
+    swept: AtomicU32,
     sources: RwLock<Vec<Arc<dyn SnapshotSource>>>,
 }
 
@@ -336,7 +340,7 @@ const _: () = assert!(std::mem::size_of::<Bucket>() == 128);
 
 /// In declaration order (`repr(C)`): after the lock, what every create and end of a task in
 /// the slot touches, then the slot's id, then the rest. Ends are not counted: a bucket's
-/// finished tasks are its creates that are neither tracked nor `absorbed`, so an end writes
+/// finished tasks are its creates that are neither tracked nor `absorbed` nor `expired`, so an end writes
 /// only the first line (the counts read by the snapshot stay exact, all under the lock).
 #[repr(C)]
 struct BucketState {
@@ -425,7 +429,9 @@ impl BucketState {
     /// [`Monitor::seconds`]), counting them expired; returns how many.
     #[cold]
     fn expire_idle(&mut self, now: u32, lease: u32) -> u32 {
-        let idle = |seen: u32| now.saturating_sub(seen) >= lease;
+        // Whole seconds, both rounded down: more than `lease` of them apart is at least a lease,
+        // so a task never expires early (up to a second late).
+        let idle = |seen: u32| now.saturating_sub(seen) > lease;
         let mut expired = 0;
         if self.slot_since.is_some() && idle(self.slot_seen) {
             self.slot_since = None;
@@ -944,10 +950,13 @@ impl Monitor {
         let (now, lease) = (self.seconds(entry.since), self.inner.task_lease_secs);
         // In index order, and no other lock held: no deadlock with another call doing this.
         let mut buckets: Vec<_> = self.inner.tasks.iter().map(|b| lock(&b.0)).collect();
-        // Every bucket is swept below.
+        // Every bucket is swept here, under the locks.
         self.inner
             .swept_at
             .store(now.saturating_add(1), Ordering::Relaxed);
+        self.inner
+            .swept
+            .store(now.saturating_add(1), Ordering::Release);
         for state in &mut buckets {
             // Tasks past their lease give their places up first.
             if state.len() > 0 {
@@ -1087,9 +1096,10 @@ impl Monitor {
         u32::try_from(secs).unwrap_or(u32::MAX)
     }
 
-    /// Whether no sweep for tasks past their lease ran in the second of `now`.
+    /// Whether no sweep for tasks past their lease finished in the second of `now` (one
+    /// running may not have given its places back yet).
     fn sweep_due(&self, now: Instant) -> bool {
-        self.inner.swept_at.load(Ordering::Relaxed) != self.seconds(now).saturating_add(1)
+        self.inner.swept.load(Ordering::Acquire) != self.seconds(now).saturating_add(1)
     }
 
     /// Stops tracking the tasks past their lease (no sign of life for it), counting them
@@ -1118,6 +1128,7 @@ impl Monitor {
                 state.trim_places(free, scarce);
             }
         }
+        inner.swept.store(now.saturating_add(1), Ordering::Release);
     }
 
     /// Records the metrics of a task's end, once its bucket counted it; inlined, so a monitor
@@ -1690,7 +1701,10 @@ mod tests {
             let tasks = monitor.snapshot().tasks;
             assert_eq!((tasks.created, tasks.running, tasks.expired), (2, 1, 0));
 
+            // Whole seconds: past the lease, at most a second late.
             tokio::time::advance(Duration::from_secs(60)).await;
+            assert_eq!(monitor.snapshot().tasks.running, 1, "not early");
+            tokio::time::advance(Duration::from_secs(1)).await;
             if noticed_by_snapshot {
                 let tasks = monitor.snapshot().tasks;
                 assert_eq!((tasks.running, tasks.expired, tasks.finished), (0, 1, 0));
@@ -1726,12 +1740,32 @@ mod tests {
         for id in ["t1", long.as_str()] {
             monitor.observe_tasks(false, &video, &outcome(id, "processing"), Instant::now());
         }
-        tokio::time::advance(Duration::from_secs(59)).await;
+        tokio::time::advance(Duration::from_secs(60)).await;
         let tasks = monitor.snapshot().tasks;
         assert_eq!((tasks.running, tasks.expired), (2, 0));
         tokio::time::advance(Duration::from_secs(1)).await;
         let tasks = monitor.snapshot().tasks;
         assert_eq!((tasks.running, tasks.expired), (0, 2));
+    }
+
+    /// Seconds are counted whole: a task created late in a second still gets its whole lease
+    /// (a lease under a second, as a speeded-up stack's may be, is one).
+    #[tokio::test(start_paused = true)]
+    async fn a_task_never_expires_before_its_lease() {
+        use std::time::Duration;
+
+        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let monitor = Monitor::builder()
+            .task_lease(Duration::from_millis(500))
+            .build()
+            .unwrap();
+        tokio::time::advance(Duration::from_millis(990)).await;
+        monitor.observe_tasks(true, &video, &outcome("t1", "submitted"), Instant::now());
+        // 20 ms on, the clock's second has changed: not expired.
+        tokio::time::advance(Duration::from_millis(20)).await;
+        assert_eq!(monitor.snapshot().tasks.running, 1);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(monitor.snapshot().tasks.expired, 1);
     }
 
     #[test]

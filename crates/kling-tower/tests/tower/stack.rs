@@ -842,9 +842,9 @@ async fn a_follower_through_the_gateway_queries_as_its_stack_s_account() {
     assert_eq!(stack.snapshot().pool("video").unwrap().in_use, 0);
 }
 
-/// A task nobody follows: at the preset's task lease its slot is given back and the monitor
-/// stops counting it as running, the same moment (the monitor's default lease is the
-/// preset's).
+/// A task nobody follows: at the preset's task lease its slot is given back, and within the
+/// second after it the monitor stops counting it as running (the monitor's default lease is the
+/// preset's; it counts whole seconds, never early).
 #[tokio::test(start_paused = true)]
 async fn a_task_nobody_follows_stops_counting_as_running_when_its_slot_is_given_back() {
     let config = StackConfig::preset(Tier::Pro).task_lease(Duration::from_secs(600));
@@ -868,6 +868,8 @@ async fn a_task_nobody_follows_stops_counting_as_running_when_its_slot_is_given_
     assert_eq!(state(), (1, 1, 0));
     tokio::time::advance(Duration::from_secs(599)).await;
     assert_eq!(state(), (1, 1, 0));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(state(), (0, 1, 0));
     tokio::time::advance(Duration::from_secs(1)).await;
     assert_eq!(state(), (0, 0, 1));
 }
