@@ -218,13 +218,17 @@ async fn ten_thousand_requests_dropped_at_random_points_leave_every_limiter_idle
 }
 
 /// The negative control: the same seeded arrivals through the same stack with slots it never
-/// runs out of (so the slots layer holds nothing back) meet the mock's `SLOTS` slots.
+/// runs out of, and that forgets a 1303 within milliseconds (so the slots layer holds nothing
+/// back: told too many slots, it would otherwise learn the mock's from its 1303s), meet the
+/// mock's `SLOTS` slots.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn the_same_arrivals_without_the_slot_limit_are_refused_by_the_mock() {
     let mock = mock();
+    let mut unlimited = opts(1_000_000);
+    unlimited.recovery_interval = Duration::from_millis(1);
     let (svc, _handles) = support::stack(
         support::mock_client(mock.clone(), 2 * 1024 * 1024),
-        &opts(1_000_000),
+        &unlimited,
     );
     let tasks = arrivals(&svc);
     let follower = follower(&svc);

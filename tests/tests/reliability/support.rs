@@ -32,6 +32,8 @@ pub(crate) struct Opts {
     pub(crate) max_attempts: u32,
     /// API time.
     pub(crate) lease: Duration,
+    /// API time: how often a slot hidden by a 1303 comes back.
+    pub(crate) recovery_interval: Duration,
     pub(crate) max_body: usize,
     pub(crate) max_queue: Option<usize>,
     pub(crate) credentials: Credentials,
@@ -47,6 +49,7 @@ impl Opts {
             attempt_timeout: Duration::from_secs(2),
             max_attempts: 12,
             lease: Duration::from_secs(3600),
+            recovery_interval: Duration::from_secs(20),
             max_body: 64 * 1024,
             max_queue: None,
             credentials: Credentials::api_key("reliability-test-key").expect("valid key"),
@@ -111,7 +114,7 @@ where
     let (slots, slots_handle) = TaskSlotsLayer::pair(
         SlotsConfig::new(opts.slots)
             .lease(scaled(opts.lease))
-            .recovery_interval(scaled(Duration::from_secs(20))),
+            .recovery_interval(scaled(opts.recovery_interval)),
     )
     .expect("valid slots");
     let retry = RetryLayer::builder()
