@@ -115,7 +115,8 @@ impl MonitorBuilder {
     /// How long a tracked task may go without a sign of life (its create, a response that
     /// reports it still running) before it stops being tracked and counts as
     /// [`expired`](crate::TaskCounts::expired) (default [`DEFAULT_TASK_LEASE`]; counted in whole
-    /// seconds, rounded up, so a task expires within a second after its lease, never before).
+    /// seconds, a lease rounded up, so a task expires after its lease, never before, and is
+    /// seen to by the next snapshot, or create that finds no place, a second later at most).
     /// A task nobody follows would otherwise count as running, and hold a tracking place,
     /// forever. Give it the task slots' lease (`KlingLayer` does), so a task stops counting as
     /// running here when its slots are given back there.
@@ -425,8 +426,8 @@ impl BucketState {
         }
     }
 
-    /// Stops tracking the tasks with no sign of life for `lease` seconds by `now` (both in
-    /// [`Monitor::seconds`]), counting them expired; returns how many.
+    /// Stops tracking the tasks with no sign of life for more than `lease` whole seconds by
+    /// `now` (both in [`Monitor::seconds`]), counting them expired; returns how many.
     #[cold]
     fn expire_idle(&mut self, now: u32, lease: u32) -> u32 {
         // Whole seconds, both rounded down: more than `lease` of them apart is at least a lease,
@@ -912,15 +913,16 @@ impl Monitor {
             match taken {
                 // At most a chunk.
                 Ok(n) => bucket.places += n.min(chunk) as u32,
-                // None free, read again by a read-modify-write (which sees every place given
-                // back before it, and the flag cleared before those), and no task may have
-                // gone past its lease since the last sweep (at most one a second).
+                // No task may have gone past its lease since the last sweep finished (at most
+                // one a second), and none free, read again by a read-modify-write (which sees
+                // every place given back before it, that sweep's included, and the flag cleared
+                // before those).
                 Err(_)
-                    if free
-                        .compare_exchange(0, 0, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                        && scarce.load(Ordering::Acquire)
-                        && !self.sweep_due(entry.since) =>
+                    if !self.sweep_due(entry.since)
+                        && free
+                            .compare_exchange(0, 0, Ordering::AcqRel, Ordering::Acquire)
+                            .is_ok()
+                        && scarce.load(Ordering::Acquire) =>
                 {
                     bucket.absorbed += 1;
                     return;

@@ -172,7 +172,8 @@ local function capacity(default, first, last)
   return tonumber(default)
 end
 local function opt(s) if s == '' then return nil end return s end
--- Tasks reported ended, kept ENDED_FOR (the longest lease, set by `script`).
+-- Tasks reported ended, each kept ENDED_FOR (this process's lease, at least the default, set
+-- by `script`); the set itself as long as its longest entry.
 local ENDED = P .. ':ended'
 local function note_ended(id)
   redis.call('ZREMRANGEBYSCORE', ENDED, '-inf', int(now))
@@ -322,7 +323,8 @@ elseif op == 'cong' then
   local level = used + tonumber(ARGV[7])
   local lvl = tonumber(v[2] or '0')
   local stk = tonumber(v[3] or '0')
-  local at = v[4] or int(now)
+  -- (A pool a script without `lvlat` wrote: every grant counts as after it.)
+  local at = v[4] or '0'
   if lvl == 0 or (granted and granted > tonumber(at)) then
     if lvl > 0 and level <= lvl then stk = math.min(stk + 1, MAX_DOUBLINGS) else stk = 0 end
     at = int(now)

@@ -656,12 +656,16 @@ struct PoolState {
     /// doubles the recovery interval, and while there is one an ended task brings no hidden slot
     /// back. See [`PoolState::congested`].
     streak: u32,
-    /// The last token handed out when the last 1303 came ([`State::token`]): a create whose
-    /// grant's token is no greater was granted before it, and was on its way with it (a
-    /// burst).
+    /// The last token handed out when the last 1303 that was no part of a burst came
+    /// ([`State::token`]): a create whose grant's token is no greater was granted before it,
+    /// and was on its way with it.
     refused_after: u64,
+    /// How many 1303s that were no part of a burst the pool has had: a waiter granted before
+    /// the last of them is told apart by it when it picks its grant up.
+    refusals: u64,
     /// Grants handed to waiters that have not picked them up yet.
-    granted: Vec<u64>,
+    /// With the pool's `refusals` when each was granted.
+    granted: Vec<(u64, u64)>,
     /// Waiters refused because a lowered capacity is below their weight, with that capacity,
     /// until they pick the refusal up.
     refused: Vec<(u64, u32)>,
@@ -847,6 +851,7 @@ impl PoolState {
             refused_level: 0,
             streak: 0,
             refused_after: 0,
+            refusals: 0,
             in_use: 0,
             queue: WaitList::new(),
             granted: Vec::new(),
@@ -942,7 +947,7 @@ impl PoolState {
             }
             let waiter = self.queue.pop_front().expect("front exists");
             self.in_use += waiter.value;
-            self.granted.push(waiter.ticket);
+            self.granted.push((waiter.ticket, self.refusals));
             if let Some(waker) = waiter.waker {
                 waker.wake();
             }
@@ -998,6 +1003,7 @@ impl PoolState {
                 self.streak = 0;
             }
             self.refused_after = last_token;
+            self.refusals += 1;
         }
         self.refused_level = level;
         self.hidden = self.configured.saturating_sub(self.in_use);
@@ -1063,12 +1069,11 @@ impl PoolState {
         }
     }
 
-    fn take_grant(&mut self, token: u64) -> bool {
-        if let Some(i) = self.granted.iter().position(|&t| t == token) {
-            self.granted.swap_remove(i);
-            return true;
-        }
-        false
+    /// Takes the grant of the waiter of `token`, if it has one: the pool's `refusals` when it
+    /// was granted.
+    fn take_grant(&mut self, token: u64) -> Option<u64> {
+        let i = self.granted.iter().position(|&(t, _)| t == token)?;
+        Some(self.granted.swap_remove(i).1)
     }
 
     /// The capacity that refused the waiter of `token`, if one did (taken: it is told once).
@@ -1083,7 +1088,7 @@ impl PoolState {
         if self.remove_waiter(token) {
             return;
         }
-        if self.take_grant(token) {
+        if self.take_grant(token).is_some() {
             self.give_back(weight);
             return;
         }
@@ -1944,13 +1949,15 @@ impl Future for InProcessAcquire {
             state.maintain(index, now, &mut expired);
             let interval = state.config.recovery_interval;
             let pool = &mut state.list[index];
-            if pool.take_grant(token) {
+            if let Some(refusals) = pool.take_grant(token) {
                 this.token = None;
                 let key = this.key.take().expect("checked above");
-                // The grant's own token, not the waiter's (taken when it joined): tokens then
-                // follow the grants, which is how a 1303 tells the creates granted after the
-                // last one from those already on their way (`PoolState::congested`).
-                let token = state.token();
+                // Tokens follow the grants, which is how a 1303 tells the creates granted
+                // after the last one from those already on their way (`PoolState::congested`):
+                // a grant made since the pool's last 1303 takes a new token; one made before it
+                // keeps the waiter's, taken when it joined, before that 1303.
+                let fresh = refusals == pool.refusals;
+                let token = if fresh { state.token() } else { token };
                 return Poll::Ready(Ok(Reservation { key, weight, token }));
             }
             if let Some(capacity) = pool.take_refusal(token) {

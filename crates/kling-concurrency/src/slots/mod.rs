@@ -73,7 +73,7 @@
 //! the tasks held reaching the refused level ends the streak, as does setting the pool's
 //! capacity. Without the streak, a pool told twice the slots it has met a `1303` after about
 //! every ended task (9–17% of all requests in `kling-bench goodput`'s "unknown slots" runs;
-//! 0.5–2.8% with it, and the same makespan as when told the true slots).
+//! 1.0–2.8% with it, and the same makespan as when told the true slots).
 //!
 //! # Position
 //!

@@ -903,3 +903,30 @@ async fn the_end_of_a_streak_restarts_the_recovery_clock() {
     advance(Duration::from_secs(1)).await;
     assert_eq!(pool_state(&handle, &video()).await, (3, 4, 0));
 }
+
+/// A waiter granted before a 1303 but picking its grant up after it was on its way with it:
+/// its own 1303 belongs to that burst and does not lengthen the streak.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_granted_before_a_1303_is_part_of_its_burst() {
+    let (mut svc, handle, fake) =
+        stack(SlotsConfig::new(2).recovery_interval(Duration::from_secs(20)));
+    let t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    fake.script(Scripted::Code(1303, 429));
+    send(&mut svc, create()).await.unwrap();
+    advance(Duration::from_secs(20)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (1, 2, 0));
+    // A is sent (to meet a 1303), W waits; t1 ends and W is granted, unpolled.
+    fake.script(Scripted::Code(1303, 429));
+    let a = call(&mut svc, create()).await;
+    let mut w = spawn(call(&mut svc, create()).await);
+    assert_pending!(w.poll());
+    end(&mut svc, &fake, &t1).await;
+    // A's 1303 (a create granted after the first): a streak of one, twice the interval.
+    a.await.unwrap();
+    // W picks its grant up and meets a 1303 too: part of A's burst, not a third in a row.
+    fake.script(Scripted::Code(1303, 429));
+    assert_ready_ok!(w.poll());
+    assert_eq!(pool_state(&handle, &video()).await, (0, 0, 0));
+    advance(Duration::from_secs(40)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (0, 1, 0));
+}
