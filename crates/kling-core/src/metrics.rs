@@ -46,8 +46,33 @@ pub const LABEL_STATUS: &str = "status";
 pub const LABEL_CODE: &str = "code";
 /// Label: retry reason.
 pub const LABEL_REASON: &str = "reason";
-/// Label: account id (never a key or token).
+/// Label: account id (never a key or token): [`account_label`].
 pub const LABEL_ACCOUNT: &str = "account";
+
+/// How many accounts a process labels by name. An account can come with each request (an
+/// [`AccountId`](crate::AccountId) extension a multi-tenant caller sets), and a recorder keeps
+/// every series for good: the first this many distinct accounts keep their name, later ones
+/// share [`OTHER_ACCOUNT_LABEL`] (a gateway has a few accounts, each with its own key).
+pub const ACCOUNT_LABELS: usize = 64;
+
+/// The longest account id labelled by name; a longer one is labelled [`OTHER_ACCOUNT_LABEL`].
+pub const ACCOUNT_LABEL_MAX_LEN: usize = 64;
+
+/// The `account` label of every account past [`ACCOUNT_LABELS`].
+pub const OTHER_ACCOUNT_LABEL: &str = "other";
+
+/// The `account` label of an account: its id while fewer than [`ACCOUNT_LABELS`] accounts have
+/// a label of their own in this process, else [`OTHER_ACCOUNT_LABEL`]. A label, once given,
+/// stays the same for the process's life, so every layer and every series agrees on it.
+pub fn account_label(account: &str) -> &'static str {
+    static LABELS: BoundedLabels = BoundedLabels::new(ACCOUNT_LABELS);
+    if account.len() > ACCOUNT_LABEL_MAX_LEN {
+        return OTHER_ACCOUNT_LABEL;
+    }
+    LABELS
+        .find_or_keep(|label| label == account, || account.to_owned())
+        .map_or(OTHER_ACCOUNT_LABEL, |(label, _)| label)
+}
 
 /// How many model pools a process labels by name. A new-style create names its model in its
 /// path, which is caller input: a gateway passing its users' model names through would
@@ -107,6 +132,32 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    #[test]
+    fn accounts_keep_their_name_up_to_the_limit_then_share_other() {
+        // The process-wide table is shared with other tests: only this test's names count.
+        let first = account_label("account-label-test-0");
+        assert_eq!(first, "account-label-test-0");
+        assert_eq!(
+            account_label(&"x".repeat(ACCOUNT_LABEL_MAX_LEN + 1)),
+            OTHER_ACCOUNT_LABEL
+        );
+        let mut named = 1;
+        for n in 1..=ACCOUNT_LABELS {
+            let name = format!("account-label-test-{n}");
+            if account_label(&name) == name {
+                named += 1;
+            }
+        }
+        assert!(named <= ACCOUNT_LABELS, "{named}");
+        assert_eq!(
+            account_label("account-label-test-past"),
+            OTHER_ACCOUNT_LABEL
+        );
+        // A label given before the table filled keeps its name, the same text.
+        let again = account_label("account-label-test-0");
+        assert_eq!(again.as_ptr(), first.as_ptr());
+    }
 
     #[test]
     fn model_pools_keep_their_name_up_to_the_limit_then_share_other() {

@@ -489,7 +489,9 @@ fn note_cooldown(
     account: &Option<AccountId>,
 ) {
     if reported.is_ok_and(|reported| reported.cooldown_until.is_some()) {
-        let account = account.as_ref().map_or_else(String::new, |a| a.to_string());
+        let account = account
+            .as_ref()
+            .map_or("", |a| kling_core::metrics::account_label(a.as_str()));
         metrics::counter!(COOLDOWNS, LABEL_ACCOUNT => account).increment(1);
     }
 }

@@ -201,7 +201,10 @@ impl std::ops::Deref for Registry {
 /// The labels of `key`'s pool's gauges, as the in-process backend labels them.
 fn pool_labels(key: &SlotKey) -> [(&'static str, String); 2] {
     [
-        (names::LABEL_ACCOUNT, key.account.to_string()),
+        (
+            names::LABEL_ACCOUNT,
+            names::account_label(key.account.as_str()).to_owned(),
+        ),
         (
             names::LABEL_POOL,
             names::pool_label(Some(&key.pool)).to_owned(),

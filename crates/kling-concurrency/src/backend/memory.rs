@@ -837,7 +837,10 @@ impl Drop for PoolState {
 impl PoolState {
     fn new(key: &SlotKey, configured: u32) -> Self {
         let labels = [
-            (names::LABEL_ACCOUNT, key.account.to_string()),
+            (
+                names::LABEL_ACCOUNT,
+                names::account_label(key.account.as_str()).to_owned(),
+            ),
             (
                 names::LABEL_POOL,
                 names::pool_label(Some(&key.pool)).to_owned(),
