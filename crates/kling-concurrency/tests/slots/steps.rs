@@ -438,8 +438,7 @@ async fn a_1303_gives_back_lowers_capacity_and_it_grows_back() {
 async fn a_1303_with_nothing_of_ours_running_recovers_by_time() {
     let (mut svc, handle, fake) =
         stack(SlotsConfig::new(2).recovery_interval(Duration::from_secs(20)));
-    fake.script(Scripted::Code(1303, 429));
-    send(&mut svc, create()).await.unwrap();
+    refused(&mut svc, &fake).await;
     assert_eq!(pool_state(&handle, &video()).await, (0, 0, 0));
     let mut retried = spawn(call(&mut svc, create()).await);
     assert_pending!(retried.poll());
@@ -619,8 +618,7 @@ async fn with_no_queue_a_slot_hidden_by_a_1303_comes_back_by_time() {
             .max_queue(0)
             .recovery_interval(Duration::from_secs(20)),
     );
-    fake.script(Scripted::Code(1303, 429));
-    send(&mut svc, create()).await.unwrap();
+    refused(&mut svc, &fake).await;
     let err = send(&mut svc, create()).await.unwrap_err();
     assert!(err.is::<QueueFull>(), "hidden: {err}");
     advance(Duration::from_secs(20)).await;
@@ -664,6 +662,12 @@ async fn lowering_the_capacity_below_a_waiting_creates_weight_refuses_it_and_ser
     assert_eq!(pool_state(&handle, &image).await, (2, 3, 0));
 }
 
+/// Sends a create the fake server answers with a 1303.
+async fn refused(svc: &mut Slots, fake: &Fake) {
+    fake.script(Scripted::Code(1303, 429));
+    send(svc, create()).await.unwrap();
+}
+
 /// Ends `id` at the fake server and queries it, so the layer sees the task end.
 async fn end(svc: &mut Slots, fake: &Fake, id: &str) {
     fake.finish(id);
@@ -680,8 +684,7 @@ async fn a_second_1303_at_the_same_level_stops_ended_tasks_bringing_slots_back_a
     let t1 = task_id(&send(&mut svc, create()).await.unwrap());
     let t2 = task_id(&send(&mut svc, create()).await.unwrap());
     // Refused at 3 slots: the pool is believed to hold the 2 we hold.
-    fake.script(Scripted::Code(1303, 429));
-    send(&mut svc, create()).await.unwrap();
+    refused(&mut svc, &fake).await;
     assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
 
     // The first 1303 is no pattern yet: an ended task brings a hidden slot back with it.
@@ -689,8 +692,7 @@ async fn a_second_1303_at_the_same_level_stops_ended_tasks_bringing_slots_back_a
     assert_eq!(pool_state(&handle, &video()).await, (1, 3, 0));
     let _t3 = task_id(&send(&mut svc, create()).await.unwrap());
     // Refused at 3 slots again.
-    fake.script(Scripted::Code(1303, 429));
-    send(&mut svc, create()).await.unwrap();
+    refused(&mut svc, &fake).await;
     assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
 
     // Now an ended task frees only its own slot,
@@ -727,8 +729,7 @@ async fn a_create_that_succeeds_at_the_refused_level_ends_the_1303_streak() {
     end(&mut svc, &fake, &t1).await;
     assert_eq!(pool_state(&handle, &video()).await, (1, 3, 0));
     let _t3 = task_id(&send(&mut svc, create()).await.unwrap());
-    fake.script(Scripted::Code(1303, 429));
-    send(&mut svc, create()).await.unwrap();
+    refused(&mut svc, &fake).await;
     assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
     advance(Duration::from_secs(20)).await;
     assert_eq!(pool_state(&handle, &video()).await, (2, 3, 0));
@@ -740,11 +741,9 @@ async fn a_success_while_another_create_awaits_its_answer_proves_nothing() {
         stack(SlotsConfig::new(2).recovery_interval(Duration::from_secs(20)));
     let t1 = task_id(&send(&mut svc, create()).await.unwrap());
     // Two 1303s at 2 slots (the second after the hidden slot came back by time): a streak.
-    fake.script(Scripted::Code(1303, 429));
-    send(&mut svc, create()).await.unwrap();
+    refused(&mut svc, &fake).await;
     advance(Duration::from_secs(20)).await;
-    fake.script(Scripted::Code(1303, 429));
-    send(&mut svc, create()).await.unwrap();
+    refused(&mut svc, &fake).await;
     end(&mut svc, &fake, &t1).await;
     assert_eq!(pool_state(&handle, &video()).await, (0, 1, 0));
     advance(Duration::from_secs(40)).await;
@@ -771,12 +770,10 @@ async fn setting_the_capacity_ends_a_1303_streak() {
         stack(SlotsConfig::new(4).recovery_interval(Duration::from_secs(20)));
     let t1 = task_id(&send(&mut svc, create()).await.unwrap());
     let t2 = task_id(&send(&mut svc, create()).await.unwrap());
-    fake.script(Scripted::Code(1303, 429));
-    send(&mut svc, create()).await.unwrap();
+    refused(&mut svc, &fake).await;
     end(&mut svc, &fake, &t1).await;
     let _t3 = task_id(&send(&mut svc, create()).await.unwrap());
-    fake.script(Scripted::Code(1303, 429));
-    send(&mut svc, create()).await.unwrap();
+    refused(&mut svc, &fake).await;
     assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
     // A streak; the operator sets the capacity (the same number here): what the 1303s said
     // about the old one is no evidence now, so an ended task brings a hidden slot back again.
@@ -822,11 +819,9 @@ async fn a_create_sent_again_proves_no_level_with_its_earlier_holding() {
         .await
         .unwrap_err();
     // Two 1303s at 3 slots, the second of a create sent after the first: a streak.
-    fake.script(Scripted::Code(1303, 429));
-    send(&mut svc, create()).await.unwrap();
+    refused(&mut svc, &fake).await;
     advance(Duration::from_secs(20)).await;
-    fake.script(Scripted::Code(1303, 429));
-    send(&mut svc, create()).await.unwrap();
+    refused(&mut svc, &fake).await;
     assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
     advance(Duration::from_secs(40)).await;
     assert_eq!(pool_state(&handle, &video()).await, (2, 3, 0));
@@ -834,8 +829,7 @@ async fn a_create_sent_again_proves_no_level_with_its_earlier_holding() {
     // the next 1303 lengthens it to four times the interval.
     send(&mut svc, create_with_external("x1")).await.unwrap();
     assert_eq!(pool_state(&handle, &video()).await, (2, 3, 0));
-    fake.script(Scripted::Code(1303, 429));
-    send(&mut svc, create()).await.unwrap();
+    refused(&mut svc, &fake).await;
     assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
     advance(Duration::from_secs(79)).await;
     assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
@@ -852,11 +846,9 @@ async fn an_adopted_task_does_not_end_a_1303_streak() {
     let (mut svc, handle, fake) =
         stack(SlotsConfig::new(3).recovery_interval(Duration::from_secs(20)));
     let t1 = task_id(&send(&mut svc, create()).await.unwrap());
-    fake.script(Scripted::Code(1303, 429));
-    send(&mut svc, create()).await.unwrap();
+    refused(&mut svc, &fake).await;
     advance(Duration::from_secs(20)).await;
-    fake.script(Scripted::Code(1303, 429));
-    send(&mut svc, create()).await.unwrap();
+    refused(&mut svc, &fake).await;
     assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
     let key = SlotKey::new(handle.default_account().clone(), Pool::new(Product::Video));
     handle
@@ -886,11 +878,9 @@ async fn the_end_of_a_streak_restarts_the_recovery_clock() {
         stack(SlotsConfig::new(4).recovery_interval(Duration::from_secs(20)));
     let _t1 = task_id(&send(&mut svc, create()).await.unwrap());
     let _t2 = task_id(&send(&mut svc, create()).await.unwrap());
-    fake.script(Scripted::Code(1303, 429));
-    send(&mut svc, create()).await.unwrap();
+    refused(&mut svc, &fake).await;
     advance(Duration::from_secs(20)).await;
-    fake.script(Scripted::Code(1303, 429));
-    send(&mut svc, create()).await.unwrap();
+    refused(&mut svc, &fake).await;
     assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
     // Twice the interval for one slot; 30 s into the next 40.
     advance(Duration::from_secs(70)).await;
@@ -911,8 +901,7 @@ async fn a_waiter_granted_before_a_1303_is_part_of_its_burst() {
     let (mut svc, handle, fake) =
         stack(SlotsConfig::new(2).recovery_interval(Duration::from_secs(20)));
     let t1 = task_id(&send(&mut svc, create()).await.unwrap());
-    fake.script(Scripted::Code(1303, 429));
-    send(&mut svc, create()).await.unwrap();
+    refused(&mut svc, &fake).await;
     advance(Duration::from_secs(20)).await;
     assert_eq!(pool_state(&handle, &video()).await, (1, 2, 0));
     // A is sent (to meet a 1303), W waits; t1 ends and W is granted, unpolled.

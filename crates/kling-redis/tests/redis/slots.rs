@@ -50,6 +50,12 @@ fn ended(id: &str, status: Option<TaskStatus>) -> SlotOp {
     }
 }
 
+/// The first pool's slots in use and capacity, as `backend` reads them now.
+async fn in_use_and_capacity(backend: &RedisSlots) -> (u32, u32) {
+    let snapshot = backend.snapshot().await.unwrap();
+    (snapshot[0].in_use, snapshot[0].capacity)
+}
+
 async fn in_use(backend: &RedisSlots) -> u32 {
     let snapshot = backend.snapshot().await.unwrap();
     snapshot.iter().map(|p| p.in_use).sum()
@@ -440,13 +446,6 @@ async fn a_second_1303_at_the_same_level_slows_the_fleets_recovery_until_a_creat
             .grace(Duration::from_millis(300))
     };
     let (one, two) = (connect_one().await, connect_one().await);
-    let state = |backend: &RedisSlots| {
-        let backend = backend.clone();
-        async move {
-            let snapshot = backend.snapshot().await.unwrap();
-            (snapshot[0].in_use, snapshot[0].capacity)
-        }
-    };
     for id in ["t1", "t2"] {
         let r = one.acquire(video(), 1).await.unwrap();
         one.apply(hold(r, id, LONG)).await.unwrap();
@@ -454,23 +453,23 @@ async fn a_second_1303_at_the_same_level_slows_the_fleets_recovery_until_a_creat
     // Refused at 3 slots; the first 1303 is no pattern: an ended task brings a slot back.
     let r = two.acquire(video(), 1).await.unwrap();
     two.apply(SlotOp::Congested(r)).await.unwrap();
-    assert_eq!(state(&one).await, (2, 2));
+    assert_eq!(in_use_and_capacity(&one).await, (2, 2));
     two.apply(ended("t1", Some(TaskStatus::Succeeded)))
         .await
         .unwrap();
-    assert_eq!(state(&one).await, (1, 3));
+    assert_eq!(in_use_and_capacity(&one).await, (1, 3));
     let r = one.acquire(video(), 1).await.unwrap();
     one.apply(hold(r, "t3", LONG)).await.unwrap();
     // Refused at 3 again: a streak.
     let r = two.acquire(video(), 1).await.unwrap();
     two.apply(SlotOp::Congested(r)).await.unwrap();
     let second_1303 = tokio::time::Instant::now();
-    assert_eq!(state(&two).await, (2, 2));
+    assert_eq!(in_use_and_capacity(&two).await, (2, 2));
     one.apply(ended("t2", Some(TaskStatus::Succeeded)))
         .await
         .unwrap();
     assert_eq!(
-        state(&two).await,
+        in_use_and_capacity(&two).await,
         (1, 2),
         "an ended task brought a slot back"
     );
@@ -481,7 +480,7 @@ async fn a_second_1303_at_the_same_level_slows_the_fleets_recovery_until_a_creat
 
     // One slot back after twice the interval.
     tokio::time::sleep_until(second_1303 + every * 2 + Duration::from_millis(100)).await;
-    assert_eq!(state(&one).await, (1, 3));
+    assert_eq!(in_use_and_capacity(&one).await, (1, 3));
     // Creates succeed up to the refused level: more fit than the 1303s said, the streak ends,
     // and an ended task brings the last hidden slot back again.
     for id in ["t4", "t5"] {
@@ -495,7 +494,7 @@ async fn a_second_1303_at_the_same_level_slows_the_fleets_recovery_until_a_creat
         second_1303.elapsed() < every * 4,
         "too slow: the next step by time would bring it back too"
     );
-    assert_eq!(state(&one).await, (2, 4));
+    assert_eq!(in_use_and_capacity(&one).await, (2, 4));
 }
 
 /// The 1303s of creates granted before the first of them (a burst) are one refusal in Redis
@@ -515,13 +514,11 @@ async fn the_1303s_of_a_burst_count_as_one_in_the_fleet() {
     for refused in burst {
         two.apply(SlotOp::Congested(refused)).await.unwrap();
     }
-    let snapshot = one.snapshot().await.unwrap();
-    assert_eq!((snapshot[0].in_use, snapshot[0].capacity), (2, 2));
+    assert_eq!(in_use_and_capacity(&one).await, (2, 2));
     one.apply(ended("t1", Some(TaskStatus::Succeeded)))
         .await
         .unwrap();
-    let snapshot = two.snapshot().await.unwrap();
-    assert_eq!((snapshot[0].in_use, snapshot[0].capacity), (1, 3));
+    assert_eq!(in_use_and_capacity(&two).await, (1, 3));
 }
 
 /// A capacity set for the pool ends a streak of 1303s in Redis too: an ended task brings a
@@ -530,13 +527,6 @@ async fn the_1303s_of_a_burst_count_as_one_in_the_fleet() {
 async fn setting_the_capacity_ends_the_fleets_1303_streak() {
     let Some(server) = redis() else { return };
     let (one, two) = (backend(&server, 4).await, backend(&server, 4).await);
-    let state = |backend: &RedisSlots| {
-        let backend = backend.clone();
-        async move {
-            let snapshot = backend.snapshot().await.unwrap();
-            (snapshot[0].in_use, snapshot[0].capacity)
-        }
-    };
     for id in ["t1", "t2"] {
         let r = one.acquire(video(), 1).await.unwrap();
         one.apply(hold(r, id, LONG)).await.unwrap();
@@ -550,7 +540,7 @@ async fn setting_the_capacity_ends_the_fleets_1303_streak() {
     one.apply(hold(r, "t3", LONG)).await.unwrap();
     let r = two.acquire(video(), 1).await.unwrap();
     two.apply(SlotOp::Congested(r)).await.unwrap();
-    assert_eq!(state(&one).await, (2, 2));
+    assert_eq!(in_use_and_capacity(&one).await, (2, 2));
     // Set for the product, in the other process: it covers this pool.
     two.apply(SlotOp::SetCapacity {
         account: None,
@@ -562,7 +552,7 @@ async fn setting_the_capacity_ends_the_fleets_1303_streak() {
     one.apply(ended("t2", Some(TaskStatus::Succeeded)))
         .await
         .unwrap();
-    assert_eq!(state(&one).await, (1, 3));
+    assert_eq!(in_use_and_capacity(&one).await, (1, 3));
 }
 
 /// With a lease longer than the default, an ended task is remembered in Redis that long: a
