@@ -7,8 +7,9 @@ use kling_core::{AccountId, Pool};
 
 use crate::error::ConfigError;
 
-/// The default maximum task lifetime: a task nobody follows up frees its slots after this.
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(30 * 60);
+/// The default maximum task lifetime: a task nobody follows up frees its slots after this
+/// ([`kling_core::DEFAULT_TASK_LEASE`], which the metrics monitor's tracked tasks share).
+pub const DEFAULT_LEASE: Duration = kling_core::DEFAULT_TASK_LEASE;
 
 /// The default interval after which one slot hidden by a `1303` is believed free again when no
 /// task of ours ended in the meantime (see [`SlotsConfig::recovery_interval`]).

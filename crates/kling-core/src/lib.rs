@@ -90,3 +90,9 @@ pub use outcome::Outcome;
 pub use request::{ApiGeneration, Pool, Product, Recognized, RequestKind};
 pub use retry_after::{MAX_RETRY_AFTER, RetryAfter, retry_after_delay};
 pub use route::Route;
+
+/// How long a task counts as running with no sign of life (its create, a report that it still
+/// runs) before the layers that track it let it go: the task slots give its slots back
+/// (kling-concurrency's `DEFAULT_LEASE`) and the metrics monitor stops counting it
+/// (kling-metrics' `DEFAULT_TASK_LEASE`). Kling's tasks take minutes.
+pub const DEFAULT_TASK_LEASE: std::time::Duration = std::time::Duration::from_secs(30 * 60);

@@ -109,9 +109,7 @@ impl Call {
                 Ok(outcome) => self.outcome(&outcome, status, span),
                 Err(malformed) => {
                     attached = false;
-                    if status == StatusCode::TOO_MANY_REQUESTS {
-                        self.monitor.note_rejection_without_code();
-                    }
+                    self.monitor.note_final(status, None);
                     tracing::warn!(
                         target: "kling_metrics",
                         http_status = status.as_u16(),
@@ -168,9 +166,8 @@ impl Call {
         if !outcome.is_success() {
             failed(outcome, status);
         }
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            self.monitor.note_rejection(outcome.code().as_i64());
-        }
+        self.monitor
+            .note_final(status, Some(outcome.code().as_i64()));
         (labels::CodeLabel::Kling(outcome.code()), end)
     }
 
@@ -183,18 +180,15 @@ impl Call {
         let (status, code) = match find_cause(error) {
             Some(Cause::Api(api)) => {
                 span.record("request_id", api.request_id());
-                if api.status() == StatusCode::TOO_MANY_REQUESTS {
-                    self.monitor.note_rejection(api.code().as_i64());
-                }
+                self.monitor
+                    .note_final(api.status(), Some(api.code().as_i64()));
                 (
                     labels::Status::Http(api.status()),
                     labels::CodeLabel::Kling(api.code()),
                 )
             }
             Some(Cause::Malformed(status)) => {
-                if status == StatusCode::TOO_MANY_REQUESTS {
-                    self.monitor.note_rejection_without_code();
-                }
+                self.monitor.note_final(status, None);
                 (labels::Status::Http(status), labels::CodeLabel::Malformed)
             }
             None => (labels::Status::None, labels::CodeLabel::None),

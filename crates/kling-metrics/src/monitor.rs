@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use kling_core::lanes;
 use kling_core::metrics::{LABEL_POOL, LABEL_STATUS, TASK_LIFETIME, TASKS_FINISHED};
-use kling_core::{Code, Outcome, TaskReport, TaskStatus};
+use kling_core::{Code, Outcome, TaskStatus};
 use metrics::SharedString;
 use tokio::time::Instant;
 
@@ -25,9 +25,9 @@ pub const DEFAULT_HYSTERESIS: f64 = 0.05;
 /// The default number of created tasks tracked for their lifetime at once.
 pub const DEFAULT_MAX_TRACKED_TASKS: usize = 100_000;
 /// The default task lease: a tracked task with no sign of life (a create, or a report that it
-/// still runs) for this long stops being tracked and counts as expired. The same 30 minutes as
-/// kling-concurrency's default lease, after which the task slots give its slots back.
-pub const DEFAULT_TASK_LEASE: Duration = Duration::from_secs(30 * 60);
+/// still runs) for this long stops being tracked and counts as expired
+/// ([`kling_core::DEFAULT_TASK_LEASE`], after which the task slots give its slots back too).
+pub const DEFAULT_TASK_LEASE: Duration = kling_core::DEFAULT_TASK_LEASE;
 
 type Hook = Arc<dyn Fn(&UsageWarning) + Send + Sync>;
 
@@ -1023,9 +1023,17 @@ impl Monitor {
         lock(&self.inner.rejections).note(code);
     }
 
-    /// Counts a final 429 that carried no Kling envelope.
-    pub(crate) fn note_rejection_without_code(&self) {
-        lock(&self.inner.rejections).without_code += 1;
+    /// Counts a call's final answer among the rejections when it is a 429: under its Kling
+    /// `code`, or apart when it carried no envelope (a proxy's page).
+    #[inline]
+    pub(crate) fn note_final(&self, status: http::StatusCode, code: Option<i64>) {
+        if status != http::StatusCode::TOO_MANY_REQUESTS {
+            return;
+        }
+        match code {
+            Some(code) => self.note_rejection(code),
+            None => lock(&self.inner.rejections).without_code += 1,
+        }
     }
 
     /// Tracks the tasks a successful create made, and ends tracked tasks a response reports
@@ -1039,13 +1047,6 @@ impl Monitor {
     ) {
         let tasks = outcome.tasks();
         let create = is_create && outcome.is_success() && !tasks.is_empty();
-        if !create && !tasks.iter().any(|t| t.status.is_terminal()) {
-            // A task reported still running shows a sign of life: its lease is renewed.
-            if !tasks.is_empty() && outcome.is_success() {
-                self.renew(tasks, now);
-            }
-            return;
-        }
         if create {
             let pool = self.inner.record_task_metrics.then(|| pool.to_shared());
             let seen = self.seconds(now);
@@ -1072,24 +1073,25 @@ impl Monitor {
             }
             return;
         }
+        // A query's or a list's reports: a task that ended stops being tracked; one still
+        // running shows a sign of life, and its lease is renewed.
+        let mut seen = None;
         for task in tasks {
             if task.status.is_terminal() {
                 self.end_tracked(&task.id, &task.status, || now);
-            } else {
-                self.renew(std::slice::from_ref(task), now);
+            } else if outcome.is_success() {
+                let seen = *seen.get_or_insert_with(|| self.seconds(now));
+                self.renew(&task.id, seen);
             }
         }
     }
 
-    /// Renews the lease of the tracked ones among `tasks` (none terminal), seen at `now`.
+    /// Renews the lease of `id`, if it is tracked: seen at `now` ([`Monitor::seconds`]).
     #[inline(never)]
-    fn renew(&self, tasks: &[TaskReport], now: Instant) {
-        let now = self.seconds(now);
-        for task in tasks {
-            let id = task.id.as_bytes();
-            let (hash, mut bucket) = self.bucket(id);
-            bucket.renew(hash, id, now);
-        }
+    fn renew(&self, id: &str, now: u32) {
+        let id = id.as_bytes();
+        let (hash, mut bucket) = self.bucket(id);
+        bucket.renew(hash, id, now);
     }
 
     /// Whole seconds from the monitor's start to `now`: when a tracked task was last seen.

@@ -713,8 +713,7 @@ async fn a_create_that_succeeds_at_the_refused_level_ends_the_1303_streak() {
     let t1 = task_id(&send(&mut svc, create()).await.unwrap());
     // Two 1303s at 2 slots: a streak.
     for _ in 0..2 {
-        fake.script(Scripted::Code(1303, 429));
-        send(&mut svc, create()).await.unwrap();
+        refused(&mut svc, &fake).await;
         assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
     }
     // The streak doubled the interval: one slot back after 40 s, none after 20.

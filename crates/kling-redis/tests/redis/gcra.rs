@@ -15,7 +15,7 @@ use kling_redis::{Connection, FleetDecision, RedisConfig, RedisGcra, WhenUnreach
 use proptest::prelude::*;
 use tower::{Layer, ServiceExt};
 
-use crate::support::{connect, far_process_gets_its_turn, redis};
+use crate::support::{connect, far_process_gets_its_turn, pttl, raw, redis};
 
 /// What in-process governor decides for arrivals at `offsets` (µs from the first), as
 /// (admitted, not-before offset in µs).
@@ -808,24 +808,6 @@ async fn a_lazy_process_that_cannot_measure_the_offset_follows_when_unreachable(
         Decision::Admit
     );
     assert!(fallback.is_out());
-}
-
-/// A plain connection to `server`, to read what the scripts left.
-async fn raw(server: &kling_redis::testing::RedisServer) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
-
-/// The milliseconds `key` has left (-1: no expiry, -2: no key).
-async fn pttl(server: &kling_redis::testing::RedisServer, key: &str) -> i64 {
-    redis::cmd("PTTL")
-        .arg(key)
-        .query_async(&mut raw(server).await)
-        .await
-        .unwrap()
 }
 
 /// A Retry-After of two hours reported for a key no request has been paced under yet (no

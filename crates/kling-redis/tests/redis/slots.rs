@@ -13,7 +13,7 @@ use kling_core::{AccountId, Outcome, Pool, Product, TaskStatus};
 use kling_redis::RedisSlots;
 use proptest::prelude::*;
 
-use crate::support::{connect, far_process_gets_its_turn, redis};
+use crate::support::{connect, far_process_gets_its_turn, pttl, redis};
 
 fn video() -> SlotKey {
     SlotKey::new(AccountId::new("acct"), Pool::new(Product::Video))
@@ -568,22 +568,8 @@ async fn ended_tasks_are_remembered_for_the_configured_lease() {
     one.apply(ended("t1", Some(TaskStatus::Succeeded)))
         .await
         .unwrap();
-    let mut raw = redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*:ended")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
-    assert_eq!(keys.len(), 1, "{keys:?}");
-    let left_ms: i64 = redis::cmd("PTTL")
-        .arg(&keys[0])
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    // The prefix is `test` (`support::connect`).
+    let left_ms = pttl(&server, "test:ended").await;
     assert!(
         left_ms > 3600 * 1000 && left_ms <= 2 * 3600 * 1000,
         "kept {left_ms} ms"

@@ -10,6 +10,24 @@ pub(crate) fn redis() -> Option<RedisServer> {
     RedisServer::start_or_skip().expect("CI=true requires a redis-server")
 }
 
+/// A plain connection to `server`, to read what the scripts left.
+pub(crate) async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// The milliseconds `key` has left (-1: no expiry, -2: no key).
+pub(crate) async fn pttl(server: &RedisServer, key: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(&mut raw(server).await)
+        .await
+        .unwrap()
+}
+
 /// A new connection (its own socket) to `server`.
 pub(crate) async fn connect(server: &RedisServer) -> Connection {
     Connection::connect(
