@@ -277,6 +277,15 @@ local function tidy(pk)
   redis.call('DEL', pk .. ':m')
   redis.call('SREM', P .. ':pools', pk)
 end
+-- Forgets what the 1303s said of the pool whose meta hash is `m` (a create proved more fit,
+-- or a capacity was set): hidden slots come back at the configured interval from now, not
+-- recounted in short steps over the time spent at the longer one.
+local function end_streak(m)
+  if tonumber(redis.call('HGET', m, 'stk') or '0') > 0 then
+    redis.call('HSET', m, 'stk', 0, 'rec', int(now))
+  end
+  redis.call('HSET', m, 'lvl', 0)
+end
 -- A create of the fleet succeeded: when the tasks held (not the grants still awaiting an
 -- answer, which may yet meet a 1303) fill the last 1303's level, the streak of 1303s ends.
 local function prove_level(pk)
@@ -289,13 +298,7 @@ local function prove_level(pk)
     local rec = cjson.decode(raw)
     if rec.k ~= 'g' then held = held + tonumber(rec.w) end
   end
-  if held >= lvl then
-    -- Hidden slots come back at the configured interval from now, not recounted at it.
-    if tonumber(redis.call('HGET', m, 'stk') or '0') > 0 then
-      redis.call('HSET', m, 'stk', 0, 'rec', int(now))
-    end
-    redis.call('HSET', m, 'lvl', 0)
-  end
+  if held >= lvl then end_streak(m) end
 end
 if op == 'give' then
   -- Also a waiting create that gave up: its place in the fleet's queue goes, and the next in
@@ -440,7 +443,7 @@ elseif op == 'cap' then
     local p = v[2] or ''
     if (acct == '' or v[1] == acct)
       and (p == pool or (product and string.sub(p, 1, #pool + 1) == pool .. ':')) then
-      redis.call('HSET', pk .. ':m', 'lvl', 0, 'stk', 0)
+      end_streak(pk .. ':m')
     end
   end
   redis.call('PUBLISH', P .. ':freed', '*')

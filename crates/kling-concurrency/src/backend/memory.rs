@@ -1021,11 +1021,18 @@ impl PoolState {
     fn prove_level(&mut self, now: Instant) {
         let level = self.refused_level;
         if level > 0 && self.in_use >= level && self.held_reach(level) {
-            self.refused_level = 0;
-            if self.streak > 0 {
-                self.streak = 0;
-                self.recovered_at = now;
-            }
+            self.end_streak(now);
+        }
+    }
+
+    /// Forgets what the 1303s said (a create proved more fit, or the capacity was set): hidden
+    /// slots come back at the configured interval from `now`, not recounted in short steps
+    /// over the time spent at the longer one.
+    fn end_streak(&mut self, now: Instant) {
+        self.refused_level = 0;
+        if self.streak > 0 {
+            self.streak = 0;
+            self.recovered_at = now;
         }
     }
 
@@ -1684,8 +1691,7 @@ impl State {
                         state.configured = configured;
                         state.hidden = state.hidden.min(configured);
                         // What earlier 1303s said about the old capacity is no evidence now.
-                        state.refused_level = 0;
-                        state.streak = 0;
+                        state.end_streak(Instant::now());
                         // Waiters the new capacity can never serve fail now rather than hold
                         // up those behind them.
                         state.refuse_heavier(configured);

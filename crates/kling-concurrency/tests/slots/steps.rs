@@ -918,3 +918,29 @@ async fn a_waiter_granted_before_a_1303_is_part_of_its_burst() {
     advance(Duration::from_secs(40)).await;
     assert_eq!(pool_state(&handle, &video()).await, (0, 1, 0));
 }
+
+/// Setting the capacity ends a streak as a success does: the recovery clock restarts, and the
+/// time spent under the longer interval is not counted again in shorter steps.
+#[tokio::test(start_paused = true)]
+async fn setting_the_capacity_restarts_the_recovery_clock() {
+    let (mut svc, handle, fake) =
+        stack(SlotsConfig::new(4).recovery_interval(Duration::from_secs(20)));
+    let _t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    let _t2 = task_id(&send(&mut svc, create()).await.unwrap());
+    refused(&mut svc, &fake).await;
+    advance(Duration::from_secs(20)).await;
+    refused(&mut svc, &fake).await;
+    assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
+    // Twice the interval for one slot; 30 s into the next 40.
+    advance(Duration::from_secs(70)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (2, 3, 0));
+    handle
+        .set_capacity(None, Pool::new(Product::Video), 4)
+        .await
+        .unwrap();
+    assert_eq!(pool_state(&handle, &video()).await, (2, 3, 0));
+    advance(Duration::from_secs(19)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (2, 3, 0));
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(pool_state(&handle, &video()).await, (2, 4, 0));
+}
