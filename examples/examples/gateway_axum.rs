@@ -80,16 +80,21 @@ async fn generate(
     Ok(format!("{} {}", done.id, done.status))
 }
 
-#[tokio::main]
-async fn main() -> Result<(), BoxError> {
-    let mock_config = TEAMS.iter().fold(
+/// Kling on Pro with both teams' keys, at the example's speed (its tests' negative control
+/// starts the same). Each account has Pro's limits; team-b's stack keeps within Standard's.
+fn mock_config() -> MockConfig {
+    TEAMS.iter().fold(
         MockConfig::preset(Preset::Pro)
             .speed(SPEED)
             .task_duration(Duration::from_secs(20), Duration::from_secs(30))
             .callback_secret(SECRET),
         |config, (team, _, key)| config.api_key_for(*key, *team),
-    );
-    let mock = MockServer::start(mock_config).await?;
+    )
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let mock = MockServer::start(mock_config()).await?;
     let metrics = kling_tower::metrics::prometheus::install()?;
 
     // One stack per account, each with its own tier, behind one service keyed by AccountId.
@@ -208,9 +213,35 @@ async fn main() -> Result<(), BoxError> {
 }
 
 #[cfg(test)]
+#[path = "support/blind.rs"]
+mod blind;
+
+#[cfg(test)]
 mod tests {
+    use crate::blind::{Create, blind_creates};
+    use kling_mock::Preset;
+    use kling_tower::Credentials;
+
     #[test]
     fn runs_to_completion_against_the_mock() {
         super::main().expect("the example finishes without error");
+    }
+
+    /// The control of `main`'s "no 1303": each team's six creates sent blind, one team after
+    /// the other: six creates for five slots, on each account.
+    #[test]
+    fn the_same_creates_sent_blind_meet_1303() {
+        let creates = super::TEAMS
+            .iter()
+            .flat_map(|(_, _, key)| (0..6).map(move |i| (key, i)))
+            .map(|(key, i)| Create {
+                credentials: Credentials::api_key(*key).unwrap(),
+                path: "/v1/videos/text2video",
+                body: format!(r#"{{"prompt":"scene {i}"}}"#),
+            })
+            .collect();
+        let stats =
+            blind_creates(super::mock_config(), Preset::Pro, super::SPEED, creates).unwrap();
+        assert!(stats.responses("1303") >= 2, "{stats:?}");
     }
 }

@@ -23,14 +23,21 @@ use tower::{ServiceBuilder, ServiceExt};
 
 const SPEED: f64 = 30.0;
 
+/// Kling on Pro at the example's speed (its tests' negative control starts the same).
+fn mock_config() -> MockConfig {
+    MockConfig::preset(Preset::Pro)
+        .speed(SPEED)
+        .task_duration(Duration::from_secs(20), Duration::from_secs(30))
+}
+
+/// A create of job `i`.
+fn create_body(i: usize) -> String {
+    format!(r#"{{"prompt":"take {i}"}}"#)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let mock = MockServer::start(
-        MockConfig::preset(Preset::Pro)
-            .speed(SPEED)
-            .task_duration(Duration::from_secs(20), Duration::from_secs(30)),
-    )
-    .await?;
+    let mock = MockServer::start(mock_config()).await?;
 
     let monitor = Monitor::builder()
         .rate_quota(60, Duration::from_secs(60).div_f64(SPEED))
@@ -61,9 +68,8 @@ async fn main() -> Result<(), BoxError> {
         .map(|i| {
             let (service, follower) = (service.clone(), follower.clone());
             tokio::spawn(async move {
-                let create = http::Request::post("/text-to-video/kling-3.0").body(Full::new(
-                    Bytes::from(format!(r#"{{"prompt":"take {i}"}}"#)),
-                ))?;
+                let create = http::Request::post("/text-to-video/kling-3.0")
+                    .body(Full::new(Bytes::from(create_body(i))))?;
                 let created = service.oneshot(create).await?;
                 let task = Outcome::of(&created)
                     .and_then(Outcome::task)
@@ -98,9 +104,32 @@ async fn main() -> Result<(), BoxError> {
 }
 
 #[cfg(test)]
+#[path = "support/blind.rs"]
+mod blind;
+
+#[cfg(test)]
 mod tests {
+    use crate::blind::{Create, blind_creates};
+    use kling_mock::Preset;
+    use kling_tower::Credentials;
+
     #[test]
     fn runs_to_completion_against_the_mock() {
         super::main().expect("the example finishes without error");
+    }
+
+    /// The control of `main`'s "no 1303": the same eight creates sent blind.
+    #[test]
+    fn the_same_creates_sent_blind_meet_1303() {
+        let creates = (0..8)
+            .map(|i| Create {
+                credentials: Credentials::api_key("hand-made").unwrap(),
+                path: "/text-to-video/kling-3.0",
+                body: super::create_body(i),
+            })
+            .collect();
+        let stats =
+            blind_creates(super::mock_config(), Preset::Pro, super::SPEED, creates).unwrap();
+        assert!(stats.responses("1303") > 0, "{stats:?}");
     }
 }

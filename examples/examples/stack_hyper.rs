@@ -18,15 +18,22 @@ use tower::{Layer, ServiceExt};
 /// Kling time runs this many times faster, on the mock and in the preset alike.
 const SPEED: f64 = 30.0;
 
+/// Kling on Pro at the example's speed (its tests' negative control starts the same).
+fn mock_config() -> MockConfig {
+    MockConfig::preset(Preset::Pro)
+        .speed(SPEED)
+        .task_duration(Duration::from_secs(20), Duration::from_secs(40))
+        .api_key("demo-key")
+}
+
+/// A create of job `i`.
+fn create_body(i: usize) -> String {
+    format!(r#"{{"prompt":"shot {i}"}}"#)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let mock = MockServer::start(
-        MockConfig::preset(Preset::Pro)
-            .speed(SPEED)
-            .task_duration(Duration::from_secs(20), Duration::from_secs(40))
-            .api_key("demo-key"),
-    )
-    .await?;
+    let mock = MockServer::start(mock_config()).await?;
 
     // The one line: Pro numbers at the mock's speed, an API key, the mock as base URL.
     let kling = KlingLayer::builder(
@@ -45,9 +52,7 @@ async fn main() -> Result<(), BoxError> {
             tokio::spawn(async move {
                 let create = http::Request::post("/v1/videos/text2video")
                     .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(format!(
-                        r#"{{"prompt":"shot {i}"}}"#
-                    ))))?;
+                    .body(Full::new(Bytes::from(create_body(i))))?;
                 let created = service.oneshot(create).await?;
                 let task = Outcome::of(&created)
                     .and_then(Outcome::task)
@@ -80,9 +85,32 @@ async fn main() -> Result<(), BoxError> {
 }
 
 #[cfg(test)]
+#[path = "support/blind.rs"]
+mod blind;
+
+#[cfg(test)]
 mod tests {
+    use crate::blind::{Create, blind_creates};
+    use kling_mock::Preset;
+    use kling_tower::Credentials;
+
     #[test]
     fn runs_to_completion_against_the_mock() {
         super::main().expect("the example finishes without error");
+    }
+
+    /// The control of `main`'s "no slot refusal": the same twenty creates sent blind.
+    #[test]
+    fn the_same_creates_sent_blind_meet_1303() {
+        let creates = (0..20)
+            .map(|i| Create {
+                credentials: Credentials::api_key("demo-key").unwrap(),
+                path: "/v1/videos/text2video",
+                body: super::create_body(i),
+            })
+            .collect();
+        let stats =
+            blind_creates(super::mock_config(), Preset::Pro, super::SPEED, creates).unwrap();
+        assert!(stats.responses("1303") >= 5, "{stats:?}");
     }
 }

@@ -28,19 +28,26 @@ const SPEED: f64 = 30.0;
 /// Jobs per process.
 const JOBS_EACH: usize = 10;
 
+/// Kling on Pro at the example's speed (its tests' negative control starts the same).
+fn mock_config() -> MockConfig {
+    MockConfig::preset(Preset::Pro)
+        .speed(SPEED)
+        .task_duration(Duration::from_secs(12), Duration::from_secs(18))
+        .api_key("demo-key")
+}
+
+/// A create of `process`'s job `i`.
+fn create_body(process: usize, i: usize) -> String {
+    format!(r#"{{"prompt":"process {process}, shot {i}"}}"#)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let Some(redis) = RedisServer::start_or_skip()? else {
         println!("no redis-server on this machine: nothing to show");
         return Ok(());
     };
-    let mock = MockServer::start(
-        MockConfig::preset(Preset::Pro)
-            .speed(SPEED)
-            .task_duration(Duration::from_secs(12), Duration::from_secs(18))
-            .api_key("demo-key"),
-    )
-    .await?;
+    let mock = MockServer::start(mock_config()).await?;
     println!("redis at {}, mock at {}", redis.url(), mock.base_url());
 
     // Each "process" builds the same one-line stack, plus `.shared(connection)`: its rate
@@ -67,9 +74,7 @@ async fn main() -> Result<(), BoxError> {
                 tokio::spawn(async move {
                     let create = http::Request::post("/v1/videos/text2video")
                         .header("content-type", "application/json")
-                        .body(Full::new(Bytes::from(format!(
-                            r#"{{"prompt":"process {process}, shot {i}"}}"#
-                        ))))?;
+                        .body(Full::new(Bytes::from(create_body(process, i))))?;
                     let created = service.oneshot(create).await?;
                     let task = Outcome::of(&created)
                         .and_then(Outcome::task)
@@ -134,9 +139,34 @@ async fn main() -> Result<(), BoxError> {
 }
 
 #[cfg(test)]
+#[path = "support/blind.rs"]
+mod blind;
+
+#[cfg(test)]
 mod tests {
+    use crate::blind::{Create, blind_creates};
+    use kling_mock::Preset;
+    use kling_tower::Credentials;
+
     #[test]
     fn runs_to_completion_against_the_mock() {
         super::main().expect("the example finishes without error");
+    }
+
+    /// The control of `main`'s "no slot refusal": both processes' creates sent blind by one
+    /// client (no Redis needed: nothing is shared).
+    #[test]
+    fn the_same_creates_sent_blind_meet_1303() {
+        let creates = (0..2)
+            .flat_map(|process| (0..super::JOBS_EACH).map(move |i| (process, i)))
+            .map(|(process, i)| Create {
+                credentials: Credentials::api_key("demo-key").unwrap(),
+                path: "/v1/videos/text2video",
+                body: super::create_body(process, i),
+            })
+            .collect();
+        let stats =
+            blind_creates(super::mock_config(), Preset::Pro, super::SPEED, creates).unwrap();
+        assert!(stats.responses("1303") >= 5, "{stats:?}");
     }
 }

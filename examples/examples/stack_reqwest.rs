@@ -18,15 +18,22 @@ use tower::{Layer, ServiceExt};
 
 const SPEED: f64 = 30.0;
 
+/// Kling on Standard at the example's speed (its tests' negative control starts the same).
+fn mock_config() -> MockConfig {
+    MockConfig::preset(Preset::Standard)
+        .speed(SPEED)
+        .task_duration(Duration::from_secs(20), Duration::from_secs(30))
+        .access_key("ak-demo", "sk-demo")
+}
+
+/// A create of job `i`: two images, so two of the pool's three slots.
+fn create_body(i: usize) -> String {
+    format!(r#"{{"prompt":"still {i}","n":2}}"#)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let mock = MockServer::start(
-        MockConfig::preset(Preset::Standard)
-            .speed(SPEED)
-            .task_duration(Duration::from_secs(20), Duration::from_secs(30))
-            .access_key("ak-demo", "sk-demo"),
-    )
-    .await?;
+    let mock = MockServer::start(mock_config()).await?;
     let kling = KlingLayer::builder(
         StackConfig::preset(Tier::Standard).speed(SPEED),
         Credentials::access_key("ak-demo", "sk-demo")?,
@@ -40,9 +47,8 @@ async fn main() -> Result<(), BoxError> {
         .map(|i| {
             let (service, follower) = (service.clone(), follower.clone());
             tokio::spawn(async move {
-                let create = http::Request::post("/v1/images/generations").body(Full::new(
-                    Bytes::from(format!(r#"{{"prompt":"still {i}","n":2}}"#)),
-                ))?;
+                let create = http::Request::post("/v1/images/generations")
+                    .body(Full::new(Bytes::from(create_body(i))))?;
                 let created = service.oneshot(create).await?;
                 let task = Outcome::of(&created)
                     .and_then(Outcome::task)
@@ -75,9 +81,37 @@ async fn main() -> Result<(), BoxError> {
 }
 
 #[cfg(test)]
+#[path = "support/blind.rs"]
+mod blind;
+
+#[cfg(test)]
 mod tests {
+    use crate::blind::{Create, blind_creates};
+    use kling_mock::Preset;
+    use kling_tower::Credentials;
+
     #[test]
     fn runs_to_completion_against_the_mock() {
         super::main().expect("the example finishes without error");
+    }
+
+    /// The control of `main`'s "no 1303": the same ten two-image creates sent blind.
+    #[test]
+    fn the_same_creates_sent_blind_meet_1303() {
+        let creates = (0..10)
+            .map(|i| Create {
+                credentials: Credentials::access_key("ak-demo", "sk-demo").unwrap(),
+                path: "/v1/images/generations",
+                body: super::create_body(i),
+            })
+            .collect();
+        let stats = blind_creates(
+            super::mock_config(),
+            Preset::Standard,
+            super::SPEED,
+            creates,
+        )
+        .unwrap();
+        assert!(stats.responses("1303") >= 5, "{stats:?}");
     }
 }
