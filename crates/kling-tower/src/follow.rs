@@ -2,8 +2,12 @@
 //!
 //! Each task is queried at an interval that grows with its age (young tasks are looked at
 //! often, old ones seldom), gives up at a per-task deadline, and backs off when queries fail.
-//! Many new-style tasks are asked about in one `GET /tasks?task_ids=a,b,c`; legacy tasks are
-//! queried one by one at `{create path}/{task_id}`. When callbacks are configured
+//! Many new-style tasks are asked about in one `GET /tasks?task_ids=a,b,c`, across calls: every
+//! [`follow`](Follower::follow) of a follower and its clones that is waiting for a new-style
+//! task shares the batch queries, which one of them sends for all (the tasks that are due, and
+//! as many not yet due as fill the last batch). So a thousand tasks followed one call each cost
+//! what one [`follow_many`](Follower::follow_many) of them costs. Legacy tasks are queried one by
+//! one at `{create path}/{task_id}`. When callbacks are configured
 //! ([`FollowPolicy::callbacks_first`]) a task delivered through [`Follower::deliver`] ends at
 //! once and queries only run as a slow safety net.
 //!
@@ -47,7 +51,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex};
@@ -313,11 +317,72 @@ impl Board {
     }
 }
 
+/// The new-style tasks every call of a follower (and of its clones) is waiting for, so that
+/// one batch query asks about them all.
+#[derive(Debug, Default)]
+struct Batches {
+    state: Mutex<BatchState>,
+    /// Woken when a batch's answers are in (or its sender gave up).
+    answered: Notify,
+}
+
+#[derive(Debug, Default)]
+struct BatchState {
+    /// Each call's tasks, by a key of their own (two calls may follow the same task).
+    tracked: HashMap<u64, Tracked>,
+    next_key: u64,
+    /// A call is sending batch queries for everyone.
+    querying: bool,
+}
+
+impl Batches {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BatchState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A call's tasks in [`Batches`]: taken out when the call ends, however it ends.
+struct Registered<'a> {
+    batches: &'a Batches,
+    keys: Vec<u64>,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let mut state = self.batches.lock();
+        for key in &self.keys {
+            state.tracked.remove(key);
+        }
+    }
+}
+
+/// The batch queries one call sends for everyone: the task ids of each, and when the query is
+/// given up (the last deadline among the tasks it asks about).
+struct Claimed<'a> {
+    batches: &'a Batches,
+    chunks: Vec<(Vec<String>, Instant)>,
+}
+
+impl Drop for Claimed<'_> {
+    /// Sent, or dropped half-way (the sending call was dropped): either way another call may
+    /// send the next batch, and those waiting look again.
+    fn drop(&mut self) {
+        self.batches.lock().querying = false;
+        self.batches.answered.notify_waiters();
+    }
+}
+
 /// Follows tasks until they end. See the [module docs](self).
 ///
 /// # Clone
 ///
-/// Clones share the service (cloned per query) and the board of delivered callbacks.
+/// Clones share the service (cloned per query), the board of delivered callbacks and the batch
+/// queries of new-style tasks. A clone given its own header or account
+/// ([`with_header`](Follower::with_header), [`with_account`](Follower::with_account)) sends
+/// its batch queries apart, as they carry what it adds.
 #[derive(Clone)]
 pub struct Follower<S> {
     service: S,
@@ -326,6 +391,7 @@ pub struct Follower<S> {
     /// The account every query is sent as, when set ([`with_account`](Follower::with_account)).
     account: Option<AccountId>,
     board: Arc<Board>,
+    batches: Arc<Batches>,
     drain: Option<DrainHandle>,
 }
 
@@ -338,6 +404,7 @@ impl<S> fmt::Debug for Follower<S> {
 }
 
 /// One task being followed.
+#[derive(Debug)]
 struct Tracked {
     task: TaskRef,
     started: Instant,
@@ -363,6 +430,7 @@ where
             headers: Vec::new(),
             account: None,
             board: Arc::new(Board::default()),
+            batches: Arc::new(Batches::default()),
             drain: None,
         })
     }
@@ -375,6 +443,7 @@ where
             .map_err(|_| ConfigError::new("follow.header", "is not a header value"))?;
         value.set_sensitive(true);
         self.headers.push((name, value));
+        self.batches = Arc::new(Batches::default());
         Ok(self)
     }
 
@@ -391,6 +460,7 @@ where
     /// sets the stack's own.
     pub fn with_account(mut self, account: AccountId) -> Self {
         self.account = Some(account);
+        self.batches = Arc::new(Batches::default());
         self
     }
 
@@ -428,124 +498,249 @@ where
             .unwrap_or_else(|| unreachable!("one result per task"))
     }
 
-    /// Follows many tasks at once, new-style ones in batch queries; results are in the order
-    /// given.
+    /// Follows many tasks at once, new-style ones in batch queries (shared with every other
+    /// call of this follower and its clones); results are in the order given.
     pub async fn follow_many(&self, tasks: Vec<TaskRef>) -> Vec<Result<TaskReport, FollowError>> {
         let _in_flight = self.drain.as_ref().map(DrainHandle::track);
         let now = Instant::now();
-        let mut tracked: Vec<Tracked> = tasks
-            .into_iter()
-            .map(|task| {
-                let started = task.created_at.unwrap_or(now);
-                let first = if self.policy.callbacks_first {
-                    self.policy.callback_interval
-                } else {
-                    self.policy.first_query
-                };
-                let invalid = (!task.valid_id()).then(|| {
-                    Err(FollowError::InvalidTask {
-                        task_id: task.id.clone(),
-                        reason: "task ids are letters, digits, `-`, `_`, `.` and `~`",
-                    })
-                });
-                Tracked {
-                    next_at: now.max(later(started, first)),
-                    deadline_at: later(started, self.policy.deadline),
-                    started,
-                    task,
-                    errors: 0,
-                    last_status: None,
-                    result: invalid,
-                }
-            })
-            .collect();
+        // Legacy tasks (and ids refused at once) stay with this call; new-style ones join the
+        // shared batches.
+        let mut local: Vec<Tracked> = Vec::new();
+        let mut registered = Registered {
+            batches: &self.batches,
+            keys: Vec::new(),
+        };
+        let places: Vec<Place> = {
+            let mut state = self.batches.lock();
+            tasks
+                .into_iter()
+                .map(|task| {
+                    let tracked = self.track(task, now);
+                    if tracked.task.legacy_path.is_none() && tracked.result.is_none() {
+                        let key = state.next_key;
+                        state.next_key += 1;
+                        state.tracked.insert(key, tracked);
+                        registered.keys.push(key);
+                        Place::Shared(key)
+                    } else {
+                        local.push(tracked);
+                        Place::Local(local.len() - 1)
+                    }
+                })
+                .collect()
+        };
 
         loop {
-            let notified = self.board.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
+            let delivered = self.board.notify.notified();
+            let answered = self.batches.answered.notified();
+            tokio::pin!(delivered, answered);
+            delivered.as_mut().enable();
+            answered.as_mut().enable();
 
             let now = Instant::now();
-            for t in tracked.iter_mut().filter(|t| t.result.is_none()) {
-                if let Some(report) = self.board.take(&t.task.id) {
-                    t.result = Some(Ok(report));
-                } else if now >= t.deadline_at {
-                    t.result = Some(Err(FollowError::DeadlineExceeded {
-                        task_id: t.task.id.clone(),
-                        deadline: self.policy.deadline,
-                        last_status: t.last_status.clone(),
-                    }));
+            for t in local.iter_mut() {
+                self.check(t, now);
+            }
+            let shared_due = {
+                let mut state = self.batches.lock();
+                let mut due = false;
+                for key in &registered.keys {
+                    if let Some(t) = state.tracked.get_mut(key) {
+                        self.check(t, now);
+                        due |= t.result.is_none() && t.next_at <= now;
+                    }
                 }
-            }
-            if tracked.iter().all(|t| t.result.is_some()) {
-                break;
-            }
+                due
+            };
 
             // Legacy tasks that are due, one query each.
-            let due: Vec<usize> = (0..tracked.len())
-                .filter(|&i| {
-                    let t = &tracked[i];
-                    t.result.is_none() && t.next_at <= now
-                })
-                .collect();
-            let legacy: Vec<(usize, String)> = due
+            let legacy: Vec<(usize, String)> = local
                 .iter()
-                .filter_map(|&i| {
-                    let t = &tracked[i].task;
-                    t.legacy_path
-                        .as_ref()
-                        .map(|path| (i, format!("{path}/{}", t.id)))
+                .enumerate()
+                .filter(|(_, t)| t.result.is_none() && t.next_at <= now)
+                .filter_map(|(i, t)| {
+                    let path = t.task.legacy_path.as_ref()?;
+                    Some((i, format!("{path}/{}", t.task.id)))
                 })
                 .collect();
             for (i, uri) in legacy {
-                let until = tracked[i].deadline_at;
-                let answer = self.query(uri, until).await;
-                self.apply(&mut tracked, &[i], answer);
+                let until = local[i].deadline_at;
+                let answer = judge(self.query(uri, until).await);
+                self.settle(&mut local[i], &answer, Instant::now());
             }
-            // New-style tasks: when any is due, ask about every pending one, in batches.
-            if due.iter().any(|&i| tracked[i].task.legacy_path.is_none()) {
-                let pending: Vec<usize> = (0..tracked.len())
-                    .filter(|&i| {
-                        tracked[i].result.is_none() && tracked[i].task.legacy_path.is_none()
-                    })
-                    .collect();
-                for chunk in pending.chunks(self.policy.batch_size) {
-                    let ids: Vec<&str> =
-                        chunk.iter().map(|&i| tracked[i].task.id.as_str()).collect();
-                    let uri = format!("/tasks?task_ids={}", ids.join(","));
-                    // Until the last of their deadlines: the query answers for all of them.
-                    let until = chunk
-                        .iter()
-                        .map(|&i| tracked[i].deadline_at)
-                        .max()
-                        .unwrap_or(now);
-                    let answer = self.query(uri, until).await;
-                    self.apply(&mut tracked, chunk, answer);
-                }
+            // New-style tasks: when one of ours is due and nobody is asking already, ask for
+            // everyone.
+            if shared_due && let Some(claimed) = self.claim(now) {
+                self.send(&claimed).await;
             }
 
-            let wake = tracked
+            // Until the next task of ours is due (or its deadline), a report is delivered, or a
+            // batch is answered. While another call is asking, only deadlines are ours to keep.
+            let local_wake = local
                 .iter()
                 .filter(|t| t.result.is_none())
                 .map(|t| t.next_at.min(t.deadline_at))
                 .min();
-            let Some(wake) = wake else { break };
+            let shared_wake = {
+                let state = self.batches.lock();
+                registered
+                    .keys
+                    .iter()
+                    .filter_map(|key| state.tracked.get(key))
+                    .filter(|t| t.result.is_none())
+                    .map(|t| {
+                        if state.querying {
+                            t.deadline_at
+                        } else {
+                            t.next_at.min(t.deadline_at)
+                        }
+                    })
+                    .min()
+            };
+            let Some(wake) = local_wake.into_iter().chain(shared_wake).min() else {
+                break;
+            };
             tokio::select! {
                 () = tokio::time::sleep_until(wake) => {}
-                () = &mut notified => {}
+                () = &mut delivered => {}
+                () = &mut answered => {}
             }
         }
-        tracked
+
+        let mut shared: HashMap<u64, Tracked> = {
+            let mut state = self.batches.lock();
+            std::mem::take(&mut registered.keys)
+                .into_iter()
+                .filter_map(|key| state.tracked.remove(&key).map(|t| (key, t)))
+                .collect()
+        };
+        let mut local = local.into_iter().map(Some).collect::<Vec<_>>();
+        places
             .into_iter()
-            .map(|t| match t.result {
-                Some(result) => result,
-                None => Err(FollowError::DeadlineExceeded {
-                    task_id: t.task.id,
-                    deadline: self.policy.deadline,
-                    last_status: t.last_status,
-                }),
+            .map(|place| {
+                let tracked = match place {
+                    Place::Local(i) => local.get_mut(i).and_then(Option::take),
+                    Place::Shared(key) => shared.remove(&key),
+                };
+                let Some(t) = tracked else {
+                    unreachable!("each task is tracked once, until its result is taken")
+                };
+                match t.result {
+                    Some(result) => result,
+                    None => Err(FollowError::DeadlineExceeded {
+                        task_id: t.task.id,
+                        deadline: self.policy.deadline,
+                        last_status: t.last_status,
+                    }),
+                }
             })
             .collect()
+    }
+
+    /// A task as following starts: first query after the policy's wait from its creation.
+    fn track(&self, task: TaskRef, now: Instant) -> Tracked {
+        let started = task.created_at.unwrap_or(now);
+        let first = if self.policy.callbacks_first {
+            self.policy.callback_interval
+        } else {
+            self.policy.first_query
+        };
+        let invalid = (!task.valid_id()).then(|| {
+            Err(FollowError::InvalidTask {
+                task_id: task.id.clone(),
+                reason: "task ids are letters, digits, `-`, `_`, `.` and `~`",
+            })
+        });
+        Tracked {
+            next_at: now.max(later(started, first)),
+            deadline_at: later(started, self.policy.deadline),
+            started,
+            task,
+            errors: 0,
+            last_status: None,
+            result: invalid,
+        }
+    }
+
+    /// Ends a task delivered by a callback, or past its deadline.
+    fn check(&self, t: &mut Tracked, now: Instant) {
+        if t.result.is_some() {
+            return;
+        }
+        if let Some(report) = self.board.take(&t.task.id) {
+            t.result = Some(Ok(report));
+        } else if now >= t.deadline_at {
+            t.result = Some(Err(FollowError::DeadlineExceeded {
+                task_id: t.task.id.clone(),
+                deadline: self.policy.deadline,
+                last_status: t.last_status.clone(),
+            }));
+        }
+    }
+
+    /// Takes the turn to send batch queries for every call, unless a call has it: the tasks
+    /// that are due, soonest first, then as many not yet due (soonest first) as fill the last
+    /// batch, each id once. `None` when a call is sending, or nothing is due.
+    fn claim(&self, now: Instant) -> Option<Claimed<'_>> {
+        let mut state = self.batches.lock();
+        if state.querying {
+            return None;
+        }
+        let mut pending: Vec<(Instant, &str, Instant)> = state
+            .tracked
+            .values()
+            .filter(|t| t.result.is_none())
+            .map(|t| (t.next_at, t.task.id.as_str(), t.deadline_at))
+            .collect();
+        pending.sort_unstable();
+        // Each id once, at its soonest, with its latest deadline.
+        let mut ids: Vec<(String, Instant)> = Vec::new();
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        let mut due = 0usize;
+        for (next_at, id, deadline_at) in pending {
+            match seen.get(id) {
+                Some(&at) => ids[at].1 = ids[at].1.max(deadline_at),
+                None => {
+                    seen.insert(id, ids.len());
+                    ids.push((id.to_owned(), deadline_at));
+                    if next_at <= now {
+                        due += 1;
+                    }
+                }
+            }
+        }
+        if due == 0 {
+            return None;
+        }
+        ids.truncate(due.div_ceil(self.policy.batch_size) * self.policy.batch_size);
+        let chunks = ids
+            .chunks(self.policy.batch_size)
+            .map(|chunk| {
+                let until = chunk.iter().map(|(_, d)| *d).max().unwrap_or(now);
+                (chunk.iter().map(|(id, _)| id.clone()).collect(), until)
+            })
+            .collect();
+        state.querying = true;
+        Some(Claimed {
+            batches: &self.batches,
+            chunks,
+        })
+    }
+
+    /// Sends the claimed batch queries, each answer applied to every call's tasks it names.
+    async fn send(&self, claimed: &Claimed<'_>) {
+        for (ids, until) in &claimed.chunks {
+            let uri = format!("/tasks?task_ids={}", ids.join(","));
+            let answer = judge(self.query(uri, *until).await);
+            let now = Instant::now();
+            let asked: HashSet<&str> = ids.iter().map(String::as_str).collect();
+            let mut state = self.batches.lock();
+            for t in state.tracked.values_mut() {
+                if t.result.is_none() && asked.contains(t.task.id.as_str()) {
+                    self.settle(t, &answer, now);
+                }
+            }
+        }
     }
 
     /// One query, given up at `until` (the deadline of the tasks it asks about): a query the
@@ -573,57 +768,71 @@ where
         service.call(request).await.map_err(Into::into)
     }
 
-    /// Applies one query's answer to the tasks it asked about.
-    fn apply(
-        &self,
-        tracked: &mut [Tracked],
-        asked: &[usize],
-        answer: Result<Response<Full<Bytes>>, BoxError>,
-    ) {
-        let now = Instant::now();
-        let outcome = match answer {
-            Ok(mut response) => Outcome::ensure(&mut response).ok(),
-            // A stack with a retry layer answers a final Kling error as an error, not a
-            // response: it ends the follow as the response would have.
-            Err(error) => match final_api_error(&*error) {
-                Some(api) => {
-                    fail_with(tracked, asked, api);
-                    return;
-                }
-                None => None,
-            },
-        };
-        let outcome = match outcome {
-            Some(outcome) if outcome.is_success() => outcome,
-            Some(outcome) if outcome.disposition() == Disposition::Fatal => {
-                fail_with(tracked, asked, &ApiError::from_outcome(&outcome));
-                return;
+    /// Applies a query's answer to one task it asked about.
+    fn settle(&self, t: &mut Tracked, answer: &Answer, now: Instant) {
+        match answer {
+            Answer::Final(error) => {
+                t.result = Some(Err(FollowError::Api {
+                    task_id: t.task.id.clone(),
+                    error: error.clone(),
+                }));
             }
-            // A transport error, an unreadable body, a retryable code, or a retry layer that
-            // gave up on one (attempts, budget or deadline spent): back off.
-            _ => {
-                for &i in asked {
-                    let t = &mut tracked[i];
-                    t.errors += 1;
-                    t.next_at = later(now, self.policy.backoff(t.errors));
-                }
-                return;
+            Answer::BackOff => {
+                t.errors += 1;
+                t.next_at = later(now, self.policy.backoff(t.errors));
             }
-        };
-        for &i in asked {
-            let t = &mut tracked[i];
-            t.errors = 0;
-            match outcome.tasks().iter().find(|r| r.id == t.task.id) {
-                Some(report) if report.status.is_terminal() => {
-                    t.result = Some(Ok(report.clone()));
+            Answer::Reports(outcome) => {
+                t.errors = 0;
+                match outcome.tasks().iter().find(|r| r.id == t.task.id) {
+                    Some(report) if report.status.is_terminal() => {
+                        t.result = Some(Ok(report.clone()));
+                    }
+                    Some(report) => {
+                        t.last_status = Some(report.status.as_str().to_owned());
+                        t.next_at = later(now, self.policy.interval(now - t.started));
+                    }
+                    None => t.next_at = later(now, self.policy.interval(now - t.started)),
                 }
-                Some(report) => {
-                    t.last_status = Some(report.status.as_str().to_owned());
-                    t.next_at = later(now, self.policy.interval(now - t.started));
-                }
-                None => t.next_at = later(now, self.policy.interval(now - t.started)),
             }
         }
+    }
+}
+
+/// Where a call keeps one of its tasks.
+enum Place {
+    /// In the call (legacy tasks, ids refused at once): at this index.
+    Local(usize),
+    /// In the shared [`Batches`], under this key.
+    Shared(u64),
+}
+
+/// What a query's answer means for the tasks it asked about.
+enum Answer {
+    /// A Kling error no retry can change: following them ends with it.
+    Final(ApiError),
+    /// A transport error, an unreadable body, a retryable code, or a retry layer that gave up
+    /// on one (attempts, budget or deadline spent): back off and ask again.
+    BackOff,
+    /// A successful answer, with the reports it carries.
+    Reports(Outcome),
+}
+
+fn judge(answer: Result<Response<Full<Bytes>>, BoxError>) -> Answer {
+    let outcome = match answer {
+        Ok(mut response) => Outcome::ensure(&mut response).ok(),
+        // A stack with a retry layer answers a final Kling error as an error, not a response:
+        // it ends the follow as the response would have.
+        Err(error) => match final_api_error(&*error) {
+            Some(api) => return Answer::Final(api.clone()),
+            None => None,
+        },
+    };
+    match outcome {
+        Some(outcome) if outcome.is_success() => Answer::Reports(outcome),
+        Some(outcome) if outcome.disposition() == Disposition::Fatal => {
+            Answer::Final(ApiError::from_outcome(&outcome))
+        }
+        _ => Answer::BackOff,
     }
 }
 
@@ -633,16 +842,6 @@ where
 /// instant, which is as far in the future as `at + by` would be: then `at` stands for it.
 fn later(at: Instant, by: Duration) -> Instant {
     at.checked_add(by).unwrap_or(at)
-}
-
-/// Ends the follow of every task a query asked about with the query's final Kling error.
-fn fail_with(tracked: &mut [Tracked], asked: &[usize], error: &ApiError) {
-    for &i in asked {
-        tracked[i].result = Some(Err(FollowError::Api {
-            task_id: tracked[i].task.id.clone(),
-            error: error.clone(),
-        }));
-    }
 }
 
 /// The Kling error in a failed query that no retry can change: a retry layer's

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use kling_core::{BoxError, Classify, ClassifyLayer, Code, Outcome, TaskReport, TaskStatus};
+use kling_core::{
+    AccountId, BoxError, Classify, ClassifyLayer, Code, Outcome, TaskReport, TaskStatus,
+};
 use kling_mock::{MockConfig, MockKling, Preset, Switches};
 use kling_tower::error::FollowError;
 use kling_tower::follow::{FollowPolicy, Follower, TaskRef};
@@ -492,4 +494,146 @@ async fn through_the_stack_queries_the_retry_layer_gave_up_on_back_off_until_the
     let (last_began, _) = *queries.last().unwrap();
     assert!(last_began < deadline, "{queries:?}");
     assert_eq!(start.elapsed(), deadline, "{queries:?}");
+}
+
+/// Twelve new-style tasks, each followed by a call of its own: on clones of one follower
+/// (`share`) or on a follower each. The queries the service saw; every follow must end with
+/// its task succeeded.
+async fn follow_twelve_apart(share: bool) -> Vec<String> {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .no_rate_limit()
+            .slots(12)
+            .task_duration(Duration::from_secs(60), Duration::from_secs(300)),
+    )
+    .unwrap();
+    let classify = ClassifyLayer::new().layer(mock.clone());
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let task = create(&classify, "/text-to-video/kling-3.0").await;
+        tasks.push(TaskRef::from_report("/text-to-video/kling-3.0", &task));
+    }
+    let uris: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = uris.clone();
+    let service = ServiceBuilder::new()
+        .map_request(move |req: http::Request<Full<Bytes>>| {
+            log.lock().unwrap().push(req.uri().to_string());
+            req
+        })
+        .service(classify);
+    let one = follower(service.clone(), FollowPolicy::new());
+    let follows: Vec<_> = tasks
+        .into_iter()
+        .map(|task| {
+            let follower = if share {
+                one.clone()
+            } else {
+                follower(service.clone(), FollowPolicy::new())
+            };
+            tokio::spawn(async move { (task.id().to_owned(), follower.follow(task).await) })
+        })
+        .collect();
+    for follow in follows {
+        let (id, result) = follow.await.unwrap();
+        let report = result.unwrap();
+        assert_eq!(report.id, id);
+        assert_eq!(report.status, TaskStatus::Succeeded);
+    }
+    let uris = uris.lock().unwrap().clone();
+    assert!(
+        uris.iter().all(|u| u.starts_with("/tasks?task_ids=")),
+        "{uris:?}"
+    );
+    uris
+}
+
+#[tokio::test(start_paused = true)]
+async fn separate_follow_calls_of_one_follower_share_batch_queries() {
+    let shared = follow_twelve_apart(true).await;
+    // Control: a follower of its own for each call, so no call's query carries another's task.
+    let apart = follow_twelve_apart(false).await;
+    // The first round asks about all twelve at once.
+    assert_eq!(shared[0].matches(',').count(), 11, "{shared:?}");
+    assert!(
+        shared.len() * 4 <= apart.len(),
+        "{} queries shared against {} apart",
+        shared.len(),
+        apart.len()
+    );
+}
+
+/// The call sending a batch for everyone is dropped while its query hangs: another call
+/// sends the next batch, and its task is followed to the end.
+#[tokio::test(start_paused = true)]
+async fn a_call_dropped_while_sending_the_batch_leaves_the_next_to_another() {
+    let classify = ClassifyLayer::new().layer(mock(60, 60));
+    let a = create(&classify, "/text-to-video/kling-3.0").await;
+    let b = create(&classify, "/text-to-video/kling-3.0").await;
+    let first = Arc::new(AtomicUsize::new(0));
+    let service = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let classify = classify.clone();
+        let n = first.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                // The first query never answers.
+                std::future::pending::<()>().await;
+            }
+            classify.oneshot(req).await
+        }
+    });
+    let one = follower(service, FollowPolicy::new());
+    let start = Instant::now();
+    let sender = tokio::spawn({
+        let one = one.clone();
+        async move { one.follow(TaskRef::new_style(a.id)).await }
+    });
+    // `a`'s first query goes out at 5 s, for `a` alone, and hangs.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let waiter = tokio::spawn(async move { one.follow(TaskRef::new_style(b.id)).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sender.abort();
+    let done = waiter.await.unwrap().unwrap();
+    assert_eq!(done.status, TaskStatus::Succeeded);
+    assert!(
+        start.elapsed() < Duration::from_secs(120),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+/// A clone sent as another account asks about its own tasks only: a batch carries one
+/// account's tasks.
+#[tokio::test(start_paused = true)]
+async fn clones_of_other_accounts_send_batches_of_their_own() {
+    let classify = ClassifyLayer::new().layer(mock(60, 60));
+    let a = create(&classify, "/text-to-video/kling-3.0").await;
+    let b = create(&classify, "/text-to-video/kling-3.0").await;
+    let seen: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let log = seen.clone();
+    let service = ServiceBuilder::new()
+        .map_request(move |req: http::Request<Full<Bytes>>| {
+            let account = AccountId::of(&req).map(|a| a.as_str().to_owned());
+            log.lock()
+                .unwrap()
+                .push((account.unwrap_or_default(), req.uri().to_string()));
+            req
+        })
+        .service(classify);
+    let base = follower(service, FollowPolicy::new());
+    let (first, second) = (
+        base.clone().with_account(AccountId::new("first")),
+        base.with_account(AccountId::new("second")),
+    );
+    let (done_a, done_b) = tokio::join!(
+        first.follow(TaskRef::new_style(a.id.clone())),
+        second.follow(TaskRef::new_style(b.id.clone())),
+    );
+    assert_eq!(done_a.unwrap().status, TaskStatus::Succeeded);
+    assert_eq!(done_b.unwrap().status, TaskStatus::Succeeded);
+    let seen = seen.lock().unwrap();
+    assert!(!seen.is_empty());
+    for (account, uri) in seen.iter() {
+        let expected = if account == "first" { &a.id } else { &b.id };
+        assert_eq!(uri, &format!("/tasks?task_ids={expected}"), "{seen:?}");
+    }
 }
