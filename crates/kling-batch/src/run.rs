@@ -57,9 +57,6 @@ use crate::journal::{ErrorInfo, JobRecord, JobState, Journal, Update};
 use crate::progress::Progress;
 use crate::stack::{BatchService, Stack};
 
-/// The most task ids one batch query carries.
-pub const BATCH_SIZE: usize = 50;
-
 /// What a run does besides creating and following.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -144,11 +141,9 @@ pub type StopSignal = watch::Receiver<bool>;
 pub struct Engine {
     stack: Stack,
     journal: Journal,
+    /// Follows every task; the follows of new-style tasks share batch `GET /tasks?task_ids=…`
+    /// queries.
     follower: Follower<BatchService>,
-    /// Follows new-style tasks: the batch poller delivers their ends, so its own queries are
-    /// only a slow safety net.
-    batch_follower: Follower<BatchService>,
-    new_style_tracked: tokio::sync::Notify,
     options: RunOptions,
     progress: Arc<Progress>,
     halted: AtomicBool,
@@ -173,7 +168,6 @@ struct Running {
 struct Created {
     job_id: String,
     task: TaskRef,
-    batched: bool,
 }
 
 impl Engine {
@@ -184,17 +178,10 @@ impl Engine {
         options: RunOptions,
     ) -> Result<Arc<Engine>, kling_tower::error::ConfigError> {
         let follower = stack.follower(options.follow.clone())?;
-        let safety = options
-            .follow
-            .interval(Duration::from_secs(u64::from(u32::MAX)))
-            .saturating_mul(4);
-        let batch_follower = stack.follower(options.follow.clone().callbacks_first(safety))?;
         Ok(Arc::new(Engine {
             stack,
             journal,
             follower,
-            batch_follower,
-            new_style_tracked: tokio::sync::Notify::new(),
             options,
             progress: Arc::new(Progress::default()),
             halted: AtomicBool::new(false),
@@ -318,7 +305,6 @@ impl Engine {
         queued.sort_by_key(|j| j.line);
 
         let start = Instant::now();
-        let poller = tokio::spawn(self.clone().poll_new_style());
         let (tx, mut rx) = mpsc::unbounded_channel::<Created>();
         let mut follows: JoinSet<()> = JoinSet::new();
 
@@ -336,30 +322,17 @@ impl Engine {
                     (job.id.clone(), task)
                 })
                 .collect();
-            // Legacy tasks are queried one by one; new-style ones in batches by the poller.
-            let (new_style, legacy): (Vec<_>, Vec<_>) =
-                refs.into_iter().partition(|(job_id, _)| {
-                    jobs_by_id[job_id.as_str()].generation() == ApiGeneration::New
-                });
-            for (refs, batched) in [(legacy, false), (new_style, true)] {
-                if refs.is_empty() {
-                    continue;
+            // Legacy tasks are queried one by one; new-style ones in batches.
+            let engine = self.clone();
+            follows.spawn(async move {
+                let results = engine
+                    .follower
+                    .follow_many(refs.iter().map(|(_, t)| t.clone()).collect())
+                    .await;
+                for ((job_id, task), result) in refs.into_iter().zip(results) {
+                    engine.finish(&job_id, task.id(), result).await;
                 }
-                let engine = self.clone();
-                follows.spawn(async move {
-                    let follower = if batched {
-                        &engine.batch_follower
-                    } else {
-                        &engine.follower
-                    };
-                    let results = follower
-                        .follow_many(refs.iter().map(|(_, t)| t.clone()).collect())
-                        .await;
-                    for ((job_id, task), result) in refs.into_iter().zip(results) {
-                        engine.finish(&job_id, task.id(), result).await;
-                    }
-                });
-            }
+            });
         }
         for (job, urls) in undownloaded {
             let engine = self.clone();
@@ -398,12 +371,7 @@ impl Engine {
                     Some(created) => {
                         let engine = self.clone();
                         follows.spawn(async move {
-                            let follower = if created.batched {
-                                &engine.batch_follower
-                            } else {
-                                &engine.follower
-                            };
-                            let result = follower.follow(created.task.clone()).await;
+                            let result = engine.follower.follow(created.task.clone()).await;
                             engine.finish(&created.job_id, created.task.id(), result).await;
                         });
                     }
@@ -442,7 +410,6 @@ impl Engine {
                 }
             }
         }
-        poller.abort();
         if let Some(e) = journal_error {
             return Err(e);
         }
@@ -538,9 +505,6 @@ impl Engine {
     }
 
     fn track(&self, job: &Job, task: &TaskRef, created: Instant) {
-        if job.generation() == ApiGeneration::New {
-            self.new_style_tracked.notify_one();
-        }
         self.tasks.lock().unwrap_or_else(|e| e.into_inner()).insert(
             task.id().to_owned(),
             Running {
@@ -550,49 +514,6 @@ impl Engine {
                 created,
             },
         );
-    }
-
-    /// Queries every running new-style task in batch `GET /tasks?task_ids=…` requests (up to
-    /// [`BATCH_SIZE`] ids each), as often as the follow policy asks for the youngest of them,
-    /// and hands the ended ones to their follows.
-    async fn poll_new_style(self: Arc<Self>) {
-        loop {
-            let running: Vec<(String, Instant)> = self
-                .tasks
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .filter(|(_, r)| r.legacy_path.is_none())
-                .map(|(id, r)| (id.clone(), r.created))
-                .collect();
-            let Some(youngest) = running.iter().map(|(_, created)| *created).max() else {
-                self.new_style_tracked.notified().await;
-                continue;
-            };
-            let now = Instant::now();
-            let age = now.saturating_duration_since(youngest);
-            let first = self.options.follow.interval(Duration::ZERO);
-            let wait = if age < first {
-                first - age
-            } else {
-                self.options.follow.interval(age)
-            };
-            tokio::time::sleep(wait).await;
-            for chunk in running.chunks(BATCH_SIZE) {
-                let ids: Vec<&str> = chunk.iter().map(|(id, _)| id.as_str()).collect();
-                let uri = format!("/tasks?task_ids={}", ids.join(","));
-                let Ok(request) = Request::get(uri).body(Full::new(Bytes::new())) else {
-                    continue;
-                };
-                if let Ok(mut response) = self.stack.service().oneshot(request).await
-                    && let Ok(outcome) = Outcome::ensure(&mut response)
-                {
-                    for report in outcome.tasks().iter().filter(|t| t.status.is_terminal()) {
-                        self.batch_follower.deliver(report.clone());
-                    }
-                }
-            }
-        }
     }
 
     fn halt(&self, info: ErrorInfo) {
@@ -754,7 +675,6 @@ impl Engine {
         let _ = tx.send(Created {
             job_id: job.id.clone(),
             task,
-            batched: job.generation() == ApiGeneration::New,
         });
         Ok(())
     }
@@ -894,8 +814,7 @@ impl Engine {
             if let Err(e) = self.stack.on_callback(payload).await {
                 tracing::warn!(error = %e, "callback not applied to the slots");
             }
-            self.follower.deliver(report.clone());
-            self.batch_follower.deliver(report);
+            self.follower.deliver(report);
             return;
         }
         // One query confirms it (and frees the slots as any query does).
@@ -918,7 +837,6 @@ impl Engine {
             && found.status.is_terminal()
         {
             self.follower.deliver(found.clone());
-            self.batch_follower.deliver(found.clone());
         }
     }
 }
