@@ -308,7 +308,7 @@ impl Engine {
         let (tx, mut rx) = mpsc::unbounded_channel::<Created>();
         let mut follows: JoinSet<()> = JoinSet::new();
 
-        // Tasks created by an earlier run: one batch follow.
+        // Tasks created by an earlier run.
         if !created.is_empty() {
             let now = Instant::now();
             let refs: Vec<(String, TaskRef)> = created
@@ -322,17 +322,15 @@ impl Engine {
                     (job.id.clone(), task)
                 })
                 .collect();
-            // Legacy tasks are queried one by one; new-style ones in batches.
-            let engine = self.clone();
-            follows.spawn(async move {
-                let results = engine
-                    .follower
-                    .follow_many(refs.iter().map(|(_, t)| t.clone()).collect())
-                    .await;
-                for ((job_id, task), result) in refs.into_iter().zip(results) {
+            // A follow each, as for the tasks this run creates: legacy tasks are queried on
+            // their own schedules, new-style ones share batch queries.
+            for (job_id, task) in refs {
+                let engine = self.clone();
+                follows.spawn(async move {
+                    let result = engine.follower.follow(task.clone()).await;
                     engine.finish(&job_id, task.id(), result).await;
-                }
-            });
+                });
+            }
         }
         for (job, urls) in undownloaded {
             let engine = self.clone();

@@ -558,7 +558,8 @@ impl<B: StackBackends> KlingLayer<B> {
     /// A task follower that queries through `service` (normally this stack's service, so its
     /// queries are paced and free slots like any other) and holds the drain open while it
     /// follows. Its queries carry this stack's account, so a [`Gateway`](crate::gateway::Gateway)
-    /// serving several accounts routes them here.
+    /// serving several accounts routes them here. Each call makes a follower of its own: clone
+    /// one to have its calls share batch queries.
     pub fn follower<S>(&self, service: S, policy: FollowPolicy) -> Result<Follower<S>, ConfigError>
     where
         S: Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>> + Clone,

@@ -637,3 +637,107 @@ async fn clones_of_other_accounts_send_batches_of_their_own() {
         assert_eq!(uri, &format!("/tasks?task_ids={expected}"), "{seen:?}");
     }
 }
+
+/// A service whose first query never answers; the rest go to `classify`.
+fn first_query_hangs(
+    classify: Classify<MockKling>,
+) -> impl tower::Service<
+    http::Request<Full<Bytes>>,
+    Response = http::Response<Full<Bytes>>,
+    Error = BoxError,
+    Future = impl Send,
+> + Clone {
+    let first = Arc::new(AtomicUsize::new(0));
+    tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let classify = classify.clone();
+        let n = first.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                std::future::pending::<()>().await;
+            }
+            classify.oneshot(req).await
+        }
+    })
+}
+
+/// The call sending a batch for everyone is kept but its query hangs: the other call's task
+/// waits for that answer only as long as the policy's longest interval, then is asked about
+/// again, and its follow ends when the task does, not at its deadline.
+#[tokio::test(start_paused = true)]
+async fn a_batch_query_that_hangs_holds_other_calls_up_for_the_longest_interval_at_most() {
+    let classify = ClassifyLayer::new().layer(mock(60, 60));
+    let a = create(&classify, "/text-to-video/kling-3.0").await;
+    let b = create(&classify, "/text-to-video/kling-3.0").await;
+    let one = follower(first_query_hangs(classify), FollowPolicy::new());
+    let start = Instant::now();
+    let (sender, waiter) = (one.clone(), one);
+    let hung = tokio::spawn(async move { sender.follow(TaskRef::new_style(a.id)).await });
+    tokio::task::yield_now().await;
+    let done = waiter
+        .follow(TaskRef::new_style(b.id))
+        .await
+        .expect("followed to its end");
+    assert_eq!(done.status, TaskStatus::Succeeded);
+    // The task ends at 60 s; its next query after a 30 s takeover comes by 95 s or so.
+    assert!(
+        start.elapsed() < Duration::from_secs(120),
+        "{:?}",
+        start.elapsed()
+    );
+    hung.abort();
+}
+
+/// A call whose own task's deadline comes first ends at it, even while it is sending a batch
+/// query that also asks about another call's task with a later deadline.
+#[tokio::test(start_paused = true)]
+async fn a_sending_call_ends_at_its_own_deadline() {
+    let classify = ClassifyLayer::new().layer(mock(3600, 3600));
+    let a = create(&classify, "/text-to-video/kling-3.0").await;
+    let b = create(&classify, "/text-to-video/kling-3.0").await;
+    let policy = FollowPolicy::new().deadline(Duration::from_secs(60));
+    let one = follower(first_query_hangs(classify), policy);
+    let start = Instant::now();
+    // `b`, 56 s from its deadline, is due in 1 s; `a` is due at once, 5 s from its deadline,
+    // and its call asks about both (`b` is due soon), in a query that hangs.
+    let b = TaskRef::new_style(b.id).created_at(start - Duration::from_secs(4));
+    let a = TaskRef::new_style(a.id).created_at(start - Duration::from_secs(55));
+    let other = one.clone();
+    let waiting = tokio::spawn(async move { other.follow(b).await });
+    tokio::task::yield_now().await;
+    let sending = tokio::spawn(async move { (one.follow(a).await, Instant::now()) });
+    let (result, ended) = sending.await.unwrap();
+    let err = result.unwrap_err();
+    assert!(matches!(err, FollowError::DeadlineExceeded { .. }), "{err}");
+    assert_eq!(ended - start, Duration::from_secs(5));
+    waiting.abort();
+}
+
+/// An unknown id followed beside other calls' tasks still ends with Kling's `1203` at once: a
+/// batch answer that leaves it out has it asked about alone.
+#[tokio::test(start_paused = true)]
+async fn an_unknown_id_in_a_shared_batch_still_ends_with_1203() {
+    let classify = ClassifyLayer::new().layer(mock(3600, 3600));
+    let known = create(&classify, "/text-to-video/kling-3.0").await;
+    let one = follower(classify, FollowPolicy::new());
+    let start = Instant::now();
+    let other = one.clone();
+    let running = tokio::spawn(async move { other.follow(TaskRef::new_style(known.id)).await });
+    tokio::task::yield_now().await;
+    let err = one
+        .follow(TaskRef::new_style("nosuchtask"))
+        .await
+        .unwrap_err();
+    match &err {
+        FollowError::Api { error, task_id } => {
+            assert_eq!(error.code(), Code::NotFound);
+            assert_eq!(task_id, "nosuchtask");
+        }
+        other => panic!("{other}"),
+    }
+    assert!(
+        start.elapsed() <= Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    running.abort();
+}

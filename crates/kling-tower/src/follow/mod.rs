@@ -2,12 +2,14 @@
 //!
 //! Each task is queried at an interval that grows with its age (young tasks are looked at
 //! often, old ones seldom), gives up at a per-task deadline, and backs off when queries fail.
-//! Many new-style tasks are asked about in one `GET /tasks?task_ids=a,b,c`, across calls: every
-//! [`follow`](Follower::follow) of a follower and its clones that is waiting for a new-style
-//! task shares the batch queries, which one of them sends for all (the tasks that are due, and
-//! as many not yet due as fill the last batch). So a thousand tasks followed one call each cost
-//! what one [`follow_many`](Follower::follow_many) of them costs. Legacy tasks are queried one by
-//! one at `{create path}/{task_id}`. When callbacks are configured
+//! Many new-style tasks are asked about in one `GET /tasks?task_ids=a,b,c`, across calls: the
+//! [`follow`](Follower::follow) and [`follow_many`](Follower::follow_many) calls of a follower
+//! and its clones share batch queries. A call whose task is due asks about its own due tasks,
+//! other calls' due tasks, and tasks due within the shortest interval, up to the batch size;
+//! the calls whose tasks it asks about wait for its answer rather than ask again, for at most
+//! the longest interval (so a query that hangs holds them up no longer than that). A task a
+//! batch answer leaves out is then asked about alone, so an unknown id still meets its `1203`.
+//! Legacy tasks are queried one by one at `{create path}/{task_id}`. When callbacks are configured
 //! ([`FollowPolicy::callbacks_first`]) a task delivered through [`Follower::deliver`] ends at
 //! once and queries only run as a slow safety net.
 //!
@@ -51,7 +53,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex};
@@ -61,15 +63,18 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response};
 use http_body_util::Full;
 use kling_core::error::ApiError;
-use kling_core::{AccountId, ApiGeneration, BoxError, Disposition, Outcome, TaskReport};
+use kling_core::{AccountId, ApiGeneration, BoxError, Code, Disposition, Outcome, TaskReport};
 use kling_retry::error::StopReason;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower_service::Service;
 
+use self::batches::{Batches, Registered, is_due, next_wake};
 use crate::drain::DrainHandle;
 use crate::error::{ConfigError, FollowError};
 use crate::preset::MAX_DURATION;
+
+mod batches;
 
 /// When and how long to query a task. Durations are API time; [`FollowPolicy::speed`]
 /// divides them.
@@ -317,64 +322,6 @@ impl Board {
     }
 }
 
-/// The new-style tasks every call of a follower (and of its clones) is waiting for, so that
-/// one batch query asks about them all.
-#[derive(Debug, Default)]
-struct Batches {
-    state: Mutex<BatchState>,
-    /// Woken when a batch's answers are in (or its sender gave up).
-    answered: Notify,
-}
-
-#[derive(Debug, Default)]
-struct BatchState {
-    /// Each call's tasks, by a key of their own (two calls may follow the same task).
-    tracked: HashMap<u64, Tracked>,
-    next_key: u64,
-    /// A call is sending batch queries for everyone.
-    querying: bool,
-}
-
-impl Batches {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BatchState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// A call's tasks in [`Batches`]: taken out when the call ends, however it ends.
-struct Registered<'a> {
-    batches: &'a Batches,
-    keys: Vec<u64>,
-}
-
-impl Drop for Registered<'_> {
-    fn drop(&mut self) {
-        if self.keys.is_empty() {
-            return;
-        }
-        let mut state = self.batches.lock();
-        for key in &self.keys {
-            state.tracked.remove(key);
-        }
-    }
-}
-
-/// The batch queries one call sends for everyone: the task ids of each, and when the query is
-/// given up (the last deadline among the tasks it asks about).
-struct Claimed<'a> {
-    batches: &'a Batches,
-    chunks: Vec<(Vec<String>, Instant)>,
-}
-
-impl Drop for Claimed<'_> {
-    /// Sent, or dropped half-way (the sending call was dropped): either way another call may
-    /// send the next batch, and those waiting look again.
-    fn drop(&mut self) {
-        self.batches.lock().querying = false;
-        self.batches.answered.notify_waiters();
-    }
-}
-
 /// Follows tasks until they end. See the [module docs](self).
 ///
 /// # Clone
@@ -414,6 +361,11 @@ struct Tracked {
     errors: u32,
     last_status: Option<String>,
     result: Option<Result<TaskReport, FollowError>>,
+    /// In a batch query on its way: the claim's number, and when it was sent.
+    asked: Option<(u64, Instant)>,
+    /// A batch answer left this task out: it is asked about alone (an unknown id then meets
+    /// its `1203`).
+    alone: bool,
 }
 
 impl<S> Follower<S>
@@ -499,7 +451,8 @@ where
     }
 
     /// Follows many tasks at once, new-style ones in batch queries (shared with every other
-    /// call of this follower and its clones); results are in the order given.
+    /// call of this follower and its clones, see the [module docs](self)); results are in the
+    /// order given.
     pub async fn follow_many(&self, tasks: Vec<TaskRef>) -> Vec<Result<TaskReport, FollowError>> {
         let _in_flight = self.drain.as_ref().map(DrainHandle::track);
         let now = Instant::now();
@@ -517,9 +470,7 @@ where
                 .map(|task| {
                     let tracked = self.track(task, now);
                     if tracked.task.legacy_path.is_none() && tracked.result.is_none() {
-                        let key = state.next_key;
-                        state.next_key += 1;
-                        state.tracked.insert(key, tracked);
+                        let key = state.insert(tracked);
                         registered.keys.push(key);
                         Place::Shared(key)
                     } else {
@@ -541,13 +492,14 @@ where
             for t in local.iter_mut() {
                 self.check(t, now);
             }
+            let takeover = self.policy.max_interval;
             let shared_due = {
                 let mut state = self.batches.lock();
                 let mut due = false;
                 for key in &registered.keys {
                     if let Some(t) = state.tracked.get_mut(key) {
                         self.check(t, now);
-                        due |= t.result.is_none() && t.next_at <= now;
+                        due |= is_due(t, now, takeover);
                     }
                 }
                 due
@@ -568,14 +520,15 @@ where
                 let answer = judge(self.query(uri, until).await);
                 self.settle(&mut local[i], &answer, Instant::now());
             }
-            // New-style tasks: when one of ours is due and nobody is asking already, ask for
-            // everyone.
-            if shared_due && let Some(claimed) = self.claim(now) {
-                self.send(&claimed).await;
+            // New-style tasks: when one of ours is due, one batch query with as many other
+            // calls' tasks as it carries.
+            if shared_due {
+                self.send_batch(&registered.keys, now).await;
             }
 
             // Until the next task of ours is due (or its deadline), a report is delivered, or a
-            // batch is answered. While another call is asking, only deadlines are ours to keep.
+            // batch is answered. A task another call is asking about waits for that answer (up
+            // to the takeover time).
             let local_wake = local
                 .iter()
                 .filter(|t| t.result.is_none())
@@ -588,13 +541,7 @@ where
                     .iter()
                     .filter_map(|key| state.tracked.get(key))
                     .filter(|t| t.result.is_none())
-                    .map(|t| {
-                        if state.querying {
-                            t.deadline_at
-                        } else {
-                            t.next_at.min(t.deadline_at)
-                        }
-                    })
+                    .map(|t| next_wake(t, takeover))
                     .min()
             };
             let Some(wake) = local_wake.into_iter().chain(shared_wake).min() else {
@@ -659,6 +606,8 @@ where
             errors: 0,
             last_status: None,
             result: invalid,
+            asked: None,
+            alone: false,
         }
     }
 
@@ -678,67 +627,75 @@ where
         }
     }
 
-    /// Takes the turn to send batch queries for every call, unless a call has it: the tasks
-    /// that are due, soonest first, then as many not yet due (soonest first) as fill the last
-    /// batch, each id once. `None` when a call is sending, or nothing is due.
-    fn claim(&self, now: Instant) -> Option<Claimed<'_>> {
-        let mut state = self.batches.lock();
-        if state.querying {
-            return None;
-        }
-        let mut pending: Vec<(Instant, &str, Instant)> = state
-            .tracked
-            .values()
-            .filter(|t| t.result.is_none())
-            .map(|t| (t.next_at, t.task.id.as_str(), t.deadline_at))
-            .collect();
-        pending.sort_unstable();
-        // Each id once, at its soonest, with its latest deadline.
-        let mut ids: Vec<(String, Instant)> = Vec::new();
-        let mut seen: HashMap<&str, usize> = HashMap::new();
-        let mut due = 0usize;
-        for (next_at, id, deadline_at) in pending {
-            match seen.get(id) {
-                Some(&at) => ids[at].1 = ids[at].1.max(deadline_at),
-                None => {
-                    seen.insert(id, ids.len());
-                    ids.push((id.to_owned(), deadline_at));
-                    if next_at <= now {
-                        due += 1;
-                    }
-                }
+    /// Sends the next batch query of the call whose tasks are `mine` (see
+    /// [`Batches::claim`]) and applies its answer to every call's tasks it names. A query still
+    /// unanswered when it is given up settles nothing: the tasks it asked about are due again,
+    /// and the calls past their deadline end with it.
+    async fn send_batch(&self, mine: &[u64], now: Instant) {
+        let Some(claimed) = self.batches.claim(
+            mine,
+            now,
+            self.policy.batch_size,
+            self.policy.max_interval,
+            self.policy.min_interval,
+        ) else {
+            return;
+        };
+        let uri = format!("/tasks?task_ids={}", claimed.ids.join(","));
+        let answer = tokio::select! {
+            answer = tokio::time::timeout_at(claimed.until, self.query_now(uri)) => match answer {
+                Ok(answer) => judge(answer),
+                Err(_) => return,
+            },
+            // Another call's answer (or a callback) ended our tasks while ours hangs.
+            () = self.settled(mine) => return,
+        };
+        let now = Instant::now();
+        let several = claimed.ids.len() > 1;
+        self.batches.answer(&claimed, |t| match &answer {
+            // Kling may refuse a whole batch for one unknown id: ask about each alone.
+            Answer::Final(error) if several && error.code() == Code::NotFound => {
+                t.alone = true;
+                t.next_at = now;
             }
-        }
-        if due == 0 {
-            return None;
-        }
-        ids.truncate(due.div_ceil(self.policy.batch_size) * self.policy.batch_size);
-        let chunks = ids
-            .chunks(self.policy.batch_size)
-            .map(|chunk| {
-                let until = chunk.iter().map(|(_, d)| *d).max().unwrap_or(now);
-                (chunk.iter().map(|(id, _)| id.clone()).collect(), until)
-            })
-            .collect();
-        state.querying = true;
-        Some(Claimed {
-            batches: &self.batches,
-            chunks,
-        })
+            // A batch answer that leaves a task out: ask about it alone, where an unknown id
+            // meets its `1203`.
+            Answer::Reports(outcome)
+                if several && !outcome.tasks().iter().any(|r| r.id == t.task.id) =>
+            {
+                t.alone = true;
+                t.next_at = now;
+            }
+            _ => self.settle(t, &answer, now),
+        });
     }
 
-    /// Sends the claimed batch queries, each answer applied to every call's tasks it names.
-    async fn send(&self, claimed: &Claimed<'_>) {
-        for (ids, until) in &claimed.chunks {
-            let uri = format!("/tasks?task_ids={}", ids.join(","));
-            let answer = judge(self.query(uri, *until).await);
-            let now = Instant::now();
-            let asked: HashSet<&str> = ids.iter().map(String::as_str).collect();
-            let mut state = self.batches.lock();
-            for t in state.tracked.values_mut() {
-                if t.result.is_none() && asked.contains(t.task.id.as_str()) {
-                    self.settle(t, &answer, now);
+    /// Completes when every task of `mine` has ended (answered by another call's query, or
+    /// delivered by a callback).
+    async fn settled(&self, mine: &[u64]) {
+        loop {
+            let delivered = self.board.notify.notified();
+            let answered = self.batches.answered.notified();
+            tokio::pin!(delivered, answered);
+            delivered.as_mut().enable();
+            answered.as_mut().enable();
+            {
+                let now = Instant::now();
+                let mut state = self.batches.lock();
+                let mut pending = false;
+                for key in mine {
+                    if let Some(t) = state.tracked.get_mut(key) {
+                        self.check(t, now);
+                        pending |= t.result.is_none();
+                    }
                 }
+                if !pending {
+                    return;
+                }
+            }
+            tokio::select! {
+                () = &mut delivered => {}
+                () = &mut answered => {}
             }
         }
     }

@@ -1,0 +1,199 @@
+//! The new-style tasks every call of a follower (and of its clones) is waiting for, so that one
+//! batch query asks about many of them: which call asks, and about which tasks.
+//!
+//! No call waits on another for long. A call asks when one of its own tasks is due, about its
+//! due tasks first, then other calls' due tasks, then tasks not yet due, up to a batch. The
+//! tasks it asks about are marked as being asked, so that their own calls do not ask again
+//! while the answer is on its way; a mark older than the takeover time (the policy's longest
+//! interval) is ignored, so a query that hangs, or a call that stops polling its future, holds
+//! other calls' tasks up for that long at most. A call that ends drops its mark with its query.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{Tracked, later};
+
+#[derive(Debug, Default)]
+pub(super) struct Batches {
+    state: Mutex<BatchState>,
+    /// Woken when a batch query is answered or given up.
+    pub(super) answered: Notify,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct BatchState {
+    /// Each call's tasks, by a key of their own (two calls may follow the same task).
+    pub(super) tracked: HashMap<u64, Tracked>,
+    next_key: u64,
+    next_claim: u64,
+}
+
+impl BatchState {
+    /// Adds a call's task; its key.
+    pub(super) fn insert(&mut self, tracked: Tracked) -> u64 {
+        let key = self.next_key;
+        self.next_key += 1;
+        self.tracked.insert(key, tracked);
+        key
+    }
+}
+
+/// Whether a task is due for a query: not ended, its time come, and not in a query on its way
+/// (unless that query has been out longer than `takeover`).
+pub(super) fn is_due(t: &Tracked, now: Instant, takeover: Duration) -> bool {
+    t.result.is_none()
+        && t.next_at <= now
+        && t.asked
+            .is_none_or(|(_, since)| later(since, takeover) <= now)
+}
+
+/// When a pending task next needs its call: its next query (or, while a query about it is on
+/// its way, the takeover time), or its deadline, whichever comes first.
+pub(super) fn next_wake(t: &Tracked, takeover: Duration) -> Instant {
+    let next = match t.asked {
+        Some((_, since)) => t.next_at.max(later(since, takeover)),
+        None => t.next_at,
+    };
+    next.min(t.deadline_at)
+}
+
+impl Batches {
+    pub(super) fn lock(&self) -> MutexGuard<'_, BatchState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next batch query of the call whose tasks are `mine`, if one of them is due: its due
+    /// tasks (soonest first), then other calls' due tasks, then tasks due within `soon`
+    /// (soonest first; not those just answered, whose next query is at least that far), each
+    /// id once, up to `batch_size`. A task a batch answer left out
+    /// ([`Tracked::alone`]) is asked about alone. The tasks asked about are marked until the
+    /// answer is applied or the [`Claimed`] is dropped.
+    ///
+    /// The query is given up at the latest deadline among the tasks it asks about, but no later
+    /// than the last of the calling call's own: a call does not outlive its own tasks to wait
+    /// for other calls' answers.
+    pub(super) fn claim(
+        &self,
+        mine: &[u64],
+        now: Instant,
+        batch_size: usize,
+        takeover: Duration,
+        soon: Duration,
+    ) -> Option<Claimed<'_>> {
+        let mut state = self.lock();
+        let mut own: Vec<&Tracked> = mine
+            .iter()
+            .filter_map(|key| state.tracked.get(key))
+            .filter(|t| is_due(t, now, takeover))
+            .collect();
+        own.sort_by_key(|t| t.next_at);
+        let first = own.first()?;
+        let own_until = mine
+            .iter()
+            .filter_map(|key| state.tracked.get(key))
+            .filter(|t| t.result.is_none())
+            .map(|t| t.deadline_at)
+            .max()
+            .unwrap_or(now);
+
+        let ids: Vec<String> = if first.alone {
+            vec![first.task.id.clone()]
+        } else {
+            // Everyone else's candidates: due ones first, then those due soon.
+            let horizon = later(now, soon);
+            let mut others: Vec<&Tracked> = state
+                .tracked
+                .values()
+                .filter(|t| t.result.is_none() && !t.alone && t.next_at < horizon)
+                .filter(|t| t.asked.is_none() || is_due(t, now, takeover))
+                .collect();
+            others.sort_by_key(|t| (t.next_at > now, t.next_at));
+            let mut ids: Vec<String> = Vec::with_capacity(batch_size);
+            for t in own.iter().filter(|t| !t.alone).chain(others.iter()) {
+                if ids.len() == batch_size {
+                    break;
+                }
+                if !ids.contains(&t.task.id) {
+                    ids.push(t.task.id.clone());
+                }
+            }
+            ids
+        };
+
+        let claim = state.next_claim;
+        state.next_claim += 1;
+        let mut until = now;
+        for t in state.tracked.values_mut() {
+            if t.result.is_none() && ids.contains(&t.task.id) {
+                t.asked = Some((claim, now));
+                until = until.max(t.deadline_at);
+            }
+        }
+        Some(Claimed {
+            batches: self,
+            claim,
+            ids,
+            until: until.min(own_until),
+        })
+    }
+
+    /// Applies a claimed query's answer, through `settle`, to every pending task with an id it
+    /// asked about, and takes the claim's marks off.
+    pub(super) fn answer(&self, claimed: &Claimed<'_>, mut settle: impl FnMut(&mut Tracked)) {
+        let mut state = self.lock();
+        for t in state.tracked.values_mut() {
+            if t.result.is_none() && claimed.ids.contains(&t.task.id) {
+                settle(t);
+            }
+            if t.asked.is_some_and(|(claim, _)| claim == claimed.claim) {
+                t.asked = None;
+            }
+        }
+    }
+}
+
+/// A batch query a call sends: the ids it asks about, and when it gives up.
+pub(super) struct Claimed<'a> {
+    batches: &'a Batches,
+    claim: u64,
+    pub(super) ids: Vec<String>,
+    pub(super) until: Instant,
+}
+
+impl Drop for Claimed<'_> {
+    /// Answered, given up, or dropped half-way (the sending call was dropped): the marks come
+    /// off, and the calls waiting for the answer look again.
+    fn drop(&mut self) {
+        {
+            let mut state = self.batches.lock();
+            for t in state.tracked.values_mut() {
+                if t.asked.is_some_and(|(claim, _)| claim == self.claim) {
+                    t.asked = None;
+                }
+            }
+        }
+        self.batches.answered.notify_waiters();
+    }
+}
+
+/// A call's tasks in [`Batches`]: taken out when the call ends, however it ends.
+pub(super) struct Registered<'a> {
+    pub(super) batches: &'a Batches,
+    pub(super) keys: Vec<u64>,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let mut state = self.batches.lock();
+        for key in &self.keys {
+            state.tracked.remove(key);
+        }
+    }
+}
