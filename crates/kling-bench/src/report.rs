@@ -239,6 +239,12 @@ pub fn scale(report: &scale::Report) -> String {
         cpu * 1e6 / requests.max(1) as f64,
         peak as f64 / (1024.0 * 1024.0)
     );
+    let [shared, apart] = report.follower;
+    let _ = writeln!(
+        out,
+        "\n| new-style tasks, one `Follower::follow` call each (paused time, Enterprise, whole stack + in-process mock, the preset's follow policy) | clones of one follower | a follower each (control) |\n|---|---:|---:|\n| tasks completed | {} | {} |\n| makespan (simulated) | {:.0} s | {:.0} s |\n| queries | {} | {} |",
+        shared.0, apart.0, shared.1, apart.1, shared.2, apart.2
+    );
     out
 }
 

@@ -1,5 +1,6 @@
 //! Scale: 100,000 queued waiters (bytes each, served in order), 1 to 100,000 keys (cost per
-//! decision), 1,000 concurrent tasks followed to the end.
+//! decision), 1,000 concurrent tasks followed to the end (by hand, and by the stack's
+//! `Follower` one call each).
 
 use std::convert::Infallible;
 use std::future::{Future, Ready, ready};
@@ -17,7 +18,7 @@ use kling_concurrency::{SlotsConfig, SlotsHandle, TaskSlotsLayer};
 use kling_core::{AccountId, ClassifyLayer, Recognized};
 use kling_mock::{MockConfig, MockKling, Preset};
 use kling_ratelimit::{GcraLayer, Quota};
-use kling_tower::{Credentials, KlingLayer, StackConfig};
+use kling_tower::{Credentials, KlingLayer, StackConfig, TaskRef};
 use tokio::sync::{mpsc, oneshot};
 use tower::{Layer, Service};
 
@@ -97,6 +98,10 @@ pub struct Report {
     /// The 1,000-task run: tasks, makespan (s), requests, CPU seconds, peak live-heap growth
     /// (bytes: the allocator's high-water mark from after the stack and mock were built).
     pub followed: (usize, f64, u64, f64, i64),
+    /// New-style tasks followed by one `Follower::follow` call each: on clones of one follower
+    /// (their calls share batch queries), then on a follower each (the control). For each:
+    /// tasks completed, makespan (s), queries.
+    pub follower: [(usize, f64, u64); 2],
     /// The order check's control: waiters served out of order through a deliberately
     /// last-in-first-out gate ([`arrival_order_control`]), and how many waited.
     pub lifo_control: (usize, usize),
@@ -358,6 +363,11 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
     report.keys = keys(options.keys, options.decisions);
     log("scale: tasks followed to the end");
     report.followed = followed(options.tasks);
+    log("scale: tasks followed by the stack's follower");
+    report.follower = [
+        followed_by_follower(options.tasks, true),
+        followed_by_follower(options.tasks, false),
+    ];
     report
 }
 
@@ -546,6 +556,74 @@ fn followed(tasks: usize) -> (usize, f64, u64, f64, i64) {
             mock.stats().requests_total,
             cpu::thread().saturating_sub(cpu).as_secs_f64(),
             peak,
+        )
+    })
+}
+
+/// `tasks` new-style jobs at once on an Enterprise account with as many slots and no rate cap,
+/// each created and then followed to its end by a `Follower::follow` call of its own through
+/// the whole stack (the preset's follow policy), in paused time: on clones of one follower
+/// (`share`), or on a follower each. Tasks completed, makespan (s), queries sent.
+fn followed_by_follower(tasks: usize, share: bool) -> (usize, f64, u64) {
+    const CREATE: &str = "/text-to-video/kling-3.0";
+    paused(async move {
+        let mock = MockKling::new(
+            MockConfig::preset(Preset::Enterprise)
+                .slots(tasks as u32)
+                .seed(11),
+        )
+        .expect("a valid mock");
+        let kling = KlingLayer::builder(
+            StackConfig::enterprise(tasks as u32, None),
+            Credentials::api_key("bench-key").expect("a key"),
+        )
+        .seed(3)
+        .build()
+        .expect("a valid stack");
+        let service = kling.layer(mock.clone());
+        let one = kling
+            .follower(service.clone(), kling.follow_policy())
+            .expect("a valid policy");
+        let started = tokio::time::Instant::now();
+        let mut handles = Vec::with_capacity(tasks);
+        for _ in 0..tasks {
+            let service = service.clone();
+            let follower = if share {
+                one.clone()
+            } else {
+                kling
+                    .follower(service.clone(), kling.follow_policy())
+                    .expect("a valid policy")
+            };
+            handles.push(tokio::task::spawn_local(async move {
+                use tower::ServiceExt;
+                let create = Request::post(CREATE)
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(Full::new(Bytes::from_static(br#"{"prompt":"a fox"}"#)))
+                    .expect("valid");
+                let mut created = service.oneshot(create).await.ok()?;
+                let task = kling_core::Outcome::ensure(&mut created)
+                    .ok()?
+                    .task()?
+                    .clone();
+                follower
+                    .follow(TaskRef::from_report(CREATE, &task))
+                    .await
+                    .ok()
+                    .filter(|done| done.status.is_terminal())
+            }));
+        }
+        let mut done = 0;
+        for handle in handles {
+            if handle.await.expect("a job never panics").is_some() {
+                done += 1;
+            }
+        }
+        let stats = mock.stats();
+        (
+            done,
+            started.elapsed().as_secs_f64(),
+            stats.requests_total.saturating_sub(stats.tasks_created),
         )
     })
 }

@@ -77,6 +77,10 @@ fn scale_serves_waiters_in_arrival_order() {
         assert!(w.bytes_per_waiter > 0.0, "{w:?}");
     }
     assert_eq!(r.followed.0, scale::Options::tiny().tasks);
+    let [shared, apart] = r.follower;
+    assert_eq!((shared.0, apart.0), (20, 20), "{:?}", r.follower);
+    // Twenty calls on one follower's clones share batch queries; a follower each does not.
+    assert!(shared.2 * 4 <= apart.2, "{:?}", r.follower);
     // The GCRA decision at 1 key and at the options' most (50): both timed.
     let counts: Vec<usize> = r.keys.iter().map(|&(keys, _)| keys).collect();
     assert_eq!(counts, [1, scale::Options::tiny().keys]);
