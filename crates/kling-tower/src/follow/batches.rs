@@ -2,13 +2,17 @@
 //! batch query asks about many of them: which call asks, and about which tasks.
 //!
 //! No call waits on another for long. A call asks when one of its own tasks is due, about its
-//! due tasks first, then other calls' due tasks, then tasks not yet due, up to a batch. The
-//! tasks it asks about are marked as being asked, so that their own calls do not ask again
-//! while the answer is on its way; a mark older than the takeover time (the policy's longest
-//! interval) is ignored, so a query that hangs, or a call that stops polling its future, holds
-//! other calls' tasks up for that long at most. A call that ends drops its mark with its query.
+//! due tasks first, then other calls' due tasks, then tasks due soon (within the policy's
+//! shortest interval), up to a batch. The tasks it asks about are marked as being asked, so
+//! that their own calls do not ask again while the answer is on its way; a mark older than the
+//! takeover time (four times the policy's longest interval) is ignored, so a query that
+//! hangs, or a call that stops polling its future, holds other calls' tasks up for that long at
+//! most. (Longer than the interval: a query waiting its turn at a busy rate limiter is not
+//! hung, and each takeover sends one more.) The sending call stops waiting for its own query
+//! when another call's answer has ended its tasks or made one due again. A call that ends drops
+//! its mark with its query.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -68,8 +72,8 @@ impl Batches {
 
     /// The next batch query of the call whose tasks are `mine`, if one of them is due: its due
     /// tasks (soonest first), then other calls' due tasks, then tasks due within `soon`
-    /// (soonest first; not those just answered, whose next query is at least that far), each
-    /// id once, up to `batch_size`. A task a batch answer left out
+    /// (soonest first; not those just answered, whose next query is at least that far, nor
+    /// those backing off from a failed query), each id once, up to `batch_size`. A task a batch answer left out
     /// ([`Tracked::alone`]) is asked about alone. The tasks asked about are marked until the
     /// answer is applied or the [`Claimed`] is dropped.
     ///
@@ -108,16 +112,18 @@ impl Batches {
             let mut others: Vec<&Tracked> = state
                 .tracked
                 .values()
-                .filter(|t| t.result.is_none() && !t.alone && t.next_at < horizon)
+                .filter(|t| t.result.is_none() && !t.alone)
+                .filter(|t| t.next_at <= now || (t.next_at < horizon && t.errors == 0))
                 .filter(|t| t.asked.is_none() || is_due(t, now, takeover))
                 .collect();
             others.sort_by_key(|t| (t.next_at > now, t.next_at));
             let mut ids: Vec<String> = Vec::with_capacity(batch_size);
+            let mut seen: HashSet<&str> = HashSet::with_capacity(batch_size);
             for t in own.iter().filter(|t| !t.alone).chain(others.iter()) {
                 if ids.len() == batch_size {
                     break;
                 }
-                if !ids.contains(&t.task.id) {
+                if seen.insert(&t.task.id) {
                     ids.push(t.task.id.clone());
                 }
             }
@@ -127,10 +133,13 @@ impl Batches {
         let claim = state.next_claim;
         state.next_claim += 1;
         let mut until = now;
-        for t in state.tracked.values_mut() {
-            if t.result.is_none() && ids.contains(&t.task.id) {
-                t.asked = Some((claim, now));
-                until = until.max(t.deadline_at);
+        {
+            let asked: HashSet<&str> = ids.iter().map(String::as_str).collect();
+            for t in state.tracked.values_mut() {
+                if t.result.is_none() && asked.contains(t.task.id.as_str()) {
+                    t.asked = Some((claim, now));
+                    until = until.max(t.deadline_at);
+                }
             }
         }
         Some(Claimed {
@@ -144,9 +153,10 @@ impl Batches {
     /// Applies a claimed query's answer, through `settle`, to every pending task with an id it
     /// asked about, and takes the claim's marks off.
     pub(super) fn answer(&self, claimed: &Claimed<'_>, mut settle: impl FnMut(&mut Tracked)) {
+        let asked: HashSet<&str> = claimed.ids.iter().map(String::as_str).collect();
         let mut state = self.lock();
         for t in state.tracked.values_mut() {
-            if t.result.is_none() && claimed.ids.contains(&t.task.id) {
+            if t.result.is_none() && asked.contains(t.task.id.as_str()) {
                 settle(t);
             }
             if t.asked.is_some_and(|(claim, _)| claim == claimed.claim) {
@@ -159,7 +169,7 @@ impl Batches {
 /// A batch query a call sends: the ids it asks about, and when it gives up.
 pub(super) struct Claimed<'a> {
     batches: &'a Batches,
-    claim: u64,
+    pub(super) claim: u64,
     pub(super) ids: Vec<String>,
     pub(super) until: Instant,
 }

@@ -7,8 +7,10 @@
 //! and its clones share batch queries. A call whose task is due asks about its own due tasks,
 //! other calls' due tasks, and tasks due within the shortest interval, up to the batch size;
 //! the calls whose tasks it asks about wait for its answer rather than ask again, for at most
-//! the longest interval (so a query that hangs holds them up no longer than that). A task a
-//! batch answer leaves out is then asked about alone, so an unknown id still meets its `1203`.
+//! four times the longest interval (so a query that hangs holds them up no longer than that),
+//! and the sending call stops waiting for its own when another call's answer has ended its
+//! tasks or made one due again. A task a batch answer leaves out is then asked about alone
+//! until an answer reports it, so an unknown id still meets its `1203`.
 //! Legacy tasks are queried one by one at `{create path}/{task_id}`. When callbacks are configured
 //! ([`FollowPolicy::callbacks_first`]) a task delivered through [`Follower::deliver`] ends at
 //! once and queries only run as a slow safety net.
@@ -76,6 +78,9 @@ use crate::preset::MAX_DURATION;
 
 mod batches;
 
+/// The most task ids a batch query (`GET /tasks?task_ids=…`) takes.
+pub const MAX_BATCH_SIZE: usize = 500;
+
 /// When and how long to query a task. Durations are API time; [`FollowPolicy::speed`]
 /// divides them.
 #[derive(Clone, Debug, PartialEq)]
@@ -122,7 +127,9 @@ impl FollowPolicy {
         self
     }
 
-    /// Sets the bounds of the query interval.
+    /// Sets the bounds of the query interval. Four times `max` is also how long a call waits
+    /// for the answer to another call's batch query that asks about its task before asking
+    /// again; tasks due within `min` join a batch query that is sent anyway.
     pub fn interval_bounds(mut self, min: Duration, max: Duration) -> Self {
         self.min_interval = min;
         self.max_interval = max;
@@ -148,7 +155,7 @@ impl FollowPolicy {
         self
     }
 
-    /// Sets how many task ids one batch query carries.
+    /// Sets how many task ids one batch query carries (1 to [`MAX_BATCH_SIZE`]).
     pub fn batch_size(mut self, size: usize) -> Self {
         self.batch_size = size;
         self
@@ -219,8 +226,11 @@ impl FollowPolicy {
                 "must be above 0 and at most max_error_backoff",
             );
         }
-        if self.batch_size == 0 {
-            return err("follow.batch_size", "must be at least 1");
+        if self.batch_size == 0 || self.batch_size > MAX_BATCH_SIZE {
+            return err(
+                "follow.batch_size",
+                "must be from 1 to 500 (the ids a batch query takes)",
+            );
         }
         if self.callbacks_first && self.callback_interval.is_zero() {
             return err("follow.callback_interval", "must be above 0");
@@ -236,6 +246,13 @@ impl FollowPolicy {
         let scaled = Duration::try_from_secs_f64(age.as_secs_f64() * self.age_factor)
             .unwrap_or(self.max_interval);
         scaled.clamp(self.min_interval, self.max_interval)
+    }
+
+    /// How long a call waits for another call's batch query that asks about its task before
+    /// asking again: four times the longest interval, as a query may wait its turn at a busy
+    /// rate limiter that long without being hung.
+    fn takeover(&self) -> Duration {
+        self.max_interval.saturating_mul(4).min(MAX_DURATION)
     }
 
     /// The backoff after `errors` failed queries in a row (1 for the first).
@@ -492,7 +509,7 @@ where
             for t in local.iter_mut() {
                 self.check(t, now);
             }
-            let takeover = self.policy.max_interval;
+            let takeover = self.policy.takeover();
             let shared_due = {
                 let mut state = self.batches.lock();
                 let mut due = false;
@@ -523,7 +540,7 @@ where
             // New-style tasks: when one of ours is due, one batch query with as many other
             // calls' tasks as it carries.
             if shared_due {
-                self.send_batch(&registered.keys, now).await;
+                self.send_batch(&registered.keys, Instant::now()).await;
             }
 
             // Until the next task of ours is due (or its deadline), a report is delivered, or a
@@ -636,7 +653,7 @@ where
             mine,
             now,
             self.policy.batch_size,
-            self.policy.max_interval,
+            self.policy.takeover(),
             self.policy.min_interval,
         ) else {
             return;
@@ -647,8 +664,9 @@ where
                 Ok(answer) => judge(answer),
                 Err(_) => return,
             },
-            // Another call's answer (or a callback) ended our tasks while ours hangs.
-            () = self.settled(mine) => return,
+            // Another call's answer (or a callback) ended our tasks, or made one due again,
+            // while ours is still out: ask anew rather than wait on a query that may hang.
+            () = self.settled_elsewhere(mine, &claimed) => return,
         };
         let now = Instant::now();
         let several = claimed.ids.len() > 1;
@@ -671,31 +689,54 @@ where
     }
 
     /// Completes when every task of `mine` has ended (answered by another call's query, or
-    /// delivered by a callback).
-    async fn settled(&self, mine: &[u64]) {
+    /// delivered by a callback), or one that `claimed` asks about is due again under no mark
+    /// of `claimed` (another call took it over and answered first). A task of `mine` that
+    /// `claimed` does not ask about waits for its answer: dropping a query that waits its turn
+    /// at a rate limiter would send it to the back of the queue.
+    async fn settled_elsewhere(&self, mine: &[u64], claimed: &batches::Claimed<'_>) {
+        let takeover = self.policy.takeover();
+        let asked: std::collections::HashSet<&str> =
+            claimed.ids.iter().map(String::as_str).collect();
         loop {
             let delivered = self.board.notify.notified();
             let answered = self.batches.answered.notified();
             tokio::pin!(delivered, answered);
             delivered.as_mut().enable();
             answered.as_mut().enable();
-            {
+            let wake = {
                 let now = Instant::now();
                 let mut state = self.batches.lock();
                 let mut pending = false;
+                let mut wake: Option<Instant> = None;
                 for key in mine {
-                    if let Some(t) = state.tracked.get_mut(key) {
-                        self.check(t, now);
-                        pending |= t.result.is_none();
+                    let Some(t) = state.tracked.get_mut(key) else {
+                        continue;
+                    };
+                    self.check(t, now);
+                    if t.result.is_some() {
+                        continue;
                     }
+                    pending = true;
+                    let ours = t.asked.is_some_and(|(by, _)| by == claimed.claim);
+                    if ours || !asked.contains(t.task.id.as_str()) {
+                        continue;
+                    }
+                    if is_due(t, now, takeover) {
+                        return;
+                    }
+                    let at = next_wake(t, takeover);
+                    wake = Some(wake.map_or(at, |w| w.min(at)));
                 }
                 if !pending {
                     return;
                 }
-            }
+                wake
+            };
+            let sleep = tokio::time::sleep_until(wake.unwrap_or_else(far_future));
             tokio::select! {
                 () = &mut delivered => {}
                 () = &mut answered => {}
+                () = sleep => {}
             }
         }
     }
@@ -747,6 +788,8 @@ where
                     Some(report) => {
                         t.last_status = Some(report.status.as_str().to_owned());
                         t.next_at = later(now, self.policy.interval(now - t.started));
+                        // Reported: it can ride in batches again.
+                        t.alone = false;
                     }
                     None => t.next_at = later(now, self.policy.interval(now - t.started)),
                 }
@@ -791,6 +834,11 @@ fn judge(answer: Result<Response<Full<Bytes>>, BoxError>) -> Answer {
         }
         _ => Answer::BackOff,
     }
+}
+
+/// An instant no wait reaches: a year from now, the longest duration a policy holds.
+fn far_future() -> Instant {
+    later(Instant::now(), MAX_DURATION)
 }
 
 /// `at + by`, never panicking: tokio's `Instant + Duration` panics where the sum does not

@@ -661,10 +661,10 @@ fn first_query_hangs(
 }
 
 /// The call sending a batch for everyone is kept but its query hangs: the other call's task
-/// waits for that answer only as long as the policy's longest interval, then is asked about
-/// again, and its follow ends when the task does, not at its deadline.
+/// waits for that answer only four times the policy's longest interval (120 s), then is asked
+/// about again, and its follow ends then, not at its deadline.
 #[tokio::test(start_paused = true)]
-async fn a_batch_query_that_hangs_holds_other_calls_up_for_the_longest_interval_at_most() {
+async fn a_batch_query_that_hangs_holds_other_calls_up_for_four_longest_intervals_at_most() {
     let classify = ClassifyLayer::new().layer(mock(60, 60));
     let a = create(&classify, "/text-to-video/kling-3.0").await;
     let b = create(&classify, "/text-to-video/kling-3.0").await;
@@ -678,9 +678,9 @@ async fn a_batch_query_that_hangs_holds_other_calls_up_for_the_longest_interval_
         .await
         .expect("followed to its end");
     assert_eq!(done.status, TaskStatus::Succeeded);
-    // The task ends at 60 s; its next query after a 30 s takeover comes by 95 s or so.
+    // The task ends at 60 s; the next query about it, after the 120 s takeover, at 125 s.
     assert!(
-        start.elapsed() < Duration::from_secs(120),
+        start.elapsed() < Duration::from_secs(130),
         "{:?}",
         start.elapsed()
     );
@@ -740,4 +740,105 @@ async fn an_unknown_id_in_a_shared_batch_still_ends_with_1203() {
         start.elapsed()
     );
     running.abort();
+}
+
+/// The sending call's own query hangs. Another call takes the batch over after the takeover
+/// time and its answer reports the sender's task still running: the sender stops waiting on
+/// its hung query and asks again, and follows its task to the end.
+#[tokio::test(start_paused = true)]
+async fn a_sending_call_whose_query_hangs_asks_again_once_another_call_has_answered() {
+    let classify = ClassifyLayer::new().layer(mock(200, 200));
+    let start = Instant::now();
+    let b = create(&classify, "/text-to-video/kling-3.0").await; // ends at 200 s
+    tokio::time::sleep(Duration::from_secs(140)).await;
+    let a = create(&classify, "/text-to-video/kling-3.0").await; // ends at 340 s
+    let one = follower(first_query_hangs(classify), FollowPolicy::new());
+    let sender = one.clone();
+    // `a`'s call asks first (at 145 s), about `b` too (due at 146 s), and that query hangs.
+    let sending = tokio::spawn(async move {
+        (
+            sender.follow(TaskRef::new_style(a.id)).await,
+            Instant::now(),
+        )
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let waiting = tokio::spawn(async move { one.follow(TaskRef::new_style(b.id)).await });
+    // At 265 s the other call takes over: `b` has ended, `a` runs on.
+    assert_eq!(
+        waiting.await.unwrap().unwrap().status,
+        TaskStatus::Succeeded
+    );
+    let (result, ended) = sending.await.unwrap();
+    assert_eq!(result.unwrap().status, TaskStatus::Succeeded);
+    assert!(
+        ended - start < Duration::from_secs(400),
+        "{:?}",
+        ended - start
+    );
+}
+
+/// A batch Kling refuses with `1203` (one id in it is unknown) has each of its tasks asked
+/// about alone; a task an answer then reports rides in batches again.
+#[tokio::test(start_paused = true)]
+async fn tasks_asked_about_alone_ride_in_batches_again_once_reported() {
+    let classify = ClassifyLayer::new().layer(mock(120, 120));
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        tasks.push(create(&classify, "/text-to-video/kling-3.0").await);
+    }
+    let uris: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = uris.clone();
+    let service = ServiceBuilder::new()
+        .map_request(move |mut req: http::Request<Full<Bytes>>| {
+            let uri = req.uri().to_string();
+            // As Kling may: a batch with an unknown id is refused whole with `1203`.
+            if uri.contains(',') && uri.contains("nosuchtask") {
+                *req.uri_mut() = "/tasks?task_ids=nosuchtask".parse().unwrap();
+            }
+            log.lock().unwrap().push(uri);
+            req
+        })
+        .service(classify);
+    let one = follower(service, FollowPolicy::new());
+    let follows: Vec<_> = tasks
+        .into_iter()
+        .map(|task| {
+            let follower = one.clone();
+            tokio::spawn(async move { follower.follow(TaskRef::new_style(task.id)).await })
+        })
+        .collect();
+    let err = one
+        .follow(TaskRef::new_style("nosuchtask"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FollowError::Api { .. }), "{err}");
+    for follow in follows {
+        assert_eq!(follow.await.unwrap().unwrap().status, TaskStatus::Succeeded);
+    }
+    let uris = uris.lock().unwrap();
+    let refused = uris
+        .iter()
+        .position(|u| u.contains("nosuchtask"))
+        .expect("the batch with the unknown id");
+    assert!(
+        uris[refused + 1..]
+            .iter()
+            .any(|u| u.matches(',').count() == 2),
+        "the three known tasks share a batch again: {uris:?}"
+    );
+}
+
+#[test]
+fn a_batch_size_beyond_what_kling_takes_is_refused() {
+    for size in [0, 501] {
+        let err = Follower::new(mock(60, 60), FollowPolicy::new().batch_size(size)).unwrap_err();
+        assert_eq!(err.field(), "follow.batch_size");
+    }
+    assert!(
+        Follower::new(
+            mock(60, 60),
+            FollowPolicy::new().batch_size(kling_tower::follow::MAX_BATCH_SIZE)
+        )
+        .is_ok()
+    );
 }
