@@ -383,6 +383,9 @@ struct Tracked {
     /// A batch answer left this task out: it is asked about alone (an unknown id then meets
     /// its `1203`).
     alone: bool,
+    /// Its result is a report just taken from the board of delivered callbacks, not yet given
+    /// to the other calls that follow the same task.
+    from_board: bool,
 }
 
 impl<S> Follower<S>
@@ -512,14 +515,12 @@ where
             let takeover = self.policy.takeover();
             let shared_due = {
                 let mut state = self.batches.lock();
-                let mut due = false;
-                for key in &registered.keys {
-                    if let Some(t) = state.tracked.get_mut(key) {
-                        self.check(t, now);
-                        due |= is_due(t, now, takeover);
-                    }
-                }
-                due
+                self.check_shared(&mut state, &registered.keys, now);
+                registered
+                    .keys
+                    .iter()
+                    .filter_map(|key| state.tracked.get(key))
+                    .any(|t| is_due(t, now, takeover))
             };
 
             // Legacy tasks that are due, one query each.
@@ -625,6 +626,7 @@ where
             result: invalid,
             asked: None,
             alone: false,
+            from_board: false,
         }
     }
 
@@ -635,12 +637,37 @@ where
         }
         if let Some(report) = self.board.take(&t.task.id) {
             t.result = Some(Ok(report));
+            t.from_board = true;
         } else if now >= t.deadline_at {
             t.result = Some(Err(FollowError::DeadlineExceeded {
                 task_id: t.task.id.clone(),
                 deadline: self.policy.deadline,
                 last_status: t.last_status.clone(),
             }));
+        }
+    }
+
+    /// [`check`](Self::check)s a call's shared tasks (`keys`); a report delivered for one ends
+    /// every call's task with its id (the board gives a report out once).
+    fn check_shared(&self, state: &mut batches::BatchState, keys: &[u64], now: Instant) {
+        for key in keys {
+            let Some(t) = state.tracked.get_mut(key) else {
+                continue;
+            };
+            self.check(t, now);
+            let Some(Ok(report)) = &t.result else {
+                continue;
+            };
+            if !t.from_board {
+                continue;
+            }
+            t.from_board = false;
+            let report = report.clone();
+            for other in state.tracked.values_mut() {
+                if other.result.is_none() && other.task.id == report.id {
+                    other.result = Some(Ok(report.clone()));
+                }
+            }
         }
     }
 
@@ -706,13 +733,13 @@ where
             let wake = {
                 let now = Instant::now();
                 let mut state = self.batches.lock();
+                self.check_shared(&mut state, mine, now);
                 let mut pending = false;
                 let mut wake: Option<Instant> = None;
                 for key in mine {
-                    let Some(t) = state.tracked.get_mut(key) else {
+                    let Some(t) = state.tracked.get(key) else {
                         continue;
                     };
-                    self.check(t, now);
                     if t.result.is_some() {
                         continue;
                     }

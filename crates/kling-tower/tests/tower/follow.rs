@@ -842,3 +842,28 @@ fn a_batch_size_beyond_what_kling_takes_is_refused() {
         .is_ok()
     );
 }
+
+/// Two calls follow one task, relying on callbacks: a report delivered once ends both at once
+/// (the board gives a report out once, so the second used to wait for its safety query).
+#[tokio::test(start_paused = true)]
+async fn a_delivered_report_ends_every_call_following_that_task() {
+    let classify = ClassifyLayer::new().layer(mock(3600, 3600));
+    let task = create(&classify, "/text-to-video/kling-3.0").await;
+    let one = follower(
+        classify,
+        FollowPolicy::new().callbacks_first(Duration::from_secs(120)),
+    );
+    let start = Instant::now();
+    let (first, second) = (one.clone(), one.clone());
+    let (id1, id2) = (task.id.clone(), task.id.clone());
+    let a = tokio::spawn(async move { first.follow(TaskRef::new_style(id1)).await });
+    let b = tokio::spawn(async move { second.follow(TaskRef::new_style(id2)).await });
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let mut done = task.clone();
+    done.status = TaskStatus::Succeeded;
+    one.deliver(done);
+    for follow in [a, b] {
+        assert_eq!(follow.await.unwrap().unwrap().status, TaskStatus::Succeeded);
+    }
+    assert_eq!(start.elapsed(), Duration::from_secs(10));
+}
