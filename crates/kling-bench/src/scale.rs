@@ -513,23 +513,30 @@ fn keys(keys: usize, decisions: usize) -> Vec<(usize, f64)> {
         .collect()
 }
 
+/// An in-process mock of an Enterprise account with `tasks` slots and no rate cap, and the
+/// whole stack's preset for it (both seeded: the same run on any machine).
+fn enterprise(tasks: usize) -> (MockKling, KlingLayer) {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Enterprise)
+            .slots(tasks as u32)
+            .seed(11),
+    )
+    .expect("a valid mock");
+    let kling = KlingLayer::builder(
+        StackConfig::enterprise(tasks as u32, None),
+        Credentials::api_key("bench-key").expect("a key"),
+    )
+    .seed(3)
+    .build()
+    .expect("a valid stack");
+    (mock, kling)
+}
+
 /// `tasks` jobs at once on an Enterprise account with as many slots and no rate cap, each
 /// created and polled every 10 s to its end through the whole stack, in paused time.
 fn followed(tasks: usize) -> (usize, f64, u64, f64, i64) {
     paused(async move {
-        let mock = MockKling::new(
-            MockConfig::preset(Preset::Enterprise)
-                .slots(tasks as u32)
-                .seed(11),
-        )
-        .expect("a valid mock");
-        let kling = KlingLayer::builder(
-            StackConfig::enterprise(tasks as u32, None),
-            Credentials::api_key("bench-key").expect("a key"),
-        )
-        .seed(3)
-        .build()
-        .expect("a valid stack");
+        let (mock, kling) = enterprise(tasks);
         let service = kling.layer(mock.clone());
         let started = tokio::time::Instant::now();
         let cpu = cpu::thread();
@@ -567,19 +574,7 @@ fn followed(tasks: usize) -> (usize, f64, u64, f64, i64) {
 fn followed_by_follower(tasks: usize, share: bool) -> (usize, f64, u64) {
     const CREATE: &str = "/text-to-video/kling-3.0";
     paused(async move {
-        let mock = MockKling::new(
-            MockConfig::preset(Preset::Enterprise)
-                .slots(tasks as u32)
-                .seed(11),
-        )
-        .expect("a valid mock");
-        let kling = KlingLayer::builder(
-            StackConfig::enterprise(tasks as u32, None),
-            Credentials::api_key("bench-key").expect("a key"),
-        )
-        .seed(3)
-        .build()
-        .expect("a valid stack");
+        let (mock, kling) = enterprise(tasks);
         let service = kling.layer(mock.clone());
         let one = kling
             .follower(service.clone(), kling.follow_policy())

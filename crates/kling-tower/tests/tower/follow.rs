@@ -35,6 +35,37 @@ async fn create(service: &Classify<MockKling>, path: &str) -> TaskReport {
     outcome.task().unwrap().clone()
 }
 
+/// `n` new-style tasks created on `service`.
+async fn create_new_style(service: &Classify<MockKling>, n: usize) -> Vec<TaskRef> {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let task = create(service, "/text-to-video/kling-3.0").await;
+        tasks.push(TaskRef::from_report("/text-to-video/kling-3.0", &task));
+    }
+    tasks
+}
+
+/// A service that answers from `inner`, logging every request's URI.
+type Logged = tower::util::BoxCloneSyncService<
+    http::Request<Full<Bytes>>,
+    http::Response<Full<Bytes>>,
+    BoxError,
+>;
+
+/// `inner` behind a step that logs every request's URI.
+fn logging_uris(inner: Classify<MockKling>) -> (Logged, Arc<Mutex<Vec<String>>>) {
+    let uris: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = uris.clone();
+    let service = ServiceBuilder::new()
+        .map_request(move |req: http::Request<Full<Bytes>>| {
+            log.lock().unwrap().push(req.uri().to_string());
+            req
+        })
+        .map_err(Into::<BoxError>::into)
+        .service(inner);
+    (Logged::new(service), uris)
+}
+
 fn follower<S>(service: S, policy: FollowPolicy) -> Follower<S>
 where
     S: tower::Service<http::Request<Full<Bytes>>, Response = http::Response<Full<Bytes>>> + Clone,
@@ -191,19 +222,8 @@ async fn follows_a_legacy_task_until_it_succeeds() {
 async fn many_new_style_tasks_are_followed_with_batch_queries() {
     let mock = mock(60, 300);
     let classify = ClassifyLayer::new().layer(mock.clone());
-    let mut tasks = Vec::new();
-    for _ in 0..5 {
-        let task = create(&classify, "/text-to-video/kling-3.0").await;
-        tasks.push(TaskRef::from_report("/text-to-video/kling-3.0", &task));
-    }
-    let uris: Arc<Mutex<Vec<String>>> = Arc::default();
-    let log = uris.clone();
-    let service = ServiceBuilder::new()
-        .map_request(move |req: http::Request<Full<Bytes>>| {
-            log.lock().unwrap().push(req.uri().to_string());
-            req
-        })
-        .service(classify);
+    let tasks = create_new_style(&classify, 5).await;
+    let (service, uris) = logging_uris(classify);
     let results = follower(service, FollowPolicy::new().batch_size(3))
         .follow_many(tasks.clone())
         .await;
@@ -508,19 +528,8 @@ async fn follow_twelve_apart(share: bool) -> Vec<String> {
     )
     .unwrap();
     let classify = ClassifyLayer::new().layer(mock.clone());
-    let mut tasks = Vec::new();
-    for _ in 0..12 {
-        let task = create(&classify, "/text-to-video/kling-3.0").await;
-        tasks.push(TaskRef::from_report("/text-to-video/kling-3.0", &task));
-    }
-    let uris: Arc<Mutex<Vec<String>>> = Arc::default();
-    let log = uris.clone();
-    let service = ServiceBuilder::new()
-        .map_request(move |req: http::Request<Full<Bytes>>| {
-            log.lock().unwrap().push(req.uri().to_string());
-            req
-        })
-        .service(classify);
+    let tasks = create_new_style(&classify, 12).await;
+    let (service, uris) = logging_uris(classify);
     let one = follower(service.clone(), FollowPolicy::new());
     let follows: Vec<_> = tasks
         .into_iter()
