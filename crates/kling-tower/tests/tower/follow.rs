@@ -578,19 +578,7 @@ async fn a_call_dropped_while_sending_the_batch_leaves_the_next_to_another() {
     let classify = ClassifyLayer::new().layer(mock(60, 60));
     let a = create(&classify, "/text-to-video/kling-3.0").await;
     let b = create(&classify, "/text-to-video/kling-3.0").await;
-    let first = Arc::new(AtomicUsize::new(0));
-    let service = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
-        let classify = classify.clone();
-        let n = first.fetch_add(1, Ordering::SeqCst);
-        async move {
-            if n == 0 {
-                // The first query never answers.
-                std::future::pending::<()>().await;
-            }
-            classify.oneshot(req).await
-        }
-    });
-    let one = follower(service, FollowPolicy::new());
+    let one = follower(first_query_hangs(classify), FollowPolicy::new());
     let start = Instant::now();
     let sender = tokio::spawn({
         let one = one.clone();
