@@ -73,9 +73,9 @@ impl Batches {
     /// The next batch query of the call whose tasks are `mine`, if one of them is due: its due
     /// tasks (soonest first), then other calls' due tasks, then tasks due within `soon`
     /// (soonest first; not those just answered, whose next query is at least that far, nor
-    /// those backing off from a failed query), each id once, up to `batch_size`. A task a batch answer left out
-    /// ([`Tracked::alone`]) is asked about alone. The tasks asked about are marked until the
-    /// answer is applied or the [`Claimed`] is dropped.
+    /// those backing off from a failed query), each id once, up to `batch_size`. A task a
+    /// batch answer left out ([`Tracked::alone`]) is asked about alone. The tasks asked about
+    /// are marked until the answer is applied or the [`Claimed`] is dropped.
     ///
     /// The query is given up at the latest deadline among the tasks it asks about, but no later
     /// than the last of the calling call's own: a call does not outlive its own tasks to wait
