@@ -242,8 +242,8 @@ pub fn scale(report: &scale::Report) -> String {
     let [shared, apart] = report.follower;
     let _ = writeln!(
         out,
-        "\n| new-style tasks, one `Follower::follow` call each (paused time, Enterprise, whole stack + in-process mock, the preset's follow policy) | clones of one follower | a follower each (control) |\n|---|---:|---:|\n| tasks completed | {} | {} |\n| makespan (simulated) | {:.0} s | {:.0} s |\n| queries | {} | {} |",
-        shared.0, apart.0, shared.1, apart.1, shared.2, apart.2
+        "\n| new-style tasks, one `Follower::follow` call each (paused time, Enterprise, whole stack + in-process mock, the preset's follow policy) | clones of one follower | a follower each (control) |\n|---|---:|---:|\n| tasks completed | {} | {} |\n| makespan (simulated) | {:.0} s | {:.0} s |\n| queries | {} | {} |\n| CPU time, stack + follower + mock | {:.3} s | {:.3} s |",
+        shared.0, apart.0, shared.1, apart.1, shared.2, apart.2, shared.3, apart.3
     );
     out
 }

@@ -100,8 +100,8 @@ pub struct Report {
     pub followed: (usize, f64, u64, f64, i64),
     /// New-style tasks followed by one `Follower::follow` call each: on clones of one follower
     /// (their calls share batch queries), then on a follower each (the control). For each:
-    /// tasks completed, makespan (s), queries.
-    pub follower: [(usize, f64, u64); 2],
+    /// tasks completed, makespan (s), queries, CPU seconds (stack, follower and mock).
+    pub follower: [(usize, f64, u64, f64); 2],
     /// The order check's control: waiters served out of order through a deliberately
     /// last-in-first-out gate ([`arrival_order_control`]), and how many waited.
     pub lifo_control: (usize, usize),
@@ -570,8 +570,8 @@ fn followed(tasks: usize) -> (usize, f64, u64, f64, i64) {
 /// `tasks` new-style jobs at once on an Enterprise account with as many slots and no rate cap,
 /// each created and then followed to its end by a `Follower::follow` call of its own through
 /// the whole stack (the preset's follow policy), in paused time: on clones of one follower
-/// (`share`), or on a follower each. Tasks completed, makespan (s), queries sent.
-fn followed_by_follower(tasks: usize, share: bool) -> (usize, f64, u64) {
+/// (`share`), or on a follower each. Tasks completed, makespan (s), queries sent, CPU seconds.
+fn followed_by_follower(tasks: usize, share: bool) -> (usize, f64, u64, f64) {
     const CREATE: &str = "/text-to-video/kling-3.0";
     paused(async move {
         let (mock, kling) = enterprise(tasks);
@@ -580,6 +580,7 @@ fn followed_by_follower(tasks: usize, share: bool) -> (usize, f64, u64) {
             .follower(service.clone(), kling.follow_policy())
             .expect("a valid policy");
         let started = tokio::time::Instant::now();
+        let cpu = cpu::thread();
         let mut handles = Vec::with_capacity(tasks);
         for _ in 0..tasks {
             let service = service.clone();
@@ -619,6 +620,7 @@ fn followed_by_follower(tasks: usize, share: bool) -> (usize, f64, u64) {
             done,
             started.elapsed().as_secs_f64(),
             stats.requests_total.saturating_sub(stats.tasks_created),
+            cpu::thread().saturating_sub(cpu).as_secs_f64(),
         )
     })
 }
