@@ -8,9 +8,10 @@
 //! takeover time (four times the policy's longest interval) is ignored, so a query that
 //! hangs, or a call that stops polling its future, holds other calls' tasks up for that long at
 //! most. (Longer than the interval: a query waiting its turn at a busy rate limiter is not
-//! hung, and each takeover sends one more.) The sending call stops waiting for its own query
-//! when another call's answer has ended its tasks or made one due again. A call that ends drops
-//! its mark with its query.
+//! hung, and each takeover sends one more.) A task whose id a query on its way asks about
+//! (another call following the same task) takes that query's mark rather than a second query.
+//! The sending call stops waiting for its own query only when its tasks have ended or another
+//! call's answer has made one due again. A call that ends drops its mark with its query.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
@@ -75,7 +76,9 @@ impl Batches {
     /// (soonest first; not those just answered, whose next query is at least that far, nor
     /// those backing off from a failed query), each id once, up to `batch_size`. A task a
     /// batch answer left out ([`Tracked::alone`]) is asked about alone. The tasks asked about
-    /// are marked until the answer is applied or the [`Claimed`] is dropped.
+    /// are marked until the answer is applied or the [`Claimed`] is dropped. An id a query on
+    /// its way asks about is left out (its tasks take that query's mark and wait for its
+    /// answer), so no claim overwrites another's recent mark.
     ///
     /// The query is given up at the latest deadline among the tasks it asks about, but no later
     /// than the last of the calling call's own: a call does not outlive its own tasks to wait
@@ -89,6 +92,25 @@ impl Batches {
         soon: Duration,
     ) -> Option<Claimed<'_>> {
         let mut state = self.lock();
+        // Ids a query on its way asks about (a mark younger than the takeover time): no second
+        // query for them; a task of ours among them waits for that answer too.
+        let in_flight: HashMap<String, (u64, Instant)> = state
+            .tracked
+            .values()
+            .filter(|t| t.result.is_none())
+            .filter_map(|t| match t.asked {
+                Some(mark) if later(mark.1, takeover) > now => Some((t.task.id.clone(), mark)),
+                _ => None,
+            })
+            .collect();
+        for key in mine {
+            if let Some(t) = state.tracked.get_mut(key)
+                && is_due(t, now, takeover)
+                && let Some(&mark) = in_flight.get(&t.task.id)
+            {
+                t.asked = Some(mark);
+            }
+        }
         let mut own: Vec<&Tracked> = mine
             .iter()
             .filter_map(|key| state.tracked.get(key))
@@ -114,7 +136,7 @@ impl Batches {
                 .values()
                 .filter(|t| t.result.is_none() && !t.alone)
                 .filter(|t| t.next_at <= now || (t.next_at < horizon && t.errors == 0))
-                .filter(|t| t.asked.is_none() || is_due(t, now, takeover))
+                .filter(|t| !in_flight.contains_key(&t.task.id))
                 .collect();
             others.sort_by_key(|t| (t.next_at > now, t.next_at));
             let mut ids: Vec<String> = Vec::with_capacity(batch_size);
@@ -158,6 +180,7 @@ impl Batches {
         for t in state.tracked.values_mut() {
             if t.result.is_none() && asked.contains(t.task.id.as_str()) {
                 settle(t);
+                t.answers = t.answers.wrapping_add(1);
             }
             if t.asked.is_some_and(|(claim, _)| claim == claimed.claim) {
                 t.asked = None;

@@ -6,10 +6,11 @@
 //! [`follow`](Follower::follow) and [`follow_many`](Follower::follow_many) calls of a follower
 //! and its clones share batch queries. A call whose task is due asks about its own due tasks,
 //! other calls' due tasks, and tasks due within the shortest interval, up to the batch size;
-//! the calls whose tasks it asks about wait for its answer rather than ask again, for at most
-//! four times the longest interval (so a query that hangs holds them up no longer than that),
-//! and the sending call stops waiting for its own when another call's answer has ended its
-//! tasks or made one due again. A task a batch answer leaves out is then asked about alone
+//! the calls whose tasks it asks about, and calls that start following one of them meanwhile,
+//! wait for its answer rather than ask again, for at most four times the longest interval (so
+//! a query that hangs holds them up no longer than that), and the sending call stops waiting
+//! for its own only when its tasks have ended or another call's answer has made one due
+//! again. A task a batch answer leaves out is then asked about alone
 //! until an answer reports it, so an unknown id still meets its `1203`.
 //! Legacy tasks are queried one by one at `{create path}/{task_id}`. When callbacks are configured
 //! ([`FollowPolicy::callbacks_first`]) a task delivered through [`Follower::deliver`] ends at
@@ -386,6 +387,9 @@ struct Tracked {
     /// Its result is a report just taken from the board of delivered callbacks, not yet given
     /// to the other calls that follow the same task.
     from_board: bool,
+    /// Batch answers applied to it so far (a sending call tells by it that another call's
+    /// answer came in while its own query is out).
+    answers: u32,
 }
 
 impl<S> Follower<S>
@@ -627,6 +631,7 @@ where
             asked: None,
             alone: false,
             from_board: false,
+            answers: 0,
         }
     }
 
@@ -716,14 +721,21 @@ where
     }
 
     /// Completes when every task of `mine` has ended (answered by another call's query, or
-    /// delivered by a callback), or one that `claimed` asks about is due again under no mark
-    /// of `claimed` (another call took it over and answered first). A task of `mine` that
-    /// `claimed` does not ask about waits for its answer: dropping a query that waits its turn
-    /// at a rate limiter would send it to the back of the queue.
+    /// delivered by a callback), or one that `claimed` asks about has had another call's
+    /// answer since and is due again (another call took it over and answered first). Nothing
+    /// else stops the wait: dropping a query that waits its turn at a rate limiter would send
+    /// it to the back of the queue.
     async fn settled_elsewhere(&self, mine: &[u64], claimed: &batches::Claimed<'_>) {
         let takeover = self.policy.takeover();
-        let asked: std::collections::HashSet<&str> =
-            claimed.ids.iter().map(String::as_str).collect();
+        // Answers each task of ours that `claimed` asks about had when it was sent.
+        let before: HashMap<u64, u32> = {
+            let state = self.batches.lock();
+            mine.iter()
+                .filter_map(|key| state.tracked.get(key).map(|t| (*key, t)))
+                .filter(|(_, t)| claimed.ids.contains(&t.task.id))
+                .map(|(key, t)| (key, t.answers))
+                .collect()
+        };
         loop {
             let delivered = self.board.notify.notified();
             let answered = self.batches.answered.notified();
@@ -744,8 +756,8 @@ where
                         continue;
                     }
                     pending = true;
-                    let ours = t.asked.is_some_and(|(by, _)| by == claimed.claim);
-                    if ours || !asked.contains(t.task.id.as_str()) {
+                    let answered_elsewhere = before.get(key).is_some_and(|&n| n != t.answers);
+                    if !answered_elsewhere {
                         continue;
                     }
                     if is_due(t, now, takeover) {

@@ -864,3 +864,93 @@ async fn a_delivered_report_ends_every_call_following_that_task() {
     }
     assert_eq!(start.elapsed(), Duration::from_secs(10));
 }
+
+/// Counts a query's future dropped before it answered (the count is let go on an answer).
+struct DropCount(Option<Arc<AtomicUsize>>);
+
+impl Drop for DropCount {
+    fn drop(&mut self) {
+        if let Some(count) = &self.0 {
+            count.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A service whose first two queries wait forever (as at a rate limiter, for as long as a
+/// test looks), counting the queries sent and those dropped unanswered.
+fn two_queries_wait(
+    classify: Classify<MockKling>,
+    sent: Arc<AtomicUsize>,
+    dropped: Arc<AtomicUsize>,
+) -> impl tower::Service<
+    http::Request<Full<Bytes>>,
+    Response = http::Response<Full<Bytes>>,
+    Error = BoxError,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let classify = classify.clone();
+        let n = sent.fetch_add(1, Ordering::SeqCst);
+        let mut guard = DropCount(Some(dropped.clone()));
+        async move {
+            if n < 2 {
+                std::future::pending::<()>().await;
+            }
+            let answer = classify.oneshot(req).await;
+            guard.0.take();
+            answer
+        }
+    })
+}
+
+/// A call that starts following a task while a query about it is on its way waits for that
+/// answer: it sends no second query, and when it is dropped the first call's query (which may
+/// only be waiting its turn at a rate limiter) goes on.
+#[tokio::test(start_paused = true)]
+async fn a_later_call_on_the_same_task_waits_for_the_query_on_its_way() {
+    let classify = ClassifyLayer::new().layer(mock(3600, 3600));
+    let x = create(&classify, "/text-to-video/kling-3.0").await;
+    let (sent, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let service = two_queries_wait(classify, sent.clone(), dropped.clone());
+    let one = follower(service, FollowPolicy::new());
+    let first = one.clone();
+    let (id1, id2) = (x.id.clone(), x.id.clone());
+    let a = tokio::spawn(async move { first.follow(TaskRef::new_style(id1)).await });
+    tokio::time::sleep(Duration::from_secs(6)).await; // `a` asked at 5 s
+    let g = tokio::spawn(async move { one.follow(TaskRef::new_style(id2)).await });
+    tokio::time::sleep(Duration::from_secs(6)).await; // `g`'s task due at 11 s
+    g.abort();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(sent.load(Ordering::SeqCst), 1, "no second query");
+    assert_eq!(dropped.load(Ordering::SeqCst), 0, "the first goes on");
+    a.abort();
+}
+
+/// The sending call's query waits past the takeover time; another call takes the task over
+/// and is dropped before its answer. The sending call keeps waiting for its own query (which
+/// may only be waiting its turn): nothing but another call's answer makes it send anew.
+#[tokio::test(start_paused = true)]
+async fn a_takeover_dropped_unanswered_leaves_the_sending_call_waiting() {
+    let classify = ClassifyLayer::new().layer(mock(3600, 3600));
+    let x = create(&classify, "/text-to-video/kling-3.0").await;
+    let (sent, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let service = two_queries_wait(classify, sent.clone(), dropped.clone());
+    let one = follower(service, FollowPolicy::new());
+    let first = one.clone();
+    let (id1, id2) = (x.id.clone(), x.id.clone());
+    let a = tokio::spawn(async move { first.follow(TaskRef::new_style(id1)).await });
+    tokio::time::sleep(Duration::from_secs(6)).await; // `a` asked at 5 s
+    let g = tokio::spawn(async move { one.follow(TaskRef::new_style(id2)).await });
+    // At 125 s the takeover time has passed: `g` asks again.
+    tokio::time::sleep(Duration::from_secs(124)).await;
+    assert_eq!(sent.load(Ordering::SeqCst), 2, "the takeover's query");
+    g.abort();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(sent.load(Ordering::SeqCst), 2, "no third query");
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        1,
+        "only the takeover's query went"
+    );
+    a.abort();
+}
