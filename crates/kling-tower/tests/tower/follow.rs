@@ -903,21 +903,46 @@ fn two_queries_wait(
     })
 }
 
-/// A call that starts following a task while a query about it is on its way waits for that
-/// answer: it sends no second query, and when it is dropped the first call's query (which may
-/// only be waiting its turn at a rate limiter) goes on.
-#[tokio::test(start_paused = true)]
-async fn a_later_call_on_the_same_task_waits_for_the_query_on_its_way() {
+/// Two calls following one task over [`two_queries_wait`]: the first asked at 5 s, and its
+/// query waits; the later call starts at 6 s.
+struct Two {
+    first: tokio::task::JoinHandle<Result<TaskReport, FollowError>>,
+    later: tokio::task::JoinHandle<Result<TaskReport, FollowError>>,
+    sent: Arc<AtomicUsize>,
+    dropped: Arc<AtomicUsize>,
+}
+
+async fn two_calls_on_one_task() -> Two {
     let classify = ClassifyLayer::new().layer(mock(3600, 3600));
     let x = create(&classify, "/text-to-video/kling-3.0").await;
     let (sent, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let service = two_queries_wait(classify, sent.clone(), dropped.clone());
     let one = follower(service, FollowPolicy::new());
-    let first = one.clone();
-    let (id1, id2) = (x.id.clone(), x.id.clone());
-    let a = tokio::spawn(async move { first.follow(TaskRef::new_style(id1)).await });
-    tokio::time::sleep(Duration::from_secs(6)).await; // `a` asked at 5 s
-    let g = tokio::spawn(async move { one.follow(TaskRef::new_style(id2)).await });
+    let spawn_follow = |follower: Follower<_>, id: String| {
+        tokio::spawn(async move { follower.follow(TaskRef::new_style(id)).await })
+    };
+    let first = spawn_follow(one.clone(), x.id.clone());
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let later = spawn_follow(one, x.id);
+    Two {
+        first,
+        later,
+        sent,
+        dropped,
+    }
+}
+
+/// A call that starts following a task while a query about it is on its way waits for that
+/// answer: it sends no second query, and when it is dropped the first call's query (which may
+/// only be waiting its turn at a rate limiter) goes on.
+#[tokio::test(start_paused = true)]
+async fn a_later_call_on_the_same_task_waits_for_the_query_on_its_way() {
+    let Two {
+        first: a,
+        later: g,
+        sent,
+        dropped,
+    } = two_calls_on_one_task().await;
     tokio::time::sleep(Duration::from_secs(6)).await; // `g`'s task due at 11 s
     g.abort();
     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -931,16 +956,12 @@ async fn a_later_call_on_the_same_task_waits_for_the_query_on_its_way() {
 /// may only be waiting its turn): nothing but another call's answer makes it send anew.
 #[tokio::test(start_paused = true)]
 async fn a_takeover_dropped_unanswered_leaves_the_sending_call_waiting() {
-    let classify = ClassifyLayer::new().layer(mock(3600, 3600));
-    let x = create(&classify, "/text-to-video/kling-3.0").await;
-    let (sent, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let service = two_queries_wait(classify, sent.clone(), dropped.clone());
-    let one = follower(service, FollowPolicy::new());
-    let first = one.clone();
-    let (id1, id2) = (x.id.clone(), x.id.clone());
-    let a = tokio::spawn(async move { first.follow(TaskRef::new_style(id1)).await });
-    tokio::time::sleep(Duration::from_secs(6)).await; // `a` asked at 5 s
-    let g = tokio::spawn(async move { one.follow(TaskRef::new_style(id2)).await });
+    let Two {
+        first: a,
+        later: g,
+        sent,
+        dropped,
+    } = two_calls_on_one_task().await;
     // At 125 s the takeover time has passed: `g` asks again.
     tokio::time::sleep(Duration::from_secs(124)).await;
     assert_eq!(sent.load(Ordering::SeqCst), 2, "the takeover's query");
