@@ -15,7 +15,7 @@ use kling_tower::clock::TokioWallClock;
 use kling_tower::{KlingLayer, StackConfig, Tier};
 use tower::{Layer, Service, ServiceExt, service_fn};
 
-use crate::support::{envelope, request};
+use crate::support::{accepted_create, envelope, request};
 
 /// 2024-01-01T00:00:00Z.
 const T0: u64 = 1_704_067_200;
@@ -421,15 +421,7 @@ async fn mock_accepts_the_signed_token_and_counts_the_access_key_account() {
             .account_id()
     );
     let svc = layer.layer(ClassifyLayer::new().layer(mock.clone()));
-    let response = svc
-        .oneshot(request(
-            "POST",
-            "/v1/videos/text2video",
-            r#"{"prompt":"a cat"}"#,
-        ))
-        .await
-        .unwrap();
-    assert!(Outcome::of(&response).unwrap().is_success());
+    accepted_create(svc).await;
     assert_eq!(mock.in_use("ak-9", "video"), 1);
     assert_eq!(mock.stats().requests_total, 1);
 }

@@ -13,7 +13,7 @@ use kling_tower::base_url::{BaseUrlLayer, OtherOrigin};
 use kling_tower::{KlingLayer, StackConfig, Tier};
 use tower::{Layer, ServiceBuilder, ServiceExt, service_fn};
 
-use crate::support::request;
+use crate::support::{accepted_create, request};
 
 /// Where `uri` goes through a base URL layer on `base`, or why it does not.
 async fn sent(base: &str, uri: &str) -> Result<String, BoxError> {
@@ -163,15 +163,7 @@ async fn hyper_client_reaches_the_mock_through_the_base_url() {
         .layer(ClassifyLayer::new())
         .layer(BaseUrlLayer::new(&server.base_url()).unwrap())
         .service(client);
-    let created = service
-        .clone()
-        .oneshot(request(
-            "POST",
-            "/v1/videos/text2video",
-            r#"{"prompt":"a cat"}"#,
-        ))
-        .await
-        .unwrap();
+    let created = accepted_create(service.clone()).await;
     let task = Outcome::of(&created).unwrap().task().unwrap().clone();
     assert_eq!(task.status, TaskStatus::Submitted);
     let queried = service

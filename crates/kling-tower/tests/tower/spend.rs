@@ -14,7 +14,7 @@ use kling_tower::spend::{CostTable, SpendGuardLayer};
 use kling_tower::{Credentials, Kling, KlingLayer};
 use tower::{Layer, Service, ServiceExt, service_fn};
 
-use crate::support::{envelope, request};
+use crate::support::{accepted_create, envelope, request};
 
 fn authed(method: &str, uri: &str, body: &str) -> http::Request<Full<Bytes>> {
     let mut req = request(method, uri, body);
@@ -241,16 +241,7 @@ async fn through_the_stack_a_create_the_server_refuses_gives_its_estimate_back()
         assert_eq!(guard.committed(account), 0.0);
     }
     // So a create the server accepts still goes.
-    let created = service
-        .clone()
-        .oneshot(request(
-            "POST",
-            "/v1/videos/text2video",
-            r#"{"prompt":"a cat"}"#,
-        ))
-        .await
-        .unwrap();
-    assert!(Outcome::of(&created).unwrap().is_success());
+    accepted_create(service.clone()).await;
     assert_eq!(guard.committed(account), 1.0);
     assert_eq!(mock.stats().tasks_created, 1);
 }

@@ -13,7 +13,7 @@ use kling_tower::gateway::GatewayLayer;
 use kling_tower::{Credentials, KlingLayer, StackConfig, TaskRef, Tier};
 use tower::{Layer, Service, ServiceExt};
 
-use crate::support::{envelope, request};
+use crate::support::{accepted_create, envelope, request};
 
 type Response = http::Response<Full<Bytes>>;
 
@@ -851,15 +851,7 @@ async fn a_task_nobody_follows_stops_counting_as_running_when_its_slot_is_given_
     let kling = KlingLayer::new(config, Credentials::api_key("k").unwrap()).unwrap();
     let mock = MockKling::new(MockConfig::preset(Preset::Pro).api_key("k")).unwrap();
     let service = kling.layer(mock);
-    let response = service
-        .oneshot(request(
-            "POST",
-            "/v1/videos/text2video",
-            r#"{"prompt":"a cat"}"#,
-        ))
-        .await
-        .unwrap();
-    assert!(Outcome::of(&response).unwrap().is_success());
+    accepted_create(service).await;
     let state = || {
         let snapshot = kling.snapshot();
         let video = snapshot.pool("video").unwrap().in_use;
