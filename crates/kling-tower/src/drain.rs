@@ -135,6 +135,21 @@ impl Gate {
         DrainGuard { shard }
     }
 
+    /// Counts a request in flight, unless the gate is closed and `refused` says the gate keeps
+    /// it out (a create). The count comes first and the flag is read after it, both `SeqCst`,
+    /// as `drain` stores the flag and then sums the counts: either this read sees the gate
+    /// closed, or the drain's sum sees this request. Read the other way round, a drain could
+    /// store the flag, find nothing in flight and return between the read and the count, and
+    /// a create would go out after it.
+    #[inline]
+    fn admit(&self, refused: impl FnOnce() -> bool) -> Option<DrainGuard> {
+        let guard = self.enter();
+        if self.is_draining() && refused() {
+            return None;
+        }
+        Some(guard)
+    }
+
     /// The sum of the shards, each read once: zero means every piece of work that entered
     /// before this read began has left.
     fn in_flight(&self) -> usize {
@@ -326,21 +341,20 @@ where
 
     #[inline]
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        if self.gate.is_draining()
-            && request.method() == Method::POST
-            && Recognized::of(&mut request).is_create()
-        {
-            return ResponseFuture {
+        let admitted = self
+            .gate
+            .admit(|| request.method() == Method::POST && Recognized::of(&mut request).is_create());
+        match admitted {
+            Some(guard) => ResponseFuture {
+                future: Some(self.inner.call(request)),
+                guard: Some(guard),
+                refused: None,
+            },
+            None => ResponseFuture {
                 future: None,
                 guard: None,
                 refused: Some(Draining::new(request.uri().path())),
-            };
-        }
-        let guard = self.gate.enter();
-        ResponseFuture {
-            future: Some(self.inner.call(request)),
-            guard: Some(guard),
-            refused: None,
+            },
         }
     }
 }
@@ -390,6 +404,30 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// A request is counted in flight before the closed gate is read for it, so a drain that
+    /// closes the gate and finds nothing in flight cannot miss a create admitted meanwhile.
+    #[test]
+    fn a_request_is_counted_before_the_gate_is_read() {
+        let (layer, handle) = DrainLayer::pair();
+        handle.close();
+        let mut counted_when_judged = None;
+        let admitted = layer.gate.admit(|| {
+            counted_when_judged = Some(handle.in_flight());
+            true
+        });
+        assert!(admitted.is_none(), "a create is refused while draining");
+        assert_eq!(counted_when_judged, Some(1), "judged while counted");
+        assert_eq!(handle.in_flight(), 0, "a refused request leaves no count");
+
+        handle.reopen();
+        let guard = layer
+            .gate
+            .admit(|| unreachable!("an open gate judges nothing"));
+        assert_eq!(handle.in_flight(), 1);
+        drop(guard);
+        assert_eq!(handle.in_flight(), 0);
+    }
 
     /// Guards entered through different shards add up, and a drain waits for the last of them,
     /// whichever shard it left last.
