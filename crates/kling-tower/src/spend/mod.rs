@@ -60,7 +60,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::error::{BudgetExceeded, ConfigError};
-use crate::preset::StackConfig;
+use crate::preset::{MAX_DURATION, StackConfig};
 
 /// What a create is estimated to cost, in credits (the unit of `final_unit_deduction`).
 ///
@@ -318,6 +318,13 @@ impl SpendGuardLayer {
         }
         if period.is_zero() {
             return Err(ConfigError::new("credit_period_secs", "must be above 0"));
+        }
+        // As `StackConfig` checks it: a period start plus the period must stay an `Instant`.
+        if period > MAX_DURATION {
+            return Err(ConfigError::new(
+                "credit_period_secs",
+                "must be at most a year",
+            ));
         }
         costs.validate()?;
         Ok(SpendGuardLayer {

@@ -175,6 +175,18 @@ fn the_free_tier_guards_66_credits_a_day_and_others_none() {
     assert_eq!(err.field(), "costs.video");
 }
 
+/// A period no `Instant` can reach past (a "never reset" budget asked for as `Duration::MAX`) is
+/// a configuration error, not a panic on the first create.
+#[test]
+fn a_credit_period_past_a_year_is_refused() {
+    let err = SpendGuardLayer::with_period(5.0, Duration::MAX, CostTable::new()).unwrap_err();
+    assert_eq!(err.field(), "credit_period_secs");
+    assert!(err.to_string().contains("at most a year"), "{err}");
+    let year = Duration::from_secs(365 * 24 * 60 * 60);
+    let guard = SpendGuardLayer::with_period(5.0, year, CostTable::new()).unwrap();
+    assert_eq!(guard.remaining(None), 5.0);
+}
+
 /// The Free tier's stack (66 credits a day, 1 credit a video) over `client`.
 fn free_stack<S>(client: S) -> (KlingLayer, Kling<S>) {
     let kling = KlingLayer::builder(
