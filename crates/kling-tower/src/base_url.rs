@@ -20,7 +20,9 @@
 //! result URL on a CDN, or a URL someone else chose, must never receive them. Refused rather
 //! than sent without credentials: such a request is a mistake (fetch result files with a
 //! client of their own), and an error says so where a stripped header would turn into a
-//! puzzling 401 or a download that was paced and counted as an API call.
+//! puzzling 401 or a download. In [`KlingLayer`](crate::KlingLayer)'s stack this layer is the
+//! last before the client, so by the time it refuses, the rate limiter has paced the request
+//! and the metrics have counted it: the refusal protects the credentials, not the rate.
 //!
 //! The refusal's source is [`RefusedBeforeSending`]:
 //! the classify step above passes it up as it is, and a retry layer returns it at once rather
@@ -245,6 +247,15 @@ impl BaseUrlLayer {
             .ok_or_else(|| ConfigError::new("base_url", "needs a host"))?;
         if uri.query().is_some() {
             return Err(ConfigError::new("base_url", "must not have a query"));
+        }
+        // `user:password@host` would be printed wherever the base is (`Debug`, the builder's
+        // logs), and reqwest would turn it into an `Authorization` header beside the stack's.
+        if authority.as_str().contains('@') {
+            return Err(ConfigError::new(
+                "base_url",
+                "must not carry user info (user:password@): the stack signs every request \
+                 with its own credentials",
+            ));
         }
         let https = scheme == Scheme::HTTPS;
         if !https && !is_loopback(authority.host()) {

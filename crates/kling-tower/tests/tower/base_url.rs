@@ -116,6 +116,32 @@ fn plain_http_base_urls_are_refused_except_to_loopback() {
     }
 }
 
+/// A base URL with `user:password@` is refused, and the refusal does not repeat the password:
+/// the base is printed wherever the stack is (`Debug`), and reqwest would send the user info
+/// as a second `Authorization`.
+#[test]
+fn base_urls_with_user_info_are_refused_without_echoing_it() {
+    for base in [
+        "https://user:s3cret@proxy.internal/kling",
+        "https://s3cret@api-singapore.klingai.com",
+    ] {
+        let refused = BaseUrlLayer::new(base).unwrap_err();
+        assert_eq!(refused.field(), "base_url", "{base}");
+        assert!(refused.to_string().contains("user info"), "{refused}");
+        let refused = KlingLayer::builder(
+            StackConfig::preset(Tier::Pro),
+            Credentials::api_key("k").unwrap(),
+        )
+        .base_url(base)
+        .build()
+        .unwrap_err();
+        assert!(
+            !format!("{refused} {refused:?}").contains("s3cret"),
+            "{refused:?}"
+        );
+    }
+}
+
 /// Composed by hand (auth, classify, base URL), a request to another host is refused below the
 /// auth layer: the client never sees it nor the key.
 #[tokio::test]
