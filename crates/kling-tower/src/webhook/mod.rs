@@ -6,7 +6,10 @@
 //! `{id}.{timestamp}.{raw body}` (several while a key is being rotated). [`WebhookVerifier`]
 //! accepts a message when any signature matches any configured secret (compared in constant
 //! time), its timestamp is within ±5 minutes of now, and its id has not been accepted before
-//! (a bounded cache of recent ids; older ids are refused as stale anyway).
+//! (a bounded cache of recent ids: an id that has left the tolerance is refused as stale
+//! anyway, and past the cache's capacity the oldest id is forgotten even inside it, so a
+//! replay of that message would verify again: size [`WebhookVerifier::replay_capacity`] to
+//! the callbacks expected within twice the tolerance).
 //!
 //! Verifying costs one HMAC of the message per configured secret, however many signatures the
 //! header lists: the MAC is computed once and each signature compared with it. Only the first
@@ -177,7 +180,11 @@ impl WebhookVerifier {
         self.rebuild(|_, _, c, _| *c = Arc::new(clock))
     }
 
-    /// Sets how many recent ids are remembered against replays (at least 1).
+    /// Sets how many recent ids are remembered against replays (at least 1; default
+    /// [`DEFAULT_REPLAY_CAPACITY`]). Ids are forgotten once their timestamps leave the tolerance,
+    /// and the oldest first when the cache is full: a message forgotten that way while still
+    /// inside the tolerance would verify again. Room for the callbacks expected within twice
+    /// the tolerance (10 minutes by default) closes that gap.
     pub fn replay_capacity(self, capacity: usize) -> Result<WebhookVerifier, ConfigError> {
         if capacity == 0 {
             return Err(ConfigError::new("replay_capacity", "must be at least 1"));

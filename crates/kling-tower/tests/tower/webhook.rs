@@ -132,8 +132,9 @@ async fn rejects_a_replayed_message_on_any_clone() {
         .unwrap_err();
     assert_eq!(err.kind(), WebhookErrorKind::Replayed);
 
-    // The cache is bounded: with room for 2 ids, the oldest is forgotten (and a message that
-    // old would be refused as stale once out of tolerance).
+    // The cache is bounded: with room for 2 ids, the oldest is forgotten, even inside the
+    // tolerance (the documented limit of a bounded cache; a message that old is refused as
+    // stale once out of tolerance).
     let small = verifier().replay_capacity(2).unwrap();
     let again = |id: &str| {
         let sig = kling_mock::sign_webhook(SECRET, id, NOW, BODY);
