@@ -10,6 +10,7 @@
 //! the standalone types still works (they are read when no layer set the signal).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use http::Request;
 use tokio::time::Instant;
@@ -30,6 +31,8 @@ pub(crate) struct CallContext {
     pub(crate) recognized: Option<Arc<Recognized>>,
     pub(crate) deadline: Option<Instant>,
     pub(crate) attempt: Option<u32>,
+    /// Shared with the layer that watches (and every retry copy of the request).
+    pub(crate) send_watch: Option<SendWatch>,
 }
 
 impl CallContext {
@@ -182,6 +185,72 @@ fn earlier(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
+/// Request signal: whether a create that a caller may cancel while it waits was ever handed on
+/// toward the server, so a layer above that reserved something for it (the spend guard's
+/// credit estimate) knows, when the caller drops the request, whether to give it back.
+///
+/// A layer that holds a request back unsent (the task slots, for a slot) says so with
+/// [`SendWatch::held`], and [`SendWatch::handed`] when it passes the request on. Only the first
+/// attempt's wait is held: once any attempt went on, a create may exist whatever the later
+/// ones do. So [`SendWatch::never_sent`] is true only for a create that a layer below held
+/// from its start and never passed on; a request no layer reported on (a stack without such a
+/// layer, or a create granted at once and sent) is not known unsent, and keeps what was
+/// reserved for it.
+///
+/// Kept in the request's combined signal extension, like the other signals.
+#[derive(Clone, Debug, Default)]
+pub struct SendWatch(Arc<AtomicU8>);
+
+/// No layer reported on the request.
+const UNREPORTED: u8 = 0;
+/// A layer holds the first attempt back, unsent.
+const HELD: u8 = 1;
+/// A layer passed an attempt on (final).
+const HANDED: u8 = 2;
+
+impl SendWatch {
+    /// Starts watching a request: a fresh watch, in its signals, that the caller keeps.
+    pub fn watch<B>(request: &mut Request<B>) -> SendWatch {
+        let watch = SendWatch::default();
+        CallContext::of_mut(request).send_watch = Some(watch.clone());
+        watch
+    }
+
+    /// The watch a request carries, if a layer above watches it.
+    fn of<B>(request: &Request<B>) -> Option<&SendWatch> {
+        CallContext::of(request).and_then(|call| call.send_watch.as_ref())
+    }
+
+    /// A layer holds `request` back, unsent (it waits for a slot): noted for a first attempt
+    /// that no layer reported on yet.
+    pub fn held<B>(request: &Request<B>) {
+        let Some(call) = CallContext::of(request) else {
+            return;
+        };
+        if let Some(watch) = &call.send_watch
+            && call.attempt.is_none_or(|attempt| attempt <= 1)
+        {
+            // Only from "unreported": a request already passed on stays so.
+            let _ = watch
+                .0
+                .compare_exchange(UNREPORTED, HELD, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// A layer that held `request` passes it on toward the server.
+    pub fn handed<B>(request: &Request<B>) {
+        if let Some(watch) = SendWatch::of(request) {
+            watch.0.store(HANDED, Ordering::Release);
+        }
+    }
+
+    /// Whether the request was held back from its first attempt and never passed on: a create
+    /// dropped in that state surely made no task.
+    pub fn never_sent(&self) -> bool {
+        self.0.load(Ordering::Acquire) == HELD
+    }
+}
+
 /// Response extension: a task-slots layer saw this 1303, gave the slots back and lowered its
 /// believed capacity; a retried create will wait in that layer until a slot frees, so the retry
 /// layer may retry without its own backoff.
@@ -233,6 +302,39 @@ mod tests {
         assert_eq!(Attempt::of(&req), Some(2));
         assert_eq!(AccountId::of(&req).map(AccountId::as_str), Some("acct"));
         assert!(Recognized::cached(&req).is_some());
+    }
+
+    /// Only a first attempt held back and never passed on is known unsent; a request passed
+    /// on stays so, and a later attempt's wait does not count.
+    #[test]
+    fn a_send_watch_knows_a_create_unsent_only_while_its_first_attempt_is_held() {
+        let mut req = request();
+        SendWatch::held(&req);
+        let watch = SendWatch::watch(&mut req);
+        assert!(!watch.never_sent(), "nothing reported yet");
+        assert_eq!(req.extensions().len(), 1, "in the combined extension");
+        SendWatch::held(&req);
+        assert!(watch.never_sent());
+        SendWatch::handed(&req);
+        assert!(!watch.never_sent());
+        SendWatch::held(&req);
+        assert!(!watch.never_sent(), "handed is final");
+
+        // A retry's later attempt, held, is not known unsent (an earlier one went on).
+        let mut retry = request();
+        let watch = SendWatch::watch(&mut retry);
+        Attempt::set(&mut retry, 2);
+        SendWatch::held(&retry);
+        assert!(!watch.never_sent());
+
+        // A retry layer's copy of the request (its signals restored) shares the watch.
+        let mut original = request();
+        let watch = SendWatch::watch(&mut original);
+        let signals = CallSignals::if_alone(original.extensions()).expect("alone");
+        let mut copy = request();
+        signals.restore(&mut copy);
+        SendWatch::held(&copy);
+        assert!(watch.never_sent(), "seen through the original's watch");
     }
 
     #[tokio::test(start_paused = true)]
@@ -302,6 +404,7 @@ mod tests {
                 recognized: bit(2).then(|| Arc::new(created)),
                 deadline: bit(3).then(|| now + Duration::from_secs(1)),
                 attempt: bit(4).then_some(2),
+                send_watch: None,
             });
         }
         if bit(5) {

@@ -14,7 +14,7 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri};
 use http_body_util::Full;
 use kling_core::error::{ApiError, BoxError};
-use kling_core::signals::{Deadline, SlotGated, Waited};
+use kling_core::signals::{Deadline, SendWatch, SlotGated, Waited};
 use kling_core::{AccountId, ApiGeneration, Code, Outcome, PeekBody, Recognized, metrics as names};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -137,6 +137,7 @@ where
         ready!(inner.poll_ready(cx)).map_err(Into::into)?;
         let mut inner = self.inner.take().expect("inner is taken once");
         let request = self.request.take().expect("request is taken once");
+        SendWatch::handed(&request);
         Poll::Ready(Ok(inner.call(request)))
     }
 }

@@ -10,6 +10,7 @@ use http::{Request, Response};
 use http_body_util::Full;
 use kling_core::error::BoxError;
 use kling_core::lanes::Lanes;
+use kling_core::signals::SendWatch;
 use kling_core::{AccountId, ApiGeneration, PeekBody, Pool, Recognized, RequestKind};
 use tokio::time::Instant;
 use tower_service::Service;
@@ -202,6 +203,9 @@ where
             ),
             Ok(Err(error)) => ResponseFuture::failed(error.into_box()),
             Err(acquire) => {
+                // Held back unsent: a layer above that reserved something for the create (the
+                // spend guard's estimate) gives it back if the caller drops it here.
+                SendWatch::held(&request);
                 // The create waits with a clone of the inner service, unreserved, and readies
                 // it once granted: the service `poll_ready` readied stays here for the next
                 // call, so a layer below that reserves in `poll_ready` (an in-flight bound)

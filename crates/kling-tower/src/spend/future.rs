@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http::Response;
 use http_body_util::Full;
 use kling_core::error::ApiError;
+use kling_core::signals::SendWatch;
 use kling_core::{AccountId, BoxError, Code, Outcome};
 use kling_retry::error::{DeadlineExceeded, Failed, StopReason};
 use pin_project_lite::pin_project;
@@ -25,6 +26,8 @@ pub(crate) struct Settle {
     pub(crate) account: Option<AccountId>,
     pub(crate) estimate: f64,
     pub(crate) period_start: Instant,
+    /// Whether the layers below held the create back unsent, read if the caller drops it.
+    pub(crate) watch: SendWatch,
 }
 
 pin_project! {
@@ -33,6 +36,22 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         state: State<F>,
+    }
+
+    impl<F> PinnedDrop for ResponseFuture<F> {
+        /// A create dropped before its answer keeps its estimate (it may have reached the
+        /// server), unless the layers below held it back from its first attempt and never sent
+        /// it (a caller's timeout while it waited for a slot): then no task can exist.
+        fn drop(this: Pin<&mut Self>) {
+            if let StateProj::Create { settle, .. } = this.project().state.project()
+                && let Some(settle) = settle.take()
+                && settle.watch.never_sent()
+            {
+                settle
+                    .ledger
+                    .release(&settle.account, settle.estimate, settle.period_start);
+            }
+        }
     }
 }
 
@@ -97,6 +116,7 @@ where
                     account,
                     estimate,
                     period_start,
+                    ..
                 } = settle;
                 match result {
                     Ok(mut response) => {

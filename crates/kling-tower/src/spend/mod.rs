@@ -5,7 +5,8 @@
 //! per-image price × `n`). When the estimate would pass what is left of the budget, the create
 //! fails at once with [`BudgetExceeded`] and is never sent. An accepted estimate counts against
 //! the budget straight away; it is given back when the server refuses the create (a code that
-//! cannot have created a task, or a request that was never sent), and replaced by the real
+//! cannot have created a task, or a request that was never sent, or a create the caller
+//! dropped while a layer below still held it back unsent: see below), and replaced by the real
 //! cost when a query or callback reports the finished task's cost ([`TaskReport::cost`]: the
 //! legacy `final_unit_deduction` or the sum of new-style `billing[].amount`). A create whose
 //! outcome is unknown keeps its estimate: the task may run and be billed.
@@ -54,6 +55,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::Full;
+use kling_core::signals::SendWatch;
 use kling_core::{AccountId, BoxError, PeekBody, Product, Recognized, TaskReport};
 use tokio::time::Instant;
 use tower_layer::Layer;
@@ -459,15 +461,21 @@ where
         };
         let account = AccountId::of(&request).cloned();
         match self.ledger.reserve(&account, estimate) {
-            Ok(period_start) => future::ResponseFuture::create(
-                self.inner.call(request),
-                future::Settle {
-                    ledger: self.ledger.clone(),
-                    account,
-                    estimate,
-                    period_start,
-                },
-            ),
+            Ok(period_start) => {
+                // Tells, should the caller drop the create, whether a layer below held it back
+                // unsent (a slot's wait), so the estimate goes back.
+                let watch = SendWatch::watch(&mut request);
+                future::ResponseFuture::create(
+                    self.inner.call(request),
+                    future::Settle {
+                        ledger: self.ledger.clone(),
+                        account,
+                        estimate,
+                        period_start,
+                        watch,
+                    },
+                )
+            }
             Err(refused) => future::ResponseFuture::refused(refused),
         }
     }

@@ -344,6 +344,86 @@ async fn through_the_stack_a_create_a_limiter_refuses_before_sending_gives_its_e
     assert_eq!(mock.stats().tasks_created, 1);
 }
 
+/// A create the caller gives up on while it waits for the Free tier's one slot was never sent:
+/// its estimate goes back. One dropped after it was sent keeps it (its task may exist).
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_a_create_dropped_while_it_waits_for_a_slot_gives_its_estimate_back() {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Free)
+            .api_key("key")
+            .task_duration(Duration::from_secs(600), Duration::from_secs(600)),
+    )
+    .unwrap();
+    let (kling, service) = free_stack(mock.clone());
+    let guard = kling.spend_guard().expect("the free tier has a budget");
+    let account = Some(kling.account_id());
+    let video = || request("POST", "/v1/videos/text2video", r#"{"prompt":"a cat"}"#);
+
+    accepted_create(service.clone()).await;
+    assert_eq!(guard.committed(account), 1.0);
+    // More given-up creates than the day's 66 credits: each waited for the slot, unsent.
+    for _ in 0..70 {
+        let waiting = service.clone().oneshot(video());
+        let gave_up = tokio::time::timeout(Duration::from_secs(1), waiting).await;
+        assert!(gave_up.is_err(), "still waiting for the slot");
+        assert_eq!(guard.committed(account), 1.0);
+    }
+    assert_eq!(mock.stats().tasks_created, 1);
+}
+
+/// A create that waited for the slot and was then sent keeps its estimate when the caller drops
+/// it before the answer: the task may exist.
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_a_create_dropped_after_its_wait_once_sent_keeps_its_estimate() {
+    // The first create makes `t1`, a query finds it ended, and every later create hangs.
+    let creates = Arc::new(AtomicUsize::new(0));
+    let seen = creates.clone();
+    let client = Client::new(service_fn(move |req: http::Request<Full<Bytes>>| {
+        let first = req.method() == http::Method::POST && seen.fetch_add(1, Ordering::SeqCst) == 0;
+        let query = req.method() == http::Method::GET;
+        async move {
+            if first {
+                let body = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t1","task_status":"submitted"}}"#;
+                Ok::<_, BoxError>(envelope(200, body))
+            } else if query {
+                let body = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t1","task_status":"succeed","task_result":{"videos":[]}}}"#;
+                Ok(envelope(200, body))
+            } else {
+                std::future::pending().await
+            }
+        }
+    }));
+    let (kling, service) = free_stack(client);
+    let guard = kling.spend_guard().expect("the free tier has a budget");
+    let account = Some(kling.account_id());
+
+    let first = service.clone().oneshot(video()).await.unwrap();
+    assert!(Outcome::of(&first).unwrap().is_success());
+    let mut second = Box::pin(service.clone().oneshot(video()));
+    let waiting = tokio::time::timeout(Duration::from_secs(1), &mut second).await;
+    assert!(waiting.is_err(), "the second create waits for the slot");
+    assert_eq!(creates.load(Ordering::SeqCst), 1, "not sent while it waits");
+
+    // The query frees the slot; the waiting create is sent, and its answer never comes.
+    let query = request("GET", "/v1/videos/text2video/t1", "");
+    service.clone().oneshot(query).await.unwrap();
+    // (Within a minute: the Free tier's rate spaces the create after the query.)
+    for _ in 0..600 {
+        let answered = tokio::time::timeout(Duration::from_millis(100), &mut second).await;
+        assert!(answered.is_err(), "no answer: {answered:?}");
+        if creates.load(Ordering::SeqCst) == 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        creates.load(Ordering::SeqCst),
+        2,
+        "sent once the slot freed"
+    );
+    drop(second);
+    assert_eq!(guard.committed(account), 2.0);
+}
+
 /// A client whose first create gets `first` (status, headers, body) and whose every later
 /// create makes a task, counting the requests.
 fn first_create_gets(
