@@ -222,8 +222,13 @@ pub struct Faults {
     pub fault_rate: f64,
     /// Share of successful creates answered 5000 although the task *was* created and billed.
     pub ghost_create_rate: f64,
-    /// Share of requests whose connection is dropped without a response.
+    /// Share of requests whose connection is dropped without a response, before the server
+    /// does anything with them (the request was lost on its way).
     pub drop_rate: f64,
+    /// Share of requests the server carries out (a create makes its task, billed) whose
+    /// connection is then dropped without a response: the answer was lost on its way back, as
+    /// a timeout or a reset after sending leaves a real client.
+    pub lost_answer_rate: f64,
     /// Share of requests answered only after [`Faults::slow_delay`].
     pub slow_rate: f64,
     /// How long a slow response waits (API time, divided by speed).
@@ -238,6 +243,7 @@ impl Default for Faults {
             fault_rate: 0.0,
             ghost_create_rate: 0.0,
             drop_rate: 0.0,
+            lost_answer_rate: 0.0,
             slow_rate: 0.0,
             slow_delay: Duration::from_secs(30),
             malformed_rate: 0.0,
@@ -535,9 +541,15 @@ impl MockConfig {
         self.faults.ghost_create_rate = rate;
         self
     }
-    /// Share of requests whose connection is dropped.
+    /// Share of requests whose connection is dropped before they are carried out.
     pub fn drop_rate(mut self, rate: f64) -> Self {
         self.faults.drop_rate = rate;
+        self
+    }
+    /// Share of requests carried out (a create makes its task) whose answer is then lost: the
+    /// connection is dropped without a response.
+    pub fn lost_answer_rate(mut self, rate: f64) -> Self {
+        self.faults.lost_answer_rate = rate;
         self
     }
     /// Share of requests answered after `delay` (API time).
@@ -637,6 +649,7 @@ impl MockConfig {
             ("faults.fault_rate", self.faults.fault_rate),
             ("faults.ghost_create_rate", self.faults.ghost_create_rate),
             ("faults.drop_rate", self.faults.drop_rate),
+            ("faults.lost_answer_rate", self.faults.lost_answer_rate),
             ("faults.slow_rate", self.faults.slow_rate),
             ("faults.malformed_rate", self.faults.malformed_rate),
         ];

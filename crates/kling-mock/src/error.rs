@@ -2,7 +2,8 @@
 
 use std::fmt;
 
-/// The mock dropped the connection instead of answering (the `drop_rate` fault).
+/// The mock dropped the connection instead of answering (the `drop_rate` fault, before the
+/// request was carried out, or the `lost_answer_rate` fault, after).
 ///
 /// Over TCP the connection is closed without a response; in process the call fails with this.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -10,8 +10,10 @@ use crate::state::State;
 pub(crate) enum Fault {
     /// Answer normally.
     None,
-    /// Close the connection without a response.
+    /// Close the connection without a response, the request not carried out.
     Drop,
+    /// Carry the request out, then close the connection without a response.
+    LostAnswer,
     /// Sleep this long (already divided by speed), then answer normally.
     Slow(Duration),
     /// HTTP 200 with a body that is not JSON.
@@ -41,6 +43,10 @@ impl State {
         }
         if self.chance(faults.slow_rate) {
             return Fault::Slow(self.config.scaled(faults.slow_delay));
+        }
+        // Drawn last, so a mock without it draws every other fault as before.
+        if self.chance(faults.lost_answer_rate) {
+            return Fault::LostAnswer;
         }
         Fault::None
     }

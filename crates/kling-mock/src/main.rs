@@ -38,9 +38,12 @@ struct Args {
     /// Share of creates answered 5000 although the task was created.
     #[arg(long, default_value_t = 0.0)]
     ghost_create_rate: f64,
-    /// Share of requests whose connection is dropped.
+    /// Share of requests whose connection is dropped before they are carried out.
     #[arg(long, default_value_t = 0.0)]
     drop_rate: f64,
+    /// Share of requests carried out (a create makes its task) whose answer is then dropped.
+    #[arg(long, default_value_t = 0.0)]
+    lost_answer_rate: f64,
     /// Share of tasks that end failed.
     #[arg(long, default_value_t = 0.0)]
     failure_rate: f64,
@@ -103,6 +106,7 @@ fn config(args: Args) -> MockConfig {
         .fault_rate(args.fault_rate)
         .ghost_create_rate(args.ghost_create_rate)
         .drop_rate(args.drop_rate)
+        .lost_answer_rate(args.lost_answer_rate)
         .failure_rate(args.failure_rate);
     if let Some(credits) = args.credits {
         config = config.credits(credits);

@@ -237,6 +237,10 @@ impl MockKling {
         if let Some(job) = job {
             callbacks::spawn(self.shared.clone(), job);
         }
+        if matches!(fault, Fault::LostAnswer) {
+            self.shared.lock().stats.answers_lost += 1;
+            return Err(MockError::dropped());
+        }
         Ok(resp)
     }
 

@@ -38,8 +38,11 @@ pub struct Stats {
     pub callbacks_sent: u64,
     /// Callbacks that failed (connection error, timeout, non-2xx).
     pub callbacks_failed: u64,
-    /// Connections dropped by the fault injector.
+    /// Connections dropped by the fault injector before the request was carried out.
     pub connections_dropped: u64,
+    /// Requests carried out whose answer the fault injector then dropped (the connection closed
+    /// without a response): a create among them made its task.
+    pub answers_lost: u64,
     /// Responses with a non-JSON body sent by the fault injector.
     pub malformed_responses: u64,
 }

@@ -3,9 +3,13 @@
 //! zero when idle), no job lost, no task created twice, no create over the five slots (no
 //! 1303), and the error the user sees names the cause.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use http::Method;
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::Full;
 use kling_core::error::{BodyTooLarge, MalformedResponse};
 use kling_mock::{MockConfig, MockServer, Preset, Stats};
 use kling_retry::error::Failed;
@@ -191,6 +195,108 @@ async fn a_server_error_storm_creates_each_task_exactly_once() {
         .sum();
     assert!(server_errors > 0, "the storm happened: {stats:?}");
     assert_nothing_lost(&server, &handles, 12).await;
+}
+
+/// A quarter of the answers are lost after the mock carried the request out: a create whose
+/// connection dropped made its task all the same. Each job sends its create once; the stack's
+/// retry layer must look the task up by its external id before it sends the create again (a
+/// second send of the id is refused and counted by the mock). The control below shows the
+/// fault repeating creates when a client just sends them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_answers_create_each_task_exactly_once() {
+    const JOBS: usize = 16;
+    let server = start(mock_config().lost_answer_rate(0.25)).await;
+    let opts = Opts::new(SPEED);
+    let lost_creates = Arc::new(AtomicUsize::new(0));
+    let client = {
+        let lost_creates = lost_creates.clone();
+        let inner = support::tcp_client(opts.max_body);
+        tower::util::BoxCloneService::new(tower::service_fn(move |req: Request<Full<Bytes>>| {
+            let create = req.method() == Method::POST;
+            let lost_creates = lost_creates.clone();
+            let call = tower::ServiceExt::oneshot(inner.clone(), req);
+            async move {
+                let answer = call.await;
+                if create && answer.is_err() {
+                    lost_creates.fetch_add(1, Ordering::SeqCst);
+                }
+                answer
+            }
+        }))
+    };
+    let (svc, handles) = support::stack(client, &opts);
+    let base = server.base_url();
+    let mut jobs = Vec::new();
+    for job in 0..JOBS {
+        let svc = svc.clone();
+        let base = base.clone();
+        jobs.push(tokio::spawn(async move {
+            let path = "/v1/videos/text2video";
+            let body = format!(r#"{{"prompt":"job {job}","external_task_id":"lost-{job}"}}"#);
+            let created = send(&svc, request(Method::POST, &format!("{base}{path}"), &body))
+                .await
+                .unwrap_or_else(|e| panic!("job {job}'s create failed: {e}"));
+            let task = created.task().expect("the create's task").id.clone();
+            for _ in 0..2000 {
+                let url = format!("{base}{path}/{task}");
+                if let Ok(outcome) = send(&svc, request(Method::GET, &url, "")).await
+                    && outcome.task().is_some_and(|t| t.status.is_terminal())
+                {
+                    return task;
+                }
+                tokio::time::sleep(POLL).await;
+            }
+            panic!("job {job} (task {task}) never ended");
+        }));
+    }
+    let mut tasks = std::collections::HashSet::new();
+    for job in jobs {
+        assert!(tasks.insert(job.await.expect("no job panicked")));
+    }
+    assert!(
+        lost_creates.load(Ordering::SeqCst) > 0,
+        "a create's answer was lost: {:?}",
+        server.stats()
+    );
+    assert_nothing_lost(&server, &handles, JOBS).await;
+}
+
+/// Negative control for the test above: a client that sends a create again when its answer is
+/// lost sends it twice (the mock refuses the second use of the external id; without one, it
+/// would have made and billed a second task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_resends_lost_creates_repeats_them() {
+    let server = start(
+        mock_config()
+            .no_rate_limit()
+            .slots(100)
+            .lost_answer_rate(0.25),
+    )
+    .await;
+    let client = support::tcp_client(64 * 1024);
+    let url = format!("{}/v1/videos/text2video", server.base_url());
+    for job in 0..16 {
+        let body = format!(r#"{{"prompt":"job {job}","external_task_id":"again-{job}"}}"#);
+        for _ in 0..40 {
+            let mut req = request(Method::POST, &url, &body);
+            req.headers_mut().insert(
+                "authorization",
+                "Bearer reliability-test-key".parse().unwrap(),
+            );
+            if tower::ServiceExt::oneshot(client.clone(), req)
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+    }
+    let stats = server.stats();
+    assert!(stats.answers_lost > 0, "{stats:?}");
+    assert!(
+        stats.duplicate_external_ids > 0,
+        "no create repeated: {stats:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -283,6 +283,38 @@ async fn a_dropped_connection_is_a_mock_error_in_process() {
     assert_eq!(mock.stats().connections_dropped, 1);
 }
 
+/// A lost answer is a dropped connection like the `drop_rate` fault's, but the request was
+/// carried out: the create made its task, billed. The `drop_rate` fault makes nothing.
+#[tokio::test(start_paused = true)]
+async fn a_lost_answer_drops_the_connection_after_the_create_made_its_task() {
+    use http_body_util::Full;
+    use tower_service::Service;
+    let create = || {
+        http::Request::post(T2V)
+            .header("authorization", "Bearer k")
+            .header("content-type", "application/json")
+            .body(Full::new(bytes::Bytes::from_static(
+                br#"{"prompt":"x","external_task_id":"job-1"}"#,
+            )))
+            .unwrap()
+    };
+
+    let mut lost = crate::support::mock(quiet().lost_answer_rate(1.0));
+    let err = lost.call(create()).await.unwrap_err();
+    assert_eq!(err.to_string(), "connection dropped by mock");
+    let stats = lost.stats();
+    assert_eq!((stats.answers_lost, stats.connections_dropped), (1, 0));
+    assert_eq!(stats.tasks_created, 1, "the task was made");
+
+    let mut dropped = crate::support::mock(quiet().drop_rate(1.0));
+    assert!(dropped.call(create()).await.is_err());
+    assert_eq!(
+        dropped.stats().tasks_created,
+        0,
+        "dropped before it was carried out"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn slow_answers_arrive_after_the_scaled_delay() {
     let c = Caller::new(quiet().speed(2.0).slow(1.0, secs(10)));
