@@ -14,7 +14,7 @@ use kling_concurrency::{SlotsConfig, TaskSlotsLayer};
 use kling_core::{BoxError, ClassifyLayer, Outcome};
 use kling_mock::{MockConfig, MockKling, Preset, RetryAfterMode};
 use kling_ratelimit::{Adaptive, GcraLayer, Quota};
-use kling_retry::RetryLayer;
+use kling_retry::{Recovered, RetryLayer};
 use kling_tower::{Credentials, KlingLayer, ServiceBuilderExt, StackConfig, Tier};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -38,7 +38,8 @@ pub enum Scenario {
     /// The preset's limits, known to the client.
     Plain,
     /// 3% of requests answered 5xx, 3% of creates answered 5000 although the task was created
-    /// (and billed), 1% of connections dropped.
+    /// (and billed), 1% of connections dropped before the server saw the request, and 1% of
+    /// answers lost after it carried the request out (a create's task made and billed).
     Faults,
     /// Credits run out mid-run (the client is not told the budget): 1102 for every later
     /// create. The budget is 66% of the run's jobs at one credit each, on every preset (Free's
@@ -243,8 +244,10 @@ impl Run {
 
 /// What one job ended with.
 enum JobEnd {
-    /// The task ended; its life on the server (ms) and the query interval it was polled at.
-    Done { life_ms: u64 },
+    /// The task ended: its life on the server (ms), and whether the client learned of the task
+    /// from a lookup by its external id (the create's answer was lost, or a 5000 that made it)
+    /// rather than from the create's answer.
+    Done { life_ms: u64, looked_up: bool },
     /// The server refused the create for good.
     Refused,
     /// The client gave up.
@@ -305,7 +308,7 @@ where
     S: Service<Req, Response = Res> + Clone,
     S::Error: Into<BoxError>,
 {
-    let task = match service.clone().oneshot(create_request(auth)).await {
+    let (task, looked_up) = match service.clone().oneshot(create_request(auth)).await {
         Err(error) => {
             let error: BoxError = error.into();
             return if refused_for_good(&*error) {
@@ -316,7 +319,10 @@ where
         }
         Ok(mut response) => match Outcome::ensure(&mut response) {
             Ok(outcome) if outcome.is_success() => match outcome.task() {
-                Some(task) => task.id.clone(),
+                Some(task) => (
+                    task.id.clone(),
+                    response.extensions().get::<Recovered>().is_some(),
+                ),
                 None => return JobEnd::Lost,
             },
             Ok(outcome) if outcome.disposition() == kling_core::Disposition::Fatal => {
@@ -340,7 +346,10 @@ where
             && report.status.is_terminal()
         {
             let life = life_ms(&response.body().clone_bytes()).unwrap_or(0);
-            return JobEnd::Done { life_ms: life };
+            return JobEnd::Done {
+                life_ms: life,
+                looked_up,
+            };
         }
     }
 }
@@ -377,7 +386,8 @@ fn mock_config(preset: Preset, scenario: Scenario, jobs: usize) -> MockConfig {
             config = config
                 .fault_rate(0.03)
                 .ghost_create_rate(0.03)
-                .drop_rate(0.01);
+                .drop_rate(0.01)
+                .lost_answer_rate(0.01);
         }
         Scenario::RetryAfterSeconds => config = config.retry_after(RetryAfterMode::Seconds),
         Scenario::RetryAfterDate => config = config.retry_after(RetryAfterMode::Date),
@@ -563,16 +573,23 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
         // end: there the slots' bound is the tasks' lives themselves, with no poll rounding and
         // no rate interval before the next create (the server's own floor).
         let blind = scenario == Scenario::UnknownSlots;
+        // A task the client learned of from a lookup (its create's answer was lost, or came
+        // back 5000 though it made the task) is polled from the lookup on, off the grid that
+        // starts at its creation: its first poll after the end can come sooner than `ceil(life
+        // / q)` intervals after the creation, so its life counts unrounded (the next create
+        // still follows the poll that saw it end).
         let (mut slot_ms, mut needed) = (0u64, 0u64);
         let mut with_task = 0u64;
         for end in &ends {
             match end {
-                JobEnd::Done { life_ms } => {
+                JobEnd::Done { life_ms, looked_up } => {
                     run.completed += 1;
                     with_task += 1;
                     let polls = life_ms.div_ceil(q).max(1);
                     slot_ms += if blind {
                         *life_ms
+                    } else if *looked_up {
+                        life_ms + create_gap_ms
                     } else {
                         polls * q + create_gap_ms
                     };

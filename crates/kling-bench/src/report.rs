@@ -132,8 +132,10 @@ pub fn goodput(runs: &[goodput::Run]) -> String {
         "\"bound\" is a lower bound on the makespan from the limits and the lives of the tasks \
          of the jobs that completed (refused and lost jobs are not in it, though the makespan \
          covers them): the larger of the slots' bound (each life rounded up to the next poll, \
-         plus one rate interval before a slot's next create; with the slots unknown, the lives \
-         alone, since a client that creates blind can take a slot before any poll sees it free) \
+         plus one rate interval before a slot's next create; unrounded for a task the client \
+         learned of from a lookup by its external id, which it polls off that grid; with the \
+         slots unknown, the lives alone, since a client that creates blind can take a slot \
+         before any poll sees it free) \
          and the rate's ((requests those \
          jobs need − 1) ÷ rate). \"efficiency\" is bound ÷ makespan. \"rate use\" is \
          (requests − 1) ÷ rate ÷ makespan. † Polling every second asks for more than the rate \
