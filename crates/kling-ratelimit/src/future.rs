@@ -67,23 +67,40 @@ impl<Bk: Backend> Gate<Bk> {
         let policy = shared.policy_for(key);
         match self.waited_since {
             Some(since) => shared.backend.acquire_waiting(key, &policy, since),
+            None if shared.mode == Mode::Reject => {
+                shared.backend.acquire_or_refuse(key, &policy, &mut None)
+            }
             None => shared.backend.acquire(key, &policy),
         }
     }
 
-    /// Gives its place in the queue up (dropped, or past its limit). When no other request
-    /// of this limiter waits for the key, the backend is told, so a store the fleet shares
-    /// gives the process's place up now rather than when the place ends. (The request may not
-    /// have asked as a waiting request yet, nor taken a place: telling costs a remote store
-    /// one command, only when a queue empties by giving up, and a flag to tell the cases apart
-    /// would cost each of 100,000 queued requests 8 bytes.)
-    fn give_up(&mut self, backend: &Bk) {
-        let Some(place) = self.place.take() else {
-            return;
-        };
-        let key = place.key.clone();
-        if place.leave() {
-            backend.stop_waiting(&key);
+    /// Gives its place in the queue up (dropped, failed, or past its limit). When no other
+    /// request of this limiter waits for the key, the backend is told, so a store the fleet
+    /// shares gives the process's place up now rather than when the place ends. (The request
+    /// may not have asked as a waiting request yet: telling costs a remote store one command,
+    /// only when a queue empties by giving up, and a flag to tell the cases apart would cost
+    /// each of 100,000 queued requests 8 bytes.)
+    ///
+    /// A request that holds no place yet but has asked in wait mode (its first ask, which a
+    /// shared store may have ranked in the fleet's order: [`Backend::acquire`]) tells the
+    /// backend the same way when it stops there — refused past its limit, failed, or dropped
+    /// before the answer — and nothing of this limiter waits for the key.
+    fn give_up(&mut self, shared: &Shared<Bk>, account_key: &BucketKey) {
+        match self.place.take() {
+            Some(place) => {
+                let key = place.key.clone();
+                if place.leave() {
+                    shared.backend.stop_waiting(&key);
+                }
+            }
+            None => {
+                if shared.mode == Mode::Wait && matches!(self.step, Step::Acquiring(_)) {
+                    let key = self.key(account_key);
+                    if shared.queues.depth(key) == 0 {
+                        shared.backend.stop_waiting(key);
+                    }
+                }
+            }
         }
     }
 
@@ -92,7 +109,12 @@ impl<Bk: Backend> Gate<Bk> {
             return;
         }
         self.waited_since = Some(now);
-        let max_wait = shared.max_wait.map(|max| (now + max, WaitLimit::MaxWait));
+        // A maximum wait past the clock's range (`Duration::MAX`) is no limit: saturated, not
+        // added (which would panic).
+        let max_wait = shared
+            .max_wait
+            .and_then(|max| now.checked_add(max))
+            .map(|at| (at, WaitLimit::MaxWait));
         let deadline = Deadline::of(request).map(|d| (d, WaitLimit::Deadline));
         self.limit = match (max_wait, deadline) {
             (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
@@ -140,7 +162,23 @@ impl<Bk: Backend> Gate<Bk> {
         self.class_key.take().is_none()
     }
 
+    /// Waits for the gates; a request that fails here gives up what it holds
+    /// ([`Gate::give_up`]).
     fn poll<B>(
+        &mut self,
+        cx: &mut Context<'_>,
+        request: &Request<B>,
+        shared: &Shared<Bk>,
+        account_key: &BucketKey,
+    ) -> Poll<Result<(), BoxError>> {
+        let result = ready!(self.poll_steps(cx, request, shared, account_key));
+        if result.is_err() {
+            self.give_up(shared, account_key);
+        }
+        Poll::Ready(result)
+    }
+
+    fn poll_steps<B>(
         &mut self,
         cx: &mut Context<'_>,
         request: &Request<B>,
@@ -179,7 +217,6 @@ impl<Bk: Backend> Gate<Bk> {
                             if let Some((limit, why)) = self.limit
                                 && at > limit
                             {
-                                self.give_up(&shared.backend);
                                 return Poll::Ready(Err(Box::new(WaitExceeded::new(
                                     at, why, false,
                                 ))));
@@ -206,7 +243,6 @@ impl<Bk: Backend> Gate<Bk> {
                             };
                             let now = Instant::now();
                             if now >= limit {
-                                self.give_up(&shared.backend);
                                 let resume_at = hint.map_or(now, |h| h.max(now));
                                 return Poll::Ready(Err(Box::new(WaitExceeded::new(
                                     resume_at, why, true,
@@ -301,7 +337,8 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let StateProj::Gating { waiting } = this.state.project() {
-                waiting.gate.give_up(&shared_of(this.lane).backend);
+                let account_key = BucketKey::account(this.account.clone());
+                waiting.gate.give_up(shared_of(this.lane), &account_key);
             }
         }
     }
@@ -324,12 +361,25 @@ where
     ) -> Direct<Bk::AcquireFuture> {
         let mut cx = Context::from_waker(Waker::noop());
         let mut decided_at = None;
-        let mut acquire = shared.backend.acquire_noting(key, policy, &mut decided_at);
+        let mut acquire = if shared.mode == Mode::Reject {
+            shared
+                .backend
+                .acquire_or_refuse(key, policy, &mut decided_at)
+        } else {
+            shared.backend.acquire_noting(key, policy, &mut decided_at)
+        };
         match Pin::new(&mut acquire).poll(&mut cx) {
             Poll::Ready(Ok(Decision::Admit)) => {
                 Direct::Admitted(decided_at.unwrap_or_else(Instant::now))
             }
-            Poll::Ready(Err(error)) => Direct::Failed(error.into()),
+            Poll::Ready(Err(error)) => {
+                // A first ask that failed does not wait: a shared store told as when the gate
+                // fails ([`Gate::give_up`]).
+                if shared.mode == Mode::Wait && shared.queues.depth(key) == 0 {
+                    shared.backend.stop_waiting(key);
+                }
+                Direct::Failed(error.into())
+            }
             Poll::Ready(Ok(_)) => Direct::Gate(None),
             Poll::Pending => Direct::Gate(Some(acquire)),
         }

@@ -174,7 +174,8 @@ impl<Bk> Builder<Bk> {
 
     /// A request that would wait longer fails with
     /// [`WaitExceeded`](crate::error::WaitExceeded) (a request's
-    /// [`Deadline`](kling_core::signals::Deadline) bounds its wait too).
+    /// [`Deadline`](kling_core::signals::Deadline) bounds its wait too). A `max` past the
+    /// clock's range (e.g. [`Duration::MAX`]) is no limit.
     pub fn max_wait(mut self, max: Duration) -> Self {
         self.max_wait = Some(max);
         self

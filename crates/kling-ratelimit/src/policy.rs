@@ -6,6 +6,18 @@ use std::time::Duration;
 use crate::error::ConfigError;
 use crate::quota::Quota;
 
+/// The longest duration a [`Cooldown`] field may have: a year (kling-tower's `MAX_DURATION`).
+/// Longer ones are refused when the layer is built; an instant that far ahead is kept in range.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `at + duration`, or as far ahead as the clock goes (a duration past its range, e.g.
+/// [`Duration::MAX`], is saturated rather than added, which would panic).
+pub(crate) fn later(at: tokio::time::Instant, duration: Duration) -> tokio::time::Instant {
+    at.checked_add(duration)
+        .or_else(|| at.checked_add(MAX_DURATION))
+        .unwrap_or(at)
+}
+
 /// How long a key pauses after a 1302 or a `Retry-After`, and how the pause escalates.
 ///
 /// When a response says 1302 (requests too fast) or carries a `Retry-After`, the whole key
@@ -27,7 +39,8 @@ use crate::quota::Quota;
 /// for the same reason and do not escalate it.
 ///
 /// Defaults: `first` 1 s, `escalate_after` 3, `backoff` 30 s, `ceiling` 60 s, `window` 60 s
-/// ("burst detection: back off 30–60 s").
+/// ("burst detection: back off 30–60 s"). Every duration must be at most a year: a longer
+/// one is refused when the layer is built, naming the field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Cooldown {
@@ -117,6 +130,9 @@ impl Cooldown {
         if self.ceiling.is_zero() {
             return err("ceiling", "must be positive");
         }
+        if self.ceiling > MAX_DURATION {
+            return err("ceiling", "must be at most a year");
+        }
         if self.first > self.ceiling {
             return err("first", "must not exceed the ceiling");
         }
@@ -125,6 +141,9 @@ impl Cooldown {
         }
         if self.window.is_zero() {
             return err("window", "must be positive");
+        }
+        if self.window > MAX_DURATION {
+            return err("window", "must be at most a year");
         }
         Ok(())
     }
@@ -306,6 +325,28 @@ mod tests {
         assert_eq!(err.field(), "cooldown.backoff");
         let err = Cooldown::new().escalate_after(0).validate().unwrap_err();
         assert_eq!(err.field(), "cooldown.escalate_after");
+        for (cooldown, field) in [
+            (Cooldown::new().window(Duration::MAX), "cooldown.window"),
+            (
+                Cooldown::new()
+                    .ceiling(Duration::MAX)
+                    .backoff(Duration::MAX),
+                "cooldown.ceiling",
+            ),
+            (
+                Cooldown::new().window(MAX_DURATION + Duration::from_secs(1)),
+                "cooldown.window",
+            ),
+        ] {
+            assert_eq!(cooldown.validate().unwrap_err().field(), field);
+        }
+        assert!(
+            Cooldown::new()
+                .window(MAX_DURATION)
+                .ceiling(MAX_DURATION)
+                .validate()
+                .is_ok()
+        );
         let err = Adaptive::new().decrease(1.5).validate().unwrap_err();
         assert_eq!(err.field(), "adaptive.decrease");
     }

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use super::{Backend, BucketKey, Decision, Feedback, KeyState, Policy, Reported, pause_until};
 use crate::error::BackendError;
-use crate::policy::AdaptiveState;
+use crate::policy::{AdaptiveState, later};
 use crate::quota::Quota;
 
 /// The smallest number of locked decisions between two sweeps for idle keys.
@@ -48,6 +48,18 @@ const LOCK_FREE_MAX_TAU: u64 = 1 << 62;
 /// The keys a thread remembers per thread (over every backend): an account key and a class
 /// key, for a couple of limiters.
 const RECENT_KEYS: usize = 4;
+
+/// A test's hook, run by a sweep between judging a key idle and retiring its limiter.
+#[cfg(test)]
+type SweepHook = Box<dyn FnMut(&Arc<Generation>)>;
+
+#[cfg(test)]
+thread_local! {
+    /// Run by a sweep on this thread between judging a key idle and retiring its limiter: a
+    /// test makes a decision there, as another thread could.
+    static JUDGED_IDLE: RefCell<Option<SweepHook>> =
+        const { RefCell::new(None) };
+}
 
 thread_local! {
     /// The instant the calling thread decides at, in nanoseconds since its backend's base:
@@ -278,7 +290,7 @@ impl Entry {
         self.cooldown_until.is_none_or(|until| until <= now)
             && self.streak_expires.is_none_or(|at| at <= now)
             && paid_off <= now
-            && (self.adaptive.is_none() || paid_off + idle_ttl <= now)
+            && (self.adaptive.is_none() || later(paid_off, idle_ttl) <= now)
     }
 }
 
@@ -481,12 +493,21 @@ impl InProcess {
         let base = self.base;
         state.entries.retain(|(_, entry)| {
             let observed = entry.generation.tat.load(Ordering::Acquire);
-            !(entry.is_idle(now, ttl, base)
-                && entry
-                    .generation
-                    .tat
-                    .compare_exchange(observed, RETIRED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok())
+            if !entry.is_idle(now, ttl, base) {
+                return true;
+            }
+            // A decision without the lock may land here, between the check and the retirement.
+            #[cfg(test)]
+            JUDGED_IDLE.with_borrow_mut(|hook| {
+                if let Some(hook) = hook {
+                    hook(&entry.generation);
+                }
+            });
+            entry
+                .generation
+                .tat
+                .compare_exchange(observed, RETIRED, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
         });
         state.map.clear();
         for (at, (key, _)) in state.entries.iter().enumerate() {
@@ -640,7 +661,7 @@ impl InProcess {
                         1
                     };
                     entry.last_pause = Some(received_at);
-                    entry.streak_expires = Some(received_at + window);
+                    entry.streak_expires = Some(later(received_at, window));
                     if let Some(config) = &policy.adaptive {
                         let adaptive = entry
                             .adaptive
@@ -977,7 +998,9 @@ mod tests {
     }
 
     /// A sweep keeps a key whose limiter admitted between its idleness check and its
-    /// retirement: the retirement is a compare-and-swap from the state it judged idle.
+    /// retirement: the retirement is a compare-and-swap from the state it judged idle. The
+    /// decision is made inside the sweep, after the key was judged idle (as another thread's
+    /// decision without the lock could be); the limiter that admitted it stays the key's.
     #[tokio::test(start_paused = true)]
     async fn a_sweep_retires_only_the_state_it_judged_idle() {
         let backend = InProcess::new();
@@ -985,18 +1008,63 @@ mod tests {
         let p = policy(Quota::per_second(1.0));
         assert_eq!(backend.acquire_now(&key, &p), Decision::Admit);
         tokio::time::advance(Duration::from_secs(2)).await;
-        let generation = backend.remembered(&key).expect("remembered");
-        let observed = generation.tat.load(Ordering::Acquire);
-        // A decision slips in after the sweep read the state.
-        assert!(backend.decide_remembered(&key, &p, Instant::now()) == Some(Decision::Admit));
-        assert!(
-            generation
-                .tat
-                .compare_exchange(observed, RETIRED, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-        );
+        let slipped_in = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&slipped_in);
+        let (base, at) = (backend.base, nanos_since(Instant::now(), backend.base));
+        JUDGED_IDLE.set(Some(Box::new(move |generation: &Arc<Generation>| {
+            // The sweep holds the lock: decide on the limiter itself, as a thread that
+            // remembered it does.
+            record.lock().unwrap().push(generation.check(at, base));
+        })));
         backend.sweep();
+        JUDGED_IDLE.set(None);
+        assert_eq!(*slipped_in.lock().unwrap(), [Some(Decision::Admit)]);
         assert_eq!(backend.len(), 1, "the key owes an interval again");
+        // The limiter that admitted is still the key's: the next decision is refused on it.
+        assert!(matches!(
+            backend.decide_remembered(&key, &p, Instant::now()),
+            Some(Decision::NotBefore { .. })
+        ));
+    }
+
+    /// A policy built without the layer's checks (durations past the clock's range) saturates
+    /// instead of panicking: the streak window of a 1302, its pause, an adaptive key's idle TTL.
+    #[tokio::test(start_paused = true)]
+    async fn durations_past_the_clocks_range_saturate() {
+        let backend = InProcess::new().with_idle_ttl(Duration::MAX);
+        let key = BucketKey::account(None);
+        let cooldown = Cooldown::new()
+            .window(Duration::MAX)
+            .ceiling(Duration::MAX)
+            .backoff(Duration::MAX)
+            .escalate_after(1);
+        let p = Policy::new(Quota::per_second(1.0), cooldown)
+            .with_adaptive(Some(crate::policy::Adaptive::new()));
+        assert_eq!(backend.acquire_now(&key, &p), Decision::Admit);
+        let now = Instant::now();
+        let reported = backend.feedback_now(
+            &key,
+            &p,
+            Feedback::Pause {
+                sent_at: now,
+                received_at: now,
+                resume_at: None,
+                throttled: true,
+            },
+        );
+        let until = reported.cooldown_until.expect("paused");
+        assert!(
+            until >= now + Duration::from_secs(365 * 24 * 3600),
+            "{until:?}"
+        );
+        // An adaptive key, paid off and without a pause: kept for the idle TTL, i.e. for good.
+        let other = BucketKey::account(Some(AccountId::new("adaptive")));
+        let adaptive = Policy::new(Quota::per_second(1.0), Cooldown::default())
+            .with_adaptive(Some(crate::policy::Adaptive::new()));
+        assert_eq!(backend.acquire_now(&other, &adaptive), Decision::Admit);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        backend.sweep();
+        assert_eq!(backend.len(), 2);
     }
 
     /// A cooldown set by feedback reaches the decisions that skip the lock.

@@ -34,7 +34,7 @@ use tokio::time::Instant;
 pub use memory::InProcess;
 
 use crate::error::BackendError;
-use crate::policy::{Adaptive, Cooldown};
+use crate::policy::{Adaptive, Cooldown, later};
 use crate::quota::Quota;
 
 /// The key one quota is counted under: an account (or the shared key) and, for a separate
@@ -179,8 +179,29 @@ pub trait Backend: Send + Sync + 'static {
     /// The future of [`Backend::feedback`].
     type FeedbackFuture: Future<Output = Result<Reported, BackendError>> + Send + Unpin + 'static;
 
-    /// Takes one request's cell from `key` now, or says when to ask again.
+    /// Takes one request's cell from `key` now, or says when to ask again: a request's first
+    /// ask, in wait mode ([`Mode::Wait`](crate::Mode::Wait)). A request refused here goes on
+    /// to wait, so a store several processes share may rank it in the fleet's order from now
+    /// (as if it had asked with [`acquire_waiting`](Backend::acquire_waiting)): the layer
+    /// tells [`stop_waiting`](Backend::stop_waiting) if it then does not wait after all —
+    /// refused past its wait limit, failed, or dropped before the answer came — and no other
+    /// request of the limiter waits for the key. (Reject mode asks with
+    /// [`acquire_or_refuse`](Backend::acquire_or_refuse) instead.)
     fn acquire(&self, key: &BucketKey, policy: &Policy) -> Self::AcquireFuture;
+
+    /// [`Backend::acquire_noting`] for a request that fails rather than waits when refused
+    /// (reject mode, [`Mode::Reject`](crate::Mode::Reject)): a refusal must leave nothing
+    /// behind, such as a place in a fleet's order, since no later ask or
+    /// [`stop_waiting`](Backend::stop_waiting) follows it. The default is `acquire_noting`,
+    /// right for a store that keeps no such places.
+    fn acquire_or_refuse(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        decided_at: &mut Option<Instant>,
+    ) -> Self::AcquireFuture {
+        self.acquire_noting(key, policy, decided_at)
+    }
 
     /// [`Backend::acquire`], noting in `decided_at` the instant (this process's tokio clock) it
     /// decided at, when it decides at once: the layer sends a request admitted then at that
@@ -213,8 +234,10 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// This limiter no longer has a request waiting for `key`: the last one that waited gave
-    /// up (its future was dropped, or its wait limit passed), whether or not it had asked with
-    /// [`acquire_waiting`](Backend::acquire_waiting) yet. A store several processes share can
+    /// up (its future was dropped, it failed, or its wait limit passed), whether or not it had
+    /// asked with [`acquire_waiting`](Backend::acquire_waiting) yet, or a request whose first
+    /// ask ([`acquire`](Backend::acquire)) was refused, failed or dropped did not go on to
+    /// wait, and none other waits. A store several processes share can
     /// drop the process's place in the key's fleet queue at once, instead of holding the
     /// others back until the place ends. (A request admitted after asking with
     /// `acquire_waiting` is not reported: the store admitting it can drop the place then.)
@@ -272,7 +295,7 @@ pub fn pause_until(
     resume_at: Option<Instant>,
     throttled: bool,
 ) -> Instant {
-    let escalated = throttled.then(|| received_at + cooldown.pause(streak, interval));
+    let escalated = throttled.then(|| later(received_at, cooldown.pause(streak, interval)));
     match (resume_at, escalated) {
         (Some(a), Some(b)) => a.max(b),
         (Some(a), None) => a,

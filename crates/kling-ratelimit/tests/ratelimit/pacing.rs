@@ -428,20 +428,70 @@ async fn invalid_configuration_names_the_field() {
         .build()
         .unwrap_err();
     assert_eq!(err.field(), "class_quota.burst");
+    // A cooldown past a year (here, past the clock's range) would panic at the first 1302.
+    let err = GcraLayer::builder(Quota::per_minute(1.0))
+        .cooldown(kling_ratelimit::Cooldown::new().window(Duration::MAX))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "cooldown.window");
+}
+
+/// How a request asked the [`Recording`] backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ask {
+    /// [`kling_ratelimit::Backend::acquire`]: a first ask, in wait mode.
+    First,
+    /// [`kling_ratelimit::Backend::acquire_or_refuse`]: reject mode.
+    OrRefuse,
+    /// [`kling_ratelimit::Backend::acquire_waiting`], saying since when.
+    Waiting(Instant),
 }
 
 /// The in-process backend, recording how each request asked: plainly, or saying since when it
-/// had waited ([`kling_ratelimit::Backend::acquire_waiting`]).
+/// had waited ([`kling_ratelimit::Backend::acquire_waiting`]). Its answers may be held back
+/// (`hold`: pending, as a remote store's are on the way) or fail (`fail`).
 #[derive(Debug, Default)]
 struct Recording {
     inner: kling_ratelimit::InProcess,
-    asks: std::sync::Mutex<Vec<Option<Instant>>>,
+    asks: std::sync::Mutex<Vec<Ask>>,
     /// When the layer said its process stopped waiting for account `a`.
     stopped: std::sync::Mutex<Vec<Instant>>,
+    hold: std::sync::atomic::AtomicBool,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl Recording {
+    fn answer(
+        &self,
+        ask: Ask,
+        key: &kling_ratelimit::BucketKey,
+        policy: &kling_ratelimit::Policy,
+    ) -> <Self as kling_ratelimit::Backend>::AcquireFuture {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.asks.lock().unwrap().push(ask);
+        if self.hold.load(Relaxed) {
+            return Box::pin(std::future::pending());
+        }
+        if self.fail.load(Relaxed) {
+            return Box::pin(std::future::ready(Err(
+                kling_ratelimit::error::BackendError::protocol("refused by the test"),
+            )));
+        }
+        Box::pin(kling_ratelimit::Backend::acquire(&self.inner, key, policy))
+    }
 }
 
 impl kling_ratelimit::Backend for Recording {
-    type AcquireFuture = <kling_ratelimit::InProcess as kling_ratelimit::Backend>::AcquireFuture;
+    type AcquireFuture = std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<
+                        kling_ratelimit::Decision,
+                        kling_ratelimit::error::BackendError,
+                    >,
+                > + Send,
+        >,
+    >;
     type FeedbackFuture = <kling_ratelimit::InProcess as kling_ratelimit::Backend>::FeedbackFuture;
 
     fn acquire(
@@ -449,8 +499,16 @@ impl kling_ratelimit::Backend for Recording {
         key: &kling_ratelimit::BucketKey,
         policy: &kling_ratelimit::Policy,
     ) -> Self::AcquireFuture {
-        self.asks.lock().unwrap().push(None);
-        self.inner.acquire(key, policy)
+        self.answer(Ask::First, key, policy)
+    }
+
+    fn acquire_or_refuse(
+        &self,
+        key: &kling_ratelimit::BucketKey,
+        policy: &kling_ratelimit::Policy,
+        _decided_at: &mut Option<Instant>,
+    ) -> Self::AcquireFuture {
+        self.answer(Ask::OrRefuse, key, policy)
     }
 
     fn acquire_waiting(
@@ -459,8 +517,7 @@ impl kling_ratelimit::Backend for Recording {
         policy: &kling_ratelimit::Policy,
         since: Instant,
     ) -> Self::AcquireFuture {
-        self.asks.lock().unwrap().push(Some(since));
-        self.inner.acquire(key, policy)
+        self.answer(Ask::Waiting(since), key, policy)
     }
 
     fn stop_waiting(&self, key: &kling_ratelimit::BucketKey) {
@@ -515,8 +572,17 @@ async fn a_waiting_request_asks_saying_since_when_it_has_waited() {
     // head of the queue, each saying it has waited since it arrived (all at `start`: time is
     // paused).
     let asks = layer.handle().backend().asks.lock().unwrap().clone();
-    assert!(asks.iter().filter(|a| a.is_none()).count() <= 3, "{asks:?}");
-    let waiting: Vec<Instant> = asks.iter().flatten().copied().collect();
+    assert!(
+        asks.iter().filter(|a| **a == Ask::First).count() <= 3,
+        "{asks:?}"
+    );
+    let waiting: Vec<Instant> = asks
+        .iter()
+        .filter_map(|a| match a {
+            Ask::Waiting(since) => Some(*since),
+            _ => None,
+        })
+        .collect();
     assert!(waiting.len() >= 2, "{asks:?}");
     assert!(waiting.iter().all(|&since| since == start), "{asks:?}");
 }
@@ -558,4 +624,101 @@ async fn a_waiting_request_past_its_limit_tells_the_backend_too() {
     );
     // An admitted request tells nothing.
     assert_eq!(server.tags(), ["a1", "a2"]);
+}
+
+/// A request whose first ask is refused and that does not go on to wait — its wait would pass
+/// its limit, the answer fails, or it is dropped before the answer comes — tells the backend,
+/// as the last waiting request to give up does: a store the fleet shares may have ranked that
+/// ask in the fleet's order ([`kling_ratelimit::Backend::acquire`]).
+#[tokio::test(start_paused = true)]
+async fn a_first_ask_that_does_not_lead_to_waiting_tells_the_backend() {
+    use std::sync::atomic::Ordering::Relaxed;
+    // Refused past its limit: a2 would go at 100 ms, it may wait 50 ms.
+    let (server, layer, start, calls) = recorded(Some(ms(50)), &["a1", "a2"]).await;
+    let mut results = Vec::new();
+    for call in calls {
+        results.push(call.await.unwrap());
+    }
+    assert!(results[1].as_ref().unwrap_err().is::<WaitExceeded>());
+    assert_eq!(server.tags(), ["a1"]);
+    let handle = layer.handle();
+    let backend = handle.backend();
+    // (A refusal in `call` is asked again in the gate: a2 asks twice.)
+    let asks = backend.asks.lock().unwrap().clone();
+    assert!(asks.iter().all(|a| *a == Ask::First), "{asks:?}");
+    assert_eq!(*backend.stopped.lock().unwrap(), [start]);
+
+    // Failed: the answer is an error.
+    let (server, layer, start, _) = recorded(None, &[]).await;
+    let handle = layer.handle();
+    let backend = handle.backend();
+    backend.fail.store(true, Relaxed);
+    let service = layer.layer(server.service());
+    let call = spawn_call(&service, request(Some("a"), "failed")).await;
+    assert!(call.await.unwrap().is_err());
+    assert_eq!(*backend.stopped.lock().unwrap(), [start]);
+
+    // Dropped while its first ask is on the way.
+    let (server, layer, start, _) = recorded(None, &[]).await;
+    let handle = layer.handle();
+    let backend = handle.backend();
+    backend.hold.store(true, Relaxed);
+    let service = layer.layer(server.service());
+    let call = spawn_call(&service, request(Some("a"), "dropped")).await;
+    tokio::time::sleep(ms(10)).await;
+    assert!(backend.stopped.lock().unwrap().is_empty(), "still asking");
+    call.abort();
+    let _ = call.await;
+    assert_eq!(*backend.stopped.lock().unwrap(), [start + ms(10)]);
+    assert!(server.tags().is_empty());
+}
+
+/// Reject mode asks with `acquire_or_refuse`: a refused request never waits, so a shared store
+/// must not rank it in the fleet's order, and nothing is told afterwards.
+#[tokio::test(start_paused = true)]
+async fn reject_mode_asks_so_that_a_refusal_leaves_nothing_behind() {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .backend(Recording::default())
+        .reject()
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    service
+        .clone()
+        .oneshot(request(Some("a"), "a1"))
+        .await
+        .unwrap();
+    let err = service
+        .clone()
+        .oneshot(request(Some("a"), "a2"))
+        .await
+        .unwrap_err();
+    assert!(err.is::<RateLimited>(), "{err}");
+    let handle = layer.handle();
+    let backend = handle.backend();
+    let asks = backend.asks.lock().unwrap().clone();
+    assert!(asks.iter().all(|a| *a == Ask::OrRefuse), "{asks:?}");
+    assert!(backend.stopped.lock().unwrap().is_empty());
+}
+
+/// A maximum wait of `Duration::MAX` (or any past the clock's range) is no limit, not a panic
+/// on the first wait.
+#[tokio::test(start_paused = true)]
+async fn a_maximum_wait_past_the_clocks_range_is_no_limit() {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(1.0))
+        .max_wait(Duration::MAX)
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let first = spawn_call(&service, request(None, "first")).await;
+    let second = spawn_call(&service, request(None, "second")).await;
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    assert_eq!(
+        server.times_ms(start),
+        [("first".into(), 0), ("second".into(), 1000)]
+    );
 }
