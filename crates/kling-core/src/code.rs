@@ -1,7 +1,7 @@
 //! Kling business codes and what a client should do about each.
 //!
-//! The HTTP status alone says too little: five different codes arrive as HTTP 429 and only two
-//! of them are worth retrying. [`Code::disposition`] is the one table every layer reads, so no
+//! The HTTP status alone says too little: six different codes arrive as HTTP 429 (1100, 1101,
+//! 1102, 1302, 1303, 1304) and only two of them are worth retrying. [`Code::disposition`] is the one table every layer reads, so no
 //! layer re-invents it.
 
 use std::fmt;
@@ -349,8 +349,14 @@ mod tests {
     }
 
     #[test]
-    fn only_two_of_the_five_429_codes_are_worth_retrying() {
+    fn only_two_of_the_six_429_codes_are_worth_retrying() {
         let status = StatusCode::TOO_MANY_REQUESTS;
+        let all: Vec<i64> = Code::DOCUMENTED
+            .iter()
+            .filter(|c| c.documented_status() == Some(status))
+            .map(|c| c.as_i64())
+            .collect();
+        assert_eq!(all, vec![1100, 1101, 1102, 1302, 1303, 1304]);
         let retryable: Vec<i64> = Code::DOCUMENTED
             .iter()
             .filter(|c| c.documented_status() == Some(status))

@@ -149,7 +149,10 @@ impl Envelope {
         {
             return Ok(envelope.tasks);
         }
-        // A bare task object has no `code`: read it as the `data` of a success envelope.
+        // A bare task object has no `code`: read it as the `data` of a success envelope, once
+        // the body is known to be one JSON value (spliced in as it is, `{..},"x":0` would
+        // close the object early and still read).
+        serde_json::from_slice::<serde::de::IgnoredAny>(body)?;
         let mut wrapped = Vec::with_capacity(body.len() + 20);
         wrapped.extend_from_slice(br#"{"code":0,"data":"#);
         wrapped.extend_from_slice(body);
@@ -473,6 +476,17 @@ mod tests {
         assert_eq!(wrapped.unwrap()[0].id, "w");
         assert!(Envelope::parse_callback(b"{}").unwrap().is_empty());
         assert!(Envelope::parse_callback(b"not json").is_err());
+        // Not one JSON value, though it would read once spliced into an envelope.
+        for spliced in [
+            &br#"{"task_id":"t1","task_status":"succeed"},"x":0"#[..],
+            br#"{"task_id":"t1","task_status":"succeed"},"code":1"#,
+        ] {
+            assert!(
+                Envelope::parse_callback(spliced).is_err(),
+                "{}",
+                String::from_utf8_lossy(spliced)
+            );
+        }
     }
 
     #[test]
