@@ -46,20 +46,32 @@ async fn a_new_style_image_request_weighs_n_too() {
         .assert_error(429, 1303);
 }
 
+/// A task holds its slot until it ends, whether it succeeds or fails.
 #[tokio::test(start_paused = true)]
 async fn a_slot_is_held_until_the_task_ends_and_failures_count() {
-    let c = Caller::new(
-        MockConfig::preset(Preset::Free)
-            .no_rate_limit()
-            .task_duration(secs(100), secs(100)),
-    );
-    c.post(T2V, json!({"prompt": "x"})).await.data();
-    advance(99).await;
-    c.post(T2V, json!({"prompt": "x"}))
-        .await
-        .assert_error(429, 1303);
-    advance(1).await;
-    c.post(T2V, json!({"prompt": "x"})).await.data();
+    for failure_rate in [0.0, 1.0] {
+        let c = Caller::new(
+            MockConfig::preset(Preset::Free)
+                .no_rate_limit()
+                .failure_rate(failure_rate)
+                .task_duration(secs(100), secs(100)),
+        );
+        let task = c.post(T2V, json!({"prompt": "x"})).await.data().clone();
+        advance(99).await;
+        c.post(T2V, json!({"prompt": "x"}))
+            .await
+            .assert_error(429, 1303);
+        advance(1).await;
+        c.post(T2V, json!({"prompt": "x"})).await.data();
+        let id = task["task_id"].as_str().expect("a task id");
+        let ended = c.get(&format!("{T2V}/{id}")).await.data().clone();
+        let status = if failure_rate > 0.0 {
+            "failed"
+        } else {
+            "succeed"
+        };
+        assert_eq!(ended["task_status"], status, "{ended}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
