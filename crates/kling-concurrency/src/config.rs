@@ -19,14 +19,24 @@ pub const DEFAULT_RECOVERY_INTERVAL: Duration = Duration::from_secs(20);
 /// configured one (640 s at the default 20 s). See the crate docs' `1303` rule.
 pub const MAX_RECOVERY_DOUBLINGS: u32 = 5;
 
+/// The longest lease and recovery interval [`SlotsConfig::validate`] accepts: a year (as
+/// kling-tower's `MAX_DURATION`). Longer ones would overflow the clock when added to it, and
+/// no Kling task runs that long.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// The account requests without an [`AccountId`] extension count against.
 pub const DEFAULT_ACCOUNT: &str = "default";
 
 /// Configuration of the task-slot limiter.
 ///
-/// Capacity of a pool is looked up, most specific first: the account's own setting for the pool,
-/// the setting for the pool, the setting for the pool's product (so `video` also covers
-/// `video:kling-3.0` unless that is set), then [`SlotsConfig::new`]'s default.
+/// Capacity of a pool of an account is looked up, most specific first (see
+/// [`capacity_of`](Self::capacity_of)): the account's setting for the pool, the account's
+/// setting for the pool's product, the setting for the pool, the setting for the pool's product,
+/// then [`SlotsConfig::new`]'s default. So a product-wide setting (`video`) also covers its
+/// model pools (`video:kling-3.0`) unless they have their own at the same level, and anything
+/// set for the account beats anything set for every account. Capacities set at run time
+/// ([`SlotsHandle::set_capacity`](crate::SlotsHandle::set_capacity)) take the place of the
+/// setting at their level.
 ///
 /// ```
 /// use std::time::Duration;
@@ -72,14 +82,17 @@ impl SlotsConfig {
         self
     }
 
-    /// Sets the capacity of one pool of one account.
+    /// Sets the capacity of one pool of one account. A product-wide pool (`video`) also sets
+    /// the account's model pools (`video:kling-3.0`) unless the account has its own setting
+    /// for them.
     pub fn account_capacity(mut self, account: AccountId, pool: Pool, capacity: u32) -> Self {
         self.accounts.insert((account, pool), capacity);
         self
     }
 
     /// Sets the maximum task lifetime: slots of a task that no query or callback reports
-    /// ended are freed this long after the last sign of life (default [`DEFAULT_LEASE`]).
+    /// ended are freed this long after the last sign of life (default [`DEFAULT_LEASE`]; at
+    /// most a year, as kling-tower's durations).
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
         self
@@ -87,7 +100,8 @@ impl SlotsConfig {
 
     /// Sets how often one slot hidden by a `1303` comes back by itself (default
     /// [`DEFAULT_RECOVERY_INTERVAL`]), doubled for each `1303` in a row at the same level (at
-    /// most [`MAX_RECOVERY_DOUBLINGS`] times); see the crate docs for the rule.
+    /// most [`MAX_RECOVERY_DOUBLINGS`] times); see the crate docs for the rule. At most a
+    /// year.
     pub fn recovery_interval(mut self, interval: Duration) -> Self {
         self.recovery_interval = interval;
         self
@@ -116,19 +130,37 @@ impl SlotsConfig {
         self.max_queue
     }
 
-    /// The capacity configured for `pool` of `account`.
+    /// The capacity configured for `pool` of `account`, looked up most specific first: the
+    /// account's setting for `pool`, the account's setting for `pool`'s product (when `pool`
+    /// names a model), the setting for `pool`, the setting for its product, the default.
     pub fn capacity_of(&self, account: &AccountId, pool: &Pool) -> u32 {
-        if let Some(&n) = self.accounts.get(&(account.clone(), pool.clone())) {
-            return n;
+        let product = pool.model().map(|_| Pool::new(pool.product()));
+        let levels = [
+            (Some(account), Some(pool)),
+            (Some(account), product.as_ref()),
+            (None, Some(pool)),
+            (None, product.as_ref()),
+        ];
+        levels
+            .into_iter()
+            .find_map(|(account, pool)| self.capacity_setting(account, pool?))
+            .unwrap_or(self.default_capacity)
+    }
+
+    /// The capacity set for exactly `pool` of `account` (`None`: for every account), with no
+    /// fallback to the product or the default: for backends outside this crate that interleave
+    /// run-time settings with these, level by level, in [`capacity_of`](Self::capacity_of)'s
+    /// order.
+    pub fn capacity_setting(&self, account: Option<&AccountId>, pool: &Pool) -> Option<u32> {
+        match account {
+            Some(account) => self.accounts.get(&(account.clone(), pool.clone())).copied(),
+            None => self.pools.get(pool).copied(),
         }
-        if let Some(&n) = self.pools.get(pool) {
-            return n;
-        }
-        if pool.model().is_some()
-            && let Some(&n) = self.pools.get(&Pool::new(pool.product()))
-        {
-            return n;
-        }
+    }
+
+    /// The capacity of a pool nothing else is set for ([`SlotsConfig::new`]'s), for backends
+    /// outside this crate.
+    pub fn get_default_capacity(&self) -> u32 {
         self.default_capacity
     }
 
@@ -164,14 +196,16 @@ impl SlotsConfig {
                 ));
             }
         }
-        if self.lease.is_zero() {
-            return Err(ConfigError::new("lease", "must be longer than zero"));
-        }
-        if self.recovery_interval.is_zero() {
-            return Err(ConfigError::new(
-                "recovery_interval",
-                "must be longer than zero",
-            ));
+        for (field, duration) in [
+            ("lease", self.lease),
+            ("recovery_interval", self.recovery_interval),
+        ] {
+            if duration.is_zero() {
+                return Err(ConfigError::new(field, "must be longer than zero"));
+            }
+            if duration > MAX_DURATION {
+                return Err(ConfigError::new(field, "must be at most a year"));
+            }
         }
         Ok(())
     }

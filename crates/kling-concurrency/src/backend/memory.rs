@@ -1,6 +1,6 @@
 //! The in-process backend: one mutex-guarded map, a synchronous fast path, FIFO hand-off.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::{Future, Ready, ready};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -21,7 +21,7 @@ use super::{
     Applied, PoolSnapshot, ReleaseReason, Released, Reservation, SlotBackend, SlotKey, SlotOp,
     TaskRef,
 };
-use crate::config::{MAX_RECOVERY_DOUBLINGS, SlotsConfig};
+use crate::config::{MAX_DURATION, MAX_RECOVERY_DOUBLINGS, SlotsConfig};
 use crate::error::{AcquireError, BackendError, ConfigError, Halted, OverCapacity, QueueFull};
 use crate::id::SmallId;
 
@@ -61,6 +61,7 @@ impl fmt::Debug for InProcess {
         f.debug_struct("InProcess")
             .field("pools", &state.list.len())
             .field("halted", &state.halted.len())
+            .field("ended", &state.ended.len())
             .finish_non_exhaustive()
     }
 }
@@ -79,6 +80,7 @@ impl InProcess {
                 externals: Index::default(),
                 halted: HashMap::new(),
                 next_token: 0,
+                ended: Ended::default(),
             })),
         })
     }
@@ -172,7 +174,7 @@ impl Holding {
         Holding {
             weight,
             since: now,
-            lease_until: now + lease,
+            lease_until: lease_end(now, lease),
             hashes: [id_hash, external_hash],
             id,
             external,
@@ -191,6 +193,100 @@ impl Holding {
             Which::Id => self.id.as_ref().map(SmallId::as_bytes),
             Which::External => self.external.as_ref().map(SmallId::as_bytes),
         }
+    }
+}
+
+/// When a lease of `lease` from `now` ends: a lease is at most a year (longer ones, which
+/// [`SlotsConfig::validate`] refuses but a [`SlotOp`] may carry, are cut to a year), so the
+/// sum never overflows the clock.
+#[inline(always)]
+fn lease_end(now: Instant, lease: Duration) -> Instant {
+    now + lease.min(MAX_DURATION)
+}
+
+/// How many task ends [`Ended`] remembers at most, the oldest forgotten first.
+const MAX_ENDS_KEPT: usize = 4096;
+
+/// The tasks reported ended while no holding was found for them: a callback or query can
+/// overtake the answer of the create that made the task, and the create's holding, filed
+/// after, is then released at once instead of held until its lease ends (the Redis backend's
+/// `P:ended`).
+///
+/// Bounded by count and by age: at most [`MAX_ENDS_KEPT`] ends, each kept one lease (the
+/// reporting change's) from its report, the oldest forgotten first. A task whose create's
+/// answer comes later than that holds its slots until its lease, as before. Keyed by the
+/// task id's [`IdHash`]; a hit is confirmed against the id (two ids with one hash: the later
+/// report replaces the earlier, whose holding then waits for its lease).
+#[derive(Default)]
+struct Ended {
+    by_hash: FxMap<u64, EndedTask>,
+    /// The hashes in the order they were noted, with the end of each note: the oldest go
+    /// first (an entry whose note was replaced since removes nothing).
+    order: VecDeque<(u64, Instant)>,
+}
+
+struct EndedTask {
+    id: SmallId,
+    until: Instant,
+    /// The status reported (`None`: said ended by `complete`).
+    status: Option<TaskStatus>,
+}
+
+impl Ended {
+    #[inline(always)]
+    fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+
+    /// Notes that the task `id` (of hash `hash`) ended at `now`, for `keep` from now.
+    #[cold]
+    fn note(
+        &mut self,
+        hash: u64,
+        id: &str,
+        status: Option<&TaskStatus>,
+        now: Instant,
+        keep: Duration,
+    ) {
+        while self
+            .order
+            .front()
+            .is_some_and(|&(_, until)| until <= now || self.order.len() >= MAX_ENDS_KEPT)
+        {
+            self.forget_oldest();
+        }
+        let until = lease_end(now, keep);
+        let task = EndedTask {
+            id: SmallId::new(id),
+            until,
+            status: status.cloned(),
+        };
+        self.by_hash.insert(hash, task);
+        self.order.push_back((hash, until));
+    }
+
+    fn forget_oldest(&mut self) {
+        let Some((hash, until)) = self.order.pop_front() else {
+            return;
+        };
+        if self
+            .by_hash
+            .get(&hash)
+            .is_some_and(|task| task.until == until)
+        {
+            self.by_hash.remove(&hash);
+        }
+    }
+
+    /// The status reported for the task `id` (of hash `hash`), if its end is remembered at
+    /// `now`: `Some(None)` for an end `complete` reported.
+    fn get(&self, hash: u64, id: &[u8], now: Instant) -> Option<Option<&TaskStatus>> {
+        let task = self.by_hash.get(&hash)?;
+        (task.id.as_bytes() == id && task.until > now).then_some(task.status.as_ref())
+    }
+
+    fn len(&self) -> usize {
+        self.by_hash.len()
     }
 }
 
@@ -812,6 +908,8 @@ struct State {
     /// Each pool's index in `list`. A pool is never removed, so indices stay valid; an idle
     /// one may be given to a new key ([`State::index_by_hash`]).
     pools: FxMap<SlotKey, usize>,
+    /// Tasks reported ended before a holding of theirs was filed.
+    ended: Ended,
 }
 
 /// Moves `gauge` from `from` to `to` (integers, exact in an `f64`).
@@ -1381,8 +1479,16 @@ impl State {
     }
 
     /// Files `holding` in the pool of `key`; `answered`: the server just made it (a create's
-    /// answer, not a task adopted by a reconcile).
-    fn hold(&mut self, key: &SlotKey, holding: Holding, answered: bool) {
+    /// answer, not a task adopted by a reconcile). A holding of a task already reported ended
+    /// ([`Ended`]) is released at once, and the release reported in `out` unless the caller
+    /// reads no report.
+    fn hold(
+        &mut self,
+        key: &SlotKey,
+        holding: Holding,
+        answered: bool,
+        out: Option<&mut Vec<Released>>,
+    ) {
         let index = self.index(key);
         let (lease_until, hashes) = (holding.lease_until, holding.hashes);
         let pool = &mut self.list[index];
@@ -1431,6 +1537,30 @@ impl State {
             // After the same task's earlier holding gave its slots back: what is held now.
             self.list[index].prove_level(since);
         }
+        if !self.ended.is_empty() {
+            self.release_if_ended(place, since, out);
+        }
+    }
+
+    /// Releases the holding just filed at `place` if a report said its task ended before
+    /// (an answer overtaken by a callback or query of the task).
+    #[cold]
+    fn release_if_ended(&mut self, place: Place, now: Instant, out: Option<&mut Vec<Released>>) {
+        let Some(holding) = self.list[place.0].holdings[place.1].held() else {
+            return;
+        };
+        let Some(id) = &holding.id else {
+            return;
+        };
+        let Some(status) = self.ended.get(holding.hashes[0], id.as_bytes(), now) else {
+            return;
+        };
+        let status = status.cloned();
+        let why = match &status {
+            Some(status) => Why::Ended(status),
+            None => Why::Completed,
+        };
+        self.release(place, why, now, out, false);
     }
 
     /// Supersedes the holding at `old` if it is another one of `key`'s account.
@@ -1520,6 +1650,12 @@ impl State {
         let Some(place) =
             taken.or_else(|| self.find(reports.account, id, hash, external, by_complete, terminal))
         else {
+            if terminal {
+                // The create's answer may still come (a callback can overtake it): its
+                // holding is released when it does.
+                let now = *reports.now.get_or_insert_with(Instant::now);
+                self.ended.note(hash, id, status, now, reports.lease);
+            }
             return;
         };
         let now = *reports.now.get_or_insert_with(Instant::now);
@@ -1544,7 +1680,7 @@ impl State {
         else {
             return;
         };
-        holding.lease_until = now + lease;
+        holding.lease_until = lease_end(now, lease);
         if holding.id.is_none() {
             holding.id = Some(SmallId::new(id));
             holding.hashes[0] = hash;
@@ -1581,7 +1717,12 @@ impl State {
                     Instant::now(),
                     lease,
                 );
-                self.hold(key, holding, true);
+                self.hold(
+                    key,
+                    holding,
+                    true,
+                    (!unread).then_some(&mut applied.released),
+                );
                 applied.changed = true;
             }
             SlotOp::Congested(res) => {
@@ -1648,9 +1789,15 @@ impl State {
             } => {
                 let list = &self.list;
                 let account = scope_of(&key.account);
+                let now = Instant::now();
                 let known = task.id.as_deref().is_some_and(|id| {
                     self.ids
                         .contains(NO_SCOPE, id.as_bytes(), &Kept(list, Which::Id))
+                        // Reported ended already (the server's list ran behind the report).
+                        || self
+                            .ended
+                            .get(IdHash::hash(id.as_bytes()), id.as_bytes(), now)
+                            .is_some()
                 }) || task.external_id.as_deref().is_some_and(|ext| {
                     self.externals
                         .contains(account, ext.as_bytes(), &Kept(list, Which::External))
@@ -1659,8 +1806,8 @@ impl State {
                     let pool = self.pool_mut(&key);
                     pool.in_use += weight;
                     pool.publish();
-                    let holding = Holding::of(task, &key.account, weight, Instant::now(), lease);
-                    self.hold(&key, holding, false);
+                    let holding = Holding::of(task, &key.account, weight, now, lease);
+                    self.hold(&key, holding, false, None);
                     applied.changed = true;
                 }
             }
@@ -1791,7 +1938,7 @@ impl SlotBackend for InProcess {
         let now = answered_at.unwrap_or_else(Instant::now);
         let account = &reservation.key.account;
         let holding = Holding::new(id, external, account, reservation.weight, now, lease);
-        self.lock().hold(&reservation.key, holding, true);
+        self.lock().hold(&reservation.key, holding, true, None);
         ready(Ok(Applied {
             released: Vec::new(),
             changed: true,
@@ -2246,6 +2393,117 @@ mod tests {
             (0, 0),
             "t2's lease ran from the query's answer"
         );
+    }
+
+    /// An end reported before the create's hold releases the holding when it is filed, by
+    /// either hold path, listed with the reported status; an adopt of the task holds nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_of_a_task_reported_ended_first_is_released_at_once() {
+        let backend = InProcess::new(SlotsConfig::new(3)).unwrap();
+        for id in ["t1", "t2", "t3"] {
+            let applied = backend.apply(ended(id)).await.unwrap();
+            assert!(!applied.changed && applied.released.is_empty());
+        }
+        hold(&backend, key(), Some("t0"), None);
+        hold(&backend, key(), Some("t1"), None);
+        let reservation = now(backend.acquire(key(), 1)).unwrap();
+        let applied = backend
+            .apply(SlotOp::Hold {
+                reservation,
+                task: TaskRef {
+                    id: Some("t2".to_owned()),
+                    external_id: None,
+                },
+                lease: Duration::from_secs(600),
+            })
+            .await
+            .unwrap();
+        assert_eq!(applied.released.len(), 1);
+        assert_eq!(applied.released[0].task.as_deref(), Some("t2"));
+        assert_eq!(
+            applied.released[0].reason,
+            ReleaseReason::Ended(TaskStatus::Succeeded)
+        );
+        let reservation = now(backend.acquire(key(), 1)).unwrap();
+        let lease = Duration::from_secs(600);
+        now(backend.hold_unread(reservation, Some("t3"), None, lease, None)).unwrap();
+        let adopt = SlotOp::Adopt {
+            key: key(),
+            task: TaskRef {
+                id: Some("t1".to_owned()),
+                external_id: None,
+            },
+            weight: 1,
+            lease,
+        };
+        assert!(!backend.apply(adopt).await.unwrap().changed);
+        assert_eq!(pool(&backend, "a"), (1, 1), "only t0 holds its slot");
+    }
+
+    /// A lease longer than a year, which the configuration refuses but a change may carry,
+    /// is cut to a year rather than overflow the clock (on hold and on renewal).
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_past_a_year_in_a_change_is_cut_to_a_year() {
+        let backend = InProcess::new(SlotsConfig::new(1)).unwrap();
+        let reservation = now(backend.acquire(key(), 1)).unwrap();
+        let lease = Duration::MAX;
+        now(backend.hold_unread(reservation, Some("t1"), None, lease, None)).unwrap();
+        let running = SlotOp::Update {
+            account: key().account,
+            updates: vec![super::super::TaskUpdate {
+                id: "t1".to_owned(),
+                external_id: None,
+                status: Some(TaskStatus::Processing),
+            }],
+            lease,
+        };
+        now(backend.apply(running)).unwrap();
+        tokio::time::advance(MAX_DURATION).await;
+        assert_eq!(pool(&backend, "a"), (0, 0));
+    }
+
+    /// The ends remembered are bounded by count (the oldest forgotten first) and by age (one
+    /// lease from the report).
+    #[tokio::test(start_paused = true)]
+    async fn remembered_ends_are_bounded_by_count_and_age() {
+        let lease = Duration::from_secs(600);
+        let backend = InProcess::new(SlotsConfig::new(1).lease(lease)).unwrap();
+        let report = |n: usize| SlotOp::Update {
+            account: key().account,
+            updates: (0..n)
+                .map(|i| super::super::TaskUpdate {
+                    id: format!("t{i}"),
+                    external_id: None,
+                    status: Some(TaskStatus::Failed),
+                })
+                .collect(),
+            lease,
+        };
+        now(backend.apply(report(MAX_ENDS_KEPT + 100))).unwrap();
+        {
+            let state = backend.lock();
+            assert_eq!(state.ended.len(), MAX_ENDS_KEPT);
+            assert!(state.ended.order.len() <= MAX_ENDS_KEPT);
+            let t = Instant::now();
+            let known = |i: usize| {
+                let id = format!("t{i}");
+                let hash = IdHash::hash(id.as_bytes());
+                state.ended.get(hash, id.as_bytes(), t).is_some()
+            };
+            assert!(!known(0) && !known(99), "the oldest are forgotten");
+            assert!(known(100) && known(MAX_ENDS_KEPT + 99));
+        }
+        // Past a lease, an end is no longer found, and the next note forgets the old ones.
+        tokio::time::advance(lease).await;
+        hold(&backend, key(), Some("t200"), None);
+        assert_eq!(
+            pool(&backend, "a"),
+            (1, 1),
+            "an end a lease old is forgotten"
+        );
+        now(backend.apply(ended("t-late"))).unwrap();
+        let state = backend.lock();
+        assert_eq!((state.ended.len(), state.ended.order.len()), (1, 1));
     }
 
     #[tokio::test(start_paused = true)]

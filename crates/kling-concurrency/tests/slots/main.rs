@@ -1,5 +1,6 @@
 //! The integration tests of `kling-concurrency`, one binary.
 
+mod config;
 mod in_flight;
 mod lookup;
 mod props;

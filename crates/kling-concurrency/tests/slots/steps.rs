@@ -944,3 +944,40 @@ async fn setting_the_capacity_restarts_the_recovery_clock() {
     advance(Duration::from_secs(1)).await;
     assert_eq!(pool_state(&handle, &video()).await, (2, 4, 0));
 }
+
+/// A callback can overtake the answer of the create it reports: the task's end, told before
+/// the create's answer names the task, still frees its slot once the answer arrives.
+#[tokio::test(start_paused = true)]
+async fn an_end_reported_before_the_creates_answer_frees_the_slot_when_the_answer_comes() {
+    let (mock, mut server) =
+        tower_test::mock::pair::<Request<Full<Bytes>>, Response<Full<Bytes>>>();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).unwrap();
+    let mut svc: TaskSlots<Manual> = layer.layer(mock);
+
+    svc.ready().await.unwrap();
+    let mut create = spawn(svc.call(create()));
+    assert_pending!(create.poll());
+    let (_req, respond) = server.next_request().await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+
+    let ended = r#"{"task_id":"t1","task_status":"failed"}"#;
+    let applied = handle.on_callback(ended.as_bytes()).await.unwrap();
+    assert!(applied.released.is_empty(), "nothing held under t1 yet");
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+
+    respond.send_response(envelope(
+        200,
+        0,
+        &serde_json::json!({"task_id":"t1","task_status":"submitted"}),
+    ));
+    assert_ready_ok!(create.poll());
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        0,
+        "the end reported first frees the slot"
+    );
+    // A later report of the same end releases nothing more.
+    let applied = handle.on_callback(ended.as_bytes()).await.unwrap();
+    assert!(applied.released.is_empty());
+    assert!(handle.complete("t1").await.unwrap().is_none());
+}
