@@ -354,7 +354,11 @@ impl Connection {
     pub(crate) fn to_instant(&self, fleet_us: i64, now: Instant, now_us: i64) -> Instant {
         let delta = fleet_us.saturating_sub(now_us);
         if delta >= 0 {
-            now + Duration::from_micros(delta as u64)
+            // Saturated: a fleet time past the clock's range (a pause of centuries) must not
+            // panic.
+            now.checked_add(Duration::from_micros(delta as u64))
+                .or_else(|| now.checked_add(MAX_DURATION))
+                .unwrap_or(now)
         } else {
             now.checked_sub(Duration::from_micros(delta.unsigned_abs()))
                 .unwrap_or(now)
@@ -480,6 +484,11 @@ fn local_us() -> i64 {
 }
 
 /// Whole microseconds of a duration, rounded up (a wait is never shortened).
+/// The longest duration a setting of this crate keeps: a year (kling-tower's `MAX_DURATION`).
+/// A setter without a `Result` clamps to it; an instant that far ahead stays in the clock's
+/// range.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 pub(crate) fn micros(duration: Duration) -> i64 {
     let us = duration.as_nanos().div_ceil(1000);
     i64::try_from(us).unwrap_or(i64::MAX)

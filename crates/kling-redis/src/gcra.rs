@@ -15,7 +15,7 @@ use kling_ratelimit::{Backend, BucketKey, Decision, Feedback, InProcess, Policy}
 use redis::Script;
 use tokio::time::Instant;
 
-use crate::conn::{Connection, micros, segment};
+use crate::conn::{Connection, MAX_DURATION, micros, segment};
 use crate::error::{ConfigError, StoreError};
 use crate::order_lua::QUEUE;
 use crate::slots::instance_id;
@@ -451,9 +451,9 @@ impl RedisGcra {
     }
 
     /// How often a waiting request asks an unreachable Redis again (default 100 ms), and how
-    /// often pauses it could not take are offered to it again.
+    /// often pauses it could not take are offered to it again. Kept between 1 ms and a year.
     pub fn retry_every(self, every: Duration) -> Self {
-        self.with(|o| o.retry_every = every.max(Duration::from_millis(1)))
+        self.with(|o| o.retry_every = every.clamp(Duration::from_millis(1), MAX_DURATION))
     }
 
     /// How long an idle key keeps its state (default [`DEFAULT_IDLE_TTL`]): a key's hash
@@ -463,10 +463,13 @@ impl RedisGcra {
     ///
     /// A [`ConfigError`] naming `idle_ttl` when `ttl` is zero: the key would expire the
     /// instant its pause or pace is over, forgetting the streak that escalates the next
-    /// pause and the adaptive rate.
+    /// pause and the adaptive rate; or longer than a year.
     pub fn idle_ttl(self, ttl: Duration) -> Result<Self, ConfigError> {
         if ttl.is_zero() {
             return Err(ConfigError::new("idle_ttl", "must be longer than zero"));
+        }
+        if ttl > MAX_DURATION {
+            return Err(ConfigError::new("idle_ttl", "must be at most a year"));
         }
         Ok(self.with(|o| o.idle_ttl = ttl))
     }
@@ -484,17 +487,19 @@ impl RedisGcra {
     /// again (default [`DEFAULT_GCRA_PLACE_TTL`]): what a process that stops asking without
     /// leaving (it crashed, or lost Redis) can cost the others. Keep it well above a round trip
     /// to Redis plus the time a busy process may take to wake: a process that asks later than
-    /// that loses its place.
+    /// that loses its place. Kept between 1 ms and a year.
     pub fn place_ttl(self, ttl: Duration) -> Self {
-        self.with(|o| o.place_ttl = ttl.max(Duration::from_millis(1)))
+        self.with(|o| o.place_ttl = ttl.clamp(Duration::from_millis(1), MAX_DURATION))
     }
 
     /// The window [`fleet_requests`](Self::fleet_requests) counts over (default
     /// [`DEFAULT_USAGE_WINDOW`]; a preset sped up for tests scales it as it scales the
     /// minute). Every process of a fleet should use the same: the counts are kept in buckets
-    /// of a sixtieth of it.
+    /// of a sixtieth of it. Kept between 60 µs and a year.
     pub fn usage_window(self, window: Duration) -> Self {
-        self.with(|o| o.usage_window = window.max(Duration::from_micros(USAGE_BUCKETS.into())))
+        self.with(|o| {
+            o.usage_window = window.clamp(Duration::from_micros(USAGE_BUCKETS.into()), MAX_DURATION)
+        })
     }
 
     /// Whether the acquire script counts the requests it admits under an account-wide key,
@@ -956,13 +961,15 @@ impl Inner {
 
 impl RedisGcra {
     /// One decision for a request that has waited since `since` (`None`: it arrives now). With
-    /// the fleet order, a refused request holds this process's place in the key's queue,
-    /// scored by when it began waiting.
+    /// the fleet order and `place`, a refused request holds this process's place in the key's
+    /// queue, scored by when it began waiting; without `place` (a request that fails rather
+    /// than waits when refused) it takes none, and still waits behind those who hold one.
     fn asking(
         &self,
         key: &BucketKey,
         policy: &Policy,
         since: Option<Instant>,
+        place: bool,
     ) -> GcraFuture<Decision> {
         let inner = Arc::clone(&self.inner);
         let redis_key = self.key_of(key);
@@ -995,8 +1002,7 @@ impl RedisGcra {
                     return inner.unreachable_decision(e, &key, &policy);
                 }
             };
-            let since = inner
-                .arrival_order
+            let since = (inner.arrival_order && place)
                 .then(|| since.map_or(now_us, |since| inner.conn.to_fleet(since, now, now_us)));
             let account_wide = key.request_kind().is_none();
             let counted = inner.count_requests && account_wide;
@@ -1039,8 +1045,21 @@ impl Backend for RedisGcra {
         }))
     }
 
+    /// A request's first ask: refused, it holds this process's place in the key's fleet queue
+    /// from now (the layer waits, or says it stopped: [`Backend::stop_waiting`]).
     fn acquire(&self, key: &BucketKey, policy: &Policy) -> Self::AcquireFuture {
-        self.asking(key, policy, None)
+        self.asking(key, policy, None, true)
+    }
+
+    /// A request that fails when refused (reject mode): it takes no place in the key's fleet
+    /// queue, which nobody would give up.
+    fn acquire_or_refuse(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        _decided_at: &mut Option<Instant>,
+    ) -> Self::AcquireFuture {
+        self.asking(key, policy, None, false)
     }
 
     fn acquire_waiting(
@@ -1049,7 +1068,7 @@ impl Backend for RedisGcra {
         policy: &Policy,
         since: Instant,
     ) -> Self::AcquireFuture {
-        self.asking(key, policy, Some(since))
+        self.asking(key, policy, Some(since), true)
     }
 
     /// Gives this process's place in the key's queue up now (sent on the runtime; a place that

@@ -22,7 +22,7 @@ use redis::{Script, Value};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::conn::{Connection, micros, segment};
+use crate::conn::{Connection, MAX_DURATION, micros, segment};
 use crate::error::{ConfigError, StoreError};
 use crate::slots_lua;
 use crate::unreachable::{DEFAULT_RETRY_EVERY, WhenUnreachable};
@@ -226,8 +226,23 @@ struct Held {
     task: bool,
     since: Instant,
     lease: Duration,
+    /// When a report of ours last said the task runs (`None`: not since `since`): its lease
+    /// runs from then.
+    renewed: Option<Instant>,
     /// Known to exist in Redis (pruned when it no longer does).
     registered: bool,
+}
+
+impl Held {
+    /// What is left of its lease at `now`, as far as this process knows (a report of the task
+    /// by another process may have renewed it in Redis); `None` once it ran out.
+    fn lease_left(&self, now: Instant) -> Option<Duration> {
+        let from = self.renewed.unwrap_or(self.since);
+        match from.checked_add(self.lease) {
+            Some(end) => Some(end.checked_duration_since(now)?).filter(|left| !left.is_zero()),
+            None => Some(self.lease),
+        }
+    }
 }
 
 /// How long the end of a reported task is remembered, by the process that reported it and in
@@ -458,18 +473,18 @@ impl RedisSlots {
 
     /// How often a waiting create asks an unreachable Redis again (default 100 ms).
     pub fn retry_every(self, every: Duration) -> Self {
-        self.with(|o| o.retry_every = every.max(Duration::from_millis(1)))
+        self.with(|o| o.retry_every = every.clamp(Duration::from_millis(1), MAX_DURATION))
     }
 
     /// The polling fallback: a waiting create asks Redis again at least this often even when
     /// no release was announced (default [`DEFAULT_POLL_EVERY`]).
     pub fn poll_every(self, every: Duration) -> Self {
-        self.with(|o| o.poll_every = every.max(Duration::from_millis(1)))
+        self.with(|o| o.poll_every = every.clamp(Duration::from_millis(1), MAX_DURATION))
     }
 
     /// How often the maintenance loop runs (default [`DEFAULT_MAINTAIN_EVERY`]).
     pub fn maintain_every(self, every: Duration) -> Self {
-        self.with(|o| o.maintain_every = every.max(Duration::from_millis(1)))
+        self.with(|o| o.maintain_every = every.clamp(Duration::from_millis(1), MAX_DURATION))
     }
 
     /// How long creates wait after Redis lost its state, while the fleet registers its slots
@@ -575,31 +590,56 @@ impl Inner {
         }
     }
 
-    fn cap_fields(key: &SlotKey) -> Vec<String> {
-        let pool = key.pool.to_string();
-        let mut fields = vec![
-            format!("{}|{pool}", segment(key.account.as_str())),
-            format!("*|{pool}"),
+    /// Where `key`'s pool's capacity comes from: the `PREFIX:cap` fields to look up in order,
+    /// and the configured capacity that applies when none of them is set.
+    ///
+    /// The levels are [`SlotsConfig::capacity_of`]'s, most specific first: the account's
+    /// setting for the pool, the account's for the pool's product (when the pool names a
+    /// model), the setting for the pool, the one for its product, the default. At each level a
+    /// capacity set at run time comes before the configured one (as the in-process backend's
+    /// `set_capacity` replaces the configured setting), so the fields stop at the first level
+    /// the configuration sets, and that setting (else the default) is the fallback.
+    fn cap_lookup(&self, key: &SlotKey) -> (u32, Vec<String>) {
+        let account = segment(key.account.as_str());
+        let product = key.pool.model().map(|_| Pool::new(key.pool.product()));
+        let levels = [
+            (Some(&key.account), Some(&key.pool)),
+            (Some(&key.account), product.as_ref()),
+            (None, Some(&key.pool)),
+            (None, product.as_ref()),
         ];
-        if key.pool.model().is_some() {
-            fields.push(format!("*|{}", key.pool.product().as_str()));
+        let mut fields = Vec::with_capacity(levels.len());
+        for (level_account, pool) in levels {
+            let Some(pool) = pool else { continue };
+            fields.push(match level_account {
+                Some(_) => format!("{account}|{pool}"),
+                None => format!("*|{pool}"),
+            });
+            if let Some(configured) = self.config.capacity_setting(level_account, pool) {
+                return (configured, fields);
+            }
         }
+        (self.config.get_default_capacity(), fields)
+    }
+
+    /// `key`'s pool's capacity as [`cap_lookup`](Self::cap_lookup) finds it in `caps` (the
+    /// run-time capacities as read or set).
+    fn capacity_in(&self, caps: &HashMap<String, u32>, key: &SlotKey) -> u32 {
+        let (configured, fields) = self.cap_lookup(key);
         fields
+            .iter()
+            .find_map(|field| caps.get(field).copied())
+            .unwrap_or(configured)
     }
 
     /// `key`'s pool's capacity: the run-time one this process last read or set, else the
     /// configured one.
     fn capacity_of(&self, key: &SlotKey) -> u32 {
         let caps = lock(&self.caps);
-        if !caps.is_empty() {
-            for field in Inner::cap_fields(key) {
-                if let Some(&capacity) = caps.get(&field) {
-                    return capacity;
-                }
-            }
+        if caps.is_empty() {
+            return self.config.capacity_of(&key.account, &key.pool);
         }
-        drop(caps);
-        self.config.capacity_of(&key.account, &key.pool)
+        self.capacity_in(&caps, key)
     }
 
     /// Replaces the record of run-time capacities with `PREFIX:cap` as read (flat field/value).
@@ -815,16 +855,15 @@ impl Inner {
                 let pk = self.pk(&res.key);
                 let h = self.holding(res.token);
                 lock(&self.registry).remove(&h);
+                let (configured, fields) = self.cap_lookup(&res.key);
                 args.extend([
                     "cong".to_owned(),
                     pk,
                     h,
                     res.weight.to_string(),
-                    self.config
-                        .capacity_of(&res.key.account, &res.key.pool)
-                        .to_string(),
+                    configured.to_string(),
                 ]);
-                args.extend(Inner::cap_fields(&res.key));
+                args.extend(fields);
             }
             SlotOp::Halt { reservation, cause } => {
                 let pk = self.pk(&reservation.key);
@@ -849,6 +888,7 @@ impl Inner {
                     ext: task.external_id,
                     task: true,
                     since: Instant::now(),
+                    renewed: None,
                     lease,
                     registered: false,
                     key: reservation.key,
@@ -888,6 +928,7 @@ impl Inner {
                     ext: task.external_id,
                     task: true,
                     since: Instant::now(),
+                    renewed: None,
                     lease,
                     registered: false,
                     key,
@@ -1014,10 +1055,12 @@ impl Inner {
                             None => ReleaseReason::Completed,
                         },
                     });
-                } else if let Some(held) = registry.get_mut(&h)
-                    && held.id.is_none()
-                {
-                    held.id = Some(id.to_owned());
+                } else if let Some(held) = registry.get_mut(&h) {
+                    // Running: its lease is renewed from now (in Redis too, or when replayed).
+                    held.renewed = Some(now);
+                    if held.id.is_none() {
+                        held.id = Some(id.to_owned());
+                    }
                 }
             }
         }
@@ -1214,9 +1257,14 @@ impl Inner {
                 }
                 Pending::Register(h) => {
                     let held = lock(&self.registry).get(h).cloned();
-                    match held {
-                        Some(held) => {
-                            let mut args = self.hold_args("reg", &held.pk, h, &held, held.lease);
+                    match held.map(|held| (held.lease_left(Instant::now()), held)) {
+                        Some((None, _)) => {
+                            // Its lease ran out while Redis was away: nothing to register.
+                            lock(&self.registry).remove(h);
+                            Ok(())
+                        }
+                        Some((Some(lease), held)) => {
+                            let mut args = self.hold_args("reg", &held.pk, h, &held, lease);
                             self.apply_args(&mut args).await.map(|_| {
                                 if let Some(held) = lock(&self.registry).get_mut(h) {
                                     held.registered = true;
@@ -1265,7 +1313,12 @@ impl Inner {
                 .map(|(h, held)| (h.clone(), held.clone()))
                 .collect();
             for (h, held) in held {
-                let mut args = self.hold_args("reg", &held.pk, &h, &held, held.lease);
+                // What is left of its lease: one that ran out is not registered again.
+                let Some(lease) = held.lease_left(Instant::now()) else {
+                    lock(&self.registry).remove(&h);
+                    continue;
+                };
+                let mut args = self.hold_args("reg", &held.pk, &h, &held, lease);
                 let holdings = match self.apply_args(&mut args).await {
                     Ok((_, _, holdings)) => holdings,
                     Err(e) => {
@@ -1393,9 +1446,9 @@ impl Inner {
         ];
         for (pk, pool) in &pools {
             let key = &pool.key;
-            let fields = Inner::cap_fields(key);
+            let (configured, fields) = self.cap_lookup(key);
             args.push(pk.clone());
-            args.push(self.config.capacity_of(&key.account, &key.pool).to_string());
+            args.push(configured.to_string());
             args.push(fields.len().to_string());
             args.extend(fields);
         }
@@ -1429,10 +1482,14 @@ impl Inner {
     ) -> bool {
         let capacity = self.capacity_of(key);
         let share = capacity / processes.max(1);
+        let now = Instant::now();
         let mut registry = lock(&self.registry);
+        // Holdings whose lease ran out hold nothing: Redis, once back, finds them expired (and
+        // the maintenance pass prunes them), and counted here they would hold the share for
+        // the whole outage.
         let used: u32 = registry
             .values()
-            .filter(|held| held.pk == pk)
+            .filter(|held| held.pk == pk && held.lease_left(now).is_some())
             .map(|held| held.weight)
             .sum();
         if used + weight > share {
@@ -1448,6 +1505,7 @@ impl Inner {
                 ext: None,
                 task: false,
                 since: Instant::now(),
+                renewed: None,
                 lease: self.config.get_lease(),
                 registered: false,
             },
@@ -1793,7 +1851,7 @@ impl SlotBackend for RedisSlots {
             };
             // No check against the capacity here: the script checks it against the run-time
             // one in Redis (set by any process), and answers `{4, capacity}`.
-            let configured = inner.config.capacity_of(&key.account, &key.pool);
+            let (configured, cap_fields) = inner.cap_lookup(&key);
             let halt_key = inner.halt_key(&key.account);
             let place_ttl = micros(
                 inner
@@ -1837,7 +1895,7 @@ impl SlotBackend for RedisSlots {
                             place_ttl.clone(),
                             if join { "1" } else { "0" }.to_owned(),
                         ];
-                        args.extend(Inner::cap_fields(&key));
+                        args.extend(cap_fields.iter().cloned());
                         guard.armed = true;
                         let before = inner.seq_before();
                         inner
@@ -1947,6 +2005,7 @@ impl SlotBackend for RedisSlots {
                                 ext: None,
                                 task: false,
                                 since: Instant::now(),
+                                renewed: None,
                                 lease: inner.config.get_lease(),
                                 registered: true,
                             },
@@ -2060,10 +2119,7 @@ impl SlotBackend for RedisSlots {
                         continue;
                     };
                     let key = SlotKey::new(AccountId::new(text(&chunk[0])), pool);
-                    let configured = Inner::cap_fields(&key)
-                        .iter()
-                        .find_map(|field| caps.get(field).copied())
-                        .unwrap_or_else(|| inner.config.capacity_of(&key.account, &key.pool));
+                    let configured = inner.capacity_in(&caps, &key);
                     let hidden = u32::try_from(int(&chunk[3])).unwrap_or(0).min(configured);
                     let pk = inner.pk(&key);
                     out.push(PoolSnapshot {

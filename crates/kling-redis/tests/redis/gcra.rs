@@ -849,6 +849,11 @@ async fn an_idle_ttl_of_zero_is_refused_naming_the_field() {
         .unwrap_err();
     assert_eq!(error.field(), "idle_ttl");
     assert!(error.to_string().contains("idle_ttl"), "{error}");
+    // Past a year (here, past the clock's range) too.
+    let error = RedisGcra::new(conn.clone())
+        .idle_ttl(Duration::MAX)
+        .unwrap_err();
+    assert_eq!(error.field(), "idle_ttl");
     assert!(
         RedisGcra::new(conn)
             .idle_ttl(Duration::from_millis(1))
@@ -1120,4 +1125,100 @@ async fn a_head_that_gave_up_passes_no_earlier_place_to_the_next_one() {
         b.acquire_waiting(&key, &policy, b1).await.unwrap(),
         Decision::Admit
     );
+}
+
+/// [`RedisGcra`] but for [`Backend::acquire_or_refuse`], which it leaves to the default (a
+/// plain first ask): a store that ranks a reject-mode refusal in the fleet's order, as every
+/// refusal was before reject mode asked apart.
+struct RanksRefusals(RedisGcra);
+
+impl Backend for RanksRefusals {
+    type AcquireFuture = <RedisGcra as Backend>::AcquireFuture;
+    type FeedbackFuture = <RedisGcra as Backend>::FeedbackFuture;
+
+    fn acquire(&self, key: &BucketKey, policy: &Policy) -> Self::AcquireFuture {
+        self.0.acquire(key, policy)
+    }
+
+    fn acquire_waiting(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        since: tokio::time::Instant,
+    ) -> Self::AcquireFuture {
+        self.0.acquire_waiting(key, policy, since)
+    }
+
+    fn stop_waiting(&self, key: &BucketKey) {
+        self.0.stop_waiting(key);
+    }
+
+    fn feedback(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        feedback: Feedback,
+    ) -> Self::FeedbackFuture {
+        self.0.feedback(key, policy, feedback)
+    }
+}
+
+/// Two processes on one key (a cell every 300 ms, places lasting 3 s): `a` rejects, and sends
+/// `a1` (admitted) then `a2` (refused, `RateLimited`); `b` waits, and sends `b1` just after.
+/// How long after `a1` was served `b1` was.
+async fn b_served_after_a_refusal<Bk: Backend>(
+    server: &kling_redis::testing::RedisServer,
+    backend: impl Fn(RedisGcra) -> Bk,
+) -> Duration {
+    let served = Served::new();
+    let rejecting = RedisGcra::new(connect(server).await).place_ttl(Duration::from_secs(3));
+    let a = GcraLayer::builder(Quota::with_period(Duration::from_millis(300)))
+        .backend(backend(rejecting))
+        .reject()
+        .build()
+        .unwrap();
+    let a = tower::util::BoxCloneService::new(a.layer(tower::service_fn({
+        let served = served.clone();
+        move |request: http::Request<Full<Bytes>>| {
+            let name = request.uri().path().rsplit('/').next().unwrap().to_owned();
+            served
+                .log
+                .lock()
+                .unwrap()
+                .push((name, served.start.elapsed()));
+            std::future::ready(Ok::<_, kling_core::BoxError>(http::Response::new(
+                Full::new(Bytes::from_static(
+                    br#"{"code":0,"message":"SUCCEED","request_id":"r","data":{}}"#,
+                )),
+            )))
+        }
+    })));
+    let b = served.process(RedisGcra::new(connect(server).await).place_ttl(Duration::from_secs(3)));
+    send(&a, "a1").await.unwrap().unwrap();
+    let refused = send(&a, "a2").await.unwrap().unwrap_err();
+    assert!(
+        refused.is::<kling_ratelimit::error::RateLimited>(),
+        "{refused}"
+    );
+    send(&b, "b1").await.unwrap().unwrap();
+    assert_eq!(served.names(), ["a1", "b1"]);
+    let log = served.log.lock().unwrap();
+    log[1].1 - log[0].1
+}
+
+/// A request refused in reject mode holds no place in the fleet's order: another process's
+/// request that begins waiting just after is served a cell later, not when the place ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_in_reject_mode_holds_no_one_back() {
+    let Some(server) = redis() else { return };
+    let after = b_served_after_a_refusal(&server, |redis| redis).await;
+    // The control: a store that ranks the refusal holds b1 until the place ends (3 s).
+    let server = redis().expect("started above");
+    let ranked = b_served_after_a_refusal(&server, RanksRefusals).await;
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!("b1 served {after:?} after a1, {ranked:?} when the refusal is ranked");
+    }
+    assert!(after < Duration::from_millis(1000), "{after:?}");
+    assert!(ranked > Duration::from_millis(2500), "{ranked:?}");
 }

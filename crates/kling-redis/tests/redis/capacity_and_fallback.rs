@@ -1,0 +1,108 @@
+//! Task slots in Redis: where a pool's capacity comes from, and the fallback share while Redis
+//! is away once leases run out.
+
+use std::time::Duration;
+
+use kling_concurrency::SlotsConfig;
+use kling_concurrency::backend::{SlotBackend, SlotKey, SlotOp, TaskRef};
+use kling_core::{AccountId, Pool, Product};
+use kling_redis::{RedisSlots, WhenUnreachable};
+
+use crate::support::{connect, redis};
+
+fn kling3(account: &str) -> SlotKey {
+    SlotKey::new(
+        AccountId::new(account),
+        Pool::with_model(Product::Video, "kling-3.0"),
+    )
+}
+
+async fn backend(server: &kling_redis::testing::RedisServer, config: SlotsConfig) -> RedisSlots {
+    RedisSlots::new(connect(server).await, config)
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .maintain_every(Duration::from_millis(50))
+        .grace(Duration::from_millis(300))
+}
+
+/// `(configured, in use)` of `key`'s pool, as `backend` reads it.
+async fn configured(backend: &RedisSlots, key: &SlotKey) -> (u32, u32) {
+    let snapshot = backend.snapshot().await.unwrap();
+    let pool = snapshot.iter().find(|p| p.key == *key).expect("pool used");
+    (pool.configured, pool.in_use)
+}
+
+/// An account's capacity for a product, set at run time or configured, reaches that
+/// account's model pools (a second create waits), and not another account's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accounts_product_capacity_reaches_its_model_pools() {
+    let Some(server) = redis() else { return };
+    let video = Pool::new(Product::Video);
+    let configs = [
+        SlotsConfig::new(5),
+        SlotsConfig::new(5).account_capacity(AccountId::new("b"), video.clone(), 1),
+    ];
+    for (account, config) in ["a", "b"].into_iter().zip(configs) {
+        let slots = backend(&server, config).await;
+        if account == "a" {
+            slots
+                .apply(SlotOp::SetCapacity {
+                    account: Some(AccountId::new("a")),
+                    pool: video.clone(),
+                    capacity: 1,
+                })
+                .await
+                .unwrap();
+        }
+        let first = slots.acquire(kling3(account), 1).await.unwrap();
+        assert_eq!(
+            configured(&slots, &kling3(account)).await,
+            (1, 1),
+            "{account}"
+        );
+        let second = tokio::time::timeout(
+            Duration::from_millis(300),
+            slots.acquire(kling3(account), 1),
+        )
+        .await;
+        assert!(second.is_err(), "{account}: the second create waits");
+        slots.apply(SlotOp::GiveBack(first)).await.unwrap();
+        let other = slots.acquire(kling3("c"), 1).await.unwrap();
+        assert_eq!(configured(&slots, &kling3("c")).await, (5, 1));
+        slots.apply(SlotOp::GiveBack(other)).await.unwrap();
+    }
+}
+
+/// While Redis is away, a holding whose lease ran out no longer counts against the process's
+/// fallback share: the next create is granted instead of waiting for the whole outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_away_a_lease_that_ran_out_frees_the_fallback_share() {
+    let Some(mut server) = redis() else { return };
+    let lease = Duration::from_millis(200);
+    let slots = backend(&server, SlotsConfig::new(1).lease(lease))
+        .await
+        .maintain_every(Duration::from_secs(60))
+        .when_unreachable(WhenUnreachable::fallback(1));
+    let key = kling3("a");
+    let granted = slots.acquire(key.clone(), 1).await.unwrap();
+    let task = TaskRef {
+        id: Some("t1".to_owned()),
+        external_id: None,
+    };
+    slots
+        .apply(SlotOp::Hold {
+            reservation: granted,
+            task,
+            lease,
+        })
+        .await
+        .unwrap();
+    server.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let next = tokio::time::timeout(Duration::from_secs(1), slots.acquire(key, 1)).await;
+    assert!(
+        matches!(next, Ok(Ok(_))),
+        "granted from the share: {next:?}"
+    );
+    assert_eq!(slots.held_here(), 2, "t1 stays on record until Redis says");
+}
