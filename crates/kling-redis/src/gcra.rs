@@ -812,7 +812,29 @@ impl Inner {
     /// Sends the reports kept for delivery, oldest first, one delivery at a time. Fails, keeping
     /// the rest, when Redis cannot be reached; a report Redis refuses otherwise is dropped.
     async fn deliver(&self) -> Result<(), StoreError> {
-        let _one = self.delivering.lock().await;
+        let one = self.delivering.lock().await;
+        self.deliver_holding(one).await
+    }
+
+    /// [`Inner::deliver`] on a request's own way to Redis (a decision, a report): when another
+    /// delivery is under way, Redis counts as out of reach for this request instead of it
+    /// queueing behind that one (the kept reports must land before anything is decided there).
+    /// Queued, every request of an outage whose commands time out would wait its turn for
+    /// every earlier one's timeout, the k-th k timeouts; this way each waits for at most its
+    /// own command.
+    async fn deliver_first(&self) -> Result<(), StoreError> {
+        match self.delivering.try_lock() {
+            Ok(one) => self.deliver_holding(one).await,
+            Err(_) => Err(StoreError::unreachable(
+                "reports kept while redis was away are still being delivered",
+            )),
+        }
+    }
+
+    async fn deliver_holding(
+        &self,
+        _one: tokio::sync::MutexGuard<'_, ()>,
+    ) -> Result<(), StoreError> {
         loop {
             // Only a delivery takes reports off the front, and only one runs.
             let next = lock(&self.undelivered).pending.front().cloned();
@@ -987,7 +1009,7 @@ impl RedisGcra {
             }
             // Pauses kept while Redis was away reach it before anything is decided there.
             if inner.to_deliver.load(Ordering::Relaxed)
-                && let Err(e) = inner.deliver().await
+                && let Err(e) = inner.deliver_first().await
             {
                 return inner.unreachable_decision(e, &key, &policy);
             }
@@ -1104,7 +1126,7 @@ impl Backend for RedisGcra {
         Box::pin(async move {
             // Pauses kept while Redis was away go first, in order.
             let sent = if inner.to_deliver.load(Ordering::Relaxed) {
-                inner.deliver().await
+                inner.deliver_first().await
             } else {
                 Ok(())
             };

@@ -1023,6 +1023,59 @@ async fn a_pause_whose_report_timed_out_still_pauses_the_fleet() {
     assert!(until >= received + Duration::from_secs(4), "{until:?}");
 }
 
+/// While Redis does not answer (paused by `CLIENT PAUSE`, commands giving up after 200 ms) and
+/// a kept report waits for delivery, concurrent decisions and reports do not queue behind one
+/// another's timeouts: each waits for at most its own command, not the k-th for k of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_an_outage_requests_do_not_wait_in_line_for_each_others_timeouts() {
+    let Some(server) = redis() else { return };
+    let backend = RedisGcra::new(impatient(&server).await).retry_every(Duration::from_millis(50));
+    let (key, policy) = paused_key();
+    assert_eq!(
+        backend.acquire(&key, &policy).await.unwrap(),
+        Decision::Admit
+    );
+    let mut admin = raw(&server).await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(5000)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let received = tokio::time::Instant::now();
+    let kept = backend
+        .feedback(&key, &policy, throttled_at(received))
+        .await;
+    assert!(kept.is_err(), "the report timed out and is kept: {kept:?}");
+
+    let started = tokio::time::Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let backend = backend.clone();
+        let (paused, policy) = paused_key();
+        // Decisions on another account's key: the paused one is answered here, at once.
+        let other = BucketKey::account(Some(AccountId::new(format!("other-{i}"))));
+        calls.spawn(async move {
+            if i % 2 == 0 {
+                let success = Feedback::Success {
+                    sent_at: tokio::time::Instant::now(),
+                };
+                drop(backend.feedback(&paused, &policy, success).await);
+            } else {
+                drop(backend.acquire(&other, &policy).await);
+            }
+            started.elapsed()
+        });
+    }
+    let slowest = calls.join_all().await.into_iter().max().unwrap();
+    // In line, the twelfth waited for twelve timeouts (2.4 s) and the background delivery's.
+    assert!(
+        slowest < Duration::from_millis(900),
+        "the slowest call took {slowest:?}"
+    );
+}
+
 /// A process of a fleet: a `GcraLayer` (100 a second, a first pause of 100 ms) over `backend`,
 /// in front of a service that answers a request whose path ends in `throttled` with a 1302
 /// and any other with success.
