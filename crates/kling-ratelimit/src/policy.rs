@@ -179,7 +179,9 @@ impl Cooldown {
 /// 85% of where it was refused, climbs back to 97% of it within about ten successes, and then
 /// probes upward by 0.1% of the limit per success — about forty successes per refusal, so a
 /// steady load sees roughly one 1302 in forty requests at 90–100% of the real limit, and
-/// notices a limit that was raised. (The cooldown after each 1302 still applies.)
+/// notices a limit that was raised. (The cooldown after each 1302 still applies.) A success
+/// counts only for a request sent after the last 1302's pause began, as a 1302 does: one sent
+/// before it says nothing about the rate since.
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct Adaptive {

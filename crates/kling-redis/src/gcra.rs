@@ -223,6 +223,13 @@ local function expire()
   redis.call('PEXPIRE', key, math.ceil((last - now + tonumber(ARGV[20])) / 1000))
 end
 if ARGV[2] == 's' then
+  -- A success of a request sent before the last pause began says nothing about the rate since
+  -- (as a 1302 sent then does not escalate the pause): streak and rate are left alone.
+  local sent_s = tonumber(ARGV[3])
+  if lp and sent_s and sent_s < lp then
+    expire()
+    return {-1, streak}
+  end
   redis.call('HSET', key, 's', 0)
   redis.call('HDEL', key, 'se')
   se = nil

@@ -630,6 +630,17 @@ impl InProcess {
         let entry = self.entry(&mut state, key, policy, Instant::now());
         let ceiling = policy.quota.rate_per_second();
         match feedback {
+            // A success of a request sent before the last pause began says nothing about the
+            // rate since (as a 1302 sent then does not escalate the pause): the streak and the
+            // adaptive rate are left alone.
+            Feedback::Success { sent_at }
+                if entry.last_pause.is_some_and(|last| sent_at < last) =>
+            {
+                Reported {
+                    cooldown_until: None,
+                    streak: entry.streak,
+                }
+            }
             Feedback::Success { .. } => {
                 entry.streak = 0;
                 entry.streak_expires = None;

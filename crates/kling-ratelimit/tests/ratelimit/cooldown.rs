@@ -211,6 +211,48 @@ async fn in_flight_1302s_do_not_escalate_the_pause() {
     );
 }
 
+/// A success of a request sent before a pause began says nothing about the rate after it, as a
+/// 1302 sent then does not escalate it: it leaves the streak running, so the next 1302 after
+/// the pause escalates (2 s) instead of starting over (1 s).
+#[tokio::test(start_paused = true)]
+async fn a_success_sent_before_the_pause_leaves_its_streak_running() {
+    let server = Server::with_latency(Duration::from_millis(50));
+    server.script([Reply::throttled(), Reply::ok(), Reply::throttled()]);
+    let layer = GcraLayer::new(Quota::per_second(10.0).with_burst(3)).unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    // "x" meets a 1302 (a pause of 1 s from its answer at 50 ms); "y", sent 10 ms after it and
+    // so before the pause began, succeeds at 60 ms, while the streak runs.
+    let x = spawn_call(&service, request(Some("a"), "x")).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let y = spawn_call(&service, request(Some("a"), "y")).await;
+    let first = [x, y];
+    for call in first {
+        call.await.unwrap().unwrap();
+    }
+    let key = BucketKey::account(Some("a".into()));
+    assert_eq!(handle.backend().key_state(&key).unwrap().streak, 1);
+    // After the pause, "z" meets a 1302: the second of the streak, a 2 s pause.
+    for tag in ["z", "next"] {
+        service
+            .clone()
+            .oneshot(request(Some("a"), tag))
+            .await
+            .unwrap();
+    }
+    let times = server.times_ms(start);
+    assert_eq!(
+        times,
+        vec![
+            ("x".to_owned(), 0),
+            ("y".to_owned(), 10),
+            ("z".to_owned(), 1050),
+            ("next".to_owned(), 3100)
+        ]
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn reject_mode_reports_the_cooldown() {
     let server = Server::new();

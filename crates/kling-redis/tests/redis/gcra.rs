@@ -1146,6 +1146,37 @@ async fn a_success_in_a_process_that_saw_no_pause_resets_the_fleets_streak() {
     assert_eq!(fleet_streak(&server, &redis_key).await, 1);
 }
 
+/// A success of a request sent before the fleet's last pause began leaves the streak (and an
+/// adaptive rate) alone, as in process; one sent after it resets the streak.
+#[tokio::test]
+async fn a_success_sent_before_the_pause_leaves_the_fleets_streak_running() {
+    let Some(server) = redis() else { return };
+    let backend = RedisGcra::new(connect(&server).await);
+    let (key, policy) = paused_key();
+    let redis_key = backend.key_of(&key);
+    assert_eq!(
+        backend.acquire(&key, &policy).await.unwrap(),
+        Decision::Admit
+    );
+    let before = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let received = tokio::time::Instant::now();
+    backend
+        .feedback(&key, &policy, throttled_at(received))
+        .await
+        .unwrap();
+    assert_eq!(fleet_streak(&server, &redis_key).await, 1);
+    let stale = Feedback::Success { sent_at: before };
+    let reported = backend.feedback(&key, &policy, stale).await.unwrap();
+    assert_eq!(reported.streak, 1, "{reported:?}");
+    assert_eq!(fleet_streak(&server, &redis_key).await, 1);
+    let fresh = Feedback::Success {
+        sent_at: tokio::time::Instant::now(),
+    };
+    backend.feedback(&key, &policy, fresh).await.unwrap();
+    assert_eq!(fleet_streak(&server, &redis_key).await, 0);
+}
+
 /// A process's place is ranked by its current head: when the head that took the place gives
 /// up while a later request of the same process waits, that request does not inherit the
 /// earlier arrival and pass a request of another process that has waited longer.
