@@ -383,16 +383,39 @@ async fn a_process_whose_waiting_requests_gave_up_leaves_its_place_at_once() {
     assert!(!late_takes_the_next_cell_after_early_gives_up(&server, false).await);
 }
 
-/// [`RedisGcra`] but for [`Backend::stop_waiting`], which it leaves to the default (nothing):
-/// a store that is never told a process stopped waiting.
-struct NotTold(RedisGcra);
+/// [`RedisGcra`] with its first ask of a reject-mode request left to the trait's default (a
+/// plain first ask, [`Backend::acquire_or_refuse`]): a store that ranks a reject-mode refusal
+/// in the fleet's order, as every refusal was before reject mode asked apart; and, unless
+/// `tells_stop`, never told a process stopped waiting ([`Backend::stop_waiting`]: nothing).
+struct Defaulted {
+    redis: RedisGcra,
+    tells_stop: bool,
+}
 
-impl Backend for NotTold {
+impl Defaulted {
+    /// Never told a process stopped waiting.
+    fn not_told(redis: RedisGcra) -> Defaulted {
+        Defaulted {
+            redis,
+            tells_stop: false,
+        }
+    }
+
+    /// Ranks a reject-mode refusal in the fleet's order, told the rest.
+    fn ranking_refusals(redis: RedisGcra) -> Defaulted {
+        Defaulted {
+            redis,
+            tells_stop: true,
+        }
+    }
+}
+
+impl Backend for Defaulted {
     type AcquireFuture = <RedisGcra as Backend>::AcquireFuture;
     type FeedbackFuture = <RedisGcra as Backend>::FeedbackFuture;
 
     fn acquire(&self, key: &BucketKey, policy: &Policy) -> Self::AcquireFuture {
-        self.0.acquire(key, policy)
+        self.redis.acquire(key, policy)
     }
 
     fn acquire_waiting(
@@ -401,7 +424,13 @@ impl Backend for NotTold {
         policy: &Policy,
         since: tokio::time::Instant,
     ) -> Self::AcquireFuture {
-        self.0.acquire_waiting(key, policy, since)
+        self.redis.acquire_waiting(key, policy, since)
+    }
+
+    fn stop_waiting(&self, key: &BucketKey) {
+        if self.tells_stop {
+            self.redis.stop_waiting(key);
+        }
     }
 
     fn feedback(
@@ -410,7 +439,7 @@ impl Backend for NotTold {
         policy: &Policy,
         feedback: Feedback,
     ) -> Self::FeedbackFuture {
-        self.0.feedback(key, policy, feedback)
+        self.redis.feedback(key, policy, feedback)
     }
 }
 
@@ -516,7 +545,7 @@ async fn through_the_layer_a_request_that_gives_up_holds_no_one_back() {
     let told = b_served_after_a_gives_up(&server, |redis| redis).await;
     // … and with a store that is not told, waits until a3's place ends (600 + 1,500 ms).
     let server = redis().expect("started above");
-    let not_told = b_served_after_a_gives_up(&server, NotTold).await;
+    let not_told = b_served_after_a_gives_up(&server, Defaulted::not_told).await;
     #[allow(clippy::print_stderr)]
     {
         eprintln!("b1 served at {told:?} when told, {not_told:?} when not");
@@ -1211,42 +1240,6 @@ async fn a_head_that_gave_up_passes_no_earlier_place_to_the_next_one() {
     );
 }
 
-/// [`RedisGcra`] but for [`Backend::acquire_or_refuse`], which it leaves to the default (a
-/// plain first ask): a store that ranks a reject-mode refusal in the fleet's order, as every
-/// refusal was before reject mode asked apart.
-struct RanksRefusals(RedisGcra);
-
-impl Backend for RanksRefusals {
-    type AcquireFuture = <RedisGcra as Backend>::AcquireFuture;
-    type FeedbackFuture = <RedisGcra as Backend>::FeedbackFuture;
-
-    fn acquire(&self, key: &BucketKey, policy: &Policy) -> Self::AcquireFuture {
-        self.0.acquire(key, policy)
-    }
-
-    fn acquire_waiting(
-        &self,
-        key: &BucketKey,
-        policy: &Policy,
-        since: tokio::time::Instant,
-    ) -> Self::AcquireFuture {
-        self.0.acquire_waiting(key, policy, since)
-    }
-
-    fn stop_waiting(&self, key: &BucketKey) {
-        self.0.stop_waiting(key);
-    }
-
-    fn feedback(
-        &self,
-        key: &BucketKey,
-        policy: &Policy,
-        feedback: Feedback,
-    ) -> Self::FeedbackFuture {
-        self.0.feedback(key, policy, feedback)
-    }
-}
-
 /// Two processes on one key (a cell every 300 ms, places lasting 3 s): `a` rejects, and sends
 /// `a1` (admitted) then `a2` (refused, `RateLimited`); `b` waits, and sends `b1` just after.
 /// How long after `a1` was served `b1` was.
@@ -1298,7 +1291,7 @@ async fn a_refusal_in_reject_mode_holds_no_one_back() {
     let after = b_served_after_a_refusal(&server, |redis| redis).await;
     // The control: a store that ranks the refusal holds b1 until the place ends (3 s).
     let server = redis().expect("started above");
-    let ranked = b_served_after_a_refusal(&server, RanksRefusals).await;
+    let ranked = b_served_after_a_refusal(&server, Defaulted::ranking_refusals).await;
     #[allow(clippy::print_stderr)]
     {
         eprintln!("b1 served {after:?} after a1, {ranked:?} when the refusal is ranked");
