@@ -9,7 +9,7 @@ use http_body_util::Full;
 use kling_core::AccountId;
 use kling_ratelimit::GcraLayer;
 use kling_ratelimit::backend::Feedback;
-use kling_ratelimit::{Backend, BucketKey, Cooldown, Decision, InProcess, Policy, Quota};
+use kling_ratelimit::{Backend, BucketKey, Cooldown, Decision, InProcess, Mode, Policy, Quota};
 use kling_redis::testing::skew_local_clock;
 use kling_redis::{Connection, FleetDecision, RedisConfig, RedisGcra, WhenUnreachable};
 use proptest::prelude::*;
@@ -478,6 +478,11 @@ impl Served {
     /// A process: a `GcraLayer` (a cell every 300 ms) over `backend`, in front of a service
     /// that answers every request with success and notes it here.
     fn process(&self, backend: impl Backend) -> Layered {
+        self.process_in(backend, Mode::Wait)
+    }
+
+    /// [`Served::process`] whose layer waits or refuses, as `mode` says.
+    fn process_in(&self, backend: impl Backend, mode: Mode) -> Layered {
         let served = self.clone();
         let inner = tower::service_fn(move |request: http::Request<Full<Bytes>>| {
             let name = request.uri().path().rsplit('/').next().unwrap().to_owned();
@@ -492,11 +497,14 @@ impl Served {
                 )),
             )))
         });
-        let layer = GcraLayer::builder(Quota::with_period(Duration::from_millis(300)))
-            .backend(backend)
-            .build()
-            .unwrap();
-        tower::util::BoxCloneService::new(layer.layer(inner))
+        let builder =
+            GcraLayer::builder(Quota::with_period(Duration::from_millis(300))).backend(backend);
+        let layer = if mode == Mode::Reject {
+            builder.reject()
+        } else {
+            builder
+        };
+        tower::util::BoxCloneService::new(layer.build().unwrap().layer(inner))
     }
 }
 
@@ -1249,27 +1257,7 @@ async fn b_served_after_a_refusal<Bk: Backend>(
 ) -> Duration {
     let served = Served::new();
     let rejecting = RedisGcra::new(connect(server).await).place_ttl(Duration::from_secs(3));
-    let a = GcraLayer::builder(Quota::with_period(Duration::from_millis(300)))
-        .backend(backend(rejecting))
-        .reject()
-        .build()
-        .unwrap();
-    let a = tower::util::BoxCloneService::new(a.layer(tower::service_fn({
-        let served = served.clone();
-        move |request: http::Request<Full<Bytes>>| {
-            let name = request.uri().path().rsplit('/').next().unwrap().to_owned();
-            served
-                .log
-                .lock()
-                .unwrap()
-                .push((name, served.start.elapsed()));
-            std::future::ready(Ok::<_, kling_core::BoxError>(http::Response::new(
-                Full::new(Bytes::from_static(
-                    br#"{"code":0,"message":"SUCCEED","request_id":"r","data":{}}"#,
-                )),
-            )))
-        }
-    })));
+    let a = served.process_in(backend(rejecting), Mode::Reject);
     let b = served.process(RedisGcra::new(connect(server).await).place_ttl(Duration::from_secs(3)));
     send(&a, "a1").await.unwrap().unwrap();
     let refused = send(&a, "a2").await.unwrap().unwrap_err();
