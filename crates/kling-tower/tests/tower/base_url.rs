@@ -85,6 +85,17 @@ async fn absolute_uris_to_another_origin_are_refused_before_sending() {
     );
 }
 
+/// The error the stack's builder gives for a base URL it refuses.
+fn stack_refuses(base: &str) -> kling_tower::error::ConfigError {
+    KlingLayer::builder(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("k").unwrap(),
+    )
+    .base_url(base)
+    .build()
+    .unwrap_err()
+}
+
 /// Plain http would carry the API key or token in cleartext: only to a loopback host (the
 /// mock, a local proxy), through the layer and through the stack's builder alike.
 #[test]
@@ -97,13 +108,7 @@ fn plain_http_base_urls_are_refused_except_to_loopback() {
         let refused = BaseUrlLayer::new(base).unwrap_err();
         assert_eq!(refused.field(), "base_url", "{base}");
         assert!(refused.to_string().contains("https://"), "{refused}");
-        let refused = KlingLayer::builder(
-            StackConfig::preset(Tier::Pro),
-            Credentials::api_key("k").unwrap(),
-        )
-        .base_url(base)
-        .build()
-        .unwrap_err();
+        let refused = stack_refuses(base);
         assert_eq!(refused.field(), "base_url", "{base}");
     }
     for base in [
@@ -128,13 +133,7 @@ fn base_urls_with_user_info_are_refused_without_echoing_it() {
         let refused = BaseUrlLayer::new(base).unwrap_err();
         assert_eq!(refused.field(), "base_url", "{base}");
         assert!(refused.to_string().contains("user info"), "{refused}");
-        let refused = KlingLayer::builder(
-            StackConfig::preset(Tier::Pro),
-            Credentials::api_key("k").unwrap(),
-        )
-        .base_url(base)
-        .build()
-        .unwrap_err();
+        let refused = stack_refuses(base);
         assert!(
             !format!("{refused} {refused:?}").contains("s3cret"),
             "{refused:?}"
