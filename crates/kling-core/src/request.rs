@@ -165,7 +165,8 @@ pub struct Recognized {
     pub pool: Option<Pool>,
     /// Slots a create takes: `n` for images (clamped to 1..=9), else 1; 0 for non-creates.
     pub weight: u32,
-    /// The create's own id (`external_task_id`, or `external_id` on new-style paths).
+    /// The create's own id: `external_task_id` on legacy paths, `external_id` on new-style ones
+    /// (each generation's server reads its own field only).
     pub external_id: Option<String>,
     /// Whether the create asks for a callback.
     pub has_callback: bool,
@@ -331,9 +332,12 @@ impl Recognized {
         {
             self.weight = n.clamp(1, u64::from(MAX_IMAGE_WEIGHT)) as u32;
         }
+        // Each generation's own field only: a new-style server reads `external_id` and ignores
+        // `external_task_id`, so a create carrying only the latter has no id there, and must
+        // not be looked up by it (a lookup would find nothing, and the create be sent twice).
         self.external_id = match generation {
             ApiGeneration::Legacy => fields.external_task_id,
-            ApiGeneration::New => fields.external_id.or(fields.external_task_id),
+            ApiGeneration::New => fields.external_id,
         }
         .filter(|id| !id.is_empty())
         .map(Cow::into_owned);
@@ -532,6 +536,13 @@ mod tests {
         assert_eq!(r.pool.as_ref().unwrap().to_string(), "video:kling-3.0");
         assert_eq!(r.external_id.as_deref(), Some("e1"));
         assert!(r.has_callback);
+        // The legacy field is not a new-style create's id: its server reads `external_id` only.
+        let r = recognize(
+            &Method::POST,
+            "/text-to-video/kling-3.0",
+            r#"{"prompt":"x","external_task_id":"t1"}"#,
+        );
+        assert_eq!(r.external_id, None);
 
         let r = recognize(&Method::GET, "/tasks?task_ids=a,b,c", "");
         assert_eq!(r.kind, RequestKind::Query);

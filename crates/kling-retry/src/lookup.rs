@@ -192,7 +192,8 @@ impl Spliced {
 /// left alone.
 ///
 /// The field is spliced in after the opening brace, so the body is neither parsed nor
-/// re-serialized (the create's bytes, large base64 images included, are copied once), and the
+/// re-serialized (the create's bytes, large base64 images included, are copied once; only a
+/// body that may hold the field already, null or empty, is rewritten: [`splice_field`]), and the
 /// cached recognition is updated, not recognised again from the rewritten body.
 ///
 /// Returns the original body and the id when it wrote one: the retry layer keeps those, not a
@@ -247,7 +248,19 @@ fn splice_into_body<B: ReplayBody>(request: &mut Request<B>, field: &str, id: &[
 
 /// `body` (a JSON object) with `"field":"id",` inserted first; `None` when the body is not an
 /// object. `id` is written as it is: a generated id needs no JSON escaping.
+///
+/// A body that may already hold the field (its name appears in it, or a `\u` escape that could
+/// spell it) — say `"external_task_id":null`, as serializers write an unset optional field —
+/// is parsed and written again with the field set, rather than given a second key: which of
+/// two keys a server reads is up to its parser (most read the last), and a create whose id it
+/// does not read cannot be looked up, so it would be sent twice. Either way the same body
+/// gives the same bytes, as [`Spliced::body`] needs.
 fn splice_field(body: &[u8], field: &str, id: &[u8]) -> Option<Vec<u8>> {
+    if memchr::memmem::find(body, field.as_bytes()).is_some()
+        || memchr::memmem::find(body, br"\u").is_some()
+    {
+        return set_field(body, field, id);
+    }
     debug_assert!(
         id.iter()
             .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\'))
@@ -274,6 +287,17 @@ fn splice_field(body: &[u8], field: &str, id: &[u8]) -> Option<Vec<u8>> {
     out.extend_from_slice(&body[open + 1..]);
     debug_assert_eq!(out.len(), len);
     Some(out)
+}
+
+/// [`splice_field`] for a body that may hold the field already: parsed as a JSON object, the
+/// field set to `id` (whatever it held), written out again; `None` when it is not an object.
+#[cold]
+fn set_field(body: &[u8], field: &str, id: &[u8]) -> Option<Vec<u8>> {
+    let mut object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).ok()?;
+    let id = std::str::from_utf8(id).ok()?;
+    object.insert(field.to_owned(), serde_json::Value::from(id));
+    serde_json::to_vec(&object).ok()
 }
 
 #[cfg(test)]
@@ -579,6 +603,30 @@ mod tests {
         }
         for not_an_object in ["", "  ", "[1]", "\"x\"", "not json", "{", "}"] {
             assert_eq!(splice_field(not_an_object.as_bytes(), "f", b"1"), None);
+        }
+    }
+
+    /// A body that names the field already (unset, empty, of another type, or spelled with an
+    /// escape) gets it set, not a second key that a server reading the last would ignore.
+    #[test]
+    fn a_body_that_holds_the_field_already_gets_it_set_not_twice() {
+        for body in [
+            r#"{"prompt":"cat","external_task_id":null}"#,
+            r#"{"external_task_id":"","prompt":"cat"}"#,
+            r#"{"prompt":"cat","external_task_id":7}"#,
+            r#"{"prompt":"cat","\u0065xternal_task_id":null}"#,
+        ] {
+            let out = splice_field(body.as_bytes(), "external_task_id", b"kr-1").unwrap();
+            let text = String::from_utf8(out.clone()).unwrap();
+            assert_eq!(text.matches("external_task_id").count(), 1, "{text}");
+            let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(value["external_task_id"], "kr-1", "{body}");
+            assert_eq!(value["prompt"], "cat", "{body}");
+            // The same body gives the same bytes (a retry writes the id in again).
+            assert_eq!(
+                splice_field(body.as_bytes(), "external_task_id", b"kr-1").unwrap(),
+                out
+            );
         }
     }
 

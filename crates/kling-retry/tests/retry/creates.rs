@@ -211,6 +211,56 @@ async fn new_style_creates_are_looked_up_through_tasks() {
     assert_eq!(log.count("GET", "/tasks"), 1);
 }
 
+/// kling-mock (which reads a create's body as a JSON value, its last key winning, and each
+/// generation's own id field only) answering every create 5000 though it made the task: a
+/// create whose body names the other generation's field, or its own field unset, gets a
+/// generated id the server reads, is found by it, and is made once.
+#[tokio::test(start_paused = true)]
+async fn a_create_whose_id_the_server_would_not_read_gets_one_it_does_and_is_made_once() {
+    use http_body_util::Full;
+    use kling_mock::{MockConfig, MockKling};
+    for (uri, body) in [
+        // New-style: the server reads `external_id`, not the legacy field.
+        (
+            "/text-to-video/kling-3.0",
+            r#"{"prompt":"x","external_task_id":"job-1"}"#,
+        ),
+        // Legacy, the field written unset (as serializers write an optional field).
+        (
+            "/v1/videos/text2video",
+            r#"{"prompt":"x","external_task_id":null}"#,
+        ),
+        (
+            "/v1/videos/text2video",
+            r#"{"prompt":"x","external_task_id":""}"#,
+        ),
+    ] {
+        let mock = MockKling::new(
+            MockConfig::default()
+                .no_rate_limit()
+                .ghost_create_rate(1.0)
+                .seed(3),
+        )
+        .unwrap();
+        let client = RetryLayer::builder()
+            .seed(5)
+            .generate_external_ids(true)
+            .build()
+            .unwrap()
+            .layer(kling_core::ClassifyLayer::new().layer(mock.clone()));
+        let request = http::Request::post(uri)
+            .header("authorization", "Bearer k")
+            .body(Full::new(bytes::Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        let response = send(&client, request).await.unwrap();
+        assert!(
+            response.extensions().get::<Recovered>().is_some(),
+            "{uri} {body}: found by its id"
+        );
+        assert_eq!(mock.stats().tasks_created, 1, "{uri} {body}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn generated_external_ids_make_an_unknown_create_safe_to_repeat() {
     let tasks = Arc::new(Mutex::new(Vec::new()));
