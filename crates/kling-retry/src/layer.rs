@@ -27,6 +27,9 @@ pub(crate) struct Shared<P> {
     pub(crate) deadline: Option<Duration>,
     pub(crate) budget: RetryBudget,
     pub(crate) rng: Arc<dyn RandomSource>,
+    /// The source of generated external ids: never [`RetryLayerBuilder::seed`]'s, so two runs
+    /// (or processes) seeded alike do not give their creates one another's ids.
+    pub(crate) ids: Arc<dyn RandomSource>,
     pub(crate) generate_external_ids: bool,
 }
 
@@ -72,6 +75,7 @@ impl RetryLayer {
             deadline: Some(DEFAULT_DEADLINE),
             budget: None,
             rng: None,
+            ids: None,
             generate_external_ids: false,
         }
     }
@@ -121,6 +125,7 @@ pub struct RetryLayerBuilder<P = KlingPolicy> {
     deadline: Option<Duration>,
     budget: Option<RetryBudget>,
     rng: Option<Arc<dyn RandomSource>>,
+    ids: Option<Arc<dyn RandomSource>>,
     generate_external_ids: bool,
 }
 
@@ -134,6 +139,7 @@ impl<P> RetryLayerBuilder<P> {
             deadline: self.deadline,
             budget: self.budget,
             rng: self.rng,
+            ids: self.ids,
             generate_external_ids: self.generate_external_ids,
         }
     }
@@ -174,15 +180,23 @@ impl<P> RetryLayerBuilder<P> {
         self
     }
 
-    /// Sets the random source of the jitter and of generated external ids.
+    /// Sets the random source of the jitter and of generated external ids (a recorded
+    /// sequence replays both; ids repeated across runs or processes are the caller's to avoid).
     pub fn rng(mut self, rng: impl RandomSource) -> Self {
-        self.rng = Some(Arc::new(rng));
+        let rng: Arc<dyn RandomSource> = Arc::new(rng);
+        self.ids = Some(Arc::clone(&rng));
+        self.rng = Some(rng);
         self
     }
 
-    /// Uses [`SplitMix::seeded`] with `seed`, for exact tests and reproducible runs.
-    pub fn seed(self, seed: u64) -> Self {
-        self.rng(SplitMix::seeded(seed))
+    /// Seeds the jitter with [`SplitMix::seeded`], for exact tests and reproducible runs.
+    /// Generated external ids stay drawn from the process's entropy: an id is the create's
+    /// name at Kling for the whole account, and two runs or processes seeded alike would
+    /// otherwise give their creates the same ids (a 1201, or a lookup that finds the other's
+    /// task and returns it as this create's).
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.rng = Some(Arc::new(SplitMix::seeded(seed)));
+        self
     }
 
     /// Adds a generated `external_task_id` (`kr-` and 32 hex digits; `external_id` on new-style
@@ -211,6 +225,9 @@ impl<P> RetryLayerBuilder<P> {
                 budget: self.budget.unwrap_or_default(),
                 rng: self
                     .rng
+                    .unwrap_or_else(|| Arc::new(SplitMix::from_entropy())),
+                ids: self
+                    .ids
                     .unwrap_or_else(|| Arc::new(SplitMix::from_entropy())),
                 generate_external_ids: self.generate_external_ids,
             }),

@@ -145,7 +145,7 @@ where
         // Deadline and first attempt set before the copy: each retry sets its own anew.
         let deadline = Attempt::begin(&mut request, 1, own);
         let spliced = if shared.generate_external_ids && request.method() == Method::POST {
-            lookup::add_generated_id(&mut request, &*shared.rng)
+            lookup::add_generated_id(&mut request, &*shared.ids)
         } else {
             None
         };

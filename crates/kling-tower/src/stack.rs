@@ -174,7 +174,8 @@ impl<B: StackBackends> KlingBuilder<B> {
         self
     }
 
-    /// Seeds the retry jitter, for reproducible tests.
+    /// Seeds the retry jitter, for reproducible tests (generated external ids stay drawn from
+    /// the process's entropy: two runs seeded alike must not share them).
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
         self

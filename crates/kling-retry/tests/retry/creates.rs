@@ -297,6 +297,29 @@ async fn generated_external_ids_make_an_unknown_create_safe_to_repeat() {
     );
 }
 
+/// Two layers seeded alike (two runs of a reproducible test, two processes of a fleet) give
+/// their creates different ids: an id names the task at Kling for the whole account.
+#[tokio::test(start_paused = true)]
+async fn layers_seeded_alike_generate_different_external_ids() {
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (server, log) = kling(|_: &Seen, _| Reply::Now(task("t1", None)));
+        let client = RetryLayer::builder()
+            .seed(7)
+            .generate_external_ids(true)
+            .build()
+            .unwrap()
+            .layer(server);
+        send(&client, create(r#"{"prompt":"a cat"}"#))
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_str(&log.all()[0].body).unwrap();
+        ids.push(body["external_task_id"].as_str().unwrap().to_owned());
+    }
+    assert!(ids[0].starts_with("kr-"), "{ids:?}");
+    assert_ne!(ids[0], ids[1]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_create_with_a_generated_id_is_resent_byte_for_byte_when_the_lookup_finds_nothing() {
     // The first create fails with a 5xx before any task exists; the lookup finds nothing; the
