@@ -503,7 +503,8 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
                         RetryLayer::builder()
                             .deadline(JOB_DEADLINE)
                             .generate_external_ids(true)
-                            .seed(7)
+                            // Jitter and ids alike: the same table on every machine.
+                            .rng(kling_retry::SplitMix::seeded(7))
                             .build()
                             .expect("valid"),
                     )
@@ -519,7 +520,7 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
                     kling_config(preset, scenario),
                     Credentials::api_key("bench-key").expect("a key"),
                 )
-                .seed(7)
+                .replay_seed(7)
                 .build()
                 .expect("a valid stack");
                 let service = kling.layer(mock.clone());

@@ -526,7 +526,7 @@ fn enterprise(tasks: usize) -> (MockKling, KlingLayer) {
         StackConfig::enterprise(tasks as u32, None),
         Credentials::api_key("bench-key").expect("a key"),
     )
-    .seed(3)
+    .replay_seed(3)
     .build()
     .expect("a valid stack");
     (mock, kling)

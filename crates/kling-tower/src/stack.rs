@@ -57,7 +57,7 @@ use kling_concurrency::{DEFAULT_RECOVERY_INTERVAL, SlotsConfig, SlotsHandle, Tas
 use kling_core::{AccountId, BoxError, ClassifyLayer, Pool, Recognized, RequestKind, TaskReport};
 use kling_metrics::{MetricsLayer, Monitor, Snapshot};
 use kling_ratelimit::{Cooldown, GcraHandle, GcraLayer, Quota};
-use kling_retry::{Backoff, RetryBudget, RetryLayer};
+use kling_retry::{Backoff, RetryBudget, RetryLayer, SplitMix};
 use tower::util::Either;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -105,6 +105,7 @@ pub struct KlingBuilder<B = InProcess> {
     auth: Option<AuthLayer>,
     generate_external_ids: bool,
     seed: Option<u64>,
+    replay_seed: Option<u64>,
     backends: B,
 }
 
@@ -181,6 +182,15 @@ impl<B: StackBackends> KlingBuilder<B> {
         self
     }
 
+    /// Seeds the retry jitter and the generated external ids alike, so that two runs against
+    /// the same mock send the same bytes in the same order (a benchmark's table that must be
+    /// the same on every machine). Two runs so seeded give their creates the same ids: never
+    /// where runs share an account at Kling. Takes the place of [`KlingBuilder::seed`].
+    pub fn replay_seed(mut self, seed: u64) -> Self {
+        self.replay_seed = Some(seed);
+        self
+    }
+
     /// Keeps the rate limiter's and the task slots' state in `backends` (default
     /// [`InProcess`]); the layers, their order and numbers stay the same.
     pub fn backends<B2: StackBackends>(self, backends: B2) -> KlingBuilder<B2> {
@@ -194,6 +204,7 @@ impl<B: StackBackends> KlingBuilder<B> {
             auth: self.auth,
             generate_external_ids: self.generate_external_ids,
             seed: self.seed,
+            replay_seed: self.replay_seed,
             backends,
         }
     }
@@ -288,7 +299,9 @@ impl<B: StackBackends> KlingBuilder<B> {
             .backoff(Backoff::new().sped_up(speed))
             .budget(budget)
             .generate_external_ids(self.generate_external_ids);
-        if let Some(seed) = self.seed {
+        if let Some(seed) = self.replay_seed {
+            retry = retry.rng(SplitMix::seeded(seed));
+        } else if let Some(seed) = self.seed {
             retry = retry.seed(seed);
         }
         let retry = retry
@@ -474,6 +487,7 @@ impl KlingLayer {
             auth: None,
             generate_external_ids: true,
             seed: None,
+            replay_seed: None,
             backends: InProcess,
         }
     }
