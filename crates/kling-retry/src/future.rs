@@ -622,7 +622,11 @@ where
         let shared = self.shared();
         let at = match hint {
             Some((received, hint)) => {
-                let wait = shared.backoff.hinted(hint, &*shared.rng);
+                // No sooner than the kind's own floor (1 s after a 1302 or an ungated 1303, the
+                // maintenance wait after a 5001): a `Retry-After: 0`, or a date already past,
+                // would otherwise send the retries in a burst against a throttled API.
+                let floor = shared.backoff.bounds(delay, 1).0;
+                let wait = shared.backoff.hinted(hint, &*shared.rng).max(floor);
                 received.checked_add(wait)
             }
             None => {

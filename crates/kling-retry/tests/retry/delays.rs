@@ -102,6 +102,34 @@ async fn a_retry_after_overrides_even_a_5xx_backoff_and_is_clamped_to_the_maximu
     assert_eq!(seen[1].at - seen[0].at, Duration::from_secs(30));
 }
 
+/// A `Retry-After` sooner than the kind's own floor (`0`, or a date already past) does not
+/// send retries in a burst: a 1302 still waits at least a second, a 5001 its maintenance wait.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_of_zero_still_waits_the_kinds_floor() {
+    for (refusal, floor) in [(1302, 1), (5001, 5)] {
+        for seed in 0..10 {
+            let (server, log) = kling(move |_, i| {
+                Reply::Now(if i < 3 {
+                    with_header(code(refusal), "retry-after", "0")
+                } else {
+                    task("t1", None)
+                })
+            });
+            send(&layer(seed).layer(server), get("/v1/videos/text2video/t1"))
+                .await
+                .unwrap();
+            let seen = log.all();
+            for retry in 1..=3 {
+                let gap = seen[retry].at - seen[retry - 1].at;
+                assert!(
+                    gap >= Duration::from_secs(floor),
+                    "{refusal}, seed {seed}, retry {retry}: {gap:?}"
+                );
+            }
+        }
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn throttled_retries_wait_at_least_a_second_and_transient_ones_use_full_jitter() {
     let backoff = Backoff::new();
