@@ -13,7 +13,7 @@ use http_body_util::Full;
 use kling_core::error::{ApiError, BoxError, MalformedResponse};
 use kling_core::metrics::{LABEL_KIND, LABEL_REASON, RETRIES, RETRY_BUDGET_EXHAUSTED};
 use kling_core::signals::Attempt;
-use kling_core::{ApiGeneration, Disposition, Outcome, PeekBody, Recognized, RequestKind};
+use kling_core::{ApiGeneration, Code, Disposition, Outcome, PeekBody, Recognized, RequestKind};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
@@ -509,15 +509,25 @@ where
 
     /// A final refusal (a code the policy does not retry, or a second refused token). An
     /// answer to the caller's request is returned as [`StopReason::NotRetryable`], except when
-    /// an earlier attempt of this create may have made a task: the refusal of the re-sent
-    /// create may be because of it (`1201` "duplicate external task id" when the first create
-    /// landed after all), so the create is looked up again first.
+    /// the create may exist already: an earlier attempt of this create may have made a task,
+    /// and the refusal of the re-sent create may be because of it (`1201` "duplicate external
+    /// task id" when the first create landed after all); or a first attempt is refused as a bad
+    /// request (`1200`/`1201`: how Kling answers a duplicate external id is unconfirmed, and a
+    /// caller sending again a create whose earlier call ended unresolved meets just that). The
+    /// create is looked up by its external id first (a create without one is returned as is).
     fn refused(&mut self, answer: ApiError) -> Step {
         let may_have_created = self
             .retry
             .as_deref()
             .is_some_and(|retry| retry.external_id.is_some());
-        if self.sending == Sending::Original && may_have_created {
+        let maybe_duplicate =
+            matches!(answer.code(), Code::InvalidRequest | Code::InvalidParameter);
+        // A final answer that may still have made a task (a code Kling does not document,
+        // under HTTP 200): looked up too, and without an id reported as a create that may have
+        // happened, as the task slots and a spend guard read it.
+        if self.sending == Sending::Original
+            && (may_have_created || maybe_duplicate || answer.may_have_created())
+        {
             return self.confirm(answer);
         }
         self.fail(StopReason::NotRetryable, Last::Api(answer))
@@ -564,6 +574,12 @@ where
         let last = Last::Api(answer.clone());
         let mut pending = match self.plan() {
             Plan::Lookup(pending) => *pending,
+            Plan::Unlookable(external_id) if answer.may_have_created() => {
+                if external_id.is_some() {
+                    self.retrying().external_id = external_id;
+                }
+                return self.fail(StopReason::CreateMayHaveHappened, last);
+            }
             Plan::Repeatable | Plan::Unlookable(_) => {
                 return self.fail(StopReason::NotRetryable, last);
             }

@@ -689,7 +689,8 @@ async fn the_lookup_after_a_refused_resend_counts_as_an_attempt() {
 
 #[tokio::test(start_paused = true)]
 async fn a_refusal_of_a_first_create_is_returned_without_a_lookup() {
-    let (server, log) = kling(|_, _| Reply::Now(code(1201)));
+    // A refusal that is not about the request's parameters (1301: content) goes back as it is.
+    let (server, log) = kling(|_, _| Reply::Now(code(1301)));
     let error = send(
         &layer().layer(server),
         create(r#"{"external_task_id":"job-14"}"#),
@@ -700,6 +701,79 @@ async fn a_refusal_of_a_first_create_is_returned_without_a_lookup() {
     let failed = error.downcast_ref::<Failed>().unwrap();
     assert_eq!(failed.reason(), StopReason::NotRetryable);
     assert_eq!(failed.external_id(), None);
+}
+
+/// A create answered with a code Kling does not document under HTTP 200 (final, yet it may have
+/// made a task, as the task slots and a spend guard read it) is looked up by its id; without
+/// one it ends as a create that may have happened, not as a plain refusal.
+#[tokio::test(start_paused = true)]
+async fn a_create_answered_an_unknown_code_under_200_is_looked_up_or_reported_unresolved() {
+    let (server, log) = kling(|seen: &Seen, _| {
+        Reply::Now(if seen.method == Method::POST {
+            envelope(StatusCode::OK, 1999, "null")
+        } else {
+            task("t1", Some("job-17"))
+        })
+    });
+    let client = layer().layer(server);
+    let response = send(&client, create(r#"{"external_task_id":"job-17"}"#))
+        .await
+        .unwrap();
+    assert!(response.extensions().get::<Recovered>().is_some());
+    assert_eq!(log.count("POST", "text2video"), 1);
+
+    let error = send(&client, create(r#"{"prompt":"no id"}"#))
+        .await
+        .unwrap_err();
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::CreateMayHaveHappened);
+    assert!(failed.may_have_created());
+    assert!(kling_core::error::may_have_created(&*error));
+    assert_eq!(log.count("POST", "text2video"), 2, "not sent again");
+}
+
+/// A first create refused as a bad request (1201, as Kling may answer a duplicate external id:
+/// the caller sending again a create whose earlier call ended unresolved) is looked up by its
+/// id: found, the caller gets the task; not found, the refusal. Without an id, no lookup.
+#[tokio::test(start_paused = true)]
+async fn a_first_create_refused_1201_is_looked_up_by_its_external_id() {
+    let (server, log) = kling(|seen: &Seen, _| {
+        Reply::Now(if seen.method == Method::POST {
+            code(1201)
+        } else {
+            task("t1", Some("job-15"))
+        })
+    });
+    let client = layer().layer(server);
+    let response = send(&client, create(r#"{"external_task_id":"job-15"}"#))
+        .await
+        .unwrap();
+    let recovered = response.extensions().get::<Recovered>().expect("recovered");
+    assert_eq!(recovered.task_id, "t1");
+    assert_eq!(log.count("POST", "text2video"), 1, "never a second create");
+    assert_eq!(log.count("GET", "text2video/job-15"), 1);
+
+    let (server, log) = kling(|seen: &Seen, _| {
+        Reply::Now(if seen.method == Method::POST {
+            code(1201)
+        } else {
+            code(1203)
+        })
+    });
+    let client = layer().layer(server);
+    let error = send(&client, create(r#"{"external_task_id":"job-16"}"#))
+        .await
+        .unwrap_err();
+    let failed = error.downcast_ref::<Failed>().unwrap();
+    assert_eq!(failed.reason(), StopReason::NotRetryable);
+    assert_eq!(failed.code(), Some(kling_core::Code::InvalidParameter));
+    assert_eq!((log.count("POST", "text2video"), log.len()), (1, 2));
+
+    let error = send(&client, create(r#"{"prompt":"no id"}"#))
+        .await
+        .unwrap_err();
+    assert!(error.is::<Failed>(), "{error}");
+    assert_eq!(log.len(), 3, "no lookup without an id");
 }
 
 #[tokio::test(start_paused = true)]
