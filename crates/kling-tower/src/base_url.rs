@@ -493,7 +493,7 @@ mod tests {
             "http://127.0.0.1:8080/",
             "https://proxy.example/kling",
             "https://proxy.example/kling/",
-            "https://user@proxy.example:9/a/b/",
+            "https://proxy.example:9/a/b/",
             "http://[::1]:9/a",
         ];
         let relatives = [
@@ -534,7 +534,7 @@ mod tests {
             assert_eq!(resolved(GLOBAL, absolute), absolute.parse::<Uri>().unwrap());
         }
         assert_eq!(
-            resolved("http://user@127.0.0.1:80/kling", "http://127.0.0.1/v1/x"),
+            resolved("http://127.0.0.1:80/kling", "http://127.0.0.1/v1/x"),
             "http://127.0.0.1/v1/x".parse::<Uri>().unwrap()
         );
     }
@@ -583,7 +583,6 @@ mod tests {
             "http://[::ffff:127.0.0.1]:9",
             "http://localhost:9",
             "http://LocalHost.",
-            "http://user@127.0.0.1:9",
         ] {
             let layer = BaseUrlLayer::new(base).unwrap_or_else(|e| panic!("{base}: {e}"));
             assert!(!layer.base.origin.https, "{base}");
@@ -602,22 +601,35 @@ mod tests {
         }
     }
 
-    /// The host an origin keeps is the one `http` reads from the authority.
+    /// The host an origin keeps is the one `http` reads from the authority; an authority with
+    /// user info is refused, however it is written.
     #[test]
     fn the_host_is_read_as_http_reads_it() {
         for authority in [
             "api-singapore.klingai.com",
             "h:1",
-            "user@h:1",
-            "u:p@h",
             "[::1]",
             "[::1]:9",
-            "u@[::1]:9",
             "127.0.0.1:8080",
         ] {
             let parsed: Authority = authority.parse().unwrap();
             let layer = BaseUrlLayer::new(&format!("https://{authority}")).unwrap();
             assert_eq!(layer.base.origin.host, parsed.host(), "{authority}");
+        }
+        for authority in [
+            "user@h:1",
+            "u:p@h",
+            "u@[::1]:9",
+            "@h",
+            "http://user@127.0.0.1:9",
+        ] {
+            let base = if authority.contains("://") {
+                authority.to_owned()
+            } else {
+                format!("https://{authority}")
+            };
+            let refused = BaseUrlLayer::new(&base).unwrap_err();
+            assert!(refused.reason().contains("user info"), "{base}: {refused}");
         }
     }
 
@@ -640,7 +652,7 @@ mod tests {
         for base in [
             "https://proxy.example:8080/kling",
             "https://api-singapore.klingai.com:443",
-            "http://user@127.0.0.1:9",
+            "http://127.0.0.1:9",
         ] {
             let (a, b) = (
                 BaseUrlLayer::new(base).unwrap(),
