@@ -85,6 +85,9 @@ pub fn summarize(
 ) -> Summary {
     let mut summary = Summary::default();
     summary.count_jobs(&report.records);
+    if report.downloading {
+        summary.count_missing_files(&report.records);
+    }
     summary.set_traffic(
         stack.calls().requests(),
         stack.attempts().requests(),

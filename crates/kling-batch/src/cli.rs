@@ -14,7 +14,7 @@ use crate::callbacks::{self, CALLBACK_PATH};
 use crate::demo::{self, DemoOptions};
 use crate::download::DownloadTimeouts;
 use crate::error::SetupError;
-use crate::jobs::parse_jobs;
+use crate::jobs::parse_jobs_bytes;
 use crate::journal::Journal;
 use crate::output::write_results;
 use crate::run::{RunOptions, StopSignal};
@@ -23,8 +23,8 @@ use crate::summary::Summary;
 
 /// Exit status: every job succeeded.
 pub const EXIT_OK: i32 = 0;
-/// Exit status: some job failed, was not submitted, or is still running, or a result file is
-/// missing (`--download`).
+/// Exit status: some job failed, was not submitted, or is still running, a result file is
+/// missing (`--download`), or a malformed line of the jobs file was skipped.
 pub const EXIT_INCOMPLETE: i32 = 1;
 /// Exit status: bad input or configuration; nothing was sent.
 pub const EXIT_SETUP: i32 = 2;
@@ -252,10 +252,11 @@ pub fn load_config(args: &RunArgs) -> Result<StackConfig, SetupError> {
 }
 
 async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, SetupError> {
-    let text = std::fs::read_to_string(&args.jobs).map_err(|e| {
+    // Bytes, not a string: a line that is not UTF-8 is one malformed line, not a bad file.
+    let bytes = std::fs::read(&args.jobs).map_err(|e| {
         SetupError::new("JOBS", format!("cannot read {}: {e}", args.jobs.display()))
     })?;
-    let (jobs, errors) = parse_jobs(&text);
+    let (jobs, errors) = parse_jobs_bytes(&bytes);
     for error in &errors {
         note(format_args!(
             "{}: {error}{}",
@@ -354,7 +355,8 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, SetupError> {
     .await?;
     write_results(&output, &report.records)
         .map_err(|e| SetupError::new("--output", format!("{}: {e}", output.display())))?;
-    let summary = app::summarize(&stack, &config, &report, None);
+    let mut summary = app::summarize(&stack, &config, &report, None);
+    summary.skipped_lines = errors.len();
     print_summary(&summary, args.json);
     note(format_args!(
         "results in {}, journal in {}",
@@ -414,12 +416,15 @@ fn print_summary(summary: &Summary, json: bool) {
     }
 }
 
-/// The exit status a summary calls for: 0 only when every job succeeded and no result file
-/// is missing.
+/// The exit status a summary calls for: 0 only when every job succeeded, no result file is
+/// missing and no line of the jobs file was skipped.
 pub fn exit_code(summary: &Summary) -> i32 {
     if summary.interrupted {
         EXIT_INTERRUPTED
-    } else if summary.ok == summary.jobs && summary.downloads_missing == 0 {
+    } else if summary.ok == summary.jobs
+        && summary.downloads_missing == 0
+        && summary.skipped_lines == 0
+    {
         EXIT_OK
     } else {
         EXIT_INCOMPLETE

@@ -1,9 +1,13 @@
 //! Saving result files (`--download DIR`): each task's files as soon as it succeeds, since
 //! Kling's result URLs expire after 30 days.
 //!
-//! Files go to `DIR/{job id}/{index}.{ext}`. A file is written to `… .part` and renamed when
-//! complete, so a file that exists is whole: a resumed run skips it and fetches only what is
-//! missing.
+//! Files go to `DIR/{job}/{task}/{index}.{ext}`, where `{job}` is [`dir_name`] of the job id
+//! (a folder no other id maps to) and `{task}` that of the task id. A file is written to
+//! `… .part` and renamed when complete, so a file that exists is whole, and it is this task's:
+//! a resumed run skips it and fetches only what is missing, while a job whose task changed (a
+//! new journal over the same `DIR`, say) gets a folder of its own instead of taking another
+//! task's file. At most [`MAX_IN_FLIGHT`] jobs download at once unless set otherwise
+//! ([`RunOptions::max_downloads`](crate::run::RunOptions::max_downloads)).
 //!
 //! A result server that stops answering cannot hold a run: each file has a connect timeout,
 //! an idle timeout (the longest wait for the response head or for the next bytes of the body)
@@ -22,9 +26,14 @@ use http_body_util::BodyExt as _;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::Connect;
 use kling_tower::client::HttpsClient;
+use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt as _;
 
 use crate::error::DownloadError;
+
+/// How many jobs download their result files at once by default: a resumed run of thousands
+/// of jobs fetches them this many at a time, not all at once.
+pub const MAX_IN_FLIGHT: usize = 8;
 
 /// How long one result file may take.
 ///
@@ -150,9 +159,34 @@ pub fn file_name(index: usize, url: &str) -> String {
     format!("{index}.{ext}")
 }
 
-/// A job id as a directory name: letters, digits, `-`, `_` and `.` kept, the rest `_`.
-pub fn dir_name(job_id: &str) -> String {
-    let name: String = job_id
+/// A job or task id as a folder name that no other id maps to, on case-sensitive and
+/// case-insensitive file systems alike.
+///
+/// An id of lowercase ASCII letters, digits, `-`, `_` and `.` (not all dots, not ending with a
+/// dot, not a Windows device name such as `con`) is its own name. Any other id is cleaned
+/// (every other character becomes `_`) and gets `~` and 16 hex digits of SHA-256 over the raw
+/// id: `a b` → `a_b~…`, `Cat` → `Cat~…`. A name kept whole has no `~` and no capital, so it
+/// never equals a hashed one, not even ignoring case.
+///
+/// ```
+/// use kling_batch::download::dir_name;
+///
+/// assert_eq!(dir_name("job-1"), "job-1");
+/// assert_ne!(dir_name("a b"), dir_name("a_b"));
+/// assert!(dir_name("a b").starts_with("a_b~"));
+/// assert_ne!(dir_name("Cat").to_lowercase(), dir_name("cat"));
+/// ```
+pub fn dir_name(id: &str) -> String {
+    let plain = !id.is_empty()
+        && id.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+        })
+        && !id.ends_with('.')
+        && !is_device_name(id);
+    if plain {
+        return id.to_owned();
+    }
+    let mut name: String = id
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
@@ -162,19 +196,44 @@ pub fn dir_name(job_id: &str) -> String {
             }
         })
         .collect();
-    if name.chars().all(|c| c == '.') {
-        format!("job{name}")
-    } else {
-        name
+    if name.chars().all(|c| c == '.') || is_device_name(&name) {
+        name.insert_str(0, "job");
     }
+    let digest = Sha256::digest(id.as_bytes());
+    name.push('~');
+    for byte in &digest[..8] {
+        name.push_str(&format!("{byte:02x}"));
+    }
+    name
 }
 
-/// Downloads every URL of a job that is not on disk yet, each within `timeouts`; a failed
-/// file does not stop the others.
+/// Whether a name is one Windows keeps for a device (`con`, `nul`, `com1`, … in any case,
+/// with any extension).
+fn is_device_name(name: &str) -> bool {
+    let stem = name
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let stem = stem.as_str();
+    matches!(stem, "con" | "prn" | "aux" | "nul")
+        || (stem.len() == 4
+            && (stem.starts_with("com") || stem.starts_with("lpt"))
+            && stem.as_bytes()[3].is_ascii_digit())
+}
+
+/// The folder of a task's files: `dir/{job}/{task}` (each through [`dir_name`]).
+pub fn task_dir(dir: &Path, job_id: &str, task_id: &str) -> PathBuf {
+    dir.join(dir_name(job_id)).join(dir_name(task_id))
+}
+
+/// Downloads every URL of a job's task `task_id` that is not on disk yet (in
+/// [`task_dir`]), each within `timeouts`; a failed file does not stop the others.
 pub async fn fetch_all<C, B>(
     client: &Client<C, B>,
     dir: &Path,
     job_id: &str,
+    task_id: &str,
     urls: &[String],
     timeouts: DownloadTimeouts,
 ) -> Fetched
@@ -183,17 +242,17 @@ where
     B: http_body::Body<Data = Bytes> + From<Bytes> + Send + 'static + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let job_dir = dir.join(dir_name(job_id));
+    let folder = task_dir(dir, job_id, task_id);
     let mut fetched = Fetched {
         files: Vec::with_capacity(urls.len()),
         error: None,
     };
-    if let Err(e) = tokio::fs::create_dir_all(&job_dir).await {
-        fetched.error = Some(DownloadError::new(job_dir.display().to_string(), e));
+    if let Err(e) = tokio::fs::create_dir_all(&folder).await {
+        fetched.error = Some(DownloadError::new(folder.display().to_string(), e));
         return fetched;
     }
     for (index, url) in urls.iter().enumerate() {
-        let path = job_dir.join(file_name(index, url));
+        let path = folder.join(file_name(index, url));
         if tokio::fs::metadata(&path).await.is_err() {
             let result =
                 match tokio::time::timeout(timeouts.total, fetch(client, url, &path, timeouts))
@@ -302,7 +361,28 @@ mod tests {
         assert_eq!(file_name(0, "http://h/outputs/1/0.mp4"), "0.mp4");
         assert_eq!(file_name(2, "http://h/x?sig=1"), "2.bin");
         assert_eq!(file_name(1, "http://h/a.p/ng"), "1.bin");
-        assert_eq!(dir_name("a/b c"), "a_b_c");
-        assert_eq!(dir_name(".."), "job..");
+        assert!(dir_name("a/b c").starts_with("a_b_c~"));
+        assert!(dir_name("..").starts_with("job..~"));
+        assert_eq!(dir_name("shot-1.v2_final"), "shot-1.v2_final");
+        assert_eq!(dir_name("860000000000000001"), "860000000000000001");
+    }
+
+    #[test]
+    fn no_two_ids_share_a_folder_even_ignoring_case() {
+        let ids = [
+            "a b", "a_b", "a/b", "a?b", "A_b", "a_B", "cat", "Cat", "CAT", "a.", "a", "..", ".",
+            "con", "con.txt", "CON.txt", "com1", "Lpt1", "é", "e", "_",
+        ];
+        let names: std::collections::HashSet<String> =
+            ids.iter().map(|id| dir_name(id).to_lowercase()).collect();
+        assert_eq!(names.len(), ids.len(), "{names:?}");
+        for id in ids {
+            let name = dir_name(id);
+            assert!(!matches!(name.as_str(), "." | ".."), "{id}: {name}");
+            assert!(
+                !name.ends_with('.') && !is_device_name(&name),
+                "{id}: {name}"
+            );
+        }
     }
 }

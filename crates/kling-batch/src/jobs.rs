@@ -10,7 +10,10 @@
 //!
 //! `external_task_id` / `external_id` are set by the tool (one deterministic id per job, see
 //! [`Journal::external_id_for`](crate::journal::Journal::external_id_for)); a line that sets
-//! them is refused. Blank lines and lines starting with `#` are skipped.
+//! them is refused. Blank lines and lines starting with `#` are skipped, and so is a UTF-8
+//! byte order mark at the start of the file. The file is read as bytes
+//! ([`parse_jobs_bytes`]): a line that is not valid UTF-8 is reported with its number like any
+//! malformed line, and the others still run.
 //!
 //! # Default ids
 //!
@@ -178,20 +181,54 @@ impl Job {
     }
 }
 
+/// The UTF-8 byte order mark some editors put at the start of a file.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// Parses a JSONL text: the jobs of its good lines, and one error per bad line (with its
 /// line number), in file order. A line without `id` gets [`default_id`], with `-2`, `-3`, …
-/// for the second, third, … identical job.
+/// for the second, third, … identical job. See [`parse_jobs_bytes`].
 pub fn parse_jobs(text: &str) -> (Vec<Job>, Vec<JobError>) {
+    parse_jobs_bytes(text.as_bytes())
+}
+
+/// [`parse_jobs`] of a file's bytes: a byte order mark at the start is skipped, and a line
+/// that is not valid UTF-8 is one more bad line, reported with its number (lines end at `\n`,
+/// a `\r` before it is dropped).
+///
+/// ```
+/// use kling_batch::jobs::parse_jobs_bytes;
+///
+/// let (jobs, errors) = parse_jobs_bytes(b"\xEF\xBB\xBF{\"prompt\":\"a cat\"}\r\n{\"prompt\":\"caf\xE9\"}\n");
+/// assert_eq!(jobs.len(), 1);
+/// assert_eq!(errors[0].line(), 2);
+/// assert!(errors[0].to_string().contains("not valid UTF-8"));
+/// ```
+pub fn parse_jobs_bytes(bytes: &[u8]) -> (Vec<Job>, Vec<JobError>) {
+    let bytes = bytes.strip_prefix(BOM).unwrap_or(bytes);
     let mut jobs = Vec::new();
     let mut errors = Vec::new();
     let mut ids = HashSet::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
-    for (index, raw) in text.lines().enumerate() {
+    for (index, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = index + 1;
-        let trimmed = raw.trim();
-        if trimmed.is_empty() || trimmed.starts_with('#') {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let trimmed = raw.trim_ascii();
+        if trimmed.is_empty() || trimmed.starts_with(b"#") {
             continue;
         }
+        let trimmed = match std::str::from_utf8(trimmed) {
+            // Other Unicode white space may still surround a comment.
+            Ok(text) if text.trim().is_empty() || text.trim().starts_with('#') => continue,
+            Ok(text) => text.trim(),
+            Err(e) => {
+                let at = raw.len() - raw.trim_ascii_start().len() + e.valid_up_to() + 1;
+                errors.push(JobError::new(
+                    line,
+                    format!("not valid UTF-8 (byte {at} of the line)"),
+                ));
+                continue;
+            }
+        };
         let parsed = parse_line(trimmed, line).and_then(|(id, endpoint, body)| match id {
             Some(id) => Job::new(id, line, endpoint, body),
             None => {
@@ -330,6 +367,24 @@ mod tests {
         assert_eq!(lines, vec![3, 4, 7, 8]);
         assert!(errors[1].to_string().contains("/nope"), "{}", errors[1]);
         assert!(errors[2].to_string().contains("earlier line"));
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_skipped_and_a_line_of_bad_utf8_is_reported_by_number() {
+        let text = b"\xEF\xBB\xBF{\"id\":\"a\",\"prompt\":\"one\"}\n{\"id\":\"b\",\"prompt\":\"t\xFFwo\"}\r\n# caf\xE9\n{\"id\":\"c\",\"prompt\":\"three\"}\r\n";
+        let (jobs, errors) = parse_jobs_bytes(text);
+        let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+        assert_eq!(ids, ["a", "c"]);
+        assert_eq!(jobs[1].line, 4);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].line(), 2);
+        assert_eq!(
+            errors[0].to_string(),
+            "line 2: not valid UTF-8 (byte 22 of the line)"
+        );
+        // The same through `parse_jobs`: a BOM in a string is skipped too.
+        let (jobs, errors) = parse_jobs("\u{feff}{\"prompt\":\"a\"}\n");
+        assert_eq!((jobs.len(), errors.len()), (1, 0));
     }
 
     #[test]

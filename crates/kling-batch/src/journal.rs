@@ -128,7 +128,10 @@ impl ErrorInfo {
     }
 }
 
-/// The fields a transition may set besides the state; `None` keeps the stored value.
+/// The fields a transition may set besides the state; `None` keeps the stored value, except
+/// for `error`, which describes the state it was recorded in: a transition to another state
+/// without an error clears it (a job refused with `1102` and created by a later run no longer
+/// shows the refusal), one that stays in its state keeps it.
 #[derive(Clone, Debug, Default, PartialEq)]
 #[non_exhaustive]
 pub struct Update {
@@ -423,7 +426,8 @@ impl Journal {
     }
 
     /// Moves a job to `state`, setting the fields `update` carries, and records the
-    /// transition — all in one transaction.
+    /// transition — all in one transaction. The job's error is the update's when it carries
+    /// one; otherwise it is kept if the job stays in its state and cleared if it moves.
     pub fn transition(
         &self,
         job_id: &str,
@@ -464,7 +468,7 @@ impl Journal {
                 status = COALESCE(?4, status),
                 urls = COALESCE(?5, urls),
                 files = COALESCE(?6, files),
-                error = COALESCE(?7, error),
+                error = CASE WHEN ?7 IS NOT NULL THEN ?7 WHEN state = ?2 THEN error ELSE NULL END,
                 updated_at = ?8,
                 download_error = CASE WHEN ?9 THEN ?10 ELSE download_error END
              WHERE job_id = ?1",
@@ -636,6 +640,48 @@ mod tests {
         assert_eq!(records[1].state, JobState::Queued);
         assert_ne!(records[0].external_id, records[1].external_id);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_error_is_cleared_when_the_job_moves_on_and_kept_while_it_stays() {
+        let journal = Journal::open_in_memory().unwrap();
+        let (jobs, _) = parse_jobs("{\"id\":\"a\",\"prompt\":\"x\"}\n");
+        journal.register(&jobs).unwrap();
+        let refused = ErrorInfo::new(1102, "resource pack exhausted", None);
+        journal
+            .transition("a", JobState::Creating, Update::default())
+            .unwrap();
+        journal
+            .transition("a", JobState::NotSubmitted, Update::error(refused.clone()))
+            .unwrap();
+        assert_eq!(journal.record("a").unwrap().unwrap().error, Some(refused));
+
+        // A later run sends it again, and Kling creates it: the refusal is history.
+        for state in [JobState::Queued, JobState::Creating] {
+            journal.transition("a", state, Update::default()).unwrap();
+        }
+        journal
+            .transition("a", JobState::Created, Update::task("t1"))
+            .unwrap();
+        let record = journal.record("a").unwrap().unwrap();
+        assert_eq!((record.state, record.error), (JobState::Created, None));
+
+        // An error recorded in a state stays while the job does; the next state clears it.
+        let unfollowed = ErrorInfo::new(1101, "account in arrears", None);
+        journal
+            .transition("a", JobState::Created, Update::error(unfollowed.clone()))
+            .unwrap();
+        journal
+            .transition("a", JobState::Created, Update::default())
+            .unwrap();
+        assert_eq!(
+            journal.record("a").unwrap().unwrap().error,
+            Some(unfollowed)
+        );
+        journal
+            .transition("a", JobState::Succeeded, Update::default())
+            .unwrap();
+        assert_eq!(journal.record("a").unwrap().unwrap().error, None);
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! This is the library behind the `kling-batch` command (`kling-batch run JOBS.jsonl`,
 //! `kling-batch demo`): jobs from JSONL ([`jobs`]), a SQLite journal of every state change
 //! ([`journal`]), the run itself through kling-tower's stack ([`run`]), callbacks
-//! ([`callbacks`]), downloads ([`download`]), and the summary with its efficiency bound
-//! ([`summary`]).
+//! ([`callbacks`]), downloads ([`download`]), the summary with its efficiency bound
+//! ([`summary`]), and the command's warnings on stderr ([`log`]).
 //!
 //! ```
 //! use kling_batch::jobs::parse_jobs;
@@ -44,11 +44,13 @@
 //! | `--download DIR` | saves result files as tasks succeed (`--download-connect-timeout`, `--download-idle-timeout`, `--download-timeout`: see [`download`]) |
 //! | `--metrics-addr ADDR` | Prometheus metrics at `/metrics` while running |
 //! | `--json` | the summary as one JSON object |
-//! | `--strict` | refuses a file with a malformed line |
+//! | `--strict` | refuses a file with a malformed line (without it, such a line is skipped, counted, and the exit status is 1) |
 //!
 //! # Feature flags
 //!
-//! This crate has no feature flags.
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `redis` | off | `kling-batch run --redis URL` and [`Stack::shared`](stack::Stack): the account's limits in a Redis shared by every run of the account (kling-tower's `redis` feature) |
 //!
 //! # Minimum supported Rust version
 //!
@@ -62,6 +64,7 @@ pub mod download;
 pub mod error;
 pub mod jobs;
 pub mod journal;
+pub mod log;
 pub mod output;
 pub mod progress;
 pub mod run;

@@ -5,6 +5,8 @@ use kling_batch::cli::{self, Cli};
 
 fn main() {
     let cli = Cli::parse();
+    // Warnings and errors on stderr; nothing else is set up to print them.
+    kling_batch::log::install();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

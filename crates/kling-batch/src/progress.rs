@@ -69,12 +69,17 @@ pub struct Bars {
 impl Bars {
     /// Bars on stderr when it is a terminal and `quiet` is off; hidden otherwise.
     pub fn new(quiet: bool) -> Bars {
-        let target = if !quiet && std::io::stderr().is_terminal() {
+        let visible = !quiet && std::io::stderr().is_terminal();
+        let target = if visible {
             ProgressDrawTarget::stderr_with_hz(10)
         } else {
             ProgressDrawTarget::hidden()
         };
         let multi = MultiProgress::with_draw_target(target);
+        if visible {
+            // Warnings are printed above the bars, not through them.
+            crate::log::draw_above(Some(multi.clone()));
+        }
         let jobs = multi.add(ProgressBar::new(0));
         jobs.set_style(
             ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} done  {msg}")
@@ -150,6 +155,7 @@ impl Bars {
             bar.finish_and_clear();
         }
         let _ = self.multi.clear();
+        crate::log::draw_above(None);
     }
 }
 

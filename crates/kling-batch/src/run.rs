@@ -27,7 +27,9 @@
 //!   stays `created` with the error recorded, and the next run follows it again.
 //! - **Downloads** (`--download`) each have a connect, an idle and an overall timeout
 //!   ([`DownloadTimeouts`]); a file that runs out of time is left for the next run and the
-//!   job's `download_error` says why, so one stalled result server never holds the run.
+//!   job's `download_error` says why, so one stalled result server never holds the run. At
+//!   most [`RunOptions::max_downloads`] jobs download at once (8 by default), whether their
+//!   tasks end in this run or a resumed run fetches what an earlier one left missing.
 //! - **Stop** (Ctrl-C): the stack's drain gate closes (no create leaves any more), creates in
 //!   flight get a short grace to be recorded, and the run ends; a later run picks up.
 
@@ -67,6 +69,8 @@ pub struct RunOptions {
     pub download_dir: Option<PathBuf>,
     /// How long each result file may take.
     pub download_timeouts: DownloadTimeouts,
+    /// How many jobs may download their result files at once.
+    pub max_downloads: usize,
     /// How tasks are queried.
     pub follow: FollowPolicy,
     /// How long creates in flight may still finish after a stop.
@@ -74,13 +78,15 @@ pub struct RunOptions {
 }
 
 impl RunOptions {
-    /// No callbacks, no downloads (with the default [`DownloadTimeouts`] when set), `follow`
+    /// No callbacks, no downloads (with the default [`DownloadTimeouts`] and at most
+    /// [`MAX_IN_FLIGHT`](download::MAX_IN_FLIGHT) jobs downloading at once when set), `follow`
     /// as given, a 2 s grace.
     pub fn new(follow: FollowPolicy) -> Self {
         RunOptions {
             callback_url: None,
             download_dir: None,
             download_timeouts: DownloadTimeouts::default(),
+            max_downloads: download::MAX_IN_FLIGHT,
             follow,
             stop_grace: Duration::from_secs(2),
         }
@@ -101,6 +107,13 @@ impl RunOptions {
     /// Sets how long each result file may take.
     pub fn download_timeouts(mut self, timeouts: DownloadTimeouts) -> Self {
         self.download_timeouts = timeouts;
+        self
+    }
+
+    /// Sets how many jobs may download their result files at once (at least 1), for fresh
+    /// and resumed runs alike; the others wait their turn.
+    pub fn max_downloads(mut self, max: std::num::NonZeroUsize) -> Self {
+        self.max_downloads = max.get();
         self
     }
 }
@@ -131,6 +144,8 @@ pub struct RunReport {
     pub creates: u64,
     /// Whether the run was stopped before it finished.
     pub interrupted: bool,
+    /// Whether result files were to be saved ([`RunOptions::download_dir`]).
+    pub downloading: bool,
 }
 
 /// A stop signal: `true` once the run should stop creating.
@@ -154,6 +169,8 @@ pub struct Engine {
     last_end: Mutex<Option<Instant>>,
     /// The downloads' client, built at the first download.
     download_client: std::sync::OnceLock<Result<kling_tower::client::HttpsClient, String>>,
+    /// Turns to download: [`RunOptions::max_downloads`] jobs at a time.
+    downloads: tokio::sync::Semaphore,
 }
 
 #[derive(Clone, Debug)]
@@ -178,6 +195,7 @@ impl Engine {
         options: RunOptions,
     ) -> Result<Arc<Engine>, kling_tower::error::ConfigError> {
         let follower = stack.follower(options.follow.clone())?;
+        let downloads = tokio::sync::Semaphore::new(options.max_downloads.max(1));
         Ok(Arc::new(Engine {
             stack,
             journal,
@@ -191,6 +209,7 @@ impl Engine {
             creates: std::sync::atomic::AtomicU64::new(0),
             last_end: Mutex::new(None),
             download_client: std::sync::OnceLock::new(),
+            downloads,
         }))
     }
 
@@ -232,7 +251,7 @@ impl Engine {
         let mut queued: Vec<&Job> = Vec::new();
         let mut creating: Vec<(&Job, String, JobState)> = Vec::new();
         let mut created: Vec<(&Job, String)> = Vec::new();
-        let mut undownloaded: Vec<(&Job, Vec<String>)> = Vec::new();
+        let mut undownloaded: Vec<(&Job, String, Vec<String>)> = Vec::new();
         for record in &records {
             let job = jobs_by_id[record.job_id.as_str()];
             self.progress.enter(record.state);
@@ -262,7 +281,8 @@ impl Engine {
                             .iter()
                             .any(|f| !std::path::Path::new(f).exists());
                     if self.options.download_dir.is_some() && missing {
-                        undownloaded.push((job, record.urls.clone()));
+                        let task = record.task_id.as_ref().unwrap_or(&record.external_id);
+                        undownloaded.push((job, task.clone(), record.urls.clone()));
                     }
                 }
                 JobState::Failed => {}
@@ -332,10 +352,11 @@ impl Engine {
                 });
             }
         }
-        for (job, urls) in undownloaded {
+        // Each waits for its turn to download (`max_downloads` at a time).
+        for (job, task, urls) in undownloaded {
             let engine = self.clone();
             let job_id = job.id.clone();
-            follows.spawn(async move { engine.download(&job_id, &urls).await });
+            follows.spawn(async move { engine.download(&job_id, &task, &urls).await });
         }
 
         // Creators: one per pool, one create in flight each.
@@ -429,6 +450,7 @@ impl Engine {
                 .clone(),
             creates: self.creates.load(Ordering::Relaxed),
             interrupted,
+            downloading: self.options.download_dir.is_some(),
         })
     }
 
@@ -702,7 +724,7 @@ impl Engine {
                 let moved = self.move_to(job_id, JobState::Created, JobState::Succeeded, update);
                 self.ended(now);
                 if moved.is_ok() {
-                    self.download(job_id, &report.urls).await;
+                    self.download(job_id, task_id, &report.urls).await;
                 }
                 moved
             }
@@ -770,8 +792,12 @@ impl Engine {
         }
     }
 
-    async fn download(&self, job_id: &str, urls: &[String]) {
+    async fn download(&self, job_id: &str, task_id: &str, urls: &[String]) {
         let Some(dir) = &self.options.download_dir else {
+            return;
+        };
+        // A turn among the `max_downloads`; the semaphore is never closed.
+        let Ok(_turn) = self.downloads.acquire().await else {
             return;
         };
         let timeouts = self.options.download_timeouts;
@@ -780,7 +806,8 @@ impl Engine {
         });
         let update = match client {
             Ok(client) => {
-                let fetched = download::fetch_all(client, dir, job_id, urls, timeouts).await;
+                let fetched =
+                    download::fetch_all(client, dir, job_id, task_id, urls, timeouts).await;
                 let error = fetched.error.map(|e| {
                     tracing::warn!(job = %job_id, error = %e, "download failed; a later run tries again");
                     ErrorInfo::new(0, format!("{e}; a later run fetches it again"), None)

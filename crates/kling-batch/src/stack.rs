@@ -13,11 +13,22 @@
 //! it passes up (a proxy's page, a body over the preset's `max_body_bytes`) into a transport
 //! failure after sending, which the retry layer must treat as a create of unknown outcome.
 //!
+//! # A queue, not a call
+//!
+//! Every job of a batch is queued at once, and a create waits in the task-slots layer until a
+//! slot is free: on the Free tier's one slot, behind tasks of 15 minutes or more, that is far
+//! longer than the preset's 10-minute retry deadline (`retry_deadline_secs`), and a create
+//! whose wait outlasts the deadline is refused before it is sent. So a batch's stack waits
+//! at least [`QUEUE_DEADLINE`] (48 hours of API time) per call, however the configuration set
+//! it; a longer deadline is kept. Each call's attempts are still bounded by the preset's
+//! `retry_max_attempts`.
+//!
 //! The account's limits live in this process ([`Stack::new`]) or, with feature `redis`, in a
 //! Redis every run of the account shares ([`Stack::shared`]): several `kling-batch` runs, or a
 //! run beside a service, then never together exceed the account's slots or rate.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -76,8 +87,30 @@ pub struct Stack {
     attempts: Arc<Counts>,
 }
 
+/// The shortest retry deadline of a batch's calls, in API time: long enough for a job to wait
+/// its turn behind a queue of long tasks (see [the module docs](self#a-queue-not-a-call)).
+pub const QUEUE_DEADLINE: Duration = Duration::from_secs(48 * 3600);
+
+/// `config` with a retry deadline of at least [`QUEUE_DEADLINE`].
+///
+/// ```
+/// use std::time::Duration;
+/// use kling_batch::stack::{QUEUE_DEADLINE, queue_config};
+/// use kling_tower::{StackConfig, Tier};
+///
+/// let config = queue_config(StackConfig::preset(Tier::Free).speed(60.0));
+/// assert_eq!(config.retry_deadline_duration(), QUEUE_DEADLINE / 60);
+/// ```
+pub fn queue_config(config: StackConfig) -> StackConfig {
+    if config.retry_deadline_duration() < config.scaled(QUEUE_DEADLINE) {
+        config.retry_deadline(QUEUE_DEADLINE)
+    } else {
+        config
+    }
+}
+
 fn builder(config: StackConfig, credentials: Credentials, base_url: &str) -> KlingBuilder {
-    KlingLayer::builder(config, credentials).base_url(base_url)
+    KlingLayer::builder(queue_config(config), credentials).base_url(base_url)
 }
 
 fn setup_error(e: &kling_tower::error::ConfigError) -> SetupError {
@@ -86,7 +119,7 @@ fn setup_error(e: &kling_tower::error::ConfigError) -> SetupError {
 
 impl Stack {
     /// Builds the stack of `config` with `credentials` against `base_url`, its limits in this
-    /// process.
+    /// process, and its retry deadline at least [`QUEUE_DEADLINE`] ([`queue_config`]).
     pub fn new(
         config: StackConfig,
         credentials: Credentials,

@@ -71,6 +71,10 @@ fn shortened(reason: &str) -> std::borrow::Cow<'_, str> {
 pub struct Summary {
     /// Jobs in the file.
     pub jobs: usize,
+    /// Lines of the file that were skipped as malformed (bad JSON, not UTF-8, a bad field):
+    /// their jobs never ran.
+    #[serde(default)]
+    pub skipped_lines: usize,
     /// Jobs whose task succeeded.
     pub ok: usize,
     /// Jobs that failed.
@@ -91,7 +95,7 @@ pub struct Summary {
     #[serde(default)]
     pub unfinished_by_reason: BTreeMap<String, usize>,
     /// Succeeded jobs with a result file still missing after `--download` (run again to
-    /// fetch it).
+    /// fetch it): a download that failed, or fewer files recorded than result URLs.
     #[serde(default)]
     pub downloads_missing: usize,
     /// Jobs whose create outcome is still unknown (looked up again by the next run).
@@ -208,6 +212,20 @@ impl Summary {
         }
     }
 
+    /// With `--download`: also counts under `downloads_missing` each succeeded job that
+    /// records fewer files than result URLs without a `download_error` (its download was cut
+    /// short before it was recorded, say), so such a run does not pass for complete.
+    pub fn count_missing_files(&mut self, records: &[JobRecord]) {
+        self.downloads_missing += records
+            .iter()
+            .filter(|r| {
+                r.state == JobState::Succeeded
+                    && r.download_error.is_none()
+                    && r.files.len() < r.urls.len()
+            })
+            .count();
+    }
+
     /// Sets the traffic counts from answers by code, and `other_codes` answers not counted by
     /// code.
     pub fn set_traffic(
@@ -261,11 +279,17 @@ impl Summary {
 impl fmt::Display for Summary {
     /// The summary table.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut rows: Vec<(String, String)> = vec![
-            ("jobs".into(), self.jobs.to_string()),
+        let mut rows: Vec<(String, String)> = vec![("jobs".into(), self.jobs.to_string())];
+        if self.skipped_lines > 0 {
+            rows.push((
+                "lines skipped".into(),
+                format!("{} (malformed: not run)", self.skipped_lines),
+            ));
+        }
+        rows.extend([
             ("ok".into(), self.ok.to_string()),
             ("failed".into(), self.failed.to_string()),
-        ];
+        ]);
         for (reason, n) in &self.failed_by_reason {
             rows.push((format!("  {reason}"), n.to_string()));
         }
@@ -431,6 +455,40 @@ mod tests {
             table.contains(&format!("{}…", &page[..REASON_CHARS])),
             "{table}"
         );
+    }
+
+    #[test]
+    fn a_succeeded_job_with_fewer_files_than_urls_is_a_missing_download() {
+        use crate::journal::ErrorInfo;
+
+        let record = |files: usize, download_error: Option<ErrorInfo>| JobRecord {
+            job_id: String::new(),
+            line: 0,
+            endpoint: String::new(),
+            external_id: String::new(),
+            state: JobState::Succeeded,
+            task_id: None,
+            status: None,
+            urls: vec!["http://h/0.mp4".to_owned(), "http://h/1.mp4".to_owned()],
+            files: vec!["f".to_owned(); files],
+            error: None,
+            download_error,
+        };
+        let records = [
+            record(2, None),
+            record(1, None),
+            record(0, None),
+            record(1, Some(ErrorInfo::new(0, "timed out", None))),
+        ];
+        let mut s = Summary::default();
+        s.count_jobs(&records);
+        assert_eq!(
+            s.downloads_missing, 1,
+            "without --download: the recorded failure"
+        );
+        s.count_missing_files(&records);
+        assert_eq!(s.downloads_missing, 3, "each job counted once");
+        assert!(s.to_string().contains("downloads missing  3"), "{s}");
     }
 
     #[test]

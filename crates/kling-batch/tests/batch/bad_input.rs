@@ -2,21 +2,25 @@
 
 use kling_mock::MockServer;
 
-use crate::support::{finish, pro_mock, results, run_command, temp_dir};
+use crate::support::{finish, pro_mock, results, run_command, summary, temp_dir};
 
 const JOBS: &str = "{\"id\":\"a\",\"prompt\":\"one\"}\n{\"id\":\"b\",\"prompt\":\"two\"}\n{\"prompt\": oops\n{\"id\":\"d\",\"prompt\":\"four\"}\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_malformed_line_is_reported_with_its_number_and_skipped() {
+async fn a_malformed_line_is_reported_with_its_number_skipped_and_counted() {
     let server = MockServer::start(pro_mock()).await.unwrap();
     let dir = temp_dir("malformed");
     let jobs = dir.join("jobs.jsonl");
-    std::fs::write(&jobs, JOBS).unwrap();
+    // A byte order mark before line 1 (an editor's), and a line 5 that is not UTF-8.
+    let mut bytes = b"\xEF\xBB\xBF".to_vec();
+    bytes.extend_from_slice(JOBS.as_bytes());
+    bytes.extend_from_slice(b"{\"id\":\"e\",\"prompt\":\"caf\xE9\"}\n");
+    std::fs::write(&jobs, bytes).unwrap();
     let out = dir.join("out.jsonl");
     let output = finish(run_command(
         &jobs,
         &server.base_url(),
-        &["-o", out.to_str().unwrap()],
+        &["-o", out.to_str().unwrap(), "--json"],
     ))
     .await;
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -24,8 +28,15 @@ async fn a_malformed_line_is_reported_with_its_number_and_skipped() {
         stderr.contains("jobs.jsonl: line 3: not valid JSON"),
         "{stderr}"
     );
+    assert!(
+        stderr.contains("jobs.jsonl: line 5: not valid UTF-8"),
+        "{stderr}"
+    );
     assert!(stderr.contains("(skipped)"), "{stderr}");
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    // The other jobs ran, but the file's jobs did not all: not a clean exit.
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(summary(&output)["skipped_lines"], 2);
+    assert_eq!(summary(&output)["ok"], 3);
     let ids: Vec<String> = results(&out)
         .iter()
         .map(|l| l["job_id"].as_str().unwrap().to_owned())

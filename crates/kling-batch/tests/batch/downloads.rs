@@ -1,6 +1,8 @@
 //! `--download DIR`: result files saved as tasks succeed, resumably.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kling_batch::download::{self, DownloadTimeouts};
@@ -137,6 +139,13 @@ async fn a_stalled_download_is_given_up_left_for_the_next_run_and_holds_nothing(
     let saved_file = PathBuf::from(saved[0]["files"][0].as_str().unwrap());
     assert_eq!(std::fs::read(&saved_file).unwrap(), BODY);
     assert_eq!(crate::support::summary(&output)["downloads_missing"], 1);
+    // The run's warning reaches stderr (the binary installs a subscriber).
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("kling-batch: warning: download failed; a later run tries again"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("timed out"), "{stderr}");
 
     // The next run fetches the missing file (the server answers now) and creates nothing.
     let output = finish(run_command(&jobs, &server.base_url(), &args)).await;
@@ -177,12 +186,14 @@ async fn fetch_one(
     let url = format!("http://{addr}/outputs/t/0.mp4");
     let fetched = tokio::time::timeout(
         Duration::from_secs(20),
-        download::fetch_all(&client, &dir, "job", &[url], timeouts),
+        download::fetch_all(&client, &dir, "job", "t", &[url], timeouts),
     )
     .await
     .expect("the download gives up instead of hanging");
     assert!(fetched.files.is_empty());
-    let leftovers: Vec<_> = std::fs::read_dir(dir.join("job")).unwrap().collect();
+    let leftovers: Vec<_> = std::fs::read_dir(download::task_dir(&dir, "job", "t"))
+        .unwrap()
+        .collect();
     assert!(
         leftovers.is_empty(),
         "no file or .part is left: {leftovers:?}"
@@ -260,4 +271,167 @@ async fn a_result_server_that_never_accepts_is_given_up_at_the_connect_timeout()
         "{error}"
     );
     drop(listener);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_whose_ids_clean_to_one_name_and_a_new_journal_never_take_another_tasks_file() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("download-ids");
+    let jobs = dir.join("jobs.jsonl");
+    std::fs::write(
+        &jobs,
+        "{\"id\":\"a b\",\"prompt\":\"one\"}\n{\"id\":\"a_b\",\"prompt\":\"two\"}\n",
+    )
+    .unwrap();
+    let files_dir = dir.join("files");
+    // Each run's files are its own tasks' files, each job's in a folder of its own.
+    let check = |out: &std::path::Path| -> Vec<PathBuf> {
+        let lines = results(out);
+        assert_eq!(lines.len(), 2);
+        let mut paths = Vec::new();
+        for line in &lines {
+            let task = line["task_id"].as_str().unwrap();
+            let path = PathBuf::from(line["files"][0].as_str().unwrap());
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(
+                bytes == kling_mock::file_bytes(&format!("{task}/0.mp4")),
+                "{} holds its own task's file: {path:?}",
+                line["job_id"]
+            );
+            paths.push(path);
+        }
+        // `DIR/{job}/{task}/0.mp4`: the jobs' folders differ, not only their tasks'.
+        let job_dir = |p: &PathBuf| p.parent().and_then(|t| t.parent()).map(PathBuf::from);
+        assert_ne!(job_dir(&paths[0]), job_dir(&paths[1]), "{paths:?}");
+        paths
+    };
+    let run = |journal: &str, out: &str| {
+        let journal = dir.join(journal);
+        let out = dir.join(out);
+        let args = [
+            "--download".to_owned(),
+            files_dir.display().to_string(),
+            "--journal".to_owned(),
+            journal.display().to_string(),
+            "-o".to_owned(),
+            out.display().to_string(),
+        ];
+        let command = {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_command(&jobs, &server.base_url(), &args)
+        };
+        (command, out)
+    };
+
+    let (command, out) = run("first.sqlite", "first.jsonl");
+    let output = finish(command).await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let first = check(&out);
+
+    // A new journal over the same folder: new tasks, whose files are fetched, not taken from
+    // the first run's; the first run's files stay as they were.
+    let (command, out) = run("second.sqlite", "second.jsonl");
+    let output = finish(command).await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let second = check(&out);
+    assert_eq!(server.stats().tasks_created, 4);
+    let first_lines = results(&dir.join("first.jsonl"));
+    for (path, line) in first.iter().zip(&first_lines) {
+        let task = line["task_id"].as_str().unwrap();
+        assert_eq!(
+            std::fs::read(path).unwrap(),
+            kling_mock::file_bytes(&format!("{task}/0.mp4"))
+        );
+    }
+    assert!(
+        second.iter().all(|p| !first.contains(p)),
+        "{first:?} {second:?}"
+    );
+}
+
+/// A result server on 127.0.0.1 that answers each request after `hold`, counting the requests
+/// in flight: the most at once.
+async fn counting_server(hold: Duration) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let now = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let peak = most.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (now, most) = (now.clone(), most.clone());
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let in_flight = now.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(in_flight, Ordering::SeqCst);
+                tokio::time::sleep(hold).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    BODY.len()
+                );
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.write_all(BODY).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, peak)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_run_downloads_at_most_eight_jobs_at_once() {
+    let (files, peak) = counting_server(Duration::from_millis(150)).await;
+    let server = MockServer::start(pro_mock().files_base_url(format!("http://{files}/outputs")))
+        .await
+        .unwrap();
+    let dir = temp_dir("download-bound");
+    let jobs = write_jobs(&dir, 24);
+    let journal_path = dir.join("journal.sqlite");
+    let out = dir.join("out.jsonl");
+    let files_dir = dir.join("files");
+    let plain = [
+        "--journal",
+        journal_path.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    // First without `--download`: 24 succeeded jobs, none of whose files is on disk.
+    let output = finish(run_command(&jobs, &server.base_url(), &plain)).await;
+    assert_eq!(output.status.code(), Some(0));
+    assert_eq!(peak.load(Ordering::SeqCst), 0);
+
+    let mut args = plain.to_vec();
+    args.extend(["--download", files_dir.to_str().unwrap()]);
+    let output = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines = results(&out);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["files"].as_array().is_some_and(|f| f.len() == 1))
+    );
+    let most = peak.load(Ordering::SeqCst);
+    assert!(
+        (2..=download::MAX_IN_FLIGHT).contains(&most),
+        "{most} downloads at once"
+    );
+    assert_eq!(server.stats().tasks_created, 24);
 }

@@ -5,6 +5,7 @@ mod bad_input;
 mod demo;
 mod downloads;
 mod proxies;
+mod queue;
 mod resume;
 mod runs;
 #[cfg(feature = "redis")]

@@ -1,0 +1,174 @@
+//! Warnings and errors on stderr: the `kling-batch` command's [`tracing`] subscriber.
+//!
+//! The run reports what it cannot do itself through `tracing` (`journal write failed`,
+//! `download failed; a later run tries again`, `cannot look the job up`, a Redis that stops
+//! answering, …). [`install`] prints every such event at level `WARN` or `ERROR` on stderr, one
+//! line each, above the progress bars when they are drawn:
+//!
+//! ```text
+//! kling-batch: warning: download failed; a later run tries again (job=cat, error=…)
+//! ```
+//!
+//! Other levels are not printed, and neither are kling-metrics' own warnings (target
+//! `kling_metrics`: one per failed call, and "usage passed the warning threshold", which a
+//! batch that keeps its slots full always meets): the summary counts those calls by code.
+//!
+//! A few dozen lines on `tracing`'s own [`Subscriber`] trait, so the command needs no
+//! `tracing-subscriber`. A library user installs the subscriber of their choice instead.
+
+use std::fmt::{self, Write as _};
+use std::io::Write as _;
+use std::sync::Mutex;
+
+use indicatif::MultiProgress;
+use tracing::field::{Field, Visit};
+use tracing::level_filters::LevelFilter;
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Level, Metadata, Subscriber};
+
+/// The progress bars drawing now, if any: a line is printed with them suspended.
+static BARS: Mutex<Option<MultiProgress>> = Mutex::new(None);
+
+/// Prints the `WARN` and `ERROR` events of this process on stderr (see the
+/// [module docs](self)). Returns `false`, and changes nothing, when a global subscriber is
+/// set already.
+pub fn install() -> bool {
+    tracing::subscriber::set_global_default(StderrSubscriber).is_ok()
+}
+
+/// Sets the bars lines are printed above (`None`: no bars drawn).
+pub(crate) fn draw_above(bars: Option<MultiProgress>) {
+    *BARS.lock().unwrap_or_else(|e| e.into_inner()) = bars;
+}
+
+/// The subscriber [`install`] sets: `WARN` and above, every target but `kling_metrics`, to
+/// stderr. Spans are not recorded.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StderrSubscriber;
+
+impl StderrSubscriber {
+    /// Whether an event of `metadata` is printed.
+    fn prints(metadata: &Metadata<'_>) -> bool {
+        metadata.is_event()
+            && *metadata.level() <= Level::WARN
+            && !metadata.target().starts_with("kling_metrics")
+    }
+}
+
+/// The text of one event: its message, then its other fields as `name=value`.
+fn format_event(event: &Event<'_>) -> String {
+    let mut fields = Fields::default();
+    event.record(&mut fields);
+    let level = if *event.metadata().level() == Level::ERROR {
+        "error"
+    } else {
+        "warning"
+    };
+    let mut line = format!("kling-batch: {level}: {}", fields.message);
+    if !fields.rest.is_empty() {
+        let _ = write!(line, " ({})", fields.rest);
+    }
+    line
+}
+
+#[derive(Default)]
+struct Fields {
+    message: String,
+    rest: String,
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.record_debug(field, &format_args!("{value}"));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.message, "{value:?}");
+        } else {
+            let sep = if self.rest.is_empty() { "" } else { ", " };
+            let _ = write!(self.rest, "{sep}{}={value:?}", field.name());
+        }
+    }
+}
+
+impl Subscriber for StderrSubscriber {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        Self::prints(metadata)
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(LevelFilter::WARN)
+    }
+
+    fn new_span(&self, _: &Attributes<'_>) -> Id {
+        // Never called for a span `enabled` refused; any id will do for the rest.
+        Id::from_u64(1)
+    }
+
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+
+    fn event(&self, event: &Event<'_>) {
+        if !Self::prints(event.metadata()) {
+            return;
+        }
+        let line = format_event(event);
+        let print = || {
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
+        };
+        let bars = BARS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match bars {
+            Some(bars) => bars.suspend(print),
+            None => print(),
+        }
+    }
+
+    fn enter(&self, _: &Id) {}
+
+    fn exit(&self, _: &Id) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records what the subscriber would print instead of printing it.
+    struct Capture(std::sync::Arc<Mutex<Vec<String>>>);
+
+    impl Subscriber for Capture {
+        fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+            StderrSubscriber::prints(metadata)
+        }
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, event: &Event<'_>) {
+            self.0.lock().unwrap().push(format_event(event));
+        }
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+
+    #[test]
+    fn warnings_and_errors_are_printed_with_their_fields_and_the_rest_is_not() {
+        let lines = std::sync::Arc::new(Mutex::new(Vec::new()));
+        tracing::subscriber::with_default(Capture(lines.clone()), || {
+            let error = std::io::Error::other("disk full");
+            tracing::error!(job = %"cat", error = %error, "journal write failed");
+            tracing::warn!(job = "dog", "download failed; a later run tries again");
+            tracing::info!("adopted the slots of running tasks");
+            tracing::warn!(target: "kling_metrics", code = 1303, "kling call failed");
+        });
+        assert_eq!(
+            *lines.lock().unwrap(),
+            [
+                "kling-batch: error: journal write failed (job=cat, error=disk full)",
+                "kling-batch: warning: download failed; a later run tries again (job=dog)",
+            ]
+        );
+    }
+}
