@@ -86,6 +86,12 @@ pub(crate) fn request<B: ReplayBody>(
     let path_and_query = match recognized.generation? {
         ApiGeneration::Legacy => format!("{path}/{id}"),
         _ => {
+            // A batch query cannot name an id with a comma, or with spaces around it (a server
+            // splits the list at commas and may trim each id): its "not found" would be about
+            // another id, and the create be sent twice. Such an id is not looked up.
+            if external_id.contains(',') || external_id.trim() != external_id {
+                return None;
+            }
             // `{prefix}/{product}/{model}` → `{prefix}/tasks`.
             let mut parts = path.rsplitn(3, '/');
             let (_model, _product) = (parts.next()?, parts.next()?);
@@ -448,6 +454,10 @@ mod tests {
         let recognized = Recognized::of(&mut req).clone();
         let lookup = request(&req, &recognized, "e").unwrap();
         assert_eq!(lookup.uri().to_string(), "/tasks?external_task_ids=e");
+        // Ids a comma-separated list cannot carry as they are: not looked up.
+        for id in ["a,b", " e", "e "] {
+            assert!(request(&req, &recognized, id).is_none(), "{id:?}");
+        }
     }
 
     fn generated_id(seed: u64) -> String {
