@@ -168,6 +168,11 @@ pub struct Recognized {
     /// The create's own id: `external_task_id` on legacy paths, `external_id` on new-style ones
     /// (each generation's server reads its own field only).
     pub external_id: Option<String>,
+    /// Whether the create's body names its generation's own-id field, whatever it holds: a
+    /// field written unset (`"external_task_id":null`, or empty) leaves
+    /// [`external_id`](Self::external_id) `None`, and a layer that writes an id in must set that
+    /// field rather than add a second one.
+    pub names_own_id: bool,
     /// Whether the create asks for a callback.
     pub has_callback: bool,
     /// The task ids a query asks about (the path's id, or `task_ids=`).
@@ -190,6 +195,7 @@ impl Recognized {
             pool: route.pool(),
             weight: 0,
             external_id: None,
+            names_own_id: false,
             has_callback: false,
             task_ids: Vec::new(),
             external_ids: Vec::new(),
@@ -267,16 +273,20 @@ impl Recognized {
 
     /// Sets the cached recognition's external id, as `Recognized::of_mut(request).external_id =
     /// id` does, with one lookup instead of two when the request is recognised already (a layer
-    /// that wrote an id into a create's body).
+    /// that wrote an id into a create's body); an id set marks the field named
+    /// ([`names_own_id`](Self::names_own_id)), as a fresh recognition of that body would.
     pub fn set_external_id<B: PeekBody>(request: &mut Request<B>, id: Option<String>) {
         let cached = request
             .extensions_mut()
             .get_mut::<CallContext>()
             .and_then(|call| call.recognized.as_mut());
-        match cached {
-            Some(recognized) => Arc::make_mut(recognized).external_id = id,
-            None => Recognized::of_mut(request).external_id = id,
-        }
+        let recognized = match cached {
+            Some(recognized) => Arc::make_mut(recognized),
+            None => Recognized::of_mut(request),
+        };
+        // A body that now holds an id names the field.
+        recognized.names_own_id |= id.is_some();
+        recognized.external_id = id;
     }
 
     /// The cached recognition, to change after a layer rewrote the request (e.g. added an
@@ -335,12 +345,12 @@ impl Recognized {
         // Each generation's own field only: a new-style server reads `external_id` and ignores
         // `external_task_id`, so a create carrying only the latter has no id there, and must
         // not be looked up by it (a lookup would find nothing, and the create be sent twice).
-        self.external_id = match generation {
+        let own = match generation {
             ApiGeneration::Legacy => fields.external_task_id,
             ApiGeneration::New => fields.external_id,
-        }
-        .filter(|id| !id.is_empty())
-        .map(Cow::into_owned);
+        };
+        self.names_own_id = own.is_some();
+        self.external_id = own.flatten().filter(|id| !id.is_empty());
         self.has_callback = match generation {
             ApiGeneration::Legacy => fields.callback_url.is_some_and(|u| !u.is_empty()),
             ApiGeneration::New => fields
@@ -451,14 +461,21 @@ fn names_a_field_in(body: &[u8], range: std::ops::Range<usize>, image: bool) -> 
 struct CreateFields<'a> {
     #[serde(default)]
     n: Option<serde_json::Value>,
-    #[serde(default, borrow)]
-    external_task_id: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    external_id: Option<Cow<'a, str>>,
+    /// `Some(None)` when written `null`: present, unset.
+    #[serde(default, deserialize_with = "present")]
+    external_task_id: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    external_id: Option<Option<String>>,
     #[serde(default, borrow)]
     callback_url: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     options: Option<CreateOptions<'a>>,
+}
+
+/// A field that is there, with a string or `null` (`Some(None)`); a missing one is `None`
+/// (`#[serde(default)]`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -543,6 +560,25 @@ mod tests {
             r#"{"prompt":"x","external_task_id":"t1"}"#,
         );
         assert_eq!(r.external_id, None);
+        assert!(!r.names_own_id, "the other generation's field");
+        // Its own field written unset: named, without an id.
+        for body in [
+            r#"{"prompt":"x","external_id":null}"#,
+            r#"{"prompt":"x","external_id":""}"#,
+        ] {
+            let r = recognize(&Method::POST, "/text-to-video/kling-3.0", body);
+            assert_eq!(
+                (r.external_id.as_deref(), r.names_own_id),
+                (None, true),
+                "{body}"
+            );
+        }
+        let r = recognize(
+            &Method::POST,
+            "/v1/videos/text2video",
+            r#"{"\u0065xternal_task_id":null}"#,
+        );
+        assert_eq!((r.external_id.as_deref(), r.names_own_id), (None, true));
 
         let r = recognize(&Method::GET, "/tasks?task_ids=a,b,c", "");
         assert_eq!(r.kind, RequestKind::Query);
@@ -570,6 +606,7 @@ mod tests {
             r#"{"prompt":"a \"cat\"\n","duration":"5"}"#,
             r#"{"prompt":"x","external_task_id":"job-1"}"#,
             r#"{"prompt":"x","external_task_id":""}"#,
+            r#"{"prompt":"x","external_task_id":null,"external_id":null}"#,
             r#"{"prompt":"x","external_id":"e1","external_task_id":"t1"}"#,
             r#"{"prompt":"x","callback_url":"http://cb"}"#,
             r#"{"options":{"callback_url":"http://cb"}}"#,

@@ -525,7 +525,9 @@ mod tests {
             // A generated external id.
             let (mut one, mut two) = (shaped(shape, now), shaped(shape, now));
             Recognized::set_external_id(&mut one, Some("gen".into()));
-            Recognized::of_mut(&mut two).external_id = Some("gen".into());
+            let written = Recognized::of_mut(&mut two);
+            written.external_id = Some("gen".into());
+            written.names_own_id = true;
             assert_eq!(reads(&one), reads(&two), "shape {shape:#b}");
             assert_eq!(
                 Recognized::cached(&one).unwrap().external_id.as_deref(),

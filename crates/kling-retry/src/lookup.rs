@@ -180,14 +180,21 @@ impl GeneratedId {
 pub(crate) struct Spliced {
     field: &'static str,
     bits: [u8; 16],
+    /// The body named the field already (unset): it is set, not spliced in.
+    rewrite: bool,
 }
 
 impl Spliced {
     /// `original` with the id written in, byte for byte the body the first attempt sent.
     pub(crate) fn body<B: ReplayBody>(&self, original: &B) -> B {
         let id = GeneratedId::of(self.bits);
-        let rewritten = splice_field(&original.peek_bytes(), self.field, id.as_bytes())
-            .expect("the body took the id once, and takes it the same way again");
+        let rewritten = write_field(
+            &original.peek_bytes(),
+            self.field,
+            id.as_bytes(),
+            self.rewrite,
+        )
+        .expect("the body took the id once, and takes it the same way again");
         B::from_bytes(Bytes::from(rewritten))
     }
 }
@@ -199,7 +206,7 @@ impl Spliced {
 ///
 /// The field is spliced in after the opening brace, so the body is neither parsed nor
 /// re-serialized (the create's bytes, large base64 images included, are copied once; only a
-/// body that may hold the field already, null or empty, is rewritten: [`splice_field`]), and the
+/// body that names the field already, null or empty, is rewritten: [`write_field`]), and the
 /// cached recognition is updated, not recognised again from the rewritten body.
 ///
 /// Returns the original body and the id when it wrote one: the retry layer keeps those, not a
@@ -218,12 +225,20 @@ pub(crate) fn add_generated_id<B: ReplayBody>(
         return None;
     }
     let field = field_name(recognized)?;
+    let rewrite = recognized.names_own_id;
     // One draw of 128 bits: one atomic step of the shared `SplitMix`, not two.
     let bits = rng.next_u128().to_be_bytes();
     let id = GeneratedId::of(bits);
-    let original = splice_into_body(request, field, id.as_bytes())?;
+    let original = splice_into_body(request, field, id.as_bytes(), rewrite)?;
     Recognized::set_external_id(request, Some(id.as_str().to_owned()));
-    Some((original, Spliced { field, bits }))
+    Some((
+        original,
+        Spliced {
+            field,
+            bits,
+            rewrite,
+        },
+    ))
 }
 
 /// The body field that names a create's external id, by API generation.
@@ -237,9 +252,14 @@ fn field_name(recognized: &Recognized) -> Option<&'static str> {
 /// Writes `"field":"id"` first into the request's JSON-object body and fixes its
 /// `Content-Length`; the original body, or `None` (and the request untouched) when the body is
 /// not an object.
-fn splice_into_body<B: ReplayBody>(request: &mut Request<B>, field: &str, id: &[u8]) -> Option<B> {
+fn splice_into_body<B: ReplayBody>(
+    request: &mut Request<B>,
+    field: &str,
+    id: &[u8],
+    rewrite: bool,
+) -> Option<B> {
     let body = request.body().peek_bytes();
-    let rewritten = splice_field(&body, field, id)?;
+    let rewritten = write_field(&body, field, id, rewrite)?;
     drop(body);
     if request.headers().contains_key(CONTENT_LENGTH) {
         request
@@ -252,21 +272,24 @@ fn splice_into_body<B: ReplayBody>(request: &mut Request<B>, field: &str, id: &[
     ))
 }
 
+/// `body` (a JSON object) with the field set to `id`: spliced in first, or, when the body
+/// names the field already (`rewrite`: `"external_task_id":null`, as serializers write an unset
+/// optional field), the body parsed and written again with the field set, rather than given a
+/// second key (which of two keys a server reads is up to its parser, most read the last, and a
+/// create whose id it does not read cannot be looked up, so it would be sent twice). `None`
+/// when the body is not an object. Either way the same body gives the same bytes, as
+/// [`Spliced::body`] needs.
+fn write_field(body: &[u8], field: &str, id: &[u8], rewrite: bool) -> Option<Vec<u8>> {
+    if rewrite {
+        set_field(body, field, id)
+    } else {
+        splice_field(body, field, id)
+    }
+}
+
 /// `body` (a JSON object) with `"field":"id",` inserted first; `None` when the body is not an
 /// object. `id` is written as it is: a generated id needs no JSON escaping.
-///
-/// A body that may already hold the field (its name appears in it, or a `\u` escape that could
-/// spell it) — say `"external_task_id":null`, as serializers write an unset optional field —
-/// is parsed and written again with the field set, rather than given a second key: which of
-/// two keys a server reads is up to its parser (most read the last), and a create whose id it
-/// does not read cannot be looked up, so it would be sent twice. Either way the same body
-/// gives the same bytes, as [`Spliced::body`] needs.
 fn splice_field(body: &[u8], field: &str, id: &[u8]) -> Option<Vec<u8>> {
-    if memchr::memmem::find(body, field.as_bytes()).is_some()
-        || memchr::memmem::find(body, br"\u").is_some()
-    {
-        return set_field(body, field, id);
-    }
     debug_assert!(
         id.iter()
             .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\'))
@@ -295,8 +318,8 @@ fn splice_field(body: &[u8], field: &str, id: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// [`splice_field`] for a body that may hold the field already: parsed as a JSON object, the
-/// field set to `id` (whatever it held), written out again; `None` when it is not an object.
+/// [`write_field`] for a body that names the field already: parsed as a JSON object, the field
+/// set to `id` (whatever it held), written out again; `None` when it is not an object.
 #[cold]
 fn set_field(body: &[u8], field: &str, id: &[u8]) -> Option<Vec<u8>> {
     let mut object: serde_json::Map<String, serde_json::Value> =
@@ -616,27 +639,30 @@ mod tests {
         }
     }
 
-    /// A body that names the field already (unset, empty, of another type, or spelled with an
-    /// escape) gets it set, not a second key that a server reading the last would ignore.
+    /// A body that names the field already (unset, empty, or spelled with an escape) gets it
+    /// set, not a second key that a server reading the last would ignore; a retry writes the
+    /// same bytes again.
     #[test]
-    fn a_body_that_holds_the_field_already_gets_it_set_not_twice() {
+    fn a_body_that_names_the_field_already_gets_it_set_not_twice() {
         for body in [
             r#"{"prompt":"cat","external_task_id":null}"#,
             r#"{"external_task_id":"","prompt":"cat"}"#,
-            r#"{"prompt":"cat","external_task_id":7}"#,
             r#"{"prompt":"cat","\u0065xternal_task_id":null}"#,
         ] {
-            let out = splice_field(body.as_bytes(), "external_task_id", b"kr-1").unwrap();
-            let text = String::from_utf8(out.clone()).unwrap();
+            let mut req = create("/v1/videos/text2video", body);
+            let rng = crate::rng::SplitMix::seeded(4);
+            let (original, spliced) = add_generated_id(&mut req, &rng).expect("an id");
+            let sent = req.body().peek_bytes();
+            let text = String::from_utf8(sent.to_vec()).unwrap();
             assert_eq!(text.matches("external_task_id").count(), 1, "{text}");
-            let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
-            assert_eq!(value["external_task_id"], "kr-1", "{body}");
-            assert_eq!(value["prompt"], "cat", "{body}");
-            // The same body gives the same bytes (a retry writes the id in again).
+            let value: serde_json::Value = serde_json::from_slice(&sent).unwrap();
             assert_eq!(
-                splice_field(body.as_bytes(), "external_task_id", b"kr-1").unwrap(),
-                out
+                value["external_task_id"],
+                generated_id(4).as_str(),
+                "{body}"
             );
+            assert_eq!(value["prompt"], "cat", "{body}");
+            assert_eq!(spliced.body(&original).peek_bytes(), sent, "{body}");
         }
     }
 
