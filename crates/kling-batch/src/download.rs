@@ -228,13 +228,17 @@ pub fn task_dir(dir: &Path, job_id: &str, task_id: &str) -> PathBuf {
 }
 
 /// Downloads every URL of a job's task `task_id` that is not on disk yet (in
-/// [`task_dir`]), each within `timeouts`; a failed file does not stop the others.
+/// [`task_dir`]), each within `timeouts`; a failed file does not stop the others. A file the
+/// journal recorded for the task (`recorded`) that is still on disk is kept where it is, by
+/// its name (`{index}.{ext}`): an older version saved files in `dir/{job}/`, without the
+/// task's folder.
 pub async fn fetch_all<C, B>(
     client: &Client<C, B>,
     dir: &Path,
     job_id: &str,
     task_id: &str,
     urls: &[String],
+    recorded: &[String],
     timeouts: DownloadTimeouts,
 ) -> Fetched
 where
@@ -252,7 +256,22 @@ where
         return fetched;
     }
     for (index, url) in urls.iter().enumerate() {
-        let path = folder.join(file_name(index, url));
+        let name = file_name(index, url);
+        let mut kept = None;
+        for path in recorded {
+            let path = Path::new(path);
+            if path.file_name().is_some_and(|f| *f == *name.as_str())
+                && tokio::fs::metadata(path).await.is_ok()
+            {
+                kept = Some(path.display().to_string());
+                break;
+            }
+        }
+        if let Some(kept) = kept {
+            fetched.files.push(kept);
+            continue;
+        }
+        let path = folder.join(name);
         if tokio::fs::metadata(&path).await.is_err() {
             let result =
                 match tokio::time::timeout(timeouts.total, fetch(client, url, &path, timeouts))

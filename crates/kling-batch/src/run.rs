@@ -251,7 +251,7 @@ impl Engine {
         let mut queued: Vec<&Job> = Vec::new();
         let mut creating: Vec<(&Job, String, JobState)> = Vec::new();
         let mut created: Vec<(&Job, String)> = Vec::new();
-        let mut undownloaded: Vec<(&Job, String, Vec<String>)> = Vec::new();
+        let mut undownloaded: Vec<(&Job, String, Vec<String>, Vec<String>)> = Vec::new();
         for record in &records {
             let job = jobs_by_id[record.job_id.as_str()];
             self.progress.enter(record.state);
@@ -282,7 +282,12 @@ impl Engine {
                             .any(|f| !std::path::Path::new(f).exists());
                     if self.options.download_dir.is_some() && missing {
                         let task = record.task_id.as_ref().unwrap_or(&record.external_id);
-                        undownloaded.push((job, task.clone(), record.urls.clone()));
+                        undownloaded.push((
+                            job,
+                            task.clone(),
+                            record.urls.clone(),
+                            record.files.clone(),
+                        ));
                     }
                 }
                 JobState::Failed => {}
@@ -353,10 +358,10 @@ impl Engine {
             }
         }
         // Each waits for its turn to download (`max_downloads` at a time).
-        for (job, task, urls) in undownloaded {
+        for (job, task, urls, recorded) in undownloaded {
             let engine = self.clone();
             let job_id = job.id.clone();
-            follows.spawn(async move { engine.download(&job_id, &task, &urls).await });
+            follows.spawn(async move { engine.download(&job_id, &task, &urls, &recorded).await });
         }
 
         // Creators: one per pool, one create in flight each.
@@ -724,7 +729,7 @@ impl Engine {
                 let moved = self.move_to(job_id, JobState::Created, JobState::Succeeded, update);
                 self.ended(now);
                 if moved.is_ok() {
-                    self.download(job_id, task_id, &report.urls).await;
+                    self.download(job_id, task_id, &report.urls, &[]).await;
                 }
                 moved
             }
@@ -792,7 +797,8 @@ impl Engine {
         }
     }
 
-    async fn download(&self, job_id: &str, task_id: &str, urls: &[String]) {
+    /// Fetches a task's result files; `recorded`: the files the journal has for it already.
+    async fn download(&self, job_id: &str, task_id: &str, urls: &[String], recorded: &[String]) {
         let Some(dir) = &self.options.download_dir else {
             return;
         };
@@ -807,7 +813,8 @@ impl Engine {
         let update = match client {
             Ok(client) => {
                 let fetched =
-                    download::fetch_all(client, dir, job_id, task_id, urls, timeouts).await;
+                    download::fetch_all(client, dir, job_id, task_id, urls, recorded, timeouts)
+                        .await;
                 let error = fetched.error.map(|e| {
                     tracing::warn!(job = %job_id, error = %e, "download failed; a later run tries again");
                     ErrorInfo::new(0, format!("{e}; a later run fetches it again"), None)

@@ -175,6 +175,33 @@ async fn a_stalled_download_is_given_up_left_for_the_next_run_and_holds_nothing(
     );
 }
 
+/// A file an older version saved in `DIR/{job}/` and recorded stays recorded where it is when a
+/// resumed run fetches the task's other files, though its URL no longer answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_saved_by_an_older_version_is_kept_where_it_is() {
+    let timeouts = DownloadTimeouts::default();
+    let client = download::client(timeouts.connect_timeout()).unwrap();
+    let dir = temp_dir("download-old-layout");
+    let old = dir.join("job").join("0.mp4");
+    std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+    std::fs::write(&old, BODY).unwrap();
+    // Nothing listens there: a URL that expired, say.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = gone.local_addr().unwrap();
+    drop(gone);
+    let urls = [
+        format!("http://{addr}/outputs/t/0.mp4"),
+        format!("http://{addr}/outputs/t/1.mp4"),
+    ];
+    let recorded = [old.display().to_string()];
+    let fetched = download::fetch_all(&client, &dir, "job", "t", &urls, &recorded, timeouts).await;
+    assert_eq!(
+        fetched.files, recorded,
+        "kept, and the missing one is not recorded"
+    );
+    assert!(fetched.error.is_some(), "the second file is missing");
+}
+
 /// `fetch_all` of one URL on `server`, with a guard against hanging forever.
 async fn fetch_one(
     addr: std::net::SocketAddr,
@@ -186,7 +213,7 @@ async fn fetch_one(
     let url = format!("http://{addr}/outputs/t/0.mp4");
     let fetched = tokio::time::timeout(
         Duration::from_secs(20),
-        download::fetch_all(&client, &dir, "job", "t", &[url], timeouts),
+        download::fetch_all(&client, &dir, "job", "t", &[url], &[], timeouts),
     )
     .await
     .expect("the download gives up instead of hanging");
