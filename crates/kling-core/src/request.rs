@@ -472,10 +472,14 @@ struct CreateFields<'a> {
     options: Option<CreateOptions<'a>>,
 }
 
-/// A field that is there, with a string or `null` (`Some(None)`); a missing one is `None`
+/// A field that is there: `Some` of its string, or `Some(None)` for any other value (`null`, a
+/// number: named, but no id the server could look up); a missing one is `None`
 /// (`#[serde(default)]`).
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
-    Option::<String>::deserialize(d).map(Some)
+    Ok(Some(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(id) => Some(id),
+        _ => None,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -573,12 +577,18 @@ mod tests {
                 "{body}"
             );
         }
-        let r = recognize(
-            &Method::POST,
-            "/v1/videos/text2video",
+        for body in [
             r#"{"\u0065xternal_task_id":null}"#,
-        );
-        assert_eq!((r.external_id.as_deref(), r.names_own_id), (None, true));
+            r#"{"external_task_id":0}"#,
+            r#"{"external_task_id":{"x":1}}"#,
+        ] {
+            let r = recognize(&Method::POST, "/v1/videos/text2video", body);
+            assert_eq!(
+                (r.external_id.as_deref(), r.names_own_id),
+                (None, true),
+                "{body}"
+            );
+        }
 
         let r = recognize(&Method::GET, "/tasks?task_ids=a,b,c", "");
         assert_eq!(r.kind, RequestKind::Query);

@@ -52,7 +52,9 @@ impl DelayKind {
 /// With a `Retry-After` hint `h` (either form), the delay counts from the response's arrival
 /// and is drawn from `[min(h, max_retry_after), min(h, max_retry_after) + retry_after_jitter]`:
 /// jitter only upward, so a retry is never early (unless the hint is over `max_retry_after`,
-/// which caps what a proxy can make a client wait; the default is 2 minutes).
+/// which caps what a proxy can make a client wait; the default is 2 minutes). The retry layer
+/// raises `h` to the kind's floor first ([`RetryLayer`](crate::RetryLayer): a `Retry-After: 0`
+/// on a `1302` still waits a second, plus the jitter).
 ///
 /// Every duration must be positive; `max_backoff` (30 s) caps the exponential part.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -641,8 +641,10 @@ where
                 // No sooner than the kind's own floor (1 s after a 1302 or an ungated 1303, the
                 // maintenance wait after a 5001): a `Retry-After: 0`, or a date already past,
                 // would otherwise send the retries in a burst against a throttled API.
+                // The hint is raised to the floor before the jitter is drawn over it, so
+                // retries after `Retry-After: 0` still spread.
                 let floor = shared.backoff.bounds(delay, 1).0;
-                let wait = shared.backoff.hinted(hint, &*shared.rng).max(floor);
+                let wait = shared.backoff.hinted(hint.max(floor), &*shared.rng);
                 received.checked_add(wait)
             }
             None => {

@@ -234,6 +234,11 @@ async fn a_create_whose_id_the_server_would_not_read_gets_one_it_does_and_is_mad
             "/v1/videos/text2video",
             r#"{"prompt":"x","external_task_id":""}"#,
         ),
+        // Of a type no id has: named, so set rather than given a second key.
+        (
+            "/v1/videos/text2video",
+            r#"{"prompt":"x","external_task_id":0}"#,
+        ),
     ] {
         let mock = MockKling::new(
             MockConfig::default()

@@ -106,6 +106,7 @@ async fn a_retry_after_overrides_even_a_5xx_backoff_and_is_clamped_to_the_maximu
 /// send retries in a burst: a 1302 still waits at least a second, a 5001 its maintenance wait.
 #[tokio::test(start_paused = true)]
 async fn a_retry_after_of_zero_still_waits_the_kinds_floor() {
+    let mut gaps = std::collections::BTreeSet::new();
     for (refusal, floor) in [(1302, 1), (5001, 5)] {
         for seed in 0..10 {
             let (server, log) = kling(move |_, i| {
@@ -125,9 +126,16 @@ async fn a_retry_after_of_zero_still_waits_the_kinds_floor() {
                     gap >= Duration::from_secs(floor),
                     "{refusal}, seed {seed}, retry {retry}: {gap:?}"
                 );
+                assert!(
+                    gap <= Duration::from_secs(floor) + JITTER,
+                    "{refusal}, seed {seed}, retry {retry}: {gap:?}"
+                );
+                gaps.insert(gap);
             }
         }
     }
+    // The jitter is drawn over the floor: the retries of many callers spread.
+    assert!(gaps.len() > 20, "{} distinct gaps", gaps.len());
 }
 
 #[tokio::test(start_paused = true)]
