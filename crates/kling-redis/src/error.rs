@@ -61,15 +61,6 @@ impl StoreError {
         }
     }
 
-    /// Redis is taken as out of reach without a command: what a request meets while another
-    /// request's delivery of kept reports is still waiting for Redis.
-    pub(crate) fn unreachable(detail: impl Into<String>) -> Self {
-        StoreError {
-            kind: StoreErrorKind::Unreachable,
-            detail: detail.into(),
-        }
-    }
-
     pub(crate) fn protocol(detail: impl Into<String>) -> Self {
         StoreError {
             kind: StoreErrorKind::Protocol,

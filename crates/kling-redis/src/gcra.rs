@@ -824,17 +824,16 @@ impl Inner {
     }
 
     /// [`Inner::deliver`] on a request's own way to Redis (a decision, a report): when another
-    /// delivery is under way, Redis counts as out of reach for this request instead of it
-    /// queueing behind that one (the kept reports must land before anything is decided there).
-    /// Queued, every request of an outage whose commands time out would wait its turn for
-    /// every earlier one's timeout, the k-th k timeouts; this way each waits for at most its
-    /// own command.
+    /// delivery is under way, the request goes on without waiting for it. Queued behind it,
+    /// every request of an outage whose commands time out would wait its turn for every
+    /// earlier one's timeout, the k-th k timeouts; this way each waits for at most its own
+    /// command. Going on is safe: a key whose pause is still to be delivered is held by this
+    /// process's own copy of the pause before Redis is asked (see `acquire`), and a report
+    /// that goes ahead of a kept one only lands first.
     async fn deliver_first(&self) -> Result<(), StoreError> {
         match self.delivering.try_lock() {
             Ok(one) => self.deliver_holding(one).await,
-            Err(_) => Err(StoreError::unreachable(
-                "reports kept while redis was away are still being delivered",
-            )),
+            Err(_) => Ok(()),
         }
     }
 
@@ -1014,7 +1013,8 @@ impl RedisGcra {
                     cooldown: true,
                 });
             }
-            // Pauses kept while Redis was away reach it before anything is decided there.
+            // Pauses kept while Redis was away reach it before anything is decided there (or
+            // are on their way already: `deliver_first`).
             if inner.to_deliver.load(Ordering::Relaxed)
                 && let Err(e) = inner.deliver_first().await
             {
