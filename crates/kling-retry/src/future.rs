@@ -99,6 +99,11 @@ struct Pending<B> {
     /// Set when the lookup checks a final refusal of a re-sent create (say `1201` "duplicate
     /// external task id"): what the call returns if the lookup finds no task.
     final_answer: Option<ApiError>,
+    /// Why the call ends if the lookup cannot be sent (the attempt limit, the budget, the
+    /// deadline): [`StopReason::CreateUnresolved`] unless it checks a first answer that made
+    /// nothing for sure unless the task existed before (a `1201`: the refusal stands), or one
+    /// that may have made a task ([`StopReason::CreateMayHaveHappened`]).
+    if_unsent: StopReason,
 }
 
 /// Whether a request may make a task, and how to look it up if so.
@@ -464,16 +469,23 @@ where
     /// Whether a create may have made a task that no lookup has settled yet (a lookup is
     /// queued or in flight).
     fn unresolved(&self) -> bool {
-        self.looking_up().is_some()
+        let pending = self
+            .retry
+            .as_deref()
+            .and_then(|retry| retry.lookup.as_ref());
+        pending.is_some_and(|pending| pending.if_unsent != StopReason::NotRetryable)
     }
 
     /// Stops the call. While the create's fate is unresolved, whatever stopped it, the reason
     /// is [`StopReason::CreateUnresolved`]: the caller must look the create up, not send it again.
     fn fail(&mut self, reason: StopReason, last: Last) -> Step {
-        let reason = if self.unresolved() && reason != StopReason::CreateMayHaveHappened {
-            StopReason::CreateUnresolved
-        } else {
-            reason
+        let pending = self
+            .retry
+            .as_deref()
+            .and_then(|retry| retry.lookup.as_ref());
+        let reason = match pending {
+            Some(pending) if reason != StopReason::CreateMayHaveHappened => pending.if_unsent,
+            _ => reason,
         };
         let failed = Failed::new(reason, self.tally(), last).with_external_id(self.created_as());
         Step::Finish(Err(Box::new(failed)))
@@ -520,8 +532,10 @@ where
             .retry
             .as_deref()
             .is_some_and(|retry| retry.external_id.is_some());
+        // (An id this layer generated for the call is fresh: no earlier call used it.)
         let maybe_duplicate =
-            matches!(answer.code(), Code::InvalidRequest | Code::InvalidParameter);
+            matches!(answer.code(), Code::InvalidRequest | Code::InvalidParameter)
+                && !self.template.generated_id();
         // A final answer that may still have made a task (a code Kling does not document,
         // under HTTP 200): looked up too, and without an id reported as a create that may have
         // happened, as the task slots and a spend guard read it.
@@ -561,6 +575,7 @@ where
                 external_id,
                 new_style,
                 final_answer: None,
+                if_unsent: StopReason::CreateUnresolved,
             })),
             None => Plan::Unlookable(Some(external_id)),
         }
@@ -572,6 +587,17 @@ where
     /// the create unresolved.
     fn confirm(&mut self, answer: ApiError) -> Step {
         let last = Last::Api(answer.clone());
+        let earlier = self
+            .retry
+            .as_deref()
+            .is_some_and(|retry| retry.external_id.is_some());
+        let if_unsent = if earlier {
+            StopReason::CreateUnresolved
+        } else if answer.may_have_created() {
+            StopReason::CreateMayHaveHappened
+        } else {
+            StopReason::NotRetryable
+        };
         let mut pending = match self.plan() {
             Plan::Lookup(pending) => *pending,
             Plan::Unlookable(external_id) if answer.may_have_created() => {
@@ -585,6 +611,7 @@ where
             }
         };
         pending.final_answer = Some(answer);
+        pending.if_unsent = if_unsent;
         let retry = self.retrying();
         retry.lookup = Some(pending);
         retry.next = Sending::Lookup;

@@ -81,6 +81,12 @@ impl<B: ReplayBody> Template<B> {
     }
 
     /// The request as the first attempt sent it (headers, extensions and account back in place).
+    /// Whether the create's external id is one this layer generated (fresh for the call: no
+    /// earlier call can have used it).
+    pub(crate) fn generated_id(&self) -> bool {
+        self.spliced.is_some()
+    }
+
     pub(crate) fn request(&mut self) -> &mut Request<B> {
         if self.whole.is_none() {
             self.whole = Some(Box::new(self.restore()));

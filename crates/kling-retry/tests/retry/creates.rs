@@ -737,6 +737,42 @@ async fn a_create_answered_an_unknown_code_under_200_is_looked_up_or_reported_un
     assert_eq!(log.count("POST", "text2video"), 2, "not sent again");
 }
 
+/// A create whose id this layer generated is fresh: its 1201 is a bad request, returned
+/// without a lookup. And a caller's id whose lookup cannot be sent (one attempt allowed) leaves
+/// the refusal standing, not a create to look up.
+#[tokio::test(start_paused = true)]
+async fn a_1201_is_not_looked_up_for_a_generated_id_nor_left_unresolved_when_the_lookup_cannot_go()
+{
+    let (server, log) = kling(|_, _| Reply::Now(code(1201)));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .generate_external_ids(true)
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, create(r#"{"prompt":"a cat"}"#))
+        .await
+        .unwrap_err();
+    assert_eq!(log.len(), 1, "no lookup");
+    let failed = error.downcast_ref::<Failed>().unwrap();
+    assert_eq!(failed.reason(), StopReason::NotRetryable);
+
+    let (server, log) = kling(|_, _| Reply::Now(code(1201)));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .max_attempts(1)
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, create(r#"{"external_task_id":"job-18"}"#))
+        .await
+        .unwrap_err();
+    assert_eq!(log.len(), 1, "the lookup could not go");
+    let failed = error.downcast_ref::<Failed>().unwrap();
+    assert_eq!(failed.reason(), StopReason::NotRetryable);
+    assert!(!failed.may_have_created());
+}
+
 /// A first create refused as a bad request (1201, as Kling may answer a duplicate external id:
 /// the caller sending again a create whose earlier call ended unresolved) is looked up by its
 /// id: found, the caller gets the task; not found, the refusal. Without an id, no lookup.
