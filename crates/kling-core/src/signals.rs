@@ -185,28 +185,32 @@ fn earlier(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
-/// Request signal: whether a create that a caller may cancel while it waits was ever handed on
-/// toward the server, so a layer above that reserved something for it (the spend guard's
-/// credit estimate) knows, when the caller drops the request, whether to give it back.
+/// Request signal: whether a create that a caller may cancel while it waits could have made a
+/// task yet, so a layer above that reserved something for it (the spend guard's credit
+/// estimate) knows, when the caller drops the request, whether to give it back.
 ///
 /// A layer that holds a request back unsent (the task slots, for a slot) says so with
-/// [`SendWatch::held`], and [`SendWatch::handed`] when it passes the request on. Only the first
-/// attempt's wait is held: once any attempt went on, a create may exist whatever the later
-/// ones do. So [`SendWatch::never_sent`] is true only for a create that a layer below held
-/// from its start and never passed on; a request no layer reported on (a stack without such a
-/// layer, or a create granted at once and sent) is not known unsent, and keeps what was
-/// reserved for it.
+/// [`SendWatch::held`], and [`SendWatch::handed`] when it passes the request on. A layer that
+/// sends a call again (the retry layer) says how each attempt ended with
+/// [`SendWatch::answered`]: an attempt that surely made nothing (a `1303`, a request that never
+/// left) is forgotten, so a later attempt held back counts as unsent again; one that may have
+/// made a task is final. So [`SendWatch::never_sent`] is true only for a create that a layer
+/// below holds back now and of which no attempt may have made a task. A request no layer
+/// reported on (a stack without such a layer, or a create granted at once and sent) is not
+/// known unsent, and keeps what was reserved for it.
 ///
 /// Kept in the request's combined signal extension, like the other signals.
 #[derive(Clone, Debug, Default)]
 pub struct SendWatch(Arc<AtomicU8>);
 
-/// No layer reported on the request.
+/// No layer reported on the request, or its attempts so far surely made nothing.
 const UNREPORTED: u8 = 0;
-/// A layer holds the first attempt back, unsent.
+/// A layer holds an attempt back, unsent, and no earlier one may have made a task.
 const HELD: u8 = 1;
-/// A layer passed an attempt on (final).
+/// A layer passed an attempt on; its answer has not been judged.
 const HANDED: u8 = 2;
+/// An attempt may have made a task (final).
+const MAYBE_MADE: u8 = 3;
 
 impl SendWatch {
     /// Starts watching a request: a fresh watch, in its signals, that the caller keeps.
@@ -221,16 +225,11 @@ impl SendWatch {
         CallContext::of(request).and_then(|call| call.send_watch.as_ref())
     }
 
-    /// A layer holds `request` back, unsent (it waits for a slot): noted for a first attempt
-    /// that no layer reported on yet.
+    /// A layer holds `request` back, unsent (it waits for a slot).
     pub fn held<B>(request: &Request<B>) {
-        let Some(call) = CallContext::of(request) else {
-            return;
-        };
-        if let Some(watch) = &call.send_watch
-            && call.attempt.is_none_or(|attempt| attempt <= 1)
-        {
-            // Only from "unreported": a request already passed on stays so.
+        if let Some(watch) = SendWatch::of(request) {
+            // Only from "unreported": an attempt passed on, or one that may have made a
+            // task, stays so.
             let _ = watch
                 .0
                 .compare_exchange(UNREPORTED, HELD, Ordering::AcqRel, Ordering::Acquire);
@@ -240,12 +239,32 @@ impl SendWatch {
     /// A layer that held `request` passes it on toward the server.
     pub fn handed<B>(request: &Request<B>) {
         if let Some(watch) = SendWatch::of(request) {
-            watch.0.store(HANDED, Ordering::Release);
+            let _ = watch
+                .0
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
+                    (state != MAYBE_MADE).then_some(HANDED)
+                });
         }
     }
 
-    /// Whether the request was held back from its first attempt and never passed on: a create
-    /// dropped in that state surely made no task.
+    /// An attempt of `request` ended and another may follow: it `may_have_made` a task (final:
+    /// a later attempt held back is not known unsent), or surely made none (forgotten).
+    pub fn answered<B>(request: &Request<B>, may_have_made: bool) {
+        if let Some(watch) = SendWatch::of(request) {
+            if may_have_made {
+                watch.0.store(MAYBE_MADE, Ordering::Release);
+            } else {
+                let _ = watch
+                    .0
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
+                        (state != MAYBE_MADE).then_some(UNREPORTED)
+                    });
+            }
+        }
+    }
+
+    /// Whether the request is held back unsent now and no attempt of it may have made a task:
+    /// a create dropped in that state surely made no task.
     pub fn never_sent(&self) -> bool {
         self.0.load(Ordering::Acquire) == HELD
     }
@@ -304,10 +323,11 @@ mod tests {
         assert!(Recognized::cached(&req).is_some());
     }
 
-    /// Only a first attempt held back and never passed on is known unsent; a request passed
-    /// on stays so, and a later attempt's wait does not count.
+    /// A create is known unsent only while it is held back and no attempt of it may have made
+    /// a task: passed on, it is not; answered "made nothing", it may be held back again;
+    /// answered "may have made one", never again.
     #[test]
-    fn a_send_watch_knows_a_create_unsent_only_while_its_first_attempt_is_held() {
+    fn a_send_watch_knows_a_create_unsent_only_while_it_is_held_and_made_nothing() {
         let mut req = request();
         SendWatch::held(&req);
         let watch = SendWatch::watch(&mut req);
@@ -318,13 +338,18 @@ mod tests {
         SendWatch::handed(&req);
         assert!(!watch.never_sent());
         SendWatch::held(&req);
-        assert!(!watch.never_sent(), "handed is final");
-
-        // A retry's later attempt, held, is not known unsent (an earlier one went on).
-        let mut retry = request();
-        let watch = SendWatch::watch(&mut retry);
-        Attempt::set(&mut retry, 2);
-        SendWatch::held(&retry);
+        assert!(!watch.never_sent(), "in flight: not held again");
+        // Its answer made nothing (a 1303): the next attempt held back is unsent.
+        SendWatch::answered(&req, false);
+        SendWatch::held(&req);
+        assert!(watch.never_sent());
+        // An attempt that may have made a task: final.
+        SendWatch::handed(&req);
+        SendWatch::answered(&req, true);
+        SendWatch::answered(&req, false);
+        SendWatch::held(&req);
+        assert!(!watch.never_sent());
+        SendWatch::handed(&req);
         assert!(!watch.never_sent());
 
         // A retry layer's copy of the request (its signals restored) shares the watch.

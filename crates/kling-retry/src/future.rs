@@ -12,7 +12,7 @@ use http::{Request, Response};
 use http_body_util::Full;
 use kling_core::error::{ApiError, BoxError, MalformedResponse};
 use kling_core::metrics::{LABEL_KIND, LABEL_REASON, RETRIES, RETRY_BUDGET_EXHAUSTED};
-use kling_core::signals::Attempt;
+use kling_core::signals::{Attempt, SendWatch};
 use kling_core::{ApiGeneration, Code, Disposition, Outcome, PeekBody, Recognized, RequestKind};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -632,6 +632,10 @@ where
         resign: bool,
     ) -> Step {
         if self.sending == Sending::Original {
+            // Tells a layer above that reserved something for the create (a spend guard)
+            // whether this attempt may have made a task: if not, a later attempt the slots
+            // hold back counts as unsent again.
+            SendWatch::answered(self.template.request(), create == CreateState::MaybeCreated);
             let mut pending = None;
             if create == CreateState::MaybeCreated {
                 match self.plan() {

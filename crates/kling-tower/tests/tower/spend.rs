@@ -371,6 +371,101 @@ async fn through_the_stack_a_create_dropped_while_it_waits_for_a_slot_gives_its_
     assert_eq!(mock.stats().tasks_created, 1);
 }
 
+/// The Free tier's one slot is held by a task this stack does not know of (another key of the
+/// account): the first attempt goes at once and meets a 1303 (no task made), the retry waits
+/// for a slot, and the caller gives up. Nothing was made: the estimate goes back.
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_a_create_dropped_while_its_retry_waits_after_a_1303_gives_its_estimate_back()
+ {
+    let creates = Arc::new(AtomicUsize::new(0));
+    let seen = creates.clone();
+    let client = Client::new(service_fn(move |req: http::Request<Full<Bytes>>| {
+        let create = req.method() == http::Method::POST;
+        if create {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }
+        async move {
+            if create {
+                Ok::<_, BoxError>(envelope(
+                    429,
+                    r#"{"code":1303,"message":"parallel task over resource pack limit","request_id":"r"}"#,
+                ))
+            } else {
+                std::future::pending().await
+            }
+        }
+    }));
+    let (kling, service) = free_stack(client);
+    let guard = kling.spend_guard().expect("the free tier has a budget");
+    let account = Some(kling.account_id());
+
+    // (Given up before the slots layer's 20 s recovery lets a retry go again.)
+    let gave_up = tokio::time::timeout(Duration::from_secs(10), service.oneshot(video())).await;
+    assert!(gave_up.is_err(), "still waiting for a slot");
+    assert_eq!(creates.load(Ordering::SeqCst), 1, "the retry waits, unsent");
+    assert_eq!(guard.committed(account), 0.0);
+}
+
+/// A create that waited for the slot, was sent and met a 1303 (no task made) waits again: the
+/// caller giving up then gets its estimate back, as if it had never been sent.
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_a_create_sent_once_refused_1303_and_waiting_again_gives_its_estimate_back()
+ {
+    let creates = Arc::new(AtomicUsize::new(0));
+    let seen = creates.clone();
+    let client = Client::new(service_fn(move |req: http::Request<Full<Bytes>>| {
+        let n = (req.method() == http::Method::POST).then(|| seen.fetch_add(1, Ordering::SeqCst));
+        async move {
+            Ok::<_, BoxError>(match n {
+                Some(0) => envelope(
+                    200,
+                    r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t1","task_status":"submitted"}}"#,
+                ),
+                Some(_) => envelope(
+                    429,
+                    r#"{"code":1303,"message":"parallel task over resource pack limit","request_id":"r"}"#,
+                ),
+                None => envelope(
+                    200,
+                    r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t1","task_status":"succeed","task_result":{"videos":[]}}}"#,
+                ),
+            })
+        }
+    }));
+    let (kling, service) = free_stack(client);
+    let guard = kling.spend_guard().expect("the free tier has a budget");
+    let account = Some(kling.account_id());
+
+    service.clone().oneshot(video()).await.unwrap();
+    let mut second = Box::pin(service.clone().oneshot(video()));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), &mut second)
+            .await
+            .is_err()
+    );
+    // The query frees the slot; the second create goes (after the rate's interval) and meets
+    // a 1303; its retry waits for a slot again.
+    let query = request("GET", "/v1/videos/text2video/t1", "");
+    service.clone().oneshot(query).await.unwrap();
+    for _ in 0..100 {
+        let answered = tokio::time::timeout(Duration::from_millis(100), &mut second).await;
+        assert!(answered.is_err(), "no answer: {answered:?}");
+        if creates.load(Ordering::SeqCst) == 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        creates.load(Ordering::SeqCst),
+        2,
+        "sent once the slot freed"
+    );
+    let waiting = tokio::time::timeout(Duration::from_secs(1), &mut second).await;
+    assert!(waiting.is_err(), "waiting again");
+    assert_eq!(creates.load(Ordering::SeqCst), 2, "held back, unsent");
+    drop(second);
+    assert_eq!(guard.committed(account), 1.0);
+}
+
 /// A create that waited for the slot and was then sent keeps its estimate when the caller drops
 /// it before the answer: the task may exist.
 #[tokio::test(start_paused = true)]
