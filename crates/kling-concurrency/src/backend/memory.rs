@@ -867,16 +867,28 @@ struct Reports<'a> {
     applied: Applied,
     /// Releases are not listed in `applied`.
     unread: bool,
+    /// Whether an end that finds no holding is remembered ([`Ended`]): only from a report of
+    /// one task (a callback, a query of it), the way an end overtakes its create's answer. A
+    /// list page or a batch answer reports many tasks long released, and would push the ends
+    /// that matter out.
+    note_ends: bool,
 }
 
 impl<'a> Reports<'a> {
-    fn new(account: &'a AccountId, lease: Duration, now: Option<Instant>, unread: bool) -> Self {
+    fn new(
+        account: &'a AccountId,
+        lease: Duration,
+        now: Option<Instant>,
+        unread: bool,
+        tasks: usize,
+    ) -> Self {
         Reports {
             account,
             lease,
             now,
             applied: Applied::default(),
             unread,
+            note_ends: tasks == 1,
         }
     }
 }
@@ -1650,7 +1662,7 @@ impl State {
         let Some(place) =
             taken.or_else(|| self.find(reports.account, id, hash, external, by_complete, terminal))
         else {
-            if terminal {
+            if terminal && reports.note_ends {
                 // The create's answer may still come (a callback can overtake it): its
                 // holding is released when it does.
                 let now = *reports.now.get_or_insert_with(Instant::now);
@@ -1760,7 +1772,7 @@ impl State {
                 outcome,
                 lease,
             } => {
-                let mut reports = Reports::new(&account, lease, now, unread);
+                let mut reports = Reports::new(&account, lease, now, unread, outcome.tasks().len());
                 for task in outcome.tasks() {
                     let (ext, status) = (task.external_id.as_deref(), Some(&task.status));
                     let hash = IdHash::hash(task.id.as_bytes());
@@ -1773,7 +1785,7 @@ impl State {
                 updates,
                 lease,
             } => {
-                let mut reports = Reports::new(&account, lease, now, unread);
+                let mut reports = Reports::new(&account, lease, now, unread, updates.len());
                 for update in &updates {
                     let (ext, status) = (update.external_id.as_deref(), update.status.as_ref());
                     let hash = IdHash::hash(update.id.as_bytes());
@@ -1959,7 +1971,13 @@ impl SlotBackend for InProcess {
             return ready(Ok(Applied::default()));
         }
         // The answer's arrival is the time its reports speak of: no clock read.
-        let mut reports = Reports::new(account, lease, Some(outcome.received_at()), true);
+        let mut reports = Reports::new(
+            account,
+            lease,
+            Some(outcome.received_at()),
+            true,
+            tasks.len(),
+        );
         // The ids are hashed before the lock is taken (the first few: a query reports one).
         let mut hashes = [0; PREHASHED];
         for (hash, task) in hashes.iter_mut().zip(tasks) {
@@ -2440,6 +2458,40 @@ mod tests {
         assert_eq!(pool(&backend, "a"), (1, 1), "only t0 holds its slot");
     }
 
+    /// A report of many tasks (a list page, a batch answer), long released most of them, does
+    /// not push out the end a single report remembered for a create still on its way.
+    #[tokio::test(start_paused = true)]
+    async fn ends_in_a_report_of_many_tasks_are_not_remembered() {
+        let backend = InProcess::new(SlotsConfig::new(3)).unwrap();
+        backend.apply(ended("t1")).await.unwrap();
+        let page = SlotOp::Update {
+            account: key().account,
+            updates: (0..5000)
+                .map(|i| super::super::TaskUpdate {
+                    id: format!("old-{i}"),
+                    external_id: None,
+                    status: Some(TaskStatus::Succeeded),
+                })
+                .collect(),
+            lease: Duration::from_secs(600),
+        };
+        backend.apply(page).await.unwrap();
+        let reservation = now(backend.acquire(key(), 1)).unwrap();
+        let applied = backend
+            .apply(SlotOp::Hold {
+                reservation,
+                task: TaskRef {
+                    id: Some("t1".to_owned()),
+                    external_id: None,
+                },
+                lease: Duration::from_secs(600),
+            })
+            .await
+            .unwrap();
+        assert_eq!(applied.released.len(), 1, "t1's end was still remembered");
+        assert_eq!(pool(&backend, "a").0, 0);
+    }
+
     /// A lease longer than a year, which the configuration refuses but a change may carry,
     /// is cut to a year rather than overflow the clock (on hold and on renewal).
     #[tokio::test(start_paused = true)]
@@ -2468,18 +2520,19 @@ mod tests {
     async fn remembered_ends_are_bounded_by_count_and_age() {
         let lease = Duration::from_secs(600);
         let backend = InProcess::new(SlotsConfig::new(1).lease(lease)).unwrap();
-        let report = |n: usize| SlotOp::Update {
+        // One report each (a callback each): ends in a report of many are not remembered.
+        let report = |i: usize| SlotOp::Update {
             account: key().account,
-            updates: (0..n)
-                .map(|i| super::super::TaskUpdate {
-                    id: format!("t{i}"),
-                    external_id: None,
-                    status: Some(TaskStatus::Failed),
-                })
-                .collect(),
+            updates: vec![super::super::TaskUpdate {
+                id: format!("t{i}"),
+                external_id: None,
+                status: Some(TaskStatus::Failed),
+            }],
             lease,
         };
-        now(backend.apply(report(MAX_ENDS_KEPT + 100))).unwrap();
+        for i in 0..MAX_ENDS_KEPT + 100 {
+            now(backend.apply(report(i))).unwrap();
+        }
         {
             let state = backend.lock();
             assert_eq!(state.ended.len(), MAX_ENDS_KEPT);
