@@ -181,13 +181,53 @@ impl DownloadError {
 }
 
 impl fmt::Display for DownloadError {
+    /// A URL is shown without its query and user info: a result URL's query is often its
+    /// signature, and this line goes to stderr and CI logs ([`what`](Self::what) keeps it whole).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "download of {}: {}", self.what, self.source)
+        write!(f, "download of {}: {}", shown(&self.what), self.source)
+    }
+}
+
+/// `what` as [`DownloadError`]'s `Display` shows it: a URL as `scheme://host[:port]/path`,
+/// anything else as it is.
+fn shown(what: &str) -> std::borrow::Cow<'_, str> {
+    match what.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme().is_some() && uri.host().is_some() => {
+            let (scheme, host) = (
+                uri.scheme_str().unwrap_or_default(),
+                uri.host().unwrap_or_default(),
+            );
+            let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+            format!("{scheme}://{host}{port}{}", uri.path()).into()
+        }
+        _ => what.into(),
     }
 }
 
 impl std::error::Error for DownloadError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&*self.source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A result URL's query (its signature) and user info never reach the error's text.
+    #[test]
+    fn a_download_error_shows_a_url_without_its_query() {
+        let error = DownloadError::new(
+            "https://u:pw@cdn.example:8443/outputs/t/0.mp4?sig=SECRET",
+            std::io::Error::other("reset"),
+        );
+        let text = error.to_string();
+        assert_eq!(
+            text,
+            "download of https://cdn.example:8443/outputs/t/0.mp4: reset"
+        );
+        assert!(error.what().contains("SECRET"), "kept whole for the caller");
+        let path = DownloadError::new("/tmp/out/0.part", std::io::Error::other("full"));
+        assert_eq!(path.to_string(), "download of /tmp/out/0.part: full");
     }
 }

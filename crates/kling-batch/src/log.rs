@@ -68,7 +68,21 @@ fn format_event(event: &Event<'_>) -> String {
     if !fields.rest.is_empty() {
         let _ = write!(line, " ({})", fields.rest);
     }
-    line
+    escape_controls(&line)
+}
+
+/// `text` with its control characters escaped (`\u{1b}`): a job id or a server's message
+/// must not move the cursor or color the terminal.
+fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[derive(Default)]
@@ -162,12 +176,15 @@ mod tests {
             tracing::warn!(job = "dog", "download failed; a later run tries again");
             tracing::info!("adopted the slots of running tasks");
             tracing::warn!(target: "kling_metrics", code = 1303, "kling call failed");
+            // A job id or a server's message with terminal controls in it.
+            tracing::warn!(job = %"\u{1b}[2Jx", "server said \u{7}{}", "\u{1b}[31mred");
         });
         assert_eq!(
             *lines.lock().unwrap(),
             [
                 "kling-batch: error: journal write failed (job=cat, error=disk full)",
                 "kling-batch: warning: download failed; a later run tries again (job=dog)",
+                "kling-batch: warning: server said \\u{7}\\u{1b}[31mred (job=\\u{1b}[2Jx)",
             ]
         );
     }
