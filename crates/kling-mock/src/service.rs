@@ -238,7 +238,19 @@ impl MockKling {
             callbacks::spawn(self.shared.clone(), job);
         }
         if matches!(fault, Fault::LostAnswer) {
-            self.shared.lock().stats.answers_lost += 1;
+            // Carried out, its answer never sent: counted as lost, not by its code.
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            let code = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["code"].as_i64());
+            let mut state = self.shared.lock();
+            state.stats.answers_lost += 1;
+            if let Some(code) = code {
+                state.uncount_code(code);
+            }
             return Err(MockError::dropped());
         }
         Ok(resp)

@@ -156,6 +156,17 @@ impl State {
         )
     }
 
+    /// Takes back a response [`State::count_code`] counted that was never sent (a lost answer).
+    pub(crate) fn uncount_code(&mut self, code: i64) {
+        let code = code.to_string();
+        if let Some(n) = self.stats.responses_by_code.get_mut(&code) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.stats.responses_by_code.remove(&code);
+            }
+        }
+    }
+
     fn count_code(&mut self, code: u32) {
         *self
             .stats

@@ -317,6 +317,7 @@ async fn a_lost_answer_drops_the_connection_after_the_create_made_its_task() {
     let stats = lost.stats();
     assert_eq!((stats.answers_lost, stats.connections_dropped), (1, 0));
     assert_eq!(stats.tasks_created, 1, "the task was made");
+    assert_eq!(stats.responses("0"), 0, "its answer was never sent");
 
     let mut dropped = crate::support::mock(quiet().drop_rate(1.0));
     assert!(dropped.call(create()).await.is_err());
