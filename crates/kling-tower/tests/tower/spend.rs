@@ -371,6 +371,28 @@ async fn through_the_stack_a_create_dropped_while_it_waits_for_a_slot_gives_its_
     assert_eq!(mock.stats().tasks_created, 1);
 }
 
+/// A create's answer: task `t1` made.
+const T1_CREATED: &str = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t1","task_status":"submitted"}}"#;
+/// A query's answer: task `t1` ended.
+const T1_ENDED: &str = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t1","task_status":"succeed","task_result":{"videos":[]}}}"#;
+
+/// Polls `second` (the second create, waiting for the slot a query just freed) until it is
+/// sent, within a minute (the Free tier's rate spaces it after the query), never answered.
+async fn second_sent<F>(second: &mut F, creates: &AtomicUsize)
+where
+    F: std::future::Future + Unpin,
+    F::Output: std::fmt::Debug,
+{
+    for _ in 0..600 {
+        let answered = tokio::time::timeout(Duration::from_millis(100), &mut *second).await;
+        assert!(answered.is_err(), "no answer: {answered:?}");
+        if creates.load(Ordering::SeqCst) == 2 {
+            return;
+        }
+    }
+    panic!("the second create was never sent");
+}
+
 /// The Free tier's one slot is held by a task this stack does not know of (another key of the
 /// account): the first attempt goes at once and meets a 1303 (no task made), the retry waits
 /// for a slot, and the caller gives up. Nothing was made: the estimate goes back.
@@ -417,18 +439,12 @@ async fn through_the_stack_a_create_sent_once_refused_1303_and_waiting_again_giv
         let n = (req.method() == http::Method::POST).then(|| seen.fetch_add(1, Ordering::SeqCst));
         async move {
             Ok::<_, BoxError>(match n {
-                Some(0) => envelope(
-                    200,
-                    r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t1","task_status":"submitted"}}"#,
-                ),
+                Some(0) => envelope(200, T1_CREATED),
                 Some(_) => envelope(
                     429,
                     r#"{"code":1303,"message":"parallel task over resource pack limit","request_id":"r"}"#,
                 ),
-                None => envelope(
-                    200,
-                    r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t1","task_status":"succeed","task_result":{"videos":[]}}}"#,
-                ),
+                None => envelope(200, T1_ENDED),
             })
         }
     }));
@@ -447,18 +463,7 @@ async fn through_the_stack_a_create_sent_once_refused_1303_and_waiting_again_giv
     // a 1303; its retry waits for a slot again.
     let query = request("GET", "/v1/videos/text2video/t1", "");
     service.clone().oneshot(query).await.unwrap();
-    for _ in 0..100 {
-        let answered = tokio::time::timeout(Duration::from_millis(100), &mut second).await;
-        assert!(answered.is_err(), "no answer: {answered:?}");
-        if creates.load(Ordering::SeqCst) == 2 {
-            break;
-        }
-    }
-    assert_eq!(
-        creates.load(Ordering::SeqCst),
-        2,
-        "sent once the slot freed"
-    );
+    second_sent(&mut second, &creates).await;
     let waiting = tokio::time::timeout(Duration::from_secs(1), &mut second).await;
     assert!(waiting.is_err(), "waiting again");
     assert_eq!(creates.load(Ordering::SeqCst), 2, "held back, unsent");
@@ -478,10 +483,10 @@ async fn through_the_stack_a_create_dropped_after_its_wait_once_sent_keeps_its_e
         let query = req.method() == http::Method::GET;
         async move {
             if first {
-                let body = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t1","task_status":"submitted"}}"#;
+                let body = T1_CREATED;
                 Ok::<_, BoxError>(envelope(200, body))
             } else if query {
-                let body = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t1","task_status":"succeed","task_result":{"videos":[]}}}"#;
+                let body = T1_ENDED;
                 Ok(envelope(200, body))
             } else {
                 std::future::pending().await
@@ -502,19 +507,7 @@ async fn through_the_stack_a_create_dropped_after_its_wait_once_sent_keeps_its_e
     // The query frees the slot; the waiting create is sent, and its answer never comes.
     let query = request("GET", "/v1/videos/text2video/t1", "");
     service.clone().oneshot(query).await.unwrap();
-    // (Within a minute: the Free tier's rate spaces the create after the query.)
-    for _ in 0..600 {
-        let answered = tokio::time::timeout(Duration::from_millis(100), &mut second).await;
-        assert!(answered.is_err(), "no answer: {answered:?}");
-        if creates.load(Ordering::SeqCst) == 2 {
-            break;
-        }
-    }
-    assert_eq!(
-        creates.load(Ordering::SeqCst),
-        2,
-        "sent once the slot freed"
-    );
+    second_sent(&mut second, &creates).await;
     drop(second);
     assert_eq!(guard.committed(account), 2.0);
 }
