@@ -1106,9 +1106,10 @@ async fn during_an_outage_requests_do_not_wait_in_line_for_each_others_timeouts(
         });
     }
     let slowest = calls.join_all().await.into_iter().max().unwrap();
-    // In line, the twelfth waited for twelve timeouts (2.4 s) and the background delivery's.
+    // In line, the twelfth waited for twelve timeouts (2.4 s) and the background delivery's;
+    // alone, each waits its own (0.2 s), with room for a loaded machine.
     assert!(
-        slowest < Duration::from_millis(900),
+        slowest < Duration::from_millis(1500),
         "the slowest call took {slowest:?}"
     );
 }
