@@ -13,6 +13,21 @@ use tower::timeout::TimeoutLayer;
 
 use crate::support::{Reply, Seen, code, create, envelope, kling, send, task};
 
+/// A scripted Kling that answers every create (`POST`) with `create()` and every other request
+/// (the lookups) with `other()`.
+fn by_method(
+    create: impl Fn() -> crate::support::Res + Send + Sync + 'static,
+    other: impl Fn() -> crate::support::Res + Send + Sync + 'static,
+) -> impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static {
+    move |seen, _| {
+        Reply::Now(if seen.method == Method::POST {
+            create()
+        } else {
+            other()
+        })
+    }
+}
+
 fn layer() -> RetryLayer {
     RetryLayer::builder().seed(1).build().unwrap()
 }
@@ -474,13 +489,7 @@ async fn a_query_past_the_deadline_names_no_create() {
 #[tokio::test(start_paused = true)]
 async fn a_lookup_refused_for_good_leaves_the_create_unresolved_with_its_id() {
     // 5000 on the create, then the lookup is refused (no permission for the query API).
-    let (server, log) = kling(|seen, _| {
-        Reply::Now(if seen.method == Method::POST {
-            code(5000)
-        } else {
-            code(1103)
-        })
-    });
+    let (server, log) = kling(by_method(|| code(5000), || code(1103)));
     let error = send(
         &layer().layer(server),
         create(r#"{"external_task_id":"job-9"}"#),
@@ -566,13 +575,7 @@ async fn a_resend_refused_below_after_a_lookup_found_nothing_names_the_external_
         }
     }
 
-    let (server, log) = kling(|seen, _| {
-        Reply::Now(if seen.method == Method::POST {
-            code(5000)
-        } else {
-            code(1203)
-        })
-    });
+    let (server, log) = kling(by_method(|| code(5000), || code(1203)));
     let posts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let below = tower::service_fn(move |request: crate::support::Req| {
         let mut server = server.clone();
@@ -713,13 +716,10 @@ async fn a_refusal_of_a_first_create_is_returned_without_a_lookup() {
 /// one it ends as a create that may have happened, not as a plain refusal.
 #[tokio::test(start_paused = true)]
 async fn a_create_answered_an_unknown_code_under_200_is_looked_up_or_reported_unresolved() {
-    let (server, log) = kling(|seen: &Seen, _| {
-        Reply::Now(if seen.method == Method::POST {
-            envelope(StatusCode::OK, 1999, "null")
-        } else {
-            task("t1", Some("job-17"))
-        })
-    });
+    let (server, log) = kling(by_method(
+        || envelope(StatusCode::OK, 1999, "null"),
+        || task("t1", Some("job-17")),
+    ));
     let client = layer().layer(server);
     let response = send(&client, create(r#"{"external_task_id":"job-17"}"#))
         .await
@@ -778,13 +778,7 @@ async fn a_1201_is_not_looked_up_for_a_generated_id_nor_left_unresolved_when_the
 /// id: found, the caller gets the task; not found, the refusal. Without an id, no lookup.
 #[tokio::test(start_paused = true)]
 async fn a_first_create_refused_1201_is_looked_up_by_its_external_id() {
-    let (server, log) = kling(|seen: &Seen, _| {
-        Reply::Now(if seen.method == Method::POST {
-            code(1201)
-        } else {
-            task("t1", Some("job-15"))
-        })
-    });
+    let (server, log) = kling(by_method(|| code(1201), || task("t1", Some("job-15"))));
     let client = layer().layer(server);
     let response = send(&client, create(r#"{"external_task_id":"job-15"}"#))
         .await
@@ -794,13 +788,7 @@ async fn a_first_create_refused_1201_is_looked_up_by_its_external_id() {
     assert_eq!(log.count("POST", "text2video"), 1, "never a second create");
     assert_eq!(log.count("GET", "text2video/job-15"), 1);
 
-    let (server, log) = kling(|seen: &Seen, _| {
-        Reply::Now(if seen.method == Method::POST {
-            code(1201)
-        } else {
-            code(1203)
-        })
-    });
+    let (server, log) = kling(by_method(|| code(1201), || code(1203)));
     let client = layer().layer(server);
     let error = send(&client, create(r#"{"external_task_id":"job-16"}"#))
         .await
@@ -833,13 +821,10 @@ async fn a_lookup_that_succeeds_without_a_readable_task_does_not_resend_the_crea
         (false, r#"{"id":"n1"}"#),
         (false, r#"[{"id":"n1"}]"#),
     ] {
-        let (server, log) = kling(move |seen, _| {
-            Reply::Now(if seen.method == Method::POST {
-                code(5000)
-            } else {
-                envelope(StatusCode::OK, 0, data)
-            })
-        });
+        let (server, log) = kling(by_method(
+            move || code(5000),
+            move || envelope(StatusCode::OK, 0, data),
+        ));
         let (uri, field) = if legacy {
             ("http://kling.test/v1/videos/text2video", "external_task_id")
         } else {
