@@ -38,7 +38,7 @@
 //! | [`Envelope`], [`TaskReport`], [`TaskStatus`] | both API generations' task fields |
 //! | [`Outcome`] | one response, parsed once, shared through extensions |
 //! | [`RetryAfter`] | delta-seconds and all three HTTP-date forms |
-//! | [`Recognized`], [`Pool`] | create / query / list / account, pool and weight |
+//! | [`Recognized`], [`Pool`], [`PoolScope`] | create / query / list / account, pool and weight |
 //! | [`Route`] | what the method and path alone say (kind, pool), without allocating |
 //! | [`AccountId`] | the key every limit is counted under |
 //! | [`TokioClock`] | a governor clock on tokio time, for paused-time tests |
@@ -87,7 +87,9 @@ pub use code::{Code, Disposition, RetryKind, status_disposition};
 pub use envelope::{Envelope, TaskReport, TaskStatus};
 pub use error::{BoxError, SendState};
 pub use outcome::Outcome;
-pub use request::{ApiGeneration, Pool, Product, Recognized, RequestKind};
+pub use request::{
+    ApiGeneration, Pool, PoolScope, Product, Recognized, RequestKind, UnknownPoolScope,
+};
 pub use retry_after::{MAX_RETRY_AFTER, RetryAfter, retry_after_delay};
 pub use route::Route;
 

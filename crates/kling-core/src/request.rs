@@ -121,6 +121,73 @@ impl fmt::Debug for Pool {
     }
 }
 
+/// Which pool a create's slots count in: its model version's (the default) or its product's.
+///
+/// Kling counts running tasks per resource-pack type (video, image, try-on) and, per its newer
+/// pages, per model version; which holds for an account is not documented for certain. With
+/// [`PoolScope::Model`] a new-style create counts in `video:kling-3.0`, so tasks of two models
+/// run side by side; with [`PoolScope::Product`] every create of a product counts in `video`,
+/// legacy and new-style alike, so they share one capacity. Counting too finely is answered
+/// with `1303`s (which the slots absorb); too coarsely, with slots left idle.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PoolScope {
+    /// Each model version of a product has its own pool (`video:kling-3.0`); legacy paths
+    /// count in their product's (`video`).
+    #[default]
+    Model,
+    /// Every create of a product counts in the product's pool (`video`), whatever its model.
+    Product,
+}
+
+impl PoolScope {
+    /// The pool a create in `pool` counts in under this scope.
+    pub fn apply(self, pool: Pool) -> Pool {
+        match self {
+            PoolScope::Product if pool.model.is_some() => Pool::new(pool.product),
+            _ => pool,
+        }
+    }
+
+    /// The scope's name: `model` or `product`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolScope::Model => "model",
+            PoolScope::Product => "product",
+        }
+    }
+}
+
+impl fmt::Display for PoolScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PoolScope {
+    type Err = UnknownPoolScope;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "model" => Ok(PoolScope::Model),
+            "product" => Ok(PoolScope::Product),
+            _ => Err(UnknownPoolScope(())),
+        }
+    }
+}
+
+/// A pool scope name other than `model` or `product`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownPoolScope(());
+
+impl fmt::Display for UnknownPoolScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("pool scope must be `model` or `product`")
+    }
+}
+
+impl std::error::Error for UnknownPoolScope {}
+
 /// What kind of request this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -707,6 +774,21 @@ mod tests {
         assert_eq!((r.kind, r.weight), (RequestKind::Create, 2));
         let r = recognize(&Method::GET, "//v1//videos/text2video//abc//", "");
         assert_eq!(r.task_ids, vec!["abc"]);
+    }
+
+    #[test]
+    fn pool_scope_maps_model_pools_to_their_product_only_when_asked() {
+        let model = Pool::with_model(Product::Video, "kling-3.0");
+        assert_eq!(PoolScope::Model.apply(model.clone()), model);
+        assert_eq!(PoolScope::Product.apply(model), Pool::new(Product::Video));
+        let legacy = Pool::new(Product::Image);
+        assert_eq!(PoolScope::Product.apply(legacy.clone()), legacy);
+        for scope in [PoolScope::Model, PoolScope::Product] {
+            assert_eq!(scope.to_string().parse::<PoolScope>(), Ok(scope));
+        }
+        assert_eq!(PoolScope::default(), PoolScope::Model);
+        let err = "models".parse::<PoolScope>().unwrap_err();
+        assert!(err.to_string().contains("`model` or `product`"));
     }
 
     #[test]
