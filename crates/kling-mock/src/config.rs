@@ -156,6 +156,37 @@ impl FromStr for RetryAfterMode {
     }
 }
 
+/// Which pool a new-style create's slots count in.
+///
+/// Kling counts running tasks per resource-pack type and, per its newer pages, per model
+/// version; both readings are served so clients can be tested against either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum PoolScope {
+    /// Each model version has its own pool (`video:{model}`, `image:{model}`); legacy
+    /// endpoints count in `video`, `image`, `try-on`.
+    #[default]
+    Model,
+    /// Every create of a product counts in the product's pool (`video`, `image`), legacy and
+    /// new-style endpoints and every model alike.
+    Product,
+}
+
+impl FromStr for PoolScope {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "model" => Ok(PoolScope::Model),
+            "product" => Ok(PoolScope::Product),
+            _ => Err(ParseError {
+                what: "pool scope (expected model or product)",
+                input: s.to_owned(),
+            }),
+        }
+    }
+}
+
 /// A GCRA request-rate limit applied per account to every request.
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
@@ -277,6 +308,8 @@ pub struct MockConfig {
     pub slots: u32,
     /// Per-pool capacity overrides, keyed by pool name (`video`, `image:kolors-v2`, ...).
     pub pool_slots: BTreeMap<String, u32>,
+    /// Whether new-style creates count per model version (the default) or per product.
+    pub pool_scope: PoolScope,
     /// The request-rate limit per account, if any.
     pub rate_limit: Option<RateLimit>,
     /// Credit budget per account (`None` = unlimited).
@@ -340,6 +373,7 @@ impl MockConfig {
             speed: 1.0,
             slots: preset.slots(),
             pool_slots: BTreeMap::new(),
+            pool_scope: PoolScope::Model,
             rate_limit: preset.rate_limit(),
             credits: preset.credits(),
             credit_period: preset.credit_period(),
@@ -377,6 +411,11 @@ impl MockConfig {
     /// Overrides the capacity of one pool.
     pub fn pool_slots(mut self, pool: impl Into<String>, slots: u32) -> Self {
         self.pool_slots.insert(pool.into(), slots);
+        self
+    }
+    /// Sets which pool a new-style create counts in: its model's or its product's.
+    pub fn pool_scope(mut self, scope: PoolScope) -> Self {
+        self.pool_scope = scope;
         self
     }
     /// Sets the request-rate limit (`None` = unlimited).

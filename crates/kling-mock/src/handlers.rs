@@ -13,7 +13,7 @@ use http_body_util::Full;
 use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 
-use crate::config::MAX_WAIT;
+use crate::config::{MAX_WAIT, PoolScope};
 use crate::routes::{LegacyFamily, NEW_IMAGE_PRODUCTS, Route, query_pairs};
 use crate::state::State;
 use crate::task::{Generation, OutputKind, Phase, Task};
@@ -177,10 +177,14 @@ impl State {
                     Some(Value::Object(options)) => opt_string(options, "callback_url")?,
                     Some(_) => return Err("invalid parameter: options".into()),
                 };
-                let (output, pool, weight) = if image {
-                    (OutputKind::Image, format!("image:{model}"), n_weight(map)?)
+                let (output, pack, weight) = if image {
+                    (OutputKind::Image, "image", n_weight(map)?)
                 } else {
-                    (OutputKind::Video, format!("video:{model}"), 1)
+                    (OutputKind::Video, "video", 1)
+                };
+                let pool = match self.config.pool_scope {
+                    PoolScope::Model => format!("{pack}:{model}"),
+                    PoolScope::Product => pack.to_owned(),
                 };
                 Ok(CreateSpec {
                     generation: Generation::New {

@@ -44,7 +44,8 @@
 //!
 //! Pools are named `video`, `image`, `try-on` (legacy endpoints) and `video:{model}`,
 //! `image:{model}` (new endpoints, model from the path); a model's pool without a capacity of its
-//! own takes its type's ([`MockConfig::capacity`]). Control and observation without auth:
+//! own takes its type's ([`MockConfig::capacity`]). With [`PoolScope::Product`] every create of a
+//! type counts in the type's pool (`video`), whatever its model or endpoint. Control and observation without auth:
 //! `GET /__mock/stats` ([`Stats`]), `POST /__mock/reset-stats`, `POST /__mock/switches`, and
 //! `GET /__mock/files/...`, the result files ([`file_bytes`]) that [`MockServer`]'s result URLs
 //! point at.
@@ -66,8 +67,8 @@ mod task;
 
 pub use callbacks::sign_webhook;
 pub use config::{
-    ApiKey, ConfigError, Faults, MockConfig, ParseError, Preset, RateLimit, RetryAfterMode,
-    Switches,
+    ApiKey, ConfigError, Faults, MockConfig, ParseError, PoolScope, Preset, RateLimit,
+    RetryAfterMode, Switches,
 };
 pub use error::MockError;
 pub use server::MockServer;

@@ -4,7 +4,7 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use clap::Parser;
-use kling_mock::{MockConfig, MockServer, Preset, RetryAfterMode};
+use kling_mock::{MockConfig, MockServer, PoolScope, Preset, RetryAfterMode};
 
 /// A real HTTP mock of the Kling AI API on 127.0.0.1.
 #[derive(Debug, Parser)]
@@ -59,6 +59,10 @@ struct Args {
     /// Slots of every pool.
     #[arg(long)]
     slots: Option<u32>,
+    /// Which pool a new-style create counts in: `model` (`video:{model}`) or `product`
+    /// (`video`, shared by every model and the legacy endpoints).
+    #[arg(long, default_value = "model")]
+    pool_scope: PoolScope,
     /// Task duration range in seconds of API time, `MIN..MAX`.
     #[arg(long, value_parser = parse_range)]
     task_duration: Option<(Duration, Duration)>,
@@ -138,6 +142,7 @@ fn config(args: Args) -> MockConfig {
         config = config.burst(burst);
     }
     config = config.penalty(args.penalty);
+    config = config.pool_scope(args.pool_scope);
     if let Some(slots) = args.slots {
         config = config.slots(slots);
     }

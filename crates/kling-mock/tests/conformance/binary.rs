@@ -29,6 +29,8 @@ fn the_binary_prints_its_listening_line_first_and_serves() {
                 "60",
                 "--retry-after",
                 "seconds",
+                "--pool-scope",
+                "product",
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -68,6 +70,7 @@ fn invalid_flags_are_rejected_naming_the_flag() {
             "--credit-period-secs",
         ),
         (&["--costs-per-second", "often"][..], "--costs-per-second"),
+        (&["--pool-scope", "account"][..], "--pool-scope"),
     ] {
         let out = Command::new(BIN)
             .args(args)

@@ -1,6 +1,7 @@
 //! The new generation end to end: `id`, `status`, `succeeded`, `outputs`, `billing`,
 //! batch query, cursor list.
 
+use kling_mock::PoolScope;
 use serde_json::json;
 
 use crate::support::{Caller, advance, encode, quiet};
@@ -185,6 +186,30 @@ async fn new_style_pools_are_per_model() {
     assert_eq!(stats.in_use["video:kling-3.0"], 1);
     assert_eq!(stats.in_use["video:kling-2.6"], 1);
     assert_eq!(stats.in_use["video"], 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_product_scope_every_model_and_the_legacy_endpoint_share_one_pool() {
+    let c = Caller::new(quiet().slots(2).pool_scope(PoolScope::Product));
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    c.post("/text-to-video/kling-2.6", json!({"prompt": "x"}))
+        .await
+        .data();
+    // Two models hold both of `video`'s slots: a third model and the legacy path are refused.
+    c.post("/image-to-video/kling-2.1", json!({"image": "x"}))
+        .await
+        .assert_error(429, 1303);
+    c.post("/v1/videos/text2video", json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1303);
+    // Images have a pool of their own.
+    c.post("/text-to-image/kolors-v2", json!({"prompt": "x", "n": 2}))
+        .await
+        .data();
+    let stats = c.mock.stats();
+    assert_eq!(stats.in_use["video"], 2);
+    assert_eq!(stats.in_use["image"], 2);
+    assert!(!stats.in_use.contains_key("video:kling-3.0"));
 }
 
 #[tokio::test(start_paused = true)]
