@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use kling_core::{AccountId, Pool};
+use kling_core::{AccountId, Pool, PoolScope};
 
 use crate::error::ConfigError;
 
@@ -59,6 +59,7 @@ pub struct SlotsConfig {
     pub(crate) recovery_interval: Duration,
     pub(crate) default_account: AccountId,
     pub(crate) max_queue: Option<usize>,
+    pub(crate) pool_scope: PoolScope,
 }
 
 impl SlotsConfig {
@@ -72,6 +73,7 @@ impl SlotsConfig {
             recovery_interval: DEFAULT_RECOVERY_INTERVAL,
             default_account: AccountId::new(DEFAULT_ACCOUNT),
             max_queue: None,
+            pool_scope: PoolScope::Model,
         }
     }
 
@@ -122,6 +124,21 @@ impl SlotsConfig {
     pub fn max_queue(mut self, max: usize) -> Self {
         self.max_queue = Some(max);
         self
+    }
+
+    /// Sets which pool a create counts in: its model version's (`video:kling-3.0`, the
+    /// default) or, with [`PoolScope::Product`], its product's (`video`), so that every model
+    /// and legacy path of a product shares one capacity. Kling's pages leave open which an
+    /// account has: see [`PoolScope`]. Capacities are looked up for the pool a create counts
+    /// in, so under [`PoolScope::Product`] only product-wide settings (`video`) apply.
+    pub fn pool_scope(mut self, scope: PoolScope) -> Self {
+        self.pool_scope = scope;
+        self
+    }
+
+    /// The configured pool scope ([`pool_scope`](Self::pool_scope)).
+    pub fn get_pool_scope(&self) -> PoolScope {
+        self.pool_scope
     }
 
     /// The configured queue bound ([`max_queue`](Self::max_queue)), for backends outside this

@@ -15,7 +15,9 @@ use http::{Method, Request, Response, Uri};
 use http_body_util::Full;
 use kling_core::error::{ApiError, BoxError};
 use kling_core::signals::{Deadline, SendWatch, SlotGated, Waited};
-use kling_core::{AccountId, ApiGeneration, Code, Outcome, PeekBody, Recognized, metrics as names};
+use kling_core::{
+    AccountId, ApiGeneration, Code, Outcome, PeekBody, PoolScope, Recognized, metrics as names,
+};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
@@ -69,6 +71,8 @@ pub(crate) struct Waiting<S, ReqB, B: SlotBackend> {
     pub(crate) lease: Duration,
     pub(crate) sleep: Option<Pin<Box<Sleep>>>,
     pub(crate) since: Instant,
+    /// Which pool the create counts in (its recognised pool, or its product's).
+    pub(crate) scope: PoolScope,
 }
 
 impl<S, ReqB, B> Waiting<S, ReqB, B>
@@ -103,6 +107,7 @@ where
                         let waited = now.saturating_duration_since(self.since);
                         let recognized = self.recognized();
                         let pool = recognized.pool.clone().expect("a create has a pool");
+                        let pool = self.scope.apply(pool);
                         return Poll::Ready(Err(Box::new(DeadlineExceeded::new(
                             pool,
                             recognized.weight.max(1),
@@ -115,7 +120,8 @@ where
         };
         let waited = Instant::now().saturating_duration_since(self.since);
         let recognized = self.recognized();
-        let pool = names::pool_label(recognized.pool.as_ref());
+        let pool = recognized.pool.clone().map(|pool| self.scope.apply(pool));
+        let pool = names::pool_label(pool.as_ref());
         let external = recognized.external_id.as_deref().map(SmallId::new);
         metrics::histogram!(names::SLOTS_WAIT, names::LABEL_POOL => pool)
             .record(waited.as_secs_f64());

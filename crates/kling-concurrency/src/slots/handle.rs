@@ -342,7 +342,7 @@ impl<B: SlotBackend> SlotsHandle<B> {
             let applied = self
                 .backend
                 .apply(SlotOp::Adopt {
-                    key: SlotKey::new(account.clone(), pool),
+                    key: SlotKey::new(account.clone(), self.settings.pool_scope.apply(pool)),
                     task: TaskRef {
                         id: Some(task.id),
                         external_id: task.external_id,

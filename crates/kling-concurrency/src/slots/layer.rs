@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kling_core::AccountId;
+use kling_core::{AccountId, PoolScope};
 use tower_layer::Layer;
 
 use super::handle::SlotsHandle;
@@ -17,6 +17,7 @@ use crate::error::ConfigError;
 pub(crate) struct Settings {
     pub(crate) lease: Duration,
     pub(crate) default_account: AccountId,
+    pub(crate) pool_scope: PoolScope,
 }
 
 impl Settings {
@@ -26,6 +27,7 @@ impl Settings {
             // Interned (one of the few names a process is configured with): every request
             // without an account of its own clones it, a copy rather than a reference count.
             default_account: AccountId::interned(config.default_account.as_str()),
+            pool_scope: config.pool_scope,
         }
     }
 }

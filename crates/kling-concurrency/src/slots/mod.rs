@@ -1,5 +1,14 @@
 //! [`TaskSlotsLayer`]: weighted slots per account and pool, held for a task's server-side life.
 //!
+//! # Pools
+//!
+//! A create's pool is the one [`kling_core::Recognized`] gives it: `video`, `image` or `try-on`
+//! on legacy paths, the product and model version on new-style ones (`video:kling-3.0`). Kling
+//! counts per resource-pack type and, per its newer pages, per model version; where an account
+//! counts per type only, [`SlotsConfig::pool_scope`](crate::SlotsConfig::pool_scope) with
+//! [`PoolScope::Product`](kling_core::PoolScope::Product) counts every create of a product in
+//! the product's pool, models and legacy paths together.
+//!
 //! # What it does to each request
 //!
 //! - **Create** (recognised by [`kling_core::Recognized`]): waits, first come first served,

@@ -11,7 +11,7 @@ use http_body_util::Full;
 use kling_core::error::BoxError;
 use kling_core::lanes::Lanes;
 use kling_core::signals::SendWatch;
-use kling_core::{AccountId, ApiGeneration, PeekBody, Pool, Recognized, RequestKind};
+use kling_core::{AccountId, ApiGeneration, PeekBody, Pool, PoolScope, Recognized, RequestKind};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -101,11 +101,11 @@ enum Route {
 }
 
 impl Route {
-    fn of(recognized: &Recognized) -> Self {
+    fn of(recognized: &Recognized, scope: PoolScope) -> Self {
         match (recognized.kind, &recognized.pool) {
             (RequestKind::Create, Some(pool)) => Route::Create {
                 weight: recognized.weight.max(1),
-                pool: pool.clone(),
+                pool: scope.apply(pool.clone()),
                 external: recognized.external_id.as_deref().map(SmallId::new),
             },
             (RequestKind::Query, _) => Route::Query {
@@ -140,9 +140,11 @@ where
         // The account is read with it (one lookup for both): a create's slots are the
         // account's, and a query's reports find external ids within it.
         let (route, account) = match Recognized::cached_with_account(&request) {
-            (Some(recognized), account) => (Route::of(recognized), account),
+            (Some(recognized), account) => {
+                (Route::of(recognized, self.settings.pool_scope), account)
+            }
             (None, _) => {
-                let route = Route::of(Recognized::of(&mut request));
+                let route = Route::of(Recognized::of(&mut request), self.settings.pool_scope);
                 (route, AccountId::of(&request))
             }
         };
@@ -218,6 +220,7 @@ where
                     lease: self.settings.lease,
                     sleep: None,
                     since: Instant::now(),
+                    scope: self.settings.pool_scope,
                 }))
             }
         }

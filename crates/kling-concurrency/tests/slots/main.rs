@@ -3,6 +3,8 @@
 mod config;
 mod in_flight;
 mod lookup;
+mod mock;
+mod pool_scope;
 mod props;
 mod readiness;
 mod reconcile;

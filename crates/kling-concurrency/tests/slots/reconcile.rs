@@ -3,39 +3,15 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::AUTHORIZATION;
-use http::{HeaderValue, Request, Response};
+use http::Request;
 use http_body_util::Full;
 use kling_concurrency::{Reconcile, SlotsConfig, TaskSlotsLayer};
-use kling_core::error::BoxError;
-use kling_core::{AccountId, ClassifyLayer, Outcome, Pool, Product};
+use kling_core::{AccountId, Outcome, Pool, Product};
 use kling_mock::{MockConfig, MockKling, Preset};
-use tower::util::BoxCloneService;
-use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 
+use crate::mock::{client, send};
 use crate::support::post;
-
-type Client = BoxCloneService<Request<Full<Bytes>>, Response<Full<Bytes>>, BoxError>;
-
-/// The mock behind the classify step, with the API key `key` (so account `key`) on every request.
-fn client(mock: &MockKling) -> Client {
-    let service = ServiceBuilder::new()
-        .map_request(|mut req: Request<Full<Bytes>>| {
-            req.headers_mut()
-                .insert(AUTHORIZATION, HeaderValue::from_static("Bearer key"));
-            req
-        })
-        .layer(ClassifyLayer::new())
-        .service(mock.clone());
-    BoxCloneService::new(service)
-}
-
-async fn send<S>(svc: &mut S, req: Request<Full<Bytes>>) -> Response<Full<Bytes>>
-where
-    S: Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = BoxError>,
-{
-    svc.ready().await.unwrap().call(req).await.unwrap()
-}
 
 #[tokio::test(start_paused = true)]
 async fn reconcile_adopts_unfinished_tasks_found_on_the_mock() {
