@@ -43,6 +43,7 @@
 //! jitter_allowance_ms = 15  # real time, not scaled by speed
 //! slots = 5
 //! slot_queue = "none"       # or the most creates that may wait for a pool's slots
+//! pool_scope = "model"      # or "product": every model of a product in one pool
 //! task_lease_secs = 1800
 //! retry_max_attempts = 6
 //! retry_deadline_secs = 600
@@ -63,7 +64,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use kling_core::Pool;
+use kling_core::{Pool, PoolScope};
 use serde::Deserialize;
 
 use crate::error::ConfigError;
@@ -153,6 +154,7 @@ pub struct StackConfig {
     slots: u32,
     pool_slots: BTreeMap<String, u32>,
     slot_queue: Option<usize>,
+    pool_scope: PoolScope,
     task_lease: Duration,
     retry_max_attempts: u32,
     retry_deadline: Duration,
@@ -213,6 +215,7 @@ impl StackConfig {
             slots,
             pool_slots,
             slot_queue: None,
+            pool_scope: PoolScope::Model,
             task_lease: Duration::from_secs(30 * 60),
             retry_max_attempts: 6,
             retry_deadline: Duration::from_secs(10 * 60),
@@ -306,6 +309,15 @@ impl StackConfig {
     /// create that finds no free slot (for a caller that would rather answer "busy" than wait).
     pub fn slot_queue(mut self, max: Option<usize>) -> Self {
         self.slot_queue = max;
+        self
+    }
+
+    /// Sets which pool a create counts in: its model version's (`video:kling-3.0`, the default)
+    /// or its product's (`video`, shared by every model and the legacy paths), for an account
+    /// that counts running tasks per resource-pack type only. See
+    /// [`PoolScope`](kling_core::PoolScope).
+    pub fn pool_scope(mut self, scope: PoolScope) -> Self {
+        self.pool_scope = scope;
         self
     }
 
@@ -430,6 +442,11 @@ impl StackConfig {
     /// How many creates may wait for a pool's slots (`None`: unbounded).
     pub fn slot_queue_limit(&self) -> Option<usize> {
         self.slot_queue
+    }
+
+    /// Which pool a create counts in ([`pool_scope`](Self::pool_scope)).
+    pub fn slot_pool_scope(&self) -> PoolScope {
+        self.pool_scope
     }
 
     /// The slot lease at this speed.
@@ -585,6 +602,7 @@ impl StackConfig {
     /// | `KLING_SLOTS` | slots | integer ≥ 1 |
     /// | `KLING_POOL_SLOTS` | pool_slots | `video=20,image=9` |
     /// | `KLING_SLOT_QUEUE` | slot_queue | integer ≥ 0, or `none` |
+    /// | `KLING_POOL_SCOPE` | pool_scope | `model` or `product` |
     /// | `KLING_TASK_LEASE_SECS` | task_lease | seconds |
     /// | `KLING_RETRY_MAX_ATTEMPTS` | retry_max_attempts | integer ≥ 1 |
     /// | `KLING_RETRY_DEADLINE_SECS` | retry_deadline | seconds |
@@ -645,6 +663,11 @@ impl StackConfig {
         if let Some((var, v)) = get("KLING_SLOT_QUEUE") {
             self.slot_queue = parse_optional(var, &v)?;
         }
+        if let Some((var, v)) = get("KLING_POOL_SCOPE") {
+            self.pool_scope = v
+                .parse()
+                .map_err(|e: kling_core::UnknownPoolScope| ConfigError::new(var, e.to_string()))?;
+        }
         if let Some((var, v)) = get("KLING_TASK_LEASE_SECS") {
             self.task_lease = parse_secs(var, &v)?;
         }
@@ -697,6 +720,7 @@ fn env_var_of(field: &str) -> Cow<'static, str> {
         "jitter_allowance_ms" => "KLING_JITTER_ALLOWANCE_MS",
         "slots" => "KLING_SLOTS",
         "slot_queue" => "KLING_SLOT_QUEUE",
+        "pool_scope" => "KLING_POOL_SCOPE",
         "task_lease_secs" => "KLING_TASK_LEASE_SECS",
         "retry_max_attempts" => "KLING_RETRY_MAX_ATTEMPTS",
         "retry_deadline_secs" => "KLING_RETRY_DEADLINE_SECS",
@@ -772,6 +796,7 @@ struct RawConfig {
     slots: Option<u32>,
     pool_slots: Option<BTreeMap<String, u32>>,
     slot_queue: Option<NumberOrNone>,
+    pool_scope: Option<String>,
     task_lease_secs: Option<f64>,
     retry_max_attempts: Option<u32>,
     retry_deadline_secs: Option<f64>,
@@ -830,6 +855,11 @@ impl RawConfig {
                     ));
                 }
             };
+        }
+        if let Some(v) = self.pool_scope {
+            c.pool_scope = v.parse().map_err(|e: kling_core::UnknownPoolScope| {
+                ConfigError::new("pool_scope", e.to_string())
+            })?;
         }
         if let Some(v) = self.task_lease_secs {
             c.task_lease = secs("task_lease_secs", v)?;

@@ -312,7 +312,8 @@ impl<B: StackBackends> KlingBuilder<B> {
         let mut slots = SlotsConfig::new(config.default_slots())
             .lease(config.task_lease_duration())
             .recovery_interval(config.scaled(DEFAULT_RECOVERY_INTERVAL))
-            .default_account(account.clone());
+            .default_account(account.clone())
+            .pool_scope(config.slot_pool_scope());
         if let Some(max) = config.slot_queue_limit() {
             slots = slots.max_queue(max);
         }

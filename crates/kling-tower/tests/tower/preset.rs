@@ -274,9 +274,11 @@ fn env_variables_pick_the_tier_and_override_numbers() {
         ("KLING_ATTEMPT_TIMEOUT_SECS", "20"),
         ("KLING_JITTER_ALLOWANCE_MS", "2.5"),
         ("KLING_SLOT_QUEUE", "7"),
+        ("KLING_POOL_SCOPE", "product"),
     ]))
     .unwrap();
     assert_eq!(c.slot_queue_limit(), Some(7));
+    assert_eq!(c.slot_pool_scope(), kling_core::PoolScope::Product);
     assert_eq!(c.jitter_allowance_duration(), Duration::from_micros(2500));
     assert_eq!(c.tier(), Tier::Standard);
     assert_eq!(c.account_rate_per_minute(), Some(450.0));
@@ -304,7 +306,8 @@ fn env_variables_pick_the_tier_and_override_numbers() {
 
 #[test]
 fn bad_env_values_are_rejected_naming_the_variable() {
-    let cases: [(&[(&str, &str)], &str); 10] = [
+    let cases: [(&[(&str, &str)], &str); 11] = [
+        (&[("KLING_POOL_SCOPE", "account")], "KLING_POOL_SCOPE"),
         (&[("KLING_SLOT_QUEUE", "-1")], "KLING_SLOT_QUEUE"),
         (&[("KLING_SLOT_QUEUE", "a few")], "KLING_SLOT_QUEUE"),
         (&[("KLING_TIER", "platinum")], "KLING_TIER"),
@@ -342,6 +345,7 @@ task_lease_secs = 900
 retry_max_attempts = 4
 daily_credits = 250
 slot_queue = 0
+pool_scope = "product"
 
 [pool_slots]
 video = 4
@@ -359,6 +363,7 @@ fn toml_loads_every_key() {
     assert_eq!(c.max_attempts(), 4);
     assert_eq!(c.credit_budget(), Some(250.0));
     assert_eq!(c.slot_queue_limit(), Some(0));
+    assert_eq!(c.slot_pool_scope(), kling_core::PoolScope::Product);
     assert_eq!(c.slots_for(&Pool::parse("video").unwrap()), 4);
     assert_eq!(c.slots_for(&Pool::parse("image:kling-v2").unwrap()), 2);
     assert_eq!(c.slots_for(&Pool::parse("try-on").unwrap()), 5);
@@ -388,6 +393,7 @@ fn bad_toml_is_rejected_naming_the_key() {
         ("slot_queue = -1", "slot_queue"),
         ("slot_queue = 2.5", "slot_queue"),
         ("slot_queue = \"all\"", "slot_queue"),
+        ("pool_scope = \"models\"", "pool_scope"),
     ];
     for (text, field) in cases {
         let err = StackConfig::from_toml_str(text).unwrap_err();

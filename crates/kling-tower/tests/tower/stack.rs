@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use kling_core::{AccountId, Outcome, TaskStatus};
+use kling_core::{AccountId, Outcome, PoolScope, TaskStatus};
 use kling_mock::{MockConfig, MockKling, Preset};
 use kling_tower::error::{Draining, UnknownAccount};
 use kling_tower::gateway::GatewayLayer;
@@ -330,6 +330,45 @@ async fn with_no_slot_queue_a_create_that_finds_no_slot_is_refused_unsent() {
     send(&waits, create()).await.unwrap();
     let second = tokio::time::timeout(Duration::from_secs(60), send(&waits, create())).await;
     assert!(second.is_err(), "waits for the slot");
+}
+
+/// `pool_scope` reaches the stack's task slots: counted per product, a create of a second model
+/// finds the Free tier's one `video` slot taken (and, with no queue, is refused unsent);
+/// counted per model, as by default, it has a pool of its own and is sent.
+#[tokio::test(start_paused = true)]
+async fn pool_scope_product_puts_every_model_in_the_products_pool() {
+    let create = |model: &str| {
+        request(
+            "POST",
+            &format!("/text-to-video/{model}"),
+            r#"{"prompt":"a"}"#,
+        )
+    };
+    let stack = |scope| {
+        let mock = roomy_mock();
+        let config = StackConfig::preset(Tier::Free)
+            .slot_queue(Some(0))
+            .pool_scope(scope);
+        let stack = KlingLayer::new(config, Credentials::api_key("k").unwrap())
+            .unwrap()
+            .layer(mock.clone());
+        (stack, mock)
+    };
+
+    let (shared, mock) = stack(PoolScope::Product);
+    send(&shared, create("kling-3.0")).await.unwrap();
+    let err = send(&shared, create("kling-2.6")).await.unwrap_err();
+    let full = err
+        .downcast_ref::<kling_concurrency::error::QueueFull>()
+        .unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(full.pool().to_string(), "video");
+    assert_eq!(mock.stats().tasks_created, 1);
+
+    // The control: per model, the second model's create goes.
+    let (apart, mock) = stack(PoolScope::Model);
+    send(&apart, create("kling-3.0")).await.unwrap();
+    send(&apart, create("kling-2.6")).await.unwrap();
+    assert_eq!(mock.stats().tasks_created, 2);
 }
 
 #[tokio::test(start_paused = true)]
