@@ -130,7 +130,8 @@ impl SlotsConfig {
     /// default) or, with [`PoolScope::Product`], its product's (`video`), so that every model
     /// and legacy path of a product shares one capacity. Kling's pages leave open which an
     /// account has: see [`PoolScope`]. Capacities are looked up for the pool a create counts
-    /// in, so under [`PoolScope::Product`] only product-wide settings (`video`) apply.
+    /// in, so under [`PoolScope::Product`] only product-wide settings (`video`) apply, and
+    /// [`validate`](Self::validate) refuses a setting for a model's pool.
     pub fn pool_scope(mut self, scope: PoolScope) -> Self {
         self.pool_scope = scope;
         self
@@ -210,6 +211,27 @@ impl SlotsConfig {
                 return Err(ConfigError::new(
                     format!("account_capacity[{account}, {pool}]"),
                     "must be at least 1",
+                ));
+            }
+        }
+        if self.pool_scope == PoolScope::Product {
+            // A model's pool is never counted in under this scope: its setting would be ignored.
+            let pool_field = self
+                .pools
+                .keys()
+                .find(|pool| pool.model().is_some())
+                .map(|pool| format!("pool_capacity[{pool}]"));
+            let account_field = || {
+                self.accounts
+                    .keys()
+                    .find(|(_, pool)| pool.model().is_some())
+                    .map(|(account, pool)| format!("account_capacity[{account}, {pool}]"))
+            };
+            if let Some(field) = pool_field.or_else(account_field) {
+                return Err(ConfigError::new(
+                    field,
+                    "names a model's pool, which pool_scope product never counts in: set the \
+                     product's pool (`video`, `image`)",
                 ));
             }
         }

@@ -674,6 +674,13 @@ impl MockConfig {
         {
             return err("costs_per_second", "must be a finite number above 0");
         }
+        if self.pool_scope == PoolScope::Product && self.pool_slots.keys().any(|p| p.contains(':'))
+        {
+            return err(
+                "pool_slots",
+                "names a model's pool, which pool scope product never counts in",
+            );
+        }
         if self.task_duration_min > self.task_duration_max {
             return err("task_duration_min", "must not exceed task_duration_max");
         }

@@ -534,10 +534,19 @@ impl StackConfig {
             return err("slots", "must be at least 1");
         }
         for (pool, slots) in &self.pool_slots {
-            if Pool::parse(pool).is_none() {
+            let Some(parsed) = Pool::parse(pool) else {
                 return Err(ConfigError::new(
                     format!("pool_slots.{pool}"),
                     "is not a pool (video, image, try-on, or product:model)",
+                ));
+            };
+            if self.pool_scope == PoolScope::Product && parsed.model().is_some() {
+                return Err(ConfigError::new(
+                    format!("pool_slots.{pool}"),
+                    format!(
+                        "names a model's pool, which pool_scope product never counts in: set `{}`",
+                        parsed.product().as_str()
+                    ),
                 ));
             }
             if *slots == 0 {

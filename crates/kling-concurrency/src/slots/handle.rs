@@ -233,7 +233,9 @@ impl<B: SlotBackend> SlotsHandle<B> {
     /// that need more slots than the new capacity fail with
     /// [`OverCapacity`](crate::error::OverCapacity) (naming the pool, their weight and the
     /// capacity), as a create that needs more than its pool has does when it arrives; those
-    /// behind them no longer wait behind them.
+    /// behind them no longer wait behind them. Under
+    /// [`PoolScope::Product`](kling_core::PoolScope::Product) creates count in the product's
+    /// pool only, so a model's pool set here is never used.
     pub async fn set_capacity(
         &self,
         account: Option<&AccountId>,

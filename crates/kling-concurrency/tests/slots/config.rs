@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use kling_concurrency::{SlotsConfig, TaskSlotsLayer};
-use kling_core::{AccountId, Pool, Product};
+use kling_core::{AccountId, Pool, PoolScope, Product};
 use tokio_test::assert_pending;
 use tokio_test::task::spawn;
 use tower::{Layer, Service, ServiceExt};
@@ -33,6 +33,35 @@ fn a_lease_or_recovery_interval_past_a_year_is_a_configuration_error_naming_it()
         .unwrap_err();
     assert_eq!(err.field(), "recovery_interval");
     assert!(err.to_string().contains("at most a year"), "{err}");
+}
+
+/// Under `PoolScope::Product` a model's pool is never counted in: a capacity set for one is
+/// refused, naming it and the product to set instead.
+#[test]
+fn a_model_pools_capacity_under_product_scope_is_refused_naming_it() {
+    let kling3 = Pool::with_model(Product::Video, "kling-3.0");
+    let product = || SlotsConfig::new(2).pool_scope(PoolScope::Product);
+    assert!(
+        product()
+            .pool_capacity(Pool::new(Product::Video), 4)
+            .validate()
+            .is_ok()
+    );
+    assert!(
+        SlotsConfig::new(2)
+            .pool_capacity(kling3.clone(), 4)
+            .validate()
+            .is_ok()
+    );
+    let err = product()
+        .pool_capacity(kling3.clone(), 4)
+        .validate()
+        .unwrap_err();
+    assert_eq!(err.field(), "pool_capacity[video:kling-3.0]");
+    assert!(err.to_string().contains("set the product's pool"), "{err}");
+    let err = TaskSlotsLayer::new(product().account_capacity(AccountId::new("a"), kling3, 1))
+        .unwrap_err();
+    assert_eq!(err.field(), "account_capacity[a, video:kling-3.0]");
 }
 
 /// A create with the longest lease accepted keeps its slot under it and frees it at the end

@@ -212,6 +212,19 @@ async fn with_product_scope_every_model_and_the_legacy_endpoint_share_one_pool()
     assert!(!stats.in_use.contains_key("video:kling-3.0"));
 }
 
+#[test]
+fn a_model_pools_slots_under_product_scope_are_refused() {
+    let config = quiet()
+        .pool_scope(PoolScope::Product)
+        .pool_slots("video:kling-3.0", 2);
+    let err = kling_mock::MockKling::new(config).unwrap_err();
+    assert_eq!(err.field(), "pool_slots");
+    let config = quiet()
+        .pool_scope(PoolScope::Product)
+        .pool_slots("video", 2);
+    assert!(kling_mock::MockKling::new(config).is_ok());
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_new_callback_url_lives_in_options() {
     let c = Caller::new(quiet());

@@ -274,11 +274,10 @@ fn env_variables_pick_the_tier_and_override_numbers() {
         ("KLING_ATTEMPT_TIMEOUT_SECS", "20"),
         ("KLING_JITTER_ALLOWANCE_MS", "2.5"),
         ("KLING_SLOT_QUEUE", "7"),
-        ("KLING_POOL_SCOPE", "product"),
     ]))
     .unwrap();
     assert_eq!(c.slot_queue_limit(), Some(7));
-    assert_eq!(c.slot_pool_scope(), kling_core::PoolScope::Product);
+    assert_eq!(c.slot_pool_scope(), kling_core::PoolScope::Model);
     assert_eq!(c.jitter_allowance_duration(), Duration::from_micros(2500));
     assert_eq!(c.tier(), Tier::Standard);
     assert_eq!(c.account_rate_per_minute(), Some(450.0));
@@ -302,6 +301,12 @@ fn env_variables_pick_the_tier_and_override_numbers() {
     .unwrap();
     assert_eq!(c.credit_budget(), None);
     assert_eq!(c.slot_queue_limit(), None);
+    let c = StackConfig::from_lookup(vars(&[
+        ("KLING_POOL_SCOPE", "product"),
+        ("KLING_POOL_SLOTS", "video=4"),
+    ]))
+    .unwrap();
+    assert_eq!(c.slot_pool_scope(), kling_core::PoolScope::Product);
 }
 
 #[test]
@@ -329,6 +334,12 @@ fn bad_env_values_are_rejected_naming_the_variable() {
         let err = StackConfig::from_lookup(vars(pairs)).unwrap_err();
         assert!(err.field().starts_with(var), "{pairs:?}: {err}");
     }
+    let err = StackConfig::from_lookup(vars(&[
+        ("KLING_POOL_SCOPE", "product"),
+        ("KLING_POOL_SLOTS", "video:kling-3.0=3"),
+    ]))
+    .unwrap_err();
+    assert!(err.field().contains("video:kling-3.0"), "{err}");
     let err = StackConfig::from_lookup(vars(&[("KLING_POOL_SLOTS", "audio=3")])).unwrap_err();
     assert!(err.field().contains("KLING_POOL_SLOTS"), "{err}");
     assert!(err.field().contains("audio"), "{err}");
@@ -345,7 +356,6 @@ task_lease_secs = 900
 retry_max_attempts = 4
 daily_credits = 250
 slot_queue = 0
-pool_scope = "product"
 
 [pool_slots]
 video = 4
@@ -363,7 +373,6 @@ fn toml_loads_every_key() {
     assert_eq!(c.max_attempts(), 4);
     assert_eq!(c.credit_budget(), Some(250.0));
     assert_eq!(c.slot_queue_limit(), Some(0));
-    assert_eq!(c.slot_pool_scope(), kling_core::PoolScope::Product);
     assert_eq!(c.slots_for(&Pool::parse("video").unwrap()), 4);
     assert_eq!(c.slots_for(&Pool::parse("image:kling-v2").unwrap()), 2);
     assert_eq!(c.slots_for(&Pool::parse("try-on").unwrap()), 5);
@@ -373,6 +382,8 @@ fn toml_loads_every_key() {
     assert_eq!(c.account_rate_per_minute(), None);
     let c = StackConfig::from_toml_str("slot_queue = \"none\"").unwrap();
     assert_eq!(c.slot_queue_limit(), None);
+    let c = StackConfig::from_toml_str("pool_scope = \"product\"").unwrap();
+    assert_eq!(c.slot_pool_scope(), kling_core::PoolScope::Product);
     assert_eq!(
         StackConfig::from_toml_str("").unwrap(),
         StackConfig::preset(Tier::Free)
@@ -394,6 +405,10 @@ fn bad_toml_is_rejected_naming_the_key() {
         ("slot_queue = 2.5", "slot_queue"),
         ("slot_queue = \"all\"", "slot_queue"),
         ("pool_scope = \"models\"", "pool_scope"),
+        (
+            "pool_scope = \"product\"\n[pool_slots]\n\"video:kling-3.0\" = 2",
+            "pool_slots.video:kling-3.0",
+        ),
     ];
     for (text, field) in cases {
         let err = StackConfig::from_toml_str(text).unwrap_err();
