@@ -125,12 +125,32 @@ impl Envelope {
     /// the reference the property tests and the `envelope` fuzz target compare it to.
     #[doc(hidden)]
     pub fn parse_reference(body: &[u8]) -> Result<Envelope, serde_json::Error> {
-        // One UTF-8 check of the whole body (a word at a time for ASCII) instead of one per
-        // string, which is what `from_slice` does; a body that is not UTF-8 still goes through
-        // `from_slice`, so it fails where and how it did.
-        let raw: RawEnvelope<'_> = match std::str::from_utf8(body) {
-            Ok(text) => serde_json::from_str(text)?,
-            Err(_) => serde_json::from_slice(body)?,
+        // A byte-order mark a proxy put in front is not part of the JSON.
+        let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+        // An envelope is an object: serde's derive would also fill the struct from an array,
+        // by position (`[1303,"m"]`).
+        if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+            return Err(de::Error::custom(
+                "an envelope must be a JSON object, not an array",
+            ));
+        }
+        let raw = match parse_raw::<RawEnvelope<'_>>(body) {
+            Ok(raw) => raw,
+            // An error code with a field of an odd type elsewhere (`"data":{"status":429}`, a
+            // numeric `request_id`): its code is what the layers act on, so it is kept, with no
+            // task. A success is not: its task is what the caller asked for, and a create whose
+            // answer cannot be read must stay one of unknown outcome.
+            Err(e) => {
+                return match parse_raw::<RawErrorHead<'_>>(body) {
+                    Ok(head) if head.code != 0 => Ok(Envelope {
+                        code: Code::from_i64(head.code),
+                        message: head.message.0.map(Cow::into_owned).unwrap_or_default(),
+                        request_id: head.request_id.0.map(Cow::into_owned),
+                        tasks: Vec::new(),
+                    }),
+                    _ => Err(e),
+                };
+            }
         };
         Ok(Envelope {
             code: Code::from_i64(raw.code),
@@ -158,6 +178,82 @@ impl Envelope {
         wrapped.extend_from_slice(body);
         wrapped.push(b'}');
         Envelope::parse(&wrapped).map(|envelope| envelope.tasks)
+    }
+}
+
+/// One UTF-8 check of the whole body (a word at a time for ASCII) instead of one per string,
+/// which is what `from_slice` does; a body that is not UTF-8 still goes through `from_slice`,
+/// so it fails where and how it did.
+fn parse_raw<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, serde_json::Error> {
+    match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(body),
+    }
+}
+
+/// An error envelope's code and texts, read when the whole envelope cannot be: every other
+/// field is skipped, and a message or request id of another type than text is left out.
+#[derive(Deserialize)]
+struct RawErrorHead<'a> {
+    code: i64,
+    #[serde(default, borrow)]
+    message: Loose<'a>,
+    #[serde(default, borrow)]
+    request_id: Loose<'a>,
+}
+
+/// A string or number as text; anything else (an object, an array, `true`, `null`) as none.
+#[derive(Default)]
+struct Loose<'a>(Option<Cow<'a, str>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Loose<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct LooseVisitor;
+        impl<'de> Visitor<'de> for LooseVisitor {
+            type Value = Loose<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Loose<'de>, E> {
+                Ok(Loose(Some(Cow::Borrowed(v))))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Loose<'de>, E> {
+                Ok(Loose(Some(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Loose<'de>, E> {
+                Ok(Loose(Some(Cow::Owned(v.to_string()))))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Loose<'de>, E> {
+                Ok(Loose(Some(Cow::Owned(v.to_string()))))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Loose<'de>, E> {
+                Ok(Loose(Some(Cow::Owned(v.to_string()))))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Loose<'de>, E> {
+                Ok(Loose(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Loose<'de>, E> {
+                Ok(Loose(None))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Loose<'de>, E> {
+                Ok(Loose(None))
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Loose<'de>, D::Error> {
+                d.deserialize_any(LooseVisitor)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Loose<'de>, A::Error> {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(Loose(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Loose<'de>, A::Error> {
+                while map
+                    .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Loose(None))
+            }
+        }
+        deserializer.deserialize_any(LooseVisitor)
     }
 }
 
@@ -394,6 +490,46 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error envelope with a field of an odd type elsewhere keeps its code and texts: a 1102
+    /// read as malformed would be retried as a throttled 429.
+    #[test]
+    fn an_error_code_survives_an_odd_field_elsewhere() {
+        let bodies: [&[u8]; 3] = [
+            br#"{"code":1102,"message":"resource pack exhausted","request_id":"r","data":{"status":429}}"#,
+            br#"{"code":1102,"message":"resource pack exhausted","request_id":12345}"#,
+            br#"{"code":1102,"message":{"zh":"x"},"request_id":null,"data":{"task_id":[1]}}"#,
+        ];
+        for body in bodies {
+            let env = Envelope::parse(body).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(env.code, Code::from_i64(1102));
+            assert!(env.tasks.is_empty());
+            assert_eq!(Envelope::parse_reference(body).unwrap(), env);
+        }
+        let env = Envelope::parse(bodies[1]).unwrap();
+        assert_eq!(env.request_id.as_deref(), Some("12345"));
+        assert_eq!(env.message, "resource pack exhausted");
+        assert_eq!(Envelope::parse(bodies[2]).unwrap().message, "");
+        // A success whose task cannot be read stays malformed: the create's outcome is unknown.
+        let success = br#"{"code":0,"message":"ok","data":{"task_id":"t","task_status":7}}"#;
+        assert!(Envelope::parse(success).is_err());
+    }
+
+    #[test]
+    fn an_array_is_no_envelope() {
+        for body in [&b"[0]"[..], br#" [1303,"m","r"]"#] {
+            let err = Envelope::parse(body).unwrap_err();
+            assert!(err.to_string().contains("JSON object"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_byte_order_mark_in_front_is_skipped() {
+        let body = "\u{feff}{\"code\":1303,\"message\":\"m\"}";
+        let env = Envelope::parse(body.as_bytes()).unwrap();
+        assert_eq!(env.code, Code::from_i64(1303));
+        assert_eq!(env.message, "m");
+    }
 
     #[test]
     fn legacy_query_response() {

@@ -370,6 +370,23 @@ impl Outcome {
 mod tests {
     use super::*;
 
+    /// A 429 `1102` with a field of an odd type elsewhere is still a `1102`: read as malformed,
+    /// it would be retried as a throttled 429.
+    #[tokio::test(start_paused = true)]
+    async fn an_exhausted_pack_with_an_odd_field_is_fatal_not_retried() {
+        let body = br#"{"code":1102,"message":"resource pack exhausted","request_id":"r","data":{"status":429}}"#;
+        let outcome = Outcome::parse(
+            StatusCode::TOO_MANY_REQUESTS,
+            &HeaderMap::new(),
+            body,
+            Instant::now(),
+        )
+        .unwrap();
+        assert_eq!(outcome.code(), Code::from_i64(1102));
+        assert_eq!(outcome.disposition(), Disposition::Fatal);
+        assert_eq!(outcome.request_id(), Some("r"));
+    }
+
     #[test]
     fn a_list_is_whole_only_when_data_is_a_list_and_every_element_was_read() {
         let read = |data: &str| {
