@@ -11,7 +11,7 @@ use http::header::AUTHORIZATION;
 use http::{HeaderValue, Request, Response};
 use http_body_util::Full;
 use kling_core::headers::HeaderCopy;
-use kling_core::{BoxError, Disposition, Outcome};
+use kling_core::{BoxError, Code, Disposition, Outcome};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
@@ -166,22 +166,22 @@ where
                         Refusal::Pass => return Poll::Ready(Ok(response)),
                         Refusal::Resend(retry) => retry,
                         Refusal::Drop { owner, generation } => {
-                            if refused(&mut response) {
+                            if let Some(early) = refused(&mut response) {
                                 // Gone with its layer: no cache left to drop the token from.
                                 if let Some(shared) = owner.upgrade() {
-                                    shared.invalidate(*generation);
+                                    shared.invalidate(*generation, early);
                                 }
                                 response.extensions_mut().insert(TokenDropped);
                             }
                             return Poll::Ready(Ok(response));
                         }
                     };
-                    if !refused(&mut response) {
+                    let Some(early) = refused(&mut response) else {
                         return Poll::Ready(Ok(response));
-                    }
+                    };
                     let (header, _) = retry
                         .shared
-                        .resign(retry.generation)
+                        .resign(retry.generation, early)
                         .map_err(|e| Box::new(e) as BoxError)?;
                     retry.restore(header);
                     this.state.set(State::AwaitReady);
@@ -212,12 +212,18 @@ where
     }
 }
 
-/// Whether the server refused the token (1003/1004). Read in place when a classify step
-/// attached the outcome (no clone of it: a reference count), else parsed and attached.
-#[inline]
-fn refused(response: &mut Response<Full<Bytes>>) -> bool {
+/// Whether the server refused the token (1003/1004), and if so whether as not yet valid
+/// (1003). Read in place when a classify step attached the outcome (no clone of it: a
+/// reference count), else parsed and attached.
+fn refused(response: &mut Response<Full<Bytes>>) -> Option<bool> {
+    let judge = |outcome: &Outcome| {
+        (outcome.disposition() == Disposition::Resign)
+            .then(|| outcome.code() == Code::TokenNotYetValid)
+    };
     if let Some(outcome) = Outcome::of(response) {
-        return outcome.disposition() == Disposition::Resign;
+        return judge(outcome);
     }
-    Outcome::ensure(response).is_ok_and(|o| o.disposition() == Disposition::Resign)
+    Outcome::ensure(response)
+        .ok()
+        .and_then(|outcome| judge(&outcome))
 }

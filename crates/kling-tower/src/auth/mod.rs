@@ -17,6 +17,11 @@
 //! [`TokenDropped`]: [`KlingPolicy`](kling_retry::KlingPolicy) then sends it again at once,
 //! once per call.
 //!
+//! A 1003 means this machine's clock is ahead of Kling's by more than `nbf`'s margin, and a
+//! token signed afresh on the same clock would be refused just the same: so each 1003 to the
+//! current token also doubles how far in the past `nbf` is set (from 5 s up to
+//! [`MAX_NOT_BEFORE_SKEW`]), for every token the layer signs from then on.
+//!
 //! Every request clones the `Authorization` value, and never takes a lock to do it: an API
 //! key's value is built once per layer, in bytes the layer and the requests that carry it
 //! share (a clone is a reference count; the bytes are freed with the layer and the last such
@@ -85,8 +90,12 @@ use crate::error::{ConfigError, SigningError};
 
 /// How long a signed token is valid (Kling's `exp` = now + 1800 s).
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(1800);
-/// How far `nbf` is set in the past (Kling's `nbf` = now − 5 s).
+/// How far `nbf` is set in the past (Kling's `nbf` = now − 5 s), until a 1003 says the clock is
+/// further ahead than that.
 pub const NOT_BEFORE_SKEW: Duration = Duration::from_secs(5);
+/// The furthest in the past 1003s push `nbf` (doubling [`NOT_BEFORE_SKEW`] at each): ten
+/// minutes of clock skew, a third of the token's life.
+pub const MAX_NOT_BEFORE_SKEW: Duration = Duration::from_secs(600);
 /// The default margin before expiry at which a cached token is signed again.
 pub const DEFAULT_RENEW_BEFORE: Duration = Duration::from_secs(300);
 
@@ -123,7 +132,8 @@ impl Credentials {
         })
     }
 
-    /// A legacy access key and secret key, signed into an HS256 JWT.
+    /// A legacy access key and secret key, signed into an HS256 JWT. Whitespace around either
+    /// (a line end left by a `.env` file) is not part of it.
     pub fn access_key(
         access_key: impl Into<String>,
         secret_key: impl Into<String>,
@@ -133,6 +143,7 @@ impl Credentials {
         if access.trim().is_empty() {
             return Err(ConfigError::new("access_key", "must not be empty"));
         }
+        let secret = secret.trim();
         if secret.is_empty() {
             return Err(ConfigError::new("secret_key", "must not be empty"));
         }
@@ -142,7 +153,7 @@ impl Credentials {
         Ok(Credentials {
             kind: Kind::AccessKey {
                 access: Arc::from(access.trim()),
-                secret: Arc::from(secret.into_bytes()),
+                secret: Arc::from(secret.as_bytes()),
             },
         })
     }
@@ -254,6 +265,9 @@ pub(crate) struct Shared {
     /// ([`local`]) is of this generation send it without taking the lock.
     current: AtomicU64,
     signed: AtomicU64,
+    /// How many seconds `nbf` is set in the past: [`NOT_BEFORE_SKEW`], doubled by each 1003
+    /// to a current token (at most [`MAX_NOT_BEFORE_SKEW`]).
+    not_before: AtomicU64,
     /// This cache's key in the threads' copies.
     id: u64,
 }
@@ -316,27 +330,43 @@ impl Shared {
     }
 
     /// Drops the cached token if it is still generation `refused`, so the next request signs
-    /// afresh (a token another request signed since is kept).
-    fn invalidate(&self, refused: u64) {
+    /// afresh (a token another request signed since is kept); `early` (a 1003) also sets the
+    /// next tokens' `nbf` further back ([`Shared::widen_not_before`]).
+    fn invalidate(&self, refused: u64, early: bool) {
         let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
         if token.as_ref().is_some_and(|t| t.generation == refused) {
             *token = None;
             self.current.store(0, Ordering::Release);
+            if early {
+                self.widen_not_before();
+            }
         }
     }
 
-    /// A fresh header after the server refused generation `refused`; a token another request
-    /// signed since is reused rather than signing again.
-    fn resign(&self, refused: u64) -> Result<(HeaderValue, u64), SigningError> {
+    /// A fresh header after the server refused generation `refused` (`early`: with a 1003); a
+    /// token another request signed since is reused rather than signing again.
+    fn resign(&self, refused: u64, early: bool) -> Result<(HeaderValue, u64), SigningError> {
         let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = token.as_ref()
             && t.generation != refused
         {
             return Ok((t.header.clone(), t.generation));
         }
+        if early {
+            self.widen_not_before();
+        }
         let fresh = self.sign(self.clock.unix_now())?;
         let fresh = self.replace(&mut token, fresh);
         Ok((fresh.header.clone(), fresh.generation))
+    }
+
+    /// Doubles how far in the past `nbf` is set, up to [`MAX_NOT_BEFORE_SKEW`]. Called under
+    /// the token's lock, once per refused token: the 1003s of the requests that carried the
+    /// same token count once.
+    fn widen_not_before(&self) {
+        let widened =
+            (self.not_before.load(Ordering::Relaxed) * 2).min(MAX_NOT_BEFORE_SKEW.as_secs());
+        self.not_before.store(widened, Ordering::Relaxed);
     }
 
     fn sign(&self, now: Duration) -> Result<Token, SigningError> {
@@ -349,7 +379,7 @@ impl Shared {
         let claims = Claims {
             iss: access,
             exp: now_secs + TOKEN_LIFETIME.as_secs(),
-            nbf: now_secs.saturating_sub(NOT_BEFORE_SKEW.as_secs()),
+            nbf: now_secs.saturating_sub(self.not_before.load(Ordering::Relaxed)),
         };
         let jwt = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key)
             .map_err(SigningError::new)?;
@@ -458,6 +488,7 @@ impl AuthLayer {
                 token: Mutex::new(None),
                 current: AtomicU64::new(0),
                 signed: AtomicU64::new(0),
+                not_before: AtomicU64::new(NOT_BEFORE_SKEW.as_secs()),
                 id: local::next_id(),
             }),
             resend: true,
@@ -677,7 +708,7 @@ mod tests {
         let shared = layer.shared.clone();
         std::thread::spawn(move || {
             assert_eq!(pair(&shared).1, generation);
-            shared.invalidate(generation);
+            shared.invalidate(generation, false);
         })
         .join()
         .unwrap();
@@ -695,11 +726,63 @@ mod tests {
 
         // A token re-signed after a refusal on another thread replaces this thread's copy.
         let shared = layer.shared.clone();
-        let resigned = std::thread::spawn(move || shared.resign(renewed).unwrap().1)
+        let resigned = std::thread::spawn(move || shared.resign(renewed, false).unwrap().1)
             .join()
             .unwrap();
         assert_eq!(pair(&layer.shared).1, resigned);
         assert_eq!(layer.tokens_signed(), 4);
+    }
+
+    /// Each 1003 to the current token doubles `nbf`'s margin once (the 1003s of requests that
+    /// carried one token count once), up to the cap; a 1004 leaves it.
+    #[test]
+    fn a_1003_widens_nbf_once_per_token_up_to_the_cap() {
+        let clock = ManualClock::default();
+        clock.set(1_000_000);
+        let layer = jwt(&clock);
+        let margin = |shared: &Shared| shared.not_before.load(Ordering::Relaxed);
+        let (_, first) = pair(&layer.shared);
+        layer.shared.invalidate(first, false);
+        assert_eq!(margin(&layer.shared), NOT_BEFORE_SKEW.as_secs());
+        let (_, second) = pair(&layer.shared);
+        layer.shared.invalidate(second, true);
+        layer.shared.invalidate(second, true);
+        assert_eq!(margin(&layer.shared), 2 * NOT_BEFORE_SKEW.as_secs());
+        let (header, _) = pair(&layer.shared);
+        assert_eq!(claims_nbf(&header), 1_000_000 - 10);
+        for _ in 0..10 {
+            let (_, generation) = pair(&layer.shared);
+            layer.shared.resign(generation, true).unwrap();
+        }
+        assert_eq!(margin(&layer.shared), MAX_NOT_BEFORE_SKEW.as_secs());
+    }
+
+    fn claims_nbf(header: &HeaderValue) -> u64 {
+        use base64::Engine as _;
+        let token = header.to_str().unwrap().strip_prefix("Bearer ").unwrap();
+        let claims = token.split('.').nth(1).unwrap();
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(claims)
+            .unwrap();
+        let claims: serde_json::Value = serde_json::from_slice(&claims).unwrap();
+        claims["nbf"].as_u64().unwrap()
+    }
+
+    /// A secret key read with its line end signs as the key itself does, as an access key or
+    /// API key read that way is already taken without it.
+    #[test]
+    fn whitespace_around_the_secret_key_is_not_part_of_it() {
+        let clock = ManualClock::default();
+        clock.set(1_000_000);
+        let signed = |secret: &str| {
+            let layer = AuthLayer::new(Credentials::access_key("ak", secret).unwrap())
+                .with_clock(clock.clone());
+            pair(&layer.shared).0
+        };
+        assert_eq!(signed("sk\r\n"), signed("sk"));
+        assert_eq!(signed(" sk "), signed("sk"));
+        assert_ne!(signed("sk2"), signed("sk"));
+        assert!(Credentials::access_key("ak", " \n").is_err());
     }
 
     /// The way back to the cache leads to it while the layer lives, and keeps neither it nor
@@ -715,7 +798,7 @@ mod tests {
         let (_, again, from_copy) = layer.shared.header(true).unwrap();
         assert_eq!(again, generation);
         assert!(Arc::ptr_eq(&from_copy.unwrap(), &owner));
-        owner.upgrade().unwrap().invalidate(generation);
+        owner.upgrade().unwrap().invalidate(generation, false);
         assert_eq!(layer.shared.current.load(Ordering::SeqCst), 0);
         let weak = Arc::downgrade(&layer.shared);
         drop(layer);

@@ -397,6 +397,65 @@ async fn through_the_stack_a_skewed_mock_sees_exactly_two_attempts() {
     assert_eq!(kling.auth().tokens_signed(), 2);
 }
 
+/// A server whose clock is 12 s behind this one answers 1003 to a token with `nbf` = now − 5 s,
+/// and to every token signed afresh the same way. Each 1003 sets `nbf` further back, so after
+/// the first call the tokens are accepted; before, no call ever was.
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_a_server_clock_behind_is_caught_up_with_after_one_call() {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .access_key("ak", "sk")
+            .clock_offset_secs(-12)
+            .no_rate_limit(),
+    )
+    .unwrap();
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Pro).slots(10),
+        Credentials::access_key("ak", "sk").unwrap(),
+    )
+    .unwrap();
+    let stack = kling.layer(mock.clone());
+    let mut created = 0;
+    for _ in 0..5 {
+        let create = request("POST", "/v1/videos/text2video", r#"{"prompt":"a cat"}"#);
+        if let Ok(response) = stack.clone().oneshot(create).await {
+            created += usize::from(Outcome::of(&response).unwrap().is_success());
+        }
+    }
+    assert!(created >= 4, "{created} of 5 calls created their task");
+    let stats = mock.stats();
+    assert!(
+        stats.responses_by_code.get("1003").copied().unwrap_or(0) <= 2,
+        "{:?}",
+        stats.responses_by_code
+    );
+}
+
+/// The same skew through the layer alone (which re-sends a refused attempt itself): the second
+/// request's re-sent attempt goes through, and every request after it at once.
+#[tokio::test(start_paused = true)]
+async fn a_server_clock_behind_pushes_nbf_back_until_tokens_are_accepted() {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .access_key("ak", "sk")
+            .clock_offset_secs(-12)
+            .no_rate_limit()
+            .slots(10),
+    )
+    .unwrap();
+    let layer = AuthLayer::new(Credentials::access_key("ak", "sk").unwrap());
+    let svc = layer.layer(ClassifyLayer::new().layer(mock.clone()));
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        let create = request("POST", "/v1/videos/text2video", r#"{"prompt":"a cat"}"#);
+        let response = svc.clone().oneshot(create).await.unwrap();
+        codes.push(Outcome::of(&response).unwrap().code());
+    }
+    assert_eq!(codes[0], Code::TokenNotYetValid);
+    assert!(codes[1..].iter().all(|c| *c == Code::Success), "{codes:?}");
+    assert_eq!(mock.stats().tasks_created, 4);
+}
+
 #[tokio::test(start_paused = true)]
 async fn mock_accepts_the_signed_token_and_counts_the_access_key_account() {
     let mock = MockKling::new(MockConfig::preset(Preset::Pro).access_key("ak-9", "sk-9")).unwrap();
