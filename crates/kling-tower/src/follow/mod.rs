@@ -326,8 +326,18 @@ impl TaskRef {
 /// Terminal reports delivered by callbacks, waiting for their followers.
 #[derive(Debug, Default)]
 struct Board {
-    reports: Mutex<(HashMap<String, TaskReport>, VecDeque<String>)>,
+    reports: Mutex<Reports>,
     notify: Notify,
+}
+
+/// The board's reports by task id, each with the number it was put there under, and the ids
+/// in the order they came (with those numbers, so an id taken and delivered again is not
+/// evicted by its first delivery's place in the order).
+#[derive(Debug, Default)]
+struct Reports {
+    by_id: HashMap<String, (u64, TaskReport)>,
+    order: VecDeque<(String, u64)>,
+    next: u64,
 }
 
 /// How many delivered reports are kept for tasks nobody follows yet.
@@ -336,7 +346,29 @@ const BOARD_CAPACITY: usize = 10_000;
 impl Board {
     fn take(&self, id: &str) -> Option<TaskReport> {
         let mut board = self.reports.lock().unwrap_or_else(|e| e.into_inner());
-        board.0.remove(id)
+        board.by_id.remove(id).map(|(_, report)| report)
+    }
+
+    /// Keeps `report` for its follower, the oldest report going when the board is full.
+    fn put(&self, report: TaskReport) {
+        let mut board = self.reports.lock().unwrap_or_else(|e| e.into_inner());
+        let Reports { by_id, order, next } = &mut *board;
+        match by_id.get_mut(&report.id) {
+            // Delivered again before anyone took it: the newer report, in the same place.
+            Some((_, kept)) => *kept = report,
+            None => {
+                *next += 1;
+                order.push_back((report.id.clone(), *next));
+                by_id.insert(report.id.clone(), (*next, report));
+            }
+        }
+        while order.len() > BOARD_CAPACITY {
+            if let Some((old, number)) = order.pop_front()
+                && by_id.get(&old).is_some_and(|(kept, _)| *kept == number)
+            {
+                by_id.remove(&old);
+            }
+        }
     }
 }
 
@@ -449,18 +481,7 @@ where
         if !report.status.is_terminal() {
             return;
         }
-        {
-            let mut board = self.board.reports.lock().unwrap_or_else(|e| e.into_inner());
-            let (reports, order) = &mut *board;
-            if reports.insert(report.id.clone(), report.clone()).is_none() {
-                order.push_back(report.id);
-            }
-            while order.len() > BOARD_CAPACITY {
-                if let Some(old) = order.pop_front() {
-                    reports.remove(&old);
-                }
-            }
-        }
+        self.board.put(report);
         self.board.notify.notify_waiters();
     }
 
@@ -911,4 +932,39 @@ fn final_api_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&
         current = error.source();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(id: &str) -> TaskReport {
+        let body = format!(r#"{{"code":0,"data":{{"task_id":"{id}","task_status":"succeed"}}}}"#);
+        kling_core::Envelope::parse(body.as_bytes())
+            .unwrap()
+            .tasks
+            .remove(0)
+    }
+
+    /// A report taken, then delivered again (a callback Kling sent twice), is not evicted when
+    /// its first delivery's place in the order comes up: the board keeps the newest
+    /// `BOARD_CAPACITY` deliveries.
+    #[test]
+    fn a_report_delivered_again_after_it_was_taken_keeps_its_new_place() {
+        let board = Board::default();
+        board.put(ended("x"));
+        assert!(board.take("x").is_some());
+        board.put(ended("x"));
+        for i in 0..BOARD_CAPACITY - 1 {
+            board.put(ended(&format!("other-{i}")));
+        }
+        let kept = |id: &str| board.reports.lock().unwrap().by_id.contains_key(id);
+        assert!(kept("x"), "the second delivery is kept");
+        assert!(kept("other-0"));
+        // Two more: the first pushes out `x`'s place, the second the oldest other report.
+        board.put(ended("last"));
+        assert!(!kept("x") && kept("other-0"));
+        board.put(ended("last-but-one"));
+        assert!(!kept("other-0") && kept("other-1"));
+    }
 }
