@@ -11,7 +11,9 @@
 //! a query that hangs holds them up no longer than that), and the sending call stops waiting
 //! for its own only when its tasks have ended or another call's answer has made one due
 //! again. A task a batch answer leaves out is then asked about alone
-//! until an answer reports it, so an unknown id still meets its `1203`.
+//! until an answer reports it, so an unknown id still meets its `1203`; so is every task of a
+//! batch refused with a code one id may cause (`1203`, `1200`, `1201`, or one Kling has not
+//! documented), rather than failing the other calls' tasks with it.
 //! Legacy tasks are queried one by one at `{create path}/{task_id}`. When callbacks are configured
 //! ([`FollowPolicy::callbacks_first`]) a task delivered through [`Follower::deliver`] ends at
 //! once and queries only run as a slow safety net.
@@ -724,8 +726,9 @@ where
         let now = Instant::now();
         let several = claimed.ids.len() > 1;
         self.batches.answer(&claimed, |t| match &answer {
-            // Kling may refuse a whole batch for one unknown id: ask about each alone.
-            Answer::Final(error) if several && error.code() == Code::NotFound => {
+            // Kling may refuse a whole batch for one unknown id (or, by its code, for something
+            // one id may cause): ask about each alone.
+            Answer::Final(error) if several && one_id_may_cause(error.code()) => {
                 t.alone = true;
                 t.next_at = now;
             }
@@ -875,6 +878,16 @@ enum Answer {
     BackOff,
     /// A successful answer, with the reports it carries.
     Reports(Outcome),
+}
+
+/// Whether a final answer to a batch query may be down to one of its ids rather than the
+/// account, the key or the path: an unknown id (`1203`), an invalid request or parameter
+/// (`1200`, `1201`), or a code Kling has not documented. Each task is then asked about alone.
+fn one_id_may_cause(code: Code) -> bool {
+    matches!(
+        code,
+        Code::NotFound | Code::InvalidRequest | Code::InvalidParameter | Code::Unknown(_)
+    )
 }
 
 fn judge(answer: Result<Response<Full<Bytes>>, BoxError>) -> Answer {

@@ -825,6 +825,34 @@ async fn tasks_asked_about_alone_ride_in_batches_again_once_reported() {
     );
 }
 
+/// An answer to a shared batch with an undocumented code (final, by kling-core's reading) does
+/// not fail every task of every call in it: each is asked about alone, as after a `1203`.
+#[tokio::test(start_paused = true)]
+async fn an_odd_final_answer_to_a_batch_has_each_task_asked_about_alone() {
+    let classify = ClassifyLayer::new().layer(mock(60, 60));
+    let tasks = create_new_style(&classify, 2).await;
+    let batches = Arc::new(AtomicUsize::new(0));
+    let count = batches.clone();
+    let service = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let classify = classify.clone();
+        let count = count.clone();
+        async move {
+            if req.uri().to_string().contains(',') && count.fetch_add(1, Ordering::SeqCst) == 0 {
+                let odd = r#"{"code":9999,"message":"odd","request_id":"r"}"#;
+                return Ok(crate::support::envelope(200, odd));
+            }
+            classify.oneshot(req).await
+        }
+    });
+    let results = follower(service, FollowPolicy::new())
+        .follow_many(tasks)
+        .await;
+    assert!(batches.load(Ordering::SeqCst) >= 1, "a batch was asked");
+    for result in results {
+        assert_eq!(result.unwrap().status, TaskStatus::Succeeded);
+    }
+}
+
 #[test]
 fn a_batch_size_beyond_what_kling_takes_is_refused() {
     for size in [0, 501] {
