@@ -74,7 +74,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use self::batches::{Batches, Registered, is_due, next_wake};
+use self::batches::{Batches, Registered, is_due, next_wake, wake_each};
 use crate::drain::DrainHandle;
 use crate::error::{ConfigError, FollowError};
 use crate::preset::MAX_DURATION;
@@ -424,6 +424,9 @@ struct Tracked {
     /// Batch answers applied to it so far (a sending call tells by it that another call's
     /// answer came in while its own query is out).
     answers: u32,
+    /// Its call's: woken by what may end or move its tasks (a batch answer or given-up query
+    /// that asked about them, a report delivered for one of them).
+    wake: Arc<Notify>,
 }
 
 impl<S> Follower<S>
@@ -483,7 +486,19 @@ where
         if !report.status.is_terminal() {
             return;
         }
+        let id = report.id.clone();
         self.board.put(report);
+        // The calls following it with batch queries, by their own wakes; those following
+        // legacy tasks (kept by their calls alone) all look.
+        let wakes: Vec<Arc<Notify>> = self
+            .batches
+            .lock()
+            .tracked
+            .values()
+            .filter(|t| t.result.is_none() && t.task.id == id)
+            .map(|t| t.wake.clone())
+            .collect();
+        wake_each(wakes);
         self.board.notify.notify_waiters();
     }
 
@@ -503,6 +518,7 @@ where
     pub async fn follow_many(&self, tasks: Vec<TaskRef>) -> Vec<Result<TaskReport, FollowError>> {
         let _in_flight = self.drain.as_ref().map(DrainHandle::track);
         let now = Instant::now();
+        let wake = Arc::new(Notify::new());
         // Legacy tasks (and ids refused at once) stay with this call; new-style ones join the
         // shared batches.
         let mut local: Vec<Tracked> = Vec::new();
@@ -515,7 +531,7 @@ where
             tasks
                 .into_iter()
                 .map(|task| {
-                    let tracked = self.track(task, now);
+                    let tracked = self.track(task, now, &wake);
                     if tracked.task.legacy_path.is_none() && tracked.result.is_none() {
                         let key = state.insert(tracked);
                         registered.keys.push(key);
@@ -528,12 +544,13 @@ where
                 .collect()
         };
 
+        let has_legacy = !local.is_empty();
         loop {
             let delivered = self.board.notify.notified();
-            let answered = self.batches.answered.notified();
-            tokio::pin!(delivered, answered);
+            let woken = wake.notified();
+            tokio::pin!(delivered, woken);
             delivered.as_mut().enable();
-            answered.as_mut().enable();
+            woken.as_mut().enable();
 
             let now = Instant::now();
             for t in local.iter_mut() {
@@ -568,7 +585,8 @@ where
             // New-style tasks: when one of ours is due, one batch query with as many other
             // calls' tasks as it carries.
             if shared_due {
-                self.send_batch(&registered.keys, Instant::now()).await;
+                self.send_batch(&registered.keys, &wake, Instant::now())
+                    .await;
             }
 
             // Until the next task of ours is due (or its deadline), a report is delivered, or a
@@ -589,13 +607,13 @@ where
                     .map(|t| next_wake(t, takeover))
                     .min()
             };
-            let Some(wake) = local_wake.into_iter().chain(shared_wake).min() else {
+            let Some(next) = local_wake.into_iter().chain(shared_wake).min() else {
                 break;
             };
             tokio::select! {
-                () = tokio::time::sleep_until(wake) => {}
-                () = &mut delivered => {}
-                () = &mut answered => {}
+                () = tokio::time::sleep_until(next) => {}
+                () = &mut delivered, if has_legacy => {}
+                () = &mut woken => {}
             }
         }
 
@@ -630,7 +648,7 @@ where
     }
 
     /// A task as following starts: first query after the policy's wait from its creation.
-    fn track(&self, task: TaskRef, now: Instant) -> Tracked {
+    fn track(&self, task: TaskRef, now: Instant, wake: &Arc<Notify>) -> Tracked {
         let started = task.created_at.unwrap_or(now);
         let first = if self.policy.callbacks_first {
             self.policy.callback_interval
@@ -655,6 +673,7 @@ where
             alone: false,
             from_board: false,
             answers: 0,
+            wake: wake.clone(),
         }
     }
 
@@ -703,7 +722,7 @@ where
     /// [`Batches::claim`]) and applies its answer to every call's tasks it names. A query still
     /// unanswered when it is given up settles nothing: the tasks it asked about are due again,
     /// and the calls past their deadline end with it.
-    async fn send_batch(&self, mine: &[u64], now: Instant) {
+    async fn send_batch(&self, mine: &[u64], wake: &Notify, now: Instant) {
         let Some(claimed) = self.batches.claim(
             mine,
             now,
@@ -721,7 +740,7 @@ where
             },
             // Another call's answer (or a callback) ended our tasks, or made one due again,
             // while ours is still out: ask anew rather than wait on a query that may hang.
-            () = self.settled_elsewhere(mine, &claimed) => return,
+            () = self.settled_elsewhere(mine, &claimed, wake) => return,
         };
         let now = Instant::now();
         let several = claimed.ids.len() > 1;
@@ -749,7 +768,7 @@ where
     /// answer since and is due again (another call took it over and answered first). Nothing
     /// else stops the wait: dropping a query that waits its turn at a rate limiter would send
     /// it to the back of the queue.
-    async fn settled_elsewhere(&self, mine: &[u64], claimed: &batches::Claimed<'_>) {
+    async fn settled_elsewhere(&self, mine: &[u64], claimed: &batches::Claimed<'_>, wake: &Notify) {
         let takeover = self.policy.takeover();
         // Answers each task of ours that `claimed` asks about had when it was sent.
         let before: HashMap<u64, u32> = {
@@ -761,17 +780,15 @@ where
                 .collect()
         };
         loop {
-            let delivered = self.board.notify.notified();
-            let answered = self.batches.answered.notified();
-            tokio::pin!(delivered, answered);
-            delivered.as_mut().enable();
-            answered.as_mut().enable();
-            let wake = {
+            let woken = wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let next = {
                 let now = Instant::now();
                 let mut state = self.batches.lock();
                 self.check_shared(&mut state, mine, now);
                 let mut pending = false;
-                let mut wake: Option<Instant> = None;
+                let mut soonest: Option<Instant> = None;
                 for key in mine {
                     let Some(t) = state.tracked.get(key) else {
                         continue;
@@ -788,17 +805,16 @@ where
                         return;
                     }
                     let at = next_wake(t, takeover);
-                    wake = Some(wake.map_or(at, |w| w.min(at)));
+                    soonest = Some(soonest.map_or(at, |w| w.min(at)));
                 }
                 if !pending {
                     return;
                 }
-                wake
+                soonest
             };
-            let sleep = tokio::time::sleep_until(wake.unwrap_or_else(far_future));
+            let sleep = tokio::time::sleep_until(next.unwrap_or_else(far_future));
             tokio::select! {
-                () = &mut delivered => {}
-                () = &mut answered => {}
+                () = &mut woken => {}
                 () = sleep => {}
             }
         }
