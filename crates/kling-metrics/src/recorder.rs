@@ -5,10 +5,14 @@
 //! one, else its no-op) but does not say which it is. This module learns the recorder a thread
 //! *without* a local one sees — call it the default: the no-op until a global recorder is
 //! installed, that recorder after — by asking on a fresh thread, and learns whether the default
-//! is the no-op from the first duration recorded through it: the no-op has no size and its
+//! is the no-op from the first duration recorded through it: the no-op has no size, its
 //! histogram never asks for its value (see [`Probe`]; a real recorder that drops the duration
-//! histogram, a filter, has a size, so its counter is still recorded). A call whose recorder
-//! is the default then knows, with one thread-local read and two loads:
+//! histogram, a filter, has a size, so its counter is still recorded), and it is the facade's
+//! own static. A global recorder is moved into a box by `metrics::set_global_recorder`, and a
+//! box of a zero-sized value sits at a dangling address equal to its alignment, where no
+//! static is: so a zero-sized global recorder whose histograms are no-ops (one that forwards
+//! only counters to statics) is still taken for a real one, and its counters are recorded. A
+//! call whose recorder is the default then knows, with one thread-local read and two loads:
 //!
 //! - the default is the no-op: nothing to record ([`Target::Nothing`]);
 //! - the default is a real recorder: it is the global one, installed for good, so handles
@@ -154,9 +158,15 @@ pub(crate) fn classify(recorder: &dyn Recorder, asked: bool) {
     let _ = DEFAULT.compare_exchange(known, known | kind, Ordering::AcqRel, Ordering::Relaxed);
 }
 
-/// Whether a recorder whose histogram asked (or not) for its value is real or the no-op.
+/// Whether a recorder whose histogram asked (or not) for its value is real or the no-op: only
+/// one of no size, whose histogram did not ask, at the address of a static. A zero-sized
+/// global recorder was boxed by `metrics::set_global_recorder`, and a box of no size points at
+/// its alignment (`NonNull::dangling`), where no static lies; the facade's no-op is a static.
+/// (Should std ever place such boxes elsewhere, a recorder like that would be taken for the
+/// no-op again, as before this test; the no-op is never taken for a real one.)
 fn kind_of(recorder: &dyn Recorder, asked: bool) -> u64 {
-    if asked || std::mem::size_of_val(recorder) != 0 {
+    let boxed_without_size = address(recorder) == std::mem::align_of_val(recorder) as u64;
+    if asked || std::mem::size_of_val(recorder) != 0 || boxed_without_size {
         REAL
     } else {
         NOOP
@@ -227,14 +237,39 @@ mod tests {
         assert!(asked.get());
     }
 
-    /// Only a recorder of no size whose histogram did not ask is the no-op: a sized one (a
-    /// filter that drops the histogram) still gets its counter.
+    /// Only a static recorder of no size whose histogram did not ask is the no-op: a sized one
+    /// (a filter that drops the histogram) still gets its counter, and so does a zero-sized
+    /// one boxed as `set_global_recorder` boxes it (one that only forwards counters).
     #[test]
-    fn only_a_sizeless_recorder_that_never_asks_is_the_no_op() {
-        assert_eq!(kind_of(&metrics::NoopRecorder, false), NOOP);
-        assert_eq!(kind_of(&metrics::NoopRecorder, true), REAL);
+    fn only_a_sizeless_static_recorder_that_never_asks_is_the_no_op() {
+        static NOOP_STATIC: metrics::NoopRecorder = metrics::NoopRecorder;
+        assert_eq!(kind_of(&NOOP_STATIC, false), NOOP);
+        assert_eq!(kind_of(&NOOP_STATIC, true), REAL);
         assert_eq!(kind_of(&DebuggingRecorder::new(), false), REAL);
         assert_eq!(kind_of(&DebuggingRecorder::new(), true), REAL);
+        let boxed: &'static dyn Recorder = Box::leak(Box::new(metrics::NoopRecorder));
+        assert_eq!(kind_of(boxed, false), REAL);
+    }
+
+    /// With no global recorder installed, the recorder a fresh thread sees is the facade's
+    /// no-op, and it is taken for the no-op: the fast path that records nothing is kept.
+    #[test]
+    fn the_facades_own_no_op_is_taken_for_the_no_op() {
+        let default = std::thread::spawn(|| {
+            metrics::with_recorder(|recorder| {
+                let asked = Cell::new(false);
+                let key = metrics::Key::from_static_name("probe_test");
+                let meta = metrics::Metadata::new(module_path!(), metrics::Level::INFO, None);
+                recorder.register_histogram(&key, &meta).record(Probe {
+                    value: 1.0,
+                    asked: &asked,
+                });
+                kind_of(recorder, asked.get())
+            })
+        })
+        .join()
+        .unwrap();
+        assert_eq!(default, NOOP);
     }
 
     /// A thread's local recorder is never the default, whatever the default is.
