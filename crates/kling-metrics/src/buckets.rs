@@ -26,3 +26,41 @@ pub const WAIT: &[f64] = &[
 pub const TASK_LIFETIME: &[f64] = &[
     5.0, 15.0, 30.0, 60.0, 120.0, 180.0, 300.0, 450.0, 600.0, 900.0, 1200.0, 1800.0, 3600.0,
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bucket bound as the README writes it: `5 ms`, `10 s`, `10 min`, `4 h`.
+    fn spoken(seconds: f64) -> String {
+        match seconds {
+            s if s < 1.0 => format!("{} ms", s * 1000.0),
+            s if s < 60.0 => format!("{s} s"),
+            s if s < 3600.0 => format!("{} min", s / 60.0),
+            s => format!("{} h", s / 3600.0),
+        }
+    }
+
+    /// The README's Prometheus section says how far each list of buckets goes: it said 10 min
+    /// for calls and waits after they went on to 4 h.
+    #[test]
+    fn the_readme_gives_the_range_of_every_bucket_list() {
+        let readme = include_str!("../README.md").replace('\n', " ");
+        let range = |buckets: &[f64]| {
+            let (first, last) = (buckets[0], buckets[buckets.len() - 1]);
+            format!("{}–{}", spoken(first), spoken(last))
+        };
+        let calls = format!(
+            "OpenTelemetry's {}–10 s advice extended to {}",
+            spoken(REQUEST_DURATION[0]),
+            spoken(REQUEST_DURATION[REQUEST_DURATION.len() - 1])
+        );
+        for said in [
+            calls,
+            format!("{} for waits", range(WAIT)),
+            format!("{} for task lifetimes", range(TASK_LIFETIME)),
+        ] {
+            assert!(readme.contains(&said), "the README does not say {said:?}");
+        }
+    }
+}
