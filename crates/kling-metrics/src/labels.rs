@@ -229,6 +229,10 @@ pub(crate) fn task_status(status: &TaskStatus) -> SharedString {
     SharedString::const_str(text)
 }
 
+/// The status label of a task that stopped being tracked when its lease ran out (the word
+/// the task slots use for the same end).
+pub(crate) const TASK_EXPIRED: SharedString = SharedString::const_str("expired");
+
 /// The pool label of a request that draws from no pool.
 pub(crate) const NO_POOL: Value = Value::fixed("", 0);
 

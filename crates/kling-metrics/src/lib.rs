@@ -60,7 +60,10 @@
 //! gets each call's metrics registered on it, as the facade's macros do. A global recorder
 //! installed after the layer was built is used from the next call on (its first calls register
 //! on each call, then the handles are kept); a call already in flight when it is installed is
-//! not recorded.
+//! not recorded. The facade's own no-op is told apart by its having no size, its histograms
+//! never asking for their value, and its being a static: a zero-sized global recorder whose
+//! histograms are no-ops (one forwarding only counters) sits in the box
+//! `metrics::set_global_recorder` made for it, not in a static, and its counters are recorded.
 //!
 //! # Feature flags
 //!

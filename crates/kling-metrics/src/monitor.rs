@@ -16,7 +16,9 @@ use tokio::time::Instant;
 
 use crate::error::ConfigError;
 use crate::labels;
-use crate::snapshot::{RateUsage, Resource, Snapshot, SnapshotSource, TaskCounts, UsageWarning};
+use crate::snapshot::{
+    PoolUsage, RateUsage, Resource, Snapshot, SnapshotSource, TaskCounts, UsageWarning,
+};
 
 /// The default usage threshold of warnings: 80%.
 pub const DEFAULT_USAGE_THRESHOLD: f64 = 0.8;
@@ -75,7 +77,8 @@ impl MonitorBuilder {
     }
 
     /// The account's request quota: `requests` per `per` (e.g. `60` per minute on the Pro
-    /// tier). Usage is measured over a sliding window of length `per`, in 60 steps.
+    /// tier). Usage is measured over a sliding window of length `per`, in 60 steps; `per` must
+    /// be between 3 ms and a year ([`build`](MonitorBuilder::build) refuses others).
     pub fn rate_quota(mut self, requests: u32, per: Duration) -> Self {
         self.quota = Some((requests, per));
         self.window = per;
@@ -157,10 +160,11 @@ impl MonitorBuilder {
             return Err(ConfigError::new("task_lease", "must be more than zero"));
         }
         let bucket_nanos = self.window.as_nanos() / BUCKETS as u128;
-        if bucket_nanos == 0 || self.window > Duration::from_secs(365 * 24 * 3600) {
+        if self.window < MIN_RATE_WINDOW || self.window > Duration::from_secs(365 * 24 * 3600) {
             return Err(ConfigError::new(
                 "rate_quota",
-                "window must be between 60 ns and a year",
+                "window must be between 3 ms and a year (shorter, its steps would run out of \
+                 numbers within a century)",
             ));
         }
         Ok(Monitor {
@@ -427,21 +431,26 @@ impl BucketState {
     }
 
     /// Stops tracking the tasks with no sign of life for more than `lease` whole seconds by
-    /// `now` (both in [`Monitor::seconds`]), counting them expired; returns how many.
+    /// `now` (both in [`Monitor::seconds`]), counting them expired; returns how many. Their
+    /// entries go to `ended` when given (task ends are recorded as metrics: by the caller, once
+    /// the bucket's lock is released).
     #[cold]
-    fn expire_idle(&mut self, now: u32, lease: u32) -> u32 {
+    fn expire_idle(&mut self, now: u32, lease: u32, mut ended: Option<&mut Vec<Tracked>>) -> u32 {
         // Whole seconds, both rounded down: more than `lease` of them apart is at least a lease,
         // so a task never expires early (up to a second late).
         let idle = |seen: u32| now.saturating_sub(seen) > lease;
         let mut expired = 0;
         if self.slot_since.is_some() && idle(self.slot_seen) {
-            self.slot_since = None;
+            let since = self.slot_since.take();
+            if let (Some(since), Some(ended)) = (since, ended.as_deref_mut()) {
+                ended.push(Ended::Slot(since).into_tracked());
+            }
             expired += 1;
         }
         if self.overflowed > 0
             && let Some(table) = self.overflow.as_mut()
         {
-            let gone = table.remove_where(|tracked| idle(tracked.seen));
+            let gone = table.remove_where(|tracked| idle(tracked.seen), ended);
             self.overflowed -= gone;
             expired += gone;
         }
@@ -613,8 +622,13 @@ impl TaskTable {
         }
     }
 
-    /// Stops tracking every task `idle` says; returns how many.
-    fn remove_where(&mut self, idle: impl Fn(&Tracked) -> bool) -> u32 {
+    /// Stops tracking every task `idle` says, their entries going to `ended` when given;
+    /// returns how many.
+    fn remove_where(
+        &mut self,
+        idle: impl Fn(&Tracked) -> bool,
+        mut ended: Option<&mut Vec<Tracked>>,
+    ) -> u32 {
         let gone: Vec<(u64, Vec<u8>)> = self
             .slots
             .iter()
@@ -629,7 +643,10 @@ impl TaskTable {
             .collect();
         // One by one, as an end removes them, so every collided hash stays in `slots`.
         for (hash, id) in &gone {
-            self.remove(*hash, id);
+            let removed = self.remove(*hash, id);
+            if let (Some(tracked), Some(ended)) = (removed, ended.as_deref_mut()) {
+                ended.push(tracked);
+            }
         }
         gone.len() as u32
     }
@@ -949,7 +966,10 @@ impl Monitor {
         #[cfg(test)]
         self.inner.exact_runs.fetch_add(1, Ordering::Relaxed);
         let free = &self.inner.free_places.0;
-        let (now, lease) = (self.seconds(entry.since), self.inner.task_lease_secs);
+        let at = entry.since;
+        let (now, lease) = (self.seconds(at), self.inner.task_lease_secs);
+        // The expired tasks' entries, when their ends are recorded: after the locks.
+        let mut ended = Vec::new();
         // In index order, and no other lock held: no deadlock with another call doing this.
         let mut buckets: Vec<_> = self.inner.tasks.iter().map(|b| lock(&b.0)).collect();
         // Every bucket is swept here, under the locks.
@@ -962,7 +982,8 @@ impl Monitor {
         for state in &mut buckets {
             // Tasks past their lease give their places up first.
             if state.len() > 0 {
-                state.expire_idle(now, lease);
+                let sink = self.inner.record_task_metrics.then_some(&mut ended);
+                state.expire_idle(now, lease, sink);
             }
             let spare = state.places - state.len();
             state.places -= spare;
@@ -985,6 +1006,8 @@ impl Monitor {
         } else {
             bucket.absorbed += 1;
         }
+        drop(buckets);
+        self.record_expired(ended, at);
     }
 
     /// How many handles hold the monitor's state (clones, and the services' own `Arc`s).
@@ -1108,9 +1131,9 @@ impl Monitor {
 
     /// Stops tracking the tasks past their lease (no sign of life for it), counting them
     /// expired, and gives their places back; at most once a second (a lease is whole seconds).
-    fn expire_idle_tasks(&self, now: Instant) {
+    fn expire_idle_tasks(&self, at: Instant) {
         let inner = &*self.inner;
-        let now = self.seconds(now);
+        let now = self.seconds(at);
         let last = inner.swept_at.load(Ordering::Relaxed);
         if last == now.saturating_add(1)
             || inner
@@ -1126,13 +1149,25 @@ impl Monitor {
             return;
         }
         let (free, scarce) = (&inner.free_places.0, &inner.scarce_places.0);
+        // The expired tasks' entries, when their ends are recorded: after the locks.
+        let mut ended = Vec::new();
         for bucket in inner.tasks.iter() {
             let mut state = lock(&bucket.0);
-            if state.len() > 0 && state.expire_idle(now, inner.task_lease_secs) > 0 {
+            let sink = inner.record_task_metrics.then_some(&mut ended);
+            if state.len() > 0 && state.expire_idle(now, inner.task_lease_secs, sink) > 0 {
                 state.trim_places(free, scarce);
             }
         }
         inner.swept.store(now.saturating_add(1), Ordering::Release);
+        self.record_expired(ended, at);
+    }
+
+    /// Records the ends of tasks that expired at `now` (their entries are only collected when
+    /// task ends are recorded); called with no bucket locked.
+    fn record_expired(&self, ended: Vec<Tracked>, now: Instant) {
+        for tracked in ended {
+            Monitor::record_task_end(tracked, labels::TASK_EXPIRED, now);
+        }
     }
 
     /// Records the metrics of a task's end, once its bucket counted it; inlined, so a monitor
@@ -1141,15 +1176,14 @@ impl Monitor {
     fn record_end(&self, ended: Ended, status: &TaskStatus, now: Instant) {
         if self.inner.record_task_metrics {
             let tracked = ended.into_tracked();
-            Monitor::record_task_end(tracked, status, now);
+            Monitor::record_task_end(tracked, labels::task_status(status), now);
         }
     }
 
-    /// [`Monitor::record_end`] when task ends are recorded.
+    /// [`Monitor::record_end`] when task ends are recorded; `status` is the label value.
     #[inline(never)]
-    fn record_task_end(tracked: Tracked, status: &TaskStatus, now: Instant) {
+    fn record_task_end(tracked: Tracked, status: SharedString, now: Instant) {
         let pool = tracked.pool.unwrap_or(SharedString::const_str(""));
-        let status = labels::task_status(status);
         let lifetime = now.saturating_duration_since(tracked.since);
         metrics::histogram!(TASK_LIFETIME, LABEL_POOL => pool.clone(), LABEL_STATUS => status.clone())
             .record(lifetime.as_secs_f64());
@@ -1197,13 +1231,31 @@ impl Monitor {
         }
     }
 
+    /// Fires or re-arms each pool's warning on the snapshot's usage of it. Several sources may
+    /// report one (account, pool) — stacks that share a monitor, each with its own slots — so
+    /// each is judged once, on its highest usage: judged per report, one near full and one
+    /// idle would fire and re-arm the warning on every snapshot.
     fn check_pools(&self, snapshot: &Snapshot) {
         let inner = &*self.inner;
+        let mut highest: Vec<(&PoolUsage, f64)> = Vec::with_capacity(snapshot.pools.len());
+        let mut seen: HashMap<(Option<&str>, &str), usize> = HashMap::new();
+        for pool in &snapshot.pools {
+            let Some(usage) = pool.usage() else { continue };
+            match seen.entry((pool.account.as_deref(), pool.pool.as_str())) {
+                Entry::Occupied(at) => {
+                    let (_, most) = &mut highest[*at.get()];
+                    *most = most.max(usage);
+                }
+                Entry::Vacant(at) => {
+                    at.insert(highest.len());
+                    highest.push((pool, usage));
+                }
+            }
+        }
         let mut fired = Vec::new();
         {
             let mut warned = lock(&inner.pool_warned);
-            for pool in &snapshot.pools {
-                let Some(usage) = pool.usage() else { continue };
+            for (pool, usage) in highest {
                 let key = (pool.account.clone(), pool.pool.clone());
                 let was = warned.contains(&key);
                 if usage >= inner.threshold && !was {
@@ -1278,16 +1330,45 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Buckets of the sliding window.
 const BUCKETS: usize = 60;
-/// Bits of a bucket word that hold the count; the rest hold the bucket's epoch.
+/// Bits of a bucket word that hold the count; the rest hold the bucket's round.
 const COUNT_BITS: u32 = 24;
 const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+/// How many rounds a word can tell apart (the bits above the count).
+const ROUNDS: u64 = 1 << (64 - COUNT_BITS);
 
-fn pack(epoch: u64, count: u64) -> u64 {
-    (epoch << COUNT_BITS) | count.min(COUNT_MASK)
+/// A century (36,525 days), in nanoseconds.
+const CENTURY_NANOS: u64 = 36_525 * 24 * 3600 * 1_000_000_000;
+
+/// The shortest rate window. A word keeps the step's round (which pass over the 60 buckets)
+/// in 40 bits, the bucket's index saying the rest, so a window's steps can be told apart for
+/// 2^40 − 1 windows; from 3 ms on, that is more than a century. Past it, a round would wrap
+/// and the counts read as another step's, 0 — as they did after 2^40 steps (13 days of
+/// 60 µs windows) when words held the whole step number.
+const MIN_RATE_WINDOW: Duration = Duration::from_millis(3);
+
+// The last step of a century of the shortest window has its round in a word, with room for
+// the `others` cache's round + 1.
+const _: () = assert!(
+    CENTURY_NANOS / (MIN_RATE_WINDOW.as_nanos() as u64 / BUCKETS as u64) + 1
+        < (ROUNDS - 1) * BUCKETS as u64
+);
+
+fn pack(round: u64, count: u64) -> u64 {
+    (round << COUNT_BITS) | count.min(COUNT_MASK)
 }
 
 fn unpack(word: u64) -> (u64, u64) {
     (word >> COUNT_BITS, word & COUNT_MASK)
+}
+
+/// The round of a step: which pass over the buckets it is in (its bucket is the rest).
+fn round_of(epoch: u64) -> u64 {
+    epoch / BUCKETS as u64
+}
+
+/// The bucket of a step.
+fn slot_of(epoch: u64) -> usize {
+    (epoch % BUCKETS as u64) as usize
 }
 
 /// The last step of a window a thread saw: `epoch` of window `window` runs from `from` until
@@ -1307,11 +1388,12 @@ thread_local! {
 
 /// Requests per sliding window, in 60 lock-free buckets per shard of threads.
 ///
-/// Each bucket word packs the bucket's epoch (which step of the window it counts) with its
-/// count, so a stale bucket is reset by the same compare-and-swap that counts. A thread counts
-/// in its own shard (its own cache lines: a count shared by every thread costs a cache-line
-/// transfer between cores on each request); the window's total is the sum over the shards. The
-/// sum of the other 59 steps only changes when a new step starts, so it is cached per step.
+/// Each bucket word packs the bucket's round (which step of the window it counts, with the
+/// bucket's index: step = round × 60 + index) with its count, so a stale bucket is reset by the
+/// same compare-and-swap that counts. A thread counts in its own shard (its own cache lines: a
+/// count shared by every thread costs a cache-line transfer between cores on each request); the
+/// window's total is the sum over the shards. The sum of the other 59 steps only changes when a
+/// new step starts, so it is cached per step.
 struct RateWindow {
     /// Tells this window's entry in [`EPOCH_CACHE`] from another's.
     id: u64,
@@ -1319,8 +1401,9 @@ struct RateWindow {
     window: Duration,
     bucket_nanos: u64,
     shards: [Padded<[AtomicU64; BUCKETS]>; WINDOW_SHARDS],
-    /// `pack(epoch, sum of the other buckets within the window at that epoch)`.
-    others: Padded<AtomicU64>,
+    /// Per bucket, `pack(round + 1, sum of the other buckets within the window)` at the step
+    /// of that round in that bucket (0: none yet).
+    others: Padded<[AtomicU64; BUCKETS]>,
     /// The last step in which a shard's count reached its share of the requests left before
     /// a warning (see [`RateWindow::surely_below`]).
     near: AtomicU64,
@@ -1339,7 +1422,7 @@ impl RateWindow {
             window,
             bucket_nanos,
             shards: std::array::from_fn(|_| Padded(std::array::from_fn(|_| AtomicU64::new(0)))),
-            others: Padded(AtomicU64::new(0)),
+            others: Padded(std::array::from_fn(|_| AtomicU64::new(0))),
             near: AtomicU64::new(0),
         }
     }
@@ -1410,14 +1493,16 @@ impl RateWindow {
     /// the shard's bucket.
     fn count(&self, now: Instant, n: u64) -> (u64, u64) {
         let epoch = self.epoch(now);
-        let slot = &self.shards[lanes::current()].0[(epoch % BUCKETS as u64) as usize];
+        let (round, slot) = (round_of(epoch), slot_of(epoch));
+        let slot = &self.shards[lanes::current()].0[slot];
         let mut current = slot.load(Ordering::Relaxed);
         let count = loop {
-            let (e, c) = unpack(current);
-            let next = if e >= epoch {
-                pack(e, c.saturating_add(n))
+            // One bucket: its rounds are in the order of its steps.
+            let (r, c) = unpack(current);
+            let next = if r >= round {
+                pack(r, c.saturating_add(n))
             } else {
-                pack(epoch, n)
+                pack(round, n)
             };
             match slot.compare_exchange_weak(current, next, Ordering::SeqCst, Ordering::Relaxed) {
                 Ok(_) => break unpack(next).1,
@@ -1452,23 +1537,24 @@ impl RateWindow {
 
     /// The requests in the bucket of step `epoch`, over the shards.
     fn current(&self, epoch: u64) -> u64 {
-        let slot = (epoch % BUCKETS as u64) as usize;
+        let (round, slot) = (round_of(epoch), slot_of(epoch));
         self.shards
             .iter()
             .map(|shard| unpack(shard.0[slot].load(Ordering::SeqCst)))
-            .filter(|&(e, _)| e == epoch)
+            .filter(|&(r, _)| r == round)
             .map(|(_, c)| c)
             .sum()
     }
 
     /// The requests in the buckets of the window at step `epoch` but its own.
     fn others(&self, epoch: u64) -> u64 {
-        let (cached_epoch, cached) = unpack(self.others.0.load(Ordering::Acquire));
-        if cached_epoch == epoch {
+        let cache = &self.others.0[slot_of(epoch)];
+        let (cached_round, cached) = unpack(cache.load(Ordering::Acquire));
+        if cached_round == round_of(epoch) + 1 {
             return cached;
         }
         let sum = self.sum(epoch, true);
-        self.others.0.store(pack(epoch, sum), Ordering::Release);
+        cache.store(pack(round_of(epoch) + 1, sum), Ordering::Release);
         sum
     }
 
@@ -1481,8 +1567,11 @@ impl RateWindow {
         let oldest = epoch.saturating_sub(BUCKETS as u64 - 1);
         self.shards
             .iter()
-            .flat_map(|shard| &shard.0)
-            .map(|b| unpack(b.load(Ordering::Acquire)))
+            .flat_map(|shard| shard.0.iter().enumerate())
+            .map(|(slot, b)| {
+                let (round, count) = unpack(b.load(Ordering::Acquire));
+                (round * BUCKETS as u64 + slot as u64, count)
+            })
             .filter(|&(e, _)| e >= oldest && e <= epoch && !(skip_current && e == epoch))
             .map(|(_, c)| c)
             .sum()
@@ -2488,5 +2577,66 @@ mod tests {
             .build()
             .unwrap_err();
         assert_eq!(err.field(), "rate_quota");
+    }
+
+    /// A window whose steps could not be told apart for a century (a word keeps 40 bits of a
+    /// step's round) is refused, naming the field; the shortest allowed, the usual ones and
+    /// the longest are accepted.
+    #[test]
+    fn rate_windows_too_short_to_last_a_century_are_refused() {
+        let build = |window| Monitor::builder().rate_quota(10, window).build();
+        for window in [
+            Duration::from_nanos(60),
+            Duration::from_micros(60),
+            MIN_RATE_WINDOW - Duration::from_nanos(1),
+            Duration::from_secs(366 * 24 * 3600),
+        ] {
+            let err = build(window).unwrap_err();
+            assert_eq!(err.field(), "rate_quota", "{window:?}");
+            assert!(err.to_string().contains("between 3 ms and a year"), "{err}");
+        }
+        for window in [
+            MIN_RATE_WINDOW,
+            Duration::from_millis(60),
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+            Duration::from_secs(365 * 24 * 3600),
+        ] {
+            assert!(build(window).is_ok(), "{window:?}");
+        }
+    }
+
+    /// The window counts right however long the process has run: past 2^40 steps (two years
+    /// of the shortest window; 13 days of a 60 µs one, when it was allowed, after which every
+    /// count read 0) and up to a century, and it still forgets a step a window later.
+    #[test]
+    fn the_window_counts_right_for_a_century_of_its_shortest_steps() {
+        const YEAR: u64 = 365 * 24 * 3600;
+        for length in [
+            MIN_RATE_WINDOW,
+            Duration::from_millis(60),
+            Duration::from_secs(60),
+        ] {
+            for after in [
+                Duration::from_secs(13 * 24 * 3600),
+                Duration::from_secs(2 * YEAR),
+                Duration::from_secs(50 * YEAR),
+                Duration::from_nanos(CENTURY_NANOS) - length * 2,
+            ] {
+                let window = RateWindow::new(length, length.as_nanos() as u64 / BUCKETS as u64);
+                let at = window.start + after;
+                let step = Duration::from_nanos(window.bucket_nanos);
+                assert_eq!(window.record(at, 3), 3, "{length:?} after {after:?}");
+                assert_eq!(window.record(at + step, 2), 5, "{length:?} after {after:?}");
+                assert_eq!(window.total(at + step), 5, "{length:?} after {after:?}");
+                // A window after the first step, only the second's requests are left.
+                assert_eq!(window.total(at + length), 2, "{length:?} after {after:?}");
+                assert_eq!(
+                    window.total(at + length + step),
+                    0,
+                    "{length:?} after {after:?}"
+                );
+            }
+        }
     }
 }

@@ -143,6 +143,40 @@ async fn pool_warnings_come_from_sources_once_per_crossing() {
     );
 }
 
+/// Two stacks sharing one monitor, each with its own slots, report the same (account, pool):
+/// one near full, one idle. The pool is judged on the fuller report, so its warning fires once,
+/// not once per snapshot (the idle report re-arming it each time).
+#[tokio::test(start_paused = true)]
+async fn a_pool_two_sources_report_warns_once_on_the_fuller_report() {
+    let warnings = Arc::new(Mutex::new(Vec::new()));
+    let monitor = Monitor::builder()
+        .on_usage_warning(recorder_of(&warnings))
+        .build()
+        .unwrap();
+    monitor.add_source(|s: &mut Snapshot| {
+        s.pools
+            .push(PoolUsage::new("video", 4, 5, 0).with_account("acct"));
+    });
+    monitor.add_source(|s: &mut Snapshot| {
+        s.pools
+            .push(PoolUsage::new("video", 0, 5, 0).with_account("acct"));
+    });
+    for _ in 0..5 {
+        let snapshot = monitor.snapshot();
+        assert_eq!(snapshot.pools.len(), 2, "the snapshot keeps both reports");
+    }
+    let warnings = warnings.lock().unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0].usage, 0.8);
+    assert_eq!(
+        warnings[0].resource,
+        Resource::Slots {
+            account: Some("acct".into()),
+            pool: "video".into()
+        }
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn attempts_reported_below_count_against_the_quota_and_show_in_the_span() {
     let capture = Capture::default();
@@ -372,6 +406,72 @@ async fn a_task_end_reported_by_a_callback_is_counted_once() {
         series.1.clone(),
     );
     assert_eq!(recorded[&lifetime].1, Value::Histogram(vec![90.0]));
+}
+
+/// With `record_task_metrics`, a task whose lease ran out is recorded as ended with
+/// `status="expired"` (as the task slots record it), whether a snapshot or a create that found
+/// no free place noticed it first.
+#[tokio::test(start_paused = true)]
+async fn a_task_whose_lease_ran_out_is_recorded_as_expired() {
+    let recording = Recording::start();
+    let created = |id: &'static str| match id {
+        "t-1" => {
+            r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t-1","task_status":"submitted"}}"#
+        }
+        _ => {
+            r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t-2","task_status":"submitted"}}"#
+        }
+    };
+    let expired = |pool: &str| {
+        [TASKS_FINISHED, kling_core::metrics::TASK_LIFETIME].map(|name| {
+            (
+                name.to_owned(),
+                vec![
+                    (LABEL_POOL.to_owned(), pool.to_owned()),
+                    (LABEL_STATUS.to_owned(), "expired".to_owned()),
+                ],
+            )
+        })
+    };
+    for noticed_by_snapshot in [true, false] {
+        let monitor = Monitor::builder()
+            .record_task_metrics(true)
+            .task_lease(Duration::from_secs(60))
+            .max_tracked_tasks(1)
+            .build()
+            .unwrap();
+        let create = |id| {
+            MetricsLayer::with_monitor(monitor.clone())
+                .layer(ClassifyLayer::new().layer(answering(200, created(id))))
+                .oneshot(request("POST", "/v1/videos/text2video", "{}", "k"))
+        };
+        create("t-1").await.unwrap();
+        recording.take();
+        advance(Duration::from_secs(180)).await;
+        if noticed_by_snapshot {
+            let tasks = monitor.snapshot().tasks;
+            assert_eq!((tasks.created, tasks.expired, tasks.running), (1, 1, 0));
+        } else {
+            // The only place is t-1's: the create sweeps for expired tasks to free it.
+            create("t-2").await.unwrap();
+            let tasks = monitor.snapshot().tasks;
+            assert_eq!((tasks.created, tasks.expired, tasks.running), (2, 1, 1));
+        }
+        let recorded = recording.take();
+        let [finished, lifetime] = expired("video");
+        assert_eq!(
+            recorded.get(&finished).map(|(_, v)| v),
+            Some(&Value::Counter(1)),
+            "noticed by snapshot: {noticed_by_snapshot}, {recorded:?}"
+        );
+        assert_eq!(recorded[&lifetime].1, Value::Histogram(vec![180.0]));
+        // Nothing else ended.
+        let ends = recorded
+            .keys()
+            .filter(|(name, _)| name == TASKS_FINISHED)
+            .count();
+        assert_eq!(ends, 1, "{recorded:?}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
