@@ -89,8 +89,9 @@ async fn a_demo_serves_prometheus_metrics_while_it_runs() {
         "--json",
         "--jobs",
         "15",
+        // Some 6 s of run to scrape in: at 100 (3 s) a loaded machine once let it end unseen.
         "--speed",
-        "100",
+        "50",
         "--metrics-addr",
     ])
     .arg(format!("127.0.0.1:{port}"))
