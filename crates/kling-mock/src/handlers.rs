@@ -64,11 +64,21 @@ fn parse_object(body: &Bytes, empty_ok: bool) -> Result<Map<String, Value>, Body
 /// included; a legacy query's id segment may be as long once decoded.
 pub(crate) const MAX_STRING_BYTES: usize = 4096;
 
-/// An optional string field: absent/null → `None`, a non-empty string of at most
-/// [`MAX_STRING_BYTES`] → `Some`, else invalid.
+/// Where a create's external id is looked up, and so unique: its legacy create path, or `""`
+/// for new-style tasks (all in `/tasks`).
+fn external_scope(generation: &Generation) -> &str {
+    match generation {
+        Generation::Legacy { endpoint } => endpoint,
+        Generation::New { .. } => "",
+    }
+}
+
+/// An optional string field: absent, null or empty → `None` (Kling's own samples send
+/// `"callback_url": ""`), a string of at most [`MAX_STRING_BYTES`] → `Some`, else invalid.
 fn opt_string(map: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
     match map.get(key) {
         None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
         Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_STRING_BYTES => {
             Ok(Some(s.clone()))
         }
@@ -77,7 +87,10 @@ fn opt_string(map: &Map<String, Value>, key: &str) -> Result<Option<String>, Str
 }
 
 fn required_string(map: &Map<String, Value>, key: &str) -> Result<String, String> {
-    opt_string(map, key)?.ok_or_else(|| format!("missing required parameter: {key}"))
+    match map.get(key) {
+        Some(Value::String(s)) if s.is_empty() => Err(format!("invalid parameter: {key}")),
+        _ => opt_string(map, key)?.ok_or_else(|| format!("missing required parameter: {key}")),
+    }
 }
 
 impl State {
@@ -252,7 +265,10 @@ impl State {
             return (self.error(1102, "resource pack exhausted", now, None), None);
         }
         if let Some(ext) = &spec.external_id
-            && self.account(account).external.contains_key(ext)
+            && self
+                .account(account)
+                .external
+                .contains_key(&(external_scope(&spec.generation).to_owned(), ext.clone()))
         {
             self.stats.duplicate_external_ids += 1;
             return (
@@ -286,6 +302,7 @@ impl State {
         let fails = self.chance(self.config.failure_rate);
         let seq = self.tasks.len() as u64 + 1;
         let id = format!("{}", 860_000_000_000_000_000u64 + seq);
+        let scope = external_scope(&spec.generation).to_owned();
         let task = Task {
             seq,
             id: id.clone(),
@@ -318,7 +335,7 @@ impl State {
         self.by_id.insert(id, index);
         self.add_active(account, index);
         if let Some(ext) = spec.external_id {
-            self.account(account).external.insert(ext, index);
+            self.account(account).external.insert((scope, ext), index);
         }
         self.charge(account, cost);
         self.stats.tasks_created += 1;
@@ -334,17 +351,25 @@ impl State {
             task: self.tasks[index].clone(),
         });
         if self.chance(self.config.faults.ghost_create_rate) {
-            return (self.error(5000, "internal error", now, None), job);
+            // Both codes Kling documents as "a create may have happened", in turn by task (no
+            // draw of the seeded generator, so a seeded run's other faults stay where they were).
+            let answer = if index % 2 == 0 {
+                self.error(5000, "internal error", now, None)
+            } else {
+                self.error(5002, "internal timeout", now, None)
+            };
+            return (answer, job);
         }
         (self.ok(data, now), job)
     }
 
     fn find_legacy(&self, account: &str, endpoint: &str, id: &str) -> Option<usize> {
         let by_id = self.by_id.get(id).copied();
-        let by_ext = self
-            .accounts
-            .get(account)
-            .and_then(|a| a.external.get(id).copied());
+        let by_ext = self.accounts.get(account).and_then(|a| {
+            a.external
+                .get(&(endpoint.to_owned(), id.to_owned()))
+                .copied()
+        });
         [by_id, by_ext].into_iter().flatten().find(|&i| {
             let t = &self.tasks[i];
             t.account == account
@@ -466,7 +491,8 @@ impl State {
             .iter()
             .filter_map(|id| {
                 if external {
-                    self.accounts.get(account)?.external.get(*id).copied()
+                    let key = (String::new(), (*id).to_owned());
+                    self.accounts.get(account)?.external.get(&key).copied()
                 } else {
                     self.by_id.get(*id).copied()
                 }
@@ -563,6 +589,9 @@ impl State {
         let remaining = self
             .remaining(account)
             .unwrap_or_else(|| UNLIMITED - self.net_charged(account) as f64);
+        // An account answered 1102 refuses every create until the period ends, whatever is
+        // left: the pack says so, or a client that re-reads it would create into 1102s.
+        let latched = self.first_1102(account, now).is_some();
         // A pack that comes back every credit period is valid for the current period; any
         // other for 30 days from now.
         let (start, end) = match self.credit_period(account) {
@@ -585,7 +614,7 @@ impl State {
                 "purchase_time": start,
                 "effective_time": start,
                 "invalid_time": end,
-                "status": if remaining >= 1.0 { "online" } else { "run_out" },
+                "status": if remaining >= 1.0 && !latched { "online" } else { "run_out" },
             }],
         });
         self.ok(data, now)

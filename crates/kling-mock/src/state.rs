@@ -66,8 +66,11 @@ pub(crate) struct Account {
     pub(crate) tasks: Vec<usize>,
     /// Tasks not yet seen ended.
     active: Vec<usize>,
-    /// External id → task index.
-    pub(crate) external: HashMap<String, usize>,
+    /// (Where the id is queried, external id) → task index. An external id is unique where it
+    /// can be looked up: a legacy create path (`GET {path}/{id}`), or `""` for new-style tasks
+    /// (`GET /tasks?external_task_ids=`); one path's id taken on another made a duplicate
+    /// nobody could find.
+    pub(crate) external: HashMap<(String, String), usize>,
     /// GCRA theoretical arrival time.
     tat: Option<Instant>,
     /// GCRA theoretical arrival time of `/account/costs`.

@@ -28,7 +28,9 @@ pub struct Stats {
     pub max_concurrent: BTreeMap<String, u32>,
     /// Pool → slots in use now (all accounts).
     pub in_use: BTreeMap<String, u32>,
-    /// Creates received more than 100 ms (divided by speed) after the account's first 1102.
+    /// Creates received more than 100 ms of API time (divided by speed), and at least 20 ms of
+    /// real time, after the account's first 1102: creates sent before it was seen are not
+    /// counted.
     pub creates_after_1102: u64,
     /// Creates refused because their external id was already used.
     pub duplicate_external_ids: u64,

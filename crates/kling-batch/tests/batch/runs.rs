@@ -144,7 +144,11 @@ async fn creates_answered_5000_after_the_task_was_made_are_not_paid_twice() {
         String::from_utf8_lossy(&output.stderr)
     );
     let stats = server.stats();
-    assert!(stats.responses("5000") >= 2, "{stats:?}");
+    // Ghosts answer 5000 and 5002 in turn.
+    assert!(
+        stats.responses("5000") + stats.responses("5002") >= 2,
+        "{stats:?}"
+    );
     assert_eq!(
         (stats.tasks_created, stats.duplicate_external_ids),
         (20, 0),

@@ -179,17 +179,25 @@ async fn a_duplicate_external_task_id_is_400_1201_and_counted() {
     c.post(T2V, json!({"prompt": "x", "external_task_id": "job-1"}))
         .await
         .assert_error(400, 1201);
-    // Even after the first task ended: external ids are unique per account, forever.
+    // Even after the first task ended: external ids are unique where they are looked up, for
+    // good.
     advance(200).await;
+    c.post(T2V, json!({"prompt": "x", "external_task_id": "job-1"}))
+        .await
+        .assert_error(400, 1201);
+    let stats = c.mock.stats();
+    assert_eq!(stats.duplicate_external_ids, 2);
+    assert_eq!(stats.tasks_created, 1);
+    // Another create path is another place to look it up: the id is free there, and each task
+    // is found on its own path (a 1201 there would name a task no lookup could find).
     c.post(
         "/v1/videos/image2video",
         json!({"image": "i", "external_task_id": "job-1"}),
     )
     .await
-    .assert_error(400, 1201);
-    let stats = c.mock.stats();
-    assert_eq!(stats.duplicate_external_ids, 2);
-    assert_eq!(stats.tasks_created, 1);
+    .data();
+    c.get("/v1/videos/image2video/job-1").await.data();
+    c.get(&format!("{T2V}/job-1")).await.data();
     // Another account may use the same id.
     c.with_key("other")
         .post(T2V, json!({"prompt": "x", "external_task_id": "job-1"}))
@@ -255,5 +263,16 @@ async fn account_costs_report_remaining_credits() {
     let pack = &r.data()["resource_pack_subscribe_infos"][0];
     assert_eq!(pack["total_quantity"], 10.0);
     assert_eq!(pack["remaining_quantity"], 6.0);
+    assert_eq!(pack["status"], "online");
     assert_eq!(c.mock.remaining_credits("test-key"), Some(6.0));
+    // A create the rest cannot pay for is answered 1102, and every create after it: the pack
+    // says it has run out, though 6 are left.
+    c.post("/v1/images/generations", json!({"prompt": "x", "n": 9}))
+        .await
+        .assert_error(429, 1102);
+    tokio::time::advance(std::time::Duration::from_secs(1)).await;
+    let r = c.get("/account/costs").await;
+    let pack = &r.data()["resource_pack_subscribe_infos"][0];
+    assert_eq!(pack["remaining_quantity"], 6.0);
+    assert_eq!(pack["status"], "run_out");
 }

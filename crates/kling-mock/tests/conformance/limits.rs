@@ -266,6 +266,21 @@ async fn ghost_creates_answer_5000_but_bill_a_task_findable_by_external_id() {
     assert_eq!(q.data()["task_status"], "submitted");
 }
 
+/// Ghost creates answer the two codes Kling says a create may follow, in turn: 5000, then 5002
+/// (HTTP 504), each with its task made and findable.
+#[tokio::test(start_paused = true)]
+async fn ghost_creates_answer_5000_and_5002_in_turn() {
+    let c = Caller::new(quiet().ghost_create_rate(1.0));
+    c.post(T2V, json!({"prompt": "x", "external_task_id": "g1"}))
+        .await
+        .assert_error(500, 5000);
+    c.post(T2V, json!({"prompt": "x", "external_task_id": "g2"}))
+        .await
+        .assert_error(504, 5002);
+    assert_eq!(c.mock.stats().tasks_created, 2);
+    c.get(&format!("{T2V}/g2")).await.data();
+}
+
 #[tokio::test(start_paused = true)]
 async fn malformed_answers_are_200_and_not_json() {
     use http_body_util::{BodyExt, Full};
@@ -542,6 +557,27 @@ async fn the_free_tiers_66_credits_come_back_after_a_day() {
         stats.creates_after_1102, 1,
         "the one at 59 s; the one of the new day is not after an 1102"
     );
+}
+
+/// The grace before a create counts as one after the 1102 is partly network time: at least
+/// 20 ms at any speed (at 1000× the scaled 100 ms would be 0.1 ms, less than a round trip).
+#[tokio::test(start_paused = true)]
+async fn creates_after_1102_allow_20_ms_of_real_time_at_any_speed() {
+    let c = Caller::new(quiet().speed(1000.0).credits(1.0));
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1102);
+    tokio::time::advance(std::time::Duration::from_millis(15)).await;
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1102);
+    assert_eq!(c.mock.stats().creates_after_1102, 0);
+    tokio::time::advance(std::time::Duration::from_millis(10)).await;
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1102);
+    assert_eq!(c.mock.stats().creates_after_1102, 1);
 }
 
 #[tokio::test(start_paused = true)]

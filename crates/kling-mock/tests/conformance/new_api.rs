@@ -225,6 +225,30 @@ fn a_model_pools_slots_under_product_scope_are_refused() {
     assert!(kling_mock::MockKling::new(config).is_ok());
 }
 
+/// Kling's own samples send optional fields empty (`"callback_url": ""`): read as absent. A
+/// required one empty is still refused.
+#[tokio::test(start_paused = true)]
+async fn empty_optional_fields_are_absent() {
+    let c = Caller::new(quiet());
+    let r = c
+        .post(
+            "/v1/videos/text2video",
+            json!({"prompt": "x", "callback_url": "", "external_task_id": ""}),
+        )
+        .await;
+    assert_eq!(r.data()["task_info"], json!({}));
+    c.post(
+        T2V,
+        json!({"prompt": "x", "external_id": "", "options": {"callback_url": ""}}),
+    )
+    .await
+    .data();
+    c.post(T2V, json!({"prompt": ""}))
+        .await
+        .assert_error(400, 1201);
+    assert_eq!(c.mock.stats().tasks_created, 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_new_callback_url_lives_in_options() {
     let c = Caller::new(quiet());
