@@ -36,7 +36,7 @@ use http_body_util::Full;
 use kling_concurrency::{Reconcile, Reconciled};
 use kling_core::{BoxError, TaskReport};
 use kling_metrics::{Monitor, Snapshot};
-use kling_tower::client::{HttpsClient, https_client};
+use kling_tower::client::{HttpsClient, https_client_with_connect_timeout};
 use kling_tower::{
     Credentials, DrainHandle, FollowPolicy, Follower, KlingBuilder, KlingLayer, StackConfig,
 };
@@ -150,7 +150,11 @@ impl Stack {
 
     fn assemble(limits: Limits) -> Result<Stack, SetupError> {
         kling_tower::client::install_ring_provider();
-        let client = https_client().map_err(|e| SetupError::new("tls", e.to_string()))?;
+        // Connections give up opening well before an attempt times out (at `--speed`, that is
+        // soon): one that never opened was never sent.
+        let connect = with_layer!(&limits, layer => layer.config().connect_timeout_duration());
+        let client = https_client_with_connect_timeout(connect)
+            .map_err(|e| SetupError::new("tls", e.to_string()))?;
         let limit = with_layer!(&limits, layer => layer.config().body_limit());
         let attempts = AttemptTallyLayer::new(limit);
         let calls = TallyLayer::new();

@@ -179,6 +179,10 @@ pub const DEFAULT_JITTER_ALLOWANCE: Duration = Duration::from_millis(15);
 /// of them to an instant cannot overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// The longest connect timeout [`StackConfig::connect_timeout_duration`] gives: the clients'
+/// default (10 s), well inside the default 30 s attempt timeout.
+pub const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The largest jitter allowance accepted.
 const MAX_JITTER_ALLOWANCE: Duration = Duration::from_secs(10);
 
@@ -472,6 +476,17 @@ impl StackConfig {
     /// The timeout of one attempt at this speed.
     pub fn attempt_timeout_duration(&self) -> Duration {
         self.scaled(self.attempt_timeout)
+    }
+
+    /// The connect timeout a client under this stack needs (TCP connect and TLS handshake):
+    /// a third of the attempt timeout, at most [`MAX_CONNECT_TIMEOUT`]. A connection that does
+    /// not open in time then fails as a connect error, never sent, before the attempt times out
+    /// as sent with its outcome unknown (a create the slots must then keep). Build the client
+    /// with it (`client::https_client_with_connect_timeout`,
+    /// `client::ReqwestService::new_client_with_connect_timeout`) when the attempt timeout is
+    /// short or the speed factor above 1; the clients' default is 10 s.
+    pub fn connect_timeout_duration(&self) -> Duration {
+        (self.attempt_timeout_duration() / 3).min(MAX_CONNECT_TIMEOUT)
     }
 
     /// The largest response body read.

@@ -24,7 +24,11 @@ pub type HttpsClient = Client<ConnectTimeout<HttpsConnector<HttpConnector>>, Ful
 /// that takes longer than [`DEFAULT_CONNECT_TIMEOUT`](super::DEFAULT_CONNECT_TIMEOUT) to open (TCP connect and TLS handshake)
 /// fails as a connect error.
 ///
-/// Put `kling_core::ClassifyLayer` over it; its connect errors read as "never sent".
+/// Put `kling_core::ClassifyLayer` over it; its connect errors read as "never sent". Under a
+/// stack whose attempt timeout is 10 s or less (a short one, or a speed factor), use
+/// [`https_client_with_connect_timeout`] with the stack's
+/// [`StackConfig::connect_timeout_duration`](crate::StackConfig::connect_timeout_duration):
+/// a connection still opening when the attempt times out counts as maybe sent.
 pub fn https_client() -> Result<HttpsClient, rustls::Error> {
     https_client_with_connect_timeout(super::DEFAULT_CONNECT_TIMEOUT)
 }

@@ -18,9 +18,10 @@ pub use self::hyper::{
 pub use self::reqwest::{ReqwestService, ResponseFuture as ReqwestFuture};
 
 /// How long the clients built here let a connection take to open, TCP and TLS together: well
-/// inside the stack's 30 s attempt timeout, so a host that never answers fails as a connect
-/// error (never sent: a create may be repeated) rather than as a timed-out attempt (sent,
-/// outcome unknown: a create must be looked up first).
+/// inside the stack's default 30 s attempt timeout, so a host that never answers fails as a
+/// connect error (never sent: a create may be repeated) rather than as a timed-out attempt
+/// (sent, outcome unknown: a create must be looked up first). A stack with a shorter attempt
+/// timeout needs a shorter one: [`StackConfig::connect_timeout_duration`](crate::StackConfig::connect_timeout_duration).
 #[cfg(any(feature = "hyper", feature = "reqwest"))]
 pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 

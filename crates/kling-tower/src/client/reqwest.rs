@@ -4,6 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use http::{Request, Response};
 use kling_core::error::NotSent;
@@ -40,12 +41,25 @@ impl ReqwestService {
     /// open (TCP connect and TLS handshake) within
     /// [`DEFAULT_CONNECT_TIMEOUT`](super::DEFAULT_CONNECT_TIMEOUT): a host that never answers
     /// then fails as a connect error ([`NotSent`]) rather than as a timed-out attempt, which
-    /// the stack must treat as maybe sent. A client of your own should set
-    /// `connect_timeout` too.
+    /// the stack must treat as maybe sent. It follows no redirect (see
+    /// [`new_client_with_connect_timeout`](Self::new_client_with_connect_timeout)). A client of
+    /// your own should set `connect_timeout` and `redirect(Policy::none())` too.
     pub fn new_client() -> Result<Self, reqwest::Error> {
+        ReqwestService::new_client_with_connect_timeout(super::DEFAULT_CONNECT_TIMEOUT)
+    }
+
+    /// [`new_client`](Self::new_client) whose connections give up opening after `connect`:
+    /// under a stack whose attempt timeout is short, its
+    /// [`StackConfig::connect_timeout_duration`](crate::StackConfig::connect_timeout_duration).
+    ///
+    /// No redirect is followed: reqwest would send a create answered `302` again as a `GET`
+    /// (or a `307` to an address no layer checked), and the stack must see the answer Kling
+    /// gave.
+    pub fn new_client_with_connect_timeout(connect: Duration) -> Result<Self, reqwest::Error> {
         super::install_ring_provider();
         let client = reqwest::Client::builder()
-            .connect_timeout(super::DEFAULT_CONNECT_TIMEOUT)
+            .connect_timeout(connect)
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(ReqwestService::new(client))
     }

@@ -98,3 +98,76 @@ async fn reqwest_errors_do_not_quote_credentials_in_the_url() {
     );
     assert_eq!(SendState::of(&*error), SendState::NotSent, "{chain}");
 }
+
+/// A stack whose attempt timeout (2 s) is shorter than the clients' default connect timeout
+/// (10 s), over a client built with the stack's own `connect_timeout_duration`: a connection
+/// that never opens is a create never sent, and holds no slot. With the default connect
+/// timeout, the attempt timed out first and the create counted as maybe sent, its slot kept for
+/// the task lease.
+#[tokio::test]
+async fn under_a_short_attempt_timeout_the_stacks_connect_timeout_keeps_a_stalled_create_unsent() {
+    use kling_tower::{Credentials, KlingLayer, StackConfig, Tier};
+
+    let (base, server) = silent_server().await;
+    let config = StackConfig::preset(Tier::Pro)
+        .attempt_timeout(Duration::from_secs(2))
+        .retry_max_attempts(1);
+    assert!(config.connect_timeout_duration() < config.attempt_timeout_duration());
+    let kling = KlingLayer::builder(config.clone(), Credentials::api_key("k").unwrap())
+        .base_url(&base)
+        .build()
+        .unwrap();
+    let client =
+        kling_tower::client::https_client_with_connect_timeout(config.connect_timeout_duration())
+            .unwrap();
+    let stack = kling.layer(client);
+    let error = tokio::time::timeout(Duration::from_secs(10), stack.oneshot(create(&base)))
+        .await
+        .expect("the connect timeout ends it")
+        .unwrap_err();
+    assert_eq!(SendState::of(&*error), SendState::NotSent, "{error}");
+    let snapshot = kling.slots().snapshot().await.unwrap();
+    assert!(
+        snapshot.pools().iter().all(|p| p.in_use == 0),
+        "{snapshot:?}"
+    );
+    server.abort();
+}
+
+/// A create answered with a redirect is the answer: reqwest's client from `new_client` does not
+/// send it again as a `GET` elsewhere.
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn reqwest_new_client_follows_no_redirect() {
+    use kling_tower::client::ReqwestService;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buffer = vec![0; 4096];
+            let n = socket.read(&mut buffer).await.unwrap_or(0);
+            let head = String::from_utf8_lossy(&buffer[..n]).to_string();
+            log.lock()
+                .unwrap()
+                .push(head.lines().next().unwrap_or_default().to_owned());
+            let answer = "HTTP/1.1 302 Found\r\nlocation: /elsewhere\r\ncontent-length: 0\r\n\
+                          connection: close\r\n\r\n";
+            let _ = socket.write_all(answer.as_bytes()).await;
+        }
+    });
+    let service = ReqwestService::new_client().unwrap();
+    let response = service
+        .oneshot(create(&format!("http://{address}")))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 302);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec!["POST /v1/videos/text2video HTTP/1.1".to_owned()]
+    );
+    server.abort();
+}
