@@ -183,6 +183,11 @@ pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// default (10 s), well inside the default 30 s attempt timeout.
 pub const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The slowest speed factor accepted (a thousandth of real time).
+pub const MIN_SPEED: f64 = 0.001;
+/// The fastest speed factor accepted (a million times real time).
+pub const MAX_SPEED: f64 = 1_000_000.0;
+
 /// The largest jitter allowance accepted.
 const MAX_JITTER_ALLOWANCE: Duration = Duration::from_secs(10);
 
@@ -516,8 +521,10 @@ impl StackConfig {
     /// Checks every number, naming the first impossible one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |field: &'static str, reason: &'static str| Err(ConfigError::new(field, reason));
-        if !(self.speed.is_finite() && self.speed > 0.0) {
-            return err("speed", "must be a finite number above 0");
+        // Beyond these, scaled durations leave what a `Duration` or the clock can hold (a
+        // backoff of 1e-18 speed panicked on building the stack).
+        if !(MIN_SPEED..=MAX_SPEED).contains(&self.speed) {
+            return err("speed", "must be between 0.001 and 1000000");
         }
         if let Some(rate) = self.rate_per_minute
             && !(rate.is_finite() && rate > 0.0)
@@ -618,7 +625,7 @@ impl StackConfig {
     /// | variable | field | value |
     /// |---|---|---|
     /// | `KLING_TIER` | tier | `free`, `standard`, `pro`, `enterprise`, `resource-pack` |
-    /// | `KLING_SPEED` | speed | number above 0 |
+    /// | `KLING_SPEED` | speed | 0.001 to 1000000 |
     /// | `KLING_RATE_PER_MINUTE` | rate_per_minute | number, or `none` |
     /// | `KLING_BURST` | burst | integer ≥ 1 |
     /// | `KLING_HEADROOM` | headroom | 0 ≤ x < 1 |

@@ -119,6 +119,15 @@ fn speed_multiplies_rates_and_divides_durations() {
 fn validation_names_the_field() {
     let cases = [
         (StackConfig::preset(Tier::Pro).speed(0.0), "speed"),
+        // With no rate cap to refuse it first, a tiny speed panicked when the stack was built.
+        (
+            StackConfig::preset(Tier::Enterprise)
+                .no_rate_limit()
+                .speed(1e-18),
+            "speed",
+        ),
+        (StackConfig::preset(Tier::Pro).speed(1e20), "speed"),
+        (StackConfig::preset(Tier::Pro).speed(f64::INFINITY), "speed"),
         (
             StackConfig::preset(Tier::Pro).rate_per_minute(-1.0),
             "rate_per_minute",
@@ -174,7 +183,10 @@ fn a_rate_too_small_to_pace_is_refused_rather_than_read_as_no_cap() {
     let too_small = [
         StackConfig::preset(Tier::Pro).rate_per_minute(1e-20),
         StackConfig::preset(Tier::Pro).rate_per_minute(1e-6),
-        StackConfig::preset(Tier::Pro).speed(1e-30),
+        // A request every 1,000 minutes, at a thousandth of real time: every 1.9 years.
+        StackConfig::preset(Tier::Pro)
+            .speed(0.001)
+            .rate_per_minute(0.001),
         StackConfig::preset(Tier::Pro)
             .rate_per_minute(3e-6)
             .headroom(0.5),
