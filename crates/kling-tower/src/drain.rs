@@ -2,8 +2,9 @@
 //! then return.
 //!
 //! While the gate is open every request passes, counted in flight until its response future
-//! completes or is dropped. [`DrainHandle::drain`] closes the gate: from then on a create fails
-//! at once with [`Draining`] (it is never sent), while queries, lists and every request already
+//! completes or is dropped. [`DrainHandle::drain`] closes the gate: from then on a create (or a
+//! `POST` the router does not recognise, which may be a create endpoint newer than this crate)
+//! fails at once with [`Draining`] (it is never sent), while queries, lists and every request already
 //! in flight go on; `drain` returns once nothing is in flight. Tasks being followed count too:
 //! a [`Follower`](crate::follow::Follower) given the handle
 //! ([`with_drain`](crate::follow::Follower::with_drain)) holds a [`DrainGuard`] for each
@@ -50,7 +51,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
 use http::{Method, Request};
-use kling_core::{BoxError, PeekBody, Recognized};
+use kling_core::{BoxError, PeekBody, Recognized, RequestKind};
 use pin_project_lite::pin_project;
 use tokio::sync::Notify;
 use tower_layer::Layer;
@@ -341,9 +342,15 @@ where
 
     #[inline]
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let admitted = self
-            .gate
-            .admit(|| request.method() == Method::POST && Recognized::of(&mut request).is_create());
+        // A `POST` the router does not recognise may be a create endpoint newer than this crate
+        // (the retry layer treats it so): refused too, so none goes out after a drain.
+        let admitted = self.gate.admit(|| {
+            request.method() == Method::POST
+                && matches!(
+                    Recognized::of(&mut request).kind,
+                    RequestKind::Create | RequestKind::Other
+                )
+        });
         match admitted {
             Some(guard) => ResponseFuture {
                 future: Some(self.inner.call(request)),
@@ -427,6 +434,43 @@ mod tests {
         assert_eq!(handle.in_flight(), 1);
         drop(guard);
         assert_eq!(handle.in_flight(), 0);
+    }
+
+    /// While draining, a `POST` the router does not recognise (a create endpoint newer than
+    /// this crate, maybe) is refused as a create is; lists, queries and unknown `GET`s pass.
+    #[tokio::test]
+    async fn draining_refuses_unrecognised_posts_and_lets_reads_through() {
+        use tower::{Layer, ServiceExt, service_fn};
+
+        let (layer, handle) = DrainLayer::pair();
+        let service = layer.layer(service_fn(
+            |_: Request<http_body_util::Full<bytes::Bytes>>| async { Ok::<_, BoxError>(()) },
+        ));
+        handle.close();
+        let send = |method: Method, path: &str| {
+            let request = Request::builder()
+                .method(method)
+                .uri(path)
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+                .unwrap();
+            service.clone().oneshot(request)
+        };
+        for path in [
+            "/v1/audio/text-to-audio",
+            "/text-to-audio/kling-v1",
+            "/v1/videos/text2video",
+        ] {
+            let refused = send(Method::POST, path).await.unwrap_err();
+            assert!(refused.is::<Draining>(), "{path}: {refused}");
+        }
+        for (method, path) in [
+            (Method::POST, "/tasks"),
+            (Method::GET, "/v1/videos/text2video/t1"),
+            (Method::GET, "/tasks?task_ids=t1"),
+            (Method::GET, "/v1/audio/whatever"),
+        ] {
+            assert!(send(method.clone(), path).await.is_ok(), "{method} {path}");
+        }
     }
 
     /// Guards entered through different shards add up, and a drain waits for the last of them,
