@@ -524,7 +524,10 @@ impl<B: StackBackends> KlingLayer<B> {
         self.inner.retry.budget()
     }
 
-    /// The spend guard (`None` when the preset sets no credit budget).
+    /// The spend guard (`None` when the preset sets no credit budget). Every request through
+    /// the stack carries its account, so read this stack's budget with it:
+    /// `remaining(Some(kling.account_id()))` (`None` is the budget of requests without an
+    /// account, which this stack never sends).
     pub fn spend_guard(&self) -> Option<&SpendGuardLayer> {
         self.inner.spend.as_ref()
     }

@@ -369,7 +369,9 @@ impl SpendGuardLayer {
             .committed
     }
 
-    /// What an account has left in the current period.
+    /// What an account has left in the current period (`None`: requests without an
+    /// [`AccountId`]; under [`KlingLayer`](crate::KlingLayer), whose requests all carry its
+    /// account, ask with [`KlingLayer::account_id`](crate::KlingLayer::account_id)).
     pub fn remaining(&self, account: Option<&AccountId>) -> f64 {
         (self.ledger.budget - self.committed(account)).max(0.0)
     }
