@@ -324,7 +324,7 @@ impl StackConfig {
     /// Sets which pool a create counts in: its model version's (`video:kling-3.0`, the default)
     /// or its product's (`video`, shared by every model and the legacy paths), for an account
     /// that counts running tasks per resource-pack type only. See
-    /// [`PoolScope`](kling_core::PoolScope).
+    /// [`PoolScope`].
     pub fn pool_scope(mut self, scope: PoolScope) -> Self {
         self.pool_scope = scope;
         self
