@@ -353,7 +353,7 @@ impl State {
         if self.chance(self.config.faults.ghost_create_rate) {
             // Both codes Kling documents as "a create may have happened", in turn by task (no
             // draw of the seeded generator, so a seeded run's other faults stay where they were).
-            let answer = if index % 2 == 0 {
+            let answer = if index.is_multiple_of(2) {
                 self.error(5000, "internal error", now, None)
             } else {
                 self.error(5002, "internal timeout", now, None)
