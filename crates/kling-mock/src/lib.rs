@@ -45,7 +45,9 @@
 //! Pools are named `video`, `image`, `try-on` (legacy endpoints) and `video:{model}`,
 //! `image:{model}` (new endpoints, model from the path); a model's pool without a capacity of its
 //! own takes its type's ([`MockConfig::capacity`]). With [`PoolScope::Product`] every create of a
-//! type counts in the type's pool (`video`), whatever its model or endpoint. Control and observation without auth:
+//! type counts in the type's pool (`video`), whatever its model or endpoint. A create heavier
+//! than its pool's whole capacity (an image `n` above it) is answered `1303` every time, with
+//! no `Retry-After`: no wait frees enough. Control and observation without auth:
 //! `GET /__mock/stats` ([`Stats`]), `POST /__mock/reset-stats`, `POST /__mock/switches`, and
 //! `GET /__mock/files/...`, the result files ([`file_bytes`]) that [`MockServer`]'s result URLs
 //! point at.
