@@ -272,7 +272,7 @@ impl Recognized {
                 recognized.read_create_body(product, generation, body);
             }
             (RequestKind::Query, _, _) => match route.task_id {
-                Some(id) => recognized.task_ids.push(id.to_owned()),
+                Some(id) => recognized.task_ids.push(percent_decoded(id).into_owned()),
                 None => recognized.read_batch_query(uri.query().unwrap_or("")),
             },
             _ => {}
@@ -427,23 +427,55 @@ impl Recognized {
         };
     }
 
+    /// The ids a batch query names, as the server reads them: the value decoded, then split at
+    /// its commas (an encoded one, `%2C`, separates ids too). A lookup percent-encodes an id
+    /// like `batch:42`, and the slots compare what it asked about with the ids they hold.
     fn read_batch_query(&mut self, query: &str) {
         for pair in query.split('&') {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let target = match name {
+            let target = match &*percent_decoded(name) {
                 "task_ids" => &mut self.task_ids,
                 "external_task_ids" => &mut self.external_ids,
                 _ => continue,
             };
             target.extend(
-                value
+                percent_decoded(value)
                     .split(',')
-                    .flat_map(|v| v.split("%2C"))
                     .filter(|id| !id.is_empty())
                     .map(String::from),
             );
         }
     }
+}
+
+/// `text` with its `%XX` escapes decoded (either case; a `%` not followed by two hex digits is
+/// kept); as it is when the bytes decoded are not UTF-8.
+fn percent_decoded(text: &str) -> Cow<'_, str> {
+    if !text.contains('%') {
+        return Cow::Borrowed(text);
+    }
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let pair = (bytes.get(i + 1).copied().and_then(hex))
+                .zip(bytes.get(i + 2).copied().and_then(hex));
+            if let Some((high, low)) = pair {
+                // Two hex digits: at most 255.
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            } else {
+                out.push(b'%');
+                i += 1;
+            }
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_or(Cow::Borrowed(text), Cow::Owned)
 }
 
 /// Whether a create body may hold a field [`Recognized`] reads (`external_task_id`,
@@ -662,6 +694,21 @@ mod tests {
         assert_eq!(r.task_ids, vec!["a", "b", "c"]);
         let r = recognize(&Method::GET, "/tasks?external_task_ids=x%2Cy", "");
         assert_eq!(r.external_ids, vec!["x", "y"]);
+        // Decoded as a server reads them (a lookup encodes every reserved byte of an id), an
+        // encoded comma of either case separating ids; a malformed escape is left as it is.
+        let r = recognize(
+            &Method::GET,
+            "/tasks?external_task_ids=a%2cb,job%201,batch%3A42,%E4%BD%A0,50%",
+            "",
+        );
+        assert_eq!(
+            r.external_ids,
+            vec!["a", "b", "job 1", "batch:42", "你", "50%"]
+        );
+        let r = recognize(&Method::GET, "/tasks?task%5Fids=1,2", "");
+        assert_eq!(r.task_ids, vec!["1", "2"]);
+        let r = recognize(&Method::GET, "/v1/videos/text2video/batch%3A42", "");
+        assert_eq!(r.task_ids, vec!["batch:42"]);
         assert_eq!(
             recognize(&Method::POST, "/tasks", "{}").kind,
             RequestKind::List

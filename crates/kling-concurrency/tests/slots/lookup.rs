@@ -244,3 +244,39 @@ async fn a_lookup_answer_whose_data_cannot_be_read_keeps_the_slot() {
     svc.call(get("/tasks?external_task_ids=e1")).await.unwrap();
     assert_eq!(pool_state(&handle, &pool).await.0, 0);
 }
+
+/// An external id with a reserved character (`batch:42`) is looked up percent-encoded, as the
+/// retry layer sends it: a lookup that finds nothing still frees its slot (compared with the
+/// encoded text, it ended nothing, and the slot stayed for the lease).
+#[tokio::test(start_paused = true)]
+async fn a_lookup_of_an_encoded_external_id_that_finds_nothing_frees_its_slot() {
+    let fake = Fake::new();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2)).unwrap();
+    let mut svc = layer.layer(fake.clone());
+    fake.script(Scripted::Lost);
+    svc.ready().await.unwrap();
+    assert!(svc.call(create_with_external("batch:42")).await.is_err());
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+    svc.ready().await.unwrap();
+    let lookup = svc
+        .call(get("/v1/videos/text2video/batch%3A42"))
+        .await
+        .unwrap();
+    assert_eq!(lookup.status(), 404);
+    assert_eq!(pool_state(&handle, &video()).await.0, 0);
+
+    let pool = kling_core::Pool::with_model(kling_core::Product::Video, "kling-3.0");
+    fake.script(Scripted::Lost);
+    svc.ready().await.unwrap();
+    let create = post(
+        "/text-to-video/kling-3.0",
+        r#"{"prompt":"x","external_id":"job 1"}"#,
+    );
+    assert!(svc.call(create).await.is_err());
+    assert_eq!(pool_state(&handle, &pool).await.0, 1);
+    svc.ready().await.unwrap();
+    svc.call(get("/tasks?external_task_ids=job%201"))
+        .await
+        .unwrap();
+    assert_eq!(pool_state(&handle, &pool).await.0, 0);
+}
