@@ -57,9 +57,10 @@ impl AccountId {
         }
     }
 
-    /// The account id a request carries, if any: an `AccountId` extension the caller inserted
-    /// (a gateway routing per request), else the one a stack set with
-    /// [`AccountId::set_if_absent`].
+    /// The account id a request carries, if any: the first one set. A layer sets one with
+    /// [`AccountId::set_if_absent`] only where the request names none (an `AccountId`
+    /// extension the caller inserted, a gateway routing per request, is kept); an extension
+    /// inserted after that, below the layer that set it, is not read.
     pub fn of<B>(request: &Request<B>) -> Option<&AccountId> {
         // The stack only sets its account where the caller named none, so the combined
         // extension is read first (one lookup in the usual case).

@@ -65,10 +65,27 @@ impl SendState {
             {
                 return SendState::NotSent;
             }
-            current = err.source();
+            current = next_link(err);
         }
         SendState::Unknown
     }
+}
+
+/// The next error in `error`'s chain: its source, except that an [`std::io::Error`] or an
+/// `Arc<dyn Error>` wrapping an error leads to that error, which their own `source` skips (it
+/// returns the wrapped error's source): a connector's `io::Error::other(NotSent::new(..))`
+/// must still read as never sent.
+fn next_link<'a>(error: &'a (dyn StdError + 'static)) -> Option<&'a (dyn StdError + 'static)> {
+    if let Some(inner) = error
+        .downcast_ref::<std::io::Error>()
+        .and_then(std::io::Error::get_ref)
+    {
+        return Some(inner);
+    }
+    if let Some(shared) = error.downcast_ref::<std::sync::Arc<dyn StdError + Send + Sync>>() {
+        return Some(&**shared);
+    }
+    error.source()
 }
 
 /// A marker an HTTP client adapter wraps around errors that prove the request was never sent
@@ -130,7 +147,7 @@ pub fn may_have_created(error: &(dyn StdError + 'static)) -> bool {
         if let Some(large) = link.downcast_ref::<BodyTooLarge>() {
             return !large.status().is_client_error();
         }
-        current = link.source();
+        current = next_link(link);
     }
     true
 }
@@ -204,7 +221,7 @@ pub fn refused_before_sending(error: &(dyn StdError + 'static)) -> bool {
         if link.is::<RefusedBeforeSending>() {
             return true;
         }
-        current = link.source();
+        current = next_link(link);
     }
     false
 }
@@ -514,6 +531,30 @@ mod tests {
         assert_eq!(Transport::new(marked).send_state(), SendState::NotSent);
         let nested: BoxError = Box::new(Transport::new(NotSent::new("x")));
         assert_eq!(SendState::of(&*nested), SendState::NotSent);
+    }
+
+    /// An `io::Error` or an `Arc<dyn Error>` wrapping a marker: their `source` skips the
+    /// error they wrap, and a connector that wraps its `NotSent` in an `io::Error` made a create
+    /// never sent read as one that may have made a task.
+    #[test]
+    fn markers_inside_io_errors_and_arcs_are_found() {
+        let in_io = std::io::Error::other(NotSent::new("connect failed"));
+        assert_eq!(SendState::of(&in_io), SendState::NotSent);
+        assert!(!may_have_created(&in_io));
+        let refused = std::io::Error::other(RefusedBeforeSending);
+        assert!(refused_before_sending(&refused));
+        assert_eq!(SendState::of(&refused), SendState::NotSent);
+        let doubly =
+            std::io::Error::other(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(Transport::new(doubly).send_state(), SendState::NotSent);
+        let shared: std::sync::Arc<dyn StdError + Send + Sync> =
+            std::sync::Arc::new(NotSent::new("shared"));
+        let boxed: BoxError = Box::new(shared);
+        assert_eq!(SendState::of(&*boxed), SendState::NotSent);
+        // Nothing wrapped: the chain ends where it did.
+        let bare = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(SendState::of(&bare), SendState::Unknown);
+        assert!(may_have_created(&bare));
     }
 
     /// The classify step wraps a client's error in a `Transport`, and passes up as it is an

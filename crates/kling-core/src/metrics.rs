@@ -66,7 +66,8 @@ pub const OTHER_ACCOUNT_LABEL: &str = "other";
 /// stays the same for the process's life, so every layer and every series agrees on it.
 pub fn account_label(account: &str) -> &'static str {
     static LABELS: BoundedLabels = BoundedLabels::new(ACCOUNT_LABELS);
-    if account.len() > ACCOUNT_LABEL_MAX_LEN {
+    // An account named `other` is labelled as the overflow is, without taking a place.
+    if account.len() > ACCOUNT_LABEL_MAX_LEN || account == OTHER_ACCOUNT_LABEL {
         return OTHER_ACCOUNT_LABEL;
     }
     LABELS
@@ -111,7 +112,9 @@ pub fn pool_label(pool: Option<&Pool>) -> &'static str {
 /// process's life, so every layer and every series agrees on it.
 pub fn model_pool_label(product: Product, model: &str) -> (&'static str, Option<usize>) {
     static LABELS: BoundedLabels = BoundedLabels::new(MODEL_POOL_LABELS);
-    if model.len() > MODEL_LABEL_MAX_LEN {
+    // A model named `other` would get a named place whose label is the overflow's, and two
+    // places (with their gauges' shares) would write one series: it is the overflow.
+    if model.len() > MODEL_LABEL_MAX_LEN || model == "other" {
         return (other_model_label(product), None);
     }
     let product_name = product.as_str();
@@ -142,6 +145,7 @@ mod tests {
             account_label(&"x".repeat(ACCOUNT_LABEL_MAX_LEN + 1)),
             OTHER_ACCOUNT_LABEL
         );
+        assert_eq!(account_label(OTHER_ACCOUNT_LABEL), OTHER_ACCOUNT_LABEL);
         let mut named = 1;
         for n in 1..=ACCOUNT_LABELS {
             let name = format!("account-label-test-{n}");
@@ -174,6 +178,11 @@ mod tests {
         let long = "m".repeat(MODEL_LABEL_MAX_LEN + 1);
         assert_eq!(
             model_pool_label(Product::Video, &long),
+            ("video:other", None)
+        );
+        // A model named `other` is the overflow, not a named place with the overflow's label.
+        assert_eq!(
+            model_pool_label(Product::Video, "other"),
             ("video:other", None)
         );
         // New names keep theirs until the table is full (other tests of this process may
