@@ -123,9 +123,25 @@ impl<T> WaitList<T> {
         self.waiters[i].waker.is_some().then_some(i)
     }
 
-    /// The waiter at `index` (from [`position`](Self::position)), to update its waker.
-    pub fn get_mut(&mut self, index: usize) -> Option<&mut Waiter<T>> {
-        self.waiters.get_mut(index)
+    /// The waiter at `index` (from [`position`](Self::position)).
+    pub fn get(&self, index: usize) -> Option<&Waiter<T>> {
+        self.waiters.get(index)
+    }
+
+    /// Gives the live waiter at `index` (from [`position`](Self::position)) `waker`, unless
+    /// the one it holds wakes the same task; `false` when no live waiter stands there. The only
+    /// change a caller may make to a waiter in place: its ticket orders the list, and a waker
+    /// taken away would be a tombstone the list does not count.
+    pub fn set_waker(&mut self, index: usize, waker: &Waker) -> bool {
+        match self.waiters.get_mut(index).and_then(|w| w.waker.as_mut()) {
+            Some(held) => {
+                if !held.will_wake(waker) {
+                    *held = waker.clone();
+                }
+                true
+            }
+            None => false,
+        }
     }
 
     /// Takes the head out, and the tombstones that then lead the list.
@@ -177,6 +193,26 @@ mod tests {
         Waker::noop().clone()
     }
 
+    /// A waker is set in place on live waiters only: a tombstone (a waiter that gave up) stays
+    /// one, so the list's count of them stays right and `pop_front` never underflows it.
+    #[test]
+    fn set_waker_updates_live_waiters_only() {
+        let mut list = WaitList::new();
+        for ticket in 0..3 {
+            list.push_back(ticket, (), waker());
+        }
+        assert_eq!(list.remove(1), Removed::Behind);
+        assert!(
+            !list.set_waker(1, &waker()),
+            "a tombstone is not brought back"
+        );
+        assert!(list.set_waker(2, &waker()));
+        assert!(!list.set_waker(9, &waker()));
+        assert_eq!(list.pop_front().map(|w| w.ticket), Some(0));
+        assert_eq!(list.pop_front().map(|w| w.ticket), Some(2));
+        assert!(list.pop_front().is_none());
+    }
+
     proptest! {
         /// Against a plain ordered set: the same waiters, in the same order, whatever gives up
         /// when; the front is never a tombstone; tombstones stay bounded by the waiters.
@@ -220,7 +256,7 @@ mod tests {
                 prop_assert!(list.iter().all(|w| w.value == w.ticket * 2));
                 for (i, ticket) in model.iter().enumerate().take(5) {
                     let at = list.position(*ticket).unwrap();
-                    prop_assert_eq!(list.get_mut(at).unwrap().ticket, *ticket);
+                    prop_assert_eq!(list.get(at).unwrap().ticket, *ticket);
                     prop_assert_eq!(i == 0, at == 0);
                 }
                 prop_assert!(

@@ -130,10 +130,7 @@ impl Queues {
         let Some(index) = queue.waiters.position(id) else {
             return Ok(false);
         };
-        let slot = &mut queue.waiters.get_mut(index).expect("found above").waker;
-        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            *slot = Some(waker.clone());
-        }
+        queue.waiters.set_waker(index, waker);
         if index == 0 {
             Ok(true)
         } else {

@@ -2144,10 +2144,7 @@ impl Future for InProcessAcquire {
             let mut head = false;
             if let Some(i) = pool.queue.position(token) {
                 head = i == 0;
-                let waker = &mut pool.queue.get_mut(i).expect("found above").waker;
-                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    *waker = Some(cx.waker().clone());
-                }
+                pool.queue.set_waker(i, cx.waker());
             }
             // The head sleeps until maintenance has work (a lease ends, a hidden slot comes
             // back); the others wait their turn, woken when they become the head.
@@ -2229,7 +2226,7 @@ mod tests {
         assert_eq!(live[0], 1, "the head stays");
         for (i, &token) in live.iter().enumerate() {
             let at = pool.queue.position(token).expect("still waiting");
-            assert_eq!(pool.queue.get_mut(at).map(|w| w.ticket), Some(token));
+            assert_eq!(pool.queue.get(at).map(|w| w.ticket), Some(token));
             if i > 0 {
                 assert!(live[i - 1] < token, "still in arrival order");
             }
