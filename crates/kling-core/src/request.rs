@@ -402,6 +402,9 @@ impl Recognized {
 
     fn parse_create_body(&mut self, product: Product, generation: ApiGeneration, body: &[u8]) {
         let Ok(fields) = serde_json::from_slice::<CreateFields<'_>>(body) else {
+            // A field written twice, or of a type the server would ignore (`"options":"x"` on a
+            // legacy path): the server may still read the id, so it is read key by key.
+            self.read_create_keys(product, generation, body);
             return;
         };
         if product == Product::Image
@@ -425,6 +428,46 @@ impl Recognized {
                 .and_then(|o| o.callback_url)
                 .is_some_and(|u| !u.is_empty()),
         };
+    }
+
+    /// [`parse_create_body`](Self::parse_create_body) for a body its typed read refused, one
+    /// top-level key at a time: the own-id field is named if it appears at all, and its id is
+    /// taken only from a single non-empty string (written twice, which one a server reads is
+    /// not known: no id, so a layer that writes one in sets the field once, and looks up what
+    /// it wrote); `n` counts at its largest; a callback is a non-empty string where the
+    /// generation reads it. A body that is no JSON object leaves the defaults.
+    fn read_create_keys(&mut self, product: Product, generation: ApiGeneration, body: &[u8]) {
+        let Ok(CreateKeys(keys)) = serde_json::from_slice::<CreateKeys>(body) else {
+            return;
+        };
+        let own_name = match generation {
+            ApiGeneration::Legacy => "external_task_id",
+            ApiGeneration::New => "external_id",
+        };
+        let own: Vec<&serde_json::Value> = keys
+            .iter()
+            .filter(|(k, _)| k == own_name)
+            .map(|(_, v)| v)
+            .collect();
+        self.names_own_id = !own.is_empty();
+        self.external_id = match own.as_slice() {
+            [serde_json::Value::String(id)] if !id.is_empty() => Some(id.clone()),
+            _ => None,
+        };
+        if product == Product::Image
+            && let Some(n) = keys
+                .iter()
+                .filter(|(k, _)| k == "n")
+                .filter_map(|(_, v)| v.as_u64())
+                .max()
+        {
+            self.weight = n.clamp(1, u64::from(MAX_IMAGE_WEIGHT)) as u32;
+        }
+        let non_empty = |v: &serde_json::Value| v.as_str().is_some_and(|u| !u.is_empty());
+        self.has_callback = keys.iter().any(|(k, v)| match generation {
+            ApiGeneration::Legacy => k == "callback_url" && non_empty(v),
+            ApiGeneration::New => k == "options" && v.get("callback_url").is_some_and(non_empty),
+        });
     }
 
     /// The ids a batch query names, as the server reads them: the value decoded, then split at
@@ -581,6 +624,40 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Strin
     }))
 }
 
+/// A create body's top-level keys that [`Recognized`] reads, with their values, each as often as
+/// it is written (every other key skipped unread).
+struct CreateKeys(Vec<(String, serde_json::Value)>);
+
+impl<'de> Deserialize<'de> for CreateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeysVisitor;
+        impl<'de> serde::de::Visitor<'de> for KeysVisitor {
+            type Value = CreateKeys;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<CreateKeys, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if matches!(
+                        &*key,
+                        "n" | "external_task_id" | "external_id" | "callback_url" | "options"
+                    ) {
+                        keys.push((key.into_owned(), map.next_value()?));
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(CreateKeys(keys))
+            }
+        }
+        d.deserialize_map(KeysVisitor)
+    }
+}
+
 #[derive(Deserialize)]
 struct CreateOptions<'a> {
     #[serde(default, borrow)]
@@ -664,6 +741,32 @@ mod tests {
         );
         assert_eq!(r.external_id, None);
         assert!(!r.names_own_id, "the other generation's field");
+        // A body the typed read refuses (a field of a type the server ignores, a field written
+        // twice) is read key by key: the id is the caller's when written once.
+        let r = recognize(
+            &Method::POST,
+            "/v1/videos/text2video",
+            r#"{"prompt":"x","external_task_id":"job-1","options":"x","callback_url":"https://h/cb"}"#,
+        );
+        assert_eq!(
+            (r.external_id.as_deref(), r.names_own_id, r.has_callback),
+            (Some("job-1"), true, true)
+        );
+        let r = recognize(
+            &Method::POST,
+            "/v1/videos/text2video",
+            r#"{"external_task_id":null,"prompt":"x","external_task_id":"job-1"}"#,
+        );
+        assert_eq!((r.external_id.as_deref(), r.names_own_id), (None, true));
+        let r = recognize(
+            &Method::POST,
+            "/text-to-image/kling-v2",
+            r#"{"n":2,"n":5,"external_id":"e","callback_url":7,"options":{"callback_url":"u"}}"#,
+        );
+        assert_eq!(
+            (r.external_id.as_deref(), r.weight, r.has_callback),
+            (Some("e"), 5, true)
+        );
         // Its own field written unset: named, without an id.
         for body in [
             r#"{"prompt":"x","external_id":null}"#,

@@ -319,13 +319,18 @@ fn splice_field(body: &[u8], field: &str, id: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// [`write_field`] for a body that names the field already: parsed as a JSON object, the field
-/// set to `id` (whatever it held), written out again; `None` when it is not an object.
+/// set to `id` (whatever it held, however often it was written), written out again; `None`
+/// when it is not an object. Every other value is written back as its own bytes (a number
+/// past what an `f64` holds, a seed, keeps its digits).
 #[cold]
 fn set_field(body: &[u8], field: &str, id: &[u8]) -> Option<Vec<u8>> {
-    let mut object: serde_json::Map<String, serde_json::Value> =
+    use serde_json::value::RawValue;
+
+    let mut object: std::collections::BTreeMap<String, Box<RawValue>> =
         serde_json::from_slice(body).ok()?;
     let id = std::str::from_utf8(id).ok()?;
-    object.insert(field.to_owned(), serde_json::Value::from(id));
+    let id = RawValue::from_string(serde_json::to_string(id).ok()?).ok()?;
+    object.insert(field.to_owned(), id);
     serde_json::to_vec(&object).ok()
 }
 
@@ -648,6 +653,9 @@ mod tests {
             r#"{"prompt":"cat","external_task_id":null}"#,
             r#"{"external_task_id":"","prompt":"cat"}"#,
             r#"{"prompt":"cat","\u0065xternal_task_id":null}"#,
+            // Written twice: which one a server reads is not known, so neither is taken.
+            r#"{"external_task_id":null,"prompt":"cat","external_task_id":"job-1"}"#,
+            r#"{"external_task_id":"job-1","prompt":"cat","external_task_id":"job-1"}"#,
         ] {
             let mut req = create("/v1/videos/text2video", body);
             let rng = crate::rng::SplitMix::seeded(4);
@@ -664,6 +672,21 @@ mod tests {
             assert_eq!(value["prompt"], "cat", "{body}");
             assert_eq!(spliced.body(&original).peek_bytes(), sent, "{body}");
         }
+    }
+
+    /// The rewrite keeps every other value's bytes: a number past an `f64`'s precision (a seed)
+    /// is sent as the caller wrote it.
+    #[test]
+    fn a_rewritten_body_keeps_other_values_as_written() {
+        let body = r#"{"external_task_id":null,"seed":18446744073709551616,"cfg":0.10000000000000000001,"prompt":"c\u00e4t"}"#;
+        let mut req = create("/v1/videos/text2video", body);
+        let rng = crate::rng::SplitMix::seeded(4);
+        add_generated_id(&mut req, &rng).expect("an id");
+        let text = String::from_utf8(req.body().peek_bytes().to_vec()).unwrap();
+        assert!(text.contains(r#""seed":18446744073709551616"#), "{text}");
+        assert!(text.contains(r#""cfg":0.10000000000000000001"#), "{text}");
+        assert!(text.contains(r#""prompt":"c\u00e4t""#), "{text}");
+        assert_eq!(text.matches("external_task_id").count(), 1, "{text}");
     }
 
     #[test]

@@ -254,6 +254,17 @@ async fn a_create_whose_id_the_server_would_not_read_gets_one_it_does_and_is_mad
             "/v1/videos/text2video",
             r#"{"prompt":"x","external_task_id":0}"#,
         ),
+        // A field the legacy server ignores, of a type the typed read refuses: the caller's
+        // id is still read (it was lost, and a generated one put in front of it).
+        (
+            "/v1/videos/text2video",
+            r#"{"prompt":"x","external_task_id":"job-1","options":"x"}"#,
+        ),
+        // Written twice: set once, to the id looked up.
+        (
+            "/v1/videos/text2video",
+            r#"{"external_task_id":null,"prompt":"x","external_task_id":"job-1"}"#,
+        ),
     ] {
         let mock = MockKling::new(
             MockConfig::default()
