@@ -429,6 +429,21 @@ where
         }
     }
 
+    /// Whether `error` is a create's answer of 2xx whose body could not be read (not JSON, a
+    /// task field of an odd type, over the body limit).
+    fn unreadable_success(&mut self, error: &BoxError) -> bool {
+        let status = error
+            .downcast_ref::<MalformedResponse>()
+            .map(MalformedResponse::status)
+            .or_else(|| {
+                error
+                    .downcast_ref::<kling_core::error::BodyTooLarge>()
+                    .map(kling_core::error::BodyTooLarge::status)
+            });
+        status.is_some_and(|status| status.is_success())
+            && Recognized::cached(self.template.request()).is_some_and(Recognized::is_create)
+    }
+
     /// The attempt limit, plus the one retry of a refused token (outside the limit, as the
     /// auth layer's own resend was) and the slot-gated retries: a `1303` the task-slots layer
     /// below holds until one of this account's tasks ends is waiting, not hammering the API,
@@ -444,6 +459,23 @@ where
 
     fn after_error(&mut self, error: BoxError) -> Step {
         match self.shared().policy.judge(Attempted::Error(&error)) {
+            Verdict::Return
+                if self.sending == Sending::Original && self.unreadable_success(&error) =>
+            {
+                // The server took the create (a 2xx) in an answer nobody can read: its task
+                // is there, and the caller needs the id to find it (one this layer wrote
+                // in leaves it by no other way). Not sent again, not looked up: a lookup that
+                // ran before the server recorded the task would say to send it twice.
+                let id = Recognized::cached(self.template.request())
+                    .and_then(|recognized| recognized.external_id.clone());
+                let failed = Failed::new(
+                    StopReason::CreateMayHaveHappened,
+                    self.tally(),
+                    Last::Error(error),
+                )
+                .with_external_id(id);
+                Step::Finish(Err(Box::new(failed)))
+            }
             Verdict::Return => Step::Finish(self.pass_through(error)),
             Verdict::Retry { delay, create } => {
                 // A response without a Kling envelope (a proxy's page) may still say when to

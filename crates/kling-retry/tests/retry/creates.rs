@@ -975,3 +975,36 @@ async fn a_new_style_list_read_in_whole_without_the_create_sends_it_again() {
         assert_eq!(log.count("GET", "job-16"), 1, "{data}");
     }
 }
+
+/// A create the server took (HTTP 200) in an answer nobody can read: its task exists, so it is
+/// neither sent again nor returned as a bare parse error, but as a create that may have
+/// happened, with the id this layer wrote in (the caller's only way to find the task).
+#[tokio::test(start_paused = true)]
+async fn a_create_taken_in_an_unreadable_answer_reports_its_generated_id() {
+    use http_body_util::Full;
+
+    let (server, log) = kling(|_, _| {
+        Reply::Now(
+            http::Response::builder()
+                .status(StatusCode::OK)
+                .body(Full::new(bytes::Bytes::from_static(
+                    b"<html>accepted</html>",
+                )))
+                .unwrap(),
+        )
+    });
+    let client = RetryLayer::builder()
+        .generate_external_ids(true)
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, create(r#"{"prompt":"a cat"}"#))
+        .await
+        .unwrap_err();
+    assert_eq!(log.len(), 1, "not sent again, not looked up");
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::CreateMayHaveHappened);
+    let id = failed.external_id().expect("the id written in");
+    assert!(log.all()[0].body.contains(id), "{id}");
+    assert!(kling_core::error::may_have_created(&*error));
+}
