@@ -156,7 +156,8 @@ impl<P> RetryLayerBuilder<P> {
 
     /// Sets the total time one call may take, across attempts and every wait in the layers
     /// below (they receive it as [`kling_core::signals::Deadline`]). A request that already
-    /// carries an earlier `Deadline` keeps it.
+    /// carries an earlier `Deadline` keeps it. It is checked between attempts, and the waits
+    /// below honour it; an attempt in flight is bounded only by a timeout under this layer.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
         self
