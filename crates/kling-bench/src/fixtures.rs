@@ -164,6 +164,49 @@ impl Service<Req> for EchoKling {
     }
 }
 
+/// [`EchoKling`] whose every answer comes after one wait: its future is pending once (and wakes
+/// itself at once), as any real client's is while the request is on the wire. Layers that
+/// arm a timer only when the call below waits (the per-attempt timeout) pay for it here.
+#[derive(Clone, Debug)]
+pub struct WaitingKling(pub EchoKling);
+
+/// The answer [`WaitingKling`] gives after one wait.
+#[derive(Debug)]
+pub struct AfterOneWait {
+    answer: Option<Result<Res, Infallible>>,
+    waited: bool,
+}
+
+impl std::future::Future for AfterOneWait {
+    type Output = Result<Res, Infallible>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if !self.waited {
+            self.waited = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(self.answer.take().expect("polled after its answer"))
+    }
+}
+
+impl Service<Req> for WaitingKling {
+    type Response = Res;
+    type Error = Infallible;
+    type Future = AfterOneWait;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        AfterOneWait {
+            answer: Some(self.0.call(request).into_inner()),
+            waited: false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,7 +30,7 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use crate::alloc::Counting;
 use crate::cpu;
-use crate::fixtures::{EchoKling, Fixtures, LIVE, Req, Res, create_envelope};
+use crate::fixtures::{EchoKling, Fixtures, LIVE, Req, Res, WaitingKling, create_envelope};
 use crate::tower_client::{tower_stack, tower_stack_buffered};
 
 /// How much to measure.
@@ -385,6 +385,17 @@ pub const PRO_STACK_CLONED: &str = "kling-tower Pro stack (KlingLayer), cloned p
 pub const TOWER_BUFFERED_CLONED: &str =
     "tower Retry+Buffer+ConcurrencyLimit+RateLimit, cloned per request";
 
+/// The end of the name of a subject over [`WaitingKling`](crate::fixtures::WaitingKling): each
+/// answer comes after one wait, as a real client's does.
+pub const WAITS: &str = ", inner answers after one wait";
+/// The bare service, answering after one wait.
+pub const BARE_WAITS: &str = "bare in-memory Kling, inner answers after one wait";
+/// The envelope read over it.
+pub const CLASSIFY_WAITS: &str = "ClassifyLayer (envelope read), inner answers after one wait";
+/// tower's shareable stack over it.
+pub const TOWER_BUFFERED_WAITS: &str =
+    "tower Retry+Buffer+ConcurrencyLimit+RateLimit, inner answers after one wait";
+
 /// tower's `RateLimit` is a fixed window (`num` per `per`); with `num` = 1 and a 1 ns `per`
 /// every request would wait for the timer wheel's 1 ms tick, so the window is a billion requests
 /// a second: the success path.
@@ -543,6 +554,63 @@ fn subjects(fixtures: &Arc<Fixtures>) -> Vec<Box<dyn Subject>> {
             make: move || tower_stack_buffered(echo(), 100_000, 60e9, TOWER_BURST, 1024),
         }));
     }
+    // Over a service whose answers come after one wait, as a real client's do: the timer a
+    // per-attempt timeout arms only then, and what a wait costs each stack.
+    let waiting = {
+        let echo = echo.clone();
+        move || WaitingKling(echo())
+    };
+    let waiting_classified = {
+        let waiting = waiting.clone();
+        move || ClassifyLayer::new().layer(waiting())
+    };
+    out.push(Box::new(Shared {
+        name: BARE_WAITS.into(),
+        baseline: None,
+        auth: true,
+        clone_per_request: false,
+        make: waiting.clone(),
+    }));
+    out.push(Box::new(Shared {
+        name: CLASSIFY_WAITS.into(),
+        baseline: Some(BARE_WAITS),
+        auth: true,
+        clone_per_request: false,
+        make: waiting_classified.clone(),
+    }));
+    {
+        let layer = AttemptTimeoutLayer::new(Duration::from_secs(30));
+        let waiting_classified = waiting_classified.clone();
+        out.push(Box::new(Shared {
+            name: format!("AttemptTimeoutLayer (per attempt){WAITS}"),
+            baseline: Some(CLASSIFY_WAITS),
+            auth: true,
+            clone_per_request: false,
+            make: move || layer.layer(waiting_classified()),
+        }));
+    }
+    {
+        let waiting = waiting.clone();
+        let kling = KlingLayer::new(
+            pro_config(),
+            Credentials::api_key("bench-key").expect("key"),
+        )
+        .expect("a valid stack");
+        out.push(Box::new(Shared {
+            name: format!("{PRO_STACK}{WAITS}"),
+            baseline: Some(BARE_WAITS),
+            auth: false,
+            clone_per_request: false,
+            make: move || kling.layer(waiting()),
+        }));
+    }
+    out.push(Box::new(Shared {
+        name: TOWER_BUFFERED_WAITS.into(),
+        baseline: Some(BARE_WAITS),
+        auth: true,
+        clone_per_request: false,
+        make: move || tower_stack_buffered(waiting(), 100_000, 60e9, TOWER_BURST, 1024),
+    }));
     out
 }
 

@@ -15,7 +15,9 @@ fn signed(value: f64) -> String {
 /// The bare service and tower's shareable stack a subject is set against: called the way the
 /// subject is (a row cloned per request against those cloned per request too).
 fn references(name: &str) -> (&'static str, &'static str) {
-    if name.ends_with(overhead::CLONED) {
+    if name.ends_with(overhead::WAITS) {
+        (overhead::BARE_WAITS, overhead::TOWER_BUFFERED_WAITS)
+    } else if name.ends_with(overhead::CLONED) {
         (overhead::BARE_CLONED, overhead::TOWER_BUFFERED_CLONED)
     } else {
         (overhead::BARE, overhead::TOWER_BUFFERED)
