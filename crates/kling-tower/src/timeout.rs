@@ -1,13 +1,22 @@
 //! [`AttemptTimeoutLayer`]: a per-attempt timeout whose timer is armed only when the attempt
-//! actually waits.
+//! actually waits, and is one timer for all the attempts of a layer.
 //!
 //! tower's `Timeout` builds a `Sleep` for every call (a clock read, a runtime-handle clone, a
 //! timer entry to tear down); an attempt answered at once — a cache, an in-memory client, a
-//! mock — never needs one. This layer polls the attempt first and arms the timer on the first
-//! poll that finds it pending, so the time counts from that poll (the stack's layers poll an
-//! attempt in the same step that sends it). A late attempt fails with tower's own
-//! [`Elapsed`], so code that recognises tower's timeout keeps
-//! working.
+//! mock — never needs one. This layer polls the attempt first and arms its deadline on the
+//! first poll that finds it pending, so the time counts from that poll (the stack's layers poll
+//! an attempt in the same step that sends it). A late attempt fails with tower's own
+//! [`Elapsed`], so code that recognises tower's timeout keeps working.
+//!
+//! An attempt that waits is not given a `Sleep` of its own either: registering one with
+//! tokio's timer per attempt cost some 850 ns (`kling-bench overhead`, "inner answers after one
+//! wait"), most of it the time driver woken to take a timer due sooner than the one it sleeps
+//! for. The attempts of a layer (and its services' clones) keep their deadlines in one list
+//! instead, in the order they were set, and one task per layer (spawned on the first wait)
+//! sleeps until the first of them, wakes the attempts whose time is up, and goes back to sleep
+//! for at most the timeout: a deadline set later is never sooner, so setting one needs nothing
+//! from that task. It holds no strong reference to the layer, and ends within a timeout of the
+//! layer's last service being dropped.
 //!
 //! ```
 //! use std::time::Duration;
@@ -23,28 +32,44 @@
 //! # }
 //! ```
 
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use kling_core::BoxError;
+use kling_core::lanes::{self, LANES, Lane, Lanes};
+use kling_core::waitlist::WaitList;
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
+use tokio::time::Instant;
 use tower::timeout::error::Elapsed;
 use tower_layer::Layer;
 use tower_service::Service;
 
 /// Fails an attempt that takes longer than a timeout; see the [module docs](self).
-#[derive(Clone, Copy, Debug)]
+///
+/// # Clone
+///
+/// Clones, and every service they build, share one list of deadlines and its timer.
+#[derive(Clone, Debug)]
 pub struct AttemptTimeoutLayer {
-    timeout: Duration,
+    deadlines: Arc<Deadlines>,
 }
 
 impl AttemptTimeoutLayer {
     /// A layer failing attempts still pending `timeout` after their first poll.
     pub fn new(timeout: Duration) -> Self {
-        AttemptTimeoutLayer { timeout }
+        AttemptTimeoutLayer {
+            deadlines: Arc::new(Deadlines::new(timeout)),
+        }
+    }
+
+    /// The timeout.
+    pub fn timeout(&self) -> Duration {
+        self.deadlines.timeout
     }
 }
 
@@ -54,16 +79,24 @@ impl<S> Layer<S> for AttemptTimeoutLayer {
     fn layer(&self, inner: S) -> AttemptTimeout<S> {
         AttemptTimeout {
             inner,
-            timeout: self.timeout,
+            deadlines: Arc::new(Lanes::new(Arc::clone(&self.deadlines))),
         }
     }
 }
 
+/// The deadlines, one reference per thread: a response future takes its thread's, so the
+/// threads of a runtime never write one shared reference count per request.
+type Shared = Arc<Lanes<Arc<Deadlines>>>;
+
 /// The service [`AttemptTimeoutLayer`] builds.
+///
+/// # Clone
+///
+/// Clones share the layer's deadlines and timer and clone the inner service.
 #[derive(Clone, Debug)]
 pub struct AttemptTimeout<S> {
     inner: S,
-    timeout: Duration,
+    deadlines: Shared,
 }
 
 impl<S> AttemptTimeout<S> {
@@ -99,9 +132,163 @@ where
     fn call(&mut self, request: R) -> Self::Future {
         ResponseFuture {
             inner: self.inner.call(request),
-            sleep: None,
-            timeout: self.timeout,
+            deadlines: self.deadlines.lane(),
+            armed: None,
         }
+    }
+}
+
+/// The deadlines of a layer's attempts that wait, and the task that fails the late ones.
+///
+/// One list per lane (the threads' [`kling_core::lanes`]): an attempt sets its deadline in its
+/// thread's list, so the threads of a runtime do not take turns at one lock per attempt.
+struct Deadlines {
+    timeout: Duration,
+    lanes: [Mutex<WaitList<Instant>>; LANES],
+    next_ticket: AtomicU64,
+    /// Whether the timer task runs (set by the attempt that spawns it, cleared when the task
+    /// ends, or when its runtime drops it).
+    timer: AtomicBool,
+}
+
+impl fmt::Debug for Deadlines {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Deadlines")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Deadlines {
+    fn new(timeout: Duration) -> Deadlines {
+        Deadlines {
+            timeout,
+            lanes: std::array::from_fn(|_| Mutex::new(WaitList::new())),
+            next_ticket: AtomicU64::new(0),
+            timer: AtomicBool::new(false),
+        }
+    }
+
+    fn lane(&self, lane: usize) -> MutexGuard<'_, WaitList<Instant>> {
+        self.lanes[lane].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A timeout from `now`; a year ahead where the clock holds no more (the timer sleeps at
+    /// most a timeout at a time).
+    fn after(&self, now: Instant) -> Instant {
+        now.checked_add(self.timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+    }
+
+    /// Sets a waiting attempt's deadline a timeout from now, in this thread's list; its lane,
+    /// ticket and deadline.
+    fn arm(self: &Arc<Self>, waker: &Waker) -> (usize, u64, Instant) {
+        let lane = lanes::current();
+        let (ticket, deadline) = {
+            // Ticket and deadline taken under the list's lock (threads beyond the lanes share
+            // them), so both rise along each list: it is searched by ticket, and the timer
+            // reads its deadlines from the front.
+            let mut list = self.lane(lane);
+            let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+            let deadline = self.after(Instant::now());
+            list.push_back(ticket, deadline, waker.clone());
+            (ticket, deadline)
+        };
+        if !self.timer.load(Ordering::Acquire)
+            && self
+                .timer
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            tokio::spawn(fail_late_attempts(Arc::downgrade(self)));
+        }
+        (lane, ticket, deadline)
+    }
+
+    /// The attempt holding `ticket` is polled again: it will be woken with `waker`.
+    fn rewake(&self, lane: usize, ticket: u64, waker: &Waker) {
+        let mut list = self.lane(lane);
+        if let Some(at) = list.position(ticket) {
+            list.set_waker(at, waker);
+        }
+    }
+
+    /// The attempt holding `ticket` is done (answered, failed late, or dropped).
+    fn disarm(&self, lane: usize, ticket: u64) {
+        self.lane(lane).remove(ticket);
+    }
+
+    /// Wakes every attempt whose deadline has come; the first deadline left, if any.
+    fn wake_late(&self, now: Instant) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut due = Vec::new();
+        for lane in 0..LANES {
+            let mut list = self.lane(lane);
+            while list.front().is_some_and(|w| w.value <= now) {
+                if let Some(waker) = list.pop_front().and_then(|w| w.waker) {
+                    due.push(waker);
+                }
+            }
+            if let Some(first) = list.front() {
+                next = Some(next.map_or(first.value, |n| n.min(first.value)));
+            }
+        }
+        due.into_iter().for_each(Waker::wake);
+        next
+    }
+}
+
+/// Clears [`Deadlines::timer`] when the timer task ends or its runtime drops it, so the next
+/// attempt that waits spawns another.
+struct TimerRunning(Weak<Deadlines>);
+
+impl Drop for TimerRunning {
+    fn drop(&mut self) {
+        if let Some(deadlines) = self.0.upgrade() {
+            deadlines.timer.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// The layer's timer: wakes every attempt whose deadline has come, then sleeps until the next
+/// deadline, or for a timeout when there is none sooner (a deadline set meanwhile is at least
+/// that far), until the layer is gone.
+async fn fail_late_attempts(deadlines: Weak<Deadlines>) {
+    let _running = TimerRunning(deadlines.clone());
+    loop {
+        let next = {
+            let Some(deadlines) = deadlines.upgrade() else {
+                return;
+            };
+            let now = Instant::now();
+            let idle = deadlines.after(now);
+            deadlines
+                .wake_late(now)
+                .map_or(idle, |first| first.min(idle))
+        };
+        tokio::time::sleep_until(next).await;
+    }
+}
+
+/// A waiting attempt's place in its layer's deadlines, given up when dropped.
+struct Armed {
+    deadlines: Arc<Lane<Arc<Deadlines>>>,
+    lane: usize,
+    ticket: u64,
+    deadline: Instant,
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        self.deadlines.disarm(self.lane, self.ticket);
+    }
+}
+
+impl fmt::Debug for Armed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Armed")
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
     }
 }
 
@@ -111,10 +298,9 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        // Armed on the first pending poll; boxed, so the future of an attempt answered at once
-        // is small for the layers above to move.
-        sleep: Option<Pin<Box<Sleep>>>,
-        timeout: Duration,
+        deadlines: Arc<Lane<Arc<Deadlines>>>,
+        // Set on the first pending poll.
+        armed: Option<Armed>,
     }
 }
 
@@ -128,15 +314,28 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         if let Poll::Ready(result) = this.inner.poll(cx) {
+            *this.armed = None;
             return Poll::Ready(result.map_err(Into::into));
         }
-        let timeout = *this.timeout;
-        let sleep = this
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(Box::new(Elapsed::new()))),
-            Poll::Pending => Poll::Pending,
+        match this.armed {
+            None => {
+                let (lane, ticket, deadline) = this.deadlines.arm(cx.waker());
+                *this.armed = Some(Armed {
+                    deadlines: Arc::clone(this.deadlines),
+                    lane,
+                    ticket,
+                    deadline,
+                });
+                Poll::Pending
+            }
+            Some(armed) if Instant::now() >= armed.deadline => {
+                *this.armed = None;
+                Poll::Ready(Err(Box::new(Elapsed::new())))
+            }
+            Some(armed) => {
+                armed.deadlines.rewake(armed.lane, armed.ticket, cx.waker());
+                Poll::Pending
+            }
         }
     }
 }
@@ -171,6 +370,86 @@ mod tests {
         assert!(error.is::<Elapsed>(), "{error}");
         assert_eq!(start.elapsed(), Duration::from_secs(5));
         assert_eq!(calls.load(Ordering::Relaxed), 3);
+    }
+
+    /// Attempts armed at different times each fail at their own deadline, from the one timer;
+    /// answered and dropped attempts leave the list empty.
+    #[tokio::test(start_paused = true)]
+    async fn each_waiting_attempt_fails_at_its_own_deadline_and_leaves_nothing_behind() {
+        let layer = AttemptTimeoutLayer::new(Duration::from_secs(10));
+        let service = layer.layer(service_fn(|delay: u64| async move {
+            tokio::time::sleep(Duration::from_secs(delay)).await;
+            Ok::<_, std::convert::Infallible>(delay)
+        }));
+        let start = Instant::now();
+        let mut late = Vec::new();
+        for i in 0..5 {
+            let waiting = service.clone();
+            late.push(tokio::spawn(async move {
+                let error = waiting.oneshot(100).await.unwrap_err();
+                assert!(error.is::<Elapsed>(), "{error}");
+                Instant::now()
+            }));
+            let answered = service.clone().oneshot(1).await.unwrap();
+            assert_eq!(answered, 1);
+            assert_eq!(start.elapsed(), Duration::from_secs(i + 1));
+        }
+        for (i, late) in late.into_iter().enumerate() {
+            let failed_at = late.await.unwrap();
+            assert_eq!(failed_at - start, Duration::from_secs(i as u64 + 10));
+        }
+        // A waiting attempt dropped gives its place up.
+        let dropped = tokio::time::timeout(Duration::from_secs(1), service.clone().oneshot(100));
+        assert!(dropped.await.is_err());
+        assert!((0..LANES).all(|lane| layer.deadlines.lane(lane).is_empty()));
+    }
+
+    /// The timer task holds no strong reference: it ends within a timeout of the layer being
+    /// dropped.
+    #[tokio::test(start_paused = true)]
+    async fn the_timer_ends_once_the_layer_is_gone() {
+        let layer = AttemptTimeoutLayer::new(Duration::from_secs(10));
+        let service = layer.layer(service_fn(|_: ()| async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok::<_, BoxError>(())
+        }));
+        service.clone().oneshot(()).await.unwrap();
+        assert!(
+            layer.deadlines.timer.load(Ordering::Acquire),
+            "spawned on the first wait"
+        );
+        let deadlines = Arc::downgrade(&layer.deadlines);
+        drop((layer, service));
+        assert!(deadlines.upgrade().is_none());
+        // The task wakes within a timeout, finds the layer gone and ends: nothing else runs,
+        // so the runtime has no timer left to move the paused clock to.
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        let remaining = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        assert_eq!(remaining, 0);
+    }
+
+    /// A layer used on a runtime that has gone, then on another: the timer is spawned again
+    /// there, and a late attempt still fails.
+    #[test]
+    fn a_layer_outliving_its_runtime_times_out_on_the_next() {
+        let layer = AttemptTimeoutLayer::new(Duration::from_millis(50));
+        let service = layer.layer(service_fn(|delay: u64| async move {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            Ok::<_, BoxError>(delay)
+        }));
+        for _ in 0..2 {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                assert_eq!(service.clone().oneshot(1).await.unwrap(), 1);
+                let error = service.clone().oneshot(10_000).await.unwrap_err();
+                assert!(error.is::<Elapsed>(), "{error}");
+            });
+        }
     }
 
     #[tokio::test(start_paused = true)]
