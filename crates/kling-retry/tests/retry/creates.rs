@@ -11,7 +11,7 @@ use kling_retry::{Recovered, RetryLayer};
 use tower::Layer;
 use tower::timeout::TimeoutLayer;
 
-use crate::support::{Reply, Seen, code, create, envelope, kling, send, task};
+use crate::support::{Reply, Seen, code, create, envelope, html, kling, send, task};
 
 /// A scripted Kling that answers every create (`POST`) with `create()` and every other request
 /// (the lookups) with `other()`.
@@ -881,16 +881,7 @@ async fn a_create_without_an_id_waits_out_maintenance_and_is_sent_again() {
 #[tokio::test(start_paused = true)]
 async fn a_create_without_an_id_after_a_503_page_without_an_envelope_is_not_sent_again() {
     // A 503 with no Kling envelope (a gateway's page) says nothing about what happened.
-    let (server, log) = kling(|_, _| {
-        Reply::Now(
-            http::Response::builder()
-                .status(StatusCode::SERVICE_UNAVAILABLE)
-                .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                    b"<html>down</html>",
-                )))
-                .unwrap(),
-        )
-    });
+    let (server, log) = kling(|_, _| Reply::Now(html(503, "<html>down</html>")));
     let error = send(&layer().layer(server), create(r#"{"prompt":"a cat"}"#))
         .await
         .unwrap_err();
@@ -981,18 +972,7 @@ async fn a_new_style_list_read_in_whole_without_the_create_sends_it_again() {
 /// happened, with the id this layer wrote in (the caller's only way to find the task).
 #[tokio::test(start_paused = true)]
 async fn a_create_taken_in_an_unreadable_answer_reports_its_generated_id() {
-    use http_body_util::Full;
-
-    let (server, log) = kling(|_, _| {
-        Reply::Now(
-            http::Response::builder()
-                .status(StatusCode::OK)
-                .body(Full::new(bytes::Bytes::from_static(
-                    b"<html>accepted</html>",
-                )))
-                .unwrap(),
-        )
-    });
+    let (server, log) = kling(|_, _| Reply::Now(html(200, "<html>accepted</html>")));
     let client = RetryLayer::builder()
         .generate_external_ids(true)
         .build()

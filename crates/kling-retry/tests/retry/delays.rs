@@ -208,13 +208,7 @@ async fn the_same_seed_gives_the_same_delays() {
 
 /// A page a proxy or gateway answers with instead of a Kling envelope.
 fn page(status: u16, retry_after: &str) -> crate::support::Res {
-    let res = http::Response::builder()
-        .status(status)
-        .header("content-type", "text/html")
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(
-            b"<html><body>try again later</body></html>",
-        )))
-        .unwrap();
+    let res = crate::support::html(status, "<html><body>try again later</body></html>");
     with_header(res, "retry-after", retry_after)
 }
 

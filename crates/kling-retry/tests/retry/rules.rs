@@ -298,14 +298,7 @@ async fn a_1303_without_a_slots_layer_backs_off_at_least_a_second() {
 
 #[tokio::test(start_paused = true)]
 async fn a_malformed_gateway_page_with_a_5xx_is_retried_and_a_malformed_200_is_not() {
-    let html = |status: u16| {
-        http::Response::builder()
-            .status(status)
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                b"<html>bad gateway</html>",
-            )))
-            .unwrap()
-    };
+    let html = |status: u16| crate::support::html(status, "<html>bad gateway</html>");
     let (server, log) =
         kling(move |_, i| Reply::Now(if i == 0 { html(502) } else { task("t1", None) }));
     send(&layer().layer(server), get("/v1/videos/text2video/t1"))

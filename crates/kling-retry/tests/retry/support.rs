@@ -141,6 +141,15 @@ pub(crate) fn task(id: &str, external: Option<&str>) -> Res {
     )
 }
 
+/// A page with no Kling envelope (a proxy's, a gateway's) at `status`.
+pub(crate) fn html(status: u16, body: &'static str) -> Res {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/html")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
 pub(crate) fn with_header(mut res: Res, name: &'static str, value: &str) -> Res {
     res.headers_mut().insert(name, value.parse().unwrap());
     res
