@@ -385,7 +385,7 @@ pub const PRO_STACK_CLONED: &str = "kling-tower Pro stack (KlingLayer), cloned p
 pub const TOWER_BUFFERED_CLONED: &str =
     "tower Retry+Buffer+ConcurrencyLimit+RateLimit, cloned per request";
 
-/// The end of the name of a subject over [`WaitingKling`](crate::fixtures::WaitingKling): each
+/// The end of the name of a subject over [`WaitingKling`]: each
 /// answer comes after one wait, as a real client's does.
 pub const WAITS: &str = ", inner answers after one wait";
 /// The bare service, answering after one wait.
