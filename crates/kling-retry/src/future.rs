@@ -16,6 +16,7 @@ use kling_core::signals::{Attempt, SendWatch};
 use kling_core::{ApiGeneration, Code, Disposition, Outcome, PeekBody, Recognized, RequestKind};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
+use tower::timeout::error::Elapsed;
 use tower_service::Service;
 
 use crate::backoff::DelayKind;
@@ -131,6 +132,10 @@ struct Retrying<S, B> {
     waited: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
     sleep_from: Instant,
+    /// Armed while a retry or a lookup is out and the call has a deadline: an attempt still
+    /// unanswered at the deadline is given up (the first attempt is left to a timeout below,
+    /// so an answered call arms no timer).
+    deadline_sleep: Option<Pin<Box<Sleep>>>,
     last: Option<Last>,
     /// Slot-gated retries so far: outside the attempt limit (see `attempt_limit`).
     slot_gated: u32,
@@ -147,6 +152,7 @@ impl<S, B> Retrying<S, B> {
             waited: Duration::ZERO,
             sleep: None,
             sleep_from: now,
+            deadline_sleep: None,
             last: None,
         }
     }
@@ -239,7 +245,16 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Calling { future } => {
-                    let result = ready!(future.poll(cx)).map_err(Into::into);
+                    let result = match future.poll(cx) {
+                        Poll::Ready(result) => result.map_err(Into::into),
+                        // A retry or lookup still out at the call's deadline is given up as a
+                        // timed-out attempt (it may have made a task): the next step finds the
+                        // deadline passed and ends the call with what is known.
+                        Poll::Pending if this.call.past_deadline_in_flight(cx) => {
+                            Err(Box::new(Elapsed::new()) as BoxError)
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    };
                     match this.call.after_attempt(result) {
                         Step::Finish(mut output) => {
                             // A call that took more than one request says how many on its
@@ -311,6 +326,27 @@ impl<S, B, P> Call<S, B, P> {
     /// The create's external id, once an attempt of it may have made a task.
     fn created_as(&self) -> Option<String> {
         self.retry.as_deref()?.external_id.clone()
+    }
+
+    /// Whether a retry or lookup in flight has met the call's deadline; arms the deadline's
+    /// timer the first time it is asked (on retries only: a call answered at its first attempt
+    /// never asks).
+    fn past_deadline_in_flight(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(deadline) = self.template.deadline else {
+            return false;
+        };
+        let Some(retry) = self.retry.as_deref_mut() else {
+            return false;
+        };
+        if Instant::now() >= deadline {
+            return true;
+        }
+        retry
+            .deadline_sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)))
+            .as_mut()
+            .poll(cx)
+            .is_ready()
     }
 
     /// The retry state, made at the first retry.

@@ -156,8 +156,9 @@ impl<P> RetryLayerBuilder<P> {
 
     /// Sets the total time one call may take, across attempts and every wait in the layers
     /// below (they receive it as [`kling_core::signals::Deadline`]). A request that already
-    /// carries an earlier `Deadline` keeps it. It is checked between attempts, and the waits
-    /// below honour it; an attempt in flight is bounded only by a timeout under this layer.
+    /// carries an earlier `Deadline` keeps it. The waits below honour it, and a retry or lookup
+    /// still out at it is given up; the first attempt is bounded by a timeout under this layer
+    /// only (none is armed for it here).
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
         self

@@ -78,10 +78,11 @@
 //!   [`Deadline`](kling_core::signals::Deadline) so the rate limiter and the slots layer stop
 //!   waiting at it too; and a [`RetryBudget`] shared by clones. When the next retry would start
 //!   after the deadline, the call returns at once with [`error::DeadlineExceeded`], which says
-//!   when to resume (unless a create's lookup was next: see below). The deadline is checked
-//!   between attempts: an attempt already sent is waited for, so bound each one with a
-//!   timeout under this layer (kling-tower's stack has one, 30 s), or a server that never
-//!   answers holds the call past its deadline.
+//!   when to resume (unless a create's lookup was next: see below). A retry or a lookup still
+//!   out at the deadline is given up there, as a timed-out attempt; the first attempt arms no
+//!   timer (a call answered at once pays for none), so bound it with a timeout under this
+//!   layer (kling-tower's stack has one, 30 s), or a server that never answers it holds the
+//!   call past its deadline.
 //! - **No duplicate billed tasks**: a create is sent again after `1302`, `1303`, `5001` or a
 //!   connection that was never made (it did not happen). After `5000`, `5002`, a 5xx without a
 //!   Kling envelope, a timeout or a reset it is sent again only when it carries an

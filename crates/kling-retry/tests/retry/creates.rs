@@ -988,3 +988,37 @@ async fn a_create_taken_in_an_unreadable_answer_reports_its_generated_id() {
     assert!(log.all()[0].body.contains(id), "{id}");
     assert!(kling_core::error::may_have_created(&*error));
 }
+
+/// A lookup that never answers ends at the call's deadline, not an hour later: the call says
+/// its create may have made a task, with the id to find it by. (The deadline used to be read
+/// only between attempts, so with no timeout under the layer the call waited for good.)
+#[tokio::test(start_paused = true)]
+async fn a_lookup_that_never_answers_ends_at_the_deadline_with_the_creates_id() {
+    let (server, log) = kling(|seen, _| {
+        if seen.method == Method::POST {
+            Reply::Now(code(5000))
+        } else {
+            Reply::Later(Duration::from_secs(3600), task("t1", Some("job-1")))
+        }
+    });
+    let client = RetryLayer::builder()
+        .deadline(Duration::from_secs(30))
+        .build()
+        .unwrap()
+        .layer(server);
+    let start = tokio::time::Instant::now();
+    let error = send(
+        &client,
+        create(r#"{"prompt":"a cat","external_task_id":"job-1"}"#),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(30));
+    assert_eq!(log.count("GET", "job-1"), 1, "the lookup went out");
+    assert_eq!(log.count("POST", ""), 1, "the create was not sent again");
+    assert!(kling_core::error::may_have_created(&*error), "{error}");
+    let late = error
+        .downcast_ref::<kling_retry::error::DeadlineExceeded>()
+        .unwrap_or_else(|| panic!("{error}"));
+    assert_eq!(late.external_id(), Some("job-1"));
+}
