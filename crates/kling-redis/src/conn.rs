@@ -5,6 +5,8 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+#[cfg(feature = "testing")]
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -17,6 +19,22 @@ use crate::error::{ConfigError, StoreError};
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "kling";
+
+/// A clock measurement whose fastest probe took at most this long is precise enough: its
+/// error is at most half of it. Past it (a loaded host: a probe's answer read late), up to
+/// [`MAX_CLOCK_PROBES`] are taken, and the next measurement comes sooner.
+const PRECISE_ROUND_TRIP_US: i64 = 1_000;
+/// Probes per measurement when the first ones are precise.
+const MIN_CLOCK_PROBES: u32 = 3;
+/// Probes per measurement at most.
+const MAX_CLOCK_PROBES: u32 = 10;
+/// How far the monotonic clock may drift from the server's per second, µs (100 ppm, well past
+/// a healthy quartz's): an older measurement's error bound grows by this, so a newer one
+/// replaces it only when it is no worse.
+const DRIFT_US_PER_SECOND: i64 = 100;
+/// The first wait before measuring again after an imprecise measurement; it doubles each time,
+/// up to `calibrate_every`.
+const IMPRECISE_RETRY: Duration = Duration::from_secs(1);
 
 /// Where Redis is and how to talk to it.
 ///
@@ -181,8 +199,38 @@ struct Inner {
     #[cfg(feature = "testing")]
     local_skew_us: AtomicI64,
     calibrate_every: Duration,
-    last_calibration: std::sync::Mutex<Option<Instant>>,
+    schedule: std::sync::Mutex<Schedule>,
+    /// The next this many probes have their answers read late (`testing::stall_clock_probes`).
+    #[cfg(feature = "testing")]
+    stalled_probes: AtomicU32,
+    /// How late, µs.
+    #[cfg(feature = "testing")]
+    stall_us: AtomicU64,
     client: redis::Client,
+}
+
+/// When the clock is measured again, and how good the measurement in use is.
+#[derive(Debug, Default)]
+struct Schedule {
+    /// When the last measurement started (none yet, or one is due at the next read).
+    last: Option<Instant>,
+    /// How long after `last` the next is due: `calibrate_every`, or shorter while the
+    /// measurement in use is imprecise.
+    every: Option<Duration>,
+    /// The measurement in use: its fastest probe's round trip (µs) and when it was taken. None
+    /// before the first, and after Redis was away (the next is kept whatever its precision).
+    kept: Option<(i64, std::time::Instant)>,
+}
+
+impl Schedule {
+    /// Whether a measurement whose fastest probe took `rtt_us` is at least as good as the one
+    /// in use, whose error bound has grown with its age by the clocks' drift.
+    fn is_better(&self, rtt_us: i64) -> bool {
+        self.kept.is_none_or(|(kept_rtt, at)| {
+            let age_s = i64::try_from(at.elapsed().as_secs()).unwrap_or(i64::MAX);
+            rtt_us / 2 <= (kept_rtt / 2).saturating_add(age_s.saturating_mul(DRIFT_US_PER_SECOND))
+        })
+    }
 }
 
 impl fmt::Debug for Connection {
@@ -236,7 +284,11 @@ impl Connection {
                 #[cfg(feature = "testing")]
                 local_skew_us: AtomicI64::new(0),
                 calibrate_every: config.calibrate_every,
-                last_calibration: std::sync::Mutex::new(None),
+                schedule: std::sync::Mutex::new(Schedule::default()),
+                #[cfg(feature = "testing")]
+                stalled_probes: AtomicU32::new(0),
+                #[cfg(feature = "testing")]
+                stall_us: AtomicU64::new(0),
                 client,
             }),
         })
@@ -281,11 +333,16 @@ impl Connection {
     /// Measures the server's clock again at the next fleet-time read: after Redis was away
     /// (a failover may have brought a server whose clock differs).
     pub(crate) fn recalibrate_soon(&self) {
-        *self
-            .inner
-            .last_calibration
+        let mut schedule = self.schedule();
+        schedule.last = None;
+        schedule.kept = None;
+    }
+
+    fn schedule(&self) -> std::sync::MutexGuard<'_, Schedule> {
+        self.inner
+            .schedule
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = None;
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether the offset to the server's clock has been measured: always after
@@ -329,6 +386,30 @@ impl Connection {
         self.inner.local_skew_us.store(ahead_us, Ordering::Relaxed);
     }
 
+    /// See [`testing::stall_clock_probes`](crate::testing::stall_clock_probes).
+    #[cfg(feature = "testing")]
+    pub(crate) fn stall_clock_probes(&self, probes: u32, by: Duration) {
+        let by = u64::try_from(by.as_micros()).unwrap_or(u64::MAX);
+        self.inner.stall_us.store(by, Ordering::Relaxed);
+        self.inner.stalled_probes.store(probes, Ordering::Relaxed);
+    }
+
+    /// A probe's answer read late, if the test asked for it.
+    async fn maybe_stall_probe(&self) {
+        #[cfg(feature = "testing")]
+        {
+            let stalled = self.inner.stalled_probes.fetch_update(
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+                |n| n.checked_sub(1),
+            );
+            if stalled.is_ok() {
+                let by = self.inner.stall_us.load(Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_micros(by)).await;
+            }
+        }
+    }
+
     /// This process's clock, Unix microseconds.
     fn local_us(&self) -> i64 {
         #[cfg(feature = "testing")]
@@ -365,14 +446,25 @@ impl Connection {
         }
     }
 
-    /// Measures the offset to the server's clock now (`TIME`, keeping the fastest of three
-    /// probes).
+    /// Measures the offset to the server's clock now (`TIME`), keeping the fastest probe: three
+    /// probes, or up to ten while none came back within a millisecond (on a loaded host a
+    /// probe's answer can be read tens of milliseconds late, and the offset is then off by up
+    /// to half that). The result replaces the offset in use only when its error bound is no
+    /// worse than that one's grown with its age; while the offset in use is imprecise, the
+    /// next measurement comes after a second, then two, … up to `calibrate_every`.
     pub async fn calibrate(&self) -> Result<(), StoreError> {
+        let started = Instant::now();
         let mut best: Option<(i64, i64, i64)> = None;
-        for _ in 0..3 {
+        for probe in 0..MAX_CLOCK_PROBES {
+            if probe >= MIN_CLOCK_PROBES
+                && best.is_some_and(|(rtt, _, _)| rtt <= PRECISE_ROUND_TRIP_US)
+            {
+                break;
+            }
             let before = self.local_us();
             let before_mono = self.mono_us();
             let (secs, micros): (i64, i64) = self.query(&redis::cmd("TIME")).await?;
+            self.maybe_stall_probe().await;
             let rtt = self.mono_us() - before_mono;
             let server = secs * 1_000_000 + micros;
             let offset = server - (before + rtt / 2);
@@ -381,39 +473,62 @@ impl Connection {
                 best = Some((rtt, offset, base));
             }
         }
-        if let Some((rtt, offset, base)) = best {
+        let Some((rtt, offset, base)) = best else {
+            return Ok(());
+        };
+        let mut schedule = self.schedule();
+        let kept = schedule.is_better(rtt);
+        if kept {
+            schedule.kept = Some((rtt, std::time::Instant::now()));
             self.inner.offset_us.store(offset, Ordering::Release);
             self.inner.base_us.store(base, Ordering::Release);
             self.inner.calibrated.store(true, Ordering::Release);
-            *self
-                .inner
-                .last_calibration
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-            if offset.abs() > 1_000_000 {
-                tracing::warn!(
-                    offset_us = offset,
-                    rtt_us = rtt,
-                    "local clock is off the redis server's clock by more than a second; corrected"
-                );
-            }
+        }
+        let precise = schedule
+            .kept
+            .is_some_and(|(kept_rtt, _)| kept_rtt <= PRECISE_ROUND_TRIP_US);
+        schedule.every = Some(if precise {
+            self.inner.calibrate_every
+        } else {
+            schedule
+                .every
+                .filter(|every| *every < self.inner.calibrate_every)
+                .map_or(IMPRECISE_RETRY, |every| every.saturating_mul(2))
+                .min(self.inner.calibrate_every)
+        });
+        schedule.last = Some(started);
+        drop(schedule);
+        if !kept {
+            tracing::debug!(
+                rtt_us = rtt,
+                "redis clock probes were slow; the earlier, more precise offset stays"
+            );
+        } else if !precise {
+            tracing::debug!(
+                rtt_us = rtt,
+                "redis clock probes were slow; the offset is uncertain by half of that, measured again soon"
+            );
+        }
+        if kept && offset.abs() > 1_000_000 {
+            tracing::warn!(
+                offset_us = offset,
+                rtt_us = rtt,
+                "local clock is off the redis server's clock by more than a second; corrected"
+            );
         }
         Ok(())
     }
 
     /// Starts a calibration in the background when the last one is older than
-    /// `calibrate_every` (or there was none).
+    /// `calibrate_every` (sooner while the offset in use is imprecise), or there was none.
     pub(crate) fn maybe_calibrate(&self) {
         let due = {
-            let mut last = self
-                .inner
-                .last_calibration
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let due = last.is_none_or(|at| at.elapsed() >= self.inner.calibrate_every);
+            let mut schedule = self.schedule();
+            let every = schedule.every.unwrap_or(self.inner.calibrate_every);
+            let due = schedule.last.is_none_or(|at| at.elapsed() >= every);
             if due {
                 // Claim it, so one probe runs at a time.
-                *last = Some(Instant::now());
+                schedule.last = Some(Instant::now());
             }
             due
         };
@@ -421,11 +536,7 @@ impl Connection {
             let this = self.clone();
             handle.spawn(async move {
                 if this.calibrate().await.is_err() {
-                    *this
-                        .inner
-                        .last_calibration
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner()) = None;
+                    this.schedule().last = None;
                 }
             });
         }

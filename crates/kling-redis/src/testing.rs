@@ -199,6 +199,13 @@ pub fn skew_local_clock(conn: &crate::Connection, ahead_us: i64) {
     conn.skew_local_clock(ahead_us);
 }
 
+/// Makes the next `probes` clock probes of `conn` (and its clones) read their answer `by` late:
+/// a process descheduled right after Redis answered `TIME`, which takes the server's clock for
+/// `by / 2` behind where it is.
+pub fn stall_clock_probes(conn: &crate::Connection, probes: u32, by: Duration) {
+    conn.stall_clock_probes(probes, by);
+}
+
 /// Makes `slots` (and its clones) wait `by` before sending each change it replays: a replay
 /// whose changes are in flight while the process makes new ones.
 pub fn delay_replay(slots: &crate::RedisSlots, by: Duration) {

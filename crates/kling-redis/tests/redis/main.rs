@@ -3,6 +3,7 @@
 //! task slots, and fleets of OS processes on `kling-mock`.
 
 mod capacity_and_fallback;
+mod clock;
 mod fleet;
 mod gcra;
 mod slots;
