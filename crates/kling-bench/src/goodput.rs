@@ -307,7 +307,8 @@ fn refused_for_good(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Creates a task and polls it every `interval` until it ends (or the client gives up).
+/// Creates a task and polls it every `interval` (on a grid from the create's answer) until it
+/// ends (or the client gives up).
 async fn job<S>(service: S, interval: Duration, auth: bool, give_up: Instant) -> JobEnd
 where
     S: Service<Req, Response = Res> + Clone,
@@ -337,8 +338,12 @@ where
         },
     };
     let answered_at = Instant::now();
+    // Polls on a grid from the create's answer, as `tokio::time::interval` does (a poll held
+    // back by a retry or the rate limiter does not move the polls after it): the grid the
+    // bound rounds each task's life up to.
+    let mut polls = tokio::time::interval_at(answered_at + interval, interval);
     loop {
-        tokio::time::sleep(interval).await;
+        polls.tick().await;
         if Instant::now() > give_up {
             return JobEnd::Lost;
         }
