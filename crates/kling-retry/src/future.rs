@@ -53,6 +53,20 @@ pin_project! {
         state: State<S::Future>,
         call: Call<S, B, P>,
     }
+    impl<S, B, P> PinnedDrop for Inner<S, B, P>
+    where
+        S: Service<Request<B>>,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            let resending = match this.state.as_ref().get_ref() {
+                State::Done => return,
+                State::Calling { .. } => this.call.sending == Sending::Original,
+                State::Sleeping | State::Readying => false,
+            };
+            this.call.warn_if_dropped_unresolved(resending);
+        }
+    }
 }
 
 pin_project! {
@@ -321,6 +335,31 @@ impl<S, B, P> Call<S, B, P> {
             .lookup
             .as_ref()
             .map(|pending| pending.external_id.as_str())
+    }
+
+    /// Warns, naming the create's external id, when the caller drops the call while its create
+    /// may have made a task that no answer or lookup has confirmed: a lookup is queued or out
+    /// (dropped during a retry's backoff or the lookup), or the create is out again
+    /// (`resending`) after an earlier attempt may have made one. The task may run and be
+    /// billed, and the id (perhaps one the layer generated, which the caller never saw) is the
+    /// only way to find it. (The task slots below keep its slot for the lease.) A first attempt
+    /// dropped in flight is the caller's to account for, as without this layer.
+    #[cold]
+    fn warn_if_dropped_unresolved(&self, resending: bool) {
+        let Some(retry) = self.retry.as_deref() else {
+            return;
+        };
+        if !resending && retry.lookup.is_none() {
+            return;
+        }
+        if let Some(external_id) = &retry.external_id {
+            tracing::warn!(
+                external_id = external_id.as_str(),
+                attempts = self.attempts,
+                "call dropped before its create's outcome was known: it may have made a task; \
+                 look it up by its external id"
+            );
+        }
     }
 
     /// The create's external id, once an attempt of it may have made a task.

@@ -1022,3 +1022,91 @@ async fn a_lookup_that_never_answers_ends_at_the_deadline_with_the_creates_id() 
         .unwrap_or_else(|| panic!("{error}"));
     assert_eq!(late.external_id(), Some("job-1"));
 }
+
+/// A create whose first attempt may have made a task (a 5000), dropped by its caller while the
+/// lookup by its generated external id is still out: the warning names that id, the only way
+/// to find a task the caller never saw. A call dropped after a `1303` (nothing made), or after
+/// it ended, warns of nothing.
+#[tokio::test(start_paused = true)]
+async fn a_call_dropped_before_its_create_was_resolved_names_the_external_id() {
+    let (warnings, _guard) = crate::support::Warnings::capture();
+    let (server, log) = kling(|seen, _| {
+        if seen.method == Method::POST {
+            Reply::Now(code(5000))
+        } else {
+            Reply::Later(Duration::from_secs(3600), task("t1", None))
+        }
+    });
+    let client = RetryLayer::builder()
+        .seed(5)
+        .generate_external_ids(true)
+        .build()
+        .unwrap()
+        .layer(server);
+    let call = send(&client, create(r#"{"prompt":"a cat"}"#));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(60), call)
+            .await
+            .is_err(),
+        "the lookup is still out"
+    );
+    assert_eq!(
+        log.count("GET", "text2video/kr-"),
+        1,
+        "dropped during the lookup"
+    );
+    let id = sent_id(&log);
+    let all = warnings.all();
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert!(all[0].contains(&format!("external_id=\"{id}\"")), "{all:?}");
+    assert!(all[0].contains("may have made a task"), "{all:?}");
+
+    // Nothing made: a 1303, dropped during the wait before the retry.
+    let (warnings, _guard) = crate::support::Warnings::capture();
+    let (server, _) = kling(|_, _| Reply::Now(code(1303)));
+    let client = layer().layer(server);
+    let call = send(&client, create(r#"{"external_task_id":"job-9"}"#));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), call)
+            .await
+            .is_err()
+    );
+    // Ended: a ghost create looked up and found.
+    let tasks = Arc::new(Mutex::new(Vec::new()));
+    let (server, _) = kling(ghost_kling(tasks));
+    let client = layer().layer(server);
+    let response = send(&client, create(r#"{"external_task_id":"job-10"}"#)).await;
+    assert!(response.is_ok());
+    assert!(warnings.all().is_empty(), "{:?}", warnings.all());
+}
+
+/// A create whose lookup found nothing is sent again: dropped while that create is out, the
+/// call warns (it may make the task); dropped after that create was refused with a `1303`
+/// (nothing made by any attempt), during the wait before the next, it does not.
+#[tokio::test(start_paused = true)]
+async fn a_call_dropped_while_its_create_is_sent_again_names_the_external_id() {
+    for (second, wait, warned) in [
+        (None, Duration::from_secs(60), true),
+        (Some(1303), Duration::from_millis(500), false),
+    ] {
+        let (warnings, _guard) = crate::support::Warnings::capture();
+        let (server, log) = kling(move |seen, i| match (seen.method.clone(), i, second) {
+            (Method::POST, 0, _) => Reply::Now(code(5000)),
+            (Method::GET, _, _) => Reply::Now(code(1203)),
+            (_, _, Some(refused)) => Reply::Now(code(refused)),
+            _ => Reply::Later(Duration::from_secs(3600), task("t1", Some("job-11"))),
+        });
+        let client = layer().layer(server);
+        let call = send(&client, create(r#"{"external_task_id":"job-11"}"#));
+        assert!(tokio::time::timeout(wait, call).await.is_err());
+        assert_eq!(log.count("POST", "text2video"), 2, "{second:?}");
+        assert_eq!(log.count("GET", "text2video/job-11"), 1, "{second:?}");
+        let all = warnings.all();
+        if warned {
+            assert_eq!(all.len(), 1, "{all:?}");
+            assert!(all[0].contains("external_id=\"job-11\""), "{all:?}");
+        } else {
+            assert!(all.is_empty(), "{all:?}");
+        }
+    }
+}
