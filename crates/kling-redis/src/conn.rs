@@ -398,11 +398,10 @@ impl Connection {
     async fn maybe_stall_probe(&self) {
         #[cfg(feature = "testing")]
         {
-            let stalled = self.inner.stalled_probes.fetch_update(
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-                |n| n.checked_sub(1),
-            );
+            let stalled =
+                self.inner
+                    .stalled_probes
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
             if stalled.is_ok() {
                 let by = self.inner.stall_us.load(Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_micros(by)).await;
