@@ -35,7 +35,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -141,11 +141,11 @@ where
 /// The deadlines of a layer's attempts that wait, and the task that fails the late ones.
 ///
 /// One list per lane (the threads' [`kling_core::lanes`]): an attempt sets its deadline in its
-/// thread's list, so the threads of a runtime do not take turns at one lock per attempt.
+/// thread's list, so the threads of a runtime do not take turns at one lock per attempt, nor
+/// write one cache line (each list has its own, and its own ticket count).
 struct Deadlines {
     timeout: Duration,
-    lanes: [Mutex<WaitList<Instant>>; LANES],
-    next_ticket: AtomicU64,
+    lanes: [LaneDeadlines; LANES],
     /// Whether the timer task runs (set by the attempt that spawns it, cleared when the task
     /// ends, or when its runtime drops it).
     timer: AtomicBool,
@@ -159,18 +159,44 @@ impl fmt::Debug for Deadlines {
     }
 }
 
+/// One lane's deadlines, alone on its cache lines (two: adjacent-line prefetching pairs them):
+/// the two threads of a runtime each write their own.
+#[repr(align(128))]
+#[derive(Default)]
+struct LaneDeadlines(Mutex<LaneList>);
+
+/// A lane's list and the next ticket of its attempts (searched for in this list only).
+#[derive(Default)]
+struct LaneList {
+    list: WaitList<Instant>,
+    next_ticket: u64,
+}
+
+impl std::ops::Deref for LaneList {
+    type Target = WaitList<Instant>;
+
+    fn deref(&self) -> &WaitList<Instant> {
+        &self.list
+    }
+}
+
+impl std::ops::DerefMut for LaneList {
+    fn deref_mut(&mut self) -> &mut WaitList<Instant> {
+        &mut self.list
+    }
+}
+
 impl Deadlines {
     fn new(timeout: Duration) -> Deadlines {
         Deadlines {
             timeout,
-            lanes: std::array::from_fn(|_| Mutex::new(WaitList::new())),
-            next_ticket: AtomicU64::new(0),
+            lanes: std::array::from_fn(|_| LaneDeadlines::default()),
             timer: AtomicBool::new(false),
         }
     }
 
-    fn lane(&self, lane: usize) -> MutexGuard<'_, WaitList<Instant>> {
-        self.lanes[lane].lock().unwrap_or_else(|e| e.into_inner())
+    fn lane(&self, lane: usize) -> MutexGuard<'_, LaneList> {
+        self.lanes[lane].0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A timeout from `now`; a year ahead where the clock holds no more (the timer sleeps at
@@ -189,7 +215,8 @@ impl Deadlines {
             // them), so both rise along each list: it is searched by ticket, and the timer
             // reads its deadlines from the front.
             let mut list = self.lane(lane);
-            let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+            let ticket = list.next_ticket;
+            list.next_ticket += 1;
             let deadline = self.after(Instant::now());
             list.push_back(ticket, deadline, waker.clone());
             (ticket, deadline)
@@ -270,26 +297,14 @@ async fn fail_late_attempts(deadlines: Weak<Deadlines>) {
     }
 }
 
-/// A waiting attempt's place in its layer's deadlines, given up when dropped.
+/// A waiting attempt's place in its layer's deadlines (given up by its future when it ends or
+/// is dropped: the future holds the deadlines already, so the place needs no reference of its
+/// own).
+#[derive(Clone, Copy, Debug)]
 struct Armed {
-    deadlines: Arc<Lane<Arc<Deadlines>>>,
     lane: usize,
     ticket: u64,
     deadline: Instant,
-}
-
-impl Drop for Armed {
-    fn drop(&mut self) {
-        self.deadlines.disarm(self.lane, self.ticket);
-    }
-}
-
-impl fmt::Debug for Armed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Armed")
-            .field("deadline", &self.deadline)
-            .finish_non_exhaustive()
-    }
 }
 
 pin_project! {
@@ -301,6 +316,14 @@ pin_project! {
         deadlines: Arc<Lane<Arc<Deadlines>>>,
         // Set on the first pending poll.
         armed: Option<Armed>,
+    }
+    impl<F> PinnedDrop for ResponseFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(armed) = this.armed.take() {
+                this.deadlines.disarm(armed.lane, armed.ticket);
+            }
+        }
     }
 }
 
@@ -314,14 +337,15 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         if let Poll::Ready(result) = this.inner.poll(cx) {
-            *this.armed = None;
+            if let Some(armed) = this.armed.take() {
+                this.deadlines.disarm(armed.lane, armed.ticket);
+            }
             return Poll::Ready(result.map_err(Into::into));
         }
-        match this.armed {
+        match *this.armed {
             None => {
                 let (lane, ticket, deadline) = this.deadlines.arm(cx.waker());
                 *this.armed = Some(Armed {
-                    deadlines: Arc::clone(this.deadlines),
                     lane,
                     ticket,
                     deadline,
@@ -330,10 +354,11 @@ where
             }
             Some(armed) if Instant::now() >= armed.deadline => {
                 *this.armed = None;
+                this.deadlines.disarm(armed.lane, armed.ticket);
                 Poll::Ready(Err(Box::new(Elapsed::new())))
             }
             Some(armed) => {
-                armed.deadlines.rewake(armed.lane, armed.ticket, cx.waker());
+                this.deadlines.rewake(armed.lane, armed.ticket, cx.waker());
                 Poll::Pending
             }
         }
