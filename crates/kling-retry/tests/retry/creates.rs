@@ -32,6 +32,15 @@ fn layer() -> RetryLayer {
     RetryLayer::builder().seed(1).build().unwrap()
 }
 
+/// A layer seeded with `seed` that gives creates without an external id one.
+fn generating(seed: u64) -> RetryLayer {
+    RetryLayer::builder()
+        .seed(seed)
+        .generate_external_ids(true)
+        .build()
+        .unwrap()
+}
+
 /// A Kling that records created tasks by external id; the first create is a ghost (created and
 /// billed, answered 5000), like kling-mock's `ghost_create_rate`.
 fn ghost_kling(
@@ -273,12 +282,7 @@ async fn a_create_whose_id_the_server_would_not_read_gets_one_it_does_and_is_mad
                 .seed(3),
         )
         .unwrap();
-        let client = RetryLayer::builder()
-            .seed(5)
-            .generate_external_ids(true)
-            .build()
-            .unwrap()
-            .layer(kling_core::ClassifyLayer::new().layer(mock.clone()));
+        let client = generating(5).layer(kling_core::ClassifyLayer::new().layer(mock.clone()));
         let request = http::Request::post(uri)
             .header("authorization", "Bearer k")
             .body(Full::new(bytes::Bytes::from_static(body.as_bytes())))
@@ -296,12 +300,7 @@ async fn a_create_whose_id_the_server_would_not_read_gets_one_it_does_and_is_mad
 async fn generated_external_ids_make_an_unknown_create_safe_to_repeat() {
     let tasks = Arc::new(Mutex::new(Vec::new()));
     let (server, log) = kling(ghost_kling(tasks.clone()));
-    let client = RetryLayer::builder()
-        .seed(5)
-        .generate_external_ids(true)
-        .build()
-        .unwrap()
-        .layer(server);
+    let client = generating(5).layer(server);
     let response = send(&client, create(r#"{"prompt":"a cat"}"#))
         .await
         .unwrap();
@@ -335,12 +334,7 @@ async fn layers_seeded_alike_generate_different_external_ids() {
     let mut ids = Vec::new();
     for _ in 0..2 {
         let (server, log) = kling(|_: &Seen, _| Reply::Now(task("t1", None)));
-        let client = RetryLayer::builder()
-            .seed(7)
-            .generate_external_ids(true)
-            .build()
-            .unwrap()
-            .layer(server);
+        let client = generating(7).layer(server);
         send(&client, create(r#"{"prompt":"a cat"}"#))
             .await
             .unwrap();
@@ -364,12 +358,7 @@ async fn a_create_with_a_generated_id_is_resent_byte_for_byte_when_the_lookup_fi
         }
         Reply::Now(task("t1", None))
     });
-    let client = RetryLayer::builder()
-        .seed(9)
-        .generate_external_ids(true)
-        .build()
-        .unwrap()
-        .layer(server);
+    let client = generating(9).layer(server);
     let response = send(&client, create(r#"{"prompt":"a cat"}"#))
         .await
         .unwrap();
@@ -601,12 +590,7 @@ async fn a_resend_refused_below_after_a_lookup_found_nothing_names_the_external_
             tower::Service::call(&mut server, request).await
         }
     });
-    let client = RetryLayer::builder()
-        .seed(3)
-        .generate_external_ids(true)
-        .build()
-        .unwrap()
-        .layer(below);
+    let client = generating(3).layer(below);
     let error = send(&client, create(r#"{"prompt":"a cat"}"#))
         .await
         .unwrap_err();
@@ -755,12 +739,7 @@ async fn a_create_answered_an_unknown_code_under_200_is_looked_up_or_reported_un
 async fn a_1201_is_not_looked_up_for_a_generated_id_nor_left_unresolved_when_the_lookup_cannot_go()
 {
     let (server, log) = kling(|_, _| Reply::Now(code(1201)));
-    let client = RetryLayer::builder()
-        .seed(1)
-        .generate_external_ids(true)
-        .build()
-        .unwrap()
-        .layer(server);
+    let client = generating(1).layer(server);
     let error = send(&client, create(r#"{"prompt":"a cat"}"#))
         .await
         .unwrap_err();
@@ -1037,12 +1016,7 @@ async fn a_call_dropped_before_its_create_was_resolved_names_the_external_id() {
             Reply::Later(Duration::from_secs(3600), task("t1", None))
         }
     });
-    let client = RetryLayer::builder()
-        .seed(5)
-        .generate_external_ids(true)
-        .build()
-        .unwrap()
-        .layer(server);
+    let client = generating(5).layer(server);
     let call = send(&client, create(r#"{"prompt":"a cat"}"#));
     assert!(
         tokio::time::timeout(Duration::from_secs(60), call)
