@@ -299,7 +299,18 @@ where
                     this.state.set(State::Readying);
                 }
                 StateProj::Readying => {
-                    if let Err(error) = ready!(this.call.service().poll_ready(cx)) {
+                    let ready = match this.call.service().poll_ready(cx) {
+                        Poll::Ready(ready) => ready,
+                        // A service below that is still not ready at the deadline does not
+                        // hold the call past it: it ends there, as a retry about to start
+                        // after the deadline does, naming what is known.
+                        Poll::Pending if this.call.past_deadline_in_flight(cx) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(this.call.not_ready_by_deadline());
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    };
+                    if let Err(error) = ready {
                         this.state.set(State::Done);
                         return Poll::Ready(this.call.pass_through(error.into()));
                     }
@@ -608,6 +619,23 @@ where
             self.unresolved(),
         );
         Step::Finish(Err(Box::new(error)))
+    }
+
+    /// Ends a call whose next attempt the service below was still not ready to take at the
+    /// deadline: [`DeadlineExceeded`], with the last attempt's failure and, for a create that may
+    /// have made a task, its external id.
+    fn not_ready_by_deadline(&mut self) -> Result<Response<Full<Bytes>>, BoxError> {
+        let now = Instant::now();
+        let deadline = self.template.deadline.unwrap_or(now);
+        let last = self
+            .retry
+            .as_deref_mut()
+            .and_then(|retry| retry.last.take())
+            .unwrap_or_else(|| Last::Error("the service below was not ready".into()));
+        match self.past_deadline(now, deadline, now, last) {
+            Step::Finish(output) => output,
+            Step::Sleep | Step::Send => unreachable!("`past_deadline` finishes the call"),
+        }
     }
 
     /// An error from below that this layer does not retry: passed through unchanged when it

@@ -157,8 +157,8 @@ impl<P> RetryLayerBuilder<P> {
     /// Sets the total time one call may take, across attempts and every wait in the layers
     /// below (they receive it as [`kling_core::signals::Deadline`]). A request that already
     /// carries an earlier `Deadline` keeps it. The waits below honour it, and a retry or lookup
-    /// still out at it is given up; the first attempt is bounded by a timeout under this layer
-    /// only (none is armed for it here).
+    /// still out at it, or one the service below is still not ready to take, is given up; the
+    /// first attempt is bounded by a timeout under this layer only (none is armed for it here).
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
         self

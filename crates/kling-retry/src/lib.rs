@@ -79,7 +79,8 @@
 //!   waiting at it too; and a [`RetryBudget`] shared by clones. When the next retry would start
 //!   after the deadline, the call returns at once with [`error::DeadlineExceeded`], which says
 //!   when to resume (unless a create's lookup was next: see below). A retry or a lookup still
-//!   out at the deadline is given up there, as a timed-out attempt; the first attempt arms no
+//!   out at the deadline is given up there, as a timed-out attempt, and one the service below
+//!   is still not ready to take ends the call there too; the first attempt arms no
 //!   timer (a call answered at once pays for none), so bound it with a timeout under this
 //!   layer (kling-tower's stack has one, 30 s), or a server that never answers it holds the
 //!   call past its deadline.

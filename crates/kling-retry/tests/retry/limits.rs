@@ -123,6 +123,63 @@ async fn the_deadline_counts_time_spent_below() {
     assert_eq!(late.attempts(), 2);
 }
 
+/// A service below that takes the first attempt and is then never ready again (a full queue
+/// that never drains, say): the retry waits in `poll_ready`, and the deadline ends the call
+/// there, with the first attempt's failure, rather than holding it for ever.
+#[tokio::test(start_paused = true)]
+async fn a_retry_the_service_below_never_takes_ends_at_the_deadline() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::task::{Context, Poll};
+
+    #[derive(Clone)]
+    struct ReadyOnce<S> {
+        inner: S,
+        calls: Arc<AtomicU32>,
+    }
+    impl<S: tower::Service<crate::support::Req>> tower::Service<crate::support::Req> for ReadyOnce<S> {
+        type Response = S::Response;
+        type Error = S::Error;
+        type Future = S::Future;
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+            if self.calls.load(Ordering::Relaxed) > 0 {
+                return Poll::Pending;
+            }
+            self.inner.poll_ready(cx)
+        }
+        fn call(&mut self, request: crate::support::Req) -> S::Future {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            self.inner.call(request)
+        }
+    }
+
+    let (server, log) = kling(|_, _| Reply::Now(code(5000)));
+    let below = ReadyOnce {
+        inner: server,
+        calls: Arc::new(AtomicU32::new(0)),
+    };
+    let client = RetryLayer::builder()
+        .seed(1)
+        .deadline(Duration::from_secs(30))
+        .build()
+        .unwrap()
+        .layer(below);
+    let start = Instant::now();
+    let call = send(&client, get("/v1/videos/text2video/t1"));
+    let error = tokio::time::timeout(Duration::from_secs(3600), call)
+        .await
+        .expect("the deadline ends the call")
+        .unwrap_err();
+    let late = error
+        .downcast_ref::<DeadlineExceeded>()
+        .unwrap_or_else(|| panic!("{error}"));
+    assert_eq!(start.elapsed(), Duration::from_secs(30));
+    assert_eq!(log.len(), 1, "the retry never went out");
+    assert_eq!(late.attempts(), 1);
+    assert!(!late.may_have_created());
+    assert!(late.to_string().contains("5000"), "{late}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_budget_stops_a_retry_storm() {
     // A failing API: every request gets a 5000. 100 logical queries, 5 attempts allowed each.
