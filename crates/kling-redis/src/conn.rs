@@ -214,15 +214,48 @@ struct Inner {
 struct Schedule {
     /// When the last measurement started (none yet, or one is due at the next read).
     last: Option<Instant>,
-    /// How long after `last` the next is due: `calibrate_every`, or shorter while the
-    /// measurement in use is imprecise.
+    /// While the measurement in use is imprecise: how long after `last` the next is due (1 s,
+    /// doubling up to `calibrate_every`). None: `calibrate_every`.
     every: Option<Duration>,
-    /// The measurement in use: its fastest probe's round trip (µs) and when it was taken. None
+    /// The measurement in use: its fastest probe's round trip (µs) and when it started. None
     /// before the first, and after Redis was away (the next is kept whatever its precision).
     kept: Option<(i64, std::time::Instant)>,
+    /// Counts [`Connection::recalibrate_soon`]s: a measurement that started before one is not
+    /// kept (it may have measured the server that went away).
+    generation: u64,
+    /// Whether a background measurement runs ([`Connection::maybe_calibrate`] starts one at a
+    /// time, however long its probes take).
+    running: bool,
 }
 
 impl Schedule {
+    /// Claims the next background measurement if one is due (the last one is `every` old, or
+    /// there was none) and none runs: at most one runs at a time, however long its probes take.
+    fn claim(&mut self, calibrate_every: Duration) -> bool {
+        let every = self.every.unwrap_or(calibrate_every);
+        if self.running || self.last.is_some_and(|at| at.elapsed() < every) {
+            return false;
+        }
+        self.last = Some(Instant::now());
+        self.running = true;
+        true
+    }
+
+    /// Sets when the next measurement is due after one that left the offset in use `precise`
+    /// or not: `calibrate_every`, or while imprecise 1 s, then twice the last wait, up to
+    /// `calibrate_every`.
+    fn set_next(&mut self, precise: bool, calibrate_every: Duration) {
+        self.every = if precise {
+            None
+        } else {
+            Some(
+                self.every
+                    .map_or(IMPRECISE_RETRY, |every| every.saturating_mul(2))
+                    .min(calibrate_every),
+            )
+        };
+    }
+
     /// Whether a measurement whose fastest probe took `rtt_us` is at least as good as the one
     /// in use, whose error bound has grown with its age by the clocks' drift.
     fn is_better(&self, rtt_us: i64) -> bool {
@@ -230,6 +263,15 @@ impl Schedule {
             let age_s = i64::try_from(at.elapsed().as_secs()).unwrap_or(i64::MAX);
             rtt_us / 2 <= (kept_rtt / 2).saturating_add(age_s.saturating_mul(DRIFT_US_PER_SECOND))
         })
+    }
+}
+
+/// Clears [`Schedule::running`] when the background measurement ends, or its runtime drops it.
+struct Running(Connection);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.schedule().running = false;
     }
 }
 
@@ -336,6 +378,7 @@ impl Connection {
         let mut schedule = self.schedule();
         schedule.last = None;
         schedule.kept = None;
+        schedule.generation += 1;
     }
 
     fn schedule(&self) -> std::sync::MutexGuard<'_, Schedule> {
@@ -453,6 +496,8 @@ impl Connection {
     /// next measurement comes after a second, then two, … up to `calibrate_every`.
     pub async fn calibrate(&self) -> Result<(), StoreError> {
         let started = Instant::now();
+        let started_mono = std::time::Instant::now();
+        let generation = self.schedule().generation;
         let mut best: Option<(i64, i64, i64)> = None;
         for probe in 0..MAX_CLOCK_PROBES {
             if probe >= MIN_CLOCK_PROBES
@@ -476,9 +521,13 @@ impl Connection {
             return Ok(());
         };
         let mut schedule = self.schedule();
+        if schedule.generation != generation && self.is_calibrated() {
+            // Redis went away meanwhile: the next measurement, due at once, decides.
+            return Ok(());
+        }
         let kept = schedule.is_better(rtt);
         if kept {
-            schedule.kept = Some((rtt, std::time::Instant::now()));
+            schedule.kept = Some((rtt, started_mono));
             self.inner.offset_us.store(offset, Ordering::Release);
             self.inner.base_us.store(base, Ordering::Release);
             self.inner.calibrated.store(true, Ordering::Release);
@@ -486,15 +535,7 @@ impl Connection {
         let precise = schedule
             .kept
             .is_some_and(|(kept_rtt, _)| kept_rtt <= PRECISE_ROUND_TRIP_US);
-        schedule.every = Some(if precise {
-            self.inner.calibrate_every
-        } else {
-            schedule
-                .every
-                .filter(|every| *every < self.inner.calibrate_every)
-                .map_or(IMPRECISE_RETRY, |every| every.saturating_mul(2))
-                .min(self.inner.calibrate_every)
-        });
+        schedule.set_next(precise, self.inner.calibrate_every);
         schedule.last = Some(started);
         drop(schedule);
         if !kept {
@@ -521,24 +562,18 @@ impl Connection {
     /// Starts a calibration in the background when the last one is older than
     /// `calibrate_every` (sooner while the offset in use is imprecise), or there was none.
     pub(crate) fn maybe_calibrate(&self) {
-        let due = {
-            let mut schedule = self.schedule();
-            let every = schedule.every.unwrap_or(self.inner.calibrate_every);
-            let due = schedule.last.is_none_or(|at| at.elapsed() >= every);
-            if due {
-                // Claim it, so one probe runs at a time.
-                schedule.last = Some(Instant::now());
-            }
-            due
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
         };
-        if due && let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let this = self.clone();
-            handle.spawn(async move {
-                if this.calibrate().await.is_err() {
-                    this.schedule().last = None;
-                }
-            });
+        if !self.schedule().claim(self.inner.calibrate_every) {
+            return;
         }
+        let running = Running(self.clone());
+        handle.spawn(async move {
+            if running.0.calibrate().await.is_err() {
+                running.0.schedule().last = None;
+            }
+        });
     }
 
     /// Runs one command with the timeout.
@@ -629,5 +664,69 @@ mod tests {
             shown.contains("redis://127.0.0.1:6379/?name=a@b"),
             "{shown}"
         );
+    }
+
+    /// While imprecise, the wait before the next measurement doubles from 1 s up to
+    /// `calibrate_every` and stays there; a precise measurement puts it back to
+    /// `calibrate_every`, and the next imprecise one starts again from 1 s.
+    #[test]
+    fn an_imprecise_offset_is_measured_again_sooner_then_less_often() {
+        let cap = Duration::from_secs(30);
+        let mut schedule = Schedule::default();
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            schedule.set_next(false, cap);
+            waits.push(schedule.every.unwrap().as_secs());
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        schedule.set_next(true, cap);
+        assert_eq!(schedule.every, None);
+        schedule.set_next(false, cap);
+        assert_eq!(schedule.every, Some(Duration::from_secs(1)));
+    }
+
+    /// One background measurement at a time: none is claimed while one runs, even when due.
+    #[tokio::test(start_paused = true)]
+    async fn a_measurement_is_not_started_while_one_runs() {
+        let every = Duration::from_secs(30);
+        let mut schedule = Schedule::default();
+        assert!(schedule.claim(every), "none yet: due");
+        assert!(!schedule.claim(every), "one runs");
+        tokio::time::advance(every).await;
+        assert!(!schedule.claim(every), "due, but one still runs");
+        schedule.running = false;
+        assert!(schedule.claim(every));
+    }
+
+    /// A measurement that started before Redis went away (`recalibrate_soon`) is not kept once
+    /// an offset is in use: it may have measured the server that went away.
+    #[cfg(feature = "testing")]
+    #[tokio::test]
+    async fn a_measurement_across_a_recalibration_is_not_kept() {
+        let Some(server) =
+            crate::testing::RedisServer::start_or_skip().expect("CI=true requires a redis-server")
+        else {
+            return;
+        };
+        let conn = Connection::lazy(RedisConfig::new(server.url())).unwrap();
+        conn.calibrate().await.unwrap();
+        let before = conn.clock_offset_us();
+        // Were it kept, the next measurement would move the offset by 5 s.
+        conn.skew_local_clock(5_000_000);
+        conn.stall_clock_probes(10, Duration::from_millis(30));
+        let measuring = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.calibrate().await }
+        });
+        // Redis goes away once the measurement has begun (its first probe is out).
+        while conn.inner.stalled_probes.load(Ordering::Relaxed) == 10 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        conn.recalibrate_soon();
+        measuring.await.unwrap().unwrap();
+        assert!((conn.clock_offset_us() - before).abs() < 1_000_000);
+        // The next one is kept, whatever its precision.
+        conn.calibrate().await.unwrap();
+        assert!((conn.clock_offset_us() - before + 5_000_000).abs() < 1_000_000);
     }
 }
