@@ -337,11 +337,17 @@ impl DeadlineExceeded {
 
 impl fmt::Display for DeadlineExceeded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "next retry in {:?} would pass the deadline",
-            self.retry_after
-        )?;
+        if self.retry_after.is_zero() {
+            // Ended at the deadline itself: an attempt still out there, or one the service
+            // below was not ready to take.
+            f.write_str("deadline reached before the call could end")?;
+        } else {
+            write!(
+                f,
+                "next retry in {:?} would pass the deadline",
+                self.retry_after
+            )?;
+        }
         if self.may_have_created() {
             write!(f, "; {}", StopReason::CreateUnresolved)?;
         }

@@ -748,6 +748,11 @@ where
         pending.final_answer = Some(answer);
         pending.if_unsent = if_unsent;
         let retry = self.retrying();
+        if if_unsent == StopReason::CreateMayHaveHappened {
+            // This answer may have made the task: every error from here on names its id, and
+            // a caller that drops the call is told it.
+            retry.external_id = Some(pending.external_id.clone());
+        }
         retry.lookup = Some(pending);
         retry.next = Sending::Lookup;
         self.send_now("lookup", last)

@@ -1084,3 +1084,54 @@ async fn a_call_dropped_while_its_create_is_sent_again_names_the_external_id() {
         }
     }
 }
+
+/// A create answered with a code Kling does not document, under HTTP 200 (it may have made
+/// the task), is looked up: dropped while that lookup is out, the call names the create's
+/// external id; ended by the deadline with the lookup still out, its error names it too.
+#[tokio::test(start_paused = true)]
+async fn a_create_whose_final_answer_may_have_made_a_task_is_named_while_its_lookup_is_out() {
+    let script = |seen: &Seen, _: usize| {
+        if seen.method == Method::POST {
+            Reply::Now(envelope(StatusCode::OK, 4242, "null"))
+        } else {
+            Reply::Later(Duration::from_secs(3600), task("t1", Some("job-12")))
+        }
+    };
+    let (warnings, _guard) = crate::support::Warnings::capture();
+    let (server, log) = kling(script);
+    let client = layer().layer(server);
+    let call = send(&client, create(r#"{"external_task_id":"job-12"}"#));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(60), call)
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        log.count("GET", "text2video/job-12"),
+        1,
+        "dropped during the lookup"
+    );
+    let all = warnings.all();
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert!(all[0].contains("external_id=\"job-12\""), "{all:?}");
+
+    let (server, _) = kling(script);
+    let client = RetryLayer::builder()
+        .seed(1)
+        .deadline(Duration::from_secs(30))
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, create(r#"{"external_task_id":"job-12"}"#))
+        .await
+        .unwrap_err();
+    let named = error
+        .downcast_ref::<kling_retry::error::DeadlineExceeded>()
+        .map(|late| late.external_id().map(str::to_owned))
+        .or_else(|| {
+            error
+                .downcast_ref::<Failed>()
+                .map(|failed| failed.external_id().map(str::to_owned))
+        });
+    assert_eq!(named, Some(Some("job-12".to_owned())), "{error}");
+}

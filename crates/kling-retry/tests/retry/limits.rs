@@ -178,6 +178,11 @@ async fn a_retry_the_service_below_never_takes_ends_at_the_deadline() {
     assert_eq!(late.attempts(), 1);
     assert!(!late.may_have_created());
     assert!(late.to_string().contains("5000"), "{late}");
+    assert!(
+        late.to_string()
+            .starts_with("deadline reached before the call could end after 1 attempt"),
+        "{late}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
