@@ -232,11 +232,16 @@ impl Deadlines {
         (lane, ticket, deadline)
     }
 
-    /// The attempt holding `ticket` is polled again: it will be woken with `waker`.
-    fn rewake(&self, lane: usize, ticket: u64, waker: &Waker) {
+    /// The attempt holding `ticket` is polled again: it will be woken with `waker`. False when
+    /// its place is gone: the timer took it out, as late, and woke the waker it had then.
+    fn rewake(&self, lane: usize, ticket: u64, waker: &Waker) -> bool {
         let mut list = self.lane(lane);
-        if let Some(at) = list.position(ticket) {
-            list.set_waker(at, waker);
+        match list.position(ticket) {
+            Some(at) => {
+                list.set_waker(at, waker);
+                true
+            }
+            None => false,
         }
     }
 
@@ -357,10 +362,13 @@ where
                 this.deadlines.disarm(armed.lane, armed.ticket);
                 Poll::Ready(Err(Box::new(Elapsed::new())))
             }
-            Some(armed) => {
-                this.deadlines.rewake(armed.lane, armed.ticket, cx.waker());
-                Poll::Pending
+            // The timer took the place out between the clock read above and here (it wakes
+            // the waker the place held, perhaps another task's): late all the same.
+            Some(armed) if !this.deadlines.rewake(armed.lane, armed.ticket, cx.waker()) => {
+                *this.armed = None;
+                Poll::Ready(Err(Box::new(Elapsed::new())))
             }
+            Some(_) => Poll::Pending,
         }
     }
 }
@@ -474,6 +482,28 @@ mod tests {
                 let error = service.clone().oneshot(10_000).await.unwrap_err();
                 assert!(error.is::<Elapsed>(), "{error}");
             });
+        }
+    }
+
+    /// An attempt whose place the timer has taken out (it woke the waker the place held) and
+    /// that is polled again, by another task, before the clock reads its deadline: it fails as
+    /// late rather than waiting for a wake that already went to the other waker.
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_the_timer_took_out_fails_when_polled_again() {
+        let layer = AttemptTimeoutLayer::new(Duration::from_secs(10));
+        let service = layer.layer(service_fn(|_: ()| {
+            std::future::pending::<Result<(), std::convert::Infallible>>()
+        }));
+        let mut attempt = Box::pin(service.oneshot(()));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(attempt.as_mut().poll(&mut cx).is_pending(), "armed");
+        // The timer's step, without its clock: the place taken out and its waker woken.
+        let lane = lanes::current();
+        let taken = layer.deadlines.lane(lane).pop_front().expect("the place");
+        taken.waker.expect("a waker").wake();
+        match attempt.as_mut().poll(&mut cx) {
+            Poll::Ready(Err(error)) => assert!(error.is::<Elapsed>(), "{error}"),
+            other => panic!("still waiting: {other:?}"),
         }
     }
 
