@@ -132,14 +132,13 @@ async fn main() -> Result<(), BoxError> {
             callback_route(verifier.clone(), move |task| {
                 // Free the slot, then end the follow: whoever sees the task end finds its slot
                 // free (and can create the next task at once). The follower confirms later if
-                // needed.
+                // needed. A slot not freed (Redis away) answers 503: Kling delivers it again.
                 let (stack, follower) = (stack.clone(), follower.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = stack.on_task(&task).await {
-                        println!("task {}: slot not freed by its callback: {e}", task.id);
-                    }
+                async move {
+                    stack.on_task(&task).await?;
                     follower.deliver(task);
-                });
+                    Ok::<_, BoxError>(())
+                }
             }),
         );
     }

@@ -603,12 +603,15 @@ impl<B: StackBackends> KlingLayer<B> {
 
     /// Hands a task report from elsewhere (a verified callback already parsed, e.g. by
     /// [`callback_route`](crate::webhook)): a terminal one frees the task's slots, corrects
-    /// the spend guard and is counted by the monitor; a running one changes nothing.
+    /// the spend guard and is counted by the monitor; a running one renews its slots' lease.
+    /// The task is found by its task id, else by its external id in the stack's account (a
+    /// create whose answer was lost holds its slot under its external id only).
     pub async fn on_task(&self, task: &TaskReport) -> Result<(), BoxError> {
-        if task.status.is_terminal() {
-            self.inner.slots_handle.complete(&task.id).await?;
-            self.settle(task);
-        }
+        self.inner
+            .slots_handle
+            .report_in(&self.inner.account, task)
+            .await?;
+        self.settle(task);
         Ok(())
     }
 

@@ -186,6 +186,25 @@ impl<B: SlotBackend> SlotsHandle<B> {
         Ok(applied.released.into_iter().next())
     }
 
+    /// Feeds one task report read elsewhere (a verified callback already parsed, a query's
+    /// answer read outside the stack): a terminal status releases the task's slots, a running
+    /// one renews its lease and files its task id. The task is found by its task id, else by
+    /// its external id within `account` (a create whose answer was lost is held under its
+    /// external id only).
+    pub async fn report_in(
+        &self,
+        account: &AccountId,
+        report: &TaskReport,
+    ) -> Result<Applied, BackendError> {
+        self.backend
+            .apply(SlotOp::Update {
+                account: account.clone(),
+                updates: vec![TaskUpdate::from_report(report)],
+                lease: self.settings.lease,
+            })
+            .await
+    }
+
     /// Feeds a callback body (the bare task object Kling posts, legacy or new shape; an
     /// envelope around it is accepted too): a terminal status releases the task's slots, a
     /// running one renews its lease. Verify the signature before calling this. The task is

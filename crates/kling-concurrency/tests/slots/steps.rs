@@ -981,3 +981,29 @@ async fn an_end_reported_before_the_creates_answer_frees_the_slot_when_the_answe
     assert!(applied.released.is_empty());
     assert!(handle.complete("t1").await.unwrap().is_none());
 }
+
+/// A report read elsewhere (a verified callback already parsed) finds a task whose create's
+/// answer was lost by its external id, as a callback body does: the slot held under that id
+/// is freed. `complete`, given the task id alone, cannot find it.
+#[tokio::test(start_paused = true)]
+async fn a_report_frees_a_slot_held_under_its_external_id_only() {
+    let (mut svc, handle, fake) = stack(SlotsConfig::new(4));
+    fake.script(Scripted::Lost);
+    assert!(send(&mut svc, create_with_external("e7")).await.is_err());
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+    assert!(
+        handle.complete("t-9").await.unwrap().is_none(),
+        "unknown task id"
+    );
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+
+    let ended = kling_core::Envelope::parse_callback(
+        br#"{"task_id":"t-9","task_status":"succeed","task_info":{"external_task_id":"e7"}}"#,
+    )
+    .unwrap()
+    .remove(0);
+    let account = handle.default_account().clone();
+    let applied = handle.report_in(&account, &ended).await.unwrap();
+    assert_eq!(applied.released.len(), 1);
+    assert_eq!(pool_state(&handle, &video()).await.0, 0);
+}

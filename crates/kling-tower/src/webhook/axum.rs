@@ -1,14 +1,18 @@
 //! An axum route for Kling callbacks: verifies the signature, reads the task, hands it on.
 //!
-//! Answers `204 No Content` to a verified callback (after calling `on_task`), `200 OK` to a
+//! Answers `204 No Content` to a verified callback once `on_task` has handled it, `200 OK` to a
 //! replay of an accepted one without calling `on_task` again (a sender that re-delivers is
-//! not told to keep trying), `401 Unauthorized` to a missing, stale or wrong signature, and
-//! `400 Bad Request` to a verified body that reports no task.
+//! not told to keep trying), `401 Unauthorized` to a missing, stale or wrong signature,
+//! `400 Bad Request` to a verified body that reports no task, and `503 Service Unavailable`
+//! when `on_task` fails (its error is logged at `warn`), so that the sender delivers it again.
 //!
-//! A message's id is remembered once `on_task` has returned: if it panics, the sender gets an
-//! error and its next delivery of the message is handled, not taken for a replay. Two
-//! deliveries of one message at the same time may both reach `on_task`, which must therefore
-//! be idempotent per task (KLING_API.md: confirm a callback with a query).
+//! `on_task` is async and fallible: the route awaits it before answering, so a slot is freed
+//! (say with [`KlingLayer::on_task`](crate::KlingLayer::on_task), which may wait for Redis)
+//! before Kling is told the callback arrived, and a failure is retried by Kling rather than
+//! lost. A message's id is remembered once `on_task` has succeeded: if it fails or panics, the
+//! sender's next delivery of the message is handled, not taken for a replay. Two deliveries
+//! of one message at the same time may both reach `on_task`, which must therefore be
+//! idempotent per task (KLING_API.md: confirm a callback with a query).
 //!
 //! ```
 //! use axum::Router;
@@ -17,11 +21,17 @@
 //! let verifier = WebhookVerifier::new("whsec_c2VjcmV0LWtleS1mb3ItdGVzdHM=")?;
 //! let app: Router = Router::new().route(
 //!     "/kling/callback",
-//!     callback_route(verifier, |task| println!("task {} is {}", task.id, task.status)),
+//!     callback_route(verifier, |task| async move {
+//!         println!("task {} is {}", task.id, task.status);
+//!         Ok::<_, std::convert::Infallible>(())
+//!     }),
 //! );
 //! # let _ = app;
 //! # Ok::<(), kling_tower::error::ConfigError>(())
 //! ```
+
+use std::fmt;
+use std::future::Future;
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
@@ -31,10 +41,13 @@ use kling_core::TaskReport;
 use super::{WebhookVerifier, parse_task};
 use crate::error::WebhookErrorKind;
 
-/// A `POST` route that verifies callbacks with `verifier` and passes each task to `on_task`.
-pub fn callback_route<F, St>(verifier: WebhookVerifier, on_task: F) -> MethodRouter<St>
+/// A `POST` route that verifies callbacks with `verifier` and awaits `on_task` with each task;
+/// an error from it answers `503` (see the [module docs](self)).
+pub fn callback_route<F, Fut, E, St>(verifier: WebhookVerifier, on_task: F) -> MethodRouter<St>
 where
-    F: Fn(TaskReport) + Clone + Send + Sync + 'static,
+    F: Fn(TaskReport) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: fmt::Display + Send + 'static,
     St: Clone + Send + Sync + 'static,
 {
     post(move |headers: HeaderMap, body: Bytes| {
@@ -44,7 +57,15 @@ where
             match verifier.verify_unrecorded(&headers, &body) {
                 Ok(verified) => match parse_task(&body) {
                     Some(task) => {
-                        on_task(task);
+                        let id = task.id.clone();
+                        if let Err(e) = on_task(task).await {
+                            tracing::warn!(
+                                task_id = id.as_str(),
+                                error = %e,
+                                "callback not handled; the sender will deliver it again"
+                            );
+                            return StatusCode::SERVICE_UNAVAILABLE;
+                        }
                         // Remembered once handled (a concurrent delivery may have been first).
                         let _ = verifier.record(&verified);
                         StatusCode::NO_CONTENT

@@ -296,6 +296,41 @@ async fn a_verified_callback_frees_the_tasks_slot() {
     assert_eq!(guard.remaining(Some(kling.account_id())), 65.5);
 }
 
+/// A report handed to `on_task` (a verified callback the caller parsed) finds a task whose
+/// create's answer was lost by its external id, as `on_callback` does: the slot held under
+/// that id alone is freed.
+#[tokio::test(start_paused = true)]
+async fn on_task_frees_a_slot_held_under_the_external_id_only() {
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Free).retry_max_attempts(1),
+        Credentials::api_key("k").unwrap(),
+    )
+    .unwrap();
+    let lost = MockKling::new(
+        MockConfig::preset(Preset::Enterprise)
+            .no_rate_limit()
+            .unlimited_credits()
+            .lost_answer_rate(1.0),
+    )
+    .unwrap();
+    let service = kling.layer(lost);
+    let create = request(
+        "POST",
+        "/v1/videos/text2video",
+        r#"{"prompt":"a","external_task_id":"job-7"}"#,
+    );
+    assert!(send(&service, create).await.is_err(), "the answer was lost");
+    assert_eq!(kling.snapshot().pool("video").unwrap().in_use, 1);
+
+    let ended = kling_core::Envelope::parse_callback(
+        br#"{"task_id":"t-9","task_status":"succeed","task_info":{"external_task_id":"job-7"}}"#,
+    )
+    .unwrap()
+    .remove(0);
+    kling.on_task(&ended).await.unwrap();
+    assert_eq!(kling.snapshot().pool("video").unwrap().in_use, 0);
+}
+
 /// `slot_queue` reaches the stack's task slots: with no queue, a create that finds the Free
 /// tier's one slot taken is refused at once, unsent and not retried; without it, it waits.
 #[tokio::test(start_paused = true)]

@@ -206,7 +206,10 @@ async fn axum_route_verifies_and_hands_over_the_task() {
     let log = got.clone();
     let app: Router = Router::new().route(
         "/cb",
-        callback_route(verifier(), move |task| log.lock().unwrap().push(task.id)),
+        callback_route(verifier(), move |task| {
+            log.lock().unwrap().push(task.id);
+            std::future::ready(Ok::<_, std::convert::Infallible>(()))
+        }),
     );
     let post = |sig: &str| {
         let mut req = http::Request::post("/cb")
@@ -249,6 +252,7 @@ async fn axum_route_takes_again_a_message_whose_handling_failed() {
                 "the first delivery's handling fails"
             );
             log.lock().unwrap().push(task.id);
+            std::future::ready(Ok::<_, std::convert::Infallible>(()))
         }),
     );
     let good = kling_mock::sign_webhook(SECRET, "ax_2", NOW, BODY);
@@ -265,6 +269,49 @@ async fn axum_route_takes_again_a_message_whose_handling_failed() {
     assert_eq!(status(app.clone().oneshot(post()).await.unwrap()), 204);
     assert_eq!(*got.lock().unwrap(), vec!["t-1".to_owned()]);
     // Handled once: now it is a replay.
+    assert_eq!(status(app.oneshot(post()).await.unwrap()), 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+/// A handler that fails (the slot could not be freed: Redis away) answers 503, so the sender
+/// delivers the message again, and the message is not remembered: the next delivery is
+/// handled, and only after it succeeded is a delivery a replay.
+#[cfg(feature = "axum")]
+#[tokio::test(start_paused = true)]
+async fn axum_route_answers_503_when_the_handler_fails_and_takes_the_message_again() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::Router;
+    use kling_tower::webhook::axum::callback_route;
+    use tower::ServiceExt;
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let count = calls.clone();
+    let app: Router = Router::new().route(
+        "/cb",
+        callback_route(verifier(), move |_task| {
+            let first = count.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    Err("the slots' store is away")
+                } else {
+                    Ok(())
+                }
+            }
+        }),
+    );
+    let good = kling_mock::sign_webhook(SECRET, "ax_3", NOW, BODY);
+    let post = || {
+        let mut req = http::Request::post("/cb")
+            .body(axum::body::Body::from(BODY))
+            .unwrap();
+        *req.headers_mut() = headers("ax_3", NOW, &good);
+        req
+    };
+    let status = |r: http::Response<axum::body::Body>| r.status().as_u16();
+    assert_eq!(status(app.clone().oneshot(post()).await.unwrap()), 503);
+    assert_eq!(status(app.clone().oneshot(post()).await.unwrap()), 204);
     assert_eq!(status(app.oneshot(post()).await.unwrap()), 200);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
