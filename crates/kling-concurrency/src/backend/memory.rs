@@ -1143,6 +1143,8 @@ impl PoolState {
         if self.streak > 0 {
             self.streak = 0;
             self.recovered_at = now;
+            // Hidden slots now come back sooner than the head's timer says.
+            self.head_changed();
         }
     }
 
@@ -1504,7 +1506,10 @@ impl State {
         let index = self.index(key);
         let (lease_until, hashes) = (holding.lease_until, holding.hashes);
         let pool = &mut self.list[index];
-        let timerless = !pool.queue.is_empty() && !pool.has_maintenance();
+        // The head waits with no timer, or until a later lease ends: it has a sooner one to
+        // wait for now (leases are alike, so this is rare: a lease shortened by the config).
+        let sooner = !pool.queue.is_empty()
+            && (!pool.has_maintenance() || pool.next_lease.is_some_and(|t| lease_until < t));
         // Only a task id proves the slots fit, not a create kept under a lease because its
         // outcome is unknown.
         let proves = answered && holding.id.is_some();
@@ -1512,8 +1517,7 @@ impl State {
         let slot = pool.put(holding);
         // Nothing a gauge shows changed: the slots were counted when granted.
         pool.next_lease = Some(pool.next_lease.map_or(lease_until, |t| t.min(lease_until)));
-        if timerless {
-            // The head waits with no timer: it has a lease to wait for now.
+        if sooner {
             pool.head_changed();
         }
         let place = (index, slot);
@@ -1741,13 +1745,12 @@ impl State {
                 let last_token = self.next_token;
                 let pool = self.pool_mut(&res.key);
                 pool.give_back(res.weight);
-                let timerless = !pool.has_maintenance();
                 pool.congested(res.weight, res.token, last_token, Instant::now());
                 pool.dispatch();
-                if timerless {
-                    // The head may wait with no timer: hidden slots come back by time.
-                    pool.head_changed();
-                }
+                // The head may sleep until a later instant (a lease of ours ending) or with no
+                // timer: the slots just hidden come back by time, maybe sooner. (A 1303 is
+                // rare; this is one wake.)
+                pool.head_changed();
                 pool.publish();
                 applied.changed = true;
             }

@@ -448,6 +448,26 @@ async fn a_1303_with_nothing_of_ours_running_recovers_by_time() {
     assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
 }
 
+/// A create already waiting (the queue's head, asleep until our running task's lease ends)
+/// when a 1303 hides a slot is woken when that slot comes back by time, 20 s later, not at the
+/// lease's end half an hour on. (No snapshot before the check: taking one runs the recovery.)
+#[tokio::test(start_paused = true)]
+async fn a_waiting_create_is_woken_when_a_slot_hidden_after_it_came_back_by_time() {
+    let (mut svc, handle, fake) =
+        stack(SlotsConfig::new(2).recovery_interval(Duration::from_secs(20)));
+    let _t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    fake.script(Scripted::Code(1303, 429));
+    // Granted at once; its answer, a 1303, is read below.
+    let refused = call(&mut svc, create()).await;
+    let mut waiting = spawn(call(&mut svc, create()).await);
+    assert_pending!(waiting.poll());
+    refused.await.unwrap();
+    advance(Duration::from_secs(20)).await;
+    assert!(waiting.is_woken(), "the hidden slot is back");
+    assert_ready_ok!(waiting.poll());
+    assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_1102_halts_creates_locally_until_reset() {
     let (mut svc, handle, fake) = stack(SlotsConfig::new(3));
@@ -891,6 +911,34 @@ async fn the_end_of_a_streak_restarts_the_recovery_clock() {
     assert_eq!(pool_state(&handle, &video()).await, (3, 3, 0));
     advance(Duration::from_secs(1)).await;
     assert_eq!(pool_state(&handle, &video()).await, (3, 4, 0));
+}
+
+/// A create waiting when a 1303 streak ends (here the capacity is set; a success at the
+/// refused level ends it too), its timer set for the doubled interval, is woken when the
+/// hidden slot comes back at the configured one. (No snapshot before the check: taking one
+/// runs the recovery.)
+#[tokio::test(start_paused = true)]
+async fn a_waiting_create_is_woken_at_the_shorter_interval_once_a_streak_ends() {
+    let (mut svc, handle, fake) =
+        stack(SlotsConfig::new(4).recovery_interval(Duration::from_secs(20)));
+    let _t1 = task_id(&send(&mut svc, create()).await.unwrap());
+    let _t2 = task_id(&send(&mut svc, create()).await.unwrap());
+    refused(&mut svc, &fake).await;
+    advance(Duration::from_secs(20)).await;
+    // Two 1303s at 3 slots: a streak, the next slot back in 40 s.
+    refused(&mut svc, &fake).await;
+    let mut waiting = spawn(call(&mut svc, create()).await);
+    assert_pending!(waiting.poll());
+    handle
+        .set_capacity(None, Pool::new(Product::Video), 4)
+        .await
+        .unwrap();
+    advance(Duration::from_secs(20)).await;
+    assert!(
+        waiting.is_woken(),
+        "the hidden slot is back at the configured interval"
+    );
+    assert_ready_ok!(waiting.poll());
 }
 
 /// A waiter granted before a 1303 but picking its grant up after it was on its way with it:
