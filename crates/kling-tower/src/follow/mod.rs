@@ -286,7 +286,11 @@ impl TaskRef {
         }
     }
 
-    /// A legacy task, queried at `{create_path}/{id}` (e.g. `/v1/videos/text2video`).
+    /// A legacy task, queried at `{create_path}/{id}` (e.g. `/v1/videos/text2video`). `id` is
+    /// the task id or the `external_task_id` its create carried (a create whose answer was
+    /// lost is known by that alone): the answer's report is matched on either. (A callback
+    /// names the task by its task id: one for a task followed by its external id is matched
+    /// by the next query.)
     pub fn legacy(create_path: impl Into<String>, id: impl Into<String>) -> Self {
         let path: String = create_path.into();
         TaskRef {
@@ -860,7 +864,17 @@ where
             }
             Answer::Reports(outcome) => {
                 t.errors = 0;
-                match outcome.tasks().iter().find(|r| r.id == t.task.id) {
+                // A legacy task may be followed by its external id (`{path}/{external id}`
+                // answers the task, whose report names it under `external_task_id`).
+                let by_external = |r: &&TaskReport| {
+                    t.task.legacy_path.is_some() && r.external_id.as_deref() == Some(&t.task.id)
+                };
+                let report = outcome
+                    .tasks()
+                    .iter()
+                    .find(|r| r.id == t.task.id)
+                    .or_else(|| outcome.tasks().iter().find(by_external));
+                match report {
                     Some(report) if report.status.is_terminal() => {
                         t.result = Some(Ok(report.clone()));
                     }

@@ -1070,3 +1070,34 @@ async fn a_takeover_dropped_unanswered_leaves_the_sending_call_waiting() {
     );
     a.abort();
 }
+
+/// A legacy task followed by its external id (`GET {create path}/{external id}`, as a caller
+/// whose create's answer was lost knows it): the report names the task under its own id and
+/// the external id under `task_info`, and the follow ends with it rather than polling to the
+/// deadline.
+#[tokio::test(start_paused = true)]
+async fn a_legacy_task_followed_by_its_external_id_ends() {
+    let service = ClassifyLayer::new().layer(mock(60, 60));
+    let mut req = request(
+        "POST",
+        "/v1/videos/text2video",
+        r#"{"prompt":"a cat","external_task_id":"job-7"}"#,
+    );
+    req.headers_mut()
+        .insert("authorization", "Bearer key".parse().unwrap());
+    let created = service.clone().oneshot(req).await.unwrap();
+    let task_id = Outcome::of(&created).unwrap().task().unwrap().id.clone();
+    let start = Instant::now();
+    let done = follower(service, FollowPolicy::new())
+        .follow(TaskRef::legacy("/v1/videos/text2video", "job-7"))
+        .await
+        .unwrap();
+    assert_eq!(done.id, task_id);
+    assert_eq!(done.external_id.as_deref(), Some("job-7"));
+    assert!(done.status.is_terminal());
+    assert!(
+        start.elapsed() < Duration::from_secs(120),
+        "{:?}",
+        start.elapsed()
+    );
+}
