@@ -355,6 +355,14 @@ impl Board {
         board.by_id.remove(id).map(|(_, report)| report)
     }
 
+    /// The report of `id`, left on the board for the other calls following that task (legacy
+    /// tasks are kept by each call alone, so no one call can hand it on); it goes when the
+    /// board is full, as the oldest.
+    fn peek(&self, id: &str) -> Option<TaskReport> {
+        let board = self.reports.lock().unwrap_or_else(|e| e.into_inner());
+        board.by_id.get(id).map(|(_, report)| report.clone())
+    }
+
     /// Keeps `report` for its follower, the oldest report going when the board is full.
     fn put(&self, report: TaskReport) {
         let mut board = self.reports.lock().unwrap_or_else(|e| e.into_inner());
@@ -686,7 +694,14 @@ where
         if t.result.is_some() {
             return;
         }
-        if let Some(report) = self.board.take(&t.task.id) {
+        // A new-style task's report is handed on to every call following it
+        // (`check_shared`); a legacy task's stays on the board for the others to read.
+        let delivered = if t.task.legacy_path.is_some() {
+            self.board.peek(&t.task.id)
+        } else {
+            self.board.take(&t.task.id)
+        };
+        if let Some(report) = delivered {
             t.result = Some(Ok(report));
             t.from_board = true;
         } else if now >= t.deadline_at {

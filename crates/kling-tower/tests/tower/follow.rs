@@ -960,6 +960,37 @@ async fn a_delivered_report_ends_every_call_following_that_task() {
     assert_eq!(start.elapsed(), Duration::from_secs(10));
 }
 
+/// The same for a legacy task (each call keeps its legacy tasks to itself): one delivered
+/// report ends both calls, not only the first to look.
+#[tokio::test(start_paused = true)]
+async fn a_delivered_report_ends_every_call_following_that_legacy_task() {
+    let classify = ClassifyLayer::new().layer(mock(3600, 3600));
+    let task = create(&classify, "/v1/videos/text2video").await;
+    let one = follower(
+        classify,
+        FollowPolicy::new().callbacks_first(Duration::from_secs(120)),
+    );
+    let start = Instant::now();
+    let follows: Vec<_> = (0..2)
+        .map(|_| {
+            let (follower, id) = (one.clone(), task.id.clone());
+            tokio::spawn(async move {
+                follower
+                    .follow(TaskRef::legacy("/v1/videos/text2video", id))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let mut done = task.clone();
+    done.status = TaskStatus::Succeeded;
+    one.deliver(done);
+    for follow in follows {
+        assert_eq!(follow.await.unwrap().unwrap().status, TaskStatus::Succeeded);
+    }
+    assert_eq!(start.elapsed(), Duration::from_secs(10));
+}
+
 /// Counts a query's future dropped before it answered (the count is let go on an answer).
 struct DropCount(Option<Arc<AtomicUsize>>);
 
