@@ -172,20 +172,60 @@ pub async fn main(cli: Cli) -> i32 {
     }
 }
 
-/// A stop signal set by the first Ctrl-C; a second one exits at once.
+/// A stop signal set by the first Ctrl-C or SIGTERM (`docker stop`, systemd, `timeout`); a
+/// second one exits at once.
 fn stop_on_ctrl_c() -> StopSignal {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_err() {
-            // No signal handling here: the run goes on without it.
-            std::future::pending::<()>().await;
-        }
+        let mut stops = Stops::new();
+        stops.next().await;
         note("stopping: no new creates; the journal is kept (ctrl-c again to quit at once)");
         let _ = tx.send(true);
-        let _ = tokio::signal::ctrl_c().await;
+        stops.next().await;
         std::process::exit(EXIT_INTERRUPTED);
     });
     rx
+}
+
+/// Ctrl-C (SIGINT) and, on Unix, SIGTERM, as one stream of stop requests.
+struct Stops {
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Stops {
+    fn new() -> Stops {
+        Stops {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok(),
+        }
+    }
+
+    /// The next stop request (never, where no signal can be listened for: the run goes on
+    /// without it).
+    async fn next(&mut self) {
+        let ctrl_c = async {
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        #[cfg(unix)]
+        let term = async {
+            let received = match self.term.as_mut() {
+                Some(term) => term.recv().await.is_some(),
+                None => false,
+            };
+            if !received {
+                std::future::pending::<()>().await;
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            () = ctrl_c => {}
+            () = term => {}
+        }
+    }
 }
 
 fn default_path(jobs: &Path, suffix: &str) -> PathBuf {

@@ -259,13 +259,25 @@ fn now() -> f64 {
 }
 
 impl Journal {
-    /// Opens (or creates) the journal at `path`.
+    /// Opens (or creates) the journal at `path`, for this process alone.
+    ///
+    /// Every transaction reaches the disk before it returns (`synchronous = FULL`): a create is
+    /// sent only after its `creating` mark is on disk, so not even a power cut can make a rerun
+    /// create the job again. And the journal is locked while it is open (`locking_mode =
+    /// EXCLUSIVE`): a second run on it (an overlapping cron job, another terminal) is refused
+    /// here, before anything is sent, rather than creating and downloading the same jobs.
     pub fn open(path: impl AsRef<Path>) -> Result<Journal, JournalError> {
         let conn = Connection::open(path.as_ref())
             .map_err(|e| JournalError::new("cannot open the journal file", e))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let in_use = |e| JournalError::new("the journal is in use by another run", e);
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(in_use)?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        // A write takes the lock, held until the journal is closed.
+        conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
+            .map_err(in_use)?;
         Journal::init(conn)
     }
 
@@ -613,6 +625,30 @@ fn hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// Written through to the disk, and locked while open: a second open of the same file (a
+    /// second run) is refused, naming why; once the first is closed it opens.
+    #[test]
+    fn the_journal_is_durable_and_one_runs_on_it_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("kling-batch-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("j.sqlite");
+        let first = Journal::open(&path).unwrap();
+        let synchronous: i64 = first
+            .lock()
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(synchronous, 2, "FULL");
+        let second = Journal::open(&path).map(|_| ()).unwrap_err();
+        assert!(
+            second.to_string().contains("in use by another run"),
+            "{second}"
+        );
+        drop(first);
+        Journal::open(&path).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     use super::*;
     use crate::jobs::parse_jobs;
 

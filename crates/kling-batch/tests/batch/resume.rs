@@ -85,8 +85,20 @@ async fn a_killed_run_resumes_and_creates_nothing_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_stops_creating_exits_cleanly_and_a_rerun_finishes() {
+    a_stop_signal_stops_creating_exits_cleanly_and_a_rerun_finishes("-INT").await;
+}
+
+/// SIGTERM (`docker stop`, systemd, `timeout`) stops a run as Ctrl-C does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_creating_exits_cleanly_and_a_rerun_finishes() {
+    a_stop_signal_stops_creating_exits_cleanly_and_a_rerun_finishes("-TERM").await;
+}
+
+/// Sends `signal` (a `kill` option) to a run that has created 10 of its 60 jobs: it stops
+/// creating, exits 130 with every job in its results, and a rerun finishes the rest.
+async fn a_stop_signal_stops_creating_exits_cleanly_and_a_rerun_finishes(signal: &str) {
     let server = MockServer::start(pro_mock()).await.unwrap();
-    let dir = temp_dir("ctrlc");
+    let dir = temp_dir(&format!("stop{signal}"));
     let jobs = write_jobs(&dir, 60);
     let journal = dir.join("journal.sqlite");
     let out = dir.join("out.jsonl");
@@ -106,7 +118,7 @@ async fn ctrl_c_stops_creating_exits_cleanly_and_a_rerun_finishes() {
     until_created(&server, 10).await;
     let pid = first.id().unwrap().to_string();
     let status = std::process::Command::new("kill")
-        .args(["-INT", &pid])
+        .args([signal, &pid])
         .status()
         .unwrap();
     assert!(status.success());
