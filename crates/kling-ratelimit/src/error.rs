@@ -81,16 +81,31 @@ pub enum WaitLimit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WaitExceeded {
     resume_at: Instant,
+    wait: Duration,
     limit: WaitLimit,
     queued: bool,
+    cooldown: bool,
+    account: Option<AccountId>,
 }
 
 impl WaitExceeded {
-    pub(crate) fn new(resume_at: Instant, limit: WaitLimit, queued: bool) -> Self {
+    /// Refused at `now`: the request's next turn was at `resume_at` (in a pause after a 429 if
+    /// `cooldown`), past `limit`.
+    pub(crate) fn new(
+        resume_at: Instant,
+        now: Instant,
+        limit: WaitLimit,
+        queued: bool,
+        cooldown: bool,
+        account: Option<AccountId>,
+    ) -> Self {
         WaitExceeded {
             resume_at,
+            wait: resume_at.saturating_duration_since(now),
             limit,
             queued,
+            cooldown,
+            account,
         }
     }
 
@@ -98,6 +113,11 @@ impl WaitExceeded {
     /// still queued behind others this is a lower bound (the head of the queue's next turn).
     pub fn resume_at(&self) -> Instant {
         self.resume_at
+    }
+
+    /// How long the request would have waited, from when it was refused.
+    pub fn wait(&self) -> Duration {
+        self.wait
     }
 
     /// Which bound was reached.
@@ -109,6 +129,17 @@ impl WaitExceeded {
     pub fn was_queued(&self) -> bool {
         self.queued
     }
+
+    /// Whether the wait was a pause of the whole key after a `1302` or a `Retry-After`, rather
+    /// than pacing.
+    pub fn in_cooldown(&self) -> bool {
+        self.cooldown
+    }
+
+    /// The account whose limit it waited for (`None`: requests without an account).
+    pub fn account(&self) -> Option<&AccountId> {
+        self.account.as_ref()
+    }
 }
 
 impl fmt::Display for WaitExceeded {
@@ -117,11 +148,15 @@ impl fmt::Display for WaitExceeded {
             WaitLimit::MaxWait => "the maximum wait",
             WaitLimit::Deadline => "the request's deadline",
         };
-        let resume = self.resume_at.saturating_duration_since(Instant::now());
-        write!(
-            f,
-            "rate limit wait would pass {limit}: next turn in {resume:?}"
-        )
+        write!(f, "rate limit wait")?;
+        if let Some(account) = &self.account {
+            write!(f, " of account {}", account.as_str())?;
+        }
+        write!(f, " would pass {limit}: next turn in {:?}", self.wait)?;
+        if self.cooldown {
+            write!(f, " (the account is paused after a 1302 or a Retry-After)")?;
+        }
+        Ok(())
     }
 }
 
@@ -293,7 +328,14 @@ mod tests {
         let later = now + Duration::from_secs(5);
         let refusals: [BoxError; 4] = [
             Box::new(RateLimited::new(later, now, false)),
-            Box::new(WaitExceeded::new(later, WaitLimit::MaxWait, true)),
+            Box::new(WaitExceeded::new(
+                later,
+                now,
+                WaitLimit::MaxWait,
+                true,
+                false,
+                None,
+            )),
             Box::new(QueueFull::new(None, 10)),
             Box::new(BackendError::unreachable("connection refused")),
         ];

@@ -218,7 +218,12 @@ impl<Bk: Backend> Gate<Bk> {
                                 && at > limit
                             {
                                 return Poll::Ready(Err(Box::new(WaitExceeded::new(
-                                    at, why, false,
+                                    at,
+                                    now,
+                                    why,
+                                    false,
+                                    cooldown,
+                                    account_key.account_id().cloned(),
                                 ))));
                             }
                             if self.place.is_none() && !self.join(cx, shared, account_key)? {
@@ -245,7 +250,12 @@ impl<Bk: Backend> Gate<Bk> {
                             if now >= limit {
                                 let resume_at = hint.map_or(now, |h| h.max(now));
                                 return Poll::Ready(Err(Box::new(WaitExceeded::new(
-                                    resume_at, why, true,
+                                    resume_at,
+                                    now,
+                                    why,
+                                    true,
+                                    false,
+                                    account_key.account_id().cloned(),
                                 ))));
                             }
                             self.sleep_until(limit);

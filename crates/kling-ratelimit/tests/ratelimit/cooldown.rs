@@ -532,3 +532,37 @@ async fn a_proxys_page_wrapped_by_another_layer_still_pauses_the_key() {
         [("a1".into(), 0), ("a2".into(), 60_000)]
     );
 }
+
+/// A request that would wait out a pause after a 1302 past its maximum wait is refused with an
+/// error that says it was a pause, of which account, and how long it had left.
+#[tokio::test(start_paused = true)]
+async fn a_wait_refused_during_a_pause_says_so_and_names_the_account() {
+    let server = Server::new();
+    server.script([Reply::throttled().header("retry-after", "60")]);
+    let service = GcraLayer::builder(Quota::per_second(10.0))
+        .max_wait(Duration::from_secs(1))
+        .build()
+        .unwrap()
+        .layer(server.service());
+    service
+        .clone()
+        .oneshot(request(Some("a"), "a1"))
+        .await
+        .unwrap();
+    let error = service
+        .clone()
+        .oneshot(request(Some("a"), "a2"))
+        .await
+        .unwrap_err();
+    let exceeded = error
+        .downcast_ref::<kling_ratelimit::error::WaitExceeded>()
+        .unwrap_or_else(|| panic!("{error}"));
+    assert!(exceeded.in_cooldown(), "{exceeded}");
+    assert_eq!(exceeded.account().map(|a| a.as_str()), Some("a"));
+    assert_eq!(exceeded.wait(), Duration::from_secs(60));
+    assert_eq!(
+        exceeded.to_string(),
+        "rate limit wait of account a would pass the maximum wait: next turn in 60s \
+         (the account is paused after a 1302 or a Retry-After)"
+    );
+}
