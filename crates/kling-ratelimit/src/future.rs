@@ -74,6 +74,15 @@ impl<Bk: Backend> Gate<Bk> {
         }
     }
 
+    /// [`acquire`](Self::acquire), noting the quota's epoch first: a quota change while the
+    /// answer is on its way (a remote store's round trip) is then seen by the sleep that
+    /// follows it, which asks again at once rather than sleeping until the old quota's
+    /// instant.
+    fn ask(&mut self, shared: &Shared<Bk>, account_key: &BucketKey) -> Bk::AcquireFuture {
+        self.epoch = shared.epoch.load(Ordering::Acquire);
+        self.acquire(shared, account_key)
+    }
+
     /// Gives its place in the queue up (dropped, failed, or past its limit). When no other
     /// request of this limiter waits for the key, the backend is told, so a store the fleet
     /// shares gives the process's place up now rather than when the place ends. (The request
@@ -189,11 +198,11 @@ impl<Bk: Backend> Gate<Bk> {
             match &mut self.step {
                 Step::Start => {
                     if shared.mode == Mode::Reject || shared.queues.is_idle() {
-                        self.step = Step::Acquiring(self.acquire(shared, account_key));
+                        self.step = Step::Acquiring(self.ask(shared, account_key));
                     } else {
                         self.start_waiting(shared, request, Instant::now());
                         self.step = if self.join(cx, shared, account_key)? {
-                            Step::Acquiring(self.acquire(shared, account_key))
+                            Step::Acquiring(self.ask(shared, account_key))
                         } else {
                             Step::Queued
                         };
@@ -232,7 +241,6 @@ impl<Bk: Backend> Gate<Bk> {
                                 continue;
                             }
                             shared.queues.set_head_not_before(self.key(account_key), at);
-                            self.epoch = shared.epoch.load(Ordering::Acquire);
                             self.sleep_until(at);
                             self.step = Step::Sleeping;
                         }
@@ -241,7 +249,7 @@ impl<Bk: Backend> Gate<Bk> {
                 Step::Queued => {
                     let place = self.place.as_ref().expect("a queued request holds a place");
                     match shared.queues.poll_head(&place.key, place.id, cx.waker()) {
-                        Ok(_) => self.step = Step::Acquiring(self.acquire(shared, account_key)),
+                        Ok(_) => self.step = Step::Acquiring(self.ask(shared, account_key)),
                         Err(hint) => {
                             let Some((limit, why)) = self.limit else {
                                 return Poll::Pending;
@@ -274,7 +282,7 @@ impl<Bk: Backend> Gate<Bk> {
                         let sleep = self.sleep.as_mut().expect("a sleeping head has a timer");
                         ready!(sleep.as_mut().poll(cx));
                     }
-                    self.step = Step::Acquiring(self.acquire(shared, account_key));
+                    self.step = Step::Acquiring(self.ask(shared, account_key));
                 }
             }
         }
@@ -452,7 +460,8 @@ where
             step,
             place: None,
             sleep: None,
-            epoch: 0,
+            // The direct path's ask, if still to come, began a moment ago.
+            epoch: shared.epoch.load(Ordering::Acquire),
             waited_since: None,
             limit: None,
         };

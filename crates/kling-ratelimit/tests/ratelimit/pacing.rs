@@ -379,6 +379,95 @@ async fn reject_mode_checks_the_class_then_the_account() {
     assert_eq!(server.tags(), vec!["c0", "create0", "c2", "create1"]);
 }
 
+/// The in-process backend whose answers, once `hold` is set, come only when `release` is
+/// notified (decided when asked, as a remote store decides before its answer travels back).
+#[derive(Debug, Clone, Default)]
+struct HeldAnswers {
+    inner: std::sync::Arc<kling_ratelimit::InProcess>,
+    hold: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    release: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl kling_ratelimit::Backend for HeldAnswers {
+    type AcquireFuture = std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<
+                        kling_ratelimit::Decision,
+                        kling_ratelimit::error::BackendError,
+                    >,
+                > + Send,
+        >,
+    >;
+    type FeedbackFuture = <kling_ratelimit::InProcess as kling_ratelimit::Backend>::FeedbackFuture;
+
+    fn acquire(
+        &self,
+        key: &kling_ratelimit::BucketKey,
+        policy: &kling_ratelimit::Policy,
+    ) -> Self::AcquireFuture {
+        let decided = self.inner.acquire(key, policy);
+        let held = self.hold.load(std::sync::atomic::Ordering::SeqCst);
+        let release = self.release.clone();
+        Box::pin(async move {
+            let decision = decided.await;
+            if held {
+                release.notified().await;
+            }
+            decision
+        })
+    }
+
+    fn feedback(
+        &self,
+        key: &kling_ratelimit::BucketKey,
+        policy: &kling_ratelimit::Policy,
+        feedback: kling_ratelimit::Feedback,
+    ) -> Self::FeedbackFuture {
+        self.inner.feedback(key, policy, feedback)
+    }
+}
+
+/// A quota change made while a waiting request's answer is on its way (decided under the old
+/// quota): the request asks again under the new one rather than sleeping until the old
+/// quota's instant.
+#[tokio::test(start_paused = true)]
+async fn a_quota_change_during_an_answer_in_flight_is_followed() {
+    let server = Server::new();
+    let backend = HeldAnswers::default();
+    let layer = GcraLayer::builder(Quota::per_minute(1.0))
+        .backend(backend.clone())
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    service
+        .clone()
+        .oneshot(request(None, "first"))
+        .await
+        .unwrap();
+    backend
+        .hold
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let second = spawn_call(&service, request(None, "second")).await;
+    tokio::time::sleep(ms(100)).await;
+    handle.set_quota(Quota::per_second(1.0)).unwrap();
+    backend
+        .hold
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    backend.release.notify_one();
+    second.await.unwrap().unwrap();
+    let sent = server.times_ms(start);
+    assert_eq!(sent[1].0, "second");
+    // The owed part of the 1/min interval, at 1/s: under a second after the change.
+    assert!(
+        sent[1].1 < 1_200,
+        "sent at {} ms, not at the old 60 s",
+        sent[1].1
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_quota_change_reaches_requests_already_waiting() {
     let server = Server::new();
