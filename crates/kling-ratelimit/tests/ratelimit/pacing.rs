@@ -379,6 +379,15 @@ async fn reject_mode_checks_the_class_then_the_account() {
     assert_eq!(server.tags(), vec!["c0", "create0", "c2", "create1"]);
 }
 
+/// A test backend's answer to an ask, boxed.
+type BoxedAnswer = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<kling_ratelimit::Decision, kling_ratelimit::error::BackendError>,
+            > + Send,
+    >,
+>;
+
 /// The in-process backend whose answers, once `hold` is set, come only when `release` is
 /// notified (decided when asked, as a remote store decides before its answer travels back).
 #[derive(Debug, Clone, Default)]
@@ -389,16 +398,7 @@ struct HeldAnswers {
 }
 
 impl kling_ratelimit::Backend for HeldAnswers {
-    type AcquireFuture = std::pin::Pin<
-        Box<
-            dyn std::future::Future<
-                    Output = Result<
-                        kling_ratelimit::Decision,
-                        kling_ratelimit::error::BackendError,
-                    >,
-                > + Send,
-        >,
-    >;
+    type AcquireFuture = BoxedAnswer;
     type FeedbackFuture = <kling_ratelimit::InProcess as kling_ratelimit::Backend>::FeedbackFuture;
 
     fn acquire(
@@ -571,16 +571,7 @@ impl Recording {
 }
 
 impl kling_ratelimit::Backend for Recording {
-    type AcquireFuture = std::pin::Pin<
-        Box<
-            dyn std::future::Future<
-                    Output = Result<
-                        kling_ratelimit::Decision,
-                        kling_ratelimit::error::BackendError,
-                    >,
-                > + Send,
-        >,
-    >;
+    type AcquireFuture = BoxedAnswer;
     type FeedbackFuture = <kling_ratelimit::InProcess as kling_ratelimit::Backend>::FeedbackFuture;
 
     fn acquire(
