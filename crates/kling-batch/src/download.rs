@@ -260,7 +260,10 @@ where
         let mut kept = None;
         for path in recorded {
             let path = Path::new(path);
+            // Kept where it is only under this run's DIR (a rerun may name another; an older
+            // version's layout under it is kept).
             if path.file_name().is_some_and(|f| *f == *name.as_str())
+                && path.starts_with(dir)
                 && tokio::fs::metadata(path).await.is_ok()
             {
                 kept = Some(path.display().to_string());

@@ -275,11 +275,18 @@ impl Engine {
                     None => creating.push((job, record.external_id.clone(), JobState::Created)),
                 },
                 JobState::Succeeded => {
+                    // A file recorded under another `--download` DIR is not in this one.
+                    let elsewhere = |f: &str| {
+                        self.options
+                            .download_dir
+                            .as_ref()
+                            .is_some_and(|dir| !std::path::Path::new(f).starts_with(dir))
+                    };
                     let missing = record.files.len() < record.urls.len()
                         || record
                             .files
                             .iter()
-                            .any(|f| !std::path::Path::new(f).exists());
+                            .any(|f| !std::path::Path::new(f).exists() || elsewhere(f));
                     if self.options.download_dir.is_some() && missing {
                         let task = record.task_id.as_ref().unwrap_or(&record.external_id);
                         undownloaded.push((

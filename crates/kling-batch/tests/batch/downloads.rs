@@ -462,3 +462,41 @@ async fn a_resumed_run_downloads_at_most_eight_jobs_at_once() {
     );
     assert_eq!(server.stats().tasks_created, 24);
 }
+
+/// A rerun with another `--download DIR` saves every file there: files recorded under the
+/// old DIR do not count as present in the new one. Nothing is created again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_with_another_download_dir_fetches_the_files_there() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("download-moved");
+    let jobs = write_jobs(&dir, 3);
+    let journal_path = dir.join("journal.sqlite");
+    let out = dir.join("out.jsonl");
+    for files in ["a", "b"] {
+        let files_dir = dir.join(files);
+        let args = [
+            "--download",
+            files_dir.to_str().unwrap(),
+            "--journal",
+            journal_path.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        let output = finish(run_command(&jobs, &server.base_url(), &args)).await;
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        for line in results(&out) {
+            let saved = PathBuf::from(line["files"][0].as_str().unwrap());
+            assert!(
+                saved.starts_with(&files_dir),
+                "{saved:?} not in {files_dir:?}"
+            );
+            assert!(saved.exists(), "{saved:?}");
+        }
+    }
+    assert_eq!(server.stats().tasks_created, 3);
+}
