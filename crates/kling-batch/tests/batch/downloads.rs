@@ -19,21 +19,8 @@ async fn results_are_downloaded_recorded_and_a_missing_file_is_fetched_again() {
     let files_dir = dir.join("files");
     let journal_path = dir.join("journal.sqlite");
     let out = dir.join("out.jsonl");
-    let args = [
-        "--download",
-        files_dir.to_str().unwrap(),
-        "--journal",
-        journal_path.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ];
-    let output = finish(run_command(&jobs, &server.base_url(), &args)).await;
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let run = || run_downloading(&server, &jobs, &files_dir, &journal_path, &out);
+    run().await;
 
     let lines = results(&out);
     for line in &lines {
@@ -55,10 +42,35 @@ async fn results_are_downloaded_recorded_and_a_missing_file_is_fetched_again() {
     // A lost file is fetched again by the next run; nothing is created again.
     let lost = PathBuf::from(lines[2]["files"][0].as_str().unwrap());
     std::fs::remove_file(&lost).unwrap();
-    let output = finish(run_command(&jobs, &server.base_url(), &args)).await;
-    assert_eq!(output.status.code(), Some(0));
+    run().await;
     assert!(lost.exists());
     assert_eq!(server.stats().tasks_created, 6);
+}
+
+/// Runs `jobs` against `server` with `--download files --journal journal -o out`, and checks
+/// that every job succeeded with its files (exit status 0).
+async fn run_downloading(
+    server: &MockServer,
+    jobs: &std::path::Path,
+    files: &std::path::Path,
+    journal: &std::path::Path,
+    out: &std::path::Path,
+) {
+    let args = [
+        "--download",
+        files.to_str().unwrap(),
+        "--journal",
+        journal.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let output = finish(run_command(jobs, &server.base_url(), &args)).await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// A result server on 127.0.0.1 that stalls: the first `stalled` connections are accepted and
@@ -474,21 +486,7 @@ async fn a_rerun_with_another_download_dir_fetches_the_files_there() {
     let out = dir.join("out.jsonl");
     for files in ["a", "b"] {
         let files_dir = dir.join(files);
-        let args = [
-            "--download",
-            files_dir.to_str().unwrap(),
-            "--journal",
-            journal_path.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ];
-        let output = finish(run_command(&jobs, &server.base_url(), &args)).await;
-        assert_eq!(
-            output.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        run_downloading(&server, &jobs, &files_dir, &journal_path, &out).await;
         for line in results(&out) {
             let saved = PathBuf::from(line["files"][0].as_str().unwrap());
             assert!(
