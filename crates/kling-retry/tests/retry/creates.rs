@@ -952,11 +952,7 @@ async fn a_new_style_list_read_in_whole_without_the_create_sends_it_again() {
 #[tokio::test(start_paused = true)]
 async fn a_create_taken_in_an_unreadable_answer_reports_its_generated_id() {
     let (server, log) = kling(|_, _| Reply::Now(html(200, "<html>accepted</html>")));
-    let client = RetryLayer::builder()
-        .generate_external_ids(true)
-        .build()
-        .unwrap()
-        .layer(server);
+    let client = generating(1).layer(server);
     let error = send(&client, create(r#"{"prompt":"a cat"}"#))
         .await
         .unwrap_err();
