@@ -526,7 +526,8 @@ impl RedisSlots {
         lock(&self.inner.registry).values().map(|h| h.weight).sum()
     }
 
-    /// Changes waiting to be replayed once Redis is back.
+    /// Changes waiting to be replayed once Redis is back, not counting the one a replay is
+    /// sending at that moment (it is put back first in line if the send fails).
     pub fn pending(&self) -> usize {
         lock(&self.inner.pending).len()
     }
