@@ -108,7 +108,9 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    /// Parses an envelope; a body that is not JSON or has no numeric `code` is an error.
+    /// Parses an envelope; a body that is not JSON or has no numeric `code` is an error. An
+    /// error envelope whose fields do not all read keeps its code (even one written as
+    /// `"1102"` or `1102.0`), and a task's optional fields of an odd type are left out.
     ///
     /// A hand-rolled single-pass scanner reads the usual envelopes; whatever it does not
     /// handle exactly as serde_json does (and every error) goes to
@@ -140,14 +142,25 @@ impl Envelope {
             // numeric `request_id`): its code is what the layers act on, so it is kept, with no
             // task. A success is not: its task is what the caller asked for, and a create whose
             // answer cannot be read must stay one of unknown outcome.
+            // The code is read on its own first, so that texts it cannot read (a lone
+            // surrogate, a key written twice) do not hide it; the texts are kept when they read.
             Err(e) => {
-                return match parse_raw::<RawErrorHead<'_>>(body) {
-                    Ok(head) if head.code != 0 => Ok(Envelope {
-                        code: Code::from_i64(head.code),
-                        message: head.message.0.map(Cow::into_owned).unwrap_or_default(),
-                        request_id: head.request_id.0.map(Cow::into_owned),
-                        tasks: Vec::new(),
-                    }),
+                return match parse_raw::<RawErrorCode>(body) {
+                    Ok(head) if head.code.0 != 0 => {
+                        let message = parse_raw::<RawErrorMessage<'_>>(body).ok();
+                        let request_id = parse_raw::<RawErrorRequestId<'_>>(body).ok();
+                        Ok(Envelope {
+                            code: Code::from_i64(head.code.0),
+                            message: message
+                                .and_then(|m| m.message.0)
+                                .map(Cow::into_owned)
+                                .unwrap_or_default(),
+                            request_id: request_id
+                                .and_then(|r| r.request_id.0)
+                                .map(Cow::into_owned),
+                            tasks: Vec::new(),
+                        })
+                    }
                     _ => Err(e),
                 };
             }
@@ -191,15 +204,69 @@ fn parse_raw<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, serde_json::Er
     }
 }
 
-/// An error envelope's code and texts, read when the whole envelope cannot be: every other
-/// field is skipped, and a message or request id of another type than text is left out.
+/// An error envelope's code, read when the whole envelope cannot be: every other field is
+/// skipped (the texts included: each is read on its own, so one that does not read loses
+/// only itself).
 #[derive(Deserialize)]
-struct RawErrorHead<'a> {
-    code: i64,
+struct RawErrorCode {
+    code: LooseCode,
+}
+
+/// An error envelope's message, when it reads (text or a number; any other type is none).
+#[derive(Deserialize)]
+struct RawErrorMessage<'a> {
     #[serde(default, borrow)]
     message: Loose<'a>,
+}
+
+/// An error envelope's request id, when it reads (text or a number; any other type is none).
+#[derive(Deserialize)]
+struct RawErrorRequestId<'a> {
     #[serde(default, borrow)]
     request_id: Loose<'a>,
+}
+
+/// An error code however a proxy or gateway wrote it: an integer, an integral float
+/// (`1102.0`) or an integer in a string (`"1102"`). Only read once the envelope as a whole
+/// cannot be, where a code missed would turn a never-retry refusal (1102) into a malformed 429
+/// that is retried.
+struct LooseCode(i64);
+
+impl<'de> Deserialize<'de> for LooseCode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CodeVisitor;
+        impl Visitor<'_> for CodeVisitor {
+            type Value = LooseCode;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer code")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<LooseCode, E> {
+                Ok(LooseCode(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<LooseCode, E> {
+                i64::try_from(v)
+                    .map(LooseCode)
+                    .map_err(|_| E::custom("code out of range"))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<LooseCode, E> {
+                #[allow(clippy::cast_possible_truncation, clippy::float_cmp)]
+                let code = v as i64;
+                #[allow(clippy::cast_precision_loss, clippy::float_cmp)]
+                if v.is_finite() && code as f64 == v && code.unsigned_abs() < 1 << 52 {
+                    Ok(LooseCode(code))
+                } else {
+                    Err(E::custom("code is not an integer"))
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<LooseCode, E> {
+                v.trim()
+                    .parse()
+                    .map(LooseCode)
+                    .map_err(|_| E::custom("code is not an integer"))
+            }
+        }
+        deserializer.deserialize_any(CodeVisitor)
+    }
 }
 
 /// A string or number as text; anything else (an object, an array, `true`, `null`) as none.
@@ -347,25 +414,25 @@ struct RawTask<'a> {
     #[serde(default, borrow)]
     task_status: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    task_status_msg: Option<Cow<'a, str>>,
-    #[serde(default)]
-    task_info: Option<TaskInfo<'a>>,
-    #[serde(default)]
-    task_result: Option<TaskResult<'a>>,
+    task_status_msg: Loose<'a>,
     #[serde(default, borrow)]
-    final_unit_deduction: Option<Text<'a>>,
+    task_info: LooseItem<TaskInfo<'a>>,
+    #[serde(default, borrow)]
+    task_result: LooseItem<TaskResult<'a>>,
+    #[serde(default, borrow)]
+    final_unit_deduction: Loose<'a>,
     #[serde(default, borrow)]
     id: Option<Text<'a>>,
     #[serde(default, borrow)]
     status: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    message: Option<Cow<'a, str>>,
+    message: Loose<'a>,
     #[serde(default, borrow)]
-    external_id: Option<Cow<'a, str>>,
+    external_id: Loose<'a>,
+    #[serde(default, borrow)]
+    outputs: Option<LooseList<Output<'a>>>,
     #[serde(default)]
-    outputs: Option<Vec<Output<'a>>>,
-    #[serde(default)]
-    billing: Option<Vec<Billing>>,
+    billing: Option<LooseList<Billing>>,
     #[serde(default)]
     tasks: Option<Vec<RawTask<'a>>>,
 }
@@ -374,9 +441,9 @@ impl RawTask<'_> {
     fn into_report(self) -> Option<TaskReport> {
         if let (Some(id), Some(status)) = (&self.task_id, &self.task_status) {
             let mut urls = Vec::new();
-            if let Some(result) = self.task_result {
-                urls.extend(result.videos.into_iter().flatten().filter_map(|m| m.url));
-                urls.extend(result.images.into_iter().flatten().filter_map(|m| m.url));
+            if let Some(result) = self.task_result.0 {
+                urls.extend(result.videos.0.into_iter().filter_map(|m| m.url.0));
+                urls.extend(result.images.0.into_iter().filter_map(|m| m.url.0));
             }
             return Some(TaskReport {
                 id: String::from(&*id.0),
@@ -384,13 +451,15 @@ impl RawTask<'_> {
                 generation: ApiGeneration::Legacy,
                 external_id: self
                     .task_info
-                    .and_then(|info| info.external_task_id)
+                    .0
+                    .and_then(|info| info.external_task_id.0)
                     .map(Cow::into_owned),
-                failure: self.task_status_msg.map(Cow::into_owned),
+                failure: self.task_status_msg.0.map(Cow::into_owned),
                 urls: urls.into_iter().map(Cow::into_owned).collect(),
                 cost: self
                     .final_unit_deduction
-                    .and_then(|d| d.0.trim().parse().ok()),
+                    .0
+                    .and_then(|d| d.trim().parse().ok()),
             });
         }
         let (Some(id), Some(status)) = (&self.id, &self.status) else {
@@ -400,51 +469,186 @@ impl RawTask<'_> {
             id: String::from(&*id.0),
             status: TaskStatus::parse(status),
             generation: ApiGeneration::New,
-            external_id: self.external_id.map(Cow::into_owned),
-            failure: self.message.map(Cow::into_owned),
+            external_id: self.external_id.0.map(Cow::into_owned),
+            failure: self.message.0.map(Cow::into_owned),
             urls: self
                 .outputs
                 .into_iter()
-                .flatten()
-                .filter_map(|o| o.url.map(Cow::into_owned))
+                .flat_map(|o| o.0)
+                .filter_map(|o| o.url.0.map(Cow::into_owned))
                 .collect(),
             cost: self
                 .billing
-                .map(|b| b.iter().filter_map(|item| item.amount).sum()),
+                .map(|b| b.0.iter().filter_map(|item| item.amount.0).sum()),
         })
     }
 }
 
+// A task's optional fields read loosely: one of an odd type (a deduction as an object, a URL
+// that is a number, a billing list that is not a list) is left out, where failing would make
+// the whole answer unreadable — for a batch query, every task in it, so none would free its
+// slot. The task's id and status stay strict: without them there is no task to report.
+
 #[derive(Deserialize)]
 struct TaskInfo<'a> {
     #[serde(default, borrow)]
-    external_task_id: Option<Cow<'a, str>>,
+    external_task_id: Loose<'a>,
 }
 
 #[derive(Deserialize)]
 struct TaskResult<'a> {
     #[serde(default, borrow)]
-    videos: Option<Vec<Media<'a>>>,
+    videos: LooseList<Media<'a>>,
     #[serde(default, borrow)]
-    images: Option<Vec<Media<'a>>>,
+    images: LooseList<Media<'a>>,
 }
 
 #[derive(Deserialize)]
 struct Media<'a> {
     #[serde(default, borrow)]
-    url: Option<Cow<'a, str>>,
+    url: Loose<'a>,
 }
 
 #[derive(Deserialize)]
 struct Output<'a> {
     #[serde(default, borrow)]
-    url: Option<Cow<'a, str>>,
+    url: Loose<'a>,
 }
 
 #[derive(Deserialize)]
 struct Billing {
     #[serde(default)]
-    amount: Option<f64>,
+    amount: LooseAmount,
+}
+
+/// An amount as a number or a number in a string (the legacy API sends money as text); any
+/// other value as none.
+#[derive(Default)]
+struct LooseAmount(Option<f64>);
+
+impl<'de> Deserialize<'de> for LooseAmount {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = Loose::deserialize(deserializer)?;
+        Ok(LooseAmount(
+            text.0
+                .and_then(|t| t.trim().parse::<f64>().ok())
+                .filter(|v| v.is_finite()),
+        ))
+    }
+}
+
+/// An object read as `T`; any other value (a string, a list, `null`) as none.
+struct LooseItem<T>(Option<T>);
+
+impl<T> Default for LooseItem<T> {
+    fn default() -> Self {
+        LooseItem(None)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for LooseItem<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ItemVisitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for ItemVisitor<T> {
+            type Value = LooseItem<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<LooseItem<T>, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(|t| LooseItem(Some(t)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<LooseItem<T>, A::Error> {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(LooseItem(None))
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<LooseItem<T>, D::Error> {
+                d.deserialize_any(self)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<LooseItem<T>, E> {
+                Ok(LooseItem(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<LooseItem<T>, E> {
+                Ok(LooseItem(None))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<LooseItem<T>, E> {
+                Ok(LooseItem(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<LooseItem<T>, E> {
+                Ok(LooseItem(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<LooseItem<T>, E> {
+                Ok(LooseItem(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<LooseItem<T>, E> {
+                Ok(LooseItem(None))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<LooseItem<T>, E> {
+                Ok(LooseItem(None))
+            }
+        }
+        deserializer.deserialize_any(ItemVisitor(std::marker::PhantomData))
+    }
+}
+
+/// A list whose object elements are read as `T` (others left out); any value that is not a
+/// list as an empty one.
+struct LooseList<T>(Vec<T>);
+
+impl<T> Default for LooseList<T> {
+    fn default() -> Self {
+        LooseList(Vec::new())
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for LooseList<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ListVisitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for ListVisitor<T> {
+            type Value = LooseList<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<LooseList<T>, A::Error> {
+                let mut items = Vec::new();
+                while let Some(LooseItem(item)) = seq.next_element::<LooseItem<T>>()? {
+                    items.extend(item);
+                }
+                Ok(LooseList(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<LooseList<T>, A::Error> {
+                while map
+                    .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(LooseList(Vec::new()))
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<LooseList<T>, D::Error> {
+                d.deserialize_any(self)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<LooseList<T>, E> {
+                Ok(LooseList(Vec::new()))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<LooseList<T>, E> {
+                Ok(LooseList(Vec::new()))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<LooseList<T>, E> {
+                Ok(LooseList(Vec::new()))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<LooseList<T>, E> {
+                Ok(LooseList(Vec::new()))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<LooseList<T>, E> {
+                Ok(LooseList(Vec::new()))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<LooseList<T>, E> {
+                Ok(LooseList(Vec::new()))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<LooseList<T>, E> {
+                Ok(LooseList(Vec::new()))
+            }
+        }
+        deserializer.deserialize_any(ListVisitor(std::marker::PhantomData))
+    }
 }
 
 /// A string or a number, kept as text (ids and deductions arrive as either).
@@ -513,6 +717,69 @@ mod tests {
         // A success whose task cannot be read stays malformed: the create's outcome is unknown.
         let success = br#"{"code":0,"message":"ok","data":{"task_id":"t","task_status":7}}"#;
         assert!(Envelope::parse(success).is_err());
+    }
+
+    /// An error code that a proxy wrote oddly, or beside texts that do not read, is still the
+    /// code: read as malformed, a 429's 1102 would be retried as throttling.
+    #[test]
+    fn an_error_code_survives_texts_that_do_not_read_and_odd_spellings() {
+        let bodies: [&[u8]; 5] = [
+            br#"{"code":1102,"message":"\ud83d","request_id":"r"}"#,
+            br#"{"code":1102,"message":"a","message":"b"}"#,
+            br#"{"code":"1102","message":"m"}"#,
+            br#"{"code":1102.0}"#,
+            br#"{"code":" 1102 ","request_id":"r","request_id":"s"}"#,
+        ];
+        for body in bodies {
+            let env = Envelope::parse(body)
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)));
+            assert_eq!(env.code, Code::from_i64(1102), "{}", String::from_utf8_lossy(body));
+            assert!(env.tasks.is_empty());
+        }
+        assert_eq!(Envelope::parse(bodies[0]).unwrap().request_id.as_deref(), Some("r"));
+        assert_eq!(Envelope::parse(bodies[2]).unwrap().message, "m");
+        // Not an integer, or a success: still malformed.
+        for body in [
+            &br#"{"code":1102.5}"#[..],
+            br#"{"code":"x1102"}"#,
+            br#"{"code":"0","message":"\ud83d"}"#,
+            br#"{"code":1e300}"#,
+        ] {
+            assert!(
+                Envelope::parse(body).is_err(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    /// A task's optional field of an odd type is left out: failing would hide every task of a
+    /// batch answer, and none of them would free its slot.
+    #[test]
+    fn a_tasks_odd_optional_field_is_left_out() {
+        let batch = br#"{"code":0,"message":"SUCCEED","request_id":"r","data":[
+            {"id":"a","status":"succeeded","billing":[{"amount":"1.5"},{"amount":{"v":1}},7]},
+            {"id":"b","status":"failed","message":{"zh":"x"},"outputs":{"url":"u"}},
+            {"id":"c","status":"succeeded","external_id":12,"outputs":[{"url":3},"x",{"url":"u"}]}]}"#;
+        let env = Envelope::parse(batch).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(env.tasks.len(), 3);
+        assert_eq!(env.tasks[0].cost, Some(1.5));
+        assert_eq!(env.tasks[1].status, TaskStatus::Failed);
+        assert_eq!(env.tasks[1].failure, None);
+        assert!(env.tasks[1].urls.is_empty());
+        assert_eq!(env.tasks[2].external_id.as_deref(), Some("12"));
+        assert_eq!(env.tasks[2].urls, vec!["3", "u"]);
+        let legacy = br#"{"code":0,"data":{"task_id":"t","task_status":"succeed",
+            "task_status_msg":["x"],"task_info":"job","final_unit_deduction":{"n":1},
+            "task_result":{"videos":{"url":"v"},"images":[{"url":"i"}]}}}"#;
+        let env = Envelope::parse(legacy).unwrap_or_else(|e| panic!("{e}"));
+        let task = &env.tasks[0];
+        assert_eq!(task.status, TaskStatus::Succeeded);
+        assert_eq!((task.failure.as_deref(), task.external_id.as_deref(), task.cost), (None, None, None));
+        assert_eq!(task.urls, vec!["i"]);
+        // A callback carrying such a task reports it.
+        let callback = br#"{"id":"a","status":"succeeded","billing":[{"amount":"2"}]}"#;
+        assert_eq!(Envelope::parse_callback(callback).unwrap()[0].cost, Some(2.0));
     }
 
     #[test]

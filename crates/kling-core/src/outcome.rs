@@ -298,11 +298,28 @@ impl Outcome {
     /// Reads the body again (serde_json), for the rare answers where that matters, never for
     /// every response.
     pub fn lists_every_task(&self, body: &[u8]) -> bool {
+        // Each element itself a task, not a list or page of them: tasks found inside one
+        // element must not make up, in the count, for another element that was not read.
+        fn is_task(element: &serde_json::Value) -> bool {
+            let Some(fields) = element.as_object() else {
+                return false;
+            };
+            let id = |key| {
+                fields
+                    .get(key)
+                    .is_some_and(|v| v.is_string() || v.is_number())
+            };
+            let status = |key| fields.get(key).is_some_and(serde_json::Value::is_string);
+            !fields.contains_key("tasks")
+                && ((id("task_id") && status("task_status")) || (id("id") && status("status")))
+        }
         serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|envelope| {
             envelope
                 .get("data")
                 .and_then(serde_json::Value::as_array)
-                .is_some_and(|list| list.len() == self.tasks().len())
+                .is_some_and(|list| {
+                    list.len() == self.tasks().len() && list.iter().all(is_task)
+                })
         })
     }
 
@@ -407,6 +424,19 @@ mod tests {
         assert!(!read("null"));
         assert!(!read(r#"{"task_id":"t1","task_status":"submitted"}"#));
         assert!(!read(r#"[{"id":"t1"}]"#), "an element read as no task");
+        // Tasks inside one element do not make up for another that was not read.
+        assert!(
+            !read(
+                r#"[[{"id":"a","status":"submitted"},{"id":"b","status":"submitted"}],{"id":"c","external_id":"job-1"}]"#
+            ),
+            "a nested list counted for an unread element"
+        );
+        assert!(!read(
+            r#"[{"tasks":[{"id":"a","status":"submitted"}]}]"#
+        ));
+        assert!(read(
+            r#"[{"task_id":7,"task_status":"succeed"},{"id":"b","status":"failed"}]"#
+        ));
         let no_data = br#"{"code":0,"message":"SUCCEED"}"#;
         let outcome =
             Outcome::parse(StatusCode::OK, &HeaderMap::new(), no_data, Instant::now()).unwrap();

@@ -44,8 +44,8 @@ pub struct Route<'a> {
 impl<'a> Route<'a> {
     /// Recognises a request from its method and URI path (without the query string).
     ///
-    /// Legacy paths end in `v1/{videos|images}/{endpoint}[/{id}]` (after the last `v1`),
-    /// new-style ones in `tasks` or `{product}/{model}`; `account/costs` is the account
+    /// Legacy paths end in `v1/{videos|images}/{endpoint}[/{id}]` (after the last `v1`
+    /// before `videos` or `images`, so an id may be `v1`), new-style ones in `tasks` or `{product}/{model}`; `account/costs` is the account
     /// request. Empty segments and trailing `/`s are ignored, and any prefix (a proxy's base
     /// path) is allowed.
     ///
@@ -68,9 +68,16 @@ impl<'a> Route<'a> {
         let mut on_stack = [(0, 0); ON_STACK];
         let mut count = 0;
         let mut after_v1 = usize::MAX;
+        // A `v1` counts only before `videos` or `images`: a task id or external id may be
+        // `v1` itself (`/v1/videos/text2video/v1`).
+        let mut after_any_v1 = usize::MAX;
         each_segment(bytes, |(from, to)| {
-            if to - from == 2 && bytes[from..to] == *b"v1" {
-                after_v1 = count + 1;
+            let segment = &bytes[from..to];
+            if after_any_v1 == count && (segment == b"videos" || segment == b"images") {
+                after_v1 = count;
+            }
+            if segment == b"v1" {
+                after_any_v1 = count + 1;
             }
             if count < ON_STACK {
                 on_stack[count] = (from, to);
@@ -265,7 +272,10 @@ mod tests {
             return route;
         }
         let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        if let Some(v1) = segments.iter().rposition(|s| *s == "v1") {
+        if let Some(v1) = segments
+            .windows(2)
+            .rposition(|w| w[0] == "v1" && matches!(w[1], "videos" | "images"))
+        {
             let rest = &segments[v1 + 1..];
             let product = match rest {
                 ["videos", ..] => Some(Product::Video),
@@ -406,6 +416,28 @@ mod tests {
         );
         let route = Route::of(&Method::GET, "//v1//videos/text2video//abc//");
         assert_eq!(route.task_id, Some("abc"));
+    }
+
+    /// A task or external id may be `v1`: a lookup of it is still a query, so its 1203 ends
+    /// the slots' holding.
+    #[test]
+    fn an_id_that_is_v1_is_still_a_query() {
+        for (path, product) in [
+            ("/v1/videos/text2video/v1", Product::Video),
+            ("/v1/images/generations/v1", Product::Image),
+            ("/proxy/v1/v1/images/kolors-virtual-try-on/v1/", Product::TryOn),
+        ] {
+            let route = Route::of(&Method::GET, path);
+            assert_eq!(
+                (route.kind, route.generation, route.task_id),
+                (RequestKind::Query, Some(ApiGeneration::Legacy), Some("v1")),
+                "{path}"
+            );
+            agrees(&Method::GET, path);
+            let create = path.trim_end_matches('/').trim_end_matches("/v1");
+            let route = Route::of(&Method::POST, create);
+            assert_eq!((route.kind, route.product), (RequestKind::Create, Some(product)), "{create}");
+        }
     }
 
     #[test]
