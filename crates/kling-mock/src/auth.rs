@@ -30,10 +30,13 @@ pub(crate) fn authenticate(config: &MockConfig, header: Option<&[u8]>) -> AuthRe
     if value.is_empty() {
         return Err((1001, "authorization header is empty"));
     }
-    let token = match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-        _ => return Err((1000, "authentication failed: expected a Bearer token")),
-    };
+    // `Bearer ` arrives trimmed to `Bearer` (HTTP parsers strip a header value's edges): a
+    // bearer scheme without a token is an empty authorization, 1001, not a failed one.
+    let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err((1000, "authentication failed: expected a Bearer token"));
+    }
+    let token = token.trim();
     if token.is_empty() {
         return Err((1001, "authorization header is empty"));
     }

@@ -251,7 +251,8 @@ impl Switches {
 pub struct Faults {
     /// Share of requests answered 5000/5001/5002 (HTTP 500/503/504) without doing anything.
     pub fault_rate: f64,
-    /// Share of successful creates answered 5000 although the task *was* created and billed.
+    /// Share of successful creates answered 5000 or 5002 (HTTP 500 / 504, in turn by task)
+    /// although the task *was* created and billed.
     pub ghost_create_rate: f64,
     /// Share of requests whose connection is dropped without a response, before the server
     /// does anything with them (the request was lost on its way).
@@ -341,6 +342,10 @@ pub struct MockConfig {
     pub clock_offset_secs: i64,
     /// Model names that get 403 code 1103.
     pub forbidden_models: Vec<String>,
+    /// The models a new-style create (`/{product}/{model}`) may name; any other gets 404 code
+    /// 1203 ("resource or model not found"). `None` (the default): every model exists. Legacy
+    /// creates, whose model is in the body, are not checked.
+    pub known_models: Option<Vec<String>>,
     /// Standard-Webhooks secret for signing callbacks (`whsec_<base64>` or raw).
     pub callback_secret: Option<String>,
     /// Account-state switches at start.
@@ -388,6 +393,7 @@ impl MockConfig {
             secret_key: None,
             clock_offset_secs: 0,
             forbidden_models: Vec::new(),
+            known_models: None,
             callback_secret: None,
             switches: Switches::default(),
             faults: Faults::default(),
@@ -489,6 +495,10 @@ impl MockConfig {
         self
     }
     /// Sets the range task durations are drawn from (API time).
+    ///
+    /// `(0, 0)` is allowed: after the speed factor a task lasts at least 1 ms of real time, so a
+    /// create is still answered `submitted` (as Kling's always are) and the task ends a tick
+    /// later.
     pub fn task_duration(mut self, min: Duration, max: Duration) -> Self {
         self.task_duration_min = min;
         self.task_duration_max = max;
@@ -555,6 +565,19 @@ impl MockConfig {
         self.forbidden_models.push(model.into());
         self
     }
+    /// Adds a model to [`MockConfig::known_models`]: once one is added, a new-style create of
+    /// any model not added gets 404 code 1203.
+    pub fn known_model(mut self, model: impl Into<String>) -> Self {
+        self.known_models
+            .get_or_insert_with(Vec::new)
+            .push(model.into());
+        self
+    }
+    /// Lets a new-style create name any model again (the default).
+    pub fn any_model(mut self) -> Self {
+        self.known_models = None;
+        self
+    }
     /// Signs callbacks with this Standard-Webhooks secret.
     pub fn callback_secret(mut self, secret: impl Into<String>) -> Self {
         self.callback_secret = Some(secret.into());
@@ -575,7 +598,7 @@ impl MockConfig {
         self.faults.fault_rate = rate;
         self
     }
-    /// Share of creates answered 5000 although the task was created.
+    /// Share of creates answered 5000 or 5002 (in turn) although the task was created.
     pub fn ghost_create_rate(mut self, rate: f64) -> Self {
         self.faults.ghost_create_rate = rate;
         self

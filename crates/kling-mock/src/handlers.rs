@@ -1,6 +1,6 @@
 //! The endpoints: creates, queries, lists, account costs, in the order Kling checks things.
 //!
-//! Check order for a create: body JSON (1200) → fields (1201) → model permission (1103) →
+//! Check order for a create: model known, when `known_models` is set (1203) → body JSON (1200) → fields (1201) → model permission (1103) →
 //! content policy (1300/1301) → credits latched (1102) → duplicate external id (1201) → credits
 //! (1102) → slots (1303) → task. Billing before slots: an empty pack is final, a busy pool is not.
 //! Every create (refused or not) first starts or rolls the account's credit period.
@@ -29,6 +29,12 @@ pub(crate) struct CallbackJob {
 
 /// The most ids a batch query or a page may name.
 const MAX_PAGE: u64 = 500;
+
+/// The shortest a task lasts (real time, after the speed factor): a create is always answered
+/// `submitted`, as Kling's are, and the task ends at a later instant, even when
+/// `task_duration(0, 0)` or a huge `speed` scales its life to nothing. One millisecond is
+/// tokio's timer resolution, so the end is the next tick a paused-time test can reach.
+pub(crate) const MIN_TASK_DURATION: Duration = Duration::from_millis(1);
 
 /// What a create asks for, after validation.
 struct CreateSpec {
@@ -60,9 +66,42 @@ fn parse_object(body: &Bytes, empty_ok: bool) -> Result<Map<String, Value>, Body
     }
 }
 
-/// The longest string field (in bytes) a create accepts, `external_task_id` and `external_id`
-/// included; a legacy query's id segment may be as long once decoded.
+/// The longest identifier-like string field (in bytes) a create or list accepts: `model_name`,
+/// `external_task_id`, `external_id`, `callback_url`, `status`, `product_type`; a legacy query's
+/// id segment may be as long once decoded. Images and prompts have bounds of their own
+/// ([`Bound`]).
 pub(crate) const MAX_STRING_BYTES: usize = 4096;
+
+/// The longest `prompt` and `negative_prompt`, in characters (not bytes: a CJK character is
+/// three bytes of UTF-8). Kling documents 2,500 characters for both on its video endpoints and
+/// publishes no other figure the mock could follow, so every endpoint takes it.
+pub(crate) const MAX_PROMPT_CHARS: usize = 2500;
+
+/// How long a string field may be.
+#[derive(Debug, Clone, Copy)]
+enum Bound {
+    /// An identifier or URL: at most [`MAX_STRING_BYTES`] bytes.
+    Id,
+    /// A prompt: at most [`MAX_PROMPT_CHARS`] characters.
+    Prompt,
+    /// A base64 image or a media URL: bounded only by the body limit
+    /// ([`crate::MockConfig::max_body_bytes`]), as real requests carry images of megabytes.
+    Media,
+}
+
+impl Bound {
+    fn check(self, key: &str, s: &str) -> Result<(), String> {
+        match self {
+            Bound::Id if s.len() > MAX_STRING_BYTES => Err(format!(
+                "invalid parameter: {key} must be at most {MAX_STRING_BYTES} bytes"
+            )),
+            Bound::Prompt if s.chars().count() > MAX_PROMPT_CHARS => Err(format!(
+                "invalid parameter: {key} must be at most {MAX_PROMPT_CHARS} characters"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// Where a create's external id is looked up, and so unique: its legacy create path, or `""`
 /// for new-style tasks (all in `/tasks`).
@@ -74,23 +113,35 @@ fn external_scope(generation: &Generation) -> &str {
 }
 
 /// An optional string field: absent, null or empty → `None` (Kling's own samples send
-/// `"callback_url": ""`), a string of at most [`MAX_STRING_BYTES`] → `Some`, else invalid.
-fn opt_string(map: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+/// `"callback_url": ""`), a string within `bound` → `Some`, else invalid.
+fn opt_string(map: &Map<String, Value>, key: &str, bound: Bound) -> Result<Option<String>, String> {
     match map.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.is_empty() => Ok(None),
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_STRING_BYTES => {
-            Ok(Some(s.clone()))
-        }
+        Some(Value::String(s)) => bound.check(key, s).map(|()| Some(s.clone())),
         Some(_) => Err(format!("invalid parameter: {key}")),
     }
 }
 
-fn required_string(map: &Map<String, Value>, key: &str) -> Result<String, String> {
+fn required_string(map: &Map<String, Value>, key: &str, bound: Bound) -> Result<String, String> {
     match map.get(key) {
         Some(Value::String(s)) if s.is_empty() => Err(format!("invalid parameter: {key}")),
-        _ => opt_string(map, key)?.ok_or_else(|| format!("missing required parameter: {key}")),
+        _ => {
+            opt_string(map, key, bound)?.ok_or_else(|| format!("missing required parameter: {key}"))
+        }
     }
+}
+
+/// Checks the prompts every create may carry: `prompt` (required where `prompt_required`) and
+/// `negative_prompt`.
+fn check_prompts(map: &Map<String, Value>, prompt_required: bool) -> Result<(), String> {
+    if prompt_required {
+        required_string(map, "prompt", Bound::Prompt)?;
+    } else {
+        opt_string(map, "prompt", Bound::Prompt)?;
+    }
+    opt_string(map, "negative_prompt", Bound::Prompt)?;
+    Ok(())
 }
 
 impl State {
@@ -147,7 +198,8 @@ impl State {
                 kind,
                 family,
             } => {
-                let model = opt_string(map, "model_name")?.unwrap_or_else(|| "kling-v1".into());
+                let model =
+                    opt_string(map, "model_name", Bound::Id)?.unwrap_or_else(|| "kling-v1".into());
                 let (output, pool, weight) = match family {
                     LegacyFamily::Video => (OutputKind::Video, "video", 1),
                     LegacyFamily::TryOn => (OutputKind::Image, "try-on", 1),
@@ -155,15 +207,13 @@ impl State {
                 };
                 match (family, kind.as_str()) {
                     (LegacyFamily::Video, "text2video") | (LegacyFamily::Image, "generations") => {
-                        required_string(map, "prompt")?;
+                        check_prompts(map, true)?;
                     }
                     (LegacyFamily::TryOn, _) => {
-                        required_string(map, "human_image")?;
-                        required_string(map, "cloth_image")?;
+                        required_string(map, "human_image", Bound::Media)?;
+                        required_string(map, "cloth_image", Bound::Media)?;
                     }
-                    _ => {
-                        opt_string(map, "prompt")?;
-                    }
+                    _ => check_prompts(map, false)?,
                 }
                 Ok(CreateSpec {
                     generation: Generation::Legacy {
@@ -173,21 +223,20 @@ impl State {
                     pool: pool.to_owned(),
                     weight,
                     model,
-                    external_id: opt_string(map, "external_task_id")?,
-                    callback_url: opt_string(map, "callback_url")?,
+                    external_id: opt_string(map, "external_task_id", Bound::Id)?,
+                    callback_url: opt_string(map, "callback_url", Bound::Id)?,
                     video_duration,
                 })
             }
             Route::NewCreate { product, model } => {
                 let image = NEW_IMAGE_PRODUCTS.contains(&product.as_str());
-                if matches!(product.as_str(), "text-to-video" | "text-to-image") {
-                    required_string(map, "prompt")?;
-                } else {
-                    opt_string(map, "prompt")?;
-                }
+                check_prompts(
+                    map,
+                    matches!(product.as_str(), "text-to-video" | "text-to-image"),
+                )?;
                 let callback_url = match map.get("options") {
                     None | Some(Value::Null) => None,
-                    Some(Value::Object(options)) => opt_string(options, "callback_url")?,
+                    Some(Value::Object(options)) => opt_string(options, "callback_url", Bound::Id)?,
                     Some(_) => return Err("invalid parameter: options".into()),
                 };
                 let (output, pack, weight) = if image {
@@ -207,7 +256,7 @@ impl State {
                     pool,
                     weight,
                     model: model.clone(),
-                    external_id: opt_string(map, "external_id")?,
+                    external_id: opt_string(map, "external_id", Bound::Id)?,
                     callback_url,
                     video_duration,
                 })
@@ -226,6 +275,13 @@ impl State {
         // Any create starts the account's credit period, as a client's daily budget starts at
         // its first create.
         self.start_credit_period(account, now);
+        if let Route::NewCreate { model, .. } = route
+            && let Some(known) = &self.config.known_models
+            && !known.contains(model)
+        {
+            let msg = format!("model not found: {model}");
+            return (self.error(1203, &msg, now, None), None);
+        }
         let map = match parse_object(body, false) {
             Ok(map) => map,
             Err(BodyError::NotJson) => {
@@ -298,7 +354,10 @@ impl State {
             self.config.task_duration_max.as_secs_f64(),
         );
         let api_secs = min + (max - min) * self.draw();
-        let duration = self.config.scaled_secs(api_secs).min(MAX_WAIT);
+        let duration = self
+            .config
+            .scaled_secs(api_secs)
+            .clamp(MIN_TASK_DURATION, MAX_WAIT);
         let fails = self.chance(self.config.failure_rate);
         let seq = self.tasks.len() as u64 + 1;
         let id = format!("{}", 860_000_000_000_000_000u64 + seq);
@@ -538,7 +597,7 @@ impl State {
             },
             Some(_) => return self.error(1201, "invalid parameter: cursor", now, None),
         };
-        let status = match opt_string(&map, "status") {
+        let status = match opt_string(&map, "status", Bound::Id) {
             Ok(None) => None,
             Ok(Some(s)) => match s.as_str() {
                 "submitted" => Some(Phase::Submitted),
@@ -549,7 +608,7 @@ impl State {
             },
             Err(m) => return self.error(1201, &m, now, None),
         };
-        let product = match opt_string(&map, "product_type") {
+        let product = match opt_string(&map, "product_type", Bound::Id) {
             Ok(p) => p,
             Err(m) => return self.error(1201, &m, now, None),
         };

@@ -35,7 +35,7 @@ struct Args {
     /// Share of requests answered 5000/5001/5002.
     #[arg(long, default_value_t = 0.0)]
     fault_rate: f64,
-    /// Share of creates answered 5000 although the task was created.
+    /// Share of creates answered 5000 or 5002 (in turn) although the task was created.
     #[arg(long, default_value_t = 0.0)]
     ghost_create_rate: f64,
     /// Share of requests whose connection is dropped before they are carried out.
@@ -78,6 +78,10 @@ struct Args {
     /// Sign callbacks with this Standard-Webhooks secret.
     #[arg(long)]
     callback_secret: Option<String>,
+    /// Accept only these models on new-style creates (repeatable); others get 404 code 1203.
+    /// Without it every model is accepted.
+    #[arg(long)]
+    known_model: Vec<String>,
     /// Seed of the RNG behind faults, durations and failures.
     #[arg(long)]
     seed: Option<u64>,
@@ -157,6 +161,9 @@ fn config(args: Args) -> MockConfig {
     }
     if let Some(secret) = args.callback_secret {
         config = config.callback_secret(secret);
+    }
+    for model in args.known_model {
+        config = config.known_model(model);
     }
     if let Some(seed) = args.seed {
         config = config.seed(seed);

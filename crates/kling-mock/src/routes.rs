@@ -17,6 +17,11 @@ pub(crate) const LEGACY_VIDEO_KINDS: &[&str] = &[
     "effects",
 ];
 
+/// The legacy image endpoints besides the try-on (`/v1/images/{kind}`): KLING_API.md's
+/// `generations`, and the multi-image and omni image endpoints of Kling's API pages. Any other
+/// segment is 404 code 1202, so a typo (`generation`) is refused rather than billed.
+pub(crate) const LEGACY_IMAGE_KINDS: &[&str] = &["generations", "multi-image2image", "omni-image"];
+
 /// New-style video products (`/{product}/{model}`, pool `video:{model}`).
 pub(crate) const NEW_VIDEO_PRODUCTS: &[&str] = &[
     "text-to-video",
@@ -144,7 +149,7 @@ pub(crate) fn parse(method: &Method, path: &str) -> Option<Route> {
                 LegacyFamily::Video
             } else if *kind == TRY_ON {
                 LegacyFamily::TryOn
-            } else if segment_ok(kind) {
+            } else if LEGACY_IMAGE_KINDS.contains(kind) {
                 LegacyFamily::Image
             } else {
                 return None;
@@ -257,6 +262,8 @@ mod tests {
         ));
         assert_eq!(parse(&Method::GET, "/text-to-video/kling-3.0"), None);
         assert_eq!(parse(&Method::POST, "/v1/videos/nope"), None);
+        assert_eq!(parse(&Method::POST, "/v1/images/generation"), None);
+        assert_eq!(parse(&Method::GET, "/v1/images/generation/abc"), None);
         assert_eq!(parse(&Method::DELETE, "/tasks"), None);
         assert_eq!(parse(&Method::GET, ""), None);
         assert_eq!(parse(&Method::GET, "//"), None);

@@ -18,6 +18,26 @@ async fn missing_authorization_header_is_401_1001() {
     c.get("/tasks?task_ids=1").await.assert_error(401, 1001);
 }
 
+/// KLING_API.md: 1001 is "header empty". A bearer scheme without a token authorizes nothing.
+#[tokio::test(start_paused = true)]
+async fn an_empty_bearer_token_is_401_1001() {
+    let mut c = Caller::new(quiet());
+    for auth in ["Bearer ", "Bearer", "bearer \t ", "BEARER"] {
+        c.auth = Some(auth.into());
+        let r = c.post(T2V, json!({"prompt": "x"})).await;
+        r.assert_error(401, 1001);
+    }
+    c.without_auth()
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(401, 1001);
+    c.auth = Some("Basic".into());
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(401, 1000);
+    assert_eq!(c.mock.stats().tasks_created, 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn non_bearer_scheme_is_401_1000() {
     let mut c = Caller::new(quiet());
@@ -168,6 +188,79 @@ async fn invalid_parameters_are_400_1201() {
         .assert_error(400, 1201);
 }
 
+/// Images are bounded by the body limit only: a real try-on carries megabytes of base64.
+#[tokio::test(start_paused = true)]
+async fn a_try_on_with_large_base64_images_is_accepted() {
+    let c = Caller::new(quiet());
+    let image = "QUJD".repeat(2048); // 8 KiB of base64
+    let r = c
+        .post(
+            "/v1/images/kolors-virtual-try-on",
+            json!({"human_image": image, "cloth_image": image}),
+        )
+        .await;
+    assert_eq!(r.data()["task_status"], "submitted");
+    c.post(
+        "/image-to-video/kling-3.0",
+        json!({"image": image, "image_tail": image}),
+    )
+    .await
+    .data();
+}
+
+/// Prompts are bounded in characters (Kling's 2,500), not bytes: 1,400 CJK characters are
+/// 4,200 bytes of UTF-8.
+#[tokio::test(start_paused = true)]
+async fn prompts_are_bounded_in_characters_not_bytes() {
+    let c = Caller::new(quiet().slots(10));
+    let cjk = "\u{732b}".repeat(1400);
+    assert_eq!(cjk.len(), 4200);
+    c.post(T2V, json!({"prompt": cjk})).await.data();
+    c.post(T2V, json!({"prompt": "x", "negative_prompt": cjk}))
+        .await
+        .data();
+    c.post("/text-to-video/kling-3.0", json!({"prompt": cjk}))
+        .await
+        .data();
+    c.post(T2V, json!({"prompt": "\u{732b}".repeat(2500)}))
+        .await
+        .data();
+    for (field, body) in [
+        ("prompt", json!({"prompt": "x".repeat(2501)})),
+        (
+            "negative_prompt",
+            json!({"prompt": "x", "negative_prompt": "x".repeat(2501)}),
+        ),
+    ] {
+        for path in [T2V, "/text-to-video/kling-3.0", "/v1/videos/image2video"] {
+            let r = c.post(path, body.clone()).await;
+            r.assert_error(400, 1201);
+            let message = r.body["message"].as_str().unwrap();
+            assert!(message.contains(&format!(" {field} ")), "{path}: {message}");
+        }
+    }
+    assert_eq!(c.mock.stats().tasks_created, 4);
+}
+
+/// Identifier fields keep their byte bound.
+#[tokio::test(start_paused = true)]
+async fn identifier_fields_are_bounded_in_bytes() {
+    let c = Caller::new(quiet());
+    let r = c
+        .post(
+            T2V,
+            json!({"prompt": "x", "external_task_id": "\u{e9}".repeat(2049)}),
+        )
+        .await;
+    r.assert_error(400, 1201);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("external_task_id")
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn unknown_path_and_wrong_method_are_404_1202() {
     let c = Caller::new(quiet());
@@ -188,6 +281,47 @@ async fn unknown_path_and_wrong_method_are_404_1202() {
     c.get("/v1/videos/text2video/a/b")
         .await
         .assert_error(404, 1202);
+}
+
+/// `POST /v1/images/generation` (a typo of `generations`) is a wrong path, not a billed task;
+/// every legacy path KLING_API.md lists still creates.
+#[tokio::test(start_paused = true)]
+async fn an_unknown_legacy_image_path_is_404_1202_and_bills_nothing() {
+    let c = Caller::new(quiet().slots(20).credits(100.0));
+    for path in [
+        "/v1/images/generation",
+        "/v1/images/text2video",
+        "/v1/images/x",
+    ] {
+        c.post(path, json!({"prompt": "x"}))
+            .await
+            .assert_error(404, 1202);
+        c.get(&format!("{path}/1")).await.assert_error(404, 1202);
+        c.get(path).await.assert_error(404, 1202);
+    }
+    assert_eq!(c.mock.stats().tasks_created, 0);
+    assert_eq!(c.mock.remaining_credits("test-key"), Some(100.0));
+    for path in [
+        "/v1/videos/text2video",
+        "/v1/videos/image2video",
+        "/v1/videos/multi-image2video",
+        "/v1/videos/video-extend",
+        "/v1/videos/lip-sync",
+        "/v1/videos/effects",
+        "/v1/images/generations",
+        "/v1/images/multi-image2image",
+        "/v1/images/omni-image",
+    ] {
+        let r = c.post(path, json!({"prompt": "x"})).await;
+        let id = r.data()["task_id"].as_str().unwrap().to_owned();
+        c.get(&format!("{path}/{id}")).await.data();
+    }
+    c.post(
+        "/v1/images/kolors-virtual-try-on",
+        json!({"human_image": "h", "cloth_image": "c"}),
+    )
+    .await
+    .data();
 }
 
 #[tokio::test(start_paused = true)]

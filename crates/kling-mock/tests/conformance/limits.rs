@@ -235,6 +235,27 @@ async fn the_speed_factor_divides_task_durations_and_rate_windows() {
     assert_eq!(c.mock.stats().task_seconds["video"], 10.0);
 }
 
+/// Kling never answers a create with a finished task: a life of zero API seconds, or one a huge
+/// speed scales to nothing, still starts `submitted` and ends a tick later.
+#[tokio::test(start_paused = true)]
+async fn a_task_scaled_to_nothing_is_still_submitted_when_created() {
+    for config in [quiet().task_duration(secs(0), secs(0)), quiet().speed(1e15)] {
+        let c = Caller::new(config);
+        let created = c.post(T2V, json!({"prompt": "x"})).await;
+        assert_eq!(created.data()["task_status"], "submitted");
+        let id = created.data()["task_id"].as_str().unwrap().to_owned();
+        let created = c
+            .post("/text-to-video/kling-3.0", json!({"prompt": "x"}))
+            .await;
+        assert_eq!(created.data()["status"], "submitted");
+        assert_eq!(c.mock.in_use("test-key", "video"), 1);
+        advance_ms(1).await;
+        let q = c.get(&format!("{T2V}/{id}")).await;
+        assert_eq!(q.data()["task_status"], "succeed");
+        assert_eq!(c.mock.in_use("test-key", "video"), 0);
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn task_durations_are_drawn_from_the_configured_range() {
     let c = Caller::new(

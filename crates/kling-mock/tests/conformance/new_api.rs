@@ -1,10 +1,17 @@
 //! The new generation end to end: `id`, `status`, `succeeded`, `outputs`, `billing`,
 //! batch query, cursor list.
 
-use kling_mock::PoolScope;
-use serde_json::json;
+use std::time::Duration;
 
-use crate::support::{Caller, advance, encode, quiet};
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use kling_mock::{MockConfig, MockServer, PoolScope};
+use serde_json::{Value, json};
+
+use crate::support::{Caller, Delivery, advance, encode, hook_receiver, quiet};
 
 const T2V: &str = "/text-to-video/kling-3.0";
 
@@ -249,16 +256,107 @@ async fn empty_optional_fields_are_absent() {
     assert_eq!(c.mock.stats().tasks_created, 2);
 }
 
-#[tokio::test(start_paused = true)]
+/// `options.callback_url` gets the task at each status change, in the new shape (`id`,
+/// `status`, `succeeded`, `outputs`, `billing`), to that very URL. Real sockets, so real time
+/// at speed 1000 (100 s tasks last 100 ms).
+#[tokio::test]
 async fn the_new_callback_url_lives_in_options() {
-    let c = Caller::new(quiet());
-    c.post(
-        T2V,
-        json!({"prompt": "x", "options": {"callback_url": "http://127.0.0.1:9/cb"}}),
+    let (base, mut rx) = hook_receiver().await;
+    let server = MockServer::start(
+        MockConfig::default()
+            .no_rate_limit()
+            .speed(1000.0)
+            .task_duration(Duration::from_secs(100), Duration::from_secs(100)),
     )
     .await
-    .data();
-    c.post(T2V, json!({"prompt": "x", "options": "nope"}))
+    .unwrap();
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let create = |body: Value| {
+        let req = Request::post(format!("{}{T2V}", server.base_url()))
+            .header("authorization", "Bearer cb-key")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let client = client.clone();
+        async move {
+            let resp = client.request(req).await.unwrap();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            serde_json::from_slice::<Value>(&bytes).unwrap()
+        }
+    };
+    let created = create(json!({
+        "prompt": "x",
+        "external_id": "new-cb",
+        "options": {"callback_url": format!("{base}/new-hook?k=v")},
+    }))
+    .await;
+    assert_eq!(created["code"], 0, "{created}");
+    let id = created["data"]["id"].as_str().unwrap().to_owned();
+
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let Delivery { path, body, .. } = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("callback in time")
+            .expect("callback");
+        assert_eq!(path, "/new-hook");
+        let task: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(task["id"], id.as_str(), "{task}");
+        assert_eq!(task["external_id"], "new-cb");
+        assert!(task.get("task_id").is_none() && task.get("task_status").is_none());
+        let status = task["status"].as_str().unwrap().to_owned();
+        if status == "succeeded" {
+            assert_eq!(task["outputs"][0]["type"], "video", "{task}");
+            assert_eq!(task["billing"][0]["amount"], 1, "{task}");
+        }
+        statuses.push(status);
+    }
+    assert_eq!(statuses, ["processing", "succeeded"]);
+
+    // A top-level `callback_url` is the legacy field: a new-style create does not call it.
+    let created = create(json!({"prompt": "x", "callback_url": format!("{base}/top-level")})).await;
+    assert_eq!(created["code"], 0, "{created}");
+    let extra = tokio::time::timeout(Duration::from_millis(400), rx.recv()).await;
+    assert!(extra.is_err(), "unexpected callback {extra:?}");
+
+    let refused = create(json!({"prompt": "x", "options": "nope"})).await;
+    assert_eq!(refused["code"], 1201, "{refused}");
+    assert_eq!(server.stats().callbacks_sent, 2);
+    server.shutdown().await;
+}
+
+/// Opt-in: with `known_models` set, a new-style create of another model is 404 code 1203
+/// (KLING_API.md: "resource or model not found") and bills nothing; by default every model
+/// exists.
+#[tokio::test(start_paused = true)]
+async fn with_known_models_an_unknown_model_is_404_1203() {
+    let c = Caller::new(quiet());
+    c.post("/text-to-video/kling-9.9", json!({"prompt": "x"}))
         .await
-        .assert_error(400, 1201);
+        .data();
+
+    let c = Caller::new(
+        quiet()
+            .credits(10.0)
+            .known_model("kling-3.0")
+            .known_model("kolors-v2"),
+    );
+    for path in [
+        "/text-to-video/kling-3.0o",
+        "/image-to-video/kling-9.9",
+        "/text-to-image/kling-3.0.",
+    ] {
+        let r = c.post(path, json!({"prompt": "x", "image": "i"})).await;
+        r.assert_error(404, 1203);
+        assert!(r.body["message"].as_str().unwrap().contains("model"));
+    }
+    assert_eq!(c.mock.stats().tasks_created, 0);
+    assert_eq!(c.mock.remaining_credits("test-key"), Some(10.0));
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    c.post("/text-to-image/kolors-v2", json!({"prompt": "x"}))
+        .await
+        .data();
+    // Legacy creates name their model in the body and are not checked.
+    c.post("/v1/videos/text2video", json!({"prompt": "x"}))
+        .await
+        .data();
 }

@@ -3,8 +3,13 @@
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
 use kling_mock::{MockConfig, MockKling};
 use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tower_service::Service;
 
 /// A parsed reply.
@@ -142,4 +147,47 @@ pub(crate) fn encode(s: &str) -> String {
             }
         })
         .collect()
+}
+
+/// One callback as its receiver saw it.
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    pub(crate) path: String,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+}
+
+/// A callback receiver on 127.0.0.1 (real sockets: use it in real-time tests): its base URL
+/// (`http://127.0.0.1:PORT`) and every POST it gets, answered 200.
+pub(crate) async fn hook_receiver() -> (String, mpsc::UnboundedReceiver<Delivery>) {
+    let (tx, rx) = mpsc::unbounded_channel::<Delivery>();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body.collect().await?.to_bytes();
+                        let _ = tx.send(Delivery {
+                            path: parts.uri.path().to_owned(),
+                            headers: parts.headers,
+                            body,
+                        });
+                        Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::new())))
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (base, rx)
 }

@@ -8,16 +8,15 @@ use bytes::Bytes;
 use hmac::{Hmac, KeyInit as _, Mac as _};
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use kling_mock::{MockConfig, MockServer, Stats};
 use serde_json::{Value, json};
 use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::net::TcpStream;
+
+use crate::support::{Delivery, hook_receiver};
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
@@ -136,31 +135,8 @@ async fn the_server_stops_when_shut_down() {
 async fn callbacks_are_delivered_signed_at_each_status_change() {
     let key = b"callback-key-bytes";
     let secret = format!("whsec_{}", STANDARD.encode(key));
-    let (tx, mut rx) = mpsc::unbounded_channel::<(http::HeaderMap, Bytes)>();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let tx = tx.clone();
-                    async move {
-                        let (parts, body) = req.into_parts();
-                        let body = body.collect().await?.to_bytes();
-                        let _ = tx.send((parts.headers, body));
-                        Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::new())))
-                    }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    let (base, mut rx) = hook_receiver().await;
+    let hook = format!("{base}/hook");
 
     let server = MockServer::start(fast().callback_secret(secret))
         .await
@@ -177,10 +153,15 @@ async fn callbacks_are_delivered_signed_at_each_status_change() {
     let mut statuses = Vec::new();
     let mut ids = Vec::new();
     for _ in 0..2 {
-        let (headers, body) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        let Delivery {
+            path,
+            headers,
+            body,
+        } = tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
             .expect("callback in time")
             .expect("callback");
+        assert_eq!(path, "/hook");
         let id = headers["webhook-id"].to_str().unwrap().to_owned();
         let ts = headers["webhook-timestamp"].to_str().unwrap().to_owned();
         let now = std::time::SystemTime::now()
