@@ -288,9 +288,8 @@ impl TaskRef {
 
     /// A legacy task, queried at `{create_path}/{id}` (e.g. `/v1/videos/text2video`). `id` is
     /// the task id or the `external_task_id` its create carried (a create whose answer was
-    /// lost is known by that alone): the answer's report is matched on either. (A callback
-    /// names the task by its task id: one for a task followed by its external id is matched
-    /// by the next query.)
+    /// lost is known by that alone): the answer's report, or a delivered callback's, is
+    /// matched on either (a callback by the external id under its `task_info`).
     pub fn legacy(create_path: impl Into<String>, id: impl Into<String>) -> Self {
         let path: String = create_path.into();
         TaskRef {
@@ -338,12 +337,14 @@ struct Board {
 
 /// The board's reports by task id, each with the number it was put there under, and the ids
 /// in the order they came (with those numbers, so an id taken and delivered again is not
-/// evicted by its first delivery's place in the order).
+/// evicted by its first delivery's place in the order); and the task id of each report by
+/// its external id, for a legacy task followed by the external id its create carried.
 #[derive(Debug, Default)]
 struct Reports {
     by_id: HashMap<String, (u64, TaskReport)>,
     order: VecDeque<(String, u64)>,
     next: u64,
+    by_external_id: HashMap<String, String>,
 }
 
 /// How many delivered reports are kept for tasks nobody follows yet.
@@ -352,21 +353,40 @@ const BOARD_CAPACITY: usize = 10_000;
 impl Board {
     fn take(&self, id: &str) -> Option<TaskReport> {
         let mut board = self.reports.lock().unwrap_or_else(|e| e.into_inner());
-        board.by_id.remove(id).map(|(_, report)| report)
+        let (_, report) = board.by_id.remove(id)?;
+        if let Some(external_id) = &report.external_id
+            && board.by_external_id.get(external_id).map(String::as_str) == Some(id)
+        {
+            board.by_external_id.remove(external_id);
+        }
+        Some(report)
     }
 
-    /// The report of `id`, left on the board for the other calls following that task (legacy
+    /// The report of the legacy task `id` names (its task id, or else the external id its
+    /// create carried), left on the board for the other calls following that task (legacy
     /// tasks are kept by each call alone, so no one call can hand it on); it goes when the
     /// board is full, as the oldest.
     fn peek(&self, id: &str) -> Option<TaskReport> {
         let board = self.reports.lock().unwrap_or_else(|e| e.into_inner());
-        board.by_id.get(id).map(|(_, report)| report.clone())
+        let report = board.by_id.get(id).or_else(|| {
+            let task_id = board.by_external_id.get(id)?;
+            board.by_id.get(task_id)
+        });
+        report.map(|(_, report)| report.clone())
     }
 
     /// Keeps `report` for its follower, the oldest report going when the board is full.
     fn put(&self, report: TaskReport) {
         let mut board = self.reports.lock().unwrap_or_else(|e| e.into_inner());
-        let Reports { by_id, order, next } = &mut *board;
+        let Reports {
+            by_id,
+            order,
+            next,
+            by_external_id,
+        } = &mut *board;
+        if let Some(external_id) = &report.external_id {
+            by_external_id.insert(external_id.clone(), report.id.clone());
+        }
         match by_id.get_mut(&report.id) {
             // Delivered again before anyone took it: the newer report, in the same place.
             Some((_, kept)) => *kept = report,
@@ -379,8 +399,11 @@ impl Board {
         while order.len() > BOARD_CAPACITY {
             if let Some((old, number)) = order.pop_front()
                 && by_id.get(&old).is_some_and(|(kept, _)| *kept == number)
+                && let Some((_, gone)) = by_id.remove(&old)
+                && let Some(external_id) = &gone.external_id
+                && by_external_id.get(external_id) == Some(&old)
             {
-                by_id.remove(&old);
+                by_external_id.remove(external_id);
             }
         }
     }
@@ -1002,6 +1025,29 @@ mod tests {
             .unwrap()
             .tasks
             .remove(0)
+    }
+
+    /// A legacy task followed by its external id finds a delivered report by it, and the index
+    /// goes with the report (taken, or pushed out when the board is full).
+    #[test]
+    fn a_report_is_found_by_its_external_id_and_the_index_goes_with_it() {
+        let board = Board::default();
+        let mut report = ended("t-1");
+        report.external_id = Some("job-7".to_owned());
+        board.put(report);
+        assert_eq!(board.peek("job-7").map(|r| r.id), Some("t-1".to_owned()));
+        assert_eq!(board.peek("t-1").map(|r| r.id), Some("t-1".to_owned()));
+        assert!(board.take("t-1").is_some());
+        assert!(board.peek("job-7").is_none());
+        assert!(board.reports.lock().unwrap().by_external_id.is_empty());
+        for i in 0..=BOARD_CAPACITY {
+            let mut report = ended(&format!("t-{i}"));
+            report.external_id = Some(format!("job-{i}"));
+            board.put(report);
+        }
+        let reports = board.reports.lock().unwrap();
+        assert_eq!(reports.by_external_id.len(), BOARD_CAPACITY);
+        assert!(!reports.by_external_id.contains_key("job-0"));
     }
 
     /// A report taken, then delivered again (a callback Kling sent twice), is not evicted when

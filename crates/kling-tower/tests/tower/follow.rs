@@ -1132,3 +1132,39 @@ async fn a_legacy_task_followed_by_its_external_id_ends() {
         start.elapsed()
     );
 }
+
+/// A callback ends the follow of a legacy task followed by its external id: the report names
+/// the task by its task id, and the external id under `task_info`.
+#[tokio::test(start_paused = true)]
+async fn a_callback_ends_a_legacy_task_followed_by_its_external_id() {
+    let mock = mock(60, 60);
+    let service = ClassifyLayer::new().layer(mock.clone());
+    let mut req = request(
+        "POST",
+        "/v1/videos/text2video",
+        r#"{"prompt":"a cat","external_task_id":"job-7"}"#,
+    );
+    req.headers_mut()
+        .insert("authorization", "Bearer key".parse().unwrap());
+    let created = service.clone().oneshot(req).await.unwrap();
+    let mut report = Outcome::of(&created).unwrap().task().unwrap().clone();
+    assert_eq!(report.external_id.as_deref(), Some("job-7"));
+    report.status = TaskStatus::Succeeded;
+    let follower = follower(
+        service,
+        FollowPolicy::new().callbacks_first(Duration::from_secs(600)),
+    );
+    let delivering = follower.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        delivering.deliver(report);
+    });
+    let start = Instant::now();
+    let done = follower
+        .follow(TaskRef::legacy("/v1/videos/text2video", "job-7"))
+        .await
+        .unwrap();
+    assert_eq!(done.status, TaskStatus::Succeeded);
+    assert_eq!(start.elapsed(), Duration::from_secs(61));
+    assert_eq!(mock.stats().requests_total, 1, "only the create");
+}
