@@ -16,7 +16,7 @@ use kling_core::metrics::{
     LABEL_CODE, LABEL_KIND, LABEL_POOL, LABEL_STATUS, REQUEST_DURATION, RESPONSES,
 };
 use kling_core::signals::{Attempt, Waited};
-use kling_core::{Outcome, RequestKind, SendState};
+use kling_core::{Code, Outcome, RequestKind, SendState};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tracing::Span;
@@ -97,7 +97,7 @@ where
 }
 
 impl Call {
-    fn response(self, response: &mut Response<Full<Bytes>>, span: &Span) {
+    fn response(mut self, response: &mut Response<Full<Bytes>>, span: &Span) {
         let status = response.status();
         // Whether an outcome is attached (by the classify step, or here): when it is the only
         // extension, there is no `Attempt` to look up.
@@ -109,6 +109,7 @@ impl Call {
                 Ok(outcome) => self.outcome(&outcome, status, span),
                 Err(malformed) => {
                     attached = false;
+                    labels::settle_pool(&mut self.pool, || false);
                     self.monitor.note_final(status, None);
                     tracing::warn!(
                         target: "kling_metrics",
@@ -143,7 +144,7 @@ impl Call {
 
     /// Reports what the response said; returns its `code` label and the call's end.
     fn outcome(
-        &self,
+        &mut self,
         outcome: &Outcome,
         status: StatusCode,
         span: &Span,
@@ -155,6 +156,7 @@ impl Call {
             received if received >= self.start => received,
             _ => Instant::now(),
         };
+        labels::settle_pool(&mut self.pool, || pool_shown(outcome.code()));
         self.monitor
             .observe_tasks(self.kind == RequestKind::Create, &self.pool, outcome, end);
         if !span.is_disabled() {
@@ -171,13 +173,16 @@ impl Call {
         (labels::CodeLabel::Kling(outcome.code()), end)
     }
 
-    fn error(self, error: &(dyn StdError + 'static), span: &Span) {
+    fn error(mut self, error: &(dyn StdError + 'static), span: &Span) {
         let end = Instant::now();
         let sent = requests_sent(error);
         if sent > 0 {
             self.monitor.note_requests(end, u64::from(sent));
         }
-        let (status, code) = match find_cause(error) {
+        let cause = find_cause(error);
+        let shown = matches!(&cause, Some(Cause::Api(api)) if pool_shown(api.code()));
+        labels::settle_pool(&mut self.pool, || shown);
+        let (status, code) = match cause {
             Some(Cause::Api(api)) => {
                 span.record("request_id", api.request_id());
                 self.monitor
@@ -193,7 +198,7 @@ impl Call {
             }
             None => (labels::Status::None, labels::CodeLabel::None),
         };
-        tracing::warn!(target: "kling_metrics", error = %error, "kling call failed");
+        tracing::warn!(target: "kling_metrics", error = %Redacted(error), "kling call failed");
         self.record(status, code, end, span);
     }
 
@@ -257,6 +262,17 @@ impl Call {
     }
 }
 
+/// Whether an answer with `code` shows that the pool of the call exists, so that its model may
+/// take one of the places of models labelled by name ([`labels::settle_pool`]): a task was
+/// created (0), or Kling counted the pool's running tasks (1303). Any other answer may come
+/// before or without Kling looking at the model (auth, account, rate and content checks, a
+/// 5xx), or says there is no such model (1201, 1202, 1203), so a mistyped model cannot take a
+/// place; such calls are labelled `{product}:other`, as are a model's calls before its first
+/// accepted create.
+fn pool_shown(code: Code) -> bool {
+    matches!(code.as_i64(), 0 | 1303)
+}
+
 /// How many requests a failed call sent towards Kling: a retry layer's count
 /// ([`Attempts`]), less its last request when that never left; else one, or none for a request
 /// refused in this process (a limiter's, the drain's refusal) or one that never left the client.
@@ -270,6 +286,44 @@ fn requests_sent(error: &(dyn StdError + 'static)) -> u32 {
         current = link.source();
     }
     u32::from(SendState::of(error) != SendState::NotSent)
+}
+
+/// An error's text with the credentials it may quote left out: a client's error can quote
+/// the request it failed to send, headers included. The word after `Bearer` (any case) and
+/// every word shaped like a JWT (`eyJ…`, three dot-separated parts) become `[redacted]`. Only
+/// worked out when the event is logged. A bare API key quoted with neither is not recognised:
+/// the layer never sees the credentials (the auth layer sits below it).
+struct Redacted<'a>(&'a (dyn StdError + 'static));
+
+impl std::fmt::Display for Redacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact(&self.0.to_string()))
+    }
+}
+
+/// [`Redacted`]'s rule over `text`.
+fn redact(text: &str) -> String {
+    const HIDDEN: &str = "[redacted]";
+    let is_word = |c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c);
+    let mut out = String::with_capacity(text.len());
+    let mut after_bearer = false;
+    let mut rest = text;
+    while let Some(start) = rest.find(is_word) {
+        out.push_str(&rest[..start]);
+        let word = &rest[start..];
+        let end = word.find(|c: char| !is_word(c)).unwrap_or(word.len());
+        let word = &word[..end];
+        let jwt = word.starts_with("eyJ") && word.split('.').count() == 3;
+        if after_bearer || jwt {
+            out.push_str(HIDDEN);
+        } else {
+            out.push_str(word);
+        }
+        after_bearer = word.eq_ignore_ascii_case("bearer");
+        rest = &rest[start + end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Warns of a response whose code is not success (out of line: the success path needs none
@@ -440,6 +494,20 @@ mod tests {
             .into_f64(),
             0.0
         );
+    }
+
+    #[test]
+    fn redaction_hides_bearer_tokens_and_jwts_and_keeps_the_rest() {
+        assert_eq!(
+            redact("send failed: {\"authorization\": \"Bearer ak-9f.8e/7d=\"}, retry"),
+            "send failed: {\"authorization\": \"Bearer [redacted]\"}, retry"
+        );
+        assert_eq!(
+            redact("token eyJhbGci.eyJpc3Mi.c2lnbmF0 expired; bearer:  x"),
+            "token [redacted] expired; bearer:  [redacted]"
+        );
+        assert_eq!(redact("connection refused"), "connection refused");
+        assert_eq!(redact(""), "");
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,10 +3,13 @@
 //! label.
 
 use std::borrow::Cow;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{OnceLock, PoisonError, RwLock};
 
 use kling_core::intern::BoundedLabels;
-use kling_core::metrics::{MODEL_POOL_LABELS, model_pool_label};
+use kling_core::metrics::{
+    MODEL_LABEL_MAX_LEN, MODEL_POOL_LABELS, model_pool_label, other_model_label,
+};
 use kling_core::{Code, Product, RequestKind, TaskStatus};
 use metrics::{Counter, Histogram, Key, Label, Metadata, SharedString};
 
@@ -42,7 +45,8 @@ const OTHER_POOLS: usize = 3;
 /// ([`kling_core::metrics::model_pool_label`]).
 const POOLS: usize = FIXED_POOLS + OTHER_POOLS + MODEL_POOL_LABELS;
 
-/// A label value: `'static` text with its index in its fixed set, or text built for this call.
+/// A label value: `'static` text with its index in its fixed set, or text built for this call
+/// (for a pool, only a model pool not confirmed yet: see [`settle_pool`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Value {
     text: Cow<'static, str>,
@@ -237,7 +241,9 @@ pub(crate) const TASK_EXPIRED: SharedString = SharedString::const_str("expired")
 pub(crate) const NO_POOL: Value = Value::fixed("", 0);
 
 /// A pool as a label value: empty for requests that draw from no pool, `video:kling-3.0` for a
-/// model's pool (the `Display` of [`kling_core::Pool`]).
+/// model's pool (the `Display` of [`kling_core::Pool`]), or `{product}:other` (see
+/// [`model_pool`]). A model pool no answer has shown yet is unconfirmed until the call's
+/// answer settles it ([`settle_pool`]).
 pub(crate) fn pool(pool: PoolRef<'_>) -> Value {
     match pool {
         PoolRef::None => NO_POOL,
@@ -254,19 +260,107 @@ pub(crate) fn pool(pool: PoolRef<'_>) -> Value {
     }
 }
 
-/// A model pool's label: its name, or `{product}:other` past the named ones.
+/// The model pools an answer showed to exist, with their label and place in
+/// [`model_pool_label`]'s table, which is given a model only then (at most
+/// [`MODEL_POOL_LABELS`]). A create's model is in its path, caller input: interned when the
+/// call starts, mistyped models answered 1203 (or refused in this process) took the places of
+/// real ones for the process's life, in this crate's series and in the slot gauges'.
+static SHOWN: RwLock<Vec<(&'static str, usize)>> = RwLock::new(Vec::new());
+
+/// Set once [`model_pool_label`] gave a shown pool no place (its table is full): a model not
+/// shown yet is then `{product}:other` at once.
+static SHOWN_FULL: AtomicBool = AtomicBool::new(false);
+
+/// Whether `label` is `{product}:{model}`.
+fn is_model_label(label: &str, product: &str, model: &str) -> bool {
+    label.len() == product.len() + 1 + model.len()
+        && label.starts_with(product)
+        && label.as_bytes()[product.len()] == b':'
+        && label.ends_with(model)
+}
+
+/// A model pool's label when the call starts: its name if an answer showed the pool before,
+/// `{product}:other` when no more models are labelled by name, else the pool unconfirmed
+/// until its answer ([`settle_pool`]; the only case that allocates).
 fn model_pool(product: Product, model: &str) -> Value {
-    match model_pool_label(product, model) {
-        (label, Some(at)) => Value::fixed(label, FIXED_POOLS + OTHER_POOLS + at),
-        (label, None) => match product {
-            Product::Video => Value::fixed(label, FIXED_POOLS),
-            Product::Image => Value::fixed(label, FIXED_POOLS + 1),
-            Product::TryOn => Value::fixed(label, FIXED_POOLS + 2),
-            _ => Value {
-                text: Cow::Borrowed(label),
-                index: None,
-            },
+    // A model named `other` is the overflow (see `model_pool_label`).
+    if model.len() > MODEL_LABEL_MAX_LEN || model == "other" {
+        return other_model_pool(product);
+    }
+    let name = product.as_str();
+    {
+        let shown = SHOWN.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(&(label, at)) = shown
+            .iter()
+            .find(|(label, _)| is_model_label(label, name, model))
+        {
+            return Value::fixed(label, FIXED_POOLS + OTHER_POOLS + at);
+        }
+    }
+    if SHOWN_FULL.load(Ordering::Relaxed) {
+        return other_model_pool(product);
+    }
+    unconfirmed_pool(product, model)
+}
+
+#[cold]
+#[inline(never)]
+fn unconfirmed_pool(product: Product, model: &str) -> Value {
+    Value::built(format!("{}:{model}", product.as_str()))
+}
+
+/// `{product}:other`.
+fn other_model_pool(product: Product) -> Value {
+    let label = other_model_label(product);
+    match product {
+        Product::Video => Value::fixed(label, FIXED_POOLS),
+        Product::Image => Value::fixed(label, FIXED_POOLS + 1),
+        Product::TryOn => Value::fixed(label, FIXED_POOLS + 2),
+        _ => Value {
+            text: Cow::Borrowed(label),
+            index: None,
         },
+    }
+}
+
+/// Settles a call's pool label once its answer is known: a model pool unconfirmed when the
+/// call started ([`pool`]) gets its own label when `shown` (the answer shows the pool exists:
+/// see `Call::settle_pool`), else `{product}:other`. Any other label is left as it is.
+#[inline]
+pub(crate) fn settle_pool(pool: &mut Value, shown: impl FnOnce() -> bool) {
+    // Only an unconfirmed model pool's label is built text.
+    if let Cow::Owned(text) = &pool.text {
+        *pool = settled_pool(text, shown());
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn settled_pool(text: &str, shown: bool) -> Value {
+    let Some((product, model)) = [Product::Video, Product::Image, Product::TryOn]
+        .into_iter()
+        .find_map(|product| {
+            let model = text.strip_prefix(product.as_str())?.strip_prefix(':')?;
+            Some((product, model))
+        })
+    else {
+        return Value::built(text.to_owned());
+    };
+    if !shown {
+        return other_model_pool(product);
+    }
+    match model_pool_label(product, model) {
+        (label, Some(at)) => {
+            let mut known = SHOWN.write().unwrap_or_else(PoisonError::into_inner);
+            if !known.iter().any(|&(_, place)| place == at) {
+                known.push((label, at));
+            }
+            Value::fixed(label, FIXED_POOLS + OTHER_POOLS + at)
+        }
+        (_, None) => {
+            SHOWN_FULL.store(true, Ordering::Relaxed);
+            other_model_pool(product)
+        }
     }
 }
 
@@ -453,36 +547,38 @@ mod tests {
         );
     }
 
+    /// A model pool is unconfirmed until an answer settles it: shown, it is labelled by name
+    /// (and known to later calls); not shown, its call shares `{product}:other`. (Filling the
+    /// table is tested in `tests/model_pool_labels.rs`, a binary of its own: it is global.)
     #[test]
-    fn model_pools_are_indexed_by_name_up_to_the_limit_then_share_other() {
-        let first = pool(PoolRef::Model(Product::Image, "interned-test-0"));
+    fn a_model_pool_is_named_only_once_an_answer_shows_it() {
+        let mut first = pool(PoolRef::Model(Product::Image, "settle-test-0"));
+        assert_eq!(first.as_str(), "image:settle-test-0");
+        assert_eq!(first.indexed(), None, "unconfirmed");
+        let mut refused = first.clone();
+        settle_pool(&mut refused, || false);
+        assert_eq!(refused.indexed(), Some(("image:other", FIXED_POOLS + 1)));
+        settle_pool(&mut first, || true);
         let (text, at) = first.indexed().expect("indexed");
-        assert_eq!(text, "image:interned-test-0");
-        assert!(at >= FIXED_POOLS + OTHER_POOLS);
+        assert_eq!(text, "image:settle-test-0");
+        assert!((FIXED_POOLS + OTHER_POOLS..POOLS).contains(&at));
+        // Known at the next call, settled by nothing.
+        let mut again = pool(PoolRef::Model(Product::Image, "settle-test-0"));
+        assert_eq!(again, first);
+        settle_pool(&mut again, || unreachable!());
+        assert_eq!(again, first);
         // The same model of another product is another pool.
-        let other = pool(PoolRef::Model(Product::Video, "interned-test-0"));
-        assert_eq!(other.as_str(), "video:interned-test-0");
+        let mut other = pool(PoolRef::Model(Product::Video, "settle-test-0"));
+        settle_pool(&mut other, || true);
+        assert_eq!(other.as_str(), "video:settle-test-0");
         assert_ne!(other.indexed(), first.indexed());
-        assert_eq!(
-            pool(PoolRef::Model(Product::Image, "interned-test-0")),
-            first
-        );
         let long = "m".repeat(kling_core::metrics::MODEL_LABEL_MAX_LEN + 1);
         let video_other = pool(PoolRef::Model(Product::Video, &long));
         assert_eq!(video_other.indexed(), Some(("video:other", FIXED_POOLS)));
-        for n in 0..MODEL_POOL_LABELS {
-            let value = pool(PoolRef::Model(
-                Product::TryOn,
-                &format!("interned-test-{n}"),
-            ));
-            let (_, at) = value.indexed().expect("every model pool has an index");
-            assert!(at < POOLS);
-        }
-        // Past the named ones, each product's models share one label and index.
-        let past = pool(PoolRef::Model(Product::TryOn, "interned-test-past"));
-        assert_eq!(past.indexed(), Some(("try-on:other", FIXED_POOLS + 2)));
-        let past = pool(PoolRef::Model(Product::Video, "interned-test-past"));
-        assert_eq!(past, video_other);
+        // Other labels are left as they are.
+        let mut product = pool(PoolRef::Product(Product::TryOn));
+        settle_pool(&mut product, || unreachable!());
+        assert_eq!(product.indexed(), Some(("try-on", 3)));
     }
 
     #[test]

@@ -419,14 +419,18 @@ impl BucketState {
     }
 
     /// Renews the lease of `id` (whose hash is `hash`), if it is tracked: a sign of life at
-    /// `now` ([`Monitor::seconds`]).
-    fn renew(&mut self, hash: u64, id: &[u8], now: u32) {
+    /// `now` ([`Monitor::seconds`]). Returns whether it was.
+    fn renew(&mut self, hash: u64, id: &[u8], now: u32) -> bool {
         if self.slot_id() == Some(id) {
             self.slot_seen = now;
+            true
         } else if self.overflowed > 0
             && let Some(tracked) = self.overflow.as_mut().and_then(|t| t.get_mut(hash, id))
         {
             tracked.seen = now;
+            true
+        } else {
+            false
         }
     }
 
@@ -864,12 +868,30 @@ impl Monitor {
     }
 
     /// Records that a task ended, for tasks whose end the layer cannot see (a callback).
-    /// Returns whether the task was tracked; only tracked tasks are counted.
+    /// Returns whether the task was tracked; only tracked tasks are counted. A status that is
+    /// not terminal does nothing here: hand every report to [`Monitor::task_reported`].
     pub fn task_finished(&self, task_id: &str, status: &TaskStatus) -> bool {
         if !status.is_terminal() {
             return false;
         }
         self.end_tracked(task_id, status, Instant::now)
+    }
+
+    /// Records a task's status reported from elsewhere (a callback), as a query's answer
+    /// would: a terminal one ends the task ([`Monitor::task_finished`]), one still running
+    /// renews its lease ([`MonitorBuilder::task_lease`]), so a task followed only by callbacks
+    /// is not counted expired while it runs and its end is still counted. Returns whether the
+    /// task was tracked.
+    ///
+    /// An end reported before the answer of the create that made the task was seen (a callback
+    /// overtaking it) finds nothing tracked and is not kept: the task is then tracked until its
+    /// lease runs out, and counted expired.
+    pub fn task_reported(&self, task_id: &str, status: &TaskStatus) -> bool {
+        if status.is_terminal() {
+            return self.end_tracked(task_id, status, Instant::now);
+        }
+        let seen = self.seconds(Instant::now());
+        self.renew(task_id, seen)
     }
 
     /// The task counts, summed over the buckets.
@@ -1110,11 +1132,12 @@ impl Monitor {
     }
 
     /// Renews the lease of `id`, if it is tracked: seen at `now` ([`Monitor::seconds`]).
+    /// Returns whether it was.
     #[inline(never)]
-    fn renew(&self, id: &str, now: u32) {
+    fn renew(&self, id: &str, now: u32) -> bool {
         let id = id.as_bytes();
         let (hash, mut bucket) = self.bucket(id);
-        bucket.renew(hash, id, now);
+        bucket.renew(hash, id, now)
     }
 
     /// Whole seconds from the monitor's start to `now`: when a tracked task was last seen.
@@ -1231,7 +1254,8 @@ impl Monitor {
         }
     }
 
-    /// Fires or re-arms each pool's warning on the snapshot's usage of it. Several sources may
+    /// Fires or re-arms each pool's warning on the snapshot's usage of it (a pool the snapshot
+    /// shows with capacity 0, or not at all, is re-armed). Several sources may
     /// report one (account, pool) — stacks that share a monitor, each with its own slots — so
     /// each is judged once, on its highest usage: judged per report, one near full and one
     /// idle would fire and re-arm the warning on every snapshot.
@@ -1255,6 +1279,13 @@ impl Monitor {
         let mut fired = Vec::new();
         {
             let mut warned = lock(&inner.pool_warned);
+            // A pool no source reports now, or reports with no capacity, is not in use up to
+            // any threshold: its warning is re-armed, so its next crossing warns again.
+            if !warned.is_empty() {
+                warned.retain(|(account, pool)| {
+                    seen.contains_key(&(account.as_deref(), pool.as_str()))
+                });
+            }
             for (pool, usage) in highest {
                 let key = (pool.account.clone(), pool.pool.clone());
                 let was = warned.contains(&key);

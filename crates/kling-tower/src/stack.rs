@@ -591,7 +591,7 @@ impl<B: StackBackends> KlingLayer<B> {
 
     /// Hands a verified callback body (the task object Kling posts) to the stack: a terminal
     /// status frees the task's slots, its reported cost corrects the spend guard, and the
-    /// monitor counts it. Verify the signature first ([`WebhookVerifier`](crate::WebhookVerifier)).
+    /// monitor counts it; a running one renews the task's leases. Verify the signature first ([`WebhookVerifier`](crate::WebhookVerifier)).
     pub async fn on_callback(&self, payload: &[u8]) -> Result<Option<TaskReport>, BoxError> {
         self.inner.slots_handle.on_callback(payload).await?;
         let task = crate::webhook::parse_task(payload);
@@ -603,7 +603,8 @@ impl<B: StackBackends> KlingLayer<B> {
 
     /// Hands a task report from elsewhere (a verified callback already parsed, e.g. by
     /// [`callback_route`](crate::webhook)): a terminal one frees the task's slots, corrects
-    /// the spend guard and is counted by the monitor; a running one renews its slots' lease.
+    /// the spend guard and is counted by the monitor; a running one renews its slots' and the
+    /// monitor's leases.
     /// The task is found by its task id, else by its external id in the stack's account (a
     /// create whose answer was lost holds its slot under its external id only).
     pub async fn on_task(&self, task: &TaskReport) -> Result<(), BoxError> {
@@ -619,9 +620,9 @@ impl<B: StackBackends> KlingLayer<B> {
         if let Some(spend) = &self.inner.spend {
             spend.report(Some(&self.inner.account), task);
         }
-        if task.status.is_terminal() {
-            self.monitor().task_finished(&task.id, &task.status);
-        }
+        // A running task's report renews the monitor's lease of it, as the slots' (a task
+        // followed only by callbacks would otherwise be counted expired, and its end lost).
+        self.monitor().task_reported(&task.id, &task.status);
     }
 }
 
@@ -717,5 +718,44 @@ where
         // cached in the request.
         Recognized::of_with_account(&mut request, &self.account);
         self.inner.call(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use kling_core::Outcome;
+    use kling_mock::{MockConfig, MockKling, Preset};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::{Credentials, Tier};
+
+    /// A task followed only by callbacks, running several task leases: each "processing"
+    /// callback renews the monitor's lease as well as the slots', so the monitor does not count
+    /// it expired, and counts its real end.
+    #[tokio::test(start_paused = true)]
+    async fn callbacks_of_a_running_task_renew_the_monitors_lease() {
+        let lease = Duration::from_secs(600);
+        let config = StackConfig::preset(Tier::Pro).task_lease(lease);
+        let kling = KlingLayer::new(config, Credentials::api_key("k").unwrap()).unwrap();
+        let mock = MockKling::new(MockConfig::preset(Preset::Pro).api_key("k")).unwrap();
+        let create = Request::post("/v1/videos/text2video")
+            .body(Full::new(Bytes::from_static(br#"{"prompt":"a cat"}"#)))
+            .unwrap();
+        let response = kling.layer(mock).oneshot(create).await.unwrap();
+        let id = Outcome::of(&response).unwrap().tasks()[0].id.clone();
+        let callback =
+            |status: &str| format!(r#"{{"task_id":"{id}","task_status":"{status}"}}"#).into_bytes();
+        for _ in 0..5 {
+            tokio::time::advance(lease * 2 / 3).await;
+            kling.on_callback(&callback("processing")).await.unwrap();
+            let tasks = kling.snapshot().tasks;
+            assert_eq!((tasks.running, tasks.expired), (1, 0));
+        }
+        kling.on_callback(&callback("succeed")).await.unwrap();
+        let tasks = kling.snapshot().tasks;
+        assert_eq!((tasks.running, tasks.expired, tasks.finished), (0, 0, 1));
     }
 }

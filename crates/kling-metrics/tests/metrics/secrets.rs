@@ -143,3 +143,47 @@ async fn no_span_event_or_label_contains_a_key_secret_or_token() {
     });
     assert_eq!(leaks(&leaky.all_text(), &secrets).len(), 4); // the JWT and its three segments
 }
+
+/// A client error quoting the request it failed to send, its `Authorization` header
+/// included: the layer's `WARN` names the failure, not the credential.
+#[tokio::test(start_paused = true)]
+async fn a_client_error_quoting_the_credential_leaks_nothing() {
+    let capture = Capture::default();
+    let _tracing = tracing::subscriber::set_default(capture.clone());
+    let jwt = sign_jwt(ACCESS_KEY, SECRET_KEY);
+    let mut secrets = vec![API_KEY, jwt.as_str()];
+    secrets.extend(jwt.split('.'));
+    for quoted in [
+        format!(r#"{{"authorization": "Bearer {API_KEY}"}}"#),
+        format!("authorization: bearer {jwt}"),
+        format!("token {jwt} refused"),
+    ] {
+        let message = format!("client error: could not send {quoted}: connection reset");
+        let client = tower::service_fn(
+            move |_req: http::Request<http_body_util::Full<bytes::Bytes>>| {
+                let message = message.clone();
+                async move {
+                    Err::<http::Response<http_body_util::Full<bytes::Bytes>>, kling_core::BoxError>(
+                        message.into(),
+                    )
+                }
+            },
+        );
+        let stack = MetricsLayer::new().layer(ClassifyLayer::new().layer(client));
+        let req = request("POST", "/v1/videos/text2video", "{}", API_KEY);
+        assert!(stack.oneshot(req).await.is_err());
+    }
+    let warned: Vec<_> = capture
+        .events()
+        .into_iter()
+        .filter(|e| e.level == "WARN")
+        .map(|e| e.field("error").unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(warned.len(), 3, "{warned:?}");
+    assert!(
+        warned.iter().all(|e| e.contains("connection reset")),
+        "{warned:?}"
+    );
+    let text = capture.all_text();
+    assert_eq!(leaks(&text, &secrets), Vec::<&str>::new(), "{text}");
+}

@@ -143,6 +143,40 @@ async fn pool_warnings_come_from_sources_once_per_crossing() {
     );
 }
 
+/// A pool's warning is re-armed by a report under the hysteresis, and also by a report with
+/// capacity 0 or by the pool's absence from a snapshot (its source stopped reporting it): the
+/// next crossing warns again.
+#[tokio::test(start_paused = true)]
+async fn a_pool_reported_idle_empty_or_not_at_all_warns_again_at_its_next_crossing() {
+    // What the source reports: in use, capacity; `u32::MAX` in use: not reported.
+    const ABSENT: u32 = u32::MAX;
+    for between in [(0, 5), (0, 0), (5, 0), (ABSENT, 5)] {
+        let warnings = Arc::new(Mutex::new(Vec::new()));
+        let monitor = Monitor::builder()
+            .on_usage_warning(recorder_of(&warnings))
+            .build()
+            .unwrap();
+        let report = Arc::new(Mutex::new((5, 5)));
+        let source = Arc::clone(&report);
+        monitor.add_source(move |s: &mut Snapshot| {
+            let (in_use, capacity) = *source.lock().unwrap();
+            if in_use != ABSENT {
+                s.pools
+                    .push(PoolUsage::new("video:kling-3.0", in_use, capacity, 0));
+            }
+        });
+        let report_at = |state| {
+            *report.lock().unwrap() = state;
+            monitor.snapshot();
+            warnings.lock().unwrap().len()
+        };
+        assert_eq!(report_at((5, 5)), 1, "{between:?}");
+        assert_eq!(report_at((5, 5)), 1, "once per crossing: {between:?}");
+        report_at(between);
+        assert_eq!(report_at((5, 5)), 2, "after {between:?}");
+    }
+}
+
 /// Two stacks sharing one monitor, each with its own slots, report the same (account, pool):
 /// one near full, one idle. The pool is judged on the fuller report, so its warning fires once,
 /// not once per snapshot (the idle report re-arming it each time).
@@ -406,6 +440,36 @@ async fn a_task_end_reported_by_a_callback_is_counted_once() {
         series.1.clone(),
     );
     assert_eq!(recorded[&lifetime].1, Value::Histogram(vec![90.0]));
+}
+
+/// A task followed only by callbacks, running five leases long: each "processing" report
+/// renews its lease, so it is never counted expired, and its real end is counted.
+#[tokio::test(start_paused = true)]
+async fn callbacks_reporting_a_task_running_renew_its_lease_and_its_end_is_counted() {
+    let created = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t-1","task_status":"submitted"}}"#;
+    let monitor = Monitor::builder()
+        .task_lease(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let stack = MetricsLayer::with_monitor(monitor.clone())
+        .layer(ClassifyLayer::new().layer(answering(200, created)));
+    let req = request("POST", "/v1/videos/text2video", "{}", "k");
+    stack.oneshot(req).await.unwrap();
+    for _ in 0..10 {
+        advance(Duration::from_secs(40)).await;
+        assert!(monitor.task_reported("t-1", &TaskStatus::Processing));
+        let tasks = monitor.snapshot().tasks;
+        assert_eq!((tasks.running, tasks.expired), (1, 0));
+    }
+    assert!(!monitor.task_reported("unknown", &TaskStatus::Processing));
+    advance(Duration::from_secs(40)).await;
+    assert!(monitor.task_reported("t-1", &TaskStatus::Failed));
+    assert!(!monitor.task_reported("t-1", &TaskStatus::Failed), "once");
+    let tasks = monitor.snapshot().tasks;
+    assert_eq!(
+        (tasks.created, tasks.failed, tasks.expired, tasks.running),
+        (1, 1, 0, 0)
+    );
 }
 
 /// With `record_task_metrics`, a task whose lease ran out is recorded as ended with
