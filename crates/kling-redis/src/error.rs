@@ -43,6 +43,12 @@ impl StoreError {
             || error.is_unrecoverable_error()
             // A restart or failover in progress: Redis is there but cannot serve yet.
             || matches!(error.retry_method(), redis::RetryMethod::WaitAndRetry)
+            // A primary demoted by a failover, a replica cut off from its primary, a script
+            // or a memory limit busy for now: the change is kept and replayed, not dropped.
+            || matches!(
+                error.code(),
+                Some("READONLY" | "MASTERDOWN" | "LOADING" | "BUSY" | "TRYAGAIN" | "OOM")
+            )
         {
             StoreErrorKind::Unreachable
         } else {
@@ -172,6 +178,10 @@ mod tests {
             "LOADING Redis is loading the dataset in memory",
             "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
             "TRYAGAIN Multiple keys request during rehashing of slot",
+            // A primary demoted by a failover: writes refused until the client reconnects.
+            "READONLY You can't write against a read only replica.",
+            "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSCRIPT.",
+            "OOM command not allowed when used memory > 'maxmemory'.",
         ] {
             let error = StoreError::from_redis(&server_error(line));
             assert_eq!(error.kind(), StoreErrorKind::Unreachable, "{line}: {error}");

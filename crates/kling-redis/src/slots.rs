@@ -312,6 +312,9 @@ struct Inner {
     /// How long the replay waits before sending each change (`testing::delay_replay`).
     #[cfg(feature = "testing")]
     replay_delay: Mutex<Duration>,
+    /// How many acquire answers to drop after Redis ran the ask ([`testing::lose_acquire_answers`]).
+    #[cfg(feature = "testing")]
+    lose_acquire_answers: std::sync::atomic::AtomicU32,
     /// Whether reports were dropped from the replay queue since it was last empty (warned once).
     overflowed: AtomicBool,
     out: AtomicBool,
@@ -430,6 +433,8 @@ impl RedisSlots {
                 replaying: AtomicBool::new(false),
                 #[cfg(feature = "testing")]
                 replay_delay: Mutex::new(Duration::ZERO),
+                #[cfg(feature = "testing")]
+                lose_acquire_answers: std::sync::atomic::AtomicU32::new(0),
                 out: AtomicBool::new(false),
                 started: AtomicBool::new(false),
                 init: tokio::sync::OnceCell::new(),
@@ -536,6 +541,14 @@ impl RedisSlots {
     #[cfg(feature = "testing")]
     pub(crate) fn delay_replay(&self, by: Duration) {
         *lock(&self.inner.replay_delay) = by;
+    }
+
+    /// See [`testing::lose_acquire_answers`](crate::testing::lose_acquire_answers).
+    #[cfg(feature = "testing")]
+    pub(crate) fn lose_acquire_answers(&self, answers: u32) {
+        self.inner
+            .lose_acquire_answers
+            .store(answers, Ordering::Release);
     }
 
     /// Runs one maintenance pass now: replays what could not be sent, registers held slots
@@ -1398,6 +1411,19 @@ impl Inner {
             if let Some(cutoff) = cutoff {
                 ends.retain(|end| end.at >= cutoff);
             }
+            // An end reported by external id alone (a lookup that found no task) is not sent
+            // again once this process holds a later create under that id: the create sent
+            // again made the task, which `upd` would find by that id and end while it runs.
+            let registry = lock(&self.registry);
+            ends.retain(|end| {
+                let [id, ext, ..] = &end.report;
+                !(id.is_empty()
+                    && registry.values().any(|held| {
+                        held.key.account == end.account
+                            && held.ext.as_deref() == Some(ext.as_str())
+                            && held.since >= end.at
+                    }))
+            });
             ends.iter().cloned().collect()
         };
         let mut by_account: HashMap<&AccountId, Vec<&ReportedEnd>> = HashMap::new();
@@ -1863,6 +1889,7 @@ impl SlotBackend for RedisSlots {
             .to_string();
             // A create that will not wait takes no place; nor does any without the fleet order.
             let join = inner.arrival_order && max_queue != Some(0);
+            let mut unanswered = false;
             loop {
                 let mut notified = pin!(local.notify.notified());
                 notified.as_mut().enable();
@@ -1899,10 +1926,20 @@ impl SlotBackend for RedisSlots {
                         args.extend(cap_fields.iter().cloned());
                         guard.armed = true;
                         let before = inner.seq_before();
-                        inner
-                            .run(&inner.acquire, &args)
-                            .await
-                            .map(|value| (value, now_us, before))
+                        let answer = inner.run(&inner.acquire, &args).await;
+                        #[cfg(feature = "testing")]
+                        let answer = answer.and_then(|value| {
+                            let lose = inner.lose_acquire_answers.fetch_update(
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                                |n| n.checked_sub(1),
+                            );
+                            match lose {
+                                Ok(_) => Err(StoreError::timed_out(Duration::ZERO)),
+                                Err(_) => Ok(value),
+                            }
+                        });
+                        answer.map(|value| (value, now_us, before))
                     }
                     Err(e) => Err(e),
                 };
@@ -1948,6 +1985,8 @@ impl SlotBackend for RedisSlots {
                         (verdict, now_us)
                     }
                     Err(e) if e.is_unreachable() => {
+                        // The ask may have run, and granted, with its answer lost.
+                        unanswered = true;
                         if let Some(cause) = lock(&inner.halts).get(&key.account).cloned() {
                             return Err(AcquireError::Halted(Halted::new(
                                 key.account.clone(),
@@ -2015,7 +2054,10 @@ impl SlotBackend for RedisSlots {
                         return Ok(Reservation { key, weight, token });
                     }
                     Verdict::Halted(cause) => {
-                        guard.armed = false;
+                        // An earlier ask whose answer was lost may have been granted before
+                        // the halt was set (the script checks the halt first): its grant is
+                        // given back (a give-back of none changes nothing).
+                        guard.armed = unanswered;
                         guard.queued = false;
                         let cause = decode_cause(&cause).unwrap_or_else(|| {
                             let body = r#"{"code":1102,"message":"resource pack exhausted","request_id":null}"#;

@@ -212,6 +212,13 @@ pub fn delay_replay(slots: &crate::RedisSlots, by: Duration) {
     slots.delay_replay(by);
 }
 
+/// Makes `slots` (and its clones) drop the answers of its next `answers` acquire asks after
+/// Redis ran them, as a command timeout does: an ask that may have been granted, whose
+/// process asks again.
+pub fn lose_acquire_answers(slots: &crate::RedisSlots, answers: u32) {
+    slots.lose_acquire_answers(answers);
+}
+
 /// A port nobody listens on now (bound once by the OS and released).
 fn free_port() -> io::Result<u16> {
     let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;

@@ -1786,3 +1786,74 @@ async fn a_change_made_during_the_replay_does_not_overtake_it() {
         .unwrap();
     assert_eq!(stored.as_deref(), Some("3"));
 }
+
+/// A lookup that found no task under an external id ends that holding; the create sent
+/// again under the same id then makes the task. A new generation (Redis restarted) re-sends
+/// the ends this process reported, but not that one: sent by external id, it would end the
+/// task made since, which still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_generation_does_not_end_a_task_made_again_under_an_absent_external_id() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 2).await;
+    let a = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold_unknown(a, "e1")).await.unwrap();
+    one.apply(absent("e1")).await.unwrap();
+    assert_eq!(in_use(&one).await, 0);
+    let b = one.acquire(video(), 1).await.unwrap();
+    one.apply(SlotOp::Hold {
+        reservation: b,
+        task: TaskRef {
+            id: Some("t2".to_owned()),
+            external_id: Some("e1".to_owned()),
+        },
+        lease: LONG,
+    })
+    .await
+    .unwrap();
+    assert_eq!(in_use(&one).await, 1);
+    server.restart().unwrap();
+    maintained(&one).await;
+    maintained(&one).await;
+    assert_eq!(in_use(&one).await, 1, "the task made again still holds its slot");
+}
+
+/// An ask granted in Redis whose answer was lost, then the account halted by another
+/// process before the next ask: that ask is refused, and the grant the lost answer carried
+/// is given back rather than held for the grant's lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_whose_answer_was_lost_is_given_back_when_the_next_ask_finds_a_halt() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 2)
+        .await
+        .retry_every(Duration::from_millis(500));
+    let two = backend(&server, 2).await;
+    let r = two.acquire(video(), 1).await.unwrap();
+    assert_eq!(in_use(&one).await, 1);
+    kling_redis::testing::lose_acquire_answers(&one, 1);
+    let asking = tokio::spawn({
+        let one = one.clone();
+        async move { one.acquire(video(), 1).await }
+    });
+    // The lost answer's grant holds the second slot; the other process meets a 1102, which
+    // halts the account (and frees its slot, waking the first to ask again).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while in_use(&two).await < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "the first ask ran");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    two.apply(SlotOp::Halt {
+        reservation: r,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    let refused = asking.await.unwrap();
+    assert!(matches!(refused, Err(AcquireError::Halted(_))), "{refused:?}");
+    while in_use(&two).await != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lost answer's grant is still held"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
