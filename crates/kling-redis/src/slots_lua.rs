@@ -418,6 +418,8 @@ elseif op == 'upd' then
           local reason = 'completed'
           if status ~= '' then reason = 'ended:' .. status end
           release(pk, h, rec, reason)
+          -- A task's end, like a give-back, may leave a pool past the first 64 unused.
+          tidy(pk)
         else
           redis.call('ZADD', pk .. ':l', int(now + lease), h)
           if not rec.id then

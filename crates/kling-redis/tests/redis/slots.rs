@@ -1857,3 +1857,35 @@ async fn a_grant_whose_answer_was_lost_is_given_back_when_the_next_ask_finds_a_h
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// Past 64 pools, one whose last task a report ended (rather than a create giving back) is
+/// forgotten in Redis too.
+#[tokio::test]
+async fn pools_whose_tasks_ended_leave_nothing_behind() {
+    let Some(server) = redis() else { return };
+    let slots = backend(&server, 1).await;
+    let model = |name: &str| {
+        SlotKey::new(
+            AccountId::new("acct"),
+            Pool::with_model(Product::Video, name.to_owned()),
+        )
+    };
+    for n in 0..150 {
+        let reservation = slots.acquire(model(&format!("m-{n}")), 1).await.unwrap();
+        let task = format!("t-{n}");
+        slots.apply(hold(reservation, &task, LONG)).await.unwrap();
+        slots
+            .apply(ended(&task, Some(TaskStatus::Succeeded)))
+            .await
+            .unwrap();
+    }
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let pools: usize = redis::cmd("SCARD")
+        .arg("test:pools")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(pools <= 65, "{pools} pools in redis");
+    assert_eq!(in_use(&slots).await, 0);
+}
