@@ -245,6 +245,35 @@ impl Held {
     }
 }
 
+/// Where this process's numbering stood when it sent a script ([`Inner::saw_state`]).
+#[derive(Clone, Copy, Debug)]
+struct SentIn {
+    generation: i64,
+    seq: i64,
+}
+
+/// What a script's number says, given where this process stood when it sent the script.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Numbered {
+    /// The script met a new generation (`lost`): numbers start afresh from it.
+    Afresh,
+    /// No greater than one seen before sending, in the same generation: the store went back.
+    WentBack,
+    /// A later number (or one in a generation another answer told of since it was sent).
+    Later,
+}
+
+/// [`Inner::saw_state`]'s rule for a script numbered `seq` in `generation`, sent in `before`.
+fn numbered(lost: bool, generation: i64, seq: i64, before: SentIn) -> Numbered {
+    if lost {
+        Numbered::Afresh
+    } else if generation == before.generation && before.seq > 0 && seq <= before.seq {
+        Numbered::WentBack
+    } else {
+        Numbered::Later
+    }
+}
+
 /// How long the end of a reported task is remembered, by the process that reported it and in
 /// `P:ended` (whose expiry a process only ever lengthens): this process's lease, at least the
 /// default, since a holding that comes back with an older snapshot would hold its slots that
@@ -722,16 +751,22 @@ impl Inner {
         }
     }
 
-    /// The sequence number to compare a script's with: the largest seen before sending it.
-    fn seq_before(&self) -> i64 {
-        self.max_seq.load(Ordering::Acquire)
+    /// What a script's state is compared with: the generation and the largest number this
+    /// process had seen before sending it.
+    fn seq_before(&self) -> SentIn {
+        SentIn {
+            generation: self.generation.load(Ordering::Acquire),
+            seq: self.max_seq.load(Ordering::Acquire),
+        }
     }
 
-    /// Notes a script's `generation:number` (sent when the largest number seen was `before`):
-    /// a new generation means Redis lost its state; a number no greater than `before` that
-    /// the store went back to an older state (a restart from a snapshot, a failover to a
-    /// lagging replica), for which the next maintenance pass starts a new generation.
-    fn saw_state(&self, value: Option<&Value>, before: i64) -> bool {
+    /// Notes a script's `generation:number` (sent in `before`): a new generation means Redis
+    /// lost its state; a number no greater than `before`'s in the same generation that the
+    /// store went back to an older state (a restart from a snapshot, a failover to a lagging
+    /// replica), for which the next maintenance pass starts a new generation. A script sent
+    /// before another's answer told of a new generation is numbered in the new one: two
+    /// scripts in flight across a restart start one generation, not a second.
+    fn saw_state(&self, value: Option<&Value>, before: SentIn) -> bool {
         let state = value.map(text).unwrap_or_default();
         let (generation, seq) = match state.split_once(':') {
             Some((g, n)) => (g.parse().unwrap_or(0), n.parse().unwrap_or(0)),
@@ -739,9 +774,10 @@ impl Inner {
         };
         let lost = self.saw_generation(generation);
         if seq > 0 {
-            if before > 0 && seq <= before {
-                self.max_seq.store(seq, Ordering::Release);
-                if !lost {
+            match numbered(lost, generation, seq, before) {
+                Numbered::Afresh => self.max_seq.store(seq, Ordering::Release),
+                Numbered::WentBack => {
+                    self.max_seq.store(seq, Ordering::Release);
                     if self.went_back.swap(generation, Ordering::AcqRel) == i64::MIN {
                         tracing::warn!(
                             "redis came back with older state: starting a new generation"
@@ -749,8 +785,9 @@ impl Inner {
                     }
                     self.wake_maintenance.notify_one();
                 }
-            } else {
-                self.max_seq.fetch_max(seq, Ordering::AcqRel);
+                Numbered::Later => {
+                    self.max_seq.fetch_max(seq, Ordering::AcqRel);
+                }
             }
         }
         lost
@@ -2178,5 +2215,33 @@ impl SlotBackend for RedisSlots {
             out.sort_by(|a, b| a.key.cmp(&b.key));
             Ok(out)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two scripts sent before a restart: the first answer tells of the new generation, and
+    /// the second, numbered after it in that generation, is no sign that the store went back,
+    /// though its number is below what the process had seen before sending it.
+    #[test]
+    fn a_script_sent_before_a_new_generation_is_numbered_in_it() {
+        let before = SentIn {
+            generation: 7,
+            seq: 20,
+        };
+        assert_eq!(numbered(true, 9, 1, before), Numbered::Afresh);
+        assert_eq!(numbered(false, 9, 2, before), Numbered::Later);
+        // The same generation, numbered no later than before: the store went back.
+        assert_eq!(numbered(false, 7, 20, before), Numbered::WentBack);
+        assert_eq!(numbered(false, 7, 3, before), Numbered::WentBack);
+        assert_eq!(numbered(false, 7, 21, before), Numbered::Later);
+        // Nothing seen before: nothing to go back from.
+        let first = SentIn {
+            generation: i64::MIN,
+            seq: 0,
+        };
+        assert_eq!(numbered(false, 7, 1, first), Numbered::Later);
     }
 }

@@ -53,6 +53,12 @@ do
   -- another server wrote: a restart (an RDB or AOF snapshot may be older than the state the
   -- fleet saw) or a failover (a replica may lag), which brought the state back older.
   if not g or (run ~= '' and redis.call('GET', P .. ':run') ~= run) then
+    -- An ordinary script that starts the generation notes the server too, else the next
+    -- maintenance pass would take the generation for another server's and start one more.
+    if run == '' then
+      local ok, info = pcall(redis.call, 'INFO', 'server')
+      if ok then run = string.match(info, 'run_id:(%x+)') or '' end
+    end
     grace_until = now + tonumber(ARGV[3])
     if g and tonumber(g) == grace_until then grace_until = grace_until + 1 end
     redis.call('SET', P .. ':alive', int(grace_until))

@@ -1889,3 +1889,42 @@ async fn pools_whose_tasks_ended_leave_nothing_behind() {
     assert!(pools <= 65, "{pools} pools in redis");
     assert_eq!(in_use(&slots).await, 0);
 }
+
+/// A restart starts one generation, whichever script meets the empty store first: one started
+/// by a create's ask notes the server, so the next maintenance pass does not take it for
+/// another server's and start a second (with a second grace and a second re-registration).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_met_first_by_an_ask_starts_one_generation() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 2).await.maintain_every(Duration::from_secs(60));
+    maintained(&one).await;
+    server.restart().unwrap();
+    // Every write of the generation, as a keyspace event.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("K$")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let mut events = client.get_async_pubsub().await.unwrap();
+    events.subscribe("__keyspace@0__:test:alive").await.unwrap();
+    let mut events = events.into_on_message();
+    let granted = one.acquire(video(), 1).await.unwrap();
+    maintained(&one).await;
+    one.apply(SlotOp::GiveBack(granted)).await.unwrap();
+    maintained(&one).await;
+    let mut generations = 0;
+    loop {
+        let next = std::future::poll_fn(|cx| {
+            futures_core::Stream::poll_next(std::pin::Pin::new(&mut events), cx)
+        });
+        match tokio::time::timeout(Duration::from_millis(200), next).await {
+            Ok(Some(_)) => generations += 1,
+            _ => break,
+        }
+    }
+    assert_eq!(generations, 1, "generations started by the restart");
+}
