@@ -496,9 +496,9 @@ impl MockConfig {
     }
     /// Sets the range task durations are drawn from (API time).
     ///
-    /// `(0, 0)` is allowed: after the speed factor a task lasts at least 1 ms of real time, so a
-    /// create is still answered `submitted` (as Kling's always are) and the task ends a tick
-    /// later.
+    /// `(0, 0)` is allowed: after the speed factor a task lasts at least 1 µs of real time, so
+    /// a create is still answered `submitted` (as Kling's always are) and the task ends just
+    /// after.
     pub fn task_duration(mut self, min: Duration, max: Duration) -> Self {
         self.task_duration_min = min;
         self.task_duration_max = max;

@@ -32,9 +32,10 @@ const MAX_PAGE: u64 = 500;
 
 /// The shortest a task lasts (real time, after the speed factor): a create is always answered
 /// `submitted`, as Kling's are, and the task ends at a later instant, even when
-/// `task_duration(0, 0)` or a huge `speed` scales its life to nothing. One millisecond is
-/// tokio's timer resolution, so the end is the next tick a paused-time test can reach.
-pub(crate) const MIN_TASK_DURATION: Duration = Duration::from_millis(1);
+/// `task_duration(0, 0)` or a huge `speed` scales its life to nothing. A microsecond, so a
+/// bench that runs lives of a microsecond (kling-bench's real sockets, at speed 10⁶) still
+/// finds each task ended at its query.
+pub(crate) const MIN_TASK_DURATION: Duration = Duration::from_micros(1);
 
 /// What a create asks for, after validation.
 struct CreateSpec {
