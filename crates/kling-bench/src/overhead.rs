@@ -110,6 +110,44 @@ impl Row {
             .map(|m| cpu::median(&m.iter().map(|s| s.cpu_ns).collect::<Vec<_>>()))
     }
 
+    /// The median over rounds of this row's CPU ns per request less `other`'s in the same
+    /// round (one task, or many with `multi`): the rounds take turns, so a change in the
+    /// machine's load between rounds falls on both sides of each difference, where it would
+    /// not between two medians taken apart.
+    pub fn paired_added(&self, other: &Row, multi: bool) -> Option<f64> {
+        let (mine, theirs) = self.samples(other, multi)?;
+        let differences: Vec<f64> = mine
+            .iter()
+            .zip(theirs)
+            .map(|(m, t)| m.cpu_ns - t.cpu_ns)
+            .collect();
+        Some(cpu::median(&differences))
+    }
+
+    /// The median over rounds of (this row − `bare`) / (`tower` − `bare`), each round's CPU ns
+    /// per request: the "× tower" ratio, paired as [`paired_added`](Self::paired_added) is.
+    pub fn paired_ratio(&self, bare: &Row, tower: &Row, multi: bool) -> Option<f64> {
+        let (mine, bare) = self.samples(bare, multi)?;
+        let (_, theirs) = self.samples(tower, multi)?;
+        let ratios: Vec<f64> = mine
+            .iter()
+            .zip(bare)
+            .zip(theirs)
+            .map(|((m, b), t)| (m.cpu_ns - b.cpu_ns) / (t.cpu_ns - b.cpu_ns))
+            .collect();
+        Some(cpu::median(&ratios))
+    }
+
+    /// This row's and `other`'s samples, one task or many, when both have them round by round.
+    fn samples<'a>(&'a self, other: &'a Row, multi: bool) -> Option<(&'a [Sample], &'a [Sample])> {
+        let (mine, theirs) = if multi {
+            (self.multi.as_deref()?, other.multi.as_deref()?)
+        } else {
+            (&self.single[..], &other.single[..])
+        };
+        (mine.len() == theirs.len() && !mine.is_empty()).then_some((mine, theirs))
+    }
+
     /// Median wall ns per request, many tasks.
     pub fn multi_wall(&self) -> Option<f64> {
         self.multi

@@ -31,8 +31,10 @@ pub fn overhead(report: &overhead::Report) -> String {
     let _ = writeln!(
         out,
         "Process CPU ns per request (median of {} interleaved rounds; {} create+query lives per \
-         subject per round; 2-worker runtime). \"+\" is over the row named in \"over\". \"× tower\" \
-         is the subject's added cost over the bare service divided by tower's shareable stack's; \
+         subject per round; 2-worker runtime). \"+\" is over the row named in \"over\": the median \
+         of the rounds' differences (the subjects take turns within each round, so a change in the \
+         machine's load between rounds falls on both sides of a difference). \"× tower\" is the median of the rounds' ratios of \
+         the subject's added cost over the bare service to tower's shareable stack's; \
          rows \"cloned per request\" send each request through a clone made for it \
          (`service.clone().oneshot(request)`) and are set against the bare service and tower's \
          stack called that way. A cache line handed between two threads took {:.0} ns before \
@@ -51,30 +53,22 @@ pub fn overhead(report: &overhead::Report) -> String {
         let (bare, tower) = references(&row.name);
         (report.row(bare), report.row(tower))
     };
-    let added = |row: &overhead::Row, bare: Option<&overhead::Row>| {
-        let b = bare.map_or(0.0, overhead::Row::single_ns);
-        let bm = bare.and_then(overhead::Row::multi_ns).unwrap_or(0.0);
-        (row.single_ns() - b, row.multi_ns().map(|m| m - bm))
+    let plus = |row: &overhead::Row, over: Option<&overhead::Row>, multi: bool| {
+        over.and_then(|o| row.paired_added(o, multi))
+            .map_or(String::new(), signed)
+    };
+    let times_tower = |row: &overhead::Row, multi: bool| {
+        let (bare, tower) = against(row);
+        bare.zip(tower)
+            .and_then(|(bare, tower)| row.paired_ratio(bare, tower, multi))
+            .map_or("–".to_owned(), |r| format!("{r:.2}"))
     };
     for row in &report.rows {
         let over = base(row.baseline);
-        let plus_single = over.map_or(String::new(), |o| signed(row.single_ns() - o.single_ns()));
-        let plus_multi = match (row.multi_ns(), over.and_then(overhead::Row::multi_ns)) {
-            (Some(m), Some(o)) => signed(m - o),
-            _ => String::new(),
-        };
-        let (bare, tower) = against(row);
-        let (a1, am) = added(row, bare);
-        let (tower_single, tower_multi) = tower.map_or((f64::NAN, None), |t| added(t, bare));
+        let plus_single = plus(row, over, false);
+        let plus_multi = plus(row, over, true);
         let ratio = if row.baseline.is_some() {
-            format!(
-                "{:.2} / {}",
-                a1 / tower_single,
-                match (am, tower_multi) {
-                    (Some(a), Some(t)) => format!("{:.2}", a / t),
-                    _ => "–".to_owned(),
-                }
-            )
+            format!("{} / {}", times_tower(row, false), times_tower(row, true))
         } else {
             String::new()
         };
@@ -139,7 +133,9 @@ pub fn goodput(runs: &[goodput::Run]) -> String {
          slots unknown, the lives alone, since a client that creates blind can take a slot \
          before any poll sees it free) \
          and the rate's ((requests those \
-         jobs need − 1) ÷ rate). \"efficiency\" is bound ÷ makespan. \"rate use\" is \
+         jobs need − 1) ÷ rate). \"efficiency\" is bound ÷ makespan; since the bound counts \
+         only completed jobs, a client that gives jobs up can score well on it, so \"completed/h\" \
+         (completed jobs per hour of makespan) sets the clients side by side. \"rate use\" is \
          (requests − 1) ÷ rate ÷ makespan. † Polling every second asks for more than the rate \
          carries: the bound counts one poll per job (the least any client sends), so the \
          efficiency is shown but not judged, and the target there is the rate kept busy \
@@ -149,11 +145,11 @@ pub fn goodput(runs: &[goodput::Run]) -> String {
     );
     let _ = writeln!(
         out,
-        "| preset | scenario | client | limits known | jobs | completed | refused (fatal) | lost (gave up) | makespan s | bound s | efficiency | rate use | requests | 429s by code | 429 share | creates after a 1102 (100 ms grace) | duplicate creates |"
+        "| preset | scenario | client | limits known | jobs | completed | refused (fatal) | lost (gave up) | makespan s | bound s | efficiency | completed/h | rate use | requests | 429s by code | 429 share | creates after a 1102 (100 ms grace) | duplicate creates |"
     );
     let _ = writeln!(
         out,
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
     );
     for r in runs {
         let codes = if r.rejections.is_empty() {
@@ -167,7 +163,7 @@ pub fn goodput(runs: &[goodput::Run]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.1}%{} | {} | {} | {} | {:.2}% | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.1}%{} | {:.0} | {} | {} | {} | {:.2}% | {} | {} |",
             r.preset,
             r.scenario,
             r.client,
@@ -180,6 +176,7 @@ pub fn goodput(runs: &[goodput::Run]) -> String {
             r.bound,
             r.efficiency() * 100.0,
             if r.judged_by_efficiency() { "" } else { " †" },
+            r.completed as f64 * 3600.0 / r.makespan.max(f64::MIN_POSITIVE),
             r.rate_use()
                 .map_or("–".to_owned(), |u| format!("{:.1}%", u * 100.0)),
             r.requests,
