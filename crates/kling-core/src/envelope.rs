@@ -555,7 +555,8 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for LooseItem<T> {
                 f.write_str("any JSON value")
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<LooseItem<T>, A::Error> {
-                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(|t| LooseItem(Some(t)))
+                T::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(|t| LooseItem(Some(t)))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<LooseItem<T>, A::Error> {
                 while seq.next_element::<de::IgnoredAny>()?.is_some() {}
@@ -733,10 +734,18 @@ mod tests {
         for body in bodies {
             let env = Envelope::parse(body)
                 .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)));
-            assert_eq!(env.code, Code::from_i64(1102), "{}", String::from_utf8_lossy(body));
+            assert_eq!(
+                env.code,
+                Code::from_i64(1102),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
             assert!(env.tasks.is_empty());
         }
-        assert_eq!(Envelope::parse(bodies[0]).unwrap().request_id.as_deref(), Some("r"));
+        assert_eq!(
+            Envelope::parse(bodies[0]).unwrap().request_id.as_deref(),
+            Some("r")
+        );
         assert_eq!(Envelope::parse(bodies[2]).unwrap().message, "m");
         // Not an integer, or a success: still malformed.
         for body in [
@@ -775,11 +784,21 @@ mod tests {
         let env = Envelope::parse(legacy).unwrap_or_else(|e| panic!("{e}"));
         let task = &env.tasks[0];
         assert_eq!(task.status, TaskStatus::Succeeded);
-        assert_eq!((task.failure.as_deref(), task.external_id.as_deref(), task.cost), (None, None, None));
+        assert_eq!(
+            (
+                task.failure.as_deref(),
+                task.external_id.as_deref(),
+                task.cost
+            ),
+            (None, None, None)
+        );
         assert_eq!(task.urls, vec!["i"]);
         // A callback carrying such a task reports it.
         let callback = br#"{"id":"a","status":"succeeded","billing":[{"amount":"2"}]}"#;
-        assert_eq!(Envelope::parse_callback(callback).unwrap()[0].cost, Some(2.0));
+        assert_eq!(
+            Envelope::parse_callback(callback).unwrap()[0].cost,
+            Some(2.0)
+        );
     }
 
     #[test]

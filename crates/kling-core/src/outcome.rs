@@ -317,9 +317,7 @@ impl Outcome {
             envelope
                 .get("data")
                 .and_then(serde_json::Value::as_array)
-                .is_some_and(|list| {
-                    list.len() == self.tasks().len() && list.iter().all(is_task)
-                })
+                .is_some_and(|list| list.len() == self.tasks().len() && list.iter().all(is_task))
         })
     }
 
@@ -431,9 +429,7 @@ mod tests {
             ),
             "a nested list counted for an unread element"
         );
-        assert!(!read(
-            r#"[{"tasks":[{"id":"a","status":"submitted"}]}]"#
-        ));
+        assert!(!read(r#"[{"tasks":[{"id":"a","status":"submitted"}]}]"#));
         assert!(read(
             r#"[{"task_id":7,"task_status":"succeed"},{"id":"b","status":"failed"}]"#
         ));

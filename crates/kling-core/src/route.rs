@@ -425,7 +425,10 @@ mod tests {
         for (path, product) in [
             ("/v1/videos/text2video/v1", Product::Video),
             ("/v1/images/generations/v1", Product::Image),
-            ("/proxy/v1/v1/images/kolors-virtual-try-on/v1/", Product::TryOn),
+            (
+                "/proxy/v1/v1/images/kolors-virtual-try-on/v1/",
+                Product::TryOn,
+            ),
         ] {
             let route = Route::of(&Method::GET, path);
             assert_eq!(
@@ -436,7 +439,11 @@ mod tests {
             agrees(&Method::GET, path);
             let create = path.trim_end_matches('/').trim_end_matches("/v1");
             let route = Route::of(&Method::POST, create);
-            assert_eq!((route.kind, route.product), (RequestKind::Create, Some(product)), "{create}");
+            assert_eq!(
+                (route.kind, route.product),
+                (RequestKind::Create, Some(product)),
+                "{create}"
+            );
         }
     }
 

@@ -1752,7 +1752,10 @@ async fn a_change_made_during_the_replay_does_not_overtake_it() {
     // its replay fails (Redis is down): it puts it back at once.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while one.pending() != 1 {
-        assert!(tokio::time::Instant::now() < deadline, "the change was not queued");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the change was not queued"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     kling_redis::testing::delay_replay(&one, Duration::from_millis(300));
@@ -1814,7 +1817,11 @@ async fn a_new_generation_does_not_end_a_task_made_again_under_an_absent_externa
     server.restart().unwrap();
     maintained(&one).await;
     maintained(&one).await;
-    assert_eq!(in_use(&one).await, 1, "the task made again still holds its slot");
+    assert_eq!(
+        in_use(&one).await,
+        1,
+        "the task made again still holds its slot"
+    );
 }
 
 /// An ask granted in Redis whose answer was lost, then the account halted by another
@@ -1848,7 +1855,10 @@ async fn a_grant_whose_answer_was_lost_is_given_back_when_the_next_ask_finds_a_h
     .await
     .unwrap();
     let refused = asking.await.unwrap();
-    assert!(matches!(refused, Err(AcquireError::Halted(_))), "{refused:?}");
+    assert!(
+        matches!(refused, Err(AcquireError::Halted(_))),
+        "{refused:?}"
+    );
     while in_use(&two).await != 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -1896,7 +1906,9 @@ async fn pools_whose_tasks_ended_leave_nothing_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_met_first_by_an_ask_starts_one_generation() {
     let Some(mut server) = redis() else { return };
-    let one = backend(&server, 2).await.maintain_every(Duration::from_secs(60));
+    let one = backend(&server, 2)
+        .await
+        .maintain_every(Duration::from_secs(60));
     maintained(&one).await;
     server.restart().unwrap();
     // Every write of the generation, as a keyspace event.
