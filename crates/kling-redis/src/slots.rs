@@ -341,7 +341,7 @@ struct Inner {
     /// How long the replay waits before sending each change (`testing::delay_replay`).
     #[cfg(feature = "testing")]
     replay_delay: Mutex<Duration>,
-    /// How many acquire answers to drop after Redis ran the ask ([`testing::lose_acquire_answers`]).
+    /// How many acquire answers to drop after Redis ran the ask ([`testing::lose_acquire_answers`](crate::testing::lose_acquire_answers)).
     #[cfg(feature = "testing")]
     lose_acquire_answers: std::sync::atomic::AtomicU32,
     /// Whether reports were dropped from the replay queue since it was last empty (warned once).
