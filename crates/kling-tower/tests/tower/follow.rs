@@ -26,7 +26,12 @@ fn mock(min: u64, max: u64) -> MockKling {
 }
 
 async fn create(service: &Classify<MockKling>, path: &str) -> TaskReport {
-    let mut req = request("POST", path, r#"{"prompt":"a cat"}"#);
+    create_with(service, path, r#"{"prompt":"a cat"}"#).await
+}
+
+/// A create of `body` at `path`: the task it made.
+async fn create_with(service: &Classify<MockKling>, path: &str, body: &str) -> TaskReport {
+    let mut req = request("POST", path, body);
     req.headers_mut()
         .insert("authorization", "Bearer key".parse().unwrap());
     let response = service.clone().oneshot(req).await.unwrap();
@@ -1102,6 +1107,9 @@ async fn a_takeover_dropped_unanswered_leaves_the_sending_call_waiting() {
     a.abort();
 }
 
+/// A legacy create's body carrying the external id `job-7`.
+const JOB_7: &str = r#"{"prompt":"a cat","external_task_id":"job-7"}"#;
+
 /// A legacy task followed by its external id (`GET {create path}/{external id}`, as a caller
 /// whose create's answer was lost knows it): the report names the task under its own id and
 /// the external id under `task_info`, and the follow ends with it rather than polling to the
@@ -1109,15 +1117,9 @@ async fn a_takeover_dropped_unanswered_leaves_the_sending_call_waiting() {
 #[tokio::test(start_paused = true)]
 async fn a_legacy_task_followed_by_its_external_id_ends() {
     let service = ClassifyLayer::new().layer(mock(60, 60));
-    let mut req = request(
-        "POST",
-        "/v1/videos/text2video",
-        r#"{"prompt":"a cat","external_task_id":"job-7"}"#,
-    );
-    req.headers_mut()
-        .insert("authorization", "Bearer key".parse().unwrap());
-    let created = service.clone().oneshot(req).await.unwrap();
-    let task_id = Outcome::of(&created).unwrap().task().unwrap().id.clone();
+    let task_id = create_with(&service, "/v1/videos/text2video", JOB_7)
+        .await
+        .id;
     let start = Instant::now();
     let done = follower(service, FollowPolicy::new())
         .follow(TaskRef::legacy("/v1/videos/text2video", "job-7"))
@@ -1139,15 +1141,7 @@ async fn a_legacy_task_followed_by_its_external_id_ends() {
 async fn a_callback_ends_a_legacy_task_followed_by_its_external_id() {
     let mock = mock(60, 60);
     let service = ClassifyLayer::new().layer(mock.clone());
-    let mut req = request(
-        "POST",
-        "/v1/videos/text2video",
-        r#"{"prompt":"a cat","external_task_id":"job-7"}"#,
-    );
-    req.headers_mut()
-        .insert("authorization", "Bearer key".parse().unwrap());
-    let created = service.clone().oneshot(req).await.unwrap();
-    let mut report = Outcome::of(&created).unwrap().task().unwrap().clone();
+    let mut report = create_with(&service, "/v1/videos/text2video", JOB_7).await;
     assert_eq!(report.external_id.as_deref(), Some("job-7"));
     report.status = TaskStatus::Succeeded;
     let follower = follower(
