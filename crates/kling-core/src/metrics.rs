@@ -118,16 +118,20 @@ pub fn model_pool_label(product: Product, model: &str) -> (&'static str, Option<
         return (other_model_label(product), None);
     }
     let product_name = product.as_str();
-    let is_label = |label: &str| {
-        label.len() == product_name.len() + 1 + model.len()
-            && label.starts_with(product_name)
-            && label.as_bytes()[product_name.len()] == b':'
-            && label.ends_with(model)
-    };
+    let is_label = |label: &str| is_model_pool_label(label, product, model);
     match LABELS.find_or_keep(is_label, || format!("{product_name}:{model}")) {
         Some((label, at)) => (label, Some(at)),
         None => (other_model_label(product), None),
     }
+}
+
+/// Whether `label` is the model pool label `{product}:{model}`, compared without building it.
+pub fn is_model_pool_label(label: &str, product: Product, model: &str) -> bool {
+    let product = product.as_str();
+    label.len() == product.len() + 1 + model.len()
+        && label.starts_with(product)
+        && label.as_bytes()[product.len()] == b':'
+        && label.ends_with(model)
 }
 
 #[cfg(test)]

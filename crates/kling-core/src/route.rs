@@ -45,8 +45,8 @@ impl<'a> Route<'a> {
     /// Recognises a request from its method and URI path (without the query string).
     ///
     /// Legacy paths end in `v1/{videos|images}/{endpoint}[/{id}]` (after the last `v1`
-    /// before `videos` or `images`, so an id may be `v1`), new-style ones in `tasks` or `{product}/{model}`; `account/costs` is the account
-    /// request. Empty segments and trailing `/`s are ignored, and any prefix (a proxy's base
+    /// before `videos` or `images`, so an id may be `v1`), new-style ones in `tasks` or
+    /// `{product}/{model}`; `account/costs` is the account request. Empty segments and trailing `/`s are ignored, and any prefix (a proxy's base
     /// path) is allowed.
     ///
     /// Inlined across crates so that a caller that reads only some fields (a metrics label)

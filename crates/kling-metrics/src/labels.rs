@@ -8,7 +8,8 @@ use std::sync::{OnceLock, PoisonError, RwLock};
 
 use kling_core::intern::BoundedLabels;
 use kling_core::metrics::{
-    MODEL_LABEL_MAX_LEN, MODEL_POOL_LABELS, model_pool_label, other_model_label,
+    MODEL_LABEL_MAX_LEN, MODEL_POOL_LABELS, is_model_pool_label, model_pool_label,
+    other_model_label,
 };
 use kling_core::{Code, Product, RequestKind, TaskStatus};
 use metrics::{Counter, Histogram, Key, Label, Metadata, SharedString};
@@ -271,14 +272,6 @@ static SHOWN: RwLock<Vec<(&'static str, usize)>> = RwLock::new(Vec::new());
 /// shown yet is then `{product}:other` at once.
 static SHOWN_FULL: AtomicBool = AtomicBool::new(false);
 
-/// Whether `label` is `{product}:{model}`.
-fn is_model_label(label: &str, product: &str, model: &str) -> bool {
-    label.len() == product.len() + 1 + model.len()
-        && label.starts_with(product)
-        && label.as_bytes()[product.len()] == b':'
-        && label.ends_with(model)
-}
-
 /// A model pool's label when the call starts: its name if an answer showed the pool before,
 /// `{product}:other` when no more models are labelled by name, else the pool unconfirmed
 /// until its answer ([`settle_pool`]; the only case that allocates).
@@ -287,12 +280,11 @@ fn model_pool(product: Product, model: &str) -> Value {
     if model.len() > MODEL_LABEL_MAX_LEN || model == "other" {
         return other_model_pool(product);
     }
-    let name = product.as_str();
     {
         let shown = SHOWN.read().unwrap_or_else(PoisonError::into_inner);
         if let Some(&(label, at)) = shown
             .iter()
-            .find(|(label, _)| is_model_label(label, name, model))
+            .find(|(label, _)| is_model_pool_label(label, product, model))
         {
             return Value::fixed(label, FIXED_POOLS + OTHER_POOLS + at);
         }

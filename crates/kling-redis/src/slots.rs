@@ -341,7 +341,8 @@ struct Inner {
     /// How long the replay waits before sending each change (`testing::delay_replay`).
     #[cfg(feature = "testing")]
     replay_delay: Mutex<Duration>,
-    /// How many acquire answers to drop after Redis ran the ask ([`testing::lose_acquire_answers`](crate::testing::lose_acquire_answers)).
+    /// How many acquire answers to drop after Redis ran the ask
+    /// ([`testing::lose_acquire_answers`](crate::testing::lose_acquire_answers)).
     #[cfg(feature = "testing")]
     lose_acquire_answers: std::sync::atomic::AtomicU32,
     /// Whether reports were dropped from the replay queue since it was last empty (warned once).
@@ -753,7 +754,7 @@ impl Inner {
 
     /// What a script's state is compared with: the generation and the largest number this
     /// process had seen before sending it.
-    fn seq_before(&self) -> SentIn {
+    fn sent_in(&self) -> SentIn {
         SentIn {
             generation: self.generation.load(Ordering::Acquire),
             seq: self.max_seq.load(Ordering::Acquire),
@@ -823,7 +824,7 @@ impl Inner {
         script: &Script,
         args: &[String],
     ) -> Result<(Vec<Value>, bool), StoreError> {
-        let before = self.seq_before();
+        let before = self.sent_in();
         let items = array(self.run(script, args).await?)?;
         let lost = self.saw_state(items.first(), before);
         Ok((items, lost))
@@ -1962,7 +1963,7 @@ impl SlotBackend for RedisSlots {
                         ];
                         args.extend(cap_fields.iter().cloned());
                         guard.armed = true;
-                        let before = inner.seq_before();
+                        let before = inner.sent_in();
                         let answer = inner.run(&inner.acquire, &args).await;
                         #[cfg(feature = "testing")]
                         let answer = answer.and_then(|value| {

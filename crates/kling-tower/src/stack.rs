@@ -591,7 +591,8 @@ impl<B: StackBackends> KlingLayer<B> {
 
     /// Hands a verified callback body (the task object Kling posts) to the stack: a terminal
     /// status frees the task's slots, its reported cost corrects the spend guard, and the
-    /// monitor counts it; a running one renews the task's leases. Verify the signature first ([`WebhookVerifier`](crate::WebhookVerifier)).
+    /// monitor counts it; a running one renews the task's leases. Verify the signature first
+    /// ([`WebhookVerifier`](crate::WebhookVerifier)).
     pub async fn on_callback(&self, payload: &[u8]) -> Result<Option<TaskReport>, BoxError> {
         self.inner.slots_handle.on_callback(payload).await?;
         let task = crate::webhook::parse_task(payload);
