@@ -45,9 +45,12 @@ impl<'a> Route<'a> {
     /// Recognises a request from its method and URI path (without the query string).
     ///
     /// Legacy paths end in `v1/{videos|images}/{endpoint}[/{id}]` (after the last `v1`
-    /// before `videos` or `images`, so an id may be `v1`), new-style ones in `tasks` or
-    /// `{product}/{model}`; `account/costs` is the account request. Empty segments and trailing `/`s are ignored, and any prefix (a proxy's base
-    /// path) is allowed.
+    /// before `videos` or `images`, so an id may be `v1`), where the endpoint is one segment or,
+    /// in a group, two (`images/editing/expand`, `videos/avatar/image2video`); a POST to an
+    /// endpoint that answers at once with no task (`videos/identify-face`,
+    /// `videos/image-recognize`) is no create. New-style paths end in `tasks` or
+    /// `{product}/{model}`; `account/costs` is the account request. Empty segments and
+    /// trailing `/`s are ignored, and any prefix (a proxy's base path) is allowed.
     ///
     /// Inlined across crates so that a caller that reads only some fields (a metrics label)
     /// does not pay for the rest.
@@ -111,7 +114,7 @@ impl<'a> Route<'a> {
         let raw = |(from, to): Range| &path.as_bytes()[from..to];
         let text = |(from, to): Range| path.get(from..to).unwrap_or_default();
 
-        // Legacy: .../v1/{videos|images}/{endpoint}[/{id}]
+        // Legacy: .../v1/{videos|images}/{endpoint}[/{id}], the endpoint one or two segments.
         if let Some(rest) = segments.get(after_v1..) {
             let product = match rest {
                 [first, ..] if raw(*first) == b"videos" => Some(Product::Video),
@@ -125,15 +128,25 @@ impl<'a> Route<'a> {
             };
             if let Some(product) = product {
                 route.generation = Some(ApiGeneration::Legacy);
-                match (rest.len(), method) {
-                    (2, &Method::POST) => {
+                // The endpoint's own segments: one, or two under a group (`editing/expand`).
+                let (grouped, answered_at_once) = match rest {
+                    [first, second, ..] => (
+                        is_endpoint_group(raw(*first), raw(*second)),
+                        answers_at_once(raw(*first), raw(*second)),
+                    ),
+                    _ => (false, false),
+                };
+                let endpoint = if grouped { 3 } else { 2 };
+                match (rest.len().checked_sub(endpoint), method) {
+                    _ if answered_at_once => {}
+                    (Some(0), &Method::POST) => {
                         route.kind = RequestKind::Create;
                         route.product = Some(product);
                     }
-                    (2, &Method::GET) => route.kind = RequestKind::List,
-                    (3, &Method::GET) => {
+                    (Some(0), &Method::GET) => route.kind = RequestKind::List,
+                    (Some(1), &Method::GET) => {
                         route.kind = RequestKind::Query;
-                        route.task_id = Some(text(rest[2]));
+                        route.task_id = Some(text(rest[endpoint]));
                     }
                     _ => {}
                 }
@@ -239,6 +252,22 @@ fn each_segment(bytes: &[u8], mut segment: impl FnMut(Range)) {
     }
 }
 
+/// Whether a legacy product's segment and the one after it open a group of endpoints, each named
+/// by one more segment: `images/editing/expand` (image expansion) and `videos/avatar/image2video`
+/// (the avatar). Their creates, lists and queries sit one segment deeper than the others'.
+#[inline(always)]
+fn is_endpoint_group(product: &[u8], group: &[u8]) -> bool {
+    (product == b"images" && group == b"editing") || (product == b"videos" && group == b"avatar")
+}
+
+/// Whether a legacy endpoint answers at once, with no task: `videos/identify-face` (the faces of a
+/// video, for advanced lip-sync) and `videos/image-recognize`. A POST there is no create: it takes
+/// no slot (its answer names no task that could ever give one back) and gets no external id.
+#[inline(always)]
+fn answers_at_once(product: &[u8], endpoint: &[u8]) -> bool {
+    product == b"videos" && (endpoint == b"identify-face" || endpoint == b"image-recognize")
+}
+
 /// The product of a new-style create path's first segment (`text-to-video`, `omni-video`, …).
 fn new_style_product(segment: &str) -> Option<Product> {
     match segment {
@@ -285,15 +314,19 @@ mod tests {
             };
             if let Some(product) = product {
                 route.generation = Some(ApiGeneration::Legacy);
-                match (rest.len(), method) {
-                    (2, &Method::POST) => {
+                let grouped = matches!(rest, ["images", "editing", ..] | ["videos", "avatar", ..]);
+                let endpoint = if grouped { 3 } else { 2 };
+                let at_once = matches!(rest, ["videos", "identify-face" | "image-recognize", ..]);
+                let id = rest.get(endpoint..).filter(|_| !at_once);
+                match (id, method) {
+                    (Some([]), &Method::POST) => {
                         route.kind = RequestKind::Create;
                         route.product = Some(product);
                     }
-                    (2, &Method::GET) => route.kind = RequestKind::List,
-                    (3, &Method::GET) => {
+                    (Some([]), &Method::GET) => route.kind = RequestKind::List,
+                    (Some([id]), &Method::GET) => {
                         route.kind = RequestKind::Query;
-                        route.task_id = Some(rest[2]);
+                        route.task_id = Some(id);
                     }
                     _ => {}
                 }
@@ -323,11 +356,15 @@ mod tests {
     }
 
     /// Every word a rule looks at, a near miss of each, and filler.
-    const WORDS: [&str; 20] = [
+    const WORDS: [&str; 24] = [
         "v1",
         "videos",
         "images",
         "kolors-virtual-try-on",
+        "editing",
+        "avatar",
+        "identify-face",
+        "image-recognize",
         "text2video",
         "tasks",
         "account",
@@ -389,6 +426,74 @@ mod tests {
             }
         }
         assert!(checked > 1_000_000, "{checked}");
+    }
+
+    #[test]
+    fn endpoints_in_a_group_sit_one_segment_deeper() {
+        for (create, product) in [
+            ("/v1/images/editing/expand", Product::Image),
+            ("/v1/videos/avatar/image2video", Product::Video),
+        ] {
+            let route = Route::of(&Method::POST, create);
+            assert_eq!(
+                (route.kind, route.product, route.generation),
+                (
+                    RequestKind::Create,
+                    Some(product),
+                    Some(ApiGeneration::Legacy)
+                ),
+                "{create}"
+            );
+            assert_eq!(Route::of(&Method::GET, create).kind, RequestKind::List);
+            let query = format!("/proxy{create}/task-1/");
+            let route = Route::of(&Method::GET, &query);
+            assert_eq!(
+                (route.kind, route.task_id),
+                (RequestKind::Query, Some("task-1"))
+            );
+            for other in [format!("{create}/task-1/more"), format!("{create}/task-1")] {
+                assert_eq!(Route::of(&Method::POST, &other).kind, RequestKind::Other);
+            }
+            agrees(&Method::GET, &query);
+        }
+        // The group alone names no endpoint.
+        for method in [Method::GET, Method::POST] {
+            for path in ["/v1/images/editing", "/v1/videos/avatar"] {
+                assert_eq!(Route::of(&method, path).kind, RequestKind::Other, "{path}");
+            }
+        }
+        // Not groups: an image generation's query, a multi-element edit's selection step.
+        let route = Route::of(&Method::GET, "/v1/images/generations/editing");
+        assert_eq!(
+            (route.kind, route.task_id),
+            (RequestKind::Query, Some("editing"))
+        );
+        let selection = Route::of(&Method::POST, "/v1/videos/multi-elements/init-selection");
+        assert_eq!(selection.kind, RequestKind::Other);
+        assert_eq!(
+            Route::of(&Method::POST, "/v1/videos/multi-elements").kind,
+            RequestKind::Create
+        );
+    }
+
+    #[test]
+    fn endpoints_that_answer_at_once_make_no_task() {
+        for path in ["/v1/videos/identify-face", "/v1/videos/image-recognize"] {
+            let route = Route::of(&Method::POST, path);
+            assert_eq!(
+                (route.kind, route.product, route.pool()),
+                (RequestKind::Other, None, None),
+                "{path}"
+            );
+            assert_eq!(Route::of(&Method::GET, path).kind, RequestKind::Other);
+            assert_eq!(
+                Route::of(&Method::GET, &format!("{path}/x")).kind,
+                RequestKind::Other
+            );
+        }
+        // The names are no ids: a task may still be called so.
+        let route = Route::of(&Method::GET, "/v1/videos/text2video/identify-face");
+        assert_eq!(route.task_id, Some("identify-face"));
     }
 
     #[test]

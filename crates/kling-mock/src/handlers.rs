@@ -169,7 +169,58 @@ impl State {
             Route::NewBatchQuery => (self.new_batch(account, query, now), None),
             Route::NewList => (self.new_list(account, body, now), None),
             Route::AccountCosts => (self.account_costs(account, now), None),
+            Route::AnsweredAtOnce { kind } => (self.answered_at_once(kind, body, now), None),
         }
+    }
+
+    /// An endpoint that answers with its result and makes no task: the body is checked as a
+    /// create's would be (a JSON object with the field the endpoint needs), and the answer's
+    /// `data` carries no `task_id`.
+    fn answered_at_once(&mut self, kind: &str, body: &Bytes, now: Instant) -> Resp {
+        let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) else {
+            return self.error(
+                1200,
+                "invalid request: body must be a JSON object",
+                now,
+                None,
+            );
+        };
+        let data = if kind == "identify-face" {
+            let video = opt_string(&map, "video_id", Bound::Id).and_then(|id| {
+                match (id, opt_string(&map, "video_url", Bound::Media)?) {
+                    (Some(_), Some(_)) | (None, None) => {
+                        Err("invalid parameter: give one of video_id and video_url".to_owned())
+                    }
+                    _ => Ok(()),
+                }
+            });
+            if let Err(message) = video {
+                return self.error(1201, &message, now, None);
+            }
+            json!({
+                "session_id": format!("session-{}", self.stats.requests_total),
+                "final_unit_deduction": "0",
+                "face_data": [{
+                    "face_id": "0",
+                    "face_image": "https://mock.klingai.invalid/outputs/face/0.png",
+                    "start_time": 0,
+                    "end_time": 5000,
+                }],
+            })
+        } else {
+            if let Err(message) = required_string(&map, "image", Bound::Media) {
+                return self.error(1201, &message, now, None);
+            }
+            json!({
+                "final_unit_deduction": "0",
+                "task_result": {"images": [{
+                    "type": "object_seg",
+                    "is_contain": true,
+                    "url": "https://mock.klingai.invalid/outputs/recognized/0.png",
+                }]},
+            })
+        };
+        self.ok(data, now)
     }
 
     fn create_spec(&self, route: &Route, map: &Map<String, Value>) -> Result<CreateSpec, String> {

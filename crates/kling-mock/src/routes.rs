@@ -14,8 +14,22 @@ pub(crate) const LEGACY_VIDEO_KINDS: &[&str] = &[
     "multi-image2video",
     "video-extend",
     "lip-sync",
+    "advanced-lip-sync",
+    "motion-control",
+    "multi-elements",
     "effects",
 ];
+
+/// Legacy endpoints one segment deeper, in a group (`/v1/{product}/{group}/{endpoint}`):
+/// image expansion and the avatar. Their creates, lists and queries work as the others'.
+pub(crate) const LEGACY_GROUPED: &[(&str, &str, &str)] = &[
+    ("images", "editing", "expand"),
+    ("videos", "avatar", "image2video"),
+];
+
+/// Legacy video endpoints that answer at once with a result and make no task (the faces of a
+/// video, for advanced lip-sync; what an image shows): no slot, no task to query.
+pub(crate) const ANSWERED_AT_ONCE: &[&str] = &["identify-face", "image-recognize"];
 
 /// The legacy image endpoints besides the try-on (`/v1/images/{kind}`): KLING_API.md's
 /// `generations`, and the multi-image and omni image endpoints of Kling's API pages. Any other
@@ -68,6 +82,10 @@ pub(crate) enum Route {
     NewBatchQuery,
     NewList,
     AccountCosts,
+    /// A POST to an endpoint of [`ANSWERED_AT_ONCE`] (its last segment).
+    AnsweredAtOnce {
+        kind: String,
+    },
 }
 
 impl Route {
@@ -141,6 +159,27 @@ pub(crate) fn parse(method: &Method, path: &str) -> Option<Route> {
     let get = method == Method::GET;
     let post = method == Method::POST;
     match segments.as_slice() {
+        ["v1", "videos", kind] if post && ANSWERED_AT_ONCE.contains(kind) => {
+            Some(Route::AnsweredAtOnce {
+                kind: (*kind).to_owned(),
+            })
+        }
+        ["v1", group @ ("videos" | "images"), parent, kind, rest @ ..]
+            if LEGACY_GROUPED.contains(&(*group, *parent, *kind)) =>
+        {
+            let family = if *group == "videos" {
+                LegacyFamily::Video
+            } else {
+                LegacyFamily::Image
+            };
+            legacy(
+                format!("/v1/{group}/{parent}/{kind}"),
+                kind,
+                family,
+                rest,
+                method,
+            )
+        }
         ["v1", group @ ("videos" | "images"), kind, rest @ ..] => {
             let family = if *group == "videos" {
                 if !LEGACY_VIDEO_KINDS.contains(kind) {
@@ -154,20 +193,7 @@ pub(crate) fn parse(method: &Method, path: &str) -> Option<Route> {
             } else {
                 return None;
             };
-            let endpoint = format!("/v1/{group}/{kind}");
-            match rest {
-                [] if post => Some(Route::LegacyCreate {
-                    endpoint,
-                    kind: (*kind).to_owned(),
-                    family,
-                }),
-                [] if get => Some(Route::LegacyList { endpoint }),
-                [id] if get => id_segment(id).map(|id| Route::LegacyQuery {
-                    endpoint,
-                    id: String::from_utf8(id).ok(),
-                }),
-                _ => None,
-            }
+            legacy(format!("/v1/{group}/{kind}"), kind, family, rest, method)
         }
         ["tasks"] if get => Some(Route::NewBatchQuery),
         ["tasks"] if post => Some(Route::NewList),
@@ -183,6 +209,29 @@ pub(crate) fn parse(method: &Method, path: &str) -> Option<Route> {
                 model: percent_decode(model),
             })
         }
+        _ => None,
+    }
+}
+
+/// A legacy endpoint's create, list or query, by what follows the endpoint (`rest`).
+fn legacy(
+    endpoint: String,
+    kind: &str,
+    family: LegacyFamily,
+    rest: &[&str],
+    method: &Method,
+) -> Option<Route> {
+    match rest {
+        [] if method == Method::POST => Some(Route::LegacyCreate {
+            endpoint,
+            kind: kind.to_owned(),
+            family,
+        }),
+        [] if method == Method::GET => Some(Route::LegacyList { endpoint }),
+        [id] if method == Method::GET => id_segment(id).map(|id| Route::LegacyQuery {
+            endpoint,
+            id: String::from_utf8(id).ok(),
+        }),
         _ => None,
     }
 }
@@ -264,6 +313,15 @@ mod tests {
         assert_eq!(parse(&Method::POST, "/v1/videos/nope"), None);
         assert_eq!(parse(&Method::POST, "/v1/images/generation"), None);
         assert_eq!(parse(&Method::GET, "/v1/images/generation/abc"), None);
+        assert!(matches!(
+            parse(&Method::GET, "/v1/images/editing/expand/abc"),
+            Some(Route::LegacyQuery { endpoint, .. }) if endpoint == "/v1/images/editing/expand"
+        ));
+        assert!(matches!(
+            parse(&Method::POST, "/v1/videos/identify-face"),
+            Some(Route::AnsweredAtOnce { .. })
+        ));
+        assert_eq!(parse(&Method::GET, "/v1/videos/identify-face"), None);
         assert_eq!(parse(&Method::DELETE, "/tasks"), None);
         assert_eq!(parse(&Method::GET, ""), None);
         assert_eq!(parse(&Method::GET, "//"), None);

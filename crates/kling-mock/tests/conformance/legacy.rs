@@ -276,3 +276,63 @@ async fn account_costs_report_remaining_credits() {
     assert_eq!(pack["remaining_quantity"], 6.0);
     assert_eq!(pack["status"], "run_out");
 }
+
+#[tokio::test(start_paused = true)]
+async fn endpoints_in_a_group_make_tasks_in_their_products_pool() {
+    let c = Caller::new(quiet().slots(1));
+    for (path, body) in [
+        ("/v1/images/editing/expand", json!({"image": "x", "n": 1})),
+        (
+            "/v1/videos/avatar/image2video",
+            json!({"image": "x", "sound_file": "y"}),
+        ),
+    ] {
+        let id = c.post(path, body.clone()).await.data()["task_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        // One slot: the task holds it.
+        c.post(path, body).await.assert_error(429, 1303);
+        assert!(c.get(path).await.data().as_array().is_some(), "a list");
+        advance(100).await;
+        let q = c.get(&format!("{path}/{id}")).await;
+        assert_eq!(q.data()["task_status"], "succeed", "{path}");
+    }
+    c.post("/v1/images/editing/other", json!({"image": "x"}))
+        .await
+        .assert_error(404, 1202);
+    c.post("/v1/videos/avatar", json!({"image": "x"}))
+        .await
+        .assert_error(404, 1202);
+}
+
+#[tokio::test(start_paused = true)]
+async fn endpoints_that_answer_at_once_make_no_task_and_take_no_slot() {
+    let c = Caller::new(quiet().slots(1));
+    for _ in 0..3 {
+        let faces = c
+            .post(
+                "/v1/videos/identify-face",
+                json!({"video_url": "https://v"}),
+            )
+            .await;
+        assert!(faces.data()["session_id"].is_string());
+        assert!(faces.data().get("task_id").is_none());
+        let seen = c
+            .post("/v1/videos/image-recognize", json!({"image": "x"}))
+            .await;
+        assert!(seen.data()["task_result"]["images"].is_array());
+        assert!(seen.data().get("task_id").is_none());
+    }
+    // The video pool's one slot is still free.
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    c.post("/v1/videos/identify-face", json!({}))
+        .await
+        .assert_error(400, 1201);
+    c.post("/v1/videos/image-recognize", json!({"prompt": "x"}))
+        .await
+        .assert_error(400, 1201);
+    c.get("/v1/videos/identify-face/x")
+        .await
+        .assert_error(404, 1202);
+}

@@ -939,3 +939,72 @@ async fn a_task_nobody_follows_stops_counting_as_running_when_its_slot_is_given_
     tokio::time::advance(Duration::from_secs(1)).await;
     assert_eq!(state(), (0, 0, 1));
 }
+
+/// The endpoints that answer at once with no task (a video's faces, an image's content) take no
+/// slot: before, the stack took each POST there for a create whose answer named no task, and
+/// kept a video slot for it until the task lease ran out.
+#[tokio::test(start_paused = true)]
+async fn endpoints_that_answer_at_once_hold_no_slot() {
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("k").unwrap(),
+    )
+    .unwrap();
+    let service = kling.layer(roomy_mock());
+    for _ in 0..6 {
+        for (path, body) in [
+            ("/v1/videos/identify-face", r#"{"video_url":"https://v"}"#),
+            ("/v1/videos/image-recognize", r#"{"image":"x"}"#),
+        ] {
+            let answer = send(&service, request("POST", path, body)).await.unwrap();
+            let outcome = Outcome::of(&answer).unwrap();
+            assert!(outcome.is_success() && outcome.task().is_none(), "{path}");
+        }
+    }
+    assert!(
+        kling
+            .snapshot()
+            .pool("video")
+            .is_none_or(|video| video.in_use == 0),
+        "{:?}",
+        kling.snapshot().pools
+    );
+    // All five of the Pro tier's video slots are free: five creates are answered at once.
+    let started = tokio::time::Instant::now();
+    for _ in 0..5 {
+        let created = send(
+            &service,
+            request("POST", "/v1/videos/text2video", r#"{"prompt":"a"}"#),
+        )
+        .await
+        .unwrap();
+        assert!(Outcome::of(&created).unwrap().is_success());
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "no slot wait");
+    assert_eq!(kling.snapshot().pool("video").unwrap().in_use, 5);
+}
+
+/// A create to an endpoint one segment deeper than the others (image expansion) holds a slot of
+/// its product's pool, weighted by `n`, until a query of its task says it ended.
+#[tokio::test(start_paused = true)]
+async fn a_grouped_endpoints_create_holds_its_slots_until_queried() {
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("k").unwrap(),
+    )
+    .unwrap();
+    let service = kling.layer(roomy_mock());
+    let path = "/v1/images/editing/expand";
+    let created = send(&service, request("POST", path, r#"{"image":"x","n":2}"#))
+        .await
+        .unwrap();
+    let id = Outcome::of(&created).unwrap().task().unwrap().id.clone();
+    assert_eq!(kling.snapshot().pool("image").unwrap().in_use, 2);
+    tokio::time::advance(Duration::from_secs(600)).await;
+    let queried = send(&service, request("GET", &format!("{path}/{id}"), ""))
+        .await
+        .unwrap();
+    let task = Outcome::of(&queried).unwrap().task().unwrap().clone();
+    assert!(task.status.is_terminal(), "{task:?}");
+    assert_eq!(kling.snapshot().pool("image").unwrap().in_use, 0);
+}
