@@ -227,7 +227,10 @@ impl Deadlines {
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
         {
-            tokio::spawn(fail_late_attempts(Arc::downgrade(self)));
+            // The guard is made here and moved in: a task its runtime drops before its first
+            // poll (the runtime shutting down) still drops it, so the flag is never left set
+            // with no timer running, which would leave every later attempt without a timeout.
+            tokio::spawn(fail_late_attempts(TimerRunning(Arc::downgrade(self))));
         }
         (lane, ticket, deadline)
     }
@@ -285,8 +288,9 @@ impl Drop for TimerRunning {
 /// The layer's timer: wakes every attempt whose deadline has come, then sleeps until the next
 /// deadline, or for a timeout when there is none sooner (a deadline set meanwhile is at least
 /// that far), until the layer is gone.
-async fn fail_late_attempts(deadlines: Weak<Deadlines>) {
-    let _running = TimerRunning(deadlines.clone());
+async fn fail_late_attempts(running: TimerRunning) {
+    let deadlines = running.0.clone();
+    let _running = running;
     loop {
         let next = {
             let Some(deadlines) = deadlines.upgrade() else {
@@ -482,6 +486,37 @@ mod tests {
                 let error = service.clone().oneshot(10_000).await.unwrap_err();
                 assert!(error.is::<Elapsed>(), "{error}");
             });
+        }
+    }
+
+    /// A runtime dropped before its timer task was first polled (an attempt armed, then given
+    /// up at once, as a `select!` with another branch ready does): the next runtime's late
+    /// attempt still times out. The flag that says a timer runs was left set before, with no
+    /// timer, and no attempt timed out again.
+    #[test]
+    fn a_timer_its_runtime_never_polled_is_spawned_again_on_the_next() {
+        let layer = AttemptTimeoutLayer::new(Duration::from_millis(50));
+        let service = layer.layer(service_fn(|delay: u64| async move {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            Ok::<_, BoxError>(delay)
+        }));
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap()
+        };
+        runtime().block_on(async {
+            let mut attempt = Box::pin(service.clone().oneshot(10_000));
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(attempt.as_mut().poll(&mut cx).is_pending(), "armed");
+        });
+        let late = runtime().block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), service.clone().oneshot(3_000)).await
+        });
+        match late {
+            Ok(Err(error)) => assert!(error.is::<Elapsed>(), "{error}"),
+            other => panic!("the attempt did not time out: {other:?}"),
         }
     }
 
