@@ -5,7 +5,8 @@
 //! completes or is dropped. [`DrainHandle::drain`] closes the gate: from then on a create (or a
 //! `POST` the router does not recognise, which may be a create endpoint newer than this crate)
 //! fails at once with [`Draining`] (it is never sent), while queries, lists and every request already
-//! in flight go on; `drain` returns once nothing is in flight. Tasks being followed count too:
+//! in flight go on; `drain` returns once nothing admitted before it is in flight (queries and
+//! lists admitted since are not counted: a steady stream of them would never let it return). Tasks being followed count too:
 //! a [`Follower`](crate::follow::Follower) given the handle
 //! ([`with_drain`](crate::follow::Follower::with_drain)) holds a [`DrainGuard`] for each
 //! `follow`, so a drain waits for the tasks it follows to end (their queries still pass).
@@ -137,18 +138,25 @@ impl Gate {
     }
 
     /// Counts a request in flight, unless the gate is closed and `refused` says the gate keeps
-    /// it out (a create). The count comes first and the flag is read after it, both `SeqCst`,
+    /// it out (a create): `Err` when refused, `Ok(None)` when admitted while the gate is
+    /// closed, uncounted. The count comes first and the flag is read after it, both `SeqCst`,
     /// as `drain` stores the flag and then sums the counts: either this read sees the gate
     /// closed, or the drain's sum sees this request. Read the other way round, a drain could
     /// store the flag, find nothing in flight and return between the read and the count, and
     /// a create would go out after it.
+    ///
+    /// A request the closed gate lets through (a query, a list) is not counted: the drain
+    /// waits for what entered before it, and for the work [`DrainGuard`]s hold (the tasks a
+    /// follower follows, whose queries these may be). Counted, a steady stream of queries,
+    /// each starting before the last ended, kept the count from ever reaching zero, and the
+    /// drain from returning.
     #[inline]
-    fn admit(&self, refused: impl FnOnce() -> bool) -> Option<DrainGuard> {
+    fn admit(&self, refused: impl FnOnce() -> bool) -> Result<Option<DrainGuard>, ()> {
         let guard = self.enter();
-        if self.is_draining() && refused() {
-            return None;
+        if self.is_draining() {
+            return if refused() { Err(()) } else { Ok(None) };
         }
-        Some(guard)
+        Ok(Some(guard))
     }
 
     /// The sum of the shards, each read once: zero means every piece of work that entered
@@ -202,10 +210,11 @@ pub struct DrainHandle {
 }
 
 impl DrainHandle {
-    /// Stops admitting creates, then waits until nothing is in flight (requests, and work
-    /// held by [`DrainGuard`]s such as followed tasks): it returns once one pass over the
-    /// per-thread in-flight counters finds them all at zero, so everything admitted before
-    /// that pass began has finished (a query admitted during it may still run).
+    /// Stops admitting creates, then waits until nothing is in flight (the requests admitted
+    /// before the gate closed, and work held by [`DrainGuard`]s such as followed tasks): it
+    /// returns once one pass over the per-thread in-flight counters finds them all at zero.
+    /// Queries and lists admitted after the gate closed are not waited for (their stream may
+    /// never pause); a follower's still are, through the guard of the task it follows.
     ///
     /// Wrap it in `tokio::time::timeout` to bound the wait.
     pub async fn drain(&self) {
@@ -352,12 +361,12 @@ where
                 )
         });
         match admitted {
-            Some(guard) => ResponseFuture {
+            Ok(guard) => ResponseFuture {
                 future: Some(self.inner.call(request)),
-                guard: Some(guard),
+                guard,
                 refused: None,
             },
-            None => ResponseFuture {
+            Err(()) => ResponseFuture {
                 future: None,
                 guard: None,
                 refused: Some(Draining::new(request.uri().path())),
@@ -423,14 +432,18 @@ mod tests {
             counted_when_judged = Some(handle.in_flight());
             true
         });
-        assert!(admitted.is_none(), "a create is refused while draining");
+        assert!(admitted.is_err(), "a create is refused while draining");
         assert_eq!(counted_when_judged, Some(1), "judged while counted");
         assert_eq!(handle.in_flight(), 0, "a refused request leaves no count");
+        let query = layer.gate.admit(|| false);
+        assert!(matches!(query, Ok(None)), "a query passes uncounted");
+        assert_eq!(handle.in_flight(), 0);
 
         handle.reopen();
         let guard = layer
             .gate
             .admit(|| unreachable!("an open gate judges nothing"));
+        assert!(matches!(guard, Ok(Some(_))));
         assert_eq!(handle.in_flight(), 1);
         drop(guard);
         assert_eq!(handle.in_flight(), 0);
@@ -471,6 +484,64 @@ mod tests {
         ] {
             assert!(send(method.clone(), path).await.is_ok(), "{method} {path}");
         }
+    }
+
+    /// Queries that overlap without a pause (one every 5 ms, each 10 ms long) do not keep a
+    /// drain from returning once the create admitted before it is answered; before, each was
+    /// counted, the count never reached zero, and the drain never returned.
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_stream_of_queries_does_not_hold_a_drain_up() {
+        use tower::{Layer, ServiceExt, service_fn};
+
+        let (layer, handle) = DrainLayer::pair();
+        let service = layer.layer(service_fn(
+            |request: Request<http_body_util::Full<bytes::Bytes>>| async move {
+                let long = if request.method() == Method::POST {
+                    200
+                } else {
+                    10
+                };
+                tokio::time::sleep(Duration::from_millis(long)).await;
+                Ok::<_, BoxError>(())
+            },
+        ));
+        let request = |method: Method, path: &str| {
+            Request::builder()
+                .method(method)
+                .uri(path)
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+                .unwrap()
+        };
+        let create = tokio::spawn(
+            service
+                .clone()
+                .oneshot(request(Method::POST, "/v1/videos/text2video")),
+        );
+        let queries = tokio::spawn({
+            let service = service.clone();
+            async move {
+                loop {
+                    let query = request(Method::GET, "/v1/videos/text2video/t1");
+                    tokio::spawn(service.clone().oneshot(query));
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let start = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(60), handle.drain())
+            .await
+            .expect("the drain returns");
+        assert!(
+            create.await.unwrap().is_ok(),
+            "the create admitted before it ran"
+        );
+        assert!(
+            start.elapsed() <= Duration::from_millis(160),
+            "{:?}",
+            start.elapsed()
+        );
+        queries.abort();
     }
 
     /// Guards entered through different shards add up, and a drain waits for the last of them,
