@@ -15,7 +15,6 @@ use kling_core::signals::SendWatch;
 use kling_core::{AccountId, BoxError, Code, Outcome};
 use kling_retry::error::{DeadlineExceeded, Failed, StopReason};
 use pin_project_lite::pin_project;
-use tokio::time::Instant;
 
 use super::Ledger;
 use crate::error::BudgetExceeded;
@@ -25,7 +24,6 @@ pub(crate) struct Settle {
     pub(crate) ledger: Arc<Ledger>,
     pub(crate) account: Option<AccountId>,
     pub(crate) estimate: f64,
-    pub(crate) period_start: Instant,
     /// Whether the layers below held the create back unsent, read if the caller drops it.
     pub(crate) watch: SendWatch,
 }
@@ -45,11 +43,12 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             if let StateProj::Create { settle, .. } = this.project().state.project()
                 && let Some(settle) = settle.take()
-                && settle.watch.never_sent()
             {
-                settle
-                    .ledger
-                    .release(&settle.account, settle.estimate, settle.period_start);
+                if settle.watch.never_sent() {
+                    settle.ledger.release(&settle.account, settle.estimate);
+                } else {
+                    settle.ledger.kept(&settle.account, settle.estimate);
+                }
             }
         }
     }
@@ -115,30 +114,30 @@ where
                     ledger,
                     account,
                     estimate,
-                    period_start,
                     ..
                 } = settle;
                 match result {
                     Ok(mut response) => {
                         match Outcome::ensure(&mut response) {
-                            Ok(outcome) if outcome.is_success() => {
+                            Ok(outcome) if outcome.is_success() => match outcome.task() {
+                                Some(task) => ledger.created(&account, estimate, task),
                                 // A success without a task id keeps its estimate.
-                                if let Some(task) = outcome.task() {
-                                    ledger.created(&account, estimate, period_start, task);
-                                }
-                            }
+                                None => ledger.kept(&account, estimate),
+                            },
                             Ok(outcome) if !outcome.may_have_created() => {
-                                ledger.release(&account, estimate, period_start);
+                                ledger.release(&account, estimate);
                             }
                             // 5000/5002, an unknown code or an unreadable body: the task may
                             // exist and be billed.
-                            _ => {}
+                            _ => ledger.kept(&account, estimate),
                         }
                         Poll::Ready(Ok(response))
                     }
                     Err(error) => {
                         if made_no_task(&*error) {
-                            ledger.release(&account, estimate, period_start);
+                            ledger.release(&account, estimate);
+                        } else {
+                            ledger.kept(&account, estimate);
                         }
                         Poll::Ready(Err(error))
                     }

@@ -29,7 +29,8 @@
 //! gives it back too.
 //!
 //! Budgets are kept per [`AccountId`] (requests without one share a budget) and start again
-//! every period, counted from an account's first create.
+//! every period, counted from an account's first create. A new period starts from the creates
+//! still open (reserved, not yet answered or given back): they are sent, if at all, in it.
 //!
 //! # Example
 //!
@@ -171,6 +172,10 @@ const EPSILON: f64 = 1e-9;
 struct Account {
     period_start: Instant,
     committed: f64,
+    /// Reservations neither given back nor turned into a task yet (creates still waiting below
+    /// the guard, or sent and not answered): carried into the next period when one starts, as
+    /// their tasks, if any, are made then.
+    open: f64,
     /// Task id → the estimate it was charged, until its real cost is known.
     tasks: HashMap<String, f64>,
 }
@@ -201,6 +206,7 @@ impl Ledger {
         let account = accounts.entry(key.clone()).or_insert_with(|| Account {
             period_start: now,
             committed: 0.0,
+            open: 0.0,
             tasks: HashMap::new(),
         });
         if now >= account.period_start + self.period {
@@ -210,7 +216,10 @@ impl Ledger {
                 .checked_mul(u32::try_from(periods).unwrap_or(u32::MAX))
                 .unwrap_or(now - account.period_start);
             account.period_start += advance;
-            account.committed = 0.0;
+            // The creates reserved before and not settled yet are sent, if at all, in this
+            // period: they count in it. Forgotten, as they were, a period could spend its
+            // whole budget on top of every create that waited at its start.
+            account.committed = account.open;
             self.awaited
                 .fetch_sub(account.tasks.len(), Ordering::Relaxed);
             account.tasks.clear();
@@ -219,7 +228,7 @@ impl Ledger {
     }
 
     /// Reserves `estimate` or refuses the create.
-    fn reserve(&self, key: &Option<AccountId>, estimate: f64) -> Result<Instant, BudgetExceeded> {
+    fn reserve(&self, key: &Option<AccountId>, estimate: f64) -> Result<(), BudgetExceeded> {
         let now = Instant::now();
         let mut accounts = self.lock();
         let account = self.account(&mut accounts, key, now);
@@ -233,31 +242,34 @@ impl Ledger {
             });
         }
         account.committed += estimate;
-        Ok(account.period_start)
+        account.open += estimate;
+        Ok(())
     }
 
-    /// Gives a reservation back (the create did not happen).
-    fn release(&self, key: &Option<AccountId>, estimate: f64, period_start: Instant) {
+    /// Settles a reservation as spent with no task to read its cost from (a success that
+    /// named none, a create whose fate is unknown): it stays charged to the current period and
+    /// is carried no further.
+    fn kept(&self, key: &Option<AccountId>, estimate: f64) {
         let mut accounts = self.lock();
         let account = self.account(&mut accounts, key, Instant::now());
-        if account.period_start == period_start {
-            account.committed = (account.committed - estimate).max(0.0);
-        }
+        account.open = (account.open - estimate).max(0.0);
     }
 
-    /// Records the task a create made, then applies its report.
-    fn created(
-        &self,
-        key: &Option<AccountId>,
-        estimate: f64,
-        period_start: Instant,
-        report: &TaskReport,
-    ) {
+    /// Gives a reservation back (the create did not happen), in whichever period it was
+    /// carried into.
+    fn release(&self, key: &Option<AccountId>, estimate: f64) {
         let mut accounts = self.lock();
         let account = self.account(&mut accounts, key, Instant::now());
-        if account.period_start != period_start {
-            return;
-        }
+        account.open = (account.open - estimate).max(0.0);
+        account.committed = (account.committed - estimate).max(0.0);
+    }
+
+    /// Records the task a create made, in the current period (its reservation, carried into
+    /// it, is charged there), then applies its report.
+    fn created(&self, key: &Option<AccountId>, estimate: f64, report: &TaskReport) {
+        let mut accounts = self.lock();
+        let account = self.account(&mut accounts, key, Instant::now());
+        account.open = (account.open - estimate).max(0.0);
         if account.tasks.insert(report.id.clone(), estimate).is_none() {
             self.awaited.fetch_add(1, Ordering::Relaxed);
         }
@@ -463,7 +475,7 @@ where
         };
         let account = AccountId::of(&request).cloned();
         match self.ledger.reserve(&account, estimate) {
-            Ok(period_start) => {
+            Ok(()) => {
                 // Tells, should the caller drop the create, whether a layer below held it back
                 // unsent (a slot's wait), so the estimate goes back.
                 let watch = SendWatch::watch(&mut request);
@@ -473,7 +485,6 @@ where
                         ledger: self.ledger.clone(),
                         account,
                         estimate,
-                        period_start,
                         watch,
                     },
                 )

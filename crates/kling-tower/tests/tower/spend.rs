@@ -612,3 +612,42 @@ async fn through_the_stack_a_proxy_429_page_is_resent_after_its_retry_after() {
     let guard = kling.spend_guard().unwrap();
     assert_eq!(guard.committed(Some(kling.account_id())), 1.0);
 }
+
+/// A create reserved near a period's end that is sent in the next one (it waited below the
+/// guard, for a slot or a turn) counts in the next one: before, the new period forgot it, so
+/// that period could spend its whole budget on top of it.
+#[tokio::test(start_paused = true)]
+async fn a_create_waiting_across_the_period_boundary_counts_in_the_next_period() {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let count = sent.clone();
+    let client = service_fn(move |_: http::Request<Full<Bytes>>| {
+        let n = count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            // The first create waits 90 minutes below the guard before it is answered.
+            if n == 0 {
+                tokio::time::sleep(Duration::from_secs(90 * 60)).await;
+            }
+            let body = format!(
+                r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":{{"task_id":"t{n}","task_status":"submitted"}}}}"#
+            );
+            Ok::<_, BoxError>(envelope(200, &body))
+        }
+    });
+    let guard =
+        SpendGuardLayer::with_period(2.0, Duration::from_secs(3600), CostTable::new()).unwrap();
+    let svc = guard.layer(ClassifyLayer::new().layer(client));
+    let waiting = tokio::spawn(svc.clone().oneshot(video()));
+    tokio::time::sleep(Duration::from_secs(3600 + 60)).await;
+    // The next period: the waiting create is one of its two credits.
+    assert_eq!(guard.remaining(None), 1.0);
+    let mut svc2 = svc.clone();
+    send(&mut svc2, video()).await.unwrap();
+    let refused = send(&mut svc2, video()).await.unwrap_err();
+    assert!(refused.is::<BudgetExceeded>(), "{refused}");
+    assert!(waiting.await.unwrap().is_ok());
+    assert_eq!(guard.remaining(None), 0.0);
+    // And the period after starts from nothing once every create has settled.
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(guard.remaining(None), 2.0);
+    assert_eq!(sent.load(Ordering::SeqCst), 2);
+}
