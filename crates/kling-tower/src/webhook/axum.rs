@@ -34,6 +34,7 @@ use std::fmt;
 use std::future::Future;
 
 use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{MethodRouter, post};
 use kling_core::TaskReport;
@@ -41,8 +42,15 @@ use kling_core::TaskReport;
 use super::{WebhookVerifier, parse_task};
 use crate::error::WebhookErrorKind;
 
+/// The largest callback body the route reads (256 KiB); a larger one is answered
+/// `413 Payload Too Large` unread. A task report is a few kilobytes.
+pub const CALLBACK_BODY_LIMIT: usize = 256 * 1024;
+
 /// A `POST` route that verifies callbacks with `verifier` and awaits `on_task` with each task;
 /// an error from it answers `503` (see the [module docs](self)).
+///
+/// The route bounds its own body at [`CALLBACK_BODY_LIMIT`], whatever limit the router sets
+/// (a router that lifts axum's default for uploads does not lift it here).
 pub fn callback_route<F, Fut, E, St>(verifier: WebhookVerifier, on_task: F) -> MethodRouter<St>
 where
     F: Fn(TaskReport) -> Fut + Clone + Send + Sync + 'static,
@@ -77,4 +85,5 @@ where
             }
         }
     })
+    .layer(DefaultBodyLimit::max(CALLBACK_BODY_LIMIT))
 }

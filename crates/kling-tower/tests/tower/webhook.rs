@@ -229,6 +229,39 @@ async fn axum_route_verifies_and_hands_over_the_task() {
     assert_eq!(*got.lock().unwrap(), vec!["t-1".to_owned()]);
 }
 
+/// The route bounds its body itself: a router that lifts axum's default limit (for uploads
+/// elsewhere) does not leave callbacks unbounded.
+#[cfg(feature = "axum")]
+#[tokio::test(start_paused = true)]
+async fn axum_route_bounds_its_body_whatever_the_router_allows() {
+    use axum::Router;
+    use axum::extract::DefaultBodyLimit;
+    use kling_tower::webhook::axum::{CALLBACK_BODY_LIMIT, callback_route};
+    use tower::ServiceExt;
+
+    let app: Router = Router::new()
+        .route(
+            "/cb",
+            callback_route(verifier(), |_| {
+                std::future::ready(Ok::<_, std::convert::Infallible>(()))
+            }),
+        )
+        .layer(DefaultBodyLimit::disable());
+    let post = |body: Vec<u8>| {
+        let good = kling_mock::sign_webhook(SECRET, "ax_big", NOW, &body);
+        let mut req = http::Request::post("/cb")
+            .body(axum::body::Body::from(body))
+            .unwrap();
+        *req.headers_mut() = headers("ax_big", NOW, &good);
+        req
+    };
+    let big = vec![b' '; CALLBACK_BODY_LIMIT + 1];
+    let answer = app.clone().oneshot(post(big)).await.unwrap();
+    assert_eq!(answer.status().as_u16(), 413);
+    let answer = app.oneshot(post(BODY.to_vec())).await.unwrap();
+    assert_eq!(answer.status().as_u16(), 204);
+}
+
 /// A delivery whose handling failed (here `on_task` panics) is not remembered: the sender's
 /// next delivery of the message is handled, not answered as a replay and dropped.
 #[cfg(feature = "axum")]
