@@ -240,7 +240,9 @@ impl<Bk: Backend> Gate<Bk> {
                                 self.step = Step::Queued;
                                 continue;
                             }
-                            shared.queues.set_head_not_before(self.key(account_key), at);
+                            shared
+                                .queues
+                                .set_head_not_before(self.key(account_key), at, cooldown);
                             self.sleep_until(at);
                             self.step = Step::Sleeping;
                         }
@@ -256,13 +258,16 @@ impl<Bk: Backend> Gate<Bk> {
                             };
                             let now = Instant::now();
                             if now >= limit {
-                                let resume_at = hint.map_or(now, |h| h.max(now));
+                                // Behind a head waiting out a pause, this request waited for
+                                // the pause too: its error says so.
+                                let (resume_at, cooldown) = hint
+                                    .map_or((now, false), |(at, cooldown)| (at.max(now), cooldown));
                                 return Poll::Ready(Err(Box::new(WaitExceeded::new(
                                     resume_at,
                                     now,
                                     why,
                                     true,
-                                    false,
+                                    cooldown,
                                     account_key.account_id().cloned(),
                                 ))));
                             }

@@ -23,8 +23,9 @@ pub(crate) const WAITER_RECORD_BYTES: usize = std::mem::size_of::<Waiter<()>>();
 struct Queue {
     waiters: WaitList<()>,
     next_id: u64,
-    /// The head's latest "not before", a lower bound on every other waiter's turn.
-    head_not_before: Option<Instant>,
+    /// The head's latest "not before", a lower bound on every other waiter's turn, and
+    /// whether it is the end of a pause (a cooldown) rather than pacing.
+    head_not_before: Option<NotBefore>,
     /// Moved by one per waiter, never set: the gauge is labelled by account only, and an
     /// account's class keys (and the keys of other layers in the process) add up in it.
     depth: metrics::Gauge,
@@ -50,6 +51,10 @@ impl Queue {
         }
     }
 }
+
+/// The head's latest answer from the backend: not before this instant, and whether the key is
+/// paused (a cooldown) until then.
+pub(crate) type NotBefore = (Instant, bool);
 
 /// Where a new waiter stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +127,7 @@ impl Queues {
         key: &BucketKey,
         id: u64,
         waker: &Waker,
-    ) -> Result<bool, Option<Instant>> {
+    ) -> Result<bool, Option<NotBefore>> {
         let mut map = self.lock();
         let Some(queue) = map.get_mut(key) else {
             return Ok(false);
@@ -138,10 +143,11 @@ impl Queues {
         }
     }
 
-    /// The head's latest answer from the backend, a lower bound for everyone behind it.
-    pub(crate) fn set_head_not_before(&self, key: &BucketKey, at: Instant) {
+    /// The head's latest answer from the backend (and whether it is a pause), a lower bound
+    /// for everyone behind it.
+    pub(crate) fn set_head_not_before(&self, key: &BucketKey, at: Instant, cooldown: bool) {
         if let Some(queue) = self.lock().get_mut(key) {
-            queue.head_not_before = Some(at);
+            queue.head_not_before = Some((at, cooldown));
         }
     }
 

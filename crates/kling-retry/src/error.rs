@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use kling_core::Code;
-use kling_core::error::{ApiError, Attempts, BoxError};
+use kling_core::error::{ApiError, Attempts, BoxError, MalformedResponse};
 use tokio::time::Instant;
 
 /// Why the layer stopped retrying and returned [`Failed`].
@@ -225,9 +225,17 @@ impl Failed {
     }
 
     /// The wait the last answer's `Retry-After` asked for, if it had one: send the request
-    /// again no sooner (the layer stopped before waiting it out).
+    /// again no sooner (the layer stopped before waiting it out). A Kling answer's, or a page
+    /// without a Kling envelope's (a proxy's 429 or 503, which the layer retries by its
+    /// `Retry-After` as it does Kling's own).
     pub fn retry_after(&self) -> Option<Duration> {
-        self.api_error().and_then(ApiError::retry_after)
+        match self.api_error() {
+            Some(api) => api.retry_after(),
+            None => self
+                .last()
+                .downcast_ref::<MalformedResponse>()
+                .and_then(MalformedResponse::retry_after),
+        }
     }
 
     last_accessors!();

@@ -314,6 +314,13 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(this.call.pass_through(error.into()));
                     }
+                    // Ready only at the deadline (or woken past it: timers fire on whole
+                    // milliseconds): a request sent now would be given up at once as out at
+                    // the deadline, so it is not sent.
+                    if this.call.deadline_reached() {
+                        this.state.set(State::Done);
+                        return Poll::Ready(this.call.not_ready_by_deadline());
+                    }
                     let request = this.call.next_request();
                     let future = this.call.service().call(request);
                     this.state.set(State::Calling { future });
@@ -376,6 +383,14 @@ impl<S, B, P> Call<S, B, P> {
     /// The create's external id, once an attempt of it may have made a task.
     fn created_as(&self) -> Option<String> {
         self.retry.as_deref()?.external_id.clone()
+    }
+
+    /// Whether the call's deadline has come (a retry is about to be sent: never on the success
+    /// path).
+    fn deadline_reached(&self) -> bool {
+        self.template
+            .deadline
+            .is_some_and(|deadline| Instant::now() >= deadline)
     }
 
     /// Whether a retry or lookup in flight has met the call's deadline; arms the deadline's
@@ -621,7 +636,7 @@ where
         Step::Finish(Err(Box::new(error)))
     }
 
-    /// Ends a call whose next attempt the service below was still not ready to take at the
+    /// Ends a call whose next attempt the service below was still not ready to take before the
     /// deadline: [`DeadlineExceeded`], with the last attempt's failure and, for a create that may
     /// have made a task, its external id.
     fn not_ready_by_deadline(&mut self) -> Result<Response<Full<Bytes>>, BoxError> {
@@ -824,8 +839,11 @@ where
             }
         }
         .unwrap_or_else(|| far_future(now));
+        // A retry that could start only at the deadline itself is not sent either: a request
+        // out at the deadline is given up there ([`Call::past_deadline_in_flight`]), so it
+        // would go out only to be abandoned (a create so abandoned "may have made a task").
         if let Some(deadline) = self.template.deadline
-            && at > deadline
+            && at >= deadline
         {
             return self.past_deadline(at, deadline, now, last);
         }
@@ -875,7 +893,7 @@ where
         }
         let now = Instant::now();
         if let Some(deadline) = self.template.deadline
-            && now > deadline
+            && now >= deadline
         {
             return self.past_deadline(now, deadline, now, last);
         }

@@ -77,10 +77,11 @@
 //!   [`deadline`](RetryLayerBuilder::deadline), passed down as
 //!   [`Deadline`](kling_core::signals::Deadline) so the rate limiter and the slots layer stop
 //!   waiting at it too; and a [`RetryBudget`] shared by clones. When the next retry would start
-//!   after the deadline, the call returns at once with [`error::DeadlineExceeded`], which says
-//!   when to resume (unless a create's lookup was next: see below). A retry or a lookup still
-//!   out at the deadline is given up there, as a timed-out attempt, and one the service below
-//!   is still not ready to take ends the call there too; the first attempt arms no
+//!   at or after the deadline, the call returns at once with [`error::DeadlineExceeded`], which
+//!   says when to resume (unless a create's lookup was next: see below). A retry or a lookup
+//!   still out at the deadline is given up there, as a timed-out attempt, and one the service
+//!   below is not ready to take before it ends the call there too (it is not sent at the
+//!   deadline only to be given up at once); the first attempt arms no
 //!   timer (a call answered at once pays for none), so bound it with a timeout under this
 //!   layer (kling-tower's stack has one, 30 s), or a server that never answers it holds the
 //!   call past its deadline.

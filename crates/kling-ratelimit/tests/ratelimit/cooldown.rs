@@ -566,3 +566,44 @@ async fn a_wait_refused_during_a_pause_says_so_and_names_the_account() {
          (the account is paused after a 1302 or a Retry-After)"
     );
 }
+
+/// A request that gives up while queued behind a head waiting out a pause says the wait was a
+/// pause too, and when the pause ends (the head's next turn).
+#[tokio::test(start_paused = true)]
+async fn a_wait_refused_in_the_queue_behind_a_pause_says_so() {
+    use kling_core::signals::Deadline;
+
+    let server = Server::new();
+    server.script([Reply::throttled().header("retry-after", "60")]);
+    let service = GcraLayer::builder(Quota::per_second(10.0))
+        .build()
+        .unwrap()
+        .layer(server.service());
+    let start = Instant::now();
+    service
+        .clone()
+        .oneshot(request(Some("a"), "a1"))
+        .await
+        .unwrap();
+    // The head waits the pause out (no limit); the one behind it may wait 10 s.
+    let head = spawn_call(&service, request(Some("a"), "a2")).await;
+    let mut behind = request(Some("a"), "a3");
+    behind
+        .extensions_mut()
+        .insert(Deadline(start + Duration::from_secs(10)));
+    let error = service.clone().oneshot(behind).await.unwrap_err();
+    let exceeded = error
+        .downcast_ref::<kling_ratelimit::error::WaitExceeded>()
+        .unwrap_or_else(|| panic!("{error}"));
+    assert!(exceeded.was_queued());
+    assert_eq!(exceeded.resume_at(), start + Duration::from_secs(60));
+    assert!(exceeded.in_cooldown(), "{exceeded}");
+    assert!(
+        exceeded
+            .to_string()
+            .ends_with("(the account is paused after a 1302 or a Retry-After)"),
+        "{exceeded}"
+    );
+    head.await.unwrap().unwrap();
+    assert_eq!(server.tags(), vec!["a1", "a2"]);
+}

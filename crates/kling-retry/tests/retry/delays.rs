@@ -287,3 +287,28 @@ async fn a_call_out_of_attempts_reports_the_last_retry_after() {
         Some(Duration::from_secs(30))
     );
 }
+
+/// A proxy's 429 page (no Kling envelope) is throttled like a `1302`: a call that runs out of
+/// attempts on one reports its `Retry-After` as well, so the caller does not come straight back.
+#[tokio::test(start_paused = true)]
+async fn a_call_out_of_attempts_on_a_proxy_page_reports_its_retry_after() {
+    let (server, _log) = kling(|_, _| Reply::Now(page(429, "30")));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .max_attempts(2)
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap_err();
+    let failed = error
+        .downcast_ref::<kling_retry::error::Failed>()
+        .expect("a Failed");
+    assert_eq!(
+        failed.reason(),
+        kling_retry::error::StopReason::AttemptsExhausted
+    );
+    assert!(failed.api_error().is_none(), "a page, not a Kling answer");
+    assert_eq!(failed.retry_after(), Some(Duration::from_secs(30)));
+}

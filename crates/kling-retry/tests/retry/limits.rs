@@ -283,3 +283,115 @@ async fn a_dropped_call_sends_nothing_more() {
     tokio::time::advance(Duration::from_secs(60)).await;
     assert_eq!(log.len(), 1, "a dropped call never retries");
 }
+
+/// A retry that could start only at the deadline itself is not sent: a request out at the
+/// deadline is given up there at once, so it would be sent only to be abandoned — and a create
+/// abandoned so "may have made a task", though the `1302` before it made none.
+#[tokio::test(start_paused = true)]
+async fn a_retry_due_at_the_deadline_itself_is_not_sent() {
+    let (server, log) = kling(|_, i| {
+        if i == 0 {
+            Reply::Now(with_header(code(1302), "retry-after", "5"))
+        } else {
+            Reply::Later(Duration::from_millis(50), task("t1", None))
+        }
+    });
+    let client = RetryLayer::builder()
+        .seed(1)
+        .deadline(Duration::from_secs(5))
+        .backoff(Backoff::new().retry_after_jitter(Duration::ZERO))
+        .build()
+        .unwrap()
+        .layer(server);
+    let start = Instant::now();
+    let error = send(
+        &client,
+        crate::support::create(r#"{"prompt":"a cat","model_name":"kling-v1"}"#),
+    )
+    .await
+    .unwrap_err();
+    let late = error
+        .downcast_ref::<DeadlineExceeded>()
+        .unwrap_or_else(|| panic!("{error}"));
+    assert_eq!(log.len(), 1, "nothing sent at the deadline");
+    assert_eq!(start.elapsed(), Duration::ZERO, "returned at once");
+    assert_eq!(late.resume_at(), start + Duration::from_secs(5));
+    assert!(!late.may_have_created(), "the 1302 made nothing");
+    assert_eq!(late.code(), Some(Code::RateLimited));
+}
+
+/// A service below that becomes ready only at the deadline does not get the retry: it would
+/// be given up as soon as it is sent.
+#[tokio::test(start_paused = true)]
+async fn a_retry_the_service_below_takes_only_at_the_deadline_is_not_sent() {
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::task::{Context, Poll};
+
+    /// Ready for the first call, then not until `until`.
+    #[derive(Clone)]
+    struct ReadyAt<S> {
+        inner: S,
+        calls: Arc<AtomicU32>,
+        until: Instant,
+        sleep: Option<Arc<std::sync::Mutex<Pin<Box<tokio::time::Sleep>>>>>,
+    }
+    impl<S: tower::Service<crate::support::Req>> tower::Service<crate::support::Req> for ReadyAt<S> {
+        type Response = S::Response;
+        type Error = S::Error;
+        type Future = S::Future;
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+            if self.calls.load(Ordering::Relaxed) > 0 {
+                let until = self.until;
+                let sleep = self.sleep.get_or_insert_with(|| {
+                    Arc::new(std::sync::Mutex::new(Box::pin(tokio::time::sleep_until(
+                        until,
+                    ))))
+                });
+                if sleep.lock().unwrap().as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+            self.inner.poll_ready(cx)
+        }
+        fn call(&mut self, request: crate::support::Req) -> S::Future {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            self.inner.call(request)
+        }
+    }
+
+    let (server, log) = kling(|_, i| {
+        if i == 0 {
+            Reply::Now(code(1302))
+        } else {
+            Reply::Later(Duration::from_millis(50), task("t1", None))
+        }
+    });
+    let start = Instant::now();
+    let below = ReadyAt {
+        inner: server,
+        calls: Arc::new(AtomicU32::new(0)),
+        until: start + Duration::from_secs(30),
+        sleep: None,
+    };
+    let client = RetryLayer::builder()
+        .seed(1)
+        .deadline(Duration::from_secs(30))
+        .build()
+        .unwrap()
+        .layer(below);
+    let error = send(
+        &client,
+        crate::support::create(r#"{"prompt":"a cat","model_name":"kling-v1"}"#),
+    )
+    .await
+    .unwrap_err();
+    let late = error
+        .downcast_ref::<DeadlineExceeded>()
+        .unwrap_or_else(|| panic!("{error}"));
+    assert_eq!(start.elapsed(), Duration::from_secs(30));
+    assert_eq!(log.len(), 1, "the retry never went out");
+    assert!(!late.may_have_created(), "the 1302 made nothing");
+    assert_eq!(late.code(), Some(Code::RateLimited));
+}
