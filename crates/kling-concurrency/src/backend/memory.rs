@@ -181,10 +181,13 @@ impl Holding {
         }
     }
 
-    /// A holding of `account` kept under the ids of `task`.
+    /// A holding of `account` kept under the ids of `task` (an empty external id is none).
     fn of(task: TaskRef, account: &AccountId, weight: u32, now: Instant, lease: Duration) -> Self {
         let id = task.id.map(SmallId::from_string);
-        let external = task.external_id.map(SmallId::from_string);
+        let external = task
+            .external_id
+            .filter(|ext| !ext.is_empty())
+            .map(SmallId::from_string);
         Holding::new(id, external, account, weight, now, lease)
     }
 
@@ -1506,10 +1509,14 @@ impl State {
         let index = self.index(key);
         let (lease_until, hashes) = (holding.lease_until, holding.hashes);
         let pool = &mut self.list[index];
-        // The head waits with no timer, or until a later lease ends: it has a sooner one to
-        // wait for now (leases are alike, so this is rare: a lease shortened by the config).
+        // The head waits with no timer, or until later than this lease ends (a later lease's
+        // end, or a hidden slot's return when the lease is shorter than the recovery interval):
+        // it has a sooner instant to wait for now. (Read only while someone waits.)
         let sooner = !pool.queue.is_empty()
-            && (!pool.has_maintenance() || pool.next_lease.is_some_and(|t| lease_until < t));
+            && (!pool.has_maintenance()
+                || pool
+                    .next_wake(self.config.recovery_interval)
+                    .is_none_or(|t| lease_until < t));
         // Only a task id proves the slots fit, not a create kept under a lease because its
         // outcome is unknown.
         let proves = answered && holding.id.is_some();
@@ -1949,6 +1956,8 @@ impl SlotBackend for InProcess {
         lease: Duration,
         answered_at: Option<Instant>,
     ) -> Self::Apply {
+        // An empty external id is none (as `Holding::of` reads it).
+        let external_id = external_id.filter(|ext| !ext.is_empty());
         let (id, external) = (id.map(SmallId::new), external_id.map(SmallId::new));
         let now = answered_at.unwrap_or_else(Instant::now);
         let account = &reservation.key.account;
@@ -2602,6 +2611,41 @@ mod tests {
         assert_eq!(pool(&backend, "b"), (1, 1));
         tokio::time::advance(Duration::from_secs(600)).await;
         assert_eq!(pool(&backend, "b"), (0, 0));
+    }
+
+    /// An empty external id (an answer or list echoing `"external_task_id":""` for a create
+    /// that named none) is no id: tasks kept, borrowed or adopted with one do not replace each
+    /// other as "the same create", and a report of another task with one ends none of them.
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_external_id_names_no_task() {
+        let backend = InProcess::new(SlotsConfig::new(4)).unwrap();
+        hold(&backend, key(), Some("t1"), Some(""));
+        hold(&backend, key(), Some("t2"), Some(""));
+        let reservation = now(backend.acquire(key(), 1)).unwrap();
+        let lease = Duration::from_secs(600);
+        now(backend.hold_unread(reservation, Some("t3"), Some(""), lease, None)).unwrap();
+        let adopt = SlotOp::Adopt {
+            key: key(),
+            task: TaskRef {
+                id: Some("t4".to_owned()),
+                external_id: Some(String::new()),
+            },
+            weight: 1,
+            lease,
+        };
+        assert!(now(backend.apply(adopt)).unwrap().changed);
+        assert_eq!(pool(&backend, "a"), (4, 4), "four tasks, four slots");
+        let other_ended = SlotOp::Update {
+            account: key().account,
+            updates: vec![super::super::TaskUpdate {
+                id: "old".to_owned(),
+                external_id: Some(String::new()),
+                status: Some(TaskStatus::Succeeded),
+            }],
+            lease,
+        };
+        assert!(now(backend.apply(other_ended)).unwrap().released.is_empty());
+        assert_eq!(pool(&backend, "a"), (4, 4));
     }
 
     /// External ids are unique per account only: each account's holding under one is filed

@@ -65,7 +65,8 @@ pub struct Reservation {
 pub struct TaskRef {
     /// The server's task id.
     pub id: Option<String>,
-    /// The caller's `external_task_id` / `external_id`.
+    /// The caller's `external_task_id` / `external_id` (an empty one is none: answers may
+    /// echo `""` for a create that named no external id).
     pub external_id: Option<String>,
 }
 
@@ -81,11 +82,12 @@ pub struct TaskUpdate {
 }
 
 impl TaskUpdate {
-    /// The update a task report carries.
+    /// The update a task report carries (an empty external id, which answers may echo for a
+    /// task that named none, as none).
     pub fn from_report(report: &TaskReport) -> Self {
         TaskUpdate {
             id: report.id.clone(),
-            external_id: report.external_id.clone(),
+            external_id: report.external_id.clone().filter(|ext| !ext.is_empty()),
             status: Some(report.status.clone()),
         }
     }

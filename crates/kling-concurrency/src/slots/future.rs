@@ -373,12 +373,15 @@ fn settle_create<B: SlotBackend>(
                 backend.apply_unread(SlotOp::GiveBack(reservation))
             }
             // Kept under the ids borrowed from the answer (the backend copies them inline);
-            // the external id the answer reports, else the create's own.
+            // the external id the answer reports, else the create's own. An empty one is none
+            // (an answer may echo `"external_task_id":""` for a create that named none): kept
+            // under it, every such task would replace the one before as "the same create".
             Some(task) => backend.hold_unread(
                 reservation,
                 Some(&task.id),
                 task.external_id
                     .as_deref()
+                    .filter(|ext| !ext.is_empty())
                     .or_else(|| external.as_ref().map(SmallId::as_str)),
                 lease,
                 // The lease counts from the answer's arrival (no clock read here).

@@ -1055,3 +1055,65 @@ async fn a_report_frees_a_slot_held_under_its_external_id_only() {
     assert_eq!(applied.released.len(), 1);
     assert_eq!(pool_state(&handle, &video()).await.0, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_create_is_woken_when_a_lease_ends_before_hidden_slots_come_back() {
+    // Leases shorter than the recovery interval: the head's timer, set for the hidden slot's
+    // return, is later than the lease of a task kept after it started waiting.
+    let config = SlotsConfig::new(2)
+        .lease(Duration::from_secs(60))
+        .recovery_interval(Duration::from_secs(600));
+    let (mut svc, handle, fake) = stack(config);
+    // Granted and sent; its answer (a task nobody will report) is read below.
+    let first = call(&mut svc, create()).await;
+    refused(&mut svc, &fake).await;
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+    let mut waiting = spawn(call(&mut svc, create()).await);
+    assert_pending!(waiting.poll());
+    // Kept under its task id with a 60 s lease, after the head set its 600 s timer.
+    first.await.unwrap();
+    advance(Duration::from_secs(61)).await;
+    assert!(
+        waiting.is_woken(),
+        "the lease ended before the hidden slot came back"
+    );
+    assert_ready_ok!(waiting.poll());
+    assert_eq!(fake.creates(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_echoing_an_empty_external_id_keeps_each_task_apart() {
+    // Kling's answers may carry `"task_info":{"external_task_id":""}` for a create that named
+    // no external id: that is no id, and two such tasks are two tasks.
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let server = tower::service_fn(move |req: Request<Full<Bytes>>| {
+        let body = if req.method() == http::Method::POST {
+            let id = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            format!(
+                r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":{{"task_id":"t{id}","task_status":"submitted","task_info":{{"external_task_id":""}}}}}}"#
+            )
+        } else {
+            // A list of older tasks, long finished, none of them ours.
+            r#"{"code":0,"message":"SUCCEED","request_id":"r","data":[{"task_id":"old","task_status":"succeed","task_info":{"external_task_id":""}}]}"#
+                .to_owned()
+        };
+        std::future::ready(Ok::<_, BoxError>(Response::new(Full::new(Bytes::from(
+            body,
+        )))))
+    });
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2)).unwrap();
+    let mut svc = layer.layer(server);
+    for _ in 0..2 {
+        svc.ready().await.unwrap().call(create()).await.unwrap();
+    }
+    assert_eq!(
+        pool_state(&handle, &video()).await,
+        (2, 2, 0),
+        "both tasks hold"
+    );
+    let list = get("/v1/videos/text2video?pageNum=1&pageSize=30");
+    svc.ready().await.unwrap().call(list).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await, (2, 2, 0), "still both");
+    let mut third = spawn(svc.ready().await.unwrap().call(create()));
+    assert_pending!(third.poll());
+}
