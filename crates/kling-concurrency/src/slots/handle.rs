@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, Uri};
 use http_body_util::Full;
 use kling_core::error::{ApiError, BoxError};
-use kling_core::{AccountId, Envelope, Outcome, Pool, Recognized, TaskReport};
+use kling_core::{AccountId, Code, Envelope, Outcome, Pool, Recognized, TaskReport};
 use tower_service::Service;
 
 use super::layer::Settings;
@@ -23,8 +23,15 @@ pub const LEGACY_PATHS: &[&str] = &[
     "/v1/videos/multi-image2video",
     "/v1/videos/video-extend",
     "/v1/videos/lip-sync",
+    "/v1/videos/advanced-lip-sync",
+    "/v1/videos/motion-control",
+    "/v1/videos/multi-elements",
+    "/v1/videos/avatar/image2video",
     "/v1/videos/effects",
     "/v1/images/generations",
+    "/v1/images/multi-image2image",
+    "/v1/images/omni-image",
+    "/v1/images/editing/expand",
     "/v1/images/kolors-virtual-try-on",
 ];
 
@@ -138,6 +145,11 @@ pub struct Reconciled {
     pub unfinished: usize,
     /// Of those, tasks not yet known here, now holding slots.
     pub adopted: usize,
+    /// Legacy paths left out because the server refused to list them as not this account's
+    /// to use or not there (`1103`, `1202`, `1203`: an endpoint the account has no
+    /// permission for, or one its region does not serve), so one such path does not keep
+    /// every other path's tasks from being adopted.
+    pub skipped_paths: usize,
 }
 
 impl<B: SlotBackend> SlotsHandle<B> {
@@ -298,6 +310,7 @@ impl<B: SlotBackend> SlotsHandle<B> {
             .clone()
             .unwrap_or_else(|| self.settings.default_account.clone());
         let mut found: Vec<(Pool, TaskReport)> = Vec::new();
+        let mut skipped_paths = 0;
         for path in &plan.legacy_paths {
             let uri: Uri = format!("{}{path}", plan.base_url).parse()?;
             let Some(pool) = Recognized::from_parts(&Method::POST, &uri, b"{}").pool else {
@@ -310,7 +323,14 @@ impl<B: SlotBackend> SlotsHandle<B> {
                 ))
                 .extension(account.clone())
                 .body(Full::new(Bytes::new()))?;
-                let (outcome, _) = list(service, request).await?;
+                let (outcome, _) = match list(service, request).await {
+                    Ok(listed) => listed,
+                    Err(error) if page == 1 && not_listable(&*error) => {
+                        skipped_paths += 1;
+                        break;
+                    }
+                    Err(error) => return Err(error),
+                };
                 let n = outcome.tasks().len();
                 found.extend(
                     outcome
@@ -358,6 +378,7 @@ impl<B: SlotBackend> SlotsHandle<B> {
         let mut reconciled = Reconciled {
             unfinished: found.len(),
             adopted: 0,
+            skipped_paths,
         };
         for (pool, task) in found {
             let applied = self
@@ -410,6 +431,17 @@ where
             })
     };
     Ok((outcome, next))
+}
+
+/// Whether a list's refusal says the path is not this account's to list (`1103`) or not there
+/// (`1202`, `1203`), rather than a failure that may pass (a `5xx`, a `1302`, no answer).
+fn not_listable(error: &(dyn std::error::Error + 'static)) -> bool {
+    error.downcast_ref::<ApiError>().is_some_and(|api| {
+        matches!(
+            api.code(),
+            Code::NoPermission | Code::WrongMethod | Code::NotFound
+        )
+    })
 }
 
 /// The tasks of a callback body: a bare task object (either generation) or an envelope.

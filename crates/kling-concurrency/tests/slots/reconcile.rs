@@ -58,6 +58,7 @@ async fn reconcile_adopts_unfinished_tasks_found_on_the_mock() {
     let plan = Reconcile::new("").new_style("text-to-video", kling3.clone());
     let found = handle.reconcile(&mut bare, &plan).await.unwrap();
     assert_eq!((found.unfinished, found.adopted), (3, 3));
+    assert_eq!(found.skipped_paths, 0, "the mock lists every default path");
     let snapshot = handle.snapshot().await.unwrap();
     assert_eq!(
         snapshot
@@ -101,4 +102,33 @@ async fn reconcile_adopts_unfinished_tasks_found_on_the_mock() {
     tokio_test::assert_ready_ok!(fourth.poll());
     assert_eq!(mock.stats().responses_by_code.get("1303"), None);
     assert!(mock.stats().max_concurrent["video"] <= 5);
+}
+
+/// A legacy path the server will not list (here one it does not serve: 404 `1202`) is left
+/// out, and the other paths' tasks are still adopted; before, the first such refusal ended the
+/// whole reconcile with nothing adopted.
+#[tokio::test(start_paused = true)]
+async fn a_path_the_server_will_not_list_is_skipped_and_the_rest_adopted() {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .no_rate_limit()
+            .task_duration(Duration::from_secs(600), Duration::from_secs(600)),
+    )
+    .unwrap();
+    let mut bare = client(&mock);
+    send(
+        &mut bare,
+        post("/v1/videos/text2video", r#"{"prompt":"a"}"#),
+    )
+    .await;
+    let account = AccountId::new("key");
+    let (_layer, handle) =
+        TaskSlotsLayer::pair(SlotsConfig::new(5).default_account(account.clone())).unwrap();
+    let plan =
+        Reconcile::new("").legacy_paths(["/v1/videos/not-served-here", "/v1/videos/text2video"]);
+    let found = handle.reconcile(&mut bare, &plan).await.unwrap();
+    assert_eq!(
+        (found.unfinished, found.adopted, found.skipped_paths),
+        (1, 1, 1)
+    );
 }
