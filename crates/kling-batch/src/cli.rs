@@ -16,7 +16,7 @@ use crate::download::DownloadTimeouts;
 use crate::error::SetupError;
 use crate::jobs::parse_jobs_bytes;
 use crate::journal::Journal;
-use crate::output::write_results;
+use crate::output::{check_writable, write_results};
 use crate::run::{RunOptions, StopSignal};
 use crate::stack::Stack;
 use crate::summary::Summary;
@@ -52,7 +52,10 @@ pub enum Command {
 }
 
 /// `kling-batch run`.
-#[derive(Debug, Args)]
+///
+/// Its `Debug` shows neither the callback secret nor the Redis URL (which may hold a
+/// password): `<redacted>` stands for a value that is set.
+#[derive(Args)]
 pub struct RunArgs {
     /// The jobs: one JSON object per line (`prompt` and other create fields, optional `id`
     /// and `endpoint`).
@@ -124,6 +127,37 @@ pub struct RunArgs {
     #[cfg(feature = "redis")]
     #[arg(long, value_name = "PREFIX")]
     pub redis_prefix: Option<String>,
+}
+
+impl std::fmt::Debug for RunArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |value: &Option<String>| value.as_ref().map(|_| "<redacted>");
+        let mut debug = f.debug_struct("RunArgs");
+        debug
+            .field("jobs", &self.jobs)
+            .field("journal", &self.journal)
+            .field("output", &self.output)
+            .field("base_url", &self.base_url)
+            .field("tier", &self.tier)
+            .field("config", &self.config)
+            .field("speed", &self.speed)
+            .field("callback_listen", &self.callback_listen)
+            .field("callback_url", &self.callback_url)
+            .field("callback_secret", &redacted(&self.callback_secret))
+            .field("download", &self.download)
+            .field("download_connect_timeout", &self.download_connect_timeout)
+            .field("download_idle_timeout", &self.download_idle_timeout)
+            .field("download_timeout", &self.download_timeout)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("json", &self.json)
+            .field("strict", &self.strict)
+            .field("quiet", &self.quiet);
+        #[cfg(feature = "redis")]
+        debug
+            .field("redis", &redacted(&self.redis))
+            .field("redis_prefix", &self.redis_prefix);
+        debug.finish()
+    }
 }
 
 /// `kling-batch demo`.
@@ -333,6 +367,29 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, SetupError> {
         .output
         .clone()
         .unwrap_or_else(|| default_path(&args.jobs, ".results.jsonl"));
+    // Where the results go is checked before anything is sent: found out after the run, a
+    // bad `-o` (or `--download`) would cost every job's credits for nothing to show.
+    for (other, what) in [
+        (&args.jobs, "the jobs file"),
+        (&journal_path, "the journal"),
+    ] {
+        if same_file(&output, other) {
+            return Err(SetupError::new(
+                "--output",
+                format!("{} is {what}; name another file", output.display()),
+            ));
+        }
+    }
+    check_writable(&output)
+        .map_err(|e| SetupError::new("--output", format!("{}: {e}", output.display())))?;
+    if let Some(dir) = &args.download {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            SetupError::new(
+                "--download",
+                format!("cannot create {}: {e}", dir.display()),
+            )
+        })?;
+    }
     let journal = Journal::open(&journal_path)
         .map_err(|e| SetupError::new("--journal", format!("{}: {e}", journal_path.display())))?;
 
@@ -393,17 +450,55 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, SetupError> {
         stop,
     )
     .await?;
-    write_results(&output, &report.records)
-        .map_err(|e| SetupError::new("--output", format!("{}: {e}", output.display())))?;
+    // The jobs ran: a results file that cannot be written now (the disk filled up, its
+    // folder went away) loses no result, since the journal has them all, and the run is
+    // still reported. Not a setup error (status 2 says nothing was sent).
+    let written = write_results(&output, &report.records);
     let mut summary = app::summarize(&stack, &config, &report, None);
     summary.skipped_lines = errors.len();
     print_summary(&summary, args.json);
-    note(format_args!(
-        "results in {}, journal in {}",
-        output.display(),
-        journal_path.display()
-    ));
-    Ok(exit_code(&summary))
+    let code = exit_code(&summary);
+    match written {
+        Ok(()) => {
+            note(format_args!(
+                "results in {}, journal in {}",
+                output.display(),
+                journal_path.display()
+            ));
+            Ok(code)
+        }
+        Err(e) => {
+            note(format_args!(
+                "--output: cannot write {}: {e}; every result is in the journal {}: run \
+                 again (nothing is created twice) to write them",
+                output.display(),
+                journal_path.display()
+            ));
+            Ok(if code == EXIT_OK {
+                EXIT_INCOMPLETE
+            } else {
+                code
+            })
+        }
+    }
+}
+
+/// Whether `a` and `b` name one file (the second may not exist yet).
+fn same_file(a: &Path, b: &Path) -> bool {
+    fn resolved(path: &Path) -> Option<PathBuf> {
+        if let Ok(path) = std::fs::canonicalize(path) {
+            return Some(path);
+        }
+        let parent = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        Some(std::fs::canonicalize(parent).ok()?.join(path.file_name()?))
+    }
+    match (resolved(a), resolved(b)) {
+        (Some(a), Some(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 /// The run's stack: its limits in this process, or (feature `redis`, `--redis`) in Redis.
@@ -468,5 +563,43 @@ pub fn exit_code(summary: &Summary) -> i32 {
         EXIT_OK
     } else {
         EXIT_INCOMPLETE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    /// The callback secret (and the Redis URL, which may hold a password) never show in the
+    /// command line's `Debug`, which a caller may log.
+    #[test]
+    fn the_debug_of_a_command_line_shows_no_secret() {
+        let mut argv = vec![
+            "kling-batch",
+            "run",
+            "jobs.jsonl",
+            "--callback-listen",
+            "127.0.0.1:0",
+            "--callback-secret",
+            "whsec_TOPSECRET",
+        ];
+        if cfg!(feature = "redis") {
+            argv.extend(["--redis", "redis://:REDISPASSWORD@10.0.0.5:6379/"]);
+        }
+        let cli = Cli::try_parse_from(argv).unwrap();
+        let text = format!("{cli:?}");
+        assert!(!text.contains("TOPSECRET"), "{text}");
+        assert!(!text.contains("REDISPASSWORD"), "{text}");
+        assert!(
+            text.contains("callback_secret: Some(\"<redacted>\")"),
+            "{text}"
+        );
+        assert!(text.contains("jobs.jsonl"), "{text}");
+        let Command::Run(args) = cli.command else {
+            panic!("a run")
+        };
+        assert_eq!(args.callback_secret.as_deref(), Some("whsec_TOPSECRET"));
     }
 }

@@ -94,10 +94,20 @@ impl Job {
         let uri: Uri = endpoint
             .parse()
             .map_err(|_| JobError::new(line, format!("`endpoint` `{endpoint}` is not a path")))?;
-        if uri.scheme().is_some() || !endpoint.starts_with('/') || uri.query().is_some() {
+        // A `#fragment` is dropped from the request's URI: the create would go to the path
+        // before it, and a lookup of `{endpoint}/{id}` to the bare create path, Kling's list
+        // of the account's tasks, whose first task would pass for the job's.
+        if uri.scheme().is_some()
+            || !endpoint.starts_with('/')
+            || uri.query().is_some()
+            || endpoint.contains('#')
+        {
             return Err(JobError::new(
                 line,
-                format!("`endpoint` `{endpoint}` must be a path such as {DEFAULT_ENDPOINT}"),
+                format!(
+                    "`endpoint` `{endpoint}` must be a path such as {DEFAULT_ENDPOINT} \
+                     (no `?query`, no `#fragment`)"
+                ),
             ));
         }
         let raw = serde_json::to_vec(&body).unwrap_or_default();
@@ -367,6 +377,31 @@ mod tests {
         assert_eq!(lines, vec![3, 4, 7, 8]);
         assert!(errors[1].to_string().contains("/nope"), "{}", errors[1]);
         assert!(errors[2].to_string().contains("earlier line"));
+    }
+
+    /// An endpoint with a `#fragment` is refused by line: the fragment never reaches the
+    /// server, so the job's lookup would ask for the create path itself (the list of the
+    /// account's tasks) and could take another job's task for its own.
+    #[test]
+    fn an_endpoint_with_a_fragment_or_a_query_is_refused_naming_the_line() {
+        let text = "{\"id\":\"a\",\"prompt\":\"x\"}\n{\"id\":\"b\",\"prompt\":\"x\",\"endpoint\":\"/v1/videos/text2video#take-2\"}\n{\"id\":\"c\",\"prompt\":\"x\",\"endpoint\":\"/text-to-video/kling-3.0#\"}\n{\"id\":\"d\",\"prompt\":\"x\",\"endpoint\":\"/v1/videos/text2video?a=1\"}\n";
+        let (jobs, errors) = parse_jobs(text);
+        let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+        assert_eq!(ids, ["a"]);
+        let lines: Vec<usize> = errors.iter().map(JobError::line).collect();
+        assert_eq!(lines, [2, 3, 4]);
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("`endpoint` `/v1/videos/text2video#take-2`"),
+            "{}",
+            errors[0]
+        );
+        assert!(
+            errors[0].to_string().contains("no `#fragment`"),
+            "{}",
+            errors[0]
+        );
     }
 
     #[test]

@@ -270,15 +270,28 @@ impl Journal {
         let conn = Connection::open(path.as_ref())
             .map_err(|e| JournalError::new("cannot open the journal file", e))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let in_use = |e| JournalError::new("the journal is in use by another run", e);
-        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+        // Only a lock held elsewhere means another run; anything else (a file that is no
+        // SQLite database, such as the jobs file given as `--journal`, a read-only file) is
+        // said as it is.
+        let refused = |e: rusqlite::Error| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                JournalError::new("the journal is in use by another run", e)
+            }
+            _ => JournalError::new("cannot open the journal file", e),
+        };
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+            .map_err(refused)?;
         conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(in_use)?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
+            .map_err(refused)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(refused)?;
         // A write takes the lock, held until the journal is closed.
         conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
-            .map_err(in_use)?;
-        Journal::init(conn)
+            .map_err(refused)?;
+        Journal::init(conn).map_err(|e| match e.context() {
+            "sqlite" => JournalError::new("cannot open the journal file", e),
+            _ => e,
+        })
     }
 
     /// A journal that lives in memory (for tests and dry runs).
@@ -646,6 +659,25 @@ mod tests {
         );
         drop(first);
         Journal::open(&path).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A file that is no journal (the jobs file given as `--journal`, say) is refused for what
+    /// it is, not as a journal another run holds, and is left as it was.
+    #[test]
+    fn a_file_that_is_not_a_journal_is_refused_as_such_and_left_alone() {
+        let dir = std::env::temp_dir().join(format!("kling-batch-notdb-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("jobs.jsonl");
+        let text =
+            "{\"id\":\"a\",\"prompt\":\"a cat surfing at dawn, a long prompt\"}\n".repeat(40);
+        std::fs::write(&path, &text).unwrap();
+        let error = Journal::open(&path).map(|_| ()).unwrap_err().to_string();
+        assert!(!error.contains("in use by another run"), "{error}");
+        assert!(error.contains("cannot open the journal file"), "{error}");
+        assert!(error.contains("not a database"), "{error}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

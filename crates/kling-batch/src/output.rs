@@ -75,9 +75,27 @@ impl<'a> ResultLine<'a> {
     }
 }
 
+/// The temporary file [`write_results`] writes before renaming it to `path`.
+fn tmp_path(path: &Path) -> std::path::PathBuf {
+    path.with_extension("jsonl.tmp")
+}
+
+/// Checks that [`write_results`] can write to `path`, before a run sends anything: the
+/// results of a run whose `-o` names a missing folder, a folder, or a place it may not write
+/// would otherwise be lost only once every job ran (and was paid for). Creates and removes
+/// the temporary file [`write_results`] uses; an existing file at `path` is left alone.
+pub fn check_writable(path: &Path) -> std::io::Result<()> {
+    if path.is_dir() {
+        return Err(std::io::Error::other("is a directory"));
+    }
+    let tmp = tmp_path(path);
+    std::fs::File::create(&tmp)?;
+    std::fs::remove_file(&tmp)
+}
+
 /// Writes the records as JSONL to `path` (through a temporary file, renamed when complete).
 pub fn write_results(path: &Path, records: &[JobRecord]) -> std::io::Result<()> {
-    let tmp = path.with_extension("jsonl.tmp");
+    let tmp = tmp_path(path);
     {
         let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
         for record in records {

@@ -104,3 +104,117 @@ async fn a_bad_config_names_the_field() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--speed"), "{stderr}");
 }
+
+/// A results file the run could not write (`-o` in a missing folder, the journal itself) or
+/// a `--download` DIR it could not create is refused before anything is sent, naming the
+/// option: found out after the run, every job would have been paid for with nothing to show
+/// for it, and the run would have exited 2 ("nothing was sent").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_that_cannot_be_written_is_refused_before_anything_is_sent() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("badoutput");
+    let jobs = dir.join("jobs.jsonl");
+    std::fs::write(&jobs, JOBS.replace("{\"prompt\": oops\n", "")).unwrap();
+    let journal = dir.join("state.sqlite");
+    let not_a_dir = dir.join("a-file");
+    std::fs::write(&not_a_dir, "x").unwrap();
+    let missing = dir.join("missing").join("out.jsonl");
+    let out = dir.join("out.jsonl");
+    let files = not_a_dir.join("files");
+    let cases: [(Vec<&str>, &str); 4] = [
+        (vec!["-o", missing.to_str().unwrap()], "--output"),
+        (vec!["-o", dir.to_str().unwrap()], "--output"),
+        (
+            vec!["-o", journal.to_str().unwrap()],
+            "is the journal; name another file",
+        ),
+        (
+            vec![
+                "-o",
+                out.to_str().unwrap(),
+                "--download",
+                files.to_str().unwrap(),
+            ],
+            "--download",
+        ),
+    ];
+    for (extra, named) in cases {
+        let mut args = vec!["--journal", journal.to_str().unwrap()];
+        args.extend(extra);
+        let output = finish(run_command(&jobs, &server.base_url(), &args)).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+        assert_eq!(server.stats().requests_total, 0, "{args:?}: {stderr}");
+    }
+    // Writing over the jobs file is refused too, and the file is left as it was.
+    let output = finish(run_command(
+        &jobs,
+        &server.base_url(),
+        &["-o", jobs.to_str().unwrap()],
+    ))
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is the jobs file"), "{stderr}");
+    assert_eq!(server.stats().requests_total, 0);
+    assert!(
+        std::fs::read_to_string(&jobs)
+            .unwrap()
+            .contains("\"id\":\"a\"")
+    );
+}
+
+/// A results file that can no longer be written once the jobs ran (its folder went away)
+/// does not turn the run into a setup error: the summary is printed, the status is 1, and the
+/// journal keeps every result for a rerun, which writes them without creating anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_results_file_lost_after_the_run_still_reports_the_run_and_a_rerun_writes_it() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("lateoutput");
+    let jobs = dir.join("jobs.jsonl");
+    std::fs::write(&jobs, JOBS.replace("{\"prompt\": oops\n", "")).unwrap();
+    let journal = dir.join("journal.sqlite");
+    let out_dir = dir.join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = out_dir.join("results.jsonl");
+    let args = [
+        "--journal",
+        journal.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ];
+    let run = run_command(&jobs, &server.base_url(), &args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while server.stats().tasks_created == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the run creates tasks");
+    std::fs::remove_dir_all(&out_dir).unwrap();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(60), run.wait_with_output())
+        .await
+        .expect("the run ends")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--output: cannot write"), "{stderr}");
+    assert_eq!(summary(&output)["ok"], 3, "{stderr}");
+
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let rerun = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    assert_eq!(
+        rerun.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&rerun.stderr)
+    );
+    assert_eq!(results(&out).len(), 3);
+    assert_eq!(server.stats().tasks_created, 3);
+}
