@@ -189,15 +189,18 @@ fn earlier(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 /// task yet, so a layer above that reserved something for it (the spend guard's credit
 /// estimate) knows, when the caller drops the request, whether to give it back.
 ///
-/// A layer that holds a request back unsent (the task slots, for a slot) says so with
-/// [`SendWatch::held`], and [`SendWatch::handed`] when it passes the request on. A layer that
+/// A layer that holds a request back unsent (the task slots, for a slot; the rate limiter, for
+/// a turn; the retry layer, between attempts) says so with [`SendWatch::held`], and
+/// [`SendWatch::handed`] when it passes the request on. A layer that
 /// sends a call again (the retry layer) says how each attempt ended with
 /// [`SendWatch::answered`]: an attempt that surely made nothing (a `1303`, a request that never
 /// left) is forgotten, so a later attempt held back counts as unsent again; one that may have
 /// made a task is final. So [`SendWatch::never_sent`] is true only for a create that a layer
 /// below holds back now and of which no attempt may have made a task. A request no layer
 /// reported on (a stack without such a layer, or a create granted at once and sent) is not
-/// known unsent, and keeps what was reserved for it.
+/// known unsent, and keeps what was reserved for it. A layer that holds something of its own
+/// for a create it passed on (the task slots, its slots) may read the same watch
+/// ([`SendWatch::shared`]) when the create is dropped: held below, it never left.
 ///
 /// Kept in the request's combined signal extension, like the other signals.
 #[derive(Clone, Debug, Default)]
@@ -225,15 +228,30 @@ impl SendWatch {
         CallContext::of(request).and_then(|call| call.send_watch.as_ref())
     }
 
-    /// A layer holds `request` back, unsent (it waits for a slot).
+    /// A layer holds `request` back, unsent (it waits for a slot, a rate-limit turn, or the
+    /// retry layer's backoff before the next attempt).
+    ///
+    /// Also after a layer above [`handed`](SendWatch::handed) it on: the attempt has not
+    /// left while a layer below still holds it (attempts go one at a time, each
+    /// [`answered`](SendWatch::answered) before the next, so nothing is in flight then). Never
+    /// after an attempt that may have made a task: that stays final.
     pub fn held<B>(request: &Request<B>) {
         if let Some(watch) = SendWatch::of(request) {
-            // Only from "unreported": an attempt passed on, or one that may have made a
-            // task, stays so.
             let _ = watch
                 .0
-                .compare_exchange(UNREPORTED, HELD, Ordering::AcqRel, Ordering::Acquire);
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
+                    (state == UNREPORTED || state == HANDED).then_some(HELD)
+                });
         }
+    }
+
+    /// The watch a request carries, or a new one put in its signals (for a layer that holds
+    /// something for the request itself: the task slots, for a create's slots).
+    pub fn shared<B>(request: &mut Request<B>) -> SendWatch {
+        let call = CallContext::of_mut(request);
+        call.send_watch
+            .get_or_insert_with(SendWatch::default)
+            .clone()
     }
 
     /// A layer that held `request` passes it on toward the server.
@@ -337,8 +355,11 @@ mod tests {
         assert!(watch.never_sent());
         SendWatch::handed(&req);
         assert!(!watch.never_sent());
+        // Held again by a layer further down (a rate limiter under the slots): still unsent.
         SendWatch::held(&req);
-        assert!(!watch.never_sent(), "in flight: not held again");
+        assert!(watch.never_sent(), "held below the layer that handed it on");
+        SendWatch::handed(&req);
+        assert!(!watch.never_sent());
         // Its answer made nothing (a 1303): the next attempt held back is unsent.
         SendWatch::answered(&req, false);
         SendWatch::held(&req);

@@ -13,7 +13,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use kling_core::error::MalformedResponse;
 use kling_core::metrics::{COOLDOWNS, LABEL_ACCOUNT, LABEL_KIND, RATELIMIT_WAIT};
-use kling_core::signals::{Deadline, Waited};
+use kling_core::signals::{Deadline, SendWatch, Waited};
 use kling_core::{AccountId, BoxError, Code, Outcome, PeekBody, Recognized};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -481,6 +481,9 @@ where
             }
             Poll::Ready(Err(error)) => State::Failed { error: Some(error) },
             Poll::Pending => {
+                // Held back unsent until its turn: a layer above that holds something for the
+                // request (a spend estimate, its slots) gives it back if the caller drops it.
+                SendWatch::held(&request);
                 let clone = inner.clone();
                 return ResponseFuture {
                     state: State::Gating {
@@ -701,6 +704,7 @@ where
                         return Poll::Ready(Err(error));
                     }
                     let mut request = request.take().expect("gating holds the request");
+                    SendWatch::handed(&request);
                     let mut waited = Duration::ZERO;
                     admitted(gate, this.sent_at, &mut waited, &mut request);
                     *this.waited_nanos = nanos(waited);

@@ -791,6 +791,9 @@ where
             // whether this attempt may have made a task: if not, a later attempt the slots
             // hold back counts as unsent again.
             SendWatch::answered(self.template.request(), create == CreateState::MaybeCreated);
+            // Until the next attempt goes, this layer holds it back: a caller that drops the
+            // call during the backoff drops a create that surely made nothing.
+            SendWatch::held(self.template.request());
             let mut pending = None;
             if create == CreateState::MaybeCreated {
                 match self.plan() {
@@ -921,6 +924,9 @@ where
         self.sending = sending;
         let mut request = clone_request(source);
         Attempt::set_with_deadline(&mut request, self.attempts, self.template.deadline);
+        if sending == Sending::Original {
+            SendWatch::handed(&request);
+        }
         request
     }
 }

@@ -38,6 +38,9 @@ pub(crate) struct Held<B> {
     pub(crate) external: Option<SmallId>,
     /// How long the create waited for its slots (zero on the fast path).
     pub(crate) waited: Duration,
+    /// Whether a layer below holds the create back unsent ([`SendWatch::never_sent`]): read
+    /// when the caller drops it, so slots of a create that never left go back.
+    pub(crate) watch: SendWatch,
 }
 
 /// Keeps the slots of a create whose outcome is unknown: under its external id, or else under a
@@ -119,6 +122,7 @@ where
             }
         };
         let waited = Instant::now().saturating_duration_since(self.since);
+        let watch = SendWatch::shared(self.request.as_mut().expect("a waiting create"));
         let recognized = self.recognized();
         let pool = recognized.pool.clone().map(|pool| self.scope.apply(pool));
         let pool = names::pool_label(pool.as_ref());
@@ -131,6 +135,7 @@ where
             lease: self.lease,
             external,
             waited,
+            watch,
         }))
     }
 
@@ -170,17 +175,25 @@ pin_project! {
             match this.state.project() {
                 StateProj::Create { held, .. } => {
                     if let Some(held) = held.take() {
-                        // The create was handed to the inner service and may have reached the
-                        // server: the task would run on regardless, so its slots stay held
-                        // (under its external id, or its lease).
                         let Held {
                             reservation,
                             backend,
                             lease,
                             external,
+                            watch,
                             ..
                         } = held;
-                        drop(keep_unknown(&**backend, reservation, external.as_ref(), lease));
+                        if watch.never_sent() {
+                            // A layer below (the rate limiter) still held it back: it never
+                            // left, no task can exist, and the slots go back. (Read before the
+                            // inner future is dropped, after this.)
+                            drop(backend.apply_unread(SlotOp::GiveBack(reservation)));
+                        } else {
+                            // Handed on toward the server, it may have reached it: the task
+                            // would run on regardless, so its slots stay held (under its
+                            // external id, or its lease).
+                            drop(keep_unknown(&**backend, reservation, external.as_ref(), lease));
+                        }
                     }
                 }
                 StateProj::Waiting { held, .. } => {
@@ -328,6 +341,7 @@ fn settle_create<B: SlotBackend>(
         lease,
         external,
         waited,
+        ..
     } = held;
     let response = match result {
         Ok(response) => response,

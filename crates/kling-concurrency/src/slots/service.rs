@@ -193,20 +193,28 @@ where
             .get()
             .acquire_now(SlotKey::new(account.clone(), pool), weight)
         {
-            Ok(Ok(reservation)) => ResponseFuture::create(
-                self.inner.call(request),
-                Held {
-                    reservation,
-                    backend: self.backend.lane(),
-                    lease: self.settings.lease,
-                    external,
-                    waited: Duration::ZERO,
-                },
-            ),
+            Ok(Ok(reservation)) => {
+                // Read if the caller drops the create: a layer below (the rate limiter) that
+                // holds it back unsent says so here, and its slots then go back.
+                let watch = SendWatch::shared(&mut request);
+                ResponseFuture::create(
+                    self.inner.call(request),
+                    Held {
+                        reservation,
+                        backend: self.backend.lane(),
+                        lease: self.settings.lease,
+                        external,
+                        waited: Duration::ZERO,
+                        watch,
+                    },
+                )
+            }
             Ok(Err(error)) => ResponseFuture::failed(error.into_box()),
             Err(acquire) => {
                 // Held back unsent: a layer above that reserved something for the create (the
-                // spend guard's estimate) gives it back if the caller drops it here.
+                // spend guard's estimate) gives it back if the caller drops it here. The watch
+                // is made now if no layer above made one: read again once the slots are granted.
+                SendWatch::shared(&mut request);
                 SendWatch::held(&request);
                 // The create waits with a clone of the inner service, unreserved, and readies
                 // it once granted: the service `poll_ready` readied stays here for the next

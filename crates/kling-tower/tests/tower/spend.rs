@@ -651,3 +651,135 @@ async fn a_create_waiting_across_the_period_boundary_counts_in_the_next_period()
     assert_eq!(guard.remaining(None), 2.0);
     assert_eq!(sent.load(Ordering::SeqCst), 2);
 }
+
+/// Creates granted their slots at once and then queued at the rate limiter, dropped by the
+/// caller before their turn: they never left, so their estimates go back. Before, only a
+/// create dropped while it waited for a slot was known unsent, and these kept theirs.
+#[tokio::test(start_paused = true)]
+async fn creates_dropped_while_queued_at_the_rate_limiter_give_their_estimates_back() {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Standard)
+            .api_key("key")
+            .task_duration(Duration::from_secs(60), Duration::from_secs(60)),
+    )
+    .unwrap();
+    let kling = KlingLayer::builder(
+        StackConfig::preset(Tier::Standard).daily_credits(10.0),
+        Credentials::api_key("key").unwrap(),
+    )
+    .seed(7)
+    .build()
+    .unwrap();
+    let service = kling.layer(mock.clone());
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            tokio::spawn(tokio::time::timeout(
+                Duration::from_millis(200),
+                service.clone().oneshot(video()),
+            ))
+        })
+        .collect();
+    let mut answered = 0;
+    for call in calls {
+        answered += usize::from(matches!(call.await.unwrap(), Ok(Ok(_))));
+    }
+    assert_eq!((answered, mock.stats().tasks_created), (1, 1));
+    let guard = kling.spend_guard().unwrap();
+    assert_eq!(guard.committed(Some(kling.account_id())), 1.0);
+}
+
+/// A create refused with 1302 (which made nothing), dropped by the caller while the retry
+/// layer waits to send it again: its estimate goes back.
+#[tokio::test(start_paused = true)]
+async fn a_create_dropped_during_the_backoff_after_a_1302_gives_its_estimate_back() {
+    let client = service_fn(|_: http::Request<Full<Bytes>>| async {
+        Ok::<_, BoxError>(envelope(
+            429,
+            r#"{"code":1302,"message":"too fast","request_id":"r"}"#,
+        ))
+    });
+    let kling = KlingLayer::builder(
+        StackConfig::preset(Tier::Free),
+        Credentials::api_key("key").unwrap(),
+    )
+    .seed(7)
+    .build()
+    .unwrap();
+    let service = kling.layer(client);
+    let gave_up = tokio::time::timeout(Duration::from_millis(1500), service.oneshot(video())).await;
+    assert!(gave_up.is_err(), "still waiting to send it again");
+    let guard = kling.spend_guard().unwrap();
+    assert_eq!(guard.committed(Some(kling.account_id())), 0.0);
+}
+
+/// A create answered 5001 (maintenance: nothing made), dropped by the caller while the retry
+/// layer itself backs off before sending it again: its estimate goes back.
+#[tokio::test(start_paused = true)]
+async fn a_create_dropped_during_the_retry_layers_own_backoff_gives_its_estimate_back() {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let count = sent.clone();
+    let client = service_fn(move |_: http::Request<Full<Bytes>>| {
+        count.fetch_add(1, Ordering::SeqCst);
+        async {
+            Ok::<_, BoxError>(envelope(
+                503,
+                r#"{"code":5001,"message":"maintenance","request_id":"r"}"#,
+            ))
+        }
+    });
+    let kling = KlingLayer::builder(
+        StackConfig::preset(Tier::Free).no_rate_limit(),
+        Credentials::api_key("key").unwrap(),
+    )
+    .seed(7)
+    .build()
+    .unwrap();
+    let service = kling.layer(client);
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), service.oneshot(video())).await;
+    assert!(gave_up.is_err(), "still backing off");
+    assert_eq!(
+        sent.load(Ordering::SeqCst),
+        1,
+        "dropped before the second attempt"
+    );
+    let guard = kling.spend_guard().unwrap();
+    assert_eq!(guard.committed(Some(kling.account_id())), 0.0);
+}
+
+/// The other side of the test above: a create dropped while its second attempt is out (sent,
+/// unanswered) keeps its estimate, as the task may run. The retry layer says it handed the
+/// attempt on, so the hold of the backoff does not outlive it.
+#[tokio::test(start_paused = true)]
+async fn a_create_dropped_while_its_retry_is_out_keeps_its_estimate() {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let count = sent.clone();
+    let client = service_fn(move |_: http::Request<Full<Bytes>>| {
+        let n = count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n > 0 {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, BoxError>(envelope(
+                503,
+                r#"{"code":5001,"message":"maintenance","request_id":"r"}"#,
+            ))
+        }
+    });
+    let kling = KlingLayer::builder(
+        StackConfig::preset(Tier::Free).no_rate_limit(),
+        Credentials::api_key("key").unwrap(),
+    )
+    .seed(7)
+    .build()
+    .unwrap();
+    let service = kling.layer(client);
+    let gave_up = tokio::time::timeout(Duration::from_secs(20), service.oneshot(video())).await;
+    assert!(gave_up.is_err(), "the second attempt never answers");
+    assert_eq!(
+        sent.load(Ordering::SeqCst),
+        2,
+        "dropped with the second attempt out"
+    );
+    let guard = kling.spend_guard().unwrap();
+    assert_eq!(guard.committed(Some(kling.account_id())), 1.0);
+}

@@ -1008,3 +1008,75 @@ async fn a_grouped_endpoints_create_holds_its_slots_until_queried() {
     assert!(task.status.is_terminal(), "{task:?}");
     assert_eq!(kling.snapshot().pool("image").unwrap().in_use, 0);
 }
+
+/// Creates granted their slots at once and then queued at the rate limiter, dropped by the
+/// caller before their turn, give their slots back: they never left. Before, the slots layer
+/// took them for creates that may have reached Kling and kept their slots for the task lease
+/// (30 minutes), so a few caller timeouts held every slot of the pool.
+#[tokio::test(start_paused = true)]
+async fn creates_dropped_while_queued_at_the_rate_limiter_give_their_slots_back() {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Standard)
+            .api_key("k")
+            .task_duration(Duration::from_secs(60), Duration::from_secs(60)),
+    )
+    .unwrap();
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Standard),
+        Credentials::api_key("k").unwrap(),
+    )
+    .unwrap();
+    let service = kling.layer(mock.clone());
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let create = request("POST", "/v1/videos/text2video", r#"{"prompt":"a"}"#);
+            tokio::spawn(tokio::time::timeout(
+                Duration::from_millis(200),
+                service.clone().oneshot(create),
+            ))
+        })
+        .collect();
+    for call in calls {
+        let _ = call.await.unwrap();
+    }
+    assert_eq!(mock.stats().tasks_created, 1);
+    assert_eq!(kling.snapshot().pool("video").unwrap().in_use, 1);
+}
+
+/// The other side of the test above: a create that waited its turn at the rate limiter and
+/// was then sent keeps its slots when the caller drops it unanswered (the task may run): the
+/// rate limiter says it handed the create on.
+#[tokio::test(start_paused = true)]
+async fn a_create_sent_after_its_rate_limit_turn_keeps_its_slots_when_dropped() {
+    let creates = Arc::new(Mutex::new(0));
+    let count = creates.clone();
+    let client = tower::service_fn(move |_: http::Request<Full<Bytes>>| {
+        let n = {
+            let mut n = count.lock().unwrap();
+            *n += 1;
+            *n
+        };
+        async move {
+            if n > 1 {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, kling_core::BoxError>(envelope(
+                200,
+                r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t1","task_status":"submitted"}}"#,
+            ))
+        }
+    });
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Standard),
+        Credentials::api_key("k").unwrap(),
+    )
+    .unwrap();
+    let service = kling.layer(client);
+    let create = || request("POST", "/v1/videos/text2video", r#"{"prompt":"a"}"#);
+    send(&service, create()).await.unwrap();
+    // The second waits about 2 s for its turn, is sent, and is never answered.
+    let dropped = tokio::time::timeout(Duration::from_secs(10), send(&service, create())).await;
+    assert!(dropped.is_err());
+    assert_eq!(*creates.lock().unwrap(), 2, "sent after its turn");
+    assert_eq!(kling.snapshot().pool("video").unwrap().in_use, 2);
+}
