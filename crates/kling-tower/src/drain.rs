@@ -4,11 +4,11 @@
 //! While the gate is open every request passes, counted in flight until its response future
 //! completes or is dropped. [`DrainHandle::drain`] closes the gate: from then on a create (or a
 //! `POST` the router does not recognise, which may be a create endpoint newer than this crate)
-//! fails at once with [`Draining`] (it is never sent), while queries, lists and every request already
-//! in flight go on; `drain` returns once nothing admitted before it is in flight (queries and
-//! lists admitted since are not counted: a steady stream of them would never let it return). Tasks being followed count too:
-//! a [`Follower`](crate::follow::Follower) given the handle
-//! ([`with_drain`](crate::follow::Follower::with_drain)) holds a [`DrainGuard`] for each
+//! fails at once with [`Draining`] (it is never sent), while queries, lists and every request
+//! already in flight go on; `drain` returns once nothing admitted before it is in flight
+//! (queries and lists admitted since are not counted: a steady stream of them would never let
+//! it return). Tasks being followed count too: a [`Follower`](crate::follow::Follower) given
+//! the handle ([`with_drain`](crate::follow::Follower::with_drain)) holds a [`DrainGuard`] for each
 //! `follow`, so a drain waits for the tasks it follows to end (their queries still pass).
 //!
 //! ```
