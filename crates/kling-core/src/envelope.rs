@@ -83,7 +83,8 @@ pub struct TaskReport {
     pub status: TaskStatus,
     /// Which generation's field names the report used.
     pub generation: ApiGeneration,
-    /// The caller's own id (`task_info.external_task_id` or `external_id`).
+    /// The caller's own id (`task_info.external_task_id` or `external_id`); an empty one is
+    /// none (answers may echo `""` for a task created without one).
     pub external_id: Option<String>,
     /// Why the task failed (`task_status_msg` or `message`).
     pub failure: Option<String>,
@@ -453,6 +454,7 @@ impl RawTask<'_> {
                     .task_info
                     .0
                     .and_then(|info| info.external_task_id.0)
+                    .filter(|e| !e.is_empty())
                     .map(Cow::into_owned),
                 failure: self.task_status_msg.0.map(Cow::into_owned),
                 urls: urls.into_iter().map(Cow::into_owned).collect(),
@@ -469,7 +471,11 @@ impl RawTask<'_> {
             id: String::from(&*id.0),
             status: TaskStatus::parse(status),
             generation: ApiGeneration::New,
-            external_id: self.external_id.0.map(Cow::into_owned),
+            external_id: self
+                .external_id
+                .0
+                .filter(|e| !e.is_empty())
+                .map(Cow::into_owned),
             failure: self.message.0.map(Cow::into_owned),
             urls: self
                 .outputs
@@ -833,6 +839,28 @@ mod tests {
         assert_eq!(task.external_id.as_deref(), Some("job-7"));
         assert_eq!(task.urls, vec!["https://cdn/v.mp4"]);
         assert_eq!(task.cost, Some(1.5));
+    }
+
+    /// An external id echoed empty (`""`, for a task created without one) is none, in both
+    /// generations and from both readers: kept as `Some("")`, every such task looked like "the
+    /// same create" to the layers that file tasks by their external id.
+    #[test]
+    fn an_empty_external_id_is_none() {
+        let legacy = br#"{"code":0,"message":"ok","request_id":"r","data":[
+            {"task_id":"a","task_status":"submitted","task_info":{"external_task_id":""}},
+            {"task_id":"b","task_status":"submitted","task_info":{"external_task_id":"x"}}]}"#;
+        let new = br#"{"code":0,"message":"ok","request_id":"r","data":[
+            {"id":"a","status":"submitted","external_id":""},
+            {"id":"b","status":"submitted","external_id":"x"}]}"#;
+        for body in [&legacy[..], &new[..]] {
+            for env in [
+                Envelope::parse(body).unwrap(),
+                Envelope::parse_reference(body).unwrap(),
+            ] {
+                let ids: Vec<_> = env.tasks.iter().map(|t| t.external_id.as_deref()).collect();
+                assert_eq!(ids, [None, Some("x")]);
+            }
+        }
     }
 
     #[test]

@@ -1185,7 +1185,9 @@ impl<'a> Scanner<'a> {
                 id: self.owned(id)?,
                 status: self.status(status)?,
                 generation: ApiGeneration::Legacy,
-                external_id: self.opt_owned(t.external_task_id)?,
+                external_id: self
+                    .opt_owned(t.external_task_id)?
+                    .filter(|e| !e.is_empty()),
                 failure: self.opt_owned(t.task_status_msg)?,
                 urls,
                 cost,
@@ -1199,7 +1201,7 @@ impl<'a> Scanner<'a> {
             id: self.owned(id)?,
             status: self.status(status)?,
             generation: ApiGeneration::New,
-            external_id: self.opt_owned(t.external_id)?,
+            external_id: self.opt_owned(t.external_id)?.filter(|e| !e.is_empty()),
             failure: self.opt_owned(t.message)?,
             urls: std::mem::take(&mut t.outputs),
             cost: t.billing,
