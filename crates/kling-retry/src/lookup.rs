@@ -84,6 +84,10 @@ pub(crate) fn request<B: ReplayBody>(
     let path = uri.path().trim_end_matches('/');
     let id = encode(external_id);
     let path_and_query = match recognized.generation? {
+        // A path segment of `.` or `..` (or none at all) is taken away by URL normalisation,
+        // in a proxy or a client, and the query becomes the list of the account's tasks, whose
+        // answer would be read as this create's: such an id is not looked up.
+        ApiGeneration::Legacy if matches!(external_id, "" | "." | "..") => return None,
         ApiGeneration::Legacy => format!("{path}/{id}"),
         _ => {
             // A batch query cannot name an id with a comma, or with spaces around it (a server
@@ -464,6 +468,13 @@ mod tests {
         );
         assert_eq!(lookup.headers()[AUTHORIZATION], "Bearer k");
         assert_eq!(AccountId::of(&lookup).unwrap().as_str(), "acct");
+        // Ids URL normalisation would take away (the query then lists the account's tasks):
+        // not looked up. Dots inside an id stay.
+        for id in ["", ".", ".."] {
+            assert!(request(&req, &recognized, id).is_none(), "{id:?}");
+        }
+        let lookup = request(&req, &recognized, "..a").unwrap();
+        assert_eq!(lookup.uri().path(), "/v1/videos/text2video/..a");
     }
 
     #[test]
