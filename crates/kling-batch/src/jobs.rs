@@ -88,7 +88,11 @@ impl Job {
         if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
             return Err(JobError::new(
                 line,
-                format!("`id` must be 1 to {MAX_ID_LEN} printable characters"),
+                format!(
+                    "`id` must be 1 to {MAX_ID_LEN} bytes of printable characters (UTF-8: a \
+                     CJK character takes 3), not {} bytes",
+                    id.len()
+                ),
             ));
         }
         let uri: Uri = endpoint
@@ -402,6 +406,26 @@ mod tests {
             "{}",
             errors[0]
         );
+    }
+
+    /// The id's bound is in bytes, and the error says so: 50 CJK characters are 150 bytes,
+    /// refused, where the message used to speak of "128 printable characters".
+    #[test]
+    fn an_id_over_the_bound_is_refused_in_bytes_saying_how_many() {
+        let id = "镜".repeat(50);
+        let text = format!("{{\"id\":\"{id}\",\"prompt\":\"x\"}}\n");
+        let (jobs, errors) = parse_jobs(&text);
+        assert!(jobs.is_empty());
+        let message = errors[0].to_string();
+        assert!(
+            message.contains("128 bytes") && message.contains("not 150 bytes"),
+            "{message}"
+        );
+        let (jobs, _) = parse_jobs(&format!(
+            "{{\"id\":\"{}\",\"prompt\":\"x\"}}\n",
+            "镜".repeat(42)
+        ));
+        assert_eq!(jobs.len(), 1, "126 bytes");
     }
 
     #[test]
