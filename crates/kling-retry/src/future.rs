@@ -837,7 +837,15 @@ where
                 received.checked_add(wait)
             }
             None => {
-                let wait = shared.backoff.delay(delay, self.attempts, &*shared.rng);
+                // Counted as the attempt limit counts: slot-gated retries (which waited in the
+                // slots layer, not on the API) and the resend of a refused token do not double
+                // the backoff, or a 5000 after a run of 1303s would wait the maximum at once.
+                let gated = self.retry.as_deref().map_or(0, |retry| retry.slot_gated);
+                let retry = self
+                    .attempts
+                    .saturating_sub(gated)
+                    .saturating_sub(u32::from(self.resigned));
+                let wait = shared.backoff.delay(delay, retry, &*shared.rng);
                 now.checked_add(wait)
             }
         }

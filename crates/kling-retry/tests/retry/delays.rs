@@ -312,3 +312,34 @@ async fn a_call_out_of_attempts_on_a_proxy_page_reports_its_retry_after() {
     assert!(failed.api_error().is_none(), "a page, not a Kling answer");
     assert_eq!(failed.retry_after(), Some(Duration::from_secs(30)));
 }
+
+/// A run of slot-gated 1303s (each held in the slots layer, outside the attempt limit) does not
+/// double the backoff of a 5000 that follows: its wait is drawn as a first retry's (full jitter
+/// up to the 200 ms base), not the maximum after ten doublings.
+#[tokio::test(start_paused = true)]
+async fn slot_gated_retries_do_not_lengthen_a_later_backoff() {
+    for seed in 0..10 {
+        let (server, log) = kling(|_, i| {
+            Reply::Now(match i {
+                0..10 => {
+                    let mut res = code(1303);
+                    res.extensions_mut().insert(kling_core::signals::SlotGated);
+                    res
+                }
+                10 => code(5000),
+                _ => task("t1", None),
+            })
+        });
+        let client = RetryLayer::builder()
+            .seed(seed)
+            .build()
+            .unwrap()
+            .layer(server);
+        send(&client, get("/v1/videos/text2video/t1"))
+            .await
+            .unwrap();
+        let seen = log.all();
+        let gap = seen[11].at - seen[10].at;
+        assert!(gap <= Duration::from_millis(200), "seed {seed}: {gap:?}");
+    }
+}
