@@ -289,10 +289,13 @@ fn requests_sent(error: &(dyn StdError + 'static)) -> u32 {
 }
 
 /// An error's text with the credentials it may quote left out: a client's error can quote
-/// the request it failed to send, headers included. The word after `Bearer` (any case) and
-/// every word shaped like a JWT (`eyJ…`, three dot-separated parts) become `[redacted]`. Only
-/// worked out when the event is logged. A bare API key quoted with neither is not recognised:
-/// the layer never sees the credentials (the auth layer sits below it).
+/// the request it failed to send, headers and URL included. The credential after `Bearer`
+/// (any case, also ending a longer word: `authorization=Bearer`) up to whatever ends a quoted
+/// or listed value (a key may hold `:` or `!`), every JWT-shaped piece (`eyJ…`, three
+/// dot-separated parts), also inside a longer word (`token=eyJ…`, `…/eyJ…`) or before a full
+/// stop, and the user and password of a URL (`https://user:pass@host`) become `[redacted]`.
+/// Only worked out when the event is logged. A bare API key quoted with none of these is not
+/// recognised: the layer never sees the credentials (the auth layer sits below it).
 struct Redacted<'a>(&'a (dyn StdError + 'static));
 
 impl std::fmt::Display for Redacted<'_> {
@@ -301,29 +304,96 @@ impl std::fmt::Display for Redacted<'_> {
     }
 }
 
+/// What stands for a credential.
+const HIDDEN: &str = "[redacted]";
+
 /// [`Redacted`]'s rule over `text`.
 fn redact(text: &str) -> String {
-    const HIDDEN: &str = "[redacted]";
+    let text = hide_url_userinfo(text);
     let is_word = |c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c);
+    // Where a credential after `Bearer` ends: a header value's end as a client quotes it.
+    let ends_credential = |c: char| c.is_whitespace() || "\"'`\\,;)]}>".contains(c);
     let mut out = String::with_capacity(text.len());
     let mut after_bearer = false;
-    let mut rest = text;
+    let mut rest = &*text;
     while let Some(start) = rest.find(is_word) {
         out.push_str(&rest[..start]);
         let word = &rest[start..];
+        if after_bearer {
+            let end = word.find(ends_credential).unwrap_or(word.len());
+            out.push_str(HIDDEN);
+            after_bearer = false;
+            rest = &word[end..];
+            continue;
+        }
         let end = word.find(|c: char| !is_word(c)).unwrap_or(word.len());
         let word = &word[..end];
-        let jwt = word.starts_with("eyJ") && word.split('.').count() == 3;
-        if after_bearer || jwt {
-            out.push_str(HIDDEN);
-        } else {
-            out.push_str(word);
-        }
-        after_bearer = word.eq_ignore_ascii_case("bearer");
+        push_hiding_jwts(&mut out, word);
+        after_bearer = ends_with_bearer(word);
         rest = &rest[start + end..];
     }
     out.push_str(rest);
     out
+}
+
+/// Whether `word` is `Bearer` (any case) or ends with it after a character that is no letter
+/// or digit (`authorization=Bearer`).
+fn ends_with_bearer(word: &str) -> bool {
+    const BEARER: &str = "bearer";
+    let Some(at) = word.len().checked_sub(BEARER.len()) else {
+        return false;
+    };
+    word.is_char_boundary(at)
+        && word[at..].eq_ignore_ascii_case(BEARER)
+        && !word[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+}
+
+/// Pushes `word` with every JWT-shaped piece in it (a run of base64url parts joined by dots,
+/// the first starting `eyJ`, three parts once trailing dots are left out) as [`HIDDEN`].
+fn push_hiding_jwts(out: &mut String, word: &str) {
+    let is_jwt_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.';
+    let mut rest = word;
+    while let Some(at) = rest.find("eyJ") {
+        let run = &rest[at..];
+        let len = run.find(|c: char| !is_jwt_char(c)).unwrap_or(run.len());
+        let token = run[..len].trim_end_matches('.');
+        if token.split('.').count() == 3 {
+            out.push_str(&rest[..at]);
+            out.push_str(HIDDEN);
+            rest = &run[token.len()..];
+        } else {
+            out.push_str(&rest[..at + 3]);
+            rest = &run[3..];
+        }
+    }
+    out.push_str(rest);
+}
+
+/// `text` with the user and password of every URL in it (`scheme://user:pass@host`) hidden.
+fn hide_url_userinfo(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains("://") {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let ends_authority = |c: char| c.is_whitespace() || "/?#\"'`\\<>)]}".contains(c);
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let authority = &tail[..tail.find(ends_authority).unwrap_or(tail.len())];
+        match authority.rfind('@') {
+            Some(user_end) => {
+                out.push_str(HIDDEN);
+                rest = &tail[user_end..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
 }
 
 /// Warns of a response whose code is not success (out of line: the success path needs none
@@ -508,6 +578,50 @@ mod tests {
         );
         assert_eq!(redact("connection refused"), "connection refused");
         assert_eq!(redact(""), "");
+    }
+
+    /// A credential quoted in a shape other than a lone word: a JWT after `=` or `/`, or
+    /// before a full stop; a key holding punctuation; `Bearer` ending a longer word; a URL's
+    /// user and password.
+    #[test]
+    fn redaction_hides_credentials_joined_to_other_text() {
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJpc3MiOiJhayJ9.c2lnbmF0dXJl";
+        for (quoted, shown) in [
+            (
+                format!("token={jwt}&a=b"),
+                "token=[redacted]&a=b".to_owned(),
+            ),
+            (
+                format!("url /cb/{jwt}?x"),
+                "url /cb/[redacted]?x".to_owned(),
+            ),
+            (
+                format!("invalid token {jwt}."),
+                "invalid token [redacted].".to_owned(),
+            ),
+            (
+                "authorization: Bearer ak:live!9f8e, next".to_owned(),
+                "authorization: Bearer [redacted], next".to_owned(),
+            ),
+            (
+                "authorization=Bearer ak-live-9f8e".to_owned(),
+                "authorization=Bearer [redacted]".to_owned(),
+            ),
+            (
+                "error sending request for url (https://user:pa55@proxy:8080/v1/x)".to_owned(),
+                "error sending request for url (https://[redacted]@proxy:8080/v1/x)".to_owned(),
+            ),
+        ] {
+            assert_eq!(redact(&quoted), shown, "{quoted}");
+        }
+        // Words that only look alike are kept.
+        for kept in [
+            "keyJar eyJa.b unbearer x",
+            "https://host/path user@example.com",
+            "é eyJ",
+        ] {
+            assert_eq!(redact(kept), kept);
+        }
     }
 
     #[tokio::test(start_paused = true)]

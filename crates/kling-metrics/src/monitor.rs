@@ -847,9 +847,16 @@ impl Monitor {
         }
         if let Some(fleet) = snapshot.rate.fleet_requests {
             let read_at = snapshot.rate.fleet_read_at.unwrap_or(now).min(now);
-            inner
-                .fleet
-                .note(fleet, inner.window.nanos_since_start(read_at));
+            if now.saturating_duration_since(read_at) > inner.window.window {
+                // Read longer ago than the window: it says nothing of the window now, and the
+                // snapshot's usage would count it (the warning does not, see `FleetCount`).
+                snapshot.rate.fleet_requests = None;
+                snapshot.rate.fleet_read_at = None;
+            } else {
+                inner
+                    .fleet
+                    .note(fleet, inner.window.nanos_since_start(read_at));
+            }
         }
         self.check_rate(now, requests, || inner.window.total(now));
         self.check_pools(&snapshot);
@@ -2048,6 +2055,37 @@ mod tests {
             !monitor.inner.rate_warned.load(Ordering::Relaxed),
             "a figure read 61 s ago still counted"
         );
+    }
+
+    /// The snapshot's usage counts a fleet figure as the warning does: not once it is a window
+    /// older than its read (a source still showing its last read, its store unreachable since).
+    #[tokio::test(start_paused = true)]
+    async fn a_snapshots_usage_leaves_out_a_fleet_figure_older_than_the_window() {
+        let monitor = Monitor::builder()
+            .rate_quota(100, Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let read_at = Instant::now();
+        monitor.add_source(move |snapshot: &mut Snapshot| {
+            snapshot.rate.fleet_requests = Some(95);
+            snapshot.rate.fleet_read_at = Some(read_at);
+        });
+        monitor.note_requests(Instant::now(), 5);
+        tokio::time::advance(Duration::from_secs(59)).await;
+        let fresh = monitor.snapshot().rate;
+        assert_eq!(
+            (fresh.fleet_requests, fresh.percent()),
+            (Some(95), Some(95.0))
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        monitor.note_requests(Instant::now(), 3);
+        let stale = monitor.snapshot().rate;
+        assert_eq!(
+            (stale.requests, stale.fleet_requests, stale.fleet_read_at),
+            (3, None, None),
+            "a figure read 61 s ago is still shown as the fleet's"
+        );
+        assert_eq!(stale.percent(), Some(3.0));
     }
 
     #[test]

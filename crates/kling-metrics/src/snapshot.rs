@@ -70,7 +70,8 @@ pub struct RateUsage {
     /// When the source read `fleet_requests` from the shared store (tokio's clock, so a test
     /// in paused time ages it too); `None` when it was read for this snapshot. The monitor
     /// counts the figure against the quota until it is a window old from this time, not from
-    /// the snapshot that showed it.
+    /// the snapshot that showed it; a snapshot taken later leaves it out (this field and
+    /// `fleet_requests` are `None`), so [`usage`](Self::usage) no longer counts it either.
     pub fleet_read_at: Option<tokio::time::Instant>,
 }
 

@@ -187,3 +187,50 @@ async fn a_client_error_quoting_the_credential_leaks_nothing() {
     let text = capture.all_text();
     assert_eq!(leaks(&text, &secrets), Vec::<&str>::new(), "{text}");
 }
+
+/// The same, with the credential joined to other text: a JWT in a query or a path, or ending a
+/// sentence; a key holding punctuation after `Bearer`; a proxy's password in a URL.
+#[tokio::test(start_paused = true)]
+async fn a_client_error_quoting_the_credential_inside_other_text_leaks_nothing() {
+    let capture = Capture::default();
+    let _tracing = tracing::subscriber::set_default(capture.clone());
+    let jwt = sign_jwt(ACCESS_KEY, SECRET_KEY);
+    let key_with_punctuation = "ak:live!9f8e7d6c5b4a";
+    let mut secrets = vec![
+        jwt.as_str(),
+        key_with_punctuation,
+        "live!9f8e7d6c5b4a",
+        SECRET_KEY,
+    ];
+    secrets.extend(jwt.split('.'));
+    for quoted in [
+        format!("https://gateway/cb?token={jwt}&a=b"),
+        format!("https://gateway/session/{jwt}/renew"),
+        format!("token {jwt}."),
+        format!("authorization: Bearer {key_with_punctuation}"),
+        format!("url (https://proxy-user:{SECRET_KEY}@proxy:8080/v1/videos/text2video)"),
+    ] {
+        let message = format!("client error: could not send {quoted}: connection reset");
+        let client = tower::service_fn(
+            move |_req: http::Request<http_body_util::Full<bytes::Bytes>>| {
+                let message = message.clone();
+                async move {
+                    Err::<http::Response<http_body_util::Full<bytes::Bytes>>, kling_core::BoxError>(
+                        message.into(),
+                    )
+                }
+            },
+        );
+        let stack = MetricsLayer::new().layer(ClassifyLayer::new().layer(client));
+        let req = request("POST", "/v1/videos/text2video", "{}", API_KEY);
+        assert!(stack.oneshot(req).await.is_err());
+    }
+    let warned = capture
+        .events()
+        .into_iter()
+        .filter(|e| e.level == "WARN")
+        .count();
+    assert_eq!(warned, 5);
+    let text = capture.all_text();
+    assert_eq!(leaks(&text, &secrets), Vec::<&str>::new(), "{text}");
+}
