@@ -29,6 +29,12 @@ pub trait StackBackends {
     /// The task slots' backend.
     type Slots: SlotBackend;
 
+    /// Whether the backends hold other accounts' limits too (a store a fleet and a gateway's
+    /// stacks share): a stack's snapshot then shows its own account's pools only. In this
+    /// process (`false`) they hold only what went through the stack, requests that named
+    /// another account included, and its snapshot shows them all.
+    const SHARED_ACROSS_ACCOUNTS: bool = false;
+
     /// The rate limiter's backend for `config` (called only when the preset has a rate cap).
     fn rate_backend(&self, config: &StackConfig) -> Result<Self::Rate, ConfigError>;
 
@@ -183,6 +189,8 @@ mod redis {
     impl StackBackends for Redis {
         type Rate = RedisGcra;
         type Slots = RedisSlots;
+
+        const SHARED_ACROSS_ACCOUNTS: bool = true;
 
         fn rate_backend(&self, config: &StackConfig) -> Result<RedisGcra, ConfigError> {
             let mut backend = RedisGcra::new(self.conn.clone())

@@ -735,10 +735,61 @@ impl StackConfig {
     /// `tier` picks the preset (default `free`); the other keys override it. Unknown keys are
     /// refused; errors name the key.
     pub fn from_toml_str(text: &str) -> Result<StackConfig, ConfigError> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::new("toml", e.message().to_owned()))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
         raw.into_config()
     }
+}
+
+/// The keys of the TOML document, as [`RawConfig`] names them.
+const TOML_KEYS: [&str; 18] = [
+    "tier",
+    "speed",
+    "rate_per_minute",
+    "burst",
+    "headroom",
+    "jitter_allowance_ms",
+    "slots",
+    "pool_slots",
+    "slot_queue",
+    "pool_scope",
+    "task_lease_secs",
+    "retry_max_attempts",
+    "retry_deadline_secs",
+    "retry_budget_ratio",
+    "attempt_timeout_secs",
+    "max_body_bytes",
+    "daily_credits",
+    "credit_period_secs",
+];
+
+/// A TOML document [`RawConfig`] refused, as an error naming the key whose value has the wrong
+/// type or range (`burst`, `pool_slots.video`): the parser's message names the type expected,
+/// not the key. Syntax errors and unknown keys stay `toml` (their message quotes the key).
+fn toml_error(text: &str, error: &toml::de::Error) -> ConfigError {
+    let message = error.message().to_owned();
+    let Ok(table) = toml::from_str::<toml::Table>(text) else {
+        return ConfigError::new("toml", message);
+    };
+    let refused = |key: &str, value: &toml::Value| {
+        let one = toml::Table::from_iter([(key.to_owned(), value.clone())]);
+        let parsed: Result<RawConfig, _> = one.try_into();
+        parsed.is_err()
+    };
+    for (key, value) in &table {
+        if !TOML_KEYS.contains(&key.as_str()) || !refused(key, value) {
+            continue;
+        }
+        if let Some(pools) = value.as_table()
+            && let Some((pool, _)) = pools.iter().find(|(_, slots)| {
+                let parsed: Result<u32, _> = (*slots).clone().try_into();
+                parsed.is_err()
+            })
+        {
+            return ConfigError::new(format!("pool_slots.{pool}"), message);
+        }
+        return ConfigError::new(key.clone(), message);
+    }
+    ConfigError::new("toml", message)
 }
 
 /// The variable behind a field name, for errors found by validation after reading variables.

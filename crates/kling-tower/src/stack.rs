@@ -365,7 +365,14 @@ impl<B: StackBackends> KlingBuilder<B> {
                     .map_err(|e| layer_error("monitor", e.field(), &e))?
             }
         };
-        monitor.add_source(SlotsSource::new(slots_handle.clone()));
+        // This account's pools only where the backend holds other accounts' too (the stacks
+        // of a gateway on one Redis); in this process, every account that went through it.
+        let pools = SlotsSource::new(slots_handle.clone());
+        monitor.add_source(if B::SHARED_ACROSS_ACCOUNTS {
+            pools.account(account.clone())
+        } else {
+            pools
+        });
         if config.pacing_interval().is_some() {
             monitor.add_source(RateLimitSource::new(gcra.handle(), vec![account.clone()]));
         }
@@ -543,10 +550,11 @@ impl<B: StackBackends> KlingLayer<B> {
         self.inner.metrics.monitor()
     }
 
-    /// How close the account is to its limits now, without waiting. With the Redis backends
-    /// the fleet's pools and requests are as the previous snapshot read them (each snapshot
-    /// starts the next read); [`refreshed_snapshot`](KlingLayer::refreshed_snapshot) reads
-    /// them first.
+    /// How close the account is to its limits now, without waiting: with a backend that holds
+    /// other accounts' limits too (a gateway's stacks on one Redis), its own pools only. With the
+    /// Redis backends the fleet's pools and requests are as the previous snapshot read them
+    /// (each snapshot starts the next read);
+    /// [`refreshed_snapshot`](KlingLayer::refreshed_snapshot) reads them first.
     pub fn snapshot(&self) -> Snapshot {
         self.monitor().snapshot()
     }
@@ -569,7 +577,8 @@ impl<B: StackBackends> KlingLayer<B> {
         self.inner.drain.handle().drain().await;
     }
 
-    /// The follow policy of this preset: [`FollowPolicy::new`] at the preset's speed.
+    /// The follow policy of this preset: [`FollowPolicy::new`] at the preset's speed. Durations
+    /// set on it are API time, divided by that speed like the others.
     pub fn follow_policy(&self) -> FollowPolicy {
         FollowPolicy::new().speed(self.inner.config.speed_factor())
     }

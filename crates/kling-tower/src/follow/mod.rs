@@ -84,10 +84,11 @@ mod batches;
 /// The most task ids a batch query (`GET /tasks?task_ids=…`) takes.
 pub const MAX_BATCH_SIZE: usize = 500;
 
-/// When and how long to query a task. Durations are API time; [`FollowPolicy::speed`]
-/// divides them.
+/// When and how long to query a task. Durations are API time, whether set before or after
+/// [`FollowPolicy::speed`], which divides them all when they are used (not cumulative).
 #[derive(Clone, Debug, PartialEq)]
 pub struct FollowPolicy {
+    speed: f64,
     first_query: Duration,
     min_interval: Duration,
     max_interval: Duration,
@@ -111,6 +112,7 @@ impl FollowPolicy {
     /// a 30-minute deadline per task, error backoff from 1 s doubling to 60 s, batches of 50.
     pub fn new() -> Self {
         FollowPolicy {
+            speed: 1.0,
             first_query: Duration::from_secs(5),
             min_interval: Duration::from_secs(2),
             max_interval: Duration::from_secs(30),
@@ -171,22 +173,39 @@ impl FollowPolicy {
         self
     }
 
-    /// Divides every duration by `speed` (the mock's `--speed`).
+    /// Sets the speed factor (the mock's `--speed`): every duration, set before or after, is
+    /// divided by `speed` (not cumulative: the last call counts). A speed that is not a finite
+    /// number above 0 is ignored.
     pub fn speed(mut self, speed: f64) -> Self {
         if speed.is_finite() && speed > 0.0 {
-            for d in [
-                &mut self.first_query,
-                &mut self.min_interval,
-                &mut self.max_interval,
-                &mut self.deadline,
-                &mut self.error_backoff,
-                &mut self.max_error_backoff,
-                &mut self.callback_interval,
-            ] {
-                *d = Duration::try_from_secs_f64(d.as_secs_f64() / speed).unwrap_or(*d);
-            }
+            self.speed = speed;
         }
         self
+    }
+
+    /// An API-time duration at this policy's speed.
+    fn scaled(&self, duration: Duration) -> Duration {
+        Duration::try_from_secs_f64(duration.as_secs_f64() / self.speed).unwrap_or(duration)
+    }
+
+    /// The per-task deadline at this speed.
+    fn deadline_duration(&self) -> Duration {
+        self.scaled(self.deadline)
+    }
+
+    /// The wait before a task's first query at this speed (the safety interval with
+    /// [`callbacks_first`](Self::callbacks_first)).
+    fn first_wait(&self) -> Duration {
+        if self.callbacks_first {
+            self.scaled(self.callback_interval)
+        } else {
+            self.scaled(self.first_query)
+        }
+    }
+
+    /// The shortest query interval at this speed.
+    fn min_interval_duration(&self) -> Duration {
+        self.scaled(self.min_interval)
     }
 
     /// Checks the numbers, naming the first impossible one.
@@ -207,11 +226,11 @@ impl FollowPolicy {
             ("follow.callback_interval", self.callback_interval),
         ];
         for (field, duration) in durations {
-            if duration > MAX_DURATION {
+            if self.scaled(duration) > MAX_DURATION {
                 return err(field, "must be at most a year");
             }
         }
-        if self.min_interval.is_zero() {
+        if self.scaled(self.min_interval).is_zero() {
             return err("follow.min_interval", "must be above 0");
         }
         if self.max_interval < self.min_interval {
@@ -220,10 +239,11 @@ impl FollowPolicy {
         if !(self.age_factor.is_finite() && self.age_factor >= 0.0) {
             return err("follow.age_factor", "must be a finite number, 0 or more");
         }
-        if self.deadline.is_zero() {
+        if self.scaled(self.deadline).is_zero() {
             return err("follow.deadline", "must be above 0");
         }
-        if self.error_backoff.is_zero() || self.max_error_backoff < self.error_backoff {
+        if self.scaled(self.error_backoff).is_zero() || self.max_error_backoff < self.error_backoff
+        {
             return err(
                 "follow.error_backoff",
                 "must be above 0 and at most max_error_backoff",
@@ -235,36 +255,41 @@ impl FollowPolicy {
                 "must be from 1 to 500 (the ids a batch query takes)",
             );
         }
-        if self.callbacks_first && self.callback_interval.is_zero() {
+        if self.callbacks_first && self.scaled(self.callback_interval).is_zero() {
             return err("follow.callback_interval", "must be above 0");
         }
         Ok(())
     }
 
-    /// The wait before the next query of a task of this age.
+    /// The wait before the next query of a task of this age (real time, at this speed: the
+    /// age as measured, the bounds divided by the speed).
     pub fn interval(&self, age: Duration) -> Duration {
         if self.callbacks_first {
-            return self.callback_interval;
+            return self.scaled(self.callback_interval);
         }
-        let scaled = Duration::try_from_secs_f64(age.as_secs_f64() * self.age_factor)
-            .unwrap_or(self.max_interval);
-        scaled.clamp(self.min_interval, self.max_interval)
+        let max = self.scaled(self.max_interval);
+        let scaled =
+            Duration::try_from_secs_f64(age.as_secs_f64() * self.age_factor).unwrap_or(max);
+        scaled.clamp(self.scaled(self.min_interval), max)
     }
 
     /// How long a call waits for another call's batch query that asks about its task before
     /// asking again: four times the longest interval, as a query may wait its turn at a busy
     /// rate limiter that long without being hung.
     fn takeover(&self) -> Duration {
-        self.max_interval.saturating_mul(4).min(MAX_DURATION)
+        self.scaled(self.max_interval)
+            .saturating_mul(4)
+            .min(MAX_DURATION)
     }
 
-    /// The backoff after `errors` failed queries in a row (1 for the first).
+    /// The backoff after `errors` failed queries in a row (1 for the first), at this speed.
     pub fn backoff(&self, errors: u32) -> Duration {
         let factor = 2u32.saturating_pow(errors.saturating_sub(1).min(20));
-        self.error_backoff
+        let max = self.scaled(self.max_error_backoff);
+        self.scaled(self.error_backoff)
             .checked_mul(factor)
-            .unwrap_or(self.max_error_backoff)
-            .min(self.max_error_backoff)
+            .unwrap_or(max)
+            .min(max)
     }
 }
 
@@ -674,7 +699,7 @@ where
                     Some(result) => result,
                     None => Err(FollowError::DeadlineExceeded {
                         task_id: t.task.id,
-                        deadline: self.policy.deadline,
+                        deadline: self.policy.deadline_duration(),
                         last_status: t.last_status,
                     }),
                 }
@@ -685,11 +710,7 @@ where
     /// A task as following starts: first query after the policy's wait from its creation.
     fn track(&self, task: TaskRef, now: Instant, wake: &Arc<Notify>) -> Tracked {
         let started = task.created_at.unwrap_or(now);
-        let first = if self.policy.callbacks_first {
-            self.policy.callback_interval
-        } else {
-            self.policy.first_query
-        };
+        let first = self.policy.first_wait();
         let invalid = (!task.valid_id()).then(|| {
             Err(FollowError::InvalidTask {
                 task_id: task.id.clone(),
@@ -698,7 +719,7 @@ where
         });
         Tracked {
             next_at: now.max(later(started, first)),
-            deadline_at: later(started, self.policy.deadline),
+            deadline_at: later(started, self.policy.deadline_duration()),
             started,
             task,
             errors: 0,
@@ -730,7 +751,7 @@ where
         } else if now >= t.deadline_at {
             t.result = Some(Err(FollowError::DeadlineExceeded {
                 task_id: t.task.id.clone(),
-                deadline: self.policy.deadline,
+                deadline: self.policy.deadline_duration(),
                 last_status: t.last_status.clone(),
             }));
         }
@@ -770,7 +791,7 @@ where
             now,
             self.policy.batch_size,
             self.policy.takeover(),
-            self.policy.min_interval,
+            self.policy.min_interval_duration(),
         ) else {
             return;
         };

@@ -21,20 +21,32 @@ use tokio::time::Instant;
 /// one the source was made on), so a periodic scrape sees them at most one period old;
 /// [`Monitor::refreshed_snapshot`] reads them first.
 ///
+/// A backend shared by several accounts (one Redis and key prefix under the stacks of a
+/// gateway) holds every account's pools: [`account`](SlotsSource::account) keeps one
+/// account's, as a [`KlingLayer`](crate::KlingLayer)'s monitor does.
+///
 /// [`Monitor::refreshed_snapshot`]: kling_metrics::Monitor::refreshed_snapshot
 #[derive(Clone, Debug)]
 pub struct SlotsSource<B = kling_concurrency::backend::InProcess> {
     handle: SlotsHandle<B>,
+    account: Option<AccountId>,
     last: Arc<LastRead<Vec<PoolSnapshot>>>,
 }
 
 impl<B> SlotsSource<B> {
-    /// A source reading `handle`.
+    /// A source reading `handle`: every account's pools the backend holds.
     pub fn new(handle: SlotsHandle<B>) -> Self {
         SlotsSource {
             handle,
+            account: None,
             last: Arc::default(),
         }
+    }
+
+    /// Shows only `account`'s pools (and their queues).
+    pub fn account(mut self, account: AccountId) -> Self {
+        self.account = Some(account);
+        self
     }
 }
 
@@ -44,7 +56,7 @@ impl<B: kling_concurrency::backend::SlotBackend> SnapshotSource for SlotsSource<
             .last
             .now_or_last(self.handle.backend().snapshot(), None)
         {
-            add_pools(snapshot, &pools);
+            add_pools(snapshot, &pools, self.account.as_ref());
         }
     }
 
@@ -56,9 +68,13 @@ impl<B: kling_concurrency::backend::SlotBackend> SnapshotSource for SlotsSource<
     }
 }
 
-/// Adds each pool's usage, and its waiters as a queue, to `snapshot`.
-fn add_pools(snapshot: &mut Snapshot, pools: &[PoolSnapshot]) {
+/// Adds each pool's usage, and its waiters as a queue, to `snapshot`: `only` that account's
+/// when given.
+fn add_pools(snapshot: &mut Snapshot, pools: &[PoolSnapshot], only: Option<&AccountId>) {
     for pool in pools {
+        if only.is_some_and(|account| *account != pool.key.account) {
+            continue;
+        }
         let account = pool.key.account.as_str();
         let name = pool.key.pool.to_string();
         snapshot.queues.push(QueueDepth::new(

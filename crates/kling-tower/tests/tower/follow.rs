@@ -292,6 +292,57 @@ async fn a_query_still_unanswered_at_the_deadline_ends_the_follow_on_time() {
     assert_eq!(start.elapsed(), Duration::from_secs(60));
 }
 
+/// `kling.follow_policy()` is already at the stack's speed; a duration set on it afterwards is
+/// API time like any other (it was taken as real time: at speed 10, a 600 s deadline lasted
+/// 600 s, ten times the API time asked for), and a second `speed` replaces the first rather
+/// than dividing again.
+#[tokio::test(start_paused = true)]
+async fn durations_set_after_the_speed_factor_are_api_time_too() {
+    let secs = Duration::from_secs;
+    let set = |p: FollowPolicy| {
+        p.interval_bounds(secs(4), secs(40))
+            .error_backoff(secs(2), secs(20))
+    };
+    assert_eq!(
+        set(FollowPolicy::new()).speed(10.0),
+        set(FollowPolicy::new().speed(10.0))
+    );
+    let after = set(FollowPolicy::new().speed(10.0));
+    assert_eq!(after.interval(Duration::ZERO), Duration::from_millis(400));
+    assert_eq!(after.interval(secs(3600)), secs(4));
+    assert_eq!(after.backoff(1), Duration::from_millis(200));
+    assert_eq!(after.backoff(30), secs(2));
+    let twice = FollowPolicy::new().speed(10.0).speed(10.0);
+    assert_eq!(
+        twice.interval(secs(3600)),
+        secs(3),
+        "30 s at 10x, not at 100x"
+    );
+
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Pro).speed(10.0),
+        Credentials::api_key("key").unwrap(),
+    )
+    .unwrap();
+    let running = tower::service_fn(|_req: http::Request<Full<Bytes>>| async {
+        let body = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t1","task_status":"processing"}}"#;
+        Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from_static(
+            body.as_bytes(),
+        ))))
+    });
+    let policy = kling.follow_policy().deadline(secs(600));
+    let start = Instant::now();
+    let err = Follower::new(running, policy)
+        .unwrap()
+        .follow(TaskRef::legacy("/v1/videos/text2video", "t1"))
+        .await
+        .unwrap_err();
+    let FollowError::DeadlineExceeded { deadline, .. } = err else {
+        panic!("{err}")
+    };
+    assert_eq!((start.elapsed(), deadline), (secs(60), secs(60)));
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_unknown_task_fails_with_the_api_error() {
     let service = ClassifyLayer::new().layer(mock(60, 60));

@@ -426,12 +426,39 @@ fn bad_toml_is_rejected_naming_the_key() {
         let err = StackConfig::from_toml_str(text).unwrap_err();
         assert_eq!(err.field(), field, "{text}: {err}");
     }
-    // Unknown keys and wrong types: the parser's message names the key.
+    // Unknown keys: the parser's message names the key.
     let err = StackConfig::from_toml_str("rate_per_minut = 60").unwrap_err();
     assert_eq!(err.field(), "toml");
     assert!(err.reason().contains("rate_per_minut"), "{err}");
-    let err = StackConfig::from_toml_str("burst = \"two\"").unwrap_err();
+    let err = StackConfig::from_toml_str("burst = = 2").unwrap_err();
     assert_eq!(err.field(), "toml");
+}
+
+/// A value of the wrong type or out of its type's range is refused naming its key: the
+/// parser's message ("invalid type: string \"two\", expected u32") names none, and the error
+/// said `toml`.
+#[test]
+fn a_toml_value_of_the_wrong_type_is_refused_naming_the_key() {
+    let cases = [
+        ("burst = \"two\"", "burst"),
+        ("burst = -1", "burst"),
+        ("burst = 5000000000", "burst"),
+        ("slots = 0.5", "slots"),
+        ("speed = \"fast\"", "speed"),
+        ("tier = 3", "tier"),
+        ("max_body_bytes = -1", "max_body_bytes"),
+        (
+            "tier = \"pro\"\nretry_max_attempts = 4.5",
+            "retry_max_attempts",
+        ),
+        ("[pool_slots]\nvideo = 4\nimage = -2", "pool_slots.image"),
+        ("pool_slots = 3", "pool_slots"),
+    ];
+    for (text, field) in cases {
+        let err = StackConfig::from_toml_str(text).unwrap_err();
+        assert_eq!(err.field(), field, "{text}: {err}");
+        assert!(err.reason().contains("expected"), "{text}: {err}");
+    }
 }
 
 /// A gateway entry's name is its stack's account: a stack given another one of its own is

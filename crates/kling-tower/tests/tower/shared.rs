@@ -613,3 +613,50 @@ async fn gateways_in_two_processes_share_each_accounts_limits_through_redis() {
     .expect("in-process limits: each gateway has its own slot")
     .unwrap();
 }
+
+/// Two accounts of one gateway on one Redis: each account's snapshot shows its own pools,
+/// not the other's (Redis holds every account's pools under the prefix, and a snapshot read
+/// them all: team-a's showed team-b's task as its own video pool, and warned about it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_accounts_snapshot_shows_only_its_own_pools_on_redis() {
+    use kling_core::AccountId;
+    use kling_tower::gateway::GatewayLayer;
+
+    let Some(server) = redis() else { return };
+    let mock = kling_mock::MockKling::new(
+        MockConfig::preset(Preset::Enterprise)
+            .slots(50)
+            .no_rate_limit()
+            .unlimited_credits(),
+    )
+    .unwrap();
+    let stack = |key: &str| {
+        KlingLayer::builder(
+            StackConfig::preset(Tier::Enterprise).slots(2),
+            Credentials::api_key(key).unwrap(),
+        )
+    };
+    let connection = connect(&server, "gateway-snapshot").await;
+    let gateway = GatewayLayer::builder()
+        .account("team-a", stack("key-a").shared(connection.clone()))
+        .account("team-b", stack("key-b").shared(connection))
+        .build()
+        .unwrap();
+    let service = gateway.layer(mock.clone());
+    let mut create = request("POST", CREATE, r#"{"prompt":"a"}"#);
+    create.extensions_mut().insert(AccountId::new("team-b"));
+    service.oneshot(create).await.unwrap();
+
+    let team_a = gateway.get(&AccountId::new("team-a")).unwrap();
+    let team_b = gateway.get(&AccountId::new("team-b")).unwrap();
+    let a = team_a.refreshed_snapshot().await;
+    let b = team_b.refreshed_snapshot().await;
+    let in_use = |s: &kling_metrics::Snapshot| s.pool("video").map(|p| p.in_use).unwrap_or(0);
+    assert_eq!(in_use(&b), 1, "{b:?}");
+    assert_eq!(in_use(&a), 0, "team-b's task is not team-a's: {a:?}");
+    for (snapshot, account) in [(&a, "team-a"), (&b, "team-b")] {
+        for pool in &snapshot.pools {
+            assert_eq!(pool.account.as_deref(), Some(account), "{snapshot:?}");
+        }
+    }
+}
