@@ -49,7 +49,8 @@ const IMPRECISE_RETRY: Duration = Duration::from_secs(1);
 /// assert_eq!(RedisConfig::new("not a url").validate().unwrap_err().field(), "url");
 /// ```
 ///
-/// `Debug` shows the URL without its user and password.
+/// `Debug` shows the URL without its user and password (nor a `user` or `pass` query
+/// parameter's value).
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct RedisConfig {
@@ -77,16 +78,60 @@ impl fmt::Debug for RedisConfig {
     }
 }
 
-/// `url` with any `user:password@` replaced by `***@`: a Redis URL may carry its password.
+/// `url` with any `user:password@` replaced by `***@`, and the values of a `user` or `pass`
+/// query parameter (where a Unix socket URL carries them) by `***`: a Redis URL may carry its
+/// password. In a URL the `redis` crate accepts, the user and password are percent-encoded, so
+/// the authority ends at the first `/`, `?` or `#`; in one it does not (a raw `/` in a base64
+/// password makes it invalid: just when a user prints the configuration to see what is
+/// wrong), they cannot be told from the rest, and everything up to the last `@` is hidden.
 fn without_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.into();
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]).into(),
-        None => url.into(),
+    let at = if redis::Client::open(url).is_ok() {
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        rest[..authority_end].rfind('@')
+    } else {
+        rest.rfind('@')
+    };
+    let after = at.map_or(rest, |at| &rest[at + 1..]);
+    let Some((before_query, query)) = after.split_once('?') else {
+        return match at {
+            Some(_) => format!("{scheme}://***@{after}").into(),
+            None => url.into(),
+        };
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((query, fragment)) => (query, Some(fragment)),
+        None => (query, None),
+    };
+    let secret = |pair: &str| pair.starts_with("pass=") || pair.starts_with("user=");
+    if at.is_none() && !query.split('&').any(secret) {
+        return url.into();
     }
+    let mut shown = format!("{scheme}://");
+    if at.is_some() {
+        shown.push_str("***@");
+    }
+    shown.push_str(before_query);
+    shown.push('?');
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            shown.push('&');
+        }
+        match pair.split_once('=') {
+            Some((name, _)) if secret(pair) => {
+                shown.push_str(name);
+                shown.push_str("=***");
+            }
+            _ => shown.push_str(pair),
+        }
+    }
+    if let Some(fragment) = fragment {
+        shown.push('#');
+        shown.push_str(fragment);
+    }
+    shown.into()
 }
 
 impl RedisConfig {
@@ -664,6 +709,41 @@ mod tests {
             shown.contains("redis://127.0.0.1:6379/?name=a@b"),
             "{shown}"
         );
+    }
+
+    /// A Unix socket URL carries its user and password in the query (`?user=…&pass=…`, which
+    /// the `redis` crate reads), and a password with a raw `/`, `?` or `#` (a base64 one) makes
+    /// the URL invalid, the very case whose configuration a user prints to see what is wrong:
+    /// neither shows the password.
+    #[test]
+    fn debug_never_shows_a_password_in_the_query_or_in_an_invalid_url() {
+        for url in [
+            "redis+unix:///run/redis.sock?db=1&pass=hunter2",
+            "unix:///run/redis.sock?pass=hunter2&user=admin",
+            "redis+unix:///run/redis.sock?user=admin&pass=hunter2#frag",
+            "redis://:hunter2/Xy+z==@10.0.0.5:6379/0",
+            "redis://admin:hunt?er2@10.0.0.5:6379/0",
+            "redis://admin:hunt#er2@10.0.0.5:6379/0",
+        ] {
+            let shown = format!("{:?}", RedisConfig::new(url));
+            assert!(!shown.contains("hunter2"), "{url}: {shown}");
+            assert!(!shown.contains("hunt"), "{url}: {shown}");
+            assert!(!shown.contains("admin"), "{url}: {shown}");
+        }
+        // What is not a secret is still shown.
+        let shown = format!(
+            "{:?}",
+            RedisConfig::new("redis+unix:///run/redis.sock?db=1&pass=hunter2")
+        );
+        assert!(
+            shown.contains("redis+unix:///run/redis.sock?db=1&pass=***"),
+            "{shown}"
+        );
+        let shown = format!(
+            "{:?}",
+            RedisConfig::new("redis://:hunter2/Xy@10.0.0.5:6379/0")
+        );
+        assert!(shown.contains("redis://***@10.0.0.5:6379/0"), "{shown}");
     }
 
     /// While imprecise, the wait before the next measurement doubles from 1 s up to

@@ -830,16 +830,26 @@ impl Inner {
         Ok((items, lost))
     }
 
-    /// Runs `APPLY` stamped with fleet time now; parses `{lost, changed, released}`.
+    /// Runs `APPLY` stamped with fleet time now; parses `{lost, changed, released}`, and
+    /// counts the tasks it released in the finished-task metrics.
     async fn apply_args(
         &self,
         args: &mut [String],
+    ) -> Result<(bool, Vec<Released>, Vec<String>), StoreError> {
+        self.apply_args_counting(args, true).await
+    }
+
+    /// [`apply_args`](Self::apply_args), counting the released tasks only when `count`.
+    async fn apply_args_counting(
+        &self,
+        args: &mut [String],
+        count: bool,
     ) -> Result<(bool, Vec<Released>, Vec<String>), StoreError> {
         let now_us = self.now_us().await?;
         args[1] = now_us.to_string();
         let (items, _) = self.run_noting_state(&self.apply, args).await?;
         let changed = int_at(&items, 1)? == 1;
-        let (released, holdings) = released_by(items.get(2), now_us);
+        let (released, holdings) = released_by(items.get(2), now_us, count);
         Ok((changed, released, holdings))
     }
 
@@ -1475,7 +1485,9 @@ impl Inner {
                 for end in chunk {
                     args.extend(end.report.iter().cloned());
                 }
-                let (_, released, holdings) = self.apply_args(&mut args).await?;
+                // Counted when they were first reported: a task the older state brought back
+                // is released again here, but it ended once.
+                let (_, released, holdings) = self.apply_args_counting(&mut args, false).await?;
                 let mut registry = lock(&self.registry);
                 for h in &holdings {
                     registry.remove(h);
@@ -1827,8 +1839,9 @@ pub type SlotsFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
 /// The tasks a script released (flat septuples: account, pool, task, weight, since, reason,
 /// holding), and their holdings. Each release is reported to the one process whose script
-/// made it, which records its finished-task metrics here, so the fleet counts it once.
-fn released_by(flat: Option<&Value>, now_us: i64) -> (Vec<Released>, Vec<String>) {
+/// made it, which records its finished-task metrics here (when `count`), so the fleet counts
+/// it once.
+fn released_by(flat: Option<&Value>, now_us: i64, count: bool) -> (Vec<Released>, Vec<String>) {
     let mut released = Vec::new();
     let mut holdings = Vec::new();
     let Some(Value::Array(flat)) = flat else {
@@ -1851,12 +1864,14 @@ fn released_by(flat: Option<&Value>, now_us: i64) -> (Vec<Released>, Vec<String>
         };
         holdings.push(text(&chunk[6]));
         let held_for = Duration::from_micros(now_us.saturating_sub(since).max(0) as u64);
-        let labels = [
-            (names::LABEL_POOL, names::pool_label(Some(&pool)).to_owned()),
-            (names::LABEL_STATUS, reason.as_str().to_owned()),
-        ];
-        metrics::counter!(names::TASKS_FINISHED, &labels).increment(1);
-        metrics::histogram!(names::TASK_LIFETIME, &labels).record(held_for.as_secs_f64());
+        if count {
+            let labels = [
+                (names::LABEL_POOL, names::pool_label(Some(&pool)).to_owned()),
+                (names::LABEL_STATUS, reason.as_str().to_owned()),
+            ];
+            metrics::counter!(names::TASKS_FINISHED, &labels).increment(1);
+            metrics::histogram!(names::TASK_LIFETIME, &labels).record(held_for.as_secs_f64());
+        }
         released.push(Released {
             key: SlotKey::new(AccountId::new(account), pool),
             task: (!task.is_empty()).then(|| Arc::from(task.as_str())),
@@ -1995,7 +2010,7 @@ impl SlotBackend for RedisSlots {
                         // Leases the script found run out (counted; their holdings are
                         // others' or pruned by the next maintenance pass).
                         let expired = if verdict == 0 { 2 } else { 3 };
-                        released_by(items.get(expired), now_us);
+                        released_by(items.get(expired), now_us, true);
                         inner.saw_state(lost, before);
                         // Redis answered with no halt set: one this process learnt earlier
                         // was reset (perhaps by another process), and must not refuse creates
@@ -2181,7 +2196,7 @@ impl SlotBackend for RedisSlots {
                 .await
                 .map_err(StoreError::into_slots)?;
             // Leases the script found run out: counted here, once.
-            released_by(items.get(3), now_us);
+            released_by(items.get(3), now_us, true);
             let mut caps = HashMap::new();
             if let Some(Value::Array(flat)) = items.get(1) {
                 inner.saw_caps(flat);

@@ -1643,6 +1643,52 @@ async fn a_redis_that_comes_back_older_is_a_new_generation_that_keeps_live_tasks
     assert_eq!(in_use(&one).await, 0, "t1 came back");
 }
 
+/// A task's end is counted once, even when Redis comes back older and the task with it: the
+/// end its reporter sends again in the new generation releases the task a second time in
+/// Redis, but counts it no second time.
+#[tokio::test]
+async fn an_end_sent_again_after_redis_came_back_older_is_not_counted_twice() {
+    use kling_core::metrics::{TASK_LIFETIME, TASKS_FINISHED};
+    use metrics_util::debugging::DebugValue;
+
+    let Some(mut server) = redis() else { return };
+    let recording = recording();
+    let one = backend(&server, 2).await;
+    let two = backend(&server, 2).await;
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(r, "t1", LONG)).await.unwrap();
+    server.save().unwrap();
+    let done = two
+        .apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(done.released.len(), 1);
+    // The owner learns that t1 was released (its next maintenance pass).
+    maintained(&one).await;
+    assert_eq!(one.held_here(), 0);
+    server.restart_from_snapshot().unwrap();
+    maintained(&two).await;
+    maintained(&two).await;
+    maintained(&one).await;
+    assert_eq!(
+        in_use(&one).await,
+        0,
+        "t1 came back, and its end was sent again"
+    );
+
+    let (mut finished, mut lifetimes) = (0, 0);
+    for (key, _, _, value) in recording.snapshotter.snapshot().into_vec() {
+        match value {
+            DebugValue::Counter(n) if key.key().name() == TASKS_FINISHED => finished += n,
+            DebugValue::Histogram(seen) if key.key().name() == TASK_LIFETIME => {
+                lifetimes += seen.len();
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((finished, lifetimes), (1, 1));
+}
+
 /// An end reported by another process while Redis was away, replayed on the restarted, empty
 /// store before the owner registers the task again, is not lost: the owner's registration
 /// finds the task ended and gives its slot back.
