@@ -523,9 +523,11 @@ impl RedisSlots {
     }
 
     /// How long creates wait after Redis lost its state, while the fleet registers its slots
-    /// again (default [`DEFAULT_GRACE`]; keep it above `maintain_every`).
+    /// again (default [`DEFAULT_GRACE`]; keep it above `maintain_every`). At most a year, as the
+    /// other durations: the generation a restart starts is the grace's end in microseconds,
+    /// which a longer one would carry past what the scripts' numbers hold.
     pub fn grace(self, grace: Duration) -> Self {
-        self.with(|o| o.grace = grace)
+        self.with(|o| o.grace = grace.min(MAX_DURATION))
     }
 
     /// Whether freed slots go to the fleet's waiting creates in the order they arrived
@@ -2237,6 +2239,15 @@ impl SlotBackend for RedisSlots {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A grace past a year is a year, as the other durations are: `Duration::MAX` would put the
+    /// generation (the grace's end in microseconds) past what the scripts' numbers hold.
+    #[tokio::test]
+    async fn a_grace_past_a_year_is_a_year() {
+        let conn = Connection::lazy(crate::RedisConfig::new("redis://127.0.0.1:1/")).unwrap();
+        let slots = RedisSlots::new(conn, SlotsConfig::new(1)).unwrap();
+        assert_eq!(slots.grace(Duration::MAX).inner.grace, MAX_DURATION);
+    }
 
     /// Two scripts sent before a restart: the first answer tells of the new generation, and
     /// the second, numbered after it in that generation, is no sign that the store went back,
