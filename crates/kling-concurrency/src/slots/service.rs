@@ -212,9 +212,9 @@ where
             Ok(Err(error)) => ResponseFuture::failed(error.into_box()),
             Err(acquire) => {
                 // Held back unsent: a layer above that reserved something for the create (the
-                // spend guard's estimate) gives it back if the caller drops it here. The watch
-                // is made now if no layer above made one: read again once the slots are granted.
-                SendWatch::shared(&mut request);
+                // spend guard's estimate) gives it back if the caller drops it here. (This
+                // layer's own watch is made once the slots are granted: a waiter's bookkeeping
+                // stays as small as it was.)
                 SendWatch::held(&request);
                 // The create waits with a clone of the inner service, unreserved, and readies
                 // it once granted: the service `poll_ready` readied stays here for the next
