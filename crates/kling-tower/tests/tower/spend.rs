@@ -688,62 +688,67 @@ async fn creates_dropped_while_queued_at_the_rate_limiter_give_their_estimates_b
     assert_eq!(guard.committed(Some(kling.account_id())), 1.0);
 }
 
-/// A create refused with 1302 (which made nothing), dropped by the caller while the retry
-/// layer waits to send it again: its estimate goes back.
+/// Sends one create through a Free stack (66 credits; `rate`: its rate cap, else none) over a
+/// client whose `n`-th request (from 0) `answer` answers, dropping it after `patience`; returns
+/// the estimate still committed and how many requests the client saw.
+async fn committed_after_dropping_a_create<F, Fut>(
+    rate: bool,
+    answer: F,
+    patience: Duration,
+) -> (f64, usize)
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = http::Response<Full<Bytes>>> + Send + 'static,
+{
+    let sent = Arc::new(AtomicUsize::new(0));
+    let count = sent.clone();
+    let client = service_fn(move |_: http::Request<Full<Bytes>>| {
+        let answer = answer.clone();
+        let n = count.fetch_add(1, Ordering::SeqCst);
+        async move { Ok::<_, BoxError>(answer(n).await) }
+    });
+    let config = StackConfig::preset(Tier::Free);
+    let config = if rate { config } else { config.no_rate_limit() };
+    let kling = KlingLayer::builder(config, Credentials::api_key("key").unwrap())
+        .seed(7)
+        .build()
+        .unwrap();
+    let service = kling.layer(client);
+    let gave_up = tokio::time::timeout(patience, service.oneshot(video())).await;
+    assert!(gave_up.is_err(), "still unanswered when dropped");
+    let guard = kling.spend_guard().unwrap();
+    (
+        guard.committed(Some(kling.account_id())),
+        sent.load(Ordering::SeqCst),
+    )
+}
+
+const MAINTENANCE: &str = r#"{"code":5001,"message":"maintenance","request_id":"r"}"#;
+
+/// A create refused with 1302 (which made nothing), dropped by the caller while it waits to be
+/// sent again (the rate limiter's pause after a 1302): its estimate goes back.
 #[tokio::test(start_paused = true)]
 async fn a_create_dropped_during_the_backoff_after_a_1302_gives_its_estimate_back() {
-    let client = service_fn(|_: http::Request<Full<Bytes>>| async {
-        Ok::<_, BoxError>(envelope(
+    let too_fast = |_| async {
+        envelope(
             429,
             r#"{"code":1302,"message":"too fast","request_id":"r"}"#,
-        ))
-    });
-    let kling = KlingLayer::builder(
-        StackConfig::preset(Tier::Free),
-        Credentials::api_key("key").unwrap(),
-    )
-    .seed(7)
-    .build()
-    .unwrap();
-    let service = kling.layer(client);
-    let gave_up = tokio::time::timeout(Duration::from_millis(1500), service.oneshot(video())).await;
-    assert!(gave_up.is_err(), "still waiting to send it again");
-    let guard = kling.spend_guard().unwrap();
-    assert_eq!(guard.committed(Some(kling.account_id())), 0.0);
+        )
+    };
+    let (committed, _) =
+        committed_after_dropping_a_create(true, too_fast, Duration::from_millis(1500)).await;
+    assert_eq!(committed, 0.0);
 }
 
 /// A create answered 5001 (maintenance: nothing made), dropped by the caller while the retry
 /// layer itself backs off before sending it again: its estimate goes back.
 #[tokio::test(start_paused = true)]
 async fn a_create_dropped_during_the_retry_layers_own_backoff_gives_its_estimate_back() {
-    let sent = Arc::new(AtomicUsize::new(0));
-    let count = sent.clone();
-    let client = service_fn(move |_: http::Request<Full<Bytes>>| {
-        count.fetch_add(1, Ordering::SeqCst);
-        async {
-            Ok::<_, BoxError>(envelope(
-                503,
-                r#"{"code":5001,"message":"maintenance","request_id":"r"}"#,
-            ))
-        }
-    });
-    let kling = KlingLayer::builder(
-        StackConfig::preset(Tier::Free).no_rate_limit(),
-        Credentials::api_key("key").unwrap(),
-    )
-    .seed(7)
-    .build()
-    .unwrap();
-    let service = kling.layer(client);
-    let gave_up = tokio::time::timeout(Duration::from_millis(50), service.oneshot(video())).await;
-    assert!(gave_up.is_err(), "still backing off");
-    assert_eq!(
-        sent.load(Ordering::SeqCst),
-        1,
-        "dropped before the second attempt"
-    );
-    let guard = kling.spend_guard().unwrap();
-    assert_eq!(guard.committed(Some(kling.account_id())), 0.0);
+    let maintenance = |_| async { envelope(503, MAINTENANCE) };
+    let (committed, sent) =
+        committed_after_dropping_a_create(false, maintenance, Duration::from_millis(50)).await;
+    assert_eq!(sent, 1, "dropped before the second attempt");
+    assert_eq!(committed, 0.0);
 }
 
 /// The other side of the test above: a create dropped while its second attempt is out (sent,
@@ -751,35 +756,14 @@ async fn a_create_dropped_during_the_retry_layers_own_backoff_gives_its_estimate
 /// attempt on, so the hold of the backoff does not outlive it.
 #[tokio::test(start_paused = true)]
 async fn a_create_dropped_while_its_retry_is_out_keeps_its_estimate() {
-    let sent = Arc::new(AtomicUsize::new(0));
-    let count = sent.clone();
-    let client = service_fn(move |_: http::Request<Full<Bytes>>| {
-        let n = count.fetch_add(1, Ordering::SeqCst);
-        async move {
-            if n > 0 {
-                std::future::pending::<()>().await;
-            }
-            Ok::<_, BoxError>(envelope(
-                503,
-                r#"{"code":5001,"message":"maintenance","request_id":"r"}"#,
-            ))
+    let first_only = |n: usize| async move {
+        if n > 0 {
+            std::future::pending::<()>().await;
         }
-    });
-    let kling = KlingLayer::builder(
-        StackConfig::preset(Tier::Free).no_rate_limit(),
-        Credentials::api_key("key").unwrap(),
-    )
-    .seed(7)
-    .build()
-    .unwrap();
-    let service = kling.layer(client);
-    let gave_up = tokio::time::timeout(Duration::from_secs(20), service.oneshot(video())).await;
-    assert!(gave_up.is_err(), "the second attempt never answers");
-    assert_eq!(
-        sent.load(Ordering::SeqCst),
-        2,
-        "dropped with the second attempt out"
-    );
-    let guard = kling.spend_guard().unwrap();
-    assert_eq!(guard.committed(Some(kling.account_id())), 1.0);
+        envelope(503, MAINTENANCE)
+    };
+    let (committed, sent) =
+        committed_after_dropping_a_create(false, first_only, Duration::from_secs(20)).await;
+    assert_eq!(sent, 2, "dropped with the second attempt out");
+    assert_eq!(committed, 1.0);
 }
