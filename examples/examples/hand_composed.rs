@@ -1,5 +1,6 @@
 //! A stack composed by hand with `ServiceBuilderExt`, one method per layer, in the
-//! recommended order — here with a slots layer only for video and no spend guard.
+//! recommended order — here with five task slots in every pool (the eight jobs are all
+//! `kling-3.0` videos, so one pool, `video:kling-3.0`, is used) and no spend guard.
 //!
 //! Run: `cargo run -p kling-examples --example hand_composed`
 

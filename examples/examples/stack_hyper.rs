@@ -78,7 +78,9 @@ async fn main() -> Result<(), BoxError> {
         !stats.responses_by_code.contains_key("1303"),
         "no slot refusal"
     );
-    assert!(stats.max_concurrent.values().all(|&n| n <= 5));
+    // The mock refuses a sixth task (a 1303, refused above), so its peak can never show more
+    // than 5; what the peak shows is that the stack filled all five slots, not fewer.
+    assert_eq!(stats.max_concurrent.get("video"), Some(&5), "{stats:?}");
     kling.drain().await;
     mock.shutdown().await;
     Ok(())

@@ -122,13 +122,12 @@ async fn main() -> Result<(), BoxError> {
         stats.responses_by_code
     );
     assert_eq!(stats.tasks_created, 2 * JOBS_EACH as u64);
+    // The two processes together stay within Pro's 5 slots: the mock refuses a sixth task
+    // with 1303 (so its `peak` can never show more than 5, and checking it would prove
+    // nothing); no 1303 is the check, and its control below meets them.
     assert!(
         !stats.responses_by_code.contains_key("1303"),
         "no slot refusal"
-    );
-    assert!(
-        peak <= 5,
-        "the two processes together stay within Pro's 5 slots"
     );
     assert_eq!(video.in_use, 0, "every slot was given back");
     for (_, kling, _) in &workers {

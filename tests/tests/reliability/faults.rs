@@ -336,11 +336,20 @@ async fn bare_creates_refused(config: MockConfig, code: i64) -> usize {
             "authorization",
             "Bearer reliability-test-key".parse().unwrap(),
         );
-        calls.push(tower::ServiceExt::oneshot(client.clone(), req));
+        // Spawned, so the twelve are in flight together: awaited one by one, each would go
+        // out only after the previous answer, and on a loaded machine twelve round trips can
+        // outlast the mock's 10 ms request interval (then more than one passes the rate).
+        calls.push(tokio::spawn(tower::ServiceExt::oneshot(
+            client.clone(),
+            req,
+        )));
     }
     let mut refused = 0;
     for call in calls {
-        let mut response = call.await.expect("the mock answers");
+        let mut response = call
+            .await
+            .expect("no call panicked")
+            .expect("the mock answers");
         let outcome = kling_core::Outcome::ensure(&mut response).unwrap();
         if outcome.code().as_i64() == code {
             refused += 1;

@@ -294,6 +294,9 @@ async fn an_api_key_never_reaches_metric_labels_or_errors() {
     }
     assert!(texts.contains("kling error 100"), "{texts}");
     assert_clean("errors", &texts, &[API_KEY.to_owned()]);
-    let labels = format!("{:?}", snapshotter.snapshot().into_vec());
+    let metrics = snapshotter.snapshot().into_vec();
+    // Without a metric recorded, the check below would hold of an empty list.
+    assert!(!metrics.is_empty(), "metrics were recorded");
+    let labels = format!("{metrics:?}");
     assert_clean("metric labels", &labels, &[API_KEY.to_owned()]);
 }
