@@ -3204,6 +3204,376 @@ mod tests {
         }
     }
 
+    /// One step of [`waiters_and_tasks_keep_their_invariants`].
+    #[derive(Clone, Debug)]
+    enum ModelOp {
+        Acquire(usize, u32),
+        Hold(usize),
+        End(usize),
+        Renew(usize),
+        GiveBack(usize),
+        Congested(usize),
+        Halt(usize),
+        ResetHalt,
+        SetCap(usize, u32),
+        Drop(usize),
+        Advance(u64),
+        EarlyEnd,
+    }
+
+    fn model_ops() -> impl Strategy<Value = Vec<ModelOp>> {
+        proptest::collection::vec(
+            prop_oneof![
+                5 => (0..2usize, 1..10u32).prop_map(|(p, w)| ModelOp::Acquire(p, w)),
+                3 => any::<usize>().prop_map(ModelOp::Hold),
+                2 => any::<usize>().prop_map(ModelOp::End),
+                1 => any::<usize>().prop_map(ModelOp::Renew),
+                1 => any::<usize>().prop_map(ModelOp::GiveBack),
+                1 => any::<usize>().prop_map(ModelOp::Congested),
+                1 => any::<usize>().prop_map(ModelOp::Halt),
+                1 => Just(ModelOp::ResetHalt),
+                1 => (0..2usize, 0..11u32).prop_map(|(p, c)| ModelOp::SetCap(p, c)),
+                1 => any::<usize>().prop_map(ModelOp::Drop),
+                2 => prop_oneof![Just(1u64), Just(20), Just(100), Just(300), Just(700)]
+                    .prop_map(ModelOp::Advance),
+                1 => Just(ModelOp::EarlyEnd),
+            ],
+            1..60,
+        )
+    }
+
+    proptest! {
+        /// Random creates (weights 1 to 9 in a pool of 9), holds, ends, renewals, give-backs,
+        /// 1303s, halts, capacity changes, dropped waiters, ends reported before the hold and
+        /// time passing, with and without a queue bound: after every step the slots in use are
+        /// exactly what is granted, held and handed to waiters; no grant goes past the capacity;
+        /// no waiter is served before one ahead of it; no lease ends early and no ended task
+        /// holds; a waiter that was not woken is still pending when polled (no missed wake-up);
+        /// and once everything ends, every waiter is served.
+        #[test]
+        fn waiters_and_tasks_keep_their_invariants(
+            ops in model_ops(),
+            mq in proptest::option::of(0..3usize),
+            ri in prop_oneof![Just(5u64), Just(20), Just(1000)],
+        ) {
+            run_model(&ops, mq, ri)?;
+        }
+    }
+
+    /// The run of [`waiters_and_tasks_keep_their_invariants`]: `mq`, the queue bound; `ri`, the
+    /// recovery interval in seconds.
+    fn run_model(ops: &[ModelOp], mq: Option<usize>, ri: u64) -> Result<(), TestCaseError> {
+        let runtime = paused_runtime();
+        let _entered = runtime.enter();
+        let lease = Duration::from_secs(600);
+        let image = Pool::new(Product::Image);
+        let keys = [SlotKey::new(AccountId::new("a"), image.clone()), key()];
+        let mut config = SlotsConfig::new(3)
+            .pool_capacity(image, 9)
+            .recovery_interval(Duration::from_secs(ri));
+        if let Some(mq) = mq {
+            config = config.max_queue(mq);
+        }
+        let backend = InProcess::new(config).unwrap();
+        let cause = ApiError::from_outcome(
+            &Outcome::parse(
+                http::StatusCode::TOO_MANY_REQUESTS,
+                &http::HeaderMap::new(),
+                br#"{"code":1102,"message":"no balance","request_id":"r"}"#,
+                Instant::now(),
+            )
+            .unwrap(),
+        );
+        let mut queued: Vec<(tokio_test::task::Spawn<InProcessAcquire>, usize, u32)> = Vec::new();
+        let mut granted: Vec<Reservation> = Vec::new();
+        let mut tasks: Vec<String> = Vec::new();
+        let mut leases: HashMap<String, Instant> = HashMap::new();
+        let mut early: HashMap<String, Instant> = HashMap::new();
+        let mut next_id = 0;
+        for op in ops {
+            let before: Vec<(u32, u32)> = {
+                let st = backend.lock();
+                keys.iter()
+                    .map(|k| {
+                        st.pools
+                            .get(k)
+                            .map_or((0, 0), |&i| (st.list[i].in_use, st.list[i].capacity()))
+                    })
+                    .collect()
+            };
+            match op {
+                ModelOp::Acquire(p, w) => {
+                    let w = if *p == 1 { 1 } else { *w };
+                    let mut f = tokio_test::task::spawn(backend.acquire(keys[*p].clone(), w));
+                    match f.poll() {
+                        Poll::Ready(Ok(r)) => granted.push(r),
+                        Poll::Ready(Err(_)) => {}
+                        Poll::Pending => queued.push((f, *p, w)),
+                    }
+                }
+                ModelOp::Hold(n) if !granted.is_empty() => {
+                    let r = granted.remove(n % granted.len());
+                    next_id += 1;
+                    let id = format!("t{next_id}");
+                    if early.get(&id).is_none_or(|&t| t + lease <= Instant::now()) {
+                        tasks.push(id.clone());
+                        leases.insert(id.clone(), Instant::now() + lease);
+                    }
+                    now(backend.apply(SlotOp::Hold {
+                        reservation: r,
+                        task: TaskRef {
+                            id: Some(id),
+                            external_id: None,
+                        },
+                        lease,
+                    }))
+                    .unwrap();
+                }
+                ModelOp::End(n) | ModelOp::Renew(n) if !tasks.is_empty() => {
+                    let end = matches!(op, ModelOp::End(_));
+                    let id = if end {
+                        tasks.remove(n % tasks.len())
+                    } else {
+                        tasks[n % tasks.len()].clone()
+                    };
+                    if end {
+                        leases.remove(&id);
+                    } else if leases[&id] > Instant::now() {
+                        leases.insert(id.clone(), Instant::now() + lease);
+                    }
+                    let st = if end {
+                        TaskStatus::Succeeded
+                    } else {
+                        TaskStatus::Processing
+                    };
+                    now(backend.apply(SlotOp::Update {
+                        account: AccountId::new("a"),
+                        updates: vec![super::super::TaskUpdate {
+                            id,
+                            external_id: None,
+                            status: Some(st),
+                        }],
+                        lease,
+                    }))
+                    .unwrap();
+                }
+                ModelOp::GiveBack(n) if !granted.is_empty() => {
+                    let r = granted.remove(n % granted.len());
+                    now(backend.apply(SlotOp::GiveBack(r))).unwrap();
+                }
+                ModelOp::Congested(n) if !granted.is_empty() => {
+                    let r = granted.remove(n % granted.len());
+                    now(backend.apply(SlotOp::Congested(r))).unwrap();
+                }
+                ModelOp::Halt(n) if !granted.is_empty() => {
+                    let r = granted.remove(n % granted.len());
+                    now(backend.apply(SlotOp::Halt {
+                        reservation: r,
+                        cause: cause.clone(),
+                    }))
+                    .unwrap();
+                }
+                ModelOp::ResetHalt => {
+                    now(backend.apply(SlotOp::ResetHalt(AccountId::new("a")))).unwrap();
+                }
+                ModelOp::SetCap(p, c) => {
+                    now(backend.apply(SlotOp::SetCapacity {
+                        account: None,
+                        pool: keys[*p].pool.clone(),
+                        capacity: *c,
+                    }))
+                    .unwrap();
+                }
+                ModelOp::Drop(n) if !queued.is_empty() => {
+                    drop(queued.remove(n % queued.len()));
+                }
+                ModelOp::EarlyEnd => {
+                    let id = format!("t{}", next_id + 1);
+                    early.insert(id.clone(), Instant::now());
+                    now(backend.apply(SlotOp::Update {
+                        account: AccountId::new("a"),
+                        updates: vec![super::super::TaskUpdate {
+                            id,
+                            external_id: None,
+                            status: Some(TaskStatus::Failed),
+                        }],
+                        lease,
+                    }))
+                    .unwrap();
+                }
+                ModelOp::Advance(s) => {
+                    runtime.block_on(tokio::time::advance(Duration::from_secs(*s)));
+                }
+                _ => continue,
+            }
+            // Settle: poll woken futures until none is woken.
+            let mut granted_now = Vec::new();
+            loop {
+                let mut any = false;
+                let mut i = 0;
+                while i < queued.len() {
+                    if queued[i].0.is_woken() {
+                        any = true;
+                        match queued[i].0.poll() {
+                            Poll::Ready(Ok(r)) => {
+                                granted.push(r);
+                                let q = queued.remove(i);
+                                granted_now.push((q.1, q.0.token));
+                                continue;
+                            }
+                            Poll::Ready(Err(_)) => {
+                                drop(queued.remove(i));
+                                continue;
+                            }
+                            Poll::Pending => {}
+                        }
+                    }
+                    i += 1;
+                }
+                if !any {
+                    break;
+                }
+            }
+            for (p, t) in &granted_now {
+                for q in &queued {
+                    prop_assert!(
+                        !(q.1 == *p && q.0.token.is_some() && q.0.token < *t),
+                        "FIFO broken after {:?}",
+                        op
+                    );
+                }
+            }
+            // Accounting (before any unwoken poll, which may run maintenance).
+            {
+                let st = backend.lock();
+                let t = Instant::now();
+                for (id, until) in &leases {
+                    let held = st
+                        .ids
+                        .contains(NO_SCOPE, id.as_bytes(), &Kept(&st.list, Which::Id));
+                    prop_assert!(held || *until <= t, "{} released early", id);
+                }
+                for pool in &st.list {
+                    for (_, h) in pool.live() {
+                        let id = h.id.as_ref().unwrap().as_str().to_owned();
+                        prop_assert!(leases.contains_key(&id), "{} held but ended", id);
+                    }
+                }
+                for (pi, k) in keys.iter().enumerate() {
+                    let Some(&i) = st.pools.get(k) else { continue };
+                    let pool = &st.list[i];
+                    let res: u32 = granted
+                        .iter()
+                        .filter(|r| r.key == *k)
+                        .map(|r| r.weight)
+                        .sum();
+                    let held: u32 = pool.live().map(|(_, h)| h.weight).sum();
+                    let pending: u32 = queued
+                        .iter()
+                        .filter(|q| {
+                            q.1 == pi
+                                && q.0
+                                    .token
+                                    .is_some_and(|t| pool.granted.iter().any(|g| g.0 == t))
+                        })
+                        .map(|q| q.2)
+                        .sum();
+                    prop_assert_eq!(
+                        pool.in_use,
+                        res + held + pending,
+                        "accounting {:?} {:?}",
+                        k,
+                        op
+                    );
+                    prop_assert_eq!(pool.tasks, pool.live().count());
+                    let (b_in, _) = before[pi];
+                    prop_assert!(
+                        pool.in_use <= pool.capacity()
+                            || pool.in_use <= b_in
+                            || matches!(op, ModelOp::SetCap(..)),
+                        "over capacity {} > {} after {:?}",
+                        pool.in_use,
+                        pool.capacity(),
+                        op
+                    );
+                }
+            }
+            // Missed wakeups: an unwoken future must still be pending.
+            for (i, q) in queued.iter_mut().enumerate() {
+                let r = q.0.poll();
+                prop_assert!(
+                    r.is_pending(),
+                    "missed wakeup of #{} ({:?}) after {:?}: {:?}",
+                    i,
+                    q.1,
+                    op,
+                    r
+                );
+            }
+        }
+        // Liveness: everything ends, every waiter is served in time.
+        now(backend.apply(SlotOp::ResetHalt(AccountId::new("a")))).unwrap();
+        now(backend.apply(SlotOp::SetCapacity {
+            account: None,
+            pool: keys[0].pool.clone(),
+            capacity: 9,
+        }))
+        .unwrap();
+        now(backend.apply(SlotOp::SetCapacity {
+            account: None,
+            pool: keys[1].pool.clone(),
+            capacity: 3,
+        }))
+        .unwrap();
+        for id in tasks.drain(..) {
+            now(backend.apply(SlotOp::Update {
+                account: AccountId::new("a"),
+                updates: vec![super::super::TaskUpdate {
+                    id,
+                    external_id: None,
+                    status: None,
+                }],
+                lease,
+            }))
+            .unwrap();
+        }
+        for _ in 0..200 {
+            for r in granted.drain(..) {
+                now(backend.apply(SlotOp::GiveBack(r))).unwrap();
+            }
+            runtime.block_on(tokio::time::advance(Duration::from_secs(ri * 40)));
+            let mut i = 0;
+            while i < queued.len() {
+                if queued[i].0.is_woken() {
+                    match queued[i].0.poll() {
+                        Poll::Ready(Ok(r)) => {
+                            granted.push(r);
+                            drop(queued.remove(i));
+                            continue;
+                        }
+                        Poll::Ready(Err(_)) => {
+                            drop(queued.remove(i));
+                            continue;
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+                i += 1;
+            }
+            if queued.is_empty() {
+                break;
+            }
+        }
+        let snap = now(backend.snapshot()).unwrap();
+        prop_assert!(
+            queued.is_empty(),
+            "stuck: {} waiters, {:?}",
+            queued.len(),
+            snap
+        );
+        Ok(())
+    }
+
     /// A current-thread runtime with paused time, for tests that drive a backend directly.
     fn paused_runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
