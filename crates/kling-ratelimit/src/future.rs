@@ -374,8 +374,9 @@ where
 {
     /// The usual case, asked directly from `call` before anything else is built: nothing
     /// queues, the gate of `key` (a class's, then the account's) admits at once; the request
-    /// is sent at the instant the backend decided at for the account. Any other answer goes through the gate ([`ResponseFuture::gated`]), which
-    /// asks again (a refusal took nothing) or polls the pending answer.
+    /// is sent at the instant the backend decided at for the account. Any other answer goes
+    /// through the gate ([`ResponseFuture::gated`]), which asks again (a refusal took nothing)
+    /// or polls the pending answer.
     #[inline(always)]
     pub(crate) fn direct(
         shared: &Shared<Bk>,

@@ -42,7 +42,10 @@
 //!   per whatever a [`key_fn`](Builder::key_fn) names; without either, one shared quota.
 //!   [`class_quota`](Builder::class_quota) adds a separate quota for an endpoint class of each
 //!   account (e.g. `/account/costs` at one per second): such a request passes its class
-//!   quota, then its account's. Idle keys are dropped, so keyed state stays bounded.
+//!   quota, then its account's. The class quota spaces the requests passing its gate, not
+//!   their sending: ones that then wait at the account gate (a pause after a 1302, a long
+//!   queue) are sent as the account admits them, closer together than the class quota.
+//!   Idle keys are dropped, so keyed state stays bounded.
 //! - **Wait mode** (default): requests of a key are served first come, first served through a
 //!   per-key queue in which only the head asks the backend; a dropped request gives its place
 //!   up; [`max_queue`](Builder::max_queue), [`max_wait`](Builder::max_wait) and a request's

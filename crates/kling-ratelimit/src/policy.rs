@@ -105,10 +105,13 @@ impl Cooldown {
     }
 
     /// Divides every duration by `speed`: the shared speed factor of the mock and socket tests.
+    /// A duration the division takes past [`Duration::MAX`] (a tiny `speed`) saturates, and
+    /// the layer's build then refuses it, naming the field.
     pub fn scaled(self, speed: f64) -> Self {
         let scale = |d: Duration| {
             if speed.is_finite() && speed > 0.0 {
-                d.div_f64(speed)
+                // Not `div_f64`, which panics when the quotient is past the range.
+                Duration::try_from_secs_f64(d.as_secs_f64() / speed).unwrap_or(Duration::MAX)
             } else {
                 d
             }
@@ -351,6 +354,24 @@ mod tests {
         );
         let err = Adaptive::new().decrease(1.5).validate().unwrap_err();
         assert_eq!(err.field(), "adaptive.decrease");
+    }
+
+    /// A speed so small that the durations leave `Duration`'s range saturates them instead of
+    /// panicking, and the layer's build refuses the result, naming the field.
+    #[test]
+    fn a_tiny_speed_saturates_rather_than_panics() {
+        let slow = Cooldown::new().scaled(1e-20);
+        assert_eq!(slow.ceiling, Duration::MAX);
+        assert_eq!(slow.window, Duration::MAX);
+        assert_eq!(slow.first, Duration::MAX);
+        assert_eq!(slow.validate().unwrap_err().field(), "cooldown.ceiling");
+        let subnormal = Cooldown::new().scaled(f64::from_bits(1));
+        assert_eq!(subnormal.backoff, Duration::MAX);
+        // Still exact within the range.
+        assert_eq!(
+            Cooldown::new().scaled(0.5).ceiling,
+            Duration::from_secs(120)
+        );
     }
 
     #[test]
