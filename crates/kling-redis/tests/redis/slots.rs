@@ -1876,9 +1876,12 @@ async fn a_new_generation_does_not_end_a_task_made_again_under_an_absent_externa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_whose_answer_was_lost_is_given_back_when_the_next_ask_finds_a_halt() {
     let Some(server) = redis() else { return };
+    // The ask whose answer is lost is asked again after `retry_every` (or when a release here
+    // wakes it): long enough that the halt below is surely set first, even on a loaded machine.
+    // At 500 ms a cold CI run once asked again before it, and was granted again.
     let one = backend(&server, 2)
         .await
-        .retry_every(Duration::from_millis(500));
+        .retry_every(Duration::from_secs(3));
     let two = backend(&server, 2).await;
     let r = two.acquire(video(), 1).await.unwrap();
     assert_eq!(in_use(&one).await, 1);
@@ -1889,7 +1892,7 @@ async fn a_grant_whose_answer_was_lost_is_given_back_when_the_next_ask_finds_a_h
     });
     // The lost answer's grant holds the second slot; the other process meets a 1102, which
     // halts the account (and frees its slot, waking the first to ask again).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while in_use(&two).await < 2 {
         assert!(tokio::time::Instant::now() < deadline, "the first ask ran");
         tokio::time::sleep(Duration::from_millis(5)).await;
