@@ -1080,3 +1080,30 @@ async fn a_create_sent_after_its_rate_limit_turn_keeps_its_slots_when_dropped() 
     assert_eq!(*creates.lock().unwrap(), 2, "sent after its turn");
     assert_eq!(kling.snapshot().pool("video").unwrap().in_use, 2);
 }
+
+/// The same through the slots' queue: a create that waited for a slot, was granted it, then
+/// queued at the rate limiter and was dropped there gives the slot back (its send watch is
+/// made at the grant, when no layer above made one: here no spend guard).
+#[tokio::test(start_paused = true)]
+async fn a_create_granted_after_waiting_then_dropped_at_the_rate_limiter_gives_its_slot_back() {
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Free).no_daily_credits(),
+        Credentials::api_key("k").unwrap(),
+    )
+    .unwrap();
+    let service = kling.layer(roomy_mock());
+    let create = || request("POST", "/v1/videos/text2video", r#"{"prompt":"a"}"#);
+    let first = send(&service, create()).await.unwrap();
+    let id = Outcome::of(&first).unwrap().task().unwrap().id.clone();
+    // The second waits for Free's one slot, then (granted at 1 s) for the rate limiter's next
+    // turn, about 6 s after the first create; its caller gives up at 3 s.
+    let second = tokio::spawn(tokio::time::timeout(
+        Duration::from_secs(3),
+        service.clone().oneshot(create()),
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ended = format!(r#"{{"task_id":"{id}","task_status":"succeed"}}"#);
+    kling.on_callback(ended.as_bytes()).await.unwrap();
+    assert!(second.await.unwrap().is_err(), "dropped before its turn");
+    assert_eq!(kling.snapshot().pool("video").unwrap().in_use, 0);
+}
