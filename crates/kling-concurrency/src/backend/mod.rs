@@ -82,12 +82,12 @@ pub struct TaskUpdate {
 }
 
 impl TaskUpdate {
-    /// The update a task report carries (an empty external id, which answers may echo for a
-    /// task that named none, as none).
+    /// The update a task report carries (a report's external id is never empty: kling-core
+    /// reads an echoed `""` as none).
     pub fn from_report(report: &TaskReport) -> Self {
         TaskUpdate {
             id: report.id.clone(),
-            external_id: report.external_id.clone().filter(|ext| !ext.is_empty()),
+            external_id: report.external_id.clone(),
             status: Some(report.status.clone()),
         }
     }

@@ -387,15 +387,14 @@ fn settle_create<B: SlotBackend>(
                 backend.apply_unread(SlotOp::GiveBack(reservation))
             }
             // Kept under the ids borrowed from the answer (the backend copies them inline);
-            // the external id the answer reports, else the create's own. An empty one is none
-            // (an answer may echo `"external_task_id":""` for a create that named none): kept
-            // under it, every such task would replace the one before as "the same create".
+            // the external id the answer reports (never empty: kling-core reads an echoed `""`
+            // as none, which kept would make every such task "the same create"), else the
+            // create's own.
             Some(task) => backend.hold_unread(
                 reservation,
                 Some(&task.id),
                 task.external_id
                     .as_deref()
-                    .filter(|ext| !ext.is_empty())
                     .or_else(|| external.as_ref().map(SmallId::as_str)),
                 lease,
                 // The lease counts from the answer's arrival (no clock read here).

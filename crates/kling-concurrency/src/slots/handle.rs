@@ -387,8 +387,7 @@ impl<B: SlotBackend> SlotsHandle<B> {
                     key: SlotKey::new(account.clone(), self.settings.pool_scope.apply(pool)),
                     task: TaskRef {
                         id: Some(task.id),
-                        // A list may echo `""` for a task that named no external id: none.
-                        external_id: task.external_id.filter(|ext| !ext.is_empty()),
+                        external_id: task.external_id,
                     },
                     weight: 1,
                     lease: self.settings.lease,
