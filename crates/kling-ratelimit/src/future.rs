@@ -171,6 +171,91 @@ impl<Bk: Backend> Gate<Bk> {
         self.class_key.take().is_none()
     }
 
+    /// The class key of a request that has passed its class gate (so it is at the account's),
+    /// when it has one: read again from the request rather than kept, so that a waiter's
+    /// bookkeeping stays as small as it was.
+    fn passed_class<B>(
+        &self,
+        shared: &Shared<Bk>,
+        request: &Request<B>,
+        account_key: &BucketKey,
+    ) -> Option<BucketKey> {
+        if self.class_key.is_some() || shared.classes.is_empty() {
+            return None;
+        }
+        let kind = Recognized::cached(request)?.kind;
+        shared
+            .classes
+            .iter()
+            .any(|(k, _)| *k == kind)
+            .then(|| BucketKey::class(account_key.account_id().cloned(), kind))
+    }
+
+    /// A request that passed its class gate and then found its account paused until `at`:
+    /// it leaves the account's gate and goes back to its class's, whose heads ask no sooner
+    /// than `at`. Sent as the account admitted it, requests that passed their class gate
+    /// during a pause would all go out together when it ends; going back through the gate
+    /// spaces them by the class quota again, at the cost of a turn of the class quota each.
+    fn back_to_class<B>(
+        &mut self,
+        cx: &Context<'_>,
+        shared: &Shared<Bk>,
+        request: &Request<B>,
+        account_key: &BucketKey,
+        class_key: BucketKey,
+        at: Instant,
+    ) -> Result<Step<Bk::AcquireFuture>, BoxError> {
+        self.give_up(shared, account_key);
+        self.class_key = Some(class_key);
+        let is_head = self.join(cx, shared, account_key)?;
+        shared.queues.note_account_pause(self.key(account_key), at);
+        if is_head {
+            self.at_head(shared, request, account_key)
+        } else {
+            Ok(Step::Queued)
+        }
+    }
+
+    /// The step of a request at the head of its queue: it asks the gate, unless it waits at
+    /// its class gate while its account is paused ([`Gate::back_to_class`]), when it sleeps
+    /// until the pause ends (or fails at once if that is past its limit).
+    fn at_head<B>(
+        &mut self,
+        shared: &Shared<Bk>,
+        request: &Request<B>,
+        account_key: &BucketKey,
+    ) -> Result<Step<Bk::AcquireFuture>, BoxError> {
+        let now = Instant::now();
+        let paused_until = self
+            .class_key
+            .as_ref()
+            .and_then(|key| shared.queues.account_paused_until(key))
+            .filter(|at| *at > now);
+        let Some(at) = paused_until else {
+            return Ok(Step::Acquiring(self.ask(shared, account_key)));
+        };
+        self.start_waiting(shared, request, now);
+        if let Some((limit, why)) = self.limit
+            && at > limit
+        {
+            return Err(Box::new(WaitExceeded::new(
+                at,
+                now,
+                why,
+                false,
+                true,
+                account_key.account_id().cloned(),
+            )));
+        }
+        shared
+            .queues
+            .set_head_not_before(self.key(account_key), at, true);
+        self.sleep_until(at);
+        // Slept out unless the quota changes meanwhile (see `Step::Sleeping`).
+        self.epoch = shared.epoch.load(Ordering::Acquire);
+        Ok(Step::Sleeping)
+    }
+
     /// Waits for the gates; a request that fails here gives up what it holds
     /// ([`Gate::give_up`]).
     fn poll<B>(
@@ -200,9 +285,26 @@ impl<Bk: Backend> Gate<Bk> {
                     if shared.mode == Mode::Reject || shared.queues.is_idle() {
                         self.step = Step::Acquiring(self.ask(shared, account_key));
                     } else {
-                        self.start_waiting(shared, request, Instant::now());
+                        let now = Instant::now();
+                        self.start_waiting(shared, request, now);
+                        // At the account's gate behind a head that waits out a pause: back to
+                        // the class gate, as if this request had met the pause itself.
+                        if let Some(class_key) = self.passed_class(shared, request, account_key)
+                            && let Some(at) = shared.queues.head_paused_until(account_key)
+                            && at > now
+                        {
+                            self.step = self.back_to_class(
+                                cx,
+                                shared,
+                                request,
+                                account_key,
+                                class_key,
+                                at,
+                            )?;
+                            continue;
+                        }
                         self.step = if self.join(cx, shared, account_key)? {
-                            Step::Acquiring(self.ask(shared, account_key))
+                            self.at_head(shared, request, account_key)?
                         } else {
                             Step::Queued
                         };
@@ -235,6 +337,20 @@ impl<Bk: Backend> Gate<Bk> {
                                     account_key.account_id().cloned(),
                                 ))));
                             }
+                            if cooldown
+                                && let Some(class_key) =
+                                    self.passed_class(shared, request, account_key)
+                            {
+                                self.step = self.back_to_class(
+                                    cx,
+                                    shared,
+                                    request,
+                                    account_key,
+                                    class_key,
+                                    at,
+                                )?;
+                                continue;
+                            }
                             if self.place.is_none() && !self.join(cx, shared, account_key)? {
                                 // Others queued meanwhile: wait for our turn behind them.
                                 self.step = Step::Queued;
@@ -251,7 +367,7 @@ impl<Bk: Backend> Gate<Bk> {
                 Step::Queued => {
                     let place = self.place.as_ref().expect("a queued request holds a place");
                     match shared.queues.poll_head(&place.key, place.id, cx.waker()) {
-                        Ok(_) => self.step = Step::Acquiring(self.ask(shared, account_key)),
+                        Ok(_) => self.step = self.at_head(shared, request, account_key)?,
                         Err(hint) => {
                             let Some((limit, why)) = self.limit else {
                                 return Poll::Pending;

@@ -42,9 +42,14 @@
 //!   per whatever a [`key_fn`](Builder::key_fn) names; without either, one shared quota.
 //!   [`class_quota`](Builder::class_quota) adds a separate quota for an endpoint class of each
 //!   account (e.g. `/account/costs` at one per second): such a request passes its class
-//!   quota, then its account's. The class quota spaces the requests passing its gate, not
-//!   their sending: ones that then wait at the account gate (a pause after a 1302, a long
-//!   queue) are sent as the account admits them, closer together than the class quota.
+//!   quota, then its account's. A request that passes its class gate and then finds its
+//!   account paused (a 1302 or a `Retry-After`: it asks, or the account queue's head waits one
+//!   out) goes back to its class gate, whose requests ask no sooner than the pause's end, so
+//!   they are sent spaced by the class quota after it rather than all at once (each spends
+//!   one more turn of the class quota). The class quota still spaces the requests passing its
+//!   gate, not their sending, in two cases: a request is sent up to one account turn after
+//!   passing (one per 100 ms at ten a second), and ones already queued at the account gate
+//!   when a pause begins, or behind a long queue there, are sent as the account admits them.
 //!   Idle keys are dropped, so keyed state stays bounded.
 //! - **Wait mode** (default): requests of a key are served first come, first served through a
 //!   per-key queue in which only the head asks the backend; a dropped request gives its place

@@ -26,6 +26,11 @@ struct Queue {
     /// The head's latest "not before", a lower bound on every other waiter's turn, and
     /// whether it is the end of a pause (a cooldown) rather than pacing.
     head_not_before: Option<NotBefore>,
+    /// For a class key's queue: the end of the account's pause, met by one of its requests
+    /// after passing the class gate. Unlike the head's hint it outlives the head: each head
+    /// waits for it before asking the class gate, so the class quota spaces the sending after
+    /// the pause too.
+    account_paused_until: Option<Instant>,
     /// Moved by one per waiter, never set: the gauge is labelled by account only, and an
     /// account's class keys (and the keys of other layers in the process) add up in it.
     depth: metrics::Gauge,
@@ -40,6 +45,7 @@ impl Queue {
             waiters: WaitList::new(),
             next_id: 0,
             head_not_before: None,
+            account_paused_until: None,
             depth: metrics::gauge!(RATELIMIT_QUEUE_DEPTH, LABEL_ACCOUNT => account),
         }
     }
@@ -148,6 +154,29 @@ impl Queues {
     pub(crate) fn set_head_not_before(&self, key: &BucketKey, at: Instant, cooldown: bool) {
         if let Some(queue) = self.lock().get_mut(key) {
             queue.head_not_before = Some((at, cooldown));
+        }
+    }
+
+    /// The account of class key `key` is paused until `at` (one of its requests met the pause
+    /// after passing the class gate): its heads ask the class gate no sooner.
+    pub(crate) fn note_account_pause(&self, key: &BucketKey, at: Instant) {
+        if let Some(queue) = self.lock().get_mut(key) {
+            queue.account_paused_until = queue.account_paused_until.max(Some(at));
+        }
+    }
+
+    /// The end of the account pause noted for class key `key`
+    /// ([`note_account_pause`](Self::note_account_pause)), if any.
+    pub(crate) fn account_paused_until(&self, key: &BucketKey) -> Option<Instant> {
+        self.lock().get(key).and_then(|q| q.account_paused_until)
+    }
+
+    /// The end of the pause the head of `key`'s queue waits out, if it waits out one.
+    pub(crate) fn head_paused_until(&self, key: &BucketKey) -> Option<Instant> {
+        let map = self.lock();
+        match map.get(key)?.head_not_before? {
+            (at, true) => Some(at),
+            (_, false) => None,
         }
     }
 

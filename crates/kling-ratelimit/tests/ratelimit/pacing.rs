@@ -9,7 +9,7 @@ use kling_ratelimit::{GcraLayer, Quota};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 
-use crate::support::{Server, ms, request, request_to, spawn_call};
+use crate::support::{Reply, Server, ms, request, request_to, spawn_call};
 
 #[tokio::test(start_paused = true)]
 async fn requests_are_never_earlier_than_the_quota_allows() {
@@ -332,6 +332,109 @@ async fn a_class_quota_applies_on_top_of_the_account_quota() {
             .set_class_quota(RequestKind::Query, Quota::per_second(1.0))
             .is_err()
     );
+}
+
+/// Four `/account/costs` requests a second apart during a 5 s pause of their account (class
+/// quota one a second, account ten), and one create of the account, sent before them
+/// (waiting out the pause at the head of the account's queue) or after them: when each cost
+/// and the create reached the server.
+async fn costs_during_a_pause(create_first: bool) -> (Vec<u128>, u128) {
+    let server = Server::new();
+    server.script([Reply::throttled().header("retry-after", "5")]);
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    service
+        .clone()
+        .oneshot(request(Some("a"), "create0"))
+        .await
+        .unwrap();
+    let mut calls = Vec::new();
+    if create_first {
+        calls.push(spawn_call(&service, request(Some("a"), "create1")).await);
+    }
+    for i in 0..4 {
+        tokio::time::advance(ms(500)).await;
+        let costs = request_to("/account/costs", Some("a"), &format!("costs{i}"));
+        calls.push(spawn_call(&service, costs).await);
+        tokio::time::advance(ms(500)).await;
+    }
+    if !create_first {
+        calls.push(spawn_call(&service, request(Some("a"), "create1")).await);
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let times = server.times_ms(start);
+    let costs = times
+        .iter()
+        .filter(|(t, _)| t.starts_with("costs"))
+        .map(|(_, t)| *t)
+        .collect();
+    let create1 = times.iter().find(|(t, _)| t == "create1").unwrap().1;
+    (costs, create1)
+}
+
+/// Class requests that pass their gate while the account is paused go back through it when the
+/// pause ends: their class quota spaces their sending, not only their passing of its gate.
+/// Without going back, all four went within 400 ms of the pause's end.
+#[tokio::test(start_paused = true)]
+async fn class_requests_that_meet_an_account_pause_pass_their_gate_again_after_it() {
+    // The first cost passes its class gate at 5000 ms and waits one account turn behind
+    // `create1`, which came to the account's gate first (at 4000 ms, its queue empty).
+    assert_eq!(
+        costs_during_a_pause(false).await,
+        (vec![5100, 6000, 7000, 8000], 5000)
+    );
+}
+
+/// The same when the pause is met not by asking the account but by finding its queue's head
+/// waiting it out.
+#[tokio::test(start_paused = true)]
+async fn class_requests_behind_an_account_waiting_out_a_pause_pass_their_gate_again_after_it() {
+    assert_eq!(
+        costs_during_a_pause(true).await,
+        (vec![5100, 6000, 7000, 8000], 5000)
+    );
+}
+
+/// A class request that comes to the head of its class queue while the account's pause is
+/// noted there waits for the pause's end, and fails at once when that is past its deadline.
+#[tokio::test(start_paused = true)]
+async fn a_class_request_whose_deadline_comes_before_the_account_pause_ends_fails_at_once() {
+    let server = Server::new();
+    server.script([Reply::throttled().header("retry-after", "5")]);
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let costs = |tag: &str| request_to("/account/costs", Some("a"), tag);
+    service.clone().oneshot(costs("c0")).await.unwrap();
+    tokio::time::advance(ms(1000)).await;
+    // Passes its class gate, meets the pause and waits for its end at the class queue's head.
+    let first = spawn_call(&service, costs("c1")).await;
+    let mut late = costs("c2");
+    late.extensions_mut().insert(Deadline(start + ms(4000)));
+    let late = spawn_call(&service, late).await;
+    tokio::time::advance(ms(500)).await;
+    first.abort();
+    let _ = first.await;
+    let err = late.await.unwrap().unwrap_err();
+    let exceeded = err.downcast_ref::<WaitExceeded>().expect("WaitExceeded");
+    assert!(exceeded.in_cooldown());
+    assert!(!exceeded.was_queued());
+    assert_eq!(exceeded.resume_at(), start + ms(5000));
+    assert_eq!(
+        Instant::now(),
+        start + ms(1500),
+        "it failed when it came to the head"
+    );
+    assert_eq!(server.tags(), vec!["c0"]);
 }
 
 /// The class gate and then the account gate, both decided in `call` when nothing queues: a
