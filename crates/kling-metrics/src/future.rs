@@ -175,9 +175,15 @@ impl Call {
 
     fn error(mut self, error: &(dyn StdError + 'static), span: &Span) {
         let end = Instant::now();
-        let sent = requests_sent(error);
+        let (sent, attempts) = requests_sent(error);
         if sent > 0 {
             self.monitor.note_requests(end, u64::from(sent));
+        }
+        // Which attempt ended the call, as a response's `Attempt` says for an answered one.
+        if let Some(attempts) = attempts
+            && !span.is_disabled()
+        {
+            span.record("attempt", attempts);
         }
         let cause = find_cause(error);
         let shown = matches!(&cause, Some(Cause::Api(api)) if pool_shown(api.code()));
@@ -268,7 +274,8 @@ impl Call {
 /// before or without Kling looking at the model (auth, account, rate and content checks, a
 /// 5xx), or says there is no such model (1201, 1202, 1203), so a mistyped model cannot take a
 /// place; such calls are labelled `{product}:other`, as are a model's calls before its first
-/// accepted create.
+/// accepted create, unless the table is full and another layer gave the model a place (see
+/// [`labels::settle_pool`]).
 fn pool_shown(code: Code) -> bool {
     matches!(code.as_i64(), 0 | 1303)
 }
@@ -276,16 +283,19 @@ fn pool_shown(code: Code) -> bool {
 /// How many requests a failed call sent towards Kling: a retry layer's count
 /// ([`Attempts`]), less its last request when that never left; else one, or none for a request
 /// refused in this process (a limiter's, the drain's refusal) or one that never left the client.
-fn requests_sent(error: &(dyn StdError + 'static)) -> u32 {
+/// With the number of the attempt that ended the call, when a retry layer reported it (its
+/// count, the last request included).
+fn requests_sent(error: &(dyn StdError + 'static)) -> (u32, Option<u32>) {
     let mut current = Some(error);
     while let Some(link) = current {
         if let Some(attempts) = link.downcast_ref::<Attempts>() {
             let last_unsent = SendState::of(attempts.last()) == SendState::NotSent;
-            return attempts.sent().saturating_sub(u32::from(last_unsent));
+            let sent = attempts.sent().saturating_sub(u32::from(last_unsent));
+            return (sent, Some(attempts.sent()));
         }
         current = link.source();
     }
-    u32::from(SendState::of(error) != SendState::NotSent)
+    (u32::from(SendState::of(error) != SendState::NotSent), None)
 }
 
 /// An error's text with the credentials it may quote left out: a client's error can quote
@@ -301,6 +311,15 @@ struct Redacted<'a>(&'a (dyn StdError + 'static));
 impl std::fmt::Display for Redacted<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&redact(&self.0.to_string()))
+    }
+}
+
+/// [`Redacted`]'s rule over a text that is no error: an answer's message.
+struct RedactedText<'a>(&'a str);
+
+impl std::fmt::Display for RedactedText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact(self.0))
     }
 }
 
@@ -405,7 +424,8 @@ fn failed(outcome: &Outcome, status: StatusCode) {
         target: "kling_metrics",
         code = outcome.code().as_i64(),
         http_status = status.as_u16(),
-        message = outcome.message(),
+        // The upstream's text: a gateway may quote the credential it refused.
+        message = %RedactedText(outcome.message()),
         request_id = outcome.request_id(),
         "kling call failed"
     );

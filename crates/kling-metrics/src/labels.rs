@@ -261,20 +261,23 @@ pub(crate) fn pool(pool: PoolRef<'_>) -> Value {
     }
 }
 
-/// The model pools an answer showed to exist, with their label and place in
-/// [`model_pool_label`]'s table, which is given a model only then (at most
-/// [`MODEL_POOL_LABELS`]). A create's model is in its path, caller input: interned when the
+/// The model pools known here to have a place in [`model_pool_label`]'s table, with their
+/// label and place: those an answer showed to exist, which this layer gives a place only then
+/// (at most [`MODEL_POOL_LABELS`]), and once the table is full those given a place by another
+/// layer (the task slots). A create's model is in its path, caller input: interned when the
 /// call starts, mistyped models answered 1203 (or refused in this process) took the places of
 /// real ones for the process's life, in this crate's series and in the slot gauges'.
 static SHOWN: RwLock<Vec<(&'static str, usize)>> = RwLock::new(Vec::new());
 
-/// Set once [`model_pool_label`] gave a shown pool no place (its table is full): a model not
-/// shown yet is then `{product}:other` at once.
+/// Set once this layer found [`model_pool_label`]'s table full (a shown pool given no place,
+/// or the last place given): a model not known here yet is then looked up there at once
+/// ([`named_when_full`]), which gives no place any more.
 static SHOWN_FULL: AtomicBool = AtomicBool::new(false);
 
-/// A model pool's label when the call starts: its name if an answer showed the pool before,
-/// `{product}:other` when no more models are labelled by name, else the pool unconfirmed
-/// until its answer ([`settle_pool`]; the only case that allocates).
+/// A model pool's label when the call starts: its name if an answer showed the pool before;
+/// once the table is full, its name if it has a place there (given by the task slots, say),
+/// else `{product}:other`; else the pool unconfirmed until its answer ([`settle_pool`]; the
+/// only case that allocates).
 fn model_pool(product: Product, model: &str) -> Value {
     // A model named `other` is the overflow (see `model_pool_label`).
     if model.len() > MODEL_LABEL_MAX_LEN || model == "other" {
@@ -288,11 +291,37 @@ fn model_pool(product: Product, model: &str) -> Value {
         {
             return Value::fixed(label, FIXED_POOLS + OTHER_POOLS + at);
         }
+        // Every place known here: no other model has one.
+        if shown.len() == MODEL_POOL_LABELS {
+            return other_model_pool(product);
+        }
     }
     if SHOWN_FULL.load(Ordering::Relaxed) {
-        return other_model_pool(product);
+        return named_when_full(product, model);
     }
     unconfirmed_pool(product, model)
+}
+
+/// A model pool's label once [`model_pool_label`]'s table is full: its place there, given
+/// before by this layer or another (the task slots give one when they grant a create its
+/// slots, before any answer), kept here for later calls; else `{product}:other`. The table
+/// being full, asking it gives no place.
+#[cold]
+#[inline(never)]
+fn named_when_full(product: Product, model: &str) -> Value {
+    match model_pool_label(product, model) {
+        (label, Some(at)) => named(label, at),
+        (_, None) => other_model_pool(product),
+    }
+}
+
+/// A model pool's label at its place `at` in [`model_pool_label`]'s table, kept in [`SHOWN`].
+fn named(label: &'static str, at: usize) -> Value {
+    let mut known = SHOWN.write().unwrap_or_else(PoisonError::into_inner);
+    if !known.iter().any(|&(_, place)| place == at) {
+        known.push((label, at));
+    }
+    Value::fixed(label, FIXED_POOLS + OTHER_POOLS + at)
 }
 
 #[cold]
@@ -317,7 +346,8 @@ fn other_model_pool(product: Product) -> Value {
 
 /// Settles a call's pool label once its answer is known: a model pool unconfirmed when the
 /// call started ([`pool`]) gets its own label when `shown` (the answer shows the pool exists:
-/// see `Call::settle_pool`), else `{product}:other`. Any other label is left as it is.
+/// see `Call::settle_pool`); else, once the table is full, the place another layer gave it,
+/// if any; else `{product}:other`. Any other label is left as it is.
 #[inline]
 pub(crate) fn settle_pool(pool: &mut Value, shown: impl FnOnce() -> bool) {
     // Only an unconfirmed model pool's label is built text.
@@ -339,15 +369,20 @@ fn settled_pool(text: &str, shown: bool) -> Value {
         return Value::built(text.to_owned());
     };
     if !shown {
-        return other_model_pool(product);
+        // Not shown: a place given before is its label, as the slot gauges' (asked only once
+        // the table is full, where asking gives none).
+        return if SHOWN_FULL.load(Ordering::Relaxed) {
+            named_when_full(product, model)
+        } else {
+            other_model_pool(product)
+        };
     }
     match model_pool_label(product, model) {
         (label, Some(at)) => {
-            let mut known = SHOWN.write().unwrap_or_else(PoisonError::into_inner);
-            if !known.iter().any(|&(_, place)| place == at) {
-                known.push((label, at));
+            if at + 1 == MODEL_POOL_LABELS {
+                SHOWN_FULL.store(true, Ordering::Relaxed);
             }
-            Value::fixed(label, FIXED_POOLS + OTHER_POOLS + at)
+            named(label, at)
         }
         (_, None) => {
             SHOWN_FULL.store(true, Ordering::Relaxed);

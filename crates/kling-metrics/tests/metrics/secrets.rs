@@ -234,3 +234,52 @@ async fn a_client_error_quoting_the_credential_inside_other_text_leaks_nothing()
     let text = capture.all_text();
     assert_eq!(leaks(&text, &secrets), Vec::<&str>::new(), "{text}");
 }
+
+/// An answer whose message quotes the credential (a gateway echoing the header it refused):
+/// the `WARN` of the failed call keeps the message's words, not the credential, as it does
+/// when the same answer ends the call as an error.
+#[tokio::test(start_paused = true)]
+async fn an_answer_quoting_the_credential_in_its_message_leaks_nothing() {
+    let capture = Capture::default();
+    let _tracing = tracing::subscriber::set_default(capture.clone());
+    let jwt = sign_jwt(ACCESS_KEY, SECRET_KEY);
+    let mut secrets = vec![API_KEY, jwt.as_str()];
+    secrets.extend(jwt.split('.'));
+    for quoted in [format!("Bearer {API_KEY}"), format!("token {jwt}")] {
+        let body = format!(
+            r#"{{"code":1004,"message":"authorization {quoted} is invalid","request_id":"r1"}}"#
+        );
+        let client = tower::service_fn(
+            move |_req: http::Request<http_body_util::Full<bytes::Bytes>>| {
+                let body = body.clone();
+                async move {
+                    Ok::<_, kling_core::BoxError>(
+                        http::Response::builder()
+                            .status(401)
+                            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                            .unwrap(),
+                    )
+                }
+            },
+        );
+        let stack = MetricsLayer::new().layer(ClassifyLayer::new().layer(client));
+        let req = request("GET", "/v1/videos/text2video/1", "", API_KEY);
+        let response = stack.oneshot(req).await.unwrap();
+        assert_eq!(response.status(), 401);
+    }
+    let warned: Vec<_> = capture
+        .events()
+        .into_iter()
+        .filter(|e| e.level == "WARN")
+        .map(|e| e.field("message").unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        warned,
+        [
+            "authorization Bearer [redacted] is invalid",
+            "authorization token [redacted] is invalid"
+        ],
+    );
+    let text = capture.all_text();
+    assert_eq!(leaks(&text, &secrets), Vec::<&str>::new(), "{text}");
+}

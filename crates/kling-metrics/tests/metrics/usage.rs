@@ -365,6 +365,63 @@ async fn a_failed_call_counts_the_requests_its_retries_sent() {
     );
 }
 
+/// A failed call's span says which attempt ended it, as a successful call's does: the number
+/// of requests a retry layer's error reports (`kling_core::error::Attempts`), its last one
+/// refused before it left or not, a Kling error inside or not. An error with no such report
+/// leaves the request's own `attempt`.
+#[tokio::test(start_paused = true)]
+async fn a_failed_calls_span_records_the_attempt_that_ended_it() {
+    use kling_core::error::{ApiError, Attempts, BoxError, RefusedBeforeSending};
+
+    let capture = Capture::default();
+    let _tracing = tracing::subscriber::set_default(capture.clone());
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = calls.clone();
+    let retried = tower::service_fn(move |_req: http::Request<Full<Bytes>>| {
+        let n = seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let error: BoxError = match n {
+                0 => Box::new(Attempts::new(4, false, "code 5000 four times")),
+                1 => Box::new(Attempts::new(3, true, RefusedBeforeSending)),
+                2 => {
+                    let outcome = kling_core::Outcome::parse(
+                        http::StatusCode::TOO_MANY_REQUESTS,
+                        &http::HeaderMap::new(),
+                        br#"{"code":1302,"message":"rate limit","request_id":"r2"}"#,
+                        tokio::time::Instant::now(),
+                    )
+                    .unwrap();
+                    Box::new(Attempts::new(2, false, ApiError::from_outcome(&outcome)))
+                }
+                _ => "connection reset".into(),
+            };
+            Err::<http::Response<Full<Bytes>>, _>(error)
+        }
+    });
+    let stack = MetricsLayer::new().layer(retried);
+    for _ in 0..4 {
+        let mut req = request("GET", "/v1/videos/text2video/t-1", "", "k");
+        req.extensions_mut().insert(Attempt(1));
+        stack.clone().oneshot(req).await.unwrap_err();
+    }
+
+    let spans: Vec<_> = capture
+        .spans()
+        .into_iter()
+        .filter(|span| span.name == "kling.request")
+        .collect();
+    let fields =
+        |name: &str| -> Vec<Option<&str>> { spans.iter().map(|span| span.field(name)).collect() };
+    assert_eq!(
+        fields("attempt"),
+        [Some("4"), Some("3"), Some("2"), Some("1")]
+    );
+    assert_eq!(
+        fields("code"),
+        [Some("error"), Some("error"), Some("1302"), Some("error")]
+    );
+}
+
 /// The attempts a layer below reports count whatever else the response carries: beside the
 /// outcome alone (the layer skips the lookup only when the outcome is the one extension), and
 /// on a response with no envelope (no outcome attached).
