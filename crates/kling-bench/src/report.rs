@@ -215,8 +215,14 @@ pub fn scale(report: &scale::Report) -> String {
         out,
         "\nThe waiters are served all at once, each a task of its own spawned newest first; the \
          inner service counts the requests it sees out of arrival order. Control: through a \
-         deliberately last-in-first-out gate, {} of {} waiters are served out of order.",
-        report.lifo_control.0, report.lifo_control.1
+         deliberately last-in-first-out gate, {} of {} waiters are served out of order. \
+         Control of the bytes: the same driver measures {:.1} bytes per waiter through a gate \
+         whose waiters each hold {} bytes of ballast, and {:.1} through it without.",
+        report.lifo_control.0,
+        report.lifo_control.1,
+        report.bytes_control.0,
+        scale::BALLAST,
+        report.bytes_control.1
     );
     let _ = writeln!(
         out,

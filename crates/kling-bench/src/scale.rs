@@ -105,7 +105,13 @@ pub struct Report {
     /// The order check's control: waiters served out of order through a deliberately
     /// last-in-first-out gate ([`arrival_order_control`]), and how many waited.
     pub lifo_control: (usize, usize),
+    /// The bytes check's control ([`bytes_control`]): bytes per waiter through a gate whose
+    /// waiters hold [`BALLAST`] bytes each, and through the same gate without.
+    pub bytes_control: (f64, f64),
 }
+
+/// The ballast of the bytes check's control: the bound the limiters are held to.
+pub const BALLAST: usize = 256;
 
 /// An always-ready inner that answers every request with a task that has already ended (so a
 /// create gives its slot back at once) and counts requests that arrive out of order.
@@ -359,6 +365,7 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
     report.waiters.push(waiters);
     let control = options.waiters.min(CONTROL_WAITERS);
     report.lifo_control = (arrival_order_control(control, true), control);
+    report.bytes_control = bytes_control(control, BALLAST);
     log("scale: keys");
     report.keys = keys(options.keys, options.decisions);
     log("scale: tasks followed to the end");
@@ -392,6 +399,9 @@ const CONTROL_WAITERS: usize = 10_000;
 struct Gate {
     inner: InOrder,
     waiting: Arc<std::sync::Mutex<std::collections::VecDeque<oneshot::Sender<()>>>>,
+    /// Bytes of ballast each waiter holds on the heap beyond the gate's own bookkeeping, for
+    /// the bytes check's control ([`bytes_control`]).
+    ballast: usize,
 }
 
 impl Service<Req> for Gate {
@@ -407,8 +417,10 @@ impl Service<Req> for Gate {
         let (tx, rx) = oneshot::channel();
         self.waiting.lock().expect("not poisoned").push_back(tx);
         let mut inner = self.inner.clone();
+        let ballast = vec![1u8; self.ballast];
         Box::pin(async move {
             rx.await.expect("the gate opens for every waiter");
+            drop(ballast);
             inner.call(request).await
         })
     }
@@ -419,11 +431,28 @@ impl Service<Req> for Gate {
 /// that can fail finds almost all of them out of order through the LIFO gate, and none
 /// through the FIFO one.
 pub fn arrival_order_control(count: usize, lifo: bool) -> usize {
+    gated(count, lifo, 0).out_of_order
+}
+
+/// The bytes check's control: the bytes per waiter measured for `count` waiters through the
+/// first-in-first-out gate whose waiters each hold `ballast` bytes more, and through the same
+/// gate without ballast. A measurement that sees a waiter's bookkeeping finds the difference
+/// to be the ballast, to the byte.
+pub fn bytes_control(count: usize, ballast: usize) -> (f64, f64) {
+    (
+        gated(count, false, ballast).bytes_per_waiter,
+        gated(count, false, 0).bytes_per_waiter,
+    )
+}
+
+/// `count` waiters through a [`Gate`] ([`queue`]'s measurements).
+fn gated(count: usize, lifo: bool, ballast: usize) -> Waiters {
     paused(async move {
         let inner = InOrder::new();
         let gate = Gate {
             inner: inner.clone(),
             waiting: Arc::default(),
+            ballast,
         };
         let waiting = gate.waiting.clone();
         tokio::task::spawn_local(async move {
@@ -442,9 +471,7 @@ pub fn arrival_order_control(count: usize, lifo: bool) -> usize {
                 }
             }
         });
-        queue("gate", count, Method::GET, gate, &inner, None)
-            .await
-            .out_of_order
+        queue("gate", count, Method::GET, gate, &inner, None).await
     })
 }
 

@@ -81,10 +81,17 @@ fn scale_serves_waiters_in_arrival_order() {
     assert_eq!((shared.0, apart.0), (20, 20), "{:?}", r.follower);
     // Twenty calls on one follower's clones share batch queries; a follower each does not.
     assert!(shared.2 * 4 <= apart.2, "{:?}", r.follower);
-    // The GCRA decision at 1 key and at the options' most (50): both timed.
+    // The GCRA decision at 1 key and at the options' most (50): both timed. A thread's CPU
+    // time (`/proc/thread-self/schedstat`) moves at the scheduler's ticks, so the tiny run's
+    // millisecond of decisions can read as none at all on a loaded machine: a figure, not a
+    // positive one, is what the smoke run can ask for.
     let counts: Vec<usize> = r.keys.iter().map(|&(keys, _)| keys).collect();
     assert_eq!(counts, [1, scale::Options::tiny().keys]);
-    assert!(r.keys.iter().all(|&(_, ns)| ns > 0.0), "{:?}", r.keys);
+    assert!(
+        r.keys.iter().all(|&(_, ns)| ns.is_finite() && ns >= 0.0),
+        "{:?}",
+        r.keys
+    );
     assert!(report::scale(&r).contains("GcraLayer"));
     // The control the table prints: the LIFO gate's waiters are served out of order.
     assert_eq!(r.lifo_control.1, scale::Options::tiny().waiters);
@@ -93,6 +100,14 @@ fn scale_serves_waiters_in_arrival_order() {
         "{:?}",
         r.lifo_control
     );
+    // And the bytes check's: the ballast is seen, to the byte.
+    let (with, without) = r.bytes_control;
+    assert!(
+        (with - without - scale::BALLAST as f64).abs() < 0.5,
+        "{:?}",
+        r.bytes_control
+    );
+    assert!(report::scale(&r).contains("bytes of ballast"));
 }
 
 /// The order check can fail: the same driver finds the requests a deliberately

@@ -176,6 +176,16 @@ fn queued_waiters_cost_at_most_256_bytes_and_are_served_in_order() {
             "{waiters:?}"
         );
     }
+    // The check can fail: the same measurement sees every byte a waiter holds. Through a gate
+    // whose waiters each hold 256 bytes more, it finds 256 more a waiter.
+    let (with, without) = scale::bytes_control(10_000, scale::BALLAST);
+    let seen = with - without;
+    assert!(
+        (seen - scale::BALLAST as f64).abs() < 0.5,
+        "{seen} bytes a waiter seen of {} ({with} against {without})",
+        scale::BALLAST
+    );
+    assert!(with > 256.0, "{with}");
 }
 
 /// Allocations per request on the success path beyond the bare service's, as BENCHMARKS.md
@@ -183,7 +193,8 @@ fn queued_waiters_cost_at_most_256_bytes_and_are_served_in_order() {
 /// task slots read if the caller drops it, `b899530`): the layers' overhead targets hinge on them
 /// (each costs some 140 instructions with its free), and unlike a timing they are the same on
 /// any machine, so a change that adds one fails here instead of hiding in a slow machine's
-/// noise. A change that removes one lowers these constants (and the table) with it.
+/// noise. A change that removes one fails here too, until it lowers these constants (and the
+/// table) with it: the figures BENCHMARKS.md gives stay the ones the code has.
 const PRO_STACK_EXTRA_ALLOCS: f64 = 14.0;
 /// The envelope read's share of them (`ClassifyLayer` alone: 10.5 against 4.0).
 const CLASSIFY_EXTRA_ALLOCS: f64 = 6.5;
@@ -207,7 +218,7 @@ fn the_stack_allocates_no_more_per_request_than_benchmarks_says() {
     ] {
         let added = allocs(name) - bare;
         assert!(
-            added <= extra + SLACK,
+            (added - extra).abs() <= SLACK,
             "{name}: {added:.3} allocations per request over the bare service, not {extra}"
         );
     }
