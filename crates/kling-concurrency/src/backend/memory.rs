@@ -181,9 +181,12 @@ impl Holding {
         }
     }
 
-    /// A holding of `account` kept under the ids of `task` (an empty external id is none).
+    /// A holding of `account` kept under the ids of `task` (an empty id is none).
     fn of(task: TaskRef, account: &AccountId, weight: u32, now: Instant, lease: Duration) -> Self {
-        let id = task.id.map(SmallId::from_string);
+        let id = task
+            .id
+            .filter(|id| !id.is_empty())
+            .map(SmallId::from_string);
         let external = task
             .external_id
             .filter(|ext| !ext.is_empty())
@@ -215,24 +218,72 @@ const MAX_ENDS_KEPT: usize = 4096;
 /// after, is then released at once instead of held until its lease ends (the Redis backend's
 /// `P:ended`).
 ///
+/// An end is filed by task id, keyed as [`Index`] keys it (the id's [`IdHash`]); an end told by
+/// `complete`, whose text may be a task id or an external id of its account, is filed under
+/// both keys (twins): the task id's and the external id's within the account ([`hash_in`]).
+/// The first holding one of them frees says which the text was, and the other is forgotten
+/// (a task whose id is the text of an external id that ended is not ended by it).
+///
 /// Bounded by count and by age: at most [`MAX_ENDS_KEPT`] ends, each kept one lease (the
-/// reporting change's) from its report, the oldest forgotten first. A task whose create's
-/// answer comes later than that holds its slots until its lease, as before. Keyed by the
-/// task id's [`IdHash`]; a hit is confirmed against the id (two ids with one hash: the later
-/// report replaces the earlier, whose holding then waits for its lease).
+/// reporting change's) from its last report, the oldest forgotten first (as the Redis
+/// backend's `ZADD` keeps it). An end reported again while remembered (a callback delivered
+/// twice, a finished task queried again) is renewed in place, not noted again: re-sends take
+/// no room from other ends. A task whose create's answer comes later than that holds its
+/// slots until its lease, as before. A hit is confirmed against the text and scope (two with
+/// one hash: the later report replaces the earlier, whose holding then waits for its lease).
 #[derive(Default)]
 struct Ended {
     by_hash: FxMap<u64, EndedTask>,
-    /// The hashes in the order they were noted, with the end of each note: the oldest go
-    /// first (an entry whose note was replaced since removes nothing).
-    order: VecDeque<(u64, Instant)>,
+    /// The keys in the order they were noted or renewed, each with the number of that note:
+    /// the oldest go first. An entry whose note was renewed, replaced or forgotten since is
+    /// skipped, and such entries are dropped in one pass once they outnumber the notes (and
+    /// 64). Every note in `by_hash` has its entry here.
+    order: VecDeque<(u64, u64)>,
+    /// The number of the next note or renewal.
+    next: u64,
 }
 
 struct EndedTask {
     id: SmallId,
+    /// For a note keyed as an external id, its account (the key's scope); `None` for a task id.
+    external_in: Option<AccountId>,
+    /// For an end told by `complete` (a task id or an external id of this account): the
+    /// account; the note has a twin under the other key.
+    either: Option<AccountId>,
     until: Instant,
     /// The status reported (`None`: said ended by `complete`).
     status: Option<TaskStatus>,
+    /// The number of its last note or renewal, as in `order`.
+    seq: u64,
+}
+
+impl EndedTask {
+    /// A note of `id`, ended at `now`, kept for `keep`, numbered when filed.
+    fn new(
+        id: &str,
+        external_in: Option<AccountId>,
+        either: Option<AccountId>,
+        status: Option<TaskStatus>,
+        now: Instant,
+        keep: Duration,
+    ) -> Self {
+        EndedTask {
+            id: SmallId::new(id),
+            external_in,
+            either,
+            until: lease_end(now, keep),
+            status,
+            seq: 0,
+        }
+    }
+
+    fn scope(&self) -> &[u8] {
+        self.external_in.as_ref().map_or(NO_SCOPE, scope_of)
+    }
+
+    fn is(&self, scope: &[u8], id: &[u8]) -> bool {
+        self.id.as_bytes() == id && self.scope() == scope
+    }
 }
 
 impl Ended {
@@ -241,51 +292,146 @@ impl Ended {
         self.by_hash.is_empty()
     }
 
-    /// Notes that the task `id` (of hash `hash`) ended at `now`, for `keep` from now.
+    /// Notes that the task `id` (of [`IdHash`] `hash`) ended at `now`, for `keep` from now, as
+    /// a report of its status said.
     #[cold]
-    fn note(
+    fn note(&mut self, hash: u64, id: &str, status: &TaskStatus, now: Instant, keep: Duration) {
+        if let Some(task) = self.live_mut(hash, NO_SCOPE, id.as_bytes(), now) {
+            // Noted already: a report says it is a task id, whatever `complete` left open.
+            task.either = None;
+            task.status.get_or_insert_with(|| status.clone());
+            self.renew(hash, now, keep);
+            return;
+        }
+        let task = EndedTask::new(id, None, None, Some(status.clone()), now, keep);
+        self.insert(hash, task, now);
+    }
+
+    /// Notes that `complete` said `id` ended in `account` (of [`IdHash`] `hash`), a task id or
+    /// an external id of the account: filed as both, unless either is noted already (then
+    /// renewed).
+    #[cold]
+    fn note_either(
         &mut self,
         hash: u64,
         id: &str,
-        status: Option<&TaskStatus>,
+        account: &AccountId,
         now: Instant,
         keep: Duration,
     ) {
-        while self
-            .order
-            .front()
-            .is_some_and(|&(_, until)| until <= now || self.order.len() >= MAX_ENDS_KEPT)
-        {
-            self.forget_oldest();
+        let scope = scope_of(account);
+        let external = hash_in::<IdHash>(scope, id.as_bytes());
+        let as_id = self.live_mut(hash, NO_SCOPE, id.as_bytes(), now).is_some();
+        let as_external = self.live_mut(external, scope, id.as_bytes(), now).is_some();
+        if as_id || as_external {
+            if as_id {
+                self.renew(hash, now, keep);
+            }
+            if as_external {
+                self.renew(external, now, keep);
+            }
+            return;
         }
-        let until = lease_end(now, keep);
-        let task = EndedTask {
-            id: SmallId::new(id),
-            until,
-            status: status.cloned(),
-        };
-        self.by_hash.insert(hash, task);
-        self.order.push_back((hash, until));
+        let either = Some(account.clone());
+        let as_id = EndedTask::new(id, None, either.clone(), None, now, keep);
+        self.insert(hash, as_id, now);
+        let as_external = EndedTask::new(id, Some(account.clone()), either, None, now, keep);
+        self.insert(external, as_external, now);
     }
 
-    fn forget_oldest(&mut self) {
-        let Some((hash, until)) = self.order.pop_front() else {
+    /// Files a new note under `key`.
+    fn insert(&mut self, key: u64, mut task: EndedTask, now: Instant) {
+        self.forget(now, MAX_ENDS_KEPT - 1);
+        task.seq = self.sequence();
+        self.order.push_back((key, task.seq));
+        self.by_hash.insert(key, task);
+    }
+
+    /// Keeps the live note under `key` for `keep` from `now`, moved to the back of `order`.
+    fn renew(&mut self, key: u64, now: Instant, keep: Duration) {
+        self.forget(now, MAX_ENDS_KEPT);
+        let seq = self.sequence();
+        let Some(task) = self.by_hash.get_mut(&key) else {
             return;
         };
-        if self
-            .by_hash
-            .get(&hash)
-            .is_some_and(|task| task.until == until)
-        {
-            self.by_hash.remove(&hash);
+        task.until = lease_end(now, keep);
+        task.seq = seq;
+        self.order.push_back((key, seq));
+    }
+
+    fn sequence(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
+
+    /// Forgets the oldest notes while they ran out by `now` or more than `room` are kept, and
+    /// drops the entries of `order` that name no note any more.
+    fn forget(&mut self, now: Instant, room: usize) {
+        while let Some(&(front, seq)) = self.order.front() {
+            let live = self.by_hash.get(&front).filter(|task| task.seq == seq);
+            if live.is_some_and(|task| task.until > now) && self.by_hash.len() <= room {
+                break;
+            }
+            self.order.pop_front();
+            if live.is_some() {
+                self.by_hash.remove(&front);
+            }
+        }
+        if self.order.len() > 2 * self.by_hash.len() + 64 {
+            let by_hash = &self.by_hash;
+            self.order
+                .retain(|(key, seq)| by_hash.get(key).is_some_and(|task| task.seq == *seq));
         }
     }
 
-    /// The status reported for the task `id` (of hash `hash`), if its end is remembered at
-    /// `now`: `Some(None)` for an end `complete` reported.
-    fn get(&self, hash: u64, id: &[u8], now: Instant) -> Option<Option<&TaskStatus>> {
+    /// The note of `id` in `scope` (of key `hash`), if remembered at `now`.
+    fn live_mut(
+        &mut self,
+        hash: u64,
+        scope: &[u8],
+        id: &[u8],
+        now: Instant,
+    ) -> Option<&mut EndedTask> {
+        let task = self.by_hash.get_mut(&hash)?;
+        (task.is(scope, id) && task.until > now).then_some(task)
+    }
+
+    /// The status reported for `id` in `scope` (of key `hash`: a task id in no scope, an
+    /// external id in its account's), if its end is remembered at `now`: `Some(None)` for an
+    /// end `complete` reported.
+    fn get(&self, hash: u64, scope: &[u8], id: &[u8], now: Instant) -> Option<Option<&TaskStatus>> {
         let task = self.by_hash.get(&hash)?;
-        (task.id.as_bytes() == id && task.until > now).then_some(task.status.as_ref())
+        (task.is(scope, id) && task.until > now).then_some(task.status.as_ref())
+    }
+
+    /// [`get`](Ended::get) for a holding the end frees: an end `complete` told is now known
+    /// to name what it matched, and its twin under the other key is forgotten.
+    fn take(
+        &mut self,
+        hash: u64,
+        scope: &[u8],
+        id: &[u8],
+        now: Instant,
+    ) -> Option<Option<TaskStatus>> {
+        let task = self.live_mut(hash, scope, id, now)?;
+        let status = task.status.clone();
+        if let Some(account) = task.either.take() {
+            let twin = if task.external_in.is_some() {
+                (IdHash::hash(id), NO_SCOPE)
+            } else {
+                let scope = scope_of(&account);
+                (hash_in::<IdHash>(scope, id), scope)
+            };
+            if self
+                .by_hash
+                .get(&twin.0)
+                .is_some_and(|t| t.either.is_some() && t.is(twin.1, id))
+            {
+                // Its entry in `order` is skipped when it comes up.
+                self.by_hash.remove(&twin.0);
+            }
+        }
+        Some(status)
     }
 
     fn len(&self) -> usize {
@@ -1566,19 +1712,34 @@ impl State {
     }
 
     /// Releases the holding just filed at `place` if a report said its task ended before
-    /// (an answer overtaken by a callback or query of the task).
+    /// (an answer overtaken by a callback or query of the task, or by `complete` naming its
+    /// task id or its external id).
     #[cold]
     fn release_if_ended(&mut self, place: Place, now: Instant, out: Option<&mut Vec<Released>>) {
-        let Some(holding) = self.list[place.0].holdings[place.1].held() else {
+        let pool = &self.list[place.0];
+        let Some(holding) = pool.holdings[place.1].held() else {
             return;
         };
-        let Some(id) = &holding.id else {
-            return;
+        let by_id = holding.id.as_ref().and_then(|id| {
+            self.ended
+                .take(holding.hashes[0], NO_SCOPE, id.as_bytes(), now)
+        });
+        let status = match by_id {
+            Some(status) => status,
+            None => {
+                let Some(ext) = &holding.external else {
+                    return;
+                };
+                let scope = scope_of(&pool.key.account);
+                match self
+                    .ended
+                    .take(holding.hashes[1], scope, ext.as_bytes(), now)
+                {
+                    Some(status) => status,
+                    None => return,
+                }
+            }
         };
-        let Some(status) = self.ended.get(holding.hashes[0], id.as_bytes(), now) else {
-            return;
-        };
-        let status = status.cloned();
         let why = match &status {
             Some(status) => Why::Ended(status),
             None => Why::Completed,
@@ -1673,11 +1834,20 @@ impl State {
         let Some(place) =
             taken.or_else(|| self.find(reports.account, id, hash, external, by_complete, terminal))
         else {
-            if terminal && reports.note_ends {
+            // (An empty id is no task's: a lookup that found nothing under an external id.)
+            if terminal && reports.note_ends && !id.is_empty() {
                 // The create's answer may still come (a callback can overtake it): its
                 // holding is released when it does.
                 let now = *reports.now.get_or_insert_with(Instant::now);
-                self.ended.note(hash, id, status, now, reports.lease);
+                match status {
+                    Some(status) => self.ended.note(hash, id, status, now, reports.lease),
+                    // `complete`, by task id or by an external id of the account.
+                    None => {
+                        let account = reports.account;
+                        self.ended
+                            .note_either(hash, id, account, now, reports.lease);
+                    }
+                }
             }
             return;
         };
@@ -1704,7 +1874,8 @@ impl State {
             return;
         };
         holding.lease_until = lease_end(now, lease);
-        if holding.id.is_none() {
+        // (An empty id is no task's.)
+        if holding.id.is_none() && !id.is_empty() {
             holding.id = Some(SmallId::new(id));
             holding.hashes[0] = hash;
             // Known by its task id from now on (an older holding filed under the same id, in
@@ -1812,20 +1983,26 @@ impl State {
                 let list = &self.list;
                 let account = scope_of(&key.account);
                 let now = Instant::now();
+                // Held, or reported ended already (the server's list ran behind the report).
                 let known = task.id.as_deref().is_some_and(|id| {
-                    self.ids
-                        .contains(NO_SCOPE, id.as_bytes(), &Kept(list, Which::Id))
-                        // Reported ended already (the server's list ran behind the report).
-                        || self
-                            .ended
-                            .get(IdHash::hash(id.as_bytes()), id.as_bytes(), now)
-                            .is_some()
+                    let id = id.as_bytes();
+                    // (An empty one is no task's, and filed nowhere.)
+                    self.ids.contains(NO_SCOPE, id, &Kept(list, Which::Id))
+                        || (self.ended.get(IdHash::hash(id), NO_SCOPE, id, now)).is_some()
                 }) || task.external_id.as_deref().is_some_and(|ext| {
+                    let ext = ext.as_bytes();
                     self.externals
-                        .contains(account, ext.as_bytes(), &Kept(list, Which::External))
+                        .contains(account, ext, &Kept(list, Which::External))
+                        || (self
+                            .ended
+                            .get(hash_in::<IdHash>(account, ext), account, ext, now))
+                        .is_some()
                 });
                 if !known {
                     let pool = self.pool_mut(&key);
+                    // (A weight past what the count holds is cut to it: the holding gives back
+                    // what it added.)
+                    let weight = weight.min(u32::MAX - pool.in_use);
                     pool.in_use += weight;
                     pool.publish();
                     let holding = Holding::of(task, &key.account, weight, now, lease);
@@ -1956,7 +2133,8 @@ impl SlotBackend for InProcess {
         lease: Duration,
         answered_at: Option<Instant>,
     ) -> Self::Apply {
-        // An empty external id is none (as `Holding::of` reads it).
+        // An empty id is none (as `Holding::of` reads it): answers may echo `""`.
+        let id = id.filter(|id| !id.is_empty());
         let external_id = external_id.filter(|ext| !ext.is_empty());
         let (id, external) = (id.map(SmallId::new), external_id.map(SmallId::new));
         let now = answered_at.unwrap_or_else(Instant::now);
@@ -2467,6 +2645,88 @@ mod tests {
         assert_eq!(pool(&backend, "a"), (1, 1), "only t0 holds its slot");
     }
 
+    /// `complete` by an external id before the create's answer came: the end is kept as the
+    /// external id it may be, within its account, and frees the holding of the create that
+    /// carries that external id when it is kept (answered, or its outcome unknown), not the
+    /// holding of another account's create under it. Once the text has turned out to be an
+    /// external id, a task whose id is the same text is not ended by it.
+    #[tokio::test(start_paused = true)]
+    async fn an_early_complete_by_external_id_frees_the_create_that_carries_it() {
+        let backend = InProcess::new(SlotsConfig::new(4)).unwrap();
+        let lease = Duration::from_secs(600);
+        let b = SlotKey::new(AccountId::new("b"), Pool::new(Product::Video));
+        let complete = |account: &AccountId, id: &str| SlotOp::Update {
+            account: account.clone(),
+            updates: vec![super::super::TaskUpdate {
+                id: id.to_owned(),
+                external_id: None,
+                status: None,
+            }],
+            lease,
+        };
+        let hold_now = |key: SlotKey, id: Option<&str>, ext: Option<&str>| {
+            let reservation = now(backend.acquire(key, 1)).unwrap();
+            now(backend.hold_unread(reservation, id, ext, lease, None)).unwrap();
+        };
+        for ext in ["job-1", "job-2", "x"] {
+            let applied = now(backend.apply(complete(&key().account, ext))).unwrap();
+            assert!(!applied.changed && applied.released.is_empty());
+        }
+        now(backend.apply(complete(&b.account, "job-3"))).unwrap();
+        // The answer names the task and echoes the external id.
+        hold_now(key(), Some("t1"), Some("job-1"));
+        assert_eq!(pool(&backend, "a"), (0, 0), "job-1's create is freed");
+        // The answer was lost: kept under the external id alone.
+        hold_now(key(), None, Some("job-2"));
+        assert_eq!(pool(&backend, "a"), (0, 0), "job-2's create is freed");
+        // Another account's end by `job-3` is not this account's.
+        hold_now(key(), Some("t3"), Some("job-3"));
+        assert_eq!(pool(&backend, "a"), (1, 1));
+        // `x` turns out to be an external id; a task named `x` later is another task.
+        hold_now(key(), Some("t4"), Some("x"));
+        assert_eq!(pool(&backend, "a"), (1, 1));
+        hold_now(key(), Some("x"), None);
+        assert_eq!(pool(&backend, "a"), (2, 2), "task `x` holds its slot");
+        // A `complete` by task id before the answer still frees that task's create.
+        now(backend.apply(complete(&key().account, "t5"))).unwrap();
+        hold_now(key(), Some("t5"), Some("job-5"));
+        assert_eq!(pool(&backend, "a"), (2, 2));
+    }
+
+    /// An end reported again (a callback delivered again, a finished task queried again) is
+    /// renewed in place: the re-sends take no more room than one note (the memory of ends
+    /// stays bounded by the ends, not the reports) and push out no other end, such as that of
+    /// a task whose create's answer is still on its way. The end counts one lease from its
+    /// last report.
+    #[tokio::test(start_paused = true)]
+    async fn an_end_reported_again_is_renewed_not_noted_again() {
+        let lease = Duration::from_secs(600);
+        let backend = InProcess::new(SlotsConfig::new(2).lease(lease)).unwrap();
+        now(backend.apply(ended("t1"))).unwrap();
+        for i in 0..MAX_ENDS_KEPT + 10 {
+            now(backend.apply(ended("t2"))).unwrap();
+            if i % 2 == 0 {
+                tokio::time::advance(Duration::from_millis(1)).await;
+            }
+            let state = backend.lock();
+            assert_eq!(state.ended.len(), 2);
+            assert!(
+                state.ended.order.len() <= 2 * 2 + 64 + 1,
+                "bounded by the notes"
+            );
+        }
+        hold(&backend, key(), Some("t1"), None);
+        assert_eq!(pool(&backend, "a"), (0, 0), "t1's end was still remembered");
+        // t2 was last reported now: it counts a lease from here, past t1's.
+        tokio::time::advance(lease - Duration::from_secs(1)).await;
+        hold(&backend, key(), Some("t2"), None);
+        assert_eq!(
+            pool(&backend, "a"),
+            (0, 0),
+            "t2's end counts from its last report"
+        );
+    }
+
     /// A report of many tasks (a list page, a batch answer), long released most of them, does
     /// not push out the end a single report remembered for a create still on its way.
     #[tokio::test(start_paused = true)]
@@ -2550,7 +2810,7 @@ mod tests {
             let known = |i: usize| {
                 let id = format!("t{i}");
                 let hash = IdHash::hash(id.as_bytes());
-                state.ended.get(hash, id.as_bytes(), t).is_some()
+                state.ended.get(hash, NO_SCOPE, id.as_bytes(), t).is_some()
             };
             assert!(!known(0) && !known(99), "the oldest are forgotten");
             assert!(known(100) && known(MAX_ENDS_KEPT + 99));
@@ -2611,6 +2871,77 @@ mod tests {
         assert_eq!(pool(&backend, "b"), (1, 1));
         tokio::time::advance(Duration::from_secs(600)).await;
         assert_eq!(pool(&backend, "b"), (0, 0));
+    }
+
+    /// An empty task id (an answer or report with `"task_id":""`, which kling-core reads as
+    /// given) is no id either: creates answered with one do not replace each other as "the
+    /// same task" (each keeps its slot under its external id or its lease), a report of a task
+    /// with one ends none of them, and a running report does not file it.
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_task_id_names_no_task() {
+        let backend = InProcess::new(SlotsConfig::new(5)).unwrap();
+        let lease = Duration::from_secs(600);
+        hold(&backend, key(), Some(""), None);
+        hold(&backend, key(), Some(""), None);
+        let reservation = now(backend.acquire(key(), 1)).unwrap();
+        now(backend.hold_unread(reservation, Some(""), None, lease, None)).unwrap();
+        let reservation = now(backend.acquire(key(), 1)).unwrap();
+        now(backend.hold_unread(reservation, Some(""), Some("e1"), lease, None)).unwrap();
+        let adopt = SlotOp::Adopt {
+            key: key(),
+            task: TaskRef {
+                id: Some(String::new()),
+                external_id: None,
+            },
+            weight: 1,
+            lease,
+        };
+        assert!(now(backend.apply(adopt)).unwrap().changed);
+        assert_eq!(pool(&backend, "a"), (5, 5), "five tasks, five slots");
+        // A running report names `e1`'s task by an empty id: not filed under it.
+        let report = |status| SlotOp::Update {
+            account: key().account,
+            updates: vec![super::super::TaskUpdate {
+                id: String::new(),
+                external_id: Some("e1".to_owned()),
+                status: Some(status),
+            }],
+            lease,
+        };
+        now(backend.apply(report(TaskStatus::Processing))).unwrap();
+        now(backend.apply(ended(""))).unwrap();
+        assert_eq!(pool(&backend, "a"), (5, 5));
+        // Found by its external id, it ends.
+        now(backend.apply(report(TaskStatus::Succeeded))).unwrap();
+        assert_eq!(pool(&backend, "a"), (4, 4));
+    }
+
+    /// An adopted task of an absurd weight (a `SlotOp::Adopt` built by hand) does not
+    /// overflow the slots in use (a panic under the lock): it counts what fits, and gives that
+    /// back when it ends.
+    #[tokio::test(start_paused = true)]
+    async fn an_adopt_of_an_absurd_weight_does_not_overflow() {
+        let backend = InProcess::new(SlotsConfig::new(2)).unwrap();
+        let granted = now(backend.acquire(key(), 1)).unwrap();
+        let adopt = SlotOp::Adopt {
+            key: key(),
+            task: TaskRef {
+                id: Some("t1".to_owned()),
+                external_id: None,
+            },
+            weight: u32::MAX,
+            lease: Duration::from_secs(600),
+        };
+        assert!(now(backend.apply(adopt)).unwrap().changed);
+        assert_eq!(pool(&backend, "a"), (u32::MAX, 1));
+        now(backend.apply(ended("t1"))).unwrap();
+        assert_eq!(
+            pool(&backend, "a"),
+            (1, 0),
+            "the grant's slot is still counted"
+        );
+        now(backend.apply(SlotOp::GiveBack(granted))).unwrap();
+        assert_eq!(pool(&backend, "a"), (0, 0));
     }
 
     /// An empty external id (an answer or list echoing `"external_task_id":""` for a create
@@ -3219,6 +3550,7 @@ mod tests {
         Drop(usize),
         Advance(u64),
         EarlyEnd,
+        EarlyComplete,
     }
 
     fn model_ops() -> impl Strategy<Value = Vec<ModelOp>> {
@@ -3237,6 +3569,7 @@ mod tests {
                 2 => prop_oneof![Just(1u64), Just(20), Just(100), Just(300), Just(700)]
                     .prop_map(ModelOp::Advance),
                 1 => Just(ModelOp::EarlyEnd),
+                1 => Just(ModelOp::EarlyComplete),
             ],
             1..60,
         )
@@ -3244,8 +3577,9 @@ mod tests {
 
     proptest! {
         /// Random creates (weights 1 to 9 in a pool of 9), holds, ends, renewals, give-backs,
-        /// 1303s, halts, capacity changes, dropped waiters, ends reported before the hold and
-        /// time passing, with and without a queue bound: after every step the slots in use are
+        /// 1303s, halts, capacity changes, dropped waiters, ends reported (again) before the hold
+        /// by task id or by `complete` with the create's external id, and time passing, with
+        /// and without a queue bound: after every step the slots in use are
         /// exactly what is granted, held and handed to waiters; no grant goes past the capacity;
         /// no waiter is served before one ahead of it; no lease ends early and no ended task
         /// holds; a waiter that was not woken is still pending when polled (no missed wake-up);
@@ -3323,7 +3657,7 @@ mod tests {
                         reservation: r,
                         task: TaskRef {
                             id: Some(id),
-                            external_id: None,
+                            external_id: Some(format!("e{next_id}")),
                         },
                         lease,
                     }))
@@ -3387,6 +3721,20 @@ mod tests {
                 ModelOp::Drop(n) if !queued.is_empty() => {
                     drop(queued.remove(n % queued.len()));
                 }
+                ModelOp::EarlyComplete => {
+                    // `complete` by the next create's external id, before its answer.
+                    early.insert(format!("t{}", next_id + 1), Instant::now());
+                    now(backend.apply(SlotOp::Update {
+                        account: AccountId::new("a"),
+                        updates: vec![super::super::TaskUpdate {
+                            id: format!("e{}", next_id + 1),
+                            external_id: None,
+                            status: None,
+                        }],
+                        lease,
+                    }))
+                    .unwrap();
+                }
                 ModelOp::EarlyEnd => {
                     let id = format!("t{}", next_id + 1);
                     early.insert(id.clone(), Instant::now());
@@ -3447,6 +3795,8 @@ mod tests {
             {
                 let st = backend.lock();
                 let t = Instant::now();
+                // Ends reported again take no room of their own.
+                prop_assert!(st.ended.order.len() <= 2 * st.ended.len() + 64 + 1);
                 for (id, until) in &leases {
                     let held = st
                         .ids

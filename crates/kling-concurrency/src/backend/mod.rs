@@ -63,7 +63,7 @@ pub struct Reservation {
 /// it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TaskRef {
-    /// The server's task id.
+    /// The server's task id (an empty one is none).
     pub id: Option<String>,
     /// The caller's `external_task_id` / `external_id` (an empty one is none: answers may
     /// echo `""` for a create that named no external id).

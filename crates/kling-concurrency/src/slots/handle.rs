@@ -178,6 +178,11 @@ impl<B: SlotBackend> SlotsHandle<B> {
 
     /// [`complete`](Self::complete) for a task of `account`: a task id names the task in any
     /// account, an external id (unique per account only) names it in `account` only.
+    ///
+    /// Told before the create's answer came (nothing holds under `task_id` yet), the
+    /// in-process backend remembers the end as a task id and as an external id of `account`
+    /// (for one lease): the create kept under either, when its answer (or unknown outcome)
+    /// comes, is released at once, and the other reading is then dropped.
     pub async fn complete_in(
         &self,
         account: &AccountId,

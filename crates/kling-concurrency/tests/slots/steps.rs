@@ -1030,6 +1030,43 @@ async fn an_end_reported_before_the_creates_answer_frees_the_slot_when_the_answe
     assert!(handle.complete("t1").await.unwrap().is_none());
 }
 
+/// `complete` by the external id a create carries, told before the create's answer arrives,
+/// frees the create's slot once the answer comes (whether it echoes the external id or not).
+#[tokio::test(start_paused = true)]
+async fn complete_by_external_id_before_the_creates_answer_frees_the_slot_when_it_comes() {
+    let (mock, mut server) =
+        tower_test::mock::pair::<Request<Full<Bytes>>, Response<Full<Bytes>>>();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2)).unwrap();
+    let mut svc: TaskSlots<Manual> = layer.layer(mock);
+
+    for (external, answer) in [
+        (
+            "job-1",
+            serde_json::json!({"task_id":"t1","task_status":"submitted",
+                "task_info":{"external_task_id":"job-1"}}),
+        ),
+        (
+            "job-2",
+            serde_json::json!({"task_id":"t2","task_status":"submitted"}),
+        ),
+    ] {
+        svc.ready().await.unwrap();
+        let mut create = spawn(svc.call(create_with_external(external)));
+        assert_pending!(create.poll());
+        let (_req, respond) = server.next_request().await.unwrap();
+        assert_eq!(pool_state(&handle, &video()).await.0, 1);
+
+        assert!(handle.complete(external).await.unwrap().is_none());
+        respond.send_response(envelope(200, 0, &answer));
+        assert_ready_ok!(create.poll());
+        assert_eq!(
+            pool_state(&handle, &video()).await.0,
+            0,
+            "{external}: the end told first frees the slot"
+        );
+    }
+}
+
 /// A report read elsewhere (a verified callback already parsed) finds a task whose create's
 /// answer was lost by its external id, as a callback body does: the slot held under that id
 /// is freed. `complete`, given the task id alone, cannot find it.
