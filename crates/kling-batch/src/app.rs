@@ -9,7 +9,7 @@ use kling_tower::{StackConfig, WebhookVerifier};
 use tokio::net::TcpListener;
 
 use crate::callbacks;
-use crate::error::{ChangedJobs, SetupError};
+use crate::error::{RunError, SetupError};
 use crate::jobs::Job;
 use crate::journal::Journal;
 use crate::progress::{self, Bars};
@@ -25,6 +25,9 @@ pub struct Listeners {
     pub callback: Option<(TcpListener, Option<WebhookVerifier>)>,
     /// The Prometheus `/metrics` listener.
     pub metrics: Option<TcpListener>,
+    /// The path of the callback URL, which the callback listener serves besides
+    /// [`CALLBACK_PATH`](callbacks::CALLBACK_PATH) ([`callbacks::callback_path`]).
+    pub callback_path: Option<String>,
 }
 
 /// Runs `jobs` through `stack`, serving the listeners and drawing progress (unless `quiet`
@@ -37,7 +40,7 @@ pub async fn execute(
     listeners: Listeners,
     quiet: bool,
     stop: StopSignal,
-) -> Result<RunReport, SetupError> {
+) -> Result<RunReport, RunError> {
     let engine = Engine::new(stack.clone(), journal, options)
         .map_err(|e| SetupError::new(e.field().to_owned(), e.to_string()))?;
     let mut served = Vec::new();
@@ -51,7 +54,14 @@ pub async fn execute(
     if let Some((listener, verifier)) = listeners.callback {
         served.push(callbacks::spawn(
             listener,
-            callbacks::router(engine.clone(), verifier),
+            callbacks::router_at(
+                engine.clone(),
+                verifier,
+                listeners
+                    .callback_path
+                    .as_deref()
+                    .unwrap_or(callbacks::CALLBACK_PATH),
+            ),
         ));
     }
     let bars = Arc::new(Bars::new(quiet));
@@ -66,13 +76,7 @@ pub async fn execute(
     for task in served {
         task.abort();
     }
-    report.map_err(|e| {
-        // A job edited under its id: the jobs file is at fault, not the journal.
-        match std::error::Error::source(&e).and_then(|s| s.downcast_ref::<ChangedJobs>()) {
-            Some(changed) => SetupError::new("JOBS", changed.to_string()),
-            None => SetupError::new("journal", e.to_string()),
-        }
-    })
+    report
 }
 
 /// The summary of a run: jobs from the records, traffic from the stack's counters, and the

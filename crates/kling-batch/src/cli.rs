@@ -13,7 +13,7 @@ use crate::app::{self, Listeners};
 use crate::callbacks::{self, CALLBACK_PATH};
 use crate::demo::{self, DemoOptions};
 use crate::download::DownloadTimeouts;
-use crate::error::SetupError;
+use crate::error::{RunError, SetupError, shown};
 use crate::jobs::parse_jobs_bytes;
 use crate::journal::Journal;
 use crate::output::{check_writable, write_results};
@@ -28,6 +28,11 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_INCOMPLETE: i32 = 1;
 /// Exit status: bad input or configuration; nothing was sent.
 pub const EXIT_SETUP: i32 = 2;
+/// Exit status: the run stopped on an error after it began sending (a journal write failed):
+/// jobs may have been created and billed. Each create was marked in the journal before it was
+/// sent: fix the cause and run again on the same journal, which looks them up and creates none
+/// twice.
+pub const EXIT_RUN_FAILED: i32 = 3;
 /// Exit status: stopped by Ctrl-C (run again to resume).
 pub const EXIT_INTERRUPTED: i32 = 130;
 
@@ -54,7 +59,9 @@ pub enum Command {
 /// `kling-batch run`.
 ///
 /// Its `Debug` shows neither the callback secret nor the Redis URL (which may hold a
-/// password): `<redacted>` stands for a value that is set.
+/// password): `<redacted>` stands for a value that is set. The base and callback URLs are
+/// shown without user info and query (`scheme://host[:port]/path`), which may hold a password
+/// or a token.
 #[derive(Args)]
 pub struct RunArgs {
     /// The jobs: one JSON object per line (`prompt` and other create fields, optional `id`
@@ -80,10 +87,13 @@ pub struct RunArgs {
     /// Speed factor (for a sped-up mock): rates × N, durations ÷ N.
     #[arg(long)]
     pub speed: Option<f64>,
-    /// Listen for Kling's callbacks on ADDR (e.g. 0.0.0.0:8787).
+    /// Listen for Kling's callbacks on ADDR (e.g. 127.0.0.1:8787 behind a reverse proxy, or
+    /// 0.0.0.0:8787 with --callback-url).
     #[arg(long)]
     pub callback_listen: Option<SocketAddr>,
-    /// The public URL Kling should post callbacks to (default: http://ADDR/kling/callback).
+    /// The public URL Kling should post callbacks to, e.g. behind a reverse proxy (default:
+    /// http://ADDR/kling/callback; needed when ADDR is `0.0.0.0` or `[::]`). The listener serves
+    /// its path as well as /kling/callback.
     #[arg(long, requires = "callback_listen")]
     pub callback_url: Option<String>,
     /// Standard-Webhooks secret of signed callbacks (or `KLING_WEBHOOK_SECRET`); without one,
@@ -137,12 +147,12 @@ impl std::fmt::Debug for RunArgs {
             .field("jobs", &self.jobs)
             .field("journal", &self.journal)
             .field("output", &self.output)
-            .field("base_url", &self.base_url)
+            .field("base_url", &shown(&self.base_url))
             .field("tier", &self.tier)
             .field("config", &self.config)
             .field("speed", &self.speed)
             .field("callback_listen", &self.callback_listen)
-            .field("callback_url", &self.callback_url)
+            .field("callback_url", &self.callback_url.as_deref().map(shown))
             .field("callback_secret", &redacted(&self.callback_secret))
             .field("download", &self.download)
             .field("download_connect_timeout", &self.download_connect_timeout)
@@ -200,8 +210,12 @@ pub async fn main(cli: Cli) -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            note(e);
-            EXIT_SETUP
+            note(&e);
+            if e.sent() {
+                EXIT_RUN_FAILED
+            } else {
+                EXIT_SETUP
+            }
         }
     }
 }
@@ -325,7 +339,7 @@ pub fn load_config(args: &RunArgs) -> Result<StackConfig, SetupError> {
     Ok(config)
 }
 
-async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, SetupError> {
+async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
     // Bytes, not a string: a line that is not UTF-8 is one malformed line, not a bad file.
     let bytes = std::fs::read(&args.jobs).map_err(|e| {
         SetupError::new("JOBS", format!("cannot read {}: {e}", args.jobs.display()))
@@ -346,13 +360,13 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, SetupError> {
                 errors.len(),
                 args.jobs.display()
             ),
-        ));
+        )
+        .into());
     }
     if jobs.is_empty() {
-        return Err(SetupError::new(
-            "JOBS",
-            format!("{} holds no job", args.jobs.display()),
-        ));
+        return Err(
+            SetupError::new("JOBS", format!("{} holds no job", args.jobs.display())).into(),
+        );
     }
     let config = load_config(&args)?;
     let timeouts = download_timeouts(&args)?;
@@ -377,7 +391,8 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, SetupError> {
             return Err(SetupError::new(
                 "--output",
                 format!("{} is {what}; name another file", output.display()),
-            ));
+            )
+            .into());
         }
     }
     check_writable(&output)
@@ -403,10 +418,27 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, SetupError> {
         let bound = listener
             .local_addr()
             .map_err(|e| SetupError::new("--callback-listen", e.to_string()))?;
-        let url = args
-            .callback_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{bound}{CALLBACK_PATH}"));
+        let url = match &args.callback_url {
+            Some(url) => {
+                listeners.callback_path = Some(callbacks::callback_path(url)?);
+                url.clone()
+            }
+            // Kling cannot post to `0.0.0.0` or `[::]`: its callbacks would all fail, and the
+            // run fall back on its queries without a word.
+            None if bound.ip().is_unspecified() => {
+                return Err(SetupError::new(
+                    "--callback-url",
+                    format!(
+                        "--callback-listen {addr} listens on every interface, and Kling cannot \
+                         post to {}: give the public URL Kling should post callbacks to \
+                         (e.g. https://HOST{CALLBACK_PATH})",
+                        bound.ip()
+                    ),
+                )
+                .into());
+            }
+            None => format!("http://{bound}{CALLBACK_PATH}"),
+        };
         let secret = args
             .callback_secret
             .clone()
@@ -440,7 +472,7 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, SetupError> {
             .download_dir(dir.clone())
             .download_timeouts(timeouts);
     }
-    let report = app::execute(
+    let report = match app::execute(
         stack.clone(),
         journal,
         &jobs,
@@ -449,7 +481,19 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, SetupError> {
         args.quiet,
         stop,
     )
-    .await?;
+    .await
+    {
+        Ok(report) => report,
+        Err(RunError::Sent(e)) => {
+            note(format_args!(
+                "{}; the journal is {}",
+                RunError::Sent(e),
+                journal_path.display()
+            ));
+            return Ok(EXIT_RUN_FAILED);
+        }
+        Err(e) => return Err(e),
+    };
     // The jobs ran: a results file that cannot be written now (the disk filled up, its
     // folder went away) loses no result, since the journal has them all, and the run is
     // still reported. Not a setup error (status 2 says nothing was sent).
@@ -527,7 +571,7 @@ async fn build_stack(
     Stack::new(config, credentials, &args.base_url)
 }
 
-async fn demo(args: DemoArgs, stop: StopSignal) -> Result<i32, SetupError> {
+async fn demo(args: DemoArgs, stop: StopSignal) -> Result<i32, RunError> {
     let options = DemoOptions {
         tier: args.tier,
         jobs: args.jobs,
@@ -584,6 +628,10 @@ mod tests {
             "127.0.0.1:0",
             "--callback-secret",
             "whsec_TOPSECRET",
+            "--callback-url",
+            "https://hook:HOOKPASSWORD@example.com/hooks/kling?token=HOOKTOKEN",
+            "--base-url",
+            "https://proxy:PROXYPASSWORD@proxy.example/kling?key=PROXYKEY",
         ];
         if cfg!(feature = "redis") {
             argv.extend(["--redis", "redis://:REDISPASSWORD@10.0.0.5:6379/"]);
@@ -592,6 +640,13 @@ mod tests {
         let text = format!("{cli:?}");
         assert!(!text.contains("TOPSECRET"), "{text}");
         assert!(!text.contains("REDISPASSWORD"), "{text}");
+        for secret in ["HOOKPASSWORD", "HOOKTOKEN", "PROXYPASSWORD", "PROXYKEY"] {
+            assert!(!text.contains(secret), "{secret}: {text}");
+        }
+        assert!(
+            text.contains("https://example.com/hooks/kling") && text.contains("proxy.example"),
+            "{text}"
+        );
         assert!(
             text.contains("callback_secret: Some(\"<redacted>\")"),
             "{text}"

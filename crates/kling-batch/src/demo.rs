@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 
 use crate::app::{self, Listeners};
 use crate::callbacks::{self, CALLBACK_PATH};
-use crate::error::SetupError;
+use crate::error::{RunError, SetupError};
 use crate::jobs::{DEFAULT_ENDPOINT, Job};
 use crate::journal::Journal;
 use crate::run::{RunOptions, RunReport, StopSignal};
@@ -103,9 +103,9 @@ pub fn workload(n: usize) -> Vec<Job> {
 pub async fn run_demo(
     options: &DemoOptions,
     stop: StopSignal,
-) -> Result<(Summary, RunReport), SetupError> {
+) -> Result<(Summary, RunReport), RunError> {
     if options.jobs == 0 {
-        return Err(SetupError::new("--jobs", "must be at least 1"));
+        return Err(SetupError::new("--jobs", "must be at least 1").into());
     }
     let config = demo_config(options.tier, options.speed);
     config
@@ -161,6 +161,7 @@ pub async fn run_demo(
     let listeners = Listeners {
         callback: Some((listener, Some(verifier))),
         metrics,
+        callback_path: None,
     };
     let report = app::execute(
         stack.clone(),

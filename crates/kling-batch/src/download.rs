@@ -3,10 +3,11 @@
 //!
 //! Files go to `DIR/{job}/{task}/{index}.{ext}`, where `{job}` is [`dir_name`] of the job id
 //! (a folder no other id maps to) and `{task}` that of the task id. A file is written to
-//! `… .part` and renamed when complete, so a file that exists is whole, and it is this task's:
-//! a resumed run skips it and fetches only what is missing, while a job whose task changed (a
-//! new journal over the same `DIR`, say) gets a folder of its own instead of taking another
-//! task's file. At most [`MAX_IN_FLIGHT`] jobs download at once unless set otherwise
+//! `{index}.{ext}.part` ([`part_path`]) and renamed when complete, so a file that exists under
+//! its result name is whole (even when the URL's own extension is `.part`), and it is this
+//! task's: a resumed run skips it and fetches only what is missing, while a job whose task
+//! changed (a new journal over the same `DIR`, say) gets a folder of its own instead of taking
+//! another task's file. At most [`MAX_IN_FLIGHT`] jobs download at once unless set otherwise
 //! ([`RunOptions::max_downloads`](crate::run::RunOptions::max_downloads)).
 //!
 //! A result server that stops answering cannot hold a run: each file has a connect timeout,
@@ -159,6 +160,16 @@ pub fn file_name(index: usize, url: &str) -> String {
     format!("{index}.{ext}")
 }
 
+/// Where the file at `path` is written until it is whole: its name and `.part` (`0.mp4` →
+/// `0.mp4.part`). A result file's name ([`file_name`]) has one dot, so this is never one,
+/// not even for a URL whose own extension is `.part` (`0.part` → `0.part.part`): a file that
+/// exists under a result's name is always whole.
+pub fn part_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".part");
+    path.with_file_name(name)
+}
+
 /// A job or task id as a folder name that no other id maps to, on case-sensitive and
 /// case-insensitive file systems alike.
 ///
@@ -291,7 +302,7 @@ where
                 };
             if let Err(e) = result {
                 // A `.part` left behind is overwritten by the next attempt; remove it now.
-                let _ = tokio::fs::remove_file(path.with_extension("part")).await;
+                let _ = tokio::fs::remove_file(part_path(&path)).await;
                 fetched.error.get_or_insert(e);
                 continue;
             }
@@ -333,7 +344,7 @@ where
     if response.status() != StatusCode::OK {
         return Err(fail(format!("http {}", response.status().as_u16()).into()));
     }
-    let part = path.with_extension("part");
+    let part = part_path(path);
     let mut file = tokio::fs::File::create(&part)
         .await
         .map_err(|e| DownloadError::new(part.display().to_string(), e))?;
@@ -387,6 +398,31 @@ mod tests {
         assert!(dir_name("..").starts_with("job..~"));
         assert_eq!(dir_name("shot-1.v2_final"), "shot-1.v2_final");
         assert_eq!(dir_name("860000000000000001"), "860000000000000001");
+    }
+
+    /// The file being written is never named as a result file, of its own URL or another's.
+    #[test]
+    fn a_file_being_written_never_has_a_result_files_name() {
+        let urls = [
+            "http://h/x.mp4",
+            "http://h/x.mp4.part",
+            "http://h/video.part",
+            "http://h/part",
+            "http://h/x",
+        ];
+        let finals: Vec<String> = (0..3)
+            .flat_map(|i| urls.iter().map(move |u| file_name(i, u)))
+            .collect();
+        for name in &finals {
+            let part = part_path(&Path::new("d").join(name));
+            let part = part.file_name().unwrap().to_str().unwrap();
+            assert!(
+                !finals.iter().any(|f| f == part),
+                "{name} is written as {part}"
+            );
+        }
+        assert_eq!(part_path(Path::new("d/0.part")), Path::new("d/0.part.part"));
+        assert_eq!(part_path(Path::new("d/1.mp4")), Path::new("d/1.mp4.part"));
     }
 
     #[test]

@@ -151,6 +151,59 @@ impl fmt::Display for SetupError {
 
 impl std::error::Error for SetupError {}
 
+/// Why a run ended without its report: refused before anything was sent, or stopped by its
+/// journal after it began sending.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum RunError {
+    /// Refused before any request was sent: a setting, the jobs file (a job edited under its
+    /// id), or a journal that could not be read or written at the start.
+    Setup(SetupError),
+    /// A journal write failed after the run began sending, and the run stopped: creates may
+    /// have left and tasks may have been billed. A create is marked in the journal before it
+    /// is sent, so a run on the same journal, once the cause is fixed, looks up every create
+    /// this one may have sent and creates none twice.
+    Sent(JournalError),
+}
+
+impl RunError {
+    /// Whether requests may have been sent (and tasks billed) before the run stopped.
+    pub fn sent(&self) -> bool {
+        matches!(self, RunError::Sent(_))
+    }
+}
+
+impl fmt::Display for RunError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RunError::Setup(e) => write!(f, "{e}"),
+            RunError::Sent(e) => write!(
+                f,
+                "{e}; the run stopped after it began sending: jobs may have been created and \
+                 billed. Each create was marked in the journal before it was sent: fix the cause \
+                 (disk space, permissions) and run again on the same journal, which looks those \
+                 jobs up and creates none twice; do not delete the journal or start over with \
+                 another"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RunError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RunError::Setup(e) => Some(e),
+            RunError::Sent(e) => Some(e),
+        }
+    }
+}
+
+impl From<SetupError> for RunError {
+    fn from(e: SetupError) -> Self {
+        RunError::Setup(e)
+    }
+}
+
 /// A result file could not be saved.
 #[derive(Debug)]
 pub struct DownloadError {
@@ -190,7 +243,7 @@ impl fmt::Display for DownloadError {
 
 /// `what` as [`DownloadError`]'s `Display` shows it: a URL as `scheme://host[:port]/path`,
 /// anything else as it is.
-fn shown(what: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn shown(what: &str) -> std::borrow::Cow<'_, str> {
     match what.parse::<http::Uri>() {
         Ok(uri) if uri.scheme().is_some() && uri.host().is_some() => {
             let (scheme, host) = (

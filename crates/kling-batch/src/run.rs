@@ -44,7 +44,7 @@ use http::Request;
 use http_body_util::Full;
 use kling_concurrency::Reconcile;
 use kling_core::error::ApiError;
-use kling_core::{ApiGeneration, BoxError, Code, Outcome, TaskReport, TaskStatus};
+use kling_core::{ApiGeneration, BoxError, Code, Outcome, PeekBody as _, TaskReport, TaskStatus};
 use kling_tower::error::FollowError;
 use kling_tower::{FollowPolicy, Follower, TaskRef};
 use tokio::sync::{mpsc, watch};
@@ -53,7 +53,7 @@ use tokio::time::Instant;
 use tower::ServiceExt as _;
 
 use crate::download::{self, DownloadTimeouts};
-use crate::error::JournalError;
+use crate::error::{ChangedJobs, JournalError, RunError, SetupError};
 use crate::jobs::Job;
 use crate::journal::{ErrorInfo, JobRecord, JobState, Journal, Update};
 use crate::progress::Progress;
@@ -181,6 +181,17 @@ struct Running {
     created: Instant,
 }
 
+/// What a run must do, from the journal's records, before it sends anything.
+struct Plan<'a> {
+    queued: Vec<&'a Job>,
+    /// Creates of unknown outcome, with their external ids and recorded states.
+    creating: Vec<(&'a Job, String, JobState)>,
+    /// Tasks created by an earlier run.
+    created: Vec<(&'a Job, String)>,
+    /// Succeeded jobs with a result file missing: task, URLs, recorded files.
+    undownloaded: Vec<(&'a Job, String, Vec<String>, Vec<String>)>,
+}
+
 /// A created task for the coordinator to follow.
 struct Created {
     job_id: String,
@@ -241,11 +252,36 @@ impl Engine {
     }
 
     /// Runs `jobs` to the end (or until `stop`), and returns what happened.
+    ///
+    /// # Errors
+    ///
+    /// [`RunError::Setup`] when the run is refused before it sends anything: a job edited
+    /// under its id (with [`ChangedJobs`] in its text), or a journal that cannot be read or
+    /// written at the start. [`RunError::Sent`] when a journal write fails once the run has
+    /// begun sending: the run stops at once (no create leaves after it), and a run on the same
+    /// journal looks up whatever this one may have created.
     pub async fn run(
         self: &Arc<Self>,
         jobs: &[Job],
-        mut stop: StopSignal,
-    ) -> Result<RunReport, JournalError> {
+        stop: StopSignal,
+    ) -> Result<RunReport, RunError> {
+        let plan = self.plan(jobs).map_err(|e| {
+            // A job edited under its id: the jobs file is at fault, not the journal.
+            RunError::Setup(
+                match std::error::Error::source(&e).and_then(|s| s.downcast_ref::<ChangedJobs>()) {
+                    Some(changed) => SetupError::new("JOBS", changed.to_string()),
+                    None => SetupError::new("journal", e.to_string()),
+                },
+            )
+        })?;
+        self.carry_out(jobs, plan, stop)
+            .await
+            .map_err(RunError::Sent)
+    }
+
+    /// Registers `jobs` in the journal and sorts them by what the run must do first; sends
+    /// nothing.
+    fn plan<'a>(&self, jobs: &'a [Job]) -> Result<Plan<'a>, JournalError> {
         let records = self.journal.register(jobs)?;
         let jobs_by_id: HashMap<&str, &Job> = jobs.iter().map(|j| (j.id.as_str(), j)).collect();
         let mut queued: Vec<&Job> = Vec::new();
@@ -301,6 +337,27 @@ impl Engine {
             }
         }
 
+        Ok(Plan {
+            queued,
+            creating,
+            created,
+            undownloaded,
+        })
+    }
+
+    /// The run once planned: everything that sends.
+    async fn carry_out(
+        self: &Arc<Self>,
+        jobs: &[Job],
+        plan: Plan<'_>,
+        mut stop: StopSignal,
+    ) -> Result<RunReport, JournalError> {
+        let Plan {
+            mut queued,
+            creating,
+            mut created,
+            undownloaded,
+        } = plan;
         // Resume: adopt the slots of tasks still running on the server, then settle every
         // create whose outcome is unknown by looking it up, before anything is created.
         if !creating.is_empty() || !created.is_empty() {
@@ -409,7 +466,10 @@ impl Engine {
                     None => channel_open = false,
                 },
                 done = creators.join_next(), if !creators_done => match done {
-                    Some(Ok(Err(e))) => journal_error = Some(e),
+                    Some(Ok(Err(e))) => {
+                        tracing::error!(error = %e, "journal write failed; the run stops");
+                        journal_error.get_or_insert(e);
+                    }
                     Some(_) => {}
                     None => creators_done = true,
                 },
@@ -420,25 +480,31 @@ impl Engine {
                         stop_closed = true;
                     } else if *stop.borrow() {
                         interrupted = true;
-                        self.stack.drain_handle().close();
-                        // Creates in flight get a short grace to be answered and recorded.
-                        let grace = tokio::time::sleep(self.options.stop_grace);
-                        tokio::pin!(grace);
-                        loop {
-                            tokio::select! {
-                                () = &mut grace => break,
-                                done = creators.join_next() => match done {
-                                    Some(Ok(Err(e))) => journal_error = Some(e),
-                                    Some(_) => {}
-                                    None => break,
-                                },
-                            }
-                        }
-                        creators.abort_all();
-                        follows.abort_all();
-                        break;
                     }
                 }
+            }
+            // Stopped, or the journal failed: with a journal that cannot record them, no
+            // more creates leave, and a later run on it picks up what this one left.
+            if interrupted || journal_error.is_some() {
+                self.stack.drain_handle().close();
+                // Creates in flight get a short grace to be answered and recorded.
+                let grace = tokio::time::sleep(self.options.stop_grace);
+                tokio::pin!(grace);
+                loop {
+                    tokio::select! {
+                        () = &mut grace => break,
+                        done = creators.join_next() => match done {
+                            Some(Ok(Err(e))) => {
+                                journal_error.get_or_insert(e);
+                            }
+                            Some(_) => {}
+                            None => break,
+                        },
+                    }
+                }
+                creators.abort_all();
+                follows.abort_all();
+                break;
             }
         }
         if let Some(e) = journal_error {
@@ -451,7 +517,8 @@ impl Engine {
             .unwrap_or_else(Instant::now);
         // The journal may hold jobs of earlier files: report this file's.
         let mut records = self.journal.records()?;
-        records.retain(|r| jobs_by_id.contains_key(r.job_id.as_str()));
+        let ids: std::collections::HashSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+        records.retain(|r| ids.contains(r.job_id.as_str()));
         Ok(RunReport {
             records,
             makespan: end.saturating_duration_since(start),
@@ -504,6 +571,13 @@ impl Engine {
 
     /// Looks a job's task up by its external id: `Some` if Kling has it, `None` if Kling
     /// says it does not exist.
+    ///
+    /// Read by kling-retry's rule for its own lookups: only `1203`, or a new-style answer
+    /// whose list was read in whole without the id (`[]` included), says the task does not
+    /// exist; a task counts as the job's only when it carries the job's external id (or none,
+    /// on the path that asked for it). Any other answer (a list of other tasks, as from a
+    /// proxy that dropped the query, or a `data` that cannot be read) is an error, and the job
+    /// stays of unknown outcome: neither created again nor given another job's task.
     pub async fn lookup(
         &self,
         job: &Job,
@@ -517,18 +591,30 @@ impl Engine {
         match self.stack.service().oneshot(request).await {
             Ok(mut response) => {
                 let outcome = Outcome::ensure(&mut response)?;
-                if outcome.is_success() {
-                    let found = outcome
-                        .tasks()
-                        .iter()
-                        .find(|t| t.external_id.as_deref() == Some(external_id))
-                        .or_else(|| outcome.task())
-                        .cloned();
-                    Ok(found)
-                } else if outcome.code() == Code::NotFound {
-                    Ok(None)
-                } else {
-                    Err(Box::new(ApiError::from_outcome(&outcome)))
+                if outcome.code() == Code::NotFound {
+                    return Ok(None);
+                }
+                if !outcome.is_success() {
+                    return Err(Box::new(ApiError::from_outcome(&outcome)));
+                }
+                let found = outcome
+                    .tasks()
+                    .iter()
+                    .find(|t| t.external_id.as_deref().is_none_or(|id| id == external_id));
+                match found {
+                    Some(task) => Ok(Some(task.clone())),
+                    None if job.generation() == ApiGeneration::New
+                        && outcome.lists_every_task(&response.body().peek_bytes()) =>
+                    {
+                        Ok(None)
+                    }
+                    None => Err(format!(
+                        "the lookup of external id {external_id} was answered with no task of \
+                         that id it could read ({} other task(s)); the job stays of unknown \
+                         outcome",
+                        outcome.tasks().len()
+                    )
+                    .into()),
                 }
             }
             Err(e) if failure_of(&*e).code == Some(Code::NotFound) => Ok(None),
@@ -1077,6 +1163,86 @@ mod tests {
         engine.finish("cat", task_id, result).await;
         let record = journal.record("cat").unwrap().unwrap();
         (journal, record)
+    }
+
+    /// A server on a free local port that answers every request with `body` (code 0, 200).
+    async fn answering(body: String) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().fallback(move || {
+            let body = body.clone();
+            async move { ([(http::header::CONTENT_TYPE, "application/json")], body) }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    /// A lookup by external id takes a task for the job's only when it carries the job's id
+    /// (or none): an answer naming other tasks gave the job the first of them, another job's,
+    /// reported as its own and never created. And an answer whose `data` cannot be read said
+    /// "no such task", so the job was created again. By the stack's rule now: a new-style list
+    /// read in whole without the id is "not found", an unreadable one or a legacy task of
+    /// another id leaves the job unknown.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lookup_never_takes_another_jobs_task_nor_reads_nothing_as_not_found() {
+        let (jobs, _) = parse_jobs(concat!(
+            r#"{"id":"cat","prompt":"a cat","endpoint":"/text-to-video/kling-3.0"}"#,
+            "\n",
+            r#"{"id":"dog","prompt":"a dog"}"#,
+            "\n",
+        ));
+        let lookup = |index: usize, data: String| {
+            let job = jobs[index].clone();
+            async move {
+                let body =
+                    format!(r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":{data}}}"#);
+                let stack = Stack::new(
+                    StackConfig::preset(Tier::Pro),
+                    Credentials::api_key("key").unwrap(),
+                    &answering(body).await,
+                )
+                .unwrap();
+                let journal = Journal::open_in_memory().unwrap();
+                let engine =
+                    Engine::new(stack, journal, RunOptions::new(default_follow_policy(1.0)))
+                        .unwrap();
+                engine.lookup(&job, "kb-mine").await
+            }
+        };
+        let other = r#"{"id":"860000000000000007","status":"succeeded","external_id":"kb-else"}"#;
+        let mine = r#"{"id":"860000000000000001","status":"processing","external_id":"kb-mine"}"#;
+        // New-style (`GET /tasks?external_task_ids=`).
+        let found = lookup(0, format!("[{other}]")).await;
+        assert!(matches!(found, Ok(None)), "not the other task: {found:?}");
+        let found = lookup(0, "null".into()).await;
+        assert!(found.is_err(), "nothing read is no answer: {found:?}");
+        let found = lookup(0, "[]".into()).await;
+        assert!(matches!(found, Ok(None)), "{found:?}");
+        let found = lookup(0, format!("[{other},{mine}]")).await;
+        assert_eq!(found.unwrap().unwrap().id, "860000000000000001");
+        // Legacy (`GET {create path}/{external id}`).
+        let found = lookup(
+            1,
+            concat!(
+                r#"{"task_id":"860000000000000007","task_status":"succeed","#,
+                r#""task_info":{"external_task_id":"kb-else"}}"#
+            )
+            .into(),
+        )
+        .await;
+        assert!(found.is_err(), "not the other task: {found:?}");
+        let found = lookup(1, "null".into()).await;
+        assert!(found.is_err(), "nothing read is no answer: {found:?}");
+        let found = lookup(
+            1,
+            concat!(
+                r#"{"task_id":"860000000000000001","task_status":"submitted","#,
+                r#""task_info":{"external_task_id":"kb-mine"}}"#
+            )
+            .into(),
+        )
+        .await;
+        assert_eq!(found.unwrap().unwrap().id, "860000000000000001");
     }
 
     #[tokio::test(start_paused = true)]

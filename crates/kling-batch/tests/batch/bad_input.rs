@@ -59,6 +59,40 @@ async fn strict_mode_refuses_the_file_and_sends_nothing() {
     assert_eq!(server.stats().requests_total, 0);
 }
 
+/// A callback URL Kling could not post to is refused before anything is sent, naming
+/// `--callback-url`: one that is no absolute http(s) URL, or none at all with a listener on
+/// every interface (the default URL would have been `http://0.0.0.0:…`). Every callback
+/// would have failed, and the run fallen back on queries without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_url_kling_cannot_post_to_is_refused_before_anything_is_sent() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("callback-url");
+    let jobs = dir.join("jobs.jsonl");
+    std::fs::write(&jobs, "{\"prompt\":\"x\"}\n").unwrap();
+    let cases: [&[&str]; 3] = [
+        &[
+            "--callback-listen",
+            "127.0.0.1:0",
+            "--callback-url",
+            "example.com/hooks",
+        ],
+        &[
+            "--callback-listen",
+            "127.0.0.1:0",
+            "--callback-url",
+            "ftp://example.com/h",
+        ],
+        &["--callback-listen", "0.0.0.0:0"],
+    ];
+    for args in cases {
+        let output = finish(run_command(&jobs, &server.base_url(), args)).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("--callback-url"), "{args:?}: {stderr}");
+    }
+    assert_eq!(server.stats().requests_total, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_credential_names_the_variable_to_set() {
     let dir = temp_dir("nokey");

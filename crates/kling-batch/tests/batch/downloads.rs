@@ -498,3 +498,91 @@ async fn a_rerun_with_another_download_dir_fetches_the_files_there() {
     }
     assert_eq!(server.stats().tasks_created, 3);
 }
+
+/// A result URL whose own extension is `.part` (`…/0.mp4.part`): a download cut off midway
+/// (the run killed) leaves a partial file, and the next run must not take it for the whole
+/// result. It was written under the result's own name (`0.part`, as its temporary name was
+/// too), so the next run kept the 10 bytes of 100 as the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_cut_off_midway_is_fetched_whole_even_when_its_url_ends_in_part() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    // The first connection gets the head and 10 of 100 bytes, then nothing; later ones get
+    // the whole file.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        let mut first = true;
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let head = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n";
+            let _ = socket.write_all(head).await;
+            if first {
+                first = false;
+                let _ = socket.write_all(&[b'x'; 10]).await;
+                held.push(socket);
+            } else {
+                let _ = socket.write_all(&[b'y'; 100]).await;
+            }
+        }
+    });
+    let client = download::client(Duration::from_secs(5)).unwrap();
+    let dir = temp_dir("dl-part-url");
+    let url = format!("http://{addr}/outputs/t/0.mp4.part");
+    let folder = download::task_dir(&dir, "job", "t");
+
+    let cut = {
+        let (client, dir, url) = (client.clone(), dir.clone(), url.clone());
+        tokio::spawn(async move {
+            download::fetch_all(
+                &client,
+                &dir,
+                "job",
+                "t",
+                &[url],
+                &[],
+                DownloadTimeouts::default(),
+            )
+            .await
+        })
+    };
+    // Once the 10 bytes are on disk, the run is killed (no cleanup).
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let written = std::fs::read_dir(&folder).ok().is_some_and(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.metadata().is_ok_and(|m| m.len() >= 10))
+            });
+            if written {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the first 10 bytes are written");
+    cut.abort();
+    let _ = cut.await;
+
+    let fetched = tokio::time::timeout(
+        Duration::from_secs(20),
+        download::fetch_all(
+            &client,
+            &dir,
+            "job",
+            "t",
+            &[url],
+            &[],
+            DownloadTimeouts::default(),
+        ),
+    )
+    .await
+    .expect("the download ends");
+    assert!(fetched.error.is_none(), "{:?}", fetched.error);
+    let path = folder.join("0.part");
+    assert_eq!(fetched.files, [path.display().to_string()]);
+    assert_eq!(std::fs::read(&path).unwrap(), [b'y'; 100], "the whole file");
+}

@@ -432,3 +432,74 @@ async fn creates_of_unknown_outcome_cost_one_refused_request_when_the_key_is_wro
     let d = &report.records[3];
     assert_eq!(d.error.as_ref().map(|e| e.code), Some(1002), "{d:?}");
 }
+
+/// A journal write that fails after creates were sent (here: an image job's move to
+/// `created`, as a full disk would fail it) stops the run at once, the video pool's creates
+/// too, with status 3, not 2 ("nothing was sent"), saying that jobs may have been created and
+/// to run again on the same journal; that rerun, the cause gone, finishes every job and
+/// creates none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_that_fails_after_creates_were_sent_exits_3_and_a_rerun_creates_none_twice() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("journal-fails");
+    let jobs = write_jobs(&dir, 20);
+    let mut text = std::fs::read_to_string(&jobs).unwrap();
+    text.insert_str(
+        0,
+        "{\"id\":\"foxes\",\"prompt\":\"foxes\",\"endpoint\":\"/v1/images/generations\"}\n",
+    );
+    std::fs::write(&jobs, text).unwrap();
+    let journal = dir.join("journal.sqlite");
+    let out = dir.join("out.jsonl");
+    drop(Journal::open(&journal).unwrap());
+    let db = rusqlite::Connection::open(&journal).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER fail_created BEFORE UPDATE ON jobs \
+         WHEN NEW.state = 'created' AND NEW.endpoint LIKE '/v1/images/%' \
+         BEGIN SELECT RAISE(ABORT, 'disk full (test)'); END;",
+    )
+    .unwrap();
+    drop(db);
+    let args = [
+        "--journal",
+        journal.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ];
+
+    let first = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    let created = server.stats().tasks_created;
+    assert!(
+        created >= 1,
+        "the image job was created and billed: {stderr}"
+    );
+    assert_eq!(first.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("disk full (test)"), "{stderr}");
+    assert!(
+        stderr.contains("jobs may have been created and billed"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("run again on the same journal"), "{stderr}");
+    assert!(stderr.contains(journal.to_str().unwrap()), "{stderr}");
+    assert!(!stderr.contains("nothing was sent"), "{stderr}");
+    // The 20 video jobs take at least four rounds of the Pro tier's 5 slots: the run stopped
+    // creating them when the journal failed.
+    assert!(created < 21, "the run stopped at the failure: {created}");
+
+    let db = rusqlite::Connection::open(&journal).unwrap();
+    db.execute_batch("DROP TRIGGER fail_created;").unwrap();
+    drop(db);
+    let second = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    assert_eq!(
+        second.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let stats = server.stats();
+    assert_eq!(stats.tasks_created, 21, "{stats:?}");
+    assert_eq!(stats.duplicate_external_ids, 0, "{stats:?}");
+    assert_eq!(in_state(&results(&out), "succeeded").len(), 21);
+}

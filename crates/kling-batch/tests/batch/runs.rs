@@ -338,3 +338,48 @@ async fn a_wrong_api_key_halts_the_run_after_one_create_and_a_rerun_with_the_rig
         "{stats:?}"
     );
 }
+
+/// `--callback-url` with a path of its own (a reverse proxy forwarding `/hooks/kling` as it
+/// is): the listener serves that path, and every callback is taken. It served only
+/// `/kling/callback`, so each callback met a 404 and the run silently fell back on queries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_to_the_path_of_the_callback_url_are_taken() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("callback-path");
+    let jobs = write_jobs(&dir, 6);
+    let out = dir.join("out.jsonl");
+    // A free port for the listener (taken back at once; nothing else here binds one).
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = format!("http://{addr}/hooks/kling");
+    let listen = addr.to_string();
+    let output = finish(run_command(
+        &jobs,
+        &server.base_url(),
+        &[
+            "--json",
+            "-o",
+            out.to_str().unwrap(),
+            "--callback-listen",
+            &listen,
+            "--callback-url",
+            &url,
+        ],
+    ))
+    .await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(in_state(&results(&out), "succeeded").len(), 6);
+    let stats = server.stats();
+    assert!(stats.callbacks_sent > 0, "{stats:?}");
+    assert_eq!(
+        stats.callbacks_failed, 0,
+        "every callback was taken: {stats:?}"
+    );
+}
