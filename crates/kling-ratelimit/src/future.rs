@@ -191,6 +191,26 @@ impl<Bk: Backend> Gate<Bk> {
             .then(|| BucketKey::class(account_key.account_id().cloned(), kind))
     }
 
+    /// [`Gate::back_to_class`] for a request that passed its class gate, when `paused_until`
+    /// (asked only then) gives the end of its account's pause; whether it went back.
+    fn went_back_to_class<B>(
+        &mut self,
+        cx: &Context<'_>,
+        shared: &Shared<Bk>,
+        request: &Request<B>,
+        account_key: &BucketKey,
+        paused_until: impl FnOnce() -> Option<Instant>,
+    ) -> Result<bool, BoxError> {
+        let Some(class_key) = self.passed_class(shared, request, account_key) else {
+            return Ok(false);
+        };
+        let Some(at) = paused_until() else {
+            return Ok(false);
+        };
+        self.step = self.back_to_class(cx, shared, request, account_key, class_key, at)?;
+        Ok(true)
+    }
+
     /// A request that passed its class gate and then found its account paused until `at`:
     /// it leaves the account's gate and goes back to its class's, whose heads ask no sooner
     /// than `at`. Sent as the account admitted it, requests that passed their class gate
@@ -289,18 +309,11 @@ impl<Bk: Backend> Gate<Bk> {
                         self.start_waiting(shared, request, now);
                         // At the account's gate behind a head that waits out a pause: back to
                         // the class gate, as if this request had met the pause itself.
-                        if let Some(class_key) = self.passed_class(shared, request, account_key)
-                            && let Some(at) = shared.queues.head_paused_until(account_key)
-                            && at > now
-                        {
-                            self.step = self.back_to_class(
-                                cx,
-                                shared,
-                                request,
-                                account_key,
-                                class_key,
-                                at,
-                            )?;
+                        let head_paused = || {
+                            let at = shared.queues.head_paused_until(account_key);
+                            at.filter(|at| *at > now)
+                        };
+                        if self.went_back_to_class(cx, shared, request, account_key, head_paused)? {
                             continue;
                         }
                         self.step = if self.join(cx, shared, account_key)? {
@@ -337,18 +350,8 @@ impl<Bk: Backend> Gate<Bk> {
                                     account_key.account_id().cloned(),
                                 ))));
                             }
-                            if cooldown
-                                && let Some(class_key) =
-                                    self.passed_class(shared, request, account_key)
-                            {
-                                self.step = self.back_to_class(
-                                    cx,
-                                    shared,
-                                    request,
-                                    account_key,
-                                    class_key,
-                                    at,
-                                )?;
+                            let paused = || cooldown.then_some(at);
+                            if self.went_back_to_class(cx, shared, request, account_key, paused)? {
                                 continue;
                             }
                             if self.place.is_none() && !self.join(cx, shared, account_key)? {
