@@ -163,6 +163,11 @@ impl<B: StackBackends> KlingBuilder<B> {
     /// The auth layer, e.g. one with a test clock (default `AuthLayer::new(credentials)`). The
     /// stack turns its own resend off (`resend_on_refusal(false)`): the retry layer resends a
     /// 1003/1004 once, through the slots and the rate limiter.
+    ///
+    /// It must sign with the builder's credentials (the same API key, or the same access key):
+    /// the stack's limits count under the account those derive, so an auth layer for another
+    /// account is refused by [`build`](Self::build) (`auth`, naming both accounts) rather than
+    /// having its requests counted against the builder's account.
     pub fn auth(mut self, auth: AuthLayer) -> Self {
         self.auth = Some(auth);
         self
@@ -277,6 +282,22 @@ impl<B: StackBackends> KlingBuilder<B> {
         config.validate()?;
         let base_url = self.base_url?;
         let speed = config.speed_factor();
+        // An auth layer of the caller's must sign for the account the limits count under: the
+        // builder's credentials', unless `account` names another (which then still means the
+        // account these credentials are for).
+        if let Some(auth) = &self.auth {
+            let (signs_for, given) = (auth.account_id(), self.credentials.account_id());
+            if *signs_for != given {
+                return Err(ConfigError::new(
+                    "auth",
+                    format!(
+                        "signs for account {signs_for}, but the builder's credentials are \
+                         account {given}: give the builder the credentials the auth layer signs \
+                         with"
+                    ),
+                ));
+            }
+        }
         let auth = self
             .auth
             .unwrap_or_else(|| AuthLayer::new(self.credentials.clone()))
@@ -587,7 +608,8 @@ impl<B: StackBackends> KlingLayer<B> {
     /// queries are paced and free slots like any other) and holds the drain open while it
     /// follows. Its queries carry this stack's account, so a [`Gateway`](crate::gateway::Gateway)
     /// serving several accounts routes them here. Each call makes a follower of its own: clone
-    /// one to have its calls share batch queries.
+    /// one to have its calls share batch queries and the callbacks
+    /// [delivered](Follower::deliver) to any clone.
     pub fn follower<S>(&self, service: S, policy: FollowPolicy) -> Result<Follower<S>, ConfigError>
     where
         S: Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>> + Clone,

@@ -6,8 +6,14 @@
 //! cache; a JWT request reads the shared token generation (a load, no write) to know its copy is
 //! still the current token.
 //!
-//! A copy stays in its thread until another layer's value takes its slot or the thread ends;
-//! like any header it is marked sensitive, so `Debug` never shows it.
+//! A copy does not outlive its layer for long: the thread that drops a JWT layer drops its own
+//! copy of that layer's token at once, and every other thread drops its copies of layers that
+//! are gone at its next JWT request, through any layer (a layer dropped moves a counter that
+//! each such request compares with what its thread last saw: one load and one comparison).
+//! A thread that sends no JWT request again keeps its copy until it ends; the token expires
+//! at its `exp` all the same. A copy is found only by the layer that made it (each layer's
+//! cache has an id of its own, never reused), so no other layer, of this account or another,
+//! sends it. Like any header it is marked sensitive, so `Debug` never shows it.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,10 +32,14 @@ use super::Shared;
 pub(crate) type Owner = Arc<Weak<Shared>>;
 
 /// How many layers' values a thread keeps (more layers share slots and copy again).
-const SLOTS: usize = 4;
+pub(super) const SLOTS: usize = 4;
 
 /// Identifies one layer's token cache (its [`super::Shared`]) in the thread slots.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// How many JWT layers' caches have been dropped: a thread that finds it moved since it last
+/// looked drops its copies of layers that are gone.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
 
 /// A fresh layer id, never 0 (0 marks an empty slot).
 pub(super) fn next_id() -> u64 {
@@ -56,8 +66,17 @@ pub(super) enum Now {
     Tokio(Instant),
 }
 
+/// A thread's copies, and [`DROPPED`] as it was when the thread last dropped the copies of
+/// layers that are gone.
+struct Copies {
+    seen: u64,
+    slots: [Option<Copy>; SLOTS],
+}
+
 thread_local! {
-    static COPIES: RefCell<[Option<Copy>; SLOTS]> = const { RefCell::new([const { None }; SLOTS]) };
+    static COPIES: RefCell<Copies> = const {
+        RefCell::new(Copies { seen: 0, slots: [const { None }; SLOTS] })
+    };
 }
 
 fn slot(id: u64) -> usize {
@@ -65,7 +84,8 @@ fn slot(id: u64) -> usize {
 }
 
 /// This thread's copy of layer `id`'s value when it is of token `generation` and `now` is
-/// before its renewal time, with its [`Owner`] when `owner` asks for it.
+/// before its renewal time, with its [`Owner`] when `owner` asks for it. After a layer's cache
+/// was dropped anywhere, this thread first drops its copies of layers that are gone.
 #[inline]
 pub(super) fn get(
     id: u64,
@@ -73,15 +93,48 @@ pub(super) fn get(
     now: Now,
     owner: bool,
 ) -> Option<(HeaderValue, Option<Owner>)> {
-    COPIES.with(|copies| {
-        let copies = copies.borrow();
-        match &copies[slot(id)] {
-            Some(copy) if copy.id == id && copy.generation == generation && copy.fresh(now) => {
-                Some((copy.header.clone(), owner.then(|| copy.owner.clone())))
-            }
-            _ => None,
+    COPIES.with(|cell| {
+        let copies = cell.borrow();
+        if copies.seen != DROPPED.load(Ordering::Relaxed) {
+            drop(copies);
+            drop_gone(&mut cell.borrow_mut());
+            return find(&cell.borrow(), id, generation, now, owner);
         }
+        find(&copies, id, generation, now, owner)
     })
+}
+
+#[inline(always)]
+fn find(
+    copies: &Copies,
+    id: u64,
+    generation: u64,
+    now: Now,
+    owner: bool,
+) -> Option<(HeaderValue, Option<Owner>)> {
+    match &copies.slots[slot(id)] {
+        Some(copy) if copy.id == id && copy.generation == generation && copy.fresh(now) => {
+            Some((copy.header.clone(), owner.then(|| copy.owner.clone())))
+        }
+        _ => None,
+    }
+}
+
+/// Drops this thread's copies of layers that are gone, if any layer was dropped since it last
+/// looked.
+#[cold]
+fn drop_gone(copies: &mut Copies) {
+    // Read before looking: a layer dropped meanwhile moves it again, for the next request.
+    let dropped = DROPPED.load(Ordering::Acquire);
+    if copies.seen == dropped {
+        return;
+    }
+    for copy in &mut copies.slots {
+        if copy.as_ref().is_some_and(|c| c.owner.strong_count() == 0) {
+            *copy = None;
+        }
+    }
+    copies.seen = dropped;
 }
 
 impl Copy {
@@ -111,7 +164,9 @@ pub(super) fn put(
     };
     own.set_sensitive(true);
     COPIES.with(|copies| {
-        copies.borrow_mut()[slot(id)] = Some(Copy {
+        let mut copies = copies.borrow_mut();
+        drop_gone(&mut copies);
+        copies.slots[slot(id)] = Some(Copy {
             id,
             generation,
             renew_at,
@@ -122,12 +177,46 @@ pub(super) fn put(
     });
 }
 
+/// Layer `id`'s cache is being dropped: this thread drops its copy now, and every other
+/// thread drops its copies of layers that are gone at its next JWT request ([`get`]).
+pub(super) fn dropped(id: u64) {
+    // Released after the layer's last strong reference went: a thread that reads the new
+    // count finds the layer gone.
+    DROPPED.fetch_add(1, Ordering::Release);
+    // Not while the thread is ending, or (never, as no copy owns a layer) inside a borrow.
+    let _ = COPIES.try_with(|copies| {
+        if let Ok(mut copies) = copies.try_borrow_mut()
+            && let Some(copy) = &mut copies.slots[slot(id)]
+            && copy.id == id
+        {
+            copies.slots[slot(id)] = None;
+        }
+    });
+}
+
+/// Whether this thread keeps a copy of layer `id`'s value.
+#[cfg(test)]
+pub(super) fn holds(id: u64) -> bool {
+    COPIES.with(|copies| {
+        copies
+            .borrow()
+            .slots
+            .iter()
+            .any(|copy| copy.as_ref().is_some_and(|copy| copy.id == id))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn owner() -> Owner {
-        Arc::new(Weak::new())
+    /// A way back to a live layer's cache (a copy of a layer that is gone may be dropped at
+    /// any request, when another test drops a layer), and that layer.
+    fn owner() -> (super::super::AuthLayer, Owner) {
+        let credentials = super::super::Credentials::access_key("ak", "sk").unwrap();
+        let layer = super::super::AuthLayer::new(credentials);
+        let owner = Arc::new(Arc::downgrade(&layer.shared));
+        (layer, owner)
     }
 
     fn unix(secs: u64) -> Now {
@@ -140,7 +229,7 @@ mod tests {
         let id = next_id();
         let value = HeaderValue::from_static("Bearer t1");
         assert!(get(id, 1, unix(0), false).is_none());
-        let kept = owner();
+        let (_layer, kept) = owner();
         let renew_by = start + Duration::from_secs(100);
         put(
             id,
@@ -167,7 +256,8 @@ mod tests {
         // Another layer in the same slot takes it over.
         let other = id + SLOTS as u64;
         let value = HeaderValue::from_static("Bearer other");
-        put(other, 1, Duration::MAX, start, &value, owner());
+        let (_other_layer, other_owner) = owner();
+        put(other, 1, Duration::MAX, start, &value, other_owner);
         assert!(get(id, 1, unix(0), false).is_none());
         assert_eq!(get(other, 1, unix(0), false).unwrap().0, "Bearer other");
         // Other threads keep their own.

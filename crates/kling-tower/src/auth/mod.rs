@@ -28,7 +28,9 @@
 //! share (a clone is a reference count; the bytes are freed with the layer and the last such
 //! request, never kept for the life of the process), and each thread keeps its own copy of the
 //! current JWT, checked against the shared token's generation with a plain read, so the lock
-//! is taken only to sign or to drop a token.
+//! is taken only to sign or to drop a token. A thread's copy goes with its layer: at once on the
+//! thread that drops the layer, and on any other thread at its next JWT request (a thread that
+//! sends none keeps it until it ends); only the layer that made a copy ever sends it.
 //!
 //! The layer also sets the request's [`AccountId`] when it has none: for an API key,
 //! `key-` and the first 12 hex digits of the key's SHA-256; for an access key, `ak-` and the
@@ -395,6 +397,15 @@ impl Shared {
             renew_at: Duration::from_secs(now_secs) + TOKEN_LIFETIME - self.renew_before,
             generation,
         })
+    }
+}
+
+impl Drop for Shared {
+    /// A JWT's copies in the threads go with it (see [`local`]).
+    fn drop(&mut self) {
+        if self.signer.is_some() {
+            local::dropped(self.id);
+        }
     }
 }
 
@@ -803,6 +814,69 @@ mod tests {
         drop(layer);
         assert!(weak.upgrade().is_none());
         assert!(owner.upgrade().is_none());
+    }
+
+    /// A thread's copy of a JWT goes with its layer: at once on the thread that drops the
+    /// layer, and on any other thread at its next JWT request (through any layer), so a signed
+    /// token does not stay in a thread's memory for as long as the thread lives. A later layer
+    /// on that thread, in the same slot, never reads it.
+    #[test]
+    fn a_threads_copy_of_a_token_goes_with_its_layer() {
+        let clock = ManualClock::default();
+        clock.set(1_000_000);
+
+        // On the thread that drops it.
+        let layer = jwt(&clock);
+        let id = layer.shared.id;
+        let (token, _) = pair(&layer.shared);
+        assert!(local::holds(id));
+        drop(layer);
+        assert!(
+            !local::holds(id),
+            "dropped on the thread that dropped its layer"
+        );
+        // A layer of another account in the same slot signs its own token.
+        let other = loop {
+            let other = AuthLayer::new(Credentials::access_key("ak-other", "sk").unwrap())
+                .with_clock(clock.clone());
+            if other.shared.id % local::SLOTS as u64 == id % local::SLOTS as u64 {
+                break other;
+            }
+        };
+        assert_ne!(pair(&other.shared).0, token);
+        assert_eq!(other.tokens_signed(), 1);
+
+        // On another thread, which copied the token and then sends through another layer.
+        let layer = jwt(&clock);
+        let id = layer.shared.id;
+        let (to_main, from_worker) = std::sync::mpsc::channel();
+        let (to_worker, from_main) = std::sync::mpsc::channel::<()>();
+        let worker = {
+            let layer = layer.clone();
+            let clock = clock.clone();
+            std::thread::spawn(move || {
+                pair(&layer.shared);
+                drop(layer);
+                to_main.send(local::holds(id)).unwrap();
+                from_main.recv().unwrap();
+                // Another JWT layer, in another slot than the dropped one's.
+                let next = loop {
+                    let next = jwt(&clock);
+                    if next.shared.id % local::SLOTS as u64 != id % local::SLOTS as u64 {
+                        break next;
+                    }
+                };
+                pair(&next.shared);
+                local::holds(id)
+            })
+        };
+        assert!(from_worker.recv().unwrap(), "the worker copied the token");
+        drop(layer);
+        to_worker.send(()).unwrap();
+        assert!(
+            !worker.join().unwrap(),
+            "dropped at the worker's next JWT request"
+        );
     }
 
     /// JWT layers that share a thread slot keep their own tokens.

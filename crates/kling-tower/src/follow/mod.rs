@@ -61,7 +61,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::poll_fn;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -358,6 +358,10 @@ impl TaskRef {
 struct Board {
     reports: Mutex<Reports>,
     notify: Notify,
+    /// The batches of every follower that shares this board (a clone given a header or an
+    /// account of its own has batches of its own): a report delivered to any of them ends the
+    /// calls of each that follow its task.
+    followers: Mutex<Vec<Weak<Batches>>>,
 }
 
 /// The board's reports by task id, each with the number it was put there under, and the ids
@@ -376,6 +380,20 @@ struct Reports {
 const BOARD_CAPACITY: usize = 10_000;
 
 impl Board {
+    /// Adds a follower's batches to those a delivered report reaches (and forgets the batches
+    /// of followers that are gone).
+    fn register(&self, batches: &Arc<Batches>) {
+        let mut followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
+        followers.retain(|b| b.strong_count() > 0);
+        followers.push(Arc::downgrade(batches));
+    }
+
+    /// The batches of the followers that share this board.
+    fn followers(&self) -> Vec<Arc<Batches>> {
+        let followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
+        followers.iter().filter_map(Weak::upgrade).collect()
+    }
+
     fn take(&self, id: &str) -> Option<TaskReport> {
         let mut board = self.reports.lock().unwrap_or_else(|e| e.into_inner());
         let (_, report) = board.by_id.remove(id)?;
@@ -441,7 +459,8 @@ impl Board {
 /// Clones share the service (cloned per query), the board of delivered callbacks and the batch
 /// queries of new-style tasks. A clone given its own header or account
 /// ([`with_header`](Follower::with_header), [`with_account`](Follower::with_account)) sends
-/// its batch queries apart, as they carry what it adds.
+/// its batch queries apart, as they carry what it adds; a report [delivered](Follower::deliver)
+/// to any clone still ends the calls of every clone that follow its task.
 #[derive(Clone)]
 pub struct Follower<S> {
     service: S,
@@ -497,15 +516,25 @@ where
     /// A follower that queries through `service`.
     pub fn new(service: S, policy: FollowPolicy) -> Result<Self, ConfigError> {
         policy.validate()?;
+        let board = Arc::new(Board::default());
+        let batches = Arc::new(Batches::default());
+        board.register(&batches);
         Ok(Follower {
             service,
             policy,
             headers: Vec::new(),
             account: None,
-            board: Arc::new(Board::default()),
-            batches: Arc::new(Batches::default()),
+            board,
+            batches,
             drain: None,
         })
+    }
+
+    /// Batch queries of this follower's own, apart from its clones' (they carry what it adds),
+    /// still reached by the reports delivered to any of them.
+    fn own_batches(&mut self) {
+        self.batches = Arc::new(Batches::default());
+        self.board.register(&self.batches);
     }
 
     /// Adds a header to every query (e.g. `authorization` when the service has no auth layer).
@@ -516,7 +545,7 @@ where
             .map_err(|_| ConfigError::new("follow.header", "is not a header value"))?;
         value.set_sensitive(true);
         self.headers.push((name, value));
-        self.batches = Arc::new(Batches::default());
+        self.own_batches();
         Ok(self)
     }
 
@@ -533,12 +562,14 @@ where
     /// sets the stack's own.
     pub fn with_account(mut self, account: AccountId) -> Self {
         self.account = Some(account);
-        self.batches = Arc::new(Batches::default());
+        self.own_batches();
         self
     }
 
-    /// Hands over a task report from a callback: a follower waiting for that task ends with
-    /// it at once (non-terminal reports are ignored). Free the task's slots first
+    /// Hands over a task report from a callback: every call of this follower and of its
+    /// clones (also those given a header or an account of their own) waiting for that task
+    /// ends with it at once; a call that starts following it later finds it if no call was
+    /// following it then (non-terminal reports are ignored). Free the task's slots first
     /// ([`KlingLayer::on_task`](crate::KlingLayer::on_task) or
     /// [`on_callback`](crate::KlingLayer::on_callback), awaited), so whoever sees the follow
     /// end finds them free.
@@ -546,18 +577,28 @@ where
         if !report.status.is_terminal() {
             return;
         }
-        let id = report.id.clone();
+        // On the board first: a call that starts following the task while the report is
+        // handed out below finds it there, as does a later one when no call follows it now.
+        let handed = report.clone();
         self.board.put(report);
-        // The calls following it with batch queries, by their own wakes; those following
-        // legacy tasks (kept by their calls alone) all look.
-        let wakes: Vec<Arc<Notify>> = self
-            .batches
-            .lock()
-            .tracked
-            .values()
-            .filter(|t| t.result.is_none() && t.task.id == id)
-            .map(|t| t.wake.clone())
-            .collect();
+        // The calls following it with batch queries, in every clone's batches, end with it and
+        // are woken by their own wakes; those following legacy tasks (kept by their calls
+        // alone) all look.
+        let mut wakes: Vec<Arc<Notify>> = Vec::new();
+        for batches in self.board.followers() {
+            let mut state = batches.lock();
+            for t in state.tracked.values_mut() {
+                if t.result.is_none() && t.task.id == handed.id {
+                    t.result = Some(Ok(handed.clone()));
+                    wakes.push(t.wake.clone());
+                }
+            }
+        }
+        // Handed to the calls that follow it: the board keeps reports for tasks nobody
+        // follows yet (a legacy task's calls look at it without taking it, so it stays).
+        if !wakes.is_empty() && handed.generation != ApiGeneration::Legacy {
+            self.board.take(&handed.id);
+        }
         wake_each(wakes);
         self.board.notify.notify_waiters();
     }

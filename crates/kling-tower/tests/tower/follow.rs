@@ -1016,6 +1016,54 @@ async fn a_delivered_report_ends_every_call_following_that_task() {
     assert_eq!(start.elapsed(), Duration::from_secs(10));
 }
 
+/// A report delivered to one clone ends the calls of every clone following that task, also
+/// clones given an account or a header of their own (whose batch queries go apart): none waits
+/// for its safety query.
+#[tokio::test(start_paused = true)]
+async fn a_report_delivered_to_one_clone_ends_every_clones_calls_on_that_task() {
+    let classify = ClassifyLayer::new().layer(mock(3600, 3600));
+    let task = create(&classify, "/text-to-video/kling-3.0").await;
+    let other = create(&classify, "/text-to-video/kling-3.0").await;
+    let base = follower(
+        classify,
+        FollowPolicy::new().callbacks_first(Duration::from_secs(120)),
+    );
+    let clones = [
+        base.clone(),
+        base.clone().with_account(AccountId::new("team-a")),
+        base.clone().with_account(AccountId::new("team-b")),
+        base.clone()
+            .with_header("x-team", "c")
+            .unwrap()
+            .with_account(AccountId::new("team-c")),
+    ];
+    let start = Instant::now();
+    let follows: Vec<_> = clones
+        .iter()
+        .map(|clone| {
+            let (clone, id) = (clone.clone(), task.id.clone());
+            tokio::spawn(async move { clone.follow(TaskRef::new_style(id)).await })
+        })
+        .collect();
+    // Another task, followed by one of them: not ended by the report.
+    let waiting = {
+        let (clone, id) = (clones[1].clone(), other.id.clone());
+        tokio::spawn(async move { clone.follow(TaskRef::new_style(id)).await })
+    };
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let mut done = task.clone();
+    done.status = TaskStatus::Succeeded;
+    // Delivered through a clone of its own (as a callback route holds one).
+    base.clone().deliver(done);
+    for follow in follows {
+        assert_eq!(follow.await.unwrap().unwrap().status, TaskStatus::Succeeded);
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+    }
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(!waiting.is_finished());
+    waiting.abort();
+}
+
 /// The same for a legacy task (each call keeps its legacy tasks to itself): one delivered
 /// report ends both calls, not only the first to look.
 #[tokio::test(start_paused = true)]

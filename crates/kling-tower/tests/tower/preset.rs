@@ -245,7 +245,17 @@ fn two_gateway_accounts_with_the_same_credentials_are_refused() {
     assert_eq!(err.field(), "accounts.team-c");
     assert!(err.reason().contains("accounts.team-a"), "{err}");
 
-    // The credentials compared are the ones the stack signs with: its own `AuthLayer`'s.
+    // A stack with its own `AuthLayer` is compared by the credentials it signs with, which
+    // must be its builder's: another account's are refused, naming the entry's `auth`.
+    let err = GatewayLayer::builder()
+        .account("team-a", pro(api_key("k")))
+        .account(
+            "team-b",
+            pro(api_key("k")).auth(AuthLayer::new(api_key("k"))),
+        )
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "accounts.team-b");
     let err = GatewayLayer::builder()
         .account("team-a", pro(api_key("k")))
         .account(
@@ -254,7 +264,7 @@ fn two_gateway_accounts_with_the_same_credentials_are_refused() {
         )
         .build()
         .unwrap_err();
-    assert_eq!(err.field(), "accounts.team-b");
+    assert_eq!(err.field(), "accounts.team-b.auth");
 
     // One name twice is still "configured twice"; different credentials build.
     let err = GatewayLayer::builder()

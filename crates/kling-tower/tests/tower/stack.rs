@@ -510,6 +510,65 @@ fn invalid_numbers_are_refused_with_the_field() {
     assert_eq!(err.field(), "base_url");
 }
 
+/// An auth layer given to the builder signs for the account of its own credentials: one for
+/// another account than the builder's credentials is refused, naming `auth` and both accounts,
+/// rather than counting the requests it signs under the builder's account (two stacks built so
+/// for two accounts would share one account's slots and rate).
+#[test]
+fn an_auth_layer_for_other_credentials_than_the_builders_is_refused() {
+    use kling_tower::AuthLayer;
+    use kling_tower::clock::TokioWallClock;
+
+    let pro = || StackConfig::preset(Tier::Pro);
+    for (theirs, builders) in [
+        (
+            Credentials::api_key("key-b").unwrap(),
+            Credentials::api_key("key-a").unwrap(),
+        ),
+        (
+            Credentials::access_key("ak-b", "sk").unwrap(),
+            Credentials::access_key("ak-a", "sk").unwrap(),
+        ),
+        (
+            Credentials::access_key("ak-a", "sk").unwrap(),
+            Credentials::api_key("key-a").unwrap(),
+        ),
+    ] {
+        let (signs_for, given) = (theirs.account_id(), builders.account_id());
+        let err = KlingLayer::builder(pro(), builders.clone())
+            .auth(AuthLayer::new(theirs.clone()))
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "auth");
+        assert!(err.reason().contains(signs_for.as_str()), "{err}");
+        assert!(err.reason().contains(given.as_str()), "{err}");
+        // An explicit account does not make the mismatch right: the credentials still differ.
+        let err = KlingLayer::builder(pro(), builders)
+            .account(AccountId::new("team-a"))
+            .auth(AuthLayer::new(theirs))
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "auth");
+    }
+
+    // The builder's own credentials with a clock of their own (what `auth` is for) build, and
+    // count under that account; so does another secret for the same access key.
+    let credentials = Credentials::access_key("ak-a", "sk").unwrap();
+    let clocked = AuthLayer::new(credentials.clone()).with_clock(TokioWallClock::new());
+    let kling = KlingLayer::builder(pro(), credentials.clone())
+        .auth(clocked)
+        .build()
+        .unwrap();
+    assert_eq!(kling.account_id(), &credentials.account_id());
+    assert_eq!(kling.auth().account_id(), &credentials.account_id());
+    KlingLayer::builder(pro(), credentials)
+        .auth(AuthLayer::new(
+            Credentials::access_key("ak-a", "sk-2").unwrap(),
+        ))
+        .build()
+        .unwrap();
+}
+
 /// The client below the stack sees every attempt's account: the stack's own, or the one the
 /// caller set, on a retried attempt too (the stack sets it once, above the retry layer).
 #[tokio::test(start_paused = true)]
