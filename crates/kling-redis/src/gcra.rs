@@ -30,8 +30,9 @@ pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(600);
 /// requests all gave up leaves at once ([`Backend::stop_waiting`]).
 pub const DEFAULT_GCRA_PLACE_TTL: Duration = Duration::from_millis(500);
 
-/// The most pauses a process keeps for delivery while Redis cannot take them; past it the
-/// oldest is dropped (its pause still holds in this process).
+/// The most pauses a process keeps one by one for delivery while Redis cannot take them; past
+/// it a key's reports are merged into one (the latest end, a 1302 if any was one) rather than
+/// dropped, so the queue then holds one report per key.
 const MAX_UNDELIVERED: usize = 1024;
 
 /// Options of [`RedisGcra`], applied with its builder methods.
@@ -322,7 +323,9 @@ return {-1, streak}
 ///   (away, timed out) is not lost, in any mode: this process holds it in its own decisions for
 ///   the key until it ends, and delivers the report, in order, when Redis answers again (before
 ///   its next decision or report there, and every [`retry_every`](Self::retry_every) in the
-///   background), so the fleet pauses and counts the 1302 in its streak.
+///   background), so the fleet pauses and counts the 1302 in its streak. With
+///   [`WhenUnreachable::Fallback`], the fallback starts from the end of the fleet's pause of
+///   the key that Redis last told this process of.
 /// - **The streak is the fleet's**: while a key's 1302 streak runs, an admission says so
 ///   ([`Backend::streak_running`]), and the layer of a process that never received a pause
 ///   reports its successes too: any process's success resets the streak.
@@ -367,6 +370,10 @@ struct Inner {
     to_deliver: AtomicBool,
     /// One delivery at a time, so pauses reach Redis in the order they came.
     delivering: tokio::sync::Mutex<()>,
+    /// The end of the fleet's pause of each key as Redis last told this process (a refusal
+    /// or a report's reply), by Redis key: where the fallback starts from when Redis goes
+    /// away during it.
+    heard: Mutex<HashMap<String, Instant>>,
     acquire: Script,
     feedback: Script,
     leave: Script,
@@ -425,6 +432,7 @@ impl RedisGcra {
                 paused_here: AtomicBool::new(false),
                 to_deliver: AtomicBool::new(false),
                 delivering: tokio::sync::Mutex::new(()),
+                heard: Mutex::new(HashMap::new()),
                 acquire: Script::new(&format!(
                     "local USAGE_BUCKETS = {USAGE_BUCKETS}\n{QUEUE}{ACQUIRE_BODY}"
                 )),
@@ -612,6 +620,74 @@ struct Undelivered {
     pending: VecDeque<Report>,
     /// Whether a task delivers them.
     delivering: bool,
+    /// The number of the next report kept.
+    next: u64,
+    /// The number of the report a delivery is sending (it is neither merged nor moved, and
+    /// only it is taken off once sent).
+    sending: Option<u64>,
+}
+
+impl Undelivered {
+    /// Keeps `report` for delivery. Past [`MAX_UNDELIVERED`] reports, it is merged into a
+    /// report of its key kept earlier, else each key's reports are merged into one, so no
+    /// key's pause is dropped: the fleet would not pause.
+    fn keep(&mut self, mut report: Report) {
+        if self.pending.len() >= MAX_UNDELIVERED {
+            let sending = self.sending;
+            let earlier = self
+                .pending
+                .iter_mut()
+                .rev()
+                .find(|r| r.redis_key == report.redis_key && Some(r.n) != sending);
+            if let Some(earlier) = earlier {
+                let held = self.paused.get(&report.redis_key).copied();
+                earlier.merge(&report, held);
+                return;
+            }
+            self.merge_each_key();
+        }
+        report.n = self.next;
+        self.next += 1;
+        self.pending.push_back(report);
+    }
+
+    /// Merges each key's reports (but the one being sent) into its earliest.
+    fn merge_each_key(&mut self) {
+        let before = self.pending.len();
+        let mut kept: Vec<Report> = Vec::with_capacity(before);
+        let mut first: HashMap<String, usize> = HashMap::new();
+        for report in self.pending.drain(..) {
+            if Some(report.n) == self.sending {
+                kept.push(report);
+                continue;
+            }
+            match first.get(&report.redis_key) {
+                Some(&into) => {
+                    let held = self.paused.get(&report.redis_key).copied();
+                    kept[into].merge(&report, held);
+                }
+                None => {
+                    first.insert(report.redis_key.clone(), kept.len());
+                    kept.push(report);
+                }
+            }
+        }
+        self.pending = kept.into();
+        if self.pending.len() < before {
+            tracing::warn!(
+                max = MAX_UNDELIVERED,
+                "many pauses kept for redis: each key's are merged into one"
+            );
+        }
+    }
+
+    /// Takes off the report numbered `n` (sent, or refused).
+    fn sent(&mut self, n: u64) {
+        if let Some(at) = self.pending.iter().position(|r| r.n == n) {
+            self.pending.remove(at);
+        }
+        self.sending = None;
+    }
 }
 
 /// A report kept for delivery: its times are this process's instants, turned into fleet time
@@ -621,6 +697,46 @@ struct Report {
     redis_key: String,
     policy: Policy,
     feedback: Feedback,
+    /// Its number in the queue ([`Undelivered::keep`]).
+    n: u64,
+}
+
+impl Report {
+    /// Merges `later`, a later report of the same key, into this one: the pause ends at the
+    /// latest of their ends and of `held` (the pause this process holds for the key), and is
+    /// a 1302 (counted in the fleet's streak) if either was, with that 1302's times.
+    fn merge(&mut self, later: &Report, held: Option<Instant>) {
+        let (
+            Feedback::Pause {
+                sent_at,
+                received_at,
+                resume_at,
+                throttled,
+            },
+            Feedback::Pause {
+                sent_at: later_sent,
+                received_at: later_received,
+                resume_at: later_resume,
+                throttled: later_throttled,
+            },
+        ) = (self.feedback, later.feedback)
+        else {
+            return;
+        };
+        let (sent_at, received_at) = if later_throttled || !throttled {
+            (later_sent, later_received)
+        } else {
+            (sent_at, received_at)
+        };
+        let resume_at = [resume_at, later_resume, held].into_iter().flatten().max();
+        self.feedback = Feedback::Pause {
+            sent_at,
+            received_at,
+            resume_at,
+            throttled: throttled || later_throttled,
+        };
+        self.policy = later.policy;
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -809,6 +925,9 @@ impl Inner {
                 reported.streak = u32::try_from(*streak).unwrap_or(0);
                 reported.cooldown_until =
                     (*until >= 0).then(|| self.conn.to_instant(*until, now, now_us));
+                if let Some(until) = reported.cooldown_until {
+                    self.heard_pause(redis_key, until);
+                }
                 self.saw_streak(redis_key, reported.streak > 0);
                 Ok(reported)
             }
@@ -842,8 +961,14 @@ impl Inner {
         _one: tokio::sync::MutexGuard<'_, ()>,
     ) -> Result<(), StoreError> {
         loop {
-            // Only a delivery takes reports off the front, and only one runs.
-            let next = lock(&self.undelivered).pending.front().cloned();
+            // Only a delivery takes reports off, and only one runs; the one it sends is not
+            // merged meanwhile.
+            let next = {
+                let mut undelivered = lock(&self.undelivered);
+                let next = undelivered.pending.front().cloned();
+                undelivered.sending = next.as_ref().map(|r| r.n);
+                next
+            };
             let Some(report) = next else {
                 return Ok(());
             };
@@ -851,7 +976,10 @@ impl Inner {
                 .send_feedback(&report.redis_key, &report.policy, report.feedback)
                 .await;
             match result {
-                Err(e) if e.is_unreachable() => return Err(e),
+                Err(e) if e.is_unreachable() => {
+                    lock(&self.undelivered).sending = None;
+                    return Err(e);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, key = %report.redis_key, "redis refused a pause kept for delivery; dropped");
                 }
@@ -860,7 +988,7 @@ impl Inner {
                 }
             }
             let mut undelivered = lock(&self.undelivered);
-            undelivered.pending.pop_front();
+            undelivered.sent(report.n);
             self.to_deliver
                 .store(!undelivered.pending.is_empty(), Ordering::Relaxed);
         }
@@ -902,14 +1030,11 @@ impl Inner {
             self.paused_here.store(true, Ordering::Relaxed);
         }
         if e.is_unreachable() {
-            if undelivered.pending.len() >= MAX_UNDELIVERED {
-                undelivered.pending.pop_front();
-                tracing::warn!("too many pauses kept for redis: the oldest is dropped");
-            }
-            undelivered.pending.push_back(Report {
+            undelivered.keep(Report {
                 redis_key,
                 policy: *policy,
                 feedback,
+                n: 0,
             });
             self.to_deliver.store(true, Ordering::Relaxed);
             if !undelivered.delivering {
@@ -950,12 +1075,29 @@ impl Inner {
         true
     }
 
+    /// Notes that Redis said the fleet's pause of `redis_key` lasts until `until`.
+    fn heard_pause(&self, redis_key: &str, until: Instant) {
+        let mut heard = lock(&self.heard);
+        if let Some(known) = heard.get_mut(redis_key) {
+            *known = (*known).max(until);
+            return;
+        }
+        // Bounded by the keys paused now: those whose pause ended go first.
+        if heard.len() >= MAX_UNDELIVERED {
+            let now = Instant::now();
+            heard.retain(|_, until| *until > now);
+        }
+        heard.insert(redis_key.to_owned(), until);
+    }
+
     /// The decision when Redis failed with `e`: [`WhenUnreachable`]'s choice if it is out of
-    /// reach, else the error.
+    /// reach, else the error. The fallback first takes on the fleet's pause of the key that
+    /// this process last heard of, if it still runs: Redis alone held it.
     fn unreachable_decision(
         &self,
         e: StoreError,
         key: &BucketKey,
+        redis_key: &str,
         policy: &Policy,
     ) -> Result<Decision, BackendError> {
         match self.when_unreachable {
@@ -963,9 +1105,22 @@ impl Inner {
                 at: Instant::now() + self.retry_every,
                 cooldown: false,
             }),
-            WhenUnreachable::Fallback { processes } if e.is_unreachable() => Ok(self
-                .fallback
-                .acquire_now(key, &share(policy, processes.get()))),
+            WhenUnreachable::Fallback { processes } if e.is_unreachable() => {
+                let policy = share(policy, processes.get());
+                let heard = lock(&self.heard).remove(redis_key);
+                let now = Instant::now();
+                if let Some(until) = heard.filter(|until| *until > now) {
+                    // A `Retry-After` to that end: the fallback pauses, its streak unmoved.
+                    let pause = Feedback::Pause {
+                        sent_at: now,
+                        received_at: now,
+                        resume_at: Some(until),
+                        throttled: false,
+                    };
+                    self.fallback.feedback_now(key, &policy, pause);
+                }
+                Ok(self.fallback.acquire_now(key, &policy))
+            }
             _ => Err(e.into_ratelimit()),
         }
     }
@@ -1018,7 +1173,7 @@ impl RedisGcra {
             if inner.to_deliver.load(Ordering::Relaxed)
                 && let Err(e) = inner.deliver_first().await
             {
-                return inner.unreachable_decision(e, &key, &policy);
+                return inner.unreachable_decision(e, &key, &redis_key, &policy);
             }
             // Never decide on this process's own clock: the first decision of a lazy
             // connection waits for the offset to the server's.
@@ -1028,7 +1183,7 @@ impl RedisGcra {
                 Ok(now_us) => now_us,
                 Err(e) => {
                     inner.note(&Err::<(), _>(e.clone()));
-                    return inner.unreachable_decision(e, &key, &policy);
+                    return inner.unreachable_decision(e, &key, &redis_key, &policy);
                 }
             };
             let since = (inner.arrival_order && place)
@@ -1045,11 +1200,14 @@ impl RedisGcra {
                     }
                     Ok(Decision::Admit)
                 }
-                Ok((FleetDecision::NotBefore { at_us, cooldown }, _)) => Ok(Decision::NotBefore {
-                    at: inner.conn.to_instant(at_us, now, now_us),
-                    cooldown,
-                }),
-                Err(e) => inner.unreachable_decision(e, &key, &policy),
+                Ok((FleetDecision::NotBefore { at_us, cooldown }, _)) => {
+                    let at = inner.conn.to_instant(at_us, now, now_us);
+                    if cooldown {
+                        inner.heard_pause(&redis_key, at);
+                    }
+                    Ok(Decision::NotBefore { at, cooldown })
+                }
+                Err(e) => inner.unreachable_decision(e, &key, &redis_key, &policy),
             }
         })
     }
@@ -1153,5 +1311,73 @@ impl Backend for RedisGcra {
             return false;
         }
         lock(&self.inner.streaks).contains(&self.key_of(key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kling_ratelimit::{Cooldown, Quota};
+
+    use super::*;
+
+    fn pause(redis_key: &str, resume_at: Instant, throttled: bool) -> Report {
+        let now = Instant::now();
+        Report {
+            redis_key: redis_key.to_owned(),
+            policy: Policy::new(Quota::per_second(1.0), Cooldown::default()),
+            feedback: Feedback::Pause {
+                sent_at: now,
+                received_at: now,
+                resume_at: Some(resume_at),
+                throttled,
+            },
+            n: 0,
+        }
+    }
+
+    fn resume_at(report: &Report) -> Option<Instant> {
+        match report.feedback {
+            Feedback::Pause { resume_at, .. } => resume_at,
+            _ => None,
+        }
+    }
+
+    /// Past the bound, a report of a key with none kept merges the other keys' reports into
+    /// one each (the latest end, a 1302 if any was), but the one a delivery is sending: no
+    /// key's pause is dropped.
+    #[test]
+    fn past_the_bound_a_new_keys_pause_merges_each_keys_rather_than_dropping_one() {
+        let start = Instant::now();
+        let mut kept = Undelivered::default();
+        for i in 0..MAX_UNDELIVERED {
+            let key = if i < 24 { "b" } else { "a" };
+            let end = start + Duration::from_secs(10 + i as u64);
+            kept.keep(pause(key, end, i == 30));
+        }
+        kept.sending = Some(0);
+        let last = start + Duration::from_secs(10 + MAX_UNDELIVERED as u64 - 1);
+        kept.keep(pause("c", start, false));
+        let keys: Vec<&str> = kept.pending.iter().map(|r| r.redis_key.as_str()).collect();
+        // The one being sent (b's first), b's others, a's, and c's.
+        assert_eq!(keys, ["b", "b", "a", "c"]);
+        assert_eq!(
+            resume_at(&kept.pending[0]),
+            Some(start + Duration::from_secs(10))
+        );
+        assert_eq!(
+            resume_at(&kept.pending[1]),
+            Some(start + Duration::from_secs(33))
+        );
+        assert_eq!(resume_at(&kept.pending[2]), Some(last));
+        assert!(matches!(
+            kept.pending[2].feedback,
+            Feedback::Pause {
+                throttled: true,
+                ..
+            }
+        ));
+        // Sent: off the queue, by its number.
+        kept.sent(0);
+        assert_eq!(kept.pending.len(), 3);
     }
 }

@@ -302,7 +302,25 @@ struct ReportedEnd {
     /// status), and `"1"` (ended).
     report: [String; 4],
     at: Instant,
+    /// Whether its report released the task in Redis, counting its end here: sent again
+    /// after a new generation, it tells Redis so, and a registration of the task that finds
+    /// it ended then gives the slots back without counting the end a second time.
+    counted: bool,
 }
+
+/// A halt (1102) this process knows of.
+#[derive(Clone, Debug)]
+struct LocalHalt {
+    cause: ApiError,
+    /// Its number: a reply without a halt ends only the halt it was asked under.
+    n: u64,
+    /// Whether Redis has it (its script ran, or Redis told of it): until then, creates of the
+    /// account are refused here without asking Redis, which would grant them.
+    stored: bool,
+}
+
+/// Where a `halt` change's number is in its arguments (after those the script reads).
+const HALT_NUMBER: usize = 8;
 
 /// A change that could not be sent yet.
 #[derive(Debug)]
@@ -327,7 +345,11 @@ struct Inner {
     next: AtomicU64,
     pools: Mutex<HashMap<String, Arc<PoolLocal>>>,
     registry: Mutex<Registry>,
-    halts: Mutex<HashMap<AccountId, ApiError>>,
+    /// The halts (1102) this process knows of, by account: its own, from when it records them
+    /// (before Redis has them), and those Redis told it of.
+    halts: Mutex<HashMap<AccountId, LocalHalt>>,
+    /// The number of the next halt this process records.
+    next_halt: AtomicU64,
     /// The capacities set at run time (`PREFIX:cap`, field → slots) as this process last read
     /// or set them: what it checks a create against and shares out while Redis is away.
     caps: Mutex<HashMap<String, u32>>,
@@ -456,6 +478,7 @@ impl RedisSlots {
                 pools: Mutex::new(HashMap::new()),
                 registry: Mutex::new(Registry::default()),
                 halts: Mutex::new(HashMap::new()),
+                next_halt: AtomicU64::new(0),
                 caps: Mutex::new(HashMap::new()),
                 ends: Mutex::new(VecDeque::new()),
                 pending: Mutex::new(VecDeque::new()),
@@ -934,8 +957,15 @@ impl Inner {
                 let h = self.holding(reservation.token);
                 lock(&self.registry).remove(&h);
                 let halt = self.halt_key(&reservation.key.account);
-                lock(&self.halts).insert(reservation.key.account.clone(), cause.clone());
+                let n = self.next_halt.fetch_add(1, Ordering::Relaxed);
                 args.extend(["halt".to_owned(), pk, h, halt, encode_cause(&cause)]);
+                args.push(n.to_string());
+                let halt = LocalHalt {
+                    cause,
+                    n,
+                    stored: false,
+                };
+                lock(&self.halts).insert(reservation.key.account, halt);
                 wake = Some("*".to_owned());
             }
             SlotOp::Hold {
@@ -1094,6 +1124,7 @@ impl Inner {
                     account: account.clone(),
                     report: report.clone(),
                     at: now,
+                    counted: false,
                 });
             }
             args.extend(report);
@@ -1131,18 +1162,29 @@ impl Inner {
         applied
     }
 
-    /// Applies an operation: in Redis, or (Redis away) to the local record and the replay
-    /// queue.
-    async fn apply_op(self: Arc<Self>, op: SlotOp) -> Result<Applied, BackendError> {
+    /// Applies an operation: records it here at once (a halt refuses this process's next
+    /// create from now), then sends it on `handle`'s runtime.
+    fn start_op(
+        self: &Arc<Self>,
+        op: SlotOp,
+        handle: &tokio::runtime::Handle,
+    ) -> tokio::task::JoinHandle<Result<Applied, BackendError>> {
+        let prepared = self.prepare(op);
+        if let Some(pk) = &prepared.wake {
+            self.wake(pk);
+        }
+        handle.spawn(Arc::clone(self).send_op(prepared))
+    }
+
+    /// Sends an operation [`prepare`](Self::prepare)d: to Redis, or (Redis away) to the replay
+    /// queue, answering with its effect on the local record.
+    async fn send_op(self: Arc<Self>, prepared: Prepared) -> Result<Applied, BackendError> {
         let Prepared {
             mut args,
             local,
-            wake,
+            wake: _,
             adopt,
-        } = self.prepare(op);
-        if let Some(pk) = &wake {
-            self.wake(pk);
-        }
+        } = prepared;
         // Behind the replay while it runs, even when its last change is in flight and the
         // queue looks empty: a change sent now could overtake it.
         let queued = {
@@ -1176,6 +1218,8 @@ impl Inner {
                         held.registered = true;
                     }
                 }
+                self.halt_stored(&args);
+                self.ends_counted(&args, &released);
                 for r in &released {
                     let pk = self.pk(&r.key);
                     self.wake(&pk);
@@ -1199,6 +1243,43 @@ impl Inner {
                 }
             }
             Err(e) => Err(e.into_slots()),
+        }
+    }
+
+    /// After the reports `args` ran in Redis (counting `released`): notes which of the ends
+    /// this process reported were counted by their release.
+    fn ends_counted(&self, args: &[String], released: &[Released]) {
+        if args[3] != "upd" || released.is_empty() {
+            return;
+        }
+        let mut ends = lock(&self.ends);
+        for r in released {
+            let Some(task) = r.task.as_deref() else {
+                continue;
+            };
+            // Just reported: among the last ends noted.
+            let end = ends.iter_mut().rev().find(|end| {
+                let [id, ext, ..] = &end.report;
+                end.account == r.key.account && (id == task || (!ext.is_empty() && ext == task))
+            });
+            if let Some(end) = end {
+                end.counted = true;
+            }
+        }
+    }
+
+    /// After the change `args` ran in Redis: if it was a halt, Redis has it now (unless this
+    /// process recorded a later one for the account since, or lifted it).
+    fn halt_stored(&self, args: &[String]) {
+        if args[3] != "halt" {
+            return;
+        }
+        let mut halts = lock(&self.halts);
+        let recorded = halts.iter_mut().find(|(account, halt)| {
+            args[6] == self.halt_key(account) && args[HALT_NUMBER] == halt.n.to_string()
+        });
+        if let Some((_, halt)) = recorded {
+            halt.stored = true;
         }
     }
 
@@ -1307,17 +1388,22 @@ impl Inner {
             let result = match &pending {
                 Pending::Args(args) => {
                     let mut args = args.clone();
-                    self.apply_args(&mut args).await.map(|(_, _, holdings)| {
-                        let mut registry = lock(&self.registry);
-                        for h in holdings {
-                            registry.remove(&h);
-                        }
-                        if matches!(args[3].as_str(), "hold" | "adopt")
-                            && let Some(held) = registry.get_mut(&args[5])
-                        {
-                            held.registered = true;
-                        }
-                    })
+                    self.apply_args(&mut args)
+                        .await
+                        .map(|(_, released, holdings)| {
+                            self.ends_counted(&args, &released);
+                            let mut registry = lock(&self.registry);
+                            for h in holdings {
+                                registry.remove(&h);
+                            }
+                            if matches!(args[3].as_str(), "hold" | "adopt")
+                                && let Some(held) = registry.get_mut(&args[5])
+                            {
+                                held.registered = true;
+                            }
+                            drop(registry);
+                            self.halt_stored(&args);
+                        })
                 }
                 Pending::Register(h) => {
                     let held = lock(&self.registry).get(h).cloned();
@@ -1485,7 +1571,9 @@ impl Inner {
                 let mut args = Vec::from(self.unstamped_head());
                 args.extend(upd_head(self.config.get_lease(), account));
                 for end in chunk {
-                    args.extend(end.report.iter().cloned());
+                    let [id, ext, status, _] = end.report.clone();
+                    let flag = if end.counted { "2" } else { "3" };
+                    args.extend([id, ext, status, flag.to_owned()]);
                 }
                 // Counted when they were first reported: a task the older state brought back
                 // is released again here, but it ended once.
@@ -1803,7 +1891,7 @@ impl Drop for GrantGuard {
             token: self.token,
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(Arc::clone(&self.inner).apply_op(op));
+            drop(self.inner.start_op(op, &handle));
         }
     }
 }
@@ -1859,6 +1947,12 @@ fn released_by(flat: Option<&Value>, now_us: i64, count: bool) -> (Vec<Released>
         let weight = u32::try_from(int(&chunk[3])).unwrap_or(0);
         let since = int(&chunk[4]);
         let reason = text(&chunk[5]);
+        // `=`: its end was counted already (by the release its report made before Redis lost
+        // its state).
+        let (counted_before, reason) = match reason.strip_prefix('=') {
+            Some(reason) => (true, reason),
+            None => (false, reason.as_str()),
+        };
         let reason = match reason.strip_prefix("ended:") {
             Some(status) => ReleaseReason::Ended(TaskStatus::parse(status)),
             None if reason == "completed" => ReleaseReason::Completed,
@@ -1866,7 +1960,7 @@ fn released_by(flat: Option<&Value>, now_us: i64, count: bool) -> (Vec<Released>
         };
         holdings.push(text(&chunk[6]));
         let held_for = Duration::from_micros(now_us.saturating_sub(since).max(0) as u64);
-        if count {
+        if count && !counted_before {
             let labels = [
                 (names::LABEL_POOL, names::pool_label(Some(&pool)).to_owned()),
                 (names::LABEL_STATUS, reason.as_str().to_owned()),
@@ -1948,6 +2042,22 @@ impl SlotBackend for RedisSlots {
             loop {
                 let mut notified = pin!(local.notify.notified());
                 notified.as_mut().enable();
+                // A halt recorded here that Redis may not have yet (its script in flight, or
+                // queued behind changes waiting for Redis): refused without asking, since Redis
+                // would grant it. One Redis has is Redis's to answer (it may have been reset).
+                let halt_before = {
+                    let halts = lock(&inner.halts);
+                    match halts.get(&key.account) {
+                        Some(halt) if !halt.stored => {
+                            return Err(AcquireError::Halted(Halted::new(
+                                key.account.clone(),
+                                halt.cause.clone(),
+                            )));
+                        }
+                        Some(halt) => Some(halt.n),
+                        None => None,
+                    }
+                };
                 // Never on this process's own clock: the first ask of a lazy connection waits
                 // for the offset to the server's (failing, it is an unreachable Redis's case).
                 let asked = inner.now_us().await;
@@ -2014,12 +2124,15 @@ impl SlotBackend for RedisSlots {
                         let expired = if verdict == 0 { 2 } else { 3 };
                         released_by(items.get(expired), now_us, true);
                         inner.saw_state(lost, before);
-                        // Redis answered with no halt set: one this process learnt earlier
-                        // was reset (perhaps by another process), and must not refuse creates
-                        // later while Redis is away.
-                        if verdict != 3 {
+                        // Redis answered with no halt set: the one Redis had when this was
+                        // asked was reset (perhaps by another process), and must not refuse
+                        // creates later while Redis is away. (A halt recorded here since is
+                        // not Redis's answer's to end.)
+                        if verdict != 3
+                            && let Some(n) = halt_before
+                        {
                             let mut halts = lock(&inner.halts);
-                            if !halts.is_empty() {
+                            if halts.get(&key.account).is_some_and(|halt| halt.n == n) {
                                 halts.remove(&key.account);
                             }
                         }
@@ -2042,7 +2155,10 @@ impl SlotBackend for RedisSlots {
                     Err(e) if e.is_unreachable() => {
                         // The ask may have run, and granted, with its answer lost.
                         unanswered = true;
-                        if let Some(cause) = lock(&inner.halts).get(&key.account).cloned() {
+                        let halt = lock(&inner.halts)
+                            .get(&key.account)
+                            .map(|h| h.cause.clone());
+                        if let Some(cause) = halt {
                             return Err(AcquireError::Halted(Halted::new(
                                 key.account.clone(),
                                 cause,
@@ -2125,7 +2241,14 @@ impl SlotBackend for RedisSlots {
                             .expect("a valid envelope");
                             ApiError::from_outcome(&outcome)
                         });
-                        lock(&inner.halts).insert(key.account.clone(), cause.clone());
+                        // Kept as recorded if this process recorded one since it asked.
+                        lock(&inner.halts)
+                            .entry(key.account.clone())
+                            .or_insert_with(|| LocalHalt {
+                                cause: cause.clone(),
+                                n: inner.next_halt.fetch_add(1, Ordering::Relaxed),
+                                stored: true,
+                            });
                         return Err(AcquireError::Halted(Halted::new(
                             key.account.clone(),
                             cause,
@@ -2166,7 +2289,7 @@ impl SlotBackend for RedisSlots {
         // The change starts now, even if the returned future is never polled.
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                let task = handle.spawn(inner.apply_op(op));
+                let task = inner.start_op(op, &handle);
                 Box::pin(async move {
                     task.await.unwrap_or_else(|e| {
                         Err(BackendError::new(format!("task slot change lost: {e}")))

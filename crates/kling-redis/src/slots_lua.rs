@@ -17,7 +17,7 @@
 //! | `P:alive` | string | present while Redis keeps its state; value: the generation, which is the end of the re-registration grace (µs) that started it |
 //! | `P:seq` | string | the sequence: each script's number (see `PRELUDE`) |
 //! | `P:run` | string | the `run_id` of the server that wrote the generation: another one (a restart, which may load an older snapshot; a failover to a replica, which may lag) starts a new generation |
-//! | `P:ended` | sorted set | tasks reported ended (`i:` task id) by expiry (µs, the configured lease on, at least the default 30 min): a holding of one is not created again (a re-registration, a replayed hold) |
+//! | `P:ended` | sorted set | tasks reported ended (`i:` task id) by expiry (µs, the configured lease on, at least the default 30 min): a holding of one is not created again (a re-registration, a replayed hold); `c:` task id: that end was counted in the finished-task metrics, so such a holding given back is not counted again |
 //! | channel `P:freed` | pub/sub | a pool key (or `*`) whenever slots may have freed |
 //!
 //! Times are integer microseconds of fleet time (see [`Connection`](crate::Connection)),
@@ -193,6 +193,15 @@ local function was_ended(id)
   local until_ = redis.call('ZSCORE', ENDED, 'i:' .. id)
   return until_ and tonumber(until_) > now
 end
+-- A task whose end was counted in the finished-task metrics (`c:` task id, beside its `i:`):
+-- a release of its holding by a report, or its reporter said so when it sent the end again.
+local function mark_counted(id)
+  redis.call('ZADD', ENDED, int(now + ENDED_FOR), 'c:' .. id)
+end
+local function end_counted(id)
+  local until_ = redis.call('ZSCORE', ENDED, 'c:' .. id)
+  return until_ and tonumber(until_) > now
+end
 -- Takes a create out of the fleet's queue; true if it was in it.
 local function leave(pk, h)
   return leave_place(pk .. ':q', pk .. ':qx', h)
@@ -361,13 +370,16 @@ elseif op == 'hold' or op == 'reg' then
   local raw = redis.call('HGET', pk .. ':h', h)
   if was_ended(id) then
     -- Its end was reported first (by another process, before this hold or registration
-    -- reached Redis): the slots go back now, reported released here.
+    -- reached Redis): the slots go back now, reported released here, and counted here
+    -- unless the end was counted already (`=`: a release it made before Redis lost it).
+    local reason = 'completed'
+    if end_counted(id) then reason = '=completed' else mark_counted(id) end
     if raw then
       local rec = cjson.decode(raw)
       rec.id = id
-      release(pk, h, rec, 'completed')
+      release(pk, h, rec, reason)
     else
-      push_released(ARGV[11], ARGV[12], id, tonumber(ARGV[7]), now, 'completed', h)
+      push_released(ARGV[11], ARGV[12], id, tonumber(ARGV[7]), now, reason, h)
     end
     changed = 1
   elseif raw and op == 'hold' then
@@ -398,7 +410,8 @@ elseif op == 'adopt' then
   end
 elseif op == 'upd' then
   -- 5 lease, 6 the reports' account (external ids are looked up within it), then quads: id,
-  -- ext, status ('' = said ended), terminal (1/0)
+  -- ext, status ('' = said ended), flag: 0 running, 1 ended; an end sent again after a new
+  -- generation, 2 if its first report's release was counted, else 3 (its releases are not)
   local lease = tonumber(ARGV[5])
   local acct = ARGV[6]
   local i = 7
@@ -406,9 +419,11 @@ elseif op == 'upd' then
     local id = ARGV[i]
     local ext = ARGV[i + 1]
     local status = ARGV[i + 2]
-    local terminal = ARGV[i + 3] == '1'
+    local flag = ARGV[i + 3]
+    local terminal = flag ~= '0'
     i = i + 4
     if terminal then note_ended(id) end
+    if flag == '2' then mark_counted(id) end
     local place = redis.call('HGET', IDS, id)
     if not place and ext ~= '' then place = redis.call('HGET', EXT, xf(acct, ext)) end
     if not place and status == '' then place = redis.call('HGET', EXT, xf(acct, id)) end
@@ -423,6 +438,8 @@ elseif op == 'upd' then
         if terminal then
           local reason = 'completed'
           if status ~= '' then reason = 'ended:' .. status end
+          -- The reporting process counts it (not when it sends the end again).
+          if flag == '1' then mark_counted(id) end
           release(pk, h, rec, reason)
           -- A task's end, like a give-back, may leave a pool past the first 64 unused.
           tidy(pk)

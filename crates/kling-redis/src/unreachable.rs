@@ -13,7 +13,7 @@ use std::time::Duration;
 /// |---|---|---|---|
 /// | [`Wait`](Self::Wait) (default, fail closed) | requests wait, asking again every `retry_every`; the layer's `max_wait` and a request's `Deadline` turn the wait into its typed error | creates wait, likewise; a `Deadline` ends the wait | none |
 /// | [`Fail`](Self::Fail) (fail closed at once) | requests fail with the rate limiter's `BackendError` | creates fail with the slots' `BackendError` | none |
-/// | [`Fallback`](Self::Fallback) | each process paces alone at `1/processes` of the quota | each process admits up to `⌊capacity/processes⌋` slots per pool, counting the tasks it already holds | at most one process's share |
+/// | [`Fallback`](Self::Fallback) | each process paces alone at `1/processes` of the quota, from the end of the fleet's pause of the key it last heard of | each process admits up to `⌊capacity/processes⌋` slots per pool, counting the tasks it already holds | at most one process's share |
 ///
 /// In every mode the changes a process makes while Redis is away (tasks held, ended, given
 /// back) and the pauses (1302, `Retry-After`) it could not report are kept and replayed when it

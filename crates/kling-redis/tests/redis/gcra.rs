@@ -1288,3 +1288,105 @@ async fn a_refusal_in_reject_mode_holds_no_one_back() {
     assert!(after < Duration::from_millis(1000), "{after:?}");
     assert!(ranked > Duration::from_millis(2500), "{ranked:?}");
 }
+
+/// More pauses than a process keeps one by one while Redis is away (1,024) lose none that
+/// matters: a key's 1302, reported first, still pauses the fleet once Redis is back, and the
+/// many `Retry-After`s of another key, merged past the bound, carry its latest end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_bound_on_kept_pauses_every_keys_latest_end_reaches_the_fleet() {
+    let Some(mut server) = redis() else { return };
+    let one = RedisGcra::new(impatient(&server).await).retry_every(Duration::from_millis(50));
+    let other = RedisGcra::new(impatient(&server).await);
+    // Pauses long enough to outlast the outage, however slowly the reports fail.
+    let (key, _) = paused_key();
+    let policy = Policy::new(
+        Quota::per_second(100.0),
+        Cooldown::default().first(Duration::from_secs(30)),
+    );
+    assert_eq!(one.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+    server.stop();
+    let received = tokio::time::Instant::now();
+    let kept = one.feedback(&key, &policy, throttled_at(received)).await;
+    assert!(kept.is_err(), "redis took the report: {kept:?}");
+    let noisy = BucketKey::account(Some(AccountId::new("noisy")));
+    let retry_after = |resume_at| {
+        let now = tokio::time::Instant::now();
+        Feedback::Pause {
+            sent_at: now,
+            received_at: now,
+            resume_at: Some(resume_at),
+            throttled: false,
+        }
+    };
+    // At once (one by one, each failed command takes a while): past the bound.
+    let mut reports = tokio::task::JoinSet::new();
+    for _ in 0..1100 {
+        let (one, noisy) = (one.clone(), noisy.clone());
+        let report = retry_after(received + Duration::from_secs(40));
+        reports.spawn(async move { drop(one.feedback(&noisy, &policy, report).await) });
+    }
+    reports.join_all().await;
+    // The last, with the latest end.
+    let latest = received + Duration::from_secs(50);
+    let last = one.feedback(&noisy, &policy, retry_after(latest)).await;
+    assert!(last.is_err(), "redis took the report: {last:?}");
+    server.restart().unwrap();
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+    let until = loop {
+        if let Ok(Decision::NotBefore { at, cooldown: true }) = other.acquire(&key, &policy).await {
+            break at;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the first key's pause was dropped: the fleet never paused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(until >= received + Duration::from_secs(25), "{until:?}");
+    // The other key's reports are delivered one by one: once the last is, the fleet pauses
+    // it to their latest end (fleet time back to this process's clock: within a few ms).
+    loop {
+        let decision = other.acquire(&noisy, &policy).await;
+        if let Ok(Decision::NotBefore { at, cooldown: true }) = decision
+            && at + Duration::from_millis(50) >= latest
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the other key is not paused to its latest end {latest:?}: {decision:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A process that falls back to its own share while Redis is away starts from the fleet's
+/// pause it last heard of: another process's 1302 paused the key in Redis only, and once
+/// Redis is gone this process's fallback still refuses until that pause ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fallback_keeps_the_fleets_pause_this_process_heard_of() {
+    let Some(mut server) = redis() else { return };
+    let one =
+        RedisGcra::new(impatient(&server).await).when_unreachable(WhenUnreachable::fallback(1));
+    let other = RedisGcra::new(impatient(&server).await);
+    let (key, policy) = paused_key();
+    assert_eq!(other.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+    let received = tokio::time::Instant::now();
+    other
+        .feedback(&key, &policy, throttled_at(received))
+        .await
+        .unwrap();
+    let heard = match one.acquire(&key, &policy).await.unwrap() {
+        Decision::NotBefore { at, cooldown: true } => at,
+        other => panic!("the fleet is not paused: {other:?}"),
+    };
+    server.stop();
+    for _ in 0..3 {
+        match one.acquire(&key, &policy).await {
+            Ok(Decision::NotBefore { at, cooldown: true }) => {
+                assert!(at + Duration::from_millis(5) >= heard, "{at:?} < {heard:?}");
+            }
+            other => panic!("the fallback admits during the fleet's pause: {other:?}"),
+        }
+    }
+}

@@ -1989,3 +1989,220 @@ async fn a_restart_met_first_by_an_ask_starts_one_generation() {
     }
     assert_eq!(generations, 1, "generations started by the restart");
 }
+
+/// A create this process asks right after it recorded a 1102 is refused, though the halt's
+/// script has not reached Redis yet (its change runs on the runtime, after this ask).
+#[tokio::test]
+async fn a_create_asked_right_after_a_halt_is_refused() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 5).await;
+    let r = one.acquire(video(), 1).await.unwrap();
+    let halting = one.apply(SlotOp::Halt {
+        reservation: r,
+        cause: outcome(1102),
+    });
+    let create = one.acquire(video(), 1).await;
+    assert!(
+        matches!(create, Err(AcquireError::Halted(_))),
+        "granted after the halt: {create:?}"
+    );
+    halting.await.unwrap();
+    assert_eq!(in_use(&one).await, 0);
+}
+
+/// A 1102 queued behind changes waiting for Redis (a command timed out) is seen by every
+/// create this process asks after it, though Redis, answering again, does not have it yet;
+/// once replayed, the fleet sees it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_asked_after_a_queued_halt_is_refused() {
+    let Some(server) = redis() else { return };
+    let impatient = kling_redis::Connection::connect(
+        kling_redis::RedisConfig::new(server.url())
+            .prefix("test")
+            .command_timeout(Duration::from_millis(200)),
+    )
+    .await
+    .unwrap();
+    let one = RedisSlots::new(impatient, SlotsConfig::new(5))
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .maintain_every(Duration::from_secs(60))
+        .grace(Duration::from_millis(300));
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(r, "t1", LONG)).await.unwrap();
+    let r = one.acquire(video(), 1).await.unwrap();
+    // Redis stops answering for a while: a report times out and is kept for replay.
+    let mut admin = crate::support::raw(&server).await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(600)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    one.apply(running("t1")).await.unwrap();
+    assert_eq!(one.pending(), 1);
+    // Answering again (a ping waits out the pause); the halt goes behind the kept report.
+    let _: String = redis::cmd("PING")
+        .query_async(&mut crate::support::raw(&server).await)
+        .await
+        .unwrap();
+    one.apply(SlotOp::Halt {
+        reservation: r,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    let create = one.acquire(video(), 1).await;
+    assert!(
+        matches!(create, Err(AcquireError::Halted(_))),
+        "granted after the halt: {create:?}"
+    );
+    maintained(&one).await;
+    assert_eq!(one.pending(), 0);
+    let two = backend(&server, 5).await;
+    let create = two.acquire(video(), 1).await;
+    assert!(matches!(create, Err(AcquireError::Halted(_))), "{create:?}");
+    let create = one.acquire(video(), 1).await;
+    assert!(matches!(create, Err(AcquireError::Halted(_))), "{create:?}");
+}
+
+/// A create's answer that left Redis before this process recorded a 1102 (its ask was on
+/// its way) does not end that halt here: the next create is still refused, though the halt
+/// waits behind a kept change and Redis does not have it yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_to_an_ask_sent_before_a_halt_does_not_end_it() {
+    let Some(server) = redis() else { return };
+    // 20 ms each way: an ask is long enough on its way to record the halt meanwhile.
+    let relay = crate::support::far_relay(server.port(), Duration::from_millis(20)).await;
+    let far = kling_redis::Connection::connect(
+        kling_redis::RedisConfig::new(format!("redis://127.0.0.1:{relay}/"))
+            .prefix("test")
+            .command_timeout(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap();
+    let one = RedisSlots::new(far, SlotsConfig::new(5))
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .maintain_every(Duration::from_secs(60))
+        .grace(Duration::from_millis(300));
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(r, "t1", LONG)).await.unwrap();
+    let r = one.acquire(video(), 1).await.unwrap();
+    let mut admin = crate::support::raw(&server).await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(900)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    one.apply(running("t1")).await.unwrap();
+    assert_eq!(one.pending(), 1);
+    let _: String = redis::cmd("PING")
+        .query_async(&mut crate::support::raw(&server).await)
+        .await
+        .unwrap();
+    let asked = tokio::spawn({
+        let one = one.clone();
+        async move { one.acquire(video(), 1).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    one.apply(SlotOp::Halt {
+        reservation: r,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    // Asked before the halt: granted or refused, either is right.
+    drop(asked.await.unwrap());
+    let create = one.acquire(video(), 1).await;
+    assert!(
+        matches!(create, Err(AcquireError::Halted(_))),
+        "granted after the halt: {create:?}"
+    );
+}
+
+/// The finished tasks `recording` counted, and the lifetimes it recorded, since its last
+/// snapshot.
+fn finished(recording: &Recording) -> (u64, usize) {
+    use kling_core::metrics::{TASK_LIFETIME, TASKS_FINISHED};
+    use metrics_util::debugging::DebugValue;
+
+    let (mut finished, mut lifetimes) = (0, 0);
+    for (key, _, _, value) in recording.snapshotter.snapshot().into_vec() {
+        match value {
+            DebugValue::Counter(n) if key.key().name() == TASKS_FINISHED => finished += n,
+            DebugValue::Histogram(seen) if key.key().name() == TASK_LIFETIME => {
+                lifetimes += seen.len();
+            }
+            _ => {}
+        }
+    }
+    (finished, lifetimes)
+}
+
+/// A task's end reported by another process, then a restart that loses Redis's state before
+/// the owner's next pass: the reporter sends the end again, and the owner, registering the
+/// task again, finds it ended and gives its slot back. The end is still counted once.
+#[tokio::test]
+async fn an_end_before_a_restart_the_owner_has_not_seen_is_counted_once() {
+    let Some(mut server) = redis() else { return };
+    let recording = recording();
+    let one = backend(&server, 2)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    let two = backend(&server, 2)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(r, "t1", LONG)).await.unwrap();
+    let done = two
+        .apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(done.released.len(), 1);
+    // Redis restarts empty before the owner's next pass: it still holds t1.
+    assert_eq!(one.held_here(), 1);
+    server.stop();
+    server.restart().unwrap();
+    // The reporter's passes first: the new generation, and its end sent again.
+    maintained(&two).await;
+    maintained(&two).await;
+    // The owner's: t1 registered again is found ended, and given back.
+    maintained(&one).await;
+    maintained(&one).await;
+    assert_eq!(one.held_here(), 0);
+    assert_eq!(in_use(&one).await, 0);
+    assert_eq!(finished(&recording), (1, 1), "the end was counted again");
+}
+
+/// An end reported while Redis was away, replayed on the restarted, empty store before the
+/// owner registers the task again, releases nothing there: the owner's registration gives the
+/// slot back and counts the end, once.
+#[tokio::test]
+async fn an_end_replayed_before_the_owner_registers_again_is_counted_once() {
+    let Some(mut server) = redis() else { return };
+    let recording = recording();
+    let one = backend(&server, 2)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    let two = backend(&server, 2)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(r, "t1", LONG)).await.unwrap();
+    server.stop();
+    two.apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    server.restart().unwrap();
+    maintained(&two).await;
+    assert_eq!(two.pending(), 0);
+    maintained(&one).await;
+    maintained(&one).await;
+    assert_eq!(one.held_here(), 0);
+    assert_eq!(in_use(&one).await, 0);
+    assert_eq!(finished(&recording), (1, 1));
+}

@@ -41,7 +41,7 @@ pub(crate) async fn connect(server: &RedisServer) -> Connection {
 
 /// A TCP relay to the Redis on `port` that holds each chunk for `delay` before passing it on,
 /// both ways: a process farther from Redis than the others. Returns the relay's port.
-async fn far_relay(port: u16, delay: Duration) -> u16 {
+pub(crate) async fn far_relay(port: u16, delay: Duration) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     async fn pipe(
         mut from: tokio::net::tcp::OwnedReadHalf,
