@@ -611,6 +611,8 @@ where
 
     /// Stops the call. While the create's fate is unresolved, whatever stopped it, the reason
     /// is [`StopReason::CreateUnresolved`]: the caller must look the create up, not send it again.
+    /// A refusal whose lookup could not settle it stands (see [`Call::standing_refusal`]): it
+    /// is what the call ends with, not the lookup's own failure.
     fn fail(&mut self, reason: StopReason, last: Last) -> Step {
         let pending = self
             .retry
@@ -620,12 +622,32 @@ where
             Some(pending) if reason != StopReason::CreateMayHaveHappened => pending.if_unsent,
             _ => reason,
         };
+        let last = match self.standing_refusal() {
+            Some(answer) => Last::Api(answer),
+            None => last,
+        };
         let failed = Failed::new(reason, self.tally(), last).with_external_id(self.created_as());
         Step::Finish(Err(Box::new(failed)))
     }
 
-    /// Stops the call because the next attempt would start at `at`, after `deadline`.
+    /// The final refusal a pending lookup was to check, when it stands should the lookup not
+    /// settle it (a first create's `1200`/`1201`: it made nothing unless a task existed before,
+    /// [`Pending::if_unsent`] is [`StopReason::NotRetryable`]).
+    fn standing_refusal(&self) -> Option<ApiError> {
+        let pending = self.retry.as_deref()?.lookup.as_ref()?;
+        if pending.if_unsent != StopReason::NotRetryable {
+            return None;
+        }
+        pending.final_answer.clone()
+    }
+
+    /// Stops the call because the next attempt would start at `at`, after `deadline`. A
+    /// refusal that stands ends the call as [`StopReason::NotRetryable`] instead: the next
+    /// attempt was only a lookup, and the refused request is not to be sent again later.
     fn past_deadline(&mut self, at: Instant, deadline: Instant, now: Instant, last: Last) -> Step {
+        if self.standing_refusal().is_some() {
+            return self.fail(StopReason::NotRetryable, last);
+        }
         let error = DeadlineExceeded::new(
             (at, deadline, now),
             self.tally(),

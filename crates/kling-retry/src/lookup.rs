@@ -45,14 +45,15 @@ pub(crate) enum Lookup {
 /// was the new-style batch query (`GET /tasks?external_task_ids=…`).
 ///
 /// Only a definite "no such task" is [`Lookup::NotFound`], since it lets the create be sent
-/// again: code `1203`, or a new-style answer whose `data` is a list read in whole
-/// ([`Outcome::lists_every_task`]) without the id (an empty list included). The task slots
-/// layer below reads the same answer by the same rule, so a slot is given back exactly when
-/// the create is sent again. A success that names our task (or a task without an external id,
-/// on the path that asked for ours) is [`Lookup::Found`]. Anything else is
-/// [`Lookup::Inconclusive`]: another error, and a success the layer cannot read a task from
+/// again: code `1203`, or a new-style answer whose `data` is an empty list read in whole
+/// ([`Outcome::lists_every_task`]). A success is [`Lookup::Found`] when a task in it names our
+/// id (wherever it stands), or when its only task names none (the server answered the query
+/// for ours without echoing the id; on the legacy path, in a `data` object, not a list). Anything
+/// else is [`Lookup::Inconclusive`]: another error, a success the layer cannot read a task from
 /// (`data` null or missing, a legacy task without `task_status`, a list element without id or
-/// status).
+/// status), and an answer about other tasks (tasks of other external ids, several naming none,
+/// a legacy list): a server that ignored the query's filter answers so, and its answer says
+/// nothing of ours, which may exist.
 pub(crate) fn read(body: &[u8], outcome: &Outcome, external_id: &str, new_style: bool) -> Lookup {
     if outcome.code() == Code::NotFound {
         return Lookup::NotFound;
@@ -60,16 +61,30 @@ pub(crate) fn read(body: &[u8], outcome: &Outcome, external_id: &str, new_style:
     if !outcome.is_success() {
         return Lookup::Inconclusive;
     }
-    let found = outcome.tasks().iter().find(|task| {
-        task.external_id
-            .as_deref()
-            .is_none_or(|id| id == external_id)
-    });
-    match found {
-        Some(task) => Lookup::Found(task.id.clone()),
-        None if new_style && outcome.lists_every_task(body) => Lookup::NotFound,
-        None => Lookup::Inconclusive,
+    let tasks = outcome.tasks();
+    if let Some(task) = tasks
+        .iter()
+        .find(|task| task.external_id.as_deref() == Some(external_id))
+    {
+        return Lookup::Found(task.id.clone());
     }
+    match tasks {
+        [task] if task.external_id.is_none() && (new_style || data_is_object(body)) => {
+            Lookup::Found(task.id.clone())
+        }
+        [] if new_style && outcome.lists_every_task(body) => Lookup::NotFound,
+        _ => Lookup::Inconclusive,
+    }
+}
+
+/// Whether the envelope's `data` is a JSON object (a single task's answer), not a list. Reads
+/// the body again, for the rare lookup answer whose task names no external id.
+fn data_is_object(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|envelope| {
+        envelope
+            .get("data")
+            .is_some_and(serde_json::Value::is_object)
+    })
 }
 
 /// The query that finds a create by its external id, with the create's account and
@@ -375,7 +390,7 @@ mod tests {
     }
 
     #[test]
-    fn only_1203_or_a_new_style_list_read_in_whole_without_it_is_not_found() {
+    fn only_1203_or_an_empty_new_style_list_is_not_found() {
         let ok = |data: &str| format!(r#"{{"code":0,"message":"SUCCEED","data":{data}}}"#);
         for (status, body, new_style, expected) in [
             (
@@ -424,12 +439,58 @@ mod tests {
             (200, ok(r#"{"task_id":"t1"}"#), false, "inconclusive"),
             (200, ok(r#"{"tasks":[]}"#), true, "inconclusive"),
             (200, ok(r#"[{"id":"t1"}]"#), true, "inconclusive"),
-            // A list read in whole without ours: as the slots layer reads it.
+            // A list of other ids' tasks is no answer about ours (a filter the server
+            // ignored, a page of the account's tasks): the create may exist.
             (
                 200,
                 ok(r#"[{"id":"t2","status":"submitted","external_id":"other"}]"#),
                 true,
-                "not found",
+                "inconclusive",
+            ),
+            // Ours is the one that names our id, wherever it stands.
+            (
+                200,
+                ok(
+                    r#"[{"id":"t9","status":"succeeded"},{"id":"t1","status":"submitted","external_id":"job"}]"#,
+                ),
+                true,
+                "found",
+            ),
+            (
+                200,
+                ok(
+                    r#"[{"id":"t2","status":"submitted","external_id":"other"},{"id":"t1","status":"submitted","external_id":"job"}]"#,
+                ),
+                true,
+                "found",
+            ),
+            // A task naming no id is ours only when it is the whole answer: one of several is
+            // a page of the account's tasks, and a legacy list is no single task's answer.
+            (
+                200,
+                ok(r#"[{"id":"t1","status":"submitted"}]"#),
+                true,
+                "found",
+            ),
+            (
+                200,
+                ok(r#"[{"id":"t9","status":"succeeded"},{"id":"t8","status":"failed"}]"#),
+                true,
+                "inconclusive",
+            ),
+            (
+                200,
+                ok(
+                    r#"[{"task_id":"t9","task_status":"succeed"},{"task_id":"t8","task_status":"failed"}]"#,
+                ),
+                false,
+                "inconclusive",
+            ),
+            (
+                200,
+                ok(r#"[{"task_id":"t9","task_status":"succeed"}]"#),
+                false,
+                "inconclusive",
             ),
             // Other errors.
             (

@@ -795,6 +795,73 @@ async fn a_first_create_refused_1201_is_looked_up_by_its_external_id() {
     assert_eq!(log.len(), 3, "no lookup without an id");
 }
 
+/// A first create refused `1201` whose lookup (made in case the refusal was of a duplicate id)
+/// cannot settle it: the refusal stands, and the caller gets it, with its code, message and
+/// request id, not the lookup's failure as if the create had been refused for that (a `1103`
+/// read "no permission", a `1302` "too fast", a limiter's refusal no code at all), nor a
+/// `DeadlineExceeded` inviting it to send the refused create again later.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_whose_lookup_cannot_settle_it_is_returned_as_the_refusal() {
+    #[derive(Debug)]
+    struct Refused;
+    impl std::fmt::Display for Refused {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a limiter below refused the request")
+        }
+    }
+    impl std::error::Error for Refused {}
+
+    for lookup in ["1103", "1302", "1302 after 700 s", "refused below"] {
+        let (server, log) = kling(move |seen, _| {
+            Reply::Now(if seen.method == Method::POST {
+                code(1201)
+            } else if lookup == "1103" {
+                code(1103)
+            } else if lookup == "1302 after 700 s" {
+                crate::support::with_header(code(1302), "retry-after", "700")
+            } else {
+                code(1302)
+            })
+        });
+        let below = tower::service_fn(move |request: crate::support::Req| {
+            let mut server = server.clone();
+            async move {
+                if request.method() == Method::GET && lookup == "refused below" {
+                    return Err(Box::new(Refused) as kling_core::error::BoxError);
+                }
+                tower::ServiceExt::ready(&mut server).await?;
+                tower::Service::call(&mut server, request).await
+            }
+        });
+        let client = RetryLayer::builder()
+            .seed(1)
+            .max_attempts(3)
+            .deadline(Duration::from_secs(60))
+            .build()
+            .unwrap()
+            .layer(below);
+        let error = send(&client, create(r#"{"external_task_id":"job-20"}"#))
+            .await
+            .unwrap_err();
+        assert_eq!(log.count("POST", ""), 1, "{lookup}");
+        let failed = error
+            .downcast_ref::<Failed>()
+            .unwrap_or_else(|| panic!("{lookup}: {error}"));
+        assert_eq!(failed.reason(), StopReason::NotRetryable, "{lookup}");
+        assert_eq!(
+            failed.code(),
+            Some(kling_core::Code::InvalidParameter),
+            "{lookup}: {error}"
+        );
+        assert_eq!(failed.request_id(), Some("req-1201"), "{lookup}");
+        assert!(!failed.may_have_created(), "{lookup}");
+        assert!(
+            error.to_string().contains("message 1201"),
+            "{lookup}: {error}"
+        );
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_lookup_that_succeeds_without_a_readable_task_does_not_resend_the_create() {
     // Code 0 answers the lookup reads no task from: the create may exist, so it is not sent
@@ -910,39 +977,101 @@ async fn an_unrecognised_post_refused_before_any_work_and_an_unrecognised_get_ar
     assert_eq!(log.count("GET", "something/new"), 2);
 }
 
+/// A new-style create after a 5000, looked up by `external_id` `job-16`; the lookup answers
+/// `data`, and a create sent again is taken as `n2`.
+async fn new_style_lookup_answered(
+    data: &'static str,
+) -> (
+    Result<crate::support::Res, kling_core::error::BoxError>,
+    crate::support::Log,
+) {
+    let (server, log) = kling(move |seen, i| {
+        Reply::Now(if i == 0 {
+            code(5000)
+        } else if seen.method == Method::GET {
+            envelope(StatusCode::OK, 0, data)
+        } else {
+            envelope(
+                StatusCode::OK,
+                0,
+                r#"{"id":"n2","status":"submitted","external_id":"job-16"}"#,
+            )
+        })
+    });
+    let request = http::Request::post("http://kling.test/text-to-video/kling-3.0")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            br#"{"external_id":"job-16"}"#,
+        )))
+        .unwrap();
+    (send(&layer().layer(server), request).await, log)
+}
+
 #[tokio::test(start_paused = true)]
-async fn a_new_style_list_read_in_whole_without_the_create_sends_it_again() {
-    // The rule the task slots layer gives the create's slot back by: `[]`, or tasks that all
-    // carry other external ids. The create goes again, with its id.
+async fn a_new_style_lookup_answered_an_empty_list_sends_the_create_again() {
+    let (response, log) = new_style_lookup_answered("[]").await;
+    assert!(Outcome::of(&response.unwrap()).unwrap().is_success());
+    assert_eq!(log.count("POST", ""), 2);
+    assert_eq!(log.count("GET", "job-16"), 1);
+}
+
+/// An answer to `GET /tasks?external_task_ids=job-16` that lists only other ids' tasks (a
+/// server that ignored the filter, a page of the account's tasks) says nothing about this
+/// create, which may exist: it is not sent again (it was, as if the list said "not found").
+#[tokio::test(start_paused = true)]
+async fn a_new_style_lookup_answered_with_other_tasks_does_not_send_the_create_again() {
     for data in [
-        "[]",
         r#"[{"id":"n1","status":"submitted","external_id":"other"}]"#,
+        r#"[{"id":"n1","status":"submitted","external_id":"other"},{"id":"n3","status":"failed","external_id":"more"}]"#,
+        r#"[{"id":"n1","status":"submitted"},{"id":"n3","status":"failed"}]"#,
     ] {
-        let (server, log) = kling(move |seen, i| {
-            Reply::Now(if i == 0 {
-                code(5000)
-            } else if seen.method == Method::GET {
-                envelope(StatusCode::OK, 0, data)
-            } else {
-                envelope(
-                    StatusCode::OK,
-                    0,
-                    r#"{"id":"n2","status":"submitted","external_id":"job-16"}"#,
-                )
-            })
-        });
-        let request = http::Request::post("http://kling.test/text-to-video/kling-3.0")
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                br#"{"external_id":"job-16"}"#,
-            )))
-            .unwrap();
-        let response = send(&layer().layer(server), request).await.unwrap();
-        assert!(
-            kling_core::Outcome::of(&response).unwrap().is_success(),
-            "{data}"
-        );
-        assert_eq!(log.count("POST", ""), 2, "{data}");
+        let (error, log) = new_style_lookup_answered(data).await;
+        let error = error.unwrap_err();
+        assert_eq!(log.count("POST", ""), 1, "never a second create: {data}");
         assert_eq!(log.count("GET", "job-16"), 1, "{data}");
+        let failed = error.downcast_ref::<Failed>().expect("a Failed");
+        assert_eq!(failed.reason(), StopReason::CreateUnresolved, "{data}");
+        assert_eq!(failed.external_id(), Some("job-16"));
+        assert_eq!(failed.code(), Some(kling_core::Code::InternalError));
+    }
+}
+
+/// The task that names the create's id is the one recovered, not a task before it in the list
+/// that names none (the caller was handed another create's task).
+#[tokio::test(start_paused = true)]
+async fn a_lookup_recovers_the_task_that_names_the_id_not_the_first_listed() {
+    let (response, log) = new_style_lookup_answered(
+        r#"[{"id":"n9","status":"succeeded"},{"id":"n1","status":"submitted","external_id":"job-16"}]"#,
+    )
+    .await;
+    let response = response.unwrap();
+    assert_eq!(log.count("POST", ""), 1);
+    let recovered = response.extensions().get::<Recovered>().expect("recovered");
+    assert_eq!(recovered.task_id, "n1");
+    assert_eq!(recovered.external_id, "job-16");
+}
+
+/// A legacy lookup `GET {create path}/{id}` answered with a list (a page of the account's
+/// tasks, not one task) recovers none of them: the create is left unresolved.
+#[tokio::test(start_paused = true)]
+async fn a_legacy_lookup_answered_with_a_list_page_recovers_no_task() {
+    for data in [
+        r#"[{"task_id":"t9","task_status":"succeed"}]"#,
+        r#"[{"task_id":"t9","task_status":"succeed"},{"task_id":"t8","task_status":"failed"}]"#,
+    ] {
+        let (server, log) = kling(by_method(
+            || code(5000),
+            move || envelope(StatusCode::OK, 0, data),
+        ));
+        let error = send(
+            &layer().layer(server),
+            create(r#"{"external_task_id":"job-19"}"#),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(log.count("POST", ""), 1, "{data}");
+        let failed = error.downcast_ref::<Failed>().expect("a Failed");
+        assert_eq!(failed.reason(), StopReason::CreateUnresolved, "{data}");
+        assert_eq!(failed.external_id(), Some("job-19"));
     }
 }
 
