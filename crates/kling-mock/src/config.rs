@@ -1,9 +1,9 @@
 //! Configuration of the mock: presets, limits, credentials, faults.
 //!
 //! Every number the mock enforces lives here so a test can state the exact account it simulates.
-//! Durations are given in *API time*; the mock divides them by [`MockConfig::speed`] before use, so a
-//! demo at `speed(60.0)` runs a minute of Kling in one second while the numbers still read like
-//! Kling's.
+//! Durations are given in *API time*; the mock divides them by [`MockConfig::speed`] before use,
+//! so a demo at `speed(60.0)` runs a minute of Kling in one second while the numbers still read
+//! like Kling's.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -211,7 +211,9 @@ impl RateLimit {
     }
 }
 
-/// Account-state switches: each one makes every request of every account fail with its code.
+/// Account-state switches: each one makes every request fail with its code, of every account
+/// when set mock-wide ([`MockConfig::switches`], [`crate::MockKling::set_switches`]), of one
+/// account when set for it ([`crate::MockKling::set_account_switches`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Switches {

@@ -1,8 +1,9 @@
 //! The endpoints: creates, queries, lists, account costs, in the order Kling checks things.
 //!
-//! Check order for a create: model known, when `known_models` is set (1203) → body JSON (1200) → fields (1201) → model permission (1103) →
-//! content policy (1300/1301) → credits latched (1102) → duplicate external id (1201) → credits
-//! (1102) → slots (1303) → task. Billing before slots: an empty pack is final, a busy pool is not.
+//! Check order for a create: model known, when `known_models` is set (1203) → body JSON (1200)
+//! → fields (1201) → model permission (1103) → content policy (1300/1301) → credits latched
+//! (1102) → duplicate external id (1201) → credits (1102) → slots (1303) → task. Billing before
+//! slots: an empty pack is final, a busy pool is not.
 //! Every create (refused or not) first starts or rolls the account's credit period.
 
 use std::time::Duration;

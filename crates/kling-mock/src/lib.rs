@@ -11,8 +11,8 @@
 //! it shares no code with the client crates.
 //!
 //! Two ways to use it:
-//! - [`MockKling`], an in-process `tower_service::Service<http::Request<Full<Bytes>>>` whose time is
-//!   tokio's, so `#[tokio::test(start_paused = true)]` runs an hour of traffic in milliseconds;
+//! - [`MockKling`], an in-process `tower_service::Service<http::Request<Full<Bytes>>>` whose time
+//!   is tokio's, so `#[tokio::test(start_paused = true)]` runs an hour of traffic in milliseconds;
 //! - [`MockServer`], the same mock behind hyper on `127.0.0.1` (and the `kling-mock` binary), for
 //!   real sockets, several processes and demos, sped up by [`MockConfig::speed`].
 //!

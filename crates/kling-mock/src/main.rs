@@ -59,6 +59,10 @@ struct Args {
     /// Slots of every pool.
     #[arg(long)]
     slots: Option<u32>,
+    /// Slots of one pool, `POOL=N` (repeatable): `video=20`, `image=9`, `try-on=3`,
+    /// `video:kling-3.0=10`. A pool not named takes its type's, else `--slots`.
+    #[arg(long, value_parser = parse_pool_slots)]
+    pool_slots: Vec<(String, u32)>,
     /// Which pool a new-style create counts in: `model` (`video:{model}`) or `product`
     /// (`video`, shared by every model and the legacy endpoints).
     #[arg(long, default_value = "model")]
@@ -93,6 +97,21 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
         .ok()
         .and_then(|v| Duration::try_from_secs_f64(v).ok())
         .ok_or_else(|| format!("not a number of seconds: `{s}`"))
+}
+
+fn parse_pool_slots(s: &str) -> Result<(String, u32), String> {
+    let (pool, slots) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected POOL=N, got `{s}`"))?;
+    let pool = pool.trim();
+    if pool.is_empty() {
+        return Err(format!("expected POOL=N, got `{s}`"));
+    }
+    let slots = slots
+        .trim()
+        .parse::<u32>()
+        .map_err(|_| format!("not a number of slots: `{slots}`"))?;
+    Ok((pool.to_owned(), slots))
 }
 
 fn parse_range(s: &str) -> Result<(Duration, Duration), String> {
@@ -150,6 +169,9 @@ fn config(args: Args) -> MockConfig {
     if let Some(slots) = args.slots {
         config = config.slots(slots);
     }
+    for (pool, slots) in args.pool_slots {
+        config = config.pool_slots(pool, slots);
+    }
     if let Some((min, max)) = args.task_duration {
         config = config.task_duration(min, max);
     }
@@ -189,4 +211,43 @@ async fn main() -> std::process::ExitCode {
     let _ = tokio::signal::ctrl_c().await;
     server.shutdown().await;
     std::process::ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(args: &[&str]) -> MockConfig {
+        config(
+            Args::try_parse_from(std::iter::once("kling-mock").chain(args.iter().copied()))
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn pool_slots_set_each_packs_capacity() {
+        let config = parsed(&[
+            "--slots",
+            "1",
+            "--pool-slots",
+            "video=20",
+            "--pool-slots",
+            "image = 9",
+            "--pool-slots",
+            "video:kling-3.0=4",
+        ]);
+        assert_eq!(config.capacity("video"), 20);
+        assert_eq!(config.capacity("video:kling-2.6"), 20);
+        assert_eq!(config.capacity("video:kling-3.0"), 4);
+        assert_eq!(config.capacity("image"), 9);
+        assert_eq!(config.capacity("try-on"), 1);
+    }
+
+    #[test]
+    fn a_pool_slots_value_without_a_pool_or_a_number_is_refused() {
+        for bad in ["video", "=3", "video=many", "video=-1"] {
+            let args = ["kling-mock", "--pool-slots", bad];
+            assert!(Args::try_parse_from(args).is_err(), "{bad}");
+        }
+    }
 }

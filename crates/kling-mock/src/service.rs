@@ -117,14 +117,33 @@ impl MockKling {
         self.shared.lock().reset_stats(Instant::now());
     }
 
-    /// The account-state switches now in force.
+    /// The mock-wide account-state switches now in force (not those set for one account).
     pub fn switches(&self) -> Switches {
         self.shared.lock().switches
     }
 
-    /// Replaces the account-state switches (1100 / 1101 / 1304 for every request while on).
+    /// Replaces the mock-wide account-state switches (1100 / 1101 / 1304 for every request of
+    /// every account while on).
     pub fn set_switches(&self, switches: Switches) {
         self.shared.lock().switches = switches;
+    }
+
+    /// The switches set for one account with [`MockKling::set_account_switches`] (all off
+    /// unless set; the mock-wide ones are not included).
+    pub fn account_switches(&self, account: &str) -> Switches {
+        self.shared
+            .lock()
+            .accounts
+            .get(account)
+            .map(|a| a.switches)
+            .unwrap_or_default()
+    }
+
+    /// Replaces one account's own switches: its requests get 1100 / 1101 / 1304 while one is
+    /// on (here or mock-wide), other accounts' are untouched, as Kling's account states are
+    /// each account's own.
+    pub fn set_account_switches(&self, account: &str, switches: Switches) {
+        self.shared.lock().account(account).switches = switches;
     }
 
     /// Holds `slots` of `pool` in `account` for `duration` of API time (divided by the speed), as
@@ -203,7 +222,7 @@ impl MockKling {
                 Ok(account) => account,
                 Err((code, msg)) => return Ok(state.error(code, msg, now, None)),
             };
-            let switches = state.switches;
+            let switches = state.switches_for(&account);
             let refused = if switches.abnormal {
                 Some((1100, "account abnormal"))
             } else if switches.arrears {
@@ -301,12 +320,20 @@ impl MockKling {
                     .abnormal(flag("abnormal"))
                     .arrears(flag("arrears"))
                     .ip_denied(flag("ip_denied"));
-                self.set_switches(switches);
-                json(serde_json::json!({
+                let mut answer = serde_json::json!({
                     "abnormal": switches.abnormal,
                     "arrears": switches.arrears,
                     "ip_denied": switches.ip_denied,
-                }))
+                });
+                // With `"account"`, that account's own switches; without, the mock-wide ones.
+                match v.get("account").and_then(Value::as_str) {
+                    Some(account) => {
+                        self.set_account_switches(account, switches);
+                        answer["account"] = Value::String(account.to_owned());
+                    }
+                    None => self.set_switches(switches),
+                }
+                json(answer)
             }
             _ => {
                 let mut resp = json(

@@ -46,7 +46,14 @@ fn gcra(
     if tat <= now + tolerance {
         Ok(tat + interval)
     } else {
-        let kept = if penalty { tat + interval } else { tat };
+        // The penalty pushes at most MAX_WAIT past the tolerance: a client that keeps sending
+        // through a lockout never drives the wait beyond what an `Instant` or an HTTP-date
+        // (year 9999 at most) can hold.
+        let kept = if penalty {
+            (tat + interval).min(now + tolerance + MAX_WAIT).max(tat)
+        } else {
+            tat
+        };
         Err((kept.saturating_duration_since(now + tolerance), kept))
     }
 }
@@ -86,6 +93,8 @@ pub(crate) struct Account {
     /// period gets 1102.
     first_1102: Option<Instant>,
     occupied: Vec<Occupation>,
+    /// This account's own state (1100 / 1101 / 1304), on top of the mock-wide switches.
+    pub(crate) switches: Switches,
 }
 
 /// The mutable heart of the mock.
@@ -157,6 +166,20 @@ impl State {
             "mock-{:08x}-{:012x}",
             self.config.seed as u32, self.next_request
         )
+    }
+
+    /// The switches in force for `account`: each one on when it is on mock-wide or for the
+    /// account.
+    pub(crate) fn switches_for(&self, account: &str) -> Switches {
+        let own = self
+            .accounts
+            .get(account)
+            .map(|a| a.switches)
+            .unwrap_or_default();
+        Switches::new()
+            .abnormal(self.switches.abnormal || own.abnormal)
+            .arrears(self.switches.arrears || own.arrears)
+            .ip_denied(self.switches.ip_denied || own.ip_denied)
     }
 
     /// Takes back a response [`State::count_code`] counted that was never sent (a lost answer).

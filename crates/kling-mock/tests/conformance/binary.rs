@@ -71,6 +71,7 @@ fn invalid_flags_are_rejected_naming_the_flag() {
         ),
         (&["--costs-per-second", "often"][..], "--costs-per-second"),
         (&["--pool-scope", "account"][..], "--pool-scope"),
+        (&["--pool-slots", "video"][..], "--pool-slots"),
     ] {
         let out = Command::new(BIN)
             .args(args)

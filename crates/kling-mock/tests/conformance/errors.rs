@@ -88,6 +88,50 @@ async fn switches_can_be_flipped_at_runtime() {
     c.post(T2V, json!({"prompt": "x"})).await.data();
 }
 
+/// Kling's account states are each account's own: one account in arrears leaves another's
+/// requests alone, set in process or through `POST /__mock/switches` with an `account`.
+#[tokio::test(start_paused = true)]
+async fn an_accounts_own_switches_refuse_only_that_account() {
+    let a = Caller::new(quiet());
+    let b = a.with_key("other-key");
+    a.mock
+        .set_account_switches("test-key", Switches::new().arrears(true));
+    a.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1101);
+    a.get("/account/costs").await.assert_error(429, 1101);
+    b.post(T2V, json!({"prompt": "x"})).await.data();
+    assert_eq!(
+        a.mock.switches(),
+        Switches::new(),
+        "mock-wide ones untouched"
+    );
+    assert!(a.mock.account_switches("test-key").arrears);
+
+    // The control endpoint: with an account, that account's; without, every account's.
+    let r = a
+        .without_auth()
+        .post(
+            "/__mock/switches",
+            json!({"account": "other-key", "ip_denied": true}),
+        )
+        .await;
+    assert_eq!(r.body["account"], "other-key");
+    b.get("/account/costs").await.assert_error(429, 1304);
+    a.mock.set_account_switches("test-key", Switches::new());
+    a.get(&format!("{T2V}?pageSize=1")).await.data();
+    a.without_auth()
+        .post("/__mock/switches", json!({"abnormal": true}))
+        .await;
+    a.get(&format!("{T2V}?pageSize=1"))
+        .await
+        .assert_error(429, 1100);
+    // Mock-wide abnormal comes first, whatever the account's own say.
+    b.get(&format!("{T2V}?pageSize=1"))
+        .await
+        .assert_error(429, 1100);
+}
+
 #[tokio::test(start_paused = true)]
 async fn exhausted_credits_are_429_1102() {
     let c = Caller::new(quiet().credits(1.0));
@@ -95,6 +139,23 @@ async fn exhausted_credits_are_429_1102() {
     c.post(T2V, json!({"prompt": "x"}))
         .await
         .assert_error(429, 1102);
+}
+
+/// The README's check order: a duplicate id is refused before the credits left are counted, and
+/// an 1102 once sent comes before it.
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_id_is_1201_before_the_credits_left_are_counted() {
+    let c = Caller::new(quiet().credits(1.0));
+    let dup = json!({"prompt": "x", "external_task_id": "job-1"});
+    c.post(T2V, dup.clone()).await.data();
+    // Nothing left to pay with, but the id is checked first.
+    c.post(T2V, dup.clone()).await.assert_error(400, 1201);
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1102);
+    // Once an 1102 has gone out, it answers before the id is looked at.
+    c.post(T2V, dup).await.assert_error(429, 1102);
+    assert_eq!(c.mock.stats().duplicate_external_ids, 1);
 }
 
 #[tokio::test(start_paused = true)]

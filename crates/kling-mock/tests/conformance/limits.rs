@@ -164,6 +164,34 @@ async fn penalty_mode_pushes_the_next_allowed_time_on_every_refusal() {
     penal.get(LIST).await.data();
 }
 
+/// A client that keeps sending through a penalty lockout pushes the next allowed time, but never
+/// past ten years from now: the `Retry-After` date stays one a client can read (it panicked
+/// once the lockout passed the year 9999).
+#[tokio::test(start_paused = true)]
+async fn a_penalty_lockout_is_bounded_and_its_retry_after_date_stays_valid() {
+    // One request a century (the interval is capped at ten years), penalty on.
+    let c = Caller::new(
+        quiet()
+            .rate_per_minute(1e-9)
+            .penalty(true)
+            .retry_after(RetryAfterMode::Date),
+    );
+    c.get(LIST).await.data();
+    let ten_years = Duration::from_secs(10 * 365 * 24 * 3600);
+    for i in 0..1_000 {
+        let r = c.get(LIST).await;
+        r.assert_error(429, 1302);
+        let retry = httpdate::parse_http_date(r.headers["retry-after"].to_str().unwrap()).unwrap();
+        let date = httpdate::parse_http_date(r.headers["date"].to_str().unwrap()).unwrap();
+        let wait = retry.duration_since(date).unwrap();
+        // Still locked out, never beyond the bound (plus the date's rounding up).
+        assert!(
+            wait >= ten_years && wait <= ten_years + Duration::from_secs(1),
+            "refusal {i}: {wait:?}"
+        );
+    }
+}
+
 async fn advance_ms(ms: u64) {
     tokio::time::advance(Duration::from_millis(ms)).await;
 }
