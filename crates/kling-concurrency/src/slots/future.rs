@@ -429,21 +429,18 @@ fn settle_create<B: SlotBackend>(
 /// external id: only a holding under that external id is ended) or new-style
 /// `GET /tasks?external_task_ids=…`. "Absent" is `1203` (not found), or a successful new-style
 /// answer whose `data` is a list read in whole ([`Outcome::lists_every_task`], `[]` included)
-/// that does not name it, each task listed carrying its external id. It is the rule the retry
-/// layer above sends a create again by: a `data` the answer could not read (`null`, missing, an
-/// element without id or status) ends nothing, as the task may exist.
+/// that does not name it, each task listed carrying one of the external ids asked for (a list
+/// with any other task is a server that ignored the filter: it says nothing of ours). It is the
+/// rule the retry layer above sends a create again by: a `data` the answer could not read
+/// (`null`, missing, an element without id or status) ends nothing, as the task may exist.
 fn absent(asked: &PathAndQuery, outcome: &Outcome, body: &[u8]) -> Option<Vec<TaskUpdate>> {
-    // Cheap tests first: this runs on every query's answer (the body is read again only for a
-    // lookup by external id).
+    // Cheap tests first: this runs on every query's answer (the URI is parsed and the body read
+    // again only for a lookup by external id).
     let by_external = asked
         .query()
         .is_some_and(|q| q.contains("external_task_ids="));
     let not_found = outcome.code() == Code::NotFound;
-    let none_listed = by_external
-        && outcome.is_success()
-        && outcome.tasks().iter().all(|t| t.external_id.is_some())
-        && outcome.lists_every_task(body);
-    if !(not_found || none_listed) {
+    if !(not_found || (by_external && outcome.is_success())) {
         return None;
     }
     let recognized = Recognized::from_parts(&Method::GET, &Uri::from(asked.clone()), b"");
@@ -455,6 +452,16 @@ fn absent(asked: &PathAndQuery, outcome: &Outcome, body: &[u8]) -> Option<Vec<Ta
     } else {
         return None;
     };
+    if !not_found {
+        let honours_filter = outcome.tasks().iter().all(|t| {
+            t.external_id
+                .as_ref()
+                .is_some_and(|ext| asked.iter().any(|a| a == ext))
+        });
+        if !(honours_filter && outcome.lists_every_task(body)) {
+            return None;
+        }
+    }
     let updates: Vec<TaskUpdate> = asked
         .into_iter()
         .filter(|ext| {

@@ -82,6 +82,39 @@ async fn a_new_style_lookup_that_finds_nothing_frees_the_slot() {
     assert_eq!(pool_state(&handle, &pool).await.0, 1);
 }
 
+/// A server that ignores the external-id filter answers a lookup with the account's other
+/// tasks: that says nothing of the one asked for, whose slot stays held (the retry layer does
+/// not send its create again on such an answer either).
+#[tokio::test(start_paused = true)]
+async fn a_lookup_answered_with_tasks_not_asked_for_ends_nothing() {
+    let fake = Fake::new();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2)).unwrap();
+    let mut svc = layer.layer(fake.clone());
+    let create = |ext: &str| {
+        post(
+            "/text-to-video/kling-3.0",
+            &format!(r#"{{"prompt":"x","external_id":"{ext}"}}"#),
+        )
+    };
+    let pool = kling_core::Pool::with_model(kling_core::Product::Video, "kling-3.0");
+    // `e1` is lost after it was sent (held under `e1`); `e2` is created as `t1`.
+    fake.script(Scripted::Lost);
+    svc.ready().await.unwrap();
+    assert!(svc.call(create("e1")).await.is_err());
+    svc.ready().await.unwrap();
+    svc.call(create("e2")).await.unwrap();
+    assert_eq!(pool_state(&handle, &pool).await.0, 2);
+
+    fake.ignore_filters();
+    svc.ready().await.unwrap();
+    svc.call(get("/tasks?external_task_ids=e1")).await.unwrap();
+    assert_eq!(
+        pool_state(&handle, &pool).await.0,
+        2,
+        "e1 may exist: still held"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_lookup_that_finds_a_ghost_create_links_its_task_id() {
     let fake = Fake::new();

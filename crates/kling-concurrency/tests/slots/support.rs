@@ -36,6 +36,8 @@ struct FakeState {
     tasks: HashMap<String, (&'static str, Option<String>, bool)>,
     script: VecDeque<Scripted>,
     creates: u32,
+    /// Lookups by external id list every task, as a server that ignores the filter would.
+    ignores_filter: bool,
 }
 
 /// Answers every request at once: creates make `t1`, `t2`, … (`submitted`), queries report the
@@ -58,6 +60,11 @@ impl Fake {
     /// The next create gets `answer` instead of a task.
     pub(crate) fn script(&self, answer: Scripted) {
         self.state.lock().unwrap().script.push_back(answer);
+    }
+
+    /// From now on, lookups by external id list every task, whatever ids they ask for.
+    pub(crate) fn ignore_filters(&self) {
+        self.state.lock().unwrap().ignores_filter = true;
     }
 
     /// Creates that reached the server.
@@ -120,7 +127,13 @@ impl Fake {
             Fake::task_json(&id, "submitted", echoed, legacy)
         } else if path == "/tasks" {
             let query = req.uri().query().unwrap_or("");
-            let tasks: Vec<Value> = if let Some(exts) = query.strip_prefix("external_task_ids=") {
+            let tasks: Vec<Value> = if state.ignores_filter {
+                state
+                    .tasks
+                    .iter()
+                    .map(|(id, (status, ext, _))| Fake::task_json(id, status, ext.as_ref(), false))
+                    .collect()
+            } else if let Some(exts) = query.strip_prefix("external_task_ids=") {
                 exts.split(',')
                     .filter_map(|ext| {
                         let (id, (status, ext, _)) = state
