@@ -45,6 +45,7 @@ use http_body_util::Full;
 use kling_concurrency::Reconcile;
 use kling_core::error::ApiError;
 use kling_core::{ApiGeneration, BoxError, Code, Outcome, PeekBody as _, TaskReport, TaskStatus};
+use kling_retry::Lookup;
 use kling_tower::error::FollowError;
 use kling_tower::{FollowPolicy, Follower, TaskRef};
 use tokio::sync::{mpsc, watch};
@@ -572,12 +573,13 @@ impl Engine {
     /// Looks a job's task up by its external id: `Some` if Kling has it, `None` if Kling
     /// says it does not exist.
     ///
-    /// Read by kling-retry's rule for its own lookups: only `1203`, or a new-style answer
-    /// whose list was read in whole without the id (`[]` included), says the task does not
-    /// exist; a task counts as the job's only when it carries the job's external id (or none,
-    /// on the path that asked for it). Any other answer (a list of other tasks, as from a
-    /// proxy that dropped the query, or a `data` that cannot be read) is an error, and the job
-    /// stays of unknown outcome: neither created again nor given another job's task.
+    /// Read by kling-retry's rule for its own lookups ([`kling_retry::read_lookup`]): only
+    /// `1203`, or a new-style answer whose list was read in whole and is empty, says the task
+    /// does not exist; a task counts as the job's when it carries the job's external id, or
+    /// when it is the answer's only task and names none. Any other answer (a list of other
+    /// tasks, as from a proxy that dropped the query, or a `data` that cannot be read) is an
+    /// error, and the job stays of unknown outcome: neither created again nor given another
+    /// job's task.
     pub async fn lookup(
         &self,
         job: &Job,
@@ -597,18 +599,16 @@ impl Engine {
                 if !outcome.is_success() {
                     return Err(Box::new(ApiError::from_outcome(&outcome)));
                 }
-                let found = outcome
-                    .tasks()
-                    .iter()
-                    .find(|t| t.external_id.as_deref().is_none_or(|id| id == external_id));
-                match found {
-                    Some(task) => Ok(Some(task.clone())),
-                    None if job.generation() == ApiGeneration::New
-                        && outcome.lists_every_task(&response.body().peek_bytes()) =>
-                    {
-                        Ok(None)
-                    }
-                    None => Err(format!(
+                let body = response.body().peek_bytes();
+                let new_style = job.generation() == ApiGeneration::New;
+                match kling_retry::read_lookup(&body, &outcome, external_id, new_style) {
+                    // The id is one of the answer's tasks; never read as "not found".
+                    Lookup::Found(id) => match outcome.tasks().iter().find(|t| t.id == id) {
+                        Some(task) => Ok(Some(task.clone())),
+                        None => Err(format!("the lookup found task {id} but lists none").into()),
+                    },
+                    Lookup::NotFound => Ok(None),
+                    _ => Err(format!(
                         "the lookup of external id {external_id} was answered with no task of \
                          that id it could read ({} other task(s)); the job stays of unknown \
                          outcome",
@@ -1180,9 +1180,9 @@ mod tests {
     /// A lookup by external id takes a task for the job's only when it carries the job's id
     /// (or none): an answer naming other tasks gave the job the first of them, another job's,
     /// reported as its own and never created. And an answer whose `data` cannot be read said
-    /// "no such task", so the job was created again. By the stack's rule now: a new-style list
-    /// read in whole without the id is "not found", an unreadable one or a legacy task of
-    /// another id leaves the job unknown.
+    /// "no such task", so the job was created again. By the retry layer's rule now: only an
+    /// empty new-style list read in whole is "not found"; an unreadable answer, a list of other
+    /// tasks or a legacy task of another id leaves the job unknown.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lookup_never_takes_another_jobs_task_nor_reads_nothing_as_not_found() {
         let (jobs, _) = parse_jobs(concat!(
@@ -1212,8 +1212,12 @@ mod tests {
         let other = r#"{"id":"860000000000000007","status":"succeeded","external_id":"kb-else"}"#;
         let mine = r#"{"id":"860000000000000001","status":"processing","external_id":"kb-mine"}"#;
         // New-style (`GET /tasks?external_task_ids=`).
+        // Another job's task alone: a server that ignored the filter, saying nothing of ours.
         let found = lookup(0, format!("[{other}]")).await;
-        assert!(matches!(found, Ok(None)), "not the other task: {found:?}");
+        assert!(
+            found.is_err(),
+            "not the other task, nor not found: {found:?}"
+        );
         let found = lookup(0, "null".into()).await;
         assert!(found.is_err(), "nothing read is no answer: {found:?}");
         let found = lookup(0, "[]".into()).await;

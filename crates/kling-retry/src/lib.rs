@@ -183,7 +183,7 @@ pub use body::ReplayBody;
 pub use budget::RetryBudget;
 pub use kling_core::signals::TokenDropped;
 pub use layer::{DEFAULT_DEADLINE, DEFAULT_MAX_ATTEMPTS, RetryLayer, RetryLayerBuilder};
-pub use lookup::Recovered;
+pub use lookup::{Lookup, Recovered, read as read_lookup};
 pub use policy::{Attempted, CreateState, KlingPolicy, Policy, Verdict};
 pub use rng::{RandomSource, SplitMix};
 pub use service::Retry;

@@ -32,9 +32,13 @@ pub struct Recovered {
     pub task_id: String,
 }
 
-/// What a lookup says.
-pub(crate) enum Lookup {
+/// What an answer to a lookup of a create by its external id says ([`read_lookup`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Lookup {
+    /// The create's task exists: its task id.
     Found(String),
+    /// No such task: the create may be sent again.
     NotFound,
     /// An error response or an answer that names no task it could read: judge it like any
     /// other attempt (a success that says nothing stops the call with the create unresolved).
@@ -54,7 +58,10 @@ pub(crate) enum Lookup {
 /// status), and an answer about other tasks (tasks of other external ids, several naming none,
 /// a legacy list): a server that ignored the query's filter answers so, and its answer says
 /// nothing of ours, which may exist.
-pub(crate) fn read(body: &[u8], outcome: &Outcome, external_id: &str, new_style: bool) -> Lookup {
+///
+/// Public as [`read_lookup`](crate::read_lookup), so that a caller who looks creates up itself
+/// (a batch runner) sends a create again by the same rule.
+pub fn read(body: &[u8], outcome: &Outcome, external_id: &str, new_style: bool) -> Lookup {
     if outcome.code() == Code::NotFound {
         return Lookup::NotFound;
     }
