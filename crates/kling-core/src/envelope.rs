@@ -74,10 +74,15 @@ impl fmt::Display for TaskStatus {
 }
 
 /// One task as a response reports it.
+///
+/// A task object is reported only when it names its task: an id that is a non-empty string or
+/// a 64-bit integer, and a status, of the same generation (`task_id` and `task_status`, else
+/// `id` and `status`). One with an empty id (`"task_id":""`) names no task and is left out, as
+/// one with no id is; an id that is some other number makes the envelope unreadable.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct TaskReport {
-    /// The task id (`task_id` or `id`).
+    /// The task id (`task_id` or `id`): never empty.
     pub id: String,
     /// The task's status.
     pub status: TaskStatus,
@@ -271,49 +276,54 @@ impl<'de> Deserialize<'de> for LooseCode {
 }
 
 /// A string or number as text; anything else (an object, an array, `true`, `null`) as none.
+/// With `FRACTIONS` false (a `LooseId`), so is a number that serde_json reads as no 64-bit
+/// integer: its `f64` text can be another id.
 #[derive(Default)]
-struct Loose<'a>(Option<Cow<'a, str>>);
+struct Loose<'a, const FRACTIONS: bool = true>(Option<Cow<'a, str>>);
 
-impl<'de: 'a, 'a> Deserialize<'de> for Loose<'a> {
+/// An external id: a string or an integer (in 64 bits) as text; anything else as none.
+type LooseId<'a> = Loose<'a, false>;
+
+impl<'de: 'a, 'a, const FRACTIONS: bool> Deserialize<'de> for Loose<'a, FRACTIONS> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct LooseVisitor;
-        impl<'de> Visitor<'de> for LooseVisitor {
-            type Value = Loose<'de>;
+        struct LooseVisitor<const FRACTIONS: bool>;
+        impl<'de, const FRACTIONS: bool> Visitor<'de> for LooseVisitor<FRACTIONS> {
+            type Value = Loose<'de, FRACTIONS>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("any JSON value")
             }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Loose<'de>, E> {
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
                 Ok(Loose(Some(Cow::Borrowed(v))))
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Loose<'de>, E> {
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
                 Ok(Loose(Some(Cow::Owned(v.to_owned()))))
             }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Loose<'de>, E> {
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
                 Ok(Loose(Some(Cow::Owned(v.to_string()))))
             }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Loose<'de>, E> {
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
                 Ok(Loose(Some(Cow::Owned(v.to_string()))))
             }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Loose<'de>, E> {
-                Ok(Loose(Some(Cow::Owned(v.to_string()))))
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(Loose(FRACTIONS.then(|| Cow::Owned(v.to_string()))))
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Loose<'de>, E> {
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
                 Ok(Loose(None))
             }
-            fn visit_unit<E: de::Error>(self) -> Result<Loose<'de>, E> {
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
                 Ok(Loose(None))
             }
-            fn visit_none<E: de::Error>(self) -> Result<Loose<'de>, E> {
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
                 Ok(Loose(None))
             }
-            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Loose<'de>, D::Error> {
-                d.deserialize_any(LooseVisitor)
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                d.deserialize_any(self)
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Loose<'de>, A::Error> {
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 while seq.next_element::<de::IgnoredAny>()?.is_some() {}
                 Ok(Loose(None))
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Loose<'de>, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 while map
                     .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
                     .is_some()
@@ -321,7 +331,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Loose<'a> {
                 Ok(Loose(None))
             }
         }
-        deserializer.deserialize_any(LooseVisitor)
+        deserializer.deserialize_any(LooseVisitor::<FRACTIONS>)
     }
 }
 
@@ -370,7 +380,11 @@ impl<'de> Visitor<'de> for TasksVisitor {
         let task = RawTask::deserialize(de::value::MapAccessDeserializer::new(map))?;
         let mut tasks = Vec::new();
         if let Some(page) = task.tasks {
-            tasks.extend(page.into_iter().filter_map(RawTask::into_report));
+            tasks.extend(
+                page.into_iter()
+                    .filter_map(|item| item.0)
+                    .filter_map(RawTask::into_report),
+            );
         } else {
             tasks.extend(task.into_report());
         }
@@ -429,18 +443,22 @@ struct RawTask<'a> {
     #[serde(default, borrow)]
     message: Loose<'a>,
     #[serde(default, borrow)]
-    external_id: Loose<'a>,
+    external_id: LooseId<'a>,
     #[serde(default, borrow)]
     outputs: Option<LooseList<Output<'a>>>,
     #[serde(default)]
     billing: Option<LooseList<Billing>>,
-    #[serde(default)]
-    tasks: Option<Vec<RawTask<'a>>>,
+    /// A page's tasks; an element that is no object reports nothing (serde's derive would read
+    /// an array as a task, its fields by position).
+    #[serde(default, borrow)]
+    tasks: Option<Vec<LooseItem<RawTask<'a>>>>,
 }
 
 impl RawTask<'_> {
     fn into_report(self) -> Option<TaskReport> {
-        if let (Some(id), Some(status)) = (&self.task_id, &self.task_status) {
+        // An empty id names no task, as a missing or `null` one.
+        let task_id = self.task_id.as_ref().filter(|id| !id.0.is_empty());
+        if let (Some(id), Some(status)) = (task_id, &self.task_status) {
             let mut urls = Vec::new();
             if let Some(result) = self.task_result.0 {
                 urls.extend(result.videos.0.into_iter().filter_map(|m| m.url.0));
@@ -464,7 +482,8 @@ impl RawTask<'_> {
                     .and_then(|d| d.trim().parse().ok()),
             });
         }
-        let (Some(id), Some(status)) = (&self.id, &self.status) else {
+        let id = self.id.as_ref().filter(|id| !id.0.is_empty());
+        let (Some(id), Some(status)) = (id, &self.status) else {
             return None;
         };
         Some(TaskReport {
@@ -498,7 +517,7 @@ impl RawTask<'_> {
 #[derive(Deserialize)]
 struct TaskInfo<'a> {
     #[serde(default, borrow)]
-    external_task_id: Loose<'a>,
+    external_task_id: LooseId<'a>,
 }
 
 #[derive(Deserialize)]
@@ -534,7 +553,7 @@ struct LooseAmount(Option<f64>);
 
 impl<'de> Deserialize<'de> for LooseAmount {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = Loose::deserialize(deserializer)?;
+        let text = <Loose<'_>>::deserialize(deserializer)?;
         Ok(LooseAmount(
             text.0
                 .and_then(|t| t.trim().parse::<f64>().ok())
@@ -658,7 +677,10 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for LooseList<T> {
     }
 }
 
-/// A string or a number, kept as text (ids and deductions arrive as either).
+/// A task id: a string, or an integer (in 64 bits) kept as its text. Any other number (a
+/// fraction, an exponent, an integer past 64 bits) is an error: serde_json reads it as an `f64`,
+/// whose text can be another id (`86000000000000000012345` and `…012346` both read
+/// `86000000000000000000000`), and a wrong id would end or look up another task.
 struct Text<'a>(Cow<'a, str>);
 
 impl fmt::Display for Text<'_> {
@@ -673,7 +695,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
         impl<'de> Visitor<'de> for TextVisitor {
             type Value = Text<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string or a number")
+                f.write_str("a string or an integer")
             }
             fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
                 Ok(Text(Cow::Borrowed(v)))
@@ -690,8 +712,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Text<'de>, E> {
                 Ok(Text(Cow::Owned(v.to_string())))
             }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Text<'de>, E> {
-                Ok(Text(Cow::Owned(v.to_string())))
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Text<'de>, E> {
+                Err(E::custom(
+                    "a task id that is a number must be an integer of at most 64 bits",
+                ))
             }
         }
         deserializer.deserialize_any(TextVisitor)
@@ -861,6 +885,153 @@ mod tests {
                 assert_eq!(ids, [None, Some("x")]);
             }
         }
+    }
+
+    /// Both readers, on a body each reads (the scanner, else the reference it falls back to).
+    fn both(body: &[u8]) -> [Result<Envelope, serde_json::Error>; 2] {
+        [Envelope::parse(body), Envelope::parse_reference(body)]
+    }
+
+    /// A task id written empty names no task, as a missing or `null` one, in both generations
+    /// and from both readers: read as a task `""`, every such report was "the same task" to the
+    /// layers that file tasks by id, and a create answered so was taken as made under that id.
+    #[test]
+    fn an_empty_task_id_names_no_task() {
+        let bodies: [&[u8]; 4] = [
+            br#"{"code":0,"message":"ok","request_id":"r","data":{"task_id":"","task_status":"submitted"}}"#,
+            br#"{"code":0,"message":"ok","request_id":"r","data":{"id":"","status":"succeeded","external_id":"e1"}}"#,
+            br#"{"code":0,"data":{"tasks":[{"task_id":"","task_status":"failed","task_info":{"external_task_id":"e2"}}]}}"#,
+            br#"{"code":0,"data":{"task_id":"","task_status":"succeed"},"request_id":"r\/1"}"#,
+        ];
+        for body in bodies {
+            for env in both(body) {
+                let env = env.unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(env.tasks, [], "{}", String::from_utf8_lossy(body));
+            }
+            let outcome = crate::Outcome::parse(
+                http::StatusCode::OK,
+                &http::HeaderMap::new(),
+                body,
+                tokio::time::Instant::now(),
+            )
+            .unwrap();
+            assert_eq!(outcome.task(), None);
+            assert!(Envelope::parse_callback(body).unwrap().is_empty());
+        }
+        // Among others, only the named tasks are reported; an object whose legacy id is empty
+        // still reports its new-style task.
+        let list = br#"{"code":0,"data":[{"id":"","status":"submitted","external_id":"e1"},
+            {"id":"b","status":"submitted"},{"task_id":"","task_status":"s","id":"c","status":"failed"}]}"#;
+        for env in both(list) {
+            let ids: Vec<_> = env.unwrap().tasks.into_iter().map(|t| t.id).collect();
+            assert_eq!(ids, ["b", "c"]);
+        }
+        // A lookup's list with such an element is not read in whole: no "no such task".
+        let outcome = crate::Outcome::parse(
+            http::StatusCode::OK,
+            &http::HeaderMap::new(),
+            list,
+            tokio::time::Instant::now(),
+        )
+        .unwrap();
+        assert!(!outcome.lists_every_task(list));
+        for callback in [
+            &br#"{"task_id":"","task_status":"succeed"}"#[..],
+            br#"{"id":"","status":"failed"}"#,
+        ] {
+            assert!(Envelope::parse_callback(callback).unwrap().is_empty());
+        }
+    }
+
+    /// A task id that is a number but no 64-bit integer makes the envelope unreadable (as an id
+    /// of any other odd type does): serde_json reads it as an `f64`, and two tasks of one answer
+    /// (`86000000000000000012345`, `…012346`) were both reported as `86000000000000000000000`.
+    #[test]
+    fn a_task_id_number_that_is_no_64_bit_integer_is_an_error() {
+        for id in [
+            "86000000000000000012345",
+            "18446744073709551616",
+            "-9223372036854775809",
+            "1.5",
+            "1e3",
+            "1.0",
+            "-0",
+        ] {
+            for body in [
+                format!(r#"{{"code":0,"data":{{"task_id":{id},"task_status":"succeed"}}}}"#),
+                format!(
+                    r#"{{"code":0,"data":[{{"id":"a","status":"failed"}},{{"id":{id},"status":"failed"}}]}}"#
+                ),
+            ] {
+                for env in both(body.as_bytes()) {
+                    let err = env.expect_err(&body).to_string();
+                    assert!(err.contains("integer of at most 64 bits"), "{err}: {body}");
+                }
+                let malformed = crate::Outcome::parse(
+                    http::StatusCode::OK,
+                    &http::HeaderMap::new(),
+                    body.as_bytes(),
+                    tokio::time::Instant::now(),
+                )
+                .unwrap_err();
+                assert!(malformed.reason().contains("task id"), "{malformed}");
+            }
+            // An error code is still read, with no task.
+            let error =
+                format!(r#"{{"code":1102,"data":{{"task_id":{id},"task_status":"failed"}}}}"#);
+            for env in both(error.as_bytes()) {
+                let env = env.unwrap();
+                assert_eq!((env.code, env.tasks.len()), (Code::from_i64(1102), 0));
+            }
+        }
+        // Integers of 64 bits read as written.
+        for id in ["18446744073709551615", "-9223372036854775808", "0", "7"] {
+            let body = format!(r#"{{"code":0,"data":{{"id":{id},"status":"submitted"}}}}"#);
+            for env in both(body.as_bytes()) {
+                assert_eq!(env.unwrap().tasks[0].id, id);
+            }
+        }
+    }
+
+    /// An external id that is a number but no 64-bit integer is none: its `f64` text could be
+    /// another job's id, and a lookup by it would take that job's task, or find none of ours.
+    #[test]
+    fn an_external_id_number_that_is_no_integer_is_none() {
+        for ext in ["86000000000000000012345", "1.5", "1e3"] {
+            for body in [
+                format!(
+                    r#"{{"code":0,"data":{{"id":"t","status":"submitted","external_id":{ext}}}}}"#
+                ),
+                format!(
+                    r#"{{"code":0,"data":{{"task_id":"t","task_status":"submitted","task_info":{{"external_task_id":{ext}}}}}}}"#
+                ),
+            ] {
+                for env in both(body.as_bytes()) {
+                    let task = env.unwrap().tasks.remove(0);
+                    assert_eq!((&*task.id, task.external_id), ("t", None), "{body}");
+                }
+            }
+        }
+        let body = br#"{"code":0,"data":{"id":"t","status":"submitted","external_id":18446744073709551615}}"#;
+        for env in both(body) {
+            assert_eq!(
+                env.unwrap().tasks[0].external_id.as_deref(),
+                Some("18446744073709551615")
+            );
+        }
+    }
+
+    /// A page's element that is no object reports nothing: serde's derive read an array as a
+    /// task, its fields by position, so `["t1","succeed"]` ended task `t1`.
+    #[test]
+    fn a_page_element_that_is_no_object_reports_nothing() {
+        let body = br#"{"code":0,"data":{"tasks":[["t1","succeed"],"t2",null,7,{"id":"t3","status":"failed"}]}}"#;
+        for env in both(body) {
+            let ids: Vec<_> = env.unwrap().tasks.into_iter().map(|t| t.id).collect();
+            assert_eq!(ids, ["t3"]);
+        }
+        let callback = br#"{"tasks":[["t1","succeed"]]}"#;
+        assert!(Envelope::parse_callback(callback).unwrap().is_empty());
     }
 
     #[test]

@@ -62,6 +62,24 @@ impl BoundedLabels {
         }
     }
 
+    /// The kept label `is` picks, with its place in the order kept; `None` when none is. Never
+    /// keeps one: a read lock and a scan.
+    ///
+    /// ```
+    /// use kling_core::intern::BoundedLabels;
+    ///
+    /// static LABELS: BoundedLabels = BoundedLabels::new(2);
+    /// assert_eq!(LABELS.find(|l| l == "a"), None);
+    /// LABELS.find_or_keep(|l| l == "a", || "a".to_owned());
+    /// assert_eq!(LABELS.find(|l| l == "a"), Some(("a", 0)));
+    /// assert_eq!(LABELS.find(|l| l == "b"), None);
+    /// ```
+    pub fn find(&self, is: impl Fn(&str) -> bool) -> Option<(&'static str, usize)> {
+        let labels = self.labels.read().unwrap_or_else(PoisonError::into_inner);
+        let at = labels.iter().position(|label| is(label))?;
+        Some((labels[at], at))
+    }
+
     /// The kept label `is` picks, else `make`'s, kept now if fewer than the bound are; with its
     /// place in the order kept. `None` once the bound is reached. A label, once kept, is the
     /// same for the process's life. A read lock and a scan when found; a write lock when not.
@@ -70,16 +88,13 @@ impl BoundedLabels {
         is: impl Fn(&str) -> bool,
         make: impl FnOnce() -> String,
     ) -> Option<(&'static str, usize)> {
-        let found = |labels: &[&'static str]| {
-            let at = labels.iter().position(|label| is(label))?;
-            Some((labels[at], at))
-        };
-        if let Some(found) = found(&self.labels.read().unwrap_or_else(PoisonError::into_inner)) {
+        if let Some(found) = self.find(&is) {
             return Some(found);
         }
         let mut labels = self.labels.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(found) = found(&labels) {
-            return Some(found);
+        // Kept by another thread between the two locks.
+        if let Some(at) = labels.iter().position(|label| is(label)) {
+            return Some((labels[at], at));
         }
         if labels.len() >= self.max {
             return None;
@@ -93,6 +108,30 @@ impl BoundedLabels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn find_reads_what_find_or_keep_kept_and_keeps_nothing() {
+        let labels = BoundedLabels::new(2);
+        assert_eq!(labels.find(|l| l == "a"), None);
+        assert_eq!(labels.find(|l| l == "a"), None, "finding kept nothing");
+        let kept = labels.find_or_keep(|l| l == "a", || "a".to_owned());
+        assert_eq!(kept, Some(("a", 0)));
+        assert_eq!(labels.find(|l| l == "a"), kept);
+        assert_eq!(labels.find(|l| l == "b"), None);
+        assert_eq!(
+            labels.find_or_keep(|l| l == "b", || "b".to_owned()),
+            Some(("b", 1)),
+            "the lookups took no place"
+        );
+        assert_eq!(
+            labels.find(|l| l.len() == 1),
+            Some(("a", 0)),
+            "the first in order"
+        );
+        // Full: still found, and a new one is still none.
+        assert_eq!(labels.find(|l| l == "b"), Some(("b", 1)));
+        assert_eq!(labels.find(|l| l == "c"), None);
+    }
 
     #[test]
     fn a_text_is_kept_once() {

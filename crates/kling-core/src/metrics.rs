@@ -111,18 +111,48 @@ pub fn pool_label(pool: Option<&Pool>) -> &'static str {
 /// have a label of their own in this process. A label, once given, stays the same for the
 /// process's life, so every layer and every series agrees on it.
 pub fn model_pool_label(product: Product, model: &str) -> (&'static str, Option<usize>) {
-    static LABELS: BoundedLabels = BoundedLabels::new(MODEL_POOL_LABELS);
     // A model named `other` would get a named place whose label is the overflow's, and two
     // places (with their gauges' shares) would write one series: it is the overflow.
-    if model.len() > MODEL_LABEL_MAX_LEN || model == "other" {
+    if !may_have_a_model_place(model) {
         return (other_model_label(product), None);
     }
     let product_name = product.as_str();
     let is_label = |label: &str| is_model_pool_label(label, product, model);
-    match LABELS.find_or_keep(is_label, || format!("{product_name}:{model}")) {
+    match MODEL_POOL_LABEL_TABLE.find_or_keep(is_label, || format!("{product_name}:{model}")) {
         Some((label, at)) => (label, Some(at)),
         None => (other_model_label(product), None),
     }
+}
+
+/// The `pool` label of a model's pool and its place among the labelled models, if
+/// [`model_pool_label`] gave it one before; `None` for a model without a place (never asked
+/// for, asked for once the table was full, or one that is always the overflow). Unlike
+/// [`model_pool_label`] it never gives a place, and takes only a read lock: a layer can tell a
+/// model known to exist from one it has not seen without using up a place.
+///
+/// ```
+/// use kling_core::Product;
+/// use kling_core::metrics::{known_model_pool_label, model_pool_label};
+///
+/// assert_eq!(known_model_pool_label(Product::Video, "kling-3.0"), None);
+/// let (label, at) = model_pool_label(Product::Video, "kling-3.0");
+/// let known = known_model_pool_label(Product::Video, "kling-3.0");
+/// assert_eq!(known, Some((label, at.unwrap())));
+/// assert_eq!(known_model_pool_label(Product::Image, "kling-3.0"), None);
+/// ```
+pub fn known_model_pool_label(product: Product, model: &str) -> Option<(&'static str, usize)> {
+    if !may_have_a_model_place(model) {
+        return None;
+    }
+    MODEL_POOL_LABEL_TABLE.find(|label| is_model_pool_label(label, product, model))
+}
+
+/// The table [`model_pool_label`] gives places in, and [`known_model_pool_label`] reads.
+static MODEL_POOL_LABEL_TABLE: BoundedLabels = BoundedLabels::new(MODEL_POOL_LABELS);
+
+/// Whether a model may have a place of its own: not too long, and not named as the overflow.
+fn may_have_a_model_place(model: &str) -> bool {
+    model.len() <= MODEL_LABEL_MAX_LEN && model != "other"
 }
 
 /// Whether `label` is the model pool label `{product}:{model}`, compared without building it.
@@ -169,9 +199,21 @@ mod tests {
 
     #[test]
     fn model_pools_keep_their_name_up_to_the_limit_then_share_other() {
+        // Looked up before it has a place: none, and looking gives none (a place given here
+        // would show in the count of places below, and in `label-test-past` having one).
+        for product in [Product::Image, Product::TryOn] {
+            for model in ["label-test-0", "label-test-past"] {
+                assert_eq!(known_model_pool_label(product, model), None);
+            }
+        }
         let (label, first) = model_pool_label(Product::Image, "label-test-0");
         assert_eq!(label, "image:label-test-0");
         let first = first.expect("a place among the named");
+        // Found now, as the same text; the same model of another product is another pool.
+        let known = known_model_pool_label(Product::Image, "label-test-0");
+        assert_eq!(known, Some(("image:label-test-0", first)));
+        assert_eq!(known.unwrap().0.as_ptr(), label.as_ptr());
+        assert_eq!(known_model_pool_label(Product::Video, "label-test-0"), None);
         // The same model of another product is another pool; the same one again is the same.
         let (label, second) = model_pool_label(Product::Video, "label-test-0");
         assert_eq!((label, second), ("video:label-test-0", Some(first + 1)));
@@ -189,6 +231,9 @@ mod tests {
             model_pool_label(Product::Video, "other"),
             ("video:other", None)
         );
+        for model in ["other", long.as_str()] {
+            assert_eq!(known_model_pool_label(Product::Video, model), None);
+        }
         // New names keep theirs until the table is full (other tests of this process may
         // have named some already).
         let mut named = first + 2;
@@ -213,10 +258,19 @@ mod tests {
                 "the table is full"
             );
         }
-        // Labels given before the table filled keep their name.
+        // Labels given before the table filled keep their name, and are found by the lookup;
+        // a model asked for once the table was full has no place to find.
         assert_eq!(
             model_pool_label(Product::Image, "label-test-0"),
             ("image:label-test-0", Some(first))
+        );
+        assert_eq!(
+            known_model_pool_label(Product::Image, "label-test-0"),
+            Some(("image:label-test-0", first))
+        );
+        assert_eq!(
+            known_model_pool_label(Product::Video, "label-test-past"),
+            None
         );
         let pool = Pool::with_model(Product::TryOn, Arc::<str>::from("label-test-7"));
         assert_eq!(pool_label(Some(&pool)), "try-on:label-test-7");

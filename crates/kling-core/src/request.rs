@@ -926,6 +926,93 @@ mod tests {
         assert_eq!(r.task_ids, vec!["abc"]);
     }
 
+    /// A create's path however a caller or a gateway writes it (a query string, trailing or
+    /// doubled slashes, a base path in front, an id percent-encoded) is still a create when
+    /// POSTed and never one when read; a query's path is still that query when read and never
+    /// a create or a query when POSTed.
+    #[test]
+    fn a_create_is_never_taken_for_a_query_nor_a_query_for_a_create() {
+        let variants = |path: &str| {
+            let doubled = path.replace('/', "//");
+            vec![
+                path.to_owned(),
+                format!("{path}/"),
+                format!("{path}//"),
+                format!("{path}?pageNum=1&task_ids=x"),
+                format!("{path}/?x=%2F"),
+                doubled,
+                format!("https://gw.example{path}"),
+                format!("https://gw.example/kling{path}"),
+                format!("https://gw.example/kling/v1{path}"),
+                format!("https://gw.example/kling/v1/tasks/x{path}"),
+            ]
+        };
+        for (create, pool) in [
+            ("/v1/videos/text2video", "video"),
+            ("/v1/videos/image2video", "video"),
+            ("/v1/images/generations", "image"),
+            ("/v1/images/kolors-virtual-try-on", "try-on"),
+            ("/v1/images/editing/expand", "image"),
+            ("/text-to-video/kling-3.0", "video:kling-3.0"),
+            ("/image-to-video/kling-v2.1", "video:kling-v2.1"),
+            ("/text-to-image/kling-v2", "image:kling-v2"),
+        ] {
+            for uri in variants(create) {
+                let r = recognize(&Method::POST, &uri, "{}");
+                assert_eq!(r.kind, RequestKind::Create, "POST {uri}");
+                assert_eq!(
+                    r.pool.map(|p| p.to_string()).as_deref(),
+                    Some(pool),
+                    "{uri}"
+                );
+                let r = recognize(&Method::GET, &uri, "");
+                assert!(
+                    !matches!(r.kind, RequestKind::Create | RequestKind::Query),
+                    "GET {uri}: {:?}",
+                    r.kind
+                );
+            }
+        }
+        for (query, ids) in [
+            ("/v1/videos/text2video/t1", ["t1"]),
+            (
+                "/v1/images/generations/860000000000000001",
+                ["860000000000000001"],
+            ),
+            ("/v1/images/editing/expand/t1", ["t1"]),
+            ("/v1/videos/text2video/t%2D1", ["t-1"]),
+            ("/v1/videos/text2video/text2video", ["text2video"]),
+            ("/v1/videos/text2video/tasks", ["tasks"]),
+        ] {
+            for uri in variants(query) {
+                let r = recognize(&Method::GET, &uri, "");
+                assert_eq!(r.kind, RequestKind::Query, "GET {uri}");
+                assert_eq!(r.task_ids, ids, "{uri}");
+                let r = recognize(&Method::POST, &uri, "{}");
+                assert_eq!(r.kind, RequestKind::Other, "POST {uri}");
+            }
+        }
+        for uri in variants("/tasks") {
+            let uri = format!("{}?task_ids=t1", uri.split('?').next().unwrap_or_default());
+            let r = recognize(&Method::GET, &uri, "");
+            assert_eq!(r.kind, RequestKind::Query, "GET {uri}");
+            assert_eq!(r.task_ids, ["t1"], "{uri}");
+            let r = recognize(&Method::POST, &uri, "{}");
+            assert_eq!(r.kind, RequestKind::List, "POST {uri}");
+        }
+        // Written in capitals, no path is Kling's (its paths are case-sensitive): neither.
+        for uri in [
+            "/V1/VIDEOS/TEXT2VIDEO",
+            "/TEXT-TO-VIDEO/KLING-3.0",
+            "/TASKS",
+        ] {
+            for method in [Method::GET, Method::POST] {
+                let kind = recognize(&method, uri, "{}").kind;
+                assert_eq!(kind, RequestKind::Other, "{method} {uri}");
+            }
+        }
+    }
+
     #[test]
     fn pool_scope_maps_model_pools_to_their_product_only_when_asked() {
         let model = Pool::with_model(Product::Video, "kling-3.0");

@@ -191,7 +191,8 @@ struct Number<'a> {
 }
 
 impl Number<'_> {
-    /// serde_json's value of the number, as the reference's `Text` would print it.
+    /// serde_json's value of the number, as the reference's `Text` prints it; a number that
+    /// serde_json reads as no 64-bit integer is the reference's error.
     fn to_text(&self) -> Scan<Cow<'_, str>> {
         if self.plain {
             return Ok(Cow::Borrowed(self.text));
@@ -199,10 +200,8 @@ impl Number<'_> {
         let n: serde_json::Number = self.text.parse().map_err(|_| Fallback)?;
         Ok(Cow::Owned(if let Some(u) = n.as_u64() {
             u.to_string()
-        } else if let Some(i) = n.as_i64() {
-            i.to_string()
         } else {
-            n.as_f64().ok_or(Fallback)?.to_string()
+            n.as_i64().ok_or(Fallback)?.to_string()
         }))
     }
 
@@ -961,7 +960,8 @@ impl<'a> Scanner<'a> {
                 let kind = if n.plain {
                     Kind::Plain
                 } else {
-                    // Checked now: a number serde_json cannot read fails the envelope even
+                    // Checked now: a number serde_json cannot read, or reads as no 64-bit
+                    // integer (which the reference refuses as an id), fails the envelope even
                     // when the task reports nothing.
                     n.to_text()?;
                     Kind::Number
@@ -1169,7 +1169,10 @@ impl<'a> Scanner<'a> {
     /// `Option<TaskReport>` returned is one more copy of it.
     #[inline(never)]
     fn report(&self, t: &mut RawTask, sink: impl FnOnce(TaskReport)) -> Scan<()> {
-        if let (Some(id), Some(status)) = (t.task_id, t.task_status) {
+        // An empty id names no task, as a missing or `null` one (only an unescaped string can
+        // be empty).
+        let named = |id: &Span| id.start != id.end;
+        if let (Some(id), Some(status)) = (t.task_id.filter(named), t.task_status) {
             let mut urls = std::mem::take(&mut t.videos);
             let mut images = std::mem::take(&mut t.images);
             if urls.is_empty() {
@@ -1194,7 +1197,7 @@ impl<'a> Scanner<'a> {
             });
             return Ok(());
         }
-        let (Some(id), Some(status)) = (t.id, t.status) else {
+        let (Some(id), Some(status)) = (t.id.filter(named), t.status) else {
             return Ok(());
         };
         sink(TaskReport {

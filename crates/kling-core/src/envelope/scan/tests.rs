@@ -100,10 +100,10 @@ fn the_fast_path_reads_every_shape() {
         r#"{"code":0,"data":{"id":"\u4e2d","status":"ok","message":"中文 é"}}"#,
         r#"{"code":0,"data":{"task_id":"t","task_status":"succeed","final_unit_deduction":" nan "}}"#,
         r#"{"code":0,"extra":{"deep":[[[{"a":[1,2,{"b":"\ud800"}]}]]],"n":-0.0e-5},"x":"\ud83d"}"#,
-        r#"{"code":0,"data":{"id":1.5,"status":"s","billing":[{"amount":0.1},{"amount":-0}]}}"#,
+        r#"{"code":0,"data":{"id":"a","status":"s","billing":[{"amount":0.1},{"amount":-0}]}}"#,
         r#"{"code":0,"data":{"id":12345678901234567890,"status":"s"}}"#,
-        r#"{"code":0,"data":{"id":-0,"status":"s"}}"#,
-        r#"{"code":0,"data":{"id":1e20,"status":"s"}}"#,
+        r#"{"code":0,"data":{"id":-9223372036854775808,"status":"s"}}"#,
+        r#"{"code":0,"data":{"task_id":"","task_status":"s","id":"","status":"s"}}"#,
         r#"{"code":0,"data":{"task_id":null,"task_status":"s","id":"i","status":"t","task_info":null,"task_result":null,"outputs":null,"billing":null,"tasks":null}}"#,
     ] {
         assert!(agree(body.as_bytes()), "fell back on {body}");
@@ -135,6 +135,11 @@ fn what_the_scanner_leaves_to_the_reference() {
         r#"{"code":0,"message":"\ud800"}"#,
         r#"{"code":0,"message":1}"#,
         r#"{"code":0,"data":{"task_id":true,"task_status":"s"}}"#,
+        // Task ids that are numbers but no 64-bit integers: the reference's error.
+        r#"{"code":0,"data":{"id":1.5,"status":"s"}}"#,
+        r#"{"code":0,"data":{"id":-0,"status":"s"}}"#,
+        r#"{"code":0,"data":{"id":1e20,"status":"s"}}"#,
+        r#"{"code":0,"data":{"task_id":18446744073709551616,"task_status":"s"}}"#,
         r#"{"code":0,"data":{"task_info":["x"]}}"#,
         r#"{"code":0,"data":{"billing":[{"amount":"1"}]}}"#,
         r#"{"code":0,"data":{"billing":[{"amount":1e999}]}}"#,
@@ -710,4 +715,356 @@ fn fuzz_corpora_agree() {
     }
     assert!(files >= 1000, "only {files} corpus files");
     assert!(fast >= 50, "the scanner took only {fast} corpus inputs");
+}
+
+/// What an envelope says, read from a plain `serde_json::Value` by the rules the crate
+/// documents (`Envelope`, `TaskReport`), written apart from both readers: a second opinion
+/// that the scanner and its serde reference cannot share a mistake with.
+#[derive(Debug, PartialEq)]
+struct Meaning {
+    code: i64,
+    message: String,
+    request_id: Option<String>,
+    /// Each task's id, status, generation and external id.
+    tasks: Vec<(String, TaskStatus, ApiGeneration, Option<String>)>,
+}
+
+impl Meaning {
+    fn of_envelope(envelope: &Envelope) -> Meaning {
+        Meaning {
+            code: envelope.code.as_i64(),
+            message: envelope.message.clone(),
+            request_id: envelope.request_id.clone(),
+            tasks: envelope
+                .tasks
+                .iter()
+                .map(|t| {
+                    let ext = t.external_id.clone();
+                    (t.id.clone(), t.status.clone(), t.generation, ext)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The envelope's meaning, or `None` where the rules say it does not read as a whole: no
+/// object, no integer `code`, a text or a task's id, status or page of the wrong type.
+fn meaning(envelope: &serde_json::Value) -> Option<Meaning> {
+    use serde_json::Value;
+    let fields = envelope.as_object()?;
+    let text = |key: &str| match fields.get(key) {
+        None | Some(Value::Null) => Some(None),
+        Some(Value::String(text)) => Some(Some(text.clone())),
+        Some(_) => None,
+    };
+    Some(Meaning {
+        code: fields.get("code")?.as_i64()?,
+        message: text("message")?.unwrap_or_default(),
+        request_id: text("request_id")?,
+        tasks: match fields.get("data") {
+            Some(data) => data_meaning(data)?,
+            None => Vec::new(),
+        },
+    })
+}
+
+type TaskMeaning = (String, TaskStatus, ApiGeneration, Option<String>);
+
+/// `data`, or an element of it: an object is a task or a page, a list holds such values,
+/// anything else reports nothing.
+fn data_meaning(data: &serde_json::Value) -> Option<Vec<TaskMeaning>> {
+    use serde_json::Value;
+    match data {
+        Value::Array(items) => {
+            let mut all = Vec::new();
+            for item in items {
+                all.extend(data_meaning(item)?);
+            }
+            Some(all)
+        }
+        Value::Object(fields) => {
+            let own = task_meaning(fields)?;
+            match fields.get("tasks") {
+                None | Some(Value::Null) => Some(own.into_iter().collect()),
+                Some(Value::Array(page)) => {
+                    let mut all = Vec::new();
+                    for item in page {
+                        // An element that is no object reports nothing.
+                        if let Value::Object(item) = item {
+                            all.extend(task_meaning(item)?);
+                        }
+                    }
+                    Some(all)
+                }
+                Some(_) => None,
+            }
+        }
+        _ => Some(Vec::new()),
+    }
+}
+
+/// A task object's report, if it names its task: an id (a non-empty string or a 64-bit
+/// integer) and a status of one generation, legacy first. `None` (outer) when a field read
+/// strictly has the wrong type.
+fn task_meaning(
+    fields: &serde_json::Map<String, serde_json::Value>,
+) -> Option<Option<TaskMeaning>> {
+    use serde_json::Value;
+    // `Some(None)` for no id (missing, `null`, empty), `None` for one of the wrong type.
+    let id = |key: &str| match fields.get(key) {
+        None | Some(Value::Null) => Some(None),
+        Some(Value::String(id)) => Some(Some(id.clone()).filter(|id| !id.is_empty())),
+        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Some(Some(n.to_string())),
+        Some(_) => None,
+    };
+    let status = |key: &str| match fields.get(key) {
+        None | Some(Value::Null) => Some(None),
+        Some(Value::String(status)) => Some(Some(TaskStatus::parse(status))),
+        Some(_) => None,
+    };
+    // An external id: a non-empty string or a 64-bit integer; anything else is none.
+    let external = |value: Option<&Value>| match value {
+        Some(Value::String(id)) if !id.is_empty() => Some(id.clone()),
+        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Some(n.to_string()),
+        _ => None,
+    };
+    let (task_id, task_status, new_id, new_status) = (
+        id("task_id")?,
+        status("task_status")?,
+        id("id")?,
+        status("status")?,
+    );
+    // A page's own page: checked, not read.
+    match fields.get("tasks") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(page)) => {
+            for item in page {
+                if let Value::Object(item) = item {
+                    task_meaning(item)?;
+                }
+            }
+        }
+        Some(_) => return None,
+    }
+    Some(match (task_id, task_status, new_id, new_status) {
+        (Some(id), Some(status), ..) => {
+            let info = fields.get("task_info").and_then(Value::as_object);
+            let ext = external(info.and_then(|info| info.get("external_task_id")));
+            Some((id, status, ApiGeneration::Legacy, ext))
+        }
+        (.., Some(id), Some(status)) => {
+            let ext = external(fields.get("external_id"));
+            Some((id, status, ApiGeneration::New, ext))
+        }
+        _ => None,
+    })
+}
+
+/// Whether any object in `node` names a key twice (after unescaping): serde's typed read
+/// refuses some of those, where a `Value` keeps the last.
+fn has_duplicate_keys(node: &Node) -> bool {
+    match node {
+        Node::Raw(_) => false,
+        Node::Arr(items) => items.iter().any(has_duplicate_keys),
+        Node::Obj(fields) => {
+            let mut keys: Vec<String> = fields
+                .iter()
+                .map(|(key, _)| serde_json::from_str(&format!("\"{key}\"")).unwrap())
+                .collect();
+            keys.sort();
+            keys.windows(2).any(|pair| pair[0] == pair[1])
+                || fields.iter().any(|(_, value)| has_duplicate_keys(value))
+        }
+    }
+}
+
+/// How a body compared with its `Value` reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Compared {
+    /// Not compared: no `Value` reading (a lone surrogate, a number out of `f64`'s range).
+    Skipped,
+    /// The rules say it does not read as a whole, and no reader took a task from it.
+    Unreadable,
+    /// Read alike, with this many tasks, the scanner itself taking it or not.
+    Read { tasks: usize, scanner: bool },
+}
+
+/// Checks every reader of `body` against its `Value` reading.
+fn agree_with_value(body: &[u8]) -> Compared {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Compared::Skipped;
+    };
+    let shown = || String::from_utf8_lossy(body).into_owned();
+    let mut tasks = Reports::None;
+    let scanned = std::str::from_utf8(body)
+        .ok()
+        .and_then(|text| scan(text, &mut tasks).ok())
+        .map(|head| head.into_envelope(tasks));
+    let outcome = Outcome::parse(
+        StatusCode::OK,
+        &HeaderMap::new(),
+        body,
+        tokio::time::Instant::now(),
+    );
+    let parsed = Envelope::parse(body);
+    match meaning(&value) {
+        Some(expected) => {
+            let parsed = parsed.unwrap_or_else(|e| panic!("{e}: {}", shown()));
+            assert_eq!(Meaning::of_envelope(&parsed), expected, "{}", shown());
+            if let Some(scanned) = &scanned {
+                assert_eq!(Meaning::of_envelope(scanned), expected, "{}", shown());
+            }
+            let outcome = outcome.unwrap_or_else(|e| panic!("{e}: {}", shown()));
+            assert_eq!(
+                Meaning::of_envelope(outcome.envelope()),
+                expected,
+                "{}",
+                shown()
+            );
+            Compared::Read {
+                tasks: expected.tasks.len(),
+                scanner: scanned.is_some(),
+            }
+        }
+        None => {
+            // At most an error code is kept: never a task, never a success.
+            for envelope in [
+                parsed.ok(),
+                scanned,
+                outcome.ok().map(|o| o.envelope().clone()),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                assert!(envelope.tasks.is_empty(), "{envelope:?}: {}", shown());
+                assert_ne!(envelope.code, crate::code::Code::Success, "{}", shown());
+            }
+            Compared::Unreadable
+        }
+    }
+}
+
+/// The scanner, `Envelope::parse` and `Outcome` against a plain `serde_json::Value` reading of
+/// generated envelopes of every shape (both generations, lists, pages, odd types, empty and
+/// numeric ids, escapes, whitespace): what they read is what the documented rules say.
+#[test]
+fn the_readers_agree_with_a_plain_value_reading() {
+    use proptest::test_runner::{Config, TestRunner};
+    let mut runner = TestRunner::new(Config {
+        cases: 3000,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let counts = std::cell::RefCell::new(std::collections::BTreeMap::<&str, usize>::new());
+    let strategy = (envelope(), proptest::collection::vec(any::<u8>(), 0..64));
+    runner
+        .run(&strategy, |(envelope, ws)| {
+            if has_duplicate_keys(&envelope) {
+                return Ok(());
+            }
+            let mut text = String::new();
+            envelope.render(&mut ws.into_iter().chain(std::iter::repeat(9)), &mut text);
+            let kind = match agree_with_value(text.as_bytes()) {
+                Compared::Skipped => "skipped",
+                Compared::Unreadable => "unreadable",
+                Compared::Read { tasks: 0, .. } => "no task",
+                Compared::Read { scanner: true, .. } => "tasks, scanned",
+                Compared::Read { scanner: false, .. } => "tasks, reference",
+            };
+            *counts.borrow_mut().entry(kind).or_default() += 1;
+            Ok(())
+        })
+        .unwrap();
+    // Every kind of case came up often enough for the comparison to mean something (about
+    // 400, 1200, 150 and 35 of each in 3000).
+    let counts = counts.into_inner();
+    for (kind, least) in [
+        ("unreadable", 100),
+        ("no task", 300),
+        ("tasks, scanned", 50),
+        ("tasks, reference", 10),
+    ] {
+        let n = counts.get(kind).copied().unwrap_or(0);
+        assert!(n >= least, "only {n} cases of {kind}: {counts:?}");
+    }
+}
+
+/// Hand-picked bodies for the `Value` reading, the adversarial ones a server or proxy could
+/// send: duplicate-free escapes, odd types, empty and numeric ids, deep nesting, texts at the
+/// size where an outcome stops keeping the body.
+#[test]
+fn adversarial_bodies_agree_with_a_plain_value_reading() {
+    let mut bodies: Vec<String> = [
+        r#"{"code":0,"data":{"task_id":"t\"1\\","task_status":"succ\u0065ed"}}"#,
+        r#"{"code":0,"data":{"task\u005fid":"t","task_status":"submitted"}}"#,
+        r#"{"code":0,"data":{"task_id":"\u4e2d\ud83d\ude00","task_status":"failed"}}"#,
+        r#"{"code":0,"message":"\u00e9\n","request_id":"r\/\u0031","data":null}"#,
+        r#"{"code":"0","data":{"task_id":"t","task_status":"submitted"}}"#,
+        r#"{"code":"1303","data":{"task_id":"t","task_status":"submitted"}}"#,
+        r#"{"code":0,"data":{"task_id":860000000000000001,"task_status":"submitted"}}"#,
+        r#"{"code":0,"data":{"task_id":86000000000000000012345,"task_status":"submitted"}}"#,
+        r#"{"code":0,"data":{"task_id":"","task_status":"submitted"}}"#,
+        r#"{"code":0,"data":{"task_id":"t","task_status":7}}"#,
+        r#"{"code":0,"data":{"task_id":"t","task_status":"succeed","task_result":{"videos":{"tasks":[]}}}}"#,
+        r#"{"code":0,"data":{"tasks":{"task_id":"t","task_status":"succeed"}}}"#,
+        r#"{"code":0,"data":{"tasks":[["t","succeed"]]}}"#,
+        r#"{"code":0,"data":[null,[],{},"x",1,{"id":"a","status":"failed"}]}"#,
+        r#"{"code":0,"data":{"task_id":"t","task_status":"submitted","tasks":null}}"#,
+        r#"{"code":0,"data":{"task_id":"t","task_status":"submitted","tasks":[]}}"#,
+        r#"{"code":0} "#,
+        r#"{"code":0}x"#,
+        r#"{"code":0,"data":{"id":"a","status":"failed"}}{"code":1}"#,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    for depth in [10, 62, 63, 64, 65, 120, 127, 128, 200] {
+        let open = "[".repeat(depth);
+        let close = "]".repeat(depth);
+        bodies.push(format!(
+            r#"{{"code":0,"data":{open}{{"id":"a","status":"failed"}}{close}}}"#
+        ));
+        let open = r#"{"tasks":["#.repeat(depth);
+        let close = "]}".repeat(depth);
+        bodies.push(format!(
+            r#"{{"code":0,"data":{open}{{"id":"a","status":"failed"}}{close}}}"#
+        ));
+    }
+    // Around the size up to which an outcome keeps the body for its texts.
+    for len in [4090_usize, 4095, 4096, 4097, 4100, 2 * 1024 * 1024] {
+        let head = r#"{"code":1303,"message":"m","request_id":""#;
+        let pad = len.saturating_sub(head.len() + 2);
+        bodies.push(format!(r#"{head}{}"}}"#, "r".repeat(pad)));
+    }
+    for body in &bodies {
+        let compared = agree_with_value(body.as_bytes());
+        // The same bytes as a shared body (kept by the outcome when small).
+        let outcome = Outcome::parse_bytes(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            Bytes::copy_from_slice(body.as_bytes()),
+            tokio::time::Instant::now(),
+        );
+        if let (Compared::Read { .. }, Ok(outcome)) = (compared, outcome) {
+            let reference = Envelope::parse_reference(body.as_bytes()).unwrap();
+            assert_eq!(outcome.message(), reference.message);
+            assert_eq!(outcome.request_id(), reference.request_id.as_deref());
+        }
+    }
+    // Bodies that are not JSON: malformed, never a panic.
+    for body in [
+        &b"\xff{"[..],
+        b"{\"code\":0,\"message\":\"\xc3\"}",
+        b"\0",
+        b"",
+    ] {
+        assert_eq!(agree_with_value(body), Compared::Skipped);
+        let err = Outcome::parse(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            body,
+            tokio::time::Instant::now(),
+        )
+        .unwrap_err();
+        assert!(!err.reason().is_empty());
+    }
 }
