@@ -189,6 +189,12 @@ return 0
 /// resume_at ('' for none), throttled (0/1), configured period, adaptive (0/1), start rate,
 /// ceiling, growth, decrease, target, probe, cooldown first, escalate_after, backoff, ceiling,
 /// window, idle TTL. Returns {cooldown_until or -1, streak}.
+///
+/// A report kept for delivery also gives `KEYS[2]`, the last number of such a report of this
+/// process that the key took (a string, expiring when this script leaves the key's hash to
+/// expire), and `ARGV[21]` its number: one numbered no later was taken already (a delivery whose answer was lost: cut
+/// short, or timed out), and is not applied again, which would count its 1302 twice in the
+/// streak.
 const FEEDBACK: &str = r"
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
@@ -221,7 +227,14 @@ local function expire()
   if t and t > last then last = t end
   if cd and cd > last then last = cd end
   if se and se > last then last = se end
-  redis.call('PEXPIRE', key, math.ceil((last - now + tonumber(ARGV[20])) / 1000))
+  local ms = math.ceil((last - now + tonumber(ARGV[20])) / 1000)
+  redis.call('PEXPIRE', key, ms)
+  if KEYS[2] then redis.call('SET', KEYS[2], ARGV[21], 'PX', ms) end
+end
+if KEYS[2] and tonumber(redis.call('GET', KEYS[2]) or '-1') >= tonumber(ARGV[21]) then
+  -- Taken already: what the key holds now.
+  if cd and cd > now then return {cd, streak} end
+  return {-1, streak}
 end
 if ARGV[2] == 's' then
   -- A success of a request sent before the last pause began says nothing about the rate since
@@ -622,8 +635,10 @@ struct Undelivered {
     delivering: bool,
     /// The number of the next report kept.
     next: u64,
-    /// The number of the report a delivery is sending (it is neither merged nor moved, and
-    /// only it is taken off once sent).
+    /// The number of the report a delivery sent last and has not seen taken: on its way, or
+    /// sent by a delivery cut short or whose answer was lost, so Redis may have run it. It is
+    /// neither merged into nor moved (sent again, Redis skips it by its number), and only it
+    /// is taken off once sent.
     sending: Option<u64>,
 }
 
@@ -759,6 +774,12 @@ fn share(policy: &Policy, processes: u32) -> Policy {
     Policy::new(quota, policy.cooldown).with_adaptive(policy.adaptive)
 }
 
+/// The last number of a kept report of the process `instance` that the key whose hash is
+/// `redis_key` took (see `FEEDBACK`).
+fn delivered_key(redis_key: &str, instance: &str) -> String {
+    format!("{redis_key}:d:{instance}")
+}
+
 /// The fleet queue of the key whose hash is `redis_key`: by arrival, and by each place's end.
 fn queue_keys(redis_key: &str) -> [String; 2] {
     [format!("{redis_key}:wq"), format!("{redis_key}:wqx")]
@@ -854,11 +875,14 @@ impl Inner {
 
     /// Sends one report to Redis, stamped with fleet time now (a report kept for delivery is
     /// sent later than it was made: its own instants are turned into fleet time as it is sent).
+    /// A kept report goes with its number (`kept`): the key takes each once, however often a
+    /// delivery whose answer was lost sends it.
     async fn send_feedback(
         &self,
         redis_key: &str,
         policy: &Policy,
         feedback: Feedback,
+        kept: Option<u64>,
     ) -> Result<Reported, StoreError> {
         // Reported times go into the fleet's state too: measured against the server's clock.
         let now_us = self.conn.calibrated_now_us().await;
@@ -914,10 +938,22 @@ impl Inner {
             micros(c.window).to_string(),
             micros(self.idle_ttl).to_string(),
         ];
-        let result: Result<Vec<i64>, StoreError> = self
-            .conn
-            .run(&self.feedback, &[redis_key.to_owned()], &args)
-            .await;
+        let result: Result<Vec<i64>, StoreError> = match kept {
+            None => {
+                self.conn
+                    .run(&self.feedback, &[redis_key.to_owned()], &args)
+                    .await
+            }
+            Some(n) => {
+                let keys = [
+                    redis_key.to_owned(),
+                    delivered_key(redis_key, &self.instance),
+                ];
+                let mut args = Vec::from(args);
+                args.push(n.to_string());
+                self.conn.run(&self.feedback, &keys, &args).await
+            }
+        };
         self.note(&result);
         match result?.as_slice() {
             [until, streak] => {
@@ -973,13 +1009,17 @@ impl Inner {
                 return Ok(());
             };
             let result = self
-                .send_feedback(&report.redis_key, &report.policy, report.feedback)
+                .send_feedback(
+                    &report.redis_key,
+                    &report.policy,
+                    report.feedback,
+                    Some(report.n),
+                )
                 .await;
             match result {
-                Err(e) if e.is_unreachable() => {
-                    lock(&self.undelivered).sending = None;
-                    return Err(e);
-                }
+                // Redis may have run it (a timeout): it stays `sending`, merged into by no
+                // later report, which its number would have Redis skip with it.
+                Err(e) if e.is_unreachable() => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, key = %report.redis_key, "redis refused a pause kept for delivery; dropped");
                 }
@@ -1296,7 +1336,11 @@ impl Backend for RedisGcra {
                 Ok(())
             };
             let result = match sent {
-                Ok(()) => inner.send_feedback(&redis_key, &policy, feedback).await,
+                Ok(()) => {
+                    inner
+                        .send_feedback(&redis_key, &policy, feedback, None)
+                        .await
+                }
                 Err(e) => Err(e),
             };
             result.or_else(|e| inner.not_taken(e, &key, redis_key, &policy, feedback))
@@ -1379,5 +1423,24 @@ mod tests {
         // Sent: off the queue, by its number.
         kept.sent(0);
         assert_eq!(kept.pending.len(), 3);
+    }
+
+    /// A delivery that failed for want of Redis (a timeout among them: Redis may have run
+    /// the report) leaves the report marked as sent, so that no later report is merged into
+    /// it: Redis, having taken its number, would skip what was merged in with it.
+    #[tokio::test]
+    async fn a_report_whose_delivery_failed_is_not_merged_into() {
+        let conn = Connection::lazy(crate::RedisConfig::new("redis://127.0.0.1:1/")).unwrap();
+        let gcra = RedisGcra::new(conn);
+        let start = Instant::now();
+        lock(&gcra.inner.undelivered).keep(pause("a", start, true));
+        assert!(gcra.inner.deliver().await.is_err());
+        let mut kept = lock(&gcra.inner.undelivered);
+        assert_eq!(kept.sending, Some(0));
+        for i in 1..=MAX_UNDELIVERED {
+            kept.keep(pause("a", start + Duration::from_secs(i as u64), false));
+        }
+        assert_eq!(kept.pending[0].n, 0);
+        assert_eq!(resume_at(&kept.pending[0]), Some(start));
     }
 }

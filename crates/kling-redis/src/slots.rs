@@ -314,13 +314,18 @@ struct LocalHalt {
     cause: ApiError,
     /// Its number: a reply without a halt ends only the halt it was asked under.
     n: u64,
-    /// Whether Redis has it (its script ran, or Redis told of it): until then, creates of the
-    /// account are refused here without asking Redis, which would grant them.
-    stored: bool,
+    /// The generation of the store in which Redis has it (its script ran, or Redis told of
+    /// it). In any other (its script on the way; Redis lost it in a restart, and this process
+    /// has not sent it again yet), creates of the account are refused here without asking
+    /// Redis, which would grant them.
+    stored_in: Option<i64>,
 }
 
 /// Where a `halt` change's number is in its arguments (after those the script reads).
 const HALT_NUMBER: usize = 8;
+/// Where a `rehalt` change's halts start in its arguments: triples of the halt key, the cause
+/// and the halt's number (which the script does not read).
+const REHALT_HALTS: usize = 4;
 
 /// A change that could not be sent yet.
 #[derive(Debug)]
@@ -963,7 +968,7 @@ impl Inner {
                 let halt = LocalHalt {
                     cause,
                     n,
-                    stored: false,
+                    stored_in: None,
                 };
                 lock(&self.halts).insert(reservation.key.account, halt);
                 wake = Some("*".to_owned());
@@ -1268,19 +1273,54 @@ impl Inner {
         }
     }
 
-    /// After the change `args` ran in Redis: if it was a halt, Redis has it now (unless this
+    /// After the change `args` ran in Redis: if it was a halt (or halts sent again after a
+    /// new generation), Redis has it now, in the generation its reply told of (unless this
     /// process recorded a later one for the account since, or lifted it).
     fn halt_stored(&self, args: &[String]) {
-        if args[3] != "halt" {
+        let sent: Vec<(&String, &String)> = match args[3].as_str() {
+            "halt" => vec![(&args[6], &args[HALT_NUMBER])],
+            "rehalt" => args[REHALT_HALTS..]
+                .chunks_exact(3)
+                .map(|halt| (&halt[0], &halt[2]))
+                .collect(),
+            _ => return,
+        };
+        let generation = self.generation.load(Ordering::Acquire);
+        let mut halts = lock(&self.halts);
+        for (account, halt) in halts.iter_mut() {
+            let key = self.halt_key(account);
+            if sent
+                .iter()
+                .any(|(k, n)| **k == key && **n == halt.n.to_string())
+            {
+                halt.stored_in = Some(generation);
+            }
+        }
+    }
+
+    /// After a new generation: queues the halts this process knows of to be sent again (Redis
+    /// lost them with its state; until they are back, every process would grant the halted
+    /// accounts' creates), unless such a change waits already. Queued, it keeps its order with
+    /// a reset made here meanwhile, which goes behind it.
+    fn queue_halts_again(&self) {
+        let mut pending = lock(&self.pending);
+        let waiting = pending
+            .iter()
+            .any(|p| matches!(p, Pending::Args(args) if args[3] == "rehalt"));
+        let halts = lock(&self.halts);
+        if halts.is_empty() || waiting {
             return;
         }
-        let mut halts = lock(&self.halts);
-        let recorded = halts.iter_mut().find(|(account, halt)| {
-            args[6] == self.halt_key(account) && args[HALT_NUMBER] == halt.n.to_string()
-        });
-        if let Some((_, halt)) = recorded {
-            halt.stored = true;
+        let mut args = Vec::from(self.unstamped_head());
+        args.push("rehalt".to_owned());
+        for (account, halt) in halts.iter() {
+            args.extend([
+                self.halt_key(account),
+                encode_cause(&halt.cause),
+                halt.n.to_string(),
+            ]);
         }
+        pending.push_back(Pending::Args(args));
     }
 
     /// Keeps `args` for replay, in order. Task reports (`upd`) are kept once per task: a report
@@ -1352,16 +1392,9 @@ impl Inner {
             .map(|_| ())
     }
 
-    /// One maintenance pass; one at a time (the loop's and [`RedisSlots::maintain`]'s): a
-    /// pass that prunes while another registers the holdings again would drop the holdings
-    /// not registered yet.
-    async fn maintain(&self) -> Result<(), StoreError> {
-        let _one_at_a_time = self.maintaining.lock().await;
-        // Every pass reads fleet time (`init` or `alive` at least), which also starts the
-        // periodic clock measurement when it is due.
-        self.init().await?;
-        // 1. Replay, in order. While it runs, new changes queue behind it (`replaying`, set
-        // and cleared under the queue's lock).
+    /// Replays what could not be sent, in order. While it runs, new changes queue behind it
+    /// (`replaying`, set and cleared under the queue's lock).
+    async fn replay(&self) -> Result<(), StoreError> {
         {
             let pending = lock(&self.pending);
             if !pending.is_empty() {
@@ -1436,28 +1469,79 @@ impl Inner {
             }
         }
         self.overflowed.store(false, Ordering::Relaxed);
-        // 2. Did Redis keep its state? (Every script checks; this one runs while idle too.)
+        Ok(())
+    }
+
+    /// The maintenance pass's check that Redis kept its state (`alive`), which also asks
+    /// whether the halts Redis had in this generation are still set: one that is not was
+    /// reset (by another process), and is forgotten here, so that a restart does not make
+    /// this process send it again.
+    async fn alive(&self) -> Result<(), StoreError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let checked: Vec<(AccountId, u64)> = lock(&self.halts)
+            .iter()
+            .filter(|(_, halt)| halt.stored_in == Some(generation))
+            .map(|(account, halt)| (account.clone(), halt.n))
+            .collect();
         let [p, now, grace] = self.unstamped_head();
+        let mut args = vec![p, now, grace, "alive".to_owned()];
+        args.extend(checked.iter().map(|(account, _)| self.halt_key(account)));
+        args[1] = self.now_us().await?.to_string();
+        let (items, lost) = self.run_noting_state(&self.apply, &args).await?;
+        if lost || self.generation.load(Ordering::Acquire) != generation {
+            return Ok(());
+        }
+        if let Some(Value::Array(flags)) = items.get(3) {
+            let mut halts = lock(&self.halts);
+            for ((account, n), flag) in checked.iter().zip(flags) {
+                if int(flag) == 0
+                    && halts
+                        .get(account)
+                        .is_some_and(|halt| halt.n == *n && halt.stored_in == Some(generation))
+                {
+                    halts.remove(account);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One maintenance pass; one at a time (the loop's and [`RedisSlots::maintain`]'s): a
+    /// pass that prunes while another registers the holdings again would drop the holdings
+    /// not registered yet.
+    async fn maintain(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.maintaining.lock().await;
+        // Every pass reads fleet time (`init` or `alive` at least), which also starts the
+        // periodic clock measurement when it is due.
+        self.init().await?;
+        // 1. Replay, in order.
+        self.replay().await?;
+        // 2. Did Redis keep its state? (Every script checks; this one runs while idle too.)
         let went_back = self.went_back.swap(i64::MIN, Ordering::AcqRel);
-        let mut args = if went_back == i64::MIN {
-            vec![p, now, grace, "alive".to_owned()]
+        if went_back == i64::MIN {
+            self.alive().await?;
         } else {
             // The store went back to an older state: a new generation, so every process
             // registers its slots again.
-            vec![p, now, grace, "newgen".to_owned(), went_back.to_string()]
-        };
-        if let Err(e) = self.apply_args(&mut args).await {
-            if went_back != i64::MIN {
+            let [p, now, grace] = self.unstamped_head();
+            let mut args = vec![p, now, grace, "newgen".to_owned(), went_back.to_string()];
+            if let Err(e) = self.apply_args(&mut args).await {
                 let _ = self.went_back.compare_exchange(
                     i64::MIN,
                     went_back,
                     Ordering::AcqRel,
                     Ordering::Acquire,
                 );
+                return Err(e);
             }
-            return Err(e);
         }
         if self.needs_register.swap(false, Ordering::AcqRel) {
+            // The halts first: Redis lost them too.
+            self.queue_halts_again();
+            if let Err(e) = self.replay().await {
+                self.needs_register.store(true, Ordering::Release);
+                return Err(e);
+            }
             let held: Vec<(String, Held)> = lock(&self.registry)
                 .iter()
                 .map(|(h, held)| (h.clone(), held.clone()))
@@ -1547,18 +1631,25 @@ impl Inner {
             if let Some(cutoff) = cutoff {
                 ends.retain(|end| end.at >= cutoff);
             }
-            // An end reported by external id alone (a lookup that found no task) is not sent
-            // again once this process holds a later create under that id: the create sent
-            // again made the task, which `upd` would find by that id and end while it runs.
+            // An end reported by external id alone (a lookup that found no task), or told by
+            // `complete` by a text that may be one, is not sent again once this process holds
+            // a later create under that id: the create sent again made the task, which `upd`
+            // (or its registration) would find by that id and end while it runs.
             let registry = lock(&self.registry);
             ends.retain(|end| {
-                let [id, ext, ..] = &end.report;
-                !(id.is_empty()
-                    && registry.values().any(|held| {
-                        held.key.account == end.account
-                            && held.ext.as_deref() == Some(ext.as_str())
-                            && held.since >= end.at
-                    }))
+                let [id, ext, status, _] = &end.report;
+                let external = if id.is_empty() {
+                    ext
+                } else if ext.is_empty() && status.is_empty() {
+                    id
+                } else {
+                    return true;
+                };
+                !registry.values().any(|held| {
+                    held.key.account == end.account
+                        && held.ext.as_deref() == Some(external.as_str())
+                        && held.since >= end.at
+                })
             });
             ends.iter().cloned().collect()
         };
@@ -2043,12 +2134,14 @@ impl SlotBackend for RedisSlots {
                 let mut notified = pin!(local.notify.notified());
                 notified.as_mut().enable();
                 // A halt recorded here that Redis may not have yet (its script in flight, or
-                // queued behind changes waiting for Redis): refused without asking, since Redis
-                // would grant it. One Redis has is Redis's to answer (it may have been reset).
+                // queued behind changes waiting for Redis), or not any more (lost in a restart,
+                // not sent again yet): refused without asking, since Redis would grant it. One
+                // Redis has is Redis's to answer (it may have been reset).
                 let halt_before = {
                     let halts = lock(&inner.halts);
+                    let generation = inner.generation.load(Ordering::Acquire);
                     match halts.get(&key.account) {
-                        Some(halt) if !halt.stored => {
+                        Some(halt) if halt.stored_in != Some(generation) => {
                             return Err(AcquireError::Halted(Halted::new(
                                 key.account.clone(),
                                 halt.cause.clone(),
@@ -2125,15 +2218,27 @@ impl SlotBackend for RedisSlots {
                         released_by(items.get(expired), now_us, true);
                         inner.saw_state(lost, before);
                         // Redis answered with no halt set: the one Redis had when this was
-                        // asked was reset (perhaps by another process), and must not refuse
-                        // creates later while Redis is away. (A halt recorded here since is
-                        // not Redis's answer's to end.)
-                        if verdict != 3
-                            && let Some(n) = halt_before
-                        {
+                        // asked, in the generation it answered in, was reset (perhaps by
+                        // another process), and must not refuse creates later while Redis is
+                        // away. A halt recorded here since, or one Redis lost in a restart
+                        // this answer tells of, is not Redis's answer's to end: the create is
+                        // refused (what it may have been granted is given back), and the
+                        // maintenance pass sends the halt again.
+                        if verdict != 3 {
+                            let generation = inner.generation.load(Ordering::Acquire);
                             let mut halts = lock(&inner.halts);
-                            if halts.get(&key.account).is_some_and(|halt| halt.n == n) {
-                                halts.remove(&key.account);
+                            match halts.get(&key.account) {
+                                Some(halt) if halt.stored_in != Some(generation) => {
+                                    guard.armed = true;
+                                    return Err(AcquireError::Halted(Halted::new(
+                                        key.account.clone(),
+                                        halt.cause.clone(),
+                                    )));
+                                }
+                                Some(halt) if Some(halt.n) == halt_before => {
+                                    halts.remove(&key.account);
+                                }
+                                _ => {}
                             }
                         }
                         let verdict = match verdict {
@@ -2242,12 +2347,13 @@ impl SlotBackend for RedisSlots {
                             ApiError::from_outcome(&outcome)
                         });
                         // Kept as recorded if this process recorded one since it asked.
+                        let generation = inner.generation.load(Ordering::Acquire);
                         lock(&inner.halts)
                             .entry(key.account.clone())
                             .or_insert_with(|| LocalHalt {
                                 cause: cause.clone(),
                                 n: inner.next_halt.fetch_add(1, Ordering::Relaxed),
-                                stored: true,
+                                stored_in: Some(generation),
                             });
                         return Err(AcquireError::Halted(Halted::new(
                             key.account.clone(),

@@ -17,7 +17,7 @@
 //! | `P:alive` | string | present while Redis keeps its state; value: the generation, which is the end of the re-registration grace (µs) that started it |
 //! | `P:seq` | string | the sequence: each script's number (see `PRELUDE`) |
 //! | `P:run` | string | the `run_id` of the server that wrote the generation: another one (a restart, which may load an older snapshot; a failover to a replica, which may lag) starts a new generation |
-//! | `P:ended` | sorted set | tasks reported ended (`i:` task id) by expiry (µs, the configured lease on, at least the default 30 min): a holding of one is not created again (a re-registration, a replayed hold); `c:` task id: that end was counted in the finished-task metrics, so such a holding given back is not counted again |
+//! | `P:ended` | sorted set | tasks reported ended (`i:` task id; `x:` an external id, as its `P:ext` field) by expiry (µs, the configured lease on, at least the default 30 min): a holding of one is not created again (a re-registration, a replayed hold); `e:` the `P:ext` field of a text `complete` told before any holding had it, filed as both `i:` and `x:` until one matches (the other is then dropped); `c:` the text an end was told by: that end was counted in the finished-task metrics, so such a holding given back is not counted again |
 //! | channel `P:freed` | pub/sub | a pool key (or `*`) whenever slots may have freed |
 //!
 //! Times are integer microseconds of fleet time (see [`Connection`](crate::Connection)),
@@ -181,17 +181,28 @@ local function opt(s) if s == '' then return nil end return s end
 -- Tasks reported ended, each kept ENDED_FOR (this process's lease, at least the default, set
 -- by `script`); the set itself as long as its longest entry.
 local ENDED = P .. ':ended'
-local function note_ended(id)
+local function note_member(member, ...)
   redis.call('ZREMRANGEBYSCORE', ENDED, '-inf', int(now))
-  redis.call('ZADD', ENDED, int(now + ENDED_FOR), 'i:' .. id)
+  local at = int(now + ENDED_FOR)
+  redis.call('ZADD', ENDED, at, member)
+  for _, other in ipairs({...}) do redis.call('ZADD', ENDED, at, other) end
   -- Only ever lengthened: a process with a shorter lease must not cut another's entries short.
   local keep = math.floor(ENDED_FOR / 1000)
   if redis.call('PTTL', ENDED) < keep then redis.call('PEXPIRE', ENDED, keep) end
 end
+local function note_ended(id) note_member('i:' .. id) end
+local function noted(member)
+  local until_ = redis.call('ZSCORE', ENDED, member)
+  return until_ and tonumber(until_) > now
+end
 local function was_ended(id)
   if not id then return false end
-  local until_ = redis.call('ZSCORE', ENDED, 'i:' .. id)
-  return until_ and tonumber(until_) > now
+  return noted('i:' .. id)
+end
+-- An external id reported ended within its account (`field`: its field in EXT).
+local function ext_ended(field)
+  if not field then return false end
+  return noted('x:' .. field)
 end
 -- A task whose end was counted in the finished-task metrics (`c:` task id, beside its `i:`):
 -- a release of its holding by a report, or its reporter said so when it sent the end again.
@@ -273,7 +284,8 @@ return {1, nxt, lost, released}
 
 /// Every change. `ARGV[4]` is the operation; see each branch. Returns {lost, changed, released
 /// as flat septuples (account, pool, task, weight, since, reason, holding)} or, for `ex`,
-/// {lost, 0, flags}, for `caps` {lost, 0, capacities, `P:cap` (flat field/value)}.
+/// {lost, 0, flags}, for `alive` {lost, 0, {}, flags}, for `caps` {lost, 0, capacities,
+/// `P:cap` (flat field/value)}.
 const APPLY_BODY: &str = r"
 local op = ARGV[4]
 local changed = 0
@@ -368,18 +380,32 @@ elseif op == 'hold' or op == 'reg' then
     supersede(EXT, ext and xf(ARGV[11], ext), pk, h, ARGV[11])
   end
   local raw = redis.call('HGET', pk .. ':h', h)
+  -- Its end reported first (by another process, before this hold or registration reached
+  -- Redis): by its task id, or by its external id within its account. The text an end
+  -- `complete` told was filed both ways (`e:` marks the pair); whichever matches first says
+  -- which the text was, and the other reading is dropped.
+  local told = nil
+  local xfield = ext and xf(ARGV[11], ext)
   if was_ended(id) then
-    -- Its end was reported first (by another process, before this hold or registration
-    -- reached Redis): the slots go back now, reported released here, and counted here
-    -- unless the end was counted already (`=`: a release it made before Redis lost it).
+    told = id
+    local twin = xf(ARGV[11], id)
+    if noted('e:' .. twin) then redis.call('ZREM', ENDED, 'x:' .. twin, 'e:' .. twin) end
+  elseif ext_ended(xfield) then
+    told = ext
+    if noted('e:' .. xfield) then redis.call('ZREM', ENDED, 'i:' .. ext, 'e:' .. xfield) end
+  end
+  if told then
+    -- The slots go back now, reported released here, and counted here unless the end was
+    -- counted already (`=`: a release it made before Redis lost it).
     local reason = 'completed'
-    if end_counted(id) then reason = '=completed' else mark_counted(id) end
+    if end_counted(told) then reason = '=completed' else mark_counted(told) end
     if raw then
       local rec = cjson.decode(raw)
       rec.id = id
+      rec.ext = ext
       release(pk, h, rec, reason)
     else
-      push_released(ARGV[11], ARGV[12], id, tonumber(ARGV[7]), now, reason, h)
+      push_released(ARGV[11], ARGV[12], id or ext, tonumber(ARGV[7]), now, reason, h)
     end
     changed = 1
   elseif raw and op == 'hold' then
@@ -404,7 +430,7 @@ elseif op == 'adopt' then
   local ext = opt(ARGV[9])
   local known = (id and redis.call('HEXISTS', IDS, id) == 1)
     or (ext and redis.call('HEXISTS', EXT, xf(ARGV[11], ext)) == 1)
-  if not known and not was_ended(id) then
+  if not known and not was_ended(id) and not ext_ended(ext and xf(ARGV[11], ext)) then
     create(ARGV[5], ARGV[6], tonumber(ARGV[7]), 't', id, ext, tonumber(ARGV[10]), ARGV[11], ARGV[12])
     changed = 1
   end
@@ -422,11 +448,30 @@ elseif op == 'upd' then
     local flag = ARGV[i + 3]
     local terminal = flag ~= '0'
     i = i + 4
-    if terminal then note_ended(id) end
     if flag == '2' then mark_counted(id) end
     local place = redis.call('HGET', IDS, id)
+    local by_ext = false
     if not place and ext ~= '' then place = redis.call('HGET', EXT, xf(acct, ext)) end
-    if not place and status == '' then place = redis.call('HGET', EXT, xf(acct, id)) end
+    if not place and status == '' then
+      place = redis.call('HGET', EXT, xf(acct, id))
+      by_ext = place and true or false
+    end
+    if terminal then
+      local field = xf(acct, id)
+      if status ~= '' then
+        -- A report of the task: the text is a task id, whatever `complete` left open.
+        note_ended(id)
+        redis.call('ZREM', ENDED, 'e:' .. field)
+      elseif by_ext then
+        note_member('x:' .. field)
+      elseif place or id == '' then
+        note_ended(id)
+      else
+        -- `complete` before the create's answer came: its text may be the task id or the
+        -- external id the create carries (in this account). Filed both ways, paired.
+        note_member('i:' .. id, 'x:' .. field, 'e:' .. field)
+      end
+    end
     if place then
       local sep = string.find(place, '\n', 1, true)
       local pk = string.sub(place, 1, sep - 1)
@@ -503,6 +548,20 @@ elseif op == 'mine' then
   end
 elseif op == 'unhalt' then
   changed = redis.call('DEL', ARGV[5])
+elseif op == 'rehalt' then
+  -- After a new generation, the halts a process knows of, sent again: triples of the halt
+  -- key, the cause, and the process's number for it (not read). One set meanwhile stays.
+  local i = 5
+  while i + 2 <= #ARGV do
+    if redis.call('SET', ARGV[i], ARGV[i + 1], 'NX') then changed = 1 end
+    i = i + 3
+  end
+  if changed == 1 then redis.call('PUBLISH', P .. ':freed', '*') end
+elseif op == 'alive' then
+  -- 5.. the halt keys the process knows Redis had in this generation: whether each is set.
+  local flags = {}
+  for i = 5, #ARGV do table.insert(flags, redis.call('EXISTS', ARGV[i])) end
+  return {lost, 0, released, flags}
 elseif op == 'caps' then
   -- 5 recovery interval, then per pool: pool key, configured capacity, how many capacity
   -- fields follow, the fields. Each pool's capacity less what a 1303 hides, recovered to now

@@ -15,7 +15,7 @@ use kling_redis::{Connection, FleetDecision, RedisConfig, RedisGcra, WhenUnreach
 use proptest::prelude::*;
 use tower::{Layer, ServiceExt};
 
-use crate::support::{connect, far_process_gets_its_turn, pttl, raw, redis};
+use crate::support::{connect, far_process_gets_its_turn, gated_relay, pttl, raw, redis};
 
 /// What in-process governor decides for arrivals at `offsets` (µs from the first), as
 /// (admitted, not-before offset in µs).
@@ -1389,4 +1389,81 @@ async fn the_fallback_keeps_the_fleets_pause_this_process_heard_of() {
             other => panic!("the fallback admits during the fleet's pause: {other:?}"),
         }
     }
+}
+
+/// A delivery of a kept 1302 cut short after Redis ran it (the request that carried it was
+/// dropped before the answer came) leaves the report to be sent again by the next delivery:
+/// the key takes it once, and the 1302 counts once in the fleet's streak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_1302_whose_delivery_was_cut_short_counts_once() {
+    let Some(mut server) = redis() else { return };
+    let (relay, gate) = gated_relay(server.port()).await;
+    let conn = Connection::connect(
+        RedisConfig::new(format!("redis://127.0.0.1:{relay}/"))
+            .prefix("test")
+            .command_timeout(Duration::from_millis(500))
+            .connect_timeout(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap();
+    // Delivered by requests only, not in the background.
+    let one = RedisGcra::new(conn).retry_every(Duration::from_secs(3600));
+    let (key, policy) = paused_key();
+    let elsewhere = BucketKey::account(Some(AccountId::new("elsewhere")));
+    assert_eq!(one.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+    server.stop();
+    // Sent a millisecond after it was received: each send turns the instants into fleet time
+    // afresh, a few µs off either way, and a report sent again counts again only if it looks
+    // sent after the pause it began; this one surely does.
+    let received = tokio::time::Instant::now();
+    let report = Feedback::Pause {
+        sent_at: received + Duration::from_millis(1),
+        received_at: received,
+        resume_at: None,
+        throttled: true,
+    };
+    let kept = one.feedback(&key, &policy, report).await;
+    assert!(kept.is_err(), "redis took the report: {kept:?}");
+    server.restart().unwrap();
+    // The report script is loaded on the new server (by another process), and this process's
+    // connection is made again (by a count, which delivers nothing).
+    let other = RedisGcra::new(connect(&server).await);
+    let success = Feedback::Success {
+        sent_at: tokio::time::Instant::now(),
+    };
+    other.feedback(&elsewhere, &policy, success).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while one.fleet_requests(None).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "no connection");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A request delivers the report; Redis runs it, and the request is dropped before the
+    // answer comes.
+    let streak = || async {
+        let s: Option<String> = redis::cmd("HGET")
+            .arg(one.key_of(&key))
+            .arg("s")
+            .query_async(&mut raw(&server).await)
+            .await
+            .unwrap();
+        s
+    };
+    gate.send_replace(false);
+    let cut = tokio::spawn({
+        let (one, elsewhere) = (one.clone(), elsewhere.clone());
+        async move { one.acquire(&elsewhere, &policy).await }
+    });
+    while streak().await.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "not delivered");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cut.abort();
+    assert!(cut.await.unwrap_err().is_cancelled());
+    gate.send_replace(true);
+    // The next request's delivery sends it again.
+    assert_eq!(
+        one.acquire(&elsewhere, &policy).await.unwrap(),
+        Decision::Admit
+    );
+    assert_eq!(streak().await.as_deref(), Some("1"), "counted twice");
 }

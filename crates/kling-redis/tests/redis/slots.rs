@@ -2206,3 +2206,210 @@ async fn an_end_replayed_before_the_owner_registers_again_is_counted_once() {
     assert_eq!(in_use(&one).await, 0);
     assert_eq!(finished(&recording), (1, 1));
 }
+
+/// `complete` by an external id before the create's answer came (told in another process):
+/// the end is filed as the external id it may be, within its account, and frees the holding
+/// of the create that carries that external id when it is held (answered, or its outcome
+/// unknown and kept under the external id), not another account's create under it; nor is
+/// such a task adopted. Once the text turned out to be an external id, a task whose id is the
+/// same text is not ended by it, and the other way round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_complete_by_external_id_frees_the_create_that_carries_it() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 4).await;
+    let two = backend(&server, 4).await;
+    let other = AccountId::new("b");
+    let complete = |account: &AccountId, id: &str| SlotOp::Update {
+        account: account.clone(),
+        updates: vec![TaskUpdate {
+            id: id.to_owned(),
+            external_id: None,
+            status: None,
+        }],
+        lease: LONG,
+    };
+    let held = |id: Option<&str>, ext: Option<&str>| {
+        let one = one.clone();
+        let task = TaskRef {
+            id: id.map(str::to_owned),
+            external_id: ext.map(str::to_owned),
+        };
+        async move {
+            let reservation = one.acquire(video(), 1).await.unwrap();
+            let applied = one
+                .apply(SlotOp::Hold {
+                    reservation,
+                    task,
+                    lease: LONG,
+                })
+                .await
+                .unwrap();
+            applied.released.len()
+        }
+    };
+    for ext in ["job-1", "job-2", "x", "job-6"] {
+        let applied = two.apply(complete(&video().account, ext)).await.unwrap();
+        assert!(applied.released.is_empty(), "{applied:?}");
+    }
+    two.apply(complete(&other, "job-3")).await.unwrap();
+    // The answer names the task and echoes the external id.
+    assert_eq!(held(Some("t1"), Some("job-1")).await, 1);
+    assert_eq!(in_use(&one).await, 0, "job-1's create is freed");
+    // The answer was lost: kept under the external id alone.
+    assert_eq!(held(None, Some("job-2")).await, 1);
+    assert_eq!(in_use(&one).await, 0, "job-2's create is freed");
+    // Another account's end by `job-3` is not this account's.
+    assert_eq!(held(Some("t3"), Some("job-3")).await, 0);
+    assert_eq!(in_use(&one).await, 1);
+    // `x` turns out to be an external id; a task named `x` later is another task.
+    assert_eq!(held(Some("t4"), Some("x")).await, 1);
+    assert_eq!(held(Some("x"), None).await, 0);
+    assert_eq!(in_use(&one).await, 2, "task `x` holds its slot");
+    // A task found running under an external id that ended is not adopted.
+    let adopted = one
+        .apply(SlotOp::Adopt {
+            key: video(),
+            task: TaskRef {
+                id: Some("t6".to_owned()),
+                external_id: Some("job-6".to_owned()),
+            },
+            weight: 1,
+            lease: LONG,
+        })
+        .await
+        .unwrap();
+    assert!(!adopted.changed, "{adopted:?}");
+    assert_eq!(in_use(&one).await, 2);
+    // A `complete` by task id before the answer still frees that task's create; a create
+    // whose external id is the same text is then another task.
+    two.apply(complete(&video().account, "t5")).await.unwrap();
+    assert_eq!(held(Some("t5"), Some("job-5")).await, 1);
+    assert_eq!(in_use(&one).await, 2);
+    assert_eq!(held(Some("t8"), Some("t5")).await, 0);
+    assert_eq!(in_use(&one).await, 3);
+    assert_eq!(one.held_here(), 3);
+}
+
+/// A 1102 outlives a restart that loses Redis's state: the processes that knew of it refuse
+/// the account's creates from the moment they see the new generation, send it again with their
+/// holdings, and a process that never heard of it is refused too once the fleet registered
+/// again. Reset, it ends as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_outlives_a_restart_that_loses_redis_state() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 5)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(SlotOp::Halt {
+        reservation: r,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    server.restart().unwrap();
+    // Before the owner's next pass: its first ask meets the new generation, and is refused.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let create = loop {
+        match tokio::time::timeout(Duration::from_secs(2), one.acquire(video(), 1)).await {
+            Ok(Err(AcquireError::Backend(_))) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(create, Ok(Err(AcquireError::Halted(_)))),
+        "the halt was lost: {create:?}"
+    );
+    maintained(&one).await;
+    maintained(&one).await;
+    // A process that never heard of the halt, after the grace: refused by Redis.
+    let two = backend(&server, 5).await;
+    let create = tokio::time::timeout(Duration::from_secs(5), two.acquire(video(), 1)).await;
+    match create {
+        Ok(Err(AcquireError::Halted(halted))) => {
+            assert_eq!(halted.code(), kling_core::Code::ResourcePackExhausted);
+            assert_eq!(halted.request_id(), Some("r-9"));
+        }
+        other => panic!("the halt was lost: {other:?}"),
+    }
+    let create = one.acquire(video(), 1).await;
+    assert!(matches!(create, Err(AcquireError::Halted(_))), "{create:?}");
+    two.apply(SlotOp::ResetHalt(AccountId::new("acct")))
+        .await
+        .unwrap();
+    let granted = one.acquire(video(), 1).await.unwrap();
+    one.apply(SlotOp::GiveBack(granted)).await.unwrap();
+}
+
+/// A halt another process reset is forgotten at this process's next maintenance pass, though
+/// it asked nothing since: a restart after that does not bring the halt back (this process
+/// would have sent it again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_reset_elsewhere_is_not_sent_again_after_a_restart() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 5)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    let two = backend(&server, 5)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(SlotOp::Halt {
+        reservation: r,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    two.apply(SlotOp::ResetHalt(AccountId::new("acct")))
+        .await
+        .unwrap();
+    maintained(&one).await;
+    server.restart().unwrap();
+    maintained(&one).await;
+    maintained(&one).await;
+    maintained(&two).await;
+    let create = tokio::time::timeout(Duration::from_secs(5), two.acquire(video(), 1)).await;
+    assert!(
+        matches!(create, Ok(Ok(_))),
+        "the reset halt came back: {create:?}"
+    );
+    let create = tokio::time::timeout(Duration::from_secs(5), one.acquire(video(), 1)).await;
+    assert!(matches!(create, Ok(Ok(_))), "{create:?}");
+}
+
+/// A create whose ask is the first script to meet a store that lost its state (emptied, as a
+/// restart without persistence leaves it, on a connection that stayed up) is refused when
+/// this process knew of a halt: the answer, without the halt, tells of a new generation, not
+/// of a reset. The halt is sent again, and refuses the fleet's creates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ask_that_first_meets_a_lost_state_is_refused_under_a_halt() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 5)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(SlotOp::Halt {
+        reservation: r,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut crate::support::raw(&server).await)
+        .await
+        .unwrap();
+    let create = tokio::time::timeout(Duration::from_secs(2), one.acquire(video(), 1)).await;
+    assert!(
+        matches!(create, Ok(Err(AcquireError::Halted(_)))),
+        "the halt was lost: {create:?}"
+    );
+    maintained(&one).await;
+    let two = backend(&server, 5).await;
+    let create = tokio::time::timeout(Duration::from_secs(2), two.acquire(video(), 1)).await;
+    assert!(
+        matches!(create, Ok(Err(AcquireError::Halted(_)))),
+        "the halt was lost: {create:?}"
+    );
+}

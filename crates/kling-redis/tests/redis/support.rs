@@ -72,6 +72,45 @@ pub(crate) async fn far_relay(port: u16, delay: Duration) -> u16 {
     relay
 }
 
+/// A TCP relay to the Redis on `port` whose answers wait while its gate is shut (`false`):
+/// commands reach Redis and run, their replies are held back. Returns the relay's port and
+/// the gate, open.
+pub(crate) async fn gated_relay(port: u16) -> (u16, tokio::sync::watch::Sender<bool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (gate, open) = tokio::sync::watch::channel(true);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                continue;
+            };
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move {
+                let mut buf = vec![0; 16 * 1024];
+                while let Ok(n @ 1..) = client_read.read(&mut buf).await {
+                    if server_write.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut open = open.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0; 16 * 1024];
+                while let Ok(n @ 1..) = server_read.read(&mut buf).await {
+                    if open.wait_for(|open| *open).await.is_err()
+                        || client_write.write_all(&buf[..n]).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (relay, gate)
+}
+
 /// A new connection to a Redis (or relay) on a loopback `port`.
 async fn connect_port(port: u16) -> Connection {
     Connection::connect(
