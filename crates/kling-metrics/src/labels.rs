@@ -8,8 +8,8 @@ use std::sync::{OnceLock, PoisonError, RwLock};
 
 use kling_core::intern::BoundedLabels;
 use kling_core::metrics::{
-    MODEL_LABEL_MAX_LEN, MODEL_POOL_LABELS, is_model_pool_label, model_pool_label,
-    other_model_label,
+    MODEL_LABEL_MAX_LEN, MODEL_POOL_LABELS, is_model_pool_label, known_model_pool_label,
+    model_pool_label, other_model_label,
 };
 use kling_core::{Code, Product, RequestKind, TaskStatus};
 use metrics::{Counter, Histogram, Key, Label, Metadata, SharedString};
@@ -271,7 +271,7 @@ static SHOWN: RwLock<Vec<(&'static str, usize)>> = RwLock::new(Vec::new());
 
 /// Set once this layer found [`model_pool_label`]'s table full (a shown pool given no place,
 /// or the last place given): a model not known here yet is then looked up there at once
-/// ([`named_when_full`]), which gives no place any more.
+/// ([`named_if_known`]), which gives no place any more.
 static SHOWN_FULL: AtomicBool = AtomicBool::new(false);
 
 /// A model pool's label when the call starts: its name if an answer showed the pool before;
@@ -297,21 +297,21 @@ fn model_pool(product: Product, model: &str) -> Value {
         }
     }
     if SHOWN_FULL.load(Ordering::Relaxed) {
-        return named_when_full(product, model);
+        return named_if_known(product, model);
     }
     unconfirmed_pool(product, model)
 }
 
-/// A model pool's label once [`model_pool_label`]'s table is full: its place there, given
-/// before by this layer or another (the task slots give one when they grant a create its
-/// slots, before any answer), kept here for later calls; else `{product}:other`. The table
-/// being full, asking it gives no place.
+/// A model pool's label by the place [`model_pool_label`]'s table gave it before, by this
+/// layer or another (the task slots give one when they grant a create its slots, before any
+/// answer), kept here for later calls; else `{product}:other`. Looked up without taking a
+/// place ([`known_model_pool_label`]: a read lock).
 #[cold]
 #[inline(never)]
-fn named_when_full(product: Product, model: &str) -> Value {
-    match model_pool_label(product, model) {
-        (label, Some(at)) => named(label, at),
-        (_, None) => other_model_pool(product),
+fn named_if_known(product: Product, model: &str) -> Value {
+    match known_model_pool_label(product, model) {
+        Some((label, at)) => named(label, at),
+        None => other_model_pool(product),
     }
 }
 
@@ -369,13 +369,9 @@ fn settled_pool(text: &str, shown: bool) -> Value {
         return Value::built(text.to_owned());
     };
     if !shown {
-        // Not shown: a place given before is its label, as the slot gauges' (asked only once
-        // the table is full, where asking gives none).
-        return if SHOWN_FULL.load(Ordering::Relaxed) {
-            named_when_full(product, model)
-        } else {
-            other_model_pool(product)
-        };
+        // Not shown: a place given before (by the task slots, say) is its label, as the slot
+        // gauges'; a model nobody gave one takes none here.
+        return named_if_known(product, model);
     }
     match model_pool_label(product, model) {
         (label, Some(at)) => {
