@@ -76,13 +76,16 @@ async fn mistyped_models_refused_by_kling_or_locally_leave_the_named_places_to_r
             (label("pool"), label("status"))
         })
         .collect();
-    let expected = [("video:kling-3.0", "200"), ("video:kling-2.6", "429")]
-        .into_iter()
-        .chain([("video:other", "400")])
-        .into_iter()
-        .chain([("video:other", "404"), ("video:other", "error")])
-        .map(|(pool, status)| (pool.to_owned(), status.to_owned()))
-        .collect();
+    let expected = [
+        ("video:kling-3.0", "200"),
+        ("video:kling-2.6", "429"),
+        ("video:other", "400"),
+        ("video:other", "404"),
+        ("video:other", "error"),
+    ]
+    .into_iter()
+    .map(|(pool, status)| (pool.to_owned(), status.to_owned()))
+    .collect();
     assert_eq!(pools, expected);
     // The slot gauges read the same table: the real model has its name there too, and the
     // other places are still free.
