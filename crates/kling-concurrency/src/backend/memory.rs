@@ -2873,8 +2873,8 @@ mod tests {
         assert_eq!(pool(&backend, "b"), (0, 0));
     }
 
-    /// An empty task id (an answer or report with `"task_id":""`, which kling-core reads as
-    /// given) is no id either: creates answered with one do not replace each other as "the
+    /// An empty task id (in a `TaskRef` a caller built: kling-core's readers now report no
+    /// task for `"task_id":""`) is no id either: creates answered with one do not replace each other as "the
     /// same task" (each keeps its slot under its external id or its lease), a report of a task
     /// with one ends none of them, and a running report does not file it.
     #[tokio::test(start_paused = true)]
