@@ -216,6 +216,9 @@ impl<Bk: Backend> Gate<Bk> {
     /// than `at`. Sent as the account admitted it, requests that passed their class gate
     /// during a pause would all go out together when it ends; going back through the gate
     /// spaces them by the class quota again, at the cost of a turn of the class quota each.
+    /// It goes back ahead of the class requests that came after it passed the gate
+    /// ([`Queues::enqueue_returned`](crate::queue::Queues::enqueue_returned)), so they keep
+    /// their order.
     fn back_to_class<B>(
         &mut self,
         cx: &Context<'_>,
@@ -226,10 +229,17 @@ impl<Bk: Backend> Gate<Bk> {
         at: Instant,
     ) -> Result<Step<Bk::AcquireFuture>, BoxError> {
         self.give_up(shared, account_key);
+        // Ahead of the class requests that came after it passed the gate: it keeps its turn.
+        let queues = &shared.queues;
+        let ticket = queues.enqueue_returned(&class_key, cx.waker());
+        queues.note_account_pause(&class_key, at);
+        self.place = Some(Place {
+            queues: Arc::clone(queues),
+            key: class_key.clone(),
+            id: ticket.id,
+        });
         self.class_key = Some(class_key);
-        let is_head = self.join(cx, shared, account_key)?;
-        shared.queues.note_account_pause(self.key(account_key), at);
-        if is_head {
+        if ticket.is_head {
             self.at_head(shared, request, account_key)
         } else {
             Ok(Step::Queued)
@@ -245,13 +255,14 @@ impl<Bk: Backend> Gate<Bk> {
         request: &Request<B>,
         account_key: &BucketKey,
     ) -> Result<Step<Bk::AcquireFuture>, BoxError> {
-        let now = Instant::now();
-        let paused_until = self
+        // (The clock is read only when a pause is noted: none is for an account's queue.)
+        let paused = self
             .class_key
             .as_ref()
             .and_then(|key| shared.queues.account_paused_until(key))
-            .filter(|at| *at > now);
-        let Some(at) = paused_until else {
+            .map(|at| (at, Instant::now()))
+            .filter(|(at, now)| at > now);
+        let Some((at, now)) = paused else {
             return Ok(Step::Acquiring(self.ask(shared, account_key)));
         };
         self.start_waiting(shared, request, now);
@@ -267,13 +278,23 @@ impl<Bk: Backend> Gate<Bk> {
                 account_key.account_id().cloned(),
             )));
         }
-        shared
-            .queues
-            .set_head_not_before(self.key(account_key), at, true);
+        if !self.lead(shared, at, true) {
+            return Ok(Step::Queued);
+        }
         self.sleep_until(at);
         // Slept out unless the quota changes meanwhile (see `Step::Sleeping`).
         self.epoch = shared.epoch.load(Ordering::Acquire);
         Ok(Step::Sleeping)
+    }
+
+    /// Notes the head's "not before" for those behind it; false when this request no longer
+    /// leads its queue (one came back from the account gate ahead of it: [`Gate::back_to_class`])
+    /// and must wait for its turn again.
+    fn lead(&self, shared: &Shared<Bk>, at: Instant, cooldown: bool) -> bool {
+        let place = self.place.as_ref().expect("a head holds a place");
+        shared
+            .queues
+            .set_head_not_before(&place.key, place.id, at, cooldown)
     }
 
     /// Waits for the gates; a request that fails here gives up what it holds
@@ -359,9 +380,10 @@ impl<Bk: Backend> Gate<Bk> {
                                 self.step = Step::Queued;
                                 continue;
                             }
-                            shared
-                                .queues
-                                .set_head_not_before(self.key(account_key), at, cooldown);
+                            if !self.lead(shared, at, cooldown) {
+                                self.step = Step::Queued;
+                                continue;
+                            }
                             self.sleep_until(at);
                             self.step = Step::Sleeping;
                         }
@@ -399,14 +421,23 @@ impl<Bk: Backend> Gate<Bk> {
                 Step::Sleeping => {
                     // The queue wakes its head on a quota change: give it this poll's waker
                     // (an earlier poll may have had another, e.g. the waker-less first look).
-                    if let Some(place) = &self.place {
-                        let _ = shared.queues.poll_head(&place.key, place.id, cx.waker());
+                    // A request that came back from the account gate may lead now instead.
+                    if let Some(place) = &self.place
+                        && shared
+                            .queues
+                            .poll_head(&place.key, place.id, cx.waker())
+                            .is_err()
+                    {
+                        self.step = Step::Queued;
+                        continue;
                     }
                     if shared.epoch.load(Ordering::Acquire) == self.epoch {
                         let sleep = self.sleep.as_mut().expect("a sleeping head has a timer");
                         ready!(sleep.as_mut().poll(cx));
                     }
-                    self.step = Step::Acquiring(self.ask(shared, account_key));
+                    // Through `at_head`: a quota change does not end a class head's wait for
+                    // its account's pause.
+                    self.step = self.at_head(shared, request, account_key)?;
                 }
             }
         }

@@ -46,7 +46,8 @@
 //!   account paused (a 1302 or a `Retry-After`: it asks, or the account queue's head waits one
 //!   out) goes back to its class gate, whose requests ask no sooner than the pause's end, so
 //!   they are sent spaced by the class quota after it rather than all at once (each spends
-//!   one more turn of the class quota). The class quota still spaces the requests passing its
+//!   one more turn of the class quota). It goes back ahead of the class requests that came
+//!   after it passed the gate, so class requests keep their order. The class quota still spaces the requests passing its
 //!   gate, not their sending, in two cases: a request is sent up to one account turn after
 //!   passing (one per 100 ms at ten a second), and ones already queued at the account gate
 //!   when a pause begins, or behind a long queue there, are sent as the account admits them.

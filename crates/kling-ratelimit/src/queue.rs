@@ -3,7 +3,9 @@
 //! Each key's queue is a [`WaitList`]: a waiter's record is its ticket number and its waker
 //! (24 bytes in the list's ring buffer), a waiter finds itself by binary search, and one that
 //! gives up behind the head leaves a tombstone, so giving up is O(log n), does not shift the
-//! queue, and a head that waits long keeps no more tombstones than there are waiters.
+//! queue, and a head that waits long keeps no more tombstones than there are waiters. A class
+//! key's queue has a second list in front of it, for requests that passed the class gate and
+//! came back from a paused account ([`Queues::enqueue_returned`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,6 +24,11 @@ pub(crate) const WAITER_RECORD_BYTES: usize = std::mem::size_of::<Waiter<()>>();
 #[derive(Debug)]
 struct Queue {
     waiters: WaitList<()>,
+    /// For a class key's queue: requests back from the account gate
+    /// ([`Queues::enqueue_returned`]), ahead of every waiter in `waiters` (which all came
+    /// after they passed this gate), in the order they came back. Tickets come from the same
+    /// `next_id` as the others'.
+    returned: WaitList<()>,
     next_id: u64,
     /// The head's latest "not before", a lower bound on every other waiter's turn, and
     /// whether it is the end of a pause (a cooldown) rather than pacing.
@@ -43,6 +50,7 @@ impl Queue {
             .map_or("", |a| kling_core::metrics::account_label(a.as_str()));
         Queue {
             waiters: WaitList::new(),
+            returned: WaitList::new(),
             next_id: 0,
             head_not_before: None,
             account_paused_until: None,
@@ -52,8 +60,23 @@ impl Queue {
 
     /// Wakes the head, if anyone waits.
     fn wake_head(&self) {
-        if let Some(waker) = self.waiters.front().and_then(|w| w.waker.as_ref()) {
+        let head = self.returned.front().or_else(|| self.waiters.front());
+        if let Some(waker) = head.and_then(|w| w.waker.as_ref()) {
             waker.wake_by_ref();
+        }
+    }
+
+    /// Live waiters, returned ones included.
+    fn waiting(&self) -> usize {
+        self.waiters.waiting() + self.returned.waiting()
+    }
+
+    /// Whether waiter `id` leads, if it waits here: the first returned one, else the first
+    /// of the others.
+    fn is_head(&self, id: u64) -> Option<bool> {
+        match self.returned.position(id) {
+            Some(index) => Some(index == 0),
+            None => Some(self.waiters.position(id)? == 0 && self.returned.is_empty()),
         }
     }
 }
@@ -95,7 +118,7 @@ impl Queues {
 
     /// Requests waiting for one key.
     pub(crate) fn depth(&self, key: &BucketKey) -> usize {
-        self.lock().get(key).map_or(0, |q| q.waiters.waiting())
+        self.lock().get(key).map_or(0, Queue::waiting)
     }
 
     /// Joins the back of `key`'s queue; `Err(())` when it already holds `max` waiters.
@@ -110,8 +133,8 @@ impl Queues {
             map.insert(key.clone(), Queue::new(key));
         }
         let queue = map.get_mut(key).expect("inserted above");
-        if max.is_some_and(|max| queue.waiters.waiting() >= max) {
-            if queue.waiters.is_empty() {
+        if max.is_some_and(|max| queue.waiting() >= max) {
+            if queue.waiters.is_empty() && queue.returned.is_empty() {
                 map.remove(key);
             }
             return Err(());
@@ -123,8 +146,30 @@ impl Queues {
         self.waiting.fetch_add(1, Ordering::AcqRel);
         Ok(Ticket {
             id,
-            is_head: queue.waiters.records() == 1,
+            is_head: queue.waiters.records() == 1 && queue.returned.is_empty(),
         })
+    }
+
+    /// Joins class key `key`'s queue ahead of every request that has not passed its gate
+    /// yet, behind the ones that came back before: a request that passed the gate and came
+    /// back from the account gate (the response future's `Gate::back_to_class`). It keeps its turn
+    /// before the class requests that came after it, and no `max_queue` applies: it was
+    /// waiting already, and leaves the account's queue for this one.
+    pub(crate) fn enqueue_returned(&self, key: &BucketKey, waker: &Waker) -> Ticket {
+        let mut map = self.lock();
+        if !map.contains_key(key) {
+            map.insert(key.clone(), Queue::new(key));
+        }
+        let queue = map.get_mut(key).expect("inserted above");
+        let id = queue.next_id;
+        queue.next_id += 1;
+        queue.returned.push_back(id, (), waker.clone());
+        queue.depth.increment(1.0);
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        Ticket {
+            id,
+            is_head: queue.returned.records() == 1,
+        }
     }
 
     /// Whether ticket `id` is at the head; records `waker` either way.
@@ -138,11 +183,15 @@ impl Queues {
         let Some(queue) = map.get_mut(key) else {
             return Ok(false);
         };
-        let Some(index) = queue.waiters.position(id) else {
-            return Ok(false);
+        let (list, index) = match queue.returned.position(id) {
+            Some(index) => (&mut queue.returned, index),
+            None => match queue.waiters.position(id) {
+                Some(index) => (&mut queue.waiters, index),
+                None => return Ok(false),
+            },
         };
-        queue.waiters.set_waker(index, waker);
-        if index == 0 {
+        list.set_waker(index, waker);
+        if queue.is_head(id) == Some(true) {
             Ok(true)
         } else {
             Err(queue.head_not_before)
@@ -150,11 +199,25 @@ impl Queues {
     }
 
     /// The head's latest answer from the backend (and whether it is a pause), a lower bound
-    /// for everyone behind it.
-    pub(crate) fn set_head_not_before(&self, key: &BucketKey, at: Instant, cooldown: bool) {
-        if let Some(queue) = self.lock().get_mut(key) {
-            queue.head_not_before = Some((at, cooldown));
+    /// for everyone behind it, from waiter `id`: false (and nothing set) when it no longer
+    /// leads, a request having come back ahead of it
+    /// ([`enqueue_returned`](Self::enqueue_returned)).
+    pub(crate) fn set_head_not_before(
+        &self,
+        key: &BucketKey,
+        id: u64,
+        at: Instant,
+        cooldown: bool,
+    ) -> bool {
+        let mut map = self.lock();
+        let Some(queue) = map.get_mut(key) else {
+            return true;
+        };
+        if queue.is_head(id) == Some(false) {
+            return false;
         }
+        queue.head_not_before = Some((at, cooldown));
+        true
     }
 
     /// The account of class key `key` is paused until `at` (one of its requests met the pause
@@ -187,18 +250,24 @@ impl Queues {
         let Some(queue) = map.get_mut(key) else {
             return false;
         };
-        match queue.waiters.remove(id) {
-            Removed::NotWaiting => return false,
-            Removed::Head => {
-                queue.head_not_before = None;
-                queue.wake_head();
-            }
-            Removed::Behind => {}
+        let led = match queue.returned.remove(id) {
+            Removed::Head => true,
+            Removed::Behind => false,
+            Removed::NotWaiting => match queue.waiters.remove(id) {
+                Removed::NotWaiting => return false,
+                // The first of the others leads only when none came back ahead of it.
+                Removed::Head => queue.returned.is_empty(),
+                Removed::Behind => false,
+            },
+        };
+        if led {
+            queue.head_not_before = None;
+            queue.wake_head();
         }
         self.waiting.fetch_sub(1, Ordering::AcqRel);
         queue.depth.decrement(1.0);
-        let last = queue.waiters.waiting() == 0;
-        if last && queue.waiters.is_empty() {
+        let last = queue.waiting() == 0;
+        if last && queue.waiters.is_empty() && queue.returned.is_empty() {
             map.remove(key);
         }
         last
@@ -215,7 +284,7 @@ impl Queues {
     pub(crate) fn reserved_bytes(&self) -> usize {
         self.lock()
             .values()
-            .map(|q| q.waiters.capacity() * WAITER_RECORD_BYTES)
+            .map(|q| (q.waiters.capacity() + q.returned.capacity()) * WAITER_RECORD_BYTES)
             .sum()
     }
 }
@@ -343,6 +412,54 @@ mod tests {
         let named = series.len() - usize::from(other > 0.0);
         assert_eq!(named as f64 + other, accounts as f64, "{series:?}");
         assert!(other >= 10.0, "{series:?}");
+    }
+
+    /// A request back from the account gate leads a class queue at once, ahead of its head and
+    /// of the requests behind it; the head it displaced may no longer set the queue's hint, and
+    /// leads again once the returned ones left (those that gave up behind included).
+    #[test]
+    fn a_returned_request_leads_until_it_leaves() {
+        let queues = Queues::default();
+        let account = Some(kling_core::AccountId::new("a"));
+        let key = BucketKey::class(account, kling_core::RequestKind::Account);
+        let waker = Waker::noop();
+        let at = Instant::now();
+        let head = queues.enqueue(&key, waker, Some(2)).unwrap();
+        let behind = queues.enqueue(&key, waker, Some(2)).unwrap();
+        assert!(head.is_head && !behind.is_head);
+        assert!(queues.set_head_not_before(&key, head.id, at, false));
+        assert!(queues.enqueue(&key, waker, Some(2)).is_err(), "full");
+        // No `max_queue` for the ones coming back.
+        let back = queues.enqueue_returned(&key, waker);
+        let second = queues.enqueue_returned(&key, waker);
+        assert!(back.is_head && !second.is_head);
+        assert_eq!(queues.depth(&key), 4);
+        assert_eq!(queues.poll_head(&key, back.id, waker), Ok(true));
+        assert_eq!(
+            queues.poll_head(&key, second.id, waker),
+            Err(Some((at, false)))
+        );
+        assert!(queues.poll_head(&key, head.id, waker).is_err());
+        assert!(!queues.set_head_not_before(&key, head.id, at, true));
+        assert!(queues.set_head_not_before(&key, back.id, at, true));
+        assert_eq!(
+            queues.poll_head(&key, head.id, waker),
+            Err(Some((at, true)))
+        );
+        // The displaced head leaving clears nothing of the one that leads.
+        assert!(!queues.leave(&key, head.id));
+        assert_eq!(
+            queues.poll_head(&key, second.id, waker),
+            Err(Some((at, true)))
+        );
+        assert!(!queues.leave(&key, back.id));
+        assert_eq!(queues.poll_head(&key, second.id, waker), Ok(true));
+        assert_eq!(queues.poll_head(&key, behind.id, waker), Err(None));
+        assert!(!queues.leave(&key, second.id));
+        assert_eq!(queues.poll_head(&key, behind.id, waker), Ok(true));
+        assert!(queues.leave(&key, behind.id), "the last one");
+        assert_eq!(queues.waiting(), 0);
+        assert_eq!(queues.reserved_bytes(), 0, "the queue is dropped");
     }
 
     /// Behind a head that never moves, requests that give up leave no more tombstones than

@@ -1,0 +1,225 @@
+//! Class requests around a pause of their account: the ones that meet it go back through their
+//! class gate, and keep their turn there.
+
+use std::future::{Ready, ready};
+use std::sync::Mutex;
+
+use kling_core::RequestKind;
+use kling_ratelimit::error::BackendError;
+use kling_ratelimit::{
+    Backend, BucketKey, Decision, Feedback, GcraLayer, InProcess, Policy, Quota,
+};
+use tokio::time::Instant;
+use tower::{Layer, ServiceExt};
+
+use crate::support::{Reply, Server, ms, request, request_to, spawn_call};
+
+/// The in-process backend, with a pause of every account key that the test sets, as another
+/// process sharing the store would by meeting a 1302 (class keys are never paused).
+#[derive(Debug, Default)]
+struct FleetPause {
+    inner: InProcess,
+    until: Mutex<Option<Instant>>,
+}
+
+impl FleetPause {
+    fn pause_until(&self, at: Instant) {
+        *self.until.lock().unwrap() = Some(at);
+    }
+}
+
+impl Backend for FleetPause {
+    type AcquireFuture = Ready<Result<Decision, BackendError>>;
+    type FeedbackFuture = <InProcess as Backend>::FeedbackFuture;
+
+    fn acquire(&self, key: &BucketKey, policy: &Policy) -> Self::AcquireFuture {
+        let until = *self.until.lock().unwrap();
+        match until {
+            Some(at) if key.request_kind().is_none() && at > Instant::now() => {
+                ready(Ok(Decision::NotBefore { at, cooldown: true }))
+            }
+            _ => self.inner.acquire(key, policy),
+        }
+    }
+
+    fn feedback(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        feedback: Feedback,
+    ) -> Self::FeedbackFuture {
+        self.inner.feedback(key, policy, feedback)
+    }
+}
+
+fn costs(tag: &str) -> crate::support::Req {
+    request_to("/account/costs", Some("a"), tag)
+}
+
+/// Three `/account/costs` requests queue at their one-a-second class gate; a create meets a
+/// 5 s pause before the first passes it. The first passes its gate during the pause, meets it
+/// and goes back to the gate: ahead of the two that came after it, not behind them.
+#[tokio::test(start_paused = true)]
+async fn class_requests_queued_at_their_gate_when_a_pause_begins_keep_their_order() {
+    let server = Server::new();
+    server.script([Reply::ok(), Reply::throttled().header("retry-after", "5")]);
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    service.clone().oneshot(costs("c0")).await.unwrap();
+    let mut calls = Vec::new();
+    for i in 1..4 {
+        calls.push(spawn_call(&service, costs(&format!("c{i}"))).await);
+    }
+    tokio::time::advance(ms(500)).await;
+    let create = service.clone().oneshot(request(Some("a"), "create"));
+    create.await.unwrap();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    // Before, c1 went last: [c2 5500, c3 6500, c1 7500].
+    assert_eq!(
+        server.times_ms(start),
+        [
+            ("c0".into(), 0),
+            ("create".into(), 500),
+            ("c1".into(), 5500),
+            ("c2".into(), 6500),
+            ("c3".into(), 7500),
+        ]
+    );
+    assert_eq!(layer.handle().waiting(), 0);
+    assert_eq!(layer.handle().queue_bytes(), 0, "the queues are dropped");
+}
+
+/// A class request waiting at its gate for its account's pause to end, which another process
+/// extends meanwhile: it meets the pause again when the first end comes, and goes back to its
+/// gate ahead of the class request that came after it.
+#[tokio::test(start_paused = true)]
+async fn a_class_request_that_meets_an_extended_pause_keeps_its_turn() {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .backend(FleetPause::default())
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    handle.backend().pause_until(start + ms(3000));
+    let first = spawn_call(&service, costs("c1")).await;
+    tokio::time::advance(ms(500)).await;
+    let second = spawn_call(&service, costs("c2")).await;
+    tokio::time::advance(ms(500)).await;
+    handle.backend().pause_until(start + ms(6000));
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    // Before, c2 went first: [c2 6000, c1 7000].
+    assert_eq!(
+        server.times_ms(start),
+        [("c1".into(), 6000), ("c2".into(), 7000)]
+    );
+    assert_eq!(handle.waiting(), 0);
+}
+
+/// A class request that passed its gate and waits at its account's (paced, one every 2 s)
+/// meets a pause there that another process began, and goes back to its class gate (one every
+/// 3 s), where a later class request already waits for its turn as the queue's head: the one
+/// that came back leads now, and the other steps back rather than asks at the same instant.
+/// With `max_queue` 2, two later class requests fill the class queue: the one coming back is
+/// no new arrival, and is not refused.
+async fn back_at_a_busy_class_gate(later: usize) -> Vec<(String, u128)> {
+    let server = Server::new();
+    let mut builder = GcraLayer::builder(Quota::per_second(0.5))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0 / 3.0))
+        .backend(FleetPause::default());
+    if later > 1 {
+        builder = builder.max_queue(later);
+    }
+    let layer = builder.build().unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    service
+        .clone()
+        .oneshot(request(Some("a"), "x0"))
+        .await
+        .unwrap();
+    // Passes its class gate, then waits for the account until 2 s.
+    let back = spawn_call(&service, costs("back")).await;
+    tokio::time::advance(ms(100)).await;
+    let mut calls = vec![back];
+    for i in 0..later {
+        // Each waits at the class gate (the first for 3 s, as its head).
+        calls.push(spawn_call(&service, costs(&format!("later{i}"))).await);
+    }
+    tokio::time::advance(ms(900)).await;
+    handle.backend().pause_until(start + ms(2500));
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(handle.waiting(), 0);
+    server.times_ms(start)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_class_request_back_from_its_account_leads_its_class_queue() {
+    // `back` asks its class gate again at 2.5 s (the pause's end) and is told 3 s, as is
+    // `later0` then: `later0` no longer leads, and lets it go first.
+    assert_eq!(
+        back_at_a_busy_class_gate(1).await,
+        [
+            ("x0".into(), 0),
+            ("back".into(), 3000),
+            ("later0".into(), 6000)
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_class_request_back_from_its_account_is_not_refused_by_a_full_class_queue() {
+    // Before, `back` failed with `QueueFull` when it came back at 2 s.
+    assert_eq!(
+        back_at_a_busy_class_gate(2).await,
+        [
+            ("x0".into(), 0),
+            ("back".into(), 3000),
+            ("later0".into(), 6000),
+            ("later1".into(), 9000)
+        ]
+    );
+}
+
+/// A quota change while a class request waits for its account's pause to end at its class
+/// gate does not end that wait: the request does not pass the gate during the pause (spending
+/// a turn of its class quota), and is sent when the pause ends, not a class turn later.
+#[tokio::test(start_paused = true)]
+async fn a_quota_change_during_a_class_requests_wait_for_a_pause_keeps_it_waiting() {
+    let server = Server::new();
+    server.script([Reply::throttled().header("retry-after", "5")]);
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    service
+        .clone()
+        .oneshot(request(Some("a"), "create"))
+        .await
+        .unwrap();
+    tokio::time::advance(ms(500)).await;
+    let cost = spawn_call(&service, costs("c1")).await;
+    tokio::time::advance(ms(4100)).await;
+    handle.set_quota(Quota::per_second(20.0)).unwrap();
+    cost.await.unwrap().unwrap();
+    // Before, c1 passed its gate at 4.6 s, met the pause again, and was sent at 5.6 s.
+    assert_eq!(
+        server.times_ms(start),
+        [("create".into(), 0), ("c1".into(), 5000)]
+    );
+}
