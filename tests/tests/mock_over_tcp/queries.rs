@@ -8,10 +8,12 @@ use crate::support::{client, send};
 
 #[tokio::test]
 async fn one_batch_query_reports_several_tasks_ending() {
+    // Tasks of 60 s at 100x: 0.6 s of real time, in which the three creates and the first
+    // query below must fit (it sees none ended): room for a stalled thread on a loaded machine.
     let config = MockConfig::preset(Preset::Pro)
         .no_rate_limit()
         .speed(100.0)
-        .task_duration(Duration::from_secs(30), Duration::from_secs(30));
+        .task_duration(Duration::from_secs(60), Duration::from_secs(60));
     let mock = MockServer::start(config).await.unwrap();
     let base = mock.base_url();
     let http = client();
@@ -42,7 +44,8 @@ async fn one_batch_query_reports_several_tasks_ending() {
     assert_eq!(outcome.tasks().len(), 3);
     assert!(outcome.tasks().iter().all(|t| !t.status.is_terminal()));
 
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    // The first query came after the last create: all three have ended 0.6 s later.
+    tokio::time::sleep(Duration::from_millis(650)).await;
     let (_, outcome) = send(&http, Method::GET, query, "k", "").await.unwrap();
     let ended: Vec<&str> = outcome
         .tasks()

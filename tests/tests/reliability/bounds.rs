@@ -21,7 +21,9 @@ use kling_tower::error::WebhookErrorKind;
 use kling_tower::webhook::WebhookVerifier;
 use tower::{Layer, ServiceExt, service_fn};
 
-/// An endless body of 1 KiB chunks that counts what was pulled from it.
+/// A body of 1 KiB chunks, 1 MiB in all, that counts what was pulled from it. Far past any
+/// limit here, and finite: a classify step that read on without a limit fails the test (a
+/// body of spaces is no JSON) instead of hanging it.
 struct Endless {
     pulled: Arc<AtomicUsize>,
 }
@@ -34,7 +36,9 @@ impl http_body::Body for Endless {
         self: Pin<&mut Self>,
         _: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.pulled.fetch_add(1024, Ordering::SeqCst);
+        if self.pulled.fetch_add(1024, Ordering::SeqCst) >= 1024 * 1024 {
+            return Poll::Ready(None);
+        }
         Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&[b' '; 1024])))))
     }
 }
@@ -148,8 +152,15 @@ async fn idle_rate_limit_keys_are_pruned() {
             .insert(AccountId::new(format!("acct-{i}")));
         service.clone().oneshot(request).await.unwrap();
     }
-    assert!(!handle.backend().is_empty(), "keys were tracked");
-    // Once every key's state has paid off, a sweep drops them all.
+    // Each key's request is paid off only a second from now: a sweep keeps them all (dropping
+    // one would forget its debt and let its next request through early)...
+    handle.backend().sweep();
+    assert_eq!(
+        handle.backend().len(),
+        1000,
+        "keys still paying off are kept"
+    );
+    // ...and once every key's state has paid off, a sweep drops them all.
     tokio::time::advance(Duration::from_secs(11 * 60)).await;
     handle.backend().sweep();
     assert_eq!(handle.backend().len(), 0);

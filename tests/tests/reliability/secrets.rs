@@ -170,43 +170,42 @@ async fn secrets_never_reach_logs_spans_metric_labels_or_errors() {
     let snapshotter = recorder.snapshotter();
     let _metrics = metrics::set_default_local_recorder(&recorder);
 
-    // The mock checks JWTs; its clock runs 1797 s ahead so tokens expire and are re-signed.
+    // The mock checks JWTs, and a fifth of its answers are 5xx (retried).
     let mock = MockKling::new(
         MockConfig::preset(Preset::Pro)
             .access_key(ACCESS_KEY, SECRET_KEY)
-            .clock_offset_secs(1797)
             .fault_rate(0.2)
             .seed(3),
     )
     .unwrap();
+    // Every token that leaves, so the test knows what must not show anywhere.
     let tokens: Arc<Mutex<Vec<String>>> = Arc::default();
-    let record = tokens.clone();
-    // Records every token that leaves, so the test knows what must not show anywhere.
-    let spy = service_fn(move |req: Request<Full<Bytes>>| {
-        if let Some(value) = req.headers().get("authorization") {
-            let token = value
-                .to_str()
-                .unwrap()
-                .trim_start_matches("Bearer ")
-                .to_owned();
-            record.lock().unwrap().push(token);
-        }
-        mock.clone().oneshot(req)
-    });
-    let client = BoxCloneService::new(ClassifyLayer::new().layer(spy));
     let mut opts = Opts::new(1.0);
     opts.credentials = Credentials::access_key(ACCESS_KEY, SECRET_KEY).unwrap();
     opts.max_attempts = 3;
-    let (svc, _handles) = support::stack(client, &opts);
+    let (svc, _handles) = support::stack(spied(mock, &tokens), &opts);
     let svc = BoxCloneService::new(MetricsLayer::new().layer(svc));
 
-    // And a second account whose secret is wrong: every answer is an auth failure.
+    // A second account whose secret is wrong: every answer is an auth failure.
     let wrong =
         MockKling::new(MockConfig::preset(Preset::Pro).access_key(ACCESS_KEY, "right")).unwrap();
     let mut wrong_opts = Opts::new(1.0);
     wrong_opts.credentials = Credentials::access_key(ACCESS_KEY, SECRET_KEY).unwrap();
-    let (wrong_svc, _) = support::stack(support::mock_client(wrong, 64 * 1024), &wrong_opts);
+    let (wrong_svc, _) = support::stack(spied(wrong, &tokens), &wrong_opts);
     let wrong_svc = BoxCloneService::new(MetricsLayer::new().layer(wrong_svc));
+
+    // A third whose clock is an hour ahead: every token it sees has expired (1004), so the
+    // auth layer signs each call's token afresh and sends it once more. (Token lifetimes run on
+    // the wall clock, which paused time does not stop: a mock only a little ahead would see no
+    // token expire in the few milliseconds this test takes.)
+    let expired = MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .access_key(ACCESS_KEY, SECRET_KEY)
+            .clock_offset_secs(3600),
+    )
+    .unwrap();
+    let (expired_svc, expired_handles) = support::stack(spied(expired, &tokens), &opts);
+    let expired_svc = BoxCloneService::new(MetricsLayer::new().layer(expired_svc));
 
     let mut texts = Vec::new();
     for i in 0..40 {
@@ -225,14 +224,21 @@ async fn secrets_never_reach_logs_spans_metric_labels_or_errors() {
             }
             Err(e) => texts.push(format!("{e} {e:?}")),
         }
-        let query = request(Method::GET, "/v1/videos/text2video/s-0", "");
-        if let Err(e) = wrong_svc.clone().oneshot(query).await {
-            texts.push(format!("{e} {e:?}"));
+        for service in [&wrong_svc, &expired_svc] {
+            let query = request(Method::GET, "/v1/videos/text2video/s-0", "");
+            if let Err(e) = service.clone().oneshot(query).await {
+                texts.push(format!("{e} {e:?}"));
+            }
         }
         tokio::time::advance(std::time::Duration::from_secs(2)).await;
     }
     let tokens = tokens.lock().unwrap().clone();
-    assert!(tokens.len() >= 40);
+    // The expired account's calls were each signed afresh after their 1004.
+    assert!(
+        expired_handles.auth.tokens_signed() >= 40,
+        "signed {} times",
+        expired_handles.auth.tokens_signed()
+    );
     let mut secrets = vec![SECRET_KEY.to_owned()];
     let mut distinct: Vec<&String> = tokens.iter().collect();
     distinct.sort();
@@ -247,10 +253,9 @@ async fn secrets_never_reach_logs_spans_metric_labels_or_errors() {
         secrets.push(token.clone());
     }
     let errors = texts.join("\n");
-    assert!(
-        errors.contains("kling error 100"),
-        "auth failures were seen: {errors}"
-    );
+    for code in ["kling error 1000", "kling error 1004"] {
+        assert!(errors.contains(code), "{code} was seen: {errors}");
+    }
     assert_clean("errors", &errors, &secrets);
     let logs = capture.text.lock().unwrap().clone();
     assert!(logs.contains("span"), "spans were recorded: {logs}");
@@ -265,6 +270,19 @@ async fn secrets_never_reach_logs_spans_metric_labels_or_errors() {
     }
     assert!(!labels.is_empty(), "metrics were recorded");
     assert_clean("metric labels", &labels, &secrets);
+}
+
+/// The classify step over `mock`, recording each token that goes out into `tokens`.
+fn spied(mock: MockKling, tokens: &Arc<Mutex<Vec<String>>>) -> support::Svc {
+    let record = tokens.clone();
+    let spy = service_fn(move |req: Request<Full<Bytes>>| {
+        if let Some(value) = req.headers().get("authorization") {
+            let token = value.to_str().unwrap().trim_start_matches("Bearer ");
+            record.lock().unwrap().push(token.to_owned());
+        }
+        mock.clone().oneshot(req)
+    });
+    BoxCloneService::new(ClassifyLayer::new().layer(spy))
 }
 
 #[tokio::test(start_paused = true)]
