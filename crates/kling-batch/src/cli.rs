@@ -13,7 +13,7 @@ use crate::app::{self, Listeners};
 use crate::callbacks::{self, CALLBACK_PATH};
 use crate::demo::{self, DemoOptions};
 use crate::download::DownloadTimeouts;
-use crate::error::{RunError, SetupError, shown};
+use crate::error::{RunError, SetupError, redacted_url};
 use crate::jobs::parse_jobs_bytes;
 use crate::journal::Journal;
 use crate::output::{check_writable, write_results};
@@ -61,7 +61,7 @@ pub enum Command {
 /// Its `Debug` shows neither the callback secret nor the Redis URL (which may hold a
 /// password): `<redacted>` stands for a value that is set. The base and callback URLs are
 /// shown without user info and query (`scheme://host[:port]/path`), which may hold a password
-/// or a token.
+/// or a token, and as `<redacted>` when they cannot be read as URLs.
 #[derive(Args)]
 pub struct RunArgs {
     /// The jobs: one JSON object per line (`prompt` and other create fields, optional `id`
@@ -147,12 +147,15 @@ impl std::fmt::Debug for RunArgs {
             .field("jobs", &self.jobs)
             .field("journal", &self.journal)
             .field("output", &self.output)
-            .field("base_url", &shown(&self.base_url))
+            .field("base_url", &redacted_url(&self.base_url))
             .field("tier", &self.tier)
             .field("config", &self.config)
             .field("speed", &self.speed)
             .field("callback_listen", &self.callback_listen)
-            .field("callback_url", &self.callback_url.as_deref().map(shown))
+            .field(
+                "callback_url",
+                &self.callback_url.as_deref().map(redacted_url),
+            )
             .field("callback_secret", &redacted(&self.callback_secret))
             .field("download", &self.download)
             .field("download_connect_timeout", &self.download_connect_timeout)
@@ -341,10 +344,10 @@ pub fn load_config(args: &RunArgs) -> Result<StackConfig, SetupError> {
 
 async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
     // Bytes, not a string: a line that is not UTF-8 is one malformed line, not a bad file.
-    let bytes = std::fs::read(&args.jobs).map_err(|e| {
+    // The file's bytes are freed once parsed: only the jobs are held while the run lasts.
+    let (jobs, errors) = parse_jobs_bytes(&std::fs::read(&args.jobs).map_err(|e| {
         SetupError::new("JOBS", format!("cannot read {}: {e}", args.jobs.display()))
-    })?;
-    let (jobs, errors) = parse_jobs_bytes(&bytes);
+    })?);
     for error in &errors {
         note(format_args!(
             "{}: {error}{}",
@@ -656,5 +659,24 @@ mod tests {
             panic!("a run")
         };
         assert_eq!(args.callback_secret.as_deref(), Some("whsec_TOPSECRET"));
+        // A URL that cannot be read as one is not shown at all.
+        let cli = Cli::try_parse_from([
+            "kling-batch",
+            "run",
+            "jobs.jsonl",
+            "--callback-listen",
+            "127.0.0.1:0",
+            "--callback-url",
+            "https://example.com/hooks kling?token=HOOKTOKEN",
+            "--base-url",
+            "https://proxy.example/kling?key=PROXY KEY",
+        ])
+        .unwrap();
+        let text = format!("{cli:?}");
+        assert!(
+            !text.contains("HOOKTOKEN") && !text.contains("PROXY KEY"),
+            "{text}"
+        );
+        assert!(text.contains("base_url: \"<redacted>\""), "{text}");
     }
 }

@@ -257,6 +257,16 @@ pub(crate) fn shown(what: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// A URL as a `Debug` output shows it: `scheme://host[:port]/path` (no user info, query or
+/// fragment, which may hold a password or a token), or `<redacted>` when it cannot be read as
+/// such a URL.
+pub(crate) fn redacted_url(url: &str) -> std::borrow::Cow<'_, str> {
+    match url.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme().is_some() && uri.host().is_some() => shown(url),
+        _ => "<redacted>".into(),
+    }
+}
+
 impl std::error::Error for DownloadError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&*self.source)

@@ -144,28 +144,33 @@ impl Subscriber for StderrSubscriber {
     fn exit(&self, _: &Id) {}
 }
 
+/// Tests: records the lines the subscriber would print instead of printing them.
+#[cfg(test)]
+pub(crate) struct Capture(pub(crate) std::sync::Arc<Mutex<Vec<String>>>);
+
+#[cfg(test)]
+impl Subscriber for Capture {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        StderrSubscriber::prints(metadata)
+    }
+    fn new_span(&self, _: &Attributes<'_>) -> Id {
+        Id::from_u64(1)
+    }
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+    fn event(&self, event: &Event<'_>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(format_event(event));
+    }
+    fn enter(&self, _: &Id) {}
+    fn exit(&self, _: &Id) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Records what the subscriber would print instead of printing it.
-    struct Capture(std::sync::Arc<Mutex<Vec<String>>>);
-
-    impl Subscriber for Capture {
-        fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-            StderrSubscriber::prints(metadata)
-        }
-        fn new_span(&self, _: &Attributes<'_>) -> Id {
-            Id::from_u64(1)
-        }
-        fn record(&self, _: &Id, _: &Record<'_>) {}
-        fn record_follows_from(&self, _: &Id, _: &Id) {}
-        fn event(&self, event: &Event<'_>) {
-            self.0.lock().unwrap().push(format_event(event));
-        }
-        fn enter(&self, _: &Id) {}
-        fn exit(&self, _: &Id) {}
-    }
 
     #[test]
     fn warnings_and_errors_are_printed_with_their_fields_and_the_rest_is_not() {

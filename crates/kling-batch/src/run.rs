@@ -32,11 +32,23 @@
 //!   tasks end in this run or a resumed run fetches what an earlier one left missing.
 //! - **Stop** (Ctrl-C): the stack's drain gate closes (no create leaves any more), creates in
 //!   flight get a short grace to be recorded, and the run ends; a later run picks up.
+//! - **A journal write that fails** once the run has begun sending (marking a create,
+//!   recording a task's end or a download's files) stops the run the same way, with
+//!   [`RunError::Sent`]: a run on the same journal looks up, follows or fetches what this one
+//!   could not record, and creates nothing twice.
+//! - **A panic** (a bug) in a job's create, follow or download is caught: one error on stderr,
+//!   and the job's error names it, the job kept where it stands (`creating`, `created`:
+//!   looked up or followed by the next run; one not yet sent is `not_submitted`), and the
+//!   other jobs go on.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -54,14 +66,17 @@ use tokio::time::Instant;
 use tower::ServiceExt as _;
 
 use crate::download::{self, DownloadTimeouts};
-use crate::error::{ChangedJobs, JournalError, RunError, SetupError};
+use crate::error::{ChangedJobs, JournalError, RunError, SetupError, redacted_url};
 use crate::jobs::Job;
 use crate::journal::{ErrorInfo, JobRecord, JobState, Journal, Update};
 use crate::progress::Progress;
 use crate::stack::{BatchService, Stack};
 
 /// What a run does besides creating and following.
-#[derive(Clone, Debug)]
+///
+/// Its `Debug` shows the callback URL as `scheme://host[:port]/path`: its user info and query
+/// may hold a password or a token (`<redacted>` when it is no URL that can be read).
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct RunOptions {
     /// The URL Kling posts task changes to (a listener must answer there).
@@ -76,6 +91,22 @@ pub struct RunOptions {
     pub follow: FollowPolicy,
     /// How long creates in flight may still finish after a stop.
     pub stop_grace: Duration,
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field(
+                "callback_url",
+                &self.callback_url.as_deref().map(redacted_url),
+            )
+            .field("download_dir", &self.download_dir)
+            .field("download_timeouts", &self.download_timeouts)
+            .field("max_downloads", &self.max_downloads)
+            .field("follow", &self.follow)
+            .field("stop_grace", &self.stop_grace)
+            .finish()
+    }
 }
 
 impl RunOptions {
@@ -153,7 +184,9 @@ pub struct RunReport {
 pub type StopSignal = watch::Receiver<bool>;
 
 /// One run of a batch. See the [module docs](self).
-#[derive(Debug)]
+///
+/// Its `Debug` shows the stack, the journal, the options (the callback URL without user info
+/// and query, see [`RunOptions`]), and the run's counts; not the tasks it follows.
 pub struct Engine {
     stack: Stack,
     journal: Journal,
@@ -172,6 +205,22 @@ pub struct Engine {
     download_client: std::sync::OnceLock<Result<kling_tower::client::HttpsClient, String>>,
     /// Turns to download: [`RunOptions::max_downloads`] jobs at a time.
     downloads: tokio::sync::Semaphore,
+    /// Tests: the (job, step) pairs that panic ([`Engine::test_panic`]).
+    #[cfg(test)]
+    test_panics: Mutex<Vec<(String, &'static str)>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("stack", &self.stack)
+            .field("journal", &self.journal)
+            .field("options", &self.options)
+            .field("progress", &self.progress)
+            .field("halted", &self.halted)
+            .field("creates", &self.creates)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -222,7 +271,23 @@ impl Engine {
             last_end: Mutex::new(None),
             download_client: std::sync::OnceLock::new(),
             downloads,
+            #[cfg(test)]
+            test_panics: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Tests: panics at `step` of job `job_id`, if the test asked for it: `create` (before the
+    /// job is marked `creating`), `send` (once it is, before the create is sent), `finish` (at
+    /// its follow's end), `download` (before its files are fetched).
+    #[cfg(test)]
+    fn test_panic(&self, job_id: &str, step: &str) {
+        let asked = self
+            .test_panics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(job, at)| job == job_id && *at == step);
+        assert!(!asked, "test panic at the {step} of {job_id}");
     }
 
     /// The live job counts.
@@ -259,8 +324,9 @@ impl Engine {
     /// [`RunError::Setup`] when the run is refused before it sends anything: a job edited
     /// under its id (with [`ChangedJobs`] in its text), or a journal that cannot be read or
     /// written at the start. [`RunError::Sent`] when a journal write fails once the run has
-    /// begun sending: the run stops at once (no create leaves after it), and a run on the same
-    /// journal looks up whatever this one may have created.
+    /// begun sending (a create's mark, a task's end, a download's files): the run stops at once
+    /// (no create leaves after it), and a run on the same journal looks up whatever this one
+    /// may have created, and follows or fetches what it could not record.
     pub async fn run(
         self: &Arc<Self>,
         jobs: &[Job],
@@ -396,7 +462,8 @@ impl Engine {
 
         let start = Instant::now();
         let (tx, mut rx) = mpsc::unbounded_channel::<Created>();
-        let mut follows: JoinSet<()> = JoinSet::new();
+        // Each ends in `Err` when the journal cannot record what it did.
+        let mut follows: JoinSet<Result<(), JournalError>> = JoinSet::new();
 
         // Tasks created by an earlier run.
         if !created.is_empty() {
@@ -415,34 +482,33 @@ impl Engine {
             // A follow each, as for the tasks this run creates: legacy tasks are queried on
             // their own schedules, new-style ones share batch queries.
             for (job_id, task) in refs {
-                let engine = self.clone();
-                follows.spawn(async move {
-                    let result = engine.follower.follow(task.clone()).await;
-                    engine.finish(&job_id, task.id(), result).await;
-                });
+                follows.spawn(self.clone().follow_to_end(job_id, task));
             }
         }
         // Each waits for its turn to download (`max_downloads` at a time).
         for (job, task, urls, recorded) in undownloaded {
             let engine = self.clone();
             let job_id = job.id.clone();
-            follows.spawn(async move { engine.download(&job_id, &task, &urls, &recorded).await });
+            follows.spawn(async move {
+                let downloaded = CatchPanic::new(engine.download(&job_id, &task, &urls, &recorded));
+                match downloaded.await {
+                    Ok(recorded) => recorded,
+                    Err(panic) => {
+                        engine.after_panic(&job_id, "the download of the job's files", &panic)
+                    }
+                }
+            });
         }
 
-        // Creators: one per pool, one create in flight each.
-        let mut pools: BTreeMap<String, Vec<Job>> = BTreeMap::new();
+        // Creators: one per pool, one create in flight each. They borrow the jobs (a job is
+        // held once however large the file), so they run in this task rather than spawned.
+        let mut pools: BTreeMap<String, Vec<&Job>> = BTreeMap::new();
         for job in queued {
-            pools
-                .entry(job.pool().to_string())
-                .or_default()
-                .push(job.clone());
+            pools.entry(job.pool().to_string()).or_default().push(job);
         }
-        let mut creators: JoinSet<Result<(), JournalError>> = JoinSet::new();
+        let mut creators = Together::default();
         for (_, jobs) in pools {
-            let engine = self.clone();
-            let tx = tx.clone();
-            let stop = stop.clone();
-            creators.spawn(async move { engine.create_all(jobs, tx, stop).await });
+            creators.push(self.create_all(jobs, tx.clone(), stop.clone()));
         }
         drop(tx);
 
@@ -458,23 +524,27 @@ impl Engine {
             tokio::select! {
                 created = rx.recv(), if channel_open => match created {
                     Some(created) => {
-                        let engine = self.clone();
-                        follows.spawn(async move {
-                            let result = engine.follower.follow(created.task.clone()).await;
-                            engine.finish(&created.job_id, created.task.id(), result).await;
-                        });
+                        follows.spawn(self.clone().follow_to_end(created.job_id, created.task));
                     }
                     None => channel_open = false,
                 },
-                done = creators.join_next(), if !creators_done => match done {
-                    Some(Ok(Err(e))) => {
+                done = creators.next(), if !creators_done => match done {
+                    Some(Err(e)) => {
                         tracing::error!(error = %e, "journal write failed; the run stops");
                         journal_error.get_or_insert(e);
                     }
-                    Some(_) => {}
+                    Some(Ok(())) => {}
                     None => creators_done = true,
                 },
-                Some(_) = follows.join_next(), if !follows.is_empty() => {}
+                Some(done) = follows.join_next(), if !follows.is_empty() => match done {
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "journal write failed; the run stops");
+                        journal_error.get_or_insert(e);
+                    }
+                    Ok(Ok(())) => {}
+                    // Each follow catches its own panic (`follow_to_end`); never aborted here.
+                    Err(e) => tracing::error!(error = %e, "a follow ended abnormally"),
+                },
                 changed = stop.changed(), if !interrupted && !stop_closed => {
                     if changed.is_err() {
                         // Nobody can stop this run any more: run to the end.
@@ -494,16 +564,16 @@ impl Engine {
                 loop {
                     tokio::select! {
                         () = &mut grace => break,
-                        done = creators.join_next() => match done {
-                            Some(Ok(Err(e))) => {
+                        done = creators.next() => match done {
+                            Some(Err(e)) => {
                                 journal_error.get_or_insert(e);
                             }
-                            Some(_) => {}
+                            Some(Ok(())) => {}
                             None => break,
                         },
                     }
                 }
-                creators.abort_all();
+                drop(creators);
                 follows.abort_all();
                 break;
             }
@@ -642,46 +712,143 @@ impl Engine {
             .get_or_insert(info);
     }
 
+    /// Creates a pool's `jobs` one after the other. A job whose create panics is recorded as
+    /// such ([`after_panic`](Self::after_panic)) and the next one goes on.
     async fn create_all(
-        self: Arc<Self>,
-        jobs: Vec<Job>,
+        &self,
+        jobs: Vec<&Job>,
         tx: mpsc::UnboundedSender<Created>,
         stop: StopSignal,
     ) -> Result<(), JournalError> {
         for job in jobs {
-            if *stop.borrow() {
-                let info = ErrorInfo::new(0, "not submitted: the run was stopped", None);
-                self.move_to(
-                    &job.id,
-                    JobState::Queued,
-                    JobState::NotSubmitted,
-                    Update::error(info),
-                )?;
-                continue;
+            match CatchPanic::new(self.create_next(job, &tx, &stop)).await {
+                Ok(created) => created?,
+                Err(panic) => self.after_panic(&job.id, "the job's create", &panic)?,
             }
-            if self.halted.load(Ordering::SeqCst) {
-                let cause = self
-                    .halt_reason
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone()
-                    .unwrap_or_default();
-                let info = ErrorInfo::new(
-                    cause.code,
-                    format!("not submitted: creates stopped after {}", cause.message),
-                    cause.request_id,
-                );
-                self.move_to(
-                    &job.id,
-                    JobState::Queued,
-                    JobState::NotSubmitted,
-                    Update::error(info),
-                )?;
-                continue;
-            }
-            self.create_one(&job, &tx).await?;
         }
         Ok(())
+    }
+
+    /// Creates `job`, unless the run was stopped or halted.
+    async fn create_next(
+        &self,
+        job: &Job,
+        tx: &mpsc::UnboundedSender<Created>,
+        stop: &StopSignal,
+    ) -> Result<(), JournalError> {
+        if *stop.borrow() {
+            let info = ErrorInfo::new(0, "not submitted: the run was stopped", None);
+            return self.move_to(
+                &job.id,
+                JobState::Queued,
+                JobState::NotSubmitted,
+                Update::error(info),
+            );
+        }
+        if self.halted.load(Ordering::SeqCst) {
+            let cause = self
+                .halt_reason
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_default();
+            let info = ErrorInfo::new(
+                cause.code,
+                format!("not submitted: creates stopped after {}", cause.message),
+                cause.request_id,
+            );
+            return self.move_to(
+                &job.id,
+                JobState::Queued,
+                JobState::NotSubmitted,
+                Update::error(info),
+            );
+        }
+        self.create_one(job, tx).await
+    }
+
+    /// Follows `task` of job `job_id` to its end and records it. A panic on the way is
+    /// recorded as such ([`after_panic`](Self::after_panic)).
+    async fn follow_to_end(
+        self: Arc<Self>,
+        job_id: String,
+        task: TaskRef,
+    ) -> Result<(), JournalError> {
+        let followed = CatchPanic::new(async {
+            let result = self.follower.follow(task.clone()).await;
+            self.finish(&job_id, task.id(), result).await
+        });
+        match followed.await {
+            Ok(recorded) => recorded,
+            Err(panic) => self.after_panic(&job_id, "the follow of the job's task", &panic),
+        }
+    }
+
+    /// Records that `what` of job `job_id` panicked (a bug of kling-batch), so that the job is
+    /// never left as it was without a word: one error on stderr, and the job's error in the
+    /// journal and the results, by where the job stands.
+    ///
+    /// - `queued` (nothing sent): `not_submitted`, and the next run sends it.
+    /// - `creating` (the create may have been sent) and `created`: kept so, the next run looks
+    ///   the create up or follows the task. Never `failed`: a task that may run and be billed
+    ///   is never given up.
+    /// - `succeeded` with `--download`: the files count as missing, and the next run fetches
+    ///   them.
+    fn after_panic(&self, job_id: &str, what: &str, panic: &str) -> Result<(), JournalError> {
+        tracing::error!(
+            job = %job_id,
+            panic = %panic,
+            "kling-batch panicked during {what} (a bug: please report it); the other jobs go on"
+        );
+        let Some(record) = self.journal.record(job_id)? else {
+            return Ok(());
+        };
+        let message = |then: &str| {
+            format!("kling-batch panicked during {what} (a bug: please report it): {panic}; {then}")
+        };
+        match record.state {
+            JobState::Queued => self.move_to(
+                job_id,
+                JobState::Queued,
+                JobState::NotSubmitted,
+                Update::error(ErrorInfo::new(
+                    0,
+                    message("not sent; a later run sends it"),
+                    None,
+                )),
+            ),
+            JobState::Creating => self.journal.transition(
+                job_id,
+                JobState::Creating,
+                Update::error(ErrorInfo::new(
+                    0,
+                    message("the create may have been sent; a later run looks it up"),
+                    None,
+                )),
+            ),
+            JobState::Created => self.journal.transition(
+                job_id,
+                JobState::Created,
+                Update::error(ErrorInfo::new(
+                    0,
+                    message("the task may still run; a later run follows it"),
+                    None,
+                )),
+            ),
+            JobState::Succeeded if self.options.download_dir.is_some() => self.journal.transition(
+                job_id,
+                JobState::Succeeded,
+                Update {
+                    download_error: Some(Some(ErrorInfo::new(
+                        0,
+                        message("a later run fetches the files missing"),
+                        None,
+                    ))),
+                    ..Update::default()
+                },
+            ),
+            JobState::Succeeded | JobState::Failed | JobState::NotSubmitted => Ok(()),
+        }
     }
 
     async fn create_one(
@@ -689,6 +856,8 @@ impl Engine {
         job: &Job,
         tx: &mpsc::UnboundedSender<Created>,
     ) -> Result<(), JournalError> {
+        #[cfg(test)]
+        self.test_panic(&job.id, "create");
         // The recorded external id: a job that took over an old journal's row keeps its own.
         let external_id = match self.journal.record(&job.id)? {
             Some(record) => record.external_id,
@@ -700,6 +869,8 @@ impl Engine {
             JobState::Creating,
             Update::default(),
         )?;
+        #[cfg(test)]
+        self.test_panic(&job.id, "send");
         let body = job.create_body(&external_id, self.options.callback_url.as_deref());
         let request = Request::post(job.endpoint.as_str())
             .header(http::header::CONTENT_TYPE, "application/json")
@@ -797,7 +968,16 @@ impl Engine {
         Ok(())
     }
 
-    async fn finish(&self, job_id: &str, task_id: &str, result: Result<TaskReport, FollowError>) {
+    /// Records the end of a follow. `Err` when the journal cannot record it: the job stays
+    /// `created` (or `succeeded` without its files), and the run stops.
+    async fn finish(
+        &self,
+        job_id: &str,
+        task_id: &str,
+        result: Result<TaskReport, FollowError>,
+    ) -> Result<(), JournalError> {
+        #[cfg(test)]
+        self.test_panic(job_id, "finish");
         let running = self
             .tasks
             .lock()
@@ -812,19 +992,16 @@ impl Engine {
                 .entry(running.pool.clone())
                 .or_default() += now.duration_since(running.created).as_secs_f64();
         }
-        let outcome = match result {
+        match result {
             Ok(report) if report.status == TaskStatus::Succeeded => {
                 let update = Update {
                     status: Some(report.status.as_str().to_owned()),
                     urls: Some(report.urls.clone()),
                     ..Update::default()
                 };
-                let moved = self.move_to(job_id, JobState::Created, JobState::Succeeded, update);
                 self.ended(now);
-                if moved.is_ok() {
-                    self.download(job_id, task_id, &report.urls, &[]).await;
-                }
-                moved
+                self.move_to(job_id, JobState::Created, JobState::Succeeded, update)?;
+                self.download(job_id, task_id, &report.urls, &[]).await
             }
             Ok(report) => {
                 let message = report
@@ -877,9 +1054,6 @@ impl Engine {
                 };
                 self.journal.transition(job_id, JobState::Created, update)
             }
-        };
-        if let Err(e) = outcome {
-            tracing::error!(job = %job_id, error = %e, "journal write failed");
         }
     }
 
@@ -891,13 +1065,23 @@ impl Engine {
     }
 
     /// Fetches a task's result files; `recorded`: the files the journal has for it already.
-    async fn download(&self, job_id: &str, task_id: &str, urls: &[String], recorded: &[String]) {
+    /// `Err` when the journal cannot record them: the files stay on disk, a later run records
+    /// them, and the run stops.
+    async fn download(
+        &self,
+        job_id: &str,
+        task_id: &str,
+        urls: &[String],
+        recorded: &[String],
+    ) -> Result<(), JournalError> {
         let Some(dir) = &self.options.download_dir else {
-            return;
+            return Ok(());
         };
+        #[cfg(test)]
+        self.test_panic(job_id, "download");
         // A turn among the `max_downloads`; the semaphore is never closed.
         let Ok(_turn) = self.downloads.acquire().await else {
-            return;
+            return Ok(());
         };
         let timeouts = self.options.download_timeouts;
         let client = self.download_client.get_or_init(|| {
@@ -923,9 +1107,7 @@ impl Engine {
                 ..Update::default()
             },
         };
-        if let Err(e) = self.journal.transition(job_id, JobState::Succeeded, update) {
-            tracing::error!(job = %job_id, error = %e, "journal write failed");
-        }
+        self.journal.transition(job_id, JobState::Succeeded, update)
     }
 
     /// A task report from a callback. `trusted` (the signature was verified): the report
@@ -963,6 +1145,88 @@ impl Engine {
         {
             self.follower.deliver(found.clone());
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A future whose panic is caught and handed back as its message, so that the job it
+    /// served is recorded as such rather than left as it was without a word.
+    struct CatchPanic<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F> CatchPanic<F> {
+    fn new(inner: F) -> Self {
+        CatchPanic { inner }
+    }
+}
+
+impl<F: Future> Future for CatchPanic<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.project().inner;
+        // Never polled again once it panicked: the `Err` ends it.
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(payload) => Poll::Ready(Err(panic_message(&*payload))),
+        }
+    }
+}
+
+/// The message a panic was given.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic without a message".to_owned()
+    }
+}
+
+/// Futures run together in the task that polls them: they may borrow from it (the creators
+/// borrow the jobs, which are then never copied), unlike spawned ones.
+struct Together<'a, T> {
+    futures: Vec<Pin<Box<dyn Future<Output = T> + Send + 'a>>>,
+}
+
+impl<T> Default for Together<'_, T> {
+    fn default() -> Self {
+        Together {
+            futures: Vec::new(),
+        }
+    }
+}
+
+impl<'a, T> Together<'a, T> {
+    fn push(&mut self, future: impl Future<Output = T> + Send + 'a) {
+        self.futures.push(Box::pin(future));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.futures.is_empty()
+    }
+
+    /// The output of the next future to end; `None` when none is left. Cancel-safe: an output
+    /// is taken only when it is returned.
+    async fn next(&mut self) -> Option<T> {
+        std::future::poll_fn(|cx| {
+            if self.futures.is_empty() {
+                return Poll::Ready(None);
+            }
+            for index in 0..self.futures.len() {
+                if let Poll::Ready(output) = self.futures[index].as_mut().poll(cx) {
+                    drop(self.futures.swap_remove(index));
+                    return Poll::Ready(Some(output));
+                }
+            }
+            Poll::Pending
+        })
+        .await
     }
 }
 
@@ -1160,7 +1424,7 @@ mod tests {
             RunOptions::new(default_follow_policy(1.0)),
         )
         .unwrap();
-        engine.finish("cat", task_id, result).await;
+        engine.finish("cat", task_id, result).await.unwrap();
         let record = journal.record("cat").unwrap().unwrap();
         (journal, record)
     }
@@ -1247,6 +1511,131 @@ mod tests {
         )
         .await;
         assert_eq!(found.unwrap().unwrap().id, "860000000000000001");
+    }
+
+    /// The callback URL's user info, query and fragment (a password, a token) never show in
+    /// the `Debug` of the options or of the engine, which a library user may log: the URL is
+    /// shown as `scheme://host[:port]/path`, and one that cannot be read as `<redacted>`.
+    #[test]
+    fn the_debug_of_options_and_engine_shows_no_secret_of_the_callback_url() {
+        let cases = [
+            (
+                "https://hook:HOOKPASSWORD@cb.example:8443/hooks/kling?token=HOOKTOKEN",
+                "\"https://cb.example:8443/hooks/kling\"",
+            ),
+            (
+                "https://cb.example/hooks/kling#HOOKTOKEN",
+                "\"https://cb.example/hooks/kling\"",
+            ),
+            ("https://cb.example/hooks/kling?t=HOOK TOKEN", "<redacted>"),
+            ("HOOKTOKEN", "<redacted>"),
+        ];
+        for (url, expected) in cases {
+            let options = RunOptions::new(default_follow_policy(1.0)).callback_url(url);
+            let stack = Stack::new(
+                StackConfig::preset(Tier::Pro),
+                Credentials::api_key("APIKEYSECRET").unwrap(),
+                "http://127.0.0.1:9",
+            )
+            .unwrap();
+            let engine =
+                Engine::new(stack, Journal::open_in_memory().unwrap(), options.clone()).unwrap();
+            for text in [format!("{options:?}"), format!("{engine:?}")] {
+                for secret in ["HOOKPASSWORD", "HOOKTOKEN", "APIKEYSECRET"] {
+                    assert!(!text.contains(secret), "{secret}: {text}");
+                }
+                assert!(text.contains(expected), "{expected}: {text}");
+            }
+            assert_eq!(options.callback_url.as_deref(), Some(url), "kept whole");
+        }
+    }
+
+    /// A job's create, follow or download that panics (a bug) is reported on stderr and in
+    /// the job's error, by where the job stands, and the other jobs go on, those of its pool
+    /// included: a panicked create task left its job and every later job of its pool `queued`,
+    /// and the run exited 1 without a word. A rerun finishes every job, creating none twice.
+    #[tokio::test]
+    async fn a_panic_in_a_jobs_create_follow_or_download_is_reported_and_the_rest_go_on() {
+        let server = kling_mock::MockServer::start(MockConfig::preset(Preset::Pro).speed(1000.0))
+            .await
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("kling-batch-panics-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let stack = || {
+            Stack::new(
+                StackConfig::preset(Tier::Pro).speed(1000.0).headroom(0.5),
+                Credentials::api_key("key").unwrap(),
+                &server.base_url(),
+            )
+            .unwrap()
+        };
+        let options = || RunOptions::new(default_follow_policy(1000.0)).download_dir(dir.clone());
+        let (jobs, _) = parse_jobs(
+            &["a", "b", "c", "d", "e"]
+                .map(|id| format!("{{\"id\":\"{id}\",\"prompt\":\"{id}\"}}\n"))
+                .concat(),
+        );
+        let journal = Journal::open_in_memory().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let capture = tracing::subscriber::set_default(crate::log::Capture(lines.clone()));
+        let engine = Engine::new(stack(), journal.clone(), options()).unwrap();
+        engine.test_panics.lock().unwrap().extend([
+            ("b".to_owned(), "create"),
+            ("c".to_owned(), "send"),
+            ("d".to_owned(), "finish"),
+            ("e".to_owned(), "download"),
+        ]);
+        let (_stop, stop) = watch::channel(false);
+        let report = engine.run(&jobs, stop.clone()).await.unwrap();
+        drop(capture);
+
+        let record = |id: &str| report.records.iter().find(|r| r.job_id == id).unwrap();
+        let error = |id: &str| {
+            let record = record(id);
+            let error = record.error.as_ref().or(record.download_error.as_ref());
+            let message = error.map(|e| e.message.clone()).unwrap_or_default();
+            assert!(
+                message.contains("kling-batch panicked")
+                    && message.contains("test panic at the ")
+                    && message.contains(&format!(" of {id}")),
+                "{id}: {record:?}"
+            );
+            message
+        };
+        assert_eq!(record("a").state, JobState::Succeeded, "the others go on");
+        assert_eq!(record("a").files.len(), 1);
+        assert_eq!(record("b").state, JobState::NotSubmitted);
+        assert!(error("b").contains("a later run sends it"));
+        assert_eq!(record("c").state, JobState::Creating);
+        assert!(error("c").contains("a later run looks it up"));
+        assert_eq!(record("d").state, JobState::Created);
+        assert!(error("d").contains("a later run follows it"));
+        assert_eq!(record("e").state, JobState::Succeeded);
+        assert!(record("e").files.is_empty());
+        assert!(error("e").contains("a later run fetches the files missing"));
+        let lines = lines.lock().unwrap().clone();
+        for id in ["b", "c", "d", "e"] {
+            assert!(
+                lines.iter().any(
+                    |l| l.starts_with("kling-batch: error: kling-batch panicked")
+                        && l.contains(&format!("job={id}"))
+                ),
+                "{id}: {lines:?}"
+            );
+        }
+        assert_eq!(server.stats().tasks_created, 3, "b and c were never sent");
+
+        let engine = Engine::new(stack(), journal, options()).unwrap();
+        let report = engine.run(&jobs, stop).await.unwrap();
+        for record in &report.records {
+            assert_eq!(record.state, JobState::Succeeded, "{record:?}");
+            assert_eq!(record.files.len(), 1, "{record:?}");
+            assert!(record.download_error.is_none(), "{record:?}");
+        }
+        let stats = server.stats();
+        assert_eq!(stats.tasks_created, 5, "{stats:?}");
+        assert_eq!(stats.duplicate_external_ids, 0, "{stats:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test(start_paused = true)]

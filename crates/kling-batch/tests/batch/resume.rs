@@ -503,3 +503,85 @@ async fn a_journal_that_fails_after_creates_were_sent_exits_3_and_a_rerun_create
     assert_eq!(stats.duplicate_external_ids, 0, "{stats:?}");
     assert_eq!(in_state(&results(&out), "succeeded").len(), 21);
 }
+
+/// A journal write that fails while a task's end or its downloaded files are recorded (a full
+/// disk) stops the run with status 3 and says what to do, as one that fails at a create does:
+/// it was only logged, the run went on creating, and exited 1 with the job shown `created`
+/// (or its files missing) and no word that the journal could not keep up. Each rerun on the
+/// same journal, the cause gone, follows the task again or records the file already on disk,
+/// and none creates a task twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_that_fails_at_a_tasks_end_or_its_files_exits_3_and_a_rerun_finishes() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("journal-fails-at-end");
+    let jobs = write_jobs(&dir, 8);
+    let journal = dir.join("journal.sqlite");
+    let out = dir.join("out.jsonl");
+    let files = dir.join("files");
+    let args = [
+        "--journal",
+        journal.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--download",
+        files.to_str().unwrap(),
+        "--json",
+    ];
+    let sql = |sql: &str| {
+        let db = rusqlite::Connection::open(&journal).unwrap();
+        db.execute_batch(sql).unwrap();
+    };
+    let state = |job: &str| {
+        Journal::open(&journal)
+            .unwrap()
+            .record(job)
+            .unwrap()
+            .unwrap()
+    };
+    let stopped_by_the_journal = |output: &std::process::Output| {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(3), "{stderr}");
+        assert!(stderr.contains("disk full (test)"), "{stderr}");
+        assert!(stderr.contains("run again on the same journal"), "{stderr}");
+        assert!(stderr.contains(journal.to_str().unwrap()), "{stderr}");
+    };
+    drop(Journal::open(&journal).unwrap());
+
+    // A task's end cannot be recorded.
+    sql("CREATE TRIGGER fail_end BEFORE UPDATE ON jobs \
+         WHEN NEW.state = 'succeeded' AND NEW.job_id = 'job-3' \
+         BEGIN SELECT RAISE(ABORT, 'disk full (test)'); END;");
+    let first = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    stopped_by_the_journal(&first);
+    assert_eq!(state("job-3").state, JobState::Created);
+
+    // Its files cannot be recorded.
+    sql("DROP TRIGGER fail_end; \
+         CREATE TRIGGER fail_files BEFORE UPDATE ON jobs \
+         WHEN NEW.files <> OLD.files AND NEW.job_id = 'job-3' \
+         BEGIN SELECT RAISE(ABORT, 'disk full (test)'); END;");
+    let second = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    stopped_by_the_journal(&second);
+    let record = state("job-3");
+    assert_eq!(record.state, JobState::Succeeded);
+    assert!(record.files.is_empty(), "{record:?}");
+
+    sql("DROP TRIGGER fail_files;");
+    let third = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    assert_eq!(
+        third.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&third.stderr)
+    );
+    let lines = results(&out);
+    assert_eq!(in_state(&lines, "succeeded").len(), 8);
+    for line in &lines {
+        let files = line["files"].as_array().unwrap();
+        assert_eq!(files.len(), 1, "{line}");
+        assert!(std::path::Path::new(files[0].as_str().unwrap()).exists());
+    }
+    let stats = server.stats();
+    assert_eq!(stats.tasks_created, 8, "{stats:?}");
+    assert_eq!(stats.duplicate_external_ids, 0, "{stats:?}");
+}
