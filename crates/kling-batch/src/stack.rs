@@ -24,7 +24,7 @@
 //! `retry_max_attempts`.
 //!
 //! The account's limits live in this process ([`Stack::new`]) or, with feature `redis`, in a
-//! Redis every run of the account shares ([`Stack::shared`]): several `kling-batch` runs, or a
+//! Redis every run of the account shares (`Stack::shared`): several `kling-batch` runs, or a
 //! run beside a service, then never together exceed the account's slots or rate.
 
 use std::sync::Arc;

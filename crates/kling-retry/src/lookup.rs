@@ -32,7 +32,7 @@ pub struct Recovered {
     pub task_id: String,
 }
 
-/// What an answer to a lookup of a create by its external id says ([`read_lookup`]).
+/// What an answer to a lookup of a create by its external id says ([`read_lookup`](crate::read_lookup)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Lookup {

@@ -10,7 +10,7 @@
 //! fails with [`UnknownAccount`] and is never sent.
 //!
 //! A fleet of gateways shares each account's limits through Redis (feature `redis`): build
-//! every account's stack with [`KlingBuilder::shared`](crate::KlingBuilder::shared), and the
+//! every account's stack with `KlingBuilder::shared`, and the
 //! gateway is a `GatewayLayer<backends::Redis>`, each account keyed by its [`AccountId`]. Every
 //! gateway of the fleet must then give an account the same name: two names are two sets of
 //! limits in Redis.
@@ -92,7 +92,7 @@ use crate::stack::{Kling, KlingBuilder, KlingLayer};
 
 /// Collects the accounts of a [`GatewayLayer`]. Every account's stack keeps its limits where
 /// `B` says ([`StackBackends`]): in this process by default, or in Redis for a fleet of
-/// gateways (each account's builder made with [`KlingBuilder::shared`], feature `redis`).
+/// gateways (each account's builder made with `KlingBuilder::shared`, feature `redis`).
 #[must_use]
 pub struct GatewayBuilder<B = InProcess> {
     accounts: Vec<(AccountId, KlingBuilder<B>)>,
