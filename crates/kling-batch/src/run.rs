@@ -45,13 +45,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
 use http::Request;
 use http_body_util::Full;
 use kling_concurrency::Reconcile;
@@ -490,7 +491,7 @@ impl Engine {
             let engine = self.clone();
             let job_id = job.id.clone();
             follows.spawn(async move {
-                let downloaded = CatchPanic::new(engine.download(&job_id, &task, &urls, &recorded));
+                let downloaded = caught(engine.download(&job_id, &task, &urls, &recorded));
                 match downloaded.await {
                     Ok(recorded) => recorded,
                     Err(panic) => {
@@ -506,7 +507,7 @@ impl Engine {
         for job in queued {
             pools.entry(job.pool().to_string()).or_default().push(job);
         }
-        let mut creators = Together::default();
+        let mut creators = FuturesUnordered::new();
         for (_, jobs) in pools {
             creators.push(self.create_all(jobs, tx.clone(), stop.clone()));
         }
@@ -721,7 +722,7 @@ impl Engine {
         stop: StopSignal,
     ) -> Result<(), JournalError> {
         for job in jobs {
-            match CatchPanic::new(self.create_next(job, &tx, &stop)).await {
+            match caught(self.create_next(job, &tx, &stop)).await {
                 Ok(created) => created?,
                 Err(panic) => self.after_panic(&job.id, "the job's create", &panic)?,
             }
@@ -774,7 +775,7 @@ impl Engine {
         job_id: String,
         task: TaskRef,
     ) -> Result<(), JournalError> {
-        let followed = CatchPanic::new(async {
+        let followed = caught(async {
             let result = self.follower.follow(task.clone()).await;
             self.finish(&job_id, task.id(), result).await
         });
@@ -1148,33 +1149,13 @@ impl Engine {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A future whose panic is caught and handed back as its message, so that the job it
-    /// served is recorded as such rather than left as it was without a word.
-    struct CatchPanic<F> {
-        #[pin]
-        inner: F,
-    }
-}
-
-impl<F> CatchPanic<F> {
-    fn new(inner: F) -> Self {
-        CatchPanic { inner }
-    }
-}
-
-impl<F: Future> Future for CatchPanic<F> {
-    type Output = Result<F::Output, String>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let inner = self.project().inner;
-        // Never polled again once it panicked: the `Err` ends it.
-        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
-            Ok(Poll::Pending) => Poll::Pending,
-            Err(payload) => Poll::Ready(Err(panic_message(&*payload))),
-        }
-    }
+/// `future`, with a panic caught and handed back as its message, so that the job it served is
+/// recorded as such rather than left as it was without a word.
+async fn caught<T>(future: impl Future<Output = T>) -> Result<T, String> {
+    AssertUnwindSafe(future)
+        .catch_unwind()
+        .await
+        .map_err(|payload| panic_message(&*payload))
 }
 
 /// The message a panic was given.
@@ -1185,48 +1166,6 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         text.clone()
     } else {
         "a panic without a message".to_owned()
-    }
-}
-
-/// Futures run together in the task that polls them: they may borrow from it (the creators
-/// borrow the jobs, which are then never copied), unlike spawned ones.
-struct Together<'a, T> {
-    futures: Vec<Pin<Box<dyn Future<Output = T> + Send + 'a>>>,
-}
-
-impl<T> Default for Together<'_, T> {
-    fn default() -> Self {
-        Together {
-            futures: Vec::new(),
-        }
-    }
-}
-
-impl<'a, T> Together<'a, T> {
-    fn push(&mut self, future: impl Future<Output = T> + Send + 'a) {
-        self.futures.push(Box::pin(future));
-    }
-
-    fn is_empty(&self) -> bool {
-        self.futures.is_empty()
-    }
-
-    /// The output of the next future to end; `None` when none is left. Cancel-safe: an output
-    /// is taken only when it is returned.
-    async fn next(&mut self) -> Option<T> {
-        std::future::poll_fn(|cx| {
-            if self.futures.is_empty() {
-                return Poll::Ready(None);
-            }
-            for index in 0..self.futures.len() {
-                if let Poll::Ready(output) = self.futures[index].as_mut().poll(cx) {
-                    drop(self.futures.swap_remove(index));
-                    return Poll::Ready(Some(output));
-                }
-            }
-            Poll::Pending
-        })
-        .await
     }
 }
 
