@@ -3,13 +3,12 @@
 //! label.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{OnceLock, PoisonError, RwLock};
+use std::sync::OnceLock;
 
 use kling_core::intern::BoundedLabels;
 use kling_core::metrics::{
-    MODEL_LABEL_MAX_LEN, MODEL_POOL_LABELS, is_model_pool_label, known_model_pool_label,
-    model_pool_label, other_model_label,
+    MODEL_LABEL_MAX_LEN, MODEL_POOL_LABELS, known_model_pool_label, model_pool_label,
+    other_model_label,
 };
 use kling_core::{Code, Product, RequestKind, TaskStatus};
 use metrics::{Counter, Histogram, Key, Label, Metadata, SharedString};
@@ -261,66 +260,26 @@ pub(crate) fn pool(pool: PoolRef<'_>) -> Value {
     }
 }
 
-/// The model pools known here to have a place in [`model_pool_label`]'s table, with their
-/// label and place: those an answer showed to exist, which this layer gives a place only then
-/// (at most [`MODEL_POOL_LABELS`]), and once the table is full those given a place by another
-/// layer (the task slots). A create's model is in its path, caller input: interned when the
-/// call starts, mistyped models answered 1203 (or refused in this process) took the places of
-/// real ones for the process's life, in this crate's series and in the slot gauges'.
-static SHOWN: RwLock<Vec<(&'static str, usize)>> = RwLock::new(Vec::new());
-
-/// Set once this layer found [`model_pool_label`]'s table full (a shown pool given no place,
-/// or the last place given): a model not known here yet is then looked up there at once
-/// ([`named_if_known`]), which gives no place any more.
-static SHOWN_FULL: AtomicBool = AtomicBool::new(false);
-
-/// A model pool's label when the call starts: its name if an answer showed the pool before;
-/// once the table is full, its name if it has a place there (given by the task slots, say),
-/// else `{product}:other`; else the pool unconfirmed until its answer ([`settle_pool`]; the
-/// only case that allocates).
+/// A model pool's label when the call starts: its name if it has a place in
+/// [`model_pool_label`]'s table (given when an answer of this layer showed the pool exists, or
+/// by the task slots when they granted a create its slots), else the pool unconfirmed until
+/// its answer ([`settle_pool`]; the only case that allocates). A create's model is in its path,
+/// caller input: a place is taken only for a pool an answer showed to exist, so mistyped models
+/// answered 1203 (or refused in this process) do not take the places of real ones for the
+/// process's life, in this crate's series and in the slot gauges'.
 fn model_pool(product: Product, model: &str) -> Value {
     // A model named `other` is the overflow (see `model_pool_label`).
     if model.len() > MODEL_LABEL_MAX_LEN || model == "other" {
         return other_model_pool(product);
     }
-    {
-        let shown = SHOWN.read().unwrap_or_else(PoisonError::into_inner);
-        if let Some(&(label, at)) = shown
-            .iter()
-            .find(|(label, _)| is_model_pool_label(label, product, model))
-        {
-            return Value::fixed(label, FIXED_POOLS + OTHER_POOLS + at);
-        }
-        // Every place known here: no other model has one.
-        if shown.len() == MODEL_POOL_LABELS {
-            return other_model_pool(product);
-        }
-    }
-    if SHOWN_FULL.load(Ordering::Relaxed) {
-        return named_if_known(product, model);
-    }
-    unconfirmed_pool(product, model)
-}
-
-/// A model pool's label by the place [`model_pool_label`]'s table gave it before, by this
-/// layer or another (the task slots give one when they grant a create its slots, before any
-/// answer), kept here for later calls; else `{product}:other`. Looked up without taking a
-/// place ([`known_model_pool_label`]: a read lock).
-#[cold]
-#[inline(never)]
-fn named_if_known(product: Product, model: &str) -> Value {
     match known_model_pool_label(product, model) {
         Some((label, at)) => named(label, at),
-        None => other_model_pool(product),
+        None => unconfirmed_pool(product, model),
     }
 }
 
-/// A model pool's label at its place `at` in [`model_pool_label`]'s table, kept in [`SHOWN`].
+/// A model pool's label at its place `at` in [`model_pool_label`]'s table.
 fn named(label: &'static str, at: usize) -> Value {
-    let mut known = SHOWN.write().unwrap_or_else(PoisonError::into_inner);
-    if !known.iter().any(|&(_, place)| place == at) {
-        known.push((label, at));
-    }
     Value::fixed(label, FIXED_POOLS + OTHER_POOLS + at)
 }
 
@@ -346,8 +305,8 @@ fn other_model_pool(product: Product) -> Value {
 
 /// Settles a call's pool label once its answer is known: a model pool unconfirmed when the
 /// call started ([`pool`]) gets its own label when `shown` (the answer shows the pool exists:
-/// see `Call::settle_pool`); else, once the table is full, the place another layer gave it,
-/// if any; else `{product}:other`. Any other label is left as it is.
+/// see `Call::settle_pool`), a place being taken for it if one is free; else the place another
+/// layer gave it meanwhile, if any; else `{product}:other`. Any other label is left as it is.
 #[inline]
 pub(crate) fn settle_pool(pool: &mut Value, shown: impl FnOnce() -> bool) {
     // Only an unconfirmed model pool's label is built text.
@@ -368,22 +327,19 @@ fn settled_pool(text: &str, shown: bool) -> Value {
     else {
         return Value::built(text.to_owned());
     };
-    if !shown {
-        // Not shown: a place given before (by the task slots, say) is its label, as the slot
-        // gauges'; a model nobody gave one takes none here.
-        return named_if_known(product, model);
-    }
-    match model_pool_label(product, model) {
-        (label, Some(at)) => {
-            if at + 1 == MODEL_POOL_LABELS {
-                SHOWN_FULL.store(true, Ordering::Relaxed);
-            }
-            named(label, at)
+    // Not shown: a place given before (by the task slots, say) is its label, as the slot
+    // gauges'; a model nobody gave one takes none here.
+    let place = if shown {
+        match model_pool_label(product, model) {
+            (label, Some(at)) => Some((label, at)),
+            (_, None) => None,
         }
-        (_, None) => {
-            SHOWN_FULL.store(true, Ordering::Relaxed);
-            other_model_pool(product)
-        }
+    } else {
+        known_model_pool_label(product, model)
+    };
+    match place {
+        Some((label, at)) => named(label, at),
+        None => other_model_pool(product),
     }
 }
 
