@@ -424,8 +424,10 @@ fn failed(outcome: &Outcome, status: StatusCode) {
         target: "kling_metrics",
         code = outcome.code().as_i64(),
         http_status = status.as_u16(),
-        // The upstream's text: a gateway may quote the credential it refused.
-        message = %RedactedText(outcome.message()),
+        // The upstream's text: a gateway may quote the credential it refused. Not `message`:
+        // that is the event's own ("kling call failed"), and a second field of the same name
+        // came out as a duplicate key in JSON logs.
+        kling_message = %RedactedText(outcome.message()),
         request_id = outcome.request_id(),
         "kling call failed"
     );
