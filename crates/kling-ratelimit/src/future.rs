@@ -207,7 +207,7 @@ impl<Bk: Backend> Gate<Bk> {
         let Some(at) = paused_until() else {
             return Ok(false);
         };
-        self.step = self.back_to_class(cx, shared, request, account_key, class_key, at)?;
+        self.back_to_class(cx, shared, request, account_key, class_key, at)?;
         Ok(true)
     }
 
@@ -227,7 +227,7 @@ impl<Bk: Backend> Gate<Bk> {
         account_key: &BucketKey,
         class_key: BucketKey,
         at: Instant,
-    ) -> Result<Step<Bk::AcquireFuture>, BoxError> {
+    ) -> Result<(), BoxError> {
         self.give_up(shared, account_key);
         // Ahead of the class requests that came after it passed the gate: it keeps its turn.
         let queues = &shared.queues;
@@ -240,21 +240,24 @@ impl<Bk: Backend> Gate<Bk> {
         });
         self.class_key = Some(class_key);
         if ticket.is_head {
-            self.at_head(shared, request, account_key)
+            self.at_head(cx, shared, request, account_key)
         } else {
-            Ok(Step::Queued)
+            self.step = Step::Queued;
+            Ok(())
         }
     }
 
-    /// The step of a request at the head of its queue: it asks the gate, unless it waits at
-    /// its class gate while its account is paused ([`Gate::back_to_class`]), when it sleeps
-    /// until the pause ends (or fails at once if that is past its limit).
+    /// The step of a request at the head of its queue: it asks the gate
+    /// ([`Gate::ask_step`]), unless it waits at its class gate while its account is paused
+    /// ([`Gate::back_to_class`]), when it sleeps until the pause ends (or fails at once if
+    /// that is past its limit).
     fn at_head<B>(
         &mut self,
+        cx: &Context<'_>,
         shared: &Shared<Bk>,
         request: &Request<B>,
         account_key: &BucketKey,
-    ) -> Result<Step<Bk::AcquireFuture>, BoxError> {
+    ) -> Result<(), BoxError> {
         // (The clock is read only when a pause is noted: none is for an account's queue.)
         let paused = self
             .class_key
@@ -263,7 +266,7 @@ impl<Bk: Backend> Gate<Bk> {
             .map(|at| (at, Instant::now()))
             .filter(|(at, now)| at > now);
         let Some((at, now)) = paused else {
-            return Ok(Step::Acquiring(self.ask(shared, account_key)));
+            return self.ask_step(cx, shared, request, account_key);
         };
         self.start_waiting(shared, request, now);
         if let Some((limit, why)) = self.limit
@@ -279,12 +282,102 @@ impl<Bk: Backend> Gate<Bk> {
             )));
         }
         if !self.lead(shared, at, true) {
-            return Ok(Step::Queued);
+            self.step = Step::Queued;
+            return Ok(());
         }
         self.sleep_until(at);
         // Slept out unless the quota changes meanwhile (see `Step::Sleeping`).
         self.epoch = shared.epoch.load(Ordering::Acquire);
-        Ok(Step::Sleeping)
+        self.step = Step::Sleeping;
+        Ok(())
+    }
+
+    /// Asks the gate now: the backend, unless this is a class request at its account's gate
+    /// whose class sent a request through the gate less than its quota allows before now
+    /// ([`Queues::class_send_at`](crate::queue::Queues::class_send_at)). It then waits as if
+    /// the account had said "not before" the class's next send, keeping its place in the
+    /// account's queue: the class quota holds at the send, for requests that waited unequally
+    /// at the account gate after passing the class gate a turn apart.
+    fn ask_step<B>(
+        &mut self,
+        cx: &Context<'_>,
+        shared: &Shared<Bk>,
+        request: &Request<B>,
+        account_key: &BucketKey,
+    ) -> Result<(), BoxError> {
+        if shared.queues.keeps_class_sends()
+            && let Some(class_key) = self.passed_class(shared, request, account_key)
+        {
+            let quota = shared.policy_for(&class_key).quota;
+            let now = Instant::now();
+            if let Some(at) = shared.queues.class_send_at(&class_key, quota, now) {
+                // A quota change wakes it to look again (see `Step::Sleeping`).
+                self.epoch = shared.epoch.load(Ordering::Acquire);
+                return self.not_before(cx, shared, request, account_key, now, at, false);
+            }
+        }
+        self.step = Step::Acquiring(self.ask(shared, account_key));
+        Ok(())
+    }
+
+    /// A class request sent after passing its class gate: the class's send is noted for
+    /// [`Gate::ask_step`].
+    fn note_sent<B>(&self, shared: &Shared<Bk>, request: &Request<B>, account_key: &BucketKey) {
+        if let Some(class_key) = self.passed_class(shared, request, account_key) {
+            let quota = shared.policy_for(&class_key).quota;
+            shared
+                .queues
+                .note_class_sent(&class_key, quota, Instant::now());
+        }
+    }
+
+    /// The key allows no request before `at` (a pause when `cooldown`), as the backend or the
+    /// class's record of sends ([`Gate::ask_step`]) said at `now`: the request fails (reject
+    /// mode, or past its limit), goes back to its class gate (a class request at a paused
+    /// account), or waits in the key's queue, sleeping until `at` when it leads it.
+    #[allow(clippy::too_many_arguments)]
+    fn not_before<B>(
+        &mut self,
+        cx: &Context<'_>,
+        shared: &Shared<Bk>,
+        request: &Request<B>,
+        account_key: &BucketKey,
+        now: Instant,
+        at: Instant,
+        cooldown: bool,
+    ) -> Result<(), BoxError> {
+        if shared.mode == Mode::Reject {
+            return Err(Box::new(RateLimited::new(at, now, cooldown)));
+        }
+        self.start_waiting(shared, request, now);
+        if let Some((limit, why)) = self.limit
+            && at > limit
+        {
+            return Err(Box::new(WaitExceeded::new(
+                at,
+                now,
+                why,
+                false,
+                cooldown,
+                account_key.account_id().cloned(),
+            )));
+        }
+        let paused = || cooldown.then_some(at);
+        if self.went_back_to_class(cx, shared, request, account_key, paused)? {
+            return Ok(());
+        }
+        if self.place.is_none() && !self.join(cx, shared, account_key)? {
+            // Others queued meanwhile: wait for our turn behind them.
+            self.step = Step::Queued;
+            return Ok(());
+        }
+        if !self.lead(shared, at, cooldown) {
+            self.step = Step::Queued;
+            return Ok(());
+        }
+        self.sleep_until(at);
+        self.step = Step::Sleeping;
+        Ok(())
     }
 
     /// Notes the head's "not before" for those behind it; false when this request no longer
@@ -324,7 +417,7 @@ impl<Bk: Backend> Gate<Bk> {
             match &mut self.step {
                 Step::Start => {
                     if shared.mode == Mode::Reject || shared.queues.is_idle() {
-                        self.step = Step::Acquiring(self.ask(shared, account_key));
+                        self.ask_step(cx, shared, request, account_key)?;
                     } else {
                         let now = Instant::now();
                         self.start_waiting(shared, request, now);
@@ -337,62 +430,29 @@ impl<Bk: Backend> Gate<Bk> {
                         if self.went_back_to_class(cx, shared, request, account_key, head_paused)? {
                             continue;
                         }
-                        self.step = if self.join(cx, shared, account_key)? {
-                            self.at_head(shared, request, account_key)?
+                        if self.join(cx, shared, account_key)? {
+                            self.at_head(cx, shared, request, account_key)?;
                         } else {
-                            Step::Queued
-                        };
-                    }
-                }
-                Step::Acquiring(future) => {
-                    match ready!(Pin::new(future).poll(cx))? {
-                        Decision::Admit => {
-                            if self.passed() {
-                                return Poll::Ready(Ok(()));
-                            }
-                        }
-                        Decision::NotBefore { at, cooldown } => {
-                            let now = Instant::now();
-                            if shared.mode == Mode::Reject {
-                                return Poll::Ready(Err(Box::new(RateLimited::new(
-                                    at, now, cooldown,
-                                ))));
-                            }
-                            self.start_waiting(shared, request, now);
-                            if let Some((limit, why)) = self.limit
-                                && at > limit
-                            {
-                                return Poll::Ready(Err(Box::new(WaitExceeded::new(
-                                    at,
-                                    now,
-                                    why,
-                                    false,
-                                    cooldown,
-                                    account_key.account_id().cloned(),
-                                ))));
-                            }
-                            let paused = || cooldown.then_some(at);
-                            if self.went_back_to_class(cx, shared, request, account_key, paused)? {
-                                continue;
-                            }
-                            if self.place.is_none() && !self.join(cx, shared, account_key)? {
-                                // Others queued meanwhile: wait for our turn behind them.
-                                self.step = Step::Queued;
-                                continue;
-                            }
-                            if !self.lead(shared, at, cooldown) {
-                                self.step = Step::Queued;
-                                continue;
-                            }
-                            self.sleep_until(at);
-                            self.step = Step::Sleeping;
+                            self.step = Step::Queued;
                         }
                     }
                 }
+                Step::Acquiring(future) => match ready!(Pin::new(future).poll(cx))? {
+                    Decision::Admit => {
+                        if self.passed() {
+                            self.note_sent(shared, request, account_key);
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                    Decision::NotBefore { at, cooldown } => {
+                        let now = Instant::now();
+                        self.not_before(cx, shared, request, account_key, now, at, cooldown)?;
+                    }
+                },
                 Step::Queued => {
                     let place = self.place.as_ref().expect("a queued request holds a place");
                     match shared.queues.poll_head(&place.key, place.id, cx.waker()) {
-                        Ok(_) => self.step = self.at_head(shared, request, account_key)?,
+                        Ok(_) => self.at_head(cx, shared, request, account_key)?,
                         Err(hint) => {
                             let Some((limit, why)) = self.limit else {
                                 return Poll::Pending;
@@ -437,7 +497,7 @@ impl<Bk: Backend> Gate<Bk> {
                     }
                     // Through `at_head`: a quota change does not end a class head's wait for
                     // its account's pause.
-                    self.step = self.at_head(shared, request, account_key)?;
+                    self.at_head(cx, shared, request, account_key)?;
                 }
             }
         }

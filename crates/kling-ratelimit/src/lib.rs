@@ -44,13 +44,21 @@
 //!   account (e.g. `/account/costs` at one per second): such a request passes its class
 //!   quota, then its account's. A request that passes its class gate and then finds its
 //!   account paused (a 1302 or a `Retry-After`: it asks, or the account queue's head waits one
-//!   out) goes back to its class gate, whose requests ask no sooner than the pause's end, so
-//!   they are sent spaced by the class quota after it rather than all at once (each spends
-//!   one more turn of the class quota). It goes back ahead of the class requests that came
-//!   after it passed the gate, so class requests keep their order. The class quota still spaces the requests passing its
-//!   gate, not their sending, in two cases: a request is sent up to one account turn after
-//!   passing (one per 100 ms at ten a second), and ones already queued at the account gate
-//!   when a pause begins, or behind a long queue there, are sent as the account admits them.
+//!   out) goes back to its class gate, whose requests ask no sooner than the pause's end
+//!   (each spends one more turn of the class quota there, so one that passed the gate less
+//!   than a class turn before the pause ends is sent up to that turn later than the quota
+//!   alone requires: the price of a store several processes share seeing the class's
+//!   requests again after the pause). It goes back ahead of the class requests that came
+//!   after it passed the gate, so class requests keep their order. The class quota also
+//!   holds when the requests are sent: a class request that waited at its account's gate
+//!   (behind a queue, or one already queued there when a pause began) is sent no sooner than
+//!   the class quota allows after the class's requests this process sent before, and waits
+//!   for that at the head of the account's queue, keeping its place. (That record is this
+//!   process's; across processes sharing a store the class gate spaces passing, not sending.)
+//!   In reject mode a class request the account refuses has spent its class turn: no
+//!   [`Backend`] method gives a turn back, and asking the account first would spend an
+//!   account turn instead, which every request of the account needs; the next class request
+//!   may be refused for up to one class turn it did not use.
 //!   Idle keys are dropped, so keyed state stays bounded.
 //! - **Wait mode** (default): requests of a key are served first come, first served through a
 //!   per-key queue in which only the head asks the backend; a dropped request gives its place

@@ -8,7 +8,7 @@
 //! came back from a paused account ([`Queues::enqueue_returned`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 
@@ -17,6 +17,8 @@ use kling_core::waitlist::{Removed, WaitList, Waiter};
 use tokio::time::Instant;
 
 use crate::backend::BucketKey;
+use crate::policy::later;
+use crate::quota::Quota;
 
 /// The size of one waiter's record in the queue.
 pub(crate) const WAITER_RECORD_BYTES: usize = std::mem::size_of::<Waiter<()>>();
@@ -98,6 +100,14 @@ pub(crate) struct Queues {
     map: Mutex<HashMap<BucketKey, Queue>>,
     /// Waiters over all keys: zero lets a request skip the queues entirely.
     waiting: AtomicUsize,
+    /// For each class key one of whose requests was sent through the gate lately: the GCRA
+    /// theoretical arrival time of its next send, under the class quota
+    /// ([`Queues::class_send_at`]). Kept while in the future (dropped lazily).
+    class_sends: Mutex<HashMap<BucketKey, Instant>>,
+    /// Whether `class_sends` may hold a record: a class request admitted in `call` asks
+    /// [`Queues::class_send_at`] only then, so a layer whose class requests never wait takes
+    /// no lock for it.
+    class_sends_kept: AtomicBool,
 }
 
 impl Queues {
@@ -109,6 +119,68 @@ impl Queues {
     #[inline]
     pub(crate) fn is_idle(&self) -> bool {
         self.waiting.load(Ordering::Acquire) == 0
+    }
+
+    /// Whether a class request's send may have to wait for its class's record
+    /// ([`Queues::class_send_at`]): false while no class request was sent through the gate
+    /// lately.
+    #[inline]
+    pub(crate) fn keeps_class_sends(&self) -> bool {
+        self.class_sends_kept.load(Ordering::Acquire)
+    }
+
+    /// When a request of class key `key` may be sent, if not at `now`: the class quota
+    /// applied to the instants this process sent the class's requests through the gate
+    /// ([`Queues::note_class_sent`]), so that requests that passed the class gate a turn apart
+    /// and then waited unequally at the account gate (a pause there, or a queue that shrank)
+    /// are still sent a turn apart. Records already past are dropped.
+    pub(crate) fn class_send_at(
+        &self,
+        key: &BucketKey,
+        quota: Quota,
+        now: Instant,
+    ) -> Option<Instant> {
+        let mut sends = self
+            .class_sends
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(tat) = sends.get(key).copied().filter(|tat| *tat > now) else {
+            // No record binds this key: the ones past their time go, and with the last one
+            // the requests admitted in `call` stop asking.
+            sends.retain(|_, tat| *tat > now);
+            if sends.is_empty() {
+                self.class_sends_kept.store(false, Ordering::Release);
+            }
+            return None;
+        };
+        // GCRA: the next send may come `burst - 1` periods before the theoretical time.
+        let tolerance = quota
+            .period()
+            .checked_mul(quota.burst().saturating_sub(1))
+            .unwrap_or(std::time::Duration::MAX);
+        tat.checked_sub(tolerance).filter(|at| *at > now)
+    }
+
+    /// A request of class key `key` was sent at `now` through the gate: the record
+    /// [`Queues::class_send_at`] reads. Records past their time are dropped there, and here
+    /// when the table reaches a power of two past 64, so it holds about the class keys sent
+    /// lately.
+    pub(crate) fn note_class_sent(&self, key: &BucketKey, quota: Quota, now: Instant) {
+        let mut sends = self
+            .class_sends
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let tat = match sends.get_mut(key) {
+            Some(tat) => tat,
+            None => {
+                if sends.len() >= 64 && sends.len().is_power_of_two() {
+                    sends.retain(|_, tat| *tat > now);
+                }
+                sends.entry(key.clone()).or_insert(now)
+            }
+        };
+        *tat = later((*tat).max(now), quota.period());
+        self.class_sends_kept.store(true, Ordering::Release);
     }
 
     /// Requests waiting over all keys.
@@ -460,6 +532,37 @@ mod tests {
         assert!(queues.leave(&key, behind.id), "the last one");
         assert_eq!(queues.waiting(), 0);
         assert_eq!(queues.reserved_bytes(), 0, "the queue is dropped");
+    }
+
+    /// The record of a class's sends is GCRA on the send instants: a burst of two lets the
+    /// second go at once and the third a period after the first; a record past its time is
+    /// dropped, and with the last one the flag that makes `call` ask falls.
+    #[test]
+    fn class_sends_follow_the_class_quota_and_expire() {
+        let queues = Queues::default();
+        let key = BucketKey::class(None, kling_core::RequestKind::Account);
+        let quota = Quota::per_second(1.0).with_burst(2);
+        let t = Instant::now();
+        assert!(!queues.keeps_class_sends());
+        assert_eq!(queues.class_send_at(&key, quota, t), None);
+        queues.note_class_sent(&key, quota, t);
+        assert!(queues.keeps_class_sends());
+        assert_eq!(
+            queues.class_send_at(&key, quota, t),
+            None,
+            "the burst's second"
+        );
+        queues.note_class_sent(&key, quota, t);
+        let second = std::time::Duration::from_secs(1);
+        assert_eq!(queues.class_send_at(&key, quota, t), Some(t + second));
+        assert_eq!(
+            queues.class_send_at(&key, Quota::per_second(1.0), t),
+            Some(t + 2 * second)
+        );
+        assert_eq!(queues.class_send_at(&key, quota, t + second), None);
+        assert!(queues.keeps_class_sends(), "still binds a burst-1 quota");
+        assert_eq!(queues.class_send_at(&key, quota, t + 2 * second), None);
+        assert!(!queues.keeps_class_sends(), "dropped");
     }
 
     /// Behind a head that never moves, requests that give up leave no more tombstones than

@@ -84,6 +84,18 @@ macro_rules! respond {
             // or (on any other answer) through the gate without the class.
             if let Some(key) = &class_key {
                 match ResponseFuture::<S, B, Bk>::direct(shared, key, &shared.policy_for(key)) {
+                    // Sent through the gate while the class keeps a record of its sends (one
+                    // went late): the gate holds the send until the class quota allows it.
+                    Direct::Admitted(_) if shared.queues.keeps_class_sends() => {
+                        return ResponseFuture::gated(
+                            lane,
+                            account_key,
+                            None,
+                            None,
+                            &mut gcra.inner,
+                            $request,
+                        );
+                    }
                     Direct::Admitted(_) => class_key = None,
                     Direct::Failed(error) => {
                         return ResponseFuture::failed(lane, account_key, error);

@@ -223,3 +223,88 @@ async fn a_quota_change_during_a_class_requests_wait_for_a_pause_keeps_it_waitin
         [("create".into(), 0), ("c1".into(), 5000)]
     );
 }
+
+/// Account ten a second, `/account/costs` one a second; thirty creates queue at the account
+/// gate at 0 s, then two costs requests pass their class gate (at 0 s and 1 s) and queue behind
+/// them, and a create follows them. With `pause`, another process pauses the account from
+/// 1.5 s to 3.5 s while both costs requests are queued at its gate. When each reached the
+/// server: the creates' last, the costs', the late create's.
+async fn costs_queued_at_the_account_gate(pause: bool) -> (u128, Vec<u128>, u128) {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .backend(FleetPause::default())
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..30 {
+        calls.push(spawn_call(&service, request(Some("a"), &format!("create{i}"))).await);
+    }
+    calls.push(spawn_call(&service, costs("k0")).await);
+    calls.push(spawn_call(&service, costs("k1")).await);
+    tokio::time::sleep(ms(1100)).await;
+    calls.push(spawn_call(&service, request(Some("a"), "late")).await);
+    if pause {
+        tokio::time::sleep(ms(400)).await;
+        handle.backend().pause_until(start + ms(3500));
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(handle.waiting(), 0);
+    let times = server.times_ms(start);
+    let at = |tag: &str| times.iter().find(|(t, _)| t == tag).unwrap().1;
+    (at("create29"), vec![at("k0"), at("k1")], at("late"))
+}
+
+/// Two costs requests queued at the account gate when a pause begins are sent a class turn
+/// apart after it, not one account turn apart; the create behind them keeps its place.
+#[tokio::test(start_paused = true)]
+async fn class_requests_queued_at_the_account_gate_when_a_pause_begins_keep_their_quota() {
+    // Before: (4900, [5000, 5100], 5200).
+    assert_eq!(
+        costs_queued_at_the_account_gate(true).await,
+        (4900, vec![5000, 6000], 6100)
+    );
+}
+
+/// The same behind a long queue at the account gate, without a pause.
+#[tokio::test(start_paused = true)]
+async fn class_requests_queued_behind_a_long_account_queue_keep_their_quota() {
+    // Before: (2900, [3000, 3100], 3200).
+    assert_eq!(
+        costs_queued_at_the_account_gate(false).await,
+        (2900, vec![3000, 4000], 4100)
+    );
+}
+
+/// A costs request sent late (it passed its class gate at 0 s and waited behind creates at the
+/// account gate until 0.9 s), and the next one asked when nothing queues, at 1 s: its class gate
+/// admits it at once, but it is sent a class turn after the first was, not 0.1 s after.
+#[tokio::test(start_paused = true)]
+async fn a_class_request_asked_when_nothing_queues_keeps_its_quota_after_a_late_one() {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..9 {
+        calls.push(spawn_call(&service, request(Some("a"), &format!("create{i}"))).await);
+    }
+    calls.push(spawn_call(&service, costs("k0")).await);
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    tokio::time::advance(ms(1000) - start.elapsed()).await;
+    assert_eq!(layer.handle().waiting(), 0);
+    service.clone().oneshot(costs("k1")).await.unwrap();
+    let times = server.times_ms(start);
+    // Before: k1 at 1000.
+    assert_eq!(&times[9..], [("k0".into(), 900), ("k1".into(), 1900)]);
+}

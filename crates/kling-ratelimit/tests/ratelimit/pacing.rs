@@ -384,10 +384,11 @@ async fn costs_during_a_pause(create_first: bool) -> (Vec<u128>, u128) {
 #[tokio::test(start_paused = true)]
 async fn class_requests_that_meet_an_account_pause_pass_their_gate_again_after_it() {
     // The first cost passes its class gate at 5000 ms and waits one account turn behind
-    // `create1`, which came to the account's gate first (at 4000 ms, its queue empty).
+    // `create1`, which came to the account's gate first (at 4000 ms, its queue empty); the
+    // others are sent a class turn after it (before, at 6000 ms: 900 ms after it).
     assert_eq!(
         costs_during_a_pause(false).await,
-        (vec![5100, 6000, 7000, 8000], 5000)
+        (vec![5100, 6100, 7100, 8100], 5000)
     );
 }
 
@@ -397,7 +398,7 @@ async fn class_requests_that_meet_an_account_pause_pass_their_gate_again_after_i
 async fn class_requests_behind_an_account_waiting_out_a_pause_pass_their_gate_again_after_it() {
     assert_eq!(
         costs_during_a_pause(true).await,
-        (vec![5100, 6000, 7000, 8000], 5000)
+        (vec![5100, 6100, 7100, 8100], 5000)
     );
 }
 
