@@ -51,10 +51,16 @@ impl DelayKind {
 ///
 /// With a `Retry-After` hint `h` (either form), the delay counts from the response's arrival
 /// and is drawn from `[min(h, max_retry_after), min(h, max_retry_after) + retry_after_jitter]`:
-/// jitter only upward, so a retry is never early (unless the hint is over `max_retry_after`,
-/// which caps what a proxy can make a client wait; the default is 2 minutes). The retry layer
-/// raises `h` to the kind's floor first ([`RetryLayer`](crate::RetryLayer): a `Retry-After: 0`
-/// on a `1302` still waits a second, plus the jitter).
+/// jitter only upward, so a retry is never early. The retry layer never sends sooner than `h`:
+/// a hint over `max_retry_after` (which caps what a proxy can make a client wait; the default
+/// is 2 minutes) ends the call ([`StopReason::RetryAfterTooLong`]), as does one that ends at or
+/// past the call's deadline ([`DeadlineExceeded`]); jitter that would carry a retry to the
+/// deadline is dropped. It raises `h` to the kind's floor first ([`RetryLayer`]: a
+/// `Retry-After: 0` on a `1302` still waits a second, plus the jitter).
+///
+/// [`StopReason::RetryAfterTooLong`]: crate::error::StopReason::RetryAfterTooLong
+/// [`DeadlineExceeded`]: crate::error::DeadlineExceeded
+/// [`RetryLayer`]: crate::RetryLayer
 ///
 /// Every duration must be positive; `max_backoff` (30 s) caps the exponential part.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,7 +117,9 @@ impl Backoff {
         self
     }
 
-    /// Sets the longest `Retry-After` followed; longer hints are clamped to it.
+    /// Sets the longest `Retry-After` the retry layer waits out; a longer one ends the call with
+    /// [`StopReason::RetryAfterTooLong`](crate::error::StopReason::RetryAfterTooLong) instead
+    /// of a retry sooner than the server asked. ([`hint_bounds`](Self::hint_bounds) clamps.)
     pub fn max_retry_after(mut self, max: Duration) -> Self {
         self.max_retry_after = max;
         self
@@ -180,6 +188,11 @@ impl Backoff {
     pub fn delay(&self, kind: DelayKind, retry: u32, rng: &dyn RandomSource) -> Duration {
         let (low, high) = self.bounds(kind, retry);
         pick(low, high, rng)
+    }
+
+    /// The longest `Retry-After` the retry layer waits out.
+    pub(crate) fn retry_after_limit(&self) -> Duration {
+        self.max_retry_after
     }
 
     /// The inclusive range a delay after a `Retry-After` of `hint` is drawn from.

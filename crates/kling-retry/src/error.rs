@@ -50,6 +50,11 @@ pub enum StopReason {
     /// (`GET {create path}/{id}`, or `GET /tasks?external_task_ids={id}`) before doing anything
     /// else; if you send the create again, send it with that same id, never without it.
     CreateUnresolved,
+    /// The last answer's `Retry-After` asked for a longer wait than
+    /// [`Backoff::max_retry_after`](crate::Backoff::max_retry_after) allows: the layer neither
+    /// waits that long nor sends the request sooner than the server asked. Send it again no
+    /// sooner than [`Failed::retry_after`].
+    RetryAfterTooLong,
 }
 
 impl fmt::Display for StopReason {
@@ -63,6 +68,9 @@ impl fmt::Display for StopReason {
             }
             StopReason::CreateUnresolved => {
                 "create may have made a task that no lookup by its external id has ruled out"
+            }
+            StopReason::RetryAfterTooLong => {
+                "the server asked to wait longer than this layer waits"
             }
         })
     }
@@ -176,6 +184,8 @@ pub struct Failed {
     tally: Tally,
     attempts: Attempts,
     external_id: Option<String>,
+    /// With [`StopReason::RetryAfterTooLong`]: the wait asked for and the longest allowed.
+    too_long: Option<(Duration, Duration)>,
 }
 
 impl Failed {
@@ -189,7 +199,14 @@ impl Failed {
             tally,
             attempts: Attempts::new(tally.attempts, unresolved, last.into_box()),
             external_id: None,
+            too_long: None,
         }
+    }
+
+    /// The same error, naming the wait asked for and the longest allowed.
+    pub(crate) fn with_too_long(mut self, too_long: Option<(Duration, Duration)>) -> Self {
+        self.too_long = too_long;
+        self
     }
 
     /// The same error, naming the create's external id.
@@ -255,10 +272,16 @@ impl fmt::Display for ExternalId<'_> {
 
 impl fmt::Display for Failed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.reason)?;
+        if let Some((asked, limit)) = self.too_long {
+            write!(
+                f,
+                " (Retry-After {asked:?}, longer than max_retry_after {limit:?})"
+            )?;
+        }
         write!(
             f,
-            "{}{} {}: {}",
-            self.reason,
+            "{} {}: {}",
             ExternalId(self.external_id()),
             self.tally,
             self.attempts.last()
@@ -286,6 +309,10 @@ pub struct DeadlineExceeded {
     resume_at: Instant,
     deadline: Instant,
     retry_after: Duration,
+    /// Time left before the deadline when the call ended.
+    left: Duration,
+    /// The server's `Retry-After`, when it asked for the wait that passed the deadline.
+    asked: Option<Duration>,
     tally: Tally,
     attempts: Attempts,
     external_id: Option<String>,
@@ -305,10 +332,24 @@ impl DeadlineExceeded {
             resume_at,
             deadline,
             retry_after: resume_at.saturating_duration_since(now),
+            left: deadline.saturating_duration_since(now),
+            asked: None,
             tally,
             attempts: Attempts::new(tally.attempts, unresolved, last.into_box()),
             external_id,
         }
+    }
+
+    /// The same error, naming the server's `Retry-After` that asked for the wait.
+    pub(crate) fn with_asked(mut self, asked: Option<Duration>) -> Self {
+        self.asked = asked;
+        self
+    }
+
+    /// The wait the last answer's `Retry-After` asked for, when that wait (not this layer's
+    /// backoff) is what would have passed the deadline.
+    pub fn asked(&self) -> Option<Duration> {
+        self.asked
     }
 
     /// Whether a create carrying [`external_id`](Self::external_id) may have made a billed
@@ -345,7 +386,14 @@ impl DeadlineExceeded {
 
 impl fmt::Display for DeadlineExceeded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.retry_after.is_zero() {
+        if let Some(asked) = self.asked {
+            write!(
+                f,
+                "the server asked to wait {asked:?} (Retry-After), longer than the {:?} left \
+                 before the deadline",
+                self.left
+            )?;
+        } else if self.retry_after.is_zero() {
             // Ended at the deadline itself: an attempt still out there, or one the service
             // below was not ready to take.
             f.write_str("deadline reached before the call could end")?;

@@ -13,7 +13,9 @@ use http_body_util::Full;
 use kling_core::error::{ApiError, BoxError, MalformedResponse};
 use kling_core::metrics::{LABEL_KIND, LABEL_REASON, RETRIES, RETRY_BUDGET_EXHAUSTED};
 use kling_core::signals::{Attempt, SendWatch};
-use kling_core::{ApiGeneration, Code, Disposition, Outcome, PeekBody, Recognized, RequestKind};
+use kling_core::{
+    ApiGeneration, Code, Disposition, Outcome, PeekBody, Recognized, RequestKind, SendState,
+};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::timeout::error::Elapsed;
@@ -119,6 +121,12 @@ struct Pending<B> {
     /// nothing for sure unless the task existed before (a `1201`: the refusal stands), or one
     /// that may have made a task ([`StopReason::CreateMayHaveHappened`]).
     if_unsent: StopReason,
+    /// Whether this lookup went out already. Its first sending draws nothing from the retry
+    /// budget: it resends nothing, and a create left unresolved because a bad hour spent the
+    /// budget is what the budget exists to prevent. One per open create (each resend of the
+    /// create that opens another drew from the budget), so it stays bounded; a lookup sent
+    /// again (after a `1302` on it, say) draws like any retry.
+    sent: bool,
 }
 
 /// Whether a request may make a task, and how to look it up if so.
@@ -414,6 +422,15 @@ impl<S, B, P> Call<S, B, P> {
             .is_ready()
     }
 
+    /// Whether the next attempt is the first sending of a create's lookup, which draws nothing
+    /// from the retry budget (see [`Pending::sent`]).
+    fn unsent_lookup_next(&self) -> bool {
+        self.retry.as_deref().is_some_and(|retry| {
+            retry.next == Sending::Lookup
+                && retry.lookup.as_ref().is_some_and(|pending| !pending.sent)
+        })
+    }
+
     /// The retry state, made at the first retry.
     fn retrying(&mut self) -> &mut Retrying<S, B> {
         let started = self.template.started;
@@ -577,6 +594,24 @@ where
                 .with_external_id(id);
                 Step::Finish(Err(Box::new(failed)))
             }
+            Verdict::Return
+                if self.sending == Sending::Original && self.create_fate_unknown(&error) =>
+            {
+                // An error the policy does not retry, yet one the create may have reached the
+                // server with (no marker says it never left): passed up bare, or as a
+                // `NotRetryable` naming no id, it hid a task that may exist, and with it the
+                // id (perhaps one this layer generated) to find it by. Not sent again, not
+                // looked up: the policy judged the error final.
+                let id = Recognized::cached(self.template.request())
+                    .and_then(|recognized| recognized.external_id.clone());
+                let reason = if id.is_some() {
+                    StopReason::CreateUnresolved
+                } else {
+                    StopReason::CreateMayHaveHappened
+                };
+                self.retrying().external_id = id;
+                self.fail(reason, Last::Error(error))
+            }
             Verdict::Return => Step::Finish(self.pass_through(error)),
             Verdict::Retry { delay, create } => {
                 // A response without a Kling envelope (a proxy's page) may still say when to
@@ -589,6 +624,17 @@ where
                 self.schedule(delay, create, hint, Last::Error(error), false)
             }
         }
+    }
+
+    /// Whether a create's attempt ended in `error` that may have left it made: the error has
+    /// no marker saying the request never left ([`SendState::of`]). Only where the caller could
+    /// not tell by itself: after a retry (the layer sent the create again), or for a create
+    /// given a generated id (the caller never saw it); a first attempt's error otherwise passes
+    /// through unchanged, as without this layer.
+    fn create_fate_unknown(&mut self, error: &BoxError) -> bool {
+        (self.retry.is_some() || self.template.generated_id())
+            && SendState::of(&**error) == SendState::Unknown
+            && Recognized::of(self.template.request()).is_create()
     }
 
     fn tally(&self) -> Tally {
@@ -614,6 +660,17 @@ where
     /// A refusal whose lookup could not settle it stands (see [`Call::standing_refusal`]): it
     /// is what the call ends with, not the lookup's own failure.
     fn fail(&mut self, reason: StopReason, last: Last) -> Step {
+        self.fail_with(reason, last, None)
+    }
+
+    /// [`fail`](Self::fail), with the `Retry-After` asked for and the longest this layer waits
+    /// when the call stops as [`StopReason::RetryAfterTooLong`].
+    fn fail_with(
+        &mut self,
+        reason: StopReason,
+        last: Last,
+        too_long: Option<(Duration, Duration)>,
+    ) -> Step {
         let pending = self
             .retry
             .as_deref()
@@ -626,7 +683,10 @@ where
             Some(answer) => Last::Api(answer),
             None => last,
         };
-        let failed = Failed::new(reason, self.tally(), last).with_external_id(self.created_as());
+        let too_long = too_long.filter(|_| reason == StopReason::RetryAfterTooLong);
+        let failed = Failed::new(reason, self.tally(), last)
+            .with_external_id(self.created_as())
+            .with_too_long(too_long);
         Step::Finish(Err(Box::new(failed)))
     }
 
@@ -645,6 +705,19 @@ where
     /// refusal that stands ends the call as [`StopReason::NotRetryable`] instead: the next
     /// attempt was only a lookup, and the refused request is not to be sent again later.
     fn past_deadline(&mut self, at: Instant, deadline: Instant, now: Instant, last: Last) -> Step {
+        self.past_deadline_asked(at, deadline, now, last, None)
+    }
+
+    /// [`past_deadline`](Self::past_deadline), where the server's `Retry-After` asked for the
+    /// wait (`asked`): the error names it beside the time left.
+    fn past_deadline_asked(
+        &mut self,
+        at: Instant,
+        deadline: Instant,
+        now: Instant,
+        last: Last,
+        asked: Option<Duration>,
+    ) -> Step {
         if self.standing_refusal().is_some() {
             return self.fail(StopReason::NotRetryable, last);
         }
@@ -654,7 +727,8 @@ where
             last,
             self.created_as(),
             self.unresolved(),
-        );
+        )
+        .with_asked(asked);
         Step::Finish(Err(Box::new(error)))
     }
 
@@ -748,6 +822,7 @@ where
                 new_style,
                 final_answer: None,
                 if_unsent: StopReason::CreateUnresolved,
+                sent: false,
             })),
             None => Plan::Unlookable(Some(external_id)),
         }
@@ -855,8 +930,34 @@ where
                 // The hint is raised to the floor before the jitter is drawn over it, so
                 // retries after `Retry-After: 0` still spread.
                 let floor = shared.backoff.bounds(delay, 1).0;
+                let earliest = received.checked_add(hint.max(floor));
+                // Never sooner than the server asked: a wait it asked for that ends at or past
+                // the deadline ends the call now, naming both (not a retry at the deadline,
+                // nor one sent early because the wait was clamped).
+                if let Some(deadline) = self.template.deadline
+                    && earliest.is_none_or(|earliest| earliest >= deadline)
+                {
+                    let earliest = earliest.unwrap_or_else(|| far_future(now));
+                    let asked = (hint >= floor).then_some(hint);
+                    return self.past_deadline_asked(earliest, deadline, now, last, asked);
+                }
+                // Nor longer than this layer waits: the call ends, saying what was asked.
+                let limit = shared.backoff.retry_after_limit();
+                if hint > limit {
+                    return self.fail_with(
+                        StopReason::RetryAfterTooLong,
+                        last,
+                        Some((hint, limit)),
+                    );
+                }
                 let wait = shared.backoff.hinted(hint.max(floor), &*shared.rng);
-                received.checked_add(wait)
+                // The upward jitter spreads callers; it is not worth giving the call up for:
+                // a wait the server's hint fits before the deadline goes without it when the
+                // jitter would carry it to the deadline.
+                match (received.checked_add(wait), self.template.deadline) {
+                    (Some(at), Some(deadline)) if at >= deadline => earliest,
+                    (at, _) => at,
+                }
             }
             None => {
                 // Counted as the attempt limit counts: slot-gated retries (which waited in the
@@ -883,7 +984,10 @@ where
         let kind = self.kind();
         // Slot-gated retries wait for a slot in the layer below, not on the API: they spend no
         // budget (the attempt limit and the deadline still bound them).
-        if delay != DelayKind::Immediate && !self.shared().budget.try_withdraw() {
+        if delay != DelayKind::Immediate
+            && !self.unsent_lookup_next()
+            && !self.shared().budget.try_withdraw()
+        {
             metrics::counter!(RETRY_BUDGET_EXHAUSTED, LABEL_KIND => kind).increment(1);
             return self.fail(StopReason::BudgetExhausted, last);
         }
@@ -931,7 +1035,7 @@ where
             return self.past_deadline(now, deadline, now, last);
         }
         let kind = self.kind();
-        if !self.shared().budget.try_withdraw() {
+        if !self.unsent_lookup_next() && !self.shared().budget.try_withdraw() {
             metrics::counter!(RETRY_BUDGET_EXHAUSTED, LABEL_KIND => kind).increment(1);
             return self.fail(StopReason::BudgetExhausted, last);
         }
@@ -944,11 +1048,14 @@ where
         self.attempts += 1;
         let lookup = self
             .retry
-            .as_deref()
+            .as_deref_mut()
             .filter(|retry| retry.next == Sending::Lookup)
-            .and_then(|retry| retry.lookup.as_ref());
+            .and_then(|retry| retry.lookup.as_mut());
         let (source, sending) = match lookup {
-            Some(pending) => (&pending.request, Sending::Lookup),
+            Some(pending) => {
+                pending.sent = true;
+                (&pending.request, Sending::Lookup)
+            }
             None => (&*self.template.request(), Sending::Original),
         };
         self.sending = sending;

@@ -67,7 +67,8 @@
 //!   left the resend to this layer, which sends it again at once, at most once per call and
 //!   outside the attempt limit.
 //! - **Delay**: a `Retry-After` (delta seconds or HTTP-date) counts from the response's arrival,
-//!   clamped to a maximum, with jitter only upward so a retry is never early, and never sooner
+//!   with jitter only upward so a retry is never early (one over the maximum followed, or
+//!   ending at or past the deadline, ends the call at once instead), and never sooner
 //!   than the backoff's floor for its kind (1 s after a `1302`, the maintenance wait after a
 //!   `5001`: a `Retry-After: 0` sends no burst); otherwise
 //!   exponential backoff with full jitter, with separate bases for throttling (≥ 1 s) and

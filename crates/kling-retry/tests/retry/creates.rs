@@ -429,15 +429,102 @@ async fn a_create_stopped_by_the_attempt_limit_before_its_lookup_is_unresolved_w
     );
 }
 
+/// A retry budget that allows no retry at all: a bad hour's.
+fn spent_budget() -> kling_retry::RetryBudget {
+    kling_retry::RetryBudget::new(Duration::from_secs(10), 0, 0.0).unwrap()
+}
+
+/// A lookup resends nothing: a spent budget does not stop it and leave the create unresolved.
+/// It settles the create; only the resend after "not found" draws from the budget.
 #[tokio::test(start_paused = true)]
-async fn a_create_stopped_by_the_budget_before_its_lookup_is_unresolved_with_its_id() {
-    let empty = kling_retry::RetryBudget::new(Duration::from_secs(10), 0, 0.0).unwrap();
-    let (error, log) =
-        unresolved_generated_create(RetryLayer::builder().budget(empty), code(5002)).await;
-    assert_eq!(log.len(), 1, "the budget allowed no lookup");
+async fn a_spent_budget_does_not_stop_the_lookup_of_a_create_only_its_resend() {
+    // The lookup finds the task the 5002 made: the caller gets it, one create sent.
+    let (server, log) = kling(move |seen, _| {
+        Reply::Now(if seen.method == Method::POST {
+            code(5002)
+        } else {
+            let id = seen.uri.rsplit('/').next().unwrap().to_owned();
+            task("t1", Some(&id))
+        })
+    });
+    let client = RetryLayer::builder()
+        .seed(3)
+        .generate_external_ids(true)
+        .budget(spent_budget())
+        .build()
+        .unwrap()
+        .layer(server);
+    let response = send(&client, create(r#"{"prompt":"a cat"}"#))
+        .await
+        .unwrap();
+    let recovered = response.extensions().get::<Recovered>().expect("recovered");
+    assert_eq!(recovered.task_id, "t1");
+    assert_eq!(recovered.external_id, sent_id(&log));
+    assert_eq!((log.count("POST", ""), log.len()), (1, 2));
+
+    // The lookup finds nothing: the create is not sent again (the budget is spent), and the
+    // error says so, naming the id to send it again with, and no task that may exist.
+    let (server, log) = kling(by_method(|| code(5002), || code(1203)));
+    let client = RetryLayer::builder()
+        .seed(3)
+        .generate_external_ids(true)
+        .budget(spent_budget())
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, create(r#"{"prompt":"a cat"}"#))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (log.count("POST", ""), log.len()),
+        (1, 2),
+        "looked up, not resent"
+    );
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::BudgetExhausted);
+    assert!(!failed.may_have_created(), "the lookup ruled it out");
+    assert_eq!(failed.external_id(), Some(sent_id(&log).as_str()));
+}
+
+/// One free lookup per open create: a lookup throttled in its turn is sent again only as the
+/// budget allows, and the create is left unresolved, with its id.
+#[tokio::test(start_paused = true)]
+async fn a_lookup_sent_again_draws_from_the_budget() {
+    let (server, log) = kling(by_method(|| code(5002), || code(1302)));
+    let client = RetryLayer::builder()
+        .seed(3)
+        .generate_external_ids(true)
+        .budget(spent_budget())
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, create(r#"{"prompt":"a cat"}"#))
+        .await
+        .unwrap_err();
+    assert_eq!(log.len(), 2, "the create and one lookup");
     let failed = error.downcast_ref::<Failed>().expect("a Failed");
     assert_eq!(failed.reason(), StopReason::CreateUnresolved);
     assert_eq!(failed.external_id(), Some(sent_id(&log).as_str()));
+}
+
+/// A first create refused `1201` with the caller's id is looked up whatever the budget: were the
+/// lookup skipped, the refusal would read "invalid parameter" while the task that id names
+/// (made by an earlier call that ended unresolved) runs and is billed.
+#[tokio::test(start_paused = true)]
+async fn a_first_create_refused_1201_is_looked_up_on_a_spent_budget() {
+    let (server, log) = kling(by_method(|| code(1201), || task("t1", Some("job-30"))));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .budget(spent_budget())
+        .build()
+        .unwrap()
+        .layer(server);
+    let response = send(&client, create(r#"{"external_task_id":"job-30"}"#))
+        .await
+        .unwrap();
+    let recovered = response.extensions().get::<Recovered>().expect("recovered");
+    assert_eq!(recovered.task_id, "t1");
+    assert_eq!((log.count("POST", ""), log.count("GET", "job-30")), (1, 1));
 }
 
 #[tokio::test(start_paused = true)]
@@ -459,8 +546,9 @@ async fn a_create_stopped_by_the_deadline_before_its_lookup_says_so_and_names_it
     let text = error.to_string();
     assert!(
         text.starts_with(&format!(
-            "next retry in 7s would pass the deadline; create may have made a task that no \
-             lookup by its external id has ruled out (external id {id}) after 1 attempt"
+            "the server asked to wait 7s (Retry-After), longer than the 5s left before the \
+             deadline; create may have made a task that no lookup by its external id has ruled \
+             out (external id {id}) after 1 attempt"
         )),
         "{text}"
     );
@@ -1259,4 +1347,83 @@ async fn a_create_whose_final_answer_may_have_made_a_task_is_named_while_its_loo
                 .map(|failed| failed.external_id().map(str::to_owned))
         });
     assert_eq!(named, Some(Some("job-12".to_owned())), "{error}");
+}
+
+/// An error from below that the policy does not retry and nothing marks as never sent (a
+/// client's own error reaching the layer without a classify step): the create may have
+/// reached the server. A create sent again by the layer, or given a generated id the caller
+/// never saw, ends unresolved with its id, not passed up as if nothing were made.
+#[tokio::test(start_paused = true)]
+async fn an_unmarked_error_on_a_resent_or_generated_create_names_its_id() {
+    #[derive(Debug)]
+    struct Lost;
+    impl std::fmt::Display for Lost {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("the connection was lost")
+        }
+    }
+    impl std::error::Error for Lost {}
+
+    // `fail_from`: the index of the first create that meets the error (earlier ones get 1302).
+    let client_with = |fail_from: usize, generate: bool| {
+        let (server, log) = kling(|_, _| Reply::Now(code(1302)));
+        let creates = Arc::new(Mutex::new(0));
+        let below = tower::service_fn(move |request: crate::support::Req| {
+            let mut server = server.clone();
+            let creates = creates.clone();
+            async move {
+                let n = {
+                    let mut creates = creates.lock().unwrap();
+                    *creates += 1;
+                    *creates - 1
+                };
+                if n >= fail_from {
+                    return Err(Box::new(Lost) as kling_core::error::BoxError);
+                }
+                tower::ServiceExt::ready(&mut server).await?;
+                tower::Service::call(&mut server, request).await
+            }
+        });
+        let client = RetryLayer::builder()
+            .seed(2)
+            .generate_external_ids(generate)
+            .build()
+            .unwrap()
+            .layer(below);
+        (client, log)
+    };
+
+    // Sent again after a 1302, with the caller's id.
+    let (client, _) = client_with(1, false);
+    let error = send(&client, create(r#"{"external_task_id":"job-40"}"#))
+        .await
+        .unwrap_err();
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::CreateUnresolved, "{error}");
+    assert!(failed.may_have_created());
+    assert_eq!(failed.external_id(), Some("job-40"));
+    assert!(failed.last().is::<Lost>());
+
+    // A first attempt with a generated id: the id comes back with the error.
+    let (client, _) = client_with(0, true);
+    let error = send(&client, create(r#"{"prompt":"a cat"}"#))
+        .await
+        .unwrap_err();
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::CreateUnresolved, "{error}");
+    assert!(failed.external_id().is_some_and(|id| id.starts_with("kr-")));
+
+    // A first attempt with the caller's own id passes through unchanged; so does a query's.
+    let (client, _) = client_with(0, false);
+    let error = send(&client, create(r#"{"external_task_id":"job-41"}"#))
+        .await
+        .unwrap_err();
+    assert!(error.is::<Lost>(), "{error}");
+    let (client, _) = client_with(1, false);
+    let error = send(&client, crate::support::get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap_err();
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::NotRetryable);
+    assert!(!failed.may_have_created());
 }

@@ -2,6 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use kling_retry::error::{Failed, StopReason};
 use kling_retry::{Backoff, RetryLayer};
 use tower::Layer;
 
@@ -77,14 +78,55 @@ async fn a_retry_after_http_date_of_7_seconds_delays_the_same() {
     }
 }
 
+/// A `Retry-After` over `max_retry_after` is not waited out, nor cut short: a retry sent
+/// sooner than the server asked (the clamp did that) only meets another refusal. The call
+/// ends at once, naming the wait asked for and the limit, with `retry_after` for the caller.
 #[tokio::test(start_paused = true)]
-async fn a_retry_after_overrides_even_a_5xx_backoff_and_is_clamped_to_the_maximum() {
+async fn a_retry_after_over_the_maximum_ends_the_call_instead_of_retrying_early() {
     let backoff = Backoff::new()
         .retry_after_jitter(Duration::ZERO)
         .max_retry_after(Duration::from_secs(30));
     let (server, log) = kling(|_, i| {
         Reply::Now(if i == 0 {
             with_header(code(5001), "retry-after", "86400")
+        } else {
+            task("t1", None)
+        })
+    });
+    let client = RetryLayer::builder()
+        .seed(1)
+        .deadline(Duration::from_secs(86_400 * 2))
+        .backoff(backoff)
+        .build()
+        .unwrap()
+        .layer(server);
+    let start = tokio::time::Instant::now();
+    let error = send(&client, get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap_err();
+    assert_eq!(tokio::time::Instant::now(), start, "no wait");
+    assert_eq!(log.len(), 1, "no early retry");
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::RetryAfterTooLong);
+    assert_eq!(failed.retry_after(), Some(Duration::from_secs(86_400)));
+    assert!(
+        error.to_string().starts_with(
+            "the server asked to wait longer than this layer waits (Retry-After 86400s, longer \
+             than max_retry_after 30s) after 1 attempt"
+        ),
+        "{error}"
+    );
+}
+
+/// A `Retry-After` under the maximum overrides even a 5xx's backoff, exactly.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_overrides_even_a_5xx_backoff() {
+    let backoff = Backoff::new()
+        .retry_after_jitter(Duration::ZERO)
+        .max_retry_after(Duration::from_secs(30));
+    let (server, log) = kling(|_, i| {
+        Reply::Now(if i == 0 {
+            with_header(code(5001), "retry-after", "30")
         } else {
             task("t1", None)
         })

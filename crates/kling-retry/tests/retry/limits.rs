@@ -94,9 +94,86 @@ async fn a_hint_longer_than_the_deadline_returns_the_resume_error_at_once() {
     assert_eq!(late.request_id(), Some("req-1302"));
     assert_eq!(
         error.to_string(),
-        "next retry in 7s would pass the deadline after 1 attempt in 0ns (0ns backing off): \
-         kling error 1302 (requests too fast), http 429: message 1302 (request_id req-1302)"
+        "the server asked to wait 7s (Retry-After), longer than the 5s left before the \
+         deadline after 1 attempt in 0ns (0ns backing off): kling error 1302 (requests too \
+         fast), http 429: message 1302 (request_id req-1302)"
     );
+    assert_eq!(late.asked(), Some(Duration::from_secs(7)));
+}
+
+/// A `Retry-After` longer than the deadline allows ends the call at once whatever the clamp
+/// (`max_retry_after`, 2 min) would have made of it, in both forms: clamped, a 5-minute wait
+/// against a 3-minute deadline was retried after 2 minutes, sooner than the server asked.
+#[tokio::test(start_paused = true)]
+async fn a_hint_past_the_deadline_ends_the_call_even_when_over_the_clamp_in_both_forms() {
+    let date = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    for form in ["seconds", "http-date"] {
+        let (server, log) = kling(move |_, _| {
+            let res = code(1302);
+            Reply::Now(if form == "seconds" {
+                with_header(res, "retry-after", "300")
+            } else {
+                let res = with_header(res, "date", &httpdate::fmt_http_date(date));
+                let later = date + Duration::from_secs(300);
+                with_header(res, "retry-after", &httpdate::fmt_http_date(later))
+            })
+        });
+        let client = RetryLayer::builder()
+            .seed(1)
+            .deadline(Duration::from_secs(180))
+            .build()
+            .unwrap()
+            .layer(server);
+        let start = Instant::now();
+        let error = send(&client, get("/v1/videos/text2video/t1"))
+            .await
+            .unwrap_err();
+        assert_eq!(Instant::now(), start, "{form}: returned at once");
+        assert_eq!(log.len(), 1, "{form}: no early retry");
+        let late = error
+            .downcast_ref::<DeadlineExceeded>()
+            .unwrap_or_else(|| panic!("{form}: {error}"));
+        assert_eq!(late.asked(), Some(Duration::from_secs(300)), "{form}");
+        assert_eq!(late.resume_at(), start + Duration::from_secs(300), "{form}");
+        assert!(
+            error.to_string().starts_with(
+                "the server asked to wait 300s (Retry-After), longer than the 180s left before \
+                 the deadline"
+            ),
+            "{form}: {error}"
+        );
+    }
+}
+
+/// A `Retry-After` that fits before the deadline is waited out even when the upward jitter
+/// would carry the retry to the deadline: the jitter is dropped, not the call.
+#[tokio::test(start_paused = true)]
+async fn a_hint_that_fits_before_the_deadline_is_not_given_up_for_its_jitter() {
+    for seed in 0..10 {
+        let (server, log) = kling(|_, i| {
+            Reply::Now(if i == 0 {
+                with_header(code(1302), "retry-after", "7")
+            } else {
+                task("t1", None)
+            })
+        });
+        let client = RetryLayer::builder()
+            .seed(seed)
+            .deadline(Duration::from_millis(7_010))
+            .backoff(Backoff::new().retry_after_jitter(Duration::from_secs(1)))
+            .build()
+            .unwrap()
+            .layer(server);
+        send(&client, get("/v1/videos/text2video/t1"))
+            .await
+            .unwrap_or_else(|error| panic!("seed {seed}: {error}"));
+        let seen = log.all();
+        assert_eq!(
+            seen[1].at - seen[0].at,
+            Duration::from_secs(7),
+            "seed {seed}"
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]
