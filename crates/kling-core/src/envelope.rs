@@ -179,9 +179,44 @@ impl Envelope {
         })
     }
 
+    /// The tasks a callback body reports, as [`Envelope::parse_callback`] reads them; a body
+    /// that reports none is an error that says why (see [`CallbackError`]), for a callback
+    /// route to log.
+    ///
+    /// ```
+    /// use kling_core::Envelope;
+    ///
+    /// let tasks = Envelope::read_callback(br#"{"task_id":"t1","task_status":"succeed"}"#);
+    /// assert_eq!(tasks.unwrap()[0].id, "t1");
+    /// let error = Envelope::read_callback(br#"{"task_id":"","task_status":"succeed"}"#);
+    /// assert!(error.unwrap_err().to_string().contains("has an empty `task_id`"));
+    /// ```
+    pub fn read_callback(body: &[u8]) -> Result<Vec<TaskReport>, CallbackError> {
+        match Envelope::parse_callback(body) {
+            Ok(tasks) if !tasks.is_empty() => Ok(tasks),
+            // Not one JSON value: the parse error says where.
+            Err(e) if !e.is_data() => Err(CallbackError {
+                reason: "the callback body is not one JSON value".into(),
+                json: Some(e),
+            }),
+            read => Err(CallbackError {
+                reason: match why_no_task(body) {
+                    Some(reason) => format!("the callback reports no task: {reason}"),
+                    None => match read {
+                        Err(e) => format!("the callback reports no task: {e}"),
+                        Ok(_) => "the callback reports no task".into(),
+                    },
+                },
+                json: None,
+            }),
+        }
+    }
+
     /// The tasks a callback body reports: the bare task object Kling posts (either
     /// generation), or a whole `{code, data}` envelope. A body that reports no task is `Ok`
-    /// with none; one that is not JSON is the parse error.
+    /// with none; one that is not JSON is the parse error, and one whose task cannot be read
+    /// (a `task_id` of 20 digits) an error that names the field.
+    /// [`Envelope::read_callback`] also says why a body reports no task.
     pub fn parse_callback(body: &[u8]) -> Result<Vec<TaskReport>, serde_json::Error> {
         if let Ok(envelope) = Envelope::parse(body)
             && !envelope.tasks.is_empty()
@@ -196,8 +231,138 @@ impl Envelope {
         wrapped.extend_from_slice(br#"{"code":0,"data":"#);
         wrapped.extend_from_slice(body);
         wrapped.push(b'}');
-        Envelope::parse(&wrapped).map(|envelope| envelope.tasks)
+        // The error's place would be in the wrapped body, not in the one sent: the reason
+        // instead.
+        Envelope::parse(&wrapped)
+            .map(|envelope| envelope.tasks)
+            .map_err(|e| why_no_task(body).map_or(e, de::Error::custom))
     }
+}
+
+/// Why a callback body reports no task ([`Envelope::read_callback`]): it is not one JSON
+/// value ([`is_json`](CallbackError::is_json), the parse error its
+/// [`source`](std::error::Error::source)), or it names no task, and the message says what is
+/// missing or of the wrong type ("the callback reports no task: the task object has an empty
+/// `task_id`"). It names fields and types, never a value from the body.
+#[derive(Debug)]
+pub struct CallbackError {
+    reason: String,
+    json: Option<serde_json::Error>,
+}
+
+impl CallbackError {
+    /// Whether the body is not one JSON value (rather than JSON that names no task).
+    pub fn is_json(&self) -> bool {
+        self.json.is_some()
+    }
+}
+
+impl fmt::Display for CallbackError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.json {
+            Some(e) => write!(f, "{}: {e}", self.reason),
+            None => f.write_str(&self.reason),
+        }
+    }
+}
+
+impl std::error::Error for CallbackError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.json.as_ref().map(|e| e as _)
+    }
+}
+
+/// Why a callback body that is JSON reports no task, in words: `None` when it is no JSON (or a
+/// reason cannot be found).
+fn why_no_task(body: &[u8]) -> Option<String> {
+    use serde_json::{Map, Value};
+
+    fn kind(value: &Value) -> &'static str {
+        match value {
+            Value::Null => "null",
+            Value::Bool(_) => "a boolean",
+            Value::Number(_) => "a number",
+            Value::String(_) => "a string",
+            Value::Array(_) => "an array",
+            Value::Object(_) => "an object",
+        }
+    }
+    /// Why a task object names no task, as `RawTask::into_report` reads it.
+    fn task(map: &Map<String, Value>) -> String {
+        let legacy = map.contains_key("task_id") || map.contains_key("task_status");
+        if !legacy && !map.contains_key("id") && !map.contains_key("status") {
+            return "names no task: no `task_id` or `id`".into();
+        }
+        let (id, status) = if legacy {
+            ("task_id", "task_status")
+        } else {
+            ("id", "status")
+        };
+        match map.get(id) {
+            None | Some(Value::Null) => format!("has no `{id}`"),
+            Some(Value::String(text)) if text.is_empty() => format!("has an empty `{id}`"),
+            Some(Value::Number(n)) if !n.is_i64() && !n.is_u64() => {
+                format!("is unreadable: `{id}` is a number but no 64-bit integer")
+            }
+            Some(Value::String(_) | Value::Number(_)) => match map.get(status) {
+                None | Some(Value::Null) => format!("has no `{status}`"),
+                Some(other) => {
+                    format!("is unreadable: `{status}` is {}, not a string", kind(other))
+                }
+            },
+            Some(other) => format!(
+                "is unreadable: `{id}` is {}, not a string or an integer",
+                kind(other)
+            ),
+        }
+    }
+    /// Why a list of tasks (`name`) names none.
+    fn list(name: &str, value: &Value) -> String {
+        match value {
+            Value::Array(items) => match items.first() {
+                None => format!("{name} is an empty list"),
+                Some(Value::Object(first)) => {
+                    format!(
+                        "no element of {name} names a task; the first {}",
+                        task(first)
+                    )
+                }
+                Some(first) => format!(
+                    "no element of {name} names a task; the first is {}",
+                    kind(first)
+                ),
+            },
+            other => format!("{name} is {}, not a list", kind(other)),
+        }
+    }
+
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let value = serde_json::from_slice::<Value>(body).ok()?;
+    let Value::Object(map) = &value else {
+        return Some(format!(
+            "the body is {}, not a task object or an envelope",
+            kind(&value)
+        ));
+    };
+    let Some(code) = map.get("code") else {
+        return Some(match map.get("tasks") {
+            Some(tasks) => list("`tasks`", tasks),
+            None => format!("the task object {}", task(map)),
+        });
+    };
+    Some(match (code.as_i64(), map.get("data")) {
+        (Some(0), None | Some(Value::Null)) => "the envelope has no `data`".into(),
+        (Some(0), Some(Value::Object(data))) => match data.get("tasks") {
+            Some(tasks) => list("the envelope's `data.tasks`", tasks),
+            None => format!("the envelope's `data` task object {}", task(data)),
+        },
+        (Some(0), Some(data @ Value::Array(_))) => list("the envelope's `data`", data),
+        (Some(0), Some(data)) => {
+            format!("the envelope's `data` is {}, not a task object", kind(data))
+        }
+        (Some(code), _) => format!("the body is an error envelope (code {code})"),
+        (None, _) => format!("the envelope's `code` is {}, not an integer", kind(code)),
+    })
 }
 
 /// One UTF-8 check of the whole body (a word at a time for ASCII) instead of one per string,
@@ -1108,6 +1273,112 @@ mod tests {
                 String::from_utf8_lossy(spliced)
             );
         }
+    }
+
+    /// A callback body that reports no task says why, in words a log can carry: the field
+    /// that is missing or of the wrong type, never a value the body holds.
+    #[test]
+    fn a_callback_that_reports_no_task_says_why() {
+        let why = |body: &[u8]| match Envelope::read_callback(body) {
+            Ok(tasks) => panic!("{}: {tasks:?}", String::from_utf8_lossy(body)),
+            Err(e) => e,
+        };
+        for (body, reason) in [
+            (&br#"{"task_status":"succeed"}"#[..], "has no `task_id`"),
+            (
+                br#"{"task_id":null,"task_status":"succeed"}"#,
+                "has no `task_id`",
+            ),
+            (
+                br#"{"task_id":"","task_status":"succeed"}"#,
+                "has an empty `task_id`",
+            ),
+            (br#"{"task_id":"t"}"#, "has no `task_status`"),
+            (br#"{"id":"t","status":null}"#, "has no `status`"),
+            (br#"{"status":"failed"}"#, "has no `id`"),
+            (br#"{"id":""}"#, "has an empty `id`"),
+            (br#"{}"#, "names no task: no `task_id` or `id`"),
+            (br#"{"taskId":"t"}"#, "names no task: no `task_id` or `id`"),
+            (
+                br#"{"task_id":123456789012345678901234,"task_status":"succeed"}"#,
+                "`task_id` is a number but no 64-bit integer",
+            ),
+            (
+                br#"{"task_id":1.5,"task_status":"succeed"}"#,
+                "`task_id` is a number but no 64-bit integer",
+            ),
+            (
+                br#"{"task_id":{"a":1},"task_status":"succeed"}"#,
+                "`task_id` is an object, not a string or an integer",
+            ),
+            (
+                br#"{"id":"t","status":5}"#,
+                "`status` is a number, not a string",
+            ),
+            (
+                br#""task t1 succeeded""#,
+                "the body is a string, not a task object",
+            ),
+            (
+                br#"[{"task_id":"t"}]"#,
+                "the body is an array, not a task object",
+            ),
+            (
+                br#"{"code":1303,"message":"secret-ish text"}"#,
+                "an error envelope (code 1303)",
+            ),
+            (br#"{"code":0,"data":null}"#, "the envelope has no `data`"),
+            (br#"{"code":0}"#, "the envelope has no `data`"),
+            (
+                br#"{"code":0,"data":"x"}"#,
+                "the envelope's `data` is a string, not a task object",
+            ),
+            (
+                br#"{"code":0,"data":[]}"#,
+                "the envelope's `data` is an empty list",
+            ),
+            (
+                br#"{"code":0,"data":[{"task_id":""}]}"#,
+                "no element of the envelope's `data` names a task; the first has an empty `task_id`",
+            ),
+            (
+                br#"{"code":0,"data":{"task_id":1e30,"task_status":"succeed"}}"#,
+                "the envelope's `data` task object is unreadable: `task_id` is a number but no 64-bit integer",
+            ),
+            (
+                br#"{"code":0,"data":{"tasks":[]}}"#,
+                "the envelope's `data.tasks` is an empty list",
+            ),
+            (br#"{"tasks":"x"}"#, "`tasks` is a string, not a list"),
+        ] {
+            let e = why(body);
+            let text = e.to_string();
+            assert!(
+                text.contains(reason),
+                "{}: {text}",
+                String::from_utf8_lossy(body)
+            );
+            assert!(!e.is_json(), "{text}");
+            assert!(!text.contains("secret"), "{text}");
+        }
+        // Not JSON: the parse error, placed in the body as sent.
+        let e = why(br#"{"task_id":"t1","task_status":"succeed"},"x":0"#);
+        assert!(e.is_json());
+        assert!(e.to_string().contains("not one JSON value"), "{e}");
+        assert!(e.to_string().contains("column 41"), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
+        // `parse_callback` keeps what it returned, its errors placed in the body as sent.
+        let e = Envelope::parse_callback(br#"{"task_id":1.5,"task_status":"succeed"}"#);
+        let text = e.unwrap_err().to_string();
+        assert!(
+            text.contains("`task_id` is a number but no 64-bit integer"),
+            "{text}"
+        );
+        assert!(!text.contains("column 31"), "{text}");
+        assert!(Envelope::parse_callback(b"{}").unwrap().is_empty());
+        // A body that reports a task reads as `parse_callback` reads it.
+        let tasks = Envelope::read_callback(br#"{"task_id":"t1","task_status":"succeed"}"#);
+        assert_eq!(tasks.unwrap()[0].id, "t1");
     }
 
     #[test]

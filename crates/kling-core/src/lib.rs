@@ -84,7 +84,7 @@ pub use body::PeekBody;
 pub use classify::{Classify, ClassifyLayer};
 pub use clock::{TokioClock, TokioInstant};
 pub use code::{Code, Disposition, RetryKind, status_disposition};
-pub use envelope::{Envelope, TaskReport, TaskStatus};
+pub use envelope::{CallbackError, Envelope, TaskReport, TaskStatus};
 pub use error::{BoxError, SendState};
 pub use outcome::Outcome;
 pub use request::{

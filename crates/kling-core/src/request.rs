@@ -917,6 +917,31 @@ mod tests {
         }
     }
 
+    /// A create written as a normalizing server reads it the same takes its slots all the
+    /// same (its pool and weight), and a query its id.
+    #[test]
+    fn a_path_written_another_way_is_recognised_as_the_server_reads_it() {
+        let r = recognize(&Method::POST, "/v1/%69mages/./generations", r#"{"n":4}"#);
+        assert_eq!((r.kind, r.weight), (RequestKind::Create, 4));
+        assert_eq!(r.pool.unwrap().to_string(), "image");
+        let r = recognize(
+            &Method::POST,
+            "/v1/images/../videos/text2video",
+            r#"{"external_task_id":"job-1"}"#,
+        );
+        assert_eq!(
+            (r.kind, r.external_id.as_deref()),
+            (RequestKind::Create, Some("job-1"))
+        );
+        let r = recognize(&Method::POST, "/text-to-video/kling%2d3.0", "{}");
+        assert_eq!(r.pool.unwrap().to_string(), "video:kling-3.0");
+        let r = recognize(&Method::GET, "/v1/videos/./text2video/job%2D1", "");
+        assert_eq!(
+            (r.kind, r.task_ids),
+            (RequestKind::Query, vec!["job-1".to_owned()])
+        );
+    }
+
     #[test]
     fn long_and_doubled_slash_paths_are_recognised() {
         let deep = format!("{}/v1/images/generations", "/x".repeat(20));

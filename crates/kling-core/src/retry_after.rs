@@ -26,17 +26,29 @@ pub enum RetryAfter {
 }
 
 impl RetryAfter {
-    /// Parses one header value; garbage (and a negative or fractional number) is `None`.
+    /// Parses one header value; garbage (and a negative number) is `None`.
     ///
-    /// All three HTTP-date forms are accepted (IMF-fixdate, RFC 850, asctime).
+    /// All three HTTP-date forms are accepted (IMF-fixdate, RFC 850, asctime). A non-negative
+    /// decimal (`2.5`, `.5`, `3.`) is no delta-seconds by RFC 9110, but a server that wrote
+    /// one asked for at least that long: it is rounded up to whole seconds (`2.5` is 3 s), so
+    /// a retry is never early; before, it was ignored and the retry came as soon as the
+    /// caller's own backoff allowed.
     pub fn parse(value: &[u8]) -> Option<RetryAfter> {
         let text = std::str::from_utf8(value).ok()?.trim();
         if text.is_empty() {
             return None;
         }
-        if text.bytes().all(|b| b.is_ascii_digit()) {
+        let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+        let digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
+        if digits(whole) && digits(fraction) && whole.len() + fraction.len() > 0 {
             // An absurdly long but valid number saturates rather than being ignored.
-            let secs = text.parse::<u64>().unwrap_or(u64::MAX);
+            let secs = if whole.is_empty() {
+                0
+            } else {
+                whole.parse::<u64>().unwrap_or(u64::MAX)
+            };
+            let round_up = fraction.bytes().any(|b| b != b'0');
+            let secs = secs.saturating_add(u64::from(round_up));
             let delay = Duration::from_secs(secs).min(MAX_RETRY_AFTER);
             return Some(RetryAfter::Delay(delay));
         }
@@ -101,12 +113,51 @@ mod tests {
         );
     }
 
+    /// A decimal is rounded up, never down: the wait is never shorter than asked for.
+    #[test]
+    fn a_decimal_is_rounded_up_to_whole_seconds() {
+        for (text, secs) in [
+            ("2.5", 3),
+            ("1.5", 2),
+            ("0.001", 1),
+            (".5", 1),
+            ("3.", 3),
+            ("4.000", 4),
+            (" 7.0 ", 7),
+            ("0.0", 0),
+            ("86399.2", 86_400),
+        ] {
+            assert_eq!(
+                RetryAfter::parse(text.as_bytes()),
+                Some(RetryAfter::Delay(Duration::from_secs(secs))),
+                "{text}"
+            );
+        }
+        for huge in [
+            "86400.5",
+            "99999999999999999999999.9",
+            "18446744073709551615.5",
+        ] {
+            assert_eq!(
+                RetryAfter::parse(huge.as_bytes()),
+                Some(RetryAfter::Delay(MAX_RETRY_AFTER)),
+                "{huge}"
+            );
+        }
+    }
+
     #[test]
     fn garbage_is_none() {
         for bad in [
             &b""[..],
             b"-1",
-            b"1.5",
+            b"-1.5",
+            b".",
+            b"1..5",
+            b"1.5.",
+            b"1.5s",
+            b"+1.5",
+            b"1e3",
             b"soon",
             b"7 s",
             b"\xff\xfe",

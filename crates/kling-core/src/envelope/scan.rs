@@ -28,7 +28,12 @@ use crate::request::ApiGeneration;
 #[cfg(test)]
 mod tests;
 
-/// Containers nested deeper than this are left to serde_json (whose own limit is 128).
+/// Containers nested deeper than this are left to serde_json (whose own limit is 128), which
+/// also bounds the scanner's recursion. Past serde_json's limit an error code still counts,
+/// wherever it stands in the envelope: the reference reads the code on its own, and serde_json
+/// skips the fields it ignores without recursing. A success whose tasks nest past the limit is
+/// malformed, as any whose task cannot be read. The test
+/// `an_error_code_survives_nesting_past_the_recursion_limit` holds both.
 const MAX_DEPTH: u32 = 64;
 
 /// The scanner met something it leaves to the serde_json reference (including every error, so

@@ -162,6 +162,46 @@ fn what_the_scanner_leaves_to_the_reference() {
     assert!(!agree(not_utf8));
 }
 
+/// Nesting past the scanner's depth and past serde_json's recursion limit (128): the scanner
+/// leaves the body to the reference, which keeps an error code wherever it stands (before or
+/// after the deep value: the code is read on its own, and serde_json skips what it ignores
+/// without recursing), with the texts that read, and no task. A success whose tasks nest past
+/// the limit (arrays in `data` are read, element by element) stays malformed, as any success
+/// whose task cannot be read; objects in a task's unknown fields are skipped, at any depth.
+/// No depth overflows the stack.
+#[test]
+fn an_error_code_survives_nesting_past_the_recursion_limit() {
+    let now = tokio::time::Instant::now();
+    for depth in [MAX_DEPTH as usize, 127, 128, 129, 200, 20_000] {
+        let arrays = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let objects = format!("{}1{}", r#"{"a":"#.repeat(depth), "}".repeat(depth));
+        for (deep, read) in [(&arrays, true), (&objects, false)] {
+            for code in [1102, 0] {
+                for body in [
+                    format!(r#"{{"code":{code},"message":"m","request_id":"r","data":{deep}}}"#),
+                    format!(r#"{{"data":{deep},"message":"m","request_id":"r","code":{code}}}"#),
+                ] {
+                    let mut tasks = Reports::None;
+                    assert!(scan(body.as_str(), &mut tasks).is_err(), "depth {depth}");
+                    agree(body.as_bytes());
+                    let outcome =
+                        Outcome::parse(StatusCode::OK, &HeaderMap::new(), body.as_bytes(), now);
+                    if code == 0 && read && depth >= 127 {
+                        let err = outcome.expect_err("a success past the limit is malformed");
+                        assert!(err.reason().contains("recursion limit"), "{}", err.reason());
+                        continue;
+                    }
+                    let outcome = outcome.expect("the code is kept");
+                    assert_eq!(outcome.code(), Code::from_i64(code), "depth {depth}");
+                    assert_eq!(outcome.message(), "m");
+                    assert_eq!(outcome.request_id(), Some("r"));
+                    assert!(outcome.tasks().is_empty());
+                }
+            }
+        }
+    }
+}
+
 /// The field names the scanner recognises a word at a time, as keys of every object it reads.
 const NAMES: &[&str] = &[
     "code",
