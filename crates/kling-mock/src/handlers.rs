@@ -599,6 +599,8 @@ impl State {
         if ids.is_empty() || ids.len() as u64 > MAX_PAGE {
             return self.error(1201, "invalid parameter: between 1 and 500 ids", now, None);
         }
+        // Each task once, where its id is first named: the answer is the tasks the ids name.
+        let mut seen = std::collections::HashSet::new();
         let found: Vec<Value> = ids
             .iter()
             .filter_map(|id| {
@@ -609,6 +611,7 @@ impl State {
                     self.by_id.get(*id).copied()
                 }
             })
+            .filter(|&i| seen.insert(i))
             .map(|i| &self.tasks[i])
             .filter(|t| t.account == account && matches!(t.generation, Generation::New { .. }))
             .map(|t| t.new_json(&self.clock, now))
@@ -704,16 +707,22 @@ impl State {
         // An account answered 1102 refuses every create until the period ends, whatever is
         // left: the pack says so, or a client that re-reads it would create into 1102s.
         let latched = self.first_1102(account, now).is_some();
-        // A pack that comes back every credit period is valid for the current period; any
-        // other for 30 days from now.
-        let (start, end) = match self.credit_period(account) {
-            Some((start, end)) => (self.clock.millis(start), self.clock.millis(end)),
-            None => {
-                let start = self.clock.millis(now);
-                let thirty_days = Duration::from_secs(30 * 24 * 3600).as_millis() as u64;
-                (start, start.saturating_add(thirty_days))
+        // A pack that comes back every credit period is valid for the current period (before
+        // the account's first create, the period a create now would start); any other was
+        // bought when the mock started and lasts as long as the mock can run. Fixed times, as a
+        // real pack's are, and the query always inside them.
+        let (start, end) = match (
+            self.credit_period(account),
+            self.config.scaled_credit_period(),
+        ) {
+            (Some((start, end)), _) => (start, end),
+            (None, Some(period)) => (now, now + period),
+            (None, None) => {
+                let start = self.clock.started();
+                (start, start + MAX_WAIT)
             }
         };
+        let (start, end) = (self.clock.millis(start), self.clock.millis(end));
         let data = json!({
             "code": 0,
             "msg": "SUCCEED",

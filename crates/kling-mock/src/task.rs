@@ -25,6 +25,11 @@ impl Clock {
         }
     }
 
+    /// The instant the mock was built.
+    pub(crate) fn started(&self) -> Instant {
+        self.start
+    }
+
     pub(crate) fn wall(&self, at: Instant) -> SystemTime {
         self.wall + at.saturating_duration_since(self.start)
     }

@@ -1,6 +1,7 @@
 //! The legacy generation end to end: `task_id`, `task_status`, `succeed`, `task_result`,
 //! `final_unit_deduction`, queries by id and external id, lists.
 
+use kling_mock::{MockConfig, Preset};
 use serde_json::json;
 
 use crate::support::{Caller, advance, encode, quiet};
@@ -335,4 +336,49 @@ async fn endpoints_that_answer_at_once_make_no_task_and_take_no_slot() {
     c.get("/v1/videos/identify-face/x")
         .await
         .assert_error(404, 1202);
+}
+
+/// A pack's purchase and validity times are the pack's own, the same at every query, and the
+/// query falls inside them. They were the query's own time (and 30 days on), so every query
+/// showed a pack bought that instant, and one valid for 30 days before a daily period began.
+#[tokio::test(start_paused = true)]
+async fn account_costs_report_fixed_pack_times() {
+    let pack = |r: &crate::support::Reply| r.data()["resource_pack_subscribe_infos"][0].clone();
+    let date_ms = |r: &crate::support::Reply| {
+        let date = httpdate::parse_http_date(r.headers["date"].to_str().unwrap()).unwrap();
+        date.duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    for config in [quiet().credits(10.0), quiet()] {
+        let c = Caller::new(config);
+        let first = c.get("/account/costs").await;
+        tokio::time::advance(std::time::Duration::from_secs(3600)).await;
+        let later = c.get("/account/costs").await;
+        for field in ["purchase_time", "effective_time", "invalid_time"] {
+            assert_eq!(pack(&first)[field], pack(&later)[field], "{field}");
+        }
+        let (from, to) = (
+            pack(&later)["effective_time"].as_u64().unwrap(),
+            pack(&later)["invalid_time"].as_u64().unwrap(),
+        );
+        assert!(
+            from <= date_ms(&later) && date_ms(&later) < to,
+            "{}",
+            later.body
+        );
+    }
+    // The Free tier's pack lasts a day, before its first create as after.
+    let c = Caller::new(MockConfig::preset(Preset::Free).no_rate_limit());
+    for _ in 0..2 {
+        let p = pack(&c.get("/account/costs").await);
+        let valid_ms = p["invalid_time"].as_u64().unwrap() - p["effective_time"].as_u64().unwrap();
+        assert_eq!(valid_ms, 24 * 3600 * 1000, "{p}");
+        if c.mock.remaining_credits("test-key") == Some(66.0) {
+            c.post("/v1/videos/text2video", json!({"prompt": "x"}))
+                .await
+                .data();
+        }
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+    }
 }

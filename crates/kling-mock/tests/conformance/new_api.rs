@@ -360,3 +360,32 @@ async fn with_known_models_an_unknown_model_is_404_1203() {
         .await
         .data();
 }
+
+/// An id named twice in a batch query is answered once: the answer is the tasks the ids name.
+/// Each was listed once per mention, so a task came back twice.
+#[tokio::test(start_paused = true)]
+async fn the_batch_query_answers_each_task_once() {
+    let c = Caller::new(quiet());
+    let a = c
+        .post(T2V, json!({"prompt": "x", "external_id": "ea"}))
+        .await
+        .data()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let b = c.post(T2V, json!({"prompt": "x"})).await.data()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = c.get(&format!("/tasks?task_ids={a},{b},{a}")).await;
+    let ids: Vec<_> = r
+        .data()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].clone())
+        .collect();
+    assert_eq!(ids, [json!(a), json!(b)]);
+    let r = c.get("/tasks?external_task_ids=ea,ea%2Cea").await;
+    assert_eq!(r.data().as_array().unwrap().len(), 1, "{}", r.body);
+}
