@@ -13,9 +13,7 @@ use http_body_util::Full;
 use kling_core::error::{ApiError, BoxError, MalformedResponse};
 use kling_core::metrics::{LABEL_KIND, LABEL_REASON, RETRIES, RETRY_BUDGET_EXHAUSTED};
 use kling_core::signals::{Attempt, SendWatch};
-use kling_core::{
-    ApiGeneration, Code, Disposition, Outcome, PeekBody, Recognized, RequestKind, SendState,
-};
+use kling_core::{ApiGeneration, Code, Disposition, Outcome, PeekBody, Recognized, RequestKind};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::timeout::error::Elapsed;
@@ -626,14 +624,15 @@ where
         }
     }
 
-    /// Whether a create's attempt ended in `error` that may have left it made: the error has
-    /// no marker saying the request never left ([`SendState::of`]). Only where the caller could
-    /// not tell by itself: after a retry (the layer sent the create again), or for a create
-    /// given a generated id (the caller never saw it); a first attempt's error otherwise passes
-    /// through unchanged, as without this layer.
+    /// Whether a create's attempt ended in `error` that may have left it made, as
+    /// [`kling_core::error::may_have_created`] reads it: no marker says the request never left,
+    /// and it is no refusal that made nothing (a documented Kling refusal, or a proxy's 4xx page
+    /// such as a 413). Only where the caller could not tell by itself: after a retry (the layer
+    /// sent the create again), or for a create given a generated id (the caller never saw it);
+    /// a first attempt's error otherwise passes through unchanged, as without this layer.
     fn create_fate_unknown(&mut self, error: &BoxError) -> bool {
         (self.retry.is_some() || self.template.generated_id())
-            && SendState::of(&**error) == SendState::Unknown
+            && kling_core::error::may_have_created(&**error)
             && Recognized::of(self.template.request()).is_create()
     }
 

@@ -1349,6 +1349,32 @@ async fn a_create_whose_final_answer_may_have_made_a_task_is_named_while_its_loo
     assert_eq!(named, Some(Some("job-12".to_owned())), "{error}");
 }
 
+/// A proxy's 4xx page (here a 413) on a create given a generated id made nothing, as
+/// `kling_core::error::may_have_created` reads it: it passes up as the page it is, not as an
+/// unresolved create that keeps a spend guard's credit and a caller's worry for nothing.
+#[tokio::test(start_paused = true)]
+async fn a_proxys_4xx_page_on_a_generated_create_says_nothing_was_made() {
+    let (server, log) =
+        kling(|_, _| Reply::Now(html(413, "<html>413 Request Entity Too Large</html>")));
+    let client = RetryLayer::builder()
+        .seed(2)
+        .generate_external_ids(true)
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, create(r#"{"prompt":"a cat"}"#))
+        .await
+        .unwrap_err();
+    assert!(!kling_core::error::may_have_created(&*error), "{error}");
+    assert!(
+        error
+            .downcast_ref::<Failed>()
+            .is_none_or(|f| !f.may_have_created()),
+        "{error}"
+    );
+    assert_eq!(log.len(), 1, "not sent again");
+}
+
 /// An error from below that the policy does not retry and nothing marks as never sent (a
 /// client's own error reaching the layer without a classify step): the create may have
 /// reached the server. A create sent again by the layer, or given a generated id the caller
