@@ -624,13 +624,23 @@ impl<B: StackBackends> KlingLayer<B> {
     /// status frees the task's slots, its reported cost corrects the spend guard, and the
     /// monitor counts it; a running one renews the task's leases. Verify the signature first
     /// ([`WebhookVerifier`](crate::WebhookVerifier)).
+    ///
+    /// A body that reports several tasks (an array of them, or an envelope whose `data` holds
+    /// several, as a proxy batching callbacks may post) has each applied; the first is
+    /// returned. To hand each to a [`Follower`] as well, use
+    /// [`on_callback_tasks`](Self::on_callback_tasks).
     pub async fn on_callback(&self, payload: &[u8]) -> Result<Option<TaskReport>, BoxError> {
+        Ok(self.on_callback_tasks(payload).await?.into_iter().next())
+    }
+
+    /// [`on_callback`](Self::on_callback), returning every task the body reports.
+    pub async fn on_callback_tasks(&self, payload: &[u8]) -> Result<Vec<TaskReport>, BoxError> {
         self.inner.slots_handle.on_callback(payload).await?;
-        let task = crate::webhook::parse_task(payload);
-        if let Some(task) = &task {
+        let tasks = kling_core::Envelope::parse_callback(payload).unwrap_or_default();
+        for task in &tasks {
             self.settle(task);
         }
-        Ok(task)
+        Ok(tasks)
     }
 
     /// Hands a task report from elsewhere (a verified callback already parsed, e.g. by

@@ -10,10 +10,20 @@
 //! copy of that layer's token at once, and every other thread drops its copies of layers that
 //! are gone at its next JWT request, through any layer (a layer dropped moves a counter that
 //! each such request compares with what its thread last saw: one load and one comparison).
-//! A thread that sends no JWT request again keeps its copy until it ends; the token expires
-//! at its `exp` all the same. A copy is found only by the layer that made it (each layer's
-//! cache has an id of its own, never reused), so no other layer, of this account or another,
-//! sends it. Like any header it is marked sensitive, so `Debug` never shows it.
+//! A copy is found only by the layer that made it (each layer's cache has an id of its own,
+//! never reused), so no other layer, of this account or another, sends it. Like any header it
+//! is marked sensitive, so `Debug` never shows it.
+//!
+//! What a thread that sends no JWT request again keeps after the layer is gone, until it ends:
+//! the signed token (`Bearer <jwt>`, valid until its `exp`, at most [`TOKEN_LIFETIME`] after
+//! it was signed, then worth nothing) and a weak way back to the layer's cache, which keeps
+//! only that cache's allocation, not its contents. Never the secret key, the access key or the
+//! signing key: those go with the layer's last clone, whatever the threads keep. (Memory freed
+//! is not wiped, here as anywhere in the crate.) The copy is not freed by the thread that drops
+//! the layer because no other thread can reach it: letting one would need a lock or a shared
+//! reference count on every request, which is what the copy exists to avoid.
+//!
+//! [`TOKEN_LIFETIME`]: super::TOKEN_LIFETIME
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -203,6 +213,20 @@ pub(super) fn holds(id: u64) -> bool {
             .slots
             .iter()
             .any(|copy| copy.as_ref().is_some_and(|copy| copy.id == id))
+    })
+}
+
+/// This thread's copy of layer `id`'s value and its way back, whatever its generation and time.
+#[cfg(test)]
+pub(super) fn kept(id: u64) -> Option<(HeaderValue, Owner)> {
+    COPIES.with(|copies| {
+        copies
+            .borrow()
+            .slots
+            .iter()
+            .flatten()
+            .find(|copy| copy.id == id)
+            .map(|copy| (copy.header.clone(), copy.owner.clone()))
     })
 }
 

@@ -30,7 +30,8 @@
 //! current JWT, checked against the shared token's generation with a plain read, so the lock
 //! is taken only to sign or to drop a token. A thread's copy goes with its layer: at once on the
 //! thread that drops the layer, and on any other thread at its next JWT request (a thread that
-//! sends none keeps it until it ends); only the layer that made a copy ever sends it.
+//! sends none keeps the token, never the keys, until it ends); only the layer that made a copy
+//! ever sends it.
 //!
 //! The layer also sets the request's [`AccountId`] when it has none: for an API key,
 //! `key-` and the first 12 hex digits of the key's SHA-256; for an access key, `ak-` and the
@@ -877,6 +878,53 @@ mod tests {
             !worker.join().unwrap(),
             "dropped at the worker's next JWT request"
         );
+    }
+
+    /// What a thread that sends no JWT request again keeps once the layer is gone: the signed
+    /// token (its own bytes), and nothing of the credentials: the secret key's one reference
+    /// left is the test's own, and the weak way back to the cache upgrades to nothing.
+    #[test]
+    fn a_copy_left_on_an_idle_thread_holds_the_token_and_no_key() {
+        let clock = ManualClock::default();
+        clock.set(1_000_000);
+        let credentials = Credentials::access_key("ak-idle", "sk-idle-secret").unwrap();
+        let Kind::AccessKey { secret, .. } = &credentials.kind else {
+            unreachable!("an access key")
+        };
+        let secret = secret.clone();
+        let layer = AuthLayer::new(credentials).with_clock(clock.clone());
+        let id = layer.shared.id;
+        let (to_main, from_worker) = std::sync::mpsc::channel();
+        let (to_worker, from_main) = std::sync::mpsc::channel::<()>();
+        let worker = {
+            let layer = layer.clone();
+            std::thread::spawn(move || {
+                let (token, _) = pair(&layer.shared);
+                drop(layer);
+                to_main.send(token).unwrap();
+                from_main.recv().unwrap();
+                // No JWT request since: the copy is still here, and it is the token alone.
+                let kept = local::kept(id);
+                kept.map(|(header, owner)| (header, owner.upgrade().is_none()))
+            })
+        };
+        let token = from_worker.recv().unwrap();
+        assert!(Arc::strong_count(&secret) > 1, "the layer holds the secret");
+        drop(layer);
+        assert_eq!(
+            Arc::strong_count(&secret),
+            1,
+            "only the test's copy is left"
+        );
+        to_worker.send(()).unwrap();
+        let (header, gone) = worker
+            .join()
+            .unwrap()
+            .expect("the idle thread's copy is kept");
+        assert_eq!(header, token);
+        assert!(gone, "the way back reaches no cache");
+        let text = header.to_str().unwrap();
+        assert!(!text.contains("sk-idle-secret"));
     }
 
     /// JWT layers that share a thread slot keep their own tokens.

@@ -18,6 +18,12 @@
 //! ([`FollowPolicy::callbacks_first`]) a task delivered through [`Follower::deliver`] ends at
 //! once and queries only run as a slow safety net.
 //!
+//! A task's end, delivered or answered to a query, stays known to the follower and its clones
+//! for the policy's wait before a first query (the safety interval with `callbacks_first`; at
+//! least the shortest interval) once a call has taken it: a call that starts following the
+//! task meanwhile, also at the moment the report is handed out, ends with it at once and sends
+//! no query.
+//!
 //! The queries are ordinary requests through the service given, so they are paced by the rate
 //! limiter and a query that reports a task ended frees its slots, like any other.
 //!
@@ -58,7 +64,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex, Weak};
@@ -353,7 +359,8 @@ impl TaskRef {
     }
 }
 
-/// Terminal reports delivered by callbacks, waiting for their followers.
+/// Terminal reports delivered by callbacks or answered to queries, for the calls that follow
+/// their tasks.
 #[derive(Debug, Default)]
 struct Board {
     reports: Mutex<Reports>,
@@ -362,24 +369,86 @@ struct Board {
     /// account of its own has batches of its own): a report delivered to any of them ends the
     /// calls of each that follow its task.
     followers: Mutex<Vec<Weak<Batches>>>,
+    /// How long a report stays once handed to a call (or answered to a query): the policy's
+    /// wait before a call's first query, at least its shortest interval. A call that starts
+    /// following its task meanwhile (as it is handed out, or just after) ends with it rather
+    /// than waiting for that query.
+    keep: Duration,
 }
 
-/// The board's reports by task id, each with the number it was put there under, and the ids
-/// in the order they came (with those numbers, so an id taken and delivered again is not
-/// evicted by its first delivery's place in the order); and the task id of each report by
-/// its external id, for a legacy task followed by the external id its create carried.
+/// The board's reports by task id, each with the number it was put there under and, once
+/// handed out, when it goes; the ids in the order they came (with those numbers, so an id
+/// delivered again is not evicted by its first delivery's place in the order) and in the order
+/// they go; and the task id of each report by its external id, for a legacy task followed by
+/// the external id its create carried.
 #[derive(Debug, Default)]
 struct Reports {
-    by_id: HashMap<String, (u64, TaskReport)>,
+    by_id: HashMap<String, Kept>,
     order: VecDeque<(String, u64)>,
+    going: VecDeque<(String, u64, Instant)>,
     next: u64,
     by_external_id: HashMap<String, String>,
 }
 
-/// How many delivered reports are kept for tasks nobody follows yet.
+/// A report on the board.
+#[derive(Debug)]
+struct Kept {
+    number: u64,
+    report: TaskReport,
+    /// When it goes, once handed out; until then it waits for a call to follow its task.
+    until: Option<Instant>,
+}
+
+/// How many reports the board keeps (delivered for tasks nobody follows yet, or handed out
+/// recently).
 const BOARD_CAPACITY: usize = 10_000;
 
+impl Reports {
+    /// Forgets the report put under `number` for task `id`, if it is still there.
+    fn forget(&mut self, id: &str, number: u64) {
+        if self.by_id.get(id).is_some_and(|kept| kept.number == number)
+            && let Some(gone) = self.by_id.remove(id)
+            && let Some(external_id) = &gone.report.external_id
+            && self.by_external_id.get(external_id).map(String::as_str) == Some(id)
+        {
+            self.by_external_id.remove(external_id);
+        }
+    }
+
+    /// Forgets the reports handed out that are due to go at `now`.
+    fn prune(&mut self, now: Instant) {
+        while let Some((_, _, until)) = self.going.front()
+            && *until <= now
+        {
+            if let Some((id, number, _)) = self.going.pop_front() {
+                self.forget(&id, number);
+            }
+        }
+    }
+
+    /// Starts the countdown of task `id`'s report, if it has none yet.
+    fn hand_out(&mut self, id: &str, until: Instant) {
+        if let Some(kept) = self.by_id.get_mut(id)
+            && kept.until.is_none()
+        {
+            kept.until = Some(until);
+            self.going.push_back((id.to_owned(), kept.number, until));
+        }
+    }
+}
+
 impl Board {
+    fn new(keep: Duration) -> Board {
+        Board {
+            keep,
+            ..Board::default()
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Reports> {
+        self.reports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Adds a follower's batches to those a delivered report reaches (and forgets the batches
     /// of followers that are gone).
     fn register(&self, batches: &Arc<Batches>) {
@@ -394,61 +463,68 @@ impl Board {
         followers.iter().filter_map(Weak::upgrade).collect()
     }
 
-    fn take(&self, id: &str) -> Option<TaskReport> {
-        let mut board = self.reports.lock().unwrap_or_else(|e| e.into_inner());
-        let (_, report) = board.by_id.remove(id)?;
-        if let Some(external_id) = &report.external_id
-            && board.by_external_id.get(external_id).map(String::as_str) == Some(id)
-        {
-            board.by_external_id.remove(external_id);
-        }
-        Some(report)
+    /// The report of the task `id` names (a legacy task's by its task id, or else the external
+    /// id its create carried), handed out: it stays for [`keep`](Board::keep) more for the
+    /// other calls that follow its task, or start to (a call that looks at the board as
+    /// another takes the report must find it too).
+    fn hand(&self, id: &str, legacy: bool, now: Instant) -> Option<TaskReport> {
+        let mut board = self.lock();
+        board.prune(now);
+        let task_id = match board.by_id.contains_key(id) {
+            true => id.to_owned(),
+            false if legacy => board.by_external_id.get(id)?.clone(),
+            false => return None,
+        };
+        board.hand_out(&task_id, later(now, self.keep));
+        board.by_id.get(&task_id).map(|kept| kept.report.clone())
     }
 
-    /// The report of the legacy task `id` names (its task id, or else the external id its
-    /// create carried), left on the board for the other calls following that task (legacy
-    /// tasks are kept by each call alone, so no one call can hand it on); it goes when the
-    /// board is full, as the oldest.
-    fn peek(&self, id: &str) -> Option<TaskReport> {
-        let board = self.reports.lock().unwrap_or_else(|e| e.into_inner());
-        let report = board.by_id.get(id).or_else(|| {
-            let task_id = board.by_external_id.get(id)?;
-            board.by_id.get(task_id)
-        });
-        report.map(|(_, report)| report.clone())
-    }
-
-    /// Keeps `report` for its follower, the oldest report going when the board is full.
-    fn put(&self, report: TaskReport) {
-        let mut board = self.reports.lock().unwrap_or_else(|e| e.into_inner());
-        let Reports {
-            by_id,
-            order,
-            next,
-            by_external_id,
-        } = &mut *board;
+    /// Keeps `report`, the oldest report going when the board is full; `handed` (a query's
+    /// answer, or a delivered report some call has taken) starts its countdown now.
+    fn put(&self, report: TaskReport, handed: bool, now: Instant) {
+        let mut board = self.lock();
+        board.prune(now);
+        let id = report.id.clone();
         if let Some(external_id) = &report.external_id {
-            by_external_id.insert(external_id.clone(), report.id.clone());
+            board.by_external_id.insert(external_id.clone(), id.clone());
         }
-        match by_id.get_mut(&report.id) {
-            // Delivered again before anyone took it: the newer report, in the same place.
-            Some((_, kept)) => *kept = report,
+        let Reports {
+            by_id, order, next, ..
+        } = &mut *board;
+        match by_id.get_mut(&id) {
+            // Delivered again before it went: the newer report, in the same place.
+            Some(kept) => kept.report = report,
             None => {
                 *next += 1;
-                order.push_back((report.id.clone(), *next));
-                by_id.insert(report.id.clone(), (*next, report));
+                order.push_back((id.clone(), *next));
+                by_id.insert(
+                    id.clone(),
+                    Kept {
+                        number: *next,
+                        report,
+                        until: None,
+                    },
+                );
             }
         }
-        while order.len() > BOARD_CAPACITY {
-            if let Some((old, number)) = order.pop_front()
-                && by_id.get(&old).is_some_and(|(kept, _)| *kept == number)
-                && let Some((_, gone)) = by_id.remove(&old)
-                && let Some(external_id) = &gone.external_id
-                && by_external_id.get(external_id) == Some(&old)
-            {
-                by_external_id.remove(external_id);
+        if handed {
+            board.hand_out(&id, later(now, self.keep));
+        }
+        while board.order.len() > BOARD_CAPACITY {
+            if let Some((old, number)) = board.order.pop_front() {
+                board.forget(&old, number);
             }
         }
+        while board.going.len() > BOARD_CAPACITY {
+            if let Some((old, number, _)) = board.going.pop_front() {
+                board.forget(&old, number);
+            }
+        }
+    }
+
+    /// Starts the countdown of task `id`'s report (handed to the calls that follow it).
+    fn handed(&self, id: &str, now: Instant) {
+        self.lock().hand_out(id, later(now, self.keep));
     }
 }
 
@@ -497,8 +573,8 @@ struct Tracked {
     /// A batch answer left this task out: it is asked about alone (an unknown id then meets
     /// its `1203`).
     alone: bool,
-    /// Its result is a report just taken from the board of delivered callbacks, not yet given
-    /// to the other calls that follow the same task.
+    /// Its result is a report just found on the board, not yet given to the other calls that
+    /// follow the same task.
     from_board: bool,
     /// Batch answers applied to it so far (a sending call tells by it that another call's
     /// answer came in while its own query is out).
@@ -516,7 +592,8 @@ where
     /// A follower that queries through `service`.
     pub fn new(service: S, policy: FollowPolicy) -> Result<Self, ConfigError> {
         policy.validate()?;
-        let board = Arc::new(Board::default());
+        let keep = policy.first_wait().max(policy.min_interval_duration());
+        let board = Arc::new(Board::new(keep));
         let batches = Arc::new(Batches::default());
         board.register(&batches);
         Ok(Follower {
@@ -568,8 +645,10 @@ where
 
     /// Hands over a task report from a callback: every call of this follower and of its
     /// clones (also those given a header or an account of their own) waiting for that task
-    /// ends with it at once; a call that starts following it later finds it if no call was
-    /// following it then (non-terminal reports are ignored). Free the task's slots first
+    /// ends with it at once; a call that starts following it later finds it (non-terminal
+    /// reports are ignored). A report no call has taken stays until 10,000 newer ones push it
+    /// out; once taken, for the policy's wait before a first query (see the
+    /// [module docs](self)). Free the task's slots first
     /// ([`KlingLayer::on_task`](crate::KlingLayer::on_task) or
     /// [`on_callback`](crate::KlingLayer::on_callback), awaited), so whoever sees the follow
     /// end finds them free.
@@ -578,9 +657,10 @@ where
             return;
         }
         // On the board first: a call that starts following the task while the report is
-        // handed out below finds it there, as does a later one when no call follows it now.
+        // handed out below finds it there, as does a later one (for a while once handed out).
+        let now = Instant::now();
         let handed = report.clone();
-        self.board.put(report);
+        self.board.put(report, false, now);
         // The calls following it with batch queries, in every clone's batches, end with it and
         // are woken by their own wakes; those following legacy tasks (kept by their calls
         // alone) all look.
@@ -594,10 +674,10 @@ where
                 }
             }
         }
-        // Handed to the calls that follow it: the board keeps reports for tasks nobody
-        // follows yet (a legacy task's calls look at it without taking it, so it stays).
-        if !wakes.is_empty() && handed.generation != ApiGeneration::Legacy {
-            self.board.take(&handed.id);
+        // Handed to the calls that follow it: it stays a while for calls that start following
+        // it now (the board keeps reports for tasks nobody follows yet until a call looks).
+        if !wakes.is_empty() {
+            self.board.handed(&handed.id, now);
         }
         wake_each(wakes);
         self.board.notify.notify_waiters();
@@ -681,6 +761,7 @@ where
             for (i, uri) in legacy {
                 let until = local[i].deadline_at;
                 let answer = judge(self.query(uri, until).await);
+                self.keep_ended(&answer, |_| true);
                 self.settle(&mut local[i], &answer, Instant::now());
             }
             // New-style tasks: when one of ours is due, one batch query with as many other
@@ -779,13 +860,11 @@ where
         if t.result.is_some() {
             return;
         }
-        // A new-style task's report is handed on to every call following it
-        // (`check_shared`); a legacy task's stays on the board for the others to read.
-        let delivered = if t.task.legacy_path.is_some() {
-            self.board.peek(&t.task.id)
-        } else {
-            self.board.take(&t.task.id)
-        };
+        // The report stays on the board a while for the other calls following the task, and
+        // those that start to; a new-style one is also handed on at once (`check_shared`).
+        let delivered = self
+            .board
+            .hand(&t.task.id, t.task.legacy_path.is_some(), now);
         if let Some(report) = delivered {
             t.result = Some(Ok(report));
             t.from_board = true;
@@ -798,8 +877,8 @@ where
         }
     }
 
-    /// [`check`](Self::check)s a call's shared tasks (`keys`); a report delivered for one ends
-    /// every call's task with its id (the board gives a report out once).
+    /// [`check`](Self::check)s a call's shared tasks (`keys`); a report found on the board for
+    /// one ends every call's task with its id at once.
     fn check_shared(&self, state: &mut batches::BatchState, keys: &[u64], now: Instant) {
         for key in keys {
             let Some(t) = state.tracked.get_mut(key) else {
@@ -846,6 +925,12 @@ where
             // while ours is still out: ask anew rather than wait on a query that may hang.
             () = self.settled_elsewhere(mine, &claimed, wake) => return,
         };
+        // Ended tasks on the board before the answer is applied: a call that starts following
+        // one as the answer comes in finds it there.
+        if matches!(answer, Answer::Reports(_)) {
+            let asked: HashSet<&str> = claimed.ids.iter().map(String::as_str).collect();
+            self.keep_ended(&answer, |r| asked.contains(r.id.as_str()));
+        }
         let now = Instant::now();
         let several = claimed.ids.len() > 1;
         self.batches.answer(&claimed, |t| match &answer {
@@ -947,6 +1032,21 @@ where
             AccountId::set_if_absent(&mut request, account);
         }
         service.call(request).await.map_err(Into::into)
+    }
+
+    /// Puts the ended tasks a query's answer reports (those `asked` about) on the board, handed
+    /// out: a call that starts following one as the answer comes in, or a while after, ends
+    /// with it rather than asking again.
+    fn keep_ended(&self, answer: &Answer, asked: impl Fn(&TaskReport) -> bool) {
+        let Answer::Reports(outcome) = answer else {
+            return;
+        };
+        let now = Instant::now();
+        for report in outcome.tasks() {
+            if report.status.is_terminal() && asked(report) {
+                self.board.put(report.clone(), true, now);
+            }
+        }
     }
 
     /// Applies a query's answer to one task it asked about.
@@ -1089,48 +1189,89 @@ mod tests {
             .remove(0)
     }
 
-    /// A legacy task followed by its external id finds a delivered report by it, and the index
-    /// goes with the report (taken, or pushed out when the board is full).
+    /// A legacy task followed by its external id finds a delivered report by it (a new-style
+    /// one does not), and the index goes with the report (gone after its countdown, or pushed
+    /// out when the board is full).
     #[test]
     fn a_report_is_found_by_its_external_id_and_the_index_goes_with_it() {
-        let board = Board::default();
+        let keep = Duration::from_secs(5);
+        let board = Board::new(keep);
+        let now = Instant::now();
         let mut report = ended("t-1");
         report.external_id = Some("job-7".to_owned());
-        board.put(report);
-        assert_eq!(board.peek("job-7").map(|r| r.id), Some("t-1".to_owned()));
-        assert_eq!(board.peek("t-1").map(|r| r.id), Some("t-1".to_owned()));
-        assert!(board.take("t-1").is_some());
-        assert!(board.peek("job-7").is_none());
-        assert!(board.reports.lock().unwrap().by_external_id.is_empty());
+        board.put(report, false, now);
+        assert!(board.hand("job-7", false, now).is_none());
+        assert_eq!(
+            board.hand("job-7", true, now).map(|r| r.id),
+            Some("t-1".to_owned())
+        );
+        let later = now + keep - Duration::from_millis(1);
+        assert_eq!(
+            board.hand("t-1", false, later).map(|r| r.id),
+            Some("t-1".to_owned())
+        );
+        assert!(
+            board.hand("t-1", false, now + keep).is_none(),
+            "gone after its countdown"
+        );
+        assert!(board.hand("job-7", true, now + keep).is_none());
+        assert!(board.lock().by_external_id.is_empty());
         for i in 0..=BOARD_CAPACITY {
             let mut report = ended(&format!("t-{i}"));
             report.external_id = Some(format!("job-{i}"));
-            board.put(report);
+            board.put(report, false, now);
         }
-        let reports = board.reports.lock().unwrap();
+        let reports = board.lock();
         assert_eq!(reports.by_external_id.len(), BOARD_CAPACITY);
         assert!(!reports.by_external_id.contains_key("job-0"));
     }
 
-    /// A report taken, then delivered again (a callback Kling sent twice), is not evicted when
-    /// its first delivery's place in the order comes up: the board keeps the newest
-    /// `BOARD_CAPACITY` deliveries.
+    /// A report nobody has looked at stays until the board is full; once handed out, for the
+    /// board's keep time from then, whether a call took it or a query's answer put it there.
     #[test]
-    fn a_report_delivered_again_after_it_was_taken_keeps_its_new_place() {
-        let board = Board::default();
-        board.put(ended("x"));
-        assert!(board.take("x").is_some());
-        board.put(ended("x"));
+    fn a_report_stays_until_handed_out_and_then_for_the_keep_time() {
+        let keep = Duration::from_secs(5);
+        let board = Board::new(keep);
+        let now = Instant::now();
+        let kept = |id: &str| board.lock().by_id.contains_key(id);
+        board.put(ended("waiting"), false, now);
+        board.put(ended("answered"), true, now);
+        board.put(ended("x"), false, now);
+        let hour = now + Duration::from_secs(3600);
+        assert!(board.hand("x", false, now + keep).is_some());
+        // Handed out again later: the first countdown holds.
+        assert!(
+            board
+                .hand("x", false, now + keep * 2 - Duration::from_millis(1))
+                .is_some()
+        );
+        board.put(ended("other"), false, now + keep * 2);
+        assert!(!kept("x") && !kept("answered"));
+        assert!(kept("waiting") && kept("other"));
+        assert!(board.hand("waiting", false, hour).is_some());
+        assert!(board.hand("waiting", false, hour + keep).is_none());
+    }
+
+    /// A report delivered again after it went is not evicted when its first delivery's place
+    /// in the order comes up: the board keeps the newest `BOARD_CAPACITY` deliveries.
+    #[test]
+    fn a_report_delivered_again_after_it_went_keeps_its_new_place() {
+        let board = Board::new(Duration::ZERO);
+        let now = Instant::now();
+        board.put(ended("x"), false, now);
+        assert!(board.hand("x", false, now).is_some());
+        assert!(board.hand("x", false, now).is_none(), "gone at once");
+        board.put(ended("x"), false, now);
         for i in 0..BOARD_CAPACITY - 1 {
-            board.put(ended(&format!("other-{i}")));
+            board.put(ended(&format!("other-{i}")), false, now);
         }
-        let kept = |id: &str| board.reports.lock().unwrap().by_id.contains_key(id);
+        let kept = |id: &str| board.lock().by_id.contains_key(id);
         assert!(kept("x"), "the second delivery is kept");
         assert!(kept("other-0"));
         // Two more: the first pushes out `x`'s place, the second the oldest other report.
-        board.put(ended("last"));
+        board.put(ended("last"), false, now);
         assert!(!kept("x") && kept("other-0"));
-        board.put(ended("last-but-one"));
+        board.put(ended("last-but-one"), false, now);
         assert!(!kept("other-0") && kept("other-1"));
     }
 }

@@ -1,10 +1,14 @@
 //! An axum route for Kling callbacks: verifies the signature, reads the task, hands it on.
 //!
-//! Answers `204 No Content` to a verified callback once `on_task` has handled it, `200 OK` to a
-//! replay of an accepted one without calling `on_task` again (a sender that re-delivers is
-//! not told to keep trying), `401 Unauthorized` to a missing, stale or wrong signature,
-//! `400 Bad Request` to a verified body that reports no task, and `503 Service Unavailable`
-//! when `on_task` fails (its error is logged at `warn`), so that the sender delivers it again.
+//! Answers `204 No Content` to a verified callback once `on_task` has handled each task it
+//! reports, `200 OK` to a replay of an accepted one without calling `on_task` again (a sender
+//! that re-delivers is not told to keep trying), `401 Unauthorized` to a missing, stale or
+//! wrong signature (also on an accepted message's id: the signature is checked first),
+//! `400 Bad Request` to a verified body that reports no task (not JSON, or no task id and
+//! status), `413 Payload Too Large` to a body over [`CALLBACK_BODY_LIMIT`] (with or without a
+//! `Content-Length`), and `503 Service Unavailable` when `on_task` fails (its error is logged
+//! at `warn`), so that the sender delivers it again. Other methods get axum's `405`; the path
+//! is the router's.
 //!
 //! `on_task` is async and fallible: the route awaits it before answering, so a slot is freed
 //! (say with [`KlingLayer::on_task`](crate::KlingLayer::on_task), which may wait for Redis)
@@ -37,17 +41,19 @@ use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{MethodRouter, post};
-use kling_core::TaskReport;
+use kling_core::{Envelope, TaskReport};
 
-use super::{WebhookVerifier, parse_task};
+use super::WebhookVerifier;
 use crate::error::WebhookErrorKind;
 
 /// The largest callback body the route reads (256 KiB); a larger one is answered
 /// `413 Payload Too Large` unread. A task report is a few kilobytes.
 pub const CALLBACK_BODY_LIMIT: usize = 256 * 1024;
 
-/// A `POST` route that verifies callbacks with `verifier` and awaits `on_task` with each task;
-/// an error from it answers `503` (see the [module docs](self)).
+/// A `POST` route that verifies callbacks with `verifier` and awaits `on_task` with each task
+/// the body reports, in order (Kling posts one; a proxy may batch several); an error from it
+/// answers `503` at once, and the sender's next delivery hands every task over again (see the
+/// [module docs](self)).
 ///
 /// The route bounds its own body at [`CALLBACK_BODY_LIMIT`], whatever limit the router sets
 /// (a router that lifts axum's default for uploads does not lift it here).
@@ -63,8 +69,13 @@ where
         let on_task = on_task.clone();
         async move {
             match verifier.verify_unrecorded(&headers, &body) {
-                Ok(verified) => match parse_task(&body) {
-                    Some(task) => {
+                Ok(verified) => {
+                    let tasks = Envelope::parse_callback(&body).unwrap_or_default();
+                    if tasks.is_empty() {
+                        return StatusCode::BAD_REQUEST;
+                    }
+                    // Every task the body reports (Kling posts one; a proxy may batch them).
+                    for task in tasks {
                         let id = task.id.clone();
                         if let Err(e) = on_task(task).await {
                             tracing::warn!(
@@ -74,12 +85,11 @@ where
                             );
                             return StatusCode::SERVICE_UNAVAILABLE;
                         }
-                        // Remembered once handled (a concurrent delivery may have been first).
-                        let _ = verifier.record(&verified);
-                        StatusCode::NO_CONTENT
                     }
-                    None => StatusCode::BAD_REQUEST,
-                },
+                    // Remembered once handled (a concurrent delivery may have been first).
+                    let _ = verifier.record(&verified);
+                    StatusCode::NO_CONTENT
+                }
                 Err(e) if e.kind() == WebhookErrorKind::Replayed => StatusCode::OK,
                 Err(_) => StatusCode::UNAUTHORIZED,
             }

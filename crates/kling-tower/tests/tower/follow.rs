@@ -163,6 +163,8 @@ async fn the_longest_policy_and_the_latest_creation_time_follow_without_panickin
     let mock = mock(60, 60);
     let service = ClassifyLayer::new().layer(mock.clone());
     let task = create(&service, "/text-to-video/kling-3.0").await;
+    let other_task = create(&service, "/text-to-video/kling-3.0").await;
+    let other = other_task.clone();
     let follower = follower(
         service,
         FollowPolicy::new().deadline(year).callbacks_first(year),
@@ -186,6 +188,9 @@ async fn the_longest_policy_and_the_latest_creation_time_follow_without_panickin
     let done = follower.follow(late).await.unwrap();
     assert_eq!(done.status, TaskStatus::Succeeded);
 
+    // Another task (the first one's report stays on the board a year, the first wait).
+    let mut report = other;
+    report.status = TaskStatus::Succeeded;
     let delivering = follower.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(61)).await;
@@ -193,7 +198,10 @@ async fn the_longest_policy_and_the_latest_creation_time_follow_without_panickin
     });
     let start = Instant::now();
     let done = follower
-        .follow(TaskRef::from_report("/text-to-video/kling-3.0", &task))
+        .follow(TaskRef::from_report(
+            "/text-to-video/kling-3.0",
+            &other_task,
+        ))
         .await
         .unwrap();
     assert_eq!(done.status, TaskStatus::Succeeded);
@@ -1260,4 +1268,89 @@ async fn a_callback_ends_a_legacy_task_followed_by_its_external_id() {
     assert_eq!(done.status, TaskStatus::Succeeded);
     assert_eq!(start.elapsed(), Duration::from_secs(61));
     assert_eq!(mock.stats().requests_total, 1, "only the create");
+}
+
+/// A call that starts following a task at the moment a delivered report is handed to the calls
+/// already following it (here: at the same instant, right after) finds the report, on the same
+/// follower and on a clone with batches of its own: handing the report out took it off the
+/// board, so such a call waited for its safety query (120 s) and sent it.
+#[tokio::test(start_paused = true)]
+async fn a_call_starting_as_a_delivered_report_is_handed_out_finds_it() {
+    let mock = mock(3600, 3600);
+    let classify = ClassifyLayer::new().layer(mock.clone());
+    let task = create(&classify, "/text-to-video/kling-3.0").await;
+    let one = follower(
+        classify,
+        FollowPolicy::new().callbacks_first(Duration::from_secs(120)),
+    );
+    let first = {
+        let (follower, id) = (one.clone(), task.id.clone());
+        tokio::spawn(async move { follower.follow(TaskRef::new_style(id)).await })
+    };
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let mut done = task.clone();
+    done.status = TaskStatus::Succeeded;
+    one.deliver(done);
+    let start = Instant::now();
+    let apart = one.clone().with_account(AccountId::new("team-a"));
+    let (same, other) = tokio::join!(
+        one.follow(TaskRef::new_style(task.id.clone())),
+        apart.follow(TaskRef::new_style(task.id.clone())),
+    );
+    assert_eq!(same.unwrap().status, TaskStatus::Succeeded);
+    assert_eq!(other.unwrap().status, TaskStatus::Succeeded);
+    assert_eq!(first.await.unwrap().unwrap().status, TaskStatus::Succeeded);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(mock.stats().requests_total, 1, "only the create");
+}
+
+/// A report delivered while nobody follows its task, then two calls that start following it
+/// together: both end with it (the first to look took it off the board, and the other waited
+/// for its safety query).
+#[tokio::test(start_paused = true)]
+async fn calls_starting_together_after_a_delivery_all_find_the_report() {
+    let mock = mock(3600, 3600);
+    let classify = ClassifyLayer::new().layer(mock.clone());
+    let task = create(&classify, "/text-to-video/kling-3.0").await;
+    let one = follower(
+        classify,
+        FollowPolicy::new().callbacks_first(Duration::from_secs(120)),
+    );
+    let mut done = task.clone();
+    done.status = TaskStatus::Succeeded;
+    one.deliver(done);
+    let start = Instant::now();
+    let (a, b) = tokio::join!(
+        one.follow(TaskRef::new_style(task.id.clone())),
+        one.follow(TaskRef::new_style(task.id.clone())),
+    );
+    assert_eq!(a.unwrap().status, TaskStatus::Succeeded);
+    assert_eq!(b.unwrap().status, TaskStatus::Succeeded);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(mock.stats().requests_total, 1, "only the create");
+}
+
+/// A call that starts following a task as another call's query reports it ended finds that
+/// report, new-style and legacy: it waited for a first query of its own (5 s) and sent it.
+#[tokio::test(start_paused = true)]
+async fn a_call_starting_as_a_query_reports_the_task_ended_finds_the_report() {
+    for path in ["/text-to-video/kling-3.0", "/v1/videos/text2video"] {
+        let classify = ClassifyLayer::new().layer(mock(2, 2));
+        let task = create(&classify, path).await;
+        let (service, uris) = logging_uris(classify);
+        let one = follower(service, FollowPolicy::new());
+        let task = TaskRef::from_report(path, &task);
+        let first = one.follow(task.clone()).await.unwrap();
+        assert_eq!(first.status, TaskStatus::Succeeded, "{path}");
+        let queries = uris.lock().unwrap().len();
+        let start = Instant::now();
+        let later = one.follow(task).await.unwrap();
+        assert_eq!(later, first, "{path}");
+        assert_eq!(start.elapsed(), Duration::ZERO, "{path}");
+        assert_eq!(
+            uris.lock().unwrap().len(),
+            queries,
+            "{path}: no query of its own"
+        );
+    }
 }

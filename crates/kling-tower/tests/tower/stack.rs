@@ -296,6 +296,61 @@ async fn a_verified_callback_frees_the_tasks_slot() {
     assert_eq!(guard.remaining(Some(kling.account_id())), 65.5);
 }
 
+/// A callback body that reports two tasks (an array, as a proxy batching callbacks may post):
+/// both tasks' costs correct the spend guard and the monitor counts both ended. Only the first
+/// task's were, so the second's estimate stayed spent and the monitor missed its end.
+#[tokio::test(start_paused = true)]
+async fn a_callback_reporting_several_tasks_settles_each() {
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Free).slots(2),
+        Credentials::api_key("k").unwrap(),
+    )
+    .unwrap();
+    let service = kling.layer(roomy_mock());
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let create = request("POST", "/v1/videos/text2video", r#"{"prompt":"a"}"#);
+        let created = send(&service, create).await.unwrap();
+        ids.push(Outcome::of(&created).unwrap().task().unwrap().id.clone());
+    }
+    assert_eq!(kling.snapshot().pool("video").unwrap().in_use, 2);
+    let guard = kling.spend_guard().unwrap();
+    assert_eq!(guard.remaining(Some(kling.account_id())), 64.0);
+
+    let ended = |id: &str| {
+        format!(r#"{{"task_id":"{id}","task_status":"succeed","final_unit_deduction":"0.5"}}"#)
+    };
+    let payload = format!("[{},{}]", ended(&ids[0]), ended(&ids[1]));
+    let tasks = kling.on_callback_tasks(payload.as_bytes()).await.unwrap();
+    assert_eq!(
+        tasks.iter().map(|t| &t.id).collect::<Vec<_>>(),
+        [&ids[0], &ids[1]]
+    );
+    let snapshot = kling.snapshot();
+    assert_eq!(snapshot.pool("video").unwrap().in_use, 0);
+    assert_eq!(snapshot.tasks.finished, 2);
+    assert_eq!(guard.remaining(Some(kling.account_id())), 65.0);
+    // `on_callback` applies each too, and returns the first.
+    let more: Vec<String> = {
+        let mut more = Vec::new();
+        for _ in 0..2 {
+            let create = request("POST", "/v1/videos/text2video", r#"{"prompt":"a"}"#);
+            let created = send(&service, create).await.unwrap();
+            more.push(Outcome::of(&created).unwrap().task().unwrap().id.clone());
+        }
+        more
+    };
+    let payload = format!("[{},{}]", ended(&more[0]), ended(&more[1]));
+    let first = kling
+        .on_callback(payload.as_bytes())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.id, more[0]);
+    assert_eq!(kling.snapshot().tasks.finished, 4);
+    assert_eq!(guard.remaining(Some(kling.account_id())), 64.0);
+}
+
 /// A report handed to `on_task` (a verified callback the caller parsed) finds a task whose
 /// create's answer was lost by its external id, as `on_callback` does: the slot held under
 /// that id alone is freed.

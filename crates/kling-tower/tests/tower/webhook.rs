@@ -262,6 +262,126 @@ async fn axum_route_bounds_its_body_whatever_the_router_allows() {
     assert_eq!(answer.status().as_u16(), 204);
 }
 
+/// Bad requests to the route, each answered without calling `on_task`: a body over the limit
+/// with no length given (streamed) `413`; a signed body that is not JSON, or JSON that reports
+/// no task, `400`; an accepted message's id sent again with a wrong signature `401` (not the
+/// replay's `200`: only the sender can make a delivery a replay); a `GET` `405`; another path
+/// `404`.
+#[cfg(feature = "axum")]
+#[tokio::test(start_paused = true)]
+async fn axum_route_answers_bad_requests_without_handling_them() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::Router;
+    use http_body_util::BodyExt;
+    use kling_tower::webhook::axum::{CALLBACK_BODY_LIMIT, callback_route};
+    use tower::ServiceExt;
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let count = calls.clone();
+    let app: Router = Router::new().route(
+        "/cb",
+        callback_route(verifier(), move |_| {
+            count.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(Ok::<_, std::convert::Infallible>(()))
+        }),
+    );
+    let signed = |id: &str, body: &[u8]| {
+        let good = kling_mock::sign_webhook(SECRET, id, NOW, body);
+        headers(id, NOW, &good)
+    };
+    let send = |method: &str, path: &str, headers: HeaderMap, body: axum::body::Body| {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(body)
+            .unwrap();
+        *req.headers_mut() = headers;
+        let app = app.clone();
+        async move { app.oneshot(req).await.unwrap().status().as_u16() }
+    };
+    let body = |bytes: &[u8]| axum::body::Body::from(bytes.to_vec());
+
+    let big = vec![b' '; CALLBACK_BODY_LIMIT + 1];
+    let streamed = axum::body::Body::new(
+        http_body_util::Full::new(bytes::Bytes::from(big.clone())).map_frame(|frame| frame),
+    );
+    assert_eq!(
+        send("POST", "/cb", signed("big", &big), streamed).await,
+        413
+    );
+    for junk in [&b"not json"[..], b"{}", b"[]", br#"{"code":0,"data":null}"#] {
+        assert_eq!(
+            send("POST", "/cb", signed("junk", junk), body(junk)).await,
+            400
+        );
+    }
+    assert_eq!(
+        send("POST", "/cb", signed("ok", BODY), body(BODY)).await,
+        204
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let wrong = headers("ok", NOW, &kling_mock::sign_webhook(OTHER, "ok", NOW, BODY));
+    assert_eq!(send("POST", "/cb", wrong, body(BODY)).await, 401);
+    assert_eq!(
+        send("POST", "/cb", signed("ok", BODY), body(BODY)).await,
+        200
+    );
+    assert_eq!(send("GET", "/cb", signed("get", b""), body(b"")).await, 405);
+    assert_eq!(
+        send("POST", "/other", signed("p", BODY), body(BODY)).await,
+        404
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "only the good delivery was handled"
+    );
+}
+
+/// A verified body that reports several tasks (an array, as a proxy batching callbacks may
+/// post) hands each to `on_task` before answering `204`: only the first was, so the others'
+/// slots stayed held until their leases ran out. A failure on any answers `503`.
+#[cfg(feature = "axum")]
+#[tokio::test(start_paused = true)]
+async fn axum_route_hands_over_every_task_of_the_body() {
+    use std::sync::{Arc, Mutex};
+
+    use axum::Router;
+    use kling_tower::webhook::axum::callback_route;
+    use tower::ServiceExt;
+
+    let got: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = got.clone();
+    let app: Router = Router::new().route(
+        "/cb",
+        callback_route(verifier(), move |task| {
+            let failing = task.id == "t-fails";
+            log.lock().unwrap().push(task.id);
+            std::future::ready(if failing { Err("store away") } else { Ok(()) })
+        }),
+    );
+    let post = |id: &str, body: &str| {
+        let good = kling_mock::sign_webhook(SECRET, id, NOW, body.as_bytes());
+        let mut req = http::Request::post("/cb")
+            .body(axum::body::Body::from(body.to_owned()))
+            .unwrap();
+        *req.headers_mut() = headers(id, NOW, &good);
+        let app = app.clone();
+        async move { app.oneshot(req).await.unwrap().status().as_u16() }
+    };
+    let two = r#"[{"task_id":"t-1","task_status":"succeed"},{"id":"t-2","status":"failed"}]"#;
+    assert_eq!(post("two", two).await, 204);
+    assert_eq!(*got.lock().unwrap(), ["t-1", "t-2"]);
+    let failing = concat!(
+        r#"[{"task_id":"t-fails","task_status":"succeed"},"#,
+        r#"{"task_id":"t-3","task_status":"succeed"}]"#
+    );
+    assert_eq!(post("failing", failing).await, 503);
+    assert_eq!(post("failing", failing).await, 503, "not remembered");
+}
+
 /// A delivery whose handling failed (here `on_task` panics) is not remembered: the sender's
 /// next delivery of the message is handled, not answered as a replay and dropped.
 #[cfg(feature = "axum")]
