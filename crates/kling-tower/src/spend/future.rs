@@ -162,9 +162,9 @@ where
 /// [`Failed`] or [`DeadlineExceeded`], holding the last Kling answer. The estimate goes back
 /// when that answer's code cannot have created a task (or the last request never left) and no
 /// earlier attempt may have made one: the retry layer stopped because the answer was final,
-/// or its attempts or budget ran out, or the next retry would pass the deadline, and says no
-/// create is left unresolved ([`Failed::may_have_created`],
-/// [`DeadlineExceeded::may_have_created`]). Any other reason keeps the estimate. Without a
+/// or its attempts or budget ran out, or the server asked for a longer wait than it waits out
+/// or than the deadline leaves, and says no create is left unresolved
+/// ([`Failed::may_have_created`], [`DeadlineExceeded::may_have_created`]). Any other reason keeps the estimate. Without a
 /// retry layer, the error is read by [`kling_core::error::may_have_created`]: a Kling error by
 /// its code, a request never sent or refused before sending, a proxy's 4xx page.
 fn made_no_task(error: &(dyn StdError + 'static)) -> bool {
@@ -176,6 +176,7 @@ fn made_no_task(error: &(dyn StdError + 'static)) -> bool {
                 StopReason::NotRetryable
                     | StopReason::AttemptsExhausted
                     | StopReason::BudgetExhausted
+                    | StopReason::RetryAfterTooLong
             );
             return settled && !failed.may_have_created() && last_made_none(failed.api_error());
         }

@@ -5,7 +5,8 @@
 //! that re-delivers is not told to keep trying), `401 Unauthorized` to a missing, stale or
 //! wrong signature (also on an accepted message's id: the signature is checked first),
 //! `400 Bad Request` to a verified body that reports no task (not JSON, or no task id and
-//! status), `413 Payload Too Large` to a body over [`CALLBACK_BODY_LIMIT`] (with or without a
+//! status), with the reason as its text and in a `warn` event (it names fields, never quotes a
+//! value of the body), `413 Payload Too Large` to a body over [`CALLBACK_BODY_LIMIT`] (with or without a
 //! `Content-Length`), and `503 Service Unavailable` when `on_task` fails (its error is logged
 //! at `warn`), so that the sender delivers it again. Other methods get axum's `405`; the path
 //! is the router's.
@@ -40,6 +41,7 @@ use std::future::Future;
 use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::{MethodRouter, post};
 use kling_core::{Envelope, TaskReport};
 
@@ -70,10 +72,15 @@ where
         async move {
             match verifier.verify_unrecorded(&headers, &body) {
                 Ok(verified) => {
-                    let tasks = Envelope::parse_callback(&body).unwrap_or_default();
-                    if tasks.is_empty() {
-                        return StatusCode::BAD_REQUEST;
-                    }
+                    let tasks = match Envelope::read_callback(&body) {
+                        Ok(tasks) => tasks,
+                        // Why, in the log and the answer (it names fields, never a value of
+                        // the body), for whoever set up the sender.
+                        Err(why) => {
+                            tracing::warn!(reason = %why, "callback names no task; answered 400");
+                            return (StatusCode::BAD_REQUEST, why.to_string()).into_response();
+                        }
+                    };
                     // Every task the body reports (Kling posts one; a proxy may batch them).
                     for task in tasks {
                         let id = task.id.clone();
@@ -83,15 +90,15 @@ where
                                 error = %e,
                                 "callback not handled; the sender will deliver it again"
                             );
-                            return StatusCode::SERVICE_UNAVAILABLE;
+                            return StatusCode::SERVICE_UNAVAILABLE.into_response();
                         }
                     }
                     // Remembered once handled (a concurrent delivery may have been first).
                     let _ = verifier.record(&verified);
-                    StatusCode::NO_CONTENT
+                    StatusCode::NO_CONTENT.into_response()
                 }
-                Err(e) if e.kind() == WebhookErrorKind::Replayed => StatusCode::OK,
-                Err(_) => StatusCode::UNAUTHORIZED,
+                Err(e) if e.kind() == WebhookErrorKind::Replayed => StatusCode::OK.into_response(),
+                Err(_) => StatusCode::UNAUTHORIZED.into_response(),
             }
         }
     })

@@ -9,7 +9,7 @@ use kling_core::{BoxError, ClassifyLayer, Code, Outcome};
 use kling_mock::{MockConfig, MockKling, Preset};
 use kling_tower::error::BudgetExceeded;
 use kling_tower::preset::{StackConfig, Tier};
-use kling_tower::retry::error::{DeadlineExceeded as RetryDeadlineExceeded, Failed};
+use kling_tower::retry::error::{DeadlineExceeded as RetryDeadlineExceeded, Failed, StopReason};
 use kling_tower::spend::{CostTable, SpendGuardLayer};
 use kling_tower::{Credentials, Kling, KlingLayer};
 use tower::{Layer, Service, ServiceExt, service_fn};
@@ -766,4 +766,29 @@ async fn a_create_dropped_while_its_retry_is_out_keeps_its_estimate() {
         committed_after_dropping_a_create(false, first_only, Duration::from_secs(20)).await;
     assert_eq!(sent, 2, "dropped with the second attempt out");
     assert_eq!(committed, 1.0);
+}
+
+/// A 1302 that asks for longer than the retry layer waits out (`Retry-After: 300` over its
+/// two-minute `max_retry_after`) ends the call at once: the create made no task, so its credit
+/// goes back.
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_a_retry_after_too_long_to_wait_gives_its_estimate_back() {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let (kling, service) = free_stack(first_create_gets(
+        (
+            429,
+            Some("300"),
+            r#"{"code":1302,"message":"rate limit","request_id":"r"}"#,
+        ),
+        sent.clone(),
+    ));
+    let err = service.oneshot(video()).await.unwrap_err();
+    let failed = err
+        .downcast_ref::<Failed>()
+        .unwrap_or_else(|| panic!("the retry layer's error: {err}"));
+    assert_eq!(failed.reason(), StopReason::RetryAfterTooLong, "{err}");
+    assert!(!failed.may_have_created(), "{err}");
+    assert_eq!(sent.load(Ordering::Relaxed), 1, "not sent again");
+    let guard = kling.spend_guard().unwrap();
+    assert_eq!(guard.committed(Some(kling.account_id())), 0.0, "{err}");
 }

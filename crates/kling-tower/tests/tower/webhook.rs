@@ -317,6 +317,19 @@ async fn axum_route_answers_bad_requests_without_handling_them() {
             400
         );
     }
+    // The 400 says why, for whoever set up the sender, and quotes nothing of the body.
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri("/cb")
+        .body(body(br#"{"task_id":"","task_status":"succeed"}"#))
+        .unwrap();
+    *req.headers_mut() = signed("empty", br#"{"task_id":"","task_status":"succeed"}"#);
+    let answer = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(answer.status(), 400);
+    let text = answer.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains("task_id"), "{text}");
+    assert!(!text.contains("succeed"), "{text}");
     assert_eq!(
         send("POST", "/cb", signed("ok", BODY), body(BODY)).await,
         204
