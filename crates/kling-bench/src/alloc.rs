@@ -1,7 +1,8 @@
 //! A counting global allocator: allocations per request and bytes per waiter.
 //!
-//! The workspace denies `unsafe_code`; this module is one of two exceptions (the other is
-//! `cpu::thread`'s clock call), because a `GlobalAlloc` implementation is `unsafe` by definition. It only forwards to the system
+//! The workspace denies `unsafe_code`; this module is one of kling-bench's two exceptions (the
+//! other is `cpu::thread`'s clock call), because a `GlobalAlloc` implementation is `unsafe` by
+//! definition. It only forwards to the system
 //! allocator and adds to a few atomic counters (and keeps a high-water mark with `fetch_max`),
 //! and only while counting is switched on, so the timed runs pay one relaxed load per
 //! allocation and nothing else.
