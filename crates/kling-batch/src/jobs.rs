@@ -60,6 +60,10 @@ pub const MAX_ID_LEN: usize = 128;
 pub const DEFAULT_ID_PREFIX: &str = "auto-";
 
 /// One generation job.
+///
+/// Its create body is held as JSON text, the line it came from ([`body`](Self::body) reads
+/// it): a parsed body (`serde_json::Value`s) takes about 7 times the line's bytes, and a run
+/// holds every job of its file.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct Job {
@@ -69,22 +73,52 @@ pub struct Job {
     pub line: usize,
     /// The create path (`/v1/videos/text2video`, `/text-to-video/kling-3.0`, …).
     pub endpoint: String,
-    /// The create body, without the tool's own fields.
-    pub body: Map<String, Value>,
-    recognized: Recognized,
+    /// The body's JSON text: the jobs file's line (with its `id` and `endpoint`, taken out
+    /// when read), or the body given to [`Job::new`].
+    source: Box<str>,
+    /// Whether `source` is a line of a jobs file, whose `id` and `endpoint` are the tool's.
+    from_line: bool,
+    /// What the endpoint and body say of the create (kling-core's [`Recognized`], kept in
+    /// part: the rest of it is empty for a job's create).
+    pool: Pool,
+    weight: u32,
+    generation: ApiGeneration,
     default_id: bool,
 }
 
 impl Job {
-    /// A job from its parts; the endpoint must be a create path.
+    /// A job from its parts; the endpoint must be a create path. The body is kept as its
+    /// JSON text ([`body`](Self::body) reads it).
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "the body was the job's own before it was kept as text; the signature stays"
+    )]
     pub fn new(
         id: impl Into<String>,
         line: usize,
         endpoint: impl Into<String>,
         body: Map<String, Value>,
     ) -> Result<Job, JobError> {
-        let endpoint = endpoint.into();
-        let id = id.into();
+        let source = serde_json::to_string(&body).unwrap_or_default();
+        Job::with_source(
+            id.into(),
+            line,
+            endpoint.into(),
+            &body,
+            source.into(),
+            false,
+        )
+    }
+
+    /// A job whose `body` was read from `source` (a line of a jobs file when `from_line`).
+    fn with_source(
+        id: String,
+        line: usize,
+        endpoint: String,
+        body: &Map<String, Value>,
+        source: Box<str>,
+        from_line: bool,
+    ) -> Result<Job, JobError> {
         if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
             return Err(JobError::new(
                 line,
@@ -114,14 +148,18 @@ impl Job {
                 ),
             ));
         }
-        let raw = serde_json::to_vec(&body).unwrap_or_default();
+        let raw = serde_json::to_vec(body).unwrap_or_default();
         let recognized = Recognized::from_parts(&Method::POST, &uri, &raw);
-        if !recognized.is_create() || recognized.pool.is_none() {
-            return Err(JobError::new(
-                line,
-                format!("`endpoint` `{endpoint}` is not a Kling create path"),
-            ));
-        }
+        let is_create = recognized.is_create();
+        let pool = match recognized.pool {
+            Some(pool) if is_create => pool,
+            _ => {
+                return Err(JobError::new(
+                    line,
+                    format!("`endpoint` `{endpoint}` is not a Kling create path"),
+                ));
+            }
+        };
         for reserved in ["external_task_id", "external_id"] {
             if body.contains_key(reserved) {
                 return Err(JobError::new(
@@ -134,10 +172,25 @@ impl Job {
             id,
             line,
             endpoint,
-            body,
-            recognized,
+            source,
+            from_line,
+            pool,
+            weight: recognized.weight,
+            generation: recognized.generation.unwrap_or(ApiGeneration::Legacy),
             default_id: false,
         })
+    }
+
+    /// The create body, without the tool's own fields (`id`, `endpoint`): parsed anew from
+    /// the text the job holds at each call, the same map each time.
+    pub fn body(&self) -> Map<String, Value> {
+        // Never fails: the text was read (or written) as such a map when the job was made.
+        let mut body: Map<String, Value> = serde_json::from_str(&self.source).unwrap_or_default();
+        if self.from_line {
+            body.remove("id");
+            body.remove("endpoint");
+        }
+        body
     }
 
     /// Whether the id was made by [`default_id`] (the line had no `id`).
@@ -147,31 +200,28 @@ impl Job {
 
     /// Whether `endpoint` and `body` are this job's (the key order of objects aside).
     pub fn same_content(&self, endpoint: &str, body: &Map<String, Value>) -> bool {
-        self.endpoint == endpoint && canonical_json(&self.body) == canonical_json(body)
+        self.endpoint == endpoint && canonical_json(&self.body()) == canonical_json(body)
     }
 
     /// The pool the job's task takes its slots from.
     pub fn pool(&self) -> Pool {
-        self.recognized
-            .pool
-            .clone()
-            .unwrap_or_else(|| unreachable!("checked in Job::new"))
+        self.pool.clone()
     }
 
     /// Slots the task takes (`n` for images).
     pub fn weight(&self) -> u32 {
-        self.recognized.weight
+        self.weight
     }
 
     /// Which API generation the endpoint belongs to.
     pub fn generation(&self) -> ApiGeneration {
-        self.recognized.generation.unwrap_or(ApiGeneration::Legacy)
+        self.generation
     }
 
     /// The create body with the job's external id (and callback URL, if any) set, in the
     /// field names of the endpoint's generation.
     pub fn create_body(&self, external_id: &str, callback_url: Option<&str>) -> Vec<u8> {
-        let mut body = self.body.clone();
+        let mut body = self.body();
         match self.generation() {
             ApiGeneration::New => {
                 body.insert("external_id".into(), Value::String(external_id.into()));
@@ -244,7 +294,7 @@ pub fn parse_jobs_bytes(bytes: &[u8]) -> (Vec<Job>, Vec<JobError>) {
             }
         };
         let parsed = parse_line(trimmed, line).and_then(|(id, endpoint, body)| match id {
-            Some(id) => Job::new(id, line, endpoint, body),
+            Some(id) => Job::with_source(id, line, endpoint, &body, trimmed.into(), true),
             None => {
                 let base = default_id(&endpoint, &body);
                 let count = seen.entry(base.clone()).or_default();
@@ -261,7 +311,7 @@ pub fn parse_jobs_bytes(bytes: &[u8]) -> (Vec<Job>, Vec<JobError>) {
                         break id;
                     }
                 };
-                let mut job = Job::new(id, line, endpoint, body)?;
+                let mut job = Job::with_source(id, line, endpoint, &body, trimmed.into(), true)?;
                 job.default_id = true;
                 Ok(job)
             }
@@ -462,11 +512,57 @@ mod tests {
         assert_eq!(jobs[1].generation(), ApiGeneration::New);
     }
 
+    /// The body is held as the line's text and read anew, and reads as the parsed line did:
+    /// the same map (duplicate keys, numbers, escapes, nested objects as `serde_json` reads
+    /// them, the tool's `id` and `endpoint` taken out) and the same create bytes. A body given
+    /// to [`Job::new`] keeps every key it has.
+    #[test]
+    fn a_body_kept_as_text_reads_and_is_sent_as_the_parsed_line() {
+        let lines = [
+            r#"{"id":"a","prompt":"a cat","duration":"5"}"#,
+            r#"{"prompt":"caf\u00e9 \"x\"","cfg_scale":0.1,"n":3,"endpoint":"/v1/images/generations"}"#,
+            r#"{ "prompt" : "dup", "prompt":"last", "camera_control":{"type":"simple","config":{"zoom":-2.5e0}}, "id": 7 }"#,
+            r#"{"prompt":"new","endpoint":"/text-to-video/kling-3.0","options":{"x":[1,2.50,null,true]}}"#,
+        ];
+        let (jobs, errors) = parse_jobs(&lines.join("\n"));
+        assert!(errors.is_empty(), "{errors:?}");
+        for (job, line) in jobs.iter().zip(lines) {
+            let mut parsed: Map<String, Value> = serde_json::from_str(line).unwrap();
+            parsed.remove("id");
+            parsed.remove("endpoint");
+            assert_eq!(job.body(), parsed, "{line}");
+            assert!(job.same_content(&job.endpoint, &parsed));
+            // What the create sent when the job held the parsed map.
+            let mut sent = parsed.clone();
+            let own_id = match job.generation() {
+                ApiGeneration::New => "external_id",
+                _ => "external_task_id",
+            };
+            sent.insert(own_id.into(), Value::String("e1".into()));
+            assert_eq!(
+                job.create_body("e1", None),
+                serde_json::to_vec(&sent).unwrap(),
+                "{line}"
+            );
+        }
+        assert_eq!(jobs[1].weight(), 3);
+        assert_eq!(jobs[2].id, "7");
+        assert_eq!(jobs[2].body()["prompt"], "last");
+        let mut body = Map::new();
+        body.insert("prompt".into(), Value::String("p".into()));
+        body.insert(
+            "endpoint".into(),
+            Value::String("a field of the body".into()),
+        );
+        let job = Job::new("j", 1, DEFAULT_ENDPOINT, body.clone()).unwrap();
+        assert_eq!(job.body(), body);
+    }
+
     fn ids_by_prompt(text: &str) -> Vec<(String, String)> {
         let (jobs, errors) = parse_jobs(text);
         assert!(errors.is_empty(), "{errors:?}");
         jobs.into_iter()
-            .map(|j| (j.body["prompt"].as_str().unwrap().to_owned(), j.id))
+            .map(|j| (j.body()["prompt"].as_str().unwrap().to_owned(), j.id))
             .collect()
     }
 

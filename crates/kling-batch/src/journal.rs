@@ -399,7 +399,7 @@ impl Journal {
                 // Identical jobs take identical rows in line order, as their ids are numbered.
                 if let Some(found) = legacy
                     .as_mut()
-                    .and_then(|rows| rows.get_mut(&default_id(&job.endpoint, &job.body)))
+                    .and_then(|rows| rows.get_mut(&default_id(&job.endpoint, &job.body())))
                     .and_then(VecDeque::pop_front)
                     .filter(|r| same_job(job, &r.endpoint, &r.body))
                 {
@@ -414,7 +414,7 @@ impl Journal {
                     continue;
                 }
             }
-            let body = serde_json::to_string(&job.body).unwrap_or_default();
+            let body = serde_json::to_string(&job.body()).unwrap_or_default();
             tx.execute(
                 "INSERT INTO jobs (job_id, line, endpoint, body, external_id, state, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6)",
@@ -461,60 +461,24 @@ impl Journal {
     ) -> Result<(), JournalError> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let from: Option<String> = tx
-            .query_row(
-                "SELECT state FROM jobs WHERE job_id = ?1",
-                params![job_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let Some(from) = from else {
-            return Err(JournalError::new("no such job", job_id.to_owned()));
-        };
-        let at = now();
-        let Update {
-            task_id,
-            status,
-            urls,
-            files,
-            error,
-            download_error,
-        } = update;
-        let json =
-            |v: Option<Vec<String>>| v.map(|v| serde_json::to_string(&v).unwrap_or_default());
-        let error = error.map(|e| serde_json::to_string(&e).unwrap_or_default());
-        let set_download_error = download_error.is_some();
-        let download_error = download_error
-            .flatten()
-            .map(|e| serde_json::to_string(&e).unwrap_or_default());
-        tx.execute(
-            "UPDATE jobs SET state = ?2,
-                task_id = COALESCE(?3, task_id),
-                status = COALESCE(?4, status),
-                urls = COALESCE(?5, urls),
-                files = COALESCE(?6, files),
-                error = CASE WHEN ?7 IS NOT NULL THEN ?7 WHEN state = ?2 THEN error ELSE NULL END,
-                updated_at = ?8,
-                download_error = CASE WHEN ?9 THEN ?10 ELSE download_error END
-             WHERE job_id = ?1",
-            params![
-                job_id,
-                state.as_str(),
-                task_id,
-                status,
-                json(urls),
-                json(files),
-                error,
-                at,
-                set_download_error,
-                download_error
-            ],
-        )?;
-        if from != state.as_str() {
-            tx.execute(
-                "INSERT INTO transitions (job_id, from_state, to_state, at) VALUES (?1, ?2, ?3, ?4)",
-                params![job_id, from, state.as_str(), at],
-            )?;
+        apply(&tx, job_id, state, update)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// [`transition`](Self::transition) of each of `job_ids` to `state` with the same
+    /// `update`, all in one transaction (one write to the disk instead of one per job): every
+    /// job moves, or none does.
+    pub(crate) fn transition_all(
+        &self,
+        job_ids: &[&str],
+        state: JobState,
+        update: &Update,
+    ) -> Result<(), JournalError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        for job_id in job_ids {
+            apply(&tx, job_id, state, update.clone())?;
         }
         tx.commit()?;
         Ok(())
@@ -555,6 +519,70 @@ impl Journal {
         let rows = stmt.query_map(params![job_id], |r| r.get::<_, String>(0))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(Into::into)
     }
+}
+
+/// One job's transition (see [`Journal::transition`]) inside `tx`.
+fn apply(
+    tx: &rusqlite::Transaction<'_>,
+    job_id: &str,
+    state: JobState,
+    update: Update,
+) -> Result<(), JournalError> {
+    let from: Option<String> = tx
+        .query_row(
+            "SELECT state FROM jobs WHERE job_id = ?1",
+            params![job_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(from) = from else {
+        return Err(JournalError::new("no such job", job_id.to_owned()));
+    };
+    let at = now();
+    let Update {
+        task_id,
+        status,
+        urls,
+        files,
+        error,
+        download_error,
+    } = update;
+    let json = |v: Option<Vec<String>>| v.map(|v| serde_json::to_string(&v).unwrap_or_default());
+    let error = error.map(|e| serde_json::to_string(&e).unwrap_or_default());
+    let set_download_error = download_error.is_some();
+    let download_error = download_error
+        .flatten()
+        .map(|e| serde_json::to_string(&e).unwrap_or_default());
+    tx.execute(
+        "UPDATE jobs SET state = ?2,
+            task_id = COALESCE(?3, task_id),
+            status = COALESCE(?4, status),
+            urls = COALESCE(?5, urls),
+            files = COALESCE(?6, files),
+            error = CASE WHEN ?7 IS NOT NULL THEN ?7 WHEN state = ?2 THEN error ELSE NULL END,
+            updated_at = ?8,
+            download_error = CASE WHEN ?9 THEN ?10 ELSE download_error END
+         WHERE job_id = ?1",
+        params![
+            job_id,
+            state.as_str(),
+            task_id,
+            status,
+            json(urls),
+            json(files),
+            error,
+            at,
+            set_download_error,
+            download_error
+        ],
+    )?;
+    if from != state.as_str() {
+        tx.execute(
+            "INSERT INTO transitions (job_id, from_state, to_state, at) VALUES (?1, ?2, ?3, ?4)",
+            params![job_id, from, state.as_str(), at],
+        )?;
+    }
+    Ok(())
 }
 
 fn read_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {

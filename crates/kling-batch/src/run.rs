@@ -31,7 +31,9 @@
 //!   most [`RunOptions::max_downloads`] jobs download at once (8 by default), whether their
 //!   tasks end in this run or a resumed run fetches what an earlier one left missing.
 //! - **Stop** (Ctrl-C): the stack's drain gate closes (no create leaves any more), creates in
-//!   flight get a short grace to be recorded, and the run ends; a later run picks up.
+//!   flight get a short grace to be recorded, and the run ends; a later run picks up. The jobs
+//!   left are marked `not_submitted` (so are they after a halt) a few hundred to a journal
+//!   transaction, the run's other work going on between two.
 //! - **A journal write that fails** once the run has begun sending (marking a create,
 //!   recording a task's end or a download's files) stops the run the same way, with
 //!   [`RunError::Sent`]: a run on the same journal looks up, follows or fetches what this one
@@ -582,6 +584,20 @@ impl Engine {
         if let Some(e) = journal_error {
             return Err(e);
         }
+        if interrupted {
+            // The jobs no creator reached before the grace ended (one waited on a create in
+            // flight, or was still marking): never sent, so `not_submitted` as the others.
+            let queued: std::collections::HashSet<String> = self
+                .journal
+                .records()?
+                .into_iter()
+                .filter(|r| r.state == JobState::Queued)
+                .map(|r| r.job_id)
+                .collect();
+            let left: Vec<&Job> = jobs.iter().filter(|j| queued.contains(&j.id)).collect();
+            self.not_submitted(&left, ErrorInfo::new(0, STOPPED, None))
+                .await?;
+        }
         let end = self
             .last_end
             .lock()
@@ -714,15 +730,20 @@ impl Engine {
     }
 
     /// Creates a pool's `jobs` one after the other. A job whose create panics is recorded as
-    /// such ([`after_panic`](Self::after_panic)) and the next one goes on.
+    /// such ([`after_panic`](Self::after_panic)) and the next one goes on. Once the run is
+    /// stopped or halted, the jobs left are marked `not_submitted`
+    /// ([`not_submitted`](Self::not_submitted)).
     async fn create_all(
         &self,
         jobs: Vec<&Job>,
         tx: mpsc::UnboundedSender<Created>,
         stop: StopSignal,
     ) -> Result<(), JournalError> {
-        for job in jobs {
-            match caught(self.create_next(job, &tx, &stop)).await {
+        for (index, job) in jobs.iter().enumerate() {
+            if let Some(info) = self.no_more_creates(&stop) {
+                return self.not_submitted(&jobs[index..], info).await;
+            }
+            match caught(self.create_one(job, &tx)).await {
                 Ok(created) => created?,
                 Err(panic) => self.after_panic(&job.id, "the job's create", &panic)?,
             }
@@ -730,21 +751,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Creates `job`, unless the run was stopped or halted.
-    async fn create_next(
-        &self,
-        job: &Job,
-        tx: &mpsc::UnboundedSender<Created>,
-        stop: &StopSignal,
-    ) -> Result<(), JournalError> {
+    /// Why no create may leave any more, if the run was stopped or halted.
+    fn no_more_creates(&self, stop: &StopSignal) -> Option<ErrorInfo> {
         if *stop.borrow() {
-            let info = ErrorInfo::new(0, "not submitted: the run was stopped", None);
-            return self.move_to(
-                &job.id,
-                JobState::Queued,
-                JobState::NotSubmitted,
-                Update::error(info),
-            );
+            return Some(ErrorInfo::new(0, STOPPED, None));
         }
         if self.halted.load(Ordering::SeqCst) {
             let cause = self
@@ -753,19 +763,31 @@ impl Engine {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone()
                 .unwrap_or_default();
-            let info = ErrorInfo::new(
+            return Some(ErrorInfo::new(
                 cause.code,
                 format!("not submitted: creates stopped after {}", cause.message),
                 cause.request_id,
-            );
-            return self.move_to(
-                &job.id,
-                JobState::Queued,
-                JobState::NotSubmitted,
-                Update::error(info),
-            );
+            ));
         }
-        self.create_one(job, tx).await
+        None
+    }
+
+    /// Marks the queued `jobs` `not_submitted` with `info`, [`MARK_CHUNK`] jobs to a journal
+    /// transaction, yielding between two: a stop with 100 000 jobs left must not hold the
+    /// runtime thread (the timers, the answers in flight, the follows) while it writes them.
+    async fn not_submitted(&self, jobs: &[&Job], info: ErrorInfo) -> Result<(), JournalError> {
+        let update = Update::error(info);
+        for chunk in jobs.chunks(MARK_CHUNK) {
+            let ids: Vec<&str> = chunk.iter().map(|job| job.id.as_str()).collect();
+            self.journal
+                .transition_all(&ids, JobState::NotSubmitted, &update)?;
+            for _ in chunk {
+                self.progress
+                    .moved(JobState::Queued, JobState::NotSubmitted);
+            }
+            tokio::task::yield_now().await;
+        }
+        Ok(())
     }
 
     /// Follows `task` of job `job_id` to its end and records it. A panic on the way is
@@ -805,7 +827,7 @@ impl Engine {
             return Ok(());
         };
         let message = |then: &str| {
-            format!("kling-batch panicked during {what} (a bug: please report it): {panic}; {then}")
+            format!("{PANICKED} during {what} (a bug: please report it): {panic}; {then}")
         };
         match record.state {
             JobState::Queued => self.move_to(
@@ -827,15 +849,21 @@ impl Engine {
                     None,
                 )),
             ),
-            JobState::Created => self.journal.transition(
-                job_id,
-                JobState::Created,
-                Update::error(ErrorInfo::new(
-                    0,
-                    message("the task may still run; a later run follows it"),
-                    None,
-                )),
-            ),
+            JobState::Created => {
+                let task = record.task_id.as_deref().unwrap_or("of this job");
+                self.journal.transition(
+                    job_id,
+                    JobState::Created,
+                    Update::error(ErrorInfo::new(
+                        0,
+                        message(&format!(
+                            "task {task} exists at Kling and may still run (and be billed): a \
+                             later run follows it (run again on the same journal)"
+                        )),
+                        None,
+                    )),
+                )
+            }
             JobState::Succeeded if self.options.download_dir.is_some() => self.journal.transition(
                 job_id,
                 JobState::Succeeded,
@@ -902,7 +930,7 @@ impl Engine {
             Err(e) => failure_of(&*e),
         };
         if failure.draining {
-            let info = ErrorInfo::new(0, "not submitted: the run was stopped", None);
+            let info = ErrorInfo::new(0, STOPPED, None);
             return self.move_to(
                 &job.id,
                 JobState::Creating,
@@ -1148,6 +1176,17 @@ impl Engine {
         }
     }
 }
+
+/// The error of a job not sent because the run was stopped.
+const STOPPED: &str = "not submitted: the run was stopped";
+
+/// How many jobs a stop or a halt marks `not_submitted` in one journal transaction before it
+/// lets the run's other work go on.
+const MARK_CHUNK: usize = 256;
+
+/// How the error of a job whose create, follow or download panicked begins (the summary
+/// tells such jobs by it).
+pub(crate) const PANICKED: &str = "kling-batch panicked";
 
 /// `future`, with a panic caught and handed back as its message, so that the job it served is
 /// recorded as such rather than left as it was without a word.
@@ -1492,7 +1531,9 @@ mod tests {
     /// A job's create, follow or download that panics (a bug) is reported on stderr and in
     /// the job's error, by where the job stands, and the other jobs go on, those of its pool
     /// included: a panicked create task left its job and every later job of its pool `queued`,
-    /// and the run exited 1 without a word. A rerun finishes every job, creating none twice.
+    /// and the run exited 1 without a word. A job left `created` is counted in the summary
+    /// under a reason saying its task exists and a rerun follows it (it had none). A rerun
+    /// finishes every job, creating none twice.
     #[tokio::test]
     async fn a_panic_in_a_jobs_create_follow_or_download_is_reported_and_the_rest_go_on() {
         let server = kling_mock::MockServer::start(MockConfig::preset(Preset::Pro).speed(1000.0))
@@ -1549,6 +1590,18 @@ mod tests {
         assert!(error("c").contains("a later run looks it up"));
         assert_eq!(record("d").state, JobState::Created);
         assert!(error("d").contains("a later run follows it"));
+        // The summary says why `d` did not finish: its task exists, and a rerun follows it.
+        let task = record("d").task_id.clone().unwrap();
+        assert!(error("d").contains(&format!("task {task} exists at Kling")));
+        let mut summary = crate::summary::Summary::default();
+        summary.count_jobs(&report.records);
+        assert_eq!(
+            summary.unfinished_by_reason,
+            BTreeMap::from([(crate::summary::PANIC_REASON.to_owned(), 1)])
+        );
+        let table = summary.to_string();
+        let row = format!("not followed: {}  1", crate::summary::PANIC_REASON);
+        assert!(table.contains(&row), "{table}");
         assert_eq!(record("e").state, JobState::Succeeded);
         assert!(record("e").files.is_empty());
         assert!(error("e").contains("a later run fetches the files missing"));
@@ -1575,6 +1628,115 @@ mod tests {
         assert_eq!(stats.tasks_created, 5, "{stats:?}");
         assert_eq!(stats.duplicate_external_ids, 0, "{stats:?}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A stop marks the jobs left `not_submitted` in chunks, yielding between two, so the
+    /// other work of the runtime thread (follows, answers in flight, timers) goes on meanwhile:
+    /// it marked them all in one go, one transaction each, and with 100 000 jobs left held
+    /// the thread for as long.
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_marks_the_jobs_left_in_chunks_and_other_work_goes_on_meanwhile() {
+        let n = 4 * MARK_CHUNK + 7;
+        let text: String = (0..n)
+            .map(|i| format!("{{\"id\":\"j{i}\",\"prompt\":\"p\"}}\n"))
+            .collect();
+        let (jobs, _) = parse_jobs(&text);
+        let stack = Stack::new(
+            StackConfig::preset(Tier::Pro),
+            Credentials::api_key("key").unwrap(),
+            "http://127.0.0.1:9",
+        )
+        .unwrap();
+        let journal = Journal::open_in_memory().unwrap();
+        let engine = Engine::new(
+            stack,
+            journal.clone(),
+            RunOptions::new(default_follow_policy(1.0)),
+        )
+        .unwrap();
+        let plan = engine.plan(&jobs).unwrap();
+        let progress = engine.progress();
+        // Other work on this (the only) runtime thread: a task that notes, each time it runs,
+        // how many jobs are marked.
+        let done = Arc::new(AtomicBool::new(false));
+        let other = tokio::spawn({
+            let (progress, done) = (progress.clone(), done.clone());
+            async move {
+                let mut seen = Vec::new();
+                while !done.load(Ordering::SeqCst) {
+                    seen.push(progress.count(JobState::NotSubmitted));
+                    tokio::task::yield_now().await;
+                }
+                seen
+            }
+        });
+        let (_stopper, stop) = watch::channel(true);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        engine.create_all(plan.queued, tx, stop).await.unwrap();
+        done.store(true, Ordering::SeqCst);
+        let seen = other.await.unwrap();
+        assert!(
+            seen.iter().any(|&marked| marked > 0 && marked < n),
+            "the other task ran while the jobs were marked: {seen:?}"
+        );
+        assert_eq!(progress.count(JobState::NotSubmitted), n);
+        assert_eq!(progress.count(JobState::Queued), 0);
+        for record in journal.records().unwrap() {
+            assert_eq!(record.state, JobState::NotSubmitted, "{record:?}");
+            let error = record.error.unwrap();
+            assert_eq!(error.message, "not submitted: the run was stopped");
+        }
+        assert_eq!(
+            journal.transitions(&format!("j{}", n - 1)).unwrap(),
+            ["queued", "not_submitted"]
+        );
+    }
+
+    /// A stop while a create waits (nothing answers: it is retried until the grace ends)
+    /// leaves no job `queued` without a word: the jobs its pool had not reached stayed
+    /// `queued`, counted as not submitted with no reason. They are `not_submitted` as stopped,
+    /// and the one in flight stays `creating` (looked up by the next run).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_during_a_create_marks_every_job_left_not_submitted() {
+        let n = MARK_CHUNK + 10;
+        let text: String = (0..n)
+            .map(|i| format!("{{\"id\":\"j{i}\",\"prompt\":\"p\"}}\n"))
+            .collect();
+        let (jobs, _) = parse_jobs(&text);
+        // A port that refuses connections: the create is retried, never answered.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let stack = Stack::new(
+            StackConfig::preset(Tier::Pro),
+            Credentials::api_key("key").unwrap(),
+            &base,
+        )
+        .unwrap();
+        let journal = Journal::open_in_memory().unwrap();
+        let mut options = RunOptions::new(default_follow_policy(1.0));
+        options.stop_grace = Duration::from_millis(50);
+        let engine = Engine::new(stack, journal, options).unwrap();
+        let (stopper, stop) = watch::channel(false);
+        let run = tokio::spawn({
+            let engine = engine.clone();
+            let jobs = jobs.clone();
+            async move { engine.run(&jobs, stop).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stopper.send(true).unwrap();
+        let report = run.await.unwrap().unwrap();
+        assert!(report.interrupted);
+        let by_state = |state| report.records.iter().filter(|r| r.state == state).count();
+        assert_eq!(by_state(JobState::Creating), 1, "{:?}", report.records[0]);
+        assert_eq!(by_state(JobState::NotSubmitted), n - 1);
+        for record in report.records.iter().skip(1) {
+            assert_eq!(
+                record.error.as_ref().unwrap().message,
+                STOPPED,
+                "{record:?}"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

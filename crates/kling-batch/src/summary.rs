@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::journal::{JobRecord, JobState};
 use crate::progress::is_429;
+use crate::run::PANICKED;
 
 /// The lower bound on a run's makespan, in seconds: task-seconds of each pool over its slots,
 /// and the intervals between the requests that must be sent at the allowed rate (per second;
@@ -51,6 +52,11 @@ pub fn bound_secs(
 fn code_reason(code: i64) -> String {
     format!("{code} {}", kling_core::Code::from_i64(code).description())
 }
+
+/// The reason of an unfinished job whose follow panicked (a bug): its task exists at Kling,
+/// and a run on the same journal follows it.
+pub(crate) const PANIC_REASON: &str =
+    "kling-batch panicked (a bug); the task exists: run again to follow it";
 
 /// The longest reason the table shows whole; the results file and `--json` keep every reason
 /// whole.
@@ -91,7 +97,8 @@ pub struct Summary {
     /// followed to its end).
     pub unfinished: usize,
     /// Unfinished jobs whose follow ended with an error, by reason (`1101 account in
-    /// arrears`, …): run again to follow them.
+    /// arrears`, `kling-batch panicked (a bug); the task exists: …`): run again to follow
+    /// them.
     #[serde(default)]
     pub unfinished_by_reason: BTreeMap<String, usize>,
     /// Succeeded jobs with a result file still missing after `--download` (run again to
@@ -200,11 +207,14 @@ impl Summary {
                 }
                 JobState::Created => {
                     self.unfinished += 1;
-                    if let Some(e) = record.error.as_ref().filter(|e| e.code != 0) {
-                        *self
-                            .unfinished_by_reason
-                            .entry(code_reason(e.code))
-                            .or_default() += 1;
+                    let reason = match &record.error {
+                        Some(e) if e.code != 0 => Some(code_reason(e.code)),
+                        // The task exists (and may be billed): say so, and what to do.
+                        Some(e) if e.message.starts_with(PANICKED) => Some(PANIC_REASON.to_owned()),
+                        _ => None,
+                    };
+                    if let Some(reason) = reason {
+                        *self.unfinished_by_reason.entry(reason).or_default() += 1;
                     }
                 }
                 JobState::Creating => self.unknown += 1,
