@@ -1,6 +1,6 @@
 //! [`RedisGcra`]: the rate limiter's [`Backend`] in Redis, one Lua script per decision.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -190,11 +190,13 @@ return 0
 /// ceiling, growth, decrease, target, probe, cooldown first, escalate_after, backoff, ceiling,
 /// window, idle TTL. Returns {cooldown_until or -1, streak}.
 ///
-/// A report kept for delivery also gives `KEYS[2]`, the last number of such a report of this
-/// process that the key took (a string, expiring when this script leaves the key's hash to
-/// expire), and `ARGV[21]` its number: one numbered no later was taken already (a delivery whose answer was lost: cut
-/// short, or timed out), and is not applied again, which would count its 1302 twice in the
-/// streak.
+/// A pause (which is kept for delivery when Redis does not take it) also gives `KEYS[2]`, the
+/// numbers of this process's pauses that the key took (a sorted set, expiring when this script
+/// leaves the key's hash to expire), `ARGV[21]` its number and `ARGV[22]` the lowest number
+/// the process may still send (those below are dropped from the set). One whose number was
+/// taken already (its first attempt, or a delivery, whose answer was lost: cut short, or
+/// timed out) is not applied again, which would count its 1302 twice in the streak. A set,
+/// not the last number: a process's reports are sent concurrently, and may land out of order.
 const FEEDBACK: &str = r"
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
@@ -229,9 +231,13 @@ local function expire()
   if se and se > last then last = se end
   local ms = math.ceil((last - now + tonumber(ARGV[20])) / 1000)
   redis.call('PEXPIRE', key, ms)
-  if KEYS[2] then redis.call('SET', KEYS[2], ARGV[21], 'PX', ms) end
+  if KEYS[2] then
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[22])
+    redis.call('ZADD', KEYS[2], ARGV[21], ARGV[21])
+    redis.call('PEXPIRE', KEYS[2], ms)
+  end
 end
-if KEYS[2] and tonumber(redis.call('GET', KEYS[2]) or '-1') >= tonumber(ARGV[21]) then
+if KEYS[2] and redis.call('ZSCORE', KEYS[2], ARGV[21]) then
   -- Taken already: what the key holds now.
   if cd and cd > now then return {cd, streak} end
   return {-1, streak}
@@ -633,8 +639,10 @@ struct Undelivered {
     pending: VecDeque<Report>,
     /// Whether a task delivers them.
     delivering: bool,
-    /// The number of the next report kept.
+    /// The number of the next pause reported.
     next: u64,
+    /// The numbers of the pauses on their first way to Redis: the key may have taken them.
+    in_flight: BTreeSet<u64>,
     /// The number of the report a delivery sent last and has not seen taken: on its way, or
     /// sent by a delivery cut short or whose answer was lost, so Redis may have run it. It is
     /// neither merged into nor moved (sent again, Redis skips it by its number), and only it
@@ -646,7 +654,7 @@ impl Undelivered {
     /// Keeps `report` for delivery. Past [`MAX_UNDELIVERED`] reports, it is merged into a
     /// report of its key kept earlier, else each key's reports are merged into one, so no
     /// key's pause is dropped: the fleet would not pause.
-    fn keep(&mut self, mut report: Report) {
+    fn keep(&mut self, report: Report) {
         if self.pending.len() >= MAX_UNDELIVERED {
             let sending = self.sending;
             let earlier = self
@@ -657,13 +665,35 @@ impl Undelivered {
             if let Some(earlier) = earlier {
                 let held = self.paused.get(&report.redis_key).copied();
                 earlier.merge(&report, held);
+                // Under a new number: the key may have taken the earlier's (its first attempt
+                // timed out), and would skip what was merged in with it.
+                earlier.n = self.next;
+                self.next += 1;
                 return;
             }
             self.merge_each_key();
         }
-        report.n = self.next;
-        self.next += 1;
         self.pending.push_back(report);
+    }
+
+    /// Numbers a pause about to be reported: it keeps its number when it is kept for
+    /// delivery, so the key takes it once, whichever of its sends Redis ran.
+    fn number(&mut self) -> u64 {
+        let n = self.next;
+        self.next += 1;
+        self.in_flight.insert(n);
+        n
+    }
+
+    /// The lowest number this process may still send: the key forgets those below.
+    fn floor(&self) -> u64 {
+        let pending = self.pending.iter().map(|r| r.n).min();
+        let in_flight = self.in_flight.first().copied();
+        [pending, in_flight]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(self.next)
     }
 
     /// Merges each key's reports (but the one being sent) into its earliest.
@@ -680,6 +710,9 @@ impl Undelivered {
                 Some(&into) => {
                     let held = self.paused.get(&report.redis_key).copied();
                     kept[into].merge(&report, held);
+                    // A new number, as in `keep`.
+                    kept[into].n = self.next;
+                    self.next += 1;
                 }
                 None => {
                     first.insert(report.redis_key.clone(), kept.len());
@@ -702,6 +735,29 @@ impl Undelivered {
             self.pending.remove(at);
         }
         self.sending = None;
+    }
+}
+
+/// A pause's first attempt, from its number until it ends (answered, kept, or dropped): until
+/// then the key keeps the number among those it took.
+struct FirstAttempt {
+    inner: Arc<Inner>,
+    n: u64,
+}
+
+impl FirstAttempt {
+    fn start(inner: &Arc<Inner>) -> Self {
+        let n = lock(&inner.undelivered).number();
+        FirstAttempt {
+            inner: Arc::clone(inner),
+            n,
+        }
+    }
+}
+
+impl Drop for FirstAttempt {
+    fn drop(&mut self) {
+        lock(&self.inner.undelivered).in_flight.remove(&self.n);
     }
 }
 
@@ -875,14 +931,14 @@ impl Inner {
 
     /// Sends one report to Redis, stamped with fleet time now (a report kept for delivery is
     /// sent later than it was made: its own instants are turned into fleet time as it is sent).
-    /// A kept report goes with its number (`kept`): the key takes each once, however often a
-    /// delivery whose answer was lost sends it.
+    /// A pause goes with its number (`number`), on its first attempt and when kept for
+    /// delivery: the key takes each once, however often a send whose answer was lost sends it.
     async fn send_feedback(
         &self,
         redis_key: &str,
         policy: &Policy,
         feedback: Feedback,
-        kept: Option<u64>,
+        number: Option<u64>,
     ) -> Result<Reported, StoreError> {
         // Reported times go into the fleet's state too: measured against the server's clock.
         let now_us = self.conn.calibrated_now_us().await;
@@ -938,7 +994,7 @@ impl Inner {
             micros(c.window).to_string(),
             micros(self.idle_ttl).to_string(),
         ];
-        let result: Result<Vec<i64>, StoreError> = match kept {
+        let result: Result<Vec<i64>, StoreError> = match number {
             None => {
                 self.conn
                     .run(&self.feedback, &[redis_key.to_owned()], &args)
@@ -949,8 +1005,10 @@ impl Inner {
                     redis_key.to_owned(),
                     delivered_key(redis_key, &self.instance),
                 ];
+                let floor = lock(&self.undelivered).floor();
                 let mut args = Vec::from(args);
                 args.push(n.to_string());
+                args.push(floor.to_string());
                 self.conn.run(&self.feedback, &keys, &args).await
             }
         };
@@ -1046,6 +1104,7 @@ impl Inner {
         redis_key: String,
         policy: &Policy,
         feedback: Feedback,
+        number: Option<u64>,
     ) -> Result<Reported, BackendError> {
         let (processes, fallback) = match self.when_unreachable {
             WhenUnreachable::Fallback { processes } => (processes.get(), e.is_unreachable()),
@@ -1070,11 +1129,13 @@ impl Inner {
             self.paused_here.store(true, Ordering::Relaxed);
         }
         if e.is_unreachable() {
+            // Under the number its first attempt went with (a pause always has one).
+            let n = number.unwrap_or_else(|| undelivered.number());
             undelivered.keep(Report {
                 redis_key,
                 policy: *policy,
                 feedback,
-                n: 0,
+                n,
             });
             self.to_deliver.store(true, Ordering::Relaxed);
             if !undelivered.delivering {
@@ -1329,6 +1390,11 @@ impl Backend for RedisGcra {
         let key = key.clone();
         let policy = *policy;
         Box::pin(async move {
+            // A pause is numbered from its first attempt: if that attempt's answer is lost after
+            // Redis ran it, the copy kept for delivery is skipped by its number.
+            let number =
+                matches!(feedback, Feedback::Pause { .. }).then(|| FirstAttempt::start(&inner));
+            let n = number.as_ref().map(|first| first.n);
             // Pauses kept while Redis was away go first, in order.
             let sent = if inner.to_deliver.load(Ordering::Relaxed) {
                 inner.deliver_first().await
@@ -1336,14 +1402,15 @@ impl Backend for RedisGcra {
                 Ok(())
             };
             let result = match sent {
-                Ok(()) => {
-                    inner
-                        .send_feedback(&redis_key, &policy, feedback, None)
-                        .await
-                }
+                Ok(()) => inner.send_feedback(&redis_key, &policy, feedback, n).await,
                 Err(e) => Err(e),
             };
-            result.or_else(|e| inner.not_taken(e, &key, redis_key, &policy, feedback))
+            // (Kept, if it is, before its first attempt ends: the key's set of numbers taken
+            // is never trimmed past it.)
+            let reported =
+                result.or_else(|e| inner.not_taken(e, &key, redis_key, &policy, feedback, n));
+            drop(number);
+            reported
         })
     }
 
@@ -1379,6 +1446,13 @@ mod tests {
         }
     }
 
+    /// Keeps `report` in `kept` under the next number, as a first attempt that timed out does.
+    fn keep(kept: &mut Undelivered, mut report: Report) {
+        report.n = kept.number();
+        kept.in_flight.remove(&report.n);
+        kept.keep(report);
+    }
+
     fn resume_at(report: &Report) -> Option<Instant> {
         match report.feedback {
             Feedback::Pause { resume_at, .. } => resume_at,
@@ -1396,11 +1470,11 @@ mod tests {
         for i in 0..MAX_UNDELIVERED {
             let key = if i < 24 { "b" } else { "a" };
             let end = start + Duration::from_secs(10 + i as u64);
-            kept.keep(pause(key, end, i == 30));
+            keep(&mut kept, pause(key, end, i == 30));
         }
         kept.sending = Some(0);
         let last = start + Duration::from_secs(10 + MAX_UNDELIVERED as u64 - 1);
-        kept.keep(pause("c", start, false));
+        keep(&mut kept, pause("c", start, false));
         let keys: Vec<&str> = kept.pending.iter().map(|r| r.redis_key.as_str()).collect();
         // The one being sent (b's first), b's others, a's, and c's.
         assert_eq!(keys, ["b", "b", "a", "c"]);
@@ -1433,12 +1507,15 @@ mod tests {
         let conn = Connection::lazy(crate::RedisConfig::new("redis://127.0.0.1:1/")).unwrap();
         let gcra = RedisGcra::new(conn);
         let start = Instant::now();
-        lock(&gcra.inner.undelivered).keep(pause("a", start, true));
+        keep(&mut lock(&gcra.inner.undelivered), pause("a", start, true));
         assert!(gcra.inner.deliver().await.is_err());
         let mut kept = lock(&gcra.inner.undelivered);
         assert_eq!(kept.sending, Some(0));
         for i in 1..=MAX_UNDELIVERED {
-            kept.keep(pause("a", start + Duration::from_secs(i as u64), false));
+            keep(
+                &mut kept,
+                pause("a", start + Duration::from_secs(i as u64), false),
+            );
         }
         assert_eq!(kept.pending[0].n, 0);
         assert_eq!(resume_at(&kept.pending[0]), Some(start));

@@ -355,6 +355,8 @@ struct Inner {
     halts: Mutex<HashMap<AccountId, LocalHalt>>,
     /// The number of the next halt this process records.
     next_halt: AtomicU64,
+    /// The number of the next change that Redis must apply once ([`Inner::change_id`]).
+    next_change: AtomicU64,
     /// The capacities set at run time (`PREFIX:cap`, field → slots) as this process last read
     /// or set them: what it checks a create against and shares out while Redis is away.
     caps: Mutex<HashMap<String, u32>>,
@@ -484,6 +486,7 @@ impl RedisSlots {
                 registry: Mutex::new(Registry::default()),
                 halts: Mutex::new(HashMap::new()),
                 next_halt: AtomicU64::new(0),
+                next_change: AtomicU64::new(0),
                 caps: Mutex::new(HashMap::new()),
                 ends: Mutex::new(VecDeque::new()),
                 pending: Mutex::new(VecDeque::new()),
@@ -625,6 +628,14 @@ impl Inner {
             segment(key.account.as_str()),
             segment(&key.pool.to_string())
         ))
+    }
+
+    /// The id of a change Redis must apply once (see `APPLY`): a replay of one whose answer
+    /// was lost after Redis ran it would undo a later change of the fleet (another process's
+    /// capacity, halt or reset).
+    fn change_id(&self) -> String {
+        let n = self.next_change.fetch_add(1, Ordering::Relaxed);
+        format!("{}#{n}", self.instance)
     }
 
     fn holding(&self, token: u64) -> String {
@@ -965,6 +976,7 @@ impl Inner {
                 let n = self.next_halt.fetch_add(1, Ordering::Relaxed);
                 args.extend(["halt".to_owned(), pk, h, halt, encode_cause(&cause)]);
                 args.push(n.to_string());
+                args.push(self.change_id());
                 let halt = LocalHalt {
                     cause,
                     n,
@@ -1083,13 +1095,14 @@ impl Inner {
                     capacity.to_string(),
                     account,
                     pool.to_string(),
+                    self.change_id(),
                 ]);
                 wake = Some("*".to_owned());
             }
             SlotOp::ResetHalt(account) => {
                 local.changed = lock(&self.halts).remove(&account).is_some();
                 let halt = self.halt_key(&account);
-                args.extend(["unhalt".to_owned(), halt]);
+                args.extend(["unhalt".to_owned(), halt, self.change_id()]);
             }
         }
         Prepared {
@@ -1137,7 +1150,8 @@ impl Inner {
                 .iter()
                 .find(|(_, held)| {
                     let in_account = held.key.account == *account;
-                    held.id.as_deref() == Some(id)
+                    // (An empty id is no task's.)
+                    (!id.is_empty() && held.id.as_deref() == Some(id))
                         || (in_account && ext.is_some() && held.ext.as_deref() == ext)
                         || (in_account && status.is_none() && held.ext.as_deref() == Some(id))
                 })
@@ -1158,7 +1172,7 @@ impl Inner {
                 } else if let Some(held) = registry.get_mut(&h) {
                     // Running: its lease is renewed from now (in Redis too, or when replayed).
                     held.renewed = Some(now);
-                    if held.id.is_none() {
+                    if held.id.is_none() && !id.is_empty() {
                         held.id = Some(id.to_owned());
                     }
                 }
@@ -1296,6 +1310,24 @@ impl Inner {
                 halt.stored_in = Some(generation);
             }
         }
+    }
+
+    /// A halt was reset (by any process): `reset` is its key and the halt it deleted. This
+    /// process forgets that halt at once, so that a restart before its next maintenance pass
+    /// does not make it send the halt again. A later halt of the account (another cause: its
+    /// `request_id` differs) stays.
+    fn halt_reset(&self, reset: &str) {
+        let Some((key, cause)) = reset.split_once('\n') else {
+            return;
+        };
+        let Some(cause) = decode_cause(cause) else {
+            return;
+        };
+        let cause = encode_cause(&cause);
+        let mut halts = lock(&self.halts);
+        halts.retain(|account, halt| {
+            self.halt_key(account) != key || encode_cause(&halt.cause) != cause
+        });
     }
 
     /// After a new generation: queues the halts this process knows of to be sent again (Redis
@@ -1866,8 +1898,9 @@ fn text(value: &Value) -> String {
     }
 }
 
-/// Listens on `PREFIX:freed` and wakes the heads of the pools named; reconnects on loss and
-/// then wakes every head (a release may have been missed).
+/// Listens on `PREFIX:freed` and wakes the heads of the pools named, and on `PREFIX:unhalted`
+/// and forgets the halts reset elsewhere; reconnects on loss and then wakes every head (a
+/// release may have been missed) and the maintenance pass (which finds a missed reset).
 async fn subscriber(inner: Weak<Inner>, shutdown: Arc<Notify>) {
     let mut stopped = pin!(shutdown.notified_owned());
     loop {
@@ -1876,11 +1909,12 @@ async fn subscriber(inner: Weak<Inner>, shutdown: Arc<Notify>) {
         };
         let client = strong.conn.client().clone();
         let channel = strong.conn.key("freed");
+        let unhalted = strong.conn.key("unhalted");
         let timeout = strong.conn.command_timeout();
         drop(strong);
         let connected = tokio::time::timeout(timeout, async {
             let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
+            pubsub.subscribe(&[&channel, &unhalted]).await?;
             Ok::<_, redis::RedisError>(pubsub)
         })
         .await;
@@ -1893,6 +1927,7 @@ async fn subscriber(inner: Weak<Inner>, shutdown: Arc<Notify>) {
         };
         if let Some(strong) = inner.upgrade() {
             strong.wake("*");
+            strong.wake_maintenance.notify_one();
         }
         let mut stream = pubsub.into_on_message();
         loop {
@@ -1913,8 +1948,12 @@ async fn subscriber(inner: Weak<Inner>, shutdown: Arc<Notify>) {
                     let Some(strong) = inner.upgrade() else {
                         return;
                     };
-                    let pk: String = msg.get_payload().unwrap_or_default();
-                    strong.wake(&pk);
+                    let payload: String = msg.get_payload().unwrap_or_default();
+                    if msg.get_channel_name() == unhalted {
+                        strong.halt_reset(&payload);
+                    } else {
+                        strong.wake(&payload);
+                    }
                 }
                 Some(None) => break,
             }

@@ -18,7 +18,9 @@
 //! | `P:seq` | string | the sequence: each script's number (see `PRELUDE`) |
 //! | `P:run` | string | the `run_id` of the server that wrote the generation: another one (a restart, which may load an older snapshot; a failover to a replica, which may lag) starts a new generation |
 //! | `P:ended` | sorted set | tasks reported ended (`i:` task id; `x:` an external id, as its `P:ext` field) by expiry (µs, the configured lease on, at least the default 30 min): a holding of one is not created again (a re-registration, a replayed hold); `e:` the `P:ext` field of a text `complete` told before any holding had it, filed as both `i:` and `x:` until one matches (the other is then dropped); `c:` the text an end was told by: that end was counted in the finished-task metrics, so such a holding given back is not counted again |
+//! | `P:done` | sorted set | the ids of changes that must take effect once (`cap`, `halt`, `unhalt`) by expiry (µs, as `P:ended`'s): a replay of one Redis ran is skipped |
 //! | channel `P:freed` | pub/sub | a pool key (or `*`) whenever slots may have freed |
+//! | channel `P:unhalted` | pub/sub | a reset: the halt key, `\n`, the halt it deleted |
 //!
 //! Times are integer microseconds of fleet time (see [`Connection`](crate::Connection)),
 //! written with `%.0f` (Lua's own conversion keeps 14 digits only).
@@ -289,6 +291,22 @@ return {1, nxt, lost, released}
 const APPLY_BODY: &str = r"
 local op = ARGV[4]
 local changed = 0
+-- A change whose replay could undo a later one (a capacity, a halt, a halt's reset) carries an
+-- id last: sent again after its answer was lost (a timeout after Redis ran it), it is skipped.
+-- Ids are kept as long as `P:ended` keeps an end.
+do
+  local once = nil
+  if op == 'cap' then once = ARGV[9] elseif op == 'halt' then once = ARGV[10]
+  elseif op == 'unhalt' then once = ARGV[6] end
+  if once and once ~= '' then
+    local done = P .. ':done'
+    redis.call('ZREMRANGEBYSCORE', done, '-inf', int(now))
+    if redis.call('ZSCORE', done, once) then return {lost, 0, released} end
+    redis.call('ZADD', done, int(now + ENDED_FOR), once)
+    local keep = math.floor(ENDED_FOR / 1000)
+    if redis.call('PTTL', done) < keep then redis.call('PEXPIRE', done, keep) end
+  end
+end
 local function give(pk, h)
   local raw = redis.call('HGET', pk .. ':h', h)
   if raw then release(pk, h, cjson.decode(raw), nil) end
@@ -449,14 +467,17 @@ elseif op == 'upd' then
     local terminal = flag ~= '0'
     i = i + 4
     if flag == '2' then mark_counted(id) end
-    local place = redis.call('HGET', IDS, id)
+    -- (An empty id is no task's: a report by external id alone, as a lookup's that found no
+    -- task under it.)
+    local place = nil
+    if id ~= '' then place = redis.call('HGET', IDS, id) end
     local by_ext = false
     if not place and ext ~= '' then place = redis.call('HGET', EXT, xf(acct, ext)) end
     if not place and status == '' then
       place = redis.call('HGET', EXT, xf(acct, id))
       by_ext = place and true or false
     end
-    if terminal then
+    if terminal and id ~= '' then
       local field = xf(acct, id)
       if status ~= '' then
         -- A report of the task: the text is a task id, whatever `complete` left open.
@@ -464,7 +485,7 @@ elseif op == 'upd' then
         redis.call('ZREM', ENDED, 'e:' .. field)
       elseif by_ext then
         note_member('x:' .. field)
-      elseif place or id == '' then
+      elseif place then
         note_ended(id)
       else
         -- `complete` before the create's answer came: its text may be the task id or the
@@ -490,7 +511,7 @@ elseif op == 'upd' then
           tidy(pk)
         else
           redis.call('ZADD', pk .. ':l', int(now + lease), h)
-          if not rec.id then
+          if not rec.id and id ~= '' then
             rec.id = id
             redis.call('HSET', pk .. ':h', h, cjson.encode(rec))
             redis.call('HSET', IDS, id, place)
@@ -547,7 +568,11 @@ elseif op == 'mine' then
     end
   end
 elseif op == 'unhalt' then
+  local cause = redis.call('GET', ARGV[5])
   changed = redis.call('DEL', ARGV[5])
+  -- Every process that knows of this halt forgets it now, not at its next maintenance pass:
+  -- a restart before that pass would have it send the halt again.
+  if cause then redis.call('PUBLISH', P .. ':unhalted', ARGV[5] .. '\n' .. cause) end
 elseif op == 'rehalt' then
   -- After a new generation, the halts a process knows of, sent again: triples of the halt
   -- key, the cause, and the process's number for it (not read). One set meanwhile stays.

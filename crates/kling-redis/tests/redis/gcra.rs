@@ -15,7 +15,9 @@ use kling_redis::{Connection, FleetDecision, RedisConfig, RedisGcra, WhenUnreach
 use proptest::prelude::*;
 use tower::{Layer, ServiceExt};
 
-use crate::support::{connect, far_process_gets_its_turn, gated_relay, pttl, raw, redis};
+use crate::support::{
+    client_pause, connect, far_process_gets_its_turn, gated_relay, pttl, raw, redis,
+};
 
 /// What in-process governor decides for arrivals at `offsets` (µs from the first), as
 /// (admitted, not-before offset in µs).
@@ -1032,14 +1034,7 @@ async fn a_pause_whose_report_timed_out_still_pauses_the_fleet() {
     let other = RedisGcra::new(impatient(&server).await);
     let (key, policy) = paused_key();
     assert_eq!(one.acquire(&key, &policy).await.unwrap(), Decision::Admit);
-    let mut admin = raw(&server).await;
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(800)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    client_pause(&server, 800).await;
     let received = tokio::time::Instant::now();
     let reported = one.feedback(&key, &policy, throttled_at(received)).await;
     let error = reported.expect_err("the report timed out");
@@ -1060,6 +1055,54 @@ async fn a_pause_whose_report_timed_out_still_pauses_the_fleet() {
     assert!(until >= received + Duration::from_secs(4), "{until:?}");
 }
 
+/// A 1302 whose report timed out after Redis took it (Redis paused by `CLIENT PAUSE` for
+/// 600 ms, commands giving up after 200 ms: the report runs when the pause ends) is kept and
+/// delivered again: the key takes it once, and it counts once in the fleet's streak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1302_whose_report_timed_out_after_redis_ran_it_counts_once() {
+    let Some(server) = redis() else { return };
+    let one = RedisGcra::new(impatient(&server).await).retry_every(Duration::from_millis(50));
+    let (key, policy) = paused_key();
+    assert_eq!(one.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+    // The report script is loaded (by a success on another key): the report runs when the
+    // pause ends, rather than finding no script once its sender has given up.
+    let elsewhere = BucketKey::account(Some(AccountId::new("elsewhere")));
+    let success = Feedback::Success {
+        sent_at: tokio::time::Instant::now(),
+    };
+    one.feedback(&elsewhere, &policy, success).await.unwrap();
+    client_pause(&server, 600).await;
+    // Sent a millisecond after it was received: a report sent again counts again only if it
+    // looks sent after the pause it began (see `a_kept_1302_whose_delivery_was_cut_short`).
+    let received = tokio::time::Instant::now();
+    let report = Feedback::Pause {
+        sent_at: received + Duration::from_millis(1),
+        received_at: received,
+        resume_at: None,
+        throttled: true,
+    };
+    let kept = one.feedback(&key, &policy, report).await;
+    assert!(kept.is_err(), "redis answered in time: {kept:?}");
+    // Redis answers again and runs the report; the kept copy is delivered after it (by the
+    // background delivery, every 50 ms, and by this process's next decision).
+    // (Another key: this process answers for the paused one itself.)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while one.acquire(&elsewhere, &policy).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "redis never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(one.acquire(&elsewhere, &policy).await.is_ok());
+    assert_eq!(
+        fleet_streak(&server, &one.key_of(&key)).await,
+        1,
+        "counted twice"
+    );
+}
+
 /// While Redis does not answer (paused by `CLIENT PAUSE`, commands giving up after 200 ms) and
 /// a kept report waits for delivery, concurrent decisions and reports do not queue behind one
 /// another's timeouts: each waits for at most its own command, not the k-th for k of them.
@@ -1072,14 +1115,7 @@ async fn during_an_outage_requests_do_not_wait_in_line_for_each_others_timeouts(
         backend.acquire(&key, &policy).await.unwrap(),
         Decision::Admit
     );
-    let mut admin = raw(&server).await;
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(5000)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    client_pause(&server, 5000).await;
     let received = tokio::time::Instant::now();
     let kept = backend
         .feedback(&key, &policy, throttled_at(received))

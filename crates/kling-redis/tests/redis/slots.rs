@@ -862,6 +862,37 @@ async fn unknown_creates_end_when_a_lookup_finds_nothing_or_link_when_it_finds_t
     assert_eq!(in_use(&one).await, 0);
 }
 
+/// A running report by external id alone (an empty task id, as a report built from a callback
+/// that names only the external id) renews its holding without filing the empty text as its
+/// task id: a later lookup that finds nothing under another external id (whose reports carry
+/// an empty task id too) ends nothing else, in Redis or, while Redis is away, in the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_with_an_empty_task_id_files_no_task_id() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 2).await;
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold_unknown(r, "e1")).await.unwrap();
+    let by_external = SlotOp::Update {
+        account: video().account,
+        updates: vec![TaskUpdate {
+            id: String::new(),
+            external_id: Some("e1".to_owned()),
+            status: Some(TaskStatus::Processing),
+        }],
+        lease: LONG,
+    };
+    let renewed = one.apply(by_external).await.unwrap();
+    assert!(renewed.changed);
+    let none = one.apply(absent("e9")).await.unwrap();
+    assert!(none.released.is_empty(), "{none:?}");
+    assert_eq!(in_use(&one).await, 1);
+    // The process's own record, used while Redis is away, matches alike.
+    server.stop();
+    let none = one.apply(absent("e8")).await.unwrap();
+    assert!(none.released.is_empty(), "{none:?}");
+    assert_eq!(one.held_here(), 1);
+}
+
 /// Past 64 pools, one that a create gave back and nothing else uses is forgotten, in Redis and
 /// in the process: a client naming many models (a new-style create's pool is its model) leaves
 /// no state behind for each. A pool in use stays.
@@ -1885,6 +1916,8 @@ async fn a_grant_whose_answer_was_lost_is_given_back_when_the_next_ask_finds_a_h
     let two = backend(&server, 2).await;
     let r = two.acquire(video(), 1).await.unwrap();
     assert_eq!(in_use(&one).await, 1);
+    // Subscribed: the subscription's first wake of the waiting creates comes before the ask.
+    crate::support::subscribed(&server, "freed", 2).await;
     kling_redis::testing::lose_acquire_answers(&one, 1);
     let asking = tokio::spawn({
         let one = one.clone();
@@ -2016,13 +2049,8 @@ async fn a_create_asked_right_after_a_halt_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_asked_after_a_queued_halt_is_refused() {
     let Some(server) = redis() else { return };
-    let impatient = kling_redis::Connection::connect(
-        kling_redis::RedisConfig::new(server.url())
-            .prefix("test")
-            .command_timeout(Duration::from_millis(200)),
-    )
-    .await
-    .unwrap();
+    let impatient =
+        crate::support::connect_with_timeout(server.url(), Duration::from_millis(200)).await;
     let one = RedisSlots::new(impatient, SlotsConfig::new(5))
         .unwrap()
         .poll_every(Duration::from_secs(30))
@@ -2032,14 +2060,7 @@ async fn a_create_asked_after_a_queued_halt_is_refused() {
     one.apply(hold(r, "t1", LONG)).await.unwrap();
     let r = one.acquire(video(), 1).await.unwrap();
     // Redis stops answering for a while: a report times out and is kept for replay.
-    let mut admin = crate::support::raw(&server).await;
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(600)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    crate::support::client_pause(&server, 600).await;
     one.apply(running("t1")).await.unwrap();
     assert_eq!(one.pending(), 1);
     // Answering again (a ping waits out the pause); the halt goes behind the kept report.
@@ -2067,6 +2088,160 @@ async fn a_create_asked_after_a_queued_halt_is_refused() {
     assert!(matches!(create, Err(AcquireError::Halted(_))), "{create:?}");
 }
 
+/// An end whose report timed out after Redis ran it (Redis paused by `CLIENT PAUSE` for
+/// 600 ms, commands giving up after 200 ms: the report runs when the pause ends) is kept and
+/// replayed: the slot is freed once, and another process's task keeps its slot. (A task's
+/// holding is found by its id only until it is released, so the replay finds none.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_whose_report_timed_out_after_redis_ran_it_frees_its_slot_once() {
+    let Some(server) = redis() else { return };
+    let impatient =
+        crate::support::connect_with_timeout(server.url(), Duration::from_millis(200)).await;
+    let one = RedisSlots::new(impatient, SlotsConfig::new(3))
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .maintain_every(Duration::from_secs(60))
+        .grace(Duration::from_millis(300));
+    let two = backend(&server, 3).await;
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(r, "t1", LONG)).await.unwrap();
+    let r = two.acquire(video(), 1).await.unwrap();
+    two.apply(hold(r, "t2", LONG)).await.unwrap();
+    assert_eq!(in_use(&two).await, 2);
+    crate::support::client_pause(&server, 600).await;
+    for report in [ended("t1", Some(TaskStatus::Succeeded)), ended("t1", None)] {
+        one.apply(report).await.unwrap();
+    }
+    assert_eq!(one.pending(), 2, "a report reached redis in time");
+    // Redis ran the first when the pause ended.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while in_use(&two).await != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the report never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    maintained(&one).await;
+    assert_eq!(one.pending(), 0);
+    assert_eq!(in_use(&two).await, 1, "t2's slot was freed too");
+}
+
+/// A capacity set in one process whose change timed out after Redis ran it (Redis paused by
+/// `CLIENT PAUSE`) is kept and replayed; another process sets a lower capacity meanwhile. The
+/// replay does not undo the later setting (the fleet would be let in up to the older, higher
+/// capacity), nor does a reset of a halt, replayed, end a halt made after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_replayed_after_redis_ran_it_does_not_undo_a_later_one() {
+    let Some(server) = redis() else { return };
+    let impatient =
+        crate::support::connect_with_timeout(server.url(), Duration::from_millis(200)).await;
+    let one = RedisSlots::new(impatient, SlotsConfig::new(3))
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .maintain_every(Duration::from_secs(60))
+        .grace(Duration::from_millis(300));
+    let two = backend(&server, 3).await;
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(SlotOp::GiveBack(r)).await.unwrap();
+    let video_pool = video().pool;
+    let set = |capacity| SlotOp::SetCapacity {
+        account: None,
+        pool: video_pool.clone(),
+        capacity,
+    };
+    crate::support::client_pause(&server, 600).await;
+    // Both sent at once, before either timed out: Redis runs both.
+    let (set, reset) = tokio::join!(
+        one.apply(set(5)),
+        one.apply(SlotOp::ResetHalt(video().account))
+    );
+    set.unwrap();
+    reset.unwrap();
+    assert_eq!(one.pending(), 2, "a change reached redis in time");
+    // Redis runs both when the pause ends; then the other process lowers the capacity and
+    // meets a 1102.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while in_use_and_capacity(&two).await.1 != 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the change never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    two.apply(SlotOp::SetCapacity {
+        account: None,
+        pool: video().pool,
+        capacity: 2,
+    })
+    .await
+    .unwrap();
+    let r = two.acquire(video(), 1).await.unwrap();
+    two.apply(SlotOp::Halt {
+        reservation: r,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    maintained(&one).await;
+    assert_eq!(one.pending(), 0);
+    assert_eq!(
+        in_use_and_capacity(&two).await.1,
+        2,
+        "the older capacity came back"
+    );
+    let three = backend(&server, 3).await;
+    let create = tokio::time::timeout(Duration::from_secs(2), three.acquire(video(), 1)).await;
+    assert!(
+        matches!(create, Ok(Err(AcquireError::Halted(_)))),
+        "the later halt was reset: {create:?}"
+    );
+}
+
+/// A 1102 whose change timed out after Redis ran it is kept and replayed; another process
+/// resets the halt meanwhile. The replay does not halt the account again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_replayed_after_redis_ran_it_does_not_undo_a_later_reset() {
+    let Some(server) = redis() else { return };
+    let impatient =
+        crate::support::connect_with_timeout(server.url(), Duration::from_millis(200)).await;
+    let one = RedisSlots::new(impatient, SlotsConfig::new(3))
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .maintain_every(Duration::from_secs(60))
+        .grace(Duration::from_millis(300));
+    let two = backend(&server, 3).await;
+    let r = one.acquire(video(), 1).await.unwrap();
+    crate::support::client_pause(&server, 600).await;
+    one.apply(SlotOp::Halt {
+        reservation: r,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    assert_eq!(one.pending(), 1, "the halt reached redis in time");
+    // Redis runs it when the pause ends; then the other process resets it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let create = tokio::time::timeout(Duration::from_secs(2), two.acquire(video(), 1)).await;
+        match create {
+            Ok(Err(AcquireError::Halted(_))) => break,
+            Ok(Ok(granted)) => two.apply(SlotOp::GiveBack(granted)).await.unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert!(tokio::time::Instant::now() < deadline, "the halt never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    two.apply(SlotOp::ResetHalt(video().account)).await.unwrap();
+    maintained(&one).await;
+    assert_eq!(one.pending(), 0);
+    let create = tokio::time::timeout(Duration::from_secs(2), two.acquire(video(), 1)).await;
+    assert!(
+        matches!(create, Ok(Ok(_))),
+        "the reset halt came back: {create:?}"
+    );
+}
+
 /// A create's answer that left Redis before this process recorded a 1102 (its ask was on
 /// its way) does not end that halt here: the next create is still refused, though the halt
 /// waits behind a kept change and Redis does not have it yet.
@@ -2075,13 +2250,11 @@ async fn an_answer_to_an_ask_sent_before_a_halt_does_not_end_it() {
     let Some(server) = redis() else { return };
     // 20 ms each way: an ask is long enough on its way to record the halt meanwhile.
     let relay = crate::support::far_relay(server.port(), Duration::from_millis(20)).await;
-    let far = kling_redis::Connection::connect(
-        kling_redis::RedisConfig::new(format!("redis://127.0.0.1:{relay}/"))
-            .prefix("test")
-            .command_timeout(Duration::from_millis(500)),
+    let far = crate::support::connect_with_timeout(
+        format!("redis://127.0.0.1:{relay}/"),
+        Duration::from_millis(500),
     )
-    .await
-    .unwrap();
+    .await;
     let one = RedisSlots::new(far, SlotsConfig::new(5))
         .unwrap()
         .poll_every(Duration::from_secs(30))
@@ -2090,14 +2263,7 @@ async fn an_answer_to_an_ask_sent_before_a_halt_does_not_end_it() {
     let r = one.acquire(video(), 1).await.unwrap();
     one.apply(hold(r, "t1", LONG)).await.unwrap();
     let r = one.acquire(video(), 1).await.unwrap();
-    let mut admin = crate::support::raw(&server).await;
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(900)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    crate::support::client_pause(&server, 900).await;
     one.apply(running("t1")).await.unwrap();
     assert_eq!(one.pending(), 1);
     let _: String = redis::cmd("PING")
@@ -2366,6 +2532,46 @@ async fn a_halt_reset_elsewhere_is_not_sent_again_after_a_restart() {
         .await
         .unwrap();
     maintained(&one).await;
+    server.restart().unwrap();
+    maintained(&one).await;
+    maintained(&one).await;
+    maintained(&two).await;
+    let create = tokio::time::timeout(Duration::from_secs(5), two.acquire(video(), 1)).await;
+    assert!(
+        matches!(create, Ok(Ok(_))),
+        "the reset halt came back: {create:?}"
+    );
+    let create = tokio::time::timeout(Duration::from_secs(5), one.acquire(video(), 1)).await;
+    assert!(matches!(create, Ok(Ok(_))), "{create:?}");
+}
+
+/// A halt another process reset is forgotten at once by a process that knew of it (told on
+/// `PREFIX:unhalted`), though its next maintenance pass is a minute away: a restart right after
+/// the reset does not bring the halt back. (Before, the gap was one `maintain_every`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_reset_just_before_a_restart_is_not_sent_again() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 5)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    let two = backend(&server, 5)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    let r = one.acquire(video(), 1).await.unwrap();
+    let granted = two.acquire(video(), 1).await.unwrap();
+    two.apply(SlotOp::GiveBack(granted)).await.unwrap();
+    one.apply(SlotOp::Halt {
+        reservation: r,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    // Both processes listen for resets.
+    crate::support::subscribed(&server, "unhalted", 2).await;
+    two.apply(SlotOp::ResetHalt(AccountId::new("acct")))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
     server.restart().unwrap();
     maintained(&one).await;
     maintained(&one).await;

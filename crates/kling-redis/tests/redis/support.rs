@@ -39,6 +39,49 @@ pub(crate) async fn connect(server: &RedisServer) -> Connection {
     .expect("redis answers")
 }
 
+/// A connection to the Redis at `url` (a server's, or a relay's) whose commands give up after
+/// `timeout`.
+pub(crate) async fn connect_with_timeout(url: impl Into<String>, timeout: Duration) -> Connection {
+    Connection::connect(
+        RedisConfig::new(url)
+            .prefix("test")
+            .command_timeout(timeout),
+    )
+    .await
+    .expect("redis answers")
+}
+
+/// Stops `server` answering every client for `ms` milliseconds (`CLIENT PAUSE ms ALL`):
+/// commands sent meanwhile wait, and run when the pause ends, in the order they came.
+pub(crate) async fn client_pause(server: &RedisServer, ms: u64) {
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(ms)
+        .arg("ALL")
+        .query_async(&mut raw(server).await)
+        .await
+        .unwrap();
+}
+
+/// Waits until `processes` subscribers listen on the `channel` of the `test` prefix (each
+/// `RedisSlots` subscribes on first use, and wakes its waiting creates when it has).
+pub(crate) async fn subscribed(server: &RedisServer, channel: &str, processes: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, listening): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(format!("test:{channel}"))
+            .query_async(&mut raw(server).await)
+            .await
+            .unwrap();
+        if listening >= processes {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not subscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A TCP relay to the Redis on `port` that holds each chunk for `delay` before passing it on,
 /// both ways: a process farther from Redis than the others. Returns the relay's port.
 pub(crate) async fn far_relay(port: u16, delay: Duration) -> u16 {
