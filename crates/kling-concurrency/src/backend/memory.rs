@@ -222,9 +222,15 @@ const MAX_ENDS_KEPT: usize = 4096;
 /// `complete`, whose text may be a task id or an external id of its account, is filed under
 /// both keys (twins): the task id's and the external id's within the account ([`hash_in`]).
 /// The first holding one of them frees says which the text was, and the other is forgotten
-/// (a task whose id is the text of an external id that ended is not ended by it).
+/// (a task whose id is the text of an external id that ended is not ended by it). An end a
+/// report told with the task's external id is filed under that external id within the
+/// reporting account too (a pair), for a create whose answer was then lost, kept under its
+/// external id only. A note under an external id frees one holding and is then forgotten, as
+/// is the external id's note of a pair whose task id freed one: external ids are the caller's,
+/// and a later create may carry the same one again.
 ///
-/// Bounded by count and by age: at most [`MAX_ENDS_KEPT`] ends, each kept one lease (the
+/// Bounded by count and by age: at most [`MAX_ENDS_KEPT`] notes (an end told with its
+/// external id takes two, as a `complete` does), each kept one lease (the
 /// reporting change's) from its last report, the oldest forgotten first (as the Redis
 /// backend's `ZADD` keeps it). An end reported again while remembered (a callback delivered
 /// twice, a finished task queried again) is renewed in place, not noted again: re-sends take
@@ -250,6 +256,9 @@ struct EndedTask {
     /// For an end told by `complete` (a task id or an external id of this account): the
     /// account; the note has a twin under the other key.
     either: Option<AccountId>,
+    /// For an end a report told with the task's external id: the key of the other note (the
+    /// task id's for the external id's, and the other way round), each pointing at the other.
+    paired: Option<u64>,
     until: Instant,
     /// The status reported (`None`: said ended by `complete`).
     status: Option<TaskStatus>,
@@ -271,6 +280,7 @@ impl EndedTask {
             id: SmallId::new(id),
             external_in,
             either,
+            paired: None,
             until: lease_end(now, keep),
             status,
             seq: 0,
@@ -293,18 +303,59 @@ impl Ended {
     }
 
     /// Notes that the task `id` (of [`IdHash`] `hash`) ended at `now`, for `keep` from now, as
-    /// a report of its status said.
+    /// a report of its status said; and, when the report named the task's external id in an
+    /// account, that external id's end too (a create whose answer is lost is kept under its
+    /// external id only), the two notes paired: the first holding either frees forgets the
+    /// external id's ([`take`](Ended::take)).
     #[cold]
-    fn note(&mut self, hash: u64, id: &str, status: &TaskStatus, now: Instant, keep: Duration) {
+    fn note(
+        &mut self,
+        hash: u64,
+        id: &str,
+        external: Option<(&AccountId, &str)>,
+        status: &TaskStatus,
+        now: Instant,
+        keep: Duration,
+    ) {
         if let Some(task) = self.live_mut(hash, NO_SCOPE, id.as_bytes(), now) {
             // Noted already: a report says it is a task id, whatever `complete` left open.
             task.either = None;
             task.status.get_or_insert_with(|| status.clone());
             self.renew(hash, now, keep);
+        } else {
+            let task = EndedTask::new(id, None, None, Some(status.clone()), now, keep);
+            self.insert(hash, task, now);
+        }
+        let Some((account, ext)) = external else {
+            return;
+        };
+        let scope = scope_of(account);
+        let key = hash_in::<IdHash>(scope, ext.as_bytes());
+        if key == hash {
+            // (Two notes cannot share a key: the task id's is kept.)
             return;
         }
-        let task = EndedTask::new(id, None, None, Some(status.clone()), now, keep);
-        self.insert(hash, task, now);
+        if let Some(task) = self.live_mut(key, scope, ext.as_bytes(), now) {
+            task.status.get_or_insert_with(|| status.clone());
+            self.renew(key, now, keep);
+        } else {
+            let task = EndedTask::new(
+                ext,
+                Some(account.clone()),
+                None,
+                Some(status.clone()),
+                now,
+                keep,
+            );
+            self.insert(key, task, now);
+        }
+        // (Filing the second note may have forgotten the oldest, never the first: it is newer.)
+        if let Some(task) = self.by_hash.get_mut(&key) {
+            task.paired = Some(hash);
+        }
+        if let Some(task) = self.by_hash.get_mut(&hash) {
+            task.paired = Some(key);
+        }
     }
 
     /// Notes that `complete` said `id` ended in `account` (of [`IdHash`] `hash`), a task id or
@@ -405,7 +456,11 @@ impl Ended {
     }
 
     /// [`get`](Ended::get) for a holding the end frees: an end `complete` told is now known
-    /// to name what it matched, and its twin under the other key is forgotten.
+    /// to name what it matched, and its twin under the other key is forgotten. An external
+    /// id's note is spent (forgotten), whichever of a pair was matched: the caller's external
+    /// ids may name another create later (one sent again, a job that reuses its id), which a
+    /// note left behind would free at once while its task runs. A task id's note stays (task
+    /// ids are the server's, never reused), so a list that ran behind the report adopts nothing.
     fn take(
         &mut self,
         hash: u64,
@@ -415,8 +470,24 @@ impl Ended {
     ) -> Option<Option<TaskStatus>> {
         let task = self.live_mut(hash, scope, id, now)?;
         let status = task.status.clone();
-        if let Some(account) = task.either.take() {
-            let twin = if task.external_in.is_some() {
+        let external = task.external_in.is_some();
+        let (either, paired) = (task.either.take(), task.paired.take());
+        if let Some(other) = paired
+            && self
+                .by_hash
+                .get(&other)
+                .is_some_and(|t| t.paired == Some(hash) && t.external_in.is_some())
+        {
+            // The external id's note of the task id just matched. (Its entry in `order`, as
+            // every removed note's, is skipped when it comes up.)
+            self.by_hash.remove(&other);
+        }
+        if external {
+            // Spent.
+            self.by_hash.remove(&hash);
+        }
+        if let Some(account) = either {
+            let twin = if external {
                 (IdHash::hash(id), NO_SCOPE)
             } else {
                 let scope = scope_of(&account);
@@ -427,7 +498,6 @@ impl Ended {
                 .get(&twin.0)
                 .is_some_and(|t| t.either.is_some() && t.is(twin.1, id))
             {
-                // Its entry in `order` is skipped when it comes up.
                 self.by_hash.remove(&twin.0);
             }
         }
@@ -1678,7 +1748,8 @@ impl State {
         // under either is this same task's earlier create, whose outcome was unknown and which
         // was sent again. It gives its slots back now instead of hiding them until its lease.
         // (External ids are filed within the account: another account's holding under the
-        // same external id is another task, and stays filed.)
+        // same external id is another task, and stays filed; so does a holding under the
+        // external id whose task id is known, a task that runs, no longer found by it.)
         let list = &self.list;
         let holding = list[index].holdings[slot].held().expect("just filed");
         let earlier = [
@@ -1700,7 +1771,7 @@ impl State {
             self.supersede_other(old, place, key);
         }
         if let Some(old) = by_external {
-            self.supersede_other(old, place, key);
+            self.supersede_unknown(old, place, key);
         }
         if proves {
             // After the same task's earlier holding gave its slots back: what is held now.
@@ -1752,6 +1823,18 @@ impl State {
     fn supersede_other(&mut self, old: Place, place: Place, key: &SlotKey) {
         if old != place && self.list[old.0].key.account == key.account {
             self.supersede(old);
+        }
+    }
+
+    /// Supersedes the holding at `old`, found under the external id of the holding just filed
+    /// at `place`, if it is another one of `key`'s account whose task id is unknown (a create
+    /// of unknown outcome, sent again). One whose task id an answer or report gave is a task
+    /// that runs until it is reported ended: a create under its external id again (the caller
+    /// reused it, the server made another task) does not end it.
+    #[cold]
+    fn supersede_unknown(&mut self, old: Place, place: Place, key: &SlotKey) {
+        if !self.has_task_id(old) {
+            self.supersede_other(old, place, key);
         }
     }
 
@@ -1811,7 +1894,19 @@ impl State {
         None
     }
 
+    /// Whether the holding at `place` knows its task id.
+    #[cold]
+    fn has_task_id(&self, place: Place) -> bool {
+        self.list
+            .get(place.0)
+            .and_then(|pool| pool.holdings.get(place.1))
+            .and_then(Entry::held)
+            .is_some_and(|holding| holding.id.is_some())
+    }
+
     /// One report of a task: a terminal status releases it, a running one renews its lease.
+    /// A report with no task id (a lookup by external id that found nothing) ends only a
+    /// holding whose task id is unknown: a create of unknown outcome.
     /// `hash`: the [`IdHash`] of `id` (computed before the lock where the caller can).
     fn report(
         &mut self,
@@ -1840,7 +1935,13 @@ impl State {
                 // holding is released when it does.
                 let now = *reports.now.get_or_insert_with(Instant::now);
                 match status {
-                    Some(status) => self.ended.note(hash, id, status, now, reports.lease),
+                    Some(status) => {
+                        let external = external
+                            .filter(|ext| !ext.is_empty())
+                            .map(|ext| (reports.account, ext));
+                        self.ended
+                            .note(hash, id, external, status, now, reports.lease);
+                    }
                     // `complete`, by task id or by an external id of the account.
                     None => {
                         let account = reports.account;
@@ -1851,6 +1952,12 @@ impl State {
             }
             return;
         };
+        if id.is_empty() && self.has_task_id(place) {
+            // A lookup by external id that found nothing (a legacy query on another create
+            // path, a lookup the server has not indexed yet) says nothing of a task whose id
+            // its create's answer (or a report) gave: it exists, and may still run.
+            return;
+        }
         let now = *reports.now.get_or_insert_with(Instant::now);
         let (lease, applied) = (reports.lease, &mut reports.applied);
         applied.changed = true;

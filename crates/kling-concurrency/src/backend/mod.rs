@@ -105,6 +105,11 @@ pub enum SlotOp {
     /// The create surely did not happen (or failed): free its slots now.
     GiveBack(Reservation),
     /// The create happened or may have: keep its slots under `task` with a lease.
+    ///
+    /// A holding already under the same task id, or under the same external id in the same
+    /// account with no task id known (a create of unknown outcome), is this create's earlier
+    /// attempt: it gives its slots back. One under the external id whose task id is known is
+    /// another task (the external id reused) and keeps its slots.
     Hold {
         /// The granted slots.
         reservation: Reservation,
@@ -129,6 +134,9 @@ pub enum SlotOp {
     /// A report finds its task by task id (the server's, unique everywhere), else by external
     /// id within `account` only: external ids are the caller's, unique per account, so one
     /// account's report never settles another account's holding under the same external id.
+    /// A report with an empty task id and no status (a lookup by external id that found no
+    /// task) ends only a holding whose task id is unknown (a create of unknown outcome): a
+    /// task whose id an answer or report gave exists, whatever a lookup elsewhere says.
     Update {
         /// The account the reports come from (the query's, or the callback's).
         account: AccountId,

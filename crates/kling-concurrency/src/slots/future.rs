@@ -426,7 +426,8 @@ fn settle_create<B: SlotBackend>(
 /// does not say).
 ///
 /// A lookup by external id is legacy `GET {create path}/{id}` (the id may be a task id or an
-/// external id: only a holding under that external id is ended) or new-style
+/// external id: only a holding under that external id is ended, and only one whose task id is
+/// unknown, [`SlotOp::Update`]) or new-style
 /// `GET /tasks?external_task_ids=…`. "Absent" is `1203` (not found), or a successful new-style
 /// answer whose `data` is a list read in whole ([`Outcome::lists_every_task`], `[]` included)
 /// that does not name it, each task listed carrying one of the external ids asked for (a list

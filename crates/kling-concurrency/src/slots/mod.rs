@@ -52,8 +52,11 @@
 //!   `GET {create path}/{external id}`, new `GET /tasks?external_task_ids=…`, as the retry layer
 //!   sends before creating again) that finds no task (`1203`, or a new-style `data` list read in
 //!   whole without it, `[]` included: the rule the retry layer sends the create again by) gives
-//!   back what is held under that external id at once: that create never happened. An answer
-//!   whose `data` cannot be read (`null`, missing) ends nothing.
+//!   back what is held under that external id at once: that create never happened. It does
+//!   not end a task whose id is known (its create was answered, or a report named it): a
+//!   legacy lookup on another create path, or one the server has not indexed yet, finds
+//!   nothing for a task that runs. An answer whose `data` cannot be read (`null`, missing)
+//!   ends nothing.
 //! - Anything else passes through untouched.
 //!
 //! Slots are released **exactly once**, by whichever comes first: a query or list response, a

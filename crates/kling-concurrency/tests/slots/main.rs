@@ -2,6 +2,7 @@
 
 mod config;
 mod in_flight;
+mod leaks;
 mod lookup;
 mod mock;
 mod pool_scope;

@@ -1,0 +1,551 @@
+//! An adversarial review's scenarios: slot leaks and oversubscription. Creates and queries
+//! dropped at each point, a `1303` the layer did not expect, a task's end reported twice or by a
+//! stranger, unreadable answers, weights past the capacity, and leases ending as late reports
+//! come.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use kling_concurrency::error::OverCapacity;
+use kling_concurrency::{SlotsConfig, SlotsHandle, TaskSlots, TaskSlotsLayer};
+use kling_core::{Pool, Product};
+use serde_json::json;
+use tokio::time::advance;
+use tokio_test::task::spawn;
+use tokio_test::{assert_pending, assert_ready_ok};
+use tower::{Layer, Service, ServiceExt};
+
+use crate::support::*;
+
+type Manual = tower_test::mock::Mock<Request<Full<Bytes>>, Response<Full<Bytes>>>;
+type Server = tower_test::mock::Handle<Request<Full<Bytes>>, Response<Full<Bytes>>>;
+
+fn manual(config: SlotsConfig) -> (TaskSlots<Manual>, SlotsHandle, Server) {
+    let (mock, server) = tower_test::mock::pair::<Request<Full<Bytes>>, Response<Full<Bytes>>>();
+    let (layer, handle) = TaskSlotsLayer::pair(config).unwrap();
+    (layer.layer(mock), handle, server)
+}
+
+fn fake(config: SlotsConfig) -> (TaskSlots<Fake>, SlotsHandle, Fake) {
+    let fake = Fake::new();
+    let (layer, handle) = TaskSlotsLayer::pair(config).unwrap();
+    (layer.layer(fake.clone()), handle, fake)
+}
+
+fn legacy_task(id: &str, status: &str, external: Option<&str>) -> serde_json::Value {
+    let mut task = json!({"task_id": id, "task_status": status});
+    if let Some(ext) = external {
+        task["task_info"] = json!({"external_task_id": ext});
+    }
+    task
+}
+
+/// (in use, tasks) of the default account's video pool.
+async fn held(handle: &SlotsHandle) -> (u32, usize) {
+    let snapshot = handle.snapshot().await.unwrap();
+    let pool = snapshot.get(handle.default_account(), &video()).unwrap();
+    (pool.in_use, pool.tasks)
+}
+
+/// A create whose answer came but was never read (the caller dropped the future after the
+/// server answered) keeps its slot, as the task runs; a query dropped before its answer, or
+/// after its answer came but before it was read, frees nothing; the query read ends the task
+/// exactly once.
+#[tokio::test(start_paused = true)]
+async fn creates_and_queries_dropped_at_each_point_leak_nothing_and_free_nothing_early() {
+    let lease = Duration::from_secs(900);
+    let (mut svc, handle, mut server) = manual(SlotsConfig::new(2).lease(lease));
+
+    // Answered, the answer never read: kept under the external id the create carried.
+    svc.ready().await.unwrap();
+    let mut create = spawn(svc.call(create_with_external("job-1")));
+    assert_pending!(create.poll());
+    let (_, respond) = server.next_request().await.unwrap();
+    respond.send_response(envelope(
+        200,
+        0,
+        &legacy_task("t1", "submitted", Some("job-1")),
+    ));
+    drop(create);
+    assert_eq!(held(&handle).await, (1, 1));
+
+    // A query of the task dropped before its answer: nothing freed.
+    svc.ready().await.unwrap();
+    let mut query = spawn(svc.call(get("/v1/videos/text2video/t1")));
+    assert_pending!(query.poll());
+    let (_, _respond) = server.next_request().await.unwrap();
+    drop(query);
+    assert_eq!(held(&handle).await, (1, 1), "the task may still run");
+
+    // Its answer came, saying the task ended, but the query was dropped before reading it.
+    svc.ready().await.unwrap();
+    let mut query = spawn(svc.call(get("/v1/videos/text2video/t1")));
+    assert_pending!(query.poll());
+    let (_, respond) = server.next_request().await.unwrap();
+    respond.send_response(envelope(
+        200,
+        0,
+        &legacy_task("t1", "succeed", Some("job-1")),
+    ));
+    drop(query);
+    assert_eq!(held(&handle).await, (1, 1), "nothing read, nothing freed");
+
+    // A query read: released, by the external id the holding was kept under.
+    svc.ready().await.unwrap();
+    let mut query = spawn(svc.call(get("/v1/videos/text2video/t1")));
+    assert_pending!(query.poll());
+    let (_, respond) = server.next_request().await.unwrap();
+    respond.send_response(envelope(
+        200,
+        0,
+        &legacy_task("t1", "succeed", Some("job-1")),
+    ));
+    assert_ready_ok!(query.poll());
+    assert_eq!(held(&handle).await, (0, 0));
+    // Once: a callback of the same end frees nothing more.
+    let callback = legacy_task("t1", "succeed", Some("job-1")).to_string();
+    let applied = handle.on_callback(callback.as_bytes()).await.unwrap();
+    assert!(applied.released.is_empty());
+    assert_eq!(held(&handle).await, (0, 0));
+}
+
+/// A `1303` when the layer believed two slots free (someone else uses the account): the pool
+/// learns it has none, the create sent again waits (is not sent) until a slot comes back by
+/// time, and the end of our one task, reported by three routes, frees its slot and one hidden
+/// slot once.
+#[tokio::test(start_paused = true)]
+async fn an_unexpected_1303_shrinks_the_pool_without_spinning_and_an_end_frees_once() {
+    let interval = Duration::from_secs(20);
+    let (mut svc, handle, fake) = fake(SlotsConfig::new(3).recovery_interval(interval));
+    svc.ready().await.unwrap();
+    let t1 = svc.call(create()).await.unwrap();
+    let t1 = kling_core::Outcome::of(&t1)
+        .unwrap()
+        .task()
+        .unwrap()
+        .id
+        .clone();
+    fake.script(Scripted::Code(1303, 429));
+    svc.ready().await.unwrap();
+    svc.call(create()).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+
+    svc.ready().await.unwrap();
+    let mut again = spawn(svc.call(create()));
+    for _ in 0..19 {
+        assert_pending!(again.poll());
+        advance(Duration::from_secs(1)).await;
+    }
+    assert_pending!(again.poll());
+    assert_eq!(
+        fake.creates(),
+        2,
+        "nothing sent while no slot is believed free"
+    );
+
+    // Our task ends; the query, a callback and `complete` all say so.
+    fake.finish(&t1);
+    svc.ready().await.unwrap();
+    svc.call(get(&format!("/v1/videos/text2video/{t1}")))
+        .await
+        .unwrap();
+    let callback = legacy_task(&t1, "succeed", None).to_string();
+    handle.on_callback(callback.as_bytes()).await.unwrap();
+    assert!(handle.complete(&t1).await.unwrap().is_none());
+    assert_ready_ok!(again.poll());
+    assert_eq!(
+        pool_state(&handle, &video()).await,
+        (1, 2, 0),
+        "one slot of ours and one hidden slot back, not more"
+    );
+    advance(interval).await;
+    assert_eq!(pool_state(&handle, &video()).await, (1, 3, 0));
+}
+
+/// Sends `request` through `svc` and answers it with `answer`.
+async fn exchange(
+    svc: &mut TaskSlots<Manual>,
+    server: &mut Server,
+    request: Request<Full<Bytes>>,
+    answer: Response<Full<Bytes>>,
+) -> Response<Full<Bytes>> {
+    svc.ready().await.unwrap();
+    let mut call = spawn(svc.call(request));
+    assert_pending!(call.poll());
+    let (_, respond) = server.next_request().await.unwrap();
+    respond.send_response(answer);
+    assert_ready_ok!(call.poll())
+}
+
+/// One task's end reported by two routes (query then callback, callback then list) frees it
+/// once; a report of a task this process never created frees nothing of the others.
+#[tokio::test(start_paused = true)]
+async fn ends_reported_twice_or_by_a_stranger_free_exactly_once() {
+    let (mut svc, handle, mut server) = manual(SlotsConfig::new(3));
+    for id in ["t1", "t2", "t3"] {
+        let answer = envelope(200, 0, &legacy_task(id, "submitted", None));
+        exchange(&mut svc, &mut server, create(), answer).await;
+    }
+    assert_eq!(held(&handle).await, (3, 3));
+
+    // Query, then callback.
+    let answer = envelope(200, 0, &legacy_task("t1", "succeed", None));
+    exchange(
+        &mut svc,
+        &mut server,
+        get("/v1/videos/text2video/t1"),
+        answer,
+    )
+    .await;
+    let callback = legacy_task("t1", "succeed", None).to_string();
+    let applied = handle.on_callback(callback.as_bytes()).await.unwrap();
+    assert!(applied.released.is_empty());
+    assert_eq!(held(&handle).await, (2, 2));
+
+    // Callback, then a list page reporting it (and the others).
+    let callback = legacy_task("t2", "failed", None).to_string();
+    let applied = handle.on_callback(callback.as_bytes()).await.unwrap();
+    assert_eq!(applied.released.len(), 1);
+    let page = json!([
+        legacy_task("t1", "succeed", None),
+        legacy_task("t2", "failed", None),
+        legacy_task("t3", "processing", None),
+    ]);
+    let list = get("/v1/videos/text2video?pageNum=1&pageSize=30");
+    exchange(&mut svc, &mut server, list, envelope(200, 0, &page)).await;
+    assert_eq!(held(&handle).await, (1, 1));
+
+    // A stranger's task, ended and running, by callback, query and `complete`: nothing of ours.
+    for status in ["succeed", "processing"] {
+        let callback = legacy_task("t-stranger", status, Some("someone-else")).to_string();
+        let applied = handle.on_callback(callback.as_bytes()).await.unwrap();
+        assert!(applied.released.is_empty());
+    }
+    let answer = envelope(200, 0, &legacy_task("t-stranger", "failed", None));
+    let query = get("/v1/videos/text2video/t-stranger");
+    exchange(&mut svc, &mut server, query, answer).await;
+    assert!(handle.complete("t-stranger").await.unwrap().is_none());
+    assert_eq!(held(&handle).await, (1, 1));
+}
+
+/// A lookup by external id that finds nothing (a legacy query on another create path, or a
+/// new-style lookup the server has not indexed yet) says nothing of a task whose create was
+/// answered with its task id: the task exists, and its slot stays held. Only a create of
+/// unknown outcome (no task id) is given back on such an answer.
+#[tokio::test(start_paused = true)]
+async fn a_lookup_finding_nothing_keeps_a_task_whose_create_was_answered() {
+    let (mut svc, handle, mut server) = manual(SlotsConfig::new(3));
+    let answer = envelope(200, 0, &legacy_task("t1", "submitted", Some("job-1")));
+    exchange(&mut svc, &mut server, create_with_external("job-1"), answer).await;
+    // Its outcome unknown: held under its external id only.
+    svc.ready().await.unwrap();
+    let mut lost = spawn(svc.call(create_with_external("job-2")));
+    assert_pending!(lost.poll());
+    let (_, _respond) = server.next_request().await.unwrap();
+    drop(lost);
+    assert_eq!(held(&handle).await, (2, 2));
+
+    // Looked up on another legacy create path: `1203` for both.
+    for ext in ["job-1", "job-2"] {
+        let lookup = get(&format!("/v1/videos/image2video/{ext}"));
+        let answer = envelope(404, 1203, &serde_json::Value::Null);
+        exchange(&mut svc, &mut server, lookup, answer).await;
+    }
+    assert_eq!(
+        held(&handle).await,
+        (1, 1),
+        "the answered task stays; the create that may never have happened goes"
+    );
+    // New-style, answered with an empty list.
+    let lookup = get("/tasks?external_task_ids=job-1");
+    exchange(&mut svc, &mut server, lookup, envelope(200, 0, &json!([]))).await;
+    assert_eq!(held(&handle).await, (1, 1));
+    // Its own end still frees it.
+    let answer = envelope(200, 0, &legacy_task("t1", "succeed", Some("job-1")));
+    exchange(
+        &mut svc,
+        &mut server,
+        get("/v1/videos/text2video/t1"),
+        answer,
+    )
+    .await;
+    assert_eq!(held(&handle).await, (0, 0));
+}
+
+/// A create whose answer cannot be read (a `200` that is no JSON, a proxy's `502` page) or is a
+/// `5xx` envelope keeps its slot (the task may exist) until its lease ends, or until a lookup
+/// by its external id finds nothing.
+#[tokio::test(start_paused = true)]
+async fn unreadable_and_5xx_answers_keep_the_slot_until_a_lookup_or_the_lease() {
+    let lease = Duration::from_secs(600);
+    let (mut svc, handle, mut server) = manual(SlotsConfig::new(4).lease(lease));
+    let page = |status: u16, body: &'static str| {
+        Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    };
+    svc.ready().await.unwrap();
+    let mut garbled = spawn(svc.call(create_with_external("job-1")));
+    assert_pending!(garbled.poll());
+    let (_, respond) = server.next_request().await.unwrap();
+    respond.send_response(page(200, "{\"code\":0,\"data\":"));
+    assert!(garbled.poll().is_ready());
+    svc.ready().await.unwrap();
+    let mut proxy = spawn(svc.call(create()));
+    assert_pending!(proxy.poll());
+    let (_, respond) = server.next_request().await.unwrap();
+    respond.send_response(page(502, "<html>Bad Gateway</html>"));
+    assert!(proxy.poll().is_ready());
+    let answer = envelope(504, 5002, &serde_json::Value::Null);
+    exchange(&mut svc, &mut server, create_with_external("job-3"), answer).await;
+    assert_eq!(held(&handle).await, (3, 3), "each may have made a task");
+
+    // The lookup of `job-1` finds nothing: that one goes at once.
+    let answer = envelope(404, 1203, &serde_json::Value::Null);
+    exchange(
+        &mut svc,
+        &mut server,
+        get("/v1/videos/text2video/job-1"),
+        answer,
+    )
+    .await;
+    assert_eq!(held(&handle).await, (2, 2));
+    advance(lease - Duration::from_secs(1)).await;
+    assert_eq!(held(&handle).await, (2, 2));
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(held(&handle).await, (0, 0), "the lease ends the rest");
+}
+
+/// A create heavier than its pool fails at once, unsent and holding nothing, whether it comes
+/// first or behind a waiter; a capacity lowered below what is held admits nothing until what
+/// is held fits under it.
+#[tokio::test(start_paused = true)]
+async fn weights_past_the_capacity_fail_and_a_lowered_capacity_admits_nothing_until_it_fits() {
+    let (mut svc, handle, fake) = fake(SlotsConfig::new(3));
+    let image = Pool::new(Product::Image);
+    let heavy = || post("/v1/images/generations", r#"{"n":4}"#);
+    svc.ready().await.unwrap();
+    let err = svc.call(heavy()).await.unwrap_err();
+    assert!(err.is::<OverCapacity>(), "{err}");
+    svc.ready().await.unwrap();
+    svc.call(post("/v1/images/generations", r#"{"n":3}"#))
+        .await
+        .unwrap();
+    svc.ready().await.unwrap();
+    let err = svc.call(heavy()).await.unwrap_err();
+    assert!(err.is::<OverCapacity>(), "{err}");
+    assert_eq!(fake.creates(), 1);
+    assert_eq!(pool_state(&handle, &image).await, (3, 3, 0));
+
+    // Video: three held, capacity lowered to one.
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        svc.ready().await.unwrap();
+        let response = svc.call(create()).await.unwrap();
+        let outcome = kling_core::Outcome::of(&response).unwrap();
+        ids.push(outcome.task().unwrap().id.clone());
+    }
+    handle.set_capacity(None, video(), 1).await.unwrap();
+    svc.ready().await.unwrap();
+    let mut waiting = spawn(svc.call(create()));
+    assert_pending!(waiting.poll());
+    for id in &ids[..2] {
+        handle.complete(id).await.unwrap().unwrap();
+        assert_pending!(waiting.poll());
+    }
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 1));
+    handle.complete(&ids[2]).await.unwrap().unwrap();
+    assert_ready_ok!(waiting.poll());
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+    assert_eq!(fake.creates(), 5);
+}
+
+/// A lease that ends as a late report comes: the lease frees the slot once, the late end frees
+/// nothing more (not the next task's slot), a late "running" report does not bring the expired
+/// task back into the count twice, and a report just before the lease ends renews it.
+#[tokio::test(start_paused = true)]
+async fn a_lease_ending_as_a_late_report_comes_frees_the_slot_once() {
+    let lease = Duration::from_secs(600);
+    let (mut svc, handle, mut server) = manual(SlotsConfig::new(1).lease(lease));
+    let answer = envelope(200, 0, &legacy_task("t1", "submitted", None));
+    exchange(&mut svc, &mut server, create(), answer).await;
+    svc.ready().await.unwrap();
+    let mut next = spawn(svc.call(create()));
+    assert_pending!(next.poll());
+
+    // A running report at the last moment renews the lease.
+    advance(lease - Duration::from_millis(1)).await;
+    let answer = envelope(200, 0, &legacy_task("t1", "processing", None));
+    exchange(
+        &mut svc,
+        &mut server,
+        get("/v1/videos/text2video/t1"),
+        answer,
+    )
+    .await;
+    advance(Duration::from_millis(1)).await;
+    assert_pending!(next.poll());
+    assert_eq!(held(&handle).await, (1, 1));
+
+    // Nothing more: the lease ends, and the next create takes the slot.
+    advance(lease).await;
+    assert!(next.is_woken());
+    assert_pending!(next.poll());
+    let (_, respond) = server.next_request().await.unwrap();
+    respond.send_response(envelope(200, 0, &legacy_task("t2", "submitted", None)));
+    assert_ready_ok!(next.poll());
+    assert_eq!(held(&handle).await, (1, 1));
+
+    // Late reports of the expired task, by every route: t2 keeps its slot.
+    let answer = envelope(200, 0, &legacy_task("t1", "succeed", None));
+    exchange(
+        &mut svc,
+        &mut server,
+        get("/v1/videos/text2video/t1"),
+        answer,
+    )
+    .await;
+    let callback = legacy_task("t1", "succeed", None).to_string();
+    handle.on_callback(callback.as_bytes()).await.unwrap();
+    assert!(handle.complete("t1").await.unwrap().is_none());
+    let answer = envelope(200, 0, &legacy_task("t1", "processing", None));
+    exchange(
+        &mut svc,
+        &mut server,
+        get("/v1/videos/text2video/t1"),
+        answer,
+    )
+    .await;
+    assert_eq!(held(&handle).await, (1, 1));
+    svc.ready().await.unwrap();
+    let mut third = spawn(svc.call(create()));
+    assert_pending!(third.poll());
+    handle.complete("t2").await.unwrap().unwrap();
+    assert!(third.is_woken());
+}
+
+/// A callback overtakes the answer of the create that made its task, and that answer is then
+/// lost (the caller dropped the create): the create is kept under its external id only, and
+/// the end the callback reported, with that external id, frees it at once, not at its lease.
+#[tokio::test(start_paused = true)]
+async fn an_end_reported_before_a_create_whose_answer_is_then_lost_frees_its_slot() {
+    let lease = Duration::from_secs(900);
+    let (mut svc, handle, mut server) = manual(SlotsConfig::new(1).lease(lease));
+    svc.ready().await.unwrap();
+    let mut create = spawn(svc.call(create_with_external("job-1")));
+    assert_pending!(create.poll());
+    let (_, _respond) = server.next_request().await.unwrap();
+    let callback = legacy_task("t1", "succeed", Some("job-1")).to_string();
+    handle.on_callback(callback.as_bytes()).await.unwrap();
+    drop(create);
+    assert_eq!(
+        held(&handle).await,
+        (0, 0),
+        "the task it may have made has ended"
+    );
+
+    // The end is spent: a later create under the same external id (sent again after a lookup
+    // found nothing, or a new job reusing it) holds its slot.
+    svc.ready().await.unwrap();
+    let mut again = spawn(svc.call(create_with_external("job-1")));
+    assert_pending!(again.poll());
+    let (_, respond) = server.next_request().await.unwrap();
+    respond.send_response(envelope(
+        200,
+        0,
+        &legacy_task("t2", "submitted", Some("job-1")),
+    ));
+    assert_ready_ok!(again.poll());
+    assert_eq!(held(&handle).await, (1, 1));
+}
+
+/// `complete` by external id before the create's answer frees that create once; the end is
+/// spent then, and a later create reusing the external id keeps its slot.
+#[tokio::test(start_paused = true)]
+async fn an_early_complete_by_external_id_frees_one_create_only() {
+    let (mut svc, handle, mut server) = manual(SlotsConfig::new(2));
+    svc.ready().await.unwrap();
+    let mut create = spawn(svc.call(create_with_external("job-1")));
+    assert_pending!(create.poll());
+    let (_, respond) = server.next_request().await.unwrap();
+    assert!(handle.complete("job-1").await.unwrap().is_none());
+    respond.send_response(envelope(
+        200,
+        0,
+        &legacy_task("t1", "submitted", Some("job-1")),
+    ));
+    assert_ready_ok!(create.poll());
+    assert_eq!(held(&handle).await, (0, 0));
+
+    let answer = envelope(200, 0, &legacy_task("t2", "submitted", Some("job-1")));
+    exchange(&mut svc, &mut server, create_with_external("job-1"), answer).await;
+    assert_eq!(
+        held(&handle).await,
+        (1, 1),
+        "a new task under a reused external id"
+    );
+}
+
+/// A callback naming the task and its external id overtakes the create's answer, which then
+/// comes with the task id: the create is freed, and the end is spent under both ids, so a later
+/// create reusing the external id keeps its slot.
+#[tokio::test(start_paused = true)]
+async fn an_end_reported_before_the_answer_frees_that_create_only() {
+    let (mut svc, handle, mut server) = manual(SlotsConfig::new(2));
+    svc.ready().await.unwrap();
+    let mut create = spawn(svc.call(create_with_external("job-1")));
+    assert_pending!(create.poll());
+    let (_, respond) = server.next_request().await.unwrap();
+    let callback = legacy_task("t1", "succeed", Some("job-1")).to_string();
+    handle.on_callback(callback.as_bytes()).await.unwrap();
+    respond.send_response(envelope(
+        200,
+        0,
+        &legacy_task("t1", "submitted", Some("job-1")),
+    ));
+    assert_ready_ok!(create.poll());
+    assert_eq!(held(&handle).await, (0, 0));
+
+    // A later create under the same external id whose answer is lost: kept.
+    svc.ready().await.unwrap();
+    let mut again = spawn(svc.call(create_with_external("job-1")));
+    assert_pending!(again.poll());
+    let (_, _respond) = server.next_request().await.unwrap();
+    drop(again);
+    assert_eq!(
+        held(&handle).await,
+        (1, 1),
+        "a new create under a reused external id"
+    );
+}
+
+/// A create under an external id that a task we know by its id already carries (the caller
+/// reused it while that task runs) does not give that task's slot back: a task whose id an
+/// answer gave runs until it is reported ended, whatever another create carried. (A holding
+/// of unknown outcome under that external id is still replaced: the same create sent again.)
+#[tokio::test(start_paused = true)]
+async fn a_create_reusing_a_running_tasks_external_id_does_not_free_its_slot() {
+    let (mut svc, handle, mut server) = manual(SlotsConfig::new(3));
+    let answer = envelope(200, 0, &legacy_task("t1", "submitted", Some("job-1")));
+    exchange(&mut svc, &mut server, create_with_external("job-1"), answer).await;
+    // The server made a second task under the same external id.
+    let answer = envelope(200, 0, &legacy_task("t2", "submitted", Some("job-1")));
+    exchange(&mut svc, &mut server, create_with_external("job-1"), answer).await;
+    assert_eq!(held(&handle).await, (2, 2), "two tasks run");
+    // Its outcome unknown: it may have made a third.
+    let answer = envelope(500, 5000, &serde_json::Value::Null);
+    exchange(&mut svc, &mut server, create_with_external("job-1"), answer).await;
+    assert_eq!(held(&handle).await, (3, 3));
+    for id in ["t1", "t2"] {
+        assert!(handle.complete(id).await.unwrap().is_some(), "{id} held");
+    }
+    assert_eq!(held(&handle).await, (1, 1));
+
+    // Sent again, a create of unknown outcome replaces its earlier holding.
+    let answer = envelope(200, 0, &legacy_task("t3", "submitted", Some("job-1")));
+    exchange(&mut svc, &mut server, create_with_external("job-1"), answer).await;
+    assert_eq!(held(&handle).await, (1, 1));
+}
