@@ -362,8 +362,9 @@ struct BucketState {
     slot_len: u8,
     /// The slot's task id (its first `SLOT_ID_FIRST_LINE` bytes on the first line).
     slot_id: [u8; SLOT_ID],
-    /// Creates that neither started a tracked task nor ended one: of a task tracked already
-    /// (it keeps its entry), or refused for want of a place.
+    /// Creates that neither started a tracked task nor ended one: refused for want of a
+    /// place, or of an id too long to keep. (A create answering a task tracked already is no
+    /// create: it renews the task's lease or ends it.)
     absorbed: u64,
     failed: u64,
     /// Tasks that stopped being tracked with no sign of life for the task lease.
@@ -500,6 +501,7 @@ impl BucketState {
     }
 
     /// Whether `id` (whose hash is `hash`) is tracked.
+    #[cfg(test)]
     fn contains(&self, hash: u64, id: &[u8]) -> bool {
         self.slot_id() == Some(id)
             || (self.overflowed > 0
@@ -509,9 +511,9 @@ impl BucketState {
                     .is_some_and(|table| table.contains(hash, id)))
     }
 
-    /// Tracks `id` (whose hash is `hash`); a create of a task tracked already is counted
-    /// absorbed (it keeps its entry, with the new start). Inlined into the create path (its
-    /// other caller is the cold exact path).
+    /// Tracks `id` (whose hash is `hash`); an `id` tracked already is replaced and counted
+    /// absorbed (the monitor's creates renew a tracked task instead, so never do this).
+    /// Inlined into the create path (its other caller is the cold exact path).
     #[inline(always)]
     fn insert(&mut self, hash: u64, id: &str, tracked: Tracked) {
         if self.remove(hash, id.as_bytes()).is_some() {
@@ -656,6 +658,7 @@ impl TaskTable {
     }
 
     /// Whether `id` (whose hash is `hash`) is tracked.
+    #[cfg(test)]
     fn contains(&self, hash: u64, id: &[u8]) -> bool {
         self.slots
             .get(&hash)
@@ -944,11 +947,12 @@ impl Monitor {
         true
     }
 
-    /// Tracks `id` in its locked bucket if one of the `max_tracked_tasks` places is free
-    /// (tracked again, an id keeps its place). The bucket uses a place it holds, else takes a
-    /// chunk; when none is free it asks every bucket for its spare places (all locked, so the
-    /// answer is exact: a task is refused only when `max_tracked_tasks` are tracked), unless
-    /// places are scarce (then no bucket holds a spare one: none free means all are tracked).
+    /// Tracks `id` (not tracked: the caller looked under the bucket's lock) in its locked
+    /// bucket if one of the `max_tracked_tasks` places is free. The bucket uses a place it
+    /// holds, else takes a chunk; when none is free it asks every bucket for its spare places
+    /// (all locked, so the answer is exact: a task is refused only when `max_tracked_tasks` are
+    /// tracked), unless places are scarce (then no bucket holds a spare one: none free means
+    /// all are tracked).
     fn track(&self, hash: u64, id: &str, entry: Tracked, mut bucket: MutexGuard<'_, BucketState>) {
         let (free, scarce) = (&self.inner.free_places.0, &self.inner.scarce_places.0);
         if bucket.len() == bucket.places {
@@ -983,7 +987,7 @@ impl Monitor {
             }
         }
         bucket.insert(hash, id, entry);
-        // A create of a task tracked already leaves the place it took spare.
+        // A bucket that held places spare gives back what it need not keep.
         if bucket.places > bucket.len() {
             bucket.trim_places(free, scarce);
         }
@@ -1023,17 +1027,17 @@ impl Monitor {
         let scarce = free.load(Ordering::Relaxed) < TASK_BUCKETS;
         self.inner.scarce_places.0.store(scarce, Ordering::Relaxed);
         let bucket = &mut buckets[bucket_of(hash)];
-        bucket.created += 1;
-        // As when places were counted one by one: a task tracked already is tracked again
-        // (keeping its place) only while a place is free.
-        if free.load(Ordering::Relaxed) > 0 {
-            if !bucket.contains(hash, id.as_bytes()) {
+        // Tracked meanwhile by another create answering the same task: counted by that one,
+        // and this answer is a sign of life of it.
+        if !bucket.renew(hash, id.as_bytes(), entry.seen) {
+            bucket.created += 1;
+            if free.load(Ordering::Relaxed) > 0 {
                 free.fetch_sub(1, Ordering::Relaxed);
                 bucket.places += 1;
+                bucket.insert(hash, id, entry);
+            } else {
+                bucket.absorbed += 1;
             }
-            bucket.insert(hash, id, entry);
-        } else {
-            bucket.absorbed += 1;
         }
         drop(buckets);
         self.record_expired(ended, at);
@@ -1076,10 +1080,18 @@ impl Monitor {
     }
 
     /// Counts a call's final answer among the rejections when it is a 429: under its Kling
-    /// `code`, or apart when it carried no envelope (a proxy's page).
+    /// `code`, or apart when it carried no envelope (a proxy's page). A code Kling sends with
+    /// HTTP 429 (1100–1102, 1302–1304) is one whatever the status it came with (a gateway's
+    /// rewrite, a 200 carrying it), as the `kling_responses_total` series select it by code.
     #[inline]
     pub(crate) fn note_final(&self, status: http::StatusCode, code: Option<i64>) {
-        if status != http::StatusCode::TOO_MANY_REQUESTS {
+        if status != http::StatusCode::TOO_MANY_REQUESTS
+            && !code.is_some_and(|code| {
+                code != 0
+                    && Code::from_i64(code).documented_status()
+                        == Some(http::StatusCode::TOO_MANY_REQUESTS)
+            })
+        {
             return;
         }
         match code {
@@ -1110,16 +1122,30 @@ impl Monitor {
                 };
                 let id = task.id.as_bytes();
                 let (hash, mut bucket) = self.bucket(id);
-                bucket.created += 1;
+                // A task tracked already (a second create answering it: two calls naming one
+                // external id) was counted when first answered: this answer reports on it as a
+                // query's would, ending it or renewing its lease.
                 if task.status.is_terminal() {
+                    if let Some(tracked) = bucket.remove(hash, id) {
+                        bucket.count_end(&task.status);
+                        bucket.trim_places(&self.inner.free_places.0, &self.inner.scarce_places.0);
+                        drop(bucket);
+                        self.record_end(tracked, &task.status, now);
+                        continue;
+                    }
+                    bucket.created += 1;
                     bucket.count_end(&task.status);
                     drop(bucket);
                     self.record_end(Ended::Entry(entry), &task.status, now);
+                } else if bucket.renew(hash, id, seen) {
+                    continue;
                 } else if task.id.len() > MAX_TRACKED_ID {
                     // Far longer than Kling's ids (18 to 36 bytes): counted, not kept, so what
                     // a faulty upstream sends cannot grow the table by its bytes.
+                    bucket.created += 1;
                     bucket.absorbed += 1;
                 } else {
+                    bucket.created += 1;
                     self.track(hash, &task.id, entry, bucket);
                 }
             }
@@ -1853,6 +1879,86 @@ mod tests {
         }
     }
 
+    /// A task a second create answers too (two calls naming one external id, a lookup's answer
+    /// handed back as a create's) is one task: counted created once, a running answer renews
+    /// its lease, and an ended one is its end, counted once, with its lifetime from the first
+    /// answer; in the bucket's slot or its overflow map.
+    #[tokio::test(start_paused = true)]
+    async fn a_task_two_creates_answer_is_counted_once() {
+        use std::time::Duration;
+
+        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        for long in [false, true] {
+            let recorder = metrics_util::debugging::DebuggingRecorder::new();
+            let snapshotter = recorder.snapshotter();
+            let _guard = metrics::set_default_local_recorder(&recorder);
+            let monitor = Monitor::builder()
+                .task_lease(Duration::from_secs(60))
+                .record_task_metrics(true)
+                .build()
+                .unwrap();
+            let id = if long {
+                "x".repeat(SLOT_ID + 1)
+            } else {
+                "860000000000000001".to_owned()
+            };
+            let create = |status: &str| {
+                monitor.observe_tasks(true, &video, &outcome(&id, status), Instant::now());
+            };
+            let counts = || {
+                let tasks = monitor.snapshot().tasks;
+                (tasks.created, tasks.running, tasks.finished, tasks.expired)
+            };
+            create("submitted");
+            tokio::time::advance(Duration::from_secs(50)).await;
+            create("processing");
+            assert_eq!(counts(), (1, 1, 0, 0), "long {long}");
+            // Renewed by the second answer: not expired a lease after the first.
+            tokio::time::advance(Duration::from_secs(30)).await;
+            assert_eq!(counts(), (1, 1, 0, 0), "long {long}");
+            create("succeed");
+            assert_eq!(counts(), (1, 0, 1, 0), "long {long}");
+            // Its query says so again: nothing more.
+            monitor.observe_tasks(false, &video, &outcome(&id, "succeed"), Instant::now());
+            assert_eq!(counts(), (1, 0, 1, 0), "long {long}");
+            let lifetimes: Vec<f64> = snapshotter
+                .snapshot()
+                .into_vec()
+                .into_iter()
+                .filter(|(key, ..)| key.key().name() == kling_core::metrics::TASK_LIFETIME)
+                .flat_map(|(.., value)| match value {
+                    metrics_util::debugging::DebugValue::Histogram(h) => {
+                        h.into_iter().map(|v| v.into_inner()).collect()
+                    }
+                    _ => Vec::new(),
+                })
+                .collect();
+            assert_eq!(lifetimes, [80.0], "long {long}");
+        }
+    }
+
+    /// The exact path (taken when no place was free) finding the task tracked meanwhile, by
+    /// another create answering it while no bucket was locked, counts no second task.
+    #[tokio::test(start_paused = true)]
+    async fn the_exact_path_counts_no_task_tracked_meanwhile() {
+        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let monitor = Monitor::builder().max_tracked_tasks(1).build().unwrap();
+        monitor.observe_tasks(true, &video, &outcome("t1", "submitted"), Instant::now());
+        let (hash, bucket) = monitor.bucket(b"t1");
+        drop(bucket);
+        let entry = Tracked {
+            since: Instant::now(),
+            seen: 0,
+            pool: None,
+        };
+        monitor.track_exactly(hash, "t1", entry);
+        let tasks = monitor.snapshot().tasks;
+        assert_eq!((tasks.created, tasks.running, tasks.finished), (1, 1, 0));
+        assert!(monitor.task_finished("t1", &TaskStatus::Succeeded));
+        let tasks = monitor.snapshot().tasks;
+        assert_eq!((tasks.created, tasks.running, tasks.finished), (1, 0, 1));
+    }
+
     /// A report that a task still runs renews its lease: it expires a lease after the last one.
     #[tokio::test(start_paused = true)]
     async fn a_running_report_renews_a_tasks_lease() {
@@ -2134,10 +2240,10 @@ mod tests {
         for id in ["a", "b", "c", "d", "e"] {
             create(id);
         }
-        // Created twice: still one place.
+        // Answered by a second create: one task, one place.
         create("a");
         let tasks = monitor.snapshot().tasks;
-        assert_eq!((tasks.created, tasks.running), (6, 3));
+        assert_eq!((tasks.created, tasks.running), (5, 3));
         // "d" was not tracked: its end is not counted.
         assert!(!monitor.task_finished("d", &TaskStatus::Succeeded));
         assert!(monitor.task_finished("a", &TaskStatus::Succeeded));
@@ -2149,7 +2255,7 @@ mod tests {
         let tasks = monitor.snapshot().tasks;
         assert_eq!(
             (tasks.created, tasks.finished, tasks.failed, tasks.running),
-            (8, 2, 1, 2)
+            (7, 2, 1, 2)
         );
     }
 
@@ -2294,13 +2400,20 @@ mod tests {
             let monitor = Monitor::builder().max_tracked_tasks(8).build().unwrap();
             let done = AtomicBool::new(false);
             let snapshots = AtomicUsize::new(0);
-            std::thread::scope(|scope| {
+            let new = std::thread::scope(|scope| {
                 let workers: Vec<_> = (0..2)
                     .map(|thread| {
                         let (monitor, video) = (&monitor, &video);
                         scope.spawn(move || {
+                            // Creates of a task not tracked (a thread's ids are its own, so
+                            // whether one is tracked changes only here): a create answering
+                            // a tracked one is no new task.
+                            let mut new = 0;
                             for n in 0..3_000 {
                                 let id = format!("t{thread}-{}", n % 16);
+                                let (hash, bucket) = monitor.bucket(id.as_bytes());
+                                new += u64::from(!bucket.contains(hash, id.as_bytes()));
+                                drop(bucket);
                                 let created = outcome(&id, "submitted");
                                 monitor.observe_tasks(true, video, &created, Instant::now());
                                 if n % 2 == 1 {
@@ -2308,6 +2421,7 @@ mod tests {
                                     monitor.task_finished(&id, &TaskStatus::Succeeded);
                                 }
                             }
+                            new
                         })
                     })
                     .collect();
@@ -2321,13 +2435,13 @@ mod tests {
                         snapshots.fetch_add(1, Ordering::Relaxed);
                     }
                 });
-                for worker in workers {
-                    worker.join().unwrap();
-                }
+                let new: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
                 done.store(true, Ordering::Release);
+                new
             });
             let tasks = monitor.snapshot().tasks;
-            assert_eq!(tasks.created, 6_000);
+            assert_eq!(tasks.created, new);
+            assert!(new > 1_000, "{new}");
             assert_eq!(
                 tasks.created,
                 tasks.finished + tasks.running + absorbed(&monitor)
@@ -2527,15 +2641,20 @@ mod tests {
                 let id = format!("t{}", (state >> 33) % 400);
                 let now = Instant::now();
                 if (state >> 20).is_multiple_of(11) {
-                    // A create that failed at once: counted, never tracked.
+                    // A create answered failed: the end of a task tracked already, else a task
+                    // counted and ended at once, never tracked.
                     monitor.observe_tasks(true, &video, &outcome(&id, "failed"), now);
-                    (created, finished, failed) = (created + 1, finished + 1, failed + 1);
+                    created += u64::from(model.remove(&id).is_none());
+                    (finished, failed) = (finished + 1, failed + 1);
                 } else if !(state >> 20).is_multiple_of(3) {
                     monitor.observe_tasks(true, &video, &outcome(&id, "submitted"), now);
-                    created += 1;
-                    // Tracked (again) only while a place is free.
-                    if model.len() < max {
-                        model.insert(id, now);
+                    // A task tracked already is not created again; another one is tracked
+                    // only while a place is free.
+                    if !model.contains_key(&id) {
+                        created += 1;
+                        if model.len() < max {
+                            model.insert(id, now);
+                        }
                     }
                 } else {
                     let ended = monitor.task_finished(&id, &TaskStatus::Succeeded);

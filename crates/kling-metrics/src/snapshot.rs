@@ -21,7 +21,9 @@ pub struct Snapshot {
     /// Requests waiting per key (from sources).
     pub queues: Vec<QueueDepth>,
     /// Final responses with HTTP 429, by Kling code (`1302`, `1303`, `1102`, …): every
-    /// documented code, and the first 32 undocumented codes the process saw.
+    /// documented code, and the first 32 undocumented codes the process saw. A code Kling
+    /// sends with 429 (1100–1102, 1302–1304) counts whatever status it came with. Final: a
+    /// 429 the retry layer retried is not counted (`kling_retries_total` counts those).
     pub rejections: BTreeMap<i64, u64>,
     /// Final 429s with an undocumented code past the first 32 (an upstream's codes are its
     /// input, so the map stays bounded); counted in [`rejections_total`](Self::rejections_total).
@@ -159,7 +161,7 @@ impl QueueDepth {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct TaskCounts {
-    /// Tasks created (successful creates).
+    /// Tasks created (successful creates; a create answering a task tracked already is none).
     pub created: u64,
     /// Tasks seen to reach a terminal status.
     pub finished: u64,

@@ -293,3 +293,59 @@ async fn past_the_labelled_models_and_codes_series_share_other_and_the_span_keep
     assert_eq!(span.field("pool"), Some("video:past-the-table"));
     assert_eq!(span.field("code"), Some("900039"));
 }
+
+/// Each of Kling's six 429 codes lands in its own count of the snapshot and under its own
+/// `code` label, whether it came with HTTP 429 or with another status (a gateway rewriting
+/// it, a 200 carrying the code: the README's "429s by code" query selects by code, so the
+/// snapshot counts by code too); a code that is no 429 code is no rejection unless its status
+/// is 429.
+#[tokio::test(start_paused = true)]
+async fn every_429_code_is_counted_under_its_code_whatever_the_status() {
+    let recording = Recording::start();
+    let codes = [1100, 1101, 1102, 1302, 1303, 1304];
+    for status in [429, 200, 503] {
+        let monitor = kling_metrics::Monitor::builder().build().unwrap();
+        for (n, code) in codes.iter().enumerate() {
+            let body: &'static str = Box::leak(
+                format!(r#"{{"code":{code},"message":"no","request_id":"r{n}"}}"#).into_boxed_str(),
+            );
+            // Classified (an error or a response, as the classify step makes it) and not.
+            let classified = MetricsLayer::with_monitor(monitor.clone())
+                .layer(ClassifyLayer::new().layer(answering(status, body)));
+            let _ = classified
+                .oneshot(request("POST", "/v1/videos/text2video", "{}", "k"))
+                .await;
+            let (_, response) = labels_of_the_call(&recording);
+            assert_eq!(
+                response,
+                pairs(&[("kind", "create"), ("code", &code.to_string())])
+            );
+            let bare = MetricsLayer::with_monitor(monitor.clone()).layer(answering(status, body));
+            let _ = bare
+                .oneshot(request("GET", "/v1/videos/text2video/t1", "", "k"))
+                .await;
+            let (_, response) = labels_of_the_call(&recording);
+            assert_eq!(
+                response,
+                pairs(&[("kind", "query"), ("code", &code.to_string())])
+            );
+        }
+        // A 1201 is a 429 only when it came as one.
+        let body = r#"{"code":1201,"message":"no","request_id":"x"}"#;
+        let _ = MetricsLayer::with_monitor(monitor.clone())
+            .layer(answering(status, body))
+            .oneshot(request("GET", "/v1/videos/text2video/t1", "", "k"))
+            .await;
+        recording.take();
+        let snapshot = monitor.snapshot();
+        for code in codes {
+            assert_eq!(snapshot.rejections_of(code), 2, "{code} with HTTP {status}");
+        }
+        assert_eq!(
+            snapshot.rejections_of(1201),
+            u64::from(status == 429),
+            "HTTP {status}"
+        );
+        assert_eq!(snapshot.rejections_without_code, 0);
+    }
+}
