@@ -1006,12 +1006,14 @@ impl Inner {
                 };
                 args = self.hold_args("hold", &pk, &h, &held, lease);
                 let mut registry = lock(&self.registry);
-                // An earlier create of the same task (sent again) is superseded, as in Redis.
+                // An earlier create of the same task (sent again) is superseded, as in Redis: by
+                // its task id, or by its external id if its task id is unknown (one known by
+                // its task id runs until reported ended, whatever a later create carries).
                 registry.retain(|other, old| {
                     *other == h
                         || old.key.account != held.key.account
                         || !((held.id.is_some() && old.id == held.id)
-                            || (held.ext.is_some() && old.ext == held.ext))
+                            || (held.ext.is_some() && old.ext == held.ext && old.id.is_none()))
                 });
                 registry.insert(h, held);
             }
@@ -1150,9 +1152,13 @@ impl Inner {
                 .iter()
                 .find(|(_, held)| {
                     let in_account = held.key.account == *account;
-                    // (An empty id is no task's.)
+                    // (An empty id is no task's: a lookup by external id that found nothing,
+                    // which says nothing of a holding whose task id is known.)
                     (!id.is_empty() && held.id.as_deref() == Some(id))
-                        || (in_account && ext.is_some() && held.ext.as_deref() == ext)
+                        || (in_account
+                            && ext.is_some()
+                            && held.ext.as_deref() == ext
+                            && !(id.is_empty() && held.id.is_some()))
                         || (in_account && status.is_none() && held.ext.as_deref() == Some(id))
                 })
                 .map(|(h, _)| h.clone());

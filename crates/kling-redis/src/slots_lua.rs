@@ -17,7 +17,7 @@
 //! | `P:alive` | string | present while Redis keeps its state; value: the generation, which is the end of the re-registration grace (µs) that started it |
 //! | `P:seq` | string | the sequence: each script's number (see `PRELUDE`) |
 //! | `P:run` | string | the `run_id` of the server that wrote the generation: another one (a restart, which may load an older snapshot; a failover to a replica, which may lag) starts a new generation |
-//! | `P:ended` | sorted set | tasks reported ended (`i:` task id; `x:` an external id, as its `P:ext` field) by expiry (µs, the configured lease on, at least the default 30 min): a holding of one is not created again (a re-registration, a replayed hold); `e:` the `P:ext` field of a text `complete` told before any holding had it, filed as both `i:` and `x:` until one matches (the other is then dropped); `c:` the text an end was told by: that end was counted in the finished-task metrics, so such a holding given back is not counted again |
+//! | `P:ended` | sorted set | tasks reported ended (`i:` task id; `x:` an external id, as its `P:ext` field) by expiry (µs, the configured lease on, at least the default 30 min): a holding of one is not created again (a re-registration, a replayed hold); `e:` the `P:ext` field of a text `complete` told before any holding had it, filed as both `i:` and `x:` until one matches (the other is then dropped); `p:` task id `\n` `P:ext` field: an end a report told with its external id before any holding had either, filed as `i:` and `x:` too, and the `x:` dropped when the `i:` frees a holding; an `x:` frees one holding and is dropped; `h:` a holding a report released by its external id (its hold, replayed, holds nothing); `c:` the text an end was told by: that end was counted in the finished-task metrics, so such a holding given back is not counted again |
 //! | `P:done` | sorted set | the ids of changes that must take effect once (`cap`, `halt`, `unhalt`) by expiry (µs, as `P:ended`'s): a replay of one Redis ran is skipped |
 //! | channel `P:freed` | pub/sub | a pool key (or `*`) whenever slots may have freed |
 //! | channel `P:unhalted` | pub/sub | a reset: the halt key, `\n`, the halt it deleted |
@@ -157,7 +157,10 @@ end
 -- A task id, and an external id within an account, name one task: a holding already under
 -- either is the same task's earlier create (outcome unknown, sent again); it gives its slots
 -- back now instead of hiding them until its lease. (`name`: for EXT, the account's field.)
-local function supersede(map, name, pk, h, acct)
+-- Under an external id (`unknown_only`), only a holding whose task id is unknown is: one
+-- known by its task id is a task that runs until it is reported ended, whatever a later
+-- create under its external id (the caller reused it, the server made another task) says.
+local function supersede(map, name, pk, h, acct, unknown_only)
   if not name then return end
   local place = redis.call('HGET', map, name)
   if not place or place == pk .. '\n' .. h then return end
@@ -167,7 +170,9 @@ local function supersede(map, name, pk, h, acct)
   if redis.call('HGET', opk .. ':m', 'acct') ~= acct then return end
   local raw = redis.call('HGET', opk .. ':h', oh)
   if raw then
-    release(opk, oh, cjson.decode(raw), nil)
+    local rec = cjson.decode(raw)
+    if unknown_only and rec.id then return end
+    release(opk, oh, rec, nil)
   else
     redis.call('HDEL', map, name)
   end
@@ -395,28 +400,44 @@ elseif op == 'hold' or op == 'reg' then
   local lease = tonumber(ARGV[10])
   if op == 'hold' then
     supersede(IDS, id, pk, h, ARGV[11])
-    supersede(EXT, ext and xf(ARGV[11], ext), pk, h, ARGV[11])
+    supersede(EXT, ext and xf(ARGV[11], ext), pk, h, ARGV[11], true)
   end
   local raw = redis.call('HGET', pk .. ':h', h)
   -- Its end reported first (by another process, before this hold or registration reached
   -- Redis): by its task id, or by its external id within its account. The text an end
   -- `complete` told was filed both ways (`e:` marks the pair); whichever matches first says
-  -- which the text was, and the other reading is dropped.
+  -- which the text was, and the other reading is dropped. A note under an external id frees
+  -- one create and is spent (a later create may carry the external id again), as is the
+  -- external id's note of a pair (`p:`: a report told the task with its external id) whose
+  -- task id matched; a task id's note stays (task ids are never reused).
   local told = nil
+  local counted = false
   local xfield = ext and xf(ARGV[11], ext)
   if was_ended(id) then
     told = id
     local twin = xf(ARGV[11], id)
     if noted('e:' .. twin) then redis.call('ZREM', ENDED, 'x:' .. twin, 'e:' .. twin) end
+    if xfield then
+      local pair = 'p:' .. id .. '\n' .. xfield
+      if noted(pair) then redis.call('ZREM', ENDED, 'x:' .. xfield, pair) end
+    end
   elseif ext_ended(xfield) then
     told = ext
-    if noted('e:' .. xfield) then redis.call('ZREM', ENDED, 'i:' .. ext, 'e:' .. xfield) end
+    if noted('e:' .. xfield) then redis.call('ZREM', ENDED, 'i:' .. ext) end
+    redis.call('ZREM', ENDED, 'x:' .. xfield, 'e:' .. xfield)
+    -- (So that this hold, replayed after its answer was lost, holds nothing.)
+    note_member('h:' .. h)
+  elseif not raw and noted('h:' .. h) then
+    -- This hold again (replayed after its answer was lost), its holding released since by
+    -- a report that found it by its external id: the end was counted by that report.
+    told = id or ext or ''
+    counted = true
   end
   if told then
     -- The slots go back now, reported released here, and counted here unless the end was
     -- counted already (`=`: a release it made before Redis lost it).
     local reason = 'completed'
-    if end_counted(told) then reason = '=completed' else mark_counted(told) end
+    if counted or end_counted(told) then reason = '=completed' else mark_counted(told) end
     if raw then
       local rec = cjson.decode(raw)
       rec.id = id
@@ -477,14 +498,39 @@ elseif op == 'upd' then
       place = redis.call('HGET', EXT, xf(acct, id))
       by_ext = place and true or false
     end
+    local pk, h, rec = nil, nil, nil
+    if place then
+      local sep = string.find(place, '\n', 1, true)
+      pk = string.sub(place, 1, sep - 1)
+      h = string.sub(place, sep + 1)
+      local raw = redis.call('HGET', pk .. ':h', h)
+      if raw then rec = cjson.decode(raw) end
+    end
+    if rec and id == '' and rec.id then
+      -- A lookup by external id that found nothing (a legacy query on another create path, a
+      -- lookup the server has not indexed yet) says nothing of a task whose id its create's
+      -- answer (or a report) gave: it exists, and may still run. Only a create of unknown
+      -- outcome is ended (or renewed) by a report with no task id.
+      rec = nil
+    end
     if terminal and id ~= '' then
       local field = xf(acct, id)
       if status ~= '' then
-        -- A report of the task: the text is a task id, whatever `complete` left open.
-        note_ended(id)
+        -- A report of the task: the text is a task id, whatever `complete` left open. Told
+        -- with its external id before the create's answer, it is filed under that external
+        -- id of the account too, paired (`p:`): a create whose answer is then lost is kept
+        -- under its external id only. The first holding either frees spends the external
+        -- id's note.
+        if not rec and ext ~= '' then
+          local xfield = xf(acct, ext)
+          note_member('i:' .. id, 'x:' .. xfield, 'p:' .. id .. '\n' .. xfield)
+        else
+          note_ended(id)
+        end
         redis.call('ZREM', ENDED, 'e:' .. field)
       elseif by_ext then
-        note_member('x:' .. field)
+        -- (`complete` by the external id of a holding: nothing is filed under it, which would
+        -- free a later create carrying it; the holding is noted below.)
       elseif place then
         note_ended(id)
       else
@@ -493,29 +539,25 @@ elseif op == 'upd' then
         note_member('i:' .. id, 'x:' .. field, 'e:' .. field)
       end
     end
-    if place then
-      local sep = string.find(place, '\n', 1, true)
-      local pk = string.sub(place, 1, sep - 1)
-      local h = string.sub(place, sep + 1)
-      local raw = redis.call('HGET', pk .. ':h', h)
-      if raw then
-        changed = 1
-        local rec = cjson.decode(raw)
-        if terminal then
-          local reason = 'completed'
-          if status ~= '' then reason = 'ended:' .. status end
-          -- The reporting process counts it (not when it sends the end again).
-          if flag == '1' then mark_counted(id) end
-          release(pk, h, rec, reason)
-          -- A task's end, like a give-back, may leave a pool past the first 64 unused.
-          tidy(pk)
-        else
-          redis.call('ZADD', pk .. ':l', int(now + lease), h)
-          if not rec.id and id ~= '' then
-            rec.id = id
-            redis.call('HSET', pk .. ':h', h, cjson.encode(rec))
-            redis.call('HSET', IDS, id, place)
-          end
+    if rec then
+      changed = 1
+      if terminal then
+        local reason = 'completed'
+        if status ~= '' then reason = 'ended:' .. status end
+        -- The reporting process counts it (not when it sends the end again).
+        if flag == '1' then mark_counted(id) end
+        -- A holding no task id note names (found by its external id): noted itself, so
+        -- that its create's hold, replayed after its answer was lost, holds nothing.
+        if not rec.id or rec.id ~= id then note_member('h:' .. h) end
+        release(pk, h, rec, reason)
+        -- A task's end, like a give-back, may leave a pool past the first 64 unused.
+        tidy(pk)
+      else
+        redis.call('ZADD', pk .. ':l', int(now + lease), h)
+        if not rec.id and id ~= '' then
+          rec.id = id
+          redis.call('HSET', pk .. ':h', h, cjson.encode(rec))
+          redis.call('HSET', IDS, id, place)
         end
       end
     end

@@ -2619,3 +2619,228 @@ async fn an_ask_that_first_meets_a_lost_state_is_refused_under_a_halt() {
         "the halt was lost: {create:?}"
     );
 }
+
+/// A report of `account`'s task `id` carrying its external id `ext`, ended with `status` or
+/// running (`None`: `complete`, which carries no external id).
+fn report_in(
+    account: &AccountId,
+    id: &str,
+    ext: Option<&str>,
+    status: Option<TaskStatus>,
+) -> SlotOp {
+    SlotOp::Update {
+        account: account.clone(),
+        updates: vec![TaskUpdate {
+            id: id.to_owned(),
+            external_id: ext.map(str::to_owned),
+            status,
+        }],
+        lease: LONG,
+    }
+}
+
+/// Acquires a slot in `backend` and holds it for the create answered with `id` (`None`: its
+/// outcome unknown) carrying `ext`; the slots the hold released.
+async fn create_held(backend: &RedisSlots, id: Option<&str>, ext: Option<&str>) -> usize {
+    let reservation = backend.acquire(video(), 1).await.unwrap();
+    let applied = backend
+        .apply(SlotOp::Hold {
+            reservation,
+            task: TaskRef {
+                id: id.map(str::to_owned),
+                external_id: ext.map(str::to_owned),
+            },
+            lease: LONG,
+        })
+        .await
+        .unwrap();
+    applied.released.len()
+}
+
+/// A lookup by external id that finds nothing (a legacy query on another create path, or a
+/// new-style lookup the server has not indexed yet) says nothing of a task whose create was
+/// answered with its task id: the task exists, and its slot stays held, in Redis and in the
+/// owner's record. Only a create of unknown outcome (no task id) is given back on such an
+/// answer. (As kling-concurrency's
+/// `a_lookup_finding_nothing_keeps_a_task_whose_create_was_answered`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_finding_nothing_keeps_a_task_whose_create_was_answered() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 3).await;
+    let two = backend(&server, 3).await;
+    assert_eq!(create_held(&one, Some("t1"), Some("job-1")).await, 0);
+    assert_eq!(create_held(&one, None, Some("job-2")).await, 0);
+    assert_eq!(in_use(&one).await, 2);
+
+    let kept = two.apply(absent("job-1")).await.unwrap();
+    assert!(kept.released.is_empty(), "{kept:?}");
+    let gone = two.apply(absent("job-2")).await.unwrap();
+    assert_eq!(gone.released.len(), 1, "{gone:?}");
+    assert_eq!(in_use(&one).await, 1, "the answered task stays");
+    // Nor does a lookup finding nothing in the owner, nor a running report by external id
+    // alone, change it; its own end still frees it.
+    let kept = one.apply(absent("job-1")).await.unwrap();
+    assert!(kept.released.is_empty(), "{kept:?}");
+    assert_eq!(in_use(&one).await, 1);
+    let ended = two
+        .apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(ended.released.len(), 1, "{ended:?}");
+    assert_eq!(in_use(&one).await, 0);
+
+    // The owner's record, used while Redis is away, applies the same rule.
+    assert_eq!(create_held(&one, Some("t3"), Some("job-3")).await, 0);
+    maintained(&one).await;
+    server.stop();
+    let kept = one.apply(absent("job-3")).await.unwrap();
+    assert!(kept.released.is_empty(), "{kept:?}");
+    assert_eq!(one.held_here(), 1);
+}
+
+/// A create under an external id that a task known by its id already carries (the caller
+/// reused it while that task runs, or the server made a second task) does not give that
+/// task's slot back, in Redis or in the process's record; a holding of unknown outcome under
+/// that external id is still replaced (the same create sent again). (As kling-concurrency's
+/// `a_create_reusing_a_running_tasks_external_id_does_not_free_its_slot`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_reusing_a_running_tasks_external_id_does_not_free_its_slot() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 3).await;
+    let two = backend(&server, 3).await;
+    create_held(&one, Some("t1"), Some("job-1")).await;
+    create_held(&one, Some("t2"), Some("job-1")).await;
+    assert_eq!(in_use(&one).await, 2, "two tasks run");
+    assert_eq!(one.held_here(), 2);
+    // Its outcome unknown: it may have made a third.
+    create_held(&one, None, Some("job-1")).await;
+    assert_eq!(in_use(&one).await, 3);
+    assert_eq!(one.held_here(), 3);
+    for id in ["t1", "t2"] {
+        let applied = two.apply(ended(id, None)).await.unwrap();
+        assert_eq!(applied.released.len(), 1, "{id} held: {applied:?}");
+    }
+    assert_eq!(in_use(&one).await, 1);
+    // Sent again, a create of unknown outcome replaces its earlier holding.
+    create_held(&one, Some("t3"), Some("job-1")).await;
+    assert_eq!(in_use(&one).await, 1);
+    maintained(&one).await;
+    assert_eq!(one.held_here(), 1);
+}
+
+/// A callback of another process overtakes the answer of the create that made its task, and
+/// that answer is then lost: the create is kept under its external id only, and the end the
+/// callback reported, with that external id, frees it at once, not at its lease. The end is
+/// then spent: a later create under the same external id holds its slot. (As
+/// kling-concurrency's `an_end_reported_before_a_create_whose_answer_is_then_lost_frees_its_slot`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_reported_before_a_create_whose_answer_is_then_lost_frees_its_slot() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 2).await;
+    let two = backend(&server, 2).await;
+    let account = video().account;
+    let callback = report_in(&account, "t1", Some("job-1"), Some(TaskStatus::Succeeded));
+    let applied = two.apply(callback).await.unwrap();
+    assert!(applied.released.is_empty(), "{applied:?}");
+    assert_eq!(create_held(&one, None, Some("job-1")).await, 1);
+    assert_eq!(in_use(&one).await, 0, "the task it may have made has ended");
+    // Another account's create under the same external id is another task.
+    let other = SlotKey::new(AccountId::new("b"), Pool::new(Product::Video));
+    let r = one.acquire(other, 1).await.unwrap();
+    let applied = one.apply(hold_unknown(r, "job-1")).await.unwrap();
+    assert!(applied.released.is_empty(), "{applied:?}");
+    assert_eq!(in_use(&one).await, 1);
+
+    // Spent: a later create under the same external id (sent again after a lookup found
+    // nothing, or a new job reusing it) holds its slot.
+    assert_eq!(create_held(&one, Some("t2"), Some("job-1")).await, 0);
+    assert_eq!(in_use(&one).await, 2);
+    // The task id's note is kept: the task's own create, answered late, is freed.
+    assert_eq!(create_held(&one, Some("t1"), None).await, 1);
+    assert_eq!(in_use(&one).await, 2);
+}
+
+/// An end under an external id frees one create and is forgotten: `complete` by external id
+/// before the create's answer, a callback naming the task and its external id before the
+/// answer (its external id's note goes with the task id's), and `complete` by external id of
+/// a create held under it. A later create reusing the external id keeps its slot each time.
+/// (As kling-concurrency's `an_early_complete_by_external_id_frees_one_create_only` and
+/// `an_end_reported_before_the_answer_frees_that_create_only`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_under_an_external_id_frees_one_create_only() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 3).await;
+    let two = backend(&server, 3).await;
+    let account = video().account;
+
+    let applied = two.apply(ended("job-1", None)).await.unwrap();
+    assert!(applied.released.is_empty(), "{applied:?}");
+    assert_eq!(create_held(&one, Some("t1"), Some("job-1")).await, 1);
+    assert_eq!(create_held(&one, Some("t2"), Some("job-1")).await, 0);
+    assert_eq!(
+        in_use(&one).await,
+        1,
+        "a new task under a reused external id"
+    );
+
+    let callback = report_in(&account, "t4", Some("job-4"), Some(TaskStatus::Failed));
+    two.apply(callback).await.unwrap();
+    assert_eq!(create_held(&one, Some("t4"), Some("job-4")).await, 1);
+    assert_eq!(create_held(&one, None, Some("job-4")).await, 0);
+    assert_eq!(
+        in_use(&one).await,
+        2,
+        "a new create under a reused external id"
+    );
+
+    assert_eq!(create_held(&one, None, Some("job-5")).await, 0);
+    let applied = two.apply(ended("job-5", None)).await.unwrap();
+    assert_eq!(applied.released.len(), 1, "{applied:?}");
+    assert_eq!(create_held(&one, Some("t6"), Some("job-5")).await, 0);
+    assert_eq!(in_use(&one).await, 3);
+}
+
+/// A create's hold that timed out after Redis ran it is replayed at the next maintenance pass;
+/// when the create's end was reported meanwhile by its external id (which no longer leaves a
+/// note that would free a later create under it), the replay does not bring it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_replayed_after_its_task_ended_by_external_id_holds_nothing() {
+    let Some(server) = redis() else { return };
+    let impatient =
+        crate::support::connect_with_timeout(server.url(), Duration::from_millis(200)).await;
+    let one = RedisSlots::new(impatient, SlotsConfig::new(3))
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .maintain_every(Duration::from_secs(60))
+        .grace(Duration::from_millis(300));
+    let two = backend(&server, 3).await;
+    for (id, ext) in [(None, "job-1"), (Some("t2"), "job-2")] {
+        let r = one.acquire(video(), 1).await.unwrap();
+        crate::support::client_pause(&server, 600).await;
+        let task = TaskRef {
+            id: id.map(str::to_owned),
+            external_id: Some(ext.to_owned()),
+        };
+        let hold = SlotOp::Hold {
+            reservation: r,
+            task,
+            lease: LONG,
+        };
+        one.apply(hold).await.unwrap();
+        assert_eq!(one.pending(), 1, "the hold reached redis in time");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let applied = two.apply(ended(ext, None)).await.unwrap();
+            if !applied.released.is_empty() {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the hold never ran");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(in_use(&two).await, 0);
+        maintained(&one).await;
+        assert_eq!(one.pending(), 0);
+        assert_eq!(in_use(&two).await, 0, "{ext}'s create is not held again");
+        assert_eq!(one.held_here(), 0);
+    }
+}
