@@ -179,7 +179,10 @@ mod tests {
             std::hint::black_box(thread());
         }
         let readings = thread().saturating_sub(start);
-        assert!(readings < Duration::from_millis(1), "{readings:?} for 1,000 readings");
+        assert!(
+            readings < Duration::from_millis(1),
+            "{readings:?} for 1,000 readings"
+        );
 
         let wall = std::time::Instant::now();
         let cpu = thread();
