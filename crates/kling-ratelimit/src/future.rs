@@ -22,7 +22,7 @@ use tower_service::Service;
 use crate::backend::{Backend, BucketKey, Decision, Feedback, Policy};
 use crate::error::{QueueFull, RateLimited, WaitExceeded, WaitLimit};
 use crate::layer::{Lane, Mode, Shared, shared_of};
-use crate::queue::Place;
+use crate::queue::{ClassTurn, Place};
 
 /// Where a request stands at one gate (its class quota, then its account quota).
 enum Step<A> {
@@ -250,7 +250,7 @@ impl<Bk: Backend> Gate<Bk> {
     /// The step of a request at the head of its queue: it asks the gate
     /// ([`Gate::ask_step`]), unless it waits at its class gate while its account is paused
     /// ([`Gate::back_to_class`]), when it sleeps until the pause ends (or fails at once if
-    /// that is past its limit).
+    /// that is past its limit), or leads its class's held requests ([`Gate::held_at_head`]).
     fn at_head<B>(
         &mut self,
         cx: &Context<'_>,
@@ -258,6 +258,13 @@ impl<Bk: Backend> Gate<Bk> {
         request: &Request<B>,
         account_key: &BucketKey,
     ) -> Result<(), BoxError> {
+        // Held: past its class gate (no class key) and queued at a class key.
+        if self.class_key.is_none()
+            && let Some(place) = &self.place
+            && place.key.request_kind().is_some()
+        {
+            return self.held_at_head(cx, shared, request, account_key);
+        }
         // (The clock is read only when a pause is noted: none is for an account's queue.)
         let paused = self
             .class_key
@@ -294,10 +301,13 @@ impl<Bk: Backend> Gate<Bk> {
 
     /// Asks the gate now: the backend, unless this is a class request at its account's gate
     /// whose class sent a request through the gate less than its quota allows before now
-    /// ([`Queues::class_send_at`](crate::queue::Queues::class_send_at)). It then waits as if
-    /// the account had said "not before" the class's next send, keeping its place in the
-    /// account's queue: the class quota holds at the send, for requests that waited unequally
-    /// at the account gate after passing the class gate a turn apart.
+    /// ([`Queues::class_send_at`](crate::queue::Queues::class_send_at)), or whose class holds
+    /// requests that came there before it
+    /// ([`Queues::class_turn`](crate::queue::Queues::class_turn)):
+    /// the class quota holds at the send, for requests that waited unequally at the account
+    /// gate after passing the class gate a turn apart. In wait mode it is then held
+    /// ([`Gate::hold`]), out of the way of the account's other requests; in reject mode it is
+    /// refused with the class's next send.
     fn ask_step<B>(
         &mut self,
         cx: &Context<'_>,
@@ -305,19 +315,108 @@ impl<Bk: Backend> Gate<Bk> {
         request: &Request<B>,
         account_key: &BucketKey,
     ) -> Result<(), BoxError> {
-        if shared.queues.keeps_class_sends()
+        let wait = shared.mode == Mode::Wait;
+        // Held requests are waiting ones: with none waiting, only the record may bind.
+        let held_may_wait = wait && !shared.queues.is_idle();
+        if (held_may_wait || shared.queues.keeps_class_sends())
             && let Some(class_key) = self.passed_class(shared, request, account_key)
         {
+            let ticket = self.place.as_ref().map(|place| place.id);
+            if held_may_wait && shared.queues.class_turn(&class_key, ticket) == ClassTurn::Behind {
+                return self.hold(cx, shared, request, account_key, class_key);
+            }
             let quota = shared.policy_for(&class_key).quota;
             let now = Instant::now();
             if let Some(at) = shared.queues.class_send_at(&class_key, quota, now) {
-                // A quota change wakes it to look again (see `Step::Sleeping`).
-                self.epoch = shared.epoch.load(Ordering::Acquire);
-                return self.not_before(cx, shared, request, account_key, now, at, false);
+                if wait {
+                    return self.hold(cx, shared, request, account_key, class_key);
+                }
+                return Err(Box::new(RateLimited::new(at, now, false)));
             }
         }
         self.step = Step::Acquiring(self.ask(shared, account_key));
         Ok(())
+    }
+
+    /// A class request at the head of its account's queue that its class's record of sends
+    /// does not let go yet, or whose class holds requests that came before it: it leaves the
+    /// account's queue (the next request there asks at once: the account's other requests do
+    /// not wait for its class) and joins its class's held requests, which go back to the front
+    /// of the account's queue one at a time, in order, each when the record lets it
+    /// ([`Gate::held_at_head`]).
+    fn hold<B>(
+        &mut self,
+        cx: &Context<'_>,
+        shared: &Shared<Bk>,
+        request: &Request<B>,
+        account_key: &BucketKey,
+        class_key: BucketKey,
+    ) -> Result<(), BoxError> {
+        self.start_waiting(shared, request, Instant::now());
+        self.give_up(shared, account_key);
+        let queues = &shared.queues;
+        let ticket = queues.hold(&class_key, cx.waker());
+        self.place = Some(Place {
+            queues: Arc::clone(queues),
+            key: class_key,
+            id: ticket.id,
+        });
+        if ticket.is_head {
+            self.held_at_head(cx, shared, request, account_key)
+        } else {
+            self.step = Step::Queued;
+            Ok(())
+        }
+    }
+
+    /// The head of its class's held requests ([`Gate::hold`]): it sleeps until the class's
+    /// record of sends lets it go (or fails at once if that is past its limit), then goes back
+    /// to the front of its account's queue
+    /// ([`Queues::release_held`](crate::queue::Queues::release_held)) and asks there.
+    fn held_at_head<B>(
+        &mut self,
+        cx: &Context<'_>,
+        shared: &Shared<Bk>,
+        request: &Request<B>,
+        account_key: &BucketKey,
+    ) -> Result<(), BoxError> {
+        let place = self.place.take().expect("a held request holds a place");
+        let quota = shared.policy_for(&place.key).quota;
+        let now = Instant::now();
+        if let Some(at) = shared.queues.class_send_at(&place.key, quota, now) {
+            self.place = Some(place);
+            if let Some((limit, why)) = self.limit
+                && at > limit
+            {
+                return Err(Box::new(WaitExceeded::new(
+                    at,
+                    now,
+                    why,
+                    false,
+                    false,
+                    account_key.account_id().cloned(),
+                )));
+            }
+            self.sleep_until(at);
+            // A quota change wakes it to look again (see `Step::Sleeping`).
+            self.epoch = shared.epoch.load(Ordering::Acquire);
+            self.step = Step::Sleeping;
+            return Ok(());
+        }
+        let queues = &shared.queues;
+        let ticket = queues.release_held(&place.key, place.id, account_key, cx.waker());
+        place.moved();
+        self.place = Some(Place {
+            queues: Arc::clone(queues),
+            key: account_key.clone(),
+            id: ticket.id,
+        });
+        if ticket.is_head {
+            self.ask_step(cx, shared, request, account_key)
+        } else {
+            self.step = Step::Queued;
+            Ok(())
+        }
     }
 
     /// A class request sent after passing its class gate: the class's send is noted for
@@ -439,8 +538,10 @@ impl<Bk: Backend> Gate<Bk> {
                 }
                 Step::Acquiring(future) => match ready!(Pin::new(future).poll(cx))? {
                     Decision::Admit => {
+                        // Noted before it leaves the account's queue, which lets its class's
+                        // next held request go.
+                        self.note_sent(shared, request, account_key);
                         if self.passed() {
-                            self.note_sent(shared, request, account_key);
                             return Poll::Ready(Ok(()));
                         }
                     }

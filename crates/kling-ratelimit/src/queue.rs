@@ -5,7 +5,10 @@
 //! gives up behind the head leaves a tombstone, so giving up is O(log n), does not shift the
 //! queue, and a head that waits long keeps no more tombstones than there are waiters. A class
 //! key's queue has a second list in front of it, for requests that passed the class gate and
-//! came back from a paused account ([`Queues::enqueue_returned`]).
+//! came back from a paused account ([`Queues::enqueue_returned`]), and a third beside it, for
+//! requests that passed the class gate and reached the head of their account's queue too soon
+//! after their class's last send ([`Queues::hold`]): they wait there, out of the account's way,
+//! and go back to the front of the account's queue one at a time ([`Queues::release_held`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -15,6 +18,8 @@ use std::task::Waker;
 use kling_core::metrics::{LABEL_ACCOUNT, RATELIMIT_QUEUE_DEPTH};
 use kling_core::waitlist::{Removed, WaitList, Waiter};
 use tokio::time::Instant;
+
+use kling_core::RequestKind;
 
 use crate::backend::BucketKey;
 use crate::policy::later;
@@ -31,6 +36,19 @@ struct Queue {
     /// after they passed this gate), in the order they came back. Tickets come from the same
     /// `next_id` as the others'.
     returned: WaitList<()>,
+    /// For a class key's queue: requests that passed the gate and reached the head of their
+    /// account's queue before their class's record of sends allowed them
+    /// ([`Queues::hold`]), in that order. Its head leads it alone, beside the gate's queue,
+    /// while none of them is out at the account's queue (`held_out`).
+    held: WaitList<()>,
+    /// For a class key's queue: the ticket, in its account's queue, of the held request that
+    /// went back there and is not sent yet ([`Queues::release_held`]); the next one waits for
+    /// it, so they are sent in order.
+    held_out: Option<u64>,
+    /// For an account key's queue: the tickets of its returned requests (held class requests
+    /// released to the front of the queue) and their class, so that one leaving clears its
+    /// class's `held_out`.
+    from_held: Vec<(u64, RequestKind)>,
     next_id: u64,
     /// The head's latest "not before", a lower bound on every other waiter's turn, and
     /// whether it is the end of a pause (a cooldown) rather than pacing.
@@ -53,6 +71,9 @@ impl Queue {
         Queue {
             waiters: WaitList::new(),
             returned: WaitList::new(),
+            held: WaitList::new(),
+            held_out: None,
+            from_held: Vec::new(),
             next_id: 0,
             head_not_before: None,
             account_paused_until: None,
@@ -68,14 +89,33 @@ impl Queue {
         }
     }
 
-    /// Live waiters, returned ones included.
+    /// Wakes the head of the held requests, if one may lead them.
+    fn wake_held(&self) {
+        let head = self.held.front().filter(|_| self.held_out.is_none());
+        if let Some(waker) = head.and_then(|w| w.waker.as_ref()) {
+            waker.wake_by_ref();
+        }
+    }
+
+    /// Live waiters, returned and held ones included.
     fn waiting(&self) -> usize {
-        self.waiters.waiting() + self.returned.waiting()
+        self.waiters.waiting() + self.returned.waiting() + self.held.waiting()
+    }
+
+    /// Whether the queue keeps nothing: no waiter (nor tombstone), and no held request out.
+    fn is_empty(&self) -> bool {
+        self.waiters.is_empty()
+            && self.returned.is_empty()
+            && self.held.is_empty()
+            && self.held_out.is_none()
     }
 
     /// Whether waiter `id` leads, if it waits here: the first returned one, else the first
-    /// of the others.
+    /// of the others; a held one leads the held ones while none of them is out.
     fn is_head(&self, id: u64) -> Option<bool> {
+        if let Some(index) = self.held.position(id) {
+            return Some(index == 0 && self.held_out.is_none());
+        }
         match self.returned.position(id) {
             Some(index) => Some(index == 0),
             None => Some(self.waiters.position(id)? == 0 && self.returned.is_empty()),
@@ -86,6 +126,18 @@ impl Queue {
 /// The head's latest answer from the backend: not before this instant, and whether the key is
 /// paused (a cooldown) until then.
 pub(crate) type NotBefore = (Instant, bool);
+
+/// Where a class request at the head of its account's queue stands among its class's held
+/// requests ([`Queues::class_turn`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClassTurn {
+    /// None is held or out: the class's record of sends decides.
+    Free,
+    /// It is the held request out at the account's queue: the record decides.
+    Out,
+    /// Others are held or out before it: it is held behind them.
+    Behind,
+}
 
 /// Where a new waiter stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,7 +258,7 @@ impl Queues {
         }
         let queue = map.get_mut(key).expect("inserted above");
         if max.is_some_and(|max| queue.waiting() >= max) {
-            if queue.waiters.is_empty() && queue.returned.is_empty() {
+            if queue.is_empty() {
                 map.remove(key);
             }
             return Err(());
@@ -244,6 +296,76 @@ impl Queues {
         }
     }
 
+    /// Joins the held requests of class key `key` (a request that passed its gate and reached
+    /// the head of its account's queue before the class's record of sends allowed it, and
+    /// left that queue). No `max_queue` applies: it was waiting already.
+    pub(crate) fn hold(&self, key: &BucketKey, waker: &Waker) -> Ticket {
+        let mut map = self.lock();
+        if !map.contains_key(key) {
+            map.insert(key.clone(), Queue::new(key));
+        }
+        let queue = map.get_mut(key).expect("inserted above");
+        let id = queue.next_id;
+        queue.next_id += 1;
+        queue.held.push_back(id, (), waker.clone());
+        queue.depth.increment(1.0);
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        Ticket {
+            id,
+            is_head: queue.held.records() == 1 && queue.held_out.is_none(),
+        }
+    }
+
+    /// Where a class request of class key `key` at the head of its account's queue (holding
+    /// `ticket` there, if it queues) stands among the class's held requests.
+    pub(crate) fn class_turn(&self, key: &BucketKey, ticket: Option<u64>) -> ClassTurn {
+        let map = self.lock();
+        let Some(queue) = map.get(key) else {
+            return ClassTurn::Free;
+        };
+        match queue.held_out {
+            Some(out) if Some(out) == ticket => ClassTurn::Out,
+            Some(_) => ClassTurn::Behind,
+            None if queue.held.waiting() > 0 => ClassTurn::Behind,
+            None => ClassTurn::Free,
+        }
+    }
+
+    /// The head of class key `key`'s held requests, ticket `id`, goes back to the front of
+    /// `account`'s queue (behind the ones that went back there before it, ahead of every other
+    /// waiter): it waited its turn there already. Its class's next held request waits until
+    /// it leaves that queue (sent or given up). Its new ticket.
+    pub(crate) fn release_held(
+        &self,
+        key: &BucketKey,
+        id: u64,
+        account: &BucketKey,
+        waker: &Waker,
+    ) -> Ticket {
+        let mut map = self.lock();
+        let kind = key.request_kind().expect("a class key");
+        let class = map.get_mut(key).expect("a held request's queue");
+        // Only the head of the held requests is released, while it waits there.
+        let removed = class.held.remove(id);
+        debug_assert_eq!(removed, Removed::Head);
+        class.depth.decrement(1.0);
+        if !map.contains_key(account) {
+            map.insert(account.clone(), Queue::new(account));
+        }
+        let queue = map.get_mut(account).expect("inserted above");
+        let ticket = queue.next_id;
+        queue.next_id += 1;
+        queue.returned.push_back(ticket, (), waker.clone());
+        queue.from_held.push((ticket, kind));
+        queue.depth.increment(1.0);
+        let is_head = queue.returned.records() == 1;
+        map.get_mut(key).expect("held above").held_out = Some(ticket);
+        Ticket {
+            id: ticket,
+            is_head,
+        }
+    }
+
     /// Whether ticket `id` is at the head; records `waker` either way.
     pub(crate) fn poll_head(
         &self,
@@ -259,7 +381,10 @@ impl Queues {
             Some(index) => (&mut queue.returned, index),
             None => match queue.waiters.position(id) {
                 Some(index) => (&mut queue.waiters, index),
-                None => return Ok(false),
+                None => match queue.held.position(id) {
+                    Some(index) => (&mut queue.held, index),
+                    None => return Ok(false),
+                },
             },
         };
         list.set_waker(index, waker);
@@ -326,10 +451,17 @@ impl Queues {
             Removed::Head => true,
             Removed::Behind => false,
             Removed::NotWaiting => match queue.waiters.remove(id) {
-                Removed::NotWaiting => return false,
                 // The first of the others leads only when none came back ahead of it.
                 Removed::Head => queue.returned.is_empty(),
                 Removed::Behind => false,
+                Removed::NotWaiting => match queue.held.remove(id) {
+                    Removed::NotWaiting => return false,
+                    Removed::Head => {
+                        queue.wake_held();
+                        false
+                    }
+                    Removed::Behind => false,
+                },
             },
         };
         if led {
@@ -338,9 +470,27 @@ impl Queues {
         }
         self.waiting.fetch_sub(1, Ordering::AcqRel);
         queue.depth.decrement(1.0);
+        // A held class request that went back to its account's queue leaves it: the next
+        // held one of its class may go.
+        let out = match queue.from_held.iter().position(|(ticket, _)| *ticket == id) {
+            Some(index) => Some(queue.from_held.swap_remove(index).1),
+            None => None,
+        };
         let last = queue.waiting() == 0;
-        if last && queue.waiters.is_empty() && queue.returned.is_empty() {
+        if last && queue.is_empty() {
             map.remove(key);
+        }
+        if let Some(kind) = out {
+            let class_key = BucketKey::class(key.account_id().cloned(), kind);
+            if let Some(class) = map.get_mut(&class_key)
+                && class.held_out == Some(id)
+            {
+                class.held_out = None;
+                class.wake_held();
+                if class.is_empty() {
+                    map.remove(&class_key);
+                }
+            }
         }
         last
     }
@@ -349,6 +499,7 @@ impl Queues {
     pub(crate) fn wake_heads(&self) {
         for queue in self.lock().values() {
             queue.wake_head();
+            queue.wake_held();
         }
     }
 
@@ -356,7 +507,10 @@ impl Queues {
     pub(crate) fn reserved_bytes(&self) -> usize {
         self.lock()
             .values()
-            .map(|q| (q.waiters.capacity() + q.returned.capacity()) * WAITER_RECORD_BYTES)
+            .map(|q| {
+                (q.waiters.capacity() + q.returned.capacity() + q.held.capacity())
+                    * WAITER_RECORD_BYTES
+            })
             .sum()
     }
 }
@@ -375,6 +529,11 @@ pub(crate) struct Place {
 const LEFT: u64 = u64::MAX;
 
 impl Place {
+    /// Its waiter was moved to another queue ([`Queues::release_held`]): nothing to leave.
+    pub(crate) fn moved(mut self) {
+        self.id = LEFT;
+    }
+
     /// Leaves the queue now; true when this was the key's last live waiter.
     pub(crate) fn leave(mut self) -> bool {
         let id = std::mem::replace(&mut self.id, LEFT);
@@ -563,6 +722,65 @@ mod tests {
         assert!(queues.keeps_class_sends(), "still binds a burst-1 quota");
         assert_eq!(queues.class_send_at(&key, quota, t + 2 * second), None);
         assert!(!queues.keeps_class_sends(), "dropped");
+    }
+
+    /// Held class requests ([`Queues::hold`]) wait beside the class gate's queue, the first
+    /// leading them; a class request at the account's head stands behind them. The first one
+    /// released goes to the front of the account's queue, ahead of its head, and the next one
+    /// leads only once it left that queue; then the queues are dropped.
+    #[test]
+    fn held_class_requests_go_back_to_their_account_one_at_a_time() {
+        let queues = Queues::default();
+        let account = Some(kling_core::AccountId::new("a"));
+        let whole = BucketKey::account(account.clone());
+        let class = BucketKey::class(account, kling_core::RequestKind::Account);
+        let waker = Waker::noop();
+        let gate_head = queues.enqueue(&class, waker, None).unwrap();
+        let account_head = queues.enqueue(&whole, waker, None).unwrap();
+        assert_eq!(
+            queues.class_turn(&class, Some(account_head.id)),
+            ClassTurn::Free
+        );
+        let first = queues.hold(&class, waker);
+        let second = queues.hold(&class, waker);
+        assert!(first.is_head && !second.is_head);
+        assert_eq!(
+            queues.poll_head(&class, gate_head.id, waker),
+            Ok(true),
+            "beside"
+        );
+        assert_eq!(queues.poll_head(&class, first.id, waker), Ok(true));
+        assert!(queues.poll_head(&class, second.id, waker).is_err());
+        assert_eq!(
+            queues.class_turn(&class, Some(account_head.id)),
+            ClassTurn::Behind
+        );
+        assert_eq!(queues.waiting(), 4);
+        let out = queues.release_held(&class, first.id, &whole, waker);
+        assert!(out.is_head, "ahead of the account's head");
+        assert!(queues.poll_head(&whole, account_head.id, waker).is_err());
+        assert!(
+            queues.poll_head(&class, second.id, waker).is_err(),
+            "waits for the one out"
+        );
+        assert_eq!(queues.class_turn(&class, Some(out.id)), ClassTurn::Out);
+        assert_eq!(
+            queues.class_turn(&class, Some(account_head.id)),
+            ClassTurn::Behind
+        );
+        assert_eq!(queues.waiting(), 4);
+        assert!(!queues.leave(&whole, out.id));
+        assert_eq!(queues.poll_head(&whole, account_head.id, waker), Ok(true));
+        assert_eq!(queues.poll_head(&class, second.id, waker), Ok(true));
+        assert!(!queues.leave(&class, second.id));
+        assert_eq!(
+            queues.class_turn(&class, Some(account_head.id)),
+            ClassTurn::Free
+        );
+        assert!(queues.leave(&class, gate_head.id));
+        assert!(queues.leave(&whole, account_head.id));
+        assert_eq!(queues.waiting(), 0);
+        assert!(queues.lock().is_empty(), "the queues are dropped");
     }
 
     /// Behind a head that never moves, requests that give up leave no more tombstones than

@@ -261,23 +261,25 @@ async fn costs_queued_at_the_account_gate(pause: bool) -> (u128, Vec<u128>, u128
 }
 
 /// Two costs requests queued at the account gate when a pause begins are sent a class turn
-/// apart after it, not one account turn apart; the create behind them keeps its place.
+/// apart after it, not one account turn apart; the create behind them does not wait for the
+/// second one's class turn.
 #[tokio::test(start_paused = true)]
 async fn class_requests_queued_at_the_account_gate_when_a_pause_begins_keep_their_quota() {
-    // Before: (4900, [5000, 5100], 5200).
+    // Before: (4900, [5000, 5100], 5200); then, with the second held at the account's
+    // head, (4900, [5000, 6000], 6100).
     assert_eq!(
         costs_queued_at_the_account_gate(true).await,
-        (4900, vec![5000, 6000], 6100)
+        (4900, vec![5000, 6000], 5100)
     );
 }
 
 /// The same behind a long queue at the account gate, without a pause.
 #[tokio::test(start_paused = true)]
 async fn class_requests_queued_behind_a_long_account_queue_keep_their_quota() {
-    // Before: (2900, [3000, 3100], 3200).
+    // Before: (2900, [3000, 3100], 3200); then (2900, [3000, 4000], 4100).
     assert_eq!(
         costs_queued_at_the_account_gate(false).await,
-        (2900, vec![3000, 4000], 4100)
+        (2900, vec![3000, 4000], 3100)
     );
 }
 
@@ -307,4 +309,135 @@ async fn a_class_request_asked_when_nothing_queues_keeps_its_quota_after_a_late_
     let times = server.times_ms(start);
     // Before: k1 at 1000.
     assert_eq!(&times[9..], [("k0".into(), 900), ("k1".into(), 1900)]);
+}
+
+/// Account ten a second, `/account/costs` one a second. A costs request `k0` waits behind nine
+/// creates and is sent late, at 0.9 s; at 1 s, when nothing queues, `k1` passes its class gate
+/// at once but may be sent only at 1.9 s (a class turn after `k0`), and five creates and a third
+/// costs request `k2` come after it. The creates are sent at the account's rate from 1 s: they
+/// do not wait at the account's gate behind `k1`, which waits for its class alone; `k2` is
+/// sent a class turn after `k1`, and not before it.
+#[tokio::test(start_paused = true)]
+async fn a_class_request_waiting_for_its_class_does_not_hold_the_accounts_creates() {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..9 {
+        calls.push(spawn_call(&service, request(Some("a"), &format!("x{i}"))).await);
+    }
+    calls.push(spawn_call(&service, costs("k0")).await);
+    for call in calls.drain(..) {
+        call.await.unwrap().unwrap();
+    }
+    tokio::time::advance(ms(1000) - start.elapsed()).await;
+    assert_eq!(handle.waiting(), 0);
+    calls.push(spawn_call(&service, costs("k1")).await);
+    for i in 0..5 {
+        calls.push(spawn_call(&service, request(Some("a"), &format!("create{i}"))).await);
+    }
+    calls.push(spawn_call(&service, costs("k2")).await);
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(handle.waiting(), 0);
+    assert_eq!(handle.queue_bytes(), 0, "the queues are dropped");
+    // Before: the creates at 2000..2400 ms, behind `k1` at 1900.
+    assert_eq!(
+        &server.times_ms(start)[9..],
+        [
+            ("k0".into(), 900),
+            ("create0".into(), 1000),
+            ("create1".into(), 1100),
+            ("create2".into(), 1200),
+            ("create3".into(), 1300),
+            ("create4".into(), 1400),
+            ("k1".into(), 1900),
+            ("k2".into(), 2900),
+        ]
+    );
+}
+
+/// Account ten a second, `/account/costs` one a second: thirty creates queue at 0 s, then three
+/// costs requests pass their class gate (at 0, 1 and 2 s) and queue behind them, and five
+/// creates follow at 2.1 s. `k0` is sent at 3 s; `k1` and `k2` reach the account's head too
+/// soon after it and wait for their class out of the way of the five creates, in order. With
+/// `drop_first`, `k1` is dropped at 3.6 s while it waits. When each reached the server, after
+/// the thirty creates.
+async fn costs_waiting_for_their_class(drop_first: bool) -> Vec<(String, u128)> {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..30 {
+        calls.push(spawn_call(&service, request(Some("a"), &format!("x{i}"))).await);
+    }
+    calls.push(spawn_call(&service, costs("k0")).await);
+    let k1 = spawn_call(&service, costs("k1")).await;
+    calls.push(spawn_call(&service, costs("k2")).await);
+    tokio::time::sleep(ms(2100)).await;
+    for i in 0..5 {
+        calls.push(spawn_call(&service, request(Some("a"), &format!("late{i}"))).await);
+    }
+    if drop_first {
+        tokio::time::sleep(ms(1500)).await;
+        assert!(!k1.is_finished());
+        k1.abort();
+        assert!(k1.await.unwrap_err().is_cancelled());
+    } else {
+        calls.push(k1);
+    }
+    for call in calls {
+        let sent = tokio::time::timeout(ms(60_000), call).await;
+        sent.expect("sent within a minute").unwrap().unwrap();
+    }
+    assert_eq!(handle.waiting(), 0);
+    assert_eq!(handle.queue_bytes(), 0, "the queues are dropped");
+    server.times_ms(start)[30..].to_vec()
+}
+
+#[tokio::test(start_paused = true)]
+async fn class_requests_waiting_for_their_class_keep_their_order() {
+    // Before: k1 at 4000 and k2 at 5000 held the five creates until 5100..5500.
+    assert_eq!(
+        costs_waiting_for_their_class(false).await,
+        [
+            ("k0".into(), 3000),
+            ("late0".into(), 3100),
+            ("late1".into(), 3200),
+            ("late2".into(), 3300),
+            ("late3".into(), 3400),
+            ("late4".into(), 3500),
+            ("k1".into(), 4000),
+            ("k2".into(), 5000),
+        ]
+    );
+}
+
+/// The first of the costs requests waiting for their class is dropped: the next goes when the
+/// class allows.
+#[tokio::test(start_paused = true)]
+async fn a_class_request_dropped_while_it_waits_for_its_class_lets_the_next_go() {
+    assert_eq!(
+        costs_waiting_for_their_class(true).await,
+        [
+            ("k0".into(), 3000),
+            ("late0".into(), 3100),
+            ("late1".into(), 3200),
+            ("late2".into(), 3300),
+            ("late3".into(), 3400),
+            ("late4".into(), 3500),
+            ("k2".into(), 4000),
+        ]
+    );
 }
