@@ -105,7 +105,7 @@ impl<Bk: Backend> Gate<Bk> {
             None => {
                 if shared.mode == Mode::Wait && matches!(self.step, Step::Acquiring(_)) {
                     let key = self.key(account_key);
-                    if shared.queues.depth(key) == 0 {
+                    if shared.queues.asking(key) == 0 {
                         shared.backend.stop_waiting(key);
                     }
                 }
@@ -305,9 +305,8 @@ impl<Bk: Backend> Gate<Bk> {
     /// requests that came there before it
     /// ([`Queues::class_turn`](crate::queue::Queues::class_turn)):
     /// the class quota holds at the send, for requests that waited unequally at the account
-    /// gate after passing the class gate a turn apart. In wait mode it is then held
-    /// ([`Gate::hold`]), out of the way of the account's other requests; in reject mode it is
-    /// refused with the class's next send.
+    /// gate after passing the class gate a turn apart. It is then held ([`Gate::hold`]), out
+    /// of the way of the account's other requests. (Wait mode only: see [`Gate::note_sent`].)
     fn ask_step<B>(
         &mut self,
         cx: &Context<'_>,
@@ -315,9 +314,9 @@ impl<Bk: Backend> Gate<Bk> {
         request: &Request<B>,
         account_key: &BucketKey,
     ) -> Result<(), BoxError> {
-        let wait = shared.mode == Mode::Wait;
-        // Held requests are waiting ones: with none waiting, only the record may bind.
-        let held_may_wait = wait && !shared.queues.is_idle();
+        // Held requests are waiting ones: with none waiting, only the record may bind. (Reject
+        // mode keeps no record: a class request is sent as soon as it passes its class gate.)
+        let held_may_wait = shared.mode == Mode::Wait && !shared.queues.is_idle();
         if (held_may_wait || shared.queues.keeps_class_sends())
             && let Some(class_key) = self.passed_class(shared, request, account_key)
         {
@@ -326,12 +325,12 @@ impl<Bk: Backend> Gate<Bk> {
                 return self.hold(cx, shared, request, account_key, class_key);
             }
             let quota = shared.policy_for(&class_key).quota;
-            let now = Instant::now();
-            if let Some(at) = shared.queues.class_send_at(&class_key, quota, now) {
-                if wait {
-                    return self.hold(cx, shared, request, account_key, class_key);
-                }
-                return Err(Box::new(RateLimited::new(at, now, false)));
+            if shared
+                .queues
+                .class_send_at(&class_key, quota, Instant::now())
+                .is_some()
+            {
+                return self.hold(cx, shared, request, account_key, class_key);
             }
         }
         self.step = Step::Acquiring(self.ask(shared, account_key));
@@ -421,8 +420,13 @@ impl<Bk: Backend> Gate<Bk> {
 
     /// A class request sent after passing its class gate: the class's send is noted for
     /// [`Gate::ask_step`].
+    /// Only in wait mode: in reject mode nothing waits between a class request's class gate
+    /// and its send but its account's answer, and a record of sends would refuse a request
+    /// its class gate admitted (and took a turn from) when that answer came back late.
     fn note_sent<B>(&self, shared: &Shared<Bk>, request: &Request<B>, account_key: &BucketKey) {
-        if let Some(class_key) = self.passed_class(shared, request, account_key) {
+        if shared.mode == Mode::Wait
+            && let Some(class_key) = self.passed_class(shared, request, account_key)
+        {
             let quota = shared.policy_for(&class_key).quota;
             shared
                 .queues
@@ -710,7 +714,7 @@ where
             Poll::Ready(Err(error)) => {
                 // A first ask that failed does not wait: a shared store told as when the gate
                 // fails ([`Gate::give_up`]).
-                if shared.mode == Mode::Wait && shared.queues.depth(key) == 0 {
+                if shared.mode == Mode::Wait && shared.queues.asking(key) == 0 {
                     shared.backend.stop_waiting(key);
                 }
                 Direct::Failed(error.into())

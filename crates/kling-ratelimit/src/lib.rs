@@ -49,15 +49,18 @@
 //!   than a class turn before the pause ends is sent up to that turn later than the quota
 //!   alone requires: the price of a store several processes share seeing the class's
 //!   requests again after the pause). It goes back ahead of the class requests that came
-//!   after it passed the gate, so class requests keep their order. The class quota also
-//!   holds when the requests are sent: a class request that waited at its account's gate
-//!   (behind a queue, or one already queued there when a pause began) is sent no sooner than
-//!   the class quota allows after the class's requests this process sent before. One that
+//!   after it passed the gate, so class requests keep their order. In wait mode the class
+//!   quota also holds when the requests are sent: a class request that waited at its
+//!   account's gate (behind a queue, or one already queued there when a pause began) is sent
+//!   no sooner than the class quota allows after the class's requests this process sent
+//!   before. One that
 //!   reaches the head of its account's queue sooner leaves that queue, so the account's other
 //!   requests are not held behind it, and waits beside its class gate with the class's other
 //!   such requests; they go back to the front of the account's queue one at a time, in the
 //!   order they reached its head, each when the class quota lets it. (That record is this
-//!   process's; across processes sharing a store the class gate spaces passing, not sending.)
+//!   process's; across processes sharing a store the class gate spaces passing, not sending.
+//!   A class quota change carries the wait left over in class turns, as the gate's own debt
+//!   does. Reject mode keeps no record: nothing waits there between the gates.)
 //!   In reject mode a class request the account refuses has spent its class turn: no
 //!   [`Backend`] method gives a turn back, and asking the account first would spend an
 //!   account turn instead, which every request of the account needs; the next class request

@@ -102,6 +102,11 @@ impl Queue {
         self.waiters.waiting() + self.returned.waiting() + self.held.waiting()
     }
 
+    /// Live waiters that ask the key's backend (held ones only wait beside it).
+    fn asking(&self) -> usize {
+        self.waiters.waiting() + self.returned.waiting()
+    }
+
     /// Whether the queue keeps nothing: no waiter (nor tombstone), and no held request out.
     fn is_empty(&self) -> bool {
         self.waiters.is_empty()
@@ -139,6 +144,35 @@ pub(crate) enum ClassTurn {
     Behind,
 }
 
+/// A class key's record of sends ([`Queues::note_class_sent`]): the GCRA theoretical arrival
+/// time of its next send, reckoned in emission intervals of `period`.
+#[derive(Debug, Clone, Copy)]
+struct ClassSends {
+    tat: Instant,
+    period: std::time::Duration,
+}
+
+impl ClassSends {
+    /// The theoretical arrival time under `quota` at `now`: after a class quota change, the
+    /// wait left counts the same number of emission intervals under the new quota, as the
+    /// class gate's own debt does (the in-process backend's `apply`).
+    fn under(&mut self, quota: Quota, now: Instant) -> Instant {
+        let period = quota.period();
+        if period != self.period {
+            if self.tat > now {
+                let ratio = period.as_secs_f64() / self.period.as_secs_f64();
+                let left = self.tat.duration_since(now).as_secs_f64() * ratio;
+                // (Past the clock's range: saturated by `later`.)
+                let left = std::time::Duration::try_from_secs_f64(left)
+                    .unwrap_or(std::time::Duration::MAX);
+                self.tat = later(now, left);
+            }
+            self.period = period;
+        }
+        self.tat
+    }
+}
+
 /// Where a new waiter stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Ticket {
@@ -154,8 +188,9 @@ pub(crate) struct Queues {
     waiting: AtomicUsize,
     /// For each class key one of whose requests was sent through the gate lately: the GCRA
     /// theoretical arrival time of its next send, under the class quota
-    /// ([`Queues::class_send_at`]). Kept while in the future (dropped lazily).
-    class_sends: Mutex<HashMap<BucketKey, Instant>>,
+    /// ([`Queues::class_send_at`]), and the emission interval it was reckoned in. Kept while
+    /// in the future (dropped lazily).
+    class_sends: Mutex<HashMap<BucketKey, ClassSends>>,
     /// Whether `class_sends` may hold a record: a class request admitted in `call` asks
     /// [`Queues::class_send_at`] only then, so a layer whose class requests never wait takes
     /// no lock for it.
@@ -196,10 +231,11 @@ impl Queues {
             .class_sends
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let Some(tat) = sends.get(key).copied().filter(|tat| *tat > now) else {
+        let record = sends.get_mut(key).map(|record| record.under(quota, now));
+        let Some(tat) = record.filter(|tat| *tat > now) else {
             // No record binds this key: the ones past their time go, and with the last one
             // the requests admitted in `call` stop asking.
-            sends.retain(|_, tat| *tat > now);
+            sends.retain(|_, record| record.tat > now);
             if sends.is_empty() {
                 self.class_sends_kept.store(false, Ordering::Release);
             }
@@ -222,16 +258,20 @@ impl Queues {
             .class_sends
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let tat = match sends.get_mut(key) {
-            Some(tat) => tat,
+        let record = match sends.get_mut(key) {
+            Some(record) => record,
             None => {
                 if sends.len() >= 64 && sends.len().is_power_of_two() {
-                    sends.retain(|_, tat| *tat > now);
+                    sends.retain(|_, record| record.tat > now);
                 }
-                sends.entry(key.clone()).or_insert(now)
+                let record = ClassSends {
+                    tat: now,
+                    period: quota.period(),
+                };
+                sends.entry(key.clone()).or_insert(record)
             }
         };
-        *tat = later((*tat).max(now), quota.period());
+        record.tat = later(record.under(quota, now).max(now), quota.period());
         self.class_sends_kept.store(true, Ordering::Release);
     }
 
@@ -243,6 +283,12 @@ impl Queues {
     /// Requests waiting for one key.
     pub(crate) fn depth(&self, key: &BucketKey) -> usize {
         self.lock().get(key).map_or(0, Queue::waiting)
+    }
+
+    /// Requests waiting for one key that ask its backend: [`Queues::depth`] without a class
+    /// key's held requests ([`Queues::hold`]), which never ask it.
+    pub(crate) fn asking(&self, key: &BucketKey) -> usize {
+        self.lock().get(key).map_or(0, Queue::asking)
     }
 
     /// Joins the back of `key`'s queue; `Err(())` when it already holds `max` waiters.
@@ -441,12 +487,14 @@ impl Queues {
     }
 
     /// Waiter `id` was admitted (or gave up): it leaves, and the next waiter is woken. True
-    /// when it was the key's last live waiter.
+    /// when it was the key's last live waiter that asks its backend (a held request, which
+    /// never asks it, is never the last: [`Queues::asking`]).
     pub(crate) fn leave(&self, key: &BucketKey, id: u64) -> bool {
         let mut map = self.lock();
         let Some(queue) = map.get_mut(key) else {
             return false;
         };
+        let mut held = false;
         let led = match queue.returned.remove(id) {
             Removed::Head => true,
             Removed::Behind => false,
@@ -454,14 +502,15 @@ impl Queues {
                 // The first of the others leads only when none came back ahead of it.
                 Removed::Head => queue.returned.is_empty(),
                 Removed::Behind => false,
-                Removed::NotWaiting => match queue.held.remove(id) {
-                    Removed::NotWaiting => return false,
-                    Removed::Head => {
-                        queue.wake_held();
-                        false
+                Removed::NotWaiting => {
+                    match queue.held.remove(id) {
+                        Removed::NotWaiting => return false,
+                        Removed::Head => queue.wake_held(),
+                        Removed::Behind => {}
                     }
-                    Removed::Behind => false,
-                },
+                    held = true;
+                    false
+                }
             },
         };
         if led {
@@ -476,8 +525,8 @@ impl Queues {
             Some(index) => Some(queue.from_held.swap_remove(index).1),
             None => None,
         };
-        let last = queue.waiting() == 0;
-        if last && queue.is_empty() {
+        let last = !held && queue.asking() == 0;
+        if queue.waiting() == 0 && queue.is_empty() {
             map.remove(key);
         }
         if let Some(kind) = out {
@@ -744,6 +793,8 @@ mod tests {
         let first = queues.hold(&class, waker);
         let second = queues.hold(&class, waker);
         assert!(first.is_head && !second.is_head);
+        // Held ones wait for the class key but never ask its backend.
+        assert_eq!((queues.depth(&class), queues.asking(&class)), (3, 1));
         assert_eq!(
             queues.poll_head(&class, gate_head.id, waker),
             Ok(true),
