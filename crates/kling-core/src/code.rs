@@ -1,8 +1,8 @@
 //! Kling business codes and what a client should do about each.
 //!
 //! The HTTP status alone says too little: six different codes arrive as HTTP 429 (1100, 1101,
-//! 1102, 1302, 1303, 1304) and only two of them are worth retrying. [`Code::disposition`] is the one table every layer reads, so no
-//! layer re-invents it.
+//! 1102, 1302, 1303, 1304) and only two of them are worth retrying. [`Code::disposition`] is
+//! the one table every layer reads, so no layer re-invents it.
 
 use std::fmt;
 
@@ -426,5 +426,77 @@ mod tests {
             Code::Unknown(1).disposition(StatusCode::OK),
             Disposition::Fatal
         );
+        // A 503 is maintenance (the longer backoff), not an ordinary transient fault.
+        assert_eq!(
+            unknown.disposition(StatusCode::SERVICE_UNAVAILABLE),
+            Disposition::Retry(RetryKind::Maintenance)
+        );
+    }
+
+    /// A response without a known code is judged by its status alone: any 2xx succeeded, a
+    /// 503 is maintenance, another 5xx is transient, and everything else is final.
+    #[test]
+    fn a_status_alone_decides_by_its_class() {
+        let judge = |status: u16| status_disposition(StatusCode::from_u16(status).unwrap());
+        for ok in [200, 201, 204, 299] {
+            assert_eq!(judge(ok), Disposition::Success, "{ok}");
+        }
+        assert_eq!(judge(503), Disposition::Retry(RetryKind::Maintenance));
+        for transient in [500, 502, 504, 599] {
+            assert_eq!(
+                judge(transient),
+                Disposition::Retry(RetryKind::Transient),
+                "{transient}"
+            );
+        }
+        for fatal in [100, 301, 400, 404, 429, 600] {
+            assert_eq!(judge(fatal), Disposition::Fatal, "{fatal}");
+        }
+    }
+
+    /// Only the account-level refusals stop creates: halting on a throttle, a full slot or a
+    /// server fault would stop a healthy account until a person acts.
+    #[test]
+    fn only_account_refusals_halt_creates() {
+        let halting: Vec<i64> = Code::DOCUMENTED
+            .iter()
+            .filter(|c| c.halts_creates())
+            .map(|c| c.as_i64())
+            .collect();
+        assert_eq!(halting, vec![1100, 1101, 1102]);
+        assert!(!Code::Unknown(1105).halts_creates());
+    }
+
+    /// Only an internal error or timeout may have made a task behind a refusal: every other
+    /// documented code (`5001` maintenance included) refused before any work, so a create
+    /// answered with one is sent again, and a slot or a credit it held is given back.
+    #[test]
+    fn only_internal_errors_and_timeouts_may_have_created_a_task() {
+        let maybe: Vec<i64> = Code::DOCUMENTED
+            .iter()
+            .filter(|c| c.may_have_created())
+            .map(|c| c.as_i64())
+            .collect();
+        assert_eq!(maybe, vec![5000, 5002]);
+        for code in Code::DOCUMENTED {
+            for status in [400, 429, 500, 503] {
+                let status = StatusCode::from_u16(status).unwrap();
+                assert_eq!(
+                    code.may_have_created_under(status),
+                    code.may_have_created(),
+                    "{code} under {status}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_code_converts_to_and_from_its_number() {
+        for code in Code::DOCUMENTED {
+            assert_eq!(i64::from(code), code.as_i64());
+            assert_eq!(Code::from(code.as_i64()), code);
+            assert_eq!(code.to_string(), code.as_i64().to_string());
+        }
+        assert_eq!(i64::from(Code::Unknown(-7)), -7);
     }
 }

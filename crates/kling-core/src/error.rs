@@ -601,6 +601,102 @@ mod tests {
         assert!(may_have_created(&Transport::new(reset)));
     }
 
+    /// A retry layer's account of a call: when a create among its requests may have made a task,
+    /// the call may have made one even though its last request was refused before sending;
+    /// when none did, the last failure decides.
+    #[test]
+    fn attempts_decide_for_the_call_and_else_defer_to_the_last_failure() {
+        let reached = Attempts::new(3, true, RefusedBeforeSending);
+        assert_eq!(reached.sent(), 3);
+        assert!(reached.may_have_created());
+        assert_eq!(SendState::of(&reached), SendState::Unknown);
+        assert!(may_have_created(&reached));
+        let boxed: BoxError = Box::new(Attempts::new(2, true, NotSent::new("pool closed")));
+        assert_eq!(SendState::of(&*boxed), SendState::Unknown);
+        assert!(may_have_created(&*boxed));
+
+        // Nothing may have been made: the last failure is read through the source chain.
+        let refused = Attempts::new(1, false, NotSent::new("connect failed"));
+        assert!(!refused.may_have_created());
+        assert_eq!(SendState::of(&refused), SendState::NotSent);
+        assert!(!may_have_created(&refused));
+        assert!(refused.source().is_some_and(|s| s.is::<NotSent>()));
+        assert!(refused.last().is::<NotSent>());
+        // An error that would say "may have made a task" on its own is overruled by the account.
+        let page = MalformedResponse::new(StatusCode::BAD_GATEWAY, "html");
+        assert!(!may_have_created(&Attempts::new(2, false, page)));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(
+            SendState::of(&Attempts::new(2, false, reset)),
+            SendState::Unknown
+        );
+
+        assert_eq!(Attempts::new(1, false, "x").to_string(), "1 request sent");
+        assert_eq!(
+            reached.to_string(),
+            "3 requests sent, a create among them may have made a task"
+        );
+    }
+
+    /// A Kling error keeps what support needs and answers the create question as the code
+    /// table does under its status.
+    #[test]
+    fn an_api_error_keeps_the_response_and_judges_a_create_by_code_and_status() {
+        let error = |status: StatusCode, code: i64| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(http::header::RETRY_AFTER, "9".parse().unwrap());
+            let body = format!(r#"{{"code":{code},"message":"boom","request_id":"req-1"}}"#);
+            let outcome =
+                Outcome::parse(status, &headers, body.as_bytes(), Instant::now()).unwrap();
+            ApiError::from_outcome(&outcome)
+        };
+        let internal = error(StatusCode::INTERNAL_SERVER_ERROR, 5000);
+        assert_eq!(internal.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(internal.code(), Code::InternalError);
+        assert_eq!(internal.message(), "boom");
+        assert_eq!(internal.request_id(), Some("req-1"));
+        assert_eq!(internal.retry_after(), Some(Duration::from_secs(9)));
+        assert!(internal.may_have_created());
+        assert!(may_have_created(&internal));
+
+        let throttled = error(StatusCode::TOO_MANY_REQUESTS, 1302);
+        assert!(!throttled.may_have_created());
+        assert!(!may_have_created(&throttled));
+        // An undocumented code: a 4xx refused, a 5xx may have made a task.
+        assert!(!error(StatusCode::BAD_REQUEST, 1299).may_have_created());
+        assert!(error(StatusCode::BAD_GATEWAY, 1299).may_have_created());
+        let nested = Transport::after_sent(error(StatusCode::BAD_REQUEST, 1201));
+        assert!(!may_have_created(&nested));
+    }
+
+    #[test]
+    fn markers_and_pages_say_what_happened() {
+        let not_sent = NotSent::new("connect failed");
+        assert_eq!(
+            not_sent.to_string(),
+            "request was never sent: connect failed"
+        );
+        assert_eq!(
+            not_sent.source().map(ToString::to_string).as_deref(),
+            Some("connect failed")
+        );
+        assert_eq!(
+            RefusedBeforeSending.to_string(),
+            "refused before the request was sent"
+        );
+        let large = BodyTooLarge::new(StatusCode::BAD_GATEWAY, 4096);
+        assert_eq!(large.limit(), 4096);
+        assert_eq!(
+            large.to_string(),
+            "kling response body (http 502) is larger than the 4096-byte limit"
+        );
+        let page = MalformedResponse::new(StatusCode::BAD_GATEWAY, "not json");
+        assert_eq!(
+            page.to_string(),
+            "malformed kling response (http 502): not json"
+        );
+    }
+
     #[test]
     fn display_is_one_lowercase_line() {
         let err = Transport::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset));

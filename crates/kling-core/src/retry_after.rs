@@ -186,6 +186,9 @@ mod tests {
         assert_eq!(ra.delay(Some(at(993)), at(0)), Duration::from_secs(7));
         assert_eq!(ra.delay(None, at(990)), Duration::from_secs(10));
         assert_eq!(ra.delay(Some(at(2_000)), at(0)), Duration::ZERO);
+        // A date further off than a day saturates, as a delta-seconds value does.
+        let far = RetryAfter::At(at(10 * 86_400));
+        assert_eq!(far.delay(Some(at(0)), at(0)), MAX_RETRY_AFTER);
     }
 
     #[test]

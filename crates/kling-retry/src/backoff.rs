@@ -222,3 +222,43 @@ fn pick(low: Duration, high: Duration, rng: &dyn RandomSource) -> Duration {
     let nanos = (offset % 1_000_000_000) as u32;
     low.saturating_add(Duration::new(secs, nanos))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `reason` label of the retries counter: dashboards and alerts match these names.
+    #[test]
+    fn each_kind_has_its_own_metric_label() {
+        let labels = [
+            (DelayKind::Immediate, "slot_gated"),
+            (DelayKind::Transient, "transient"),
+            (DelayKind::Throttled, "throttled"),
+            (DelayKind::Maintenance, "maintenance"),
+            (DelayKind::SlotFull, "slot_full"),
+        ];
+        for (kind, label) in labels {
+            assert_eq!(kind.as_str(), label, "{kind:?}");
+        }
+    }
+
+    /// A speed that is zero, negative or not finite leaves the rules as they are: dividing by
+    /// it would make every wait infinite (a panic), negative or zero.
+    #[test]
+    fn a_speed_that_is_no_positive_number_changes_nothing() {
+        let normal = Backoff::new();
+        for speed in [0.0, -0.0, -2.0, f64::INFINITY, f64::NEG_INFINITY, f64::NAN] {
+            assert_eq!(normal.sped_up(speed), normal, "{speed}");
+        }
+        let fast = normal.sped_up(1000.0);
+        assert_eq!(
+            fast.bounds(DelayKind::Throttled, 1),
+            (Duration::from_millis(1), Duration::from_millis(2))
+        );
+        // `max_retry_after` is 120 ms now, and the jitter above a hint half a millisecond.
+        assert_eq!(
+            fast.hint_bounds(Duration::from_secs(1)),
+            (Duration::from_millis(120), Duration::from_micros(120_500))
+        );
+    }
+}

@@ -202,3 +202,139 @@ fn judge_error(error: &BoxError) -> Verdict {
     };
     Verdict::Retry { delay, create }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A policy's input is logged by its `Debug`: the status and the code, never the body or
+    /// the headers (which may carry ids or a token).
+    #[test]
+    fn an_attempt_shows_its_status_and_code_only() {
+        let body = br#"{"code":1302,"message":"too fast","request_id":"secret-req"}"#;
+        let status = http::StatusCode::TOO_MANY_REQUESTS;
+        let outcome = Outcome::parse(
+            status,
+            &http::HeaderMap::new(),
+            body,
+            tokio::time::Instant::now(),
+        )
+        .unwrap();
+        let mut response = Response::new(Full::new(Bytes::from_static(body)));
+        *response.status_mut() = status;
+        let text = format!("{:?}", Attempted::Response(&response, &outcome));
+        assert_eq!(text, "Response(429, RateLimited)");
+        let error: BoxError = Box::new(NotSent::new("refused"));
+        let text = format!("{:?}", Attempted::Error(&error));
+        assert!(text.starts_with("Error(NotSent"), "{text}");
+    }
+
+    fn judge(error: impl Into<BoxError>) -> Verdict {
+        KlingPolicy.judge(Attempted::Error(&error.into()))
+    }
+
+    fn retry(delay: DelayKind, create: CreateState) -> Verdict {
+        Verdict::Retry { delay, create }
+    }
+
+    /// A page that is no Kling envelope, as the classify step reports it.
+    fn page(status: u16) -> MalformedResponse {
+        let status = http::StatusCode::from_u16(status).unwrap();
+        Outcome::parse(
+            status,
+            &http::HeaderMap::new(),
+            b"<html>gateway</html>",
+            tokio::time::Instant::now(),
+        )
+        .unwrap_err()
+    }
+
+    /// Errors with no Kling code: whether a create may be sent again, and how long to wait.
+    #[test]
+    fn errors_are_judged_by_what_they_prove_was_sent() {
+        use CreateState::{MaybeCreated, NotCreated};
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        // Never sent, whether wrapped by the classify step or not: a create may go again.
+        assert_eq!(
+            judge(Transport::new(refused)),
+            retry(DelayKind::Transient, NotCreated)
+        );
+        assert_eq!(
+            judge(NotSent::new("pool closed")),
+            retry(DelayKind::Transient, NotCreated)
+        );
+        assert_eq!(
+            judge(Transport::new(reset)),
+            retry(DelayKind::Transient, MaybeCreated)
+        );
+        assert_eq!(
+            judge(tower::timeout::error::Elapsed::new()),
+            retry(DelayKind::Transient, MaybeCreated)
+        );
+        let local = Transport::new(kling_core::error::RefusedBeforeSending);
+        assert_eq!(judge(local), Verdict::Return);
+        assert_eq!(judge("a bad request"), Verdict::Return);
+    }
+
+    /// A proxy's or a gateway's page: its 429 was turned away before any work (throttled,
+    /// at least a second); a 5xx may hide a create; any other status is final.
+    #[test]
+    fn a_page_without_an_envelope_is_judged_by_its_status() {
+        use CreateState::{MaybeCreated, NotCreated};
+        assert_eq!(judge(page(429)), retry(DelayKind::Throttled, NotCreated));
+        assert_eq!(
+            judge(page(503)),
+            retry(DelayKind::Maintenance, MaybeCreated)
+        );
+        for status in [500, 502, 504, 599] {
+            assert_eq!(
+                judge(page(status)),
+                retry(DelayKind::Transient, MaybeCreated),
+                "{status}"
+            );
+        }
+        for status in [200, 400, 403, 404, 413] {
+            assert_eq!(judge(page(status)), Verdict::Return, "{status}");
+        }
+    }
+
+    /// An oversize answer was not read, so nothing proves a 5xx made no task: a create behind
+    /// one is never sent again blindly.
+    #[tokio::test]
+    async fn an_oversize_answer_is_judged_by_its_status() {
+        use CreateState::MaybeCreated;
+        use kling_core::ClassifyLayer;
+        use tower::{Layer, ServiceExt};
+        let too_large = |status: u16| async move {
+            let below = tower::service_fn(move |_: http::Request<Full<Bytes>>| async move {
+                let body = Full::new(Bytes::from(vec![b' '; 64]));
+                let mut response = Response::new(body);
+                *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                Ok::<_, BoxError>(response)
+            });
+            let error = ClassifyLayer::new()
+                .max_body_bytes(8)
+                .layer(below)
+                .oneshot(http::Request::new(Full::default()))
+                .await
+                .unwrap_err();
+            assert!(error.is::<BodyTooLarge>(), "{error}");
+            KlingPolicy.judge(Attempted::Error(&error))
+        };
+        assert_eq!(
+            too_large(503).await,
+            retry(DelayKind::Maintenance, MaybeCreated)
+        );
+        for status in [500, 502, 504] {
+            assert_eq!(
+                too_large(status).await,
+                retry(DelayKind::Transient, MaybeCreated),
+                "{status}"
+            );
+        }
+        for status in [200, 404, 413, 429] {
+            assert_eq!(too_large(status).await, Verdict::Return, "{status}");
+        }
+    }
+}
