@@ -91,7 +91,7 @@ pub trait Policy: Send + Sync + 'static {
 /// | [`Transport`] error, never sent ([`SendState::NotSent`], [`NotSent`]) | retry, transient, not created |
 /// | [`Transport`] error after sending, `tower::timeout::error::Elapsed` | retry, transient, maybe created |
 /// | [`MalformedResponse`] or [`BodyTooLarge`] with a 5xx status (no Kling envelope, so no code says what happened) | retry, transient (503: maintenance), maybe created |
-/// | [`MalformedResponse`] with status 429 (a proxy's or gateway's page) | retry, [`Throttled`](DelayKind::Throttled), not created |
+/// | [`MalformedResponse`] or [`BodyTooLarge`] with status 429 (a proxy's or gateway's page) | retry, [`Throttled`](DelayKind::Throttled), not created |
 /// | any other error (a limiter's deadline error, a bad request, …) | return it unchanged |
 ///
 /// What the layer then does with a retry whose `create` is
@@ -193,9 +193,14 @@ fn judge_error(error: &BoxError) -> Verdict {
             }
         }
     } else if let Some(large) = error.downcast_ref::<BodyTooLarge>() {
-        match by_status(large.status()) {
-            Some(delay) => (delay, CreateState::MaybeCreated),
-            None => return Verdict::Return,
+        if large.status() == http::StatusCode::TOO_MANY_REQUESTS {
+            // A 429 whose page is too long to read is a 429 page all the same (above).
+            (DelayKind::Throttled, CreateState::NotCreated)
+        } else {
+            match by_status(large.status()) {
+                Some(delay) => (delay, CreateState::MaybeCreated),
+                None => return Verdict::Return,
+            }
         }
     } else {
         return Verdict::Return;
@@ -333,7 +338,12 @@ mod tests {
                 "{status}"
             );
         }
-        for status in [200, 404, 413, 429] {
+        // A 429 page too long to read is throttling, as a short one is.
+        assert_eq!(
+            too_large(429).await,
+            retry(DelayKind::Throttled, CreateState::NotCreated)
+        );
+        for status in [200, 404, 413] {
             assert_eq!(too_large(status).await, Verdict::Return, "{status}");
         }
     }
