@@ -22,7 +22,8 @@
 //! for the policy's wait before a first query (the safety interval with `callbacks_first`; at
 //! least the shortest interval) once a call has taken it: a call that starts following the
 //! task meanwhile, also at the moment the report is handed out, ends with it at once and sends
-//! no query.
+//! no query. A call that follows a legacy task by its external id finds a delivered end so, not
+//! an answered one: external ids are unique per account only, and clones may query others.
 //!
 //! The queries are ordinary requests through the service given, so they are paced by the rate
 //! limiter and a query that reports a task ended frees its slots, like any other.
@@ -479,13 +480,17 @@ impl Board {
         board.by_id.get(&task_id).map(|kept| kept.report.clone())
     }
 
-    /// Keeps `report`, the oldest report going when the board is full; `handed` (a query's
-    /// answer, or a delivered report some call has taken) starts its countdown now.
-    fn put(&self, report: TaskReport, handed: bool, now: Instant) {
+    /// Keeps `report`, the oldest report going when the board is full; a query's answer
+    /// (`answered`) starts its countdown now, and is found by its task id only: an external id
+    /// is unique per account (and perhaps per create path) only, and the board serves every
+    /// clone of the follower, whatever account or header it has, and every path.
+    fn put(&self, report: TaskReport, answered: bool, now: Instant) {
         let mut board = self.lock();
         board.prune(now);
         let id = report.id.clone();
-        if let Some(external_id) = &report.external_id {
+        if let Some(external_id) = &report.external_id
+            && !answered
+        {
             board.by_external_id.insert(external_id.clone(), id.clone());
         }
         let Reports {
@@ -507,7 +512,7 @@ impl Board {
                 );
             }
         }
-        if handed {
+        if answered {
             board.hand_out(&id, later(now, self.keep));
         }
         while board.order.len() > BOARD_CAPACITY {

@@ -164,9 +164,10 @@ where
 /// earlier attempt may have made one: the retry layer stopped because the answer was final,
 /// or its attempts or budget ran out, or the server asked for a longer wait than it waits out
 /// or than the deadline leaves, and says no create is left unresolved
-/// ([`Failed::may_have_created`], [`DeadlineExceeded::may_have_created`]). Any other reason keeps the estimate. Without a
-/// retry layer, the error is read by [`kling_core::error::may_have_created`]: a Kling error by
-/// its code, a request never sent or refused before sending, a proxy's 4xx page.
+/// ([`Failed::may_have_created`], [`DeadlineExceeded::may_have_created`]). Any other reason
+/// keeps the estimate. Without a retry layer, the error is read by
+/// [`kling_core::error::may_have_created`]: a Kling error by its code, a request never sent or
+/// refused before sending, a proxy's 4xx page.
 fn made_no_task(error: &(dyn StdError + 'static)) -> bool {
     let mut current = Some(error);
     while let Some(link) = current {

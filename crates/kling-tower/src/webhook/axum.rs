@@ -6,10 +6,10 @@
 //! wrong signature (also on an accepted message's id: the signature is checked first),
 //! `400 Bad Request` to a verified body that reports no task (not JSON, or no task id and
 //! status), with the reason as its text and in a `warn` event (it names fields, never quotes a
-//! value of the body), `413 Payload Too Large` to a body over [`CALLBACK_BODY_LIMIT`] (with or without a
-//! `Content-Length`), and `503 Service Unavailable` when `on_task` fails (its error is logged
-//! at `warn`), so that the sender delivers it again. Other methods get axum's `405`; the path
-//! is the router's.
+//! value of the body), `413 Payload Too Large` to a body over [`CALLBACK_BODY_LIMIT`] (with or
+//! without a `Content-Length`), and `503 Service Unavailable` when `on_task` fails (its error is
+//! logged at `warn`), so that the sender delivers it again. Other methods get axum's `405`; the
+//! path is the router's.
 //!
 //! `on_task` is async and fallible: the route awaits it before answering, so a slot is freed
 //! (say with [`KlingLayer::on_task`](crate::KlingLayer::on_task), which may wait for Redis)

@@ -1354,3 +1354,55 @@ async fn a_call_starting_as_a_query_reports_the_task_ended_finds_the_report() {
         );
     }
 }
+
+/// External ids are unique per account only (and perhaps per create path). A legacy task
+/// followed by its external id `job-7` ends, its report answered to a query; within the while
+/// such a report stays on the board, a clone with another account follows its own running
+/// task by `job-7`, and so does a call of the same account on another create path: neither
+/// may end with the first task's report (the caller would take a running task for finished,
+/// another task's for its own). Each asks, and ends with its own task.
+#[tokio::test(start_paused = true)]
+async fn an_external_id_answered_to_one_follow_does_not_end_another_tasks_follow() {
+    let start = Instant::now();
+    let service = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let account = AccountId::of(&req).map(|a| a.as_str().to_owned());
+        let path = req.uri().path().to_owned();
+        async move {
+            let running = start.elapsed() < Duration::from_secs(60);
+            let (id, status) = match (account.as_deref(), path.as_str()) {
+                (Some("team-a"), "/v1/images/generations/job-7") => ("a-image", "succeed"),
+                (Some("team-a"), "/v1/videos/image2video/job-7") if running => {
+                    ("a-video", "processing")
+                }
+                (Some("team-a"), "/v1/videos/image2video/job-7") => ("a-video", "succeed"),
+                (Some("team-b"), "/v1/images/generations/job-7") if running => {
+                    ("b-image", "processing")
+                }
+                (Some("team-b"), "/v1/images/generations/job-7") => ("b-image", "succeed"),
+                other => panic!("an unexpected query: {other:?}"),
+            };
+            let body = format!(
+                r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":{{"task_id":"{id}","task_status":"{status}","task_info":{{"external_task_id":"job-7"}}}}}}"#
+            );
+            Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from(body))))
+        }
+    });
+    let base = follower(service, FollowPolicy::new());
+    let team_a = base.clone().with_account(AccountId::new("team-a"));
+    let team_b = base.clone().with_account(AccountId::new("team-b"));
+    let done = team_a
+        .follow(TaskRef::legacy("/v1/images/generations", "job-7"))
+        .await
+        .unwrap();
+    assert_eq!(done.id, "a-image");
+    let (video, other) = tokio::join!(
+        team_a.follow(TaskRef::legacy("/v1/videos/image2video", "job-7")),
+        team_b.follow(TaskRef::legacy("/v1/images/generations", "job-7")),
+    );
+    // The same account's task on the other path, and team-b's own task: not `a-image`.
+    assert_eq!(
+        (video.unwrap().id.as_str(), other.unwrap().id.as_str()),
+        ("a-video", "b-image")
+    );
+    assert!(start.elapsed() >= Duration::from_secs(60));
+}
