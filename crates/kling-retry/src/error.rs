@@ -389,8 +389,8 @@ impl fmt::Display for DeadlineExceeded {
         if let Some(asked) = self.asked {
             write!(
                 f,
-                "the server asked to wait {asked:?} (Retry-After), longer than the {:?} left \
-                 before the deadline",
+                "the server asked to wait {asked:?} (Retry-After), and only {:?} \
+                 are left before the deadline",
                 self.left
             )?;
         } else if self.retry_after.is_zero() {

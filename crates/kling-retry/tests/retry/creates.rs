@@ -546,7 +546,7 @@ async fn a_create_stopped_by_the_deadline_before_its_lookup_says_so_and_names_it
     let text = error.to_string();
     assert!(
         text.starts_with(&format!(
-            "the server asked to wait 7s (Retry-After), longer than the 5s left before the \
+            "the server asked to wait 7s (Retry-After), and only 5s are left before the \
              deadline; create may have made a task that no lookup by its external id has ruled \
              out (external id {id}) after 1 attempt"
         )),

@@ -94,7 +94,7 @@ async fn a_hint_longer_than_the_deadline_returns_the_resume_error_at_once() {
     assert_eq!(late.request_id(), Some("req-1302"));
     assert_eq!(
         error.to_string(),
-        "the server asked to wait 7s (Retry-After), longer than the 5s left before the \
+        "the server asked to wait 7s (Retry-After), and only 5s are left before the \
          deadline after 1 attempt in 0ns (0ns backing off): kling error 1302 (requests too \
          fast), http 429: message 1302 (request_id req-1302)"
     );
@@ -137,8 +137,8 @@ async fn a_hint_past_the_deadline_ends_the_call_even_when_over_the_clamp_in_both
         assert_eq!(late.resume_at(), start + Duration::from_secs(300), "{form}");
         assert!(
             error.to_string().starts_with(
-                "the server asked to wait 300s (Retry-After), longer than the 180s left before \
-                 the deadline"
+                "the server asked to wait 300s (Retry-After), and only 180s are left \
+                 before the deadline"
             ),
             "{form}: {error}"
         );
