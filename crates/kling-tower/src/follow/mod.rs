@@ -23,7 +23,9 @@
 //! least the shortest interval) once a call has taken it: a call that starts following the
 //! task meanwhile, also at the moment the report is handed out, ends with it at once and sends
 //! no query. A call that follows a legacy task by its external id finds a delivered end so, not
-//! an answered one: external ids are unique per account only, and clones may query others.
+//! an answered one, and only one delivered to a follower of its own account (the same
+//! [`with_account`](Follower::with_account), or none for both): external ids are unique per
+//! account only, and clones may query others.
 //!
 //! The queries are ordinary requests through the service given, so they are paced by the rate
 //! limiter and a query that reports a task ended frees its slots, like any other.
@@ -380,15 +382,30 @@ struct Board {
 /// The board's reports by task id, each with the number it was put there under and, once
 /// handed out, when it goes; the ids in the order they came (with those numbers, so an id
 /// delivered again is not evicted by its first delivery's place in the order) and in the order
-/// they go; and the task id of each report by its external id, for a legacy task followed by
-/// the external id its create carried.
+/// they go; and the task id of each delivered report by the account of the follower it was
+/// delivered to and its external id, for a legacy task followed by the external id its create
+/// carried.
 #[derive(Debug, Default)]
 struct Reports {
     by_id: HashMap<String, Kept>,
     order: VecDeque<(String, u64)>,
     going: VecDeque<(String, u64, Instant)>,
     next: u64,
-    by_external_id: HashMap<String, String>,
+    by_external_id: HashMap<ExternalKey, String>,
+}
+
+/// An external id in an account (`None`: a follower given none): external ids are unique per
+/// account only.
+type ExternalKey = (Option<AccountId>, String);
+
+/// Where a report put on the board comes from.
+#[derive(Clone, Copy, Debug)]
+enum Source<'a> {
+    /// A query's answer: found by its task id only.
+    Answered,
+    /// A callback delivered to a follower of this account (`None`: one given none): found by
+    /// its task id, or by its external id by a follower of the same account.
+    Delivered(Option<&'a AccountId>),
 }
 
 /// A report on the board.
@@ -398,6 +415,8 @@ struct Kept {
     report: TaskReport,
     /// When it goes, once handed out; until then it waits for a call to follow its task.
     until: Option<Instant>,
+    /// The key it is found under by its external id, if it was delivered with one.
+    external: Option<ExternalKey>,
 }
 
 /// How many reports the board keeps (delivered for tasks nobody follows yet, or handed out
@@ -409,10 +428,16 @@ impl Reports {
     fn forget(&mut self, id: &str, number: u64) {
         if self.by_id.get(id).is_some_and(|kept| kept.number == number)
             && let Some(gone) = self.by_id.remove(id)
-            && let Some(external_id) = &gone.report.external_id
-            && self.by_external_id.get(external_id).map(String::as_str) == Some(id)
+            && let Some(key) = gone.external
         {
-            self.by_external_id.remove(external_id);
+            self.unindex(&key, id);
+        }
+    }
+
+    /// Forgets that task `id`'s report is found under `key`, if it still is.
+    fn unindex(&mut self, key: &ExternalKey, id: &str) {
+        if self.by_external_id.get(key).map(String::as_str) == Some(id) {
+            self.by_external_id.remove(key);
         }
     }
 
@@ -465,15 +490,25 @@ impl Board {
     }
 
     /// The report of the task `id` names (a legacy task's by its task id, or else the external
-    /// id its create carried), handed out: it stays for [`keep`](Board::keep) more for the
-    /// other calls that follow its task, or start to (a call that looks at the board as
-    /// another takes the report must find it too).
-    fn hand(&self, id: &str, legacy: bool, now: Instant) -> Option<TaskReport> {
+    /// id its create carried, in `account`: delivered to a follower of that account), handed
+    /// out: it stays for [`keep`](Board::keep) more for the other calls that follow its task,
+    /// or start to (a call that looks at the board as another takes the report must find it
+    /// too).
+    fn hand(
+        &self,
+        id: &str,
+        legacy: bool,
+        account: Option<&AccountId>,
+        now: Instant,
+    ) -> Option<TaskReport> {
         let mut board = self.lock();
         board.prune(now);
         let task_id = match board.by_id.contains_key(id) {
             true => id.to_owned(),
-            false if legacy => board.by_external_id.get(id)?.clone(),
+            false if legacy => board
+                .by_external_id
+                .get(&(account.cloned(), id.to_owned()))?
+                .clone(),
             false => return None,
         };
         board.hand_out(&task_id, later(now, self.keep));
@@ -481,24 +516,34 @@ impl Board {
     }
 
     /// Keeps `report`, the oldest report going when the board is full; a query's answer
-    /// (`answered`) starts its countdown now, and is found by its task id only: an external id
-    /// is unique per account (and perhaps per create path) only, and the board serves every
-    /// clone of the follower, whatever account or header it has, and every path.
-    fn put(&self, report: TaskReport, answered: bool, now: Instant) {
+    /// starts its countdown now, and is found by its task id only: an external id is unique
+    /// per account (and perhaps per create path) only, and the board serves every clone of the
+    /// follower, whatever account or header it has, and every path. A delivered report is
+    /// found by its external id in the account of the follower it was delivered to only.
+    fn put(&self, report: TaskReport, source: Source<'_>, now: Instant) {
         let mut board = self.lock();
         board.prune(now);
         let id = report.id.clone();
-        if let Some(external_id) = &report.external_id
-            && !answered
-        {
-            board.by_external_id.insert(external_id.clone(), id.clone());
-        }
+        let key = match (source, &report.external_id) {
+            (Source::Delivered(account), Some(external_id)) => {
+                Some((account.cloned(), external_id.clone()))
+            }
+            _ => None,
+        };
         let Reports {
             by_id, order, next, ..
         } = &mut *board;
-        match by_id.get_mut(&id) {
+        let replaced = match by_id.get_mut(&id) {
             // Delivered again before it went: the newer report, in the same place.
-            Some(kept) => kept.report = report,
+            Some(kept) => {
+                kept.report = report;
+                match &key {
+                    Some(key) if kept.external.as_ref() != Some(key) => {
+                        kept.external.replace(key.clone())
+                    }
+                    _ => None,
+                }
+            }
             None => {
                 *next += 1;
                 order.push_back((id.clone(), *next));
@@ -508,11 +553,19 @@ impl Board {
                         number: *next,
                         report,
                         until: None,
+                        external: key.clone(),
                     },
                 );
+                None
             }
+        };
+        if let Some(old) = replaced {
+            board.unindex(&old, &id);
         }
-        if answered {
+        if let Some(key) = key {
+            board.by_external_id.insert(key, id.clone());
+        }
+        if matches!(source, Source::Answered) {
             board.hand_out(&id, later(now, self.keep));
         }
         while board.order.len() > BOARD_CAPACITY {
@@ -541,7 +594,8 @@ impl Board {
 /// queries of new-style tasks. A clone given its own header or account
 /// ([`with_header`](Follower::with_header), [`with_account`](Follower::with_account)) sends
 /// its batch queries apart, as they carry what it adds; a report [delivered](Follower::deliver)
-/// to any clone still ends the calls of every clone that follow its task.
+/// to any clone still ends the calls of every clone that follow its task by its task id (by its
+/// external id: those of the same account only).
 #[derive(Clone)]
 pub struct Follower<S> {
     service: S,
@@ -651,9 +705,12 @@ where
     /// Hands over a task report from a callback: every call of this follower and of its
     /// clones (also those given a header or an account of their own) waiting for that task
     /// ends with it at once; a call that starts following it later finds it (non-terminal
-    /// reports are ignored). A report no call has taken stays until 10,000 newer ones push it
-    /// out; once taken, for the policy's wait before a first query (see the
-    /// [module docs](self)). Free the task's slots first
+    /// reports are ignored). A call following a legacy task by its external id finds it only
+    /// if its follower has this one's account (external ids are unique per account only):
+    /// deliver a callback to a follower of the account whose task it reports (a stack's
+    /// callbacks to its [`KlingLayer::follower`](crate::KlingLayer::follower)). A report no
+    /// call has taken stays until 10,000 newer ones push it out; once taken, for the policy's
+    /// wait before a first query (see the [module docs](self)). Free the task's slots first
     /// ([`KlingLayer::on_task`](crate::KlingLayer::on_task) or
     /// [`on_callback`](crate::KlingLayer::on_callback), awaited), so whoever sees the follow
     /// end finds them free.
@@ -665,7 +722,8 @@ where
         // handed out below finds it there, as does a later one (for a while once handed out).
         let now = Instant::now();
         let handed = report.clone();
-        self.board.put(report, false, now);
+        self.board
+            .put(report, Source::Delivered(self.account.as_ref()), now);
         // The calls following it with batch queries, in every clone's batches, end with it and
         // are woken by their own wakes; those following legacy tasks (kept by their calls
         // alone) all look.
@@ -867,9 +925,12 @@ where
         }
         // The report stays on the board a while for the other calls following the task, and
         // those that start to; a new-style one is also handed on at once (`check_shared`).
-        let delivered = self
-            .board
-            .hand(&t.task.id, t.task.legacy_path.is_some(), now);
+        let delivered = self.board.hand(
+            &t.task.id,
+            t.task.legacy_path.is_some(),
+            self.account.as_ref(),
+            now,
+        );
         if let Some(report) = delivered {
             t.result = Some(Ok(report));
             t.from_board = true;
@@ -1049,7 +1110,7 @@ where
         let now = Instant::now();
         for report in outcome.tasks() {
             if report.status.is_terminal() && asked(report) {
-                self.board.put(report.clone(), true, now);
+                self.board.put(report.clone(), Source::Answered, now);
             }
         }
     }
@@ -1204,31 +1265,64 @@ mod tests {
         let now = Instant::now();
         let mut report = ended("t-1");
         report.external_id = Some("job-7".to_owned());
-        board.put(report, false, now);
-        assert!(board.hand("job-7", false, now).is_none());
+        board.put(report, Source::Delivered(None), now);
+        assert!(board.hand("job-7", false, None, now).is_none());
         assert_eq!(
-            board.hand("job-7", true, now).map(|r| r.id),
+            board.hand("job-7", true, None, now).map(|r| r.id),
             Some("t-1".to_owned())
         );
         let later = now + keep - Duration::from_millis(1);
         assert_eq!(
-            board.hand("t-1", false, later).map(|r| r.id),
+            board.hand("t-1", false, None, later).map(|r| r.id),
             Some("t-1".to_owned())
         );
         assert!(
-            board.hand("t-1", false, now + keep).is_none(),
+            board.hand("t-1", false, None, now + keep).is_none(),
             "gone after its countdown"
         );
-        assert!(board.hand("job-7", true, now + keep).is_none());
+        assert!(board.hand("job-7", true, None, now + keep).is_none());
         assert!(board.lock().by_external_id.is_empty());
         for i in 0..=BOARD_CAPACITY {
             let mut report = ended(&format!("t-{i}"));
             report.external_id = Some(format!("job-{i}"));
-            board.put(report, false, now);
+            board.put(report, Source::Delivered(None), now);
         }
         let reports = board.lock();
         assert_eq!(reports.by_external_id.len(), BOARD_CAPACITY);
-        assert!(!reports.by_external_id.contains_key("job-0"));
+        assert!(
+            !reports
+                .by_external_id
+                .contains_key(&(None, "job-0".to_owned()))
+        );
+    }
+
+    /// A delivered report is found by its external id in the account of the follower it was
+    /// delivered to only (by its task id, in any); delivered again through another account's
+    /// follower, in that account only, and its index goes with it.
+    #[test]
+    fn a_delivered_report_is_found_by_its_external_id_in_its_account_only() {
+        let keep = Duration::from_secs(5);
+        let board = Board::new(keep);
+        let now = Instant::now();
+        let (a, b) = (AccountId::new("team-a"), AccountId::new("team-b"));
+        let mut report = ended("t-1");
+        report.external_id = Some("job-7".to_owned());
+        board.put(report.clone(), Source::Delivered(Some(&a)), now);
+        assert!(board.hand("job-7", true, Some(&b), now).is_none());
+        assert!(board.hand("job-7", true, None, now).is_none());
+        assert!(
+            board.lock().by_id.get("t-1").unwrap().until.is_none(),
+            "not taken"
+        );
+        board.put(report, Source::Delivered(Some(&b)), now);
+        assert!(board.hand("job-7", true, Some(&a), now).is_none());
+        assert_eq!(
+            board.hand("job-7", true, Some(&b), now).map(|r| r.id),
+            Some("t-1".to_owned())
+        );
+        assert!(board.hand("t-1", false, Some(&a), now).is_some());
+        assert!(board.hand("t-1", false, None, now + keep).is_none());
+        assert!(board.lock().by_external_id.is_empty());
     }
 
     /// A report nobody has looked at stays until the board is full; once handed out, for the
@@ -1239,22 +1333,22 @@ mod tests {
         let board = Board::new(keep);
         let now = Instant::now();
         let kept = |id: &str| board.lock().by_id.contains_key(id);
-        board.put(ended("waiting"), false, now);
-        board.put(ended("answered"), true, now);
-        board.put(ended("x"), false, now);
+        board.put(ended("waiting"), Source::Delivered(None), now);
+        board.put(ended("answered"), Source::Answered, now);
+        board.put(ended("x"), Source::Delivered(None), now);
         let hour = now + Duration::from_secs(3600);
-        assert!(board.hand("x", false, now + keep).is_some());
+        assert!(board.hand("x", false, None, now + keep).is_some());
         // Handed out again later: the first countdown holds.
         assert!(
             board
-                .hand("x", false, now + keep * 2 - Duration::from_millis(1))
+                .hand("x", false, None, now + keep * 2 - Duration::from_millis(1))
                 .is_some()
         );
-        board.put(ended("other"), false, now + keep * 2);
+        board.put(ended("other"), Source::Delivered(None), now + keep * 2);
         assert!(!kept("x") && !kept("answered"));
         assert!(kept("waiting") && kept("other"));
-        assert!(board.hand("waiting", false, hour).is_some());
-        assert!(board.hand("waiting", false, hour + keep).is_none());
+        assert!(board.hand("waiting", false, None, hour).is_some());
+        assert!(board.hand("waiting", false, None, hour + keep).is_none());
     }
 
     /// A report delivered again after it went is not evicted when its first delivery's place
@@ -1263,20 +1357,20 @@ mod tests {
     fn a_report_delivered_again_after_it_went_keeps_its_new_place() {
         let board = Board::new(Duration::ZERO);
         let now = Instant::now();
-        board.put(ended("x"), false, now);
-        assert!(board.hand("x", false, now).is_some());
-        assert!(board.hand("x", false, now).is_none(), "gone at once");
-        board.put(ended("x"), false, now);
+        board.put(ended("x"), Source::Delivered(None), now);
+        assert!(board.hand("x", false, None, now).is_some());
+        assert!(board.hand("x", false, None, now).is_none(), "gone at once");
+        board.put(ended("x"), Source::Delivered(None), now);
         for i in 0..BOARD_CAPACITY - 1 {
-            board.put(ended(&format!("other-{i}")), false, now);
+            board.put(ended(&format!("other-{i}")), Source::Delivered(None), now);
         }
         let kept = |id: &str| board.lock().by_id.contains_key(id);
         assert!(kept("x"), "the second delivery is kept");
         assert!(kept("other-0"));
         // Two more: the first pushes out `x`'s place, the second the oldest other report.
-        board.put(ended("last"), false, now);
+        board.put(ended("last"), Source::Delivered(None), now);
         assert!(!kept("x") && kept("other-0"));
-        board.put(ended("last-but-one"), false, now);
+        board.put(ended("last-but-one"), Source::Delivered(None), now);
         assert!(!kept("other-0") && kept("other-1"));
     }
 }

@@ -1406,3 +1406,78 @@ async fn an_external_id_answered_to_one_follow_does_not_end_another_tasks_follow
     );
     assert!(start.elapsed() >= Duration::from_secs(60));
 }
+
+/// External ids are unique per account only: a callback for team-a's task `job-7`, delivered to
+/// team-a's clone before any call took it, does not end team-b's follow of its own running
+/// task by `job-7` (it asks, and finds its own task running), while a follow by `job-7` of
+/// another team-a clone ends with the report at once, without a query.
+#[tokio::test(start_paused = true)]
+async fn a_callback_ends_follows_by_its_external_id_of_its_own_account_only() {
+    // The account and path of each query sent.
+    type Queries = Arc<Mutex<Vec<(Option<String>, String)>>>;
+    let queries: Queries = Arc::default();
+    let log = queries.clone();
+    let service = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let account = AccountId::of(&req).map(|a| a.as_str().to_owned());
+        let path = req.uri().path().to_owned();
+        log.lock().unwrap().push((account.clone(), path.clone()));
+        async move {
+            let id = match (account.as_deref(), path.as_str()) {
+                (Some("team-b"), "/v1/videos/text2video/job-7") => "b-video",
+                other => panic!("an unexpected query: {other:?}"),
+            };
+            let body = format!(
+                r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":{{"task_id":"{id}","task_status":"processing","task_info":{{"external_task_id":"job-7"}}}}}}"#
+            );
+            Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from(body))))
+        }
+    });
+    let base = follower(
+        service,
+        FollowPolicy::new().callbacks_first(Duration::from_secs(120)),
+    );
+    let team_a = base.clone().with_account(AccountId::new("team-a"));
+    let team_b = base.clone().with_account(AccountId::new("team-b"));
+    let callback = br#"{"task_id":"a-video","task_status":"succeed","task_info":{"external_task_id":"job-7"}}"#;
+    let report = kling_core::Envelope::parse_callback(callback)
+        .unwrap()
+        .remove(0);
+    assert_eq!(report.external_id.as_deref(), Some("job-7"));
+    // As a callback route holding team-a's follower hands it over.
+    team_a.deliver(report);
+    let start = Instant::now();
+    let other = {
+        let team_b = team_b.clone();
+        tokio::spawn(async move {
+            team_b
+                .follow(TaskRef::legacy("/v1/videos/text2video", "job-7"))
+                .await
+        })
+    };
+    // team-b's task runs: its follow waits for the safety query, then goes on waiting.
+    tokio::time::sleep(Duration::from_secs(121)).await;
+    assert!(
+        !other.is_finished(),
+        "team-b's follow ended with team-a's report"
+    );
+    assert_eq!(
+        queries.lock().unwrap().clone(),
+        [(
+            Some("team-b".to_owned()),
+            "/v1/videos/text2video/job-7".to_owned()
+        )]
+    );
+    other.abort();
+    // The same account, another clone: ends at once with the report, no query.
+    let start_a = Instant::now();
+    let same = base
+        .clone()
+        .with_account(AccountId::new("team-a"))
+        .follow(TaskRef::legacy("/v1/videos/text2video", "job-7"))
+        .await
+        .unwrap();
+    assert_eq!(same.id, "a-video");
+    assert_eq!(start_a.elapsed(), Duration::ZERO);
+    assert_eq!(queries.lock().unwrap().len(), 1);
+    assert!(start.elapsed() >= Duration::from_secs(121));
+}
