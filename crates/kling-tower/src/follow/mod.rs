@@ -694,8 +694,8 @@ where
 
     /// Sends every query as `account` (its [`AccountId`] extension): a service that routes by
     /// account (the [`Gateway`](crate::gateway::Gateway)) refuses a request without one, and
-    /// the slots a query frees are that account's. [`KlingLayer::follower`](crate::KlingLayer::follower)
-    /// sets the stack's own.
+    /// the slots a query frees are that account's.
+    /// [`KlingLayer::follower`](crate::KlingLayer::follower) sets the stack's own.
     pub fn with_account(mut self, account: AccountId) -> Self {
         self.account = Some(account);
         self.own_batches();
