@@ -22,7 +22,7 @@ use tower_service::Service;
 use crate::backend::{Backend, BucketKey, Decision, Feedback, Policy};
 use crate::error::{QueueFull, RateLimited, WaitExceeded, WaitLimit};
 use crate::layer::{Lane, Mode, Shared, shared_of};
-use crate::queue::{ClassTurn, Place};
+use crate::queue::{ClassTurn, Place, Queues, Ticket};
 
 /// Where a request stands at one gate (its class quota, then its account quota).
 enum Step<A> {
@@ -138,6 +138,31 @@ impl<Bk: Backend> Gate<Bk> {
         }
     }
 
+    /// Takes the place `ticket` gives in `key`'s queue; true when it is the head.
+    fn take_place(&mut self, queues: &Arc<Queues>, key: BucketKey, ticket: Ticket) -> bool {
+        self.place = Some(Place {
+            queues: Arc::clone(queues),
+            key,
+            id: ticket.id,
+        });
+        ticket.is_head
+    }
+
+    /// The step of a request that just took its place: `head`'s at the head of its queue,
+    /// else waiting for its turn.
+    fn head_or_queued(
+        &mut self,
+        is_head: bool,
+        head: impl FnOnce(&mut Self) -> Result<(), BoxError>,
+    ) -> Result<(), BoxError> {
+        if is_head {
+            head(self)
+        } else {
+            self.step = Step::Queued;
+            Ok(())
+        }
+    }
+
     /// Joins the key's queue; `Ok(true)` when it is at the head at once.
     fn join(
         &mut self,
@@ -148,14 +173,7 @@ impl<Bk: Backend> Gate<Bk> {
         let key = self.key(account_key).clone();
         let queues = &shared.queues;
         match queues.enqueue(&key, cx.waker(), shared.max_queue) {
-            Ok(ticket) => {
-                self.place = Some(Place {
-                    queues: Arc::clone(queues),
-                    key,
-                    id: ticket.id,
-                });
-                Ok(ticket.is_head)
-            }
+            Ok(ticket) => Ok(self.take_place(queues, key, ticket)),
             Err(()) => Err(Box::new(QueueFull::new(
                 account_key.account_id().cloned(),
                 shared.max_queue.unwrap_or(0),
@@ -233,18 +251,11 @@ impl<Bk: Backend> Gate<Bk> {
         let queues = &shared.queues;
         let ticket = queues.enqueue_returned(&class_key, cx.waker());
         queues.note_account_pause(&class_key, at);
-        self.place = Some(Place {
-            queues: Arc::clone(queues),
-            key: class_key.clone(),
-            id: ticket.id,
-        });
+        let is_head = self.take_place(queues, class_key.clone(), ticket);
         self.class_key = Some(class_key);
-        if ticket.is_head {
-            self.at_head(cx, shared, request, account_key)
-        } else {
-            self.step = Step::Queued;
-            Ok(())
-        }
+        self.head_or_queued(is_head, |gate| {
+            gate.at_head(cx, shared, request, account_key)
+        })
     }
 
     /// The step of a request at the head of its queue: it asks the gate
@@ -355,17 +366,10 @@ impl<Bk: Backend> Gate<Bk> {
         self.give_up(shared, account_key);
         let queues = &shared.queues;
         let ticket = queues.hold(&class_key, cx.waker());
-        self.place = Some(Place {
-            queues: Arc::clone(queues),
-            key: class_key,
-            id: ticket.id,
-        });
-        if ticket.is_head {
-            self.held_at_head(cx, shared, request, account_key)
-        } else {
-            self.step = Step::Queued;
-            Ok(())
-        }
+        let is_head = self.take_place(queues, class_key, ticket);
+        self.head_or_queued(is_head, |gate| {
+            gate.held_at_head(cx, shared, request, account_key)
+        })
     }
 
     /// The head of its class's held requests ([`Gate::hold`]): it sleeps until the class's
@@ -405,17 +409,10 @@ impl<Bk: Backend> Gate<Bk> {
         let queues = &shared.queues;
         let ticket = queues.release_held(&place.key, place.id, account_key, cx.waker());
         place.moved();
-        self.place = Some(Place {
-            queues: Arc::clone(queues),
-            key: account_key.clone(),
-            id: ticket.id,
-        });
-        if ticket.is_head {
-            self.ask_step(cx, shared, request, account_key)
-        } else {
-            self.step = Step::Queued;
-            Ok(())
-        }
+        let is_head = self.take_place(queues, account_key.clone(), ticket);
+        self.head_or_queued(is_head, |gate| {
+            gate.ask_step(cx, shared, request, account_key)
+        })
     }
 
     /// A class request sent after passing its class gate: the class's send is noted for
@@ -533,11 +530,10 @@ impl<Bk: Backend> Gate<Bk> {
                         if self.went_back_to_class(cx, shared, request, account_key, head_paused)? {
                             continue;
                         }
-                        if self.join(cx, shared, account_key)? {
-                            self.at_head(cx, shared, request, account_key)?;
-                        } else {
-                            self.step = Step::Queued;
-                        }
+                        let is_head = self.join(cx, shared, account_key)?;
+                        self.head_or_queued(is_head, |gate| {
+                            gate.at_head(cx, shared, request, account_key)
+                        })?;
                     }
                 }
                 Step::Acquiring(future) => match ready!(Pin::new(future).poll(cx))? {
