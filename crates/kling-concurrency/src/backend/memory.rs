@@ -62,6 +62,7 @@ impl fmt::Debug for InProcess {
             .field("pools", &state.list.len())
             .field("halted", &state.halted.len())
             .field("ended", &state.ended.len())
+            .field("listings", &state.listings)
             .finish_non_exhaustive()
     }
 }
@@ -81,6 +82,7 @@ impl InProcess {
                 halted: HashMap::new(),
                 next_token: 0,
                 ended: Ended::default(),
+                listings: 0,
             })),
         })
     }
@@ -317,15 +319,7 @@ impl Ended {
         now: Instant,
         keep: Duration,
     ) {
-        if let Some(task) = self.live_mut(hash, NO_SCOPE, id.as_bytes(), now) {
-            // Noted already: a report says it is a task id, whatever `complete` left open.
-            task.either = None;
-            task.status.get_or_insert_with(|| status.clone());
-            self.renew(hash, now, keep);
-        } else {
-            let task = EndedTask::new(id, None, None, Some(status.clone()), now, keep);
-            self.insert(hash, task, now);
-        }
+        self.note_task(hash, id, Some(status), now, keep);
         let Some((account, ext)) = external else {
             return;
         };
@@ -355,6 +349,29 @@ impl Ended {
         }
         if let Some(task) = self.by_hash.get_mut(&hash) {
             task.paired = Some(key);
+        }
+    }
+
+    /// Notes that the task `id` (of [`IdHash`] `hash`, known to be a task id) ended at `now`,
+    /// for `keep` from now: with the status a report gave, or (`None`) as `complete` said.
+    fn note_task(
+        &mut self,
+        hash: u64,
+        id: &str,
+        status: Option<&TaskStatus>,
+        now: Instant,
+        keep: Duration,
+    ) {
+        if let Some(task) = self.live_mut(hash, NO_SCOPE, id.as_bytes(), now) {
+            // Noted already: it is a task id, whatever `complete` left open.
+            task.either = None;
+            if let Some(status) = status {
+                task.status.get_or_insert_with(|| status.clone());
+            }
+            self.renew(hash, now, keep);
+        } else {
+            let task = EndedTask::new(id, None, None, status.cloned(), now, keep);
+            self.insert(hash, task, now);
         }
     }
 
@@ -1139,8 +1156,13 @@ struct State {
     /// Each pool's index in `list`. A pool is never removed, so indices stay valid; an idle
     /// one may be given to a new key ([`State::index_by_hash`]).
     pools: FxMap<SlotKey, usize>,
-    /// Tasks reported ended before a holding of theirs was filed.
+    /// Tasks reported ended before a holding of theirs was filed (and, while a reconcile
+    /// lists, tasks whose holding a report ended).
     ended: Ended,
+    /// Reconciles listing the server's tasks now ([`SlotBackend::begin_listing`]): while
+    /// there is one, a task a report ends is noted in `ended`, so that a list that ran behind
+    /// the report adopts nothing.
+    listings: u32,
 }
 
 /// Moves `gauge` from `from` to `to` (integers, exact in an `f64`).
@@ -1962,6 +1984,11 @@ impl State {
         let (lease, applied) = (reports.lease, &mut reports.applied);
         applied.changed = true;
         if terminal {
+            if self.listings > 0 {
+                // A reconcile lists now: its list may have been answered before this end, and
+                // name the task as running.
+                self.note_listed_end(place, id, hash, status, now, lease);
+            }
             let why = match status {
                 Some(status) => Why::Ended(status),
                 None => Why::Completed,
@@ -1991,6 +2018,35 @@ impl State {
             self.ids
                 .insert_hashed(hash, NO_SCOPE, id.as_bytes(), place, keys);
         }
+    }
+
+    /// Notes the end of the task held at `place`, which a report (of `id`, of [`IdHash`]
+    /// `hash`) is about to release, by its task id: the holding's, else the report's (a
+    /// report's id is a task id; `complete`'s may be an external id, and then notes nothing).
+    #[cold]
+    fn note_listed_end(
+        &mut self,
+        place: Place,
+        id: &str,
+        hash: u64,
+        status: Option<&TaskStatus>,
+        now: Instant,
+        keep: Duration,
+    ) {
+        let Some(holding) = self
+            .list
+            .get(place.0)
+            .and_then(|pool| pool.holdings.get(place.1))
+            .and_then(Entry::held)
+        else {
+            return;
+        };
+        let (task_id, hash) = match &holding.id {
+            Some(own) => (own.as_str().to_owned(), holding.hashes[0]),
+            None if status.is_some() && !id.is_empty() => (id.to_owned(), hash),
+            None => return,
+        };
+        self.ended.note_task(hash, &task_id, status, now, keep);
     }
 
     /// Applies one change; with `unread`, releases are not listed in the result. `now`: the
@@ -2291,6 +2347,18 @@ impl SlotBackend for InProcess {
         }
         drop(state);
         ready(Ok(reports.applied))
+    }
+
+    /// Counts the listing: while one runs, a task a report ends is noted as ended (by task id,
+    /// in the same bounded notes as an end that overtakes its create's answer: the last 4096, each
+    /// for one lease), and an [`Adopt`](SlotOp::Adopt) of it holds nothing.
+    fn begin_listing(&self) {
+        self.lock().listings += 1;
+    }
+
+    fn end_listing(&self) {
+        let mut state = self.lock();
+        state.listings = state.listings.saturating_sub(1);
     }
 
     fn snapshot(&self) -> Self::Snapshot {
@@ -2866,6 +2934,76 @@ mod tests {
             .unwrap();
         assert_eq!(applied.released.len(), 1, "t1's end was still remembered");
         assert_eq!(pool(&backend, "a").0, 0);
+    }
+
+    /// While a reconcile lists (and only then), a task whose holding a report ends is
+    /// remembered by its task id (a create of unknown outcome's too, by the id the report
+    /// gives; one `complete` names by its external id, by the holding's task id; a page of many
+    /// tasks' too), so that the list, answered before the end, adopts nothing for it; outside
+    /// a listing, an end that frees a holding notes nothing.
+    #[tokio::test(start_paused = true)]
+    async fn ends_that_free_a_holding_are_remembered_while_a_listing_runs() {
+        let backend = InProcess::new(SlotsConfig::new(9)).unwrap();
+        let update = |id: &str, ext: Option<&str>, tasks: usize| SlotOp::Update {
+            account: key().account,
+            updates: (0..tasks)
+                .map(|i| super::super::TaskUpdate {
+                    id: if i == 0 {
+                        id.to_owned()
+                    } else {
+                        format!("old-{i}")
+                    },
+                    external_id: ext.map(str::to_owned),
+                    status: Some(TaskStatus::Succeeded),
+                })
+                .collect(),
+            lease: Duration::from_secs(600),
+        };
+        hold(&backend, key(), Some("t1"), None);
+        now(backend.apply(ended("t1"))).unwrap();
+        assert_eq!(backend.lock().ended.len(), 0, "no listing: nothing noted");
+        backend.begin_listing();
+        backend.begin_listing();
+        hold(&backend, key(), Some("t2"), None);
+        hold(&backend, key(), None, Some("e3"));
+        hold(&backend, key(), Some("t4"), None);
+        hold(&backend, key(), Some("t7"), Some("e7"));
+        let complete_e7 = SlotOp::Update {
+            account: key().account,
+            updates: vec![super::super::TaskUpdate {
+                id: "e7".to_owned(),
+                external_id: None,
+                status: None,
+            }],
+            lease: Duration::from_secs(600),
+        };
+        assert!(now(backend.apply(complete_e7)).unwrap().changed);
+        now(backend.apply(ended("t2"))).unwrap();
+        now(backend.apply(update("t3", Some("e3"), 1))).unwrap();
+        now(backend.apply(update("t4", None, 3))).unwrap();
+        backend.end_listing();
+        hold(&backend, key(), Some("t5"), None);
+        now(backend.apply(ended("t5"))).unwrap();
+        backend.end_listing();
+        hold(&backend, key(), Some("t6"), None);
+        now(backend.apply(ended("t6"))).unwrap();
+        assert_eq!(pool(&backend, "a"), (0, 0));
+        assert_eq!(backend.lock().listings, 0);
+        let adopt = |id: &str| SlotOp::Adopt {
+            key: key(),
+            task: TaskRef {
+                id: Some(id.to_owned()),
+                external_id: None,
+            },
+            weight: 1,
+            lease: Duration::from_secs(600),
+        };
+        let adopted: Vec<&str> = ["t1", "t2", "t3", "t4", "t5", "t6", "t7"]
+            .into_iter()
+            .filter(|id| now(backend.apply(adopt(id))).unwrap().changed)
+            .collect();
+        assert_eq!(adopted, ["t1", "t6"], "those ended outside the listing");
+        assert_eq!(backend.lock().ended.len(), 5);
     }
 
     /// A lease longer than a year, which the configuration refuses but a change may carry,

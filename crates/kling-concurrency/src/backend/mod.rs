@@ -156,7 +156,8 @@ pub enum SlotOp {
         lease: Duration,
     },
     /// A task found on the server (reconcile): keep `weight` slots of `key` under it unless
-    /// it is already known.
+    /// it is already known (held, or remembered as reported ended: see
+    /// [`SlotBackend::begin_listing`]).
     Adopt {
         /// Where it counts.
         key: SlotKey,
@@ -350,4 +351,17 @@ pub trait SlotBackend: Clone + Send + Sync + 'static {
 
     /// Every known pool's state (expired leases released first).
     fn snapshot(&self) -> Self::Snapshot;
+
+    /// A reconcile ([`SlotsHandle::reconcile`](crate::SlotsHandle::reconcile)) begins listing
+    /// the server's tasks: until the matching [`end_listing`](SlotBackend::end_listing), a task
+    /// whose holding a report (query, list, callback, `complete`) ends is remembered as ended
+    /// (bounded, as the ends that overtake a create's answer are), so that a
+    /// [`SlotOp::Adopt`] of it, from a list the server answered before that end, holds
+    /// nothing. Listings may overlap. By default nothing: such a task is then adopted and held
+    /// until its lease runs out.
+    fn begin_listing(&self) {}
+
+    /// Ends one [`begin_listing`](SlotBackend::begin_listing) (called once for each, also when
+    /// the reconcile fails or is dropped). By default nothing.
+    fn end_listing(&self) {}
 }

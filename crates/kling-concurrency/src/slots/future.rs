@@ -14,7 +14,7 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri};
 use http_body_util::Full;
 use kling_core::error::{ApiError, BoxError};
-use kling_core::signals::{Deadline, SendWatch, SlotGated, Waited};
+use kling_core::signals::{Attempt, Deadline, SendWatch, SlotGated, Waited};
 use kling_core::{
     AccountId, ApiGeneration, Code, Outcome, PeekBody, PoolScope, Recognized, metrics as names,
 };
@@ -41,6 +41,38 @@ pub(crate) struct Held<B> {
     /// Whether a layer below holds the create back unsent ([`SendWatch::never_sent`]): read
     /// when the caller drops it, so slots of a create that never left go back.
     pub(crate) watch: SendWatch,
+}
+
+/// The watch a granted create's slots are judged by if the caller drops it
+/// ([`Held::watch`]): the request's ([`SendWatch::shared`]), unless an earlier attempt of it
+/// may have made a task.
+///
+/// A watch is per request, not per attempt, and once an attempt may have made a task it is
+/// final: a layer below that holds a later attempt back unsent (the rate limiter) can no longer
+/// say so in it, and that attempt's slots, dropped there, were kept as an unknown outcome
+/// (under its external id, or its lease) for a create that never left. Such an attempt gets a
+/// fresh watch in its own request, the one the layers below report in; the request's watch,
+/// which the layers above read, was final already, so they miss nothing.
+///
+/// `held`: this layer holds the create back itself (a create that waited for its slots), and
+/// said so in the watch. Only a later attempt (the retry layer's [`Attempt`] above 1) can find
+/// a final watch, so a first one is not probed.
+pub(crate) fn attempt_watch<ReqB>(request: &mut Request<ReqB>, held: bool) -> SendWatch {
+    let watch = SendWatch::shared(request);
+    if Attempt::of(request).is_none_or(|attempt| attempt <= 1) {
+        return watch;
+    }
+    // A watch that is not final now says held (as it did already when `held`); a final one
+    // stays as it is.
+    SendWatch::held(request);
+    if watch.never_sent() {
+        if !held {
+            // Passed on at once: as it was before (handed, or not reported on).
+            SendWatch::handed(request);
+        }
+        return watch;
+    }
+    SendWatch::watch(request)
 }
 
 /// Keeps the slots of a create whose outcome is unknown: under its external id, or else under a
@@ -122,7 +154,7 @@ where
             }
         };
         let waited = Instant::now().saturating_duration_since(self.since);
-        let watch = SendWatch::shared(self.request.as_mut().expect("a waiting create"));
+        let watch = attempt_watch(self.request.as_mut().expect("a waiting create"), true);
         let recognized = self.recognized();
         let pool = recognized.pool.clone().map(|pool| self.scope.apply(pool));
         let pool = names::pool_label(pool.as_ref());

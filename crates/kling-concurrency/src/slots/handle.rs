@@ -298,7 +298,9 @@ impl<B: SlotBackend> SlotsHandle<B> {
     /// Lists the account's unfinished tasks on the server (both API generations, see
     /// [`Reconcile`]) and adopts each one not known here into its pool, so a restarted
     /// process does not over-admit. Legacy image tasks count 1 slot each (a list does not say
-    /// their `n`); a pool that turns out fuller still corrects itself through `1303`.
+    /// their `n`); a pool that turns out fuller still corrects itself through `1303`. A task
+    /// whose end a report (a callback, a query) told while the listing ran is not adopted, even
+    /// when a list answered before that end names it running ([`SlotBackend::begin_listing`]).
     ///
     /// `service` is the client to list with (with auth; it may be the whole stack).
     pub async fn reconcile<S>(
@@ -314,6 +316,10 @@ impl<B: SlotBackend> SlotsHandle<B> {
             .account
             .clone()
             .unwrap_or_else(|| self.settings.default_account.clone());
+        // From before the first list goes out until the last adopt: a task a report ends
+        // meanwhile is remembered, and a list answered before that end does not adopt it.
+        self.backend.begin_listing();
+        let _listing = Listing(&self.backend);
         let mut found: Vec<(Pool, TaskReport)> = Vec::new();
         let mut skipped_paths = 0;
         for path in &plan.legacy_paths {
@@ -403,6 +409,15 @@ impl<B: SlotBackend> SlotsHandle<B> {
             }
         }
         Ok(reconciled)
+    }
+}
+
+/// Ends the backend's listing when the reconcile that began it returns, fails or is dropped.
+struct Listing<'a, B: SlotBackend>(&'a B);
+
+impl<B: SlotBackend> Drop for Listing<'_, B> {
+    fn drop(&mut self) {
+        self.0.end_listing();
     }
 }
 

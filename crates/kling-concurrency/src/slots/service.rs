@@ -15,7 +15,7 @@ use kling_core::{AccountId, ApiGeneration, PeekBody, Pool, PoolScope, Recognized
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::future::{Held, ResponseFuture, Waiting};
+use super::future::{Held, ResponseFuture, Waiting, attempt_watch};
 use super::layer::Settings;
 use crate::backend::{InProcess, SlotBackend, SlotKey};
 use crate::id::SmallId;
@@ -196,7 +196,7 @@ where
             Ok(Ok(reservation)) => {
                 // Read if the caller drops the create: a layer below (the rate limiter) that
                 // holds it back unsent says so here, and its slots then go back.
-                let watch = SendWatch::shared(&mut request);
+                let watch = attempt_watch(&mut request, false);
                 ResponseFuture::create(
                     self.inner.call(request),
                     Held {

@@ -549,3 +549,113 @@ async fn a_create_reusing_a_running_tasks_external_id_does_not_free_its_slot() {
     exchange(&mut svc, &mut server, create_with_external("job-1"), answer).await;
     assert_eq!(held(&handle).await, (1, 1));
 }
+
+/// A layer below the slots (the rate limiter) that holds every create back unsent
+/// (`hold: true`, saying so in the request's `SendWatch`), or passes it on at once; either
+/// way its answer never comes.
+fn below(
+    hold: bool,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = kling_core::error::BoxError,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(move |request: Request<Full<Bytes>>| {
+        if hold {
+            kling_core::signals::SendWatch::held(&request);
+        }
+        std::future::pending::<Result<Response<Full<Bytes>>, kling_core::error::BoxError>>()
+    })
+}
+
+/// A create with an external id whose first attempt may have made a task (`made`: a `5000`,
+/// sent again after a lookup found nothing) or surely made none (a `1303`), as the retry layer
+/// sends it again: its `Attempt` 2, the request's `SendWatch` (the spend guard's, above) final
+/// when `made`.
+fn second_attempt(
+    external: &str,
+    made: bool,
+) -> (Request<Full<Bytes>>, kling_core::signals::SendWatch) {
+    use kling_core::signals::{Attempt, SendWatch};
+    let mut request = create_with_external(external);
+    let watch = SendWatch::watch(&mut request);
+    Attempt::set(&mut request, 1);
+    SendWatch::handed(&request);
+    SendWatch::answered(&request, made);
+    SendWatch::held(&request);
+    Attempt::set(&mut request, 2);
+    SendWatch::handed(&request);
+    (request, watch)
+}
+
+/// The send watch is the request's, not the attempt's: once an earlier attempt may have made a
+/// task it is final, and a later attempt that the rate limiter held back unsent, dropped
+/// there, kept its slot as a create of unknown outcome, under its external id (or its lease)
+/// until the lease ran out, though it never left. Now that attempt's slot goes back, whether it
+/// was granted at once or after waiting; the watch the layers above read stays final; an
+/// attempt passed on toward the server is still kept.
+#[tokio::test(start_paused = true)]
+async fn a_later_attempt_held_back_below_and_dropped_gives_its_slot_back() {
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2)).unwrap();
+    let mut holds = layer.layer(below(true));
+
+    // A first attempt held back below and dropped: given back, as always.
+    let mut request = create_with_external("job-0");
+    let watch = kling_core::signals::SendWatch::watch(&mut request);
+    kling_core::signals::Attempt::set(&mut request, 1);
+    holds.ready().await.unwrap();
+    let mut first = spawn(holds.call(request));
+    assert_pending!(first.poll());
+    assert!(watch.never_sent());
+    drop(first);
+    assert_eq!(held(&handle).await, (0, 0));
+
+    // Granted at once, held back below, dropped.
+    let (request, watch) = second_attempt("job-1", true);
+    holds.ready().await.unwrap();
+    let mut granted = spawn(holds.call(request));
+    assert_pending!(granted.poll());
+    assert_eq!(held(&handle).await, (1, 0), "granted");
+    drop(granted);
+    assert_eq!(held(&handle).await, (0, 0), "it never left");
+    assert!(
+        !watch.never_sent(),
+        "the first attempt may have made a task"
+    );
+
+    // Waiting for the slot first, then held back below, dropped.
+    let mut fake = layer.layer(Fake::new());
+    for _ in 0..2 {
+        fake.ready().await.unwrap().call(create()).await.unwrap();
+    }
+    let (request, _watch) = second_attempt("job-2", true);
+    holds.ready().await.unwrap();
+    let mut waited = spawn(holds.call(request));
+    assert_pending!(waited.poll());
+    handle.complete("t1").await.unwrap().unwrap();
+    assert!(waited.is_woken());
+    assert_pending!(waited.poll());
+    assert_eq!(held(&handle).await, (2, 1), "granted, beside t2");
+    drop(waited);
+    assert_eq!(held(&handle).await, (1, 1), "it never left");
+    handle.complete("t2").await.unwrap().unwrap();
+
+    // Passed on toward the server, it may have made a task: kept under its external id.
+    let mut sends = layer.layer(below(false));
+    let (request, _watch) = second_attempt("job-3", true);
+    sends.ready().await.unwrap();
+    let mut sent = spawn(sends.call(request));
+    assert_pending!(sent.poll());
+    drop(sent);
+    assert_eq!(held(&handle).await, (1, 1));
+    // The same after an attempt that made nothing (the watch not final): kept, and the layers
+    // above are told it may have left.
+    let (request, watch) = second_attempt("job-4", false);
+    sends.ready().await.unwrap();
+    let mut sent = spawn(sends.call(request));
+    assert_pending!(sent.poll());
+    assert!(!watch.never_sent());
+    drop(sent);
+    assert_eq!(held(&handle).await, (2, 2));
+}

@@ -132,3 +132,90 @@ async fn a_path_the_server_will_not_list_is_skipped_and_the_rest_adopted() {
         (1, 1, 1)
     );
 }
+
+/// A list that ran behind a callback: the list request goes out, the task it will name ends
+/// and its callback frees its slot, then the list's answer names it running. Before, reconcile
+/// adopted the ended task and held its slot until the lease ran out (one create fewer than the
+/// account allows, for the lease); now the end, reported while the listing ran, is
+/// remembered, and nothing is adopted. A task that runs on is still adopted.
+#[tokio::test(start_paused = true)]
+async fn a_list_answered_before_a_reported_end_adopts_nothing_for_that_task() {
+    use std::future::Future;
+    use std::pin::Pin;
+
+    use kling_concurrency::SlotsHandle;
+    use kling_core::error::BoxError;
+    use serde_json::json;
+
+    use crate::support::{Fake, create, envelope, video};
+
+    let lease = Duration::from_secs(1800);
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2).lease(lease)).unwrap();
+    let mut slots = layer.layer(Fake::new());
+    send(&mut slots, create()).await;
+    assert_eq!(
+        handle.snapshot().await.unwrap().pools()[0].in_use,
+        1,
+        "t1 holds its slot"
+    );
+
+    /// Lists t1 (and `other`, another process's task) running, after t1's callback came.
+    #[derive(Clone)]
+    struct Behind(SlotsHandle);
+    type Answer = Result<http::Response<Full<Bytes>>, BoxError>;
+    impl Service<Request<Full<Bytes>>> for Behind {
+        type Response = http::Response<Full<Bytes>>;
+        type Error = BoxError;
+        type Future = Pin<Box<dyn Future<Output = Answer> + Send>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: Request<Full<Bytes>>) -> Self::Future {
+            let handle = self.0.clone();
+            Box::pin(async move {
+                // The list was asked; t1 ends and its callback comes before the answer.
+                let callback = br#"{"task_id":"t1","task_status":"succeed"}"#;
+                let applied = handle.on_callback(callback).await.unwrap();
+                assert_eq!(applied.released.len(), 1, "the callback frees t1");
+                let running = |id: &str| json!({"task_id": id, "task_status": "processing"});
+                Ok(envelope(200, 0, &json!([running("t1"), running("other")])))
+            })
+        }
+    }
+
+    let plan = Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+    let found = handle
+        .reconcile(&mut Behind(handle.clone()), &plan)
+        .await
+        .unwrap();
+    assert_eq!((found.unfinished, found.adopted), (2, 1), "`other` only");
+    let listings = |handle: &SlotsHandle| format!("{:?}", handle.backend()).contains("listings: 0");
+    assert!(
+        listings(&handle),
+        "the listing ended: {:?}",
+        handle.backend()
+    );
+    let snapshot = handle.snapshot().await.unwrap();
+    let pool = snapshot.get(handle.default_account(), &video()).unwrap();
+    assert_eq!(
+        (pool.in_use, pool.tasks),
+        (1, 1),
+        "`other`'s slot, not t1's"
+    );
+    // One more create runs beside `other`, as the account allows.
+    send(&mut slots, create()).await;
+    let snapshot = handle.snapshot().await.unwrap();
+    let pool = snapshot.get(handle.default_account(), &video()).unwrap();
+    assert_eq!((pool.in_use, pool.tasks), (2, 2));
+
+    // A reconcile whose list fails ends its listing too.
+    let failing = tower::service_fn(|_: Request<Full<Bytes>>| async {
+        Err::<http::Response<Full<Bytes>>, BoxError>("connection refused".into())
+    });
+    let mut failing = failing;
+    assert!(handle.reconcile(&mut failing, &plan).await.is_err());
+    assert!(listings(&handle), "{:?}", handle.backend());
+}
