@@ -4,7 +4,8 @@
 //! so the mock stays an independent oracle for the client's signer. It asks for what KLING_API.md
 //! gives: header `alg` HS256 and `typ` JWT, claims `iss` (the access key), `nbf` and `exp`, with
 //! `exp` at most 1800 s (plus 300 s of clock skew) ahead; anything else is 1000, except an `iss`
-//! of another key (1002), a token not yet valid (1003) and an expired one (1004).
+//! of another key (1002), a token not yet valid (1003) and an expired one (1004). With no keys
+//! configured (open mode) a JWT is checked the same way but for its issuer and signature.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -56,14 +57,16 @@ pub(crate) fn authenticate(config: &MockConfig, header: Option<&[u8]>) -> AuthRe
             .ok_or((1002, "invalid api key"));
     }
     // Open mode: any key is its own account. A JWT is keyed by its issuer so that re-signing
-    // every 30 minutes does not move the client to a fresh account with fresh limits.
-    if let Some(iss) = jwt.and_then(|j| {
-        j.claims
-            .get("iss")
-            .and_then(|v| v.as_str())
-            .map(str::to_owned)
-    }) {
-        return Ok(iss);
+    // every 30 minutes does not move the client to a fresh account with fresh limits. With no
+    // secret to check its signature against, the rest of it is checked as a keyed mock does:
+    // an expired token is 1004 whatever key signed it.
+    if let Some(jwt) = jwt {
+        let Some(iss) = jwt.claims.get("iss").and_then(|v| v.as_str()) else {
+            return Err((1000, "authentication failed: token has no iss"));
+        };
+        check_header(&jwt)?;
+        check_times(config, &jwt)?;
+        return Ok(iss.to_owned());
     }
     Ok(token.to_owned())
 }
@@ -105,12 +108,7 @@ fn verify_jwt(
     if jwt.claims.get("iss").and_then(|v| v.as_str()) != Some(access) {
         return Err((1002, "invalid access key"));
     }
-    if jwt.header.get("alg").and_then(|v| v.as_str()) != Some("HS256") {
-        return Err((1000, "authentication failed: unsupported algorithm"));
-    }
-    if jwt.header.get("typ").and_then(|v| v.as_str()) != Some("JWT") {
-        return Err((1000, "authentication failed: header typ must be JWT"));
-    }
+    check_header(jwt)?;
     let Some(signed_len) = token.rfind('.') else {
         return Err((1000, "authentication failed"));
     };
@@ -121,6 +119,26 @@ fn verify_jwt(
     if mac.verify_slice(&jwt.signature).is_err() {
         return Err((1000, "authentication failed: bad signature"));
     }
+    check_times(config, jwt)?;
+    // The configured account's name, like an API key's (the access key when none is set).
+    Ok(config.default_account())
+}
+
+/// The header KLING_API.md gives: `alg` HS256 and `typ` JWT.
+fn check_header(jwt: &Jwt) -> Result<(), (u32, &'static str)> {
+    if jwt.header.get("alg").and_then(|v| v.as_str()) != Some("HS256") {
+        return Err((1000, "authentication failed: unsupported algorithm"));
+    }
+    if jwt.header.get("typ").and_then(|v| v.as_str()) != Some("JWT") {
+        return Err((1000, "authentication failed: header typ must be JWT"));
+    }
+    Ok(())
+}
+
+/// `nbf` and `exp` against the real clock: both present (else 1000), `nbf` passed (else 1003),
+/// `exp` not passed (else 1004) and no further ahead than a token's lifetime plus clock skew
+/// (else 1000).
+fn check_times(config: &MockConfig, jwt: &Jwt) -> Result<(), (u32, &'static str)> {
     let now = now_secs(config.clock_offset_secs);
     let claim = |name: &str| jwt.claims.get(name).and_then(serde_json::Value::as_f64);
     let Some(nbf) = claim("nbf") else {
@@ -140,8 +158,7 @@ fn verify_jwt(
     if exp - now > MAX_LIFETIME_SECS + CLOCK_SKEW_SECS {
         return Err((1000, "authentication failed: exp is too far in the future"));
     }
-    // The configured account's name, like an API key's (the access key when none is set).
-    Ok(config.default_account())
+    Ok(())
 }
 
 /// The lifetime KLING_API.md gives a token: `exp` = now + 1800 s.

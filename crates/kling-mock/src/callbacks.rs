@@ -98,7 +98,12 @@ async fn deliver(shared: &Shared, job: &CallbackJob, at: Instant) -> bool {
             MESSAGE_SEQ.fetch_add(1, Ordering::Relaxed)
         );
         let timestamp = shared.clock.unix(Instant::now()).as_secs();
-        let signature = sign_webhook(secret, &id, timestamp, &body);
+        // One signature per secret during a rotation, space-separated (Standard Webhooks).
+        let signature = std::iter::once(secret)
+            .chain(&shared.config.callback_rotated_secrets)
+            .map(|secret| sign_webhook(secret, &id, timestamp, &body))
+            .collect::<Vec<_>>()
+            .join(" ");
         for (name, value) in [
             ("webhook-id", id),
             ("webhook-timestamp", timestamp.to_string()),

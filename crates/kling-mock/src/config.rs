@@ -350,6 +350,10 @@ pub struct MockConfig {
     pub known_models: Option<Vec<String>>,
     /// Standard-Webhooks secret for signing callbacks (`whsec_<base64>` or raw).
     pub callback_secret: Option<String>,
+    /// More secrets that sign every callback beside [`MockConfig::callback_secret`], as during
+    /// a key rotation: `webhook-signature` carries one `v1,<base64>` per secret, the main
+    /// secret's first, separated by spaces. Unused without `callback_secret`.
+    pub callback_rotated_secrets: Vec<String>,
     /// Account-state switches at start.
     pub switches: Switches,
     /// Injected faults.
@@ -397,6 +401,7 @@ impl MockConfig {
             forbidden_models: Vec::new(),
             known_models: None,
             callback_secret: None,
+            callback_rotated_secrets: Vec::new(),
             switches: Switches::default(),
             faults: Faults::default(),
             seed: 0x006b_6c69_6e67,
@@ -583,6 +588,12 @@ impl MockConfig {
     /// Signs callbacks with this Standard-Webhooks secret.
     pub fn callback_secret(mut self, secret: impl Into<String>) -> Self {
         self.callback_secret = Some(secret.into());
+        self
+    }
+    /// Adds a secret that signs every callback too, as during a key rotation (see
+    /// [`MockConfig::callback_rotated_secrets`]).
+    pub fn callback_rotated_secret(mut self, secret: impl Into<String>) -> Self {
+        self.callback_rotated_secrets.push(secret.into());
         self
     }
     /// Sets the account-state switches.

@@ -169,7 +169,7 @@ impl State {
             }
             Route::NewBatchQuery => (self.new_batch(account, query, now), None),
             Route::NewList => (self.new_list(account, body, now), None),
-            Route::AccountCosts => (self.account_costs(account, now), None),
+            Route::AccountCosts => (self.account_costs(account, query, now), None),
             Route::AnsweredAtOnce { kind } => (self.answered_at_once(kind, body, now), None),
         }
     }
@@ -697,7 +697,39 @@ impl State {
         )
     }
 
-    fn account_costs(&mut self, account: &str, now: Instant) -> Resp {
+    /// `GET /account/costs[?start_time=&end_time=&resource_pack_name=]`: the account's pack,
+    /// listed when its purchase time falls in the window (Unix milliseconds, each end
+    /// included; an end not given is open) and its name is the one asked for, if any.
+    fn account_costs(&mut self, account: &str, query: Option<&str>, now: Instant) -> Resp {
+        let mut window = (0u64, u64::MAX);
+        let mut name: Option<String> = None;
+        for (k, v) in query_pairs(query) {
+            let bound = match k.as_str() {
+                "start_time" => &mut window.0,
+                "end_time" => &mut window.1,
+                // Empty is absent, as empty optional fields of a create are.
+                "resource_pack_name" => {
+                    name = Some(v).filter(|n| !n.is_empty());
+                    continue;
+                }
+                _ => continue,
+            };
+            match v.parse::<u64>() {
+                Ok(ms) => *bound = ms,
+                Err(_) => {
+                    let msg = format!("invalid parameter: {k} must be Unix milliseconds");
+                    return self.error(1201, &msg, now, None);
+                }
+            }
+        }
+        if window.0 > window.1 {
+            return self.error(
+                1201,
+                "invalid parameter: start_time must not be after end_time",
+                now,
+                None,
+            );
+        }
         self.settle(account, now);
         const UNLIMITED: f64 = 1_000_000_000.0;
         let total = self.config.credits.unwrap_or(UNLIMITED);
@@ -707,36 +739,50 @@ impl State {
         // An account answered 1102 refuses every create until the period ends, whatever is
         // left: the pack says so, or a client that re-reads it would create into 1102s.
         let latched = self.first_1102(account, now).is_some();
-        // A pack that comes back every credit period is valid for the current period (before
-        // the account's first create, the period a create now would start); any other was
-        // bought when the mock started and lasts as long as the mock can run. Fixed times, as a
-        // real pack's are, and the query always inside them.
+        // Every account's pack was bought when the mock started. One that comes back every
+        // credit period is valid for the current period (before the account's first create,
+        // the period a create now would start); any other lasts as long as the mock can run.
+        // Fixed times, as a real pack's are, and the query always inside them.
+        let bought = self.clock.started();
         let (start, end) = match (
             self.credit_period(account),
             self.config.scaled_credit_period(),
         ) {
             (Some((start, end)), _) => (start, end),
             (None, Some(period)) => (now, now + period),
-            (None, None) => {
-                let start = self.clock.started();
-                (start, start + MAX_WAIT)
-            }
+            (None, None) => (bought, bought + MAX_WAIT),
         };
+        let bought = self.clock.millis(bought);
         let (start, end) = (self.clock.millis(start), self.clock.millis(end));
-        let data = json!({
-            "code": 0,
-            "msg": "SUCCEED",
-            "resource_pack_subscribe_infos": [{
-                "resource_pack_name": if self.config.credits.is_some() { "mock resource pack" } else { "mock unlimited pack" },
+        let pack_name = if self.config.credits.is_some() {
+            "mock resource pack"
+        } else {
+            "mock unlimited pack"
+        };
+        // Kling documents the window, not what it selects; its clients report the purchase
+        // time (a pack bought before the window is not listed, however long it stays valid).
+        let listed = (window.0..=window.1).contains(&bought)
+            && name.as_deref().is_none_or(|n| n == pack_name);
+        let packs = if listed {
+            vec![json!({
+                "resource_pack_name": pack_name,
                 "resource_pack_id": "mock-pack-1",
                 "resource_pack_type": "decreasing_total",
                 "total_quantity": total,
                 "remaining_quantity": remaining.max(0.0),
-                "purchase_time": start,
+                "purchase_time": bought,
                 "effective_time": start,
                 "invalid_time": end,
-                "status": if remaining >= 1.0 && !latched { "online" } else { "run_out" },
-            }],
+                // Kling's values: `toBeOnline`, `online`, `expired`, `runOut`.
+                "status": if remaining >= 1.0 && !latched { "online" } else { "runOut" },
+            })]
+        } else {
+            Vec::new()
+        };
+        let data = json!({
+            "code": 0,
+            "msg": "SUCCEED",
+            "resource_pack_subscribe_infos": packs,
         });
         self.ok(data, now)
     }

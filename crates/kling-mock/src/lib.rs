@@ -50,7 +50,7 @@
 //! no `Retry-After`: no wait frees enough. Control and observation without auth:
 //! `GET /__mock/stats` ([`Stats`]), `POST /__mock/reset-stats`, `POST /__mock/switches`, and
 //! `GET /__mock/files/...`, the result files ([`file_bytes`]) that [`MockServer`]'s result URLs
-//! point at.
+//! point at (from the task's success until 30 days of API time after, as Kling's URLs expire).
 //!
 //! No cargo features. MSRV: the workspace's `rust-version` (1.88).
 
@@ -77,8 +77,8 @@ pub use server::MockServer;
 pub use service::{MockKling, ResponseFuture};
 pub use stats::Stats;
 
-/// The bytes `GET /__mock/files/{name}` answers: 4 KiB that name the file, the same on every
-/// call, so a downloaded result can be checked.
+/// The bytes `GET /__mock/files/{name}` answers for a file that exists: 4 KiB that name the
+/// file, the same on every call, so a downloaded result can be checked.
 pub fn file_bytes(name: &str) -> bytes::Bytes {
     let line = format!("kling-mock result {name}\n");
     let mut out = Vec::with_capacity(4096);

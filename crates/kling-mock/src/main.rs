@@ -79,9 +79,10 @@ struct Args {
     /// Legacy secret key (JWT HS256 key); needs --access-key.
     #[arg(long, requires = "access_key")]
     secret_key: Option<String>,
-    /// Sign callbacks with this Standard-Webhooks secret.
+    /// Sign callbacks with this Standard-Webhooks secret; repeated, with each one (as during a
+    /// key rotation: one signature per secret, the first secret's first).
     #[arg(long)]
-    callback_secret: Option<String>,
+    callback_secret: Vec<String>,
     /// Accept only these models on new-style creates (repeatable); others get 404 code 1203.
     /// Without it every model is accepted.
     #[arg(long)]
@@ -181,8 +182,12 @@ fn config(args: Args) -> MockConfig {
     if let (Some(a), Some(s)) = (args.access_key, args.secret_key) {
         config = config.access_key(a, s);
     }
-    if let Some(secret) = args.callback_secret {
+    let mut secrets = args.callback_secret.into_iter();
+    if let Some(secret) = secrets.next() {
         config = config.callback_secret(secret);
+    }
+    for secret in secrets {
+        config = config.callback_rotated_secret(secret);
     }
     for model in args.known_model {
         config = config.known_model(model);
@@ -241,6 +246,16 @@ mod tests {
         assert_eq!(config.capacity("video:kling-3.0"), 4);
         assert_eq!(config.capacity("image"), 9);
         assert_eq!(config.capacity("try-on"), 1);
+    }
+
+    #[test]
+    fn callback_secret_repeated_signs_with_each_the_first_first() {
+        let config = parsed(&["--callback-secret", "new", "--callback-secret", "old"]);
+        assert_eq!(config.callback_secret.as_deref(), Some("new"));
+        assert_eq!(config.callback_rotated_secrets, ["old"]);
+        let config = parsed(&["--callback-secret", "only"]);
+        assert_eq!(config.callback_secret.as_deref(), Some("only"));
+        assert!(config.callback_rotated_secrets.is_empty());
     }
 
     #[test]

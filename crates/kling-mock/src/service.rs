@@ -302,6 +302,11 @@ impl MockKling {
             (&Method::GET, "stats") => json(stats_json(self.stats())),
             (&Method::GET, file) if file.starts_with("files/") => {
                 let name = &file["files/".len()..];
+                if !self.shared.lock().serves_file(name, Instant::now()) {
+                    let mut resp = Response::new(Full::new(Bytes::from_static(b"not found")));
+                    *resp.status_mut() = http::StatusCode::NOT_FOUND;
+                    return resp;
+                }
                 let mut resp = Response::new(Full::new(crate::file_bytes(name)));
                 resp.headers_mut().insert(
                     http::header::CONTENT_TYPE,

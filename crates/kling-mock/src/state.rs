@@ -16,7 +16,10 @@ use tokio::time::Instant;
 
 use crate::config::{MAX_WAIT, MockConfig, RetryAfterMode, Switches};
 use crate::stats::Stats;
-use crate::task::{Clock, Task};
+use crate::task::{Clock, Phase, Task};
+
+/// How long a result URL works after its task ended (API time): Kling's expire after 30 days.
+pub(crate) const OUTPUT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// The HTTP status Kling sends with a business code.
 pub(crate) fn http_status(code: u32) -> StatusCode {
@@ -513,6 +516,28 @@ impl State {
             acct.costs_tat = Some(tat);
         }
         Ok(())
+    }
+
+    /// Whether `GET /__mock/files/{name}` finds a file: `{task_id}/{index}.{ext}` of a task
+    /// that has succeeded, an index it produced, its extension, and less than
+    /// [`OUTPUT_LIFETIME`] (API time) after the task ended, as Kling's output URLs expire.
+    pub(crate) fn serves_file(&self, name: &str, now: Instant) -> bool {
+        let Some((id, file)) = name.split_once('/') else {
+            return false;
+        };
+        let Some((index, ext)) = file.split_once('.') else {
+            return false;
+        };
+        let Some(task) = self.by_id.get(id).map(|&i| &self.tasks[i]) else {
+            return false;
+        };
+        let expires = task.end + self.config.scaled(OUTPUT_LIFETIME);
+        task.phase(now) == Phase::Succeeded
+            && now < expires
+            && ext == task.extension()
+            && index
+                .parse::<u32>()
+                .is_ok_and(|i| i < task.outputs && i.to_string() == index)
     }
 
     /// The snapshot served by `/__mock/stats`.

@@ -156,11 +156,16 @@ impl Task {
         if self.fails { 0 } else { self.cost }
     }
 
-    fn url(&self, index: u32) -> String {
-        let ext = match self.output {
+    /// The extension of the task's result files.
+    pub(crate) fn extension(&self) -> &'static str {
+        match self.output {
             OutputKind::Video => "mp4",
             OutputKind::Image => "png",
-        };
+        }
+    }
+
+    fn url(&self, index: u32) -> String {
+        let ext = self.extension();
         let base = self
             .files_base
             .as_deref()

@@ -163,6 +163,48 @@ async fn in_open_mode_each_key_is_its_own_account() {
         .assert_error(429, 1303);
 }
 
+/// With no keys configured any bearer is an account of its own, and a JWT is the account of its
+/// issuer whatever secret signed it, but its header and times are checked as with keys: an
+/// expired token is 1004, one not yet valid 1003, one of another shape 1000. Every JWT passed,
+/// so a client that never re-signed worked against the default mock for good.
+#[tokio::test(start_paused = true)]
+async fn in_open_mode_a_jwt_is_checked_for_all_but_its_signature() {
+    let c = Caller::new(quiet());
+    c.with_key(&jwt(&good_claims(), "any-secret"))
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .data();
+    assert_eq!(c.mock.in_use(AK, "video"), 1);
+    let refused = [
+        (
+            json!({"iss": AK, "exp": now() - 1, "nbf": now() - 1805}),
+            1004,
+        ),
+        (
+            json!({"iss": AK, "exp": now() + 1800, "nbf": now() + 120}),
+            1003,
+        ),
+        (
+            json!({"iss": AK, "exp": (now() + 1800) * 1000, "nbf": now() - 5}),
+            1000,
+        ),
+        (json!({"iss": AK, "exp": now() + 1800}), 1000),
+        (json!({"exp": now() + 1800, "nbf": now() - 5}), 1000),
+    ];
+    for (claims, code) in refused {
+        c.with_key(&jwt(&claims, SK))
+            .post(T2V, json!({"prompt": "x"}))
+            .await
+            .assert_error(401, code);
+    }
+    let header = json!({"alg": "HS256"});
+    c.with_key(&jwt_with_header(&header, &good_claims(), SK))
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(401, 1000);
+    assert_eq!(c.mock.stats().tasks_created, 1);
+}
+
 // The token's shape as KLING_API.md "Auth" gives it: anything else is refused, so a client
 // regression cannot pass against the mock.
 

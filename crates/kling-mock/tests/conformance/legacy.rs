@@ -4,7 +4,7 @@
 use kling_mock::{MockConfig, Preset};
 use serde_json::json;
 
-use crate::support::{Caller, advance, encode, quiet};
+use crate::support::{Caller, advance, encode, quiet, secs};
 
 const T2V: &str = "/v1/videos/text2video";
 
@@ -275,7 +275,8 @@ async fn account_costs_report_remaining_credits() {
     let r = c.get("/account/costs").await;
     let pack = &r.data()["resource_pack_subscribe_infos"][0];
     assert_eq!(pack["remaining_quantity"], 6.0);
-    assert_eq!(pack["status"], "run_out");
+    // Kling's spelling of the state (`toBeOnline`, `online`, `expired`, `runOut`).
+    assert_eq!(pack["status"], "runOut");
 }
 
 #[tokio::test(start_paused = true)]
@@ -381,4 +382,140 @@ async fn account_costs_report_fixed_pack_times() {
         }
         tokio::time::advance(std::time::Duration::from_secs(1)).await;
     }
+}
+
+/// `start_time` and `end_time` (Unix milliseconds) select the packs bought in that window,
+/// `resource_pack_name` the pack of that name; values that are not milliseconds, or a window
+/// that ends before it starts, are 400 code 1201. Both were ignored: every query listed the
+/// pack, so a client whose window missed its packs' purchase was never shown an empty list.
+#[tokio::test(start_paused = true)]
+async fn account_costs_list_the_packs_bought_in_the_window_and_of_the_name_asked() {
+    let packs = |r: &crate::support::Reply| {
+        r.data()["resource_pack_subscribe_infos"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let c = Caller::new(quiet().credits(10.0).no_costs_limit());
+    let all = c.get("/account/costs").await;
+    let pack = packs(&all)[0].clone();
+    let bought = pack["purchase_time"].as_u64().unwrap();
+    let name = pack["resource_pack_name"].as_str().unwrap().to_owned();
+    advance(3600).await;
+    let count = |start: u64, end: u64, name: &str| {
+        let c = c.clone();
+        let name = encode(name);
+        async move {
+            let path = format!(
+                "/account/costs?start_time={start}&end_time={end}&resource_pack_name={name}"
+            );
+            packs(&c.get(&path).await).len()
+        }
+    };
+    assert_eq!(count(bought, bought, &name).await, 1);
+    assert_eq!(count(bought - 1000, bought + 1000, &name).await, 1);
+    // Bought before the window: not listed, though the pack is still valid.
+    assert_eq!(count(bought + 1, bought + 7_200_000, &name).await, 0);
+    assert_eq!(count(0, bought - 1, &name).await, 0);
+    assert_eq!(count(0, bought, "another pack").await, 0);
+    assert_eq!(count(0, bought, "").await, 1, "an empty name is no name");
+    let open_ended = c.get(&format!("/account/costs?start_time={bought}")).await;
+    assert_eq!(
+        packs(&open_ended),
+        vec![packs(&c.get("/account/costs").await)[0].clone()]
+    );
+    for bad in [
+        "/account/costs?start_time=yesterday&end_time=1".to_owned(),
+        "/account/costs?start_time=-1".to_owned(),
+        format!("/account/costs?start_time={}&end_time={bought}", bought + 1),
+    ] {
+        c.get(&bad).await.assert_error(400, 1201);
+    }
+
+    // A Free account's daily pack, before its first create as after, is listed for a window
+    // that ends before the query (a client's `now`, read before it sends).
+    let free = Caller::new(MockConfig::preset(Preset::Free).no_rate_limit());
+    // The moment of the first query, as the pack valid from then says.
+    let first = free.get("/account/costs").await;
+    let end = packs(&first)[0]["effective_time"].as_u64().unwrap();
+    tokio::time::advance(std::time::Duration::from_millis(1500)).await;
+    let path = format!("/account/costs?start_time=0&end_time={end}");
+    assert_eq!(packs(&free.get(&path).await).len(), 1);
+    free.post("/v1/videos/text2video", json!({"prompt": "x"}))
+        .await
+        .data();
+    tokio::time::advance(std::time::Duration::from_millis(1500)).await;
+    let listed = packs(&free.get(&path).await);
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["remaining_quantity"], 65.0);
+}
+
+/// A result file is served once its task has succeeded, for the files the task made, until
+/// 30 days (API time) after the task ended, as Kling's output URLs expire; any other name is
+/// 404. Every name was served for ever, so a client that kept URLs to download them later, or
+/// fetched one before its task succeeded, passed against the mock.
+#[tokio::test(start_paused = true)]
+async fn result_files_are_served_from_success_until_they_expire_after_30_days() {
+    use http_body_util::{BodyExt as _, Full};
+    use tower_service::Service as _;
+
+    let c = Caller::new(quiet().failure_rate(0.0).speed(10.0));
+    let fetch = |name: String| {
+        let mut mock = c.mock.clone();
+        async move {
+            let req = http::Request::get(format!("/__mock/files/{name}"))
+                .body(Full::new(bytes::Bytes::new()))
+                .unwrap();
+            let resp = mock.call(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, body)
+        }
+    };
+    let id = c
+        .post("/v1/images/generations", json!({"prompt": "x", "n": 2}))
+        .await
+        .data()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(fetch(format!("{id}/0.png")).await.0, 404, "not made yet");
+    advance(10).await; // 100 s of API time at speed 10: the task has succeeded.
+    let url = c.get(&format!("/v1/images/generations/{id}")).await.data()["task_result"]["images"]
+        [1]["url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(url.ends_with(&format!("/{id}/1.png")), "{url}");
+    for name in [format!("{id}/0.png"), format!("{id}/1.png")] {
+        let (status, body) = fetch(name.clone()).await;
+        assert_eq!(status, 200, "{name}");
+        assert_eq!(body, kling_mock::file_bytes(&name));
+    }
+    for name in [
+        format!("{id}/2.png"),
+        format!("{id}/1.mp4"),
+        format!("{id}/01.png"),
+        id.clone(),
+        "860000000000000999/0.png".to_owned(),
+    ] {
+        assert_eq!(fetch(name.clone()).await.0, 404, "{name}");
+    }
+    // 30 days of API time after the task ended (3 days of the mock's at speed 10).
+    tokio::time::advance(secs(3 * 24 * 3600) - secs(1)).await;
+    assert_eq!(fetch(format!("{id}/0.png")).await.0, 200, "a second before");
+    advance(1).await;
+    assert_eq!(fetch(format!("{id}/0.png")).await.0, 404, "expired");
+
+    // A failed task made no file.
+    let failing = Caller::new(quiet().failure_rate(1.0));
+    let id = failing.post(T2V, json!({"prompt": "x"})).await.data()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    advance(100).await;
+    let req = http::Request::get(format!("/__mock/files/{id}/0.mp4"))
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(failing.mock.clone().call(req).await.unwrap().status(), 404);
 }

@@ -189,6 +189,46 @@ async fn callbacks_are_delivered_signed_at_each_status_change() {
     assert_eq!(server.stats().callbacks_failed, 0);
 }
 
+/// During a key rotation a callback carries one signature per secret, space-separated, the
+/// main secret's first (Standard Webhooks; KLING_API.md "Callbacks"). Only one was ever sent,
+/// so a verifier that read the header as a single signature passed against the mock.
+#[tokio::test]
+async fn during_a_key_rotation_a_callback_carries_a_signature_per_secret() {
+    let new_key = b"the-new-key";
+    let (base, mut rx) = hook_receiver().await;
+    let config = fast()
+        .callback_secret(format!("whsec_{}", STANDARD.encode(new_key)))
+        .callback_rotated_secret("the-old-key");
+    let server = MockServer::start(config).await.unwrap();
+    let (status, _) = send(
+        &client(),
+        "POST",
+        format!("{}/text-to-video/kling-3.0", server.base_url()),
+        Some(json!({"prompt": "x", "options": {"callback_url": format!("{base}/hook")}})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let Delivery { headers, body, .. } = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("callback in time")
+        .expect("callback");
+    let id = headers["webhook-id"].to_str().unwrap();
+    let ts = headers["webhook-timestamp"].to_str().unwrap();
+    let expected: Vec<String> = [&new_key[..], b"the-old-key"]
+        .iter()
+        .map(|key| {
+            let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
+            mac.update(format!("{id}.{ts}.").as_bytes());
+            mac.update(&body);
+            format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+        })
+        .collect();
+    assert_eq!(
+        headers["webhook-signature"].to_str().unwrap(),
+        expected.join(" ")
+    );
+}
+
 #[tokio::test]
 async fn result_urls_point_at_the_server_which_serves_the_files() {
     let server = MockServer::start(fast()).await.unwrap();
