@@ -22,10 +22,14 @@
 //! for the policy's wait before a first query (the safety interval with `callbacks_first`; at
 //! least the shortest interval) once a call has taken it: a call that starts following the
 //! task meanwhile, also at the moment the report is handed out, ends with it at once and sends
-//! no query. A call that follows a legacy task by its external id finds a delivered end so, not
+//! no query. A call that follows a legacy task by its external id finds a delivered end, not
 //! an answered one, and only one delivered to a follower of its own account (the same
 //! [`with_account`](Follower::with_account), or none for both): external ids are unique per
-//! account only, and clones may query others.
+//! account at most, and clones may query others. As they may be unique per create path only
+//! (the mock's rule: a legacy task is looked up at `{create path}/{external id}`) and a
+//! callback names no path, such a delivered end makes the call ask its own path at once (once
+//! per report) rather than end with it; once an answer has named the call's task id, a
+//! delivered end of that task ends the call at once.
 //!
 //! The queries are ordinary requests through the service given, so they are paced by the rate
 //! limiter and a query that reports a task ended frees its slots, like any other.
@@ -322,8 +326,10 @@ impl TaskRef {
 
     /// A legacy task, queried at `{create_path}/{id}` (e.g. `/v1/videos/text2video`). `id` is
     /// the task id or the `external_task_id` its create carried (a create whose answer was
-    /// lost is known by that alone): the answer's report, or a delivered callback's, is
-    /// matched on either (a callback by the external id under its `task_info`).
+    /// lost is known by that alone): the answer's report is matched on either. A delivered
+    /// callback's is matched on the task id (or on the one its path's answer named); one
+    /// carrying the external id alone (under its `task_info`) may be another create path's
+    /// task, and makes the follow ask its path at once (see the [module docs](self)).
     pub fn legacy(create_path: impl Into<String>, id: impl Into<String>) -> Self {
         let path: String = create_path.into();
         TaskRef {
@@ -380,22 +386,30 @@ struct Board {
 }
 
 /// The board's reports by task id, each with the number it was put there under and, once
-/// handed out, when it goes; the ids in the order they came (with those numbers, so an id
-/// delivered again is not evicted by its first delivery's place in the order) and in the order
-/// they go; and the task id of each delivered report by the account of the follower it was
-/// delivered to and its external id, for a legacy task followed by the external id its create
-/// carried.
+/// handed out, when it goes; the delivered reports not handed out yet in the order they came
+/// (with those numbers, so an id delivered again is not evicted by its first delivery's place in
+/// the order), and how many there are; the reports handed out in the order they go; and the
+/// task id of each delivered legacy report by the account of the follower it was delivered to
+/// and its external id, for a legacy task followed by the external id its create carried.
+///
+/// Reports not handed out and reports handed out are bounded apart, [`BOARD_CAPACITY`] each:
+/// a query's answer (handed out as it is put) never pushes out a delivered report nobody has
+/// taken yet, and deliveries nobody takes never push out the reports just handed out.
 #[derive(Debug, Default)]
 struct Reports {
     by_id: HashMap<String, Kept>,
-    order: VecDeque<(String, u64)>,
+    /// The delivered reports not handed out, oldest first; also places whose report has been
+    /// handed out or gone since (skipped, and dropped when they outnumber the others).
+    waiting: VecDeque<(String, u64)>,
+    /// How many reports are not handed out.
+    untaken: usize,
     going: VecDeque<(String, u64, Instant)>,
     next: u64,
     by_external_id: HashMap<ExternalKey, String>,
 }
 
 /// An external id in an account (`None`: a follower given none): external ids are unique per
-/// account only.
+/// account at most (the mock's, per create path).
 type ExternalKey = (Option<AccountId>, String);
 
 /// Where a report put on the board comes from.
@@ -404,7 +418,7 @@ enum Source<'a> {
     /// A query's answer: found by its task id only.
     Answered,
     /// A callback delivered to a follower of this account (`None`: one given none): found by
-    /// its task id, or by its external id by a follower of the same account.
+    /// its task id, or (a legacy report) by its external id by a follower of the same account.
     Delivered(Option<&'a AccountId>),
 }
 
@@ -419,8 +433,20 @@ struct Kept {
     external: Option<ExternalKey>,
 }
 
-/// How many reports the board keeps (delivered for tasks nobody follows yet, or handed out
-/// recently).
+/// What a call finds on the board for the id it follows.
+#[derive(Debug, PartialEq)]
+enum Found {
+    /// The report of the task with that id, handed out.
+    Task(TaskReport),
+    /// A delivered legacy report carrying that id as its external id, in the call's account:
+    /// the task id it names. It may be another create path's task (external ids may be unique
+    /// per path only, and a callback names no path), so it is not handed out: the call asks
+    /// its own path.
+    External(String),
+}
+
+/// How many reports the board keeps of each kind: delivered for tasks nobody follows yet, and
+/// handed out recently.
 const BOARD_CAPACITY: usize = 10_000;
 
 impl Reports {
@@ -428,9 +454,13 @@ impl Reports {
     fn forget(&mut self, id: &str, number: u64) {
         if self.by_id.get(id).is_some_and(|kept| kept.number == number)
             && let Some(gone) = self.by_id.remove(id)
-            && let Some(key) = gone.external
         {
-            self.unindex(&key, id);
+            if gone.until.is_none() {
+                self.untaken -= 1;
+            }
+            if let Some(key) = gone.external {
+                self.unindex(&key, id);
+            }
         }
     }
 
@@ -458,7 +488,38 @@ impl Reports {
             && kept.until.is_none()
         {
             kept.until = Some(until);
+            self.untaken -= 1;
             self.going.push_back((id.to_owned(), kept.number, until));
+        }
+    }
+
+    /// Keeps each kind of report within [`BOARD_CAPACITY`], the oldest going first, and the
+    /// places of reports not handed out within twice that.
+    fn bound(&mut self) {
+        while self.untaken > BOARD_CAPACITY {
+            let Some((old, number)) = self.waiting.pop_front() else {
+                break;
+            };
+            if self
+                .by_id
+                .get(&old)
+                .is_some_and(|kept| kept.number == number && kept.until.is_none())
+            {
+                self.forget(&old, number);
+            }
+        }
+        while self.going.len() > BOARD_CAPACITY {
+            if let Some((old, number, _)) = self.going.pop_front() {
+                self.forget(&old, number);
+            }
+        }
+        if self.waiting.len() > 2 * BOARD_CAPACITY {
+            let Reports { by_id, waiting, .. } = self;
+            waiting.retain(|(id, number)| {
+                by_id
+                    .get(id)
+                    .is_some_and(|kept| kept.number == *number && kept.until.is_none())
+            });
         }
     }
 }
@@ -489,49 +550,58 @@ impl Board {
         followers.iter().filter_map(Weak::upgrade).collect()
     }
 
-    /// The report of the task `id` names (a legacy task's by its task id, or else the external
-    /// id its create carried, in `account`: delivered to a follower of that account), handed
-    /// out: it stays for [`keep`](Board::keep) more for the other calls that follow its task,
-    /// or start to (a call that looks at the board as another takes the report must find it
-    /// too).
+    /// What the board holds for the task `id` names: its report, by task id, handed out (it
+    /// stays for [`keep`](Board::keep) more for the other calls that follow its task, or start
+    /// to: a call that looks at the board as another takes the report must find it too); else,
+    /// with `by_external`, the task id of a legacy report delivered in `account` with `id` as
+    /// its external id, left on the board (see [`Found::External`]).
     fn hand(
         &self,
         id: &str,
-        legacy: bool,
+        by_external: bool,
         account: Option<&AccountId>,
         now: Instant,
-    ) -> Option<TaskReport> {
+    ) -> Option<Found> {
         let mut board = self.lock();
         board.prune(now);
-        let task_id = match board.by_id.contains_key(id) {
-            true => id.to_owned(),
-            false if legacy => board
-                .by_external_id
-                .get(&(account.cloned(), id.to_owned()))?
-                .clone(),
-            false => return None,
-        };
-        board.hand_out(&task_id, later(now, self.keep));
-        board.by_id.get(&task_id).map(|kept| kept.report.clone())
+        if board.by_id.contains_key(id) {
+            board.hand_out(id, later(now, self.keep));
+            return board
+                .by_id
+                .get(id)
+                .map(|kept| Found::Task(kept.report.clone()));
+        }
+        if !by_external {
+            return None;
+        }
+        board
+            .by_external_id
+            .get(&(account.cloned(), id.to_owned()))
+            .map(|task_id| Found::External(task_id.clone()))
     }
 
-    /// Keeps `report`, the oldest report going when the board is full; a query's answer
-    /// starts its countdown now, and is found by its task id only: an external id is unique
-    /// per account (and perhaps per create path) only, and the board serves every clone of the
-    /// follower, whatever account or header it has, and every path. A delivered report is
-    /// found by its external id in the account of the follower it was delivered to only.
+    /// Keeps `report`, the oldest report of its kind going when the board holds too many (see
+    /// [`Reports`]); a query's answer starts its countdown now, and is found by its task id
+    /// only: an external id is unique per account (and perhaps per create path) only, and the
+    /// board serves every clone of the follower, whatever account or header it has, and every
+    /// path. A delivered legacy report is found by its external id in the account of the
+    /// follower it was delivered to only.
     fn put(&self, report: TaskReport, source: Source<'_>, now: Instant) {
         let mut board = self.lock();
         board.prune(now);
         let id = report.id.clone();
-        let key = match (source, &report.external_id) {
-            (Source::Delivered(account), Some(external_id)) => {
+        let key = match (source, &report.external_id, &report.generation) {
+            (Source::Delivered(account), Some(external_id), ApiGeneration::Legacy) => {
                 Some((account.cloned(), external_id.clone()))
             }
             _ => None,
         };
         let Reports {
-            by_id, order, next, ..
+            by_id,
+            waiting,
+            untaken,
+            next,
+            ..
         } = &mut *board;
         let replaced = match by_id.get_mut(&id) {
             // Delivered again before it went: the newer report, in the same place.
@@ -546,7 +616,11 @@ impl Board {
             }
             None => {
                 *next += 1;
-                order.push_back((id.clone(), *next));
+                // An answer is handed out below: it waits for no call.
+                if matches!(source, Source::Delivered(_)) {
+                    waiting.push_back((id.clone(), *next));
+                }
+                *untaken += 1;
                 by_id.insert(
                     id.clone(),
                     Kept {
@@ -568,16 +642,7 @@ impl Board {
         if matches!(source, Source::Answered) {
             board.hand_out(&id, later(now, self.keep));
         }
-        while board.order.len() > BOARD_CAPACITY {
-            if let Some((old, number)) = board.order.pop_front() {
-                board.forget(&old, number);
-            }
-        }
-        while board.going.len() > BOARD_CAPACITY {
-            if let Some((old, number, _)) = board.going.pop_front() {
-                board.forget(&old, number);
-            }
-        }
+        board.bound();
     }
 
     /// Starts the countdown of task `id`'s report (handed to the calls that follow it).
@@ -595,7 +660,7 @@ impl Board {
 /// ([`with_header`](Follower::with_header), [`with_account`](Follower::with_account)) sends
 /// its batch queries apart, as they carry what it adds; a report [delivered](Follower::deliver)
 /// to any clone still ends the calls of every clone that follow its task by its task id (by its
-/// external id: those of the same account only).
+/// external id: those of the same account only, after asking their path).
 #[derive(Clone)]
 pub struct Follower<S> {
     service: S,
@@ -638,6 +703,13 @@ struct Tracked {
     /// Batch answers applied to it so far (a sending call tells by it that another call's
     /// answer came in while its own query is out).
     answers: u32,
+    /// A legacy task followed by its external id: the task id an answer to its own path's
+    /// query named, by which a delivered report is then found.
+    known_id: Option<String>,
+    /// A legacy task followed by its external id: the task id of the last report delivered
+    /// with that external id that made it due at once (once per report: it may be another
+    /// create path's task, see [`Found::External`]).
+    probed: Option<String>,
     /// Its call's: woken by what may end or move its tasks (a batch answer or given-up query
     /// that asked about them, a report delivered for one of them).
     wake: Arc<Notify>,
@@ -706,11 +778,13 @@ where
     /// clones (also those given a header or an account of their own) waiting for that task
     /// ends with it at once; a call that starts following it later finds it (non-terminal
     /// reports are ignored). A call following a legacy task by its external id finds it only
-    /// if its follower has this one's account (external ids are unique per account only):
+    /// if its follower has this one's account (external ids are unique per account at most),
+    /// and then asks its own create path at once before it ends (a callback names no path):
     /// deliver a callback to a follower of the account whose task it reports (a stack's
     /// callbacks to its [`KlingLayer::follower`](crate::KlingLayer::follower)). A report no
-    /// call has taken stays until 10,000 newer ones push it out; once taken, for the policy's
-    /// wait before a first query (see the [module docs](self)). Free the task's slots first
+    /// call has taken stays until 10,000 newer such reports push it out (the answers to queries
+    /// do not); once taken, for the policy's wait before a first query (see the
+    /// [module docs](self)). Free the task's slots first
     /// ([`KlingLayer::on_task`](crate::KlingLayer::on_task) or
     /// [`on_callback`](crate::KlingLayer::on_callback), awaited), so whoever sees the follow
     /// end finds them free.
@@ -914,27 +988,44 @@ where
             alone: false,
             from_board: false,
             answers: 0,
+            known_id: None,
+            probed: None,
             wake: wake.clone(),
         }
     }
 
-    /// Ends a task delivered by a callback, or past its deadline.
+    /// Ends a task delivered by a callback, or past its deadline. A legacy task followed by
+    /// its external id ends with a delivered report found by the task id its own path's
+    /// answer named; one found by the external id alone may be another path's task, and makes
+    /// it due at once instead (its path's answer ends it).
     fn check(&self, t: &mut Tracked, now: Instant) {
         if t.result.is_some() {
             return;
         }
         // The report stays on the board a while for the other calls following the task, and
         // those that start to; a new-style one is also handed on at once (`check_shared`).
-        let delivered = self.board.hand(
-            &t.task.id,
-            t.task.legacy_path.is_some(),
-            self.account.as_ref(),
-            now,
-        );
-        if let Some(report) = delivered {
-            t.result = Some(Ok(report));
-            t.from_board = true;
-        } else if now >= t.deadline_at {
+        let account = self.account.as_ref();
+        let by_external = t.task.legacy_path.is_some() && t.known_id.is_none();
+        let found = self
+            .board
+            .hand(&t.task.id, by_external, account, now)
+            .or_else(|| {
+                let known = t.known_id.as_deref()?;
+                self.board.hand(known, false, account, now)
+            });
+        match found {
+            Some(Found::Task(report)) => {
+                t.result = Some(Ok(report));
+                t.from_board = true;
+                return;
+            }
+            Some(Found::External(task_id)) if t.probed.as_ref() != Some(&task_id) => {
+                t.probed = Some(task_id);
+                t.next_at = t.next_at.min(now);
+            }
+            _ => {}
+        }
+        if now >= t.deadline_at {
             t.result = Some(Err(FollowError::DeadlineExceeded {
                 task_id: t.task.id.clone(),
                 deadline: self.policy.deadline_duration(),
@@ -1139,7 +1230,12 @@ where
                     .tasks()
                     .iter()
                     .find(|r| r.id == t.task.id)
-                    .or_else(|| outcome.tasks().iter().find(by_external));
+                    .or_else(|| {
+                        let report = outcome.tasks().iter().find(by_external)?;
+                        // Its path's task: a report delivered by this task id is its own.
+                        t.known_id = Some(report.id.clone());
+                        Some(report)
+                    });
                 match report {
                     Some(report) if report.status.is_terminal() => {
                         t.result = Some(Ok(report.clone()));
@@ -1255,9 +1351,20 @@ mod tests {
             .remove(0)
     }
 
-    /// A legacy task followed by its external id finds a delivered report by it (a new-style
-    /// one does not), and the index goes with the report (gone after its countdown, or pushed
-    /// out when the board is full).
+    fn ended_new_style(id: &str, external_id: &str) -> TaskReport {
+        let body = format!(
+            r#"{{"code":0,"data":{{"id":"{id}","status":"succeeded","external_id":"{external_id}"}}}}"#
+        );
+        kling_core::Envelope::parse(body.as_bytes())
+            .unwrap()
+            .tasks
+            .remove(0)
+    }
+
+    /// A legacy task followed by its external id finds a delivered legacy report's task id by
+    /// it (a new-style task does not; nor a delivered new-style report), without taking the
+    /// report: it may be another create path's task. The index goes with the report (gone
+    /// after its countdown, or pushed out when the board is full).
     #[test]
     fn a_report_is_found_by_its_external_id_and_the_index_goes_with_it() {
         let keep = Duration::from_secs(5);
@@ -1266,21 +1373,36 @@ mod tests {
         let mut report = ended("t-1");
         report.external_id = Some("job-7".to_owned());
         board.put(report, Source::Delivered(None), now);
-        assert!(board.hand("job-7", false, None, now).is_none());
-        assert_eq!(
-            board.hand("job-7", true, None, now).map(|r| r.id),
-            Some("t-1".to_owned())
+        board.put(
+            ended_new_style("n-1", "job-8"),
+            Source::Delivered(None),
+            now,
         );
-        let later = now + keep - Duration::from_millis(1);
+        assert!(board.hand("job-7", false, None, now).is_none());
+        assert!(board.hand("job-8", true, None, now).is_none(), "new-style");
+        let hour = now + Duration::from_secs(3600);
         assert_eq!(
-            board.hand("t-1", false, None, later).map(|r| r.id),
-            Some("t-1".to_owned())
+            board.hand("job-7", true, None, hour),
+            Some(Found::External("t-1".to_owned()))
         );
         assert!(
-            board.hand("t-1", false, None, now + keep).is_none(),
+            board.lock().by_id.get("t-1").unwrap().until.is_none(),
+            "not taken"
+        );
+        let later = hour + keep - Duration::from_millis(1);
+        assert!(matches!(
+            board.hand("t-1", false, None, hour),
+            Some(Found::Task(r)) if r.id == "t-1"
+        ));
+        assert!(matches!(
+            board.hand("t-1", false, None, later),
+            Some(Found::Task(r)) if r.id == "t-1"
+        ));
+        assert!(
+            board.hand("t-1", false, None, hour + keep).is_none(),
             "gone after its countdown"
         );
-        assert!(board.hand("job-7", true, None, now + keep).is_none());
+        assert!(board.hand("job-7", true, None, hour + keep).is_none());
         assert!(board.lock().by_external_id.is_empty());
         for i in 0..=BOARD_CAPACITY {
             let mut report = ended(&format!("t-{i}"));
@@ -1310,19 +1432,67 @@ mod tests {
         board.put(report.clone(), Source::Delivered(Some(&a)), now);
         assert!(board.hand("job-7", true, Some(&b), now).is_none());
         assert!(board.hand("job-7", true, None, now).is_none());
-        assert!(
-            board.lock().by_id.get("t-1").unwrap().until.is_none(),
-            "not taken"
+        assert_eq!(
+            board.hand("job-7", true, Some(&a), now),
+            Some(Found::External("t-1".to_owned()))
         );
         board.put(report, Source::Delivered(Some(&b)), now);
         assert!(board.hand("job-7", true, Some(&a), now).is_none());
         assert_eq!(
-            board.hand("job-7", true, Some(&b), now).map(|r| r.id),
-            Some("t-1".to_owned())
+            board.hand("job-7", true, Some(&b), now),
+            Some(Found::External("t-1".to_owned()))
         );
         assert!(board.hand("t-1", false, Some(&a), now).is_some());
         assert!(board.hand("t-1", false, None, now + keep).is_none());
         assert!(board.lock().by_external_id.is_empty());
+    }
+
+    /// Query answers, however many, do not push out a delivered report nobody has taken yet
+    /// (they pushed out any report 10,000 places older, though most were gone): each kind is
+    /// bounded apart, the oldest of its kind going first.
+    #[test]
+    fn answers_do_not_push_out_a_delivered_report_nobody_took() {
+        let board = Board::new(Duration::from_secs(5));
+        let now = Instant::now();
+        let kept = |id: &str| board.lock().by_id.contains_key(id);
+        board.put(ended("delivered"), Source::Delivered(None), now);
+        for i in 0..=BOARD_CAPACITY {
+            board.put(ended(&format!("answered-{i}")), Source::Answered, now);
+        }
+        assert!(kept("delivered"));
+        assert!(!kept("answered-0") && kept("answered-1"));
+        assert_eq!(board.lock().by_id.len(), BOARD_CAPACITY + 1);
+        // Answers gone at the end of their countdown take no place from deliveries either.
+        let later = now + Duration::from_secs(60);
+        for i in 0..BOARD_CAPACITY - 1 {
+            board.put(ended(&format!("late-{i}")), Source::Delivered(None), later);
+        }
+        assert!(kept("delivered"));
+        board.put(ended("one-more"), Source::Delivered(None), later);
+        assert!(!kept("delivered") && kept("late-0"));
+        let reports = board.lock();
+        assert_eq!(
+            (reports.by_id.len(), reports.untaken),
+            (BOARD_CAPACITY, BOARD_CAPACITY)
+        );
+        assert!(reports.going.is_empty());
+    }
+
+    /// The places of delivered reports that were taken since stay bounded, however many are
+    /// delivered and taken.
+    #[test]
+    fn the_places_of_taken_reports_stay_bounded() {
+        let board = Board::new(Duration::ZERO);
+        let now = Instant::now();
+        for i in 0..3 * BOARD_CAPACITY {
+            let id = format!("t-{i}");
+            board.put(ended(&id), Source::Delivered(None), now);
+            assert!(board.hand(&id, false, None, now).is_some());
+        }
+        let reports = board.lock();
+        assert!(reports.waiting.len() <= 2 * BOARD_CAPACITY);
+        assert!(reports.by_id.len() <= 1 && reports.going.len() <= 1);
+        assert_eq!(reports.untaken, 0);
     }
 
     /// A report nobody has looked at stays until the board is full; once handed out, for the

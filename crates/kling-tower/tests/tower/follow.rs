@@ -1243,7 +1243,8 @@ async fn a_legacy_task_followed_by_its_external_id_ends() {
 }
 
 /// A callback ends the follow of a legacy task followed by its external id: the report names
-/// the task by its task id, and the external id under `task_info`.
+/// the task by its task id, and the external id under `task_info`. A callback names no create
+/// path, so the follow asks its own path once, at once, and ends with its answer.
 #[tokio::test(start_paused = true)]
 async fn a_callback_ends_a_legacy_task_followed_by_its_external_id() {
     let mock = mock(60, 60);
@@ -1267,7 +1268,98 @@ async fn a_callback_ends_a_legacy_task_followed_by_its_external_id() {
         .unwrap();
     assert_eq!(done.status, TaskStatus::Succeeded);
     assert_eq!(start.elapsed(), Duration::from_secs(61));
-    assert_eq!(mock.stats().requests_total, 1, "only the create");
+    assert_eq!(mock.stats().requests_total, 2, "the create and one query");
+}
+
+/// External ids are unique per create path (the mock's rule; KLING_API.md: a legacy task is
+/// looked up at `{create path}/{external id}`), and a callback names no path. A follow of
+/// `job-7` on `/v1/videos/text2video` is not ended by a callback for `job-7` of
+/// `/v1/images/generations` in the same account (it ended with the image, the video still
+/// running): the follow asks its own path at once, learns its own task's id from the answer,
+/// and then ends at once with the callback for that task, without asking again.
+#[tokio::test(start_paused = true)]
+async fn a_callback_for_another_paths_task_with_the_same_external_id_does_not_end_a_follow() {
+    let mock = mock(60, 60);
+    let service = ClassifyLayer::new().layer(mock.clone());
+    let video = create_with(&service, "/v1/videos/text2video", JOB_7).await;
+    let image = create_with(&service, "/v1/images/generations", JOB_7).await;
+    assert_ne!(video.id, image.id);
+    let (service, uris) = logging_uris(service);
+    let follower = follower(
+        service,
+        FollowPolicy::new().callbacks_first(Duration::from_secs(600)),
+    );
+    let delivering = follower.clone();
+    let (mut image_done, mut video_done) = (image.clone(), video.clone());
+    image_done.status = TaskStatus::Succeeded;
+    video_done.status = TaskStatus::Succeeded;
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        delivering.deliver(image_done);
+        tokio::time::sleep(Duration::from_secs(51)).await;
+        delivering.deliver(video_done);
+    });
+    let start = Instant::now();
+    let done = follower
+        .follow(TaskRef::legacy("/v1/videos/text2video", "job-7"))
+        .await
+        .unwrap();
+    assert_eq!(done.id, video.id, "the video's report, not the image's");
+    assert_eq!(start.elapsed(), Duration::from_secs(61));
+    assert_eq!(
+        uris.lock().unwrap().clone(),
+        ["/v1/videos/text2video/job-7"],
+        "one query, at the image's callback"
+    );
+}
+
+/// A callback found by the external id a legacy follow knows makes it ask its path at once,
+/// once per report: a query that fails then backs off as any other, rather than being sent
+/// again whenever the call looks at the board (here at each of the other tasks' callbacks).
+#[tokio::test(start_paused = true)]
+async fn a_callback_found_by_external_id_alone_makes_one_query_at_once_then_backs_off() {
+    let start = Instant::now();
+    let sent: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let log = sent.clone();
+    let service = tower::service_fn(move |_req: http::Request<Full<Bytes>>| {
+        let mut sent = log.lock().unwrap();
+        sent.push(start.elapsed());
+        assert!(sent.len() < 20, "queries sent at every look: {sent:?}");
+        async { Err::<http::Response<Full<Bytes>>, BoxError>("connection reset".into()) }
+    });
+    let follower = follower(
+        service,
+        FollowPolicy::new()
+            .callbacks_first(Duration::from_secs(600))
+            .deadline(Duration::from_secs(100)),
+    );
+    let delivering = follower.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let callback = br#"{"task_id":"another","task_status":"succeed","task_info":{"external_task_id":"job-7"}}"#;
+        let report = kling_core::Envelope::parse_callback(callback)
+            .unwrap()
+            .remove(0);
+        delivering.deliver(report);
+        for i in 0..30 {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let callback = format!(r#"{{"task_id":"other-{i}","task_status":"succeed"}}"#);
+            let other = kling_core::Envelope::parse_callback(callback.as_bytes())
+                .unwrap()
+                .remove(0);
+            delivering.deliver(other);
+        }
+    });
+    let error = follower
+        .follow(TaskRef::legacy("/v1/videos/text2video", "job-7"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, FollowError::DeadlineExceeded { .. }),
+        "{error:?}"
+    );
+    let secs: Vec<u64> = sent.lock().unwrap().iter().map(Duration::as_secs).collect();
+    assert_eq!(secs, [10, 11, 13, 17, 25, 41, 73]);
 }
 
 /// A call that starts following a task at the moment a delivered report is handed to the calls
@@ -1407,10 +1499,10 @@ async fn an_external_id_answered_to_one_follow_does_not_end_another_tasks_follow
     assert!(start.elapsed() >= Duration::from_secs(60));
 }
 
-/// External ids are unique per account only: a callback for team-a's task `job-7`, delivered to
-/// team-a's clone before any call took it, does not end team-b's follow of its own running
+/// External ids are unique per account at most: a callback for team-a's task `job-7`, delivered
+/// to team-a's clone before any call took it, does not end team-b's follow of its own running
 /// task by `job-7` (it asks, and finds its own task running), while a follow by `job-7` of
-/// another team-a clone ends with the report at once, without a query.
+/// another team-a clone asks its path at once (the callback names none) and ends.
 #[tokio::test(start_paused = true)]
 async fn a_callback_ends_follows_by_its_external_id_of_its_own_account_only() {
     // The account and path of each query sent.
@@ -1422,12 +1514,13 @@ async fn a_callback_ends_follows_by_its_external_id_of_its_own_account_only() {
         let path = req.uri().path().to_owned();
         log.lock().unwrap().push((account.clone(), path.clone()));
         async move {
-            let id = match (account.as_deref(), path.as_str()) {
-                (Some("team-b"), "/v1/videos/text2video/job-7") => "b-video",
+            let (id, status) = match (account.as_deref(), path.as_str()) {
+                (Some("team-b"), "/v1/videos/text2video/job-7") => ("b-video", "processing"),
+                (Some("team-a"), "/v1/videos/text2video/job-7") => ("a-video", "succeed"),
                 other => panic!("an unexpected query: {other:?}"),
             };
             let body = format!(
-                r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":{{"task_id":"{id}","task_status":"processing","task_info":{{"external_task_id":"job-7"}}}}}}"#
+                r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":{{"task_id":"{id}","task_status":"{status}","task_info":{{"external_task_id":"job-7"}}}}}}"#
             );
             Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from(body))))
         }
@@ -1468,7 +1561,7 @@ async fn a_callback_ends_follows_by_its_external_id_of_its_own_account_only() {
         )]
     );
     other.abort();
-    // The same account, another clone: ends at once with the report, no query.
+    // The same account, another clone: asks its path at once, and ends.
     let start_a = Instant::now();
     let same = base
         .clone()
@@ -1478,6 +1571,12 @@ async fn a_callback_ends_follows_by_its_external_id_of_its_own_account_only() {
         .unwrap();
     assert_eq!(same.id, "a-video");
     assert_eq!(start_a.elapsed(), Duration::ZERO);
-    assert_eq!(queries.lock().unwrap().len(), 1);
+    assert_eq!(
+        queries.lock().unwrap()[1..],
+        [(
+            Some("team-a".to_owned()),
+            "/v1/videos/text2video/job-7".to_owned()
+        )]
+    );
     assert!(start.elapsed() >= Duration::from_secs(121));
 }
