@@ -540,9 +540,9 @@ impl RedisGcra {
     /// for [`fleet_requests`](Self::fleet_requests) (default `true`). Counting costs a hash
     /// increment per admitted request: one process driving Redis with 64 decisions in flight
     /// makes about 13% fewer a second with it (the crate README's bench); a fleet that does
-    /// not watch its rate usage, or watches it elsewhere, can turn it off. Off, this process's snapshots
-    /// show no fleet figure (each process's monitor counts its own requests again), and a
-    /// fleet whose processes differ counts only the requests of those that count.
+    /// not watch its rate usage, or watches it elsewhere, can turn it off. Off, this process's
+    /// snapshots show no fleet figure (each process's monitor counts its own requests again),
+    /// and a fleet whose processes differ counts only the requests of those that count.
     pub fn count_requests(self, on: bool) -> Self {
         self.with(|o| o.count_requests = on)
     }

@@ -284,13 +284,16 @@ fn ends_kept_for(config: &SlotsConfig) -> Duration {
 /// How many reported ends a process remembers, the oldest forgotten first.
 const MAX_ENDS_KEPT: usize = 4096;
 
-/// The arguments an `upd` command starts with: the command, the lease, the account; the
-/// reports follow, four arguments each.
-fn upd_head(lease: Duration, account: &AccountId) -> [String; 3] {
+/// The arguments an `upd` command starts with: the command, the lease, the account, `"1"` if
+/// an end that finds no holding is noted (a report of one task, or ends sent again), and the
+/// change's id (`""`: none; see [`Inner::change_id`]); the reports follow, four arguments each.
+fn upd_head(lease: Duration, account: &AccountId, note: bool, once: String) -> [String; 5] {
     [
         "upd".to_owned(),
         micros(lease).to_string(),
         account.as_str().to_owned(),
+        if note { "1" } else { "0" }.to_owned(),
+        once,
     ]
 }
 
@@ -632,7 +635,8 @@ impl Inner {
 
     /// The id of a change Redis must apply once (see `APPLY`): a replay of one whose answer
     /// was lost after Redis ran it would undo a later change of the fleet (another process's
-    /// capacity, halt or reset).
+    /// capacity, halt or reset), hide again the slots a 1303 hid and that came back since, or
+    /// file again the note of an end whose holding it released.
     fn change_id(&self) -> String {
         let n = self.next_change.fetch_add(1, Ordering::Relaxed);
         format!("{}#{n}", self.instance)
@@ -965,6 +969,7 @@ impl Inner {
                     h,
                     res.weight.to_string(),
                     configured.to_string(),
+                    self.change_id(),
                 ]);
                 args.extend(fields);
             }
@@ -1005,6 +1010,8 @@ impl Inner {
                     key: reservation.key,
                 };
                 args = self.hold_args("hold", &pk, &h, &held, lease);
+                // Replayed after Redis ran it, it is skipped (see `APPLY`).
+                args.push(self.change_id());
                 let mut registry = lock(&self.registry);
                 // An earlier create of the same task (sent again) is superseded, as in Redis: by
                 // its task id, or by its external id if its task id is unknown (one known by
@@ -1060,10 +1067,10 @@ impl Inner {
                 updates,
                 lease,
             } => {
-                args.extend(upd_head(lease, &account));
                 let reports = updates
                     .iter()
                     .map(|u| (u.id.as_str(), u.external_id.as_deref(), u.status.as_ref()));
+                args.extend(self.upd_head_for(lease, &account, reports.clone()));
                 local = self.local_update(&account, reports, &mut args);
             }
             SlotOp::Observed {
@@ -1071,11 +1078,11 @@ impl Inner {
                 outcome,
                 lease,
             } => {
-                args.extend(upd_head(lease, &account));
                 let reports = outcome
                     .tasks()
                     .iter()
                     .map(|t| (t.id.as_str(), t.external_id.as_deref(), Some(&t.status)));
+                args.extend(self.upd_head_for(lease, &account, reports.clone()));
                 local = self.local_update(&account, reports, &mut args);
             }
             SlotOp::SetCapacity {
@@ -1115,13 +1122,36 @@ impl Inner {
         }
     }
 
+    /// The head of the `upd` of `reports`: an end that finds no holding is noted only from a
+    /// report of one task (a callback, a query of it: the way an end overtakes its create's
+    /// answer; a list page's many long-released tasks would push those out of `P:ended`), as
+    /// in the in-process backend. Reports with an end carry an id: replayed after their answer
+    /// was lost (a timeout after Redis ran them), their holdings released, they would file
+    /// their notes again, which would free a later create under the same external id; skipped,
+    /// they answer with the tasks they released, whose ends this process then counts.
+    fn upd_head_for<'a>(
+        &self,
+        lease: Duration,
+        account: &AccountId,
+        mut reports: impl ExactSizeIterator<Item = Report<'a>>,
+    ) -> [String; 5] {
+        let note = reports.len() == 1;
+        let ends = reports.any(|(_, _, status)| status.is_none_or(TaskStatus::is_terminal));
+        let once = if ends {
+            self.change_id()
+        } else {
+            String::new()
+        };
+        upd_head(lease, account, note, once)
+    }
+
     /// Adds the reports of `account` to `args`, and applies them to the local record: what the
     /// process would release if Redis were away. A task is found by its task id, else by its
     /// external id within `account` (external ids are unique per account only).
     fn local_update<'a>(
         &self,
         account: &AccountId,
-        reports: impl Iterator<Item = (&'a str, Option<&'a str>, Option<&'a TaskStatus>)>,
+        reports: impl Iterator<Item = Report<'a>>,
         args: &mut Vec<String>,
     ) -> Applied {
         let mut applied = Applied::default();
@@ -1698,7 +1728,14 @@ impl Inner {
         for (account, ends) in by_account {
             for chunk in ends.chunks(256) {
                 let mut args = Vec::from(self.unstamped_head());
-                args.extend(upd_head(self.config.get_lease(), account));
+                // (Noted if they find no holding, as when first reported; no id: Redis lost
+                // or went back before them.)
+                args.extend(upd_head(
+                    self.config.get_lease(),
+                    account,
+                    true,
+                    String::new(),
+                ));
                 for end in chunk {
                     let [id, ext, status, _] = end.report.clone();
                     let flag = if end.counted { "2" } else { "3" };
@@ -1812,8 +1849,11 @@ impl Inner {
     }
 }
 
+/// A report of a task for `upd`: task id, external id, status (`None`: said ended).
+type Report<'a> = (&'a str, Option<&'a str>, Option<&'a TaskStatus>);
+
 /// Where an `upd`'s reports start in its arguments (then quads: id, ext, status, terminal).
-const UPD_REPORTS: usize = 6;
+const UPD_REPORTS: usize = 8;
 
 /// Keeps the reports of the `upd` arguments `args` for which `keep` is true.
 fn retain_reports(args: &mut Vec<String>, mut keep: impl FnMut(&[String]) -> bool) {

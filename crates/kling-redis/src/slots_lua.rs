@@ -17,8 +17,9 @@
 //! | `P:alive` | string | present while Redis keeps its state; value: the generation, which is the end of the re-registration grace (µs) that started it |
 //! | `P:seq` | string | the sequence: each script's number (see `PRELUDE`) |
 //! | `P:run` | string | the `run_id` of the server that wrote the generation: another one (a restart, which may load an older snapshot; a failover to a replica, which may lag) starts a new generation |
-//! | `P:ended` | sorted set | tasks reported ended (`i:` task id; `x:` an external id, as its `P:ext` field) by expiry (µs, the configured lease on, at least the default 30 min): a holding of one is not created again (a re-registration, a replayed hold); `e:` the `P:ext` field of a text `complete` told before any holding had it, filed as both `i:` and `x:` until one matches (the other is then dropped); `p:` task id `\n` `P:ext` field: an end a report told with its external id before any holding had either, filed as `i:` and `x:` too, and the `x:` dropped when the `i:` frees a holding; an `x:` frees one holding and is dropped; `h:` a holding a report released by its external id (its hold, replayed, holds nothing); `c:` the text an end was told by: that end was counted in the finished-task metrics, so such a holding given back is not counted again |
-//! | `P:done` | sorted set | the ids of changes that must take effect once (`cap`, `halt`, `unhalt`) by expiry (µs, as `P:ended`'s): a replay of one Redis ran is skipped |
+//! | `P:ended` | sorted set | tasks reported ended (`i:` task id; `x:` an external id, as its `P:ext` field) by expiry (µs, the configured lease on, at least the default 30 min): a holding of one is not created again (a re-registration, a replayed hold); `e:` the `P:ext` field of a text `complete` told before any holding had it, filed as both `i:` and `x:` until one matches (the other is then dropped); `p:` task id `\n` `P:ext` field: an end a report told with its external id before any holding had either, filed as `i:` and `x:` too, and the `x:` dropped when the `i:` frees a holding; an `x:` frees one holding and is dropped; `h:` a holding a report released by its external id (its hold, replayed, holds nothing); `c:` the text an end was told by: that end was counted in the finished-task metrics, so such a holding given back is not counted again; at most [`ENDED_KEPT`] entries, the first to expire evicted first |
+//! | `P:done` | sorted set | the ids of changes that must take effect once (`cap`, `cong`, `halt`, `unhalt`, `hold`, an `upd` with an end) by expiry (µs, as `P:ended`'s, at most as many): a replay of one Redis ran is skipped |
+//! | `P:rel:ID` | string | the tasks the change `ID` released (JSON, as `APPLY` returns them), while `P:done` keeps the id: a skipped replay answers with them |
 //! | channel `P:freed` | pub/sub | a pool key (or `*`) whenever slots may have freed |
 //! | channel `P:unhalted` | pub/sub | a reset: the halt key, `\n`, the halt it deleted |
 //!
@@ -185,14 +186,38 @@ local function capacity(default, first, last)
   return tonumber(default)
 end
 local function opt(s) if s == '' then return nil end return s end
+-- Makes room in the sorted set `key` (`P:ended`, `P:done`) for `members`: past ENDED_KEPT
+-- entries, the oldest (the first to expire) go before the new ones are filed, so a change never
+-- evicts what it files; a member already there is renewed in place and takes no room. Returns
+-- the members evicted.
+local function make_room(key, members)
+  local new = 0
+  for _, member in ipairs(members) do
+    if not redis.call('ZSCORE', key, member) then new = new + 1 end
+  end
+  local over = redis.call('ZCARD', key) + new - ENDED_KEPT
+  if over <= 0 then return {} end
+  local gone = redis.call('ZRANGE', key, 0, over - 1)
+  redis.call('ZREMRANGEBYRANK', key, 0, over - 1)
+  return gone
+end
 -- Tasks reported ended, each kept ENDED_FOR (this process's lease, at least the default, set
--- by `script`); the set itself as long as its longest entry.
+-- by `script`); the set itself as long as its longest entry, and at most ENDED_KEPT entries.
 local ENDED = P .. ':ended'
 local function note_member(member, ...)
   redis.call('ZREMRANGEBYSCORE', ENDED, '-inf', int(now))
+  local members = {member, ...}
+  for _, gone in ipairs(make_room(ENDED, members)) do
+    -- An evicted `complete` pair (`e:`, which sorts before its twins) takes its task id's
+    -- note with it, as the in-process backend forgets the task id's twin first: the external
+    -- id's note, left alone, frees one create and is spent.
+    if string.sub(gone, 1, 2) == 'e:' then
+      local n, rest = string.match(gone, '^e:(%d+)%.(.*)$')
+      if n then redis.call('ZREM', ENDED, 'i:' .. string.sub(rest, tonumber(n) + 1)) end
+    end
+  end
   local at = int(now + ENDED_FOR)
-  redis.call('ZADD', ENDED, at, member)
-  for _, other in ipairs({...}) do redis.call('ZADD', ENDED, at, other) end
+  for _, m in ipairs(members) do redis.call('ZADD', ENDED, at, m) end
   -- Only ever lengthened: a process with a shorter lease must not cut another's entries short.
   local keep = math.floor(ENDED_FOR / 1000)
   if redis.call('PTTL', ENDED) < keep then redis.call('PEXPIRE', ENDED, keep) end
@@ -214,7 +239,7 @@ end
 -- A task whose end was counted in the finished-task metrics (`c:` task id, beside its `i:`):
 -- a release of its holding by a report, or its reporter said so when it sent the end again.
 local function mark_counted(id)
-  redis.call('ZADD', ENDED, int(now + ENDED_FOR), 'c:' .. id)
+  note_member('c:' .. id)
 end
 local function end_counted(id)
   local until_ = redis.call('ZSCORE', ENDED, 'c:' .. id)
@@ -296,17 +321,29 @@ return {1, nxt, lost, released}
 const APPLY_BODY: &str = r"
 local op = ARGV[4]
 local changed = 0
--- A change whose replay could undo a later one (a capacity, a halt, a halt's reset) carries an
--- id last: sent again after its answer was lost (a timeout after Redis ran it), it is skipped.
--- Ids are kept as long as `P:ended` keeps an end.
+-- A change whose replay could undo a later one (a capacity, a halt, a halt's reset, a 1303,
+-- which would hide again the slots that came back since) carries an id: sent again after its
+-- answer was lost (a timeout after Redis ran it), it is skipped. So do a task's end (`upd`
+-- with an end), whose replay, finding the holding released, would file its note again (to
+-- free a later create under the same external id), and a create's hold. The tasks such a
+-- change released are kept with its id (`P:rel:ID`), and a skipped replay answers with them:
+-- the process whose answer was lost counts their ends, once. Ids are kept as long as
+-- `P:ended` keeps an end, and at most ENDED_KEPT of them.
+local once = nil
 do
-  local once = nil
   if op == 'cap' then once = ARGV[9] elseif op == 'halt' then once = ARGV[10]
-  elseif op == 'unhalt' then once = ARGV[6] end
-  if once and once ~= '' then
+  elseif op == 'unhalt' then once = ARGV[6] elseif op == 'upd' then once = ARGV[8]
+  elseif op == 'cong' then once = ARGV[9] elseif op == 'hold' then once = ARGV[14] end
+  if once == '' then once = nil end
+  if once then
     local done = P .. ':done'
     redis.call('ZREMRANGEBYSCORE', done, '-inf', int(now))
-    if redis.call('ZSCORE', done, once) then return {lost, 0, released} end
+    if redis.call('ZSCORE', done, once) then
+      local kept = redis.call('GET', P .. ':rel:' .. once)
+      if kept then released = cjson.decode(kept) end
+      return {lost, 0, released}
+    end
+    for _, gone in ipairs(make_room(done, {once})) do redis.call('DEL', P .. ':rel:' .. gone) end
     redis.call('ZADD', done, int(now + ENDED_FOR), once)
     local keep = math.floor(ENDED_FOR / 1000)
     if redis.call('PTTL', done) < keep then redis.call('PEXPIRE', done, keep) end
@@ -358,7 +395,8 @@ if op == 'give' then
   tidy(ARGV[5])
   changed = 1
 elseif op == 'cong' then
-  -- 5 pool key, 6 grant, 7 weight, 8 configured capacity, 9.. capacity fields.
+  -- 5 pool key, 6 grant, 7 weight, 8 configured capacity, 9 the change's id (read above),
+  -- 10.. capacity fields.
   -- As kling-concurrency's `PoolState::congested`: the pool is believed to hold only what the
   -- fleet holds now, and a 1303 again at no more slots than the last one's, for a create
   -- granted after it, doubles the recovery interval (up to MAX_DOUBLINGS times) and stops
@@ -370,7 +408,7 @@ elseif op == 'cong' then
   local granted = nil
   if raw then granted = tonumber(cjson.decode(raw).s) end
   give(pk, ARGV[6])
-  local cap = capacity(ARGV[8], 9)
+  local cap = capacity(ARGV[8], 10)
   local v = redis.call('HMGET', m, 'used', 'lvl', 'stk', 'lvlat')
   local used = tonumber(v[1] or '0')
   local level = used + tonumber(ARGV[7])
@@ -392,7 +430,8 @@ elseif op == 'halt' then
   redis.call('PUBLISH', P .. ':freed', '*')
   changed = 1
 elseif op == 'hold' or op == 'reg' then
-  -- 5 pool key, 6 holding, 7 weight, 8 id, 9 ext, 10 lease, 11 account, 12 pool, 13 kind
+  -- 5 pool key, 6 holding, 7 weight, 8 id, 9 ext, 10 lease, 11 account, 12 pool, 13 kind,
+  -- 14 (hold) the change's id (read above)
   local pk = ARGV[5]
   local h = ARGV[6]
   local id = opt(ARGV[8])
@@ -474,12 +513,17 @@ elseif op == 'adopt' then
     changed = 1
   end
 elseif op == 'upd' then
-  -- 5 lease, 6 the reports' account (external ids are looked up within it), then quads: id,
-  -- ext, status ('' = said ended), flag: 0 running, 1 ended; an end sent again after a new
-  -- generation, 2 if its first report's release was counted, else 3 (its releases are not)
+  -- 5 lease, 6 the reports' account (external ids are looked up within it), 7 '1' if an end
+  -- that finds no holding is noted, 8 the change's id (read above), then quads: id, ext,
+  -- status ('' = said ended), flag: 0 running, 1 ended; an end sent again after a new
+  -- generation, 2 if its first report's release was counted, else 3 (its releases are not).
+  -- An end that finds no holding is noted only from a report of one task (a callback, a query
+  -- of it), the way an end overtakes its create's answer, and from ends sent again: a list
+  -- page reports many tasks long released, which would push the ends that matter out.
   local lease = tonumber(ARGV[5])
   local acct = ARGV[6]
-  local i = 7
+  local note_ends = ARGV[7] == '1'
+  local i = 9
   while i + 3 <= #ARGV do
     local id = ARGV[i]
     local ext = ARGV[i + 1]
@@ -513,7 +557,7 @@ elseif op == 'upd' then
       -- outcome is ended (or renewed) by a report with no task id.
       rec = nil
     end
-    if terminal and id ~= '' then
+    if terminal and id ~= '' and (rec or note_ends) then
       local field = xf(acct, id)
       if status ~= '' then
         -- A report of the task: the text is a task id, whatever `complete` left open. Told
@@ -661,6 +705,14 @@ elseif op == 'ex' then
   end
   return {lost, 0, flags}
 end
+if once and #released > 0 then
+  -- (Numbers as text: cjson keeps 14 digits only.)
+  local flat = {}
+  for i, v in ipairs(released) do
+    if type(v) == 'number' then flat[i] = int(v) else flat[i] = v end
+  end
+  redis.call('SET', P .. ':rel:' .. once, cjson.encode(flat), 'PX', math.floor(ENDED_FOR / 1000))
+end
 return {lost, changed, released}
 ";
 
@@ -685,6 +737,11 @@ end
 return {lost, redis.call('HGETALL', P .. ':cap'), out, released}
 ";
 
+/// How many entries `P:ended` (and `P:done`) keep at most, the oldest forgotten first: a
+/// fleet's ends with their external ids (three entries each, and one once the end is counted),
+/// as many as one process of kling-concurrency's in-process backend remembers (4096).
+pub(crate) const ENDED_KEPT: usize = 4 * 4096;
+
 pub(crate) fn acquire(ended_for: Duration) -> String {
     script(ACQUIRE_BODY, ended_for)
 }
@@ -699,11 +756,13 @@ pub(crate) fn snapshot(ended_for: Duration) -> String {
 
 /// A slots script: `body` after the queue's functions and [`PRELUDE`], with `ENDED_FOR` (how
 /// long `P:ended` keeps a task, µs) `ended_for`, as long as the process keeps the ends it
-/// reported, and `MAX_DOUBLINGS` kling-concurrency's cap on a streak of 1303s.
+/// reported, `ENDED_KEPT` [`ENDED_KEPT`], and `MAX_DOUBLINGS` kling-concurrency's cap on a
+/// streak of 1303s.
 fn script(body: &str, ended_for: Duration) -> String {
     let ended_for = ended_for.as_micros();
     let doublings = kling_concurrency::MAX_RECOVERY_DOUBLINGS;
     format!(
-        "local ENDED_FOR = {ended_for}\nlocal MAX_DOUBLINGS = {doublings}\n{QUEUE}{PRELUDE}{body}"
+        "local ENDED_FOR = {ended_for}\nlocal ENDED_KEPT = {ENDED_KEPT}\n\
+         local MAX_DOUBLINGS = {doublings}\n{QUEUE}{PRELUDE}{body}"
     )
 }

@@ -26,6 +26,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// How many entries `PREFIX:ended` keeps at most (the README's "When Redis restarts or goes
+/// away"), the first to expire forgotten first; `PREFIX:done` keeps as many ids.
+pub const ENDED_KEPT: usize = crate::slots_lua::ENDED_KEPT;
+
 /// How long a fresh server may take to answer `PING`.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 

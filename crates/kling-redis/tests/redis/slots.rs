@@ -2844,3 +2844,326 @@ async fn a_hold_replayed_after_its_task_ended_by_external_id_holds_nothing() {
         assert_eq!(one.held_here(), 0);
     }
 }
+
+/// Redis's fleet time now, in µs (the scripts' `now`, to within a round trip).
+async fn redis_now_us(server: &kling_redis::testing::RedisServer) -> i64 {
+    let (secs, micros): (i64, i64) = redis::cmd("TIME")
+        .query_async(&mut crate::support::raw(server).await)
+        .await
+        .unwrap();
+    secs * 1_000_000 + micros
+}
+
+/// Whether `member` is in `test:ended` (the prefix is `test`, `support::connect`).
+async fn in_ended(server: &kling_redis::testing::RedisServer, member: &str) -> bool {
+    let score: Option<f64> = redis::cmd("ZSCORE")
+        .arg("test:ended")
+        .arg(member)
+        .query_async(&mut crate::support::raw(server).await)
+        .await
+        .unwrap();
+    score.is_some()
+}
+
+async fn ended_entries(server: &kling_redis::testing::RedisServer) -> usize {
+    redis::cmd("ZCARD")
+        .arg("test:ended")
+        .query_async(&mut crate::support::raw(server).await)
+        .await
+        .unwrap()
+}
+
+/// `PREFIX:ended` is bounded by count too, not only by age: a burst of ends that find no
+/// holding (callbacks for another client's tasks, each filed under its task id and its
+/// external id, three entries) evicts the oldest entries, and never the ones it files; an end
+/// reported again is renewed in place and evicts nothing; the notes left still free their
+/// creates. An evicted `complete` pair takes its task id's note with it (its external id's,
+/// left alone, frees one create), as the in-process backend forgets the task id's twin first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ends_redis_keeps_are_bounded_by_count_the_oldest_evicted_first() {
+    let Some(server) = redis() else { return };
+    let kept = kling_redis::testing::ENDED_KEPT;
+    let one = backend(&server, 2).await;
+    let two = backend(&server, 2).await;
+    let account = video().account;
+    // Older than any note filed now (30 minutes): a `complete` told before any holding had its
+    // text (`i:`, `x:`, `e:`, the external id's field `LEN.ACCOUNT` then the id), the oldest,
+    // then plain task ids, each younger than the last.
+    let base = redis_now_us(&server).await + 600_000_000;
+    let mut zadd = redis::cmd("ZADD");
+    zadd.arg("test:ended");
+    for member in ["e:4.acctjob-e", "i:job-e", "x:4.acctjob-e"] {
+        zadd.arg(base).arg(member);
+    }
+    for k in 0..kept - 6 {
+        zadd.arg(base + 1 + k as i64).arg(format!("i:old-{k}"));
+    }
+    let _: () = zadd
+        .query_async(&mut crate::support::raw(&server).await)
+        .await
+        .unwrap();
+    let callback = |n: &str| {
+        report_in(
+            &account,
+            &format!("t-{n}"),
+            Some(&format!("job-{n}")),
+            Some(TaskStatus::Succeeded),
+        )
+    };
+    // An early end that matters, filed while there is room.
+    two.apply(callback("0")).await.unwrap();
+    assert_eq!(ended_entries(&server).await, kept);
+
+    // One more entry evicts the oldest: the `complete` pair's `e:`, and its task id's note.
+    two.apply(ended("t-x", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert!(!in_ended(&server, "e:4.acctjob-e").await);
+    assert!(!in_ended(&server, "i:job-e").await, "the twin stayed");
+    assert!(in_ended(&server, "x:4.acctjob-e").await);
+    assert_eq!(ended_entries(&server).await, kept - 1);
+
+    // A burst of 50 ends for tasks the fleet never held: 150 entries, 149 evicted.
+    for n in 0..50 {
+        let applied = two.apply(callback(&format!("b{n}"))).await.unwrap();
+        assert!(applied.released.is_empty(), "{applied:?}");
+    }
+    assert_eq!(ended_entries(&server).await, kept, "bounded by count");
+    assert!(!in_ended(&server, "x:4.acctjob-e").await);
+    assert!(!in_ended(&server, "i:old-147").await, "the oldest go first");
+    assert!(
+        in_ended(&server, "i:old-148").await,
+        "only as many as needed go"
+    );
+    // Sent again (a callback delivered twice): renewed in place, nothing evicted.
+    two.apply(callback("b49")).await.unwrap();
+    assert_eq!(ended_entries(&server).await, kept);
+    assert!(
+        in_ended(&server, "i:old-148").await,
+        "a re-sent end took room"
+    );
+
+    // The notes kept still free the creates they name: the early end, and the burst's last.
+    assert_eq!(create_held(&one, None, Some("job-0")).await, 1);
+    assert_eq!(create_held(&one, None, Some("job-b49")).await, 1);
+    assert_eq!(in_use(&one).await, 0);
+
+    // The ids of the changes Redis ran (each end of one task has one) are bounded alike.
+    let mut zadd = redis::cmd("ZADD");
+    zadd.arg("test:done");
+    for k in 0..kept {
+        zadd.arg(base + k as i64).arg(format!("old#{k}"));
+    }
+    let _: () = zadd
+        .query_async(&mut crate::support::raw(&server).await)
+        .await
+        .unwrap();
+    two.apply(callback("c")).await.unwrap();
+    let (done, oldest): (usize, Option<f64>) = redis::pipe()
+        .cmd("ZCARD")
+        .arg("test:done")
+        .cmd("ZSCORE")
+        .arg("test:done")
+        .arg("old#0")
+        .query_async(&mut crate::support::raw(&server).await)
+        .await
+        .unwrap();
+    assert_eq!((done, oldest), (kept, None));
+}
+
+/// A list page (or any report of several tasks) reports many tasks long released: an end in
+/// it that finds no holding is not noted (it would push the ends that matter out of the
+/// bounded `PREFIX:ended`), as in the in-process backend; one that finds its holding still
+/// releases it. A report of one task still notes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_report_of_one_task_notes_an_end_that_finds_no_holding() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 3).await;
+    let two = backend(&server, 3).await;
+    let account = video().account;
+    assert_eq!(create_held(&one, Some("t-held"), None).await, 0);
+    let page = SlotOp::Update {
+        account: account.clone(),
+        updates: ["t-held", "t-gone-1", "t-gone-2"]
+            .into_iter()
+            .enumerate()
+            .map(|(n, id)| TaskUpdate {
+                id: id.to_owned(),
+                external_id: Some(format!("job-gone-{n}")),
+                status: Some(TaskStatus::Succeeded),
+            })
+            .collect(),
+        lease: LONG,
+    };
+    let applied = two.apply(page).await.unwrap();
+    assert_eq!(applied.released.len(), 1, "{applied:?}");
+    for member in ["i:t-gone-1", "x:4.acctjob-gone-1", "i:t-gone-2"] {
+        assert!(!in_ended(&server, member).await, "{member} noted");
+    }
+    // A create under a listed external id holds its slot.
+    assert_eq!(create_held(&one, None, Some("job-gone-1")).await, 0);
+    assert_eq!(in_use(&one).await, 1);
+    // One task's report is noted, and frees its create.
+    let callback = report_in(&account, "t-3", Some("job-3"), Some(TaskStatus::Failed));
+    two.apply(callback).await.unwrap();
+    assert_eq!(create_held(&one, None, Some("job-3")).await, 1);
+    assert_eq!(in_use(&one).await, 1);
+}
+
+/// `complete` by external id, and a callback naming a task and its external id, whose
+/// change timed out after Redis ran it (Redis paused by `CLIENT PAUSE` for 600 ms, commands
+/// giving up after 200 ms) are kept and replayed. Redis ran each (the create held under that
+/// external id was freed), so the replay, which would find no holding and file a fresh note
+/// under the external id, is skipped: a later create reusing the external id keeps its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_replayed_after_redis_ran_it_files_no_fresh_note() {
+    let Some(server) = redis() else { return };
+    let impatient =
+        crate::support::connect_with_timeout(server.url(), Duration::from_millis(200)).await;
+    let one = RedisSlots::new(impatient, SlotsConfig::new(3))
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .maintain_every(Duration::from_secs(60))
+        .grace(Duration::from_millis(300));
+    let two = backend(&server, 3).await;
+    let account = video().account;
+    let reports = [
+        ("job-1", ended("job-1", None)),
+        (
+            "job-2",
+            report_in(&account, "t2", Some("job-2"), Some(TaskStatus::Succeeded)),
+        ),
+    ];
+    for (ext, report) in reports {
+        assert_eq!(create_held(&two, None, Some(ext)).await, 0);
+        assert_eq!(in_use(&two).await, 1);
+        crate::support::client_pause(&server, 600).await;
+        one.apply(report).await.unwrap();
+        assert_eq!(one.pending(), 1, "the report reached redis in time");
+        // Redis runs it when the pause ends.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while in_use(&two).await != 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the report never ran"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        maintained(&one).await;
+        assert_eq!(one.pending(), 0);
+        // A new job reusing the external id holds its slot.
+        assert_eq!(
+            create_held(&two, Some(&format!("t-{ext}")), Some(ext)).await,
+            0
+        );
+        assert_eq!(
+            in_use(&two).await,
+            1,
+            "{ext}: a replayed end freed a later create"
+        );
+        let applied = two
+            .apply(ended(&format!("t-{ext}"), Some(TaskStatus::Succeeded)))
+            .await
+            .unwrap();
+        assert_eq!(applied.released.len(), 1, "{applied:?}");
+    }
+}
+
+/// A 1303 whose change timed out after Redis ran it (Redis paused by `CLIENT PAUSE`) is kept
+/// and replayed. Redis ran it (one slot hidden); a task ended since brought the slot back. The
+/// replay is skipped: it would hide the slot again from the fleet and start the recovery
+/// anew, as a second 1303 would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1303_replayed_after_redis_ran_it_does_not_hide_slots_again() {
+    let Some(server) = redis() else { return };
+    let impatient =
+        crate::support::connect_with_timeout(server.url(), Duration::from_millis(200)).await;
+    let one = RedisSlots::new(impatient, SlotsConfig::new(3))
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .maintain_every(Duration::from_secs(60))
+        .grace(Duration::from_millis(300));
+    let two = backend(&server, 3).await;
+    for id in ["t1", "t2"] {
+        let r = two.acquire(video(), 1).await.unwrap();
+        two.apply(hold(r, id, LONG)).await.unwrap();
+    }
+    let r = one.acquire(video(), 1).await.unwrap();
+    crate::support::client_pause(&server, 600).await;
+    one.apply(SlotOp::Congested(r)).await.unwrap();
+    assert_eq!(one.pending(), 1, "the 1303 reached redis in time");
+    // Redis runs it when the pause ends: the fleet holds 2, and believes the pool holds 2.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while in_use_and_capacity(&two).await != (2, 2) {
+        assert!(tokio::time::Instant::now() < deadline, "the 1303 never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A task ends: the hidden slot comes back with it.
+    two.apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(in_use_and_capacity(&two).await, (1, 3));
+    maintained(&one).await;
+    assert_eq!(one.pending(), 0);
+    assert_eq!(
+        in_use_and_capacity(&two).await,
+        (1, 3),
+        "the replayed 1303 hid slots again"
+    );
+}
+
+/// A task's end, and a create's hold that finds its task ended, whose change timed out after
+/// Redis ran it (Redis paused by `CLIENT PAUSE`): the release Redis made went to the lost
+/// answer. The replay is skipped and answers with that release, so the replaying process
+/// counts the end, once (before, the replay found the task released and nobody counted it).
+#[tokio::test]
+async fn an_end_whose_answer_was_lost_after_redis_ran_it_is_counted_once() {
+    let Some(server) = redis() else { return };
+    let recording = recording();
+    let impatient =
+        crate::support::connect_with_timeout(server.url(), Duration::from_millis(200)).await;
+    let one = RedisSlots::new(impatient, SlotsConfig::new(3))
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .maintain_every(Duration::from_secs(60))
+        .grace(Duration::from_millis(300));
+    let two = backend(&server, 3)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    let until_idle = |what: &'static str| {
+        let two = two.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while in_use(&two).await != 0 {
+                assert!(tokio::time::Instant::now() < deadline, "{what} never ran");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    // A report.
+    let r = two.acquire(video(), 1).await.unwrap();
+    two.apply(hold(r, "t1", LONG)).await.unwrap();
+    crate::support::client_pause(&server, 600).await;
+    one.apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(one.pending(), 1, "the report reached redis in time");
+    until_idle("the report").await;
+    maintained(&one).await;
+    assert_eq!(one.pending(), 0);
+    assert_eq!(finished(&recording), (1, 1), "the report's end");
+
+    // A hold of a task whose end a callback reported first.
+    let callback = ended("t2", Some(TaskStatus::Succeeded));
+    assert!(two.apply(callback).await.unwrap().released.is_empty());
+    let r = one.acquire(video(), 1).await.unwrap();
+    crate::support::client_pause(&server, 600).await;
+    one.apply(hold(r, "t2", LONG)).await.unwrap();
+    assert_eq!(one.pending(), 1, "the hold reached redis in time");
+    until_idle("the hold").await;
+    maintained(&one).await;
+    assert_eq!(one.pending(), 0);
+    assert_eq!(one.held_here(), 0);
+    assert_eq!(finished(&recording), (1, 1), "the hold's end");
+}
