@@ -332,8 +332,13 @@ impl<Bk: Backend> Gate<Bk> {
             && let Some(class_key) = self.passed_class(shared, request, account_key)
         {
             let ticket = self.place.as_ref().map(|place| place.id);
-            if held_may_wait && shared.queues.class_turn(&class_key, ticket) == ClassTurn::Behind {
-                return self.hold(cx, shared, request, account_key, class_key);
+            let turn = if held_may_wait {
+                shared.queues.class_turn(&class_key, ticket)
+            } else {
+                ClassTurn::Free
+            };
+            if turn == ClassTurn::Behind {
+                return self.hold(cx, shared, request, account_key, class_key, false);
             }
             let quota = shared.policy_for(&class_key).quota;
             if shared
@@ -341,7 +346,10 @@ impl<Bk: Backend> Gate<Bk> {
                 .class_send_at(&class_key, quota, Instant::now())
                 .is_some()
             {
-                return self.hold(cx, shared, request, account_key, class_key);
+                // The one out at the account's queue, held again (its class quota changed
+                // while it waited there): ahead of the others, which came after it.
+                let again = turn == ClassTurn::Out;
+                return self.hold(cx, shared, request, account_key, class_key, again);
             }
         }
         self.step = Step::Acquiring(self.ask(shared, account_key));
@@ -353,7 +361,9 @@ impl<Bk: Backend> Gate<Bk> {
     /// account's queue (the next request there asks at once: the account's other requests do
     /// not wait for its class) and joins its class's held requests, which go back to the front
     /// of the account's queue one at a time, in order, each when the record lets it
-    /// ([`Gate::held_at_head`]).
+    /// ([`Gate::held_at_head`]). The one out there (`again`: its class quota changed while it
+    /// waited there) goes back ahead of them ([`Queues::hold`](crate::queue::Queues::hold)).
+    #[allow(clippy::too_many_arguments)]
     fn hold<B>(
         &mut self,
         cx: &Context<'_>,
@@ -361,12 +371,21 @@ impl<Bk: Backend> Gate<Bk> {
         request: &Request<B>,
         account_key: &BucketKey,
         class_key: BucketKey,
+        again: bool,
     ) -> Result<(), BoxError> {
         self.start_waiting(shared, request, Instant::now());
-        self.give_up(shared, account_key);
         let queues = &shared.queues;
-        let ticket = queues.hold(&class_key, cx.waker());
-        let is_head = self.take_place(queues, class_key, ticket);
+        let is_head = if again {
+            // Joins before it leaves the account's queue, which lets the held ones go.
+            let ticket = queues.hold(&class_key, cx.waker(), true);
+            self.give_up(shared, account_key);
+            self.take_place(queues, class_key.clone(), ticket);
+            queues.poll_head(&class_key, ticket.id, cx.waker()) == Ok(true)
+        } else {
+            self.give_up(shared, account_key);
+            let ticket = queues.hold(&class_key, cx.waker(), false);
+            self.take_place(queues, class_key, ticket)
+        };
         self.head_or_queued(is_head, |gate| {
             gate.held_at_head(cx, shared, request, account_key)
         })
@@ -718,6 +737,39 @@ where
             Poll::Ready(Ok(_)) => Direct::Gate(None),
             Poll::Pending => Direct::Gate(Some(acquire)),
         }
+    }
+
+    /// Reject mode's ask for a class request, from `call`: the turns of its class key and its
+    /// account's at once, or neither ([`Backend::acquire_class_or_refuse`]), so a request its
+    /// account refuses spends no class turn. A refusal fails the request with
+    /// [`RateLimited`]; an answer still to come goes through the gate as the account's. `None`
+    /// when the backend cannot: the class's gate is asked, then the account's.
+    #[inline(never)]
+    pub(crate) fn direct_class_and_account(
+        shared: &Shared<Bk>,
+        class_key: &BucketKey,
+        account_key: &BucketKey,
+    ) -> Option<Direct<Bk::AcquireFuture>> {
+        let mut decided_at = None;
+        let mut acquire = shared.backend.acquire_class_or_refuse(
+            class_key,
+            &shared.policy_for(class_key),
+            account_key,
+            &shared.account_policy(),
+            &mut decided_at,
+        )?;
+        let mut cx = Context::from_waker(Waker::noop());
+        Some(match Pin::new(&mut acquire).poll(&mut cx) {
+            Poll::Ready(Ok(Decision::Admit)) => {
+                Direct::Admitted(decided_at.unwrap_or_else(Instant::now))
+            }
+            Poll::Ready(Ok(Decision::NotBefore { at, cooldown })) => {
+                let now = decided_at.unwrap_or_else(Instant::now);
+                Direct::Failed(Box::new(RateLimited::new(at, now, cooldown)))
+            }
+            Poll::Ready(Err(error)) => Direct::Failed(error.into()),
+            Poll::Pending => Direct::Gate(Some(acquire)),
+        })
     }
 
     /// A request admitted directly, sent at `sent_at`: `future` is the inner service's, built

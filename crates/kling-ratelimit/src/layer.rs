@@ -166,7 +166,11 @@ impl<Bk> Builder<Bk> {
     }
 
     /// At most `max` requests wait per key; the next fails with
-    /// [`QueueFull`](crate::error::QueueFull).
+    /// [`QueueFull`](crate::error::QueueFull). A request counts against the key whose turn it
+    /// waits for: a class request against its class key at its class gate, and while it is
+    /// held for its class's record of sends (see the [crate docs](crate)); against its
+    /// account's key while in its account's queue. Moving to its class key (held, or back from
+    /// a paused account) never refuses it: it was waiting already.
     pub fn max_queue(mut self, max: usize) -> Self {
         self.max_queue = Some(max);
         self

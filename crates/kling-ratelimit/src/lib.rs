@@ -61,16 +61,17 @@
 //!   process's; across processes sharing a store the class gate spaces passing, not sending.
 //!   A class quota change carries the wait left over in class turns, as the gate's own debt
 //!   does. Reject mode keeps no record: nothing waits there between the gates.)
-//!   In reject mode a class request the account refuses has spent its class turn: no
-//!   [`Backend`] method gives a turn back, and asking the account first would spend an
-//!   account turn instead, which every request of the account needs; the next class request
-//!   may be refused for up to one class turn it did not use.
+//!   In reject mode a class request takes its class's turn and its account's together, or
+//!   neither ([`Backend::acquire_class_or_refuse`]), so one its account refuses spends no
+//!   class turn; over a backend that cannot (the method's default), the class is asked first
+//!   and its turn is spent.
 //!   Idle keys are dropped, so keyed state stays bounded.
 //! - **Wait mode** (default): requests of a key are served first come, first served through a
 //!   per-key queue in which only the head asks the backend; a dropped request gives its place
-//!   up; [`max_queue`](Builder::max_queue), [`max_wait`](Builder::max_wait) and a request's
-//!   [`Deadline`](kling_core::signals::Deadline) turn a long wait into a typed error
-//!   ([`error::QueueFull`], [`error::WaitExceeded`]) carrying the resume time.
+//!   up; [`max_queue`](Builder::max_queue) (per key: a class request held for its class's
+//!   record of sends counts as waiting for its class key), [`max_wait`](Builder::max_wait)
+//!   and a request's [`Deadline`](kling_core::signals::Deadline) turn a long wait into a
+//!   typed error ([`error::QueueFull`], [`error::WaitExceeded`]) carrying the resume time.
 //!   **Reject mode** ([`Builder::reject`]) fails at once with [`error::RateLimited`], which
 //!   carries the wait — for servers, which ignore backpressure.
 //! - **Time**: tokio time throughout. A request reads the clock once: governor's `check`

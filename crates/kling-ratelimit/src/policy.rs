@@ -173,10 +173,12 @@ impl Cooldown {
 /// | event | rule |
 /// |---|---|
 /// | start | `r = start`, or `ceiling / 4` when no start is given (conservative) |
-/// | success, no 1302 seen yet | `r ← min(ceiling, r · (1 + growth))` (slow start, `growth` = 5%) |
-/// | 1302 (a request sent after the last decrease) | `limit ← r`, `r ← r · decrease` (`decrease` = 0.85) |
-/// | success, `r` below `target · limit` (`target` = 97%) | `r ← r + max((target · limit − r) / 4, probe · limit)` |
-/// | success, `r` at or above `target · limit` | `r ← r + probe · limit` (`probe` = 0.1%) |
+/// | success, no 1302 seen yet | `r ← min(ceiling, r · (1 + growth))` (slow start) |
+/// | 1302 (a request sent after the last decrease) | `limit ← r`, `r ← r · decrease` |
+/// | success, `r` below `target · limit` | `r ← r + max((target · limit − r) / 4, probe · limit)` |
+/// | success, `r` at or above `target · limit` | `r ← r + probe · limit` |
+///
+/// The defaults: `growth` = 5%, `decrease` = 0.85, `target` = 97%, `probe` = 0.1%.
 ///
 /// `r` never goes above the ceiling nor below `ceiling / 1000`. After a 1302 the rate falls to
 /// 85% of where it was refused, climbs back to 97% of it within about ten successes, and then

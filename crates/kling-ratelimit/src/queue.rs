@@ -41,6 +41,11 @@ struct Queue {
     /// ([`Queues::hold`]), in that order. Its head leads it alone, beside the gate's queue,
     /// while none of them is out at the account's queue (`held_out`).
     held: WaitList<()>,
+    /// For a class key's queue: the held request that was out at its account's queue
+    /// (`held_out`) and was held there again (its class quota changed while it waited there:
+    /// [`Queues::hold`] with `again`). It leads the held requests, which all came after it,
+    /// so they keep their order. At most one: only the one out is held again.
+    held_again: WaitList<()>,
     /// For a class key's queue: the ticket, in its account's queue, of the held request that
     /// went back there and is not sent yet ([`Queues::release_held`]); the next one waits for
     /// it, so they are sent in order.
@@ -72,6 +77,7 @@ impl Queue {
             waiters: WaitList::new(),
             returned: WaitList::new(),
             held: WaitList::new(),
+            held_again: WaitList::new(),
             held_out: None,
             from_held: Vec::new(),
             next_id: 0,
@@ -91,7 +97,8 @@ impl Queue {
 
     /// Wakes the head of the held requests, if one may lead them.
     fn wake_held(&self) {
-        let head = self.held.front().filter(|_| self.held_out.is_none());
+        let head = self.held_again.front().or_else(|| self.held.front());
+        let head = head.filter(|_| self.held_out.is_none());
         if let Some(waker) = head.and_then(|w| w.waker.as_ref()) {
             waker.wake_by_ref();
         }
@@ -99,7 +106,12 @@ impl Queue {
 
     /// Live waiters, returned and held ones included.
     fn waiting(&self) -> usize {
-        self.waiters.waiting() + self.returned.waiting() + self.held.waiting()
+        self.waiters.waiting() + self.returned.waiting() + self.held_waiting()
+    }
+
+    /// Live held waiters (held again included).
+    fn held_waiting(&self) -> usize {
+        self.held.waiting() + self.held_again.waiting()
     }
 
     /// Live waiters that ask the key's backend (held ones only wait beside it).
@@ -112,14 +124,18 @@ impl Queue {
         self.waiters.is_empty()
             && self.returned.is_empty()
             && self.held.is_empty()
+            && self.held_again.is_empty()
             && self.held_out.is_none()
     }
 
     /// Whether waiter `id` leads, if it waits here: the first returned one, else the first
     /// of the others; a held one leads the held ones while none of them is out.
     fn is_head(&self, id: u64) -> Option<bool> {
-        if let Some(index) = self.held.position(id) {
+        if let Some(index) = self.held_again.position(id) {
             return Some(index == 0 && self.held_out.is_none());
+        }
+        if let Some(index) = self.held.position(id) {
+            return Some(index == 0 && self.held_again.is_empty() && self.held_out.is_none());
         }
         match self.returned.position(id) {
             Some(index) => Some(index == 0),
@@ -173,6 +189,56 @@ impl ClassSends {
     }
 }
 
+/// Every class key's record of sends ([`Queues::note_class_sent`]).
+#[derive(Debug, Default)]
+struct ClassSendsTable {
+    records: HashMap<BucketKey, ClassSends>,
+    /// The latest theoretical arrival time a record was given: once it is past, every record
+    /// is, and the table is emptied at once (a record past its time decides as none).
+    latest: Option<Instant>,
+}
+
+impl ClassSendsTable {
+    /// Notes that a record now runs until `tat`.
+    fn runs_until(&mut self, tat: Instant) {
+        self.latest = self.latest.max(Some(tat));
+    }
+
+    /// `key`'s record under `quota` at `now`, if it runs past `now`. One past its time is
+    /// dropped, and every record when the latest is past: the table keeps about the records
+    /// still running, at a cost per look independent of how many keys it holds.
+    fn running(&mut self, key: &BucketKey, quota: Quota, now: Instant) -> Option<Instant> {
+        let tat = self
+            .records
+            .get_mut(key)
+            .map(|record| record.under(quota, now));
+        match tat {
+            Some(tat) if tat > now => {
+                // (A slower quota moves it on.)
+                self.runs_until(tat);
+                Some(tat)
+            }
+            Some(_) => {
+                self.records.remove(key);
+                self.forget_past(now);
+                None
+            }
+            None => {
+                self.forget_past(now);
+                None
+            }
+        }
+    }
+
+    /// Empties the table when its latest record is past.
+    fn forget_past(&mut self, now: Instant) {
+        if self.latest.is_none_or(|latest| latest <= now) {
+            self.records.clear();
+            self.latest = None;
+        }
+    }
+}
+
 /// Where a new waiter stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Ticket {
@@ -190,10 +256,10 @@ pub(crate) struct Queues {
     /// theoretical arrival time of its next send, under the class quota
     /// ([`Queues::class_send_at`]), and the emission interval it was reckoned in. Kept while
     /// in the future (dropped lazily).
-    class_sends: Mutex<HashMap<BucketKey, ClassSends>>,
+    class_sends: Mutex<ClassSendsTable>,
     /// Whether `class_sends` may hold a record: a class request admitted in `call` asks
-    /// [`Queues::class_send_at`] only then, so a layer whose class requests never wait takes
-    /// no lock for it.
+    /// [`Queues::class_sends_running`] only then, so a layer whose class requests never wait
+    /// takes no lock for it.
     class_sends_kept: AtomicBool,
 }
 
@@ -227,26 +293,37 @@ impl Queues {
         quota: Quota,
         now: Instant,
     ) -> Option<Instant> {
-        let mut sends = self
-            .class_sends
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let record = sends.get_mut(key).map(|record| record.under(quota, now));
-        let Some(tat) = record.filter(|tat| *tat > now) else {
-            // No record binds this key: the ones past their time go, and with the last one
-            // the requests admitted in `call` stop asking.
-            sends.retain(|_, record| record.tat > now);
-            if sends.is_empty() {
-                self.class_sends_kept.store(false, Ordering::Release);
-            }
-            return None;
-        };
+        let tat = self.running_class_sends(key, quota, now)?;
         // GCRA: the next send may come `burst - 1` periods before the theoretical time.
         let tolerance = quota
             .period()
             .checked_mul(quota.burst().saturating_sub(1))
             .unwrap_or(std::time::Duration::MAX);
         tat.checked_sub(tolerance).filter(|at| *at > now)
+    }
+
+    /// Whether class key `key`'s record of sends runs past `now` (under `quota`): a class
+    /// request admitted in `call` then goes through the gate, which holds it while the record
+    /// binds and notes its send ([`Queues::note_class_sent`]); else it is sent from `call`.
+    /// Only the key's own record is looked at: one account's late class send routes no other
+    /// account's class requests through the gate.
+    pub(crate) fn class_sends_running(&self, key: &BucketKey, quota: Quota, now: Instant) -> bool {
+        self.running_class_sends(key, quota, now).is_some()
+    }
+
+    /// `key`'s record under `quota` at `now`, if it runs past `now` (records past their time
+    /// are dropped: [`ClassSendsTable::running`]). With the last record gone, the requests
+    /// admitted in `call` stop asking.
+    fn running_class_sends(&self, key: &BucketKey, quota: Quota, now: Instant) -> Option<Instant> {
+        let mut sends = self
+            .class_sends
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let tat = sends.running(key, quota, now);
+        if sends.records.is_empty() {
+            self.class_sends_kept.store(false, Ordering::Release);
+        }
+        tat
     }
 
     /// A request of class key `key` was sent at `now` through the gate: the record
@@ -258,20 +335,23 @@ impl Queues {
             .class_sends
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let record = match sends.get_mut(key) {
+        let records = &mut sends.records;
+        let record = match records.get_mut(key) {
             Some(record) => record,
             None => {
-                if sends.len() >= 64 && sends.len().is_power_of_two() {
-                    sends.retain(|_, record| record.tat > now);
+                if records.len() >= 64 && records.len().is_power_of_two() {
+                    records.retain(|_, record| record.tat > now);
                 }
                 let record = ClassSends {
                     tat: now,
                     period: quota.period(),
                 };
-                sends.entry(key.clone()).or_insert(record)
+                records.entry(key.clone()).or_insert(record)
             }
         };
         record.tat = later(record.under(quota, now).max(now), quota.period());
+        let tat = record.tat;
+        sends.runs_until(tat);
         self.class_sends_kept.store(true, Ordering::Release);
     }
 
@@ -345,7 +425,12 @@ impl Queues {
     /// Joins the held requests of class key `key` (a request that passed its gate and reached
     /// the head of its account's queue before the class's record of sends allowed it, and
     /// left that queue). No `max_queue` applies: it was waiting already.
-    pub(crate) fn hold(&self, key: &BucketKey, waker: &Waker) -> Ticket {
+    ///
+    /// `again`: it is the held request out at its account's queue, held there once more (its
+    /// class quota changed while it waited there): it goes ahead of the held requests, which
+    /// came after it. It joins before it leaves the account's queue, so that none of them
+    /// takes its turn meanwhile: it leads once it left.
+    pub(crate) fn hold(&self, key: &BucketKey, waker: &Waker, again: bool) -> Ticket {
         let mut map = self.lock();
         if !map.contains_key(key) {
             map.insert(key.clone(), Queue::new(key));
@@ -353,12 +438,17 @@ impl Queues {
         let queue = map.get_mut(key).expect("inserted above");
         let id = queue.next_id;
         queue.next_id += 1;
-        queue.held.push_back(id, (), waker.clone());
+        let list = if again {
+            &mut queue.held_again
+        } else {
+            &mut queue.held
+        };
+        list.push_back(id, (), waker.clone());
         queue.depth.increment(1.0);
         self.waiting.fetch_add(1, Ordering::AcqRel);
         Ticket {
             id,
-            is_head: queue.held.records() == 1 && queue.held_out.is_none(),
+            is_head: queue.is_head(id) == Some(true),
         }
     }
 
@@ -372,7 +462,7 @@ impl Queues {
         match queue.held_out {
             Some(out) if Some(out) == ticket => ClassTurn::Out,
             Some(_) => ClassTurn::Behind,
-            None if queue.held.waiting() > 0 => ClassTurn::Behind,
+            None if queue.held_waiting() > 0 => ClassTurn::Behind,
             None => ClassTurn::Free,
         }
     }
@@ -392,7 +482,10 @@ impl Queues {
         let kind = key.request_kind().expect("a class key");
         let class = map.get_mut(key).expect("a held request's queue");
         // Only the head of the held requests is released, while it waits there.
-        let removed = class.held.remove(id);
+        let removed = match class.held_again.remove(id) {
+            Removed::NotWaiting => class.held.remove(id),
+            removed => removed,
+        };
         debug_assert_eq!(removed, Removed::Head);
         class.depth.decrement(1.0);
         if !map.contains_key(account) {
@@ -429,7 +522,10 @@ impl Queues {
                 Some(index) => (&mut queue.waiters, index),
                 None => match queue.held.position(id) {
                     Some(index) => (&mut queue.held, index),
-                    None => return Ok(false),
+                    None => match queue.held_again.position(id) {
+                        Some(index) => (&mut queue.held_again, index),
+                        None => return Ok(false),
+                    },
                 },
             },
         };
@@ -503,7 +599,11 @@ impl Queues {
                 Removed::Head => queue.returned.is_empty(),
                 Removed::Behind => false,
                 Removed::NotWaiting => {
-                    match queue.held.remove(id) {
+                    let removed = match queue.held_again.remove(id) {
+                        Removed::NotWaiting => queue.held.remove(id),
+                        removed => removed,
+                    };
+                    match removed {
                         Removed::NotWaiting => return false,
                         Removed::Head => queue.wake_held(),
                         Removed::Behind => {}
@@ -557,7 +657,10 @@ impl Queues {
         self.lock()
             .values()
             .map(|q| {
-                (q.waiters.capacity() + q.returned.capacity() + q.held.capacity())
+                (q.waiters.capacity()
+                    + q.returned.capacity()
+                    + q.held.capacity()
+                    + q.held_again.capacity())
                     * WAITER_RECORD_BYTES
             })
             .sum()
@@ -773,6 +876,40 @@ mod tests {
         assert!(!queues.keeps_class_sends(), "dropped");
     }
 
+    /// A look at one class key's record of sends looks at that key's alone: another key's
+    /// running record neither makes it run nor is dropped by it; a record past its time is
+    /// dropped when its key is looked at, and every one once the latest is past.
+    #[test]
+    fn class_records_are_looked_at_per_key() {
+        let queues = Queues::default();
+        let a = BucketKey::class(Some(kling_core::AccountId::new("a")), RequestKind::Account);
+        let b = BucketKey::class(Some(kling_core::AccountId::new("b")), RequestKind::Account);
+        let quota = Quota::per_second(1.0);
+        let second = std::time::Duration::from_secs(1);
+        let t = Instant::now();
+        queues.note_class_sent(&b, quota, t);
+        queues.note_class_sent(&a, quota, t + second / 2);
+        let later = t + second + second / 5;
+        assert!(!queues.class_sends_running(&b, quota, later));
+        // `b`'s look dropped its own record, past its time, and left `a`'s...
+        assert_eq!(queues.class_sends.lock().unwrap().records.len(), 1);
+        assert!(queues.class_sends_running(&a, quota, later));
+        assert!(queues.keeps_class_sends());
+        // ...and the next look at any key, with the latest past, drops them all.
+        let c = BucketKey::class(Some(kling_core::AccountId::new("c")), RequestKind::Account);
+        assert!(!queues.class_sends_running(&c, quota, t + 2 * second));
+        assert!(queues.class_sends.lock().unwrap().records.is_empty());
+        assert!(!queues.keeps_class_sends());
+        // A slower quota moves a running record on, and the latest with it.
+        queues.note_class_sent(&a, quota, t + 2 * second);
+        assert_eq!(
+            queues.class_send_at(&a, Quota::per_second(0.5), t + 2 * second),
+            Some(t + 4 * second)
+        );
+        assert!(!queues.class_sends_running(&c, quota, t + 3 * second));
+        assert!(queues.class_sends_running(&a, Quota::per_second(0.5), t + 3 * second));
+    }
+
     /// Held class requests ([`Queues::hold`]) wait beside the class gate's queue, the first
     /// leading them; a class request at the account's head stands behind them. The first one
     /// released goes to the front of the account's queue, ahead of its head, and the next one
@@ -790,8 +927,8 @@ mod tests {
             queues.class_turn(&class, Some(account_head.id)),
             ClassTurn::Free
         );
-        let first = queues.hold(&class, waker);
-        let second = queues.hold(&class, waker);
+        let first = queues.hold(&class, waker, false);
+        let second = queues.hold(&class, waker, false);
         assert!(first.is_head && !second.is_head);
         // Held ones wait for the class key but never ask its backend.
         assert_eq!((queues.depth(&class), queues.asking(&class)), (3, 1));
@@ -830,6 +967,36 @@ mod tests {
         );
         assert!(queues.leave(&class, gate_head.id));
         assert!(queues.leave(&whole, account_head.id));
+        assert_eq!(queues.waiting(), 0);
+        assert!(queues.lock().is_empty(), "the queues are dropped");
+    }
+
+    /// The held request out at its account's queue and held there again (`again`) leads the
+    /// held requests that came after it: it is released first, and they follow in order.
+    #[test]
+    fn a_class_request_held_again_leads_the_held_ones() {
+        let queues = Queues::default();
+        let account = Some(kling_core::AccountId::new("a"));
+        let whole = BucketKey::account(account.clone());
+        let class = BucketKey::class(account, RequestKind::Account);
+        let waker = Waker::noop();
+        let first = queues.hold(&class, waker, false);
+        let out = queues.release_held(&class, first.id, &whole, waker);
+        let second = queues.hold(&class, waker, false);
+        assert!(!second.is_head, "waits for the one out");
+        assert_eq!(queues.class_turn(&class, Some(out.id)), ClassTurn::Out);
+        // Held again: it joins while still out, then leaves the account's queue.
+        let again = queues.hold(&class, waker, true);
+        assert!(!again.is_head);
+        assert!(queues.leave(&whole, out.id), "the account's last");
+        assert_eq!(queues.poll_head(&class, again.id, waker), Ok(true));
+        assert!(queues.poll_head(&class, second.id, waker).is_err());
+        assert_eq!(queues.class_turn(&class, None), ClassTurn::Behind);
+        let out = queues.release_held(&class, again.id, &whole, waker);
+        assert!(queues.poll_head(&class, second.id, waker).is_err());
+        assert!(queues.leave(&whole, out.id), "the account's last");
+        assert_eq!(queues.poll_head(&class, second.id, waker), Ok(true));
+        assert!(!queues.leave(&class, second.id));
         assert_eq!(queues.waiting(), 0);
         assert!(queues.lock().is_empty(), "the queues are dropped");
     }

@@ -79,14 +79,44 @@ macro_rules! respond {
         let (account_key, mut class_key) = ($account_key, $class_key);
         let shared = &**shared_of(&lane);
         let mut pending = None;
-        if shared.mode == Mode::Reject || shared.queues.is_idle() {
+        // Reject mode: the class's turn and the account's at once, or neither, where the
+        // backend can (an answer still to come is the account gate's).
+        if shared.mode == Mode::Reject
+            && let Some(key) = &class_key
+            && let Some(both) =
+                ResponseFuture::<S, B, Bk>::direct_class_and_account(shared, key, &account_key)
+        {
+            match both {
+                Direct::Admitted(sent_at) => {
+                    return ResponseFuture::calling(
+                        lane,
+                        account_key,
+                        sent_at,
+                        gcra.inner.call($request),
+                    );
+                }
+                Direct::Failed(error) => {
+                    return ResponseFuture::failed(lane, account_key, error);
+                }
+                Direct::Gate(answer) => {
+                    pending = answer;
+                    class_key = None;
+                }
+            }
+        }
+        if pending.is_none() && (shared.mode == Mode::Reject || shared.queues.is_idle()) {
             // A class admitted here has passed its gate: the account's is asked next, directly
             // or (on any other answer) through the gate without the class.
             if let Some(key) = &class_key {
-                match ResponseFuture::<S, B, Bk>::direct(shared, key, &shared.policy_for(key)) {
-                    // Sent through the gate while the class keeps a record of its sends (one
+                let policy = shared.policy_for(key);
+                match ResponseFuture::<S, B, Bk>::direct(shared, key, &policy) {
+                    // Sent through the gate while its class keeps a record of its sends (one
                     // went late): the gate holds the send until the class quota allows it.
-                    Direct::Admitted(_) if shared.queues.keeps_class_sends() => {
+                    // (One atomic read while no class keeps one; else a look at its own.)
+                    Direct::Admitted(at)
+                        if shared.queues.keeps_class_sends()
+                            && shared.queues.class_sends_running(key, policy.quota, at) =>
+                    {
                         return ResponseFuture::gated(
                             lane,
                             account_key,

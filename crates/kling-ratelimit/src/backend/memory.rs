@@ -67,6 +67,10 @@ thread_local! {
     static DECIDING_AT: Cell<u64> = const { Cell::new(0) };
     /// The limiters this thread asked last (see [`Recent`]).
     static RECENT: RefCell<Recent> = const { RefCell::new(Recent::new()) };
+    /// The state cell's value before and after this thread's last admission (a
+    /// compare-and-swap [`TatCell`] made): [`InProcess::acquire_class_now`] gives a class turn
+    /// back by swapping the one for the other, unless the cell moved on since.
+    static TAKEN: Cell<(u64, u64)> = const { Cell::new((EMPTY, EMPTY)) };
 }
 
 /// governor's clock: the instant the deciding thread read (set in [`DECIDING_AT`] just before
@@ -110,7 +114,10 @@ impl StateStore for TatCell {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return Ok(result),
+                Ok(_) => {
+                    TAKEN.with(|taken| taken.set((prev, next.as_u64())));
+                    return Ok(result);
+                }
                 Err(actual) => prev = actual,
             }
         }
@@ -623,6 +630,38 @@ impl InProcess {
         (decision, now)
     }
 
+    /// [`Backend::acquire_class_or_refuse`], synchronously, with the instant it decided at: the
+    /// class key `class`'s turn and its account key `account`'s, both or neither. Decided under
+    /// the lock; the class's turn, taken first, is given back when the account refuses, unless
+    /// a decision of the class without the lock (another thread's) came in between, which then
+    /// keeps it spent.
+    pub fn acquire_class_now(
+        &self,
+        class: &BucketKey,
+        class_policy: &Policy,
+        account: &BucketKey,
+        account_policy: &Policy,
+    ) -> (Decision, Instant) {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let base = self.base;
+        let entry = self.entry(&mut state, class, class_policy, now);
+        let decision = entry.decide(class_policy, now, base);
+        if decision != Decision::Admit {
+            return (decision, now);
+        }
+        let (before, after) = TAKEN.with(Cell::get);
+        // The limiter that decided (a quota change in `decide` makes a new one).
+        let class_tat = Arc::clone(&entry.generation.tat);
+        let entry = self.entry(&mut state, account, account_policy, now);
+        let decision = entry.decide(account_policy, now, base);
+        if decision != Decision::Admit {
+            // Failing, another decision moved the cell on from this one's: it stays spent.
+            let _ = class_tat.compare_exchange(after, before, Ordering::AcqRel, Ordering::Acquire);
+        }
+        (decision, now)
+    }
+
     /// [`Backend::feedback`], synchronously.
     pub fn feedback_now(&self, key: &BucketKey, policy: &Policy, feedback: Feedback) -> Reported {
         let mut state = self.lock();
@@ -725,6 +764,19 @@ impl Backend for InProcess {
         let (decision, at) = self.acquire_decided(key, policy);
         *decided_at = Some(at);
         ready(Ok(decision))
+    }
+
+    fn acquire_class_or_refuse(
+        &self,
+        class: &BucketKey,
+        class_policy: &Policy,
+        account: &BucketKey,
+        account_policy: &Policy,
+        decided_at: &mut Option<Instant>,
+    ) -> Option<Self::AcquireFuture> {
+        let (decision, at) = self.acquire_class_now(class, class_policy, account, account_policy);
+        *decided_at = Some(at);
+        Some(ready(Ok(decision)))
     }
 
     fn feedback(

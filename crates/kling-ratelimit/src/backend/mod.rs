@@ -203,6 +203,32 @@ pub trait Backend: Send + Sync + 'static {
         self.acquire_noting(key, policy, decided_at)
     }
 
+    /// Reject mode's ask for a request of the class key `class` (a class quota of the account
+    /// key `account`): takes a turn of both at one instant, or of neither. The answer is the
+    /// class's refusal when the class has no turn (the account is not asked), else the
+    /// account's refusal when it has none (the class's turn is given back, or never taken),
+    /// else [`Decision::Admit`] with both turns taken. As
+    /// [`acquire_or_refuse`](Backend::acquire_or_refuse), a refusal leaves nothing behind, and
+    /// `decided_at` is noted for an answer decided at once.
+    ///
+    /// The default, `None`, says the backend cannot: the layer asks `acquire_or_refuse` for
+    /// the class, then for the account, and a class turn is spent on a request the account
+    /// then refuses (the class's next request may be refused for up to a class turn that sent
+    /// nothing). [`InProcess`] decides both under its lock and gives the class turn back
+    /// unless another decision of the class came meanwhile; a shared store decides both in
+    /// one step (for Redis, one script).
+    fn acquire_class_or_refuse(
+        &self,
+        class: &BucketKey,
+        class_policy: &Policy,
+        account: &BucketKey,
+        account_policy: &Policy,
+        decided_at: &mut Option<Instant>,
+    ) -> Option<Self::AcquireFuture> {
+        let _ = (class, class_policy, account, account_policy, decided_at);
+        None
+    }
+
     /// [`Backend::acquire`], noting in `decided_at` the instant (this process's tokio clock) it
     /// decided at, when it decides at once: the layer sends a request admitted then at that
     /// instant instead of reading the clock again. The default leaves `decided_at` alone (a

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use kling_core::RequestKind;
-use kling_ratelimit::error::{BackendError, RateLimited};
+use kling_ratelimit::error::{BackendError, QueueFull, RateLimited};
 use kling_ratelimit::{
     Backend, BucketKey, Decision, Feedback, GcraLayer, InProcess, Policy, Quota,
 };
@@ -33,6 +33,12 @@ struct Store {
     stopped: Mutex<Vec<BucketKey>>,
     /// The end of a pause of every account key, as another process meeting a 1302 sets it.
     paused_until: Mutex<Option<Instant>>,
+    /// Reject mode's class and account turns at once
+    /// ([`Backend::acquire_class_or_refuse`]), answered after this round trip; `None`: the
+    /// backend cannot (the default).
+    both_latency: Option<Duration>,
+    /// The keys asked with `acquire_noting` (a request decided in `call`, not in the gate).
+    noted: Mutex<Vec<BucketKey>>,
 }
 
 impl Store {
@@ -78,6 +84,35 @@ impl Backend for Store {
         _decided_at: &mut Option<Instant>,
     ) -> Self::AcquireFuture {
         self.answer(key, policy)
+    }
+
+    fn acquire_noting(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        _decided_at: &mut Option<Instant>,
+    ) -> Self::AcquireFuture {
+        self.noted.lock().unwrap().push(key.clone());
+        self.answer(key, policy)
+    }
+
+    fn acquire_class_or_refuse(
+        &self,
+        class: &BucketKey,
+        class_policy: &Policy,
+        account: &BucketKey,
+        account_policy: &Policy,
+        _decided_at: &mut Option<Instant>,
+    ) -> Option<Self::AcquireFuture> {
+        let latency = self.both_latency?;
+        let inner = std::sync::Arc::clone(&self.inner);
+        let (class, class_policy) = (class.clone(), *class_policy);
+        let (account, account_policy) = (account.clone(), *account_policy);
+        Some(Box::pin(async move {
+            tokio::time::sleep(latency).await;
+            let both = inner.acquire_class_now(&class, &class_policy, &account, &account_policy);
+            Ok(both.0)
+        }))
     }
 
     fn stop_waiting(&self, key: &BucketKey) {
@@ -274,6 +309,197 @@ async fn held_class_requests_that_meet_a_pause_keep_their_order_and_quota() {
             ("create".into(), 4000),
             ("k1".into(), 4100),
             ("k2".into(), 5100),
+        ]
+    );
+}
+
+/// Class requests sent a burst apart, then held: account ten a second behind 30 creates,
+/// `/account/costs` one a second with a burst of two. `k0` and `k1` pass their class gate at
+/// once, `k2` at 1 s and `k3` at 2 s; the creates hold them all at the account gate until 3 s,
+/// where `k0` and `k1` go out as the burst, and `k2` then `k3` are held for the class (until
+/// 4 s). `k2` goes back to the account's queue at 4 s, where a create took the turn, and while
+/// it waits there the class burst is lowered to one: its class no longer lets it go until 5 s,
+/// and it is held again, still ahead of `k3`.
+#[tokio::test(start_paused = true)]
+async fn a_held_class_request_held_again_by_a_lowered_burst_keeps_its_turn() {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0).with_burst(2))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..30 {
+        calls.push(spawn_call(&service, request(Some("a"), &format!("x{i}"))).await);
+    }
+    for tag in ["k0", "k1", "k2", "k3"] {
+        calls.push(spawn_call(&service, costs(tag)).await);
+    }
+    tokio::time::sleep_until(start + ms(3950)).await;
+    calls.push(spawn_call(&service, request(Some("a"), "create")).await);
+    tokio::time::sleep_until(start + ms(4020)).await;
+    handle
+        .set_class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .unwrap();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(handle.waiting(), 0);
+    assert_eq!(handle.queue_bytes(), 0, "the queues are dropped");
+    // Before: `k2` went behind `k3` (`k3` at 5000, `k2` at 6000).
+    assert_eq!(
+        &server.times_ms(start)[29..],
+        [
+            ("x29".into(), 2900),
+            ("k0".into(), 3000),
+            ("k1".into(), 3100),
+            ("create".into(), 3950),
+            ("k2".into(), 5000),
+            ("k3".into(), 6000),
+        ]
+    );
+}
+
+/// Reject mode over a store that takes a class request's two turns at once, answering after a
+/// round trip of 50 ms: a create takes the account's turn (one per 100 ms) at 0; `c0`, asked
+/// at 10 ms, is decided at 60 ms and refused by its account for the 40 ms left, and spends no
+/// class turn (one a second): `c1`, asked at 100 ms, is sent at 150 ms, its two turns taken
+/// once.
+#[tokio::test(start_paused = true)]
+async fn reject_mode_takes_both_turns_in_one_answer_from_a_store_that_can() {
+    let server = Server::new();
+    let store = Store {
+        both_latency: Some(ms(50)),
+        ..Store::default()
+    };
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .reject()
+        .backend(store)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    service
+        .clone()
+        .oneshot(request(Some("a"), "create"))
+        .await
+        .unwrap();
+    tokio::time::advance(ms(10)).await;
+    let err = service.clone().oneshot(costs("c0")).await.unwrap_err();
+    let limited = err.downcast_ref::<RateLimited>().expect("RateLimited");
+    assert_eq!(limited.retry_after(), ms(40), "the account's wait");
+    assert_eq!(Instant::now(), start + ms(60));
+    tokio::time::advance(ms(40)).await;
+    service.clone().oneshot(costs("c1")).await.unwrap();
+    assert_eq!(
+        server.times_ms(start),
+        [("create".into(), 0), ("c1".into(), 150)]
+    );
+    // Sent on the one answer: the account's next turn is 100 ms after `c1`'s.
+    let account = BucketKey::account(Some(kling_core::AccountId::new("a")));
+    let policy = handle.policy(&account);
+    tokio::time::advance(ms(99)).await;
+    let inner = &handle.backend().inner;
+    assert!(matches!(
+        inner.acquire_now(&account, &policy),
+        Decision::NotBefore { .. }
+    ));
+    tokio::time::advance(ms(1)).await;
+    assert_eq!(inner.acquire_now(&account, &policy), Decision::Admit);
+    assert!(handle.backend().stopped.lock().unwrap().is_empty());
+}
+
+/// Nothing queues at 1 s, but account `a`'s class keeps a record of sends (`k0` went late, at
+/// 0.9 s): a class request of account `b`, whose class sent nothing late, is decided in `call`
+/// as when no record is kept, while `a`'s next one is still held until 1.9 s. One account's
+/// record routes no other account's class requests through the gate.
+#[tokio::test(start_paused = true)]
+async fn one_accounts_class_record_leaves_other_accounts_class_requests_alone() {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .backend(Store::default())
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..9 {
+        calls.push(spawn_call(&service, request(Some("a"), &format!("x{i}"))).await);
+    }
+    calls.push(spawn_call(&service, costs("k0")).await);
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    tokio::time::advance(ms(1000) - start.elapsed()).await;
+    assert_eq!(handle.waiting(), 0);
+    handle.backend().noted.lock().unwrap().clear();
+    let b0 = request_to("/account/costs", Some("b"), "b0");
+    service.clone().oneshot(b0).await.unwrap();
+    let account_b = BucketKey::account(Some(kling_core::AccountId::new("b")));
+    // Before: asked through the gate (`acquire`), since `a`'s class kept a record.
+    assert!(
+        handle.backend().noted.lock().unwrap().contains(&account_b),
+        "decided in `call`"
+    );
+    service.clone().oneshot(costs("k1")).await.unwrap();
+    assert_eq!(
+        &server.times_ms(start)[9..],
+        [("k0".into(), 900), ("b0".into(), 1000), ("k1".into(), 1900)]
+    );
+}
+
+/// `max_queue` counts a held class request as waiting for its class key, whose turn (at the
+/// send) it waits for, and not for its account's. Account ten a second, `/account/costs` one a
+/// second, at most one waiter per key: `k0` is sent late (100 ms, behind a create), so `k1`,
+/// which passes its class gate at 1 s, is held until 1.1 s. Meanwhile a second costs request
+/// is refused (one waits for the class already), while a create is sent at once (so `k1` goes
+/// an account turn later, at 1.11 s); once `k1` is sent, a costs request waits again.
+#[tokio::test(start_paused = true)]
+async fn a_held_class_request_counts_against_its_class_queue_bound_only() {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .max_queue(1)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    service
+        .clone()
+        .oneshot(request(Some("a"), "x0"))
+        .await
+        .unwrap();
+    service.clone().oneshot(costs("k0")).await.unwrap();
+    tokio::time::advance(ms(1000) - start.elapsed()).await;
+    let k1 = spawn_call(&service, costs("k1")).await;
+    assert_eq!(handle.waiting(), 1, "held");
+    tokio::time::advance(ms(10)).await;
+    let err = service.clone().oneshot(costs("k2")).await.unwrap_err();
+    let full = err.downcast_ref::<QueueFull>().expect("QueueFull");
+    assert_eq!(full.max(), 1);
+    service
+        .clone()
+        .oneshot(request(Some("a"), "create"))
+        .await
+        .unwrap();
+    k1.await.unwrap().unwrap();
+    tokio::time::advance(ms(100)).await;
+    service.clone().oneshot(costs("k3")).await.unwrap();
+    assert_eq!(
+        server.times_ms(start),
+        [
+            ("x0".into(), 0),
+            ("k0".into(), 100),
+            ("create".into(), 1010),
+            ("k1".into(), 1110),
+            ("k3".into(), 2110),
         ]
     );
 }

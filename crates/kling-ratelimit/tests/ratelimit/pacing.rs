@@ -483,6 +483,48 @@ async fn reject_mode_checks_the_class_then_the_account() {
     assert_eq!(server.tags(), vec!["c0", "create0", "c2", "create1"]);
 }
 
+/// Reject mode: a class request its account refuses spends no class turn. A create takes the
+/// account's turn (one per 100 ms) at 0; `c0` at 50 ms passes its class (one a second) but
+/// not its account, and is refused for 50 ms; `c1` at 100 ms is sent, and the class turn it
+/// took holds `c2` back.
+#[tokio::test(start_paused = true)]
+async fn reject_mode_spends_no_class_turn_on_a_request_its_account_refuses() {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .reject()
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    let costs = |tag: &str| request_to("/account/costs", Some("a"), tag);
+    let start = Instant::now();
+    service
+        .clone()
+        .oneshot(request(Some("a"), "create"))
+        .await
+        .unwrap();
+    tokio::time::advance(ms(50)).await;
+    let err = service.clone().oneshot(costs("c0")).await.unwrap_err();
+    let limited = err.downcast_ref::<RateLimited>().expect("RateLimited");
+    assert_eq!(limited.retry_after(), ms(50), "the account's wait");
+    assert!(!limited.in_cooldown());
+    tokio::time::advance(ms(50)).await;
+    // Before: refused for 950 ms, the class turn spent on `c0`.
+    service.clone().oneshot(costs("c1")).await.unwrap();
+    tokio::time::advance(ms(100)).await;
+    let err = service.clone().oneshot(costs("c2")).await.unwrap_err();
+    let limited = err.downcast_ref::<RateLimited>().expect("RateLimited");
+    assert_eq!(
+        limited.retry_after(),
+        ms(900),
+        "the class's wait after `c1`"
+    );
+    assert_eq!(
+        server.times_ms(start),
+        [("create".into(), 0), ("c1".into(), 100)]
+    );
+}
+
 /// A test backend's answer to an ask, boxed.
 type BoxedAnswer = std::pin::Pin<
     Box<
