@@ -15,7 +15,7 @@ use kling_core::lanes::Lane;
 use kling_core::metrics::{
     LABEL_CODE, LABEL_KIND, LABEL_POOL, LABEL_STATUS, REQUEST_DURATION, RESPONSES,
 };
-use kling_core::signals::{Attempt, Waited};
+use kling_core::signals::{Attempt, SendWatch, Waited};
 use kling_core::{Code, Outcome, RequestKind, SendState};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
@@ -27,11 +27,25 @@ use crate::recorder::{self, Probe, Target};
 
 pin_project! {
     /// Waits for the inner call inside the request's span, then records its metrics.
+    ///
+    /// Dropped before the call ended, it records nothing but the request it may have sent
+    /// (see [`Call::dropped`]).
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
         span: Span,
         call: Option<Call>,
+    }
+
+    impl<F> PinnedDrop for ResponseFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            // Not while a panic unwinds: a warning hook that panicked too would abort.
+            if let Some(call) = this.project().call.take()
+                && !std::thread::panicking()
+            {
+                call.dropped();
+            }
+        }
     }
 }
 
@@ -53,6 +67,10 @@ pub(crate) struct Call {
     pub(crate) pool: labels::Value,
     pub(crate) monitor: MonitorHandle,
     pub(crate) target: Target,
+    /// A create's send watch, shared with the layers below (see [`Call::dropped`]).
+    pub(crate) watch: Option<SendWatch>,
+    /// Whether the inner call was polled: a future never polled sent nothing.
+    pub(crate) polled: bool,
 }
 
 /// A call's hold on the monitor: its thread's lane ([`kling_core::lanes`]), whose count only
@@ -82,6 +100,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let _entered = this.span.enter();
+        if let Some(call) = this.call {
+            call.polled = true;
+        }
         let mut result = ready!(this.inner.poll(cx)).map_err(Into::into);
         let call = this
             .call
@@ -97,6 +118,24 @@ where
 }
 
 impl Call {
+    /// The call's future was dropped before its answer (a caller's timeout, a cancelled job):
+    /// its request counts in the rate window, as an answered one does, when it may have left
+    /// and so reached Kling, which counts it against the account. That is known of a create
+    /// only (the only request given a [`SendWatch`]): once polled, unless a layer below holds
+    /// it back unsent ([`SendWatch::never_sent`]: waiting for its slots or its rate-limit
+    /// turn, or in the retry layer's backoff after attempts that made no task). One request,
+    /// whichever attempt was under way: nothing tells this layer how many attempts went
+    /// before, so an attempt answered and retried (a 1303, a 5000) is not counted, nor is a
+    /// dropped request of another kind.
+    fn dropped(self) {
+        if self.polled
+            && let Some(watch) = &self.watch
+            && !watch.never_sent()
+        {
+            self.monitor.note_requests(Instant::now(), 1);
+        }
+    }
+
     fn response(mut self, response: &mut Response<Full<Bytes>>, span: &Span) {
         let status = response.status();
         // Whether an outcome is attached (by the classify step, or here): when it is the only

@@ -244,10 +244,10 @@ pub(crate) const NO_POOL: Value = Value::fixed("", 0);
 /// model's pool (the `Display` of [`kling_core::Pool`]), or `{product}:other` (see
 /// [`model_pool`]). A model pool no answer has shown yet is unconfirmed until the call's
 /// answer settles it ([`settle_pool`]).
-pub(crate) fn pool(pool: PoolRef<'_>) -> Value {
+pub(crate) fn pool(pool: &PoolRef<'_>) -> Value {
     match pool {
         PoolRef::None => NO_POOL,
-        PoolRef::Product(product) => match product {
+        PoolRef::Product(product) => match *product {
             Product::Video => Value::fixed(Product::Video.as_str(), 1),
             Product::Image => Value::fixed(Product::Image.as_str(), 2),
             Product::TryOn => Value::fixed(Product::TryOn.as_str(), 3),
@@ -256,7 +256,7 @@ pub(crate) fn pool(pool: PoolRef<'_>) -> Value {
                 index: None,
             },
         },
-        PoolRef::Model(product, model) => model_pool(product, model),
+        PoolRef::Model(product, model) => model_pool(*product, model),
     }
 }
 
@@ -471,10 +471,10 @@ mod tests {
         }
         assert_eq!(Status::Http(http::StatusCode::IM_A_TEAPOT).index(), None);
         assert_eq!(Status::None.value().as_str(), NO_STATUS);
-        assert_eq!(pool(PoolRef::None).as_str(), "");
-        assert_eq!(pool(PoolRef::Product(Product::TryOn)).as_str(), "try-on");
+        assert_eq!(pool(&PoolRef::None).as_str(), "");
+        assert_eq!(pool(&PoolRef::Product(Product::TryOn)).as_str(), "try-on");
         assert_eq!(
-            pool(PoolRef::Model(Product::Video, "kling-3.0")).as_str(),
+            pool(&PoolRef::Model(Product::Video, "kling-3.0".into())).as_str(),
             "video:kling-3.0"
         );
     }
@@ -533,7 +533,7 @@ mod tests {
     /// table is tested in `tests/model_pool_labels.rs`, a binary of its own: it is global.)
     #[test]
     fn a_model_pool_is_named_only_once_an_answer_shows_it() {
-        let mut first = pool(PoolRef::Model(Product::Image, "settle-test-0"));
+        let mut first = pool(&PoolRef::Model(Product::Image, "settle-test-0".into()));
         assert_eq!(first.as_str(), "image:settle-test-0");
         assert_eq!(first.indexed(), None, "unconfirmed");
         let mut refused = first.clone();
@@ -544,27 +544,27 @@ mod tests {
         assert_eq!(text, "image:settle-test-0");
         assert!((FIXED_POOLS + OTHER_POOLS..POOLS).contains(&at));
         // Known at the next call, settled by nothing.
-        let mut again = pool(PoolRef::Model(Product::Image, "settle-test-0"));
+        let mut again = pool(&PoolRef::Model(Product::Image, "settle-test-0".into()));
         assert_eq!(again, first);
         settle_pool(&mut again, || unreachable!());
         assert_eq!(again, first);
         // The same model of another product is another pool.
-        let mut other = pool(PoolRef::Model(Product::Video, "settle-test-0"));
+        let mut other = pool(&PoolRef::Model(Product::Video, "settle-test-0".into()));
         settle_pool(&mut other, || true);
         assert_eq!(other.as_str(), "video:settle-test-0");
         assert_ne!(other.indexed(), first.indexed());
         let long = "m".repeat(kling_core::metrics::MODEL_LABEL_MAX_LEN + 1);
-        let video_other = pool(PoolRef::Model(Product::Video, &long));
+        let video_other = pool(&PoolRef::Model(Product::Video, long.as_str().into()));
         assert_eq!(video_other.indexed(), Some(("video:other", FIXED_POOLS)));
         // Other labels are left as they are.
-        let mut product = pool(PoolRef::Product(Product::TryOn));
+        let mut product = pool(&PoolRef::Product(Product::TryOn));
         settle_pool(&mut product, || unreachable!());
         assert_eq!(product.indexed(), Some(("try-on", 3)));
     }
 
     #[test]
     fn call_keys_carry_the_label_values_and_are_built_once() {
-        let video = pool(PoolRef::Product(Product::Video));
+        let video = pool(&PoolRef::Product(Product::Video));
         let ok = Status::Http(http::StatusCode::OK);
         let success = CodeLabel::Kling(Code::Success);
         let keys = call_keys(RequestKind::Create, &video, ok, success).unwrap();
@@ -594,7 +594,7 @@ mod tests {
         assert!(std::ptr::eq(keys, again));
         let query = call_keys(
             RequestKind::Query,
-            &pool(PoolRef::None),
+            &pool(&PoolRef::None),
             Status::None,
             CodeLabel::None,
         );

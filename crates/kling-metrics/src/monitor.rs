@@ -345,8 +345,9 @@ const _: () = assert!(std::mem::size_of::<Bucket>() == 128);
 
 /// In declaration order (`repr(C)`): after the lock, what every create and end of a task in
 /// the slot touches, then the slot's id, then the rest. Ends are not counted: a bucket's
-/// finished tasks are its creates that are neither tracked nor `absorbed` nor `expired`, so an end writes
-/// only the first line (the counts read by the snapshot stay exact, all under the lock).
+/// finished tasks are its creates that are neither tracked nor `absorbed` nor `expired`, so an
+/// end writes only the first line (the counts read by the snapshot stay exact, all under the
+/// lock).
 #[repr(C)]
 struct BucketState {
     created: u64,
@@ -1059,7 +1060,8 @@ impl Monitor {
         self.inner.threshold
     }
 
-    /// `n` requests were sent: counted when the call was answered, as its attempts say.
+    /// `n` requests were sent: counted when the call was answered, as its attempts say, or when
+    /// it was dropped after its request may have left.
     pub(crate) fn note_requests(&self, now: Instant, n: u64) {
         let inner = &*self.inner;
         let (epoch, own) = inner.window.count(now, n);
@@ -1834,7 +1836,7 @@ mod tests {
     async fn a_task_nobody_follows_expires_at_its_lease_and_gives_its_place_back() {
         use std::time::Duration;
 
-        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let video = labels::pool(&crate::route::PoolRef::Product(kling_core::Product::Video));
         for (long, noticed_by_snapshot) in [(false, true), (false, false), (true, false)] {
             let monitor = Monitor::builder()
                 .task_lease(Duration::from_secs(60))
@@ -1887,7 +1889,7 @@ mod tests {
     async fn a_task_two_creates_answer_is_counted_once() {
         use std::time::Duration;
 
-        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let video = labels::pool(&crate::route::PoolRef::Product(kling_core::Product::Video));
         for long in [false, true] {
             let recorder = metrics_util::debugging::DebuggingRecorder::new();
             let snapshotter = recorder.snapshotter();
@@ -1941,7 +1943,7 @@ mod tests {
     /// another create answering it while no bucket was locked, counts no second task.
     #[tokio::test(start_paused = true)]
     async fn the_exact_path_counts_no_task_tracked_meanwhile() {
-        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let video = labels::pool(&crate::route::PoolRef::Product(kling_core::Product::Video));
         let monitor = Monitor::builder().max_tracked_tasks(1).build().unwrap();
         monitor.observe_tasks(true, &video, &outcome("t1", "submitted"), Instant::now());
         let (hash, bucket) = monitor.bucket(b"t1");
@@ -1964,7 +1966,7 @@ mod tests {
     async fn a_running_report_renews_a_tasks_lease() {
         use std::time::Duration;
 
-        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let video = labels::pool(&crate::route::PoolRef::Product(kling_core::Product::Video));
         let monitor = Monitor::builder()
             .task_lease(Duration::from_secs(60))
             .build()
@@ -1991,7 +1993,7 @@ mod tests {
     async fn a_task_never_expires_before_its_lease() {
         use std::time::Duration;
 
-        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let video = labels::pool(&crate::route::PoolRef::Product(kling_core::Product::Video));
         let monitor = Monitor::builder()
             .task_lease(Duration::from_millis(500))
             .build()
@@ -2022,7 +2024,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn tasks_are_tracked_until_they_end_whatever_the_length_of_their_id() {
         let monitor = Monitor::default();
-        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let video = labels::pool(&crate::route::PoolRef::Product(kling_core::Product::Video));
         let ids = [
             "7".to_owned(),
             "x".repeat(INLINE_ID),
@@ -2064,7 +2066,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_task_id_longer_than_kling_sends_is_counted_not_kept() {
         let monitor = Monitor::default();
-        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let video = labels::pool(&crate::route::PoolRef::Product(kling_core::Product::Video));
         let kept = |monitor: &Monitor| -> u32 {
             monitor.inner.tasks.iter().map(|b| lock(&b.0).len()).sum()
         };
@@ -2233,7 +2235,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn at_most_max_tracked_tasks_are_tracked_and_an_ended_one_frees_its_place() {
         let monitor = Monitor::builder().max_tracked_tasks(3).build().unwrap();
-        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let video = labels::pool(&crate::route::PoolRef::Product(kling_core::Product::Video));
         let create = |id: &str| {
             monitor.observe_tasks(true, &video, &outcome(id, "submitted"), Instant::now())
         };
@@ -2265,7 +2267,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn with_every_place_taken_creates_are_refused_without_the_exact_path() {
         let monitor = Monitor::builder().max_tracked_tasks(3).build().unwrap();
-        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let video = labels::pool(&crate::route::PoolRef::Product(kling_core::Product::Video));
         let create = |id: &str| {
             monitor.observe_tasks(true, &video, &outcome(id, "submitted"), Instant::now());
         };
@@ -2299,7 +2301,7 @@ mod tests {
     #[test]
     fn concurrent_calls_count_every_task_once() {
         let monitor = Monitor::default();
-        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let video = labels::pool(&crate::route::PoolRef::Product(kling_core::Product::Video));
         std::thread::scope(|scope| {
             for thread in 0..4 {
                 let (monitor, video) = (&monitor, &video);
@@ -2341,7 +2343,7 @@ mod tests {
 
     fn tasks_ended_by_racing_threads_are_counted_once_in(monitor: &Monitor) {
         const IDS: usize = 6_000;
-        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let video = labels::pool(&crate::route::PoolRef::Product(kling_core::Product::Video));
         let ids: Vec<String> = (0..IDS)
             .map(|n| match n % 7 {
                 0 => format!("{}-{n}", "x".repeat(SLOT_ID)),
@@ -2395,7 +2397,7 @@ mod tests {
     /// its first round.)
     #[test]
     fn snapshots_taken_meanwhile_never_see_a_count_fall() {
-        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let video = labels::pool(&crate::route::PoolRef::Product(kling_core::Product::Video));
         for _ in 0..2 {
             let monitor = Monitor::builder().max_tracked_tasks(8).build().unwrap();
             let done = AtomicBool::new(false);
@@ -2627,7 +2629,7 @@ mod tests {
     /// ends, for small and large maximums, so both the chunks and the exact path run.
     #[tokio::test(start_paused = true)]
     async fn tracking_in_chunks_agrees_with_one_count_against_the_maximum() {
-        let video = labels::pool(crate::route::PoolRef::Product(kling_core::Product::Video));
+        let video = labels::pool(&crate::route::PoolRef::Product(kling_core::Product::Video));
         let mut state = 0x853c_49e6_748f_ea9b_u64;
         for max in [0, 1, 3, 17, 64, 65, 300, 5_000] {
             let monitor = Monitor::builder().max_tracked_tasks(max).build().unwrap();

@@ -7,20 +7,23 @@
 //! borrows from the path and never allocates (the layers below recognise the request when they
 //! need more).
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 
 use http::{Method, Request};
 use kling_core::{Pool, Product, Recognized, RequestKind, Route};
 
 /// The pool of a recognised request, borrowed from its path or its cached recognition.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum PoolRef<'a> {
     /// Draws from no pool (not a create).
     None,
     /// A product's pool shared by all models (legacy paths).
     Product(Product),
-    /// One model version's pool (new-style paths).
-    Model(Product, &'a str),
+    /// One model version's pool (new-style paths), named as the server reads it: borrowed
+    /// from the path, or decoded from one that escapes a character of the name
+    /// (`kling%2D3.0` is `kling-3.0`, see [`from_path`]).
+    Model(Product, Cow<'a, str>),
 }
 
 impl<'a> PoolRef<'a> {
@@ -29,7 +32,7 @@ impl<'a> PoolRef<'a> {
             None => PoolRef::None,
             Some(pool) => match pool.model() {
                 None => PoolRef::Product(pool.product()),
-                Some(model) => PoolRef::Model(pool.product(), model),
+                Some(model) => PoolRef::Model(pool.product(), Cow::Borrowed(model)),
             },
         }
     }
@@ -95,23 +98,41 @@ pub(crate) fn kind_of_post<B>(request: &Request<B>) -> RequestKind {
     })
 }
 
-/// The kind and pool [`Route`] finds for `method` and `path`.
+/// The kind and pool [`Route`] finds for `method` and `path`. A model name written with
+/// escapes (`/text-to-video/kling%2D3.0`) is decoded as [`Route::pool`] decodes it, as the
+/// server reads it and as a cached [`Recognized`] and the task slots name the pool: one model
+/// is one label however its path was written.
 pub(crate) fn from_path<'a>(method: &Method, path: &'a str) -> (RequestKind, PoolRef<'a>) {
     let route = Route::of(method, path);
     let pool = match (route.product, route.model) {
         (None, _) => PoolRef::None,
         (Some(product), None) => PoolRef::Product(product),
-        (Some(product), Some(model)) => PoolRef::Model(product, model),
+        (Some(product), Some(model)) if !model.as_bytes().contains(&b'%') => {
+            PoolRef::Model(product, Cow::Borrowed(model))
+        }
+        (Some(product), Some(_)) => decoded_model(&route, product),
     };
     (route.kind, pool)
+}
+
+/// The pool of a route whose model is written with escapes, its name decoded by
+/// [`Route::pool`]. Out of line: only such a path comes here (and allocates).
+#[cold]
+#[inline(never)]
+fn decoded_model<'a>(route: &Route<'_>, product: Product) -> PoolRef<'a> {
+    match route.pool().as_ref().and_then(Pool::model) {
+        Some(model) => PoolRef::Model(product, Cow::Owned(model.to_owned())),
+        None => PoolRef::Product(product),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Words the path rules look at, and filler (kling-core checks the rules themselves).
-    const WORDS: [&str; 12] = [
+    /// Words the path rules look at, and filler (kling-core checks the rules themselves); a
+    /// model written with escapes, as a server decodes it (`kling%2D3.0` is `kling-3.0`).
+    const WORDS: [&str; 13] = [
         "v1",
         "videos",
         "images",
@@ -123,6 +144,7 @@ mod tests {
         "text-to-video",
         "virtual-try-on",
         "kling-3.0",
+        "kling%2D3%2e0",
         "x",
     ];
 
@@ -153,7 +175,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(checked, 3 * (12 + 144 + 1728));
+        assert_eq!(checked, 3 * (13 + 169 + 2197));
     }
 
     /// The remembered POST path gives the kind the path rules give, over runs of paths that
@@ -235,13 +257,13 @@ mod tests {
                 Method::POST,
                 "/text-to-video/kling-3.0",
                 RequestKind::Create,
-                PoolRef::Model(Product::Video, "kling-3.0"),
+                PoolRef::Model(Product::Video, "kling-3.0".into()),
             ),
             (
                 Method::POST,
                 "/virtual-try-on/kolors-v1.5",
                 RequestKind::Create,
-                PoolRef::Model(Product::TryOn, "kolors-v1.5"),
+                PoolRef::Model(Product::TryOn, "kolors-v1.5".into()),
             ),
             (Method::GET, "/tasks", RequestKind::Query, PoolRef::None),
             (Method::POST, "/tasks/", RequestKind::List, PoolRef::None),
@@ -257,6 +279,42 @@ mod tests {
             assert_eq!(from_path(&method, path), (kind, pool), "{method} {path}");
             agrees(&method, path);
         }
+    }
+
+    /// A model named with escapes of unreserved characters is the model a server reads (and
+    /// the task slots label): decoded, whichever characters are escaped and in either case of
+    /// hex; an escape of any other character stays as written, as kling-core keeps it.
+    #[test]
+    fn an_escaped_model_is_the_model_the_server_reads() {
+        for path in [
+            "/text-to-video/kling%2D3.0",
+            "/text-to-video/kling-3%2e0",
+            "/text-to-video/%6B%6c%69%6E%67%2D%33%2E%30",
+            "/v1/../text-to-video/kling%2d3.0/",
+        ] {
+            assert_eq!(
+                from_path(&Method::POST, path),
+                (
+                    RequestKind::Create,
+                    PoolRef::Model(Product::Video, "kling-3.0".into())
+                ),
+                "{path}"
+            );
+            agrees(&Method::POST, path);
+        }
+        assert_eq!(
+            from_path(&Method::POST, "/image-to-video/kling%3A3").1,
+            PoolRef::Model(Product::Video, "kling%3A3".into())
+        );
+        agrees(&Method::POST, "/image-to-video/kling%3A3");
+        let escaped = Request::post("/text-to-video/kling%2D3.0")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            of(&escaped).1.to_string(),
+            "video:kling-3.0",
+            "the span's pool"
+        );
     }
 
     #[test]
@@ -281,7 +339,7 @@ mod tests {
             of(&request),
             (
                 RequestKind::Other,
-                PoolRef::Model(Product::Video, "kling-o1")
+                PoolRef::Model(Product::Video, "kling-o1".into())
             )
         );
     }

@@ -10,7 +10,7 @@ use http_body_util::Full;
 use kling_core::call_clock;
 use kling_core::error::BoxError;
 use kling_core::lanes::Lanes;
-use kling_core::signals::Attempt;
+use kling_core::signals::{Attempt, SendWatch};
 use kling_core::{PeekBody, RequestKind};
 use tower_service::Service;
 use tracing::field::Empty;
@@ -23,9 +23,11 @@ use crate::{Monitor, labels};
 /// Measures each call and reports it through the `metrics` facade, a `tracing` span and its
 /// [`Monitor`]. See [`MetricsLayer`](crate::MetricsLayer) and the crate docs.
 ///
-/// Only passes through: it never changes a request or a response. Its error is the inner
-/// error as a [`BoxError`] (the stack's error type), so it can read a Kling code out of an
-/// error that carries a [`kling_core::error::ApiError`].
+/// Only passes through: it never changes a response, and of a request only its signals, where
+/// it puts a create's [`SendWatch`] (shared with the layers below, so that a create dropped
+/// after it left counts in the [`Monitor`]'s rate window). Its error is the inner error as a
+/// [`BoxError`] (the stack's error type), so it can read a Kling code out of an error that
+/// carries a [`kling_core::error::ApiError`].
 ///
 /// # Clone
 ///
@@ -100,7 +102,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let target = recorder::target();
         // This thread's lane, looked up once: the future holds it, and the monitor is read
         // through it.
@@ -114,7 +116,8 @@ where
             || tracing::level_enabled!(tracing::Level::INFO);
         let (kind, named, pool) = if labelled {
             let (kind, named) = route::of(&request);
-            (kind, named, labels::pool(named))
+            let pool = labels::pool(&named);
+            (kind, named, pool)
         } else if request.method() == Method::POST {
             let kind = route::kind_of_post(&request);
             (kind, PoolRef::None, labels::NO_POOL)
@@ -128,7 +131,7 @@ where
             "kling.request",
             kind = kind.as_str(),
             // The pool's own name, where its label may stand for many (`video:other`).
-            pool = (named != PoolRef::None).then(|| display(named)),
+            pool = (named != PoolRef::None).then(|| display(&named)),
             attempt = Attempt::of(&request),
             status = Empty,
             code = Empty,
@@ -137,6 +140,11 @@ where
             wait_rate_limit_s = Empty,
             wait_slots_s = Empty,
         );
+        // Whether a create dropped before its answer had left (see `Call::dropped`): the
+        // layers below that hold it back unsent (the task slots, the rate limiter, the retry
+        // layer's backoff) say so in this watch, which the task slots would make for every
+        // create anyway. Not made for other requests: it would cost each an allocation.
+        let watch = (kind == RequestKind::Create).then(|| SendWatch::shared(&mut request));
         // The call's only clock read when a classify step timed the response (its arrival is
         // the call's end, see `ResponseFuture`); the layers called below share it.
         let (start, scope) = call_clock::enter();
@@ -151,6 +159,8 @@ where
             pool,
             monitor: lane,
             target,
+            watch,
+            polled: false,
         };
         ResponseFuture::new(inner, span, call)
     }

@@ -59,7 +59,8 @@ impl Snapshot {
 #[non_exhaustive]
 pub struct RateUsage {
     /// Requests counted over the last `window` (retried attempts included when the retry layer
-    /// reports them through [`kling_core::signals::Attempt`]).
+    /// reports them through [`kling_core::signals::Attempt`]; a create dropped before its
+    /// answer when it may have left, see the README's "The `Monitor`").
     pub requests: u64,
     /// The configured quota per `window`, if any.
     pub quota: Option<u32>,

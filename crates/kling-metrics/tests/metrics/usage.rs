@@ -422,6 +422,129 @@ async fn a_failed_calls_span_records_the_attempt_that_ended_it() {
     );
 }
 
+/// A create whose future is dropped before its answer (a caller's timeout) counts its request
+/// when it may have left, as Kling counts it: not while a layer below holds it back unsent (a
+/// slot's wait: `SendWatch::held`), once a layer handed it on toward Kling
+/// (`SendWatch::handed`), and when no layer reported on it (sent as soon as called). A future
+/// never polled sent nothing; one dropped after its answer was counted then, not again.
+#[tokio::test(start_paused = true)]
+async fn a_create_dropped_after_it_left_counts_and_one_held_back_unsent_does_not() {
+    use kling_core::signals::SendWatch;
+    use tokio::time::timeout;
+
+    const CREATED: &str = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t-drop","task_status":"submitted"}}"#;
+    let monitor = Monitor::builder()
+        .rate_quota(60, Duration::from_secs(60))
+        .build()
+        .unwrap();
+    // What the task slots do below: hold the create back for five minutes, then hand it on;
+    // Kling answers ten seconds later. A create to `/text-to-video/direct` is sent at once.
+    let below = tower::service_fn(|req: http::Request<Full<Bytes>>| {
+        let slots = !req.uri().path().ends_with("/direct");
+        if slots {
+            SendWatch::held(&req);
+        }
+        async move {
+            if slots {
+                tokio::time::sleep(Duration::from_secs(300)).await;
+                SendWatch::handed(&req);
+            }
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok::<_, kling_core::error::BoxError>(http::Response::new(Full::new(
+                Bytes::from_static(CREATED.as_bytes()),
+            )))
+        }
+    });
+    let stack =
+        MetricsLayer::with_monitor(monitor.clone()).layer(ClassifyLayer::new().layer(below));
+    let create = |path: &str| request("POST", path, r#"{"prompt":"x"}"#, "k");
+    let requests = || monitor.snapshot().rate.requests;
+
+    // Dropped while it waits for its slot: Kling never saw it.
+    let waited = timeout(
+        Duration::from_secs(100),
+        stack.clone().oneshot(create("/v1/videos/text2video")),
+    );
+    assert!(waited.await.is_err(), "timed out");
+    assert_eq!(requests(), 0, "held back unsent");
+
+    // Dropped after its slot was granted, while Kling works on it.
+    let sent = timeout(
+        Duration::from_secs(305),
+        stack.clone().oneshot(create("/v1/videos/text2video")),
+    );
+    assert!(sent.await.is_err(), "timed out");
+    assert_eq!(requests(), 1, "handed on toward Kling");
+
+    // No layer below reported on it: it left when called.
+    let direct = timeout(
+        Duration::from_secs(5),
+        stack.clone().oneshot(create("/text-to-video/direct")),
+    );
+    assert!(direct.await.is_err(), "timed out");
+    assert_eq!(requests(), 2, "sent at once");
+
+    // Never polled: never sent.
+    let mut service = stack.clone();
+    let unpolled = service
+        .ready()
+        .await
+        .unwrap()
+        .call(create("/text-to-video/direct"));
+    drop(unpolled);
+    assert_eq!(requests(), 2, "never polled");
+
+    // Answered, then dropped: counted once, when answered.
+    let mut answered = Box::pin(stack.oneshot(create("/text-to-video/direct")));
+    assert!(futures_poll(answered.as_mut()).is_none());
+    advance(Duration::from_secs(10)).await;
+    let response = std::future::poll_fn(|cx| answered.as_mut().poll(cx)).await;
+    assert!(response.is_ok());
+    drop(answered);
+    assert_eq!(requests(), 3, "once, when answered");
+}
+
+/// A call dropped while a panic unwinds (its stack panicked, and the thread owning the
+/// future unwinds) counts nothing: counting could fire the rate warning, and a hook that
+/// panicked then would abort the process.
+#[tokio::test(start_paused = true)]
+async fn a_create_dropped_while_a_panic_unwinds_counts_nothing() {
+    let monitor = Monitor::builder()
+        .rate_quota(1, Duration::from_secs(60))
+        .on_usage_warning(|_| panic!("the warning hook"))
+        .build()
+        .unwrap();
+    let mut polls = 0;
+    let below = tower::service_fn(move |_req: http::Request<Full<Bytes>>| {
+        std::future::poll_fn(move |_| {
+            polls += 1;
+            if polls == 2 {
+                panic!("a layer below");
+            }
+            std::task::Poll::<Result<http::Response<Full<Bytes>>, kling_core::error::BoxError>>::Pending
+        })
+    });
+    let mut stack = MetricsLayer::with_monitor(monitor.clone()).layer(below);
+    let create = request("POST", "/v1/videos/text2video", "{}", "k");
+    let call = stack.ready().await.unwrap().call(create);
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let mut call = Box::pin(call);
+        assert!(futures_poll(call.as_mut()).is_none(), "sent, pending");
+        futures_poll(call.as_mut())
+    }));
+    assert!(unwound.is_err());
+    assert_eq!(monitor.snapshot().rate.requests, 0);
+}
+
+/// Polls `future` once; `None` while it is pending.
+fn futures_poll<F: std::future::Future>(future: std::pin::Pin<&mut F>) -> Option<F::Output> {
+    let waker = std::task::Waker::noop();
+    match future.poll(&mut std::task::Context::from_waker(waker)) {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => None,
+    }
+}
+
 /// The attempts a layer below reports count whatever else the response carries: beside the
 /// outcome alone (the layer skips the lookup only when the outcome is the one extension), and
 /// on a response with no envelope (no outcome attached).
