@@ -477,8 +477,10 @@ where
         match self.ledger.reserve(&account, estimate) {
             Ok(()) => {
                 // Tells, should the caller drop the create, whether a layer below held it back
-                // unsent (a slot's wait), so the estimate goes back.
-                let watch = SendWatch::watch(&mut request);
+                // unsent (a slot's wait), so the estimate goes back. Shared with the metrics
+                // layer above, which reads the same watch to count the create or not: a watch
+                // of its own here would leave that one unreported, counted as sent.
+                let watch = SendWatch::shared(&mut request);
                 future::ResponseFuture::create(
                     self.inner.call(request),
                     future::Settle {

@@ -369,6 +369,9 @@ async fn through_the_stack_a_create_dropped_while_it_waits_for_a_slot_gives_its_
         assert_eq!(guard.committed(account), 1.0);
     }
     assert_eq!(mock.stats().tasks_created, 1);
+    // Nor do they count in the rate window (a minute: the first create, sent 70 s ago, has
+    // left it), which reads the same watch as the guard.
+    assert_eq!(kling.snapshot().rate.requests, 0);
 }
 
 /// A create's answer: task `t1` made.
