@@ -215,29 +215,50 @@ impl Envelope {
     /// The tasks a callback body reports: the bare task object Kling posts (either
     /// generation), or a whole `{code, data}` envelope. A body that reports no task is `Ok`
     /// with none; one that is not JSON is the parse error, and one whose task cannot be read
-    /// (a `task_id` of 20 digits) an error that names the field.
-    /// [`Envelope::read_callback`] also says why a body reports no task.
+    /// (a `task_id` of 20 digits) an error that names the field, never quoting a value. A
+    /// byte-order mark in front is no part of the JSON, as for [`Envelope::parse`], and an
+    /// error's place is counted after it. [`Envelope::read_callback`] also says why a body
+    /// reports no task.
     pub fn parse_callback(body: &[u8]) -> Result<Vec<TaskReport>, serde_json::Error> {
         if let Ok(envelope) = Envelope::parse(body)
             && !envelope.tasks.is_empty()
         {
             return Ok(envelope.tasks);
         }
+        let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
         // A bare task object has no `code`: read it as the `data` of a success envelope, once
         // the body is known to be one JSON value (spliced in as it is, `{..},"x":0` would
         // close the object early and still read).
         serde_json::from_slice::<serde::de::IgnoredAny>(body)?;
         let mut wrapped = Vec::with_capacity(body.len() + 20);
-        wrapped.extend_from_slice(br#"{"code":0,"data":"#);
+        wrapped.extend_from_slice(WRAPPING);
         wrapped.extend_from_slice(body);
         wrapped.push(b'}');
         // The error's place would be in the wrapped body, not in the one sent: the reason
-        // instead.
+        // instead. Where none can be found (the body nests past serde_json's limit, or holds a
+        // text it cannot read elsewhere), the error is no serde message, which may quote the
+        // value (`invalid type: string "…"`), but says where, in the body as sent.
         Envelope::parse(&wrapped)
             .map(|envelope| envelope.tasks)
-            .map_err(|e| why_no_task(body).map_or(e, de::Error::custom))
+            .map_err(|e| {
+                let reason = why_no_task(body).unwrap_or_else(|| {
+                    // The wrapping added `{"code":0,"data":` to the first line only.
+                    let column = match e.line() {
+                        1 => e.column().saturating_sub(WRAPPING.len()),
+                        _ => e.column(),
+                    };
+                    format!(
+                        "a field is of a type no task has, at line {} column {column}",
+                        e.line()
+                    )
+                });
+                de::Error::custom(reason)
+            })
     }
 }
+
+/// What [`Envelope::parse_callback`] puts before a bare task object to read it as an envelope.
+const WRAPPING: &[u8] = br#"{"code":0,"data":"#;
 
 /// Why a callback body reports no task ([`Envelope::read_callback`]): it is not one JSON
 /// value ([`is_json`](CallbackError::is_json), the parse error its
@@ -1379,6 +1400,61 @@ mod tests {
         // A body that reports a task reads as `parse_callback` reads it.
         let tasks = Envelope::read_callback(br#"{"task_id":"t1","task_status":"succeed"}"#);
         assert_eq!(tasks.unwrap()[0].id, "t1");
+    }
+
+    /// A callback body whose reason cannot be read as a JSON value (it nests past serde_json's
+    /// limit, or holds a lone surrogate or a byte that is no UTF-8 in a field no task reads)
+    /// still gets an error that quotes nothing from it, placed in the body as sent.
+    #[test]
+    fn a_callback_error_never_quotes_the_body() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let mut bodies: Vec<Vec<u8>> = Vec::new();
+        for tail in [deep.as_bytes(), br#""\ud800""#, b"\"\xff\""] {
+            for head in [
+                &br#"{"tasks":"secret-value","x":"#[..],
+                br#"{"task_id":"t","task_status":["secret-value"],"x":"#,
+                br#"{"id":"t","status":{"secret-value":1},"x":"#,
+                br#"{"code":0,"message":"m","data":{"tasks":"secret-value"},"x":"#,
+            ] {
+                bodies.push([head, tail, b"}"].concat());
+            }
+        }
+        for body in &bodies {
+            let shown = String::from_utf8_lossy(body);
+            let e = Envelope::read_callback(body).unwrap_err();
+            let text = e.to_string();
+            assert!(!text.contains("secret"), "{shown}: {text}");
+            assert!(!e.is_json(), "{shown}: {text}");
+            // An envelope whose `data` cannot be read reports no task here, with no error.
+            match Envelope::parse_callback(body) {
+                Err(e) => assert!(!e.to_string().contains("secret"), "{shown}: {e}"),
+                Ok(tasks) => assert!(body.starts_with(br#"{"code""#), "{shown}: {tasks:?}"),
+            }
+        }
+        // Where: the column of the value in the body as sent, not in the wrapped one.
+        let e = Envelope::parse_callback(&bodies[0])
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("at line 1 column 23"), "{e}");
+    }
+
+    /// A bare task object behind a byte-order mark reads as an envelope behind one does.
+    #[test]
+    fn a_callback_behind_a_byte_order_mark_is_read() {
+        for body in [
+            &br#"{"task_id":"t1","task_status":"succeed"}"#[..],
+            br#"{"id":"t1","status":"succeeded"}"#,
+            br#"{"code":0,"data":{"task_id":"t1","task_status":"succeed"}}"#,
+        ] {
+            let marked = [&b"\xEF\xBB\xBF"[..], body].concat();
+            let tasks = Envelope::read_callback(&marked).unwrap();
+            assert_eq!(tasks, Envelope::read_callback(body).unwrap());
+            assert_eq!(tasks[0].id, "t1");
+        }
+        let e = Envelope::read_callback(b"\xEF\xBB\xBF{\"task_id\":\"\"}").unwrap_err();
+        assert!(e.to_string().contains("has an empty `task_id`"), "{e}");
+        let e = Envelope::read_callback(b"\xEF\xBB\xBF{\"task_id\"}").unwrap_err();
+        assert!(e.to_string().ends_with("line 1 column 11"), "{e}");
     }
 
     #[test]

@@ -55,11 +55,13 @@ impl RetryAfter {
         httpdate::parse_http_date(text).ok().map(RetryAfter::At)
     }
 
-    /// The `Retry-After` of a response's headers, if present and valid.
+    /// The `Retry-After` of a response's headers, if present and valid: the first valid one
+    /// when there are several (a field that is not one is skipped).
     pub fn from_headers(headers: &HeaderMap) -> Option<RetryAfter> {
         headers
-            .get(RETRY_AFTER)
-            .and_then(|v| RetryAfter::parse(v.as_bytes()))
+            .get_all(RETRY_AFTER)
+            .iter()
+            .find_map(|v| RetryAfter::parse(v.as_bytes()))
     }
 
     /// How long to wait counting from when the response was received.
@@ -79,13 +81,22 @@ impl RetryAfter {
 
 /// The delay a response's headers ask for, measured as [`RetryAfter::delay`] does, with its
 /// own `Date` header as the reference when present.
+///
+/// A response with several `Retry-After` fields (a proxy that added its own) waits for the
+/// longest of the valid ones, so that a retry is early for none of them; one that is not valid
+/// is skipped.
 pub fn retry_after_delay(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    let retry_after = RetryAfter::from_headers(headers)?;
+    let mut values = headers
+        .get_all(RETRY_AFTER)
+        .iter()
+        .filter_map(|v| RetryAfter::parse(v.as_bytes()))
+        .peekable();
+    values.peek()?;
     let date = headers
         .get(DATE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| httpdate::parse_http_date(v.trim()).ok());
-    Some(retry_after.delay(date, now))
+    values.map(|retry_after| retry_after.delay(date, now)).max()
 }
 
 #[cfg(test)]
@@ -189,6 +200,43 @@ mod tests {
         // A date further off than a day saturates, as a delta-seconds value does.
         let far = RetryAfter::At(at(10 * 86_400));
         assert_eq!(far.delay(Some(at(0)), at(0)), MAX_RETRY_AFTER);
+    }
+
+    /// Several `Retry-After` fields: one that is not valid hides none that is, and the wait is
+    /// the longest one asked for, whatever their order or form.
+    #[test]
+    fn several_fields_wait_for_the_longest_valid_one() {
+        let headers = |values: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                DATE,
+                HeaderValue::from_static("Thu, 01 Jan 1970 00:16:40 GMT"),
+            );
+            for value in values {
+                headers.append(RETRY_AFTER, HeaderValue::from_static(value));
+            }
+            headers
+        };
+        let now = at(1_000);
+        for (values, secs) in [
+            (&["soon", "7"][..], 7),
+            (&["7", "soon"], 7),
+            (&["7", "100"], 100),
+            (&["100", "7"], 100),
+            (&["3", "Thu, 01 Jan 1970 00:17:00 GMT", "-5"], 20),
+            (&["Thu, 01 Jan 1970 00:17:00 GMT", "30"], 30),
+        ] {
+            assert_eq!(
+                retry_after_delay(&headers(values), now),
+                Some(Duration::from_secs(secs)),
+                "{values:?}"
+            );
+        }
+        assert_eq!(retry_after_delay(&headers(&["soon", "-1"]), now), None);
+        assert_eq!(
+            RetryAfter::from_headers(&headers(&["soon", "7", "9"])),
+            Some(RetryAfter::Delay(Duration::from_secs(7)))
+        );
     }
 
     #[test]

@@ -67,8 +67,13 @@ impl<'a> Route<'a> {
     /// such a path otherwise (`/a//..`), it is a create if either reading is one: a create
     /// counted that is none only holds a slot until its answer, one not counted can overrun the
     /// account's limit (1303s) or be sent again unguarded. An escape of any other character
-    /// (`%2F`, `%3A`) stays as written, data and no separator, as RFC 3986 says; [`model`]
-    /// and [`task_id`] are given as written in the path, and [`Route::pool`] decodes the model.
+    /// (`%2F`, `%3A`) stays as written, data and no separator, as RFC 3986 says, except that
+    /// whether a path with a `%2F` is a create is decided with its `%2F`s read as `/`s, as a
+    /// server or proxy that decodes them before routing reads it (nginx passing its normalized
+    /// URI on, Envoy's `UNESCAPE_AND_FORWARD`): `/v1/videos%2Ftext2video` is a create, and
+    /// `/v1/videos/identify-face%2F` none (no server makes a task there: one that keeps the
+    /// escape knows no endpoint of that name). [`model`] and [`task_id`] are given as written
+    /// in the path, and [`Route::pool`] decodes the model.
     /// Paths are compared case-sensitively, as RFC 3986 and Kling's server do: Kling's paths
     /// are lowercase, so `/V1/VIDEOS/TEXT2VIDEO` is no Kling path (the server answers it with
     /// a 404 and makes no task), and it is [`RequestKind::Other`].
@@ -137,21 +142,56 @@ impl<'a> Route<'a> {
 
     /// [`Route::of`] of a trimmed path with a `%` or a `.` or `..` segment: normalized as RFC
     /// 3986 does it and as a server that merges slashes first does it, the latter taken only
-    /// when it is a create and the former is not (see [`Route::of`]). Rare, so kept out of the
-    /// common path; allocates.
+    /// when it is a create and the former is not (see [`Route::of`]); with a `%2F`, as a server
+    /// that decodes it to a `/` reads it, when either reading is a create. Rare, so kept out of
+    /// the common path; allocates.
     #[cold]
     #[inline(never)]
     fn of_unusual(method: &Method, path: &'a str) -> Route<'a> {
+        let route = Route::normalized(method, path, false);
+        if !has_escaped_slash(path) {
+            return route;
+        }
+        let unescaped = Route::normalized(method, path, true);
+        // A create as written that is none with its `%2F`s read as `/`s needs a `%2F` in a
+        // name (`identify-face%2F`, `multi-elements%2Finit-selection`, a model): no Kling name
+        // holds a `/`, so a server that keeps the escape finds no endpoint or model there, and
+        // one that decodes it answers what it routes to, which may name no task and would
+        // hold the slot for the whole task lease.
+        if unescaped.kind == RequestKind::Create || route.kind == RequestKind::Create {
+            return unescaped;
+        }
+        route
+    }
+
+    /// [`Route::of_unusual`]'s readings of `path` with its `%2F`s kept as data or, when
+    /// `unescape_slashes`, read as `/`s: RFC 3986's, or the one that merges slashes first when
+    /// only that one is a create.
+    fn normalized(method: &Method, path: &'a str, unescape_slashes: bool) -> Route<'a> {
         // Every segment, empty ones too (RFC 3986 removes dot segments before anything merges
         // slashes), but not the empty one before a leading `/`, with its decoded text.
         let mut segments: Vec<(Range, Cow<'a, str>)> = Vec::new();
+        let bytes = path.as_bytes();
         let mut from = 0;
-        for piece in path.split('/') {
-            let to = from + piece.len();
-            if from > 0 || !piece.is_empty() {
-                segments.push(((from, to), unreserved_decoded(piece)));
+        let mut at = 0;
+        while at <= bytes.len() {
+            // The length of the separator at `at` (the end of the path counts as one).
+            let separator = match bytes.get(at) {
+                None | Some(b'/') => 1,
+                Some(b'%') if unescape_slashes && is_escaped_slash(&bytes[at..]) => 3,
+                Some(_) => 0,
+            };
+            if separator == 0 {
+                at += 1;
+                continue;
             }
-            from = to + 1;
+            // `at` is the end or an ASCII byte, so on a character boundary.
+            let piece = &path[from..at];
+            if from > 0 || !piece.is_empty() {
+                segments.push(((from, at), unreserved_decoded(piece)));
+            }
+            at += separator;
+            from = at;
         }
         let is_dot = |text: &str| matches!(text, "." | "..");
         let normalizes = segments
@@ -452,6 +492,17 @@ fn unreserved_decoded(text: &str) -> Cow<'_, str> {
         }
     }
     Cow::Owned(out)
+}
+
+/// Whether `path` holds a `%2F` (or `%2f`), an escaped `/`.
+fn has_escaped_slash(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    (0..bytes.len()).any(|at| is_escaped_slash(&bytes[at..]))
+}
+
+/// Whether `bytes` start with `%2F` (or `%2f`).
+fn is_escaped_slash(bytes: &[u8]) -> bool {
+    matches!(bytes, [b'%', b'2', b'F' | b'f', ..])
 }
 
 /// Whether a legacy product's segment and the one after it open a group of endpoints, each named
@@ -955,8 +1006,7 @@ mod tests {
             (RequestKind::Query, Some("batch%3A42"))
         );
         for path in [
-            // Reserved or not an escape: left as written.
-            "/v1%2Fvideos%2Ftext2video",
+            // Reserved or not an escape: left as written (`%2F` is the next test's).
             "/v1/%2576ideos/text2video",
             "/v1/%7videos/text2video",
             "/v1/videos%/text2video",
@@ -974,6 +1024,107 @@ mod tests {
                 Route::of(&Method::POST, path).kind,
                 RequestKind::Other,
                 "POST {path}"
+            );
+        }
+    }
+
+    /// A `%2F` is data to RFC 3986, but a server or proxy that decodes it before routing reads a
+    /// `/`: whether a path is a create is decided so, with its product and model; a path that
+    /// is no create keeps RFC 3986's reading (a lookup's id keeps its escape).
+    #[test]
+    fn an_escaped_slash_is_read_as_a_server_that_decodes_it_reads_it() {
+        for (path, product, model) in [
+            ("/v1/videos%2Ftext2video", Product::Video, None),
+            ("/v1%2Fvideos%2Ftext2video", Product::Video, None),
+            ("/v1%2fimages%2fgenerations", Product::Image, None),
+            ("%2Fv1%2Fimages/kolors-virtual-try-on", Product::TryOn, None),
+            ("/proxy/v1/images/editing%2Fexpand/", Product::Image, None),
+            ("/v1/videos/avatar%2F%69mage2video", Product::Video, None),
+            ("/v1/videos/x%2F..%2Ftext2video", Product::Video, None),
+            ("/v1/videos/text2video/x%2F%2E%2E", Product::Video, None),
+            (
+                "/text-to-video%2Fkling-3.0",
+                Product::Video,
+                Some("kling-3.0"),
+            ),
+            (
+                "/text-to-image%2Fkling%2Dv2",
+                Product::Image,
+                Some("kling%2Dv2"),
+            ),
+        ] {
+            let route = Route::of(&Method::POST, path);
+            assert_eq!(
+                (route.kind, route.product, route.model),
+                (RequestKind::Create, Some(product), model),
+                "POST {path}"
+            );
+        }
+        let route = Route::of(&Method::POST, "/text-to-image%2Fkling%2Dv2");
+        assert_eq!(
+            route.pool(),
+            Some(Pool::with_model(Product::Image, "kling-v2"))
+        );
+        // A `%2F` in a name: no create as written (no Kling name holds a `/`), and none read
+        // with a `/` either; an endpoint that answers at once would hold a slot for the lease.
+        for path in [
+            "/v1/videos/identify-face%2F",
+            "/v1/videos/image-recognize%2F.",
+            "/v1/videos/multi-elements%2Finit-selection",
+            "/v1/videos/text2video%2Fabc",
+            "/omni-video/kling%2Fo1",
+        ] {
+            let route = Route::of(&Method::POST, path);
+            assert_eq!(
+                (route.kind, route.pool()),
+                (RequestKind::Other, None),
+                "POST {path}"
+            );
+        }
+        // No create either way: as RFC 3986 reads it; an escaped `%` is no escape.
+        for (method, path, kind, task_id) in [
+            (
+                Method::GET,
+                "/v1/videos/text2video/a%2Fb",
+                RequestKind::Query,
+                Some("a%2Fb"),
+            ),
+            (
+                Method::GET,
+                "/v1/videos/text2video%2Fabc",
+                RequestKind::List,
+                None,
+            ),
+            (
+                Method::POST,
+                "/v1/videos/text2video/a%2Fb",
+                RequestKind::Other,
+                None,
+            ),
+            (
+                Method::POST,
+                "/v1/videos%2Fidentify-face",
+                RequestKind::Other,
+                None,
+            ),
+            (
+                Method::POST,
+                "/text-to-video%252Fkling-3.0",
+                RequestKind::Other,
+                None,
+            ),
+            (
+                Method::POST,
+                "/v1%252Fvideos%252Ftext2video",
+                RequestKind::Other,
+                None,
+            ),
+        ] {
+            let route = Route::of(&method, path);
+            assert_eq!(
+                (route.kind, route.task_id),
+                (kind, task_id),
+                "{method} {path}"
             );
         }
     }
