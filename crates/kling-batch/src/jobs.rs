@@ -5,8 +5,11 @@
 //!
 //! | field | default | meaning |
 //! |---|---|---|
-//! | `id` | `auto-` and a hash of the job | the job's id, unique in the file (a string or a number) |
-//! | `endpoint` | `/v1/videos/text2video` | the create path: a legacy one (`/v1/images/generations`, …) or a new-style `/{product}/{model}` (`/text-to-video/kling-3.0`) |
+//! | `id` | `auto-` and a hash of the job | its id (a string or a number), unique in the file |
+//! | `endpoint` | `/v1/videos/text2video` | the create path, legacy or new-style |
+//!
+//! The create path is a legacy one (`/v1/images/generations`, …) or a new-style
+//! `/{product}/{model}` (`/text-to-video/kling-3.0`).
 //!
 //! `external_task_id` / `external_id` are set by the tool (one deterministic id per job, see
 //! [`Journal::external_id_for`](crate::journal::Journal::external_id_for)); a line that sets

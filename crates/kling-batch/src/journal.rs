@@ -217,6 +217,10 @@ pub struct JobRecord {
 pub struct Journal {
     conn: Arc<Mutex<Connection>>,
     id: Arc<str>,
+    /// Tests: the state changes committed, one transaction each
+    /// ([`transition`](Self::transition), [`transition_all`](Self::transition_all)).
+    #[cfg(test)]
+    commits: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl fmt::Debug for Journal {
@@ -330,6 +334,8 @@ impl Journal {
         Ok(Journal {
             conn: Arc::new(Mutex::new(conn)),
             id: Arc::from(id),
+            #[cfg(test)]
+            commits: Arc::default(),
         })
     }
 
@@ -463,6 +469,9 @@ impl Journal {
         let tx = conn.transaction()?;
         apply(&tx, job_id, state, update)?;
         tx.commit()?;
+        #[cfg(test)]
+        self.commits
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
@@ -481,7 +490,16 @@ impl Journal {
             apply(&tx, job_id, state, update.clone())?;
         }
         tx.commit()?;
+        #[cfg(test)]
+        self.commits
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Tests: the state changes committed so far, one transaction each.
+    #[cfg(test)]
+    pub(crate) fn commits(&self) -> usize {
+        self.commits.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// One job's record.

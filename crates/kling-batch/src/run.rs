@@ -8,23 +8,26 @@
 //! - **A refused create** is looked up by its external id before the job is settled (a
 //!   refusal such as `1201` may be Kling's answer to an id it already has), unless the refusal
 //!   proves nothing was made and no lookup could say otherwise: a refusal of the account or
-//!   its credentials (`1000`–`1002`, `1100`–`1102`, `1304`), which also halts the run (the
-//!   job and every job not yet created are reported `not_submitted` with its code), or an
-//!   answer that is no Kling envelope at all (a proxy's `404`/`413` page), which leaves the
-//!   job `not_submitted` saying so. The next run sends such jobs again.
+//!   its credentials (`1000`–`1002`, `1100`–`1102`, `1304`, and any other final refusal sent
+//!   with HTTP 429), which also halts the run (the job and every job not yet created are
+//!   reported `not_submitted` with its code), or an answer that is no Kling envelope at all
+//!   (a proxy's `404`/`413` page), which leaves the job `not_submitted` saying so. The next
+//!   run sends such jobs again.
 //! - **Resume**: jobs whose create may have been sent (`creating`) are looked up by their
 //!   external id first (`GET {endpoint}/{id}` or `GET /tasks?external_task_ids=`); jobs
 //!   already created are followed (in one batch), after the slots they hold were adopted
 //!   ([`SlotsHandle::reconcile`](kling_concurrency::SlotsHandle::reconcile)). Nothing is created
 //!   twice. A listing or lookup refused for the account or its credentials halts the run:
 //!   the remaining lookups would be refused the same way, and the jobs stay `creating` for a
-//!   later run.
+//!   later run. So does a stop, at once, even in the middle of a listing or a lookup.
 //! - **Follow**: kling-tower's [`Follower`] with the run's [`FollowPolicy`]; callbacks (when a
 //!   listener is configured) end a follow at once. A follow that ends with a Kling error
 //!   fails the job only when the error is about the task: `1203` (Kling does not know the
 //!   task). Any other code — auth (`1000`–`1004`), account (`1100`–`1103`), IP whitelist
 //!   (`1304`), … — says nothing about the task, which may still run and be billed: the job
-//!   stays `created` with the error recorded, and the next run follows it again.
+//!   stays `created` with the error recorded, and the next run follows it again. So does a
+//!   follow that ends without a Kling code (its deadline passed, say): the job's error names
+//!   the task and says that a run on the same journal follows it.
 //! - **Downloads** (`--download`) each have a connect, an idle and an overall timeout
 //!   ([`DownloadTimeouts`]); a file that runs out of time is left for the next run and the
 //!   job's `download_error` says why, so one stalled result server never holds the run. At
@@ -358,21 +361,14 @@ impl Engine {
         let mut creating: Vec<(&Job, String, JobState)> = Vec::new();
         let mut created: Vec<(&Job, String)> = Vec::new();
         let mut undownloaded: Vec<(&Job, String, Vec<String>, Vec<String>)> = Vec::new();
+        // Never created: this run tries again (queued again below).
+        let mut again: Vec<&Job> = Vec::new();
         for record in &records {
             let job = jobs_by_id[record.job_id.as_str()];
             self.progress.enter(record.state);
             match record.state {
                 JobState::Queued => queued.push(job),
-                JobState::NotSubmitted => {
-                    // Never created: this run tries again.
-                    self.move_to(
-                        &job.id,
-                        JobState::NotSubmitted,
-                        JobState::Queued,
-                        Update::default(),
-                    )?;
-                    queued.push(job);
-                }
+                JobState::NotSubmitted => again.push(job),
                 JobState::Creating => {
                     creating.push((job, record.external_id.clone(), JobState::Creating));
                 }
@@ -406,6 +402,19 @@ impl Engine {
                 JobState::Failed => {}
             }
         }
+        // Many at a time: after a `1102` or a stop, most of a large file is `not_submitted`,
+        // and one transaction each (one write to the disk) held a run of 100 000 such jobs
+        // for minutes before it sent anything, deaf to Ctrl-C.
+        for chunk in again.chunks(REQUEUE_CHUNK) {
+            let ids: Vec<&str> = chunk.iter().map(|job| job.id.as_str()).collect();
+            self.journal
+                .transition_all(&ids, JobState::Queued, &Update::default())?;
+            for _ in chunk {
+                self.progress
+                    .moved(JobState::NotSubmitted, JobState::Queued);
+            }
+        }
+        queued.extend(again);
 
         Ok(Plan {
             queued,
@@ -429,16 +438,29 @@ impl Engine {
             undownloaded,
         } = plan;
         // Resume: adopt the slots of tasks still running on the server, then settle every
-        // create whose outcome is unknown by looking it up, before anything is created.
+        // create whose outcome is unknown by looking it up, before anything is created. A
+        // stop ends this at once (with nothing answering, each call is retried for half a
+        // minute and more): the jobs not looked up stay unknown until a later run.
+        let stopped = until_stopped(stop.clone());
+        tokio::pin!(stopped);
         if !creating.is_empty() || !created.is_empty() {
-            self.adopt_slots(jobs).await;
+            tokio::select! {
+                biased;
+                () = &mut stopped => {}
+                () = self.adopt_slots(jobs) => {}
+            }
         }
         for (job, external_id, state) in creating {
-            if self.halted.load(Ordering::SeqCst) {
-                // Refused for the account: the rest stay unknown until a later run.
+            if self.halted.load(Ordering::SeqCst) || *stop.borrow() {
+                // Refused for the account, or stopped: the rest stay unknown until a later run.
                 break;
             }
-            match self.lookup(job, &external_id).await {
+            let found = tokio::select! {
+                biased;
+                () = &mut stopped => break,
+                found = self.lookup(job, &external_id) => found,
+            };
+            match found {
                 Ok(Some(report)) => {
                     self.move_to(
                         &job.id,
@@ -854,14 +876,7 @@ impl Engine {
                 self.journal.transition(
                     job_id,
                     JobState::Created,
-                    Update::error(ErrorInfo::new(
-                        0,
-                        message(&format!(
-                            "task {task} exists at Kling and may still run (and be billed): a \
-                             later run follows it (run again on the same journal)"
-                        )),
-                        None,
-                    )),
+                    Update::error(ErrorInfo::new(0, message(&follow_again(task)), None)),
                 )
             }
             JobState::Succeeded if self.options.download_dir.is_some() => self.journal.transition(
@@ -1067,8 +1082,9 @@ impl Engine {
                 let info = ErrorInfo::new(
                     error.code().as_i64(),
                     format!(
-                        "task {task_id} not followed to its end (it may still run): {}",
-                        error.message()
+                        "task {task_id} not followed to its end: {}; {}",
+                        error.message(),
+                        follow_again(task_id)
                     ),
                     error.request_id().map(str::to_owned),
                 );
@@ -1076,12 +1092,18 @@ impl Engine {
                     .transition(job_id, JobState::Created, Update::error(info))
             }
             Err(e) => {
-                tracing::warn!(job = %job_id, error = %e, "task not finished; a later run follows it");
-                let update = Update {
-                    error: Some(ErrorInfo::new(0, e.to_string(), None)),
-                    ..Update::default()
+                // The follow's deadline passed (a task that runs long or hangs, or queries
+                // that failed until then), or the task cannot be queried: the task exists all
+                // the same, and may still run (and be billed).
+                tracing::warn!(job = %job_id, error = %e, "task not followed to its end; a later run follows it");
+                let why = match e {
+                    FollowError::DeadlineExceeded { .. } => FOLLOW_DEADLINE,
+                    _ => FOLLOW_FAILED,
                 };
-                self.journal.transition(job_id, JobState::Created, update)
+                let info =
+                    ErrorInfo::new(0, format!("{why}: {e}; {}", follow_again(task_id)), None);
+                self.journal
+                    .transition(job_id, JobState::Created, Update::error(info))
             }
         }
     }
@@ -1184,9 +1206,36 @@ const STOPPED: &str = "not submitted: the run was stopped";
 /// lets the run's other work go on.
 const MARK_CHUNK: usize = 256;
 
+/// How many `not_submitted` jobs a run queues again in one journal transaction before it sends
+/// anything.
+const REQUEUE_CHUNK: usize = 4096;
+
 /// How the error of a job whose create, follow or download panicked begins (the summary
 /// tells such jobs by it).
 pub(crate) const PANICKED: &str = "kling-batch panicked";
+
+/// How the error of a job begins whose task was not followed to its end because the follow's
+/// deadline passed (the summary tells such jobs by it).
+pub(crate) const FOLLOW_DEADLINE: &str = "the follow's deadline passed";
+
+/// How the error of a job begins whose task was not followed to its end for another reason
+/// than a Kling code, a panic or the deadline (a task id that cannot be queried).
+pub(crate) const FOLLOW_FAILED: &str = "the follow stopped";
+
+/// What the error of a job left `created` says of its task `task_id`, and what to do.
+fn follow_again(task_id: &str) -> String {
+    format!(
+        "task {task_id} exists at Kling and may still run (and be billed): a later run follows \
+         it (run again on the same journal)"
+    )
+}
+
+/// Ends once `stop` says to stop; never, if nobody can stop the run any more.
+async fn until_stopped(mut stop: StopSignal) {
+    if stop.wait_for(|stopped| *stopped).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
 
 /// `future`, with a panic caught and handed back as its message, so that the job it served is
 /// recorded as such rather than left as it was without a word.
@@ -1215,8 +1264,8 @@ struct Failure {
     code: Option<Code>,
     /// Surely not created, and sending it again would fail the same way.
     final_refusal: bool,
-    /// The account can create nothing more: [`halts_run`] (1000–1002, 1100–1102, 1304), a
-    /// spent budget.
+    /// The account can create nothing more: [`halts_run`] (1000–1002, 1100–1102, 1304),
+    /// [`refuses_account`] (a final refusal under 429), a spent budget.
     halts: bool,
     /// The stack's drain gate refused it (never sent).
     draining: bool,
@@ -1236,6 +1285,28 @@ fn halts_run(code: Code) -> bool {
             code,
             Code::AuthFailed | Code::AuthHeaderEmpty | Code::InvalidKey | Code::IpWhitelist
         )
+}
+
+/// Whether a refusal that no retry can change came with HTTP `429`. Every code Kling sends
+/// with `429` is about the account (its standing, its credits, the IP whitelist) or its rate
+/// and slots (`1302`, `1303`, which are retried), never about the request: so is any other
+/// final refusal under `429` (an undocumented code, or `1103` sent with `429`), and each
+/// further create would meet it too; but a code Kling documents as a refusal of the request
+/// itself (`1200`–`1203`, `1300`, `1301`) stays the job's, whatever its status. Such a
+/// refusal made nothing (kling-core's [`Code::may_have_created_under`]).
+fn refuses_account(code: Code, status: http::StatusCode) -> bool {
+    let of_the_request = matches!(
+        code,
+        Code::InvalidRequest
+            | Code::InvalidParameter
+            | Code::WrongMethod
+            | Code::NotFound
+            | Code::PlatformPolicy
+            | Code::ContentSecurity
+    );
+    status == http::StatusCode::TOO_MANY_REQUESTS
+        && code.disposition(status) == kling_core::Disposition::Fatal
+        && !of_the_request
 }
 
 impl Failure {
@@ -1263,7 +1334,7 @@ impl Failure {
             // nothing (kling-core's `Code::may_have_created_under`), and is as final a refusal.
             final_refusal: !error.may_have_created()
                 && !code.disposition(error.status()).is_retryable(),
-            halts: halts_run(code),
+            halts: halts_run(code) || refuses_account(code, error.status()),
             draining: false,
             may_have_created: error.may_have_created(),
         }
@@ -1630,6 +1701,124 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A task whose follow passes its deadline (it runs longer, or queries fail until then)
+    /// leaves its job `created`: its error had only the follower's words (no task, nothing
+    /// to do) and the summary no reason at all. The error now says the task exists and may
+    /// be billed, naming it, and that a run on the same journal follows it; the summary counts
+    /// the job under the deadline's reason. A rerun follows the task to its end.
+    #[tokio::test]
+    async fn a_follow_past_its_deadline_is_reported_and_a_rerun_follows_the_task() {
+        let speed = 1000.0;
+        // Tasks of 10 minutes (0.6 s real); the first follow gives up after 30 s (30 ms).
+        let config = MockConfig::preset(Preset::Pro)
+            .speed(speed)
+            .task_duration(Duration::from_secs(600), Duration::from_secs(600));
+        let server = kling_mock::MockServer::start(config).await.unwrap();
+        let stack = || {
+            Stack::new(
+                StackConfig::preset(Tier::Pro).speed(speed).headroom(0.5),
+                Credentials::api_key("key").unwrap(),
+                &server.base_url(),
+            )
+            .unwrap()
+        };
+        let (jobs, _) = parse_jobs("{\"id\":\"a\",\"prompt\":\"a\"}\n");
+        let journal = Journal::open_in_memory().unwrap();
+        let short = FollowPolicy::new()
+            .deadline(Duration::from_secs(30))
+            .speed(speed);
+        let engine = Engine::new(stack(), journal.clone(), RunOptions::new(short)).unwrap();
+        let (_stop, stop) = watch::channel(false);
+        let report = engine.run(&jobs, stop.clone()).await.unwrap();
+
+        let record = &report.records[0];
+        assert_eq!(record.state, JobState::Created, "{record:?}");
+        let task = record.task_id.clone().unwrap();
+        let message = &record.error.as_ref().expect("the job says why").message;
+        assert!(message.starts_with(FOLLOW_DEADLINE), "{message}");
+        assert!(
+            message.contains(&format!("task {task} exists at Kling"))
+                && message.contains("may still run (and be billed)")
+                && message.contains("run again on the same journal"),
+            "{message}"
+        );
+        let mut summary = crate::summary::Summary::default();
+        summary.count_jobs(&report.records);
+        assert_eq!(summary.unfinished, 1);
+        assert_eq!(
+            summary.unfinished_by_reason,
+            BTreeMap::from([(crate::summary::DEADLINE_REASON.to_owned(), 1)])
+        );
+        let table = summary.to_string();
+        let row = |key: &str, value: &str| {
+            table.lines().any(|l| {
+                l.len() > key.len() + value.len()
+                    && l.starts_with(key)
+                    && l.ends_with(value)
+                    && l[key.len()..l.len() - value.len()].trim().is_empty()
+            })
+        };
+        let reason = format!("not followed: {}", crate::summary::DEADLINE_REASON);
+        assert!(row(&format!("  {reason}"), "1"), "{table}");
+        assert!(row("still running", "1 (run again to follow)"), "{table}");
+
+        // A day's deadline (86 s): the task ends well within it, however loaded the machine.
+        let long = default_follow_policy(speed).deadline(Duration::from_secs(24 * 3600));
+        let engine = Engine::new(stack(), journal, RunOptions::new(long)).unwrap();
+        let report = engine.run(&jobs, stop).await.unwrap();
+        let record = &report.records[0];
+        assert_eq!(record.state, JobState::Succeeded, "{record:?}");
+        assert_eq!(record.task_id.as_deref(), Some(task.as_str()));
+        assert!(record.error.is_none(), "{record:?}");
+        let stats = server.stats();
+        assert_eq!(stats.tasks_created, 1, "{stats:?}");
+    }
+
+    /// A run queues the jobs an earlier one left `not_submitted` (after a `1102`, a stop)
+    /// many to a journal transaction: it took one each, one write to the disk each (2–3 ms),
+    /// so a rerun of 100 000 such jobs spent minutes before it sent anything.
+    #[test]
+    fn jobs_not_submitted_are_queued_again_many_to_a_transaction() {
+        let n = REQUEUE_CHUNK + 5;
+        let text: String = (0..n)
+            .map(|i| format!("{{\"id\":\"j{i}\",\"prompt\":\"p\"}}\n"))
+            .collect();
+        let (jobs, _) = parse_jobs(&text);
+        let journal = Journal::open_in_memory().unwrap();
+        journal.register(&jobs).unwrap();
+        let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+        let stopped = Update::error(ErrorInfo::new(1102, "credits", None));
+        journal
+            .transition_all(&ids, JobState::NotSubmitted, &stopped)
+            .unwrap();
+        let stack = Stack::new(
+            StackConfig::preset(Tier::Pro),
+            Credentials::api_key("key").unwrap(),
+            "http://127.0.0.1:9",
+        )
+        .unwrap();
+        let options = RunOptions::new(default_follow_policy(1.0));
+        let engine = Engine::new(stack, journal.clone(), options).unwrap();
+        let before = journal.commits();
+        let plan = engine.plan(&jobs).unwrap();
+        assert_eq!(journal.commits() - before, 2, "{n} jobs, two transactions");
+        assert_eq!(plan.queued.len(), n);
+        let progress = engine.progress();
+        assert_eq!(progress.count(JobState::Queued), n);
+        assert_eq!(progress.count(JobState::NotSubmitted), 0);
+        for record in journal.records().unwrap() {
+            assert_eq!(record.state, JobState::Queued, "{record:?}");
+            assert!(
+                record.error.is_none(),
+                "the old reason is cleared: {record:?}"
+            );
+        }
+        assert_eq!(
+            journal.transitions("j0").unwrap(),
+            ["queued", "not_submitted", "queued"]
+        );
+    }
+
     /// A stop marks the jobs left `not_submitted` in chunks, yielding between two, so the
     /// other work of the runtime thread (follows, answers in flight, timers) goes on meanwhile:
     /// it marked them all in one go, one transaction each, and with 100 000 jobs left held
@@ -1735,6 +1924,160 @@ mod tests {
                 record.error.as_ref().unwrap().message,
                 STOPPED,
                 "{record:?}"
+            );
+        }
+    }
+
+    /// A stop while a resumed run lists the running tasks or looks up a create of unknown
+    /// outcome ends the run at once: with nothing answering, each of these calls is retried
+    /// for half a minute and more, and the run went on with them (a minute and more after
+    /// Ctrl-C) before it stopped. The job not looked up stays `creating` for a later run, and
+    /// the jobs not sent are `not_submitted` as stopped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_during_the_lookups_of_a_resumed_run_ends_it_at_once() {
+        let (jobs, _) = parse_jobs(concat!(
+            "{\"id\":\"sent\",\"prompt\":\"a\"}\n",
+            "{\"id\":\"next\",\"prompt\":\"b\"}\n",
+        ));
+        // A port that refuses connections: the listing of running tasks is retried, never
+        // answered.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let refusing = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        // A server that lists no running task, and never answers a lookup (it says when one
+        // arrives).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent = format!("http://{}", listener.local_addr().unwrap());
+        let (looked_up, mut lookup_arrived) = watch::channel(false);
+        let app = axum::Router::new().fallback(move |uri: http::Uri| async move {
+            if uri.path().contains("/kb-") {
+                looked_up.send_replace(true);
+                std::future::pending::<()>().await;
+            }
+            (
+                [(http::header::CONTENT_TYPE, "application/json")],
+                r#"{"code":0,"message":"SUCCEED","request_id":"r","data":[]}"#,
+            )
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        for (base, during) in [(refusing, "listing"), (silent, "lookup")] {
+            let journal = Journal::open_in_memory().unwrap();
+            journal.register(&jobs).unwrap();
+            journal
+                .transition("sent", JobState::Creating, Update::default())
+                .unwrap();
+            // The lookup case: its 15 listings (one a second at 1×) go by at once, and the
+            // lookup's first attempt waits 36 s.
+            let config = match during {
+                "lookup" => StackConfig::preset(Tier::Pro)
+                    .speed(100.0)
+                    .attempt_timeout(Duration::from_secs(3600)),
+                _ => StackConfig::preset(Tier::Pro),
+            };
+            let stack = Stack::new(config, Credentials::api_key("key").unwrap(), &base).unwrap();
+            let mut options = RunOptions::new(default_follow_policy(1.0));
+            options.stop_grace = Duration::from_millis(50);
+            let engine = Engine::new(stack, journal, options).unwrap();
+            let (stopper, stop) = watch::channel(false);
+            let run = tokio::spawn({
+                let engine = engine.clone();
+                let jobs = jobs.clone();
+                async move { engine.run(&jobs, stop).await }
+            });
+            if during == "lookup" {
+                tokio::time::timeout(Duration::from_secs(30), lookup_arrived.wait_for(|a| *a))
+                    .await
+                    .expect("the job is looked up")
+                    .unwrap();
+            } else {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            stopper.send(true).unwrap();
+            let report = tokio::time::timeout(Duration::from_secs(3), run)
+                .await
+                .unwrap_or_else(|_| panic!("a stop during the {during}: the run ends soon"))
+                .unwrap()
+                .unwrap();
+            assert!(report.interrupted);
+            let record = |id: &str| report.records.iter().find(|r| r.job_id == id).unwrap();
+            assert_eq!(record("sent").state, JobState::Creating, "looked up later");
+            assert_eq!(record("next").state, JobState::NotSubmitted);
+            assert_eq!(record("next").error.as_ref().unwrap().message, STOPPED);
+            assert_eq!(report.creates, 0);
+        }
+    }
+
+    /// A final refusal sent with HTTP 429 (an undocumented code, `1103` under 429) refuses the
+    /// account, as every code Kling sends with 429 does: the run stops creating after the
+    /// first, as after `1101`, and every job is `not_submitted` with the code, for a later run.
+    /// Each create was sent and refused, then looked up and refused again: every job ended
+    /// `creating` ("create outcome unknown", no reason in the summary), and each rerun did
+    /// nothing but look them all up again. A final refusal under another status (`1103` with
+    /// its 403), or a refusal of the request itself under 429 (`1301`), stays the job's alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_final_refusal_sent_with_429_stops_the_creates_as_a_refusal_of_the_account() {
+        let n = 6;
+        let text: String = (0..n)
+            .map(|i| format!("{{\"id\":\"j{i}\",\"prompt\":\"p\"}}\n"))
+            .collect();
+        let (jobs, _) = parse_jobs(&text);
+        let cases = [
+            (429, 1104, true),
+            (429, 1103, true),
+            (403, 1103, false),
+            (429, 1301, false),
+        ];
+        for (status, code, halts) in cases {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            let body = format!(r#"{{"code":{code},"message":"refused","request_id":"r"}}"#);
+            let app = axum::Router::new().fallback(move || {
+                let body = body.clone();
+                async move {
+                    (
+                        http::StatusCode::from_u16(status).unwrap(),
+                        [(http::header::CONTENT_TYPE, "application/json")],
+                        body,
+                    )
+                }
+            });
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            let stack = Stack::new(
+                StackConfig::preset(Tier::Pro).speed(100.0).headroom(0.5),
+                Credentials::api_key("key").unwrap(),
+                &base,
+            )
+            .unwrap();
+            let options = RunOptions::new(default_follow_policy(100.0));
+            let engine = Engine::new(stack, Journal::open_in_memory().unwrap(), options).unwrap();
+            let (_stop, stop) = watch::channel(false);
+            let report = engine.run(&jobs, stop).await.unwrap();
+            let case = format!("{status} {code}");
+            let mut summary = crate::summary::Summary::default();
+            summary.count_jobs(&report.records);
+            if !halts {
+                assert_eq!(report.creates, n as u64, "{case}: each job its own");
+                // Refused, and so was the lookup: unknown, and the summary says why.
+                assert_eq!(summary.unknown, n, "{case}");
+                let reason = format!("{code} {}", Code::from_i64(code).description());
+                assert_eq!(
+                    summary.unknown_by_reason,
+                    BTreeMap::from([(reason, n)]),
+                    "{case}"
+                );
+                continue;
+            }
+            assert_eq!(report.creates, 1, "{case}");
+            for record in &report.records {
+                assert_eq!(record.state, JobState::NotSubmitted, "{case}: {record:?}");
+                assert_eq!(record.error.as_ref().unwrap().code, code, "{case}");
+            }
+            assert_eq!(summary.unknown, 0, "{case}");
+            assert_eq!(
+                summary.not_submitted_by_reason.values().sum::<usize>(),
+                n,
+                "{case}: {summary:?}"
             );
         }
     }

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::journal::{JobRecord, JobState};
 use crate::progress::is_429;
-use crate::run::PANICKED;
+use crate::run::{FOLLOW_DEADLINE, PANICKED};
 
 /// The lower bound on a run's makespan, in seconds: task-seconds of each pool over its slots,
 /// and the intervals between the requests that must be sent at the allowed rate (per second;
@@ -57,6 +57,16 @@ fn code_reason(code: i64) -> String {
 /// and a run on the same journal follows it.
 pub(crate) const PANIC_REASON: &str =
     "kling-batch panicked (a bug); the task exists: run again to follow it";
+
+/// The reason of an unfinished job whose follow passed its deadline (a task that ran long or
+/// hung, or queries that failed until then): its task exists at Kling, and a run on the same
+/// journal follows it.
+pub(crate) const DEADLINE_REASON: &str = "deadline passed; the task exists: run again to follow it";
+
+/// The reason of an unfinished job whose follow stopped on an error without a Kling code
+/// (a task id that cannot be queried, say): its task exists at Kling, and a run on the same
+/// journal follows it.
+pub(crate) const FOLLOW_ERROR_REASON: &str = "an error; the task exists: run again to follow it";
 
 /// The longest reason the table shows whole; the results file and `--json` keep every reason
 /// whole.
@@ -97,8 +107,8 @@ pub struct Summary {
     /// followed to its end).
     pub unfinished: usize,
     /// Unfinished jobs whose follow ended with an error, by reason (`1101 account in
-    /// arrears`, `kling-batch panicked (a bug); the task exists: …`): run again to follow
-    /// them.
+    /// arrears`, `deadline passed; the task exists: …`, `kling-batch panicked
+    /// (a bug); the task exists: …`): run again to follow them.
     #[serde(default)]
     pub unfinished_by_reason: BTreeMap<String, usize>,
     /// Succeeded jobs with a result file still missing after `--download` (run again to
@@ -107,6 +117,12 @@ pub struct Summary {
     pub downloads_missing: usize,
     /// Jobs whose create outcome is still unknown (looked up again by the next run).
     pub unknown: usize,
+    /// Jobs of unknown create outcome whose create Kling refused, by the refusal's code
+    /// (`1103 no permission for this api or model`): a refusal that may be Kling's answer to
+    /// an id it has, and the lookup that would tell could not be made. The next run looks them
+    /// up.
+    #[serde(default)]
+    pub unknown_by_reason: BTreeMap<String, usize>,
     /// Logical calls through the stack (creates, queries, lookups).
     pub calls: u64,
     /// Requests sent to the server (retries included).
@@ -211,13 +227,25 @@ impl Summary {
                         Some(e) if e.code != 0 => Some(code_reason(e.code)),
                         // The task exists (and may be billed): say so, and what to do.
                         Some(e) if e.message.starts_with(PANICKED) => Some(PANIC_REASON.to_owned()),
-                        _ => None,
+                        Some(e) if e.message.starts_with(FOLLOW_DEADLINE) => {
+                            Some(DEADLINE_REASON.to_owned())
+                        }
+                        Some(_) => Some(FOLLOW_ERROR_REASON.to_owned()),
+                        None => None,
                     };
                     if let Some(reason) = reason {
                         *self.unfinished_by_reason.entry(reason).or_default() += 1;
                     }
                 }
-                JobState::Creating => self.unknown += 1,
+                JobState::Creating => {
+                    self.unknown += 1;
+                    if let Some(e) = record.error.as_ref().filter(|e| e.code != 0) {
+                        *self
+                            .unknown_by_reason
+                            .entry(code_reason(e.code))
+                            .or_default() += 1;
+                    }
+                }
             }
         }
     }
@@ -308,7 +336,10 @@ impl fmt::Display for Summary {
             rows.push((format!("  {}", shortened(reason)), n.to_string()));
         }
         if self.unfinished > 0 {
-            rows.push(("still running".into(), self.unfinished.to_string()));
+            rows.push((
+                "still running".into(),
+                format!("{} (run again to follow)", self.unfinished),
+            ));
             for (reason, n) in &self.unfinished_by_reason {
                 rows.push((format!("  not followed: {reason}"), n.to_string()));
             }
@@ -320,7 +351,13 @@ impl fmt::Display for Summary {
             ));
         }
         if self.unknown > 0 {
-            rows.push(("create outcome unknown".into(), self.unknown.to_string()));
+            rows.push((
+                "create outcome unknown".into(),
+                format!("{} (run again to look up)", self.unknown),
+            ));
+            for (reason, n) in &self.unknown_by_reason {
+                rows.push((format!("  create refused: {reason}"), n.to_string()));
+            }
         }
         rows.push((
             "requests".into(),
@@ -463,6 +500,107 @@ mod tests {
         assert!(!table.contains(&page), "{table}");
         assert!(
             table.contains(&format!("{}…", &page[..REASON_CHARS])),
+            "{table}"
+        );
+    }
+
+    /// Every job left `created` by a follow that ended with an error is counted under a
+    /// reason: one whose error had no Kling code (a deadline, a task id that cannot be
+    /// queried) had none, and showed under `still running` alone.
+    #[test]
+    fn every_job_left_created_by_an_error_is_counted_under_a_reason() {
+        use crate::journal::ErrorInfo;
+
+        let record = |error: Option<ErrorInfo>| JobRecord {
+            job_id: String::new(),
+            line: 0,
+            endpoint: String::new(),
+            external_id: String::new(),
+            state: JobState::Created,
+            task_id: Some("860000000000000001".to_owned()),
+            status: None,
+            urls: Vec::new(),
+            files: Vec::new(),
+            error,
+            download_error: None,
+        };
+        let error = |code, message: &str| Some(ErrorInfo::new(code, message, None));
+        let records = [
+            record(error(1101, "task 8600 not followed to its end: arrears")),
+            record(error(0, &format!("{PANICKED} during the follow: boom"))),
+            record(error(
+                0,
+                &format!("{FOLLOW_DEADLINE}: task 8600 did not end"),
+            )),
+            record(error(0, "cannot follow task \"8 6\": not a task id")),
+            record(None),
+        ];
+        let mut s = Summary::default();
+        s.count_jobs(&records);
+        assert_eq!(s.unfinished, 5);
+        assert_eq!(
+            s.unfinished_by_reason,
+            BTreeMap::from([
+                ("1101 account in arrears".to_owned(), 1),
+                (PANIC_REASON.to_owned(), 1),
+                (DEADLINE_REASON.to_owned(), 1),
+                (FOLLOW_ERROR_REASON.to_owned(), 1),
+            ])
+        );
+    }
+
+    /// A job of unknown create outcome whose create Kling refused is counted under the
+    /// refusal's code, and the table says what to do: such jobs showed as a bare count.
+    #[test]
+    fn jobs_of_unknown_outcome_are_counted_by_the_refusal_of_their_create() {
+        use crate::journal::ErrorInfo;
+
+        let record = |error: Option<ErrorInfo>| JobRecord {
+            job_id: String::new(),
+            line: 0,
+            endpoint: String::new(),
+            external_id: String::new(),
+            state: JobState::Creating,
+            task_id: None,
+            status: None,
+            urls: Vec::new(),
+            files: Vec::new(),
+            error,
+            download_error: None,
+        };
+        let records = [
+            record(Some(ErrorInfo::new(1103, "no permission", None))),
+            record(Some(ErrorInfo::new(1103, "no permission", None))),
+            record(Some(ErrorInfo::new(
+                0,
+                "attempt timed out after 30 s",
+                None,
+            ))),
+            record(None),
+        ];
+        let mut s = Summary::default();
+        s.count_jobs(&records);
+        assert_eq!(s.unknown, 4);
+        let reason = "1103 no permission for this api or model";
+        assert_eq!(
+            s.unknown_by_reason,
+            BTreeMap::from([(reason.to_owned(), 2)])
+        );
+        let table = s.to_string();
+        let has_row = |key: &str, value: &str| {
+            table.lines().any(|l| {
+                l.len() >= key.len() + value.len() + 2
+                    && l.starts_with(key)
+                    && l.ends_with(value)
+                    && l[key.len()..l.len() - value.len()].trim().is_empty()
+            })
+        };
+        assert!(
+            has_row("create outcome unknown", "4 (run again to look up)"),
+            "{table}"
+        );
+        assert!(
+            has_row(&format!("  create refused: {reason}"), "2"),
             "{table}"
         );
     }
