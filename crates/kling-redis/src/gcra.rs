@@ -47,21 +47,20 @@ struct Options {
     count_requests: bool,
 }
 
-/// One GCRA decision. Times are integer microseconds of fleet time; numbers written back go
-/// through `%.0f` (Lua's `tostring` keeps only 14 digits) and `%.17g` for rates.
+/// What both acquire scripts share: `gcra`, one key's GCRA decision, and `count`, the count of
+/// an account-wide key's admitted requests. Times are integer microseconds of fleet time;
+/// numbers written back go through `%.0f` (Lua's `tostring` keeps only 14 digits) and `%.17g`
+/// for rates. ARGV (both scripts): 1 now, 7 idle TTL (µs), 8 the asking process's place ('' =
+/// it takes none), 9 since when the asking request has waited (µs), 10 how long a place
+/// outlives the instant its process was told to ask again (µs), 11 the usage bucket (µs).
 ///
-/// `KEYS[1]` the key's hash, `KEYS[2]` its fleet queue (sorted set: waiting process → since when
-/// its asking request has waited, µs), `KEYS[3]` when each place ends (µs). ARGV: now, period (µs,
-/// rounded up), burst, adaptive (0/1), adaptive start rate (-1: ceiling/4), ceiling rate, idle
-/// TTL (µs), the asking process's place ('' = it takes none), since when the asking request
-/// has waited (µs), how long a place outlives the instant its process was told to ask again
-/// (µs).
-/// Returns {0, streak} (admit; streak 1 while the key's 1302 streak is running, so the process
-/// reports its successes and one of them resets it) or {1, not_before, cooldown 0/1}.
-///
-/// `KEYS[4]`, for an account-wide key only, counts the admitted requests by time bucket
-/// (`ARGV[11]`, µs; a hash of bucket → count, [`USAGE_BUCKETS`] of them in a window), read by
-/// [`RedisGcra::fleet_requests`].
+/// `gcra(key, q, qx, period, burst, adaptive, start, ceiling)`: `key` the key's hash, `q` its
+/// fleet queue (sorted set: waiting process → since when its asking request has waited, µs),
+/// `qx` when each place ends (µs); the key's quota: period (µs, rounded up), burst, adaptive
+/// ('1'), adaptive start rate (-1: ceiling/4), ceiling rate. Returns a function that takes the
+/// cell (and returns whether the key's 1302 streak is running), or `nil` and the refusal
+/// `{1, not_before, cooldown 0/1}`: nothing is taken until that function is called, so a
+/// script may ask another key first.
 ///
 /// The fleet's order: each process sends only its queue's head, with the instant that request
 /// began waiting; a refused head holds its process's place, scored by that instant, and a cell
@@ -69,91 +68,142 @@ struct Options {
 /// waited longer than every place). Each process queues in arrival order too, so the fleet's
 /// requests are served in the order they began waiting, and no process is starved by one that
 /// is nearer to Redis and always asks first. Admitted, a head leaves its process's place.
-const ACQUIRE_BODY: &str = r"
-local key = KEYS[1]
-local q = KEYS[2]
-local qx = KEYS[3]
+///
+/// `count(n)`: counts an admitted request in `n`, an account-wide key's hash of time buckets
+/// (bucket → count, [`USAGE_BUCKETS`] of them in a window), read by
+/// [`RedisGcra::fleet_requests`].
+const GCRA_FN: &str = r"
 local now = tonumber(ARGV[1])
-local period = tonumber(ARGV[2])
-local burst = tonumber(ARGV[3])
+local idle = tonumber(ARGV[7])
 local me = ARGV[8]
-local since = tonumber(ARGV[9])
+local since = ARGV[9]
+local place_ttl = tonumber(ARGV[10])
 local function int(x) return string.format('%.0f', x) end
--- The end of the place of the process ahead of this one, if one is. (No queue, the usual
--- case when nobody waits: one lookup.)
-local ahead_until = nil
-local queued = redis.call('EXISTS', qx) == 1
-if queued then ahead_until = ahead_of(q, qx, me, since, now) end
-local v = redis.call('HMGET', key, 't', 'p', 'cd', 'r', 'se')
--- Whether this script wrote the hash: a write may create it, and every hash gets an expiry.
-local wrote = false
--- The hash lives the idle TTL past the latest of `last`, the key's pace and its streak window.
-local function expire(last)
-  local se = tonumber(v[5])
-  if se and se > last then last = se end
-  redis.call('PEXPIRE', key, math.ceil((last - now + tonumber(ARGV[7])) / 1000))
-end
-local function wait(at, cooldown, tat)
-  if wrote then expire(math.max(tat or now, now)) end
-  if me ~= '' then take_place(q, qx, me, ARGV[9], math.max(at, now) + tonumber(ARGV[10]), now) end
-  return {1, at, cooldown}
-end
-local cd = tonumber(v[3])
-if cd and cd > now then
-  return wait(cd, 1)
-end
-if ARGV[4] == '1' then
-  local rate = tonumber(v[4])
-  if not rate then
-    local ceiling = tonumber(ARGV[6])
-    rate = tonumber(ARGV[5])
-    if rate < 0 then rate = ceiling / 4 end
-    if rate > ceiling then rate = ceiling end
-    redis.call('HSET', key, 'r', string.format('%.17g', rate))
+local function gcra(key, q, qx, period, burst, adaptive, start, ceiling)
+  -- The end of the place of the process ahead of this one, if one is. (No queue, the usual
+  -- case when nobody waits: one lookup.)
+  local ahead_until = nil
+  local queued = redis.call('EXISTS', qx) == 1
+  if queued then ahead_until = ahead_of(q, qx, me, tonumber(since), now) end
+  local v = redis.call('HMGET', key, 't', 'p', 'cd', 'r', 'se')
+  -- Whether this call wrote the hash: a write may create it, and every hash gets an expiry.
+  local wrote = false
+  -- The hash lives the idle TTL past the latest of `last`, the key's pace and its streak
+  -- window.
+  local function expire(last)
+    local se = tonumber(v[5])
+    if se and se > last then last = se end
+    redis.call('PEXPIRE', key, math.ceil((last - now + idle) / 1000))
+  end
+  local function wait(at, cooldown, tat)
+    if wrote then expire(math.max(tat or now, now)) end
+    if me ~= '' then take_place(q, qx, me, since, math.max(at, now) + place_ttl, now) end
+    return nil, {1, at, cooldown}
+  end
+  local cd = tonumber(v[3])
+  if cd and cd > now then
+    return wait(cd, 1)
+  end
+  if adaptive == '1' then
+    local rate = tonumber(v[4])
+    if not rate then
+      local ceil = tonumber(ceiling)
+      rate = tonumber(start)
+      if rate < 0 then rate = ceil / 4 end
+      if rate > ceil then rate = ceil end
+      redis.call('HSET', key, 'r', string.format('%.17g', rate))
+      wrote = true
+    end
+    local p = math.ceil(1e6 / rate)
+    if p > period then period = p end
+  end
+  local tat = tonumber(v[1])
+  local applied = tonumber(v[2])
+  if tat and applied and applied ~= period then
+    if tat > now then
+      tat = now + math.ceil((tat - now) * period / applied)
+    end
+    redis.call('HSET', key, 't', int(tat), 'p', int(period))
     wrote = true
   end
-  local p = math.ceil(1e6 / rate)
-  if p > period then period = p end
-end
-local tat = tonumber(v[1])
-local applied = tonumber(v[2])
-if tat and applied and applied ~= period then
-  if tat > now then
-    tat = now + math.ceil((tat - now) * period / applied)
+  if not tat then tat = now end
+  local earliest = tat - period * (burst - 1)
+  if ahead_until then
+    -- The cell goes to the process ahead: ask for the one after it, or when its place ends.
+    return wait(math.min(math.max(earliest, now) + period, ahead_until), 0, tat)
   end
-  redis.call('HSET', key, 't', string.format('%.0f', tat), 'p', string.format('%.0f', period))
-  wrote = true
+  if now < earliest then
+    return wait(earliest, 0, tat)
+  end
+  return function()
+    if queued and me ~= '' then leave_place(q, qx, me) end
+    local nxt = math.max(tat, now) + period
+    redis.call('HSET', key, 't', int(nxt), 'p', int(period))
+    expire(nxt)
+    local se = tonumber(v[5])
+    return se ~= nil and se >= now
+  end
 end
-if not tat then tat = now end
-local earliest = tat - period * (burst - 1)
-if ahead_until then
-  -- The cell goes to the process ahead: ask for the one after it, or when its place ends.
-  return wait(math.min(math.max(earliest, now) + period, ahead_until), 0, tat)
-end
-if now < earliest then
-  return wait(earliest, 0, tat)
-end
-if queued and me ~= '' then leave_place(q, qx, me) end
-local nxt = math.max(tat, now) + period
-redis.call('HSET', key, 't', string.format('%.0f', nxt), 'p', string.format('%.0f', period))
-if KEYS[4] then
+local function count(n)
   local bucket = tonumber(ARGV[11])
   local at = math.floor(now / bucket)
   -- The bucket's first request (the usual request adds to its bucket and nothing more) keeps
   -- the hash alive two windows, and drops the buckets past the window once they are a few
   -- more than it holds: a bounded hash.
-  if redis.call('HINCRBY', KEYS[4], int(at), 1) == 1 then
-    if redis.call('HLEN', KEYS[4]) > USAGE_BUCKETS + 8 then
-      for _, field in ipairs(redis.call('HKEYS', KEYS[4])) do
-        if tonumber(field) <= at - USAGE_BUCKETS then redis.call('HDEL', KEYS[4], field) end
+  if redis.call('HINCRBY', n, int(at), 1) == 1 then
+    if redis.call('HLEN', n) > USAGE_BUCKETS + 8 then
+      for _, field in ipairs(redis.call('HKEYS', n)) do
+        if tonumber(field) <= at - USAGE_BUCKETS then redis.call('HDEL', n, field) end
       end
     end
-    redis.call('PEXPIRE', KEYS[4], math.ceil(2 * USAGE_BUCKETS * bucket / 1000))
+    redis.call('PEXPIRE', n, math.ceil(2 * USAGE_BUCKETS * bucket / 1000))
   end
 end
-expire(nxt)
-local se = tonumber(v[5])
-if se and se >= now then return {0, 1} end
+";
+
+/// One GCRA decision ([`GCRA_FN`]'s `gcra`). `KEYS[1]` the key's hash, `KEYS[2]` and `KEYS[3]`
+/// its fleet queue. ARGV: as `GCRA_FN`'s, and 2 period (µs, rounded up), 3 burst, 4 adaptive
+/// (0/1), 5 adaptive start rate (-1: ceiling/4), 6 ceiling rate.
+/// Returns {0, streak} (admit; streak 1 while the key's 1302 streak is running, so the process
+/// reports its successes and one of them resets it) or {1, not_before, cooldown 0/1}.
+///
+/// `KEYS[4]`, for an account-wide key only, counts the admitted requests by time bucket
+/// (`count`).
+const ACQUIRE_BODY: &str = r"
+local take, refusal = gcra(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[2]), tonumber(ARGV[3]),
+  ARGV[4], ARGV[5], ARGV[6])
+if not take then return refusal end
+local streak = take()
+if KEYS[4] then count(KEYS[4]) end
+if streak then return {0, 1} end
+return {0, 0}
+";
+
+/// Reject mode's decision of a class request ([`Backend::acquire_class_or_refuse`]): its
+/// class key's turn and its account key's, both or neither. `KEYS[1..3]` the class key's hash
+/// and fleet queue, `KEYS[4..6]` the account key's, `KEYS[7]` (optional) the account key's
+/// count of admitted requests. ARGV: as [`ACQUIRE_BODY`]'s for the class key (it takes no
+/// place: 8 is ''), then 12 to 16 the account key's quota (as 2 to 6).
+/// Returns {0, streak} (both turns taken; the account key's streak) or {1, not_before, cooldown
+/// 0/1, which}: the class key's refusal (`which` 0; the account is not asked), or the account
+/// key's (1; the class key's turn is not taken).
+const ACQUIRE_CLASS_BODY: &str = r"
+local take_class, refusal = gcra(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[2]),
+  tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6])
+if not take_class then
+  refusal[4] = 0
+  return refusal
+end
+local take_account, refused = gcra(KEYS[4], KEYS[5], KEYS[6], tonumber(ARGV[12]),
+  tonumber(ARGV[13]), ARGV[14], ARGV[15], ARGV[16])
+if not take_account then
+  refused[4] = 1
+  return refused
+end
+take_class()
+local streak = take_account()
+if KEYS[7] then count(KEYS[7]) end
+if streak then return {0, 1} end
 return {0, 0}
 ";
 
@@ -394,6 +444,7 @@ struct Inner {
     /// away during it.
     heard: Mutex<HashMap<String, Instant>>,
     acquire: Script,
+    acquire_class: Script,
     feedback: Script,
     leave: Script,
     usage: Script,
@@ -453,7 +504,10 @@ impl RedisGcra {
                 delivering: tokio::sync::Mutex::new(()),
                 heard: Mutex::new(HashMap::new()),
                 acquire: Script::new(&format!(
-                    "local USAGE_BUCKETS = {USAGE_BUCKETS}\n{QUEUE}{ACQUIRE_BODY}"
+                    "local USAGE_BUCKETS = {USAGE_BUCKETS}\n{QUEUE}{GCRA_FN}{ACQUIRE_BODY}"
+                )),
+                acquire_class: Script::new(&format!(
+                    "local USAGE_BUCKETS = {USAGE_BUCKETS}\n{QUEUE}{GCRA_FN}{ACQUIRE_CLASS_BODY}"
                 )),
                 feedback: Script::new(FEEDBACK),
                 leave: Script::new(&format!("{QUEUE}{LEAVE_BODY}")),
@@ -825,6 +879,19 @@ fn adaptive_args(policy: &Policy) -> (bool, f64, f64) {
     }
 }
 
+/// A key's quota as the acquire scripts take it: period (µs, rounded up), burst, adaptive
+/// (0/1), adaptive start rate (-1: ceiling/4), ceiling rate.
+fn quota_args(policy: &Policy) -> [String; 5] {
+    let (adaptive, start, ceiling) = adaptive_args(policy);
+    [
+        micros(policy.quota.period()).max(1).to_string(),
+        policy.quota.burst().to_string(),
+        if adaptive { "1" } else { "0" }.to_owned(),
+        format!("{start:e}"),
+        format!("{ceiling:e}"),
+    ]
+}
+
 fn share(policy: &Policy, processes: u32) -> Policy {
     let quota = policy.quota.scaled(1.0 / f64::from(processes.max(1)));
     Policy::new(quota, policy.cooldown).with_adaptive(policy.adaptive)
@@ -859,14 +926,14 @@ impl Inner {
         since: Option<i64>,
         counted: bool,
     ) -> Result<(FleetDecision, bool), StoreError> {
-        let (adaptive, start, ceiling) = adaptive_args(policy);
+        let [period, burst, adaptive, start, ceiling] = quota_args(policy);
         let args = [
             now_us.to_string(),
-            micros(policy.quota.period()).max(1).to_string(),
-            policy.quota.burst().to_string(),
-            if adaptive { "1" } else { "0" }.to_owned(),
-            format!("{start:e}"),
-            format!("{ceiling:e}"),
+            period,
+            burst,
+            adaptive,
+            start,
+            ceiling,
             micros(self.idle_ttl).to_string(),
             if since.is_some() {
                 self.instance.clone()
@@ -898,6 +965,63 @@ impl Inner {
                 false,
             )),
             other => Err(StoreError::protocol(format!("gcra reply {other:?}"))),
+        }
+    }
+
+    /// Reject mode's decision of a class request ([`ACQUIRE_CLASS_BODY`]): the turns of the
+    /// class key `class` and of its account key `account` (Redis keys), both or neither. It
+    /// takes no place in either key's fleet queue, and waits behind those who hold one.
+    /// `counted` if the account key's admitted requests are counted. With the decision, whether
+    /// the account key's 1302 streak is running (said by an admission only), and whether the
+    /// account key refused (a refusal only; else the class key did).
+    async fn decide_class(
+        &self,
+        class: (String, &Policy),
+        account: (String, &Policy),
+        now_us: i64,
+        counted: bool,
+    ) -> Result<(FleetDecision, bool, bool), StoreError> {
+        let [period, burst, adaptive, start, ceiling] = quota_args(class.1);
+        let [a_period, a_burst, a_adaptive, a_start, a_ceiling] = quota_args(account.1);
+        let args = [
+            now_us.to_string(),
+            period,
+            burst,
+            adaptive,
+            start,
+            ceiling,
+            micros(self.idle_ttl).to_string(),
+            String::new(),
+            now_us.to_string(),
+            micros(self.place_ttl).max(1).to_string(),
+            self.bucket_us().to_string(),
+            a_period,
+            a_burst,
+            a_adaptive,
+            a_start,
+            a_ceiling,
+        ];
+        let [q, qx] = queue_keys(&class.0);
+        let [aq, aqx] = queue_keys(&account.0);
+        let mut keys = vec![class.0, q, qx];
+        if counted {
+            keys.push(format!("{}:n", account.0));
+        }
+        keys.splice(3..3, [account.0, aq, aqx]);
+        let result: Result<Vec<i64>, StoreError> =
+            self.conn.run(&self.acquire_class, &keys, &args).await;
+        self.note(&result);
+        match result?.as_slice() {
+            [0, streak] => Ok((FleetDecision::Admit, *streak == 1, false)),
+            [1, at, cooldown, which] => Ok((
+                FleetDecision::NotBefore {
+                    at_us: *at,
+                    cooldown: *cooldown == 1,
+                },
+                false,
+                *which == 1,
+            )),
+            other => Err(StoreError::protocol(format!("gcra class reply {other:?}"))),
         }
     }
 
@@ -1207,23 +1331,63 @@ impl Inner {
                 cooldown: false,
             }),
             WhenUnreachable::Fallback { processes } if e.is_unreachable() => {
-                let policy = share(policy, processes.get());
-                let heard = lock(&self.heard).remove(redis_key);
-                let now = Instant::now();
-                if let Some(until) = heard.filter(|until| *until > now) {
-                    // A `Retry-After` to that end: the fallback pauses, its streak unmoved.
-                    let pause = Feedback::Pause {
-                        sent_at: now,
-                        received_at: now,
-                        resume_at: Some(until),
-                        throttled: false,
-                    };
-                    self.fallback.feedback_now(key, &policy, pause);
-                }
+                let policy = self.fallback_for(key, redis_key, policy, processes.get());
                 Ok(self.fallback.acquire_now(key, &policy))
             }
             _ => Err(e.into_ratelimit()),
         }
+    }
+
+    /// [`Inner::unreachable_decision`] of reject mode's class request: `class` and `account`
+    /// are each key, its Redis key and its policy. The fallback takes both turns or neither
+    /// ([`InProcess::acquire_class_now`]).
+    fn unreachable_class_decision(
+        &self,
+        e: StoreError,
+        class: (&BucketKey, &str, &Policy),
+        account: (&BucketKey, &str, &Policy),
+    ) -> Result<Decision, BackendError> {
+        match self.when_unreachable {
+            WhenUnreachable::Fallback { processes } if e.is_unreachable() => {
+                let class_policy = self.fallback_for(class.0, class.1, class.2, processes.get());
+                let account_policy =
+                    self.fallback_for(account.0, account.1, account.2, processes.get());
+                let (decision, _) = self.fallback.acquire_class_now(
+                    class.0,
+                    &class_policy,
+                    account.0,
+                    &account_policy,
+                );
+                Ok(decision)
+            }
+            _ => self.unreachable_decision(e, account.0, account.1, account.2),
+        }
+    }
+
+    /// The fallback's share of `policy` for `key` (Redis key `redis_key`), having taken on the
+    /// fleet's pause of the key that this process last heard of, if it still runs: Redis alone
+    /// held it.
+    fn fallback_for(
+        &self,
+        key: &BucketKey,
+        redis_key: &str,
+        policy: &Policy,
+        processes: u32,
+    ) -> Policy {
+        let policy = share(policy, processes);
+        let heard = lock(&self.heard).remove(redis_key);
+        let now = Instant::now();
+        if let Some(until) = heard.filter(|until| *until > now) {
+            // A `Retry-After` to that end: the fallback pauses, its streak unmoved.
+            let pause = Feedback::Pause {
+                sent_at: now,
+                received_at: now,
+                resume_at: Some(until),
+                throttled: false,
+            };
+            self.fallback.feedback_now(key, &policy, pause);
+        }
+        policy
     }
 
     fn note(&self, result: &Result<impl Sized, StoreError>) {
@@ -1314,6 +1478,95 @@ impl RedisGcra {
     }
 }
 
+impl RedisGcra {
+    /// Reject mode's ask for a request of class key `class` (a class quota of account key
+    /// `account`): both turns in one script, or neither ([`ACQUIRE_CLASS_BODY`]). It takes no
+    /// place in either key's fleet queue, as [`Backend::acquire_or_refuse`]. A pause of either
+    /// key that Redis did not take holds here first, the class's before the account's, as
+    /// when each is asked apart.
+    ///
+    /// Like every decision, it is not sent again when its answer is lost (a timeout after
+    /// Redis ran it): that would take a second turn. Such an ask is answered as Redis being
+    /// away ([`WhenUnreachable`]), and the turns it may have taken stay taken, as those of a
+    /// lost [`acquire_or_refuse`](Backend::acquire_or_refuse).
+    fn asking_class(
+        &self,
+        class: &BucketKey,
+        class_policy: &Policy,
+        account: &BucketKey,
+        account_policy: &Policy,
+    ) -> GcraFuture<Decision> {
+        let inner = Arc::clone(&self.inner);
+        let (class_redis, account_redis) = (self.key_of(class), self.key_of(account));
+        let (class, account) = (class.clone(), account.clone());
+        let (class_policy, account_policy) = (*class_policy, *account_policy);
+        Box::pin(async move {
+            let unreachable = |inner: &Inner, e: StoreError| {
+                inner.unreachable_class_decision(
+                    e,
+                    (&class, &class_redis, &class_policy),
+                    (&account, &account_redis, &account_policy),
+                )
+            };
+            if inner.paused_here.load(Ordering::Relaxed) {
+                for redis_key in [&class_redis, &account_redis] {
+                    if let Some(until) = inner.held_pause(redis_key, Instant::now()) {
+                        return Ok(Decision::NotBefore {
+                            at: until,
+                            cooldown: true,
+                        });
+                    }
+                }
+            }
+            if inner.to_deliver.load(Ordering::Relaxed)
+                && let Err(e) = inner.deliver_first().await
+            {
+                return unreachable(&inner, e);
+            }
+            let now_us = inner.conn.calibrated_now_us().await;
+            let now = Instant::now();
+            let now_us = match now_us {
+                Ok(now_us) => now_us,
+                Err(e) => {
+                    inner.note(&Err::<(), _>(e.clone()));
+                    return unreachable(&inner, e);
+                }
+            };
+            let account_wide = account.request_kind().is_none();
+            let counted = inner.count_requests && account_wide;
+            let result = inner
+                .decide_class(
+                    (class_redis.clone(), &class_policy),
+                    (account_redis.clone(), &account_policy),
+                    now_us,
+                    counted,
+                )
+                .await;
+            match result {
+                Ok((FleetDecision::Admit, streak, _)) => {
+                    if account_wide {
+                        inner.saw_streak(&account_redis, streak);
+                    }
+                    Ok(Decision::Admit)
+                }
+                Ok((FleetDecision::NotBefore { at_us, cooldown }, _, by_account)) => {
+                    let at = inner.conn.to_instant(at_us, now, now_us);
+                    if cooldown {
+                        let redis_key = if by_account {
+                            &account_redis
+                        } else {
+                            &class_redis
+                        };
+                        inner.heard_pause(redis_key, at);
+                    }
+                    Ok(Decision::NotBefore { at, cooldown })
+                }
+                Err(e) => unreachable(&inner, e),
+            }
+        })
+    }
+}
+
 impl Backend for RedisGcra {
     type AcquireFuture = GcraFuture<Decision>;
     type FeedbackFuture = GcraFuture<Reported>;
@@ -1357,6 +1610,20 @@ impl Backend for RedisGcra {
         since: Instant,
     ) -> Self::AcquireFuture {
         self.asking(key, policy, Some(since), true)
+    }
+
+    /// Reject mode's class request: the class key's turn and the account key's in one script,
+    /// both or neither, so a request its account refuses spends no class turn. Takes no place
+    /// in either key's fleet queue, as [`acquire_or_refuse`](Backend::acquire_or_refuse).
+    fn acquire_class_or_refuse(
+        &self,
+        class: &BucketKey,
+        class_policy: &Policy,
+        account: &BucketKey,
+        account_policy: &Policy,
+        _decided_at: &mut Option<Instant>,
+    ) -> Option<Self::AcquireFuture> {
+        Some(self.asking_class(class, class_policy, account, account_policy))
     }
 
     /// Gives this process's place in the key's queue up now (sent on the runtime; a place that
@@ -1497,6 +1764,31 @@ mod tests {
         // Sent: off the queue, by its number.
         kept.sent(0);
         assert_eq!(kept.pending.len(), 3);
+    }
+
+    /// While Redis is away, under [`WhenUnreachable::Fallback`], reject mode's class request
+    /// is decided in process with both turns or neither: one its account refuses leaves the
+    /// class's turn.
+    #[tokio::test]
+    async fn away_a_class_request_its_account_refuses_spends_no_class_turn_in_the_fallback() {
+        let conn = Connection::lazy(crate::RedisConfig::new("redis://127.0.0.1:1/")).unwrap();
+        let gcra = RedisGcra::new(conn).when_unreachable(WhenUnreachable::fallback(1));
+        let policy = Policy::new(Quota::per_second(1.0), Cooldown::default());
+        let account = BucketKey::account(None);
+        let class = BucketKey::class(None, kling_core::RequestKind::Account);
+        assert_eq!(
+            gcra.acquire(&account, &policy).await.unwrap(),
+            Decision::Admit
+        );
+        let both = gcra
+            .acquire_class_or_refuse(&class, &policy, &account, &policy, &mut None)
+            .expect("decided in one step");
+        assert!(matches!(both.await.unwrap(), Decision::NotBefore { .. }));
+        assert!(gcra.is_out());
+        assert_eq!(
+            gcra.acquire(&class, &policy).await.unwrap(),
+            Decision::Admit
+        );
     }
 
     /// A delivery that failed for want of Redis (a timeout among them: Redis may have run

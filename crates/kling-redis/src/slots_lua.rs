@@ -17,7 +17,7 @@
 //! | `P:alive` | string | present while Redis keeps its state; value: the generation, which is the end of the re-registration grace (µs) that started it |
 //! | `P:seq` | string | the sequence: each script's number (see `PRELUDE`) |
 //! | `P:run` | string | the `run_id` of the server that wrote the generation: another one (a restart, which may load an older snapshot; a failover to a replica, which may lag) starts a new generation |
-//! | `P:ended` | sorted set | tasks reported ended (`i:` task id; `x:` an external id, as its `P:ext` field) by expiry (µs, the configured lease on, at least the default 30 min): a holding of one is not created again (a re-registration, a replayed hold); `e:` the `P:ext` field of a text `complete` told before any holding had it, filed as both `i:` and `x:` until one matches (the other is then dropped); `p:` task id `\n` `P:ext` field: an end a report told with its external id before any holding had either, filed as `i:` and `x:` too, and the `x:` dropped when the `i:` frees a holding; an `x:` frees one holding and is dropped; `h:` a holding a report released by its external id (its hold, replayed, holds nothing); `c:` the text an end was told by: that end was counted in the finished-task metrics, so such a holding given back is not counted again; at most [`ENDED_KEPT`] entries, the first to expire evicted first |
+//! | `P:ended` | sorted set | tasks reported ended (`i:` task id; `x:` an external id, as its `P:ext` field) by expiry (µs, the configured lease on, at least the default 30 min): a holding of one is not created again (a re-registration, a replayed hold); `e:` the `P:ext` field of a text `complete` told before any holding had it, filed as both `i:` and `x:` until one matches (the other is then dropped); `p:` task id `\n` `P:ext` field: an end a report told with its external id before any holding had either, filed as `i:` and `x:` too, and the `x:` dropped when the `i:` frees a holding; an `x:` frees one holding and is dropped; `h:` a holding a report released by its external id (its hold, replayed, holds nothing; a `complete` by its external id also notes its task id, if known, as `i:`); `c:` the text an end was told by: that end was counted in the finished-task metrics, so such a holding given back is not counted again; at most [`ENDED_KEPT`] entries, the first to expire evicted first |
 //! | `P:done` | sorted set | the ids of changes that must take effect once (`cap`, `cong`, `halt`, `unhalt`, `hold`, an `upd` with an end) by expiry (µs, as `P:ended`'s, at most as many): a replay of one Redis ran is skipped |
 //! | `P:rel:ID` | string | the tasks the change `ID` released (JSON, as `APPLY` returns them), while `P:done` keeps the id: a skipped replay answers with them |
 //! | channel `P:freed` | pub/sub | a pool key (or `*`) whenever slots may have freed |
@@ -574,7 +574,10 @@ elseif op == 'upd' then
         redis.call('ZREM', ENDED, 'e:' .. field)
       elseif by_ext then
         -- (`complete` by the external id of a holding: nothing is filed under it, which would
-        -- free a later create carrying it; the holding is noted below.)
+        -- free a later create carrying it; the holding is noted below.) Its task id, if its
+        -- create's answer (or a report) gave one, is noted ended: a reconcile's list answered
+        -- before this end names the task running, and must not adopt it.
+        if rec and rec.id then note_ended(rec.id) end
       elseif place then
         note_ended(id)
       else
@@ -588,8 +591,13 @@ elseif op == 'upd' then
       if terminal then
         local reason = 'completed'
         if status ~= '' then reason = 'ended:' .. status end
-        -- The reporting process counts it (not when it sends the end again).
-        if flag == '1' then mark_counted(id) end
+        -- The reporting process counts it (not when it sends the end again). Found by its
+        -- external id, its task id's note (above) says so too: a registration of the task
+        -- after Redis went back finds that note first, and counts the end no second time.
+        if flag == '1' then
+          mark_counted(id)
+          if by_ext and rec.id then mark_counted(rec.id) end
+        end
         -- A holding no task id note names (found by its external id): noted itself, so
         -- that its create's hold, replayed after its answer was lost, holds nothing.
         if not rec.id or rec.id ~= id then note_member('h:' .. h) end

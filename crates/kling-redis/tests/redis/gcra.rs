@@ -485,6 +485,19 @@ impl Served {
 
     /// [`Served::process`] whose layer waits or refuses, as `mode` says.
     fn process_in(&self, backend: impl Backend, mode: Mode) -> Layered {
+        let builder =
+            GcraLayer::builder(Quota::with_period(Duration::from_millis(300))).backend(backend);
+        let layer = if mode == Mode::Reject {
+            builder.reject()
+        } else {
+            builder
+        };
+        self.process_of(&layer.build().unwrap())
+    }
+
+    /// A process: `layer` in front of a service that answers every request with success and
+    /// notes it here.
+    fn process_of<Bk: Backend>(&self, layer: &GcraLayer<Bk>) -> Layered {
         let served = self.clone();
         let inner = tower::service_fn(move |request: http::Request<Full<Bytes>>| {
             let name = request.uri().path().rsplit('/').next().unwrap().to_owned();
@@ -499,14 +512,7 @@ impl Served {
                 )),
             )))
         });
-        let builder =
-            GcraLayer::builder(Quota::with_period(Duration::from_millis(300))).backend(backend);
-        let layer = if mode == Mode::Reject {
-            builder.reject()
-        } else {
-            builder
-        };
-        tower::util::BoxCloneService::new(layer.build().unwrap().layer(inner))
+        tower::util::BoxCloneService::new(layer.layer(inner))
     }
 }
 
@@ -515,9 +521,22 @@ fn send(
     process: &Layered,
     name: &str,
 ) -> tokio::task::JoinHandle<Result<http::Response<Full<Bytes>>, kling_core::BoxError>> {
-    let request = http::Request::get(format!("/v1/videos/text2video/{name}"))
+    send_to(process, &format!("/v1/videos/text2video/{name}"), None)
+}
+
+/// Sends a `GET` of `path` through `process`, of `account` if one is named, on a task of its
+/// own.
+fn send_to(
+    process: &Layered,
+    path: &str,
+    account: Option<&str>,
+) -> tokio::task::JoinHandle<Result<http::Response<Full<Bytes>>, kling_core::BoxError>> {
+    let mut request = http::Request::get(path)
         .body(Full::new(Bytes::new()))
         .unwrap();
+    if let Some(account) = account {
+        request.extensions_mut().insert(AccountId::new(account));
+    }
     tokio::spawn(process.clone().oneshot(request))
 }
 
@@ -1323,6 +1342,119 @@ async fn a_refusal_in_reject_mode_holds_no_one_back() {
     }
     assert!(after < Duration::from_millis(1000), "{after:?}");
     assert!(ranked > Duration::from_millis(2500), "{ranked:?}");
+}
+
+/// A process in reject mode whose account's requests go one per 10 s, its `/account/costs`
+/// requests one per 10 s too (a class quota), over `backend`.
+fn costs_limited(served: &Served, backend: impl Backend) -> Layered {
+    let ten = Quota::with_period(Duration::from_secs(10));
+    let layer = GcraLayer::builder(ten)
+        .class_quota(kling_core::RequestKind::Account, ten)
+        .backend(backend)
+        .reject()
+        .build()
+        .unwrap();
+    served.process_of(&layer)
+}
+
+/// Reject mode over Redis: a class request (`/account/costs`, under a class quota) takes its
+/// class's turn and its account's in one script, or neither (`acquire_class_or_refuse`). For
+/// account `a`, a create takes the account's turn; a costs request then passes its class but
+/// not its account and is refused for the account's wait, leaving the class's turn (another
+/// process takes it). For `d`, paused, the refusal is the pause's. For `b`, whose class
+/// turn another process took, a costs request refused by its class leaves the account's turn.
+/// For `c`, one admitted takes both, counted once in the account's requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_reject_mode_a_class_request_its_account_refuses_spends_no_class_turn() {
+    let Some(server) = redis() else { return };
+    let served = Served::new();
+    let process = costs_limited(&served, RedisGcra::new(connect(&server).await));
+    let other = RedisGcra::new(connect(&server).await);
+    let ten = Policy::new(
+        Quota::with_period(Duration::from_secs(10)),
+        Cooldown::default(),
+    );
+    let costs =
+        |a: &str| BucketKey::class(Some(AccountId::new(a)), kling_core::RequestKind::Account);
+    let account = |a: &str| BucketKey::account(Some(AccountId::new(a)));
+    let refused = |result: Result<http::Response<Full<Bytes>>, kling_core::BoxError>| {
+        let error = result.expect_err("refused");
+        let limited = error
+            .downcast_ref::<kling_ratelimit::error::RateLimited>()
+            .unwrap_or_else(|| panic!("RateLimited, not {error}"));
+        assert!(
+            limited.retry_after() > Duration::from_secs(3),
+            "{limited:?}"
+        );
+        limited.in_cooldown()
+    };
+    let decision = |key: BucketKey| {
+        let other = other.clone();
+        async move {
+            other
+                .acquire_or_refuse(&key, &ten, &mut None)
+                .await
+                .unwrap()
+        }
+    };
+
+    send_to(&process, "/v1/videos/text2video", Some("a"))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = send_to(&process, "/account/costs", Some("a"))
+        .await
+        .unwrap();
+    assert!(!refused(answer), "the account's wait, not a pause");
+    // Before: the class's turn was spent on the refused request, for 10 s.
+    assert_eq!(
+        decision(costs("a")).await,
+        Decision::Admit,
+        "the class's turn"
+    );
+
+    let now = tokio::time::Instant::now();
+    let pause = Feedback::Pause {
+        sent_at: now,
+        received_at: now,
+        resume_at: Some(now + Duration::from_secs(5)),
+        throttled: false,
+    };
+    other.feedback(&account("d"), &ten, pause).await.unwrap();
+    let answer = send_to(&process, "/account/costs", Some("d"))
+        .await
+        .unwrap();
+    assert!(refused(answer), "the account's pause");
+    assert_eq!(
+        decision(costs("d")).await,
+        Decision::Admit,
+        "the class's turn"
+    );
+
+    assert_eq!(decision(costs("b")).await, Decision::Admit);
+    let answer = send_to(&process, "/account/costs", Some("b"))
+        .await
+        .unwrap();
+    assert!(!refused(answer), "the class's wait");
+    assert_eq!(
+        decision(account("b")).await,
+        Decision::Admit,
+        "the account's turn"
+    );
+
+    send_to(&process, "/account/costs", Some("c"))
+        .await
+        .unwrap()
+        .unwrap();
+    for key in [costs("c"), account("c")] {
+        assert!(
+            matches!(decision(key.clone()).await, Decision::NotBefore { .. }),
+            "{key:?} taken"
+        );
+    }
+    let c = AccountId::new("c");
+    assert_eq!(other.fleet_requests(Some(&c)).await.unwrap(), 1);
+    assert_eq!(served.names(), ["text2video", "costs"]);
 }
 
 /// More pauses than a process keeps one by one while Redis is away (1,024) lose none that

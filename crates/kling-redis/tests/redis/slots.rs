@@ -2800,6 +2800,70 @@ async fn an_end_under_an_external_id_frees_one_create_only() {
     assert_eq!(in_use(&one).await, 3);
 }
 
+/// `complete` by the external id of a holding whose task id is known (its create was
+/// answered) notes that task id ended too: a reconcile whose list the server answered before
+/// that end (naming the task running) adopts nothing for it, by its task id with or without
+/// its external id, as kling-concurrency's in-process backend. The external id is still not
+/// filed: a create reusing it keeps its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_by_external_id_ends_the_holdings_task_id_for_a_stale_list() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 3).await;
+    let two = backend(&server, 3).await;
+    assert_eq!(create_held(&one, Some("t1"), Some("job-1")).await, 0);
+    let applied = two.apply(ended("job-1", None)).await.unwrap();
+    assert_eq!(applied.released.len(), 1, "{applied:?}");
+    for ext in [Some("job-1"), None] {
+        let stale = SlotOp::Adopt {
+            key: video(),
+            task: TaskRef {
+                id: Some("t1".to_owned()),
+                external_id: ext.map(str::to_owned),
+            },
+            weight: 1,
+            lease: LONG,
+        };
+        let adopted = one.apply(stale).await.unwrap();
+        assert!(!adopted.changed, "adopted with {ext:?}: {adopted:?}");
+    }
+    assert_eq!(in_use(&one).await, 0);
+    assert_eq!(create_held(&one, Some("t2"), Some("job-1")).await, 0);
+    assert_eq!(
+        in_use(&one).await,
+        1,
+        "a new create under a reused external id"
+    );
+}
+
+/// `complete` by the external id of a held task, then Redis comes back from a snapshot taken
+/// after it, before the owner's next pass: the owner registers the task again, finds its task
+/// id noted ended, and gives its slot back, without counting the end a second time.
+#[tokio::test]
+async fn a_complete_by_external_id_is_counted_once_when_redis_comes_back_older() {
+    let Some(mut server) = redis() else { return };
+    let recording = recording();
+    let one = backend(&server, 2)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    let two = backend(&server, 2)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    assert_eq!(create_held(&one, Some("t1"), Some("job-1")).await, 0);
+    let applied = two.apply(ended("job-1", None)).await.unwrap();
+    assert_eq!(applied.released.len(), 1, "{applied:?}");
+    assert_eq!(finished(&recording), (1, 1));
+    server.save().unwrap();
+    assert_eq!(one.held_here(), 1);
+    server.restart_from_snapshot().unwrap();
+    maintained(&two).await;
+    maintained(&two).await;
+    maintained(&one).await;
+    maintained(&one).await;
+    assert_eq!(one.held_here(), 0);
+    assert_eq!(in_use(&one).await, 0);
+    assert_eq!(finished(&recording), (0, 0), "the end was counted again");
+}
+
 /// A create's hold that timed out after Redis ran it is replayed at the next maintenance pass;
 /// when the create's end was reported meanwhile by its external id (which no longer leaves a
 /// note that would free a later create under it), the replay does not bring it back.
