@@ -49,6 +49,10 @@ impl DelayKind {
 /// | [`Throttled`](DelayKind::Throttled), [`SlotFull`](DelayKind::SlotFull) | `throttle_base` (1 s) | `throttle_base` |
 /// | [`Maintenance`](DelayKind::Maintenance) | `maintenance_base` (5 s) | `maintenance_base` |
 ///
+/// The retry layer draws it from the part of that range before the call's deadline when the
+/// floor is before it (the jitter spreads callers, and is not worth giving a call up for); a
+/// floor at or past the deadline ends the call ([`DeadlineExceeded`], resuming at the floor).
+///
 /// With a `Retry-After` hint `h` (either form), the delay counts from the response's arrival
 /// and is drawn from `[min(h, max_retry_after), min(h, max_retry_after) + retry_after_jitter]`:
 /// jitter only upward, so a retry is never early. The retry layer never sends sooner than `h`:
@@ -188,6 +192,26 @@ impl Backoff {
     pub fn delay(&self, kind: DelayKind, retry: u32, rng: &dyn RandomSource) -> Duration {
         let (low, high) = self.bounds(kind, retry);
         pick(low, high, rng)
+    }
+
+    /// [`delay`](Self::delay) for a call `left` away from its deadline: drawn from the part of
+    /// the bounds shorter than `left` when the floor is (the jitter above the floor spreads
+    /// callers, and is not worth giving the call up for), else the floor itself (the earliest
+    /// the backoff allows, past the deadline: the call ends). The same draw as `delay` where
+    /// the whole range fits.
+    pub(crate) fn delay_within(
+        &self,
+        kind: DelayKind,
+        retry: u32,
+        left: Option<Duration>,
+        rng: &dyn RandomSource,
+    ) -> Duration {
+        let (low, high) = self.bounds(kind, retry);
+        match left {
+            Some(left) if low >= left => low,
+            Some(left) => pick(low, high.min(left), rng),
+            None => pick(low, high, rng),
+        }
     }
 
     /// The longest `Retry-After` the retry layer waits out.

@@ -31,11 +31,12 @@ fn shard_index() -> usize {
 
 /// A retry budget on tokio time, shared by clones.
 ///
-/// Every logical request deposits one; every retry withdraws one. A retry is allowed while the
-/// retries of the last `window` stay within `min_per_sec × window + ratio × requests of the last
-/// window`. The defaults (10 s window, 1 retry per second floor, ratio 0.2) let a healthy client
-/// retry its occasional 1302 or 5xx, and limit a client facing a failing API to 1.2 requests per
-/// logical call plus the floor.
+/// Every logical request deposits one; every retry withdraws one (and gives it back if the
+/// retry layer never sends it: the call dropped during its backoff, or ended by its deadline
+/// first). A retry is allowed while the retries of the last `window` stay within
+/// `min_per_sec × window + ratio × requests of the last window`. The defaults (10 s window,
+/// 1 retry per second floor, ratio 0.2) let a healthy client retry its occasional 1302 or 5xx,
+/// and limit a client facing a failing API to 1.2 requests per logical call plus the floor.
 ///
 /// Deposits are lock-free (one atomic add on a bucket of the calling thread's shard, so threads
 /// do not contend for one counter); withdrawals take a short lock, never held across an
@@ -118,6 +119,12 @@ impl RetryBudget {
 
     /// Takes one retry from the budget; `false` when the budget is spent.
     pub fn try_withdraw(&self) -> bool {
+        self.withdraw().is_some()
+    }
+
+    /// Takes one retry from the budget: the bucket it was counted in, for
+    /// [`refund`](Self::refund), or `None` when the budget is spent.
+    pub(crate) fn withdraw(&self) -> Option<u32> {
         let inner = &*self.inner;
         let now = Instant::now();
         let epoch = inner.epoch(now);
@@ -127,10 +134,29 @@ impl RetryBudget {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let spent = sum(&inner.withdrawals, epoch);
         if spent as f64 + 1.0 > inner.allowance(epoch) {
-            return false;
+            return None;
         }
         add(&inner.withdrawals[epoch as usize % BUCKETS], epoch, 1);
-        true
+        Some(epoch)
+    }
+
+    /// Gives back a retry [`withdraw`](Self::withdraw) took in bucket `epoch` and that was
+    /// never sent. A bucket restarted since (its epoch left the window) keeps nothing to give
+    /// back from: the retry aged out with it.
+    pub(crate) fn refund(&self, epoch: u32) {
+        let slot = &self.inner.withdrawals[epoch as usize % BUCKETS];
+        let mut current = slot.load(Ordering::Relaxed);
+        loop {
+            let (held, count) = unpack(current);
+            if held != epoch || count == 0 {
+                return;
+            }
+            let next = pack(epoch, count - 1);
+            match slot.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(actual) => current = actual,
+            }
+        }
     }
 
     /// How many retries the budget would allow now.
@@ -287,6 +313,25 @@ mod tests {
             thread.join().unwrap();
         }
         assert_eq!(budget.remaining(), 20 * SHARDS as u64);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refund_gives_back_within_its_bucket_only() {
+        let budget = RetryBudget::new(Duration::from_secs(10), 1, 0.0).unwrap();
+        let epoch = budget.withdraw().expect("the floor allows one");
+        assert_eq!(budget.remaining(), 9);
+        budget.refund(epoch);
+        assert_eq!(budget.remaining(), 10);
+        // Nothing more to give back from that bucket.
+        budget.refund(epoch);
+        assert_eq!(budget.remaining(), 10);
+        // A bucket restarted by a later epoch keeps the later withdrawals.
+        let old = budget.withdraw().unwrap();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let new = budget.withdraw().unwrap();
+        assert_eq!(old as usize % BUCKETS, new as usize % BUCKETS);
+        budget.refund(old);
+        assert_eq!(budget.remaining(), 9, "the later withdrawal stands");
     }
 
     #[test]

@@ -272,7 +272,14 @@ impl fmt::Display for ExternalId<'_> {
 
 impl fmt::Display for Failed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.reason)?;
+        match (self.reason, &self.external_id) {
+            // It has an id, one the layer did not look it up by (its URI cannot carry the
+            // lookup, or the server took the create in an answer nobody could read).
+            (StopReason::CreateMayHaveHappened, Some(_)) => {
+                f.write_str("create may have made a task, not looked up by its external id")?;
+            }
+            (reason, _) => write!(f, "{reason}")?,
+        }
         if let Some((asked, limit)) = self.too_long {
             write!(
                 f,

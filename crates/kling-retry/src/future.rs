@@ -59,6 +59,7 @@ pin_project! {
     {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
+            this.call.give_back_unsent();
             let resending = match this.state.as_ref().get_ref() {
                 State::Done => return,
                 State::Calling { .. } => this.call.sending == Sending::Original,
@@ -115,9 +116,9 @@ struct Pending<B> {
     /// external task id"): what the call returns if the lookup finds no task.
     final_answer: Option<ApiError>,
     /// Why the call ends if the lookup cannot be sent (the attempt limit, the budget, the
-    /// deadline): [`StopReason::CreateUnresolved`] unless it checks a first answer that made
-    /// nothing for sure unless the task existed before (a `1201`: the refusal stands), or one
-    /// that may have made a task ([`StopReason::CreateMayHaveHappened`]).
+    /// deadline) or settle the create: [`StopReason::CreateUnresolved`] unless it checks a
+    /// first answer that made nothing for sure unless the task existed before (a `1201`:
+    /// [`StopReason::NotRetryable`], the refusal stands).
     if_unsent: StopReason,
     /// Whether this lookup went out already. Its first sending draws nothing from the retry
     /// budget: it resends nothing, and a create left unresolved because a bad hour spent the
@@ -157,6 +158,9 @@ struct Retrying<S, B> {
     /// so an answered call arms no timer).
     deadline_sleep: Option<Pin<Box<Sleep>>>,
     last: Option<Last>,
+    /// The budget bucket of a retry withdrawn and not sent yet: given back if it never is
+    /// (the call dropped during the backoff, or ended by the deadline before sending it).
+    withdrawn: Option<u32>,
     /// Slot-gated retries so far: outside the attempt limit (see `attempt_limit`).
     slot_gated: u32,
 }
@@ -174,6 +178,7 @@ impl<S, B> Retrying<S, B> {
             sleep_from: now,
             deadline_sleep: None,
             last: None,
+            withdrawn: None,
         }
     }
 }
@@ -427,6 +432,32 @@ impl<S, B, P> Call<S, B, P> {
             retry.next == Sending::Lookup
                 && retry.lookup.as_ref().is_some_and(|pending| !pending.sent)
         })
+    }
+
+    /// Takes the next retry from the budget, keeping its bucket to give it back should the
+    /// retry never be sent; `false` when the budget is spent.
+    fn withdraw(&mut self) -> bool {
+        let Some(epoch) = self.shared().budget.withdraw() else {
+            return false;
+        };
+        let unsent = self.retrying().withdrawn.replace(epoch);
+        debug_assert!(
+            unsent.is_none(),
+            "a retry is sent before the next is withdrawn"
+        );
+        true
+    }
+
+    /// Gives back the budget of a retry withdrawn and never sent (see [`Retrying::withdrawn`]).
+    fn give_back_unsent(&mut self) {
+        let Some(epoch) = self
+            .retry
+            .as_deref_mut()
+            .and_then(|retry| retry.withdrawn.take())
+        else {
+            return;
+        };
+        self.shared().budget.refund(epoch);
     }
 
     /// The retry state, made at the first retry.
@@ -837,16 +868,17 @@ where
             .retry
             .as_deref()
             .is_some_and(|retry| retry.external_id.is_some());
-        let if_unsent = if earlier {
+        // A create that may have made a task and has an id to look it up by is unresolved
+        // until the lookup settles it, whichever attempt may have made it.
+        let made = answer.may_have_created();
+        let if_unsent = if earlier || made {
             StopReason::CreateUnresolved
-        } else if answer.may_have_created() {
-            StopReason::CreateMayHaveHappened
         } else {
             StopReason::NotRetryable
         };
         let mut pending = match self.plan() {
             Plan::Lookup(pending) => *pending,
-            Plan::Unlookable(external_id) if answer.may_have_created() => {
+            Plan::Unlookable(external_id) if made => {
                 if external_id.is_some() {
                     self.retrying().external_id = external_id;
                 }
@@ -859,7 +891,7 @@ where
         pending.final_answer = Some(answer);
         pending.if_unsent = if_unsent;
         let retry = self.retrying();
-        if if_unsent == StopReason::CreateMayHaveHappened {
+        if made {
             // This answer may have made the task: every error from here on names its id, and
             // a caller that drops the call is told it.
             retry.external_id = Some(pending.external_id.clone());
@@ -967,7 +999,15 @@ where
                     .attempts
                     .saturating_sub(gated)
                     .saturating_sub(u32::from(self.resigned));
-                let wait = shared.backoff.delay(delay, retry, &*shared.rng);
+                // Drawn from what fits before the deadline when the floor does: a draw past
+                // it would give the call up for the jitter alone.
+                let left = self
+                    .template
+                    .deadline
+                    .map(|deadline| deadline.saturating_duration_since(now));
+                let wait = shared
+                    .backoff
+                    .delay_within(delay, retry, left, &*shared.rng);
                 now.checked_add(wait)
             }
         }
@@ -983,10 +1023,7 @@ where
         let kind = self.kind();
         // Slot-gated retries wait for a slot in the layer below, not on the API: they spend no
         // budget (the attempt limit and the deadline still bound them).
-        if delay != DelayKind::Immediate
-            && !self.unsent_lookup_next()
-            && !self.shared().budget.try_withdraw()
-        {
+        if delay != DelayKind::Immediate && !self.unsent_lookup_next() && !self.withdraw() {
             metrics::counter!(RETRY_BUDGET_EXHAUSTED, LABEL_KIND => kind).increment(1);
             return self.fail(StopReason::BudgetExhausted, last);
         }
@@ -1034,7 +1071,7 @@ where
             return self.past_deadline(now, deadline, now, last);
         }
         let kind = self.kind();
-        if !self.unsent_lookup_next() && !self.shared().budget.try_withdraw() {
+        if !self.unsent_lookup_next() && !self.withdraw() {
             metrics::counter!(RETRY_BUDGET_EXHAUSTED, LABEL_KIND => kind).increment(1);
             return self.fail(StopReason::BudgetExhausted, last);
         }
@@ -1045,6 +1082,10 @@ where
 
     fn next_request(&mut self) -> Request<B> {
         self.attempts += 1;
+        // Sent: the retry keeps what it drew from the budget.
+        if let Some(retry) = self.retry.as_deref_mut() {
+            retry.withdrawn = None;
+        }
         let lookup = self
             .retry
             .as_deref_mut()

@@ -72,7 +72,8 @@
 //!   than the backoff's floor for its kind (1 s after a `1302`, the maintenance wait after a
 //!   `5001`: a `Retry-After: 0` sends no burst); otherwise
 //!   exponential backoff with full jitter, with separate bases for throttling (≥ 1 s) and
-//!   transient faults. See [`Backoff`] for the exact bounds.
+//!   transient faults, drawn from what fits before the deadline when the floor does. See
+//!   [`Backoff`] for the exact bounds.
 //! - **Bounds**: at most [`max_attempts`](RetryLayerBuilder::max_attempts) requests (a
 //!   slot-gated `1303` retry, held below until a slot frees, is not counted); a total
 //!   [`deadline`](RetryLayerBuilder::deadline), passed down as

@@ -119,9 +119,7 @@ pub(crate) fn request<B: ReplayBody>(
                 return None;
             }
             // `{prefix}/{product}/{model}` → `{prefix}/tasks`.
-            let mut parts = path.rsplitn(3, '/');
-            let (_model, _product) = (parts.next()?, parts.next()?);
-            let prefix = parts.next().unwrap_or("");
+            let prefix = new_style_prefix(path)?;
             format!("{prefix}/tasks?external_task_ids={id}")
         }
     };
@@ -144,6 +142,52 @@ pub(crate) fn request<B: ReplayBody>(
         AccountId::set_if_absent(&mut lookup, account);
     }
     Some(lookup)
+}
+
+/// The base path before a new-style create's `{product}/{model}`, read as the router reads the
+/// path ([`kling_core::Route::of`]): empty segments skipped, and a `%2F` a separator (a create
+/// with one is a create only as a server that decodes it routes it). `None` when the product
+/// or the model is a dot segment (a server's normalization decides what the path names, and a
+/// lookup built around it could ask about another resource, whose "not found" would send the
+/// create again). Any trailing separator is left out.
+fn new_style_prefix(path: &str) -> Option<&str> {
+    let bytes = path.as_bytes();
+    // The non-empty segments, as byte ranges (a lookup is rare: a `Vec` is fine).
+    let mut segments = Vec::new();
+    let (mut from, mut at) = (0, 0);
+    while at <= bytes.len() {
+        let separator = match bytes.get(at) {
+            None | Some(b'/') => 1,
+            Some(b'%')
+                if bytes.get(at + 1) == Some(&b'2')
+                    && matches!(bytes.get(at + 2), Some(b'F' | b'f')) =>
+            {
+                3
+            }
+            Some(_) => 0,
+        };
+        if separator == 0 {
+            at += 1;
+            continue;
+        }
+        if at > from {
+            segments.push((from, at));
+        }
+        at += separator;
+        from = at;
+    }
+    let [ref before @ .., product, model] = segments[..] else {
+        return None;
+    };
+    for (from, to) in [product, model] {
+        // A dot segment, escaped dots (`%2E`) included: normalization removes it, with the
+        // segment before it for `..`, and what is left names another resource.
+        let segment = path[from..to].replace("%2E", ".").replace("%2e", ".");
+        if matches!(segment.as_str(), "." | "..") {
+            return None;
+        }
+    }
+    Some(before.last().map_or("", |&(_, to)| &path[..to]))
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters.

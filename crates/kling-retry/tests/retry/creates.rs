@@ -235,6 +235,86 @@ async fn new_style_creates_are_looked_up_through_tasks() {
     assert_eq!(log.count("GET", "/tasks"), 1);
 }
 
+/// A new-style create's lookup goes to the `tasks` of the create's own API (its base path
+/// kept), read as the router reads the create's path: a `%2F` between product and model (which
+/// nginx and Envoy decode before routing), or an empty segment between them. Split at its last
+/// two `/`s alone, `/kling/text-to-video%2Fkling-3.0` was looked up at `/tasks` (the base path
+/// lost) and `/kling/text-to-video//kling-3.0` at `/kling/text-to-video/tasks`: a server's
+/// 1203 there ("resource not found") was read as no task, and the create was sent again. A
+/// path whose product or model is a dot segment is not looked up at all.
+#[tokio::test(start_paused = true)]
+async fn a_new_style_create_is_looked_up_under_its_own_base_path() {
+    for path in [
+        "/kling/text-to-video%2Fkling-3.0",
+        "/kling/text-to-video%2fkling-3.0/",
+        "/kling/text-to-video//kling-3.0",
+        "/kling%2Ftext-to-video/kling-3.0",
+        // An escape that changes no segment (an escaped `.` in the model) is looked up.
+        "/kling/text-to-video/kling-3%2E0",
+    ] {
+        let (server, log) = kling(|seen, _| {
+            if seen.method == Method::POST {
+                return Reply::Now(code(5000));
+            }
+            Reply::Now(
+                if seen.uri == "http://kling.test/kling/tasks?external_task_ids=e-1" {
+                    envelope(
+                        StatusCode::OK,
+                        0,
+                        r#"[{"id":"n1","status":"submitted","external_id":"e-1"}]"#,
+                    )
+                } else {
+                    // Anywhere else: no such resource.
+                    code(1203)
+                },
+            )
+        });
+        let request = http::Request::post(format!("http://kling.test{path}"))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                br#"{"prompt":"x","external_id":"e-1"}"#,
+            )))
+            .unwrap();
+        assert!(
+            Recognized::of(&mut request.clone()).is_create(),
+            "{path}: a create"
+        );
+        let response = send(&layer().layer(server), request)
+            .await
+            .unwrap_or_else(|error| panic!("{path}: {error}"));
+        let recovered = response.extensions().get::<Recovered>().expect(path);
+        assert_eq!(recovered.task_id, "n1", "{path}");
+        assert_eq!(log.count("POST", "text-to-video"), 1, "{path}: made once");
+    }
+    // A dot segment for product or model: where its lookup would go depends on how the server
+    // normalizes the path; none is sent, and the create is reported with its id.
+    for path in [
+        "/text-to-video/kling-3.0/.",
+        "/text-to-video/kling-3.0/x/%2E%2E",
+    ] {
+        let (server, log) = kling(|seen, _| {
+            Reply::Now(if seen.method == Method::POST {
+                code(5000)
+            } else {
+                code(1203)
+            })
+        });
+        let request = http::Request::post(format!("http://kling.test{path}"))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                br#"{"prompt":"x","external_id":"e-1"}"#,
+            )))
+            .unwrap();
+        assert!(
+            Recognized::of(&mut request.clone()).is_create(),
+            "{path}: a create"
+        );
+        let error = send(&layer().layer(server), request).await.unwrap_err();
+        let failed = error.downcast_ref::<Failed>().expect(path);
+        assert_eq!(failed.reason(), StopReason::CreateMayHaveHappened, "{path}");
+        assert_eq!(failed.external_id(), Some("e-1"), "{path}");
+        assert_eq!(log.len(), 1, "{path}: the create alone");
+    }
+}
+
 /// kling-mock (which reads a create's body as a JSON value, its last key winning, and each
 /// generation's own id field only) answering every create 5000 though it made the task: a
 /// create whose body names the other generation's field, or its own field unset, gets a
@@ -820,6 +900,38 @@ async fn a_create_answered_an_unknown_code_under_200_is_looked_up_or_reported_un
     assert_eq!(log.count("POST", "text2video"), 2, "not sent again");
 }
 
+/// A create answered with an undocumented code under HTTP 200 that carries an external id, whose
+/// lookup cannot settle it (refused for good, or no attempt left to send it), is unresolved:
+/// `CreateUnresolved`, naming the id to look it up by. It ended as `CreateMayHaveHappened`,
+/// whose text says the create "has no external_task_id to look it up by" beside the id it has.
+#[tokio::test(start_paused = true)]
+async fn a_create_answered_an_unknown_code_whose_lookup_cannot_settle_it_is_unresolved() {
+    for attempts in [5, 1] {
+        let (server, log) = kling(by_method(
+            || envelope(StatusCode::OK, 1999, "null"),
+            || code(1103),
+        ));
+        let client = RetryLayer::builder()
+            .seed(1)
+            .max_attempts(attempts)
+            .build()
+            .unwrap()
+            .layer(server);
+        let error = send(&client, create(r#"{"external_task_id":"job-30"}"#))
+            .await
+            .unwrap_err();
+        assert_eq!(log.count("POST", "text2video"), 1, "not sent again");
+        let failed = error.downcast_ref::<Failed>().expect("a Failed");
+        assert_eq!(failed.reason(), StopReason::CreateUnresolved, "{error}");
+        assert!(failed.may_have_created());
+        assert_eq!(failed.external_id(), Some("job-30"));
+        assert!(
+            !error.to_string().contains("no external_task_id"),
+            "{attempts} attempts: {error}"
+        );
+    }
+}
+
 /// A create whose id this layer generated is fresh: its 1201 is a bad request, returned
 /// without a lookup. And a caller's id whose lookup cannot be sent (one attempt allowed) leaves
 /// the refusal standing, not a create to look up.
@@ -1179,6 +1291,36 @@ async fn a_create_taken_in_an_unreadable_answer_reports_its_generated_id() {
     let id = failed.external_id().expect("the id written in");
     assert!(log.all()[0].body.contains(id), "{id}");
     assert!(kling_core::error::may_have_created(&*error));
+    assert!(
+        error.to_string().starts_with(
+            "create may have made a task, not looked up by its external id (external id kr-"
+        ),
+        "{error}"
+    );
+}
+
+/// A create that may have made a task and has an external id the layer cannot look it up by
+/// (a new-style id with a comma: a batch query cannot name it) says so, with the id: its text
+/// said it "has no external_task_id to look it up by" beside the id it had.
+#[tokio::test(start_paused = true)]
+async fn a_create_not_looked_up_by_the_id_it_has_says_so() {
+    let (server, log) = kling(|_, _| Reply::Now(code(5000)));
+    let request = http::Request::post("http://kling.test/text-to-video/kling-3.0")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            br#"{"prompt":"x","external_id":"a,b"}"#,
+        )))
+        .unwrap();
+    let error = send(&layer().layer(server), request).await.unwrap_err();
+    assert_eq!(log.len(), 1, "not sent again, not looked up");
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::CreateMayHaveHappened);
+    assert_eq!(failed.external_id(), Some("a,b"));
+    assert_eq!(
+        error.to_string(),
+        "create may have made a task, not looked up by its external id (external id a,b) \
+         after 1 attempt in 0ns (0ns backing off): kling error 5000 (internal error), http 500: \
+         message 5000 (request_id req-5000)"
+    );
 }
 
 /// A lookup that never answers ends at the call's deadline, not an hour later: the call says

@@ -1,5 +1,9 @@
 //! Attempts, the deadline, the budget, and the signals passed down.
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use kling_core::Code;
@@ -205,7 +209,7 @@ async fn the_deadline_counts_time_spent_below() {
 /// there, with the first attempt's failure, rather than holding it for ever.
 #[tokio::test(start_paused = true)]
 async fn a_retry_the_service_below_never_takes_ends_at_the_deadline() {
-    use std::sync::Arc;
+    use Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::task::{Context, Poll};
 
@@ -361,6 +365,49 @@ async fn a_dropped_call_sends_nothing_more() {
     assert_eq!(log.len(), 1, "a dropped call never retries");
 }
 
+/// A service below ready for the first call, then not until `until`.
+#[derive(Clone)]
+struct ReadyAt<S> {
+    inner: S,
+    calls: Arc<AtomicU32>,
+    until: Instant,
+    sleep: Option<Arc<std::sync::Mutex<Pin<Box<tokio::time::Sleep>>>>>,
+}
+impl<S: tower::Service<crate::support::Req>> tower::Service<crate::support::Req> for ReadyAt<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        if self.calls.load(Ordering::Relaxed) > 0 {
+            let until = self.until;
+            let sleep = self.sleep.get_or_insert_with(|| {
+                Arc::new(std::sync::Mutex::new(Box::pin(tokio::time::sleep_until(
+                    until,
+                ))))
+            });
+            if sleep.lock().unwrap().as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        self.inner.poll_ready(cx)
+    }
+    fn call(&mut self, request: crate::support::Req) -> S::Future {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.call(request)
+    }
+}
+
+impl<S> ReadyAt<S> {
+    fn new(inner: S, until: Instant) -> Self {
+        ReadyAt {
+            inner,
+            calls: Arc::new(AtomicU32::new(0)),
+            until,
+            sleep: None,
+        }
+    }
+}
+
 /// A retry that could start only at the deadline itself is not sent: a request out at the
 /// deadline is given up there at once, so it would be sent only to be abandoned — and a create
 /// abandoned so "may have made a task", though the `1302` before it made none.
@@ -401,43 +448,6 @@ async fn a_retry_due_at_the_deadline_itself_is_not_sent() {
 /// be given up as soon as it is sent.
 #[tokio::test(start_paused = true)]
 async fn a_retry_the_service_below_takes_only_at_the_deadline_is_not_sent() {
-    use std::pin::Pin;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use std::task::{Context, Poll};
-
-    /// Ready for the first call, then not until `until`.
-    #[derive(Clone)]
-    struct ReadyAt<S> {
-        inner: S,
-        calls: Arc<AtomicU32>,
-        until: Instant,
-        sleep: Option<Arc<std::sync::Mutex<Pin<Box<tokio::time::Sleep>>>>>,
-    }
-    impl<S: tower::Service<crate::support::Req>> tower::Service<crate::support::Req> for ReadyAt<S> {
-        type Response = S::Response;
-        type Error = S::Error;
-        type Future = S::Future;
-        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-            if self.calls.load(Ordering::Relaxed) > 0 {
-                let until = self.until;
-                let sleep = self.sleep.get_or_insert_with(|| {
-                    Arc::new(std::sync::Mutex::new(Box::pin(tokio::time::sleep_until(
-                        until,
-                    ))))
-                });
-                if sleep.lock().unwrap().as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-            }
-            self.inner.poll_ready(cx)
-        }
-        fn call(&mut self, request: crate::support::Req) -> S::Future {
-            self.calls.fetch_add(1, Ordering::Relaxed);
-            self.inner.call(request)
-        }
-    }
-
     let (server, log) = kling(|_, i| {
         if i == 0 {
             Reply::Now(code(1302))
@@ -446,12 +456,7 @@ async fn a_retry_the_service_below_takes_only_at_the_deadline_is_not_sent() {
         }
     });
     let start = Instant::now();
-    let below = ReadyAt {
-        inner: server,
-        calls: Arc::new(AtomicU32::new(0)),
-        until: start + Duration::from_secs(30),
-        sleep: None,
-    };
+    let below = ReadyAt::new(server, start + Duration::from_secs(30));
     let client = RetryLayer::builder()
         .seed(1)
         .deadline(Duration::from_secs(30))
@@ -471,4 +476,114 @@ async fn a_retry_the_service_below_takes_only_at_the_deadline_is_not_sent() {
     assert_eq!(log.len(), 1, "the retry never went out");
     assert!(!late.may_have_created(), "the 1302 made nothing");
     assert_eq!(late.code(), Some(Code::RateLimited));
+}
+
+/// A backoff whose floor fits before the deadline is drawn from what fits: its jitter spreads
+/// callers and is not worth giving the call up for. Drawn from the whole range, a throttled
+/// retry with 1.5 s left (range 1–2 s) gave the call up about half the time, saying "next
+/// retry in 1.8s would pass the deadline" with 1.5 s to go; a transient one (0–200 ms) with
+/// 100 ms left did so too, though a retry could go at once.
+#[tokio::test(start_paused = true)]
+async fn a_backoff_whose_floor_fits_before_the_deadline_is_not_given_up_for_its_jitter() {
+    for (first, left, floor) in [(1302, 1_500, 1_000), (5000, 100, 0)] {
+        for seed in 0..20 {
+            let (server, log) = kling(move |_, i| {
+                Reply::Now(if i == 0 {
+                    code(first)
+                } else {
+                    task("t1", None)
+                })
+            });
+            let client = RetryLayer::builder()
+                .seed(seed)
+                .deadline(Duration::from_millis(left))
+                .build()
+                .unwrap()
+                .layer(server);
+            send(&client, get("/v1/videos/text2video/t1"))
+                .await
+                .unwrap_or_else(|error| panic!("{first}, seed {seed}: {error}"));
+            let seen = log.all();
+            let gap = seen[1].at - seen[0].at;
+            assert!(
+                gap >= Duration::from_millis(floor) && gap < Duration::from_millis(left),
+                "{first}, seed {seed}: {gap:?}"
+            );
+        }
+    }
+    // A floor that does not fit ends the call at once, resuming at the floor (not at a draw
+    // above it).
+    let (server, log) = kling(|_, _| Reply::Now(code(1302)));
+    let client = RetryLayer::builder()
+        .seed(3)
+        .deadline(Duration::from_millis(900))
+        .build()
+        .unwrap()
+        .layer(server);
+    let start = Instant::now();
+    let error = send(&client, get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap_err();
+    let late = error
+        .downcast_ref::<DeadlineExceeded>()
+        .unwrap_or_else(|| panic!("{error}"));
+    assert_eq!(log.len(), 1);
+    assert_eq!(start.elapsed(), Duration::ZERO, "returned at once");
+    assert_eq!(late.resume_at(), start + Duration::from_secs(1));
+}
+
+/// A retry the call never sends gives its share of the budget back: dropped during its backoff
+/// (a caller's timeout shorter than a throttled wait), or not sent because the deadline came
+/// first. Each such call spent a retry that never went out, so callers timing out during
+/// backoffs drained the budget shared with every other call, whose retries it then refused.
+#[tokio::test(start_paused = true)]
+async fn a_retry_never_sent_gives_its_budget_back() {
+    // Ten retries per 10 s window, whatever the traffic.
+    let budget = RetryBudget::new(Duration::from_secs(10), 1, 0.0).unwrap();
+    let one = || kling(|_, i| Reply::Now(if i == 0 { code(1302) } else { task("t1", None) }));
+    let layer = RetryLayer::builder()
+        .seed(1)
+        .budget(budget.clone())
+        .build()
+        .unwrap();
+    let full = budget.remaining();
+    assert!(full >= 1);
+    // Dropped during the backoff (≥ 1 s after a 1302): its retry never went out.
+    for _ in 0..full + 2 {
+        let (server, log) = one();
+        let client = layer.layer(server);
+        let call = send(&client, get("/v1/videos/text2video/t1"));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), call)
+                .await
+                .is_err()
+        );
+        assert_eq!(log.len(), 1);
+        assert_eq!(budget.remaining(), full, "given back");
+    }
+    // Its retry due past the deadline: not sent, nothing spent.
+    let (server, log) = kling(|_, _| Reply::Now(code(1302)));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .budget(budget.clone())
+        .deadline(Duration::from_secs(30))
+        .build()
+        .unwrap()
+        .layer(ReadyAt::new(
+            server,
+            Instant::now() + Duration::from_secs(60),
+        ));
+    let error = send(&client, get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap_err();
+    assert!(error.is::<DeadlineExceeded>(), "{error}");
+    assert_eq!(log.len(), 1);
+    assert_eq!(budget.remaining(), full, "given back");
+    // And a retry that is sent keeps it.
+    let (server, log) = one();
+    send(&layer.layer(server), get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap();
+    assert_eq!(log.len(), 2);
+    assert_eq!(budget.remaining(), full - 1, "spent");
 }
