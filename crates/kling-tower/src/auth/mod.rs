@@ -162,7 +162,9 @@ impl Credentials {
         })
     }
 
-    /// Reads `KLING_API_KEY`, or else `KLING_ACCESS_KEY` and `KLING_SECRET_KEY`.
+    /// Reads `KLING_API_KEY`, or else `KLING_ACCESS_KEY` and `KLING_SECRET_KEY`. A blank
+    /// `KLING_API_KEY` (`KLING_API_KEY=` in a `.env` file, or `${KLING_API_KEY}` of a compose
+    /// file where it is unset) counts as not set.
     pub fn from_env() -> Result<Credentials, ConfigError> {
         Credentials::from_lookup(|name| std::env::var(name).ok())
     }
@@ -171,7 +173,7 @@ impl Credentials {
     pub fn from_lookup(
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<Credentials, ConfigError> {
-        if let Some(key) = lookup("KLING_API_KEY") {
+        if let Some(key) = lookup("KLING_API_KEY").filter(|key| !key.trim().is_empty()) {
             return Credentials::api_key(key).map_err(|e| e.renamed("KLING_API_KEY"));
         }
         match (lookup("KLING_ACCESS_KEY"), lookup("KLING_SECRET_KEY")) {
@@ -187,9 +189,13 @@ impl Credentials {
                 "KLING_SECRET_KEY",
                 "must be set with KLING_ACCESS_KEY",
             )),
-            (None, _) => Err(ConfigError::new(
+            (None, Some(_)) => Err(ConfigError::new(
+                "KLING_ACCESS_KEY",
+                "must be set with KLING_SECRET_KEY",
+            )),
+            (None, None) => Err(ConfigError::new(
                 "KLING_API_KEY",
-                "is not set (nor KLING_ACCESS_KEY and KLING_SECRET_KEY)",
+                "is not set, or blank (nor KLING_ACCESS_KEY and KLING_SECRET_KEY)",
             )),
         }
     }

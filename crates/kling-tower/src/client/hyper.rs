@@ -22,7 +22,8 @@ pub type HttpsClient = Client<ConnectTimeout<HttpsConnector<HttpConnector>>, Ful
 /// A hyper-util client for `https://` (rustls with `ring`, Mozilla's roots from webpki-roots,
 /// HTTP/1.1) that also speaks plain `http://`, for the mock and local proxies. A connection
 /// that takes longer than [`DEFAULT_CONNECT_TIMEOUT`](super::DEFAULT_CONNECT_TIMEOUT) to open (TCP connect and TLS handshake)
-/// fails as a connect error.
+/// fails as a connect error. It reads no proxy variables (`HTTPS_PROXY`, …): it connects to the
+/// host itself; behind a proxy, use [`ReqwestService`](crate::client) (feature `reqwest`).
 ///
 /// Put `kling_core::ClassifyLayer` over it; its connect errors read as "never sent". Under a
 /// stack whose attempt timeout is 10 s or less (a short one, or a speed factor), use

@@ -655,3 +655,33 @@ fn credentials_are_redacted_and_checked() {
         "KLING_API_KEY"
     );
 }
+
+/// Credentials read from variables: a blank `KLING_API_KEY` (a compose file's
+/// `${KLING_API_KEY}` where it is unset) leaves the access key pair to be used, and an error
+/// names the variable that is missing.
+#[test]
+fn credentials_from_variables_skip_a_blank_api_key_and_name_the_missing_one() {
+    let lookup = |pairs: &'static [(&'static str, &'static str)]| {
+        move |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    };
+    let jwt = Credentials::from_lookup(lookup(&[
+        ("KLING_API_KEY", ""),
+        ("KLING_ACCESS_KEY", "a"),
+        ("KLING_SECRET_KEY", "s"),
+    ]))
+    .unwrap();
+    assert!(jwt.is_jwt());
+    assert_eq!(
+        jwt.account_id(),
+        Credentials::access_key("a", "s").unwrap().account_id()
+    );
+    let blank = Credentials::from_lookup(lookup(&[("KLING_API_KEY", " ")])).unwrap_err();
+    assert_eq!(blank.field(), "KLING_API_KEY");
+    let err = Credentials::from_lookup(lookup(&[("KLING_SECRET_KEY", "s")])).unwrap_err();
+    assert_eq!(err.field(), "KLING_ACCESS_KEY", "{err}");
+}

@@ -1,6 +1,8 @@
 //! The clients' connections must open in time, TLS handshake included: a server that accepts
 //! and never answers fails the request as never sent (a create may be repeated), not as an
-//! attempt that timed out after it may have been sent.
+//! attempt that timed out after it may have been sent. What happens once the request left (a
+//! reset, a stalled or oversized body) is maybe sent, and ends at the attempt timeout or at the
+//! body limit.
 
 use std::time::Duration;
 
@@ -170,4 +172,157 @@ async fn reqwest_new_client_follows_no_redirect() {
         vec!["POST /v1/videos/text2video HTTP/1.1".to_owned()]
     );
     server.abort();
+}
+
+/// How a test server treats a request it has read in full.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// Resets the connection without a word.
+    Reset,
+    /// Sends the head and part of a 100-byte body, then nothing more.
+    Stall,
+    /// Sends a chunked body that never ends.
+    Endless,
+    /// Declares a body larger than any limit.
+    Declared,
+}
+
+/// A server on loopback that reads each request in full (head and `content-length` body) and
+/// then answers as `answer` says; with its `http://` base.
+async fn answering(answer: Answer) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut read = Vec::new();
+                let mut buffer = [0; 4096];
+                loop {
+                    let n = socket.read(&mut buffer).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    read.extend_from_slice(&buffer[..n]);
+                    let text = String::from_utf8_lossy(&read).to_ascii_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .and_then(|l| l.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if read.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                }
+                match answer {
+                    Answer::Reset => {
+                        socket.set_zero_linger().unwrap();
+                        drop(socket);
+                    }
+                    Answer::Stall => {
+                        let head = "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"code\":0,";
+                        let _ = socket.write_all(head.as_bytes()).await;
+                        std::future::pending::<()>().await;
+                    }
+                    Answer::Endless => {
+                        let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                        let _ = socket.write_all(head.as_bytes()).await;
+                        let chunk = format!("400\r\n{}\r\n", " ".repeat(0x400));
+                        while socket.write_all(chunk.as_bytes()).await.is_ok() {}
+                    }
+                    Answer::Declared => {
+                        let head = "HTTP/1.1 200 OK\r\ncontent-length: 99999999999\r\n\r\n{";
+                        let _ = socket.write_all(head.as_bytes()).await;
+                        std::future::pending::<()>().await;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{address}")
+}
+
+/// Through the stack's attempt: timeout, classify, over `client`.
+async fn attempt<C>(client: C, base: &str) -> kling_core::BoxError
+where
+    C: tower::Service<Request<Full<Bytes>>> + Send + 'static,
+    kling_core::Classify<C>: tower::Service<
+            Request<Full<Bytes>>,
+            Response = http::Response<Full<Bytes>>,
+            Error = kling_core::BoxError,
+        >,
+{
+    use kling_tower::timeout::AttemptTimeoutLayer;
+    let service = AttemptTimeoutLayer::new(Duration::from_secs(2))
+        .layer(ClassifyLayer::new().max_body_bytes(64 * 1024).layer(client));
+    tokio::time::timeout(Duration::from_secs(10), service.oneshot(create(base)))
+        .await
+        .expect("ends")
+        .unwrap_err()
+}
+
+/// What the attempt's error must be for each answer: its send state and its kind.
+fn check(client: &str, answer: Answer, error: &kling_core::BoxError) {
+    use kling_core::error::BodyTooLarge;
+
+    let text = format!("{client}: {error}");
+    assert_eq!(SendState::of(&**error), SendState::Unknown, "{text}");
+    let large = || {
+        let mut link: Option<&(dyn std::error::Error + 'static)> = Some(&**error);
+        while let Some(e) = link {
+            if let Some(large) = e.downcast_ref::<BodyTooLarge>() {
+                return Some(large.limit());
+            }
+            link = e.source();
+        }
+        None
+    };
+    match answer {
+        Answer::Reset => assert!(
+            !error.is::<tower::timeout::error::Elapsed>() && large().is_none(),
+            "reported as the reset it is: {text}"
+        ),
+        Answer::Stall => assert!(
+            error.is::<tower::timeout::error::Elapsed>(),
+            "the attempt timeout covers the body: {text}"
+        ),
+        Answer::Endless | Answer::Declared => {
+            assert_eq!(large(), Some(64 * 1024), "{text}");
+            assert!(text.contains("65536-byte limit"), "{text}");
+        }
+    }
+}
+
+const ANSWERS: [Answer; 4] = [
+    Answer::Reset,
+    Answer::Stall,
+    Answer::Endless,
+    Answer::Declared,
+];
+
+/// Over hyper-util, real sockets: a connection reset once the request was written is "maybe
+/// sent" (a create must be looked up, not repeated); a body that stalls midway fails at the
+/// attempt timeout; a body that never ends, or declares more than the limit, fails with an
+/// error naming the limit as soon as it passes it (not at the timeout, after buffering it).
+#[tokio::test]
+async fn hyper_reports_what_happens_after_the_request_left() {
+    for answer in ANSWERS {
+        let base = answering(answer).await;
+        let client = kling_tower::client::https_client().unwrap();
+        check("hyper", answer, &attempt(client, &base).await);
+    }
+}
+
+/// The same over reqwest.
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn reqwest_reports_what_happens_after_the_request_left() {
+    for answer in ANSWERS {
+        let base = answering(answer).await;
+        let client = kling_tower::client::ReqwestService::new_client().unwrap();
+        check("reqwest", answer, &attempt(client, &base).await);
+    }
 }
