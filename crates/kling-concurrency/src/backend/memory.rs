@@ -18,8 +18,8 @@ use kling_core::{AccountId, Outcome, TaskStatus};
 use tokio::time::{Instant, Sleep};
 
 use super::{
-    Applied, PoolSnapshot, ReleaseReason, Released, Reservation, SlotBackend, SlotKey, SlotOp,
-    TaskRef,
+    Applied, CreatePath, PoolSnapshot, ReleaseReason, Released, Reservation, SlotBackend, SlotKey,
+    SlotOp, TaskRef,
 };
 use crate::config::{MAX_DURATION, MAX_RECOVERY_DOUBLINGS, SlotsConfig};
 use crate::error::{AcquireError, BackendError, ConfigError, Halted, OverCapacity, QueueFull};
@@ -83,6 +83,7 @@ impl InProcess {
                 next_token: 0,
                 ended: Ended::default(),
                 listings: 0,
+                displaced: 0,
             })),
         })
     }
@@ -155,11 +156,19 @@ struct Holding {
     /// The [`IdHash`] of `id` and of `external` (0 without one), kept so that unfiling them
     /// hashes nothing again.
     hashes: [u64; 2],
+    /// The create path it was sent to, as far as known: a report of another path's task does
+    /// not find it by external id.
+    path: CreatePath,
+    /// Its external id is not filed in `State::externals`: another holding of the account,
+    /// kept later under the same external id, took the entry (counted in
+    /// `State::displaced`).
+    displaced: bool,
 }
 
 impl Holding {
-    /// A holding of `weight` slots of `account` from `now`, its ids hashed (before the lock is
-    /// taken, on the create path; the external id within the account).
+    /// A holding of `weight` slots of `account` from `now`, of a create sent to `path`, its ids
+    /// hashed (before the lock is taken, on the create path; the external id within the
+    /// account).
     #[inline(always)]
     fn new(
         id: Option<SmallId>,
@@ -168,6 +177,7 @@ impl Holding {
         weight: u32,
         now: Instant,
         lease: Duration,
+        path: CreatePath,
     ) -> Self {
         let id_hash = id.as_ref().map_or(0, |id| IdHash::hash(id.as_bytes()));
         let external_hash = external.as_ref().map_or(0, |ext| {
@@ -180,6 +190,8 @@ impl Holding {
             hashes: [id_hash, external_hash],
             id,
             external,
+            path,
+            displaced: false,
         }
     }
 
@@ -193,7 +205,15 @@ impl Holding {
             .external_id
             .filter(|ext| !ext.is_empty())
             .map(SmallId::from_string);
-        Holding::new(id, external, account, weight, now, lease)
+        Holding::new(
+            id,
+            external,
+            account,
+            weight,
+            now,
+            lease,
+            CreatePath::UNKNOWN,
+        )
     }
 
     fn key(&self, which: Which) -> Option<&[u8]> {
@@ -227,9 +247,10 @@ const MAX_ENDS_KEPT: usize = 4096;
 /// (a task whose id is the text of an external id that ended is not ended by it). An end a
 /// report told with the task's external id is filed under that external id within the
 /// reporting account too (a pair), for a create whose answer was then lost, kept under its
-/// external id only. A note under an external id frees one holding and is then forgotten, as
-/// is the external id's note of a pair whose task id freed one: external ids are the caller's,
-/// and a later create may carry the same one again.
+/// external id only (only such a create: one answered with another task id is another task,
+/// see [`Ended::names_a_task`]). A note under an external id frees one holding and is then
+/// forgotten, as is the external id's note of a pair whose task id freed one: external ids are
+/// the caller's, and a later create may carry the same one again.
 ///
 /// Bounded by count and by age: at most [`MAX_ENDS_KEPT`] notes (an end told with its
 /// external id takes two, as a `complete` does), each kept one lease (the
@@ -521,6 +542,15 @@ impl Ended {
         Some(status)
     }
 
+    /// Whether the note of the external id `id` in `scope` (of key `hash`), remembered at
+    /// `now`, is a pair's: told by a report that named the task's id too (`complete`'s notes
+    /// are not).
+    fn names_a_task(&self, hash: u64, scope: &[u8], id: &[u8], now: Instant) -> bool {
+        self.by_hash
+            .get(&hash)
+            .is_some_and(|task| task.is(scope, id) && task.until > now && task.paired.is_some())
+    }
+
     fn len(&self) -> usize {
         self.by_hash.len()
     }
@@ -788,6 +818,11 @@ impl HashId for IdHash {
         }
         hash
     }
+}
+
+/// The hash of a create path ([`CreatePath::legacy`]).
+pub(super) fn path_hash(path: &[u8]) -> u64 {
+    IdHash::hash(path)
 }
 
 /// Where an [`Index`] confirms a hit: the scope and id a place holds.
@@ -1097,6 +1132,9 @@ impl<'a> Why<'a> {
 struct Reports<'a> {
     /// The account they come from: external ids are looked up within it.
     account: &'a AccountId,
+    /// The create path of the tasks they report, as far as known: a task is found by external
+    /// id among holdings of that path only.
+    path: CreatePath,
     lease: Duration,
     /// Read before the lock was taken, or else once, when a report first finds its task.
     now: Option<Instant>,
@@ -1120,6 +1158,7 @@ impl<'a> Reports<'a> {
     ) -> Self {
         Reports {
             account,
+            path: CreatePath::UNKNOWN,
             lease,
             now,
             applied: Applied::default(),
@@ -1159,6 +1198,13 @@ struct State {
     /// Tasks reported ended before a holding of theirs was filed (and, while a reconcile
     /// lists, tasks whose holding a report ended).
     ended: Ended,
+    /// Holdings kept under an external id that another holding of their account took in
+    /// `externals` ([`Holding::displaced`]): external ids may be unique per create path only
+    /// (a legacy task is looked up at `{create path}/{external id}`), so one account may hold
+    /// two tasks under one. While there are any, a report that finds its task by external id
+    /// looks at every holding of the account (`State::by_external`); with none (the usual
+    /// case), the index names the only holding under each external id.
+    displaced: usize,
     /// Reconciles listing the server's tasks now ([`SlotBackend::begin_listing`]): while
     /// there is one, a task a report ends is noted in `ended`, so that a list that ran behind
     /// the report adopts nothing.
@@ -1651,6 +1697,7 @@ impl State {
             list,
             ids,
             externals,
+            displaced,
             ..
         } = self;
         let Some(pool) = list.get_mut(index) else {
@@ -1660,6 +1707,9 @@ impl State {
             return;
         };
         let (weight, since) = (holding.weight, holding.since);
+        if holding.displaced {
+            *displaced -= 1;
+        }
         if let Some(id) = &holding.id
             && !id_unfiled
         {
@@ -1766,12 +1816,15 @@ impl State {
             pool.head_changed();
         }
         let place = (index, slot);
-        // A task id, and an external id within an account, name one task: a holding already
+        // A task id names one task, and so does an external id within an account and a pool
+        // (a create sent again goes to the same path, so to the same pool): a holding already
         // under either is this same task's earlier create, whose outcome was unknown and which
         // was sent again. It gives its slots back now instead of hiding them until its lease.
         // (External ids are filed within the account: another account's holding under the
-        // same external id is another task, and stays filed; so does a holding under the
-        // external id whose task id is known, a task that runs, no longer found by it.)
+        // same external id is another task, and stays filed. A holding of the account under
+        // the external id whose task id is known (a task that runs), or in another pool (a
+        // create on another path: external ids may be unique per create path only), stays
+        // too, displaced from the index: see `State::displaced`.)
         let list = &self.list;
         let holding = list[index].holdings[slot].held().expect("just filed");
         let earlier = [
@@ -1793,7 +1846,7 @@ impl State {
             self.supersede_other(old, place, key);
         }
         if let Some(old) = by_external {
-            self.supersede_unknown(old, place, key);
+            self.supersede_unknown(old, place);
         }
         if proves {
             // After the same task's earlier holding gave its slots back: what is held now.
@@ -1824,6 +1877,15 @@ impl State {
                     return;
                 };
                 let scope = scope_of(&pool.key.account);
+                if holding.id.is_some()
+                    && self
+                        .ended
+                        .names_a_task(holding.hashes[1], scope, ext.as_bytes(), now)
+                {
+                    // A report of another task under the same external id (of another create
+                    // path, or an id reused): this task's id was not the one it named.
+                    return;
+                }
                 match self
                     .ended
                     .take(holding.hashes[1], scope, ext.as_bytes(), now)
@@ -1849,14 +1911,30 @@ impl State {
     }
 
     /// Supersedes the holding at `old`, found under the external id of the holding just filed
-    /// at `place`, if it is another one of `key`'s account whose task id is unknown (a create
-    /// of unknown outcome, sent again). One whose task id an answer or report gave is a task
+    /// at `place` (in the same account: the index files external ids within it), if it is in
+    /// the same pool and its task id is unknown (a create of unknown outcome, sent again); else
+    /// it stays, displaced from the index. One whose task id an answer or report gave is a task
     /// that runs until it is reported ended: a create under its external id again (the caller
-    /// reused it, the server made another task) does not end it.
+    /// reused it, the server made another task) does not end it. One in another pool is
+    /// another create path's create (external ids may be unique per create path only).
     #[cold]
-    fn supersede_unknown(&mut self, old: Place, place: Place, key: &SlotKey) {
-        if !self.has_task_id(old) {
-            self.supersede_other(old, place, key);
+    fn supersede_unknown(&mut self, old: Place, place: Place) {
+        if old == place {
+            return;
+        }
+        if old.0 == place.0 && !self.has_task_id(old) && self.same_path(old, place) {
+            self.supersede(old);
+            return;
+        }
+        if let Some(holding) = self
+            .list
+            .get_mut(old.0)
+            .and_then(|pool| pool.holdings.get_mut(old.1))
+            .and_then(|entry| entry.held.as_mut())
+            && !holding.displaced
+        {
+            holding.displaced = true;
+            self.displaced += 1;
         }
     }
 
@@ -1869,6 +1947,9 @@ impl State {
         let Some(old) = pool.take(place.1) else {
             return;
         };
+        if old.displaced {
+            self.displaced -= 1;
+        }
         pool.give_back(old.weight);
         pool.dispatch();
         pool.publish();
@@ -1884,10 +1965,14 @@ impl State {
     }
 
     /// Where the task a report of `account` names is held: by id (unless the caller looked
-    /// already), else by external id within `account`.
+    /// already), else by external id within `account` ([`by_external`](State::by_external):
+    /// for a report that names a task id, or a lookup that found none, only a holding whose
+    /// task id is unknown; for `complete`'s text, any).
+    #[allow(clippy::too_many_arguments)]
     fn find(
         &self,
         account: &AccountId,
+        path: CreatePath,
         id: &str,
         hash: u64,
         external: Option<&str>,
@@ -1902,18 +1987,121 @@ impl State {
         {
             return Some(place);
         }
-        let account = scope_of(account);
-        let keys = &Kept(list, Which::External);
-        if let Some(place) =
-            external.and_then(|ext| self.externals.get(account, ext.as_bytes(), keys))
+        // `complete`'s text (no status, not empty) may be a task id or an external id: a
+        // holding known by another task id may be the one it names. Any other report names
+        // a task id (or, empty, none: a lookup that found nothing), which a holding known by
+        // its task id was not found by: another task.
+        let any = by_complete && !id.is_empty();
+        if let Some(ext) = external
+            && let Some(place) = self.by_external(account, path, ext, false)
         {
             return Some(place);
         }
         if by_complete {
             // `complete` may name a task by its external id.
-            return self.externals.get(account, id.as_bytes(), keys);
+            return self.by_external(account, path, id, any);
         }
         None
+    }
+
+    /// The one holding of `account` a report of a task created on `path` may name by the
+    /// external id `ext` alone: one whose task id is unknown (a create of unknown outcome), or
+    /// (`any`) any, sent to that path (when both are known). External ids may be unique per
+    /// create path only (the mock's rule; a legacy task is looked up at
+    /// `{create path}/{external id}`), and a callback or `complete` names no path: when two
+    /// such holdings carry `ext` (creates on two paths), it names neither, so that it never
+    /// ends the wrong one (each still ends by its task id, a report of its path, or its
+    /// lease).
+    fn by_external(
+        &self,
+        account: &AccountId,
+        path: CreatePath,
+        ext: &str,
+        any: bool,
+    ) -> Option<Place> {
+        let fits = |holding: &Holding| (any || holding.id.is_none()) && holding.path.may_be(path);
+        if self.displaced == 0 {
+            // The index names the only holding of the account under `ext`.
+            let list = &self.list;
+            let keys = &Kept(list, Which::External);
+            let place = self
+                .externals
+                .get(scope_of(account), ext.as_bytes(), keys)?;
+            let holding = list[place.0].holdings[place.1].held()?;
+            return fits(holding).then_some(place);
+        }
+        self.by_external_among_all(account, ext, fits)
+    }
+
+    /// Whether a holding of `account` under the external id `ext` may be the task a report
+    /// names by it: one whose task id is unknown, or (`any`) any; [`by_external`] with no
+    /// need for it to be the only one.
+    ///
+    /// [`by_external`]: State::by_external
+    fn held_by_external(&self, account: &AccountId, ext: &str, any: bool) -> bool {
+        let fits = |holding: &Holding| any || holding.id.is_none();
+        if self.displaced == 0 {
+            let keys = &Kept(&self.list, Which::External);
+            return self
+                .externals
+                .get(scope_of(account), ext.as_bytes(), keys)
+                .and_then(|(index, slot)| self.list[index].holdings[slot].held())
+                .is_some_and(fits);
+        }
+        self.list
+            .iter()
+            .filter(|pool| pool.key.account == *account)
+            .flat_map(PoolState::live)
+            .any(|(_, holding)| {
+                holding
+                    .external
+                    .as_ref()
+                    .is_some_and(|own| own.as_bytes() == ext.as_bytes())
+                    && fits(holding)
+            })
+    }
+
+    /// [`by_external`](State::by_external) while holdings are displaced from the index: every
+    /// holding of the account is looked at.
+    #[cold]
+    fn by_external_among_all(
+        &self,
+        account: &AccountId,
+        ext: &str,
+        fits: impl Fn(&Holding) -> bool,
+    ) -> Option<Place> {
+        let mut found = None;
+        for (index, pool) in self.list.iter().enumerate() {
+            if pool.key.account != *account {
+                continue;
+            }
+            for (slot, holding) in pool.live() {
+                if holding
+                    .external
+                    .as_ref()
+                    .is_some_and(|own| own.as_bytes() == ext.as_bytes())
+                    && fits(holding)
+                {
+                    if found.is_some() {
+                        // Two creates under `ext`: which one the report names is unknown.
+                        return None;
+                    }
+                    found = Some((index, slot));
+                }
+            }
+        }
+        found
+    }
+
+    /// Whether the holdings at `a` and `b` may be creates sent to the same path.
+    #[cold]
+    fn same_path(&self, a: Place, b: Place) -> bool {
+        let path = |(index, slot): Place| {
+            self.list[index].holdings[slot]
+                .held()
+                .map_or(CreatePath::UNKNOWN, |holding| holding.path)
+        };
+        path(a).may_be(path(b))
     }
 
     /// Whether the holding at `place` knows its task id.
@@ -1948,9 +2136,10 @@ impl State {
             None
         };
         let by_complete = status.is_none();
-        let Some(place) =
-            taken.or_else(|| self.find(reports.account, id, hash, external, by_complete, terminal))
-        else {
+        let Some(place) = taken.or_else(|| {
+            let (account, path) = (reports.account, reports.path);
+            self.find(account, path, id, hash, external, by_complete, terminal)
+        }) else {
             // (An empty id is no task's: a lookup that found nothing under an external id.)
             if terminal && reports.note_ends && !id.is_empty() {
                 // The create's answer may still come (a callback can overtake it): its
@@ -2052,6 +2241,17 @@ impl State {
     /// Applies one change; with `unread`, releases are not listed in the result. `now`: the
     /// time read before the lock, for reports.
     fn apply(&mut self, op: SlotOp, now: Option<Instant>, unread: bool) -> Applied {
+        self.apply_on(op, now, unread, CreatePath::UNKNOWN)
+    }
+
+    /// [`apply`](State::apply) of a change whose reports are of tasks created on `path`.
+    fn apply_on(
+        &mut self,
+        op: SlotOp,
+        now: Option<Instant>,
+        unread: bool,
+        path: CreatePath,
+    ) -> Applied {
         let mut applied = Applied::default();
         match op {
             SlotOp::GiveBack(res) => {
@@ -2117,6 +2317,7 @@ impl State {
                 lease,
             } => {
                 let mut reports = Reports::new(&account, lease, now, unread, outcome.tasks().len());
+                reports.path = path;
                 for task in outcome.tasks() {
                     let (ext, status) = (task.external_id.as_deref(), Some(&task.status));
                     let hash = IdHash::hash(task.id.as_bytes());
@@ -2130,6 +2331,7 @@ impl State {
                 lease,
             } => {
                 let mut reports = Reports::new(&account, lease, now, unread, updates.len());
+                reports.path = path;
                 for update in &updates {
                     let (ext, status) = (update.external_id.as_deref(), update.status.as_ref());
                     let hash = IdHash::hash(update.id.as_bytes());
@@ -2146,20 +2348,22 @@ impl State {
                 let list = &self.list;
                 let account = scope_of(&key.account);
                 let now = Instant::now();
+                // (An empty id is no task's, and filed nowhere.)
+                let id = task.id.as_deref().filter(|id| !id.is_empty());
                 // Held, or reported ended already (the server's list ran behind the report).
-                let known = task.id.as_deref().is_some_and(|id| {
+                // By its external id: a holding whose task id is unknown may be it; one known
+                // by another task id is another task (of another create path, whose external
+                // ids may be the same), and so is an end a report of another task id told.
+                let known = id.is_some_and(|id| {
                     let id = id.as_bytes();
-                    // (An empty one is no task's, and filed nowhere.)
                     self.ids.contains(NO_SCOPE, id, &Kept(list, Which::Id))
                         || (self.ended.get(IdHash::hash(id), NO_SCOPE, id, now)).is_some()
                 }) || task.external_id.as_deref().is_some_and(|ext| {
-                    let ext = ext.as_bytes();
-                    self.externals
-                        .contains(account, ext, &Kept(list, Which::External))
-                        || (self
-                            .ended
-                            .get(hash_in::<IdHash>(account, ext), account, ext, now))
-                        .is_some()
+                    let hash = hash_in::<IdHash>(account, ext.as_bytes());
+                    let (ext_bytes, any) = (ext.as_bytes(), id.is_none());
+                    self.held_by_external(&key.account, ext, any)
+                        || (self.ended.get(hash, account, ext_bytes, now).is_some()
+                            && (any || !self.ended.names_a_task(hash, account, ext_bytes, now)))
                 });
                 if !known {
                     let pool = self.pool_mut(&key);
@@ -2286,6 +2490,13 @@ impl SlotBackend for InProcess {
         ready(Ok(self.lock().apply(op, now, true)))
     }
 
+    /// As `apply_unread`, a task reported found by external id among the holdings of creates
+    /// sent to `path` (or to a path not known) only.
+    fn apply_unread_on(&self, op: SlotOp, path: CreatePath) -> Self::Apply {
+        let now = report_time(&op);
+        ready(Ok(self.lock().apply_on(op, now, true, path)))
+    }
+
     /// As `apply_unread` of [`SlotOp::Hold`], the ids copied inline (no allocation for ids up
     /// to 38 bytes).
     fn hold_unread(
@@ -2296,13 +2507,35 @@ impl SlotBackend for InProcess {
         lease: Duration,
         answered_at: Option<Instant>,
     ) -> Self::Apply {
+        self.hold_unread_on(
+            reservation,
+            id,
+            external_id,
+            lease,
+            answered_at,
+            CreatePath::UNKNOWN,
+        )
+    }
+
+    /// As `hold_unread`, the holding found by external id only by a report of a task created
+    /// on `path` (or on a path not known).
+    fn hold_unread_on(
+        &self,
+        reservation: Reservation,
+        id: Option<&str>,
+        external_id: Option<&str>,
+        lease: Duration,
+        answered_at: Option<Instant>,
+        path: CreatePath,
+    ) -> Self::Apply {
         // An empty id is none (as `Holding::of` reads it): answers may echo `""`.
         let id = id.filter(|id| !id.is_empty());
         let external_id = external_id.filter(|ext| !ext.is_empty());
         let (id, external) = (id.map(SmallId::new), external_id.map(SmallId::new));
         let now = answered_at.unwrap_or_else(Instant::now);
         let account = &reservation.key.account;
-        let holding = Holding::new(id, external, account, reservation.weight, now, lease);
+        let weight = reservation.weight;
+        let holding = Holding::new(id, external, account, weight, now, lease, path);
         self.lock().hold(&reservation.key, holding, true, None);
         ready(Ok(Applied {
             released: Vec::new(),
@@ -2319,6 +2552,18 @@ impl SlotBackend for InProcess {
         outcome: &Outcome,
         lease: Duration,
     ) -> Self::Apply {
+        self.observe_unread_on(account, outcome, lease, CreatePath::UNKNOWN)
+    }
+
+    /// As `observe_unread`, a task found by external id among the holdings of creates sent to
+    /// `path` (or to a path not known) only.
+    fn observe_unread_on(
+        &self,
+        account: &AccountId,
+        outcome: &Outcome,
+        lease: Duration,
+        path: CreatePath,
+    ) -> Self::Apply {
         let tasks = outcome.tasks();
         if tasks.is_empty() {
             return ready(Ok(Applied::default()));
@@ -2331,6 +2576,7 @@ impl SlotBackend for InProcess {
             true,
             tasks.len(),
         );
+        reports.path = path;
         // The ids are hashed before the lock is taken (the first few: a query reports one).
         let mut hashes = [0; PREHASHED];
         for (hash, task) in hashes.iter_mut().zip(tasks) {
@@ -3289,6 +3535,68 @@ mod tests {
         assert_eq!(pool(&backend, "b"), (0, 0));
     }
 
+    /// Without the paths (a `Hold` built by a caller), creates of unknown outcome under one
+    /// external id in two pools of an account are two creates (external ids may be unique per
+    /// create path only, and a create sent again goes to its own pool): the later one keeps
+    /// the earlier one's slots held. In one pool, the later one replaces it, as before.
+    #[tokio::test(start_paused = true)]
+    async fn a_create_of_unknown_outcome_in_another_pool_is_no_earlier_attempt() {
+        let backend = InProcess::new(SlotsConfig::new(5)).unwrap();
+        let image = SlotKey::new(AccountId::new("a"), Pool::new(Product::Image));
+        hold(&backend, key(), None, Some("job-7"));
+        hold(&backend, image.clone(), None, Some("job-7"));
+        hold(&backend, image.clone(), None, Some("job-7"));
+        let snap = now(backend.snapshot()).unwrap();
+        let tasks = |key: &SlotKey| snap.iter().find(|p| p.key == *key).map(|p| p.tasks);
+        assert_eq!((tasks(&key()), tasks(&image)), (Some(1), Some(1)));
+    }
+
+    /// A reconcile's list names a running task under an external id that a task of another
+    /// create path, known here by its own task id, carries too (external ids may be unique
+    /// per path only): the listed task is adopted, not taken for the one held. So is one whose
+    /// external id an ended report of another task id named. A holding whose task id is
+    /// unknown may be the listed task, and is taken for it, as before.
+    #[tokio::test(start_paused = true)]
+    async fn an_adopt_under_another_tasks_external_id_is_adopted() {
+        let backend = InProcess::new(SlotsConfig::new(5)).unwrap();
+        let lease = Duration::from_secs(600);
+        let image = SlotKey::new(AccountId::new("a"), Pool::new(Product::Image));
+        let adopt = |id: &str, ext: &str| SlotOp::Adopt {
+            key: image.clone(),
+            task: TaskRef {
+                id: Some(id.to_owned()),
+                external_id: Some(ext.to_owned()),
+            },
+            weight: 1,
+            lease,
+        };
+        hold(&backend, key(), Some("tv"), Some("job-7"));
+        assert!(now(backend.apply(adopt("ti", "job-7"))).unwrap().changed);
+        // An image task `t8` under `job-8` ended (its slot freed elsewhere, or never here).
+        let report = SlotOp::Update {
+            account: key().account,
+            updates: vec![super::super::TaskUpdate {
+                id: "t8".to_owned(),
+                external_id: Some("job-8".to_owned()),
+                status: Some(TaskStatus::Succeeded),
+            }],
+            lease,
+        };
+        now(backend.apply(report)).unwrap();
+        assert!(now(backend.apply(adopt("t9", "job-8"))).unwrap().changed);
+        // A create of unknown outcome under `job-9`: the listed `t10` under it may be its task.
+        hold(&backend, key(), None, Some("job-9"));
+        assert!(!now(backend.apply(adopt("t10", "job-9"))).unwrap().changed);
+        let snap = now(backend.snapshot()).unwrap();
+        let tasks = |key: &SlotKey| snap.iter().find(|p| p.key == *key).map(|p| p.tasks);
+        assert_eq!(
+            tasks(&key()),
+            Some(2),
+            "tv and the create of unknown outcome"
+        );
+        assert_eq!(tasks(&image), Some(2), "ti and t9");
+    }
+
     /// A waiter refused by a lowered capacity and dropped before it was polled again leaves
     /// nothing behind: no refusal kept, the pool idle (free to make way for another).
     #[tokio::test(start_paused = true)]
@@ -3554,7 +3862,36 @@ mod tests {
         )
     }
 
-    fn run_holds<B: SlotBackend>(backend: &B, ops: &[HoldOp]) -> Vec<(Vec<Released>, usize)> {
+    /// Every holding's external id is filed in the index, unless the holding is counted as
+    /// displaced.
+    fn check_externals(backend: &InProcess) {
+        let state = backend.lock();
+        let mut displaced = 0;
+        for (index, pool) in state.list.iter().enumerate() {
+            for (slot, holding) in pool.live() {
+                let Some(ext) = &holding.external else {
+                    assert!(!holding.displaced);
+                    continue;
+                };
+                if holding.displaced {
+                    displaced += 1;
+                    continue;
+                }
+                let keys = &Kept(&state.list, Which::External);
+                let found = state
+                    .externals
+                    .get(scope_of(&pool.key.account), ext.as_bytes(), keys);
+                assert_eq!(found, Some((index, slot)));
+            }
+        }
+        assert_eq!(state.displaced, displaced);
+    }
+
+    fn run_holds<B: SlotBackend>(
+        backend: &B,
+        ops: &[HoldOp],
+        check: &dyn Fn(&B),
+    ) -> Vec<(Vec<Released>, usize)> {
         let lease = Duration::from_secs(600);
         let mut seen = Vec::new();
         for op in ops {
@@ -3632,6 +3969,7 @@ mod tests {
                 .unwrap()
                 .first()
                 .map_or(0, |p| p.tasks);
+            check(backend);
             seen.push((released, tasks));
         }
         seen
@@ -3647,8 +3985,8 @@ mod tests {
             let _entered = runtime.enter();
             let fast = InProcess::new(SlotsConfig::new(8)).unwrap();
             let provided = Provided(InProcess::new(SlotsConfig::new(8)).unwrap());
-            let a = run_holds(&fast, &ops);
-            let b = run_holds(&provided, &ops);
+            let a = run_holds(&fast, &ops, &check_externals);
+            let b = run_holds(&provided, &ops, &|_| ());
             let strip = |runs: Vec<(Vec<Released>, usize)>| -> Vec<(Vec<Option<Arc<str>>>, usize)> {
                 runs.into_iter()
                     .map(|(r, n)| (r.into_iter().map(|r| r.task).collect(), n))

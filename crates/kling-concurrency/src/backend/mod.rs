@@ -59,8 +59,8 @@ pub struct Reservation {
 ///
 /// With an `id`, a query or callback reporting the task ends it; with only an `external_id`
 /// (the create's outcome is unknown) a report of the same account carrying that external id
-/// does, and the holding is then known by the task id too; with neither, only the lease ends
-/// it.
+/// does (see [`SlotOp::Update`] for which), and the holding is then known by the task id too;
+/// with neither, only the lease ends it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TaskRef {
     /// The server's task id (an empty one is none).
@@ -68,6 +68,48 @@ pub struct TaskRef {
     /// The caller's `external_task_id` / `external_id` (an empty one is none: answers may
     /// echo `""` for a create that named no external id).
     pub external_id: Option<String>,
+}
+
+/// Where a task's external id is unique, as far as a request says: its legacy create path (a
+/// legacy task is looked up at `{create path}/{external id}`), all new-style tasks together
+/// (looked up with `GET /tasks?external_task_ids=`), or unknown (a callback, `complete`, a
+/// [`SlotOp`] built by a caller). External ids may be unique per create path only (the mock's
+/// rule), so one account may run a video and an image under one.
+///
+/// Kept as a hash of the path (no allocation): two paths may share one by chance (about one in
+/// 2^64), and are then read as one. A holding and a report of two known scopes that differ are
+/// two tasks; an unknown one may be either.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CreatePath(u64);
+
+impl CreatePath {
+    /// Not known: matches any.
+    pub const UNKNOWN: CreatePath = CreatePath(0);
+    /// Every new-style create (`POST /text-to-video/kling-3.0`, …): their external ids are
+    /// looked up together.
+    pub const NEW_STYLE: CreatePath = CreatePath(1);
+
+    /// A legacy create path (`/v1/videos/text2video`, with any prefix its requests carry; a
+    /// trailing `/` is ignored).
+    pub fn legacy(create_path: &str) -> Self {
+        let path = create_path.trim_end_matches('/');
+        // (0 and 1 are taken.)
+        CreatePath(memory::path_hash(path.as_bytes()).max(2))
+    }
+
+    /// The create path of a legacy single-task query (`{create path}/{id}`).
+    pub fn of_legacy_query(query_path: &str) -> Self {
+        let path = query_path.trim_end_matches('/');
+        match path.rsplit_once('/') {
+            Some((create_path, _)) => CreatePath::legacy(create_path),
+            None => CreatePath::UNKNOWN,
+        }
+    }
+
+    /// Whether a holding of scope `self` may be a task a report of scope `other` names.
+    pub fn may_be(self, other: CreatePath) -> bool {
+        self == other || self == CreatePath::UNKNOWN || other == CreatePath::UNKNOWN
+    }
 }
 
 /// What a query, list, callback or [`complete`](crate::SlotsHandle::complete) says of a task.
@@ -107,9 +149,11 @@ pub enum SlotOp {
     /// The create happened or may have: keep its slots under `task` with a lease.
     ///
     /// A holding already under the same task id, or under the same external id in the same
-    /// account with no task id known (a create of unknown outcome), is this create's earlier
-    /// attempt: it gives its slots back. One under the external id whose task id is known is
-    /// another task (the external id reused) and keeps its slots.
+    /// account and pool (and create path, where known: [`SlotBackend::hold_unread_on`]) with
+    /// no task id known (a create of unknown outcome), is this create's earlier attempt: it
+    /// gives its slots back. One under the external id whose task id is known is another task
+    /// (the external id reused), and so is one in another pool or on another path (external
+    /// ids may be unique per create path only): they keep their slots.
     Hold {
         /// The granted slots.
         reservation: Reservation,
@@ -134,9 +178,16 @@ pub enum SlotOp {
     /// A report finds its task by task id (the server's, unique everywhere), else by external
     /// id within `account` only: external ids are the caller's, unique per account, so one
     /// account's report never settles another account's holding under the same external id.
+    /// By external id, a report that names a task id finds only a holding whose task id is
+    /// unknown (a create of unknown outcome): one known by another task id is another task, of
+    /// another create path (external ids may be unique per path only) or under a reused id.
     /// A report with an empty task id and no status (a lookup by external id that found no
-    /// task) ends only a holding whose task id is unknown (a create of unknown outcome): a
-    /// task whose id an answer or report gave exists, whatever a lookup elsewhere says.
+    /// task) likewise ends only a holding whose task id is unknown: a task whose id an answer
+    /// or report gave exists, whatever a lookup elsewhere says. `complete`'s text (no status),
+    /// which may be an external id, finds any holding under it. Where two holdings of the
+    /// account could be the one a report names by external id (creates on two paths), it
+    /// names neither; a report of a known create path ([`SlotBackend::observe_unread_on`],
+    /// [`SlotBackend::apply_unread_on`]) only looks among that path's creates.
     Update {
         /// The account the reports come from (the query's, or the callback's).
         account: AccountId,
@@ -157,7 +208,8 @@ pub enum SlotOp {
     },
     /// A task found on the server (reconcile): keep `weight` slots of `key` under it unless
     /// it is already known (held, or remembered as reported ended: see
-    /// [`SlotBackend::begin_listing`]).
+    /// [`SlotBackend::begin_listing`]). By its external id, only a holding whose task id is
+    /// unknown (or an end not told with another task id) may be it.
     Adopt {
         /// Where it counts.
         key: SlotKey,
@@ -261,7 +313,10 @@ pub struct PoolSnapshot {
 /// - A task's slots are released exactly once, and a release wakes waiters of its pool.
 /// - External ids are unique per account only: a holding is found by its external id only by
 ///   a change of its own account ([`SlotOp::Update`], [`SlotOp::Observed`], [`SlotOp::Adopt`],
-///   and the supersede rule of [`SlotOp::Hold`]).
+///   and the supersede rule of [`SlotOp::Hold`]); and perhaps per create path only: a report
+///   that names a task id never finds a holding known by another task id by external id, nor
+///   (see [`CreatePath`]) one of another create path, and one that could name two holdings
+///   names neither.
 /// - A create waiting for slots whose weight is above its pool's configured capacity, once a
 ///   [`SlotOp::SetCapacity`] lowered it, fails with [`AcquireError::OverCapacity`] rather than
 ///   block the pool's queue.
@@ -328,6 +383,45 @@ pub trait SlotBackend: Clone + Send + Sync + 'static {
             },
             lease,
         })
+    }
+
+    /// [`hold_unread`](SlotBackend::hold_unread) of a create sent to `path`: a backend may
+    /// keep the path, so that a report of another create path's task under the same external id
+    /// does not end this one ([`CreatePath`]). By default, `hold_unread` (the path unused).
+    fn hold_unread_on(
+        &self,
+        reservation: Reservation,
+        id: Option<&str>,
+        external_id: Option<&str>,
+        lease: Duration,
+        answered_at: Option<Instant>,
+        path: CreatePath,
+    ) -> Self::Apply {
+        let _ = path;
+        self.hold_unread(reservation, id, external_id, lease, answered_at)
+    }
+
+    /// [`observe_unread`](SlotBackend::observe_unread) of the answer to a request whose tasks
+    /// were created on `path`: a backend may find a task by its external id among holdings of
+    /// that path only ([`CreatePath`]). By default, `observe_unread` (the path unused).
+    fn observe_unread_on(
+        &self,
+        account: &AccountId,
+        outcome: &Outcome,
+        lease: Duration,
+        path: CreatePath,
+    ) -> Self::Apply {
+        let _ = path;
+        self.observe_unread(account, outcome, lease)
+    }
+
+    /// [`apply_unread`](SlotBackend::apply_unread) of a [`SlotOp::Update`] whose reports are
+    /// of tasks created on `path` (a lookup by external id at `{create path}/{external id}`
+    /// that found nothing): a backend may find them by external id among holdings of that path
+    /// only ([`CreatePath`]). By default, `apply_unread` (the path unused).
+    fn apply_unread_on(&self, op: SlotOp, path: CreatePath) -> Self::Apply {
+        let _ = path;
+        self.apply_unread(op)
     }
 
     /// Handles the tasks a response to a request of `account` reports, the result dropped

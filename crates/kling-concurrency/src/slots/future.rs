@@ -22,7 +22,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use crate::backend::{Applied, Reservation, SlotBackend, SlotOp, TaskUpdate};
+use crate::backend::{Applied, CreatePath, Reservation, SlotBackend, SlotOp, TaskUpdate};
 use crate::error::BackendError;
 use crate::error::DeadlineExceeded;
 use crate::id::SmallId;
@@ -36,6 +36,8 @@ pub(crate) struct Held<B> {
     pub(crate) lease: Duration,
     /// The create's own external id (copied inline: no allocation).
     pub(crate) external: Option<SmallId>,
+    /// The path it is sent to, where its external id is unique (with an external id only).
+    pub(crate) path: CreatePath,
     /// How long the create waited for its slots (zero on the fast path).
     pub(crate) waited: Duration,
     /// Whether a layer below holds the create back unsent ([`SendWatch::never_sent`]): read
@@ -75,20 +77,22 @@ pub(crate) fn attempt_watch<ReqB>(request: &mut Request<ReqB>, held: bool) -> Se
     SendWatch::watch(request)
 }
 
-/// Keeps the slots of a create whose outcome is unknown: under its external id, or else under a
-/// lease alone.
+/// Keeps the slots of a create whose outcome is unknown: under its external id (on its create
+/// path), or else under a lease alone.
 fn keep_unknown<B: SlotBackend>(
     backend: &B,
     reservation: Reservation,
     external: Option<&SmallId>,
     lease: Duration,
+    path: CreatePath,
 ) -> B::Apply {
-    backend.hold_unread(
+    backend.hold_unread_on(
         reservation,
         None,
         external.map(SmallId::as_str),
         lease,
         None,
+        path,
     )
 }
 
@@ -159,6 +163,13 @@ where
         let pool = recognized.pool.clone().map(|pool| self.scope.apply(pool));
         let pool = names::pool_label(pool.as_ref());
         let external = recognized.external_id.as_deref().map(SmallId::new);
+        let new_style = recognized.generation == Some(ApiGeneration::New);
+        let path = self
+            .request
+            .as_ref()
+            .map_or(CreatePath::UNKNOWN, |request| {
+                super::service::create_path(new_style, external.is_some(), request.uri().path())
+            });
         metrics::histogram!(names::SLOTS_WAIT, names::LABEL_POOL => pool)
             .record(waited.as_secs_f64());
         Poll::Ready(Ok(Held {
@@ -166,6 +177,7 @@ where
             backend: self.backend.clone(),
             lease: self.lease,
             external,
+            path,
             waited,
             watch,
         }))
@@ -212,6 +224,7 @@ pin_project! {
                             backend,
                             lease,
                             external,
+                            path,
                             watch,
                             ..
                         } = held;
@@ -224,7 +237,8 @@ pin_project! {
                             // Handed on toward the server, it may have reached it: the task
                             // would run on regardless, so its slots stay held (under its
                             // external id, or its lease).
-                            drop(keep_unknown(&**backend, reservation, external.as_ref(), lease));
+                            let external = external.as_ref();
+                            drop(keep_unknown(&**backend, reservation, external, lease, path));
                         }
                     }
                 }
@@ -265,6 +279,8 @@ pin_project! {
             lease: Duration,
             asked: Option<PathAndQuery>,
             account: AccountId,
+            // A new-style query or list (its tasks' external ids are looked up together).
+            new_style: bool,
         },
         Pass {
             #[pin]
@@ -341,6 +357,7 @@ where
         lease: Duration,
         asked: Option<PathAndQuery>,
         account: AccountId,
+        new_style: bool,
     ) -> Self {
         ResponseFuture {
             state: State::Observe {
@@ -349,6 +366,7 @@ where
                 lease,
                 asked,
                 account,
+                new_style,
             },
         }
     }
@@ -372,6 +390,7 @@ fn settle_create<B: SlotBackend>(
         backend,
         lease,
         external,
+        path,
         waited,
         ..
     } = held;
@@ -380,7 +399,7 @@ fn settle_create<B: SlotBackend>(
         Err(error) => {
             // Never sent, a limiter's refusal, a proxy's 4xx page: no task.
             return if kling_core::error::may_have_created(&**error) {
-                keep_unknown(&**backend, reservation, external.as_ref(), lease)
+                keep_unknown(&**backend, reservation, external.as_ref(), lease, path)
             } else {
                 backend.apply_unread(SlotOp::GiveBack(reservation))
             };
@@ -395,7 +414,7 @@ fn settle_create<B: SlotBackend>(
             let made = kling_core::error::may_have_created(&malformed);
             *result = Err(Box::new(malformed));
             return if made {
-                keep_unknown(&**backend, reservation, external.as_ref(), lease)
+                keep_unknown(&**backend, reservation, external.as_ref(), lease, path)
             } else {
                 backend.apply_unread(SlotOp::GiveBack(reservation))
             };
@@ -422,7 +441,7 @@ fn settle_create<B: SlotBackend>(
             // the external id the answer reports (never empty: kling-core reads an echoed `""`
             // as none, which kept would make every such task "the same create"), else the
             // create's own.
-            Some(task) => backend.hold_unread(
+            Some(task) => backend.hold_unread_on(
                 reservation,
                 Some(&task.id),
                 task.external_id
@@ -431,8 +450,9 @@ fn settle_create<B: SlotBackend>(
                 lease,
                 // The lease counts from the answer's arrival (no clock read here).
                 Some(outcome.received_at()),
+                path,
             ),
-            None => keep_unknown(&**backend, reservation, external.as_ref(), lease),
+            None => keep_unknown(&**backend, reservation, external.as_ref(), lease, path),
         };
     }
     let op = if code == Code::ParallelTaskLimit {
@@ -446,7 +466,7 @@ fn settle_create<B: SlotBackend>(
     } else if outcome.may_have_created() {
         // The task may run: under its external id (a lookup or a resend with it frees the
         // slot), else under the lease alone, as for a create whose answer was lost.
-        return keep_unknown(&**backend, reservation, external.as_ref(), lease);
+        return keep_unknown(&**backend, reservation, external.as_ref(), lease, path);
     } else {
         SlotOp::GiveBack(reservation)
     };
@@ -548,6 +568,7 @@ where
                     lease,
                     asked,
                     account,
+                    new_style,
                 } => {
                     let mut response = match ready!(future.poll(cx)) {
                         Ok(response) => response,
@@ -561,6 +582,15 @@ where
                         return Poll::Ready(Ok(response));
                     };
                     let lease = *lease;
+                    // Where the tasks it reports were created, as far as the request says: a
+                    // task is found by external id among that path's creates only. (Hashed
+                    // only for an answer that reports or denies a task.)
+                    let (asked, new_style) = (&*asked, *new_style);
+                    let path = || match asked {
+                        _ if new_style => CreatePath::NEW_STYLE,
+                        Some(asked) => CreatePath::of_legacy_query(asked.path()),
+                        None => CreatePath::UNKNOWN,
+                    };
                     let apply = if let Some(mut updates) = asked
                         .as_ref()
                         .and_then(|asked| absent(asked, &outcome, &response.body().peek_bytes()))
@@ -571,16 +601,17 @@ where
                         // report are handled as always, in the same change.
                         updates.extend(outcome.tasks().iter().map(TaskUpdate::from_report));
                         let account = account.clone();
-                        backend.apply_unread(SlotOp::Update {
+                        let update = SlotOp::Update {
                             account,
                             updates,
                             lease,
-                        })
+                        };
+                        backend.apply_unread_on(update, path())
                     } else if outcome.tasks().is_empty() {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
                     } else {
-                        backend.observe_unread(account, &outcome, lease)
+                        backend.observe_unread_on(account, &outcome, lease, path())
                     };
                     drop(outcome);
                     match settle_now(apply, cx) {

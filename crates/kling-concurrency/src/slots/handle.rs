@@ -177,7 +177,9 @@ impl<B: SlotBackend> SlotsHandle<B> {
     }
 
     /// [`complete`](Self::complete) for a task of `account`: a task id names the task in any
-    /// account, an external id (unique per account only) names it in `account` only.
+    /// account, an external id (unique per account only) names it in `account` only. External
+    /// ids may be unique per create path only: an external id two running creates of the
+    /// account carry (on two paths) names neither, and nothing is released.
     ///
     /// Told before the create's answer came (nothing holds under `task_id` yet), the
     /// in-process backend remembers the end as a task id and as an external id of `account`
@@ -207,7 +209,10 @@ impl<B: SlotBackend> SlotsHandle<B> {
     /// answer read outside the stack): a terminal status releases the task's slots, a running
     /// one renews its lease and files its task id. The task is found by its task id, else by
     /// its external id within `account` (a create whose answer was lost is held under its
-    /// external id only).
+    /// external id only): only a holding whose task id is unknown, and only when one alone
+    /// could be it. A report names no create path, and external ids may be unique per path
+    /// only: a holding known by another task id is another task, and when creates on two
+    /// paths are held under the external id, neither is settled.
     pub async fn report_in(
         &self,
         account: &AccountId,
@@ -235,7 +240,8 @@ impl<B: SlotBackend> SlotsHandle<B> {
 
     /// [`on_callback`](Self::on_callback) for a callback about a task of `account` (e.g. from
     /// a callback URL per account): a task not yet known by its task id is found by its
-    /// external id within `account` only (external ids are unique per account only).
+    /// external id within `account` only (external ids are unique per account only), as
+    /// [`report_in`](Self::report_in) finds it.
     pub async fn on_callback_in(
         &self,
         account: &AccountId,

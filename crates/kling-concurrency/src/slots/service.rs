@@ -17,7 +17,7 @@ use tower_service::Service;
 
 use super::future::{Held, ResponseFuture, Waiting, attempt_watch};
 use super::layer::Settings;
-use crate::backend::{InProcess, SlotBackend, SlotKey};
+use crate::backend::{CreatePath, InProcess, SlotBackend, SlotKey};
 use crate::id::SmallId;
 
 /// Holds a create until its pool has slots for it, keeps the slots for the task's server-side
@@ -91,30 +91,48 @@ enum Route {
         weight: u32,
         pool: Pool,
         external: Option<SmallId>,
+        new_style: bool,
     },
     Query {
         /// Whether a "not found" can mean a create held under an external id never happened.
         by_external: bool,
+        new_style: bool,
     },
-    List,
+    List {
+        new_style: bool,
+    },
     Other,
 }
 
 impl Route {
     fn of(recognized: &Recognized, scope: PoolScope) -> Self {
+        let new_style = recognized.generation == Some(ApiGeneration::New);
         match (recognized.kind, &recognized.pool) {
             (RequestKind::Create, Some(pool)) => Route::Create {
                 weight: recognized.weight.max(1),
                 pool: scope.apply(pool.clone()),
                 external: recognized.external_id.as_deref().map(SmallId::new),
+                new_style,
             },
             (RequestKind::Query, _) => Route::Query {
                 by_external: recognized.generation == Some(ApiGeneration::Legacy)
                     || !recognized.external_ids.is_empty(),
+                new_style,
             },
-            (RequestKind::List, _) => Route::List,
+            (RequestKind::List, _) => Route::List { new_style },
             _ => Route::Other,
         }
+    }
+}
+
+/// The create path a create with an external id is sent to (where its external id is
+/// unique: see [`CreatePath`]); none is needed for one without (nothing finds it by an
+/// external id).
+pub(crate) fn create_path(new_style: bool, external: bool, path: &str) -> CreatePath {
+    match (external, new_style) {
+        (false, _) => CreatePath::UNKNOWN,
+        (true, true) => CreatePath::NEW_STYLE,
+        (true, false) => CreatePath::legacy(path),
     }
 }
 
@@ -151,13 +169,17 @@ where
         // (Cloned where it is kept: a copy, not a reference count, for an interned account,
         // such as the stack's and the configured default.)
         let account = account.unwrap_or(&self.settings.default_account);
-        let (weight, pool, external) = match route {
+        let (weight, pool, external, new_style) = match route {
             Route::Create {
                 weight,
                 pool,
                 external,
-            } => (weight, pool, external),
-            Route::Query { by_external } => {
+                new_style,
+            } => (weight, pool, external, new_style),
+            Route::Query {
+                by_external,
+                new_style,
+            } => {
                 // A lookup by external id (the retry layer's, before it sends a create again)
                 // that finds nothing gives back what is held under that id: keep what it asked
                 // (a reference count) where a "not found" can mean that.
@@ -171,9 +193,10 @@ where
                     self.settings.lease,
                     asked,
                     account,
+                    new_style,
                 );
             }
-            Route::List => {
+            Route::List { new_style } => {
                 let account = account.clone();
                 return ResponseFuture::observe(
                     self.inner.call(request),
@@ -181,10 +204,12 @@ where
                     self.settings.lease,
                     None,
                     account,
+                    new_style,
                 );
             }
             Route::Other => return ResponseFuture::pass(self.inner.call(request)),
         };
+        let path = create_path(new_style, external.is_some(), request.uri().path());
         // The fast path: free slots and nobody ahead are granted here, so the create goes
         // straight to the service that was made ready; no waker is needed (a create that waits
         // is polled again with the caller's).
@@ -204,6 +229,7 @@ where
                         backend: self.backend.lane(),
                         lease: self.settings.lease,
                         external,
+                        path,
                         waited: Duration::ZERO,
                         watch,
                     },

@@ -233,7 +233,9 @@ async fn ends_reported_twice_or_by_a_stranger_free_exactly_once() {
 /// A lookup by external id that finds nothing (a legacy query on another create path, or a
 /// new-style lookup the server has not indexed yet) says nothing of a task whose create was
 /// answered with its task id: the task exists, and its slot stays held. Only a create of
-/// unknown outcome (no task id) is given back on such an answer.
+/// unknown outcome (no task id) is given back on such an answer, and only one on the path
+/// looked up: external ids may be unique per create path only, so another path's `1203` says
+/// nothing of it either.
 #[tokio::test(start_paused = true)]
 async fn a_lookup_finding_nothing_keeps_a_task_whose_create_was_answered() {
     let (mut svc, handle, mut server) = manual(SlotsConfig::new(3));
@@ -253,11 +255,13 @@ async fn a_lookup_finding_nothing_keeps_a_task_whose_create_was_answered() {
         let answer = envelope(404, 1203, &serde_json::Value::Null);
         exchange(&mut svc, &mut server, lookup, answer).await;
     }
-    assert_eq!(
-        held(&handle).await,
-        (1, 1),
-        "the answered task stays; the create that may never have happened goes"
-    );
+    assert_eq!(held(&handle).await, (2, 2), "neither was created there");
+    // On its own path, `job-2` is not found either: the create that may never have happened
+    // goes.
+    let lookup = get("/v1/videos/text2video/job-2");
+    let answer = envelope(404, 1203, &serde_json::Value::Null);
+    exchange(&mut svc, &mut server, lookup, answer).await;
+    assert_eq!(held(&handle).await, (1, 1), "the answered task stays");
     // New-style, answered with an empty list.
     let lookup = get("/tasks?external_task_ids=job-1");
     exchange(&mut svc, &mut server, lookup, envelope(200, 0, &json!([]))).await;

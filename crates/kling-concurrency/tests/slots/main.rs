@@ -5,6 +5,7 @@ mod in_flight;
 mod leaks;
 mod lookup;
 mod mock;
+mod paths;
 mod pool_scope;
 mod props;
 mod readiness;

@@ -1,0 +1,304 @@
+//! One external id on two create paths: external ids may be unique per create path only (the
+//! mock's rule; a legacy task is looked up at `{create path}/{external id}`), and a callback or
+//! `complete` names no path. A report found by its external id alone never frees the slot of
+//! another path's task.
+
+use std::time::Duration;
+
+use kling_concurrency::{SlotsConfig, TaskSlotsLayer};
+use kling_core::{Envelope, Pool, Product};
+use tokio::time::advance;
+use tokio_test::task::spawn;
+use tokio_test::{assert_pending, assert_ready_ok};
+use tower::{Layer, Service, ServiceExt};
+
+use crate::support::*;
+
+fn image() -> Pool {
+    Pool::new(Product::Image)
+}
+
+/// A legacy image create with an external id.
+fn image_with_external(external: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    post(
+        "/v1/images/generations",
+        &format!(r#"{{"prompt":"a cat","external_task_id":"{external}"}}"#),
+    )
+}
+
+/// A legacy callback body: task `id` succeeded, created with `external`.
+fn callback(id: &str, external: &str) -> Vec<u8> {
+    format!(
+        r#"{{"task_id":"{id}","task_status":"succeed","task_info":{{"external_task_id":"{external}"}}}}"#
+    )
+    .into_bytes()
+}
+
+/// The brief's case: a video create held under `job-7` (answered, its task id known) and an
+/// image task of the same account created with `job-7` too. The image's callback (after its
+/// query freed its slot, so its task id is known nowhere) no longer frees the running video's
+/// slot, neither delivered as a body nor fed as a parsed report: one create more would meet a
+/// `1303`. The video's own callback frees it.
+#[tokio::test(start_paused = true)]
+async fn a_callback_for_another_paths_task_under_the_same_external_id_frees_no_slot() {
+    let fake = Fake::new();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).unwrap();
+    let mut svc = layer.layer(fake.clone());
+    svc.ready().await.unwrap();
+    svc.call(create_with_external("job-7")).await.unwrap(); // t1
+    svc.ready().await.unwrap();
+    svc.call(image_with_external("job-7")).await.unwrap(); // t2
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+    assert_eq!(pool_state(&handle, &image()).await.0, 1);
+
+    // The image ends; its query frees its slot.
+    fake.finish("t2");
+    svc.ready().await.unwrap();
+    svc.call(get("/v1/images/generations/t2")).await.unwrap();
+    assert_eq!(pool_state(&handle, &image()).await.0, 0);
+
+    // Its callback comes after.
+    let applied = handle.on_callback(&callback("t2", "job-7")).await.unwrap();
+    assert!(applied.released.is_empty(), "{applied:?}");
+    assert_eq!(pool_state(&handle, &video()).await.0, 1, "the video runs");
+    let report = Envelope::parse_callback(&callback("t2", "job-7")).unwrap();
+    let account = handle.default_account().clone();
+    let applied = handle.report_in(&account, &report[0]).await.unwrap();
+    assert!(applied.released.is_empty(), "{applied:?}");
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+
+    // So the next video create waits for the video's slot.
+    svc.ready().await.unwrap();
+    let mut next = spawn(svc.call(create()));
+    assert_pending!(next.poll());
+
+    // The video's own callback frees it, and the next create goes.
+    let applied = handle.on_callback(&callback("t1", "job-7")).await.unwrap();
+    assert_eq!(applied.released.len(), 1);
+    assert_eq!(applied.released[0].task.as_deref(), Some("t1"));
+    assert!(next.is_woken());
+    assert_ready_ok!(next.poll());
+    assert_eq!(fake.creates(), 3);
+}
+
+/// A callback for another path's task under `job-7` that comes before this path's create
+/// (remembered as ended, by its task id and its external id, in case its own create's answer
+/// is still on the way) does not free the create answered later with another task id under
+/// `job-7`.
+#[tokio::test(start_paused = true)]
+async fn an_earlier_callback_for_another_task_under_the_same_external_id_frees_no_later_create() {
+    let fake = Fake::new();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).unwrap();
+    let mut svc = layer.layer(fake.clone());
+    let applied = handle.on_callback(&callback("t9", "job-7")).await.unwrap();
+    assert!(!applied.changed);
+    svc.ready().await.unwrap();
+    svc.call(create_with_external("job-7")).await.unwrap(); // t1
+    assert_eq!(pool_state(&handle, &video()).await.0, 1, "t1 runs");
+    let applied = handle.on_callback(&callback("t1", "job-7")).await.unwrap();
+    assert_eq!(applied.released.len(), 1);
+    assert_eq!(pool_state(&handle, &video()).await.0, 0);
+}
+
+/// `complete` by an external id two running tasks of the account were created with (on two
+/// paths) cannot tell which one ended, and frees neither; once one has ended by its task id,
+/// the external id names the other alone.
+#[tokio::test(start_paused = true)]
+async fn complete_by_an_external_id_two_paths_share_frees_neither() {
+    let fake = Fake::new();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).unwrap();
+    let mut svc = layer.layer(fake.clone());
+    svc.ready().await.unwrap();
+    svc.call(create_with_external("job-7")).await.unwrap(); // t1
+    svc.ready().await.unwrap();
+    svc.call(image_with_external("job-7")).await.unwrap(); // t2
+    assert_eq!(handle.complete("job-7").await.unwrap(), None);
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+    assert_eq!(pool_state(&handle, &image()).await.0, 1);
+
+    fake.finish("t2");
+    svc.ready().await.unwrap();
+    svc.call(get("/v1/images/generations/t2")).await.unwrap();
+    assert_eq!(pool_state(&handle, &image()).await.0, 0);
+    let released = handle.complete("job-7").await.unwrap().expect("t1's");
+    assert_eq!(released.task.as_deref(), Some("t1"));
+    assert_eq!(pool_state(&handle, &video()).await.0, 0);
+}
+
+/// Two creates of unknown outcome under `job-7`, a video and an image: the image's is no
+/// "video create sent again", so the video's slot stays held (the video may run); a callback
+/// naming `job-7` with a task id held nowhere may be either's, and frees neither. The image
+/// create sent again and answered replaces the image's earlier holding only; the video's waits
+/// for its lease.
+#[tokio::test(start_paused = true)]
+async fn creates_of_unknown_outcome_on_two_paths_under_one_external_id_keep_their_slots() {
+    let fake = Fake::new();
+    let lease = Duration::from_secs(600);
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2).lease(lease)).unwrap();
+    let mut svc = layer.layer(fake.clone());
+    fake.script(Scripted::Lost);
+    svc.ready().await.unwrap();
+    assert!(svc.call(create_with_external("job-7")).await.is_err());
+    fake.script(Scripted::Lost);
+    svc.ready().await.unwrap();
+    assert!(svc.call(image_with_external("job-7")).await.is_err());
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        1,
+        "the video may run"
+    );
+    assert_eq!(pool_state(&handle, &image()).await.0, 1);
+
+    let applied = handle.on_callback(&callback("t5", "job-7")).await.unwrap();
+    assert!(applied.released.is_empty(), "{applied:?}");
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+    assert_eq!(pool_state(&handle, &image()).await.0, 1);
+
+    svc.ready().await.unwrap();
+    svc.call(image_with_external("job-7")).await.unwrap(); // t1
+    assert_eq!(
+        pool_state(&handle, &image()).await.0,
+        1,
+        "t1 in place of the lost one"
+    );
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+    advance(lease).await;
+    assert_eq!(pool_state(&handle, &video()).await.0, 0);
+}
+
+/// Creates of unknown outcome under `job-7` on two paths, the image pool full: a lookup at
+/// `/v1/images/generations/job-7` that finds nothing gives the image create's slot back (the
+/// image create sent again goes), and says nothing of the video create's, sent elsewhere.
+#[tokio::test(start_paused = true)]
+async fn a_lookup_that_finds_nothing_frees_the_create_of_its_own_path_only() {
+    let fake = Fake::new();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).unwrap();
+    let mut svc = layer.layer(fake.clone());
+    fake.script(Scripted::Lost);
+    svc.ready().await.unwrap();
+    assert!(svc.call(create_with_external("job-7")).await.is_err());
+    fake.script(Scripted::Lost);
+    svc.ready().await.unwrap();
+    assert!(svc.call(image_with_external("job-7")).await.is_err());
+    svc.ready().await.unwrap();
+    let mut again = spawn(svc.call(image_with_external("job-7")));
+    assert_pending!(again.poll());
+
+    svc.ready().await.unwrap();
+    let lookup = svc.call(get("/v1/images/generations/job-7")).await.unwrap();
+    assert_eq!(lookup.status(), 404);
+    assert!(again.is_woken());
+    assert_ready_ok!(again.poll());
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        1,
+        "the video may run"
+    );
+    assert_eq!(
+        pool_state(&handle, &image()).await.0,
+        1,
+        "the image sent again"
+    );
+}
+
+/// An image create answered `5000` (its task made) and a video create lost, both under
+/// `job-7`: the image path's lookup by `job-7` reports the image task running, which gives its
+/// task id to the image create's holding (not the video's), so the image's callback then ends
+/// it by task id; the video's slot stays held.
+#[tokio::test(start_paused = true)]
+async fn a_lookup_names_its_task_to_the_create_of_its_own_path_only() {
+    let fake = Fake::new();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).unwrap();
+    let mut svc = layer.layer(fake.clone());
+    fake.script(Scripted::Ghost);
+    svc.ready().await.unwrap();
+    let ghost = svc.call(image_with_external("job-7")).await.unwrap();
+    assert_eq!(ghost.status(), 500);
+    fake.script(Scripted::Lost);
+    svc.ready().await.unwrap();
+    assert!(svc.call(create_with_external("job-7")).await.is_err());
+    assert_eq!(pool_state(&handle, &image()).await.0, 1);
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+
+    svc.ready().await.unwrap();
+    let lookup = svc.call(get("/v1/images/generations/job-7")).await.unwrap();
+    assert_eq!(lookup.status(), 200);
+    let applied = handle.on_callback(&callback("t1", "job-7")).await.unwrap();
+    assert_eq!(applied.released.len(), 1, "{applied:?}");
+    assert_eq!(pool_state(&handle, &image()).await.0, 0);
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        1,
+        "the video may run"
+    );
+}
+
+/// Two paths of one pool (`text2video` and `image2video`, both `video`): a create of unknown
+/// outcome under `job-7` on one is no earlier attempt of the other's under `job-7`, and keeps
+/// its slot; a lookup on one path that finds nothing frees that path's create only.
+#[tokio::test(start_paused = true)]
+async fn creates_on_two_paths_of_one_pool_under_one_external_id_are_two_tasks() {
+    let fake = Fake::new();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2)).unwrap();
+    let mut svc = layer.layer(fake.clone());
+    let image2video = post(
+        "/v1/videos/image2video",
+        r#"{"image":"x","external_task_id":"job-7"}"#,
+    );
+    fake.script(Scripted::Lost);
+    svc.ready().await.unwrap();
+    assert!(svc.call(create_with_external("job-7")).await.is_err());
+    fake.script(Scripted::Lost);
+    svc.ready().await.unwrap();
+    assert!(svc.call(image2video).await.is_err());
+    assert_eq!(pool_state(&handle, &video()).await.0, 2);
+
+    svc.ready().await.unwrap();
+    svc.call(get("/v1/videos/text2video/job-7")).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+    svc.ready().await.unwrap();
+    svc.call(get("/v1/videos/text2video/job-7")).await.unwrap();
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        1,
+        "image2video's stays"
+    );
+    svc.ready().await.unwrap();
+    svc.call(get("/v1/videos/image2video/job-7")).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await.0, 0);
+}
+
+/// A create that waited for its slot is kept under its own path too: granted once the
+/// `text2video` create's slot came back, then lost, the `image2video` create under `job-7` is
+/// not freed by `text2video`'s lookup of `job-7`, only by its own path's.
+#[tokio::test(start_paused = true)]
+async fn a_create_that_waited_is_kept_under_its_own_path() {
+    let fake = Fake::new();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).unwrap();
+    let mut svc = layer.layer(fake.clone());
+    fake.script(Scripted::Lost);
+    svc.ready().await.unwrap();
+    assert!(svc.call(create_with_external("job-7")).await.is_err());
+    svc.ready().await.unwrap();
+    let mut waiting = spawn(svc.call(post(
+        "/v1/videos/image2video",
+        r#"{"image":"x","external_task_id":"job-7"}"#,
+    )));
+    assert_pending!(waiting.poll());
+    fake.script(Scripted::Lost);
+    svc.ready().await.unwrap();
+    svc.call(get("/v1/videos/text2video/job-7")).await.unwrap();
+    assert!(waiting.is_woken());
+    match waiting.poll() {
+        std::task::Poll::Ready(result) => assert!(result.is_err(), "lost"),
+        std::task::Poll::Pending => panic!("granted and sent"),
+    }
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+
+    svc.ready().await.unwrap();
+    svc.call(get("/v1/videos/text2video/job-7")).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await.0, 1, "not text2video's");
+    svc.ready().await.unwrap();
+    svc.call(get("/v1/videos/image2video/job-7")).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await.0, 0);
+}
