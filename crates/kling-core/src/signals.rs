@@ -286,6 +286,12 @@ impl SendWatch {
     pub fn never_sent(&self) -> bool {
         self.0.load(Ordering::Acquire) == HELD
     }
+
+    /// Whether an attempt of the request may have made a task ([`SendWatch::answered`]): the
+    /// watch is final, so a later attempt held back unsent can no longer say so in it.
+    pub fn may_have_made(&self) -> bool {
+        self.0.load(Ordering::Acquire) == MAYBE_MADE
+    }
 }
 
 /// Response extension: a task-slots layer saw this 1303, gave the slots back and lowered its

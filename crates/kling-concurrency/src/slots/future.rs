@@ -14,7 +14,7 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri};
 use http_body_util::Full;
 use kling_core::error::{ApiError, BoxError};
-use kling_core::signals::{Attempt, Deadline, SendWatch, SlotGated, Waited};
+use kling_core::signals::{Deadline, SendWatch, SlotGated, Waited};
 use kling_core::{
     AccountId, ApiGeneration, Code, Outcome, PeekBody, PoolScope, Recognized, metrics as names,
 };
@@ -50,31 +50,25 @@ pub(crate) struct Held<B> {
 /// may have made a task.
 ///
 /// A watch is per request, not per attempt, and once an attempt may have made a task it is
-/// final: a layer below that holds a later attempt back unsent (the rate limiter) can no longer
-/// say so in it, and that attempt's slots, dropped there, were kept as an unknown outcome
-/// (under its external id, or its lease) for a create that never left. Such an attempt gets a
-/// fresh watch in its own request, the one the layers below report in; the request's watch,
-/// which the layers above read, was final already, so they miss nothing.
+/// final ([`SendWatch::may_have_made`]): a layer below that holds a later attempt back unsent
+/// (the rate limiter) can no longer say so in it, and that attempt's slots, dropped there,
+/// were kept as an unknown outcome (under its external id, or its lease) for a create that
+/// never left. Such an attempt gets a fresh watch in its own request, the one the layers below
+/// report in; the request's watch, which the layers above read, was final already, so they
+/// miss nothing. One atomic load for every create: a first attempt's watch is never final.
 ///
 /// `held`: this layer holds the create back itself (a create that waited for its slots), and
-/// said so in the watch. Only a later attempt (the retry layer's [`Attempt`] above 1) can find
-/// a final watch, so a first one is not probed.
+/// says so in the fresh watch until it passes the create on.
 pub(crate) fn attempt_watch<ReqB>(request: &mut Request<ReqB>, held: bool) -> SendWatch {
     let watch = SendWatch::shared(request);
-    if Attempt::of(request).is_none_or(|attempt| attempt <= 1) {
+    if !watch.may_have_made() {
         return watch;
     }
-    // A watch that is not final now says held (as it did already when `held`); a final one
-    // stays as it is.
-    SendWatch::held(request);
-    if watch.never_sent() {
-        if !held {
-            // Passed on at once: as it was before (handed, or not reported on).
-            SendWatch::handed(request);
-        }
-        return watch;
+    let fresh = SendWatch::watch(request);
+    if held {
+        SendWatch::held(request);
     }
-    SendWatch::watch(request)
+    fresh
 }
 
 /// Keeps the slots of a create whose outcome is unknown: under its external id (on its create
