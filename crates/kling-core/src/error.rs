@@ -331,15 +331,38 @@ impl StdError for Transport {
 }
 
 /// A response body longer than the configured limit; it was not read further.
+///
+/// Its headers were read: a `Retry-After` it sent ([`retry_after`](Self::retry_after)) says
+/// when to come back, so a proxy's 429 or 503 page too long to read is honoured like one that
+/// is not ([`MalformedResponse::retry_after`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BodyTooLarge {
     status: StatusCode,
     limit: usize,
+    retry_after: Option<Duration>,
+    received_at: Option<Instant>,
 }
 
 impl BodyTooLarge {
     pub(crate) fn new(status: StatusCode, limit: usize) -> Self {
-        BodyTooLarge { status, limit }
+        BodyTooLarge {
+            status,
+            limit,
+            retry_after: None,
+            received_at: None,
+        }
+    }
+
+    /// The same error, with the response's `Retry-After` (already read as a delay) and when
+    /// the response arrived.
+    pub(crate) fn with_retry_after(
+        mut self,
+        retry_after: Option<Duration>,
+        received_at: Instant,
+    ) -> Self {
+        self.retry_after = retry_after;
+        self.received_at = Some(received_at);
+        self
     }
 
     /// The HTTP status of the oversize response.
@@ -350,6 +373,24 @@ impl BodyTooLarge {
     /// The limit in bytes that was exceeded.
     pub fn limit(&self) -> usize {
         self.limit
+    }
+
+    /// The response's `Retry-After`, either form, as a delay from
+    /// [`received_at`](Self::received_at) (read as [`MalformedResponse::retry_after`] reads
+    /// it); `None` without one or when it could not be read.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// When the classify step gave the body up (tokio time); `None` for an error built
+    /// elsewhere.
+    pub fn received_at(&self) -> Option<Instant> {
+        self.received_at
+    }
+
+    /// The instant the `Retry-After` allows the next request, when both are known.
+    pub fn resume_at(&self) -> Option<Instant> {
+        self.received_at?.checked_add(self.retry_after?)
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use kling_core::Code;
-use kling_core::error::{ApiError, Attempts, BoxError, MalformedResponse};
+use kling_core::error::{ApiError, Attempts, BodyTooLarge, BoxError, MalformedResponse};
 use tokio::time::Instant;
 
 /// Why the layer stopped retrying and returned [`Failed`].
@@ -243,15 +243,18 @@ impl Failed {
 
     /// The wait the last answer's `Retry-After` asked for, if it had one: send the request
     /// again no sooner (the layer stopped before waiting it out). A Kling answer's, or a page
-    /// without a Kling envelope's (a proxy's 429 or 503, which the layer retries by its
-    /// `Retry-After` as it does Kling's own).
+    /// without a Kling envelope's, read or too long to read (a proxy's 429 or 503, which the
+    /// layer retries by its `Retry-After` as it does Kling's own).
     pub fn retry_after(&self) -> Option<Duration> {
-        match self.api_error() {
-            Some(api) => api.retry_after(),
-            None => self
-                .last()
-                .downcast_ref::<MalformedResponse>()
-                .and_then(MalformedResponse::retry_after),
+        if let Some(api) = self.api_error() {
+            return api.retry_after();
+        }
+        let last = self.last();
+        match last.downcast_ref::<MalformedResponse>() {
+            Some(page) => page.retry_after(),
+            None => last
+                .downcast_ref::<BodyTooLarge>()
+                .and_then(BodyTooLarge::retry_after),
         }
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
-use kling_core::error::{ApiError, BoxError, MalformedResponse};
+use kling_core::error::{ApiError, BodyTooLarge, BoxError, MalformedResponse};
 use kling_core::metrics::{LABEL_KIND, LABEL_REASON, RETRIES, RETRY_BUDGET_EXHAUSTED};
 use kling_core::signals::{Attempt, SendWatch};
 use kling_core::{ApiGeneration, Code, Disposition, Outcome, PeekBody, Recognized, RequestKind};
@@ -584,8 +584,8 @@ where
             .map(MalformedResponse::status)
             .or_else(|| {
                 error
-                    .downcast_ref::<kling_core::error::BodyTooLarge>()
-                    .map(kling_core::error::BodyTooLarge::status)
+                    .downcast_ref::<BodyTooLarge>()
+                    .map(BodyTooLarge::status)
             });
         status.is_some_and(|status| status.is_success())
             && Recognized::cached(self.template.request()).is_some_and(Recognized::is_create)
@@ -643,13 +643,16 @@ where
             }
             Verdict::Return => Step::Finish(self.pass_through(error)),
             Verdict::Retry { delay, create } => {
-                // A response without a Kling envelope (a proxy's page) may still say when to
-                // come back: its `Retry-After` is honoured like Kling's own.
-                let hint = error
-                    .downcast_ref::<MalformedResponse>()
-                    .and_then(|malformed| {
-                        Some((malformed.received_at()?, malformed.retry_after()?))
-                    });
+                // A response without a Kling envelope (a proxy's page, read or too long to
+                // read) may still say when to come back: its `Retry-After` is honoured like
+                // Kling's own.
+                let hint = if let Some(malformed) = error.downcast_ref::<MalformedResponse>() {
+                    malformed.received_at().zip(malformed.retry_after())
+                } else if let Some(large) = error.downcast_ref::<BodyTooLarge>() {
+                    large.received_at().zip(large.retry_after())
+                } else {
+                    None
+                };
                 self.schedule(delay, create, hint, Last::Error(error), false)
             }
         }

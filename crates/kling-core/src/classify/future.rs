@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::SystemTime;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, RETRY_AFTER};
@@ -15,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::error::{BodyTooLarge, BoxError, Transport};
 use crate::outcome::Outcome;
+use crate::retry_after::retry_after_delay;
 
 pin_project! {
     /// Calls the client, reads the body up to the limit and attaches the outcome.
@@ -111,6 +113,18 @@ fn read_headers(headers: &HeaderMap) -> (Option<&HeaderValue>, bool) {
     (length, retry_after)
 }
 
+/// The [`BodyTooLarge`] of a response whose body passed `limit`, with its `Retry-After` (read
+/// as [`Outcome`] reads it, only when the header pass found one), so that a 429 or 503 page
+/// too long to read still says when to come back.
+fn too_large(parts: &Parts, has_retry_after: bool, limit: usize) -> BoxError {
+    let retry_after = if has_retry_after {
+        retry_after_delay(&parts.headers, SystemTime::now())
+    } else {
+        None
+    };
+    Box::new(BodyTooLarge::new(parts.status, limit).with_retry_after(retry_after, Instant::now()))
+}
+
 impl<F, B> ResponseFuture<F, B> {
     pub(crate) fn new(future: F, limit: usize) -> Self {
         ResponseFuture {
@@ -156,10 +170,7 @@ where
                         .and_then(|v| v.parse::<u64>().ok());
                     if declared.is_some_and(|len| len > *this.limit as u64) {
                         this.state.set(State::Done);
-                        return Poll::Ready(Err(Box::new(BodyTooLarge::new(
-                            parts.status,
-                            *this.limit,
-                        ))));
+                        return Poll::Ready(Err(too_large(&parts, has_retry_after, *this.limit)));
                     }
                     this.state.set(State::Reading {
                         parts: Some(parts),
@@ -179,12 +190,17 @@ where
                             Some(Ok(frame)) => {
                                 if let Ok(data) = frame.into_data() {
                                     if buffer.len() + data.remaining() > *this.limit {
-                                        let status = parts.as_ref().map(|p| p.status);
+                                        let error = match parts.as_ref() {
+                                            Some(parts) => {
+                                                too_large(parts, *has_retry_after, *this.limit)
+                                            }
+                                            None => Box::new(BodyTooLarge::new(
+                                                http::StatusCode::default(),
+                                                *this.limit,
+                                            )),
+                                        };
                                         this.state.set(State::Done);
-                                        return Poll::Ready(Err(Box::new(BodyTooLarge::new(
-                                            status.unwrap_or_default(),
-                                            *this.limit,
-                                        ))));
+                                        return Poll::Ready(Err(error));
                                     }
                                     buffer.push(data);
                                 }
@@ -280,6 +296,56 @@ mod tests {
             assert!(err.is::<BodyTooLarge>(), "{extra}: {err}");
             let fits = [(CONTENT_LENGTH, "5"), (CONTENT_LENGTH, "101")];
             assert!(classify(&fits, extra).await.is_ok(), "{extra}");
+        }
+    }
+
+    /// A 429 page over the limit, declared by its `Content-Length` or found while reading,
+    /// keeps its `Retry-After` (the longest of several) and when it was given up.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_too_large_keeps_the_retry_after_of_its_headers() {
+        let page = |headers: Vec<(HeaderName, &'static str)>| {
+            let client = service_fn(move |_req: http::Request<Full<Bytes>>| {
+                let mut response = Response::new(Full::new(Bytes::from(vec![b'x'; 200])));
+                *response.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
+                for (name, value) in &headers {
+                    response
+                        .headers_mut()
+                        .append(name, HeaderValue::from_static(value));
+                }
+                async move { Ok::<_, BoxError>(response) }
+            });
+            ClassifyLayer::new()
+                .max_body_bytes(100)
+                .layer(client)
+                .oneshot(http::Request::new(Full::new(Bytes::new())))
+        };
+        for declared in [None, Some("200")] {
+            let length = declared.map(|len| (CONTENT_LENGTH, len));
+            let start = Instant::now();
+            tokio::time::advance(Duration::from_secs(1)).await;
+            let headers = [
+                (RETRY_AFTER, "7"),
+                (RETRY_AFTER, "9"),
+                (RETRY_AFTER, "soon"),
+            ];
+            let err = page(headers.into_iter().chain(length.clone()).collect())
+                .await
+                .unwrap_err();
+            let large = err.downcast_ref::<BodyTooLarge>().expect("too large");
+            assert_eq!(large.status(), http::StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(
+                large.retry_after(),
+                Some(Duration::from_secs(9)),
+                "{declared:?}"
+            );
+            let at = start + Duration::from_secs(1);
+            assert_eq!(large.received_at(), Some(at), "{declared:?}");
+            assert_eq!(large.resume_at(), Some(at + Duration::from_secs(9)));
+
+            let err = page(length.into_iter().collect()).await.unwrap_err();
+            let large = err.downcast_ref::<BodyTooLarge>().expect("too large");
+            assert_eq!(large.retry_after(), None, "{declared:?}");
+            assert_eq!(large.resume_at(), None, "{declared:?}");
         }
     }
 

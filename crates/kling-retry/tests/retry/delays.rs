@@ -1,12 +1,16 @@
 //! Retry-After in both forms, jitter only upward, and the backoff without a hint.
 
+use std::future::Future;
 use std::time::{Duration, SystemTime};
 
+use kling_core::error::BoxError;
 use kling_retry::error::{Failed, StopReason};
 use kling_retry::{Backoff, RetryLayer};
 use tower::Layer;
 
-use crate::support::{Reply, code, get, kling, send, task, with_header};
+use crate::support::{
+    Log, Reply, Req, Res, code, get, kling, kling_under, send, task, with_header,
+};
 
 const JITTER: Duration = Duration::from_millis(300);
 
@@ -352,6 +356,132 @@ async fn a_call_out_of_attempts_on_a_proxy_page_reports_its_retry_after() {
         kling_retry::error::StopReason::AttemptsExhausted
     );
     assert!(failed.api_error().is_none(), "a page, not a Kling answer");
+    assert_eq!(failed.retry_after(), Some(Duration::from_secs(30)));
+}
+
+/// The classify step's body limit under [`large_page`]: a task answer fits, the page does not.
+const BODY_LIMIT: usize = 160;
+
+/// A 429 page over [`BODY_LIMIT`] with a `Retry-After` of `retry_after`; with `declared`, its
+/// `Content-Length` says it is too long before the body is read.
+fn large_page(retry_after: &str, declared: bool) -> Res {
+    let body = "<html><body>too many requests</body></html>".repeat(8);
+    assert!(body.len() > BODY_LIMIT);
+    let length = body.len().to_string();
+    let res = http::Response::builder()
+        .status(429)
+        .header("content-type", "text/html")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let res = with_header(res, "retry-after", retry_after);
+    if declared {
+        with_header(res, "content-length", &length)
+    } else {
+        res
+    }
+}
+
+/// A server under a classify step that reads at most [`BODY_LIMIT`] bytes, answering `first`
+/// and then a task.
+fn behind_a_small_limit(
+    first: impl Fn() -> Res + Send + Sync + 'static,
+) -> (
+    impl tower::Service<
+        Req,
+        Response = Res,
+        Error = BoxError,
+        Future = impl Future<Output = Result<Res, BoxError>> + Send,
+    > + Clone
+    + Send
+    + 'static,
+    Log,
+) {
+    let classify = kling_core::ClassifyLayer::new().max_body_bytes(BODY_LIMIT);
+    kling_under(classify, move |_, i| {
+        Reply::Now(if i == 0 { first() } else { task("t1", None) })
+    })
+}
+
+/// A 429 page too long to read keeps its `Retry-After`: the retry goes out when the server
+/// said, as after a page that can be read, not after the throttled backoff's 1 to 2 s.
+#[tokio::test(start_paused = true)]
+async fn a_429_page_too_long_to_read_is_retried_after_its_retry_after() {
+    for declared in [false, true] {
+        let (server, log) = behind_a_small_limit(move || large_page("7", declared));
+        let client = RetryLayer::builder()
+            .seed(1)
+            .backoff(Backoff::new().retry_after_jitter(Duration::ZERO))
+            .build()
+            .unwrap()
+            .layer(server);
+        send(&client, get("/v1/videos/text2video/t1"))
+            .await
+            .unwrap();
+        let seen = log.all();
+        assert_eq!(seen.len(), 2, "declared {declared}");
+        let gap = seen[1].at - seen[0].at;
+        assert_eq!(gap, Duration::from_secs(7), "declared {declared}");
+    }
+}
+
+/// The `Retry-After` of a page too long to read is bound as a readable page's is: over
+/// `max_retry_after` it ends the call, past the deadline it ends it naming the deadline, and a
+/// call out of attempts reports it; none sends a retry sooner than asked.
+#[tokio::test(start_paused = true)]
+async fn a_429_page_too_long_to_read_keeps_the_retry_after_limits() {
+    let start = tokio::time::Instant::now();
+    let (server, log) = behind_a_small_limit(|| large_page("300", false));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .deadline(Duration::from_secs(600))
+        .backoff(Backoff::new().max_retry_after(Duration::from_secs(30)))
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap_err();
+    assert_eq!(tokio::time::Instant::now(), start, "no wait");
+    assert_eq!(log.len(), 1, "no early retry");
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::RetryAfterTooLong, "{error}");
+    assert_eq!(failed.retry_after(), Some(Duration::from_secs(300)));
+
+    let (server, log) = behind_a_small_limit(|| large_page("300", true));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .deadline(Duration::from_secs(180))
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap_err();
+    assert_eq!(tokio::time::Instant::now(), start, "no wait");
+    assert_eq!(log.len(), 1, "no early retry");
+    let late = error
+        .downcast_ref::<kling_retry::error::DeadlineExceeded>()
+        .unwrap_or_else(|| panic!("{error}"));
+    assert_eq!(late.asked(), Some(Duration::from_secs(300)));
+    assert_eq!(late.resume_at(), start + Duration::from_secs(300));
+
+    let classify = kling_core::ClassifyLayer::new().max_body_bytes(BODY_LIMIT);
+    let (server, log) = kling_under(classify, |_, _| Reply::Now(large_page("30", false)));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .max_attempts(2)
+        .backoff(Backoff::new().retry_after_jitter(Duration::ZERO))
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap_err();
+    let seen = log.all();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].at - seen[0].at, Duration::from_secs(30));
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::AttemptsExhausted);
     assert_eq!(failed.retry_after(), Some(Duration::from_secs(30)));
 }
 

@@ -77,6 +77,27 @@ pub(crate) fn kling<H>(
 where
     H: Fn(&Seen, usize) -> Reply + Send + Sync + 'static,
 {
+    kling_under(ClassifyLayer::new(), handler)
+}
+
+/// [`kling`] under the given classify step (a smaller body limit, say).
+pub(crate) fn kling_under<H>(
+    classify: ClassifyLayer,
+    handler: H,
+) -> (
+    impl Service<
+        Req,
+        Response = Res,
+        Error = BoxError,
+        Future = impl Future<Output = Result<Res, BoxError>> + Send,
+    > + Clone
+    + Send
+    + 'static,
+    Log,
+)
+where
+    H: Fn(&Seen, usize) -> Reply + Send + Sync + 'static,
+{
     let log = Log::default();
     let seen_log = log.clone();
     let handler = Arc::new(handler);
@@ -108,7 +129,7 @@ where
             }
         }
     });
-    (ClassifyLayer::new().layer(server), log)
+    (classify.layer(server), log)
 }
 
 /// A Kling envelope with the code's documented status.
