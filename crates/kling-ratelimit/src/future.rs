@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use kling_core::error::MalformedResponse;
+use kling_core::error::{BodyTooLarge, MalformedResponse};
 use kling_core::metrics::{COOLDOWNS, LABEL_ACCOUNT, LABEL_KIND, RATELIMIT_WAIT};
 use kling_core::signals::{Deadline, SendWatch, Waited};
 use kling_core::{AccountId, BoxError, Code, Outcome, PeekBody, Recognized};
@@ -996,9 +996,10 @@ fn feedback_of(
 }
 
 /// What an inner error tells the backend, if anything: a response without a Kling envelope
-/// (a proxy's or gateway's page, which the classify step turns into a [`MalformedResponse`])
-/// pauses the key as [`feedback_of`] does for an envelope. Its `Retry-After` pauses the key
-/// until then, whatever the status (as for a Kling answer); a 429 is a rate refusal, so it
+/// (a proxy's or gateway's page, which the classify step turns into a [`MalformedResponse`],
+/// or into [`BodyTooLarge`] when it is too long to read) pauses the key as [`feedback_of`]
+/// does for an envelope. Its `Retry-After` pauses the key until then, whatever the status (as
+/// for a Kling answer); a 429 is a rate refusal, so it
 /// also counts as throttled like a 1302 — it escalates the pause and lowers an adaptive
 /// rate — while a 503 page (maintenance) or any other status pauses only for its
 /// `Retry-After`, and without one says nothing.
@@ -1006,7 +1007,8 @@ fn feedback_of(
 /// The error's source chain is walked, not only its top: every layer that may sit between
 /// this one and the classify step (auth, a timeout, a second classify step wrapping it in a
 /// [`Transport`](kling_core::error::Transport), a caller's own wrapper) answers for this same
-/// request, so a `MalformedResponse` anywhere in the chain is the answer it got. The walk
+/// request, so a `MalformedResponse` or `BodyTooLarge` anywhere in the chain is the answer it
+/// got. The walk
 /// costs nothing on the success path, and stops at the first one.
 #[cold]
 #[inline(never)]
@@ -1015,20 +1017,31 @@ fn feedback_of_error(
     sent_at: Instant,
 ) -> Option<Feedback> {
     let mut cause = Some(error);
-    let malformed = loop {
+    let (status, retry_after, received_at) = loop {
         let error = cause?;
         if let Some(malformed) = error.downcast_ref::<MalformedResponse>() {
-            break malformed;
+            break (
+                malformed.status(),
+                malformed.retry_after(),
+                malformed.received_at(),
+            );
+        }
+        // A page too long to read is an answer all the same, and keeps its `Retry-After`.
+        if let Some(too_large) = error.downcast_ref::<BodyTooLarge>() {
+            break (
+                too_large.status(),
+                too_large.retry_after(),
+                too_large.received_at(),
+            );
         }
         cause = error.source();
     };
-    let throttled = malformed.status() == StatusCode::TOO_MANY_REQUESTS;
-    let retry_after = malformed.retry_after();
+    let throttled = status == StatusCode::TOO_MANY_REQUESTS;
     if !throttled && retry_after.is_none() {
         return None;
     }
     // The classify step notes when the page arrived; an error built without it counts from now.
-    let received_at = malformed.received_at().unwrap_or_else(Instant::now);
+    let received_at = received_at.unwrap_or_else(Instant::now);
     Some(Feedback::Pause {
         sent_at,
         received_at,

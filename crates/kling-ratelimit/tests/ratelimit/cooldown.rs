@@ -3,7 +3,7 @@
 use std::time::{Duration, SystemTime};
 
 use kling_core::ClassifyLayer;
-use kling_core::error::{MalformedResponse, Transport};
+use kling_core::error::{BodyTooLarge, MalformedResponse, Transport};
 use kling_ratelimit::error::RateLimited;
 use kling_ratelimit::{Adaptive, BucketKey, Cooldown, GcraLayer, Quota};
 use tokio::time::Instant;
@@ -419,6 +419,36 @@ async fn a_proxys_429_page_with_retry_after_pauses_the_key_until_then() {
         assert_eq!(times, paused_until(60_000), "{body}");
         assert_eq!(page.resume_at(), Some(start + Duration::from_secs(60)));
     }
+}
+
+/// A proxy's 429 page too long for the classify step to read ([`BodyTooLarge`]) is an answer
+/// all the same: its `Retry-After` pauses the key as a short page's does.
+#[tokio::test(start_paused = true)]
+async fn a_proxys_429_page_too_long_to_read_pauses_the_key_until_its_retry_after() {
+    let layer = GcraLayer::new(Quota::per_second(10.0)).unwrap();
+    let server = Server::new();
+    // nginx's page, 92 bytes, over a limit of 64.
+    server.script([Reply::page(429, PROXY_429_PAGES[1]).header("retry-after", "60")]);
+    let classify = ClassifyLayer::new().max_body_bytes(64);
+    let service = layer.layer(classify.layer(server.service()));
+    let start = Instant::now();
+    let error = service
+        .clone()
+        .oneshot(request(Some("a"), "a1"))
+        .await
+        .unwrap_err();
+    let page = error
+        .downcast_ref::<BodyTooLarge>()
+        .expect("the classify step's error, unchanged");
+    assert_eq!(page.retry_after(), Some(Duration::from_secs(60)));
+    tokio::time::advance(ms(200)).await;
+    let a2 = spawn_call(&service, request(Some("a"), "a2")).await;
+    let b1 = spawn_call(&service, request(Some("b"), "b1")).await;
+    a2.await.unwrap().unwrap();
+    b1.await.unwrap().unwrap();
+    let mut times = server.times_ms(start);
+    times.sort();
+    assert_eq!(times, paused_until(60_000));
 }
 
 /// The same through a backend whose reports come one poll later, as a shared store's
