@@ -161,11 +161,24 @@ struct Retrying<S, B> {
     /// The budget bucket of a retry withdrawn and not sent yet: given back if it never is
     /// (the call dropped during the backoff, or ended by the deadline before sending it).
     withdrawn: Option<u32>,
+    /// The `reason` label of a retry scheduled and not sent yet: [`RETRIES`] counts it when it
+    /// is handed to the service below, and never if the call ends first (dropped during the
+    /// backoff, or ended by the deadline before sending it).
+    unsent_reason: Option<&'static str>,
     /// Slot-gated retries so far: outside the attempt limit (see `attempt_limit`).
     slot_gated: u32,
 }
 
 impl<S, B> Retrying<S, B> {
+    /// Notes the reason of the retry just scheduled, to count it once it is sent.
+    fn schedule_count(&mut self, reason: &'static str) {
+        let unsent = self.unsent_reason.replace(reason);
+        debug_assert!(
+            unsent.is_none(),
+            "a retry is sent before the next is scheduled"
+        );
+    }
+
     fn new(now: Instant) -> Self {
         Retrying {
             service: None,
@@ -179,6 +192,7 @@ impl<S, B> Retrying<S, B> {
             deadline_sleep: None,
             last: None,
             withdrawn: None,
+            unsent_reason: None,
         }
     }
 }
@@ -1023,10 +1037,10 @@ where
         {
             return self.past_deadline(at, deadline, now, last);
         }
-        let kind = self.kind();
         // Slot-gated retries wait for a slot in the layer below, not on the API: they spend no
         // budget (the attempt limit and the deadline still bound them).
         if delay != DelayKind::Immediate && !self.unsent_lookup_next() && !self.withdraw() {
+            let kind = self.kind();
             metrics::counter!(RETRY_BUDGET_EXHAUSTED, LABEL_KIND => kind).increment(1);
             return self.fail(StopReason::BudgetExhausted, last);
         }
@@ -1036,7 +1050,7 @@ where
             Sending::Lookup => "lookup",
             Sending::Original => delay.as_str(),
         };
-        metrics::counter!(RETRIES, LABEL_KIND => kind, LABEL_REASON => reason).increment(1);
+        retry.schedule_count(reason);
         retry.last = Some(last);
         if at <= now {
             return Step::Send;
@@ -1073,21 +1087,27 @@ where
         {
             return self.past_deadline(now, deadline, now, last);
         }
-        let kind = self.kind();
         if !self.unsent_lookup_next() && !self.withdraw() {
+            let kind = self.kind();
             metrics::counter!(RETRY_BUDGET_EXHAUSTED, LABEL_KIND => kind).increment(1);
             return self.fail(StopReason::BudgetExhausted, last);
         }
-        metrics::counter!(RETRIES, LABEL_KIND => kind, LABEL_REASON => reason).increment(1);
-        self.retrying().last = Some(last);
+        let retry = self.retrying();
+        retry.schedule_count(reason);
+        retry.last = Some(last);
         Step::Send
     }
 
     fn next_request(&mut self) -> Request<B> {
         self.attempts += 1;
-        // Sent: the retry keeps what it drew from the budget.
-        if let Some(retry) = self.retry.as_deref_mut() {
+        // Sent: the retry keeps what it drew from the budget, and is counted.
+        let reason = self.retry.as_deref_mut().and_then(|retry| {
             retry.withdrawn = None;
+            retry.unsent_reason.take()
+        });
+        if let Some(reason) = reason {
+            let kind = self.kind();
+            metrics::counter!(RETRIES, LABEL_KIND => kind, LABEL_REASON => reason).increment(1);
         }
         let lookup = self
             .retry

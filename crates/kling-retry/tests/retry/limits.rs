@@ -1,5 +1,6 @@
 //! Attempts, the deadline, the budget, and the signals passed down.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -7,13 +8,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use kling_core::Code;
+use kling_core::metrics::RETRIES;
 use kling_core::signals::Deadline;
 use kling_retry::error::{DeadlineExceeded, Failed, StopReason};
 use kling_retry::{Backoff, RetryBudget, RetryLayer};
 use tokio::time::Instant;
 use tower::Layer;
 
-use crate::support::{Reply, code, get, kling, send, task, with_header};
+use crate::support::{Counters, Reply, code, get, kling, send, task, with_header};
 
 #[tokio::test(start_paused = true)]
 async fn max_attempts_bounds_the_requests() {
@@ -586,4 +588,87 @@ async fn a_retry_never_sent_gives_its_budget_back() {
         .unwrap();
     assert_eq!(log.len(), 2);
     assert_eq!(budget.remaining(), full - 1, "spent");
+}
+
+/// `kling_retries_total` counts a retry when it is sent, not when it is scheduled: counted at
+/// scheduling, a retry the caller dropped during its backoff (a caller's timeout shorter than a
+/// throttled wait) or one the deadline ended before it went out counted too, and dashboards
+/// over-reported retries exactly when callers timed out.
+#[tokio::test(start_paused = true)]
+async fn a_retry_is_counted_when_it_is_sent() {
+    let (counters, _guard) = Counters::capture();
+    let one = || kling(|_, i| Reply::Now(if i == 0 { code(1302) } else { task("t1", None) }));
+    let layer = RetryLayer::builder().seed(1).build().unwrap();
+    // Dropped during the backoff (≥ 1 s after a 1302).
+    let (server, log) = one();
+    let client = layer.layer(server);
+    let call = send(&client, get("/v1/videos/text2video/t1"));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), call)
+            .await
+            .is_err()
+    );
+    assert_eq!(log.len(), 1);
+    assert_eq!(counters.total(RETRIES), 0, "dropped during the backoff");
+    // The service below not ready before the deadline (30 s), or ready only at it: the retry
+    // is not sent.
+    for ready in [60, 30] {
+        let (server, log) = one();
+        let client = RetryLayer::builder()
+            .seed(1)
+            .deadline(Duration::from_secs(30))
+            .build()
+            .unwrap()
+            .layer(ReadyAt::new(
+                server,
+                Instant::now() + Duration::from_secs(ready),
+            ));
+        let error = send(&client, get("/v1/videos/text2video/t1"))
+            .await
+            .unwrap_err();
+        assert!(error.is::<DeadlineExceeded>(), "{error}");
+        assert_eq!(log.len(), 1);
+        assert_eq!(counters.total(RETRIES), 0, "ready at {ready} s: not sent");
+    }
+    // Sent: counted once, with its reason.
+    let (server, log) = one();
+    send(&layer.layer(server), get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap();
+    assert_eq!(log.len(), 2);
+    assert_eq!(
+        counters.series(RETRIES),
+        BTreeMap::from([(format!("{RETRIES}{{kind=query,reason=throttled}}"), 1)])
+    );
+}
+
+/// Each retry sent is counted once, under the reason it was sent for: a create reset after
+/// sending is looked up (`lookup`), found missing and sent again (`not_found`), refused a
+/// connection and sent again (`transient`): three retries, three counts.
+#[tokio::test(start_paused = true)]
+async fn every_retry_sent_is_counted_once_with_its_reason() {
+    let (counters, _guard) = Counters::capture();
+    let (server, log) = kling(|seen, i| match (seen.method.as_str(), i) {
+        ("POST", 0) => Reply::Fail(crate::support::reset()),
+        ("POST", 2) => Reply::Fail(crate::support::refused()),
+        ("GET", _) => Reply::Now(code(1203)),
+        _ => Reply::Now(task("t1", Some("job-4"))),
+    });
+    let client = RetryLayer::builder().seed(1).build().unwrap().layer(server);
+    send(
+        &client,
+        crate::support::create(r#"{"external_task_id":"job-4"}"#),
+    )
+    .await
+    .unwrap();
+    assert_eq!(log.len(), 4);
+    let series = |reason: &str| format!("{RETRIES}{{kind=create,reason={reason}}}");
+    assert_eq!(
+        counters.series(RETRIES),
+        BTreeMap::from([
+            (series("lookup"), 1),
+            (series("not_found"), 1),
+            (series("transient"), 1),
+        ])
+    );
 }

@@ -1,7 +1,9 @@
 //! A scripted Kling on tokio time: answers each request with what the test's handler says, and
 //! logs what it saw.
 
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,6 +13,7 @@ use http_body_util::Full;
 use kling_core::error::BoxError;
 use kling_core::signals::{Attempt, Deadline};
 use kling_core::{ClassifyLayer, PeekBody};
+use metrics::SharedString;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
@@ -246,4 +249,81 @@ impl tracing::Subscriber for Warnings {
     }
     fn enter(&self, _: &tracing::span::Id) {}
     fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// The counters recorded on this thread while a [`Counters::capture`] guard lives, each series
+/// as `name{label=value,…}` (labels in the order recorded).
+#[derive(Clone, Default)]
+pub(crate) struct Counters(Arc<Mutex<BTreeMap<String, Arc<AtomicU64>>>>);
+
+impl Counters {
+    /// Records this thread's metrics until the guard drops (a current-thread runtime polls
+    /// every future on it).
+    pub(crate) fn capture() -> (Counters, metrics::LocalRecorderGuard<'static>) {
+        let counters = Counters::default();
+        // The guard borrows its recorder for as long as it lives: one small leak per test.
+        let recorder: &'static Counters = Box::leak(Box::new(counters.clone()));
+        (counters, metrics::set_default_local_recorder(recorder))
+    }
+
+    /// Every series of the counter `name` with its value.
+    pub(crate) fn series(&self, name: &str) -> BTreeMap<String, u64> {
+        let prefix = format!("{name}{{");
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(key, _)| key.starts_with(&prefix))
+            .map(|(key, value)| (key.clone(), value.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// The sum of every series of the counter `name`.
+    pub(crate) fn total(&self, name: &str) -> u64 {
+        self.series(name).values().sum()
+    }
+}
+
+impl metrics::Recorder for Counters {
+    fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        let labels: Vec<String> = key
+            .labels()
+            .map(|label| format!("{}={}", label.key(), label.value()))
+            .collect();
+        let series = format!("{}{{{}}}", key.name(), labels.join(","));
+        let count = self
+            .0
+            .lock()
+            .unwrap()
+            .entry(series)
+            .or_insert_with(|| Arc::new(AtomicU64::new(0)))
+            .clone();
+        // The same series shares one count, however often it is registered.
+        metrics::Counter::from_arc(Arc::new(Shared(count)))
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+/// A series' count, as a counter handle.
+struct Shared(Arc<AtomicU64>);
+
+impl metrics::CounterFn for Shared {
+    fn increment(&self, value: u64) {
+        self.0.fetch_add(value, Ordering::Relaxed);
+    }
+    fn absolute(&self, value: u64) {
+        self.0.fetch_max(value, Ordering::Relaxed);
+    }
 }
