@@ -85,7 +85,8 @@
 //!   threads at once may reach its state out of instant order, and GCRA still admits no more
 //!   than the quota in any window of decision instants (see [`InProcess`]).
 //! - **Cooldown**: a 1302 or a `Retry-After` pauses the whole key — queued and new requests
-//!   alike — which then resumes in order; 1302s in a row escalate the pause up to a ceiling
+//!   alike — which then resumes in order, an interval apart (the burst is spent when a pause
+//!   ends, so no burst goes at once); 1302s in a row escalate the pause up to a ceiling
 //!   ([`Cooldown`]). A proxy's or gateway's page (no Kling envelope, so the classify step's
 //!   [`MalformedResponse`](kling_core::error::MalformedResponse) error) pauses it too: for its
 //!   `Retry-After`, and as a 1302 would when its status is 429.

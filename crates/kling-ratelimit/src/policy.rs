@@ -24,15 +24,19 @@ pub(crate) fn later(at: tokio::time::Instant, duration: Duration) -> tokio::time
 /// pauses — every queued and every new request of it — until:
 ///
 /// - the `Retry-After` instant, when the response has one, and at least
-/// - for the *n*-th 1302 in a row (`n` counted within [`window`](Cooldown::window), reset by a
-///   success): `max(first · 2ⁿ⁻¹, one emission interval)` while `n` is below
-///   [`escalate_after`](Cooldown::escalate_after), then the published guide's burst rule,
+/// - for the *n*-th 1302 in a row (each within [`window`](Cooldown::window) of the end of the
+///   pause the one before set; reset by a success): `max(first · 2ⁿ⁻¹, one emission
+///   interval)` while `n` is below [`escalate_after`](Cooldown::escalate_after), then the
+///   published guide's burst rule,
 ///   `backoff · 2ⁿ⁻ᵉˢᶜᵃˡᵃᵗᵉ_ᵃᶠᵗᵉʳ`; never more than [`ceiling`](Cooldown::ceiling).
 ///
 /// A page without a Kling envelope (a proxy's, which the classify step turns into a
 /// [`MalformedResponse`](kling_core::error::MalformedResponse) error) counts the same way: its
 /// `Retry-After` pauses the key, and a 429 page is a 1302 for the streak and the adaptive rate;
 /// a 503 page (maintenance) pauses only for its `Retry-After`.
+///
+/// A pause ends with the key's burst spent ([`InProcess`](crate::InProcess)): the requests
+/// queued behind it go one interval apart, and the burst builds up again from its end.
 ///
 /// Only a 1302 for a request sent after the previous pause began counts towards the streak:
 /// the other requests that were already in flight when the first 1302 came back are refused
@@ -52,7 +56,9 @@ pub struct Cooldown {
     pub backoff: Duration,
     /// The longest pause an escalation reaches (a `Retry-After` may ask for more).
     pub ceiling: Duration,
-    /// 1302s further apart than this do not add up to a streak.
+    /// A 1302 that comes later than this after the end of the pause the previous one set
+    /// starts a new streak (the pause itself does not count, so a pause as long as the window
+    /// does not end the streak).
     pub window: Duration,
 }
 

@@ -153,6 +153,8 @@ struct Generation {
     paused_until: AtomicU64,
     /// Whether a decision may skip the lock (see [`LOCK_FREE_MAX_TAU`]).
     lock_free: bool,
+    /// governor's burst tolerance, `burst - 1` intervals, in nanoseconds.
+    tau: u64,
 }
 
 impl Generation {
@@ -175,6 +177,7 @@ impl Generation {
             start,
             paused_until: AtomicU64::new(paused_until),
             lock_free: tau < LOCK_FREE_MAX_TAU,
+            tau,
         }
     }
 
@@ -207,6 +210,9 @@ struct Entry {
     cooldown_until: Option<Instant>,
     streak: u32,
     last_pause: Option<Instant>,
+    /// The end of the pause the streak's last 1302 set: the next 1302 adds to the streak when
+    /// it comes within the window of it (the pause itself does not count).
+    streak_pause_end: Option<Instant>,
     streak_expires: Option<Instant>,
     adaptive: Option<AdaptiveState>,
 }
@@ -218,6 +224,7 @@ impl Entry {
             cooldown_until: None,
             streak: 0,
             last_pause: None,
+            streak_pause_end: None,
             streak_expires: None,
             adaptive: None,
         }
@@ -244,6 +251,7 @@ impl Entry {
             }
             self.cooldown_until = None;
             self.generation.paused_until.store(0, Ordering::Release);
+            self.spend_burst_at(until, base);
         }
         let quota = self.effective(policy);
         let at = nanos_since(now, base);
@@ -253,6 +261,23 @@ impl Entry {
         self.generation
             .check(at, base)
             .expect("the key's own limiter is never retired")
+    }
+
+    /// Starts the key after a pause that ended at `until` with its burst spent: one request
+    /// goes at `until`, the next ones an interval apart (the burst builds up again from then),
+    /// rather than a whole burst at once into a server that just refused for going too fast.
+    /// Done when the pause is over, not when it is set, so a quota change during the pause
+    /// carries no pause in its debt.
+    fn spend_burst_at(&mut self, until: Instant, base: Instant) {
+        let generation = &self.generation;
+        let spent = nanos_since(until, base)
+            .saturating_add(generation.tau)
+            .checked_sub(generation.start)
+            .filter(|rel| *rel != EMPTY);
+        if let Some(rel) = spent {
+            // A retired cell (`RETIRED`, the largest value) stays retired.
+            generation.tat.fetch_max(rel, Ordering::AcqRel);
+        }
     }
 
     /// The quota to enforce now: the configured one, slowed to the adaptive rate.
@@ -582,7 +607,8 @@ impl InProcess {
             let at = nanos_since(now, self.base);
             if !generation.lock_free
                 || generation.quota != policy.quota
-                || generation.paused_until.load(Ordering::Acquire) > at
+                // A pause that ended is cleared under the lock (the burst is spent then).
+                || generation.paused_until.load(Ordering::Acquire) != 0
             {
                 return None;
             }
@@ -701,9 +727,11 @@ impl InProcess {
                 let fresh = entry.last_pause.is_none_or(|last| sent_at >= last);
                 if throttled && fresh {
                     let window = policy.cooldown.window;
+                    // Measured from the end of the last pause, not its start: a pause as long as
+                    // the window (the default ceiling is) must not end the streak it escalates.
                     let within = entry.streak > 0
-                        && entry.last_pause.is_some_and(|last| {
-                            received_at.saturating_duration_since(last) <= window
+                        && entry.streak_pause_end.is_some_and(|end| {
+                            received_at.saturating_duration_since(end) <= window
                         });
                     entry.streak = if within {
                         entry.streak.saturating_add(1)
@@ -711,7 +739,6 @@ impl InProcess {
                         1
                     };
                     entry.last_pause = Some(received_at);
-                    entry.streak_expires = Some(later(received_at, window));
                     if let Some(config) = &policy.adaptive {
                         let adaptive = entry
                             .adaptive
@@ -727,6 +754,10 @@ impl InProcess {
                     resume_at,
                     throttled,
                 );
+                if throttled && fresh {
+                    entry.streak_pause_end = Some(until);
+                    entry.streak_expires = Some(later(until, policy.cooldown.window));
+                }
                 let extends =
                     until > Instant::now() && entry.cooldown_until.is_none_or(|c| until > c);
                 if extends {

@@ -94,3 +94,47 @@ async fn converges_near(hidden: f64) {
         .count();
     assert_eq!(in_a_row, 0, "two refusals in a row; {context}");
 }
+
+/// The adaptive rate is per key: a 1302 of account `b` (another account, its own limit) leaves
+/// account `a`'s rate where it was, and lowers `b`'s alone.
+#[tokio::test(start_paused = true)]
+async fn a_1302_of_another_account_leaves_this_accounts_rate_alone() {
+    use kling_core::AccountId;
+    use kling_ratelimit::BucketKey;
+
+    use crate::support::{Reply, Server, request};
+
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .adaptive(Adaptive::new().start(Quota::per_second(4.0)))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let rate = |account: &str| {
+        let key = BucketKey::account(Some(AccountId::new(account)));
+        handle
+            .backend()
+            .key_state(&key)
+            .unwrap()
+            .adaptive_rate
+            .unwrap()
+    };
+    for account in ["a", "b"] {
+        service
+            .clone()
+            .oneshot(request(Some(account), "x"))
+            .await
+            .unwrap();
+    }
+    let (a, b) = (rate("a"), rate("b"));
+    assert!(a > 4.0 && b > 4.0, "slow start: {a} {b}");
+    server.script([Reply::throttled()]);
+    service
+        .clone()
+        .oneshot(request(Some("b"), "x"))
+        .await
+        .unwrap();
+    assert_eq!(rate("a"), a);
+    assert_eq!(rate("b"), b * 0.85);
+}

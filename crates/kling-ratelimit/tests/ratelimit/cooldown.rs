@@ -637,3 +637,176 @@ async fn a_wait_refused_in_the_queue_behind_a_pause_says_so() {
     head.await.unwrap().unwrap();
     assert_eq!(server.tags(), vec!["a1", "a2"]);
 }
+
+/// Requests queued behind a pause go out spaced at the quota's rate when it ends, not a whole
+/// burst at once into the server that just refused: the burst builds up again from the end of
+/// the pause. A request that comes long after the pause finds its burst whole again.
+#[tokio::test(start_paused = true)]
+async fn requests_queued_behind_a_pause_go_spaced_when_it_ends() {
+    let server = Server::new();
+    server.script([Reply::throttled()]);
+    let layer = GcraLayer::new(Quota::per_second(10.0).with_burst(5)).unwrap();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for tag in ["a0", "a1", "a2", "a3", "a4"] {
+        calls.push(spawn_call(&service, request(Some("a"), tag)).await);
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    // The first pause is 1 s; then one every 100 ms (before: a1..a4 all at 1000 ms).
+    let times: Vec<u128> = server.times_ms(start).into_iter().map(|(_, t)| t).collect();
+    assert_eq!(times, vec![0, 1000, 1100, 1200, 1300]);
+    // Long after, the burst of five is whole again.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let again = Instant::now();
+    let mut calls = Vec::new();
+    for n in 0..5 {
+        calls.push(spawn_call(&service, request(Some("a"), &format!("b{n}"))).await);
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let burst: Vec<u128> = server
+        .times_ms(again)
+        .into_iter()
+        .skip(5)
+        .map(|(_, t)| t)
+        .collect();
+    assert_eq!(burst, vec![0; 5]);
+}
+
+/// The same when the pause is over before the next request asks, on a thread that remembers
+/// the key (the decision without the lock: the requests share one `AccountId`, as a stack's
+/// do): it goes with the burst spent at the pause's end, and the next ones an interval apart.
+#[tokio::test(start_paused = true)]
+async fn a_pause_that_ended_spends_the_burst_for_a_thread_that_remembers_the_key() {
+    let server = Server::new();
+    server.script([Reply::throttled().header("retry-after", "2")]);
+    let layer = GcraLayer::new(Quota::per_second(10.0).with_burst(3)).unwrap();
+    let service = layer.layer(server.service());
+    let account = kling_core::AccountId::new("a");
+    let of_a = |tag: &str| {
+        let mut req = request(None, tag);
+        req.extensions_mut().insert(account.clone());
+        req
+    };
+    let start = Instant::now();
+    service.clone().oneshot(of_a("a0")).await.unwrap();
+    tokio::time::sleep(ms(2050)).await;
+    let mut calls = Vec::new();
+    for tag in ["a1", "a2", "a3"] {
+        calls.push(spawn_call(&service, of_a(tag)).await);
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    // The burst, spent at 2 s, has refilled half an interval by 2.05 s.
+    let times: Vec<u128> = server.times_ms(start).into_iter().map(|(_, t)| t).collect();
+    assert_eq!(times, vec![0, 2050, 2100, 2200]);
+}
+
+/// 1302s that keep coming after each pause keep the streak at the ceiling: the window counts
+/// from the end of the last pause, so neither the 60 s ceiling (as long as the default window)
+/// nor a `Retry-After` longer than the window ends the streak and drops the pause back to 1 s.
+#[tokio::test(start_paused = true)]
+async fn the_streak_window_counts_from_the_end_of_the_last_pause() {
+    let server = Server::with_latency(ms(50));
+    server.script((0..6).map(|_| Reply::throttled()));
+    let service = GcraLayer::new(Quota::per_second(10.0))
+        .unwrap()
+        .layer(server.service());
+    let start = Instant::now();
+    for n in 0..7 {
+        service
+            .clone()
+            .oneshot(request(Some("a"), &n.to_string()))
+            .await
+            .unwrap();
+    }
+    let times: Vec<u128> = server.times_ms(start).into_iter().map(|(_, t)| t).collect();
+    // Pauses from each answer (50 ms after its sending): 1 s, 2 s, 30 s, then 60 s (the
+    // ceiling) for good; before, the fifth 1302 came 60.05 s after the fourth and paused 1 s.
+    assert_eq!(times, vec![0, 1050, 3100, 33_150, 93_200, 153_250, 213_300]);
+
+    let server = Server::new();
+    server.script([
+        Reply::throttled().header("retry-after", "120"),
+        Reply::throttled(),
+    ]);
+    let service = GcraLayer::new(Quota::per_second(10.0))
+        .unwrap()
+        .layer(server.service());
+    let start = Instant::now();
+    for n in 0..3 {
+        service
+            .clone()
+            .oneshot(request(Some("a"), &n.to_string()))
+            .await
+            .unwrap();
+    }
+    let times: Vec<u128> = server.times_ms(start).into_iter().map(|(_, t)| t).collect();
+    // The second 1302 in a row pauses 2 s (before: 1 s, a new streak).
+    assert_eq!(times, vec![0, 120_000, 122_000]);
+}
+
+/// A `Retry-After` date already past pauses nothing by itself: a 503 with one does not pause
+/// the key, and a 1302 with one pauses for the 1302's escalation.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_date_in_the_past_asks_for_no_pause() {
+    let past = "Wed, 01 Jan 2025 00:00:00 GMT";
+    let reply = Reply::status(503, 5001)
+        .header("date", "Wed, 01 Jan 2025 00:00:10 GMT")
+        .header("retry-after", past);
+    let times = pause_after(reply).await;
+    assert_eq!(
+        times,
+        vec![
+            ("a1".into(), 0),
+            ("b1".into(), 0),
+            ("a2".into(), 100),
+            ("a3".into(), 200),
+            ("a4".into(), 300),
+        ]
+    );
+    let reply = Reply::throttled().header("retry-after", past);
+    assert_eq!(pause_after(reply).await, expected(1000));
+}
+
+/// The head of a paused key's queue giving up during the pause hands the head on: the next
+/// one goes when the pause ends, and one that came at its end queues behind the others.
+#[tokio::test(start_paused = true)]
+async fn a_head_that_gives_up_during_a_pause_hands_its_turn_on() {
+    let server = Server::new();
+    server.script([Reply::throttled()]);
+    let layer = GcraLayer::new(Quota::per_second(10.0)).unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    service
+        .clone()
+        .oneshot(request(Some("a"), "first"))
+        .await
+        .unwrap();
+    let head = spawn_call(&service, request(Some("a"), "head")).await;
+    let second = spawn_call(&service, request(Some("a"), "second")).await;
+    let third = spawn_call(&service, request(Some("a"), "third")).await;
+    tokio::time::sleep(ms(500)).await;
+    head.abort();
+    tokio::time::sleep(ms(500)).await;
+    let late = spawn_call(&service, request(Some("a"), "late")).await;
+    second.await.unwrap().unwrap();
+    third.await.unwrap().unwrap();
+    late.await.unwrap().unwrap();
+    assert_eq!(
+        server.times_ms(start),
+        vec![
+            ("first".into(), 0),
+            ("second".into(), 1000),
+            ("third".into(), 1100),
+            ("late".into(), 1200),
+        ]
+    );
+    assert_eq!((handle.waiting(), handle.queue_bytes()), (0, 0));
+}

@@ -948,3 +948,38 @@ async fn a_maximum_wait_past_the_clocks_range_is_no_limit() {
         [("first".into(), 0), ("second".into(), 1000)]
     );
 }
+
+/// A response future dropped before it was ever polled (its place taken in `call`) gives its
+/// place up: nothing is left waiting, and the request behind it keeps its turn.
+#[tokio::test(start_paused = true)]
+async fn a_future_dropped_unpolled_leaves_no_waiter() {
+    use tower::Service;
+
+    let server = Server::new();
+    let layer = GcraLayer::new(Quota::per_second(1.0)).unwrap();
+    let handle = layer.handle();
+    let mut service = layer.layer(server.service());
+    let start = Instant::now();
+    let first = spawn_call(&service, request(Some("a"), "first")).await;
+    let head = spawn_call(&service, request(Some("a"), "head")).await;
+    std::future::poll_fn(|cx| service.poll_ready(cx))
+        .await
+        .unwrap();
+    let unpolled = service.call(request(Some("a"), "unpolled"));
+    let tail = spawn_call(&service, request(Some("a"), "tail")).await;
+    assert_eq!(handle.waiting(), 3);
+    drop(unpolled);
+    assert_eq!(handle.waiting(), 2);
+    for call in [first, head, tail] {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        server.times_ms(start),
+        vec![
+            ("first".into(), 0),
+            ("head".into(), 1000),
+            ("tail".into(), 2000)
+        ]
+    );
+    assert_eq!((handle.waiting(), handle.queue_bytes()), (0, 0));
+}
