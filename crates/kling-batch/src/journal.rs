@@ -131,7 +131,8 @@ impl ErrorInfo {
 /// The fields a transition may set besides the state; `None` keeps the stored value, except
 /// for `error`, which describes the state it was recorded in: a transition to another state
 /// without an error clears it (a job refused with `1102` and created by a later run no longer
-/// shows the refusal), one that stays in its state keeps it.
+/// shows the refusal), one that stays in its state keeps it, unless it sets `clear_error`
+/// (a run that follows again a task an earlier run did not follow to its end).
 #[derive(Clone, Debug, Default, PartialEq)]
 #[non_exhaustive]
 pub struct Update {
@@ -148,6 +149,8 @@ pub struct Update {
     /// Why the last download of the job's result files left some missing (`Some(Some(_))`),
     /// or that it left none missing (`Some(None)` clears it).
     pub download_error: Option<Option<ErrorInfo>>,
+    /// Clears the error even when the job stays in its state (an `error` set wins).
+    pub clear_error: bool,
 }
 
 impl Update {
@@ -163,6 +166,15 @@ impl Update {
     pub fn error(error: ErrorInfo) -> Self {
         Update {
             error: Some(error),
+            ..Update::default()
+        }
+    }
+
+    /// Clears the error, even without a change of state: the error told an earlier run's end
+    /// of a step this run takes again (the follow of a task left `created`).
+    pub fn error_cleared() -> Self {
+        Update {
+            clear_error: true,
             ..Update::default()
         }
     }
@@ -564,6 +576,7 @@ fn apply(
         files,
         error,
         download_error,
+        clear_error,
     } = update;
     let json = |v: Option<Vec<String>>| v.map(|v| serde_json::to_string(&v).unwrap_or_default());
     let error = error.map(|e| serde_json::to_string(&e).unwrap_or_default());
@@ -577,7 +590,8 @@ fn apply(
             status = COALESCE(?4, status),
             urls = COALESCE(?5, urls),
             files = COALESCE(?6, files),
-            error = CASE WHEN ?7 IS NOT NULL THEN ?7 WHEN state = ?2 THEN error ELSE NULL END,
+            error = CASE WHEN ?7 IS NOT NULL THEN ?7 WHEN ?11 OR state <> ?2 THEN NULL
+                ELSE error END,
             updated_at = ?8,
             download_error = CASE WHEN ?9 THEN ?10 ELSE download_error END
          WHERE job_id = ?1",
@@ -591,7 +605,8 @@ fn apply(
             error,
             at,
             set_download_error,
-            download_error
+            download_error,
+            clear_error
         ],
     )?;
     if from != state.as_str() {
@@ -792,6 +807,31 @@ mod tests {
             journal.record("a").unwrap().unwrap().error,
             Some(unfollowed)
         );
+        // A run that follows the task again clears it without a change of state (an error
+        // given beside wins); a transition is recorded only for a change of state.
+        journal
+            .transition("a", JobState::Created, Update::error_cleared())
+            .unwrap();
+        let record = journal.record("a").unwrap().unwrap();
+        assert_eq!((record.state, record.error), (JobState::Created, None));
+        let again = ErrorInfo::new(1101, "account in arrears, again", None);
+        let update = Update {
+            error: Some(again.clone()),
+            ..Update::error_cleared()
+        };
+        journal.transition("a", JobState::Created, update).unwrap();
+        assert_eq!(journal.record("a").unwrap().unwrap().error, Some(again));
+        assert_eq!(
+            journal.transitions("a").unwrap(),
+            [
+                "queued",
+                "creating",
+                "not_submitted",
+                "queued",
+                "creating",
+                "created"
+            ]
+        );
         journal
             .transition("a", JobState::Succeeded, Update::default())
             .unwrap();
@@ -878,6 +918,8 @@ mod tests {
                     ('line-2', 2, '/v1/videos/text2video', '{\"prompt\":\"b\"}', 'kb-2', 'created', 't2', 0),
                     ('line-3', 3, '/v1/videos/text2video', '{\"prompt\":\"c\"}', 'kb-3', 'created', 't3', 0),
                     ('line-4', 4, '/v1/videos/text2video', '{\"prompt\":\"c\"}', 'kb-4', 'queued', NULL, 0);
+                 UPDATE jobs SET error = '{\"code\":1101,\"message\":\"arrears\"}'
+                    WHERE job_id = 'line-2';
                  INSERT INTO transitions (job_id, from_state, to_state, at) VALUES
                     ('line-1', NULL, 'queued', 0), ('line-1', 'queued', 'succeeded', 0);",
             )
@@ -924,6 +966,16 @@ mod tests {
                 .download_error
                 .is_some()
         );
+        // An error of the old file is read, and cleared as in a new one.
+        let error = |id: &str| journal.record(id).unwrap().unwrap().error;
+        assert_eq!(
+            error(&jobs[1].id),
+            Some(ErrorInfo::new(1101, "arrears", None))
+        );
+        journal
+            .transition(&jobs[1].id, JobState::Created, Update::error_cleared())
+            .unwrap();
+        assert_eq!(error(&jobs[1].id), None);
         drop(journal);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -11,8 +11,10 @@
 //!   its credentials (`1000`–`1002`, `1100`–`1102`, `1304`, and any other final refusal sent
 //!   with HTTP 429), which also halts the run (the job and every job not yet created are
 //!   reported `not_submitted` with its code), or an answer that is no Kling envelope at all
-//!   (a proxy's `404`/`413` page), which leaves the job `not_submitted` saying so. The next
-//!   run sends such jobs again.
+//!   (a proxy's `404`/`413` page), which leaves the job `not_submitted` saying so. So does a
+//!   create refused `1103` (no permission for this API or model) whose lookup is refused
+//!   `1103` too, here or on resume: without the permission nothing was created. The next run
+//!   sends such jobs again.
 //! - **Resume**: jobs whose create may have been sent (`creating`) are looked up by their
 //!   external id first (`GET {endpoint}/{id}` or `GET /tasks?external_task_ids=`); jobs
 //!   already created are followed (in one batch), after the slots they hold were adopted
@@ -27,7 +29,9 @@
 //!   (`1304`), … — says nothing about the task, which may still run and be billed: the job
 //!   stays `created` with the error recorded, and the next run follows it again. So does a
 //!   follow that ends without a Kling code (its deadline passed, say): the job's error names
-//!   the task and says that a run on the same journal follows it.
+//!   the task and says that a run on the same journal follows it. A run that follows such a
+//!   task again clears that error first, so a stop before the follow ends does not report an
+//!   earlier run's end as its own.
 //! - **Downloads** (`--download`) each have a connect, an idle and an overall timeout
 //!   ([`DownloadTimeouts`]); a file that runs out of time is left for the next run and the
 //!   job's `download_error` says why, so one stalled result server never holds the run. At
@@ -240,10 +244,14 @@ struct Running {
 /// What a run must do, from the journal's records, before it sends anything.
 struct Plan<'a> {
     queued: Vec<&'a Job>,
-    /// Creates of unknown outcome, with their external ids and recorded states.
-    creating: Vec<(&'a Job, String, JobState)>,
+    /// Creates of unknown outcome, with their external ids and recorded states, and whether
+    /// Kling refused the create `1103` (no permission for this API or model).
+    creating: Vec<(&'a Job, String, JobState, bool)>,
     /// Tasks created by an earlier run.
     created: Vec<(&'a Job, String)>,
+    /// The jobs of `created` whose error tells how an earlier run's follow of their task
+    /// ended (past its deadline, refused `1101`, …): cleared once this run follows them again.
+    stale_errors: Vec<&'a Job>,
     /// Succeeded jobs with a result file missing: task, URLs, recorded files.
     undownloaded: Vec<(&'a Job, String, Vec<String>, Vec<String>)>,
 }
@@ -358,8 +366,9 @@ impl Engine {
         let records = self.journal.register(jobs)?;
         let jobs_by_id: HashMap<&str, &Job> = jobs.iter().map(|j| (j.id.as_str(), j)).collect();
         let mut queued: Vec<&Job> = Vec::new();
-        let mut creating: Vec<(&Job, String, JobState)> = Vec::new();
+        let mut creating: Vec<(&Job, String, JobState, bool)> = Vec::new();
         let mut created: Vec<(&Job, String)> = Vec::new();
+        let mut stale_errors: Vec<&Job> = Vec::new();
         let mut undownloaded: Vec<(&Job, String, Vec<String>, Vec<String>)> = Vec::new();
         // Never created: this run tries again (queued again below).
         let mut again: Vec<&Job> = Vec::new();
@@ -370,11 +379,22 @@ impl Engine {
                 JobState::Queued => queued.push(job),
                 JobState::NotSubmitted => again.push(job),
                 JobState::Creating => {
-                    creating.push((job, record.external_id.clone(), JobState::Creating));
+                    let refused = record
+                        .error
+                        .as_ref()
+                        .is_some_and(|e| e.code == Code::NoPermission.as_i64());
+                    creating.push((job, record.external_id.clone(), JobState::Creating, refused));
                 }
                 JobState::Created => match &record.task_id {
-                    Some(task) => created.push((job, task.clone())),
-                    None => creating.push((job, record.external_id.clone(), JobState::Created)),
+                    Some(task) => {
+                        if record.error.is_some() {
+                            stale_errors.push(job);
+                        }
+                        created.push((job, task.clone()));
+                    }
+                    None => {
+                        creating.push((job, record.external_id.clone(), JobState::Created, false));
+                    }
                 },
                 JobState::Succeeded => {
                     // A file recorded under another `--download` DIR is not in this one.
@@ -420,6 +440,7 @@ impl Engine {
             queued,
             creating,
             created,
+            stale_errors,
             undownloaded,
         })
     }
@@ -435,6 +456,7 @@ impl Engine {
             mut queued,
             creating,
             mut created,
+            mut stale_errors,
             undownloaded,
         } = plan;
         // Resume: adopt the slots of tasks still running on the server, then settle every
@@ -450,7 +472,7 @@ impl Engine {
                 () = self.adopt_slots(jobs) => {}
             }
         }
-        for (job, external_id, state) in creating {
+        for (job, external_id, state, refused_permission) in creating {
             if self.halted.load(Ordering::SeqCst) || *stop.borrow() {
                 // Refused for the account, or stopped: the rest stay unknown until a later run.
                 break;
@@ -468,6 +490,10 @@ impl Engine {
                         JobState::Created,
                         Update::task(report.id.clone()),
                     )?;
+                    if state == JobState::Created {
+                        // Still `created`: its error, if any, is an earlier run's.
+                        stale_errors.push(job);
+                    }
                     created.push((job, report.id));
                 }
                 Ok(None) => {
@@ -475,8 +501,17 @@ impl Engine {
                     queued.push(job);
                 }
                 Err(e) => {
-                    tracing::warn!(job = %job.id, error = %e, "cannot look the job up; it stays unknown until a later run");
                     let failure = failure_of(&*e);
+                    if refused_permission && failure.code == Some(Code::NoPermission) {
+                        // Its create and its lookup refused `1103`: nothing was made (see
+                        // `create_one`). Not sent by this run: it would be refused the same.
+                        tracing::warn!(job = %job.id, error = %e, "the create and the lookup were refused for want of permission; not submitted");
+                        let recorded = self.journal.record(&job.id)?.and_then(|r| r.error);
+                        let info = recorded.unwrap_or_else(|| failure.info.clone());
+                        self.move_to(&job.id, state, JobState::NotSubmitted, Update::error(info))?;
+                    } else {
+                        tracing::warn!(job = %job.id, error = %e, "cannot look the job up; it stays unknown until a later run");
+                    }
                     if failure.halts {
                         self.halt(failure.info);
                     }
@@ -490,6 +525,17 @@ impl Engine {
         // Each ends in `Err` when the journal cannot record what it did.
         let mut follows: JoinSet<Result<(), JournalError>> = JoinSet::new();
 
+        // Tasks created by an earlier run, followed again: the errors an earlier run's follows
+        // ended with (`deadline passed`, `1101`, …) are cleared, so that a run stopped before
+        // these follows end does not report them as its own. Not when the run is stopped
+        // already: it follows nothing, and the earlier reason still holds.
+        if !*stop.borrow() {
+            for chunk in stale_errors.chunks(REQUEUE_CHUNK) {
+                let ids: Vec<&str> = chunk.iter().map(|job| job.id.as_str()).collect();
+                self.journal
+                    .transition_all(&ids, JobState::Created, &Update::error_cleared())?;
+            }
+        }
         // Tasks created by an earlier run.
         if !created.is_empty() {
             let now = Instant::now();
@@ -983,6 +1029,24 @@ impl Engine {
                 JobState::NotSubmitted,
                 Update::error(failure.info),
             ),
+            // Refused `1103` (no permission for this API or model), and so was its lookup: the
+            // account lacks the permission, without which nothing is created, and no lookup can
+            // say more until it is granted. Left `creating`, it was looked up (and refused)
+            // again by every run, never settled. The next run sends it again under the same
+            // external id: were there a task (a permission taken away between two attempts),
+            // Kling would refuse the create as a duplicate, and its lookup would find the task.
+            Err(e)
+                if failure.code == Some(Code::NoPermission)
+                    && failure_of(&*e).code == Some(Code::NoPermission) =>
+            {
+                tracing::warn!(job = %job.id, error = %e, "the create and its lookup were refused for want of permission; not submitted");
+                self.move_to(
+                    &job.id,
+                    JobState::Creating,
+                    JobState::NotSubmitted,
+                    Update::error(failure.info),
+                )
+            }
             Err(e) => {
                 tracing::warn!(job = %job.id, error = %e, "create outcome unknown and the lookup failed; a later run looks it up again");
                 self.journal
@@ -1206,8 +1270,8 @@ const STOPPED: &str = "not submitted: the run was stopped";
 /// lets the run's other work go on.
 const MARK_CHUNK: usize = 256;
 
-/// How many `not_submitted` jobs a run queues again in one journal transaction before it sends
-/// anything.
+/// How many jobs a run queues again (`not_submitted` ones) or clears the earlier error of
+/// (`created` ones it follows again) in one journal transaction.
 const REQUEUE_CHUNK: usize = 4096;
 
 /// How the error of a job whose create, follow or download panicked begins (the summary
@@ -1774,6 +1838,149 @@ mod tests {
         assert_eq!(stats.tasks_created, 1, "{stats:?}");
     }
 
+    /// A rerun that follows again a task an earlier run's follow left (past its deadline, here)
+    /// clears that run's error: stopped (Ctrl-C) before the follow ended, it kept the earlier
+    /// error, and the summary said `not followed: deadline passed; …` as if this run's follow
+    /// had passed its deadline. The job is now `still running` with no reason but to run
+    /// again. A run stopped before it follows anything keeps the earlier reason, still true.
+    #[tokio::test]
+    async fn a_rerun_stopped_while_it_follows_again_does_not_report_the_earlier_runs_error() {
+        let speed = 1000.0;
+        // Tasks of half an hour (1.8 s real); the first follow gives up after 30 s (30 ms).
+        let config = MockConfig::preset(Preset::Pro)
+            .speed(speed)
+            .task_duration(Duration::from_secs(1800), Duration::from_secs(1800));
+        let server = kling_mock::MockServer::start(config).await.unwrap();
+        let stack = || {
+            Stack::new(
+                StackConfig::preset(Tier::Pro).speed(speed).headroom(0.5),
+                Credentials::api_key("key").unwrap(),
+                &server.base_url(),
+            )
+            .unwrap()
+        };
+        let (jobs, _) = parse_jobs("{\"id\":\"a\",\"prompt\":\"a\"}\n");
+        let journal = Journal::open_in_memory().unwrap();
+        let short = FollowPolicy::new()
+            .deadline(Duration::from_secs(30))
+            .speed(speed);
+        let engine = Engine::new(stack(), journal.clone(), RunOptions::new(short)).unwrap();
+        let (_stop, stop) = watch::channel(false);
+        let report = engine.run(&jobs, stop).await.unwrap();
+        let earlier = report.records[0]
+            .error
+            .clone()
+            .expect("the deadline passed");
+        assert!(earlier.message.starts_with(FOLLOW_DEADLINE), "{earlier:?}");
+        let long = || {
+            let policy = default_follow_policy(speed).deadline(Duration::from_secs(24 * 3600));
+            let mut options = RunOptions::new(policy);
+            options.stop_grace = Duration::from_millis(50);
+            options
+        };
+
+        // Stopped before it begins: it follows nothing, and the earlier reason holds.
+        let (stopper, stop) = watch::channel(false);
+        stopper.send_replace(true);
+        let engine = Engine::new(stack(), journal.clone(), long()).unwrap();
+        let report = engine.run(&jobs, stop).await.unwrap();
+        assert!(report.interrupted);
+        assert_eq!(report.records[0].error.as_ref(), Some(&earlier));
+
+        // Stopped once it follows the task again (tracked, and a query sent since).
+        let engine = Engine::new(stack(), journal.clone(), long()).unwrap();
+        let (stopper, stop) = watch::channel(false);
+        let run = tokio::spawn({
+            let engine = engine.clone();
+            let jobs = jobs.clone();
+            async move { engine.run(&jobs, stop).await }
+        });
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while engine.tasks.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let before = server.stats().requests_total;
+            while server.stats().requests_total == before {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the task is followed");
+        stopper.send_replace(true);
+        let report = tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("the run stops")
+            .unwrap()
+            .unwrap();
+        assert!(report.interrupted);
+        let record = &report.records[0];
+        assert_eq!(record.state, JobState::Created, "{record:?}");
+        assert_eq!(record.error, None, "{record:?}");
+        let mut summary = crate::summary::Summary::default();
+        summary.count_jobs(&report.records);
+        assert_eq!(summary.unfinished, 1, "{summary:?}");
+        assert!(summary.unfinished_by_reason.is_empty(), "{summary:?}");
+        let table = summary.to_string();
+        assert!(!table.contains("deadline passed"), "{table}");
+        assert!(table.contains("(run again to follow)"), "{table}");
+        assert_eq!(server.stats().tasks_created, 1);
+    }
+
+    /// The same for a job left `created` without its task id, which the rerun looks up first:
+    /// found, it stays `created`, and the earlier error went with it into the follow.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rerun_that_finds_a_created_jobs_task_clears_the_earlier_runs_error() {
+        let (jobs, _) = parse_jobs("{\"id\":\"a\",\"prompt\":\"a\"}\n");
+        let journal = Journal::open_in_memory().unwrap();
+        journal.register(&jobs).unwrap();
+        let earlier = ErrorInfo::new(1101, "account in arrears", None);
+        journal
+            .transition("a", JobState::Created, Update::error(earlier))
+            .unwrap();
+        let external_id = journal.external_id_for("a");
+        // The lookup and every query: the task runs.
+        let base = answering(format!(
+            concat!(
+                r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":"#,
+                r#"{{"task_id":"860000000000000001","task_status":"processing","#,
+                r#""task_info":{{"external_task_id":"{}"}}}}}}"#
+            ),
+            external_id
+        ))
+        .await;
+        let stack = Stack::new(
+            StackConfig::preset(Tier::Pro).speed(100.0),
+            Credentials::api_key("key").unwrap(),
+            &base,
+        )
+        .unwrap();
+        let mut options = RunOptions::new(default_follow_policy(100.0));
+        options.stop_grace = Duration::from_millis(50);
+        let engine = Engine::new(stack, journal, options).unwrap();
+        let (stopper, stop) = watch::channel(false);
+        let run = tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.run(&jobs, stop).await }
+        });
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while engine.tasks.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the task is followed");
+        stopper.send_replace(true);
+        let report = tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("the run stops")
+            .unwrap()
+            .unwrap();
+        let record = &report.records[0];
+        assert_eq!(record.state, JobState::Created, "{record:?}");
+        assert_eq!(record.task_id.as_deref(), Some("860000000000000001"));
+        assert_eq!(record.error, None, "{record:?}");
+    }
+
     /// A run queues the jobs an earlier one left `not_submitted` (after a `1102`, a stop)
     /// many to a journal transaction: it took one each, one write to the disk each (2–3 ms),
     /// so a rerun of 100 000 such jobs spent minutes before it sent anything.
@@ -2014,7 +2221,9 @@ mod tests {
     /// Each create was sent and refused, then looked up and refused again: every job ended
     /// `creating` ("create outcome unknown", no reason in the summary), and each rerun did
     /// nothing but look them all up again. A final refusal under another status (`1103` with
-    /// its 403), or a refusal of the request itself under 429 (`1301`), stays the job's alone.
+    /// its 403), or a refusal of the request itself under 429 (`1301`), stays the job's alone:
+    /// `1301`, its lookup refused too, leaves the job unknown; `1103` refused on the lookup as
+    /// well settles it `not_submitted` (without the permission, nothing was created).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_final_refusal_sent_with_429_stops_the_creates_as_a_refusal_of_the_account() {
         let n = 6;
@@ -2058,9 +2267,19 @@ mod tests {
             summary.count_jobs(&report.records);
             if !halts {
                 assert_eq!(report.creates, n as u64, "{case}: each job its own");
+                let reason = format!("{code} {}", Code::from_i64(code).description());
+                if code == 1103 {
+                    // No permission for the create nor for its lookup: nothing was created.
+                    assert_eq!(summary.unknown, 0, "{case}");
+                    assert_eq!(
+                        summary.not_submitted_by_reason,
+                        BTreeMap::from([(reason, n)]),
+                        "{case}"
+                    );
+                    continue;
+                }
                 // Refused, and so was the lookup: unknown, and the summary says why.
                 assert_eq!(summary.unknown, n, "{case}");
-                let reason = format!("{code} {}", Code::from_i64(code).description());
                 assert_eq!(
                     summary.unknown_by_reason,
                     BTreeMap::from([(reason, n)]),
@@ -2080,6 +2299,71 @@ mod tests {
                 "{case}: {summary:?}"
             );
         }
+    }
+
+    /// A job an earlier run left `creating` with its create refused `1103` (no permission for
+    /// this API or model), whose lookup is refused `1103` again, is settled `not_submitted`
+    /// with the create's refusal: it stayed `creating`, looked up (and refused) by every rerun,
+    /// never settled, the summary saying to run again. Not sent by this run (it would be
+    /// refused the same); the next sends it. A job `creating` for another reason (a run killed
+    /// mid-create) whose lookup is refused `1103` stays unknown: that create may have been
+    /// made before the permission was taken away.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resumed_create_refused_1103_whose_lookup_is_refused_1103_is_not_submitted() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new().fallback(|| async {
+            (
+                http::StatusCode::FORBIDDEN,
+                [(http::header::CONTENT_TYPE, "application/json")],
+                r#"{"code":1103,"message":"no permission","request_id":"r2"}"#,
+            )
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let (jobs, _) = parse_jobs(concat!(
+            "{\"id\":\"refused\",\"prompt\":\"a\"}\n",
+            "{\"id\":\"killed\",\"prompt\":\"b\"}\n",
+        ));
+        let journal = Journal::open_in_memory().unwrap();
+        journal.register(&jobs).unwrap();
+        let refusal = ErrorInfo::new(1103, "no permission", Some("r1".into()));
+        journal
+            .transition(
+                "refused",
+                JobState::Creating,
+                Update::error(refusal.clone()),
+            )
+            .unwrap();
+        journal
+            .transition("killed", JobState::Creating, Update::default())
+            .unwrap();
+        let stack = Stack::new(
+            StackConfig::preset(Tier::Pro).speed(100.0).headroom(0.5),
+            Credentials::api_key("key").unwrap(),
+            &base,
+        )
+        .unwrap();
+        let options = RunOptions::new(default_follow_policy(100.0));
+        let engine = Engine::new(stack, journal.clone(), options).unwrap();
+        let (_stop, stop) = watch::channel(false);
+        let report = engine.run(&jobs, stop).await.unwrap();
+        assert_eq!(report.creates, 0);
+        let record = |id: &str| report.records.iter().find(|r| r.job_id == id).unwrap();
+        assert_eq!(record("refused").state, JobState::NotSubmitted);
+        assert_eq!(record("refused").error.as_ref(), Some(&refusal));
+        assert_eq!(record("killed").state, JobState::Creating);
+        let mut summary = crate::summary::Summary::default();
+        summary.count_jobs(&report.records);
+        let reason = "1103 no permission for this api or model".to_owned();
+        assert_eq!(
+            summary.not_submitted_by_reason,
+            BTreeMap::from([(reason, 1)])
+        );
+        assert_eq!(summary.unknown, 1);
+        assert_eq!(
+            journal.transitions("refused").unwrap(),
+            ["queued", "creating", "not_submitted"]
+        );
     }
 
     #[tokio::test(start_paused = true)]

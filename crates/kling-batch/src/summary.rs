@@ -118,9 +118,8 @@ pub struct Summary {
     /// Jobs whose create outcome is still unknown (looked up again by the next run).
     pub unknown: usize,
     /// Jobs of unknown create outcome whose create Kling refused, by the refusal's code
-    /// (`1103 no permission for this api or model`): a refusal that may be Kling's answer to
-    /// an id it has, and the lookup that would tell could not be made. The next run looks them
-    /// up.
+    /// (`1201 invalid parameter`): a refusal that may be Kling's answer to an id it has, and
+    /// the lookup that would tell could not be made. The next run looks them up.
     #[serde(default)]
     pub unknown_by_reason: BTreeMap<String, usize>,
     /// Logical calls through the stack (creates, queries, lookups).
