@@ -124,6 +124,12 @@ pub enum Client {
     /// `ConcurrencyLimit` + `RateLimit` at the preset's numbers, jobs gated by a semaphore of
     /// the slot count.
     Tower,
+    /// The negative control: the same jobs with no limiter and no retry at all
+    /// (`ClassifyLayer` over the mock, nothing gating the jobs), on the same mock settings.
+    /// Not one of [`run`]'s clients; [`controls`] runs it where the table claims that nothing
+    /// was refused, to show that the server there refuses a client that does not keep to its
+    /// limits (the runner prints those rows after the others, as "bare (control)").
+    Bare,
 }
 
 impl Client {
@@ -132,6 +138,7 @@ impl Client {
         match self {
             Client::Kling => "kling-tower",
             Client::Tower => "tower",
+            Client::Bare => "bare (control)",
         }
     }
 }
@@ -554,6 +561,10 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
                 let gate = Arc::new(Semaphore::new(told));
                 drive(service, &mock, jobs, interval, true, Some(gate)).await
             }
+            Client::Bare => {
+                let service = ClassifyLayer::new().layer(mock.clone());
+                drive(service, &mock, jobs, interval, true, None).await
+            }
         };
         let stats = mock.stats();
         let mut run = Run {
@@ -646,6 +657,30 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
         }
         run
     })
+}
+
+/// The scenarios whose published claim is that the server refused (almost) nothing: those
+/// with the limits known, where the target is 429s on under 1% of the requests.
+pub fn refusal_claims() -> impl Iterator<Item = Scenario> {
+    Scenario::ALL.into_iter().filter(|s| s.limits_known())
+}
+
+/// The negative controls of the "nothing was refused" claims: every preset × scenario of
+/// [`refusal_claims`] that applies to it, through [`Client::Bare`] on the same mock settings.
+/// Each of these runs must meet 429s on at least 1% of its requests, or the claim that the
+/// stack met none there says nothing about the stack.
+pub fn controls(options: Options, log: &mut dyn FnMut(&str)) -> Vec<Run> {
+    let mut runs = Vec::new();
+    for preset in PRESETS {
+        for scenario in refusal_claims().filter(|s| s.applies_to(preset)) {
+            log(&format!(
+                "goodput control: {preset} / {} / bare",
+                scenario.name()
+            ));
+            runs.push(run_one(preset, scenario, Client::Bare, options));
+        }
+    }
+    runs
 }
 
 /// Runs every preset × applicable scenario × both clients.

@@ -77,7 +77,9 @@ fn main() {
         if quick {
             options.waves = 20;
         }
-        let runs = goodput::run(options, &mut log);
+        let mut runs = goodput::run(options, &mut log);
+        // The negative controls of the cells that claim nothing was refused.
+        runs.extend(goodput::controls(options, &mut log));
         text.push_str(&format!("## Goodput\n\n{}\n", report::goodput(&runs)));
     }
     if all || section == "scale" {

@@ -141,7 +141,10 @@ pub fn goodput(runs: &[goodput::Run]) -> String {
          efficiency is shown but not judged, and the target there is the rate kept busy \
          (rate use). \"creates after a 1102\" counts creates (not queries, which must go on for \
          the tasks still running) the server received more than 100 ms (API time) after the \
-         account's first 1102.\n"
+         account's first 1102. The rows \"bare (control)\" send the same jobs with no limiter \
+         and no retry to the same mock, in each cell with the limits known (where the target \
+         is 429s on under 1% of the requests): the server there refuses a client that does not \
+         keep to the limits, so a client's 0% is its own doing.\n"
     );
     let _ = writeln!(
         out,

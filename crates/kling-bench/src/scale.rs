@@ -67,8 +67,12 @@ impl Options {
 pub struct Waiters {
     /// The limiter.
     pub limiter: String,
-    /// Waiters.
+    /// Requests sent.
     pub count: usize,
+    /// How many of them waited: still pending after the first poll (the rest the limiter let
+    /// through at once). The bytes are per waiter of these; a limiter that queued none would
+    /// have nothing measured.
+    pub queued: usize,
     /// The limiter's own bytes per waiter (queue entries, wakers, timers, what it boxes beside
     /// the request), measured as the live-heap growth from calling and polling once, less the
     /// futures' own boxes (the requests the waiters hand over are the caller's too: their
@@ -271,6 +275,7 @@ where
     Waiters {
         limiter: name.to_owned(),
         count,
+        queued,
         // The requests' vector and the futures' vector are freed inside the measured span
         // (the requests moved into the futures), which gives back what the moved requests
         // occupy in the limiter's boxes; the futures' own boxes are the caller's.
@@ -498,6 +503,7 @@ fn keys(keys: usize, decisions: usize) -> Vec<(usize, f64)> {
     let measure = |count: usize| {
         rt.block_on(async {
             let gcra = GcraLayer::new(Quota::per_second(1e9)).expect("valid");
+            let state = gcra.handle();
             let mut service = gcra.layer(ClassifyLayer::new().layer(InOrder::new()));
             let mut cx = Context::from_waker(Waker::noop());
             let request = |i: usize| {
@@ -509,12 +515,20 @@ fn keys(keys: usize, decisions: usize) -> Vec<(usize, f64)> {
             let mut decide = |request: Req| {
                 assert!(service.poll_ready(&mut cx).is_ready());
                 let mut future = std::pin::pin!(service.call(request));
-                assert!(future.as_mut().poll(&mut cx).is_ready());
+                // Let through at once: a refusal would be a cheaper path than a decision.
+                assert!(matches!(future.as_mut().poll(&mut cx), Poll::Ready(Ok(_))));
             };
             // Every key seen once before timing: the map is full.
             for i in 0..count.max(decisions / 10) {
                 decide(request(i));
             }
+            // As many keys as the row names, each with its own state: a series whose keys
+            // shared one state would time one key at every count.
+            assert_eq!(
+                state.backend().len(),
+                count,
+                "keys held by the limiter, timed as {count}"
+            );
             let mut timed = std::time::Duration::ZERO;
             let mut done = 0;
             while done < decisions {

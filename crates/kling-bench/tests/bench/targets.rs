@@ -67,9 +67,12 @@ fn goodput_meets_every_target_in_every_scenario() {
         .filter(|r| r.client == Client::Kling.name())
         .collect();
     assert_eq!(ours.len(), runs.len() / 2, "one run per client");
+    // Nine scenarios on each of the three rated presets, four on Enterprise (no rate cap): a
+    // scenario that stopped running would otherwise pass unseen.
+    assert_eq!(ours.len(), 31, "every cell of the published table");
     for run in &ours {
         // Told twice the slots it has, the stack completes every job (a 1303 the slots layer
-        // holds is no attempt used), but its makespan is 6-11% over the server's own floor
+        // holds is no attempt used), but its makespan is 6-12% over the server's own floor
         // (the tasks' lives over the slots, which a client that learns of a task's end by
         // polling cannot reach): a known miss, listed in BENCHMARKS.md. Any other miss fails,
         // and so does a known miss that is met now (BENCHMARKS.md's "Targets not reached"
@@ -155,6 +158,33 @@ fn goodput_meets_every_target_in_every_scenario() {
         penalty.contains(&"efficiency within 2% of the bound"),
         "{penalty:?}"
     );
+    // The rate-use check can fail: a run whose demand is under the rate ("plain", polling
+    // every 10 s) leaves it idle much of the time.
+    for run in ours.iter().filter(|r| r.scenario == Scenario::Plain.name()) {
+        assert!(run.rate_use().is_none_or(|u| u < 0.98), "{run:?}");
+    }
+}
+
+/// The negative controls of the "nothing was refused" claims (429s under 1% with the limits
+/// known, which the stack meets with none but the one 1102 of "credits run out"): the same
+/// jobs through a bare client, no limiter and no retry, on the same mock settings, meet 429s on
+/// at least 1% of their requests in every one of those cells, so the server there does refuse
+/// a client that does not keep to the limits (the stack's zero is the stack's doing).
+#[test]
+fn the_server_refuses_a_bare_client_wherever_the_stack_meets_no_refusal() {
+    let _alone = alone();
+    let controls = goodput::controls(goodput::Options::full(), &mut |_| {});
+    // Plain, faults and credits on four presets, polling every second on the three rated ones.
+    assert_eq!(controls.len(), 15);
+    for run in &controls {
+        assert_eq!(run.client, Client::Bare.name());
+        assert!(
+            missed(run).contains(&"429s under 1% with the limits known"),
+            "{} / {}: the server refused the bare client too little to judge by\n{run:?}",
+            run.preset,
+            run.scenario
+        );
+    }
 }
 
 /// Queued waiters cost each limiter at most 256 bytes of its own bookkeeping, and are served
@@ -170,6 +200,9 @@ fn queued_waiters_cost_at_most_256_bytes_and_are_served_in_order() {
     assert_eq!(report.waiters.len(), 2);
     for waiters in &report.waiters {
         assert_eq!(waiters.count, 100_000, "{waiters:?}");
+        // All but the first, which each limiter lets through at once, waited: the bytes and
+        // the order are those of 99,999 queued waiters, not of requests that passed.
+        assert_eq!(waiters.queued, 99_999, "{waiters:?}");
         assert_eq!(waiters.out_of_order, 0, "{waiters:?}");
         assert!(
             waiters.bytes_per_waiter > 0.0 && waiters.bytes_per_waiter <= 256.0,
