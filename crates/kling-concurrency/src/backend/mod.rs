@@ -109,6 +109,13 @@ impl CreatePath {
         }
     }
 
+    /// The path's number (0: not known, 1: every new-style create, else the hash of a legacy
+    /// create path): what a shared store (kling-redis) keeps with a holding. The processes of
+    /// one fleet must number alike, so the hash is part of a release's behaviour.
+    pub fn number(self) -> u64 {
+        self.0
+    }
+
     /// Whether a holding of scope `self` may be a task a report of scope `other` names.
     pub fn may_be(self, other: CreatePath) -> bool {
         self == other || self == CreatePath::UNKNOWN || other == CreatePath::UNKNOWN
