@@ -12,7 +12,8 @@ use std::time::Duration;
 use http::{HeaderMap, StatusCode};
 use kling_concurrency::SlotsConfig;
 use kling_concurrency::backend::{
-    Applied, PoolSnapshot, ReleaseReason, Released, Reservation, SlotBackend, SlotKey, SlotOp,
+    Applied, CreatePath, PoolSnapshot, ReleaseReason, Released, Reservation, SlotBackend, SlotKey,
+    SlotOp, TaskRef,
 };
 use kling_concurrency::error::{AcquireError, BackendError, Halted, OverCapacity, QueueFull};
 use kling_core::error::ApiError;
@@ -223,6 +224,9 @@ struct Held {
     weight: u32,
     id: Option<String>,
     ext: Option<String>,
+    /// The create path it was sent to, as the scripts keep it ([`path_arg`]; empty: not
+    /// known): a report of another path's task does not find it by external id.
+    path: String,
     task: bool,
     since: Instant,
     lease: Duration,
@@ -285,22 +289,48 @@ fn ends_kept_for(config: &SlotsConfig) -> Duration {
 const MAX_ENDS_KEPT: usize = 4096;
 
 /// The arguments an `upd` command starts with: the command, the lease, the account, `"1"` if
-/// an end that finds no holding is noted (a report of one task, or ends sent again), and the
-/// change's id (`""`: none; see [`Inner::change_id`]); the reports follow, four arguments each.
-fn upd_head(lease: Duration, account: &AccountId, note: bool, once: String) -> [String; 5] {
+/// an end that finds no holding is noted (a report of one task, or ends sent again), the
+/// change's id (`""`: none; see [`Inner::change_id`]), and the create path of the tasks
+/// reported ([`path_arg`]); the reports follow, four arguments each.
+fn upd_head(
+    lease: Duration,
+    account: &AccountId,
+    note: bool,
+    once: String,
+    path: &str,
+) -> [String; 6] {
     [
         "upd".to_owned(),
         micros(lease).to_string(),
         account.as_str().to_owned(),
         if note { "1" } else { "0" }.to_owned(),
         once,
+        path.to_owned(),
     ]
+}
+
+/// A [`CreatePath`] as the scripts keep it: its number in decimal, empty when not known.
+/// Every process of a fleet must number paths alike (kling-concurrency's hash of the path),
+/// which the README's section on mixed versions says.
+fn path_arg(path: CreatePath) -> String {
+    if path == CreatePath::UNKNOWN {
+        return String::new();
+    }
+    path.number().to_string()
+}
+
+/// Whether a holding of the create path `held` may be a task a report of `report` names (both
+/// as [`path_arg`] gives them; empty: not known, either).
+fn may_be(held: &str, report: &str) -> bool {
+    held.is_empty() || report.is_empty() || held == report
 }
 
 /// The end of a task this process reported (an `upd` report).
 #[derive(Clone, Debug)]
 struct ReportedEnd {
     account: AccountId,
+    /// The create path of the task, as its report gave it ([`path_arg`]).
+    path: String,
     /// As `upd` was sent it: task id, external id, status (empty: said ended, with no
     /// status), and `"1"` (ended).
     report: [String; 4],
@@ -622,6 +652,27 @@ impl RedisSlots {
     pub async fn maintain(&self) -> Result<(), StoreError> {
         self.inner.maintain().await
     }
+
+    /// Applies `op`, whose hold or reports are of a create sent to `path` ([`CreatePath`]).
+    fn apply_on(&self, op: SlotOp, path: CreatePath) -> SlotsFuture<Applied, BackendError> {
+        let path = path_arg(path);
+        let inner = Arc::clone(&self.inner);
+        inner.start();
+        // The change starts now, even if the returned future is never polled.
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                let task = inner.start_op(op, &path, &handle);
+                Box::pin(async move {
+                    task.await.unwrap_or_else(|e| {
+                        Err(BackendError::new(format!("task slot change lost: {e}")))
+                    })
+                })
+            }
+            Err(_) => Box::pin(std::future::ready(Err(BackendError::new(
+                "no tokio runtime to send the change on",
+            )))),
+        }
+    }
 }
 
 impl Inner {
@@ -937,12 +988,14 @@ impl Inner {
             held.key.account.as_str().to_owned(),
             held.key.pool.to_string(),
             if held.task { "t" } else { "g" }.to_owned(),
+            held.path.clone(),
         ]
     }
 
     /// Translates an operation into `APPLY` arguments, and records it in the local record of
-    /// held slots.
-    fn prepare(&self, op: SlotOp) -> Prepared {
+    /// held slots. `path`: the create path of a hold, or of the tasks a report names
+    /// ([`path_arg`]).
+    fn prepare(&self, op: SlotOp, path: &str) -> Prepared {
         let [p, now, grace] = self.unstamped_head();
         let mut args = vec![p, now, grace];
         let mut local = Applied {
@@ -1002,6 +1055,7 @@ impl Inner {
                     weight: reservation.weight,
                     id: task.id,
                     ext: task.external_id,
+                    path: path.to_owned(),
                     task: true,
                     since: Instant::now(),
                     renewed: None,
@@ -1015,12 +1069,18 @@ impl Inner {
                 let mut registry = lock(&self.registry);
                 // An earlier create of the same task (sent again) is superseded, as in Redis: by
                 // its task id, or by its external id if its task id is unknown (one known by
-                // its task id runs until reported ended, whatever a later create carries).
+                // its task id runs until reported ended, whatever a later create carries) and it
+                // was sent to the same pool and path, where known (external ids may be unique
+                // per create path only).
                 registry.retain(|other, old| {
                     *other == h
                         || old.key.account != held.key.account
                         || !((held.id.is_some() && old.id == held.id)
-                            || (held.ext.is_some() && old.ext == held.ext && old.id.is_none()))
+                            || (held.ext.is_some()
+                                && old.ext == held.ext
+                                && old.id.is_none()
+                                && old.pk == held.pk
+                                && may_be(&old.path, &held.path)))
                 });
                 registry.insert(h, held);
             }
@@ -1030,13 +1090,16 @@ impl Inner {
                 weight,
                 lease,
             } => {
+                // By its external id, a holding whose task id is unknown may be the task; one
+                // known by another task id is another task (of another create path).
                 let known = {
                     let registry = lock(&self.registry);
                     registry.values().any(|held| {
                         (task.id.is_some() && held.id == task.id)
                             || (task.external_id.is_some()
                                 && held.ext == task.external_id
-                                && held.key.account == key.account)
+                                && held.key.account == key.account
+                                && (task.id.is_none() || held.id.is_none()))
                     })
                 };
                 let pk = self.pk(&key);
@@ -1046,6 +1109,8 @@ impl Inner {
                     weight,
                     id: task.id,
                     ext: task.external_id,
+                    // (A listed task's create path is not known, as in kling-concurrency.)
+                    path: String::new(),
                     task: true,
                     since: Instant::now(),
                     renewed: None,
@@ -1070,8 +1135,8 @@ impl Inner {
                 let reports = updates
                     .iter()
                     .map(|u| (u.id.as_str(), u.external_id.as_deref(), u.status.as_ref()));
-                args.extend(self.upd_head_for(lease, &account, reports.clone()));
-                local = self.local_update(&account, reports, &mut args);
+                args.extend(self.upd_head_for(lease, &account, path, reports.clone()));
+                local = self.local_update(&account, path, reports, &mut args);
             }
             SlotOp::Observed {
                 account,
@@ -1082,8 +1147,8 @@ impl Inner {
                     .tasks()
                     .iter()
                     .map(|t| (t.id.as_str(), t.external_id.as_deref(), Some(&t.status)));
-                args.extend(self.upd_head_for(lease, &account, reports.clone()));
-                local = self.local_update(&account, reports, &mut args);
+                args.extend(self.upd_head_for(lease, &account, path, reports.clone()));
+                local = self.local_update(&account, path, reports, &mut args);
             }
             SlotOp::SetCapacity {
                 account,
@@ -1133,8 +1198,9 @@ impl Inner {
         &self,
         lease: Duration,
         account: &AccountId,
+        path: &str,
         mut reports: impl ExactSizeIterator<Item = Report<'a>>,
-    ) -> [String; 5] {
+    ) -> [String; 6] {
         let note = reports.len() == 1;
         let ends = reports.any(|(_, _, status)| status.is_none_or(TaskStatus::is_terminal));
         let once = if ends {
@@ -1142,15 +1208,18 @@ impl Inner {
         } else {
             String::new()
         };
-        upd_head(lease, account, note, once)
+        upd_head(lease, account, note, once, path)
     }
 
     /// Adds the reports of `account` to `args`, and applies them to the local record: what the
     /// process would release if Redis were away. A task is found by its task id, else by its
-    /// external id within `account` (external ids are unique per account only).
+    /// external id within `account` (external ids are unique per account only), as in Redis:
+    /// only a create of unknown outcome (or any holding, by `complete`'s text), of the
+    /// reports' create `path` where known, and only the one holding that may be it.
     fn local_update<'a>(
         &self,
         account: &AccountId,
+        path: &str,
         reports: impl Iterator<Item = Report<'a>>,
         args: &mut Vec<String>,
     ) -> Applied {
@@ -1172,26 +1241,40 @@ impl Inner {
                 }
                 ends.push_back(ReportedEnd {
                     account: account.clone(),
+                    path: path.to_owned(),
                     report: report.clone(),
                     at: now,
                     counted: false,
                 });
             }
             args.extend(report);
+            // The one holding of the account under `text` a report may name by it: one whose
+            // task id is unknown, or (`any`) any, of the reports' path where known.
+            let by_external = |text: &str, any: bool| {
+                let mut fits = registry.iter().filter(|(_, held)| {
+                    held.key.account == *account
+                        && held.ext.as_deref() == Some(text)
+                        && (any || held.id.is_none())
+                        && may_be(&held.path, path)
+                });
+                match (fits.next(), fits.next()) {
+                    (Some((h, _)), None) => Some(h.clone()),
+                    _ => None,
+                }
+            };
+            // (An empty id is no task's: a lookup by external id that found nothing, which
+            // says nothing of a holding whose task id is known.)
             let found = registry
                 .iter()
-                .find(|(_, held)| {
-                    let in_account = held.key.account == *account;
-                    // (An empty id is no task's: a lookup by external id that found nothing,
-                    // which says nothing of a holding whose task id is known.)
-                    (!id.is_empty() && held.id.as_deref() == Some(id))
-                        || (in_account
-                            && ext.is_some()
-                            && held.ext.as_deref() == ext
-                            && !(id.is_empty() && held.id.is_some()))
-                        || (in_account && status.is_none() && held.ext.as_deref() == Some(id))
-                })
-                .map(|(h, _)| h.clone());
+                .find(|(_, held)| !id.is_empty() && held.id.as_deref() == Some(id))
+                .map(|(h, _)| h.clone())
+                .or_else(|| ext.and_then(|ext| by_external(ext, false)))
+                .or_else(|| {
+                    status
+                        .is_none()
+                        .then(|| by_external(id, !id.is_empty()))
+                        .flatten()
+                });
             if let Some(h) = found {
                 applied.changed = true;
                 if terminal && let Some(held) = registry.remove(&h) {
@@ -1218,13 +1301,14 @@ impl Inner {
     }
 
     /// Applies an operation: records it here at once (a halt refuses this process's next
-    /// create from now), then sends it on `handle`'s runtime.
+    /// create from now), then sends it on `handle`'s runtime. `path`: as [`Inner::prepare`]'s.
     fn start_op(
         self: &Arc<Self>,
         op: SlotOp,
+        path: &str,
         handle: &tokio::runtime::Handle,
     ) -> tokio::task::JoinHandle<Result<Applied, BackendError>> {
-        let prepared = self.prepare(op);
+        let prepared = self.prepare(op, path);
         if let Some(pk) = &prepared.wake {
             self.wake(pk);
         }
@@ -1721,11 +1805,13 @@ impl Inner {
             });
             ends.iter().cloned().collect()
         };
-        let mut by_account: HashMap<&AccountId, Vec<&ReportedEnd>> = HashMap::new();
+        // (By account and create path: an `upd`'s reports share both.)
+        let mut by_account: HashMap<(&AccountId, &str), Vec<&ReportedEnd>> = HashMap::new();
         for end in &ends {
-            by_account.entry(&end.account).or_default().push(end);
+            let at = (&end.account, end.path.as_str());
+            by_account.entry(at).or_default().push(end);
         }
-        for (account, ends) in by_account {
+        for ((account, path), ends) in by_account {
             for chunk in ends.chunks(256) {
                 let mut args = Vec::from(self.unstamped_head());
                 // (Noted if they find no holding, as when first reported; no id: Redis lost
@@ -1735,6 +1821,7 @@ impl Inner {
                     account,
                     true,
                     String::new(),
+                    path,
                 ));
                 for end in chunk {
                     let [id, ext, status, _] = end.report.clone();
@@ -1836,6 +1923,7 @@ impl Inner {
                 weight,
                 id: None,
                 ext: None,
+                path: String::new(),
                 task: false,
                 since: Instant::now(),
                 renewed: None,
@@ -1853,7 +1941,7 @@ impl Inner {
 type Report<'a> = (&'a str, Option<&'a str>, Option<&'a TaskStatus>);
 
 /// Where an `upd`'s reports start in its arguments (then quads: id, ext, status, terminal).
-const UPD_REPORTS: usize = 8;
+const UPD_REPORTS: usize = 9;
 
 /// Keeps the reports of the `upd` arguments `args` for which `keep` is true.
 fn retain_reports(args: &mut Vec<String>, mut keep: impl FnMut(&[String]) -> bool) {
@@ -2067,7 +2155,7 @@ impl Drop for GrantGuard {
             token: self.token,
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            drop(self.inner.start_op(op, &handle));
+            drop(self.inner.start_op(op, "", &handle));
         }
     }
 }
@@ -2404,6 +2492,7 @@ impl SlotBackend for RedisSlots {
                                 weight,
                                 id: None,
                                 ext: None,
+                                path: String::new(),
                                 task: false,
                                 since: Instant::now(),
                                 renewed: None,
@@ -2475,22 +2564,55 @@ impl SlotBackend for RedisSlots {
     }
 
     fn apply(&self, op: SlotOp) -> Self::Apply {
-        let inner = Arc::clone(&self.inner);
-        inner.start();
-        // The change starts now, even if the returned future is never polled.
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                let task = inner.start_op(op, &handle);
-                Box::pin(async move {
-                    task.await.unwrap_or_else(|e| {
-                        Err(BackendError::new(format!("task slot change lost: {e}")))
-                    })
-                })
-            }
-            Err(_) => Box::pin(std::future::ready(Err(BackendError::new(
-                "no tokio runtime to send the change on",
-            )))),
-        }
+        self.apply_on(op, CreatePath::UNKNOWN)
+    }
+
+    /// As `hold_unread`, the create's path kept with its holding in Redis: a report of another
+    /// create path's task under the same external id does not end it.
+    fn hold_unread_on(
+        &self,
+        reservation: Reservation,
+        id: Option<&str>,
+        external_id: Option<&str>,
+        lease: Duration,
+        answered_at: Option<Instant>,
+        path: CreatePath,
+    ) -> Self::Apply {
+        // (The lease runs on the fleet's clock, from when Redis keeps the holding.)
+        let _ = answered_at;
+        let task = TaskRef {
+            id: id.map(str::to_owned),
+            external_id: external_id.map(str::to_owned),
+        };
+        let op = SlotOp::Hold {
+            reservation,
+            task,
+            lease,
+        };
+        self.apply_on(op, path)
+    }
+
+    /// As `observe_unread`, a task found by external id among the holdings of creates sent to
+    /// `path` (or to a path not known) only.
+    fn observe_unread_on(
+        &self,
+        account: &AccountId,
+        outcome: &Outcome,
+        lease: Duration,
+        path: CreatePath,
+    ) -> Self::Apply {
+        let op = SlotOp::Observed {
+            account: account.clone(),
+            outcome: outcome.clone(),
+            lease,
+        };
+        self.apply_on(op, path)
+    }
+
+    /// As `apply_unread`, a task reported found by external id among the holdings of creates
+    /// sent to `path` (or to a path not known) only.
+    fn apply_unread_on(&self, op: SlotOp, path: CreatePath) -> Self::Apply {
+        self.apply_on(op, path)
     }
 
     fn snapshot(&self) -> Self::Snapshot {
@@ -2556,6 +2678,24 @@ mod tests {
 
     /// A grace past a year is a year, as the other durations are: `Duration::MAX` would put the
     /// generation (the grace's end in microseconds) past what the scripts' numbers hold.
+    /// A create path reaches the scripts as its number (the same in every process of one
+    /// version): none for an unknown one, which matches any; one path's legacy creates and
+    /// queries alike; two paths apart.
+    #[test]
+    fn a_create_path_is_sent_as_its_number() {
+        assert_eq!(path_arg(CreatePath::UNKNOWN), "");
+        assert_eq!(path_arg(CreatePath::NEW_STYLE), "1");
+        let video = path_arg(CreatePath::legacy("/v1/videos/text2video"));
+        let query = CreatePath::of_legacy_query("/v1/videos/text2video/job-7");
+        assert_eq!(path_arg(query), video);
+        assert_ne!(
+            path_arg(CreatePath::legacy("/v1/images/generations")),
+            video
+        );
+        assert!(video.parse::<u64>().unwrap() > 1);
+        assert!(may_be(&video, "") && may_be("", &video) && !may_be(&video, "1"));
+    }
+
     #[tokio::test]
     async fn a_grace_past_a_year_is_a_year() {
         let conn = Connection::lazy(crate::RedisConfig::new("redis://127.0.0.1:1/")).unwrap();

@@ -4,20 +4,21 @@
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `P:pool:ACCOUNT:POOL:h` | hash | holding id → `{w, s, k, id, ext}` (weight, since, `g` grant or `t` task) |
+//! | `P:pool:ACCOUNT:POOL:h` | hash | holding id → `{w, s, k, id, ext, p}` (weight, since, `g` grant or `t` task, task id, external id, create path: kling-concurrency's `CreatePath` number in decimal, absent when not known) |
 //! | `P:pool:ACCOUNT:POOL:l` | sorted set | holding id by lease deadline (µs) |
 //! | `P:pool:ACCOUNT:POOL:m` | hash | `used`, `hid` (hidden after a 1303), `rec` (last recovery), `lvl` (slots in use at the last 1303, the refused create's included; 0 once a create succeeded there), `lvlat` (when the last 1303 that was no part of a burst came, µs), `stk` (1303s in a row at or below `lvl`: the recovery interval is doubled that many times, and ended tasks bring no hidden slot back), `acct`, `pool` |
 //! | `P:pool:ACCOUNT:POOL:q` | sorted set | the fleet's queue: each waiting process's head create by arrival (µs) |
 //! | `P:pool:ACCOUNT:POOL:qx` | sorted set | the same creates by the end of their place (µs): a process that stops asking loses it |
 //! | `P:ids` | hash | task id → `pool key \n holding id` |
-//! | `P:ext` | hash | external id within its account (`LEN.ACCOUNT` then the external id: external ids are unique per account only) → `pool key \n holding id` |
+//! | `P:ext` | hash | external id within its account (`LEN.ACCOUNT` then the external id: external ids are unique per account only) → `pool key \n holding id` (the latest holding filed under it) |
+//! | `P:xs:FIELD` | set | while two or more live holdings carry one `P:ext` field (external ids may be unique per create path only: a video and an image under `job-7`), every one's `pool key \n holding id` |
 //! | `P:pools` | set | every pool key |
 //! | `P:cap` | hash | capacity set at run time: `ACCOUNT|POOL` or `*|POOL` → slots |
 //! | `P:halt:ACCOUNT` | string | the 1102 that halted the account (`status \n envelope`) |
 //! | `P:alive` | string | present while Redis keeps its state; value: the generation, which is the end of the re-registration grace (µs) that started it |
 //! | `P:seq` | string | the sequence: each script's number (see `PRELUDE`) |
 //! | `P:run` | string | the `run_id` of the server that wrote the generation: another one (a restart, which may load an older snapshot; a failover to a replica, which may lag) starts a new generation |
-//! | `P:ended` | sorted set | tasks reported ended (`i:` task id; `x:` an external id, as its `P:ext` field) by expiry (µs, the configured lease on, at least the default 30 min): a holding of one is not created again (a re-registration, a replayed hold); `e:` the `P:ext` field of a text `complete` told before any holding had it, filed as both `i:` and `x:` until one matches (the other is then dropped); `p:` task id `\n` `P:ext` field: an end a report told with its external id before any holding had either, filed as `i:` and `x:` too, and the `x:` dropped when the `i:` frees a holding; an `x:` frees one holding and is dropped; `h:` a holding a report released by its external id (its hold, replayed, holds nothing; a `complete` by its external id also notes its task id, if known, as `i:`); `c:` the text an end was told by: that end was counted in the finished-task metrics, so such a holding given back is not counted again; at most [`ENDED_KEPT`] entries, the first to expire evicted first |
+//! | `P:ended` | sorted set | tasks reported ended (`i:` task id; `x:` an external id, as its `P:ext` field) by expiry (µs, the configured lease on, at least the default 30 min): a holding of one is not created again (a re-registration, a replayed hold); `e:` the `P:ext` field of a text `complete` told before any holding had it, filed as both `i:` and `x:` until one matches (the other is then dropped); `p:` task id `\n` `P:ext` field: an end a report told with its external id before any holding had either, filed as `i:` and `z:` (the external id, as `x:`, but freeing only a holding whose task id is unknown: one known by another task id is another task) too, and the `z:` dropped when the `i:` frees a holding; an `x:` or `z:` frees one holding and is dropped; `h:` a holding a report released by its external id (its hold, replayed, holds nothing; a `complete` by its external id also notes its task id, if known, as `i:`); `c:` the text an end was told by: that end was counted in the finished-task metrics, so such a holding given back is not counted again; at most [`ENDED_KEPT`] entries, the first to expire evicted first |
 //! | `P:done` | sorted set | the ids of changes that must take effect once (`cap`, `cong`, `halt`, `unhalt`, `hold`, an `upd` with an end) by expiry (µs, as `P:ended`'s, at most as many): a replay of one Redis ran is skipped |
 //! | `P:rel:ID` | string | the tasks the change `ID` released (JSON, as `APPLY` returns them), while `P:done` keeps the id: a skipped replay answers with them |
 //! | channel `P:freed` | pub/sub | a pool key (or `*`) whenever slots may have freed |
@@ -79,6 +80,69 @@ local released = {}
 -- An external id's field in EXT: within its account (external ids are unique per account
 -- only), the account's length first so no two pairs share a field.
 local function xf(acct, ext) return #acct .. '.' .. acct .. ext end
+-- A place (`pool key \n holding id`) split in two.
+local function split(place)
+  local sep = string.find(place, '\n', 1, true)
+  return string.sub(place, 1, sep - 1), string.sub(place, sep + 1)
+end
+-- Whether a holding of create path `a` may be a task a report of create path `b` names
+-- (nil: not known, either).
+local function may_be(a, b) return a == nil or b == nil or a == b end
+-- External ids may be unique per create path only (a legacy task is looked up at
+-- `{create path}/{external id}`), so one account may hold two tasks under one: EXT names the
+-- latest place filed under a field, and while two or more live holdings carry it, the set
+-- `P:xs:FIELD` names them all.
+local function xkey(f) return P .. ':xs:' .. f end
+-- The live holdings filed under the EXT field `f`: {place, pk, h, rec} each.
+local function xlive(f)
+  local places
+  if redis.call('EXISTS', xkey(f)) == 1 then
+    places = redis.call('SMEMBERS', xkey(f))
+  else
+    places = {redis.call('HGET', EXT, f)}
+    if not places[1] then return {} end
+  end
+  local out = {}
+  for _, place in ipairs(places) do
+    local pk, h = split(place)
+    local raw = redis.call('HGET', pk .. ':h', h)
+    if raw then
+      local rec = cjson.decode(raw)
+      if rec.ext then table.insert(out, {place = place, pk = pk, h = h, rec = rec}) end
+    end
+  end
+  return out
+end
+-- Files the live places under `f` but `drop`, then `add` (if any), the last one in EXT.
+local function xfile(f, drop, add)
+  local keep = {}
+  for _, x in ipairs(xlive(f)) do
+    if x.place ~= drop and x.place ~= add then table.insert(keep, x.place) end
+  end
+  if add then table.insert(keep, add) end
+  redis.call('DEL', xkey(f))
+  if #keep == 0 then
+    redis.call('HDEL', EXT, f)
+    return
+  end
+  redis.call('HSET', EXT, f, keep[#keep])
+  if #keep > 1 then redis.call('SADD', xkey(f), unpack(keep)) end
+end
+local function xdel(f, place) xfile(f, place, nil) end
+-- The one live holding of account `acct` under the external id `ext` that a report of a task
+-- created on `path` may name: one whose task id is unknown (a create of unknown outcome), or
+-- (`any`, `complete`'s text) any, of that path where both are known. When two could be the
+-- one (creates on two paths), it names neither.
+local function by_external(acct, path, ext, any)
+  local found = nil
+  for _, x in ipairs(xlive(xf(acct, ext))) do
+    if (any or not x.rec.id) and may_be(x.rec.p, path) then
+      if found then return nil end
+      found = x
+    end
+  end
+  return found
+end
 -- Adds a released holding to the script's answer: account, pool, task (id or external id),
 -- weight, since, reason, holding id.
 local function push_released(acct, pool, task, w, since, reason, h)
@@ -98,10 +162,7 @@ local function release(pk, h, rec, reason)
   if used < 0 then redis.call('HSET', m, 'used', 0) end
   local place = pk .. '\n' .. h
   if rec.id and redis.call('HGET', IDS, rec.id) == place then redis.call('HDEL', IDS, rec.id) end
-  if rec.ext then
-    local f = xf(redis.call('HGET', m, 'acct') or '', rec.ext)
-    if redis.call('HGET', EXT, f) == place then redis.call('HDEL', EXT, f) end
-  end
+  if rec.ext then xdel(xf(redis.call('HGET', m, 'acct') or '', rec.ext), place) end
   if reason then
     -- An ended task brings one hidden slot back, unless 1303s in a row said they do not.
     local v = redis.call('HMGET', m, 'hid', 'stk')
@@ -144,10 +205,10 @@ end
 local function map_ids(pk, h, id, ext, acct)
   local place = pk .. '\n' .. h
   if id then redis.call('HSET', IDS, id, place) end
-  if ext then redis.call('HSET', EXT, xf(acct, ext), place) end
+  if ext then xfile(xf(acct, ext), nil, place) end
 end
-local function create(pk, h, w, kind, id, ext, lease, acct, pool)
-  local rec = {w = w, s = int(now), k = kind, id = id, ext = ext}
+local function create(pk, h, w, kind, id, ext, lease, acct, pool, path)
+  local rec = {w = w, s = int(now), k = kind, id = id, ext = ext, p = path}
   redis.call('HSET', pk .. ':h', h, cjson.encode(rec))
   redis.call('ZADD', pk .. ':l', int(now + lease), h)
   redis.call('HINCRBY', pk .. ':m', 'used', w)
@@ -155,27 +216,36 @@ local function create(pk, h, w, kind, id, ext, lease, acct, pool)
   redis.call('SADD', P .. ':pools', pk)
   map_ids(pk, h, id, ext, acct)
 end
--- A task id, and an external id within an account, name one task: a holding already under
--- either is the same task's earlier create (outcome unknown, sent again); it gives its slots
--- back now instead of hiding them until its lease. (`name`: for EXT, the account's field.)
--- Under an external id (`unknown_only`), only a holding whose task id is unknown is: one
--- known by its task id is a task that runs until it is reported ended, whatever a later
--- create under its external id (the caller reused it, the server made another task) says.
-local function supersede(map, name, pk, h, acct, unknown_only)
+-- A task id names one task: a holding already under it is the same task's earlier create
+-- (outcome unknown, sent again); it gives its slots back now instead of hiding them until its
+-- lease.
+local function supersede(name, pk, h, acct)
   if not name then return end
-  local place = redis.call('HGET', map, name)
+  local place = redis.call('HGET', IDS, name)
   if not place or place == pk .. '\n' .. h then return end
-  local sep = string.find(place, '\n', 1, true)
-  local opk = string.sub(place, 1, sep - 1)
-  local oh = string.sub(place, sep + 1)
+  local opk, oh = split(place)
   if redis.call('HGET', opk .. ':m', 'acct') ~= acct then return end
   local raw = redis.call('HGET', opk .. ':h', oh)
   if raw then
-    local rec = cjson.decode(raw)
-    if unknown_only and rec.id then return end
-    release(opk, oh, rec, nil)
+    release(opk, oh, cjson.decode(raw), nil)
   else
-    redis.call('HDEL', map, name)
+    redis.call('HDEL', IDS, name)
+  end
+end
+-- So does an external id within an account (the EXT field `f`) and a pool, and a create path
+-- where known (a create sent again goes to the same path): a holding under it in the same pool
+-- whose task id is unknown is the same create's earlier attempt. One known by its task id is a
+-- task that runs until it is reported ended, whatever a later create under its external id
+-- (the caller reused it, the server made another task) says; one in another pool or on
+-- another path is another path's create (external ids may be unique per create path only).
+-- Those stay, both findable.
+local function supersede_ext(f, pk, h, path)
+  if not f then return end
+  local place = pk .. '\n' .. h
+  for _, x in ipairs(xlive(f)) do
+    if x.place ~= place and x.pk == pk and not x.rec.id and may_be(x.rec.p, path) then
+      release(x.pk, x.h, x.rec, nil)
+    end
   end
 end
 local function capacity(default, first, last)
@@ -231,10 +301,14 @@ local function was_ended(id)
   if not id then return false end
   return noted('i:' .. id)
 end
--- An external id reported ended within its account (`field`: its field in EXT).
-local function ext_ended(field)
+-- An external id reported ended within its account (`field`: its field in EXT): by `complete`
+-- (`x:`), or by a report that named a task id too (`z:`, beside its pair). `with_id`: for a
+-- holding (or a listed task) known by a task id, which a `z:` note does not name: that
+-- report named another task (of another create path, or under a reused external id), and its
+-- note is kept for a create of unknown outcome.
+local function ext_ended(field, with_id)
   if not field then return false end
-  return noted('x:' .. field)
+  return noted('x:' .. field) or (not with_id and noted('z:' .. field))
 end
 -- A task whose end was counted in the finished-task metrics (`c:` task id, beside its `i:`):
 -- a release of its holding by a report, or its reporter said so when it sent the end again.
@@ -333,7 +407,7 @@ local once = nil
 do
   if op == 'cap' then once = ARGV[9] elseif op == 'halt' then once = ARGV[10]
   elseif op == 'unhalt' then once = ARGV[6] elseif op == 'upd' then once = ARGV[8]
-  elseif op == 'cong' then once = ARGV[9] elseif op == 'hold' then once = ARGV[14] end
+  elseif op == 'cong' then once = ARGV[9] elseif op == 'hold' then once = ARGV[15] end
   if once == '' then once = nil end
   if once then
     local done = P .. ':done'
@@ -431,15 +505,16 @@ elseif op == 'halt' then
   changed = 1
 elseif op == 'hold' or op == 'reg' then
   -- 5 pool key, 6 holding, 7 weight, 8 id, 9 ext, 10 lease, 11 account, 12 pool, 13 kind,
-  -- 14 (hold) the change's id (read above)
+  -- 14 create path ('' not known), 15 (hold) the change's id (read above)
   local pk = ARGV[5]
   local h = ARGV[6]
   local id = opt(ARGV[8])
   local ext = opt(ARGV[9])
   local lease = tonumber(ARGV[10])
+  local path = opt(ARGV[14] or '')
   if op == 'hold' then
-    supersede(IDS, id, pk, h, ARGV[11])
-    supersede(EXT, ext and xf(ARGV[11], ext), pk, h, ARGV[11], true)
+    supersede(id, pk, h, ARGV[11])
+    supersede_ext(ext and xf(ARGV[11], ext), pk, h, path)
   end
   local raw = redis.call('HGET', pk .. ':h', h)
   -- Its end reported first (by another process, before this hold or registration reached
@@ -458,12 +533,12 @@ elseif op == 'hold' or op == 'reg' then
     if noted('e:' .. twin) then redis.call('ZREM', ENDED, 'x:' .. twin, 'e:' .. twin) end
     if xfield then
       local pair = 'p:' .. id .. '\n' .. xfield
-      if noted(pair) then redis.call('ZREM', ENDED, 'x:' .. xfield, pair) end
+      if noted(pair) then redis.call('ZREM', ENDED, 'x:' .. xfield, 'z:' .. xfield, pair) end
     end
-  elseif ext_ended(xfield) then
+  elseif ext_ended(xfield, id) then
     told = ext
     if noted('e:' .. xfield) then redis.call('ZREM', ENDED, 'i:' .. ext) end
-    redis.call('ZREM', ENDED, 'x:' .. xfield, 'e:' .. xfield)
+    redis.call('ZREM', ENDED, 'x:' .. xfield, 'z:' .. xfield, 'e:' .. xfield)
     -- (So that this hold, replayed after its answer was lost, holds nothing.)
     note_member('h:' .. h)
   elseif not raw and noted('h:' .. h) then
@@ -491,6 +566,7 @@ elseif op == 'hold' or op == 'reg' then
     rec.k = 't'
     rec.id = id
     rec.ext = ext
+    rec.p = path
     rec.s = int(now)
     redis.call('HSET', pk .. ':h', h, cjson.encode(rec))
     redis.call('ZADD', pk .. ':l', int(now + lease), h)
@@ -500,21 +576,32 @@ elseif op == 'hold' or op == 'reg' then
   elseif not raw then
     local kind = 't'
     if op == 'reg' then kind = ARGV[13] end
-    create(pk, h, tonumber(ARGV[7]), kind, id, ext, lease, ARGV[11], ARGV[12])
+    create(pk, h, tonumber(ARGV[7]), kind, id, ext, lease, ARGV[11], ARGV[12], path)
     changed = 1
   end
 elseif op == 'adopt' then
+  -- Held, or reported ended already (the server's list ran behind the report). By its
+  -- external id, a holding whose task id is unknown may be it; one known by another task id
+  -- is another task (of another create path, whose external ids may be the same), and so is
+  -- an end a report of another task id told (`z:`).
   local id = opt(ARGV[8])
   local ext = opt(ARGV[9])
-  local known = (id and redis.call('HEXISTS', IDS, id) == 1)
-    or (ext and redis.call('HEXISTS', EXT, xf(ARGV[11], ext)) == 1)
-  if not known and not was_ended(id) and not ext_ended(ext and xf(ARGV[11], ext)) then
+  local xfield = ext and xf(ARGV[11], ext)
+  local known = (id and redis.call('HEXISTS', IDS, id) == 1) or was_ended(id)
+  if not known and xfield then
+    for _, x in ipairs(xlive(xfield)) do
+      if not id or not x.rec.id then known = true end
+    end
+    known = known or ext_ended(xfield, id)
+  end
+  if not known then
     create(ARGV[5], ARGV[6], tonumber(ARGV[7]), 't', id, ext, tonumber(ARGV[10]), ARGV[11], ARGV[12])
     changed = 1
   end
 elseif op == 'upd' then
   -- 5 lease, 6 the reports' account (external ids are looked up within it), 7 '1' if an end
-  -- that finds no holding is noted, 8 the change's id (read above), then quads: id, ext,
+  -- that finds no holding is noted, 8 the change's id (read above), 9 the create path of the
+  -- tasks reported ('' not known: they are found by external id on any), then quads: id, ext,
   -- status ('' = said ended), flag: 0 running, 1 ended; an end sent again after a new
   -- generation, 2 if its first report's release was counted, else 3 (its releases are not).
   -- An end that finds no holding is noted only from a report of one task (a callback, a query
@@ -523,7 +610,8 @@ elseif op == 'upd' then
   local lease = tonumber(ARGV[5])
   local acct = ARGV[6]
   local note_ends = ARGV[7] == '1'
-  local i = 9
+  local path = opt(ARGV[9])
+  local i = 10
   while i + 3 <= #ARGV do
     local id = ARGV[i]
     local ext = ARGV[i + 1]
@@ -532,42 +620,41 @@ elseif op == 'upd' then
     local terminal = flag ~= '0'
     i = i + 4
     if flag == '2' then mark_counted(id) end
-    -- (An empty id is no task's: a report by external id alone, as a lookup's that found no
-    -- task under it.)
+    -- A task is found by its task id (an empty one is no task's: a report by external id
+    -- alone, as a lookup's that found no task under it), else by external id: a report that
+    -- names a task id, or a lookup that found nothing (a legacy query on another create path,
+    -- a lookup the server has not indexed yet), finds only a create of unknown outcome (one
+    -- known by another task id is another task: of another create path, whose external ids
+    -- may be the same, or under a reused one); `complete`'s text (no status) any holding. Of
+    -- the reports' create path where known, and only the one holding that may be it.
     local place = nil
     if id ~= '' then place = redis.call('HGET', IDS, id) end
     local by_ext = false
-    if not place and ext ~= '' then place = redis.call('HGET', EXT, xf(acct, ext)) end
-    if not place and status == '' then
-      place = redis.call('HGET', EXT, xf(acct, id))
-      by_ext = place and true or false
-    end
     local pk, h, rec = nil, nil, nil
     if place then
-      local sep = string.find(place, '\n', 1, true)
-      pk = string.sub(place, 1, sep - 1)
-      h = string.sub(place, sep + 1)
+      pk, h = split(place)
       local raw = redis.call('HGET', pk .. ':h', h)
       if raw then rec = cjson.decode(raw) end
-    end
-    if rec and id == '' and rec.id then
-      -- A lookup by external id that found nothing (a legacy query on another create path, a
-      -- lookup the server has not indexed yet) says nothing of a task whose id its create's
-      -- answer (or a report) gave: it exists, and may still run. Only a create of unknown
-      -- outcome is ended (or renewed) by a report with no task id.
-      rec = nil
+    else
+      local x = nil
+      if ext ~= '' then x = by_external(acct, path, ext, false) end
+      if not x and status == '' then
+        x = by_external(acct, path, id, id ~= '')
+        by_ext = x and true or false
+      end
+      if x then place, pk, h, rec = x.place, x.pk, x.h, x.rec end
     end
     if terminal and id ~= '' and (rec or note_ends) then
       local field = xf(acct, id)
       if status ~= '' then
         -- A report of the task: the text is a task id, whatever `complete` left open. Told
         -- with its external id before the create's answer, it is filed under that external
-        -- id of the account too, paired (`p:`): a create whose answer is then lost is kept
-        -- under its external id only. The first holding either frees spends the external
-        -- id's note.
+        -- id of the account too (`z:`), paired (`p:`): a create whose answer is then lost is
+        -- kept under its external id only (only such a create: one answered with another task
+        -- id is another task). The first holding either frees spends the external id's note.
         if not rec and ext ~= '' then
           local xfield = xf(acct, ext)
-          note_member('i:' .. id, 'x:' .. xfield, 'p:' .. id .. '\n' .. xfield)
+          note_member('i:' .. id, 'z:' .. xfield, 'p:' .. id .. '\n' .. xfield)
         else
           note_ended(id)
         end

@@ -6,5 +6,6 @@ mod capacity_and_fallback;
 mod clock;
 mod fleet;
 mod gcra;
+mod paths;
 mod slots;
 mod support;

@@ -3061,7 +3061,7 @@ async fn only_a_report_of_one_task_notes_an_end_that_finds_no_holding() {
     };
     let applied = two.apply(page).await.unwrap();
     assert_eq!(applied.released.len(), 1, "{applied:?}");
-    for member in ["i:t-gone-1", "x:4.acctjob-gone-1", "i:t-gone-2"] {
+    for member in ["i:t-gone-1", "z:4.acctjob-gone-1", "i:t-gone-2"] {
         assert!(!in_ended(&server, member).await, "{member} noted");
     }
     // A create under a listed external id holds its slot.

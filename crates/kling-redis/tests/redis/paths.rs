@@ -1,0 +1,560 @@
+//! One external id on two create paths, in Redis as in kling-concurrency's in-process backend:
+//! external ids may be unique per create path only (the mock's rule; a legacy task is looked up
+//! at `{create path}/{external id}`), and a callback or `complete` names no path. A report
+//! found by its external id alone never frees the slot of another path's task.
+//!
+//! kling-concurrency's `tests/slots/paths.rs` at the backend's level: each case calls what the
+//! layer calls (`hold_unread_on`, `observe_unread_on`, `apply_unread_on`, `apply`) and runs
+//! on `InProcess` (the reference) and on a fleet of two `RedisSlots` processes, one creating
+//! and the other reporting (so that Redis, not the reporting process's own record, decides).
+
+use std::future::Future;
+use std::time::Duration;
+
+use kling_concurrency::SlotsConfig;
+use kling_concurrency::backend::{
+    Applied, CreatePath, InProcess, SlotBackend, SlotKey, SlotOp, TaskRef, TaskUpdate,
+};
+use kling_core::{AccountId, Outcome, Pool, Product, TaskStatus};
+use kling_redis::RedisSlots;
+
+use crate::support::{connect, redis};
+
+const LEASE: Duration = Duration::from_secs(600);
+const TEXT2VIDEO: &str = "/v1/videos/text2video";
+const IMAGE2VIDEO: &str = "/v1/videos/image2video";
+const IMAGES: &str = "/v1/images/generations";
+
+fn account() -> AccountId {
+    AccountId::new("acct")
+}
+
+fn video() -> SlotKey {
+    SlotKey::new(account(), Pool::new(Product::Video))
+}
+
+fn image() -> SlotKey {
+    SlotKey::new(account(), Pool::new(Product::Image))
+}
+
+fn on(path: &str) -> CreatePath {
+    CreatePath::legacy(path)
+}
+
+/// Runs `case` on the in-process backend (both "processes" one), then on two `RedisSlots`
+/// processes sharing a fresh Redis.
+async fn on_both<F, Fut, Fr, FutR>(capacity: u32, case: F, redis_case: Fr)
+where
+    F: FnOnce([InProcess; 2]) -> Fut,
+    Fut: Future<Output = ()>,
+    Fr: FnOnce([RedisSlots; 2]) -> FutR,
+    FutR: Future<Output = ()>,
+{
+    let memory = InProcess::new(SlotsConfig::new(capacity).lease(LEASE)).unwrap();
+    case([memory.clone(), memory]).await;
+    let Some(server) = redis() else { return };
+    let process = || async {
+        RedisSlots::new(
+            connect(&server).await,
+            SlotsConfig::new(capacity).lease(LEASE),
+        )
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .grace(Duration::from_millis(1))
+    };
+    let fleet = [process().await, process().await];
+    redis_case(fleet).await;
+}
+
+/// Runs the generic `case` on both backends.
+macro_rules! both {
+    ($capacity:expr, $case:ident) => {
+        on_both(
+            $capacity,
+            |procs| async move { $case(procs).await },
+            |procs| async move { $case(procs).await },
+        )
+        .await
+    };
+}
+
+/// Slots of `key` in use.
+async fn in_use<B: SlotBackend>(backend: &B, key: &SlotKey) -> u32 {
+    let snapshot = backend.snapshot().await.unwrap();
+    snapshot
+        .iter()
+        .find(|p| p.key == *key)
+        .map_or(0, |p| p.in_use)
+}
+
+/// A create of one slot of `key` under `ext` sent to `path`, answered with `id` (`None`: its
+/// answer lost, its outcome unknown), kept as the layer keeps it.
+async fn create<B: SlotBackend>(
+    backend: &B,
+    key: SlotKey,
+    id: Option<&str>,
+    ext: &str,
+    path: &str,
+) {
+    let reservation = backend.acquire(key, 1).await.unwrap();
+    backend
+        .hold_unread_on(reservation, id, Some(ext), LEASE, None, on(path))
+        .await
+        .unwrap();
+}
+
+/// A callback's report (no create path): task `id` under `ext` has `status`.
+fn callback(id: &str, ext: &str, status: TaskStatus) -> SlotOp {
+    SlotOp::Update {
+        account: account(),
+        updates: vec![TaskUpdate {
+            id: id.to_owned(),
+            external_id: Some(ext.to_owned()),
+            status: Some(status),
+        }],
+        lease: LEASE,
+    }
+}
+
+/// `complete(text)`.
+fn complete(text: &str) -> SlotOp {
+    SlotOp::Update {
+        account: account(),
+        updates: vec![TaskUpdate {
+            id: text.to_owned(),
+            external_id: None,
+            status: None,
+        }],
+        lease: LEASE,
+    }
+}
+
+/// A lookup at `{path}/{ext}` that found no task, as the layer applies it.
+async fn found_nothing<B: SlotBackend>(backend: &B, path: &str, ext: &str) -> Applied {
+    let update = SlotOp::Update {
+        account: account(),
+        updates: vec![TaskUpdate {
+            id: String::new(),
+            external_id: Some(ext.to_owned()),
+            status: None,
+        }],
+        lease: LEASE,
+    };
+    let path = CreatePath::of_legacy_query(&format!("{path}/{ext}"));
+    backend.apply_unread_on(update, path).await.unwrap()
+}
+
+/// A legacy query's answer at `{path}/{asked}`: task `id` under `ext` with `status`, as the
+/// layer observes it.
+async fn queried<B: SlotBackend>(
+    backend: &B,
+    path: &str,
+    asked: &str,
+    id: &str,
+    ext: &str,
+    status: &str,
+) -> Applied {
+    let body = serde_json::json!({
+        "code": 0,
+        "message": "SUCCEED",
+        "request_id": "r-1",
+        "data": {
+            "task_id": id,
+            "task_status": status,
+            "task_info": {"external_task_id": ext},
+        },
+    })
+    .to_string();
+    let outcome = Outcome::parse(
+        http::StatusCode::OK,
+        &http::HeaderMap::new(),
+        body.as_bytes(),
+        tokio::time::Instant::now(),
+    )
+    .unwrap();
+    assert_eq!(outcome.tasks().len(), 1);
+    let path = CreatePath::of_legacy_query(&format!("{path}/{asked}"));
+    backend
+        .observe_unread_on(&account(), &outcome, LEASE, path)
+        .await
+        .unwrap()
+}
+
+fn tasks(applied: &Applied) -> Vec<&str> {
+    applied
+        .released
+        .iter()
+        .map(|r| r.task.as_deref().unwrap_or(""))
+        .collect()
+}
+
+/// A video held under `job-7` (answered `t1`) and an image task `t2` created with `job-7` too:
+/// the image's query frees its slot, and its callback after frees nothing (it found the
+/// video's holding by `job-7` and freed it while the video ran). The video's own callback
+/// frees it.
+async fn another_paths_callback<B: SlotBackend>([one, two]: [B; 2]) {
+    create(&one, video(), Some("t1"), "job-7", TEXT2VIDEO).await;
+    create(&one, image(), Some("t2"), "job-7", IMAGES).await;
+    let applied = queried(&two, IMAGES, "t2", "t2", "job-7", "succeed").await;
+    assert_eq!(in_use(&two, &image()).await, 0, "{applied:?}");
+
+    let applied = two
+        .apply(callback("t2", "job-7", TaskStatus::Succeeded))
+        .await
+        .unwrap();
+    assert!(applied.released.is_empty(), "{applied:?}");
+    assert_eq!(in_use(&two, &video()).await, 1, "the video runs");
+
+    let applied = two
+        .apply(callback("t1", "job-7", TaskStatus::Succeeded))
+        .await
+        .unwrap();
+    assert_eq!(tasks(&applied), ["t1"]);
+    assert_eq!(in_use(&two, &video()).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_for_another_paths_task_under_the_same_external_id_frees_no_slot() {
+    both!(1, another_paths_callback);
+}
+
+/// A callback for task `t9` under `job-7` comes before any create under it (noted under both,
+/// in case its create's answer is on the way): the video create answered `t1` under `job-7`
+/// is another task, and keeps its slot until its own callback. A create of unknown outcome
+/// under `job-7` may be `t9`'s, and the note frees it at once.
+async fn an_earlier_callback<B: SlotBackend>([one, two]: [B; 2]) {
+    let applied = two
+        .apply(callback("t9", "job-7", TaskStatus::Succeeded))
+        .await
+        .unwrap();
+    assert!(!applied.changed);
+    create(&one, video(), Some("t1"), "job-7", TEXT2VIDEO).await;
+    assert_eq!(in_use(&one, &video()).await, 1, "t1 runs");
+    let applied = two
+        .apply(callback("t1", "job-7", TaskStatus::Succeeded))
+        .await
+        .unwrap();
+    assert_eq!(tasks(&applied), ["t1"]);
+    assert_eq!(in_use(&one, &video()).await, 0);
+
+    create(&one, video(), None, "job-7", TEXT2VIDEO).await;
+    assert_eq!(in_use(&one, &video()).await, 0, "t9's create, answer lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_callback_for_another_task_under_the_same_external_id_frees_no_later_create() {
+    both!(1, an_earlier_callback);
+}
+
+/// `complete("job-7")` with a video and an image running under `job-7` cannot tell which one
+/// ended, and frees neither; once the image ended by its query, `job-7` names the video alone.
+async fn complete_shared<B: SlotBackend>([one, two]: [B; 2]) {
+    create(&one, video(), Some("t1"), "job-7", TEXT2VIDEO).await;
+    create(&one, image(), Some("t2"), "job-7", IMAGES).await;
+    let applied = two.apply(complete("job-7")).await.unwrap();
+    assert!(applied.released.is_empty(), "{applied:?}");
+    assert_eq!(in_use(&two, &video()).await, 1);
+    assert_eq!(in_use(&two, &image()).await, 1);
+
+    queried(&two, IMAGES, "t2", "t2", "job-7", "succeed").await;
+    assert_eq!(in_use(&two, &image()).await, 0);
+    let applied = two.apply(complete("job-7")).await.unwrap();
+    assert_eq!(tasks(&applied), ["t1"]);
+    assert_eq!(in_use(&two, &video()).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_by_an_external_id_two_paths_share_frees_neither() {
+    both!(1, complete_shared);
+}
+
+/// Creates of unknown outcome under `job-7`, a video and an image: the image's is no video
+/// create sent again, so the video's slot stays held; a callback naming `job-7` with a task id
+/// held nowhere may be either's, and frees neither (nor does a report by `job-7` alone). The
+/// image create sent again and answered replaces the image's earlier holding only.
+async fn unknown_on_two_paths<B: SlotBackend>([one, two]: [B; 2]) {
+    create(&one, video(), None, "job-7", TEXT2VIDEO).await;
+    create(&one, image(), None, "job-7", IMAGES).await;
+    assert_eq!(in_use(&one, &video()).await, 1, "the video may run");
+    assert_eq!(in_use(&one, &image()).await, 1);
+
+    let applied = two
+        .apply(callback("t5", "job-7", TaskStatus::Succeeded))
+        .await
+        .unwrap();
+    assert!(applied.released.is_empty(), "{applied:?}");
+    let applied = two
+        .apply(callback("", "job-7", TaskStatus::Succeeded))
+        .await
+        .unwrap();
+    assert!(applied.released.is_empty(), "{applied:?}");
+    assert_eq!(in_use(&two, &video()).await, 1);
+    assert_eq!(in_use(&two, &image()).await, 1);
+
+    create(&one, image(), Some("t1"), "job-7", IMAGES).await;
+    assert_eq!(
+        in_use(&one, &image()).await,
+        1,
+        "t1 in place of the lost one"
+    );
+    assert_eq!(in_use(&one, &video()).await, 1);
+    // Both stay findable: the image's callback ends it by task id, and `job-7` alone then
+    // names the video's create.
+    let applied = two
+        .apply(callback("t1", "job-7", TaskStatus::Succeeded))
+        .await
+        .unwrap();
+    assert_eq!(tasks(&applied), ["t1"]);
+    let applied = two
+        .apply(callback("t6", "job-7", TaskStatus::Succeeded))
+        .await
+        .unwrap();
+    // (Released under its external id: the holding never learned a task id.)
+    assert_eq!(tasks(&applied), ["job-7"], "the video's create was t6");
+    assert_eq!(in_use(&two, &video()).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_of_unknown_outcome_on_two_paths_under_one_external_id_keep_their_slots() {
+    both!(2, unknown_on_two_paths);
+}
+
+/// Creates of unknown outcome under `job-7` on two paths: a lookup at
+/// `/v1/images/generations/job-7` that finds nothing gives the image create's slot back, and
+/// says nothing of the video create's, sent elsewhere.
+async fn lookup_finds_nothing<B: SlotBackend>([one, two]: [B; 2]) {
+    create(&one, video(), None, "job-7", TEXT2VIDEO).await;
+    create(&one, image(), None, "job-7", IMAGES).await;
+    found_nothing(&two, IMAGES, "job-7").await;
+    assert_eq!(in_use(&two, &image()).await, 0);
+    assert_eq!(in_use(&two, &video()).await, 1, "the video may run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_that_finds_nothing_frees_the_create_of_its_own_path_only() {
+    both!(1, lookup_finds_nothing);
+}
+
+/// An image create and a video create of unknown outcome under `job-7`: the image path's
+/// lookup by `job-7` reports the image task `t1` running, which gives its task id to the image
+/// create's holding (not the video's), so the image's callback then ends it by task id; the
+/// video's slot stays held.
+async fn lookup_names_its_task<B: SlotBackend>([one, two]: [B; 2]) {
+    create(&one, image(), None, "job-7", IMAGES).await;
+    create(&one, video(), None, "job-7", TEXT2VIDEO).await;
+    queried(&two, IMAGES, "job-7", "t1", "job-7", "processing").await;
+    let applied = two
+        .apply(callback("t1", "job-7", TaskStatus::Succeeded))
+        .await
+        .unwrap();
+    assert_eq!(tasks(&applied), ["t1"]);
+    assert_eq!(in_use(&two, &image()).await, 0);
+    assert_eq!(in_use(&two, &video()).await, 1, "the video may run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_names_its_task_to_the_create_of_its_own_path_only() {
+    both!(1, lookup_names_its_task);
+}
+
+/// Two paths of one pool (`text2video` and `image2video`, both `video`): a create of unknown
+/// outcome under `job-7` on one is no earlier attempt of the other's, and keeps its slot; a
+/// lookup on one path that finds nothing frees that path's create only.
+async fn two_paths_one_pool<B: SlotBackend>([one, two]: [B; 2]) {
+    create(&one, video(), None, "job-7", TEXT2VIDEO).await;
+    create(&one, video(), None, "job-7", IMAGE2VIDEO).await;
+    assert_eq!(in_use(&one, &video()).await, 2);
+    found_nothing(&two, TEXT2VIDEO, "job-7").await;
+    assert_eq!(in_use(&two, &video()).await, 1);
+    found_nothing(&two, TEXT2VIDEO, "job-7").await;
+    assert_eq!(in_use(&two, &video()).await, 1, "image2video's stays");
+    found_nothing(&two, IMAGE2VIDEO, "job-7").await;
+    assert_eq!(in_use(&two, &video()).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_on_two_paths_of_one_pool_under_one_external_id_are_two_tasks() {
+    both!(2, two_paths_one_pool);
+}
+
+/// Without the paths (a `Hold` built by a caller), creates of unknown outcome under one
+/// external id in two pools of an account are two creates: the later one keeps the earlier
+/// one's slots held. In one pool, the later one replaces it.
+async fn another_pool<B: SlotBackend>([one, _]: [B; 2]) {
+    for key in [video(), image(), image()] {
+        let reservation = one.acquire(key, 1).await.unwrap();
+        let task = TaskRef {
+            id: None,
+            external_id: Some("job-7".to_owned()),
+        };
+        let hold = SlotOp::Hold {
+            reservation,
+            task,
+            lease: LEASE,
+        };
+        one.apply(hold).await.unwrap();
+    }
+    assert_eq!(in_use(&one, &video()).await, 1);
+    assert_eq!(in_use(&one, &image()).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_of_unknown_outcome_in_another_pool_is_no_earlier_attempt() {
+    both!(5, another_pool);
+}
+
+/// A reconcile's list names a running task under an external id that a task of another
+/// create path, known by its own task id, carries too: it is adopted, not taken for the one
+/// held. So is one whose external id an ended report of another task id named. A holding whose
+/// task id is unknown may be the listed task, and is taken for it.
+async fn adopt_under_another_tasks_external_id<B: SlotBackend>([one, two]: [B; 2]) {
+    let adopt = |id: &str, ext: &str| SlotOp::Adopt {
+        key: image(),
+        task: TaskRef {
+            id: Some(id.to_owned()),
+            external_id: Some(ext.to_owned()),
+        },
+        weight: 1,
+        lease: LEASE,
+    };
+    create(&one, video(), Some("tv"), "job-7", TEXT2VIDEO).await;
+    assert!(two.apply(adopt("ti", "job-7")).await.unwrap().changed);
+    // An image task `t8` under `job-8` ended (its slot freed elsewhere, or never here).
+    two.apply(callback("t8", "job-8", TaskStatus::Succeeded))
+        .await
+        .unwrap();
+    assert!(two.apply(adopt("t9", "job-8")).await.unwrap().changed);
+    // A create of unknown outcome under `job-9`: the listed `t10` under it may be its task.
+    create(&one, video(), None, "job-9", TEXT2VIDEO).await;
+    assert!(!two.apply(adopt("t10", "job-9")).await.unwrap().changed);
+    assert_eq!(
+        in_use(&two, &video()).await,
+        2,
+        "tv and the create under job-9"
+    );
+    assert_eq!(in_use(&two, &image()).await, 2, "ti and t9");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopt_under_another_tasks_external_id_is_adopted() {
+    both!(5, adopt_under_another_tasks_external_id);
+}
+
+/// A process of `capacity` slots on `server`, its maintenance pass frequent.
+async fn process(server: &kling_redis::testing::RedisServer, capacity: u32) -> RedisSlots {
+    RedisSlots::new(
+        connect(server).await,
+        SlotsConfig::new(capacity).lease(LEASE),
+    )
+    .unwrap()
+    .poll_every(Duration::from_secs(30))
+    .maintain_every(Duration::from_millis(50))
+    .grace(Duration::from_millis(300))
+}
+
+/// The process's own record follows the same rules as the scripts: a create of unknown
+/// outcome on another path is no earlier attempt, and while Redis is away a report finds a
+/// holding by external id only when it may be its task (no task id known, of the report's
+/// path where known, the only one), and a listed task under another task's external id is
+/// adopted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_is_away_a_report_finds_by_external_id_only_a_holding_it_may_name() {
+    let Some(mut server) = redis() else { return };
+    let one = process(&server, 5).await;
+    create(&one, video(), None, "job-9", TEXT2VIDEO).await;
+    create(&one, video(), None, "job-9", IMAGE2VIDEO).await;
+    assert_eq!(one.held_here(), 2, "two creates under job-9");
+    assert_eq!(in_use(&one, &video()).await, 2);
+    create(&one, video(), None, "job-7", TEXT2VIDEO).await;
+    create(&one, image(), None, "job-7", IMAGES).await;
+    create(&one, video(), Some("t1"), "job-8", TEXT2VIDEO).await;
+    server.stop();
+
+    let applied = one
+        .apply(callback("t5", "job-7", TaskStatus::Succeeded))
+        .await
+        .unwrap();
+    assert!(applied.released.is_empty(), "either's: {applied:?}");
+    let applied = one
+        .apply(callback("t9", "job-8", TaskStatus::Succeeded))
+        .await
+        .unwrap();
+    assert!(applied.released.is_empty(), "not t1: {applied:?}");
+    let applied = found_nothing(&one, IMAGES, "job-7").await;
+    assert_eq!(tasks(&applied), ["job-7"]);
+    assert_eq!(applied.released[0].key, image());
+    let adopt = SlotOp::Adopt {
+        key: image(),
+        task: TaskRef {
+            id: Some("ti".to_owned()),
+            external_id: Some("job-8".to_owned()),
+        },
+        weight: 1,
+        lease: LEASE,
+    };
+    assert!(one.apply(adopt).await.unwrap().changed, "another task");
+    // Both job-9 creates, the video's job-7 create, t1 and ti.
+    assert_eq!(one.held_here(), 5);
+}
+
+/// After Redis lost its state, each holding registered again keeps its create path: a lookup
+/// on the image path that finds nothing under `job-7` frees the image create only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holding_registered_again_keeps_its_create_path() {
+    let Some(mut server) = redis() else { return };
+    let one = process(&server, 2).await;
+    let two = process(&server, 2).await;
+    create(&one, video(), None, "job-7", TEXT2VIDEO).await;
+    create(&one, image(), None, "job-7", IMAGES).await;
+    server.restart().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    // (A snapshot fails while Redis starts again.)
+    while two
+        .snapshot()
+        .await
+        .map_or(0, |pools| pools.iter().map(|p| p.in_use).sum::<u32>())
+        < 2
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not registered again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    found_nothing(&two, IMAGES, "job-7").await;
+    assert_eq!(in_use(&two, &image()).await, 0);
+    assert_eq!(in_use(&two, &video()).await, 1, "the video may run");
+}
+
+/// A lookup's end sent again after Redis came back older keeps its create path: the image
+/// create it freed comes back with the snapshot and is freed again, the video create under the
+/// same external id stays held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_sent_again_after_redis_went_back_keeps_its_create_path() {
+    let Some(mut server) = redis() else { return };
+    let one = process(&server, 2).await;
+    let two = process(&server, 2).await;
+    create(&one, video(), None, "job-7", TEXT2VIDEO).await;
+    create(&one, image(), None, "job-7", IMAGES).await;
+    server.save().unwrap();
+    found_nothing(&two, IMAGES, "job-7").await;
+    assert_eq!(in_use(&two, &image()).await, 0);
+    server.restart_from_snapshot().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    // (A snapshot fails while Redis starts again.) Both came back; the image's end, sent
+    // again, frees its create.
+    loop {
+        let pools = two.snapshot().await.unwrap_or_default();
+        let of = |key: &SlotKey| pools.iter().find(|p| p.key == *key).map(|p| p.in_use);
+        if of(&video()) == Some(1) && of(&image()) == Some(0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "video, image: {:?}, {:?}",
+            of(&video()),
+            of(&image())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
