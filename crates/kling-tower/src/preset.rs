@@ -4,7 +4,7 @@
 //! (or from a resource-pack account), every number can be overridden, and the whole can be read
 //! from environment variables ([`StackConfig::from_env`]) or a TOML document
 //! ([`StackConfig::from_toml_str`]). [`StackConfig::validate`] rejects impossible values with an
-//! error that names the field.
+//! error that names the field, also a duration the [speed factor](#speed-factor) divides to 0.
 //!
 //! | tier | slots per pool | requests / minute | daily credits |
 //! |---|---|---|---|
@@ -191,6 +191,13 @@ pub const MAX_SPEED: f64 = 1_000_000.0;
 /// The largest jitter allowance accepted.
 const MAX_JITTER_ALLOWANCE: Duration = Duration::from_secs(10);
 
+/// The largest rate a stack paces at when it keeps no jitter allowance: one request a
+/// nanosecond, the shortest interval the rate limiter takes.
+const MAX_PACED_PER_MINUTE: f64 = 60e9;
+
+/// The largest GCRA burst the rate limiter takes.
+const MAX_BURST: u32 = u16::MAX as u32;
+
 impl Default for StackConfig {
     /// The [`Tier::Free`] preset: the numbers every account has.
     fn default() -> Self {
@@ -280,7 +287,7 @@ impl StackConfig {
         self
     }
 
-    /// Sets the GCRA burst (1 = evenly spaced requests).
+    /// Sets the GCRA burst (1 = evenly spaced requests; at most 65535).
     pub fn burst(mut self, burst: u32) -> Self {
         self.burst = burst;
         self
@@ -518,7 +525,10 @@ impl StackConfig {
         }
     }
 
-    /// Checks every number, naming the first impossible one.
+    /// Checks every number, naming the first impossible one. A duration must be above 0 and at
+    /// most a year ([`MAX_DURATION`]) also once divided by the speed factor (the attempt timeout
+    /// at least 3 ns, so that its third, the [connect timeout](Self::connect_timeout_duration),
+    /// is above 0 too).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |field: &'static str, reason: &'static str| Err(ConfigError::new(field, reason));
         // Beyond these, scaled durations leave what a `Duration` or the clock can hold (a
@@ -549,8 +559,41 @@ impl StackConfig {
                 "must allow at least one request a year (at this speed, less the headroom)",
             );
         }
+        // With no jitter allowance, a rate so large that its interval is under a nanosecond
+        // paces at an interval of 0, which no rate limiter takes.
+        if let Some(rate) = self.rate_per_minute
+            && self.jitter_allowance.is_zero()
+        {
+            let factor = self.speed * (1.0 - self.headroom);
+            let paced = rate * factor;
+            if paced > MAX_PACED_PER_MINUTE {
+                return Err(ConfigError::new(
+                    "rate_per_minute",
+                    format!(
+                        "is {rate:?}, too large: at speed {} (less the headroom) that is {paced:?} \
+                         a minute, one request every {:?}; with no jitter allowance, must be at \
+                         most {:?} (one request a nanosecond at this speed)",
+                        self.speed,
+                        Duration::try_from_secs_f64(60.0 / paced).unwrap_or_default(),
+                        MAX_PACED_PER_MINUTE / factor
+                    ),
+                ));
+            }
+        }
+        if self.burst > MAX_BURST {
+            return Err(ConfigError::new(
+                "burst",
+                format!("is {}, too large: must be at most {MAX_BURST}", self.burst),
+            ));
+        }
         if self.jitter_allowance > MAX_JITTER_ALLOWANCE {
-            return err("jitter_allowance_ms", "must be at most 10000");
+            return Err(ConfigError::new(
+                "jitter_allowance_ms",
+                format!(
+                    "is {:?}, too large: must be at most 10000",
+                    self.jitter_allowance.as_secs_f64() * 1000.0
+                ),
+            ));
         }
         if self.slots == 0 {
             return err("slots", "must be at least 1");
@@ -589,8 +632,60 @@ impl StackConfig {
                 return err(field, "must be above 0");
             }
             if duration > MAX_DURATION {
-                return err(field, "must be at most a year");
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "is {:?} seconds, too large: must be at most a year ({} seconds)",
+                        duration.as_secs_f64(),
+                        MAX_DURATION.as_secs()
+                    ),
+                ));
             }
+            // Divided by the speed factor, a nanosecond or two rounds to nothing: a zero
+            // attempt timeout, lease, deadline or period would end everything at once.
+            let scaled = self.scaled(duration);
+            if scaled.is_zero() {
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "is {:?} seconds, which comes to {scaled:?} at speed {}: must be above 0 \
+                         after dividing by the speed",
+                        duration.as_secs_f64(),
+                        self.speed
+                    ),
+                ));
+            }
+            // Below speed 1, the other way: a day at a thousandth of real time is 1000 days
+            // (the credit period counts only with a credit budget).
+            let used = field != "credit_period_secs" || self.daily_credits.is_some();
+            if used && scaled > MAX_DURATION {
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "is {:?} seconds, which comes to {:?} seconds at speed {}, too large: must \
+                         be at most a year ({} seconds) after dividing by the speed",
+                        duration.as_secs_f64(),
+                        scaled.as_secs_f64(),
+                        self.speed,
+                        MAX_DURATION.as_secs()
+                    ),
+                ));
+            }
+        }
+        // The connect timeout a client needs under this stack is a third of the attempt
+        // timeout: it must not round to nothing either.
+        let connect = self.connect_timeout_duration();
+        if connect.is_zero() {
+            return Err(ConfigError::new(
+                "attempt_timeout_secs",
+                format!(
+                    "is {:?} seconds, which comes to {:?} at speed {}, and its third, the connect \
+                     timeout, to {connect:?}: must be at least 3 ns after dividing by the speed",
+                    self.attempt_timeout.as_secs_f64(),
+                    self.attempt_timeout_duration(),
+                    self.speed
+                ),
+            ));
         }
         if self.retry_max_attempts == 0 {
             return err("retry_max_attempts", "must be at least 1");
@@ -627,7 +722,7 @@ impl StackConfig {
     /// | `KLING_TIER` | tier | `free`, `standard`, `pro`, `enterprise`, `resource-pack` |
     /// | `KLING_SPEED` | speed | 0.001 to 1000000 |
     /// | `KLING_RATE_PER_MINUTE` | rate_per_minute | number, or `none` |
-    /// | `KLING_BURST` | burst | integer ≥ 1 |
+    /// | `KLING_BURST` | burst | integer, 1 to 65535 |
     /// | `KLING_HEADROOM` | headroom | 0 ≤ x < 1 |
     /// | `KLING_JITTER_ALLOWANCE_MS` | jitter allowance | milliseconds, 0 to 10000 |
     /// | `KLING_SLOTS` | slots | integer ≥ 1 |
@@ -643,24 +738,26 @@ impl StackConfig {
     /// | `KLING_DAILY_CREDITS` | daily_credits | number, or `none` |
     /// | `KLING_CREDIT_PERIOD_SECS` | credit_period | seconds |
     ///
-    /// Errors name the variable.
+    /// A variable that is blank (empty or only spaces: `KLING_TIER=` in a `.env` file, or a
+    /// compose file's `${KLING_TIER}` where it is unset) counts as not set, as in
+    /// [`Credentials::from_env`](crate::Credentials::from_env). Errors name the variable.
     pub fn from_lookup(
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<StackConfig, ConfigError> {
-        let tier = match lookup("KLING_TIER") {
+        let tier = match set(&lookup, "KLING_TIER") {
             Some(name) => name.parse::<Tier>().map_err(|e| e.renamed("KLING_TIER"))?,
             None => Tier::Free,
         };
         StackConfig::preset(tier).with_lookup(lookup)
     }
 
-    /// Overrides this configuration's numbers with the `KLING_*` variables that are set (all
-    /// but `KLING_TIER`), and validates the result.
+    /// Overrides this configuration's numbers with the `KLING_*` variables that are set and
+    /// not blank (all but `KLING_TIER`), and validates the result.
     pub fn with_lookup(
         mut self,
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<StackConfig, ConfigError> {
-        let get = |var: &'static str| lookup(var).map(|v| (var, v.trim().to_owned()));
+        let get = |var: &'static str| set(&lookup, var).map(|v| (var, v));
         if let Some((var, v)) = get("KLING_SPEED") {
             self.speed = parse_num(var, &v)?;
         }
@@ -780,16 +877,41 @@ fn toml_error(text: &str, error: &toml::de::Error) -> ConfigError {
             continue;
         }
         if let Some(pools) = value.as_table()
-            && let Some((pool, _)) = pools.iter().find(|(_, slots)| {
+            && let Some((pool, slots)) = pools.iter().find(|(_, slots)| {
                 let parsed: Result<u32, _> = (*slots).clone().try_into();
                 parsed.is_err()
             })
         {
-            return ConfigError::new(format!("pool_slots.{pool}"), message);
+            return ConfigError::new(format!("pool_slots.{pool}"), out_of_range(slots, message));
         }
-        return ConfigError::new(key.clone(), message);
+        return ConfigError::new(key.clone(), out_of_range(value, message));
     }
     ConfigError::new("toml", message)
+}
+
+/// The parser's `message` for a whole number its key's type does not hold ("invalid value:
+/// integer `5000000000`, expected u32"), with the reason first: too large, naming the largest,
+/// or below 0. Every key of whole numbers holds a `u32` at least.
+fn out_of_range(value: &toml::Value, message: String) -> String {
+    match value.as_integer() {
+        Some(n) if n > i64::from(u32::MAX) && message.contains("u32") => {
+            format!(
+                "`{n}` is too large: must be at most {} ({message})",
+                u32::MAX
+            )
+        }
+        Some(n) if n < 0 => format!("`{n}` is below 0: must be 0 or more ({message})"),
+        _ => message,
+    }
+}
+
+/// A variable's value, trimmed; `None` when it is not set or blank (`KLING_TIER=` in a `.env`
+/// file, or a compose file's `${KLING_TIER}` where it is unset), as `Credentials::from_env`
+/// reads its variables.
+fn set(lookup: impl Fn(&str) -> Option<String>, var: &str) -> Option<String> {
+    lookup(var)
+        .map(|value| value.trim().to_owned())
+        .filter(|value| !value.is_empty())
 }
 
 /// The variable behind a field name, for errors found by validation after reading variables.
@@ -819,13 +941,72 @@ fn env_var_of(field: &str) -> Cow<'static, str> {
     Cow::Borrowed(var)
 }
 
-fn parse_num<T: FromStr>(var: &'static str, value: &str) -> Result<T, ConfigError> {
-    value
-        .parse()
-        .map_err(|_| ConfigError::new(var, format!("`{value}` is not a valid number here")))
+/// A number type a variable's value is read as, with the largest value it holds.
+trait Number: FromStr {
+    /// The largest value, as the error for one too large shows it.
+    const MAX: &'static str;
+    /// The largest value, as a float.
+    const MAX_F64: f64;
+    /// Whether the type holds whole numbers only.
+    const WHOLE: bool;
 }
 
-fn parse_optional<T: FromStr>(var: &'static str, value: &str) -> Result<Option<T>, ConfigError> {
+impl Number for u32 {
+    const MAX: &'static str = "4294967295";
+    const MAX_F64: f64 = u32::MAX as f64;
+    const WHOLE: bool = true;
+}
+
+impl Number for usize {
+    #[cfg(target_pointer_width = "64")]
+    const MAX: &'static str = "18446744073709551615";
+    #[cfg(not(target_pointer_width = "64"))]
+    const MAX: &'static str = "4294967295";
+    const MAX_F64: f64 = usize::MAX as f64;
+    const WHOLE: bool = true;
+}
+
+impl Number for f64 {
+    const MAX: &'static str = "1.7976931348623157e308";
+    const MAX_F64: f64 = f64::MAX;
+    const WHOLE: bool = false;
+}
+
+/// A variable's value as a number of type `T`. A value that is a number, but not one `T`
+/// holds, is refused with the reason: too large (naming the largest), below 0, or not whole.
+fn parse_num<T: Number>(var: &'static str, value: &str) -> Result<T, ConfigError> {
+    let refused = |reason: String| Err(ConfigError::new(var, reason));
+    let Ok(number) = value.parse::<f64>() else {
+        return value
+            .parse()
+            .or_else(|_| refused(format!("`{value}` is not a valid number here")));
+    };
+    let spelled_infinite = value
+        .trim_start_matches(['+', '-'])
+        .to_ascii_lowercase()
+        .starts_with("inf");
+    if number == f64::INFINITY && !spelled_infinite {
+        return refused(format!(
+            "`{value}` is too large: must be at most {}",
+            T::MAX
+        ));
+    }
+    match value.parse() {
+        Ok(parsed) => Ok(parsed),
+        Err(_) if !T::WHOLE || number.is_nan() => {
+            refused(format!("`{value}` is not a valid number here"))
+        }
+        Err(_) if number < 0.0 => refused(format!("`{value}` is below 0: must be 0 or more")),
+        Err(_) if number.fract() != 0.0 => refused(format!("`{value}` is not a whole number")),
+        Err(_) if number > T::MAX_F64 => refused(format!(
+            "`{value}` is too large: must be at most {}",
+            T::MAX
+        )),
+        Err(_) => refused(format!("`{value}` is not a whole number written in digits")),
+    }
+}
+
+fn parse_optional<T: Number>(var: &'static str, value: &str) -> Result<Option<T>, ConfigError> {
     if value.eq_ignore_ascii_case("none") {
         Ok(None)
     } else {
@@ -833,16 +1014,46 @@ fn parse_optional<T: FromStr>(var: &'static str, value: &str) -> Result<Option<T
     }
 }
 
+/// `amount` of `unit`s (`per_second` of them in a second) as a duration: refused as below 0
+/// or not a number, or as too large, naming `max`, the most [`StackConfig::validate`]
+/// accepts. `shown` is the value as written.
+fn to_duration(
+    field: &'static str,
+    amount: f64,
+    shown: &str,
+    (unit, per_second, max): (&str, f64, &str),
+) -> Result<Duration, ConfigError> {
+    Duration::try_from_secs_f64(amount / per_second).map_err(|_| {
+        if amount.is_nan() || amount < 0.0 {
+            ConfigError::new(field, format!("must be a number of {unit}, 0 or more"))
+        } else {
+            ConfigError::new(
+                field,
+                format!("`{shown}` is too large: must be at most {max}"),
+            )
+        }
+    })
+}
+
+/// Seconds: at most a year.
+const SECONDS: (&str, f64, &str) = ("seconds", 1.0, "31536000 seconds (a year)");
+/// Milliseconds of the jitter allowance: at most 10 s.
+const MILLISECONDS: (&str, f64, &str) = ("milliseconds", 1000.0, "10000 milliseconds");
+
+/// A float, infinite too (a value beyond any number, `1e400`, is then too large for a
+/// duration, naming the duration's largest).
+fn parse_float(var: &'static str, value: &str) -> Result<f64, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| ConfigError::new(var, format!("`{value}` is not a valid number here")))
+}
+
 fn parse_millis(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
-    let millis: f64 = parse_num(var, value)?;
-    Duration::try_from_secs_f64(millis / 1000.0)
-        .map_err(|_| ConfigError::new(var, "must be a number of milliseconds, 0 or more"))
+    to_duration(var, parse_float(var, value)?, value, MILLISECONDS)
 }
 
 fn parse_secs(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
-    let secs: f64 = parse_num(var, value)?;
-    Duration::try_from_secs_f64(secs)
-        .map_err(|_| ConfigError::new(var, format!("`{value}` is not a valid number of seconds")))
+    to_duration(var, parse_float(var, value)?, value, SECONDS)
 }
 
 /// A number, or the word `none`.
@@ -897,8 +1108,7 @@ impl RawConfig {
         };
         let mut c = StackConfig::preset(tier);
         let secs = |field: &'static str, secs: f64| {
-            Duration::try_from_secs_f64(secs)
-                .map_err(|_| ConfigError::new(field, "must be a number of seconds, 0 or more"))
+            to_duration(field, secs, &format!("{secs:?}"), SECONDS)
         };
         if let Some(v) = self.speed {
             c.speed = v;
@@ -913,12 +1123,8 @@ impl RawConfig {
             c.headroom = v;
         }
         if let Some(v) = self.jitter_allowance_ms {
-            c.jitter_allowance = Duration::try_from_secs_f64(v / 1000.0).map_err(|_| {
-                ConfigError::new(
-                    "jitter_allowance_ms",
-                    "must be a number of milliseconds, 0 or more",
-                )
-            })?;
+            c.jitter_allowance =
+                to_duration("jitter_allowance_ms", v, &format!("{v:?}"), MILLISECONDS)?;
         }
         if let Some(v) = self.slots {
             c.slots = v;
@@ -930,6 +1136,12 @@ impl RawConfig {
             c.slot_queue = match v.into_option("slot_queue")? {
                 None => None,
                 Some(n) if n >= 0.0 && n.fract() == 0.0 && n <= u32::MAX as f64 => Some(n as usize),
+                Some(n) if n > u32::MAX as f64 => {
+                    return Err(ConfigError::new(
+                        "slot_queue",
+                        format!("is {n:?}, too large: must be at most {}", u32::MAX),
+                    ));
+                }
                 Some(_) => {
                     return Err(ConfigError::new(
                         "slot_queue",

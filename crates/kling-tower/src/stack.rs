@@ -309,7 +309,9 @@ impl<B: StackBackends> KlingBuilder<B> {
 
         // Retry: the preset's attempts, deadline and budget; backoff at the speed factor.
         let budget = RetryBudget::new(
-            config.scaled(Duration::from_secs(10)),
+            config
+                .scaled(Duration::from_secs(10))
+                .max(MIN_BUDGET_WINDOW),
             speed.ceil().clamp(1.0, f64::from(u32::MAX)) as u32,
             config.retry_budget(),
         )
@@ -377,9 +379,13 @@ impl<B: StackBackends> KlingBuilder<B> {
                 // Tasks stop counting as running when their slots are given back.
                 let mut builder = Monitor::builder().task_lease(config.task_lease_duration());
                 if let Some(rate) = config.account_rate_per_minute() {
-                    let per_window = (rate / speed).round().max(1.0) as u32;
-                    builder =
-                        builder.rate_quota(per_window, config.scaled(Duration::from_secs(60)));
+                    // A minute at this speed, with the requests the account allows in it; no
+                    // shorter than the monitor's shortest window.
+                    let window = config
+                        .scaled(Duration::from_secs(60))
+                        .max(MIN_MONITOR_WINDOW);
+                    let per_window = (rate * window.as_secs_f64() / 60.0).round().max(1.0) as u32;
+                    builder = builder.rate_quota(per_window, window);
                 }
                 builder
                     .build()
@@ -437,6 +443,14 @@ impl KlingBuilder<crate::backends::Redis> {
 fn uncapped() -> Quota {
     Quota::with_period(Duration::from_micros(1)).with_burst(65_535)
 }
+
+/// The shortest window the retry budget takes (kling-retry's `RetryBudget::new`): its 10 s
+/// divided by a speed factor above 1000 is shorter, and the stack would not build.
+const MIN_BUDGET_WINDOW: Duration = Duration::from_millis(10);
+
+/// The shortest rate window the monitor takes (kling-metrics' `MonitorBuilder::rate_quota`): a
+/// minute divided by a speed factor above 20000 is shorter, and the stack would not build.
+const MIN_MONITOR_WINDOW: Duration = Duration::from_millis(3);
 
 /// Names the layer crate a configuration error came from.
 pub(crate) fn layer_error(

@@ -163,8 +163,9 @@ impl Credentials {
     }
 
     /// Reads `KLING_API_KEY`, or else `KLING_ACCESS_KEY` and `KLING_SECRET_KEY`. A blank
-    /// `KLING_API_KEY` (`KLING_API_KEY=` in a `.env` file, or `${KLING_API_KEY}` of a compose
-    /// file where it is unset) counts as not set.
+    /// variable (`KLING_API_KEY=` in a `.env` file, or `${KLING_API_KEY}` of a compose file
+    /// where it is unset) counts as not set, as in
+    /// [`StackConfig::from_env`](crate::StackConfig::from_env).
     pub fn from_env() -> Result<Credentials, ConfigError> {
         Credentials::from_lookup(|name| std::env::var(name).ok())
     }
@@ -173,10 +174,11 @@ impl Credentials {
     pub fn from_lookup(
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<Credentials, ConfigError> {
-        if let Some(key) = lookup("KLING_API_KEY").filter(|key| !key.trim().is_empty()) {
+        let set = |var: &str| lookup(var).filter(|value| !value.trim().is_empty());
+        if let Some(key) = set("KLING_API_KEY") {
             return Credentials::api_key(key).map_err(|e| e.renamed("KLING_API_KEY"));
         }
-        match (lookup("KLING_ACCESS_KEY"), lookup("KLING_SECRET_KEY")) {
+        match (set("KLING_ACCESS_KEY"), set("KLING_SECRET_KEY")) {
             (Some(ak), Some(sk)) => Credentials::access_key(ak, sk).map_err(|e| {
                 let var = if e.field() == "access_key" {
                     "KLING_ACCESS_KEY"

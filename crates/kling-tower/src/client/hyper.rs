@@ -2,22 +2,152 @@
 
 use std::fmt;
 use std::future::Future;
+use std::ops::Deref;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::Uri;
+use http::{Method, Request, Uri, Version};
 use http_body_util::Full;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::TokioExecutor;
 use kling_core::BoxError;
+use kling_core::error::NotSent;
+use pin_project_lite::pin_project;
 use tower_service::Service;
 
-/// The client [`https_client`] builds.
-pub type HttpsClient = Client<ConnectTimeout<HttpsConnector<HttpConnector>>, Full<Bytes>>;
+/// The hyper-util client [`https_client`] builds on.
+pub type HyperClient = Client<ConnectTimeout<HttpsConnector<HttpConnector>>, Full<Bytes>>;
+
+/// hyper-util's response: its body is hyper's `Incoming`.
+type HyperResponse = <HyperClient as Service<Request<Full<Bytes>>>>::Response;
+
+/// The client [`https_client`] builds: a hyper-util client (it derefs to one, [`HyperClient`])
+/// whose `Service` refuses a request hyper-util cannot send as never sent.
+///
+/// hyper-util's client fails a request whose URI is relative (`/v1/videos/text2video`, sent
+/// with no [`BaseUrlLayer`](crate::BaseUrlLayer) under the stack) or whose HTTP version it does
+/// not speak before sending anything, with an error that is no connect error, which the retry
+/// layer and the task slots must read as "maybe sent": a create that surely made nothing held
+/// its slot for the task lease. This `Service` fails such a request with a [`NotSent`] error,
+/// naming its path (never its query), without handing it to hyper-util. Calls through the
+/// hyper-util client itself (`client.request(..)`, by deref) are hyper-util's as they are.
+///
+/// # Clone
+///
+/// Clones share hyper-util's connection pool.
+#[derive(Clone, Debug)]
+pub struct HttpsClient {
+    client: HyperClient,
+}
+
+impl HttpsClient {
+    /// Wraps a hyper-util client.
+    pub fn new(client: HyperClient) -> Self {
+        HttpsClient { client }
+    }
+
+    /// The hyper-util client.
+    pub fn get_ref(&self) -> &HyperClient {
+        &self.client
+    }
+
+    /// Unwraps the hyper-util client.
+    pub fn into_inner(self) -> HyperClient {
+        self.client
+    }
+}
+
+impl Deref for HttpsClient {
+    type Target = HyperClient;
+
+    fn deref(&self) -> &HyperClient {
+        &self.client
+    }
+}
+
+impl Service<Request<Full<Bytes>>> for HttpsClient {
+    type Response = HyperResponse;
+    type Error = BoxError;
+    type Future = HttpsResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Service::<Request<Full<Bytes>>>::poll_ready(&mut self.client, cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<Full<Bytes>>) -> HttpsResponseFuture {
+        let state = match unsendable(&request) {
+            Some(reason) => State::Refused {
+                error: Some(Box::new(NotSent::new(reason))),
+            },
+            None => State::Sending {
+                future: self.client.request(request),
+            },
+        };
+        HttpsResponseFuture { state }
+    }
+}
+
+/// Why hyper-util's client would refuse `request` before sending it, if it would: a URI
+/// without scheme and host (a `CONNECT` may name the host alone), or an HTTP version it does
+/// not speak. The message names the URI's path, not its query (task and external ids, which
+/// the stack's logs never show).
+fn unsendable<B>(request: &Request<B>) -> Option<String> {
+    let uri = request.uri();
+    let connect = request.method() == Method::CONNECT;
+    let absolute = uri.scheme().is_some() || connect;
+    if !(absolute && uri.authority().is_some()) {
+        return Some(format!(
+            "the hyper-util client sends absolute URIs only (`https://host/path`), not `{}`: put \
+             a BaseUrlLayer under the stack",
+            uri.path()
+        ));
+    }
+    let version = request.version();
+    let spoken = version == Version::HTTP_11
+        || version == Version::HTTP_2
+        || (version == Version::HTTP_10 && !connect);
+    (!spoken).then(|| format!("the hyper-util client does not send {version:?} requests"))
+}
+
+pin_project! {
+    /// The [`HttpsClient`] response future.
+    pub struct HttpsResponseFuture {
+        #[pin]
+        state: State,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State {
+        Sending { #[pin] future: ResponseFuture },
+        Refused { error: Option<BoxError> },
+    }
+}
+
+impl fmt::Debug for HttpsResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpsResponseFuture")
+            .finish_non_exhaustive()
+    }
+}
+
+impl Future for HttpsResponseFuture {
+    type Output = Result<HyperResponse, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Sending { future } => future.poll(cx).map_err(Into::into),
+            StateProj::Refused { error } => Poll::Ready(Err(error
+                .take()
+                .unwrap_or_else(|| "polled after completion".into()))),
+        }
+    }
+}
 
 /// A hyper-util client for `https://` (rustls with `ring`, Mozilla's roots from webpki-roots,
 /// HTTP/1.1) that also speaks plain `http://`, for the mock and local proxies. A connection
@@ -25,7 +155,8 @@ pub type HttpsClient = Client<ConnectTimeout<HttpsConnector<HttpConnector>>, Ful
 /// fails as a connect error. It reads no proxy variables (`HTTPS_PROXY`, …): it connects to the
 /// host itself; behind a proxy, use [`ReqwestService`](crate::client) (feature `reqwest`).
 ///
-/// Put `kling_core::ClassifyLayer` over it; its connect errors read as "never sent". Under a
+/// Put `kling_core::ClassifyLayer` over it; its connect errors, and requests it cannot send
+/// (a relative URI: see [`HttpsClient`]), read as "never sent". Under a
 /// stack whose attempt timeout is 10 s or less (a short one, or a speed factor), use
 /// [`https_client_with_connect_timeout`] with the stack's
 /// [`StackConfig::connect_timeout_duration`](crate::StackConfig::connect_timeout_duration):
@@ -45,7 +176,9 @@ pub fn https_client_with_connect_timeout(connect: Duration) -> Result<HttpsClien
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new()).build(ConnectTimeout::new(connector, connect)))
+    let client =
+        Client::builder(TokioExecutor::new()).build(ConnectTimeout::new(connector, connect));
+    Ok(HttpsClient::new(client))
 }
 
 /// A connector whose connections must open within a time limit, TLS handshake included

@@ -12,7 +12,8 @@ mod reqwest;
 
 #[cfg(feature = "hyper")]
 pub use self::hyper::{
-    ConnectTimeout, HttpsClient, https_client, https_client_with_connect_timeout,
+    ConnectTimeout, HttpsClient, HttpsResponseFuture, HyperClient, https_client,
+    https_client_with_connect_timeout,
 };
 #[cfg(feature = "reqwest")]
 pub use self::reqwest::{ReqwestService, ResponseFuture as ReqwestFuture};

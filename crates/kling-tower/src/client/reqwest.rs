@@ -17,8 +17,10 @@ type Pending = <reqwest::Client as Service<reqwest::Request>>::Future;
 /// A `reqwest::Client` as a `Service<http::Request<B>>` whose responses carry reqwest's body,
 /// which `kling_core::ClassifyLayer` reads (bounded) into `Response<Full<Bytes>>`.
 ///
-/// A failed connect becomes a [`NotSent`] error, so the layers above know a create surely did
-/// not happen; other reqwest errors pass as they are (the request may have been sent).
+/// A failed connect, and a request reqwest refuses before sending it (a relative URI, sent with
+/// no [`BaseUrlLayer`](crate::BaseUrlLayer) under the stack, or a scheme other than `http` and
+/// `https`), becomes a [`NotSent`] error, so the layers above know a create surely did not
+/// happen; other reqwest errors pass as they are (the request may have been sent).
 ///
 /// Build the client with [`ReqwestService::new_client`], or install the `ring` provider
 /// ([`install_ring_provider`](super::install_ring_provider)) before building your own.
@@ -202,7 +204,9 @@ impl Future for ResponseFuture {
         match self.project().state.project() {
             StateProj::Sending { future } => match ready!(future.poll(cx)) {
                 Ok(response) => Poll::Ready(Ok(response.into())),
-                Err(e) if e.is_connect() => {
+                // A builder error is reqwest refusing the request before sending it (a scheme
+                // other than `http` or `https`, a URL no URI holds).
+                Err(e) if e.is_connect() || e.is_builder() => {
                     Poll::Ready(Err(Box::new(NotSent::new(without_credentials(e)))))
                 }
                 Err(e) => Poll::Ready(Err(Box::new(without_credentials(e)))),

@@ -685,3 +685,39 @@ fn credentials_from_variables_skip_a_blank_api_key_and_name_the_missing_one() {
     let err = Credentials::from_lookup(lookup(&[("KLING_SECRET_KEY", "s")])).unwrap_err();
     assert_eq!(err.field(), "KLING_ACCESS_KEY", "{err}");
 }
+
+/// Blank `KLING_ACCESS_KEY` and `KLING_SECRET_KEY` count as unset too, as a blank
+/// `KLING_API_KEY` does and as the preset's variables do: the error says no credentials are
+/// set, naming `KLING_API_KEY`, not "`KLING_ACCESS_KEY` must not be empty".
+#[test]
+fn blank_access_and_secret_keys_count_as_unset() {
+    let lookup = |pairs: &'static [(&'static str, &'static str)]| {
+        move |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    };
+    let err = Credentials::from_lookup(lookup(&[
+        ("KLING_API_KEY", ""),
+        ("KLING_ACCESS_KEY", ""),
+        ("KLING_SECRET_KEY", " "),
+    ]))
+    .unwrap_err();
+    assert_eq!(err.field(), "KLING_API_KEY", "{err}");
+    let err = Credentials::from_lookup(lookup(&[
+        ("KLING_ACCESS_KEY", "a"),
+        ("KLING_SECRET_KEY", ""),
+    ]))
+    .unwrap_err();
+    assert_eq!(err.field(), "KLING_SECRET_KEY", "{err}");
+    assert!(err.reason().contains("must be set with"), "{err}");
+    let key = Credentials::from_lookup(lookup(&[
+        ("KLING_API_KEY", "k"),
+        ("KLING_ACCESS_KEY", ""),
+        ("KLING_SECRET_KEY", ""),
+    ]))
+    .unwrap();
+    assert!(!key.is_jwt());
+}

@@ -326,3 +326,56 @@ async fn reqwest_reports_what_happens_after_the_request_left() {
         check("reqwest", answer, &attempt(client, &base).await);
     }
 }
+
+/// A hand-composed stack with no base URL layer hands the client a relative URI. hyper-util's
+/// client fails it before sending anything, but with an error that is no connect error: it read
+/// as maybe sent, so the retry layer and the task slots took a create that made nothing for one
+/// that may have made a task. It is never sent, and its error quotes no query.
+#[tokio::test]
+async fn a_relative_uri_sent_straight_to_the_https_client_is_never_sent() {
+    let service = ClassifyLayer::new().layer(kling_tower::client::https_client().unwrap());
+    let mut request = create("");
+    *request.uri_mut() = "/v1/videos/text2video?external_task_ids=job-secret-7"
+        .parse()
+        .unwrap();
+    let error = service.oneshot(request).await.unwrap_err();
+    assert_eq!(SendState::of(&*error), SendState::NotSent, "{error}");
+    assert!(!kling_core::error::may_have_created(&*error), "{error}");
+    let shown = error.to_string();
+    assert!(shown.contains("/v1/videos/text2video"), "{shown}");
+    assert!(!shown.contains("job-secret-7"), "{shown}");
+}
+
+/// The same through the stack's retry layer, hand-composed without a base URL layer: a create
+/// never sent is tried no more than its attempts allow and fails as never sent, not as a create
+/// that may have made a task.
+#[tokio::test]
+async fn a_hand_composed_stack_without_a_base_url_reports_a_relative_create_as_never_sent() {
+    use kling_tower::retry::RetryLayer;
+
+    let retry = RetryLayer::builder().max_attempts(1).build().unwrap();
+    let service =
+        retry.layer(ClassifyLayer::new().layer(kling_tower::client::https_client().unwrap()));
+    let error = service.oneshot(create("")).await.unwrap_err();
+    assert_eq!(SendState::of(&*error), SendState::NotSent, "{error}");
+    assert!(!kling_core::error::may_have_created(&*error), "{error}");
+}
+
+/// reqwest refuses a relative URI, and a scheme other than `http` or `https`, before sending:
+/// both are never sent (the scheme's error was a builder error, which read as maybe sent).
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn reqwest_reports_a_request_it_refuses_before_sending_as_never_sent() {
+    use kling_tower::client::ReqwestService;
+
+    let service = ClassifyLayer::new().layer(ReqwestService::new_client().unwrap());
+    for uri in [
+        "/v1/videos/text2video",
+        "ftp://127.0.0.1/v1/videos/text2video",
+    ] {
+        let mut request = create("");
+        *request.uri_mut() = uri.parse().unwrap();
+        let error = service.clone().oneshot(request).await.unwrap_err();
+        assert_eq!(SendState::of(&*error), SendState::NotSent, "{uri}: {error}");
+    }
+}

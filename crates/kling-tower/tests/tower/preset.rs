@@ -496,3 +496,273 @@ fn a_gateway_entry_whose_stack_names_another_account_is_refused() {
         .build()
         .unwrap();
 }
+
+/// A duration divided by the speed factor can round to nothing: `speed = 4` with
+/// `attempt_timeout_secs = 1e-9` made an attempt timeout of 0, which validation let through
+/// (it checked the duration as written). Each scaled duration must be above 0, and the error
+/// names the key and what the value comes to at that speed.
+#[test]
+fn a_duration_that_scales_to_zero_is_refused_naming_the_key_and_the_scaled_value() {
+    let pro = || StackConfig::preset(Tier::Pro);
+    let tiny = Duration::from_nanos(1);
+    let cases = [
+        (
+            pro().speed(4.0).attempt_timeout(tiny),
+            "attempt_timeout_secs",
+        ),
+        (pro().speed(4.0).task_lease(tiny), "task_lease_secs"),
+        (pro().speed(4.0).retry_deadline(tiny), "retry_deadline_secs"),
+        (pro().speed(4.0).credit_period(tiny), "credit_period_secs"),
+    ];
+    for (config, field) in cases {
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.field(), field, "{err}");
+        assert!(err.reason().contains("comes to 0ns at speed 4"), "{err}");
+        // The stack refuses it too, rather than timing every attempt out at once.
+        let built =
+            kling_tower::KlingLayer::new(config, kling_tower::Credentials::api_key("k").unwrap());
+        assert_eq!(built.unwrap_err().field(), field);
+    }
+    // The loaders. At speed 2, 1e-9 s comes to 1 ns, whose third (the connect timeout) is 0.
+    let err = StackConfig::from_toml_str("speed = 2\nattempt_timeout_secs = 1e-9").unwrap_err();
+    assert_eq!(err.field(), "attempt_timeout_secs", "{err}");
+    assert!(err.reason().contains("0ns"), "{err}");
+    let err = StackConfig::from_lookup(vars(&[
+        ("KLING_SPEED", "4"),
+        ("KLING_TASK_LEASE_SECS", "1e-9"),
+    ]))
+    .unwrap_err();
+    assert_eq!(err.field(), "KLING_TASK_LEASE_SECS", "{err}");
+    assert!(err.reason().contains("0ns"), "{err}");
+
+    // The connect timeout, a third of the attempt timeout, must not be 0 either.
+    let err = pro()
+        .attempt_timeout(Duration::from_nanos(2))
+        .validate()
+        .unwrap_err();
+    assert_eq!(err.field(), "attempt_timeout_secs", "{err}");
+    assert!(err.reason().contains("connect timeout, to 0ns"), "{err}");
+
+    // A nanosecond at speed 1, three for the attempt timeout, is not 0.
+    pro().task_lease(tiny).validate().unwrap();
+    let shortest = pro().attempt_timeout(Duration::from_nanos(3));
+    shortest.validate().unwrap();
+    assert_eq!(shortest.connect_timeout_duration(), tiny);
+}
+
+/// With no jitter allowance, a rate whose interval is under a nanosecond at its speed paced at
+/// an interval of 0: validation let it through and the stack's rate limiter refused it. It is
+/// refused as too large, with the largest rate; with the jitter allowance, the allowance
+/// alone paces it.
+#[test]
+fn a_rate_too_large_to_pace_without_a_jitter_allowance_is_refused_as_too_large() {
+    let huge = StackConfig::preset(Tier::Pro)
+        .jitter_allowance(Duration::ZERO)
+        .speed(2.0)
+        .rate_per_minute(1e300);
+    let err = huge.validate().unwrap_err();
+    assert_eq!(err.field(), "rate_per_minute", "{err}");
+    assert!(err.reason().contains("too large"), "{err}");
+    assert!(err.reason().contains("every 0ns"), "{err}");
+    assert!(err.reason().contains("at most 30000000000.0"), "{err}");
+    let built = kling_tower::KlingLayer::new(huge, kling_tower::Credentials::api_key("k").unwrap());
+    assert_eq!(built.unwrap_err().field(), "rate_per_minute");
+
+    let fastest = StackConfig::preset(Tier::Pro)
+        .jitter_allowance(Duration::ZERO)
+        .speed(2.0)
+        .rate_per_minute(3e10);
+    fastest.validate().unwrap();
+    assert_eq!(fastest.pacing_interval(), Some(Duration::from_nanos(1)));
+    StackConfig::preset(Tier::Pro)
+        .speed(2.0)
+        .rate_per_minute(1e300)
+        .validate()
+        .unwrap();
+}
+
+/// A burst beyond the rate limiter's largest (65535) passed validation and failed building the
+/// stack; it is refused as too large.
+#[test]
+fn a_burst_beyond_the_rate_limiters_largest_is_refused_as_too_large() {
+    let err = StackConfig::preset(Tier::Pro)
+        .burst(70_000)
+        .validate()
+        .unwrap_err();
+    assert_eq!(err.field(), "burst");
+    assert!(
+        err.reason().contains("too large: must be at most 65535"),
+        "{err}"
+    );
+    let largest = StackConfig::preset(Tier::Pro).burst(65_535);
+    largest.validate().unwrap();
+    kling_tower::KlingLayer::new(largest, kling_tower::Credentials::api_key("k").unwrap()).unwrap();
+}
+
+/// A number too large for its key got the wrong reason: `credit_period_secs = 1e300` was "must
+/// be a number of seconds, 0 or more", `KLING_BURST=5000000000` "is not a valid number here".
+/// They say the value is too large, and the largest value.
+#[test]
+fn a_number_too_large_is_refused_as_too_large_naming_the_largest() {
+    let toml_cases = [
+        (
+            "credit_period_secs = 1e300",
+            "credit_period_secs",
+            "at most 31536000",
+        ),
+        (
+            "attempt_timeout_secs = inf",
+            "attempt_timeout_secs",
+            "at most 31536000",
+        ),
+        (
+            "task_lease_secs = 40000000",
+            "task_lease_secs",
+            "at most a year",
+        ),
+        (
+            "jitter_allowance_ms = 1e300",
+            "jitter_allowance_ms",
+            "at most 10000",
+        ),
+        ("burst = 5000000000", "burst", "at most 4294967295"),
+        (
+            "[pool_slots]\nvideo = 5000000000",
+            "pool_slots.video",
+            "at most 4294967295",
+        ),
+        ("slot_queue = 5e9", "slot_queue", "at most 4294967295"),
+    ];
+    for (text, field, max) in toml_cases {
+        let err = StackConfig::from_toml_str(text).unwrap_err();
+        assert_eq!(err.field(), field, "{text}: {err}");
+        assert!(err.reason().contains("too large"), "{text}: {err}");
+        assert!(err.reason().contains(max), "{text}: {err}");
+    }
+    let env_cases = [
+        ("KLING_CREDIT_PERIOD_SECS", "1e300", "at most 31536000"),
+        (
+            "KLING_RETRY_DEADLINE_SECS",
+            "1e400",
+            "at most 31536000 seconds (a year)",
+        ),
+        ("KLING_TASK_LEASE_SECS", "40000000", "at most a year"),
+        ("KLING_JITTER_ALLOWANCE_MS", "1e300", "at most 10000"),
+        ("KLING_JITTER_ALLOWANCE_MS", "20000", "at most 10000"),
+        ("KLING_BURST", "5000000000", "at most 4294967295"),
+        ("KLING_SLOTS", "99999999999", "at most 4294967295"),
+        (
+            "KLING_RETRY_MAX_ATTEMPTS",
+            "5000000000",
+            "at most 4294967295",
+        ),
+        ("KLING_POOL_SLOTS", "video=5000000000", "at most 4294967295"),
+        ("KLING_MAX_BODY_BYTES", "1e30", "at most"),
+        ("KLING_SLOT_QUEUE", "1e30", "at most"),
+        ("KLING_DAILY_CREDITS", "1e400", "at most"),
+        ("KLING_RETRY_BUDGET_RATIO", "1e400", "at most"),
+    ];
+    for (var, value, max) in env_cases {
+        let err = StackConfig::from_lookup(vars(&[(var, value)])).unwrap_err();
+        assert_eq!(err.field(), var, "{var}={value}: {err}");
+        assert!(err.reason().contains("too large"), "{var}={value}: {err}");
+        assert!(err.reason().contains(max), "{var}={value}: {err}");
+    }
+    // Other numbers a key does not take keep their own reasons.
+    let other = [
+        ("KLING_BURST", "-1", "below 0"),
+        ("KLING_BURST", "2.5", "not a whole number"),
+        ("KLING_BURST", "many", "not a valid number"),
+        ("KLING_CREDIT_PERIOD_SECS", "-1", "0 or more"),
+        ("KLING_CREDIT_PERIOD_SECS", "-1e400", "0 or more"),
+        ("KLING_SLOTS", "-1e400", "below 0"),
+    ];
+    for (var, value, reason) in other {
+        let err = StackConfig::from_lookup(vars(&[(var, value)])).unwrap_err();
+        assert!(err.reason().contains(reason), "{var}={value}: {err}");
+        assert!(!err.reason().contains("too large"), "{var}={value}: {err}");
+    }
+    let err = StackConfig::from_toml_str("credit_period_secs = -1").unwrap_err();
+    assert!(err.reason().contains("0 or more"), "{err}");
+}
+
+/// A blank preset variable (`KLING_TIER=` in a `.env` file, a compose file's `${KLING_TIER}`
+/// where it is unset) was an error naming it, where a blank `KLING_API_KEY` counts as unset.
+/// Blank counts as unset for every variable.
+#[test]
+fn blank_preset_variables_count_as_unset() {
+    const ALL: [&str; 18] = [
+        "KLING_TIER",
+        "KLING_SPEED",
+        "KLING_RATE_PER_MINUTE",
+        "KLING_BURST",
+        "KLING_HEADROOM",
+        "KLING_JITTER_ALLOWANCE_MS",
+        "KLING_SLOTS",
+        "KLING_POOL_SLOTS",
+        "KLING_SLOT_QUEUE",
+        "KLING_POOL_SCOPE",
+        "KLING_TASK_LEASE_SECS",
+        "KLING_RETRY_MAX_ATTEMPTS",
+        "KLING_RETRY_DEADLINE_SECS",
+        "KLING_RETRY_BUDGET_RATIO",
+        "KLING_ATTEMPT_TIMEOUT_SECS",
+        "KLING_MAX_BODY_BYTES",
+        "KLING_DAILY_CREDITS",
+        "KLING_CREDIT_PERIOD_SECS",
+    ];
+    for blank in ["", "  "] {
+        let pairs: Vec<(&str, &str)> = ALL.iter().map(|var| (*var, blank)).collect();
+        assert_eq!(
+            StackConfig::from_lookup(vars(&pairs)).unwrap(),
+            StackConfig::preset(Tier::Free),
+            "{blank:?}"
+        );
+        for var in ALL {
+            let config = StackConfig::from_lookup(vars(&[(var, blank)]))
+                .unwrap_or_else(|e| panic!("{var}={blank:?}: {e}"));
+            assert_eq!(config, StackConfig::preset(Tier::Free), "{var}");
+        }
+    }
+    let c = StackConfig::from_lookup(vars(&[("KLING_TIER", ""), ("KLING_SLOTS", "3")])).unwrap();
+    assert_eq!(c, StackConfig::preset(Tier::Free).slots(3));
+    let c = StackConfig::preset(Tier::Pro)
+        .with_lookup(vars(&[("KLING_SLOTS", " ")]))
+        .unwrap();
+    assert_eq!(c, StackConfig::preset(Tier::Pro));
+}
+
+/// Every speed `validate` accepts builds a stack. Above 1000, the retry budget's window (10 s
+/// divided by the speed) was under its 10 ms least, and above 20000 the monitor's rate window
+/// (a minute divided by the speed) under its 3 ms: `KlingLayer::new` failed with
+/// `retry.budget.window` or `monitor.rate_quota` for a configuration that had passed. Below 1,
+/// a duration the speed makes longer than a year passed and the spend guard refused it; it is
+/// refused by `validate`, naming the key and what it comes to.
+#[test]
+fn every_speed_validation_accepts_builds_a_stack() {
+    use kling_tower::preset::{MAX_SPEED, MIN_SPEED};
+
+    let slowest_free = StackConfig::preset(Tier::Free).speed(MIN_SPEED);
+    let err = slowest_free.validate().unwrap_err();
+    assert_eq!(err.field(), "credit_period_secs", "{err}");
+    assert!(
+        err.reason().contains("86400000.0 seconds at speed 0.001"),
+        "{err}"
+    );
+    for tier in [Tier::Free, Tier::Pro, Tier::Enterprise] {
+        for speed in [MIN_SPEED, 0.5, 1.0, 1000.0, 2000.0, 30_000.0, MAX_SPEED] {
+            let config = StackConfig::preset(tier).speed(speed);
+            let config = if tier == Tier::Free && speed < 1.0 {
+                config.credit_period(Duration::from_secs(3600))
+            } else {
+                config
+            };
+            config.validate().unwrap();
+            let built = kling_tower::KlingLayer::new(
+                config,
+                kling_tower::Credentials::api_key("k").unwrap(),
+            );
+            assert!(built.is_ok(), "{tier} at {speed}: {:?}", built.err());
+        }
+    }
+}
