@@ -60,7 +60,10 @@ struct Options {
 /// ('1'), adaptive start rate (-1: ceiling/4), ceiling rate. Returns a function that takes the
 /// cell (and returns whether the key's 1302 streak is running), or `nil` and the refusal
 /// `{1, not_before, cooldown 0/1}`: nothing is taken until that function is called, so a
-/// script may ask another key first.
+/// script may ask another key first. The first decision after a pause (`cd`, then cleared)
+/// ends it with the key's burst spent, as in process: `tat` at least `cd + period ×
+/// (burst − 1)` at the pace applied before, so the requests queued behind it go an interval
+/// apart (kept whether the decision then admits or refuses).
 ///
 /// The fleet's order: each process sends only its queue's head, with the instant that request
 /// began waiting; a refused head holds its process's place, scored by that instant, and a cell
@@ -119,6 +122,20 @@ local function gcra(key, q, qx, period, burst, adaptive, start, ceiling)
   end
   local tat = tonumber(v[1])
   local applied = tonumber(v[2])
+  if cd then
+    -- The pause is over: the key starts with its burst spent (one request at its end, the next
+    -- an interval apart), at the pace it was applied at; a quota change since then applies
+    -- below. Once: the pause is forgotten with it.
+    local at = applied or period
+    local spent = cd + at * (burst - 1)
+    if (not tat) or spent > tat then
+      tat = spent
+      redis.call('HSET', key, 't', int(tat), 'p', int(at))
+    end
+    applied = at
+    redis.call('HDEL', key, 'cd')
+    wrote = true
+  end
   if tat and applied and applied ~= period then
     if tat > now then
       tat = now + math.ceil((tat - now) * period / applied)
@@ -240,6 +257,9 @@ return 0
 /// ceiling, growth, decrease, target, probe, cooldown first, escalate_after, backoff, ceiling,
 /// window, idle TTL. Returns {cooldown_until or -1, streak}.
 ///
+/// A 1302 adds to the key's streak when it comes within the window of the end of the pause the
+/// streak's last 1302 set (`se` holds that end plus the window), as in process.
+///
 /// A pause (which is kept for delivery when Redis does not take it) also gives `KEYS[2]`, the
 /// numbers of this process's pauses that the key took (a sorted set, expiring when this script
 /// leaves the key's hash to expire), `ARGV[21]` its number and `ARGV[22]` the lowest number
@@ -320,16 +340,18 @@ local sent = tonumber(ARGV[3])
 local recv = tonumber(ARGV[4])
 local resume = tonumber(ARGV[5])
 local throttled = ARGV[6] == '1'
-if throttled and ((not lp) or sent >= lp) then
-  local window = tonumber(ARGV[19])
-  if streak > 0 and lp and (recv - lp) <= window then
+local counted = throttled and ((not lp) or sent >= lp)
+if counted then
+  -- Within the window of the end of the pause the streak's last 1302 set (`se` is that end
+  -- plus the window), not of its arrival: a pause as long as the window (the default ceiling
+  -- is) must not end the streak it escalates.
+  if streak > 0 and se and recv <= se then
     streak = streak + 1
   else
     streak = 1
   end
   lp = recv
-  se = recv + window
-  redis.call('HSET', key, 's', streak, 'lp', int(lp), 'se', int(se))
+  redis.call('HSET', key, 's', streak, 'lp', int(lp))
   if adaptive then
     if not rate then rate = start_rate() end
     limit = rate
@@ -355,6 +377,11 @@ local untl = recv
 if resume and esc then untl = math.max(resume, esc)
 elseif resume then untl = resume
 elseif esc then untl = esc end
+if counted then
+  -- The streak's window runs from the end of the pause this 1302 set.
+  se = untl + tonumber(ARGV[19])
+  redis.call('HSET', key, 'se', int(se))
+end
 local extends = untl > now and ((not cd) or untl > cd)
 if extends then
   cd = untl
@@ -375,7 +402,9 @@ return {-1, streak}
 ///   `period × (burst − 1)`), the cooldown escalation of
 ///   [`Cooldown`](kling_ratelimit::Cooldown) and the AIMD rule of
 ///   [`Adaptive`](kling_ratelimit::Adaptive), so a fleet learns a 1302 and an adaptive rate
-///   together. The emission interval is rounded up to a whole microsecond.
+///   together: a pause ends with the key's burst spent (the requests queued behind it go an
+///   interval apart), and a 1302 adds to the streak within the window of the end of the last
+///   pause. The emission interval is rounded up to a whole microsecond.
 /// - **Waiting stays in the process**: the layer's FIFO queue and tokio sleep; only a queue's
 ///   head asks Redis.
 /// - **Fleet order**: a refused request holds its process's place in the key's queue in Redis,

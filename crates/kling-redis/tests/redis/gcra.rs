@@ -1635,3 +1635,257 @@ async fn a_kept_1302_whose_delivery_was_cut_short_counts_once() {
     );
     assert_eq!(streak().await.as_deref(), Some("1"), "counted twice");
 }
+
+/// The pause `backend` holds for `key` in Redis (`cd`, fleet µs).
+async fn fleet_pause_end(
+    server: &kling_redis::testing::RedisServer,
+    backend: &RedisGcra,
+    key: &BucketKey,
+) -> i64 {
+    let cd: Option<i64> = redis::cmd("HGET")
+        .arg(backend.key_of(key))
+        .arg("cd")
+        .query_async(&mut raw(server).await)
+        .await
+        .unwrap();
+    cd.expect("the key is paused")
+}
+
+/// Asks `backend` for `n` cells of `key` from fleet time `from`, each time at the instant the
+/// refusal before said (as a queue's head does): the admissions' fleet times.
+async fn admitted_from(
+    backend: &RedisGcra,
+    (key, policy): (&BucketKey, &Policy),
+    from: i64,
+    n: usize,
+) -> Vec<i64> {
+    let mut at = from;
+    let mut admitted = Vec::new();
+    for _ in 0..4 * n {
+        match backend.decide_at(key, policy, at).await.unwrap() {
+            FleetDecision::Admit => admitted.push(at),
+            FleetDecision::NotBefore { at_us, .. } => at = at_us,
+            other => panic!("{other:?}"),
+        }
+        if admitted.len() == n {
+            break;
+        }
+    }
+    admitted
+}
+
+/// As kling-ratelimit's in-process `requests_queued_behind_a_pause_go_spaced_when_it_ends`:
+/// the requests queued behind a pause go an interval apart when it ends, not a whole burst at
+/// once into the server that just refused (at ten a second and a burst of five: at 1000,
+/// 1100, 1200 and 1300 ms, not all at 1000), whichever process of the fleet asks. Long after,
+/// the burst is whole again.
+#[tokio::test]
+async fn requests_queued_behind_a_pause_go_spaced_when_it_ends() {
+    let Some(server) = redis() else { return };
+    let one = RedisGcra::new(connect(&server).await);
+    let two = RedisGcra::new(connect(&server).await);
+    let key = BucketKey::account(Some(AccountId::new("spaced")));
+    let policy = Policy::new(Quota::per_second(10.0).with_burst(5), Cooldown::default());
+    let start = one.connection().now_us();
+    assert_eq!(
+        one.decide_at(&key, &policy, start).await.unwrap(),
+        FleetDecision::Admit
+    );
+    let reported = one
+        .feedback(&key, &policy, throttled_at(tokio::time::Instant::now()))
+        .await
+        .unwrap();
+    assert!(reported.cooldown_until.is_some());
+    let end = fleet_pause_end(&server, &one, &key).await;
+    assert!(end > start + 900_000, "a 1 s pause: {}", end - start);
+    let queued: Vec<i64> = admitted_from(&two, (&key, &policy), start, 4)
+        .await
+        .into_iter()
+        .map(|at| at - end)
+        .collect();
+    assert_eq!(queued, [0, 100_000, 200_000, 300_000]);
+    // Long after, five at once (and not a sixth).
+    let later = end + 5_000_000;
+    for _ in 0..5 {
+        assert_eq!(
+            one.decide_at(&key, &policy, later).await.unwrap(),
+            FleetDecision::Admit
+        );
+    }
+    assert_eq!(
+        one.decide_at(&key, &policy, later).await.unwrap(),
+        FleetDecision::NotBefore {
+            at_us: later + 100_000,
+            cooldown: false
+        }
+    );
+}
+
+/// As kling-ratelimit's `a_pause_that_ended_spends_the_burst_for_a_thread_that_remembers_the_key`:
+/// a pause that is over before the next request asks still ends with the burst spent at its
+/// end. With a burst of three, after a 2 s pause, requests asking 50 ms after it go at 50,
+/// 100 and 200 ms past its end (the burst, spent at its end, refilled half an interval).
+#[tokio::test]
+async fn a_pause_over_before_the_next_ask_still_spends_the_burst() {
+    let Some(server) = redis() else { return };
+    let backend = RedisGcra::new(connect(&server).await);
+    let key = BucketKey::account(Some(AccountId::new("ended")));
+    let policy = Policy::new(Quota::per_second(10.0).with_burst(3), Cooldown::default());
+    let now = tokio::time::Instant::now();
+    let pause = Feedback::Pause {
+        sent_at: now,
+        received_at: now,
+        resume_at: Some(now + Duration::from_secs(2)),
+        throttled: true,
+    };
+    backend.feedback(&key, &policy, pause).await.unwrap();
+    let end = fleet_pause_end(&server, &backend, &key).await;
+    let times: Vec<i64> = admitted_from(&backend, (&key, &policy), end + 50_000, 3)
+        .await
+        .into_iter()
+        .map(|at| at - end)
+        .collect();
+    assert_eq!(times, [50_000, 100_000, 200_000]);
+}
+
+/// Reports 1302s one after another, each sent when the pause before it ended and received
+/// `latency` later (the first with `resume_at` as its `Retry-After`): each pause's length, and
+/// the streak each reached.
+async fn pauses_in_a_row(
+    backend: &RedisGcra,
+    account: &str,
+    latency: Duration,
+    first_resume_after: Option<Duration>,
+    n: usize,
+) -> (Vec<u128>, Vec<u32>) {
+    let key = BucketKey::account(Some(AccountId::new(account)));
+    let policy = Policy::new(Quota::per_second(10.0), Cooldown::default());
+    let mut sent = tokio::time::Instant::now();
+    let (mut pauses, mut streaks) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let received = sent + latency;
+        let resume_at = first_resume_after
+            .filter(|_| i == 0)
+            .map(|after| received + after);
+        let feedback = Feedback::Pause {
+            sent_at: sent,
+            received_at: received,
+            resume_at,
+            throttled: true,
+        };
+        let reported = backend.feedback(&key, &policy, feedback).await.unwrap();
+        let until = reported.cooldown_until.expect("each 1302 pauses the key");
+        // To the millisecond: fleet times are whole microseconds.
+        pauses.push(((until - received).as_micros() + 500) / 1000);
+        streaks.push(reported.streak);
+        sent = until;
+    }
+    (pauses, streaks)
+}
+
+/// As kling-ratelimit's in-process `the_streak_window_counts_from_the_end_of_the_last_pause`:
+/// 1302s that keep coming after each pause keep the fleet's streak at the ceiling, since the
+/// window counts from the end of the last pause. Neither the 60 s ceiling (as long as the
+/// default window) nor a `Retry-After` longer than the window ends the streak and drops the
+/// pause back to 1 s.
+#[tokio::test]
+async fn the_streak_window_counts_from_the_end_of_the_last_pause() {
+    let Some(server) = redis() else { return };
+    let backend = RedisGcra::new(connect(&server).await);
+    let (pauses, streaks) =
+        pauses_in_a_row(&backend, "streak", Duration::from_millis(50), None, 6).await;
+    // Before, the fifth came 60.05 s after the fourth arrived, and paused 1 s as a first one.
+    assert_eq!(pauses, [1000, 2000, 30_000, 60_000, 60_000, 60_000]);
+    assert_eq!(streaks, [1, 2, 3, 4, 5, 6]);
+    let (pauses, streaks) = pauses_in_a_row(
+        &backend,
+        "retry-after",
+        Duration::ZERO,
+        Some(Duration::from_secs(120)),
+        2,
+    )
+    .await;
+    // The second 1302 in a row pauses 2 s (before: 1 s, a new streak).
+    assert_eq!(pauses, [120_000, 2000]);
+    assert_eq!(streaks, [1, 2]);
+}
+
+/// What the in-process backend admits after a first 1302 under `policy`: requests asking from
+/// `ask_after` past the pause's end, each again when told; their times past its end (µs).
+fn in_process_after_a_pause(policy: Policy, ask_after: Duration, n: usize) -> Vec<i64> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let backend = InProcess::new();
+        let key = BucketKey::account(Some(AccountId::new("a")));
+        assert_eq!(backend.acquire_now(&key, &policy), Decision::Admit);
+        let now = tokio::time::Instant::now();
+        let end = backend
+            .feedback_now(&key, &policy, throttled_at(now))
+            .cooldown_until
+            .expect("a 1302 pauses the key");
+        tokio::time::advance(end + ask_after - now).await;
+        let mut admitted = Vec::new();
+        while admitted.len() < n {
+            match backend.acquire_now(&key, &policy) {
+                Decision::Admit => {
+                    admitted.push((tokio::time::Instant::now() - end).as_micros() as i64);
+                }
+                Decision::NotBefore { at, .. } => {
+                    tokio::time::advance(at - tokio::time::Instant::now()).await;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        admitted
+    })
+}
+
+/// With an adaptive rate, which a 1302 lowers, the burst is spent at the pace the key had
+/// before the pause and then carried to the lower one, as in process: the fleet and a single
+/// process space the requests after a pause alike (to the microsecond the script rounds the
+/// interval up to).
+#[tokio::test]
+async fn after_a_pause_an_adaptive_key_spaces_its_requests_as_in_process() {
+    let Some(server) = redis() else { return };
+    let backend = RedisGcra::new(connect(&server).await);
+    let key = BucketKey::account(Some(AccountId::new("adaptive-pause")));
+    let adaptive = kling_ratelimit::Adaptive::new().start(Quota::per_second(10.0));
+    let policy = Policy::new(Quota::per_second(10.0).with_burst(2), Cooldown::default())
+        .with_adaptive(Some(adaptive));
+    let ask_after = Duration::from_millis(50);
+    // (Its own runtime, paused, on a thread of its own.)
+    let expected = std::thread::spawn(move || in_process_after_a_pause(policy, ask_after, 3))
+        .join()
+        .unwrap();
+    let start = backend.connection().now_us();
+    assert_eq!(
+        backend.decide_at(&key, &policy, start).await.unwrap(),
+        FleetDecision::Admit
+    );
+    backend
+        .feedback(&key, &policy, throttled_at(tokio::time::Instant::now()))
+        .await
+        .unwrap();
+    let end = fleet_pause_end(&server, &backend, &key).await;
+    let actual: Vec<i64> = admitted_from(
+        &backend,
+        (&key, &policy),
+        end + ask_after.as_micros() as i64,
+        3,
+    )
+    .await
+    .into_iter()
+    .map(|at| at - end)
+    .collect();
+    assert_eq!(actual.len(), expected.len());
+    for (a, e) in actual.iter().zip(&expected) {
+        assert!(
+            (a - e).abs() <= 3,
+            "in process {expected:?}, redis {actual:?}"
+        );
+    }
+}
