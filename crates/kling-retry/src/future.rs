@@ -167,6 +167,9 @@ struct Retrying<S, B> {
     unsent_reason: Option<&'static str>,
     /// Slot-gated retries so far: outside the attempt limit (see `attempt_limit`).
     slot_gated: u32,
+    /// Throttled retries (`1302`, a 429 page) so far of a call with a deadline: outside the
+    /// attempt limit too (see `attempt_limit`).
+    throttled: u32,
 }
 
 impl<S, B> Retrying<S, B> {
@@ -186,6 +189,7 @@ impl<S, B> Retrying<S, B> {
             external_id: None,
             next: Sending::Original,
             slot_gated: 0,
+            throttled: 0,
             waited: Duration::ZERO,
             sleep: None,
             sleep_from: now,
@@ -606,16 +610,25 @@ where
     }
 
     /// The attempt limit, plus the one retry of a refused token (outside the limit, as the
-    /// auth layer's own resend was) and the slot-gated retries: a `1303` the task-slots layer
+    /// auth layer's own resend was), the slot-gated retries (a `1303` the task-slots layer
     /// below holds until one of this account's tasks ends is waiting, not hammering the API,
     /// and on an account whose slot count is set too high it may meet several in a row; the
-    /// deadline bounds those.
+    /// deadline bounds those) and, in a call with a deadline, the throttled retries: a `1302`
+    /// refused the request before any work because the account as a whole went too fast, so
+    /// which call it lands on is the luck of the draw among the account's requests (behind a
+    /// task-slots layer, a refused create also gives its slot to the next create waiting and
+    /// queues again, its attempts hours apart); the backoff, the budget and the deadline bound
+    /// those.
     fn attempt_limit(&self) -> u32 {
-        let gated = self.retry.as_deref().map_or(0, |retry| retry.slot_gated);
+        let (gated, throttled) = self
+            .retry
+            .as_deref()
+            .map_or((0, 0), |retry| (retry.slot_gated, retry.throttled));
         self.shared()
             .max_attempts
             .saturating_add(u32::from(self.resigned))
             .saturating_add(gated)
+            .saturating_add(throttled)
     }
 
     fn after_error(&mut self, error: BoxError) -> Step {
@@ -964,6 +977,15 @@ where
         }
         if delay == DelayKind::Immediate && !resign {
             self.retrying().slot_gated += 1;
+        }
+        // A throttled retry of a call with a deadline is outside the attempt limit (see
+        // `attempt_limit`); `max_attempts(1)` still means no retry at all.
+        if delay == DelayKind::Throttled
+            && create == CreateState::NotCreated
+            && self.template.deadline.is_some()
+            && self.shared().max_attempts > 1
+        {
+            self.retrying().throttled += 1;
         }
         if self.attempts >= self.attempt_limit() {
             return self.fail(StopReason::AttemptsExhausted, last);

@@ -75,7 +75,8 @@
 //!   transient faults, drawn from what fits before the deadline when the floor does. See
 //!   [`Backoff`] for the exact bounds.
 //! - **Bounds**: at most [`max_attempts`](RetryLayerBuilder::max_attempts) requests (a
-//!   slot-gated `1303` retry, held below until a slot frees, is not counted); a total
+//!   slot-gated `1303` retry, held below until a slot frees, is not counted, nor in a call
+//!   with a deadline a `1302` retry, which the backoff and the budget space); a total
 //!   [`deadline`](RetryLayerBuilder::deadline), passed down as
 //!   [`Deadline`](kling_core::signals::Deadline) so the rate limiter and the slots layer stop
 //!   waiting at it too; and a [`RetryBudget`] shared by clones. When the next retry would start

@@ -19,15 +19,19 @@ use crate::support::{Counters, Reply, code, get, kling, send, task, with_header}
 
 #[tokio::test(start_paused = true)]
 async fn max_attempts_bounds_the_requests() {
+    // Without a deadline nothing else bounds a run of 1302s: the attempt limit does.
     let (server, log) = kling(|_, _| Reply::Now(code(1302)));
     let client = RetryLayer::builder()
         .seed(1)
         .max_attempts(3)
+        .no_deadline()
         .build()
         .unwrap()
         .layer(server);
-    let error = send(&client, get("/v1/videos/text2video/t1"))
+    let call = send(&client, get("/v1/videos/text2video/t1"));
+    let error = tokio::time::timeout(Duration::from_secs(3600), call)
         .await
+        .expect("the attempt limit ends the call")
         .unwrap_err();
     assert_eq!(log.len(), 3);
     let failed = error.downcast_ref::<Failed>().unwrap();
@@ -38,6 +42,81 @@ async fn max_attempts_bounds_the_requests() {
         failed.waited() >= Duration::from_secs(2),
         "two throttled backoffs of ≥ 1 s"
     );
+}
+
+/// A 1302 refuses the request before any work because the account went too fast: which call
+/// it lands on is luck (behind a task-slots layer a refused create also queues again for a
+/// slot, its attempts hours apart). A call with a deadline retries a run of them longer than
+/// the attempt limit; its other failures still count against the limit.
+#[tokio::test(start_paused = true)]
+async fn a_run_of_1302s_longer_than_the_attempt_limit_ends_in_success() {
+    let (server, log) = kling(|_, i| Reply::Now(if i < 8 { code(1302) } else { task("t", None) }));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .max_attempts(3)
+        .build()
+        .unwrap()
+        .layer(server);
+    let start = Instant::now();
+    send(&client, get("/v1/videos/text2video/t"))
+        .await
+        .expect("the query gets through after eight 1302s");
+    assert_eq!(log.len(), 9);
+    // Still backed off, at least the 1 s floor each time: never a burst against the API.
+    assert!(start.elapsed() >= Duration::from_secs(8));
+
+    // 1302s do not hide other failures from the limit: two 1302s, then 5000s, ends after
+    // three attempts that were not throttled.
+    let (server, log) = kling(|_, i| Reply::Now(code(if i < 2 { 1302 } else { 5000 })));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .max_attempts(3)
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, get("/v1/videos/text2video/t"))
+        .await
+        .unwrap_err();
+    let failed = error.downcast_ref::<Failed>().unwrap();
+    assert_eq!(failed.reason(), StopReason::AttemptsExhausted);
+    assert_eq!(log.len(), 5);
+
+    // `max_attempts(1)` is still no retry at all.
+    let (server, log) = kling(|_, _| Reply::Now(code(1302)));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .max_attempts(1)
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, get("/v1/videos/text2video/t"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.downcast_ref::<Failed>().unwrap().reason(),
+        StopReason::AttemptsExhausted
+    );
+    assert_eq!(log.len(), 1);
+}
+
+/// A run of 1302s is still bounded by the deadline: the call ends there, not before.
+#[tokio::test(start_paused = true)]
+async fn a_run_of_1302s_ends_at_the_deadline() {
+    let (server, log) = kling(|_, _| Reply::Now(code(1302)));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .max_attempts(3)
+        .deadline(Duration::from_secs(120))
+        .build()
+        .unwrap()
+        .layer(server);
+    let start = Instant::now();
+    let error = send(&client, get("/v1/videos/text2video/t"))
+        .await
+        .unwrap_err();
+    assert!(error.is::<DeadlineExceeded>(), "{error}");
+    assert!(log.len() > 3, "{} attempts", log.len());
+    assert!(start.elapsed() <= Duration::from_secs(120));
 }
 
 #[tokio::test(start_paused = true)]
