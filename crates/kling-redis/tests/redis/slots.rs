@@ -3074,6 +3074,11 @@ async fn only_a_report_of_one_task_notes_an_end_that_finds_no_holding() {
     assert_eq!(in_use(&one).await, 1);
 }
 
+/// How long the replay tests below pause Redis (`CLIENT PAUSE`): a change sent in the pause
+/// must time out (200 ms) before the pause ends. 600 ms left too little margin under a cold
+/// CI build's load: once a thread slept past the pause and the change was answered, not kept.
+const PAUSE_MS: u64 = 2000;
+
 /// `complete` by external id, and a callback naming a task and its external id, whose
 /// change timed out after Redis ran it (Redis paused by `CLIENT PAUSE` for 600 ms, commands
 /// giving up after 200 ms) are kept and replayed. Redis ran each (the create held under that
@@ -3101,11 +3106,11 @@ async fn an_end_replayed_after_redis_ran_it_files_no_fresh_note() {
     for (ext, report) in reports {
         assert_eq!(create_held(&two, None, Some(ext)).await, 0);
         assert_eq!(in_use(&two).await, 1);
-        crate::support::client_pause(&server, 600).await;
+        crate::support::client_pause(&server, PAUSE_MS).await;
         one.apply(report).await.unwrap();
         assert_eq!(one.pending(), 1, "the report reached redis in time");
         // Redis runs it when the pause ends.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while in_use(&two).await != 0 {
             assert!(
                 tokio::time::Instant::now() < deadline,
@@ -3153,11 +3158,11 @@ async fn a_1303_replayed_after_redis_ran_it_does_not_hide_slots_again() {
         two.apply(hold(r, id, LONG)).await.unwrap();
     }
     let r = one.acquire(video(), 1).await.unwrap();
-    crate::support::client_pause(&server, 600).await;
+    crate::support::client_pause(&server, PAUSE_MS).await;
     one.apply(SlotOp::Congested(r)).await.unwrap();
     assert_eq!(one.pending(), 1, "the 1303 reached redis in time");
     // Redis runs it when the pause ends: the fleet holds 2, and believes the pool holds 2.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while in_use_and_capacity(&two).await != (2, 2) {
         assert!(tokio::time::Instant::now() < deadline, "the 1303 never ran");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -3197,7 +3202,7 @@ async fn an_end_whose_answer_was_lost_after_redis_ran_it_is_counted_once() {
     let until_idle = |what: &'static str| {
         let two = two.clone();
         async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             while in_use(&two).await != 0 {
                 assert!(tokio::time::Instant::now() < deadline, "{what} never ran");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -3208,7 +3213,7 @@ async fn an_end_whose_answer_was_lost_after_redis_ran_it_is_counted_once() {
     // A report.
     let r = two.acquire(video(), 1).await.unwrap();
     two.apply(hold(r, "t1", LONG)).await.unwrap();
-    crate::support::client_pause(&server, 600).await;
+    crate::support::client_pause(&server, PAUSE_MS).await;
     one.apply(ended("t1", Some(TaskStatus::Succeeded)))
         .await
         .unwrap();
@@ -3222,7 +3227,7 @@ async fn an_end_whose_answer_was_lost_after_redis_ran_it_is_counted_once() {
     let callback = ended("t2", Some(TaskStatus::Succeeded));
     assert!(two.apply(callback).await.unwrap().released.is_empty());
     let r = one.acquire(video(), 1).await.unwrap();
-    crate::support::client_pause(&server, 600).await;
+    crate::support::client_pause(&server, PAUSE_MS).await;
     one.apply(hold(r, "t2", LONG)).await.unwrap();
     assert_eq!(one.pending(), 1, "the hold reached redis in time");
     until_idle("the hold").await;
