@@ -67,13 +67,16 @@ impl StdError for Halted {
     }
 }
 
-/// A create gave up waiting for task slots because the request's
-/// [`Deadline`](kling_core::signals::Deadline) would have passed.
+/// A create gave up waiting for task slots, or, its slots granted, for the service below to
+/// take it ([`slots_granted`](DeadlineExceeded::slots_granted): the slots were given back),
+/// because the request's [`Deadline`](kling_core::signals::Deadline) would have passed. It was
+/// not sent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeadlineExceeded {
     pool: Pool,
     weight: u32,
     waited: Duration,
+    granted: bool,
 }
 
 impl DeadlineExceeded {
@@ -82,7 +85,22 @@ impl DeadlineExceeded {
             pool,
             weight,
             waited,
+            granted: false,
         }
+    }
+
+    /// The slots were granted and the create waited for the service below (not ready to take
+    /// it) when the deadline came.
+    pub(crate) fn after_grant(mut self) -> Self {
+        self.granted = true;
+        self
+    }
+
+    /// Whether the slots were granted, and the create gave up waiting for the service below
+    /// to be ready (an in-flight bound, a connection pool) to take it. Its slots were given
+    /// back.
+    pub fn slots_granted(&self) -> bool {
+        self.granted
     }
 
     /// The pool the create waited in.
@@ -95,7 +113,8 @@ impl DeadlineExceeded {
         self.weight
     }
 
-    /// How long it waited before giving up.
+    /// How long it waited before giving up (for its slots and then, once they were granted,
+    /// for the service below).
     pub fn waited(&self) -> Duration {
         self.waited
     }
@@ -103,6 +122,14 @@ impl DeadlineExceeded {
 
 impl fmt::Display for DeadlineExceeded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.granted {
+            return write!(
+                f,
+                "deadline reached after waiting {:?}: {} slot(s) in pool {} were granted, but \
+                 the service below was not ready to take the create (slots given back)",
+                self.waited, self.weight, self.pool
+            );
+        }
         write!(
             f,
             "deadline reached after waiting {:?} for {} slot(s) in pool {}",

@@ -62,7 +62,6 @@ impl fmt::Debug for InProcess {
             .field("pools", &state.list.len())
             .field("halted", &state.halted.len())
             .field("ended", &state.ended.len())
-            .field("listings", &state.listings)
             .finish_non_exhaustive()
     }
 }
@@ -82,7 +81,7 @@ impl InProcess {
                 halted: HashMap::new(),
                 next_token: 0,
                 ended: Ended::default(),
-                listings: 0,
+                freed: Freed::default(),
                 displaced: 0,
             })),
         })
@@ -238,7 +237,7 @@ const MAX_ENDS_KEPT: usize = 4096;
 /// The tasks reported ended while no holding was found for them: a callback or query can
 /// overtake the answer of the create that made the task, and the create's holding, filed
 /// after, is then released at once instead of held until its lease ends (the Redis backend's
-/// `P:ended`).
+/// `P:ended`; the ends that freed a holding are in [`Freed`]).
 ///
 /// An end is filed by task id, keyed as [`Index`] keys it (the id's [`IdHash`]); an end told by
 /// `complete`, whose text may be a task id or an external id of its account, is filed under
@@ -553,6 +552,55 @@ impl Ended {
 
     fn len(&self) -> usize {
         self.by_hash.len()
+    }
+}
+
+/// The task ids whose holding a report released (the Redis backend files them in `P:ended`
+/// too): a reconcile's list answered before the end (the server's list may run behind, also
+/// when the reconcile began after the end) names the task running, and an
+/// [`Adopt`](SlotOp::Adopt) of it must hold nothing.
+///
+/// A ring of the last [`MAX_ENDS_KEPT`] such ends, each kept one lease (the reporting
+/// change's) from its report: filing one is a copy into the next place (no hashing, no
+/// eviction pass: every task's end passes here, on the query path), and only an adopt, rare,
+/// looks through them all. Kept apart from [`Ended`], which every create's hold consults: the
+/// usual ends leave it empty, and push none of the ends that overtake a create's answer out.
+#[derive(Default)]
+struct Freed {
+    ring: Vec<FreedTask>,
+    /// Where the next end goes (the oldest, once the ring is full).
+    next: usize,
+}
+
+struct FreedTask {
+    /// The task id's [`IdHash`].
+    hash: u64,
+    id: SmallId,
+    until: Instant,
+}
+
+impl Freed {
+    /// Files the end of the task `id` (of [`IdHash`] `hash`), reported at `now`, for `keep`.
+    #[inline]
+    fn note(&mut self, hash: u64, id: SmallId, now: Instant, keep: Duration) {
+        let task = FreedTask {
+            hash,
+            id,
+            until: lease_end(now, keep),
+        };
+        if self.ring.len() < MAX_ENDS_KEPT {
+            self.ring.push(task);
+        } else {
+            self.ring[self.next] = task;
+        }
+        self.next = (self.next + 1) % MAX_ENDS_KEPT;
+    }
+
+    /// Whether the end of the task `id` (of [`IdHash`] `hash`) is remembered at `now`.
+    fn contains(&self, hash: u64, id: &[u8], now: Instant) -> bool {
+        self.ring
+            .iter()
+            .any(|task| task.hash == hash && task.until > now && task.id.as_bytes() == id)
     }
 }
 
@@ -1195,20 +1243,19 @@ struct State {
     /// Each pool's index in `list`. A pool is never removed, so indices stay valid; an idle
     /// one may be given to a new key ([`State::index_by_hash`]).
     pools: FxMap<SlotKey, usize>,
-    /// Tasks reported ended before a holding of theirs was filed (and, while a reconcile
-    /// lists, tasks whose holding a report ended).
+    /// Tasks reported ended before a holding of theirs was filed.
     ended: Ended,
+    /// Tasks whose holding a report ended, so that a reconcile's list that ran behind the
+    /// report adopts nothing.
+    freed: Freed,
     /// Holdings kept under an external id that another holding of their account took in
     /// `externals` ([`Holding::displaced`]): external ids may be unique per create path only
     /// (a legacy task is looked up at `{create path}/{external id}`), so one account may hold
     /// two tasks under one. While there are any, a report that finds its task by external id
-    /// looks at every holding of the account (`State::by_external`); with none (the usual
-    /// case), the index names the only holding under each external id.
+    /// looks at every holding of the account (`State::by_external`), and a create kept under
+    /// one replaces every earlier attempt among them (`State::supersede_displaced`); with none
+    /// (the usual case), the index names the only holding under each external id.
     displaced: usize,
-    /// Reconciles listing the server's tasks now ([`SlotBackend::begin_listing`]): while
-    /// there is one, a task a report ends is noted in `ended`, so that a list that ran behind
-    /// the report adopts nothing.
-    listings: u32,
 }
 
 /// Moves `gauge` from `from` to `to` (integers, exact in an `f64`).
@@ -1848,6 +1895,12 @@ impl State {
         if let Some(old) = by_external {
             self.supersede_unknown(old, place);
         }
+        if self.displaced > 0 {
+            // Holdings under the external id that the index no longer names (another
+            // path's create took the entry after them) may be earlier attempts too: every
+            // one that fits gives its slots back, as in Redis, not only the one named last.
+            self.supersede_displaced(place);
+        }
         if proves {
             // After the same task's earlier holding gave its slots back: what is held now.
             self.list[index].prove_level(since);
@@ -1935,6 +1988,37 @@ impl State {
         {
             holding.displaced = true;
             self.displaced += 1;
+        }
+    }
+
+    /// Supersedes every displaced holding ([`Holding::displaced`]) of the pool of the holding
+    /// just filed at `place` under its external id, whose task id is unknown and which may
+    /// have been sent to its create path: earlier attempts of the same create, as
+    /// [`supersede_unknown`](State::supersede_unknown) finds the one the index names. (One
+    /// account may hold several creates under one external id, on several paths; a create of
+    /// a path not known may be an attempt of any of them.)
+    #[cold]
+    fn supersede_displaced(&mut self, place: Place) {
+        let pool = &self.list[place.0];
+        let Some(new) = pool.holdings[place.1].held() else {
+            return;
+        };
+        let Some(ext) = new.external.as_ref().map(SmallId::as_bytes) else {
+            return;
+        };
+        let earlier: Vec<usize> = pool
+            .live()
+            .filter(|&(slot, old)| {
+                slot != place.1
+                    && old.displaced
+                    && old.id.is_none()
+                    && old.path.may_be(new.path)
+                    && old.external.as_ref().map(SmallId::as_bytes) == Some(ext)
+            })
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in earlier {
+            self.supersede((place.0, slot));
         }
     }
 
@@ -2173,11 +2257,9 @@ impl State {
         let (lease, applied) = (reports.lease, &mut reports.applied);
         applied.changed = true;
         if terminal {
-            if self.listings > 0 {
-                // A reconcile lists now: its list may have been answered before this end, and
-                // name the task as running.
-                self.note_listed_end(place, id, hash, status, now, lease);
-            }
+            // A reconcile's list, answered before this end (maybe read before the reconcile
+            // began: the server's list may run behind), may name the task as running.
+            self.note_released_end(place, id, hash, status, now, lease);
             let why = match status {
                 Some(status) => Why::Ended(status),
                 None => Why::Completed,
@@ -2211,9 +2293,11 @@ impl State {
 
     /// Notes the end of the task held at `place`, which a report (of `id`, of [`IdHash`]
     /// `hash`) is about to release, by its task id: the holding's, else the report's (a
-    /// report's id is a task id; `complete`'s may be an external id, and then notes nothing).
-    #[cold]
-    fn note_listed_end(
+    /// report's id is a task id; `complete`'s may be an external id, and then notes nothing),
+    /// as the Redis backend files every end it releases in `P:ended` ([`Freed`]): an
+    /// [`Adopt`](SlotOp::Adopt) of it, from a list the server answered before the end, holds
+    /// nothing, whenever the reconcile began.
+    fn note_released_end(
         &mut self,
         place: Place,
         id: &str,
@@ -2222,20 +2306,21 @@ impl State {
         now: Instant,
         keep: Duration,
     ) {
-        let Some(holding) = self
-            .list
+        let State { list, freed, .. } = self;
+        let Some(holding) = list
             .get(place.0)
             .and_then(|pool| pool.holdings.get(place.1))
             .and_then(Entry::held)
         else {
             return;
         };
-        let (task_id, hash) = match &holding.id {
-            Some(own) => (own.as_str().to_owned(), holding.hashes[0]),
-            None if status.is_some() && !id.is_empty() => (id.to_owned(), hash),
-            None => return,
-        };
-        self.ended.note_task(hash, &task_id, status, now, keep);
+        match &holding.id {
+            Some(own) => freed.note(holding.hashes[0], own.clone(), now, keep),
+            None if status.is_some() && !id.is_empty() => {
+                freed.note(hash, SmallId::new(id), now, keep);
+            }
+            None => {}
+        }
     }
 
     /// Applies one change; with `unread`, releases are not listed in the result. `now`: the
@@ -2355,9 +2440,10 @@ impl State {
                 // by another task id is another task (of another create path, whose external
                 // ids may be the same), and so is an end a report of another task id told.
                 let known = id.is_some_and(|id| {
-                    let id = id.as_bytes();
+                    let (id, hash) = (id.as_bytes(), IdHash::hash(id.as_bytes()));
                     self.ids.contains(NO_SCOPE, id, &Kept(list, Which::Id))
-                        || (self.ended.get(IdHash::hash(id), NO_SCOPE, id, now)).is_some()
+                        || (self.ended.get(hash, NO_SCOPE, id, now)).is_some()
+                        || self.freed.contains(hash, id, now)
                 }) || task.external_id.as_deref().is_some_and(|ext| {
                     let hash = hash_in::<IdHash>(account, ext.as_bytes());
                     let (ext_bytes, any) = (ext.as_bytes(), id.is_none());
@@ -2593,18 +2679,6 @@ impl SlotBackend for InProcess {
         }
         drop(state);
         ready(Ok(reports.applied))
-    }
-
-    /// Counts the listing: while one runs, a task a report ends is noted as ended (by task id,
-    /// in the same bounded notes as an end that overtakes its create's answer: the last 4096, each
-    /// for one lease), and an [`Adopt`](SlotOp::Adopt) of it holds nothing.
-    fn begin_listing(&self) {
-        self.lock().listings += 1;
-    }
-
-    fn end_listing(&self) {
-        let mut state = self.lock();
-        state.listings = state.listings.saturating_sub(1);
     }
 
     fn snapshot(&self) -> Self::Snapshot {
@@ -3182,13 +3256,15 @@ mod tests {
         assert_eq!(pool(&backend, "a").0, 0);
     }
 
-    /// While a reconcile lists (and only then), a task whose holding a report ends is
-    /// remembered by its task id (a create of unknown outcome's too, by the id the report
-    /// gives; one `complete` names by its external id, by the holding's task id; a page of many
-    /// tasks' too), so that the list, answered before the end, adopts nothing for it; outside
-    /// a listing, an end that frees a holding notes nothing.
+    /// A task whose holding a report ends is remembered by its task id (a create of unknown
+    /// outcome's too, by the id the report gives; one `complete` names by its external id, by
+    /// the holding's task id; a page of many tasks' too), so that a reconcile's list answered
+    /// before the end adopts nothing for it, whether the reconcile began before the end or
+    /// after (the server's list may run behind). Before, only ends told while a reconcile
+    /// listed were remembered (the Redis backend remembers every one); a lease's end notes
+    /// nothing. The ends that freed no holding in a page of many tasks are still not noted.
     #[tokio::test(start_paused = true)]
-    async fn ends_that_free_a_holding_are_remembered_while_a_listing_runs() {
+    async fn ends_that_free_a_holding_are_remembered_for_a_later_listing() {
         let backend = InProcess::new(SlotsConfig::new(9)).unwrap();
         let update = |id: &str, ext: Option<&str>, tasks: usize| SlotOp::Update {
             account: key().account,
@@ -3207,9 +3283,11 @@ mod tests {
         };
         hold(&backend, key(), Some("t1"), None);
         now(backend.apply(ended("t1"))).unwrap();
-        assert_eq!(backend.lock().ended.len(), 0, "no listing: nothing noted");
-        backend.begin_listing();
-        backend.begin_listing();
+        assert_eq!(
+            backend.lock().freed.ring.len(),
+            1,
+            "t1 noted, no listing running"
+        );
         hold(&backend, key(), Some("t2"), None);
         hold(&backend, key(), None, Some("e3"));
         hold(&backend, key(), Some("t4"), None);
@@ -3227,14 +3305,20 @@ mod tests {
         now(backend.apply(ended("t2"))).unwrap();
         now(backend.apply(update("t3", Some("e3"), 1))).unwrap();
         now(backend.apply(update("t4", None, 3))).unwrap();
-        backend.end_listing();
         hold(&backend, key(), Some("t5"), None);
         now(backend.apply(ended("t5"))).unwrap();
-        backend.end_listing();
+        // The listing begins after every end (the default: nothing to count).
+        backend.begin_listing();
         hold(&backend, key(), Some("t6"), None);
+        let reservation = now(backend.acquire(key(), 1)).unwrap();
+        // A lease that runs out is no report: the task may still run, and is adopted.
+        let short = Duration::from_secs(1);
+        now(backend.hold_unread(reservation, Some("t8"), None, short, None)).unwrap();
+        tokio::time::advance(short).await;
+        assert_eq!(pool(&backend, "a"), (1, 1), "t6 runs, t8's lease ran out");
         now(backend.apply(ended("t6"))).unwrap();
+        backend.end_listing();
         assert_eq!(pool(&backend, "a"), (0, 0));
-        assert_eq!(backend.lock().listings, 0);
         let adopt = |id: &str| SlotOp::Adopt {
             key: key(),
             task: TaskRef {
@@ -3244,12 +3328,44 @@ mod tests {
             weight: 1,
             lease: Duration::from_secs(600),
         };
-        let adopted: Vec<&str> = ["t1", "t2", "t3", "t4", "t5", "t6", "t7"]
+        let adopted: Vec<&str> = ["t1", "t2", "t3", "t4", "t5", "t6", "t7", "t8"]
             .into_iter()
             .filter(|id| now(backend.apply(adopt(id))).unwrap().changed)
             .collect();
-        assert_eq!(adopted, ["t1", "t6"], "those ended outside the listing");
-        assert_eq!(backend.lock().ended.len(), 5);
+        assert_eq!(adopted, ["t8"], "only the task no report ended");
+        assert_eq!(backend.lock().freed.ring.len(), 7);
+        assert_eq!(
+            backend.lock().ended.len(),
+            0,
+            "no end came before its holding"
+        );
+    }
+
+    /// The ends that freed a holding are remembered for one lease, the last `MAX_ENDS_KEPT`
+    /// of them: an older one's task, listed, is adopted.
+    #[tokio::test(start_paused = true)]
+    async fn ends_that_free_a_holding_are_bounded_by_count_and_age() {
+        let lease = Duration::from_secs(600);
+        let backend = InProcess::new(SlotsConfig::new(1).lease(lease)).unwrap();
+        for i in 0..=MAX_ENDS_KEPT {
+            hold(&backend, key(), Some(&format!("t{i}")), None);
+            now(backend.apply(ended(&format!("t{i}")))).unwrap();
+        }
+        assert_eq!(backend.lock().freed.ring.len(), MAX_ENDS_KEPT);
+        let adopt = |id: &str| SlotOp::Adopt {
+            key: key(),
+            task: TaskRef {
+                id: Some(id.to_owned()),
+                external_id: None,
+            },
+            weight: 1,
+            lease,
+        };
+        let adopted = |id: &str| now(backend.apply(adopt(id))).unwrap().changed;
+        assert!(adopted("t0"), "the oldest end was forgotten");
+        assert!(!adopted("t1") && !adopted(&format!("t{MAX_ENDS_KEPT}")));
+        tokio::time::advance(lease).await;
+        assert!(adopted("t1"), "a lease after its report");
     }
 
     /// A lease longer than a year, which the configuration refuses but a change may carry,
@@ -3549,6 +3665,66 @@ mod tests {
         let snap = now(backend.snapshot()).unwrap();
         let tasks = |key: &SlotKey| snap.iter().find(|p| p.key == *key).map(|p| p.tasks);
         assert_eq!((tasks(&key()), tasks(&image)), (Some(1), Some(1)));
+    }
+
+    /// Two creates of unknown outcome under one external id in one pool, on two create paths,
+    /// both stay (external ids may be unique per path only). A create under that external id
+    /// whose path is not known (a `Hold` a caller built) may be an attempt of either: both give
+    /// their slots back, as in Redis, not only the one the index named last. One of a known
+    /// path replaces that path's only, also once the holding the index named has ended.
+    #[tokio::test(start_paused = true)]
+    async fn a_create_sent_again_replaces_every_earlier_attempt_it_may_be() {
+        let backend = InProcess::new(SlotsConfig::new(5)).unwrap();
+        let lease = Duration::from_secs(600);
+        let (text, image) = (
+            CreatePath::legacy("/v1/videos/text2video"),
+            CreatePath::legacy("/v1/videos/image2video"),
+        );
+        let hold_on = |path: CreatePath| {
+            let reservation = now(backend.acquire(key(), 1)).unwrap();
+            now(backend.hold_unread_on(reservation, None, Some("job"), lease, None, path)).unwrap();
+        };
+        hold_on(text);
+        hold_on(image);
+        assert_eq!(pool(&backend, "a"), (2, 2), "two paths' creates");
+        hold(&backend, key(), None, Some("job"));
+        assert_eq!(
+            pool(&backend, "a"),
+            (1, 1),
+            "both replaced by the one sent again"
+        );
+
+        // The index names the image create last; it ends (a lookup on its path finds
+        // nothing), and the text create sent again still replaces its earlier attempt.
+        let backend = InProcess::new(SlotsConfig::new(5)).unwrap();
+        let hold_on = |path: CreatePath| {
+            let reservation = now(backend.acquire(key(), 1)).unwrap();
+            now(backend.hold_unread_on(reservation, None, Some("job"), lease, None, path)).unwrap();
+        };
+        hold_on(text);
+        hold_on(image);
+        let none_found = SlotOp::Update {
+            account: key().account,
+            updates: vec![super::super::TaskUpdate {
+                id: String::new(),
+                external_id: Some("job".to_owned()),
+                status: None,
+            }],
+            lease,
+        };
+        now(backend.apply_unread_on(none_found, image)).unwrap();
+        assert_eq!(
+            pool(&backend, "a"),
+            (1, 1),
+            "the image create never happened"
+        );
+        hold_on(text);
+        assert_eq!(
+            pool(&backend, "a"),
+            (1, 1),
+            "the text create's earlier attempt replaced"
+        );
+        assert_eq!(backend.lock().displaced, 0);
     }
 
     /// A reconcile's list names a running task under an external id that a task of another

@@ -461,8 +461,10 @@ pub trait SlotBackend: Clone + Send + Sync + 'static {
     /// whose holding a report (query, list, callback, `complete`) ends is remembered as ended
     /// (bounded, as the ends that overtake a create's answer are), so that a
     /// [`SlotOp::Adopt`] of it, from a list the server answered before that end, holds
-    /// nothing. Listings may overlap. By default nothing: such a task is then adopted and held
-    /// until its lease runs out.
+    /// nothing. Listings may overlap. By default nothing: a backend that remembers every end
+    /// that frees a holding anyway needs no listing ([`InProcess`] and kling-redis do, so that
+    /// an end reported before the reconcile began is not adopted either, from a list that runs
+    /// behind); one that does neither adopts such a task and holds it until its lease runs out.
     fn begin_listing(&self) {}
 
     /// Ends one [`begin_listing`](SlotBackend::begin_listing) (called once for each, also when

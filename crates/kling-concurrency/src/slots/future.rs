@@ -121,34 +121,41 @@ where
             .expect("a waiting create holds its recognised request")
     }
 
+    /// The create's [`DeadlineExceeded`] if its request's deadline has come, else `None`
+    /// with the waker registered to be woken then (one timer, armed on the first wait).
+    fn late(&mut self, cx: &mut Context<'_>) -> Option<DeadlineExceeded> {
+        let deadline = self.request.as_ref().and_then(Deadline::of)?;
+        let now = Instant::now();
+        let late = deadline <= now || {
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            sleep.as_mut().poll(cx).is_ready()
+        };
+        if !late {
+            return None;
+        }
+        let waited = now.saturating_duration_since(self.since);
+        let recognized = self.recognized();
+        let pool = recognized.pool.clone().expect("a create has a pool");
+        let pool = self.scope.apply(pool);
+        Some(DeadlineExceeded::new(
+            pool,
+            recognized.weight.max(1),
+            waited,
+        ))
+    }
+
     /// Waits for the slots (or the deadline).
     fn poll_granted(&mut self, cx: &mut Context<'_>) -> Poll<Result<Held<B>, BoxError>> {
         let reservation = match Pin::new(&mut self.acquire).poll(cx) {
             Poll::Ready(Ok(reservation)) => reservation,
             Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into_box())),
             Poll::Pending => {
-                let deadline = self.request.as_ref().and_then(Deadline::of);
-                if let Some(deadline) = deadline {
-                    let now = Instant::now();
-                    let late = deadline <= now || {
-                        let sleep = self
-                            .sleep
-                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                        sleep.as_mut().poll(cx).is_ready()
-                    };
-                    if late {
-                        let waited = now.saturating_duration_since(self.since);
-                        let recognized = self.recognized();
-                        let pool = recognized.pool.clone().expect("a create has a pool");
-                        let pool = self.scope.apply(pool);
-                        return Poll::Ready(Err(Box::new(DeadlineExceeded::new(
-                            pool,
-                            recognized.weight.max(1),
-                            waited,
-                        ))));
-                    }
-                }
-                return Poll::Pending;
+                return match self.late(cx) {
+                    Some(late) => Poll::Ready(Err(Box::new(late))),
+                    None => Poll::Pending,
+                };
             }
         };
         let waited = Instant::now().saturating_duration_since(self.since);
@@ -177,13 +184,19 @@ where
         }))
     }
 
-    /// Readies the inner service for the granted create, then sends it.
+    /// Readies the inner service for the granted create, then sends it; gives up at the
+    /// request's deadline, as a wait for slots does (the caller gives the slots back).
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<S::Future, BoxError>>
     where
         S::Error: Into<BoxError>,
     {
         let inner = self.inner.as_mut().expect("inner is taken once");
-        ready!(inner.poll_ready(cx)).map_err(Into::into)?;
+        if inner.poll_ready(cx).map_err(Into::into)?.is_pending() {
+            return match self.late(cx) {
+                Some(late) => Poll::Ready(Err(Box::new(late.after_grant()))),
+                None => Poll::Pending,
+            };
+        }
         let mut inner = self.inner.take().expect("inner is taken once");
         let request = self.request.take().expect("request is taken once");
         SendWatch::handed(&request);

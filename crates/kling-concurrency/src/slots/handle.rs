@@ -305,8 +305,10 @@ impl<B: SlotBackend> SlotsHandle<B> {
     /// [`Reconcile`]) and adopts each one not known here into its pool, so a restarted
     /// process does not over-admit. Legacy image tasks count 1 slot each (a list does not say
     /// their `n`); a pool that turns out fuller still corrects itself through `1303`. A task
-    /// whose end a report (a callback, a query) told while the listing ran is not adopted, even
-    /// when a list answered before that end names it running ([`SlotBackend::begin_listing`]).
+    /// whose end a report (a callback, a query) told, before the listing began or while it
+    /// ran, is not adopted, even when a list answered before that end names it running (the
+    /// in-process backend remembers the last 4096 such ends, each for a lease:
+    /// [`SlotBackend::begin_listing`]).
     ///
     /// `service` is the client to list with (with auth; it may be the whole stack).
     pub async fn reconcile<S>(

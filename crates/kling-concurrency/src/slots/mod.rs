@@ -31,10 +31,13 @@
 //!   | `5000`/`5002` (or an undocumented code, unless it came with a 4xx status) | kept under the external id, or under a lease alone: the task may exist |
 //!   | any other error code | given back |
 //!   | an error that made nothing ([`kling_core::error::may_have_created`] is false): never sent ([`SendState::NotSent`](kling_core::error::SendState)), a layer below refusing it ([`RefusedBeforeSending`](kling_core::error::RefusedBeforeSending)), a 4xx answer that is no Kling envelope (a proxy's 403, 404, 413 or 429 page) | given back |
-//!   | client error after sending, a 5xx or 2xx answer nobody can read, or the response future dropped once the create was handed to the inner service (for a create granted at once, that is in `call`, even if the future is never polled) | kept under the external id, or under a lease alone |
+//!   | client error after sending, a 5xx or 2xx answer nobody can read, or the response future dropped once the create was handed to the inner service (for a create granted at once, that is in `call`, even if the future is never polled; also when the inner future panics) | kept under the external id, or under a lease alone |
+//!   | the inner service panicking in `call` (no future was made to send the create) | given back |
 //!
 //!   A wait respects the request's [`Deadline`](kling_core::signals::Deadline): the create
-//!   fails with [`DeadlineExceeded`](crate::error::DeadlineExceeded) instead of waiting past it.
+//!   fails with [`DeadlineExceeded`](crate::error::DeadlineExceeded) instead of waiting past it,
+//!   for its slots or, once granted, for the service below to be ready (its slots then go back:
+//!   [`slots_granted`](crate::error::DeadlineExceeded::slots_granted)).
 //!   Dropping a waiting create holds nothing. A create that waits in a pool whose capacity
 //!   [`SlotsHandle::set_capacity`] lowers below its weight fails with
 //!   [`OverCapacity`](crate::error::OverCapacity) at once, as one too heavy on arrival does,

@@ -222,8 +222,16 @@ where
                 // Read if the caller drops the create: a layer below (the rate limiter) that
                 // holds it back unsent says so here, and its slots then go back.
                 let watch = attempt_watch(&mut request, false);
+                // The grant is plain data: should the service below panic in `call`, no future
+                // was made to send the create, and its slots go back rather than be lost.
+                let mut unwinding = GiveBackOnUnwind {
+                    backend: self.backend.get(),
+                    reservation: Some(reservation),
+                };
+                let future = self.inner.call(request);
+                let reservation = unwinding.reservation.take().expect("taken once");
                 ResponseFuture::create(
-                    self.inner.call(request),
+                    future,
                     Held {
                         reservation,
                         backend: self.backend.lane(),
@@ -257,6 +265,24 @@ where
                     scope: self.settings.pool_scope,
                 }))
             }
+        }
+    }
+}
+
+/// Gives a grant back when dropped still holding it: while the service below's `call` runs
+/// (a panic there unwinds through it).
+struct GiveBackOnUnwind<'a, B: SlotBackend> {
+    backend: &'a B,
+    reservation: Option<crate::backend::Reservation>,
+}
+
+impl<B: SlotBackend> Drop for GiveBackOnUnwind<'_, B> {
+    fn drop(&mut self) {
+        if let Some(reservation) = self.reservation.take() {
+            drop(
+                self.backend
+                    .apply_unread(crate::backend::SlotOp::GiveBack(reservation)),
+            );
         }
     }
 }

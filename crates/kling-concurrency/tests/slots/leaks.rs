@@ -663,3 +663,107 @@ async fn a_later_attempt_held_back_below_and_dropped_gives_its_slot_back() {
     drop(sent);
     assert_eq!(held(&handle).await, (2, 2));
 }
+
+/// The service below, panicking in `call` or in its future's poll while a flag says so.
+#[derive(Clone)]
+struct Panicky {
+    fake: Fake,
+    in_call: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    in_future: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+type Answer = Result<Response<Full<Bytes>>, kling_core::error::BoxError>;
+
+impl Service<Request<Full<Bytes>>> for Panicky {
+    type Response = Response<Full<Bytes>>;
+    type Error = kling_core::error::BoxError;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.fake.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Full<Bytes>>) -> Self::Future {
+        use std::sync::atomic::Ordering;
+        assert!(
+            !self.in_call.load(Ordering::SeqCst),
+            "the service below panics in call"
+        );
+        let answer = self.fake.call(request);
+        let in_future = self.in_future.load(Ordering::SeqCst);
+        Box::pin(async move {
+            assert!(!in_future, "the service below panics in its future");
+            answer.await
+        })
+    }
+}
+
+/// A service below that panics leaks no slot. Before, a panic in its `call` on the fast path
+/// (a create granted at once) lost the grant, plain data, with its slot for good: the pool
+/// counted it in use for ever, not even until a lease. Now it goes back (no future was made to
+/// send the create), as it does for a create granted after waiting; a panic in the service's
+/// future (the create handed on, maybe sent) keeps the slot as an unknown outcome, until its
+/// lease.
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_the_service_below_leaks_no_slot() {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::sync::atomic::Ordering;
+
+    let lease = Duration::from_secs(600);
+    let panicky = Panicky {
+        fake: Fake::new(),
+        in_call: Default::default(),
+        in_future: Default::default(),
+    };
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1).lease(lease)).unwrap();
+    let mut svc = layer.layer(panicky.clone());
+
+    // Granted at once, then `call` below panics.
+    panicky.in_call.store(true, Ordering::SeqCst);
+    svc.ready().await.unwrap();
+    assert!(catch_unwind(AssertUnwindSafe(|| svc.call(create()))).is_err());
+    panicky.in_call.store(false, Ordering::SeqCst);
+    assert_eq!(held(&handle).await, (0, 0), "the slot went back");
+
+    // Granted after waiting, then `call` below panics.
+    svc.ready().await.unwrap();
+    let first = svc.call(create()).await.unwrap();
+    let t1 = kling_core::Outcome::of(&first)
+        .unwrap()
+        .task()
+        .unwrap()
+        .id
+        .clone();
+    svc.ready().await.unwrap();
+    let mut waiting = spawn(svc.call(create()));
+    assert_pending!(waiting.poll());
+    panicky.in_call.store(true, Ordering::SeqCst);
+    handle.complete(&t1).await.unwrap();
+    assert!(catch_unwind(AssertUnwindSafe(|| waiting.poll())).is_err());
+    drop(waiting);
+    panicky.in_call.store(false, Ordering::SeqCst);
+    assert_eq!(held(&handle).await, (0, 0), "the slot went back");
+
+    // Handed on, then its future panics: kept as an unknown outcome until the lease.
+    panicky.in_future.store(true, Ordering::SeqCst);
+    svc.ready().await.unwrap();
+    let mut sent = spawn(svc.call(create()));
+    assert!(catch_unwind(AssertUnwindSafe(|| sent.poll())).is_err());
+    drop(sent);
+    panicky.in_future.store(false, Ordering::SeqCst);
+    assert_eq!(
+        held(&handle).await,
+        (1, 1),
+        "kept: the create may have been sent"
+    );
+    advance(lease).await;
+    assert_eq!(held(&handle).await, (0, 0), "freed by its lease");
+
+    // Nothing leaked: the pool's one slot serves the next create at once.
+    svc.ready().await.unwrap();
+    let mut next = spawn(svc.call(create()));
+    assert_ready_ok!(next.poll());
+}

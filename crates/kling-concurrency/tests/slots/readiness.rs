@@ -109,3 +109,64 @@ async fn a_granted_create_whose_service_below_fails_to_get_ready_gives_its_slot_
     assert_eq!(err.to_string(), "the service below is gone");
     assert_eq!(pool_state(&handle, &video()).await, (0, 1, 0), "given back");
 }
+
+/// A create granted its slot while the service below is not ready (an in-flight bound held
+/// by another user) gives up at its request's deadline, as a wait for slots does: it fails
+/// with `DeadlineExceeded` saying the slots were granted, unsent, and its slot goes on to the
+/// next create. Before, it waited for the service below past its deadline, holding the slot.
+#[tokio::test(start_paused = true)]
+async fn a_granted_create_waiting_for_the_service_below_gives_up_at_its_deadline() {
+    use std::time::Duration;
+
+    use kling_concurrency::error::DeadlineExceeded;
+    use kling_core::signals::Deadline;
+    use tokio::time::{Instant, advance};
+
+    let fake = Fake::new();
+    let in_flight = InFlightLayer::new(1).unwrap();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).unwrap();
+    let svc = layer.layer(in_flight.layer(fake.clone()));
+
+    let first = svc.clone().oneshot(create()).await.unwrap();
+    let t1 = Outcome::of(&first).unwrap().task().unwrap().id.clone();
+    let mut late = create();
+    late.extensions_mut()
+        .insert(Deadline(Instant::now() + Duration::from_secs(30)));
+    let mut granted = spawn(svc.clone().oneshot(late));
+    let mut next = spawn(svc.clone().oneshot(create()));
+    assert_pending!(granted.poll());
+    assert_pending!(next.poll());
+
+    let mut busy = in_flight.layer(fake.clone());
+    assert_ready_ok!(spawn(busy.ready()).poll());
+    advance(Duration::from_secs(10)).await;
+    handle.complete(&t1).await.unwrap();
+    assert_pending!(granted.poll());
+    assert_eq!(
+        pool_state(&handle, &video()).await,
+        (1, 1, 1),
+        "granted, not sent"
+    );
+
+    advance(Duration::from_secs(20)).await;
+    assert!(granted.is_woken(), "woken at the deadline");
+    let err = tokio_test::assert_ready_err!(granted.poll());
+    let late = err.downcast_ref::<DeadlineExceeded>().expect("typed error");
+    assert!(late.slots_granted());
+    assert_eq!(late.waited(), Duration::from_secs(30));
+    assert!(
+        err.to_string().contains("service below was not ready"),
+        "{err}"
+    );
+    assert_eq!(
+        kling_core::error::SendState::of(&*err),
+        kling_core::error::SendState::NotSent
+    );
+    assert_eq!(fake.creates(), 1);
+    assert!(next.is_woken(), "the slot went on to the next create");
+    assert_pending!(next.poll());
+    assert_eq!(pool_state(&handle, &video()).await, (1, 1, 0));
+    drop(busy);
+    assert_ready_ok!(next.poll());
+    assert_eq!(fake.creates(), 2);
+}

@@ -1,11 +1,15 @@
 //! `reconcile()` against the in-process mock Kling, in paused time.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
+use kling_concurrency::backend::{InProcess, SlotBackend, SlotKey, SlotOp};
 use kling_concurrency::{Reconcile, SlotsConfig, TaskSlotsLayer};
+use kling_core::error::BoxError;
 use kling_core::{AccountId, Outcome, Pool, Product};
 use kling_mock::{MockConfig, MockKling, Preset};
 use tower::{Layer, Service, ServiceExt};
@@ -144,7 +148,6 @@ async fn a_list_answered_before_a_reported_end_adopts_nothing_for_that_task() {
     use std::pin::Pin;
 
     use kling_concurrency::SlotsHandle;
-    use kling_core::error::BoxError;
     use serde_json::json;
 
     use crate::support::{Fake, create, envelope, video};
@@ -192,12 +195,6 @@ async fn a_list_answered_before_a_reported_end_adopts_nothing_for_that_task() {
         .await
         .unwrap();
     assert_eq!((found.unfinished, found.adopted), (2, 1), "`other` only");
-    let listings = |handle: &SlotsHandle| format!("{:?}", handle.backend()).contains("listings: 0");
-    assert!(
-        listings(&handle),
-        "the listing ended: {:?}",
-        handle.backend()
-    );
     let snapshot = handle.snapshot().await.unwrap();
     let pool = snapshot.get(handle.default_account(), &video()).unwrap();
     assert_eq!(
@@ -210,12 +207,112 @@ async fn a_list_answered_before_a_reported_end_adopts_nothing_for_that_task() {
     let snapshot = handle.snapshot().await.unwrap();
     let pool = snapshot.get(handle.default_account(), &video()).unwrap();
     assert_eq!((pool.in_use, pool.tasks), (2, 2));
+}
 
-    // A reconcile whose list fails ends its listing too.
-    let failing = tower::service_fn(|_: Request<Full<Bytes>>| async {
+/// A list that ran behind an end reported before the reconcile even began: t1 ends and a
+/// query frees its slot, and only then does a reconcile list the server's tasks, whose list
+/// (the server's index behind) still names t1 running. Before, the in-process backend
+/// remembered only the ends reported while a listing ran, and adopted t1, holding its slot
+/// until the lease ran out; now every end that frees a holding is remembered (as the Redis
+/// backend does), and nothing is adopted for t1. A task that runs on is still adopted.
+#[tokio::test(start_paused = true)]
+async fn a_list_behind_an_end_reported_before_the_reconcile_adopts_nothing_for_that_task() {
+    use serde_json::json;
+
+    use crate::support::{Fake, create, envelope, get, video};
+
+    let lease = Duration::from_secs(1800);
+    let fake = Fake::new();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2).lease(lease)).unwrap();
+    let mut slots = layer.layer(fake.clone());
+    let created = send(&mut slots, create()).await;
+    let t1 = Outcome::of(&created).unwrap().task().unwrap().id.clone();
+    fake.finish(&t1);
+    send(&mut slots, get(&format!("/v1/videos/text2video/{t1}"))).await;
+    let pool = |snapshot: kling_concurrency::Snapshot| {
+        let pool = snapshot.get(handle.default_account(), &video()).unwrap();
+        (pool.in_use, pool.tasks)
+    };
+    assert_eq!(pool(handle.snapshot().await.unwrap()), (0, 0), "t1 ended");
+    tokio::time::advance(Duration::from_secs(60)).await;
+
+    // The server's list still names t1 running, beside another process's task.
+    let running = |id: &str| json!({"task_id": id, "task_status": "processing"});
+    let listed = envelope(200, 0, &json!([running(&t1), running("other")]));
+    let mut behind = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        std::future::ready(Ok::<_, std::convert::Infallible>(listed.clone()))
+    });
+    let plan = Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+    let found = handle.reconcile(&mut behind, &plan).await.unwrap();
+    assert_eq!((found.unfinished, found.adopted), (2, 1), "`other` only");
+    assert_eq!(
+        pool(handle.snapshot().await.unwrap()),
+        (1, 1),
+        "`other`'s slot, not t1's"
+    );
+}
+
+/// The listings a reconcile begins, counted: each one ends, also when the list fails.
+#[derive(Clone, Debug)]
+struct Counting {
+    inner: kling_concurrency::backend::InProcess,
+    open: Arc<AtomicI32>,
+    begun: Arc<AtomicI32>,
+}
+
+impl SlotBackend for Counting {
+    type Acquire = <InProcess as SlotBackend>::Acquire;
+    type Apply = <InProcess as SlotBackend>::Apply;
+    type Snapshot = <InProcess as SlotBackend>::Snapshot;
+
+    fn acquire(&self, key: SlotKey, weight: u32) -> Self::Acquire {
+        self.inner.acquire(key, weight)
+    }
+
+    fn apply(&self, op: SlotOp) -> Self::Apply {
+        self.inner.apply(op)
+    }
+
+    fn snapshot(&self) -> Self::Snapshot {
+        self.inner.snapshot()
+    }
+
+    fn begin_listing(&self) {
+        self.begun.fetch_add(1, Ordering::SeqCst);
+        self.open.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn end_listing(&self) {
+        self.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A reconcile tells its backend when its listing begins and ends, whether its list is
+/// answered or fails.
+#[tokio::test(start_paused = true)]
+async fn a_reconcile_ends_the_listing_it_began_also_when_its_list_fails() {
+    let config = SlotsConfig::new(2);
+    let backend = Counting {
+        inner: InProcess::new(config.clone()).unwrap(),
+        open: Arc::default(),
+        begun: Arc::default(),
+    };
+    let handle = TaskSlotsLayer::with_backend(&config, backend.clone())
+        .unwrap()
+        .handle();
+    let plan = Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+    let empty = crate::support::envelope(200, 0, &serde_json::json!([]));
+    let mut answered = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        std::future::ready(Ok::<_, std::convert::Infallible>(empty.clone()))
+    });
+    handle.reconcile(&mut answered, &plan).await.unwrap();
+    let mut failing = tower::service_fn(|_: Request<Full<Bytes>>| async {
         Err::<http::Response<Full<Bytes>>, BoxError>("connection refused".into())
     });
-    let mut failing = failing;
     assert!(handle.reconcile(&mut failing, &plan).await.is_err());
-    assert!(listings(&handle), "{:?}", handle.backend());
+    let counts = (
+        backend.begun.load(Ordering::SeqCst),
+        backend.open.load(Ordering::SeqCst),
+    );
+    assert_eq!(counts, (2, 0), "two listings begun, none left open");
 }
