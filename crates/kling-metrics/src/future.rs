@@ -153,7 +153,9 @@ impl Call {
                     tracing::warn!(
                         target: "kling_metrics",
                         http_status = status.as_u16(),
-                        reason = malformed.reason(),
+                        // The parser's reason quotes the value it could not read (a gateway's
+                        // `code` may be the header it refused).
+                        reason = %RedactedText(malformed.reason()),
                         "kling call answered with no envelope"
                     );
                     (labels::CodeLabel::Malformed, Instant::now())
@@ -263,7 +265,7 @@ impl Call {
             end,
         };
         if !span.is_disabled() {
-            span.record("status", status.value().as_str());
+            span.record("status", status.span_text().as_ref());
             span.record("code", code.span_text().as_ref());
         }
         if self.target == Target::Nothing {

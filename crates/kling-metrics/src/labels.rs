@@ -70,6 +70,7 @@ impl Value {
     }
 
     /// The label text.
+    #[cfg(test)]
     pub(crate) fn as_str(&self) -> &str {
         &self.text
     }
@@ -123,13 +124,48 @@ impl Status {
         })
     }
 
-    /// The label value (built only for a span or an uncommon status).
+    /// The label value: an uncommon status by its number for the first
+    /// [`UNCOMMON_STATUS_LABELS`] a process sees, then [`OTHER_STATUS`].
     pub(crate) fn value(self) -> Value {
         match (self.index(), self) {
             (Some(at), _) => Value::fixed(STATUSES[at], at),
-            (None, Status::Http(http)) => Value::built(http.as_u16().to_string()),
+            (None, Status::Http(http)) => uncommon_status(http.as_u16()),
             (None, Status::None) => Value::built(NO_STATUS.to_owned()),
         }
+    }
+
+    /// The status for a span: its number, also past the labelled ones (a span makes no
+    /// series).
+    pub(crate) fn span_text(self) -> Cow<'static, str> {
+        match (self.index(), self) {
+            (None, Status::Http(http)) => Cow::Owned(http.as_u16().to_string()),
+            _ => self.value().text,
+        }
+    }
+}
+
+/// Uncommon HTTP statuses (not in [`STATUSES`]) labelled by their number in a process; later
+/// ones share [`OTHER_STATUS`]. The status is the upstream's input, as the code is: a proxy or
+/// gateway answering statuses at random (any of 100 to 999) must not make new series without
+/// end, one per status for each kind, pool and code.
+const UNCOMMON_STATUS_LABELS: usize = 32;
+
+/// The `status` label of uncommon statuses past [`UNCOMMON_STATUS_LABELS`].
+pub(crate) const OTHER_STATUS: &str = "other";
+
+/// An uncommon status's label: its number, kept for the process (at most
+/// [`UNCOMMON_STATUS_LABELS`] of them), or [`OTHER_STATUS`].
+#[cold]
+#[inline(never)]
+fn uncommon_status(status: u16) -> Value {
+    static LABELS: BoundedLabels = BoundedLabels::new(UNCOMMON_STATUS_LABELS);
+    let text = status.to_string();
+    let label = LABELS
+        .find_or_keep(|label| label == text, || text.clone())
+        .map_or(OTHER_STATUS, |(label, _)| label);
+    Value {
+        text: Cow::Borrowed(label),
+        index: None,
     }
 }
 

@@ -1065,11 +1065,22 @@ impl Monitor {
     pub(crate) fn note_requests(&self, now: Instant, n: u64) {
         let inner = &*self.inner;
         let (epoch, own) = inner.window.count(now, n);
+        let Some(fire_at) = inner.fire_at else {
+            return;
+        };
+        // Counted in a step before the latest one checked (a response that arrived just
+        // before a step began, its call ended just after another call was counted in the new
+        // step): that step's cached sum of its earlier steps may lack these requests, and the
+        // window is judged as it stands at that step, these included.
+        if let Some(latest) = inner.window.checked_after(epoch) {
+            inner.window.recount_others(latest);
+            let total = || inner.window.total_at(latest);
+            return self.check_rate(now, total(), total);
+        }
         // The window's total is only needed to check it against a quota, and only worked out
         // (reading every thread's count) when a warning may be due or re-armed.
-        if let Some(fire_at) = inner.fire_at
-            && (inner.rate_warned.load(Ordering::Relaxed)
-                || !inner.window.surely_below(epoch, own, fire_at))
+        if inner.rate_warned.load(Ordering::Relaxed)
+            || !inner.window.surely_below(epoch, own, fire_at)
         {
             let total = || inner.window.total_at(epoch);
             self.check_rate(now, total(), total);
@@ -1473,6 +1484,9 @@ struct RateWindow {
     /// The last step in which a shard's count reached its share of the requests left before
     /// a warning (see [`RateWindow::surely_below`]).
     near: AtomicU64,
+    /// The latest step whose `others` sum was worked out, set before the sum is (see
+    /// [`RateWindow::checked_after`]); on its own cache line, written once a step.
+    latest: Padded<AtomicU64>,
 }
 
 /// Shards of the rate window's counts: one per lane, a thread counts in its lane's
@@ -1490,6 +1504,7 @@ impl RateWindow {
             shards: std::array::from_fn(|_| Padded(std::array::from_fn(|_| AtomicU64::new(0)))),
             others: Padded(std::array::from_fn(|_| AtomicU64::new(0))),
             near: AtomicU64::new(0),
+            latest: Padded(AtomicU64::new(0)),
         }
     }
 
@@ -1556,7 +1571,8 @@ impl RateWindow {
     }
 
     /// Counts `n` requests now in this thread's shard; returns the step and the requests in
-    /// the shard's bucket.
+    /// the shard's bucket. None are counted when the bucket holds a later step already: `now`
+    /// is then a window or more before it, and the requests are outside the window.
     fn count(&self, now: Instant, n: u64) -> (u64, u64) {
         let epoch = self.epoch(now);
         let (round, slot) = (round_of(epoch), slot_of(epoch));
@@ -1565,10 +1581,12 @@ impl RateWindow {
         let count = loop {
             // One bucket: its rounds are in the order of its steps.
             let (r, c) = unpack(current);
-            let next = if r >= round {
-                pack(r, c.saturating_add(n))
-            } else {
-                pack(round, n)
+            let next = match r.cmp(&round) {
+                std::cmp::Ordering::Equal => pack(r, c.saturating_add(n)),
+                std::cmp::Ordering::Less => pack(round, n),
+                // The bucket counts a step a window or more after `now` already: requests
+                // counted this late are outside the window (not in that step).
+                std::cmp::Ordering::Greater => break 0,
             };
             match slot.compare_exchange_weak(current, next, Ordering::SeqCst, Ordering::Relaxed) {
                 Ok(_) => break unpack(next).1,
@@ -1613,15 +1631,44 @@ impl RateWindow {
     }
 
     /// The requests in the buckets of the window at step `epoch` but its own.
+    ///
+    /// Worked out once a step and cached. Requests counted later in an earlier step (counted
+    /// at the instant their answer arrived, a little before their call ended) are missing from
+    /// the cache: the call that counts them sees the step [`checked_after`] theirs and
+    /// [`recount_others`] it.
+    ///
+    /// [`checked_after`]: RateWindow::checked_after
+    /// [`recount_others`]: RateWindow::recount_others
     fn others(&self, epoch: u64) -> u64 {
         let cache = &self.others.0[slot_of(epoch)];
-        let (cached_round, cached) = unpack(cache.load(Ordering::Acquire));
+        let (cached_round, cached) = unpack(cache.load(Ordering::SeqCst));
         if cached_round == round_of(epoch) + 1 {
             return cached;
         }
+        self.recount_others(epoch)
+    }
+
+    /// Works out and caches [`RateWindow::others`] at step `epoch`; returns it. The step is
+    /// published as the latest checked before the buckets are read, all sequentially
+    /// consistent with the counts' CAS and [`RateWindow::checked_after`]'s load: requests this
+    /// sum misses were counted after it was published, and their call sees the step. Sums of
+    /// one step only grow with later reads, so the larger cached value wins.
+    fn recount_others(&self, epoch: u64) -> u64 {
+        self.latest.0.fetch_max(epoch, Ordering::SeqCst);
         let sum = self.sum(epoch, true);
-        cache.store(pack(round_of(epoch) + 1, sum), Ordering::Release);
-        sum
+        let word = pack(round_of(epoch) + 1, sum);
+        let before = self.others.0[slot_of(epoch)].fetch_max(word, Ordering::SeqCst);
+        match unpack(before) {
+            (round, cached) if round == round_of(epoch) + 1 => cached.max(sum),
+            _ => sum,
+        }
+    }
+
+    /// The latest step whose earlier steps' sum was worked out, when it is after `epoch`, in
+    /// which requests were just counted: that cached sum may lack them.
+    fn checked_after(&self, epoch: u64) -> Option<u64> {
+        let latest = self.latest.0.load(Ordering::SeqCst);
+        (latest > epoch).then_some(latest)
     }
 
     /// The requests in the window ending now.
@@ -1635,7 +1682,8 @@ impl RateWindow {
             .iter()
             .flat_map(|shard| shard.0.iter().enumerate())
             .map(|(slot, b)| {
-                let (round, count) = unpack(b.load(Ordering::Acquire));
+                // Sequentially consistent: see `RateWindow::recount_others`.
+                let (round, count) = unpack(b.load(Ordering::SeqCst));
                 (round * BUCKETS as u64 + slot as u64, count)
             })
             .filter(|&(e, _)| e >= oldest && e <= epoch && !(skip_current && e == epoch))
@@ -2578,6 +2626,48 @@ mod tests {
         assert_eq!(fired.load(Ordering::Relaxed), 2);
     }
 
+    /// A request counted in an earlier step than one whose earlier steps' sum is cached (a
+    /// response that arrived just before a step began, its future polled just after another
+    /// call was counted in the new step) is seen by the warning at once: the request that takes
+    /// the window to the threshold fires it, whichever step it lands in, and the next request
+    /// of the new step counts it too.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_counted_in_an_earlier_step_is_seen_by_the_warning_at_once() {
+        let second = |n: u64| Instant::now() + Duration::from_millis(n * 1000 + 500);
+        for late_first in [true, false] {
+            let fired = Arc::new(AtomicUsize::new(0));
+            let monitor = {
+                let fired = Arc::clone(&fired);
+                Monitor::builder()
+                    .rate_quota(10, Duration::from_secs(60))
+                    .on_usage_warning(move |_| {
+                        fired.fetch_add(1, Ordering::Relaxed);
+                    })
+                    .build()
+                    .unwrap()
+            };
+            if late_first {
+                // 7 at 3.5 s, then 1 answered at 2.5 s, a step earlier: 8 of 10 in the window.
+                monitor.note_requests(second(3), 7);
+                assert_eq!(fired.load(Ordering::Relaxed), 0);
+                monitor.note_requests(second(2), 1);
+                assert_eq!(
+                    fired.load(Ordering::Relaxed),
+                    1,
+                    "the late request fires it"
+                );
+            } else {
+                // 6 at 3.5 s, 1 answered at 2.5 s (7), then the 8th at 3.5 s.
+                monitor.note_requests(second(3), 6);
+                monitor.note_requests(second(2), 1);
+                assert_eq!(fired.load(Ordering::Relaxed), 0);
+                monitor.note_requests(second(3), 1);
+                assert_eq!(fired.load(Ordering::Relaxed), 1, "the 8th request fires it");
+            }
+            assert_eq!(monitor.inner.window.total(second(3)), 8);
+        }
+    }
+
     /// Two threads hammering the window (in its shards) at once: the snapshot counts every
     /// request, and a warning due is fired once.
     #[test]
@@ -2723,6 +2813,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Requests counted late, at an instant a window or more before a later step already
+    /// counted in their bucket, are outside the window: they are not added to that later
+    /// step's count.
+    #[tokio::test(start_paused = true)]
+    async fn requests_counted_a_window_late_are_not_counted_in_a_later_step() {
+        let window = RateWindow::new(Duration::from_secs(60), 1_000_000_000);
+        let start = Instant::now();
+        let at = |millis: u64| start + Duration::from_millis(millis);
+        assert_eq!(window.record(at(61_500), 1), 1);
+        // The same bucket, a window earlier: it left the window before it was counted.
+        window.count(at(1_500), 3);
+        assert_eq!(window.total(at(61_500)), 1);
+        assert_eq!(window.total(at(62_500)), 1);
+        // A step later than the bucket's is counted afresh.
+        assert_eq!(window.record(at(121_500), 2), 2);
+        assert_eq!(window.total(at(121_500)), 2);
     }
 
     #[tokio::test(start_paused = true)]

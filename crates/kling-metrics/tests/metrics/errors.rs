@@ -294,6 +294,62 @@ async fn past_the_labelled_models_and_codes_series_share_other_and_the_span_keep
     assert_eq!(span.field("code"), Some("900039"));
 }
 
+/// Past the uncommon HTTP statuses a process labels by number, the series share the status
+/// `other`: a proxy answering statuses at random (any of 100 to 999) cannot make new series
+/// without end; the span, which makes no series, keeps the status.
+#[tokio::test(start_paused = true)]
+async fn past_the_labelled_uncommon_statuses_series_share_other_and_the_span_keeps_it() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU16, Ordering};
+
+    use crate::support::Capture;
+
+    let recording = Recording::start();
+    let capture = Capture::default();
+    let _tracing = tracing::subscriber::set_default(capture.clone());
+    // Each answer comes with a new status, none of them common.
+    let statuses = Arc::new(AtomicU16::new(600));
+    let next = Arc::clone(&statuses);
+    let client = tower::service_fn(move |_req: http::Request<Full<Bytes>>| {
+        let status = next.fetch_add(1, Ordering::Relaxed);
+        let body = r#"{"code":5000,"message":"internal","request_id":"r"}"#;
+        async move {
+            Ok::<_, BoxError>(
+                http::Response::builder()
+                    .status(status)
+                    .body(Full::new(Bytes::from_static(body.as_bytes())))
+                    .unwrap(),
+            )
+        }
+    });
+    let service = MetricsLayer::new().layer(ClassifyLayer::new().layer(client));
+    for _ in 0..100 {
+        let query = request("GET", "/v1/videos/text2video/1", "", "k");
+        service.clone().oneshot(query).await.unwrap();
+    }
+
+    let recorded = recording.take();
+    let statuses: std::collections::BTreeSet<String> = recorded
+        .keys()
+        .filter(|(n, _)| n == REQUEST_DURATION)
+        .flat_map(|(_, labels)| labels.iter().filter(|(n, _)| n == "status"))
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert!(statuses.contains("other"), "{statuses:?}");
+    assert!(
+        statuses.len() <= 33,
+        "{} status labels for 100 statuses: {statuses:?}",
+        statuses.len()
+    );
+
+    let span = capture
+        .spans()
+        .into_iter()
+        .rfind(|s| s.name == "kling.request")
+        .expect("a span");
+    assert_eq!(span.field("status"), Some("699"));
+}
+
 /// Each of Kling's six 429 codes lands in its own count of the snapshot and under its own
 /// `code` label, whether it came with HTTP 429 or with another status (a gateway rewriting
 /// it, a 200 carrying the code: the README's "429s by code" query selects by code, so the

@@ -290,3 +290,50 @@ async fn an_answer_quoting_the_credential_in_its_message_leaks_nothing() {
     let text = capture.all_text();
     assert_eq!(leaks(&text, &secrets), Vec::<&str>::new(), "{text}");
 }
+
+/// An answer that is no envelope because a field quotes the credential (a gateway putting the
+/// header it refused in `code`), read by this layer with no classify step below: the `WARN`
+/// "kling call answered with no envelope" gives the parser's reason, which quotes the value,
+/// with the credential `[redacted]` as in every other warning.
+#[tokio::test(start_paused = true)]
+async fn an_answer_that_is_no_envelope_quoting_the_credential_leaks_nothing() {
+    let capture = Capture::default();
+    let _tracing = tracing::subscriber::set_default(capture.clone());
+    let jwt = sign_jwt(ACCESS_KEY, SECRET_KEY);
+    let mut secrets = vec![API_KEY, jwt.as_str()];
+    secrets.extend(jwt.split('.'));
+    for quoted in [format!("Bearer {API_KEY}"), format!("token {jwt}")] {
+        let body = format!(r#"{{"code":"{quoted}","message":"unauthorized"}}"#);
+        let client = tower::service_fn(
+            move |_req: http::Request<http_body_util::Full<bytes::Bytes>>| {
+                let body = body.clone();
+                async move {
+                    Ok::<_, kling_core::BoxError>(
+                        http::Response::builder()
+                            .status(401)
+                            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                            .unwrap(),
+                    )
+                }
+            },
+        );
+        let stack = MetricsLayer::new().layer(client);
+        let req = request("GET", "/v1/videos/text2video/1", "", API_KEY);
+        let response = stack.oneshot(req).await.unwrap();
+        assert_eq!(response.status(), 401);
+    }
+    let reasons: Vec<_> = capture
+        .events()
+        .into_iter()
+        .filter(|e| e.field("message") == Some("kling call answered with no envelope"))
+        .map(|e| e.field("reason").unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    for reason in &reasons {
+        // The reason's words are kept: what was wrong and where.
+        assert!(reason.contains("[redacted]"), "{reason}");
+        assert!(reason.contains("expected"), "{reason}");
+    }
+    let text = capture.all_text();
+    assert_eq!(leaks(&text, &secrets), Vec::<&str>::new(), "{text}");
+}
