@@ -21,6 +21,11 @@
 //! where the rate is lowest (0.25% of the Free tier's 6 s interval, 1.5% of Pro's 1 s). A
 //! proportional [`headroom`](StackConfig::headroom) (default 0) can be added on top.
 //!
+//! Under a rate cap the stack also adapts its rate ([`StackConfig::adaptive_rate`], on by
+//! default): the configured rate is the ceiling it starts at, and 1302s lower it, so a rate
+//! set higher than the account's (a tier preset on an account with a lower real limit) costs
+//! a 1302 on a few percent of the requests rather than on every other one.
+//!
 //! Kling's own pages publish none of these tiers; they count concurrency per resource pack.
 //! [`Tier::ResourcePack`]'s video 20 and image 9 are third-party figures no official page
 //! confirms, and no try-on figure is published at all: try-on gets the video pack's 20 as a
@@ -38,6 +43,7 @@
 //! tier = "pro"              # free | standard | pro | enterprise | resource-pack
 //! speed = 1.0
 //! rate_per_minute = 60      # or "none" for no cap
+//! adaptive_rate = true      # slow to the account's rate on 1302s (default on with a cap)
 //! burst = 1
 //! headroom = 0.0
 //! jitter_allowance_ms = 15  # real time, not scaled by speed
@@ -148,6 +154,7 @@ pub struct StackConfig {
     tier: Tier,
     speed: f64,
     rate_per_minute: Option<f64>,
+    adaptive_rate: Option<bool>,
     burst: u32,
     headroom: f64,
     jitter_allowance: Duration,
@@ -225,6 +232,7 @@ impl StackConfig {
             tier,
             speed: 1.0,
             rate_per_minute: rate,
+            adaptive_rate: None,
             burst: 1,
             headroom: DEFAULT_HEADROOM,
             jitter_allowance: DEFAULT_JITTER_ALLOWANCE,
@@ -284,6 +292,18 @@ impl StackConfig {
     /// Removes the request-rate cap.
     pub fn no_rate_limit(mut self) -> Self {
         self.rate_per_minute = None;
+        self
+    }
+
+    /// Sets whether the stack adapts its rate to the account's from the 1302s it meets, under
+    /// the configured rate as the ceiling (default: on wherever there is a rate cap). It
+    /// starts at the configured rate, so at the account's true rate it paces exactly as
+    /// without it; told a rate above the account's, it slows to about the account's rate
+    /// after a few 1302s instead of meeting one on every other request. See
+    /// [`adapts_rate`](Self::adapts_rate). On without a rate cap is refused by
+    /// [`validate`](Self::validate): there is no ceiling to adapt under.
+    pub fn adaptive_rate(mut self, on: bool) -> Self {
+        self.adaptive_rate = Some(on);
         self
     }
 
@@ -422,6 +442,18 @@ impl StackConfig {
         Some(interval + self.jitter_allowance)
     }
 
+    /// Whether the stack adapts its rate ([`adaptive_rate`](Self::adaptive_rate)): as set, or
+    /// by default wherever there is a rate cap. Always `false` without one.
+    ///
+    /// The rule is kling-ratelimit's [`Adaptive`](kling_ratelimit::Adaptive) started at the
+    /// [pacing rate](Self::pacing_rate_per_minute), which is also its ceiling: a 1302 lowers
+    /// the rate to 85% of where it came, successes climb back towards 97% of that and then
+    /// probe upward, never past the ceiling. With the Redis backends the fleet shares the
+    /// adaptive rate as it shares the pacing.
+    pub fn adapts_rate(&self) -> bool {
+        self.rate_per_minute.is_some() && self.adaptive_rate.unwrap_or(true)
+    }
+
     /// The GCRA burst.
     pub fn burst_size(&self) -> u32 {
         self.burst
@@ -540,6 +572,13 @@ impl StackConfig {
             && !(rate.is_finite() && rate > 0.0)
         {
             return err("rate_per_minute", "must be a finite number above 0");
+        }
+        if self.adaptive_rate == Some(true) && self.rate_per_minute.is_none() {
+            return err(
+                "adaptive_rate",
+                "needs a rate cap (rate_per_minute): the configured rate is the adaptive rate's \
+                 ceiling",
+            );
         }
         if self.burst == 0 {
             return err("burst", "must be at least 1");
@@ -722,6 +761,7 @@ impl StackConfig {
     /// | `KLING_TIER` | tier | `free`, `standard`, `pro`, `enterprise`, `resource-pack` |
     /// | `KLING_SPEED` | speed | 0.001 to 1000000 |
     /// | `KLING_RATE_PER_MINUTE` | rate_per_minute | number, or `none` |
+    /// | `KLING_ADAPTIVE_RATE` | adaptive_rate | `true` or `false` (also `on`/`off`, `1`/`0`) |
     /// | `KLING_BURST` | burst | integer, 1 to 65535 |
     /// | `KLING_HEADROOM` | headroom | 0 ≤ x < 1 |
     /// | `KLING_JITTER_ALLOWANCE_MS` | jitter allowance | milliseconds, 0 to 10000 |
@@ -763,6 +803,9 @@ impl StackConfig {
         }
         if let Some((var, v)) = get("KLING_RATE_PER_MINUTE") {
             self.rate_per_minute = parse_optional(var, &v)?;
+        }
+        if let Some((var, v)) = get("KLING_ADAPTIVE_RATE") {
+            self.adaptive_rate = Some(parse_bool(var, &v)?);
         }
         if let Some((var, v)) = get("KLING_BURST") {
             self.burst = parse_num(var, &v)?;
@@ -838,10 +881,11 @@ impl StackConfig {
 }
 
 /// The keys of the TOML document, as [`RawConfig`] names them.
-const TOML_KEYS: [&str; 18] = [
+const TOML_KEYS: [&str; 19] = [
     "tier",
     "speed",
     "rate_per_minute",
+    "adaptive_rate",
     "burst",
     "headroom",
     "jitter_allowance_ms",
@@ -919,6 +963,7 @@ fn env_var_of(field: &str) -> Cow<'static, str> {
     let var = match field {
         "speed" => "KLING_SPEED",
         "rate_per_minute" => "KLING_RATE_PER_MINUTE",
+        "adaptive_rate" => "KLING_ADAPTIVE_RATE",
         "burst" => "KLING_BURST",
         "headroom" => "KLING_HEADROOM",
         "jitter_allowance_ms" => "KLING_JITTER_ALLOWANCE_MS",
@@ -1006,6 +1051,18 @@ fn parse_num<T: Number>(var: &'static str, value: &str) -> Result<T, ConfigError
     }
 }
 
+/// A variable's value as a switch: `true`/`false`, `on`/`off` or `1`/`0`, in any case.
+fn parse_bool(var: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "on" | "1" => Ok(true),
+        "false" | "off" | "0" => Ok(false),
+        _ => Err(ConfigError::new(
+            var,
+            format!("`{value}` is not true or false (nor on/off, 1/0)"),
+        )),
+    }
+}
+
 fn parse_optional<T: Number>(var: &'static str, value: &str) -> Result<Option<T>, ConfigError> {
     if value.eq_ignore_ascii_case("none") {
         Ok(None)
@@ -1083,6 +1140,7 @@ struct RawConfig {
     tier: Option<String>,
     speed: Option<f64>,
     rate_per_minute: Option<NumberOrNone>,
+    adaptive_rate: Option<bool>,
     burst: Option<u32>,
     headroom: Option<f64>,
     jitter_allowance_ms: Option<f64>,
@@ -1115,6 +1173,9 @@ impl RawConfig {
         }
         if let Some(v) = self.rate_per_minute {
             c.rate_per_minute = v.into_option("rate_per_minute")?;
+        }
+        if let Some(v) = self.adaptive_rate {
+            c.adaptive_rate = Some(v);
         }
         if let Some(v) = self.burst {
             c.burst = v;

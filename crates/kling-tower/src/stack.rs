@@ -10,7 +10,7 @@
 //! | 3 | [`SpendGuardLayer`] (with a credit budget) | an over-budget create fails before it waits or is retried |
 //! | 4 | [`RetryLayer`] | decides from each attempt's `Outcome` whether and when to try again; its deadline bounds every wait below |
 //! | 5 | [`TaskSlotsLayer`] | a create waits for a weighted slot in its pool, held until the task ends; a retried 1303 waits here |
-//! | 6 | [`GcraLayer`] | paces every attempt, retries included; a 1302 or a `Retry-After` pauses the whole account; `/account/costs` once a second (without a rate cap, only these) |
+//! | 6 | [`GcraLayer`] | paces every attempt, retries included; a 1302 or a `Retry-After` pauses the whole account; under a rate cap the [adaptive rate](crate::StackConfig::adaptive_rate) slows below it after 1302s; `/account/costs` once a second (without a rate cap, only these) |
 //! | 7 | [`AuthLayer`] | sets the bearer token per attempt; on 1003/1004 drops the refused token, and the retry layer resends once, signed afresh |
 //! | 8 | [`AttemptTimeoutLayer`] | per attempt, around the classify step, so a stalled body counts too; its timer is armed only when the attempt waits |
 //! | 9 | [`ClassifyLayer`] | reads the body (bounded) and parses the envelope once |
@@ -56,7 +56,7 @@ use http_body_util::Full;
 use kling_concurrency::{DEFAULT_RECOVERY_INTERVAL, SlotsConfig, SlotsHandle, TaskSlotsLayer};
 use kling_core::{AccountId, BoxError, ClassifyLayer, Pool, Recognized, RequestKind, TaskReport};
 use kling_metrics::{MetricsLayer, Monitor, Snapshot};
-use kling_ratelimit::{Cooldown, GcraHandle, GcraLayer, Quota};
+use kling_ratelimit::{Adaptive, Cooldown, GcraHandle, GcraLayer, Quota};
 use kling_retry::{Backoff, RetryBudget, RetryLayer, SplitMix};
 use tower::util::Either;
 use tower_layer::Layer;
@@ -359,7 +359,14 @@ impl<B: StackBackends> KlingBuilder<B> {
             Some(interval) => Quota::with_period(interval).with_burst(config.burst_size()),
             None => uncapped(),
         };
-        let gcra = GcraLayer::builder(quota)
+        // With the adaptive rate (the default under a rate cap), the pacing quota is its
+        // ceiling and its start: at the account's true rate nothing changes, and a rate told
+        // too high slows to the account's after a few 1302s.
+        let mut gcra = GcraLayer::builder(quota);
+        if config.adapts_rate() {
+            gcra = gcra.adaptive(Adaptive::new().start(quota));
+        }
+        let gcra = gcra
             .cooldown(Cooldown::default().scaled(speed))
             .class_quota(
                 RequestKind::Account,

@@ -1,6 +1,7 @@
 //! Integration tests of kling-tower: presets, auth, spend guard, follower, webhooks, base URL
 //! and client adapters, against `kling-mock` in paused time (in process) or over TCP.
 
+mod adaptive;
 mod auth;
 mod base_url;
 mod client;

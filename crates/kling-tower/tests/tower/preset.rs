@@ -766,3 +766,92 @@ fn every_speed_validation_accepts_builds_a_stack() {
         }
     }
 }
+
+/// The adaptive rate is on wherever there is a rate cap (its ceiling) unless turned off, and
+/// off without one; `adaptive_rate` in TOML and `KLING_ADAPTIVE_RATE` set it as the builder
+/// method does.
+#[test]
+fn the_adaptive_rate_is_on_under_a_rate_cap_and_loads_from_toml_and_env() {
+    for tier in [Tier::Free, Tier::Standard, Tier::Pro] {
+        assert!(StackConfig::preset(tier).adapts_rate(), "{tier}");
+        assert!(!StackConfig::preset(tier).adaptive_rate(false).adapts_rate());
+    }
+    for tier in [Tier::Enterprise, Tier::ResourcePack] {
+        assert!(!StackConfig::preset(tier).adapts_rate(), "{tier}");
+    }
+    assert!(StackConfig::enterprise(10, Some(600.0)).adapts_rate());
+    // A cap lifted from a preset lifts its adaptive rate with it, and stays valid.
+    let uncapped = StackConfig::preset(Tier::Pro).no_rate_limit();
+    assert!(!uncapped.adapts_rate());
+    uncapped.validate().unwrap();
+
+    let off = StackConfig::preset(Tier::Pro).adaptive_rate(false);
+    assert_eq!(
+        StackConfig::from_toml_str("tier = \"pro\"\nadaptive_rate = false").unwrap(),
+        off
+    );
+    assert_eq!(
+        StackConfig::from_toml_str("tier = \"pro\"\nadaptive_rate = true").unwrap(),
+        StackConfig::preset(Tier::Pro).adaptive_rate(true)
+    );
+    let on = StackConfig::enterprise(10, Some(600.0)).adaptive_rate(true);
+    let toml = "tier = \"enterprise\"\nrate_per_minute = 600\nadaptive_rate = true";
+    assert_eq!(StackConfig::from_toml_str(toml).unwrap(), on);
+    for value in ["false", "FALSE", "off", "0", " Off "] {
+        let c = StackConfig::from_lookup(vars(&[
+            ("KLING_TIER", "pro"),
+            ("KLING_ADAPTIVE_RATE", value),
+        ]))
+        .unwrap();
+        assert_eq!(c, off, "{value}");
+    }
+    for value in ["true", "True", "on", "1"] {
+        let c = StackConfig::from_lookup(vars(&[
+            ("KLING_TIER", "enterprise"),
+            ("KLING_RATE_PER_MINUTE", "600"),
+            ("KLING_ADAPTIVE_RATE", value),
+        ]))
+        .unwrap();
+        assert_eq!(c, on, "{value}");
+    }
+}
+
+/// A value that is no switch, or the adaptive rate turned on with no rate cap to be its
+/// ceiling, is refused naming the key or the variable.
+#[test]
+fn a_bad_adaptive_rate_is_refused_naming_the_key() {
+    for (text, field) in [
+        ("tier = \"pro\"\nadaptive_rate = \"yes\"", "adaptive_rate"),
+        ("tier = \"pro\"\nadaptive_rate = 1", "adaptive_rate"),
+        (
+            "tier = \"enterprise\"\nadaptive_rate = true",
+            "adaptive_rate",
+        ),
+        (
+            "tier = \"pro\"\nrate_per_minute = \"none\"\nadaptive_rate = true",
+            "adaptive_rate",
+        ),
+    ] {
+        let err = StackConfig::from_toml_str(text).unwrap_err();
+        assert_eq!(err.field(), field, "{text}: {err}");
+    }
+    for pairs in [
+        &[("KLING_TIER", "pro"), ("KLING_ADAPTIVE_RATE", "maybe")][..],
+        &[("KLING_TIER", "pro"), ("KLING_ADAPTIVE_RATE", "2")][..],
+        &[("KLING_TIER", "enterprise"), ("KLING_ADAPTIVE_RATE", "on")][..],
+    ] {
+        let err = StackConfig::from_lookup(vars(pairs)).unwrap_err();
+        assert_eq!(err.field(), "KLING_ADAPTIVE_RATE", "{pairs:?}: {err}");
+    }
+    let err = StackConfig::preset(Tier::Enterprise)
+        .adaptive_rate(true)
+        .validate()
+        .unwrap_err();
+    assert_eq!(err.field(), "adaptive_rate");
+    assert!(err.reason().contains("rate cap"), "{err}");
+    // Turned off without a cap is fine: there is nothing to adapt.
+    StackConfig::preset(Tier::Enterprise)
+        .adaptive_rate(false)
+        .validate()
+        .unwrap();
+}
