@@ -200,7 +200,14 @@ pub struct DemoArgs {
 }
 
 fn note(message: impl std::fmt::Display) {
-    let _ = writeln!(std::io::stderr(), "kling-batch: {message}");
+    let _ = writeln!(std::io::stderr(), "{}", note_line(message));
+}
+
+/// A line [`note`] prints: its control characters escaped, as in the warnings of
+/// [`log`](crate::log), since a line of the jobs file (an `endpoint` with `\u001b[2J` in it)
+/// or a path must not move the cursor or color the terminal.
+fn note_line(message: impl std::fmt::Display) -> String {
+    crate::log::escape_controls(&format!("kling-batch: {message}"))
 }
 
 /// Runs a parsed command line; returns the exit status.
@@ -618,6 +625,22 @@ mod tests {
     use clap::Parser as _;
 
     use super::*;
+
+    /// A malformed line is named with what it holds (`endpoint` `…` is not a path): a control
+    /// character there (an escape that clears the screen or colors it) reached the terminal.
+    #[test]
+    fn a_note_on_stderr_escapes_the_control_characters_of_a_line() {
+        let (_, errors) = crate::jobs::parse_jobs(
+            "{\"id\":\"a\",\"prompt\":\"x\",\"endpoint\":\"/\\u001b[2J\\u0007\"}\n",
+        );
+        let line = note_line(format_args!("jobs.jsonl: {} (skipped)", errors[0]));
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.contains("`/\\u{1b}[2J\\u{7}`"), "{line}");
+        assert!(
+            line.starts_with("kling-batch: jobs.jsonl: line 1: "),
+            "{line}"
+        );
+    }
 
     /// The callback secret (and the Redis URL, which may hold a password) never show in the
     /// command line's `Debug`, which a caller may log.

@@ -14,7 +14,8 @@
 //! `external_task_id` / `external_id` are set by the tool (one deterministic id per job, see
 //! [`Journal::external_id_for`](crate::journal::Journal::external_id_for)); a line that sets
 //! them is refused. Blank lines and lines starting with `#` are skipped, and so is a UTF-8
-//! byte order mark at the start of the file. The file is read as bytes
+//! byte order mark at the start of the file or of a line (where files were joined), and a
+//! file saved as UTF-16 is refused as such. The file is read as bytes
 //! ([`parse_jobs_bytes`]): a line that is not valid UTF-8 is reported with its number like any
 //! malformed line, and the others still run.
 //!
@@ -258,9 +259,10 @@ pub fn parse_jobs(text: &str) -> (Vec<Job>, Vec<JobError>) {
     parse_jobs_bytes(text.as_bytes())
 }
 
-/// [`parse_jobs`] of a file's bytes: a byte order mark at the start is skipped, and a line
-/// that is not valid UTF-8 is one more bad line, reported with its number (lines end at `\n`,
-/// a `\r` before it is dropped).
+/// [`parse_jobs`] of a file's bytes: a UTF-8 byte order mark at the start of the file or of a
+/// line (files joined with `cat`) is skipped, and a line that is not valid UTF-8 is one more
+/// bad line, reported with its number (lines end at `\n`, a `\r` before it is dropped). A
+/// file that starts with a UTF-16 byte order mark is one error, on line 1, and no job.
 ///
 /// ```
 /// use kling_batch::jobs::parse_jobs_bytes;
@@ -271,7 +273,18 @@ pub fn parse_jobs(text: &str) -> (Vec<Job>, Vec<JobError>) {
 /// assert!(errors[0].to_string().contains("not valid UTF-8"));
 /// ```
 pub fn parse_jobs_bytes(bytes: &[u8]) -> (Vec<Job>, Vec<JobError>) {
-    let bytes = bytes.strip_prefix(BOM).unwrap_or(bytes);
+    // A file saved as UTF-16 (PowerShell 5's `>` and `Out-File` write it so) has no line
+    // this reads: one error says why, rather than one per line that looks right in an editor.
+    if bytes.starts_with(b"\xFF\xFE") || bytes.starts_with(b"\xFE\xFF") {
+        return (
+            Vec::new(),
+            vec![JobError::new(
+                1,
+                "the file is UTF-16 (it starts with a UTF-16 byte order mark), not UTF-8: save \
+                 it as UTF-8",
+            )],
+        );
+    }
     let mut jobs = Vec::new();
     let mut errors = Vec::new();
     let mut ids = HashSet::new();
@@ -279,6 +292,12 @@ pub fn parse_jobs_bytes(bytes: &[u8]) -> (Vec<Job>, Vec<JobError>) {
     for (index, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = index + 1;
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        // A byte order mark starts the file, or a line where files were joined (`cat a.jsonl
+        // b.jsonl`, each saved with one): never JSON, and invisible in an editor.
+        let (raw, bom) = match raw.strip_prefix(BOM) {
+            Some(rest) => (rest, BOM.len()),
+            None => (raw, 0),
+        };
         let trimmed = raw.trim_ascii();
         if trimmed.is_empty() || trimmed.starts_with(b"#") {
             continue;
@@ -288,7 +307,7 @@ pub fn parse_jobs_bytes(bytes: &[u8]) -> (Vec<Job>, Vec<JobError>) {
             Ok(text) if text.trim().is_empty() || text.trim().starts_with('#') => continue,
             Ok(text) => text.trim(),
             Err(e) => {
-                let at = raw.len() - raw.trim_ascii_start().len() + e.valid_up_to() + 1;
+                let at = bom + raw.len() - raw.trim_ascii_start().len() + e.valid_up_to() + 1;
                 errors.push(JobError::new(
                     line,
                     format!("not valid UTF-8 (byte {at} of the line)"),
@@ -497,6 +516,53 @@ mod tests {
         // The same through `parse_jobs`: a BOM in a string is skipped too.
         let (jobs, errors) = parse_jobs("\u{feff}{\"prompt\":\"a\"}\n");
         assert_eq!((jobs.len(), errors.len()), (1, 0));
+    }
+
+    /// Files joined with `cat`, each saved with a byte order mark: the mark at the start of a
+    /// later line was read as the line's first character, and the line, right in any editor,
+    /// was skipped as "not valid JSON: expected value at line 1 column 1". A job on such a line
+    /// runs, with the id it has in a file of its own; its UTF-8 errors count the mark's bytes.
+    #[test]
+    fn a_byte_order_mark_where_files_were_joined_is_skipped() {
+        let text = b"\xEF\xBB\xBF{\"id\":\"a\",\"prompt\":\"one\"}\r\n\xEF\xBB\xBF{\"prompt\":\"two\"}\r\n\xEF\xBB\xBF# joined\n\xEF\xBB\xBF{\"prompt\":\"t\xFFree\"}\n";
+        let (jobs, errors) = parse_jobs_bytes(text);
+        assert_eq!(jobs.len(), 2, "{errors:?}");
+        assert_eq!((jobs[0].id.as_str(), jobs[1].line), ("a", 2));
+        let (alone, _) = parse_jobs("{\"prompt\":\"two\"}\n");
+        assert_eq!(jobs[1].id, alone[0].id);
+        assert_eq!(jobs[1].body()["prompt"], "two");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(
+            errors[0].to_string(),
+            "line 4: not valid UTF-8 (byte 16 of the line)"
+        );
+    }
+
+    /// A file saved as UTF-16 (PowerShell 5's `>`) is one error saying so, not one
+    /// "not valid JSON" per line of a file that looks right in an editor.
+    #[test]
+    fn a_file_saved_as_utf16_is_refused_as_such() {
+        let lines = "{\"id\":\"a\",\"prompt\":\"x\"}\r\n{\"id\":\"b\",\"prompt\":\"y\"}\r\n";
+        for bom in [[0xFF, 0xFE], [0xFE, 0xFF]] {
+            let mut bytes = bom.to_vec();
+            for unit in lines.encode_utf16() {
+                let unit = if bom[0] == 0xFF {
+                    unit.to_le_bytes()
+                } else {
+                    unit.to_be_bytes()
+                };
+                bytes.extend(unit);
+            }
+            let (jobs, errors) = parse_jobs_bytes(&bytes);
+            assert!(jobs.is_empty());
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert_eq!(errors[0].line(), 1);
+            assert!(
+                errors[0].to_string().contains("the file is UTF-16"),
+                "{}",
+                errors[0]
+            );
+        }
     }
 
     #[test]

@@ -73,7 +73,7 @@ fn format_event(event: &Event<'_>) -> String {
 
 /// `text` with its control characters escaped (`\u{1b}`): a job id or a server's message
 /// must not move the cursor or color the terminal.
-fn escape_controls(text: &str) -> String {
+pub(crate) fn escape_controls(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         if c.is_control() {

@@ -256,6 +256,10 @@ struct Plan<'a> {
     undownloaded: Vec<(&'a Job, String, Vec<String>, Vec<String>)>,
 }
 
+/// A succeeded job of an earlier run with result files missing: its id, task, URLs and
+/// recorded files.
+type Missing = (String, String, Vec<String>, Vec<String>);
+
 /// A created task for the coordinator to follow.
 struct Created {
     job_id: String,
@@ -556,19 +560,15 @@ impl Engine {
                 follows.spawn(self.clone().follow_to_end(job_id, task));
             }
         }
-        // Each waits for its turn to download (`max_downloads` at a time).
-        for (job, task, urls, recorded) in undownloaded {
-            let engine = self.clone();
-            let job_id = job.id.clone();
-            follows.spawn(async move {
-                let downloaded = caught(engine.download(&job_id, &task, &urls, &recorded));
-                match downloaded.await {
-                    Ok(recorded) => recorded,
-                    Err(panic) => {
-                        engine.after_panic(&job_id, "the download of the job's files", &panic)
-                    }
-                }
-            });
+        // The files an earlier run left missing, `max_downloads` jobs at a time: a job's
+        // download is started only when one of them ends, so a rerun that fetches the files
+        // of 100 000 jobs holds a few downloads, not 100 000 tasks waiting for their turn.
+        if !undownloaded.is_empty() {
+            let missing: Vec<Missing> = undownloaded
+                .into_iter()
+                .map(|(job, task, urls, recorded)| (job.id.clone(), task, urls, recorded))
+                .collect();
+            follows.spawn(self.clone().download_missing(missing));
         }
 
         // Creators: one per pool, one create in flight each. They borrow the jobs (a job is
@@ -872,6 +872,38 @@ impl Engine {
         match followed.await {
             Ok(recorded) => recorded,
             Err(panic) => self.after_panic(&job_id, "the follow of the job's task", &panic),
+        }
+    }
+
+    /// Fetches the files `missing` (succeeded jobs of an earlier run), at most
+    /// [`RunOptions::max_downloads`] jobs at a time, each in a task of its own; a job's task is
+    /// spawned only when a running one ends. `Err` (the others dropped) when the journal cannot
+    /// record a job's files, as [`download`](Self::download).
+    async fn download_missing(self: Arc<Self>, missing: Vec<Missing>) -> Result<(), JournalError> {
+        let mut missing = missing.into_iter();
+        let mut running = JoinSet::new();
+        loop {
+            while running.len() < self.options.max_downloads.max(1) {
+                let Some((job_id, task, urls, recorded)) = missing.next() else {
+                    break;
+                };
+                let engine = self.clone();
+                running.spawn(async move {
+                    let downloaded = caught(engine.download(&job_id, &task, &urls, &recorded));
+                    match downloaded.await {
+                        Ok(recorded) => recorded,
+                        Err(panic) => {
+                            engine.after_panic(&job_id, "the download of the job's files", &panic)
+                        }
+                    }
+                });
+            }
+            match running.join_next().await {
+                None => return Ok(()),
+                Some(Ok(recorded)) => recorded?,
+                // Each catches its own panic; never aborted but with this task.
+                Some(Err(e)) => tracing::error!(error = %e, "a download ended abnormally"),
+            }
         }
     }
 
@@ -2407,5 +2439,77 @@ mod tests {
         assert_eq!(error.code, 1203);
         assert!(error.message.contains("860000000000000404"), "{error:?}");
         assert!(error.request_id.is_some());
+    }
+
+    /// A resumed run whose succeeded jobs have files missing (a file of 100 000 jobs run
+    /// once without `--download`, then with it) holds a few downloads at a time, not one
+    /// waiting task per job: each job's download was spawned at once, to wait for its turn,
+    /// and such a rerun took 435 MB where the run itself took 100 MB.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resumed_run_with_many_files_missing_holds_only_the_downloads_it_runs() {
+        use std::sync::atomic::AtomicUsize;
+
+        const JOBS: usize = 400;
+        // A result server that accepts and never answers: the downloads it took wait.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let text: String = (0..JOBS)
+            .map(|i| format!("{{\"id\":\"j{i}\",\"prompt\":\"p{i}\"}}\n"))
+            .collect();
+        let (jobs, _) = parse_jobs(&text);
+        let journal = Journal::open_in_memory().unwrap();
+        journal.register(&jobs).unwrap();
+        for (i, job) in jobs.iter().enumerate() {
+            let update = Update {
+                task_id: Some(format!("t{i}")),
+                urls: Some(vec![format!("http://{addr}/outputs/{i}.mp4")]),
+                ..Update::default()
+            };
+            journal
+                .transition(&job.id, JobState::Succeeded, update)
+                .unwrap();
+        }
+        let dir = std::env::temp_dir().join(format!("kling-batch-missing-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let stack = Stack::new(
+            StackConfig::preset(Tier::Pro),
+            Credentials::api_key("key").unwrap(),
+            "http://127.0.0.1:9",
+        )
+        .unwrap();
+        let options = RunOptions::new(default_follow_policy(1.0)).download_dir(dir.clone());
+        let engine = Engine::new(stack, journal, options).unwrap();
+        let (stop_tx, stop) = watch::channel(false);
+        let run = tokio::spawn(async move { engine.run(&jobs, stop).await });
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while accepted.load(Ordering::SeqCst) < download::MAX_IN_FLIGHT {
+            assert!(std::time::Instant::now() < deadline, "no download began");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let alive = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        assert_eq!(accepted.load(Ordering::SeqCst), download::MAX_IN_FLIGHT);
+        assert!(
+            alive < 64,
+            "{alive} tasks alive for {} downloads running",
+            download::MAX_IN_FLIGHT
+        );
+        stop_tx.send(true).unwrap();
+        let report = run.await.unwrap().unwrap();
+        assert!(report.interrupted);
+        assert_eq!(report.records.len(), JOBS);
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
