@@ -116,7 +116,10 @@ pub struct Envelope {
 impl Envelope {
     /// Parses an envelope; a body that is not JSON or has no numeric `code` is an error. An
     /// error envelope whose fields do not all read keeps its code (even one written as
-    /// `"1102"` or `1102.0`), and a task's optional fields of an odd type are left out.
+    /// `"1102"` or `1102.0`), and a task's optional fields of an odd type are left out. The
+    /// error says what was wrong and where (the kind of a value, the type expected, the line
+    /// and column), never quoting a value from the body: a gateway's page may echo the
+    /// request's credential.
     ///
     /// A hand-rolled single-pass scanner reads the usual envelopes; whatever it does not
     /// handle exactly as serde_json does (and every error) goes to
@@ -138,9 +141,7 @@ impl Envelope {
         // An envelope is an object: serde's derive would also fill the struct from an array,
         // by position (`[1303,"m"]`).
         if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
-            return Err(de::Error::custom(
-                "an envelope must be a JSON object, not an array",
-            ));
+            return Err(de::Error::custom(NOT_AN_OBJECT));
         }
         let raw = match parse_raw::<RawEnvelope<'_>>(body) {
             Ok(raw) => raw,
@@ -167,7 +168,7 @@ impl Envelope {
                             tasks: Vec::new(),
                         })
                     }
-                    _ => Err(e),
+                    _ => Err(without_values(e)),
                 };
             }
         };
@@ -384,6 +385,87 @@ fn why_no_task(body: &[u8]) -> Option<String> {
         (Some(code), _) => format!("the body is an error envelope (code {code})"),
         (None, _) => format!("the envelope's `code` is {}, not an integer", kind(code)),
     })
+}
+
+/// The error of an envelope that is a JSON array.
+const NOT_AN_OBJECT: &str = "an envelope must be a JSON object, not an array";
+
+/// The error of a task id that is a number but no 64-bit integer.
+const TASK_ID_NOT_AN_INTEGER: &str =
+    "a task id that is a number must be an integer of at most 64 bits";
+
+/// `error` as a log may carry it, placed where it was (line and column).
+///
+/// serde_json's data errors quote the value they could not read (`invalid type: string
+/// "Bearer ak-…", expected i64`), and a body may hold anything: a gateway's page that echoes the
+/// request's `Authorization` in its `code`, say. Here the value gives way to its kind (`invalid
+/// type: a string, expected i64`), and a message of any other form, which might quote one,
+/// gives way to one that names none. A syntax or end-of-input error names no value (its words
+/// are serde_json's own) and is returned as it is. Only errors come here: a body that reads
+/// costs nothing more.
+#[cold]
+#[inline(never)]
+fn without_values(error: serde_json::Error) -> serde_json::Error {
+    if !error.is_data() {
+        return error;
+    }
+    let text = error.to_string();
+    let place = format!(" at line {} column {}", error.line(), error.column());
+    let message = text.strip_suffix(&place).unwrap_or(&text);
+    let told = value_free(message);
+    if error.line() == 0 {
+        de::Error::custom(told)
+    } else {
+        de::Error::custom(format_args!("{told}{place}"))
+    }
+}
+
+/// A data error's message with no value from the body in it (see [`without_values`]).
+fn value_free(message: &str) -> Cow<'_, str> {
+    // A kind for each of serde's `Unexpected`s a JSON value can be, by how it is written.
+    fn kind(unexpected: &str) -> &'static str {
+        const KINDS: [(&str, &str); 8] = [
+            ("string ", "a string"),
+            ("integer ", "an integer"),
+            ("floating point ", "a number"),
+            ("boolean ", "a boolean"),
+            ("null", "null"),
+            ("map", "an object"),
+            ("sequence", "an array"),
+            ("unit", "null"),
+        ];
+        KINDS
+            .iter()
+            .find(|(written, _)| unexpected.starts_with(written))
+            .map_or("a value", |&(_, kind)| kind)
+    }
+    if [NOT_AN_OBJECT, TASK_ID_NOT_AN_INTEGER].contains(&message) {
+        return Cow::Borrowed(message);
+    }
+    for lead in ["invalid type: ", "invalid value: "] {
+        // The expectation comes last, in serde's or this crate's words (none of which holds
+        // `, expected `): the value before it may hold anything.
+        if let Some((unexpected, expected)) = message
+            .strip_prefix(lead)
+            .and_then(|rest| rest.rsplit_once(", expected "))
+        {
+            return Cow::Owned(format!("{lead}{}, expected {expected}", kind(unexpected)));
+        }
+    }
+    // A field's name in serde's derive is this crate's (`missing field `code``): kept when it
+    // reads as one.
+    for lead in ["missing field `", "duplicate field `"] {
+        if let Some(name) = message
+            .strip_prefix(lead)
+            .and_then(|rest| rest.strip_suffix('`'))
+            && !name.is_empty()
+            && name.len() <= 32
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+        {
+            return Cow::Borrowed(message);
+        }
+    }
+    Cow::Borrowed("a value is of a type or form no envelope has")
 }
 
 /// One UTF-8 check of the whole body (a word at a time for ASCII) instead of one per string,
@@ -899,9 +981,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
                 Ok(Text(Cow::Owned(v.to_string())))
             }
             fn visit_f64<E: de::Error>(self, _: f64) -> Result<Text<'de>, E> {
-                Err(E::custom(
-                    "a task id that is a number must be an integer of at most 64 bits",
-                ))
+                Err(E::custom(TASK_ID_NOT_AN_INTEGER))
             }
         }
         deserializer.deserialize_any(TextVisitor)

@@ -447,7 +447,9 @@ impl MalformedResponse {
         self.status
     }
 
-    /// Why the body could not be read as an envelope.
+    /// Why the body could not be read as an envelope, and where: the kind of a value and the
+    /// type expected, a field's name, a line and column, never a value from the body (a
+    /// gateway's page may echo the request's `Authorization`), so that it may go to a log.
     pub fn reason(&self) -> &str {
         &self.reason
     }
@@ -736,6 +738,164 @@ mod tests {
             page.to_string(),
             "malformed kling response (http 502): not json"
         );
+    }
+
+    /// A body that is no envelope because a value is of the wrong type, wherever the value
+    /// sits and whatever its kind: the reason, the error's `Display` and `Debug` and the
+    /// parser's own error say what was wrong and where, never the value (a gateway's page may
+    /// echo the request's `Authorization` in its `code`).
+    #[test]
+    fn a_malformed_response_never_quotes_the_body() {
+        const SECRET: &str = "ak-live-9f8e7d6c5b4a3928";
+        const DIGITS: &str = "8675309867530986";
+        let bearer = format!("Bearer {SECRET}");
+        let bodies = [
+            format!(r#"{{"code":"{bearer}","message":"unauthorized"}}"#),
+            format!(r#"{{"code":"a, expected {SECRET}","message":"m"}}"#),
+            format!(r#"{{"code":"a \"{SECRET}\" b"}}"#),
+            format!(r#""{bearer}""#),
+            format!(r#"{{"code":0,"message":"ok","data":{{"tasks":"{bearer}"}}}}"#),
+            format!(r#"{{"code":0,"data":{{"task_id":"t","task_status":{{"{SECRET}":1}}}}}}"#),
+            format!(r#"{{"code":0,"request_id":{DIGITS}}}"#),
+            format!(r#"{{"code":0,"message":{DIGITS}.5}}"#),
+            format!(r#"{{"code":1{DIGITS}000}}"#),
+            format!(r#"{{"code":0,"data":{{"id":true,"status":"{bearer}"}}}}"#),
+        ];
+        // Header values are read as delays, never kept as text: in any position, a
+        // credential there reaches no error either (nor does one of an oversize body).
+        let mut headers = http::HeaderMap::new();
+        for name in [
+            http::header::RETRY_AFTER,
+            http::header::DATE,
+            http::header::CONTENT_TYPE,
+        ] {
+            headers.append(name, bearer.parse().unwrap());
+        }
+        headers.append(http::header::RETRY_AFTER, "7".parse().unwrap());
+        let delay = crate::retry_after::retry_after_delay(&headers, std::time::SystemTime::now());
+        let large = BodyTooLarge::new(StatusCode::TOO_MANY_REQUESTS, 10)
+            .with_retry_after(delay, Instant::now());
+        assert_eq!(large.retry_after(), Some(Duration::from_secs(7)));
+        for body in &bodies {
+            let err = Outcome::parse(
+                StatusCode::UNAUTHORIZED,
+                &headers,
+                body.as_bytes(),
+                Instant::now(),
+            )
+            .unwrap_err();
+            assert_eq!(err.retry_after(), Some(Duration::from_secs(7)));
+            let parsed = crate::Envelope::parse(body.as_bytes()).unwrap_err();
+            for text in [
+                err.reason().to_owned(),
+                err.to_string(),
+                format!("{err:?}"),
+                parsed.to_string(),
+                format!("{parsed:?}"),
+                large.to_string(),
+                format!("{large:?}"),
+            ] {
+                assert!(!text.contains(SECRET), "{body}: {text}");
+                assert!(!text.contains(DIGITS), "{body}: {text}");
+                assert!(!text.contains("Bearer"), "{body}: {text}");
+            }
+            // What was wrong, and where.
+            assert!(err.reason().contains(" at line 1 column "), "{body}: {err}");
+            assert!(err.reason().contains("expected"), "{body}: {err}");
+            assert_eq!(parsed.line(), 1, "{body}: {parsed}");
+        }
+        let err = |body: &str| {
+            Outcome::parse(
+                StatusCode::UNAUTHORIZED,
+                &http::HeaderMap::new(),
+                body.as_bytes(),
+                Instant::now(),
+            )
+            .unwrap_err()
+            .reason()
+            .to_owned()
+        };
+        assert_eq!(
+            err(&bodies[0]),
+            format!(
+                "invalid type: a string, expected i64 at line 1 column {}",
+                9 + bearer.len() + 1
+            )
+        );
+        assert_eq!(
+            err(&bodies[6]),
+            "invalid type: an integer, expected a string at line 1 column 39"
+        );
+        // A field's name is this crate's, and kept; a syntax error names no value.
+        assert_eq!(
+            err(r#"{"message":"x"}"#),
+            "missing field `code` at line 1 column 15"
+        );
+        assert_eq!(
+            err(r#"{"code":0,"message":"x"#),
+            "EOF while parsing a string at line 1 column 22"
+        );
+    }
+
+    /// The same, over random edits of a create's and a query's answer with a credential put
+    /// in (as a value, a key, a number), with a fixed seed (xorshift64*): whatever the parse
+    /// fails on, its reason never holds the credential.
+    #[test]
+    fn no_reason_quotes_a_credential_put_anywhere_in_a_body() {
+        const SECRET: &str = "ak-live-9f8e7d6c5b4a3928";
+        const BODIES: [&str; 2] = [
+            r#"{"code":0,"message":"SUCCEED","request_id":"r-1","data":{"task_id":"86","task_status":"submitted","task_info":{"external_task_id":"job-1"}}}"#,
+            r#"{"code":0,"data":[{"id":"a","status":"succeeded","external_id":"e","outputs":[{"url":"u"}],"billing":[{"amount":"1.5"}]}]}"#,
+        ];
+        let planted = [
+            format!("\"Bearer {SECRET}\""),
+            format!("\"{SECRET}\":"),
+            format!("[\"{SECRET}\"]"),
+            "8675309867530986".to_owned(),
+            format!("{{\"{SECRET}\":1}}"),
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut below = |n: usize| {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let n = u64::try_from(n).expect("small");
+            usize::try_from(state.wrapping_mul(0x9e37_79b9_7f4a_7c15) % n).expect("below n")
+        };
+        let mut failed = 0;
+        for _ in 0..20_000 {
+            let mut body = BODIES[below(BODIES.len())].as_bytes().to_vec();
+            for _ in 0..=below(3) {
+                let place = below(body.len() + 1);
+                match below(4) {
+                    0 if place < body.len() => {
+                        body.remove(place);
+                    }
+                    1 if place < body.len() => body[place] = b"\":,{}[]0a"[below(9)],
+                    _ => {
+                        let text = &planted[below(planted.len())];
+                        body.splice(place..place, text.bytes());
+                    }
+                }
+            }
+            let Err(err) = Outcome::parse(
+                StatusCode::BAD_GATEWAY,
+                &http::HeaderMap::new(),
+                &body,
+                Instant::now(),
+            ) else {
+                continue;
+            };
+            failed += 1;
+            let text = format!("{err} {err:?}");
+            assert!(
+                !text.contains(SECRET) && !text.contains("8675309867530986"),
+                "{}: {text}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        // Most edits break the envelope: the check ran.
+        assert!(failed > 10_000, "{failed}");
     }
 
     #[test]

@@ -257,4 +257,63 @@ mod tests {
             Some(Duration::from_secs(7))
         );
     }
+
+    /// No `Retry-After` or `Date` a server may send panics, near-miss dates and numbers of
+    /// any length among them, whatever the clock says, and no wait passes the cap: random
+    /// edits of valid values, with a fixed seed (xorshift64*), the same on every run.
+    #[test]
+    fn no_header_value_panics() {
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut below = |n: usize| {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let n = u64::try_from(n).expect("small");
+            usize::try_from(state.wrapping_mul(0x9e37_79b9_7f4a_7c15) % n).expect("below n")
+        };
+        const SEEDS: [&str; 7] = [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+            "Thu, 01 Jan 1970 00:00:00 GMT",
+            "120",
+            "18446744073709551616.5",
+        ];
+        const BYTES: &[u8] = b"0123456789 .,:-+GMTSunNovDec\t\xff";
+        let clocks = [
+            at(0),
+            at(784_111_777),
+            at(253_402_300_799),
+            at(u64::from(u32::MAX) * 4),
+        ];
+        for _ in 0..20_000 {
+            let mut values = Vec::new();
+            for _ in 0..2 {
+                let mut value = SEEDS[below(SEEDS.len())].as_bytes().to_vec();
+                for _ in 0..below(4) {
+                    let place = below(value.len() + 1);
+                    match below(3) {
+                        0 if place < value.len() => {
+                            value.remove(place);
+                        }
+                        1 if place < value.len() => value[place] = BYTES[below(BYTES.len())],
+                        _ => value.insert(place, BYTES[below(BYTES.len())]),
+                    }
+                }
+                values.push(value);
+            }
+            let _ = RetryAfter::parse(&values[0]);
+            let mut headers = HeaderMap::new();
+            for (name, value) in [(RETRY_AFTER, &values[0]), (DATE, &values[1])] {
+                if let Ok(value) = HeaderValue::from_bytes(value) {
+                    headers.append(name, value);
+                }
+            }
+            let now = clocks[below(clocks.len())];
+            if let Some(delay) = retry_after_delay(&headers, now) {
+                assert!(delay <= MAX_RETRY_AFTER, "{headers:?}: {delay:?}");
+            }
+        }
+    }
 }

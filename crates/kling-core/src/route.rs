@@ -42,9 +42,10 @@ pub struct Route<'a> {
     /// The product of the pool a create draws from (`None` for everything else).
     pub product: Option<Product>,
     /// The model version of a new-style create's pool (`kling-3.0`), as written in the path
-    /// (escapes kept: [`Route::pool`] decodes them).
+    /// up to any `;` parameters (escapes kept: [`Route::pool`] decodes them).
     pub model: Option<&'a str>,
-    /// The task id a legacy query names as its last segment, as written in the path.
+    /// The task id a legacy query names as its last segment, as written in the path up to any
+    /// `;` parameters.
     pub task_id: Option<&'a str>,
 }
 
@@ -78,8 +79,21 @@ impl<'a> Route<'a> {
     /// are lowercase, so `/V1/VIDEOS/TEXT2VIDEO` is no Kling path (the server answers it with
     /// a 404 and makes no task), and it is [`RequestKind::Other`].
     ///
-    /// An ordinary path (no `%`, no dot segment) is read as before in one pass, without
-    /// allocating; only one with a `%` or a dot segment takes a second, allocating pass.
+    /// A path that is no Kling path as written but is one with its `%2F`s read as `/`s is
+    /// read so too: `/account%2Fcosts` is the account request (held to its class quota), and
+    /// `GET /v1%2Fvideos%2Ftext2video/abc` a lookup.
+    ///
+    /// A `;` starts a segment's parameters, which Tomcat (and so Spring) removes before it
+    /// routes: `/v1/videos;jsessionid=1/text2video` is a create there, and
+    /// `/account/costs;jsessionid=1` the account request. A path is read so, its parameters
+    /// removed (the model and task id given without them: `kling-3.0` of `kling-3.0;v=2`). A
+    /// server that keeps them as data knows no Kling name that holds a `;`, so it makes no
+    /// task where this reading finds none; and a create found where it makes none (it
+    /// answers 404) holds a slot only until that answer.
+    ///
+    /// An ordinary path (no `%`, no `;`, no dot segment) is read as before in one pass,
+    /// without allocating; only one with a `%`, a `;` or a dot segment takes a second,
+    /// allocating pass.
     ///
     /// [`model`]: Route::model
     /// [`task_id`]: Route::task_id
@@ -107,7 +121,7 @@ impl<'a> Route<'a> {
         // `v1` itself (`/v1/videos/text2video/v1`).
         let mut after_any_v1 = usize::MAX;
         let mut dot_segment = false;
-        let escaped = each_segment(bytes, |(from, to)| {
+        let marked = each_segment(bytes, |(from, to)| {
             let segment = &bytes[from..to];
             dot_segment |= matches!(segment, b"." | b"..");
             if after_any_v1 == count && (segment == b"videos" || segment == b"images") {
@@ -121,7 +135,7 @@ impl<'a> Route<'a> {
             }
             count += 1;
         });
-        if escaped | dot_segment {
+        if marked | dot_segment {
             return Route::of_unusual(method, path);
         }
         if count > ON_STACK {
@@ -140,11 +154,12 @@ impl<'a> Route<'a> {
         Route::by_rules(method, path, &all, after_v1)
     }
 
-    /// [`Route::of`] of a trimmed path with a `%` or a `.` or `..` segment: normalized as RFC
-    /// 3986 does it and as a server that merges slashes first does it, the latter taken only
-    /// when it is a create and the former is not (see [`Route::of`]); with a `%2F`, as a server
-    /// that decodes it to a `/` reads it, when either reading is a create. Rare, so kept out of
-    /// the common path; allocates.
+    /// [`Route::of`] of a trimmed path with a `%`, a `;` or a `.` or `..` segment: its
+    /// segments' `;` parameters removed, normalized as RFC 3986 does it and as a server that
+    /// merges slashes first does it, the latter taken only when it is a create and the former
+    /// is not (see [`Route::of`]); with a `%2F`, as a server that decodes it to a `/` reads
+    /// it, when either reading is a create or the first is [`RequestKind::Other`]. Rare, so
+    /// kept out of the common path; allocates.
     #[cold]
     #[inline(never)]
     fn of_unusual(method: &Method, path: &'a str) -> Route<'a> {
@@ -157,8 +172,13 @@ impl<'a> Route<'a> {
         // name (`identify-face%2F`, `multi-elements%2Finit-selection`, a model): no Kling name
         // holds a `/`, so a server that keeps the escape finds no endpoint or model there, and
         // one that decodes it answers what it routes to, which may name no task and would
-        // hold the slot for the whole task lease.
-        if unescaped.kind == RequestKind::Create || route.kind == RequestKind::Create {
+        // hold the slot for the whole task lease. A path that is nothing as written is what
+        // it is with its `%2F`s read: the account request (held to its class quota), a lookup
+        // (whose answer frees slots).
+        if unescaped.kind == RequestKind::Create
+            || route.kind == RequestKind::Create
+            || route.kind == RequestKind::Other
+        {
             return unescaped;
         }
         route
@@ -166,7 +186,10 @@ impl<'a> Route<'a> {
 
     /// [`Route::of_unusual`]'s readings of `path` with its `%2F`s kept as data or, when
     /// `unescape_slashes`, read as `/`s: RFC 3986's, or the one that merges slashes first when
-    /// only that one is a create.
+    /// only that one is a create. Each segment's `;` parameters are removed, as Tomcat (which
+    /// Spring routes on) removes them before it decodes or removes dot segments:
+    /// `text2video;jsessionid=1` is `text2video`, `..;x` a `..` (after the `%2F`s are read, as
+    /// a server behind a proxy that decodes them reads it: Tomcat alone refuses a `%2F`).
     fn normalized(method: &Method, path: &'a str, unescape_slashes: bool) -> Route<'a> {
         // Every segment, empty ones too (RFC 3986 removes dot segments before anything merges
         // slashes), but not the empty one before a leading `/`, with its decoded text.
@@ -188,7 +211,9 @@ impl<'a> Route<'a> {
             // `at` is the end or an ASCII byte, so on a character boundary.
             let piece = &path[from..at];
             if from > 0 || !piece.is_empty() {
-                segments.push(((from, at), unreserved_decoded(piece)));
+                // Up to its parameters (`;` is ASCII, so on a character boundary).
+                let end = piece.find(';').map_or(at, |params| from + params);
+                segments.push(((from, end), unreserved_decoded(&path[from..end])));
             }
             at += separator;
             from = at;
@@ -393,17 +418,17 @@ const ON_STACK: usize = 8;
 
 /// Calls `segment` with the byte range of each non-empty `/`-separated segment, in order,
 /// finding the `/`s eight bytes at a time (a byte loop or `split` costs several times more on
-/// paths this short), and returns whether `bytes` hold a `%` (found in the same words).
+/// paths this short), and returns whether `bytes` hold a `%` or a `;` (found in the same words).
 /// Always inlined: its callback is then inlined too.
 #[inline(always)]
 fn each_segment(bytes: &[u8], mut segment: impl FnMut(Range)) -> bool {
     let mut start = 0;
-    let mut percents = 0;
+    let mut marks = 0;
     let mut chunks = bytes.chunks_exact(8);
     let mut base = 0;
     for chunk in &mut chunks {
         let word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
-        scan_word(word, base, &mut start, &mut percents, &mut segment);
+        scan_word(word, base, &mut start, &mut marks, &mut segment);
         base += 8;
     }
     let rest = chunks.remainder().len();
@@ -417,32 +442,38 @@ fn each_segment(bytes: &[u8], mut segment: impl FnMut(Range)) -> bool {
                 .rev()
                 .fold(0, |word, &byte| (word << 8) | u64::from(byte)),
         };
-        scan_word(word, base, &mut start, &mut percents, &mut segment);
+        scan_word(word, base, &mut start, &mut marks, &mut segment);
     }
     if bytes.len() > start {
         segment((start, bytes.len()));
     }
-    percents != 0
+    marks != 0
 }
 
 /// One word of [`each_segment`]'s scan: `word` holds `bytes[base..]` little-endian (byte
 /// `base + i` in bits `8 * i..`); calls `segment` for each segment a `/` in it ends, and notes
-/// its `%`s in `percents`. A function, not a closure, so that it is always inlined (a closure
-/// that captured the `%`s as well was called out of line, some 200 instructions a request).
+/// its `%`s and `;`s in `marks`. A function, not a closure, so that it is always inlined (a
+/// closure that captured the `%`s as well was called out of line, some 200 instructions a
+/// request).
 #[inline(always)]
 fn scan_word(
     word: u64,
     base: usize,
     start: &mut usize,
-    percents: &mut u64,
+    marks: &mut u64,
     segment: &mut impl FnMut(Range),
 ) {
     const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
     const SLASHES: u64 = 0x2f2f_2f2f_2f2f_2f2f;
     const PERCENTS: u64 = 0x2525_2525_2525_2525;
+    const SEMICOLONS: u64 = 0x3b3b_3b3b_3b3b_3b3b;
+    const ONES: u64 = 0x0101_0101_0101_0101;
     // The high bit of exactly the zero bytes of `x` (no carry crosses a byte).
     let zeros = |x: u64| !(((x & LOW7) + LOW7) | x | LOW7);
-    *percents |= zeros(word ^ PERCENTS);
+    // Not zero exactly when `x` has a zero byte (a borrow may set a bit above one): fewer
+    // steps than `zeros`, and the `%`s and `;`s are only counted.
+    let any_zero = |x: u64| x.wrapping_sub(ONES) & !x;
+    *marks |= (any_zero(word ^ PERCENTS) | any_zero(word ^ SEMICOLONS)) & !LOW7;
     // The `/`s.
     let mut found = zeros(word ^ SLASHES);
     while found != 0 {
@@ -484,8 +515,11 @@ fn unreserved_decoded(text: &str) -> Cow<'_, str> {
                 at += 3;
             }
             None => {
-                // Up to the next `%` (ASCII, so on a character boundary).
-                let next = text[at + 1..].find('%').map_or(text.len(), |n| at + 1 + n);
+                // Up to the next `%` after this one. `at` is on a character boundary (at a `%`
+                // or after an escape), and may start a character of several bytes (`%41é`):
+                // only a `%` is skipped by its one byte.
+                let from = at + usize::from(bytes[at] == b'%');
+                let next = text[from..].find('%').map_or(text.len(), |n| from + n);
                 out.push_str(&text[at..next]);
                 at = next;
             }
@@ -807,12 +841,12 @@ mod tests {
 
     #[test]
     fn segments_are_found_in_every_short_string() {
-        // Every string of up to 9 symbols over `/`, `a`, a two-byte character and `%`: every
-        // length around the 8-byte words, every position of a `/` and a `%`.
-        let symbols = ["/", "a", "é", "%"];
+        // Every string of up to 8 symbols over `/`, `a`, a two-byte character, `%` and `;`:
+        // every length around the 8-byte words, every position of a `/`, a `%` and a `;`.
+        let symbols = ["/", "a", "é", "%", ";"];
         let mut strings = vec![String::new()];
         let mut checked = 0;
-        for _ in 0..9 {
+        for _ in 0..8 {
             strings = strings
                 .iter()
                 .flat_map(|s| symbols.iter().map(move |c| format!("{s}{c}")))
@@ -820,13 +854,13 @@ mod tests {
             for s in &strings {
                 let expected: Vec<&str> = s.split('/').filter(|s| !s.is_empty()).collect();
                 let mut found = Vec::new();
-                let escaped = each_segment(s.as_bytes(), |(from, to)| found.push(&s[from..to]));
+                let marked = each_segment(s.as_bytes(), |(from, to)| found.push(&s[from..to]));
                 assert_eq!(found, expected, "{s:?}");
-                assert_eq!(escaped, s.contains('%'), "{s:?}");
+                assert_eq!(marked, s.contains(['%', ';']), "{s:?}");
                 checked += 1;
             }
         }
-        assert_eq!(checked, (1..=9).map(|n| 4usize.pow(n)).sum::<usize>());
+        assert_eq!(checked, (1..=8).map(|n| 5usize.pow(n)).sum::<usize>());
     }
 
     #[test]
@@ -1129,6 +1163,145 @@ mod tests {
         }
     }
 
+    /// A segment's `;` parameters are removed, as Tomcat (and so Spring) removes them before
+    /// it routes: a create written with them takes its slot in its pool, one that is none
+    /// there (an endpoint that answers at once) takes none, and the account request and a
+    /// lookup are what they are.
+    #[test]
+    fn path_parameters_are_read_as_tomcat_reads_them() {
+        for (path, product, model) in [
+            ("/v1/videos/text2video;jsessionid=x", Product::Video, None),
+            ("/v1;a=b/videos/text2video", Product::Video, None),
+            ("/v1/videos;x/text2video/", Product::Video, None),
+            ("/v1/images/editing;v=1/expand", Product::Image, None),
+            ("/v1/videos/avatar;x/image2video", Product::Video, None),
+            ("/v1/images/kolors-virtual-try-on;x", Product::TryOn, None),
+            ("/v1/videos/x/..;/text2video", Product::Video, None),
+            ("/v1/videos/x/..;a=b/;c/text2video", Product::Video, None),
+            ("/proxy;p/v1/%69mages;x/generations", Product::Image, None),
+            (
+                "/text-to-video;x/kling-3.0",
+                Product::Video,
+                Some("kling-3.0"),
+            ),
+            (
+                "/text-to-video/kling-3.0;jsessionid=x",
+                Product::Video,
+                Some("kling-3.0"),
+            ),
+            (
+                "/omni-video/kling%2Do1;v=2",
+                Product::Video,
+                Some("kling%2Do1"),
+            ),
+            ("/v1%2Fvideos;x%2Ftext2video", Product::Video, None),
+        ] {
+            let route = Route::of(&Method::POST, path);
+            assert_eq!(
+                (route.kind, route.product, route.model),
+                (RequestKind::Create, Some(product), model),
+                "POST {path}"
+            );
+        }
+        assert_eq!(
+            Route::of(&Method::POST, "/omni-video/kling%2Do1;v=2").pool(),
+            Some(Pool::with_model(Product::Video, "kling-o1"))
+        );
+        for (method, path, kind, task_id) in [
+            // An endpoint that answers at once makes no task, nor one with an id after it.
+            (
+                Method::POST,
+                "/v1/videos/identify-face;v=2",
+                RequestKind::Other,
+                None,
+            ),
+            (
+                Method::POST,
+                "/v1/videos/text2video;x/abc",
+                RequestKind::Other,
+                None,
+            ),
+            (
+                Method::GET,
+                "/account/costs;jsessionid=x",
+                RequestKind::Account,
+                None,
+            ),
+            (Method::GET, "/account;x/costs", RequestKind::Account, None),
+            (Method::GET, "/tasks;jsessionid=x", RequestKind::Query, None),
+            (Method::POST, "/tasks;x", RequestKind::List, None),
+            (
+                Method::GET,
+                "/v1/videos;x/text2video/abc",
+                RequestKind::Query,
+                Some("abc"),
+            ),
+            (
+                Method::GET,
+                "/v1/videos/text2video/abc;x",
+                RequestKind::Query,
+                Some("abc"),
+            ),
+            (Method::GET, "/v1/videos;p/tasks", RequestKind::List, None),
+            // An escaped `;` is data, as Tomcat reads it (it removes parameters first).
+            (
+                Method::POST,
+                "/v1/videos%3Bx/text2video",
+                RequestKind::Other,
+                None,
+            ),
+        ] {
+            let route = Route::of(&method, path);
+            assert_eq!(
+                (route.kind, route.task_id),
+                (kind, task_id),
+                "{method} {path}"
+            );
+        }
+    }
+
+    /// A path that is no Kling path as written and one with its `%2F`s read as `/`s (as nginx
+    /// and Envoy read it before routing) is read so: the account request is held to its class
+    /// quota, a lookup's answer frees slots.
+    #[test]
+    fn a_path_that_is_one_only_with_its_escaped_slashes_read_is_read_so() {
+        for path in [
+            "/account%2Fcosts",
+            "/account%2fcosts/",
+            "/proxy/v1%2Faccount%2Fcosts",
+            "/account%2F%63osts",
+        ] {
+            for method in [Method::GET, Method::POST] {
+                assert_eq!(
+                    Route::of(&method, path).kind,
+                    RequestKind::Account,
+                    "{method} {path}"
+                );
+            }
+        }
+        let route = Route::of(&Method::GET, "/v1%2Fvideos%2Ftext2video/abc");
+        assert_eq!(
+            (route.kind, route.task_id),
+            (RequestKind::Query, Some("abc"))
+        );
+        let route = Route::of(&Method::GET, "/v1%2Fvideos%2Ftext2video");
+        assert_eq!(route.kind, RequestKind::List);
+        assert_eq!(
+            Route::of(&Method::GET, "/x%2Ftasks").kind,
+            RequestKind::Query
+        );
+        // Something as written stays that: an id that holds a `%2F`, a list.
+        let route = Route::of(&Method::GET, "/v1/videos/text2video/a%2Fb");
+        assert_eq!(
+            (route.kind, route.task_id),
+            (RequestKind::Query, Some("a%2Fb"))
+        );
+        assert_eq!(
+            Route::of(&Method::GET, "/v1/videos/text2video%2Fabc").kind,
+            RequestKind::List
+        );
+    }
+
     /// Writing a path another way that a normalizing server reads as the same (a `.` or
     /// `x/..` segment anywhere, an escaped letter or digit in either case) never changes what
     /// it is, for every path of up to three words.
@@ -1162,7 +1335,7 @@ mod tests {
             for path in &paths {
                 let mut others = Vec::new();
                 for at in 0..=path.len() {
-                    for inserted in [".", "x/..", "%2e", "%2E/", "a/%2E%2e"] {
+                    for inserted in [".", "x/..", "%2e", "%2E/", "a/%2E%2e", ";", "x/..;p"] {
                         let mut other = path.clone();
                         other.insert(at, inserted);
                         others.push(other.join("/"));
@@ -1175,6 +1348,12 @@ mod tests {
                     ] {
                         let mut other: Vec<String> = path.iter().map(|w| w.to_string()).collect();
                         other[at] = format!("{hex}{}", &path[at][1..]);
+                        others.push(other.join("/"));
+                    }
+                    // Parameters after a segment, which Tomcat removes.
+                    for params in [";jsessionid=1", ";", ";a=b;c"] {
+                        let mut other: Vec<String> = path.iter().map(|w| w.to_string()).collect();
+                        other[at].push_str(params);
                         others.push(other.join("/"));
                     }
                 }
@@ -1193,6 +1372,90 @@ mod tests {
             }
         }
         assert!(checked > 300_000, "{checked}");
+    }
+
+    /// A small deterministic generator (xorshift64*) for the fuzz-like tests: the same cases
+    /// on every run.
+    struct Xorshift(u64);
+
+    impl Xorshift {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let n = u64::try_from(n).expect("small");
+            usize::try_from(self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n).expect("below n")
+        }
+    }
+
+    /// No path panics, whatever its escapes, dots, parameters and characters of several bytes
+    /// (an escaped letter before one, `%41é`, did), and the model and task id are parts of it.
+    #[test]
+    fn no_path_panics() {
+        const PIECES: [&str; 36] = [
+            "/",
+            "//",
+            "%",
+            "%2F",
+            "%2f",
+            "%41",
+            "%4",
+            "%é",
+            "%2E",
+            "%2e%2E",
+            ".",
+            "..",
+            ";",
+            ";x=1",
+            "é",
+            "你",
+            "\u{1F600}",
+            "v1",
+            "videos",
+            "images",
+            "text2video",
+            "editing",
+            "avatar",
+            "expand",
+            "tasks",
+            "account",
+            "costs",
+            "text-to-video",
+            "kling-3.0",
+            "identify-face",
+            "%E4%BD%A0",
+            "a",
+            "1",
+            "%25",
+            "%3B",
+            "~",
+        ];
+        let mut random = Xorshift(0x9e37_79b9_7f4a_7c15);
+        let check = |path: &str| {
+            for method in [Method::GET, Method::POST] {
+                let route = Route::of(&method, path);
+                let _ = route.pool();
+                let range = path.as_ptr() as usize..=path.as_ptr() as usize + path.len();
+                for part in [route.model, route.task_id].into_iter().flatten() {
+                    assert!(range.contains(&(part.as_ptr() as usize)), "{path:?}");
+                }
+            }
+        };
+        check("/v1/%41é");
+        check("/v1/videos/text2video/%41%42你");
+        for _ in 0..20_000 {
+            let mut path = String::from("/");
+            for _ in 0..random.below(12) {
+                path.push_str(PIECES[random.below(PIECES.len())]);
+            }
+            check(&path);
+            // Random bytes, read as a path is (a `Uri`'s path is UTF-8).
+            const BYTES: &[u8] = b"/%;.2Fa\xc3\xa9";
+            let bytes: Vec<u8> = (0..random.below(24))
+                .map(|_| BYTES[random.below(BYTES.len())])
+                .collect();
+            check(&String::from_utf8_lossy(&bytes));
+        }
     }
 
     #[test]
