@@ -293,8 +293,9 @@ async fn an_answer_quoting_the_credential_in_its_message_leaks_nothing() {
 
 /// An answer that is no envelope because a field quotes the credential (a gateway putting the
 /// header it refused in `code`), read by this layer with no classify step below: the `WARN`
-/// "kling call answered with no envelope" gives the parser's reason, which quotes the value,
-/// with the credential `[redacted]` as in every other warning.
+/// "kling call answered with no envelope" gives the parser's reason, which names what was wrong
+/// and where; kling-core's reason quotes no value, and this layer redacts it as it does every
+/// other warning, so a credential in the body reaches no log either way.
 #[tokio::test(start_paused = true)]
 async fn an_answer_that_is_no_envelope_quoting_the_credential_leaks_nothing() {
     let capture = Capture::default();
@@ -331,7 +332,6 @@ async fn an_answer_that_is_no_envelope_quoting_the_credential_leaks_nothing() {
     assert_eq!(reasons.len(), 2, "{reasons:?}");
     for reason in &reasons {
         // The reason's words are kept: what was wrong and where.
-        assert!(reason.contains("[redacted]"), "{reason}");
         assert!(reason.contains("expected"), "{reason}");
     }
     let text = capture.all_text();
