@@ -392,18 +392,12 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
         .clone()
         .unwrap_or_else(|| default_path(&args.jobs, ".results.jsonl"));
     // Where the results go is checked before anything is sent: found out after the run, a
-    // bad `-o` (or `--download`) would cost every job's credits for nothing to show.
-    for (other, what) in [
-        (&args.jobs, "the jobs file"),
-        (&journal_path, "the journal"),
-    ] {
-        if same_file(&output, other) {
-            return Err(SetupError::new(
-                "--output",
-                format!("{} is {what}; name another file", output.display()),
-            )
-            .into());
-        }
+    // bad `-o` (or `--download`) would cost every job's credits for nothing to show. And no
+    // file the run writes may be one it reads or another it writes: `-o` naming the
+    // `--config` file wrote the results over it.
+    check_distinct(&args, &journal_path, &output)?;
+    if let Some(dir) = &args.download {
+        check_utf8_folder(dir)?;
     }
     check_writable(&output)
         .map_err(|e| SetupError::new("--output", format!("{}: {e}", output.display())))?;
@@ -534,6 +528,58 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
                 code
             })
         }
+    }
+}
+
+/// Refuses a run whose journal, results file or `--download` folder is the jobs file, the
+/// `--config` file, or another of these three, naming the option and both paths.
+fn check_distinct(args: &RunArgs, journal: &Path, output: &Path) -> Result<(), SetupError> {
+    let mut read: Vec<(&Path, &str)> = vec![(&args.jobs, "the jobs file")];
+    if let Some(config) = &args.config {
+        read.push((config, "the --config file"));
+    }
+    let mut written: Vec<(&str, &Path, &str, &str)> = vec![
+        ("--journal", journal, "the journal", "file"),
+        ("--output", output, "the results file", "file"),
+    ];
+    if let Some(dir) = &args.download {
+        written.push(("--download", dir, "the --download folder", "folder"));
+    }
+    for (index, &(option, path, _, kind)) in written.iter().enumerate() {
+        let others = read
+            .iter()
+            .copied()
+            .chain(written[..index].iter().map(|&(_, p, what, _)| (p, what)));
+        for (other, what) in others {
+            if same_file(path, other) {
+                return Err(SetupError::new(
+                    option,
+                    format!(
+                        "{} is {what} ({}); name another {kind}",
+                        path.display(),
+                        other.display()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a `--download` folder whose path is not valid UTF-8: the journal and the results
+/// record each file's path as text, which would hold `�` in place of the bytes that are not,
+/// and a rerun, not finding the files recorded, would fetch every job's files again.
+fn check_utf8_folder(dir: &Path) -> Result<(), SetupError> {
+    match dir.to_str() {
+        Some(_) => Ok(()),
+        None => Err(SetupError::new(
+            "--download",
+            format!(
+                "{} is not valid UTF-8: the journal and the results record each file's path as \
+                 text; name a folder whose path is",
+                dir.display()
+            ),
+        )),
     }
 }
 

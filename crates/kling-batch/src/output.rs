@@ -93,7 +93,9 @@ pub fn check_writable(path: &Path) -> std::io::Result<()> {
     std::fs::remove_file(&tmp)
 }
 
-/// Writes the records as JSONL to `path` (through a temporary file, renamed when complete).
+/// Writes the records as JSONL to `path` (through a temporary file, on the disk before it is
+/// renamed to `path`, and on Unix the rename too, as far as the file system allows): after a
+/// power cut `path` holds the earlier results or these, never an empty or partial file.
 pub fn write_results(path: &Path, records: &[JobRecord]) -> std::io::Result<()> {
     let tmp = tmp_path(path);
     {
@@ -102,7 +104,20 @@ pub fn write_results(path: &Path, records: &[JobRecord]) -> std::io::Result<()> 
             serde_json::to_writer(&mut file, &ResultLine::of(record))?;
             file.write_all(b"\n")?;
         }
-        file.flush()?;
+        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     }
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    // The folder's entry on the disk too. Best effort: the results are in place whatever
+    // this says (some file systems refuse to sync a folder), and the journal holds them all.
+    #[cfg(unix)]
+    {
+        let dir = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        if let Err(e) = std::fs::File::open(dir).and_then(|dir| dir.sync_all()) {
+            tracing::warn!(error = %e, "could not sync the results file's folder");
+        }
+    }
+    Ok(())
 }

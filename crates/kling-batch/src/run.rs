@@ -350,7 +350,7 @@ impl Engine {
         jobs: &[Job],
         stop: StopSignal,
     ) -> Result<RunReport, RunError> {
-        let plan = self.plan(jobs).map_err(|e| {
+        let plan = self.plan(jobs, &stop).map_err(|e| {
             // A job edited under its id: the jobs file is at fault, not the journal.
             RunError::Setup(
                 match std::error::Error::source(&e).and_then(|s| s.downcast_ref::<ChangedJobs>()) {
@@ -359,15 +359,37 @@ impl Engine {
                 },
             )
         })?;
+        let Some(plan) = plan else {
+            // Stopped while the jobs were registered: nothing was written or sent. The
+            // results are the journal's (those of an earlier run on it, if any).
+            let ids: std::collections::HashSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+            let mut records = self
+                .journal
+                .records()
+                .map_err(|e| RunError::Setup(SetupError::new("journal", e.to_string())))?;
+            records.retain(|r| ids.contains(r.job_id.as_str()));
+            return Ok(RunReport {
+                records,
+                interrupted: true,
+                downloading: self.options.download_dir.is_some(),
+                ..RunReport::default()
+            });
+        };
         self.carry_out(jobs, plan, stop)
             .await
             .map_err(RunError::Sent)
     }
 
     /// Registers `jobs` in the journal and sorts them by what the run must do first; sends
-    /// nothing.
-    fn plan<'a>(&self, jobs: &'a [Job]) -> Result<Plan<'a>, JournalError> {
-        let records = self.journal.register(jobs)?;
+    /// nothing. `None` when `stop` came while the jobs were registered: nothing is written.
+    fn plan<'a>(
+        &self,
+        jobs: &'a [Job],
+        stop: &StopSignal,
+    ) -> Result<Option<Plan<'a>>, JournalError> {
+        let Some(records) = self.journal.register_unless(jobs, &|| *stop.borrow())? else {
+            return Ok(None);
+        };
         let jobs_by_id: HashMap<&str, &Job> = jobs.iter().map(|j| (j.id.as_str(), j)).collect();
         let mut queued: Vec<&Job> = Vec::new();
         let mut creating: Vec<(&Job, String, JobState, bool)> = Vec::new();
@@ -440,13 +462,13 @@ impl Engine {
         }
         queued.extend(again);
 
-        Ok(Plan {
+        Ok(Some(Plan {
             queued,
             creating,
             created,
             stale_errors,
             undownloaded,
-        })
+        }))
     }
 
     /// The run once planned: everything that sends.
@@ -2039,7 +2061,8 @@ mod tests {
         let options = RunOptions::new(default_follow_policy(1.0));
         let engine = Engine::new(stack, journal.clone(), options).unwrap();
         let before = journal.commits();
-        let plan = engine.plan(&jobs).unwrap();
+        let (_stopper, unstopped) = watch::channel(false);
+        let plan = engine.plan(&jobs, &unstopped).unwrap().unwrap();
         assert_eq!(journal.commits() - before, 2, "{n} jobs, two transactions");
         assert_eq!(plan.queued.len(), n);
         let progress = engine.progress();
@@ -2056,6 +2079,57 @@ mod tests {
             journal.transitions("j0").unwrap(),
             ["queued", "not_submitted", "queued"]
         );
+    }
+
+    /// A stop while the jobs are registered ends the run there: it registered every job of
+    /// the file first (100 000 jobs: seconds), then marked them all `not_submitted`. Nothing
+    /// is written to the journal and nothing is sent; a resumed run's report keeps the
+    /// journal's records as an earlier run left them.
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_while_the_jobs_are_registered_ends_the_run_with_nothing_written() {
+        let text = |n: usize| -> String {
+            (0..n)
+                .map(|i| format!("{{\"id\":\"j{i}\",\"prompt\":\"p\"}}\n"))
+                .collect()
+        };
+        let (earlier, _) = parse_jobs(&text(3));
+        let (jobs, _) = parse_jobs(&text(3 * crate::journal::REGISTER_CHECK));
+        let journal = Journal::open_in_memory().unwrap();
+        journal.register(&earlier).unwrap();
+        journal
+            .transition("j0", JobState::Succeeded, Update::task("t0"))
+            .unwrap();
+        let stack = Stack::new(
+            StackConfig::preset(Tier::Pro),
+            Credentials::api_key("key").unwrap(),
+            "http://127.0.0.1:9",
+        )
+        .unwrap();
+        let engine = Engine::new(
+            stack.clone(),
+            journal.clone(),
+            RunOptions::new(default_follow_policy(1.0)),
+        )
+        .unwrap();
+        let (_stopper, stopped) = watch::channel(true);
+        let report = engine.run(&jobs, stopped).await.unwrap();
+        assert!(report.interrupted);
+        assert_eq!(report.creates, 0);
+        assert_eq!(stack.attempts().requests(), 0);
+        let states: Vec<(&str, JobState)> = report
+            .records
+            .iter()
+            .map(|r| (r.job_id.as_str(), r.state))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("j0", JobState::Succeeded),
+                ("j1", JobState::Queued),
+                ("j2", JobState::Queued)
+            ]
+        );
+        assert_eq!(journal.records().unwrap().len(), 3, "nothing registered");
     }
 
     /// A stop marks the jobs left `not_submitted` in chunks, yielding between two, so the
@@ -2082,7 +2156,8 @@ mod tests {
             RunOptions::new(default_follow_policy(1.0)),
         )
         .unwrap();
-        let plan = engine.plan(&jobs).unwrap();
+        let (_stopper, unstopped) = watch::channel(false);
+        let plan = engine.plan(&jobs, &unstopped).unwrap().unwrap();
         let progress = engine.progress();
         // Other work on this (the only) runtime thread: a task that notes, each time it runs,
         // how many jobs are marked.

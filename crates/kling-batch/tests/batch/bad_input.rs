@@ -158,10 +158,7 @@ async fn an_output_that_cannot_be_written_is_refused_before_anything_is_sent() {
     let cases: [(Vec<&str>, &str); 4] = [
         (vec!["-o", missing.to_str().unwrap()], "--output"),
         (vec!["-o", dir.to_str().unwrap()], "--output"),
-        (
-            vec!["-o", journal.to_str().unwrap()],
-            "is the journal; name another file",
-        ),
+        (vec!["-o", journal.to_str().unwrap()], "is the journal ("),
         (
             vec![
                 "-o",
@@ -196,6 +193,54 @@ async fn an_output_that_cannot_be_written_is_refused_before_anything_is_sent() {
         std::fs::read_to_string(&jobs)
             .unwrap()
             .contains("\"id\":\"a\"")
+    );
+    // So is writing over the `--config` file (the results went over it), and any other
+    // pair of files the run reads or writes; each refusal names both.
+    let config = dir.join("stack.toml");
+    let toml = "tier = \"pro\"\n";
+    std::fs::write(&config, toml).unwrap();
+    let config = config.to_str().unwrap();
+    let folder = dir.join("files");
+    let folder = folder.to_str().unwrap();
+    let journal = journal.to_str().unwrap();
+    let jobs_path = jobs.to_str().unwrap();
+    let cases: [(Vec<&str>, &str); 5] = [
+        (vec!["-o", config], "--output"),
+        (vec!["--journal", config], "--journal"),
+        (vec!["-o", journal, "--journal", journal], "--output"),
+        (vec!["--download", jobs_path], "--download"),
+        (vec!["-o", folder, "--download", folder], "--download"),
+    ];
+    for (args, option) in cases {
+        // `--config` (which `--tier` conflicts with) instead of `run_command`'s `--tier`.
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_kling-batch"));
+        cmd.arg("run")
+            .arg(&jobs)
+            .args([
+                "--base-url",
+                &server.base_url(),
+                "--quiet",
+                "--config",
+                config,
+            ])
+            .args(&args)
+            .env("KLING_API_KEY", "test-key")
+            .env_remove("KLING_TIER")
+            .kill_on_drop(true);
+        let output = finish(cmd).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(option), "{args:?}: {stderr}");
+        assert!(stderr.contains("name another"), "{args:?}: {stderr}");
+        assert_eq!(server.stats().requests_total, 0, "{args:?}: {stderr}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.join("stack.toml")).unwrap(),
+        toml
+    );
+    assert!(
+        !std::path::Path::new(folder).exists(),
+        "no folder was made in place of the results"
     );
 }
 
@@ -251,4 +296,28 @@ async fn a_results_file_lost_after_the_run_still_reports_the_run_and_a_rerun_wri
     );
     assert_eq!(results(&out).len(), 3);
     assert_eq!(server.stats().tasks_created, 3);
+}
+
+/// A `--download` folder whose path is not valid UTF-8 is refused before anything is sent: the
+/// journal and the results record each file's path as text, which held `�` for the bytes that
+/// are not, so the results named files that do not exist and a rerun never found them.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_folder_whose_path_is_not_utf8_is_refused() {
+    use std::os::unix::ffi::OsStrExt as _;
+
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("non-utf8-download");
+    let jobs = dir.join("jobs.jsonl");
+    std::fs::write(&jobs, "{\"id\":\"a\",\"prompt\":\"one\"}\n").unwrap();
+    let folder = dir.join(std::ffi::OsStr::from_bytes(b"files-\xff"));
+    let mut cmd = run_command(&jobs, &server.base_url(), &[]);
+    cmd.arg("--download").arg(&folder);
+    let output = finish(cmd).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--download"), "{stderr}");
+    assert!(stderr.contains("not valid UTF-8"), "{stderr}");
+    assert_eq!(server.stats().requests_total, 0, "{stderr}");
+    assert!(!folder.exists());
 }

@@ -585,3 +585,30 @@ async fn a_journal_that_fails_at_a_tasks_end_or_its_files_exits_3_and_a_rerun_fi
     assert_eq!(stats.tasks_created, 8, "{stats:?}");
     assert_eq!(stats.duplicate_external_ids, 0, "{stats:?}");
 }
+
+/// A journal named `file:x.db` is that file, not a URI SQLite reads (`x.db`, or with
+/// `file::memory:` a journal in memory that no rerun finds): a rerun on it resumes, sending
+/// nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_named_like_a_uri_is_a_file_of_that_name() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("uri-journal");
+    let jobs = write_jobs(&dir, 2);
+    let run = || {
+        let mut cmd = run_command(&jobs, &server.base_url(), &["--journal", "file:x.db"]);
+        // The name as a user gives it: relative to the working directory.
+        cmd.current_dir(&dir);
+        finish(cmd)
+    };
+    let output = run().await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(dir.join("file:x.db").is_file(), "{stderr}");
+    assert!(!dir.join("x.db").exists(), "{stderr}");
+    let journal = Journal::open(dir.join("file:x.db")).unwrap();
+    assert_eq!(journal.records().unwrap().len(), 2);
+    drop(journal);
+    let output = run().await;
+    assert_eq!(output.status.code(), Some(0));
+    assert_eq!(server.stats().tasks_created, 2, "the rerun resumed");
+}
