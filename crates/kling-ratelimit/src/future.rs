@@ -48,11 +48,21 @@ struct Gate<Bk: Backend> {
     epoch: u64,
     /// When the request first had to wait.
     waited_since: Option<Instant>,
-    /// The instant it must not wait past, and why (set when it first waits).
-    limit: Option<(Instant, WaitLimit)>,
+    /// The instant it must not wait past (set when it first waits), and why: `why`. Apart
+    /// rather than a pair, so that `back` takes no more room.
+    limit: Option<Instant>,
+    why: WaitLimit,
+    /// It passed its class gate and went back there from its account's ([`Gate::back_to_class`]):
+    /// it was waiting already, and no `max_queue` refuses it again.
+    back: bool,
 }
 
 impl<Bk: Backend> Gate<Bk> {
+    /// The instant it must not wait past, and why, if it has one.
+    fn limit(&self) -> Option<(Instant, WaitLimit)> {
+        self.limit.map(|at| (at, self.why))
+    }
+
     fn key<'k>(&'k self, account_key: &'k BucketKey) -> &'k BucketKey {
         self.class_key.as_ref().unwrap_or(account_key)
     }
@@ -125,10 +135,14 @@ impl<Bk: Backend> Gate<Bk> {
             .and_then(|max| now.checked_add(max))
             .map(|at| (at, WaitLimit::MaxWait));
         let deadline = Deadline::of(request).map(|d| (d, WaitLimit::Deadline));
-        self.limit = match (max_wait, deadline) {
+        let limit = match (max_wait, deadline) {
             (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
             (a, b) => a.or(b),
         };
+        if let Some((at, why)) = limit {
+            self.limit = Some(at);
+            self.why = why;
+        }
     }
 
     fn sleep_until(&mut self, at: Instant) {
@@ -172,7 +186,11 @@ impl<Bk: Backend> Gate<Bk> {
     ) -> Result<bool, BoxError> {
         let key = self.key(account_key).clone();
         let queues = &shared.queues;
-        match queues.enqueue(&key, cx.waker(), shared.max_queue) {
+        // One back from its account's gate joins it again as it was waiting already.
+        let max = shared
+            .max_queue
+            .filter(|_| !(self.back && self.class_key.is_none()));
+        match queues.enqueue(&key, cx.waker(), max) {
             Ok(ticket) => Ok(self.take_place(queues, key, ticket)),
             Err(()) => Err(Box::new(QueueFull::new(
                 account_key.account_id().cloned(),
@@ -247,6 +265,7 @@ impl<Bk: Backend> Gate<Bk> {
         at: Instant,
     ) -> Result<(), BoxError> {
         self.give_up(shared, account_key);
+        self.back = true;
         // Ahead of the class requests that came after it passed the gate: it keeps its turn.
         let queues = &shared.queues;
         let ticket = queues.enqueue_returned(&class_key, cx.waker());
@@ -287,7 +306,7 @@ impl<Bk: Backend> Gate<Bk> {
             return self.ask_step(cx, shared, request, account_key);
         };
         self.start_waiting(shared, request, now);
-        if let Some((limit, why)) = self.limit
+        if let Some((limit, why)) = self.limit()
             && at > limit
         {
             return Err(Box::new(WaitExceeded::new(
@@ -318,6 +337,12 @@ impl<Bk: Backend> Gate<Bk> {
     /// the class quota holds at the send, for requests that waited unequally at the account
     /// gate after passing the class gate a turn apart. It is then held ([`Gate::hold`]), out
     /// of the way of the account's other requests. (Wait mode only: see [`Gate::note_sent`].)
+    ///
+    /// A class request about to ask its class gate fails with [`QueueFull`] if its account's
+    /// queue is full (and its head waits out no pause, which would send it back to its class
+    /// gate instead): having passed its class gate, it would be refused there, and the class
+    /// turn it took would be spent for nothing. One back from its account's gate is not: it
+    /// was waiting already, and joins the account's queue whatever its bound.
     fn ask_step<B>(
         &mut self,
         cx: &Context<'_>,
@@ -325,6 +350,18 @@ impl<Bk: Backend> Gate<Bk> {
         request: &Request<B>,
         account_key: &BucketKey,
     ) -> Result<(), BoxError> {
+        if self.class_key.is_some()
+            && !self.back
+            && shared.mode == Mode::Wait
+            && let Some(max) = shared.max_queue
+            && !shared.queues.is_idle()
+            && shared.queues.turns_away(account_key, max, Instant::now())
+        {
+            return Err(Box::new(QueueFull::new(
+                account_key.account_id().cloned(),
+                max,
+            )));
+        }
         // Held requests are waiting ones: with none waiting, only the record may bind. (Reject
         // mode keeps no record: a class request is sent as soon as it passes its class gate.)
         let held_may_wait = shared.mode == Mode::Wait && !shared.queues.is_idle();
@@ -407,7 +444,7 @@ impl<Bk: Backend> Gate<Bk> {
         let now = Instant::now();
         if let Some(at) = shared.queues.class_send_at(&place.key, quota, now) {
             self.place = Some(place);
-            if let Some((limit, why)) = self.limit
+            if let Some((limit, why)) = self.limit()
                 && at > limit
             {
                 return Err(Box::new(WaitExceeded::new(
@@ -469,7 +506,7 @@ impl<Bk: Backend> Gate<Bk> {
             return Err(Box::new(RateLimited::new(at, now, cooldown)));
         }
         self.start_waiting(shared, request, now);
-        if let Some((limit, why)) = self.limit
+        if let Some((limit, why)) = self.limit()
             && at > limit
         {
             return Err(Box::new(WaitExceeded::new(
@@ -574,7 +611,7 @@ impl<Bk: Backend> Gate<Bk> {
                     match shared.queues.poll_head(&place.key, place.id, cx.waker()) {
                         Ok(_) => self.at_head(cx, shared, request, account_key)?,
                         Err(hint) => {
-                            let Some((limit, why)) = self.limit else {
+                            let Some((limit, why)) = self.limit() else {
                                 return Poll::Pending;
                             };
                             let now = Instant::now();
@@ -833,6 +870,8 @@ where
             epoch: shared.epoch.load(Ordering::Acquire),
             waited_since: None,
             limit: None,
+            why: WaitLimit::MaxWait,
+            back: false,
         };
         let first_look = gate.poll(&mut cx, &request, shared, &account_key);
         let (mut sent_at, mut waited) = (None, Duration::ZERO);

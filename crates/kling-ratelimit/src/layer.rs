@@ -170,7 +170,9 @@ impl<Bk> Builder<Bk> {
     /// waits for: a class request against its class key at its class gate, and while it is
     /// held for its class's record of sends (see the [crate docs](crate)); against its
     /// account's key while in its account's queue. Moving to its class key (held, or back from
-    /// a paused account) never refuses it: it was waiting already.
+    /// a paused account), and back from there to its account's queue, never refuses it: it
+    /// was waiting already. A class request that would find its account's queue full fails
+    /// before it asks its class gate, so it spends no turn of its class quota.
     pub fn max_queue(mut self, max: usize) -> Self {
         self.max_queue = Some(max);
         self

@@ -179,20 +179,32 @@ impl Cooldown {
 /// | event | rule |
 /// |---|---|
 /// | start | `r = start`, or `ceiling / 4` when no start is given (conservative) |
-/// | success, no 1302 seen yet | `r ← min(ceiling, r · (1 + growth))` (slow start) |
-/// | 1302 (a request sent after the last decrease) | `limit ← r`, `r ← r · decrease` |
+/// | success, no limit remembered | `r ← r · (1 + growth)` (slow start) |
+/// | 1302, the first since a success | `limit ← r`, `r ← r · decrease` |
+/// | 1302, another before any success | nothing (the cooldown escalates the pause) |
 /// | success, `r` below `target · limit` | `r ← r + max((target · limit − r) / 4, probe · limit)` |
 /// | success, `r` at or above `target · limit` | `r ← r + probe · limit` |
+/// | success that takes `r` to `limit · (1 + forget)` or the ceiling | the limit is forgotten |
 ///
-/// The defaults: `growth` = 5%, `decrease` = 0.85, `target` = 97%, `probe` = 0.1%.
+/// The defaults: `growth` = 5%, `decrease` = 0.85, `target` = 97%, `probe` = 0.1%,
+/// `forget` = 3%. Only a 1302 or a success of a request sent after the last 1302's pause began
+/// counts: one sent before it says nothing about the rate since.
 ///
 /// `r` never goes above the ceiling nor below `ceiling / 1000`. After a 1302 the rate falls to
 /// 85% of where it was refused, climbs back to 97% of it within about ten successes, and then
 /// probes upward by 0.1% of the limit per success — about forty successes per refusal, so a
 /// steady load sees roughly one 1302 in forty requests at 90–100% of the real limit, and
-/// notices a limit that was raised. (The cooldown after each 1302 still applies.) A success
-/// counts only for a request sent after the last 1302's pause began, as a 1302 does: one sent
-/// before it says nothing about the rate since.
+/// notices a limit that was raised. (The cooldown after each 1302 still applies.)
+///
+/// A run of 1302s with no success between them (a server that refuses every request for a
+/// while, whatever the rate: each request after a pause is refused again) lowers the rate
+/// once, not once per 1302: it says nothing more about the rate than its first 1302 did. And
+/// a probe that gets `forget` (3%) past the remembered limit without a 1302 forgets it and
+/// slow-starts (`growth` per success) back towards the ceiling, so a limit that was raised, or
+/// a 1302 that was not about this key's rate, costs about seventy successes and then grows
+/// again by 5% a success. With the defaults, a 4/s ceiling and a steady load, the rate is back
+/// at the ceiling 11.6 s (46 successes) after one 1302, and as soon after a run of thirty
+/// 1302s as after one (tested: `adaptive_recovery_*` in the crate's tests).
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct Adaptive {
@@ -206,6 +218,9 @@ pub struct Adaptive {
     pub target: f64,
     /// The probe step per success, as a fraction of the remembered limit.
     pub probe: f64,
+    /// How far past the remembered limit (a fraction of it) the probe goes without a 1302
+    /// before the limit is forgotten and slow start resumes.
+    pub forget: f64,
 }
 
 impl Default for Adaptive {
@@ -216,6 +231,7 @@ impl Default for Adaptive {
             decrease: 0.85,
             target: 0.97,
             probe: 0.001,
+            forget: 0.03,
         }
     }
 }
@@ -258,27 +274,41 @@ impl Adaptive {
         if !in_unit(self.probe) {
             return err("probe", "must lie in 0..1");
         }
+        if !(self.forget > 0.0 && self.forget.is_finite()) {
+            return err("forget", "must be positive");
+        }
         Ok(())
     }
 }
 
-/// The adaptive state of one key: its current rate and remembered limit, requests per second.
+/// The adaptive state of one key: its current rate and remembered limit, requests per second,
+/// and whether the rate was lowered since the last success (a run of 1302s lowers it once).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdaptiveState {
     rate: f64,
     limit: Option<f64>,
+    lowered: bool,
 }
 
 impl AdaptiveState {
     /// The state of a key seen for the first time under `ceiling` requests per second.
     pub fn new(config: &Adaptive, ceiling: f64) -> Self {
         let rate = config.start.unwrap_or(ceiling / 4.0).min(ceiling);
-        AdaptiveState { rate, limit: None }
+        AdaptiveState {
+            rate,
+            limit: None,
+            lowered: false,
+        }
     }
 
-    /// Rebuilds a state from its parts (e.g. read from a shared store).
+    /// Rebuilds a state from its parts (e.g. read from a shared store), with no 1302 since the
+    /// last success.
     pub fn from_parts(rate: f64, limit: Option<f64>) -> Self {
-        AdaptiveState { rate, limit }
+        AdaptiveState {
+            rate,
+            limit,
+            lowered: false,
+        }
     }
 
     /// The allowed rate, requests per second.
@@ -286,13 +316,19 @@ impl AdaptiveState {
         self.rate
     }
 
-    /// The rate at which the last 1302 came, if any.
+    /// The rate at which the last run of 1302s began, if it is still remembered.
     pub fn limit(&self) -> Option<f64> {
         self.limit
     }
 
+    /// Whether a 1302 lowered the rate since the last success: the next 1302 leaves it.
+    pub fn lowered(&self) -> bool {
+        self.lowered
+    }
+
     /// A response succeeded.
     pub fn on_success(&mut self, config: &Adaptive, ceiling: f64) {
+        self.lowered = false;
         let rate = match self.limit {
             None => self.rate * (1.0 + config.growth),
             Some(limit) => {
@@ -302,10 +338,22 @@ impl AdaptiveState {
             }
         };
         self.rate = rate.clamp(ceiling / 1000.0, ceiling);
+        // Probed past the limit without a 1302 (or up to the ceiling): the limit has moved, or
+        // the 1302 was not about this rate. Slow start from here.
+        if let Some(limit) = self.limit
+            && (self.rate >= limit * (1.0 + config.forget) || self.rate >= ceiling)
+        {
+            self.limit = None;
+        }
     }
 
-    /// A 1302 came back for a request sent after the previous decrease.
+    /// A 1302 came back for a request sent after the previous pause began. The first since a
+    /// success lowers the rate; the later ones of the run leave it.
     pub fn on_throttle(&mut self, config: &Adaptive, ceiling: f64) {
+        if self.lowered {
+            return;
+        }
+        self.lowered = true;
         self.limit = Some(self.rate);
         self.rate = (self.rate * config.decrease).clamp(ceiling / 1000.0, ceiling);
     }
@@ -380,6 +428,36 @@ mod tests {
             Cooldown::new().scaled(0.5).ceiling,
             Duration::from_secs(120)
         );
+    }
+
+    /// A run of 1302s lowers the rate once; a probe that gets 3% past the remembered limit
+    /// without a 1302 forgets it and slow-starts from there.
+    #[test]
+    fn a_run_of_1302s_lowers_once_and_a_probe_past_the_limit_forgets_it() {
+        let cfg = Adaptive::default();
+        let mut s = AdaptiveState::from_parts(5.0, None);
+        for _ in 0..30 {
+            s.on_throttle(&cfg, 10.0);
+        }
+        assert_eq!((s.rate(), s.limit(), s.lowered()), (4.25, Some(5.0), true));
+        let mut successes = 0;
+        while s.limit().is_some() {
+            s.on_success(&cfg, 10.0);
+            successes += 1;
+            assert!(!s.lowered());
+            assert!(successes < 200, "never forgotten: {}", s.rate());
+        }
+        assert!(s.rate() >= 5.0 * 1.03 && s.rate() < 5.16, "{}", s.rate());
+        assert_eq!(successes, 76);
+        let forgotten = s.rate();
+        s.on_success(&cfg, 10.0);
+        assert_eq!(s.rate(), forgotten * 1.05, "slow start again");
+        // A success between two 1302s: each lowers the rate.
+        s.on_throttle(&cfg, 10.0);
+        s.on_success(&cfg, 10.0);
+        let before = s.rate();
+        s.on_throttle(&cfg, 10.0);
+        assert_eq!(s.rate(), before * 0.85);
     }
 
     #[test]

@@ -371,6 +371,20 @@ impl Queues {
         self.lock().get(key).map_or(0, Queue::asking)
     }
 
+    /// Whether a request arriving at `now` at `key`'s gate would be refused a place in its
+    /// queue, bounded at `max`: it holds `max` waiters or more (one at least: a request may
+    /// be admitted at once when none waits), and its head waits out no pause (a class request
+    /// arriving then goes back to its class gate rather than queue).
+    pub(crate) fn turns_away(&self, key: &BucketKey, max: usize, now: Instant) -> bool {
+        let map = self.lock();
+        let Some(queue) = map.get(key) else {
+            return false;
+        };
+        let waiting = queue.waiting();
+        let paused = matches!(queue.head_not_before, Some((at, true)) if at > now);
+        waiting > 0 && waiting >= max && !paused
+    }
+
     /// Joins the back of `key`'s queue; `Err(())` when it already holds `max` waiters.
     pub(crate) fn enqueue(
         &self,

@@ -2,6 +2,7 @@
 //! across the range, so every run checks the same ones.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -137,4 +138,83 @@ async fn a_1302_of_another_account_leaves_this_accounts_rate_alone() {
         .unwrap();
     assert_eq!(rate("a"), a);
     assert_eq!(rate("b"), b * 0.85);
+}
+
+/// How long the adaptive rate of a key with a 4/s ceiling, starting there, takes to climb
+/// back to the ceiling after a run of `throttles` 1302s (each for a request sent after the
+/// previous pause, as a server that refuses every request for a while answers), under a
+/// steady load of one request after another: from the first request sent after the run (the
+/// first success) to the success that brings the rate back, and the successes it took. `None`
+/// when 400 successes were not enough.
+async fn recovery_after(throttles: usize) -> Option<(Duration, usize)> {
+    use kling_core::AccountId;
+    use kling_ratelimit::BucketKey;
+
+    use crate::support::{Reply, Server, request};
+
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(4.0))
+        .adaptive(Adaptive::new().start(Quota::per_second(4.0)))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let key = BucketKey::account(Some(AccountId::new("a")));
+    let rate = || {
+        handle
+            .backend()
+            .key_state(&key)
+            .unwrap()
+            .adaptive_rate
+            .unwrap()
+    };
+    server.script(std::iter::repeat_n(Reply::throttled(), throttles));
+    for _ in 0..throttles {
+        service
+            .clone()
+            .oneshot(request(Some("a"), "x"))
+            .await
+            .unwrap();
+    }
+    let lowest = rate();
+    assert!(lowest < 4.0, "{throttles} 1302s left the rate at {lowest}");
+    for successes in 1..=400 {
+        service
+            .clone()
+            .oneshot(request(Some("a"), "x"))
+            .await
+            .unwrap();
+        if rate() >= 4.0 {
+            let hits = server.hits();
+            let recovered = hits.last().unwrap().at - hits[throttles].at;
+            return Some((recovered, successes));
+        }
+    }
+    None
+}
+
+/// After one 1302 the rate is back at the ceiling in under twelve seconds (46 successes):
+/// down to 85%, most of the way back to 97% of the refused rate in ten successes, then
+/// probing.
+#[tokio::test(start_paused = true)]
+async fn adaptive_recovery_after_one_1302_takes_seconds() {
+    let (time, successes) = recovery_after(1).await.expect("recovered");
+    assert_eq!(successes, 46, "{time:?}");
+    assert!(
+        time > Duration::from_secs(11) && time < Duration::from_secs(12),
+        "{time:?}"
+    );
+}
+
+/// A run of thirty 1302s with no success between them (a server refusing every request for
+/// half an hour, the pauses at their 60 s ceiling) lowers the rate once, as one 1302 does:
+/// the rate recovers as fast after it. (Each 1302 lowering the rate again took it from 4/s
+/// to 0.03/s, from where 400 successes brought it back to 0.044/s.)
+#[tokio::test(start_paused = true)]
+async fn adaptive_recovery_after_thirty_1302s_takes_as_long_as_after_one() {
+    let one = recovery_after(1).await.expect("recovered after one");
+    let thirty = recovery_after(30)
+        .await
+        .expect("recovered within 400 successes after thirty");
+    assert_eq!(thirty, one);
 }

@@ -441,3 +441,93 @@ async fn a_class_request_dropped_while_it_waits_for_its_class_lets_the_next_go()
         ]
     );
 }
+
+/// An account one request per 10 s with a queue of two, `/account/costs` one per 3 s. A costs
+/// request passes its class gate at 0.1 s, meets the account's pause (a 1302 asking for 2 s)
+/// and goes back to its class gate; meanwhile two creates fill the account's queue. When it
+/// passes its class gate again, at 3.1 s, it joins the account's queue though it is full: it
+/// was waiting already, since before the creates it now queues behind.
+#[tokio::test(start_paused = true)]
+async fn a_class_request_back_from_a_paused_account_is_not_refused_by_its_full_queue() {
+    let server = Server::new();
+    server.script([Reply::throttled().header("retry-after", "2")]);
+    let layer = GcraLayer::builder(Quota::with_period(ms(10_000)))
+        .class_quota(RequestKind::Account, Quota::with_period(ms(3000)))
+        .max_queue(2)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    service
+        .clone()
+        .oneshot(request(Some("a"), "x0"))
+        .await
+        .unwrap();
+    tokio::time::advance(ms(100)).await;
+    let back = spawn_call(&service, costs("back")).await;
+    tokio::time::advance(ms(100)).await;
+    let c1 = spawn_call(&service, request(Some("a"), "c1")).await;
+    let c2 = spawn_call(&service, request(Some("a"), "c2")).await;
+    let err = service
+        .clone()
+        .oneshot(request(Some("a"), "c3"))
+        .await
+        .unwrap_err();
+    assert!(err.is::<kling_ratelimit::error::QueueFull>(), "{err:?}");
+    // Before, `back` failed with `QueueFull` at 3.1 s.
+    back.await.unwrap().unwrap();
+    for call in [c1, c2] {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(handle.waiting(), 0);
+    assert_eq!(
+        server.times_ms(start),
+        [
+            ("x0".into(), 0),
+            ("c1".into(), 10_000),
+            ("c2".into(), 20_000),
+            ("back".into(), 30_000),
+        ]
+    );
+}
+
+/// An account one request per 10 s with a queue of one, `/account/costs` one a minute. A
+/// costs request that finds the account's queue full fails with `QueueFull` before it asks its
+/// class gate, so it spends no class turn: the next costs request, once the account's queue
+/// has room, is sent at its account turn rather than a minute after the refused one.
+#[tokio::test(start_paused = true)]
+async fn a_class_request_refused_by_a_full_account_queue_spends_no_class_turn() {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::with_period(ms(10_000)))
+        .class_quota(RequestKind::Account, Quota::with_period(ms(60_000)))
+        .max_queue(1)
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    service
+        .clone()
+        .oneshot(request(Some("a"), "x0"))
+        .await
+        .unwrap();
+    let c1 = spawn_call(&service, request(Some("a"), "c1")).await;
+    tokio::time::advance(ms(100)).await;
+    let err = service.clone().oneshot(costs("k1")).await.unwrap_err();
+    let full = err
+        .downcast_ref::<kling_ratelimit::error::QueueFull>()
+        .expect("QueueFull");
+    assert_eq!(full.max(), 1);
+    c1.await.unwrap().unwrap();
+    tokio::time::advance(ms(100)).await;
+    service.clone().oneshot(costs("k2")).await.unwrap();
+    // Before, k1 took the class turn at 0.1 s and k2 waited for the next, at 60.1 s.
+    assert_eq!(
+        server.times_ms(start),
+        [
+            ("x0".into(), 0),
+            ("c1".into(), 10_000),
+            ("k2".into(), 20_000),
+        ]
+    );
+}
