@@ -4,7 +4,7 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -82,13 +82,49 @@ local me = ARGV[8]
 local since = ARGV[9]
 local place_ttl = tonumber(ARGV[10])
 local function int(x) return string.format('%.0f', x) end
-local function gcra(key, q, qx, period, burst, adaptive, start, ceiling)
+-- The record of one process's admitted asks of a key, in its hash: `a:PROCESS` the number
+-- `lo`, `m:PROCESS` a mask whose bit k is set when the process's ask `lo + k` was admitted,
+-- `w:PROCESS` when it was last written (µs); asks are numbered per key by their process.
+-- Numbers go to Redis as they are (it writes them in full), not formatted here.
+local function rec_bit(mask, k) return math.floor(mask / 2 ^ k) % 2 == 1 end
+local function rec_read(l, m, floor)
+  l, m = tonumber(l), tonumber(m)
+  -- (One from before the process numbered afresh, `l` past `floor`, is dropped.)
+  if not (l and m and l <= floor and floor - l < 53) then return floor, 0 end
+  return floor, math.floor(m / 2 ^ (floor - l))
+end
+local function rec_admit(lo, mask, n)
+  local k = n - lo
+  if k < 0 then return lo, mask end
+  if k > 51 then
+    -- Past the window: its oldest asks are forgotten.
+    local shift = k - 51
+    if shift < 53 then mask = math.floor(mask / 2 ^ shift) else mask = 0 end
+    lo, k = lo + shift, 51
+  end
+  if not rec_bit(mask, k) then mask = mask + 2 ^ k end
+  return lo, mask
+end
+-- A process's first record in a key's hash drops those of processes that wrote none for the
+-- idle TTL (gone, or with nothing to replay): a busy key's hash keeps no record for good.
+local function rec_tidy(key)
+  if redis.call('HLEN', key) <= 32 then return end
+  local flat = redis.call('HGETALL', key)
+  for i = 1, #flat, 2 do
+    if string.sub(flat[i], 1, 2) == 'w:' and tonumber(flat[i + 1]) < now - idle then
+      local process = string.sub(flat[i], 3)
+      redis.call('HDEL', key, 'a:' .. process, 'm:' .. process, flat[i])
+    end
+  end
+end
+local function gcra(key, q, qx, period, burst, adaptive, start, ceiling, rec)
   -- The end of the place of the process ahead of this one, if one is. (No queue, the usual
   -- case when nobody waits: one lookup.)
   local ahead_until = nil
   local queued = redis.call('EXISTS', qx) == 1
   if queued then ahead_until = ahead_of(q, qx, me, tonumber(since), now) end
-  local v = redis.call('HMGET', key, 't', 'p', 'cd', 'r', 'se')
+  local v = redis.call('HMGET', key, 't', 'p', 'cd', 'r', 'se', rec and rec.a or 'a:',
+    rec and rec.m or 'm:')
   -- Whether this call wrote the hash: a write may create it, and every hash gets an expiry.
   local wrote = false
   -- The hash lives the idle TTL past the latest of `last`, the key's pace and its streak
@@ -106,6 +142,26 @@ local function gcra(key, q, qx, period, burst, adaptive, start, ceiling)
   local cd = tonumber(v[3])
   if cd and cd > now then
     return wait(cd, 1)
+  end
+  -- An ask of this process whose answer was lost after this key admitted it: the cell it
+  -- took goes to this ask (moved to this ask's number, should its answer be lost too), and
+  -- none is taken. Looked at once the key is not paused: a cell taken before a pause is not
+  -- sent during it.
+  if rec and #rec.lost > 0 then
+    rec.checked = true
+    local lo, mask = rec_read(v[6], v[7], rec.floor)
+    for _, m in ipairs(rec.lost) do
+      if m >= lo and m - lo < 52 and rec_bit(mask, m - lo) then
+        mask = mask - 2 ^ (m - lo)
+        lo, mask = rec_admit(lo, mask, rec.n)
+        return function()
+          if queued and me ~= '' then leave_place(q, qx, me) end
+          redis.call('HSET', key, rec.a, lo, rec.m, mask, rec.w, now)
+          local se = tonumber(v[5])
+          return se ~= nil and se >= now
+        end, nil, m
+      end
+    end
   end
   if adaptive == '1' then
     local rate = tonumber(v[4])
@@ -155,7 +211,15 @@ local function gcra(key, q, qx, period, burst, adaptive, start, ceiling)
   return function()
     if queued and me ~= '' then leave_place(q, qx, me) end
     local nxt = math.max(tat, now) + period
-    redis.call('HSET', key, 't', int(nxt), 'p', int(period))
+    if rec then
+      if not v[6] then rec_tidy(key) end
+      local lo, mask = rec_read(v[6], v[7], rec.floor)
+      lo, mask = rec_admit(lo, mask, rec.n)
+      redis.call('HSET', key, 't', int(nxt), 'p', int(period), rec.a, lo, rec.m, mask,
+        rec.w, now)
+    else
+      redis.call('HSET', key, 't', int(nxt), 'p', int(period))
+    end
     expire(nxt)
     local se = tonumber(v[5])
     return se ~= nil and se >= now
@@ -180,20 +244,39 @@ end
 
 /// One GCRA decision ([`GCRA_FN`]'s `gcra`). `KEYS[1]` the key's hash, `KEYS[2]` and `KEYS[3]`
 /// its fleet queue. ARGV: as `GCRA_FN`'s, and 2 period (µs, rounded up), 3 burst, 4 adaptive
-/// (0/1), 5 adaptive start rate (-1: ceiling/4), 6 ceiling rate.
-/// Returns {0, streak} (admit; streak 1 while the key's 1302 streak is running, so the process
-/// reports its successes and one of them resets it) or {1, not_before, cooldown 0/1}.
+/// (0/1), 5 adaptive start rate (-1: ceiling/4), 6 ceiling rate; 12 the asking process ('':
+/// no record), 13 the ask's number, 14 the lowest number of the process's asks of the key
+/// whose answer it has not heard, 15 those whose answer was lost (comma-separated).
+/// Returns {0, streak, replayed} (admit; streak 1 while the key's 1302 streak is running, so
+/// the process reports its successes and one of them resets it; `replayed` the lost ask
+/// whose cell it was given, else -1 when the lost ones were looked at and none was admitted,
+/// -2 when they were not) or {1, not_before, cooldown 0/1, looked at 0/1}.
+///
+/// The process's admitted asks are recorded in the key's hash (`a:`, `m:`, `w:PROCESS`, see
+/// [`Inner::decide`]), so that one whose answer was lost (a timeout after the key admitted it)
+/// is not paid for again: the process's next ask gets its cell, and is not counted.
 ///
 /// `KEYS[4]`, for an account-wide key only, counts the admitted requests by time bucket
 /// (`count`).
 const ACQUIRE_BODY: &str = r"
-local take, refusal = gcra(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[2]), tonumber(ARGV[3]),
-  ARGV[4], ARGV[5], ARGV[6])
-if not take then return refusal end
+local rec = nil
+if ARGV[12] ~= '' then
+  rec = {a = 'a:' .. ARGV[12], m = 'm:' .. ARGV[12], w = 'w:' .. ARGV[12],
+    n = tonumber(ARGV[13]), floor = tonumber(ARGV[14]), lost = {}, checked = false}
+  for m in string.gmatch(ARGV[15], '%d+') do rec.lost[#rec.lost + 1] = tonumber(m) end
+end
+local take, refusal, replayed = gcra(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[2]),
+  tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], rec)
+local checked = rec ~= nil and rec.checked
+if not take then
+  refusal[4] = checked and 1 or 0
+  return refusal
+end
 local streak = take()
-if KEYS[4] then count(KEYS[4]) end
-if streak then return {0, 1} end
-return {0, 0}
+if KEYS[4] and not replayed then count(KEYS[4]) end
+if not replayed then replayed = checked and -1 or -2 end
+if streak then return {0, 1, replayed} end
+return {0, 0, replayed}
 ";
 
 /// Reject mode's decision of a class request ([`Backend::acquire_class_or_refuse`]): its
@@ -255,14 +338,19 @@ return 0
 /// What a response said. `KEYS[1]` the key's hash. ARGV: now, kind (s/p), sent_at, received_at,
 /// resume_at ('' for none), throttled (0/1), configured period, adaptive (0/1), start rate,
 /// ceiling, growth, decrease, target, probe, cooldown first, escalate_after, backoff, ceiling,
-/// window, idle TTL. Returns {cooldown_until or -1, streak}.
+/// window, idle TTL, forget. Returns {cooldown_until or -1, streak}.
+///
+/// The adaptive rate follows [`AdaptiveState`](kling_ratelimit::AdaptiveState)'s rule: `r`
+/// the rate, `l` the remembered limit, `lw` set while a 1302 lowered the rate since the last
+/// success (a run of 1302s lowers it once); a success that probes `forget` past the limit,
+/// or to the ceiling, forgets the limit (slow start again).
 ///
 /// A 1302 adds to the key's streak when it comes within the window of the end of the pause the
 /// streak's last 1302 set (`se` holds that end plus the window), as in process.
 ///
 /// A pause (which is kept for delivery when Redis does not take it) also gives `KEYS[2]`, the
 /// numbers of this process's pauses that the key took (a sorted set, expiring when this script
-/// leaves the key's hash to expire), `ARGV[21]` its number and `ARGV[22]` the lowest number
+/// leaves the key's hash to expire), `ARGV[22]` its number and `ARGV[23]` the lowest number
 /// the process may still send (those below are dropped from the set). One whose number was
 /// taken already (its first attempt, or a delivery, whose answer was lost: cut short, or
 /// timed out) is not applied again, which would count its 1302 twice in the streak. A set,
@@ -270,7 +358,7 @@ return 0
 const FEEDBACK: &str = r"
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
-local v = redis.call('HMGET', key, 's', 'lp', 'se', 'cd', 'r', 'l', 'p', 't')
+local v = redis.call('HMGET', key, 's', 'lp', 'se', 'cd', 'r', 'l', 'p', 't', 'lw')
 local streak = tonumber(v[1]) or 0
 local lp = tonumber(v[2])
 local se = tonumber(v[3])
@@ -302,12 +390,12 @@ local function expire()
   local ms = math.ceil((last - now + tonumber(ARGV[20])) / 1000)
   redis.call('PEXPIRE', key, ms)
   if KEYS[2] then
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[22])
-    redis.call('ZADD', KEYS[2], ARGV[21], ARGV[21])
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[23])
+    redis.call('ZADD', KEYS[2], ARGV[22], ARGV[22])
     redis.call('PEXPIRE', KEYS[2], ms)
   end
 end
-if KEYS[2] and redis.call('ZSCORE', KEYS[2], ARGV[21]) then
+if KEYS[2] and redis.call('ZSCORE', KEYS[2], ARGV[22]) then
   -- Taken already: what the key holds now.
   if cd and cd > now then return {cd, streak} end
   return {-1, streak}
@@ -331,7 +419,13 @@ if ARGV[2] == 's' then
     else
       rate = rate * (1 + tonumber(ARGV[11]))
     end
-    redis.call('HSET', key, 'r', string.format('%.17g', clamp(rate)))
+    rate = clamp(rate)
+    redis.call('HSET', key, 'r', string.format('%.17g', rate))
+    redis.call('HDEL', key, 'lw')
+    -- Probed past the limit without a 1302 (or up to the ceiling): slow start from here.
+    if limit and (rate >= limit * (1 + tonumber(ARGV[21])) or rate >= ceiling) then
+      redis.call('HDEL', key, 'l')
+    end
   end
   expire()
   return {-1, 0}
@@ -352,11 +446,13 @@ if counted then
   end
   lp = recv
   redis.call('HSET', key, 's', streak, 'lp', int(lp))
-  if adaptive then
+  -- The first 1302 since a success lowers the rate; the later ones of the run leave it.
+  if adaptive and not v[9] then
     if not rate then rate = start_rate() end
     limit = rate
     rate = clamp(rate * tonumber(ARGV[12]))
-    redis.call('HSET', key, 'r', string.format('%.17g', rate), 'l', string.format('%.17g', limit))
+    redis.call('HSET', key, 'r', string.format('%.17g', rate), 'l', string.format('%.17g', limit),
+      'lw', 1)
   end
 end
 local interval = tonumber(v[7]) or tonumber(ARGV[7])
@@ -424,6 +520,15 @@ return {-1, streak}
 ///   background), so the fleet pauses and counts the 1302 in its streak. With
 ///   [`WhenUnreachable::Fallback`], the fallback starts from the end of the fleet's pause of
 ///   the key that Redis last told this process of.
+/// - **A lost answer is not paid for twice**: a decision whose answer is lost (a timeout, a
+///   dropped connection, or its request dropped while it was on its way) may have been run and
+///   admitted by Redis, and the layer then asks again. Each ask of this process for a key is
+///   numbered, and the key's hash records the ones it admitted (`a:`, `m:`, `w:PROCESS`, while
+///   their answers may not have been heard); the process's next ask for the key carries the
+///   lost ones, and if the key admitted one, the ask is given that cell: no second cell is
+///   taken, and
+///   [`fleet_requests`](Self::fleet_requests) counts one request. (Reject mode's class request,
+///   both turns in one script, is not: see [`Backend::acquire_class_or_refuse`].)
 /// - **The streak is the fleet's**: while a key's 1302 streak runs, an admission says so
 ///   ([`Backend::streak_running`]), and the layer of a process that never received a pause
 ///   reports its successes too: any process's success resets the streak.
@@ -455,6 +560,11 @@ struct Inner {
     fallback: InProcess,
     /// Whether the last command failed for want of Redis.
     out: AtomicBool,
+    /// This process's asks of each key whose answers it has not heard, by Redis key.
+    asks: Mutex<HashMap<String, Asks>>,
+    /// The asks this process made of any key: where a key's numbering starts afresh
+    /// ([`Ask::start`]), past every number it used before.
+    asked: AtomicU64,
     /// The account-wide keys (Redis names) whose last admission here said a 1302 streak is
     /// running there ([`Backend::streak_running`]).
     streaks: Mutex<HashSet<String>>,
@@ -525,6 +635,8 @@ impl RedisGcra {
                 instance: instance_id(),
                 fallback: InProcess::new(),
                 out: AtomicBool::new(false),
+                asks: Mutex::new(HashMap::new()),
+                asked: AtomicU64::new(0),
                 streaks: Mutex::new(HashSet::new()),
                 any_streak: AtomicBool::new(false),
                 undelivered: Mutex::new(Undelivered::default()),
@@ -676,9 +788,10 @@ impl RedisGcra {
                 now_us,
                 None,
                 key.request_kind().is_none(),
+                None,
             )
             .await
-            .map(|(decision, _)| decision)
+            .map(|(decision, ..)| decision)
     }
 
     /// The Redis key of a bucket.
@@ -893,6 +1006,127 @@ impl Report {
     }
 }
 
+/// The most lost asks of a key a process keeps to be replayed; past it the oldest is dropped
+/// (if Redis admitted it, its cell is not given to a later ask).
+const MAX_LOST: usize = 16;
+
+/// One key's asks of this process whose answers it has not heard: in flight, or lost (a
+/// timeout, a dropped connection, or a dropped request: Redis may have run them). Numbered
+/// one after the other; when the key has none left, the next starts from the count of the
+/// process's asks of every key, past every number the key used before, so that its numbers
+/// never repeat (the record in its hash, `ACQUIRE_BODY`'s, names asks by them) and stay far
+/// below 2⁵³ (Lua's numbers are doubles).
+#[derive(Debug, Default)]
+struct Asks {
+    next: u64,
+    in_flight: Vec<u64>,
+    lost: Vec<u64>,
+}
+
+/// What an answer said of the lost asks its ask carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Looked {
+    /// The key had admitted this one: the ask was given its cell.
+    Redeemed(u64),
+    /// None of them had been admitted.
+    NoneAdmitted,
+    /// They were not looked at (the key is paused, or there were none).
+    Skipped,
+}
+
+/// One ask of a key, numbered: unless it ends with an answer ([`Ask::heard`]), it is lost.
+struct Ask<'a> {
+    inner: &'a Inner,
+    redis_key: &'a str,
+    n: u64,
+    /// The lowest number of the key's asks whose answer is not heard (this one's included).
+    floor: u64,
+    lost: Vec<u64>,
+    ended: bool,
+}
+
+impl<'a> Ask<'a> {
+    fn start(inner: &'a Inner, redis_key: &'a str) -> Self {
+        let asked = inner.asked.fetch_add(1, Ordering::Relaxed);
+        let mut asks = lock(&inner.asks);
+        let entry = match asks.get_mut(redis_key) {
+            Some(entry) => entry,
+            None => asks.entry(redis_key.to_owned()).or_insert(Asks {
+                next: asked,
+                ..Asks::default()
+            }),
+        };
+        let n = entry.next;
+        entry.next += 1;
+        entry.in_flight.push(n);
+        let floor = entry
+            .in_flight
+            .iter()
+            .chain(&entry.lost)
+            .copied()
+            .min()
+            .unwrap_or(n);
+        Ask {
+            inner,
+            redis_key,
+            n,
+            floor,
+            lost: entry.lost.clone(),
+            ended: false,
+        }
+    }
+
+    /// The lost asks it carries, as the script takes them.
+    fn lost_arg(&self) -> String {
+        let lost: Vec<String> = self.lost.iter().map(u64::to_string).collect();
+        lost.join(",")
+    }
+
+    /// Its answer came: the lost asks it carried are settled as it says.
+    fn heard(mut self, looked: Looked) {
+        self.end(looked, false);
+    }
+
+    /// Its answer was lost, and the request it asked for was admitted elsewhere (the
+    /// fallback): a cell Redis may have given it stands for that request, and is not replayed.
+    fn used(mut self) {
+        self.end(Looked::Skipped, false);
+    }
+
+    fn end(&mut self, looked: Looked, lost: bool) {
+        self.ended = true;
+        let mut asks = lock(&self.inner.asks);
+        let Some(entry) = asks.get_mut(self.redis_key) else {
+            return;
+        };
+        entry.in_flight.retain(|n| *n != self.n);
+        match looked {
+            Looked::Redeemed(m) => entry.lost.retain(|n| *n != m),
+            Looked::NoneAdmitted => entry.lost.retain(|n| !self.lost.contains(n)),
+            Looked::Skipped => {}
+        }
+        if lost {
+            entry.lost.push(self.n);
+            if entry.lost.len() > MAX_LOST {
+                entry.lost.remove(0);
+            }
+        }
+        if entry.in_flight.is_empty() && entry.lost.is_empty() {
+            asks.remove(self.redis_key);
+        }
+    }
+}
+
+impl Drop for Ask<'_> {
+    /// Ended without its answer (failed, or its request dropped while it was on its way):
+    /// Redis may have admitted it, and the key's next ask from this process is given its cell.
+    fn drop(&mut self) {
+        if !self.ended {
+            self.end(Looked::Skipped, true);
+        }
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -945,8 +1179,10 @@ impl Inner {
 
     /// One decision; `since` is when the asking request began waiting, if it takes its
     /// process's place in the fleet's order; `counted` for an account-wide key, whose admitted
-    /// requests [`RedisGcra::fleet_requests`] counts. With the decision, whether the key's
-    /// 1302 streak is running (said by an admission only).
+    /// requests [`RedisGcra::fleet_requests`] counts; `ask` its number, with which the key
+    /// records it if it admits it, and the lost asks it carries ([`ACQUIRE_BODY`]). With the
+    /// decision, whether the key's 1302 streak is running (said by an admission only), and
+    /// what the key said of the lost asks.
     async fn decide(
         &self,
         redis_key: String,
@@ -954,8 +1190,18 @@ impl Inner {
         now_us: i64,
         since: Option<i64>,
         counted: bool,
-    ) -> Result<(FleetDecision, bool), StoreError> {
+        ask: Option<&Ask<'_>>,
+    ) -> Result<(FleetDecision, bool, Looked), StoreError> {
         let [period, burst, adaptive, start, ceiling] = quota_args(policy);
+        let (instance, n, floor, lost) = match ask {
+            Some(ask) => (
+                self.instance.clone(),
+                ask.n.to_string(),
+                ask.floor.to_string(),
+                ask.lost_arg(),
+            ),
+            None => Default::default(),
+        };
         let args = [
             now_us.to_string(),
             period,
@@ -972,6 +1218,10 @@ impl Inner {
             since.unwrap_or(now_us).to_string(),
             micros(self.place_ttl).max(1).to_string(),
             self.bucket_us().to_string(),
+            instance,
+            n,
+            floor,
+            lost,
         ];
         let [q, qx] = queue_keys(&redis_key);
         let result: Result<Vec<i64>, StoreError> = if counted {
@@ -985,13 +1235,25 @@ impl Inner {
         };
         self.note(&result);
         match result?.as_slice() {
-            [0, streak @ ..] => Ok((FleetDecision::Admit, streak.first() == Some(&1))),
-            [1, at, cooldown] => Ok((
+            [0, streak, replayed] => {
+                let looked = match u64::try_from(*replayed) {
+                    Ok(m) => Looked::Redeemed(m),
+                    Err(_) if *replayed == -1 => Looked::NoneAdmitted,
+                    Err(_) => Looked::Skipped,
+                };
+                Ok((FleetDecision::Admit, *streak == 1, looked))
+            }
+            [1, at, cooldown, looked] => Ok((
                 FleetDecision::NotBefore {
                     at_us: *at,
                     cooldown: *cooldown == 1,
                 },
                 false,
+                if *looked == 1 {
+                    Looked::NoneAdmitted
+                } else {
+                    Looked::Skipped
+                },
             )),
             other => Err(StoreError::protocol(format!("gcra reply {other:?}"))),
         }
@@ -1146,6 +1408,7 @@ impl Inner {
             micros(c.ceiling).to_string(),
             micros(c.window).to_string(),
             micros(self.idle_ttl).to_string(),
+            format!("{:e}", a.forget),
         ];
         let result: Result<Vec<i64>, StoreError> = match number {
             None => {
@@ -1484,24 +1747,46 @@ impl RedisGcra {
                 .then(|| since.map_or(now_us, |since| inner.conn.to_fleet(since, now, now_us)));
             let account_wide = key.request_kind().is_none();
             let counted = inner.count_requests && account_wide;
+            // Numbered: if its answer is lost after the key admitted it, the key's next ask
+            // from this process is given its cell rather than take a second one.
+            let ask = Ask::start(&inner, &redis_key);
             let result = inner
-                .decide(redis_key.clone(), &policy, now_us, since, counted)
+                .decide(
+                    redis_key.clone(),
+                    &policy,
+                    now_us,
+                    since,
+                    counted,
+                    Some(&ask),
+                )
                 .await;
             match result {
-                Ok((FleetDecision::Admit, streak)) => {
+                Ok((FleetDecision::Admit, streak, looked)) => {
+                    ask.heard(looked);
                     if account_wide {
                         inner.saw_streak(&redis_key, streak);
                     }
                     Ok(Decision::Admit)
                 }
-                Ok((FleetDecision::NotBefore { at_us, cooldown }, _)) => {
+                Ok((FleetDecision::NotBefore { at_us, cooldown }, _, looked)) => {
+                    ask.heard(looked);
                     let at = inner.conn.to_instant(at_us, now, now_us);
                     if cooldown {
                         inner.heard_pause(&redis_key, at);
                     }
                     Ok(Decision::NotBefore { at, cooldown })
                 }
-                Err(e) => inner.unreachable_decision(e, &key, &redis_key, &policy),
+                Err(e) => {
+                    // (An error Redis answered with ran nothing to replay.)
+                    let unreachable = e.is_unreachable();
+                    let decision = inner.unreachable_decision(e, &key, &redis_key, &policy);
+                    if !unreachable {
+                        ask.heard(Looked::Skipped);
+                    } else if matches!(decision, Ok(Decision::Admit)) {
+                        ask.used();
+                    }
+                    decision
+                }
             }
         })
     }
@@ -1514,10 +1799,10 @@ impl RedisGcra {
     /// key that Redis did not take holds here first, the class's before the account's, as
     /// when each is asked apart.
     ///
-    /// Like every decision, it is not sent again when its answer is lost (a timeout after
-    /// Redis ran it): that would take a second turn. Such an ask is answered as Redis being
-    /// away ([`WhenUnreachable`]), and the turns it may have taken stay taken, as those of a
-    /// lost [`acquire_or_refuse`](Backend::acquire_or_refuse).
+    /// It is not sent again when its answer is lost (a timeout after Redis ran it): that would
+    /// take a second turn. Such an ask is answered as Redis being away ([`WhenUnreachable`]),
+    /// and the turns it may have taken stay taken (unlike a single key's lost ask, whose cell
+    /// the process's next ask for the key is given: see [`RedisGcra`]).
     fn asking_class(
         &self,
         class: &BucketKey,
@@ -1818,6 +2103,42 @@ mod tests {
             gcra.acquire(&class, &policy).await.unwrap(),
             Decision::Admit
         );
+    }
+
+    /// A key's asks are numbered one after the other; one that ends without its answer is
+    /// lost and carried by the key's next asks (the lowest unheard number with it) until an
+    /// answer settles it; once the key has none left, its numbering starts afresh past every
+    /// number it used (numbers never repeat: the key's record names asks by them).
+    #[tokio::test]
+    async fn asks_are_numbered_without_repeats_and_lost_ones_carried_until_settled() {
+        let conn = Connection::lazy(crate::RedisConfig::new("redis://127.0.0.1:1/")).unwrap();
+        let gcra = RedisGcra::new(conn);
+        let inner = &*gcra.inner;
+        let (first, second) = (Ask::start(inner, "k"), Ask::start(inner, "k"));
+        assert_eq!((first.n, second.n, second.floor), (0, 1, 0));
+        drop(first);
+        // A request admitted by the fallback after a lost answer: not carried.
+        second.used();
+        let third = Ask::start(inner, "k");
+        assert_eq!(
+            (third.n, third.floor, third.lost.as_slice()),
+            (2, 0, &[0][..])
+        );
+        drop(third);
+        let fourth = Ask::start(inner, "k");
+        assert_eq!(fourth.lost, [0, 2]);
+        fourth.heard(Looked::Redeemed(2));
+        let fifth = Ask::start(inner, "k");
+        assert_eq!(
+            (fifth.n, fifth.floor, fifth.lost.as_slice()),
+            (4, 0, &[0][..])
+        );
+        fifth.heard(Looked::NoneAdmitted);
+        assert!(lock(&inner.asks).is_empty(), "nothing left of the key");
+        let afresh = Ask::start(inner, "k");
+        assert!(afresh.n > 4, "{}", afresh.n);
+        assert!(afresh.lost.is_empty());
+        afresh.heard(Looked::Skipped);
     }
 
     /// A delivery that failed for want of Redis (a timeout among them: Redis may have run

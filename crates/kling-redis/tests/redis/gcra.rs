@@ -1889,3 +1889,171 @@ async fn after_a_pause_an_adaptive_key_spaces_its_requests_as_in_process() {
         );
     }
 }
+
+/// The adaptive rule in Redis is the in-process one ([`kling_ratelimit::AdaptiveState`]):
+/// the same reports leave the same rate, report by report — a run of 1302s lowers it once, a
+/// probe 3% past the remembered limit forgets it and slow-starts, and a success between two
+/// 1302s lets each lower it.
+#[tokio::test]
+async fn the_adaptive_rule_in_redis_is_the_in_process_one() {
+    let Some(server) = redis() else { return };
+    let backend = RedisGcra::new(connect(&server).await);
+    let memory = InProcess::new();
+    let key = BucketKey::account(Some(AccountId::new("adaptive-rule")));
+    let redis_key = backend.key_of(&key);
+    let adaptive = kling_ratelimit::Adaptive::new().start(Quota::per_second(5.0));
+    let policy = Policy::new(
+        Quota::per_second(10.0),
+        Cooldown::default().first(Duration::from_millis(1)),
+    )
+    .with_adaptive(Some(adaptive));
+    assert_eq!(
+        backend.acquire(&key, &policy).await.unwrap(),
+        Decision::Admit
+    );
+    assert_eq!(memory.acquire_now(&key, &policy), Decision::Admit);
+    let fleet_rate = || async {
+        let rate: Option<f64> = redis::cmd("HGET")
+            .arg(&redis_key)
+            .arg("r")
+            .query_async(&mut raw(&server).await)
+            .await
+            .unwrap();
+        rate.unwrap()
+    };
+    // 1302s in a run, recovery past the limit, then 1302s with a success between.
+    let mut events = vec![true; 3];
+    events.extend([false; 80]);
+    events.extend([true, false, true]);
+    events.extend([false; 5]);
+    let mut rates = Vec::new();
+    for (i, throttled) in events.into_iter().enumerate() {
+        // (Each report is of a request sent after the last pause began.)
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let now = tokio::time::Instant::now();
+        let feedback = if throttled {
+            throttled_at(now)
+        } else {
+            Feedback::Success { sent_at: now }
+        };
+        backend.feedback(&key, &policy, feedback).await.unwrap();
+        memory.feedback_now(&key, &policy, feedback);
+        let expected = memory.key_state(&key).unwrap().adaptive_rate.unwrap();
+        let actual = fleet_rate().await;
+        assert!(
+            (actual - expected).abs() <= expected * 1e-12,
+            "report {i}: in process {expected}, redis {actual}"
+        );
+        rates.push(actual);
+    }
+    assert_eq!(rates[0], 5.0 * 0.85);
+    assert_eq!(rates[2], rates[0], "a run of 1302s lowers the rate once");
+    assert!(
+        rates[82] > 5.0 * 1.03,
+        "slow start after the limit: {}",
+        rates[82]
+    );
+    assert_eq!(
+        rates[85],
+        rates[84] * 0.85,
+        "a success between: lowered again"
+    );
+}
+
+/// A decision whose answer is lost after Redis admitted it (Redis paused by `CLIENT PAUSE` for
+/// 2 s, commands giving up after 200 ms: the decision runs when the pause ends) is not paid
+/// for twice: the process's next ask for the key, once Redis answers, is given the cell the
+/// lost answer carried (a quota of one in 10 s: no second cell is free before then), and the
+/// fleet counts one request. (The asks sent again while Redis was paused were lost too, and
+/// each passed the cell on to the next.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_whose_answer_was_lost_after_redis_admitted_it_takes_one_cell() {
+    let Some(server) = redis() else { return };
+    let backend = RedisGcra::new(impatient(&server).await).retry_every(Duration::from_millis(50));
+    let key = BucketKey::account(Some(AccountId::new("lost-admission")));
+    let policy = Policy::new(
+        Quota::with_period(Duration::from_secs(10)),
+        Cooldown::default(),
+    );
+    // The script is loaded (a decision on another key): the lost one runs when the pause ends.
+    let elsewhere = BucketKey::account(Some(AccountId::new("elsewhere")));
+    assert_eq!(
+        backend.acquire(&elsewhere, &policy).await.unwrap(),
+        Decision::Admit
+    );
+    client_pause(&server, 2000).await;
+    let paused = tokio::time::Instant::now();
+    let deadline = paused + Duration::from_secs(15);
+    let mut asks = 0;
+    let admitted = loop {
+        asks += 1;
+        match backend.acquire(&key, &policy).await.unwrap() {
+            Decision::Admit => break tokio::time::Instant::now(),
+            Decision::NotBefore { at, .. } => {
+                assert!(tokio::time::Instant::now() < deadline, "never admitted");
+                tokio::time::sleep_until(
+                    at.min(tokio::time::Instant::now() + Duration::from_millis(50)),
+                )
+                .await;
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(asks > 1, "the first ask was answered: Redis was not paused");
+    assert!(
+        admitted < paused + Duration::from_millis(2900),
+        "admitted {:?} after the pause began: a second cell",
+        admitted - paused
+    );
+    assert_eq!(backend.fleet_requests(key.account_id()).await.unwrap(), 1);
+    // The one cell is spent: the next waits for the quota, from the lost ask's decision.
+    match backend.acquire(&key, &policy).await.unwrap() {
+        Decision::NotBefore { at, .. } => {
+            assert!(at > paused + Duration::from_secs(9), "{:?}", at - paused);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(backend.fleet_requests(key.account_id()).await.unwrap(), 1);
+}
+
+/// Each process's record of its admitted asks lives in the key's hash (`a:PROCESS`, …); those of
+/// processes that wrote none for the idle TTL (gone, say) are dropped when a process writes its
+/// first, so a busy key's hash does not keep one per process that ever asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_gone_processes_leave_a_busy_keys_hash() {
+    let Some(server) = redis() else { return };
+    let key = BucketKey::account(Some(AccountId::new("records")));
+    let policy = Policy::new(
+        Quota::with_period(Duration::from_millis(1)),
+        Cooldown::default(),
+    );
+    let process = |conn| {
+        RedisGcra::new(conn)
+            .idle_ttl(Duration::from_secs(1))
+            .unwrap()
+    };
+    let records = || async {
+        let fields: Vec<String> = redis::cmd("HKEYS")
+            .arg(process(connect(&server).await).key_of(&key))
+            .query_async(&mut raw(&server).await)
+            .await
+            .unwrap();
+        fields.iter().filter(|f| f.starts_with("a:")).count()
+    };
+    let busy = process(connect(&server).await);
+    for _ in 0..20 {
+        let gone = process(connect(&server).await);
+        assert_eq!(gone.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(records().await, 20);
+    // The key stays busy past the idle TTL, by one process.
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(busy.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+    }
+    let new = process(connect(&server).await);
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    assert_eq!(new.acquire(&key, &policy).await.unwrap(), Decision::Admit);
+    assert_eq!(records().await, 2, "the busy process's and the new one's");
+}
