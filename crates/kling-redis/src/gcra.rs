@@ -338,19 +338,17 @@ return 0
 /// What a response said. `KEYS[1]` the key's hash. ARGV: now, kind (s/p), sent_at, received_at,
 /// resume_at ('' for none), throttled (0/1), configured period, adaptive (0/1), start rate,
 /// ceiling, growth, decrease, target, probe, cooldown first, escalate_after, backoff, ceiling,
-/// window, idle TTL, forget. Returns {cooldown_until or -1, streak}.
+/// window, idle TTL. Returns {cooldown_until or -1, streak}.
 ///
 /// The adaptive rate follows [`AdaptiveState`](kling_ratelimit::AdaptiveState)'s rule: `r`
-/// the rate, `l` the remembered limit, `lw` set while a 1302 lowered the rate since the last
-/// success (a run of 1302s lowers it once); a success that probes `forget` past the limit,
-/// or to the ceiling, forgets the limit (slow start again).
+/// the rate, `l` the remembered limit; every counted 1302 lowers the rate.
 ///
 /// A 1302 adds to the key's streak when it comes within the window of the end of the pause the
 /// streak's last 1302 set (`se` holds that end plus the window), as in process.
 ///
 /// A pause (which is kept for delivery when Redis does not take it) also gives `KEYS[2]`, the
 /// numbers of this process's pauses that the key took (a sorted set, expiring when this script
-/// leaves the key's hash to expire), `ARGV[22]` its number and `ARGV[23]` the lowest number
+/// leaves the key's hash to expire), `ARGV[21]` its number and `ARGV[22]` the lowest number
 /// the process may still send (those below are dropped from the set). One whose number was
 /// taken already (its first attempt, or a delivery, whose answer was lost: cut short, or
 /// timed out) is not applied again, which would count its 1302 twice in the streak. A set,
@@ -358,7 +356,7 @@ return 0
 const FEEDBACK: &str = r"
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
-local v = redis.call('HMGET', key, 's', 'lp', 'se', 'cd', 'r', 'l', 'p', 't', 'lw')
+local v = redis.call('HMGET', key, 's', 'lp', 'se', 'cd', 'r', 'l', 'p', 't')
 local streak = tonumber(v[1]) or 0
 local lp = tonumber(v[2])
 local se = tonumber(v[3])
@@ -390,12 +388,12 @@ local function expire()
   local ms = math.ceil((last - now + tonumber(ARGV[20])) / 1000)
   redis.call('PEXPIRE', key, ms)
   if KEYS[2] then
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[23])
-    redis.call('ZADD', KEYS[2], ARGV[22], ARGV[22])
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[22])
+    redis.call('ZADD', KEYS[2], ARGV[21], ARGV[21])
     redis.call('PEXPIRE', KEYS[2], ms)
   end
 end
-if KEYS[2] and redis.call('ZSCORE', KEYS[2], ARGV[22]) then
+if KEYS[2] and redis.call('ZSCORE', KEYS[2], ARGV[21]) then
   -- Taken already: what the key holds now.
   if cd and cd > now then return {cd, streak} end
   return {-1, streak}
@@ -421,11 +419,6 @@ if ARGV[2] == 's' then
     end
     rate = clamp(rate)
     redis.call('HSET', key, 'r', string.format('%.17g', rate))
-    redis.call('HDEL', key, 'lw')
-    -- Probed past the limit without a 1302 (or up to the ceiling): slow start from here.
-    if limit and (rate >= limit * (1 + tonumber(ARGV[21])) or rate >= ceiling) then
-      redis.call('HDEL', key, 'l')
-    end
   end
   expire()
   return {-1, 0}
@@ -446,13 +439,11 @@ if counted then
   end
   lp = recv
   redis.call('HSET', key, 's', streak, 'lp', int(lp))
-  -- The first 1302 since a success lowers the rate; the later ones of the run leave it.
-  if adaptive and not v[9] then
+  if adaptive then
     if not rate then rate = start_rate() end
     limit = rate
     rate = clamp(rate * tonumber(ARGV[12]))
-    redis.call('HSET', key, 'r', string.format('%.17g', rate), 'l', string.format('%.17g', limit),
-      'lw', 1)
+    redis.call('HSET', key, 'r', string.format('%.17g', rate), 'l', string.format('%.17g', limit))
   end
 end
 local interval = tonumber(v[7]) or tonumber(ARGV[7])
@@ -1408,7 +1399,6 @@ impl Inner {
             micros(c.ceiling).to_string(),
             micros(c.window).to_string(),
             micros(self.idle_ttl).to_string(),
-            format!("{:e}", a.forget),
         ];
         let result: Result<Vec<i64>, StoreError> = match number {
             None => {
