@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH};
 use http::{HeaderValue, Method, Request, Uri};
-use kling_core::{AccountId, ApiGeneration, Code, Outcome, Recognized};
+use kling_core::{AccountId, ApiGeneration, Code, Outcome, Recognized, RequestKind, Route};
 
 use crate::body::ReplayBody;
 use crate::rng::RandomSource;
@@ -96,21 +96,22 @@ fn data_is_object(body: &[u8]) -> bool {
 
 /// The query that finds a create by its external id, with the create's account and
 /// `Authorization` (the auth layer below sets a fresh one anyway). `None` when the create's URI
-/// cannot carry it.
+/// cannot carry it, or no one path is the lookup wherever a server routes the create
+/// ([`lookup_path`]).
 pub(crate) fn request<B: ReplayBody>(
     create: &Request<B>,
     recognized: &Recognized,
     external_id: &str,
 ) -> Option<Request<B>> {
     let uri = create.uri();
-    let path = uri.path().trim_end_matches('/');
+    let generation = recognized.generation?;
     let id = encode(external_id);
-    let path_and_query = match recognized.generation? {
+    let path_and_query = match generation {
         // A path segment of `.` or `..` (or none at all) is taken away by URL normalisation,
         // in a proxy or a client, and the query becomes the list of the account's tasks, whose
         // answer would be read as this create's: such an id is not looked up.
         ApiGeneration::Legacy if matches!(external_id, "" | "." | "..") => return None,
-        ApiGeneration::Legacy => format!("{path}/{id}"),
+        ApiGeneration::Legacy => lookup_path(uri.path(), generation, &id)?,
         _ => {
             // A batch query cannot name an id with a comma, or with spaces around it (a server
             // splits the list at commas and may trim each id): its "not found" would be about
@@ -119,8 +120,8 @@ pub(crate) fn request<B: ReplayBody>(
                 return None;
             }
             // `{prefix}/{product}/{model}` → `{prefix}/tasks`.
-            let prefix = new_style_prefix(path)?;
-            format!("{prefix}/tasks?external_task_ids={id}")
+            let path = lookup_path(uri.path(), generation, "tasks")?;
+            format!("{path}?external_task_ids={id}")
         }
     };
     let mut builder = Uri::builder();
@@ -144,50 +145,212 @@ pub(crate) fn request<B: ReplayBody>(
     Some(lookup)
 }
 
-/// The base path before a new-style create's `{product}/{model}`, read as the router reads the
-/// path ([`kling_core::Route::of`]): empty segments skipped, and a `%2F` a separator (a create
-/// with one is a create only as a server that decodes it routes it). `None` when the product
-/// or the model is a dot segment (a server's normalization decides what the path names, and a
-/// lookup built around it could ask about another resource, whose "not found" would send the
-/// create again). Any trailing separator is left out.
-fn new_style_prefix(path: &str) -> Option<&str> {
-    let bytes = path.as_bytes();
-    // The non-empty segments, as byte ranges (a lookup is rare: a `Vec` is fine).
-    let mut segments = Vec::new();
-    let (mut from, mut at) = (0, 0);
-    while at <= bytes.len() {
-        let separator = match bytes.get(at) {
-            None | Some(b'/') => 1,
-            Some(b'%')
-                if bytes.get(at + 1) == Some(&b'2')
-                    && matches!(bytes.get(at + 2), Some(b'F' | b'f')) =>
-            {
-                3
-            }
-            Some(_) => 0,
-        };
-        if separator == 0 {
-            at += 1;
+/// The path of the lookup of a create sent to `create_path` (of `generation`): legacy
+/// `{create path}/{last}` (`last` the encoded external id), new-style `{prefix}/{last}` (`last`
+/// being `tasks`) for a create at `{prefix}/{product}/{model}`; `None` when no path is the
+/// lookup wherever a server routes the create.
+///
+/// Servers read a path in different ways (kling-core's [`Route::of`](kling_core::Route::of)
+/// takes a create wherever one of them finds one): with each segment's `;` parameters removed
+/// (Tomcat, Spring) or kept, a `%2F` a separator (a decoding proxy) or data, and dot segments
+/// removed as RFC 3986 does it, after merging `//`s (nginx), or not at all. A lookup built at
+/// the wrong base path asks about another resource, and its "not found" sends the create again:
+/// a duplicate billed task. So the path is checked under every such reading in which the
+/// create is one (of this generation): it must read as that reading's create path (legacy), or
+/// base path (new-style), with `last` after it. The path as written is tried first (each
+/// server reads its own way what the create's path shares with it), then each reading's own
+/// path written plainly; when none fits every reading, or the readings disagree on the
+/// generation, there is no lookup (the create's outcome stays unknown: it is never resent).
+fn lookup_path(create_path: &str, generation: ApiGeneration, last: &str) -> Option<String> {
+    let path = create_path.trim_end_matches('/');
+    let legacy = generation == ApiGeneration::Legacy;
+    // What each reading in which the path is a create needs the lookup to read as.
+    let mut wanted = Vec::new();
+    for reading in Reading::ALL {
+        let mut segments = reading.segments(path);
+        let (kind, read_as) = kind_of(&segments);
+        if kind != RequestKind::Create {
             continue;
         }
-        if at > from {
-            segments.push((from, at));
-        }
-        at += separator;
-        from = at;
-    }
-    let [ref before @ .., product, model] = segments[..] else {
-        return None;
-    };
-    for (from, to) in [product, model] {
-        // A dot segment, escaped dots (`%2E`) included: normalization removes it, with the
-        // segment before it for `..`, and what is left names another resource.
-        let segment = path[from..to].replace("%2E", ".").replace("%2e", ".");
-        if matches!(segment.as_str(), "." | "..") {
+        if read_as != Some(generation) {
             return None;
         }
+        if !legacy {
+            // `{prefix}/{product}/{model}`: a create has both.
+            segments.truncate(segments.len().checked_sub(2)?);
+        }
+        segments.push(last.to_owned());
+        wanted.push((reading, segments));
     }
-    Some(before.last().map_or("", |&(_, to)| &path[..to]))
+    if wanted.is_empty() {
+        return None;
+    }
+    let fits = |lookup: &str| {
+        wanted
+            .iter()
+            .all(|(reading, segments)| reading.segments(lookup) == *segments)
+    };
+    // As written: the whole create path (legacy), or the path before one of its `/`s or
+    // `%2F`s (new-style), the last first.
+    let written: Vec<String> = if legacy {
+        vec![format!("{path}/{last}")]
+    } else {
+        let bytes = path.as_bytes();
+        (0..=bytes.len())
+            .rev()
+            .filter(|&at| {
+                at == 0 || matches!(bytes[at..], [b'/', ..] | [b'%', b'2', b'F' | b'f', ..])
+            })
+            .map(|at| format!("{}/{last}", path[..at].trim_end_matches('/')))
+            .collect()
+    };
+    let plain = wanted
+        .iter()
+        .map(|(_, segments)| format!("/{}", segments.join("/")));
+    written.into_iter().chain(plain).find(|lookup| fits(lookup))
+}
+
+/// A way a server reads a path before it routes it (see [`lookup_path`]).
+#[derive(Clone, Copy, Debug)]
+struct Reading {
+    /// Each segment's `;` parameters removed (Tomcat), or kept as data.
+    strip_params: bool,
+    /// A `%2F` (or `%2f`) a separator, or data.
+    decode_slashes: bool,
+    /// How it normalizes.
+    dots: Dots,
+}
+
+/// How a [`Reading`] normalizes a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dots {
+    /// Not at all: escapes and dot segments are names.
+    Kept,
+    /// RFC 3986: escapes of unreserved characters decoded, dot segments removed, an empty
+    /// segment one that a `..` removes.
+    Rfc,
+    /// Escapes of unreserved characters decoded, `//`s merged, then dot segments removed.
+    Merged,
+}
+
+impl Reading {
+    /// Every reading.
+    const ALL: [Reading; 12] = {
+        let mut all = [Reading {
+            strip_params: false,
+            decode_slashes: false,
+            dots: Dots::Kept,
+        }; 12];
+        let mut at = 0;
+        while at < 12 {
+            all[at] = Reading {
+                strip_params: at & 1 == 1,
+                decode_slashes: at & 2 == 2,
+                dots: match at / 4 {
+                    0 => Dots::Kept,
+                    1 => Dots::Rfc,
+                    _ => Dots::Merged,
+                },
+            };
+            at += 1;
+        }
+        all
+    };
+
+    /// The non-empty segments `path` is read as, as kling-core's `Route::of` splits, strips,
+    /// decodes and normalizes them in this reading.
+    fn segments(self, path: &str) -> Vec<String> {
+        let bytes = path.as_bytes();
+        // Every segment, empty ones too, but not the empty one before a leading `/`.
+        let mut segments = Vec::new();
+        let (mut from, mut at) = (0, 0);
+        while at <= bytes.len() {
+            let separator = match bytes[at..] {
+                [] | [b'/', ..] => 1,
+                [b'%', b'2', b'F' | b'f', ..] if self.decode_slashes => 3,
+                _ => 0,
+            };
+            if separator == 0 {
+                at += 1;
+                continue;
+            }
+            // `at` is the end or an ASCII byte, so on a character boundary.
+            let piece = &path[from..at];
+            if from > 0 || !piece.is_empty() {
+                let piece = match piece.find(';') {
+                    Some(params) if self.strip_params => &piece[..params],
+                    _ => piece,
+                };
+                segments.push(match self.dots {
+                    Dots::Kept => piece.to_owned(),
+                    Dots::Rfc | Dots::Merged => unreserved_decoded(piece),
+                });
+            }
+            at += separator;
+            from = at;
+        }
+        if self.dots == Dots::Merged {
+            segments.retain(|segment| !segment.is_empty());
+        }
+        if self.dots != Dots::Kept {
+            let mut kept: Vec<String> = Vec::with_capacity(segments.len());
+            for segment in segments {
+                match segment.as_str() {
+                    "." => {}
+                    ".." => {
+                        kept.pop();
+                    }
+                    _ => kept.push(segment),
+                }
+            }
+            segments = kept;
+        }
+        segments.retain(|segment| !segment.is_empty());
+        segments
+    }
+}
+
+/// What a POST to the path of `segments` (as a reading gives them) is by Kling's path rules,
+/// and its generation. A segment holding a `;`, a `%` or a dot segment names nothing Kling
+/// knows, and is read as a plain name (it may be a model's), not read again.
+fn kind_of(segments: &[String]) -> (RequestKind, Option<ApiGeneration>) {
+    let mut path = String::new();
+    for segment in segments {
+        path.push('/');
+        let plain = !segment.contains([';', '%']) && !matches!(segment.as_str(), "." | "..");
+        path.push_str(if plain { segment } else { "x" });
+    }
+    let route = Route::of(&Method::POST, &path);
+    (route.kind, route.generation)
+}
+
+/// `text` with each escape of an unreserved character (a letter, a digit, `-`, `.`, `_`, `~`;
+/// hex digits of either case) decoded, as RFC 3986 normalizes a path; every other escape and
+/// every malformed one kept as written.
+fn unreserved_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let hex = |at: usize| bytes.get(at).and_then(|&b| char::from(b).to_digit(16));
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let decoded = (bytes[at] == b'%')
+            .then(|| Some(hex(at + 1)? * 16 + hex(at + 2)?))
+            .flatten()
+            .and_then(|byte| u8::try_from(byte).ok())
+            .filter(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
+        match decoded {
+            Some(byte) => {
+                out.push(byte);
+                at += 3;
+            }
+            None => {
+                out.push(bytes[at]);
+                at += 1;
+            }
+        }
+    }
+    // Only whole escapes (ASCII) were replaced, by ASCII bytes.
+    String::from_utf8(out).expect("still UTF-8")
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters.
@@ -412,10 +575,10 @@ mod tests {
 
     use super::*;
 
-    fn create(uri: &str, body: &'static str) -> Request<Full<Bytes>> {
+    fn create(uri: &str, body: &str) -> Request<Full<Bytes>> {
         let mut request = Request::post(uri)
             .header(AUTHORIZATION, "Bearer k")
-            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
             .unwrap();
         request.extensions_mut().insert(AccountId::new("acct"));
         request
@@ -609,6 +772,142 @@ mod tests {
         for id in ["a,b", " e", "e "] {
             assert!(request(&req, &recognized, id).is_none(), "{id:?}");
         }
+    }
+
+    /// Every shape of a create's path gets the lookup each server that routes it as a create
+    /// routes to that create's lookup, or none; the mismatches are gathered, so that a run
+    /// names each shape that is wrong.
+    #[test]
+    fn lookups_are_built_where_every_reading_of_the_create_routes_them() {
+        let mut wrong = Vec::new();
+        for (path, id, expected) in [
+            // New-style: the base path as each reading reads it.
+            (
+                "/k/text-to-video/kling-3.0",
+                "e",
+                Some("/k/tasks?external_task_ids=e"),
+            ),
+            (
+                "/k/text-to-video/x/..;/kling-3.0",
+                "e",
+                Some("/k/tasks?external_task_ids=e"),
+            ),
+            (
+                "/k/text-to-video/kling-3.0/;x",
+                "e",
+                Some("/k/tasks?external_task_ids=e"),
+            ),
+            (
+                "/k/text-to-video/kling-3.0;v=2",
+                "e",
+                Some("/k/tasks?external_task_ids=e"),
+            ),
+            (
+                "/k/text-to-video/kling-3.0/x/..;a",
+                "e",
+                Some("/k/tasks?external_task_ids=e"),
+            ),
+            (
+                "/k/text-to-video/kling-3.0/.",
+                "e",
+                Some("/k/tasks?external_task_ids=e"),
+            ),
+            (
+                "/k/text-to-video/kling-3.0/x/%2e%2E",
+                "e",
+                Some("/k/tasks?external_task_ids=e"),
+            ),
+            (
+                "/k/text-to-video/%2E/kling-3.0",
+                "e",
+                Some("/k/tasks?external_task_ids=e"),
+            ),
+            (
+                "/text-to-video/x/..;/kling-3.0",
+                "e",
+                Some("/tasks?external_task_ids=e"),
+            ),
+            (
+                "/k%2Ftext-to-video/kling-3.0",
+                "e",
+                Some("/k/tasks?external_task_ids=e"),
+            ),
+            (
+                "/k/text-to-video%2Fkling-3.0",
+                "e",
+                Some("/k/tasks?external_task_ids=e"),
+            ),
+            (
+                "/k//text-to-video//kling-3.0//",
+                "e",
+                Some("/k/tasks?external_task_ids=e"),
+            ),
+            // Kept as written where each reading reads its own base path in it.
+            (
+                "/k;p/text-to-video/kling-3.0",
+                "e",
+                Some("/k;p/tasks?external_task_ids=e"),
+            ),
+            (
+                "/a%2Fb/text-to-video/kling-3.0",
+                "e",
+                Some("/a%2Fb/tasks?external_task_ids=e"),
+            ),
+            (
+                "/k/x//../text-to-video/kling-3.0",
+                "e",
+                Some("/k/x//../tasks?external_task_ids=e"),
+            ),
+            // Readings that route the create to two base paths no one lookup is under.
+            ("/text-to-video/text-to-video/m/x//../..", "e", None),
+            // Legacy: `{create path}/{id}`, written as the create's path is.
+            (
+                "/v1;a=b/videos/text2video",
+                "j",
+                Some("/v1;a=b/videos/text2video/j"),
+            ),
+            (
+                "/v1/videos/text2video/;x",
+                "j",
+                Some("/v1/videos/text2video/;x/j"),
+            ),
+            (
+                "/v1/videos/x/..;/text2video",
+                "j",
+                Some("/v1/videos/x/..;/text2video/j"),
+            ),
+            (
+                "/v1/videos/text2video/x/..",
+                "j",
+                Some("/v1/videos/text2video/x/../j"),
+            ),
+            (
+                "/v1%2Fvideos%2Ftext2video",
+                "j",
+                Some("/v1%2Fvideos%2Ftext2video/j"),
+            ),
+            (
+                "/v1/videos/text2video",
+                "a;b",
+                Some("/v1/videos/text2video/a%3Bb"),
+            ),
+            // An id a decoding proxy splits at its `%2F`, or that normalization removes.
+            ("/v1/videos/text2video", "a/b", None),
+            ("/v1/videos/text2video", "..", None),
+        ] {
+            let mut req = create(&format!("https://h{path}"), "{}");
+            let recognized = Recognized::of(&mut req).clone();
+            assert!(recognized.is_create(), "{path}");
+            let built = request(&req, &recognized, id).map(|lookup| {
+                let uri = lookup.uri();
+                assert_eq!(uri.authority().unwrap().as_str(), "h");
+                uri.path_and_query().unwrap().to_string()
+            });
+            if built.as_deref() != expected {
+                wrong.push(format!("{path} ({id}): {built:?}, not {expected:?}"));
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
     }
 
     fn generated_id(seed: u64) -> String {

@@ -285,11 +285,13 @@ async fn a_new_style_create_is_looked_up_under_its_own_base_path() {
         assert_eq!(recovered.task_id, "n1", "{path}");
         assert_eq!(log.count("POST", "text-to-video"), 1, "{path}: made once");
     }
-    // A dot segment for product or model: where its lookup would go depends on how the server
-    // normalizes the path; none is sent, and the create is reported with its id.
+    // A dot segment after the model, or one that removes the segment before it in one
+    // reading (RFC 3986's, an empty segment a segment) and two in another (`//` merged
+    // first), each a create: no one lookup path is each reading's, none is sent, and the
+    // create is reported with its id.
     for path in [
-        "/text-to-video/kling-3.0/.",
-        "/text-to-video/kling-3.0/x/%2E%2E",
+        "/text-to-video/text-to-video/m/x//../..",
+        "/text-to-video/text-to-video/m/x//..;/..;",
     ] {
         let (server, log) = kling(|seen, _| {
             Reply::Now(if seen.method == Method::POST {
@@ -313,6 +315,151 @@ async fn a_new_style_create_is_looked_up_under_its_own_base_path() {
         assert_eq!(failed.external_id(), Some("e-1"), "{path}");
         assert_eq!(log.len(), 1, "{path}: the create alone");
     }
+}
+
+/// A create whose path kling-core reads as a server that normalizes it does (`;` parameters
+/// removed as Tomcat and Spring remove them, `%2F`s read as `/`s, dot segments removed, `..;x`
+/// a `..`) is looked up where that server routes the lookup, and where every other server
+/// that reads the path as a create routes it too. Built from the path's segments as written,
+/// `/kling/text-to-video/x/..;/kling-3.0` was looked up at `/kling/text-to-video/x/tasks` and
+/// `/kling/text-to-video/kling-3.0/;x` at `/kling/text-to-video/tasks`: a 1203 there was read
+/// as no task, and the create sent again, a second billed task.
+#[tokio::test(start_paused = true)]
+async fn a_create_written_with_parameters_dots_or_escapes_is_looked_up_where_it_is_routed() {
+    for (path, body, lookup) in [
+        // New-style: `{base}/tasks`, the base as each server reads it.
+        (
+            "/kling/text-to-video/x/..;/kling-3.0",
+            r#"{"external_id":"e-1"}"#,
+            "/kling/tasks?external_task_ids=e-1",
+        ),
+        (
+            "/kling/text-to-video/kling-3.0/;x",
+            r#"{"external_id":"e-1"}"#,
+            "/kling/tasks?external_task_ids=e-1",
+        ),
+        (
+            "/kling/text-to-video/kling-3.0;jsessionid=1",
+            r#"{"external_id":"e-1"}"#,
+            "/kling/tasks?external_task_ids=e-1",
+        ),
+        (
+            "/kling/text-to-video;x/kling-3.0/",
+            r#"{"external_id":"e-1"}"#,
+            "/kling/tasks?external_task_ids=e-1",
+        ),
+        (
+            "/kling/text-to-video/kling-3.0/x/..;a=b/",
+            r#"{"external_id":"e-1"}"#,
+            "/kling/tasks?external_task_ids=e-1",
+        ),
+        (
+            "/kling/text-to-video/kling-3.0/.",
+            r#"{"external_id":"e-1"}"#,
+            "/kling/tasks?external_task_ids=e-1",
+        ),
+        (
+            "/kling/text-to-video/kling-3.0/x/%2E%2E",
+            r#"{"external_id":"e-1"}"#,
+            "/kling/tasks?external_task_ids=e-1",
+        ),
+        // A base path with parameters is kept as written: a server that removes them reads
+        // `/kling/tasks`, one that keeps them (a create there too) `/kling;p/tasks`.
+        (
+            "/kling;p/text-to-video/kling-3.0",
+            r#"{"external_id":"e-1"}"#,
+            "/kling;p/tasks?external_task_ids=e-1",
+        ),
+        (
+            "/kling;p/text-to-video/x/..;/kling-3.0",
+            r#"{"external_id":"e-1"}"#,
+            "/kling;p/tasks?external_task_ids=e-1",
+        ),
+        // Legacy: `{create path}/{id}`, read the same way as the create's path.
+        (
+            "/kling/v1;a=b/videos/text2video",
+            r#"{"external_task_id":"job-1"}"#,
+            "/kling/v1;a=b/videos/text2video/job-1",
+        ),
+        (
+            "/kling/v1/videos/text2video/;x",
+            r#"{"external_task_id":"job-1"}"#,
+            "/kling/v1/videos/text2video/;x/job-1",
+        ),
+        (
+            "/kling/v1/videos/x/..;/text2video",
+            r#"{"external_task_id":"job-1"}"#,
+            "/kling/v1/videos/x/..;/text2video/job-1",
+        ),
+        (
+            "/kling/v1%2Fvideos;x%2Ftext2video",
+            r#"{"external_task_id":"job-1"}"#,
+            "/kling/v1%2Fvideos;x%2Ftext2video/job-1",
+        ),
+    ] {
+        let (server, log) = kling(move |seen, _| {
+            if seen.method == Method::POST {
+                // Made and billed, answered 5000.
+                return Reply::Now(code(5000));
+            }
+            Reply::Now(if seen.uri == format!("http://kling.test{lookup}") {
+                envelope(
+                    StatusCode::OK,
+                    0,
+                    if lookup.contains("/tasks?") {
+                        r#"[{"id":"n1","status":"submitted","external_id":"e-1"}]"#
+                    } else {
+                        r#"{"task_id":"n1","task_status":"submitted"}"#
+                    },
+                )
+            } else {
+                // Anywhere else: no such resource.
+                code(1203)
+            })
+        });
+        let request = http::Request::post(format!("http://kling.test{path}"))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                body.as_bytes(),
+            )))
+            .unwrap();
+        assert!(
+            Recognized::of(&mut request.clone()).is_create(),
+            "{path}: a create"
+        );
+        let response = send(&layer().layer(server), request)
+            .await
+            .unwrap_or_else(|error| panic!("{path}: {error}"));
+        let recovered = response.extensions().get::<Recovered>().expect(path);
+        assert_eq!(recovered.task_id, "n1", "{path}");
+        assert_eq!(log.count("POST", ""), 1, "{path}: made once");
+        assert_eq!(log.len(), 2, "{path}: the create and its lookup");
+    }
+}
+
+/// A legacy create's id holding a `/` is looked up as `{create path}/a%2Fb`, which a proxy that
+/// decodes `%2F`s (nginx, Envoy's `UNESCAPE_AND_FORWARD`, which kling-core's readings allow
+/// for) routes to `{create path}/a/b`: no task lookup, and its "not found" sent the create
+/// again. Such an id is not looked up; the create is reported with it, never sent twice.
+#[tokio::test(start_paused = true)]
+async fn a_legacy_id_that_a_decoding_proxy_would_split_is_not_looked_up() {
+    let (server, log) = kling(|seen, _| {
+        Reply::Now(if seen.method == Method::POST {
+            code(5000)
+        } else {
+            // A decoding proxy: `/v1/videos/text2video/a/b`, no such resource.
+            code(1203)
+        })
+    });
+    let error = send(
+        &layer().layer(server),
+        create(r#"{"prompt":"a cat","external_task_id":"a/b"}"#),
+    )
+    .await
+    .unwrap_err();
+    let failed = error.downcast_ref::<Failed>().unwrap();
+    assert_eq!(failed.reason(), StopReason::CreateMayHaveHappened);
+    assert_eq!(failed.external_id(), Some("a/b"));
+    assert_eq!(log.len(), 1, "the create alone");
 }
 
 /// kling-mock (which reads a create's body as a JSON value, its last key winning, and each
