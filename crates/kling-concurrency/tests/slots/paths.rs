@@ -302,3 +302,56 @@ async fn a_create_that_waited_is_kept_under_its_own_path() {
     svc.call(get("/v1/videos/image2video/job-7")).await.unwrap();
     assert_eq!(pool_state(&handle, &video()).await.0, 0);
 }
+
+/// A legacy create path written another way that kling-core (and the server it reads as)
+/// routes alike is one create path: a create of unknown outcome under `job-7` sent to
+/// `text2video;jsessionid=1` is freed by a lookup of `job-7` at `text2video` that finds
+/// nothing, and one sent to `text2video` by a lookup written with parameters, `//`, `%2F`s or
+/// dot segments. Keyed by the path's text, each was another path's, and the slot was held to
+/// its lease. A lookup on another endpoint written so still frees nothing.
+#[tokio::test(start_paused = true)]
+async fn a_create_path_written_another_way_is_the_same_path() {
+    for (create, lookup) in [
+        (
+            "/v1/videos/text2video;jsessionid=1",
+            "/v1/videos/text2video/job-7",
+        ),
+        ("/v1;a=b/videos/text2video/", "/v1/videos/text2video/job-7"),
+        ("/v1/videos/text2video/;x", "/v1/videos/text2video/job-7"),
+        ("//v1/videos//text2video", "/v1/videos/text2video/job-7"),
+        ("/v1/videos%2Ftext2video", "/v1/videos/text2video/job-7"),
+        ("/v1/videos/x/..;/text2video", "/v1/videos/text2video/job-7"),
+        (
+            "/v1/videos/text2video",
+            "/v1/videos/text2video;jsessionid=1/job-7",
+        ),
+        ("/v1/videos/text2video", "/v1/videos/text2video/job-7;x"),
+        ("/v1/videos/text2video", "/v1/videos/text2video/job-7/;x"),
+        ("/v1/videos/text2video", "/v1/videos//text2video//job-7"),
+        ("/v1/videos/text2video", "/v1%2Fvideos%2Ftext2video/job-7"),
+        ("/v1/videos/text2video", "/v1/videos/x/../text2video/job-7"),
+    ] {
+        let fake = Fake::new();
+        let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2)).unwrap();
+        let mut svc = layer.layer(fake.clone());
+        fake.script(Scripted::Lost);
+        svc.ready().await.unwrap();
+        let sent = post(create, r#"{"prompt":"a cat","external_task_id":"job-7"}"#);
+        assert!(svc.call(sent).await.is_err(), "{create}");
+        assert_eq!(pool_state(&handle, &video()).await.0, 1, "{create}: held");
+
+        // Another endpoint's lookup, written the same way, is another path's.
+        let other = lookup.replace("text2video", "image2video");
+        svc.ready().await.unwrap();
+        svc.call(get(&other)).await.unwrap();
+        assert_eq!(pool_state(&handle, &video()).await.0, 1, "{other}");
+
+        svc.ready().await.unwrap();
+        svc.call(get(lookup)).await.unwrap();
+        assert_eq!(
+            pool_state(&handle, &video()).await.0,
+            0,
+            "{create}, then {lookup}: the lookup found nothing"
+        );
+    }
+}

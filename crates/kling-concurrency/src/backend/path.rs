@@ -1,0 +1,337 @@
+//! Legacy create paths read as kling-core reads them ([`kling_core::Route::of`]), so that one
+//! create path written two ways (`text2video;jsessionid=1`, `videos//text2video`,
+//! `videos%2Ftext2video`, `x/../text2video`) is one [`CreatePath`](super::CreatePath).
+
+use http::Method;
+use kling_core::{ApiGeneration, RequestKind, Route};
+
+/// Whether `path` (its trailing `/`s trimmed) is read as written: no `;` (parameters), no `%`
+/// (escapes), no empty segment (`//`) and no segment starting with a `.` (a dot segment, or
+/// a name a plain reading keeps). The common path; checked eight bytes at a time, as
+/// kling-core finds its `/`s.
+const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+const ONES: u64 = 0x0101_0101_0101_0101;
+const SLASHES: u64 = 0x2f2f_2f2f_2f2f_2f2f;
+const PERCENTS: u64 = 0x2525_2525_2525_2525;
+const SEMICOLONS: u64 = 0x3b3b_3b3b_3b3b_3b3b;
+
+/// The high bit of every zero byte of `x`, and of a byte 0x01 above a zero byte (a borrow).
+#[inline(always)]
+fn any_zero(x: u64) -> u64 {
+    x.wrapping_sub(ONES) & !x & !LOW7
+}
+
+/// Not zero when the word `word` of a path's bytes holds a `;` or a `%`, or (`pairs`) a `/`
+/// followed by a `/` or a `.` (`after`: the byte after the word). A borrow's mark is never
+/// one of a path that has none: a `.` marked as a `/` (0x2e is 0x2f ^ 0x01) stands after one,
+/// which is itself marked; a byte's next one has its low bit set, so is never marked so.
+#[inline(always)]
+fn marks(word: u64, after: u8, pairs: bool) -> u64 {
+    let mut marks = any_zero(word ^ PERCENTS) | any_zero(word ^ SEMICOLONS);
+    if pairs {
+        // Each byte's next one, at its place, its low bit set: `.` (0x2e) and `/` (0x2f) are
+        // then both `/`.
+        let next = ((word >> 8) | (u64::from(after) << 56)) | ONES;
+        marks |= any_zero(word ^ SLASHES) & any_zero(next ^ SLASHES);
+    }
+    marks
+}
+
+/// Whether no word of `bytes` has [`marks`], eight bytes at a time (zeros past the end match
+/// nothing), as kling-core finds its `/`s.
+#[inline(always)]
+fn unmarked(bytes: &[u8], pairs: bool) -> bool {
+    let mut chunks = bytes.chunks_exact(8);
+    let mut at = 0;
+    for chunk in &mut chunks {
+        let word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+        at += 8;
+        if marks(word, bytes.get(at).copied().unwrap_or(0), pairs) != 0 {
+            return false;
+        }
+    }
+    let rest = chunks.remainder().len();
+    if rest == 0 {
+        return true;
+    }
+    // The eight bytes that end `bytes`, shifted so that the ones already seen drop out and
+    // zeros come in; one shorter than a word is read bytewise.
+    let word = match bytes.last_chunk::<8>() {
+        Some(last) => u64::from_le_bytes(*last) >> (8 * (8 - rest)),
+        None => bytes
+            .iter()
+            .rev()
+            .fold(0, |word, &byte| (word << 8) | u64::from(byte)),
+    };
+    marks(word, 0, pairs) == 0
+}
+
+/// Whether `path` (its trailing `/`s trimmed) is read as written: no `;` (parameters), no `%`
+/// (escapes), no empty segment (`//`) and no segment starting with a `.` (a dot segment, or
+/// a name a plain reading keeps). The common path.
+#[inline]
+pub(super) fn is_plain(path: &[u8]) -> bool {
+    path.first() != Some(&b'.') && unmarked(path, true)
+}
+
+/// The text of a (trimmed, not plain) legacy create path as kling-core reads it: each
+/// segment's `;` parameters removed (as Tomcat and Spring remove them), escapes of unreserved
+/// characters decoded, dot segments and empty segments removed, a `%2F` a `/` where that
+/// reading is a create (kling-core takes it then), RFC 3986's removal of dot segments before
+/// the one that merges `//`s first. Segments joined by `/`, with a leading `/` when the path
+/// has one, so that a plain path is its own reading.
+#[cold]
+#[inline(never)]
+pub(super) fn normalized(path: &str) -> String {
+    let mut first = None;
+    for (decode_slashes, merge_first) in
+        [(true, false), (true, true), (false, false), (false, true)]
+    {
+        let text = joined(path, decode_slashes, merge_first);
+        let route = Route::of(&Method::POST, &text);
+        if route.kind == RequestKind::Create && route.generation == Some(ApiGeneration::Legacy) {
+            return text;
+        }
+        first.get_or_insert(text);
+    }
+    first.expect("four readings")
+}
+
+/// [`normalized`]'s text of one reading.
+fn joined(path: &str, decode_slashes: bool, merge_first: bool) -> String {
+    let bytes = path.as_bytes();
+    // Every segment, empty ones too, but not the empty one before a leading `/`.
+    let mut segments: Vec<String> = Vec::new();
+    let (mut from, mut at) = (0, 0);
+    while at <= bytes.len() {
+        let separator = match bytes[at..] {
+            [] | [b'/', ..] => 1,
+            [b'%', b'2', b'F' | b'f', ..] if decode_slashes => 3,
+            _ => 0,
+        };
+        if separator == 0 {
+            at += 1;
+            continue;
+        }
+        // `at` is the end or an ASCII byte, and so is a `;`: on character boundaries.
+        let piece = &path[from..at];
+        if from > 0 || !piece.is_empty() {
+            let piece = piece.find(';').map_or(piece, |params| &piece[..params]);
+            segments.push(unreserved_decoded(piece));
+        }
+        at += separator;
+        from = at;
+    }
+    if merge_first {
+        segments.retain(|segment| !segment.is_empty());
+    }
+    let mut kept: Vec<String> = Vec::with_capacity(segments.len());
+    for segment in segments {
+        match segment.as_str() {
+            "." => {}
+            ".." => {
+                kept.pop();
+            }
+            _ => kept.push(segment),
+        }
+    }
+    kept.retain(|segment| !segment.is_empty());
+    let mut text = String::with_capacity(path.len());
+    for (at, segment) in kept.iter().enumerate() {
+        if at > 0 || path.starts_with('/') {
+            text.push('/');
+        }
+        text.push_str(segment);
+    }
+    text
+}
+
+/// `text` with each escape of an unreserved character (a letter, a digit, `-`, `.`, `_`, `~`;
+/// hex digits of either case) decoded, as RFC 3986 normalizes a path and kling-core reads it;
+/// every other escape and every malformed one kept as written.
+fn unreserved_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let hex = |at: usize| bytes.get(at).and_then(|&b| char::from(b).to_digit(16));
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let decoded = (bytes[at] == b'%')
+            .then(|| Some(hex(at + 1)? * 16 + hex(at + 2)?))
+            .flatten()
+            .and_then(|byte| u8::try_from(byte).ok())
+            .filter(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
+        match decoded {
+            Some(byte) => {
+                out.push(byte);
+                at += 3;
+            }
+            None => {
+                out.push(bytes[at]);
+                at += 1;
+            }
+        }
+    }
+    // Only whole escapes (ASCII) were replaced, by ASCII bytes.
+    String::from_utf8(out).expect("still UTF-8")
+}
+
+/// The create path part of a (trimmed, not plain) legacy single-task query path, as
+/// kling-core reads the query: everything before the task id it finds (`None` when it reads
+/// no legacy query there).
+#[cold]
+#[inline(never)]
+pub(super) fn query_create_path(path: &str) -> Option<&str> {
+    let route = Route::of(&Method::GET, path);
+    if route.kind != RequestKind::Query || route.generation != Some(ApiGeneration::Legacy) {
+        return None;
+    }
+    // The task id is a part of `path` (kling-core gives it as written).
+    let id = route.task_id?;
+    let start = (id.as_ptr() as usize).checked_sub(path.as_ptr() as usize)?;
+    path.get(..start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_is_exactly_no_parameter_escape_empty_or_dot_led_segment() {
+        // Every string of up to 6 symbols over `/`, `a`, `.`, `%`, `;`, and `$` and `:` (one
+        // above `%` and `;`, which a borrow marks): every position around the 8-byte words
+        // (with a prefix to shift them).
+        let symbols = ["/", "a", ".", "%", ";", "$", ":"];
+        let mut strings = vec![String::new()];
+        for _ in 0..6 {
+            strings = strings
+                .iter()
+                .flat_map(|s| symbols.iter().map(move |c| format!("{s}{c}")))
+                .collect();
+            for s in &strings {
+                for prefix in ["", "/abcdef", "/abcdefg"] {
+                    let path = format!("{prefix}{s}");
+                    let expected = !path.contains([';', '%'])
+                        && !path.contains("//")
+                        && !path.contains("/.")
+                        && !path.starts_with('.');
+                    assert_eq!(is_plain(path.as_bytes()), expected, "{path:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_plain_path_is_its_own_reading() {
+        for path in [
+            "/v1/videos/text2video",
+            "/a.b/v1/images/generations",
+            "v1/videos/x",
+            "",
+        ] {
+            assert!(is_plain(path.as_bytes()), "{path}");
+            assert_eq!(normalized(path), path);
+        }
+    }
+
+    /// One legacy create path written every way kling-core reads as it is one [`CreatePath`],
+    /// and the create path of a query of it written every such way too; other endpoints and
+    /// base paths are others.
+    #[test]
+    fn a_create_path_written_another_way_is_the_same() {
+        use super::super::CreatePath;
+
+        let text2video = CreatePath::legacy("/v1/videos/text2video");
+        for path in [
+            "/v1/videos/text2video/",
+            "/v1/videos/text2video;jsessionid=1",
+            "/v1;a=b/videos;c/text2video;d/",
+            "/v1/videos/text2video/;x",
+            "//v1//videos///text2video//",
+            "/v1/videos%2Ftext2video",
+            "/v1%2fvideos%2Ftext2video%2F",
+            "/v1/%76ideos/text2vide%6F",
+            "/v1/videos/x/../text2video",
+            "/v1/videos/x/..;/text2video",
+            "/v1/videos/./text2video/.",
+            "/v1/images/../videos/text2video",
+        ] {
+            assert_eq!(CreatePath::legacy(path), text2video, "{path}");
+        }
+        for query in [
+            "/v1/videos/text2video/abc",
+            "/v1/videos/text2video/abc/",
+            "/v1/videos/text2video;jsessionid=1/abc",
+            "/v1/videos/text2video/abc;jsessionid=1",
+            "/v1/videos/text2video/abc/;x",
+            "/v1/videos/text2video//abc",
+            "/v1//videos/text2video/abc",
+            "/v1%2Fvideos%2Ftext2video/abc",
+            "/v1/videos/x/..;/text2video/abc",
+            "/v1/videos/text2video/./abc",
+        ] {
+            assert_eq!(CreatePath::of_legacy_query(query), text2video, "{query}");
+        }
+        for other in [
+            "/v1/videos/image2video",
+            "/v1/videos/image2video;x",
+            "/proxy/v1/videos/text2video",
+            "/proxy;p/v1/videos/text2video",
+            "/v1/videos/text2video%3Bx",
+        ] {
+            assert_ne!(CreatePath::legacy(other), text2video, "{other}");
+        }
+        // A path kling-core reads as no legacy query names no create path.
+        for query in [
+            "/v1/videos/text2video;x",
+            "/tasks;x",
+            "/v1/videos/text2video/a/b;x",
+        ] {
+            assert_eq!(
+                CreatePath::of_legacy_query(query),
+                CreatePath::UNKNOWN,
+                "{query}"
+            );
+        }
+    }
+
+    /// The query path's fast reading (the create path before its last `/`, for a plain one
+    /// and an id that is no dot segment and has no parameters) agrees with kling-core's
+    /// reading of every query: the create path before the task id it finds.
+    #[test]
+    fn a_query_is_of_the_create_path_kling_core_reads_before_its_id() {
+        use super::super::CreatePath;
+
+        let symbols = ["a", ".", ";", "/", "%2F", "%2E", "%61", "=", "é", "..;"];
+        let mut tails = vec![String::new()];
+        let mut checked = 0;
+        for _ in 0..4 {
+            tails = tails
+                .iter()
+                .flat_map(|s| symbols.iter().map(move |c| format!("{s}{c}")))
+                .collect();
+            for tail in &tails {
+                for prefix in [
+                    "/v1/videos/text2video",
+                    "/p/v1/images/generations",
+                    "/v1/videos/avatar/image2video",
+                    "/v1;x/videos/text2video",
+                    "/v1//videos/text2video",
+                ] {
+                    let path = format!("{prefix}/{tail}");
+                    let route = Route::of(&Method::GET, &path);
+                    let Some(id) = route.task_id else {
+                        continue;
+                    };
+                    let start = id.as_ptr() as usize - path.as_ptr() as usize;
+                    assert_eq!(
+                        CreatePath::of_legacy_query(&path),
+                        CreatePath::legacy(&path[..start]),
+                        "{path}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 10_000, "{checked}");
+    }
+}
