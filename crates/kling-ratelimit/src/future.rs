@@ -1160,16 +1160,23 @@ where
                             let account = &mut *this.account;
                             // A success is reported while a streak may be running: one this
                             // process saw (`report_success`), or one the store says another
-                            // process started. (The account is lent to the key for the
-                            // question, not cloned; the in-process backend's answer is a
-                            // constant `false`.)
-                            let mut streak_running = || {
+                            // process started. With an adaptive rate, unless the store says
+                            // the key is at its ceiling (where a success changes nothing,
+                            // streak included). (The account is lent to the key for the
+                            // question, not cloned; the in-process backend's `streak_running`
+                            // is a constant `false`.)
+                            let must_report = || {
                                 let key = BucketKey::account(account.take());
-                                let running = shared.backend.streak_running(&key);
+                                let report = match &shared.adaptive {
+                                    Some(_) => !shared
+                                        .backend
+                                        .adaptive_at_ceiling(&key, &shared.account_policy()),
+                                    None => report_success || shared.backend.streak_running(&key),
+                                };
                                 *account = key.into_account();
-                                running
+                                report
                             };
-                            feedback_of(response, sent_at, || report_success || streak_running())
+                            feedback_of(response, sent_at, must_report)
                         }
                         Err(error) => feedback_of_error(&**error, sent_at),
                     };

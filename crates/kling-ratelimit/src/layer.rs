@@ -45,9 +45,10 @@ pub(crate) struct Shared<Bk> {
     pub(crate) queues: Arc<Queues>,
     /// Bumped by every quota change; a sleeping head that sees it move asks again.
     pub(crate) epoch: AtomicU64,
-    /// Whether every success must be reported (adaptive mode, or this process received a
-    /// pause, so a streak may be running); otherwise a success is reported only while the
-    /// backend says a streak is running ([`Backend::streak_running`]).
+    /// Whether every success must be reported (this process received a pause, so a streak may
+    /// be running); otherwise a success is reported only while the backend says a streak is
+    /// running ([`Backend::streak_running`]). An adaptive limiter reports every success
+    /// unless the backend says its key is at its ceiling ([`Backend::adaptive_at_ceiling`]).
     pub(crate) report_success: AtomicBool,
 }
 
@@ -224,7 +225,6 @@ impl<Bk> Builder<Bk> {
         if self.max_queue == Some(0) {
             return Err(ConfigError::new("layer", "max_queue", "must be at least 1"));
         }
-        let report_success = self.adaptive.is_some();
         let shared = Arc::new(Shared {
             backend: self.backend,
             quota: QuotaCell::new(self.quota),
@@ -241,7 +241,7 @@ impl<Bk> Builder<Bk> {
             key_fn: self.key_fn,
             queues: Arc::new(Queues::default()),
             epoch: AtomicU64::new(0),
-            report_success: AtomicBool::new(report_success),
+            report_success: AtomicBool::new(false),
         });
         Ok(GcraLayer {
             lanes: Arc::new(Lanes::new(Arc::clone(&shared))),

@@ -80,8 +80,10 @@
 //!   [`tokio::time::Sleep`] until the instant governor names, never governor's own
 //!   `until_ready`. Paused-time tests are exact.
 //! - **Threads**: a key's governor state is one atomic cell, so the usual decision (a key the
-//!   thread asked recently, no cooldown, no quota change, no adaptive rate) takes no lock and
-//!   writes no line another request of another key writes; decisions of one key made on two
+//!   thread asked recently, no cooldown, no quota change, no adaptive rate below its ceiling)
+//!   takes no lock and writes no line another request of another key writes; an adaptive key
+//!   at its ceiling reports no success either, as a success there changes nothing (its state
+//!   is at the ceiling, not lowered, no streak running). Decisions of one key made on two
 //!   threads at once may reach its state out of instant order, and GCRA still admits no more
 //!   than the quota in any window of decision instants (see [`InProcess`]).
 //! - **Cooldown**: a 1302 or a `Retry-After` pauses the whole key — queued and new requests

@@ -3,19 +3,19 @@
 //!
 //! A key's governor state is one atomic cell (governor's own store is a compare-and-swap on an
 //! atomic too), so the usual decision — a key this thread asked recently, no cooldown, the
-//! quota unchanged, no adaptive rate — takes no lock and writes nothing but that cell: the
-//! thread finds the key's limiter in a small per-thread list, without touching the key table.
-//! Everything else (a new key, a cooldown, a quota change, adaptive keys, feedback, sweeps)
-//! takes the backend's lock. A limiter that stops being the key's (its quota changed, or the key
-//! was dropped as idle) is *retired*: its cell is swapped for a mark that refuses every
-//! decision, so a thread still holding it asks the key table instead and no two limiters of one
-//! key ever admit side by side.
+//! quota unchanged, no adaptive rate below its ceiling — takes no lock and writes nothing but
+//! that cell: the thread finds the key's limiter in a small per-thread list, without touching
+//! the key table. Everything else (a new key, a cooldown, a quota change, adaptive keys below
+//! their ceiling, feedback, sweeps) takes the backend's lock. A limiter that stops being the
+//! key's (its quota changed, or the key was dropped as idle) is *retired*: its cell is swapped
+//! for a mark that refuses every decision, so a thread still holding it asks the key table
+//! instead and no two limiters of one key ever admit side by side.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fmt;
 use std::future::{Ready, ready};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -155,6 +155,11 @@ struct Generation {
     lock_free: bool,
     /// governor's burst tolerance, `burst - 1` intervals, in nanoseconds.
     tau: u64,
+    /// Whether the key's adaptive rate is at its ceiling, which this limiter's quota is, with
+    /// nothing a success would change ([`Entry::mark_at_ceiling`]): an adaptive key then
+    /// decides as a fixed quota does, without the lock, and its successes need no report. Set
+    /// under the lock; cleared when the limiter is retired.
+    at_ceiling: AtomicBool,
 }
 
 impl Generation {
@@ -178,6 +183,7 @@ impl Generation {
             paused_until: AtomicU64::new(paused_until),
             lock_free: tau < LOCK_FREE_MAX_TAU,
             tau,
+            at_ceiling: AtomicBool::new(false),
         }
     }
 
@@ -200,6 +206,7 @@ impl Generation {
     /// Retires the limiter: from now on it refuses everything. Returns its last theoretical
     /// arrival time (relative to its start; [`EMPTY`] for none).
     fn retire(&self) -> u64 {
+        self.at_ceiling.store(false, Ordering::Release);
         self.tat.swap(RETIRED, Ordering::AcqRel)
     }
 }
@@ -258,6 +265,9 @@ impl Entry {
         if quota != self.generation.quota {
             self.apply(quota, at);
         }
+        if policy.adaptive.is_some() {
+            self.mark_at_ceiling(policy);
+        }
         self.generation
             .check(at, base)
             .expect("the key's own limiter is never retired")
@@ -292,6 +302,29 @@ impl Entry {
                 policy.quota.at_most(state.rate())
             }
         }
+    }
+
+    /// Notes on the key's limiter whether its adaptive rate is at the ceiling with nothing a
+    /// success would change: the limiter enforces the configured quota (the ceiling), no streak
+    /// is running, and [`AdaptiveState::on_success`] leaves the state as it is (the rate grown
+    /// is capped at the ceiling again, and nothing else moves: the rule is asked, not
+    /// restated). Then neither a decision without the lock nor a success left unreported
+    /// changes anything, until a 1302 (which clears the mark) or a quota change (which
+    /// retires the limiter).
+    fn mark_at_ceiling(&self, policy: &Policy) {
+        let at_ceiling = self.streak == 0
+            && self.generation.quota == policy.quota
+            && match (&policy.adaptive, self.adaptive) {
+                (Some(config), Some(state)) => {
+                    let mut next = state;
+                    next.on_success(config, policy.quota.rate_per_second());
+                    next == state
+                }
+                _ => false,
+            };
+        self.generation
+            .at_ceiling
+            .store(at_ceiling, Ordering::Release);
     }
 
     /// Switches to a new quota at `now` (nanoseconds since the base), keeping the key's debt:
@@ -432,11 +465,13 @@ impl Recent {
 ///
 /// Every decision is synchronous (its futures are [`Ready`]) and allocates nothing on the
 /// success path. A key this thread asked recently, with no cooldown running, its quota
-/// unchanged and no adaptive rule, is decided without a lock (one compare-and-swap on the key's
-/// governor state); anything else takes one lock. Keys are dropped once idle — their GCRA state
-/// paid off, no cooldown or streak running, and for adaptive keys no traffic for the idle TTL
-/// (ten minutes unless set) — in sweeps that cost O(1) amortized per locked decision, so the
-/// map stays bounded by the keys active recently.
+/// unchanged and no adaptive rate below its ceiling, is decided without a lock (one
+/// compare-and-swap on the key's governor state); anything else takes one lock. An adaptive
+/// key at its ceiling, where a success changes nothing, says so
+/// ([`Backend::adaptive_at_ceiling`]), so its successes are not reported either. Keys are
+/// dropped once idle — their GCRA state paid off, no cooldown or streak running, and for
+/// adaptive keys no traffic for the idle TTL (ten minutes unless set) — in sweeps that cost
+/// O(1) amortized per locked decision, so the map stays bounded by the keys active recently.
 ///
 /// Decisions of one key made at the same time on several threads may reach its state in
 /// another order than their instants; GCRA still admits no more than the quota in any window
@@ -535,11 +570,15 @@ impl InProcess {
                     hook(&entry.generation);
                 }
             });
-            entry
+            let retired = entry
                 .generation
                 .tat
                 .compare_exchange(observed, RETIRED, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
+                .is_ok();
+            if retired {
+                entry.generation.at_ceiling.store(false, Ordering::Release);
+            }
+            !retired
         });
         state.map.clear();
         for (at, (key, _)) in state.entries.iter().enumerate() {
@@ -580,9 +619,7 @@ impl InProcess {
     /// [`Backend::acquire`], synchronously, with the instant it decided at (read once).
     #[inline]
     fn acquire_decided(&self, key: &BucketKey, policy: &Policy) -> (Decision, Instant) {
-        if policy.adaptive.is_none()
-            && let Some(decided) = self.decide_remembered_with(key, policy, Instant::now)
-        {
+        if let Some(decided) = self.decide_remembered_with(key, policy, Instant::now) {
             return decided;
         }
         self.acquire_locked(key, policy)
@@ -590,8 +627,8 @@ impl InProcess {
 
     /// The decision without the lock, at the instant `now` reads (only once a limiter is
     /// found: a miss costs no clock read), on the limiter this thread remembers for `key`:
-    /// `None` when there is none, or it was retired, or the key is paused or its quota changed
-    /// (the locked path decides those).
+    /// `None` when there is none, or it was retired, or the key is paused or its quota changed,
+    /// or its adaptive rate is not at the ceiling (the locked path decides those).
     fn decide_remembered_with(
         &self,
         key: &BucketKey,
@@ -609,6 +646,8 @@ impl InProcess {
                 || generation.quota != policy.quota
                 // A pause that ended is cleared under the lock (the burst is spent then).
                 || generation.paused_until.load(Ordering::Acquire) != 0
+                // An adaptive rate below its ceiling moves with every success and 1302.
+                || (policy.adaptive.is_some() && !generation.at_ceiling.load(Ordering::Acquire))
             {
                 return None;
             }
@@ -645,8 +684,10 @@ impl InProcess {
         let base = self.base;
         let entry = self.entry(&mut state, key, policy, now);
         let decision = entry.decide(policy, now, base);
-        let remember = (policy.adaptive.is_none() && entry.generation.lock_free)
-            .then(|| Arc::clone(&entry.generation));
+        let generation = &entry.generation;
+        let remember = (generation.lock_free
+            && (policy.adaptive.is_none() || generation.at_ceiling.load(Ordering::Relaxed)))
+        .then(|| Arc::clone(generation));
         drop(state);
         if let Some(generation) = remember {
             let _ = RECENT.try_with(|recent| {
@@ -693,6 +734,22 @@ impl InProcess {
         let mut state = self.lock();
         let base = self.base;
         let entry = self.entry(&mut state, key, policy, Instant::now());
+        let reported = Self::feedback_locked(entry, policy, feedback, base);
+        if policy.adaptive.is_some() {
+            // A 1302 takes the key off its ceiling at once, before its next decision (which
+            // applies the lowered rate) and for a decision another thread makes without the
+            // lock meanwhile.
+            entry.mark_at_ceiling(policy);
+        }
+        reported
+    }
+
+    fn feedback_locked(
+        entry: &mut Entry,
+        policy: &Policy,
+        feedback: Feedback,
+        base: Instant,
+    ) -> Reported {
         let ceiling = policy.quota.rate_per_second();
         match feedback {
             // A success of a request sent before the last pause began says nothing about the
@@ -775,6 +832,22 @@ impl InProcess {
             }
         }
     }
+
+    /// [`Backend::adaptive_at_ceiling`]: what the limiter this thread remembers for `key` says
+    /// (a key this thread has not decided on lately is not at its ceiling as far as this answer
+    /// goes).
+    #[inline]
+    fn at_ceiling_now(&self, key: &BucketKey, policy: &Policy) -> bool {
+        let id = KeyId::of(key);
+        RECENT
+            .try_with(|recent| {
+                recent.borrow().find(self.id, id).is_some_and(|generation| {
+                    generation.quota == policy.quota
+                        && generation.at_ceiling.load(Ordering::Acquire)
+                })
+            })
+            .unwrap_or(false)
+    }
 }
 
 impl Backend for InProcess {
@@ -817,6 +890,11 @@ impl Backend for InProcess {
         feedback: Feedback,
     ) -> Self::FeedbackFuture {
         ready(Ok(self.feedback_now(key, policy, feedback)))
+    }
+
+    #[inline]
+    fn adaptive_at_ceiling(&self, key: &BucketKey, policy: &Policy) -> bool {
+        self.at_ceiling_now(key, policy)
     }
 }
 
@@ -1224,6 +1302,168 @@ mod tests {
                 "round {i}"
             );
         }
+    }
+
+    /// Asks under the lock until the key admits, sleeping until each instant it names.
+    async fn admitted_locked(backend: &InProcess, key: &BucketKey, p: &Policy) {
+        loop {
+            match backend.acquire_locked(key, p).0 {
+                Decision::Admit => return,
+                Decision::NotBefore { at, .. } => tokio::time::sleep_until(at).await,
+            }
+        }
+    }
+
+    /// An adaptive key whose rate is at its ceiling decides as a fixed quota does, without the
+    /// lock, and says its successes need no report. A 1302 takes it off that path; while it
+    /// recovers every decision takes the lock and every success counts; once its rate is back
+    /// at the ceiling with nothing a success would change, it decides without the lock again.
+    #[tokio::test(start_paused = true)]
+    async fn an_adaptive_key_at_its_ceiling_decides_without_the_lock() {
+        use crate::policy::Adaptive;
+        let backend = InProcess::new();
+        let quota = Quota::per_second(4.0);
+        let p = Policy::new(quota, Cooldown::default())
+            .with_adaptive(Some(Adaptive::new().start(quota)));
+        let fixed = policy(quota);
+        let key = BucketKey::account(Some(AccountId::interned("at-ceiling")));
+        let other = BucketKey::account(Some(AccountId::interned("fixed")));
+        // The first decision makes the key under the lock; the next ones skip it and decide
+        // as the same quota without an adaptive rule does.
+        assert_eq!(backend.acquire_now(&key, &p), Decision::Admit);
+        assert_eq!(backend.acquire_now(&other, &fixed), Decision::Admit);
+        assert!(backend.at_ceiling_now(&key, &p));
+        for step in [0, 100, 150, 10, 400] {
+            tokio::time::advance(Duration::from_millis(step)).await;
+            let now = Instant::now();
+            let decided = backend.decide_remembered(&key, &p, now);
+            assert!(decided.is_some(), "at {step} ms: the lock was taken");
+            assert_eq!(decided, backend.decide_remembered(&other, &fixed, now));
+        }
+        // A 1302: the key pauses and its rate falls below the ceiling.
+        let now = Instant::now();
+        let throttled = Feedback::Pause {
+            sent_at: now,
+            received_at: now,
+            resume_at: None,
+            throttled: true,
+        };
+        backend.feedback_now(&key, &p, throttled);
+        assert!(!backend.at_ceiling_now(&key, &p));
+        let mut successes = 0;
+        loop {
+            admitted_locked(&backend, &key, &p).await;
+            if backend.at_ceiling_now(&key, &p) {
+                break;
+            }
+            assert_eq!(
+                backend.decide_remembered(&key, &p, Instant::now()),
+                None,
+                "below the ceiling, after {successes} successes"
+            );
+            let sent_at = Instant::now();
+            backend.feedback_now(&key, &p, Feedback::Success { sent_at });
+            successes += 1;
+            assert!(successes < 200, "never back at the ceiling");
+        }
+        assert!(successes > 10, "{successes}");
+        let state = backend.key_state(&key).expect("held");
+        assert_eq!((state.effective, state.adaptive_rate), (quota, Some(4.0)));
+        // Back at the ceiling: a success there changes nothing, and the key skips the lock.
+        backend.feedback_now(
+            &key,
+            &p,
+            Feedback::Success {
+                sent_at: Instant::now(),
+            },
+        );
+        assert_eq!(backend.key_state(&key), Some(state));
+        tokio::time::advance(Duration::from_millis(250)).await;
+        assert_eq!(
+            backend.decide_remembered(&key, &p, Instant::now()),
+            Some(Decision::Admit)
+        );
+        // A raised ceiling: the key is below it, so its successes count again, also before
+        // its next decision retires the limiter this thread remembers.
+        let raised = Policy::new(Quota::per_second(8.0), Cooldown::default())
+            .with_adaptive(Some(Adaptive::new().start(quota)));
+        assert!(!backend.at_ceiling_now(&key, &raised));
+    }
+
+    /// A key whose limiter enforces the ceiling is marked at it only when a success would change
+    /// nothing: not with a rate a hair below the ceiling (its interval rounds to the
+    /// ceiling's, but a success still grows the rate), nor with a streak a success would reset.
+    #[tokio::test(start_paused = true)]
+    async fn the_ceiling_mark_needs_a_success_to_change_nothing() {
+        use crate::policy::{Adaptive, AdaptiveState};
+        let backend = InProcess::new();
+        let quota = Quota::per_second(4.0);
+        let p = Policy::new(quota, Cooldown::default())
+            .with_adaptive(Some(Adaptive::new().start(quota)));
+        let key = BucketKey::account(Some(AccountId::interned("hair")));
+        assert_eq!(backend.acquire_now(&key, &p), Decision::Admit);
+        assert!(backend.at_ceiling_now(&key, &p));
+        let set = |adaptive: AdaptiveState, streak: u32| {
+            let mut state = backend.lock();
+            let at = state.map[&key];
+            let entry = &mut state.entries[at].1;
+            entry.adaptive = Some(adaptive);
+            entry.streak = streak;
+        };
+        let below = AdaptiveState::from_parts(4.0 * (1.0 - 1e-12), None);
+        assert_eq!(quota.at_most(below.rate()), quota, "the same interval");
+        for (adaptive, streak) in [(below, 0), (AdaptiveState::from_parts(4.0, None), 1)] {
+            set(adaptive, streak);
+            tokio::time::advance(Duration::from_secs(1)).await;
+            assert_eq!(backend.acquire_locked(&key, &p).0, Decision::Admit);
+            assert!(
+                !backend.at_ceiling_now(&key, &p),
+                "{adaptive:?}, streak {streak}"
+            );
+            assert_eq!(backend.decide_remembered(&key, &p, Instant::now()), None);
+        }
+        set(AdaptiveState::from_parts(4.0, None), 0);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(backend.acquire_locked(&key, &p).0, Decision::Admit);
+        assert!(backend.at_ceiling_now(&key, &p));
+    }
+
+    /// An adaptive key that starts below its ceiling (a quarter of it, the default) decides
+    /// under the lock and counts every success until slow start reaches the ceiling, as the
+    /// rule alone says.
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_takes_the_lock_and_counts_every_success() {
+        use crate::policy::{Adaptive, AdaptiveState};
+        let backend = InProcess::new();
+        let quota = Quota::per_second(8.0);
+        let config = Adaptive::new();
+        let p = Policy::new(quota, Cooldown::default()).with_adaptive(Some(config));
+        let key = BucketKey::account(Some(AccountId::interned("slow-start")));
+        let mut model = AdaptiveState::new(&config, 8.0);
+        let mut successes = 0;
+        while model.rate() < 8.0 {
+            admitted_locked(&backend, &key, &p).await;
+            assert!(!backend.at_ceiling_now(&key, &p), "at {}", model.rate());
+            assert_eq!(backend.decide_remembered(&key, &p, Instant::now()), None);
+            backend.feedback_now(
+                &key,
+                &p,
+                Feedback::Success {
+                    sent_at: Instant::now(),
+                },
+            );
+            model.on_success(&config, 8.0);
+            successes += 1;
+            let state = backend.key_state(&key).expect("held");
+            assert_eq!(
+                state.adaptive_rate,
+                Some(model.rate()),
+                "success {successes}"
+            );
+        }
+        assert_eq!(successes, 29);
+        admitted_locked(&backend, &key, &p).await;
+        assert!(backend.at_ceiling_now(&key, &p));
     }
 
     #[tokio::test(start_paused = true)]

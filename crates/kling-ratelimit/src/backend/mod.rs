@@ -297,6 +297,21 @@ pub trait Backend: Send + Sync + 'static {
         false
     }
 
+    /// Whether a success of the account-wide `key` under the adaptive `policy` would change
+    /// nothing the store holds, as far as this process can tell at once: the key's adaptive
+    /// rate is at its ceiling (`policy.quota`), not
+    /// [`lowered`](crate::AdaptiveState::lowered), with nothing else
+    /// [`AdaptiveState::on_success`](crate::AdaptiveState::on_success) would move, and no 1302
+    /// streak to reset. The layer then does not report the success: an adaptive key at its
+    /// ceiling costs what a fixed quota does. Called for every successful response of an
+    /// adaptive limiter, so it must be cheap and must not block. The default, `false`, has
+    /// every success reported; [`InProcess`] answers from the key's limiter this thread
+    /// remembers (a key it has not decided on lately is not at its ceiling for this answer).
+    fn adaptive_at_ceiling(&self, key: &BucketKey, policy: &Policy) -> bool {
+        let _ = (key, policy);
+        false
+    }
+
     /// The requests every process sharing this store was admitted under the account-wide
     /// `key` over the store's usage window, for a store a fleet shares (the Redis backend);
     /// `None`, the default, for a store of one process, whose requests its monitor counts

@@ -2,6 +2,7 @@
 //! properties, and the real mock server over TCP.
 
 mod adaptive;
+mod ceiling;
 mod class_hold;
 mod class_pause;
 mod cooldown;
