@@ -191,33 +191,7 @@ impl<'a> Route<'a> {
     /// `text2video;jsessionid=1` is `text2video`, `..;x` a `..` (after the `%2F`s are read, as
     /// a server behind a proxy that decodes them reads it: Tomcat alone refuses a `%2F`).
     fn normalized(method: &Method, path: &'a str, unescape_slashes: bool) -> Route<'a> {
-        // Every segment, empty ones too (RFC 3986 removes dot segments before anything merges
-        // slashes), but not the empty one before a leading `/`, with its decoded text.
-        let mut segments: Vec<(Range, Cow<'a, str>)> = Vec::new();
-        let bytes = path.as_bytes();
-        let mut from = 0;
-        let mut at = 0;
-        while at <= bytes.len() {
-            // The length of the separator at `at` (the end of the path counts as one).
-            let separator = match bytes.get(at) {
-                None | Some(b'/') => 1,
-                Some(b'%') if unescape_slashes && is_escaped_slash(&bytes[at..]) => 3,
-                Some(_) => 0,
-            };
-            if separator == 0 {
-                at += 1;
-                continue;
-            }
-            // `at` is the end or an ASCII byte, so on a character boundary.
-            let piece = &path[from..at];
-            if from > 0 || !piece.is_empty() {
-                // Up to its parameters (`;` is ASCII, so on a character boundary).
-                let end = piece.find(';').map_or(at, |params| from + params);
-                segments.push(((from, end), unreserved_decoded(&path[from..end])));
-            }
-            at += separator;
-            from = at;
-        }
+        let segments = split_segments(path, unescape_slashes);
         let is_dot = |text: &str| matches!(text, "." | "..");
         let normalizes = segments
             .iter()
@@ -231,21 +205,8 @@ impl<'a> Route<'a> {
             // the server reads the path as written.
             return Route::read(method, path, &segments, &as_written, false);
         }
-        // Dot segments removed from `indexes`, as RFC 3986 §5.2.4 does, then empty ones.
-        let remove_dots = |indexes: &mut dyn Iterator<Item = usize>| {
-            let mut kept = Vec::new();
-            for at in indexes {
-                match &*segments[at].1 {
-                    "." => {}
-                    ".." => {
-                        kept.pop();
-                    }
-                    _ => kept.push(at),
-                }
-            }
-            kept.retain(|&at| !segments[at].1.is_empty());
-            kept
-        };
+        let remove_dots =
+            |indexes: &mut dyn Iterator<Item = usize>| without_dot_segments(&segments, indexes);
         // RFC 3986: an empty segment is one, and a `..` after it removes it.
         let rfc = remove_dots(&mut (0..segments.len()));
         // Slashes merged first (nginx's `merge_slashes`): a `..` removes the segment before.
@@ -383,6 +344,61 @@ impl<'a> Route<'a> {
             _ => {}
         }
         route
+    }
+
+    /// The text of one of the readings [`Route::of`] makes of a path it does not read as
+    /// written (one with a `%`, a `;` or a dot segment): the path's segments, split at its `/`s
+    /// and, when `unescape_slashes`, its `%2F`s (as a decoding proxy reads them), each up to
+    /// its `;` parameters (as Tomcat removes them) and with its escapes of unreserved
+    /// characters decoded ([`Route::decode_unreserved`]); then `.` and `..` segments removed
+    /// as RFC 3986 §5.2.4 does it (an empty segment is one, which a `..` removes) or, when
+    /// `merge_first`, after merging `//`s (nginx); then empty segments. Joined by `/`, with a
+    /// leading `/` when `path` has one, so that a path with none of these (and no `//` or
+    /// trailing `/`) is its own reading.
+    ///
+    /// [`Route::of`] takes a `%2F` as a `/`, or the reading that merges `//`s first, only where
+    /// that reading is a create (see there); a caller that keys creates by path takes the
+    /// reading in which its path is one.
+    ///
+    /// ```
+    /// use kling_core::Route;
+    ///
+    /// let path = "/v1;a=b/videos/x/../%74ext2video%2F";
+    /// assert_eq!(Route::read_path(path, false, false), "/v1/videos/text2video%2F");
+    /// assert_eq!(Route::read_path(path, true, false), "/v1/videos/text2video");
+    /// assert_eq!(Route::read_path("/a//../b", false, false), "/a/b");
+    /// assert_eq!(Route::read_path("/a//../b", false, true), "/b");
+    /// ```
+    pub fn read_path(path: &str, unescape_slashes: bool, merge_first: bool) -> String {
+        let segments = split_segments(path, unescape_slashes);
+        let kept = if merge_first {
+            let mut non_empty = (0..segments.len()).filter(|&at| !segments[at].1.is_empty());
+            without_dot_segments(&segments, &mut non_empty)
+        } else {
+            without_dot_segments(&segments, &mut (0..segments.len()))
+        };
+        let mut text = String::with_capacity(path.len());
+        for (nth, &at) in kept.iter().enumerate() {
+            if nth > 0 || path.starts_with('/') {
+                text.push('/');
+            }
+            text.push_str(&segments[at].1);
+        }
+        text
+    }
+
+    /// `text` with each escape of an unreserved character (RFC 3986 §2.3: a letter, a digit,
+    /// `-`, `.`, `_`, `~`; hex digits of either case) decoded, as RFC 3986 §6.2.2.2 normalizes
+    /// a path and [`Route::of`] reads it; every other escape (`%2F`, `%25`) and every malformed
+    /// one is kept as written. Borrowed when nothing is decoded.
+    ///
+    /// ```
+    /// use kling_core::Route;
+    ///
+    /// assert_eq!(Route::decode_unreserved("kling%2D3.0%2F%zz"), "kling-3.0%2F%zz");
+    /// ```
+    pub fn decode_unreserved(text: &str) -> Cow<'_, str> {
+        unreserved_decoded(text)
     }
 
     /// A route of `kind` with nothing else known.
@@ -526,6 +542,60 @@ fn unreserved_decoded(text: &str) -> Cow<'_, str> {
         }
     }
     Cow::Owned(out)
+}
+
+/// Every segment of `path`, empty ones too (RFC 3986 removes dot segments before anything merges
+/// slashes) but not the empty one before a leading `/`, split at its `/`s and, when
+/// `unescape_slashes`, its `%2F`s: each one's range up to its `;` parameters, and that text
+/// with its escapes of unreserved characters decoded.
+fn split_segments(path: &str, unescape_slashes: bool) -> Vec<(Range, Cow<'_, str>)> {
+    let mut segments = Vec::new();
+    let bytes = path.as_bytes();
+    let mut from = 0;
+    let mut at = 0;
+    while at <= bytes.len() {
+        // The length of the separator at `at` (the end of the path counts as one).
+        let separator = match bytes.get(at) {
+            None | Some(b'/') => 1,
+            Some(b'%') if unescape_slashes && is_escaped_slash(&bytes[at..]) => 3,
+            Some(_) => 0,
+        };
+        if separator == 0 {
+            at += 1;
+            continue;
+        }
+        // `at` is the end or an ASCII byte, so on a character boundary.
+        let piece = &path[from..at];
+        if from > 0 || !piece.is_empty() {
+            // Up to its parameters (`;` is ASCII, so on a character boundary).
+            let end = piece.find(';').map_or(at, |params| from + params);
+            segments.push(((from, end), unreserved_decoded(&path[from..end])));
+        }
+        at += separator;
+        from = at;
+    }
+    segments
+}
+
+/// The `indexes` of `segments` (as [`split_segments`] gives them) left when dot segments are
+/// removed as RFC 3986 §5.2.4 removes them (a `..` removes the index before it), then empty
+/// ones.
+fn without_dot_segments(
+    segments: &[(Range, Cow<'_, str>)],
+    indexes: &mut dyn Iterator<Item = usize>,
+) -> Vec<usize> {
+    let mut kept = Vec::new();
+    for at in indexes {
+        match &*segments[at].1 {
+            "." => {}
+            ".." => {
+                kept.pop();
+            }
+            _ => kept.push(at),
+        }
+    }
+    kept.retain(|&at| !segments[at].1.is_empty());
+    kept
 }
 
 /// Whether `path` holds a `%2F` (or `%2f`), an escaped `/`.
@@ -1456,6 +1526,130 @@ mod tests {
                 .collect();
             check(&String::from_utf8_lossy(&bytes));
         }
+    }
+
+    #[test]
+    fn read_path_gives_each_reading_as_text() {
+        let readings = |path| {
+            [(false, false), (false, true), (true, false), (true, true)]
+                .map(|(unescape, merge)| Route::read_path(path, unescape, merge))
+        };
+        // A path read as written is its own reading, with or without a leading `/`.
+        for path in ["/v1/videos/text2video", "v1/videos/x", "/a.b/%3A/é", ""] {
+            assert_eq!(readings(path), [path; 4].map(String::from), "{path}");
+        }
+        for (path, expected) in [
+            (
+                "/v1;a=b/videos;c/text2video;d/",
+                ["/v1/videos/text2video"; 4],
+            ),
+            ("//v1//videos///text2video//", ["/v1/videos/text2video"; 4]),
+            (
+                "v1/%76ideos/./x/../text2vide%6F",
+                ["v1/videos/text2video"; 4],
+            ),
+            ("/v1/videos/x/..;/%zz%4é", ["/v1/videos/%zz%4é"; 4]),
+            (
+                "/v1/videos%2Ftext2video%2f",
+                [
+                    "/v1/videos%2Ftext2video%2f",
+                    "/v1/videos%2Ftext2video%2f",
+                    "/v1/videos/text2video",
+                    "/v1/videos/text2video",
+                ],
+            ),
+            // RFC 3986 removes the empty segment before a `..`; merging `//`s first, the one
+            // before that.
+            ("/a/b//../c", ["/a/b/c", "/a/c", "/a/b/c", "/a/c"]),
+            (
+                "/a/b%2F%2F%2E%2E/c",
+                ["/a/b%2F%2F../c", "/a/b%2F%2F../c", "/a/b/c", "/a/c"],
+            ),
+            ("/..;x/../..", [""; 4]),
+        ] {
+            assert_eq!(readings(path), expected.map(String::from), "{path}");
+        }
+    }
+
+    /// Whatever [`Route::of`] reads a path with a `%`, a `;` or dot segments as (a create or a
+    /// query), one of [`Route::read_path`]'s readings of it is read so too, with the model and
+    /// task id it gives decoded: callers that key a create by its path (the slots) take that
+    /// text.
+    #[test]
+    fn route_of_takes_one_of_the_readings_read_path_gives() {
+        // Kling paths with other separators, parameters, escapes and dot segments in them. No
+        // lone `%` before an escape: a reading's text would decode again (`%%374` is `%74`
+        // read once and `t` read twice).
+        const PATHS: [&[&str]; 6] = [
+            &["v1", "videos", "text2video"],
+            &["p", "v1", "videos", "text2video", "abc"],
+            &["v1", "videos", "avatar", "image2video", "v1"],
+            &["v1", "videos", "identify-face"],
+            &["k", "text-to-video", "kling-3.0"],
+            &["v1", "images", "kolors-virtual-try-on"],
+        ];
+        const SEPARATORS: [&str; 12] = [
+            "/",
+            "/",
+            "/",
+            "//",
+            "%2F",
+            "%2f",
+            "/./",
+            "/x/../",
+            "/%2e/",
+            "/a/%2E%2e/",
+            "//../",
+            "/..;/",
+        ];
+        const SUFFIXES: [&str; 8] = ["", "", "", ";x=1", ";", "%2F", "%3B", "%25"];
+        let mut random = Xorshift(0x2545_f491_4f6c_dd1d);
+        let mut checked = 0;
+        for _ in 0..20_000 {
+            let mut path = String::new();
+            for segment in PATHS[random.below(PATHS.len())] {
+                path.push_str(SEPARATORS[random.below(SEPARATORS.len())]);
+                if random.below(4) == 0 {
+                    // Its first letter escaped.
+                    path.push_str(&format!("%{:X}", segment.as_bytes()[0]));
+                    path.push_str(&segment[1..]);
+                } else {
+                    path.push_str(segment);
+                }
+                path.push_str(SUFFIXES[random.below(SUFFIXES.len())]);
+            }
+            for method in [Method::GET, Method::POST] {
+                let route = Route::of(&method, &path);
+                if !matches!(route.kind, RequestKind::Create | RequestKind::Query) {
+                    continue;
+                }
+                let decoded = |part: Option<&str>| part.map(|p| unreserved_decoded(p).into_owned());
+                let expected = (
+                    route.kind,
+                    route.generation,
+                    route.product,
+                    decoded(route.model),
+                    decoded(route.task_id),
+                );
+                let found = [(false, false), (false, true), (true, false), (true, true)]
+                    .into_iter()
+                    .any(|(unescape, merge)| {
+                        let text = Route::read_path(&path, unescape, merge);
+                        let read = Route::of(&method, &text);
+                        let read = (
+                            read.kind,
+                            read.generation,
+                            read.product,
+                            read.model.map(String::from),
+                            read.task_id.map(String::from),
+                        );
+                        read == expected
+                    });
+                assert!(found, "{method} {path}: {expected:?}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 5_000, "{checked}");
     }
 
     #[test]

@@ -260,6 +260,17 @@ impl Reading {
     /// The non-empty segments `path` is read as, as kling-core's `Route::of` splits, strips,
     /// decodes and normalizes them in this reading.
     fn segments(self, path: &str) -> Vec<String> {
+        if self.strip_params && self.dots != Dots::Kept {
+            // One of kling-core's own readings, taken from it. No segment of it holds a `/`
+            // (a decoded escape is of an unreserved character).
+            let read = Route::read_path(path, self.decode_slashes, self.dots == Dots::Merged);
+            return read
+                .split('/')
+                .filter(|segment| !segment.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        // Parameters kept as data, or no normalization: readings kling-core does not make.
         let bytes = path.as_bytes();
         // Every segment, empty ones too, but not the empty one before a leading `/`.
         let mut segments = Vec::new();
@@ -283,7 +294,7 @@ impl Reading {
                 };
                 segments.push(match self.dots {
                     Dots::Kept => piece.to_owned(),
-                    Dots::Rfc | Dots::Merged => unreserved_decoded(piece),
+                    Dots::Rfc | Dots::Merged => Route::decode_unreserved(piece).into_owned(),
                 });
             }
             at += separator;
@@ -322,35 +333,6 @@ fn kind_of(segments: &[String]) -> (RequestKind, Option<ApiGeneration>) {
     }
     let route = Route::of(&Method::POST, &path);
     (route.kind, route.generation)
-}
-
-/// `text` with each escape of an unreserved character (a letter, a digit, `-`, `.`, `_`, `~`;
-/// hex digits of either case) decoded, as RFC 3986 normalizes a path; every other escape and
-/// every malformed one kept as written.
-fn unreserved_decoded(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let hex = |at: usize| bytes.get(at).and_then(|&b| char::from(b).to_digit(16));
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    while at < bytes.len() {
-        let decoded = (bytes[at] == b'%')
-            .then(|| Some(hex(at + 1)? * 16 + hex(at + 2)?))
-            .flatten()
-            .and_then(|byte| u8::try_from(byte).ok())
-            .filter(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
-        match decoded {
-            Some(byte) => {
-                out.push(byte);
-                at += 3;
-            }
-            None => {
-                out.push(bytes[at]);
-                at += 1;
-            }
-        }
-    }
-    // Only whole escapes (ASCII) were replaced, by ASCII bytes.
-    String::from_utf8(out).expect("still UTF-8")
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters.
@@ -908,6 +890,32 @@ mod tests {
             }
         }
         assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    /// A create only a server that reads its `%2F`s as `/`s, removes `;` parameters and
+    /// decodes escapes routes (kling-core's own reading) is looked up where that reading
+    /// routes the lookup.
+    #[test]
+    fn a_create_only_kling_cores_reading_routes_is_looked_up_there() {
+        for (path, id, expected) in [
+            (
+                "/k/%74ext-to-video;a%2Fkling-3.0",
+                "e",
+                "/k/tasks?external_task_ids=e",
+            ),
+            (
+                "/v1/%76ideos;a%2Ftext2video",
+                "j",
+                "/v1/%76ideos;a%2Ftext2video/j",
+            ),
+        ] {
+            let mut req = create(&format!("https://h{path}"), "{}");
+            let recognized = Recognized::of(&mut req).clone();
+            assert!(recognized.is_create(), "{path}");
+            let built = request(&req, &recognized, id)
+                .map(|lookup| lookup.uri().path_and_query().unwrap().to_string());
+            assert_eq!(built.as_deref(), Some(expected), "{path}");
+        }
     }
 
     fn generated_id(seed: u64) -> String {

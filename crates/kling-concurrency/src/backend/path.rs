@@ -74,20 +74,20 @@ pub(super) fn is_plain(path: &[u8]) -> bool {
     path.first() != Some(&b'.') && unmarked(path, true)
 }
 
-/// The text of a (trimmed, not plain) legacy create path as kling-core reads it: each
-/// segment's `;` parameters removed (as Tomcat and Spring remove them), escapes of unreserved
-/// characters decoded, dot segments and empty segments removed, a `%2F` a `/` where that
-/// reading is a create (kling-core takes it then), RFC 3986's removal of dot segments before
-/// the one that merges `//`s first. Segments joined by `/`, with a leading `/` when the path
-/// has one, so that a plain path is its own reading.
+/// The text of a (trimmed, not plain) legacy create path as kling-core reads it
+/// ([`Route::read_path`]): each segment's `;` parameters removed (as Tomcat and Spring remove
+/// them), escapes of unreserved characters decoded, dot segments and empty segments removed,
+/// a `%2F` a `/` where that reading is a create (kling-core takes it then), RFC 3986's removal
+/// of dot segments before the one that merges `//`s first. Segments joined by `/`, with a
+/// leading `/` when the path has one, so that a plain path is its own reading.
 #[cold]
 #[inline(never)]
 pub(super) fn normalized(path: &str) -> String {
     let mut first = None;
-    for (decode_slashes, merge_first) in
+    for (unescape_slashes, merge_first) in
         [(true, false), (true, true), (false, false), (false, true)]
     {
-        let text = joined(path, decode_slashes, merge_first);
+        let text = Route::read_path(path, unescape_slashes, merge_first);
         let route = Route::of(&Method::POST, &text);
         if route.kind == RequestKind::Create && route.generation == Some(ApiGeneration::Legacy) {
             return text;
@@ -95,84 +95,6 @@ pub(super) fn normalized(path: &str) -> String {
         first.get_or_insert(text);
     }
     first.expect("four readings")
-}
-
-/// [`normalized`]'s text of one reading.
-fn joined(path: &str, decode_slashes: bool, merge_first: bool) -> String {
-    let bytes = path.as_bytes();
-    // Every segment, empty ones too, but not the empty one before a leading `/`.
-    let mut segments: Vec<String> = Vec::new();
-    let (mut from, mut at) = (0, 0);
-    while at <= bytes.len() {
-        let separator = match bytes[at..] {
-            [] | [b'/', ..] => 1,
-            [b'%', b'2', b'F' | b'f', ..] if decode_slashes => 3,
-            _ => 0,
-        };
-        if separator == 0 {
-            at += 1;
-            continue;
-        }
-        // `at` is the end or an ASCII byte, and so is a `;`: on character boundaries.
-        let piece = &path[from..at];
-        if from > 0 || !piece.is_empty() {
-            let piece = piece.find(';').map_or(piece, |params| &piece[..params]);
-            segments.push(unreserved_decoded(piece));
-        }
-        at += separator;
-        from = at;
-    }
-    if merge_first {
-        segments.retain(|segment| !segment.is_empty());
-    }
-    let mut kept: Vec<String> = Vec::with_capacity(segments.len());
-    for segment in segments {
-        match segment.as_str() {
-            "." => {}
-            ".." => {
-                kept.pop();
-            }
-            _ => kept.push(segment),
-        }
-    }
-    kept.retain(|segment| !segment.is_empty());
-    let mut text = String::with_capacity(path.len());
-    for (at, segment) in kept.iter().enumerate() {
-        if at > 0 || path.starts_with('/') {
-            text.push('/');
-        }
-        text.push_str(segment);
-    }
-    text
-}
-
-/// `text` with each escape of an unreserved character (a letter, a digit, `-`, `.`, `_`, `~`;
-/// hex digits of either case) decoded, as RFC 3986 normalizes a path and kling-core reads it;
-/// every other escape and every malformed one kept as written.
-fn unreserved_decoded(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let hex = |at: usize| bytes.get(at).and_then(|&b| char::from(b).to_digit(16));
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    while at < bytes.len() {
-        let decoded = (bytes[at] == b'%')
-            .then(|| Some(hex(at + 1)? * 16 + hex(at + 2)?))
-            .flatten()
-            .and_then(|byte| u8::try_from(byte).ok())
-            .filter(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
-        match decoded {
-            Some(byte) => {
-                out.push(byte);
-                at += 3;
-            }
-            None => {
-                out.push(bytes[at]);
-                at += 1;
-            }
-        }
-    }
-    // Only whole escapes (ASCII) were replaced, by ASCII bytes.
-    String::from_utf8(out).expect("still UTF-8")
 }
 
 /// The create path part of a (trimmed, not plain) legacy single-task query path, as
