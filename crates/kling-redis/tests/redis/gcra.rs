@@ -1947,7 +1947,11 @@ async fn the_adaptive_rule_in_redis_is_the_in_process_one() {
         rates.push(actual);
     }
     assert_eq!(rates[0], 5.0 * 0.85);
-    assert_eq!(rates[2], rates[1] * 0.85, "each 1302 of a run lowers the rate");
+    assert_eq!(
+        rates[2],
+        rates[1] * 0.85,
+        "each 1302 of a run lowers the rate"
+    );
     assert!(rates[82] > rates[2], "recovered: {}", rates[82]);
     assert_eq!(
         rates[85],
