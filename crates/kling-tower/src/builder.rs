@@ -28,6 +28,7 @@
 //!     .service(MockKling::new(MockConfig::preset(Preset::Pro))?);
 //!
 //! let create = http::Request::post("/v1/videos/text2video")
+//!     .header("content-type", "application/json")
 //!     .body(Full::new(Bytes::from(r#"{"prompt":"a cat"}"#)))?;
 //! let response = service.oneshot(create).await?;
 //! assert!(Outcome::of(&response).unwrap().is_success());

@@ -59,6 +59,7 @@
 //! let service = gateway.layer(mock);
 //!
 //! let mut create = http::Request::post("/v1/videos/text2video")
+//!     .header("content-type", "application/json")
 //!     .body(Full::new(Bytes::from(r#"{"prompt":"a cat"}"#)))?;
 //! create.extensions_mut().insert(AccountId::new("team-b"));
 //! let response = service.oneshot(create).await?;

@@ -20,6 +20,7 @@
 //! let service = kling.layer(client);
 //!
 //! let create = http::Request::post("/v1/videos/text2video")
+//!     .header("content-type", "application/json")
 //!     .body(Full::new(Bytes::from(r#"{"prompt":"a cat surfing"}"#)))?;
 //! let created = service.clone().oneshot(create).await?;
 //! let task = Outcome::of(&created).and_then(Outcome::task).unwrap().clone();

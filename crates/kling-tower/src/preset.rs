@@ -181,10 +181,15 @@ pub const DEFAULT_HEADROOM: f64 = 0.0;
 pub const DEFAULT_JITTER_ALLOWANCE: Duration = Duration::from_millis(15);
 
 /// The longest duration a configuration accepts (a year): for this crate's durations
-/// ([`StackConfig::validate`], [`FollowPolicy::validate`](crate::FollowPolicy::validate)) and
-/// for the interval between two requests a rate asks for. "Never" is a year, so that adding any
-/// of them to an instant cannot overflow.
+/// ([`StackConfig::validate`], [`FollowPolicy::validate`](crate::FollowPolicy::validate)).
+/// "Never" is a year, so that adding any of them to an instant cannot overflow. (A rate's
+/// interval has the shorter bound [`MAX_PACING_INTERVAL`].)
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The longest interval between two requests a rate may ask for, at its speed, less the
+/// headroom and plus the jitter allowance ([`StackConfig::pacing_interval`]): the rate
+/// limiter's longest (2^48 - 1 ns, about 78 hours).
+pub const MAX_PACING_INTERVAL: Duration = Duration::from_nanos((1 << 48) - 1);
 
 /// The longest connect timeout [`StackConfig::connect_timeout_duration`] gives: the clients'
 /// default (10 s), well inside the default 30 s attempt timeout.
@@ -560,7 +565,8 @@ impl StackConfig {
     /// Checks every number, naming the first impossible one. A duration must be above 0 and at
     /// most a year ([`MAX_DURATION`]) also once divided by the speed factor (the attempt timeout
     /// at least 3 ns, so that its third, the [connect timeout](Self::connect_timeout_duration),
-    /// is above 0 too).
+    /// is above 0 too). A rate must allow a request at least every [`MAX_PACING_INTERVAL`]
+    /// (about 78 hours) at its [pacing interval](Self::pacing_interval).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |field: &'static str, reason: &'static str| Err(ConfigError::new(field, reason));
         // Beyond these, scaled durations leave what a `Duration` or the clock can hold (a
@@ -587,16 +593,27 @@ impl StackConfig {
             return err("headroom", "must be at least 0 and below 1");
         }
         // A rate so small that its interval is beyond a `Duration` would otherwise make
-        // `pacing_interval` `None`, which the stack reads as "no cap".
-        if self.rate_per_minute.is_some()
+        // `pacing_interval` `None`, which the stack reads as "no cap"; one whose interval is
+        // beyond the rate limiter's longest would fail only when the stack is built.
+        if let Some(rate) = self.rate_per_minute
             && self
                 .pacing_interval()
-                .is_none_or(|interval| interval > MAX_DURATION + self.jitter_allowance)
+                .is_none_or(|interval| interval > MAX_PACING_INTERVAL)
         {
-            return err(
+            return Err(ConfigError::new(
                 "rate_per_minute",
-                "must allow at least one request a year (at this speed, less the headroom)",
-            );
+                format!(
+                    "is {rate:?}, too small: at speed {} (less the headroom, plus the jitter \
+                     allowance) that is one request every {}; must allow at least one request \
+                     every {:?} hours, the rate limiter's longest interval",
+                    self.speed,
+                    self.pacing_interval().map_or_else(
+                        || "longer than any Duration".to_owned(),
+                        |i| format!("{i:?}")
+                    ),
+                    MAX_PACING_INTERVAL.as_secs() / 3600,
+                ),
+            ));
         }
         // With no jitter allowance, a rate so large that its interval is under a nanosecond
         // paces at an interval of 0, which no rate limiter takes.
@@ -827,8 +844,11 @@ impl StackConfig {
                         format!("entry `{entry}` is not `pool=slots`"),
                     ));
                 };
-                let slots = parse_num(var, slots.trim())?;
-                self.pool_slots.insert(pool.trim().to_owned(), slots);
+                // Named as validation names a pool's entry: with several, the one refused.
+                let pool = pool.trim();
+                let slots = parse_num(var, slots.trim())
+                    .map_err(|e| e.renamed(format!("KLING_POOL_SLOTS (pool_slots.{pool})")))?;
+                self.pool_slots.insert(pool.to_owned(), slots);
             }
         }
         if let Some((var, v)) = get("KLING_SLOT_QUEUE") {

@@ -34,6 +34,7 @@
 //! let service = kling.layer(MockKling::new(MockConfig::preset(Preset::Pro).api_key("my-key"))?);
 //!
 //! let create = http::Request::post("/v1/videos/text2video")
+//!     .header("content-type", "application/json")
 //!     .body(Full::new(Bytes::from(r#"{"prompt":"a cat"}"#)))?;
 //! let response = service.oneshot(create).await?;
 //! assert!(Outcome::of(&response).unwrap().is_success());
@@ -256,6 +257,7 @@ impl<B: StackBackends> KlingBuilder<B> {
     /// let mock = MockKling::new(MockConfig::preset(Preset::Pro).api_key("my-key"))?;
     /// for stack in &stacks {
     ///     let create = http::Request::post("/v1/videos/text2video")
+    ///         .header("content-type", "application/json")
     ///         .body(Full::new(Bytes::from(r#"{"prompt":"a cat"}"#)))?;
     ///     let response = stack.layer(mock.clone()).oneshot(create).await?;
     ///     assert!(Outcome::of(&response).unwrap().is_success());

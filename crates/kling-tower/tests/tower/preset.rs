@@ -177,9 +177,14 @@ fn validation_names_the_field() {
 
 /// A rate whose interval does not fit in a `Duration` (60 / 1e-20 minutes) made
 /// `pacing_interval` `None`, which the stack reads as "no cap": the tiny rate meant no limit.
-/// A rate must allow a request a year, at its speed and less its headroom.
+/// A rate must allow a request every 78 hours (the rate limiter's longest interval), at its
+/// speed, less its headroom and plus its jitter allowance. Rates between one a year and one
+/// every 78 hours passed `validate` and then failed only when the stack was built, with an
+/// error naming the rate limiter's `rate_per_minute.quota.rate`.
 #[test]
 fn a_rate_too_small_to_pace_is_refused_rather_than_read_as_no_cap() {
+    use kling_tower::preset::MAX_PACING_INTERVAL;
+
     let too_small = [
         StackConfig::preset(Tier::Pro).rate_per_minute(1e-20),
         StackConfig::preset(Tier::Pro).rate_per_minute(1e-6),
@@ -190,25 +195,52 @@ fn a_rate_too_small_to_pace_is_refused_rather_than_read_as_no_cap() {
         StackConfig::preset(Tier::Pro)
             .rate_per_minute(3e-6)
             .headroom(0.5),
+        // One request a year, a week, or every 79 hours: within a year, beyond 78 hours.
+        StackConfig::preset(Tier::Pro).rate_per_minute(1.0 / (365.0 * 24.0 * 60.0)),
+        StackConfig::preset(Tier::Pro).rate_per_minute(1.0 / (7.0 * 24.0 * 60.0)),
+        StackConfig::preset(Tier::Pro).rate_per_minute(1.0 / (79.0 * 60.0)),
+        // One every 100 minutes at a thousandth of real time: every 69 days.
+        StackConfig::preset(Tier::Free)
+            .speed(0.001)
+            .rate_per_minute(0.01)
+            .no_daily_credits(),
+        // 40 hours, less a headroom of a half: 80 hours.
+        StackConfig::preset(Tier::Pro)
+            .rate_per_minute(1.0 / (40.0 * 60.0))
+            .headroom(0.5),
     ];
     for config in too_small {
         let err = config.validate().unwrap_err();
         assert_eq!(err.field(), "rate_per_minute", "{config:?}");
-        assert!(err.reason().contains("one request a year"), "{err}");
+        assert!(err.reason().contains("every 78 hours"), "{err}");
+        let built =
+            kling_tower::KlingLayer::new(config, kling_tower::Credentials::api_key("k").unwrap());
+        assert_eq!(built.unwrap_err().field(), "rate_per_minute");
     }
     let err = StackConfig::from_lookup(vars(&[("KLING_RATE_PER_MINUTE", "1e-20")])).unwrap_err();
     assert_eq!(err.field(), "KLING_RATE_PER_MINUTE");
-    let err = kling_tower::KlingLayer::new(
-        StackConfig::preset(Tier::Pro).rate_per_minute(1e-20),
-        kling_tower::Credentials::api_key("k").unwrap(),
-    )
+    let err = StackConfig::from_lookup(vars(&[
+        ("KLING_TIER", "pro"),
+        ("KLING_RATE_PER_MINUTE", "0.0001"),
+    ]))
     .unwrap_err();
-    assert_eq!(err.field(), "rate_per_minute");
+    assert_eq!(err.field(), "KLING_RATE_PER_MINUTE", "{err}");
+    let err = StackConfig::from_toml_str("tier = \"pro\"\nrate_per_minute = 0.0001\n").unwrap_err();
+    assert_eq!(err.field(), "rate_per_minute", "{err}");
 
-    // One request a year is the slowest rate there is.
-    let yearly = StackConfig::preset(Tier::Pro).rate_per_minute(1.0 / (365.0 * 24.0 * 60.0));
-    yearly.validate().unwrap();
-    assert!(yearly.pacing_interval().unwrap() <= kling_tower::preset::MAX_DURATION * 2);
+    // One request every 78 hours (the jitter allowance included) is the slowest rate there
+    // is, and builds a stack, with the adaptive rate on and off.
+    let slowest = 60.0 / (MAX_PACING_INTERVAL - Duration::from_millis(16)).as_secs_f64();
+    for adaptive in [true, false] {
+        let config = StackConfig::preset(Tier::Pro)
+            .rate_per_minute(slowest)
+            .adaptive_rate(adaptive);
+        config.validate().unwrap();
+        assert!(config.pacing_interval().unwrap() <= MAX_PACING_INTERVAL);
+        let built =
+            kling_tower::KlingLayer::new(config, kling_tower::Credentials::api_key("k").unwrap());
+        assert!(built.is_ok(), "{:?}", built.err());
+    }
 }
 
 /// Two gateway entries on one Kling account (the same credentials) gave the account two sets
@@ -365,6 +397,21 @@ fn bad_env_values_are_rejected_naming_the_variable() {
     let err = StackConfig::from_lookup(vars(&[("KLING_POOL_SLOTS", "audio=3")])).unwrap_err();
     assert!(err.field().contains("KLING_POOL_SLOTS"), "{err}");
     assert!(err.field().contains("audio"), "{err}");
+    // A count that is no number names its pool too, among several (it named the variable
+    // alone, "`` is not a valid number here", leaving the entry to guess).
+    for (value, pool) in [
+        ("video=2,image=", "pool_slots.image"),
+        ("video=-1,image=2", "pool_slots.video"),
+        ("video=2, image = many", "pool_slots.image"),
+        ("video=2,video:kling-3.0=1.5", "pool_slots.video:kling-3.0"),
+    ] {
+        let err = StackConfig::from_lookup(vars(&[("KLING_POOL_SLOTS", value)])).unwrap_err();
+        assert_eq!(
+            err.field(),
+            format!("KLING_POOL_SLOTS ({pool})"),
+            "{value}: {err}"
+        );
+    }
 }
 
 const TOML: &str = r#"
@@ -664,7 +711,12 @@ fn a_number_too_large_is_refused_as_too_large_naming_the_largest() {
     ];
     for (var, value, max) in env_cases {
         let err = StackConfig::from_lookup(vars(&[(var, value)])).unwrap_err();
-        assert_eq!(err.field(), var, "{var}={value}: {err}");
+        // A pool's count is named with its pool, as validation names it.
+        let field = match var {
+            "KLING_POOL_SLOTS" => "KLING_POOL_SLOTS (pool_slots.video)",
+            var => var,
+        };
+        assert_eq!(err.field(), field, "{var}={value}: {err}");
         assert!(err.reason().contains("too large"), "{var}={value}: {err}");
         assert!(err.reason().contains(max), "{var}={value}: {err}");
     }
@@ -691,10 +743,11 @@ fn a_number_too_large_is_refused_as_too_large_naming_the_largest() {
 /// Blank counts as unset for every variable.
 #[test]
 fn blank_preset_variables_count_as_unset() {
-    const ALL: [&str; 18] = [
+    const ALL: [&str; 19] = [
         "KLING_TIER",
         "KLING_SPEED",
         "KLING_RATE_PER_MINUTE",
+        "KLING_ADAPTIVE_RATE",
         "KLING_BURST",
         "KLING_HEADROOM",
         "KLING_JITTER_ALLOWANCE_MS",
