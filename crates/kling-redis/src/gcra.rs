@@ -35,6 +35,9 @@ pub const DEFAULT_GCRA_PLACE_TTL: Duration = Duration::from_millis(500);
 /// dropped, so the queue then holds one report per key.
 const MAX_UNDELIVERED: usize = 1024;
 
+/// The most keys a process remembers at their adaptive ceiling ([`Inner::saw_ceiling`]).
+const MAX_AT_CEILING: usize = 4096;
+
 /// Options of [`RedisGcra`], applied with its builder methods.
 #[derive(Clone, Copy, Debug)]
 struct Options {
@@ -58,9 +61,10 @@ struct Options {
 /// fleet queue (sorted set: waiting process → since when its asking request has waited, µs),
 /// `qx` when each place ends (µs); the key's quota: period (µs, rounded up), burst, adaptive
 /// ('1'), adaptive start rate (-1: ceiling/4), ceiling rate. Returns a function that takes the
-/// cell (and returns whether the key's 1302 streak is running), or `nil` and the refusal
-/// `{1, not_before, cooldown 0/1}`: nothing is taken until that function is called, so a
-/// script may ask another key first. The first decision after a pause (`cd`, then cleared)
+/// cell and returns whether the key's 1302 streak is running and whether its adaptive rate is
+/// at the ceiling with no streak running (a success would change nothing), or `nil` and the
+/// refusal `{1, not_before, cooldown 0/1}`: nothing is taken until that function is called, so
+/// a script may ask another key first. The first decision after a pause (`cd`, then cleared)
 /// ends it with the key's burst spent, as in process: `tat` at least `cd + period ×
 /// (burst − 1)` at the pace applied before, so the requests queued behind it go an interval
 /// apart (kept whether the decision then admits or refuses).
@@ -127,6 +131,16 @@ local function gcra(key, q, qx, period, burst, adaptive, start, ceiling, rec)
     rec and rec.m or 'm:')
   -- Whether this call wrote the hash: a write may create it, and every hash gets an expiry.
   local wrote = false
+  -- Whether a 1302 streak runs (a success would reset it), and whether the key's adaptive
+  -- `rate` is at its ceiling with no streak running: a success there changes nothing (the
+  -- rule caps the grown rate at the ceiling, whatever limit it remembers).
+  local function running()
+    local se = tonumber(v[5])
+    return se ~= nil and se >= now
+  end
+  local function at_ceiling(rate, streak)
+    return adaptive == '1' and rate ~= nil and rate >= tonumber(ceiling) and not streak
+  end
   -- The hash lives the idle TTL past the latest of `last`, the key's pace and its streak
   -- window.
   local function expire(last)
@@ -157,14 +171,15 @@ local function gcra(key, q, qx, period, burst, adaptive, start, ceiling, rec)
         return function()
           if queued and me ~= '' then leave_place(q, qx, me) end
           redis.call('HSET', key, rec.a, lo, rec.m, mask, rec.w, now)
-          local se = tonumber(v[5])
-          return se ~= nil and se >= now
+          local streak = running()
+          return streak, at_ceiling(tonumber(v[4]), streak)
         end, nil, m
       end
     end
   end
+  local rate = nil
   if adaptive == '1' then
-    local rate = tonumber(v[4])
+    rate = tonumber(v[4])
     if not rate then
       local ceil = tonumber(ceiling)
       rate = tonumber(start)
@@ -221,8 +236,8 @@ local function gcra(key, q, qx, period, burst, adaptive, start, ceiling, rec)
       redis.call('HSET', key, 't', int(nxt), 'p', int(period))
     end
     expire(nxt)
-    local se = tonumber(v[5])
-    return se ~= nil and se >= now
+    local streak = running()
+    return streak, at_ceiling(rate, streak)
   end
 end
 local function count(n)
@@ -247,10 +262,12 @@ end
 /// (0/1), 5 adaptive start rate (-1: ceiling/4), 6 ceiling rate; 12 the asking process ('':
 /// no record), 13 the ask's number, 14 the lowest number of the process's asks of the key
 /// whose answer it has not heard, 15 those whose answer was lost (comma-separated).
-/// Returns {0, streak, replayed} (admit; streak 1 while the key's 1302 streak is running, so
-/// the process reports its successes and one of them resets it; `replayed` the lost ask
-/// whose cell it was given, else -1 when the lost ones were looked at and none was admitted,
-/// -2 when they were not) or {1, not_before, cooldown 0/1, looked at 0/1}.
+/// Returns {0, streak, replayed, at_ceiling} (admit; streak 1 while the key's 1302 streak is
+/// running, so the process reports its successes and one of them resets it; `replayed` the
+/// lost ask whose cell it was given, else -1 when the lost ones were looked at and none was
+/// admitted, -2 when they were not; `at_ceiling` 1 when the key's adaptive rate is at its
+/// ceiling and no streak runs, so its successes need no report:
+/// [`Backend::adaptive_at_ceiling`]) or {1, not_before, cooldown 0/1, looked at 0/1}.
 ///
 /// The process's admitted asks are recorded in the key's hash (`a:`, `m:`, `w:PROCESS`, see
 /// [`Inner::decide`]), so that one whose answer was lost (a timeout after the key admitted it)
@@ -272,11 +289,10 @@ if not take then
   refusal[4] = checked and 1 or 0
   return refusal
 end
-local streak = take()
+local streak, top = take()
 if KEYS[4] and not replayed then count(KEYS[4]) end
 if not replayed then replayed = checked and -1 or -2 end
-if streak then return {0, 1, replayed} end
-return {0, 0, replayed}
+return {0, streak and 1 or 0, replayed, top and 1 or 0}
 ";
 
 /// Reject mode's decision of a class request ([`Backend::acquire_class_or_refuse`]): its
@@ -284,7 +300,8 @@ return {0, 0, replayed}
 /// and fleet queue, `KEYS[4..6]` the account key's, `KEYS[7]` (optional) the account key's
 /// count of admitted requests. ARGV: as [`ACQUIRE_BODY`]'s for the class key (it takes no
 /// place: 8 is ''), then 12 to 16 the account key's quota (as 2 to 6).
-/// Returns {0, streak} (both turns taken; the account key's streak) or {1, not_before, cooldown
+/// Returns {0, streak, at_ceiling} (both turns taken; the account key's streak, and whether
+/// its adaptive rate is at the ceiling with no streak running) or {1, not_before, cooldown
 /// 0/1, which}: the class key's refusal (`which` 0; the account is not asked), or the account
 /// key's (1; the class key's turn is not taken).
 const ACQUIRE_CLASS_BODY: &str = r"
@@ -301,10 +318,9 @@ if not take_account then
   return refused
 end
 take_class()
-local streak = take_account()
+local streak, top = take_account()
 if KEYS[7] then count(KEYS[7]) end
-if streak then return {0, 1} end
-return {0, 0}
+return {0, streak and 1 or 0, top and 1 or 0}
 ";
 
 /// The requests an account-wide key admitted over the last window. `KEYS[1]` the count hash;
@@ -338,7 +354,8 @@ return 0
 /// What a response said. `KEYS[1]` the key's hash. ARGV: now, kind (s/p), sent_at, received_at,
 /// resume_at ('' for none), throttled (0/1), configured period, adaptive (0/1), start rate,
 /// ceiling, growth, decrease, target, probe, cooldown first, escalate_after, backoff, ceiling,
-/// window, idle TTL. Returns {cooldown_until or -1, streak}.
+/// window, idle TTL. Returns {cooldown_until or -1, streak, at_ceiling}: `at_ceiling` 1 when
+/// the key's adaptive rate is at its ceiling after the report, with no streak running.
 ///
 /// The adaptive rate follows [`AdaptiveState`](kling_ratelimit::AdaptiveState)'s rule: `r`
 /// the rate, `l` the remembered limit; every counted 1302 lowers the rate.
@@ -377,6 +394,12 @@ local function start_rate()
   return r
 end
 local function int(x) return string.format('%.0f', x) end
+-- 1 when the key's adaptive rate is at its ceiling and no streak runs (a success would change
+-- nothing): the process then reports no success (`Backend::adaptive_at_ceiling`).
+local function top()
+  if adaptive and rate and rate >= ceiling and not (se and se >= now) then return 1 end
+  return 0
+end
 local function expire()
   -- The latest of the key's pace, its pause and its streak window, any of which may be absent
   -- (a list holding nils would end at the first: no ipairs).
@@ -395,8 +418,8 @@ local function expire()
 end
 if KEYS[2] and redis.call('ZSCORE', KEYS[2], ARGV[21]) then
   -- Taken already: what the key holds now.
-  if cd and cd > now then return {cd, streak} end
-  return {-1, streak}
+  if cd and cd > now then return {cd, streak, top()} end
+  return {-1, streak, top()}
 end
 if ARGV[2] == 's' then
   -- A success of a request sent before the last pause began says nothing about the rate since
@@ -404,7 +427,7 @@ if ARGV[2] == 's' then
   local sent_s = tonumber(ARGV[3])
   if lp and sent_s and sent_s < lp then
     expire()
-    return {-1, streak}
+    return {-1, streak, top()}
   end
   redis.call('HSET', key, 's', 0)
   redis.call('HDEL', key, 'se')
@@ -421,7 +444,7 @@ if ARGV[2] == 's' then
     redis.call('HSET', key, 'r', string.format('%.17g', rate))
   end
   expire()
-  return {-1, 0}
+  return {-1, 0, top()}
 end
 local sent = tonumber(ARGV[3])
 local recv = tonumber(ARGV[4])
@@ -475,8 +498,8 @@ if extends then
   redis.call('HSET', key, 'cd', int(cd))
 end
 expire()
-if extends then return {untl, streak} end
-return {-1, streak}
+if extends then return {untl, streak, top()} end
+return {-1, streak, top()}
 ";
 
 /// The rate limiter's state in Redis, shared by every process of a fleet: implements
@@ -523,6 +546,10 @@ return {-1, streak}
 /// - **The streak is the fleet's**: while a key's 1302 streak runs, an admission says so
 ///   ([`Backend::streak_running`]), and the layer of a process that never received a pause
 ///   reports its successes too: any process's success resets the streak.
+/// - **An adaptive key at its ceiling reports no success**: an admission's reply says whether
+///   the key's adaptive rate is at its ceiling with no streak running, where a success changes
+///   nothing ([`Backend::adaptive_at_ceiling`]); such a key costs one script a request, as a
+///   fixed quota does. A 1302 another process reports is learned at the next admission here.
 ///
 /// # Clone
 ///
@@ -561,6 +588,13 @@ struct Inner {
     streaks: Mutex<HashSet<String>>,
     /// Whether `streaks` holds any key: the usual success asks nothing more.
     any_streak: AtomicBool,
+    /// The account-wide adaptive keys (Redis names) whose last admission or report here said
+    /// their rate is at its ceiling with no streak running, each with that ceiling (requests a
+    /// second, its bits): their successes are not reported ([`Backend::adaptive_at_ceiling`]).
+    /// At most [`MAX_AT_CEILING`] keys (one left out only has its successes reported).
+    at_ceiling: Mutex<HashMap<String, u64>>,
+    /// Whether `at_ceiling` holds any key.
+    any_at_ceiling: AtomicBool,
     /// Pauses Redis did not take: held here, and kept for delivery.
     undelivered: Mutex<Undelivered>,
     /// Whether `undelivered` holds a pause in force here (or one that ended, not yet dropped).
@@ -630,6 +664,8 @@ impl RedisGcra {
                 asked: AtomicU64::new(0),
                 streaks: Mutex::new(HashSet::new()),
                 any_streak: AtomicBool::new(false),
+                at_ceiling: Mutex::new(HashMap::new()),
+                any_at_ceiling: AtomicBool::new(false),
                 undelivered: Mutex::new(Undelivered::default()),
                 paused_here: AtomicBool::new(false),
                 to_deliver: AtomicBool::new(false),
@@ -1172,8 +1208,9 @@ impl Inner {
     /// process's place in the fleet's order; `counted` for an account-wide key, whose admitted
     /// requests [`RedisGcra::fleet_requests`] counts; `ask` its number, with which the key
     /// records it if it admits it, and the lost asks it carries ([`ACQUIRE_BODY`]). With the
-    /// decision, whether the key's 1302 streak is running (said by an admission only), and
-    /// what the key said of the lost asks.
+    /// decision, whether the key's 1302 streak is running and whether its adaptive rate is at
+    /// the ceiling with no streak running (both said by an admission only), and what the key
+    /// said of the lost asks.
     async fn decide(
         &self,
         redis_key: String,
@@ -1182,7 +1219,7 @@ impl Inner {
         since: Option<i64>,
         counted: bool,
         ask: Option<&Ask<'_>>,
-    ) -> Result<(FleetDecision, bool, Looked), StoreError> {
+    ) -> Result<(FleetDecision, bool, bool, Looked), StoreError> {
         let [period, burst, adaptive, start, ceiling] = quota_args(policy);
         let (instance, n, floor, lost) = match ask {
             Some(ask) => (
@@ -1226,19 +1263,20 @@ impl Inner {
         };
         self.note(&result);
         match result?.as_slice() {
-            [0, streak, replayed] => {
+            [0, streak, replayed, at_ceiling] => {
                 let looked = match u64::try_from(*replayed) {
                     Ok(m) => Looked::Redeemed(m),
                     Err(_) if *replayed == -1 => Looked::NoneAdmitted,
                     Err(_) => Looked::Skipped,
                 };
-                Ok((FleetDecision::Admit, *streak == 1, looked))
+                Ok((FleetDecision::Admit, *streak == 1, *at_ceiling == 1, looked))
             }
             [1, at, cooldown, looked] => Ok((
                 FleetDecision::NotBefore {
                     at_us: *at,
                     cooldown: *cooldown == 1,
                 },
+                false,
                 false,
                 if *looked == 1 {
                     Looked::NoneAdmitted
@@ -1254,7 +1292,8 @@ impl Inner {
     /// class key `class` and of its account key `account` (Redis keys), both or neither. It
     /// takes no place in either key's fleet queue, and waits behind those who hold one.
     /// `counted` if the account key's admitted requests are counted. With the decision, whether
-    /// the account key's 1302 streak is running (said by an admission only), and whether the
+    /// the account key's 1302 streak is running and whether its adaptive rate is at the
+    /// ceiling with no streak running (both said by an admission only), and whether the
     /// account key refused (a refusal only; else the class key did).
     async fn decide_class(
         &self,
@@ -1262,7 +1301,7 @@ impl Inner {
         account: (String, &Policy),
         now_us: i64,
         counted: bool,
-    ) -> Result<(FleetDecision, bool, bool), StoreError> {
+    ) -> Result<(FleetDecision, bool, bool, bool), StoreError> {
         let [period, burst, adaptive, start, ceiling] = quota_args(class.1);
         let [a_period, a_burst, a_adaptive, a_start, a_ceiling] = quota_args(account.1);
         let args = [
@@ -1294,12 +1333,15 @@ impl Inner {
             self.conn.run(&self.acquire_class, &keys, &args).await;
         self.note(&result);
         match result?.as_slice() {
-            [0, streak] => Ok((FleetDecision::Admit, *streak == 1, false)),
+            [0, streak, at_ceiling] => {
+                Ok((FleetDecision::Admit, *streak == 1, *at_ceiling == 1, false))
+            }
             [1, at, cooldown, which] => Ok((
                 FleetDecision::NotBefore {
                     at_us: *at,
                     cooldown: *cooldown == 1,
                 },
+                false,
                 false,
                 *which == 1,
             )),
@@ -1324,6 +1366,36 @@ impl Inner {
         }
         self.any_streak
             .store(!streaks.is_empty(), Ordering::Relaxed);
+    }
+
+    /// Notes what an admission or a report said of the account-wide key `redis_key` under
+    /// `policy`: whether its adaptive rate is at the ceiling with no streak running, for
+    /// [`Backend::adaptive_at_ceiling`]. Costs nothing while no key is noted and this one is
+    /// not at its ceiling (a fixed quota's never is).
+    fn saw_ceiling(&self, redis_key: &str, policy: &Policy, at_ceiling: bool) {
+        if !at_ceiling && !self.any_at_ceiling.load(Ordering::Relaxed) {
+            return;
+        }
+        let ceiling = policy.quota.rate_per_second().to_bits();
+        let mut keys = lock(&self.at_ceiling);
+        if at_ceiling {
+            if let Some(noted) = keys.get_mut(redis_key) {
+                *noted = ceiling;
+            } else {
+                if keys.len() >= MAX_AT_CEILING {
+                    // Full: one key (any) has its successes reported until its next admission.
+                    let out = keys.keys().next().cloned();
+                    if let Some(out) = out {
+                        keys.remove(&out);
+                    }
+                }
+                keys.insert(redis_key.to_owned(), ceiling);
+            }
+        } else {
+            keys.remove(redis_key);
+        }
+        self.any_at_ceiling
+            .store(!keys.is_empty(), Ordering::Relaxed);
     }
 
     /// The end of a pause of `redis_key` that Redis did not take, if it holds at `now`.
@@ -1420,7 +1492,7 @@ impl Inner {
         };
         self.note(&result);
         match result?.as_slice() {
-            [until, streak] => {
+            [until, streak, at_ceiling] => {
                 let mut reported = Reported::default();
                 reported.streak = u32::try_from(*streak).unwrap_or(0);
                 reported.cooldown_until =
@@ -1429,6 +1501,9 @@ impl Inner {
                     self.heard_pause(redis_key, until);
                 }
                 self.saw_streak(redis_key, reported.streak > 0);
+                if policy.adaptive.is_some() {
+                    self.saw_ceiling(redis_key, policy, *at_ceiling == 1);
+                }
                 Ok(reported)
             }
             other => Err(StoreError::protocol(format!("feedback reply {other:?}"))),
@@ -1751,14 +1826,17 @@ impl RedisGcra {
                 )
                 .await;
             match result {
-                Ok((FleetDecision::Admit, streak, looked)) => {
+                Ok((FleetDecision::Admit, streak, at_ceiling, looked)) => {
                     ask.heard(looked);
                     if account_wide {
                         inner.saw_streak(&redis_key, streak);
+                        if policy.adaptive.is_some() {
+                            inner.saw_ceiling(&redis_key, &policy, at_ceiling);
+                        }
                     }
                     Ok(Decision::Admit)
                 }
-                Ok((FleetDecision::NotBefore { at_us, cooldown }, _, looked)) => {
+                Ok((FleetDecision::NotBefore { at_us, cooldown }, _, _, looked)) => {
                     ask.heard(looked);
                     let at = inner.conn.to_instant(at_us, now, now_us);
                     if cooldown {
@@ -1847,13 +1925,16 @@ impl RedisGcra {
                 )
                 .await;
             match result {
-                Ok((FleetDecision::Admit, streak, _)) => {
+                Ok((FleetDecision::Admit, streak, at_ceiling, _)) => {
                     if account_wide {
                         inner.saw_streak(&account_redis, streak);
+                        if account_policy.adaptive.is_some() {
+                            inner.saw_ceiling(&account_redis, &account_policy, at_ceiling);
+                        }
                     }
                     Ok(Decision::Admit)
                 }
-                Ok((FleetDecision::NotBefore { at_us, cooldown }, _, by_account)) => {
+                Ok((FleetDecision::NotBefore { at_us, cooldown }, _, _, by_account)) => {
                     let at = inner.conn.to_instant(at_us, now, now_us);
                     if cooldown {
                         let redis_key = if by_account {
@@ -1965,6 +2046,17 @@ impl Backend for RedisGcra {
             // Redis ran it, the copy kept for delivery is skipped by its number.
             let number =
                 matches!(feedback, Feedback::Pause { .. }).then(|| FirstAttempt::start(&inner));
+            // A 1302 lowers the rate: this process reports its successes from now, whether or
+            // not Redis takes the report (its reply says when the key is back at its ceiling).
+            if matches!(
+                feedback,
+                Feedback::Pause {
+                    throttled: true,
+                    ..
+                }
+            ) {
+                inner.saw_ceiling(&redis_key, &policy, false);
+            }
             let n = number.as_ref().map(|first| first.n);
             // Pauses kept while Redis was away go first, in order.
             let sent = if inner.to_deliver.load(Ordering::Relaxed) {
@@ -1993,6 +2085,27 @@ impl Backend for RedisGcra {
             return false;
         }
         lock(&self.inner.streaks).contains(&self.key_of(key))
+    }
+
+    /// Whether the last admission (or report) under the account-wide `key` here said its
+    /// adaptive rate is at `policy`'s ceiling with no 1302 streak running, where a success
+    /// changes nothing in Redis: the layer then reports none, and an adaptive key at its
+    /// ceiling costs one script a request, as a fixed quota does. Below the ceiling (after a
+    /// 1302, or in slow start) every success is reported, until a report's reply says the rate
+    /// is back at the ceiling. A 1302 another process reports is learned at this process's
+    /// next admission, whose reply takes the key off its ceiling here: only the successes of
+    /// requests admitted before the 1302 reached Redis go unreported meanwhile (most were
+    /// sent before the pause began, and Redis would leave the rate alone for those anyway). A
+    /// 1302 this process reports takes the key off its ceiling here at once.
+    fn adaptive_at_ceiling(&self, key: &BucketKey, policy: &Policy) -> bool {
+        if key.request_kind().is_some()
+            || policy.adaptive.is_none()
+            || !self.inner.any_at_ceiling.load(Ordering::Relaxed)
+        {
+            return false;
+        }
+        let ceiling = policy.quota.rate_per_second().to_bits();
+        lock(&self.inner.at_ceiling).get(&self.key_of(key)) == Some(&ceiling)
     }
 }
 

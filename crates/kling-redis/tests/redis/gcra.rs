@@ -2057,3 +2057,267 @@ async fn records_of_gone_processes_leave_a_busy_keys_hash() {
     assert_eq!(new.acquire(&key, &policy).await.unwrap(), Decision::Admit);
     assert_eq!(records().await, 2, "the busy process's and the new one's");
 }
+
+/// A process's `RedisGcra` that counts the successes its layer reports (each a feedback
+/// script sent to Redis), and passes everything on.
+#[derive(Clone)]
+struct CountingSuccesses {
+    redis: RedisGcra,
+    successes: Arc<AtomicUsize>,
+}
+
+impl CountingSuccesses {
+    fn new(redis: RedisGcra) -> CountingSuccesses {
+        CountingSuccesses {
+            redis,
+            successes: Arc::default(),
+        }
+    }
+
+    fn successes(&self) -> usize {
+        self.successes.load(Ordering::SeqCst)
+    }
+}
+
+impl Backend for CountingSuccesses {
+    type AcquireFuture = <RedisGcra as Backend>::AcquireFuture;
+    type FeedbackFuture = <RedisGcra as Backend>::FeedbackFuture;
+
+    fn acquire(&self, key: &BucketKey, policy: &Policy) -> Self::AcquireFuture {
+        self.redis.acquire(key, policy)
+    }
+
+    fn acquire_waiting(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        since: tokio::time::Instant,
+    ) -> Self::AcquireFuture {
+        self.redis.acquire_waiting(key, policy, since)
+    }
+
+    fn stop_waiting(&self, key: &BucketKey) {
+        self.redis.stop_waiting(key);
+    }
+
+    fn feedback(
+        &self,
+        key: &BucketKey,
+        policy: &Policy,
+        feedback: Feedback,
+    ) -> Self::FeedbackFuture {
+        if matches!(feedback, Feedback::Success { .. }) {
+            self.successes.fetch_add(1, Ordering::SeqCst);
+        }
+        self.redis.feedback(key, policy, feedback)
+    }
+
+    fn streak_running(&self, key: &BucketKey) -> bool {
+        self.redis.streak_running(key)
+    }
+
+    fn adaptive_at_ceiling(&self, key: &BucketKey, policy: &Policy) -> bool {
+        self.redis.adaptive_at_ceiling(key, policy)
+    }
+}
+
+/// An adaptive layer (100 a second, first pause 50 ms) starting at `start`, over `backend`,
+/// in front of a service that answers every request with success; with its account policy.
+fn adaptive_process(
+    served: &Served,
+    backend: CountingSuccesses,
+    start: Quota,
+) -> (Layered, Policy) {
+    let quota = Quota::per_second(100.0);
+    let cooldown = Cooldown::default().first(Duration::from_millis(50));
+    let adaptive = kling_ratelimit::Adaptive::new().start(start);
+    let layer = GcraLayer::builder(quota)
+        .cooldown(cooldown)
+        .adaptive(adaptive)
+        .backend(backend)
+        .build()
+        .unwrap();
+    let policy = Policy::new(quota, cooldown).with_adaptive(Some(adaptive));
+    (served.process_of(&layer), policy)
+}
+
+/// Sends requests through `process` one after another until `at_ceiling` says the key is back
+/// at its ceiling (at most `limit` of them), checking that the success of each one sent
+/// before is reported (`counting` has counted `reported` before the first): how many were
+/// sent.
+async fn reported_until_at_ceiling(
+    process: &Layered,
+    counting: &CountingSuccesses,
+    key: &BucketKey,
+    policy: &Policy,
+    limit: usize,
+) -> usize {
+    let reported = counting.successes();
+    let mut sent = 0;
+    loop {
+        send(process, &format!("below-{sent}"))
+            .await
+            .unwrap()
+            .unwrap();
+        sent += 1;
+        assert_eq!(
+            counting.successes() - reported,
+            sent,
+            "below its ceiling, every success is reported"
+        );
+        if counting.adaptive_at_ceiling(key, policy) {
+            return sent;
+        }
+        assert!(
+            sent < limit,
+            "not back at the ceiling after {sent} successes"
+        );
+    }
+}
+
+/// The adaptive rate Redis holds for `redis_key`.
+async fn fleet_rate(server: &kling_redis::testing::RedisServer, redis_key: &str) -> f64 {
+    let rate: Option<f64> = redis::cmd("HGET")
+        .arg(redis_key)
+        .arg("r")
+        .query_async(&mut raw(server).await)
+        .await
+        .unwrap();
+    rate.expect("an adaptive key's hash holds its rate")
+}
+
+/// An adaptive key at its ceiling (kling-tower's default under a rate cap: it starts there)
+/// reports no success to Redis: a success there changes nothing, and the admission's reply
+/// says the key is there. Another process's 1302 lowers the rate in Redis; this process
+/// learns it from its next admission's reply, and from then reports every success until a
+/// report's reply says the rate is back at the ceiling, and none again after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adaptive_key_at_its_ceiling_reports_no_success_until_a_1302_lowers_it() {
+    let Some(server) = redis() else { return };
+    let a = CountingSuccesses::new(RedisGcra::new(connect(&server).await));
+    let b = RedisGcra::new(connect(&server).await);
+    let key = BucketKey::account(None);
+    let redis_key = b.key_of(&key);
+    let served = Served::new();
+    let (process, policy) = adaptive_process(&served, a.clone(), Quota::per_second(100.0));
+    for i in 0..20 {
+        send(&process, &format!("at-{i}")).await.unwrap().unwrap();
+    }
+    assert_eq!(a.successes(), 0, "at the ceiling, no success is reported");
+    assert!(a.adaptive_at_ceiling(&key, &policy));
+    assert_eq!(fleet_rate(&server, &redis_key).await, 100.0);
+    // Another process's 1302 lowers the fleet's rate; this one learns it when next admitted.
+    b.feedback(&key, &policy, throttled_at(tokio::time::Instant::now()))
+        .await
+        .unwrap();
+    assert!(fleet_rate(&server, &redis_key).await < 100.0);
+    let sent = reported_until_at_ceiling(&process, &a, &key, &policy, 500).await;
+    // From 85 a second: about 12 successes to 97% of the limit, then 0.1 a success.
+    assert!(sent > 30, "back at the ceiling after {sent} successes");
+    assert_eq!(fleet_rate(&server, &redis_key).await, 100.0);
+    for i in 0..20 {
+        send(&process, &format!("again-{i}"))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(
+        a.successes(),
+        sent,
+        "back at the ceiling, no success is reported"
+    );
+}
+
+/// A key in slow start (its adaptive rate starting below the ceiling) reports every success
+/// until the rate reaches the ceiling, then none; a 1302 this process reports takes it off
+/// its ceiling at once, before any admission says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adaptive_key_in_slow_start_reports_its_successes_until_at_its_ceiling() {
+    let Some(server) = redis() else { return };
+    let a = CountingSuccesses::new(RedisGcra::new(connect(&server).await));
+    let key = BucketKey::account(None);
+    let redis_key = a.redis.key_of(&key);
+    let served = Served::new();
+    let (process, policy) = adaptive_process(&served, a.clone(), Quota::per_second(50.0));
+    // From 50 a second at +5% a success: 15 successes to the ceiling.
+    let sent = reported_until_at_ceiling(&process, &a, &key, &policy, 100).await;
+    assert_eq!(sent, 15);
+    assert_eq!(fleet_rate(&server, &redis_key).await, 100.0);
+    for i in 0..10 {
+        send(&process, &format!("at-{i}")).await.unwrap().unwrap();
+    }
+    assert_eq!(a.successes(), sent);
+    a.feedback(&key, &policy, throttled_at(tokio::time::Instant::now()))
+        .await
+        .unwrap();
+    assert!(
+        !a.adaptive_at_ceiling(&key, &policy),
+        "a 1302 here lowers the rate"
+    );
+}
+
+/// A key at its adaptive ceiling whose 1302 streak runs (another process, without the adaptive
+/// rule, reported the 1302: the rate stays at the ceiling) is not at its ceiling for this
+/// answer: a success would reset the streak, so this process reports its first success after
+/// the pause, and none after that reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streak_another_process_started_is_reset_by_a_success_at_the_ceiling() {
+    let Some(server) = redis() else { return };
+    let a = CountingSuccesses::new(RedisGcra::new(connect(&server).await));
+    let b = RedisGcra::new(connect(&server).await);
+    let key = BucketKey::account(None);
+    let redis_key = b.key_of(&key);
+    let served = Served::new();
+    let (process, policy) = adaptive_process(&served, a.clone(), Quota::per_second(100.0));
+    send(&process, "first").await.unwrap().unwrap();
+    assert_eq!(a.successes(), 0);
+    let fixed = Policy::new(policy.quota, policy.cooldown);
+    b.feedback(&key, &fixed, throttled_at(tokio::time::Instant::now()))
+        .await
+        .unwrap();
+    assert_eq!(fleet_streak(&server, &redis_key).await, 1);
+    assert_eq!(fleet_rate(&server, &redis_key).await, 100.0);
+    send(&process, "after").await.unwrap().unwrap();
+    assert_eq!(a.successes(), 1, "the success after the pause is reported");
+    assert_eq!(
+        fleet_streak(&server, &redis_key).await,
+        0,
+        "and resets the streak"
+    );
+    assert!(a.adaptive_at_ceiling(&key, &policy));
+    for i in 0..10 {
+        send(&process, &format!("again-{i}"))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(a.successes(), 1);
+}
+
+/// A 1302 this process reports takes its key off the ceiling here at once, also when Redis
+/// does not take the report (it is away): the successes after it are reported (they are kept
+/// to the fallback, or fail), not left out on the word of an admission from before the 1302.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1302_redis_could_not_take_still_takes_the_key_off_its_ceiling_here() {
+    let Some(mut server) = redis() else { return };
+    let backend = RedisGcra::new(impatient(&server).await);
+    let key = BucketKey::account(Some(AccountId::new("ceiling-away")));
+    let quota = Quota::per_second(100.0);
+    let policy = Policy::new(quota, Cooldown::default())
+        .with_adaptive(Some(kling_ratelimit::Adaptive::new().start(quota)));
+    assert_eq!(
+        backend.acquire(&key, &policy).await.unwrap(),
+        Decision::Admit
+    );
+    assert!(backend.adaptive_at_ceiling(&key, &policy));
+    // Another ceiling (a quota changed since the admission) is not the one Redis spoke of.
+    let raised = Policy::new(Quota::per_second(200.0), Cooldown::default())
+        .with_adaptive(Some(kling_ratelimit::Adaptive::new().start(quota)));
+    assert!(!backend.adaptive_at_ceiling(&key, &raised));
+    server.stop();
+    let reported = backend
+        .feedback(&key, &policy, throttled_at(tokio::time::Instant::now()))
+        .await;
+    assert!(reported.is_err(), "{reported:?}");
+    assert!(!backend.adaptive_at_ceiling(&key, &policy));
+}
