@@ -133,13 +133,14 @@ local function gcra(key, q, qx, period, burst, adaptive, start, ceiling, rec)
   local wrote = false
   -- Whether a 1302 streak runs (a success would reset it), and whether the key's adaptive
   -- `rate` is at its ceiling with no streak running: a success there changes nothing (the
-  -- rule caps the grown rate at the ceiling, whatever limit it remembers).
+  -- rule caps the grown rate at the ceiling, whatever limit it remembers). At it, not above:
+  -- a rate above a ceiling lowered since is brought down to it by a success.
   local function running()
     local se = tonumber(v[5])
     return se ~= nil and se >= now
   end
   local function at_ceiling(rate, streak)
-    return adaptive == '1' and rate ~= nil and rate >= tonumber(ceiling) and not streak
+    return adaptive == '1' and rate ~= nil and rate == tonumber(ceiling) and not streak
   end
   -- The hash lives the idle TTL past the latest of `last`, the key's pace and its streak
   -- window.
@@ -395,9 +396,10 @@ local function start_rate()
 end
 local function int(x) return string.format('%.0f', x) end
 -- 1 when the key's adaptive rate is at its ceiling and no streak runs (a success would change
--- nothing): the process then reports no success (`Backend::adaptive_at_ceiling`).
+-- nothing): the process then reports no success (`Backend::adaptive_at_ceiling`). At it, not
+-- above: a rate above a ceiling lowered since is brought down to it by a success.
 local function top()
-  if adaptive and rate and rate >= ceiling and not (se and se >= now) then return 1 end
+  if adaptive and rate and rate == ceiling and not (se and se >= now) then return 1 end
   return 0
 end
 local function expire()
@@ -595,6 +597,11 @@ struct Inner {
     at_ceiling: Mutex<HashMap<String, u64>>,
     /// Whether `at_ceiling` holds any key.
     any_at_ceiling: AtomicBool,
+    /// Bumped (under `at_ceiling`'s lock) when this process reports a 1302, before the report
+    /// is sent: a reply saying a key is at its ceiling counts only if no bump came between its
+    /// script being sent and its reply being noted, since that script may have run before the
+    /// 1302 reached Redis ([`Inner::saw_ceiling`]).
+    throttles: AtomicU64,
     /// Pauses Redis did not take: held here, and kept for delivery.
     undelivered: Mutex<Undelivered>,
     /// Whether `undelivered` holds a pause in force here (or one that ended, not yet dropped).
@@ -666,6 +673,7 @@ impl RedisGcra {
                 any_streak: AtomicBool::new(false),
                 at_ceiling: Mutex::new(HashMap::new()),
                 any_at_ceiling: AtomicBool::new(false),
+                throttles: AtomicU64::new(0),
                 undelivered: Mutex::new(Undelivered::default()),
                 paused_here: AtomicBool::new(false),
                 to_deliver: AtomicBool::new(false),
@@ -1370,15 +1378,18 @@ impl Inner {
 
     /// Notes what an admission or a report said of the account-wide key `redis_key` under
     /// `policy`: whether its adaptive rate is at the ceiling with no streak running, for
-    /// [`Backend::adaptive_at_ceiling`]. Costs nothing while no key is noted and this one is
-    /// not at its ceiling (a fixed quota's never is).
-    fn saw_ceiling(&self, redis_key: &str, policy: &Policy, at_ceiling: bool) {
+    /// [`Backend::adaptive_at_ceiling`]. `asked` is what [`Inner::throttles`] held before the
+    /// script was sent: a 1302 this process reported since makes an "at its ceiling" stale (the
+    /// script may have run before that 1302 reached Redis), and the key is noted as not at it.
+    /// Costs nothing while no key is noted and this one is not at its ceiling (a fixed quota's
+    /// never is).
+    fn saw_ceiling(&self, redis_key: &str, policy: &Policy, at_ceiling: bool, asked: u64) {
         if !at_ceiling && !self.any_at_ceiling.load(Ordering::Relaxed) {
             return;
         }
         let ceiling = policy.quota.rate_per_second().to_bits();
         let mut keys = lock(&self.at_ceiling);
-        if at_ceiling {
+        if at_ceiling && self.throttles.load(Ordering::Relaxed) == asked {
             if let Some(noted) = keys.get_mut(redis_key) {
                 *noted = ceiling;
             } else {
@@ -1394,6 +1405,16 @@ impl Inner {
         } else {
             keys.remove(redis_key);
         }
+        self.any_at_ceiling
+            .store(!keys.is_empty(), Ordering::Relaxed);
+    }
+
+    /// A 1302 this process reports for `redis_key`: the key is not at its ceiling here, and the
+    /// replies of scripts sent before this say nothing of it ([`Inner::throttles`]).
+    fn throttled_here(&self, redis_key: &str) {
+        let mut keys = lock(&self.at_ceiling);
+        self.throttles.fetch_add(1, Ordering::Relaxed);
+        keys.remove(redis_key);
         self.any_at_ceiling
             .store(!keys.is_empty(), Ordering::Relaxed);
     }
@@ -1418,6 +1439,7 @@ impl Inner {
         feedback: Feedback,
         number: Option<u64>,
     ) -> Result<Reported, StoreError> {
+        let asked = self.throttles.load(Ordering::Relaxed);
         // Reported times go into the fleet's state too: measured against the server's clock.
         let now_us = self.conn.calibrated_now_us().await;
         let now = Instant::now();
@@ -1502,7 +1524,7 @@ impl Inner {
                 }
                 self.saw_streak(redis_key, reported.streak > 0);
                 if policy.adaptive.is_some() {
-                    self.saw_ceiling(redis_key, policy, *at_ceiling == 1);
+                    self.saw_ceiling(redis_key, policy, *at_ceiling == 1, asked);
                 }
                 Ok(reported)
             }
@@ -1815,6 +1837,8 @@ impl RedisGcra {
             // Numbered: if its answer is lost after the key admitted it, the key's next ask
             // from this process is given its cell rather than take a second one.
             let ask = Ask::start(&inner, &redis_key);
+            // Before the script is sent: a 1302 reported here since makes its word stale.
+            let asked = inner.throttles.load(Ordering::Relaxed);
             let result = inner
                 .decide(
                     redis_key.clone(),
@@ -1831,7 +1855,7 @@ impl RedisGcra {
                     if account_wide {
                         inner.saw_streak(&redis_key, streak);
                         if policy.adaptive.is_some() {
-                            inner.saw_ceiling(&redis_key, &policy, at_ceiling);
+                            inner.saw_ceiling(&redis_key, &policy, at_ceiling, asked);
                         }
                     }
                     Ok(Decision::Admit)
@@ -1905,6 +1929,7 @@ impl RedisGcra {
             {
                 return unreachable(&inner, e);
             }
+            let asked = inner.throttles.load(Ordering::Relaxed);
             let now_us = inner.conn.calibrated_now_us().await;
             let now = Instant::now();
             let now_us = match now_us {
@@ -1929,7 +1954,7 @@ impl RedisGcra {
                     if account_wide {
                         inner.saw_streak(&account_redis, streak);
                         if account_policy.adaptive.is_some() {
-                            inner.saw_ceiling(&account_redis, &account_policy, at_ceiling);
+                            inner.saw_ceiling(&account_redis, &account_policy, at_ceiling, asked);
                         }
                     }
                     Ok(Decision::Admit)
@@ -2047,15 +2072,17 @@ impl Backend for RedisGcra {
             let number =
                 matches!(feedback, Feedback::Pause { .. }).then(|| FirstAttempt::start(&inner));
             // A 1302 lowers the rate: this process reports its successes from now, whether or
-            // not Redis takes the report (its reply says when the key is back at its ceiling).
-            if matches!(
+            // not Redis takes the report (a later admission's reply says when the key is back
+            // at its ceiling), and an admission's reply from before it says nothing of it.
+            let throttled = matches!(
                 feedback,
                 Feedback::Pause {
                     throttled: true,
                     ..
                 }
-            ) {
-                inner.saw_ceiling(&redis_key, &policy, false);
+            );
+            if throttled {
+                inner.throttled_here(&redis_key);
             }
             let n = number.as_ref().map(|first| first.n);
             // Pauses kept while Redis was away go first, in order.
@@ -2096,11 +2123,15 @@ impl Backend for RedisGcra {
     /// next admission, whose reply takes the key off its ceiling here: only the successes of
     /// requests admitted before the 1302 reached Redis go unreported meanwhile (most were
     /// sent before the pause began, and Redis would leave the rate alone for those anyway). A
-    /// 1302 this process reports takes the key off its ceiling here at once.
+    /// 1302 this process reports takes the key off its ceiling here at once. A rate above the
+    /// ceiling (lowered since) is not at it, and while Redis is away no key is: the fallback
+    /// decides then, and its own rate counts every success.
     fn adaptive_at_ceiling(&self, key: &BucketKey, policy: &Policy) -> bool {
         if key.request_kind().is_some()
             || policy.adaptive.is_none()
             || !self.inner.any_at_ceiling.load(Ordering::Relaxed)
+            // Redis away: the fallback decides, and its own rate counts every success.
+            || self.inner.out.load(Ordering::Relaxed)
         {
             return false;
         }

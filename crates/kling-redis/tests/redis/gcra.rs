@@ -2321,3 +2321,149 @@ async fn a_1302_redis_could_not_take_still_takes_the_key_off_its_ceiling_here() 
     assert!(reported.is_err(), "{reported:?}");
     assert!(!backend.adaptive_at_ceiling(&key, &policy));
 }
+
+/// Asks `backend` for `key` under `policy` until it admits, sleeping until each instant it
+/// names.
+async fn admitted(backend: &RedisGcra, key: &BucketKey, policy: &Policy) {
+    for _ in 0..100 {
+        match backend.acquire(key, policy).await.unwrap() {
+            Decision::Admit => return,
+            Decision::NotBefore { at, .. } => tokio::time::sleep_until(at).await,
+            other => panic!("{other:?}"),
+        }
+    }
+    panic!("never admitted");
+}
+
+/// A key whose adaptive rate is above its ceiling (the ceiling lowered since: a quota change)
+/// is not at its ceiling: a success brings the rate down to it, as `AdaptiveState` does, so it
+/// is reported, and the next 1302 lowers the rate below the new ceiling as in process (left
+/// above it, the rate a 1302 lowered would still be the ceiling).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_above_a_lowered_ceiling_is_not_at_the_ceiling() {
+    let Some(server) = redis() else { return };
+    let backend = RedisGcra::new(connect(&server).await);
+    let key = BucketKey::account(Some(AccountId::new("ceiling-lowered")));
+    let redis_key = backend.key_of(&key);
+    let quota = Quota::per_second(100.0);
+    let config = kling_ratelimit::Adaptive::new().start(quota);
+    let policy = Policy::new(quota, Cooldown::default()).with_adaptive(Some(config));
+    admitted(&backend, &key, &policy).await;
+    assert!(backend.adaptive_at_ceiling(&key, &policy));
+    let lowered =
+        Policy::new(Quota::per_second(50.0), Cooldown::default()).with_adaptive(Some(config));
+    admitted(&backend, &key, &lowered).await;
+    assert_eq!(fleet_rate(&server, &redis_key).await, 100.0);
+    assert!(
+        !backend.adaptive_at_ceiling(&key, &lowered),
+        "a success would lower the rate to the new ceiling"
+    );
+    let mut model = kling_ratelimit::AdaptiveState::new(&config, 100.0);
+    let now = tokio::time::Instant::now();
+    backend
+        .feedback(&key, &lowered, Feedback::Success { sent_at: now })
+        .await
+        .unwrap();
+    model.on_success(&config, 50.0);
+    assert_eq!(fleet_rate(&server, &redis_key).await, model.rate());
+    assert!(backend.adaptive_at_ceiling(&key, &lowered));
+    backend
+        .feedback(&key, &lowered, throttled_at(tokio::time::Instant::now()))
+        .await
+        .unwrap();
+    model.on_throttle(&config, 50.0);
+    assert!(model.rate() < 50.0);
+    assert_eq!(fleet_rate(&server, &redis_key).await, model.rate());
+}
+
+/// While Redis is away the fallback decides, and its own adaptive rate (in slow start: it
+/// starts a quarter of the ceiling) grows only by the successes reported to it: a key Redis
+/// said was at its ceiling before it went away is not at its ceiling for this answer then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_is_away_an_adaptive_key_reports_its_successes_to_the_fallback() {
+    let Some(mut server) = redis() else { return };
+    let backend =
+        RedisGcra::new(impatient(&server).await).when_unreachable(WhenUnreachable::fallback(1));
+    let key = BucketKey::account(Some(AccountId::new("ceiling-fallback")));
+    let policy = Policy::new(Quota::per_second(100.0), Cooldown::default())
+        .with_adaptive(Some(kling_ratelimit::Adaptive::new()));
+    // Slow start in Redis, from 25 a second to the ceiling.
+    let mut successes = 0;
+    loop {
+        admitted(&backend, &key, &policy).await;
+        if backend.adaptive_at_ceiling(&key, &policy) {
+            break;
+        }
+        let sent_at = tokio::time::Instant::now();
+        backend
+            .feedback(&key, &policy, Feedback::Success { sent_at })
+            .await
+            .unwrap();
+        successes += 1;
+        assert!(successes < 100, "never at the ceiling");
+    }
+    server.stop();
+    // The fallback admits, from its own slow start.
+    assert_eq!(
+        backend.acquire(&key, &policy).await.unwrap(),
+        Decision::Admit
+    );
+    assert!(
+        !backend.adaptive_at_ceiling(&key, &policy),
+        "the fallback's rate is not at the ceiling"
+    );
+    let sent_at = tokio::time::Instant::now();
+    backend
+        .feedback(&key, &policy, Feedback::Success { sent_at })
+        .await
+        .expect("the fallback takes the success");
+}
+
+/// An admission whose script ran before this process's 1302 reached Redis, and whose reply is
+/// noted after that 1302 was reported, does not put the key back at its ceiling: the successes
+/// after the 1302 are reported (one of them resets the streak), not left out on its word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admission_from_before_a_1302_does_not_put_the_key_back_at_its_ceiling() {
+    use std::task::{Context, Waker};
+    let Some(server) = redis() else { return };
+    let backend = RedisGcra::new(connect(&server).await);
+    let key = BucketKey::account(Some(AccountId::new("ceiling-stale")));
+    let redis_key = backend.key_of(&key);
+    let quota = Quota::per_second(100.0);
+    let policy = Policy::new(quota, Cooldown::default())
+        .with_adaptive(Some(kling_ratelimit::Adaptive::new().start(quota)));
+    admitted(&backend, &key, &policy).await;
+    assert!(backend.adaptive_at_ceiling(&key, &policy));
+    let tat = || async {
+        let tat: Option<i64> = redis::cmd("HGET")
+            .arg(&redis_key)
+            .arg("t")
+            .query_async(&mut raw(&server).await)
+            .await
+            .unwrap();
+        tat
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = tat().await;
+    // Polled once (with no waker): its script goes to Redis, and once Redis has run it, its
+    // reply waits unread until the 1302 below is reported.
+    let mut stale = backend.acquire(&key, &policy);
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(stale.as_mut().poll(&mut cx).is_pending(), "decided already");
+    let mut waited = 0;
+    while tat().await == before {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        waited += 1;
+        assert!(waited < 1000, "the admission never reached Redis");
+    }
+    backend
+        .feedback(&key, &policy, throttled_at(tokio::time::Instant::now()))
+        .await
+        .unwrap();
+    assert!(!backend.adaptive_at_ceiling(&key, &policy));
+    assert_eq!(stale.await.unwrap(), Decision::Admit);
+    assert!(
+        !backend.adaptive_at_ceiling(&key, &policy),
+        "an admission from before the 1302 put the key back at its ceiling"
+    );
+}
