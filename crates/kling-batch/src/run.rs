@@ -350,7 +350,7 @@ impl Engine {
         jobs: &[Job],
         stop: StopSignal,
     ) -> Result<RunReport, RunError> {
-        let plan = self.plan(jobs, &stop).map_err(|e| {
+        let plan = self.plan(jobs, &|| *stop.borrow()).map_err(|e| {
             // A job edited under its id: the jobs file is at fault, not the journal.
             RunError::Setup(
                 match std::error::Error::source(&e).and_then(|s| s.downcast_ref::<ChangedJobs>()) {
@@ -360,8 +360,9 @@ impl Engine {
             )
         })?;
         let Some(plan) = plan else {
-            // Stopped while the jobs were registered: nothing was written or sent. The
-            // results are the journal's (those of an earlier run on it, if any).
+            // Stopped while the jobs were registered (nothing written), or while those an
+            // earlier run left `not_submitted` were queued again (some are `queued`, the
+            // others not yet): nothing was sent. The results are the journal's.
             let ids: std::collections::HashSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
             let mut records = self
                 .journal
@@ -381,13 +382,17 @@ impl Engine {
     }
 
     /// Registers `jobs` in the journal and sorts them by what the run must do first; sends
-    /// nothing. `None` when `stop` came while the jobs were registered: nothing is written.
+    /// nothing. `None` when `stopped` says so while the jobs are registered (nothing is
+    /// written) or while the jobs an earlier run left `not_submitted` are queued again: it is
+    /// asked before each [`REQUEUE_CHUNK`] of them, each chunk one transaction, so the jobs
+    /// queued again so far are `queued` and the others still `not_submitted`, and a later run
+    /// sends both.
     fn plan<'a>(
         &self,
         jobs: &'a [Job],
-        stop: &StopSignal,
+        stopped: &dyn Fn() -> bool,
     ) -> Result<Option<Plan<'a>>, JournalError> {
-        let Some(records) = self.journal.register_unless(jobs, &|| *stop.borrow())? else {
+        let Some(records) = self.journal.register_unless(jobs, stopped)? else {
             return Ok(None);
         };
         let jobs_by_id: HashMap<&str, &Job> = jobs.iter().map(|j| (j.id.as_str(), j)).collect();
@@ -450,8 +455,11 @@ impl Engine {
         }
         // Many at a time: after a `1102` or a stop, most of a large file is `not_submitted`,
         // and one transaction each (one write to the disk) held a run of 100 000 such jobs
-        // for minutes before it sent anything, deaf to Ctrl-C.
+        // for minutes before it sent anything, deaf to Ctrl-C. A stop is heard between two.
         for chunk in again.chunks(REQUEUE_CHUNK) {
+            if stopped() {
+                return Ok(None);
+            }
             let ids: Vec<&str> = chunk.iter().map(|job| job.id.as_str()).collect();
             self.journal
                 .transition_all(&ids, JobState::Queued, &Update::default())?;
@@ -2061,8 +2069,7 @@ mod tests {
         let options = RunOptions::new(default_follow_policy(1.0));
         let engine = Engine::new(stack, journal.clone(), options).unwrap();
         let before = journal.commits();
-        let (_stopper, unstopped) = watch::channel(false);
-        let plan = engine.plan(&jobs, &unstopped).unwrap().unwrap();
+        let plan = engine.plan(&jobs, &|| false).unwrap().unwrap();
         assert_eq!(journal.commits() - before, 2, "{n} jobs, two transactions");
         assert_eq!(plan.queued.len(), n);
         let progress = engine.progress();
@@ -2077,6 +2084,86 @@ mod tests {
         }
         assert_eq!(
             journal.transitions("j0").unwrap(),
+            ["queued", "not_submitted", "queued"]
+        );
+    }
+
+    /// A stop while the jobs an earlier run left `not_submitted` are queued again ends the run
+    /// between two transactions: the loop never looked at the stop, so a resumed run of
+    /// 100 000 such jobs queued them all before a Ctrl-C was heard. The journal stays whole:
+    /// the jobs queued so far are `queued`, the others `not_submitted` with their reason, and
+    /// a later run queues the rest and sends them all.
+    #[test]
+    fn a_stop_while_jobs_are_queued_again_ends_the_plan_between_two_transactions() {
+        let n = 3 * REQUEUE_CHUNK + 5;
+        let text: String = (0..n)
+            .map(|i| format!("{{\"id\":\"j{i}\",\"prompt\":\"p\"}}\n"))
+            .collect();
+        let (jobs, _) = parse_jobs(&text);
+        let journal = Journal::open_in_memory().unwrap();
+        journal.register(&jobs).unwrap();
+        let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+        let credits = ErrorInfo::new(1102, "credits", None);
+        journal
+            .transition_all(
+                &ids,
+                JobState::NotSubmitted,
+                &Update::error(credits.clone()),
+            )
+            .unwrap();
+        let stack = Stack::new(
+            StackConfig::preset(Tier::Pro),
+            Credentials::api_key("key").unwrap(),
+            "http://127.0.0.1:9",
+        )
+        .unwrap();
+        let options = RunOptions::new(default_follow_policy(1.0));
+        let engine = Engine::new(stack.clone(), journal.clone(), options).unwrap();
+        let before = journal.commits();
+        // Stopped once the first transaction of jobs queued again is written.
+        let stopped = || journal.commits() > before;
+        assert!(
+            engine.plan(&jobs, &stopped).unwrap().is_none(),
+            "the plan ends at the stop"
+        );
+        assert_eq!(
+            journal.commits() - before,
+            1,
+            "one transaction, then the stop"
+        );
+        let records = journal.records().unwrap();
+        let queued: Vec<&JobRecord> = records
+            .iter()
+            .filter(|r| r.state == JobState::Queued)
+            .collect();
+        assert_eq!(queued.len(), REQUEUE_CHUNK);
+        assert!(queued.iter().all(|r| r.error.is_none()), "{:?}", queued[0]);
+        for record in &records[REQUEUE_CHUNK..] {
+            assert_eq!(record.state, JobState::NotSubmitted, "{record:?}");
+            assert_eq!(record.error.as_ref(), Some(&credits), "{record:?}");
+        }
+        assert_eq!(stack.attempts().requests(), 0, "nothing was sent");
+
+        // A later run queues the rest, and sends every job.
+        let engine = Engine::new(
+            stack,
+            journal.clone(),
+            RunOptions::new(default_follow_policy(1.0)),
+        )
+        .unwrap();
+        let before = journal.commits();
+        let plan = engine.plan(&jobs, &|| false).unwrap().unwrap();
+        assert_eq!(
+            journal.commits() - before,
+            3,
+            "the rest, three transactions"
+        );
+        assert_eq!(plan.queued.len(), n);
+        for record in journal.records().unwrap() {
+            assert_eq!(record.state, JobState::Queued, "{record:?}");
+        }
+        assert_eq!(
+            journal.transitions(&jobs[n - 1].id).unwrap(),
             ["queued", "not_submitted", "queued"]
         );
     }
@@ -2156,8 +2243,7 @@ mod tests {
             RunOptions::new(default_follow_policy(1.0)),
         )
         .unwrap();
-        let (_stopper, unstopped) = watch::channel(false);
-        let plan = engine.plan(&jobs, &unstopped).unwrap().unwrap();
+        let plan = engine.plan(&jobs, &|| false).unwrap().unwrap();
         let progress = engine.progress();
         // Other work on this (the only) runtime thread: a task that notes, each time it runs,
         // how many jobs are marked.
