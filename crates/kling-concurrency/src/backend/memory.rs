@@ -162,6 +162,9 @@ struct Holding {
     /// kept later under the same external id, took the entry (counted in
     /// `State::displaced`).
     displaced: bool,
+    /// Adopted by a reconcile, not kept from a create's answer: the create's answer may still
+    /// come (the server listed the task first), and its end is remembered for it.
+    adopted: bool,
 }
 
 impl Holding {
@@ -191,6 +194,7 @@ impl Holding {
             external,
             path,
             displaced: false,
+            adopted: false,
         }
     }
 
@@ -565,6 +569,12 @@ impl Ended {
 /// eviction pass: every task's end passes here, on the query path), and only an adopt, rare,
 /// looks through them all. Kept apart from [`Ended`], which every create's hold consults: the
 /// usual ends leave it empty, and push none of the ends that overtake a create's answer out.
+///
+/// What the bound costs: an end pushed out by 4096 later ones before an adopt looks for it
+/// lets a list that named the task running adopt it, its slot held until the lease. A
+/// reconcile adopts each page's tasks as soon as the page is answered, so that takes 4096 ends
+/// within one page's round trip, or a list that far behind the ends; not 4096 over the whole
+/// reconcile, as when it adopted only after its last page.
 #[derive(Default)]
 struct Freed {
     ring: Vec<FreedTask>,
@@ -1332,11 +1342,16 @@ impl PoolState {
     }
 
     /// Takes `weight` slots if they are free and nobody waits ahead; whether it did.
+    ///
+    /// The gauge moves first: a metrics recorder that panics there unwinds with nothing taken,
+    /// where slots counted in use for a grant nobody received would be lost for good.
     #[inline(always)]
     fn grant_at_once(&mut self, weight: u32) -> bool {
         if self.queue.is_empty() && self.free() >= weight {
-            self.in_use += weight;
-            self.publish_in_use();
+            let in_use = self.in_use + weight;
+            move_gauge(&self.gauges.in_use, self.shown.0 as f64, in_use as f64);
+            self.shown.0 = in_use;
+            self.in_use = in_use;
             return true;
         }
         false
@@ -1369,12 +1384,6 @@ impl PoolState {
             move_gauge(&self.gauges.waiters, shown.2 as f64, waiters as f64);
         }
         self.shown = (in_use, capacity, waiters);
-    }
-
-    /// Moves the in-use gauge (the one change of a grant on the fast path).
-    fn publish_in_use(&mut self) {
-        move_gauge(&self.gauges.in_use, self.shown.0 as f64, self.in_use as f64);
-        self.shown.0 = self.in_use;
     }
 
     /// Hands free slots to the queue's head, in order.
@@ -2306,7 +2315,9 @@ impl State {
         now: Instant,
         keep: Duration,
     ) {
-        let State { list, freed, .. } = self;
+        let State {
+            list, freed, ended, ..
+        } = self;
         let Some(holding) = list
             .get(place.0)
             .and_then(|pool| pool.holdings.get(place.1))
@@ -2315,7 +2326,15 @@ impl State {
             return;
         };
         match &holding.id {
-            Some(own) => freed.note(holding.hashes[0], own.clone(), now, keep),
+            Some(own) => {
+                freed.note(holding.hashes[0], own.clone(), now, keep);
+                if holding.adopted {
+                    // Listed before its create's answer came, that answer may still come:
+                    // remembered where it looks, it releases what it keeps at once (rare:
+                    // only adopted tasks are noted so).
+                    ended.note_task(holding.hashes[0], own.as_str(), status, now, keep);
+                }
+            }
             None if status.is_some() && !id.is_empty() => {
                 freed.note(hash, SmallId::new(id), now, keep);
             }
@@ -2457,9 +2476,12 @@ impl State {
                     // what it added.)
                     let weight = weight.min(u32::MAX - pool.in_use);
                     pool.in_use += weight;
-                    pool.publish();
-                    let holding = Holding::of(task, &key.account, weight, now, lease);
+                    let mut holding = Holding::of(task, &key.account, weight, now, lease);
+                    holding.adopted = true;
                     self.hold(&key, holding, false, None);
+                    // Once held: should a metrics recorder panic here, the slots are the
+                    // task's, freed by its end or its lease, not counted for nothing.
+                    self.pool_mut(&key).publish();
                     applied.changed = true;
                 }
             }
@@ -2549,9 +2571,7 @@ impl SlotBackend for InProcess {
             if state.halted.is_empty() {
                 let pool = state.pool_mut(&key);
                 // (A create heavier than its pool never fits in `free`: the slow path refuses it.)
-                if pool.queue.is_empty() && pool.free() >= weight {
-                    pool.in_use += weight;
-                    pool.publish_in_use();
+                if pool.grant_at_once(weight) {
                     let token = state.token();
                     return Ok(Ok(Reservation { key, weight, token }));
                 }
@@ -2796,8 +2816,10 @@ impl Future for InProcessAcquire {
                     }
                     let pool = &mut state.list[index];
                     pool.queue.push_back(token, weight, cx.waker().clone());
-                    pool.publish();
+                    // Before the gauges move: should a metrics recorder panic there, dropping
+                    // this future still takes the waiter (or the grant it gets) out.
                     this.token = Some(token);
+                    pool.publish();
                     token
                 }
                 Some(token) => token,

@@ -348,6 +348,12 @@ pub struct PoolSnapshot {
 ///   the returned future is dropped unpolled (a remote backend sends or spawns the command
 ///   before returning); the future only reports the result. Layers call it from `Drop`.
 /// - A task's slots are released exactly once, and a release wakes waiters of its pool.
+/// - A [`Reservation`] is handed to the backend in exactly one change, and never again: should
+///   the method that takes it panic, the layer does not repeat the change (repeated after it
+///   took effect, it would free or hold the slots twice). A backend keeps its state whole
+///   across anything in a change that may unwind (a metrics recorder, a log), and a grant it
+///   counts in use is returned to the caller or kept where dropping the acquire future finds
+///   it ([`InProcess`] moves its gauges so).
 /// - External ids are unique per account only: a holding is found by its external id only by
 ///   a change of its own account ([`SlotOp::Update`], [`SlotOp::Observed`], [`SlotOp::Adopt`],
 ///   and the supersede rule of [`SlotOp::Hold`]); and perhaps per create path only: a report
@@ -492,6 +498,9 @@ pub trait SlotBackend: Clone + Send + Sync + 'static {
     /// that frees a holding anyway needs no listing ([`InProcess`] and kling-redis do, so that
     /// an end reported before the reconcile began is not adopted either, from a list that runs
     /// behind); one that does neither adopts such a task and holds it until its lease runs out.
+    /// A reconcile adopts each page's tasks as soon as the page is answered: the ends an adopt
+    /// must find are those since its page was asked for, and those a list running behind still
+    /// misses.
     fn begin_listing(&self) {}
 
     /// Ends one [`begin_listing`](SlotBackend::begin_listing) (called once for each, also when

@@ -146,8 +146,14 @@ where
         ))
     }
 
-    /// Waits for the slots (or the deadline).
-    fn poll_granted(&mut self, cx: &mut Context<'_>) -> Poll<Result<Held<B>, BoxError>> {
+    /// Waits for the slots (or the deadline), and puts the grant in `held` (the response
+    /// future's, which gives it back if the future is dropped, also in an unwind) before
+    /// anything that may panic runs, such as a metrics recorder.
+    fn poll_granted(
+        &mut self,
+        cx: &mut Context<'_>,
+        held: &mut Option<Held<B>>,
+    ) -> Poll<Result<(), BoxError>> {
         let reservation = match Pin::new(&mut self.acquire).poll(cx) {
             Poll::Ready(Ok(reservation)) => reservation,
             Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into_box())),
@@ -161,8 +167,6 @@ where
         let waited = Instant::now().saturating_duration_since(self.since);
         let watch = attempt_watch(self.request.as_mut().expect("a waiting create"), true);
         let recognized = self.recognized();
-        let pool = recognized.pool.clone().map(|pool| self.scope.apply(pool));
-        let pool = names::pool_label(pool.as_ref());
         let external = recognized.external_id.as_deref().map(SmallId::new);
         let new_style = recognized.generation == Some(ApiGeneration::New);
         let path = self
@@ -171,9 +175,7 @@ where
             .map_or(CreatePath::UNKNOWN, |request| {
                 super::service::create_path(new_style, external.is_some(), request.uri().path())
             });
-        metrics::histogram!(names::SLOTS_WAIT, names::LABEL_POOL => pool)
-            .record(waited.as_secs_f64());
-        Poll::Ready(Ok(Held {
+        *held = Some(Held {
             reservation,
             backend: self.backend.clone(),
             lease: self.lease,
@@ -181,7 +183,14 @@ where
             path,
             waited,
             watch,
-        }))
+        });
+        // Only now: a recorder that panics leaves the grant where the future gives it back.
+        let recognized = self.recognized();
+        let pool = recognized.pool.clone().map(|pool| self.scope.apply(pool));
+        let pool = names::pool_label(pool.as_ref());
+        metrics::histogram!(names::SLOTS_WAIT, names::LABEL_POOL => pool)
+            .record(waited.as_secs_f64());
+        Poll::Ready(Ok(()))
     }
 
     /// Readies the inner service for the granted create, then sends it; gives up at the
@@ -385,27 +394,85 @@ where
     }
 }
 
-/// Settles a create's slots from its result: starts the backend change and returns its future.
-/// The result is changed in place (to an error when the answer cannot be read; markers added),
-/// not moved.
-fn settle_create<B: SlotBackend>(
-    result: &mut Result<Response<Full<Bytes>>, BoxError>,
-    held: Held<B>,
-) -> B::Apply {
+/// A create's grant while its result is read ([`settle_create`]), until the backend takes it:
+/// should reading the result unwind (a `source` of an error from below that panics, say), the
+/// grant is settled as far as was read, never lost. A create that may have made a task (the
+/// result not read yet, an answer that says it may have) keeps its slots under its external
+/// id or its lease, the safe side against `1303`; one whose answer said no task was made gives
+/// them back. (Once the backend has the grant, a change of its own that panics is its own: a
+/// grant is handed over exactly once, see [`SlotBackend`].)
+struct Settling<'a, B: SlotBackend> {
+    /// The response future's, read in place (the grant is not moved until it is handed on).
+    held: &'a mut Option<Held<B>>,
+    /// Whether the create may have made a task, as far as its result was read.
+    made: bool,
+}
+
+impl<B: SlotBackend> Settling<'_, B> {
+    /// The grant, to hand to the backend.
+    #[inline(always)]
+    fn take(&mut self) -> Held<B> {
+        self.held.take().expect("a grant is settled once")
+    }
+}
+
+impl<B: SlotBackend> Drop for Settling<'_, B> {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(held) = self.held.take() {
+            unwound(held, self.made);
+        }
+    }
+}
+
+/// Settles the grant of a create whose result unwound while it was read ([`Settling`]).
+#[cold]
+fn unwound<B: SlotBackend>(held: Held<B>, made: bool) {
     let Held {
         reservation,
         backend,
         lease,
         external,
         path,
-        waited,
         ..
     } = held;
+    if made {
+        drop(keep_unknown(
+            &**backend,
+            reservation,
+            external.as_ref(),
+            lease,
+            path,
+        ));
+    } else {
+        drop(backend.apply_unread(SlotOp::GiveBack(reservation)));
+    }
+}
+
+/// Settles a create's slots from its result: starts the backend change and returns its future.
+/// The result is changed in place (to an error when the answer cannot be read; markers added),
+/// not moved. Should reading the result panic, the slots are kept or given back, not lost
+/// ([`Settling`]).
+fn settle_create<B: SlotBackend>(
+    result: &mut Result<Response<Full<Bytes>>, BoxError>,
+    held: &mut Option<Held<B>>,
+) -> B::Apply {
+    let waited = held.as_ref().expect("held is taken once").waited;
+    let mut settling = Settling { held, made: true };
     let response = match result {
         Ok(response) => response,
         Err(error) => {
             // Never sent, a limiter's refusal, a proxy's 4xx page: no task.
-            return if kling_core::error::may_have_created(&**error) {
+            let made = kling_core::error::may_have_created(&**error);
+            let Held {
+                reservation,
+                backend,
+                lease,
+                external,
+                path,
+                ..
+            } = settling.take();
+            return if made {
                 keep_unknown(&**backend, reservation, external.as_ref(), lease, path)
             } else {
                 backend.apply_unread(SlotOp::GiveBack(reservation))
@@ -420,6 +487,14 @@ fn settle_create<B: SlotBackend>(
             // refused it with a 4xx page (the same rule as for the classify step's error).
             let made = kling_core::error::may_have_created(&malformed);
             *result = Err(Box::new(malformed));
+            let Held {
+                reservation,
+                backend,
+                lease,
+                external,
+                path,
+                ..
+            } = settling.take();
             return if made {
                 keep_unknown(&**backend, reservation, external.as_ref(), lease, path)
             } else {
@@ -440,6 +515,14 @@ fn settle_create<B: SlotBackend>(
     }
     let code = outcome.code();
     if outcome.is_success() {
+        let Held {
+            reservation,
+            backend,
+            lease,
+            external,
+            path,
+            ..
+        } = settling.take();
         return match outcome.task() {
             Some(task) if task.status.is_terminal() => {
                 backend.apply_unread(SlotOp::GiveBack(reservation))
@@ -462,20 +545,35 @@ fn settle_create<B: SlotBackend>(
             None => keep_unknown(&**backend, reservation, external.as_ref(), lease, path),
         };
     }
-    let op = if code == Code::ParallelTaskLimit {
-        response.extensions_mut().insert(SlotGated);
-        SlotOp::Congested(reservation)
-    } else if code.halts_creates() {
-        SlotOp::Halt {
-            reservation,
-            cause: ApiError::from_outcome(&outcome),
-        }
-    } else if outcome.may_have_created() {
+    let gated = code == Code::ParallelTaskLimit;
+    if !gated && !code.halts_creates() && outcome.may_have_created() {
         // The task may run: under its external id (a lookup or a resend with it frees the
         // slot), else under the lease alone, as for a create whose answer was lost.
+        let Held {
+            reservation,
+            backend,
+            lease,
+            external,
+            path,
+            ..
+        } = settling.take();
         return keep_unknown(&**backend, reservation, external.as_ref(), lease, path);
-    } else {
-        SlotOp::GiveBack(reservation)
+    }
+    // The answer says no task was made: from here, an unwind gives the slots back.
+    settling.made = false;
+    let halt = (!gated && code.halts_creates()).then(|| ApiError::from_outcome(&outcome));
+    if gated {
+        response.extensions_mut().insert(SlotGated);
+    }
+    let Held {
+        reservation,
+        backend,
+        ..
+    } = settling.take();
+    let op = match halt {
+        _ if gated => SlotOp::Congested(reservation),
+        Some(cause) => SlotOp::Halt { reservation, cause },
+        None => SlotOp::GiveBack(reservation),
     };
     backend.apply_unread(op)
 }
@@ -556,7 +654,6 @@ where
             match this.state.as_mut().project() {
                 StateProj::Create { future, held } => {
                     let mut output = ready!(future.poll(cx)).map_err(Into::into);
-                    let held = held.take().expect("held is taken once");
                     let apply = settle_create(&mut output, held);
                     match settle_now(apply, cx) {
                         None => {
@@ -639,8 +736,8 @@ where
                 }
                 StateProj::Waiting { waiting, held } => {
                     if held.is_none() {
-                        match ready!(waiting.poll_granted(cx)) {
-                            Ok(granted) => *held = Some(granted),
+                        match ready!(waiting.poll_granted(cx, held)) {
+                            Ok(()) => {}
                             Err(error) => {
                                 // Dropping the acquire future leaves the queue.
                                 this.state.set(State::Done);

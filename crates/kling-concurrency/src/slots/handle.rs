@@ -310,6 +310,15 @@ impl<B: SlotBackend> SlotsHandle<B> {
     /// in-process backend remembers the last 4096 such ends, each for a lease:
     /// [`SlotBackend::begin_listing`]).
     ///
+    /// Each page's tasks are adopted as soon as the page is answered, so an end reported
+    /// after a page was asked for has to be remembered for that page's round trip only, not
+    /// for the whole reconcile: a task ended after its page is either still held when it is
+    /// adopted (nothing adopted) or remembered. Only more than 4096 ends of this process's
+    /// tasks between a task's end and its page's answer (a list that runs that far behind, or
+    /// one page's round trip that long) let such a task be adopted, its slot then held until
+    /// its lease runs out. A reconcile that fails part way keeps what it adopted (the tasks
+    /// listed running).
+    ///
     /// `service` is the client to list with (with auth; it may be the whole stack).
     pub async fn reconcile<S>(
         &self,
@@ -328,8 +337,7 @@ impl<B: SlotBackend> SlotsHandle<B> {
         // meanwhile is remembered, and a list answered before that end does not adopt it.
         self.backend.begin_listing();
         let _listing = Listing(&self.backend);
-        let mut found: Vec<(Pool, TaskReport)> = Vec::new();
-        let mut skipped_paths = 0;
+        let mut reconciled = Reconciled::default();
         for path in &plan.legacy_paths {
             let uri: Uri = format!("{}{path}", plan.base_url).parse()?;
             let Some(pool) = Recognized::from_parts(&Method::POST, &uri, b"{}").pool else {
@@ -345,19 +353,14 @@ impl<B: SlotBackend> SlotsHandle<B> {
                 let (outcome, _) = match list(service, request).await {
                     Ok(listed) => listed,
                     Err(error) if page == 1 && not_listable(&*error) => {
-                        skipped_paths += 1;
+                        reconciled.skipped_paths += 1;
                         break;
                     }
                     Err(error) => return Err(error),
                 };
                 let n = outcome.tasks().len();
-                found.extend(
-                    outcome
-                        .tasks()
-                        .iter()
-                        .filter(|t| !t.status.is_terminal())
-                        .map(|t| (pool.clone(), t.clone())),
-                );
+                self.adopt(&account, &pool, &outcome, &mut reconciled)
+                    .await?;
                 if n < PAGE_SIZE {
                     break;
                 }
@@ -380,13 +383,8 @@ impl<B: SlotBackend> SlotsHandle<B> {
                         .extension(account.clone())
                         .body(Full::new(Bytes::from(body.to_string())))?;
                     let (outcome, next) = list(service, request).await?;
-                    found.extend(
-                        outcome
-                            .tasks()
-                            .iter()
-                            .filter(|t| !t.status.is_terminal())
-                            .map(|t| (pool.clone(), t.clone())),
-                    );
+                    self.adopt(&account, pool, &outcome, &mut reconciled)
+                        .await?;
                     match next {
                         Some(next) => cursor = Some(next),
                         None => break,
@@ -394,19 +392,32 @@ impl<B: SlotBackend> SlotsHandle<B> {
                 }
             }
         }
-        let mut reconciled = Reconciled {
-            unfinished: found.len(),
-            adopted: 0,
-            skipped_paths,
-        };
-        for (pool, task) in found {
+        Ok(reconciled)
+    }
+
+    /// Adopts the unfinished tasks one page of a reconcile's list names, into `pool` of
+    /// `account`, as soon as the page is answered: an end reported after the page was asked
+    /// for (a callback of a task the page names running) is then at most one page's round trip
+    /// old when its adopt looks for it, not the whole reconcile's, which the bounded memory of
+    /// ends ([`SlotBackend::begin_listing`]) may have forgotten by the end of a long reconcile
+    /// of a busy account.
+    async fn adopt(
+        &self,
+        account: &AccountId,
+        pool: &Pool,
+        page: &Outcome,
+        reconciled: &mut Reconciled,
+    ) -> Result<(), BackendError> {
+        for task in page.tasks().iter().filter(|t| !t.status.is_terminal()) {
+            reconciled.unfinished += 1;
+            let pool = self.settings.pool_scope.apply(pool.clone());
             let applied = self
                 .backend
                 .apply(SlotOp::Adopt {
-                    key: SlotKey::new(account.clone(), self.settings.pool_scope.apply(pool)),
+                    key: SlotKey::new(account.clone(), pool),
                     task: TaskRef {
-                        id: Some(task.id),
-                        external_id: task.external_id,
+                        id: Some(task.id.clone()),
+                        external_id: task.external_id.clone(),
                     },
                     weight: 1,
                     lease: self.settings.lease,
@@ -416,7 +427,7 @@ impl<B: SlotBackend> SlotsHandle<B> {
                 reconciled.adopted += 1;
             }
         }
-        Ok(reconciled)
+        Ok(())
     }
 }
 

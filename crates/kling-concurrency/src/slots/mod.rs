@@ -33,6 +33,7 @@
 //!   | an error that made nothing ([`kling_core::error::may_have_created`] is false): never sent ([`SendState::NotSent`](kling_core::error::SendState)), a layer below refusing it ([`RefusedBeforeSending`](kling_core::error::RefusedBeforeSending)), a 4xx answer that is no Kling envelope (a proxy's 403, 404, 413 or 429 page) | given back |
 //!   | client error after sending, a 5xx or 2xx answer nobody can read, or the response future dropped once the create was handed to the inner service (for a create granted at once, that is in `call`, even if the future is never polled; also when the inner future panics) | kept under the external id, or under a lease alone |
 //!   | the inner service panicking in `call` (no future was made to send the create) | given back |
+//!   | a panic while the result is read, before the backend takes the slots (an error whose `source` panics; a metrics recorder) | kept under the external id, or under a lease alone, unless the answer read said no task was made (given back) |
 //!
 //!   A wait respects the request's [`Deadline`](kling_core::signals::Deadline): the create
 //!   fails with [`DeadlineExceeded`](crate::error::DeadlineExceeded) instead of waiting past it,

@@ -219,15 +219,15 @@ where
             .acquire_now(SlotKey::new(account.clone(), pool), weight)
         {
             Ok(Ok(reservation)) => {
-                // Read if the caller drops the create: a layer below (the rate limiter) that
-                // holds it back unsent says so here, and its slots then go back.
-                let watch = attempt_watch(&mut request, false);
                 // The grant is plain data: should the service below panic in `call`, no future
                 // was made to send the create, and its slots go back rather than be lost.
                 let mut unwinding = GiveBackOnUnwind {
                     backend: self.backend.get(),
                     reservation: Some(reservation),
                 };
+                // Read if the caller drops the create: a layer below (the rate limiter) that
+                // holds it back unsent says so here, and its slots then go back.
+                let watch = attempt_watch(&mut request, false);
                 let future = self.inner.call(request);
                 let reservation = unwinding.reservation.take().expect("taken once");
                 ResponseFuture::create(

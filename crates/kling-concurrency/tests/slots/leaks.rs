@@ -767,3 +767,331 @@ async fn a_panic_in_the_service_below_leaks_no_slot() {
     let mut next = spawn(svc.call(create()));
     assert_ready_ok!(next.poll());
 }
+
+/// A metrics recorder whose in-use gauge, waiters gauge and wait histogram each panic once
+/// when their flag is set.
+#[derive(Clone, Default)]
+struct PanickyRecorder {
+    in_use: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    waiters: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    wait: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct PanickyMetric(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl PanickyMetric {
+    fn touch(&self) {
+        let panics = self.0.swap(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(!panics, "the metrics recorder panics");
+    }
+}
+
+impl metrics::GaugeFn for PanickyMetric {
+    fn increment(&self, _: f64) {
+        self.touch();
+    }
+    fn decrement(&self, _: f64) {
+        self.touch();
+    }
+    fn set(&self, _: f64) {
+        self.touch();
+    }
+}
+
+impl metrics::HistogramFn for PanickyMetric {
+    fn record(&self, _: f64) {
+        self.touch();
+    }
+}
+
+impl metrics::Recorder for PanickyRecorder {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::noop()
+    }
+    fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        let flag = match key.name() {
+            name if name == kling_core::metrics::SLOTS_IN_USE => &self.in_use,
+            name if name == kling_core::metrics::SLOTS_WAITERS => &self.waiters,
+            _ => return metrics::Gauge::noop(),
+        };
+        metrics::Gauge::from_arc(std::sync::Arc::new(PanickyMetric(flag.clone())))
+    }
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        if key.name() != kling_core::metrics::SLOTS_WAIT {
+            return metrics::Histogram::noop();
+        }
+        metrics::Histogram::from_arc(std::sync::Arc::new(PanickyMetric(self.wait.clone())))
+    }
+}
+
+/// A metrics recorder that panics between a grant and the create it is for leaks no slot.
+/// Before, the in-process backend counted a create's slots in use and then moved its in-use
+/// gauge: a panic there unwound out of `call` with the slots counted for a grant nobody held,
+/// for good. And a create granted after waiting recorded its wait before its grant was kept
+/// anywhere: a panic there dropped the grant, again for good. Now the gauge moves before the
+/// slots are taken, and the wait is recorded once the response future holds the grant (which
+/// gives it back when dropped).
+#[tokio::test(start_paused = true)]
+async fn a_panicking_metrics_recorder_leaks_no_slot() {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::sync::atomic::Ordering;
+
+    let recorder = PanickyRecorder::default();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let (mut svc, handle, _fake) = fake(SlotsConfig::new(1));
+    // The pool and its gauges are made (and the recorder is tried) with nothing panicking.
+    svc.ready().await.unwrap();
+    let first = svc.call(create()).await.unwrap();
+    let t1 = kling_core::Outcome::of(&first)
+        .unwrap()
+        .task()
+        .unwrap()
+        .id
+        .clone();
+    handle.complete(&t1).await.unwrap().unwrap();
+    assert_eq!(held(&handle).await, (0, 0));
+
+    // Granted at once: the in-use gauge panics.
+    recorder.in_use.store(true, Ordering::SeqCst);
+    svc.ready().await.unwrap();
+    assert!(catch_unwind(AssertUnwindSafe(|| svc.call(create()))).is_err());
+    assert_eq!(held(&handle).await, (0, 0), "nothing was taken");
+
+    // Granted after waiting: the wait histogram panics.
+    svc.ready().await.unwrap();
+    let second = svc.call(create()).await.unwrap();
+    let t2 = kling_core::Outcome::of(&second)
+        .unwrap()
+        .task()
+        .unwrap()
+        .id
+        .clone();
+    svc.ready().await.unwrap();
+    let mut waiting = spawn(svc.call(create()));
+    assert_pending!(waiting.poll());
+    handle.complete(&t2).await.unwrap().unwrap();
+    assert!(waiting.is_woken());
+    recorder.wait.store(true, Ordering::SeqCst);
+    assert!(catch_unwind(AssertUnwindSafe(|| waiting.poll())).is_err());
+    drop(waiting);
+    assert_eq!(held(&handle).await, (0, 0), "the grant went back");
+
+    // Joining the queue: the waiters gauge panics. The waiter left no place behind it that
+    // a slot freed later is granted to, for nobody.
+    svc.ready().await.unwrap();
+    let third = svc.call(create()).await.unwrap();
+    let t3 = kling_core::Outcome::of(&third)
+        .unwrap()
+        .task()
+        .unwrap()
+        .id
+        .clone();
+    recorder.waiters.store(true, Ordering::SeqCst);
+    svc.ready().await.unwrap();
+    assert!(catch_unwind(AssertUnwindSafe(|| svc.call(create()))).is_err());
+    handle.complete(&t3).await.unwrap().unwrap();
+    assert_eq!(held(&handle).await, (0, 0), "no waiter was left behind");
+
+    // A task a reconcile adopts: the in-use gauge panics. The slot is the task's, not lost.
+    let key = kling_concurrency::backend::SlotKey::new(handle.default_account().clone(), video());
+    let adopt = kling_concurrency::backend::SlotOp::Adopt {
+        key,
+        task: kling_concurrency::backend::TaskRef {
+            id: Some("listed".to_owned()),
+            external_id: None,
+        },
+        weight: 1,
+        lease: Duration::from_secs(600),
+    };
+    recorder.in_use.store(true, Ordering::SeqCst);
+    use kling_concurrency::backend::SlotBackend;
+    let backend = handle.backend();
+    assert!(catch_unwind(AssertUnwindSafe(|| drop(backend.apply(adopt)))).is_err());
+    assert_eq!(held(&handle).await, (1, 1), "held by the adopted task");
+    handle.complete("listed").await.unwrap().unwrap();
+
+    // Nothing leaked: the pool's one slot serves the next create at once.
+    svc.ready().await.unwrap();
+    let mut next = spawn(svc.call(create()));
+    assert_ready_ok!(next.poll());
+}
+
+/// An error whose `source` panics (a service below's own error type).
+#[derive(Debug)]
+struct PanickySource;
+
+impl std::fmt::Display for PanickySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an error whose source panics")
+    }
+}
+
+impl std::error::Error for PanickySource {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        panic!("the error's source panics")
+    }
+}
+
+/// A panic while a create's result is read leaks no slot. Before, the grant had been taken out
+/// of the response future to settle it, and an error from below whose `source` panicked (read
+/// to tell whether the create may have made a task) dropped it: the slot stayed in use with no
+/// task and no lease, for good. Now it is settled as far as the result was read: a create
+/// handed on, its result unread, may have made a task, so its slot is kept under its lease.
+#[tokio::test(start_paused = true)]
+async fn a_panic_reading_a_creates_result_keeps_its_slot_to_its_lease() {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+
+    let lease = Duration::from_secs(600);
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1).lease(lease)).unwrap();
+    let below = tower::service_fn(|_: Request<Full<Bytes>>| async {
+        Err::<Response<Full<Bytes>>, kling_core::error::BoxError>(Box::new(PanickySource))
+    });
+    let mut svc = layer.layer(below);
+    svc.ready().await.unwrap();
+    let mut sent = spawn(svc.call(create()));
+    assert!(catch_unwind(AssertUnwindSafe(|| sent.poll())).is_err());
+    drop(sent);
+    assert_eq!(
+        held(&handle).await,
+        (1, 1),
+        "kept: the create may have made a task"
+    );
+    advance(lease).await;
+    assert_eq!(held(&handle).await, (0, 0), "freed by its lease");
+}
+
+/// A task a reconcile adopted before its create's answer came, then ended (its callback freed
+/// the adopted holding), and only then the create's answer naming it. Before, the answer kept
+/// the create's slot under the task id until its lease ran out (30 minutes), for a task that
+/// had ended: the end had freed a holding, so it was not remembered where a create's answer
+/// looks. Now the end of an adopted task is remembered there too, and the create's slot goes
+/// back when its answer comes.
+#[tokio::test(start_paused = true)]
+async fn an_adopted_task_ended_before_its_creates_answer_holds_no_slot() {
+    let (mut svc, handle, mut server) = manual(SlotsConfig::new(2));
+    svc.ready().await.unwrap();
+    let mut sent = spawn(svc.call(create()));
+    assert_pending!(sent.poll());
+    let (_, respond) = server.next_request().await.unwrap();
+
+    // The server made t1; a reconcile's list names it before the create's answer comes.
+    let listed = envelope(200, 0, &json!([legacy_task("t1", "processing", None)]));
+    let mut list = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        std::future::ready(Ok::<_, std::convert::Infallible>(listed.clone()))
+    });
+    let plan = kling_concurrency::Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+    let found = handle.reconcile(&mut list, &plan).await.unwrap();
+    assert_eq!(found.adopted, 1);
+    assert_eq!(held(&handle).await, (2, 1), "the grant, and t1 adopted");
+
+    // t1 ends at once; its callback frees the adopted holding.
+    let callback = br#"{"task_id":"t1","task_status":"failed"}"#;
+    handle.on_callback(callback).await.unwrap();
+    assert_eq!(held(&handle).await, (1, 0), "the grant only");
+
+    // The create's answer comes, naming t1, which has ended.
+    respond.send_response(envelope(200, 0, &legacy_task("t1", "submitted", None)));
+    assert_ready_ok!(sent.poll());
+    assert_eq!(held(&handle).await, (0, 0), "t1 ended: nothing held for it");
+}
+
+/// A backend that panics right after it keeps a create's slots (the change made), once when
+/// its flag is set.
+#[derive(Clone, Debug)]
+struct PanicsAfterHold {
+    inner: kling_concurrency::backend::InProcess,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl kling_concurrency::backend::SlotBackend for PanicsAfterHold {
+    type Acquire =
+        <kling_concurrency::backend::InProcess as kling_concurrency::backend::SlotBackend>::Acquire;
+    type Apply =
+        <kling_concurrency::backend::InProcess as kling_concurrency::backend::SlotBackend>::Apply;
+    type Snapshot = <kling_concurrency::backend::InProcess as kling_concurrency::backend::SlotBackend>::Snapshot;
+
+    fn acquire(&self, key: kling_concurrency::backend::SlotKey, weight: u32) -> Self::Acquire {
+        self.inner.acquire(key, weight)
+    }
+
+    fn apply(&self, op: kling_concurrency::backend::SlotOp) -> Self::Apply {
+        self.inner.apply(op)
+    }
+
+    fn snapshot(&self) -> Self::Snapshot {
+        self.inner.snapshot()
+    }
+
+    fn hold_unread_on(
+        &self,
+        reservation: kling_concurrency::backend::Reservation,
+        id: Option<&str>,
+        external_id: Option<&str>,
+        lease: Duration,
+        answered_at: Option<tokio::time::Instant>,
+        path: kling_concurrency::backend::CreatePath,
+    ) -> Self::Apply {
+        let applied =
+            self.inner
+                .hold_unread_on(reservation, id, external_id, lease, answered_at, path);
+        let armed = self.armed.swap(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(!armed, "the backend panics after keeping the slots");
+        applied
+    }
+}
+
+/// A backend whose change panics after it took effect: the layer does not make the change
+/// again (`SlotBackend`'s contract), so the create's slot is held once, and its task's end frees
+/// it once. (Made again, the slot would be kept twice and freed twice.)
+#[tokio::test(start_paused = true)]
+async fn a_backend_change_that_panics_is_not_made_again() {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+
+    let config = SlotsConfig::new(2);
+    let backend = PanicsAfterHold {
+        inner: kling_concurrency::backend::InProcess::new(config.clone()).unwrap(),
+        armed: Default::default(),
+    };
+    let layer = TaskSlotsLayer::with_backend(&config, backend.clone()).unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(Fake::new());
+    backend
+        .armed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    svc.ready().await.unwrap();
+    let mut sent = spawn(svc.call(create()));
+    assert!(catch_unwind(AssertUnwindSafe(|| sent.poll())).is_err());
+    drop(sent);
+    let pool = |snapshot: kling_concurrency::Snapshot| {
+        let pool = snapshot.get(handle.default_account(), &video()).unwrap();
+        (pool.in_use, pool.tasks)
+    };
+    assert_eq!(pool(handle.snapshot().await.unwrap()), (1, 1), "kept once");
+    handle.complete("t1").await.unwrap().unwrap();
+    assert_eq!(pool(handle.snapshot().await.unwrap()), (0, 0));
+}

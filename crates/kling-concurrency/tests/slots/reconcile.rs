@@ -316,3 +316,88 @@ async fn a_reconcile_ends_the_listing_it_began_also_when_its_list_fails() {
     );
     assert_eq!(counts, (2, 0), "two listings begun, none left open");
 }
+
+/// A task a page names running, whose end comes while later pages are listed, followed by
+/// more ends than the in-process backend remembers (4096: a busy account's batch of short
+/// tasks during a long reconcile). Before, a reconcile listed every path and page first and
+/// adopted after: by then the task's end was forgotten, and it was adopted, holding a slot for
+/// nothing until its lease ran out (30 minutes; as many slots as such tasks, whatever the
+/// pool's capacity). Now each page's tasks are adopted as soon as it is answered, while the
+/// task is still held: nothing is adopted for it, and its end frees its slot.
+#[tokio::test(start_paused = true)]
+async fn a_task_ended_after_its_page_is_not_adopted_however_many_ends_follow() {
+    use std::future::Future;
+    use std::pin::Pin;
+
+    use kling_concurrency::SlotsHandle;
+    use kling_concurrency::backend::TaskRef;
+    use serde_json::json;
+
+    use crate::support::{Fake, create, envelope, video};
+
+    let lease = Duration::from_secs(1800);
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2).lease(lease)).unwrap();
+    let mut slots = layer.layer(Fake::new());
+    let created = send(&mut slots, create()).await;
+    let t1 = Outcome::of(&created).unwrap().task().unwrap().id.clone();
+
+    /// Lists `t1` running on the first path; before it answers the second, `t1` ends and so
+    /// do 4100 other tasks.
+    #[derive(Clone)]
+    struct Busy(SlotsHandle, String);
+    type Answer = Result<http::Response<Full<Bytes>>, BoxError>;
+    impl Service<Request<Full<Bytes>>> for Busy {
+        type Response = http::Response<Full<Bytes>>;
+        type Error = BoxError;
+        type Future = Pin<Box<dyn Future<Output = Answer> + Send>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, request: Request<Full<Bytes>>) -> Self::Future {
+            let (handle, t1) = (self.0.clone(), self.1.clone());
+            let first = request.uri().path() == "/v1/videos/text2video";
+            Box::pin(async move {
+                if first {
+                    let running = json!({"task_id": t1, "task_status": "processing"});
+                    return Ok(envelope(200, 0, &json!([running])));
+                }
+                let callback = json!({"task_id": t1, "task_status": "succeed"}).to_string();
+                let applied = handle.on_callback(callback.as_bytes()).await.unwrap();
+                assert_eq!(applied.released.len(), 1, "the callback frees t1");
+                let backend = handle.backend();
+                let key = SlotKey::new(handle.default_account().clone(), video());
+                for i in 0..4100 {
+                    let Ok(Ok(reservation)) = backend.acquire_now(key.clone(), 1) else {
+                        panic!("a slot is free");
+                    };
+                    let id = format!("b{i}");
+                    let task = TaskRef {
+                        id: Some(id.clone()),
+                        external_id: None,
+                    };
+                    let hold = SlotOp::Hold {
+                        reservation,
+                        task,
+                        lease: Duration::from_secs(1800),
+                    };
+                    backend.apply(hold).await.unwrap();
+                    handle.complete(&id).await.unwrap().unwrap();
+                }
+                Ok(envelope(200, 0, &json!([])))
+            })
+        }
+    }
+
+    let plan = Reconcile::new("").legacy_paths(["/v1/videos/text2video", "/v1/videos/image2video"]);
+    let found = handle
+        .reconcile(&mut Busy(handle.clone(), t1), &plan)
+        .await
+        .unwrap();
+    assert_eq!((found.unfinished, found.adopted), (1, 0), "t1 was held");
+    let snapshot = handle.snapshot().await.unwrap();
+    let pool = snapshot.get(handle.default_account(), &video()).unwrap();
+    assert_eq!((pool.in_use, pool.tasks), (0, 0), "no slot held for t1");
+}
