@@ -66,7 +66,16 @@ impl DelayKind {
 /// [`DeadlineExceeded`]: crate::error::DeadlineExceeded
 /// [`RetryLayer`]: crate::RetryLayer
 ///
-/// Every duration must be positive; `max_backoff` (30 s) caps the exponential part.
+/// A create that may have made a task (a `5000`, a timeout) is first looked up by its external
+/// id, and a lookup's "no such task" sends it again. That lookup waits
+/// [`lookup_settle`](Self::lookup_settle) (2 s) on top of the delay above, counted from the
+/// failed attempt's end: a task the server is still making (a create queued behind a timeout, a
+/// `5002`'s backlog), or has made but not yet indexed by its external id, is not found by a
+/// lookup sent at once, and that "not found" would send the create again: a second billed
+/// task.
+///
+/// Every duration must be positive but `retry_after_jitter` and `lookup_settle`;
+/// `max_backoff` (30 s) caps the exponential part.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backoff {
     throttle_base: Duration,
@@ -75,6 +84,7 @@ pub struct Backoff {
     max_backoff: Duration,
     max_retry_after: Duration,
     retry_after_jitter: Duration,
+    lookup_settle: Duration,
 }
 
 impl Default for Backoff {
@@ -86,6 +96,7 @@ impl Default for Backoff {
             max_backoff: Duration::from_secs(30),
             max_retry_after: Duration::from_secs(120),
             retry_after_jitter: Duration::from_millis(500),
+            lookup_settle: Duration::from_secs(2),
         }
     }
 }
@@ -135,6 +146,16 @@ impl Backoff {
         self
     }
 
+    /// Sets how long after an attempt that may have made a task its create's lookup waits at
+    /// least (on top of the backoff), so that its "no such task", which sends the create again,
+    /// is not read before the server has recorded a task it is still making. Zero looks up
+    /// after the backoff alone: only against a server that records a create before it answers
+    /// and whose lookups read what it recorded.
+    pub fn lookup_settle(mut self, settle: Duration) -> Self {
+        self.lookup_settle = settle;
+        self
+    }
+
     /// Checks every field; the error names the first invalid one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         for (field, value) in [
@@ -171,6 +192,11 @@ impl Backoff {
                 Duration::ZERO
             } else {
                 scale(self.retry_after_jitter)
+            },
+            lookup_settle: if self.lookup_settle.is_zero() {
+                Duration::ZERO
+            } else {
+                scale(self.lookup_settle)
             },
         }
     }
@@ -217,6 +243,11 @@ impl Backoff {
     /// The longest `Retry-After` the retry layer waits out.
     pub(crate) fn retry_after_limit(&self) -> Duration {
         self.max_retry_after
+    }
+
+    /// The least wait, on top of the backoff, before a create's first lookup.
+    pub(crate) fn settle(&self) -> Duration {
+        self.lookup_settle
     }
 
     /// The inclusive range a delay after a `Retry-After` of `hint` is drawn from.

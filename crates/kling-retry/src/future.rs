@@ -889,9 +889,10 @@ where
     }
 
     /// Looks the create up again after a final refusal of its re-sent attempt: found, the
-    /// caller gets the task ([`Recovered`]); not found, `answer`. It goes at once and counts as
-    /// an attempt; stopped by the attempt limit, the deadline or the budget, the call ends with
-    /// the create unresolved.
+    /// caller gets the task ([`Recovered`]); not found, `answer`. It goes at once (after the
+    /// settle time when `answer` itself may have made the task) and counts as an attempt;
+    /// stopped by the attempt limit, the deadline or the budget, the call ends with the create
+    /// unresolved.
     fn confirm(&mut self, answer: ApiError) -> Step {
         let last = Last::Api(answer.clone());
         let earlier = self
@@ -928,7 +929,18 @@ where
         }
         retry.lookup = Some(pending);
         retry.next = Sending::Lookup;
-        self.send_now("lookup", last)
+        // An answer that may itself have made the task is looked up once the server had time
+        // to record it, as after a 5000 (see `Backoff::lookup_settle`): a "not found" read at
+        // once would return the answer as a refusal that made nothing.
+        let settle = if made {
+            self.shared().backoff.settle()
+        } else {
+            Duration::ZERO
+        };
+        let at = Instant::now()
+            .checked_add(settle)
+            .unwrap_or_else(|| far_future(Instant::now()));
+        self.send_at("lookup", last, at)
     }
 
     fn kind(&mut self) -> &'static str {
@@ -1051,6 +1063,15 @@ where
             }
         }
         .unwrap_or_else(|| far_future(now));
+        // A create's first lookup also waits for the server to record a task it may still be
+        // making (queued behind a timeout, a 5002's backlog) or has made but not yet indexed
+        // by its id: a "not found" read at once would send the create twice.
+        let at = if self.unsent_lookup_next() {
+            at.checked_add(self.shared().backoff.settle())
+                .unwrap_or_else(|| far_future(now))
+        } else {
+            at
+        };
         // A retry that could start only at the deadline itself is not sent either: a request
         // out at the deadline is given up there ([`Call::past_deadline_in_flight`]), so it
         // would go out only to be abandoned (a create so abandoned "may have made a task").
@@ -1100,14 +1121,21 @@ where
     /// Sends the next attempt (already chosen) at once, if the attempt limit, the deadline and
     /// the budget allow.
     fn send_now(&mut self, reason: &'static str, last: Last) -> Step {
+        self.send_at(reason, last, Instant::now())
+    }
+
+    /// Sends the next attempt (already chosen) at `at`, if the attempt limit, the deadline and
+    /// the budget allow.
+    fn send_at(&mut self, reason: &'static str, last: Last, at: Instant) -> Step {
         if self.attempts >= self.attempt_limit() {
             return self.fail(StopReason::AttemptsExhausted, last);
         }
         let now = Instant::now();
+        let at = at.max(now);
         if let Some(deadline) = self.template.deadline
-            && now >= deadline
+            && at >= deadline
         {
-            return self.past_deadline(now, deadline, now, last);
+            return self.past_deadline(at, deadline, now, last);
         }
         if !self.unsent_lookup_next() && !self.withdraw() {
             let kind = self.kind();
@@ -1117,7 +1145,15 @@ where
         let retry = self.retrying();
         retry.schedule_count(reason);
         retry.last = Some(last);
-        Step::Send
+        if at <= now {
+            return Step::Send;
+        }
+        match retry.sleep.as_mut() {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => retry.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+        retry.sleep_from = now;
+        Step::Sleep
     }
 
     fn next_request(&mut self) -> Request<B> {

@@ -92,9 +92,10 @@
 //!   connection that was never made (it did not happen). After `5000`, `5002`, a 5xx without a
 //!   Kling envelope, a timeout or a reset it is sent again only when it carries an
 //!   `external_task_id`, and only after a lookup by that id (`GET {create path}/{id}` or
-//!   `GET /tasks?external_task_ids={id}`) says there is no task (`1203`, or a new-style
-//!   `data: []`); if the lookup finds one, the caller gets it as the create's result (see
-//!   [`Recovered`]). Without an id the call fails with
+//!   `GET /tasks?external_task_ids={id}`), sent [`Backoff::lookup_settle`] (2 s) after the
+//!   failed attempt so that a task still in the making is found, says there is no task
+//!   (`1203`, or a new-style `data: []`); if the lookup finds one, the caller gets it as the
+//!   create's result (see [`Recovered`]). Without an id the call fails with
 //!   [`StopReason::CreateMayHaveHappened`](error::StopReason::CreateMayHaveHappened), and so
 //!   does a `POST` the router does not recognise (it may be a create endpoint newer than this
 //!   crate); [`generate_external_ids`](RetryLayerBuilder::generate_external_ids) gives every

@@ -167,7 +167,7 @@ fn lookup_path(create_path: &str, generation: ApiGeneration, last: &str) -> Opti
     // What each reading in which the path is a create needs the lookup to read as.
     let mut wanted = Vec::new();
     for reading in Reading::ALL {
-        let mut segments = reading.segments(path);
+        let mut segments = reading.segments(path)?;
         let (kind, read_as) = kind_of(&segments);
         if kind != RequestKind::Create {
             continue;
@@ -188,7 +188,7 @@ fn lookup_path(create_path: &str, generation: ApiGeneration, last: &str) -> Opti
     let fits = |lookup: &str| {
         wanted
             .iter()
-            .all(|(reading, segments)| reading.segments(lookup) == *segments)
+            .all(|(reading, segments)| reading.segments(lookup).as_ref() == Some(segments))
     };
     // As written: the whole create path (legacy), or the path before one of its `/`s or
     // `%2F`s (new-style), the last first.
@@ -257,69 +257,58 @@ impl Reading {
         all
     };
 
-    /// The non-empty segments `path` is read as, as kling-core's `Route::of` splits, strips,
-    /// decodes and normalizes them in this reading.
-    fn segments(self, path: &str) -> Vec<String> {
-        if self.strip_params && self.dots != Dots::Kept {
-            // One of kling-core's own readings, taken from it. No segment of it holds a `/`
-            // (a decoded escape is of an unreserved character).
-            let read = Route::read_path(path, self.decode_slashes, self.dots == Dots::Merged);
-            return read
-                .split('/')
-                .filter(|segment| !segment.is_empty())
-                .map(str::to_owned)
-                .collect();
+    /// The non-empty segments `path` is read as in this reading: kling-core's
+    /// [`Route::read_path`] (which splits at `/`s, and at `%2F`s when it decodes them, removes
+    /// each segment's `;` parameters, decodes escapes of unreserved characters and removes dot
+    /// segments, RFC-style or after merging `//`s) of the path with what this reading keeps as
+    /// data hidden from it: its `;`s where parameters are kept, and where it does not
+    /// normalize its escapes (but a `%2F` it splits at) and its dots. So every reading follows
+    /// kling-core's rules, changed or not, in what it shares with them. `None` for a path that
+    /// holds a character used to hide them (no URI's path does).
+    fn segments(self, path: &str) -> Option<Vec<String>> {
+        if path.contains(HIDDEN) {
+            return None;
         }
-        // Parameters kept as data, or no normalization: readings kling-core does not make.
         let bytes = path.as_bytes();
-        // Every segment, empty ones too, but not the empty one before a leading `/`.
-        let mut segments = Vec::new();
-        let (mut from, mut at) = (0, 0);
-        while at <= bytes.len() {
-            let separator = match bytes[at..] {
-                [] | [b'/', ..] => 1,
-                [b'%', b'2', b'F' | b'f', ..] if self.decode_slashes => 3,
-                _ => 0,
-            };
-            if separator == 0 {
-                at += 1;
-                continue;
-            }
-            // `at` is the end or an ASCII byte, so on a character boundary.
-            let piece = &path[from..at];
-            if from > 0 || !piece.is_empty() {
-                let piece = match piece.find(';') {
-                    Some(params) if self.strip_params => &piece[..params],
-                    _ => piece,
-                };
-                segments.push(match self.dots {
-                    Dots::Kept => piece.to_owned(),
-                    Dots::Rfc | Dots::Merged => Route::decode_unreserved(piece).into_owned(),
-                });
-            }
-            at += separator;
-            from = at;
-        }
-        if self.dots == Dots::Merged {
-            segments.retain(|segment| !segment.is_empty());
-        }
-        if self.dots != Dots::Kept {
-            let mut kept: Vec<String> = Vec::with_capacity(segments.len());
-            for segment in segments {
-                match segment.as_str() {
-                    "." => {}
-                    ".." => {
-                        kept.pop();
-                    }
-                    _ => kept.push(segment),
+        let kept = self.dots == Dots::Kept;
+        let mut hidden = String::with_capacity(path.len());
+        for (at, ch) in path.char_indices() {
+            hidden.push(match ch {
+                ';' if !self.strip_params => HIDDEN[0],
+                '%' if kept
+                    && !(self.decode_slashes
+                        && matches!(bytes[at..], [b'%', b'2', b'F' | b'f', ..])) =>
+                {
+                    HIDDEN[1]
                 }
-            }
-            segments = kept;
+                '.' if kept => HIDDEN[2],
+                _ => ch,
+            });
         }
-        segments.retain(|segment| !segment.is_empty());
-        segments
+        let read = Route::read_path(&hidden, self.decode_slashes, self.dots == Dots::Merged);
+        let shown = |segment: &str| -> String {
+            segment
+                .chars()
+                .map(|ch| match HIDDEN.iter().position(|&h| h == ch) {
+                    Some(0) => ';',
+                    Some(1) => '%',
+                    Some(_) => '.',
+                    None => ch,
+                })
+                .collect()
+        };
+        Some(
+            read.split('/')
+                .filter(|segment| !segment.is_empty())
+                .map(shown)
+                .collect(),
+        )
     }
 }
+
+/// What [`Reading::segments`] hides from kling-core's reading, for `;`, `%` and `.`: control
+/// characters, which no URI's path holds, and which kling-core reads as plain data.
+const HIDDEN: [char; 3] = ['\u{1}', '\u{2}', '\u{3}'];
 
 /// What a POST to the path of `segments` (as a reading gives them) is by Kling's path rules,
 /// and its generation. A segment holding a `;`, a `%` or a dot segment names nothing Kling
@@ -916,6 +905,40 @@ mod tests {
                 .map(|lookup| lookup.uri().path_and_query().unwrap().to_string());
             assert_eq!(built.as_deref(), Some(expected), "{path}");
         }
+    }
+
+    /// Each reading is kling-core's reading of the path but for what it keeps as written:
+    /// parameters (kept, not removed), escapes and dot segments (kept, not normalized).
+    #[test]
+    fn every_reading_reads_a_path_as_kling_core_does_but_what_it_keeps() {
+        let path = "/v1;a/x//..;b/%2e%2E/%74ext2video%2Fj/./k";
+        let expected: [&[&str]; 12] = [
+            &["v1;a", "x", "..;b", "%2e%2E", "%74ext2video%2Fj", ".", "k"],
+            &["v1", "x", "..", "%2e%2E", "%74ext2video%2Fj", ".", "k"],
+            &["v1;a", "x", "..;b", "%2e%2E", "%74ext2video", "j", ".", "k"],
+            &["v1", "x", "..", "%2e%2E", "%74ext2video", "j", ".", "k"],
+            &["v1;a", "x", "text2video%2Fj", "k"],
+            &["v1", "text2video%2Fj", "k"],
+            &["v1;a", "x", "text2video", "j", "k"],
+            &["v1", "text2video", "j", "k"],
+            &["v1;a", "x", "text2video%2Fj", "k"],
+            &["text2video%2Fj", "k"],
+            &["v1;a", "x", "text2video", "j", "k"],
+            &["text2video", "j", "k"],
+        ];
+        for (reading, expected) in Reading::ALL.into_iter().zip(expected) {
+            let read = reading.segments(path).expect("a URI's path");
+            assert_eq!(read, expected, "{reading:?}");
+            if reading.strip_params && reading.dots != Dots::Kept {
+                // kling-core's own reading, as it gives it.
+                let core =
+                    Route::read_path(path, reading.decode_slashes, reading.dots == Dots::Merged);
+                let core: Vec<&str> = core.split('/').filter(|s| !s.is_empty()).collect();
+                assert_eq!(read, core, "{reading:?}");
+            }
+        }
+        // A path holding a character a reading hides others behind is read by none.
+        assert_eq!(Reading::ALL[0].segments("/v1/\u{1}"), None);
     }
 
     fn generated_id(seed: u64) -> String {

@@ -126,6 +126,139 @@ async fn a_create_whose_lookup_finds_nothing_is_sent_again() {
     assert_eq!(seen[2].at, seen[1].at);
 }
 
+/// The tasks a scripted Kling made: each create's external id, and when lookups see it.
+type Made = Arc<Mutex<Vec<(String, tokio::time::Instant)>>>;
+
+/// A Kling that makes a task for every create it takes (it does not refuse an external id it
+/// has seen), answering the first with `first` after `answer_in`, and whose lookups see a task
+/// only `visible_in` after the create arrived: a create still queued, or made but not yet
+/// indexed by its external id. Returns the tasks made, by external id.
+fn lagging_kling(
+    first: fn() -> crate::support::Res,
+    answer_in: Duration,
+    visible_in: Duration,
+) -> (Made, impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static) {
+    let tasks = Made::default();
+    let made = tasks.clone();
+    let script = move |seen: &Seen, i: usize| {
+        let mut tasks = made.lock().unwrap();
+        if seen.method == Method::POST {
+            let body: serde_json::Value = serde_json::from_str(&seen.body).unwrap();
+            let ext = body["external_task_id"].as_str().unwrap().to_owned();
+            tasks.push((ext.clone(), seen.at + visible_in));
+            let answer = task(&format!("t{}", tasks.len()), Some(&ext));
+            return if i == 0 {
+                Reply::Later(answer_in, first())
+            } else {
+                Reply::Now(answer)
+            };
+        }
+        let wanted = seen.uri.rsplit('/').next().unwrap();
+        let found = tasks
+            .iter()
+            .position(|(ext, visible)| ext == wanted && *visible <= seen.at);
+        Reply::Now(match found {
+            Some(at) => task(&format!("t{}", at + 1), Some(wanted)),
+            None => code(1203),
+        })
+    };
+    (tasks, script)
+}
+
+/// One "not found" read right after a create that may have made a task is not enough to send
+/// it again: the task may still be in the making (a create queued behind a timeout) or made
+/// but not yet found by its external id. The lookup waits the settle time (2 s) after the
+/// failed attempt, finds the task, and the caller gets it: one task, never two. (It used to go
+/// within the transient backoff, 0 to 200 ms, and a 1203 then sent the create again.)
+#[tokio::test(start_paused = true)]
+async fn a_create_is_looked_up_only_once_the_server_has_had_time_to_record_it() {
+    for (case, first, answer_in, visible_in, failed_at) in [
+        // A ghost: made, answered 5000, found by its id a second later.
+        (
+            "5000",
+            (|| code(5000)) as fn() -> _,
+            Duration::ZERO,
+            Duration::from_secs(1),
+            0,
+        ),
+        // Queued: the per-attempt timeout (10 s) ends the attempt, the server makes it at 11 s.
+        (
+            "timeout",
+            || task("t1", None),
+            Duration::from_secs(60),
+            Duration::from_secs(11),
+            10,
+        ),
+    ] {
+        let (tasks, script) = lagging_kling(first, answer_in, visible_in);
+        let (server, log) = kling(script);
+        let client = layer().layer(TimeoutLayer::new(Duration::from_secs(10)).layer(server));
+        let response = send(&client, create(r#"{"external_task_id":"job-40"}"#))
+            .await
+            .unwrap_or_else(|error| panic!("{case}: {error}"));
+        assert_eq!(
+            tasks.lock().unwrap().len(),
+            1,
+            "{case}: one task, never two"
+        );
+        let recovered = response.extensions().get::<Recovered>().expect(case);
+        assert_eq!(recovered.task_id, "t1", "{case}");
+        let seen = log.all();
+        assert_eq!(seen.len(), 2, "{case}: the create and one lookup");
+        let failed = seen[0].at + Duration::from_secs(failed_at);
+        assert!(
+            seen[1].at >= failed + Duration::from_secs(2),
+            "{case}: looked up {:?} after the failure",
+            seen[1].at - failed
+        );
+    }
+}
+
+/// A call whose deadline comes before the settle time ends (a second after a `5000`) does not
+/// look up early, where a "not found" could not be trusted: it ends at once, unresolved,
+/// naming the id to look the task up by later.
+#[tokio::test(start_paused = true)]
+async fn a_create_whose_settle_time_passes_the_deadline_ends_unresolved_at_once() {
+    let (server, log) = kling(by_method(|| code(5000), || code(1203)));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .deadline(Duration::from_secs(1))
+        .build()
+        .unwrap()
+        .layer(server);
+    let start = tokio::time::Instant::now();
+    let error = send(&client, create(r#"{"external_task_id":"job-42"}"#))
+        .await
+        .unwrap_err();
+    assert_eq!(start.elapsed(), Duration::ZERO, "no wait");
+    assert_eq!(log.len(), 1, "neither looked up nor sent again");
+    let late = error
+        .downcast_ref::<kling_retry::error::DeadlineExceeded>()
+        .unwrap_or_else(|| panic!("{error}"));
+    assert!(late.may_have_created(), "{error}");
+    assert_eq!(late.external_id(), Some("job-42"));
+}
+
+/// With the settle time set to zero the lookup goes after the backoff alone, for a server
+/// that records a create before it answers.
+#[tokio::test(start_paused = true)]
+async fn a_settle_time_of_zero_looks_up_after_the_backoff_alone() {
+    let (server, log) = kling(by_method(|| code(5000), || code(1203)));
+    let client = RetryLayer::builder()
+        .seed(1)
+        .max_attempts(2)
+        .backoff(kling_retry::Backoff::new().lookup_settle(Duration::ZERO))
+        .build()
+        .unwrap()
+        .layer(server);
+    send(&client, create(r#"{"external_task_id":"job-41"}"#))
+        .await
+        .unwrap_err();
+    let seen = log.all();
+    assert_eq!(seen.len(), 2);
+    assert!(seen[1].at - seen[0].at <= Duration::from_millis(200));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_create_after_a_5xx_without_an_external_id_is_not_sent_again() {
     let (server, log) = kling(|_, _| Reply::Now(code(5002)));
@@ -1047,6 +1180,32 @@ async fn a_create_answered_an_unknown_code_under_200_is_looked_up_or_reported_un
     assert_eq!(log.count("POST", "text2video"), 2, "not sent again");
 }
 
+/// A create answered with an undocumented code (it may have made the task) is looked up only
+/// once the server had time to record the task, as after a `5000`: read at once, the lookup's
+/// "not found" returned the answer as a refusal that made nothing (`NotRetryable`), while the
+/// task, found by its id a second later, ran and was billed.
+#[tokio::test(start_paused = true)]
+async fn a_create_answered_an_unknown_code_is_looked_up_once_its_task_can_be_found() {
+    let (tasks, script) = lagging_kling(
+        || envelope(StatusCode::OK, 1999, "null"),
+        Duration::ZERO,
+        Duration::from_secs(1),
+    );
+    let (server, log) = kling(script);
+    let response = send(
+        &layer().layer(server),
+        create(r#"{"external_task_id":"job-43"}"#),
+    )
+    .await
+    .unwrap_or_else(|error| panic!("{error}"));
+    assert_eq!(tasks.lock().unwrap().len(), 1);
+    let recovered = response.extensions().get::<Recovered>().expect("recovered");
+    assert_eq!(recovered.task_id, "t1");
+    let seen = log.all();
+    assert_eq!(seen.len(), 2, "the create and one lookup");
+    assert!(seen[1].at - seen[0].at >= Duration::from_secs(2));
+}
+
 /// A create answered with an undocumented code under HTTP 200 that carries an external id, whose
 /// lookup cannot settle it (refused for good, or no attempt left to send it), is unresolved:
 /// `CreateUnresolved`, naming the id to look it up by. It ended as `CreateMayHaveHappened`,
@@ -1563,7 +1722,9 @@ async fn a_call_dropped_before_its_create_was_resolved_names_the_external_id() {
 async fn a_call_dropped_while_its_create_is_sent_again_names_the_external_id() {
     for (second, wait, warned) in [
         (None, Duration::from_secs(60), true),
-        (Some(1303), Duration::from_millis(500), false),
+        // The lookup waits out the settle time (2 s), the resend follows it, and its 1303
+        // waits at least 1 s more.
+        (Some(1303), Duration::from_millis(2500), false),
     ] {
         let (warnings, _guard) = crate::support::Warnings::capture();
         let (server, log) = kling(move |seen, i| match (seen.method.clone(), i, second) {

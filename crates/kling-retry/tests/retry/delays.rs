@@ -519,3 +519,82 @@ async fn slot_gated_retries_do_not_lengthen_a_later_backoff() {
         assert!(gap <= Duration::from_millis(200), "seed {seed}: {gap:?}");
     }
 }
+
+/// Many calls through one layer refused at the same instant do not come back in lock-step:
+/// each draws its own jitter from the layer's one random source, so their retries spread over
+/// the backoff's range (1 to 2 s after a `1302`, 0 to 200 ms after a `5000`) instead of
+/// arriving together as a second burst. Unseeded too: a layer's default source is shared.
+#[tokio::test(start_paused = true)]
+async fn many_calls_refused_together_retry_spread_not_in_lock_step() {
+    const CALLS: usize = 100;
+    for (refusal, low, high) in [
+        (1302, Duration::from_secs(1), Duration::from_secs(2)),
+        (5000, Duration::ZERO, Duration::from_millis(200)),
+    ] {
+        for seeded in [true, false] {
+            // Each call's first request is refused; every later one succeeds.
+            let refused =
+                std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+            let (server, log) = kling(move |seen, _| {
+                let first = refused.lock().unwrap().insert(seen.uri.clone());
+                Reply::Now(if first {
+                    code(refusal)
+                } else {
+                    task("t", None)
+                })
+            });
+            // (The default budget would stop most of them: 30 retries for 100 calls.)
+            let builder = RetryLayer::builder().budget(kling_retry::RetryBudget::unlimited());
+            let builder = if seeded { builder.seed(5) } else { builder };
+            let client = builder.build().unwrap().layer(server);
+            let start = tokio::time::Instant::now();
+            let calls: Vec<_> = (0..CALLS)
+                .map(|n| {
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        send(&client, get(&format!("/v1/videos/text2video/t{n}"))).await
+                    })
+                })
+                .collect();
+            for call in calls {
+                call.await.unwrap().unwrap();
+            }
+            let seen = log.all();
+            assert_eq!(seen.len(), 2 * CALLS);
+            assert!(
+                seen[..CALLS].iter().all(|s| s.at == start),
+                "refused together"
+            );
+            let retries: Vec<Duration> = seen[CALLS..].iter().map(|s| s.at - start).collect();
+            assert!(
+                retries.iter().all(|&at| at >= low && at <= high),
+                "{refusal}: {retries:?}"
+            );
+            // Timers fire on whole milliseconds: a few calls may share one, never a crowd (over
+            // 12 of 100 draws in one of 200 milliseconds: less than once in 10^10 runs).
+            let mut per_instant = std::collections::BTreeMap::new();
+            for at in &retries {
+                *per_instant.entry(*at).or_insert(0usize) += 1;
+            }
+            let crowd = per_instant.values().max().copied().unwrap_or(0);
+            assert!(
+                crowd <= 12,
+                "{refusal} (seeded {seeded}): {crowd} at one instant"
+            );
+            // Spread over the range: each tenth of it holds about a tenth of the retries. (The
+            // bounds leave the unseeded run, whose draws differ each time, negligible odds of
+            // failing: a tenth holds over 35 of 100 uniform draws, or four tenths none, far
+            // less than once in a billion runs.)
+            let span = (high - low).as_nanos();
+            let mut tenths = [0usize; 10];
+            for at in &retries {
+                let tenth = ((at.as_nanos() - low.as_nanos()) * 10 / span).min(9) as usize;
+                tenths[tenth] += 1;
+            }
+            assert!(
+                tenths.iter().all(|&n| n <= 35) && tenths.iter().filter(|&&n| n > 0).count() >= 7,
+                "{refusal} (seeded {seeded}): {tenths:?}"
+            );
+        }
+    }
+}
