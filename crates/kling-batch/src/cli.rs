@@ -651,8 +651,9 @@ fn print_summary(summary: &Summary, json: bool) {
     }
 }
 
-/// The exit status a summary calls for: 0 only when every job succeeded, no result file is
-/// missing and no line of the jobs file was skipped.
+/// The exit status a summary calls for: 0 only when every job succeeded with its result URLs
+/// (none is counted under `succeeded, no result URL`), no result file is missing and no line
+/// of the jobs file was skipped.
 pub fn exit_code(summary: &Summary) -> i32 {
     if summary.interrupted {
         EXIT_INTERRUPTED

@@ -13,6 +13,11 @@
 //! ```json
 //! {"job_id":"cat","line":1,"state":"succeeded","external_id":"kb-…","task_id":"8600…","status":"succeeded","urls":["https://…/0.mp4"],"download_error":{"code":0,"message":"download of https://…/0.mp4: timed out: no data for 30s; a later run fetches it again"}}
 //! ```
+//!
+//! A succeeded job whose task named no result URL kling-batch could read, in its report or in
+//! a query of it (a signed callback that carries the status alone, URLs of a shape it does not
+//! know), has no `urls` and an `error` whose message begins `succeeded, no result URL` and
+//! names the task: a later run on the same journal asks for them again.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -65,7 +70,8 @@ impl<'a> ResultLine<'a> {
             status: record.status.as_deref(),
             urls: &record.urls,
             files: &record.files,
-            error: if record.state == JobState::Succeeded {
+            // A succeeded job's error says why it has no result URL, if it has none.
+            error: if record.state == JobState::Succeeded && !record.urls.is_empty() {
                 None
             } else {
                 record.error.as_ref()

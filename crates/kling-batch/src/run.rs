@@ -32,6 +32,11 @@
 //!   the task and says that a run on the same journal follows it. A run that follows such a
 //!   task again clears that error first, so a stop before the follow ends does not report an
 //!   earlier run's end as its own.
+//! - **A success without results** (a signed callback that carries the status alone, URLs of
+//!   a shape kling-core leaves out) is not taken as it is: the task is queried once for its
+//!   whole report before its job is recorded. Still without a result URL, the job is
+//!   `succeeded` with no URLs and an error saying so (the summary counts it apart from `ok`),
+//!   and each later run asks once more, new-style tasks many to a `GET /tasks` query.
 //! - **Downloads** (`--download`) each have a connect, an idle and an overall timeout
 //!   ([`DownloadTimeouts`]); a file that runs out of time is left for the next run and the
 //!   job's `download_error` says why, so one stalled result server never holds the run. At
@@ -254,11 +259,18 @@ struct Plan<'a> {
     stale_errors: Vec<&'a Job>,
     /// Succeeded jobs with a result file missing: task, URLs, recorded files.
     undownloaded: Vec<(&'a Job, String, Vec<String>, Vec<String>)>,
+    /// Succeeded jobs whose task named no result URL kling-batch could read, with the task:
+    /// asked for their results once more.
+    no_results: Vec<(&'a Job, String)>,
 }
 
 /// A succeeded job of an earlier run with result files missing: its id, task, URLs and
 /// recorded files.
 type Missing = (String, String, Vec<String>, Vec<String>);
+
+/// A succeeded job of an earlier run without a result URL: its id, its create path if its
+/// task is a legacy one, and its task.
+type NoResult = (String, Option<String>, String);
 
 /// A created task for the coordinator to follow.
 struct Created {
@@ -401,6 +413,7 @@ impl Engine {
         let mut created: Vec<(&Job, String)> = Vec::new();
         let mut stale_errors: Vec<&Job> = Vec::new();
         let mut undownloaded: Vec<(&Job, String, Vec<String>, Vec<String>)> = Vec::new();
+        let mut no_results: Vec<(&Job, String)> = Vec::new();
         // Never created: this run tries again (queued again below).
         let mut again: Vec<&Job> = Vec::new();
         for record in &records {
@@ -428,6 +441,13 @@ impl Engine {
                     }
                 },
                 JobState::Succeeded => {
+                    // No result URL to fetch or report (a report kling-batch could not read
+                    // whole, a callback that carried the status alone): asked again.
+                    if record.urls.is_empty()
+                        && let Some(task) = &record.task_id
+                    {
+                        no_results.push((job, task.clone()));
+                    }
                     // A file recorded under another `--download` DIR is not in this one.
                     let elsewhere = |f: &str| {
                         self.options
@@ -476,6 +496,7 @@ impl Engine {
             created,
             stale_errors,
             undownloaded,
+            no_results,
         }))
     }
 
@@ -492,6 +513,7 @@ impl Engine {
             mut created,
             mut stale_errors,
             undownloaded,
+            no_results,
         } = plan;
         // Resume: adopt the slots of tasks still running on the server, then settle every
         // create whose outcome is unknown by looking it up, before anything is created. A
@@ -561,14 +583,11 @@ impl Engine {
 
         // Tasks created by an earlier run, followed again: the errors an earlier run's follows
         // ended with (`deadline passed`, `1101`, …) are cleared, so that a run stopped before
-        // these follows end does not report them as its own. Not when the run is stopped
-        // already: it follows nothing, and the earlier reason still holds.
-        if !*stop.borrow() {
-            for chunk in stale_errors.chunks(REQUEUE_CHUNK) {
-                let ids: Vec<&str> = chunk.iter().map(|job| job.id.as_str()).collect();
-                self.journal
-                    .transition_all(&ids, JobState::Created, &Update::error_cleared())?;
-            }
+        // these follows end does not report them as its own. Not once the run is stopped: it
+        // follows nothing, and the earlier reason still holds.
+        {
+            let stop = stop.clone();
+            self.clear_stale_errors(&stale_errors, &|| *stop.borrow())?;
         }
         // Tasks created by an earlier run.
         if !created.is_empty() {
@@ -599,6 +618,19 @@ impl Engine {
                 .map(|(job, task, urls, recorded)| (job.id.clone(), task, urls, recorded))
                 .collect();
             follows.spawn(self.clone().download_missing(missing));
+        }
+        // Succeeded jobs of an earlier run without a result URL: their tasks are asked for
+        // their results once more, new-style ones many to a query.
+        if !no_results.is_empty() {
+            let asked: Vec<NoResult> = no_results
+                .into_iter()
+                .map(|(job, task)| {
+                    let legacy_path = (job.generation() != ApiGeneration::New)
+                        .then(|| job.endpoint.trim_end_matches('/').to_owned());
+                    (job.id.clone(), legacy_path, task)
+                })
+                .collect();
+            follows.spawn(self.clone().ask_results(asked));
         }
 
         // Creators: one per pool, one create in flight each. They borrow the jobs (a job is
@@ -719,6 +751,27 @@ impl Engine {
         })
     }
 
+    /// Clears the errors an earlier run's follows of `jobs` (left `created`) ended with,
+    /// [`REQUEUE_CHUNK`] jobs to a journal transaction. `stopped` is asked before each: once
+    /// it says so, the jobs not reached keep their earlier reason (this run follows nothing
+    /// more), and a Ctrl-C is heard between two transactions rather than after all of them.
+    /// `false` when it stopped there.
+    fn clear_stale_errors(
+        &self,
+        jobs: &[&Job],
+        stopped: &dyn Fn() -> bool,
+    ) -> Result<bool, JournalError> {
+        for chunk in jobs.chunks(REQUEUE_CHUNK) {
+            if stopped() {
+                return Ok(false);
+            }
+            let ids: Vec<&str> = chunk.iter().map(|job| job.id.as_str()).collect();
+            self.journal
+                .transition_all(&ids, JobState::Created, &Update::error_cleared())?;
+        }
+        Ok(true)
+    }
+
     /// Lists the account's unfinished tasks and adopts their slots (best effort: a failure
     /// only means the slots layer learns the real count through 1303s).
     async fn adopt_slots(&self, jobs: &[Job]) {
@@ -805,6 +858,32 @@ impl Engine {
             Err(e) if failure_of(&*e).code == Some(Code::NotFound) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Asks Kling once for the tasks `asked`, through the stack: the reports of those ids the
+    /// answer holds (an id it leaves out has none). `Err` on a refusal or an answer that
+    /// cannot be read.
+    async fn query_tasks(&self, asked: Asked<'_>) -> Result<Vec<TaskReport>, BoxError> {
+        let legacy_id: [&str; 1];
+        let (uri, ids): (String, &[&str]) = match asked {
+            Asked::Legacy { path, id } => {
+                legacy_id = [id];
+                (format!("{path}/{id}"), &legacy_id)
+            }
+            Asked::New(ids) => (format!("/tasks?task_ids={}", ids.join(",")), ids),
+        };
+        let request = Request::get(uri).body(Full::new(Bytes::new()))?;
+        let mut response = self.stack.service().oneshot(request).await?;
+        let outcome = Outcome::ensure(&mut response)?;
+        if !outcome.is_success() {
+            return Err(Box::new(ApiError::from_outcome(&outcome)));
+        }
+        Ok(outcome
+            .tasks()
+            .iter()
+            .filter(|t| ids.contains(&t.id.as_str()))
+            .cloned()
+            .collect())
     }
 
     fn track(&self, job: &Job, task: &TaskRef, created: Instant) {
@@ -935,6 +1014,58 @@ impl Engine {
                 Some(Err(e)) => tracing::error!(error = %e, "a download ended abnormally"),
             }
         }
+    }
+
+    /// Asks once for the results of tasks that succeeded without a result URL kling-batch
+    /// could read in an earlier run: legacy tasks a query each, new-style ones
+    /// [`RESULTS_BATCH`] to a `GET /tasks` query, one query at a time. A task found with
+    /// result URLs gets them, its job's error cleared (with `--download`, its files are fetched
+    /// once every query is answered); a job whose task still has none gets this run's error
+    /// ([`no_result`]). A query refused for the account or its credentials ends the asking:
+    /// the jobs not asked for keep their error, and a later run asks again. `Err` when the
+    /// journal cannot record an answer.
+    async fn ask_results(self: Arc<Self>, asked: Vec<NoResult>) -> Result<(), JournalError> {
+        let (legacy, new): (Vec<NoResult>, Vec<NoResult>) =
+            asked.into_iter().partition(|(_, path, _)| path.is_some());
+        let mut queries: Vec<Vec<NoResult>> = legacy.into_iter().map(|one| vec![one]).collect();
+        queries.extend(new.chunks(RESULTS_BATCH).map(<[NoResult]>::to_vec));
+        let mut fetch: Vec<Missing> = Vec::new();
+        for query in queries {
+            let ids: Vec<&str> = query.iter().map(|(_, _, task)| task.as_str()).collect();
+            let asked = match &query[0].1 {
+                Some(path) => Asked::Legacy { path, id: ids[0] },
+                None => Asked::New(&ids),
+            };
+            let answer = self.query_tasks(asked).await;
+            for (job_id, _, task) in &query {
+                let update = match &answer {
+                    Ok(found) => match found.iter().find(|t| t.id == *task && has_results(t)) {
+                        Some(found) => {
+                            fetch.push((job_id.clone(), task.clone(), found.urls.clone(), vec![]));
+                            Update {
+                                urls: Some(found.urls.clone()),
+                                clear_error: true,
+                                ..Update::default()
+                            }
+                        }
+                        None => Update::error(no_result(task, None)),
+                    },
+                    Err(e) => Update::error(no_result(task, Some(&**e))),
+                };
+                self.journal
+                    .transition(job_id, JobState::Succeeded, update)?;
+            }
+            if let Err(e) = &answer {
+                tracing::warn!(error = %e, "cannot ask for the results of succeeded tasks; a later run asks again");
+                if failure_of(&**e).halts {
+                    break;
+                }
+            }
+        }
+        if self.options.download_dir.is_some() && !fetch.is_empty() {
+            self.clone().download_missing(fetch).await?;
+        }
+        Ok(())
     }
 
     /// Records that `what` of job `job_id` panicked (a bug of kling-batch), so that the job is
@@ -1164,12 +1295,42 @@ impl Engine {
         }
         match result {
             Ok(report) if report.status == TaskStatus::Succeeded => {
+                self.ended(now);
+                // A report without a result URL kling-batch can read (a signed callback that
+                // carries the status alone, URLs of a shape it does not know): one query for
+                // the whole report before the job is counted.
+                let (report, error) = if report.urls.is_empty() {
+                    let legacy_path = match &running {
+                        Some(running) => running.legacy_path.clone(),
+                        None if report.generation == ApiGeneration::New => None,
+                        None => self
+                            .journal
+                            .record(job_id)?
+                            .map(|r| r.endpoint.trim_end_matches('/').to_owned()),
+                    };
+                    let asked = match &legacy_path {
+                        Some(path) => Asked::Legacy { path, id: task_id },
+                        None => Asked::New(&[task_id]),
+                    };
+                    match self.query_tasks(asked).await {
+                        Ok(found) => match found.into_iter().find(has_results) {
+                            Some(found) => (found, None),
+                            None => (report, Some(no_result(task_id, None))),
+                        },
+                        Err(e) => (report, Some(no_result(task_id, Some(&*e)))),
+                    }
+                } else {
+                    (report, None)
+                };
+                if let Some(error) = &error {
+                    tracing::warn!(job = %job_id, error = %error.message, "succeeded, no result URL");
+                }
                 let update = Update {
                     status: Some(report.status.as_str().to_owned()),
                     urls: Some(report.urls.clone()),
+                    error,
                     ..Update::default()
                 };
-                self.ended(now);
                 self.move_to(job_id, JobState::Created, JobState::Succeeded, update)?;
                 self.download(job_id, task_id, &report.urls, &[]).await
             }
@@ -1356,6 +1517,49 @@ fn follow_again(task_id: &str) -> String {
     )
 }
 
+/// How the error of a succeeded job begins whose task's report, and a query of it, named no
+/// result URL kling-batch can read (kling-core leaves out a URL of an odd type; a signed
+/// callback may carry the status alone). The summary counts such jobs apart from `ok` by their
+/// empty URL list, and every later run on the journal asks for the task's results once.
+pub(crate) const NO_RESULT: &str = "succeeded, no result URL";
+
+/// How many new-style tasks a resumed run asks for the results of in one `GET /tasks` query.
+const RESULTS_BATCH: usize = 50;
+
+/// Whether `report` is a succeeded task's with a result URL.
+fn has_results(report: &TaskReport) -> bool {
+    report.status == TaskStatus::Succeeded && !report.urls.is_empty()
+}
+
+/// The error of a job whose task `task_id` succeeded without a result URL kling-batch can
+/// read, with the query's error if the query that would have told failed (its Kling code and
+/// request id when it carries them).
+fn no_result(task_id: &str, query_error: Option<&(dyn std::error::Error + 'static)>) -> ErrorInfo {
+    let mut message = format!(
+        "{NO_RESULT}: task {task_id} succeeded, but neither its report nor a query of it named \
+         a result URL kling-batch can read"
+    );
+    let (code, request_id) = match query_error {
+        Some(e) => {
+            let failure = failure_of(e);
+            message.push_str(&format!(" (the query failed: {e})"));
+            (failure.info.code, failure.info.request_id)
+        }
+        None => (0, None),
+    };
+    message.push_str("; a later run on the same journal asks again");
+    ErrorInfo::new(code, message, request_id)
+}
+
+/// A query of tasks by id.
+#[derive(Clone, Copy, Debug)]
+enum Asked<'a> {
+    /// A legacy task, at `{path}/{id}` (`path`: its create path).
+    Legacy { path: &'a str, id: &'a str },
+    /// New-style tasks, in one `GET /tasks?task_ids=…`.
+    New(&'a [&'a str]),
+}
+
 /// Ends once `stop` says to stop; never, if nobody can stop the run any more.
 async fn until_stopped(mut stop: StopSignal) {
     if stop.wait_for(|stopped| *stopped).await.is_err() {
@@ -1528,7 +1732,7 @@ fn read_failure(error: &(dyn std::error::Error + 'static)) -> Failure {
 
 #[cfg(test)]
 mod tests {
-    use kling_core::ClassifyLayer;
+    use kling_core::{ClassifyLayer, Envelope};
     use kling_mock::{MockConfig, MockKling, Preset, Switches};
     use kling_tower::{Credentials, StackConfig, Tier};
     use tower::Layer as _;
@@ -2672,5 +2876,297 @@ mod tests {
         assert_eq!(report.records.len(), JOBS);
         server.abort();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A server on a free local port that answers every request with what `body` holds at the
+    /// time (code 0, 200; `{base}` in it reads as the server's own URL), and the paths asked.
+    async fn answering_as_told(body: Arc<Mutex<String>>) -> (String, Arc<Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let app = axum::Router::new().fallback({
+            let (base, asked) = (base.clone(), asked.clone());
+            move |uri: http::Uri| {
+                asked.lock().unwrap().push(uri.to_string());
+                let body = body.lock().unwrap().replace("{base}", &base);
+                async move { ([(http::header::CONTENT_TYPE, "application/json")], body) }
+            }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (base, asked)
+    }
+
+    /// The envelope of a legacy task `id` that succeeded, with `result` as its `task_result`.
+    fn succeeded_legacy(id: &str, result: &str) -> String {
+        format!(
+            r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":{{"task_id":"{id}","task_status":"succeed","task_result":{result}}}}}"#
+        )
+    }
+
+    /// A signed callback that carries the status alone (no `task_result`) ended the follow
+    /// with a report without result URLs: the job counted as `ok` with nothing to fetch, and
+    /// no later run asked again. Its task is queried once now, and the job gets the query's
+    /// URLs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_callback_without_results_is_completed_by_one_query_of_the_task() {
+        let speed = 1000.0;
+        let config = MockConfig::preset(Preset::Pro)
+            .speed(speed)
+            .task_duration(Duration::from_secs(10), Duration::from_secs(10));
+        let server = kling_mock::MockServer::start(config).await.unwrap();
+        let stack = Stack::new(
+            StackConfig::preset(Tier::Pro).speed(speed).headroom(0.5),
+            Credentials::api_key("key").unwrap(),
+            &server.base_url(),
+        )
+        .unwrap();
+        let (jobs, _) = parse_jobs("{\"id\":\"a\",\"prompt\":\"a\"}\n");
+        let journal = Journal::open_in_memory().unwrap();
+        // Callbacks first: the follow queries only after an hour, so the callback ends it.
+        let policy = FollowPolicy::new().callbacks_first(Duration::from_secs(3600));
+        let engine = Engine::new(stack, journal.clone(), RunOptions::new(policy)).unwrap();
+        let (_stop, stop) = watch::channel(false);
+        let run = tokio::spawn({
+            let (engine, jobs) = (engine.clone(), jobs.clone());
+            async move { engine.run(&jobs, stop).await }
+        });
+        // Created, and ended at the mock (a query of it names its result).
+        let task = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let task = engine.tasks.lock().unwrap().keys().next().cloned();
+                if let Some(task) = task {
+                    let asked = Asked::Legacy {
+                        path: ENDPOINT,
+                        id: &task,
+                    };
+                    if let Ok(found) = engine.query_tasks(asked).await
+                        && found.iter().any(has_results)
+                    {
+                        return task;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the task is created and ends");
+        let before = server.stats().requests_total;
+        let payload = format!(r#"{{"task_id":"{task}","task_status":"succeed"}}"#);
+        let thin = kling_tower::webhook::parse_task(payload.as_bytes()).unwrap();
+        assert!(thin.urls.is_empty());
+        engine.on_callback(payload.as_bytes(), thin, true).await;
+        let report = tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("the callback ends the run")
+            .unwrap()
+            .unwrap();
+        let record = &report.records[0];
+        assert_eq!(record.state, JobState::Succeeded, "{record:?}");
+        assert_eq!(record.urls.len(), 1, "{record:?}");
+        assert_eq!(record.error, None, "{record:?}");
+        assert_eq!(
+            server.stats().requests_total - before,
+            1,
+            "one query of the task"
+        );
+        let mut summary = crate::summary::Summary::default();
+        summary.count_jobs(&report.records);
+        assert_eq!((summary.ok, summary.no_result_url), (1, 0), "{summary:?}");
+    }
+
+    /// A succeeded report whose URLs kling-batch cannot read (a URL of a shape it does not
+    /// know, which kling-core leaves out), and a query of it that names none either: the job
+    /// was `ok` with nothing to fetch, the results without a word. Now it is counted apart
+    /// (`succeeded, no result URL`, exit status 1), its results line says why, it cost one
+    /// query, and a later run asks once more: the URLs found then are recorded and fetched.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_succeeded_task_without_a_result_url_is_counted_apart_and_asked_again() {
+        let task = "860000000000000001";
+        let unreadable = succeeded_legacy(task, r#"{"videos":[{"id":"v","url":{"href":"x"}}]}"#);
+        let body = Arc::new(Mutex::new(unreadable.clone()));
+        let (base, asked) = answering_as_told(body.clone()).await;
+        let stack = || {
+            Stack::new(
+                StackConfig::preset(Tier::Pro),
+                Credentials::api_key("key").unwrap(),
+                &base,
+            )
+            .unwrap()
+        };
+        let (jobs, _) = parse_jobs("{\"id\":\"cat\",\"prompt\":\"a cat\"}\n");
+        let journal = Journal::open_in_memory().unwrap();
+        journal.register(&jobs).unwrap();
+        journal
+            .transition("cat", JobState::Creating, Update::default())
+            .unwrap();
+        journal
+            .transition("cat", JobState::Created, Update::task(task))
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("kling-batch-no-url-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let options = || RunOptions::new(default_follow_policy(1.0)).download_dir(dir.clone());
+        let engine = Engine::new(stack(), journal.clone(), options()).unwrap();
+        engine.track(&jobs[0], &TaskRef::legacy(ENDPOINT, task), Instant::now());
+        let thin = Envelope::parse(unreadable.as_bytes()).unwrap().tasks[0].clone();
+        assert!(thin.urls.is_empty());
+        engine.finish("cat", task, Ok(thin)).await.unwrap();
+
+        let queries = |asked: &Mutex<Vec<String>>| {
+            asked
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|p| p.starts_with(ENDPOINT))
+                .count()
+        };
+        assert_eq!(queries(&asked), 1, "one query: {:?}", asked.lock().unwrap());
+        let records = journal.records().unwrap();
+        let record = &records[0];
+        assert_eq!(record.state, JobState::Succeeded, "{record:?}");
+        assert!(record.urls.is_empty(), "{record:?}");
+        let error = record.error.as_ref().expect("why there is no result");
+        assert!(error.message.starts_with(NO_RESULT), "{error:?}");
+        assert!(error.message.contains(task), "{error:?}");
+        let line = serde_json::to_value(crate::output::ResultLine::of(record)).unwrap();
+        assert_eq!(line["state"], "succeeded");
+        assert_eq!(line["error"]["message"], error.message.as_str(), "{line}");
+        let mut summary = crate::summary::Summary::default();
+        summary.count_jobs(&records);
+        summary.count_missing_files(&records);
+        assert_eq!((summary.ok, summary.no_result_url), (0, 1), "{summary:?}");
+        assert!(
+            summary
+                .to_string()
+                .contains("succeeded, no result URL  1 (run again to ask for them)"),
+            "{summary}"
+        );
+        assert_eq!(crate::cli::exit_code(&summary), 1);
+
+        // A later run asks once more; still none: one query, and the job stays as it was.
+        let engine = Engine::new(stack(), journal.clone(), options()).unwrap();
+        let (_stop, stop) = watch::channel(false);
+        let report = engine.run(&jobs, stop).await.unwrap();
+        assert_eq!(queries(&asked), 2, "{:?}", asked.lock().unwrap());
+        assert!(report.records[0].urls.is_empty(), "{:?}", report.records[0]);
+        assert!(report.records[0].error.is_some(), "{:?}", report.records[0]);
+
+        // And a later one finds the URL: recorded, the error gone, the file fetched.
+        *body.lock().unwrap() = succeeded_legacy(task, r#"{"videos":[{"url":"{base}/v/0.mp4"}]}"#);
+        let engine = Engine::new(stack(), journal.clone(), options()).unwrap();
+        let (_stop, stop) = watch::channel(false);
+        let report = engine.run(&jobs, stop).await.unwrap();
+        assert_eq!(queries(&asked), 3, "{:?}", asked.lock().unwrap());
+        let record = &report.records[0];
+        assert_eq!(record.state, JobState::Succeeded, "{record:?}");
+        assert_eq!(record.urls, [format!("{base}/v/0.mp4")], "{record:?}");
+        assert_eq!(record.error, None, "{record:?}");
+        assert_eq!(record.files.len(), 1, "{record:?}");
+        assert!(
+            std::path::Path::new(&record.files[0]).exists(),
+            "{record:?}"
+        );
+        let mut summary = crate::summary::Summary::default();
+        summary.count_jobs(&report.records);
+        summary.count_missing_files(&report.records);
+        assert_eq!((summary.ok, summary.no_result_url), (1, 0), "{summary:?}");
+        assert_eq!(crate::cli::exit_code(&summary), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A resumed run asks for the results of many new-style tasks a batch query at a time,
+    /// [`RESULTS_BATCH`] ids to a query, never a query each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resumed_run_asks_for_many_new_style_results_a_batch_at_a_time() {
+        let n = RESULTS_BATCH + 3;
+        let body = Arc::new(Mutex::new(
+            r#"{"code":0,"message":"SUCCEED","request_id":"r","data":[]}"#.to_owned(),
+        ));
+        let (base, asked) = answering_as_told(body).await;
+        let stack = Stack::new(
+            StackConfig::preset(Tier::Pro),
+            Credentials::api_key("key").unwrap(),
+            &base,
+        )
+        .unwrap();
+        let text: String = (0..n)
+            .map(|i| {
+                format!("{{\"id\":\"j{i}\",\"prompt\":\"p\",\"endpoint\":\"/text-to-video/kling-3.0\"}}\n")
+            })
+            .collect();
+        let (jobs, _) = parse_jobs(&text);
+        let journal = Journal::open_in_memory().unwrap();
+        journal.register(&jobs).unwrap();
+        for (i, job) in jobs.iter().enumerate() {
+            journal
+                .transition(&job.id, JobState::Succeeded, Update::task(format!("t{i}")))
+                .unwrap();
+        }
+        let engine = Engine::new(
+            stack,
+            journal.clone(),
+            RunOptions::new(default_follow_policy(1.0)),
+        )
+        .unwrap();
+        let (_stop, stop) = watch::channel(false);
+        let report = engine.run(&jobs, stop).await.unwrap();
+        let asked = asked.lock().unwrap().clone();
+        assert_eq!(asked.len(), 2, "{asked:?}");
+        assert!(asked[0].starts_with("/tasks?task_ids=t0,t1,"), "{asked:?}");
+        assert_eq!(
+            asked[1],
+            format!("/tasks?task_ids=t{},t{},t{}", n - 3, n - 2, n - 1)
+        );
+        for record in &report.records {
+            let error = record.error.as_ref().expect("still no result");
+            assert!(error.message.starts_with(NO_RESULT), "{record:?}");
+        }
+    }
+
+    /// The loop that clears the errors of tasks an earlier run left `created` (4 096 jobs to
+    /// a transaction) never looked at the stop: a rerun of 100 000 such jobs cleared them all
+    /// before a Ctrl-C was heard. It looks before each transaction now, and the jobs not
+    /// reached keep their earlier reason.
+    #[test]
+    fn a_stop_while_earlier_errors_are_cleared_ends_it_between_two_transactions() {
+        let n = 3 * REQUEUE_CHUNK + 5;
+        let text: String = (0..n)
+            .map(|i| format!("{{\"id\":\"j{i}\",\"prompt\":\"p\"}}\n"))
+            .collect();
+        let (jobs, _) = parse_jobs(&text);
+        let journal = Journal::open_in_memory().unwrap();
+        journal.register(&jobs).unwrap();
+        let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+        let earlier = ErrorInfo::new(1101, "arrears", None);
+        journal
+            .transition_all(&ids, JobState::Created, &Update::error(earlier.clone()))
+            .unwrap();
+        let stack = Stack::new(
+            StackConfig::preset(Tier::Pro),
+            Credentials::api_key("key").unwrap(),
+            "http://127.0.0.1:9",
+        )
+        .unwrap();
+        let options = RunOptions::new(default_follow_policy(1.0));
+        let engine = Engine::new(stack, journal.clone(), options).unwrap();
+        let refs: Vec<&Job> = jobs.iter().collect();
+        let before = journal.commits();
+        let stopped = || journal.commits() > before;
+        assert!(!engine.clear_stale_errors(&refs, &stopped).unwrap());
+        assert_eq!(
+            journal.commits() - before,
+            1,
+            "one transaction, then the stop"
+        );
+        let records = journal.records().unwrap();
+        for record in &records[..REQUEUE_CHUNK] {
+            assert_eq!(record.error, None, "{record:?}");
+        }
+        for record in &records[REQUEUE_CHUNK..] {
+            assert_eq!(record.error.as_ref(), Some(&earlier), "{record:?}");
+        }
+        let before = journal.commits();
+        assert!(engine.clear_stale_errors(&refs, &|| false).unwrap());
+        assert_eq!(journal.commits() - before, 4);
+        assert!(journal.records().unwrap().iter().all(|r| r.error.is_none()));
     }
 }

@@ -91,8 +91,13 @@ pub struct Summary {
     /// their jobs never ran.
     #[serde(default)]
     pub skipped_lines: usize,
-    /// Jobs whose task succeeded.
+    /// Jobs whose task succeeded with its result URLs.
     pub ok: usize,
+    /// Jobs whose task succeeded, but whose report (and a query of it) named no result URL
+    /// kling-batch could read: nothing to fetch or report. Not counted in `ok`; a later run
+    /// on the same journal asks again.
+    #[serde(default)]
+    pub no_result_url: usize,
     /// Jobs that failed.
     pub failed: usize,
     /// Failed jobs by reason (`1301 content security check failed`, `task failed`, …).
@@ -192,6 +197,7 @@ impl Summary {
         self.jobs = records.len();
         for record in records {
             match record.state {
+                JobState::Succeeded if record.urls.is_empty() => self.no_result_url += 1,
                 JobState::Succeeded => {
                     self.ok += 1;
                     if record.download_error.is_some() {
@@ -323,10 +329,14 @@ impl fmt::Display for Summary {
                 format!("{} (malformed: not run)", self.skipped_lines),
             ));
         }
-        rows.extend([
-            ("ok".into(), self.ok.to_string()),
-            ("failed".into(), self.failed.to_string()),
-        ]);
+        rows.push(("ok".into(), self.ok.to_string()));
+        if self.no_result_url > 0 {
+            rows.push((
+                "succeeded, no result URL".into(),
+                format!("{} (run again to ask for them)", self.no_result_url),
+            ));
+        }
+        rows.push(("failed".into(), self.failed.to_string()));
         for (reason, n) in &self.failed_by_reason {
             rows.push((format!("  {reason}"), n.to_string()));
         }
