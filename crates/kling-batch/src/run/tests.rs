@@ -1,0 +1,1438 @@
+use kling_core::{ClassifyLayer, Envelope};
+use kling_mock::{MockConfig, MockKling, Preset, Switches};
+use kling_tower::{Credentials, StackConfig, Tier};
+use tower::Layer as _;
+
+use super::*;
+use crate::jobs::parse_jobs;
+
+const ENDPOINT: &str = "/v1/videos/text2video";
+
+/// Creates a task on the in-process mock with key `key`, turns `switches` on, and
+/// follows `task` (the created one unless given) with kling-tower's follower sending
+/// `follow_key`: what the follow ends with, and the task id followed.
+async fn follow_on_mock(
+    switches: Switches,
+    follow_key: &str,
+    task: Option<&str>,
+) -> (String, Result<TaskReport, FollowError>) {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .no_rate_limit()
+            .api_key("key"),
+    )
+    .unwrap();
+    let service = ClassifyLayer::new().layer(mock.clone());
+    let create = Request::post(ENDPOINT)
+        .header("authorization", "Bearer key")
+        .body(Full::new(Bytes::from_static(br#"{"prompt":"a cat"}"#)))
+        .unwrap();
+    let created = service.clone().oneshot(create).await.unwrap();
+    let report = Outcome::of(&created)
+        .and_then(|o| o.task())
+        .cloned()
+        .unwrap();
+    mock.set_switches(switches);
+    let follower = Follower::new(service, FollowPolicy::new())
+        .unwrap()
+        .with_header("authorization", &format!("Bearer {follow_key}"))
+        .unwrap();
+    let id = task.unwrap_or(&report.id).to_owned();
+    let result = follower.follow(TaskRef::legacy(ENDPOINT, id.clone())).await;
+    (id, result)
+}
+
+/// An engine (nothing is sent) with one job `created` as task `task_id`; `finish` is
+/// handed `result` as a follow's end.
+async fn finish_created_job(
+    task_id: &str,
+    result: Result<TaskReport, FollowError>,
+) -> (Journal, JobRecord) {
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+        "http://127.0.0.1:9",
+    )
+    .unwrap();
+    let journal = Journal::open_in_memory().unwrap();
+    let (jobs, _) = parse_jobs("{\"id\":\"cat\",\"prompt\":\"a cat\"}\n");
+    journal.register(&jobs).unwrap();
+    journal
+        .transition("cat", JobState::Creating, Update::default())
+        .unwrap();
+    journal
+        .transition("cat", JobState::Created, Update::task(task_id))
+        .unwrap();
+    let engine = Engine::new(
+        stack,
+        journal.clone(),
+        RunOptions::new(default_follow_policy(1.0)),
+    )
+    .unwrap();
+    engine.finish("cat", task_id, result).await.unwrap();
+    let record = journal.record("cat").unwrap().unwrap();
+    (journal, record)
+}
+
+/// A server on a free local port that answers every request with `body` (code 0, 200).
+async fn answering(body: String) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(move || {
+        let body = body.clone();
+        async move { ([(http::header::CONTENT_TYPE, "application/json")], body) }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+/// A lookup by external id takes a task for the job's only when it carries the job's id
+/// (or none): an answer naming other tasks gave the job the first of them, another job's,
+/// reported as its own and never created. And an answer whose `data` cannot be read said
+/// "no such task", so the job was created again. By the retry layer's rule now: only an
+/// empty new-style list read in whole is "not found"; an unreadable answer, a list of other
+/// tasks or a legacy task of another id leaves the job unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_never_takes_another_jobs_task_nor_reads_nothing_as_not_found() {
+    let (jobs, _) = parse_jobs(concat!(
+        r#"{"id":"cat","prompt":"a cat","endpoint":"/text-to-video/kling-3.0"}"#,
+        "\n",
+        r#"{"id":"dog","prompt":"a dog"}"#,
+        "\n",
+    ));
+    let lookup = |index: usize, data: String| {
+        let job = jobs[index].clone();
+        async move {
+            let body =
+                format!(r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":{data}}}"#);
+            let stack = Stack::new(
+                StackConfig::preset(Tier::Pro),
+                Credentials::api_key("key").unwrap(),
+                &answering(body).await,
+            )
+            .unwrap();
+            let journal = Journal::open_in_memory().unwrap();
+            let engine =
+                Engine::new(stack, journal, RunOptions::new(default_follow_policy(1.0))).unwrap();
+            engine.lookup(&job, "kb-mine").await
+        }
+    };
+    let other = r#"{"id":"860000000000000007","status":"succeeded","external_id":"kb-else"}"#;
+    let mine = r#"{"id":"860000000000000001","status":"processing","external_id":"kb-mine"}"#;
+    // New-style (`GET /tasks?external_task_ids=`).
+    // Another job's task alone: a server that ignored the filter, saying nothing of ours.
+    let found = lookup(0, format!("[{other}]")).await;
+    assert!(
+        found.is_err(),
+        "not the other task, nor not found: {found:?}"
+    );
+    let found = lookup(0, "null".into()).await;
+    assert!(found.is_err(), "nothing read is no answer: {found:?}");
+    let found = lookup(0, "[]".into()).await;
+    assert!(matches!(found, Ok(None)), "{found:?}");
+    let found = lookup(0, format!("[{other},{mine}]")).await;
+    assert_eq!(found.unwrap().unwrap().id, "860000000000000001");
+    // Legacy (`GET {create path}/{external id}`).
+    let found = lookup(
+        1,
+        concat!(
+            r#"{"task_id":"860000000000000007","task_status":"succeed","#,
+            r#""task_info":{"external_task_id":"kb-else"}}"#
+        )
+        .into(),
+    )
+    .await;
+    assert!(found.is_err(), "not the other task: {found:?}");
+    let found = lookup(1, "null".into()).await;
+    assert!(found.is_err(), "nothing read is no answer: {found:?}");
+    let found = lookup(
+        1,
+        concat!(
+            r#"{"task_id":"860000000000000001","task_status":"submitted","#,
+            r#""task_info":{"external_task_id":"kb-mine"}}"#
+        )
+        .into(),
+    )
+    .await;
+    assert_eq!(found.unwrap().unwrap().id, "860000000000000001");
+}
+
+/// The callback URL's user info, query and fragment (a password, a token) never show in
+/// the `Debug` of the options or of the engine, which a library user may log: the URL is
+/// shown as `scheme://host[:port]/path`, and one that cannot be read as `<redacted>`.
+#[test]
+fn the_debug_of_options_and_engine_shows_no_secret_of_the_callback_url() {
+    let cases = [
+        (
+            "https://hook:HOOKPASSWORD@cb.example:8443/hooks/kling?token=HOOKTOKEN",
+            "\"https://cb.example:8443/hooks/kling\"",
+        ),
+        (
+            "https://cb.example/hooks/kling#HOOKTOKEN",
+            "\"https://cb.example/hooks/kling\"",
+        ),
+        ("https://cb.example/hooks/kling?t=HOOK TOKEN", "<redacted>"),
+        ("HOOKTOKEN", "<redacted>"),
+    ];
+    for (url, expected) in cases {
+        let options = RunOptions::new(default_follow_policy(1.0)).callback_url(url);
+        let stack = Stack::new(
+            StackConfig::preset(Tier::Pro),
+            Credentials::api_key("APIKEYSECRET").unwrap(),
+            "http://127.0.0.1:9",
+        )
+        .unwrap();
+        let engine =
+            Engine::new(stack, Journal::open_in_memory().unwrap(), options.clone()).unwrap();
+        for text in [format!("{options:?}"), format!("{engine:?}")] {
+            for secret in ["HOOKPASSWORD", "HOOKTOKEN", "APIKEYSECRET"] {
+                assert!(!text.contains(secret), "{secret}: {text}");
+            }
+            assert!(text.contains(expected), "{expected}: {text}");
+        }
+        assert_eq!(options.callback_url.as_deref(), Some(url), "kept whole");
+    }
+}
+
+/// A job's create, follow or download that panics (a bug) is reported on stderr and in
+/// the job's error, by where the job stands, and the other jobs go on, those of its pool
+/// included: a panicked create task left its job and every later job of its pool `queued`,
+/// and the run exited 1 without a word. A job left `created` is counted in the summary
+/// under a reason saying its task exists and a rerun follows it (it had none). A rerun
+/// finishes every job, creating none twice.
+#[tokio::test]
+async fn a_panic_in_a_jobs_create_follow_or_download_is_reported_and_the_rest_go_on() {
+    let server = kling_mock::MockServer::start(MockConfig::preset(Preset::Pro).speed(1000.0))
+        .await
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("kling-batch-panics-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let stack = || {
+        Stack::new(
+            StackConfig::preset(Tier::Pro).speed(1000.0).headroom(0.5),
+            Credentials::api_key("key").unwrap(),
+            &server.base_url(),
+        )
+        .unwrap()
+    };
+    let options = || RunOptions::new(default_follow_policy(1000.0)).download_dir(dir.clone());
+    let (jobs, _) = parse_jobs(
+        &["a", "b", "c", "d", "e"]
+            .map(|id| format!("{{\"id\":\"{id}\",\"prompt\":\"{id}\"}}\n"))
+            .concat(),
+    );
+    let journal = Journal::open_in_memory().unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let capture = tracing::subscriber::set_default(crate::log::Capture(lines.clone()));
+    let engine = Engine::new(stack(), journal.clone(), options()).unwrap();
+    engine.test_panics.lock().unwrap().extend([
+        ("b".to_owned(), "create"),
+        ("c".to_owned(), "send"),
+        ("d".to_owned(), "finish"),
+        ("e".to_owned(), "download"),
+    ]);
+    let (_stop, stop) = watch::channel(false);
+    let report = engine.run(&jobs, stop.clone()).await.unwrap();
+    drop(capture);
+
+    let record = |id: &str| report.records.iter().find(|r| r.job_id == id).unwrap();
+    let error = |id: &str| {
+        let record = record(id);
+        let error = record.error.as_ref().or(record.download_error.as_ref());
+        let message = error.map(|e| e.message.clone()).unwrap_or_default();
+        assert!(
+            message.contains("kling-batch panicked")
+                && message.contains("test panic at the ")
+                && message.contains(&format!(" of {id}")),
+            "{id}: {record:?}"
+        );
+        message
+    };
+    assert_eq!(record("a").state, JobState::Succeeded, "the others go on");
+    assert_eq!(record("a").files.len(), 1);
+    assert_eq!(record("b").state, JobState::NotSubmitted);
+    assert!(error("b").contains("a later run sends it"));
+    assert_eq!(record("c").state, JobState::Creating);
+    assert!(error("c").contains("a later run looks it up"));
+    assert_eq!(record("d").state, JobState::Created);
+    assert!(error("d").contains("a later run follows it"));
+    // The summary says why `d` did not finish: its task exists, and a rerun follows it.
+    let task = record("d").task_id.clone().unwrap();
+    assert!(error("d").contains(&format!("task {task} exists at Kling")));
+    let mut summary = crate::summary::Summary::default();
+    summary.count_jobs(&report.records);
+    assert_eq!(
+        summary.unfinished_by_reason,
+        BTreeMap::from([(crate::summary::PANIC_REASON.to_owned(), 1)])
+    );
+    let table = summary.to_string();
+    let row = format!("not followed: {}  1", crate::summary::PANIC_REASON);
+    assert!(table.contains(&row), "{table}");
+    assert_eq!(record("e").state, JobState::Succeeded);
+    assert!(record("e").files.is_empty());
+    assert!(error("e").contains("a later run fetches the files missing"));
+    let lines = lines.lock().unwrap().clone();
+    for id in ["b", "c", "d", "e"] {
+        assert!(
+            lines.iter().any(
+                |l| l.starts_with("kling-batch: error: kling-batch panicked")
+                    && l.contains(&format!("job={id}"))
+            ),
+            "{id}: {lines:?}"
+        );
+    }
+    assert_eq!(server.stats().tasks_created, 3, "b and c were never sent");
+
+    let engine = Engine::new(stack(), journal, options()).unwrap();
+    let report = engine.run(&jobs, stop).await.unwrap();
+    for record in &report.records {
+        assert_eq!(record.state, JobState::Succeeded, "{record:?}");
+        assert_eq!(record.files.len(), 1, "{record:?}");
+        assert!(record.download_error.is_none(), "{record:?}");
+    }
+    let stats = server.stats();
+    assert_eq!(stats.tasks_created, 5, "{stats:?}");
+    assert_eq!(stats.duplicate_external_ids, 0, "{stats:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A task whose follow passes its deadline (it runs longer, or queries fail until then)
+/// leaves its job `created`: its error had only the follower's words (no task, nothing
+/// to do) and the summary no reason at all. The error now says the task exists and may
+/// be billed, naming it, and that a run on the same journal follows it; the summary counts
+/// the job under the deadline's reason. A rerun follows the task to its end.
+#[tokio::test]
+async fn a_follow_past_its_deadline_is_reported_and_a_rerun_follows_the_task() {
+    let speed = 1000.0;
+    // Tasks of 10 minutes (0.6 s real); the first follow gives up after 30 s (30 ms).
+    let config = MockConfig::preset(Preset::Pro)
+        .speed(speed)
+        .task_duration(Duration::from_secs(600), Duration::from_secs(600));
+    let server = kling_mock::MockServer::start(config).await.unwrap();
+    let stack = || {
+        Stack::new(
+            StackConfig::preset(Tier::Pro).speed(speed).headroom(0.5),
+            Credentials::api_key("key").unwrap(),
+            &server.base_url(),
+        )
+        .unwrap()
+    };
+    let (jobs, _) = parse_jobs("{\"id\":\"a\",\"prompt\":\"a\"}\n");
+    let journal = Journal::open_in_memory().unwrap();
+    let short = FollowPolicy::new()
+        .deadline(Duration::from_secs(30))
+        .speed(speed);
+    let engine = Engine::new(stack(), journal.clone(), RunOptions::new(short)).unwrap();
+    let (_stop, stop) = watch::channel(false);
+    let report = engine.run(&jobs, stop.clone()).await.unwrap();
+
+    let record = &report.records[0];
+    assert_eq!(record.state, JobState::Created, "{record:?}");
+    let task = record.task_id.clone().unwrap();
+    let message = &record.error.as_ref().expect("the job says why").message;
+    assert!(message.starts_with(FOLLOW_DEADLINE), "{message}");
+    assert!(
+        message.contains(&format!("task {task} exists at Kling"))
+            && message.contains("may still run (and be billed)")
+            && message.contains("run again on the same journal"),
+        "{message}"
+    );
+    let mut summary = crate::summary::Summary::default();
+    summary.count_jobs(&report.records);
+    assert_eq!(summary.unfinished, 1);
+    assert_eq!(
+        summary.unfinished_by_reason,
+        BTreeMap::from([(crate::summary::DEADLINE_REASON.to_owned(), 1)])
+    );
+    let table = summary.to_string();
+    let row = |key: &str, value: &str| {
+        table.lines().any(|l| {
+            l.len() > key.len() + value.len()
+                && l.starts_with(key)
+                && l.ends_with(value)
+                && l[key.len()..l.len() - value.len()].trim().is_empty()
+        })
+    };
+    let reason = format!("not followed: {}", crate::summary::DEADLINE_REASON);
+    assert!(row(&format!("  {reason}"), "1"), "{table}");
+    assert!(row("still running", "1 (run again to follow)"), "{table}");
+
+    // A day's deadline (86 s): the task ends well within it, however loaded the machine.
+    let long = default_follow_policy(speed).deadline(Duration::from_secs(24 * 3600));
+    let engine = Engine::new(stack(), journal, RunOptions::new(long)).unwrap();
+    let report = engine.run(&jobs, stop).await.unwrap();
+    let record = &report.records[0];
+    assert_eq!(record.state, JobState::Succeeded, "{record:?}");
+    assert_eq!(record.task_id.as_deref(), Some(task.as_str()));
+    assert!(record.error.is_none(), "{record:?}");
+    let stats = server.stats();
+    assert_eq!(stats.tasks_created, 1, "{stats:?}");
+}
+
+/// A rerun that follows again a task an earlier run's follow left (past its deadline, here)
+/// clears that run's error: stopped (Ctrl-C) before the follow ended, it kept the earlier
+/// error, and the summary said `not followed: deadline passed; …` as if this run's follow
+/// had passed its deadline. The job is now `still running` with no reason but to run
+/// again. A run stopped before it follows anything keeps the earlier reason, still true.
+#[tokio::test]
+async fn a_rerun_stopped_while_it_follows_again_does_not_report_the_earlier_runs_error() {
+    let speed = 1000.0;
+    // Tasks of half an hour (1.8 s real); the first follow gives up after 30 s (30 ms).
+    let config = MockConfig::preset(Preset::Pro)
+        .speed(speed)
+        .task_duration(Duration::from_secs(1800), Duration::from_secs(1800));
+    let server = kling_mock::MockServer::start(config).await.unwrap();
+    let stack = || {
+        Stack::new(
+            StackConfig::preset(Tier::Pro).speed(speed).headroom(0.5),
+            Credentials::api_key("key").unwrap(),
+            &server.base_url(),
+        )
+        .unwrap()
+    };
+    let (jobs, _) = parse_jobs("{\"id\":\"a\",\"prompt\":\"a\"}\n");
+    let journal = Journal::open_in_memory().unwrap();
+    let short = FollowPolicy::new()
+        .deadline(Duration::from_secs(30))
+        .speed(speed);
+    let engine = Engine::new(stack(), journal.clone(), RunOptions::new(short)).unwrap();
+    let (_stop, stop) = watch::channel(false);
+    let report = engine.run(&jobs, stop).await.unwrap();
+    let earlier = report.records[0]
+        .error
+        .clone()
+        .expect("the deadline passed");
+    assert!(earlier.message.starts_with(FOLLOW_DEADLINE), "{earlier:?}");
+    let long = || {
+        let policy = default_follow_policy(speed).deadline(Duration::from_secs(24 * 3600));
+        let mut options = RunOptions::new(policy);
+        options.stop_grace = Duration::from_millis(50);
+        options
+    };
+
+    // Stopped before it begins: it follows nothing, and the earlier reason holds.
+    let (stopper, stop) = watch::channel(false);
+    stopper.send_replace(true);
+    let engine = Engine::new(stack(), journal.clone(), long()).unwrap();
+    let report = engine.run(&jobs, stop).await.unwrap();
+    assert!(report.interrupted);
+    assert_eq!(report.records[0].error.as_ref(), Some(&earlier));
+
+    // Stopped once it follows the task again (tracked, and a query sent since).
+    let engine = Engine::new(stack(), journal.clone(), long()).unwrap();
+    let (stopper, stop) = watch::channel(false);
+    let run = tokio::spawn({
+        let engine = engine.clone();
+        let jobs = jobs.clone();
+        async move { engine.run(&jobs, stop).await }
+    });
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while engine.tasks.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let before = server.stats().requests_total;
+        while server.stats().requests_total == before {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the task is followed");
+    stopper.send_replace(true);
+    let report = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("the run stops")
+        .unwrap()
+        .unwrap();
+    assert!(report.interrupted);
+    let record = &report.records[0];
+    assert_eq!(record.state, JobState::Created, "{record:?}");
+    assert_eq!(record.error, None, "{record:?}");
+    let mut summary = crate::summary::Summary::default();
+    summary.count_jobs(&report.records);
+    assert_eq!(summary.unfinished, 1, "{summary:?}");
+    assert!(summary.unfinished_by_reason.is_empty(), "{summary:?}");
+    let table = summary.to_string();
+    assert!(!table.contains("deadline passed"), "{table}");
+    assert!(table.contains("(run again to follow)"), "{table}");
+    assert_eq!(server.stats().tasks_created, 1);
+}
+
+/// The same for a job left `created` without its task id, which the rerun looks up first:
+/// found, it stays `created`, and the earlier error went with it into the follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_that_finds_a_created_jobs_task_clears_the_earlier_runs_error() {
+    let (jobs, _) = parse_jobs("{\"id\":\"a\",\"prompt\":\"a\"}\n");
+    let journal = Journal::open_in_memory().unwrap();
+    journal.register(&jobs).unwrap();
+    let earlier = ErrorInfo::new(1101, "account in arrears", None);
+    journal
+        .transition("a", JobState::Created, Update::error(earlier))
+        .unwrap();
+    let external_id = journal.external_id_for("a");
+    // The lookup and every query: the task runs.
+    let base = answering(format!(
+        concat!(
+            r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":"#,
+            r#"{{"task_id":"860000000000000001","task_status":"processing","#,
+            r#""task_info":{{"external_task_id":"{}"}}}}}}"#
+        ),
+        external_id
+    ))
+    .await;
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro).speed(100.0),
+        Credentials::api_key("key").unwrap(),
+        &base,
+    )
+    .unwrap();
+    let mut options = RunOptions::new(default_follow_policy(100.0));
+    options.stop_grace = Duration::from_millis(50);
+    let engine = Engine::new(stack, journal, options).unwrap();
+    let (stopper, stop) = watch::channel(false);
+    let run = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.run(&jobs, stop).await }
+    });
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while engine.tasks.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the task is followed");
+    stopper.send_replace(true);
+    let report = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("the run stops")
+        .unwrap()
+        .unwrap();
+    let record = &report.records[0];
+    assert_eq!(record.state, JobState::Created, "{record:?}");
+    assert_eq!(record.task_id.as_deref(), Some("860000000000000001"));
+    assert_eq!(record.error, None, "{record:?}");
+}
+
+/// A run queues the jobs an earlier one left `not_submitted` (after a `1102`, a stop)
+/// many to a journal transaction: it took one each, one write to the disk each (2–3 ms),
+/// so a rerun of 100 000 such jobs spent minutes before it sent anything.
+#[test]
+fn jobs_not_submitted_are_queued_again_many_to_a_transaction() {
+    let n = REQUEUE_CHUNK + 5;
+    let text: String = (0..n)
+        .map(|i| format!("{{\"id\":\"j{i}\",\"prompt\":\"p\"}}\n"))
+        .collect();
+    let (jobs, _) = parse_jobs(&text);
+    let journal = Journal::open_in_memory().unwrap();
+    journal.register(&jobs).unwrap();
+    let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+    let stopped = Update::error(ErrorInfo::new(1102, "credits", None));
+    journal
+        .transition_all(&ids, JobState::NotSubmitted, &stopped)
+        .unwrap();
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+        "http://127.0.0.1:9",
+    )
+    .unwrap();
+    let options = RunOptions::new(default_follow_policy(1.0));
+    let engine = Engine::new(stack, journal.clone(), options).unwrap();
+    let before = journal.commits();
+    let plan = engine.plan(&jobs, &|| false).unwrap().unwrap();
+    assert_eq!(journal.commits() - before, 2, "{n} jobs, two transactions");
+    assert_eq!(plan.queued.len(), n);
+    let progress = engine.progress();
+    assert_eq!(progress.count(JobState::Queued), n);
+    assert_eq!(progress.count(JobState::NotSubmitted), 0);
+    for record in journal.records().unwrap() {
+        assert_eq!(record.state, JobState::Queued, "{record:?}");
+        assert!(
+            record.error.is_none(),
+            "the old reason is cleared: {record:?}"
+        );
+    }
+    assert_eq!(
+        journal.transitions("j0").unwrap(),
+        ["queued", "not_submitted", "queued"]
+    );
+}
+
+/// A stop while the jobs an earlier run left `not_submitted` are queued again ends the run
+/// between two transactions: the loop never looked at the stop, so a resumed run of
+/// 100 000 such jobs queued them all before a Ctrl-C was heard. The journal stays whole:
+/// the jobs queued so far are `queued`, the others `not_submitted` with their reason, and
+/// a later run queues the rest and sends them all.
+#[test]
+fn a_stop_while_jobs_are_queued_again_ends_the_plan_between_two_transactions() {
+    let n = 3 * REQUEUE_CHUNK + 5;
+    let text: String = (0..n)
+        .map(|i| format!("{{\"id\":\"j{i}\",\"prompt\":\"p\"}}\n"))
+        .collect();
+    let (jobs, _) = parse_jobs(&text);
+    let journal = Journal::open_in_memory().unwrap();
+    journal.register(&jobs).unwrap();
+    let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+    let credits = ErrorInfo::new(1102, "credits", None);
+    journal
+        .transition_all(
+            &ids,
+            JobState::NotSubmitted,
+            &Update::error(credits.clone()),
+        )
+        .unwrap();
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+        "http://127.0.0.1:9",
+    )
+    .unwrap();
+    let options = RunOptions::new(default_follow_policy(1.0));
+    let engine = Engine::new(stack.clone(), journal.clone(), options).unwrap();
+    let before = journal.commits();
+    // Stopped once the first transaction of jobs queued again is written.
+    let stopped = || journal.commits() > before;
+    assert!(
+        engine.plan(&jobs, &stopped).unwrap().is_none(),
+        "the plan ends at the stop"
+    );
+    assert_eq!(
+        journal.commits() - before,
+        1,
+        "one transaction, then the stop"
+    );
+    let records = journal.records().unwrap();
+    let queued: Vec<&JobRecord> = records
+        .iter()
+        .filter(|r| r.state == JobState::Queued)
+        .collect();
+    assert_eq!(queued.len(), REQUEUE_CHUNK);
+    assert!(queued.iter().all(|r| r.error.is_none()), "{:?}", queued[0]);
+    for record in &records[REQUEUE_CHUNK..] {
+        assert_eq!(record.state, JobState::NotSubmitted, "{record:?}");
+        assert_eq!(record.error.as_ref(), Some(&credits), "{record:?}");
+    }
+    assert_eq!(stack.attempts().requests(), 0, "nothing was sent");
+
+    // A later run queues the rest, and sends every job.
+    let engine = Engine::new(
+        stack,
+        journal.clone(),
+        RunOptions::new(default_follow_policy(1.0)),
+    )
+    .unwrap();
+    let before = journal.commits();
+    let plan = engine.plan(&jobs, &|| false).unwrap().unwrap();
+    assert_eq!(
+        journal.commits() - before,
+        3,
+        "the rest, three transactions"
+    );
+    assert_eq!(plan.queued.len(), n);
+    for record in journal.records().unwrap() {
+        assert_eq!(record.state, JobState::Queued, "{record:?}");
+    }
+    assert_eq!(
+        journal.transitions(&jobs[n - 1].id).unwrap(),
+        ["queued", "not_submitted", "queued"]
+    );
+}
+
+/// A stop while the jobs are registered ends the run there: it registered every job of
+/// the file first (100 000 jobs: seconds), then marked them all `not_submitted`. Nothing
+/// is written to the journal and nothing is sent; a resumed run's report keeps the
+/// journal's records as an earlier run left them.
+#[tokio::test(start_paused = true)]
+async fn a_stop_while_the_jobs_are_registered_ends_the_run_with_nothing_written() {
+    let text = |n: usize| -> String {
+        (0..n)
+            .map(|i| format!("{{\"id\":\"j{i}\",\"prompt\":\"p\"}}\n"))
+            .collect()
+    };
+    let (earlier, _) = parse_jobs(&text(3));
+    let (jobs, _) = parse_jobs(&text(3 * crate::journal::REGISTER_CHECK));
+    let journal = Journal::open_in_memory().unwrap();
+    journal.register(&earlier).unwrap();
+    journal
+        .transition("j0", JobState::Succeeded, Update::task("t0"))
+        .unwrap();
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+        "http://127.0.0.1:9",
+    )
+    .unwrap();
+    let engine = Engine::new(
+        stack.clone(),
+        journal.clone(),
+        RunOptions::new(default_follow_policy(1.0)),
+    )
+    .unwrap();
+    let (_stopper, stopped) = watch::channel(true);
+    let report = engine.run(&jobs, stopped).await.unwrap();
+    assert!(report.interrupted);
+    assert_eq!(report.creates, 0);
+    assert_eq!(stack.attempts().requests(), 0);
+    let states: Vec<(&str, JobState)> = report
+        .records
+        .iter()
+        .map(|r| (r.job_id.as_str(), r.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("j0", JobState::Succeeded),
+            ("j1", JobState::Queued),
+            ("j2", JobState::Queued)
+        ]
+    );
+    assert_eq!(journal.records().unwrap().len(), 3, "nothing registered");
+}
+
+/// A stop marks the jobs left `not_submitted` in chunks, yielding between two, so the
+/// other work of the runtime thread (follows, answers in flight, timers) goes on meanwhile:
+/// it marked them all in one go, one transaction each, and with 100 000 jobs left held
+/// the thread for as long.
+#[tokio::test(start_paused = true)]
+async fn a_stop_marks_the_jobs_left_in_chunks_and_other_work_goes_on_meanwhile() {
+    let n = 4 * MARK_CHUNK + 7;
+    let text: String = (0..n)
+        .map(|i| format!("{{\"id\":\"j{i}\",\"prompt\":\"p\"}}\n"))
+        .collect();
+    let (jobs, _) = parse_jobs(&text);
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+        "http://127.0.0.1:9",
+    )
+    .unwrap();
+    let journal = Journal::open_in_memory().unwrap();
+    let engine = Engine::new(
+        stack,
+        journal.clone(),
+        RunOptions::new(default_follow_policy(1.0)),
+    )
+    .unwrap();
+    let plan = engine.plan(&jobs, &|| false).unwrap().unwrap();
+    let progress = engine.progress();
+    // Other work on this (the only) runtime thread: a task that notes, each time it runs,
+    // how many jobs are marked.
+    let done = Arc::new(AtomicBool::new(false));
+    let other = tokio::spawn({
+        let (progress, done) = (progress.clone(), done.clone());
+        async move {
+            let mut seen = Vec::new();
+            while !done.load(Ordering::SeqCst) {
+                seen.push(progress.count(JobState::NotSubmitted));
+                tokio::task::yield_now().await;
+            }
+            seen
+        }
+    });
+    let (_stopper, stop) = watch::channel(true);
+    let (tx, _rx) = mpsc::unbounded_channel();
+    engine.create_all(plan.queued, tx, stop).await.unwrap();
+    done.store(true, Ordering::SeqCst);
+    let seen = other.await.unwrap();
+    assert!(
+        seen.iter().any(|&marked| marked > 0 && marked < n),
+        "the other task ran while the jobs were marked: {seen:?}"
+    );
+    assert_eq!(progress.count(JobState::NotSubmitted), n);
+    assert_eq!(progress.count(JobState::Queued), 0);
+    for record in journal.records().unwrap() {
+        assert_eq!(record.state, JobState::NotSubmitted, "{record:?}");
+        let error = record.error.unwrap();
+        assert_eq!(error.message, "not submitted: the run was stopped");
+    }
+    assert_eq!(
+        journal.transitions(&format!("j{}", n - 1)).unwrap(),
+        ["queued", "not_submitted"]
+    );
+}
+
+/// A stop while a create waits (nothing answers: it is retried until the grace ends)
+/// leaves no job `queued` without a word: the jobs its pool had not reached stayed
+/// `queued`, counted as not submitted with no reason. They are `not_submitted` as stopped,
+/// and the one in flight stays `creating` (looked up by the next run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_create_marks_every_job_left_not_submitted() {
+    let n = MARK_CHUNK + 10;
+    let text: String = (0..n)
+        .map(|i| format!("{{\"id\":\"j{i}\",\"prompt\":\"p\"}}\n"))
+        .collect();
+    let (jobs, _) = parse_jobs(&text);
+    // A port that refuses connections: the create is retried, never answered.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+        &base,
+    )
+    .unwrap();
+    let journal = Journal::open_in_memory().unwrap();
+    let mut options = RunOptions::new(default_follow_policy(1.0));
+    options.stop_grace = Duration::from_millis(50);
+    let engine = Engine::new(stack, journal, options).unwrap();
+    let (stopper, stop) = watch::channel(false);
+    let run = tokio::spawn({
+        let engine = engine.clone();
+        let jobs = jobs.clone();
+        async move { engine.run(&jobs, stop).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stopper.send(true).unwrap();
+    let report = run.await.unwrap().unwrap();
+    assert!(report.interrupted);
+    let by_state = |state| report.records.iter().filter(|r| r.state == state).count();
+    assert_eq!(by_state(JobState::Creating), 1, "{:?}", report.records[0]);
+    assert_eq!(by_state(JobState::NotSubmitted), n - 1);
+    for record in report.records.iter().skip(1) {
+        assert_eq!(
+            record.error.as_ref().unwrap().message,
+            STOPPED,
+            "{record:?}"
+        );
+    }
+}
+
+/// A stop while a resumed run lists the running tasks or looks up a create of unknown
+/// outcome ends the run at once: with nothing answering, each of these calls is retried
+/// for half a minute and more, and the run went on with them (a minute and more after
+/// Ctrl-C) before it stopped. The job not looked up stays `creating` for a later run, and
+/// the jobs not sent are `not_submitted` as stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_the_lookups_of_a_resumed_run_ends_it_at_once() {
+    let (jobs, _) = parse_jobs(concat!(
+        "{\"id\":\"sent\",\"prompt\":\"a\"}\n",
+        "{\"id\":\"next\",\"prompt\":\"b\"}\n",
+    ));
+    // A port that refuses connections: the listing of running tasks is retried, never
+    // answered.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let refusing = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    // A server that lists no running task, and never answers a lookup (it says when one
+    // arrives).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent = format!("http://{}", listener.local_addr().unwrap());
+    let (looked_up, mut lookup_arrived) = watch::channel(false);
+    let app = axum::Router::new().fallback(move |uri: http::Uri| async move {
+        if uri.path().contains("/kb-") {
+            looked_up.send_replace(true);
+            std::future::pending::<()>().await;
+        }
+        (
+            [(http::header::CONTENT_TYPE, "application/json")],
+            r#"{"code":0,"message":"SUCCEED","request_id":"r","data":[]}"#,
+        )
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    for (base, during) in [(refusing, "listing"), (silent, "lookup")] {
+        let journal = Journal::open_in_memory().unwrap();
+        journal.register(&jobs).unwrap();
+        journal
+            .transition("sent", JobState::Creating, Update::default())
+            .unwrap();
+        // The lookup case: its 15 listings (one a second at 1×) go by at once, and the
+        // lookup's first attempt waits 36 s.
+        let config = match during {
+            "lookup" => StackConfig::preset(Tier::Pro)
+                .speed(100.0)
+                .attempt_timeout(Duration::from_secs(3600)),
+            _ => StackConfig::preset(Tier::Pro),
+        };
+        let stack = Stack::new(config, Credentials::api_key("key").unwrap(), &base).unwrap();
+        let mut options = RunOptions::new(default_follow_policy(1.0));
+        options.stop_grace = Duration::from_millis(50);
+        let engine = Engine::new(stack, journal, options).unwrap();
+        let (stopper, stop) = watch::channel(false);
+        let run = tokio::spawn({
+            let engine = engine.clone();
+            let jobs = jobs.clone();
+            async move { engine.run(&jobs, stop).await }
+        });
+        if during == "lookup" {
+            tokio::time::timeout(Duration::from_secs(30), lookup_arrived.wait_for(|a| *a))
+                .await
+                .expect("the job is looked up")
+                .unwrap();
+        } else {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        stopper.send(true).unwrap();
+        let report = tokio::time::timeout(Duration::from_secs(3), run)
+            .await
+            .unwrap_or_else(|_| panic!("a stop during the {during}: the run ends soon"))
+            .unwrap()
+            .unwrap();
+        assert!(report.interrupted);
+        let record = |id: &str| report.records.iter().find(|r| r.job_id == id).unwrap();
+        assert_eq!(record("sent").state, JobState::Creating, "looked up later");
+        assert_eq!(record("next").state, JobState::NotSubmitted);
+        assert_eq!(record("next").error.as_ref().unwrap().message, STOPPED);
+        assert_eq!(report.creates, 0);
+    }
+}
+
+/// A final refusal sent with HTTP 429 (an undocumented code, `1103` under 429) refuses the
+/// account, as every code Kling sends with 429 does: the run stops creating after the
+/// first, as after `1101`, and every job is `not_submitted` with the code, for a later run.
+/// Each create was sent and refused, then looked up and refused again: every job ended
+/// `creating` ("create outcome unknown", no reason in the summary), and each rerun did
+/// nothing but look them all up again. A final refusal under another status (`1103` with
+/// its 403), or a refusal of the request itself under 429 (`1301`), stays the job's alone:
+/// `1301`, its lookup refused too, leaves the job unknown; `1103` refused on the lookup as
+/// well settles it `not_submitted` (without the permission, nothing was created).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_refusal_sent_with_429_stops_the_creates_as_a_refusal_of_the_account() {
+    let n = 6;
+    let text: String = (0..n)
+        .map(|i| format!("{{\"id\":\"j{i}\",\"prompt\":\"p\"}}\n"))
+        .collect();
+    let (jobs, _) = parse_jobs(&text);
+    let cases = [
+        (429, 1104, true),
+        (429, 1103, true),
+        (403, 1103, false),
+        (429, 1301, false),
+    ];
+    for (status, code, halts) in cases {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let body = format!(r#"{{"code":{code},"message":"refused","request_id":"r"}}"#);
+        let app = axum::Router::new().fallback(move || {
+            let body = body.clone();
+            async move {
+                (
+                    http::StatusCode::from_u16(status).unwrap(),
+                    [(http::header::CONTENT_TYPE, "application/json")],
+                    body,
+                )
+            }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let stack = Stack::new(
+            StackConfig::preset(Tier::Pro).speed(100.0).headroom(0.5),
+            Credentials::api_key("key").unwrap(),
+            &base,
+        )
+        .unwrap();
+        let options = RunOptions::new(default_follow_policy(100.0));
+        let engine = Engine::new(stack, Journal::open_in_memory().unwrap(), options).unwrap();
+        let (_stop, stop) = watch::channel(false);
+        let report = engine.run(&jobs, stop).await.unwrap();
+        let case = format!("{status} {code}");
+        let mut summary = crate::summary::Summary::default();
+        summary.count_jobs(&report.records);
+        if !halts {
+            assert_eq!(report.creates, n as u64, "{case}: each job its own");
+            let reason = format!("{code} {}", Code::from_i64(code).description());
+            if code == 1103 {
+                // No permission for the create nor for its lookup: nothing was created.
+                assert_eq!(summary.unknown, 0, "{case}");
+                assert_eq!(
+                    summary.not_submitted_by_reason,
+                    BTreeMap::from([(reason, n)]),
+                    "{case}"
+                );
+                continue;
+            }
+            // Refused, and so was the lookup: unknown, and the summary says why.
+            assert_eq!(summary.unknown, n, "{case}");
+            assert_eq!(
+                summary.unknown_by_reason,
+                BTreeMap::from([(reason, n)]),
+                "{case}"
+            );
+            continue;
+        }
+        assert_eq!(report.creates, 1, "{case}");
+        for record in &report.records {
+            assert_eq!(record.state, JobState::NotSubmitted, "{case}: {record:?}");
+            assert_eq!(record.error.as_ref().unwrap().code, code, "{case}");
+        }
+        assert_eq!(summary.unknown, 0, "{case}");
+        assert_eq!(
+            summary.not_submitted_by_reason.values().sum::<usize>(),
+            n,
+            "{case}: {summary:?}"
+        );
+    }
+}
+
+/// A job an earlier run left `creating` with its create refused `1103` (no permission for
+/// this API or model), whose lookup is refused `1103` again, is settled `not_submitted`
+/// with the create's refusal: it stayed `creating`, looked up (and refused) by every rerun,
+/// never settled, the summary saying to run again. Not sent by this run (it would be
+/// refused the same); the next sends it. A job `creating` for another reason (a run killed
+/// mid-create) whose lookup is refused `1103` stays unknown: that create may have been
+/// made before the permission was taken away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_create_refused_1103_whose_lookup_is_refused_1103_is_not_submitted() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().fallback(|| async {
+        (
+            http::StatusCode::FORBIDDEN,
+            [(http::header::CONTENT_TYPE, "application/json")],
+            r#"{"code":1103,"message":"no permission","request_id":"r2"}"#,
+        )
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (jobs, _) = parse_jobs(concat!(
+        "{\"id\":\"refused\",\"prompt\":\"a\"}\n",
+        "{\"id\":\"killed\",\"prompt\":\"b\"}\n",
+    ));
+    let journal = Journal::open_in_memory().unwrap();
+    journal.register(&jobs).unwrap();
+    let refusal = ErrorInfo::new(1103, "no permission", Some("r1".into()));
+    journal
+        .transition(
+            "refused",
+            JobState::Creating,
+            Update::error(refusal.clone()),
+        )
+        .unwrap();
+    journal
+        .transition("killed", JobState::Creating, Update::default())
+        .unwrap();
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro).speed(100.0).headroom(0.5),
+        Credentials::api_key("key").unwrap(),
+        &base,
+    )
+    .unwrap();
+    let options = RunOptions::new(default_follow_policy(100.0));
+    let engine = Engine::new(stack, journal.clone(), options).unwrap();
+    let (_stop, stop) = watch::channel(false);
+    let report = engine.run(&jobs, stop).await.unwrap();
+    assert_eq!(report.creates, 0);
+    let record = |id: &str| report.records.iter().find(|r| r.job_id == id).unwrap();
+    assert_eq!(record("refused").state, JobState::NotSubmitted);
+    assert_eq!(record("refused").error.as_ref(), Some(&refusal));
+    assert_eq!(record("killed").state, JobState::Creating);
+    let mut summary = crate::summary::Summary::default();
+    summary.count_jobs(&report.records);
+    let reason = "1103 no permission for this api or model".to_owned();
+    assert_eq!(
+        summary.not_submitted_by_reason,
+        BTreeMap::from([(reason, 1)])
+    );
+    assert_eq!(summary.unknown, 1);
+    assert_eq!(
+        journal.transitions("refused").unwrap(),
+        ["queued", "creating", "not_submitted"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_account_or_auth_error_on_a_query_keeps_the_job_created_for_the_next_run() {
+    let cases = [
+        (Switches::new().arrears(true), "key", 1101),
+        (Switches::new().abnormal(true), "key", 1100),
+        (Switches::new().ip_denied(true), "key", 1304),
+        (Switches::new(), "revoked-key", 1002),
+    ];
+    for (switches, key, code) in cases {
+        let (task_id, result) = follow_on_mock(switches, key, None).await;
+        match &result {
+            Err(FollowError::Api { error, .. }) => assert_eq!(error.code().as_i64(), code),
+            other => panic!("the follower ends with the Kling error: {other:?}"),
+        }
+        let (journal, record) = finish_created_job(&task_id, result).await;
+        assert_eq!(record.state, JobState::Created, "{code}: {record:?}");
+        assert_eq!(record.task_id.as_deref(), Some(task_id.as_str()));
+        let error = record.error.expect("the error is reported");
+        assert_eq!(error.code, code);
+        assert!(error.message.contains("may still run"), "{error:?}");
+        assert_eq!(
+            journal.transitions("cat").unwrap(),
+            ["queued", "creating", "created"]
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_kling_does_not_know_fails_its_job_naming_the_task() {
+    let (task_id, result) =
+        follow_on_mock(Switches::new(), "key", Some("860000000000000404")).await;
+    match &result {
+        Err(FollowError::Api { error, .. }) => assert_eq!(error.code(), Code::NotFound),
+        other => panic!("the follower ends with 1203: {other:?}"),
+    }
+    let (_, record) = finish_created_job(&task_id, result).await;
+    assert_eq!(record.state, JobState::Failed);
+    let error = record.error.unwrap();
+    assert_eq!(error.code, 1203);
+    assert!(error.message.contains("860000000000000404"), "{error:?}");
+    assert!(error.request_id.is_some());
+}
+
+/// A resumed run whose succeeded jobs have files missing (a file of 100 000 jobs run
+/// once without `--download`, then with it) holds a few downloads at a time, not one
+/// waiting task per job: each job's download was spawned at once, to wait for its turn,
+/// and such a rerun took 435 MB where the run itself took 100 MB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_run_with_many_files_missing_holds_only_the_downloads_it_runs() {
+    use std::sync::atomic::AtomicUsize;
+
+    const JOBS: usize = 400;
+    // A result server that accepts and never answers: the downloads it took wait.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let text: String = (0..JOBS)
+        .map(|i| format!("{{\"id\":\"j{i}\",\"prompt\":\"p{i}\"}}\n"))
+        .collect();
+    let (jobs, _) = parse_jobs(&text);
+    let journal = Journal::open_in_memory().unwrap();
+    journal.register(&jobs).unwrap();
+    for (i, job) in jobs.iter().enumerate() {
+        let update = Update {
+            task_id: Some(format!("t{i}")),
+            urls: Some(vec![format!("http://{addr}/outputs/{i}.mp4")]),
+            ..Update::default()
+        };
+        journal
+            .transition(&job.id, JobState::Succeeded, update)
+            .unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("kling-batch-missing-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+        "http://127.0.0.1:9",
+    )
+    .unwrap();
+    let options = RunOptions::new(default_follow_policy(1.0)).download_dir(dir.clone());
+    let engine = Engine::new(stack, journal, options).unwrap();
+    let (stop_tx, stop) = watch::channel(false);
+    let run = tokio::spawn(async move { engine.run(&jobs, stop).await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while accepted.load(Ordering::SeqCst) < download::MAX_IN_FLIGHT {
+        assert!(std::time::Instant::now() < deadline, "no download began");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let alive = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    assert_eq!(accepted.load(Ordering::SeqCst), download::MAX_IN_FLIGHT);
+    assert!(
+        alive < 64,
+        "{alive} tasks alive for {} downloads running",
+        download::MAX_IN_FLIGHT
+    );
+    stop_tx.send(true).unwrap();
+    let report = run.await.unwrap().unwrap();
+    assert!(report.interrupted);
+    assert_eq!(report.records.len(), JOBS);
+    server.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A server on a free local port that answers every request with what `body` holds at the
+/// time (code 0, 200; `{base}` in it reads as the server's own URL), and the paths asked.
+async fn answering_as_told(body: Arc<Mutex<String>>) -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let app = axum::Router::new().fallback({
+        let (base, asked) = (base.clone(), asked.clone());
+        move |uri: http::Uri| {
+            asked.lock().unwrap().push(uri.to_string());
+            let body = body.lock().unwrap().replace("{base}", &base);
+            async move { ([(http::header::CONTENT_TYPE, "application/json")], body) }
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (base, asked)
+}
+
+/// The envelope of a legacy task `id` that succeeded, with `result` as its `task_result`.
+fn succeeded_legacy(id: &str, result: &str) -> String {
+    format!(
+        r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":{{"task_id":"{id}","task_status":"succeed","task_result":{result}}}}}"#
+    )
+}
+
+/// A signed callback that carries the status alone (no `task_result`) ended the follow
+/// with a report without result URLs: the job counted as `ok` with nothing to fetch, and
+/// no later run asked again. Its task is queried once now, and the job gets the query's
+/// URLs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_without_results_is_completed_by_one_query_of_the_task() {
+    let speed = 1000.0;
+    let config = MockConfig::preset(Preset::Pro)
+        .speed(speed)
+        .task_duration(Duration::from_secs(10), Duration::from_secs(10));
+    let server = kling_mock::MockServer::start(config).await.unwrap();
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro).speed(speed).headroom(0.5),
+        Credentials::api_key("key").unwrap(),
+        &server.base_url(),
+    )
+    .unwrap();
+    let (jobs, _) = parse_jobs("{\"id\":\"a\",\"prompt\":\"a\"}\n");
+    let journal = Journal::open_in_memory().unwrap();
+    // Callbacks first: the follow queries only after an hour, so the callback ends it.
+    let policy = FollowPolicy::new().callbacks_first(Duration::from_secs(3600));
+    let engine = Engine::new(stack, journal.clone(), RunOptions::new(policy)).unwrap();
+    let (_stop, stop) = watch::channel(false);
+    let run = tokio::spawn({
+        let (engine, jobs) = (engine.clone(), jobs.clone());
+        async move { engine.run(&jobs, stop).await }
+    });
+    // Created, and ended at the mock (a query of it names its result).
+    let task = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let task = engine.tasks.lock().unwrap().keys().next().cloned();
+            if let Some(task) = task {
+                let asked = Asked::Legacy {
+                    path: ENDPOINT,
+                    id: &task,
+                };
+                if let Ok(found) = engine.query_tasks(asked).await
+                    && found.iter().any(has_results)
+                {
+                    return task;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the task is created and ends");
+    let before = server.stats().requests_total;
+    let payload = format!(r#"{{"task_id":"{task}","task_status":"succeed"}}"#);
+    let thin = kling_tower::webhook::parse_task(payload.as_bytes()).unwrap();
+    assert!(thin.urls.is_empty());
+    engine.on_callback(payload.as_bytes(), thin, true).await;
+    let report = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the callback ends the run")
+        .unwrap()
+        .unwrap();
+    let record = &report.records[0];
+    assert_eq!(record.state, JobState::Succeeded, "{record:?}");
+    assert_eq!(record.urls.len(), 1, "{record:?}");
+    assert_eq!(record.error, None, "{record:?}");
+    assert_eq!(
+        server.stats().requests_total - before,
+        1,
+        "one query of the task"
+    );
+    let mut summary = crate::summary::Summary::default();
+    summary.count_jobs(&report.records);
+    assert_eq!((summary.ok, summary.no_result_url), (1, 0), "{summary:?}");
+}
+
+/// A succeeded report whose URLs kling-batch cannot read (a URL of a shape it does not
+/// know, which kling-core leaves out), and a query of it that names none either: the job
+/// was `ok` with nothing to fetch, the results without a word. Now it is counted apart
+/// (`succeeded, no result URL`, exit status 1), its results line says why, it cost one
+/// query, and a later run asks once more: the URLs found then are recorded and fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_succeeded_task_without_a_result_url_is_counted_apart_and_asked_again() {
+    let task = "860000000000000001";
+    let unreadable = succeeded_legacy(task, r#"{"videos":[{"id":"v","url":{"href":"x"}}]}"#);
+    let body = Arc::new(Mutex::new(unreadable.clone()));
+    let (base, asked) = answering_as_told(body.clone()).await;
+    let stack = || {
+        Stack::new(
+            StackConfig::preset(Tier::Pro),
+            Credentials::api_key("key").unwrap(),
+            &base,
+        )
+        .unwrap()
+    };
+    let (jobs, _) = parse_jobs("{\"id\":\"cat\",\"prompt\":\"a cat\"}\n");
+    let journal = Journal::open_in_memory().unwrap();
+    journal.register(&jobs).unwrap();
+    journal
+        .transition("cat", JobState::Creating, Update::default())
+        .unwrap();
+    journal
+        .transition("cat", JobState::Created, Update::task(task))
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("kling-batch-no-url-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let options = || RunOptions::new(default_follow_policy(1.0)).download_dir(dir.clone());
+    let engine = Engine::new(stack(), journal.clone(), options()).unwrap();
+    engine.track(&jobs[0], &TaskRef::legacy(ENDPOINT, task), Instant::now());
+    let thin = Envelope::parse(unreadable.as_bytes()).unwrap().tasks[0].clone();
+    assert!(thin.urls.is_empty());
+    engine.finish("cat", task, Ok(thin)).await.unwrap();
+
+    let queries = |asked: &Mutex<Vec<String>>| {
+        asked
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.starts_with(ENDPOINT))
+            .count()
+    };
+    assert_eq!(queries(&asked), 1, "one query: {:?}", asked.lock().unwrap());
+    let records = journal.records().unwrap();
+    let record = &records[0];
+    assert_eq!(record.state, JobState::Succeeded, "{record:?}");
+    assert!(record.urls.is_empty(), "{record:?}");
+    let error = record.error.as_ref().expect("why there is no result");
+    assert!(error.message.starts_with(NO_RESULT), "{error:?}");
+    assert!(error.message.contains(task), "{error:?}");
+    let line = serde_json::to_value(crate::output::ResultLine::of(record)).unwrap();
+    assert_eq!(line["state"], "succeeded");
+    assert_eq!(line["error"]["message"], error.message.as_str(), "{line}");
+    let mut summary = crate::summary::Summary::default();
+    summary.count_jobs(&records);
+    summary.count_missing_files(&records);
+    assert_eq!((summary.ok, summary.no_result_url), (0, 1), "{summary:?}");
+    assert!(
+        summary
+            .to_string()
+            .contains("succeeded, no result URL  1 (run again to ask for them)"),
+        "{summary}"
+    );
+    assert_eq!(crate::cli::exit_code(&summary), 1);
+
+    // A later run asks once more; still none: one query, and the job stays as it was.
+    let engine = Engine::new(stack(), journal.clone(), options()).unwrap();
+    let (_stop, stop) = watch::channel(false);
+    let report = engine.run(&jobs, stop).await.unwrap();
+    assert_eq!(queries(&asked), 2, "{:?}", asked.lock().unwrap());
+    assert!(report.records[0].urls.is_empty(), "{:?}", report.records[0]);
+    assert!(report.records[0].error.is_some(), "{:?}", report.records[0]);
+
+    // And a later one finds the URL: recorded, the error gone, the file fetched.
+    *body.lock().unwrap() = succeeded_legacy(task, r#"{"videos":[{"url":"{base}/v/0.mp4"}]}"#);
+    let engine = Engine::new(stack(), journal.clone(), options()).unwrap();
+    let (_stop, stop) = watch::channel(false);
+    let report = engine.run(&jobs, stop).await.unwrap();
+    assert_eq!(queries(&asked), 3, "{:?}", asked.lock().unwrap());
+    let record = &report.records[0];
+    assert_eq!(record.state, JobState::Succeeded, "{record:?}");
+    assert_eq!(record.urls, [format!("{base}/v/0.mp4")], "{record:?}");
+    assert_eq!(record.error, None, "{record:?}");
+    assert_eq!(record.files.len(), 1, "{record:?}");
+    assert!(
+        std::path::Path::new(&record.files[0]).exists(),
+        "{record:?}"
+    );
+    let mut summary = crate::summary::Summary::default();
+    summary.count_jobs(&report.records);
+    summary.count_missing_files(&report.records);
+    assert_eq!((summary.ok, summary.no_result_url), (1, 0), "{summary:?}");
+    assert_eq!(crate::cli::exit_code(&summary), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A resumed run asks for the results of many new-style tasks a batch query at a time,
+/// [`RESULTS_BATCH`] ids to a query, never a query each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_run_asks_for_many_new_style_results_a_batch_at_a_time() {
+    let n = RESULTS_BATCH + 3;
+    let body = Arc::new(Mutex::new(
+        r#"{"code":0,"message":"SUCCEED","request_id":"r","data":[]}"#.to_owned(),
+    ));
+    let (base, asked) = answering_as_told(body).await;
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+        &base,
+    )
+    .unwrap();
+    let text: String = (0..n)
+        .map(|i| {
+            format!(
+                "{{\"id\":\"j{i}\",\"prompt\":\"p\",\"endpoint\":\"/text-to-video/kling-3.0\"}}\n"
+            )
+        })
+        .collect();
+    let (jobs, _) = parse_jobs(&text);
+    let journal = Journal::open_in_memory().unwrap();
+    journal.register(&jobs).unwrap();
+    for (i, job) in jobs.iter().enumerate() {
+        journal
+            .transition(&job.id, JobState::Succeeded, Update::task(format!("t{i}")))
+            .unwrap();
+    }
+    let engine = Engine::new(
+        stack,
+        journal.clone(),
+        RunOptions::new(default_follow_policy(1.0)),
+    )
+    .unwrap();
+    let (_stop, stop) = watch::channel(false);
+    let report = engine.run(&jobs, stop).await.unwrap();
+    let asked = asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), 2, "{asked:?}");
+    assert!(asked[0].starts_with("/tasks?task_ids=t0,t1,"), "{asked:?}");
+    assert_eq!(
+        asked[1],
+        format!("/tasks?task_ids=t{},t{},t{}", n - 3, n - 2, n - 1)
+    );
+    for record in &report.records {
+        let error = record.error.as_ref().expect("still no result");
+        assert!(error.message.starts_with(NO_RESULT), "{record:?}");
+    }
+}
+
+/// The loop that clears the errors of tasks an earlier run left `created` (4 096 jobs to
+/// a transaction) never looked at the stop: a rerun of 100 000 such jobs cleared them all
+/// before a Ctrl-C was heard. It looks before each transaction now, and the jobs not
+/// reached keep their earlier reason.
+#[test]
+fn a_stop_while_earlier_errors_are_cleared_ends_it_between_two_transactions() {
+    let n = 3 * REQUEUE_CHUNK + 5;
+    let text: String = (0..n)
+        .map(|i| format!("{{\"id\":\"j{i}\",\"prompt\":\"p\"}}\n"))
+        .collect();
+    let (jobs, _) = parse_jobs(&text);
+    let journal = Journal::open_in_memory().unwrap();
+    journal.register(&jobs).unwrap();
+    let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+    let earlier = ErrorInfo::new(1101, "arrears", None);
+    journal
+        .transition_all(&ids, JobState::Created, &Update::error(earlier.clone()))
+        .unwrap();
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+        "http://127.0.0.1:9",
+    )
+    .unwrap();
+    let options = RunOptions::new(default_follow_policy(1.0));
+    let engine = Engine::new(stack, journal.clone(), options).unwrap();
+    let refs: Vec<&Job> = jobs.iter().collect();
+    let before = journal.commits();
+    let stopped = || journal.commits() > before;
+    assert!(!engine.clear_stale_errors(&refs, &stopped).unwrap());
+    assert_eq!(
+        journal.commits() - before,
+        1,
+        "one transaction, then the stop"
+    );
+    let records = journal.records().unwrap();
+    for record in &records[..REQUEUE_CHUNK] {
+        assert_eq!(record.error, None, "{record:?}");
+    }
+    for record in &records[REQUEUE_CHUNK..] {
+        assert_eq!(record.error.as_ref(), Some(&earlier), "{record:?}");
+    }
+    let before = journal.commits();
+    assert!(engine.clear_stale_errors(&refs, &|| false).unwrap());
+    assert_eq!(journal.commits() - before, 4);
+    assert!(journal.records().unwrap().iter().all(|r| r.error.is_none()));
+}
