@@ -12,7 +12,7 @@ use http::{HeaderValue, Request};
 use http_body_util::Full;
 use kling_concurrency::{SlotsConfig, TaskSlotsLayer};
 use kling_core::{BoxError, ClassifyLayer, Outcome};
-use kling_mock::{MockConfig, MockKling, Preset, RetryAfterMode};
+use kling_mock::{MockConfig, MockKling, Preset, RetryAfterMode, Switches};
 use kling_ratelimit::{Adaptive, GcraLayer, Quota};
 use kling_retry::{Recovered, RetryLayer};
 use kling_tower::{Credentials, KlingLayer, ServiceBuilderExt, StackConfig, Tier};
@@ -67,11 +67,25 @@ pub enum Scenario {
     /// under a rate cap) and without it ([`Client::KlingFixedRate`], this cell's negative
     /// control).
     RateTold1_5,
+    /// The limits known, and an outage: from [`OUTAGE_START`] into the run, for [`OUTAGE`], the
+    /// server answers every request 1302 whatever its pace (kling-mock's `Switches::throttled`:
+    /// an overload or a burst lockout; no `Retry-After`, as Kling documents none), then
+    /// behaves normally again. A client must come back to the rate it was told once the
+    /// refusals end, rather than keep a rate the 1302s took down (kling-tower runs its
+    /// adaptive rate there, the default under a rate cap). The bound counts the outage
+    /// ([`Run::outage`]).
+    Outage,
 }
+
+/// When [`Scenario::Outage`]'s outage begins, from the start of the run.
+pub const OUTAGE_START: Duration = Duration::from_secs(30 * 60);
+
+/// How long [`Scenario::Outage`]'s outage lasts.
+pub const OUTAGE: Duration = Duration::from_secs(20 * 60);
 
 impl Scenario {
     /// Every scenario, in table order.
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::Plain,
         Scenario::Faults,
         Scenario::Credits,
@@ -82,6 +96,7 @@ impl Scenario {
         Scenario::Adaptive,
         Scenario::UnknownSlots,
         Scenario::RateTold1_5,
+        Scenario::Outage,
     ];
 
     /// The clients [`run`] runs in it: kling-tower's stack with its adaptive rate off too in
@@ -106,6 +121,7 @@ impl Scenario {
             Scenario::Adaptive => "unknown rate (adaptive)",
             Scenario::UnknownSlots => "unknown slots (told 2x)",
             Scenario::RateTold1_5 => "rate told 1.5x",
+            Scenario::Outage => "outage (1302 for 20 min)",
         }
     }
 
@@ -113,8 +129,20 @@ impl Scenario {
     pub fn limits_known(self) -> bool {
         matches!(
             self,
-            Scenario::Plain | Scenario::Faults | Scenario::Credits | Scenario::PollFast
+            Scenario::Plain
+                | Scenario::Faults
+                | Scenario::Credits
+                | Scenario::PollFast
+                | Scenario::Outage
         )
+    }
+
+    /// Whether the server refuses only a client that does not keep to the limits it knows:
+    /// where the target is 429s on under 1% of the requests ([`refusal_claims`]). Not in
+    /// [`Scenario::Outage`], whose server refuses every request for a while whatever the
+    /// client does.
+    pub fn refusals_are_the_clients(self) -> bool {
+        self.limits_known() && self != Scenario::Outage
     }
 
     fn applies_to(self, preset: Preset) -> bool {
@@ -125,7 +153,8 @@ impl Scenario {
             | Scenario::Penalty
             | Scenario::PollFast
             | Scenario::Adaptive
-            | Scenario::RateTold1_5 => rated,
+            | Scenario::RateTold1_5
+            | Scenario::Outage => rated,
             Scenario::Plain | Scenario::Faults | Scenario::Credits | Scenario::UnknownSlots => true,
         }
     }
@@ -220,8 +249,17 @@ pub struct Run {
     /// interval before a slot's next create, over the slots) and the rate's (the requests
     /// those jobs need, less the first, over the rate). In [`Scenario::PollFast`] the rate's
     /// bound counts one poll per job, the least any client sends: see
-    /// [`Run::judged_by_efficiency`].
+    /// [`Run::judged_by_efficiency`]. With an outage ([`Run::outage`]), no request succeeds
+    /// during it: the rate's bound grows by the outage less one rate interval (the gap across
+    /// it replaces one interval), and each slot's by the outage less the longest time one
+    /// completed task counts for (the task a slot held when the outage began may run through
+    /// part of it, but no poll sees its end and no create starts another before it is over).
     pub bound: f64,
+    /// How long the server refused every request whatever the pace ([`Scenario::Outage`]),
+    /// seconds; 0 elsewhere, and in a run that ended before the outage did. Counted in
+    /// [`Run::bound`], so the efficiency judges what the client lost around the outage (the
+    /// pauses that outlast it, a rate slow to come back), not the outage itself.
+    pub outage: f64,
     /// The server's request rate, per second (`None`: no rate cap).
     pub rate_per_s: Option<f64>,
     /// Requests the server received.
@@ -536,6 +574,15 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
         } else {
             options.query_interval
         };
+        if scenario == Scenario::Outage {
+            let mock = mock.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(OUTAGE_START).await;
+                mock.set_switches(Switches::new().throttled(true));
+                tokio::time::sleep(OUTAGE).await;
+                mock.set_switches(Switches::new());
+            });
+        }
         let (ends, makespan) = match client {
             // The rate unknown: adaptive GCRA, composed by hand. `KlingLayer`'s adaptive rate
             // starts at the rate it is told; this one starts at a quarter of it, the real rate
@@ -645,6 +692,8 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
         // client took to see it end (never less than its life), so the bound stays a bound.
         let (mut slot_ms, mut needed) = (0u64, 0u64);
         let mut with_task = 0u64;
+        // The longest time one completed task counts for in its slot's bound, ms.
+        let mut longest_ms = 0u64;
         for end in &ends {
             match end {
                 JobEnd::Done {
@@ -655,13 +704,15 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
                     run.completed += 1;
                     with_task += 1;
                     let polls = life_ms.div_ceil(q).max(1);
-                    slot_ms += if blind {
+                    let counted = if blind {
                         *life_ms
                     } else if *looked_up {
                         life_ms + create_gap_ms
                     } else {
                         (polls * q).min((*seen_ms).max(*life_ms)) + create_gap_ms
                     };
+                    slot_ms += counted;
+                    longest_ms = longest_ms.max(counted);
                     needed += 1 + if poll_fast { 1 } else { polls };
                 }
                 JobEnd::Refused => run.refused += 1,
@@ -673,14 +724,22 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
         if !blind {
             slot_ms = slot_ms.saturating_sub(with_task.min(slots as u64) * create_gap_ms);
         }
-        let slot_bound = slot_ms as f64 / 1000.0 / slots as f64;
+        let mut slot_bound = slot_ms as f64 / 1000.0 / slots as f64;
         // `needed` requests under a rate with a burst of 1 take `needed - 1` intervals: the
         // first goes at once.
         run.rate_per_s = preset.rate_limit().map(|limit| limit.per_minute / 60.0);
-        let rate_bound = match run.rate_per_s {
+        let mut rate_bound = match run.rate_per_s {
             Some(per_s) => needed.saturating_sub(1) as f64 / per_s,
             None => 0.0,
         };
+        // A run that ended before the outage did (a small one) owes it nothing.
+        if scenario == Scenario::Outage && makespan > (OUTAGE_START + OUTAGE).as_secs_f64() {
+            run.outage = OUTAGE.as_secs_f64();
+            slot_bound += (run.outage - longest_ms as f64 / 1000.0).max(0.0);
+            if let Some(per_s) = run.rate_per_s {
+                rate_bound += run.outage - 1.0 / per_s;
+            }
+        }
         run.bound = slot_bound.max(rate_bound);
         for (code, n) in &stats.responses_by_code {
             if matches!(
@@ -695,9 +754,12 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
 }
 
 /// The scenarios whose published claim is that the server refused (almost) nothing: those
-/// with the limits known, where the target is 429s on under 1% of the requests.
+/// with the limits known (but [`Scenario::Outage`]), where the target is 429s on under 1% of
+/// the requests.
 pub fn refusal_claims() -> impl Iterator<Item = Scenario> {
-    Scenario::ALL.into_iter().filter(|s| s.limits_known())
+    Scenario::ALL
+        .into_iter()
+        .filter(|s| s.refusals_are_the_clients())
 }
 
 /// The negative controls of the "nothing was refused" claims: every preset × scenario of

@@ -211,9 +211,10 @@ impl RateLimit {
     }
 }
 
-/// Account-state switches: each one makes every request fail with its code, of every account
-/// when set mock-wide ([`MockConfig::switches`], [`crate::MockKling::set_switches`]), of one
-/// account when set for it ([`crate::MockKling::set_account_switches`]).
+/// Account-state switches, and an overload one: each one makes every request fail with its
+/// code, of every account when set mock-wide ([`MockConfig::switches`],
+/// [`crate::MockKling::set_switches`]), of one account when set for it
+/// ([`crate::MockKling::set_account_switches`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Switches {
@@ -223,6 +224,11 @@ pub struct Switches {
     pub arrears: bool,
     /// Caller refused by the IP whitelist: 429 code 1304.
     pub ip_denied: bool,
+    /// The server refuses every request as too fast, whatever the pace (an overload, a burst
+    /// lockout): 429 code 1302, with a `Retry-After` of one rate interval (one second without a
+    /// rate limit) when [`MockConfig::retry_after`] asks for one. The rate limit's own state is
+    /// left as it was. The account states (1100, 1101, 1304) come first.
+    pub throttled: bool,
 }
 
 impl Switches {
@@ -243,6 +249,11 @@ impl Switches {
     /// Sets the "IP whitelist deny" switch (1304).
     pub fn ip_denied(mut self, on: bool) -> Self {
         self.ip_denied = on;
+        self
+    }
+    /// Sets the "refuse everything as too fast" switch (1302).
+    pub fn throttled(mut self, on: bool) -> Self {
+        self.throttled = on;
         self
     }
 }

@@ -122,8 +122,8 @@ impl MockKling {
         self.shared.lock().switches
     }
 
-    /// Replaces the mock-wide account-state switches (1100 / 1101 / 1304 for every request of
-    /// every account while on).
+    /// Replaces the mock-wide switches (1100 / 1101 / 1304 / 1302 for every request of every
+    /// account while on).
     pub fn set_switches(&self, switches: Switches) {
         self.shared.lock().switches = switches;
     }
@@ -139,9 +139,9 @@ impl MockKling {
             .unwrap_or_default()
     }
 
-    /// Replaces one account's own switches: its requests get 1100 / 1101 / 1304 while one is
-    /// on (here or mock-wide), other accounts' are untouched, as Kling's account states are
-    /// each account's own.
+    /// Replaces one account's own switches: its requests get 1100 / 1101 / 1304 / 1302 while
+    /// one is on (here or mock-wide), other accounts' are untouched, as Kling's account states
+    /// are each account's own.
     pub fn set_account_switches(&self, account: &str, switches: Switches) {
         self.shared.lock().account(account).switches = switches;
     }
@@ -248,6 +248,17 @@ impl MockKling {
                     state.stats.creates_after_1102 += 1;
                 }
             }
+            if switches.throttled {
+                // Whatever the pace: the rate limit's state is not touched.
+                let wait = self
+                    .shared
+                    .config
+                    .rate_limit
+                    .map_or(self.shared.config.scaled(Duration::from_secs(1)), |limit| {
+                        self.shared.config.scaled_secs(60.0 / limit.per_minute)
+                    });
+                return Ok(state.error(1302, "request rate over limit", now, Some(wait)));
+            }
             let costs = matches!(route, Some(Route::AccountCosts));
             if let Err(wait) = state.rate_check(&account, costs, now) {
                 return Ok(state.error(1302, "request rate over limit", now, Some(wait)));
@@ -324,11 +335,13 @@ impl MockKling {
                 let switches = Switches::new()
                     .abnormal(flag("abnormal"))
                     .arrears(flag("arrears"))
-                    .ip_denied(flag("ip_denied"));
+                    .ip_denied(flag("ip_denied"))
+                    .throttled(flag("throttled"));
                 let mut answer = serde_json::json!({
                     "abnormal": switches.abnormal,
                     "arrears": switches.arrears,
                     "ip_denied": switches.ip_denied,
+                    "throttled": switches.throttled,
                 });
                 // With `"account"`, that account's own switches; without, the mock-wide ones.
                 match v.get("account").and_then(Value::as_str) {

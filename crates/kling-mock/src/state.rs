@@ -183,6 +183,7 @@ impl State {
             .abnormal(self.switches.abnormal || own.abnormal)
             .arrears(self.switches.arrears || own.arrears)
             .ip_denied(self.switches.ip_denied || own.ip_denied)
+            .throttled(self.switches.throttled || own.throttled)
     }
 
     /// Takes back a response [`State::count_code`] counted that was never sent (a lost answer).

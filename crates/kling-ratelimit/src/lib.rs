@@ -92,8 +92,9 @@
 //!   ([`Cooldown`]). A proxy's or gateway's page (no Kling envelope, so the classify step's
 //!   [`MalformedResponse`](kling_core::error::MalformedResponse) error) pauses it too: for its
 //!   `Retry-After`, and as a 1302 would when its status is 429.
-//! - **Adaptive rate** (opt-in, [`Adaptive`]): the rate drops on each 1302 and climbs back
-//!   while responses succeed, under the configured quota as ceiling.
+//! - **Adaptive rate** (opt-in, [`Adaptive`]): the rate drops on each 1302 (up to the
+//!   cooldown's burst backoff in a streak: a later one says the server refuses whatever the
+//!   pace) and climbs back while responses succeed, under the configured quota as ceiling.
 //! - **Clones share one limiter** (`Arc`); [`GcraHandle`] changes quotas at run time, and
 //!   waiting requests follow the change at once.
 //! - **Backends**: the state lives behind the async [`Backend`] trait; [`InProcess`] is the

@@ -180,13 +180,15 @@ impl Cooldown {
 /// |---|---|
 /// | start | `r = start`, or `ceiling / 4` when no start is given (conservative) |
 /// | success, no 1302 seen yet | `r ← min(ceiling, r · (1 + growth))` (slow start) |
-/// | 1302 (a request sent after the last 1302's pause began) | `limit ← r`, `r ← r · decrease` |
+/// | 1302, the *n*-th of its streak, *n* ≤ `escalate_after` | `limit ← r`, `r ← r · decrease` |
+/// | 1302, the *n*-th of its streak, *n* > `escalate_after` | nothing (the pause escalates) |
 /// | success, `r` below `target · limit` | `r ← r + max((target · limit − r) / 4, probe · limit)` |
 /// | success, `r` at or above `target · limit` | `r ← r + probe · limit` |
 ///
-/// The defaults: `growth` = 5%, `decrease` = 0.85, `target` = 97%, `probe` = 0.1%. Only a 1302
-/// or a success of a request sent after the last 1302's pause began counts: one sent before it
-/// says nothing about the rate since.
+/// The streak and `escalate_after` are the [`Cooldown`]'s ([`Cooldown::escalate_after`], 3 by
+/// default). The defaults: `growth` = 5%, `decrease` = 0.85, `target` = 97%, `probe` = 0.1%.
+/// Only a 1302 or a success of a request sent after the last 1302's pause began counts: one sent
+/// before it says nothing about the rate since.
 ///
 /// `r` never goes above the ceiling nor below `ceiling / 1000`. After a 1302 the rate falls to
 /// 85% of where it was refused, climbs back to 97% of it within about ten successes, and then
@@ -194,12 +196,19 @@ impl Cooldown {
 /// steady load sees roughly one 1302 in forty requests at 90–100% of the real limit, and
 /// notices a limit that was raised. (The cooldown after each 1302 still applies.)
 ///
-/// Every 1302 of a run with no success between lowers the rate and remembers the rate it came
-/// at: a server that extends its window on early requests (a penalty window) refuses each
-/// request after a pause while the pace is still too fast, and lowering once per run met four
-/// times the 1302s there (kling-bench goodput, Free, "penalty window": 4.5% against 1.0%). The
-/// price: a server that refuses everything for a while, whatever the rate, takes the rate down
-/// with each refusal, and recovery then probes from that low limit (slowly).
+/// The first [`escalate_after`](Cooldown::escalate_after) 1302s of a run with no success between
+/// (its streak, [`Cooldown`]) each lower the rate and remember the rate they came at: a server
+/// that extends its window on early requests (a penalty window) refuses each request after a
+/// pause while the pace is still too fast, and lowering once per run met four times the 1302s
+/// there (kling-bench goodput, Free, "penalty window": 4.5% against 1.0%). A 1302 later in the
+/// streak answers the first request after a burst-backoff pause (30–60 s by default, far longer
+/// than any pace window): the server refuses whatever the pace (an outage, a lockout), so it
+/// changes neither the rate nor the limit. One run therefore lowers the rate to at most
+/// `decrease ^ escalate_after` of where it began (61% by default), however long the server
+/// refuses: with every 1302 lowering it, 30 minutes of refusals (30 1302s) took it to 0.8% of
+/// where it began (the floor, `ceiling / 1000`, after 43), and probing by 0.1% of that limit
+/// per success left it under 2% after 1,000 successes. From 61%, recovery reaches 90% of the
+/// rate the run began at within 300 successes.
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct Adaptive {
@@ -328,8 +337,20 @@ impl AdaptiveState {
         self.rate = rate.clamp(ceiling / 1000.0, ceiling);
     }
 
-    /// A 1302 came back for a request sent after the previous pause began.
-    pub fn on_throttle(&mut self, config: &Adaptive, ceiling: f64) {
+    /// A 1302 came back for a request sent after the previous pause began, the `streak`-th in a
+    /// row of the key's 1302 streak under `cooldown` (1 for the first). One past the cooldown's
+    /// [`escalate_after`](Cooldown::escalate_after) changes nothing: it came after a
+    /// burst-backoff pause, far longer than any pace window (see [`Adaptive`]).
+    pub fn on_throttle(
+        &mut self,
+        config: &Adaptive,
+        ceiling: f64,
+        streak: u32,
+        cooldown: &Cooldown,
+    ) {
+        if streak > cooldown.escalate_after {
+            return;
+        }
         self.lowered = true;
         self.limit = Some(self.rate);
         self.rate = (self.rate * config.decrease).clamp(ceiling / 1000.0, ceiling);
@@ -407,19 +428,71 @@ mod tests {
         );
     }
 
-    /// Every 1302 of a run lowers the rate and remembers where it came (a penalty window
-    /// refuses each request after a pause while the pace is too fast); a success clears
-    /// `lowered`.
+    /// Every 1302 of a run up to the cooldown's `escalate_after`-th lowers the rate and
+    /// remembers where it came (a penalty window refuses each request after a pause while the
+    /// pace is too fast); a success clears `lowered`.
     #[test]
-    fn every_1302_of_a_run_lowers_the_rate() {
+    fn every_1302_of_a_run_lowers_the_rate_until_the_burst_backoff() {
         let cfg = Adaptive::default();
+        let cooldown = Cooldown::default();
         let mut s = AdaptiveState::from_parts(5.0, None);
-        s.on_throttle(&cfg, 10.0);
+        s.on_throttle(&cfg, 10.0, 1, &cooldown);
         assert_eq!((s.rate(), s.limit(), s.lowered()), (4.25, Some(5.0), true));
-        s.on_throttle(&cfg, 10.0);
+        s.on_throttle(&cfg, 10.0, 2, &cooldown);
         assert_eq!((s.rate(), s.limit()), (4.25 * 0.85, Some(4.25)));
+        s.on_throttle(&cfg, 10.0, 3, &cooldown);
+        assert_eq!(
+            (s.rate(), s.limit()),
+            (4.25 * 0.85 * 0.85, Some(4.25 * 0.85))
+        );
         s.on_success(&cfg, 10.0);
         assert!(!s.lowered());
+        // A streak that began again (a success between) lowers again.
+        let before = s.rate();
+        s.on_throttle(&cfg, 10.0, 1, &cooldown);
+        assert_eq!((s.rate(), s.limit()), (before * 0.85, Some(before)));
+        // Escalating later: a cooldown that backs off at the fifth lowers five times.
+        let mut s = AdaptiveState::from_parts(5.0, None);
+        for streak in 1..=6 {
+            s.on_throttle(&cfg, 10.0, streak, &cooldown.escalate_after(5));
+        }
+        let lowered = (0..5).fold(5.0, |rate, _| rate * 0.85);
+        assert_eq!(s.rate(), lowered);
+    }
+
+    /// A long run of 1302s — the server refusing every request for half an hour, each 1302
+    /// answering the first request after the pause the one before set — lowers the rate three
+    /// times (the cooldown's `escalate_after`: 1 s and 2 s pauses, then the 30 s backoff), not
+    /// thirty: the rate that began at the ceiling is back at 90% of it within 300 successes and
+    /// at the ceiling within 450. (Lowered by each, it sat at 0.8% of the ceiling, and 1,000
+    /// successes took it to 1.8%.)
+    #[test]
+    fn a_long_run_of_1302s_lowers_the_rate_three_times_and_recovers() {
+        let cfg = Adaptive::default();
+        let cooldown = Cooldown::default();
+        let ceiling = 4.0;
+        let mut s = AdaptiveState::new(&cfg.start(Quota::per_second(ceiling)), ceiling);
+        assert_eq!(s.rate(), ceiling);
+        for streak in 1..=30 {
+            s.on_throttle(&cfg, ceiling, streak, &cooldown);
+        }
+        assert_eq!(s.rate(), ceiling * 0.85 * 0.85 * 0.85);
+        assert_eq!(s.limit(), Some(ceiling * 0.85 * 0.85));
+        let mut to_90 = None;
+        for successes in 1..=1000 {
+            s.on_success(&cfg, ceiling);
+            if to_90.is_none() && s.rate() >= 0.9 * ceiling {
+                to_90 = Some(successes);
+            }
+            if s.rate() >= ceiling {
+                assert_eq!((to_90, successes), (Some(292), 430));
+                return;
+            }
+        }
+        panic!(
+            "1,000 successes left the rate at {}, 90% after {to_90:?}",
+            s.rate()
+        );
     }
 
     #[test]
@@ -431,7 +504,7 @@ mod tests {
             s.on_success(&cfg, 10.0);
         }
         assert_eq!(s.rate(), 10.0, "slow start stops at the ceiling");
-        s.on_throttle(&cfg, 10.0);
+        s.on_throttle(&cfg, 10.0, 1, &Cooldown::default());
         assert_eq!((s.rate(), s.limit()), (8.5, Some(10.0)));
         for _ in 0..12 {
             s.on_success(&cfg, 10.0);

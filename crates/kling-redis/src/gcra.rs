@@ -359,7 +359,8 @@ return 0
 /// the key's adaptive rate is at its ceiling after the report, with no streak running.
 ///
 /// The adaptive rate follows [`AdaptiveState`](kling_ratelimit::AdaptiveState)'s rule: `r`
-/// the rate, `l` the remembered limit; every counted 1302 lowers the rate.
+/// the rate, `l` the remembered limit; a counted 1302 lowers the rate unless it is past the
+/// cooldown's `escalate_after` in its streak (it came after a burst-backoff pause).
 ///
 /// A 1302 adds to the key's streak when it comes within the window of the end of the pause the
 /// streak's last 1302 set (`se` holds that end plus the window), as in process.
@@ -464,7 +465,9 @@ if counted then
   end
   lp = recv
   redis.call('HSET', key, 's', streak, 'lp', int(lp))
-  if adaptive then
+  -- One past escalate_after came after a burst-backoff pause: the server refuses whatever the
+  -- pace, so the rate and the limit stay.
+  if adaptive and streak <= tonumber(ARGV[16]) then
     if not rate then rate = start_rate() end
     limit = rate
     rate = clamp(rate * tonumber(ARGV[12]))

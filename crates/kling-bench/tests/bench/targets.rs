@@ -18,7 +18,13 @@ fn missed(run: &Run) -> Vec<&'static str> {
     if run.duplicates > 0 {
         missed.push("no duplicate create");
     }
-    if run.limits_known && run.rejected() as f64 >= 0.01 * run.requests as f64 {
+    // Not in "outage", whose server refuses every request for a while whatever the client
+    // does (`Scenario::refusals_are_the_clients`).
+    let refusals_judged = Scenario::ALL
+        .into_iter()
+        .find(|s| s.name() == run.scenario)
+        .map_or(run.limits_known, Scenario::refusals_are_the_clients);
+    if refusals_judged && run.rejected() as f64 >= 0.01 * run.requests as f64 {
         missed.push("429s under 1% with the limits known");
     }
     // Polling every second asks for more than the rate carries: no client-independent bound
@@ -81,9 +87,26 @@ fn goodput_meets_every_target_in_every_scenario() {
         runs.len() - ours.len() - fixed_rate.len(),
         "one run per client"
     );
-    // Ten scenarios on each of the three rated presets, four on Enterprise (no rate cap): a
-    // scenario that stopped running would otherwise pass unseen.
-    assert_eq!(ours.len(), 34, "every cell of the published table");
+    // Eleven scenarios on each of the three rated presets, four on Enterprise (no rate cap):
+    // a scenario that stopped running would otherwise pass unseen.
+    assert_eq!(ours.len(), 37, "every cell of the published table");
+    // Through a 20-minute outage (every request refused with 1302, whatever the pace) the
+    // stack meets every target of `missed` (checked with the other cells below): every job
+    // completes, within 2% of a bound that counts the outage (`Run::bound`), so it came back
+    // to the rate it was told once the outage ended. (When each 1302 of the outage lowered
+    // the adaptive rate, it ended near the floor and stayed there: 33-47% efficiency.) The
+    // outage did refuse, and the bound counts it.
+    for run in ours
+        .iter()
+        .filter(|r| r.scenario == Scenario::Outage.name())
+    {
+        assert!(
+            run.rejections.get("1302").is_some_and(|n| *n > 0)
+                && run.outage == goodput::OUTAGE.as_secs_f64(),
+            "{}\n{run:?}",
+            name(run)
+        );
+    }
     // "rate told 1.5x" with the adaptive rate off too, on each rated preset.
     assert_eq!(fixed_rate.len(), 3);
     let told = |runs: &[&Run]| -> Vec<Run> {

@@ -76,6 +76,47 @@ async fn account_switches_refuse_every_request_with_429() {
     }
 }
 
+/// The throttled switch answers 1302 to every request, however slow, with a `Retry-After`
+/// of one rate interval when the mode asks for one, and leaves the rate limit as it was: the
+/// first request after it is switched off goes through at once.
+#[tokio::test(start_paused = true)]
+async fn the_throttled_switch_refuses_every_request_with_1302() {
+    let c = Caller::new(
+        quiet()
+            .rate_per_minute(60.0)
+            .retry_after(kling_mock::RetryAfterMode::Seconds),
+    );
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    c.mock.set_switches(Switches::new().throttled(true));
+    for _ in 0..3 {
+        advance(10).await;
+        let r = c.get("/account/costs").await;
+        r.assert_error(429, 1302);
+        assert_eq!(r.headers["retry-after"], "1");
+    }
+    c.post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1302);
+    // Per account, and through the control endpoint.
+    c.mock.set_switches(Switches::new());
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    c.without_auth()
+        .post(
+            "/__mock/switches",
+            json!({"account": "test-key", "throttled": true}),
+        )
+        .await;
+    assert!(c.mock.account_switches("test-key").throttled);
+    advance(10).await;
+    c.get(&format!("{T2V}?pageSize=1"))
+        .await
+        .assert_error(429, 1302);
+    c.mock.set_account_switches("test-key", Switches::new());
+    c.get(&format!("{T2V}?pageSize=1")).await.data();
+    let stats = c.mock.stats();
+    assert_eq!(stats.responses_by_code["1302"], 5);
+}
+
 #[tokio::test(start_paused = true)]
 async fn switches_can_be_flipped_at_runtime() {
     let c = Caller::new(quiet());

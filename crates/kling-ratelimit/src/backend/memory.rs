@@ -800,7 +800,7 @@ impl InProcess {
                         let adaptive = entry
                             .adaptive
                             .get_or_insert_with(|| AdaptiveState::new(config, ceiling));
-                        adaptive.on_throttle(config, ceiling);
+                        adaptive.on_throttle(config, ceiling, entry.streak, &policy.cooldown);
                     }
                 }
                 let until = pause_until(

@@ -141,12 +141,12 @@ async fn a_1302_of_another_account_leaves_this_accounts_rate_alone() {
 }
 
 /// How long the adaptive rate of a key with a 4/s ceiling, starting there, takes to climb
-/// back to the ceiling after a run of `throttles` 1302s (each for a request sent after the
-/// previous pause, as a server that refuses every request for a while answers), under a
-/// steady load of one request after another: from the first request sent after the run (the
-/// first success) to the success that brings the rate back, and the successes it took. `None`
-/// when 400 successes were not enough.
-async fn recovery_after(throttles: usize) -> Option<(Duration, usize)> {
+/// back to `share` of the ceiling after a run of `throttles` 1302s (each for a request sent
+/// after the previous pause, as a server that refuses every request for a while answers),
+/// under a steady load of one request after another: from the first request sent after the
+/// run (the first success) to the success that brings the rate back, and the successes it
+/// took. `None` when 1,000 successes were not enough.
+async fn recovery_after(throttles: usize, share: f64) -> Option<(Duration, usize)> {
     use kling_core::AccountId;
     use kling_ratelimit::BucketKey;
 
@@ -178,13 +178,13 @@ async fn recovery_after(throttles: usize) -> Option<(Duration, usize)> {
     }
     let lowest = rate();
     assert!(lowest < 4.0, "{throttles} 1302s left the rate at {lowest}");
-    for successes in 1..=400 {
+    for successes in 1..=1000 {
         service
             .clone()
             .oneshot(request(Some("a"), "x"))
             .await
             .unwrap();
-        if rate() >= 4.0 {
+        if rate() >= 4.0 * share {
             let hits = server.hits();
             let recovered = hits.last().unwrap().at - hits[throttles].at;
             return Some((recovered, successes));
@@ -198,10 +198,32 @@ async fn recovery_after(throttles: usize) -> Option<(Duration, usize)> {
 /// probing.
 #[tokio::test(start_paused = true)]
 async fn adaptive_recovery_after_one_1302_takes_seconds() {
-    let (time, successes) = recovery_after(1).await.expect("recovered");
+    let (time, successes) = recovery_after(1, 1.0).await.expect("recovered");
     assert_eq!(successes, 46, "{time:?}");
     assert!(
         time > Duration::from_secs(11) && time < Duration::from_secs(12),
+        "{time:?}"
+    );
+}
+
+/// After thirty 1302s in a row — a server refusing every request for half an hour, whatever
+/// the pace: 1 s and 2 s pauses, then 30 s and 60 s ones — the rate is back at 90% of the
+/// ceiling within 292 successes (92 s of steady load) and at the ceiling within 430 (129 s):
+/// the 1302s after the burst-backoff pauses left the rate alone, so the run lowered it three
+/// times, to 61%. (Each lowering it took it to 0.8% of the ceiling, and 1,000 successes did
+/// not bring it back to 90%.)
+#[tokio::test(start_paused = true)]
+async fn adaptive_recovery_after_a_long_run_of_1302s_is_bounded() {
+    let (time, successes) = recovery_after(30, 0.9).await.expect("back to 90%");
+    assert_eq!(successes, 292, "{time:?}");
+    assert!(
+        time > Duration::from_secs(92) && time < Duration::from_secs(93),
+        "{time:?}"
+    );
+    let (time, successes) = recovery_after(30, 1.0).await.expect("back to the ceiling");
+    assert_eq!(successes, 430, "{time:?}");
+    assert!(
+        time > Duration::from_secs(128) && time < Duration::from_secs(129),
         "{time:?}"
     );
 }

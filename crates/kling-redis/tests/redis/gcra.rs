@@ -1891,9 +1891,11 @@ async fn after_a_pause_an_adaptive_key_spaces_its_requests_as_in_process() {
 }
 
 /// The adaptive rule in Redis is the in-process one ([`kling_ratelimit::AdaptiveState`]):
-/// the same reports leave the same rate, report by report — each 1302 of a run lowers it, the
-/// successes after climb back towards the remembered limit and probe past it, and a success
-/// between two 1302s changes nothing of that.
+/// the same reports leave the same rate, report by report — each 1302 of a run lowers it up
+/// to the cooldown's `escalate_after`-th (3), the ones after it (past the burst backoff: the
+/// server refuses whatever the pace) leave it alone, the successes after climb back towards
+/// the remembered limit and probe past it, and a success between two 1302s changes nothing
+/// of that.
 #[tokio::test]
 async fn the_adaptive_rule_in_redis_is_the_in_process_one() {
     let Some(server) = redis() else { return };
@@ -1922,7 +1924,7 @@ async fn the_adaptive_rule_in_redis_is_the_in_process_one() {
         rate.unwrap()
     };
     // 1302s in a run, recovery past the limit, then 1302s with a success between.
-    let mut events = vec![true; 3];
+    let mut events = vec![true; 6];
     events.extend([false; 80]);
     events.extend([true, false, true]);
     events.extend([false; 5]);
@@ -1952,11 +1954,65 @@ async fn the_adaptive_rule_in_redis_is_the_in_process_one() {
         rates[1] * 0.85,
         "each 1302 of a run lowers the rate"
     );
-    assert!(rates[82] > rates[2], "recovered: {}", rates[82]);
     assert_eq!(
-        rates[85],
-        rates[84] * 0.85,
+        rates[3..6],
+        [rates[2]; 3],
+        "1302s past escalate_after leave the rate"
+    );
+    assert!(rates[85] > rates[5], "recovered: {}", rates[85]);
+    assert_eq!(
+        rates[88],
+        rates[87] * 0.85,
         "a success between: lowered again"
+    );
+}
+
+/// Thirty 1302s in a row in Redis (a server refusing every request for half an hour, whatever
+/// the pace) lower the fleet's rate three times, the cooldown's `escalate_after` (the ones
+/// after the burst backoff leave it), so 292 successes bring it back to 90% of the ceiling it
+/// began at, as in process. (Each lowering it left it at 0.8% of the ceiling, out of reach
+/// of 1,000 successes.)
+#[tokio::test]
+async fn a_long_run_of_1302s_in_redis_lowers_the_rate_three_times_and_recovers() {
+    let Some(server) = redis() else { return };
+    let backend = RedisGcra::new(connect(&server).await);
+    let key = BucketKey::account(Some(AccountId::new("adaptive-outage")));
+    let redis_key = backend.key_of(&key);
+    let quota = Quota::per_second(4.0);
+    let policy = Policy::new(quota, Cooldown::default())
+        .with_adaptive(Some(kling_ratelimit::Adaptive::new().start(quota)));
+    assert_eq!(
+        backend.acquire(&key, &policy).await.unwrap(),
+        Decision::Admit
+    );
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let now = tokio::time::Instant::now();
+        backend
+            .feedback(&key, &policy, throttled_at(now))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        fleet_rate(&server, &redis_key).await,
+        4.0 * 0.85 * 0.85 * 0.85
+    );
+    for successes in 1..=1000 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let sent_at = tokio::time::Instant::now();
+        backend
+            .feedback(&key, &policy, Feedback::Success { sent_at })
+            .await
+            .unwrap();
+        let rate = fleet_rate(&server, &redis_key).await;
+        if rate >= 0.9 * 4.0 {
+            assert_eq!(successes, 292, "{rate}");
+            return;
+        }
+    }
+    panic!(
+        "1,000 successes left the rate at {}",
+        fleet_rate(&server, &redis_key).await
     );
 }
 
@@ -2371,7 +2427,7 @@ async fn a_rate_above_a_lowered_ceiling_is_not_at_the_ceiling() {
         .feedback(&key, &lowered, throttled_at(tokio::time::Instant::now()))
         .await
         .unwrap();
-    model.on_throttle(&config, 50.0);
+    model.on_throttle(&config, 50.0, 1, &Cooldown::default());
     assert!(model.rate() < 50.0);
     assert_eq!(fleet_rate(&server, &redis_key).await, model.rate());
 }
