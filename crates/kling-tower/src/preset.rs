@@ -797,7 +797,9 @@ impl StackConfig {
     ///
     /// A variable that is blank (empty or only spaces: `KLING_TIER=` in a `.env` file, or a
     /// compose file's `${KLING_TIER}` where it is unset) counts as not set, as in
-    /// [`Credentials::from_env`](crate::Credentials::from_env). Errors name the variable.
+    /// [`Credentials::from_env`](crate::Credentials::from_env). Errors name the variable; a
+    /// number no variable set that the others make impossible names its field instead (the
+    /// Free tier's `credit_period_secs`, a day, which `KLING_SPEED=0.001` makes 1000 days).
     pub fn from_lookup(
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<StackConfig, ConfigError> {
@@ -883,9 +885,12 @@ impl StackConfig {
         if let Some((var, v)) = get("KLING_CREDIT_PERIOD_SECS") {
             self.credit_period = parse_secs(var, &v)?;
         }
-        self.validate().map_err(|e| {
-            let var = env_var_of(e.field());
-            e.renamed(var)
+        // Named by its variable where that variable is set; a number the variables left as it
+        // was (a preset's credit period that `KLING_SPEED=0.001` stretches past a year) keeps
+        // its field's name, rather than sending the reader to a variable they never set.
+        self.validate().map_err(|e| match env_var_of(e.field()) {
+            Some((var, shown)) if set(&lookup, var).is_some() => e.renamed(shown),
+            _ => e,
         })?;
         Ok(self)
     }
@@ -978,8 +983,10 @@ fn set(lookup: impl Fn(&str) -> Option<String>, var: &str) -> Option<String> {
         .filter(|value| !value.is_empty())
 }
 
-/// The variable behind a field name, for errors found by validation after reading variables.
-fn env_var_of(field: &str) -> Cow<'static, str> {
+/// The variable behind a field name, for errors found by validation after reading variables:
+/// the variable, and the name the error shows (a pool's entry: `KLING_POOL_SLOTS
+/// (pool_slots.video)`).
+fn env_var_of(field: &str) -> Option<(&'static str, Cow<'static, str>)> {
     let var = match field {
         "speed" => "KLING_SPEED",
         "rate_per_minute" => "KLING_RATE_PER_MINUTE",
@@ -999,11 +1006,14 @@ fn env_var_of(field: &str) -> Cow<'static, str> {
         "daily_credits" => "KLING_DAILY_CREDITS",
         "credit_period_secs" => "KLING_CREDIT_PERIOD_SECS",
         f if f.starts_with("pool_slots") => {
-            return Cow::Owned(format!("KLING_POOL_SLOTS ({f})"));
+            return Some((
+                "KLING_POOL_SLOTS",
+                Cow::Owned(format!("KLING_POOL_SLOTS ({f})")),
+            ));
         }
-        other => return Cow::Owned(other.to_owned()),
+        _ => return None,
     };
-    Cow::Borrowed(var)
+    Some((var, Cow::Borrowed(var)))
 }
 
 /// A number type a variable's value is read as, with the largest value it holds.

@@ -57,7 +57,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::Full;
 use kling_core::signals::SendWatch;
-use kling_core::{AccountId, BoxError, PeekBody, Product, Recognized, TaskReport};
+use kling_core::{AccountId, BoxError, PeekBody, Pool, Product, Recognized, TaskReport};
 use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -67,9 +67,11 @@ use crate::preset::{MAX_DURATION, StackConfig};
 
 /// What a create is estimated to cost, in credits (the unit of `final_unit_deduction`).
 ///
-/// A pool's own price (`video:kling-3.0`) wins over its product's; an image create costs its
-/// price × `n`. The defaults are 1 credit per video, per image and per try-on, what
-/// `kling-mock` bills; set your models' prices.
+/// A pool's own price (`video:kling-3.0`) wins over its product's (a [`pool`](Self::pool)
+/// entry for the product, `video`, else [`video`](Self::video)), as
+/// [`StackConfig::slots_for`] finds a pool's slots; an image create costs its price × `n`.
+/// The defaults are 1 credit per video, per image and per try-on, what `kling-mock` bills; set
+/// your models' prices.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CostTable {
     video: f64,
@@ -113,7 +115,9 @@ impl CostTable {
         self
     }
 
-    /// The price in one pool (`video:kling-3.0`, `image:kling-v2`: per image).
+    /// The price in one pool (`video:kling-3.0`, `image:kling-v2`: per image), or of every
+    /// pool of a product without its own entry (`video`, as [`video`](Self::video) sets it).
+    /// A name that is no pool (`vidoe`) is refused by [`SpendGuardLayer::new`] (`costs.vidoe`).
     pub fn pool(mut self, pool: impl Into<String>, credits: f64) -> Self {
         self.pools.insert(pool.into(), credits);
         self
@@ -124,9 +128,16 @@ impl CostTable {
         let Some(pool) = request.pool.as_ref().filter(|_| request.is_create()) else {
             return 0.0;
         };
-        let unit = self
-            .pools
-            .get(pool.to_string().as_str())
+        // The pool's own entry, else its product's (`video` for `video:kling-3.0`): a product
+        // entry found only for legacy creates priced every new-style create at the default.
+        let own = || self.pools.get(pool.to_string().as_str());
+        let product = || {
+            pool.model()
+                .and_then(|_| self.pools.get(pool.product().as_str()))
+        };
+        let unit = (!self.pools.is_empty())
+            .then(|| own().or_else(product))
+            .flatten()
             .copied()
             .unwrap_or(match pool.product() {
                 Product::Image => self.image,
@@ -154,6 +165,14 @@ impl CostTable {
             }
         }
         for (pool, cost) in &self.pools {
+            // A name no create is ever priced by (a typo) would leave its creates at the
+            // default price without a word.
+            if Pool::parse(pool).is_none() {
+                return Err(ConfigError::new(
+                    format!("costs.{pool}"),
+                    "is not a pool (video, image, try-on, or product:model)",
+                ));
+            }
             if !ok(*cost) {
                 return Err(ConfigError::new(
                     format!("costs.{pool}"),
@@ -282,6 +301,10 @@ impl Ledger {
             return;
         }
         let mut accounts = self.lock();
+        // An account that never created awaits no cost: a report starts no period for it.
+        if !accounts.contains_key(key) {
+            return;
+        }
         let account = self.account(&mut accounts, key, Instant::now());
         for report in reports {
             self.apply(account, report);
@@ -376,6 +399,10 @@ impl SpendGuardLayer {
     pub fn committed(&self, account: Option<&AccountId>) -> f64 {
         let key = account.cloned();
         let mut accounts = self.ledger.lock();
+        // A look starts nothing: an account's first period starts at its first create.
+        if !accounts.contains_key(&key) {
+            return 0.0;
+        }
         self.ledger
             .account(&mut accounts, &key, Instant::now())
             .committed

@@ -908,3 +908,33 @@ fn a_bad_adaptive_rate_is_refused_naming_the_key() {
         .validate()
         .unwrap();
 }
+
+/// A number no variable set, made impossible by one that is, keeps its field's name: the Free
+/// tier's day-long credit period at a thousandth of real time is 1000 days. It named
+/// `KLING_CREDIT_PERIOD_SECS`, a variable nobody had set; a TOML's own field likewise.
+#[test]
+fn a_validation_error_names_a_variable_only_where_it_is_set() {
+    let err = StackConfig::from_lookup(vars(&[("KLING_SPEED", "0.001")])).unwrap_err();
+    assert_eq!(err.field(), "credit_period_secs", "{err}");
+    assert!(err.reason().contains("at speed 0.001"), "{err}");
+    let err = StackConfig::from_lookup(vars(&[
+        ("KLING_SPEED", "0.001"),
+        ("KLING_CREDIT_PERIOD_SECS", "86400"),
+    ]))
+    .unwrap_err();
+    assert_eq!(err.field(), "KLING_CREDIT_PERIOD_SECS", "{err}");
+    let toml = StackConfig::from_toml_str("tier = \"pro\"\nrate_per_minute = \"none\"").unwrap();
+    let err = toml
+        .with_lookup(vars(&[("KLING_ADAPTIVE_RATE", "true")]))
+        .unwrap_err();
+    assert_eq!(err.field(), "KLING_ADAPTIVE_RATE", "{err}");
+    let toml = StackConfig::from_toml_str("tier = \"pro\"\nadaptive_rate = true").unwrap();
+    let err = toml
+        .with_lookup(vars(&[("KLING_RATE_PER_MINUTE", "none")]))
+        .unwrap_err();
+    assert_eq!(
+        err.field(),
+        "adaptive_rate",
+        "the TOML's, not a variable: {err}"
+    );
+}

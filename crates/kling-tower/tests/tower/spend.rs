@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use kling_core::error::NotSent;
-use kling_core::{BoxError, ClassifyLayer, Code, Outcome};
+use kling_core::{AccountId, BoxError, ClassifyLayer, Code, Outcome, Recognized};
 use kling_mock::{MockConfig, MockKling, Preset};
 use kling_tower::error::BudgetExceeded;
 use kling_tower::preset::{StackConfig, Tier};
@@ -120,6 +120,57 @@ async fn image_creates_cost_per_image_times_n() {
     assert_eq!(mock.stats().tasks_created, 2);
 }
 
+/// A product's entry in the cost table (`pool("video", …)`, as `pool_slots` names a product)
+/// prices every pool of the product without its own entry: the new-style model pools too,
+/// which it used to leave at the default price. A model's own entry still wins.
+#[test]
+fn a_products_pool_price_applies_to_its_models_pools() {
+    let estimate = |costs: &CostTable, path: &str, body: &str| {
+        let uri: http::Uri = path.parse().unwrap();
+        costs.estimate(&Recognized::from_parts(
+            &http::Method::POST,
+            &uri,
+            body.as_bytes(),
+        ))
+    };
+    let costs = CostTable::new()
+        .pool("video", 7.0)
+        .pool("video:kling-3.0", 9.0)
+        .pool("image", 2.0);
+    let prompt = r#"{"prompt":"a cat"}"#;
+    assert_eq!(estimate(&costs, "/v1/videos/text2video", prompt), 7.0);
+    assert_eq!(estimate(&costs, "/text-to-video/kling-2.6", prompt), 7.0);
+    assert_eq!(estimate(&costs, "/image-to-video/kling-2.6", prompt), 7.0);
+    assert_eq!(estimate(&costs, "/text-to-video/kling-3.0", prompt), 9.0);
+    let three = r#"{"prompt":"a cat","n":3}"#;
+    assert_eq!(estimate(&costs, "/v1/images/generations", three), 6.0);
+    assert_eq!(estimate(&costs, "/text-to-image/kling-v2", three), 6.0);
+    // Without a product entry, the product's price.
+    let costs = CostTable::new().video(4.0).pool("video:kling-3.0", 9.0);
+    assert_eq!(estimate(&costs, "/text-to-video/kling-2.6", prompt), 4.0);
+    assert_eq!(estimate(&costs, "/text-to-video/kling-3.0", prompt), 9.0);
+}
+
+/// A cost-table entry whose name is no pool (a typo) prices nothing: refused, naming it.
+#[test]
+fn a_cost_table_entry_that_is_no_pool_is_refused() {
+    for name in ["vidoe", "videos", "video:", "audio:kling-v1", ""] {
+        let costs = CostTable::new().pool(name, 5.0);
+        let err = SpendGuardLayer::new(10.0, costs).unwrap_err();
+        assert_eq!(err.field(), format!("costs.{name}"), "{err}");
+        assert!(err.reason().contains("not a pool"), "{err}");
+    }
+    for name in [
+        "video",
+        "image",
+        "try-on",
+        "video:kling-3.0",
+        "image:kling-v2",
+    ] {
+        assert!(SpendGuardLayer::new(10.0, CostTable::new().pool(name, 5.0)).is_ok());
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_create_the_server_refuses_gives_its_estimate_back() {
     let mock = mock(MockConfig::preset(Preset::Pro).slots(1));
@@ -158,6 +209,72 @@ async fn the_budget_starts_again_each_period() {
     tokio::time::advance(Duration::from_secs(3600)).await;
     assert_eq!(guard.remaining(None), 2.0);
     send(&mut svc, video()).await.unwrap();
+}
+
+/// A period is counted from the account's first create, as documented, not from the first
+/// look at its budget: reading `remaining` (a dashboard, a start-up log) before any create
+/// started the period then, and the budget came back half an hour after the creates that
+/// spent it instead of an hour.
+#[tokio::test(start_paused = true)]
+async fn reading_the_budget_does_not_start_the_period() {
+    let mock = mock(MockConfig::preset(Preset::Pro));
+    let hour = Duration::from_secs(3600);
+    let guard = SpendGuardLayer::with_period(2.0, hour, CostTable::new()).unwrap();
+    let mut svc = guard.layer(ClassifyLayer::new().layer(mock));
+    assert_eq!(guard.remaining(None), 2.0);
+    assert_eq!(guard.committed(None), 0.0);
+
+    tokio::time::advance(hour / 2).await;
+    send(&mut svc, video()).await.unwrap();
+    send(&mut svc, video()).await.unwrap();
+    let err = send(&mut svc, video()).await.unwrap_err();
+    let refused = err.downcast_ref::<BudgetExceeded>().unwrap();
+    assert_eq!(
+        refused.resets_in(),
+        hour,
+        "the period starts at the first create"
+    );
+
+    // An hour after the first look, half an hour after the creates: still spent.
+    tokio::time::advance(hour * 3 / 4).await;
+    assert_eq!(guard.remaining(None), 0.0);
+    assert!(send(&mut svc, video()).await.is_err());
+    // An hour after the first create: back.
+    tokio::time::advance(hour / 4).await;
+    assert_eq!(guard.remaining(None), 2.0);
+    send(&mut svc, video()).await.unwrap();
+}
+
+/// Nor does a query's answer: one for an account that never created (while another's task
+/// awaits its cost) started that account's period.
+#[tokio::test(start_paused = true)]
+async fn a_query_does_not_start_the_period() {
+    let mock = mock(MockConfig::preset(Preset::Pro));
+    let hour = Duration::from_secs(3600);
+    let guard = SpendGuardLayer::with_period(2.0, hour, CostTable::new()).unwrap();
+    let mut svc = guard.layer(ClassifyLayer::new().layer(mock));
+    let mut other = video();
+    other.extensions_mut().insert(AccountId::new("other"));
+    let id = send(&mut svc, other)
+        .await
+        .unwrap()
+        .task()
+        .unwrap()
+        .id
+        .clone();
+    let query = authed("GET", &format!("/v1/videos/text2video/{id}"), "");
+    send(&mut svc, query).await.unwrap();
+
+    tokio::time::advance(hour / 2).await;
+    send(&mut svc, video()).await.unwrap();
+    send(&mut svc, video()).await.unwrap();
+    let err = send(&mut svc, video()).await.unwrap_err();
+    let refused = err.downcast_ref::<BudgetExceeded>().unwrap();
+    assert_eq!(
+        refused.resets_in(),
+        hour,
+        "the period starts at the first create"
+    );
 }
 
 #[test]
