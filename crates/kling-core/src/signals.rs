@@ -9,6 +9,7 @@
 //! [`Recognized`]) share one extension, reached through their `of`/`set` functions; inserting
 //! the standalone types still works (they are read when no layer set the signal).
 
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -33,6 +34,8 @@ pub(crate) struct CallContext {
     pub(crate) attempt: Option<u32>,
     /// Shared with the layer that watches (and every retry copy of the request).
     pub(crate) send_watch: Option<SendWatch>,
+    /// Where the classify step counts the request once it left (see [`SendCounter`]).
+    pub(crate) send_counter: Option<SendCounter>,
 }
 
 impl CallContext {
@@ -294,6 +297,126 @@ impl SendWatch {
     }
 }
 
+/// What counts the requests a stack sends toward Kling, each at the instant it was sent: a
+/// metrics layer's rate window (kling-metrics' `Monitor`). Reached through a request's
+/// [`SendCounter`].
+pub trait CountSent: Send + Sync + 'static {
+    /// A classify step took the counter out of a request it is about to send, and will count
+    /// that request itself: from then on the layer that put the counter in may leave counting
+    /// to the classify step.
+    fn attached(&self);
+
+    /// A request sent at `at` reached Kling, or may have: answered, failed after it may have
+    /// left, or dropped in flight. Called once the classify step knows, with the instant it
+    /// was sent (so up to one attempt's duration late).
+    fn sent(&self, at: Instant);
+}
+
+impl<T: CountSent> CountSent for crate::lanes::Lane<T> {
+    #[inline]
+    fn attached(&self) {
+        (**self).attached();
+    }
+
+    #[inline]
+    fn sent(&self, at: Instant) {
+        (**self).sent(at);
+    }
+}
+
+/// Request signal: where the classify step ([`ClassifyLayer`](crate::ClassifyLayer)) counts
+/// each request it passes to the client, at the instant it was sent. The classify step is the
+/// innermost one that sees every attempt go to the wire — a retry layer's, an auth layer's own
+/// resend — so a metrics layer above that puts its counter in ([`SendCounter::set`]) sees each
+/// in its rate window at its own time, a call dropped in flight included, instead of counting
+/// what a call's answer reports.
+///
+/// The classify step takes the counter out of the request it sends ([`CountSent::attached`])
+/// and counts the request once ([`CountSent::sent`]): when its answer arrives, when it fails
+/// unless the request surely never left ([`SendState::NotSent`](crate::SendState)), or when the
+/// step's future is dropped after it was polled (a timeout, a caller that gave up). A future
+/// never polled sent nothing. A layer that sends a copy of a request without its extensions
+/// (an auth layer's resend) carries the counter over ([`SendCounter::of`], then `set`), or
+/// that copy is not counted.
+///
+/// Kept in the request's combined signal extension, like the other signals: no allocation.
+#[derive(Clone)]
+pub struct SendCounter(Arc<dyn CountSent>);
+
+impl fmt::Debug for SendCounter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SendCounter").finish_non_exhaustive()
+    }
+}
+
+impl SendCounter {
+    /// A counter reporting to `counter`.
+    pub fn new(counter: Arc<dyn CountSent>) -> SendCounter {
+        SendCounter(counter)
+    }
+
+    /// Puts `counter` in the request's signals, in place of one a layer above put there.
+    pub fn set<B>(request: &mut Request<B>, counter: SendCounter) {
+        CallContext::of_mut(request).send_counter = Some(counter);
+    }
+
+    /// Puts the counter `counter` makes in the request's signals when it carries them already,
+    /// in place of one a layer above put there; returns whether it did. A request without them
+    /// is left as it is: putting the signals extension in costs a request allocations.
+    #[inline]
+    pub fn set_in_signals<B>(
+        request: &mut Request<B>,
+        counter: impl FnOnce() -> SendCounter,
+    ) -> bool {
+        match request.extensions_mut().get_mut::<CallContext>() {
+            Some(call) => {
+                call.send_counter = Some(counter());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Puts `counter` in the request's signals and returns the request's [`SendWatch`] (one
+    /// made and put there when it has none): what [`SendCounter::set`] and
+    /// [`SendWatch::shared`] do, with one lookup of the signals instead of two (a metrics layer
+    /// does both for every create).
+    #[inline]
+    pub fn set_with_watch<B>(request: &mut Request<B>, counter: SendCounter) -> SendWatch {
+        let call = CallContext::of_mut(request);
+        call.send_counter = Some(counter);
+        call.send_watch
+            .get_or_insert_with(SendWatch::default)
+            .clone()
+    }
+
+    /// The counter a request carries, if a layer above put one there: for a layer that sends a
+    /// copy of the request without its extensions, to [`set`](SendCounter::set) in the copy.
+    pub fn of<B>(request: &Request<B>) -> Option<SendCounter> {
+        CallContext::of(request).and_then(|call| call.send_counter.clone())
+    }
+
+    /// Takes the counter out of a request the classify step is about to send, telling it so
+    /// ([`CountSent::attached`]); a second classify step below finds none, and so the request
+    /// counts once.
+    #[inline]
+    pub(crate) fn take<B>(request: &mut Request<B>) -> Option<SendCounter> {
+        let extensions = request.extensions_mut();
+        if extensions.is_empty() {
+            return None;
+        }
+        let counter = extensions.get_mut::<CallContext>()?.send_counter.take()?;
+        counter.0.attached();
+        Some(counter)
+    }
+
+    /// Counts the request sent at `at`.
+    #[inline]
+    pub(crate) fn sent(&self, at: Instant) {
+        self.0.sent(at);
+    }
+}
+
 /// Response extension: a task-slots layer saw this 1303, gave the slots back and lowered its
 /// believed capacity; a retried create will wait in that layer until a slot frees, so the retry
 /// layer may retry without its own backoff.
@@ -389,6 +512,53 @@ mod tests {
         assert!(watch.never_sent(), "seen through the original's watch");
     }
 
+    /// Counts what it is told.
+    #[derive(Default)]
+    struct Counted(std::sync::atomic::AtomicU32);
+
+    impl CountSent for Counted {
+        fn attached(&self) {}
+
+        fn sent(&self, _at: Instant) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A counter is put in only a request that carries the signals already (a create's watch
+    /// puts them in), rides in the one combined extension and in a retry layer's copy, is
+    /// carried over by hand, and is taken once.
+    #[test]
+    fn a_send_counter_rides_in_the_signals_and_is_taken_once() {
+        let counted = Arc::new(Counted::default());
+        let counter = || SendCounter::new(counted.clone());
+
+        let mut bare = request();
+        assert!(!SendCounter::set_in_signals(&mut bare, counter));
+        assert!(bare.extensions().is_empty(), "no extension put in");
+        assert!(SendCounter::take(&mut bare).is_none());
+
+        let mut create = request();
+        let watch = SendCounter::set_with_watch(&mut create, counter());
+        SendWatch::held(&create);
+        assert!(watch.never_sent(), "the request's own watch");
+        assert_eq!(create.extensions().len(), 1, "in the combined extension");
+        assert!(SendCounter::set_in_signals(&mut create, counter));
+
+        // A retry layer's copy, and a copy made by hand without the extensions.
+        let signals = CallSignals::if_alone(create.extensions()).expect("alone");
+        let mut retried = request();
+        signals.restore(&mut retried);
+        let mut resent = request();
+        SendCounter::set(&mut resent, SendCounter::of(&create).expect("carried"));
+
+        for mut sent in [create, retried, resent] {
+            let taken = SendCounter::take(&mut sent).expect("a counter");
+            taken.sent(Instant::now());
+            assert!(SendCounter::take(&mut sent).is_none(), "taken once");
+        }
+        assert_eq!(counted.0.load(Ordering::SeqCst), 3);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn standalone_extensions_are_still_read() {
         let mut req = request();
@@ -457,6 +627,7 @@ mod tests {
                 deadline: bit(3).then(|| now + Duration::from_secs(1)),
                 attempt: bit(4).then_some(2),
                 send_watch: None,
+                send_counter: None,
             });
         }
         if bit(5) {

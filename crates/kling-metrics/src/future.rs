@@ -21,9 +21,9 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tracing::Span;
 
-use crate::Monitor;
 use crate::labels;
 use crate::recorder::{self, Probe, Target};
+use crate::service::Tap;
 
 pin_project! {
     /// Waits for the inner call inside the request's span, then records its metrics.
@@ -69,6 +69,9 @@ pub(crate) struct Call {
     pub(crate) target: Target,
     /// A create's send watch, shared with the layers below (see [`Call::dropped`]).
     pub(crate) watch: Option<SendWatch>,
+    /// Whether the request carries this lane's [`kling_core::signals::SendCounter`], for a
+    /// classify step below to count each request it sends (see [`Call::counted_below`]).
+    pub(crate) counter: bool,
     /// Whether the inner call was polled: a future never polled sent nothing.
     pub(crate) polled: bool,
 }
@@ -76,7 +79,7 @@ pub(crate) struct Call {
 /// A call's hold on the monitor: its thread's lane ([`kling_core::lanes`]), whose count only
 /// that thread writes (a clone of the monitor writes a count every thread shares, and each
 /// write can cost a cache-line transfer between cores).
-pub(crate) type MonitorHandle = Arc<Lane<Monitor>>;
+pub(crate) type MonitorHandle = Arc<Lane<Tap>>;
 
 impl<F> ResponseFuture<F> {
     /// Inlined: the inner future (the whole stack below) is large, and each move is a `memcpy`.
@@ -118,17 +121,29 @@ where
 }
 
 impl Call {
-    /// The call's future was dropped before its answer (a caller's timeout, a cancelled job):
-    /// its request counts in the rate window, as an answered one does, when it may have left
-    /// and so reached Kling, which counts it against the account. That is known of a create
-    /// only (the only request given a [`SendWatch`]): once polled, unless a layer below holds
-    /// it back unsent ([`SendWatch::never_sent`]: waiting for its slots or its rate-limit
-    /// turn, or in the retry layer's backoff after attempts that made no task). One request,
-    /// whichever attempt was under way: nothing tells this layer how many attempts went
-    /// before, so an attempt answered and retried (a 1303, a 5000) is not counted, nor is a
-    /// dropped request of another kind.
+    /// Whether a classify step below counted the call's requests in the rate window as it sent
+    /// them: the request carried the lane's counter and the lane knows a classify step takes
+    /// it (see [`Tap`]). Else the call counts them when it ends.
+    #[inline]
+    fn counted_below(&self) -> bool {
+        self.counter && self.monitor.counted_below()
+    }
+
+    /// The call's future was dropped before its answer (a caller's timeout, a cancelled job).
+    /// A classify step below counts its requests itself, each at the instant it was sent, the
+    /// one in flight included (see [`Tap`]): nothing to do here.
+    ///
+    /// With no classify step below, its request counts in the rate window, as an answered
+    /// one does, when it may have left and so reached Kling, which counts it against the
+    /// account. That is known of a create only (the only request given a [`SendWatch`]): once
+    /// polled, unless a layer below holds it back unsent ([`SendWatch::never_sent`]: waiting
+    /// for its slots or its rate-limit turn, or in the retry layer's backoff after attempts
+    /// that made no task). One request, whichever attempt was under way: nothing tells this
+    /// layer how many attempts went before, so an attempt answered and retried (a 1303, a
+    /// 5000) is not counted, nor is a dropped request of another kind.
     fn dropped(self) {
         if self.polled
+            && !self.counted_below()
             && let Some(watch) = &self.watch
             && !watch.never_sent()
         {
@@ -164,8 +179,6 @@ impl Call {
         };
         let extensions = response.extensions();
         let others = !attached || extensions.len() > 1;
-        // Counted when answered, as many as were sent: a create that waited minutes for a slot
-        // was sent at the end of its wait, and a retry layer's attempts each reached Kling.
         let mut sent = 1;
         if others && let Some(&Attempt(attempts)) = extensions.get::<Attempt>() {
             if !span.is_disabled() {
@@ -173,7 +186,12 @@ impl Call {
             }
             sent = attempts.max(1);
         }
-        self.monitor.note_requests(end, u64::from(sent));
+        // A classify step below counted each request as it sent it. Else counted when
+        // answered, as many as were sent: a create that waited minutes for a slot was sent at
+        // the end of its wait, and a retry layer's attempts each reached Kling.
+        if !self.counted_below() {
+            self.monitor.note_requests(end, u64::from(sent));
+        }
         if !span.is_disabled()
             && let Some(waited) = extensions.get::<Waited>()
         {
@@ -217,7 +235,8 @@ impl Call {
     fn error(mut self, error: &(dyn StdError + 'static), span: &Span) {
         let end = Instant::now();
         let (sent, attempts) = requests_sent(error);
-        if sent > 0 {
+        // Counted as they were sent when a classify step below counts them.
+        if sent > 0 && !self.counted_below() {
             self.monitor.note_requests(end, u64::from(sent));
         }
         // Which attempt ended the call, as a response's `Attempt` says for an answered one.

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -10,8 +11,9 @@ use http_body_util::Full;
 use kling_core::call_clock;
 use kling_core::error::BoxError;
 use kling_core::lanes::Lanes;
-use kling_core::signals::{Attempt, SendWatch};
+use kling_core::signals::{Attempt, CountSent, SendCounter};
 use kling_core::{PeekBody, RequestKind};
+use tokio::time::Instant;
 use tower_service::Service;
 use tracing::field::Empty;
 
@@ -24,10 +26,13 @@ use crate::{Monitor, labels};
 /// [`Monitor`]. See [`MetricsLayer`](crate::MetricsLayer) and the crate docs.
 ///
 /// Only passes through: it never changes a response, and of a request only its signals, where
-/// it puts a create's [`SendWatch`] (shared with the layers below, so that a create dropped
-/// after it left counts in the [`Monitor`]'s rate window). Its error is the inner error as a
-/// [`BoxError`] (the stack's error type), so it can read a Kling code out of an error that
-/// carries a [`kling_core::error::ApiError`].
+/// it puts its [`SendCounter`] (a classify step below counts in the [`Monitor`]'s rate window
+/// each request it sends, at the instant it was sent: every attempt of a retried call, an
+/// auth layer's resend, a call dropped in flight) and a create's
+/// [`SendWatch`](kling_core::signals::SendWatch) (shared with the layers below, so that a
+/// create dropped after it left counts in the rate window when no classify step below counts
+/// it). Its error is the inner error as a [`BoxError`] (the stack's error type), so it can read
+/// a Kling code out of an error that carries a [`kling_core::error::ApiError`].
 ///
 /// # Clone
 ///
@@ -37,7 +42,65 @@ pub struct Metrics<S> {
     /// The monitor, one handle per lane: each call's future holds the monitor until it ends,
     /// through its thread's lane ([`kling_core::lanes`]), so the threads of a runtime do not
     /// write one shared count per call. Clones share the lanes.
-    monitor: Arc<Lanes<Monitor>>,
+    monitor: Arc<Lanes<Tap>>,
+}
+
+/// What a lane of a [`Metrics`] holds: the monitor, and whether a classify step below counts
+/// the requests of this lane's calls as it sends them (its [`SendCounter`]).
+///
+/// A lane learns it from the first of its calls whose request reaches a classify step, before
+/// that request is sent; from then on its calls that carry the counter leave the counting to
+/// the step. A call that ends before its lane learned it sent nothing through a classify step,
+/// and counts what it reports as before: the stack below has none (this layer over a bare
+/// client), or the call never reached it; so does a call whose request carried no counter.
+/// Each lane learns it on its own (a flag written once, then only read). A stack below that
+/// sends some requests through a classify step and others past it, to Kling, would leave the
+/// latter uncounted.
+#[derive(Debug)]
+pub(crate) struct Tap {
+    monitor: Monitor,
+    counted_below: AtomicBool,
+}
+
+impl Tap {
+    /// Whether a classify step below counts this lane's requests.
+    #[inline]
+    pub(crate) fn counted_below(&self) -> bool {
+        self.counted_below.load(Ordering::Relaxed)
+    }
+}
+
+/// A new lane learns on its own.
+impl Clone for Tap {
+    fn clone(&self) -> Tap {
+        Tap {
+            monitor: self.monitor.clone(),
+            counted_below: AtomicBool::new(false),
+        }
+    }
+}
+
+impl std::ops::Deref for Tap {
+    type Target = Monitor;
+
+    #[inline]
+    fn deref(&self) -> &Monitor {
+        &self.monitor
+    }
+}
+
+impl CountSent for Tap {
+    #[inline]
+    fn attached(&self) {
+        // Written once: then only read, so the lane's cache line stays shared.
+        if !self.counted_below.load(Ordering::Relaxed) {
+            self.counted_below.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn sent(&self, at: Instant) {
+        self.monitor.note_requests(at, 1);
+    }
 }
 
 impl<S: Clone> Clone for Metrics<S> {
@@ -53,7 +116,7 @@ impl<S: fmt::Debug> fmt::Debug for Metrics<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Metrics")
             .field("inner", &self.inner)
-            .field("monitor", self.monitor.get())
+            .field("monitor", &self.monitor.get().monitor)
             .finish()
     }
 }
@@ -63,13 +126,16 @@ impl<S> Metrics<S> {
     pub fn new(inner: S, monitor: Monitor) -> Self {
         Metrics {
             inner,
-            monitor: Arc::new(Lanes::new(monitor)),
+            monitor: Arc::new(Lanes::new(Tap {
+                monitor,
+                counted_below: AtomicBool::new(false),
+            })),
         }
     }
 
     /// The monitor.
     pub fn monitor(&self) -> &Monitor {
-        self.monitor.get()
+        &self.monitor.get().monitor
     }
 
     /// The inner service.
@@ -144,7 +210,21 @@ where
         // layers below that hold it back unsent (the task slots, the rate limiter, the retry
         // layer's backoff) say so in this watch, which the task slots would make for every
         // create anyway. Not made for other requests: it would cost each an allocation.
-        let watch = (kind == RequestKind::Create).then(|| SendWatch::shared(&mut request));
+        // And where a classify step below counts each request it sends: a reference count on
+        // this thread's lane, in the signals the request carries (the stack's requests all
+        // do, and a create's watch puts them in). Not put in a request without them: that
+        // would cost it allocations, and the layer counts its requests when it ends, as before.
+        let (watch, counter) = if kind == RequestKind::Create {
+            let counter = SendCounter::new(lane.clone());
+            (
+                Some(SendCounter::set_with_watch(&mut request, counter)),
+                true,
+            )
+        } else {
+            let counted =
+                SendCounter::set_in_signals(&mut request, || SendCounter::new(lane.clone()));
+            (None, counted)
+        };
         // The call's only clock read when a classify step timed the response (its arrival is
         // the call's end, see `ResponseFuture`); the layers called below share it.
         let (start, scope) = call_clock::enter();
@@ -160,6 +240,7 @@ where
             monitor: lane,
             target,
             watch,
+            counter,
             polled: false,
         };
         ResponseFuture::new(inner, span, call)

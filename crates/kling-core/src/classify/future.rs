@@ -14,23 +14,64 @@ use http_body_util::Full;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
-use crate::error::{BodyTooLarge, BoxError, Transport};
+use crate::call_clock;
+use crate::error::{BodyTooLarge, BoxError, SendState, Transport};
 use crate::outcome::Outcome;
 use crate::retry_after::retry_after_delay;
+use crate::signals::SendCounter;
 
 pin_project! {
     /// Calls the client, reads the body up to the limit and attaches the outcome.
+    ///
+    /// Counts its request through the request's [`SendCounter`], if it carried one, once it
+    /// reached Kling or may have: when the answer arrives, on an error unless the request
+    /// surely never left, or when dropped after it was polled (see [`SendCounter`]).
     pub struct ResponseFuture<F, B> {
         #[pin]
         state: State<F, B>,
         limit: usize,
+    }
+
+    impl<F, B> PinnedDrop for ResponseFuture<F, B> {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped in flight (a timeout, a caller that gave up): the request may have left.
+            // Not while a panic unwinds: a warning hook that panicked too would abort.
+            if let StateProj::Calling { sending, .. } = this.project().state.project()
+                && let Some(sending) = sending.take()
+                && sending.polled
+                && !std::thread::panicking()
+            {
+                sending.counter.sent(sending.at);
+            }
+        }
+    }
+}
+
+/// A request to count once it is known to have reached Kling, or that it may have.
+struct Sending {
+    counter: SendCounter,
+    /// When it was sent (the step's `call`).
+    at: Instant,
+    /// Whether the client's future was polled: one never polled sent nothing.
+    polled: bool,
+}
+
+impl Sending {
+    /// The request of a future that was polled reached Kling, or may have: counted.
+    #[inline]
+    fn count(sending: &mut Option<Sending>) {
+        if let Some(sending) = sending.take() {
+            sending.counter.sent(sending.at);
+        }
     }
 }
 
 pin_project! {
     #[project = StateProj]
     enum State<F, B> {
-        Calling { #[pin] future: F },
+        // What to count rides with the client's future: the state is no larger for it (the
+        // reading state is the larger), and every layer above moves this future.
+        Calling { #[pin] future: F, sending: Option<Sending> },
         Reading { parts: Option<Parts>, #[pin] body: B, buffer: Buffer, has_retry_after: bool },
         Done,
     }
@@ -126,9 +167,18 @@ fn too_large(parts: &Parts, has_retry_after: bool, limit: usize) -> BoxError {
 }
 
 impl<F, B> ResponseFuture<F, B> {
-    pub(crate) fn new(future: F, limit: usize) -> Self {
+    /// `counter`: the request's, taken out of it before it was sent at `call_clock::now()`.
+    #[inline]
+    pub(crate) fn new(future: F, limit: usize, counter: Option<SendCounter>) -> Self {
         ResponseFuture {
-            state: State::Calling { future },
+            state: State::Calling {
+                future,
+                sending: counter.map(|counter| Sending {
+                    counter,
+                    at: call_clock::now(),
+                    polled: false,
+                }),
+            },
             limit,
         }
     }
@@ -151,18 +201,28 @@ where
 {
     type Output = Result<Response<Full<Bytes>>, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Calling { future } => {
+                StateProj::Calling { future, sending } => {
+                    if let Some(sending) = sending {
+                        sending.polled = true;
+                    }
                     let response = match ready!(future.poll(cx)) {
                         Ok(response) => response,
                         Err(e) => {
+                            let error = Transport::from_below(e);
+                            if sending.is_some() && SendState::of(&*error) != SendState::NotSent {
+                                Sending::count(sending);
+                            }
                             this.state.set(State::Done);
-                            return Poll::Ready(Err(Transport::from_below(e)));
+                            return Poll::Ready(Err(error));
                         }
                     };
+                    // Answered: it reached Kling, whatever its body turns out to be.
+                    Sending::count(sending);
                     let (parts, body) = response.into_parts();
                     let (length, has_retry_after) = read_headers(&parts.headers);
                     let declared = length
@@ -242,7 +302,7 @@ mod tests {
     use std::time::Duration;
 
     use http::HeaderName;
-    use tower::{Layer, ServiceExt, service_fn};
+    use tower::{Layer, Service, ServiceExt, service_fn};
 
     use super::*;
     use crate::ClassifyLayer;
@@ -347,6 +407,107 @@ mod tests {
             assert_eq!(large.retry_after(), None, "{declared:?}");
             assert_eq!(large.resume_at(), None, "{declared:?}");
         }
+    }
+
+    /// Records each request counted, and whether a classify step took the counter.
+    #[derive(Default)]
+    struct Tally {
+        attached: std::sync::atomic::AtomicU32,
+        sent: std::sync::Mutex<Vec<Instant>>,
+    }
+
+    impl crate::signals::CountSent for Tally {
+        fn attached(&self) {
+            self.attached
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+
+        fn sent(&self, at: Instant) {
+            self.sent.lock().unwrap().push(at);
+        }
+    }
+
+    /// A request carrying a counter reporting to a fresh tally.
+    fn counted() -> (std::sync::Arc<Tally>, http::Request<Full<Bytes>>) {
+        let tally = std::sync::Arc::new(Tally::default());
+        let mut request = http::Request::new(Full::new(Bytes::new()));
+        SendCounter::set(&mut request, SendCounter::new(tally.clone()));
+        (tally, request)
+    }
+
+    /// The client: answers after `answer` seconds, or fails at once with an I/O error of
+    /// `kind`.
+    fn client(
+        answer: u64,
+        kind: Option<std::io::ErrorKind>,
+    ) -> impl tower::Service<
+        http::Request<Full<Bytes>>,
+        Response = Response<Full<Bytes>>,
+        Error = BoxError,
+        Future = impl Future<Output = Result<Response<Full<Bytes>>, BoxError>>,
+    > + Clone {
+        service_fn(move |_req: http::Request<Full<Bytes>>| async move {
+            if let Some(kind) = kind {
+                return Err(Box::new(Transport::new(std::io::Error::from(kind))) as BoxError);
+            }
+            tokio::time::sleep(Duration::from_secs(answer)).await;
+            Ok(Response::new(Full::new(Bytes::from_static(
+                br#"{"code":0,"message":"SUCCEED","request_id":"r","data":null}"#,
+            ))))
+        })
+    }
+
+    /// The step counts each request once, at the instant it was sent, once it knows the
+    /// request reached Kling or may have: answered (also as a body too large or no envelope),
+    /// failed after it may have left, dropped in flight. Not a request that surely never left,
+    /// nor one whose future was never polled; a second classify step below counts nothing.
+    #[tokio::test(start_paused = true)]
+    async fn the_step_counts_each_request_once_at_the_instant_it_was_sent() {
+        let sent = Instant::now();
+        // Answered three seconds later: counted at the send.
+        let (tally, request) = counted();
+        let twice = ClassifyLayer::new().layer(ClassifyLayer::new().layer(client(3, None)));
+        twice.oneshot(request).await.unwrap();
+        assert_eq!(*tally.sent.lock().unwrap(), [sent]);
+        assert_eq!(tally.attached.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        // An answer that is no envelope reached Kling all the same.
+        let (tally, request) = counted();
+        let page = service_fn(|_req: http::Request<Full<Bytes>>| async {
+            Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(b"<html>"))))
+        });
+        ClassifyLayer::new()
+            .layer(page)
+            .oneshot(request)
+            .await
+            .unwrap_err();
+        assert_eq!(tally.sent.lock().unwrap().len(), 1, "no envelope");
+
+        // Refused before it left, reset after it did.
+        for (kind, count) in [
+            (std::io::ErrorKind::ConnectionRefused, 0),
+            (std::io::ErrorKind::ConnectionReset, 1),
+        ] {
+            let (tally, request) = counted();
+            let failing = ClassifyLayer::new().layer(client(0, Some(kind)));
+            failing.oneshot(request).await.unwrap_err();
+            assert_eq!(tally.sent.lock().unwrap().len(), count, "{kind:?}");
+        }
+
+        // Dropped in flight, five seconds after it was sent: counted at the send.
+        let (tally, request) = counted();
+        let sent = Instant::now();
+        let slow = ClassifyLayer::new().layer(client(60, None));
+        let dropped = tokio::time::timeout(Duration::from_secs(5), slow.clone().oneshot(request));
+        assert!(dropped.await.is_err(), "timed out");
+        assert_eq!(*tally.sent.lock().unwrap(), [sent]);
+
+        // Never polled: never sent.
+        let (tally, request) = counted();
+        let mut service = slow;
+        drop(service.call(request));
+        assert_eq!(tally.attached.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(tally.sent.lock().unwrap().is_empty(), "never polled");
     }
 
     #[test]

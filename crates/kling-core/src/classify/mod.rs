@@ -20,6 +20,14 @@
 //!   URL refusing another origin), which a retry layer must not take for a connection that
 //!   never opened and try again.
 //!
+//! # Counting what is sent
+//!
+//! A request whose signals carry a [`SendCounter`] (a metrics layer above puts one there) is
+//! counted through it once, at the instant this step passed it to the client, when the step
+//! knows it reached Kling or may have: its answer arrived, it failed other than surely unsent,
+//! or the step's future was dropped after it was polled (a timeout, a caller that gave up).
+//! Below the retry and auth layers, this step sees every request that goes to the wire.
+//!
 //! # Example
 //!
 //! ```
@@ -56,6 +64,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::error::{BoxError, Transport};
+use crate::signals::SendCounter;
 
 /// The default limit on a response body: Kling answers are small JSON, and a 500-task list page
 /// stays well under it.
@@ -145,7 +154,11 @@ where
         self.inner.poll_ready(cx).map_err(Transport::from_below)
     }
 
-    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
-        future::ResponseFuture::new(self.inner.call(request), self.max_body_bytes)
+    /// Inlined, as it was while it only wrapped the client's future: out of line, the request
+    /// and the future are copied through it (four `memcpy`s a request).
+    #[inline(always)]
+    fn call(&mut self, mut request: Request<ReqB>) -> Self::Future {
+        let counter = SendCounter::take(&mut request);
+        future::ResponseFuture::new(self.inner.call(request), self.max_body_bytes, counter)
     }
 }

@@ -426,82 +426,93 @@ async fn a_failed_calls_span_records_the_attempt_that_ended_it() {
 /// when it may have left, as Kling counts it: not while a layer below holds it back unsent (a
 /// slot's wait: `SendWatch::held`), once a layer handed it on toward Kling
 /// (`SendWatch::handed`), and when no layer reported on it (sent as soon as called). A future
-/// never polled sent nothing; one dropped after its answer was counted then, not again.
+/// never polled sent nothing; one dropped after its answer was counted then, not again. The
+/// same whether a classify step under the layer that holds it back counts it (the stack's
+/// order) or the metrics layer does (no classify step).
 #[tokio::test(start_paused = true)]
 async fn a_create_dropped_after_it_left_counts_and_one_held_back_unsent_does_not() {
     use kling_core::signals::SendWatch;
     use tokio::time::timeout;
 
     const CREATED: &str = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t-drop","task_status":"submitted"}}"#;
-    let monitor = Monitor::builder()
-        .rate_quota(60, Duration::from_secs(60))
-        .build()
-        .unwrap();
-    // What the task slots do below: hold the create back for five minutes, then hand it on;
-    // Kling answers ten seconds later. A create to `/text-to-video/direct` is sent at once.
-    let below = tower::service_fn(|req: http::Request<Full<Bytes>>| {
-        let slots = !req.uri().path().ends_with("/direct");
-        if slots {
-            SendWatch::held(&req);
-        }
-        async move {
-            if slots {
-                tokio::time::sleep(Duration::from_secs(300)).await;
-                SendWatch::handed(&req);
-            }
+    for classified in [false, true] {
+        let monitor = Monitor::builder()
+            .rate_quota(60, Duration::from_secs(60))
+            .build()
+            .unwrap();
+        // Kling answers ten seconds after a create is sent.
+        let kling = tower::service_fn(|_req: http::Request<Full<Bytes>>| async {
             tokio::time::sleep(Duration::from_secs(10)).await;
             Ok::<_, kling_core::error::BoxError>(http::Response::new(Full::new(
                 Bytes::from_static(CREATED.as_bytes()),
             )))
-        }
-    });
-    let stack =
-        MetricsLayer::with_monitor(monitor.clone()).layer(ClassifyLayer::new().layer(below));
-    let create = |path: &str| request("POST", path, r#"{"prompt":"x"}"#, "k");
-    let requests = || monitor.snapshot().rate.requests;
+        });
+        // What the task slots do above it: hold the create back for five minutes, then hand
+        // it on. A create to `/text-to-video/direct` is sent at once.
+        let below = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+            let slots = !req.uri().path().ends_with("/direct");
+            if slots {
+                SendWatch::held(&req);
+            }
+            async move {
+                if slots {
+                    tokio::time::sleep(Duration::from_secs(300)).await;
+                    SendWatch::handed(&req);
+                }
+                if classified {
+                    ClassifyLayer::new().layer(kling).oneshot(req).await
+                } else {
+                    kling.oneshot(req).await
+                }
+            }
+        });
+        let stack = MetricsLayer::with_monitor(monitor.clone()).layer(below);
+        let create = |path: &str| request("POST", path, r#"{"prompt":"x"}"#, "k");
+        let requests = || monitor.snapshot().rate.requests;
 
-    // Dropped while it waits for its slot: Kling never saw it.
-    let waited = timeout(
-        Duration::from_secs(100),
-        stack.clone().oneshot(create("/v1/videos/text2video")),
-    );
-    assert!(waited.await.is_err(), "timed out");
-    assert_eq!(requests(), 0, "held back unsent");
+        // Dropped while it waits for its slot: Kling never saw it.
+        let waited = timeout(
+            Duration::from_secs(100),
+            stack.clone().oneshot(create("/v1/videos/text2video")),
+        );
+        assert!(waited.await.is_err(), "timed out");
+        assert_eq!(requests(), 0, "held back unsent ({classified})");
 
-    // Dropped after its slot was granted, while Kling works on it.
-    let sent = timeout(
-        Duration::from_secs(305),
-        stack.clone().oneshot(create("/v1/videos/text2video")),
-    );
-    assert!(sent.await.is_err(), "timed out");
-    assert_eq!(requests(), 1, "handed on toward Kling");
+        // Dropped after its slot was granted, while Kling works on it.
+        let sent = timeout(
+            Duration::from_secs(305),
+            stack.clone().oneshot(create("/v1/videos/text2video")),
+        );
+        assert!(sent.await.is_err(), "timed out");
+        assert_eq!(requests(), 1, "handed on toward Kling ({classified})");
 
-    // No layer below reported on it: it left when called.
-    let direct = timeout(
-        Duration::from_secs(5),
-        stack.clone().oneshot(create("/text-to-video/direct")),
-    );
-    assert!(direct.await.is_err(), "timed out");
-    assert_eq!(requests(), 2, "sent at once");
+        // No layer below reported on it: it left when called.
+        let direct = timeout(
+            Duration::from_secs(5),
+            stack.clone().oneshot(create("/text-to-video/direct")),
+        );
+        assert!(direct.await.is_err(), "timed out");
+        assert_eq!(requests(), 2, "sent at once ({classified})");
 
-    // Never polled: never sent.
-    let mut service = stack.clone();
-    let unpolled = service
-        .ready()
-        .await
-        .unwrap()
-        .call(create("/text-to-video/direct"));
-    drop(unpolled);
-    assert_eq!(requests(), 2, "never polled");
+        // Never polled: never sent.
+        let mut service = stack.clone();
+        let unpolled = service
+            .ready()
+            .await
+            .unwrap()
+            .call(create("/text-to-video/direct"));
+        drop(unpolled);
+        assert_eq!(requests(), 2, "never polled ({classified})");
 
-    // Answered, then dropped: counted once, when answered.
-    let mut answered = Box::pin(stack.oneshot(create("/text-to-video/direct")));
-    assert!(futures_poll(answered.as_mut()).is_none());
-    advance(Duration::from_secs(10)).await;
-    let response = std::future::poll_fn(|cx| answered.as_mut().poll(cx)).await;
-    assert!(response.is_ok());
-    drop(answered);
-    assert_eq!(requests(), 3, "once, when answered");
+        // Answered, then dropped: counted once, when answered.
+        let mut answered = Box::pin(stack.oneshot(create("/text-to-video/direct")));
+        assert!(futures_poll(answered.as_mut()).is_none());
+        advance(Duration::from_secs(10)).await;
+        let response = std::future::poll_fn(|cx| answered.as_mut().poll(cx)).await;
+        assert!(response.is_ok());
+        drop(answered);
+        assert_eq!(requests(), 3, "once, when answered ({classified})");
+    }
 }
 
 /// A call dropped while a panic unwinds (its stack panicked, and the thread owning the
@@ -545,9 +556,10 @@ fn futures_poll<F: std::future::Future>(future: std::pin::Pin<&mut F>) -> Option
     }
 }
 
-/// The attempts a layer below reports count whatever else the response carries: beside the
-/// outcome alone (the layer skips the lookup only when the outcome is the one extension), and
-/// on a response with no envelope (no outcome attached).
+/// With no classify step below to count requests as they are sent, the attempts a layer below
+/// reports count whatever else the response carries: beside the outcome alone (the layer skips
+/// the lookup only when the outcome is the one extension), and on a response with no envelope
+/// (no outcome attached).
 #[tokio::test(start_paused = true)]
 async fn attempts_count_beside_the_outcome_alone_and_on_a_response_with_no_envelope() {
     for (status, body, classified) in [
@@ -562,18 +574,16 @@ async fn attempts_count_beside_the_outcome_alone_and_on_a_response_with_no_envel
         let retried = tower::service_fn(move |_req: http::Request<Full<Bytes>>| async move {
             let mut response = http::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
             *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            if classified {
+                // The outcome attached first, as a classify step would.
+                kling_core::Outcome::ensure(&mut response).unwrap();
+            }
             response.extensions_mut().insert(Attempt(3));
             Ok::<_, kling_core::error::BoxError>(response)
         });
         let req = request("GET", "/v1/videos/text2video/t-1", "", "k");
-        if classified {
-            let stack = MetricsLayer::with_monitor(monitor.clone())
-                .layer(ClassifyLayer::new().layer(retried));
-            let _ = stack.oneshot(req).await;
-        } else {
-            let stack = MetricsLayer::with_monitor(monitor.clone()).layer(retried);
-            let _ = stack.oneshot(req).await;
-        }
+        let stack = MetricsLayer::with_monitor(monitor.clone()).layer(retried);
+        let _ = stack.oneshot(req).await;
         assert_eq!(monitor.snapshot().rate.requests, 3, "{status} {classified}");
     }
 }
