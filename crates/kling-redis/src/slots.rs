@@ -156,33 +156,59 @@ impl Drop for PoolGauges {
 /// each process shows the slots it holds, so summed over the fleet the gauge is the fleet's
 /// use (a holding another process released leaves at the next maintenance pass). Only
 /// `insert`, `remove` and `retain` change the set, so the gauge follows every change.
+///
+/// The gauge follows in [`show`](Registry::show), called once the change is made whole (sent
+/// to Redis or queued for it, the reply's bookkeeping done): a metrics recorder that panics
+/// there loses no change, and a move it did not make is made at the next `show`.
 #[derive(Debug, Default)]
 struct Registry {
     held: HashMap<String, Held>,
+    /// The moves of the in-use gauges not shown yet, by pool.
+    unshown: HashMap<SlotKey, i64>,
 }
 
 impl Registry {
     fn insert(&mut self, h: String, held: Held) {
-        in_use_gauge(&held.key).increment(f64::from(held.weight));
+        self.moved(&held.key, i64::from(held.weight));
         if let Some(old) = self.held.insert(h, held) {
-            in_use_gauge(&old.key).decrement(f64::from(old.weight));
+            self.moved(&old.key, -i64::from(old.weight));
         }
     }
 
     fn remove(&mut self, h: &str) -> Option<Held> {
         let old = self.held.remove(h)?;
-        in_use_gauge(&old.key).decrement(f64::from(old.weight));
+        self.moved(&old.key, -i64::from(old.weight));
         Some(old)
     }
 
     fn retain(&mut self, mut keep: impl FnMut(&String, &Held) -> bool) {
+        let mut gone = Vec::new();
         self.held.retain(|h, held| {
             let kept = keep(h, held);
             if !kept {
-                in_use_gauge(&held.key).decrement(f64::from(held.weight));
+                gone.push((held.key.clone(), held.weight));
             }
             kept
         });
+        for (key, weight) in gone {
+            self.moved(&key, -i64::from(weight));
+        }
+    }
+
+    /// Notes a move of `key`'s in-use gauge, shown by [`show`](Registry::show).
+    fn moved(&mut self, key: &SlotKey, by: i64) {
+        *self.unshown.entry(key.clone()).or_default() += by;
+    }
+
+    /// Moves the in-use gauges by what the set changed since they were last shown. Each
+    /// pool's move is forgotten once made: a recorder that panics leaves it for the next call.
+    fn show(&mut self) {
+        while let Some((key, by)) = self.unshown.iter().next().map(|(k, by)| (k.clone(), *by)) {
+            if by != 0 {
+                in_use_gauge(&key).increment(by as f64);
+            }
+            self.unshown.remove(&key);
+        }
     }
 
     /// A holding, to note its task id or that Redis has it (never its key or weight).
@@ -926,12 +952,10 @@ impl Inner {
         Ok((items, lost))
     }
 
-    /// Runs `APPLY` stamped with fleet time now; parses `{lost, changed, released}`, and
-    /// counts the tasks it released in the finished-task metrics.
-    async fn apply_args(
-        &self,
-        args: &mut [String],
-    ) -> Result<(bool, Vec<Released>, Vec<String>), StoreError> {
+    /// Runs `APPLY` stamped with fleet time now; parses `{lost, changed, released}`, with the
+    /// tasks it released to count in the finished-task metrics once the reply's bookkeeping
+    /// is done ([`Reply::finished`]).
+    async fn apply_args(&self, args: &mut [String]) -> Result<Reply, StoreError> {
         self.apply_args_counting(args, true).await
     }
 
@@ -940,13 +964,24 @@ impl Inner {
         &self,
         args: &mut [String],
         count: bool,
-    ) -> Result<(bool, Vec<Released>, Vec<String>), StoreError> {
+    ) -> Result<Reply, StoreError> {
         let now_us = self.now_us().await?;
         args[1] = now_us.to_string();
         let (items, _) = self.run_noting_state(&self.apply, args).await?;
         let changed = int_at(&items, 1)? == 1;
-        let (released, holdings) = released_by(items.get(2), now_us, count);
-        Ok((changed, released, holdings))
+        let (released, holdings, finished) = released_by(items.get(2), now_us, count);
+        Ok(Reply {
+            changed,
+            released,
+            holdings,
+            finished,
+        })
+    }
+
+    /// Moves the in-use gauges by the changes to the record of held slots not shown yet: after
+    /// a change is sent or queued, and after a reply's bookkeeping ([`Registry::show`]).
+    fn show_in_use(&self) {
+        lock(&self.registry).show();
     }
 
     fn start(self: &Arc<Self>) {
@@ -1312,7 +1347,14 @@ impl Inner {
         if let Some(pk) = &prepared.wake {
             self.wake(pk);
         }
-        handle.spawn(Arc::clone(self).send_op(prepared))
+        let task = handle.spawn(Arc::clone(self).send_op(prepared));
+        // Only once the change is on its way: a metrics recorder that panics here loses none.
+        // (Not while unwinding, a grant given back as its acquire unwinds: a recorder's
+        // second panic would abort. The next change shows it.)
+        if !std::thread::panicking() {
+            self.show_in_use();
+        }
+        task
     }
 
     /// Sends an operation [`prepare`](Self::prepare)d: to Redis, or (Redis away) to the replay
@@ -1339,7 +1381,12 @@ impl Inner {
             self.apply_args(&mut args).await
         };
         match result {
-            Ok((changed, released, holdings)) => {
+            Ok(Reply {
+                changed,
+                released,
+                holdings,
+                finished,
+            }) => {
                 {
                     let mut registry = lock(&self.registry);
                     for h in &holdings {
@@ -1363,6 +1410,9 @@ impl Inner {
                     let pk = self.pk(&r.key);
                     self.wake(&pk);
                 }
+                // The metrics last: a recorder that panics leaves the record whole.
+                self.show_in_use();
+                finished.record();
                 Ok(Applied { released, changed })
             }
             Err(e) if e.is_unreachable() || queued => {
@@ -1376,6 +1426,7 @@ impl Inner {
                     let pk = self.pk(&r.key);
                     self.wake(&pk);
                 }
+                self.show_in_use();
                 match self.when_unreachable {
                     WhenUnreachable::Fail if !queued => Err(e.into_slots()),
                     _ => Ok(local),
@@ -1545,8 +1596,18 @@ impl Inner {
     }
 
     /// Replays what could not be sent, in order. While it runs, new changes queue behind it
-    /// (`replaying`, set and cleared under the queue's lock).
+    /// (`replaying`, set and cleared under the queue's lock). The metrics move once it is
+    /// done (a recorder that panics leaves no change half made).
     async fn replay(&self) -> Result<(), StoreError> {
+        let mut finished = Finished::default();
+        let replayed = self.replay_counting(&mut finished).await;
+        self.show_in_use();
+        finished.record();
+        replayed
+    }
+
+    /// [`replay`](Self::replay), the releases to count added to `finished`.
+    async fn replay_counting(&self, finished: &mut Finished) -> Result<(), StoreError> {
         {
             let pending = lock(&self.pending);
             if !pending.is_empty() {
@@ -1573,22 +1634,27 @@ impl Inner {
             let result = match &pending {
                 Pending::Args(args) => {
                     let mut args = args.clone();
-                    self.apply_args(&mut args)
-                        .await
-                        .map(|(_, released, holdings)| {
-                            self.ends_counted(&args, &released);
-                            let mut registry = lock(&self.registry);
-                            for h in holdings {
-                                registry.remove(&h);
-                            }
-                            if matches!(args[3].as_str(), "hold" | "adopt")
-                                && let Some(held) = registry.get_mut(&args[5])
-                            {
-                                held.registered = true;
-                            }
-                            drop(registry);
-                            self.halt_stored(&args);
-                        })
+                    self.apply_args(&mut args).await.map(|reply| {
+                        let Reply {
+                            released,
+                            holdings,
+                            finished: counted,
+                            ..
+                        } = reply;
+                        finished.extend(counted);
+                        self.ends_counted(&args, &released);
+                        let mut registry = lock(&self.registry);
+                        for h in holdings {
+                            registry.remove(&h);
+                        }
+                        if matches!(args[3].as_str(), "hold" | "adopt")
+                            && let Some(held) = registry.get_mut(&args[5])
+                        {
+                            held.registered = true;
+                        }
+                        drop(registry);
+                        self.halt_stored(&args);
+                    })
                 }
                 Pending::Register(h) => {
                     let held = lock(&self.registry).get(h).cloned();
@@ -1600,7 +1666,8 @@ impl Inner {
                         }
                         Some((Some(lease), held)) => {
                             let mut args = self.hold_args("reg", &held.pk, h, &held, lease);
-                            self.apply_args(&mut args).await.map(|_| {
+                            self.apply_args(&mut args).await.map(|reply| {
+                                finished.extend(reply.finished);
                                 if let Some(held) = lock(&self.registry).get_mut(h) {
                                     held.registered = true;
                                 }
@@ -1688,44 +1755,15 @@ impl Inner {
             }
         }
         if self.needs_register.swap(false, Ordering::AcqRel) {
-            // The halts first: Redis lost them too.
-            self.queue_halts_again();
-            if let Err(e) = self.replay().await {
+            let mut finished = Finished::default();
+            let registered = self.register_again(&mut finished).await;
+            if registered.is_err() {
                 self.needs_register.store(true, Ordering::Release);
-                return Err(e);
             }
-            let held: Vec<(String, Held)> = lock(&self.registry)
-                .iter()
-                .map(|(h, held)| (h.clone(), held.clone()))
-                .collect();
-            for (h, held) in held {
-                // What is left of its lease: one that ran out is not registered again.
-                let Some(lease) = held.lease_left(Instant::now()) else {
-                    lock(&self.registry).remove(&h);
-                    continue;
-                };
-                let mut args = self.hold_args("reg", &held.pk, &h, &held, lease);
-                let holdings = match self.apply_args(&mut args).await {
-                    Ok((_, _, holdings)) => holdings,
-                    Err(e) => {
-                        self.needs_register.store(true, Ordering::Release);
-                        return Err(e);
-                    }
-                };
-                let mut registry = lock(&self.registry);
-                // A task whose end was reported first is not registered again.
-                for h in &holdings {
-                    registry.remove(h);
-                }
-                if let Some(held) = registry.get_mut(&h) {
-                    held.registered = true;
-                }
-            }
-            if let Err(e) = self.after_new_generation().await {
-                self.needs_register.store(true, Ordering::Release);
-                return Err(e);
-            }
-            return Ok(());
+            // The metrics last: a recorder that panics leaves the registration whole.
+            self.show_in_use();
+            finished.record();
+            return registered;
         }
         // 3. Prune what others released for us (a query of theirs, a lease).
         let registered: Vec<(String, String)> = lock(&self.registry)
@@ -1757,9 +1795,42 @@ impl Inner {
                     }
                 }
             }
+            self.show_in_use();
         }
         // 4. The fleet's capacity of this process's pools, for their gauges.
         self.show_capacities().await
+    }
+
+    /// After Redis lost its state (or went back): sends again the halts this process knows of,
+    /// registers its holdings again, then [`after_new_generation`](Self::after_new_generation).
+    /// The releases to count are added to `finished`.
+    async fn register_again(&self, finished: &mut Finished) -> Result<(), StoreError> {
+        // The halts first: Redis lost them too.
+        self.queue_halts_again();
+        self.replay().await?;
+        let held: Vec<(String, Held)> = lock(&self.registry)
+            .iter()
+            .map(|(h, held)| (h.clone(), held.clone()))
+            .collect();
+        for (h, held) in held {
+            // What is left of its lease: one that ran out is not registered again.
+            let Some(lease) = held.lease_left(Instant::now()) else {
+                lock(&self.registry).remove(&h);
+                continue;
+            };
+            let mut args = self.hold_args("reg", &held.pk, &h, &held, lease);
+            let reply = self.apply_args(&mut args).await?;
+            finished.extend(reply.finished);
+            let mut registry = lock(&self.registry);
+            // A task whose end was reported first is not registered again.
+            for h in &reply.holdings {
+                registry.remove(h);
+            }
+            if let Some(held) = registry.get_mut(&h) {
+                held.registered = true;
+            }
+        }
+        self.after_new_generation().await
     }
 
     /// After this process registered its holdings in a new generation: releases those Redis
@@ -1830,7 +1901,9 @@ impl Inner {
                 }
                 // Counted when they were first reported: a task the older state brought back
                 // is released again here, but it ended once.
-                let (_, released, holdings) = self.apply_args_counting(&mut args, false).await?;
+                let Reply {
+                    released, holdings, ..
+                } = self.apply_args_counting(&mut args, false).await?;
                 let mut registry = lock(&self.registry);
                 for h in &holdings {
                     registry.remove(h);
@@ -2120,7 +2193,20 @@ async fn maintenance(inner: Weak<Inner>, shutdown: Arc<Notify>) {
             return;
         };
         let every = strong.maintain_every;
-        let _ = strong.maintain().await;
+        {
+            // A pass that panics (a metrics recorder's) is over, and the next runs as usual:
+            // the task ending would end the replays, registrations and pruning for good.
+            let mut pass = pin!(strong.maintain());
+            std::future::poll_fn(|cx| {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    pass.as_mut().poll(cx)
+                })) {
+                    Ok(Poll::Pending) => Poll::Pending,
+                    Ok(Poll::Ready(_)) | Err(_) => Poll::Ready(()),
+                }
+            })
+            .await;
+        }
         let woken = Arc::clone(&strong.wake_maintenance).notified_owned();
         drop(strong);
         let wait = pin!(async move {
@@ -2166,20 +2252,33 @@ struct WaiterCount {
     pool: Arc<PoolLocal>,
     /// How many of this process's creates of the pool were counted before it.
     ahead: usize,
+    /// Whether the waiters gauge shows it (a recorder that panicked did not move it).
+    shown: bool,
 }
 
 impl WaiterCount {
+    /// Counted before the gauge moves: should a metrics recorder panic there, dropping it
+    /// takes the create out of the count again.
     fn new(pool: Arc<PoolLocal>) -> Self {
         let ahead = pool.waiters.fetch_add(1, Ordering::Relaxed);
-        pool.gauges.waiters.increment(1.0);
-        WaiterCount { pool, ahead }
+        let mut count = WaiterCount {
+            pool,
+            ahead,
+            shown: false,
+        };
+        count.pool.gauges.waiters.increment(1.0);
+        count.shown = true;
+        count
     }
 }
 
 impl Drop for WaiterCount {
     fn drop(&mut self) {
         self.pool.waiters.fetch_sub(1, Ordering::Relaxed);
-        self.pool.gauges.waiters.decrement(1.0);
+        // (Not while unwinding: a recorder's second panic would abort.)
+        if self.shown && !std::thread::panicking() {
+            self.pool.gauges.waiters.decrement(1.0);
+        }
     }
 }
 
@@ -2188,18 +2287,58 @@ fn queue_full(key: SlotKey, max: usize) -> AcquireError {
     AcquireError::QueueFull(QueueFull::new(key.account, key.pool, max))
 }
 
+/// An `APPLY` reply ([`Inner::apply_args`]).
+struct Reply {
+    changed: bool,
+    released: Vec<Released>,
+    /// The holdings of `released`.
+    holdings: Vec<String>,
+    /// `released` to count in the finished-task metrics, after the reply's bookkeeping.
+    finished: Finished,
+}
+
 /// The boxed futures of [`RedisSlots`].
 pub type SlotsFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
+/// Releases to count in the finished-task metrics ([`released_by`]), counted with
+/// [`record`](Finished::record) once the bookkeeping of the reply that told of them is done: a
+/// metrics recorder that panics there loses no change.
+#[derive(Debug, Default)]
+#[must_use = "released tasks are counted by `record`"]
+struct Finished(Vec<(Pool, String, Duration)>);
+
+impl Finished {
+    /// Counts the releases in the finished-task metrics.
+    fn record(self) {
+        for (pool, reason, held_for) in self.0 {
+            let labels = [
+                (names::LABEL_POOL, names::pool_label(Some(&pool)).to_owned()),
+                (names::LABEL_STATUS, reason),
+            ];
+            metrics::counter!(names::TASKS_FINISHED, &labels).increment(1);
+            metrics::histogram!(names::TASK_LIFETIME, &labels).record(held_for.as_secs_f64());
+        }
+    }
+
+    fn extend(&mut self, other: Finished) {
+        self.0.extend(other.0);
+    }
+}
+
 /// The tasks a script released (flat septuples: account, pool, task, weight, since, reason,
 /// holding), and their holdings. Each release is reported to the one process whose script
-/// made it, which records its finished-task metrics here (when `count`), so the fleet counts
-/// it once.
-fn released_by(flat: Option<&Value>, now_us: i64, count: bool) -> (Vec<Released>, Vec<String>) {
+/// made it, which counts it in its finished-task metrics (when `count`: those returned, to
+/// [`record`](Finished::record)), so the fleet counts it once.
+fn released_by(
+    flat: Option<&Value>,
+    now_us: i64,
+    count: bool,
+) -> (Vec<Released>, Vec<String>, Finished) {
     let mut released = Vec::new();
     let mut holdings = Vec::new();
+    let mut finished = Finished::default();
     let Some(Value::Array(flat)) = flat else {
-        return (released, holdings);
+        return (released, holdings, finished);
     };
     for chunk in flat.chunks_exact(7) {
         let account = text(&chunk[0]);
@@ -2225,12 +2364,9 @@ fn released_by(flat: Option<&Value>, now_us: i64, count: bool) -> (Vec<Released>
         holdings.push(text(&chunk[6]));
         let held_for = Duration::from_micros(now_us.saturating_sub(since).max(0) as u64);
         if count && !counted_before {
-            let labels = [
-                (names::LABEL_POOL, names::pool_label(Some(&pool)).to_owned()),
-                (names::LABEL_STATUS, reason.as_str().to_owned()),
-            ];
-            metrics::counter!(names::TASKS_FINISHED, &labels).increment(1);
-            metrics::histogram!(names::TASK_LIFETIME, &labels).record(held_for.as_secs_f64());
+            finished
+                .0
+                .push((pool.clone(), reason.as_str().to_owned(), held_for));
         }
         released.push(Released {
             key: SlotKey::new(AccountId::new(account), pool),
@@ -2240,7 +2376,7 @@ fn released_by(flat: Option<&Value>, now_us: i64, count: bool) -> (Vec<Released>
             reason,
         });
     }
-    (released, holdings)
+    (released, holdings, finished)
 }
 
 enum Verdict {
@@ -2388,8 +2524,10 @@ impl SlotBackend for RedisSlots {
                         // Leases the script found run out (counted; their holdings are
                         // others' or pruned by the next maintenance pass).
                         let expired = if verdict == 0 { 2 } else { 3 };
-                        released_by(items.get(expired), now_us, true);
+                        let (_, _, finished) = released_by(items.get(expired), now_us, true);
                         inner.saw_state(lost, before);
+                        // (Should a metrics recorder panic, the guard gives a grant back.)
+                        finished.record();
                         // Redis answered with no halt set: the one Redis had when this was
                         // asked, in the generation it answered in, was reset (perhaps by
                         // another process), and must not refuse creates later while Redis is
@@ -2464,11 +2602,15 @@ impl SlotBackend for RedisSlots {
                                     processes.get(),
                                 ) =>
                             {
-                                guard.armed = false;
                                 // A place taken before Redis went away ends with its TTL
                                 // (giving it back would give back this grant too).
                                 guard.queued = false;
                                 local.blocked.store(false, Ordering::Relaxed);
+                                // The gauges move while the guard would give the grant back:
+                                // should a metrics recorder panic, it is not held for nobody.
+                                inner.show_in_use();
+                                drop(waiting);
+                                guard.armed = false;
                                 return Ok(Reservation { key, weight, token });
                             }
                             _ => {}
@@ -2500,6 +2642,10 @@ impl SlotBackend for RedisSlots {
                                 registered: true,
                             },
                         );
+                        // The gauges move while the guard would give the grant back: should a
+                        // metrics recorder panic, it is not held for nobody until its lease.
+                        inner.show_in_use();
+                        drop(waiting);
                         guard.armed = false;
                         return Ok(Reservation { key, weight, token });
                     }
@@ -2634,7 +2780,7 @@ impl SlotBackend for RedisSlots {
                 .await
                 .map_err(StoreError::into_slots)?;
             // Leases the script found run out: counted here, once.
-            released_by(items.get(3), now_us, true);
+            released_by(items.get(3), now_us, true).2.record();
             let mut caps = HashMap::new();
             if let Some(Value::Array(flat)) = items.get(1) {
                 inner.saw_caps(flat);

@@ -835,6 +835,14 @@ return {lost, redis.call('HGETALL', P .. ':cap'), out, released}
 /// How many entries `P:ended` (and `P:done`) keep at most, the oldest forgotten first: a
 /// fleet's ends with their external ids (three entries each, and one once the end is counted),
 /// as many as one process of kling-concurrency's in-process backend remembers (4096).
+///
+/// What the bound costs: a task's end pushed out (by the fleet's later ends) before a
+/// reconcile's adopt of the task looks for it lets a list that named the task running adopt
+/// it, its slot held until its lease runs out. A reconcile adopts each page's tasks as soon as
+/// the page is answered (while a task that ends after its page is still held, nothing is
+/// adopted), so that takes that many ends within one page's round trip, or a list that far
+/// behind the ends; not over the whole reconcile
+/// (`slots::a_task_ended_after_its_page_is_not_adopted_however_many_ends_follow`).
 pub(crate) const ENDED_KEPT: usize = 4 * 4096;
 
 pub(crate) fn acquire(ended_for: Duration) -> String {

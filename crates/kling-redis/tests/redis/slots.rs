@@ -3236,3 +3236,428 @@ async fn an_end_whose_answer_was_lost_after_redis_ran_it_is_counted_once() {
     assert_eq!(one.held_here(), 0);
     assert_eq!(finished(&recording), (1, 1), "the hold's end");
 }
+
+/// A task a reconcile adopted before its create's answer came (the server's list named it
+/// first), which then ended before that answer came, holds no slot once the answer comes,
+/// however its end was told: a callback (a report of one task), a list page (a report of many,
+/// whose ends that find no holding are not noted) or `complete`. As kling-concurrency's
+/// `leaks::an_adopted_task_ended_before_its_creates_answer_holds_no_slot`: the end of the
+/// adopted holding is noted in `P:ended` by its task id like every end that frees a holding,
+/// and the create's hold finds it there and gives its grant back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_task_ended_before_its_creates_answer_holds_no_slot() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 2).await;
+    let two = backend(&server, 2).await;
+    let list_page = |id: &str| SlotOp::Update {
+        account: video().account,
+        updates: vec![
+            TaskUpdate {
+                id: id.to_owned(),
+                external_id: None,
+                status: Some(TaskStatus::Failed),
+            },
+            TaskUpdate {
+                id: "other".to_owned(),
+                external_id: None,
+                status: Some(TaskStatus::Succeeded),
+            },
+        ],
+        lease: LONG,
+    };
+    let ends: [(&str, SlotOp); 3] = [
+        ("t1", ended("t1", Some(TaskStatus::Failed))),
+        ("t2", list_page("t2")),
+        ("t3", ended("t3", None)),
+    ];
+    for (id, end) in ends {
+        // The create is granted, and sent; the server makes the task.
+        let granted = one.acquire(video(), 1).await.unwrap();
+        // A reconcile's list names the task running before the create's answer comes.
+        let adopt = SlotOp::Adopt {
+            key: video(),
+            task: TaskRef {
+                id: Some(id.to_owned()),
+                external_id: None,
+            },
+            weight: 1,
+            lease: LONG,
+        };
+        assert!(one.apply(adopt).await.unwrap().changed, "{id} adopted");
+        assert_eq!(
+            in_use(&one).await,
+            2,
+            "{id}: the grant, and the adopted task"
+        );
+        // The task ends at once, told to another process: its adopted holding is freed.
+        let freed = two.apply(end).await.unwrap();
+        assert_eq!(freed.released.len(), 1, "{id}: {freed:?}");
+        assert_eq!(in_use(&one).await, 1, "{id}: the grant only");
+        // The create's answer comes, naming the task, which has ended.
+        let kept = one.apply(hold(granted, id, LONG)).await.unwrap();
+        assert_eq!(kept.released.len(), 1, "{id}: {kept:?}");
+        assert_eq!(in_use(&one).await, 0, "{id} ended: nothing held for it");
+        assert_eq!(one.held_here(), 0, "{id}");
+    }
+}
+
+/// A metrics recorder whose in-use and waiters gauges and finished-task counter each panic at
+/// their next move once armed (a recorder's bug, or one that panics on a label), once.
+#[derive(Default)]
+struct PanickyRecorder {
+    in_use: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    waiters: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    finished: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct PanickyMetric(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl PanickyMetric {
+    fn touch(&self) {
+        let panics = self.0.swap(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(!panics, "the metrics recorder panics");
+    }
+}
+
+impl metrics::GaugeFn for PanickyMetric {
+    fn increment(&self, _: f64) {
+        self.touch();
+    }
+    fn decrement(&self, _: f64) {
+        self.touch();
+    }
+    fn set(&self, _: f64) {
+        self.touch();
+    }
+}
+
+impl metrics::CounterFn for PanickyMetric {
+    fn increment(&self, _: u64) {
+        self.touch();
+    }
+    fn absolute(&self, _: u64) {
+        self.touch();
+    }
+}
+
+impl metrics::Recorder for PanickyRecorder {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        if key.name() != kling_core::metrics::TASKS_FINISHED {
+            return metrics::Counter::noop();
+        }
+        metrics::Counter::from_arc(std::sync::Arc::new(PanickyMetric(self.finished.clone())))
+    }
+    fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        let flag = match key.name() {
+            name if name == kling_core::metrics::SLOTS_IN_USE => &self.in_use,
+            name if name == kling_core::metrics::SLOTS_WAITERS => &self.waiters,
+            _ => return metrics::Gauge::noop(),
+        };
+        metrics::Gauge::from_arc(std::sync::Arc::new(PanickyMetric(flag.clone())))
+    }
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+/// Arms `flag`: the metric it is for panics at its next move.
+fn arm(flag: &std::sync::atomic::AtomicBool) {
+    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Waits (at most 5 s) until `backend` reads `expected` slots in use.
+async fn until_in_use(backend: &RedisSlots, expected: u32, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = in_use(backend).await;
+        if now == expected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: {now} in use"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A metrics recorder that panics as this process changes its record of held slots (the
+/// in-use gauge) loses no change: the change reaches Redis. Before, the gauge moved while the
+/// change was prepared, before it was sent: a task's end, a grant given back, never reached
+/// Redis, whose slots stayed held for the whole fleet until their lease ran out (30 minutes
+/// by default).
+#[tokio::test]
+async fn a_panicking_in_use_gauge_loses_no_change() {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+
+    let Some(server) = redis() else { return };
+    let recorder = PanickyRecorder::default();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let one = backend(&server, 2).await;
+    let held = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(held, "t1", LONG)).await.unwrap();
+    let granted = one.acquire(video(), 1).await.unwrap();
+    assert_eq!(in_use(&one).await, 2);
+
+    // t1's end (a callback, `complete`): its holding leaves the record, the gauge panics.
+    arm(&recorder.in_use);
+    let end = ended("t1", Some(TaskStatus::Succeeded));
+    assert!(catch_unwind(AssertUnwindSafe(|| drop(one.apply(end)))).is_err());
+    until_in_use(&one, 1, "t1's end").await;
+
+    // A grant given back (the create made no task).
+    arm(&recorder.in_use);
+    let back = SlotOp::GiveBack(granted);
+    assert!(catch_unwind(AssertUnwindSafe(|| drop(one.apply(back)))).is_err());
+    until_in_use(&one, 0, "the grant given back").await;
+    assert_eq!(one.held_here(), 0);
+}
+
+/// A metrics recorder that panics as the tasks a change released are counted (after Redis
+/// ran it) leaves this process's record of held slots right. Before, the count came before
+/// the record was updated: a create's hold that Redis found ended (its callback came first)
+/// stayed in the record for good (never pruned: not known to be in Redis), counted in
+/// `held_here` and the in-use gauge, and in this process's share while Redis is away.
+#[tokio::test]
+async fn a_panicking_finished_task_counter_leaves_the_record_of_held_slots_right() {
+    let Some(server) = redis() else { return };
+    let recorder = PanickyRecorder::default();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let one = backend(&server, 2).await;
+    // t1's callback comes before its create's answer.
+    let callback = one.apply(ended("t1", Some(TaskStatus::Failed))).await;
+    assert!(callback.unwrap().released.is_empty());
+    let granted = one.acquire(video(), 1).await.unwrap();
+    arm(&recorder.finished);
+    // The answer: Redis gives the grant back (t1 ended), counted here, which panics.
+    let kept = one.apply(hold(granted, "t1", LONG)).await;
+    assert!(kept.is_err(), "{kept:?}");
+    assert_eq!(in_use(&one).await, 0);
+    assert_eq!(one.held_here(), 0, "t1 ended: not held here either");
+}
+
+/// A maintenance pass that panics (a metrics recorder, as it prunes a holding another process
+/// released) does not end the maintenance: after Redis loses its state, this process
+/// registers its slots again. Before, the panic ended the maintenance task for good: no
+/// replay after an outage, no registration after a loss, no pruning.
+#[tokio::test]
+async fn a_panicking_maintenance_pass_does_not_end_the_maintenance() {
+    let Some(mut server) = redis() else { return };
+    let recorder = PanickyRecorder::default();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let one = backend(&server, 3).await;
+    let two = backend(&server, 3).await;
+    for id in ["t1", "t2"] {
+        let held = one.acquire(video(), 1).await.unwrap();
+        one.apply(hold(held, id, LONG)).await.unwrap();
+    }
+    // The other process sees t1 end; this one prunes it at its next pass, which panics.
+    arm(&recorder.in_use);
+    let end = two.apply(ended("t1", Some(TaskStatus::Succeeded))).await;
+    assert_eq!(end.unwrap().released.len(), 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while recorder.in_use.load(std::sync::atomic::Ordering::SeqCst) || one.held_here() != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "t1 never pruned");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Redis loses its state: t2 is registered again.
+    server.restart().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // (The first scripts after the restart may fail while the connection comes back.)
+        let snapshot = one.snapshot().await.unwrap_or_default();
+        if snapshot.iter().map(|p| p.in_use).sum::<u32>() == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "t2 never registered again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A metrics recorder that panics as a create joins this process's waiters (the waiters
+/// gauge) or leaves them granted loses nothing: no waiter is left counted (snapshots, and
+/// `max_queue`, which refuses creates past it), and a grant is given back, not held for
+/// nobody until its lease runs out. Before, the waiter was counted first, for good; and a
+/// grant's waiter left the count after the grant was handed over, so a panic there dropped it.
+#[tokio::test]
+async fn a_panicking_waiters_gauge_leaves_no_waiter_and_loses_no_grant() {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::task::{Context, Poll, Waker};
+
+    let Some(server) = redis() else { return };
+    let recorder = PanickyRecorder::default();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let one = backend(&server, 1).await;
+    let first = one.acquire(video(), 1).await.unwrap();
+    let waiters = |one: RedisSlots| async move {
+        let snapshot = one.snapshot().await.unwrap();
+        snapshot.iter().map(|p| p.waiters).sum::<usize>()
+    };
+
+    // Joining: the gauge panics.
+    arm(&recorder.waiters);
+    let mut joining = one.acquire(video(), 1);
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(catch_unwind(AssertUnwindSafe(|| joining.as_mut().poll(&mut cx))).is_err());
+    drop(joining);
+    assert_eq!(waiters(one.clone()).await, 0, "no waiter left counted");
+
+    // Granted after waiting: the gauge panics as the create leaves the waiters.
+    let mut waiting = one.acquire(video(), 1);
+    assert!(waiting.as_mut().poll(&mut cx).is_pending());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while waiters(one.clone()).await != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    arm(&recorder.waiters);
+    one.apply(SlotOp::GiveBack(first)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match catch_unwind(AssertUnwindSafe(|| waiting.as_mut().poll(&mut cx))) {
+            Err(_) => break,
+            Ok(Poll::Ready(granted)) => panic!("the gauge never panicked: {granted:?}"),
+            Ok(Poll::Pending) => {}
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never granted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(waiting);
+    until_in_use(&one, 0, "the grant given back").await;
+    assert_eq!(one.held_here(), 0);
+    assert_eq!(waiters(one.clone()).await, 0);
+}
+
+/// A task a reconcile's first page names running, whose end comes while a later page is
+/// listed, then pushed out of `P:ended` by the fleet's later ends (past its 16,384 entries),
+/// is not adopted: the reconcile adopts each page's tasks as soon as the page is answered,
+/// while the task is still held (nothing is adopted for it), so its end need only be
+/// remembered for one page's round trip. (When a reconcile adopted after its last page, the
+/// end was forgotten by then, and the task held a slot for nothing until its lease ran out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_ended_after_its_page_is_not_adopted_however_many_ends_follow() {
+    use std::future::Future;
+    use std::pin::Pin;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use kling_concurrency::{Reconcile, SlotsHandle, TaskSlotsLayer};
+
+    type Answer = Result<http::Response<Full<Bytes>>, kling_core::BoxError>;
+    /// Lists `t1` running on the first path; before it answers the second, `t1` ends, and so
+    /// many other ends follow that `t1`'s is forgotten.
+    #[derive(Clone)]
+    struct Busy(SlotsHandle<RedisSlots>, redis::aio::MultiplexedConnection);
+    impl tower::Service<http::Request<Full<Bytes>>> for Busy {
+        type Response = http::Response<Full<Bytes>>;
+        type Error = kling_core::BoxError;
+        type Future = Pin<Box<dyn Future<Output = Answer> + Send>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, request: http::Request<Full<Bytes>>) -> Self::Future {
+            let (handle, mut raw) = (self.0.clone(), self.1.clone());
+            let first = request.uri().path() == "/v1/videos/text2video";
+            Box::pin(async move {
+                let page = |data: serde_json::Value| {
+                    let body = serde_json::json!({
+                        "code": 0, "message": "SUCCEED", "request_id": "req-1", "data": data,
+                    });
+                    Ok(http::Response::new(Full::new(Bytes::from(
+                        body.to_string(),
+                    ))))
+                };
+                if first {
+                    let running = serde_json::json!({"task_id": "t1", "task_status": "processing"});
+                    return page(serde_json::json!([running]));
+                }
+                let callback = br#"{"task_id":"t1","task_status":"succeed"}"#;
+                let applied = handle.on_callback(callback).await.unwrap();
+                assert_eq!(applied.released.len(), 1, "the callback frees t1");
+                // The fleet's other ends, as many as `P:ended` keeps, then one more.
+                let mut flood = redis::cmd("ZADD");
+                flood.arg("test:ended");
+                for i in 0..4 * 4096_i64 {
+                    flood
+                        .arg(8_000_000_000_000_000_i64 + i)
+                        .arg(format!("i:other{i}"));
+                }
+                let _: i64 = flood.query_async(&mut raw).await.unwrap();
+                // (A task this process never held: its end is noted all the same.)
+                let _ = handle.complete("b0").await.unwrap();
+                let kept: Option<f64> = redis::cmd("ZSCORE")
+                    .arg("test:ended")
+                    .arg("i:t1")
+                    .query_async(&mut raw)
+                    .await
+                    .unwrap();
+                assert_eq!(kept, None, "t1's end was pushed out");
+                page(serde_json::json!([]))
+            })
+        }
+    }
+
+    let Some(server) = redis() else { return };
+    let config = SlotsConfig::new(2);
+    let slots = RedisSlots::new(connect(&server).await, config.clone())
+        .unwrap()
+        .grace(Duration::from_millis(300));
+    let handle = TaskSlotsLayer::with_backend(&config, slots.clone())
+        .unwrap()
+        .handle();
+    let key = SlotKey::new(handle.default_account().clone(), Pool::new(Product::Video));
+    let held = slots.acquire(key.clone(), 1).await.unwrap();
+    slots.apply(hold(held, "t1", LONG)).await.unwrap();
+
+    let busy = Busy(handle.clone(), crate::support::raw(&server).await);
+    let plan = Reconcile::new("").legacy_paths(["/v1/videos/text2video", "/v1/videos/image2video"]);
+    let found = handle.reconcile(&mut busy.clone(), &plan).await.unwrap();
+    assert_eq!((found.unfinished, found.adopted), (1, 0), "t1 was held");
+    assert_eq!(in_use(&slots).await, 0, "no slot held for t1");
+    assert_eq!(slots.held_here(), 0);
+    // Adopted only now, as a reconcile that adopted after its last page did, t1 would be.
+    let late = SlotOp::Adopt {
+        key,
+        task: TaskRef {
+            id: Some("t1".to_owned()),
+            external_id: None,
+        },
+        weight: 1,
+        lease: LONG,
+    };
+    assert!(
+        slots.apply(late).await.unwrap().changed,
+        "t1's end is forgotten"
+    );
+}
