@@ -4,6 +4,7 @@
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH};
 use http::{HeaderValue, Method, Request, Uri};
+use kling_core::signals::SendCounter;
 use kling_core::{AccountId, ApiGeneration, Code, Outcome, Recognized, RequestKind, Route};
 
 use crate::body::ReplayBody;
@@ -141,6 +142,11 @@ pub(crate) fn request<B: ReplayBody>(
     }
     if let Some(account) = AccountId::of(create) {
         AccountId::set_if_absent(&mut lookup, account);
+    }
+    // The server counts the lookup against the rate as it does any request: a metrics layer
+    // above that counts requests as they are sent sees it only through its counter.
+    if let Some(counter) = SendCounter::of(create) {
+        SendCounter::set(&mut lookup, counter);
     }
     Some(lookup)
 }
@@ -721,6 +727,40 @@ mod tests {
         }
         let lookup = request(&req, &recognized, "..a").unwrap();
         assert_eq!(lookup.uri().path(), "/v1/videos/text2video/..a");
+    }
+
+    /// The server counts a lookup against the rate: it carries the create's send counter, so
+    /// a metrics layer that counts requests as they are sent sees it.
+    #[test]
+    fn a_lookup_carries_the_creates_send_counter() {
+        struct Counted;
+        impl kling_core::signals::CountSent for Counted {
+            fn attached(&self) {}
+            fn sent(&self, _: tokio::time::Instant) {}
+        }
+        let counted = std::sync::Arc::new(Counted);
+        let mut req = create(
+            "http://127.0.0.1:9/v1/videos/text2video",
+            r#"{"external_task_id":"job 1"}"#,
+        );
+        SendCounter::set(&mut req, SendCounter::new(counted.clone()));
+        let recognized = Recognized::of(&mut req).clone();
+        assert_eq!(std::sync::Arc::strong_count(&counted), 2);
+        let lookup = request(&req, &recognized, "job 1").unwrap();
+        assert!(SendCounter::of(&lookup).is_some());
+        assert_eq!(
+            std::sync::Arc::strong_count(&counted),
+            3,
+            "the lookup holds the counter"
+        );
+        assert_eq!(AccountId::of(&lookup).unwrap().as_str(), "acct");
+        // A create without a counter makes a lookup without one.
+        let mut bare = create(
+            "http://127.0.0.1:9/v1/videos/text2video",
+            r#"{"external_task_id":"job 1"}"#,
+        );
+        let recognized = Recognized::of(&mut bare).clone();
+        assert!(SendCounter::of(&request(&bare, &recognized, "job 1").unwrap()).is_none());
     }
 
     #[test]

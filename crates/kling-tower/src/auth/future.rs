@@ -11,6 +11,7 @@ use http::header::AUTHORIZATION;
 use http::{HeaderValue, Request, Response};
 use http_body_util::Full;
 use kling_core::headers::HeaderCopy;
+use kling_core::signals::SendCounter;
 use kling_core::{BoxError, Code, Disposition, Outcome};
 use pin_project_lite::pin_project;
 use tower_service::Service;
@@ -28,6 +29,9 @@ pub(crate) struct Retry<S, B> {
     service: S,
     shared: Arc<Shared>,
     generation: u64,
+    /// The send counter of a metrics layer above, for the resend: the server counts it
+    /// against the rate as it does the first request.
+    counter: Option<SendCounter>,
 }
 
 impl<S, B: Clone> Retry<S, B> {
@@ -45,6 +49,7 @@ impl<S, B: Clone> Retry<S, B> {
             service,
             shared,
             generation,
+            counter: SendCounter::of(request),
         });
         let copy = &mut retry.request;
         *copy.method_mut() = request.method().clone();
@@ -198,9 +203,13 @@ where
                     };
                     let Retry {
                         mut service,
-                        request,
+                        mut request,
+                        counter,
                         ..
                     } = *retry;
+                    if let Some(counter) = counter {
+                        SendCounter::set(&mut request, counter);
+                    }
                     let future = service.call(request);
                     this.state.set(State::Second { future });
                 }

@@ -142,6 +142,31 @@ async fn token_expired_answer_triggers_exactly_one_resign_and_retry() {
     assert_eq!(layer.tokens_signed(), 2);
 }
 
+/// The server counts the auth layer's own resend against the rate like any request: a metrics
+/// layer above that counts requests as they are sent sees both (the resend carries its
+/// counter).
+#[tokio::test(start_paused = true)]
+async fn a_resend_after_a_refusal_counts_in_the_metrics_layers_rate_window() {
+    let clock = TokioWallClock::starting_at(Duration::from_secs(T0));
+    let layer = AuthLayer::new(Credentials::access_key("ak", "sk").unwrap())
+        .with_clock(clock)
+        .resend_on_refusal(true);
+    let (seen, inner) = recorder(|n| if n == 1 { (401, EXPIRED) } else { (200, OK) });
+    let monitor = kling_metrics::Monitor::builder()
+        .rate_quota(60, Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let svc = kling_metrics::MetricsLayer::with_monitor(monitor.clone())
+        .layer(layer.layer(ClassifyLayer::new().layer(inner)));
+    // With the signals a stack's entry puts on every request.
+    let mut create = request("POST", "/v1/videos/text2video", r#"{"prompt":"x"}"#);
+    kling_core::Recognized::of_with_account(&mut create, &AccountId::new("acct"));
+    let response = svc.oneshot(create).await.unwrap();
+    assert_eq!(Outcome::of(&response).unwrap().code(), Code::Success);
+    assert_eq!(seen.lock().unwrap().len(), 2, "one resend");
+    assert_eq!(monitor.snapshot().rate.requests, 2, "both counted");
+}
+
 /// Without a classify step below, the layer reads the refusal from the body itself, in both
 /// modes.
 #[tokio::test(start_paused = true)]
