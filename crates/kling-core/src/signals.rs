@@ -11,12 +11,14 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use http::Request;
 use tokio::time::Instant;
 
 use crate::account::AccountId;
+use crate::error::BoxError;
+use crate::lanes::Lane;
 use crate::request::Recognized;
 
 /// Everything the stack's layers tell each other about one request, kept in ONE request
@@ -36,6 +38,9 @@ pub(crate) struct CallContext {
     pub(crate) send_watch: Option<SendWatch>,
     /// Where the classify step counts the request once it left (see [`SendCounter`]).
     pub(crate) send_counter: Option<SendCounter>,
+    /// Whether the create's account was halted since its slots were granted (see
+    /// [`HaltGate`]), read by the classify step before it sends.
+    pub(crate) halt_gate: Option<HaltGate>,
 }
 
 impl CallContext {
@@ -399,21 +404,154 @@ impl SendCounter {
     /// Takes the counter out of a request the classify step is about to send, telling it so
     /// ([`CountSent::attached`]); a second classify step below finds none, and so the request
     /// counts once.
-    #[inline]
+    #[cfg(test)]
     pub(crate) fn take<B>(request: &mut Request<B>) -> Option<SendCounter> {
+        SendCounter::take_unless_halted(request).unwrap_or(None)
+    }
+
+    /// What the classify step reads of a request it is about to send, with one lookup of the
+    /// signals: `Err` with the refusal when its create's account was halted since its slots
+    /// were granted ([`HaltGate`]; the counter is then left in, the request is not sent), else
+    /// the counter taken out as [`SendCounter::take`] does.
+    #[inline]
+    pub(crate) fn take_unless_halted<B>(
+        request: &mut Request<B>,
+    ) -> Result<Option<SendCounter>, BoxError> {
         let extensions = request.extensions_mut();
         if extensions.is_empty() {
-            return None;
+            return Ok(None);
         }
-        let counter = extensions.get_mut::<CallContext>()?.send_counter.take()?;
+        let Some(call) = extensions.get_mut::<CallContext>() else {
+            return Ok(None);
+        };
+        if let Some(refusal) = call.halt_gate.as_ref().and_then(HaltGate::refusal) {
+            return Err(refusal);
+        }
+        let Some(counter) = call.send_counter.take() else {
+            return Ok(None);
+        };
         counter.0.attached();
-        Some(counter)
+        Ok(Some(counter))
     }
 
     /// Counts the request sent at `at`.
     #[inline]
     pub(crate) fn sent(&self, at: Instant) {
         self.0.sent(at);
+    }
+}
+
+/// Which accounts' creates a task-slots layer refuses now (halted after a `1102`), for the
+/// classify step to ask about a create granted before a halt ([`HaltGate`]).
+pub trait HaltedAccounts: Send + Sync + 'static {
+    /// The refusal of a create of `account` when its creates are halted now (an error whose
+    /// source chain names [`RefusedBeforeSending`](crate::error::RefusedBeforeSending), so it
+    /// reads as never sent), else `None`.
+    fn refusal(&self, account: &AccountId) -> Option<BoxError>;
+}
+
+/// A task-slots layer's count of the halts it has applied (any account's), and where to ask
+/// which accounts are halted ([`HaltedAccounts`]): what a [`HaltGate`] compares against.
+pub struct CreateHalts {
+    halts: AtomicU64,
+    accounts: Box<dyn HaltedAccounts>,
+}
+
+impl fmt::Debug for CreateHalts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreateHalts")
+            .field("halts", &self.halts.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl CreateHalts {
+    /// No halt yet; `accounts` says which accounts are halted.
+    pub fn new(accounts: impl HaltedAccounts) -> CreateHalts {
+        CreateHalts {
+            halts: AtomicU64::new(0),
+            accounts: Box::new(accounts),
+        }
+    }
+
+    /// An account was halted: creates granted before now ask [`HaltedAccounts`] before they
+    /// are sent. Call it once the halt is in place (after `accounts` refuses the account).
+    pub fn halted(&self) {
+        self.halts.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// How many halts there were: read before a create's slots are granted.
+    pub fn stamp(&self) -> u64 {
+        self.halts.load(Ordering::Acquire)
+    }
+}
+
+/// Request signal: a create's slots were granted after `granted` halts of its task-slots layer
+/// ([`CreateHalts`]); the classify step ([`ClassifyLayer`](crate::ClassifyLayer)) reads it
+/// right before it sends the create, and when a halt came since (a `1102` answered another
+/// create of the account while this one waited below the slots, in a rate limiter), and the
+/// account is still halted, refuses the create there, unsent, with the layer's refusal
+/// ([`HaltedAccounts::refusal`]). Creates granted after a halt was lifted pass.
+///
+/// One load of the halt count per create; the account is asked only after a halt. Kept in the
+/// request's combined signal extension ([`HaltGate::set_with_watch`]), like the other signals:
+/// no allocation.
+#[derive(Clone)]
+pub struct HaltGate {
+    halts: Arc<Lane<Arc<CreateHalts>>>,
+    granted: u64,
+    account: AccountId,
+}
+
+impl fmt::Debug for HaltGate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HaltGate")
+            .field("granted", &self.granted)
+            .field("account", &self.account)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HaltGate {
+    /// A gate for a create of `account`, stamped now: make it before the create's slots are
+    /// granted (a halt between the stamp and the grant refuses the grant itself).
+    #[inline]
+    pub fn new(halts: Arc<Lane<Arc<CreateHalts>>>, account: AccountId) -> HaltGate {
+        let granted = halts.stamp();
+        HaltGate {
+            halts,
+            granted,
+            account,
+        }
+    }
+
+    /// The refusal of the create when its account was halted since the gate was made and is
+    /// halted still.
+    #[inline]
+    pub fn refusal(&self) -> Option<BoxError> {
+        if self.halts.halts.load(Ordering::Acquire) == self.granted {
+            return None;
+        }
+        self.halts.accounts.refusal(&self.account)
+    }
+
+    /// Puts `gate` in the request's signals (in place of one an earlier attempt left there)
+    /// and returns the request's [`SendWatch`] (one made and put there when it has none):
+    /// [`SendWatch::shared`] and the gate with one lookup of the signals.
+    #[inline]
+    pub fn set_with_watch<B>(request: &mut Request<B>, gate: Option<HaltGate>) -> SendWatch {
+        let call = CallContext::of_mut(request);
+        if gate.is_some() {
+            call.halt_gate = gate;
+        }
+        call.send_watch
+            .get_or_insert_with(SendWatch::default)
+            .clone()
+    }
+
+    /// The gate a request carries, if a task-slots layer put one there.
+    pub fn of<B>(request: &Request<B>) -> Option<&HaltGate> {
+        CallContext::of(request).and_then(|call| call.halt_gate.as_ref())
     }
 }
 
@@ -628,6 +766,7 @@ mod tests {
                 attempt: bit(4).then_some(2),
                 send_watch: None,
                 send_counter: None,
+                halt_gate: None,
             });
         }
         if bit(5) {

@@ -304,9 +304,10 @@ mod tests {
     #[test]
     fn the_template_stays_small() {
         // Written on every call: the parts, three header slots, the signals (was 736 bytes;
-        // 528 since the signals carry the metrics layer's send counter).
+        // 528 since the signals carry the metrics layer's send counter, 560 since they carry
+        // the task slots' halt gate).
         let size = std::mem::size_of::<Template<Full<Bytes>>>();
-        assert!(size <= 528, "{size} bytes");
+        assert!(size <= 560, "{size} bytes");
     }
 
     #[test]

@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use kling_core::error::ApiError;
+use kling_core::error::{ApiError, BoxError};
 use kling_core::lanes::{self, LANES};
 use kling_core::metrics as names;
+use kling_core::signals::{CreateHalts, HaltedAccounts};
 use kling_core::waitlist::{Removed, WaitList};
 use kling_core::{AccountId, Outcome, TaskStatus};
 use tokio::time::{Instant, Sleep};
@@ -53,6 +54,9 @@ use crate::id::SmallId;
 #[derive(Clone)]
 pub struct InProcess {
     shared: Arc<Mutex<State>>,
+    /// The halts applied, for the classify step's check of creates granted before one
+    /// ([`SlotBackend::create_halts`]).
+    halts: Arc<CreateHalts>,
 }
 
 impl fmt::Debug for InProcess {
@@ -70,25 +74,44 @@ impl InProcess {
     /// A backend with the capacities, recovery interval and default account of `config`.
     pub fn new(config: SlotsConfig) -> Result<Self, ConfigError> {
         config.validate()?;
-        Ok(InProcess {
-            shared: Arc::new(Mutex::new(State {
-                config,
-                pools: FxMap::default(),
-                list: Vec::new(),
-                last: 0,
-                ids: Index::default(),
-                externals: Index::default(),
-                halted: HashMap::new(),
-                next_token: 0,
-                ended: Ended::default(),
-                freed: Freed::default(),
-                displaced: 0,
-            })),
-        })
+        let shared = Arc::new(Mutex::new(State {
+            config,
+            pools: FxMap::default(),
+            list: Vec::new(),
+            last: 0,
+            ids: Index::default(),
+            externals: Index::default(),
+            halted: HashMap::new(),
+            next_token: 0,
+            ended: Ended::default(),
+            freed: Freed::default(),
+            displaced: 0,
+        }));
+        let halts = Arc::new(CreateHalts::new(HaltedIn(shared.clone())));
+        Ok(InProcess { shared, halts })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts a halt once it is in place (`halt`: the change applied was one).
+    #[inline]
+    fn halted(&self, halt: bool) {
+        if halt {
+            self.halts.halted();
+        }
+    }
+}
+
+/// Which accounts [`InProcess`] halts, for the classify step ([`CreateHalts`]).
+struct HaltedIn(Arc<Mutex<State>>);
+
+impl HaltedAccounts for HaltedIn {
+    fn refusal(&self, account: &AccountId) -> Option<BoxError> {
+        let state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let cause = state.halted.get(account)?;
+        Some(Box::new(Halted::new(account.clone(), cause.clone())))
     }
 }
 
@@ -2586,21 +2609,36 @@ impl SlotBackend for InProcess {
 
     fn apply(&self, op: SlotOp) -> Self::Apply {
         let now = report_time(&op);
-        ready(Ok(self.lock().apply(op, now, false)))
+        let halt = matches!(op, SlotOp::Halt { .. });
+        let applied = self.lock().apply(op, now, false);
+        self.halted(halt);
+        ready(Ok(applied))
     }
 
     /// As [`apply`](SlotBackend::apply), without building the list of released tasks (no
     /// allocation on the layer's create + query path).
     fn apply_unread(&self, op: SlotOp) -> Self::Apply {
         let now = report_time(&op);
-        ready(Ok(self.lock().apply(op, now, true)))
+        let halt = matches!(op, SlotOp::Halt { .. });
+        let applied = self.lock().apply(op, now, true);
+        self.halted(halt);
+        ready(Ok(applied))
     }
 
     /// As `apply_unread`, a task reported found by external id among the holdings of creates
     /// sent to `path` (or to a path not known) only.
     fn apply_unread_on(&self, op: SlotOp, path: CreatePath) -> Self::Apply {
         let now = report_time(&op);
-        ready(Ok(self.lock().apply_on(op, now, true, path)))
+        let halt = matches!(op, SlotOp::Halt { .. });
+        let applied = self.lock().apply_on(op, now, true, path);
+        self.halted(halt);
+        ready(Ok(applied))
+    }
+
+    /// Its halts: a create granted before one is refused by the classify step, unsent, while
+    /// its account stays halted.
+    fn create_halts(&self) -> Option<Arc<CreateHalts>> {
+        Some(self.halts.clone())
     }
 
     /// As `apply_unread` of [`SlotOp::Hold`], the ids copied inline (no allocation for ids up

@@ -489,6 +489,15 @@ pub trait SlotBackend: Clone + Send + Sync + 'static {
     /// Every known pool's state (expired leases released first).
     fn snapshot(&self) -> Self::Snapshot;
 
+    /// The halts this backend applies ([`SlotOp::Halt`]), counted as each is in place, and
+    /// which accounts are halted now: the layer stamps each create it grants with it
+    /// ([`HaltGate`](kling_core::signals::HaltGate)), and the classify step refuses, unsent, a
+    /// create whose account was halted after its grant (while it waited below the slots, in a
+    /// rate limiter). By default `None`: no such check, a create granted before a halt is sent.
+    fn create_halts(&self) -> Option<std::sync::Arc<kling_core::signals::CreateHalts>> {
+        None
+    }
+
     /// A reconcile ([`SlotsHandle::reconcile`](crate::SlotsHandle::reconcile)) begins listing
     /// the server's tasks: until the matching [`end_listing`](SlotBackend::end_listing), a task
     /// whose holding a report (query, list, callback, `complete`) ends is remembered as ended

@@ -14,7 +14,7 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri};
 use http_body_util::Full;
 use kling_core::error::{ApiError, BoxError};
-use kling_core::signals::{Deadline, SendWatch, SlotGated, Waited};
+use kling_core::signals::{Deadline, HaltGate, SendWatch, SlotGated, Waited};
 use kling_core::{
     AccountId, ApiGeneration, Code, Outcome, PeekBody, PoolScope, Recognized, metrics as names,
 };
@@ -58,9 +58,14 @@ pub(crate) struct Held<B> {
 /// miss nothing. One atomic load for every create: a first attempt's watch is never final.
 ///
 /// `held`: this layer holds the create back itself (a create that waited for its slots), and
-/// says so in the fresh watch until it passes the create on.
-pub(crate) fn attempt_watch<ReqB>(request: &mut Request<ReqB>, held: bool) -> SendWatch {
-    let watch = SendWatch::shared(request);
+/// says so in the fresh watch until it passes the create on. `gate`, the create's halt gate
+/// (stamped before its grant), is put in the request's signals in the same lookup.
+pub(crate) fn attempt_watch<ReqB>(
+    request: &mut Request<ReqB>,
+    held: bool,
+    gate: Option<HaltGate>,
+) -> SendWatch {
+    let watch = HaltGate::set_with_watch(request, gate);
     if !watch.may_have_made() {
         return watch;
     }
@@ -106,6 +111,9 @@ pub(crate) struct Waiting<S, ReqB, B: SlotBackend> {
     pub(crate) since: Instant,
     /// Which pool the create counts in (its recognised pool, or its product's).
     pub(crate) scope: PoolScope,
+    /// The create's halt gate, stamped before it began to wait: put in its signals once its
+    /// slots are granted.
+    pub(crate) gate: Option<HaltGate>,
 }
 
 impl<S, ReqB, B> Waiting<S, ReqB, B>
@@ -165,7 +173,8 @@ where
             }
         };
         let waited = Instant::now().saturating_duration_since(self.since);
-        let watch = attempt_watch(self.request.as_mut().expect("a waiting create"), true);
+        let request = self.request.as_mut().expect("a waiting create");
+        let watch = attempt_watch(request, true, self.gate.take());
         let recognized = self.recognized();
         let external = recognized.external_id.as_deref().map(SmallId::new);
         let new_style = recognized.generation == Some(ApiGeneration::New);
@@ -428,6 +437,12 @@ impl<B: SlotBackend> Drop for Settling<'_, B> {
 /// Settles the grant of a create whose result unwound while it was read ([`Settling`]).
 #[cold]
 fn unwound<B: SlotBackend>(held: Held<B>, made: bool) {
+    drop(keep_or_give_back(held, made));
+}
+
+/// A create's slots with no task report to hold them by: kept under its external id or its
+/// lease when the create may have made a task ([`keep_unknown`]), else given back.
+fn keep_or_give_back<B: SlotBackend>(held: Held<B>, made: bool) -> B::Apply {
     let Held {
         reservation,
         backend,
@@ -437,15 +452,9 @@ fn unwound<B: SlotBackend>(held: Held<B>, made: bool) {
         ..
     } = held;
     if made {
-        drop(keep_unknown(
-            &**backend,
-            reservation,
-            external.as_ref(),
-            lease,
-            path,
-        ));
+        keep_unknown(&**backend, reservation, external.as_ref(), lease, path)
     } else {
-        drop(backend.apply_unread(SlotOp::GiveBack(reservation)));
+        backend.apply_unread(SlotOp::GiveBack(reservation))
     }
 }
 
@@ -464,19 +473,7 @@ fn settle_create<B: SlotBackend>(
         Err(error) => {
             // Never sent, a limiter's refusal, a proxy's 4xx page: no task.
             let made = kling_core::error::may_have_created(&**error);
-            let Held {
-                reservation,
-                backend,
-                lease,
-                external,
-                path,
-                ..
-            } = settling.take();
-            return if made {
-                keep_unknown(&**backend, reservation, external.as_ref(), lease, path)
-            } else {
-                backend.apply_unread(SlotOp::GiveBack(reservation))
-            };
+            return keep_or_give_back(settling.take(), made);
         }
     };
     // One lookup (and a reference count) when `ClassifyLayer` or another layer attached it.
@@ -487,19 +484,7 @@ fn settle_create<B: SlotBackend>(
             // refused it with a 4xx page (the same rule as for the classify step's error).
             let made = kling_core::error::may_have_created(&malformed);
             *result = Err(Box::new(malformed));
-            let Held {
-                reservation,
-                backend,
-                lease,
-                external,
-                path,
-                ..
-            } = settling.take();
-            return if made {
-                keep_unknown(&**backend, reservation, external.as_ref(), lease, path)
-            } else {
-                backend.apply_unread(SlotOp::GiveBack(reservation))
-            };
+            return keep_or_give_back(settling.take(), made);
         }
     };
     if !waited.is_zero() {

@@ -27,7 +27,7 @@
 //!   | success with a task id | kept under the task id (and its external id) with a lease |
 //!   | success that already reports a terminal status | given back |
 //!   | `1303` | given back; the pool's believed capacity is lowered (below); [`SlotGated`](kling_core::signals::SlotGated) is inserted |
-//!   | `1102` (also `1100`, `1101`) | given back; further creates of the account fail locally with [`Halted`](crate::error::Halted) until [`SlotsHandle::reset_halt`] |
+//!   | `1102` (also `1100`, `1101`) | given back; further creates of the account fail locally with [`Halted`](crate::error::Halted) until [`SlotsHandle::reset_halt`], also those granted before and still held below the layer (a rate limiter's queue): a classify step ([`ClassifyLayer`](kling_core::ClassifyLayer)) below refuses them unsent, with the in-process backend ([`SlotBackend::create_halts`](crate::backend::SlotBackend::create_halts)) |
 //!   | `5000`/`5002` (or an undocumented code, unless it came with a 4xx status) | kept under the external id, or under a lease alone: the task may exist |
 //!   | any other error code | given back |
 //!   | an error that made nothing ([`kling_core::error::may_have_created`] is false): never sent ([`SendState::NotSent`](kling_core::error::SendState)), a layer below refusing it ([`RefusedBeforeSending`](kling_core::error::RefusedBeforeSending)), a 4xx answer that is no Kling envelope (a proxy's 403, 404, 413 or 429 page) | given back |

@@ -10,7 +10,7 @@ use http::{Request, Response};
 use http_body_util::Full;
 use kling_core::error::BoxError;
 use kling_core::lanes::Lanes;
-use kling_core::signals::SendWatch;
+use kling_core::signals::{CreateHalts, HaltGate, SendWatch};
 use kling_core::{AccountId, ApiGeneration, PeekBody, Pool, PoolScope, Recognized, RequestKind};
 use tokio::time::Instant;
 use tower_service::Service;
@@ -35,6 +35,9 @@ pub struct TaskSlots<S, B = InProcess> {
     inner: S,
     /// The backend, one copy per lane: a response future references its thread's.
     backend: Arc<Lanes<B>>,
+    /// The backend's halts ([`SlotBackend::create_halts`]), one copy per lane: each create's
+    /// [`HaltGate`] references its thread's.
+    halts: Option<Arc<Lanes<Arc<CreateHalts>>>>,
     settings: Arc<Settings>,
 }
 
@@ -43,6 +46,7 @@ impl<S: Clone, B: Clone> Clone for TaskSlots<S, B> {
         TaskSlots {
             inner: self.inner.clone(),
             backend: Arc::clone(&self.backend),
+            halts: self.halts.clone(),
             settings: self.settings.clone(),
         }
     }
@@ -57,10 +61,13 @@ impl<S: fmt::Debug, B: fmt::Debug> fmt::Debug for TaskSlots<S, B> {
     }
 }
 
-impl<S, B: Clone> TaskSlots<S, B> {
+impl<S, B: SlotBackend> TaskSlots<S, B> {
     pub(crate) fn new(inner: S, backend: B, settings: Arc<Settings>) -> Self {
         TaskSlots {
             inner,
+            halts: backend
+                .create_halts()
+                .map(|halts| Arc::new(Lanes::new(halts))),
             backend: Arc::new(Lanes::new(backend)),
             settings,
         }
@@ -210,6 +217,12 @@ where
             Route::Other => return ResponseFuture::pass(self.inner.call(request)),
         };
         let path = create_path(new_style, external.is_some(), request.uri().path());
+        // Stamped before the grant: a halt of the account after it, while a layer below holds
+        // the create back, has the classify step refuse the create unsent.
+        let gate = self
+            .halts
+            .as_ref()
+            .map(|halts| HaltGate::new(halts.lane(), account.clone()));
         // The fast path: free slots and nobody ahead are granted here, so the create goes
         // straight to the service that was made ready; no waker is needed (a create that waits
         // is polled again with the caller's).
@@ -227,7 +240,7 @@ where
                 };
                 // Read if the caller drops the create: a layer below (the rate limiter) that
                 // holds it back unsent says so here, and its slots then go back.
-                let watch = attempt_watch(&mut request, false);
+                let watch = attempt_watch(&mut request, false, gate);
                 let future = self.inner.call(request);
                 let reservation = unwinding.reservation.take().expect("taken once");
                 ResponseFuture::create(
@@ -263,6 +276,7 @@ where
                     sleep: None,
                     since: Instant::now(),
                     scope: self.settings.pool_scope,
+                    gate,
                 }))
             }
         }

@@ -73,6 +73,9 @@ pin_project! {
         // reading state is the larger), and every layer above moves this future.
         Calling { #[pin] future: F, sending: Option<Sending> },
         Reading { parts: Option<Parts>, #[pin] body: B, buffer: Buffer, has_retry_after: bool },
+        // Refused before sending (its account halted since its slots were granted): the
+        // client was not called.
+        Refused { error: Option<BoxError> },
         Done,
     }
 }
@@ -184,6 +187,17 @@ impl<F, B> ResponseFuture<F, B> {
     }
 }
 
+impl<F, B> ResponseFuture<F, B> {
+    /// A request refused before it was sent, with `error` (the client was not called).
+    #[cold]
+    pub(crate) fn refused(error: BoxError, limit: usize) -> Self {
+        ResponseFuture {
+            state: State::Refused { error: Some(error) },
+            limit,
+        }
+    }
+}
+
 impl<F, B> std::fmt::Debug for ResponseFuture<F, B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture")
@@ -290,6 +304,13 @@ where
                     let mut response = Response::from_parts(parts, Full::new(bytes));
                     response.extensions_mut().insert(outcome);
                     return Poll::Ready(Ok(response));
+                }
+                StateProj::Refused { error } => {
+                    let error = error
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    this.state.set(State::Done);
+                    return Poll::Ready(Err(error));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
@@ -508,6 +529,83 @@ mod tests {
         drop(service.call(request));
         assert_eq!(tally.attached.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert!(tally.sent.lock().unwrap().is_empty(), "never polled");
+    }
+
+    /// Halts the accounts named, as a task-slots layer would.
+    #[derive(Default)]
+    struct Halting(std::sync::Mutex<Vec<&'static str>>);
+
+    #[derive(Debug)]
+    struct Refused;
+
+    impl std::fmt::Display for Refused {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("halted")
+        }
+    }
+
+    impl std::error::Error for Refused {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&crate::error::RefusedBeforeSending)
+        }
+    }
+
+    impl crate::signals::HaltedAccounts for std::sync::Arc<Halting> {
+        fn refusal(&self, account: &crate::AccountId) -> Option<BoxError> {
+            let halted = self.0.lock().unwrap().contains(&account.as_str());
+            halted.then(|| Box::new(Refused) as BoxError)
+        }
+    }
+
+    /// A create whose account was halted since its gate was stamped, and is halted still, is
+    /// refused without calling the client (and not counted); one of another account, one
+    /// stamped after the halt, and one whose account's halt was lifted are sent.
+    #[tokio::test(start_paused = true)]
+    async fn the_step_refuses_a_create_whose_account_was_halted_since_its_grant() {
+        use crate::signals::{CreateHalts, HaltGate};
+        let halting = std::sync::Arc::new(Halting::default());
+        let halts =
+            crate::lanes::Lanes::new(std::sync::Arc::new(CreateHalts::new(halting.clone())));
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let seen = calls.clone();
+        let client = service_fn(move |_req: http::Request<Full<Bytes>>| {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {
+                Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(
+                    br#"{"code":0,"message":"SUCCEED","request_id":"r","data":null}"#,
+                ))))
+            }
+        });
+        let step = ClassifyLayer::new().layer(client);
+        let gated = |account: &str| {
+            let (tally, mut request) = counted();
+            let gate = HaltGate::new(halts.lane(), crate::AccountId::new(account));
+            HaltGate::set_with_watch(&mut request, Some(gate));
+            (tally, request)
+        };
+        let (a_tally, a) = gated("a");
+        let (_, b) = gated("b");
+        let (_, lifted) = gated("a");
+        halting.0.lock().unwrap().push("a");
+        halts.get().halted();
+        let (_, after) = gated("a");
+
+        let err = step.clone().oneshot(a).await.unwrap_err();
+        assert!(err.is::<Refused>(), "the layer's refusal, as it is");
+        assert_eq!(crate::SendState::of(&*err), crate::SendState::NotSent);
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "not sent"
+        );
+        assert!(a_tally.sent.lock().unwrap().is_empty(), "not counted");
+        step.clone().oneshot(b).await.unwrap();
+        // Stamped after the halt: the account was halted at its grant (the slots refuse it
+        // there), so the gate lets it through.
+        step.clone().oneshot(after).await.unwrap();
+        halting.0.lock().unwrap().clear();
+        step.clone().oneshot(lifted).await.unwrap();
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 
     #[test]

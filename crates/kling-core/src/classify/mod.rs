@@ -14,11 +14,21 @@
 //! - [`BodyTooLarge`](crate::error::BodyTooLarge): the body passed the limit (it is not read
 //!   past it);
 //! - [`MalformedResponse`](crate::error::MalformedResponse): not a Kling envelope;
+//! - a refusal of a create whose account was halted since its slots were granted (see below);
 //! - an error from below passed up as it is when it already says what happened: one of the
 //!   three above (a second classify step below, say), or a refusal made before sending (its
 //!   source chain names [`RefusedBeforeSending`](crate::error::RefusedBeforeSending): a base
 //!   URL refusing another origin), which a retry layer must not take for a connection that
 //!   never opened and try again.
+//!
+//! # Creates of a halted account
+//!
+//! A create whose signals carry a [`HaltGate`](crate::signals::HaltGate) (a task-slots layer
+//! above puts one there when it grants the create's slots) is not sent when its account was
+//! halted after a `1102` since the grant and is halted still: the step fails it with the slots
+//! layer's refusal (never sent, so not retried, and no task can exist) without calling the
+//! client. So a create that waited below the slots, in a rate limiter's queue, while another
+//! create's `1102` came back does not go out after it.
 //!
 //! # Counting what is sent
 //!
@@ -158,7 +168,11 @@ where
     /// and the future are copied through it (four `memcpy`s a request).
     #[inline(always)]
     fn call(&mut self, mut request: Request<ReqB>) -> Self::Future {
-        let counter = SendCounter::take(&mut request);
-        future::ResponseFuture::new(self.inner.call(request), self.max_body_bytes, counter)
+        match SendCounter::take_unless_halted(&mut request) {
+            Ok(counter) => {
+                future::ResponseFuture::new(self.inner.call(request), self.max_body_bytes, counter)
+            }
+            Err(refusal) => future::ResponseFuture::refused(refusal, self.max_body_bytes),
+        }
     }
 }
