@@ -535,6 +535,14 @@ impl HaltGate {
         self.halts.accounts.refusal(&self.account)
     }
 
+    /// Puts `gate` in the request's signals (in place of one an earlier attempt left there):
+    /// for a create that waits for its slots, whose gate then waits in its request rather
+    /// than beside it (a waiter's bookkeeping stays small).
+    #[inline]
+    pub fn set<B>(request: &mut Request<B>, gate: HaltGate) {
+        CallContext::of_mut(request).halt_gate = Some(gate);
+    }
+
     /// Puts `gate` in the request's signals (in place of one an earlier attempt left there)
     /// and returns the request's [`SendWatch`] (one made and put there when it has none):
     /// [`SendWatch::shared`] and the gate with one lookup of the signals.

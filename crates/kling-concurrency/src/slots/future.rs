@@ -111,9 +111,6 @@ pub(crate) struct Waiting<S, ReqB, B: SlotBackend> {
     pub(crate) since: Instant,
     /// Which pool the create counts in (its recognised pool, or its product's).
     pub(crate) scope: PoolScope,
-    /// The create's halt gate, stamped before it began to wait: put in its signals once its
-    /// slots are granted.
-    pub(crate) gate: Option<HaltGate>,
 }
 
 impl<S, ReqB, B> Waiting<S, ReqB, B>
@@ -174,7 +171,8 @@ where
         };
         let waited = Instant::now().saturating_duration_since(self.since);
         let request = self.request.as_mut().expect("a waiting create");
-        let watch = attempt_watch(request, true, self.gate.take());
+        // Its halt gate, stamped before it began to wait, is in its signals already.
+        let watch = attempt_watch(request, true, None);
         let recognized = self.recognized();
         let external = recognized.external_id.as_deref().map(SmallId::new);
         let new_style = recognized.generation == Some(ApiGeneration::New);

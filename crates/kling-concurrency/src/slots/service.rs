@@ -263,6 +263,10 @@ where
                 // layer's own watch is made once the slots are granted: a waiter's bookkeeping
                 // stays as small as it was.)
                 SendWatch::held(&request);
+                // The gate waits in the request's signals, not beside it.
+                if let Some(gate) = gate {
+                    HaltGate::set(&mut request, gate);
+                }
                 // The create waits with a clone of the inner service, unreserved, and readies
                 // it once granted: the service `poll_ready` readied stays here for the next
                 // call, so a layer below that reserves in `poll_ready` (an in-flight bound)
@@ -276,7 +280,6 @@ where
                     sleep: None,
                     since: Instant::now(),
                     scope: self.settings.pool_scope,
-                    gate,
                 }))
             }
         }
