@@ -7,6 +7,7 @@ mod base_url;
 mod client;
 mod e2e;
 mod follow;
+mod halt;
 mod metrics;
 mod preset;
 #[cfg(feature = "reqwest")]
