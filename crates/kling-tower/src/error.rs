@@ -127,10 +127,23 @@ impl BudgetExceeded {
     pub fn resets_in(&self) -> Duration {
         self.resets_in
     }
+
+    /// Whether the create costs more than the whole budget of a period: it is refused in every
+    /// period, so waiting for [`resets_in`](Self::resets_in) does not help.
+    pub fn never_fits(&self) -> bool {
+        self.estimate > self.budget + crate::spend::EPSILON
+    }
 }
 
 impl fmt::Display for BudgetExceeded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.never_fits() {
+            return write!(
+                f,
+                "create refused locally: estimated cost {} credits is more than the whole {}-credit budget of a period: it never fits, in any period",
+                self.estimate, self.budget
+            );
+        }
         write!(
             f,
             "create refused locally: estimated cost {} credits exceeds the {} left of the {}-credit budget (resets in {}s)",

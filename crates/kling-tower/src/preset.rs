@@ -784,7 +784,7 @@ impl StackConfig {
     /// | `KLING_JITTER_ALLOWANCE_MS` | jitter allowance | milliseconds, 0 to 10000 |
     /// | `KLING_SLOTS` | slots | integer ≥ 1 |
     /// | `KLING_POOL_SLOTS` | pool_slots | `video=20,image=9` |
-    /// | `KLING_SLOT_QUEUE` | slot_queue | integer ≥ 0, or `none` |
+    /// | `KLING_SLOT_QUEUE` | slot_queue | integer, 0 to 4294967295, or `none` |
     /// | `KLING_POOL_SCOPE` | pool_scope | `model` or `product` |
     /// | `KLING_TASK_LEASE_SECS` | task_lease | seconds |
     /// | `KLING_RETRY_MAX_ATTEMPTS` | retry_max_attempts | integer ≥ 1 |
@@ -812,6 +812,10 @@ impl StackConfig {
 
     /// Overrides this configuration's numbers with the `KLING_*` variables that are set and
     /// not blank (all but `KLING_TIER`), and validates the result.
+    ///
+    /// `KLING_TIER` is not read: the tier stays this configuration's, the caller's choice (a
+    /// TOML `tier`, a command-line `--tier`), whatever the variable says.
+    /// [`from_lookup`](Self::from_lookup) is the one that lets `KLING_TIER` pick the preset.
     pub fn with_lookup(
         mut self,
         lookup: impl Fn(&str) -> Option<String>,
@@ -854,7 +858,9 @@ impl StackConfig {
             }
         }
         if let Some((var, v)) = get("KLING_SLOT_QUEUE") {
-            self.slot_queue = parse_optional(var, &v)?;
+            // At most `u32::MAX`, as TOML's `slot_queue`.
+            self.slot_queue = parse_optional::<u32>(var, &v)?
+                .map(|max| usize::try_from(max).unwrap_or(usize::MAX));
         }
         if let Some((var, v)) = get("KLING_POOL_SCOPE") {
             self.pool_scope = v

@@ -657,12 +657,16 @@ impl<B: StackBackends> KlingLayer<B> {
     }
 
     /// [`on_callback`](Self::on_callback), returning every task the body reports.
+    ///
+    /// The spend guard and the monitor get each task whatever the slots' backend answers: when
+    /// it fails (Redis away), its error is returned after they have.
     pub async fn on_callback_tasks(&self, payload: &[u8]) -> Result<Vec<TaskReport>, BoxError> {
-        self.inner.slots_handle.on_callback(payload).await?;
+        let slots = self.inner.slots_handle.on_callback(payload).await;
         let tasks = kling_core::Envelope::parse_callback(payload).unwrap_or_default();
         for task in &tasks {
             self.settle(task);
         }
+        slots?;
         Ok(tasks)
     }
 
@@ -671,13 +675,17 @@ impl<B: StackBackends> KlingLayer<B> {
     /// the spend guard and is counted by the monitor; a running one renews its slots' and the
     /// monitor's leases.
     /// The task is found by its task id, else by its external id in the stack's account (a
-    /// create whose answer was lost holds its slot under its external id only).
+    /// create whose answer was lost holds its slot under its external id only). The spend
+    /// guard and the monitor get it whatever the slots' backend answers: when it fails (Redis
+    /// away), its error is returned after they have.
     pub async fn on_task(&self, task: &TaskReport) -> Result<(), BoxError> {
-        self.inner
+        let slots = self
+            .inner
             .slots_handle
             .report_in(&self.inner.account, task)
-            .await?;
+            .await;
         self.settle(task);
+        slots?;
         Ok(())
     }
 

@@ -185,7 +185,7 @@ impl CostTable {
 }
 
 /// Slack for float sums: a create that fits to within this is accepted.
-const EPSILON: f64 = 1e-9;
+pub(crate) const EPSILON: f64 = 1e-9;
 
 #[derive(Debug)]
 struct Account {

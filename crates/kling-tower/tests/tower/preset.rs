@@ -738,6 +738,26 @@ fn a_number_too_large_is_refused_as_too_large_naming_the_largest() {
     assert!(err.reason().contains("0 or more"), "{err}");
 }
 
+/// `KLING_SLOT_QUEUE` takes what TOML's `slot_queue` takes, at most 4294967295 (`u32::MAX`),
+/// and refuses one more naming the variable: it took anything up to `usize::MAX`.
+#[test]
+fn the_slot_queue_variable_and_key_share_one_bound() {
+    let from_env = |value: &str| StackConfig::from_lookup(vars(&[("KLING_SLOT_QUEUE", value)]));
+    let from_toml = |value: &str| StackConfig::from_toml_str(&format!("slot_queue = {value}"));
+    for largest in [from_env("4294967295"), from_toml("4294967295")] {
+        assert_eq!(largest.unwrap().slot_queue_limit(), Some(4294967295));
+    }
+    for value in ["4294967296", "18446744073709551615"] {
+        let err = from_env(value).unwrap_err();
+        assert_eq!(err.field(), "KLING_SLOT_QUEUE", "{err}");
+        assert!(err.reason().contains("too large"), "{err}");
+        assert!(err.reason().contains("at most 4294967295"), "{err}");
+        let err = from_toml(value).unwrap_err();
+        assert_eq!(err.field(), "slot_queue", "{err}");
+        assert!(err.reason().contains("at most 4294967295"), "{err}");
+    }
+}
+
 /// A blank preset variable (`KLING_TIER=` in a `.env` file, a compose file's `${KLING_TIER}`
 /// where it is unset) was an error naming it, where a blank `KLING_API_KEY` counts as unset.
 /// Blank counts as unset for every variable.

@@ -96,6 +96,38 @@ async fn create_past_the_budget_fails_before_reaching_the_server_and_reported_co
     assert_eq!(mock.stats().tasks_created, 5);
 }
 
+/// A create that costs more than the whole budget is refused saying it never fits, naming its
+/// cost and the budget: it said "resets in …s", as if waiting would let it through. One that
+/// costs the whole budget fits an unspent period, and is refused until the reset after that.
+#[tokio::test(start_paused = true)]
+async fn a_create_costing_more_than_the_whole_budget_is_refused_as_never_fitting() {
+    let mock = mock(MockConfig::preset(Preset::Pro));
+    let guard = SpendGuardLayer::new(10.0, CostTable::new().video(12.0)).unwrap();
+    let mut svc = guard.layer(ClassifyLayer::new().layer(mock.clone()));
+    let err = send(&mut svc, video()).await.unwrap_err();
+    let refused = err.downcast_ref::<BudgetExceeded>().unwrap();
+    assert!(refused.never_fits());
+    let message = refused.to_string();
+    assert!(
+        message.contains("12 credits") && message.contains("10-credit budget"),
+        "{message}"
+    );
+    assert!(message.contains("never fits"), "{message}");
+    assert!(!message.contains("resets in"), "{message}");
+    assert_eq!(mock.stats().requests_total, 0);
+
+    // The whole budget: fits once, then waits for the reset.
+    let guard = SpendGuardLayer::new(10.0, CostTable::new().video(10.0)).unwrap();
+    let mut svc = guard.layer(ClassifyLayer::new().layer(mock.clone()));
+    send(&mut svc, video()).await.unwrap();
+    let err = send(&mut svc, video()).await.unwrap_err();
+    let refused = err.downcast_ref::<BudgetExceeded>().unwrap();
+    assert!(!refused.never_fits());
+    let message = refused.to_string();
+    assert!(message.contains("resets in 86400s"), "{message}");
+    assert!(!message.contains("never fits"), "{message}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn image_creates_cost_per_image_times_n() {
     let mock = mock(MockConfig::preset(Preset::Enterprise).slots(20));

@@ -351,6 +351,133 @@ async fn a_callback_reporting_several_tasks_settles_each() {
     assert_eq!(guard.remaining(Some(kling.account_id())), 64.0);
 }
 
+/// Task slots in this process whose backend fails every change while `down` (Redis away).
+#[derive(Clone)]
+struct FlakySlots {
+    inner: kling_concurrency::backend::InProcess,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl kling_concurrency::backend::SlotBackend for FlakySlots {
+    type Acquire = kling_concurrency::backend::InProcessAcquire;
+    type Apply = std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<
+                        kling_concurrency::backend::Applied,
+                        kling_concurrency::error::BackendError,
+                    >,
+                > + Send,
+        >,
+    >;
+    type Snapshot = <kling_concurrency::backend::InProcess as kling_concurrency::backend::SlotBackend>::Snapshot;
+
+    fn acquire(&self, key: kling_concurrency::backend::SlotKey, weight: u32) -> Self::Acquire {
+        self.inner.acquire(key, weight)
+    }
+
+    fn apply(&self, op: kling_concurrency::backend::SlotOp) -> Self::Apply {
+        if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+            let err = kling_concurrency::error::BackendError::new("slots backend unreachable");
+            return Box::pin(std::future::ready(Err(err)));
+        }
+        Box::pin(self.inner.apply(op))
+    }
+
+    fn snapshot(&self) -> Self::Snapshot {
+        self.inner.snapshot()
+    }
+
+    fn create_halts(&self) -> Option<Arc<kling_core::signals::CreateHalts>> {
+        self.inner.create_halts()
+    }
+}
+
+/// [`FlakySlots`] under a stack, the rate limiter in this process.
+#[derive(Clone)]
+struct FlakyBackends {
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl kling_tower::backends::StackBackends for FlakyBackends {
+    type Rate = kling_ratelimit::InProcess;
+    type Slots = FlakySlots;
+
+    fn rate_backend(
+        &self,
+        _config: &StackConfig,
+    ) -> Result<Self::Rate, kling_tower::error::ConfigError> {
+        Ok(kling_ratelimit::InProcess::new())
+    }
+
+    fn slots_backend(
+        &self,
+        slots: &kling_concurrency::SlotsConfig,
+        _config: &StackConfig,
+    ) -> Result<FlakySlots, kling_tower::error::ConfigError> {
+        Ok(FlakySlots {
+            inner: kling_concurrency::backend::InProcess::new(slots.clone()).unwrap(),
+            down: self.down.clone(),
+        })
+    }
+}
+
+/// A callback (or a report handed to `on_task`) while the slots' backend fails (Redis away):
+/// the error is returned, and the task's end still reaches the spend guard (its reported cost
+/// replaces the estimate) and the monitor (counted finished). Both returned at the slots'
+/// error first, so the estimate stayed spent and the monitor counted the task running.
+#[tokio::test(start_paused = true)]
+async fn a_callback_reaches_the_spend_guard_and_the_monitor_when_the_slots_fail() {
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let kling = KlingLayer::builder(
+        StackConfig::preset(Tier::Free).slots(2),
+        Credentials::api_key("k").unwrap(),
+    )
+    .backends(FlakyBackends { down: down.clone() })
+    .build()
+    .unwrap();
+    let service = kling.layer(roomy_mock());
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let create = request("POST", "/v1/videos/text2video", r#"{"prompt":"a"}"#);
+        let created = send(&service, create).await.unwrap();
+        ids.push(Outcome::of(&created).unwrap().task().unwrap().id.clone());
+    }
+    let guard = kling.spend_guard().unwrap();
+    assert_eq!(guard.remaining(Some(kling.account_id())), 64.0);
+    assert_eq!(kling.snapshot().tasks.running, 2);
+
+    down.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ended = |id: &str| {
+        format!(r#"{{"task_id":"{id}","task_status":"succeed","final_unit_deduction":"0.5"}}"#)
+    };
+    let err = kling
+        .on_callback_tasks(ended(&ids[0]).as_bytes())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("unreachable"), "{err}");
+    assert_eq!(guard.remaining(Some(kling.account_id())), 64.5);
+    let tasks = kling.snapshot().tasks;
+    assert_eq!((tasks.running, tasks.finished), (1, 1));
+
+    let report = kling_core::Envelope::parse_callback(ended(&ids[1]).as_bytes()).unwrap();
+    let err = kling.on_task(&report[0]).await.unwrap_err();
+    assert!(err.to_string().contains("unreachable"), "{err}");
+    assert_eq!(guard.remaining(Some(kling.account_id())), 65.0);
+    let tasks = kling.snapshot().tasks;
+    assert_eq!((tasks.running, tasks.finished), (0, 2));
+
+    // Redis back: the sender's retry of the callback frees the slots, and counts nothing twice.
+    down.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(kling.snapshot().pool("video").unwrap().in_use, 2);
+    let payload = format!("[{},{}]", ended(&ids[0]), ended(&ids[1]));
+    kling.on_callback_tasks(payload.as_bytes()).await.unwrap();
+    let snapshot = kling.snapshot();
+    assert_eq!(snapshot.pool("video").unwrap().in_use, 0);
+    assert_eq!(snapshot.tasks.finished, 2);
+    assert_eq!(guard.remaining(Some(kling.account_id())), 65.0);
+}
+
 /// A report handed to `on_task` (a verified callback the caller parsed) finds a task whose
 /// create's answer was lost by its external id, as `on_callback` does: the slot held under
 /// that id alone is freed.
