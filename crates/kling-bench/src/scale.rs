@@ -17,7 +17,7 @@ use http_body_util::Full;
 use kling_concurrency::{SlotsConfig, SlotsHandle, TaskSlotsLayer};
 use kling_core::{AccountId, ClassifyLayer, Recognized};
 use kling_mock::{MockConfig, MockKling, Preset};
-use kling_ratelimit::{GcraLayer, Quota};
+use kling_ratelimit::{Adaptive, GcraLayer, Quota};
 use kling_tower::{Credentials, KlingLayer, StackConfig, TaskRef};
 use tokio::sync::{mpsc, oneshot};
 use tower::{Layer, Service};
@@ -502,7 +502,17 @@ fn keys(keys: usize, decisions: usize) -> Vec<(usize, f64)> {
         .collect();
     let measure = |count: usize| {
         rt.block_on(async {
-            let gcra = GcraLayer::new(Quota::per_second(1e9)).expect("valid");
+            // As kling-tower's stack builds it under a rate cap: adaptive, starting at its
+            // ceiling, so every key decides on the lock-free path at its ceiling, as a fixed
+            // quota's would. A fixed quota's keys would be paid off the moment they are
+            // decided at this rate, and swept as idle as fast as they are made (the table
+            // would hold some of the row's keys, not all); an adaptive key is kept for its
+            // idle time (ten minutes).
+            let quota = Quota::per_second(1e9);
+            let gcra = GcraLayer::builder(quota)
+                .adaptive(Adaptive::new().start(quota))
+                .build()
+                .expect("valid");
             let state = gcra.handle();
             let mut service = gcra.layer(ClassifyLayer::new().layer(InOrder::new()));
             let mut cx = Context::from_waker(Waker::noop());

@@ -318,6 +318,22 @@ const CLASSIFY_EXTRA_ALLOCS: f64 = 6.5;
 /// requests), well under one allocation on every create or every query (0.5 a request).
 const SLACK: f64 = 0.1;
 
+/// Each row of the key series times the key table it names: with enough decisions that the
+/// limiter's sweep of idle keys runs (every 1,024) while a row is warmed up and timed, the
+/// table still holds all of the row's keys (`scale::keys` asserts it), not what a sweep left.
+#[test]
+fn each_key_row_times_as_many_keys_as_it_names() {
+    let _alone = alone();
+    let options = scale::Options {
+        keys: 1_000,
+        decisions: 20_000,
+        ..scale::Options::tiny()
+    };
+    let report = scale::run(options, &mut |_| {});
+    let counts: Vec<usize> = report.keys.iter().map(|&(keys, _)| keys).collect();
+    assert_eq!(counts, [1, 100, 1_000]);
+}
+
 #[test]
 fn the_stack_allocates_no_more_per_request_than_benchmarks_says() {
     let _alone = alone();
