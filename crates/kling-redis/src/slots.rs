@@ -16,8 +16,9 @@ use kling_concurrency::backend::{
     SlotOp, TaskRef,
 };
 use kling_concurrency::error::{AcquireError, BackendError, Halted, OverCapacity, QueueFull};
-use kling_core::error::ApiError;
+use kling_core::error::{ApiError, BoxError};
 use kling_core::metrics as names;
+use kling_core::signals::{CreateHalts, HaltedAccounts};
 use kling_core::{AccountId, Outcome, Pool, TaskStatus};
 use redis::{Script, Value};
 use tokio::sync::Notify;
@@ -411,7 +412,11 @@ struct Inner {
     registry: Mutex<Registry>,
     /// The halts (1102) this process knows of, by account: its own, from when it records them
     /// (before Redis has them), and those Redis told it of.
-    halts: Mutex<HashMap<AccountId, LocalHalt>>,
+    halts: Arc<Mutex<HashMap<AccountId, LocalHalt>>>,
+    /// This process's halts counted, for the classify step's check of creates granted before
+    /// one ([`SlotBackend::create_halts`]): asked about, an account is halted while `halts`
+    /// holds it.
+    create_halts: Arc<CreateHalts>,
     /// The number of the next halt this process records.
     next_halt: AtomicU64,
     /// The number of the next change that Redis must apply once ([`Inner::change_id`]).
@@ -528,6 +533,8 @@ impl RedisSlots {
 
     fn build(conn: Connection, config: SlotsConfig, options: Options) -> Self {
         let ended_for = ends_kept_for(&config);
+        let halts = Arc::new(Mutex::new(HashMap::new()));
+        let create_halts = Arc::new(CreateHalts::new(HaltedHere(Arc::clone(&halts))));
         RedisSlots {
             inner: Arc::new(Inner {
                 conn,
@@ -543,7 +550,8 @@ impl RedisSlots {
                 next: AtomicU64::new(0),
                 pools: Mutex::new(HashMap::new()),
                 registry: Mutex::new(Registry::default()),
-                halts: Mutex::new(HashMap::new()),
+                halts,
+                create_halts,
                 next_halt: AtomicU64::new(0),
                 next_change: AtomicU64::new(0),
                 caps: Mutex::new(HashMap::new()),
@@ -1076,6 +1084,9 @@ impl Inner {
                     stored_in: None,
                 };
                 lock(&self.halts).insert(reservation.key.account, halt);
+                // In place: a create of the account granted before now and held below the
+                // slots (in a rate limiter) is refused by the classify step, unsent.
+                self.create_halts.halted();
                 wake = Some("*".to_owned());
             }
             SlotOp::Hold {
@@ -2386,10 +2397,28 @@ enum Verdict {
     Over(u32),
 }
 
+/// The accounts this process halted (its own `1102`s, until a reset), for the classify step
+/// ([`CreateHalts`]): another process's halt is learned at this process's next grant, not by
+/// a create already granted.
+struct HaltedHere(Arc<Mutex<HashMap<AccountId, LocalHalt>>>);
+
+impl HaltedAccounts for HaltedHere {
+    fn refusal(&self, account: &AccountId) -> Option<BoxError> {
+        let cause = lock(&self.0).get(account)?.cause.clone();
+        Some(Box::new(Halted::new(account.clone(), cause)))
+    }
+}
+
 impl SlotBackend for RedisSlots {
     type Acquire = SlotsFuture<Reservation, AcquireError>;
     type Apply = SlotsFuture<Applied, BackendError>;
     type Snapshot = SlotsFuture<Vec<PoolSnapshot>, BackendError>;
+
+    /// This process's halts: a create it granted before its own `1102` of the account, and
+    /// held below the slots, is refused by the classify step, unsent, while the halt stands.
+    fn create_halts(&self) -> Option<Arc<CreateHalts>> {
+        Some(Arc::clone(&self.inner.create_halts))
+    }
 
     fn acquire(&self, key: SlotKey, weight: u32) -> Self::Acquire {
         let inner = Arc::clone(&self.inner);

@@ -401,6 +401,51 @@ async fn a_1102_halts_the_account_in_every_process_until_reset() {
     assert!(one.acquire(video(), 1).await.is_ok());
 }
 
+/// A create this process granted before its own `1102` of the account, and that waited below
+/// the slots (in a rate limiter), is refused by the classify step through the backend's halt
+/// gate while the halt stands: the gate says the account is halted, another account is not,
+/// and after a reset neither is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_granted_before_this_processs_1102_is_stopped_by_its_halt_gate() {
+    use kling_core::lanes::Lanes;
+    use kling_core::signals::HaltGate;
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 5).await;
+    let halts = Lanes::new(one.create_halts().expect("RedisSlots counts its halts"));
+    // Granted (stamped) before the halt: one of the account, one of another.
+    let before = HaltGate::new(halts.lane(), AccountId::new("acct"));
+    let other = HaltGate::new(halts.lane(), AccountId::new("other"));
+    assert!(before.refusal().is_none(), "no halt yet");
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(SlotOp::Halt {
+        reservation: r,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    let refusal = before.refusal().expect("halted since the grant");
+    let halted = refusal
+        .downcast_ref::<kling_concurrency::error::Halted>()
+        .expect("the slots' Halted");
+    assert_eq!(halted.code(), kling_core::Code::ResourcePackExhausted);
+    assert_eq!(
+        kling_core::SendState::of(&*refusal),
+        kling_core::SendState::NotSent
+    );
+    assert!(other.refusal().is_none(), "another account is not halted");
+    // Stamped after the halt: the grant itself is refused (the backend's own check).
+    let after = HaltGate::new(halts.lane(), AccountId::new("acct"));
+    assert!(after.refusal().is_none());
+    assert!(matches!(
+        one.acquire(video(), 1).await,
+        Err(AcquireError::Halted(_))
+    ));
+    one.apply(SlotOp::ResetHalt(AccountId::new("acct")))
+        .await
+        .unwrap();
+    assert!(before.refusal().is_none(), "the halt was lifted");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_1303_lowers_the_pool_for_the_whole_fleet() {
     let Some(server) = redis() else { return };
