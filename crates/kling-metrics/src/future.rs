@@ -156,12 +156,20 @@ impl Call {
         // Whether an outcome is attached (by the classify step, or here): when it is the only
         // extension, there is no `Attempt` to look up.
         let mut attached = true;
+        // Whether the answer came up through a classify step (which always attaches the
+        // outcome to what it passes up): one that did not was sent past any classify step, and
+        // no step counted it, whatever the lane learned from other calls.
+        let mut classified = true;
         let (code, end) = match Outcome::of(response) {
             Some(outcome) => self.outcome(outcome, status, span),
             // Parsed here only when no classify step attached it.
             None => match Outcome::ensure(response) {
-                Ok(outcome) => self.outcome(&outcome, status, span),
+                Ok(outcome) => {
+                    classified = false;
+                    self.outcome(&outcome, status, span)
+                }
                 Err(malformed) => {
+                    classified = false;
                     attached = false;
                     labels::settle_pool(&mut self.pool, || false);
                     self.monitor.note_final(status, None);
@@ -186,10 +194,11 @@ impl Call {
             }
             sent = attempts.max(1);
         }
-        // A classify step below counted each request as it sent it. Else counted when
-        // answered, as many as were sent: a create that waited minutes for a slot was sent at
-        // the end of its wait, and a retry layer's attempts each reached Kling.
-        if !self.counted_below() {
+        // A classify step below counted each request as it sent it, unless the answer came
+        // up past one. Else counted when answered, as many as were sent: a create that waited
+        // minutes for a slot was sent at the end of its wait, and a retry layer's attempts each
+        // reached Kling.
+        if !(classified && self.counted_below()) {
             self.monitor.note_requests(end, u64::from(sent));
         }
         if !span.is_disabled()

@@ -53,9 +53,14 @@ pub struct Metrics<S> {
 /// the step. A call that ends before its lane learned it sent nothing through a classify step,
 /// and counts what it reports as before: the stack below has none (this layer over a bare
 /// client), or the call never reached it; so does a call whose request carried no counter.
-/// Each lane learns it on its own (a flag written once, then only read). A stack below that
-/// sends some requests through a classify step and others past it, to Kling, would leave the
-/// latter uncounted.
+/// Each lane learns it on its own (a flag written once, then only read). A call answered past
+/// any classify step (the answer carries no outcome attached below: a stack below that sends
+/// some requests through a classify step and others past it) counts what it reports all the
+/// same. Still uncounted, as the lane cannot tell one call's counter from another's: the
+/// requests of a call that failed or was dropped after going past any classify step; a copy
+/// that a layer between sends without the counter (see [`SendCounter`]); and, with a classify
+/// step above a retry layer, the attempts after the first (that step takes the counter before
+/// the retry layer copies the request).
 #[derive(Debug)]
 pub(crate) struct Tap {
     monitor: Monitor,

@@ -270,3 +270,42 @@ async fn a_request_without_signals_counts_once_when_it_ends() {
     assert!(dropped.is_err(), "timed out");
     assert_eq!(requests(), 3, "counted by the classify step, in flight");
 }
+
+/// A stack below that sends some requests through a classify step and others past it (a
+/// router that sends `/account/costs` to a plain client): once a call taught the lane that a
+/// classify step counts, an answer that came up past the step (it carries no outcome attached
+/// below) is still counted by the layer, as Kling counts it; one through the step once.
+#[tokio::test(start_paused = true)]
+async fn an_answer_sent_past_the_classify_step_counts_after_the_lane_learned() {
+    let monitor = monitor();
+    let requests = || monitor.snapshot().rate.requests;
+    let classify = ClassifyLayer::new().layer(kling(|_| Some((1, OK))));
+    let plain = kling(|_| Some((1, OK)));
+    let routing = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let classify = classify.clone();
+        let plain = plain.clone();
+        async move {
+            if req.uri().path().starts_with("/account/") {
+                plain.oneshot(req).await
+            } else {
+                classify.oneshot(req).await
+            }
+        }
+    });
+    let stack = MetricsLayer::with_monitor(monitor.clone()).layer(routing);
+    let query = request("GET", "/v1/videos/text2video/t-1", "", "k");
+    stack.clone().oneshot(query).await.unwrap();
+    assert_eq!(requests(), 1, "counted by the classify step");
+    let costs = request("GET", "/account/costs", "", "k");
+    assert!(SendCounter::of(&costs).is_none() && !costs.extensions().is_empty());
+    let response = stack.clone().oneshot(costs).await.unwrap();
+    assert!(Outcome::of(&response).is_some(), "parsed by the layer");
+    assert_eq!(
+        requests(),
+        2,
+        "sent past the classify step, counted by the layer"
+    );
+    let query = request("GET", "/v1/videos/text2video/t-2", "", "k");
+    stack.oneshot(query).await.unwrap();
+    assert_eq!(requests(), 3, "through the step, once");
+}
