@@ -36,7 +36,12 @@
 //! counted through it once, at the instant this step passed it to the client, when the step
 //! knows it reached Kling or may have: its answer arrived, it failed other than surely unsent,
 //! or the step's future was dropped after it was polled (a timeout, a caller that gave up).
-//! Below the retry and auth layers, this step sees every request that goes to the wire.
+//! Below the retry and auth layers, this step sees every request that goes to the wire; put it
+//! there (as kling-tower's stack does). A step above a retry layer takes the counter before the
+//! retry layer copies the request, so it counts the call's first request only, at the call's
+//! start; a layer between the metrics layer and this step that sends a copy of a request
+//! without its extensions carries the counter over ([`SendCounter::of`], then
+//! [`SendCounter::set`]), or that copy goes uncounted.
 //!
 //! # Example
 //!
