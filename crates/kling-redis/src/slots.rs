@@ -1,5 +1,6 @@
 //! [`RedisSlots`]: the task-slot [`SlotBackend`] in Redis.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
@@ -413,9 +414,10 @@ struct Inner {
     /// The halts (1102) this process knows of, by account: its own, from when it records them
     /// (before Redis has them), and those Redis told it of.
     halts: Arc<Mutex<HashMap<AccountId, LocalHalt>>>,
-    /// This process's halts counted, for the classify step's check of creates granted before
-    /// one ([`SlotBackend::create_halts`]): asked about, an account is halted while `halts`
-    /// holds it.
+    /// The halts this process applied or learnt from Redis (another process's, at an ask it
+    /// refused), counted for the classify step's check of creates granted before one
+    /// ([`SlotBackend::create_halts`]): asked about, an account is halted while `halts` holds
+    /// it.
     create_halts: Arc<CreateHalts>,
     /// The number of the next halt this process records.
     next_halt: AtomicU64,
@@ -2397,9 +2399,10 @@ enum Verdict {
     Over(u32),
 }
 
-/// The accounts this process halted (its own `1102`s, until a reset), for the classify step
-/// ([`CreateHalts`]): another process's halt is learned at this process's next grant, not by
-/// a create already granted.
+/// The accounts this process knows halted (its own `1102`s, and another process's once an ask
+/// of this one was refused by it, until a reset), for the classify step ([`CreateHalts`]):
+/// another process's halt stops a create this one granted already only from when it is
+/// learnt here.
 struct HaltedHere(Arc<Mutex<HashMap<AccountId, LocalHalt>>>);
 
 impl HaltedAccounts for HaltedHere {
@@ -2414,8 +2417,9 @@ impl SlotBackend for RedisSlots {
     type Apply = SlotsFuture<Applied, BackendError>;
     type Snapshot = SlotsFuture<Vec<PoolSnapshot>, BackendError>;
 
-    /// This process's halts: a create it granted before its own `1102` of the account, and
-    /// held below the slots, is refused by the classify step, unsent, while the halt stands.
+    /// This process's halts: a create it granted before its own `1102` of the account (or
+    /// before it learnt of another process's, at an ask Redis refused), and held below the
+    /// slots, is refused by the classify step, unsent, while the halt stands.
     fn create_halts(&self) -> Option<Arc<CreateHalts>> {
         Some(Arc::clone(&self.inner.create_halts))
     }
@@ -2697,13 +2701,23 @@ impl SlotBackend for RedisSlots {
                         });
                         // Kept as recorded if this process recorded one since it asked.
                         let generation = inner.generation.load(Ordering::Acquire);
-                        lock(&inner.halts)
-                            .entry(key.account.clone())
-                            .or_insert_with(|| LocalHalt {
-                                cause: cause.clone(),
-                                n: inner.next_halt.fetch_add(1, Ordering::Relaxed),
-                                stored_in: Some(generation),
-                            });
+                        let learnt = match lock(&inner.halts).entry(key.account.clone()) {
+                            Entry::Occupied(_) => false,
+                            Entry::Vacant(vacant) => {
+                                vacant.insert(LocalHalt {
+                                    cause: cause.clone(),
+                                    n: inner.next_halt.fetch_add(1, Ordering::Relaxed),
+                                    stored_in: Some(generation),
+                                });
+                                true
+                            }
+                        };
+                        // Another process's halt, learnt: a create of the account this
+                        // process granted before, still held below the slots (in a rate
+                        // limiter), is refused by the classify step, unsent, as after its own.
+                        if learnt {
+                            inner.create_halts.halted();
+                        }
                         return Err(AcquireError::Halted(Halted::new(
                             key.account.clone(),
                             cause,

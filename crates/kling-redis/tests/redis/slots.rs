@@ -446,6 +446,56 @@ async fn a_create_granted_before_this_processs_1102_is_stopped_by_its_halt_gate(
     assert!(before.refusal().is_none(), "the halt was lifted");
 }
 
+/// Another process's `1102`, once this process learns of it (its next ask for the account's
+/// slots is refused), stops the creates this process granted before and still holds below the
+/// slots, as its own halt does: the gate's count moves when the halt is learnt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_learnt_from_another_process_stops_creates_granted_before_it() {
+    use kling_core::lanes::Lanes;
+    use kling_core::signals::HaltGate;
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 5).await;
+    let two = backend(&server, 5).await;
+    let halts = Lanes::new(two.create_halts().expect("RedisSlots counts its halts"));
+    // Granted in process two before the halt, then held below its slots.
+    let before = HaltGate::new(halts.lane(), AccountId::new("acct"));
+    let other = HaltGate::new(halts.lane(), AccountId::new("other"));
+    let held = two.acquire(video(), 1).await.unwrap();
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(SlotOp::Halt {
+        reservation: r,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    // Process two learns of the halt at its next ask.
+    assert!(matches!(
+        two.acquire(video(), 1).await,
+        Err(AcquireError::Halted(_))
+    ));
+    let refusal = before.refusal().expect("halted since the grant, as learnt");
+    assert!(
+        refusal
+            .downcast_ref::<kling_concurrency::error::Halted>()
+            .is_some_and(|h| h.request_id() == Some("r-9")),
+        "the slots' Halted, with the 1102 that caused it: {refusal}"
+    );
+    assert!(other.refusal().is_none(), "another account is not halted");
+    // Learnt again (another ask refused): nothing more to count, and still refused.
+    assert!(matches!(
+        two.acquire(video(), 1).await,
+        Err(AcquireError::Halted(_))
+    ));
+    assert!(before.refusal().is_some());
+    two.apply(SlotOp::GiveBack(held)).await.unwrap();
+    one.apply(SlotOp::ResetHalt(AccountId::new("acct")))
+        .await
+        .unwrap();
+    // Process two's next ask finds the halt gone (reset elsewhere), and forgets it.
+    assert!(two.acquire(video(), 1).await.is_ok());
+    assert!(before.refusal().is_none(), "the halt was lifted");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_1303_lowers_the_pool_for_the_whole_fleet() {
     let Some(server) = redis() else { return };
