@@ -532,15 +532,7 @@ fn settle_create<B: SlotBackend>(
     if !gated && !code.halts_creates() && outcome.may_have_created() {
         // The task may run: under its external id (a lookup or a resend with it frees the
         // slot), else under the lease alone, as for a create whose answer was lost.
-        let Held {
-            reservation,
-            backend,
-            lease,
-            external,
-            path,
-            ..
-        } = settling.take();
-        return keep_unknown(&**backend, reservation, external.as_ref(), lease, path);
+        return keep_or_give_back(settling.take(), true);
     }
     // The answer says no task was made: from here, an unwind gives the slots back.
     settling.made = false;
