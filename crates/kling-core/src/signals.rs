@@ -412,7 +412,8 @@ impl SendCounter {
     /// What the classify step reads of a request it is about to send, with one lookup of the
     /// signals: `Err` with the refusal when its create's account was halted since its slots
     /// were granted ([`HaltGate`]; the counter is then left in, the request is not sent), else
-    /// the counter taken out as [`SendCounter::take`] does.
+    /// the counter taken out, telling it so ([`CountSent::attached`]): a second classify step
+    /// below finds none, and so the request counts once.
     #[inline]
     pub(crate) fn take_unless_halted<B>(
         request: &mut Request<B>,
