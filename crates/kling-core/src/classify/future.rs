@@ -185,9 +185,7 @@ impl<F, B> ResponseFuture<F, B> {
             limit,
         }
     }
-}
 
-impl<F, B> ResponseFuture<F, B> {
     /// A request refused before it was sent, with `error` (the client was not called).
     #[cold]
     pub(crate) fn refused(error: BoxError, limit: usize) -> Self {
