@@ -11,7 +11,7 @@ use http::header::AUTHORIZATION;
 use http::{HeaderValue, Request, Response};
 use http_body_util::Full;
 use kling_core::headers::HeaderCopy;
-use kling_core::signals::SendCounter;
+use kling_core::signals::CallSignals;
 use kling_core::{BoxError, Code, Disposition, Outcome};
 use pin_project_lite::pin_project;
 use tower_service::Service;
@@ -29,14 +29,18 @@ pub(crate) struct Retry<S, B> {
     service: S,
     shared: Arc<Shared>,
     generation: u64,
-    /// The send counter of a metrics layer above, for the resend: the server counts it
-    /// against the rate as it does the first request.
-    counter: Option<SendCounter>,
+    /// The request's extensions as the first attempt carried them, for the resend: its
+    /// signals alone when they are all it holds (no allocation; the stack's usual case), else
+    /// a copy of the map. The layers below read them as for the first attempt: a metrics
+    /// layer's send counter (the server counts the resend against the rate), the create's
+    /// send watch and halt gate (a create whose account was halted since its slots were
+    /// granted is not sent again), the deadline.
+    extensions: Result<CallSignals, http::Extensions>,
 }
 
 impl<S, B: Clone> Retry<S, B> {
-    /// A copy of `request` (method, URI, version, headers and body, not the extensions: see
-    /// the [module docs](super)), filled in place in its box.
+    /// A copy of `request` (method, URI, version, headers, body and extensions), filled in
+    /// place in its box.
     pub(crate) fn new(
         request: &Request<B>,
         service: S,
@@ -49,7 +53,10 @@ impl<S, B: Clone> Retry<S, B> {
             service,
             shared,
             generation,
-            counter: SendCounter::of(request),
+            extensions: match CallSignals::if_alone(request.extensions()) {
+                Some(signals) => Ok(signals),
+                None => Err(request.extensions().clone()),
+            },
         });
         let copy = &mut retry.request;
         *copy.method_mut() = request.method().clone();
@@ -204,11 +211,12 @@ where
                     let Retry {
                         mut service,
                         mut request,
-                        counter,
+                        extensions,
                         ..
                     } = *retry;
-                    if let Some(counter) = counter {
-                        SendCounter::set(&mut request, counter);
+                    match extensions {
+                        Ok(signals) => signals.restore(&mut request),
+                        Err(extensions) => *request.extensions_mut() = extensions,
                     }
                     let future = service.call(request);
                     this.state.set(State::Second { future });

@@ -5,10 +5,13 @@
 //! and signed again [`renew_before`](AuthLayer::renew_before) its expiry (5 minutes by
 //! default). When the server still answers 1003 (not yet valid) or 1004 (expired), the layer
 //! signs a fresh token and sends that attempt once more itself; the second answer is returned
-//! whatever it is. The re-sent copy carries the method, URI, version, headers and body, not the
-//! extensions (copying them would cost allocations on every request, and the layers below
-//! this one in the recommended order read none). Only a JWT keeps such a copy; an API key
-//! cannot be refreshed, so its requests pass through with no copy at all.
+//! whatever it is. The re-sent copy carries the method, URI, version, headers, body and
+//! extensions of the first: the layers below read the request's signals (a metrics layer's
+//! send counter, a create's send watch and halt gate, the deadline) for the resend as for the
+//! first attempt, so a create whose account was halted since its slots were granted is not
+//! sent again. The signals are copied without allocating when they are all the extensions
+//! hold (the stack's case); other extensions are copied whole. Only a JWT keeps such a copy;
+//! an API key cannot be refreshed, so its requests pass through with no copy at all.
 //!
 //! Under a retry layer, which keeps a copy of every request anyway, the copy here is waste:
 //! with [`resend_on_refusal(false)`](AuthLayer::resend_on_refusal) (as

@@ -746,3 +746,74 @@ fn blank_access_and_secret_keys_count_as_unset() {
     .unwrap();
     assert!(!key.is_jwt());
 }
+
+/// The resend carries the first attempt's signals, so a create whose account was halted (a
+/// `1102`) while its first attempt waited for the refused token's answer is not sent again:
+/// the classify step below refuses it unsent, as it refuses a create granted before a halt.
+#[tokio::test(start_paused = true)]
+async fn a_resend_after_a_refusal_is_not_sent_once_its_account_was_halted() {
+    const ARREARS: &str = r#"{"code":1102,"message":"account in arrears","request_id":"r"}"#;
+    let clock = TokioWallClock::starting_at(Duration::from_secs(T0));
+    let auth = AuthLayer::new(Credentials::access_key("ak", "sk").unwrap())
+        .with_clock(clock)
+        .resend_on_refusal(true);
+    let release = Arc::new(tokio::sync::Notify::new());
+    let bodies: Arc<Mutex<Vec<Bytes>>> = Arc::default();
+    let inner = {
+        let (release, bodies) = (release.clone(), bodies.clone());
+        service_fn(move |req: http::Request<Full<Bytes>>| {
+            let (release, bodies) = (release.clone(), bodies.clone());
+            async move {
+                let body = http_body_util::BodyExt::collect(req.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                let sent = {
+                    let mut bodies = bodies.lock().unwrap();
+                    bodies.push(body.clone());
+                    bodies.len()
+                };
+                if sent == 1 {
+                    // The first create's token is refused, once the other's 1102 is in.
+                    release.notified().await;
+                    Ok::<_, std::convert::Infallible>(envelope(401, EXPIRED))
+                } else {
+                    Ok(envelope(429, ARREARS))
+                }
+            }
+        })
+    };
+    let (slots, _handle) =
+        kling_concurrency::TaskSlotsLayer::pair(kling_concurrency::SlotsConfig::new(2)).unwrap();
+    let svc = slots.layer(auth.layer(ClassifyLayer::new().layer(inner)));
+    let first = tokio::spawn(svc.clone().oneshot(request(
+        "POST",
+        "/v1/videos/text2video",
+        r#"{"prompt":"first"}"#,
+    )));
+    tokio::task::yield_now().await;
+    assert_eq!(bodies.lock().unwrap().len(), 1, "the first create is out");
+    let second = svc
+        .oneshot(request(
+            "POST",
+            "/v1/videos/text2video",
+            r#"{"prompt":"second"}"#,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(Outcome::of(&second).unwrap().code(), Code::ResourcePackExhausted);
+    release.notify_one();
+    let error = match first.await.unwrap() {
+        Ok(response) => panic!("sent again: {:?}", Outcome::of(&response)),
+        Err(error) => error,
+    };
+    assert!(
+        !kling_core::error::may_have_created(&*error),
+        "refused before it was sent again: {error}"
+    );
+    assert_eq!(
+        bodies.lock().unwrap().len(),
+        2,
+        "no resend after the 1102: {error}"
+    );
+}
