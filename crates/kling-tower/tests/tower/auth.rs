@@ -801,7 +801,10 @@ async fn a_resend_after_a_refusal_is_not_sent_once_its_account_was_halted() {
         ))
         .await
         .unwrap();
-    assert_eq!(Outcome::of(&second).unwrap().code(), Code::ResourcePackExhausted);
+    assert_eq!(
+        Outcome::of(&second).unwrap().code(),
+        Code::ResourcePackExhausted
+    );
     release.notify_one();
     let error = match first.await.unwrap() {
         Ok(response) => panic!("sent again: {:?}", Outcome::of(&response)),
