@@ -70,8 +70,10 @@ pub const MAX_PENDING_REPORTS: usize = 4096;
 ///   serves whoever asks first instead.
 /// - **Shared learning**: a 1303 lowers the pool's capacity in Redis for the whole fleet (with
 ///   kling-concurrency's rule, streak of 1303s at the same level included); a 1102 halts the account for every process until
-///   [`SlotsHandle::reset_halt`](kling_concurrency::SlotsHandle::reset_halt); run-time
-///   capacities are stored in Redis.
+///   [`SlotsHandle::reset_halt`](kling_concurrency::SlotsHandle::reset_halt), broadcast on
+///   `PREFIX:halted` (a reset on `PREFIX:unhalted`) so that every process stops at once the
+///   creates it granted already and still holds below the slots; run-time capacities are
+///   stored in Redis.
 /// - **State loss**: every process keeps a record of the slots it holds; when a script finds
 ///   Redis has lost its state (restart without persistence) or come back older (a restart from
 ///   a snapshot, a failover: another server's `run_id`, or a script number no greater than one
@@ -414,8 +416,9 @@ struct Inner {
     /// The halts (1102) this process knows of, by account: its own, from when it records them
     /// (before Redis has them), and those Redis told it of.
     halts: Arc<Mutex<HashMap<AccountId, LocalHalt>>>,
-    /// The halts this process applied or learnt from Redis (another process's, at an ask it
-    /// refused), counted for the classify step's check of creates granted before one
+    /// The halts this process applied or learnt from Redis (another process's, broadcast on
+    /// `PREFIX:halted` or at an ask it refused), counted for the classify step's check of
+    /// creates granted before one
     /// ([`SlotBackend::create_halts`]): asked about, an account is halted while `halts` holds
     /// it.
     create_halts: Arc<CreateHalts>,
@@ -440,6 +443,10 @@ struct Inner {
     /// ([`testing::lose_acquire_answers`](crate::testing::lose_acquire_answers)).
     #[cfg(feature = "testing")]
     lose_acquire_answers: std::sync::atomic::AtomicU32,
+    /// Whether the subscriber ignores halts broadcast on `PREFIX:halted` and skips the
+    /// re-read after it subscribes ([`testing::miss_halt_broadcasts`](crate::testing::miss_halt_broadcasts)).
+    #[cfg(feature = "testing")]
+    miss_halt_broadcasts: AtomicBool,
     /// Whether reports were dropped from the replay queue since it was last empty (warned once).
     overflowed: AtomicBool,
     out: AtomicBool,
@@ -512,8 +519,9 @@ impl RedisSlots {
     /// A backend on `conn` with the capacities, lease (also the lease of a grant not yet
     /// settled) and recovery interval of `config`; fails closed by waiting while Redis is away.
     ///
-    /// Background work (the release subscriber and the maintenance loop) starts on first use,
-    /// on the tokio runtime of the caller, and ends when the last clone is dropped.
+    /// Background work (the subscriber to releases, halts and resets, and the maintenance
+    /// loop) starts on first use, on the tokio runtime of the caller, and ends when the last
+    /// clone is dropped.
     pub fn new(conn: Connection, config: SlotsConfig) -> Result<Self, ConfigError> {
         config.validate().map_err(|_| {
             ConfigError::new("slots_config", "is invalid (see SlotsConfig::validate)")
@@ -565,6 +573,8 @@ impl RedisSlots {
                 replay_delay: Mutex::new(Duration::ZERO),
                 #[cfg(feature = "testing")]
                 lose_acquire_answers: std::sync::atomic::AtomicU32::new(0),
+                #[cfg(feature = "testing")]
+                miss_halt_broadcasts: AtomicBool::new(false),
                 out: AtomicBool::new(false),
                 started: AtomicBool::new(false),
                 init: tokio::sync::OnceCell::new(),
@@ -681,6 +691,14 @@ impl RedisSlots {
         self.inner
             .lose_acquire_answers
             .store(answers, Ordering::Release);
+    }
+
+    /// See [`testing::miss_halt_broadcasts`](crate::testing::miss_halt_broadcasts).
+    #[cfg(feature = "testing")]
+    pub(crate) fn miss_halt_broadcasts(&self, miss: bool) {
+        self.inner
+            .miss_halt_broadcasts
+            .store(miss, Ordering::Release);
     }
 
     /// Runs one maintenance pass now: replays what could not be sent, registers held slots
@@ -1501,17 +1519,151 @@ impl Inner {
     /// does not make it send the halt again. A later halt of the account (another cause: its
     /// `request_id` differs) stays.
     fn halt_reset(&self, reset: &str) {
-        let Some((key, cause)) = reset.split_once('\n') else {
-            return;
-        };
-        let Some(cause) = decode_cause(cause) else {
+        let Some((account, cause)) = self
+            .split_halt_key(reset)
+            .and_then(|(account, cause)| Some((account, decode_cause(cause)?)))
+        else {
+            tracing::warn!(
+                channel = %self.conn.key("unhalted"),
+                bytes = reset.len(),
+                "ignoring a malformed halt reset (not a halt key and a 1102, a line each)"
+            );
             return;
         };
         let cause = encode_cause(&cause);
         let mut halts = lock(&self.halts);
-        halts.retain(|account, halt| {
-            self.halt_key(account) != key || encode_cause(&halt.cause) != cause
+        if halts
+            .get(&account)
+            .is_some_and(|halt| encode_cause(&halt.cause) == cause)
+        {
+            halts.remove(&account);
+        }
+    }
+
+    /// Records a halt Redis has in `generation` (another process's, told by an ask's reply or
+    /// broadcast on `PREFIX:halted`), unless this process knows of a halt of the account
+    /// already. Learnt, it counts for the halt gate: a create of the account this process
+    /// granted before, still held below the slots (in a rate limiter), is refused by the
+    /// classify step, unsent, as after its own halt. A known one that Redis has in that
+    /// generation takes the cause Redis has now (a later `1102` replaced it there), so that
+    /// the reset of that one, broadcast with its cause, ends it here too; one Redis does not
+    /// have yet (this process's own, its script on the way) stays as recorded.
+    fn learn_halt(&self, account: &AccountId, cause: &ApiError, generation: i64) -> bool {
+        let learnt = match lock(&self.halts).entry(account.clone()) {
+            Entry::Occupied(mut known) => {
+                let known = known.get_mut();
+                if known.stored_in == Some(generation) {
+                    known.cause = cause.clone();
+                }
+                false
+            }
+            Entry::Vacant(vacant) => {
+                vacant.insert(LocalHalt {
+                    cause: cause.clone(),
+                    n: self.next_halt.fetch_add(1, Ordering::Relaxed),
+                    stored_in: Some(generation),
+                });
+                true
+            }
+        };
+        if learnt {
+            self.create_halts.halted();
+        }
+        learnt
+    }
+
+    /// The account whose halt key (`PREFIX:halt:LEN.ACCOUNT`, [`halt_key`](Self::halt_key))
+    /// starts `text` and what follows the key's line (read by the name's length: an account's
+    /// name may hold a newline), if a halt key of this prefix starts it.
+    fn split_halt_key<'a>(&self, text: &'a str) -> Option<(AccountId, &'a str)> {
+        let segment = text
+            .strip_prefix(self.conn.prefix())?
+            .strip_prefix(":halt:")?;
+        let (len, rest) = segment.split_once('.')?;
+        let len: usize = len.parse().ok()?;
+        let account = rest.get(..len)?;
+        let after = rest.get(len..)?.strip_prefix('\n')?;
+        Some((AccountId::new(account), after))
+    }
+
+    /// A halt broadcast on `PREFIX:halted` (generation, halt key and halt, a line each): a
+    /// process that set it in Redis tells the fleet at once. Malformed (not this crate's
+    /// script's, or another prefix's), it is ignored with a warning.
+    fn halt_broadcast(&self, payload: Option<&str>) {
+        #[cfg(feature = "testing")]
+        if self.miss_halt_broadcasts.load(Ordering::Acquire) {
+            return;
+        }
+        let parsed = payload.and_then(|payload| {
+            let (generation, rest) = payload.split_once('\n')?;
+            let (account, cause) = self.split_halt_key(rest)?;
+            Some((
+                generation.parse::<i64>().ok()?,
+                account,
+                decode_cause(cause)?,
+            ))
         });
+        match parsed {
+            Some((generation, account, cause)) => {
+                self.learn_halt(&account, &cause, generation);
+            }
+            None => tracing::warn!(
+                channel = %self.conn.key("halted"),
+                bytes = payload.map_or(0, str::len),
+                "ignoring a malformed halt broadcast (not a generation, a halt key of this \
+                 prefix and a 1102, a line each)"
+            ),
+        }
+    }
+
+    /// After the subscriber (re)subscribed: reads the halts of the accounts this process has
+    /// pools or holdings of, which Redis may have broadcast while it was not listening, and
+    /// learns those set ([`learn_halt`](Self::learn_halt)). One `MGET` per 256 accounts, per
+    /// subscription; a reset missed meanwhile is the maintenance pass's (woken with it).
+    async fn reread_halts(&self) -> Result<(), StoreError> {
+        #[cfg(feature = "testing")]
+        if self.miss_halt_broadcasts.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let accounts: Vec<AccountId> = {
+            let mut accounts: std::collections::HashSet<AccountId> = lock(&self.pools)
+                .values()
+                .map(|pool| pool.key.account.clone())
+                .collect();
+            accounts.extend(lock(&self.registry).values().map(|h| h.key.account.clone()));
+            let halts = lock(&self.halts);
+            accounts.retain(|account| !halts.contains_key(account));
+            accounts.into_iter().collect()
+        };
+        for chunk in accounts.chunks(256) {
+            let mut mget = redis::cmd("MGET");
+            mget.arg(self.conn.key("alive"));
+            for account in chunk {
+                mget.arg(self.halt_key(account));
+            }
+            let values: Vec<Option<String>> = self.conn.query(&mget).await?;
+            // No generation: Redis lost its state, halts included (those who knew send them
+            // again, broadcast).
+            let Some(generation) = values
+                .first()
+                .and_then(Option::as_deref)
+                .and_then(|g| g.parse::<i64>().ok())
+            else {
+                return Ok(());
+            };
+            for (account, cause) in chunk.iter().zip(values.iter().skip(1)) {
+                let Some(cause) = cause else { continue };
+                match decode_cause(cause) {
+                    Some(cause) => {
+                        self.learn_halt(account, &cause, generation);
+                    }
+                    None => tracing::warn!(
+                        "ignoring a malformed halt in redis (not a 1102 as this crate writes it)"
+                    ),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// After a new generation: queues the halts this process knows of to be sent again (Redis
@@ -2118,37 +2270,62 @@ fn text(value: &Value) -> String {
     }
 }
 
-/// Listens on `PREFIX:freed` and wakes the heads of the pools named, and on `PREFIX:unhalted`
-/// and forgets the halts reset elsewhere; reconnects on loss and then wakes every head (a
-/// release may have been missed) and the maintenance pass (which finds a missed reset).
+/// How long the subscriber waits before it connects again after a failure, at first; it
+/// doubles with each failure in a row up to [`RESUBSCRIBE_MAX`].
+const RESUBSCRIBE_FIRST: Duration = Duration::from_millis(100);
+/// The longest wait between two attempts of the subscriber to connect.
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(1);
+
+/// Listens on `PREFIX:freed` and wakes the heads of the pools named, on `PREFIX:halted` and
+/// learns the halts set elsewhere, and on `PREFIX:unhalted` and forgets the halts reset
+/// elsewhere. It reconnects on loss (backing off while it fails) and then wakes every head (a
+/// release may have been missed), reads the halts it may have missed
+/// ([`Inner::reread_halts`]) and wakes the maintenance pass (which finds a missed reset).
+/// Ends when the backend is dropped.
 async fn subscriber(inner: Weak<Inner>, shutdown: Arc<Notify>) {
     let mut stopped = pin!(shutdown.notified_owned());
+    let mut backoff = RESUBSCRIBE_FIRST;
     loop {
         let Some(strong) = inner.upgrade() else {
             return;
         };
         let client = strong.conn.client().clone();
         let channel = strong.conn.key("freed");
+        let halted = strong.conn.key("halted");
         let unhalted = strong.conn.key("unhalted");
         let timeout = strong.conn.command_timeout();
         drop(strong);
         let connected = tokio::time::timeout(timeout, async {
             let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&[&channel, &unhalted]).await?;
+            pubsub.subscribe(&[&channel, &halted, &unhalted]).await?;
             Ok::<_, redis::RedisError>(pubsub)
         })
         .await;
-        let Ok(Ok(pubsub)) = connected else {
-            let sleep = pin!(tokio::time::sleep(Duration::from_millis(100)));
+        // Subscribed first, then the halts read: one set in between is read or broadcast.
+        let reread = match connected {
+            Ok(Ok(pubsub)) => match inner.upgrade() {
+                Some(strong) => {
+                    strong.wake("*");
+                    strong.wake_maintenance.notify_one();
+                    let read = strong.reread_halts().await;
+                    drop(strong);
+                    read.map(|()| pubsub).map_err(|e| {
+                        tracing::debug!(error = %e, "could not read the halts after subscribing");
+                    })
+                }
+                None => return,
+            },
+            _ => Err(()),
+        };
+        let Ok(pubsub) = reread else {
+            let sleep = pin!(tokio::time::sleep(backoff));
+            backoff = (backoff * 2).min(RESUBSCRIBE_MAX);
             if wait_either(stopped.as_mut(), sleep).await {
                 return;
             }
             continue;
         };
-        if let Some(strong) = inner.upgrade() {
-            strong.wake("*");
-            strong.wake_maintenance.notify_one();
-        }
+        backoff = RESUBSCRIBE_FIRST;
         let mut stream = pubsub.into_on_message();
         loop {
             let next = std::future::poll_fn(|cx| {
@@ -2168,11 +2345,14 @@ async fn subscriber(inner: Weak<Inner>, shutdown: Arc<Notify>) {
                     let Some(strong) = inner.upgrade() else {
                         return;
                     };
-                    let payload: String = msg.get_payload().unwrap_or_default();
-                    if msg.get_channel_name() == unhalted {
-                        strong.halt_reset(&payload);
+                    let payload = msg.get_payload::<String>().ok();
+                    let name = msg.get_channel_name();
+                    if name == halted {
+                        strong.halt_broadcast(payload.as_deref());
+                    } else if name == unhalted {
+                        strong.halt_reset(payload.as_deref().unwrap_or_default());
                     } else {
-                        strong.wake(&payload);
+                        strong.wake(payload.as_deref().unwrap_or_default());
                     }
                 }
                 Some(None) => break,
@@ -2399,10 +2579,10 @@ enum Verdict {
     Over(u32),
 }
 
-/// The accounts this process knows halted (its own `1102`s, and another process's once an ask
-/// of this one was refused by it, until a reset), for the classify step ([`CreateHalts`]):
-/// another process's halt stops a create this one granted already only from when it is
-/// learnt here.
+/// The accounts this process knows halted (its own `1102`s, and another process's once
+/// broadcast or an ask of this one was refused by it, until a reset), for the classify step
+/// ([`CreateHalts`]): another process's halt stops a create this one granted already from
+/// when it is learnt here (the broadcast's delivery, a millisecond on a LAN).
 struct HaltedHere(Arc<Mutex<HashMap<AccountId, LocalHalt>>>);
 
 impl HaltedAccounts for HaltedHere {
@@ -2418,8 +2598,8 @@ impl SlotBackend for RedisSlots {
     type Snapshot = SlotsFuture<Vec<PoolSnapshot>, BackendError>;
 
     /// This process's halts: a create it granted before its own `1102` of the account (or
-    /// before it learnt of another process's, at an ask Redis refused), and held below the
-    /// slots, is refused by the classify step, unsent, while the halt stands.
+    /// before it learnt of another process's, broadcast or at an ask Redis refused), and held
+    /// below the slots, is refused by the classify step, unsent, while the halt stands.
     fn create_halts(&self) -> Option<Arc<CreateHalts>> {
         Some(Arc::clone(&self.inner.create_halts))
     }
@@ -2701,23 +2881,7 @@ impl SlotBackend for RedisSlots {
                         });
                         // Kept as recorded if this process recorded one since it asked.
                         let generation = inner.generation.load(Ordering::Acquire);
-                        let learnt = match lock(&inner.halts).entry(key.account.clone()) {
-                            Entry::Occupied(_) => false,
-                            Entry::Vacant(vacant) => {
-                                vacant.insert(LocalHalt {
-                                    cause: cause.clone(),
-                                    n: inner.next_halt.fetch_add(1, Ordering::Relaxed),
-                                    stored_in: Some(generation),
-                                });
-                                true
-                            }
-                        };
-                        // Another process's halt, learnt: a create of the account this
-                        // process granted before, still held below the slots (in a rate
-                        // limiter), is refused by the classify step, unsent, as after its own.
-                        if learnt {
-                            inner.create_halts.halted();
-                        }
+                        inner.learn_halt(&key.account, &cause, generation);
                         return Err(AcquireError::Halted(Halted::new(
                             key.account.clone(),
                             cause,
@@ -2883,6 +3047,54 @@ mod tests {
         );
         assert!(video.parse::<u64>().unwrap() > 1);
         assert!(may_be(&video, "") && may_be("", &video) && !may_be(&video, "1"));
+    }
+
+    /// A halt broadcast is learnt only when it is a generation, a halt key of this prefix and a
+    /// 1102, a line each; anything else is ignored (logged), never a panic; the halt keys of
+    /// accounts whose names hold dots or newlines read back as those accounts.
+    #[tokio::test]
+    async fn a_malformed_halt_broadcast_is_ignored() {
+        let conn =
+            Connection::lazy(crate::RedisConfig::new("redis://127.0.0.1:1/").prefix("p")).unwrap();
+        let slots = RedisSlots::new(conn, SlotsConfig::new(1)).unwrap();
+        let inner = &slots.inner;
+        let cause = encode_cause(
+            &decode_cause("429\n{\"code\":1102,\"message\":\"m\",\"request_id\":\"r\"}").unwrap(),
+        );
+        let key = inner.halt_key(&AccountId::new("a.b\nc"));
+        for junk in [
+            None,
+            Some(""),
+            Some("\n\n"),
+            Some("7"),
+            Some("x\np:halt:1.a\n".to_owned() + &cause).as_deref(),
+            Some(format!("7\n{key}")).as_deref(),
+            Some(format!("7\n{key}\nnot a cause")).as_deref(),
+            Some(format!("7\n{key}\n429\n{{}}")).as_deref(),
+            Some(format!("7\nother:halt:1.a\n{cause}")).as_deref(),
+            Some(format!("7\np:halt:9.a\n{cause}")).as_deref(),
+            Some(format!("7\np:halt:x.a\n{cause}")).as_deref(),
+            Some(format!("7\np:halted\n{cause}")).as_deref(),
+        ] {
+            inner.halt_broadcast(junk);
+            assert!(lock(&inner.halts).is_empty(), "{junk:?}");
+            assert_eq!(inner.create_halts.stamp(), 0, "{junk:?}");
+        }
+        inner.halt_reset("no line");
+        inner.halt_reset("p:halt:1.a\nnot a cause");
+        inner.halt_broadcast(Some(&format!("7\n{key}\n{cause}")));
+        let halts = lock(&inner.halts);
+        let halt = halts.get(&AccountId::new("a.b\nc")).expect("learnt");
+        assert_eq!(halt.stored_in, Some(7));
+        assert_eq!(halt.cause.request_id(), Some("r"));
+        drop(halts);
+        assert_eq!(inner.create_halts.stamp(), 1);
+        // Told again: known already, not counted again.
+        inner.halt_broadcast(Some(&format!("7\n{key}\n{cause}")));
+        assert_eq!(inner.create_halts.stamp(), 1);
+        // Reset (`PREFIX:unhalted`: the key and the halt deleted), by the name's length too.
+        inner.halt_reset(&format!("{key}\n{cause}"));
+        assert!(lock(&inner.halts).is_empty());
     }
 
     #[tokio::test]

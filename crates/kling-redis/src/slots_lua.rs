@@ -22,6 +22,7 @@
 //! | `P:done` | sorted set | the ids of changes that must take effect once (`cap`, `cong`, `halt`, `unhalt`, `hold`, an `upd` with an end) by expiry (µs, as `P:ended`'s, at most as many): a replay of one Redis ran is skipped |
 //! | `P:rel:ID` | string | the tasks the change `ID` released (JSON, as `APPLY` returns them), while `P:done` keeps the id: a skipped replay answers with them |
 //! | channel `P:freed` | pub/sub | a pool key (or `*`) whenever slots may have freed |
+//! | channel `P:halted` | pub/sub | a halt set (`halt`, or `rehalt` where the key was gone): the generation, `\n`, the halt key, `\n`, the halt |
 //! | channel `P:unhalted` | pub/sub | a reset: the halt key, `\n`, the halt it deleted |
 //!
 //! Times are integer microseconds of fleet time (see [`Connection`](crate::Connection)),
@@ -502,6 +503,9 @@ elseif op == 'halt' then
   give(ARGV[5], ARGV[6])
   redis.call('SET', ARGV[7], ARGV[8])
   redis.call('PUBLISH', P .. ':freed', '*')
+  -- Every process learns of the halt now, not at its next ask: a create it granted before
+  -- and still holds below its slots (in a rate limiter) is then refused unsent.
+  redis.call('PUBLISH', P .. ':halted', int(grace_until) .. '\n' .. ARGV[7] .. '\n' .. ARGV[8])
   changed = 1
 elseif op == 'hold' or op == 'reg' then
   -- 5 pool key, 6 holding, 7 weight, 8 id, 9 ext, 10 lease, 11 account, 12 pool, 13 kind,
@@ -759,7 +763,10 @@ elseif op == 'rehalt' then
   -- key, the cause, and the process's number for it (not read). One set meanwhile stays.
   local i = 5
   while i + 2 <= #ARGV do
-    if redis.call('SET', ARGV[i], ARGV[i + 1], 'NX') then changed = 1 end
+    if redis.call('SET', ARGV[i], ARGV[i + 1], 'NX') then
+      changed = 1
+      redis.call('PUBLISH', P .. ':halted', int(grace_until) .. '\n' .. ARGV[i] .. '\n' .. ARGV[i + 1])
+    end
     i = i + 3
   end
   if changed == 1 then redis.call('PUBLISH', P .. ':freed', '*') end

@@ -223,6 +223,14 @@ pub fn lose_acquire_answers(slots: &crate::RedisSlots, answers: u32) {
     slots.lose_acquire_answers(answers);
 }
 
+/// Makes `slots` (and its clones) ignore the halts other processes broadcast on
+/// `PREFIX:halted` and skip reading the halts after it subscribes, while `miss` holds: a
+/// process that learns of another's halt only at its next ask of the account, as before the
+/// broadcast (the control of the tests that show it).
+pub fn miss_halt_broadcasts(slots: &crate::RedisSlots, miss: bool) {
+    slots.miss_halt_broadcasts(miss);
+}
+
 /// A port nobody listens on now (bound once by the OS and released).
 fn free_port() -> io::Result<u16> {
     let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;

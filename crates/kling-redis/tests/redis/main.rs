@@ -6,6 +6,7 @@ mod capacity_and_fallback;
 mod clock;
 mod fleet;
 mod gcra;
+mod halts;
 mod paths;
 mod slots;
 mod support;

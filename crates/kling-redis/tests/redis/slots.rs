@@ -468,7 +468,7 @@ async fn a_halt_learnt_from_another_process_stops_creates_granted_before_it() {
     })
     .await
     .unwrap();
-    // Process two learns of the halt at its next ask.
+    // Process two learns of the halt at its next ask (if the broadcast did not tell it first).
     assert!(matches!(
         two.acquire(video(), 1).await,
         Err(AcquireError::Halted(_))
