@@ -296,8 +296,8 @@ impl Default for Faults {
     }
 }
 
-/// One configured API key and the account it belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One configured API key and the account it belongs to. Its `Debug` hides the key.
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ApiKey {
     /// The bearer value.
@@ -310,8 +310,9 @@ pub struct ApiKey {
 ///
 /// Built with chained methods: `MockConfig::preset(Preset::Free).speed(60.0).credits(10.0)`.
 /// [`MockConfig::validate`] (called by the constructors) rejects impossible values, naming the
-/// field.
-#[derive(Debug, Clone, PartialEq)]
+/// field. Its `Debug` (and so [`crate::MockKling`]'s and [`crate::MockServer`]'s) shows
+/// `<redacted>` for the API keys, the secret key and the callback secrets.
+#[derive(Clone, PartialEq)]
 #[non_exhaustive]
 pub struct MockConfig {
     /// The tier the numbers below started from.
@@ -379,6 +380,57 @@ pub struct MockConfig {
     /// `https://mock.klingai.invalid/outputs`, except under [`crate::MockServer::start`], which
     /// points them at its own `GET /__mock/files/...` so results can be downloaded.
     pub files_base_url: Option<String>,
+}
+
+/// What `Debug` shows of a secret.
+const REDACTED: &str = "<redacted>";
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("key", &REDACTED)
+            .field("account", &self.account)
+            .finish()
+    }
+}
+
+impl fmt::Debug for MockConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted = |secret: &Option<String>| secret.as_ref().map(|_| REDACTED);
+        f.debug_struct("MockConfig")
+            .field("preset", &self.preset)
+            .field("speed", &self.speed)
+            .field("slots", &self.slots)
+            .field("pool_slots", &self.pool_slots)
+            .field("pool_scope", &self.pool_scope)
+            .field("rate_limit", &self.rate_limit)
+            .field("credits", &self.credits)
+            .field("credit_period", &self.credit_period)
+            .field("costs_per_second", &self.costs_per_second)
+            .field("retry_after", &self.retry_after)
+            .field("task_duration_min", &self.task_duration_min)
+            .field("task_duration_max", &self.task_duration_max)
+            .field("failure_rate", &self.failure_rate)
+            .field("api_keys", &self.api_keys)
+            .field("account", &self.account)
+            .field("access_key", &self.access_key)
+            .field("secret_key", &redacted(&self.secret_key))
+            .field("clock_offset_secs", &self.clock_offset_secs)
+            .field("forbidden_models", &self.forbidden_models)
+            .field("known_models", &self.known_models)
+            .field("callback_secret", &redacted(&self.callback_secret))
+            .field(
+                "callback_rotated_secrets",
+                &vec![REDACTED; self.callback_rotated_secrets.len()],
+            )
+            .field("switches", &self.switches)
+            .field("faults", &self.faults)
+            .field("seed", &self.seed)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("port", &self.port)
+            .field("files_base_url", &self.files_base_url)
+            .finish()
+    }
 }
 
 impl Default for MockConfig {

@@ -330,7 +330,16 @@ impl MockKling {
                 json(stats_json(self.stats()))
             }
             (&Method::POST, "switches") => {
-                let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+                let v: Value = match switches_request(body) {
+                    Ok(v) => v,
+                    // Refused, naming what was wrong, and nothing changed: read as all off,
+                    // a misspelt switch turned every switch off without a word.
+                    Err(message) => {
+                        let mut resp = json(serde_json::json!({"code": 1201, "message": message}));
+                        *resp.status_mut() = http::StatusCode::BAD_REQUEST;
+                        return resp;
+                    }
+                };
                 let flag = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
                 let switches = Switches::new()
                     .abnormal(flag("abnormal"))
@@ -362,6 +371,37 @@ impl MockKling {
             }
         }
     }
+}
+
+/// The switches a `POST /__mock/switches` names: a JSON object of booleans `abnormal`,
+/// `arrears`, `ip_denied`, `throttled` (absent = off) and an optional string `account` (null
+/// = absent); else what is wrong with it.
+fn switches_request(body: &Bytes) -> Result<Value, String> {
+    const SWITCHES: [&str; 4] = ["abnormal", "arrears", "ip_denied", "throttled"];
+    let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) else {
+        return Err("the body must be a JSON object of switches".to_owned());
+    };
+    for (key, value) in &map {
+        let ok = match key.as_str() {
+            "account" => value.is_string() || value.is_null(),
+            k if SWITCHES.contains(&k) => value.is_boolean(),
+            _ => {
+                return Err(format!(
+                    "unknown switch `{key}` (expected abnormal, arrears, ip_denied, throttled \
+                     or account)"
+                ));
+            }
+        };
+        if !ok {
+            let want = if key == "account" {
+                "a string"
+            } else {
+                "true or false"
+            };
+            return Err(format!("`{key}` must be {want}"));
+        }
+    }
+    Ok(Value::Object(map))
 }
 
 impl tower_service::Service<Request<Full<Bytes>>> for MockKling {

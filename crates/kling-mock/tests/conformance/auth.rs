@@ -282,3 +282,33 @@ async fn a_jwt_header_without_typ_jwt_or_alg_hs256_is_401_1000() {
             .assert_error(401, 1000);
     }
 }
+
+/// The secrets a mock is configured with (API keys, the legacy secret key, callback secrets)
+/// never show in its `Debug`, nor in its server's: a test that logs `{:?}` of its mock or
+/// config printed them all (STYLE: no secrets in logs or `Debug`).
+#[tokio::test(start_paused = true)]
+async fn the_debug_of_a_mock_shows_no_secret() {
+    let config = quiet()
+        .api_key("APIKEYSECRET")
+        .api_key_for("OTHERKEYSECRET", "acme")
+        .access_key("ak-visible", "SECRETKEYSECRET")
+        .callback_secret("whsec_CALLBACKSECRET")
+        .callback_rotated_secret("ROTATEDSECRET");
+    let mock = kling_mock::MockKling::new(config.clone()).unwrap();
+    for text in [format!("{config:?}"), format!("{mock:?}")] {
+        for secret in [
+            "APIKEYSECRET",
+            "OTHERKEYSECRET",
+            "SECRETKEYSECRET",
+            "CALLBACKSECRET",
+            "ROTATEDSECRET",
+        ] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        // What is not secret still shows: the access key (the JWT's `iss`) and the accounts.
+        assert!(
+            text.contains("ak-visible") && text.contains("acme"),
+            "{text}"
+        );
+    }
+}

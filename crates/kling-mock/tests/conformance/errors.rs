@@ -173,6 +173,43 @@ async fn an_accounts_own_switches_refuse_only_that_account() {
         .assert_error(429, 1100);
 }
 
+/// A `POST /__mock/switches` the mock cannot read (not a JSON object, a switch that is not a
+/// boolean, a name it does not know, an `account` that is not a string) is refused with 400,
+/// naming what was wrong, and changes nothing: it turned every switch of every account off
+/// without a word, so a test that misspelt `arrears`, or sent `"true"`, ran on a healthy
+/// account.
+#[tokio::test(start_paused = true)]
+async fn a_switches_request_the_mock_cannot_read_is_refused_and_changes_nothing() {
+    let c = Caller::new(quiet());
+    c.mock.set_switches(Switches::new().arrears(true));
+    let control = c.without_auth();
+    for (body, named) in [
+        (Bytes::from_static(b"garbage"), "JSON object"),
+        (Bytes::from_static(b"[true]"), "JSON object"),
+        (
+            Bytes::from(json!({"arrears": "true"}).to_string()),
+            "arrears",
+        ),
+        (Bytes::from(json!({"arrear": true}).to_string()), "arrear"),
+        (
+            Bytes::from(json!({"account": 7, "abnormal": true}).to_string()),
+            "account",
+        ),
+    ] {
+        let r = control
+            .raw(Method::POST, "/__mock/switches", body.clone())
+            .await;
+        assert_eq!(r.status, 400, "{body:?}: {:?}", r.body);
+        let message = r.body["message"].as_str().unwrap_or_default();
+        assert!(message.contains(named), "{body:?}: {message}");
+        assert_eq!(c.mock.switches(), Switches::new().arrears(true), "{body:?}");
+    }
+    // An empty object turns every switch off, as it did.
+    let r = control.post("/__mock/switches", json!({})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(c.mock.switches(), Switches::new());
+}
+
 #[tokio::test(start_paused = true)]
 async fn exhausted_credits_are_429_1102() {
     let c = Caller::new(quiet().credits(1.0));
