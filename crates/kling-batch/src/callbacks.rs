@@ -39,12 +39,18 @@ pub const CALLBACK_PATH: &str = "/kling/callback";
 /// assert!(callback_path("example.com/hooks").is_err());
 /// ```
 pub fn callback_path(url: &str) -> Result<String, SetupError> {
+    // Named without its user info, query or fragment: this goes to stderr and CI logs.
+    let (shown, cut) = crate::error::shown_url(url);
     let refuse = |why: &str| {
         SetupError::new(
             "--callback-url",
             format!(
-                "`{}` {why}; give the public URL Kling should post callbacks to",
-                crate::error::shown(url)
+                "`{shown}`{} {why}; give the public URL Kling should post callbacks to",
+                if cut {
+                    " (its user info, query and fragment not shown)"
+                } else {
+                    ""
+                }
             ),
         )
     };
@@ -201,5 +207,34 @@ mod tests {
             assert_eq!(error.field(), "--callback-url", "{url}");
         }
         assert_eq!(callback_path("http://10.0.0.5:8787").unwrap(), "/");
+    }
+
+    /// A refused callback URL is named without its user info, query or fragment: one that
+    /// could not be read as a URL (a space in its token, no scheme) was echoed whole on
+    /// stderr, password and token included.
+    #[test]
+    fn a_refused_callback_url_is_named_without_its_password_or_token() {
+        for (url, named) in [
+            (
+                "https://u:CBPASS@cb.example/h?t=CB TOKEN",
+                "`https://cb.example/h`",
+            ),
+            ("cb.example/hooks?t=CBTOKEN", "`cb.example/hooks`"),
+            ("u:CBPASS@cb.example/hooks#CBTOKEN", "`cb.example/hooks`"),
+            (
+                "ftp://u:CBPASS@cb.example/x?t=CBTOKEN",
+                "`ftp://cb.example/x`",
+            ),
+        ] {
+            let text = callback_path(url).unwrap_err().to_string();
+            assert!(
+                !text.contains("CBPASS") && !text.contains("TOKEN"),
+                "{url}: {text}"
+            );
+            assert!(text.contains(named), "{url}: {text}");
+        }
+        // Nothing cut, nothing said of it.
+        let text = callback_path("example.com/hooks").unwrap_err().to_string();
+        assert!(text.contains("`example.com/hooks` is not"), "{text}");
     }
 }

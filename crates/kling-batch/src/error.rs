@@ -257,6 +257,26 @@ pub(crate) fn shown(what: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// A URL the user gave, as an error names it: [`shown`] when it reads as one; else (a space
+/// in its token, no scheme) cut at its query or fragment and without the user info before an
+/// `@`, which may hold a password or a token. The second value says whether anything was cut.
+pub(crate) fn shown_url(url: &str) -> (std::borrow::Cow<'_, str>, bool) {
+    let text = match url.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme().is_some() && uri.host().is_some() => shown(url),
+        _ => {
+            let cut = &url[..url.find(['?', '#']).unwrap_or(url.len())];
+            let (scheme, rest) = cut
+                .find("://")
+                .map_or(("", cut), |at| cut.split_at(at + "://".len()));
+            let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+            let rest = authority.rfind('@').map_or(rest, |at| &rest[at + 1..]);
+            format!("{scheme}{rest}").into()
+        }
+    };
+    let cut = text != url;
+    (text, cut)
+}
+
 /// A URL as a `Debug` output shows it: `scheme://host[:port]/path` (no user info, query or
 /// fragment, which may hold a password or a token), or `<redacted>` when it cannot be read as
 /// such a URL.

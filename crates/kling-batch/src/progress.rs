@@ -132,10 +132,10 @@ impl Bars {
                 pools.join("  ")
             }
         ));
-        let by_code = stack.attempts().by_code();
-        let rejections: Vec<String> = by_code
+        let rejections: Vec<String> = stack
+            .attempts()
+            .rejections_429()
             .iter()
-            .filter(|(code, _)| is_429(**code))
             .map(|(code, n)| format!("{code}×{n}"))
             .collect();
         self.traffic.set_message(format!(

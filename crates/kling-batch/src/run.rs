@@ -214,6 +214,9 @@ pub struct Engine {
     halted: AtomicBool,
     halt_reason: Mutex<Option<ErrorInfo>>,
     tasks: Mutex<HashMap<String, Running>>,
+    /// Tasks whose unsigned callback is being confirmed by a query: another callback of one
+    /// of them waits for no query of its own (at most one per running task).
+    confirming: Mutex<std::collections::HashSet<String>>,
     lifetimes: Mutex<BTreeMap<String, f64>>,
     creates: std::sync::atomic::AtomicU64,
     last_end: Mutex<Option<Instant>>,
@@ -297,6 +300,7 @@ impl Engine {
             halted: AtomicBool::new(false),
             halt_reason: Mutex::new(None),
             tasks: Mutex::new(HashMap::new()),
+            confirming: Mutex::default(),
             lifetimes: Mutex::new(BTreeMap::new()),
             creates: std::sync::atomic::AtomicU64::new(0),
             last_end: Mutex::new(None),
@@ -1474,6 +1478,11 @@ impl Engine {
                 None => format!("/tasks?task_ids={}", report.id),
             }
         };
+        // One at a time per task: the query in flight answers a repeated callback too, which
+        // would otherwise wait for a turn of the account's rate of its own, without bound.
+        let Some(_confirming) = Confirming::start(&self.confirming, &report.id) else {
+            return;
+        };
         let Ok(request) = Request::get(uri).body(Full::new(Bytes::new())) else {
             return;
         };
@@ -1484,6 +1493,35 @@ impl Engine {
         {
             self.follower.deliver(found.clone());
         }
+    }
+}
+
+/// A task's callback being confirmed ([`Engine::on_callback`]): the task leaves the set when
+/// this is dropped.
+struct Confirming<'a> {
+    set: &'a Mutex<std::collections::HashSet<String>>,
+    task: String,
+}
+
+impl<'a> Confirming<'a> {
+    /// `None` when the task's callback is being confirmed already.
+    fn start(set: &'a Mutex<std::collections::HashSet<String>>, task: &str) -> Option<Self> {
+        set.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(task.to_owned())
+            .then(|| Confirming {
+                set,
+                task: task.to_owned(),
+            })
+    }
+}
+
+impl Drop for Confirming<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.task);
     }
 }
 

@@ -293,6 +293,17 @@ impl Summary {
             .collect();
     }
 
+    /// Sets the HTTP 429 answers by code from what was sent with that status
+    /// ([`Counts::rejections_429`](crate::tally::Counts::rejections_429)), in place of
+    /// [`set_traffic`](Self::set_traffic)'s reading of the codes Kling's table sends with it,
+    /// which left out an undocumented code under 429.
+    pub fn set_rejections_429(&mut self, by_code: &BTreeMap<i64, u64>) {
+        self.rejections_429 = by_code
+            .iter()
+            .map(|(code, n)| (code.to_string(), *n))
+            .collect();
+    }
+
     /// Sets the answers that were no Kling envelope, by HTTP status.
     pub fn set_pages(&mut self, by_status: &BTreeMap<u16, u64>) {
         self.pages_by_status = by_status

@@ -58,7 +58,13 @@ pub struct Counts {
     other: Mutex<Others>,
     /// Answers without a Kling envelope, by HTTP status (at most 900 statuses exist).
     pages: Mutex<BTreeMap<u16, u64>>,
+    /// Answers sent with HTTP 429, by Kling code: at most [`REJECTED_CODES`] codes.
+    rejected: Mutex<BTreeMap<i64, u64>>,
 }
+
+/// The most codes [`Counts::rejections_429`] keeps: Kling's table and [`OTHER_CODES`] more
+/// (the code is the server's input).
+const REJECTED_CODES: usize = KNOWN.len() + OTHER_CODES;
 
 impl Counts {
     /// Requests that passed.
@@ -101,6 +107,16 @@ impl Counts {
         }
     }
 
+    /// Answers sent with HTTP 429, by Kling code, whatever the code (an undocumented one
+    /// too): what Kling's table says of a code is not what the server sent. Codes past the
+    /// first 56 (Kling's table and 32 more: the code is the server's input) are left out.
+    pub fn rejections_429(&self) -> BTreeMap<i64, u64> {
+        self.rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Responses whose code is outside Kling's table and came after 32 other such codes.
     pub fn other_codes(&self) -> u64 {
         self.others().rest
@@ -114,10 +130,23 @@ impl Counts {
         match result {
             Ok(response) => {
                 if let Some(outcome) = Outcome::of(response) {
-                    self.record_code(outcome.code().as_i64());
+                    self.record_answer(outcome.code().as_i64(), response.status());
                 }
             }
             Err(_) => self.record_error(),
+        }
+    }
+
+    /// An answer of `code` sent with `status`.
+    fn record_answer(&self, code: i64, status: StatusCode) {
+        self.record_code(code);
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let mut rejected = self.rejected.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(count) = rejected.get_mut(&code) {
+                *count += 1;
+            } else if rejected.len() < REJECTED_CODES {
+                rejected.insert(code, 1);
+            }
         }
     }
 
@@ -438,7 +467,9 @@ impl Reading {
             Kept::TooLarge => return self.counts.record_error(),
         };
         match parsed {
-            Ok(envelope) => self.counts.record_code(envelope.code.as_i64()),
+            Ok(envelope) => self
+                .counts
+                .record_answer(envelope.code.as_i64(), self.status),
             Err(_) => self.counts.record_page(self.status),
         }
     }
@@ -623,6 +654,48 @@ mod tests {
             2,
             "the refused connection and the large body"
         );
+    }
+
+    /// The 429s are the answers sent with HTTP 429, by code: an undocumented code under 429
+    /// is one, a code of Kling's 429 table under another status is not; and a server that
+    /// answers 429 with a new code each time keeps a bounded map.
+    #[tokio::test]
+    async fn answers_sent_with_429_are_counted_by_code_whatever_the_code() {
+        let client = tower::service_fn(|req: Request<Full<Bytes>>| async move {
+            let (status, code) = match req.uri().path() {
+                "/busy" => (429, 1303),
+                "/odd" => (429, 1104),
+                "/fast-but-200" => (200, 1302),
+                path => (429, 30_000 + path.len() as i64),
+            };
+            let body = format!(r#"{{"code":{code},"message":"m","request_id":"r"}}"#);
+            Ok::<_, std::io::Error>(
+                Response::builder()
+                    .status(status)
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap(),
+            )
+        });
+        let attempts = AttemptTallyLayer::new(1000);
+        let service = ClassifyLayer::new().layer(attempts.layer(client));
+        for path in ["/busy", "/odd", "/odd", "/fast-but-200"] {
+            let request = Request::get(path).body(Full::new(Bytes::new())).unwrap();
+            let _ = service.clone().oneshot(request).await;
+        }
+        let counts = attempts.counts();
+        assert_eq!(
+            counts.rejections_429(),
+            BTreeMap::from([(1104, 2), (1303, 1)])
+        );
+        assert_eq!(counts.of(1302), 1, "counted by code, not as a 429");
+        for len in 1..200 {
+            let request = Request::get(format!("/{}", "x".repeat(len)))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let _ = service.clone().oneshot(request).await;
+        }
+        assert_eq!(counts.rejections_429().len(), REJECTED_CODES);
+        assert_eq!(REJECTED_CODES, 56, "as `rejections_429`'s docs say");
     }
 
     /// An answer of `code`, as the classify step leaves it.

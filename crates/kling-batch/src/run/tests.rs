@@ -914,12 +914,9 @@ async fn a_final_refusal_sent_with_429_stops_the_creates_as_a_refusal_of_the_acc
             }
         });
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let stack = Stack::new(
-            StackConfig::preset(Tier::Pro).speed(100.0).headroom(0.5),
-            Credentials::api_key("key").unwrap(),
-            &base,
-        )
-        .unwrap();
+        let config = StackConfig::preset(Tier::Pro).speed(100.0).headroom(0.5);
+        let stack =
+            Stack::new(config.clone(), Credentials::api_key("key").unwrap(), &base).unwrap();
         let options = RunOptions::new(default_follow_policy(100.0));
         let engine = Engine::new(stack, Journal::open_in_memory().unwrap(), options).unwrap();
         let (_stop, stop) = watch::channel(false);
@@ -927,6 +924,18 @@ async fn a_final_refusal_sent_with_429_stops_the_creates_as_a_refusal_of_the_acc
         let case = format!("{status} {code}");
         let mut summary = crate::summary::Summary::default();
         summary.count_jobs(&report.records);
+        // "429s by code" counts the answers sent with HTTP 429, whatever their code: an
+        // undocumented one (`1104`) that halted the run was missing, and `1301` sent with 429
+        // too; `1103` under 403 is none.
+        let full = crate::app::summarize(engine.stack(), &config, &report, None);
+        let sent = full.responses_by_code.get(&code.to_string()).copied();
+        assert!(sent.is_some_and(|n| n > 0), "{case}: {full:?}");
+        let expected = if status == 429 { sent } else { None };
+        assert_eq!(
+            full.rejections_429.get(&code.to_string()).copied(),
+            expected,
+            "{case}: {full:?}"
+        );
         if !halts {
             assert_eq!(report.creates, n as u64, "{case}: each job its own");
             let reason = format!("{code} {}", Code::from_i64(code).description());
@@ -1435,4 +1444,67 @@ fn a_stop_while_earlier_errors_are_cleared_ends_it_between_two_transactions() {
     assert!(engine.clear_stale_errors(&refs, &|| false).unwrap());
     assert_eq!(journal.commits() - before, 4);
     assert!(journal.records().unwrap().iter().all(|r| r.error.is_none()));
+}
+
+/// Unsigned callbacks are hints, each confirmed with a query through the stack: one task's
+/// callbacks posted many times (a sender that retries, or anyone who can reach the listener)
+/// each spawned a query, every one waiting its turn in the account's request rate, without
+/// bound, ahead of the run's creates. While a task's confirmation is in flight, another
+/// callback of that task is answered by it: one query, and the others return at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_unsigned_callbacks_of_a_task_cost_one_query_at_a_time() {
+    let task = "860000000000000001";
+    let body = succeeded_legacy(
+        task,
+        r#"{"videos":[{"id":"v","url":"https://cdn.example/0.mp4"}]}"#,
+    );
+    // An answer that takes half a second: every callback comes while the first is asked.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let app = axum::Router::new().fallback({
+        let asked = asked.clone();
+        move |uri: http::Uri| {
+            asked.lock().unwrap().push(uri.to_string());
+            let body = body.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                ([(http::header::CONTENT_TYPE, "application/json")], body)
+            }
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    // Free: 10 requests a minute, so a second query waits six seconds for its turn.
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Free),
+        Credentials::api_key("key").unwrap(),
+        &base,
+    )
+    .unwrap();
+    let engine = Engine::new(
+        stack,
+        Journal::open_in_memory().unwrap(),
+        RunOptions::new(default_follow_policy(1.0)),
+    )
+    .unwrap();
+    let (jobs, _) = parse_jobs("{\"id\":\"a\",\"prompt\":\"a\"}\n");
+    engine.track(&jobs[0], &TaskRef::legacy(ENDPOINT, task), Instant::now());
+    let payload = format!(r#"{{"task_id":"{task}","task_status":"succeed"}}"#);
+    let report = kling_tower::webhook::parse_task(payload.as_bytes()).unwrap();
+    let mut callbacks = JoinSet::new();
+    for _ in 0..20 {
+        let (engine, payload, report) = (engine.clone(), payload.clone(), report.clone());
+        callbacks.spawn(async move { engine.on_callback(payload.as_bytes(), report, false).await });
+    }
+    let all = tokio::time::timeout(Duration::from_secs(3), callbacks.join_all()).await;
+    assert!(
+        all.is_ok(),
+        "callbacks still waiting for their queries' turns"
+    );
+    assert_eq!(
+        asked.lock().unwrap().len(),
+        1,
+        "{:?}",
+        asked.lock().unwrap()
+    );
 }
