@@ -68,8 +68,9 @@ impl DelayKind {
 ///
 /// A create that may have made a task (a `5000`, a timeout) is first looked up by its external
 /// id, and a lookup's "no such task" sends it again. That lookup waits
-/// [`lookup_settle`](Self::lookup_settle) (2 s) on top of the delay above, counted from the
-/// failed attempt's end: a task the server is still making (a create queued behind a timeout, a
+/// [`lookup_settle`](Self::lookup_settle) (2 s) on top of the delay above (whose jitter is
+/// then drawn from what fits before the deadline with it), counted from the failed attempt's
+/// end: a task the server is still making (a create queued behind a timeout, a
 /// `5002`'s backlog), or has made but not yet indexed by its external id, is not found by a
 /// lookup sent at once, and that "not found" would send the create again: a second billed
 /// task.
@@ -174,13 +175,17 @@ impl Backoff {
 
     /// Scales every duration by `1 / speed`, for a mock that runs `speed` times faster than
     /// Kling (the shared speed factor of socket tests and demos). A non-positive or non-finite
-    /// speed leaves the rules unchanged.
+    /// speed leaves the rules unchanged; a duration scaled past [`Duration::MAX`] saturates.
     pub fn sped_up(self, speed: f64) -> Self {
         if !(speed.is_finite() && speed > 0.0) {
             return self;
         }
+        // Not `from_secs_f64`, which panics when a tiny speed takes the quotient past the
+        // range: such a duration saturates.
         let scale = |d: Duration| {
-            Duration::from_secs_f64(d.as_secs_f64() / speed).max(Duration::from_nanos(1))
+            Duration::try_from_secs_f64(d.as_secs_f64() / speed)
+                .unwrap_or(Duration::MAX)
+                .max(Duration::from_nanos(1))
         };
         Backoff {
             throttle_base: scale(self.throttle_base),
@@ -298,13 +303,18 @@ mod tests {
     }
 
     /// A speed that is zero, negative or not finite leaves the rules as they are: dividing by
-    /// it would make every wait infinite (a panic), negative or zero.
+    /// it would make every wait infinite (a panic), negative or zero. A positive one too small
+    /// saturates every wait at `Duration::MAX` (it panicked).
     #[test]
     fn a_speed_that_is_no_positive_number_changes_nothing() {
         let normal = Backoff::new();
         for speed in [0.0, -0.0, -2.0, f64::INFINITY, f64::NEG_INFINITY, f64::NAN] {
             assert_eq!(normal.sped_up(speed), normal, "{speed}");
         }
+        // A tiny speed saturates the durations rather than panicking.
+        let slow = normal.sped_up(1e-300);
+        assert_eq!(slow.retry_after_limit(), Duration::MAX);
+        assert_eq!(slow.bounds(DelayKind::Throttled, 1).0, Duration::MAX);
         let fast = normal.sped_up(1000.0);
         assert_eq!(
             fast.bounds(DelayKind::Throttled, 1),

@@ -1003,6 +1003,13 @@ where
             return self.fail(StopReason::AttemptsExhausted, last);
         }
         let now = Instant::now();
+        // A create's first lookup also waits the settle time (below): the jitter is drawn from
+        // what fits before the deadline once it is counted.
+        let settle = if self.unsent_lookup_next() {
+            self.shared().backoff.settle()
+        } else {
+            Duration::ZERO
+        };
         let shared = self.shared();
         let at = match hint {
             Some((received, hint)) => {
@@ -1037,7 +1044,11 @@ where
                 // a wait the server's hint fits before the deadline goes without it when the
                 // jitter would carry it to the deadline.
                 match (received.checked_add(wait), self.template.deadline) {
-                    (Some(at), Some(deadline)) if at >= deadline => earliest,
+                    (Some(at), Some(deadline))
+                        if at.checked_add(settle).is_none_or(|at| at >= deadline) =>
+                    {
+                        earliest
+                    }
                     (at, _) => at,
                 }
             }
@@ -1052,10 +1063,11 @@ where
                     .saturating_sub(u32::from(self.resigned));
                 // Drawn from what fits before the deadline when the floor does: a draw past
                 // it would give the call up for the jitter alone.
-                let left = self
-                    .template
-                    .deadline
-                    .map(|deadline| deadline.saturating_duration_since(now));
+                let left = self.template.deadline.map(|deadline| {
+                    deadline
+                        .saturating_duration_since(now)
+                        .saturating_sub(settle)
+                });
                 let wait = shared
                     .backoff
                     .delay_within(delay, retry, left, &*shared.rng);
@@ -1066,12 +1078,7 @@ where
         // A create's first lookup also waits for the server to record a task it may still be
         // making (queued behind a timeout, a 5002's backlog) or has made but not yet indexed
         // by its id: a "not found" read at once would send the create twice.
-        let at = if self.unsent_lookup_next() {
-            at.checked_add(self.shared().backoff.settle())
-                .unwrap_or_else(|| far_future(now))
-        } else {
-            at
-        };
+        let at = at.checked_add(settle).unwrap_or_else(|| far_future(now));
         // A retry that could start only at the deadline itself is not sent either: a request
         // out at the deadline is given up there ([`Call::past_deadline_in_flight`]), so it
         // would go out only to be abandoned (a create so abandoned "may have made a task").

@@ -239,6 +239,69 @@ async fn a_create_whose_settle_time_passes_the_deadline_ends_unresolved_at_once(
     assert_eq!(late.external_id(), Some("job-42"));
 }
 
+/// A source whose every draw is 90% of the way up its range: jitter near its top.
+#[derive(Debug)]
+struct High;
+
+impl kling_retry::RandomSource for High {
+    fn next_u64(&self) -> u64 {
+        u64::MAX / 10 * 9
+    }
+}
+
+/// The backoff's jitter before a lookup is drawn from what fits before the deadline once the
+/// settle time is counted: a lookup whose floor and settle time fit (0 + 2 s of 2.1 s left) is
+/// not given up for jitter that would carry it past the deadline (180 ms of up to 200 ms drawn
+/// here; 90 ms of the 100 ms that fit once the fix draws from them), which left the
+/// create unresolved when a lookup would have found its task. (The draw used to ignore the
+/// settle time, and the settle time then pushed the lookup past the deadline.)
+#[tokio::test(start_paused = true)]
+async fn a_lookup_whose_settle_time_fits_the_deadline_is_not_given_up_for_its_jitter() {
+    let (server, log) = kling(by_method(|| code(5000), || task("t1", Some("job-43"))));
+    let client = RetryLayer::builder()
+        .rng(High)
+        .deadline(Duration::from_millis(2_100))
+        .build()
+        .unwrap()
+        .layer(server);
+    let response = send(&client, create(r#"{"external_task_id":"job-43"}"#))
+        .await
+        .unwrap_or_else(|error| panic!("{error}"));
+    let recovered = response.extensions().get::<Recovered>().expect("recovered");
+    assert_eq!(recovered.task_id, "t1");
+    let seen = log.all();
+    assert_eq!(seen.len(), 2, "the create and its lookup");
+    let after = seen[1].at - seen[0].at;
+    assert!(
+        after >= Duration::from_secs(2) && after < Duration::from_millis(2_100),
+        "looked up {after:?} after the create"
+    );
+}
+
+/// The same after a `Retry-After`: the hint (1 s) and the settle time fit the deadline (3.2 s),
+/// the jitter above the hint (450 ms here) would not once the settle time is counted, so the
+/// lookup goes without it rather than the call ending unresolved.
+#[tokio::test(start_paused = true)]
+async fn a_lookup_after_a_retry_after_is_not_given_up_for_its_jitter() {
+    let (server, log) = kling(by_method(
+        || crate::support::with_header(code(5000), "retry-after", "1"),
+        || task("t1", Some("job-44")),
+    ));
+    let client = RetryLayer::builder()
+        .rng(High)
+        .deadline(Duration::from_millis(3_200))
+        .build()
+        .unwrap()
+        .layer(server);
+    let response = send(&client, create(r#"{"external_task_id":"job-44"}"#))
+        .await
+        .unwrap_or_else(|error| panic!("{error}"));
+    assert!(response.extensions().get::<Recovered>().is_some());
+    let seen = log.all();
+    assert_eq!(seen.len(), 2, "the create and its lookup");
+    assert_eq!(seen[1].at - seen[0].at, Duration::from_secs(3));
+}
+
 /// With the settle time set to zero the lookup goes after the backoff alone, for a server
 /// that records a create before it answers.
 #[tokio::test(start_paused = true)]
