@@ -205,7 +205,10 @@ impl Cooldown {
 /// than any pace window): the server refuses whatever the pace (an outage, a lockout), so it
 /// changes neither the rate nor the limit. One run therefore lowers the rate to at most
 /// `decrease ^ escalate_after` of where it began (61% by default), however long the server
-/// refuses: with every 1302 lowering it, 30 minutes of refusals (30 1302s) took it to 0.8% of
+/// refuses a client that keeps asking. (A 1302 that comes more than the cooldown's
+/// [`window`](Cooldown::window) after the end of the last pause starts a new run, which lowers
+/// the rate again: a client that asks less often than that meets each refusal as a first.)
+/// With every 1302 lowering it, 30 minutes of refusals (30 1302s) took it to 0.8% of
 /// where it began (the floor, `ceiling / 1000`, after 43), and probing by 0.1% of that limit
 /// per success left it under 2% after 1,000 successes. From 61%, recovery reaches 90% of the
 /// rate the run began at within 300 successes.
