@@ -46,6 +46,9 @@ impl fmt::Debug for Outcome {
 /// the serde_json reference it falls back to (whose envelope is taken apart the same way).
 struct Inner {
     status: StatusCode,
+    /// Whether the classify step that read it counted its request as sent (see
+    /// [`Outcome::counted_as_sent`]).
+    counted_as_sent: bool,
     code: Code,
     /// Holds `message` and `request_id`.
     texts: Texts,
@@ -132,6 +135,7 @@ impl Outcome {
             has_retry_after,
             Body::Slice(body),
             received_at,
+            false,
         )
     }
 
@@ -144,17 +148,26 @@ impl Outcome {
         received_at: Instant,
     ) -> Result<Outcome, MalformedResponse> {
         let has_retry_after = headers.contains_key(RETRY_AFTER);
-        Outcome::parse_classified(status, headers, has_retry_after, body, received_at)
+        Outcome::read(
+            status,
+            headers,
+            has_retry_after,
+            Body::Bytes(body),
+            received_at,
+            false,
+        )
     }
 
-    /// [`Outcome::parse_bytes`] for a caller that already knows whether the headers hold a
-    /// `Retry-After` (the classify step finds it in the pass that looks for `Content-Length`).
+    /// [`Outcome::parse_bytes`] for the classify step, which already knows whether the headers
+    /// hold a `Retry-After` (it finds it in the pass that looks for `Content-Length`) and
+    /// whether it counted the request as sent ([`Outcome::counted_as_sent`]).
     pub(crate) fn parse_classified(
         status: StatusCode,
         headers: &HeaderMap,
         has_retry_after: bool,
         body: Bytes,
         received_at: Instant,
+        counted_as_sent: bool,
     ) -> Result<Outcome, MalformedResponse> {
         Outcome::read(
             status,
@@ -162,6 +175,7 @@ impl Outcome {
             has_retry_after,
             Body::Bytes(body),
             received_at,
+            counted_as_sent,
         )
     }
 
@@ -171,6 +185,7 @@ impl Outcome {
         has_retry_after: bool,
         body: Body<'_>,
         received_at: Instant,
+        counted_as_sent: bool,
     ) -> Result<Outcome, MalformedResponse> {
         // The system clock is only read for a `Retry-After` (an HTTP-date needs it).
         let retry_after = if has_retry_after {
@@ -232,6 +247,7 @@ impl Outcome {
         // `Arc::get_mut` costs an atomic compare-exchange, and moves no fewer bytes.
         let inner = Arc::new(Inner {
             status,
+            counted_as_sent,
             code,
             texts,
             message,
@@ -260,6 +276,15 @@ impl Outcome {
             Outcome::parse_bytes(response.status(), response.headers(), body, Instant::now())?;
         response.extensions_mut().insert(outcome.clone());
         Ok(outcome)
+    }
+
+    /// Whether the classify step that read this answer counted its request as sent, through
+    /// the request's [`SendCounter`](crate::signals::SendCounter): false for an outcome parsed
+    /// anywhere else ([`Outcome::parse`], [`Outcome::ensure`] — a layer that reads an answer
+    /// that passed no classify step) and for a request that carried no counter. A metrics
+    /// layer counts an answer's requests itself unless this says the step did.
+    pub fn counted_as_sent(&self) -> bool {
+        self.inner.counted_as_sent
     }
 
     /// The HTTP status.

@@ -156,20 +156,20 @@ impl Call {
         // Whether an outcome is attached (by the classify step, or here): when it is the only
         // extension, there is no `Attempt` to look up.
         let mut attached = true;
-        // Whether the answer came up through a classify step (which always attaches the
-        // outcome to what it passes up): one that did not was sent past any classify step, and
-        // no step counted it, whatever the lane learned from other calls.
-        let mut classified = true;
+        // Whether a classify step read the answer and counted its request as it sent it (the
+        // outcome it attached says so): an answer that came up past any classify step was
+        // counted by none, whatever the lane learned from other calls, also when a layer
+        // between attached an outcome to it (the task slots parse what they pass up).
+        let mut classified = false;
         let (code, end) = match Outcome::of(response) {
-            Some(outcome) => self.outcome(outcome, status, span),
+            Some(outcome) => {
+                classified = outcome.counted_as_sent();
+                self.outcome(outcome, status, span)
+            }
             // Parsed here only when no classify step attached it.
             None => match Outcome::ensure(response) {
-                Ok(outcome) => {
-                    classified = false;
-                    self.outcome(&outcome, status, span)
-                }
+                Ok(outcome) => self.outcome(&outcome, status, span),
                 Err(malformed) => {
-                    classified = false;
                     attached = false;
                     labels::settle_pool(&mut self.pool, || false);
                     self.monitor.note_final(status, None);

@@ -54,11 +54,14 @@ pub struct Metrics<S> {
 /// and counts what it reports as before: the stack below has none (this layer over a bare
 /// client), or the call never reached it; so does a call whose request carried no counter.
 /// Each lane learns it on its own (a flag written once, then only read). A call answered past
-/// any classify step (the answer carries no outcome attached below: a stack below that sends
-/// some requests through a classify step and others past it) counts what it reports all the
-/// same. Still uncounted, as the lane cannot tell one call's counter from another's: the
-/// requests of a call that failed or was dropped after going past any classify step; a copy
-/// that a layer between sends without the counter (see [`SendCounter`]); and, with a classify
+/// any classify step (a stack below that sends some requests through a classify step and
+/// others past it) counts what it reports all the same: its answer carries no outcome, or one
+/// a layer between attached, which does not say a classify step counted the request
+/// ([`kling_core::Outcome::counted_as_sent`]). A copy that a layer between sends without the
+/// counter (see [`SendCounter`]) is counted only when its answer ends the call, by this layer,
+/// as many as the answer reports (its `Attempt`, requests the step counted included). Still
+/// uncounted, as the lane cannot tell one call's counter from another's: the requests of a
+/// call that failed or was dropped after going past any classify step; and, with a classify
 /// step above a retry layer, the attempts after the first (that step takes the counter before
 /// the retry layer copies the request).
 #[derive(Debug)]

@@ -72,7 +72,15 @@ pin_project! {
         // What to count rides with the client's future: the state is no larger for it (the
         // reading state is the larger), and every layer above moves this future.
         Calling { #[pin] future: F, sending: Option<Sending> },
-        Reading { parts: Option<Parts>, #[pin] body: B, buffer: Buffer, has_retry_after: bool },
+        // `counted`: the request was counted as sent through its counter (see
+        // `Outcome::counted_as_sent`).
+        Reading {
+            parts: Option<Parts>,
+            #[pin] body: B,
+            buffer: Buffer,
+            has_retry_after: bool,
+            counted: bool,
+        },
         // Refused before sending (its account halted since its slots were granted): the
         // client was not called.
         Refused { error: Option<BoxError> },
@@ -234,6 +242,7 @@ where
                         }
                     };
                     // Answered: it reached Kling, whatever its body turns out to be.
+                    let counted = sending.is_some();
                     Sending::count(sending);
                     let (parts, body) = response.into_parts();
                     let (length, has_retry_after) = read_headers(&parts.headers);
@@ -249,6 +258,7 @@ where
                         body,
                         buffer: Buffer::Empty,
                         has_retry_after,
+                        counted,
                     });
                 }
                 StateProj::Reading {
@@ -256,6 +266,7 @@ where
                     mut body,
                     buffer,
                     has_retry_after,
+                    counted,
                 } => {
                     loop {
                         match ready!(body.as_mut().poll_frame(cx)) {
@@ -287,7 +298,7 @@ where
                     }
                     let parts = parts.take().expect("parts are taken once");
                     let bytes = std::mem::take(buffer).into_bytes();
-                    let has_retry_after = *has_retry_after;
+                    let (has_retry_after, counted) = (*has_retry_after, *counted);
                     this.state.set(State::Done);
                     let outcome = match Outcome::parse_classified(
                         parts.status,
@@ -295,6 +306,7 @@ where
                         has_retry_after,
                         bytes.clone(),
                         Instant::now(),
+                        counted,
                     ) {
                         Ok(outcome) => outcome,
                         Err(malformed) => return Poll::Ready(Err(Box::new(malformed))),
@@ -527,6 +539,26 @@ mod tests {
         drop(service.call(request));
         assert_eq!(tally.attached.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert!(tally.sent.lock().unwrap().is_empty(), "never polled");
+    }
+
+    /// The outcome the step attaches says whether it counted the request as sent: so it did
+    /// for one that carried a counter, not for one without, and an outcome parsed elsewhere
+    /// (a layer above that read an answer that passed no classify step) never says so.
+    #[tokio::test(start_paused = true)]
+    async fn the_outcome_says_whether_the_step_counted_its_request() {
+        let (tally, request) = counted();
+        let step = ClassifyLayer::new().layer(client(0, None));
+        let response = step.clone().oneshot(request).await.unwrap();
+        assert_eq!(tally.sent.lock().unwrap().len(), 1);
+        assert!(crate::Outcome::of(&response).unwrap().counted_as_sent());
+
+        let bare = http::Request::new(Full::new(Bytes::new()));
+        let mut response = step.oneshot(bare).await.unwrap();
+        assert!(!crate::Outcome::of(&response).unwrap().counted_as_sent());
+
+        response.extensions_mut().clear();
+        let parsed = crate::Outcome::ensure(&mut response).unwrap();
+        assert!(!parsed.counted_as_sent(), "parsed above the step");
     }
 
     /// Halts the accounts named, as a task-slots layer would.

@@ -41,7 +41,10 @@
 //! retry layer copies the request, so it counts the call's first request only, at the call's
 //! start; a layer between the metrics layer and this step that sends a copy of a request
 //! without its extensions carries the counter over ([`SendCounter::of`], then
-//! [`SendCounter::set`]), or that copy goes uncounted.
+//! [`SendCounter::set`]), or that copy goes uncounted. The outcome it attaches to an answer
+//! says whether it counted that answer's request
+//! ([`Outcome::counted_as_sent`](crate::Outcome::counted_as_sent)), so that a layer above
+//! can tell it from an answer that passed no classify step.
 //!
 //! # Example
 //!

@@ -309,3 +309,57 @@ async fn an_answer_sent_past_the_classify_step_counts_after_the_lane_learned() {
     stack.oneshot(query).await.unwrap();
     assert_eq!(requests(), 3, "through the step, once");
 }
+
+/// The same router under a layer that parses the answers it passes up with `Outcome::ensure`,
+/// as kling-concurrency's task slots do for creates, queries and lists: an answer that came up
+/// past the classify step carries an outcome all the same, attached by that layer, not by a
+/// step that counted its request. The layer still counts it, once; one through the step is
+/// counted by the step alone.
+#[tokio::test(start_paused = true)]
+async fn an_answer_past_the_classify_step_counts_when_a_layer_between_parsed_it() {
+    let monitor = monitor();
+    let requests = || monitor.snapshot().rate.requests;
+    let classify = ClassifyLayer::new().layer(kling(|_| Some((1, OK))));
+    let plain = kling(|_| Some((1, OK)));
+    let routing = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let classify = classify.clone();
+        let plain = plain.clone();
+        async move {
+            if req.uri().path().ends_with("/plain") {
+                plain.oneshot(req).await
+            } else {
+                classify.oneshot(req).await
+            }
+        }
+    });
+    let ensuring = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let routing = routing.clone();
+        async move {
+            let mut response = routing.oneshot(req).await?;
+            Outcome::ensure(&mut response)?;
+            Ok::<_, BoxError>(response)
+        }
+    });
+    let stack = MetricsLayer::with_monitor(monitor.clone()).layer(ensuring);
+    let query = request("GET", "/v1/videos/text2video/t-1", "", "k");
+    stack.clone().oneshot(query).await.unwrap();
+    assert_eq!(requests(), 1, "counted by the classify step");
+    let past = request("GET", "/v1/videos/text2video/plain", "", "k");
+    assert!(
+        !past.extensions().is_empty(),
+        "the metrics layer gives it its counter"
+    );
+    let response = stack.clone().oneshot(past).await.unwrap();
+    assert!(
+        Outcome::of(&response).is_some(),
+        "parsed by the layer between"
+    );
+    assert_eq!(
+        requests(),
+        2,
+        "sent past the classify step, counted by the metrics layer"
+    );
+    let query = request("GET", "/v1/videos/text2video/t-2", "", "k");
+    stack.oneshot(query).await.unwrap();
+    assert_eq!(requests(), 3, "through the step, once");
+}
