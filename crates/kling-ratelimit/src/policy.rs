@@ -203,11 +203,13 @@ impl Cooldown {
 /// there (kling-bench goodput, Free, "penalty window": 4.5% against 1.0%). A 1302 later in the
 /// streak answers the first request after a burst-backoff pause (30–60 s by default, far longer
 /// than any pace window): the server refuses whatever the pace (an outage, a lockout), so it
-/// changes neither the rate nor the limit. One run therefore lowers the rate to at most
-/// `decrease ^ escalate_after` of where it began (61% by default), however long the server
-/// refuses a client that keeps asking. (A 1302 that comes more than the cooldown's
-/// [`window`](Cooldown::window) after the end of the last pause starts a new run, which lowers
-/// the rate again: a client that asks less often than that meets each refusal as a first.)
+/// changes neither the rate nor the limit. Nor does any 1302 after `escalate_after` lowerings
+/// with no success since, whatever streaks they came in: a 1302 more than the cooldown's
+/// [`window`](Cooldown::window) after the end of the last pause starts a new streak, and a
+/// client that asks less often than that meets each refusal of an outage as a first (with
+/// each lowering the rate, 30 such 1302s took a 4/s key to 0.03/s). The refusals between two
+/// successes therefore lower the rate to at most `decrease ^ escalate_after` of where they
+/// began (61% by default), however long the server refuses and however often the client asks.
 /// With every 1302 lowering it, 30 minutes of refusals (30 1302s) took it to 0.8% of
 /// where it began (the floor, `ceiling / 1000`, after 43), and probing by 0.1% of that limit
 /// per success left it under 2% after 1,000 successes. From 61%, recovery reaches 90% of the
@@ -287,7 +289,8 @@ impl Adaptive {
 pub struct AdaptiveState {
     rate: f64,
     limit: Option<f64>,
-    lowered: bool,
+    /// How many 1302s lowered the rate since the last success.
+    lowerings: u32,
 }
 
 impl AdaptiveState {
@@ -297,7 +300,7 @@ impl AdaptiveState {
         AdaptiveState {
             rate,
             limit: None,
-            lowered: false,
+            lowerings: 0,
         }
     }
 
@@ -307,7 +310,7 @@ impl AdaptiveState {
         AdaptiveState {
             rate,
             limit,
-            lowered: false,
+            lowerings: 0,
         }
     }
 
@@ -323,12 +326,12 @@ impl AdaptiveState {
 
     /// Whether a 1302 lowered the rate since the last success.
     pub fn lowered(&self) -> bool {
-        self.lowered
+        self.lowerings > 0
     }
 
     /// A response succeeded.
     pub fn on_success(&mut self, config: &Adaptive, ceiling: f64) {
-        self.lowered = false;
+        self.lowerings = 0;
         let rate = match self.limit {
             None => self.rate * (1.0 + config.growth),
             Some(limit) => {
@@ -343,7 +346,10 @@ impl AdaptiveState {
     /// A 1302 came back for a request sent after the previous pause began, the `streak`-th in a
     /// row of the key's 1302 streak under `cooldown` (1 for the first). One past the cooldown's
     /// [`escalate_after`](Cooldown::escalate_after) changes nothing: it came after a
-    /// burst-backoff pause, far longer than any pace window (see [`Adaptive`]).
+    /// burst-backoff pause, far longer than any pace window (see [`Adaptive`]). Nor does one
+    /// after `escalate_after` lowerings with no success since, in whatever streaks they came:
+    /// a client that asks less often than the streak's window lasts starts a new streak with
+    /// each 1302 of an outage, and each would lower the rate again.
     pub fn on_throttle(
         &mut self,
         config: &Adaptive,
@@ -351,10 +357,10 @@ impl AdaptiveState {
         streak: u32,
         cooldown: &Cooldown,
     ) {
-        if streak > cooldown.escalate_after {
+        if streak > cooldown.escalate_after || self.lowerings >= cooldown.escalate_after {
             return;
         }
-        self.lowered = true;
+        self.lowerings += 1;
         self.limit = Some(self.rate);
         self.rate = (self.rate * config.decrease).clamp(ceiling / 1000.0, ceiling);
     }
@@ -496,6 +502,27 @@ mod tests {
             "1,000 successes left the rate at {}, 90% after {to_90:?}",
             s.rate()
         );
+    }
+
+    /// A client that asks less often than a streak's window meets each 1302 of an outage as
+    /// the first of a new streak: the refusals between two successes still lower the rate at
+    /// most `escalate_after` times (thirty lowerings took a 4/s key to 0.03/s), and a success
+    /// lets the next run lower it again.
+    #[test]
+    fn sparse_1302s_with_no_success_between_lower_the_rate_three_times() {
+        let cfg = Adaptive::default();
+        let cooldown = Cooldown::default();
+        let ceiling = 4.0;
+        let mut s = AdaptiveState::new(&cfg.start(Quota::per_second(ceiling)), ceiling);
+        for _ in 0..30 {
+            s.on_throttle(&cfg, ceiling, 1, &cooldown);
+        }
+        assert_eq!(s.rate(), ceiling * 0.85 * 0.85 * 0.85);
+        assert_eq!(s.limit(), Some(ceiling * 0.85 * 0.85));
+        s.on_success(&cfg, ceiling);
+        let before = s.rate();
+        s.on_throttle(&cfg, ceiling, 1, &cooldown);
+        assert_eq!(s.rate(), before * 0.85, "a success between: lowered again");
     }
 
     #[test]

@@ -359,8 +359,9 @@ return 0
 /// the key's adaptive rate is at its ceiling after the report, with no streak running.
 ///
 /// The adaptive rate follows [`AdaptiveState`](kling_ratelimit::AdaptiveState)'s rule: `r`
-/// the rate, `l` the remembered limit; a counted 1302 lowers the rate unless it is past the
-/// cooldown's `escalate_after` in its streak (it came after a burst-backoff pause).
+/// the rate, `l` the remembered limit, `nl` the lowerings since the last success; a counted
+/// 1302 lowers the rate unless it is past the cooldown's `escalate_after` in its streak (it
+/// came after a burst-backoff pause) or `escalate_after` lowerings came since the last success.
 ///
 /// A 1302 adds to the key's streak when it comes within the window of the end of the pause the
 /// streak's last 1302 set (`se` holds that end plus the window), as in process.
@@ -375,8 +376,9 @@ return 0
 const FEEDBACK: &str = r"
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
-local v = redis.call('HMGET', key, 's', 'lp', 'se', 'cd', 'r', 'l', 'p', 't')
+local v = redis.call('HMGET', key, 's', 'lp', 'se', 'cd', 'r', 'l', 'p', 't', 'nl')
 local streak = tonumber(v[1]) or 0
+local lowerings = tonumber(v[9]) or 0
 local lp = tonumber(v[2])
 local se = tonumber(v[3])
 local cd = tonumber(v[4])
@@ -433,7 +435,7 @@ if ARGV[2] == 's' then
     return {-1, streak, top()}
   end
   redis.call('HSET', key, 's', 0)
-  redis.call('HDEL', key, 'se')
+  redis.call('HDEL', key, 'se', 'nl')
   se = nil
   if adaptive and rate then
     if limit then
@@ -466,12 +468,15 @@ if counted then
   lp = recv
   redis.call('HSET', key, 's', streak, 'lp', int(lp))
   -- One past escalate_after came after a burst-backoff pause: the server refuses whatever the
-  -- pace, so the rate and the limit stay.
-  if adaptive and streak <= tonumber(ARGV[16]) then
+  -- pace, so the rate and the limit stay; so do they after escalate_after lowerings with no
+  -- success since (`nl`), in whatever streaks they came.
+  local ea = tonumber(ARGV[16])
+  if adaptive and streak <= ea and lowerings < ea then
     if not rate then rate = start_rate() end
     limit = rate
     rate = clamp(rate * tonumber(ARGV[12]))
-    redis.call('HSET', key, 'r', string.format('%.17g', rate), 'l', string.format('%.17g', limit))
+    redis.call('HSET', key, 'r', string.format('%.17g', rate), 'l', string.format('%.17g', limit),
+      'nl', lowerings + 1)
   end
 end
 local interval = tonumber(v[7]) or tonumber(ARGV[7])

@@ -1239,6 +1239,37 @@ mod tests {
         assert_eq!(backend.len(), 2);
     }
 
+    /// An outage met by a client that asks every two minutes, past the streak's window (60 s
+    /// after the end of each pause): each 1302 is the first of its streak, yet together they
+    /// lower the rate three times (the cooldown's `escalate_after`), not once each (thirty
+    /// took a 4/s key to 0.03/s, out of reach of recovery).
+    #[tokio::test(start_paused = true)]
+    async fn sparse_1302s_of_an_outage_lower_the_rate_three_times() {
+        let backend = InProcess::new();
+        let key = BucketKey::account(Some(AccountId::interned("sparse-outage")));
+        let quota = Quota::per_second(4.0);
+        let p = Policy::new(quota, Cooldown::default())
+            .with_adaptive(Some(crate::policy::Adaptive::new().start(quota)));
+        assert_eq!(backend.acquire_now(&key, &p), Decision::Admit);
+        for _ in 0..30 {
+            let now = Instant::now();
+            let reported = backend.feedback_now(
+                &key,
+                &p,
+                Feedback::Pause {
+                    sent_at: now,
+                    received_at: now,
+                    resume_at: None,
+                    throttled: true,
+                },
+            );
+            assert_eq!(reported.streak, 1, "each the first of its streak");
+            tokio::time::advance(Duration::from_secs(120)).await;
+        }
+        let state = backend.key_state(&key).expect("held");
+        assert_eq!(state.adaptive_rate, Some(4.0 * 0.85 * 0.85 * 0.85));
+    }
+
     /// A cooldown set by feedback reaches the decisions that skip the lock.
     #[tokio::test(start_paused = true)]
     async fn a_cooldown_reaches_decisions_without_the_lock() {

@@ -1967,6 +1967,65 @@ async fn the_adaptive_rule_in_redis_is_the_in_process_one() {
     );
 }
 
+/// 1302s each past the streak's window of the one before (a client that asks less often than
+/// that, through an outage) lower the fleet's rate at most `escalate_after` times between two
+/// successes, as in process, report by report (each lowering it, the rate fell to the floor).
+#[tokio::test]
+async fn sparse_1302s_in_redis_lower_the_rate_as_in_process() {
+    let Some(server) = redis() else { return };
+    let backend = RedisGcra::new(connect(&server).await);
+    let memory = InProcess::new();
+    let key = BucketKey::account(Some(AccountId::new("adaptive-sparse")));
+    let redis_key = backend.key_of(&key);
+    let quota = Quota::per_second(4.0);
+    // Short pauses and a short window, so that real time can outlast them.
+    let cooldown = Cooldown::default()
+        .first(Duration::from_millis(1))
+        .backoff(Duration::from_millis(4))
+        .ceiling(Duration::from_millis(8))
+        .window(Duration::from_millis(20));
+    let policy = Policy::new(quota, cooldown)
+        .with_adaptive(Some(kling_ratelimit::Adaptive::new().start(quota)));
+    assert_eq!(
+        backend.acquire(&key, &policy).await.unwrap(),
+        Decision::Admit
+    );
+    assert_eq!(memory.acquire_now(&key, &policy), Decision::Admit);
+    // Eight sparse 1302s, a success, two more.
+    let events = [
+        true, true, true, true, true, true, true, true, false, true, true,
+    ];
+    let mut rates = Vec::new();
+    for (i, throttled) in events.into_iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let now = tokio::time::Instant::now();
+        let feedback = if throttled {
+            throttled_at(now)
+        } else {
+            Feedback::Success { sent_at: now }
+        };
+        let reported = backend.feedback(&key, &policy, feedback).await.unwrap();
+        memory.feedback_now(&key, &policy, feedback);
+        if throttled {
+            assert_eq!(reported.streak, 1, "report {i}: the first of its streak");
+        }
+        let expected = memory.key_state(&key).unwrap().adaptive_rate.unwrap();
+        let actual = fleet_rate(&server, &redis_key).await;
+        assert!(
+            (actual - expected).abs() <= expected * 1e-12,
+            "report {i}: in process {expected}, redis {actual}"
+        );
+        rates.push(actual);
+    }
+    assert_eq!(rates[7], 4.0 * 0.85 * 0.85 * 0.85, "lowered three times");
+    assert_eq!(
+        rates[9],
+        rates[8] * 0.85,
+        "a success between: lowered again"
+    );
+    assert_eq!(rates[10], rates[9] * 0.85);
+}
+
 /// Thirty 1302s in a row in Redis (a server refusing every request for half an hour, whatever
 /// the pace) lower the fleet's rate three times, the cooldown's `escalate_after` (the ones
 /// after the burst backoff leave it), so 292 successes bring it back to 90% of the ceiling it
