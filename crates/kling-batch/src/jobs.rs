@@ -44,7 +44,8 @@
 //! assert_eq!(errors[0].line(), 2);
 //! ```
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fmt::Write as _;
 
 use http::{Method, Uri};
@@ -149,6 +150,25 @@ impl Job {
                 format!(
                     "`endpoint` `{endpoint}` must be a path such as {DEFAULT_ENDPOINT} \
                      (no `?query`, no `#fragment`)"
+                ),
+            ));
+        }
+        // Paths that a reading of them (kling-core's, a server's) takes as a create but whose
+        // text is not one: an empty or dot segment, a trailing `/`, `;` parameters. Kling
+        // answers such a create with an error (the mock: 1202), after the job was sent once
+        // and looked up once; refused here, by line.
+        let path = uri.path();
+        let segments = path.split('/').skip(1);
+        if path.contains(';')
+            || segments
+                .into_iter()
+                .any(|segment| segment.is_empty() || segment == "." || segment == "..")
+        {
+            return Err(JobError::new(
+                line,
+                format!(
+                    "`endpoint` `{endpoint}` must be a path such as {DEFAULT_ENDPOINT} \
+                     (no empty or dot segment, no trailing `/`, no `;`)"
                 ),
             ));
         }
@@ -287,7 +307,8 @@ pub fn parse_jobs_bytes(bytes: &[u8]) -> (Vec<Job>, Vec<JobError>) {
     }
     let mut jobs = Vec::new();
     let mut errors = Vec::new();
-    let mut ids = HashSet::new();
+    // Each id, with the line that holds it.
+    let mut ids = HashMap::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (index, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = index + 1;
@@ -329,7 +350,7 @@ pub fn parse_jobs_bytes(bytes: &[u8]) -> (Vec<Job>, Vec<JobError>) {
                     } else {
                         format!("{base}-{count}")
                     };
-                    if !ids.contains(&id) {
+                    if !ids.contains_key(&id) {
                         break id;
                     }
                 };
@@ -339,16 +360,20 @@ pub fn parse_jobs_bytes(bytes: &[u8]) -> (Vec<Job>, Vec<JobError>) {
             }
         });
         match parsed {
-            Ok(job) => {
-                if ids.insert(job.id.clone()) {
+            Ok(job) => match ids.entry(job.id.clone()) {
+                Entry::Vacant(vacant) => {
+                    vacant.insert(line);
                     jobs.push(job);
-                } else {
-                    errors.push(JobError::new(
-                        line,
-                        format!("job id `{}` is used by an earlier line", job.id),
-                    ));
                 }
-            }
+                Entry::Occupied(earlier) => errors.push(JobError::new(
+                    line,
+                    format!(
+                        "job id `{}` is used by an earlier line (line {})",
+                        job.id,
+                        earlier.get()
+                    ),
+                )),
+            },
             Err(e) => errors.push(e),
         }
     }
@@ -452,7 +477,39 @@ mod tests {
         let lines: Vec<usize> = errors.iter().map(JobError::line).collect();
         assert_eq!(lines, vec![3, 4, 7, 8]);
         assert!(errors[1].to_string().contains("/nope"), "{}", errors[1]);
-        assert!(errors[2].to_string().contains("earlier line"));
+        assert!(
+            errors[2].to_string().contains("earlier line (line 6)"),
+            "names the line that holds the id: {}",
+            errors[2]
+        );
+    }
+
+    /// An endpoint read as a create path but not written as one (a trailing `/`, an empty or
+    /// dot segment, `;` parameters) is refused by line: Kling answers such a create with an
+    /// error, after the job was sent and looked up.
+    #[test]
+    fn an_endpoint_that_is_no_plain_create_path_is_refused_naming_the_line() {
+        let odd = [
+            "/v1/videos/text2video/",
+            "/v1//videos/text2video",
+            "/v1/videos/./text2video",
+            "/v1/x/../videos/text2video",
+            "/v1/videos/text2video;a=b",
+            "/text-to-video/kling-3.0/",
+        ];
+        for endpoint in odd {
+            let text = format!("{{\"id\":\"a\",\"prompt\":\"x\",\"endpoint\":\"{endpoint}\"}}\n");
+            let (jobs, errors) = parse_jobs(&text);
+            assert!(jobs.is_empty(), "{endpoint}");
+            assert_eq!(errors.len(), 1, "{endpoint}");
+            assert_eq!(errors[0].line(), 1);
+            assert!(errors[0].to_string().contains(endpoint), "{}", errors[0]);
+        }
+        for plain in ["/v1/videos/text2video", "/text-to-video/kling-3.0"] {
+            let text = format!("{{\"id\":\"a\",\"prompt\":\"x\",\"endpoint\":\"{plain}\"}}\n");
+            let (jobs, errors) = parse_jobs(&text);
+            assert_eq!((jobs.len(), errors.len()), (1, 0), "{plain}: {errors:?}");
+        }
     }
 
     /// An endpoint with a `#fragment` is refused by line: the fragment never reaches the
