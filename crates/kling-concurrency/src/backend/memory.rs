@@ -2011,6 +2011,14 @@ impl State {
             self.supersede(old);
             return;
         }
+        if old.0 == place.0 && self.is_adopted(old) && !self.has_task_id(place) {
+            // A task a reconcile listed under this external id, and now a create under it
+            // whose outcome is unknown (its answer lost after the list named the task): the
+            // same task, as an adopt finds such a create's holding the other way round. The
+            // create's holding takes its task id, so the task's end frees it.
+            self.take_over(old, place);
+            return;
+        }
         if let Some(holding) = self
             .list
             .get_mut(old.0)
@@ -2220,6 +2228,43 @@ impl State {
         path(a).may_be(path(b))
     }
 
+    /// Whether the holding at `place` was adopted by a reconcile.
+    #[cold]
+    fn is_adopted(&self, place: Place) -> bool {
+        self.list
+            .get(place.0)
+            .and_then(|pool| pool.holdings.get(place.1))
+            .and_then(Entry::held)
+            .is_some_and(|holding| holding.adopted)
+    }
+
+    /// The holding just filed at `place`, of unknown task id, takes the task id of the
+    /// adopted holding at `old` (the same task), which gives its slots back.
+    #[cold]
+    fn take_over(&mut self, old: Place, place: Place) {
+        let Some((id, hash)) = self.list[old.0].holdings[old.1]
+            .held()
+            .and_then(|held| Some((held.id.clone()?, held.hashes[0])))
+        else {
+            return;
+        };
+        let Some(new) = self.list[place.0].holdings[place.1].held.as_mut() else {
+            return;
+        };
+        new.id = Some(id);
+        new.hashes[0] = hash;
+        let list = &self.list;
+        let id = list[place.0].holdings[place.1]
+            .held()
+            .and_then(|held| held.id.as_ref())
+            .expect("just set");
+        // Filed under the task id in place of the adopted holding, which `supersede` then
+        // leaves filed under neither id.
+        self.ids
+            .insert_hashed(hash, NO_SCOPE, id.as_bytes(), place, &Kept(list, Which::Id));
+        self.supersede(old);
+    }
+
     /// Whether the holding at `place` knows its task id.
     #[cold]
     fn has_task_id(&self, place: Place) -> bool {
@@ -2354,8 +2399,17 @@ impl State {
                 if holding.adopted {
                     // Listed before its create's answer came, that answer may still come:
                     // remembered where it looks, it releases what it keeps at once (rare:
-                    // only adopted tasks are noted so).
-                    ended.note_task(holding.hashes[0], own.as_str(), status, now, keep);
+                    // only adopted tasks are noted so). By its external id too, when it has
+                    // one: that answer may be lost, and the create then kept under it alone.
+                    let account = &list[place.0].key.account;
+                    match (status, &holding.external) {
+                        (Some(status), Some(ext)) => {
+                            let external = Some((account, ext.as_str()));
+                            let hash = holding.hashes[0];
+                            ended.note(hash, own.as_str(), external, status, now, keep);
+                        }
+                        _ => ended.note_task(holding.hashes[0], own.as_str(), status, now, keep),
+                    }
                 }
             }
             None if status.is_some() && !id.is_empty() => {
@@ -2481,18 +2535,31 @@ impl State {
                 // By its external id: a holding whose task id is unknown may be it; one known
                 // by another task id is another task (of another create path, whose external
                 // ids may be the same), and so is an end a report of another task id told.
-                let known = id.is_some_and(|id| {
+                let known_by_id = id.is_some_and(|id| {
                     let (id, hash) = (id.as_bytes(), IdHash::hash(id.as_bytes()));
                     self.ids.contains(NO_SCOPE, id, &Kept(list, Which::Id))
                         || (self.ended.get(hash, NO_SCOPE, id, now)).is_some()
                         || self.freed.contains(hash, id, now)
-                }) || task.external_id.as_deref().is_some_and(|ext| {
-                    let hash = hash_in::<IdHash>(account, ext.as_bytes());
-                    let (ext_bytes, any) = (ext.as_bytes(), id.is_none());
-                    self.held_by_external(&key.account, ext, any)
-                        || (self.ended.get(hash, account, ext_bytes, now).is_some()
-                            && (any || !self.ended.names_a_task(hash, account, ext_bytes, now)))
                 });
+                let known = known_by_id
+                    || task.external_id.as_deref().is_some_and(|ext| {
+                        let hash = hash_in::<IdHash>(account, ext.as_bytes());
+                        let (ext_bytes, any) = (ext.as_bytes(), id.is_none());
+                        self.held_by_external(&key.account, ext, any)
+                            || (self.ended.get(hash, account, ext_bytes, now).is_some()
+                                && (any || !self.ended.names_a_task(hash, account, ext_bytes, now)))
+                    });
+                if let (true, false, Some(id), Some(ext)) =
+                    (known, known_by_id, id, task.external_id.as_deref())
+                {
+                    // Held under its external id alone (a create whose answer was lost): the
+                    // list names its task id, learnt as a report of the task running teaches
+                    // it, so that an end told by task id alone (`complete`, a callback without
+                    // the external id) frees it.
+                    let mut reports = Reports::new(&key.account, lease, Some(now), true, 1);
+                    let (hash, running) = (IdHash::hash(id.as_bytes()), TaskStatus::Processing);
+                    self.report(id, hash, Some(ext), Some(&running), &mut reports);
+                }
                 if !known {
                     let pool = self.pool_mut(&key);
                     // (A weight past what the count holds is cut to it: the holding gives back

@@ -190,7 +190,10 @@ pub enum SlotOp {
     /// no task id known (a create of unknown outcome), is this create's earlier attempt: it
     /// gives its slots back. One under the external id whose task id is known is another task
     /// (the external id reused), and so is one in another pool or on another path (external
-    /// ids may be unique per create path only): they keep their slots.
+    /// ids may be unique per create path only): they keep their slots. Except a task a
+    /// reconcile adopted ([`SlotOp::Adopt`]) in the same pool, when this create's task id is
+    /// unknown (its answer lost after the list named the task): the same task, whose id the
+    /// create's holding takes, and whose adopted holding gives its slots back.
     Hold {
         /// The granted slots.
         reservation: Reservation,
@@ -246,7 +249,8 @@ pub enum SlotOp {
     /// A task found on the server (reconcile): keep `weight` slots of `key` under it unless
     /// it is already known (held, or remembered as reported ended: see
     /// [`SlotBackend::begin_listing`]). By its external id, only a holding whose task id is
-    /// unknown (or an end not told with another task id) may be it.
+    /// unknown (or an end not told with another task id) may be it; such a holding learns the
+    /// task id, as from a report of the task running.
     Adopt {
         /// Where it counts.
         key: SlotKey,

@@ -16,9 +16,10 @@
 //!   configured default) has as many free slots as its weight (`n` for images, else 1), then
 //!   sends it. A create that finds them free with nobody ahead is granted and handed to the
 //!   inner service in `call` itself (no clone of it, nothing waited); one that waits is held in
-//!   its response future with a clone of the inner service, not readied (the service the
-//!   caller readied stays with the layer for its next call, so a layer below that reserves in
-//!   `poll_ready`, such as an in-flight bound, holds nothing for a waiting create), and once
+//!   its response future with a clone of the inner service, not readied (what the service the
+//!   caller readied reserved is given back, as it is for a create refused in `call`: the next
+//!   call readies the service again; so a layer below that reserves in `poll_ready`, such as an
+//!   in-flight bound, holds nothing for a waiting create), and once
 //!   granted readies that clone and sends from there (dropped before it is ready, or refused by
 //!   it, it gives its slots back). The response decides what happens to the slots:
 //!
@@ -32,8 +33,8 @@
 //!   | any other error code | given back |
 //!   | an error that made nothing ([`kling_core::error::may_have_created`] is false): never sent ([`SendState::NotSent`](kling_core::error::SendState)), a layer below refusing it ([`RefusedBeforeSending`](kling_core::error::RefusedBeforeSending)), a 4xx answer that is no Kling envelope (a proxy's 403, 404, 413 or 429 page) | given back |
 //!   | client error after sending, a 5xx or 2xx answer nobody can read, or the response future dropped once the create was handed to the inner service (for a create granted at once, that is in `call`, even if the future is never polled; also when the inner future panics) | kept under the external id, or under a lease alone |
-//!   | the inner service panicking in `call` (no future was made to send the create) | given back |
-//!   | a panic while the result is read, before the backend takes the slots (an error whose `source` panics; a metrics recorder) | kept under the external id, or under a lease alone, unless the answer read said no task was made (given back) |
+//!   | the inner service panicking in `call` (no future was made to send the create), or a metrics recorder panicking as the slots are granted (the create not sent yet) | given back |
+//!   | a panic while the result is read, before the backend takes the slots (an error whose `source` panics) | kept under the external id, or under a lease alone, unless the answer read said no task was made (given back) |
 //!
 //!   A wait respects the request's [`Deadline`](kling_core::signals::Deadline): the create
 //!   fails with [`DeadlineExceeded`](crate::error::DeadlineExceeded) instead of waiting past it,

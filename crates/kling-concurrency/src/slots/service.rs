@@ -74,6 +74,19 @@ impl<S, B: SlotBackend> TaskSlots<S, B> {
     }
 }
 
+impl<S: Clone, B> TaskSlots<S, B> {
+    /// Gives back what the inner service reserved below in `poll_ready` (an in-flight bound's
+    /// place), for a create `call` does not hand to it: the service is replaced by a clone,
+    /// which starts unreserved (the next call readies it again, as tower asks anyway). Kept
+    /// until the next call instead, the place would be held by a service nobody may call
+    /// again, and could be the one a waiting create needs once granted: a caller awaiting
+    /// that create would wait for good.
+    fn unready(&mut self) {
+        let fresh = self.inner.clone();
+        drop(std::mem::replace(&mut self.inner, fresh));
+    }
+}
+
 impl<S, B> TaskSlots<S, B> {
     /// The inner service.
     pub fn get_ref(&self) -> &S {
@@ -256,7 +269,10 @@ where
                     },
                 )
             }
-            Ok(Err(error)) => ResponseFuture::failed(error.into_box()),
+            Ok(Err(error)) => {
+                self.unready();
+                ResponseFuture::failed(error.into_box())
+            }
             Err(acquire) => {
                 // Held back unsent: a layer above that reserved something for the create (the
                 // spend guard's estimate) gives it back if the caller drops it here. (This
@@ -268,9 +284,9 @@ where
                     HaltGate::set(&mut request, gate);
                 }
                 // The create waits with a clone of the inner service, unreserved, and readies
-                // it once granted: the service `poll_ready` readied stays here for the next
-                // call, so a layer below that reserves in `poll_ready` (an in-flight bound)
-                // holds nothing for a create that waits, maybe for minutes.
+                // it once granted; what the service `poll_ready` readied reserved below is
+                // given back now, as it may be the very place the create needs then.
+                self.unready();
                 ResponseFuture::wait(Box::new(Waiting {
                     acquire,
                     inner: Some(self.inner.clone()),

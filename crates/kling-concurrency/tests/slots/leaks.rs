@@ -1095,3 +1095,104 @@ async fn a_backend_change_that_panics_is_not_made_again() {
     handle.complete("t1").await.unwrap().unwrap();
     assert_eq!(pool(handle.snapshot().await.unwrap()), (0, 0));
 }
+
+/// A reconcile adopting `t1` (external id `job-9`) before its create's answer came, then that
+/// answer lost (a `5000`): what the create holds is kept under `job-9` alone.
+async fn adopted_then_answer_lost(
+    svc: &mut TaskSlots<Manual>,
+    handle: &SlotsHandle,
+    server: &mut Server,
+    ended_first: bool,
+) {
+    svc.ready().await.unwrap();
+    let mut sent = spawn(svc.call(create_with_external("job-9")));
+    assert_pending!(sent.poll());
+    let (_, respond) = server.next_request().await.unwrap();
+    let listed = envelope(
+        200,
+        0,
+        &json!([legacy_task("t1", "processing", Some("job-9"))]),
+    );
+    let mut list = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        std::future::ready(Ok::<_, std::convert::Infallible>(listed.clone()))
+    });
+    let plan = kling_concurrency::Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+    let found = handle.reconcile(&mut list, &plan).await.unwrap();
+    assert_eq!(found.adopted, 1);
+    assert_eq!(held(handle).await, (2, 1), "the grant, and t1 adopted");
+    if ended_first {
+        let callback =
+            br#"{"task_id":"t1","task_status":"succeed","task_info":{"external_task_id":"job-9"}}"#;
+        handle.on_callback(callback).await.unwrap();
+        assert_eq!(held(handle).await, (1, 0), "the grant only");
+    }
+    respond.send_response(envelope(500, 5000, &json!(null)));
+    assert_ready_ok!(sent.poll());
+}
+
+/// A task a reconcile adopted while its create was on its way, whose create's answer was then
+/// lost: the create's slot, kept under its external id alone, is the adopted task's. Before,
+/// both were held; the task's end (found by its task id) freed the adopted one only, and the
+/// create's slot stayed in use for the whole lease (30 minutes) after the task ended. Now the
+/// create's holding takes the adopted task's id and the adopted holding gives its slot back.
+#[tokio::test(start_paused = true)]
+async fn a_creates_lost_answer_after_its_task_was_adopted_holds_one_slot_freed_by_its_end() {
+    let (mut svc, handle, mut server) = manual(SlotsConfig::new(3));
+    adopted_then_answer_lost(&mut svc, &handle, &mut server, false).await;
+    assert_eq!(held(&handle).await, (1, 1), "one task, one slot");
+
+    // The retry layer's lookup by external id finds t1 running; then t1 ends, its callback
+    // naming its task id only.
+    svc.ready().await.unwrap();
+    let mut lookup = spawn(svc.call(get("/v1/videos/text2video/job-9")));
+    assert_pending!(lookup.poll());
+    let (_, respond) = server.next_request().await.unwrap();
+    let running = legacy_task("t1", "processing", Some("job-9"));
+    respond.send_response(envelope(200, 0, &running));
+    assert_ready_ok!(lookup.poll());
+    assert_eq!(held(&handle).await, (1, 1));
+    let callback = br#"{"task_id":"t1","task_status":"succeed"}"#;
+    handle.on_callback(callback).await.unwrap();
+    assert_eq!(held(&handle).await, (0, 0), "t1 ended: nothing held for it");
+}
+
+/// The same, with the adopted task's end (reported with its external id) coming before the
+/// create's lost answer: the end is remembered under the external id too, where that create's
+/// holding looks. Before, it was remembered by task id only, and the create's slot stayed in
+/// use for the whole lease after its task ended.
+#[tokio::test(start_paused = true)]
+async fn an_adopted_tasks_end_frees_its_creates_slot_kept_later_under_its_external_id() {
+    let (mut svc, handle, mut server) = manual(SlotsConfig::new(3));
+    adopted_then_answer_lost(&mut svc, &handle, &mut server, true).await;
+    assert_eq!(held(&handle).await, (0, 0), "t1 ended: nothing held for it");
+}
+
+/// A create whose answer was lost (kept under its external id alone), then a reconcile whose
+/// list names its task: the list adopts nothing (the create's holding is the task) and now
+/// also files the task id it names there, so that `complete` by task id (or a callback without
+/// the external id) frees it. Before, only a report naming the external id found it, and
+/// `complete("t1")` left the slot in use for the whole lease.
+#[tokio::test(start_paused = true)]
+async fn a_listed_task_of_a_create_of_unknown_outcome_is_freed_by_its_task_id() {
+    let (mut svc, handle, mut server) = manual(SlotsConfig::new(3));
+    svc.ready().await.unwrap();
+    let mut sent = spawn(svc.call(create_with_external("job-9")));
+    assert_pending!(sent.poll());
+    let (_, respond) = server.next_request().await.unwrap();
+    respond.send_response(envelope(500, 5000, &json!(null)));
+    assert_ready_ok!(sent.poll());
+    let listed = envelope(
+        200,
+        0,
+        &json!([legacy_task("t1", "processing", Some("job-9"))]),
+    );
+    let mut list = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        std::future::ready(Ok::<_, std::convert::Infallible>(listed.clone()))
+    });
+    let plan = kling_concurrency::Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+    let found = handle.reconcile(&mut list, &plan).await.unwrap();
+    assert_eq!(found.adopted, 0);
+    assert_eq!(held(&handle).await, (1, 1), "one task, one slot");
+    handle.complete("t1").await.unwrap();
+    assert_eq!(held(&handle).await, (0, 0), "t1 ended: nothing held for it");
+}

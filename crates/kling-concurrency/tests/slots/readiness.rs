@@ -170,3 +170,54 @@ async fn a_granted_create_waiting_for_the_service_below_gives_up_at_its_deadline
     assert_ready_ok!(next.poll());
     assert_eq!(fake.creates(), 2);
 }
+
+/// A create that must wait, sent through a service the caller readied and keeps (not a
+/// `oneshot` clone), is sent once granted. Before, the place that service reserved below in
+/// `poll_ready` (an in-flight bound of 1) stayed with it for its next call, which a caller
+/// awaiting the create never makes: granted, the create waited for that place for good, its
+/// slot held. Now the place is given back when the create starts to wait.
+#[tokio::test(start_paused = true)]
+async fn a_create_waiting_behind_a_readied_service_is_sent_once_granted() {
+    let fake = Fake::new();
+    let in_flight = InFlightLayer::new(1).unwrap();
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).unwrap();
+    let mut svc = layer.layer(in_flight.layer(fake.clone()));
+
+    let first = svc.ready().await.unwrap().call(create()).await.unwrap();
+    let t1 = Outcome::of(&first).unwrap().task().unwrap().id.clone();
+    let mut waiting = spawn(svc.ready().await.unwrap().call(create()));
+    assert_pending!(waiting.poll());
+    assert_eq!(
+        in_flight.in_flight(),
+        0,
+        "the waiting create holds no place"
+    );
+
+    // The task ends, told by a callback (no call through `svc`).
+    handle.complete(&t1).await.unwrap().unwrap();
+    assert!(waiting.is_woken());
+    assert_ready_ok!(waiting.poll());
+    assert_eq!(fake.creates(), 2);
+    assert_eq!(in_flight.in_flight(), 0);
+}
+
+/// A create refused in `call` (heavier than its pool) gives back the place its readied
+/// service reserved below: another clone's query is not held up by a service nobody calls.
+#[tokio::test(start_paused = true)]
+async fn a_create_refused_in_call_gives_back_the_place_reserved_below() {
+    let fake = Fake::new();
+    let in_flight = InFlightLayer::new(1).unwrap();
+    let (layer, _handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).unwrap();
+    let mut svc = layer.layer(in_flight.layer(fake.clone()));
+    let heavy = post("/v1/images/generations", r#"{"n":4}"#);
+    let refused = svc.ready().await.unwrap().call(heavy).await;
+    assert!(refused.is_err());
+    assert_eq!(
+        in_flight.in_flight(),
+        0,
+        "nothing reserved by an idle service"
+    );
+    let mut other = svc.clone();
+    let mut query = spawn(other.ready());
+    assert_ready_ok!(query.poll());
+}
