@@ -237,6 +237,19 @@ pub enum FollowError {
         /// The error, with code, message and request id.
         error: ApiError,
     },
+    /// The service refused a query before sending it, for a reason no retry changes: a
+    /// [`Gateway`](crate::gateway::Gateway) that knows no account the query names
+    /// ([`UnknownAccount`]: give the follower its account with
+    /// [`with_account`](crate::follow::Follower::with_account), as
+    /// [`KlingLayer::follower`](crate::KlingLayer::follower) does), a query at another origin
+    /// than the base URL's ([`OtherOrigin`]), or a task path no URI holds. Following stops at
+    /// that query, not at the deadline.
+    Unsendable {
+        /// The task id.
+        task_id: String,
+        /// The refusal, as its error displays it (no credentials, no query string).
+        reason: String,
+    },
 }
 
 impl FollowError {
@@ -245,7 +258,8 @@ impl FollowError {
         match self {
             FollowError::DeadlineExceeded { task_id, .. }
             | FollowError::InvalidTask { task_id, .. }
-            | FollowError::Api { task_id, .. } => task_id,
+            | FollowError::Api { task_id, .. }
+            | FollowError::Unsendable { task_id, .. } => task_id,
         }
     }
 }
@@ -269,6 +283,9 @@ impl fmt::Display for FollowError {
             FollowError::Api { task_id, error } => {
                 write!(f, "following task {task_id} failed: {error}")
             }
+            FollowError::Unsendable { task_id, reason } => {
+                write!(f, "cannot query task {task_id}: {reason}")
+            }
         }
     }
 }
@@ -277,7 +294,9 @@ impl std::error::Error for FollowError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             FollowError::Api { error, .. } => Some(error),
-            FollowError::DeadlineExceeded { .. } | FollowError::InvalidTask { .. } => None,
+            FollowError::DeadlineExceeded { .. }
+            | FollowError::InvalidTask { .. }
+            | FollowError::Unsendable { .. } => None,
         }
     }
 }

@@ -763,9 +763,32 @@ impl StackConfig {
     // ---- loading ----
 
     /// Reads the configuration from `KLING_*` environment variables (see
-    /// [`StackConfig::from_lookup`] for the list) and validates it.
+    /// [`StackConfig::from_lookup`] for the list) and validates it. A variable set to bytes that
+    /// are not UTF-8 is refused, naming it.
     pub fn from_env() -> Result<StackConfig, ConfigError> {
-        StackConfig::from_lookup(|name| std::env::var(name).ok())
+        StackConfig::from_os_lookup(|name| std::env::var_os(name))
+    }
+
+    /// [`from_lookup`](Self::from_lookup) over values that may not be text: a variable it reads
+    /// that is set to bytes that are not UTF-8 is refused, naming it (read as unset, it left the
+    /// preset's number in place without a word).
+    fn from_os_lookup(
+        lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<StackConfig, ConfigError> {
+        let unreadable = std::cell::RefCell::new(None);
+        let config = StackConfig::from_lookup(|name| match lookup(name)?.into_string() {
+            Ok(value) => Some(value),
+            Err(_) => {
+                unreadable
+                    .borrow_mut()
+                    .get_or_insert_with(|| name.to_owned());
+                None
+            }
+        });
+        match unreadable.into_inner() {
+            Some(var) => Err(ConfigError::new(var, "is set but is not valid UTF-8")),
+            None => config,
+        }
     }
 
     /// Reads the configuration from variables looked up by name, and validates it.
@@ -1278,5 +1301,32 @@ impl RawConfig {
         }
         c.validate()?;
         Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+
+    use super::*;
+
+    /// A variable set to bytes that are not UTF-8 (a Latin-1 `.env` file) is refused naming it:
+    /// read as unset, it left the preset's number in place without a word.
+    #[cfg(unix)]
+    #[test]
+    fn a_variable_that_is_not_utf8_is_refused_naming_it() {
+        use std::os::unix::ffi::OsStringExt;
+
+        let latin1 = |name: &str| {
+            (name == "KLING_DAILY_CREDITS").then(|| OsString::from_vec(b"1\xe900".to_vec()))
+        };
+        let err = StackConfig::from_os_lookup(latin1).unwrap_err();
+        assert_eq!(err.field(), "KLING_DAILY_CREDITS");
+        assert!(err.reason().contains("UTF-8"), "{err}");
+
+        // The control: the same variable as text is read.
+        let text = |name: &str| (name == "KLING_DAILY_CREDITS").then(|| OsString::from("100"));
+        let config = StackConfig::from_os_lookup(text).unwrap();
+        assert_eq!(config.credit_budget(), Some(100.0));
     }
 }

@@ -30,7 +30,8 @@ type HyperResponse = <HyperClient as Service<Request<Full<Bytes>>>>::Response;
 ///
 /// hyper-util's client fails a request whose URI is relative (`/v1/videos/text2video`, sent
 /// with no [`BaseUrlLayer`](crate::BaseUrlLayer) under the stack) or whose HTTP version it does
-/// not speak before sending anything, with an error that is no connect error, which the retry
+/// not speak (HTTP/2, to the HTTP/1.1 client [`https_client`] builds: refused once connected)
+/// before sending anything, with an error that is no connect error, which the retry
 /// layer and the task slots must read as "maybe sent": a create that surely made nothing held
 /// its slot for the task lease. This `Service` fails such a request with a [`NotSent`] error,
 /// naming its path (never its query), without handing it to hyper-util. Calls through the
@@ -42,12 +43,19 @@ type HyperResponse = <HyperClient as Service<Request<Full<Bytes>>>>::Response;
 #[derive(Clone, Debug)]
 pub struct HttpsClient {
     client: HyperClient,
+    /// Whether the client may speak HTTP/2: not the one [`https_client`] builds (HTTP/1.1
+    /// only), whose pool refuses an HTTP/2 request once connected, with no connect error.
+    http2: bool,
 }
 
 impl HttpsClient {
-    /// Wraps a hyper-util client.
+    /// Wraps a hyper-util client (which may speak HTTP/2: requests of that version are handed
+    /// to it).
     pub fn new(client: HyperClient) -> Self {
-        HttpsClient { client }
+        HttpsClient {
+            client,
+            http2: true,
+        }
     }
 
     /// The hyper-util client.
@@ -79,7 +87,7 @@ impl Service<Request<Full<Bytes>>> for HttpsClient {
     }
 
     fn call(&mut self, request: Request<Full<Bytes>>) -> HttpsResponseFuture {
-        let state = match unsendable(&request) {
+        let state = match unsendable(&request, self.http2) {
             Some(reason) => State::Refused {
                 error: Some(Box::new(NotSent::new(reason))),
             },
@@ -93,9 +101,9 @@ impl Service<Request<Full<Bytes>>> for HttpsClient {
 
 /// Why hyper-util's client would refuse `request` before sending it, if it would: a URI
 /// without scheme and host (a `CONNECT` may name the host alone), or an HTTP version it does
-/// not speak. The message names the URI's path, not its query (task and external ids, which
-/// the stack's logs never show).
-fn unsendable<B>(request: &Request<B>) -> Option<String> {
+/// not speak (HTTP/2 unless `http2`). The message names the URI's path, not its query (task
+/// and external ids, which the stack's logs never show).
+fn unsendable<B>(request: &Request<B>, http2: bool) -> Option<String> {
     let uri = request.uri();
     let connect = request.method() == Method::CONNECT;
     let absolute = uri.scheme().is_some() || connect;
@@ -108,7 +116,7 @@ fn unsendable<B>(request: &Request<B>) -> Option<String> {
     }
     let version = request.version();
     let spoken = version == Version::HTTP_11
-        || version == Version::HTTP_2
+        || (version == Version::HTTP_2 && http2)
         || (version == Version::HTTP_10 && !connect);
     (!spoken).then(|| format!("the hyper-util client does not send {version:?} requests"))
 }
@@ -156,7 +164,7 @@ impl Future for HttpsResponseFuture {
 /// host itself; behind a proxy, use [`ReqwestService`](crate::client) (feature `reqwest`).
 ///
 /// Put `kling_core::ClassifyLayer` over it; its connect errors, and requests it cannot send
-/// (a relative URI: see [`HttpsClient`]), read as "never sent". Under a
+/// (a relative URI, an HTTP/2 request: see [`HttpsClient`]), read as "never sent". Under a
 /// stack whose attempt timeout is 10 s or less (a short one, or a speed factor), use
 /// [`https_client_with_connect_timeout`] with the stack's
 /// [`StackConfig::connect_timeout_duration`](crate::StackConfig::connect_timeout_duration):
@@ -178,7 +186,10 @@ pub fn https_client_with_connect_timeout(connect: Duration) -> Result<HttpsClien
         .wrap_connector(http);
     let client =
         Client::builder(TokioExecutor::new()).build(ConnectTimeout::new(connector, connect));
-    Ok(HttpsClient::new(client))
+    Ok(HttpsClient {
+        client,
+        http2: false,
+    })
 }
 
 /// A connector whose connections must open within a time limit, TLS handshake included

@@ -41,6 +41,10 @@
 //! [`StopReason::NotRetryable`], as through [`KlingLayer`](crate::KlingLayer)). Transport
 //! errors, unreadable answers and retryable codes — also when a retry layer gave up on them
 //! (attempts, budget or deadline spent) — back off and query again until the task's deadline.
+//! A query the service refuses before sending it, as it will refuse every other (a
+//! [`Gateway`](crate::gateway::Gateway) that knows no account of the follower's: give it one
+//! with [`with_account`](Follower::with_account)), ends following at once with
+//! [`FollowError::Unsendable`].
 //!
 //! Request URIs are relative (`/tasks?task_ids=…`): put a
 //! [`BaseUrlLayer`](crate::base_url::BaseUrlLayer) in the stack for a real client.
@@ -89,7 +93,7 @@ use tower_service::Service;
 
 use self::batches::{Batches, Registered, is_due, next_wake, wake_each};
 use crate::drain::DrainHandle;
-use crate::error::{ConfigError, FollowError};
+use crate::error::{ConfigError, FollowError, OtherOrigin, UnknownAccount};
 use crate::preset::MAX_DURATION;
 
 mod batches;
@@ -1215,6 +1219,12 @@ where
                     error: error.clone(),
                 }));
             }
+            Answer::Unsendable(reason) => {
+                t.result = Some(Err(FollowError::Unsendable {
+                    task_id: t.task.id.clone(),
+                    reason: reason.clone(),
+                }));
+            }
             Answer::BackOff => {
                 t.errors += 1;
                 t.next_at = later(now, self.policy.backoff(t.errors));
@@ -1265,6 +1275,9 @@ enum Place {
 enum Answer {
     /// A Kling error no retry can change: following them ends with it.
     Final(ApiError),
+    /// A query the service refused before sending it, as it will refuse every other
+    /// ([`unsendable`]): following them ends with why.
+    Unsendable(String),
     /// A transport error, an unreadable body, a retryable code, or a retry layer that gave up
     /// on one (attempts, budget or deadline spent): back off and ask again.
     BackOff,
@@ -1287,10 +1300,15 @@ fn judge(answer: Result<Response<Full<Bytes>>, BoxError>) -> Answer {
         Ok(mut response) => Outcome::ensure(&mut response).ok(),
         // A stack with a retry layer answers a final Kling error as an error, not a response:
         // it ends the follow as the response would have.
-        Err(error) => match final_api_error(&*error) {
-            Some(api) => return Answer::Final(api.clone()),
-            None => None,
-        },
+        Err(error) => {
+            if let Some(reason) = unsendable(&*error) {
+                return Answer::Unsendable(reason);
+            }
+            match final_api_error(&*error) {
+                Some(api) => return Answer::Final(api.clone()),
+                None => None,
+            }
+        }
     };
     match outcome {
         Some(outcome) if outcome.is_success() => Answer::Reports(outcome),
@@ -1299,6 +1317,21 @@ fn judge(answer: Result<Response<Full<Bytes>>, BoxError>) -> Answer {
         }
         _ => Answer::BackOff,
     }
+}
+
+/// Why a failed query can never be sent, when it cannot: the service refused it before
+/// sending for a reason that holds for every query of the follow (a gateway that knows no
+/// account of the follower's, a query at another origin than the base URL's) or its URI is no
+/// URI. Backed off from, such a refusal held every follow silently until its deadline.
+fn unsendable(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut current = Some(error);
+    while let Some(link) = current {
+        if link.is::<UnknownAccount>() || link.is::<OtherOrigin>() || link.is::<http::Error>() {
+            return Some(link.to_string());
+        }
+        current = link.source();
+    }
+    None
 }
 
 /// An instant no wait reaches: a year from now, the longest duration a policy holds.

@@ -346,6 +346,64 @@ async fn a_relative_uri_sent_straight_to_the_https_client_is_never_sent() {
     assert!(!shown.contains("job-secret-7"), "{shown}");
 }
 
+/// A loopback server answering every request with a Kling envelope, its base URL, and how many
+/// connections it has taken.
+async fn counting_server() -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let mut buffer = [0; 4096];
+            let _ = socket.read(&mut buffer).await;
+            let body = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t1","task_status":"submitted"}}"#;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(answer.as_bytes()).await;
+        }
+    });
+    (base, connections, server)
+}
+
+/// An HTTP/2 request to the HTTP/1.1 client `https_client` builds: hyper-util connects, then
+/// refuses it unsent with an error that is no connect error, which read as maybe sent (a create
+/// that made nothing held its slot for the task lease). It is refused as never sent, before any
+/// connection opens; the same request as HTTP/1.1 is sent (the control).
+#[tokio::test]
+async fn an_http2_request_to_the_http1_client_is_never_sent() {
+    use std::sync::atomic::Ordering;
+
+    let (base, connections, server) = counting_server().await;
+    let service = ClassifyLayer::new().layer(kling_tower::client::https_client().unwrap());
+    let mut request = create(&base);
+    *request.version_mut() = http::Version::HTTP_2;
+    let error = service.clone().oneshot(request).await.unwrap_err();
+    assert_eq!(SendState::of(&*error), SendState::NotSent, "{error}");
+    assert!(!kling_core::error::may_have_created(&*error), "{error}");
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        0,
+        "no connection opened"
+    );
+
+    let response = service.oneshot(create(&base)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+    server.abort();
+}
+
 /// The same through the stack's retry layer, hand-composed without a base URL layer: a create
 /// never sent is tried no more than its attempts allow and fails as never sent, not as a create
 /// that may have made a task.

@@ -1580,3 +1580,70 @@ async fn a_callback_ends_follows_by_its_external_id_of_its_own_account_only() {
     );
     assert!(start.elapsed() >= Duration::from_secs(121));
 }
+
+/// A follower over a gateway given no account (built with `Follower::new`, not
+/// `KlingLayer::follower`): the gateway refuses each query before sending it, and no retry
+/// changes that. The follow ends at its first query naming why, not silently at the
+/// 30-minute deadline; the same follower given the account follows the task to its end.
+#[tokio::test(start_paused = true)]
+async fn a_query_the_service_can_never_send_ends_following_at_once() {
+    use kling_tower::gateway::GatewayLayer;
+
+    let gateway = GatewayLayer::builder()
+        .account(
+            "a",
+            KlingLayer::builder(
+                StackConfig::preset(Tier::Pro),
+                Credentials::api_key("key-a").unwrap(),
+            ),
+        )
+        .build()
+        .unwrap();
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .api_key_for("key-a", "a")
+            .task_duration(Duration::from_secs(30), Duration::from_secs(30)),
+    )
+    .unwrap();
+    let service = gateway.layer(mock);
+    let mut create = request("POST", "/text-to-video/kling-3.0", r#"{"prompt":"a cat"}"#);
+    create.extensions_mut().insert(AccountId::new("a"));
+    let response = service.clone().oneshot(create).await.unwrap();
+    let task = Outcome::of(&response).unwrap().task().unwrap().clone();
+    let task = TaskRef::from_report("/text-to-video/kling-3.0", &task);
+
+    let no_account = Follower::new(service.clone(), FollowPolicy::new()).unwrap();
+    let start = Instant::now();
+    let err = no_account.follow(task.clone()).await.unwrap_err();
+    assert!(
+        matches!(&err, FollowError::Unsendable { reason, .. } if reason.contains("account")),
+        "{err}"
+    );
+    assert_eq!(err.task_id(), task.id());
+    // At its first query (5 s), not at the deadline.
+    assert_eq!(start.elapsed(), Duration::from_secs(5));
+    // A legacy task's query: the same.
+    let legacy = no_account
+        .follow(TaskRef::legacy("/v1/videos/text2video", "t1"))
+        .await
+        .unwrap_err();
+    assert!(matches!(legacy, FollowError::Unsendable { .. }), "{legacy}");
+
+    let with_account = no_account.with_account(AccountId::new("a"));
+    // A legacy path no URI holds, or at another origin than the base URL's: the same.
+    for path in [
+        "/v1/videos/text 2video",
+        "https://elsewhere.example/v1/videos/text2video",
+    ] {
+        let err = with_account
+            .follow(TaskRef::legacy(path, "t1"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, FollowError::Unsendable { .. }),
+            "{path}: {err}"
+        );
+    }
+    let done = with_account.follow(task).await.unwrap();
+    assert_eq!(done.status, TaskStatus::Succeeded);
+}
