@@ -168,9 +168,23 @@ impl Credentials {
     /// Reads `KLING_API_KEY`, or else `KLING_ACCESS_KEY` and `KLING_SECRET_KEY`. A blank
     /// variable (`KLING_API_KEY=` in a `.env` file, or `${KLING_API_KEY}` of a compose file
     /// where it is unset) counts as not set, as in
-    /// [`StackConfig::from_env`](crate::StackConfig::from_env).
+    /// [`StackConfig::from_env`](crate::StackConfig::from_env). A variable set to bytes that are
+    /// not UTF-8 is refused, naming it (read as unset, a bad `KLING_API_KEY` was reported as
+    /// not set, or passed over for the access key pair).
     pub fn from_env() -> Result<Credentials, ConfigError> {
-        Credentials::from_lookup(|name| std::env::var(name).ok())
+        Credentials::from_os_lookup(|name| std::env::var_os(name))
+    }
+
+    /// [`from_lookup`](Self::from_lookup) over values that may not be text.
+    fn from_os_lookup(
+        lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Credentials, ConfigError> {
+        for var in ["KLING_API_KEY", "KLING_ACCESS_KEY", "KLING_SECRET_KEY"] {
+            if lookup(var).is_some_and(|value| value.to_str().is_none()) {
+                return Err(ConfigError::new(var, "is set but is not valid UTF-8"));
+            }
+        }
+        Credentials::from_lookup(|name| lookup(name).and_then(|value| value.into_string().ok()))
     }
 
     /// Like [`Credentials::from_env`], with variables looked up by name.
@@ -691,6 +705,31 @@ mod tests {
     use std::sync::atomic::AtomicU64;
 
     use super::*;
+
+    /// A credential variable set to bytes that are not UTF-8 is refused naming it (it read as
+    /// unset: "KLING_API_KEY is not set", or the access key pair taken instead).
+    #[cfg(unix)]
+    #[test]
+    fn a_credential_variable_that_is_not_utf8_is_refused_naming_it() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+
+        let lookup = |bad: &'static str| {
+            move |name: &str| match name {
+                _ if name == bad => Some(OsString::from_vec(b"ak-\xe9".to_vec())),
+                "KLING_ACCESS_KEY" => Some(OsString::from("ak")),
+                "KLING_SECRET_KEY" => Some(OsString::from("sk")),
+                _ => None,
+            }
+        };
+        for bad in ["KLING_API_KEY", "KLING_ACCESS_KEY", "KLING_SECRET_KEY"] {
+            let err = Credentials::from_os_lookup(lookup(bad)).unwrap_err();
+            assert_eq!(err.field(), bad);
+            assert!(err.to_string().contains("UTF-8"), "{err}");
+        }
+        // The control: text is read.
+        assert!(Credentials::from_os_lookup(lookup("KLING_OTHER")).is_ok());
+    }
 
     /// A wall clock tests move by hand.
     #[derive(Debug, Clone, Default)]
