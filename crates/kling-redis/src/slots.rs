@@ -265,6 +265,9 @@ struct Held {
     renewed: Option<Instant>,
     /// Known to exist in Redis (pruned when it no longer does).
     registered: bool,
+    /// A task a reconcile adopted: a create of unknown outcome under its external id, in its
+    /// pool, is the same task (see `APPLY`'s `supersede_ext`).
+    adopted: bool,
 }
 
 impl Held {
@@ -1116,7 +1119,7 @@ impl Inner {
             } => {
                 let pk = self.pk(&reservation.key);
                 let h = self.holding(reservation.token);
-                let held = Held {
+                let mut held = Held {
                     pk: pk.clone(),
                     weight: reservation.weight,
                     id: task.id,
@@ -1127,12 +1130,30 @@ impl Inner {
                     renewed: None,
                     lease,
                     registered: false,
+                    adopted: false,
                     key: reservation.key,
                 };
                 args = self.hold_args("hold", &pk, &h, &held, lease);
                 // Replayed after Redis ran it, it is skipped (see `APPLY`).
                 args.push(self.change_id());
                 let mut registry = lock(&self.registry);
+                // A create of unknown outcome under the external id of a task a reconcile
+                // adopted in its pool is that task (its answer lost after the list named it):
+                // it takes the task id, and the adopted holding goes, as in Redis.
+                if held.id.is_none() && held.ext.is_some() {
+                    let adopted = registry.iter().find(|(_, old)| {
+                        old.adopted
+                            && old.id.is_some()
+                            && old.ext == held.ext
+                            && old.pk == held.pk
+                            && old.key.account == held.key.account
+                    });
+                    if let Some((old, adopted)) = adopted {
+                        held.id.clone_from(&adopted.id);
+                        let old = old.clone();
+                        registry.remove(&old);
+                    }
+                }
                 // An earlier create of the same task (sent again) is superseded, as in Redis: by
                 // its task id, or by its external id if its task id is unknown (one known by
                 // its task id runs until reported ended, whatever a later create carries) and it
@@ -1159,14 +1180,27 @@ impl Inner {
                 // By its external id, a holding whose task id is unknown may be the task; one
                 // known by another task id is another task (of another create path).
                 let known = {
-                    let registry = lock(&self.registry);
-                    registry.values().any(|held| {
-                        (task.id.is_some() && held.id == task.id)
-                            || (task.external_id.is_some()
+                    let mut registry = lock(&self.registry);
+                    let by_id = task.id.is_some() && registry.values().any(|h| h.id == task.id);
+                    let by_ext: Vec<(String, bool)> = registry
+                        .iter()
+                        .filter(|(_, held)| {
+                            task.external_id.is_some()
                                 && held.ext == task.external_id
                                 && held.key.account == key.account
-                                && (task.id.is_none() || held.id.is_none()))
-                    })
+                                && (task.id.is_none() || held.id.is_none())
+                        })
+                        .map(|(h, held)| (h.clone(), held.id.is_none()))
+                        .collect();
+                    if let (false, Some(id), [(h, true)]) = (by_id, &task.id, by_ext.as_slice())
+                        && let Some(held) = registry.get_mut(h)
+                    {
+                        // Held under its external id alone (a create whose answer was lost):
+                        // it learns the task id the list names, as in Redis.
+                        held.id = Some(id.clone());
+                        held.renewed = Some(Instant::now());
+                    }
+                    by_id || !by_ext.is_empty()
                 };
                 let pk = self.pk(&key);
                 let h = self.holding(self.next.fetch_add(1, Ordering::Relaxed));
@@ -1182,6 +1216,7 @@ impl Inner {
                     renewed: None,
                     lease,
                     registered: false,
+                    adopted: true,
                     key,
                 };
                 args = self.hold_args("adopt", &pk, &h, &held, lease);
@@ -1984,6 +2019,10 @@ impl Inner {
                 continue;
             };
             let mut args = self.hold_args("reg", &held.pk, &h, &held, lease);
+            // (An adopted task stays one: see `APPLY`'s `supersede_ext`.)
+            if held.adopted {
+                args.push("1".to_owned());
+            }
             let reply = self.apply_args(&mut args).await?;
             finished.extend(reply.finished);
             let mut registry = lock(&self.registry);
@@ -2167,6 +2206,7 @@ impl Inner {
                 renewed: None,
                 lease: self.config.get_lease(),
                 registered: false,
+                adopted: false,
             },
         );
         drop(registry);
@@ -2853,6 +2893,7 @@ impl SlotBackend for RedisSlots {
                                 renewed: None,
                                 lease: inner.config.get_lease(),
                                 registered: true,
+                                adopted: false,
                             },
                         );
                         // The gauges move while the guard would give the grant back: should a

@@ -4,7 +4,7 @@
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `P:pool:ACCOUNT:POOL:h` | hash | holding id → `{w, s, k, id, ext, p}` (weight, since, `g` grant or `t` task, task id, external id, create path: kling-concurrency's `CreatePath` number in decimal, absent when not known) |
+//! | `P:pool:ACCOUNT:POOL:h` | hash | holding id → `{w, s, k, id, ext, p, a}` (weight, since, `g` grant or `t` task, task id, external id, create path: kling-concurrency's `CreatePath` number in decimal, absent when not known; `a` true for a task a reconcile adopted) |
 //! | `P:pool:ACCOUNT:POOL:l` | sorted set | holding id by lease deadline (µs) |
 //! | `P:pool:ACCOUNT:POOL:m` | hash | `used`, `hid` (hidden after a 1303), `rec` (last recovery), `lvl` (slots in use at the last 1303, the refused create's included; 0 once a create succeeded there), `lvlat` (when the last 1303 that was no part of a burst came, µs), `stk` (1303s in a row at or below `lvl`: the recovery interval is doubled that many times, and ended tasks bring no hidden slot back), `acct`, `pool` |
 //! | `P:pool:ACCOUNT:POOL:q` | sorted set | the fleet's queue: each waiting process's head create by arrival (µs) |
@@ -208,8 +208,8 @@ local function map_ids(pk, h, id, ext, acct)
   if id then redis.call('HSET', IDS, id, place) end
   if ext then xfile(xf(acct, ext), nil, place) end
 end
-local function create(pk, h, w, kind, id, ext, lease, acct, pool, path)
-  local rec = {w = w, s = int(now), k = kind, id = id, ext = ext, p = path}
+local function create(pk, h, w, kind, id, ext, lease, acct, pool, path, adopted)
+  local rec = {w = w, s = int(now), k = kind, id = id, ext = ext, p = path, a = adopted}
   redis.call('HSET', pk .. ':h', h, cjson.encode(rec))
   redis.call('ZADD', pk .. ':l', int(now + lease), h)
   redis.call('HINCRBY', pk .. ':m', 'used', w)
@@ -239,15 +239,23 @@ end
 -- task that runs until it is reported ended, whatever a later create under its external id
 -- (the caller reused it, the server made another task) says; one in another pool or on
 -- another path is another path's create (external ids may be unique per create path only).
--- Those stay, both findable.
-local function supersede_ext(f, pk, h, path)
-  if not f then return end
+-- Those stay, both findable. Except a task a reconcile adopted in the same pool, when this
+-- create's task id is unknown (`id` nil: its answer lost after the list named the task): the
+-- same task, whose task id this create's holding takes (returned), and whose adopted holding
+-- gives its slots back, else the task's end would free only that one.
+local function supersede_ext(f, pk, h, path, id)
+  if not f then return nil end
   local place = pk .. '\n' .. h
+  local took = nil
   for _, x in ipairs(xlive(f)) do
     if x.place ~= place and x.pk == pk and not x.rec.id and may_be(x.rec.p, path) then
       release(x.pk, x.h, x.rec, nil)
+    elseif not id and not took and x.place ~= place and x.pk == pk and x.rec.a and x.rec.id then
+      took = x.rec.id
+      release(x.pk, x.h, x.rec, nil)
     end
   end
+  return took
 end
 local function capacity(default, first, last)
   for i = first, last or #ARGV do
@@ -509,7 +517,8 @@ elseif op == 'halt' then
   changed = 1
 elseif op == 'hold' or op == 'reg' then
   -- 5 pool key, 6 holding, 7 weight, 8 id, 9 ext, 10 lease, 11 account, 12 pool, 13 kind,
-  -- 14 create path ('' not known), 15 (hold) the change's id (read above)
+  -- 14 create path ('' not known), 15 (hold) the change's id (read above), (reg) '1' for a
+  -- task a reconcile adopted
   local pk = ARGV[5]
   local h = ARGV[6]
   local id = opt(ARGV[8])
@@ -518,7 +527,7 @@ elseif op == 'hold' or op == 'reg' then
   local path = opt(ARGV[14] or '')
   if op == 'hold' then
     supersede(id, pk, h, ARGV[11])
-    supersede_ext(ext and xf(ARGV[11], ext), pk, h, path)
+    id = supersede_ext(ext and xf(ARGV[11], ext), pk, h, path, id) or id
   end
   local raw = redis.call('HGET', pk .. ':h', h)
   -- Its end reported first (by another process, before this hold or registration reached
@@ -579,8 +588,12 @@ elseif op == 'hold' or op == 'reg' then
     changed = 1
   elseif not raw then
     local kind = 't'
-    if op == 'reg' then kind = ARGV[13] end
-    create(pk, h, tonumber(ARGV[7]), kind, id, ext, lease, ARGV[11], ARGV[12], path)
+    local adopted = nil
+    if op == 'reg' then
+      kind = ARGV[13]
+      if ARGV[15] == '1' then adopted = true end
+    end
+    create(pk, h, tonumber(ARGV[7]), kind, id, ext, lease, ARGV[11], ARGV[12], path, adopted)
     changed = 1
   end
 elseif op == 'adopt' then
@@ -591,7 +604,8 @@ elseif op == 'adopt' then
   local id = opt(ARGV[8])
   local ext = opt(ARGV[9])
   local xfield = ext and xf(ARGV[11], ext)
-  local known = (id and redis.call('HEXISTS', IDS, id) == 1) or was_ended(id)
+  local by_id = (id and redis.call('HEXISTS', IDS, id) == 1) or was_ended(id)
+  local known = by_id
   if not known and xfield then
     for _, x in ipairs(xlive(xfield)) do
       if not id or not x.rec.id then known = true end
@@ -599,8 +613,19 @@ elseif op == 'adopt' then
     known = known or ext_ended(xfield, id)
   end
   if not known then
-    create(ARGV[5], ARGV[6], tonumber(ARGV[7]), 't', id, ext, tonumber(ARGV[10]), ARGV[11], ARGV[12])
+    create(ARGV[5], ARGV[6], tonumber(ARGV[7]), 't', id, ext, tonumber(ARGV[10]), ARGV[11], ARGV[12], nil, true)
     changed = 1
+  elseif id and xfield and not by_id then
+    -- Held under its external id alone (a create whose answer was lost): the holding learns
+    -- the task id the list names, as a report of the task running teaches it, so that an end
+    -- told by task id alone (`complete`, a callback without the external id) frees it.
+    local x = by_external(ARGV[11], nil, ext, false)
+    if x then
+      x.rec.id = id
+      redis.call('HSET', x.pk .. ':h', x.h, cjson.encode(x.rec))
+      redis.call('HSET', IDS, id, x.place)
+      redis.call('ZADD', x.pk .. ':l', int(now + tonumber(ARGV[10])), x.h)
+    end
   end
 elseif op == 'upd' then
   -- 5 lease, 6 the reports' account (external ids are looked up within it), 7 '1' if an end
@@ -656,8 +681,12 @@ elseif op == 'upd' then
         -- id of the account too (`z:`), paired (`p:`): a create whose answer is then lost is
         -- kept under its external id only (only such a create: one answered with another task
         -- id is another task). The first holding either frees spends the external id's note.
-        if not rec and ext ~= '' then
-          local xfield = xf(acct, ext)
+        -- So is the end of a task a reconcile adopted (its holding's, else the report's
+        -- external id): its create's answer may still come, and be lost.
+        local xext = nil
+        if not rec then xext = opt(ext) elseif rec.a then xext = rec.ext or opt(ext) end
+        if xext then
+          local xfield = xf(acct, xext)
           note_member('i:' .. id, 'z:' .. xfield, 'p:' .. id .. '\n' .. xfield)
         else
           note_ended(id)

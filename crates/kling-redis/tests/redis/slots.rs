@@ -3396,6 +3396,131 @@ async fn an_adopted_task_ended_before_its_creates_answer_holds_no_slot() {
     }
 }
 
+/// The reconcile's adoption of `t1` (external id `job-9`), found running by its list.
+fn adopt_t1_job_9() -> SlotOp {
+    SlotOp::Adopt {
+        key: video(),
+        task: TaskRef {
+            id: Some("t1".to_owned()),
+            external_id: Some("job-9".to_owned()),
+        },
+        weight: 1,
+        lease: LONG,
+    }
+}
+
+/// A reconcile adopts `t1` (external id `job-9`) in `one` while its create is on its way: the
+/// grant, and the adopted task. Its create's answer is then lost (a `5000`): what the grant
+/// holds is kept under `job-9` alone. `ended_first`: `t1` ends before that, its callback
+/// (carrying `job-9`) told to `two`. The slots the create's hold released.
+async fn adopted_then_answer_lost(one: &RedisSlots, two: &RedisSlots, ended_first: bool) -> usize {
+    let granted = one.acquire(video(), 1).await.unwrap();
+    assert!(
+        one.apply(adopt_t1_job_9()).await.unwrap().changed,
+        "adopted"
+    );
+    assert_eq!(in_use(one).await, 2, "the grant, and t1 adopted");
+    if ended_first {
+        let callback = report_in(
+            &video().account,
+            "t1",
+            Some("job-9"),
+            Some(TaskStatus::Succeeded),
+        );
+        let freed = two.apply(callback).await.unwrap();
+        assert_eq!(freed.released.len(), 1, "{freed:?}");
+        assert_eq!(in_use(one).await, 1, "the grant only");
+    }
+    let applied = one.apply(hold_unknown(granted, "job-9")).await.unwrap();
+    applied.released.len()
+}
+
+/// A task a reconcile adopted while its create was on its way, whose create's answer was then
+/// lost: the create's slot, kept under its external id alone, is the adopted task's, and the
+/// task's end told by its task id alone frees it, not its lease. (As kling-concurrency's
+/// `leaks::a_creates_lost_answer_after_its_task_was_adopted_holds_one_slot_freed_by_its_end`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creates_lost_answer_after_its_task_was_adopted_holds_one_slot_freed_by_its_end() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 3).await;
+    let two = backend(&server, 3).await;
+    adopted_then_answer_lost(&one, &two, false).await;
+    assert_eq!(in_use(&one).await, 1, "one task, one slot");
+    assert_eq!(one.held_here(), 1, "and so in the owner's record");
+    // The retry layer's lookup by external id finds t1 running; then t1 ends, its callback
+    // naming its task id only.
+    let running = report_in(
+        &video().account,
+        "t1",
+        Some("job-9"),
+        Some(TaskStatus::Processing),
+    );
+    one.apply(running).await.unwrap();
+    assert_eq!(in_use(&one).await, 1);
+    let end = two
+        .apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(end.released.len(), 1, "{end:?}");
+    assert_eq!(in_use(&one).await, 0, "t1 ended: nothing held for it");
+    maintained(&one).await;
+    assert_eq!(one.held_here(), 0);
+}
+
+/// The same, with the adopted task's end (reported with its external id) coming before the
+/// create's lost answer: the create's hold finds that end under the external id and gives its
+/// grant back. (As kling-concurrency's
+/// `leaks::an_adopted_tasks_end_frees_its_creates_slot_kept_later_under_its_external_id`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_tasks_end_frees_its_creates_slot_kept_later_under_its_external_id() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 3).await;
+    let two = backend(&server, 3).await;
+    assert_eq!(adopted_then_answer_lost(&one, &two, true).await, 1);
+    assert_eq!(in_use(&one).await, 0, "t1 ended: nothing held for it");
+    assert_eq!(one.held_here(), 0);
+}
+
+/// A create whose answer was lost (kept under its external id alone), then a reconcile whose
+/// list names its task: the list adopts nothing (the create's holding is the task), and the
+/// holding learns the task id the list names, so that `complete` by task id (or a callback
+/// without the external id) frees it, in Redis and, while Redis is away, in the owner's record.
+/// (As kling-concurrency's
+/// `leaks::a_listed_task_of_a_create_of_unknown_outcome_is_freed_by_its_task_id`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listed_task_of_a_create_of_unknown_outcome_is_freed_by_its_task_id() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 3).await;
+    let two = backend(&server, 3).await;
+    assert_eq!(create_held(&one, None, Some("job-9")).await, 0);
+    let adopted = one.apply(adopt_t1_job_9()).await.unwrap();
+    assert!(!adopted.changed, "{adopted:?}");
+    assert_eq!(in_use(&one).await, 1, "one task, one slot");
+    let end = two.apply(ended("t1", None)).await.unwrap();
+    assert_eq!(end.released.len(), 1, "{end:?}");
+    assert_eq!(in_use(&one).await, 0, "t1 ended: nothing held for it");
+    maintained(&one).await;
+    assert_eq!(one.held_here(), 0);
+
+    // The owner's record, used while Redis is away, learns the task id too.
+    assert_eq!(create_held(&one, None, Some("job-8")).await, 0);
+    let adopt = SlotOp::Adopt {
+        key: video(),
+        task: TaskRef {
+            id: Some("t2".to_owned()),
+            external_id: Some("job-8".to_owned()),
+        },
+        weight: 1,
+        lease: LONG,
+    };
+    assert!(!one.apply(adopt).await.unwrap().changed);
+    maintained(&one).await;
+    server.stop();
+    let end = one.apply(ended("t2", None)).await.unwrap();
+    assert_eq!(end.released.len(), 1, "{end:?}");
+    assert_eq!(one.held_here(), 0);
+}
+
 /// A metrics recorder whose in-use and waiters gauges and finished-task counter each panic at
 /// their next move once armed (a recorder's bug, or one that panics on a label), once.
 #[derive(Default)]
