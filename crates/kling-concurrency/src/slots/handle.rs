@@ -1,5 +1,6 @@
 //! [`SlotsHandle`]: callbacks, reconcile, halts, capacities and snapshots.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
@@ -141,14 +142,16 @@ impl Reconcile {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Reconciled {
-    /// Unfinished tasks the server listed.
+    /// Unfinished tasks the server listed, each counted once (a legacy list read while tasks
+    /// are created shifts its pages, and names a task on two pages).
     pub unfinished: usize,
     /// Of those, tasks not yet known here, now holding slots.
     pub adopted: usize,
     /// Legacy paths left out because the server refused to list them as not this account's
     /// to use or not there (`1103`, `1202`, `1203`: an endpoint the account has no
     /// permission for, or one its region does not serve), so one such path does not keep
-    /// every other path's tasks from being adopted.
+    /// every other path's tasks from being adopted; and legacy paths listed that are no
+    /// create path known here (no pool to count their tasks in), never asked for.
     pub skipped_paths: usize,
 }
 
@@ -308,7 +311,11 @@ impl<B: SlotBackend> SlotsHandle<B> {
     /// whose end a report (a callback, a query) told, before the listing began or while it
     /// ran, is not adopted, even when a list answered before that end names it running (the
     /// in-process backend remembers the last 4096 such ends, each for a lease:
-    /// [`SlotBackend::begin_listing`]).
+    /// [`SlotBackend::begin_listing`]) — when the task was held here, or the report was of
+    /// it alone. The end of a task not held here that a batch answer or a list page told is
+    /// not remembered (those name many tasks long ended, and would push out the ends that
+    /// matter): a list running behind adopts it, until its end is reported again or its
+    /// lease runs out.
     ///
     /// Each page's tasks are adopted as soon as the page is answered, so an end reported
     /// after a page was asked for has to be remembered for that page's round trip only, not
@@ -338,9 +345,13 @@ impl<B: SlotBackend> SlotsHandle<B> {
         self.backend.begin_listing();
         let _listing = Listing(&self.backend);
         let mut reconciled = Reconciled::default();
+        // The unfinished tasks counted so far (at most every entry of the pages read).
+        let mut seen = HashSet::new();
         for path in &plan.legacy_paths {
             let uri: Uri = format!("{}{path}", plan.base_url).parse()?;
             let Some(pool) = Recognized::from_parts(&Method::POST, &uri, b"{}").pool else {
+                // Told, not ignored: the caller's plan names a path whose tasks go uncounted.
+                reconciled.skipped_paths += 1;
                 continue;
             };
             for page in 1..=MAX_PAGES {
@@ -350,16 +361,18 @@ impl<B: SlotBackend> SlotsHandle<B> {
                 ))
                 .extension(account.clone())
                 .body(Full::new(Bytes::new()))?;
-                let (outcome, _) = match list(service, request).await {
-                    Ok(listed) => listed,
+                let (outcome, page_len) = match list(service, request).await {
+                    Ok(listed) => (listed.outcome, listed.entries),
                     Err(error) if page == 1 && not_listable(&*error) => {
                         reconciled.skipped_paths += 1;
                         break;
                     }
                     Err(error) => return Err(error),
                 };
-                let n = outcome.tasks().len();
-                self.adopt(&account, &pool, &outcome, &mut reconciled)
+                // The page's own length: an entry that does not read is still an entry, and a
+                // full page is followed by another.
+                let n = page_len.unwrap_or(outcome.tasks().len());
+                self.adopt(&account, &pool, &outcome, &mut reconciled, &mut seen)
                     .await?;
                 if n < PAGE_SIZE {
                     break;
@@ -382,10 +395,10 @@ impl<B: SlotBackend> SlotsHandle<B> {
                         .header(http::header::CONTENT_TYPE, "application/json")
                         .extension(account.clone())
                         .body(Full::new(Bytes::from(body.to_string())))?;
-                    let (outcome, next) = list(service, request).await?;
-                    self.adopt(&account, pool, &outcome, &mut reconciled)
+                    let listed = list(service, request).await?;
+                    self.adopt(&account, pool, &listed.outcome, &mut reconciled, &mut seen)
                         .await?;
-                    match next {
+                    match listed.next {
                         Some(next) => cursor = Some(next),
                         None => break,
                     }
@@ -400,15 +413,20 @@ impl<B: SlotBackend> SlotsHandle<B> {
     /// for (a callback of a task the page names running) is then at most one page's round trip
     /// old when its adopt looks for it, not the whole reconcile's, which the bounded memory of
     /// ends ([`SlotBackend::begin_listing`]) may have forgotten by the end of a long reconcile
-    /// of a busy account.
+    /// of a busy account. A task in `seen` (named by an earlier page) is neither counted nor
+    /// adopted again.
     async fn adopt(
         &self,
         account: &AccountId,
         pool: &Pool,
         page: &Outcome,
         reconciled: &mut Reconciled,
+        seen: &mut HashSet<String>,
     ) -> Result<(), BackendError> {
         for task in page.tasks().iter().filter(|t| !t.status.is_terminal()) {
+            if !seen.insert(task.id.clone()) {
+                continue;
+            }
             reconciled.unfinished += 1;
             let pool = self.settings.pool_scope.apply(pool.clone());
             let applied = self
@@ -440,11 +458,18 @@ impl<B: SlotBackend> Drop for Listing<'_, B> {
     }
 }
 
-/// Sends one list request; returns its outcome and the new-style `next_cursor`.
-async fn list<S>(
-    service: &mut S,
-    request: Request<Full<Bytes>>,
-) -> Result<(Outcome, Option<String>), BoxError>
+/// One list page's answer.
+struct Listed {
+    outcome: Outcome,
+    /// The new-style `next_cursor`.
+    next: Option<String>,
+    /// How many entries the page holds (`data`, or `data.tasks`), readable or not; `None`
+    /// when it holds no list.
+    entries: Option<usize>,
+}
+
+/// Sends one list request; returns its answer.
+async fn list<S>(service: &mut S, request: Request<Full<Bytes>>) -> Result<Listed, BoxError>
 where
     S: Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>>,
     S::Error: Into<BoxError>,
@@ -457,18 +482,27 @@ where
     if !outcome.is_success() {
         return Err(Box::new(ApiError::from_outcome(&outcome)));
     }
-    let next = {
+    let (next, entries) = {
         use kling_core::PeekBody;
         let body = response.body().peek_bytes();
-        serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| match &v["data"]["next_cursor"] {
-                serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
-                serde_json::Value::Number(n) => Some(n.to_string()),
-                _ => None,
-            })
+        let value = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
+        let data = &value["data"];
+        let next = match &data["next_cursor"] {
+            serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        };
+        let entries = data
+            .as_array()
+            .or_else(|| data["tasks"].as_array())
+            .map(Vec::len);
+        (next, entries)
     };
-    Ok((outcome, next))
+    Ok(Listed {
+        outcome,
+        next,
+        entries,
+    })
 }
 
 /// Whether a list's refusal says the path is not this account's to list (`1103`) or not there
