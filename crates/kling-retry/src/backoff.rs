@@ -226,10 +226,10 @@ impl Backoff {
     }
 
     /// [`delay`](Self::delay) for a call `left` away from its deadline: drawn from the part of
-    /// the bounds shorter than `left` when the floor is (the jitter above the floor spreads
-    /// callers, and is not worth giving the call up for), else the floor itself (the earliest
-    /// the backoff allows, past the deadline: the call ends). The same draw as `delay` where
-    /// the whole range fits.
+    /// the bounds shorter than `left` by a millisecond (a timer's grain) when the floor is (the
+    /// jitter above the floor spreads callers, and is not worth giving the call up for), else
+    /// the floor itself (the earliest the backoff allows, past the deadline: the call ends).
+    /// The same draw as `delay` where the whole range fits.
     pub(crate) fn delay_within(
         &self,
         kind: DelayKind,
@@ -240,7 +240,13 @@ impl Backoff {
         let (low, high) = self.bounds(kind, retry);
         match left {
             Some(left) if low >= left => low,
-            Some(left) => pick(low, high.min(left), rng),
+            // Not within the last millisecond: it would wake at the deadline (see
+            // [`TIMER_GRAIN`]) and not be sent.
+            Some(left) => pick(
+                low,
+                high.min(left.saturating_sub(TIMER_GRAIN).max(low)),
+                rng,
+            ),
             None => pick(low, high, rng),
         }
     }
@@ -267,6 +273,11 @@ impl Backoff {
         pick(low, high, rng)
     }
 }
+
+/// How finely tokio's timers fire: a sleep ends on the first whole millisecond of the timer's
+/// clock at or after its instant, so one drawn to end less than this before a deadline may
+/// wake at the deadline itself, when a retry is no longer sent.
+pub(crate) const TIMER_GRAIN: Duration = Duration::from_millis(1);
 
 /// A uniform draw from `[low, high]` (to the nanosecond; `high` itself is never drawn unless
 /// equal to `low`).

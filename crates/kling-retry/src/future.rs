@@ -19,7 +19,7 @@ use tokio::time::{Instant, Sleep};
 use tower::timeout::error::Elapsed;
 use tower_service::Service;
 
-use crate::backoff::DelayKind;
+use crate::backoff::{DelayKind, TIMER_GRAIN};
 use crate::body::ReplayBody;
 use crate::error::{DeadlineExceeded, Failed, Last, StopReason, Tally};
 use crate::layer::Shared;
@@ -1043,9 +1043,13 @@ where
                 // The upward jitter spreads callers; it is not worth giving the call up for:
                 // a wait the server's hint fits before the deadline goes without it when the
                 // jitter would carry it to the deadline.
+                // (Within a timer's grain of the deadline counts: it would wake at it.)
                 match (received.checked_add(wait), self.template.deadline) {
                     (Some(at), Some(deadline))
-                        if at.checked_add(settle).is_none_or(|at| at >= deadline) =>
+                        if at
+                            .checked_add(settle)
+                            .and_then(|at| at.checked_add(TIMER_GRAIN))
+                            .is_none_or(|at| at > deadline) =>
                     {
                         earliest
                     }

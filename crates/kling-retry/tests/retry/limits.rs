@@ -751,3 +751,49 @@ async fn every_retry_sent_is_counted_once_with_its_reason() {
         ])
     );
 }
+
+/// A source whose every draw is the top of its range.
+#[derive(Debug)]
+struct Top;
+
+impl kling_retry::RandomSource for Top {
+    fn next_u64(&self) -> u64 {
+        u64::MAX
+    }
+}
+
+/// tokio fires timers on whole milliseconds, so a retry drawn for the last one before the
+/// deadline would wake at the deadline and not be sent (the call ending `DeadlineExceeded`
+/// with its backoff's floor well inside it): the draw stops a millisecond short of it.
+#[tokio::test(start_paused = true)]
+async fn a_retry_drawn_near_the_deadline_wakes_before_it_and_is_sent() {
+    let (server, log) = kling(|_, index| {
+        Reply::Now(if index == 0 {
+            code(5000)
+        } else {
+            task("t1", None)
+        })
+    });
+    let client = RetryLayer::builder()
+        .rng(Top)
+        .backoff(Backoff::new().transient_base(Duration::from_millis(500)))
+        .deadline(Duration::from_millis(200))
+        .build()
+        .unwrap()
+        .layer(server);
+    let start = Instant::now();
+    let response = send(&client, get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap_or_else(|error| panic!("{error}"));
+    assert_eq!(
+        kling_core::Outcome::of(&response).unwrap().code(),
+        Code::Success
+    );
+    let seen = log.all();
+    assert_eq!(seen.len(), 2, "retried once");
+    let after = seen[1].at - start;
+    assert!(
+        after >= Duration::from_millis(198) && after < Duration::from_millis(200),
+        "the retry went {after:?} after the start"
+    );
+}
