@@ -28,7 +28,7 @@ use serde::Deserialize;
 use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
-use crate::alloc::Counting;
+use crate::alloc::{Counting, Counts};
 use crate::cpu;
 use crate::fixtures::{EchoKling, Fixtures, LIVE, Req, Res, WaitingKling, create_envelope};
 use crate::tower_client::{tower_stack, tower_stack_buffered};
@@ -198,9 +198,12 @@ trait Subject {
     fn future_bytes(&self) -> usize;
     /// Runs `lives` create+query lives over `tasks` drivers; returns CPU and wall ns/request.
     fn run(&self, rt: &Runtime, fixtures: &Arc<Fixtures>, tasks: usize, lives: usize) -> Sample;
+    /// What one driver's `lives` lives allocate, counted on a service built and warmed up by
+    /// `warm` lives first: neither the building nor a first use's allocations are counted.
+    fn count(&self, rt: &Runtime, fixtures: &Arc<Fixtures>, warm: usize, lives: usize) -> Counts;
 }
 
-async fn drive<S>(mut service: S, fixtures: Arc<Fixtures>, base: usize, lives: usize, auth: bool)
+async fn drive<S>(service: &mut S, fixtures: Arc<Fixtures>, base: usize, lives: usize, auth: bool)
 where
     S: Service<Req, Response = Res>,
     S::Error: Debug,
@@ -212,7 +215,7 @@ where
             with_auth(&mut create);
             with_auth(&mut query);
         }
-        let response = ServiceExt::ready(&mut service)
+        let response = ServiceExt::ready(&mut *service)
             .await
             .expect("ready")
             .call(create)
@@ -222,7 +225,7 @@ where
             assert_success(&response);
         }
         std::hint::black_box(response);
-        let response = ServiceExt::ready(&mut service)
+        let response = ServiceExt::ready(&mut *service)
             .await
             .expect("ready")
             .call(query)
@@ -346,7 +349,8 @@ where
                         if clone_per_request {
                             drive_clones(service, fixtures, t * LIVE, per_task, auth).await;
                         } else {
-                            drive(service, fixtures, t * LIVE, per_task, auth).await;
+                            let mut service = service;
+                            drive(&mut service, fixtures, t * LIVE, per_task, auth).await;
                         }
                     })
                 })
@@ -354,6 +358,31 @@ where
             for driver in drivers {
                 driver.await.expect("the driver finishes");
             }
+        })
+    }
+
+    fn count(&self, rt: &Runtime, fixtures: &Arc<Fixtures>, warm: usize, lives: usize) -> Counts {
+        let mut service = {
+            let _entered = rt.enter();
+            (self.make)()
+        };
+        let (auth, clone_per_request) = (self.auth, self.clone_per_request);
+        let fixtures = Arc::clone(fixtures);
+        rt.block_on(async move {
+            tokio::spawn(async move {
+                if clone_per_request {
+                    drive_clones(service.clone(), Arc::clone(&fixtures), 0, warm, auth).await;
+                    Counting::start();
+                    drive_clones(service, fixtures, 0, lives, auth).await;
+                } else {
+                    drive(&mut service, Arc::clone(&fixtures), 0, warm, auth).await;
+                    Counting::start();
+                    drive(&mut service, fixtures, 0, lives, auth).await;
+                }
+                Counting::stop()
+            })
+            .await
+            .expect("the driver finishes")
         })
     }
 }
@@ -394,9 +423,30 @@ where
         };
         let fixtures = Arc::clone(fixtures);
         timed(rt, lives * 2, async move {
-            tokio::spawn(drive(service, fixtures, 0, lives, true))
-                .await
-                .expect("the driver finishes");
+            tokio::spawn(async move {
+                let mut service = service;
+                drive(&mut service, fixtures, 0, lives, true).await;
+            })
+            .await
+            .expect("the driver finishes");
+        })
+    }
+
+    fn count(&self, rt: &Runtime, fixtures: &Arc<Fixtures>, warm: usize, lives: usize) -> Counts {
+        let mut service = {
+            let _entered = rt.enter();
+            (self.make)()
+        };
+        let fixtures = Arc::clone(fixtures);
+        rt.block_on(async move {
+            tokio::spawn(async move {
+                drive(&mut service, Arc::clone(&fixtures), 0, warm, true).await;
+                Counting::start();
+                drive(&mut service, fixtures, 0, lives, true).await;
+                Counting::stop()
+            })
+            .await
+            .expect("the driver finishes")
         })
     }
 }
@@ -857,17 +907,18 @@ pub fn run(options: Options, log: &mut dyn FnMut(&str)) -> Report {
 }
 
 /// Allocations and bytes allocated per request by `subject` over `lives` lives of one driver,
-/// after a warm-up (what is allocated once, like a pool's first state, is not counted).
+/// on a service already built and warmed up (what is allocated once, like a pool's first
+/// state, is not counted; nor is the timing's own reading of `/proc`).
 fn allocations(
     subject: &dyn Subject,
     rt: &Runtime,
     fixtures: &Arc<Fixtures>,
     lives: usize,
 ) -> (f64, f64) {
-    subject.run(rt, fixtures, 1, lives / 4);
-    Counting::start();
-    subject.run(rt, fixtures, 1, lives);
-    let counts = Counting::stop();
+    // At least one life of every fixture index: the first clone of an index's header value
+    // and URI allocates once (their bytes become shared), which is the fixtures', not a
+    // request's.
+    let counts = subject.count(rt, fixtures, (lives / 4).max(LIVE), lives);
     let requests = (lives * 2) as f64;
     (
         counts.allocs as f64 / requests,
