@@ -378,7 +378,11 @@ local key = KEYS[1]
 local now = tonumber(ARGV[1])
 local v = redis.call('HMGET', key, 's', 'lp', 'se', 'cd', 'r', 'l', 'p', 't', 'nl')
 local streak = tonumber(v[1]) or 0
-local lowerings = tonumber(v[9]) or 0
+-- Every counted 1302 sets `se` and only a success deletes it: without it, no lowering came
+-- since the last success, whatever `nl` says (a script of the version before `nl` deletes
+-- `se` alone at a success, in a fleet upgraded one process at a time).
+local lowerings = 0
+if v[3] then lowerings = tonumber(v[9]) or 0 end
 local lp = tonumber(v[2])
 local se = tonumber(v[3])
 local cd = tonumber(v[4])

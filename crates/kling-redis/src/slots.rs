@@ -1623,11 +1623,16 @@ impl Inner {
 
     /// A halt broadcast on `PREFIX:halted` (generation, halt key and halt, a line each): a
     /// process that set it in Redis tells the fleet at once. Malformed (not this crate's
-    /// script's, or another prefix's), it is ignored with a warning.
-    fn halt_broadcast(&self, payload: Option<&str>) {
+    /// script's, or another prefix's), it is ignored with a warning. Of another generation than
+    /// the one this process knows (sent before Redis lost its state, or by another database
+    /// under the same prefix: pub/sub ignores databases), it is not taken: its account is
+    /// returned, for the subscriber to read the halt from Redis
+    /// ([`read_halts`](Self::read_halts)), else this process would refuse the account's creates
+    /// without asking, a halt no maintenance pass checks and no reset reaches.
+    fn halt_broadcast(&self, payload: Option<&str>) -> Option<AccountId> {
         #[cfg(feature = "testing")]
         if self.miss_halt_broadcasts.load(Ordering::Acquire) {
-            return;
+            return None;
         }
         let parsed = payload.and_then(|payload| {
             let (generation, rest) = payload.split_once('\n')?;
@@ -1640,6 +1645,9 @@ impl Inner {
         });
         match parsed {
             Some((generation, account, cause)) => {
+                if generation != self.generation.load(Ordering::Acquire) {
+                    return Some(account);
+                }
                 self.learn_halt(&account, &cause, generation);
             }
             None => tracing::warn!(
@@ -1649,6 +1657,7 @@ impl Inner {
                  prefix and a 1102, a line each)"
             ),
         }
+        None
     }
 
     /// After the subscriber (re)subscribed: reads the halts of the accounts this process has
@@ -1670,6 +1679,12 @@ impl Inner {
             accounts.retain(|account| !halts.contains_key(account));
             accounts.into_iter().collect()
         };
+        self.read_halts(&accounts).await
+    }
+
+    /// Reads the halts of `accounts` from Redis, with its generation, and learns those set
+    /// ([`learn_halt`](Self::learn_halt)). One `MGET` per 256 accounts.
+    async fn read_halts(&self, accounts: &[AccountId]) -> Result<(), StoreError> {
         for chunk in accounts.chunks(256) {
             let mut mget = redis::cmd("MGET");
             mget.arg(self.conn.key("alive"));
@@ -2310,8 +2325,9 @@ fn text(value: &Value) -> String {
     }
 }
 
-/// How long the subscriber waits before it connects again after a failure, at first; it
-/// doubles with each failure in a row up to [`RESUBSCRIBE_MAX`].
+/// How long the subscriber waits before it connects again after a failure (or a subscription
+/// that lasted less than [`RESUBSCRIBE_MAX`]), at first; it doubles with each failure in a row
+/// up to [`RESUBSCRIBE_MAX`].
 const RESUBSCRIBE_FIRST: Duration = Duration::from_millis(100);
 /// The longest wait between two attempts of the subscriber to connect.
 const RESUBSCRIBE_MAX: Duration = Duration::from_secs(1);
@@ -2365,7 +2381,7 @@ async fn subscriber(inner: Weak<Inner>, shutdown: Arc<Notify>) {
             }
             continue;
         };
-        backoff = RESUBSCRIBE_FIRST;
+        let subscribed = tokio::time::Instant::now();
         let mut stream = pubsub.into_on_message();
         loop {
             let next = std::future::poll_fn(|cx| {
@@ -2388,7 +2404,12 @@ async fn subscriber(inner: Weak<Inner>, shutdown: Arc<Notify>) {
                     let payload = msg.get_payload::<String>().ok();
                     let name = msg.get_channel_name();
                     if name == halted {
-                        strong.halt_broadcast(payload.as_deref());
+                        if let Some(account) = strong.halt_broadcast(payload.as_deref())
+                            && let Err(e) = strong.read_halts(&[account]).await
+                        {
+                            // Missed: the next ask of the account learns it from Redis.
+                            tracing::debug!(error = %e, "could not read a halt broadcast");
+                        }
                     } else if name == unhalted {
                         strong.halt_reset(payload.as_deref().unwrap_or_default());
                     } else {
@@ -2400,6 +2421,18 @@ async fn subscriber(inner: Weak<Inner>, shutdown: Arc<Notify>) {
         }
         if let Some(strong) = inner.upgrade() {
             strong.wake("*");
+        }
+        // A subscription dropped soon after it was made (a server that closes it at once, a
+        // subscriber too slow for its output buffer) backs off too: each one wakes every head
+        // and reads the halts again.
+        if subscribed.elapsed() >= RESUBSCRIBE_MAX {
+            backoff = RESUBSCRIBE_FIRST;
+        } else {
+            let sleep = pin!(tokio::time::sleep(backoff));
+            backoff = (backoff * 2).min(RESUBSCRIBE_MAX);
+            if wait_either(stopped.as_mut(), sleep).await {
+                return;
+            }
         }
     }
 }
@@ -3123,6 +3156,14 @@ mod tests {
         }
         inner.halt_reset("no line");
         inner.halt_reset("p:halt:1.a\nnot a cause");
+        // Of another generation than the one known here: read from Redis, not taken.
+        inner.generation.store(7, Ordering::Release);
+        assert_eq!(
+            inner.halt_broadcast(Some(&format!("6\n{key}\n{cause}"))),
+            Some(AccountId::new("a.b\nc"))
+        );
+        assert!(lock(&inner.halts).is_empty());
+        assert_eq!(inner.create_halts.stamp(), 0);
         inner.halt_broadcast(Some(&format!("7\n{key}\n{cause}")));
         let halts = lock(&inner.halts);
         let halt = halts.get(&AccountId::new("a.b\nc")).expect("learnt");

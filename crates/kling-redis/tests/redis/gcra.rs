@@ -2026,6 +2026,55 @@ async fn sparse_1302s_in_redis_lower_the_rate_as_in_process() {
     assert_eq!(rates[10], rates[9] * 0.85);
 }
 
+/// A rolling upgrade: a success reported by a process of the version before `nl` (its script
+/// clears the streak, `s` and `se`, and leaves `nl`) ends the run of lowerings for this
+/// version's script too, as any success does in process: the next 1302 lowers the rate.
+#[tokio::test]
+async fn a_success_told_by_an_older_script_ends_the_run_of_lowerings() {
+    let Some(server) = redis() else { return };
+    let backend = RedisGcra::new(connect(&server).await);
+    let key = BucketKey::account(Some(AccountId::new("adaptive-mixed")));
+    let redis_key = backend.key_of(&key);
+    let quota = Quota::per_second(4.0);
+    let cooldown = Cooldown::default()
+        .first(Duration::from_millis(1))
+        .backoff(Duration::from_millis(4))
+        .ceiling(Duration::from_millis(8))
+        .window(Duration::from_millis(20));
+    let policy = Policy::new(quota, cooldown)
+        .with_adaptive(Some(kling_ratelimit::Adaptive::new().start(quota)));
+    backend.acquire(&key, &policy).await.unwrap();
+    let throttle = async || {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let now = tokio::time::Instant::now();
+        backend
+            .feedback(&key, &policy, throttled_at(now))
+            .await
+            .unwrap();
+        fleet_rate(&server, &redis_key).await
+    };
+    for _ in 0..3 {
+        throttle().await;
+    }
+    let lowered = fleet_rate(&server, &redis_key).await;
+    assert_eq!(lowered, 4.0 * 0.85 * 0.85 * 0.85);
+    // The older script's success, as it wrote it (its rate change aside).
+    let () = redis::pipe()
+        .cmd("HSET")
+        .arg(&redis_key)
+        .arg("s")
+        .arg(0)
+        .ignore()
+        .cmd("HDEL")
+        .arg(&redis_key)
+        .arg("se")
+        .ignore()
+        .query_async(&mut raw(&server).await)
+        .await
+        .unwrap();
+    assert_eq!(throttle().await, lowered * 0.85, "lowered again");
+}
+
 /// Thirty 1302s in a row in Redis (a server refusing every request for half an hour, whatever
 /// the pace) lower the fleet's rate three times, the cooldown's `escalate_after` (the ones
 /// after the burst backoff leave it), so 292 successes bring it back to 90% of the ceiling it

@@ -484,3 +484,68 @@ async fn a_reset_of_a_later_1102_reaches_the_process_whose_1102_it_replaced() {
         .await
         .expect("the reset reached the first process");
 }
+
+/// A halt broadcast of another generation than Redis's now (one delivered after Redis lost
+/// its state, or one of another database under the same prefix: pub/sub ignores databases)
+/// names a halt Redis does not have: the process checks with Redis instead of taking it, so
+/// it does not refuse the account's creates without asking, past every maintenance pass, a
+/// halt no reset can reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_broadcast_of_another_generation_is_checked_with_redis() {
+    use kling_concurrency::backend::SlotKey;
+    let Some(server) = redis() else { return };
+    let (b, b_handle, b_slots, b_api, _) = process(&server, 0, false).await;
+    let account: AccountId = b_handle.default_account().clone();
+    b.clone().oneshot(create()).await.unwrap();
+    subscribed(&server, "halted", 1).await;
+    let gate = HaltGate::new(
+        Lanes::new(b_slots.create_halts().unwrap()).lane(),
+        account.clone(),
+    );
+    let key = format!("test:halt:{}.{}", account.as_str().len(), account.as_str());
+    let cause = r#"429
+{"code":1102,"message":"resource pack exhausted","request_id":"elsewhere"}"#;
+    let mut conn = raw(&server).await;
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("test:halted")
+        .arg(format!("1\n{key}\n{cause}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Handled by then (a check with Redis takes a round trip).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let learnt = request_id(&gate);
+    b_slots.maintain().await.unwrap();
+    let pool = kling_core::Pool::new(kling_core::Product::Video);
+    let granted = b_slots.acquire(SlotKey::new(account, pool), 1).await;
+    assert!(granted.is_ok(), "{:?}", granted.err());
+    assert_eq!(learnt, None, "not a halt Redis has");
+    assert_eq!(b_api.creates(), 1);
+}
+
+/// A subscription the server drops as soon as it is made (here killed again and again; in
+/// production a subscriber too slow for its output buffer) is made again after a backoff, not
+/// at once: each one wakes every waiting head and reads the halts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_dropped_at_once_is_made_again_after_a_backoff() {
+    let Some(server) = redis() else { return };
+    let (b, _, _b_slots, _, _) = process(&server, 0, false).await;
+    b.clone().oneshot(create()).await.unwrap();
+    subscribed(&server, "halted", 1).await;
+    let mut conn = raw(&server).await;
+    let mut killed = 0;
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(1500) {
+        let n: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        killed += n;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // 100, 200, 400, 800 ms between them: five at most in 1.5 s.
+    assert!(killed <= 6, "{killed} subscriptions in 1.5 s");
+}
