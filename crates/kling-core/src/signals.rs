@@ -108,6 +108,43 @@ impl CallSignals {
     }
 }
 
+/// A request's extensions kept to send it again (a retry layer's template, an auth layer's
+/// resend): its signals alone when they are all the extensions hold — no allocation, the
+/// stack's usual case — else the extensions copied whole.
+#[derive(Clone, Debug)]
+pub struct ExtensionsCopy(Result<CallSignals, http::Extensions>);
+
+impl ExtensionsCopy {
+    /// A copy of `extensions`.
+    pub fn of(extensions: &http::Extensions) -> ExtensionsCopy {
+        ExtensionsCopy(match CallSignals::if_alone(extensions) {
+            Some(signals) => Ok(signals),
+            None => Err(extensions.clone()),
+        })
+    }
+
+    /// Whether the copy holds the signals alone (the extensions were not copied).
+    pub fn signals_only(&self) -> bool {
+        self.0.is_ok()
+    }
+
+    /// Puts the copy into `request`, in place of its extensions.
+    pub fn restore<B>(&self, request: &mut Request<B>) {
+        match &self.0 {
+            Ok(signals) => signals.restore(request),
+            Err(extensions) => *request.extensions_mut() = extensions.clone(),
+        }
+    }
+
+    /// [`restore`](Self::restore), moving the copy (no second copy of whole extensions).
+    pub fn restore_into<B>(self, request: &mut Request<B>) {
+        match self.0 {
+            Ok(signals) => signals.restore(request),
+            Err(extensions) => *request.extensions_mut() = extensions,
+        }
+    }
+}
+
 /// Request extension: the instant after which the whole logical call (all attempts, all waits)
 /// is late. Set by the retry layer; layers that wait (rate limiter, task slots) give up with
 /// their typed error instead of waiting past it.

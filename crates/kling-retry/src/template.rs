@@ -9,9 +9,9 @@
 //! ([`Template::request`]).
 
 use bytes::Bytes;
-use http::{Extensions, Method, Request, Uri, Version};
+use http::{Method, Request, Uri, Version};
 use kling_core::headers::HeaderCopy;
-use kling_core::signals::CallSignals;
+use kling_core::signals::ExtensionsCopy;
 use tokio::time::Instant;
 
 use crate::body::ReplayBody;
@@ -28,9 +28,9 @@ pub(crate) struct Template<B> {
     /// one has (the rewritten body is then not kept).
     body: B,
     spliced: Option<Spliced>,
-    /// The per-call signals to put back, when they were the request's only extension (the
-    /// extensions were then not copied); else the extensions copied whole.
-    extensions: Result<CallSignals, Extensions>,
+    /// The extensions to put back: the per-call signals alone when they were the request's
+    /// only extension, else the extensions copied whole.
+    extensions: ExtensionsCopy,
     headers: Headers,
     /// The request put back together, at the first retry.
     whole: Option<Box<Request<B>>>,
@@ -66,10 +66,7 @@ impl<B: ReplayBody> Template<B> {
             version: request.version(),
             body,
             spliced,
-            extensions: match CallSignals::if_alone(request.extensions()) {
-                Some(signals) => Ok(signals),
-                None => Err(request.extensions().clone()),
-            },
+            extensions: ExtensionsCopy::of(request.extensions()),
             headers: Headers::empty(),
             whole: None,
         }
@@ -105,10 +102,7 @@ impl<B: ReplayBody> Template<B> {
         *request.uri_mut() = self.uri.to_uri();
         *request.version_mut() = self.version;
         *request.headers_mut() = self.headers.to_map();
-        match &self.extensions {
-            Ok(signals) => signals.restore(&mut request),
-            Err(extensions) => *request.extensions_mut() = extensions.clone(),
-        }
+        self.extensions.restore(&mut request);
         request
     }
 }
@@ -216,7 +210,7 @@ mod tests {
     fn a_request_with_only_signals_is_restored_with_its_account_and_no_copied_extension() {
         let original = request();
         let mut template = copy(&original, None);
-        assert!(template.extensions.is_ok(), "not copied");
+        assert!(template.extensions.signals_only(), "not copied");
         assert!(template.headers.is_inline(), "kept inline");
         let restored = template.request();
         assert_same_request(restored, &original);

@@ -11,7 +11,7 @@ use http::header::AUTHORIZATION;
 use http::{HeaderValue, Request, Response};
 use http_body_util::Full;
 use kling_core::headers::HeaderCopy;
-use kling_core::signals::CallSignals;
+use kling_core::signals::ExtensionsCopy;
 use kling_core::{BoxError, Code, Disposition, Outcome};
 use pin_project_lite::pin_project;
 use tower_service::Service;
@@ -35,7 +35,7 @@ pub(crate) struct Retry<S, B> {
     /// layer's send counter (the server counts the resend against the rate), the create's
     /// send watch and halt gate (a create whose account was halted since its slots were
     /// granted is not sent again), the deadline.
-    extensions: Result<CallSignals, http::Extensions>,
+    extensions: ExtensionsCopy,
 }
 
 impl<S, B: Clone> Retry<S, B> {
@@ -53,10 +53,7 @@ impl<S, B: Clone> Retry<S, B> {
             service,
             shared,
             generation,
-            extensions: match CallSignals::if_alone(request.extensions()) {
-                Some(signals) => Ok(signals),
-                None => Err(request.extensions().clone()),
-            },
+            extensions: ExtensionsCopy::of(request.extensions()),
         });
         let copy = &mut retry.request;
         *copy.method_mut() = request.method().clone();
@@ -214,10 +211,7 @@ where
                         extensions,
                         ..
                     } = *retry;
-                    match extensions {
-                        Ok(signals) => signals.restore(&mut request),
-                        Err(extensions) => *request.extensions_mut() = extensions,
-                    }
+                    extensions.restore_into(&mut request);
                     let future = service.call(request);
                     this.state.set(State::Second { future });
                 }
