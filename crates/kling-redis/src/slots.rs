@@ -450,6 +450,10 @@ struct Inner {
     /// re-read after it subscribes ([`testing::miss_halt_broadcasts`](crate::testing::miss_halt_broadcasts)).
     #[cfg(feature = "testing")]
     miss_halt_broadcasts: AtomicBool,
+    /// Whether the background maintenance task skips its passes
+    /// ([`testing::hold_maintenance`](crate::testing::hold_maintenance)).
+    #[cfg(feature = "testing")]
+    maintenance_held: AtomicBool,
     /// Whether reports were dropped from the replay queue since it was last empty (warned once).
     overflowed: AtomicBool,
     out: AtomicBool,
@@ -578,6 +582,8 @@ impl RedisSlots {
                 lose_acquire_answers: std::sync::atomic::AtomicU32::new(0),
                 #[cfg(feature = "testing")]
                 miss_halt_broadcasts: AtomicBool::new(false),
+                #[cfg(feature = "testing")]
+                maintenance_held: AtomicBool::new(false),
                 out: AtomicBool::new(false),
                 started: AtomicBool::new(false),
                 init: tokio::sync::OnceCell::new(),
@@ -702,6 +708,12 @@ impl RedisSlots {
         self.inner
             .miss_halt_broadcasts
             .store(miss, Ordering::Release);
+    }
+
+    /// See [`testing::hold_maintenance`](crate::testing::hold_maintenance).
+    #[cfg(feature = "testing")]
+    pub(crate) fn hold_maintenance(&self, held: bool) {
+        self.inner.maintenance_held.store(held, Ordering::Release);
     }
 
     /// Runs one maintenance pass now: replays what could not be sent, registers held slots
@@ -2459,7 +2471,11 @@ async fn maintenance(inner: Weak<Inner>, shutdown: Arc<Notify>) {
             return;
         };
         let every = strong.maintain_every;
-        {
+        #[cfg(feature = "testing")]
+        let held = strong.maintenance_held.load(Ordering::Acquire);
+        #[cfg(not(feature = "testing"))]
+        let held = false;
+        if !held {
             // A pass that panics (a metrics recorder's) is over, and the next runs as usual:
             // the task ending would end the replays, registrations and pruning for good.
             let mut pass = pin!(strong.maintain());

@@ -216,6 +216,14 @@ pub fn delay_replay(slots: &crate::RedisSlots, by: Duration) {
     slots.delay_replay(by);
 }
 
+/// Makes the background maintenance task of `slots` (and its clones) skip its passes while
+/// `held`, whatever wakes it (a subscription made, Redis answering again): a test that pauses
+/// Redis and checks what was kept for replay is not raced by a pass that replays it at that
+/// moment; it runs [`RedisSlots::maintain`](crate::RedisSlots::maintain) itself.
+pub fn hold_maintenance(slots: &crate::RedisSlots, held: bool) {
+    slots.hold_maintenance(held);
+}
+
 /// Makes `slots` (and its clones) drop the answers of its next `answers` acquire asks after
 /// Redis ran them, as a command timeout does: an ask that may have been granted, whose
 /// process asks again.

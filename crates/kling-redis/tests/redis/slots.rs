@@ -2151,6 +2151,9 @@ async fn a_create_asked_after_a_queued_halt_is_refused() {
         .poll_every(Duration::from_secs(30))
         .maintain_every(Duration::from_secs(60))
         .grace(Duration::from_millis(300));
+    // Only this test's passes replay: a pass a subscription or a reconnect woke would
+    // take a kept change off the queue while the test counts it.
+    kling_redis::testing::hold_maintenance(&one, true);
     let r = one.acquire(video(), 1).await.unwrap();
     one.apply(hold(r, "t1", LONG)).await.unwrap();
     let r = one.acquire(video(), 1).await.unwrap();
@@ -2197,6 +2200,9 @@ async fn an_end_whose_report_timed_out_after_redis_ran_it_frees_its_slot_once() 
         .poll_every(Duration::from_secs(30))
         .maintain_every(Duration::from_secs(60))
         .grace(Duration::from_millis(300));
+    // Only this test's passes replay: a pass a subscription or a reconnect woke would
+    // take a kept change off the queue while the test counts it.
+    kling_redis::testing::hold_maintenance(&one, true);
     let two = backend(&server, 3).await;
     let r = one.acquire(video(), 1).await.unwrap();
     one.apply(hold(r, "t1", LONG)).await.unwrap();
@@ -2236,6 +2242,9 @@ async fn a_change_replayed_after_redis_ran_it_does_not_undo_a_later_one() {
         .poll_every(Duration::from_secs(30))
         .maintain_every(Duration::from_secs(60))
         .grace(Duration::from_millis(300));
+    // Only this test's passes replay: a pass a subscription or a reconnect woke would
+    // take a kept change off the queue while the test counts it.
+    kling_redis::testing::hold_maintenance(&one, true);
     let two = backend(&server, 3).await;
     let r = one.acquire(video(), 1).await.unwrap();
     one.apply(SlotOp::GiveBack(r)).await.unwrap();
@@ -2305,6 +2314,9 @@ async fn a_halt_replayed_after_redis_ran_it_does_not_undo_a_later_reset() {
         .poll_every(Duration::from_secs(30))
         .maintain_every(Duration::from_secs(60))
         .grace(Duration::from_millis(300));
+    // Only this test's passes replay: a pass a subscription or a reconnect woke would
+    // take a kept change off the queue while the test counts it.
+    kling_redis::testing::hold_maintenance(&one, true);
     let two = backend(&server, 3).await;
     let r = one.acquire(video(), 1).await.unwrap();
     crate::support::client_pause(&server, 600).await;
@@ -2355,6 +2367,9 @@ async fn an_answer_to_an_ask_sent_before_a_halt_does_not_end_it() {
         .poll_every(Duration::from_secs(30))
         .maintain_every(Duration::from_secs(60))
         .grace(Duration::from_millis(300));
+    // Only this test's passes replay: a pass a subscription or a reconnect woke would
+    // take a kept change off the queue while the test counts it.
+    kling_redis::testing::hold_maintenance(&one, true);
     let r = one.acquire(video(), 1).await.unwrap();
     one.apply(hold(r, "t1", LONG)).await.unwrap();
     let r = one.acquire(video(), 1).await.unwrap();
@@ -2972,6 +2987,9 @@ async fn a_hold_replayed_after_its_task_ended_by_external_id_holds_nothing() {
         .poll_every(Duration::from_secs(30))
         .maintain_every(Duration::from_secs(60))
         .grace(Duration::from_millis(300));
+    // Only this test's passes replay: a pass a subscription or a reconnect woke would
+    // take a kept change off the queue while the test counts it.
+    kling_redis::testing::hold_maintenance(&one, true);
     let two = backend(&server, 3).await;
     for (id, ext) in [(None, "job-1"), (Some("t2"), "job-2")] {
         let r = one.acquire(video(), 1).await.unwrap();
@@ -3189,6 +3207,9 @@ async fn an_end_replayed_after_redis_ran_it_files_no_fresh_note() {
         .poll_every(Duration::from_secs(30))
         .maintain_every(Duration::from_secs(60))
         .grace(Duration::from_millis(300));
+    // Only this test's passes replay: a pass a subscription or a reconnect woke would
+    // take a kept change off the queue while the test counts it.
+    kling_redis::testing::hold_maintenance(&one, true);
     let two = backend(&server, 3).await;
     let account = video().account;
     let reports = [
@@ -3247,6 +3268,9 @@ async fn a_1303_replayed_after_redis_ran_it_does_not_hide_slots_again() {
         .poll_every(Duration::from_secs(30))
         .maintain_every(Duration::from_secs(60))
         .grace(Duration::from_millis(300));
+    // Only this test's passes replay: a pass a subscription or a reconnect woke would
+    // take a kept change off the queue while the test counts it.
+    kling_redis::testing::hold_maintenance(&one, true);
     let two = backend(&server, 3).await;
     for id in ["t1", "t2"] {
         let r = two.acquire(video(), 1).await.unwrap();
@@ -3291,6 +3315,9 @@ async fn an_end_whose_answer_was_lost_after_redis_ran_it_is_counted_once() {
         .poll_every(Duration::from_secs(30))
         .maintain_every(Duration::from_secs(60))
         .grace(Duration::from_millis(300));
+    // Only this test's passes replay: a pass a subscription or a reconnect woke would
+    // take a kept change off the queue while the test counts it.
+    kling_redis::testing::hold_maintenance(&one, true);
     let two = backend(&server, 3)
         .await
         .maintain_every(Duration::from_secs(60));
