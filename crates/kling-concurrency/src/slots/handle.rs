@@ -1,6 +1,6 @@
 //! [`SlotsHandle`]: callbacks, reconcile, halts, capacities and snapshots.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -95,13 +95,17 @@ impl Snapshot {
 /// What [`SlotsHandle::reconcile`] lists: the legacy create paths (each listed with
 /// `GET {path}?pageNum=N&pageSize=500`) and the new-style product types (each listed with
 /// `POST /tasks`, filtered by status and `product_type`), with the pool each new-style product's
-/// tasks count in (new-style list entries do not say their model).
+/// tasks count in (new-style list entries do not say their model), and the pools of tasks
+/// a caller places by their task or external id ([`task_in`](Self::task_in),
+/// [`external_id_in`](Self::external_id_in)).
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct Reconcile {
     base_url: String,
     legacy_paths: Vec<String>,
     new_style: Vec<(String, Pool)>,
+    by_task_id: HashMap<String, Pool>,
+    by_external_id: HashMap<String, Pool>,
     account: Option<AccountId>,
 }
 
@@ -113,6 +117,8 @@ impl Reconcile {
             base_url: base_url.into().trim_end_matches('/').to_owned(),
             legacy_paths: LEGACY_PATHS.iter().map(|p| (*p).to_owned()).collect(),
             new_style: Vec::new(),
+            by_task_id: HashMap::new(),
+            by_external_id: HashMap::new(),
             account: None,
         }
     }
@@ -124,9 +130,30 @@ impl Reconcile {
     }
 
     /// Also lists new-style tasks of `product_type` (e.g. `text-to-video`) and counts them in
-    /// `pool` (e.g. `video:kling-3.0`).
+    /// `pool` (e.g. `video:kling-3.0`). A product type is listed once: named again, with
+    /// another pool, the first pool stays its tasks' (a list does not say the model; see
+    /// [`task_in`](Self::task_in) for tasks of several models).
     pub fn new_style(mut self, product_type: impl Into<String>, pool: Pool) -> Self {
-        self.new_style.push((product_type.into(), pool));
+        let product_type = product_type.into();
+        if !self.new_style.iter().any(|(p, _)| *p == product_type) {
+            self.new_style.push((product_type, pool));
+        }
+        self
+    }
+
+    /// Counts a listed task that carries `external_id` in `pool`, whatever its path's or
+    /// product's pool: list entries do not say their model, so a caller that knows which
+    /// model each of its creates asked for (a batch's journal) keeps each task in its own
+    /// model's pool rather than in one pool per product.
+    pub fn external_id_in(mut self, external_id: impl Into<String>, pool: Pool) -> Self {
+        self.by_external_id.insert(external_id.into(), pool);
+        self
+    }
+
+    /// Counts the listed task `task_id` in `pool`, whatever its path's or product's pool (as
+    /// [`external_id_in`](Self::external_id_in), for a task whose id the caller kept).
+    pub fn task_in(mut self, task_id: impl Into<String>, pool: Pool) -> Self {
+        self.by_task_id.insert(task_id.into(), pool);
         self
     }
 
@@ -372,7 +399,7 @@ impl<B: SlotBackend> SlotsHandle<B> {
                 // The page's own length: an entry that does not read is still an entry, and a
                 // full page is followed by another.
                 let n = page_len.unwrap_or(outcome.tasks().len());
-                self.adopt(&account, &pool, &outcome, &mut reconciled, &mut seen)
+                self.adopt(&account, &pool, plan, &outcome, &mut reconciled, &mut seen)
                     .await?;
                 if n < PAGE_SIZE {
                     break;
@@ -396,7 +423,8 @@ impl<B: SlotBackend> SlotsHandle<B> {
                         .extension(account.clone())
                         .body(Full::new(Bytes::from(body.to_string())))?;
                     let listed = list(service, request).await?;
-                    self.adopt(&account, pool, &listed.outcome, &mut reconciled, &mut seen)
+                    let page = &listed.outcome;
+                    self.adopt(&account, pool, plan, page, &mut reconciled, &mut seen)
                         .await?;
                     match listed.next {
                         Some(next) => cursor = Some(next),
@@ -414,11 +442,12 @@ impl<B: SlotBackend> SlotsHandle<B> {
     /// old when its adopt looks for it, not the whole reconcile's, which the bounded memory of
     /// ends ([`SlotBackend::begin_listing`]) may have forgotten by the end of a long reconcile
     /// of a busy account. A task in `seen` (named by an earlier page) is neither counted nor
-    /// adopted again.
+    /// adopted again. A task the plan places by its task or external id goes to that pool.
     async fn adopt(
         &self,
         account: &AccountId,
         pool: &Pool,
+        plan: &Reconcile,
         page: &Outcome,
         reconciled: &mut Reconciled,
         seen: &mut HashSet<String>,
@@ -428,7 +457,14 @@ impl<B: SlotBackend> SlotsHandle<B> {
                 continue;
             }
             reconciled.unfinished += 1;
-            let pool = self.settings.pool_scope.apply(pool.clone());
+            let placed = plan.by_task_id.get(&task.id).or_else(|| {
+                let ext = task.external_id.as_ref()?;
+                plan.by_external_id.get(ext)
+            });
+            let pool = self
+                .settings
+                .pool_scope
+                .apply(placed.unwrap_or(pool).clone());
             let applied = self
                 .backend
                 .apply(SlotOp::Adopt {

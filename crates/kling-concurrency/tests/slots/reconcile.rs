@@ -108,6 +108,56 @@ async fn reconcile_adopts_unfinished_tasks_found_on_the_mock() {
     assert!(mock.stats().max_concurrent["video"] <= 5);
 }
 
+/// New-style list entries do not say their model: tasks of two models of one product, placed
+/// by their external or task ids, are adopted each into its own model's pool, and the product is
+/// listed once though the plan names it for both pools. A task the plan does not place goes
+/// to the product's first pool. (Before, every task went to the first pool, and the product
+/// was listed twice.)
+#[tokio::test(start_paused = true)]
+async fn tasks_placed_by_external_id_are_adopted_into_their_models_pools() {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .no_rate_limit()
+            .task_duration(Duration::from_secs(600), Duration::from_secs(600)),
+    )
+    .unwrap();
+    let mut bare = client(&mock);
+    let mut ids = Vec::new();
+    for (model, ext) in [
+        ("kling-3.0", "a-1"),
+        ("kling-2.6", "b-1"),
+        ("kling-2.6", "b-2"),
+        ("kling-2.6", "c-1"),
+    ] {
+        let body = format!(r#"{{"prompt":"p","external_id":"{ext}"}}"#);
+        let r = send(&mut bare, post(&format!("/text-to-video/{model}"), &body)).await;
+        ids.push(Outcome::of(&r).unwrap().task().unwrap().id.clone());
+    }
+    let account = AccountId::new("key");
+    let (_layer, handle) =
+        TaskSlotsLayer::pair(SlotsConfig::new(5).default_account(account.clone())).unwrap();
+    let kling3 = Pool::with_model(Product::Video, "kling-3.0");
+    let kling26 = Pool::with_model(Product::Video, "kling-2.6");
+    let plan = Reconcile::new("")
+        .legacy_paths(Vec::<String>::new())
+        .new_style("text-to-video", kling3.clone())
+        .new_style("text-to-video", kling26.clone())
+        .external_id_in("a-1", kling3.clone())
+        .external_id_in("b-1", kling26.clone())
+        .task_in(ids[2].clone(), kling26.clone());
+    let before = mock.stats().requests_total;
+    let found = handle.reconcile(&mut bare, &plan).await.unwrap();
+    assert_eq!((found.unfinished, found.adopted), (4, 4));
+    assert_eq!(
+        mock.stats().requests_total - before,
+        2,
+        "one list per status (submitted, processing), the product once"
+    );
+    let snapshot = handle.snapshot().await.unwrap();
+    let in_use = |pool: &Pool| snapshot.get(&account, pool).map_or(0, |p| p.in_use);
+    assert_eq!((in_use(&kling3), in_use(&kling26)), (2, 2));
+}
+
 /// A legacy path the server will not list (here one it does not serve: 404 `1202`) is left
 /// out, and the other paths' tasks are still adopted; before, the first such refusal ended the
 /// whole reconcile with nothing adopted.
