@@ -530,7 +530,7 @@ impl Engine {
             tokio::select! {
                 biased;
                 () = &mut stopped => {}
-                () = self.adopt_slots(jobs) => {}
+                () = self.adopt_slots(jobs, &creating, &created) => {}
             }
         }
         for (job, external_id, state, refused_permission) in creating {
@@ -778,9 +778,23 @@ impl Engine {
     }
 
     /// Lists the account's unfinished tasks and adopts their slots (best effort: a failure
-    /// only means the slots layer learns the real count through 1303s).
-    async fn adopt_slots(&self, jobs: &[Job]) {
+    /// only means the slots layer learns the real count through 1303s). A list entry does not
+    /// say its model, so each job's task is placed in its job's pool by its task id (`created`)
+    /// or its external id (`creating`); a task of no job here goes to its product's (or
+    /// path's) pool.
+    async fn adopt_slots(
+        &self,
+        jobs: &[Job],
+        creating: &[(&Job, String, JobState, bool)],
+        created: &[(&Job, String)],
+    ) {
         let mut plan = Reconcile::new("");
+        for (job, external_id, ..) in creating {
+            plan = plan.external_id_in(external_id.clone(), job.pool());
+        }
+        for (job, task) in created {
+            plan = plan.task_in(task.clone(), job.pool());
+        }
         let mut seen = Vec::new();
         for job in jobs.iter().filter(|j| j.generation() == ApiGeneration::New) {
             let product = job

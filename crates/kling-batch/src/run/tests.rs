@@ -1508,3 +1508,94 @@ async fn repeated_unsigned_callbacks_of_a_task_cost_one_query_at_a_time() {
         asked.lock().unwrap()
     );
 }
+
+/// A resumed run adopts the running tasks of two models of one product each into its own
+/// model's pool (a list entry does not say its model): a `created` job's task by its task
+/// id, a `creating` job's by its external id. Before, every task went to the first model's
+/// pool, whose creates then waited for slots the other model's tasks held, while the other
+/// model's creates were sent into 1303s.
+#[tokio::test]
+async fn a_resumed_run_adopts_each_models_tasks_into_its_own_pool() {
+    let server = kling_mock::MockServer::start(
+        MockConfig::preset(Preset::Pro)
+            .speed(1000.0)
+            .task_duration(Duration::from_secs(36_000), Duration::from_secs(36_000))
+            .api_key("key"),
+    )
+    .await
+    .unwrap();
+    let (jobs, errors) = parse_jobs(
+        &[
+            ("a", "kling-3.0"),
+            ("b", "kling-2.6"),
+            ("c", "kling-2.6"),
+        ]
+        .map(|(id, model)| {
+            format!("{{\"id\":\"{id}\",\"prompt\":\"{id}\",\"endpoint\":\"/text-to-video/{model}\"}}\n")
+        })
+        .concat(),
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    let journal = Journal::open_in_memory().unwrap();
+    let records = journal.register(&jobs).unwrap();
+    // A killed run (another stack) created the three tasks; it wrote down the first two's
+    // ids, not the third's.
+    let killed = Stack::new(
+        StackConfig::preset(Tier::Pro).speed(1000.0),
+        Credentials::api_key("key").unwrap(),
+        &server.base_url(),
+    )
+    .unwrap();
+    let mut tasks = Vec::new();
+    for (job, record) in jobs.iter().zip(&records) {
+        let request = Request::post(job.endpoint.as_str())
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(
+                job.create_body(&record.external_id, None),
+            )))
+            .unwrap();
+        let answer = killed.service().oneshot(request).await.unwrap();
+        tasks.push(Outcome::of(&answer).unwrap().task().unwrap().id.clone());
+        journal
+            .transition(&job.id, JobState::Creating, Update::default())
+            .unwrap();
+    }
+    for (job, task) in jobs.iter().zip(&tasks).take(2) {
+        journal
+            .transition(&job.id, JobState::Created, Update::task(task))
+            .unwrap();
+    }
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro).speed(1000.0),
+        Credentials::api_key("key").unwrap(),
+        &server.base_url(),
+    )
+    .unwrap();
+    let engine = Engine::new(
+        stack,
+        journal.clone(),
+        RunOptions::new(default_follow_policy(1.0)),
+    )
+    .unwrap();
+    let created: Vec<(&Job, String)> = jobs.iter().zip(tasks.clone()).take(2).collect();
+    let creating = vec![(
+        &jobs[2],
+        records[2].external_id.clone(),
+        JobState::Creating,
+        false,
+    )];
+    engine.adopt_slots(&jobs, &creating, &created).await;
+    let in_use = |pool: &str| {
+        let snapshot = engine.stack.snapshot();
+        snapshot
+            .pools
+            .iter()
+            .filter(|p| p.pool == pool)
+            .map(|p| p.in_use)
+            .sum::<u32>()
+    };
+    assert_eq!(
+        (in_use("video:kling-3.0"), in_use("video:kling-2.6")),
+        (1, 2)
+    );
+}
