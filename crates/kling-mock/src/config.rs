@@ -14,6 +14,10 @@ use std::time::Duration;
 /// arithmetic far from overflow whatever the configuration.
 pub(crate) const MAX_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
+/// How many accounts open mode keeps by default ([`MockConfig::max_open_accounts`]): far more
+/// than any test or bench uses, a few megabytes with tokens of ordinary length.
+pub const DEFAULT_MAX_OPEN_ACCOUNTS: usize = 10_000;
+
 /// The account tiers of the published Kling rate-limit guide.
 ///
 /// | preset | slots per pool | requests / minute | credits |
@@ -376,6 +380,14 @@ pub struct MockConfig {
     pub max_body_bytes: usize,
     /// TCP port of [`crate::MockServer::start`] on 127.0.0.1 (0 = a free port).
     pub port: u16,
+    /// The most accounts open mode (no API key nor access key configured: every bearer its
+    /// own account) keeps, so a long-running mock fed ever new tokens stays bounded. A new
+    /// token beyond it makes the mock forget the least recently seen idle account (no task
+    /// running, no occupation, no switches of its own, rate limits at rest): its task list,
+    /// external ids and credits go, its tasks stay queryable by task id, and it comes back as
+    /// a fresh account. When none is idle the new token gets HTTP 503 code 5001 until one is.
+    /// Default [`DEFAULT_MAX_OPEN_ACCOUNTS`].
+    pub max_open_accounts: usize,
     /// Base of result URLs (`{base}/{task_id}/{index}.{ext}`). `None`: a non-resolvable
     /// `https://mock.klingai.invalid/outputs`, except under [`crate::MockServer::start`], which
     /// points them at its own `GET /__mock/files/...` so results can be downloaded.
@@ -428,6 +440,7 @@ impl fmt::Debug for MockConfig {
             .field("seed", &self.seed)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("port", &self.port)
+            .field("max_open_accounts", &self.max_open_accounts)
             .field("files_base_url", &self.files_base_url)
             .finish()
     }
@@ -470,6 +483,7 @@ impl MockConfig {
             seed: 0x006b_6c69_6e67,
             max_body_bytes: 10 * 1024 * 1024,
             port: 0,
+            max_open_accounts: DEFAULT_MAX_OPEN_ACCOUNTS,
             files_base_url: None,
         }
     }
@@ -718,6 +732,12 @@ impl MockConfig {
         self
     }
 
+    /// Sets how many accounts open mode keeps (see [`MockConfig::max_open_accounts`]).
+    pub fn max_open_accounts(mut self, accounts: usize) -> Self {
+        self.max_open_accounts = accounts;
+        self
+    }
+
     /// Sets the base of result URLs (see [`MockConfig::files_base_url`]).
     pub fn files_base_url(mut self, base: impl Into<String>) -> Self {
         self.files_base_url = Some(base.into().trim_end_matches('/').to_owned());
@@ -730,6 +750,11 @@ impl MockConfig {
             .clone()
             .or_else(|| self.access_key.clone())
             .unwrap_or_else(|| "default".to_owned())
+    }
+
+    /// Whether no credentials are configured, so every bearer is an account of its own.
+    pub(crate) fn is_open(&self) -> bool {
+        self.api_keys.is_empty() && self.access_key.is_none()
     }
 
     /// The capacity of a pool: its own override, else its product's (`video:kling-3.0` takes
@@ -802,6 +827,9 @@ impl MockConfig {
             if !(0.0..=1.0).contains(&rate) {
                 return err(field, "must be a probability between 0 and 1");
             }
+        }
+        if self.max_open_accounts == 0 {
+            return err("max_open_accounts", "must be at least 1");
         }
         if self.access_key.is_some() != self.secret_key.is_some() {
             return err("secret_key", "access_key and secret_key go together");

@@ -90,6 +90,10 @@ struct Args {
     /// Seed of the RNG behind faults, durations and failures.
     #[arg(long)]
     seed: Option<u64>,
+    /// Most accounts kept without `--api-key`/`--access-key` (each bearer its own account);
+    /// beyond, the least recently seen idle one is forgotten.
+    #[arg(long)]
+    max_open_accounts: Option<usize>,
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -195,6 +199,9 @@ fn config(args: Args) -> MockConfig {
     if let Some(seed) = args.seed {
         config = config.seed(seed);
     }
+    if let Some(accounts) = args.max_open_accounts {
+        config = config.max_open_accounts(accounts);
+    }
     config
 }
 
@@ -256,6 +263,15 @@ mod tests {
         let config = parsed(&["--callback-secret", "only"]);
         assert_eq!(config.callback_secret.as_deref(), Some("only"));
         assert!(config.callback_rotated_secrets.is_empty());
+    }
+
+    #[test]
+    fn max_open_accounts_sets_the_open_mode_cap() {
+        assert_eq!(
+            parsed(&[]).max_open_accounts,
+            kling_mock::DEFAULT_MAX_OPEN_ACCOUNTS
+        );
+        assert_eq!(parsed(&["--max-open-accounts", "50"]).max_open_accounts, 50);
     }
 
     #[test]

@@ -243,12 +243,11 @@ pub(crate) fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                if let Some(b) = hex {
-                    out.push(b);
+            b'%' => {
+                // Exactly two hex digits: `u8::from_str_radix` would also take `+1` (a sign).
+                let hex = |j: usize| bytes.get(j).and_then(|&b| char::from(b).to_digit(16));
+                if let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2)) {
+                    out.push((hi << 4 | lo) as u8);
                     i += 3;
                 } else {
                     out.push(b'%');
@@ -334,5 +333,22 @@ mod tests {
         assert_eq!(percent_decode("%4"), "%4");
         assert_eq!(percent_decode("%zz"), "%zz");
         assert_eq!(percent_decode("%e2%82"), "\u{fffd}");
+    }
+
+    #[test]
+    fn percent_escapes_take_exactly_two_hex_digits() {
+        // A sign is not a hex digit: `%+1` stays as it is (its `+` a space, as in a query).
+        assert_eq!(percent_decode("%+1"), "% 1");
+        assert_eq!(percent_decode("%-1"), "%-1");
+        assert_eq!(percent_decode("a%+f"), "a% f");
+        // At the end of the string: a complete escape decodes, a cut one is kept.
+        assert_eq!(percent_decode("a%41"), "aA");
+        assert_eq!(percent_decode("a%4"), "a%4");
+        assert_eq!(percent_decode("a%"), "a%");
+        assert_eq!(percent_decode("%%41"), "%A");
+        assert_eq!(
+            query_pairs(Some("task_ids=%+1")),
+            [("task_ids".to_owned(), "% 1".to_owned())]
+        );
     }
 }

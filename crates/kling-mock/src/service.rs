@@ -222,6 +222,13 @@ impl MockKling {
                 Ok(account) => account,
                 Err((code, msg)) => return Ok(state.error(code, msg, now, None)),
             };
+            if state.admit(&account, now).is_err() {
+                let msg = format!(
+                    "mock open-mode account limit reached: {} accounts, none idle; retry later",
+                    self.shared.config.max_open_accounts
+                );
+                return Ok(state.error(5001, &msg, now, None));
+            }
             let switches = state.switches_for(&account);
             let refused = if switches.abnormal {
                 Some((1100, "account abnormal"))
@@ -416,5 +423,30 @@ impl tower_service::Service<Request<Full<Bytes>>> for MockKling {
 
     fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
         Box::pin(self.clone().handle(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A long-running open-mode mock fed a fresh token per request keeps at most
+    /// `max_open_accounts` accounts (it kept one per token, for good).
+    #[tokio::test(start_paused = true)]
+    async fn open_mode_accounts_stay_within_the_cap_however_many_tokens() {
+        let mut mock = MockKling::new(MockConfig::default().max_open_accounts(10)).unwrap();
+        for i in 0..1000 {
+            let req = Request::get("/v1/videos/text2video")
+                .header("authorization", format!("Bearer token-{i}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = tower_service::Service::call(&mut mock, req).await.unwrap();
+            assert_eq!(resp.status(), 200, "token {i}");
+            // Past the Pro rate interval, so the account just used is at rest.
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        let state = mock.shared.lock();
+        assert_eq!(state.accounts.len(), 10);
+        assert_eq!(state.seen.len(), 10);
     }
 }

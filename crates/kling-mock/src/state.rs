@@ -3,7 +3,7 @@
 //! Everything is computed lazily from `tokio::time::Instant`: a task ends when the clock passes
 //! its end, so slots free themselves and paused-time tests need no timers.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -98,6 +98,10 @@ pub(crate) struct Account {
     occupied: Vec<Occupation>,
     /// This account's own state (1100 / 1101 / 1304), on top of the mock-wide switches.
     pub(crate) switches: Switches,
+    /// The number of the account's last sighting, [`State::seen`]'s key (open mode forgets the
+    /// least recently seen idle account first; a count, as paused time gives many requests
+    /// one instant).
+    last_seen: u64,
 }
 
 /// The mutable heart of the mock.
@@ -112,9 +116,25 @@ pub(crate) struct State {
     pub(crate) accounts: HashMap<String, Account>,
     pub(crate) stats: Stats,
     next_request: u64,
+    /// Sightings of accounts so far (requests let in by [`State::admit`], accounts made),
+    /// numbering each account's last one.
+    admitted: u64,
+    /// Every account by the number of its last sighting, oldest first: open mode finds the one
+    /// to forget without going through them all.
+    pub(crate) seen: BTreeMap<u64, String>,
 }
 
 impl Account {
+    /// Whether forgetting the account changes nothing a client could be waiting on: no task
+    /// running, no occupation, no switches of its own, rate limits at rest.
+    fn is_idle(&self, tasks: &[Task], now: Instant) -> bool {
+        self.active.iter().all(|&i| tasks[i].end <= now)
+            && self.occupied.iter().all(|o| o.until <= now)
+            && self.switches == Switches::default()
+            && self.tat.is_none_or(|t| t <= now)
+            && self.costs_tat.is_none_or(|t| t <= now)
+    }
+
     /// Moves the credit period on by whole periods once it has ended: the budget comes back
     /// in full and the 1102 latch is lifted.
     fn roll_credit_period(&mut self, period: Option<Duration>, now: Instant) {
@@ -149,6 +169,8 @@ impl State {
             accounts: HashMap::new(),
             stats: Stats::default(),
             next_request: 0,
+            admitted: 0,
+            seen: BTreeMap::new(),
         }
     }
 
@@ -290,8 +312,53 @@ impl State {
         )
     }
 
+    /// Lets a request of `account` in: notes when it was seen and, in open mode, keeps the
+    /// accounts within [`MockConfig::max_open_accounts`] by forgetting the least recently seen
+    /// idle one for a new account. `Err`: every account is busy, the new one is refused.
+    pub(crate) fn admit(&mut self, account: &str, now: Instant) -> Result<(), ()> {
+        if !self.accounts.contains_key(account)
+            && self.config.is_open()
+            && self.accounts.len() >= self.config.max_open_accounts
+        {
+            let (tasks, accounts) = (&self.tasks, &self.accounts);
+            let idle = self
+                .seen
+                .iter()
+                .find(|(_, id)| accounts.get(*id).is_none_or(|a| a.is_idle(tasks, now)))
+                .map(|(&seen, id)| (seen, id.clone()));
+            let Some((seen, idle)) = idle else {
+                return Err(());
+            };
+            // Its ended tasks are counted finished before it goes.
+            self.settle(&idle, now);
+            self.accounts.remove(&idle);
+            self.seen.remove(&seen);
+        }
+        self.account(account);
+        self.admitted += 1;
+        if let Some(acct) = self.accounts.get_mut(account) {
+            self.seen.remove(&acct.last_seen);
+            acct.last_seen = self.admitted;
+            self.seen.insert(self.admitted, account.to_owned());
+        }
+        Ok(())
+    }
+
+    /// The account's state, made (and numbered as just seen) when it has none.
     pub(crate) fn account(&mut self, id: &str) -> &mut Account {
-        self.accounts.entry(id.to_owned()).or_default()
+        let seen = if self.accounts.contains_key(id) {
+            0
+        } else {
+            self.admitted += 1;
+            self.seen.insert(self.admitted, id.to_owned());
+            self.admitted
+        };
+        self.accounts
+            .entry(id.to_owned())
+            .or_insert_with(|| Account {
+                last_seen: seen,
+                ..Account::default()
+            })
     }
 
     /// Moves ended tasks out of the active set: counts them finished and refunds failures

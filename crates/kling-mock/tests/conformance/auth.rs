@@ -11,7 +11,7 @@ use hmac::{Hmac, KeyInit as _, Mac as _};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::support::{Caller, quiet};
+use crate::support::{Caller, advance, quiet, secs};
 
 const AK: &str = "ak-test";
 const SK: &str = "sk-test";
@@ -311,4 +311,154 @@ async fn the_debug_of_a_mock_shows_no_secret() {
             "{text}"
         );
     }
+}
+
+/// Open mode keeps at most `max_open_accounts` accounts: a new token beyond it forgets the
+/// least recently seen idle account (its list goes; its task stays queryable by id). Every
+/// token added an account for good, so a long-running mock fed fresh tokens grew without bound.
+#[tokio::test(start_paused = true)]
+async fn in_open_mode_a_new_key_beyond_the_cap_forgets_the_least_recently_seen_idle_account() {
+    let c = Caller::new(quiet().slots(1).max_open_accounts(2));
+    let task_a = c
+        .with_key("a")
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .data()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.with_key("b")
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .data();
+    advance(101).await;
+    // Both idle now; `b` was seen last, so `c` forgets `a`.
+    assert_eq!(
+        c.with_key("b")
+            .get(T2V)
+            .await
+            .data()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    c.with_key("c").get(T2V).await.data();
+    assert_eq!(
+        c.with_key("b")
+            .get(T2V)
+            .await
+            .data()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // `a` comes back a fresh account (forgetting `c`, now the least recently seen): its list is
+    // empty, its task still answers by id.
+    assert!(
+        c.with_key("a")
+            .get(T2V)
+            .await
+            .data()
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let found = c.with_key("a").get(&format!("{T2V}/{task_a}")).await;
+    assert_eq!(found.data()["task_status"], "succeed");
+    assert_eq!(
+        c.with_key("b")
+            .get(T2V)
+            .await
+            .data()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+/// An account with a task running is never forgotten: with every account busy a new token is
+/// refused, 503 code 5001 naming the limit, until a task ends.
+#[tokio::test(start_paused = true)]
+async fn in_open_mode_a_busy_account_is_kept_and_a_new_key_waits_for_an_idle_one() {
+    let c = Caller::new(quiet().slots(1).max_open_accounts(2));
+    c.with_key("a")
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .data();
+    c.with_key("b")
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .data();
+    for key in ["c", "d", "e"] {
+        let refused = c.with_key(key).get(T2V).await;
+        refused.assert_error(503, 5001);
+        assert!(
+            refused.body["message"]
+                .as_str()
+                .unwrap()
+                .contains("2 accounts")
+        );
+    }
+    // `a` kept its running task and its slot.
+    c.with_key("a")
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1303);
+    advance(101).await;
+    c.with_key("c").get(T2V).await.data();
+}
+
+/// The cap is open mode's only: configured keys name their accounts, all kept.
+#[tokio::test(start_paused = true)]
+async fn with_configured_keys_every_account_is_kept_whatever_the_cap() {
+    let c = Caller::new(
+        quiet()
+            .slots(1)
+            .max_open_accounts(1)
+            .api_key_for("k1", "one")
+            .api_key_for("k2", "two"),
+    );
+    c.with_key("k1")
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .data();
+    c.with_key("k2")
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .data();
+    c.with_key("k1")
+        .post(T2V, json!({"prompt": "x"}))
+        .await
+        .assert_error(429, 1303);
+}
+
+/// Forgetting an account must not lift what holds it: switches set for it, slots another
+/// tenant occupies, or a request-rate limit not yet at rest (a client locked out cannot escape
+/// by waiting for a new token).
+#[tokio::test(start_paused = true)]
+async fn in_open_mode_an_account_under_switches_occupation_or_rate_limit_is_kept() {
+    let c = Caller::new(quiet().rate_per_minute(60.0).max_open_accounts(1));
+    c.mock
+        .set_account_switches("a", kling_mock::Switches::new().arrears(true));
+    c.with_key("b").get(T2V).await.assert_error(503, 5001);
+    c.mock
+        .set_account_switches("a", kling_mock::Switches::new());
+    c.mock.occupy("a", "video", 1, secs(10));
+    c.with_key("b").get(T2V).await.assert_error(503, 5001);
+    advance(10).await;
+    c.with_key("b").get(T2V).await.data();
+    // `b` was let in this instant: its rate limit is not at rest for one interval.
+    c.with_key("c").get(T2V).await.assert_error(503, 5001);
+    advance(1).await;
+    c.with_key("c").get(T2V).await.data();
+}
+
+/// No account at all would refuse every open-mode request: refused, naming the field.
+#[tokio::test(start_paused = true)]
+async fn a_zero_open_account_cap_is_refused_naming_the_field() {
+    let err = kling_mock::MockKling::new(quiet().max_open_accounts(0)).unwrap_err();
+    assert_eq!(err.field(), "max_open_accounts");
 }
