@@ -7,7 +7,8 @@ use clap::Parser;
 use kling_mock::{MockConfig, MockServer, PoolScope, Preset, RetryAfterMode};
 
 /// A real HTTP mock of the Kling AI API on 127.0.0.1.
-#[derive(Debug, Parser)]
+// No `Debug`: it holds the API keys, secret key and callback secrets.
+#[derive(Parser)]
 #[command(name = "kling-mock", version, about)]
 struct Args {
     /// Account tier: free, standard, pro or enterprise.
