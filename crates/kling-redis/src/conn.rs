@@ -147,6 +147,9 @@ impl RedisConfig {
     }
 
     /// Sets [`prefix`](Self::prefix): one Redis can serve several fleets or environments.
+    /// Give each fleet its own prefix even when they use different databases of one server
+    /// (`redis://host/0`, `/1`): pub/sub channels are server-wide, so two fleets under one
+    /// prefix would wake each other's waiters and could take each other's halts.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
