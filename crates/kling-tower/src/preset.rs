@@ -55,7 +55,7 @@
 //! retry_deadline_secs = 600
 //! retry_budget_ratio = 0.2
 //! attempt_timeout_secs = 30
-//! max_body_bytes = 2097152
+//! max_body_bytes = 2097152  # 1024 to 67108864 (64 MiB, preset::MAX_BODY_BYTES)
 //! daily_credits = "none"    # or a number
 //! credit_period_secs = 86400
 //!
@@ -194,6 +194,11 @@ pub const MAX_PACING_INTERVAL: Duration = Duration::from_nanos((1 << 48) - 1);
 /// The longest connect timeout [`StackConfig::connect_timeout_duration`] gives: the clients'
 /// default (10 s), well inside the default 30 s attempt timeout.
 pub const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The largest response body limit accepted ([`StackConfig::max_body_bytes`], 64 MiB): the
+/// classify step buffers up to this much of every response in flight. Kling's largest answer,
+/// a list of 500 tasks, is far below it.
+pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 
 /// The slowest speed factor accepted (a thousandth of real time).
 pub const MIN_SPEED: f64 = 0.001;
@@ -392,7 +397,8 @@ impl StackConfig {
         self
     }
 
-    /// Sets the largest response body read.
+    /// Sets the largest response body read: at least 1024, at most [`MAX_BODY_BYTES`] (64 MiB),
+    /// as each response in flight may buffer that much.
     pub fn max_body_bytes(mut self, bytes: usize) -> Self {
         self.max_body_bytes = bytes;
         self
@@ -442,7 +448,13 @@ impl StackConfig {
     /// The least time between two requests' turns, at this speed: the account's interval
     /// (60 s ÷ its rate) less the headroom's share of the rate, plus the jitter allowance.
     pub fn pacing_interval(&self) -> Option<Duration> {
-        let per_minute = self.account_rate_per_minute()? * (1.0 - self.headroom);
+        self.pacing_interval_under(self.headroom)
+    }
+
+    /// [`pacing_interval`](Self::pacing_interval) with `headroom` in place of the configured
+    /// one.
+    fn pacing_interval_under(&self, headroom: f64) -> Option<Duration> {
+        let per_minute = self.account_rate_per_minute()? * (1.0 - headroom);
         let interval = Duration::try_from_secs_f64(60.0 / per_minute).ok()?;
         Some(interval + self.jitter_allowance)
     }
@@ -566,7 +578,8 @@ impl StackConfig {
     /// most a year ([`MAX_DURATION`]) also once divided by the speed factor (the attempt timeout
     /// at least 3 ns, so that its third, the [connect timeout](Self::connect_timeout_duration),
     /// is above 0 too). A rate must allow a request at least every [`MAX_PACING_INTERVAL`]
-    /// (about 78 hours) at its [pacing interval](Self::pacing_interval).
+    /// (about 78 hours) at its [pacing interval](Self::pacing_interval); when the rate alone
+    /// would, the error names the `headroom` that leaves too little of it.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |field: &'static str, reason: &'static str| Err(ConfigError::new(field, reason));
         // Beyond these, scaled durations leave what a `Duration` or the clock can hold (a
@@ -595,11 +608,32 @@ impl StackConfig {
         // A rate so small that its interval is beyond a `Duration` would otherwise make
         // `pacing_interval` `None`, which the stack reads as "no cap"; one whose interval is
         // beyond the rate limiter's longest would fail only when the stack is built.
+        let too_long = |interval: Option<Duration>| {
+            interval.is_none_or(|interval| interval > MAX_PACING_INTERVAL)
+        };
         if let Some(rate) = self.rate_per_minute
-            && self
-                .pacing_interval()
-                .is_none_or(|interval| interval > MAX_PACING_INTERVAL)
+            && too_long(self.pacing_interval())
         {
+            // A rate that would pace with no headroom is refused for its headroom (one near 1
+            // leaves almost nothing of it), named so.
+            if !too_long(self.pacing_interval_under(0.0)) {
+                return Err(ConfigError::new(
+                    "headroom",
+                    format!(
+                        "is {:?}, too close to 1: it leaves {:?} of rate_per_minute {rate:?} at \
+                         speed {}, one request every {}; must allow at least one request every \
+                         {:?} hours, the rate limiter's longest interval",
+                        self.headroom,
+                        1.0 - self.headroom,
+                        self.speed,
+                        self.pacing_interval().map_or_else(
+                            || "longer than any Duration".to_owned(),
+                            |i| format!("{i:?}")
+                        ),
+                        MAX_PACING_INTERVAL.as_secs() / 3600,
+                    ),
+                ));
+            }
             return Err(ConfigError::new(
                 "rate_per_minute",
                 format!(
@@ -752,6 +786,15 @@ impl StackConfig {
         if self.max_body_bytes < 1024 {
             return err("max_body_bytes", "must be at least 1024");
         }
+        if self.max_body_bytes > MAX_BODY_BYTES {
+            return Err(ConfigError::new(
+                "max_body_bytes",
+                format!(
+                    "is {}, too large: must be at most {MAX_BODY_BYTES} (64 MiB)",
+                    self.max_body_bytes
+                ),
+            ));
+        }
         if let Some(credits) = self.daily_credits
             && !(credits.is_finite() && credits >= 0.0)
         {
@@ -814,7 +857,7 @@ impl StackConfig {
     /// | `KLING_RETRY_DEADLINE_SECS` | retry_deadline | seconds |
     /// | `KLING_RETRY_BUDGET_RATIO` | retry_budget_ratio | number ≥ 0 |
     /// | `KLING_ATTEMPT_TIMEOUT_SECS` | attempt_timeout | seconds |
-    /// | `KLING_MAX_BODY_BYTES` | max_body_bytes | integer ≥ 1024 |
+    /// | `KLING_MAX_BODY_BYTES` | max_body_bytes | integer, 1024 to 67108864 |
     /// | `KLING_DAILY_CREDITS` | daily_credits | number, or `none` |
     /// | `KLING_CREDIT_PERIOD_SECS` | credit_period | seconds |
     ///

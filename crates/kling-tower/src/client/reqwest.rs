@@ -18,8 +18,9 @@ type Pending = <reqwest::Client as Service<reqwest::Request>>::Future;
 /// which `kling_core::ClassifyLayer` reads (bounded) into `Response<Full<Bytes>>`.
 ///
 /// A failed connect, and a request reqwest refuses before sending it (a relative URI, sent with
-/// no [`BaseUrlLayer`](crate::BaseUrlLayer) under the stack, or a scheme other than `http` and
-/// `https`), becomes a [`NotSent`] error, so the layers above know a create surely did not
+/// no [`BaseUrlLayer`](crate::BaseUrlLayer) under the stack, a scheme other than `http` and
+/// `https`, or an HTTP version the connection does not speak: an HTTP/2 request over HTTP/1.1),
+/// becomes a [`NotSent`] error, so the layers above know a create surely did not
 /// happen; other reqwest errors pass as they are (the request may have been sent).
 ///
 /// Build the client with [`ReqwestService::new_client`], or install the `ring` provider
@@ -206,7 +207,7 @@ impl Future for ResponseFuture {
                 Ok(response) => Poll::Ready(Ok(response.into())),
                 // A builder error is reqwest refusing the request before sending it (a scheme
                 // other than `http` or `https`, a URL no URI holds).
-                Err(e) if e.is_connect() || e.is_builder() => {
+                Err(e) if e.is_connect() || e.is_builder() || super::refused_version(&e) => {
                     Poll::Ready(Err(Box::new(NotSent::new(without_credentials(e)))))
                 }
                 Err(e) => Poll::Ready(Err(Box::new(without_credentials(e)))),

@@ -170,9 +170,16 @@ impl WebhookVerifier {
         Ok(self.rebuild(|keys, _, _, _| keys.push(key)))
     }
 
-    /// Sets how far a message's timestamp may be from now, either way.
+    /// Sets how far a message's timestamp may be from now, either way, rounded up to whole
+    /// seconds and at least 1 s: `webhook-timestamp` is whole seconds, so a message signed late
+    /// in one second and delivered early in the next would otherwise be refused as stale under
+    /// any tolerance below 1 s (and 1.5 s refused one delivered 1.2 s after it was signed).
     pub fn tolerance(self, tolerance: Duration) -> WebhookVerifier {
-        self.rebuild(|_, t, _, _| *t = tolerance)
+        let seconds = tolerance
+            .as_secs()
+            .saturating_add(u64::from(tolerance.subsec_nanos() > 0))
+            .max(1);
+        self.rebuild(|_, t, _, _| *t = Duration::from_secs(seconds))
     }
 
     /// Reads the time from `clock`.

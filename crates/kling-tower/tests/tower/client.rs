@@ -404,6 +404,40 @@ async fn an_http2_request_to_the_http1_client_is_never_sent() {
     server.abort();
 }
 
+/// `HttpsClient::new` hands an HTTP/2 request to a client of one's own, which may speak it;
+/// when the connection is HTTP/1.1 (here a client that speaks nothing else, over `http://`),
+/// hyper-util refuses it once connected and before writing it, with `UserUnsupportedVersion`,
+/// which read as maybe sent. It fails as never sent.
+#[tokio::test]
+async fn an_http2_request_an_own_client_cannot_send_on_its_connection_is_never_sent() {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+    use kling_tower::client::{ConnectTimeout, HttpsClient};
+
+    let (base, _, server) = counting_server().await;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+        .unwrap()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    let client = Client::builder(TokioExecutor::new())
+        .build(ConnectTimeout::new(connector, Duration::from_secs(5)));
+    let service = ClassifyLayer::new().layer(HttpsClient::new(client));
+    let mut request = create(&base);
+    *request.version_mut() = http::Version::HTTP_2;
+    let error = service.clone().oneshot(request).await.unwrap_err();
+    assert_eq!(SendState::of(&*error), SendState::NotSent, "{error:?}");
+    assert!(!kling_core::error::may_have_created(&*error), "{error:?}");
+
+    let response = service.oneshot(create(&base)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    server.abort();
+}
+
 /// The same through the stack's retry layer, hand-composed without a base URL layer: a create
 /// never sent is tried no more than its attempts allow and fails as never sent, not as a create
 /// that may have made a task.

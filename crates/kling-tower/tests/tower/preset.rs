@@ -204,10 +204,6 @@ fn a_rate_too_small_to_pace_is_refused_rather_than_read_as_no_cap() {
             .speed(0.001)
             .rate_per_minute(0.01)
             .no_daily_credits(),
-        // 40 hours, less a headroom of a half: 80 hours.
-        StackConfig::preset(Tier::Pro)
-            .rate_per_minute(1.0 / (40.0 * 60.0))
-            .headroom(0.5),
     ];
     for config in too_small {
         let err = config.validate().unwrap_err();
@@ -957,4 +953,79 @@ fn a_validation_error_names_a_variable_only_where_it_is_set() {
         "adaptive_rate",
         "the TOML's, not a variable: {err}"
     );
+}
+
+/// `max_body_bytes` had no upper bound: any `usize` passed (`KLING_MAX_BODY_BYTES`, TOML, the
+/// setter), and the classify step then buffered a response body that large, for every
+/// response in flight. It is at most `preset::MAX_BODY_BYTES` (64 MiB), refused beyond that
+/// naming the setting and the limit, wherever it was set.
+#[test]
+fn a_body_limit_beyond_the_largest_is_refused_naming_the_setting_and_the_limit() {
+    use kling_tower::preset::MAX_BODY_BYTES;
+
+    assert_eq!(MAX_BODY_BYTES, 64 * 1024 * 1024);
+    let largest = StackConfig::preset(Tier::Pro).max_body_bytes(MAX_BODY_BYTES);
+    largest.validate().unwrap();
+    assert_eq!(largest.body_limit(), MAX_BODY_BYTES);
+    let limit = MAX_BODY_BYTES.to_string();
+    for bytes in [MAX_BODY_BYTES + 1, usize::MAX] {
+        let config = StackConfig::preset(Tier::Pro).max_body_bytes(bytes);
+        let err = config.clone().validate().unwrap_err();
+        assert_eq!(err.field(), "max_body_bytes", "{err}");
+        assert!(err.reason().contains("too large"), "{err}");
+        assert!(err.reason().contains(&format!("at most {limit}")), "{err}");
+        let built =
+            kling_tower::KlingLayer::new(config, kling_tower::Credentials::api_key("k").unwrap());
+        assert_eq!(built.unwrap_err().field(), "max_body_bytes");
+        let err = StackConfig::from_lookup(vars(&[("KLING_MAX_BODY_BYTES", &bytes.to_string())]))
+            .unwrap_err();
+        assert_eq!(err.field(), "KLING_MAX_BODY_BYTES", "{err}");
+        assert!(err.reason().contains(&format!("at most {limit}")), "{err}");
+    }
+    let err = StackConfig::from_toml_str("max_body_bytes = 1000000000").unwrap_err();
+    assert_eq!(err.field(), "max_body_bytes", "{err}");
+    assert!(err.reason().contains(&format!("at most {limit}")), "{err}");
+    let loaded = StackConfig::from_lookup(vars(&[("KLING_MAX_BODY_BYTES", &limit)])).unwrap();
+    assert_eq!(loaded.body_limit(), MAX_BODY_BYTES);
+}
+
+/// A headroom near 1 leaves almost none of the rate: Pro's 60 a minute, less a headroom of
+/// 0.9999999, is one request every 278 hours, beyond the rate limiter's longest interval. It
+/// was refused as `rate_per_minute` (a rate nobody set, the preset's, or
+/// `KLING_RATE_PER_MINUTE` though only `KLING_HEADROOM` was set). Where the rate alone would
+/// pace, the headroom is named; a rate too small on its own is still named itself.
+#[test]
+fn a_headroom_that_leaves_too_little_of_the_rate_is_refused_naming_the_headroom() {
+    let near_one = [
+        StackConfig::preset(Tier::Pro).headroom(0.9999999),
+        StackConfig::preset(Tier::Pro).headroom(1.0 - f64::EPSILON / 2.0),
+        // 40 hours, less a headroom of a half: 80 hours.
+        StackConfig::preset(Tier::Pro)
+            .rate_per_minute(1.0 / (40.0 * 60.0))
+            .headroom(0.5),
+    ];
+    for config in near_one {
+        config.clone().headroom(0.0).validate().unwrap();
+        let err = config.clone().validate().unwrap_err();
+        assert_eq!(err.field(), "headroom", "{config:?}: {err}");
+        assert!(err.reason().contains("every 78 hours"), "{err}");
+        let built =
+            kling_tower::KlingLayer::new(config, kling_tower::Credentials::api_key("k").unwrap());
+        assert_eq!(built.unwrap_err().field(), "headroom");
+    }
+    let err = StackConfig::from_lookup(vars(&[
+        ("KLING_TIER", "pro"),
+        ("KLING_HEADROOM", "0.9999999"),
+    ]))
+    .unwrap_err();
+    assert_eq!(err.field(), "KLING_HEADROOM", "{err}");
+    let err = StackConfig::from_toml_str("tier = \"pro\"\nheadroom = 0.9999999\n").unwrap_err();
+    assert_eq!(err.field(), "headroom", "{err}");
+    // A rate that is too small with no headroom at all stays the rate's fault.
+    let err = StackConfig::preset(Tier::Pro)
+        .rate_per_minute(3e-6)
+        .headroom(0.5)
+        .validate()
+        .unwrap_err();
+    assert_eq!(err.field(), "rate_per_minute", "{err}");
 }

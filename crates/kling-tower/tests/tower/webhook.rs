@@ -503,3 +503,40 @@ async fn only_the_first_sixteen_signature_entries_are_read() {
         v.verify(&listed(id, 0), BODY).unwrap();
     }
 }
+
+/// `webhook-timestamp` is whole seconds and the check compared whole seconds with the
+/// tolerance cut down to whole seconds: under 1 s it was 0, and a message signed at NOW + 0.95 s
+/// and delivered 150 ms later (at NOW + 1.1 s) was refused as stale, as was one 1.4 s late under
+/// a 1.5 s tolerance. The tolerance is rounded up to whole seconds, at least 1, so a message
+/// delivered within it is never refused for the rounding; one surely later still is.
+#[tokio::test(start_paused = true)]
+async fn a_tolerance_in_fractions_of_a_second_still_accepts_a_message_delivered_within_it() {
+    let at = |millis: u64| TokioWallClock::starting_at(Duration::from_millis(NOW * 1000 + millis));
+    let signed = kling_mock::sign_webhook(SECRET, "msg_1", NOW, BODY);
+    let cases = [
+        (Duration::from_millis(500), 1_100),
+        (Duration::ZERO, 1_100),
+        (Duration::from_millis(1_500), 2_300),
+    ];
+    for (tolerance, now) in cases {
+        let v = WebhookVerifier::new(SECRET)
+            .unwrap()
+            .tolerance(tolerance)
+            .with_clock(at(now));
+        v.verify(&headers("msg_1", NOW, &signed), BODY)
+            .unwrap_or_else(|e| panic!("{tolerance:?} at +{now} ms: {e}"));
+    }
+    // Surely later than the tolerance (signed by NOW + 1 s, checked at NOW + 3 s): refused.
+    let v = WebhookVerifier::new(SECRET)
+        .unwrap()
+        .tolerance(Duration::from_millis(1_500))
+        .with_clock(at(3_000));
+    let err = v.verify(&headers("msg_1", NOW, &signed), BODY).unwrap_err();
+    assert_eq!(err.kind(), WebhookErrorKind::Stale, "{err}");
+    assert!(format!("{v:?}").contains("tolerance: 2s"), "{v:?}");
+    // The largest tolerance does not overflow when rounded.
+    let v = WebhookVerifier::new(SECRET)
+        .unwrap()
+        .tolerance(Duration::MAX);
+    assert!(format!("{v:?}").contains("tolerance"), "{v:?}");
+}
