@@ -190,11 +190,13 @@ impl Cooldown {
 /// Only a 1302 or a success of a request sent after the last 1302's pause began counts: one sent
 /// before it says nothing about the rate since.
 ///
-/// `r` never goes above the ceiling nor below `ceiling / 1000`. After a 1302 the rate falls to
-/// 85% of where it was refused, climbs back to 97% of it within about ten successes, and then
-/// probes upward by 0.1% of the limit per success — about forty successes per refusal, so a
-/// steady load sees roughly one 1302 in forty requests at 90–100% of the real limit, and
-/// notices a limit that was raised. (The cooldown after each 1302 still applies.)
+/// `r` never goes above the ceiling nor below `ceiling / 1000`, a given start included (it is
+/// clamped, not refused: [`GcraHandle::set_quota`](crate::GcraHandle::set_quota) changes the
+/// ceiling after the build). After a 1302 the rate falls to 85% of where it was refused,
+/// climbs back to 97% of it within about ten successes, and then probes upward by 0.1% of the
+/// limit per success — about forty successes per refusal, so a steady load sees roughly one
+/// 1302 in forty requests at 90–100% of the real limit, and notices a limit that was raised.
+/// (The cooldown after each 1302 still applies.)
 ///
 /// The first [`escalate_after`](Cooldown::escalate_after) 1302s of a run with no success between
 /// (its streak, [`Cooldown`]) each lower the rate and remember the rate they came at: a server
@@ -217,7 +219,8 @@ impl Cooldown {
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct Adaptive {
-    /// The starting rate in requests per second (`None`: a quarter of the ceiling).
+    /// The starting rate in requests per second (`None`: a quarter of the ceiling), clamped
+    /// to `ceiling / 1000..=ceiling` for each key.
     pub start: Option<f64>,
     /// Slow-start growth per success before the first 1302.
     pub growth: f64,
@@ -283,6 +286,12 @@ impl Adaptive {
     }
 }
 
+/// `rate` within `ceiling / 1000..=ceiling`: `f64::clamp` without its panic on a NaN or
+/// negative ceiling (these methods are public).
+fn within(rate: f64, ceiling: f64) -> f64 {
+    rate.max(ceiling / 1000.0).min(ceiling)
+}
+
 /// The adaptive state of one key: its current rate and remembered limit, requests per second,
 /// and whether a 1302 lowered the rate since the last success.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -294,11 +303,11 @@ pub struct AdaptiveState {
 }
 
 impl AdaptiveState {
-    /// The state of a key seen for the first time under `ceiling` requests per second.
+    /// The state of a key seen for the first time under `ceiling` requests per second, its
+    /// start clamped into the rule's range (see [`Adaptive`]).
     pub fn new(config: &Adaptive, ceiling: f64) -> Self {
-        let rate = config.start.unwrap_or(ceiling / 4.0).min(ceiling);
         AdaptiveState {
-            rate,
+            rate: within(config.start.unwrap_or(ceiling / 4.0), ceiling),
             limit: None,
             lowerings: 0,
         }
@@ -340,7 +349,7 @@ impl AdaptiveState {
                 self.rate + ((target - self.rate) / 4.0).max(probe)
             }
         };
-        self.rate = rate.clamp(ceiling / 1000.0, ceiling);
+        self.rate = within(rate, ceiling);
     }
 
     /// A 1302 came back for a request sent after the previous pause began, the `streak`-th in a
@@ -362,7 +371,7 @@ impl AdaptiveState {
         }
         self.lowerings += 1;
         self.limit = Some(self.rate);
-        self.rate = (self.rate * config.decrease).clamp(ceiling / 1000.0, ceiling);
+        self.rate = within(self.rate * config.decrease, ceiling);
     }
 }
 
@@ -523,6 +532,29 @@ mod tests {
         let before = s.rate();
         s.on_throttle(&cfg, ceiling, 1, &cooldown);
         assert_eq!(s.rate(), before * 0.85, "a success between: lowered again");
+    }
+
+    /// A start is clamped into `ceiling / 1000..=ceiling`, as every later rate is.
+    #[test]
+    fn a_start_outside_the_range_is_clamped() {
+        let at = |start: f64| {
+            AdaptiveState::new(&Adaptive::new().start(Quota::per_second(start)), 10.0).rate()
+        };
+        assert_eq!(at(0.001), 0.01);
+        assert_eq!(at(50.0), 10.0);
+        assert_eq!(at(2.0), 2.0);
+    }
+
+    /// The rule's public methods take any ceiling without panicking (`f64::clamp` panics on
+    /// a NaN or negative one, whose floor lies above it).
+    #[test]
+    fn a_bad_ceiling_does_not_panic() {
+        let cfg = Adaptive::default();
+        for ceiling in [f64::NAN, -1.0, f64::NEG_INFINITY] {
+            let mut s = AdaptiveState::new(&cfg, ceiling);
+            s.on_success(&cfg, ceiling);
+            s.on_throttle(&cfg, ceiling, 1, &Cooldown::default());
+        }
     }
 
     #[test]

@@ -11,6 +11,11 @@ const MIN_PERIOD: Duration = Duration::from_nanos(1);
 const MAX_PERIOD_NANOS: u64 = (1 << 48) - 1;
 /// The largest burst a quota may have.
 const MAX_BURST: u32 = u16::MAX as u32;
+/// The longest burst window (interval × burst) a quota may have, 2^62 ns (about 146 years):
+/// governor's theoretical arrival time, in `u64` nanoseconds since the key's limiter started,
+/// runs up to that window past the key's age, so the rest of the range is the age a key may
+/// reach (about 438 years) before it overflows.
+const MAX_BURST_WINDOW_NANOS: u64 = 1 << 62;
 
 /// A GCRA quota: one request per `period` on average, up to `burst` back to back.
 ///
@@ -18,8 +23,8 @@ const MAX_BURST: u32 = u16::MAX as u32;
 /// ([`Quota::with_period`]); fractional rates are exact to the nanosecond, so a 5% headroom
 /// under 60 per minute is simply `Quota::per_minute(60.0).with_headroom(0.05)`. The
 /// constructors never panic: an invalid value (a rate that is zero, negative or not finite, a
-/// burst of zero, a headroom outside `0..1`) is kept and reported, naming the field, when the
-/// layer is built.
+/// burst of zero or one whose window, interval × burst, passes 146 years, a headroom outside
+/// `0..1`) is kept and reported, naming the field, when the layer is built.
 ///
 /// ```
 /// use std::time::Duration;
@@ -86,6 +91,11 @@ impl Quota {
         self.burst = burst;
         if (burst == 0 || burst > MAX_BURST) && self.invalid.is_none() {
             self.invalid = Some(("burst", "must lie between 1 and 65535"));
+        }
+        if self.period.as_nanos() * u128::from(burst) > u128::from(MAX_BURST_WINDOW_NANOS)
+            && self.invalid.is_none()
+        {
+            self.invalid = Some(("burst", "times the interval must be at most 146 years"));
         }
         self
     }
@@ -165,11 +175,13 @@ impl Quota {
     }
 
     /// The quota with the rate lowered to `rate` per second when that is slower (the adaptive
-    /// rate never raises the configured ceiling).
+    /// rate never raises the configured ceiling), within the bounds a valid quota keeps.
     pub(crate) fn at_most(self, rate: f64) -> Quota {
         let nanos = (1e9 / rate).round();
         if nanos.is_finite() && nanos > self.period.as_nanos() as f64 {
-            let nanos = nanos.min(MAX_PERIOD_NANOS as f64) as u64;
+            let longest =
+                MAX_PERIOD_NANOS.min(MAX_BURST_WINDOW_NANOS / u64::from(self.burst.max(1)));
+            let nanos = nanos.min(longest as f64).max(self.period.as_nanos() as f64) as u64;
             Quota {
                 period: Duration::from_nanos(nanos),
                 burst: self.burst,
@@ -239,6 +251,41 @@ mod tests {
         assert!(Quota::per_minute(1.0).scaled(-1.0).validate().is_err());
     }
 
+    /// A burst window (interval × burst) past 2^62 ns, about 146 years, is refused: governor's
+    /// theoretical arrival time, nanoseconds since the key's limiter started, reaches that
+    /// window past the key's age, and a 78-hour interval with a burst of 65535 (2^64 ns)
+    /// overflowed it once the key was 78 hours old (a panic, or in release every request
+    /// admitted from then on).
+    #[test]
+    fn a_burst_window_past_146_years_is_refused() {
+        let longest = Duration::from_nanos(MAX_PERIOD_NANOS);
+        let err = Quota::with_period(longest)
+            .with_burst(MAX_BURST)
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.field(), "quota.burst");
+        // Also when a headroom or a speed takes the interval there.
+        let near = Quota::with_period(longest / 4).with_burst(MAX_BURST);
+        assert!(near.validate().is_ok());
+        assert_eq!(
+            near.scaled(0.5).validate().unwrap_err().field(),
+            "quota.burst"
+        );
+        let edge = MAX_BURST_WINDOW_NANOS / u64::from(MAX_BURST);
+        assert!(
+            Quota::with_period(Duration::from_nanos(edge))
+                .with_burst(MAX_BURST)
+                .validate()
+                .is_ok()
+        );
+        assert!(
+            Quota::with_period(Duration::from_nanos(edge + 1))
+                .with_burst(MAX_BURST)
+                .validate()
+                .is_err()
+        );
+    }
+
     #[test]
     fn cells_round_trip() {
         let quota = Quota::per_minute(57.0).with_burst(7);
@@ -254,5 +301,15 @@ mod tests {
         let quota = Quota::per_second(10.0);
         assert_eq!(quota.at_most(20.0), quota);
         assert_eq!(quota.at_most(5.0).period(), Duration::from_millis(200));
+        // Nor past the longest burst window (its burst kept), nor faster for a quota handed
+        // in unchecked (a `Policy` is public), nor with a panic for a burst of zero.
+        let window = MAX_BURST_WINDOW_NANOS / u64::from(MAX_BURST);
+        let wide = Quota::per_second(1.0).with_burst(MAX_BURST);
+        assert_eq!(wide.at_most(1e-9).period(), Duration::from_nanos(window));
+        let unchecked = Quota::with_period(Duration::from_nanos(MAX_PERIOD_NANOS / 2));
+        let unchecked = unchecked.with_burst(MAX_BURST);
+        assert_eq!(unchecked.at_most(1e-9).period(), unchecked.period());
+        let zero = Quota::per_second(1.0).with_burst(0);
+        assert!(zero.at_most(1e-9).period() >= zero.period());
     }
 }

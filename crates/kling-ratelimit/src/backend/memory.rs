@@ -1497,6 +1497,83 @@ mod tests {
         assert!(backend.at_ceiling_now(&key, &p));
     }
 
+    /// A start below the floor (`ceiling / 1000`) paces the key's first requests at the floor,
+    /// not at the start (1,000 s apart for a start of 0.001/s under 10/s, until a success).
+    #[tokio::test(start_paused = true)]
+    async fn a_start_below_the_floor_paces_at_the_floor() {
+        use crate::policy::Adaptive;
+        let backend = InProcess::new();
+        let p = Policy::new(Quota::per_second(10.0), Cooldown::default())
+            .with_adaptive(Some(Adaptive::new().start(Quota::per_second(0.001))));
+        let key = BucketKey::account(Some(AccountId::interned("below-floor")));
+        let start = Instant::now();
+        assert_eq!(backend.acquire_now(&key, &p), Decision::Admit);
+        assert_eq!(
+            backend.acquire_now(&key, &p),
+            Decision::NotBefore {
+                at: start + Duration::from_secs(100),
+                cooldown: false
+            }
+        );
+        let state = backend.key_state(&key).expect("held");
+        assert_eq!(state.adaptive_rate, Some(0.01));
+    }
+
+    /// The longest burst window a quota may have (interval × burst, about 146 years: see
+    /// [`Quota`]) spent in full by a key 400 years old admits the burst and no more: governor's
+    /// nanoseconds do not overflow (a 78-hour interval with a burst of 65535 did once the key
+    /// was 78 hours old: every request admitted from then on, in release).
+    #[tokio::test(start_paused = true)]
+    async fn the_longest_burst_window_spent_by_an_old_key_admits_the_burst() {
+        let burst = u32::from(u16::MAX);
+        let quota = |nanos| Quota::with_period(Duration::from_nanos(nanos)).with_burst(burst);
+        // The longest interval validation accepts with that burst.
+        let (mut valid, mut invalid) = (1, 1 << 48);
+        while invalid - valid > 1 {
+            let mid = valid + (invalid - valid) / 2;
+            if quota(mid).validate().is_ok() {
+                valid = mid;
+            } else {
+                invalid = mid;
+            }
+        }
+        let quota = quota(valid);
+        let backend = InProcess::new();
+        let p = policy(quota);
+        let key = BucketKey::account(None);
+        assert_eq!(backend.acquire_now(&key, &p), Decision::Admit);
+        tokio::time::advance(Duration::from_secs(400 * 365 * 24 * 3600)).await;
+        let admitted = (0..burst + 10)
+            .filter(|_| backend.acquire_now(&key, &p) == Decision::Admit)
+            .count();
+        assert_eq!(admitted, burst as usize);
+    }
+
+    /// An adaptive rate at its floor (`ceiling / 1000`) slows a quota past the longest burst
+    /// window validation accepts (see [`Quota`]): the slowed quota keeps to that window too.
+    /// (A 1-per-282 s ceiling with a burst of 65535 at its floor, interval 78 hours, overflowed
+    /// governor's nanoseconds once the key was 78 hours old and spent its burst.)
+    #[tokio::test(start_paused = true)]
+    async fn an_adaptive_floor_keeps_to_the_longest_burst_window() {
+        use crate::policy::Adaptive;
+        let burst = u32::from(u16::MAX);
+        let quota = Quota::with_period(Duration::from_secs(282)).with_burst(burst);
+        assert!(quota.validate().is_ok());
+        let p = policy(quota).with_adaptive(Some(
+            Adaptive::new().start(Quota::with_period(Duration::from_secs(1 << 40))),
+        ));
+        let backend = InProcess::new();
+        let key = BucketKey::account(None);
+        assert_eq!(backend.acquire_now(&key, &p), Decision::Admit);
+        let slowed = backend.key_state(&key).expect("held").effective;
+        assert!(slowed.period() > Duration::from_secs(3600), "{slowed:?}");
+        tokio::time::advance(Duration::from_secs(400 * 365 * 24 * 3600)).await;
+        let admitted = (0..burst + 10)
+            .filter(|_| backend.acquire_now(&key, &p) == Decision::Admit)
+            .count();
+        assert_eq!(admitted, burst as usize);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn idle_keys_are_dropped() {
         let backend = InProcess::new();
