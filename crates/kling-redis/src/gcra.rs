@@ -60,14 +60,15 @@ struct Options {
 /// `gcra(key, q, qx, period, burst, adaptive, start, ceiling)`: `key` the key's hash, `q` its
 /// fleet queue (sorted set: waiting process → since when its asking request has waited, µs),
 /// `qx` when each place ends (µs); the key's quota: period (µs, rounded up), burst, adaptive
-/// ('1'), adaptive start rate (-1: ceiling/4), ceiling rate. Returns a function that takes the
-/// cell and returns whether the key's 1302 streak is running and whether its adaptive rate is
-/// at the ceiling with no streak running (a success would change nothing), or `nil` and the
-/// refusal `{1, not_before, cooldown 0/1}`: nothing is taken until that function is called, so
-/// a script may ask another key first. The first decision after a pause (`cd`, then cleared)
-/// ends it with the key's burst spent, as in process: `tat` at least `cd + period ×
-/// (burst − 1)` at the pace applied before, so the requests queued behind it go an interval
-/// apart (kept whether the decision then admits or refuses).
+/// ('1'), adaptive start rate (-1: ceiling/4; clamped to ceiling/1000..ceiling, as
+/// [`AdaptiveState::new`](kling_ratelimit::AdaptiveState::new) does), ceiling rate. Returns a
+/// function that takes the cell and returns whether the key's 1302 streak is running and
+/// whether its adaptive rate is at the ceiling with no streak running (a success would change
+/// nothing), or `nil` and the refusal `{1, not_before, cooldown 0/1}`: nothing is taken until
+/// that function is called, so a script may ask another key first. The first decision after a
+/// pause (`cd`, then cleared) ends it with the key's burst spent, as in process: `tat` at least
+/// `cd + period × (burst − 1)` at the pace applied before, so the requests queued behind it go
+/// an interval apart (kept whether the decision then admits or refuses).
 ///
 /// The fleet's order: each process sends only its queue's head, with the instant that request
 /// began waiting; a refused head holds its process's place, scored by that instant, and a cell
@@ -186,6 +187,7 @@ local function gcra(key, q, qx, period, burst, adaptive, start, ceiling, rec)
       rate = tonumber(start)
       if rate < 0 then rate = ceil / 4 end
       if rate > ceil then rate = ceil end
+      if rate < ceil / 1000 then rate = ceil / 1000 end
       redis.call('HSET', key, 'r', string.format('%.17g', rate))
       wrote = true
     end
@@ -398,8 +400,7 @@ end
 local function start_rate()
   local r = tonumber(ARGV[9])
   if r < 0 then r = ceiling / 4 end
-  if r > ceiling then r = ceiling end
-  return r
+  return clamp(r)
 end
 local function int(x) return string.format('%.0f', x) end
 -- 1 when the key's adaptive rate is at its ceiling and no streak runs (a success would change

@@ -2124,6 +2124,74 @@ async fn a_long_run_of_1302s_in_redis_lowers_the_rate_three_times_and_recovers()
     );
 }
 
+/// A start below the floor (`ceiling / 1000`) is clamped to it in Redis as in process, where
+/// the key's first decision writes it (the second request 100 s later, not 1,000 s, for a start
+/// of 0.001/s under 10/s) and where its first report does (a 1302 remembers the floor as its
+/// limit, not the start, which recovery would then probe from).
+#[tokio::test]
+async fn a_start_below_the_floor_is_clamped_in_redis_as_in_process() {
+    let Some(server) = redis() else { return };
+    let backend = RedisGcra::new(connect(&server).await);
+    let memory = InProcess::new();
+    let policy = Policy::new(
+        Quota::per_second(10.0),
+        Cooldown::default().first(Duration::from_millis(1)),
+    )
+    .with_adaptive(Some(
+        kling_ratelimit::Adaptive::new().start(Quota::per_second(0.001)),
+    ));
+    let decided = BucketKey::account(Some(AccountId::new("below-floor-decided")));
+    assert_eq!(
+        backend.acquire(&decided, &policy).await.unwrap(),
+        Decision::Admit
+    );
+    assert_eq!(fleet_rate(&server, &backend.key_of(&decided)).await, 0.01);
+    let now = tokio::time::Instant::now();
+    match backend.acquire(&decided, &policy).await.unwrap() {
+        Decision::NotBefore { at, cooldown } => {
+            assert!(!cooldown);
+            let wait = at.saturating_duration_since(now);
+            assert!(
+                wait > Duration::from_secs(90) && wait < Duration::from_secs(110),
+                "{wait:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // A key whose first word in Redis is a report.
+    let reported = BucketKey::account(Some(AccountId::new("below-floor-reported")));
+    let redis_key = backend.key_of(&reported);
+    for throttled in [true, false] {
+        // (The success of a request sent after the pause began: a few ms later, past the
+        // fleet clock's rounding.)
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let now = tokio::time::Instant::now();
+        let feedback = if throttled {
+            throttled_at(now)
+        } else {
+            Feedback::Success { sent_at: now }
+        };
+        backend
+            .feedback(&reported, &policy, feedback)
+            .await
+            .unwrap();
+        memory.feedback_now(&reported, &policy, feedback);
+    }
+    let limit: Option<f64> = redis::cmd("HGET")
+        .arg(&redis_key)
+        .arg("l")
+        .query_async(&mut raw(&server).await)
+        .await
+        .unwrap();
+    assert_eq!(limit, Some(0.01));
+    let expected = memory.key_state(&reported).unwrap().adaptive_rate.unwrap();
+    let actual = fleet_rate(&server, &redis_key).await;
+    assert!(
+        (actual - expected).abs() <= expected * 1e-12,
+        "in process {expected}, redis {actual}"
+    );
+}
+
 /// A decision whose answer is lost after Redis admitted it (Redis paused by `CLIENT PAUSE` for
 /// 2 s, commands giving up after 200 ms: the decision runs when the pause ends) is not paid
 /// for twice: the process's next ask for the key, once Redis answers, is given the cell the
