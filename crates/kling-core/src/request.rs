@@ -242,9 +242,10 @@ pub struct Recognized {
     pub names_own_id: bool,
     /// Whether the create asks for a callback.
     pub has_callback: bool,
-    /// The task ids a query asks about (the path's id, or `task_ids=`).
+    /// The task ids a query asks about (the path's id, or `task_ids=`), decoded as the server
+    /// reads them (in a query, a `+` is a space).
     pub task_ids: Vec<String>,
-    /// The external ids a batch query asks about (`external_task_ids=`).
+    /// The external ids a batch query asks about (`external_task_ids=`), decoded likewise.
     pub external_ids: Vec<String>,
 }
 
@@ -470,25 +471,35 @@ impl Recognized {
         });
     }
 
-    /// The ids a batch query names, as the server reads them: the value decoded, then split at
-    /// its commas (an encoded one, `%2C`, separates ids too). A lookup percent-encodes an id
-    /// like `batch:42`, and the slots compare what it asked about with the ids they hold.
+    /// The ids a batch query names, as the server reads them: the value decoded (a `+` is a
+    /// space, as form encoding has it), then split at its commas (an encoded one, `%2C`,
+    /// separates ids too). A lookup percent-encodes an id like `batch:42`, and the slots
+    /// compare what it asked about with the ids they hold.
     fn read_batch_query(&mut self, query: &str) {
         for pair in query.split('&') {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let target = match &*percent_decoded(name) {
+            let target = match &*query_decoded(name) {
                 "task_ids" => &mut self.task_ids,
                 "external_task_ids" => &mut self.external_ids,
                 _ => continue,
             };
             target.extend(
-                percent_decoded(value)
+                query_decoded(value)
                     .split(',')
                     .filter(|id| !id.is_empty())
                     .map(String::from),
             );
         }
     }
+}
+
+/// A query string's name or value as servers read it (form encoding): a `+` is a space, then
+/// [`percent_decoded`] (so a `%2B` is a `+`).
+fn query_decoded(text: &str) -> Cow<'_, str> {
+    if !text.contains('+') {
+        return percent_decoded(text);
+    }
+    Cow::Owned(percent_decoded(&text.replace('+', " ")).into_owned())
 }
 
 /// `text` with its `%XX` escapes decoded (either case; a `%` not followed by two hex digits is
@@ -1060,6 +1071,25 @@ mod tests {
         }
         assert_eq!(Pool::parse("audio"), None);
         assert_eq!(Pool::parse("video:"), None);
+    }
+
+    /// A query string's `+` is a space to the servers that read it (form encoding: Go's
+    /// `ParseQuery`, servlets, kling-mock), while a `%2B` is a `+`. Read as a `+`, a
+    /// hand-written `external_task_ids=a+b` asked about "a+b" where the server answered about
+    /// "a b", and its `data: []` ended the slot of the running task "a+b". A path keeps its `+`.
+    #[test]
+    fn a_batch_query_reads_a_plus_as_a_space_as_servers_do() {
+        let r = recognize(
+            &Method::GET,
+            "/tasks?external_task_ids=a+b,c%2Bd&task+ids=x",
+            "",
+        );
+        assert_eq!(r.external_ids, vec!["a b", "c+d"]);
+        assert!(r.task_ids.is_empty(), "`task ids` is no parameter it reads");
+        let r = recognize(&Method::GET, "/tasks?task%5fids=1+2,%2B3", "");
+        assert_eq!(r.task_ids, vec!["1 2", "+3"]);
+        let r = recognize(&Method::GET, "/v1/videos/text2video/a+b", "");
+        assert_eq!(r.task_ids, vec!["a+b"]);
     }
 
     #[test]
