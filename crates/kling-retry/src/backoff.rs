@@ -60,7 +60,8 @@ impl DelayKind {
 /// is 2 minutes) ends the call ([`StopReason::RetryAfterTooLong`]), as does one that ends at or
 /// past the call's deadline ([`DeadlineExceeded`]); jitter that would carry a retry to the
 /// deadline is dropped. It raises `h` to the kind's floor first ([`RetryLayer`]: a
-/// `Retry-After: 0` on a `1302` still waits a second, plus the jitter).
+/// `Retry-After: 0` on a `1302` still waits a second, plus the jitter, also when
+/// `max_retry_after` is set below the floor).
 ///
 /// [`StopReason::RetryAfterTooLong`]: crate::error::StopReason::RetryAfterTooLong
 /// [`DeadlineExceeded`]: crate::error::DeadlineExceeded

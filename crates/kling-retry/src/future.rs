@@ -1039,7 +1039,12 @@ where
                         Some((hint, limit)),
                     );
                 }
-                let wait = shared.backoff.hinted(hint.max(floor), &*shared.rng);
+                // `hinted` clamps to `max_retry_after`: a floor above it is added back, so the
+                // draw stays over the floor (the hint itself is at most the limit here).
+                let wait = shared
+                    .backoff
+                    .hinted(hint.max(floor), &*shared.rng)
+                    .saturating_add(floor.saturating_sub(limit));
                 // The upward jitter spreads callers; it is not worth giving the call up for:
                 // a wait the server's hint fits before the deadline goes without it when the
                 // jitter would carry it to the deadline.

@@ -184,6 +184,43 @@ async fn a_retry_after_of_zero_still_waits_the_kinds_floor() {
     assert!(gaps.len() > 20, "{} distinct gaps", gaps.len());
 }
 
+/// The floor holds under a `max_retry_after` set below it: the hint, raised to the floor, was
+/// clamped to `max_retry_after`, so a `Retry-After: 0` on a 5001 sent the retry after 2 s where
+/// no header waits the 5 s maintenance floor.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_under_a_low_max_retry_after_still_waits_the_kinds_floor() {
+    let backoff = Backoff::new()
+        .throttle_base(Duration::from_secs(3))
+        .max_retry_after(Duration::from_secs(2))
+        .retry_after_jitter(JITTER);
+    for (refusal, floor, hint) in [(1302, 3, "0"), (5001, 5, "0"), (5001, 5, "1")] {
+        for seed in 0..10 {
+            let (server, log) = kling(move |_, i| {
+                Reply::Now(if i < 1 {
+                    with_header(code(refusal), "retry-after", hint)
+                } else {
+                    task("t1", None)
+                })
+            });
+            let client = RetryLayer::builder()
+                .seed(seed)
+                .backoff(backoff)
+                .build()
+                .unwrap()
+                .layer(server);
+            send(&client, get("/v1/videos/text2video/t1"))
+                .await
+                .unwrap();
+            let seen = log.all();
+            let gap = seen[1].at - seen[0].at;
+            assert!(
+                gap >= Duration::from_secs(floor) && gap <= Duration::from_secs(floor) + JITTER,
+                "{refusal}, Retry-After {hint}, seed {seed}: {gap:?}"
+            );
+        }
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn throttled_retries_wait_at_least_a_second_and_transient_ones_use_full_jitter() {
     let backoff = Backoff::new();
