@@ -154,6 +154,17 @@ impl Quota {
         1.0 / self.period.as_secs_f64()
     }
 
+    /// One of `processes` processes' share: the rate divided among them, the burst kept, and
+    /// never slower than the slowest quota a limiter keeps (an interval of hours shared by
+    /// many processes would otherwise leave the bounds [`scaled`](Self::scaled) checks, and
+    /// be invalid). A valid quota's share is valid.
+    pub fn share(self, processes: u32) -> Quota {
+        if processes <= 1 {
+            return self;
+        }
+        self.at_most(self.rate_per_second() / f64::from(processes))
+    }
+
     /// Checks the quota, naming the invalid field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_as("quota")
@@ -234,6 +245,24 @@ mod tests {
         assert_eq!(Quota::per_minute(60.0).period(), Duration::from_secs(1));
         assert_eq!(Quota::per_minute(30.0).with_burst(3).burst(), 3);
         assert!((Quota::per_minute(120.0).rate_per_second() - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_share_divides_the_rate_and_stays_valid_however_many_processes() {
+        let quota = Quota::per_minute(60.0).with_burst(4);
+        assert_eq!(quota.share(1), quota);
+        assert_eq!(quota.share(0), quota);
+        let quarter = quota.share(4);
+        assert_eq!((quarter.period(), quarter.burst()), (Duration::from_secs(4), 4));
+        // Ten hours between requests, over 100 processes: 1,000 hours each is past the
+        // longest interval; the share is the slowest valid quota instead.
+        for burst in [1, 65_535] {
+            let slow = Quota::with_period(Duration::from_secs(10 * 3600)).with_burst(burst);
+            let share = slow.share(100);
+            assert!(share.validate().is_ok(), "{share:?}");
+            assert!(share.period() > slow.period());
+            assert_eq!(share.burst(), burst);
+        }
     }
 
     #[test]

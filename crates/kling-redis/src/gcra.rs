@@ -1204,7 +1204,7 @@ fn quota_args(policy: &Policy) -> [String; 5] {
 }
 
 fn share(policy: &Policy, processes: u32) -> Policy {
-    let quota = policy.quota.scaled(1.0 / f64::from(processes.max(1)));
+    let quota = policy.quota.share(processes);
     Policy::new(quota, policy.cooldown).with_adaptive(policy.adaptive)
 }
 
@@ -2158,6 +2158,19 @@ mod tests {
     use kling_ratelimit::{Cooldown, Quota};
 
     use super::*;
+
+    /// The fallback's share of an hours-long interval among many processes is a quota the
+    /// in-process limiter keeps (it was scaled past the longest interval, an invalid quota
+    /// whose period the limiter then read as another).
+    #[test]
+    fn the_fallbacks_share_of_a_slow_quota_is_valid() {
+        let slow = Quota::with_period(Duration::from_secs(10 * 3600)).with_burst(3);
+        let policy = Policy::new(slow, Cooldown::default());
+        let shared = share(&policy, 100);
+        assert!(shared.quota.validate().is_ok(), "{:?}", shared.quota);
+        assert!(shared.quota.period() > slow.period());
+        assert_eq!(share(&policy, 1).quota, slow);
+    }
 
     fn pause(redis_key: &str, resume_at: Instant, throttled: bool) -> Report {
         let now = Instant::now();
