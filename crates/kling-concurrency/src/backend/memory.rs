@@ -95,11 +95,23 @@ impl InProcess {
         self.shared.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Counts a halt once it is in place (`halt`: the change applied was one).
+    /// Counts a halt once it is in place (`halt`: the change applied is one), when the guard
+    /// is dropped: after the change, also when it unwinds (a metrics recorder panicking once
+    /// the halt was filed), so creates granted before it are still refused below.
     #[inline]
-    fn halted(&self, halt: bool) {
-        if halt {
-            self.halts.halted();
+    fn halted(&self, halt: bool) -> CountHalt<'_> {
+        CountHalt(halt.then_some(&*self.halts))
+    }
+}
+
+/// Counts a halt for the classify step when dropped ([`InProcess::halted`]).
+struct CountHalt<'a>(Option<&'a CreateHalts>);
+
+impl Drop for CountHalt<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(halts) = self.0 {
+            halts.halted();
         }
     }
 }
@@ -2478,10 +2490,11 @@ impl State {
             }
             SlotOp::Halt { reservation, cause } => {
                 let account = reservation.key.account.clone();
+                // Filed before a gauge moves: a metrics recorder that panics there leaves the
+                // account halted, not sending creates after its `1102`.
+                self.halted.insert(account.clone(), cause);
                 let pool = self.pool_mut(&reservation.key);
                 pool.give_back(reservation.weight);
-                pool.publish();
-                self.halted.insert(account.clone(), cause);
                 // Wake the account's waiters: they fail with `Halted`.
                 for pool in &mut self.list {
                     if pool.key.account == account {
@@ -2491,6 +2504,7 @@ impl State {
                     }
                 }
                 applied.changed = true;
+                self.pool_mut(&reservation.key).publish();
             }
             SlotOp::Observed {
                 account,
@@ -2591,24 +2605,29 @@ impl State {
                     }
                 }
                 let config = &self.config;
-                for state in &mut self.list {
+                let matches = |state: &PoolState| {
                     let key = &state.key;
-                    let matches = account.as_ref().is_none_or(|a| *a == key.account)
+                    account.as_ref().is_none_or(|a| *a == key.account)
                         && (key.pool == pool
-                            || (pool.model().is_none() && key.pool.product() == pool.product()));
-                    if matches {
-                        let configured = config.capacity_of(&key.account, &key.pool);
-                        applied.changed |= configured != state.configured;
-                        state.configured = configured;
-                        state.hidden = state.hidden.min(configured);
-                        // What earlier 1303s said about the old capacity is no evidence now.
-                        state.end_streak(Instant::now());
-                        // Waiters the new capacity can never serve fail now rather than hold
-                        // up those behind them.
-                        state.refuse_heavier(configured);
-                        state.dispatch();
-                        state.publish();
-                    }
+                            || (pool.model().is_none() && key.pool.product() == pool.product()))
+                };
+                for state in self.list.iter_mut().filter(|state| matches(state)) {
+                    let key = &state.key;
+                    let configured = config.capacity_of(&key.account, &key.pool);
+                    applied.changed |= configured != state.configured;
+                    state.configured = configured;
+                    state.hidden = state.hidden.min(configured);
+                    // What earlier 1303s said about the old capacity is no evidence now.
+                    state.end_streak(Instant::now());
+                    // Waiters the new capacity can never serve fail now rather than hold
+                    // up those behind them.
+                    state.refuse_heavier(configured);
+                    state.dispatch();
+                }
+                // Only once every pool is set: a metrics recorder that panics leaves none at
+                // the old capacity.
+                for state in self.list.iter_mut().filter(|state| matches(state)) {
+                    state.publish();
                 }
             }
             SlotOp::ResetHalt(account) => {
@@ -2676,9 +2695,8 @@ impl SlotBackend for InProcess {
 
     fn apply(&self, op: SlotOp) -> Self::Apply {
         let now = report_time(&op);
-        let halt = matches!(op, SlotOp::Halt { .. });
+        let _count = self.halted(matches!(op, SlotOp::Halt { .. }));
         let applied = self.lock().apply(op, now, false);
-        self.halted(halt);
         ready(Ok(applied))
     }
 
@@ -2686,9 +2704,8 @@ impl SlotBackend for InProcess {
     /// allocation on the layer's create + query path).
     fn apply_unread(&self, op: SlotOp) -> Self::Apply {
         let now = report_time(&op);
-        let halt = matches!(op, SlotOp::Halt { .. });
+        let _count = self.halted(matches!(op, SlotOp::Halt { .. }));
         let applied = self.lock().apply(op, now, true);
-        self.halted(halt);
         ready(Ok(applied))
     }
 
@@ -2696,9 +2713,8 @@ impl SlotBackend for InProcess {
     /// sent to `path` (or to a path not known) only.
     fn apply_unread_on(&self, op: SlotOp, path: CreatePath) -> Self::Apply {
         let now = report_time(&op);
-        let halt = matches!(op, SlotOp::Halt { .. });
+        let _count = self.halted(matches!(op, SlotOp::Halt { .. }));
         let applied = self.lock().apply_on(op, now, true, path);
-        self.halted(halt);
         ready(Ok(applied))
     }
 

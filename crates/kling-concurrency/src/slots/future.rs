@@ -302,8 +302,10 @@ pin_project! {
             lease: Duration,
             asked: Option<PathAndQuery>,
             account: AccountId,
-            // A new-style query or list (its tasks' external ids are looked up together).
-            new_style: bool,
+            // Where its tasks were created, when the request says so without `asked`: every
+            // new-style create (their external ids are looked up together), a legacy list's
+            // create path; else unknown (a legacy query's is read from `asked`).
+            path: CreatePath,
         },
         Pass {
             #[pin]
@@ -380,7 +382,7 @@ where
         lease: Duration,
         asked: Option<PathAndQuery>,
         account: AccountId,
-        new_style: bool,
+        path: CreatePath,
     ) -> Self {
         ResponseFuture {
             state: State::Observe {
@@ -389,7 +391,7 @@ where
                 lease,
                 asked,
                 account,
-                new_style,
+                path,
             },
         }
     }
@@ -647,7 +649,7 @@ where
                     lease,
                     asked,
                     account,
-                    new_style,
+                    path,
                 } => {
                     let mut response = match ready!(future.poll(cx)) {
                         Ok(response) => response,
@@ -664,9 +666,9 @@ where
                     // Where the tasks it reports were created, as far as the request says: a
                     // task is found by external id among that path's creates only. (Hashed
                     // only for an answer that reports or denies a task.)
-                    let (asked, new_style) = (&*asked, *new_style);
+                    let (asked, known) = (&*asked, *path);
                     let path = || match asked {
-                        _ if new_style => CreatePath::NEW_STYLE,
+                        _ if known != CreatePath::UNKNOWN => known,
                         Some(asked) => CreatePath::of_legacy_query(asked.path()),
                         None => CreatePath::UNKNOWN,
                     };

@@ -56,9 +56,9 @@
 //!   in any account). External ids may be unique per create path only (the mock's rule: a
 //!   legacy task is looked up at `{create path}/{external id}`), so a holding is found by
 //!   external id only by a report of a task created on its own path (a legacy query at
-//!   `{create path}/…`; new-style tasks share one), and never one whose task id is known (the
-//!   report names another task id); a report that names no path (a callback, `complete`) finds
-//!   none when two holdings of the account could be it. A lookup by external id (legacy
+//!   `{create path}/…` or list at `{create path}?…`; new-style tasks share one), and never
+//!   one whose task id is known (the report names another task id); a report that names no
+//!   path (a callback, `complete`) finds none when two holdings of the account could be it. A lookup by external id (legacy
 //!   `GET {create path}/{external id}`, new `GET /tasks?external_task_ids=…`, as the retry layer
 //!   sends before creating again) that finds no task (`1203`, or a new-style `data` list read in
 //!   whole without it, `[]` included: the rule the retry layer sends the create again by) gives

@@ -207,24 +207,36 @@ where
                     .then(|| request.uri().path_and_query().cloned())
                     .flatten();
                 let account = account.clone();
+                let path = if new_style {
+                    CreatePath::NEW_STYLE
+                } else {
+                    CreatePath::UNKNOWN
+                };
                 return ResponseFuture::observe(
                     self.inner.call(request),
                     self.backend.lane(),
                     self.settings.lease,
                     asked,
                     account,
-                    new_style,
+                    path,
                 );
             }
             Route::List { new_style } => {
                 let account = account.clone();
+                // A legacy list (`GET {create path}?pageNum=…`) is of its path's tasks only:
+                // one it names by external id is no other path's create.
+                let path = if new_style {
+                    CreatePath::NEW_STYLE
+                } else {
+                    CreatePath::legacy(request.uri().path())
+                };
                 return ResponseFuture::observe(
                     self.inner.call(request),
                     self.backend.lane(),
                     self.settings.lease,
                     None,
                     account,
-                    new_style,
+                    path,
                 );
             }
             Route::Other => return ResponseFuture::pass(self.inner.call(request)),

@@ -182,3 +182,37 @@ async fn a_create_held_below_while_a_halt_comes_and_goes_is_sent() {
     assert_ready_ok!(before.poll());
     assert_eq!(fake.creates(), 2);
 }
+
+/// A metrics recorder that panics as a `1102`'s slot is given back loses no halt. Before, the
+/// in-process backend moved its in-use gauge before it filed the halt, and counted the halt
+/// for the classify step only once the change returned: a panic there left the account
+/// unhalted, and both the create granted before the `1102` (held below) and the next one were
+/// sent after it. Now the halt is filed first and counted also when the change unwinds.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_metrics_recorder_loses_no_1102_halt() {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::sync::atomic::Ordering;
+
+    let recorder = crate::leaks::PanickyRecorder::default();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let (mut svc, handle, fake) = stack(5);
+    // Granted (the pool and its gauges made with nothing panicking), then held below.
+    let mut before = spawn(call(&mut svc, held(create())).await);
+    assert_pending!(before.poll());
+
+    fake.script(Scripted::Code(1102, 429));
+    let mut halting = spawn(call(&mut svc, create()).await);
+    // The 1102's slot going back moves the in-use gauge: it panics.
+    recorder.in_use.store(true, Ordering::SeqCst);
+    assert!(catch_unwind(AssertUnwindSafe(|| halting.poll())).is_err());
+    drop(halting);
+    assert_eq!(fake.creates(), 1, "the 1102's");
+
+    advance(Duration::from_secs(1)).await;
+    let err = assert_ready_err!(before.poll());
+    assert_refused_unsent(&err);
+    let err = send(&mut svc, create()).await.unwrap_err();
+    assert!(err.is::<Halted>(), "{err}");
+    assert_eq!(fake.creates(), 1, "nothing sent after the 1102");
+    assert_eq!(pool_state(&handle, &video()).await.0, 0, "no slot held");
+}

@@ -771,10 +771,10 @@ async fn a_panic_in_the_service_below_leaks_no_slot() {
 /// A metrics recorder whose in-use gauge, waiters gauge and wait histogram each panic once
 /// when their flag is set.
 #[derive(Clone, Default)]
-struct PanickyRecorder {
-    in_use: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    waiters: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    wait: std::sync::Arc<std::sync::atomic::AtomicBool>,
+pub(crate) struct PanickyRecorder {
+    pub(crate) in_use: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) waiters: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) wait: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct PanickyMetric(std::sync::Arc<std::sync::atomic::AtomicBool>);
@@ -1195,4 +1195,52 @@ async fn a_listed_task_of_a_create_of_unknown_outcome_is_freed_by_its_task_id() 
     assert_eq!(held(&handle).await, (1, 1), "one task, one slot");
     handle.complete("t1").await.unwrap();
     assert_eq!(held(&handle).await, (0, 0), "t1 ended: nothing held for it");
+}
+
+/// A capacity set for every account, with a metrics recorder that panics as the first pool's
+/// gauges move, still sets every pool. Before, the in-process backend set and published each
+/// pool in turn: a panic in the first one's gauges left the later ones at their old capacity
+/// (while the configuration said the new one), admitting more creates than the account was
+/// told it may run. Now every pool is set before any gauge moves.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_metrics_recorder_does_not_stop_a_capacity_change_half_way() {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::sync::atomic::Ordering;
+
+    let recorder = PanickyRecorder::default();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let (mut svc, handle, _fake) = fake(SlotsConfig::new(4));
+    let image = Pool::new(Product::Image);
+    let images = |n: u32, account: &str| {
+        let mut req = post("/v1/images/generations", &format!(r#"{{"n":{n}}}"#));
+        req.extensions_mut()
+            .insert(kling_core::AccountId::new(account));
+        req
+    };
+    // Account a: two slots held, a create of three waits. Account b: one held.
+    svc.ready().await.unwrap();
+    svc.call(images(2, "a")).await.unwrap();
+    svc.ready().await.unwrap();
+    let mut heavy = spawn(svc.call(images(3, "a")));
+    assert_pending!(heavy.poll());
+    svc.ready().await.unwrap();
+    svc.call(images(1, "b")).await.unwrap();
+
+    // Two slots for every account: a's waiter is refused, and its waiters gauge panics.
+    recorder.waiters.store(true, Ordering::SeqCst);
+    let mut set = spawn(handle.set_capacity(None, image.clone(), 2));
+    assert!(catch_unwind(AssertUnwindSafe(|| set.poll())).is_err());
+    drop(set);
+    let err = tokio_test::assert_ready_err!(heavy.poll());
+    assert!(err.is::<OverCapacity>(), "{err}");
+
+    // b's pool has two slots too: one held, a create of two waits.
+    let snapshot = handle.snapshot().await.unwrap();
+    let b = snapshot
+        .get(&kling_core::AccountId::new("b"), &image)
+        .unwrap();
+    assert_eq!((b.in_use, b.capacity, b.configured), (1, 2, 2));
+    svc.ready().await.unwrap();
+    let mut over = spawn(svc.call(images(2, "b")));
+    assert_pending!(over.poll());
 }

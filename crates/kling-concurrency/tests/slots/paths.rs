@@ -355,3 +355,45 @@ async fn a_create_path_written_another_way_is_the_same_path() {
         );
     }
 }
+
+/// A legacy list (`GET {create path}?pageNum=…`, a reconcile's through the stack, or the
+/// caller's) is of its own create path's tasks: an image list naming an ended task under
+/// `job-7` does not free a video create of unknown outcome held under `job-7`. Before, a list's
+/// reports were read as of an unknown path, and found the video's holding by external id.
+#[tokio::test(start_paused = true)]
+async fn a_legacy_list_frees_no_create_of_another_path_by_external_id() {
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2)).unwrap();
+    let below = tower::service_fn(|req: http::Request<http_body_util::Full<bytes::Bytes>>| {
+        let answer: Result<_, kling_core::error::BoxError> = if req.method() == http::Method::POST {
+            Err(Box::new(kling_core::error::Transport::after_sent("reset")))
+        } else {
+            let task = serde_json::json!({"task_id": "t9", "task_status": "succeed",
+                "task_info": {"external_task_id": "job-7"}});
+            Ok(envelope(200, 0, &serde_json::json!([task])))
+        };
+        std::future::ready(answer)
+    });
+    let mut svc = layer.layer(below);
+    svc.ready().await.unwrap();
+    assert!(svc.call(create_with_external("job-7")).await.is_err());
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        1,
+        "may have made a task"
+    );
+
+    svc.ready().await.unwrap();
+    let list = get("/v1/images/generations?pageNum=1&pageSize=500");
+    assert_eq!(svc.call(list).await.unwrap().status(), 200);
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        1,
+        "the video may run"
+    );
+
+    // Its own path's list frees it.
+    svc.ready().await.unwrap();
+    let list = get("/v1/videos/text2video?pageNum=1&pageSize=500");
+    assert_eq!(svc.call(list).await.unwrap().status(), 200);
+    assert_eq!(pool_state(&handle, &video()).await.0, 0);
+}
