@@ -37,7 +37,8 @@ impl SendState {
     /// [`Attempts`] whose create may have made a task says [`SendState::Unknown`] whatever its
     /// last request did; an I/O error of kind
     /// `ConnectionRefused` proves the request never left; with the `hyper-util` feature,
-    /// hyper-util's connect errors do too. Everything else is [`SendState::Unknown`].
+    /// hyper-util's connect errors and its refusals of a request's HTTP version
+    /// ([`refused_version`]) do too. Everything else is [`SendState::Unknown`].
     pub fn of(error: &(dyn StdError + 'static)) -> SendState {
         let mut current: Option<&(dyn StdError + 'static)> = Some(error);
         while let Some(err) = current {
@@ -61,7 +62,7 @@ impl SendState {
             }
             #[cfg(feature = "hyper-util")]
             if let Some(client) = err.downcast_ref::<hyper_util::client::legacy::Error>()
-                && client.is_connect()
+                && (client.is_connect() || refused_version(client))
             {
                 return SendState::NotSent;
             }
@@ -69,6 +70,22 @@ impl SendState {
         }
         SendState::Unknown
     }
+}
+
+/// hyper-util's `Display` of its refusal of a request whose HTTP version it cannot send
+/// (`ErrorKind::UserUnsupportedVersion`), which it has no predicate for.
+#[cfg(feature = "hyper-util")]
+const UNSUPPORTED_VERSION: &str = "client error (UserUnsupportedVersion)";
+
+/// Whether `error` is hyper-util's refusal of a request's HTTP version: an HTTP/2 request on
+/// an HTTP/1 connection (a client without HTTP/2, a plain `http://` host, a server that did not
+/// offer it), or a version it never speaks. hyper-util 0.1 raises it in `Client::request`
+/// before connecting, or in `try_send_request` once connected and before the request is handed
+/// to the connection: nothing of the request was written. Read by its text: should hyper-util
+/// word it otherwise, it reads as maybe sent again (the safe side), never the reverse.
+#[cfg(feature = "hyper-util")]
+pub fn refused_version(error: &hyper_util::client::legacy::Error) -> bool {
+    error.to_string() == UNSUPPORTED_VERSION
 }
 
 /// The next error in `error`'s chain: its source, except that an [`std::io::Error`] or an

@@ -36,24 +36,14 @@ pub fn install_ring_provider() -> bool {
         .is_ok()
 }
 
-/// hyper-util's `Display` of its refusal of a request whose HTTP version it cannot send
-/// (`ErrorKind::UserUnsupportedVersion`), which it has no predicate for.
-#[cfg(any(feature = "hyper", feature = "reqwest"))]
-const UNSUPPORTED_VERSION: &str = "client error (UserUnsupportedVersion)";
-
-/// Whether `error`'s chain holds hyper-util's refusal of a request's HTTP version: an HTTP/2
-/// request on an HTTP/1 connection (a client without HTTP/2, a plain `http://` host, a server
-/// that did not offer it), or a version it never speaks. hyper-util 0.1 raises it in
-/// `Client::request` before connecting, or in `try_send_request` once connected and before
-/// the request is handed to the connection: nothing of the request was written, so it is never
-/// sent. Read by its text: should hyper-util word it otherwise, it reads as maybe sent again
-/// (the safe side), never the reverse.
+/// Whether `error`'s chain holds hyper-util's refusal of a request's HTTP version, which
+/// writes nothing of the request ([`kling_core::error::refused_version`]).
 #[cfg(any(feature = "hyper", feature = "reqwest"))]
 fn refused_version(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut link = Some(error);
     while let Some(e) = link {
         if let Some(e) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
-            return e.to_string() == UNSUPPORTED_VERSION;
+            return kling_core::error::refused_version(e);
         }
         link = e.source();
     }

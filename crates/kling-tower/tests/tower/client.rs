@@ -438,6 +438,28 @@ async fn an_http2_request_an_own_client_cannot_send_on_its_connection_is_never_s
     server.abort();
 }
 
+/// The same HTTP/2 request through a bare hyper-util client (no [`HttpsClient`] around it,
+/// under the classify step alone): kling-core reads hyper-util's refusal of its version as
+/// never sent (`SendState::of`), as it reads its connect errors.
+#[tokio::test]
+async fn an_http2_request_a_bare_hyper_util_client_cannot_send_reads_as_never_sent() {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+
+    let (base, _, server) = counting_server().await;
+    let client = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let service = ClassifyLayer::new().layer(client);
+    let mut request = create(&base);
+    *request.version_mut() = http::Version::HTTP_2;
+    let error = service.clone().oneshot(request).await.unwrap_err();
+    assert_eq!(SendState::of(&*error), SendState::NotSent, "{error:?}");
+    assert!(!kling_core::error::may_have_created(&*error), "{error:?}");
+    let response = service.oneshot(create(&base)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    server.abort();
+}
+
 /// The same through the stack's retry layer, hand-composed without a base URL layer: a create
 /// never sent is tried no more than its attempts allow and fails as never sent, not as a create
 /// that may have made a task.
