@@ -16,8 +16,8 @@ use tokio::time::Instant;
 
 use crate::config::{MAX_WAIT, PoolScope};
 use crate::routes::{LegacyFamily, NEW_IMAGE_PRODUCTS, Route, query_pairs};
-use crate::state::State;
-use crate::task::{Generation, OutputKind, Phase, Task};
+use crate::state::{State, external_scope};
+use crate::task::{Generation, OutputKind, Phase, Task, task_id, task_seq};
 
 type Resp = Response<Full<Bytes>>;
 
@@ -105,15 +105,6 @@ impl Bound {
     }
 }
 
-/// Where a create's external id is looked up, and so unique: its legacy create path, or `""`
-/// for new-style tasks (all in `/tasks`).
-fn external_scope(generation: &Generation) -> &str {
-    match generation {
-        Generation::Legacy { endpoint } => endpoint,
-        Generation::New { .. } => "",
-    }
-}
-
 /// An optional string field: absent, null or empty → `None` (Kling's own samples send
 /// `"callback_url": ""`), a string within `bound` → `Some`, else invalid.
 fn opt_string(map: &Map<String, Value>, key: &str, bound: Bound) -> Result<Option<String>, String> {
@@ -156,6 +147,7 @@ impl State {
         body: &Bytes,
         now: Instant,
     ) -> (Resp, Option<CallbackJob>) {
+        self.forget_expired(now);
         match route {
             Route::LegacyCreate { .. } | Route::NewCreate { .. } => {
                 self.create(account, route, body, now)
@@ -412,12 +404,10 @@ impl State {
             .scaled_secs(api_secs)
             .clamp(MIN_TASK_DURATION, MAX_WAIT);
         let fails = self.chance(self.config.failure_rate);
-        let seq = self.tasks.len() as u64 + 1;
-        let id = format!("{}", 860_000_000_000_000_000u64 + seq);
-        let scope = external_scope(&spec.generation).to_owned();
+        let seq = self.next_seq();
         let task = Task {
             seq,
-            id: id.clone(),
+            id: task_id(seq),
             account: account.to_owned(),
             generation: spec.generation,
             output: spec.output,
@@ -430,7 +420,7 @@ impl State {
                 1
             },
             video_duration: spec.video_duration,
-            external_id: spec.external_id.clone(),
+            external_id: spec.external_id,
             files_base: self
                 .config
                 .files_base_url
@@ -441,14 +431,12 @@ impl State {
             end: now + duration,
             fails,
         };
-        let index = self.tasks.len();
         let data = task.to_json(&self.clock, now);
-        self.tasks.push(task);
-        self.by_id.insert(id, index);
-        self.add_active(account, index);
-        if let Some(ext) = spec.external_id {
-            self.account(account).external.insert((scope, ext), index);
-        }
+        let job = spec.callback_url.map(|url| CallbackJob {
+            url,
+            task: task.clone(),
+        });
+        self.add_task(task);
         self.charge(account, cost);
         self.stats.tasks_created += 1;
         *self
@@ -458,14 +446,10 @@ impl State {
             .or_default() += duration.as_secs_f64();
         self.note_usage(account, &spec.pool);
 
-        let job = spec.callback_url.map(|url| CallbackJob {
-            url,
-            task: self.tasks[index].clone(),
-        });
         if self.chance(self.config.faults.ghost_create_rate) {
             // Both codes Kling documents as "a create may have happened", in turn by task (no
             // draw of the seeded generator, so a seeded run's other faults stay where they were).
-            let answer = if index.is_multiple_of(2) {
+            let answer = if seq % 2 == 1 {
                 self.error(5000, "internal error", now, None)
             } else {
                 self.error(5002, "internal timeout", now, None)
@@ -475,18 +459,21 @@ impl State {
         (self.ok(data, now), job)
     }
 
-    fn find_legacy(&self, account: &str, endpoint: &str, id: &str) -> Option<usize> {
-        let by_id = self.by_id.get(id).copied();
+    fn find_legacy(&self, account: &str, endpoint: &str, id: &str) -> Option<&Task> {
+        let by_id = task_seq(id);
         let by_ext = self.accounts.get(account).and_then(|a| {
             a.external
                 .get(&(endpoint.to_owned(), id.to_owned()))
                 .copied()
         });
-        [by_id, by_ext].into_iter().flatten().find(|&i| {
-            let t = &self.tasks[i];
-            t.account == account
-                && matches!(&t.generation, Generation::Legacy { endpoint: e } if e == endpoint)
-        })
+        [by_id, by_ext]
+            .into_iter()
+            .flatten()
+            .filter_map(|i| self.tasks.get(&i))
+            .find(|t| {
+                t.account == account
+                    && matches!(&t.generation, Generation::Legacy { endpoint: e } if e == endpoint)
+            })
     }
 
     /// `id` is `None` when the segment decoded to bytes that are not UTF-8: no task has it.
@@ -497,11 +484,11 @@ impl State {
         id: Option<&str>,
         now: Instant,
     ) -> Resp {
-        match id.and_then(|id| self.find_legacy(account, endpoint, id)) {
-            Some(i) => {
-                let data = self.tasks[i].legacy_json(&self.clock, now);
-                self.ok(data, now)
-            }
+        let data = id
+            .and_then(|id| self.find_legacy(account, endpoint, id))
+            .map(|t| t.legacy_json(&self.clock, now));
+        match data {
+            Some(data) => self.ok(data, now),
             None => self.error(1203, "task not found", now, None),
         }
     }
@@ -546,11 +533,9 @@ impl State {
         let data: Vec<Value> = self
             .accounts
             .get(account)
-            .map(|a| a.tasks.as_slice())
-            .unwrap_or_default()
-            .iter()
-            .rev()
-            .map(|&i| &self.tasks[i])
+            .into_iter()
+            .flat_map(|a| a.tasks.iter().rev())
+            .filter_map(|i| self.tasks.get(i))
             .filter(
                 |t| matches!(&t.generation, Generation::Legacy { endpoint: e } if e == endpoint),
             )
@@ -608,11 +593,11 @@ impl State {
                     let key = (String::new(), (*id).to_owned());
                     self.accounts.get(account)?.external.get(&key).copied()
                 } else {
-                    self.by_id.get(*id).copied()
+                    task_seq(id)
                 }
             })
             .filter(|&i| seen.insert(i))
-            .map(|i| &self.tasks[i])
+            .filter_map(|i| self.tasks.get(&i))
             .filter(|t| t.account == account && matches!(t.generation, Generation::New { .. }))
             .map(|t| t.new_json(&self.clock, now))
             .collect();
@@ -668,15 +653,13 @@ impl State {
             Ok(p) => p,
             Err(m) => return self.error(1201, &m, now, None),
         };
+        // The cursor is a task number, not a position: forgetting older tasks moves no page.
         let mut page: Vec<&Task> = self
             .accounts
             .get(account)
-            .map(|a| a.tasks.as_slice())
-            .unwrap_or_default()
-            .iter()
-            .rev()
-            .map(|&i| &self.tasks[i])
-            .filter(|t| t.seq < before)
+            .into_iter()
+            .flat_map(|a| a.tasks.range(..before).rev())
+            .filter_map(|i| self.tasks.get(i))
             .filter(|t| match &t.generation {
                 Generation::New { product: p } => product.as_ref().is_none_or(|want| want == p),
                 Generation::Legacy { .. } => false,

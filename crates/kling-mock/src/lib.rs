@@ -51,6 +51,8 @@
 //! `GET /__mock/stats` ([`Stats`]), `POST /__mock/reset-stats`, `POST /__mock/switches`, and
 //! `GET /__mock/files/...`, the result files ([`file_bytes`]) that [`MockServer`]'s result URLs
 //! point at (from the task's success until 30 days of API time after, as Kling's URLs expire).
+//! A task is forgotten then too: it answers as an unknown task (404, 1203), so memory holds one
+//! 30-day window of tasks however long the mock runs.
 //!
 //! No cargo features. MSRV: the workspace's `rust-version` (1.88).
 

@@ -449,4 +449,46 @@ mod tests {
         assert_eq!(state.accounts.len(), 10);
         assert_eq!(state.seen.len(), 10);
     }
+
+    /// A mock run over four retention windows keeps one window of tasks: the store, the expiry
+    /// queue, the account's list and its external ids (it kept every task for good).
+    #[tokio::test(start_paused = true)]
+    async fn the_tasks_kept_stay_within_one_retention_window() {
+        let config = MockConfig::default()
+            .no_rate_limit()
+            .task_duration(Duration::from_secs(100), Duration::from_secs(100));
+        let mut mock = MockKling::new(config).unwrap();
+        // Four tasks every 6 hours for 120 days; a window (30 days and a task's 100 s) holds
+        // 121 rounds of them.
+        let mut most = 0;
+        for round in 0..480 {
+            for (path, ext) in [
+                ("/v1/videos/text2video", "external_task_id"),
+                ("/v1/images/generations", "external_task_id"),
+                ("/text-to-video/kling-3.0", "external_id"),
+                ("/text-to-image/kling-3.0", "external_id"),
+            ] {
+                let req = Request::post(path)
+                    .header("authorization", "Bearer key")
+                    .body(Full::new(Bytes::from(format!(
+                        r#"{{"prompt":"x","{ext}":"{path}-{round}"}}"#
+                    ))))
+                    .unwrap();
+                let resp = tower_service::Service::call(&mut mock, req).await.unwrap();
+                assert_eq!(resp.status(), 200, "{path}");
+            }
+            {
+                let state = mock.shared.lock();
+                let acct = &state.accounts["key"];
+                let kept = state.tasks.len();
+                assert_eq!(state.expiry.len(), kept);
+                assert_eq!(acct.tasks.len(), kept);
+                assert_eq!(acct.external.len(), kept);
+                most = most.max(kept);
+            }
+            tokio::time::advance(Duration::from_secs(6 * 3600)).await;
+        }
+        assert_eq!(most, 4 * 121);
+        assert_eq!(mock.stats().tasks_created, 4 * 480);
+    }
 }

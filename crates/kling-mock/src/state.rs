@@ -3,7 +3,8 @@
 //! Everything is computed lazily from `tokio::time::Instant`: a task ends when the clock passes
 //! its end, so slots free themselves and paused-time tests need no timers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,10 +17,30 @@ use tokio::time::Instant;
 
 use crate::config::{MAX_WAIT, MockConfig, RetryAfterMode, Switches};
 use crate::stats::Stats;
-use crate::task::{Clock, Phase, Task};
+use crate::task::{Clock, Generation, Phase, Task, task_seq};
 
 /// How long a result URL works after its task ended (API time): Kling's expire after 30 days.
 pub(crate) const OUTPUT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// How long a task stays queryable after it ended (API time); later it answers as an unknown
+/// task does (404, code 1203). Kling publishes no figure for its tasks (KLING_API.md gives 30
+/// days for output URLs): the mock keeps a task as long as its URLs work, and forgets it then,
+/// so a long run holds one retention window of tasks, not every task it ever made.
+pub(crate) const TASK_RETENTION: Duration = OUTPUT_LIFETIME;
+
+/// The shortest a task is kept after it ended, in real time, whatever the speed: at `speed`
+/// 10¹⁵ the 30 days are nanoseconds, less than a round trip, and a client could never see its
+/// task end.
+pub(crate) const MIN_RETENTION: Duration = Duration::from_secs(1);
+
+/// Where a task's external id is looked up, and so unique: its legacy create path, or `""`
+/// for new-style tasks (all in `/tasks`).
+pub(crate) fn external_scope(generation: &Generation) -> &str {
+    match generation {
+        Generation::Legacy { endpoint } => endpoint,
+        Generation::New { .. } => "",
+    }
+}
 
 /// The HTTP status Kling sends with a business code.
 pub(crate) fn http_status(code: u32) -> StatusCode {
@@ -72,15 +93,15 @@ struct Occupation {
 /// Per-account state: everything Kling keys by account (not by API key).
 #[derive(Debug, Default)]
 pub(crate) struct Account {
-    /// Every task of the account, oldest first (indexes into `State::tasks`).
-    pub(crate) tasks: Vec<usize>,
+    /// Every task of the account still kept, by number (`State::tasks`' key), oldest first.
+    pub(crate) tasks: BTreeSet<u64>,
     /// Tasks not yet seen ended.
-    active: Vec<usize>,
-    /// (Where the id is queried, external id) → task index. An external id is unique where it
+    active: Vec<u64>,
+    /// (Where the id is queried, external id) → task number. An external id is unique where it
     /// can be looked up: a legacy create path (`GET {path}/{id}`), or `""` for new-style tasks
     /// (`GET /tasks?external_task_ids=`); one path's id taken on another made a duplicate
     /// nobody could find.
-    pub(crate) external: HashMap<(String, String), usize>,
+    pub(crate) external: HashMap<(String, String), u64>,
     /// GCRA theoretical arrival time.
     tat: Option<Instant>,
     /// GCRA theoretical arrival time of `/account/costs`.
@@ -111,8 +132,13 @@ pub(crate) struct State {
     pub(crate) clock: Clock,
     pub(crate) switches: Switches,
     pub(crate) rng: StdRng,
-    pub(crate) tasks: Vec<Task>,
-    pub(crate) by_id: HashMap<String, usize>,
+    /// The tasks kept (ended less than [`TASK_RETENTION`] ago, or running), by number: the
+    /// number is never reused, so removing a task moves no other.
+    pub(crate) tasks: HashMap<u64, Task>,
+    /// The last task number given.
+    last_seq: u64,
+    /// (When it is forgotten, number) of every kept task, soonest first.
+    pub(crate) expiry: BinaryHeap<Reverse<(Instant, u64)>>,
     pub(crate) accounts: HashMap<String, Account>,
     pub(crate) stats: Stats,
     next_request: u64,
@@ -127,8 +153,10 @@ pub(crate) struct State {
 impl Account {
     /// Whether forgetting the account changes nothing a client could be waiting on: no task
     /// running, no occupation, no switches of its own, rate limits at rest.
-    fn is_idle(&self, tasks: &[Task], now: Instant) -> bool {
-        self.active.iter().all(|&i| tasks[i].end <= now)
+    fn is_idle(&self, tasks: &HashMap<u64, Task>, now: Instant) -> bool {
+        self.active
+            .iter()
+            .all(|i| tasks.get(i).is_none_or(|t| t.end <= now))
             && self.occupied.iter().all(|o| o.until <= now)
             && self.switches == Switches::default()
             && self.tat.is_none_or(|t| t <= now)
@@ -164,8 +192,9 @@ impl State {
             rng: StdRng::seed_from_u64(config.seed),
             config,
             clock,
-            tasks: Vec::new(),
-            by_id: HashMap::new(),
+            tasks: HashMap::new(),
+            last_seq: 0,
+            expiry: BinaryHeap::new(),
             accounts: HashMap::new(),
             stats: Stats::default(),
             next_request: 0,
@@ -372,8 +401,11 @@ impl State {
         let period_start = acct.credit_period_start;
         let tasks = &self.tasks;
         let mut finished = 0;
-        acct.active.retain(|&i| {
-            let t = &tasks[i];
+        acct.active.retain(|i| {
+            // Never missing: a task is settled before it is forgotten.
+            let Some(t) = tasks.get(i) else {
+                return false;
+            };
             if now >= t.end {
                 finished += 1;
                 if t.fails && period_start.is_none_or(|start| t.created >= start) {
@@ -403,7 +435,7 @@ impl State {
         let tasks: u32 = acct
             .active
             .iter()
-            .map(|&i| &self.tasks[i])
+            .filter_map(|i| self.tasks.get(i))
             .filter(|t| t.pool == pool)
             .map(|t| t.weight)
             .fold(0, u32::saturating_add);
@@ -432,7 +464,7 @@ impl State {
         let mut holds: Vec<(Instant, u32)> = acct
             .active
             .iter()
-            .map(|&i| &self.tasks[i])
+            .filter_map(|i| self.tasks.get(i))
             .filter(|t| t.pool == pool)
             .map(|t| (t.end, t.weight))
             .chain(
@@ -532,10 +564,65 @@ impl State {
         acct.charged = acct.charged.saturating_add(u64::from(cost));
     }
 
-    pub(crate) fn add_active(&mut self, account: &str, index: usize) {
-        let acct = self.account(account);
-        acct.active.push(index);
-        acct.tasks.push(index);
+    /// Keeps a new task: numbered, running, listed, findable by its external id, and due to be
+    /// forgotten [`TASK_RETENTION`] after it ends.
+    pub(crate) fn add_task(&mut self, task: Task) {
+        let seq = task.seq;
+        self.last_seq = self.last_seq.max(seq);
+        let retention = self.config.scaled(TASK_RETENTION).max(MIN_RETENTION);
+        if let Some(at) = task.end.checked_add(retention) {
+            self.expiry.push(Reverse((at, seq)));
+        }
+        let acct = self.account(&task.account);
+        acct.active.push(seq);
+        acct.tasks.insert(seq);
+        if let Some(ext) = &task.external_id {
+            let key = (external_scope(&task.generation).to_owned(), ext.clone());
+            acct.external.insert(key, seq);
+        }
+        self.tasks.insert(seq, task);
+    }
+
+    /// The number the next task gets.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.last_seq + 1
+    }
+
+    /// Forgets every task that ended [`TASK_RETENTION`] (API time, [`MIN_RETENTION`] at least)
+    /// or more ago: it leaves the task store, its account's list and its external id (free to
+    /// be used again). The expiry queue hands over each task once, when its time comes, so a
+    /// request pays only for the tasks it forgets.
+    pub(crate) fn forget_expired(&mut self, now: Instant) {
+        while let Some(&Reverse((at, seq))) = self.expiry.peek() {
+            if at > now {
+                return;
+            }
+            self.expiry.pop();
+            let Some(account) = self.tasks.get(&seq).map(|t| t.account.clone()) else {
+                continue;
+            };
+            // Counted finished (and refunded) first, as every ended task is.
+            if self
+                .accounts
+                .get(&account)
+                .is_some_and(|a| a.active.contains(&seq))
+            {
+                self.settle(&account, now);
+            }
+            let Some(task) = self.tasks.remove(&seq) else {
+                continue;
+            };
+            // An account forgotten by open mode (and perhaps made again) may not list it.
+            if let Some(acct) = self.accounts.get_mut(&account) {
+                acct.tasks.remove(&seq);
+                if let Some(ext) = task.external_id {
+                    let key = (external_scope(&task.generation).to_owned(), ext);
+                    if acct.external.get(&key) == Some(&seq) {
+                        acct.external.remove(&key);
+                    }
+                }
+            }
+        }
     }
 
     /// GCRA over every request of the account and, for `/account/costs` (`costs`), that
@@ -596,7 +683,7 @@ impl State {
         let Some((index, ext)) = file.split_once('.') else {
             return false;
         };
-        let Some(task) = self.by_id.get(id).map(|&i| &self.tasks[i]) else {
+        let Some(task) = task_seq(id).and_then(|seq| self.tasks.get(&seq)) else {
             return false;
         };
         let expires = task.end + self.config.scaled(OUTPUT_LIFETIME);
@@ -613,8 +700,7 @@ impl State {
         self.settle_all(now);
         let mut in_use: std::collections::BTreeMap<String, u32> = Default::default();
         for acct in self.accounts.values() {
-            for &i in &acct.active {
-                let t = &self.tasks[i];
+            for t in acct.active.iter().filter_map(|i| self.tasks.get(i)) {
                 let e = in_use.entry(t.pool.clone()).or_default();
                 *e = e.saturating_add(t.weight);
             }
@@ -638,7 +724,8 @@ impl State {
             .flat_map(|(id, a)| {
                 a.active
                     .iter()
-                    .map(|&i| self.tasks[i].pool.clone())
+                    .filter_map(|i| self.tasks.get(i))
+                    .map(|t| t.pool.clone())
                     .chain(a.occupied.iter().map(|o| o.pool.clone()))
                     .map(move |p| (id.clone(), p))
             })

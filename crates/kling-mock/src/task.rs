@@ -109,6 +109,8 @@ pub(crate) const FAILURE_MESSAGE: &str = "generation failed (mock-injected failu
 /// One generation task.
 #[derive(Debug, Clone)]
 pub(crate) struct Task {
+    /// The task's number, 1, 2, … in creation order and never reused: its id
+    /// ([`task_id`]), its key in the task store and the new-style list's cursor.
     pub(crate) seq: u64,
     pub(crate) id: String,
     pub(crate) account: String,
@@ -126,6 +128,23 @@ pub(crate) struct Task {
     pub(crate) processing_at: Instant,
     pub(crate) end: Instant,
     pub(crate) fails: bool,
+}
+
+/// Task ids are this plus the task's `seq`, so an id maps back to its task without an index.
+const ID_BASE: u64 = 860_000_000_000_000_000;
+
+/// The task id of task number `seq`.
+pub(crate) fn task_id(seq: u64) -> String {
+    ID_BASE.saturating_add(seq).to_string()
+}
+
+/// The number of the task whose id is `id`, if [`task_id`] could have made it: only its exact
+/// decimal form (no sign, no leading zero) names the task.
+pub(crate) fn task_seq(id: &str) -> Option<u64> {
+    if id.is_empty() || id.starts_with('0') || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    id.parse::<u64>().ok()?.checked_sub(ID_BASE)
 }
 
 impl Task {

@@ -9,5 +9,6 @@ mod errors;
 mod legacy;
 mod limits;
 mod new_api;
+mod retention;
 mod support;
 mod tcp;
