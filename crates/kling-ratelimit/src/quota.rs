@@ -253,7 +253,10 @@ mod tests {
         assert_eq!(quota.share(1), quota);
         assert_eq!(quota.share(0), quota);
         let quarter = quota.share(4);
-        assert_eq!((quarter.period(), quarter.burst()), (Duration::from_secs(4), 4));
+        assert_eq!(
+            (quarter.period(), quarter.burst()),
+            (Duration::from_secs(4), 4)
+        );
         // Ten hours between requests, over 100 processes: 1,000 hours each is past the
         // longest interval; the share is the slowest valid quota instead.
         for burst in [1, 65_535] {
