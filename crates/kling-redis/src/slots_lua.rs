@@ -81,10 +81,10 @@ local released = {}
 -- An external id's field in EXT: within its account (external ids are unique per account
 -- only), the account's length first so no two pairs share a field.
 local function xf(acct, ext) return #acct .. '.' .. acct .. ext end
--- A place (`pool key \n holding id`) split in two.
+-- A place (`pool key \n holding id`) split in two, at its last newline: a holding id has
+-- none, but an account's or a pool's name in the pool key may.
 local function split(place)
-  local sep = string.find(place, '\n', 1, true)
-  return string.sub(place, 1, sep - 1), string.sub(place, sep + 1)
+  return string.match(place, '^(.*)\n(.-)$')
 end
 -- Whether a holding of create path `a` may be a task a report of create path `b` names
 -- (nil: not known, either).
@@ -178,8 +178,20 @@ end
 local function rinterval(interval, stk)
   return interval * 2 ^ tonumber(stk or '0')
 end
+-- Past 64 pools, one that holds nothing, hides nothing and has nobody in line is forgotten
+-- (its capacity lives in the configuration and P:cap): a new-style create's pool is named by
+-- its model, and a client may name any number of them.
+local function tidy(pk)
+  if redis.call('SCARD', P .. ':pools') <= 64 then return end
+  local v = redis.call('HMGET', pk .. ':m', 'used', 'hid')
+  if tonumber(v[1] or '0') > 0 or tonumber(v[2] or '0') > 0 then return end
+  if redis.call('EXISTS', pk .. ':h') == 1 or redis.call('EXISTS', pk .. ':q') == 1 then return end
+  redis.call('DEL', pk .. ':m')
+  redis.call('SREM', P .. ':pools', pk)
+end
 local function maintain(pk, interval)
   local m = pk .. ':m'
+  local back = false
   local hidden = tonumber(redis.call('HGET', m, 'hid') or '0')
   if hidden > 0 then
     interval = rinterval(interval, redis.call('HGET', m, 'stk'))
@@ -188,7 +200,7 @@ local function maintain(pk, interval)
     if steps > hidden then steps = hidden end
     if steps > 0 then
       hidden = hidden - steps
-      if hidden == 0 then rec = now else rec = rec + interval * steps end
+      if hidden == 0 then rec = now; back = true else rec = rec + interval * steps end
       redis.call('HSET', m, 'hid', hidden, 'rec', int(rec))
       redis.call('PUBLISH', P .. ':freed', pk)
     end
@@ -202,6 +214,9 @@ local function maintain(pk, interval)
       redis.call('ZREM', pk .. ':l', h)
     end
   end
+  -- A lease that ran out (its process gone), or the last hidden slot come back, may leave
+  -- the pool unused, as an end does.
+  if back or #expired > 0 then tidy(pk) end
 end
 local function map_ids(pk, h, id, ext, acct)
   local place = pk .. '\n' .. h
@@ -436,17 +451,6 @@ local function give(pk, h)
   local raw = redis.call('HGET', pk .. ':h', h)
   if raw then release(pk, h, cjson.decode(raw), nil) end
 end
--- Past 64 pools, one that holds nothing, hides nothing and has nobody in line is forgotten
--- (its capacity lives in the configuration and P:cap): a new-style create's pool is named by
--- its model, and a client may name any number of them.
-local function tidy(pk)
-  if redis.call('SCARD', P .. ':pools') <= 64 then return end
-  local v = redis.call('HMGET', pk .. ':m', 'used', 'hid')
-  if tonumber(v[1] or '0') > 0 or tonumber(v[2] or '0') > 0 then return end
-  if redis.call('EXISTS', pk .. ':h') == 1 or redis.call('EXISTS', pk .. ':q') == 1 then return end
-  redis.call('DEL', pk .. ':m')
-  redis.call('SREM', P .. ':pools', pk)
-end
 -- Forgets what the 1303s said of the pool whose meta hash is `m` (a create proved more fit,
 -- or a capacity was set): hidden slots come back at the configured interval from now, not
 -- recounted in short steps over the time spent at the longer one.
@@ -570,6 +574,8 @@ elseif op == 'hold' or op == 'reg' then
       rec.id = id
       rec.ext = ext
       release(pk, h, rec, reason)
+      -- (As after any other end: a pool past the first 64 may be left unused.)
+      tidy(pk)
     else
       push_released(ARGV[11], ARGV[12], id or ext, tonumber(ARGV[7]), now, reason, h)
     end

@@ -3908,3 +3908,129 @@ async fn a_task_ended_after_its_page_is_not_adopted_however_many_ends_follow() {
         "t1's end is forgotten"
     );
 }
+
+/// An account's name may hold a newline (any text names an account): the scripts' places
+/// (`pool key \n holding id`) must still name the holding, else a task's end finds no slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_named_with_a_newline_gets_its_slots_back() {
+    let Some(server) = redis() else { return };
+    let slots = backend(&server, 1).await;
+    let account = AccountId::new("acme\nbeta");
+    let key = SlotKey::new(account.clone(), Pool::new(Product::Video));
+    let a = slots.acquire(key.clone(), 1).await.unwrap();
+    slots.apply(hold(a, "t1", LONG)).await.unwrap();
+    let end = SlotOp::Update {
+        account,
+        updates: vec![TaskUpdate {
+            id: "t1".to_owned(),
+            external_id: None,
+            status: Some(TaskStatus::Succeeded),
+        }],
+        lease: LONG,
+    };
+    let applied = slots.apply(end).await.unwrap();
+    assert_eq!(applied.released.len(), 1, "t1's end frees its slot");
+    assert_eq!(in_use(&slots).await, 0);
+    let next = tokio::time::timeout(Duration::from_secs(2), slots.acquire(key, 1)).await;
+    assert!(next.is_ok(), "the freed slot is granted");
+}
+
+/// A task whose end is reported before its create's hold (a callback that overtakes the
+/// create's answer) gives its slot back at the hold: its pool, past the first 64, is forgotten
+/// then too, as after any other end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_whose_tasks_ended_before_their_hold_leave_nothing_behind() {
+    let Some(server) = redis() else { return };
+    let slots = backend(&server, 1).await;
+    let model = |name: &str| {
+        SlotKey::new(
+            AccountId::new("acct"),
+            Pool::with_model(Product::Video, name.to_owned()),
+        )
+    };
+    for n in 0..150 {
+        let reservation = slots.acquire(model(&format!("m-{n}")), 1).await.unwrap();
+        let task = format!("t-{n}");
+        slots
+            .apply(ended(&task, Some(TaskStatus::Succeeded)))
+            .await
+            .unwrap();
+        let applied = slots.apply(hold(reservation, &task, LONG)).await.unwrap();
+        assert_eq!(
+            applied.released.len(),
+            1,
+            "the hold of {task} frees its slot"
+        );
+    }
+    let pools: usize = redis::cmd("SCARD")
+        .arg("test:pools")
+        .query_async(&mut crate::support::raw(&server).await)
+        .await
+        .unwrap();
+    assert!(pools <= 65, "{pools} pools in redis");
+    assert_eq!(in_use(&slots).await, 0);
+}
+
+/// Grants whose lease ran out (their process gone) give their slots back at the next ask or
+/// snapshot: their pools, past the first 64, are forgotten then too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_whose_grants_expired_leave_nothing_behind() {
+    let Some(server) = redis() else { return };
+    let config = SlotsConfig::new(1).lease(Duration::from_millis(300));
+    let slots = RedisSlots::new(connect(&server).await, config)
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .maintain_every(Duration::from_secs(60))
+        .grace(Duration::from_millis(300));
+    let model = |name: &str| {
+        SlotKey::new(
+            AccountId::new("acct"),
+            Pool::with_model(Product::Video, name.to_owned()),
+        )
+    };
+    for n in 0..150 {
+        slots.acquire(model(&format!("m-{n}")), 1).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(in_use(&slots).await, 0, "every lease ran out");
+    let pools: usize = redis::cmd("SCARD")
+        .arg("test:pools")
+        .query_async(&mut crate::support::raw(&server).await)
+        .await
+        .unwrap();
+    assert!(pools <= 65, "{pools} pools in redis");
+    let snapshot = slots.snapshot().await.unwrap();
+    assert!(snapshot.len() <= 65, "{} pools listed", snapshot.len());
+}
+
+/// A pool whose only create met a 1303 hides its slots until they come back: then, past the
+/// first 64, it is forgotten, as after an end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_whose_hidden_slots_came_back_leave_nothing_behind() {
+    let Some(server) = redis() else { return };
+    let config = SlotsConfig::new(1).recovery_interval(Duration::from_millis(200));
+    let slots = RedisSlots::new(connect(&server).await, config)
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .maintain_every(Duration::from_secs(60))
+        .grace(Duration::from_millis(300));
+    let model = |name: &str| {
+        SlotKey::new(
+            AccountId::new("acct"),
+            Pool::with_model(Product::Video, name.to_owned()),
+        )
+    };
+    for n in 0..150 {
+        let granted = slots.acquire(model(&format!("m-{n}")), 1).await.unwrap();
+        slots.apply(SlotOp::Congested(granted)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let snapshot = slots.snapshot().await.unwrap();
+    assert!(snapshot.len() <= 65, "{} pools listed", snapshot.len());
+    let pools: usize = redis::cmd("SCARD")
+        .arg("test:pools")
+        .query_async(&mut crate::support::raw(&server).await)
+        .await
+        .unwrap();
+    assert!(pools <= 65, "{pools} pools in redis");
+}
