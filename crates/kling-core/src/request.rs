@@ -68,11 +68,13 @@ impl Pool {
         }
     }
 
-    /// A pool of one model version of a product (new-style paths).
+    /// A pool of one model version of a product (new-style paths). An empty model names no
+    /// model: the product's pool (`video:` would not parse back as a pool).
     pub fn with_model(product: Product, model: impl Into<Arc<str>>) -> Self {
+        let model: Arc<str> = model.into();
         Pool {
             product,
-            model: Some(model.into()),
+            model: (!model.is_empty()).then_some(model),
         }
     }
 
@@ -1071,6 +1073,15 @@ mod tests {
         }
         assert_eq!(Pool::parse("audio"), None);
         assert_eq!(Pool::parse("video:"), None);
+    }
+
+    /// An empty model is the product's pool, which parses back from its name (`video:` does
+    /// not, and a Redis fleet lost the releases of such a pool in its process's record).
+    #[test]
+    fn a_pool_with_an_empty_model_is_the_products_pool() {
+        let pool = Pool::with_model(Product::Video, "");
+        assert_eq!(pool, Pool::new(Product::Video));
+        assert_eq!(Pool::parse(&pool.to_string()), Some(pool));
     }
 
     /// A query string's `+` is a space to the servers that read it (form encoding: Go's
