@@ -241,8 +241,10 @@ impl fmt::Display for DownloadError {
     }
 }
 
-/// `what` as [`DownloadError`]'s `Display` shows it: a URL as `scheme://host[:port]/path`,
-/// anything else as it is.
+/// `what` as [`DownloadError`]'s `Display` shows it: a URL as `scheme://host[:port]/path`;
+/// one `http` cannot read (a space or a non-ASCII character in it) cut as [`cut_url`] cuts it,
+/// since a report may name any text and its query is still a signature; anything else (a
+/// path) as it is.
 pub(crate) fn shown(what: &str) -> std::borrow::Cow<'_, str> {
     match what.parse::<http::Uri>() {
         Ok(uri) if uri.scheme().is_some() && uri.host().is_some() => {
@@ -253,8 +255,21 @@ pub(crate) fn shown(what: &str) -> std::borrow::Cow<'_, str> {
             let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
             format!("{scheme}://{host}{port}{}", uri.path()).into()
         }
+        _ if what.contains("://") => cut_url(what).into(),
         _ => what.into(),
     }
+}
+
+/// A URL that cannot be read as one, cut at its query or fragment and without the user info
+/// before an `@`, which may hold a password or a token.
+fn cut_url(url: &str) -> String {
+    let cut = &url[..url.find(['?', '#']).unwrap_or(url.len())];
+    let (scheme, rest) = cut
+        .find("://")
+        .map_or(("", cut), |at| cut.split_at(at + "://".len()));
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let rest = authority.rfind('@').map_or(rest, |at| &rest[at + 1..]);
+    format!("{scheme}{rest}")
 }
 
 /// A URL the user gave, as an error names it: [`shown`] when it reads as one; else (a space
@@ -263,15 +278,7 @@ pub(crate) fn shown(what: &str) -> std::borrow::Cow<'_, str> {
 pub(crate) fn shown_url(url: &str) -> (std::borrow::Cow<'_, str>, bool) {
     let text = match url.parse::<http::Uri>() {
         Ok(uri) if uri.scheme().is_some() && uri.host().is_some() => shown(url),
-        _ => {
-            let cut = &url[..url.find(['?', '#']).unwrap_or(url.len())];
-            let (scheme, rest) = cut
-                .find("://")
-                .map_or(("", cut), |at| cut.split_at(at + "://".len()));
-            let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-            let rest = authority.rfind('@').map_or(rest, |at| &rest[at + 1..]);
-            format!("{scheme}{rest}").into()
-        }
+        _ => cut_url(url).into(),
     };
     let cut = text != url;
     (text, cut)
@@ -312,5 +319,29 @@ mod tests {
         assert!(error.what().contains("SECRET"), "kept whole for the caller");
         let path = DownloadError::new("/tmp/out/0.part", std::io::Error::other("full"));
         assert_eq!(path.to_string(), "download of /tmp/out/0.part: full");
+    }
+
+    /// A result URL that `http` cannot read (a space or a non-ASCII character in it: Kling's
+    /// reports may hold any text) fails at once, and its error showed the URL whole, its
+    /// signature and user info included, on stderr.
+    #[test]
+    fn a_download_error_hides_the_query_of_a_url_it_cannot_read() {
+        for (url, shown) in [
+            (
+                "https://u:pw@cdn.example/outputs/视频 0.mp4?sig=SECRET#SECRET",
+                "download of https://cdn.example/outputs/视频 0.mp4: bad",
+            ),
+            (
+                "https://cdn.example/a b.mp4?x-oss-signature=SECRET",
+                "download of https://cdn.example/a b.mp4: bad",
+            ),
+        ] {
+            let text = DownloadError::new(url, std::io::Error::other("bad")).to_string();
+            assert!(!text.contains("SECRET") && !text.contains("pw"), "{text}");
+            assert_eq!(text, shown);
+        }
+        // A path is still shown as it is, `?` and `#` included.
+        let path = DownloadError::new("/tmp/out?#/0.part", std::io::Error::other("full"));
+        assert_eq!(path.to_string(), "download of /tmp/out?#/0.part: full");
     }
 }

@@ -154,15 +154,20 @@ impl Job {
             ));
         }
         // Paths that a reading of them (kling-core's, a server's) takes as a create but whose
-        // text is not one: an empty or dot segment, a trailing `/`, `;` parameters. Kling
+        // text is not one: an empty or dot segment (also written `%2e`, which a server that
+        // normalises the path decodes), a trailing `/`, `;` parameters. Kling
         // answers such a create with an error (the mock: 1202), after the job was sent once
         // and looked up once; refused here, by line.
         let path = uri.path();
         let segments = path.split('/').skip(1);
+        let is_dots = |segment: &str| {
+            let decoded = segment.replace("%2e", ".").replace("%2E", ".");
+            decoded == "." || decoded == ".."
+        };
         if path.contains(';')
             || segments
                 .into_iter()
-                .any(|segment| segment.is_empty() || segment == "." || segment == "..")
+                .any(|segment| segment.is_empty() || is_dots(segment))
         {
             return Err(JobError::new(
                 line,
@@ -510,6 +515,30 @@ mod tests {
             let (jobs, errors) = parse_jobs(&text);
             assert_eq!((jobs.len(), errors.len()), (1, 0), "{plain}: {errors:?}");
         }
+    }
+
+    /// A dot segment written percent-encoded (`%2e%2e`, `.%2E`) is one to a server that
+    /// normalises the path (RFC 3986 decodes `%2E` to `.`): kling-core read
+    /// `/v1/videos/%2e%2e/v1/videos/text2video` as a create, and the job was sent, answered
+    /// `1202` (the mock) and looked up before it failed.
+    #[test]
+    fn an_endpoint_with_an_encoded_dot_segment_is_refused_naming_the_line() {
+        for endpoint in [
+            "/v1/videos/%2e%2e/v1/videos/text2video",
+            "/v1/x/%2E%2E/videos/text2video",
+            "/v1/x/.%2e/videos/text2video",
+            "/v1/videos/%2e/text2video",
+        ] {
+            let text = format!("{{\"id\":\"a\",\"prompt\":\"x\",\"endpoint\":\"{endpoint}\"}}\n");
+            let (jobs, errors) = parse_jobs(&text);
+            assert!(jobs.is_empty(), "{endpoint}: {:?}", jobs[0].pool());
+            assert_eq!(errors[0].line(), 1);
+            assert!(errors[0].to_string().contains(endpoint), "{}", errors[0]);
+        }
+        // An escape that is no dot is still the server's to read.
+        let text = "{\"id\":\"a\",\"prompt\":\"x\",\"endpoint\":\"/text-to-video/kling%2D3.0\"}\n";
+        let (jobs, errors) = parse_jobs(text);
+        assert_eq!((jobs.len(), errors.len()), (1, 0), "{errors:?}");
     }
 
     /// An endpoint with a `#fragment` is refused by line: the fragment never reaches the
