@@ -34,9 +34,10 @@ type HyperResponse = <HyperClient as Service<Request<Full<Bytes>>>>::Response;
 /// before sending anything, with an error that is no connect error, which the retry
 /// layer and the task slots must read as "maybe sent": a create that surely made nothing held
 /// its slot for the task lease. This `Service` fails such a request with a [`NotSent`] error,
-/// naming its path (never its query), without handing it to hyper-util; an HTTP/2 request
-/// handed to a client of one's own ([`HttpsClient::new`]) that hyper-util refuses once
-/// connected, the connection being HTTP/1.1, fails as [`NotSent`] too. Calls through the
+/// naming its path (never its query), without handing it to hyper-util (an HTTP/2 request
+/// handed to a client of one's own, [`HttpsClient::new`], that hyper-util refuses once
+/// connected on an HTTP/1.1 connection reads as never sent by kling-core's `SendState::of`:
+/// [`kling_core::error::refused_version`]). Calls through the
 /// hyper-util client itself (`client.request(..)`, by deref) are hyper-util's as they are.
 ///
 /// # Clone
@@ -151,15 +152,7 @@ impl Future for HttpsResponseFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            // A version the connection does not speak (an HTTP/2 request to a client of one's
-            // own, on an HTTP/1.1 connection) is refused before anything is written.
-            StateProj::Sending { future } => future.poll(cx).map_err(|e| {
-                if super::refused_version(&e) {
-                    Box::new(NotSent::new(e)) as BoxError
-                } else {
-                    e.into()
-                }
-            }),
+            StateProj::Sending { future } => future.poll(cx).map_err(Into::into),
             StateProj::Refused { error } => Poll::Ready(Err(error
                 .take()
                 .unwrap_or_else(|| "polled after completion".into()))),

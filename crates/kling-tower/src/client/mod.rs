@@ -35,17 +35,3 @@ pub fn install_ring_provider() -> bool {
         .install_default()
         .is_ok()
 }
-
-/// Whether `error`'s chain holds hyper-util's refusal of a request's HTTP version, which
-/// writes nothing of the request ([`kling_core::error::refused_version`]).
-#[cfg(any(feature = "hyper", feature = "reqwest"))]
-fn refused_version(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut link = Some(error);
-    while let Some(e) = link {
-        if let Some(e) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
-            return kling_core::error::refused_version(e);
-        }
-        link = e.source();
-    }
-    false
-}

@@ -18,10 +18,12 @@ type Pending = <reqwest::Client as Service<reqwest::Request>>::Future;
 /// which `kling_core::ClassifyLayer` reads (bounded) into `Response<Full<Bytes>>`.
 ///
 /// A failed connect, and a request reqwest refuses before sending it (a relative URI, sent with
-/// no [`BaseUrlLayer`](crate::BaseUrlLayer) under the stack, a scheme other than `http` and
-/// `https`, or an HTTP version the connection does not speak: an HTTP/2 request over HTTP/1.1),
-/// becomes a [`NotSent`] error, so the layers above know a create surely did not
-/// happen; other reqwest errors pass as they are (the request may have been sent).
+/// no [`BaseUrlLayer`](crate::BaseUrlLayer) under the stack, or a scheme other than `http` and
+/// `https`), becomes a [`NotSent`] error, so the layers above know a create surely did not
+/// happen; other reqwest errors pass as they are (the request may have been sent). One of
+/// those is never sent too, and read so by kling-core's `SendState::of` in its chain:
+/// hyper-util's refusal of an HTTP version the connection does not speak (an HTTP/2 request
+/// over HTTP/1.1, [`kling_core::error::refused_version`]).
 ///
 /// Build the client with [`ReqwestService::new_client`], or install the `ring` provider
 /// ([`install_ring_provider`](super::install_ring_provider)) before building your own.
@@ -207,7 +209,7 @@ impl Future for ResponseFuture {
                 Ok(response) => Poll::Ready(Ok(response.into())),
                 // A builder error is reqwest refusing the request before sending it (a scheme
                 // other than `http` or `https`, a URL no URI holds).
-                Err(e) if e.is_connect() || e.is_builder() || super::refused_version(&e) => {
+                Err(e) if e.is_connect() || e.is_builder() => {
                     Poll::Ready(Err(Box::new(NotSent::new(without_credentials(e)))))
                 }
                 Err(e) => Poll::Ready(Err(Box::new(without_credentials(e)))),
