@@ -385,13 +385,23 @@ struct LocalHalt {
     /// has not sent it again yet), creates of the account are refused here without asking
     /// Redis, which would grant them.
     stored_in: Option<i64>,
+    /// When it was made ([`Inner::made_at`]; empty: not known, one Redis told of): sent again
+    /// after a new generation, it does not undo a reset made after it.
+    at: String,
 }
 
 /// Where a `halt` change's number is in its arguments (after those the script reads).
 const HALT_NUMBER: usize = 8;
-/// Where a `rehalt` change's halts start in its arguments: triples of the halt key, the cause
-/// and the halt's number (which the script does not read).
+/// Where a `rehalt` change's halts start in its arguments: quadruples of the halt key, the
+/// cause, the halt's number (which the script does not read) and when it was made.
 const REHALT_HALTS: usize = 4;
+/// The operations whose last two arguments are when the change was made ([`Inner::made_at`])
+/// and whether it is replayed: a replayed one made before the latest of its kind that Redis
+/// applied (a reset before a later halt, a capacity before a later setting) is dropped.
+const STAMPED: [&str; 3] = ["halt", "unhalt", "cap"];
+/// The operations that settle a grant (`ARGV[6]` its holding): queued behind its registration,
+/// they take its place (see [`Inner::queue`]).
+const SETTLES: [&str; 4] = ["hold", "give", "cong", "halt"];
 
 /// A change that could not be sent yet.
 #[derive(Debug)]
@@ -762,6 +772,17 @@ impl Inner {
         format!("{}#{n}", self.instance)
     }
 
+    /// When a change is made, in fleet time (µs), to tell a late replay of it from a later
+    /// change of another process; empty before the first measurement of the server's clock (a
+    /// process's own clock may be minutes off): such a change applies as it comes.
+    fn made_at(&self) -> String {
+        if self.conn.is_calibrated() {
+            self.conn.now_us().to_string()
+        } else {
+            String::new()
+        }
+    }
+
     fn holding(&self, token: u64) -> String {
         format!("{}.{token}", self.instance)
     }
@@ -1113,10 +1134,13 @@ impl Inner {
                 args.extend(["halt".to_owned(), pk, h, halt, encode_cause(&cause)]);
                 args.push(n.to_string());
                 args.push(self.change_id());
+                let at = self.made_at();
+                args.extend([at.clone(), "0".to_owned()]);
                 let halt = LocalHalt {
                     cause,
                     n,
                     stored_in: None,
+                    at,
                 };
                 lock(&self.halts).insert(reservation.key.account, halt);
                 // In place: a create of the account granted before now and held below the
@@ -1283,13 +1307,21 @@ impl Inner {
                     account,
                     pool.to_string(),
                     self.change_id(),
+                    self.made_at(),
+                    "0".to_owned(),
                 ]);
                 wake = Some("*".to_owned());
             }
             SlotOp::ResetHalt(account) => {
                 local.changed = lock(&self.halts).remove(&account).is_some();
                 let halt = self.halt_key(&account);
-                args.extend(["unhalt".to_owned(), halt, self.change_id()]);
+                args.extend([
+                    "unhalt".to_owned(),
+                    halt,
+                    self.change_id(),
+                    self.made_at(),
+                    "0".to_owned(),
+                ]);
             }
         }
         Prepared {
@@ -1543,7 +1575,7 @@ impl Inner {
         let sent: Vec<(&String, &String)> = match args[3].as_str() {
             "halt" => vec![(&args[6], &args[HALT_NUMBER])],
             "rehalt" => args[REHALT_HALTS..]
-                .chunks_exact(3)
+                .chunks_exact(4)
                 .map(|halt| (&halt[0], &halt[2]))
                 .collect(),
             _ => return,
@@ -1609,6 +1641,7 @@ impl Inner {
                     cause: cause.clone(),
                     n: self.next_halt.fetch_add(1, Ordering::Relaxed),
                     stored_in: Some(generation),
+                    at: String::new(),
                 });
                 true
             }
@@ -1748,6 +1781,7 @@ impl Inner {
                 self.halt_key(account),
                 encode_cause(&halt.cause),
                 halt.n.to_string(),
+                halt.at.clone(),
             ]);
         }
         pending.push_back(Pending::Args(args));
@@ -1755,9 +1789,22 @@ impl Inner {
 
     /// Keeps `args` for replay, in order. Task reports (`upd`) are kept once per task: a report
     /// replaces the earlier renewals of the same tasks (replayed later, it renews the lease
-    /// from then, or ends the task); at most [`MAX_PENDING_REPORTS`] are kept.
-    fn queue(&self, args: Vec<String>) {
+    /// from then, or ends the task); at most [`MAX_PENDING_REPORTS`] are kept. A halt, reset or
+    /// capacity is marked replayed ([`STAMPED`]): Redis drops it if a later one came meanwhile.
+    fn queue(&self, mut args: Vec<String>) {
+        if STAMPED.contains(&args[3].as_str())
+            && let Some(replayed) = args.last_mut()
+        {
+            *replayed = "1".to_owned();
+        }
         let mut pending = lock(&self.pending);
+        if SETTLES.contains(&args[3].as_str()) {
+            // The registration of this grant (made while Redis was away) is this change's now:
+            // replayed, it would register nothing (the holding is off the record) or register
+            // what the hold, right behind it, creates anyway.
+            let holding = &args[5];
+            pending.retain(|entry| !matches!(entry, Pending::Register(h) if h == holding));
+        }
         if args[3] == "upd" {
             let account = &args[5];
             let new: Vec<&[String]> = args[UPD_REPORTS..].chunks_exact(4).collect();

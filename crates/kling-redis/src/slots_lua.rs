@@ -15,6 +15,7 @@
 //! | `P:pools` | set | every pool key |
 //! | `P:cap` | hash | capacity set at run time: `ACCOUNT|POOL` or `*|POOL` → slots |
 //! | `P:halt:ACCOUNT` | string | the 1102 that halted the account (`status \n envelope`) |
+//! | `P:stamps` | hash | `h:` halt key or `c:` capacity field → when the latest halt, reset or capacity applied to it was made (fleet time, µs): a replayed one made before is dropped (one field per account halted and per capacity set) |
 //! | `P:alive` | string | present while Redis keeps its state; value: the generation, which is the end of the re-registration grace (µs) that started it |
 //! | `P:seq` | string | the sequence: each script's number (see `PRELUDE`) |
 //! | `P:run` | string | the `run_id` of the server that wrote the generation: another one (a restart, which may load an older snapshot; a failover to a replica, which may lag) starts a new generation |
@@ -347,6 +348,25 @@ end
 local function leave(pk, h)
   return leave_place(pk .. ':q', pk .. ':qx', h)
 end
+-- When the latest halt, reset or capacity Redis applied was made (fleet time, µs), by field
+-- (`h:` halt key, `c:` capacity field): a change replayed late (kept while Redis was away, or
+-- queued behind such changes) that was made before it is older news, and is dropped. A change
+-- sent at once always applies, as before (made now, if its process had not measured fleet
+-- time when it made it); a replayed one with no stamp applies and records none.
+local STAMPS = P .. ':stamps'
+local function stale(field, at, replayed)
+  if replayed ~= '1' or at == '' then return false end
+  local last = redis.call('HGET', STAMPS, field)
+  return last and tonumber(at) < tonumber(last) or false
+end
+local function stamp(field, at, replayed)
+  if at == '' then
+    if replayed == '1' then return end
+    at = int(now)
+  end
+  local last = redis.call('HGET', STAMPS, field)
+  if not last or tonumber(at) > tonumber(last) then redis.call('HSET', STAMPS, field, at) end
+end
 ";
 
 /// Acquire. ARGV: 4 pool key, 5 holding, 6 weight, 7 configured capacity, 8 halt key,
@@ -512,13 +532,21 @@ elseif op == 'cong' then
   redis.call('HSET', m, 'hid', hidden, 'rec', int(now), 'lvl', level, 'stk', stk, 'lvlat', at)
   changed = 1
 elseif op == 'halt' then
+  -- 5 pool key, 6 grant, 7 halt key, 8 cause, 9 the process's number (not read), 10 the
+  -- change's id (read above), 11 when it was made, 12 '1' replayed.
   give(ARGV[5], ARGV[6])
-  redis.call('SET', ARGV[7], ARGV[8])
-  redis.call('PUBLISH', P .. ':freed', '*')
-  -- Every process learns of the halt now, not at its next ask: a create it granted before
-  -- and still holds below its slots (in a rate limiter) is then refused unsent.
-  redis.call('PUBLISH', P .. ':halted', int(grace_until) .. '\n' .. ARGV[7] .. '\n' .. ARGV[8])
-  changed = 1
+  -- (As after any give-back: a pool past the first 64 may be left unused.)
+  tidy(ARGV[5])
+  -- A replay made before a later reset (or halt) of the account halts nothing.
+  if not stale('h:' .. ARGV[7], ARGV[11], ARGV[12]) then
+    stamp('h:' .. ARGV[7], ARGV[11], ARGV[12])
+    redis.call('SET', ARGV[7], ARGV[8])
+    redis.call('PUBLISH', P .. ':freed', '*')
+    -- Every process learns of the halt now, not at its next ask: a create it granted before
+    -- and still holds below its slots (in a rate limiter) is then refused unsent.
+    redis.call('PUBLISH', P .. ':halted', int(grace_until) .. '\n' .. ARGV[7] .. '\n' .. ARGV[8])
+    changed = 1
+  end
 elseif op == 'hold' or op == 'reg' then
   -- 5 pool key, 6 holding, 7 weight, 8 id, 9 ext, 10 lease, 11 account, 12 pool, 13 kind,
   -- 14 create path ('' not known), 15 (hold) the change's id (read above), (reg) '1' for a
@@ -600,6 +628,9 @@ elseif op == 'hold' or op == 'reg' then
       if ARGV[15] == '1' then adopted = true end
     end
     create(pk, h, tonumber(ARGV[7]), kind, id, ext, lease, ARGV[11], ARGV[12], path, adopted)
+    -- (A hold whose grant Redis never had: one made while Redis was away, whose registration
+    -- this hold replaced in the replay queue.)
+    if op == 'hold' and id then prove_level(pk) end
     changed = 1
   end
 elseif op == 'adopt' then
@@ -740,9 +771,14 @@ elseif op == 'upd' then
       end
     end
   end
+elseif op == 'cap' and stale('c:' .. ARGV[5], ARGV[10], ARGV[11]) then
+  -- A replay made before a later setting of the same capacity: older news, dropped.
+  changed = 0
 elseif op == 'cap' then
   -- 5 capacity field, 6 capacity, 7 account ('' for every account), 8 pool (a product alone
-  -- also covers its models' pools)
+  -- also covers its models' pools), 9 the change's id (read above), 10 when it was made,
+  -- 11 '1' replayed
+  stamp('c:' .. ARGV[5], ARGV[10], ARGV[11])
   local old = redis.call('HGET', P .. ':cap', ARGV[5])
   redis.call('HSET', P .. ':cap', ARGV[5], ARGV[6])
   -- What earlier 1303s said about the old capacity is no evidence now: the pools it covers
@@ -787,22 +823,31 @@ elseif op == 'mine' then
       end
     end
   end
+elseif op == 'unhalt' and stale('h:' .. ARGV[5], ARGV[7], ARGV[8]) then
+  -- 5 halt key, 6 the change's id (read above), 7 when it was made, 8 '1' replayed. A reset
+  -- made before a later halt of the account (one that came while it waited for Redis) is not
+  -- that halt's: the halt stays.
+  changed = 0
 elseif op == 'unhalt' then
+  stamp('h:' .. ARGV[5], ARGV[7], ARGV[8])
   local cause = redis.call('GET', ARGV[5])
   changed = redis.call('DEL', ARGV[5])
   -- Every process that knows of this halt forgets it now, not at its next maintenance pass:
   -- a restart before that pass would have it send the halt again.
   if cause then redis.call('PUBLISH', P .. ':unhalted', ARGV[5] .. '\n' .. cause) end
 elseif op == 'rehalt' then
-  -- After a new generation, the halts a process knows of, sent again: triples of the halt
-  -- key, the cause, and the process's number for it (not read). One set meanwhile stays.
+  -- After a new generation, the halts a process knows of, sent again: quadruples of the halt
+  -- key, the cause, the process's number for it (not read) and when it was made ('' not
+  -- known). One set meanwhile stays; one reset meanwhile, after it was made, is not undone.
   local i = 5
-  while i + 2 <= #ARGV do
-    if redis.call('SET', ARGV[i], ARGV[i + 1], 'NX') then
+  while i + 3 <= #ARGV do
+    local field = 'h:' .. ARGV[i]
+    if not stale(field, ARGV[i + 3], '1') and redis.call('SET', ARGV[i], ARGV[i + 1], 'NX') then
+      stamp(field, ARGV[i + 3], '1')
       changed = 1
       redis.call('PUBLISH', P .. ':halted', int(grace_until) .. '\n' .. ARGV[i] .. '\n' .. ARGV[i + 1])
     end
-    i = i + 3
+    i = i + 4
   end
   if changed == 1 then redis.call('PUBLISH', P .. ':freed', '*') end
 elseif op == 'alive' then

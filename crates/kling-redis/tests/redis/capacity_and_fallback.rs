@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use kling_concurrency::SlotsConfig;
-use kling_concurrency::backend::{SlotBackend, SlotKey, SlotOp, TaskRef};
-use kling_core::{AccountId, Pool, Product};
+use kling_concurrency::backend::{SlotBackend, SlotKey, SlotOp, TaskRef, TaskUpdate};
+use kling_core::{AccountId, Pool, Product, TaskStatus};
 use kling_redis::{RedisSlots, WhenUnreachable};
 
 use crate::support::{connect, redis};
@@ -105,4 +105,90 @@ async fn with_redis_away_a_lease_that_ran_out_frees_the_fallback_share() {
         "granted from the share: {next:?}"
     );
     assert_eq!(slots.held_here(), 2, "t1 stays on record until Redis says");
+}
+
+/// While Redis is away under `Fallback`, the replay queue keeps one change per create of the
+/// outage (its hold, or its give-back) and one per end reported: a grant's registration is
+/// replaced by the change that settles it, so it is kept only while its create is on its way
+/// (at most the process's share). Replayed, the fleet holds nothing of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_away_a_fallback_grant_keeps_one_change_for_replay() {
+    let Some(mut server) = redis() else { return };
+    let slots = backend(&server, SlotsConfig::new(2))
+        .await
+        .maintain_every(Duration::from_secs(60))
+        .when_unreachable(WhenUnreachable::fallback(1));
+    // Only this test's passes replay.
+    kling_redis::testing::hold_maintenance(&slots, true);
+    let key = kling3("a");
+    let warm = slots.acquire(key.clone(), 1).await.unwrap();
+    slots.apply(SlotOp::GiveBack(warm)).await.unwrap();
+    server.stop();
+    let creates = 20;
+    for i in 0..creates {
+        let granted = slots.acquire(key.clone(), 1).await.unwrap();
+        let before = slots.pending();
+        if i % 2 == 0 {
+            let id = format!("t{i}");
+            let task = TaskRef {
+                id: Some(id.clone()),
+                external_id: None,
+            };
+            slots
+                .apply(SlotOp::Hold {
+                    reservation: granted,
+                    task,
+                    lease: Duration::from_secs(60),
+                })
+                .await
+                .unwrap();
+            assert_eq!(
+                slots.pending(),
+                before,
+                "the hold took the registration's place"
+            );
+            slots
+                .apply(SlotOp::Update {
+                    account: key.account.clone(),
+                    updates: vec![TaskUpdate {
+                        id,
+                        external_id: None,
+                        status: Some(TaskStatus::Succeeded),
+                    }],
+                    lease: Duration::from_secs(60),
+                })
+                .await
+                .unwrap();
+        } else {
+            slots.apply(SlotOp::GiveBack(granted)).await.unwrap();
+            assert_eq!(
+                slots.pending(),
+                before,
+                "the give-back took the registration's place"
+            );
+        }
+    }
+    // A hold or a give-back per create, and an end per task.
+    assert_eq!(slots.pending(), creates + creates / 2);
+    // A create on its way: its registration is kept until it is settled.
+    let on_its_way = slots.acquire(key.clone(), 1).await.unwrap();
+    assert_eq!(slots.pending(), creates + creates / 2 + 1);
+    server.restart().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = slots.maintain().await {
+        assert!(tokio::time::Instant::now() < deadline, "{e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(slots.pending(), 0, "replayed");
+    let in_use = |slots: RedisSlots| async move {
+        let snapshot = slots.snapshot().await.unwrap();
+        snapshot.iter().map(|p| p.in_use).sum::<u32>()
+    };
+    assert_eq!(
+        in_use(slots.clone()).await,
+        1,
+        "only the create on its way holds"
+    );
+    slots.apply(SlotOp::GiveBack(on_its_way)).await.unwrap();
+    assert_eq!(in_use(slots.clone()).await, 0);
 }

@@ -1039,6 +1039,48 @@ async fn pools_named_by_many_models_leave_nothing_behind() {
     slots.apply(SlotOp::GiveBack(again)).await.unwrap();
 }
 
+/// Past 64 pools, a pool whose only create met a 1102 (its give-back is the halt's) is
+/// forgotten as after any other give-back: each halt left one pool behind.
+#[tokio::test]
+async fn a_pool_past_the_first_64_is_forgotten_after_its_create_meets_a_1102() {
+    let Some(server) = redis() else { return };
+    let slots = backend(&server, 1).await;
+    let model = |name: &str| {
+        SlotKey::new(
+            AccountId::new("acct"),
+            Pool::with_model(Product::Video, name.to_owned()),
+        )
+    };
+    // 65 pools in use stay: the next is past the first 64.
+    let mut busy = Vec::new();
+    for n in 0..65 {
+        busy.push(slots.acquire(model(&format!("busy-{n}")), 1).await.unwrap());
+    }
+    let reservation = slots.acquire(model("halted"), 1).await.unwrap();
+    slots
+        .apply(SlotOp::Halt {
+            reservation,
+            cause: outcome(1102),
+        })
+        .await
+        .unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let pools: usize = redis::cmd("SCARD")
+        .arg("test:pools")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(pools, 65, "the halted create's pool was kept");
+    let metas: Vec<String> = redis::cmd("KEYS")
+        .arg("test:pool:*halted*:m")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(metas.is_empty(), "{metas:?} left behind");
+    drop(busy);
+}
+
 /// A debugging recorder set for this thread while the value lives (a current-thread test runs
 /// every task, the backends' maintenance too, on it), and what it recorded.
 struct Recording {
@@ -2302,6 +2344,194 @@ async fn a_change_replayed_after_redis_ran_it_does_not_undo_a_later_one() {
     );
 }
 
+/// `one`, whose commands give up after 200 ms and whose maintenance runs only when the test
+/// asks, with a task `t1` held.
+async fn impatient_with_t1(server: &kling_redis::testing::RedisServer) -> RedisSlots {
+    let impatient =
+        crate::support::connect_with_timeout(server.url(), Duration::from_millis(200)).await;
+    let one = RedisSlots::new(impatient, SlotsConfig::new(5))
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .maintain_every(Duration::from_secs(60))
+        .grace(Duration::from_millis(300));
+    // Only this test's passes replay: a pass a subscription or a reconnect woke would
+    // take a kept change off the queue while the test counts it.
+    kling_redis::testing::hold_maintenance(&one, true);
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(r, "t1", LONG)).await.unwrap();
+    one
+}
+
+/// Pauses Redis for 600 ms while `one` ([`impatient_with_t1`]) reports `t1` running: the
+/// report is kept for replay, and the changes `one` makes next queue behind it.
+async fn keep_a_report(server: &kling_redis::testing::RedisServer, one: &RedisSlots) {
+    crate::support::client_pause(server, 600).await;
+    one.apply(running("t1")).await.unwrap();
+    assert_eq!(one.pending(), 1, "the report reached redis in time");
+    // Answering again (a ping waits out the pause).
+    let _: String = redis::cmd("PING")
+        .query_async(&mut crate::support::raw(server).await)
+        .await
+        .unwrap();
+}
+
+/// A reset of a halt kept for replay (queued behind a change waiting for Redis) and replayed
+/// after another process met a new 1102 does not end that later halt (a create would meet
+/// it): Redis knows when the halt it has was made, and drops the older reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_replayed_after_a_later_halt_leaves_that_halt() {
+    let Some(server) = redis() else { return };
+    let one = impatient_with_t1(&server).await;
+    let two = backend(&server, 5).await;
+    let first = two.acquire(video(), 1).await.unwrap();
+    let second = two.acquire(video(), 1).await.unwrap();
+    two.apply(SlotOp::Halt {
+        reservation: first,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    keep_a_report(&server, &one).await;
+    one.apply(SlotOp::ResetHalt(video().account)).await.unwrap();
+    assert_eq!(one.pending(), 2, "the reset was not kept");
+    // Later than the reset by more than the processes' clocks may differ.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    two.apply(SlotOp::Halt {
+        reservation: second,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    maintained(&one).await;
+    assert_eq!(one.pending(), 0);
+    let three = backend(&server, 5).await;
+    let create = tokio::time::timeout(Duration::from_secs(2), three.acquire(video(), 1)).await;
+    assert!(
+        matches!(create, Ok(Err(AcquireError::Halted(_)))),
+        "the later halt was reset: {create:?}"
+    );
+    let create = tokio::time::timeout(Duration::from_secs(2), one.acquire(video(), 1)).await;
+    assert!(
+        matches!(create, Ok(Err(AcquireError::Halted(_)))),
+        "granted in the process that reset: {create:?}"
+    );
+}
+
+/// A 1102 kept for replay and replayed after another process reset the account's halt (a
+/// reset made after it) halts nothing: the account would stay halted until reset again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_replayed_after_a_later_reset_halts_nothing() {
+    let Some(server) = redis() else { return };
+    let one = impatient_with_t1(&server).await;
+    let r = one.acquire(video(), 1).await.unwrap();
+    let two = backend(&server, 5).await;
+    keep_a_report(&server, &one).await;
+    one.apply(SlotOp::Halt {
+        reservation: r,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    assert_eq!(one.pending(), 2, "the halt was not kept");
+    // Later than the halt by more than the processes' clocks may differ.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    two.apply(SlotOp::ResetHalt(video().account)).await.unwrap();
+    maintained(&one).await;
+    assert_eq!(one.pending(), 0);
+    for backend in [&two, &one] {
+        let create = tokio::time::timeout(Duration::from_secs(2), backend.acquire(video(), 1))
+            .await
+            .expect("the create waited");
+        assert!(create.is_ok(), "the earlier halt came back: {create:?}");
+    }
+}
+
+/// A capacity kept for replay and replayed after another process set the same capacity does
+/// not undo the later setting; with no later setting, a replayed one applies as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capacity_replayed_after_a_later_setting_leaves_that_setting() {
+    let Some(server) = redis() else { return };
+    let two = backend(&server, 5).await;
+    let set = |capacity| SlotOp::SetCapacity {
+        account: None,
+        pool: video().pool,
+        capacity,
+    };
+    let one = impatient_with_t1(&server).await;
+    keep_a_report(&server, &one).await;
+    one.apply(set(5)).await.unwrap();
+    assert_eq!(one.pending(), 2, "the capacity was not kept");
+    // Later than the first by more than the processes' clocks may differ.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    two.apply(set(2)).await.unwrap();
+    maintained(&one).await;
+    assert_eq!(one.pending(), 0);
+    assert_eq!(
+        in_use_and_capacity(&two).await.1,
+        2,
+        "the older capacity came back"
+    );
+    // Kept again, with nothing later: it applies when replayed.
+    keep_a_report(&server, &one).await;
+    one.apply(set(4)).await.unwrap();
+    assert_eq!(one.pending(), 2, "the capacity was not kept");
+    maintained(&one).await;
+    assert_eq!(one.pending(), 0);
+    assert_eq!(
+        in_use_and_capacity(&two).await.1,
+        4,
+        "the replay was dropped"
+    );
+}
+
+/// A create granted from the fallback share while Redis was paused (its ask, run late, found
+/// the pool full) is held by its hold alone, which took its registration's place in the replay
+/// queue: replayed, that hold still proves the pool fit at the last 1303's level, as a hold of a
+/// grant Redis had does, and the fleet's streak of 1303s ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_replayed_in_place_of_its_registration_proves_the_1303_level() {
+    let Some(server) = redis() else { return };
+    let impatient =
+        crate::support::connect_with_timeout(server.url(), Duration::from_millis(200)).await;
+    let one = RedisSlots::new(impatient, SlotsConfig::new(2))
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .maintain_every(Duration::from_secs(60))
+        .grace(Duration::from_millis(300))
+        .when_unreachable(kling_redis::WhenUnreachable::fallback(1));
+    // Only this test's passes replay.
+    kling_redis::testing::hold_maintenance(&one, true);
+    let level = || async {
+        let mut raw = crate::support::raw(&server).await;
+        let metas: Vec<String> = redis::cmd("KEYS")
+            .arg("test:pool:*:m")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert_eq!(metas.len(), 1, "{metas:?}");
+        let lvl: Option<String> = redis::cmd("HGET")
+            .arg(&metas[0])
+            .arg("lvl")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        lvl.unwrap_or_default()
+    };
+    let a = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(a, "ta", LONG)).await.unwrap();
+    let b = one.acquire(video(), 1).await.unwrap();
+    one.apply(SlotOp::Congested(b)).await.unwrap();
+    assert_eq!(level().await, "2");
+    crate::support::client_pause(&server, 600).await;
+    let c = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(c, "tc", LONG)).await.unwrap();
+    assert_eq!(one.pending(), 1, "the hold took the registration's place");
+    maintained(&one).await;
+    assert_eq!(one.pending(), 0);
+    assert_eq!(in_use(&one).await, 2);
+    assert_eq!(level().await, "0", "the streak of 1303s did not end");
+}
+
 /// A 1102 whose change timed out after Redis ran it is kept and replayed; another process
 /// resets the halt meanwhile. The replay does not halt the account again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2693,6 +2923,42 @@ async fn a_halt_reset_just_before_a_restart_is_not_sent_again() {
     );
     let create = tokio::time::timeout(Duration::from_secs(5), one.acquire(video(), 1)).await;
     assert!(matches!(create, Ok(Ok(_))), "{create:?}");
+}
+
+/// A halt a process sends again after a restart that lost Redis's state does not undo a reset
+/// another process made after the halt, in the new generation, before it came: the halt is
+/// sent with when it was made, and Redis drops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_sent_again_after_a_restart_does_not_undo_a_later_reset() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 5).await;
+    // Only this test's passes send the halt again.
+    kling_redis::testing::hold_maintenance(&one, true);
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(SlotOp::Halt {
+        reservation: r,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    server.restart().unwrap();
+    // Later than the halt by more than the processes' clocks may differ.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let two = backend(&server, 5).await;
+    two.apply(SlotOp::ResetHalt(AccountId::new("acct")))
+        .await
+        .unwrap();
+    maintained(&one).await;
+    maintained(&one).await;
+    assert_eq!(one.pending(), 0);
+    for backend in [&two, &one] {
+        let create =
+            tokio::time::timeout(Duration::from_secs(5), backend.acquire(video(), 1)).await;
+        assert!(
+            matches!(create, Ok(Ok(_))),
+            "the reset halt came back: {create:?}"
+        );
+    }
 }
 
 /// A create whose ask is the first script to meet a store that lost its state (emptied, as a
