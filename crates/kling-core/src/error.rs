@@ -37,8 +37,8 @@ impl SendState {
     /// [`Attempts`] whose create may have made a task says [`SendState::Unknown`] whatever its
     /// last request did; an I/O error of kind
     /// `ConnectionRefused` proves the request never left; with the `hyper-util` feature,
-    /// hyper-util's connect errors and its refusals of a request's HTTP version
-    /// ([`refused_version`]) do too. Everything else is [`SendState::Unknown`].
+    /// hyper-util's connect errors and its refusals of a request it cannot send
+    /// (`refused_version`, [`will_recur`]) do too. Everything else is [`SendState::Unknown`].
     pub fn of(error: &(dyn StdError + 'static)) -> SendState {
         let mut current: Option<&(dyn StdError + 'static)> = Some(error);
         while let Some(err) = current {
@@ -62,7 +62,7 @@ impl SendState {
             }
             #[cfg(feature = "hyper-util")]
             if let Some(client) = err.downcast_ref::<hyper_util::client::legacy::Error>()
-                && (client.is_connect() || refused_version(client))
+                && (client.is_connect() || refused_for_good(client))
             {
                 return SendState::NotSent;
             }
@@ -76,6 +76,49 @@ impl SendState {
 /// (`ErrorKind::UserUnsupportedVersion`), which it has no predicate for.
 #[cfg(feature = "hyper-util")]
 const UNSUPPORTED_VERSION: &str = "client error (UserUnsupportedVersion)";
+
+/// hyper-util's `Display` of its refusal, in `Client::request` before connecting, of a URI
+/// without a scheme and an authority ("client requires absolute-form URIs").
+#[cfg(feature = "hyper-util")]
+const ABSOLUTE_URI_REQUIRED: &str = "client error (UserAbsoluteUriRequired)";
+
+/// hyper-util's `Display` of its refusal, in `Client::request` before connecting, of a
+/// `CONNECT` request as HTTP/1.0.
+#[cfg(feature = "hyper-util")]
+const UNSUPPORTED_METHOD: &str = "client error (UserUnsupportedRequestMethod)";
+
+/// Whether `error` is one of hyper-util's refusals of the request itself, made before any of
+/// it was written and made again for the same request: its version, a relative URI, a
+/// `CONNECT` as HTTP/1.0. Read by text, as [`refused_version`] is.
+#[cfg(feature = "hyper-util")]
+fn refused_for_good(error: &hyper_util::client::legacy::Error) -> bool {
+    let text = error.to_string();
+    text == UNSUPPORTED_VERSION || text == ABSOLUTE_URI_REQUIRED || text == UNSUPPORTED_METHOD
+}
+
+/// Whether the client refused `error`'s request, never sent, for a reason every further
+/// attempt of the same request meets again: a retry only spends time and budget.
+///
+/// Walks the source chain as [`SendState::of`] does. With the `hyper-util` feature, true for
+/// hyper-util's refusals of a request's HTTP version (`refused_version`), of a relative URI
+/// ("client requires absolute-form URIs") and of a `CONNECT` as HTTP/1.0; each also reads as
+/// [`SendState::NotSent`]. Without the feature always false, and for any other error too: a
+/// failed connect or a full pool may pass next time. A refusal by a layer of this process is
+/// [`refused_before_sending`]'s question, not this one's.
+pub fn will_recur(error: &(dyn StdError + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(link) = current {
+        #[cfg(feature = "hyper-util")]
+        if link
+            .downcast_ref::<hyper_util::client::legacy::Error>()
+            .is_some_and(refused_for_good)
+        {
+            return true;
+        }
+        current = next_link(link);
+    }
+    false
+}
 
 /// Whether `error` is hyper-util's refusal of a request's HTTP version: an HTTP/2 request on
 /// an HTTP/1 connection (a client without HTTP/2, a plain `http://` host, a server that did not
@@ -591,6 +634,18 @@ mod tests {
         assert_eq!(Transport::new(marked).send_state(), SendState::NotSent);
         let nested: BoxError = Box::new(Transport::new(NotSent::new("x")));
         assert_eq!(SendState::of(&*nested), SendState::NotSent);
+    }
+
+    /// Only a client's refusal of the request itself recurs (hyper-util's, tested through its
+    /// client in kling-retry): a failed connect, a marker, a local refusal may pass next time.
+    #[test]
+    fn other_errors_do_not_recur() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!will_recur(&Transport::new(refused)));
+        assert!(!will_recur(&NotSent::new("pool closed")));
+        assert!(!will_recur(&RefusedBeforeSending));
+        let wrapped = std::io::Error::other(Attempts::new(1, false, "client error"));
+        assert!(!will_recur(&wrapped));
     }
 
     /// An `io::Error` or an `Arc<dyn Error>` wrapping a marker: their `source` skips the

@@ -88,6 +88,7 @@ pub trait Policy: Send + Sync + 'static {
 /// | `1003`, `1004` without (the auth layer below already re-signed once) | return |
 /// | `1000`–`1002`, `1100`–`1103`, `1200`–`1203`, `1300`, `1301`, `1304`, other codes below 500 | return |
 /// | a refusal below the classify step ([`RefusedBeforeSending`](kling_core::error::RefusedBeforeSending) in its chain: a base URL refusing another origin), which the classify step passes up as it is, or a hand-built [`Transport`] wrapping one | return (the same request would be refused again) |
+/// | a client's refusal of the request itself, never sent and refused again on every attempt ([`will_recur`](kling_core::error::will_recur): with kling-core's `hyper-util` feature, hyper-util's refusal of an HTTP/2 request on an HTTP/1 connection, of a relative URI) | return, at once (no backoff, no budget); it reads as never sent |
 /// | [`Transport`] error, never sent ([`SendState::NotSent`], [`NotSent`]) | retry, transient, not created |
 /// | [`Transport`] error after sending, `tower::timeout::error::Elapsed` | retry, transient, maybe created |
 /// | [`MalformedResponse`] or [`BodyTooLarge`] with a 5xx status (no Kling envelope, so no code says what happened) | retry, transient (503: maintenance), maybe created |
@@ -157,6 +158,11 @@ fn judge_outcome(response: &Response<Full<Bytes>>, outcome: &Outcome) -> Verdict
 }
 
 fn judge_error(error: &BoxError) -> Verdict {
+    // The client refused the request itself (its version, a relative URI): every retry would
+    // be refused the same way.
+    if kling_core::error::will_recur(&**error) {
+        return Verdict::Return;
+    }
     let by_status = |status: http::StatusCode| {
         if status == http::StatusCode::SERVICE_UNAVAILABLE {
             Some(DelayKind::Maintenance)

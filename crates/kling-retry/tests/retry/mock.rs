@@ -249,6 +249,68 @@ async fn a_create_to_a_closed_port_is_retried_as_never_sent() {
     );
 }
 
+/// A request hyper-util refuses, unsent, for a reason every attempt meets again (an HTTP/2
+/// request on its HTTP/1 connection, a relative URI, a `CONNECT` as HTTP/1.0): it fails at once with the client's
+/// error, one request, no retry withdrawn from the budget, and reads as never sent, so a
+/// create made nothing. The same create as HTTP/1.1 with its full URI is sent (the control).
+#[tokio::test]
+async fn a_request_the_client_refuses_for_good_fails_at_once_as_never_sent() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    let server = MockServer::start(MockConfig::preset(Preset::Pro).no_rate_limit())
+        .await
+        .unwrap();
+    let base = server.base_url();
+    let budget = RetryBudget::new(Duration::from_secs(10), 10, 0.0).unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
+    let client = retry_layer(budget.clone()).layer(
+        tower::ServiceBuilder::new()
+            .map_request(move |request: Req| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                request
+            })
+            .service(bare_client()),
+    );
+    let mut http2 = create(&base, 0);
+    *http2.version_mut() = http::Version::HTTP_2;
+    let mut relative = create(&base, 1);
+    *relative.uri_mut() = "/v1/videos/text2video".parse().unwrap();
+    let mut connect = create(&base, 2);
+    *connect.method_mut() = http::Method::CONNECT;
+    *connect.version_mut() = http::Version::HTTP_10;
+    let cases = [
+        ("http/2", http2),
+        ("relative uri", relative),
+        ("connect as http/1.0", connect),
+    ];
+    for (what, request) in cases {
+        calls.store(0, Ordering::SeqCst);
+        let before = budget.remaining();
+        let error = client.clone().oneshot(request).await.unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "{what}: {error:?}");
+        assert_eq!(budget.remaining(), before, "{what}: no retry withdrawn");
+        assert!(kling_core::error::will_recur(&*error), "{what}: {error:?}");
+        assert_eq!(
+            kling_core::SendState::of(&*error),
+            kling_core::SendState::NotSent,
+            "{what}: {error:?}"
+        );
+        assert!(
+            !kling_core::error::may_have_created(&*error),
+            "{what}: {error:?}"
+        );
+    }
+    assert_eq!(server.stats().requests_total, 0, "the mock saw no request");
+
+    calls.store(0, Ordering::SeqCst);
+    let response = client.oneshot(create(&base, 3)).await.unwrap();
+    assert!(Outcome::of(&response).unwrap().is_success());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(server.stats().tasks_created, 1);
+}
+
 /// Retries every non-success a fixed number of times after a flat 1 s (API time): what the
 /// issue warns against.
 #[derive(Clone)]
