@@ -18,6 +18,10 @@ pub(crate) const MAX_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// than any test or bench uses, a few megabytes with tokens of ordinary length.
 pub const DEFAULT_MAX_OPEN_ACCOUNTS: usize = 10_000;
 
+/// How long [`crate::MockServer`] waits by default for a request's header
+/// ([`MockConfig::header_read_timeout`]): hyper's own default.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The account tiers of the published Kling rate-limit guide.
 ///
 /// | preset | slots per pool | requests / minute | credits |
@@ -263,6 +267,10 @@ impl Switches {
 }
 
 /// Probabilities of injected faults, each drawn per request from the seeded RNG.
+///
+/// They are drawn in turn (drop, malformed, 5xx, slow, lost answer), each among the requests
+/// no earlier one took: with several on, a later one's share of all requests is its rate times
+/// the share the earlier ones left.
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub struct Faults {
@@ -274,9 +282,10 @@ pub struct Faults {
     /// Share of requests whose connection is dropped without a response, before the server
     /// does anything with them (the request was lost on its way).
     pub drop_rate: f64,
-    /// Share of requests the server carries out (a create makes its task, billed) whose
-    /// connection is then dropped without a response: the answer was lost on its way back, as
-    /// a timeout or a reset after sending leaves a real client.
+    /// Share of requests whose answer is lost on its way back: the server handles the request
+    /// (a create makes its task, billed; a refusal, early or not, refuses), then drops the
+    /// connection without a response, as a timeout or a reset after sending leaves a real
+    /// client.
     pub lost_answer_rate: f64,
     /// Share of requests answered only after [`Faults::slow_delay`].
     pub slow_rate: f64,
@@ -388,6 +397,12 @@ pub struct MockConfig {
     /// a fresh account. When none is idle the new token gets HTTP 503 code 5001 until one is.
     /// Default [`DEFAULT_MAX_OPEN_ACCOUNTS`].
     pub max_open_accounts: usize,
+    /// How long [`crate::MockServer`] waits for the whole header of a request once it waits
+    /// for one (an idle keep-alive connection included) before it closes the connection, so a
+    /// client that sends half a header holds no connection for good. Real time, not divided by
+    /// the speed (it is network time). `None`: no limit. Default
+    /// [`DEFAULT_HEADER_READ_TIMEOUT`].
+    pub header_read_timeout: Option<Duration>,
     /// Base of result URLs (`{base}/{task_id}/{index}.{ext}`). `None`: a non-resolvable
     /// `https://mock.klingai.invalid/outputs`, except under [`crate::MockServer::start`], which
     /// points them at its own `GET /__mock/files/...` so results can be downloaded.
@@ -441,6 +456,7 @@ impl fmt::Debug for MockConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("port", &self.port)
             .field("max_open_accounts", &self.max_open_accounts)
+            .field("header_read_timeout", &self.header_read_timeout)
             .field("files_base_url", &self.files_base_url)
             .finish()
     }
@@ -484,6 +500,7 @@ impl MockConfig {
             max_body_bytes: 10 * 1024 * 1024,
             port: 0,
             max_open_accounts: DEFAULT_MAX_OPEN_ACCOUNTS,
+            header_read_timeout: Some(DEFAULT_HEADER_READ_TIMEOUT),
             files_base_url: None,
         }
     }
@@ -698,8 +715,8 @@ impl MockConfig {
         self.faults.drop_rate = rate;
         self
     }
-    /// Share of requests carried out (a create makes its task) whose answer is then lost: the
-    /// connection is dropped without a response.
+    /// Share of requests handled (a create makes its task, a refusal refuses) whose answer is
+    /// then lost: the connection is dropped without a response.
     pub fn lost_answer_rate(mut self, rate: f64) -> Self {
         self.faults.lost_answer_rate = rate;
         self
@@ -735,6 +752,13 @@ impl MockConfig {
     /// Sets how many accounts open mode keeps (see [`MockConfig::max_open_accounts`]).
     pub fn max_open_accounts(mut self, accounts: usize) -> Self {
         self.max_open_accounts = accounts;
+        self
+    }
+
+    /// Sets how long the server waits for a request's header (see
+    /// [`MockConfig::header_read_timeout`]; `None`: no limit).
+    pub fn header_read_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.header_read_timeout = timeout.into();
         self
     }
 
@@ -830,6 +854,14 @@ impl MockConfig {
         }
         if self.max_open_accounts == 0 {
             return err("max_open_accounts", "must be at least 1");
+        }
+        if let Some(timeout) = self.header_read_timeout
+            && !(Duration::ZERO < timeout && timeout <= MAX_WAIT)
+        {
+            return err(
+                "header_read_timeout",
+                "must be above 0 and at most ten years (None: no limit)",
+            );
         }
         if self.access_key.is_some() != self.secret_key.is_some() {
             return err("secret_key", "access_key and secret_key go together");

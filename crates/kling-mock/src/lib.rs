@@ -71,8 +71,8 @@ mod task;
 
 pub use callbacks::sign_webhook;
 pub use config::{
-    ApiKey, ConfigError, DEFAULT_MAX_OPEN_ACCOUNTS, Faults, MockConfig, ParseError, PoolScope,
-    Preset, RateLimit, RetryAfterMode, Switches,
+    ApiKey, ConfigError, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_OPEN_ACCOUNTS, Faults,
+    MockConfig, ParseError, PoolScope, Preset, RateLimit, RetryAfterMode, Switches,
 };
 pub use error::MockError;
 pub use server::MockServer;

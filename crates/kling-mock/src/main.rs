@@ -42,7 +42,8 @@ struct Args {
     /// Share of requests whose connection is dropped before they are carried out.
     #[arg(long, default_value_t = 0.0)]
     drop_rate: f64,
-    /// Share of requests carried out (a create makes its task) whose answer is then dropped.
+    /// Share of requests handled (a create makes its task, a refusal refuses) whose answer is
+    /// then dropped.
     #[arg(long, default_value_t = 0.0)]
     lost_answer_rate: f64,
     /// Share of tasks that end failed.
@@ -95,6 +96,10 @@ struct Args {
     /// beyond, the least recently seen idle one is forgotten.
     #[arg(long)]
     max_open_accounts: Option<usize>,
+    /// Seconds (real time) to wait for a request's whole header, an idle keep-alive
+    /// connection's next one included, before closing the connection; 0: no limit.
+    #[arg(long, value_parser = parse_secs, default_value = "30")]
+    header_read_timeout: Duration,
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -200,6 +205,8 @@ fn config(args: Args) -> MockConfig {
     if let Some(seed) = args.seed {
         config = config.seed(seed);
     }
+    config = config
+        .header_read_timeout(Some(args.header_read_timeout).filter(|timeout| !timeout.is_zero()));
     if let Some(accounts) = args.max_open_accounts {
         config = config.max_open_accounts(accounts);
     }
@@ -273,6 +280,22 @@ mod tests {
             kling_mock::DEFAULT_MAX_OPEN_ACCOUNTS
         );
         assert_eq!(parsed(&["--max-open-accounts", "50"]).max_open_accounts, 50);
+    }
+
+    #[test]
+    fn header_read_timeout_sets_the_servers_wait_and_zero_lifts_it() {
+        assert_eq!(
+            parsed(&[]).header_read_timeout,
+            Some(kling_mock::DEFAULT_HEADER_READ_TIMEOUT)
+        );
+        assert_eq!(
+            parsed(&["--header-read-timeout", "2.5"]).header_read_timeout,
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(
+            parsed(&["--header-read-timeout", "0"]).header_read_timeout,
+            None
+        );
     }
 
     #[test]

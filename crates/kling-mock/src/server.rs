@@ -9,7 +9,7 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
@@ -132,10 +132,14 @@ async fn accept_loop(listener: TcpListener, mock: MockKling, mut stopped: onesho
                 };
                 let mock = mock.clone();
                 connections.spawn(async move {
+                    let timeout = mock.config().header_read_timeout;
                     let service = service_fn(move |req| serve_one(mock.clone(), req));
-                    // An error here is a client gone away or a dropped-connection fault.
+                    // An error here is a client gone away, a header not sent in time or a
+                    // dropped-connection fault.
                     let _ = http1::Builder::new()
                         .keep_alive(true)
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(timeout)
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });

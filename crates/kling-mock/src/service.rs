@@ -19,7 +19,7 @@ use crate::config::{ConfigError, MAX_WAIT, MockConfig, Switches};
 use crate::error::MockError;
 use crate::faults::Fault;
 use crate::routes::{self, Route};
-use crate::state::State;
+use crate::state::{State, SwitchesRefused};
 use crate::stats::Stats;
 use crate::task::Clock;
 
@@ -141,7 +141,8 @@ impl MockKling {
 
     /// Replaces one account's own switches: its requests get 1100 / 1101 / 1304 / 1302 while
     /// one is on (here or mock-wide), other accounts' are untouched, as Kling's account states
-    /// are each account's own.
+    /// are each account's own. Makes the account if the mock holds none yet (unbounded: for a
+    /// test's own few names; `POST /__mock/switches` keeps within what requests could make).
     pub fn set_account_switches(&self, account: &str, switches: Switches) {
         self.shared.lock().account(account).switches = switches;
     }
@@ -207,11 +208,13 @@ impl MockKling {
             tokio::time::sleep(delay).await;
         }
 
-        let (resp, job) = {
+        // A refusal is an answer too, and is lost like any other: every request that draws the
+        // lost-answer fault meets it, so its configured rate is the rate clients see.
+        let (resp, job) = 'answer: {
             let mut state = self.shared.lock();
             let now = Instant::now();
             if body.len() > self.shared.config.max_body_bytes {
-                return Ok(state.error(1200, "request body too large", now, None));
+                break 'answer (state.error(1200, "request body too large", now, None), None);
             }
             let route = routes::parse(&parts.method, &path);
             let auth = parts
@@ -220,14 +223,14 @@ impl MockKling {
                 .map(|v| v.as_bytes());
             let account = match authenticate(&self.shared.config, auth) {
                 Ok(account) => account,
-                Err((code, msg)) => return Ok(state.error(code, msg, now, None)),
+                Err((code, msg)) => break 'answer (state.error(code, msg, now, None), None),
             };
             if state.admit(&account, now).is_err() {
                 let msg = format!(
                     "mock open-mode account limit reached: {} accounts, none idle; retry later",
                     self.shared.config.max_open_accounts
                 );
-                return Ok(state.error(5001, &msg, now, None));
+                break 'answer (state.error(5001, &msg, now, None), None);
             }
             let switches = state.switches_for(&account);
             let refused = if switches.abnormal {
@@ -240,7 +243,7 @@ impl MockKling {
                 None
             };
             if let Some((code, msg)) = refused {
-                return Ok(state.error(code, msg, now, None));
+                break 'answer (state.error(code, msg, now, None), None);
             }
             if route.as_ref().is_some_and(Route::is_create) {
                 // Creates already on their way when the 1102 went out are not counted: 100 ms
@@ -264,14 +267,20 @@ impl MockKling {
                     .map_or(self.shared.config.scaled(Duration::from_secs(1)), |limit| {
                         self.shared.config.scaled_secs(60.0 / limit.per_minute)
                     });
-                return Ok(state.error(1302, "request rate over limit", now, Some(wait)));
+                break 'answer (
+                    state.error(1302, "request rate over limit", now, Some(wait)),
+                    None,
+                );
             }
             let costs = matches!(route, Some(Route::AccountCosts));
             if let Err(wait) = state.rate_check(&account, costs, now) {
-                return Ok(state.error(1302, "request rate over limit", now, Some(wait)));
+                break 'answer (
+                    state.error(1302, "request rate over limit", now, Some(wait)),
+                    None,
+                );
             }
             let Some(route) = route else {
-                return Ok(state.error(1202, "wrong method or path", now, None));
+                break 'answer (state.error(1202, "wrong method or path", now, None), None);
             };
             state.dispatch(&account, &route, parts.uri.query(), &body, now)
         };
@@ -362,7 +371,35 @@ impl MockKling {
                 // With `"account"`, that account's own switches; without, the mock-wide ones.
                 match v.get("account").and_then(Value::as_str) {
                     Some(account) => {
-                        self.set_account_switches(account, switches);
+                        let set =
+                            self.shared
+                                .lock()
+                                .set_switches_of(account, switches, Instant::now());
+                        let refused = match set {
+                            Ok(()) => None,
+                            Err(SwitchesRefused::UnknownAccount) => Some((
+                                http::StatusCode::BAD_REQUEST,
+                                1201,
+                                "no configured key is of that account".to_owned(),
+                            )),
+                            Err(SwitchesRefused::NoRoom) => Some((
+                                http::StatusCode::SERVICE_UNAVAILABLE,
+                                5001,
+                                format!(
+                                    "mock open-mode account limit reached: {} accounts, none \
+                                     idle; retry later",
+                                    self.shared.config.max_open_accounts
+                                ),
+                            )),
+                        };
+                        // Nothing set, and no account made: a name per request grew the
+                        // accounts without bound.
+                        if let Some((status, code, message)) = refused {
+                            let mut resp =
+                                json(serde_json::json!({"code": code, "message": message}));
+                            *resp.status_mut() = status;
+                            return resp;
+                        }
                         answer["account"] = Value::String(account.to_owned());
                     }
                     None => self.set_switches(switches),

@@ -150,6 +150,15 @@ pub(crate) struct State {
     pub(crate) seen: BTreeMap<u64, String>,
 }
 
+/// Why [`State::set_switches_of`] set nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SwitchesRefused {
+    /// Keyed mode, and no configured key is of the account: no request could be it.
+    UnknownAccount,
+    /// Open mode, [`MockConfig::max_open_accounts`] held and none idle.
+    NoRoom,
+}
+
 impl Account {
     /// Whether forgetting the account changes nothing a client could be waiting on: no task
     /// running, no occupation, no switches of its own, rate limits at rest.
@@ -370,6 +379,39 @@ impl State {
             acct.last_seen = self.admitted;
             self.seen.insert(self.admitted, account.to_owned());
         }
+        Ok(())
+    }
+
+    /// Sets `account`'s own switches for `POST /__mock/switches` without holding more accounts
+    /// than requests can: a name no request could be (keyed mode, no configured key of it) is
+    /// refused; all off for an account the mock does not hold changes nothing and makes none;
+    /// in open mode a new one is let in as a request's is ([`State::admit`]), so at most
+    /// [`MockConfig::max_open_accounts`].
+    pub(crate) fn set_switches_of(
+        &mut self,
+        account: &str,
+        switches: Switches,
+        now: Instant,
+    ) -> Result<(), SwitchesRefused> {
+        if let Some(acct) = self.accounts.get_mut(account) {
+            acct.switches = switches;
+            return Ok(());
+        }
+        if switches == Switches::default() {
+            return Ok(());
+        }
+        if self.config.is_open() {
+            self.admit(account, now)
+                .map_err(|()| SwitchesRefused::NoRoom)?;
+        } else {
+            let config = &self.config;
+            let configured = config.api_keys.iter().any(|k| k.account == account)
+                || (config.access_key.is_some() && config.default_account() == account);
+            if !configured {
+                return Err(SwitchesRefused::UnknownAccount);
+            }
+        }
+        self.account(account).switches = switches;
         Ok(())
     }
 

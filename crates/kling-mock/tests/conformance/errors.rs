@@ -173,6 +173,66 @@ async fn an_accounts_own_switches_refuse_only_that_account() {
         .assert_error(429, 1100);
 }
 
+/// `POST /__mock/switches` with an `account` holds no more accounts than requests could: all
+/// off for an account the mock does not hold makes none; in open mode a new one counts
+/// against `max_open_accounts` (and is refused when none is idle); in keyed mode a name no
+/// configured key is of is refused. It added an account per name, for good.
+#[tokio::test(start_paused = true)]
+async fn a_switches_request_makes_no_account_past_what_requests_could() {
+    let c = Caller::new(quiet().max_open_accounts(2));
+    let control = c.without_auth();
+    let set = |account: String, on: bool| {
+        let control = control.clone();
+        async move {
+            control
+                .post(
+                    "/__mock/switches",
+                    json!({"account": account, "arrears": on}),
+                )
+                .await
+        }
+    };
+    // A running task keeps the caller's account busy: one place left.
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    for n in 0..50 {
+        let r = set(format!("ghost-{n}"), false).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    assert_eq!(set("held".to_owned(), true).await.status, 200);
+    assert!(c.mock.account_switches("held").arrears);
+    let r = set("one-too-many".to_owned(), true).await;
+    assert_eq!((r.status.as_u16(), r.code()), (503, 5001), "{:?}", r.body);
+    assert_eq!(c.mock.account_switches("one-too-many"), Switches::new());
+    // Requests see the same bound: a new bearer finds no place either.
+    c.with_key("fresh")
+        .get("/account/costs")
+        .await
+        .assert_error(503, 5001);
+    // An account the mock holds is switched as before, off included.
+    assert_eq!(set("held".to_owned(), false).await.status, 200);
+    c.with_key("held").get("/account/costs").await.data();
+
+    let keyed = Caller::new(quiet().api_key_for("test-key", "team"));
+    let r = keyed
+        .without_auth()
+        .post(
+            "/__mock/switches",
+            json!({"account": "nobody", "abnormal": true}),
+        )
+        .await;
+    assert_eq!((r.status.as_u16(), r.code()), (400, 1201), "{:?}", r.body);
+    assert_eq!(keyed.mock.account_switches("nobody"), Switches::new());
+    let r = keyed
+        .without_auth()
+        .post(
+            "/__mock/switches",
+            json!({"account": "team", "abnormal": true}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    keyed.get("/account/costs").await.assert_error(429, 1100);
+}
+
 /// A `POST /__mock/switches` the mock cannot read (not a JSON object, a switch that is not a
 /// boolean, a name it does not know, an `account` that is not a string) is refused with 400,
 /// naming what was wrong, and changes nothing: it turned every switch of every account off
@@ -391,7 +451,7 @@ async fn identifier_fields_are_bounded_in_bytes() {
             json!({"prompt": "x", "external_task_id": "\u{e9}".repeat(2049)}),
         )
         .await;
-    r.assert_error(400, 1201);
+    assert_eq!((r.status.as_u16(), r.code()), (400, 1201), "{:?}", r.body);
     assert!(
         r.body["message"]
             .as_str()

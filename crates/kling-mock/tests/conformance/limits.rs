@@ -392,6 +392,63 @@ async fn a_lost_answer_drops_the_connection_after_the_create_made_its_task() {
     );
 }
 
+/// A refusal is an answer too: a request that draws the lost-answer fault loses its answer
+/// whether the mock carried it out or refused it early (no or a bad key, a switch, the rate,
+/// an unknown path), so the configured rate is the share of requests whose answer is lost.
+#[tokio::test(start_paused = true)]
+async fn a_lost_answer_meets_refusals_too_at_the_configured_rate() {
+    use http_body_util::Full;
+    use kling_mock::Switches;
+    use tower_service::Service;
+    let request = |path: &str, auth: Option<&str>| {
+        let mut builder = http::Request::get(path);
+        if let Some(auth) = auth {
+            builder = builder.header("authorization", auth);
+        }
+        builder.body(Full::new(bytes::Bytes::new())).unwrap()
+    };
+
+    let mut every = crate::support::mock(quiet().lost_answer_rate(1.0));
+    every.set_account_switches("throttled", Switches::new().throttled(true));
+    for (path, auth) in [
+        (LIST, None),
+        (LIST, Some("Basic x")),
+        (LIST, Some("Bearer throttled")),
+        ("/v1/nowhere", Some("Bearer k")),
+        (LIST, Some("Bearer k")),
+    ] {
+        let err = every.call(request(path, auth)).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "connection dropped by mock",
+            "{path} {auth:?}"
+        );
+    }
+    let stats = every.stats();
+    assert_eq!(stats.answers_lost, 5, "{stats:?}");
+    assert!(
+        stats.responses_by_code.is_empty(),
+        "none was answered: {stats:?}"
+    );
+
+    // Half the requests refused early (no key), half answered: each half loses its share.
+    const EACH: u32 = 2000;
+    let mut some = crate::support::mock(quiet().lost_answer_rate(0.3).seed(5));
+    let (mut refused_lost, mut answered_lost) = (0, 0);
+    for _ in 0..EACH {
+        refused_lost += u32::from(some.call(request(LIST, None)).await.is_err());
+        answered_lost += u32::from(some.call(request(LIST, Some("Bearer k"))).await.is_err());
+    }
+    for (what, lost) in [("refused", refused_lost), ("answered", answered_lost)] {
+        let share = f64::from(lost) / f64::from(EACH);
+        assert!((0.26..0.34).contains(&share), "{what}: {share}");
+    }
+    assert_eq!(
+        some.stats().answers_lost,
+        u64::from(refused_lost + answered_lost)
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn slow_answers_arrive_after_the_scaled_delay() {
     let c = Caller::new(quiet().speed(2.0).slow(1.0, secs(10)));

@@ -123,6 +123,60 @@ async fn a_dropped_connection_fault_really_closes_the_connection() {
     assert_eq!(server.stats().connections_dropped, 1);
 }
 
+/// A client that opens a connection and sends half a header is cut off once the header read
+/// timeout passes: it held the connection (and its task) for good. A whole request on the same
+/// server is answered (the control), and the timeout is configurable and validated.
+#[tokio::test]
+async fn a_connection_that_sends_half_a_header_is_closed_after_the_timeout() {
+    let config = fast().header_read_timeout(Duration::from_millis(200));
+    let server = MockServer::start(config).await.unwrap();
+    let mut half = TcpStream::connect(server.addr()).await.unwrap();
+    half.write_all(b"GET /__mock/stats HTTP/1.1\r\nHost: mock\r\nX-Half: ")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(Duration::from_secs(10), half.read(&mut buf))
+        .await
+        .expect("the server closed the connection");
+    // Closed (EOF or a reset), whatever hyper answers first.
+    if let Ok(n) = read {
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(150), "{waited:?}");
+
+    let mut whole = TcpStream::connect(server.addr()).await.unwrap();
+    whole
+        .write_all(b"GET /__mock/stats HTTP/1.1\r\nHost: mock\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    whole.read_to_end(&mut answer).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+
+    // An idle keep-alive connection waits for its next header: it is closed the same way.
+    let mut idle = TcpStream::connect(server.addr()).await.unwrap();
+    idle.write_all(b"GET /nope HTTP/1.1\r\nHost: mock\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), idle.read_to_end(&mut answer))
+        .await
+        .expect("the idle connection was closed");
+    assert!(closed.is_ok(), "{closed:?}");
+    assert!(answer.starts_with(b"HTTP/1.1 "), "{answer:?}");
+
+    assert_eq!(
+        MockConfig::default().header_read_timeout,
+        Some(kling_mock::DEFAULT_HEADER_READ_TIMEOUT)
+    );
+    let zero = MockServer::start(fast().header_read_timeout(Duration::ZERO)).await;
+    let error = zero.expect_err("a zero timeout is refused");
+    assert!(error.to_string().contains("header_read_timeout"), "{error}");
+}
+
 #[tokio::test]
 async fn the_server_stops_when_shut_down() {
     let server = MockServer::start(fast()).await.unwrap();
