@@ -1096,15 +1096,21 @@ impl Monitor {
     /// `code`, or apart when it carried no envelope (a proxy's page). A code Kling sends with
     /// HTTP 429 (1100–1102, 1302–1304) is one whatever the status it came with (a gateway's
     /// rewrite, a 200 carrying it), as the `kling_responses_total` series select it by code.
+    /// Code 0 under HTTP 429 is no rejection: the code decides (kling-core's `Disposition`, which
+    /// the retry and slots layers read too, makes it a success), so a create answered so counts
+    /// once, as the task it made ([`Monitor::observe_tasks`]).
     #[inline]
     pub(crate) fn note_final(&self, status: http::StatusCode, code: Option<i64>) {
-        if status != http::StatusCode::TOO_MANY_REQUESTS
-            && !code.is_some_and(|code| {
-                code != 0
-                    && Code::from_i64(code).documented_status()
+        let rejection = match code {
+            Some(0) => false,
+            Some(code) => {
+                status == http::StatusCode::TOO_MANY_REQUESTS
+                    || Code::from_i64(code).documented_status()
                         == Some(http::StatusCode::TOO_MANY_REQUESTS)
-            })
-        {
+            }
+            None => status == http::StatusCode::TOO_MANY_REQUESTS,
+        };
+        if !rejection {
             return;
         }
         match code {

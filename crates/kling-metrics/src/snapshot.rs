@@ -22,7 +22,8 @@ pub struct Snapshot {
     pub queues: Vec<QueueDepth>,
     /// Final responses with HTTP 429, by Kling code (`1302`, `1303`, `1102`, …): every
     /// documented code, and the first 32 undocumented codes the process saw. A code Kling
-    /// sends with 429 (1100–1102, 1302–1304) counts whatever status it came with. Final: a
+    /// sends with 429 (1100–1102, 1302–1304) counts whatever status it came with; code 0 never
+    /// does (a success by its code, its task counted in [`tasks`](Self::tasks)). Final: a
     /// 429 the retry layer retried is not counted (`kling_retries_total` counts those).
     pub rejections: BTreeMap<i64, u64>,
     /// Final 429s with an undocumented code past the first 32 (an upstream's codes are its

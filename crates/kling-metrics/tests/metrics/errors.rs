@@ -405,3 +405,39 @@ async fn every_429_code_is_counted_under_its_code_whatever_the_status() {
         assert_eq!(snapshot.rejections_without_code, 0);
     }
 }
+
+/// An HTTP 429 whose body says code 0 and names a task counts once: as the task it made, not
+/// as a rejection too. The code decides, as kling-core's disposition (which the retry and
+/// slots layers read) makes it a success; a 1303 under 429 is a rejection and makes no task.
+#[tokio::test(start_paused = true)]
+async fn a_429_with_code_0_and_a_task_is_a_created_task_and_no_rejection() {
+    let created = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t-429","task_status":"submitted"}}"#;
+    let refused = r#"{"code":1303,"message":"no","request_id":"r"}"#;
+    let monitor = kling_metrics::Monitor::builder().build().unwrap();
+    let classified = MetricsLayer::with_monitor(monitor.clone())
+        .layer(ClassifyLayer::new().layer(answering(429, created)));
+    let response = classified
+        .oneshot(request("POST", "/v1/videos/text2video", "{}", "k"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let snapshot = monitor.snapshot();
+    assert_eq!(snapshot.rejections_total(), 0, "{snapshot:?}");
+    assert_eq!(snapshot.rejections_of(0), 0);
+    assert_eq!((snapshot.tasks.created, snapshot.tasks.running), (1, 1));
+
+    // Bare (no classify step), and the control: a 1303 is a rejection, no task.
+    let other = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t-430","task_status":"submitted"}}"#;
+    let bare = MetricsLayer::with_monitor(monitor.clone()).layer(answering(429, other));
+    let _ = bare
+        .oneshot(request("POST", "/v1/videos/text2video", "{}", "k"))
+        .await;
+    let _ = MetricsLayer::with_monitor(monitor.clone())
+        .layer(ClassifyLayer::new().layer(answering(429, refused)))
+        .oneshot(request("POST", "/v1/videos/text2video", "{}", "k"))
+        .await;
+    let snapshot = monitor.snapshot();
+    assert_eq!(snapshot.rejections_total(), 1, "{snapshot:?}");
+    assert_eq!(snapshot.rejections_of(1303), 1);
+    assert_eq!((snapshot.tasks.created, snapshot.tasks.running), (2, 2));
+}
