@@ -99,15 +99,22 @@ fn refused_for_good(error: &hyper_util::client::legacy::Error) -> bool {
 /// Whether the client refused `error`'s request, never sent, for a reason every further
 /// attempt of the same request meets again: a retry only spends time and budget.
 ///
-/// Walks the source chain as [`SendState::of`] does. With the `hyper-util` feature, true for
-/// hyper-util's refusals of a request's HTTP version (`refused_version`), of a relative URI
-/// ("client requires absolute-form URIs") and of a `CONNECT` as HTTP/1.0; each also reads as
-/// [`SendState::NotSent`]. Without the feature always false, and for any other error too: a
-/// failed connect or a full pool may pass next time. A refusal by a layer of this process is
+/// Walks the source chain as [`SendState::of`] does. True for a [`NotSent::for_good`] marker
+/// (an adapter's own refusal, as kling-tower's clients make) and, with the `hyper-util`
+/// feature, for hyper-util's refusals of a request's HTTP version (`refused_version`), of a
+/// relative URI ("client requires absolute-form URIs") and of a `CONNECT` as HTTP/1.0; each
+/// also reads as [`SendState::NotSent`]. False for any other error: a failed connect or a
+/// full pool may pass next time. A refusal by a layer of this process is
 /// [`refused_before_sending`]'s question, not this one's.
 pub fn will_recur(error: &(dyn StdError + 'static)) -> bool {
     let mut current = Some(error);
     while let Some(link) = current {
+        if link
+            .downcast_ref::<NotSent>()
+            .is_some_and(NotSent::is_for_good)
+        {
+            return true;
+        }
         #[cfg(feature = "hyper-util")]
         if link
             .downcast_ref::<hyper_util::client::legacy::Error>()
@@ -153,6 +160,8 @@ fn next_link<'a>(error: &'a (dyn StdError + 'static)) -> Option<&'a (dyn StdErro
 #[derive(Debug)]
 pub struct NotSent {
     source: BoxError,
+    /// The client refused the request itself ([`NotSent::for_good`]): see [`will_recur`].
+    for_good: bool,
 }
 
 impl NotSent {
@@ -160,7 +169,24 @@ impl NotSent {
     pub fn new(source: impl Into<BoxError>) -> Self {
         NotSent {
             source: source.into(),
+            for_good: false,
         }
+    }
+
+    /// Marks `source` as the client's refusal of the request itself, before sending it, for a
+    /// reason every attempt of the same request meets again (a relative URI, an HTTP version
+    /// or a scheme it does not speak): [`will_recur`] reads it, so a retry layer returns it at
+    /// once instead of spending its attempts.
+    pub fn for_good(source: impl Into<BoxError>) -> Self {
+        NotSent {
+            source: source.into(),
+            for_good: true,
+        }
+    }
+
+    /// Whether the client refused the request itself ([`NotSent::for_good`]).
+    pub fn is_for_good(&self) -> bool {
+        self.for_good
     }
 }
 
@@ -636,13 +662,19 @@ mod tests {
         assert_eq!(SendState::of(&*nested), SendState::NotSent);
     }
 
-    /// Only a client's refusal of the request itself recurs (hyper-util's, tested through its
-    /// client in kling-retry): a failed connect, a marker, a local refusal may pass next time.
+    /// Only a client's refusal of the request itself recurs (an adapter's marker; hyper-util's,
+    /// tested through its client in kling-retry): a failed connect, a plain marker, a local
+    /// refusal may pass next time.
     #[test]
-    fn other_errors_do_not_recur() {
+    fn only_a_refusal_for_good_recurs() {
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         assert!(!will_recur(&Transport::new(refused)));
         assert!(!will_recur(&NotSent::new("pool closed")));
+        // An adapter's own refusal of the request itself recurs, also wrapped.
+        let for_good = NotSent::for_good("relative URI");
+        assert!(will_recur(&for_good));
+        assert_eq!(SendState::of(&for_good), SendState::NotSent);
+        assert!(will_recur(&std::io::Error::other(NotSent::for_good("x"))));
         assert!(!will_recur(&RefusedBeforeSending));
         let wrapped = std::io::Error::other(Attempts::new(1, false, "client error"));
         assert!(!will_recur(&wrapped));

@@ -33,7 +33,8 @@ type HyperResponse = <HyperClient as Service<Request<Full<Bytes>>>>::Response;
 /// not speak (HTTP/2, to the HTTP/1.1 client [`https_client`] builds: refused once connected)
 /// before sending anything, with an error that is no connect error, which the retry
 /// layer and the task slots must read as "maybe sent": a create that surely made nothing held
-/// its slot for the task lease. This `Service` fails such a request with a [`NotSent`] error,
+/// its slot for the task lease. This `Service` fails such a request with a [`NotSent`] error
+/// ([`NotSent::for_good`]: the retry layer returns it at once, as every attempt would meet it),
 /// naming its path (never its query), without handing it to hyper-util (an HTTP/2 request
 /// handed to a client of one's own, [`HttpsClient::new`], that hyper-util refuses once
 /// connected on an HTTP/1.1 connection reads as never sent by kling-core's `SendState::of`:
@@ -92,7 +93,7 @@ impl Service<Request<Full<Bytes>>> for HttpsClient {
     fn call(&mut self, request: Request<Full<Bytes>>) -> HttpsResponseFuture {
         let state = match unsendable(&request, self.http2) {
             Some(reason) => State::Refused {
-                error: Some(Box::new(NotSent::new(reason))),
+                error: Some(Box::new(NotSent::for_good(reason))),
             },
             None => State::Sending {
                 future: self.client.request(request),

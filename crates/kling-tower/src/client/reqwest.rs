@@ -20,7 +20,8 @@ type Pending = <reqwest::Client as Service<reqwest::Request>>::Future;
 /// A failed connect, and a request reqwest refuses before sending it (a relative URI, sent with
 /// no [`BaseUrlLayer`](crate::BaseUrlLayer) under the stack, or a scheme other than `http` and
 /// `https`), becomes a [`NotSent`] error, so the layers above know a create surely did not
-/// happen; other reqwest errors pass as they are (the request may have been sent). One of
+/// happen (a refusal marked [`NotSent::for_good`]: every attempt would meet it, so the retry
+/// layer returns it at once); other reqwest errors pass as they are (the request may have been sent). One of
 /// those is never sent too, and read so by kling-core's `SendState::of` in its chain:
 /// hyper-util's refusal of an HTTP version the connection does not speak (an HTTP/2 request
 /// over HTTP/1.1, [`kling_core::error::refused_version`]).
@@ -117,7 +118,7 @@ impl<B: PeekBody> Service<Request<B>> for ReqwestService {
             },
             Err(e) => ResponseFuture {
                 state: State::Failed {
-                    error: Some(Box::new(NotSent::new(e))),
+                    error: Some(Box::new(NotSent::for_good(e))),
                 },
             },
         }
@@ -208,8 +209,11 @@ impl Future for ResponseFuture {
             StateProj::Sending { future } => match ready!(future.poll(cx)) {
                 Ok(response) => Poll::Ready(Ok(response.into())),
                 // A builder error is reqwest refusing the request before sending it (a scheme
-                // other than `http` or `https`, a URL no URI holds).
-                Err(e) if e.is_connect() || e.is_builder() => {
+                // other than `http` or `https`, a URL no URI holds), as it will every time.
+                Err(e) if e.is_builder() => {
+                    Poll::Ready(Err(Box::new(NotSent::for_good(without_credentials(e)))))
+                }
+                Err(e) if e.is_connect() => {
                     Poll::Ready(Err(Box::new(NotSent::new(without_credentials(e)))))
                 }
                 Err(e) => Poll::Ready(Err(Box::new(without_credentials(e)))),

@@ -461,18 +461,26 @@ async fn an_http2_request_a_bare_hyper_util_client_cannot_send_reads_as_never_se
 }
 
 /// The same through the stack's retry layer, hand-composed without a base URL layer: a create
-/// never sent is tried no more than its attempts allow and fails as never sent, not as a create
-/// that may have made a task.
-#[tokio::test]
+/// never sent fails as never sent, not as a create that may have made a task, and at once
+/// (every attempt would be refused alike: it was tried until its attempts ran out, backing off
+/// between them). So does an HTTP/2 request to the HTTP/1.1 client.
+#[tokio::test(start_paused = true)]
 async fn a_hand_composed_stack_without_a_base_url_reports_a_relative_create_as_never_sent() {
     use kling_tower::retry::RetryLayer;
 
-    let retry = RetryLayer::builder().max_attempts(1).build().unwrap();
+    let retry = RetryLayer::builder().max_attempts(5).build().unwrap();
     let service =
         retry.layer(ClassifyLayer::new().layer(kling_tower::client::https_client().unwrap()));
-    let error = service.oneshot(create("")).await.unwrap_err();
-    assert_eq!(SendState::of(&*error), SendState::NotSent, "{error}");
-    assert!(!kling_core::error::may_have_created(&*error), "{error}");
+    let mut http2 = create("http://127.0.0.1:9");
+    *http2.version_mut() = http::Version::HTTP_2;
+    for request in [create(""), http2] {
+        let started = tokio::time::Instant::now();
+        let error = service.clone().oneshot(request).await.unwrap_err();
+        assert_eq!(SendState::of(&*error), SendState::NotSent, "{error}");
+        assert!(!kling_core::error::may_have_created(&*error), "{error}");
+        assert!(kling_core::error::will_recur(&*error), "{error}");
+        assert_eq!(started.elapsed(), Duration::ZERO, "no backoff: {error}");
+    }
 }
 
 /// reqwest refuses a relative URI, and a scheme other than `http` or `https`, before sending:
@@ -491,5 +499,28 @@ async fn reqwest_reports_a_request_it_refuses_before_sending_as_never_sent() {
         *request.uri_mut() = uri.parse().unwrap();
         let error = service.clone().oneshot(request).await.unwrap_err();
         assert_eq!(SendState::of(&*error), SendState::NotSent, "{uri}: {error}");
+        assert!(kling_core::error::will_recur(&*error), "{uri}: {error}");
+    }
+}
+
+/// Through the retry layer, reqwest's refusals fail at once: each attempt would meet them again.
+#[cfg(feature = "reqwest")]
+#[tokio::test(start_paused = true)]
+async fn reqwest_refusals_are_not_retried() {
+    use kling_tower::client::ReqwestService;
+    use kling_tower::retry::RetryLayer;
+
+    let retry = RetryLayer::builder().max_attempts(5).build().unwrap();
+    let service = retry.layer(ClassifyLayer::new().layer(ReqwestService::new_client().unwrap()));
+    for uri in [
+        "/v1/videos/text2video",
+        "ftp://127.0.0.1/v1/videos/text2video",
+    ] {
+        let mut request = create("");
+        *request.uri_mut() = uri.parse().unwrap();
+        let started = tokio::time::Instant::now();
+        let error = service.clone().oneshot(request).await.unwrap_err();
+        assert_eq!(SendState::of(&*error), SendState::NotSent, "{uri}: {error}");
+        assert_eq!(started.elapsed(), Duration::ZERO, "{uri}: {error}");
     }
 }
