@@ -1146,6 +1146,15 @@ struct Gauges {
 
 impl Gauges {
     fn finished(&mut self, why: Why<'_>, held_for: Duration) {
+        if std::thread::panicking() {
+            // A release in a drop while the thread unwinds (see `move_gauge`).
+            unwinding(|| self.count_finished(why, held_for));
+            return;
+        }
+        self.count_finished(why, held_for);
+    }
+
+    fn count_finished(&mut self, why: Why<'_>, held_for: Duration) {
         // The usual reasons are found by number, the others by their label.
         let known = why.known();
         let i = match known.and_then(|k| self.known[k]) {
@@ -1303,12 +1312,51 @@ struct State {
     displaced: usize,
 }
 
-/// Moves `gauge` from `from` to `to` (integers, exact in an `f64`).
-fn move_gauge(gauge: &metrics::Gauge, from: f64, to: f64) {
-    if to > from {
-        gauge.increment(to - from);
-    } else {
-        gauge.decrement(from - to);
+/// Moves `gauge` from `from` to `to` (integers, exact in an `f64`); whether it did.
+///
+/// This runs in drops too (a pool's, a waiter's, a grant given back by a future dropped in a
+/// panic): while the thread unwinds, a metrics recorder's panic is caught ([`unwinding`]), and
+/// the caller keeps showing `from`, so the next move catches up.
+fn move_gauge(gauge: &metrics::Gauge, from: f64, to: f64) -> bool {
+    let apply = || {
+        if to > from {
+            gauge.increment(to - from);
+        } else {
+            gauge.decrement(from - to);
+        }
+    };
+    if std::thread::panicking() {
+        return unwinding(apply);
+    }
+    apply();
+    true
+}
+
+/// Runs `f`, a call into the metrics recorder, while the thread unwinds: its panic is caught
+/// (one escaping a drop then would abort the process). Whether it completed.
+#[cold]
+fn unwinding(f: impl FnOnce()) -> bool {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_ok()
+}
+
+/// Runs `each` on every item, all of them even when one unwinds (a metrics recorder panicking
+/// as a release moves a gauge, after its slots went back), then resumes the first panic: one
+/// answer ends several tasks, and every one of them gives its slots back.
+fn each_completing<I: ExactSizeIterator>(items: I, mut each: impl FnMut(I::Item)) {
+    if items.len() <= 1 {
+        // (The usual query: nothing after it to complete, no landing pad.)
+        items.for_each(each);
+        return;
+    }
+    let mut first = None;
+    for item in items {
+        let run = std::panic::AssertUnwindSafe(|| each(item));
+        if let Err(panic) = std::panic::catch_unwind(run) {
+            first.get_or_insert(panic);
+        }
+    }
+    if let Some(panic) = first {
+        std::panic::resume_unwind(panic);
     }
 }
 
@@ -1384,8 +1432,9 @@ impl PoolState {
     fn grant_at_once(&mut self, weight: u32) -> bool {
         if self.queue.is_empty() && self.free() >= weight {
             let in_use = self.in_use + weight;
-            move_gauge(&self.gauges.in_use, self.shown.0 as f64, in_use as f64);
-            self.shown.0 = in_use;
+            if move_gauge(&self.gauges.in_use, self.shown.0 as f64, in_use as f64) {
+                self.shown.0 = in_use;
+            }
             self.in_use = in_use;
             return true;
         }
@@ -1406,19 +1455,22 @@ impl PoolState {
     /// Moves the gauges whose values changed since they were last moved, by the change: a
     /// gauge shows the sum over the pools that share its labels (one, unless they share
     /// [`other_model_label`](names::other_model_label)).
+    ///
+    /// Each gauge's shown value is set as it moves: should the recorder panic at the next one,
+    /// the next publish moves only what it did not.
     fn publish(&mut self) {
         let (in_use, capacity, waiters) = (self.in_use, self.capacity(), self.waiting());
         let shown = self.shown;
-        if shown.0 != in_use {
-            move_gauge(&self.gauges.in_use, shown.0 as f64, in_use as f64);
+        if shown.0 != in_use && move_gauge(&self.gauges.in_use, shown.0 as f64, in_use as f64) {
+            self.shown.0 = in_use;
         }
-        if shown.1 != capacity {
-            move_gauge(&self.gauges.capacity, shown.1 as f64, capacity as f64);
+        if shown.1 != capacity && move_gauge(&self.gauges.capacity, shown.1 as f64, capacity as f64)
+        {
+            self.shown.1 = capacity;
         }
-        if shown.2 != waiters {
-            move_gauge(&self.gauges.waiters, shown.2 as f64, waiters as f64);
+        if shown.2 != waiters && move_gauge(&self.gauges.waiters, shown.2 as f64, waiters as f64) {
+            self.shown.2 = waiters;
         }
-        self.shown = (in_use, capacity, waiters);
     }
 
     /// Hands free slots to the queue's head, in order.
@@ -1862,10 +1914,10 @@ impl State {
                 .filter(|(_, h)| h.lease_until <= now)
                 .map(|(slot, _)| slot)
                 .collect();
-            for slot in expired {
+            each_completing(expired.into_iter(), |slot| {
                 let out = Some(&mut *released);
                 self.release((index, slot), Why::LeaseExpired, now, out, false);
-            }
+            });
             let pool = &mut self.list[index];
             pool.next_lease = pool.live().map(|(_, h)| h.lease_until).min();
         }
@@ -2309,7 +2361,7 @@ impl State {
             None
         };
         let by_complete = status.is_none();
-        let Some(place) = taken.or_else(|| {
+        let Some(mut place) = taken.or_else(|| {
             let (account, path) = (reports.account, reports.path);
             self.find(account, path, id, hash, external, by_complete, terminal)
         }) else {
@@ -2342,6 +2394,12 @@ impl State {
             // its create's answer (or a report) gave: it exists, and may still run.
             return;
         }
+        let mut id_unfiled = taken.is_some();
+        if let Some(ext) = external.filter(|ext| !ext.is_empty() && !id.is_empty())
+            && self.is_adopted_without_external(place)
+        {
+            (place, id_unfiled) = self.join_listed(place, id, hash, ext, reports, id_unfiled);
+        }
         let now = *reports.now.get_or_insert_with(Instant::now);
         let (lease, applied) = (reports.lease, &mut reports.applied);
         applied.changed = true;
@@ -2354,7 +2412,7 @@ impl State {
                 None => Why::Completed,
             };
             let out = (!reports.unread).then_some(&mut applied.released);
-            self.release(place, why, now, out, taken.is_some());
+            self.release(place, why, now, out, id_unfiled);
             return;
         }
         // Still running: renew the lease, and learn the task id of a create whose outcome was
@@ -2378,6 +2436,53 @@ impl State {
             self.ids
                 .insert_hashed(hash, NO_SCOPE, id.as_bytes(), place, keys);
         }
+    }
+
+    /// Whether the holding at `place` was adopted by a reconcile whose list did not give its
+    /// external id.
+    fn is_adopted_without_external(&self, place: Place) -> bool {
+        self.list
+            .get(place.0)
+            .and_then(|pool| pool.holdings.get(place.1))
+            .and_then(Entry::held)
+            .is_some_and(|holding| holding.adopted && holding.external.is_none())
+    }
+
+    /// A report of the task `id` under the external id `ext` found, by its task id, the
+    /// holding at `place` that a reconcile adopted from a list that did not give its external
+    /// id. A create of unknown outcome that its account holds under `ext` (its answer lost) is
+    /// that same task, held twice: the create's holding takes the task id and the adopted one
+    /// gives its slots back, as [`take_over`](State::take_over) does when the create's holding
+    /// comes second. Returns where the task is held now, and whether its task id is out of the
+    /// index (`unfiled`: the report took it out).
+    #[cold]
+    fn join_listed(
+        &mut self,
+        place: Place,
+        id: &str,
+        hash: u64,
+        ext: &str,
+        reports: &Reports<'_>,
+        unfiled: bool,
+    ) -> (Place, bool) {
+        let Some(create) = self.by_external(reports.account, reports.path, ext, false) else {
+            return (place, unfiled);
+        };
+        if create == place || self.list[create.0].key.account != self.list[place.0].key.account {
+            return (place, unfiled);
+        }
+        let Some(held) = self.list[create.0].holdings[create.1].held.as_mut() else {
+            return (place, unfiled);
+        };
+        held.id = Some(SmallId::new(id));
+        held.hashes[0] = hash;
+        // Filed under the task id in place of the adopted holding, which `supersede` then
+        // leaves filed under neither id.
+        let keys = &Kept(&self.list, Which::Id);
+        self.ids
+            .insert_hashed(hash, NO_SCOPE, id.as_bytes(), create, keys);
+        self.supersede(place);
+        (create, false)
     }
 
     /// Notes the end of the task held at `place`, which a report (of `id`, of [`IdHash`]
@@ -2513,11 +2618,11 @@ impl State {
             } => {
                 let mut reports = Reports::new(&account, lease, now, unread, outcome.tasks().len());
                 reports.path = path;
-                for task in outcome.tasks() {
+                each_completing(outcome.tasks().iter(), |task| {
                     let (ext, status) = (task.external_id.as_deref(), Some(&task.status));
                     let hash = IdHash::hash(task.id.as_bytes());
                     self.report(&task.id, hash, ext, status, &mut reports);
-                }
+                });
                 applied = reports.applied;
             }
             SlotOp::Update {
@@ -2527,11 +2632,11 @@ impl State {
             } => {
                 let mut reports = Reports::new(&account, lease, now, unread, updates.len());
                 reports.path = path;
-                for update in &updates {
+                each_completing(updates.iter(), |update| {
                     let (ext, status) = (update.external_id.as_deref(), update.status.as_ref());
                     let hash = IdHash::hash(update.id.as_bytes());
                     self.report(&update.id, hash, ext, status, &mut reports);
-                }
+                });
                 applied = reports.applied;
             }
             SlotOp::Adopt {
@@ -2810,14 +2915,14 @@ impl SlotBackend for InProcess {
             *hash = IdHash::hash(task.id.as_bytes());
         }
         let mut state = self.lock();
-        for (i, task) in tasks.iter().enumerate() {
+        each_completing(tasks.iter().enumerate(), |(i, task)| {
             let (ext, status) = (task.external_id.as_deref(), Some(&task.status));
             let hash = match hashes.get(i) {
                 Some(&hash) => hash,
                 None => IdHash::hash(task.id.as_bytes()),
             };
             state.report(&task.id, hash, ext, status, &mut reports);
-        }
+        });
         drop(state);
         ready(Ok(reports.applied))
     }
@@ -4906,10 +5011,19 @@ mod tests {
         statuses: Arc<Mutex<Vec<String>>>,
         gauges: Arc<Mutex<Vec<(String, f64)>>>,
         values: Arc<Mutex<HashMap<String, f64>>>,
+        /// The series whose next move panics (once), moving nothing.
+        fails: Arc<Mutex<Option<String>>>,
     }
 
     impl MetricLog {
         fn moved(&self, series: &str, by: f64) {
+            let mut fails = self.fails.lock().unwrap();
+            if fails.as_deref() == Some(series) {
+                *fails = None;
+                drop(fails);
+                panic!("the metrics recorder panics");
+            }
+            drop(fails);
             let mut values = self.values.lock().unwrap();
             let value = values.entry(series.to_owned()).or_default();
             *value += by;
@@ -5041,6 +5155,33 @@ mod tests {
 
     /// Model pools past the named ones share one series per product: each gauge shows their
     /// sum, and a pool that is gone takes its share back out.
+    /// A recorder that panics at a pool's second gauge leaves the first one right. Before,
+    /// the pool noted what its gauges showed only once all three had moved: after a panic at
+    /// the capacity gauge, the in-use gauge, moved already, was moved by the same change again
+    /// at the next publish, and showed a slot fewer than held for good (here -1).
+    #[test]
+    fn a_gauge_moved_before_the_recorder_panics_is_not_moved_twice() {
+        with_metric_log(2, |log, _, backend| {
+            let granted = |r: Result<Result<Reservation, AcquireError>, InProcessAcquire>| match r {
+                Ok(Ok(reservation)) => reservation,
+                _ => panic!("not granted"),
+            };
+            let value = |series: &str| log.values.lock().unwrap().get(series).copied();
+            let first = granted(backend.acquire_now(key(), 1));
+            let second = granted(backend.acquire_now(key(), 1));
+            // A `1303`: in use and capacity both change; the capacity gauge panics.
+            *log.fails.lock().unwrap() = Some(names::SLOTS_CAPACITY.to_owned());
+            let congested = std::panic::AssertUnwindSafe(|| {
+                now(backend.apply(SlotOp::Congested(second))).unwrap();
+            });
+            assert!(std::panic::catch_unwind(congested).is_err());
+            assert_eq!(value(names::SLOTS_IN_USE), Some(1.0));
+            now(backend.apply(SlotOp::GiveBack(first))).unwrap();
+            assert_eq!(value(names::SLOTS_IN_USE), Some(0.0), "what the pool holds");
+            assert_eq!(value(names::SLOTS_CAPACITY), Some(1.0), "caught up");
+        });
+    }
+
     #[test]
     fn pools_sharing_a_label_add_up_in_its_gauges() {
         let log = MetricLog::default();

@@ -769,20 +769,35 @@ async fn a_panic_in_the_service_below_leaks_no_slot() {
 }
 
 /// A metrics recorder whose in-use gauge, waiters gauge and wait histogram each panic once
-/// when their flag is set.
+/// when their flag is set, and every one of whose metrics panics on every call while `every`
+/// is set.
 #[derive(Clone, Default)]
 pub(crate) struct PanickyRecorder {
     pub(crate) in_use: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pub(crate) waiters: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pub(crate) wait: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) every: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-struct PanickyMetric(std::sync::Arc<std::sync::atomic::AtomicBool>);
+struct PanickyMetric(
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+);
 
 impl PanickyMetric {
     fn touch(&self) {
-        let panics = self.0.swap(false, std::sync::atomic::Ordering::SeqCst);
+        use std::sync::atomic::Ordering;
+        let panics = self.0.swap(false, Ordering::SeqCst) || self.1.load(Ordering::SeqCst);
         assert!(!panics, "the metrics recorder panics");
+    }
+}
+
+impl metrics::CounterFn for PanickyMetric {
+    fn increment(&self, _: u64) {
+        self.touch();
+    }
+    fn absolute(&self, _: u64) {
+        self.touch();
     }
 }
 
@@ -827,25 +842,33 @@ impl metrics::Recorder for PanickyRecorder {
     ) {
     }
     fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
-        metrics::Counter::noop()
+        let never = std::sync::Arc::default();
+        metrics::Counter::from_arc(std::sync::Arc::new(PanickyMetric(
+            never,
+            self.every.clone(),
+        )))
     }
     fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
         let flag = match key.name() {
-            name if name == kling_core::metrics::SLOTS_IN_USE => &self.in_use,
-            name if name == kling_core::metrics::SLOTS_WAITERS => &self.waiters,
-            _ => return metrics::Gauge::noop(),
+            name if name == kling_core::metrics::SLOTS_IN_USE => self.in_use.clone(),
+            name if name == kling_core::metrics::SLOTS_WAITERS => self.waiters.clone(),
+            _ => std::sync::Arc::default(),
         };
-        metrics::Gauge::from_arc(std::sync::Arc::new(PanickyMetric(flag.clone())))
+        let metric = PanickyMetric(flag, self.every.clone());
+        metrics::Gauge::from_arc(std::sync::Arc::new(metric))
     }
     fn register_histogram(
         &self,
         key: &metrics::Key,
         _: &metrics::Metadata<'_>,
     ) -> metrics::Histogram {
-        if key.name() != kling_core::metrics::SLOTS_WAIT {
-            return metrics::Histogram::noop();
-        }
-        metrics::Histogram::from_arc(std::sync::Arc::new(PanickyMetric(self.wait.clone())))
+        let flag = if key.name() == kling_core::metrics::SLOTS_WAIT {
+            self.wait.clone()
+        } else {
+            std::sync::Arc::default()
+        };
+        let metric = PanickyMetric(flag, self.every.clone());
+        metrics::Histogram::from_arc(std::sync::Arc::new(metric))
     }
 }
 
@@ -939,6 +962,202 @@ async fn a_panicking_metrics_recorder_leaks_no_slot() {
     svc.ready().await.unwrap();
     let mut next = spawn(svc.call(create()));
     assert_ready_ok!(next.poll());
+}
+
+/// A metrics recorder that panics as a batch answer releases its first task still lets the
+/// answer release every task it ended. Before, the in-process backend released the reported
+/// tasks one by one: the panic in the first one's in-use gauge stopped the loop, and the
+/// others kept their slots until reported again or their lease ran out.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_metrics_recorder_does_not_stop_a_batch_answer_half_way() {
+    use kling_concurrency::backend::{SlotBackend, SlotOp, TaskUpdate};
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::sync::atomic::Ordering;
+
+    let recorder = PanickyRecorder::default();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let (mut svc, handle, fake) = fake(SlotsConfig::new(5));
+    for _ in 0..5 {
+        svc.ready().await.unwrap();
+        svc.call(create()).await.unwrap();
+    }
+    assert_eq!(held(&handle).await, (5, 5));
+
+    // One query answer ends t1, t2 and t3: the in-use gauge panics at the first release.
+    for id in ["t1", "t2", "t3"] {
+        fake.finish(id);
+    }
+    recorder.in_use.store(true, Ordering::SeqCst);
+    svc.ready().await.unwrap();
+    let mut query = spawn(svc.call(get("/tasks?task_ids=t1,t2,t3")));
+    assert!(catch_unwind(AssertUnwindSafe(|| query.poll())).is_err());
+    drop(query);
+    assert_eq!(held(&handle).await, (2, 2), "all three released");
+
+    // The same through the backend: one update ends t4 and t5.
+    let updates = ["t4", "t5"]
+        .map(|id| TaskUpdate {
+            id: id.to_owned(),
+            external_id: None,
+            status: Some(kling_core::TaskStatus::Succeeded),
+        })
+        .to_vec();
+    let op = SlotOp::Update {
+        account: handle.default_account().clone(),
+        updates,
+        lease: Duration::from_secs(600),
+    };
+    recorder.in_use.store(true, Ordering::SeqCst);
+    let backend = handle.backend();
+    assert!(catch_unwind(AssertUnwindSafe(|| drop(backend.apply(op)))).is_err());
+    assert_eq!(held(&handle).await, (0, 0), "both released");
+}
+
+/// The service below: from `call` on, the metrics recorder panics on every call, and so does
+/// `call`.
+#[derive(Clone)]
+struct ArmsAndPanics(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Service<Request<Full<Bytes>>> for ArmsAndPanics {
+    type Response = Response<Full<Bytes>>;
+    type Error = kling_core::error::BoxError;
+    type Future = std::future::Ready<Answer>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<Full<Bytes>>) -> Self::Future {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        panic!("the service below panics in call")
+    }
+}
+
+/// A metrics recorder that panics on every call does not abort the process when a panic
+/// unwinds through the layer. Before, the in-process backend moved its gauges in drops: a
+/// grant given back as the service below panicked in `call`, and a pool dropped with the
+/// last clone of its backend, each called the recorder while the thread unwound, and its
+/// panic there aborted. Now a recorder's panic while the thread unwinds is caught; the slots
+/// go back, and the gauges catch up at their next move.
+#[tokio::test(start_paused = true)]
+async fn a_metrics_recorder_panicking_on_every_call_aborts_nothing_while_unwinding() {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::sync::atomic::Ordering;
+
+    let recorder = PanickyRecorder::default();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2)).unwrap();
+    let mut svc = layer.layer(ArmsAndPanics(recorder.every.clone()));
+
+    // Granted at once (the gauge moves), then `call` below panics with the recorder armed:
+    // the grant goes back while unwinding.
+    svc.ready().await.unwrap();
+    assert!(catch_unwind(AssertUnwindSafe(|| svc.call(create()))).is_err());
+    recorder.every.store(false, Ordering::SeqCst);
+    assert_eq!(held(&handle).await, (0, 0), "the slot went back");
+
+    // The last clones of the backend dropped while unwinding: the pool's drop moves no gauge.
+    recorder.every.store(true, Ordering::SeqCst);
+    let unwound = catch_unwind(AssertUnwindSafe(move || {
+        let _gone = (svc, handle, layer);
+        panic!("the caller panics");
+    }));
+    assert!(unwound.is_err());
+    recorder.every.store(false, Ordering::SeqCst);
+}
+
+/// A task a reconcile listed without its external id, whose create's answer was lost (kept
+/// under that external id alone), holds its slot once as soon as a report names it by both
+/// ids, whichever came first. Before, the adopted holding (by task id) and the create's (by
+/// external id) were two holdings of one task: the create's kept its slot until its lease,
+/// after the task ended.
+#[tokio::test(start_paused = true)]
+async fn a_task_listed_without_its_external_id_and_its_lost_create_hold_one_slot() {
+    use kling_concurrency::backend::{SlotBackend, SlotKey, SlotOp, TaskRef, TaskUpdate};
+    use kling_core::TaskStatus;
+
+    for adopted_first in [false, true] {
+        let (mut svc, handle, fake) = fake(SlotsConfig::new(3));
+        let backend = handle.backend();
+        let lease = Duration::from_secs(600);
+        let adopt = || SlotOp::Adopt {
+            key: SlotKey::new(handle.default_account().clone(), video()),
+            task: TaskRef {
+                id: Some("t1".to_owned()),
+                external_id: None,
+            },
+            weight: 1,
+            lease,
+        };
+        if adopted_first {
+            backend.apply(adopt()).await.unwrap();
+        }
+        fake.script(Scripted::Lost);
+        svc.ready().await.unwrap();
+        assert!(svc.call(create_with_external("e1")).await.is_err());
+        if !adopted_first {
+            backend.apply(adopt()).await.unwrap();
+        }
+        assert_eq!(
+            held(&handle).await,
+            (2, 2),
+            "adopted first: {adopted_first}"
+        );
+
+        let report = |status| SlotOp::Update {
+            account: handle.default_account().clone(),
+            updates: vec![TaskUpdate {
+                id: "t1".to_owned(),
+                external_id: Some("e1".to_owned()),
+                status: Some(status),
+            }],
+            lease,
+        };
+        backend.apply(report(TaskStatus::Processing)).await.unwrap();
+        assert_eq!(
+            held(&handle).await,
+            (1, 1),
+            "one task: adopted first: {adopted_first}"
+        );
+        // Known by its task id from now on: its end by task id alone frees it.
+        handle.complete("t1").await.unwrap().unwrap();
+        assert_eq!(
+            held(&handle).await,
+            (0, 0),
+            "adopted first: {adopted_first}"
+        );
+
+        // Ended at once too.
+        if adopted_first {
+            let adopt = SlotOp::Adopt {
+                key: SlotKey::new(handle.default_account().clone(), video()),
+                task: TaskRef {
+                    id: Some("t2".to_owned()),
+                    external_id: None,
+                },
+                weight: 1,
+                lease,
+            };
+            backend.apply(adopt).await.unwrap();
+            fake.script(Scripted::Lost);
+            svc.ready().await.unwrap();
+            assert!(svc.call(create_with_external("e2")).await.is_err());
+            let end = SlotOp::Update {
+                account: handle.default_account().clone(),
+                updates: vec![TaskUpdate {
+                    id: "t2".to_owned(),
+                    external_id: Some("e2".to_owned()),
+                    status: Some(TaskStatus::Succeeded),
+                }],
+                lease,
+            };
+            backend.apply(end).await.unwrap();
+            assert_eq!(held(&handle).await, (0, 0), "both holdings of t2 gone");
+        }
+    }
 }
 
 /// An error whose `source` panics (a service below's own error type).
