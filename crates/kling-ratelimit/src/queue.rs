@@ -403,10 +403,12 @@ impl Queues {
             }
             return Err(());
         }
+        // Before it joins: should the metrics recorder panic, nothing waits that no caller
+        // holds a place for (it would be a head nobody polls, with everyone behind it).
+        queue.depth.increment(1.0);
         let id = queue.next_id;
         queue.next_id += 1;
         queue.waiters.push_back(id, (), waker.clone());
-        queue.depth.increment(1.0);
         self.waiting.fetch_add(1, Ordering::AcqRel);
         Ok(Ticket {
             id,
@@ -425,10 +427,11 @@ impl Queues {
             map.insert(key.clone(), Queue::new(key));
         }
         let queue = map.get_mut(key).expect("inserted above");
+        // Before it joins, as in `enqueue`.
+        queue.depth.increment(1.0);
         let id = queue.next_id;
         queue.next_id += 1;
         queue.returned.push_back(id, (), waker.clone());
-        queue.depth.increment(1.0);
         self.waiting.fetch_add(1, Ordering::AcqRel);
         Ticket {
             id,
@@ -450,6 +453,8 @@ impl Queues {
             map.insert(key.clone(), Queue::new(key));
         }
         let queue = map.get_mut(key).expect("inserted above");
+        // Before it joins, as in `enqueue`.
+        queue.depth.increment(1.0);
         let id = queue.next_id;
         queue.next_id += 1;
         let list = if again {
@@ -458,7 +463,6 @@ impl Queues {
             &mut queue.held
         };
         list.push_back(id, (), waker.clone());
-        queue.depth.increment(1.0);
         self.waiting.fetch_add(1, Ordering::AcqRel);
         Ticket {
             id,
@@ -494,23 +498,29 @@ impl Queues {
     ) -> Ticket {
         let mut map = self.lock();
         let kind = key.request_kind().expect("a class key");
+        // The account's queue is made, and the depths move, before the request leaves its
+        // class's: should the metrics recorder panic, it is still held there, where its place
+        // finds it, and it joins no queue that no caller holds a place in.
+        if !map.contains_key(account) {
+            map.insert(account.clone(), Queue::new(account));
+        }
+        map.get(account)
+            .expect("inserted above")
+            .depth
+            .increment(1.0);
         let class = map.get_mut(key).expect("a held request's queue");
+        class.depth.decrement(1.0);
         // Only the head of the held requests is released, while it waits there.
         let removed = match class.held_again.remove(id) {
             Removed::NotWaiting => class.held.remove(id),
             removed => removed,
         };
         debug_assert_eq!(removed, Removed::Head);
-        class.depth.decrement(1.0);
-        if !map.contains_key(account) {
-            map.insert(account.clone(), Queue::new(account));
-        }
         let queue = map.get_mut(account).expect("inserted above");
         let ticket = queue.next_id;
         queue.next_id += 1;
         queue.returned.push_back(ticket, (), waker.clone());
         queue.from_held.push((ticket, kind));
-        queue.depth.increment(1.0);
         let is_head = queue.returned.records() == 1;
         map.get_mut(key).expect("held above").held_out = Some(ticket);
         Ticket {
@@ -632,7 +642,6 @@ impl Queues {
             queue.wake_head();
         }
         self.waiting.fetch_sub(1, Ordering::AcqRel);
-        queue.depth.decrement(1.0);
         // A held class request that went back to its account's queue leaves it: the next
         // held one of its class may go.
         let out = match queue.from_held.iter().position(|(ticket, _)| *ticket == id) {
@@ -640,9 +649,11 @@ impl Queues {
             None => None,
         };
         let last = !held && queue.asking() == 0;
-        if queue.waiting() == 0 && queue.is_empty() {
-            map.remove(key);
-        }
+        let gone = if queue.waiting() == 0 && queue.is_empty() {
+            map.remove(key)
+        } else {
+            None
+        };
         if let Some(kind) = out {
             let class_key = BucketKey::class(key.account_id().cloned(), kind);
             if let Some(class) = map.get_mut(&class_key)
@@ -654,6 +665,15 @@ impl Queues {
                     map.remove(&class_key);
                 }
             }
+        }
+        // Last, once every change is made: should the metrics recorder panic, no class's held
+        // requests wait for one that left, and no empty queue stays.
+        let depth = match &gone {
+            Some(queue) => Some(&queue.depth),
+            None => map.get(key).map(|queue| &queue.depth),
+        };
+        if let Some(depth) = depth {
+            leave_depth(depth);
         }
         last
     }
@@ -682,6 +702,18 @@ impl Queues {
 }
 
 /// A place in a queue, given up on drop unless it was admitted.
+/// Takes one waiter off a depth gauge. Also run as a [`Place`] is dropped while the thread
+/// unwinds: a metrics recorder's panic is then caught, as one escaping a drop would abort the
+/// process.
+fn leave_depth(depth: &metrics::Gauge) {
+    if std::thread::panicking() {
+        let leave = std::panic::AssertUnwindSafe(|| depth.decrement(1.0));
+        let _ = std::panic::catch_unwind(leave);
+        return;
+    }
+    depth.decrement(1.0);
+}
+
 #[derive(Debug)]
 pub(crate) struct Place {
     pub(crate) queues: Arc<Queues>,
@@ -814,6 +846,184 @@ mod tests {
     /// A request back from the account gate leads a class queue at once, ahead of its head and
     /// of the requests behind it; the head it displaced may no longer set the queue's hint, and
     /// leads again once the returned ones left (those that gave up behind included).
+    /// A metrics recorder whose depth gauges panic at their next increment (`up`) or
+    /// decrement (`down`) while the flag is set (once each), or at every call (`every`).
+    #[derive(Clone, Default)]
+    struct PanickyDepth {
+        up: Arc<AtomicBool>,
+        down: Arc<AtomicBool>,
+        every: Arc<AtomicBool>,
+    }
+
+    impl PanickyDepth {
+        fn touch(&self, flag: &AtomicBool) {
+            let panics = flag.swap(false, Ordering::SeqCst) || self.every.load(Ordering::SeqCst);
+            assert!(!panics, "the metrics recorder panics");
+        }
+    }
+
+    impl metrics::GaugeFn for PanickyDepth {
+        fn increment(&self, _: f64) {
+            self.touch(&self.up);
+        }
+        fn decrement(&self, _: f64) {
+            self.touch(&self.down);
+        }
+        fn set(&self, _: f64) {
+            self.touch(&self.every);
+        }
+    }
+
+    impl metrics::Recorder for PanickyDepth {
+        fn describe_counter(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_gauge(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_histogram(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn register_counter(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Counter {
+            metrics::Counter::noop()
+        }
+        fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+            metrics::Gauge::from_arc(Arc::new(self.clone()))
+        }
+        fn register_histogram(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Histogram {
+            metrics::Histogram::noop()
+        }
+    }
+
+    fn unwinds(f: impl FnOnce()) -> bool {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err()
+    }
+
+    /// A metrics recorder that panics as a request joins a queue leaves no waiter behind.
+    /// Before, the request joined and then the depth gauge moved: the panic unwound before
+    /// the caller held a place for it, so it stayed the queue's head for good, polled by
+    /// nobody, and every later request of the key waited behind it for ever.
+    #[test]
+    fn a_recorder_panicking_as_a_request_joins_leaves_no_head_nobody_polls() {
+        let recorder = PanickyDepth::default();
+        let _recorder = metrics::set_default_local_recorder(&recorder);
+        let queues = Queues::default();
+        let account = Some(kling_core::AccountId::new("a"));
+        let whole = BucketKey::account(account.clone());
+        let class = BucketKey::class(account, RequestKind::Query);
+        let waker = Waker::noop();
+        let joins: [(&BucketKey, &dyn Fn() -> Ticket); 4] = [
+            (&whole, &|| queues.enqueue(&whole, waker, None).unwrap()),
+            (&class, &|| queues.enqueue_returned(&class, waker)),
+            (&class, &|| queues.hold(&class, waker, false)),
+            (&class, &|| queues.hold(&class, waker, true)),
+        ];
+        for (key, join) in joins {
+            recorder.up.store(true, Ordering::SeqCst);
+            assert!(unwinds(|| {
+                join();
+            }));
+            assert_eq!(queues.waiting(), 0, "nobody waits");
+            let ticket = join();
+            assert!(ticket.is_head, "no head before it");
+            queues.leave(key, ticket.id);
+            assert_eq!(queues.waiting(), 0);
+        }
+    }
+
+    /// A metrics recorder that panics as a held class request goes back to its account's
+    /// queue, or as it leaves that queue, holds nothing up. Before, a panic at the class's
+    /// depth gauge came after the request left its class's held list and before it joined
+    /// its account's queue: it was in neither, and its place found it nowhere. A panic as it
+    /// left its account's queue came before its class was told, and every later held request
+    /// of the class waited for it for ever.
+    #[test]
+    fn a_recorder_panicking_as_a_held_request_moves_holds_nothing_up() {
+        let recorder = PanickyDepth::default();
+        let _recorder = metrics::set_default_local_recorder(&recorder);
+        let queues = Queues::default();
+        let account = Some(kling_core::AccountId::new("a"));
+        let whole = BucketKey::account(account.clone());
+        let class = BucketKey::class(account, RequestKind::Query);
+        let waker = Waker::noop();
+        let held = queues.hold(&class, waker, false);
+        assert!(held.is_head);
+        for flag in [&recorder.down, &recorder.up] {
+            flag.store(true, Ordering::SeqCst);
+            assert!(unwinds(|| {
+                queues.release_held(&class, held.id, &whole, waker);
+            }));
+            assert_eq!(
+                queues.poll_head(&class, held.id, waker),
+                Ok(true),
+                "still held"
+            );
+            assert_eq!(
+                queues.depth(&whole),
+                0,
+                "nothing joined the account's queue"
+            );
+        }
+        let back = queues.release_held(&class, held.id, &whole, waker);
+        assert!(back.is_head);
+        assert_eq!(queues.class_turn(&class, None), ClassTurn::Behind);
+        recorder.down.store(true, Ordering::SeqCst);
+        assert!(unwinds(|| {
+            queues.leave(&whole, back.id);
+        }));
+        assert_eq!(
+            queues.class_turn(&class, None),
+            ClassTurn::Free,
+            "the class goes on"
+        );
+        assert_eq!(queues.waiting(), 0);
+        assert_eq!(queues.reserved_bytes(), 0, "no queue is left");
+    }
+
+    /// A place dropped while the thread unwinds, under a metrics recorder that panics at every
+    /// call, leaves its queue without aborting the process (a panic escaping a drop during
+    /// unwinding aborts): the recorder's panic is caught.
+    #[test]
+    fn a_place_dropped_while_unwinding_survives_a_panicking_recorder() {
+        let recorder = PanickyDepth::default();
+        let _recorder = metrics::set_default_local_recorder(&recorder);
+        let queues = Arc::new(Queues::default());
+        let key = BucketKey::account(Some(kling_core::AccountId::new("a")));
+        let ticket = queues.enqueue(&key, Waker::noop(), None).unwrap();
+        let place = Place {
+            queues: Arc::clone(&queues),
+            key,
+            id: ticket.id,
+        };
+        recorder.every.store(true, Ordering::SeqCst);
+        assert!(unwinds(move || {
+            let _place = place;
+            panic!("the caller panics");
+        }));
+        recorder.every.store(false, Ordering::SeqCst);
+        assert_eq!(queues.waiting(), 0, "it left");
+    }
+
     #[test]
     fn a_returned_request_leads_until_it_leaves() {
         let queues = Queues::default();
