@@ -98,7 +98,11 @@ pub fn summarize(
         &stack.attempts().by_code(),
         stack.attempts().other_codes(),
     );
-    summary.set_rejections_429(&stack.attempts().rejections_429());
+    summary.set_rejections_429(
+        &stack.attempts().rejections_429(),
+        stack.attempts().other_rejections_429(),
+    );
+    summary.set_retries(stack.attempts().retries(), stack.calls().unsent());
     summary.set_pages(&stack.attempts().pages());
     summary.creates = report.creates;
     summary.interrupted = report.interrupted;

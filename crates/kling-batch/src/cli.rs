@@ -652,13 +652,14 @@ fn print_summary(summary: &Summary, json: bool) {
 }
 
 /// The exit status a summary calls for: 0 only when every job succeeded with its result URLs
-/// (none is counted under `succeeded, no result URL`), no result file is missing and no line
-/// of the jobs file was skipped.
+/// (none is counted under `succeeded, no result URL`), no result file is missing (nor gone)
+/// and no line of the jobs file was skipped.
 pub fn exit_code(summary: &Summary) -> i32 {
     if summary.interrupted {
         EXIT_INTERRUPTED
     } else if summary.ok == summary.jobs
         && summary.downloads_missing == 0
+        && summary.downloads_gone == 0
         && summary.skipped_lines == 0
     {
         EXIT_OK

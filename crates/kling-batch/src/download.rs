@@ -16,6 +16,15 @@
 //! that runs out of time is given up like any failed download: the job stays `succeeded`,
 //! the journal and the output say which file is missing and why (`download_error`), and the
 //! next run with `--download` fetches it.
+//!
+//! A result server's answer other than `200` is read by what can change it
+//! ([`HttpStatus`]): `403`, `404` and `410` are what a result URL answers once it has expired
+//! (KLING_API.md: after 30 days), and no later run can change that, so a job whose every
+//! missing file is answered so is recorded once, with a `download_error` beginning with
+//! [`GONE`], and not fetched again. `429`, `408` and `5xx` are asked again within the run, at
+//! most [`MAX_TRIES`] times in all (after the answer's `Retry-After`, up to 10 s, or 0.5 s
+//! doubled each time), within the file's overall cap; still refused, the file is left for the
+//! next run, as is one answered with any other status.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -35,6 +44,63 @@ use crate::error::DownloadError;
 /// How many jobs download their result files at once by default: a resumed run of thousands
 /// of jobs fetches them this many at a time, not all at once.
 pub const MAX_IN_FLIGHT: usize = 8;
+
+/// How many times one run asks for a file answered with a status that may change (`429`,
+/// `408`, `5xx`): a result server that is down costs a few requests, not a run.
+pub const MAX_TRIES: u32 = 3;
+
+/// The wait before the second try of a file, doubled for each later one.
+const RETRY_WAIT: Duration = Duration::from_millis(500);
+
+/// The longest wait a `Retry-After` may ask for before another try: the server's input.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
+
+/// How the `download_error` of a job begins whose every missing file was refused for good
+/// ([`HttpStatus::is_final`]): the run that meets it says so once, and later runs do not fetch
+/// it again.
+pub const GONE: &str = "result file gone";
+
+/// A result server's answer other than `200 OK`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpStatus {
+    status: StatusCode,
+    retry_after: Option<Duration>,
+}
+
+impl HttpStatus {
+    /// The status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// Whether no later request can be answered otherwise: `403`, `404` or `410`, what a
+    /// signed result URL answers once it has expired.
+    pub fn is_final(&self) -> bool {
+        matches!(self.status.as_u16(), 403 | 404 | 410)
+    }
+
+    /// Whether another try within the run may be answered otherwise: `408`, `429`, `5xx`.
+    pub fn is_transient(&self) -> bool {
+        self.status == StatusCode::REQUEST_TIMEOUT
+            || self.status == StatusCode::TOO_MANY_REQUESTS
+            || self.status.is_server_error()
+    }
+}
+
+impl fmt::Display for HttpStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http {}", self.status.as_u16())?;
+        if self.is_final() {
+            write!(
+                f,
+                " (refused for good: Kling's result URLs expire 30 days after the task)"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for HttpStatus {}
 
 /// How long one result file may take.
 ///
@@ -142,8 +208,12 @@ pub fn client(connect: Duration) -> Result<HttpsClient, DownloadError> {
 pub struct Fetched {
     /// The paths of the job's files on disk, in URL order (a missing one left out).
     pub files: Vec<String>,
-    /// The first failure, when a file is missing.
+    /// The first failure, when a file is missing: one that a later run may get past when
+    /// there is one, else the first refused for good.
     pub error: Option<DownloadError>,
+    /// Whether every missing file was refused for good ([`HttpStatus::is_final`]): no later
+    /// run can fetch them.
+    pub gone: bool,
 }
 
 /// The file name of result `index` of `url`: the index and the URL's extension.
@@ -261,7 +331,9 @@ where
     let mut fetched = Fetched {
         files: Vec::with_capacity(urls.len()),
         error: None,
+        gone: false,
     };
+    let mut gone = None;
     if let Err(e) = tokio::fs::create_dir_all(&folder).await {
         fetched.error = Some(DownloadError::new(folder.display().to_string(), e));
         return fetched;
@@ -287,29 +359,80 @@ where
         }
         let path = folder.join(name);
         if tokio::fs::metadata(&path).await.is_err() {
-            let result =
-                match tokio::time::timeout(timeouts.total, fetch(client, url, &path, timeouts))
-                    .await
-                {
-                    Ok(result) => result,
-                    Err(_) => Err(DownloadError::new(
-                        url.clone(),
-                        TimedOut {
-                            what: "file",
-                            after: timeouts.total,
-                        },
-                    )),
-                };
+            let tries = fetch_tries(client, url, &path, timeouts);
+            let result = match tokio::time::timeout(timeouts.total, tries).await {
+                Ok(result) => result,
+                Err(_) => Err(DownloadError::new(
+                    url.clone(),
+                    TimedOut {
+                        what: "file",
+                        after: timeouts.total,
+                    },
+                )),
+            };
             if let Err(e) = result {
                 // A `.part` left behind is overwritten by the next attempt; remove it now.
                 let _ = tokio::fs::remove_file(part_path(&path)).await;
-                fetched.error.get_or_insert(e);
+                if e.is_gone() {
+                    gone.get_or_insert(e);
+                } else {
+                    fetched.error.get_or_insert(e);
+                }
                 continue;
             }
         }
         fetched.files.push(path.display().to_string());
     }
+    if fetched.error.is_none() && gone.is_some() {
+        fetched.error = gone;
+        fetched.gone = true;
+    }
     fetched
+}
+
+/// [`fetch`], asked again after an answer that may change ([`HttpStatus::is_transient`]),
+/// [`MAX_TRIES`] times at most.
+async fn fetch_tries<C, B>(
+    client: &Client<C, B>,
+    url: &str,
+    path: &PathBuf,
+    timeouts: DownloadTimeouts,
+) -> Result<(), DownloadError>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+    B: http_body::Body<Data = Bytes> + From<Bytes> + Send + 'static + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut wait = RETRY_WAIT;
+    let mut tries = 1;
+    loop {
+        let error = match fetch(client, url, path, timeouts).await {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        let Some(status) = error.http_status().filter(|s| s.is_transient()) else {
+            return Err(error);
+        };
+        if tries >= MAX_TRIES {
+            return Err(error);
+        }
+        let pause = status.retry_after.unwrap_or(wait).min(MAX_RETRY_WAIT);
+        tokio::time::sleep(pause).await;
+        wait = wait.saturating_mul(2);
+        tries += 1;
+    }
+}
+
+/// A `Retry-After` of delta seconds (a date is not read: the wait falls back to the default).
+fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let secs: u64 = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(secs))
 }
 
 async fn fetch<C, B>(
@@ -342,7 +465,10 @@ where
             }
         })?;
     if response.status() != StatusCode::OK {
-        return Err(fail(format!("http {}", response.status().as_u16()).into()));
+        return Err(fail(Box::new(HttpStatus {
+            status: response.status(),
+            retry_after: retry_after(response.headers()),
+        })));
     }
     let part = part_path(path);
     let mut file = tokio::fs::File::create(&part)

@@ -231,6 +231,19 @@ impl DownloadError {
     pub fn is_timeout(&self) -> bool {
         self.source.is::<crate::download::TimedOut>()
     }
+
+    /// The result server's answer, when it was no `200`.
+    pub fn http_status(&self) -> Option<&crate::download::HttpStatus> {
+        self.source.downcast_ref()
+    }
+
+    /// Whether the file was refused for good
+    /// ([`HttpStatus::is_final`](crate::download::HttpStatus::is_final)): no later run can
+    /// fetch it.
+    pub fn is_gone(&self) -> bool {
+        self.http_status()
+            .is_some_and(crate::download::HttpStatus::is_final)
+    }
 }
 
 impl fmt::Display for DownloadError {

@@ -41,11 +41,16 @@
 //!   ([`DownloadTimeouts`]); a file that runs out of time is left for the next run and the
 //!   job's `download_error` says why, so one stalled result server never holds the run. At
 //!   most [`RunOptions::max_downloads`] jobs download at once (8 by default), whether their
-//!   tasks end in this run or a resumed run fetches what an earlier one left missing.
+//!   tasks end in this run or a resumed run fetches what an earlier one left missing. A file
+//!   the result server refuses for good (`403`, `404`, `410`: an expired result URL) is
+//!   recorded once ([`download::GONE`]) and not fetched again; `429`, `408` and `5xx` are
+//!   asked again a few times in the run ([`download::MAX_TRIES`]).
 //! - **Stop** (Ctrl-C): the stack's drain gate closes (no create leaves any more), creates in
-//!   flight get a short grace to be recorded, and the run ends; a later run picks up. The jobs
-//!   left are marked `not_submitted` (so are they after a halt) a few hundred to a journal
-//!   transaction, the run's other work going on between two.
+//!   flight get a short grace to be recorded, and the run ends; a later run picks up. A create
+//!   still waiting then (for its pool's slot, say) with no attempt sent was never sent: its
+//!   job is `not_submitted`, sent by the next run without a lookup. The jobs left are marked
+//!   `not_submitted` (so are they after a halt) a few hundred to a journal transaction, the
+//!   run's other work going on between two.
 //! - **A journal write that fails** once the run has begun sending (marking a create,
 //!   recording a task's end or a download's files) stops the run the same way, with
 //!   [`RunError::Sent`]: a run on the same journal looks up, follows or fetches what this one
@@ -87,6 +92,7 @@ use crate::jobs::Job;
 use crate::journal::{ErrorInfo, JobRecord, JobState, Journal, Update};
 use crate::progress::Progress;
 use crate::stack::{BatchService, Stack};
+use crate::tally::CallAttempts;
 
 /// What a run does besides creating and following.
 ///
@@ -188,7 +194,8 @@ pub struct RunReport {
     pub makespan: Duration,
     /// Per pool, the seconds tasks ran as this run saw them (create answer to end noticed).
     pub observed_task_seconds: BTreeMap<String, f64>,
-    /// Creates sent in this run.
+    /// Creates sent in this run: those of which an attempt reached the client (a create the
+    /// stack refused before sending, or dropped at a stop while it waited, is none).
     pub creates: u64,
     /// Whether the run was stopped before it finished.
     pub interrupted: bool,
@@ -224,6 +231,9 @@ pub struct Engine {
     download_client: std::sync::OnceLock<Result<kling_tower::client::HttpsClient, String>>,
     /// Turns to download: [`RunOptions::max_downloads`] jobs at a time.
     downloads: tokio::sync::Semaphore,
+    /// The creates in flight, by job, with the attempts each has sent: one dropped at a stop
+    /// with none sent (it waited for a slot, say) was never sent.
+    in_flight: Mutex<HashMap<String, CallAttempts>>,
     /// Tests: the (job, step) pairs that panic ([`Engine::test_panic`]).
     #[cfg(test)]
     test_panics: Mutex<Vec<(String, &'static str)>>,
@@ -306,6 +316,7 @@ impl Engine {
             last_end: Mutex::new(None),
             download_client: std::sync::OnceLock::new(),
             downloads,
+            in_flight: Mutex::default(),
             #[cfg(test)]
             test_panics: Mutex::new(Vec::new()),
         }))
@@ -465,7 +476,12 @@ impl Engine {
                             .files
                             .iter()
                             .any(|f| !std::path::Path::new(f).exists() || elsewhere(f));
-                    if self.options.download_dir.is_some() && missing {
+                    // Refused for good (an expired result URL): no run can fetch it.
+                    let gone = record
+                        .download_error
+                        .as_ref()
+                        .is_some_and(|e| e.message.starts_with(download::GONE));
+                    if self.options.download_dir.is_some() && missing && !gone {
                         let task = record.task_id.as_ref().unwrap_or(&record.external_id);
                         undownloaded.push((
                             job,
@@ -713,6 +729,9 @@ impl Engine {
                 }
                 drop(creators);
                 follows.abort_all();
+                if journal_error.is_none() {
+                    self.settle_unsent()?;
+                }
                 break;
             }
         }
@@ -939,7 +958,13 @@ impl Engine {
             if let Some(info) = self.no_more_creates(&stop) {
                 return self.not_submitted(&jobs[index..], info).await;
             }
-            match caught(self.create_one(job, &tx)).await {
+            let created = caught(self.create_one(job, &tx)).await;
+            // Ended (a panic too), not dropped: the job's record says where it stands.
+            self.in_flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&job.id);
+            match created {
                 Ok(created) => created?,
                 Err(panic) => self.after_panic(&job.id, "the job's create", &panic)?,
             }
@@ -982,6 +1007,38 @@ impl Engine {
                     .moved(JobState::Queued, JobState::NotSubmitted);
             }
             tokio::task::yield_now().await;
+        }
+        Ok(())
+    }
+
+    /// After a stop dropped the creates in flight: those that sent no attempt (one that
+    /// waited for a slot, say, the drain letting it wait) were never sent, so their jobs are
+    /// `not_submitted` as stopped, and the next run sends them without a lookup. The others
+    /// stay `creating`, looked up by the next run.
+    fn settle_unsent(&self) -> Result<(), JournalError> {
+        let dropped: Vec<(String, CallAttempts)> = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        for (job_id, attempts) in dropped {
+            if attempts.sent() > 0 {
+                self.creates.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let creating = self
+                .journal
+                .record(&job_id)?
+                .is_some_and(|r| r.state == JobState::Creating);
+            if creating {
+                self.move_to(
+                    &job_id,
+                    JobState::Creating,
+                    JobState::NotSubmitted,
+                    Update::error(ErrorInfo::new(0, STOPPED, None)),
+                )?;
+            }
         }
         Ok(())
     }
@@ -1177,7 +1234,7 @@ impl Engine {
         let request = Request::post(job.endpoint.as_str())
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)));
-        let request = match request {
+        let mut request = match request {
             Ok(request) => request,
             Err(e) => {
                 let info = ErrorInfo::new(0, format!("cannot build the request: {e}"), None);
@@ -1189,8 +1246,23 @@ impl Engine {
                 );
             }
         };
-        self.creates.fetch_add(1, Ordering::Relaxed);
+        // Counts the attempts that reach the client: a create dropped at a stop before any
+        // did was never sent (`settle_unsent`).
+        let attempts = CallAttempts::new();
+        request.extensions_mut().insert(attempts.clone());
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(job.id.clone(), attempts.clone());
         let answer = self.stack.service().oneshot(request).await;
+        // Answered: what follows (a lookup, say) is not this create's to settle at a stop.
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&job.id);
+        if attempts.sent() > 0 {
+            self.creates.fetch_add(1, Ordering::Relaxed);
+        }
         let failure = match answer {
             Ok(mut response) => match Outcome::ensure(&mut response) {
                 Ok(outcome) if outcome.is_success() => match outcome.task() {
@@ -1449,9 +1521,19 @@ impl Engine {
                 let fetched =
                     download::fetch_all(client, dir, job_id, task_id, urls, recorded, timeouts)
                         .await;
+                let gone = fetched.gone;
                 let error = fetched.error.map(|e| {
-                    tracing::warn!(job = %job_id, error = %e, "download failed; a later run tries again");
-                    ErrorInfo::new(0, format!("{e}; a later run fetches it again"), None)
+                    if gone {
+                        tracing::warn!(job = %job_id, error = %e, "result file gone; not fetched again");
+                        ErrorInfo::new(
+                            0,
+                            format!("{}: {e}; not fetched again", download::GONE),
+                            None,
+                        )
+                    } else {
+                        tracing::warn!(job = %job_id, error = %e, "download failed; a later run tries again");
+                        ErrorInfo::new(0, format!("{e}; a later run fetches it again"), None)
+                    }
                 });
                 Update::downloaded(fetched.files, error)
             }

@@ -120,6 +120,10 @@ pub struct Summary {
     /// fetch it): a download that failed, or fewer files recorded than result URLs.
     #[serde(default)]
     pub downloads_missing: usize,
+    /// Succeeded jobs with a result file the result server refused for good (`403`, `404`,
+    /// `410`: an expired result URL): recorded once, not fetched again.
+    #[serde(default)]
+    pub downloads_gone: usize,
     /// Jobs whose create outcome is still unknown (looked up again by the next run).
     pub unknown: usize,
     /// Jobs of unknown create outcome whose create Kling refused, by the refusal's code
@@ -131,14 +135,22 @@ pub struct Summary {
     pub calls: u64,
     /// Requests sent to the server (retries included).
     pub requests: u64,
-    /// Requests sent beyond the logical calls: retries and re-signs.
+    /// Attempts sent beyond each call's first: retries and re-signs
+    /// ([`Counts::retries`](crate::tally::Counts::retries)). A call refused before sending
+    /// sent nothing and counts none (see `unsent_calls`).
     pub retries: u64,
+    /// Logical calls that sent nothing: refused by the stack's own limiters (rate, slots,
+    /// drain, budget) or given up at a stop while they waited
+    /// ([`Counts::unsent`](crate::tally::Counts::unsent)).
+    #[serde(default)]
+    pub unsent_calls: u64,
     /// Creates sent.
     pub creates: u64,
     /// Answers by Kling code (`"0"`, `"1302"`, …); `"other"` sums the answers of codes
     /// outside Kling's table past the first 32 such codes.
     pub responses_by_code: BTreeMap<String, u64>,
-    /// The HTTP 429 answers among them, by code.
+    /// The HTTP 429 answers among them, by code; `"other"` sums those of codes past the
+    /// first 56 such codes, so that the counts add up to every answer sent with 429.
     pub rejections_429: BTreeMap<String, u64>,
     /// Answers that were no Kling envelope (a proxy's, gateway's or WAF's own page), by HTTP
     /// status (`"404"`, …).
@@ -200,8 +212,12 @@ impl Summary {
                 JobState::Succeeded if record.urls.is_empty() => self.no_result_url += 1,
                 JobState::Succeeded => {
                     self.ok += 1;
-                    if record.download_error.is_some() {
-                        self.downloads_missing += 1;
+                    match &record.download_error {
+                        Some(e) if e.message.starts_with(crate::download::GONE) => {
+                            self.downloads_gone += 1;
+                        }
+                        Some(_) => self.downloads_missing += 1,
+                        None => {}
                     }
                 }
                 JobState::Failed => {
@@ -270,7 +286,8 @@ impl Summary {
     }
 
     /// Sets the traffic counts from answers by code, and `other_codes` answers not counted by
-    /// code.
+    /// code. The retries are [`set_retries`](Self::set_retries)'s: `requests - calls` is no
+    /// count of them, each call refused before sending hiding one.
     pub fn set_traffic(
         &mut self,
         calls: u64,
@@ -280,7 +297,6 @@ impl Summary {
     ) {
         self.calls = calls;
         self.requests = requests;
-        self.retries = requests.saturating_sub(calls);
         self.responses_by_code = by_code.iter().map(|(c, n)| (c.to_string(), *n)).collect();
         if other_codes > 0 {
             self.responses_by_code
@@ -297,11 +313,25 @@ impl Summary {
     /// ([`Counts::rejections_429`](crate::tally::Counts::rejections_429)), in place of
     /// [`set_traffic`](Self::set_traffic)'s reading of the codes Kling's table sends with it,
     /// which left out an undocumented code under 429.
-    pub fn set_rejections_429(&mut self, by_code: &BTreeMap<i64, u64>) {
+    /// `other`: the answers of codes past those kept by code
+    /// ([`Counts::other_rejections_429`](crate::tally::Counts::other_rejections_429)), under
+    /// `"other"`.
+    pub fn set_rejections_429(&mut self, by_code: &BTreeMap<i64, u64>, other: u64) {
         self.rejections_429 = by_code
             .iter()
             .map(|(code, n)| (code.to_string(), *n))
             .collect();
+        if other > 0 {
+            self.rejections_429.insert("other".to_owned(), other);
+        }
+    }
+
+    /// Sets the attempts sent beyond each call's first
+    /// ([`Counts::retries`](crate::tally::Counts::retries)) and the calls that sent nothing
+    /// ([`Counts::unsent`](crate::tally::Counts::unsent)).
+    pub fn set_retries(&mut self, retries: u64, unsent_calls: u64) {
+        self.retries = retries;
+        self.unsent_calls = unsent_calls;
     }
 
     /// Sets the answers that were no Kling envelope, by HTTP status.
@@ -370,6 +400,15 @@ impl fmt::Display for Summary {
                 format!("{} (run again to fetch)", self.downloads_missing),
             ));
         }
+        if self.downloads_gone > 0 {
+            rows.push((
+                "downloads gone".into(),
+                format!(
+                    "{} (result URLs refused for good, expired: not fetched again)",
+                    self.downloads_gone
+                ),
+            ));
+        }
         if self.unknown > 0 {
             rows.push((
                 "create outcome unknown".into(),
@@ -384,6 +423,15 @@ impl fmt::Display for Summary {
             format!("{} ({} creates)", self.requests, self.creates),
         ));
         rows.push(("retries".into(), self.retries.to_string()));
+        if self.unsent_calls > 0 {
+            rows.push((
+                "calls not sent".into(),
+                format!(
+                    "{} (refused by the stack's own limits, or stopped)",
+                    self.unsent_calls
+                ),
+            ));
+        }
         let mut rejections = String::new();
         for (code, n) in &self.rejections_429 {
             let _ = write!(
@@ -670,6 +718,7 @@ mod tests {
         by_code.insert(0, 10);
         by_code.insert(1302, 2);
         s.set_traffic(10, 12, &by_code, 0);
+        s.set_retries(2, 0);
         assert_eq!(s.retries, 2);
         assert_eq!(s.rejections_of(1302), 2);
         assert_eq!(s.rejections_of(1303), 0);

@@ -2,8 +2,12 @@
 //! summary.
 //!
 //! The run puts a [`TallyLayer`] above the whole stack (logical calls) and an
-//! [`AttemptTallyLayer`] under it, on the client (attempts actually sent): the difference is
-//! the retries.
+//! [`AttemptTallyLayer`] under it, on the client (attempts actually sent). Each call carries a
+//! [`CallAttempts`] in its request's extensions (the layers between copy them to every
+//! attempt), so the attempt tally counts the attempts past a call's first as its
+//! [`retries`](Counts::retries), and the call tally the calls that sent nothing
+//! ([`unsent`](Counts::unsent): refused by the stack's own limiters, or dropped at a stop).
+//! `attempts - calls` was no count of retries: each call refused before sending hid one.
 //!
 //! The attempts are counted under the stack's own classify step, not over a second one: a
 //! classify step turns every error from below into a transport failure "after sending", so one
@@ -15,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
@@ -59,7 +63,49 @@ pub struct Counts {
     /// Answers without a Kling envelope, by HTTP status (at most 900 statuses exist).
     pages: Mutex<BTreeMap<u16, u64>>,
     /// Answers sent with HTTP 429, by Kling code: at most [`REJECTED_CODES`] codes.
-    rejected: Mutex<BTreeMap<i64, u64>>,
+    rejected: Mutex<Rejected>,
+    /// Attempts that were not their call's first (an [`AttemptTallyLayer`]'s).
+    retries: AtomicU64,
+    /// Calls that ended without sending an attempt (a [`TallyLayer`]'s).
+    unsent: AtomicU64,
+}
+
+/// The answers sent with HTTP 429.
+#[derive(Debug, Default)]
+struct Rejected {
+    by_code: BTreeMap<i64, u64>,
+    /// Answers of codes past the first [`REJECTED_CODES`], so that the totals add up.
+    rest: u64,
+}
+
+/// How many attempts one logical call has sent so far: put in the request's extensions by
+/// [`Tally`] (or by the caller, to read it afterwards), counted by [`AttemptTally`]. The
+/// layers between copy a request's extensions to each attempt they send (retries, re-signs).
+///
+/// Zero once the call ended (or was dropped) means nothing of it left this process: every
+/// attempt passes the attempt tally on its way to the client.
+///
+/// # Clone
+///
+/// Clones share the count.
+#[derive(Clone, Debug, Default)]
+pub struct CallAttempts(Arc<AtomicU32>);
+
+impl CallAttempts {
+    /// A call that has sent nothing yet.
+    pub fn new() -> Self {
+        CallAttempts::default()
+    }
+
+    /// The attempts handed to the client so far.
+    pub fn sent(&self) -> u32 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Counts one attempt; the attempts before it.
+    fn attempt(&self) -> u32 {
+        self.0.fetch_add(1, Ordering::SeqCst)
+    }
 }
 
 /// The most codes [`Counts::rejections_429`] keeps: Kling's table and [`OTHER_CODES`] more
@@ -108,13 +154,35 @@ impl Counts {
     }
 
     /// Answers sent with HTTP 429, by Kling code, whatever the code (an undocumented one
-    /// too): what Kling's table says of a code is not what the server sent. Codes past the
-    /// first 56 (Kling's table and 32 more: the code is the server's input) are left out.
+    /// too): what Kling's table says of a code is not what the server sent. The answers of
+    /// codes past the first 56 (Kling's table and 32 more: the code is the server's input)
+    /// are summed in [`other_rejections_429`](Self::other_rejections_429).
     pub fn rejections_429(&self) -> BTreeMap<i64, u64> {
-        self.rejected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.rejected().by_code.clone()
+    }
+
+    /// Answers sent with HTTP 429 whose code came after 56 others: with
+    /// [`rejections_429`](Self::rejections_429), every answer sent with 429.
+    pub fn other_rejections_429(&self) -> u64 {
+        self.rejected().rest
+    }
+
+    fn rejected(&self) -> std::sync::MutexGuard<'_, Rejected> {
+        self.rejected.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Attempts sent beyond each call's first (retries and re-signs), as an
+    /// [`AttemptTallyLayer`] counts them. A call refused before sending sent none and adds
+    /// none.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    /// Calls that ended (or were dropped) without sending an attempt, as a [`TallyLayer`]
+    /// counts them: refused by the stack's own limiters (rate, slots, drain, budget) or given
+    /// up at a stop while they waited.
+    pub fn unsent(&self) -> u64 {
+        self.unsent.load(Ordering::Relaxed)
     }
 
     /// Responses whose code is outside Kling's table and came after 32 other such codes.
@@ -141,11 +209,13 @@ impl Counts {
     fn record_answer(&self, code: i64, status: StatusCode) {
         self.record_code(code);
         if status == StatusCode::TOO_MANY_REQUESTS {
-            let mut rejected = self.rejected.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(count) = rejected.get_mut(&code) {
+            let mut rejected = self.rejected();
+            if let Some(count) = rejected.by_code.get_mut(&code) {
                 *count += 1;
-            } else if rejected.len() < REJECTED_CODES {
-                rejected.insert(code, 1);
+            } else if rejected.by_code.len() < REJECTED_CODES {
+                rejected.by_code.insert(code, 1);
+            } else {
+                rejected.rest += 1;
             }
         }
     }
@@ -234,11 +304,20 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         self.counts.requests.fetch_add(1, Ordering::Relaxed);
+        let attempts = match request.extensions().get::<CallAttempts>() {
+            Some(attempts) => attempts.clone(),
+            None => {
+                let attempts = CallAttempts::new();
+                request.extensions_mut().insert(attempts.clone());
+                attempts
+            }
+        };
         ResponseFuture {
             inner: self.inner.call(request),
             counts: self.counts.clone(),
+            attempts: Some(attempts),
         }
     }
 }
@@ -250,6 +329,22 @@ pin_project! {
         #[pin]
         inner: F,
         counts: Arc<Counts>,
+        // The call's attempts, until it is counted as sent or not.
+        attempts: Option<CallAttempts>,
+    }
+
+    impl<F> PinnedDrop for ResponseFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            count_unsent(this.counts, this.attempts.take());
+        }
+    }
+}
+
+/// Counts a call that ended without sending anything.
+fn count_unsent(counts: &Counts, attempts: Option<CallAttempts>) {
+    if attempts.is_some_and(|a| a.sent() == 0) {
+        counts.unsent.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -263,6 +358,7 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         this.counts.record(&result);
+        count_unsent(this.counts, this.attempts.take());
         Poll::Ready(result)
     }
 }
@@ -336,6 +432,12 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         self.counts.requests.fetch_add(1, Ordering::Relaxed);
+        // Counted before the client has the request: a call whose count is 0 sent nothing.
+        if let Some(attempts) = request.extensions().get::<CallAttempts>()
+            && attempts.attempt() > 0
+        {
+            self.counts.retries.fetch_add(1, Ordering::Relaxed);
+        }
         AttemptFuture {
             inner: self.inner.call(request),
             counts: Some(self.counts.clone()),
@@ -696,6 +798,122 @@ mod tests {
         }
         assert_eq!(counts.rejections_429().len(), REJECTED_CODES);
         assert_eq!(REJECTED_CODES, 56, "as `rejections_429`'s docs say");
+    }
+
+    /// The answers of 429 codes past the 56th are summed, not dropped: the 429s by code and
+    /// the others add up to every answer sent with 429, in the counts and in the summary.
+    #[tokio::test]
+    async fn the_429s_of_codes_past_the_bound_are_summed_so_the_totals_add_up() {
+        let client = tower::service_fn(|req: Request<Full<Bytes>>| async move {
+            let code: i64 = req.uri().path()[1..].parse().unwrap();
+            let body = format!(r#"{{"code":{code},"message":"m","request_id":"r"}}"#);
+            Ok::<_, std::io::Error>(
+                Response::builder()
+                    .status(StatusCode::TOO_MANY_REQUESTS)
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap(),
+            )
+        });
+        let attempts = AttemptTallyLayer::new(1000);
+        let service = ClassifyLayer::new().layer(attempts.layer(client));
+        let mut sent = 0;
+        for code in (40_000..40_100).chain([1303, 40_099, 40_000]) {
+            let request = Request::get(format!("/{code}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let _ = service.clone().oneshot(request).await;
+            sent += 1;
+        }
+        let counts = attempts.counts();
+        let by_code = counts.rejections_429();
+        assert_eq!(by_code.len(), REJECTED_CODES);
+        assert_eq!(
+            by_code.values().sum::<u64>() + counts.other_rejections_429(),
+            sent
+        );
+        // 40 056…40 099, then 1303 and 40 099 again (40 000 is kept by code).
+        assert_eq!(counts.other_rejections_429(), 100 - 56 + 2);
+        let mut summary = crate::summary::Summary::default();
+        summary.set_rejections_429(&by_code, counts.other_rejections_429());
+        assert_eq!(summary.rejections_429.values().sum::<u64>(), sent);
+        assert_eq!(summary.rejections_429["other"], 46);
+        assert!(summary.to_string().contains("other×46"), "{summary}");
+    }
+
+    /// A stand-in for the stack's layers: `/refused` is refused before anything is sent (a
+    /// limiter's refusal), `/retried` is sent twice (a retry, the extensions copied as the
+    /// retry layer copies them), anything else once.
+    #[derive(Clone)]
+    struct Layers<S>(S);
+
+    impl<S> Service<Request<Full<Bytes>>> for Layers<S>
+    where
+        S: Service<Request<Full<Bytes>>, Error = std::io::Error> + Clone + Send + 'static,
+        S::Response: Send,
+        S::Future: Send,
+    {
+        type Response = S::Response;
+        type Error = std::io::Error;
+        type Future = Pin<Box<dyn Future<Output = Result<S::Response, std::io::Error>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: Request<Full<Bytes>>) -> Self::Future {
+            let inner = self.0.clone();
+            Box::pin(async move {
+                let sends = match request.uri().path() {
+                    "/refused" => return Err(std::io::Error::other("refused before sending")),
+                    "/retried" => 2,
+                    _ => 1,
+                };
+                let mut answer = Err(std::io::Error::other("not sent"));
+                for _ in 0..sends {
+                    let mut copy = Request::new(request.body().clone());
+                    *copy.uri_mut() = request.uri().clone();
+                    *copy.extensions_mut() = request.extensions().clone();
+                    answer = inner.clone().oneshot(copy).await;
+                }
+                answer
+            })
+        }
+    }
+
+    /// The retries are the attempts past each call's first, and a call refused before it was
+    /// sent hides none of them: `attempts - calls` said 0 here (three calls, three attempts),
+    /// though one call was sent twice.
+    #[tokio::test]
+    async fn retries_are_attempts_past_each_calls_first_and_unsent_calls_hide_none() {
+        let client = tower::service_fn(|_: Request<Full<Bytes>>| async move {
+            Ok::<_, std::io::Error>(Response::new(Full::new(Bytes::new())))
+        });
+        let attempts = AttemptTallyLayer::new(1000);
+        let calls = TallyLayer::new();
+        let service = calls.layer(Layers(attempts.layer(client)));
+        for path in ["/once", "/retried", "/refused"] {
+            let request = Request::get(path).body(Full::new(Bytes::new())).unwrap();
+            let _ = service.clone().oneshot(request).await;
+        }
+        let (call_counts, attempt_counts) = (calls.counts(), attempts.counts());
+        assert_eq!((call_counts.requests(), attempt_counts.requests()), (3, 3));
+        assert_eq!(attempt_counts.retries(), 1, "the second send of `/retried`");
+        assert_eq!(call_counts.unsent(), 1, "`/refused`");
+        // A call given up before it is sent (dropped while it waits) sent nothing either.
+        let mut waiting = calls.layer(tower::service_fn(|_: Request<Full<Bytes>>| {
+            std::future::pending::<Result<Response<Full<Bytes>>, std::io::Error>>()
+        }));
+        let request = Request::get("/waits")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        drop(waiting.call(request));
+        assert_eq!(call_counts.unsent(), 2);
+        // The summary says what was counted.
+        let mut summary = crate::summary::Summary::default();
+        summary.set_traffic(3, 3, &BTreeMap::new(), 0);
+        summary.set_retries(attempt_counts.retries(), call_counts.unsent());
+        assert_eq!((summary.retries, summary.unsent_calls), (1, 2));
+        assert!(summary.to_string().contains("calls not sent"), "{summary}");
     }
 
     /// An answer of `code`, as the classify step leaves it.

@@ -797,6 +797,122 @@ async fn a_stop_during_a_create_marks_every_job_left_not_submitted() {
     }
 }
 
+/// A stop while a create waits for its pool's slot (the drain lets a create admitted before
+/// it wait) dropped that create after the grace with nothing sent, and its job stayed
+/// `creating`: reported "outcome unknown", and looked up by the next run. No attempt of it
+/// reached the client, so it is `not_submitted` as stopped, sent by the next run without a
+/// lookup; the create that holds the slot stays `created`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_waiting_for_its_slot_at_a_stop_is_not_submitted() {
+    let speed = 100.0;
+    // One slot; tasks of 10 minutes (6 s real): the second create waits for the first's slot.
+    let config = MockConfig::preset(Preset::Free)
+        .speed(speed)
+        .task_duration(Duration::from_secs(600), Duration::from_secs(600));
+    let server = kling_mock::MockServer::start(config).await.unwrap();
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Free).speed(speed),
+        Credentials::api_key("key").unwrap(),
+        &server.base_url(),
+    )
+    .unwrap();
+    let (jobs, _) = parse_jobs(concat!(
+        "{\"id\":\"first\",\"prompt\":\"a\"}\n",
+        "{\"id\":\"waits\",\"prompt\":\"b\"}\n",
+    ));
+    let journal = Journal::open_in_memory().unwrap();
+    let mut options = RunOptions::new(default_follow_policy(speed));
+    options.stop_grace = Duration::from_millis(50);
+    let engine = Engine::new(stack, journal.clone(), options).unwrap();
+    let (stopper, stop) = watch::channel(false);
+    let run = tokio::spawn({
+        let engine = engine.clone();
+        let jobs = jobs.clone();
+        async move { engine.run(&jobs, stop).await }
+    });
+    let state = |id: &str| journal.record(id).unwrap().map(|r| r.state);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while state("first") != Some(JobState::Created)
+            || state("waits") != Some(JobState::Creating)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the first job is created and the second waits for its slot");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stopper.send(true).unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(3), run)
+        .await
+        .expect("the run stops")
+        .unwrap()
+        .unwrap();
+    assert!(report.interrupted);
+    let record = |id: &str| report.records.iter().find(|r| r.job_id == id).unwrap();
+    assert_eq!(record("first").state, JobState::Created);
+    let waited = record("waits");
+    assert_eq!(waited.state, JobState::NotSubmitted, "{waited:?}");
+    assert_eq!(waited.error.as_ref().unwrap().message, STOPPED);
+    assert_eq!(report.creates, 1, "the create that waited was never sent");
+    let mut summary = crate::summary::Summary::default();
+    summary.count_jobs(&report.records);
+    assert_eq!((summary.unknown, summary.not_submitted), (0, 1));
+    assert_eq!(server.stats().tasks_created, 1);
+}
+
+/// Through the real stack: `retries` counts the attempts past each call's first, and a
+/// call refused before sending (a create at the closed drain) hides none. It was
+/// `attempts - calls`, 0 here (two calls, two attempts) though the query was sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_count_attempts_past_each_calls_first_through_the_stack() {
+    // Answers the first request `5000` (retried), every later one with success.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let answered = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let app = axum::Router::new().fallback(move || {
+        let first = answered.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            let (status, body) = if first {
+                (500, r#"{"code":5000,"message":"busy","request_id":"r"}"#)
+            } else {
+                (
+                    200,
+                    r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"1","task_status":"processing"}}"#,
+                )
+            };
+            (
+                http::StatusCode::from_u16(status).unwrap(),
+                [(http::header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = StackConfig::preset(Tier::Pro).speed(100.0);
+    let stack = Stack::new(config.clone(), Credentials::api_key("key").unwrap(), &base).unwrap();
+    let query = Request::get(format!("{ENDPOINT}/1"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    stack.service().oneshot(query).await.unwrap();
+    stack.drain_handle().close();
+    let create = Request::post(ENDPOINT)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from_static(br#"{"prompt":"a cat"}"#)))
+        .unwrap();
+    let refused = stack.service().oneshot(create).await.unwrap_err();
+    assert_eq!(
+        kling_core::SendState::of(&*refused),
+        kling_core::SendState::NotSent
+    );
+    assert_eq!(
+        (stack.calls().requests(), stack.attempts().requests()),
+        (2, 2)
+    );
+    let summary = crate::app::summarize(&stack, &config, &RunReport::default(), None);
+    assert_eq!(summary.retries, 1, "{summary}");
+    assert_eq!(summary.unsent_calls, 1, "{summary}");
+}
+
 /// A stop while a resumed run lists the running tasks or looks up a create of unknown
 /// outcome ends the run at once: with nothing answering, each of these calls is retried
 /// for half a minute and more, and the run went on with them (a minute and more after

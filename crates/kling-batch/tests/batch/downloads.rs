@@ -586,3 +586,139 @@ async fn a_download_cut_off_midway_is_fetched_whole_even_when_its_url_ends_in_pa
     assert_eq!(fetched.files, [path.display().to_string()]);
     assert_eq!(std::fs::read(&path).unwrap(), [b'y'; 100], "the whole file");
 }
+
+/// A result server that answers by the file's folder (`/outputs/{folder}/…`): `gone` with
+/// `404`, `flaky` with `503` twice and then the file, `down` with `503` (`Retry-After: 0`)
+/// always, anything else with the file; and counts the requests of each folder.
+async fn status_server() -> (
+    std::net::SocketAddr,
+    Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+) {
+    let asked: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>> = Arc::default();
+    let counts = asked.clone();
+    let app = axum::Router::new().fallback(move |uri: http::Uri| {
+        let asked = asked.clone();
+        async move {
+            let folder = uri.path().split('/').nth(2).unwrap_or_default().to_owned();
+            let n = {
+                let mut asked = asked.lock().unwrap();
+                let n = asked.entry(folder.clone()).or_default();
+                *n += 1;
+                *n
+            };
+            let answer = |status: u16, retry_after: Option<&str>, body: &[u8]| {
+                let mut answer = http::Response::builder().status(status);
+                if let Some(secs) = retry_after {
+                    answer = answer.header(http::header::RETRY_AFTER, secs);
+                }
+                answer.body(axum::body::Body::from(body.to_vec())).unwrap()
+            };
+            match folder.as_str() {
+                "gone" => answer(404, None, b"expired"),
+                "flaky" if n <= 2 => answer(503, None, b""),
+                "down" => answer(503, Some("0"), b""),
+                _ => answer(200, None, BODY),
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, counts)
+}
+
+/// A file answered `404` (an expired result URL) is asked for once and reported gone; one
+/// answered `503` is asked again in the run, a bounded number of times, and saved once the
+/// server answers. A job with a file gone and another that may still come is not gone: the
+/// next run tries the latter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_for_good_is_reported_gone_and_a_5xx_is_asked_again_a_few_times() {
+    let (addr, asked) = status_server().await;
+    let timeouts = DownloadTimeouts::default();
+    let client = download::client(timeouts.connect_timeout()).unwrap();
+    let dir = temp_dir("download-status");
+    let url = |folder: &str| format!("http://{addr}/outputs/{folder}/0.mp4");
+    let count = |folder: &str| asked.lock().unwrap().get(folder).copied().unwrap_or(0);
+
+    let fetched =
+        download::fetch_all(&client, &dir, "gone", "t", &[url("gone")], &[], timeouts).await;
+    let error = fetched.error.expect("missing");
+    assert!(fetched.gone && error.is_gone(), "{error}");
+    assert!(
+        error.to_string().contains("http 404 (refused for good"),
+        "{error}"
+    );
+    assert_eq!(count("gone"), 1, "never asked again");
+
+    let fetched =
+        download::fetch_all(&client, &dir, "flaky", "t", &[url("flaky")], &[], timeouts).await;
+    assert!(fetched.error.is_none(), "{:?}", fetched.error);
+    assert_eq!(std::fs::read(&fetched.files[0]).unwrap(), BODY);
+    assert_eq!(count("flaky"), 3);
+
+    let urls = [url("down"), url("gone")];
+    let fetched = download::fetch_all(&client, &dir, "down", "t", &urls, &[], timeouts).await;
+    let error = fetched.error.expect("missing");
+    assert!(!fetched.gone, "the 503 may pass: {error}");
+    assert_eq!(
+        error.http_status().map(|s| s.status().as_u16()),
+        Some(503),
+        "{error}"
+    );
+    assert_eq!(count("down"), download::MAX_TRIES as usize, "bounded");
+}
+
+/// A result URL that answers `404` (expired) failed the download on every run, forever: it is
+/// recorded once as gone, counted under `downloads gone`, and a later run does not ask for it
+/// again (nor creates anything).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_result_url_is_recorded_once_and_not_fetched_on_every_run() {
+    let (files, asked) = status_server().await;
+    let server =
+        MockServer::start(pro_mock().files_base_url(format!("http://{files}/outputs/gone")))
+            .await
+            .unwrap();
+    let dir = temp_dir("download-gone");
+    let jobs = write_jobs(&dir, 1);
+    let files_dir = dir.join("files");
+    let journal_path = dir.join("journal.sqlite");
+    let out = dir.join("out.jsonl");
+    let args = [
+        "--download",
+        files_dir.to_str().unwrap(),
+        "--journal",
+        journal_path.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ];
+    let count = || asked.lock().unwrap().get("gone").copied().unwrap_or(0);
+    for run in 0..2 {
+        let output = finish(run_command(&jobs, &server.base_url(), &args)).await;
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "a file is missing: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let lines = results(&out);
+        assert_eq!(lines[0]["state"], "succeeded", "{lines:?}");
+        let why = lines[0]["download_error"]["message"].as_str().unwrap();
+        assert!(why.starts_with(download::GONE), "{why}");
+        assert!(
+            why.contains("http 404") && why.contains("not fetched again"),
+            "{why}"
+        );
+        let summary = crate::support::summary(&output);
+        assert_eq!(
+            (
+                summary["downloads_gone"].as_u64(),
+                summary["downloads_missing"].as_u64()
+            ),
+            (Some(1), Some(0)),
+            "run {run}: {summary}"
+        );
+        assert_eq!(count(), 1, "run {run}: asked once, by the first run");
+    }
+    assert_eq!(server.stats().tasks_created, 1);
+}
