@@ -477,6 +477,13 @@ impl Connection {
         self.inner.local_skew_us.store(ahead_us, Ordering::Relaxed);
     }
 
+    /// See [`testing::shift_fleet_clock`](crate::testing::shift_fleet_clock).
+    #[cfg(feature = "testing")]
+    pub(crate) fn shift_fleet_clock(&self, ahead_us: i64) {
+        self.inner.base_us.fetch_add(ahead_us, Ordering::AcqRel);
+        self.inner.offset_us.fetch_add(ahead_us, Ordering::AcqRel);
+    }
+
     /// See [`testing::stall_clock_probes`](crate::testing::stall_clock_probes).
     #[cfg(feature = "testing")]
     pub(crate) fn stall_clock_probes(&self, probes: u32, by: Duration) {

@@ -44,9 +44,9 @@ pub const DEFAULT_PLACE_TTL_POLLS: u32 = 3;
 /// How many task reports (one per task: a later report of a task replaces its earlier
 /// renewal) a process keeps for replay while Redis is away. Past it, the oldest renewal is
 /// dropped (the task's next query renews its lease again), then, with no renewal left, the
-/// oldest report of an end (that task's slots stay held until its lease runs out). Other
-/// changes (grants given back, tasks held, halts, capacities) are never dropped: they follow
-/// this process's own creates.
+/// oldest report of an end (that task's slots stay held until its lease runs out; its hold,
+/// if kept too, becomes a give-back). Other changes (grants given back, tasks held, halts,
+/// capacities) are never dropped: they follow this process's own creates.
 pub const MAX_PENDING_REPORTS: usize = 4096;
 
 /// The task slots' state in Redis, shared by every process of a fleet: implements
@@ -439,6 +439,8 @@ struct Inner {
     next_halt: AtomicU64,
     /// The number of the next change that Redis must apply once ([`Inner::change_id`]).
     next_change: AtomicU64,
+    /// When this process's last stamped change was made ([`Inner::made_at`]).
+    last_made_at: std::sync::atomic::AtomicI64,
     /// The capacities set at run time (`PREFIX:cap`, field → slots) as this process last read
     /// or set them: what it checks a create against and shares out while Redis is away.
     caps: Mutex<HashMap<String, u32>>,
@@ -581,6 +583,7 @@ impl RedisSlots {
                 create_halts,
                 next_halt: AtomicU64::new(0),
                 next_change: AtomicU64::new(0),
+                last_made_at: std::sync::atomic::AtomicI64::new(i64::MIN),
                 caps: Mutex::new(HashMap::new()),
                 ends: Mutex::new(VecDeque::new()),
                 pending: Mutex::new(VecDeque::new()),
@@ -775,12 +778,20 @@ impl Inner {
     /// When a change is made, in fleet time (µs), to tell a late replay of it from a later
     /// change of another process; empty before the first measurement of the server's clock (a
     /// process's own clock may be minutes off): such a change applies as it comes.
+    /// Strictly later than this process's previous one: a new measurement of the server's
+    /// clock may move fleet time back a little (half a slow probe's round trip), and a reset
+    /// stamped before the halt it follows would be dropped behind it when both are replayed.
     fn made_at(&self) -> String {
-        if self.conn.is_calibrated() {
-            self.conn.now_us().to_string()
-        } else {
-            String::new()
+        if !self.conn.is_calibrated() {
+            return String::new();
         }
+        let now = self.conn.now_us();
+        let next = |last: i64| next_made_at(last, now);
+        let last = self
+            .last_made_at
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| Some(next(last)))
+            .unwrap_or_else(|last| last);
+        next(last).to_string()
     }
 
     fn holding(&self, token: u64) -> String {
@@ -1832,9 +1843,12 @@ impl Inner {
             let mut dropped = 0;
             while reports > MAX_PENDING_REPORTS {
                 // The oldest renewal, else the oldest end.
-                if !drop_oldest_report(&mut pending, "0") && !drop_oldest_report(&mut pending, "1")
-                {
-                    break;
+                if drop_oldest_report(&mut pending, "0").is_none() {
+                    let Some((account, end)) = drop_oldest_report(&mut pending, "1") else {
+                        break;
+                    };
+                    // Its task's hold, kept too, would hold the slot until its lease ran out.
+                    give_back_instead_of_hold(&mut pending, &account, &end);
                 }
                 emptied = true;
                 reports -= 1;
@@ -2289,6 +2303,19 @@ impl Inner {
     }
 }
 
+/// When a change is made, `now` fleet time, after one made at `last`: `now`, or just after
+/// `last` when fleet time went back by less than the fleet's clocks may differ (a new
+/// measurement). Further back (the server's clock itself moved: a failover), `now`: Redis does
+/// not trust stamps that far ahead of its scripts' time.
+fn next_made_at(last: i64, now: i64) -> i64 {
+    let slack = micros(slots_lua::STAMP_SLACK);
+    if last < now || last.saturating_sub(now) >= slack {
+        now
+    } else {
+        last.saturating_add(1)
+    }
+}
+
 /// A report of a task for `upd`: task id, external id, status (`None`: said ended).
 type Report<'a> = (&'a str, Option<&'a str>, Option<&'a TaskStatus>);
 
@@ -2305,8 +2332,12 @@ fn retain_reports(args: &mut Vec<String>, mut keep: impl FnMut(&[String]) -> boo
     }
 }
 
-/// Drops the oldest kept report whose terminal flag is `terminal`; false if none is kept.
-fn drop_oldest_report(pending: &mut VecDeque<Pending>, terminal: &str) -> bool {
+/// Drops the oldest kept report whose terminal flag is `terminal`: its account and its quad
+/// (id, ext, status, flag); none if none is kept.
+fn drop_oldest_report(
+    pending: &mut VecDeque<Pending>,
+    terminal: &str,
+) -> Option<(String, Vec<String>)> {
     for entry in pending.iter_mut() {
         let Pending::Args(old) = entry else { continue };
         if old[3] != "upd" {
@@ -2317,11 +2348,44 @@ fn drop_oldest_report(pending: &mut VecDeque<Pending>, terminal: &str) -> bool {
             .position(|q| q[3] == terminal);
         if let Some(at) = at {
             let start = UPD_REPORTS + at * 4;
-            old.drain(start..start + 4);
-            return true;
+            let quad = old.drain(start..start + 4).collect();
+            return Some((old[5].clone(), quad));
         }
     }
-    false
+    None
+}
+
+/// Where a `hold`'s task id, external id and account are in its arguments ([`Inner::hold_args`]).
+const HOLD_ID: usize = 7;
+const HOLD_EXT: usize = 8;
+const HOLD_ACCOUNT: usize = 10;
+
+/// A task's end `end` (id, ext, status, flag) of `account` dropped from the replay queue: the
+/// hold of that task, if one is kept too (the task created and ended while Redis was away, or
+/// its hold queued behind such changes), becomes a give-back of its holding. Replayed, the
+/// hold would hold the slot until its lease ran out; the give-back frees the grant Redis may
+/// have and holds nothing. Only a hold the end names alone: by its task id, or (a hold with no
+/// task id) by its external id.
+fn give_back_instead_of_hold(pending: &mut VecDeque<Pending>, account: &str, end: &[String]) {
+    let [id, ext, ..] = end else { return };
+    let names = |args: &[String]| {
+        args[3] == "hold"
+            && args[HOLD_ACCOUNT] == account
+            && ((!id.is_empty() && args[HOLD_ID] == *id)
+                || (args[HOLD_ID].is_empty() && !ext.is_empty() && args[HOLD_EXT] == *ext))
+    };
+    let mut found = pending
+        .iter()
+        .enumerate()
+        .filter(|(_, entry)| matches!(entry, Pending::Args(args) if names(args)))
+        .map(|(at, _)| at);
+    let (Some(at), None) = (found.next(), found.next()) else {
+        return;
+    };
+    if let Some(Pending::Args(args)) = pending.get_mut(at) {
+        args.truncate(6);
+        args[3] = "give".to_owned();
+    }
 }
 
 struct Prepared {
@@ -3165,6 +3229,20 @@ impl SlotBackend for RedisSlots {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process stamps its changes in order across a new measurement that moved fleet time
+    /// back a little; moved back further (the server's clock itself), it stamps fleet time,
+    /// which Redis does not compare with stamps that far ahead.
+    #[test]
+    fn a_change_is_made_after_the_last_unless_fleet_time_went_far_back() {
+        assert_eq!(next_made_at(i64::MIN, 5), 5);
+        assert_eq!(next_made_at(100, 200), 200);
+        assert_eq!(next_made_at(100, 100), 101);
+        assert_eq!(next_made_at(100, 90), 101);
+        let slack = micros(slots_lua::STAMP_SLACK);
+        assert_eq!(next_made_at(100 + slack, 100), 100);
+        assert_eq!(next_made_at(i64::MAX, 0), 0);
+    }
 
     /// A grace past a year is a year, as the other durations are: `Duration::MAX` would put the
     /// generation (the grace's end in microseconds) past what the scripts' numbers hold.

@@ -354,18 +354,29 @@ end
 -- sent at once always applies, as before (made now, if its process had not measured fleet
 -- time when it made it); a replayed one with no stamp applies and records none.
 local STAMPS = P .. ':stamps'
+-- The stamp of `field`, unless it is further ahead of this script's time than the fleet's
+-- clocks may differ (STAMP_SLACK): its writer's clock was wrong (an offset measured against
+-- a server whose clock was off), and it says nothing of order; trusted, it would drop every
+-- replay until fleet time caught up with it. Not trusted, the next change replaces it.
+local function stamp_of(field)
+  local last = tonumber(redis.call('HGET', STAMPS, field) or '')
+  if not last or last > now + STAMP_SLACK then return nil end
+  return last
+end
 local function stale(field, at, replayed)
-  if replayed ~= '1' or at == '' then return false end
-  local last = redis.call('HGET', STAMPS, field)
-  return last and tonumber(at) < tonumber(last) or false
+  local made = tonumber(at)
+  if replayed ~= '1' or not made then return false end
+  local last = stamp_of(field)
+  return last ~= nil and made < last
 end
 local function stamp(field, at, replayed)
-  if at == '' then
+  local made = tonumber(at)
+  if not made then
     if replayed == '1' then return end
-    at = int(now)
+    made = now
   end
-  local last = redis.call('HGET', STAMPS, field)
-  if not last or tonumber(at) > tonumber(last) then redis.call('HSET', STAMPS, field, at) end
+  local last = stamp_of(field)
+  if not last or made > last then redis.call('HSET', STAMPS, field, int(made)) end
 end
 ";
 
@@ -932,6 +943,13 @@ return {lost, redis.call('HGETALL', P .. ':cap'), out, released}
 /// (`slots::a_task_ended_after_its_page_is_not_adopted_however_many_ends_follow`).
 pub(crate) const ENDED_KEPT: usize = 4 * 4096;
 
+/// How far the fleet's clocks may differ at most, for the stamps of halts, resets and
+/// capacities (`P:stamps`): a stamp further ahead of a script's time was written on a wrong
+/// clock and is not trusted, and a process's own changes are stamped in order across a new
+/// measurement of the server's clock that moved its fleet time back by less than this. Well
+/// past a measurement's error (half a probe's round trip, a probe on a loaded host included).
+pub(crate) const STAMP_SLACK: Duration = Duration::from_secs(1);
+
 pub(crate) fn acquire(ended_for: Duration) -> String {
     script(ACQUIRE_BODY, ended_for)
 }
@@ -946,13 +964,14 @@ pub(crate) fn snapshot(ended_for: Duration) -> String {
 
 /// A slots script: `body` after the queue's functions and [`PRELUDE`], with `ENDED_FOR` (how
 /// long `P:ended` keeps a task, µs) `ended_for`, as long as the process keeps the ends it
-/// reported, `ENDED_KEPT` [`ENDED_KEPT`], and `MAX_DOUBLINGS` kling-concurrency's cap on a
-/// streak of 1303s.
+/// reported, `ENDED_KEPT` [`ENDED_KEPT`], `MAX_DOUBLINGS` kling-concurrency's cap on a
+/// streak of 1303s, and `STAMP_SLACK` [`STAMP_SLACK`] (µs).
 fn script(body: &str, ended_for: Duration) -> String {
     let ended_for = ended_for.as_micros();
     let doublings = kling_concurrency::MAX_RECOVERY_DOUBLINGS;
+    let slack = STAMP_SLACK.as_micros();
     format!(
         "local ENDED_FOR = {ended_for}\nlocal ENDED_KEPT = {ENDED_KEPT}\n\
-         local MAX_DOUBLINGS = {doublings}\n{QUEUE}{PRELUDE}{body}"
+         local MAX_DOUBLINGS = {doublings}\nlocal STAMP_SLACK = {slack}\n{QUEUE}{PRELUDE}{body}"
     )
 }

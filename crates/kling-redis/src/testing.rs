@@ -210,6 +210,14 @@ pub fn stall_clock_probes(conn: &crate::Connection, probes: u32, by: Duration) {
     conn.stall_clock_probes(probes, by);
 }
 
+/// Moves the fleet time of `conn` (and its clones) `ahead_us` microseconds (negative: back),
+/// as a new measurement of the server's clock does: by up to half a slow probe's round trip
+/// (see [`stall_clock_probes`]), or by the servers' difference after a failover to one whose
+/// clock is off. Call it after the connection's first measurement; the next one undoes it.
+pub fn shift_fleet_clock(conn: &crate::Connection, ahead_us: i64) {
+    conn.shift_fleet_clock(ahead_us);
+}
+
 /// Makes `slots` (and its clones) wait `by` before sending each change it replays: a replay
 /// whose changes are in flight while the process makes new ones.
 pub fn delay_replay(slots: &crate::RedisSlots, by: Duration) {

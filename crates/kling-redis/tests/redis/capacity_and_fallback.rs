@@ -192,3 +192,58 @@ async fn with_redis_away_a_fallback_grant_keeps_one_change_for_replay() {
     slots.apply(SlotOp::GiveBack(on_its_way)).await.unwrap();
     assert_eq!(in_use(slots.clone()).await, 0);
 }
+
+/// Past `MAX_PENDING_REPORTS` ends kept while Redis is away, the oldest end is dropped. When
+/// its task's hold is kept too (a task created and ended within the outage), a give-back takes
+/// the hold's place: replayed, the hold would hold the slot for its whole lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_away_an_end_dropped_from_the_replay_queue_takes_its_hold_along() {
+    let Some(mut server) = redis() else { return };
+    let slots = backend(&server, SlotsConfig::new(2))
+        .await
+        .maintain_every(Duration::from_secs(60))
+        .when_unreachable(WhenUnreachable::fallback(1));
+    // Only this test's passes replay.
+    kling_redis::testing::hold_maintenance(&slots, true);
+    let key = kling3("a");
+    let warm = slots.acquire(key.clone(), 1).await.unwrap();
+    slots.apply(SlotOp::GiveBack(warm)).await.unwrap();
+    server.stop();
+    let ended = |id: String| SlotOp::Update {
+        account: key.account.clone(),
+        updates: vec![TaskUpdate {
+            id,
+            external_id: None,
+            status: Some(TaskStatus::Succeeded),
+        }],
+        lease: Duration::from_secs(60),
+    };
+    let granted = slots.acquire(key.clone(), 1).await.unwrap();
+    slots
+        .apply(SlotOp::Hold {
+            reservation: granted,
+            task: TaskRef {
+                id: Some("t0".to_owned()),
+                external_id: None,
+            },
+            lease: Duration::from_secs(600),
+        })
+        .await
+        .unwrap();
+    slots.apply(ended("t0".to_owned())).await.unwrap();
+    for n in 0..kling_redis::MAX_PENDING_REPORTS {
+        slots.apply(ended(format!("other-{n}"))).await.unwrap();
+    }
+    // t0's end went; what took its hold's place, and the later ends, stay.
+    assert_eq!(slots.pending(), kling_redis::MAX_PENDING_REPORTS + 1);
+    server.restart().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while let Err(e) = slots.maintain().await {
+        assert!(tokio::time::Instant::now() < deadline, "{e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(slots.pending(), 0, "replayed");
+    let snapshot = slots.snapshot().await.unwrap();
+    let in_use: u32 = snapshot.iter().map(|p| p.in_use).sum();
+    assert_eq!(in_use, 0, "the ended task's hold holds its slot");
+}

@@ -2349,6 +2349,11 @@ async fn a_change_replayed_after_redis_ran_it_does_not_undo_a_later_one() {
 async fn impatient_with_t1(server: &kling_redis::testing::RedisServer) -> RedisSlots {
     let impatient =
         crate::support::connect_with_timeout(server.url(), Duration::from_millis(200)).await;
+    impatient_with_t1_on(impatient).await
+}
+
+/// [`impatient_with_t1`] on `impatient`, a connection whose commands give up after 200 ms.
+async fn impatient_with_t1_on(impatient: kling_redis::Connection) -> RedisSlots {
     let one = RedisSlots::new(impatient, SlotsConfig::new(5))
         .unwrap()
         .poll_every(Duration::from_secs(30))
@@ -2481,6 +2486,89 @@ async fn a_capacity_replayed_after_a_later_setting_leaves_that_setting() {
         in_use_and_capacity(&two).await.1,
         4,
         "the replay was dropped"
+    );
+}
+
+/// A process's 1102 and then its own reset of it, both kept for replay, with a new
+/// measurement of the server's clock between them that moved its fleet time back a little
+/// (half a slow probe's round trip): replayed, the reset still ends the halt. Stamped on fleet
+/// time as read, the reset was "made before" the halt replayed just ahead of it, and dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_kept_behind_its_halt_applies_though_fleet_time_went_back_between() {
+    let Some(server) = redis() else { return };
+    let impatient =
+        crate::support::connect_with_timeout(server.url(), Duration::from_millis(200)).await;
+    let one = impatient_with_t1_on(impatient.clone()).await;
+    let r = one.acquire(video(), 1).await.unwrap();
+    keep_a_report(&server, &one).await;
+    one.apply(SlotOp::Halt {
+        reservation: r,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    kling_redis::testing::shift_fleet_clock(&impatient, -50_000);
+    one.apply(SlotOp::ResetHalt(video().account)).await.unwrap();
+    assert_eq!(one.pending(), 3, "the halt and the reset were not kept");
+    maintained(&one).await;
+    assert_eq!(one.pending(), 0);
+    let two = backend(&server, 5).await;
+    for backend in [&two, &one] {
+        let create = tokio::time::timeout(Duration::from_secs(2), backend.acquire(video(), 1))
+            .await
+            .expect("the create waited");
+        assert!(create.is_ok(), "the reset was dropped: {create:?}");
+    }
+}
+
+/// A halt stamped by a process whose fleet time ran an hour ahead (its offset measured against
+/// a server whose clock was off) does not make Redis drop the fleet's replays for that hour: a
+/// 1102 kept for replay, made after another process reset that halt, still halts the account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stamp_far_ahead_of_fleet_time_does_not_drop_later_replays() {
+    let Some(server) = redis() else { return };
+    let ahead_conn = connect(&server).await;
+    kling_redis::testing::shift_fleet_clock(&ahead_conn, 3_600_000_000);
+    let ahead = RedisSlots::new(ahead_conn, SlotsConfig::new(5))
+        .unwrap()
+        .poll_every(Duration::from_secs(30))
+        .maintain_every(Duration::from_secs(60))
+        .grace(Duration::from_millis(300));
+    kling_redis::testing::hold_maintenance(&ahead, true);
+    let one = impatient_with_t1(&server).await;
+    let r = one.acquire(video(), 1).await.unwrap();
+    let two = backend(&server, 5).await;
+    // Another pool of the account: its scripts, an hour ahead, run out no lease of `video()`.
+    let model = SlotKey::new(
+        video().account,
+        Pool::with_model(Product::Video, "kling-3.0"),
+    );
+    let halted = ahead.acquire(model, 1).await.unwrap();
+    ahead
+        .apply(SlotOp::Halt {
+            reservation: halted,
+            cause: outcome(1102),
+        })
+        .await
+        .unwrap();
+    two.apply(SlotOp::ResetHalt(video().account)).await.unwrap();
+    // Later than the reset by more than the processes' clocks may differ.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    keep_a_report(&server, &one).await;
+    one.apply(SlotOp::Halt {
+        reservation: r,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    assert_eq!(one.pending(), 2, "the halt was not kept");
+    maintained(&one).await;
+    assert_eq!(one.pending(), 0);
+    let three = backend(&server, 5).await;
+    let create = tokio::time::timeout(Duration::from_secs(2), three.acquire(video(), 1)).await;
+    assert!(
+        matches!(create, Ok(Err(AcquireError::Halted(_)))),
+        "the replayed halt was dropped: {create:?}"
     );
 }
 
