@@ -747,7 +747,8 @@ impl RawTask<'_> {
                 cost: self
                     .final_unit_deduction
                     .0
-                    .and_then(|d| d.trim().parse().ok()),
+                    .and_then(|d| d.trim().parse::<f64>().ok())
+                    .filter(|v| v.is_finite()),
             });
         }
         let id = self.id.as_ref().filter(|id| !id.0.is_empty());
@@ -1150,6 +1151,27 @@ mod tests {
                 let ids: Vec<_> = env.tasks.iter().map(|t| t.external_id.as_deref()).collect();
                 assert_eq!(ids, [None, Some("x")]);
             }
+        }
+    }
+
+    /// A `final_unit_deduction` that reads as no finite number (`NaN`, `inf`, `1e999`) is no
+    /// cost, from both readers, as a `billing` amount is: a spend guard adding it up would
+    /// make the account's whole ledger `NaN`.
+    #[test]
+    fn a_non_finite_deduction_is_no_cost() {
+        for text in ["NaN", "inf", "-inf", "1e999", " infinity "] {
+            let body = format!(
+                r#"{{"code":0,"message":"ok","request_id":"r","data":{{"task_id":"t",
+                "task_status":"succeed","final_unit_deduction":"{text}"}}}}"#
+            );
+            for env in both(body.as_bytes()) {
+                assert_eq!(env.unwrap().tasks[0].cost, None, "{text}");
+            }
+        }
+        let body = br#"{"code":0,"message":"ok","request_id":"r","data":{"task_id":"t",
+            "task_status":"succeed","final_unit_deduction":" 2.5 "}}"#;
+        for env in both(body) {
+            assert_eq!(env.unwrap().tasks[0].cost, Some(2.5));
         }
     }
 

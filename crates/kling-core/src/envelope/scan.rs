@@ -854,8 +854,9 @@ fn code_value(bytes: &[u8], start: usize) -> Scan<(i64, usize)> {
     Ok((plain_i64(bytes.get(start..end).ok_or(Fallback)?), end))
 }
 
-/// A `final_unit_deduction` as the reference reads it (`trim` then `f64` parse), with a short
-/// path for what Kling sends: a few digits, which `f64` holds exactly.
+/// A `final_unit_deduction` as the reference reads it (`trim` then `f64` parse, a non-finite
+/// value as none, as a `billing` amount), with a short path for what Kling sends: a few
+/// digits, which `f64` holds exactly.
 #[inline(always)]
 fn deduction(text: &str) -> Option<f64> {
     let digits = text.as_bytes();
@@ -866,7 +867,7 @@ fn deduction(text: &str) -> Option<f64> {
         // At most 15 digits: below 2^53, so exact, as the parse of the same text is.
         return Some(n as f64);
     }
-    text.trim().parse().ok()
+    text.trim().parse().ok().filter(|v: &f64| v.is_finite())
 }
 
 /// A plain integer's value (at most 18 digits: no overflow).
