@@ -79,7 +79,10 @@ impl fmt::Display for TaskStatus {
 /// a 64-bit integer, and a status, of the same generation (`task_id` and `task_status`, else
 /// `id` and `status`). One with an empty id (`"task_id":""`) names no task and is left out, as
 /// one with no id is; an id that is some other number makes the envelope unreadable.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// Its `Debug` shows each result URL without its query, fragment or user info: a result URL
+/// is often a signed download link, valid for days, and `Debug` output ends up in logs.
+#[derive(Clone, PartialEq)]
 #[non_exhaustive]
 pub struct TaskReport {
     /// The task id (`task_id` or `id`): never empty.
@@ -97,6 +100,45 @@ pub struct TaskReport {
     pub urls: Vec<String>,
     /// What the finished task cost (`final_unit_deduction`, or the sum of `billing[].amount`).
     pub cost: Option<f64>,
+}
+
+impl fmt::Debug for TaskReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let urls: Vec<ShownUrl<'_>> = self.urls.iter().map(|url| ShownUrl(url)).collect();
+        f.debug_struct("TaskReport")
+            .field("id", &self.id)
+            .field("status", &self.status)
+            .field("generation", &self.generation)
+            .field("external_id", &self.external_id)
+            .field("failure", &self.failure)
+            .field("urls", &urls)
+            .field("cost", &self.cost)
+            .finish()
+    }
+}
+
+/// A URL as `Debug` shows it: without its user info (`user:password@`), query or fragment,
+/// where a signature, a token or a password sits; `…` marks what was cut.
+struct ShownUrl<'a>(&'a str);
+
+impl fmt::Debug for ShownUrl<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let url = self.0;
+        let kept = url.find(['?', '#']).map_or(url, |end| &url[..end]);
+        // User info sits between `://` and an `@` before the path.
+        let (scheme, rest) = match kept.find("://") {
+            Some(at) => kept.split_at(at + 3),
+            None => ("", kept),
+        };
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        let (rest, user_cut) = match rest[..authority_end].rfind('@') {
+            Some(at) => (&rest[at + 1..], true),
+            None => (rest, false),
+        };
+        let user = if user_cut { "…@" } else { "" };
+        let tail = if kept.len() == url.len() { "" } else { "?…" };
+        fmt::Debug::fmt(&format!("{scheme}{user}{rest}{tail}"), f)
+    }
 }
 
 /// A parsed envelope: what the stack reads of every response body.
@@ -1172,6 +1214,38 @@ mod tests {
             "task_status":"succeed","final_unit_deduction":" 2.5 "}}"#;
         for env in both(body) {
             assert_eq!(env.unwrap().tasks[0].cost, Some(2.5));
+        }
+    }
+
+    /// A report's `Debug` (which ends up in logs) shows its result URLs without the query,
+    /// fragment or user info a signed download link carries; the URLs themselves are whole.
+    #[test]
+    fn a_reports_debug_hides_the_signature_of_its_urls() {
+        let body = br#"{"code":0,"message":"ok","request_id":"r","data":{"task_id":"t",
+            "task_status":"succeed","task_result":{"videos":[
+            {"url":"https://u:pw@cdn.example/v/0.mp4?X-Sig=SECRET1&exp=9"},
+            {"url":"https://cdn.example/v/1.mp4#SECRET2"},
+            {"url":"https://cdn.example/v/2.mp4"},
+            {"url":"not a url ?SECRET3"}]}}}"#;
+        for env in both(body) {
+            let task = &env.unwrap().tasks[0];
+            let shown = format!("{task:?}");
+            for secret in ["SECRET", "pw", "u:"] {
+                assert!(!shown.contains(secret), "{secret} in {shown}");
+            }
+            assert!(
+                shown.contains(r#""https://…@cdn.example/v/0.mp4?…""#),
+                "{shown}"
+            );
+            assert!(
+                shown.contains(r#""https://cdn.example/v/1.mp4?…""#),
+                "{shown}"
+            );
+            assert!(
+                shown.contains(r#""https://cdn.example/v/2.mp4""#),
+                "{shown}"
+            );
+            assert!(task.urls[0].ends_with("X-Sig=SECRET1&exp=9"), "kept whole");
         }
     }
 
