@@ -55,6 +55,10 @@ struct Gate<Bk: Backend> {
     /// It passed its class gate and went back there from its account's ([`Gate::back_to_class`]):
     /// it was waiting already, and no `max_queue` refuses it again.
     back: bool,
+    /// The number of its first pass through its class gate ([`Queues::next_pass`]): where it
+    /// stands among the requests that come back there ([`Gate::back_to_class`]). (In the
+    /// padding after `back`: it takes no room.)
+    pass: u32,
 }
 
 impl<Bk: Backend> Gate<Bk> {
@@ -252,7 +256,8 @@ impl<Bk: Backend> Gate<Bk> {
     /// than `at`. Sent as the account admitted it, requests that passed their class gate
     /// during a pause would all go out together when it ends; going back through the gate
     /// spaces them by the class quota again, at the cost of a turn of the class quota each.
-    /// It goes back ahead of the class requests that came after it passed the gate
+    /// It goes back ahead of the class requests that came after it passed the gate, and among
+    /// the ones back there before it in the order they passed it
     /// ([`Queues::enqueue_returned`](crate::queue::Queues::enqueue_returned)), so they keep
     /// their order.
     fn back_to_class<B>(
@@ -268,7 +273,7 @@ impl<Bk: Backend> Gate<Bk> {
         self.back = true;
         // Ahead of the class requests that came after it passed the gate: it keeps its turn.
         let queues = &shared.queues;
-        let ticket = queues.enqueue_returned(&class_key, cx.waker());
+        let ticket = queues.enqueue_returned(&class_key, cx.waker(), self.pass);
         queues.note_account_pause(&class_key, at);
         let is_head = self.take_place(queues, class_key.clone(), ticket);
         self.class_key = Some(class_key);
@@ -490,7 +495,8 @@ impl<Bk: Backend> Gate<Bk> {
     /// The key allows no request before `at` (a pause when `cooldown`), as the backend or the
     /// class's record of sends ([`Gate::ask_step`]) said at `now`: the request fails (reject
     /// mode, or past its limit), goes back to its class gate (a class request at a paused
-    /// account), or waits in the key's queue, sleeping until `at` when it leads it.
+    /// account with nobody queued behind it there), or waits in the key's queue, sleeping until
+    /// `at` when it leads it.
     #[allow(clippy::too_many_arguments)]
     fn not_before<B>(
         &mut self,
@@ -518,8 +524,15 @@ impl<Bk: Backend> Gate<Bk> {
                 account_key.account_id().cloned(),
             )));
         }
-        let paused = || cooldown.then_some(at);
-        if self.went_back_to_class(cx, shared, request, account_key, paused)? {
+        // Back to its class gate only with nobody behind it at its account's: it would join
+        // the queue again behind them (class requests that passed the gate after it among
+        // them), as one queued there when the pause began does not go back either.
+        let alone = |gate: &Self| {
+            let own = gate.place.as_ref().is_some_and(|p| p.key == *account_key);
+            shared.queues.asking(account_key) <= usize::from(own)
+        };
+        let paused = cooldown && alone(self);
+        if self.went_back_to_class(cx, shared, request, account_key, || paused.then_some(at))? {
             return Ok(());
         }
         if self.place.is_none() && !self.join(cx, shared, account_key)? {
@@ -594,6 +607,10 @@ impl<Bk: Backend> Gate<Bk> {
                 }
                 Step::Acquiring(future) => match ready!(Pin::new(future).poll(cx))? {
                     Decision::Admit => {
+                        // Numbered at its first pass: one that passes again keeps its turn.
+                        if self.class_key.is_some() && !self.back {
+                            self.pass = shared.queues.next_pass();
+                        }
                         // Noted before it leaves the account's queue, which lets its class's
                         // next held request go.
                         self.note_sent(shared, request, account_key);
@@ -860,6 +877,7 @@ where
     {
         let shared = &**shared_of(&lane);
         let mut cx = Context::from_waker(Waker::noop());
+        let gate_class_passed = class_key.is_none() && !shared.classes.is_empty();
         let step = pending.map_or(Step::Start, Step::Acquiring);
         let mut gate = Gate {
             class_key,
@@ -872,6 +890,12 @@ where
             limit: None,
             why: WaitLimit::MaxWait,
             back: false,
+            // A class request here without its class key passed its class gate in `call`.
+            pass: if gate_class_passed {
+                shared.queues.next_pass()
+            } else {
+                0
+            },
         };
         let first_look = gate.poll(&mut cx, &request, shared, &account_key);
         let (mut sent_at, mut waited) = (None, Duration::ZERO);
@@ -1005,7 +1029,9 @@ fn report<Bk: Backend>(
 }
 
 /// What a response tells the backend, if anything. A success is reported when
-/// `report_success` says so (asked only for a successful response).
+/// `report_success` says so (asked only for a successful response). A page without a Kling
+/// envelope that no classify step below turned into an error (this layer alone over a client)
+/// says what that error would ([`feedback_of_error`]).
 fn feedback_of(
     response: &mut Response<Full<Bytes>>,
     sent_at: Instant,
@@ -1014,7 +1040,9 @@ fn feedback_of(
     let outcome = match Outcome::of(response) {
         Some(outcome) => outcome,
         None => {
-            Outcome::ensure(response).ok()?;
+            if let Err(page) = Outcome::ensure(response) {
+                return feedback_of_error(&page, sent_at);
+            }
             Outcome::of(response)?
         }
     };

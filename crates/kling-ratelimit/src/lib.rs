@@ -43,13 +43,17 @@
 //!   [`class_quota`](Builder::class_quota) adds a separate quota for an endpoint class of each
 //!   account (e.g. `/account/costs` at one per second): such a request passes its class
 //!   quota, then its account's. A request that passes its class gate and then finds its
-//!   account paused (a 1302 or a `Retry-After`: it asks, or the account queue's head waits one
-//!   out) goes back to its class gate, whose requests ask no sooner than the pause's end
+//!   account paused (a 1302 or a `Retry-After`: it asks with nobody queued behind it at the
+//!   account's gate, or the account queue's head waits one out) goes back to its class gate,
+//!   whose requests ask no sooner than the pause's end
 //!   (each spends one more turn of the class quota there, so one that passed the gate less
 //!   than a class turn before the pause ends is sent up to that turn later than the quota
 //!   alone requires: the price of a store several processes share seeing the class's
 //!   requests again after the pause). It goes back ahead of the class requests that came
-//!   after it passed the gate, so class requests keep their order. In wait mode the class
+//!   after it passed the gate, and among those that went back before it in the order they
+//!   passed it, so class requests keep their order. One that meets the pause at the head of
+//!   its account's queue with others queued behind it keeps its place there instead: back at
+//!   its class gate it would come after them. In wait mode the class
 //!   quota also holds when the requests are sent: a class request that waited at its
 //!   account's gate (behind a queue, or one already queued there when a pause began) is sent
 //!   no sooner than the class quota allows after the class's requests this process sent
@@ -90,8 +94,9 @@
 //!   alike — which then resumes in order, an interval apart (the burst is spent when a pause
 //!   ends, so no burst goes at once); 1302s in a row escalate the pause up to a ceiling
 //!   ([`Cooldown`]). A proxy's or gateway's page (no Kling envelope, so the classify step's
-//!   [`MalformedResponse`](kling_core::error::MalformedResponse) error) pauses it too: for its
-//!   `Retry-After`, and as a 1302 would when its status is 429.
+//!   [`MalformedResponse`](kling_core::error::MalformedResponse) error, or the page itself
+//!   when no classify step is below) pauses it too: for its `Retry-After`, and as a 1302
+//!   would when its status is 429.
 //! - **Adaptive rate** (opt-in, [`Adaptive`]): the rate drops on each 1302 (up to the
 //!   cooldown's burst backoff in a streak: a later one says the server refuses whatever the
 //!   pace) and climbs back while responses succeed, under the configured quota as ceiling.

@@ -11,7 +11,7 @@
 //! and go back to the front of the account's queue one at a time ([`Queues::release_held`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 
@@ -261,6 +261,9 @@ pub(crate) struct Queues {
     /// [`Queues::class_sends_running`] only then, so a layer whose class requests never wait
     /// takes no lock for it.
     class_sends_kept: AtomicBool,
+    /// Numbers class requests in the order they pass their class gate
+    /// ([`Queues::next_pass`]): the order they come back from a paused account in.
+    passes: AtomicU32,
 }
 
 impl Queues {
@@ -416,12 +419,21 @@ impl Queues {
         })
     }
 
+    /// The number of a class request passing its class gate now: later passes get larger
+    /// ones (modulo 2^32, which orders wrongly only across a wrap).
+    pub(crate) fn next_pass(&self) -> u32 {
+        self.passes.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Joins class key `key`'s queue ahead of every request that has not passed its gate
-    /// yet, behind the ones that came back before: a request that passed the gate and came
-    /// back from the account gate (the response future's `Gate::back_to_class`). It keeps its turn
-    /// before the class requests that came after it, and no `max_queue` applies: it was
+    /// yet: a request that passed the gate and came back from the account gate (the response
+    /// future's `Gate::back_to_class`), whose pass was number `pass` ([`Queues::next_pass`]).
+    /// Among the ones that came back it stands in the order they passed the gate, not the
+    /// order they came back in: the head of the account's queue meets a pause only when it
+    /// asks again, after requests that passed the gate later met it on arriving. It keeps its
+    /// turn before the class requests that came after it, and no `max_queue` applies: it was
     /// waiting already, and leaves the account's queue for this one.
-    pub(crate) fn enqueue_returned(&self, key: &BucketKey, waker: &Waker) -> Ticket {
+    pub(crate) fn enqueue_returned(&self, key: &BucketKey, waker: &Waker, pass: u32) -> Ticket {
         let mut map = self.lock();
         if !map.contains_key(key) {
             map.insert(key.clone(), Queue::new(key));
@@ -429,13 +441,11 @@ impl Queues {
         let queue = map.get_mut(key).expect("inserted above");
         // Before it joins, as in `enqueue`.
         queue.depth.increment(1.0);
-        let id = queue.next_id;
-        queue.next_id += 1;
-        queue.returned.push_back(id, (), waker.clone());
+        let id = push_in_pass_order(&mut queue.returned, pass, waker);
         self.waiting.fetch_add(1, Ordering::AcqRel);
         Ticket {
             id,
-            is_head: queue.returned.records() == 1,
+            is_head: queue.is_head(id) == Some(true),
         }
     }
 
@@ -701,6 +711,59 @@ impl Queues {
     }
 }
 
+/// The bit set in the tickets of class requests back at their class gate from a paused
+/// account ([`push_in_pass_order`]), above every ticket `next_id` hands out.
+const PASSED: u64 = 1 << 63;
+
+/// Adds a request whose pass through its class gate was number `pass`
+/// ([`Queues::next_pass`]) to `list` (a class queue's requests back from a paused account) in
+/// pass order; its ticket. The ticket is the pass number above `next_id`'s
+/// range, so the list, ordered by ticket, is in pass order. One that passed before some in
+/// the list (a head that met a pause after others that passed later met it on arriving) goes
+/// in ahead of them: the list is rebuilt (tombstones dropped), as a list only grows at its
+/// back.
+fn push_in_pass_order(list: &mut WaitList<()>, pass: u32, waker: &Waker) -> u64 {
+    let id = PASSED | u64::from(pass);
+    let last = (list.records().checked_sub(1))
+        .and_then(|index| list.get(index))
+        .map(|waiter| waiter.ticket);
+    match last {
+        Some(last) if last >= id => {
+            let taken =
+                (0..list.records()).any(|index| list.get(index).is_some_and(|w| w.ticket == id));
+            if taken {
+                // Only after 2^32 passes: a ticket is never shared, the order is lost.
+                list.push_back(last + 1, (), waker.clone());
+                return last + 1;
+            }
+            insert_in_order(list, id, waker);
+        }
+        _ => list.push_back(id, (), waker.clone()),
+    }
+    id
+}
+
+/// [`push_in_pass_order`]'s rebuild of `list` with ticket `id` in its place.
+#[cold]
+fn insert_in_order(list: &mut WaitList<()>, id: u64, waker: &Waker) {
+    let mut old = std::mem::take(list);
+    let mut placed = false;
+    while let Some(waiter) = old.pop_front() {
+        // The head of a list is live (`pop_front` drops the tombstones that would lead).
+        let Some(held) = waiter.waker else {
+            continue;
+        };
+        if !placed && id < waiter.ticket {
+            list.push_back(id, (), waker.clone());
+            placed = true;
+        }
+        list.push_back(waiter.ticket, (), held);
+    }
+    if !placed {
+        list.push_back(id, (), waker.clone());
+    }
+}
+
 /// A place in a queue, given up on drop unless it was admitted.
 /// Takes one waiter off a depth gauge. Also run as a [`Place`] is dropped while the thread
 /// unwinds: a metrics recorder's panic is then caught, as one escaping a drop would abort the
@@ -934,7 +997,7 @@ mod tests {
         let waker = Waker::noop();
         let joins: [(&BucketKey, &dyn Fn() -> Ticket); 4] = [
             (&whole, &|| queues.enqueue(&whole, waker, None).unwrap()),
-            (&class, &|| queues.enqueue_returned(&class, waker)),
+            (&class, &|| queues.enqueue_returned(&class, waker, 0)),
             (&class, &|| queues.hold(&class, waker, false)),
             (&class, &|| queues.hold(&class, waker, true)),
         ];
@@ -1037,8 +1100,8 @@ mod tests {
         assert!(queues.set_head_not_before(&key, head.id, at, false));
         assert!(queues.enqueue(&key, waker, Some(2)).is_err(), "full");
         // No `max_queue` for the ones coming back.
-        let back = queues.enqueue_returned(&key, waker);
-        let second = queues.enqueue_returned(&key, waker);
+        let back = queues.enqueue_returned(&key, waker, 0);
+        let second = queues.enqueue_returned(&key, waker, 1);
         assert!(back.is_head && !second.is_head);
         assert_eq!(queues.depth(&key), 4);
         assert_eq!(queues.poll_head(&key, back.id, waker), Ok(true));

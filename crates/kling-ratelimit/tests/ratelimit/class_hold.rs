@@ -276,8 +276,9 @@ async fn reject_mode_does_not_refuse_a_class_request_its_class_gate_admitted() {
 
 /// `k1` is held for its class until 1.9 s, and `k2` waits at the class gate (until 2 s), when
 /// another process pauses the account from 1.5 s to 4 s: `k1` meets the pause when it goes back
-/// to the account's queue, returns to its class gate ahead of `k2`, and both are sent a class
-/// turn apart after the pause; a create asked during the pause goes at its end.
+/// to the front of the account's queue, ahead of a create asked during the pause. It keeps its
+/// place there (back at its class gate, it would come after the create, which came after it)
+/// and goes at the pause's end, the create next, and `k2` a class turn after `k1`.
 #[tokio::test(start_paused = true)]
 async fn held_class_requests_that_meet_a_pause_keep_their_order_and_quota() {
     let server = Server::new();
@@ -300,15 +301,15 @@ async fn held_class_requests_that_meet_a_pause_keep_their_order_and_quota() {
     }
     assert_eq!(handle.waiting(), 0);
     assert_eq!(handle.queue_bytes(), 0, "the queues are dropped");
-    // `k1` asks its class gate again at the pause's end, behind the create at the account's;
-    // `k2` passes its class gate a turn later, and waits for `k1`'s send a class turn back.
+    // Before: `k1` went back to its class gate and asked it again at the pause's end, behind
+    // the create at the account's: create 4000, k1 4100, k2 5100.
     assert_eq!(
         &server.times_ms(start)[9..],
         [
             ("k0".into(), 900),
-            ("create".into(), 4000),
-            ("k1".into(), 4100),
-            ("k2".into(), 5100),
+            ("k1".into(), 4000),
+            ("create".into(), 4100),
+            ("k2".into(), 5000),
         ]
     );
 }

@@ -531,3 +531,55 @@ async fn a_class_request_refused_by_a_full_account_queue_spends_no_class_turn() 
         ]
     );
 }
+
+/// Account ten a second, `/account/costs` one a second; thirty creates queue at the account
+/// gate at 0 s, then `k0` (passing its class gate at 0 s), a create `x` (0.5 s) and `k1`
+/// (passing at 1 s) queue behind them. Another process pauses the account from 2.95 s to 5 s,
+/// so `k0` meets the pause when it comes to lead, at 3 s, with `x` and `k1` behind it. When
+/// each of the last four reached the server.
+async fn class_head_meets_a_pause_with_others_behind() -> Vec<(String, u128)> {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .backend(FleetPause::default())
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..30 {
+        calls.push(spawn_call(&service, request(Some("a"), &format!("create{i}"))).await);
+    }
+    calls.push(spawn_call(&service, costs("k0")).await);
+    tokio::time::sleep(ms(500)).await;
+    calls.push(spawn_call(&service, request(Some("a"), "x")).await);
+    tokio::time::sleep(ms(500)).await;
+    calls.push(spawn_call(&service, costs("k1")).await);
+    tokio::time::sleep_until(start + ms(2950)).await;
+    handle.backend().pause_until(start + ms(5000));
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(handle.waiting(), 0);
+    server.times_ms(start).split_off(29)
+}
+
+/// A class request that meets its account's pause at the head of the account's queue, with
+/// others queued behind it, keeps its place there: it goes at the pause's end, before the
+/// create and the class request that came after it. Before, it went back to its class gate
+/// and joined the account's queue again behind them: `k1`, which passed the class gate a
+/// second after `k0`, was sent a class turn before it.
+#[tokio::test(start_paused = true)]
+async fn a_class_request_meeting_a_pause_with_others_queued_behind_keeps_its_place() {
+    // Before: [create29 2900, x 5000, k1 5100, k0 6100].
+    assert_eq!(
+        class_head_meets_a_pause_with_others_behind().await,
+        [
+            ("create29".into(), 2900),
+            ("k0".into(), 5000),
+            ("x".into(), 5100),
+            ("k1".into(), 6000),
+        ]
+    );
+}

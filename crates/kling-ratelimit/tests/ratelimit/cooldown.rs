@@ -563,6 +563,41 @@ async fn a_proxys_page_wrapped_by_another_layer_still_pauses_the_key() {
     );
 }
 
+/// The layer alone, with no classify step below, gets a proxy's 429 page as a response: it
+/// reads the page itself and pauses the key for its `Retry-After` as it does for the classify
+/// step's error, counting it as a rate refusal (the streak), and passes the page up unchanged.
+#[tokio::test(start_paused = true)]
+async fn a_proxys_429_page_reaching_the_layer_as_a_response_pauses_the_key() {
+    for body in PROXY_429_PAGES {
+        let layer = GcraLayer::new(Quota::per_second(10.0)).unwrap();
+        let handle = layer.handle();
+        let server = Server::new();
+        server.script([Reply::page(429, body).header("retry-after", "60")]);
+        let service = layer.layer(server.service());
+        let start = Instant::now();
+        let page = service
+            .clone()
+            .oneshot(request(Some("a"), "a1"))
+            .await
+            .unwrap();
+        assert_eq!(page.status(), 429);
+        let key = BucketKey::account(Some("a".into()));
+        assert_eq!(
+            handle.backend().key_state(&key).unwrap().streak,
+            1,
+            "{body}"
+        );
+        tokio::time::advance(ms(200)).await;
+        let a2 = spawn_call(&service, request(Some("a"), "a2")).await;
+        let b1 = spawn_call(&service, request(Some("b"), "b1")).await;
+        a2.await.unwrap().unwrap();
+        b1.await.unwrap().unwrap();
+        let mut times = server.times_ms(start);
+        times.sort();
+        assert_eq!(times, paused_until(60_000), "{body}");
+    }
+}
+
 /// A request that would wait out a pause after a 1302 past its maximum wait is refused with an
 /// error that says it was a pause, of which account, and how long it had left.
 #[tokio::test(start_paused = true)]

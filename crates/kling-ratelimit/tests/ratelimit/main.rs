@@ -4,6 +4,7 @@
 mod adaptive;
 mod ceiling;
 mod class_hold;
+mod class_order;
 mod class_pause;
 mod cooldown;
 mod mock;
