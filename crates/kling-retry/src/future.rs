@@ -991,7 +991,8 @@ where
             self.retrying().slot_gated += 1;
         }
         // A throttled retry of a call with a deadline is outside the attempt limit (see
-        // `attempt_limit`); `max_attempts(1)` still means no retry at all.
+        // `attempt_limit`); under `max_attempts(1)` it counts (only a slot-gated retry and a
+        // token's resend pass that limit).
         if delay == DelayKind::Throttled
             && create == CreateState::NotCreated
             && self.template.deadline.is_some()

@@ -144,8 +144,8 @@ impl<P> RetryLayerBuilder<P> {
         }
     }
 
-    /// Sets the most requests one call sends, the first included (at least 1; 1 = no retry at
-    /// all). Lookups by external id count; a slot-gated retry (a `1303` that a task-slots layer
+    /// Sets the most requests one call sends, the first included (at least 1; 1 = no retry
+    /// but the two uncounted ones below). Lookups by external id count; a slot-gated retry (a `1303` that a task-slots layer
     /// below holds until a slot frees, [`SlotGated`](kling_core::signals::SlotGated)) and the
     /// one resend of a refused token do not: they wait rather than hammer the API, and the
     /// deadline bounds them. Nor, in a call with a deadline, does a throttled retry (a `1302`,
