@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::Poll;
 use std::time::Duration;
@@ -117,11 +117,18 @@ struct PoolLocal {
 /// until its first maintenance pass), so a dashboard takes one process's figure, or the
 /// largest. Both move by differences, as the in-process backend's do: pools past the first
 /// model names share one label, and their figures add up.
+///
+/// They move in drops too (a waiting create's, a pool's): while the thread unwinds, a metrics
+/// recorder's panic is caught ([`unwinding`]: one escaping a drop then would abort the
+/// process), and a move the recorder did not make is made with the next one.
 struct PoolGauges {
     waiters: metrics::Gauge,
     capacity: metrics::Gauge,
     /// The capacity this pool last added to its gauge.
     shown_capacity: Mutex<u32>,
+    /// The moves of the waiters gauge the recorder did not make (it panicked), made with the
+    /// next one.
+    waiters_owed: AtomicI64,
 }
 
 impl PoolGauges {
@@ -130,19 +137,41 @@ impl PoolGauges {
         let gauges = PoolGauges {
             waiters: metrics::gauge!(names::SLOTS_WAITERS, &labels),
             capacity: metrics::gauge!(names::SLOTS_CAPACITY, &labels),
-            shown_capacity: Mutex::new(capacity),
+            // (Nothing shown yet: should the recorder panic now, the drop takes nothing out.)
+            shown_capacity: Mutex::new(0),
+            waiters_owed: AtomicI64::new(0),
         };
-        gauges.capacity.increment(f64::from(capacity));
+        gauges.show_capacity(capacity);
         gauges
     }
 
     /// Moves the capacity gauge to `capacity` for this pool.
     fn show_capacity(&self, capacity: u32) {
         let mut shown = lock(&self.shown_capacity);
-        if *shown != capacity {
-            self.capacity
-                .increment(f64::from(capacity) - f64::from(*shown));
+        if *shown != capacity
+            && moved(|| {
+                self.capacity
+                    .increment(f64::from(capacity) - f64::from(*shown));
+            })
+        {
             *shown = capacity;
+        }
+    }
+
+    /// Moves the waiters gauge by `by`, and by the moves owed. Should the recorder panic, the
+    /// whole move is owed to the next one.
+    fn move_waiters(&self, by: i64) {
+        let total = by + self.waiters_owed.swap(0, Ordering::Relaxed);
+        let apply = std::panic::AssertUnwindSafe(|| {
+            if total != 0 {
+                self.waiters.increment(total as f64);
+            }
+        });
+        if let Err(panic) = std::panic::catch_unwind(apply) {
+            self.waiters_owed.fetch_add(total, Ordering::Relaxed);
+            if !std::thread::panicking() {
+                std::panic::resume_unwind(panic);
+            }
         }
     }
 }
@@ -152,8 +181,27 @@ impl Drop for PoolGauges {
     /// waiters: each holds the pool).
     fn drop(&mut self) {
         let shown = *lock(&self.shown_capacity);
-        self.capacity.decrement(f64::from(shown));
+        if shown != 0 {
+            moved(|| self.capacity.decrement(f64::from(shown)));
+        }
     }
+}
+
+/// Runs `apply`, a move of a gauge; whether it completed. While the thread unwinds (a drop),
+/// a metrics recorder's panic is caught ([`unwinding`]); else it goes on.
+fn moved(apply: impl FnOnce()) -> bool {
+    if std::thread::panicking() {
+        return unwinding(apply);
+    }
+    apply();
+    true
+}
+
+/// Runs `f`, a call into the metrics recorder, while the thread unwinds: its panic is caught
+/// (one escaping a drop then would abort the process). Whether it completed.
+#[cold]
+fn unwinding(f: impl FnOnce()) -> bool {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_ok()
 }
 
 /// The holdings this process has, by holding id, and the `kling_slots_in_use` gauge they move:
@@ -1431,6 +1479,29 @@ impl Inner {
                         .then(|| by_external(id, !id.is_empty()))
                         .flatten()
                 });
+            // A task adopted from a list that did not give its external id, and its create
+            // of unknown outcome under that external id: one task, joined as in Redis (`upd`).
+            let adopted_alone = |h: &String| {
+                registry.get(h).is_some_and(|held| {
+                    held.adopted && held.ext.is_none() && held.key.account == *account
+                })
+            };
+            let create = match (&found, ext) {
+                (Some(h), Some(ext)) if !ext.is_empty() && !id.is_empty() && adopted_alone(h) => {
+                    by_external(ext, false).filter(|create| create != h)
+                }
+                _ => None,
+            };
+            let found = match (found, create) {
+                (Some(adopted), Some(create)) => {
+                    registry.remove(&adopted);
+                    if let Some(held) = registry.get_mut(&create) {
+                        held.id = Some(id.to_owned());
+                    }
+                    Some(create)
+                }
+                (found, _) => found,
+            };
             if let Some(h) = found {
                 applied.changed = true;
                 if terminal && let Some(held) = registry.remove(&h) {
@@ -2645,33 +2716,25 @@ struct WaiterCount {
     pool: Arc<PoolLocal>,
     /// How many of this process's creates of the pool were counted before it.
     ahead: usize,
-    /// Whether the waiters gauge shows it (a recorder that panicked did not move it).
-    shown: bool,
 }
 
 impl WaiterCount {
     /// Counted before the gauge moves: should a metrics recorder panic there, dropping it
-    /// takes the create out of the count again.
+    /// takes the create out of the count again (and the gauge's move it owes cancels out).
     fn new(pool: Arc<PoolLocal>) -> Self {
         let ahead = pool.waiters.fetch_add(1, Ordering::Relaxed);
-        let mut count = WaiterCount {
-            pool,
-            ahead,
-            shown: false,
-        };
-        count.pool.gauges.waiters.increment(1.0);
-        count.shown = true;
+        let count = WaiterCount { pool, ahead };
+        count.pool.gauges.move_waiters(1);
         count
     }
 }
 
 impl Drop for WaiterCount {
+    /// Also while unwinding (a waiting create dropped in a panic): the gauge moves then too,
+    /// or, should the recorder panic again, at the next move.
     fn drop(&mut self) {
         self.pool.waiters.fetch_sub(1, Ordering::Relaxed);
-        // (Not while unwinding: a recorder's second panic would abort.)
-        if self.shown && !std::thread::panicking() {
-            self.pool.gauges.waiters.decrement(1.0);
-        }
+        self.pool.gauges.move_waiters(-1);
     }
 }
 
@@ -2702,14 +2765,26 @@ struct Finished(Vec<(Pool, String, Duration)>);
 
 impl Finished {
     /// Counts the releases in the finished-task metrics.
+    ///
+    /// Every one, even when the recorder panics at one (the first panic resumes after): one
+    /// answer ends several tasks.
     fn record(self) {
+        let mut first = None;
         for (pool, reason, held_for) in self.0 {
-            let labels = [
-                (names::LABEL_POOL, names::pool_label(Some(&pool)).to_owned()),
-                (names::LABEL_STATUS, reason),
-            ];
-            metrics::counter!(names::TASKS_FINISHED, &labels).increment(1);
-            metrics::histogram!(names::TASK_LIFETIME, &labels).record(held_for.as_secs_f64());
+            let count = std::panic::AssertUnwindSafe(|| {
+                let labels = [
+                    (names::LABEL_POOL, names::pool_label(Some(&pool)).to_owned()),
+                    (names::LABEL_STATUS, reason),
+                ];
+                metrics::counter!(names::TASKS_FINISHED, &labels).increment(1);
+                metrics::histogram!(names::TASK_LIFETIME, &labels).record(held_for.as_secs_f64());
+            });
+            if let Err(panic) = std::panic::catch_unwind(count) {
+                first.get_or_insert(panic);
+            }
+        }
+        if let Some(panic) = first {
+            std::panic::resume_unwind(panic);
         }
     }
 

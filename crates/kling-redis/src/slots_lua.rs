@@ -721,6 +721,24 @@ elseif op == 'upd' then
       end
       if x then place, pk, h, rec = x.place, x.pk, x.h, x.rec end
     end
+    -- A task a reconcile adopted from a list that did not give its external id, reported by
+    -- task id with it: a create of unknown outcome of the account under that external id (its
+    -- answer lost) is the same task, held twice. The create's holding takes the task id and
+    -- the adopted one gives its slots back, as `supersede_ext` does when the create comes
+    -- second; else the task's end would free only one of them.
+    local joined = false
+    if rec and not by_ext and rec.a and not rec.ext and ext ~= ''
+        and redis.call('HGET', pk .. ':m', 'acct') == acct then
+      local x = by_external(acct, path, ext, false)
+      if x and x.place ~= place then
+        release(pk, h, rec, nil)
+        x.rec.id = id
+        redis.call('HSET', x.pk .. ':h', x.h, cjson.encode(x.rec))
+        redis.call('HSET', IDS, id, x.place)
+        place, pk, h, rec = x.place, x.pk, x.h, x.rec
+        joined = true
+      end
+    end
     if terminal and id ~= '' and (rec or note_ends) then
       local field = xf(acct, id)
       if status ~= '' then
@@ -768,7 +786,7 @@ elseif op == 'upd' then
         end
         -- A holding no task id note names (found by its external id): noted itself, so
         -- that its create's hold, replayed after its answer was lost, holds nothing.
-        if not rec.id or rec.id ~= id then note_member('h:' .. h) end
+        if not rec.id or rec.id ~= id or joined then note_member('h:' .. h) end
         release(pk, h, rec, reason)
         -- A task's end, like a give-back, may leave a pool past the first 64 unused.
         tidy(pk)

@@ -3902,42 +3902,82 @@ async fn a_listed_task_of_a_create_of_unknown_outcome_is_freed_by_its_task_id() 
     assert_eq!(one.held_here(), 0);
 }
 
-/// A metrics recorder whose in-use and waiters gauges and finished-task counter each panic at
-/// their next move once armed (a recorder's bug, or one that panics on a label), once.
+/// A metrics recorder whose in-use, waiters and capacity gauges and finished-task counter each
+/// panic at their next move once armed (a recorder's bug, or one that panics on a label),
+/// once, and every one of whose metrics panics on every call while `every` is set. It sums
+/// what each metric (by name, over its labels) was moved by.
 #[derive(Default)]
 struct PanickyRecorder {
     in_use: std::sync::Arc<std::sync::atomic::AtomicBool>,
     waiters: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    capacity: std::sync::Arc<std::sync::atomic::AtomicBool>,
     finished: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    every: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    values: std::sync::Arc<std::sync::Mutex<HashMap<String, f64>>>,
 }
 
-struct PanickyMetric(std::sync::Arc<std::sync::atomic::AtomicBool>);
+impl PanickyRecorder {
+    /// What the metric `name` was moved by, summed.
+    fn value(&self, name: &str) -> f64 {
+        let values = self.values.lock().unwrap();
+        values.get(name).copied().unwrap_or_default()
+    }
+
+    fn metric(
+        &self,
+        key: &metrics::Key,
+        flag: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> std::sync::Arc<PanickyMetric> {
+        std::sync::Arc::new(PanickyMetric {
+            once: flag.clone(),
+            every: self.every.clone(),
+            name: key.name().to_owned(),
+            values: self.values.clone(),
+        })
+    }
+}
+
+struct PanickyMetric {
+    once: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    every: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    name: String,
+    values: std::sync::Arc<std::sync::Mutex<HashMap<String, f64>>>,
+}
 
 impl PanickyMetric {
-    fn touch(&self) {
-        let panics = self.0.swap(false, std::sync::atomic::Ordering::SeqCst);
+    fn touch(&self, by: f64) {
+        use std::sync::atomic::Ordering;
+        let panics = self.once.swap(false, Ordering::SeqCst) || self.every.load(Ordering::SeqCst);
         assert!(!panics, "the metrics recorder panics");
+        let mut values = self.values.lock().unwrap_or_else(|e| e.into_inner());
+        *values.entry(self.name.clone()).or_default() += by;
     }
 }
 
 impl metrics::GaugeFn for PanickyMetric {
-    fn increment(&self, _: f64) {
-        self.touch();
+    fn increment(&self, by: f64) {
+        self.touch(by);
     }
-    fn decrement(&self, _: f64) {
-        self.touch();
+    fn decrement(&self, by: f64) {
+        self.touch(-by);
     }
     fn set(&self, _: f64) {
-        self.touch();
+        self.touch(0.0);
     }
 }
 
 impl metrics::CounterFn for PanickyMetric {
-    fn increment(&self, _: u64) {
-        self.touch();
+    fn increment(&self, by: u64) {
+        self.touch(by as f64);
     }
     fn absolute(&self, _: u64) {
-        self.touch();
+        self.touch(0.0);
+    }
+}
+
+impl metrics::HistogramFn for PanickyMetric {
+    fn record(&self, _: f64) {
+        self.touch(0.0);
     }
 }
 
@@ -3964,25 +4004,28 @@ impl metrics::Recorder for PanickyRecorder {
     ) {
     }
     fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
-        if key.name() != kling_core::metrics::TASKS_FINISHED {
-            return metrics::Counter::noop();
-        }
-        metrics::Counter::from_arc(std::sync::Arc::new(PanickyMetric(self.finished.clone())))
+        let flag = if key.name() == kling_core::metrics::TASKS_FINISHED {
+            self.finished.clone()
+        } else {
+            std::sync::Arc::default()
+        };
+        metrics::Counter::from_arc(self.metric(key, &flag))
     }
     fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
         let flag = match key.name() {
-            name if name == kling_core::metrics::SLOTS_IN_USE => &self.in_use,
-            name if name == kling_core::metrics::SLOTS_WAITERS => &self.waiters,
-            _ => return metrics::Gauge::noop(),
+            name if name == kling_core::metrics::SLOTS_IN_USE => self.in_use.clone(),
+            name if name == kling_core::metrics::SLOTS_WAITERS => self.waiters.clone(),
+            name if name == kling_core::metrics::SLOTS_CAPACITY => self.capacity.clone(),
+            _ => std::sync::Arc::default(),
         };
-        metrics::Gauge::from_arc(std::sync::Arc::new(PanickyMetric(flag.clone())))
+        metrics::Gauge::from_arc(self.metric(key, &flag))
     }
     fn register_histogram(
         &self,
-        _: &metrics::Key,
+        key: &metrics::Key,
         _: &metrics::Metadata<'_>,
     ) -> metrics::Histogram {
-        metrics::Histogram::noop()
+        metrics::Histogram::from_arc(self.metric(key, &std::sync::Arc::default()))
     }
 }
 
@@ -4155,6 +4198,281 @@ async fn a_panicking_waiters_gauge_leaves_no_waiter_and_loses_no_grant() {
     until_in_use(&one, 0, "the grant given back").await;
     assert_eq!(one.held_here(), 0);
     assert_eq!(waiters(one.clone()).await, 0);
+}
+
+/// A metrics recorder that panics as the tasks one answer ended are counted still counts
+/// every other one of them. Before, the count stopped at the panic: the tasks after it in the
+/// answer (a `/tasks` batch, a list page), released in Redis, were never counted, and no other
+/// process counts them.
+#[tokio::test]
+async fn a_panicking_finished_task_counter_still_counts_the_rest_of_the_answer() {
+    let Some(server) = redis() else { return };
+    let recorder = PanickyRecorder::default();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let one = backend(&server, 3).await;
+    for id in ["t1", "t2", "t3"] {
+        let held = one.acquire(video(), 1).await.unwrap();
+        one.apply(hold(held, id, LONG)).await.unwrap();
+    }
+    let batch = SlotOp::Update {
+        account: video().account,
+        updates: ["t1", "t2", "t3"]
+            .map(|id| TaskUpdate {
+                id: id.to_owned(),
+                external_id: None,
+                status: Some(TaskStatus::Succeeded),
+            })
+            .to_vec(),
+        lease: LONG,
+    };
+    arm(&recorder.finished);
+    let ended = one.apply(batch).await;
+    assert!(ended.is_err(), "the recorder panicked: {ended:?}");
+    assert_eq!(in_use(&one).await, 0, "all three released");
+    assert_eq!(one.held_here(), 0);
+    assert_eq!(
+        recorder.value(kling_core::metrics::TASKS_FINISHED),
+        2.0,
+        "the two after the panic counted"
+    );
+}
+
+/// A pool whose capacity gauge panics as this process first meets the pool (a create's
+/// first poll) takes nothing out of the gauge that it did not add. Before, the pool's gauges
+/// were dropped as the panic unwound, and their drop took the capacity out though it was
+/// never added: the gauge showed the pool's capacity too little for good.
+#[tokio::test]
+async fn a_capacity_gauge_panicking_as_a_pool_is_met_is_not_taken_out() {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::task::{Context, Waker};
+
+    let Some(server) = redis() else { return };
+    let recorder = PanickyRecorder::default();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let one = backend(&server, 2).await;
+    arm(&recorder.capacity);
+    let mut first = one.acquire(video(), 1);
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(catch_unwind(AssertUnwindSafe(|| first.as_mut().poll(&mut cx))).is_err());
+    drop(first);
+    let capacity = kling_core::metrics::SLOTS_CAPACITY;
+    assert_eq!(
+        recorder.value(capacity),
+        0.0,
+        "nothing added, nothing taken out"
+    );
+    let granted = one.acquire(video(), 1).await.unwrap();
+    assert_eq!(recorder.value(capacity), 2.0, "the pool's capacity");
+    one.apply(SlotOp::GiveBack(granted)).await.unwrap();
+}
+
+/// A waiting create dropped while its thread unwinds from a panic (a task's other future
+/// panicked) takes itself out of the waiters gauge; with a recorder that panics then too,
+/// at the next move. Before, the gauge was not moved while unwinding, and showed the create
+/// waiting for good.
+#[tokio::test]
+async fn a_waiter_dropped_while_unwinding_leaves_the_waiters_gauge() {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::sync::atomic::Ordering;
+    use std::task::{Context, Waker};
+
+    let Some(server) = redis() else { return };
+    let recorder = PanickyRecorder::default();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let one = backend(&server, 1).await;
+    let first = one.acquire(video(), 1).await.unwrap();
+    let waiters = kling_core::metrics::SLOTS_WAITERS;
+    let mut cx = Context::from_waker(Waker::noop());
+    for every in [false, true] {
+        let mut waiting = one.acquire(video(), 1);
+        assert!(waiting.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(recorder.value(waiters), 1.0, "every: {every}");
+        recorder.every.store(every, Ordering::SeqCst);
+        let unwound = catch_unwind(AssertUnwindSafe(move || {
+            let _gone = waiting;
+            panic!("the caller panics");
+        }));
+        assert!(unwound.is_err());
+        recorder.every.store(false, Ordering::SeqCst);
+        if !every {
+            assert_eq!(recorder.value(waiters), 0.0, "moved while unwinding");
+        }
+    }
+    // The recorder panicked as the second waiter left: the next waiter's move catches up.
+    let mut waiting = one.acquire(video(), 1);
+    assert!(waiting.as_mut().poll(&mut cx).is_pending());
+    assert_eq!(recorder.value(waiters), 1.0, "caught up");
+    drop(waiting);
+    assert_eq!(recorder.value(waiters), 0.0);
+    one.apply(SlotOp::GiveBack(first)).await.unwrap();
+    until_in_use(&one, 0, "every grant given back").await;
+}
+
+/// A metrics recorder that panics on every call does not abort the process when the last
+/// clone of a backend is dropped while a panic unwinds. Before, the drop of each pool took
+/// its capacity out of the gauge, and the recorder's panic there, while unwinding, aborted.
+/// (Under nextest, an abort fails this test alone.)
+#[tokio::test]
+async fn a_metrics_recorder_panicking_on_every_call_aborts_nothing_while_unwinding() {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::sync::atomic::Ordering;
+
+    let Some(server) = redis() else { return };
+    let recorder = PanickyRecorder::default();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let capacity = kling_core::metrics::SLOTS_CAPACITY;
+    let mut backends = Vec::new();
+    for _ in 0..2 {
+        let backend = backend(&server, 2).await;
+        // No pass holds the backend: dropping the last clone drops it.
+        kling_redis::testing::hold_maintenance(&backend, true);
+        let granted = backend.acquire(video(), 1).await.unwrap();
+        backend.apply(SlotOp::GiveBack(granted)).await.unwrap();
+        backends.push(backend);
+    }
+    until_in_use(&backends[0], 0, "both given back").await;
+    assert_eq!(recorder.value(capacity), 4.0, "two pools of two");
+
+    // The first dropped while unwinding, the recorder sound: its pool's share leaves.
+    let one = backends.remove(0);
+    let unwound = catch_unwind(AssertUnwindSafe(move || {
+        let _gone = one;
+        panic!("the caller panics");
+    }));
+    assert!(unwound.is_err());
+    assert_eq!(
+        recorder.value(capacity),
+        2.0,
+        "the first backend's pool dropped"
+    );
+
+    // The second likewise, the recorder panicking on every call: no abort.
+    let two = backends.remove(0);
+    recorder.every.store(true, Ordering::SeqCst);
+    let unwound = catch_unwind(AssertUnwindSafe(move || {
+        let _gone = two;
+        panic!("the caller panics");
+    }));
+    assert!(unwound.is_err());
+    recorder.every.store(false, Ordering::SeqCst);
+}
+
+/// The reconcile's adoption of `id` from a list that did not give its external id.
+fn adopt_without_external(id: &str) -> SlotOp {
+    SlotOp::Adopt {
+        key: video(),
+        task: TaskRef {
+            id: Some(id.to_owned()),
+            external_id: None,
+        },
+        weight: 1,
+        lease: LONG,
+    }
+}
+
+/// A task a reconcile listed without its external id, whose create's answer was lost (kept
+/// under that external id alone), holds its slot once as soon as a report names it by both
+/// ids, whichever came first: the create's holding takes the task id, and the adopted one
+/// gives its slot back. Before, the two were two holdings of one task: the task's end by its
+/// task id freed the adopted one, and the create's kept its slot until its lease. (As
+/// kling-concurrency's
+/// `leaks::a_task_listed_without_its_external_id_and_its_lost_create_hold_one_slot`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_listed_without_its_external_id_and_its_lost_create_hold_one_slot() {
+    for adopted_first in [false, true] {
+        // (A fresh store each time: the ends noted in the first are remembered.)
+        let Some(server) = redis() else { return };
+        let one = backend(&server, 5).await;
+        let two = backend(&server, 5).await;
+        if adopted_first {
+            let adopted = one.apply(adopt_without_external("t1")).await.unwrap();
+            assert!(adopted.changed, "{adopted:?}");
+        }
+        assert_eq!(create_held(&one, None, Some("job-1")).await, 0);
+        if !adopted_first {
+            let adopted = one.apply(adopt_without_external("t1")).await.unwrap();
+            assert!(adopted.changed, "{adopted:?}");
+        }
+        assert_eq!(in_use(&one).await, 2, "adopted first: {adopted_first}");
+
+        // Another process's query names t1 running, with its external id.
+        let running = report_in(
+            &video().account,
+            "t1",
+            Some("job-1"),
+            Some(TaskStatus::Processing),
+        );
+        two.apply(running).await.unwrap();
+        assert_eq!(
+            in_use(&one).await,
+            1,
+            "one task: adopted first: {adopted_first}"
+        );
+        // Known by its task id from now on: its end by task id alone frees it.
+        let end = two
+            .apply(ended("t1", Some(TaskStatus::Succeeded)))
+            .await
+            .unwrap();
+        assert_eq!(end.released.len(), 1, "{end:?}");
+        assert_eq!(in_use(&one).await, 0, "adopted first: {adopted_first}");
+        maintained(&one).await;
+        assert_eq!(one.held_here(), 0, "adopted first: {adopted_first}");
+
+        // Ended at once too.
+        assert!(
+            one.apply(adopt_without_external("t2"))
+                .await
+                .unwrap()
+                .changed
+        );
+        assert_eq!(create_held(&one, None, Some("job-2")).await, 0);
+        let end = report_in(
+            &video().account,
+            "t2",
+            Some("job-2"),
+            Some(TaskStatus::Succeeded),
+        );
+        let end = two.apply(end).await.unwrap();
+        assert_eq!(end.released.len(), 1, "one task ended: {end:?}");
+        assert_eq!(in_use(&one).await, 0, "both holdings of t2 gone");
+        maintained(&one).await;
+        assert_eq!(one.held_here(), 0);
+    }
+}
+
+/// The same joined in the owner's record as its report is made, as in Redis: its share while
+/// Redis is away counts the task once, and the task's end told by task id alone frees it
+/// there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owners_record_joins_a_task_listed_without_its_external_id_and_its_lost_create() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 5).await;
+    // (No pass prunes the adopted holding meanwhile: the report itself must.)
+    kling_redis::testing::hold_maintenance(&one, true);
+    assert!(
+        one.apply(adopt_without_external("t1"))
+            .await
+            .unwrap()
+            .changed
+    );
+    assert_eq!(create_held(&one, None, Some("job-1")).await, 0);
+    assert_eq!(one.held_here(), 2);
+    let running = report_in(
+        &video().account,
+        "t1",
+        Some("job-1"),
+        Some(TaskStatus::Processing),
+    );
+    one.apply(running).await.unwrap();
+    assert_eq!(one.held_here(), 1, "one task");
+    assert_eq!(in_use(&one).await, 1);
+    server.stop();
+    let end = one
+        .apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(end.released.len(), 1, "{end:?}");
+    assert_eq!(one.held_here(), 0);
 }
 
 /// A task a reconcile's first page names running, whose end comes while a later page is
