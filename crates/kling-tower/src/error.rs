@@ -242,7 +242,9 @@ pub enum FollowError {
     /// ([`UnknownAccount`]: give the follower its account with
     /// [`with_account`](crate::follow::Follower::with_account), as
     /// [`KlingLayer::follower`](crate::KlingLayer::follower) does), a query at another origin
-    /// than the base URL's ([`OtherOrigin`]), or a task path no URI holds. Following stops at
+    /// than the base URL's ([`OtherOrigin`]), a client that refuses it for good (a relative
+    /// URI with no [`BaseUrlLayer`](crate::base_url::BaseUrlLayer) in the stack:
+    /// [`kling_core::error::will_recur`]), or a task path no URI holds. Following stops at
     /// that query, not at the deadline.
     Unsendable {
         /// The task id.

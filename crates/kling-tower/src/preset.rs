@@ -456,7 +456,8 @@ impl StackConfig {
     fn pacing_interval_under(&self, headroom: f64) -> Option<Duration> {
         let per_minute = self.account_rate_per_minute()? * (1.0 - headroom);
         let interval = Duration::try_from_secs_f64(60.0 / per_minute).ok()?;
-        Some(interval + self.jitter_allowance)
+        // Saturating: a tiny rate's interval plus an unchecked allowance overflowed and panicked.
+        Some(interval.saturating_add(self.jitter_allowance))
     }
 
     /// Whether the stack adapts its rate ([`adaptive_rate`](Self::adaptive_rate)): as set, or
@@ -605,6 +606,16 @@ impl StackConfig {
         if !(self.headroom.is_finite() && (0.0..1.0).contains(&self.headroom)) {
             return err("headroom", "must be at least 0 and below 1");
         }
+        // Before the rate checks, which add it to the rate's interval: the field at fault.
+        if self.jitter_allowance > MAX_JITTER_ALLOWANCE {
+            return Err(ConfigError::new(
+                "jitter_allowance_ms",
+                format!(
+                    "is {:?}, too large: must be at most 10000",
+                    self.jitter_allowance.as_secs_f64() * 1000.0
+                ),
+            ));
+        }
         // A rate so small that its interval is beyond a `Duration` would otherwise make
         // `pacing_interval` `None`, which the stack reads as "no cap"; one whose interval is
         // beyond the rate limiter's longest would fail only when the stack is built.
@@ -674,15 +685,6 @@ impl StackConfig {
             return Err(ConfigError::new(
                 "burst",
                 format!("is {}, too large: must be at most {MAX_BURST}", self.burst),
-            ));
-        }
-        if self.jitter_allowance > MAX_JITTER_ALLOWANCE {
-            return Err(ConfigError::new(
-                "jitter_allowance_ms",
-                format!(
-                    "is {:?}, too large: must be at most 10000",
-                    self.jitter_allowance.as_secs_f64() * 1000.0
-                ),
             ));
         }
         if self.slots == 0 {

@@ -18,11 +18,13 @@
 //! ([`FollowPolicy::callbacks_first`]) a task delivered through [`Follower::deliver`] ends at
 //! once and queries only run as a slow safety net.
 //!
-//! A task's end, delivered or answered to a query, stays known to the follower and its clones
-//! for the policy's wait before a first query (the safety interval with `callbacks_first`; at
-//! least the shortest interval) once a call has taken it: a call that starts following the
-//! task meanwhile, also at the moment the report is handed out, ends with it at once and sends
-//! no query. A call that follows a legacy task by its external id finds a delivered end, not
+//! A task's end, delivered or answered to a query, ends at once every call of the follower and
+//! its clones already following that task by its task id (legacy or new-style, whichever
+//! clone's query or callback reported it), and stays known to them for the policy's wait
+//! before a first query (the safety interval with `callbacks_first`; at least the shortest
+//! interval) once a call has taken it: a call that starts following the task meanwhile, also
+//! at the moment the report is handed out, ends with it at once and sends no query. A call
+//! that follows a legacy task by its external id finds a delivered end, not
 //! an answered one, and only one delivered to a follower of its own account (the same
 //! [`with_account`](Follower::with_account), or none for both): external ids are unique per
 //! account at most, and clones may query others. As they may be unique per create path only
@@ -43,8 +45,8 @@
 //! (attempts, budget or deadline spent) — back off and query again until the task's deadline.
 //! A query the service refuses before sending it, as it will refuse every other (a
 //! [`Gateway`](crate::gateway::Gateway) that knows no account of the follower's: give it one
-//! with [`with_account`](Follower::with_account)), ends following at once with
-//! [`FollowError::Unsendable`].
+//! with [`with_account`](Follower::with_account); a client given a relative URI, with no
+//! base URL layer), ends following at once with [`FollowError::Unsendable`].
 //!
 //! Request URIs are relative (`/tasks?task_ids=…`): put a
 //! [`BaseUrlLayer`](crate::base_url::BaseUrlLayer) in the stack for a real client.
@@ -287,7 +289,8 @@ impl FollowPolicy {
         let max = self.scaled(self.max_interval);
         let scaled =
             Duration::try_from_secs_f64(age.as_secs_f64() * self.age_factor).unwrap_or(max);
-        scaled.clamp(self.scaled(self.min_interval), max)
+        // Not `clamp`, which panics on bounds the other way round (a policy not validated).
+        scaled.max(self.scaled(self.min_interval)).min(max)
     }
 
     /// How long a call waits for another call's batch query that asks about its task before
@@ -1197,17 +1200,42 @@ where
 
     /// Puts the ended tasks a query's answer reports (those `asked` about) on the board, handed
     /// out: a call that starts following one as the answer comes in, or a while after, ends
-    /// with it rather than asking again.
+    /// with it rather than asking again. The calls already following one end with it now, as
+    /// with a delivered report: those of the clones with batches of their own (this
+    /// follower's batches get the answer itself), and those following legacy tasks, which look
+    /// at the board. Left asleep, they ended only at their next query, and sent it.
     fn keep_ended(&self, answer: &Answer, asked: impl Fn(&TaskReport) -> bool) {
         let Answer::Reports(outcome) = answer else {
             return;
         };
         let now = Instant::now();
+        let mut ended: HashMap<&str, &TaskReport> = HashMap::new();
         for report in outcome.tasks() {
             if report.status.is_terminal() && asked(report) {
                 self.board.put(report.clone(), Source::Answered, now);
+                ended.insert(report.id.as_str(), report);
             }
         }
+        if ended.is_empty() {
+            return;
+        }
+        let mut wakes: Vec<Arc<Notify>> = Vec::new();
+        for batches in self.board.followers() {
+            if Arc::ptr_eq(&batches, &self.batches) {
+                continue;
+            }
+            let mut state = batches.lock();
+            for t in state.tracked.values_mut() {
+                if t.result.is_none()
+                    && let Some(report) = ended.get(t.task.id.as_str())
+                {
+                    t.result = Some(Ok((*report).clone()));
+                    wakes.push(t.wake.clone());
+                }
+            }
+        }
+        wake_each(wakes);
+        self.board.notify.notify_waiters();
     }
 
     /// Applies a query's answer to one task it asked about.
@@ -1321,8 +1349,11 @@ fn judge(answer: Result<Response<Full<Bytes>>, BoxError>) -> Answer {
 
 /// Why a failed query can never be sent, when it cannot: the service refused it before
 /// sending for a reason that holds for every query of the follow (a gateway that knows no
-/// account of the follower's, a query at another origin than the base URL's) or its URI is no
-/// URI. Backed off from, such a refusal held every follow silently until its deadline.
+/// account of the follower's, a query at another origin than the base URL's, a client that
+/// refuses it for good: a relative URI with no base URL layer, [`will_recur`]) or its URI is
+/// no URI. Backed off from, such a refusal held every follow silently until its deadline.
+///
+/// [`will_recur`]: kling_core::error::will_recur
 fn unsendable(error: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut current = Some(error);
     while let Some(link) = current {
@@ -1331,7 +1362,8 @@ fn unsendable(error: &(dyn std::error::Error + 'static)) -> Option<String> {
         }
         current = link.source();
     }
-    None
+    // The client's own refusals (kling-core reads them through wrappers `source` skips).
+    kling_core::error::will_recur(error).then(|| error.to_string())
 }
 
 /// An instant no wait reaches: a year from now, the longest duration a policy holds.

@@ -108,6 +108,18 @@ fn query_interval_grows_with_age_and_errors_back_off() {
     assert_eq!(err.field(), "follow.max_interval");
 }
 
+/// A policy whose bounds are the other way round is refused by `validate`, but asking it for
+/// an interval first (it is public) panicked in `Duration::clamp`: the upper bound wins.
+#[test]
+fn an_unvalidated_policy_with_reversed_bounds_gives_an_interval_without_panicking() {
+    let reversed =
+        FollowPolicy::new().interval_bounds(Duration::from_secs(5), Duration::from_secs(1));
+    assert_eq!(
+        reversed.interval(Duration::from_secs(60)),
+        Duration::from_secs(1)
+    );
+}
+
 /// "No deadline" or "callbacks only" written as `Duration::MAX` passed validation, and the
 /// first `follow` then panicked adding it to an instant. Every duration is capped at a year.
 #[test]
@@ -1072,6 +1084,48 @@ async fn a_report_delivered_to_one_clone_ends_every_clones_calls_on_that_task() 
     waiting.abort();
 }
 
+/// A query's answer that a task ended, to a clone with batches of its own, ends the calls of
+/// the other clones following that task at once, as a delivered report does: they slept until
+/// their next query, up to the longest interval later. A call starting then finds it too.
+#[tokio::test(start_paused = true)]
+async fn an_answer_to_one_clone_ends_every_clones_calls_on_that_task() {
+    let classify = ClassifyLayer::new().layer(mock(62, 62));
+    let task = create(&classify, "/text-to-video/kling-3.0").await;
+    let policy = FollowPolicy::new()
+        .first_query(Duration::from_secs(1))
+        .interval_bounds(Duration::from_secs(30), Duration::from_secs(30));
+    let base = follower(classify, policy);
+    // A clone with a header of its own: its queries, and their answers, go apart.
+    let apart = base.clone().with_header("x-team", "g").unwrap();
+    let start = Instant::now();
+    let follow = |follower: &Follower<_>| {
+        let (follower, id) = (follower.clone(), task.id.clone());
+        tokio::spawn(async move {
+            let done = follower.follow(TaskRef::new_style(id)).await;
+            (done, Instant::now())
+        })
+    };
+    // Asks at 1 s, 31 s, 61 s (running: the task ends at 62 s), then 91 s.
+    let waiting = follow(&base);
+    tokio::time::sleep(Duration::from_secs(33)).await;
+    // Asks at 34 s and 64 s, when the task has ended.
+    let (done, at) = follow(&apart).await.unwrap();
+    assert_eq!(done.unwrap().status, TaskStatus::Succeeded);
+    assert_eq!(at - start, Duration::from_secs(64));
+    // The call that was waiting for its next query ended with that answer.
+    let (done, at) = waiting.await.unwrap();
+    assert_eq!(done.unwrap().status, TaskStatus::Succeeded);
+    assert_eq!(
+        at - start,
+        Duration::from_secs(64),
+        "not at its next query (91 s)"
+    );
+    // A call of the first follower starting now finds the end on the board at once.
+    let (done, at) = follow(&base).await.unwrap();
+    assert_eq!(done.unwrap().status, TaskStatus::Succeeded);
+    assert_eq!(at - start, Duration::from_secs(64));
+}
+
 /// The same for a legacy task (each call keeps its legacy tasks to itself): one delivered
 /// report ends both calls, not only the first to look.
 #[tokio::test(start_paused = true)]
@@ -1101,6 +1155,44 @@ async fn a_delivered_report_ends_every_call_following_that_legacy_task() {
         assert_eq!(follow.await.unwrap().unwrap().status, TaskStatus::Succeeded);
     }
     assert_eq!(start.elapsed(), Duration::from_secs(10));
+}
+
+/// A query's answer that a legacy task ended ends the other calls following it at once, as a
+/// batch answer does for a new-style task: they slept until their next query, and sent it.
+#[tokio::test(start_paused = true)]
+async fn an_answer_that_a_legacy_task_ended_ends_the_other_calls_following_it() {
+    let classify = ClassifyLayer::new().layer(mock(62, 62));
+    let task = create(&classify, "/v1/videos/text2video").await;
+    let (logged, uris) = logging_uris(classify);
+    let policy = FollowPolicy::new()
+        .first_query(Duration::from_secs(1))
+        .interval_bounds(Duration::from_secs(30), Duration::from_secs(30));
+    let one = follower(logged, policy);
+    let start = Instant::now();
+    let follow = || {
+        let (follower, id) = (one.clone(), task.id.clone());
+        tokio::spawn(async move {
+            let done = follower
+                .follow(TaskRef::legacy("/v1/videos/text2video", id))
+                .await;
+            (done, Instant::now())
+        })
+    };
+    // Asks at 1 s, 31 s, 61 s (running: the task ends at 62 s), then 91 s.
+    let waiting = follow();
+    tokio::time::sleep(Duration::from_secs(33)).await;
+    // Asks at 34 s and 64 s, when the task has ended.
+    let (done, at) = follow().await.unwrap();
+    assert_eq!(done.unwrap().status, TaskStatus::Succeeded);
+    assert_eq!(at - start, Duration::from_secs(64));
+    let (done, at) = waiting.await.unwrap();
+    assert_eq!(done.unwrap().status, TaskStatus::Succeeded);
+    assert_eq!(
+        at - start,
+        Duration::from_secs(64),
+        "not at its next query (91 s)"
+    );
+    assert_eq!(uris.lock().unwrap().len(), 5, "{:?}", uris.lock().unwrap());
 }
 
 /// Counts a query's future dropped before it answered (the count is let go on an answer).
@@ -1646,4 +1738,53 @@ async fn a_query_the_service_can_never_send_ends_following_at_once() {
     }
     let done = with_account.follow(task).await.unwrap();
     assert_eq!(done.status, TaskStatus::Succeeded);
+}
+
+/// A follower over a hand-composed stack with no base URL layer: the client refuses each
+/// relative query before sending it, as it will every other (`NotSent::for_good`, or
+/// hyper-util's own refusal), and a retry layer returns that at once. The follow ends at its
+/// first query naming why (`FollowError::Unsendable`), not silently at the 30-minute deadline;
+/// with a retry layer and without, new-style and legacy alike.
+#[cfg(feature = "hyper")]
+#[tokio::test(start_paused = true)]
+async fn a_query_the_client_refuses_for_good_ends_following_at_once() {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use kling_tower::retry::RetryLayer;
+
+    /// A boxed query service, for followers over stacks of different types.
+    type Boxed = tower::util::BoxCloneSyncService<
+        http::Request<Full<Bytes>>,
+        http::Response<Full<Bytes>>,
+        BoxError,
+    >;
+
+    let https = ClassifyLayer::new().layer(kling_tower::client::https_client().unwrap());
+    let raw = ClassifyLayer::new()
+        .layer(Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>());
+    let retry = RetryLayer::builder().max_attempts(5).build().unwrap();
+    let boxed = |service| Follower::new(service, FollowPolicy::new()).unwrap();
+    let followers: [(Follower<Boxed>, &str); 3] = [
+        (
+            boxed(Boxed::new(https.clone().map_err(Into::into))),
+            "BaseUrlLayer",
+        ),
+        (boxed(Boxed::new(retry.layer(https))), "BaseUrlLayer"),
+        (boxed(Boxed::new(raw.map_err(Into::into))), "AbsoluteUri"),
+    ];
+    for (follower, why) in followers {
+        for task in [
+            TaskRef::new_style("t1"),
+            TaskRef::legacy("/v1/videos/text2video", "t1"),
+        ] {
+            let start = Instant::now();
+            let err = follower.follow(task).await.unwrap_err();
+            assert!(
+                matches!(&err, FollowError::Unsendable { reason, .. } if reason.contains(why)),
+                "{err}"
+            );
+            // At its first query (5 s), not at the deadline.
+            assert_eq!(start.elapsed(), Duration::from_secs(5), "{err}");
+        }
+    }
 }

@@ -1029,3 +1029,27 @@ fn a_headroom_that_leaves_too_little_of_the_rate_is_refused_naming_the_headroom(
         .unwrap_err();
     assert_eq!(err.field(), "rate_per_minute", "{err}");
 }
+
+/// A tiny rate with a jitter allowance far too large is refused naming the allowance: the sum
+/// of the two intervals overflowed a `Duration` and panicked, from TOML and the environment.
+#[test]
+fn a_tiny_rate_with_a_huge_jitter_allowance_is_refused_not_a_panic() {
+    let toml = "rate_per_minute = 1e-15\njitter_allowance_ms = 1.84e22\n";
+    let err = StackConfig::from_toml_str(toml).unwrap_err();
+    assert_eq!(err.field(), "jitter_allowance_ms", "{err}");
+    let err = StackConfig::from_lookup(vars(&[
+        ("KLING_RATE_PER_MINUTE", "1e-15"),
+        ("KLING_JITTER_ALLOWANCE_MS", "1.84e22"),
+    ]))
+    .unwrap_err();
+    assert_eq!(err.field(), "KLING_JITTER_ALLOWANCE_MS", "{err}");
+    // Unvalidated, the getter saturates rather than panics.
+    let config = StackConfig::preset(Tier::Free)
+        .rate_per_minute(1e-15)
+        .jitter_allowance(Duration::MAX);
+    assert_eq!(config.pacing_interval(), Some(Duration::MAX));
+    assert_eq!(
+        config.validate().unwrap_err().field(),
+        "jitter_allowance_ms"
+    );
+}
