@@ -404,6 +404,8 @@ impl Transport {
 impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.state {
+            // A `NotSent` marker says it already.
+            SendState::NotSent if self.source.is::<NotSent>() => write!(f, "{}", self.source),
             SendState::NotSent => write!(f, "request was never sent: {}", self.source),
             SendState::Unknown => write!(f, "request failed after it was sent: {}", self.source),
         }
@@ -660,6 +662,8 @@ mod tests {
         assert_eq!(Transport::new(marked).send_state(), SendState::NotSent);
         let nested: BoxError = Box::new(Transport::new(NotSent::new("x")));
         assert_eq!(SendState::of(&*nested), SendState::NotSent);
+        // Said once, not twice.
+        assert_eq!(nested.to_string(), "request was never sent: x");
     }
 
     /// Only a client's refusal of the request itself recurs (an adapter's marker; hyper-util's,
