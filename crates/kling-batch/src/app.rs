@@ -102,7 +102,11 @@ pub fn summarize(
         &stack.attempts().rejections_429(),
         stack.attempts().other_rejections_429(),
     );
-    summary.set_retries(stack.attempts().retries(), stack.calls().unsent());
+    // A layer's own request for a call (a lookup by external id) is sent beyond its first.
+    summary.set_retries(
+        stack.attempts().retries() + stack.attempts().extra(),
+        stack.calls().unsent(),
+    );
     summary.set_pages(&stack.attempts().pages());
     summary.creates = report.creates;
     summary.interrupted = report.interrupted;

@@ -19,16 +19,18 @@
 //!
 //! A result server's answer other than `200` is read by what can change it
 //! ([`HttpStatus`]): `403`, `404` and `410` are what a result URL answers once it has expired
-//! (KLING_API.md: after 30 days), and no later run can change that, so a job whose every
-//! missing file is answered so is recorded once, with a `download_error` beginning with
-//! [`GONE`], and not fetched again. `429`, `408` and `5xx` are asked again within the run, at
-//! most [`MAX_TRIES`] times in all (after the answer's `Retry-After`, up to 10 s, or 0.5 s
-//! doubled each time), within the file's overall cap; still refused, the file is left for the
-//! next run, as is one answered with any other status.
+//! (KLING_API.md: after 30 days), and no later run can change that. But a URL within its
+//! lifetime answers so too (a file not yet published, a CDN's or proxy's refusal), and
+//! a later run may get it: only a job whose task ended at least [`URL_LIFETIME`] ago
+//! ([`expired`]) and whose every missing file is answered so is recorded once, with a
+//! `download_error` beginning with [`GONE`], and not fetched again. `429`, `408` and `5xx` are
+//! asked again within the run, at most [`MAX_TRIES`] times in all (after the answer's
+//! `Retry-After`, up to 10 s, or 0.5 s doubled each time), within the file's overall cap;
+//! still refused, the file is left for the next run, as is one answered with any other status.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
@@ -56,9 +58,22 @@ const RETRY_WAIT: Duration = Duration::from_millis(500);
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
 
 /// How the `download_error` of a job begins whose every missing file was refused for good
-/// ([`HttpStatus::is_final`]): the run that meets it says so once, and later runs do not fetch
-/// it again.
+/// ([`HttpStatus::is_final`], past [`URL_LIFETIME`]): the run that meets it says so once, and
+/// later runs do not fetch it again.
 pub const GONE: &str = "result file gone";
+
+/// How long Kling's result URLs last (KLING_API.md: 30 days after the task).
+pub const URL_LIFETIME: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+
+/// Whether the result URLs of a task whose end was noticed at `ended` (the journal's
+/// [`succeeded_at`](crate::journal::Journal::succeeded_at)) have surely expired at `now`:
+/// only then is a `403`, `404` or `410` final. Before, it may be a file not yet published or
+/// a CDN's refusal, which a later run may get past. Not known when it ended: not expired.
+pub fn expired(ended: Option<SystemTime>, now: SystemTime) -> bool {
+    ended
+        .and_then(|ended| ended.checked_add(URL_LIFETIME))
+        .is_some_and(|end| now >= end)
+}
 
 /// A result server's answer other than `200 OK`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,8 +88,9 @@ impl HttpStatus {
         self.status
     }
 
-    /// Whether no later request can be answered otherwise: `403`, `404` or `410`, what a
-    /// signed result URL answers once it has expired.
+    /// Whether it is what a signed result URL answers once it has expired: `403`, `404` or
+    /// `410`. Final only for a URL past its lifetime ([`expired`]): one within it answers so
+    /// too before its file is published, or when a CDN refuses the request.
     pub fn is_final(&self) -> bool {
         matches!(self.status.as_u16(), 403 | 404 | 410)
     }
@@ -89,14 +105,7 @@ impl HttpStatus {
 
 impl fmt::Display for HttpStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http {}", self.status.as_u16())?;
-        if self.is_final() {
-            write!(
-                f,
-                " (refused for good: Kling's result URLs expire 30 days after the task)"
-            )?;
-        }
-        Ok(())
+        write!(f, "http {}", self.status.as_u16())
     }
 }
 
@@ -211,8 +220,9 @@ pub struct Fetched {
     /// The first failure, when a file is missing: one that a later run may get past when
     /// there is one, else the first refused for good.
     pub error: Option<DownloadError>,
-    /// Whether every missing file was refused for good ([`HttpStatus::is_final`]): no later
-    /// run can fetch them.
+    /// Whether every missing file was answered as an expired URL answers
+    /// ([`HttpStatus::is_final`]): gone for good when the task ended at least
+    /// [`URL_LIFETIME`] ago ([`expired`]), which the caller knows; else a later run may get it.
     pub gone: bool,
 }
 

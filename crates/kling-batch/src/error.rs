@@ -237,9 +237,9 @@ impl DownloadError {
         self.source.downcast_ref()
     }
 
-    /// Whether the file was refused for good
-    /// ([`HttpStatus::is_final`](crate::download::HttpStatus::is_final)): no later run can
-    /// fetch it.
+    /// Whether the file was answered as an expired result URL answers
+    /// ([`HttpStatus::is_final`](crate::download::HttpStatus::is_final)): gone for good only
+    /// for a URL past its lifetime ([`expired`](crate::download::expired)).
     pub fn is_gone(&self) -> bool {
         self.http_status()
             .is_some_and(crate::download::HttpStatus::is_final)

@@ -265,6 +265,10 @@ CREATE TABLE IF NOT EXISTS transitions (
     to_state TEXT NOT NULL,
     at REAL NOT NULL
 );
+-- When each job succeeded (`Journal::succeeded_at`), looked up per job: only the rows of that
+-- state, so the writes of other transitions (100 000 `queued` at a registration) pay nothing.
+CREATE INDEX IF NOT EXISTS transitions_succeeded ON transitions (job_id, at)
+    WHERE to_state = 'succeeded';
 ";
 
 /// The statements kept prepared per connection (see [`Journal::init`]); more than the journal
@@ -278,6 +282,11 @@ pub(crate) const REGISTER_CHECK: usize = 256;
 const SELECT_RECORD: &str = "SELECT job_id, line, endpoint, external_id, state, task_id, status,
         urls, files, error, download_error
     FROM jobs WHERE job_id = ?1";
+
+/// When a job first succeeded: by the partial index `transitions_succeeded`, not a scan of
+/// every job's transitions.
+const SELECT_SUCCEEDED_AT: &str =
+    "SELECT MIN(at) FROM transitions WHERE job_id = ?1 AND to_state = 'succeeded'";
 
 /// A row of `transitions`.
 const INSERT_TRANSITION: &str =
@@ -585,6 +594,18 @@ impl Journal {
         rows.collect::<Result<Vec<_>, _>>().map_err(Into::into)
     }
 
+    /// When the job first reached `succeeded` (its task's end noticed), by the wall clock:
+    /// how old its result URLs are at least.
+    pub fn succeeded_at(&self, job_id: &str) -> Result<Option<SystemTime>, JournalError> {
+        let conn = self.lock();
+        let at: Option<f64> = conn
+            .prepare_cached(SELECT_SUCCEEDED_AT)?
+            .query_row(params![job_id], |r| r.get(0))?;
+        Ok(at.filter(|at| at.is_finite() && *at >= 0.0).and_then(|at| {
+            UNIX_EPOCH.checked_add(std::time::Duration::try_from_secs_f64(at).ok()?)
+        }))
+    }
+
     /// The states a job went through, oldest first.
     pub fn transitions(&self, job_id: &str) -> Result<Vec<String>, JournalError> {
         let conn = self.lock();
@@ -808,6 +829,45 @@ mod tests {
         assert_eq!(records[1].state, JobState::Queued);
         assert_ne!(records[0].external_id, records[1].external_id);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `succeeded_at` is when the job first succeeded (a download's update later keeps it),
+    /// none before; and it is read through the partial index, not by a scan of every job's
+    /// transitions (once per gone-marked job of a resumed run).
+    #[test]
+    fn succeeded_at_is_the_first_success_read_by_its_index() {
+        let journal = Journal::open_in_memory().unwrap();
+        let (jobs, _) = parse_jobs("{\"id\":\"a\",\"prompt\":\"x\"}\n");
+        journal.register(&jobs).unwrap();
+        journal
+            .transition("a", JobState::Created, Update::task("t1"))
+            .unwrap();
+        assert_eq!(journal.succeeded_at("a").unwrap(), None);
+        let before = SystemTime::now();
+        journal
+            .transition("a", JobState::Succeeded, Update::default())
+            .unwrap();
+        let at = journal.succeeded_at("a").unwrap().expect("succeeded");
+        assert!(at + std::time::Duration::from_secs(1) >= before, "{at:?}");
+        journal
+            .transition("a", JobState::Succeeded, Update::downloaded(vec![], None))
+            .unwrap();
+        assert_eq!(journal.succeeded_at("a").unwrap(), Some(at));
+        let plan: Vec<String> = {
+            let conn = journal.lock();
+            let mut stmt = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {SELECT_SUCCEEDED_AT}"))
+                .unwrap();
+            stmt.query_map(params!["a"], |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("transitions_succeeded")),
+            "{plan:?}"
+        );
     }
 
     #[test]

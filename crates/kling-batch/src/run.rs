@@ -42,9 +42,11 @@
 //!   job's `download_error` says why, so one stalled result server never holds the run. At
 //!   most [`RunOptions::max_downloads`] jobs download at once (8 by default), whether their
 //!   tasks end in this run or a resumed run fetches what an earlier one left missing. A file
-//!   the result server refuses for good (`403`, `404`, `410`: an expired result URL) is
-//!   recorded once ([`download::GONE`]) and not fetched again; `429`, `408` and `5xx` are
-//!   asked again a few times in the run ([`download::MAX_TRIES`]).
+//!   the result server refuses as an expired result URL is refused (`403`, `404`, `410`),
+//!   30 days or more after its task ended ([`download::expired`]), is recorded once
+//!   ([`download::GONE`]) and not fetched again; refused so sooner, it is left for the next
+//!   run. `429`, `408` and `5xx` are asked again a few times in the run
+//!   ([`download::MAX_TRIES`]).
 //! - **Stop** (Ctrl-C): the stack's drain gate closes (no create leaves any more), creates in
 //!   flight get a short grace to be recorded, and the run ends; a later run picks up. A create
 //!   still waiting then (for its pool's slot, say) with no attempt sent was never sent: its
@@ -476,11 +478,17 @@ impl Engine {
                             .files
                             .iter()
                             .any(|f| !std::path::Path::new(f).exists() || elsewhere(f));
-                    // Refused for good (an expired result URL): no run can fetch it.
+                    // Refused for good (an expired result URL): no run can fetch it. A mark
+                    // made before the URL's lifetime was over (by an earlier version, or a
+                    // clock since set right) is not honoured: the file is asked for again.
                     let gone = record
                         .download_error
                         .as_ref()
-                        .is_some_and(|e| e.message.starts_with(download::GONE));
+                        .is_some_and(|e| e.message.starts_with(download::GONE))
+                        && download::expired(
+                            self.journal.succeeded_at(&record.job_id)?,
+                            std::time::SystemTime::now(),
+                        );
                     if self.options.download_dir.is_some() && missing && !gone {
                         let task = record.task_id.as_ref().unwrap_or(&record.external_id);
                         undownloaded.push((
@@ -1521,7 +1529,13 @@ impl Engine {
                 let fetched =
                     download::fetch_all(client, dir, job_id, task_id, urls, recorded, timeouts)
                         .await;
-                let gone = fetched.gone;
+                // Refused as an expired URL is: gone only once the URL's lifetime is over
+                // (a file not yet published, a CDN's refusal, answer so too).
+                let gone = fetched.gone
+                    && download::expired(
+                        self.journal.succeeded_at(job_id)?,
+                        std::time::SystemTime::now(),
+                    );
                 let error = fetched.error.map(|e| {
                     if gone {
                         tracing::warn!(job = %job_id, error = %e, "result file gone; not fetched again");

@@ -135,9 +135,11 @@ pub struct Summary {
     pub calls: u64,
     /// Requests sent to the server (retries included).
     pub requests: u64,
-    /// Attempts sent beyond each call's first: retries and re-signs
-    /// ([`Counts::retries`](crate::tally::Counts::retries)). A call refused before sending
-    /// sent nothing and counts none (see `unsent_calls`).
+    /// Requests sent beyond each call's first: retries, re-signs
+    /// ([`Counts::retries`](crate::tally::Counts::retries)) and the retry layer's lookups
+    /// ([`Counts::extra`](crate::tally::Counts::extra)), so that `requests` is `calls -
+    /// unsent_calls + retries`. A call refused before sending sent nothing and counts none
+    /// (see `unsent_calls`).
     pub retries: u64,
     /// Logical calls that sent nothing: refused by the stack's own limiters (rate, slots,
     /// drain, budget) or given up at a stop while they waited
@@ -326,8 +328,8 @@ impl Summary {
         }
     }
 
-    /// Sets the attempts sent beyond each call's first
-    /// ([`Counts::retries`](crate::tally::Counts::retries)) and the calls that sent nothing
+    /// Sets the requests sent beyond each call's first (see [`retries`](Self::retries)) and
+    /// the calls that sent nothing
     /// ([`Counts::unsent`](crate::tally::Counts::unsent)).
     pub fn set_retries(&mut self, retries: u64, unsent_calls: u64) {
         self.retries = retries;

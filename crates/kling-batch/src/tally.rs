@@ -7,7 +7,9 @@
 //! attempt), so the attempt tally counts the attempts past a call's first as its
 //! [`retries`](Counts::retries), and the call tally the calls that sent nothing
 //! ([`unsent`](Counts::unsent): refused by the stack's own limiters, or dropped at a stop).
-//! `attempts - calls` was no count of retries: each call refused before sending hid one.
+//! A request that carries none is a layer's own, made for a call (the retry layer's lookup
+//! by external id): [`extra`](Counts::extra). `attempts - calls` was no count of retries:
+//! each call refused before sending hid one.
 //!
 //! The attempts are counted under the stack's own classify step, not over a second one: a
 //! classify step turns every error from below into a transport failure "after sending", so one
@@ -66,6 +68,8 @@ pub struct Counts {
     rejected: Mutex<Rejected>,
     /// Attempts that were not their call's first (an [`AttemptTallyLayer`]'s).
     retries: AtomicU64,
+    /// Requests that carried no [`CallAttempts`] (an [`AttemptTallyLayer`]'s).
+    extra: AtomicU64,
     /// Calls that ended without sending an attempt (a [`TallyLayer`]'s).
     unsent: AtomicU64,
 }
@@ -176,6 +180,14 @@ impl Counts {
     /// none.
     pub fn retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
+    }
+
+    /// Requests that carried no call's [`CallAttempts`], as an [`AttemptTallyLayer`] counts
+    /// them. Under a [`TallyLayer`], which gives every call one, these are requests a layer
+    /// made for a call without copying its extensions: the retry layer's lookup of a create by
+    /// its external id. Sent beyond the call's first, as [`retries`](Self::retries) are.
+    pub fn extra(&self) -> u64 {
+        self.extra.load(Ordering::Relaxed)
     }
 
     /// Calls that ended (or were dropped) without sending an attempt, as a [`TallyLayer`]
@@ -433,10 +445,15 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         self.counts.requests.fetch_add(1, Ordering::Relaxed);
         // Counted before the client has the request: a call whose count is 0 sent nothing.
-        if let Some(attempts) = request.extensions().get::<CallAttempts>()
-            && attempts.attempt() > 0
-        {
-            self.counts.retries.fetch_add(1, Ordering::Relaxed);
+        match request.extensions().get::<CallAttempts>() {
+            Some(attempts) => {
+                if attempts.attempt() > 0 {
+                    self.counts.retries.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => {
+                self.counts.extra.fetch_add(1, Ordering::Relaxed);
+            }
         }
         AttemptFuture {
             inner: self.inner.call(request),

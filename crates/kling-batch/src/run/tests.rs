@@ -913,6 +913,129 @@ async fn retries_count_attempts_past_each_calls_first_through_the_stack() {
     assert_eq!(summary.unsent_calls, 1, "{summary}");
 }
 
+/// Through the real stack, a create answered `5000` is looked up by its external id before
+/// it is sent again: three requests for one call. The lookup carries no call's count, and
+/// `retries` left it out (1, the resend), so `requests` was no longer the calls' first
+/// attempts and the retries (3 ≠ 1 + 1); it counts now (2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creates_lookup_counts_among_the_retries_so_the_requests_add_up() {
+    // The first create is answered `5000`, the lookup `1203` (no such task), the create sent
+    // again with a task.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let creates = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let lookups = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let app = axum::Router::new().fallback({
+        let (creates, lookups) = (creates.clone(), lookups.clone());
+        move |method: http::Method| {
+            let (status, body) = if method == http::Method::POST {
+                if creates.fetch_add(1, Ordering::SeqCst) == 0 {
+                    (500, r#"{"code":5000,"message":"busy","request_id":"r"}"#)
+                } else {
+                    (
+                        200,
+                        r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"1","task_status":"submitted"}}"#,
+                    )
+                }
+            } else {
+                lookups.fetch_add(1, Ordering::SeqCst);
+                (404, r#"{"code":1203,"message":"no such task","request_id":"r"}"#)
+            };
+            async move {
+                (
+                    http::StatusCode::from_u16(status).unwrap(),
+                    [(http::header::CONTENT_TYPE, "application/json")],
+                    body,
+                )
+            }
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = StackConfig::preset(Tier::Pro).speed(100.0);
+    let stack = Stack::new(config.clone(), Credentials::api_key("key").unwrap(), &base).unwrap();
+    let create = Request::post(ENDPOINT)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"{"prompt":"a cat","external_task_id":"kb-1"}"#,
+        )))
+        .unwrap();
+    stack.service().oneshot(create).await.unwrap();
+    assert_eq!(
+        (
+            creates.load(Ordering::SeqCst),
+            lookups.load(Ordering::SeqCst)
+        ),
+        (2, 1),
+        "sent, looked up, sent again"
+    );
+    assert_eq!(
+        (stack.calls().requests(), stack.attempts().requests()),
+        (1, 3)
+    );
+    let summary = crate::app::summarize(&stack, &config, &RunReport::default(), None);
+    assert_eq!(summary.unsent_calls, 0, "{summary}");
+    assert_eq!(
+        summary.requests,
+        summary.calls - summary.unsent_calls + summary.retries,
+        "{summary}"
+    );
+    assert_eq!(summary.retries, 2, "the lookup and the resend: {summary}");
+}
+
+/// A create's [`CallAttempts`] counts every attempt of it that reaches the client, those
+/// the layers send again included: the auth layer's resend after `1004`, and the retry
+/// layer's resend after `5000` and a lookup that found nothing. A count of 0 at a stop makes
+/// the job `not_submitted`, sent again without a lookup: a layer that dropped the count from
+/// an attempt it sent would make that a duplicate, billed task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creates_attempt_count_follows_the_auth_resend_and_the_retry() {
+    // Creates: `1004` (token expired: re-signed and sent again), then `5000` (looked up,
+    // `1203`, sent again), then a task.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let creates = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let app = axum::Router::new().fallback({
+        let creates = creates.clone();
+        move |method: http::Method| {
+            let (status, body) = if method == http::Method::POST {
+                match creates.fetch_add(1, Ordering::SeqCst) {
+                    0 => (401, r#"{"code":1004,"message":"expired","request_id":"r"}"#),
+                    1 => (500, r#"{"code":5000,"message":"busy","request_id":"r"}"#),
+                    _ => (
+                        200,
+                        r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"1","task_status":"submitted"}}"#,
+                    ),
+                }
+            } else {
+                (404, r#"{"code":1203,"message":"no such task","request_id":"r"}"#)
+            };
+            async move {
+                (
+                    http::StatusCode::from_u16(status).unwrap(),
+                    [(http::header::CONTENT_TYPE, "application/json")],
+                    body,
+                )
+            }
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = StackConfig::preset(Tier::Pro).speed(100.0);
+    let credentials = Credentials::access_key("ak", "sk").unwrap();
+    let stack = Stack::new(config, credentials, &base).unwrap();
+    let attempts = CallAttempts::new();
+    let mut create = Request::post(ENDPOINT)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"{"prompt":"a cat","external_task_id":"kb-1"}"#,
+        )))
+        .unwrap();
+    create.extensions_mut().insert(attempts.clone());
+    stack.service().oneshot(create).await.unwrap();
+    assert_eq!(creates.load(Ordering::SeqCst), 3);
+    assert_eq!(attempts.sent(), 3, "each create sent, the resends too");
+    assert_eq!(stack.attempts().requests(), 4, "and the lookup");
+}
+
 /// A stop while a resumed run lists the running tasks or looks up a create of unknown
 /// outcome ends the run at once: with nothing answering, each of these calls is retried
 /// for half a minute and more, and the run went on with them (a minute and more after
