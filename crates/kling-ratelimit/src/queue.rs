@@ -764,7 +764,6 @@ fn insert_in_order(list: &mut WaitList<()>, id: u64, waker: &Waker) {
     }
 }
 
-/// A place in a queue, given up on drop unless it was admitted.
 /// Takes one waiter off a depth gauge. Also run as a [`Place`] is dropped while the thread
 /// unwinds: a metrics recorder's panic is then caught, as one escaping a drop would abort the
 /// process.
@@ -777,6 +776,7 @@ fn leave_depth(depth: &metrics::Gauge) {
     depth.decrement(1.0);
 }
 
+/// A place in a queue, given up on drop unless it was admitted.
 #[derive(Debug)]
 pub(crate) struct Place {
     pub(crate) queues: Arc<Queues>,
@@ -906,9 +906,6 @@ mod tests {
         assert!(other >= 10.0, "{series:?}");
     }
 
-    /// A request back from the account gate leads a class queue at once, ahead of its head and
-    /// of the requests behind it; the head it displaced may no longer set the queue's hint, and
-    /// leads again once the returned ones left (those that gave up behind included).
     /// A metrics recorder whose depth gauges panic at their next increment (`up`) or
     /// decrement (`down`) while the flag is set (once each), or at every call (`every`).
     #[derive(Clone, Default)]
@@ -1087,6 +1084,9 @@ mod tests {
         assert_eq!(queues.waiting(), 0, "it left");
     }
 
+    /// A request back from the account gate leads a class queue at once, ahead of its head and
+    /// of the requests behind it; the head it displaced may no longer set the queue's hint, and
+    /// leads again once the returned ones left (those that gave up behind included).
     #[test]
     fn a_returned_request_leads_until_it_leaves() {
         let queues = Queues::default();
