@@ -2069,6 +2069,10 @@ impl Backend for RedisGcra {
         });
     }
 
+    /// The report runs on a task of the runtime (when there is one), which the returned
+    /// future waits for: a caller that gives up on it (a timeout around the call, a
+    /// `select!`) does not cancel the report, so a 1302's pause still reaches the fleet, or is
+    /// kept for delivery, and reports kept earlier are still delivered ahead of it.
     fn feedback(
         &self,
         key: &BucketKey,
@@ -2079,24 +2083,25 @@ impl Backend for RedisGcra {
         let redis_key = self.key_of(key);
         let key = key.clone();
         let policy = *policy;
-        Box::pin(async move {
-            // A pause is numbered from its first attempt: if that attempt's answer is lost after
-            // Redis ran it, the copy kept for delivery is skipped by its number.
-            let number =
-                matches!(feedback, Feedback::Pause { .. }).then(|| FirstAttempt::start(&inner));
-            // A 1302 lowers the rate: this process reports its successes from now, whether or
-            // not Redis takes the report (a later admission's reply says when the key is back
-            // at its ceiling), and an admission's reply from before it says nothing of it.
-            let throttled = matches!(
-                feedback,
-                Feedback::Pause {
-                    throttled: true,
-                    ..
-                }
-            );
-            if throttled {
-                inner.throttled_here(&redis_key);
+        // A pause is numbered from its first attempt: if that attempt's answer is lost after
+        // Redis ran it, the copy kept for delivery is skipped by its number.
+        let number =
+            matches!(feedback, Feedback::Pause { .. }).then(|| FirstAttempt::start(&inner));
+        // A 1302 lowers the rate: this process reports its successes from now, whether or
+        // not Redis takes the report (a later admission's reply says when the key is back
+        // at its ceiling), and an admission's reply from before it says nothing of it.
+        // (Both here, not on the task: at once, as the response comes.)
+        let throttled = matches!(
+            feedback,
+            Feedback::Pause {
+                throttled: true,
+                ..
             }
+        );
+        if throttled {
+            inner.throttled_here(&redis_key);
+        }
+        let report = async move {
             let n = number.as_ref().map(|first| first.n);
             // Pauses kept while Redis was away go first, in order.
             let sent = if inner.to_deliver.load(Ordering::Relaxed) {
@@ -2114,6 +2119,18 @@ impl Backend for RedisGcra {
                 result.or_else(|e| inner.not_taken(e, &key, redis_key, &policy, feedback, n));
             drop(number);
             reported
+        };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return Box::pin(report);
+        };
+        let task = handle.spawn(report);
+        Box::pin(async move {
+            match task.await {
+                Ok(reported) => reported,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                // The runtime is shutting down.
+                Err(e) => Err(BackendError::unreachable(format!("rate report lost: {e}"))),
+            }
         })
     }
 

@@ -1127,6 +1127,129 @@ async fn a_1302_whose_report_timed_out_after_redis_ran_it_counts_once() {
     );
 }
 
+/// A process whose `GcraLayer` (100 a second, a first pause of 5 s: `paused_key()`'s policy)
+/// is in front of a service that pauses the Redis at `url` for 1 s (`CLIENT PAUSE`) and then
+/// answers with a 1302: the layer reports that 1302 while Redis holds every command.
+/// `answered` is notified as the service answers.
+fn throttled_while_redis_pauses(
+    backend: RedisGcra,
+    url: String,
+    answered: Arc<tokio::sync::Notify>,
+) -> Layered {
+    let inner = tower::service_fn(move |_request: http::Request<Full<Bytes>>| {
+        let (url, answered) = (url.clone(), Arc::clone(&answered));
+        async move {
+            let mut raw = redis::Client::open(url)?
+                .get_multiplexed_async_connection()
+                .await?;
+            let () = redis::cmd("CLIENT")
+                .arg("PAUSE")
+                .arg(1000)
+                .arg("ALL")
+                .query_async(&mut raw)
+                .await?;
+            answered.notify_one();
+            let body = r#"{"code":1302,"message":"m","request_id":"r","data":{}}"#;
+            Ok::<_, kling_core::BoxError>(
+                http::Response::builder()
+                    .status(429)
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap(),
+            )
+        }
+    });
+    let (_, policy) = paused_key();
+    let layer = GcraLayer::builder(policy.quota)
+        .cooldown(policy.cooldown)
+        .backend(backend)
+        .build()
+        .unwrap();
+    tower::util::BoxCloneService::new(layer.layer(inner))
+}
+
+/// A caller that gives up on a 1302's response (a timeout around the call) while the layer's
+/// report of it waits for Redis does not cancel the report: the fleet pauses. Here the report
+/// is the process's first since Redis lost its scripts (restarted, or `SCRIPT FLUSH`): the
+/// `EVALSHA` sent before the caller gave up is answered `NOSCRIPT` once Redis answers again,
+/// and only a report that outlives its caller loads the script and sends it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1302_whose_caller_gave_up_during_its_report_still_pauses_the_fleet() {
+    let Some(server) = redis() else { return };
+    let answered = Arc::new(tokio::sync::Notify::new());
+    let one = throttled_while_redis_pauses(
+        RedisGcra::new(connect(&server).await),
+        server.url(),
+        Arc::clone(&answered),
+    );
+    let other = RedisGcra::new(connect(&server).await);
+    let mut request = http::Request::new(Full::new(Bytes::new()));
+    request
+        .extensions_mut()
+        .insert(AccountId::new("lost-pause"));
+    let received = tokio::time::Instant::now();
+    tokio::select! {
+        result = one.oneshot(request) => panic!("answered while redis was paused: {result:?}"),
+        () = async {
+            answered.notified().await;
+            // Its report is on its way to Redis (the layer sends it when the response comes).
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        } => {}
+    }
+    let until = paused_until(&other, Duration::from_secs(3))
+        .await
+        .expect("the fleet never paused: the report went with its caller");
+    assert!(until >= received + Duration::from_secs(4), "{until:?}");
+}
+
+/// A caller that gives up on a 1302's report while it waits for the delivery of a pause kept
+/// while Redis was away (reports go after those, in order) does not cancel the report: once
+/// Redis answers again, the kept pause is delivered and the 1302 after it, and the fleet
+/// pauses. (The report script is loaded: only the wait for the delivery is cut short.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1302_whose_caller_gave_up_behind_a_kept_pause_still_pauses_the_fleet() {
+    let Some(mut server) = redis() else { return };
+    // No background delivery during the test: the report delivers the kept pause itself.
+    let one = RedisGcra::new(connect(&server).await).retry_every(Duration::from_secs(3600));
+    let (key, policy) = paused_key();
+    let kept = BucketKey::account(Some(AccountId::new("kept")));
+    let elsewhere = BucketKey::account(Some(AccountId::new("elsewhere")));
+    assert_eq!(one.acquire(&kept, &policy).await.unwrap(), Decision::Admit);
+    server.stop();
+    let at = tokio::time::Instant::now();
+    let lost = one.feedback(&kept, &policy, throttled_at(at)).await;
+    assert!(
+        lost.is_err(),
+        "redis took the report while stopped: {lost:?}"
+    );
+    server.restart().unwrap();
+    let other = RedisGcra::new(connect(&server).await);
+    let success = Feedback::Success {
+        sent_at: tokio::time::Instant::now(),
+    };
+    other.feedback(&elsewhere, &policy, success).await.unwrap();
+    // `one` reconnects, by a command that delivers nothing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while one.fleet_requests(None).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "redis never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client_pause(&server, 1000).await;
+    let received = tokio::time::Instant::now();
+    let report = one.feedback(&key, &policy, throttled_at(received));
+    let gave_up = tokio::time::timeout(Duration::from_millis(100), report).await;
+    assert!(
+        gave_up.is_err(),
+        "answered while redis was paused: {gave_up:?}"
+    );
+    let until = paused_until(&other, Duration::from_secs(3))
+        .await
+        .expect("the fleet never paused: the report went with its caller");
+    assert!(until >= received + Duration::from_secs(4), "{until:?}");
+}
+
 /// While Redis does not answer (paused by `CLIENT PAUSE`, commands giving up after 200 ms) and
 /// a kept report waits for delivery, concurrent decisions and reports do not queue behind one
 /// another's timeouts: each waits for at most its own command, not the k-th for k of them.
