@@ -92,19 +92,19 @@ impl Batches {
         let mut state = self.lock();
         // Ids a query on its way asks about (a mark younger than the takeover time): no second
         // query for them; a task of ours among them waits for that answer too.
-        let in_flight: HashMap<String, (u64, Instant)> = state
+        let in_flight: HashMap<(bool, String), (u64, Instant)> = state
             .tracked
             .values()
             .filter(|t| t.result.is_none())
             .filter_map(|t| match t.asked {
-                Some(mark) if later(mark.1, takeover) > now => Some((t.task.id.clone(), mark)),
+                Some(mark) if later(mark.1, takeover) > now => Some((asked_as(t), mark)),
                 _ => None,
             })
             .collect();
         for key in mine {
             if let Some(t) = state.tracked.get_mut(key)
                 && is_due(t, now, takeover)
-                && let Some(&mark) = in_flight.get(&t.task.id)
+                && let Some(&mark) = in_flight.get(&asked_as(t))
             {
                 t.asked = Some(mark);
             }
@@ -115,7 +115,11 @@ impl Batches {
             .filter(|t| is_due(t, now, takeover))
             .collect();
         own.sort_by_key(|t| t.next_at);
-        let first = own.first()?;
+        let first: &Tracked = own.first()?;
+        // Task ids or external ids, as the soonest due task of ours is known: Kling takes no
+        // mix, so the other kind waits for the next query.
+        let external = first.task.external;
+        own.retain(|t| t.task.external == external);
         let own_until = mine
             .iter()
             .filter_map(|key| state.tracked.get(key))
@@ -132,9 +136,9 @@ impl Batches {
             let mut others: Vec<&Tracked> = state
                 .tracked
                 .values()
-                .filter(|t| t.result.is_none() && !t.alone)
+                .filter(|t| t.result.is_none() && !t.alone && t.task.external == external)
                 .filter(|t| t.next_at <= now || (t.next_at < horizon && t.errors == 0))
-                .filter(|t| !in_flight.contains_key(&t.task.id))
+                .filter(|t| !in_flight.contains_key(&asked_as(t)))
                 .collect();
             others.sort_by_key(|t| (t.next_at > now, t.next_at));
             let mut ids: Vec<String> = Vec::with_capacity(batch_size);
@@ -156,7 +160,8 @@ impl Batches {
         {
             let asked: HashSet<&str> = ids.iter().map(String::as_str).collect();
             for t in state.tracked.values_mut() {
-                if t.result.is_none() && asked.contains(t.task.id.as_str()) {
+                if t.result.is_none() && t.task.external == external && asked.contains(&*t.task.id)
+                {
                     t.asked = Some((claim, now));
                     until = until.max(t.deadline_at);
                 }
@@ -165,6 +170,7 @@ impl Batches {
         Some(Claimed {
             batches: self,
             claim,
+            external,
             ids,
             until: until.min(own_until),
         })
@@ -176,7 +182,7 @@ impl Batches {
         let asked: HashSet<&str> = claimed.ids.iter().map(String::as_str).collect();
         let mut state = self.lock();
         for t in state.tracked.values_mut() {
-            if t.result.is_none() && asked.contains(t.task.id.as_str()) {
+            if t.result.is_none() && claimed.asks(t, &asked) {
                 settle(t);
                 t.answers = t.answers.wrapping_add(1);
             }
@@ -187,12 +193,28 @@ impl Batches {
     }
 }
 
-/// A batch query a call sends: the ids it asks about, and when it gives up.
+/// What a task is asked about by in a batch query: whether its id is an external id, and the
+/// id. A task id and an external id that read the same are different tasks.
+fn asked_as(t: &Tracked) -> (bool, String) {
+    (t.task.external, t.task.id.clone())
+}
+
+/// A batch query a call sends: the ids it asks about (external ids, or task ids), and when it
+/// gives up.
 pub(super) struct Claimed<'a> {
     batches: &'a Batches,
     pub(super) claim: u64,
+    /// Whether `ids` are external ids (`external_task_ids=`), not task ids.
+    pub(super) external: bool,
     pub(super) ids: Vec<String>,
     pub(super) until: Instant,
+}
+
+impl Claimed<'_> {
+    /// Whether it asks about `t` (`asked`: its `ids`).
+    pub(super) fn asks(&self, t: &Tracked, asked: &HashSet<&str>) -> bool {
+        t.task.external == self.external && asked.contains(t.task.id.as_str())
+    }
 }
 
 impl Drop for Claimed<'_> {
@@ -210,7 +232,7 @@ impl Drop for Claimed<'_> {
                 if marked {
                     t.asked = None;
                 }
-                if marked || asked.contains(t.task.id.as_str()) {
+                if marked || self.asks(t, &asked) {
                     wakes.push(t.wake.clone());
                 }
             }

@@ -14,6 +14,14 @@
 //! until an answer reports it, so an unknown id still meets its `1203`; so is every task of a
 //! batch refused with a code one id may cause (`1203`, `1200`, `1201`, or one Kling has not
 //! documented), rather than failing the other calls' tasks with it.
+//! A new-style task known by its external id alone (a create whose answer was lost:
+//! [`TaskRef::new_style_external`]) is asked about the same way in
+//! `GET /tasks?external_task_ids=x,y`, never in a query by task ids (Kling takes no mix): a
+//! call whose due tasks are of both kinds sends one query of each. Its answer's report is
+//! matched on its `external_id`, and names the task id the follow ends with. An external id
+//! no answer lists, even asked about alone (`1203`), is asked about again until the deadline
+//! rather than declared gone: the create may not be listed yet. A task id and an external id
+//! that read the same are different tasks.
 //! Legacy tasks are queried one by one at `{create path}/{task_id}`. When callbacks are configured
 //! ([`FollowPolicy::callbacks_first`]) a task delivered through [`Follower::deliver`] ends at
 //! once and queries only run as a slow safety net.
@@ -31,7 +39,9 @@
 //! (the mock's rule: a legacy task is looked up at `{create path}/{external id}`) and a
 //! callback names no path, such a delivered end makes the call ask its own path at once (once
 //! per report) rather than end with it; once an answer has named the call's task id, a
-//! delivered end of that task ends the call at once.
+//! delivered end of that task ends the call at once. So it is for a call following a new-style
+//! task by its external id: a delivered report (which the board does not index by new-style
+//! external ids) ends it once an answer has named its task id; until then its own query does.
 //!
 //! The queries are ordinary requests through the service given, so they are paced by the rate
 //! limiter and a query that reports a task ended frees its slots, like any other.
@@ -318,6 +328,8 @@ impl FollowPolicy {
 pub struct TaskRef {
     id: String,
     legacy_path: Option<String>,
+    /// A new-style task known by the `external_id` its create carried, not its task id.
+    external: bool,
     created_at: Option<Instant>,
 }
 
@@ -327,7 +339,21 @@ impl TaskRef {
         TaskRef {
             id: id.into(),
             legacy_path: None,
+            external: false,
             created_at: None,
+        }
+    }
+
+    /// A new-style task known by the `external_id` its create carried alone (a create whose
+    /// answer was lost), queried with `GET /tasks?external_task_ids=…`: batched apart from
+    /// task-id queries (Kling takes no mix), the answer's report matched on its `external_id`.
+    /// The follow ends with that report, which names the task id. An external id no answer
+    /// lists yet (`1203`, or left out) is asked about again until the deadline, not given up:
+    /// the create may not be listed yet. Errors name the external id as their `task_id`.
+    pub fn new_style_external(external_id: impl Into<String>) -> Self {
+        TaskRef {
+            external: true,
+            ..TaskRef::new_style(external_id)
         }
     }
 
@@ -342,6 +368,7 @@ impl TaskRef {
         TaskRef {
             id: id.into(),
             legacy_path: Some(path.trim_end_matches('/').to_owned()),
+            external: false,
             created_at: None,
         }
     }
@@ -361,9 +388,20 @@ impl TaskRef {
         self
     }
 
-    /// The task id.
+    /// The id it is followed by: the task id, or the external id it was given as.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Whether `report` is this task's, in an answer to its own query: by its `external_id`
+    /// for a task followed by that ([`new_style_external`](Self::new_style_external)), else by
+    /// its task id.
+    fn reported_by(&self, report: &TaskReport) -> bool {
+        if self.external {
+            report.external_id.as_deref() == Some(self.id.as_str())
+        } else {
+            report.id == self.id
+        }
     }
 
     fn valid_id(&self) -> bool {
@@ -722,6 +760,18 @@ struct Tracked {
     wake: Arc<Notify>,
 }
 
+impl Tracked {
+    /// Its task id, by which a delivered report or another query's answer ends it: a new-style
+    /// task followed by its external id has one once an answer has named it.
+    fn task_id(&self) -> Option<&str> {
+        if self.task.external {
+            self.known_id.as_deref()
+        } else {
+            Some(&self.task.id)
+        }
+    }
+}
+
 impl<S> Follower<S>
 where
     S: Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>> + Clone,
@@ -812,7 +862,7 @@ where
         for batches in self.board.followers() {
             let mut state = batches.lock();
             for t in state.tracked.values_mut() {
-                if t.result.is_none() && t.task.id == handed.id {
+                if t.result.is_none() && t.task_id() == Some(handed.id.as_str()) {
                     t.result = Some(Ok(handed.clone()));
                     wakes.push(t.wake.clone());
                 }
@@ -1013,9 +1063,10 @@ where
         // those that start to; a new-style one is also handed on at once (`check_shared`).
         let account = self.account.as_ref();
         let by_external = t.task.legacy_path.is_some() && t.known_id.is_none();
-        let found = self
-            .board
-            .hand(&t.task.id, by_external, account, now)
+        // A new-style external id is no task id: such a task is found once its id is known.
+        let found = (!t.task.external)
+            .then(|| self.board.hand(&t.task.id, by_external, account, now))
+            .flatten()
             .or_else(|| {
                 let known = t.known_id.as_deref()?;
                 self.board.hand(known, false, account, now)
@@ -1058,7 +1109,7 @@ where
             t.from_board = false;
             let report = report.clone();
             for other in state.tracked.values_mut() {
-                if other.result.is_none() && other.task.id == report.id {
+                if other.result.is_none() && other.task_id() == Some(report.id.as_str()) {
                     other.result = Some(Ok(report.clone()));
                 }
             }
@@ -1079,7 +1130,12 @@ where
         ) else {
             return;
         };
-        let uri = format!("/tasks?task_ids={}", claimed.ids.join(","));
+        let by = if claimed.external {
+            "external_task_ids"
+        } else {
+            "task_ids"
+        };
+        let uri = format!("/tasks?{by}={}", claimed.ids.join(","));
         let answer = tokio::select! {
             answer = tokio::time::timeout_at(claimed.until, self.query_now(uri)) => match answer {
                 Ok(answer) => judge(answer),
@@ -1093,7 +1149,14 @@ where
         // one as the answer comes in finds it there.
         if matches!(answer, Answer::Reports(_)) {
             let asked: HashSet<&str> = claimed.ids.iter().map(String::as_str).collect();
-            self.keep_ended(&answer, |r| asked.contains(r.id.as_str()));
+            self.keep_ended(&answer, |r| {
+                let named = if claimed.external {
+                    r.external_id.as_deref()
+                } else {
+                    Some(r.id.as_str())
+                };
+                named.is_some_and(|id| asked.contains(id))
+            });
         }
         let now = Instant::now();
         let several = claimed.ids.len() > 1;
@@ -1107,7 +1170,7 @@ where
             // A batch answer that leaves a task out: ask about it alone, where an unknown id
             // meets its `1203`.
             Answer::Reports(outcome)
-                if several && !outcome.tasks().iter().any(|r| r.id == t.task.id) =>
+                if several && !outcome.tasks().iter().any(|r| t.task.reported_by(r)) =>
             {
                 t.alone = true;
                 t.next_at = now;
@@ -1128,7 +1191,9 @@ where
             let state = self.batches.lock();
             mine.iter()
                 .filter_map(|key| state.tracked.get(key).map(|t| (*key, t)))
-                .filter(|(_, t)| claimed.ids.contains(&t.task.id))
+                .filter(|(_, t)| {
+                    t.task.external == claimed.external && claimed.ids.contains(&t.task.id)
+                })
                 .map(|(key, t)| (key, t.answers))
                 .collect()
         };
@@ -1227,7 +1292,7 @@ where
             let mut state = batches.lock();
             for t in state.tracked.values_mut() {
                 if t.result.is_none()
-                    && let Some(report) = ended.get(t.task.id.as_str())
+                    && let Some(report) = t.task_id().and_then(|id| ended.get(id))
                 {
                     t.result = Some(Ok((*report).clone()));
                     wakes.push(t.wake.clone());
@@ -1241,6 +1306,12 @@ where
     /// Applies a query's answer to one task it asked about.
     fn settle(&self, t: &mut Tracked, answer: &Answer, now: Instant) {
         match answer {
+            // An external id no task has yet: its create may not be listed yet (or was lost
+            // on its way and may still arrive). Asked about again, until the deadline.
+            Answer::Final(error) if t.task.external && error.code() == Code::NotFound => {
+                t.errors = 0;
+                t.next_at = later(now, self.policy.interval(now - t.started));
+            }
             Answer::Final(error) => {
                 t.result = Some(Err(FollowError::Api {
                     task_id: t.task.id.clone(),
@@ -1267,13 +1338,19 @@ where
                 let report = outcome
                     .tasks()
                     .iter()
-                    .find(|r| r.id == t.task.id)
+                    .find(|r| t.task.reported_by(r))
                     .or_else(|| {
                         let report = outcome.tasks().iter().find(by_external)?;
                         // Its path's task: a report delivered by this task id is its own.
                         t.known_id = Some(report.id.clone());
                         Some(report)
                     });
+                if t.task.external
+                    && let Some(report) = report
+                {
+                    // Its task id, by which a delivered report or another answer ends it.
+                    t.known_id = Some(report.id.clone());
+                }
                 match report {
                     Some(report) if report.status.is_terminal() => {
                         t.result = Some(Ok(report.clone()));

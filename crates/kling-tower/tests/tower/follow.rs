@@ -1788,3 +1788,388 @@ async fn a_query_the_client_refuses_for_good_ends_following_at_once() {
         }
     }
 }
+
+/// A new-style create's body carrying the external id `ext`.
+fn with_external_id(ext: &str) -> String {
+    format!(r#"{{"prompt":"a cat","external_id":"{ext}"}}"#)
+}
+
+/// A new-style task known by its external id alone (its create's answer lost) is followed with
+/// `GET /tasks?external_task_ids=…` to its end: the report names its task id. A call that
+/// then follows the task by that id finds the report, as after a query by task id.
+#[tokio::test(start_paused = true)]
+async fn a_new_style_task_followed_by_its_external_id_ends_with_its_report() {
+    let classify = ClassifyLayer::new().layer(mock(60, 60));
+    let task = create_with(
+        &classify,
+        "/text-to-video/kling-3.0",
+        &with_external_id("job-7"),
+    )
+    .await;
+    let (service, uris) = logging_uris(classify);
+    let one = follower(service, FollowPolicy::new());
+    let start = Instant::now();
+    let done = one
+        .follow(TaskRef::new_style_external("job-7"))
+        .await
+        .unwrap();
+    let ended = Instant::now();
+    let again = one
+        .follow(TaskRef::new_style(task.id.clone()))
+        .await
+        .unwrap();
+    assert_eq!(again, done);
+    assert_eq!(ended.elapsed(), Duration::ZERO, "no query of its own");
+    assert_eq!(done.id, task.id, "its task id, now known to the caller");
+    assert_eq!(done.external_id.as_deref(), Some("job-7"));
+    assert_eq!(done.status, TaskStatus::Succeeded);
+    assert!(
+        start.elapsed() < Duration::from_secs(120),
+        "{:?}",
+        start.elapsed()
+    );
+    let uris = uris.lock().unwrap();
+    assert!(
+        uris.iter().all(|u| u == "/tasks?external_task_ids=job-7"),
+        "{uris:?}"
+    );
+}
+
+/// Tasks followed by task id and by external id, in one call and in two, are asked about in
+/// batch queries of one kind each (Kling takes no mix): the first round is two queries, one of
+/// each kind, and each task ends with its own report.
+#[tokio::test(start_paused = true)]
+async fn task_ids_and_external_ids_are_asked_about_in_separate_batches() {
+    let classify = ClassifyLayer::new().layer(mock(60, 60));
+    let path = "/text-to-video/kling-3.0";
+    let a = create_with(&classify, path, &with_external_id("job-a")).await;
+    let b = create(&classify, path).await;
+    let c = create_with(&classify, path, &with_external_id("job-c")).await;
+    let d = create(&classify, path).await;
+    let (service, uris) = logging_uris(classify);
+    let one = follower(service, FollowPolicy::new());
+    let other = one.clone();
+    let d_id = d.id.clone();
+    let apart = tokio::spawn(async move { other.follow(TaskRef::new_style(d_id)).await });
+    let results = one
+        .follow_many(vec![
+            TaskRef::new_style_external("job-a"),
+            TaskRef::new_style(b.id.clone()),
+            TaskRef::new_style_external("job-c"),
+        ])
+        .await;
+    let ids: Vec<String> = results.into_iter().map(|r| r.unwrap().id).collect();
+    assert_eq!(ids, [a.id.clone(), b.id.clone(), c.id.clone()]);
+    assert_eq!(apart.await.unwrap().unwrap().id, d.id);
+    let uris = uris.lock().unwrap();
+    for uri in uris.iter() {
+        let by_id = uri.contains("task_ids=") && !uri.contains("external_task_ids=");
+        let by_external = uri.starts_with("/tasks?external_task_ids=job-");
+        assert!(
+            by_id != by_external && !(by_external && uri.contains(&b.id)),
+            "{uri} mixes, in {uris:?}"
+        );
+    }
+    let mut first_round: Vec<&str> = uris.iter().take(2).map(String::as_str).collect();
+    first_round.sort_unstable();
+    let by_ids = format!("/tasks?task_ids={},{}", b.id, d.id);
+    let by_ids_other = format!("/tasks?task_ids={},{}", d.id, b.id);
+    assert_eq!(
+        first_round[0], "/tasks?external_task_ids=job-a,job-c",
+        "{uris:?}"
+    );
+    assert!(
+        first_round[1] == by_ids || first_round[1] == by_ids_other,
+        "{uris:?}"
+    );
+}
+
+/// An external id that would need escaping in a query (or is empty) is refused at once, as
+/// such a task id is, and nothing is sent.
+#[tokio::test(start_paused = true)]
+async fn an_external_id_that_needs_escaping_is_refused_as_a_task_id_is() {
+    let mock = mock(60, 60);
+    let one = follower(
+        ClassifyLayer::new().layer(mock.clone()),
+        FollowPolicy::new(),
+    );
+    let start = Instant::now();
+    for id in ["a,b", "job 7", "x&task_ids=y", "job#1", ""] {
+        for task in [TaskRef::new_style(id), TaskRef::new_style_external(id)] {
+            let err = one.follow(task).await.unwrap_err();
+            assert!(
+                matches!(&err, FollowError::InvalidTask { task_id, .. } if task_id == id),
+                "{id:?}: {err}"
+            );
+        }
+    }
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(mock.stats().requests_total, 0, "nothing sent");
+}
+
+/// An external id no task carries yet (its create still on its way, or not listed yet) is not
+/// declared gone at the `1203` that a task id meets: it is asked about again, and the follow
+/// ends with the task once it appears; one that never appears ends at the deadline.
+#[tokio::test(start_paused = true)]
+async fn an_external_id_not_listed_yet_is_asked_about_until_its_task_appears() {
+    let classify = ClassifyLayer::new().layer(mock(30, 30));
+    let one = follower(
+        classify.clone(),
+        FollowPolicy::new().deadline(Duration::from_secs(300)),
+    );
+    let start = Instant::now();
+    let following = {
+        let one = one.clone();
+        tokio::spawn(async move { one.follow(TaskRef::new_style_external("late")).await })
+    };
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(!following.is_finished(), "not ended by the first 1203s");
+    let task = create_with(
+        &classify,
+        "/text-to-video/kling-3.0",
+        &with_external_id("late"),
+    )
+    .await;
+    let done = following.await.unwrap().unwrap();
+    assert_eq!((done.id, done.status), (task.id, TaskStatus::Succeeded));
+    assert!(
+        start.elapsed() < Duration::from_secs(80),
+        "{:?}",
+        start.elapsed()
+    );
+
+    let start = Instant::now();
+    let err = one
+        .follow(TaskRef::new_style_external("never"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, FollowError::DeadlineExceeded { task_id, last_status: None, .. } if task_id == "never"),
+        "{err}"
+    );
+    assert_eq!(start.elapsed(), Duration::from_secs(300));
+}
+
+/// Once an answer has named the task id of a task followed by its external id, a delivered
+/// report of that task ends the follow at once, as for a task followed by its id; before
+/// (an unknown task id), it is no other task's report.
+#[tokio::test(start_paused = true)]
+async fn a_delivered_report_ends_a_follow_by_external_id_once_its_task_id_is_known() {
+    let mock = mock(3600, 3600);
+    let classify = ClassifyLayer::new().layer(mock.clone());
+    let task = create_with(
+        &classify,
+        "/text-to-video/kling-3.0",
+        &with_external_id("job-7"),
+    )
+    .await;
+    let one = follower(
+        classify,
+        FollowPolicy::new().interval_bounds(Duration::from_secs(60), Duration::from_secs(60)),
+    );
+    let start = Instant::now();
+    let following = {
+        let one = one.clone();
+        tokio::spawn(async move { one.follow(TaskRef::new_style_external("job-7")).await })
+    };
+    // Its first query (5 s) names its task id; its next would be at 65 s.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let mut done = task.clone();
+    done.status = TaskStatus::Succeeded;
+    one.deliver(done);
+    let report = following.await.unwrap().unwrap();
+    assert_eq!((report.id, report.status), (task.id, TaskStatus::Succeeded));
+    assert_eq!(start.elapsed(), Duration::from_secs(10));
+    assert_eq!(mock.stats().requests_total, 2, "the create and one query");
+}
+
+/// Through the stack: a new-style create whose answer was lost keeps its slot under its
+/// external id (nothing else frees it, even once the task has ended). Followed by that
+/// external id, the query that sees the task's end frees the slot.
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_a_follow_by_external_id_frees_the_slot_of_a_lost_create() {
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Enterprise)
+            .no_rate_limit()
+            .unlimited_credits()
+            .task_duration(Duration::from_secs(60), Duration::from_secs(60)),
+    )
+    .unwrap();
+    // The create is carried out, and its answer lost on the way back.
+    let inner = mock.clone();
+    let lossy = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let inner = inner.clone();
+        async move {
+            let create = req.method() == http::Method::POST;
+            let answer = inner.oneshot(req).await.map_err(BoxError::from)?;
+            if create {
+                return Err::<http::Response<Full<Bytes>>, BoxError>("connection reset".into());
+            }
+            Ok(answer)
+        }
+    });
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Free).retry_max_attempts(1),
+        Credentials::api_key("k").unwrap(),
+    )
+    .unwrap();
+    let service = kling.layer(lossy);
+    let in_use = || kling.snapshot().pool("video:kling-3.0").unwrap().in_use;
+    let create = request(
+        "POST",
+        "/text-to-video/kling-3.0",
+        &with_external_id("job-7"),
+    );
+    assert!(
+        service.clone().oneshot(create).await.is_err(),
+        "the answer was lost"
+    );
+    assert_eq!(mock.stats().tasks_created, 1);
+    assert_eq!(in_use(), 1);
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(in_use(), 1, "held until something sees the task end");
+
+    let follower = kling.follower(service, kling.follow_policy()).unwrap();
+    let done = follower
+        .follow(TaskRef::new_style_external("job-7"))
+        .await
+        .unwrap();
+    assert_eq!(done.status, TaskStatus::Succeeded);
+    assert_eq!(done.external_id.as_deref(), Some("job-7"));
+    assert_eq!(in_use(), 0, "freed by the query that saw its end");
+}
+
+/// An external id that reads as another task's id is not that task. Followed by it (in the
+/// same call as a follow of that task by its id, in other calls, and on a clone with batches
+/// of its own) while that task ends, a follow by external id ends with none of what ends the
+/// follows by task id (the external id's own `1203`, their query's answer, the report kept for
+/// later calls): it asks about its own id until the deadline.
+#[tokio::test(start_paused = true)]
+async fn an_external_id_that_reads_as_another_tasks_id_is_not_that_task() {
+    let classify = ClassifyLayer::new().layer(mock(20, 20));
+    let task = create(&classify, "/text-to-video/kling-3.0").await;
+    let (service, uris) = logging_uris(classify);
+    let one = follower(
+        service,
+        FollowPolicy::new().deadline(Duration::from_secs(60)),
+    );
+    let apart = one.clone().with_header("x-apart", "1").unwrap();
+    let start = Instant::now();
+    let by_external = |follower: &Follower<_>| {
+        let (follower, id) = (follower.clone(), task.id.clone());
+        tokio::spawn(async move { follower.follow(TaskRef::new_style_external(id)).await })
+    };
+    let (same, other) = (by_external(&one), by_external(&apart));
+    // The external id asked about first: its `1203` is no answer about the task id.
+    let both = {
+        let (one, id) = (one.clone(), task.id.clone());
+        tokio::spawn(async move {
+            one.follow_many(vec![
+                TaskRef::new_style_external(id.clone()),
+                TaskRef::new_style(id),
+            ])
+            .await
+        })
+    };
+    tokio::task::yield_now().await;
+    let done = one
+        .follow(TaskRef::new_style(task.id.clone()))
+        .await
+        .unwrap();
+    assert_eq!(done.id, task.id);
+    // A later call finds the report kept for it, and hands it to the calls following the task.
+    let kept = one
+        .follow(TaskRef::new_style(task.id.clone()))
+        .await
+        .unwrap();
+    assert_eq!(kept, done);
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !same.is_finished() && !other.is_finished(),
+        "not ended by that task's end"
+    );
+    for result in [same.await.unwrap(), other.await.unwrap()] {
+        assert!(
+            matches!(&result, Err(FollowError::DeadlineExceeded { .. })),
+            "{result:?}"
+        );
+    }
+    assert_eq!(start.elapsed(), Duration::from_secs(60));
+    let results = both.await.unwrap();
+    assert_eq!(results[1].as_ref().unwrap().id, task.id);
+    assert!(
+        matches!(&results[0], Err(FollowError::DeadlineExceeded { .. })),
+        "{:?}",
+        results[0]
+    );
+    let external = format!("/tasks?external_task_ids={}", task.id);
+    assert!(
+        uris.lock().unwrap().contains(&external),
+        "asked about by external id"
+    );
+}
+
+/// A query by external id on its way (here it hangs) does not hold up another call's follow of
+/// a task whose id reads the same: that is another query, sent when its task is due, not one
+/// to wait for up to the takeover time (120 s).
+#[tokio::test(start_paused = true)]
+async fn a_query_by_external_id_holds_up_no_follow_of_the_same_string_as_a_task_id() {
+    let classify = ClassifyLayer::new().layer(mock(60, 60));
+    let task = create(&classify, "/text-to-video/kling-3.0").await;
+    // Queries by external id never answer.
+    let service = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let classify = classify.clone();
+        async move {
+            if req.uri().to_string().contains("external_task_ids=") {
+                std::future::pending::<()>().await;
+            }
+            classify.oneshot(req).await
+        }
+    });
+    let one = follower(service, FollowPolicy::new());
+    let start = Instant::now();
+    let hung = {
+        let (one, id) = (one.clone(), task.id.clone());
+        tokio::spawn(async move { one.follow(TaskRef::new_style_external(id)).await })
+    };
+    tokio::task::yield_now().await;
+    let done = one
+        .follow(TaskRef::new_style(task.id.clone()))
+        .await
+        .unwrap();
+    assert_eq!((done.id, done.status), (task.id, TaskStatus::Succeeded));
+    // The task ends at 60 s, seen by a query within the interval (12 s at that age).
+    assert!(
+        start.elapsed() <= Duration::from_secs(72),
+        "{:?}",
+        start.elapsed()
+    );
+    hung.abort();
+}
+
+/// In one call, the `1203` a query by external id meets is no answer about a task id that
+/// reads the same (the external id asked about first), nor is that task's answer one about
+/// the external id.
+#[tokio::test(start_paused = true)]
+async fn a_1203_by_external_id_does_not_end_the_follow_of_a_task_id_that_reads_the_same() {
+    let classify = ClassifyLayer::new().layer(mock(20, 20));
+    let task = create(&classify, "/text-to-video/kling-3.0").await;
+    let one = follower(
+        classify,
+        FollowPolicy::new().deadline(Duration::from_secs(60)),
+    );
+    let results = one
+        .follow_many(vec![
+            TaskRef::new_style_external(task.id.clone()),
+            TaskRef::new_style(task.id.clone()),
+        ])
+        .await;
+    assert_eq!(results[1].as_ref().unwrap().id, task.id);
+    assert!(
+        matches!(&results[0], Err(FollowError::DeadlineExceeded { .. })),
+        "{:?}",
+        results[0]
+    );
+}
