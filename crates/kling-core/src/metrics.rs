@@ -164,6 +164,45 @@ pub fn is_model_pool_label(label: &str, product: Product, model: &str) -> bool {
         && label.ends_with(model)
 }
 
+/// Runs `record`, a call into the metrics recorder; whether it completed. While the thread
+/// unwinds (a release in a drop during a panic) a panic of the recorder's is caught, as one
+/// escaping a drop then aborts the process; otherwise it goes on as any panic. The layers'
+/// gauges, moved in drops, go through it.
+#[inline]
+pub fn call_recorder(record: impl FnOnce()) -> bool {
+    if std::thread::panicking() {
+        return caught(record);
+    }
+    record();
+    true
+}
+
+#[cold]
+fn caught(record: impl FnOnce()) -> bool {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(record)).is_ok()
+}
+
+/// Runs `each` on every item, all of them even when one panics (a metrics recorder's, as one
+/// answer ends several tasks and each gives its slots back or is counted), then resumes the
+/// first panic.
+pub fn each_completing<I: ExactSizeIterator>(items: I, mut each: impl FnMut(I::Item)) {
+    if items.len() <= 1 {
+        // (The usual query: nothing after it to complete, no landing pad.)
+        items.for_each(each);
+        return;
+    }
+    let mut first = None;
+    for item in items {
+        let run = std::panic::AssertUnwindSafe(|| each(item));
+        if let Err(panic) = std::panic::catch_unwind(run) {
+            first.get_or_insert(panic);
+        }
+    }
+    if let Some(panic) = first {
+        std::panic::resume_unwind(panic);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

@@ -768,12 +768,7 @@ fn insert_in_order(list: &mut WaitList<()>, id: u64, waker: &Waker) {
 /// unwinds: a metrics recorder's panic is then caught, as one escaping a drop would abort the
 /// process.
 fn leave_depth(depth: &metrics::Gauge) {
-    if std::thread::panicking() {
-        let leave = std::panic::AssertUnwindSafe(|| depth.decrement(1.0));
-        let _ = std::panic::catch_unwind(leave);
-        return;
-    }
-    depth.decrement(1.0);
+    kling_core::metrics::call_recorder(|| depth.decrement(1.0));
 }
 
 /// A place in a queue, given up on drop unless it was admitted.

@@ -18,7 +18,7 @@ use kling_concurrency::backend::{
 };
 use kling_concurrency::error::{AcquireError, BackendError, Halted, OverCapacity, QueueFull};
 use kling_core::error::{ApiError, BoxError};
-use kling_core::metrics as names;
+use kling_core::metrics::{self as names, call_recorder, each_completing};
 use kling_core::signals::{CreateHalts, HaltedAccounts};
 use kling_core::{AccountId, Outcome, Pool, TaskStatus};
 use redis::{Script, Value};
@@ -119,7 +119,7 @@ struct PoolLocal {
 /// model names share one label, and their figures add up.
 ///
 /// They move in drops too (a waiting create's, a pool's): while the thread unwinds, a metrics
-/// recorder's panic is caught ([`unwinding`]: one escaping a drop then would abort the
+/// recorder's panic is caught ([`call_recorder`]: one escaping a drop then would abort the
 /// process), and a move the recorder did not make is made with the next one.
 struct PoolGauges {
     waiters: metrics::Gauge,
@@ -149,7 +149,7 @@ impl PoolGauges {
     fn show_capacity(&self, capacity: u32) {
         let mut shown = lock(&self.shown_capacity);
         if *shown != capacity
-            && moved(|| {
+            && call_recorder(|| {
                 self.capacity
                     .increment(f64::from(capacity) - f64::from(*shown));
             })
@@ -182,26 +182,9 @@ impl Drop for PoolGauges {
     fn drop(&mut self) {
         let shown = *lock(&self.shown_capacity);
         if shown != 0 {
-            moved(|| self.capacity.decrement(f64::from(shown)));
+            call_recorder(|| self.capacity.decrement(f64::from(shown)));
         }
     }
-}
-
-/// Runs `apply`, a move of a gauge; whether it completed. While the thread unwinds (a drop),
-/// a metrics recorder's panic is caught ([`unwinding`]); else it goes on.
-fn moved(apply: impl FnOnce()) -> bool {
-    if std::thread::panicking() {
-        return unwinding(apply);
-    }
-    apply();
-    true
-}
-
-/// Runs `f`, a call into the metrics recorder, while the thread unwinds: its panic is caught
-/// (one escaping a drop then would abort the process). Whether it completed.
-#[cold]
-fn unwinding(f: impl FnOnce()) -> bool {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_ok()
 }
 
 /// The holdings this process has, by holding id, and the `kling_slots_in_use` gauge they move:
@@ -2769,23 +2752,14 @@ impl Finished {
     /// Every one, even when the recorder panics at one (the first panic resumes after): one
     /// answer ends several tasks.
     fn record(self) {
-        let mut first = None;
-        for (pool, reason, held_for) in self.0 {
-            let count = std::panic::AssertUnwindSafe(|| {
-                let labels = [
-                    (names::LABEL_POOL, names::pool_label(Some(&pool)).to_owned()),
-                    (names::LABEL_STATUS, reason),
-                ];
-                metrics::counter!(names::TASKS_FINISHED, &labels).increment(1);
-                metrics::histogram!(names::TASK_LIFETIME, &labels).record(held_for.as_secs_f64());
-            });
-            if let Err(panic) = std::panic::catch_unwind(count) {
-                first.get_or_insert(panic);
-            }
-        }
-        if let Some(panic) = first {
-            std::panic::resume_unwind(panic);
-        }
+        each_completing(self.0.into_iter(), |(pool, reason, held_for)| {
+            let labels = [
+                (names::LABEL_POOL, names::pool_label(Some(&pool)).to_owned()),
+                (names::LABEL_STATUS, reason),
+            ];
+            metrics::counter!(names::TASKS_FINISHED, &labels).increment(1);
+            metrics::histogram!(names::TASK_LIFETIME, &labels).record(held_for.as_secs_f64());
+        });
     }
 
     fn extend(&mut self, other: Finished) {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use kling_core::error::{ApiError, BoxError};
 use kling_core::lanes::{self, LANES};
-use kling_core::metrics as names;
+use kling_core::metrics::{self as names, call_recorder, each_completing};
 use kling_core::signals::{CreateHalts, HaltedAccounts};
 use kling_core::waitlist::{Removed, WaitList};
 use kling_core::{AccountId, Outcome, TaskStatus};
@@ -1146,12 +1146,8 @@ struct Gauges {
 
 impl Gauges {
     fn finished(&mut self, why: Why<'_>, held_for: Duration) {
-        if std::thread::panicking() {
-            // A release in a drop while the thread unwinds (see `move_gauge`).
-            unwinding(|| self.count_finished(why, held_for));
-            return;
-        }
-        self.count_finished(why, held_for);
+        // Also a release in a drop while the thread unwinds (see `move_gauge`).
+        call_recorder(|| self.count_finished(why, held_for));
     }
 
     fn count_finished(&mut self, why: Why<'_>, held_for: Duration) {
@@ -1315,49 +1311,16 @@ struct State {
 /// Moves `gauge` from `from` to `to` (integers, exact in an `f64`); whether it did.
 ///
 /// This runs in drops too (a pool's, a waiter's, a grant given back by a future dropped in a
-/// panic): while the thread unwinds, a metrics recorder's panic is caught ([`unwinding`]), and
-/// the caller keeps showing `from`, so the next move catches up.
+/// panic): while the thread unwinds, a metrics recorder's panic is caught
+/// ([`call_recorder`]), and the caller keeps showing `from`, so the next move catches up.
 fn move_gauge(gauge: &metrics::Gauge, from: f64, to: f64) -> bool {
-    let apply = || {
+    call_recorder(|| {
         if to > from {
             gauge.increment(to - from);
         } else {
             gauge.decrement(from - to);
         }
-    };
-    if std::thread::panicking() {
-        return unwinding(apply);
-    }
-    apply();
-    true
-}
-
-/// Runs `f`, a call into the metrics recorder, while the thread unwinds: its panic is caught
-/// (one escaping a drop then would abort the process). Whether it completed.
-#[cold]
-fn unwinding(f: impl FnOnce()) -> bool {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_ok()
-}
-
-/// Runs `each` on every item, all of them even when one unwinds (a metrics recorder panicking
-/// as a release moves a gauge, after its slots went back), then resumes the first panic: one
-/// answer ends several tasks, and every one of them gives its slots back.
-fn each_completing<I: ExactSizeIterator>(items: I, mut each: impl FnMut(I::Item)) {
-    if items.len() <= 1 {
-        // (The usual query: nothing after it to complete, no landing pad.)
-        items.for_each(each);
-        return;
-    }
-    let mut first = None;
-    for item in items {
-        let run = std::panic::AssertUnwindSafe(|| each(item));
-        if let Err(panic) = std::panic::catch_unwind(run) {
-            first.get_or_insert(panic);
-        }
-    }
-    if let Some(panic) = first {
-        std::panic::resume_unwind(panic);
-    }
+    })
 }
 
 impl Drop for PoolState {
