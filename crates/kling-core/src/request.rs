@@ -411,9 +411,9 @@ impl Recognized {
             return;
         };
         if product == Product::Image
-            && let Some(n) = fields.n.as_ref().and_then(serde_json::Value::as_u64)
+            && let Some(n) = fields.n.as_ref().and_then(image_count)
         {
-            self.weight = n.clamp(1, u64::from(MAX_IMAGE_WEIGHT)) as u32;
+            self.weight = n;
         }
         // Each generation's own field only: a new-style server reads `external_id` and ignores
         // `external_task_id`, so a create carrying only the latter has no id there, and must
@@ -461,10 +461,10 @@ impl Recognized {
             && let Some(n) = keys
                 .iter()
                 .filter(|(k, _)| k == "n")
-                .filter_map(|(_, v)| v.as_u64())
+                .filter_map(|(_, v)| image_count(v))
                 .max()
         {
-            self.weight = n.clamp(1, u64::from(MAX_IMAGE_WEIGHT)) as u32;
+            self.weight = n;
         }
         let non_empty = |v: &serde_json::Value| v.as_str().is_some_and(|u| !u.is_empty());
         self.has_callback = keys.iter().any(|(k, v)| match generation {
@@ -493,6 +493,24 @@ impl Recognized {
             );
         }
     }
+}
+
+/// The slots an image create's `n` takes, clamped to `1..=9`: an integer as written, and, read
+/// the way a lenient server might, a number with a fraction or a string holding a number
+/// (`4.0`, `"4"`), rounded up. KLING_API.md does not say whether Kling accepts those forms; a
+/// create it refuses gives its slots back at once, while one it accepted and was counted as 1
+/// would hold slots the limiter does not know of, so the larger count is the safe one. `None`
+/// (the default weight, 1) for anything else.
+fn image_count(n: &serde_json::Value) -> Option<u32> {
+    let number = match n {
+        serde_json::Value::Number(n) => n.as_u64().map_or_else(|| n.as_f64(), |n| Some(n as f64)),
+        serde_json::Value::String(text) => text.trim().parse::<f64>().ok(),
+        _ => None,
+    }?;
+    // `NaN` and infinities are no count; the clamp keeps the rest in range.
+    number
+        .is_finite()
+        .then(|| number.ceil().clamp(1.0, f64::from(MAX_IMAGE_WEIGHT)) as u32)
 }
 
 /// A query string's name or value as servers read it (form encoding): a `+` is a space, then
@@ -705,6 +723,27 @@ mod tests {
         assert_eq!(r.weight, 9);
         let r = recognize(&Method::POST, "/v1/images/generations", "not json");
         assert_eq!(r.weight, 1);
+        // A lenient server may read these as 4 images: counted as 4, never as 1.
+        for n in ["4.0", "3.5", r#""4""#, r#"" 4 ""#] {
+            let body = format!(r#"{{"n":{n}}}"#);
+            let r = recognize(&Method::POST, "/v1/images/generations", &body);
+            assert_eq!(r.weight, 4, "{body}");
+            // The key-by-key read (a field written twice) counts them the same way.
+            let body = format!(r#"{{"n":{n},"n":1}}"#);
+            let r = recognize(&Method::POST, "/v1/images/generations", &body);
+            assert_eq!(r.weight, 4, "{body}");
+        }
+        for (n, weight) in [
+            ("0.5", 1),
+            ("-3", 1),
+            ("1e9", 9),
+            (r#""NaN""#, 1),
+            (r#""x""#, 1),
+        ] {
+            let body = format!(r#"{{"n":{n}}}"#);
+            let r = recognize(&Method::POST, "/v1/images/generations", &body);
+            assert_eq!(r.weight, weight, "{body}");
+        }
         let r = recognize(
             &Method::POST,
             "/v1/images/kolors-virtual-try-on",
