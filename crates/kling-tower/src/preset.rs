@@ -331,7 +331,9 @@ impl StackConfig {
     }
 
     /// Sets the real-time gap kept beyond the rate's interval between two requests (default
-    /// [`DEFAULT_JITTER_ALLOWANCE`]). Not scaled by the speed factor: jitter is not.
+    /// [`DEFAULT_JITTER_ALLOWANCE`]). Not scaled by the speed factor: jitter is not. Under a rate
+    /// cap it must stay below the retry deadline at that speed (the default 15 ms fills the
+    /// default deadline from speed 40,000): [`validate`](Self::validate) refuses it there.
     pub fn jitter_allowance(mut self, allowance: Duration) -> Self {
         self.jitter_allowance = allowance;
         self
@@ -580,7 +582,9 @@ impl StackConfig {
     /// at least 3 ns, so that its third, the [connect timeout](Self::connect_timeout_duration),
     /// is above 0 too). A rate must allow a request at least every [`MAX_PACING_INTERVAL`]
     /// (about 78 hours) at its [pacing interval](Self::pacing_interval); when the rate alone
-    /// would, the error names the `headroom` that leaves too little of it.
+    /// would, the error names the `headroom` that leaves too little of it. Under a rate cap the
+    /// jitter allowance (real time) must be below the retry deadline (divided by the speed), or
+    /// no request the rate limiter queues could meet its deadline.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |field: &'static str, reason: &'static str| Err(ConfigError::new(field, reason));
         // Beyond these, scaled durations leave what a `Duration` or the clock can hold (a
@@ -776,6 +780,23 @@ impl StackConfig {
                     self.attempt_timeout.as_secs_f64(),
                     self.attempt_timeout_duration(),
                     self.speed
+                ),
+            ));
+        }
+        // The allowance is real time and the deadline shrinks with the speed: past the point
+        // where it alone fills the deadline, every request the rate limiter queues fails with
+        // "would pass the request's deadline" (about speed 40,000 with the defaults).
+        if self.rate_per_minute.is_some() && self.jitter_allowance >= self.retry_deadline_duration()
+        {
+            return Err(ConfigError::new(
+                "jitter_allowance_ms",
+                format!(
+                    "is {:?}, not below the retry deadline at speed {} ({:?}): a request queued \
+                     for the rate would pass its deadline; lower it (it is real time, not scaled \
+                     by the speed) or the speed",
+                    self.jitter_allowance.as_secs_f64() * 1000.0,
+                    self.speed,
+                    self.retry_deadline_duration()
                 ),
             ));
         }

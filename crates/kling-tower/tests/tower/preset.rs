@@ -826,6 +826,19 @@ fn every_speed_validation_accepts_builds_a_stack() {
             } else {
                 config
             };
+            // Past speed 40,000 the 15 ms (real-time) jitter allowance fills the scaled
+            // 600 s deadline: a rate-capped tier needs a smaller one.
+            let config = if speed >= 40_000.0 && config.account_rate_per_minute().is_some() {
+                let err = config.validate().unwrap_err();
+                assert_eq!(
+                    err.field(),
+                    "jitter_allowance_ms",
+                    "{tier} at {speed}: {err}"
+                );
+                config.jitter_allowance(Duration::ZERO)
+            } else {
+                config
+            };
             config.validate().unwrap();
             let built = kling_tower::KlingLayer::new(
                 config,
@@ -1052,4 +1065,28 @@ fn a_tiny_rate_with_a_huge_jitter_allowance_is_refused_not_a_panic() {
         config.validate().unwrap_err().field(),
         "jitter_allowance_ms"
     );
+}
+
+/// The jitter allowance is real time and the retry deadline is divided by the speed: at speed
+/// 50,000 the default deadline (600 s) is 12 ms, under the default 15 ms allowance, and every
+/// request the rate limiter queued failed as "would pass the request's deadline". Refused,
+/// naming the allowance; below that speed, or with no allowance, accepted.
+#[test]
+fn a_jitter_allowance_that_fills_the_scaled_deadline_is_refused() {
+    let config = |speed: f64, jitter_ms: u64| {
+        StackConfig::preset(Tier::Free)
+            .rate_per_minute(60.0)
+            .speed(speed)
+            .jitter_allowance(Duration::from_millis(jitter_ms))
+    };
+    let err = config(50_000.0, 15).validate().unwrap_err();
+    assert_eq!(err.field(), "jitter_allowance_ms", "{err}");
+    assert!(err.to_string().contains("retry deadline"), "{err}");
+    config(30_000.0, 15).validate().unwrap();
+    config(50_000.0, 0).validate().unwrap();
+    config(50_000.0, 11).validate().unwrap();
+    // With no rate cap there is no pacing, and no allowance is spent.
+    let uncapped = StackConfig::enterprise(5, None).speed(50_000.0);
+    assert_eq!(uncapped.account_rate_per_minute(), None);
+    uncapped.validate().unwrap();
 }
