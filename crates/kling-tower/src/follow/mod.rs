@@ -39,9 +39,11 @@
 //! (the mock's rule: a legacy task is looked up at `{create path}/{external id}`) and a
 //! callback names no path, such a delivered end makes the call ask its own path at once (once
 //! per report) rather than end with it; once an answer has named the call's task id, a
-//! delivered end of that task ends the call at once. So it is for a call following a new-style
-//! task by its external id: a delivered report (which the board does not index by new-style
-//! external ids) ends it once an answer has named its task id; until then its own query does.
+//! delivered end of that task ends the call at once. A call following a new-style task by its
+//! external id ends at once with a new-style report delivered with that external id to a
+//! follower of its account (new-style external ids name one task in an account: there is one
+//! `/tasks` to ask), before any answer has named its task id, and also with one delivered by
+//! its task id once an answer has named it.
 //!
 //! The queries are ordinary requests through the service given, so they are paced by the rate
 //! limiter and a query that reports a task ended frees its slots, like any other.
@@ -453,9 +455,23 @@ struct Reports {
     by_external_id: HashMap<ExternalKey, String>,
 }
 
-/// An external id in an account (`None`: a follower given none): external ids are unique per
-/// account at most (the mock's, per create path).
-type ExternalKey = (Option<AccountId>, String);
+/// An external id in an account (`None`: a follower given none) and whether its report is
+/// legacy: external ids are unique per account at most (the mock's legacy ones, per create
+/// path), and a legacy follow and a new-style one never take each other's report.
+type ExternalKey = (Option<AccountId>, bool, String);
+
+/// How a call looks a report up on the board by the id it follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lookup {
+    /// By task id only.
+    TaskId,
+    /// By task id, else a delivered legacy report carrying it as its external id (the task
+    /// id it names: [`Found::External`]).
+    LegacyExternal,
+    /// A new-style external id: a delivered new-style report carrying it, handed out (the
+    /// id is no task id).
+    NewStyleExternal,
+}
 
 /// Where a report put on the board comes from.
 #[derive(Clone, Copy, Debug)]
@@ -463,7 +479,7 @@ enum Source<'a> {
     /// A query's answer: found by its task id only.
     Answered,
     /// A callback delivered to a follower of this account (`None`: one given none): found by
-    /// its task id, or (a legacy report) by its external id by a follower of the same account.
+    /// its task id, or by its external id by a follower of the same account.
     Delivered(Option<&'a AccountId>),
 }
 
@@ -598,30 +614,39 @@ impl Board {
     /// What the board holds for the task `id` names: its report, by task id, handed out (it
     /// stays for [`keep`](Board::keep) more for the other calls that follow its task, or start
     /// to: a call that looks at the board as another takes the report must find it too); else,
-    /// with `by_external`, the task id of a legacy report delivered in `account` with `id` as
-    /// its external id, left on the board (see [`Found::External`]).
+    /// by [`Lookup::LegacyExternal`], the task id of a legacy report delivered in `account`
+    /// with `id` as its external id, left on the board (see [`Found::External`]). By
+    /// [`Lookup::NewStyleExternal`], `id` is an external id: the new-style report delivered in
+    /// `account` with it, handed out as by its task id.
     fn hand(
         &self,
         id: &str,
-        by_external: bool,
+        lookup: Lookup,
         account: Option<&AccountId>,
         now: Instant,
     ) -> Option<Found> {
         let mut board = self.lock();
         board.prune(now);
-        if board.by_id.contains_key(id) {
-            board.hand_out(id, later(now, self.keep));
+        let task_id = match lookup {
+            Lookup::NewStyleExternal => board
+                .by_external_id
+                .get(&(account.cloned(), false, id.to_owned()))?
+                .clone(),
+            _ => id.to_owned(),
+        };
+        if board.by_id.contains_key(&task_id) {
+            board.hand_out(&task_id, later(now, self.keep));
             return board
                 .by_id
-                .get(id)
+                .get(&task_id)
                 .map(|kept| Found::Task(kept.report.clone()));
         }
-        if !by_external {
+        if lookup != Lookup::LegacyExternal {
             return None;
         }
         board
             .by_external_id
-            .get(&(account.cloned(), id.to_owned()))
+            .get(&(account.cloned(), true, id.to_owned()))
             .map(|task_id| Found::External(task_id.clone()))
     }
 
@@ -629,16 +654,18 @@ impl Board {
     /// [`Reports`]); a query's answer starts its countdown now, and is found by its task id
     /// only: an external id is unique per account (and perhaps per create path) only, and the
     /// board serves every clone of the follower, whatever account or header it has, and every
-    /// path. A delivered legacy report is found by its external id in the account of the
-    /// follower it was delivered to only.
+    /// path. A delivered report is found by its external id in the account of the follower
+    /// it was delivered to only (a legacy one as [`Found::External`]).
     fn put(&self, report: TaskReport, source: Source<'_>, now: Instant) {
         let mut board = self.lock();
         board.prune(now);
         let id = report.id.clone();
-        let key = match (source, &report.external_id, &report.generation) {
-            (Source::Delivered(account), Some(external_id), ApiGeneration::Legacy) => {
-                Some((account.cloned(), external_id.clone()))
-            }
+        let key = match (source, &report.external_id) {
+            (Source::Delivered(account), Some(external_id)) => Some((
+                account.cloned(),
+                report.generation == ApiGeneration::Legacy,
+                external_id.clone(),
+            )),
             _ => None,
         };
         let Reports {
@@ -901,6 +928,10 @@ where
             batches: &self.batches,
             keys: Vec::new(),
         };
+        // Calls following by a new-style external id look at the board on each delivery, as
+        // legacy calls do: a delivered report is found by that id in the call's account only,
+        // so `deliver` cannot end them itself.
+        let follows_external_ids = tasks.iter().any(|task| task.external);
         let places: Vec<Place> = {
             let mut state = self.batches.lock();
             tasks
@@ -919,7 +950,7 @@ where
                 .collect()
         };
 
-        let has_legacy = !local.is_empty();
+        let watches_board = !local.is_empty() || follows_external_ids;
         loop {
             let delivered = self.board.notify.notified();
             let woken = wake.notified();
@@ -988,7 +1019,7 @@ where
             };
             tokio::select! {
                 () = tokio::time::sleep_until(next) => {}
-                () = &mut delivered, if has_legacy => {}
+                () = &mut delivered, if watches_board => {}
                 () = &mut woken => {}
             }
         }
@@ -1062,14 +1093,19 @@ where
         // The report stays on the board a while for the other calls following the task, and
         // those that start to; a new-style one is also handed on at once (`check_shared`).
         let account = self.account.as_ref();
-        let by_external = t.task.legacy_path.is_some() && t.known_id.is_none();
-        // A new-style external id is no task id: such a task is found once its id is known.
-        let found = (!t.task.external)
-            .then(|| self.board.hand(&t.task.id, by_external, account, now))
-            .flatten()
+        let lookup = if t.task.external {
+            Lookup::NewStyleExternal
+        } else if t.task.legacy_path.is_some() && t.known_id.is_none() {
+            Lookup::LegacyExternal
+        } else {
+            Lookup::TaskId
+        };
+        let found = self
+            .board
+            .hand(&t.task.id, lookup, account, now)
             .or_else(|| {
                 let known = t.known_id.as_deref()?;
-                self.board.hand(known, false, account, now)
+                self.board.hand(known, Lookup::TaskId, account, now)
             });
         match found {
             Some(Found::Task(report)) => {
@@ -1504,7 +1540,7 @@ mod tests {
     }
 
     /// A legacy task followed by its external id finds a delivered legacy report's task id by
-    /// it (a new-style task does not; nor a delivered new-style report), without taking the
+    /// it (not a delivered new-style report's, which a new-style follow finds), without taking the
     /// report: it may be another create path's task. The index goes with the report (gone
     /// after its countdown, or pushed out when the board is full).
     #[test]
@@ -1520,11 +1556,16 @@ mod tests {
             Source::Delivered(None),
             now,
         );
-        assert!(board.hand("job-7", false, None, now).is_none());
-        assert!(board.hand("job-8", true, None, now).is_none(), "new-style");
+        assert!(board.hand("job-7", Lookup::TaskId, None, now).is_none());
+        assert!(
+            board
+                .hand("job-8", Lookup::LegacyExternal, None, now)
+                .is_none(),
+            "new-style"
+        );
         let hour = now + Duration::from_secs(3600);
         assert_eq!(
-            board.hand("job-7", true, None, hour),
+            board.hand("job-7", Lookup::LegacyExternal, None, hour),
             Some(Found::External("t-1".to_owned()))
         );
         assert!(
@@ -1533,19 +1574,29 @@ mod tests {
         );
         let later = hour + keep - Duration::from_millis(1);
         assert!(matches!(
-            board.hand("t-1", false, None, hour),
+            board.hand("t-1", Lookup::TaskId, None, hour),
             Some(Found::Task(r)) if r.id == "t-1"
         ));
         assert!(matches!(
-            board.hand("t-1", false, None, later),
+            board.hand("t-1", Lookup::TaskId, None, later),
             Some(Found::Task(r)) if r.id == "t-1"
         ));
         assert!(
-            board.hand("t-1", false, None, hour + keep).is_none(),
+            board
+                .hand("t-1", Lookup::TaskId, None, hour + keep)
+                .is_none(),
             "gone after its countdown"
         );
-        assert!(board.hand("job-7", true, None, hour + keep).is_none());
-        assert!(board.lock().by_external_id.is_empty());
+        assert!(
+            board
+                .hand("job-7", Lookup::LegacyExternal, None, hour + keep)
+                .is_none()
+        );
+        assert_eq!(
+            board.lock().by_external_id.keys().collect::<Vec<_>>(),
+            [&(None, false, "job-8".to_owned())],
+            "the new-style report's, not taken"
+        );
         for i in 0..=BOARD_CAPACITY {
             let mut report = ended(&format!("t-{i}"));
             report.external_id = Some(format!("job-{i}"));
@@ -1556,7 +1607,48 @@ mod tests {
         assert!(
             !reports
                 .by_external_id
-                .contains_key(&(None, "job-0".to_owned()))
+                .contains_key(&(None, true, "job-0".to_owned()))
+        );
+    }
+
+    /// A new-style external id finds the new-style report delivered with it in its account,
+    /// handed out as by its task id; never a legacy one, never one answered to a query (found
+    /// by its task id only), never another account's.
+    #[test]
+    fn a_new_style_report_is_found_by_its_external_id_in_its_account() {
+        let keep = Duration::from_secs(5);
+        let board = Board::new(keep);
+        let now = Instant::now();
+        let a = AccountId::new("team-a");
+        let mut legacy = ended("t-1");
+        legacy.external_id = Some("job-7".to_owned());
+        board.put(legacy, Source::Delivered(Some(&a)), now);
+        board.put(ended_new_style("n-9", "job-9"), Source::Answered, now);
+        board.put(
+            ended_new_style("n-8", "job-8"),
+            Source::Delivered(Some(&a)),
+            now,
+        );
+        let new_style = |id: &str, account: Option<&AccountId>| {
+            board.hand(id, Lookup::NewStyleExternal, account, now)
+        };
+        assert!(new_style("job-7", Some(&a)).is_none(), "a legacy report");
+        assert!(new_style("job-9", Some(&a)).is_none(), "an answer");
+        assert!(new_style("job-8", None).is_none(), "another account");
+        assert!(new_style("n-8", Some(&a)).is_none(), "a task id");
+        assert!(matches!(
+            new_style("job-8", Some(&a)),
+            Some(Found::Task(r)) if r.id == "n-8"
+        ));
+        assert!(
+            board.lock().by_id.get("n-8").unwrap().until.is_some(),
+            "taken: its countdown started"
+        );
+        assert!(
+            board
+                .hand("job-8", Lookup::NewStyleExternal, Some(&a), now + keep)
+                .is_none(),
+            "gone with its report"
         );
     }
 
@@ -1572,20 +1664,36 @@ mod tests {
         let mut report = ended("t-1");
         report.external_id = Some("job-7".to_owned());
         board.put(report.clone(), Source::Delivered(Some(&a)), now);
-        assert!(board.hand("job-7", true, Some(&b), now).is_none());
-        assert!(board.hand("job-7", true, None, now).is_none());
+        assert!(
+            board
+                .hand("job-7", Lookup::LegacyExternal, Some(&b), now)
+                .is_none()
+        );
+        assert!(
+            board
+                .hand("job-7", Lookup::LegacyExternal, None, now)
+                .is_none()
+        );
         assert_eq!(
-            board.hand("job-7", true, Some(&a), now),
+            board.hand("job-7", Lookup::LegacyExternal, Some(&a), now),
             Some(Found::External("t-1".to_owned()))
         );
         board.put(report, Source::Delivered(Some(&b)), now);
-        assert!(board.hand("job-7", true, Some(&a), now).is_none());
+        assert!(
+            board
+                .hand("job-7", Lookup::LegacyExternal, Some(&a), now)
+                .is_none()
+        );
         assert_eq!(
-            board.hand("job-7", true, Some(&b), now),
+            board.hand("job-7", Lookup::LegacyExternal, Some(&b), now),
             Some(Found::External("t-1".to_owned()))
         );
-        assert!(board.hand("t-1", false, Some(&a), now).is_some());
-        assert!(board.hand("t-1", false, None, now + keep).is_none());
+        assert!(board.hand("t-1", Lookup::TaskId, Some(&a), now).is_some());
+        assert!(
+            board
+                .hand("t-1", Lookup::TaskId, None, now + keep)
+                .is_none()
+        );
         assert!(board.lock().by_external_id.is_empty());
     }
 
@@ -1629,7 +1737,7 @@ mod tests {
         for i in 0..3 * BOARD_CAPACITY {
             let id = format!("t-{i}");
             board.put(ended(&id), Source::Delivered(None), now);
-            assert!(board.hand(&id, false, None, now).is_some());
+            assert!(board.hand(&id, Lookup::TaskId, None, now).is_some());
         }
         let reports = board.lock();
         assert!(reports.waiting.len() <= 2 * BOARD_CAPACITY);
@@ -1649,18 +1757,27 @@ mod tests {
         board.put(ended("answered"), Source::Answered, now);
         board.put(ended("x"), Source::Delivered(None), now);
         let hour = now + Duration::from_secs(3600);
-        assert!(board.hand("x", false, None, now + keep).is_some());
+        assert!(board.hand("x", Lookup::TaskId, None, now + keep).is_some());
         // Handed out again later: the first countdown holds.
         assert!(
             board
-                .hand("x", false, None, now + keep * 2 - Duration::from_millis(1))
+                .hand(
+                    "x",
+                    Lookup::TaskId,
+                    None,
+                    now + keep * 2 - Duration::from_millis(1)
+                )
                 .is_some()
         );
         board.put(ended("other"), Source::Delivered(None), now + keep * 2);
         assert!(!kept("x") && !kept("answered"));
         assert!(kept("waiting") && kept("other"));
-        assert!(board.hand("waiting", false, None, hour).is_some());
-        assert!(board.hand("waiting", false, None, hour + keep).is_none());
+        assert!(board.hand("waiting", Lookup::TaskId, None, hour).is_some());
+        assert!(
+            board
+                .hand("waiting", Lookup::TaskId, None, hour + keep)
+                .is_none()
+        );
     }
 
     /// A report delivered again after it went is not evicted when its first delivery's place
@@ -1670,8 +1787,11 @@ mod tests {
         let board = Board::new(Duration::ZERO);
         let now = Instant::now();
         board.put(ended("x"), Source::Delivered(None), now);
-        assert!(board.hand("x", false, None, now).is_some());
-        assert!(board.hand("x", false, None, now).is_none(), "gone at once");
+        assert!(board.hand("x", Lookup::TaskId, None, now).is_some());
+        assert!(
+            board.hand("x", Lookup::TaskId, None, now).is_none(),
+            "gone at once"
+        );
         board.put(ended("x"), Source::Delivered(None), now);
         for i in 0..BOARD_CAPACITY - 1 {
             board.put(ended(&format!("other-{i}")), Source::Delivered(None), now);

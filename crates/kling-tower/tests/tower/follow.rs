@@ -1983,6 +1983,56 @@ async fn a_delivered_report_ends_a_follow_by_external_id_once_its_task_id_is_kno
     assert_eq!(mock.stats().requests_total, 2, "the create and one query");
 }
 
+/// A delivered new-style report carrying the external id a call follows ends that call at
+/// once, before any answer has named its task id (it waited for its own query, up to the
+/// interval after its first), whether the report came before the call started or during it;
+/// one delivered to another account's follower does not.
+#[tokio::test(start_paused = true)]
+async fn a_delivered_report_ends_a_follow_by_external_id_before_its_task_id_is_known() {
+    let mock = mock(3600, 3600);
+    let classify = ClassifyLayer::new().layer(mock.clone());
+    let task = create_with(
+        &classify,
+        "/text-to-video/kling-3.0",
+        &with_external_id("job-7"),
+    )
+    .await;
+    let policy =
+        FollowPolicy::new().interval_bounds(Duration::from_secs(60), Duration::from_secs(60));
+    let one = follower(classify, policy).with_account(AccountId::new("team-a"));
+    let other = one.clone().with_account(AccountId::new("team-b"));
+    let start = Instant::now();
+    let following = {
+        let one = one.clone();
+        tokio::spawn(async move { one.follow(TaskRef::new_style_external("job-7")).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut done = task.clone();
+    done.status = TaskStatus::Succeeded;
+    done.external_id = Some("job-7".to_owned());
+    other.deliver(done.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!following.is_finished(), "another account's report");
+    one.deliver(done.clone());
+    let report = following.await.unwrap().unwrap();
+    assert_eq!((report.id, report.status), (task.id, TaskStatus::Succeeded));
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+    assert_eq!(mock.stats().requests_total, 1, "the create, no query");
+
+    // Delivered before a call starts: found on the board.
+    let mut second = done;
+    second.id = "n-2".to_owned();
+    second.external_id = Some("job-8".to_owned());
+    one.deliver(second);
+    let report = one
+        .follow(TaskRef::new_style_external("job-8"))
+        .await
+        .unwrap();
+    assert_eq!(report.id, "n-2");
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+    assert_eq!(mock.stats().requests_total, 1, "no query");
+}
+
 /// Through the stack: a new-style create whose answer was lost keeps its slot under its
 /// external id (nothing else frees it, even once the task has ended). Followed by that
 /// external id, the query that sees the task's end frees the slot.
