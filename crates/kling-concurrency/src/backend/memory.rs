@@ -1946,27 +1946,66 @@ impl State {
                     .insert_hashed(hashes[1], account, ext.as_bytes(), place, keys)
             }),
         ];
-        // (Two `if let`s, not a loop over the array: this runs on every create.)
         let [by_id, by_external] = earlier;
-        if let Some(old) = by_id {
-            self.supersede_other(old, place, key);
-        }
-        if let Some(old) = by_external {
-            self.supersede_unknown(old, place);
-        }
-        if self.displaced > 0 {
-            // Holdings under the external id that the index no longer names (another
-            // path's create took the entry after them) may be earlier attempts too: every
-            // one that fits gives its slots back, as in Redis, not only the one named last.
-            self.supersede_displaced(place);
+        if by_id.is_some() || by_external.is_some() || self.displaced > 0 {
+            self.file_after_earlier(place, key, earlier, proves, since, out);
+            return;
         }
         if proves {
-            // After the same task's earlier holding gave its slots back: what is held now.
             self.list[index].prove_level(since);
         }
         if !self.ended.is_empty() {
             self.release_if_ended(place, since, out);
         }
+    }
+
+    /// The rest of [`hold`](State::hold) for a holding filed where earlier ones of the same
+    /// task may be (under its ids, or displaced): each step runs even when one before it
+    /// panics (a metrics recorder, as an earlier attempt gives its slots back), so that no
+    /// earlier attempt, nor a task reported ended already, keeps its slots until its lease.
+    #[cold]
+    fn file_after_earlier(
+        &mut self,
+        place: Place,
+        key: &SlotKey,
+        [by_id, by_external]: [Option<Place>; 2],
+        proves: bool,
+        since: Instant,
+        mut out: Option<&mut Vec<Released>>,
+    ) {
+        each_completing(0..5u8, |step| match step {
+            0 => {
+                if let Some(old) = by_id {
+                    self.supersede_other(old, place, key);
+                }
+            }
+            1 => {
+                if let Some(old) = by_external {
+                    self.supersede_unknown(old, place);
+                }
+            }
+            2 => {
+                if self.displaced > 0 {
+                    // Holdings under the external id that the index no longer names (another
+                    // path's create took the entry after them) may be earlier attempts too:
+                    // every one that fits gives its slots back, as in Redis, not only the one
+                    // named last.
+                    self.supersede_displaced(place);
+                }
+            }
+            3 => {
+                if proves {
+                    // After the same task's earlier holding gave its slots back: what is held
+                    // now.
+                    self.list[place.0].prove_level(since);
+                }
+            }
+            _ => {
+                if !self.ended.is_empty() {
+                    self.release_if_ended(place, since, out.take());
+                }
+            }
+        });
     }
 
     /// Releases the holding just filed at `place` if a report said its task ended before
@@ -2084,9 +2123,9 @@ impl State {
             })
             .map(|(slot, _)| slot)
             .collect();
-        for slot in earlier {
-            self.supersede((place.0, slot));
-        }
+        // Every one, even when a metrics recorder panics as one gives its slots back: the
+        // rest would otherwise hide theirs until their lease.
+        each_completing(earlier.into_iter(), |slot| self.supersede((place.0, slot)));
     }
 
     /// Drops a holding that a newer one of the same task replaces: its slots go back, and it

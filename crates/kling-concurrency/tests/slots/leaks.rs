@@ -1013,6 +1013,117 @@ async fn a_panicking_metrics_recorder_does_not_stop_a_batch_answer_half_way() {
     assert_eq!(held(&handle).await, (0, 0), "both released");
 }
 
+/// A metrics recorder that panics as a create sent again gives back the slots of the first of
+/// several earlier attempts displaced from the index (creates of unknown outcome under its
+/// external id on other paths, which a create of a path not known may be an attempt of) still
+/// lets every one of them give its slots back. Before, the in-process backend superseded them
+/// one by one: the panic in the first one's in-use gauge stopped the loop, and the others hid
+/// their slots until their lease.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_metrics_recorder_does_not_stop_superseding_displaced_attempts_half_way() {
+    use kling_concurrency::backend::{CreatePath, SlotBackend, SlotKey};
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::sync::atomic::Ordering;
+
+    let recorder = PanickyRecorder::default();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(5)).unwrap();
+    drop(layer);
+    let backend = handle.backend();
+    let key = SlotKey::new(handle.default_account().clone(), video());
+    let lease = Duration::from_secs(600);
+    let grant = || {
+        let mut acquire = spawn(backend.acquire(key.clone(), 1));
+        let std::task::Poll::Ready(Ok(reservation)) = acquire.poll() else {
+            panic!("a free slot");
+        };
+        reservation
+    };
+    let keep = |reservation, id: Option<&str>, path: CreatePath| {
+        drop(backend.hold_unread_on(reservation, id, Some("job"), lease, None, path));
+    };
+    let hold = |id: Option<&str>, path: CreatePath| keep(grant(), id, path);
+    // Creates of unknown outcome under `job` on two paths, then a task of a third path under
+    // `job` (known by its task id): the index names the task, and both creates are displaced.
+    hold(None, CreatePath::legacy("/v1/videos/text2video"));
+    hold(None, CreatePath::legacy("/v1/videos/image2video"));
+    hold(
+        Some("t1"),
+        CreatePath::legacy("/v1/videos/multi-image2video"),
+    );
+    assert_eq!(held(&handle).await, (3, 3));
+
+    // A create under `job` of a path not known, answered: both earlier creates may be it, and
+    // give their slots back; the in-use gauge panics at the first.
+    let reservation = grant();
+    recorder.in_use.store(true, Ordering::SeqCst);
+    let again = || keep(reservation, Some("t2"), CreatePath::UNKNOWN);
+    assert!(catch_unwind(AssertUnwindSafe(again)).is_err());
+    assert_eq!(
+        held(&handle).await,
+        (2, 2),
+        "both earlier attempts gave theirs back"
+    );
+}
+
+/// A metrics recorder that panics as a create sent again replaces the earlier attempt the
+/// index names still lets the rest of the filing run: the other earlier attempts (displaced
+/// from the index) give their slots back, and the create's task, reported ended before its
+/// answer came, is released. Before, the panic in the first attempt's in-use gauge unwound out
+/// of the filing: the others hid their slots, and the ended task held its slot, until their
+/// leases.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_metrics_recorder_does_not_stop_filing_a_create_half_way() {
+    use kling_concurrency::backend::{CreatePath, SlotBackend, SlotKey, SlotOp, TaskUpdate};
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::sync::atomic::Ordering;
+
+    let recorder = PanickyRecorder::default();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(5)).unwrap();
+    drop(layer);
+    let backend = handle.backend();
+    let key = SlotKey::new(handle.default_account().clone(), video());
+    let lease = Duration::from_secs(600);
+    let grant = || {
+        let mut acquire = spawn(backend.acquire(key.clone(), 1));
+        let std::task::Poll::Ready(Ok(reservation)) = acquire.poll() else {
+            panic!("a free slot");
+        };
+        reservation
+    };
+    let keep = |reservation, id: Option<&str>, path: CreatePath| {
+        drop(backend.hold_unread_on(reservation, id, Some("job"), lease, None, path));
+    };
+    // Creates of unknown outcome under `job` on two paths: the index names the second.
+    keep(grant(), None, CreatePath::legacy("/v1/videos/text2video"));
+    keep(grant(), None, CreatePath::legacy("/v1/videos/image2video"));
+    // `t9` is reported ended before any answer names it.
+    let ended = SlotOp::Update {
+        account: key.account.clone(),
+        updates: vec![TaskUpdate {
+            id: "t9".to_owned(),
+            external_id: None,
+            status: Some(kling_core::TaskStatus::Succeeded),
+        }],
+        lease,
+    };
+    drop(backend.apply(ended));
+    assert_eq!(held(&handle).await, (2, 2));
+
+    // A create under `job` of a path not known is answered `t9`: the in-use gauge panics as
+    // the attempt the index names gives its slot back.
+    let reservation = grant();
+    recorder.in_use.store(true, Ordering::SeqCst);
+    let answered = || keep(reservation, Some("t9"), CreatePath::UNKNOWN);
+    assert!(catch_unwind(AssertUnwindSafe(answered)).is_err());
+    assert_eq!(
+        held(&handle).await,
+        (0, 0),
+        "both attempts replaced, and the ended task released"
+    );
+}
+
 /// The service below: from `call` on, the metrics recorder panics on every call, and so does
 /// `call`.
 #[derive(Clone)]
