@@ -385,7 +385,8 @@ pub struct MockConfig {
     pub faults: Faults,
     /// Seed of the RNG behind faults, durations and failures.
     pub seed: u64,
-    /// Largest accepted request body in bytes; larger gets 400 code 1200.
+    /// Largest accepted request body in bytes; larger gets 400 code 1200, after the fault draw
+    /// every request meets (over TCP too, where the server stops reading at the bound).
     pub max_body_bytes: usize,
     /// TCP port of [`crate::MockServer::start`] on 127.0.0.1 (0 = a free port).
     pub port: u16,

@@ -16,7 +16,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::MockConfig;
 use crate::error::MockError;
-use crate::service::MockKling;
+use crate::service::{Body, MockKling};
 use crate::stats::Stats;
 
 /// A running mock server. Dropping it stops the server and closes its connections.
@@ -158,15 +158,15 @@ async fn serve_one(
     let (parts, body) = req.into_parts();
     let limit = mock.config().max_body_bytes;
     let body = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
+        Ok(collected) => Body::Read(collected.to_bytes()),
+        // Answered 1200 by the mock, after the fault draw every request meets.
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
         {
-            return Ok(mock.too_large());
+            Body::TooLarge
         }
         Err(_) => return Err(MockError::dropped()),
     };
-    mock.handle(Request::from_parts(parts, Full::new(body)))
-        .await
+    mock.answer(parts, body).await
 }

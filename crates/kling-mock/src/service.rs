@@ -46,6 +46,15 @@ impl Shared {
     }
 }
 
+/// A request body as the mock sees it.
+#[derive(Debug)]
+pub(crate) enum Body {
+    /// Read whole, within [`MockConfig::max_body_bytes`].
+    Read(Bytes),
+    /// Over the bound (the server stops reading it there).
+    TooLarge,
+}
+
 /// The future returned by [`MockKling`]'s `call`.
 pub type ResponseFuture =
     Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, MockError>> + Send + 'static>>;
@@ -179,13 +188,50 @@ impl MockKling {
             .await
             .map(|c| c.to_bytes())
             .unwrap_or_default();
+        let body = if body.len() > self.shared.config.max_body_bytes {
+            Body::TooLarge
+        } else {
+            Body::Read(body)
+        };
+        self.answer(parts, body).await
+    }
+
+    /// Answers one request whose body is read, or known to be over the bound: both paths (the
+    /// server stops reading at the bound) draw and count faults the same way.
+    pub(crate) async fn answer(
+        self,
+        parts: http::request::Parts,
+        body: Body,
+    ) -> Result<Response<Full<Bytes>>, MockError> {
         let path = parts.uri.path().to_owned();
         if let Some(control) = path.strip_prefix("/__mock/") {
-            return Ok(self.control(&parts.method, control, &body));
+            return Ok(match body {
+                Body::Read(body) => self.control(&parts.method, control, &body),
+                // Not counted, as no control request is.
+                Body::TooLarge => {
+                    let mut resp = Response::new(Full::new(Bytes::from(
+                        serde_json::json!({"code": 1200, "message": "request body too large"})
+                            .to_string(),
+                    )));
+                    *resp.status_mut() = http::StatusCode::BAD_REQUEST;
+                    resp.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/json"),
+                    );
+                    resp
+                }
+            });
         }
+        let body = match body {
+            Body::Read(body) => Some(body),
+            Body::TooLarge => None,
+        };
         let fault = {
             let mut state = self.shared.lock();
             state.stats.requests_total += 1;
+            // Only ever set under one lock (below); cleared here too, so that a panic there
+            // cannot leave later answers uncounted.
+            state.losing_answer = false;
             let fault = state.draw_fault();
             match fault {
                 Fault::Drop => {
@@ -210,12 +256,13 @@ impl MockKling {
 
         // A refusal is an answer too, and is lost like any other: every request that draws the
         // lost-answer fault meets it, so its configured rate is the rate clients see.
+        let mut state = self.shared.lock();
+        state.losing_answer = matches!(fault, Fault::LostAnswer);
         let (resp, job) = 'answer: {
-            let mut state = self.shared.lock();
             let now = Instant::now();
-            if body.len() > self.shared.config.max_body_bytes {
+            let Some(body) = &body else {
                 break 'answer (state.error(1200, "request body too large", now, None), None);
-            }
+            };
             let route = routes::parse(&parts.method, &path);
             let auth = parts
                 .headers
@@ -282,36 +329,22 @@ impl MockKling {
             let Some(route) = route else {
                 break 'answer (state.error(1202, "wrong method or path", now, None), None);
             };
-            state.dispatch(&account, &route, parts.uri.query(), &body, now)
+            state.dispatch(&account, &route, parts.uri.query(), body, now)
         };
+        let lost = std::mem::take(&mut state.losing_answer);
+        if lost {
+            // Carried out, its answer never sent: counted as lost (under the lock the request
+            // was carried out under), not by its code.
+            state.stats.answers_lost += 1;
+        }
+        drop(state);
         if let Some(job) = job {
             callbacks::spawn(self.shared.clone(), job);
         }
-        if matches!(fault, Fault::LostAnswer) {
-            // Carried out, its answer never sent: counted as lost, not by its code.
-            let body = http_body_util::BodyExt::collect(resp.into_body())
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
-            let code = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["code"].as_i64());
-            let mut state = self.shared.lock();
-            state.stats.answers_lost += 1;
-            if let Some(code) = code {
-                state.uncount_code(code);
-            }
+        if lost {
             return Err(MockError::dropped());
         }
         Ok(resp)
-    }
-
-    /// Bodies are collected by the server before the limit can be checked; this answers the
-    /// oversized ones the same way the in-process path does.
-    pub(crate) fn too_large(&self) -> Response<Full<Bytes>> {
-        let mut state = self.shared.lock();
-        state.stats.requests_total += 1;
-        state.error(1200, "request body too large", Instant::now(), None)
     }
 
     /// `/__mock/...`: stats and runtime control, without auth, limits or faults.

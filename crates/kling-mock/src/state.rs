@@ -148,6 +148,10 @@ pub(crate) struct State {
     /// Every account by the number of its last sighting, oldest first: open mode finds the one
     /// to forget without going through them all.
     pub(crate) seen: BTreeMap<u64, String>,
+    /// Set while the answer being built will be lost (the `lost_answer_rate` fault): it is
+    /// never sent, so not counted by its code. Counted and then taken back, it showed in a
+    /// snapshot read between the two.
+    pub(crate) losing_answer: bool,
 }
 
 /// Why [`State::set_switches_of`] set nothing.
@@ -209,6 +213,7 @@ impl State {
             next_request: 0,
             admitted: 0,
             seen: BTreeMap::new(),
+            losing_answer: false,
         }
     }
 
@@ -246,18 +251,11 @@ impl State {
             .throttled(self.switches.throttled || own.throttled)
     }
 
-    /// Takes back a response [`State::count_code`] counted that was never sent (a lost answer).
-    pub(crate) fn uncount_code(&mut self, code: i64) {
-        let code = code.to_string();
-        if let Some(n) = self.stats.responses_by_code.get_mut(&code) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.stats.responses_by_code.remove(&code);
-            }
-        }
-    }
-
+    /// Counts a response by its code, unless it is built to be lost ([`State::losing_answer`]).
     fn count_code(&mut self, code: u32) {
+        if self.losing_answer {
+            return;
+        }
         *self
             .stats
             .responses_by_code

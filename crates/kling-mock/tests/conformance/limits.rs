@@ -449,6 +449,47 @@ async fn a_lost_answer_meets_refusals_too_at_the_configured_rate() {
     );
 }
 
+/// A lost answer is never counted among the responses sent, not even for a moment: a reader of
+/// the stats on another thread (a bench's sampler, `GET /__mock/stats`) saw its code counted,
+/// as the mock counted each response when it built it and took a lost one back after.
+/// Real time and a second thread: the race it shows needs one.
+#[tokio::test]
+async fn a_lost_answer_is_never_seen_counted_as_sent() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use http_body_util::Full;
+    use tower_service::Service;
+    let mut mock = crate::support::mock(quiet().lost_answer_rate(1.0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (mock, stop) = (mock.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut seen = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let stats = mock.stats();
+                let sent: u64 = stats.responses_by_code.values().sum();
+                seen += sent;
+                assert!(stats.answers_lost <= stats.requests_total, "{stats:?}");
+            }
+            seen
+        })
+    };
+    for _ in 0..5000 {
+        let req = http::Request::get(LIST)
+            .header("authorization", "Bearer k")
+            .body(Full::new(bytes::Bytes::new()))
+            .unwrap();
+        assert!(mock.call(req).await.is_err());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let seen = reader.join().unwrap();
+    assert_eq!(seen, 0, "responses counted that were never sent");
+    let stats = mock.stats();
+    assert_eq!((stats.requests_total, stats.answers_lost), (5000, 5000));
+    assert!(stats.responses_by_code.is_empty(), "{stats:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn slow_answers_arrive_after_the_scaled_delay() {
     let c = Caller::new(quiet().speed(2.0).slow(1.0, secs(10)));

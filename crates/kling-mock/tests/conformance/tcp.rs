@@ -106,6 +106,59 @@ async fn an_oversized_body_over_tcp_is_1200() {
     assert!(err.get("data").is_none());
 }
 
+/// Sends one POST whose body is over a 16-byte bound on a raw socket; the bytes answered.
+async fn send_oversized(server: &MockServer) -> Vec<u8> {
+    let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+    let body = r#"{"prompt":"a prompt longer than sixteen bytes"}"#;
+    let head = format!(
+        "POST /v1/videos/text2video HTTP/1.1\r\nhost: x\r\nauthorization: Bearer k\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    // The drop fault closes the connection; a response keeps it open (keep-alive) until the
+    // timeout, so only the bytes read so far count.
+    let _ = tokio::time::timeout(Duration::from_millis(500), stream.read_to_end(&mut buf)).await;
+    buf
+}
+
+/// Over TCP an oversized body meets the fault injector as every other request does, and as it
+/// does in process: at a drop rate of 1.0 the connection closes without a response, counted
+/// as dropped (the server answered it 1200 without drawing a fault).
+#[tokio::test]
+async fn a_drop_fault_applies_to_an_oversized_body_over_tcp() {
+    let server = MockServer::start(fast().max_body_bytes(16).drop_rate(1.0))
+        .await
+        .unwrap();
+    let answered = send_oversized(&server).await;
+    assert!(
+        answered.is_empty(),
+        "no response: {}",
+        String::from_utf8_lossy(&answered)
+    );
+    let stats = server.stats();
+    assert_eq!(stats.requests_total, 1);
+    assert_eq!(stats.connections_dropped, 1);
+    assert!(stats.responses_by_code.is_empty(), "{stats:?}");
+    server.shutdown().await;
+}
+
+/// The same with the 5xx fault: an oversized body is answered 5000/5001/5002, not 1200.
+#[tokio::test]
+async fn a_server_error_fault_applies_to_an_oversized_body_over_tcp() {
+    let server = MockServer::start(fast().max_body_bytes(16).fault_rate(1.0))
+        .await
+        .unwrap();
+    let answered = String::from_utf8_lossy(&send_oversized(&server).await).into_owned();
+    assert!(answered.starts_with("HTTP/1.1 5"), "{answered}");
+    let stats = server.stats();
+    assert_eq!(stats.requests_total, 1);
+    assert_eq!(stats.responses("1200"), 0, "{stats:?}");
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_dropped_connection_fault_really_closes_the_connection() {
     let server = MockServer::start(fast().drop_rate(1.0)).await.unwrap();
