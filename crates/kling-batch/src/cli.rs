@@ -114,6 +114,11 @@ pub struct RunArgs {
     /// (default 600).
     #[arg(long, value_name = "SECS", requires = "download")]
     pub download_timeout: Option<f64>,
+    /// Fetch again the result files an earlier run recorded gone (`result file gone`: a
+    /// result URL refused 30 days or more after its task ended). Refused again, the task is
+    /// asked for fresh URLs; if those are refused too, the mark is written anew.
+    #[arg(long, requires = "download")]
+    pub refetch_gone: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics while running.
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
@@ -161,6 +166,7 @@ impl std::fmt::Debug for RunArgs {
             .field("download_connect_timeout", &self.download_connect_timeout)
             .field("download_idle_timeout", &self.download_idle_timeout)
             .field("download_timeout", &self.download_timeout)
+            .field("refetch_gone", &self.refetch_gone)
             .field("metrics_addr", &self.metrics_addr)
             .field("json", &self.json)
             .field("strict", &self.strict)
@@ -474,7 +480,8 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
     if let Some(dir) = &args.download {
         options = options
             .download_dir(dir.clone())
-            .download_timeouts(timeouts);
+            .download_timeouts(timeouts)
+            .refetch_gone(args.refetch_gone);
     }
     let report = match app::execute(
         stack.clone(),

@@ -23,8 +23,11 @@
 //! lifetime answers so too (a file not yet published, a CDN's or proxy's refusal), and
 //! a later run may get it: only a job whose task ended at least [`URL_LIFETIME`] ago
 //! ([`expired`]) and whose every missing file is answered so is recorded once, with a
-//! `download_error` beginning with [`GONE`], and not fetched again. `429`, `408` and `5xx` are
-//! asked again within the run, at most [`MAX_TRIES`] times in all (after the answer's
+//! `download_error` beginning with [`GONE`], and not fetched again (unless a run is told to,
+//! `--refetch-gone`). Before that lifetime is over (or after, with `--refetch-gone`), the
+//! run asks the task for its result URLs again and fetches them, [`MAX_REFRESHES`] times at
+//! most (a signed link may expire sooner, a file be published late). `429`, `408` and `5xx`
+//! are asked again within the run, at most [`MAX_TRIES`] times in all (after the answer's
 //! `Retry-After`, up to 10 s, or 0.5 s doubled each time), within the file's overall cap;
 //! still refused, the file is left for the next run, as is one answered with any other status.
 
@@ -53,6 +56,16 @@ pub const MAX_TRIES: u32 = 3;
 
 /// The wait before the second try of a file, doubled for each later one.
 const RETRY_WAIT: Duration = Duration::from_millis(500);
+
+/// How many times one run asks Kling again for a task's result URLs, and fetches them, when
+/// every file missing was answered `403`, `404` or `410` ([`HttpStatus::is_final`]): a signed
+/// link may expire before the 30 days, or a file be published a moment after its task
+/// ends. A few queries a job, not one a try.
+pub const MAX_REFRESHES: u32 = 2;
+
+/// The wait before a task's result URLs are asked for again ([`MAX_REFRESHES`]), doubled
+/// for each later time.
+pub const REFRESH_WAIT: Duration = Duration::from_millis(500);
 
 /// The longest wait a `Retry-After` may ask for before another try: the server's input.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);

@@ -41,7 +41,7 @@
 //! | `kling-batch demo [--tier pro] [--jobs 100] [--speed 60] [--json]` | the embedded mock, a generated workload, the summary |
 //! | `kling-batch run JOBS.jsonl [--tier T \| --config FILE] [--base-url URL]` | creates, follows, writes `JOBS.results.jsonl`; run again to resume |
 //! | `--callback-listen ADDR [--callback-secret S]` | ends tasks on Kling's callbacks |
-//! | `--download DIR` | saves result files as tasks succeed (`--download-connect-timeout`, `--download-idle-timeout`, `--download-timeout`: see [`download`]) |
+//! | `--download DIR` | saves result files as tasks succeed (`--download-connect-timeout`, `--download-idle-timeout`, `--download-timeout`, `--refetch-gone`: see [`download`]) |
 //! | `--metrics-addr ADDR` | Prometheus metrics at `/metrics` while running |
 //! | `--json` | the summary as one JSON object |
 //! | `--strict` | refuses a file with a malformed line (without it, such a line is skipped, counted, and the exit status is 1) |

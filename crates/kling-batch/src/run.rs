@@ -44,9 +44,11 @@
 //!   tasks end in this run or a resumed run fetches what an earlier one left missing. A file
 //!   the result server refuses as an expired result URL is refused (`403`, `404`, `410`),
 //!   30 days or more after its task ended ([`download::expired`]), is recorded once
-//!   ([`download::GONE`]) and not fetched again; refused so sooner, it is left for the next
-//!   run. `429`, `408` and `5xx` are asked again a few times in the run
-//!   ([`download::MAX_TRIES`]).
+//!   ([`download::GONE`]) and not fetched again ([`RunOptions::refetch_gone`] sets the marks
+//!   aside); refused so sooner, it is left for the next run, once the task was asked for
+//!   its result URLs again and they were fetched, a bounded number of times
+//!   ([`download::MAX_REFRESHES`]; past the 30 days too with `refetch_gone`). `429`, `408`
+//!   and `5xx` are asked again a few times in the run ([`download::MAX_TRIES`]).
 //! - **Stop** (Ctrl-C): the stack's drain gate closes (no create leaves any more), creates in
 //!   flight get a short grace to be recorded, and the run ends; a later run picks up. A create
 //!   still waiting then (for its pool's slot, say) with no attempt sent was never sent: its
@@ -111,6 +113,9 @@ pub struct RunOptions {
     pub download_timeouts: DownloadTimeouts,
     /// How many jobs may download their result files at once.
     pub max_downloads: usize,
+    /// Whether files an earlier run recorded gone for good ([`download::GONE`]) are fetched
+    /// again (`--refetch-gone`): the marks do not hold for this run.
+    pub refetch_gone: bool,
     /// How tasks are queried.
     pub follow: FollowPolicy,
     /// How long creates in flight may still finish after a stop.
@@ -127,6 +132,7 @@ impl std::fmt::Debug for RunOptions {
             .field("download_dir", &self.download_dir)
             .field("download_timeouts", &self.download_timeouts)
             .field("max_downloads", &self.max_downloads)
+            .field("refetch_gone", &self.refetch_gone)
             .field("follow", &self.follow)
             .field("stop_grace", &self.stop_grace)
             .finish()
@@ -143,6 +149,7 @@ impl RunOptions {
             download_dir: None,
             download_timeouts: DownloadTimeouts::default(),
             max_downloads: download::MAX_IN_FLIGHT,
+            refetch_gone: false,
             follow,
             stop_grace: Duration::from_secs(2),
         }
@@ -170,6 +177,15 @@ impl RunOptions {
     /// and resumed runs alike; the others wait their turn.
     pub fn max_downloads(mut self, max: std::num::NonZeroUsize) -> Self {
         self.max_downloads = max.get();
+        self
+    }
+
+    /// Fetches again, with `--download`, the files an earlier run recorded gone for good
+    /// ([`download::GONE`]): after the 30 days a result URL lasts, a query of the task may
+    /// still name a fresh one (see [`download::MAX_REFRESHES`]). The marks are written anew
+    /// when the files are refused again.
+    pub fn refetch_gone(mut self, refetch: bool) -> Self {
+        self.refetch_gone = refetch;
         self
     }
 }
@@ -280,9 +296,21 @@ struct Plan<'a> {
     no_results: Vec<(&'a Job, String)>,
 }
 
-/// A succeeded job of an earlier run with result files missing: its id, task, URLs and
-/// recorded files.
-type Missing = (String, String, Vec<String>, Vec<String>);
+/// A succeeded job whose result files are to be fetched.
+struct Missing {
+    job_id: String,
+    /// Its create path if its task is a legacy one (where the task is asked for fresh URLs).
+    legacy_path: Option<String>,
+    task: String,
+    urls: Vec<String>,
+    /// The files the journal has for it already.
+    recorded: Vec<String>,
+}
+
+/// Where a legacy job's task is queried (its create path); `None` for a new-style one.
+fn legacy_path(job: &Job) -> Option<String> {
+    (job.generation() != ApiGeneration::New).then(|| job.endpoint.trim_end_matches('/').to_owned())
+}
 
 /// A succeeded job of an earlier run without a result URL: its id, its create path if its
 /// task is a legacy one, and its task.
@@ -481,10 +509,12 @@ impl Engine {
                     // Refused for good (an expired result URL): no run can fetch it. A mark
                     // made before the URL's lifetime was over (by an earlier version, or a
                     // clock since set right) is not honoured: the file is asked for again.
-                    let gone = record
-                        .download_error
-                        .as_ref()
-                        .is_some_and(|e| e.message.starts_with(download::GONE))
+                    // Nor is any with `--refetch-gone`.
+                    let gone = !self.options.refetch_gone
+                        && record
+                            .download_error
+                            .as_ref()
+                            .is_some_and(|e| e.message.starts_with(download::GONE))
                         && download::expired(
                             self.journal.succeeded_at(&record.job_id)?,
                             std::time::SystemTime::now(),
@@ -644,7 +674,13 @@ impl Engine {
         if !undownloaded.is_empty() {
             let missing: Vec<Missing> = undownloaded
                 .into_iter()
-                .map(|(job, task, urls, recorded)| (job.id.clone(), task, urls, recorded))
+                .map(|(job, task, urls, recorded)| Missing {
+                    job_id: job.id.clone(),
+                    legacy_path: legacy_path(job),
+                    task,
+                    urls,
+                    recorded,
+                })
                 .collect();
             follows.spawn(self.clone().download_missing(missing));
         }
@@ -653,11 +689,7 @@ impl Engine {
         if !no_results.is_empty() {
             let asked: Vec<NoResult> = no_results
                 .into_iter()
-                .map(|(job, task)| {
-                    let legacy_path = (job.generation() != ApiGeneration::New)
-                        .then(|| job.endpoint.trim_end_matches('/').to_owned());
-                    (job.id.clone(), legacy_path, task)
-                })
+                .map(|(job, task)| (job.id.clone(), legacy_path(job), task))
                 .collect();
             follows.spawn(self.clone().ask_results(asked));
         }
@@ -936,8 +968,7 @@ impl Engine {
         self.tasks.lock().unwrap_or_else(|e| e.into_inner()).insert(
             task.id().to_owned(),
             Running {
-                legacy_path: (job.generation() != ApiGeneration::New)
-                    .then(|| job.endpoint.trim_end_matches('/').to_owned()),
+                legacy_path: legacy_path(job),
                 pool: job.pool().to_string(),
                 created,
             },
@@ -1077,17 +1108,19 @@ impl Engine {
         let mut running = JoinSet::new();
         loop {
             while running.len() < self.options.max_downloads.max(1) {
-                let Some((job_id, task, urls, recorded)) = missing.next() else {
+                let Some(job) = missing.next() else {
                     break;
                 };
                 let engine = self.clone();
                 running.spawn(async move {
-                    let downloaded = caught(engine.download(&job_id, &task, &urls, &recorded));
+                    let downloaded = caught(engine.download(&job));
                     match downloaded.await {
                         Ok(recorded) => recorded,
-                        Err(panic) => {
-                            engine.after_panic(&job_id, "the download of the job's files", &panic)
-                        }
+                        Err(panic) => engine.after_panic(
+                            &job.job_id,
+                            "the download of the job's files",
+                            &panic,
+                        ),
                     }
                 });
             }
@@ -1121,11 +1154,17 @@ impl Engine {
                 None => Asked::New(&ids),
             };
             let answer = self.query_tasks(asked).await;
-            for (job_id, _, task) in &query {
+            for (job_id, legacy_path, task) in &query {
                 let update = match &answer {
                     Ok(found) => match found.iter().find(|t| t.id == *task && has_results(t)) {
                         Some(found) => {
-                            fetch.push((job_id.clone(), task.clone(), found.urls.clone(), vec![]));
+                            fetch.push(Missing {
+                                job_id: job_id.clone(),
+                                legacy_path: legacy_path.clone(),
+                                task: task.clone(),
+                                urls: found.urls.clone(),
+                                recorded: vec![],
+                            });
                             Update {
                                 urls: Some(found.urls.clone()),
                                 clear_error: true,
@@ -1395,18 +1434,18 @@ impl Engine {
         match result {
             Ok(report) if report.status == TaskStatus::Succeeded => {
                 self.ended(now);
+                let legacy_path = match &running {
+                    Some(running) => running.legacy_path.clone(),
+                    None if report.generation == ApiGeneration::New => None,
+                    None => self
+                        .journal
+                        .record(job_id)?
+                        .map(|r| r.endpoint.trim_end_matches('/').to_owned()),
+                };
                 // A report without a result URL kling-batch can read (a signed callback that
                 // carries the status alone, URLs of a shape it does not know): one query for
                 // the whole report before the job is counted.
                 let (report, error) = if report.urls.is_empty() {
-                    let legacy_path = match &running {
-                        Some(running) => running.legacy_path.clone(),
-                        None if report.generation == ApiGeneration::New => None,
-                        None => self
-                            .journal
-                            .record(job_id)?
-                            .map(|r| r.endpoint.trim_end_matches('/').to_owned()),
-                    };
                     let asked = match &legacy_path {
                         Some(path) => Asked::Legacy { path, id: task_id },
                         None => Asked::New(&[task_id]),
@@ -1431,7 +1470,14 @@ impl Engine {
                     ..Update::default()
                 };
                 self.move_to(job_id, JobState::Created, JobState::Succeeded, update)?;
-                self.download(job_id, task_id, &report.urls, &[]).await
+                self.download(&Missing {
+                    job_id: job_id.to_owned(),
+                    legacy_path,
+                    task: task_id.to_owned(),
+                    urls: report.urls,
+                    recorded: vec![],
+                })
+                .await
             }
             Ok(report) => {
                 let message = report
@@ -1501,19 +1547,19 @@ impl Engine {
         }
     }
 
-    /// Fetches a task's result files; `recorded`: the files the journal has for it already.
-    /// `Err` when the journal cannot record them: the files stay on disk, a later run records
-    /// them, and the run stops.
-    async fn download(
-        &self,
-        job_id: &str,
-        task_id: &str,
-        urls: &[String],
-        recorded: &[String],
-    ) -> Result<(), JournalError> {
+    /// Fetches a job's result files (`job.recorded`: the files the journal has for it
+    /// already). When every file missing was answered `403`, `404` or `410` within the URLs'
+    /// 30 days (or past them with [`RunOptions::refetch_gone`]), the task is asked for its
+    /// result URLs again and they are fetched, [`download::MAX_REFRESHES`] times at most: a
+    /// signed link may expire sooner, and a file may be published a moment after its task
+    /// ends. Fresh URLs are recorded. `Err` when the journal cannot record the files: they
+    /// stay on disk, a later run records them, and the run stops.
+    async fn download(&self, job: &Missing) -> Result<(), JournalError> {
         let Some(dir) = &self.options.download_dir else {
             return Ok(());
         };
+        let job_id = job.job_id.as_str();
+        let task_id = job.task.as_str();
         #[cfg(test)]
         self.test_panic(job_id, "download");
         // A turn among the `max_downloads`; the semaphore is never closed.
@@ -1524,43 +1570,87 @@ impl Engine {
         let client = self.download_client.get_or_init(|| {
             download::client(timeouts.connect_timeout()).map_err(|e| e.to_string())
         });
-        let update = match client {
-            Ok(client) => {
-                let fetched =
-                    download::fetch_all(client, dir, job_id, task_id, urls, recorded, timeouts)
-                        .await;
-                // Refused as an expired URL is: gone only once the URL's lifetime is over
-                // (a file not yet published, a CDN's refusal, answer so too).
-                let gone = fetched.gone
-                    && download::expired(
-                        self.journal.succeeded_at(job_id)?,
-                        std::time::SystemTime::now(),
-                    );
-                let error = fetched.error.map(|e| {
-                    if gone {
-                        tracing::warn!(job = %job_id, error = %e, "result file gone; not fetched again");
-                        ErrorInfo::new(
-                            0,
-                            format!("{}: {e}; not fetched again", download::GONE),
-                            None,
-                        )
-                    } else {
-                        tracing::warn!(job = %job_id, error = %e, "download failed; a later run tries again");
-                        ErrorInfo::new(0, format!("{e}; a later run fetches it again"), None)
-                    }
-                });
-                Update::downloaded(fetched.files, error)
+        let client = match client {
+            Ok(client) => client,
+            Err(e) => {
+                let update = Update {
+                    download_error: Some(Some(ErrorInfo::new(
+                        0,
+                        format!("no download client: {e}"),
+                        None,
+                    ))),
+                    ..Update::default()
+                };
+                return self.journal.transition(job_id, JobState::Succeeded, update);
             }
-            Err(e) => Update {
-                download_error: Some(Some(ErrorInfo::new(
+        };
+        let recorded = &job.recorded;
+        let mut fetched =
+            download::fetch_all(client, dir, job_id, task_id, &job.urls, recorded, timeouts).await;
+        // Past the URLs' lifetime, a query names the same expired URLs (or no task): asked
+        // only when told to (`--refetch-gone`), not by every run over old jobs.
+        let expired = download::expired(
+            self.journal.succeeded_at(job_id)?,
+            std::time::SystemTime::now(),
+        );
+        let mut fresh: Option<Vec<String>> = None;
+        let mut wait = download::REFRESH_WAIT;
+        for _ in 0..download::MAX_REFRESHES {
+            if !fetched.gone || (expired && !self.options.refetch_gone) {
+                break;
+            }
+            tokio::time::sleep(wait).await;
+            wait = wait.saturating_mul(2);
+            let Some(urls) = self.result_urls(job).await else {
+                break;
+            };
+            fetched =
+                download::fetch_all(client, dir, job_id, task_id, &urls, recorded, timeouts).await;
+            if urls != job.urls {
+                fresh = Some(urls);
+            }
+        }
+        // Refused as an expired URL is: gone only once the URL's lifetime is over
+        // (a file not yet published, a CDN's refusal, answer so too).
+        let gone = fetched.gone && expired;
+        let error = fetched.error.map(|e| {
+            if gone {
+                tracing::warn!(job = %job_id, error = %e, "result file gone; not fetched again");
+                ErrorInfo::new(
                     0,
-                    format!("no download client: {e}"),
+                    format!("{}: {e}; not fetched again", download::GONE),
                     None,
-                ))),
-                ..Update::default()
-            },
+                )
+            } else {
+                tracing::warn!(job = %job_id, error = %e, "download failed; a later run tries again");
+                ErrorInfo::new(0, format!("{e}; a later run fetches it again"), None)
+            }
+        });
+        let update = Update {
+            urls: fresh,
+            ..Update::downloaded(fetched.files, error)
         };
         self.journal.transition(job_id, JobState::Succeeded, update)
+    }
+
+    /// The result URLs a query of `job`'s task names now, if it succeeded with some; `None`
+    /// when the query fails or names none (a warning says why).
+    async fn result_urls(&self, job: &Missing) -> Option<Vec<String>> {
+        let ids = [job.task.as_str()];
+        let asked = match &job.legacy_path {
+            Some(path) => Asked::Legacy { path, id: ids[0] },
+            None => Asked::New(&ids),
+        };
+        match self.query_tasks(asked).await {
+            Ok(found) => found
+                .into_iter()
+                .find(|t| t.id == job.task && has_results(t))
+                .map(|t| t.urls),
+            Err(e) => {
+                tracing::warn!(job = %job.job_id, error = %e, "cannot ask the task for fresh result URLs");
+                None
+            }
+        }
     }
 
     /// A task report from a callback. `trusted` (the signature was verified): the report

@@ -89,6 +89,12 @@ struct Rejected {
 /// Zero once the call ended (or was dropped) means nothing of it left this process: every
 /// attempt passes the attempt tally on its way to the client.
 ///
+/// A second extension beside the stack's own signals, it makes the retry layer's template and
+/// the auth layer's resend copy the whole extension map (4 allocations each) instead of the
+/// signals alone (none). Kept so: counting by the task that polls the call instead would make
+/// "nothing left" (a stopped create sent again without a lookup) rest on no layer ever
+/// sending from another task. A slot for it among kling-core's signals would cost a refcount.
+///
 /// # Clone
 ///
 /// Clones share the count.

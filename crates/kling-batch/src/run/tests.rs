@@ -1838,3 +1838,217 @@ async fn a_resumed_run_adopts_each_models_tasks_into_its_own_pool() {
         (1, 2)
     );
 }
+
+/// A Kling and result server in one, on a free local port: a query of a legacy task
+/// (`{ENDPOINT}/{id}`) answers it succeeded with the result URL `{base}/fresh/{n}/0.mp4`,
+/// `n` counting the queries; `/stale/…` answers `403` (a signed link that expired), and
+/// `/fresh/…` the file while `serves` holds, else `404`. Returns the base URL and the paths
+/// asked.
+async fn refreshing_server(serves: Arc<AtomicBool>) -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let app = axum::Router::new().fallback({
+        let (base, asked) = (base.clone(), asked.clone());
+        move |uri: http::Uri| {
+            let path = uri.path().to_owned();
+            let queries = {
+                let mut asked = asked.lock().unwrap();
+                asked.push(path.clone());
+                asked.iter().filter(|p| p.starts_with(ENDPOINT)).count()
+            };
+            let (base, serves) = (base.clone(), serves.load(Ordering::SeqCst));
+            async move {
+                let answer = |status: u16, body: String| {
+                    http::Response::builder()
+                        .status(status)
+                        .body(axum::body::Body::from(body))
+                        .unwrap()
+                };
+                if let Some(id) = path.strip_prefix(&format!("{ENDPOINT}/")) {
+                    let result =
+                        format!(r#"{{"videos":[{{"url":"{base}/fresh/{queries}/0.mp4"}}]}}"#);
+                    answer(200, succeeded_legacy(id, &result))
+                } else if path.starts_with("/fresh/") && serves {
+                    answer(200, "video".to_owned())
+                } else if path.starts_with("/fresh/") {
+                    answer(404, String::new())
+                } else {
+                    answer(403, "expired".to_owned())
+                }
+            }
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (base, asked)
+}
+
+/// An engine over a stack against `base` whose job `cat` is `created` as task `task`.
+fn engine_with_created_job(
+    base: &str,
+    journal: &Journal,
+    task: &str,
+    options: RunOptions,
+) -> (Arc<Engine>, Vec<Job>) {
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+        base,
+    )
+    .unwrap();
+    let (jobs, _) = parse_jobs("{\"id\":\"cat\",\"prompt\":\"a cat\"}\n");
+    journal.register(&jobs).unwrap();
+    if journal.record("cat").unwrap().unwrap().state == JobState::Queued {
+        journal
+            .transition("cat", JobState::Creating, Update::default())
+            .unwrap();
+        journal
+            .transition("cat", JobState::Created, Update::task(task))
+            .unwrap();
+    }
+    let engine = Engine::new(stack, journal.clone(), options).unwrap();
+    (engine, jobs)
+}
+
+/// A result URL answered `403` within its 30 days (a signed link that expired sooner) was
+/// asked again only by the next run. The run asks the task for its result URLs again and
+/// fetches the fresh one, recording it; a file refused whatever the URL costs
+/// [`download::MAX_REFRESHES`] queries, and is left for the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_url_refused_while_young_is_fetched_again_from_a_fresh_query_of_the_task() {
+    let task = "860000000000000011";
+    let serves = Arc::new(AtomicBool::new(true));
+    let (base, asked) = refreshing_server(serves.clone()).await;
+    let dir = std::env::temp_dir().join(format!("kling-batch-refresh-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let options = RunOptions::new(default_follow_policy(1.0)).download_dir(dir.clone());
+    let stale = format!("{base}/stale/0.mp4");
+    let report = |url: &str| {
+        let body = succeeded_legacy(task, &format!(r#"{{"videos":[{{"url":"{url}"}}]}}"#));
+        Envelope::parse(body.as_bytes()).unwrap().tasks[0].clone()
+    };
+
+    let journal = Journal::open_in_memory().unwrap();
+    let (engine, jobs) = engine_with_created_job(&base, &journal, task, options.clone());
+    engine.track(&jobs[0], &TaskRef::legacy(ENDPOINT, task), Instant::now());
+    engine
+        .finish("cat", task, Ok(report(&stale)))
+        .await
+        .unwrap();
+    let record = journal.record("cat").unwrap().unwrap();
+    assert_eq!(record.download_error, None, "{record:?}");
+    assert_eq!(
+        record.urls,
+        [format!("{base}/fresh/1/0.mp4")],
+        "the fresh URL"
+    );
+    assert_eq!(record.files.len(), 1, "{record:?}");
+    assert_eq!(std::fs::read(&record.files[0]).unwrap(), b"video");
+    assert_eq!(
+        *asked.lock().unwrap(),
+        [
+            "/stale/0.mp4",
+            &format!("{ENDPOINT}/{task}"),
+            "/fresh/1/0.mp4"
+        ]
+    );
+
+    // Refused whatever the URL: a bounded number of queries, and left for the next run.
+    serves.store(false, Ordering::SeqCst);
+    asked.lock().unwrap().clear();
+    let _ = std::fs::remove_dir_all(&dir);
+    let journal = Journal::open_in_memory().unwrap();
+    let (engine, jobs) = engine_with_created_job(&base, &journal, task, options);
+    engine.track(&jobs[0], &TaskRef::legacy(ENDPOINT, task), Instant::now());
+    engine
+        .finish("cat", task, Ok(report(&stale)))
+        .await
+        .unwrap();
+    let record = journal.record("cat").unwrap().unwrap();
+    let error = record.download_error.expect("the file is missing");
+    assert!(
+        !error.message.starts_with(download::GONE),
+        "young: {error:?}"
+    );
+    assert!(error.message.contains("http 404"), "{error:?}");
+    assert!(record.files.is_empty(), "{:?}", record.files);
+    let asked = asked.lock().unwrap().clone();
+    let queries = asked.iter().filter(|p| p.starts_with(ENDPOINT)).count();
+    assert_eq!(queries, download::MAX_REFRESHES as usize, "{asked:?}");
+    assert_eq!(
+        asked.len(),
+        1 + 2 * download::MAX_REFRESHES as usize,
+        "{asked:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A file recorded gone for good (its URL refused 30 days or more after its task ended)
+/// could be fetched again only by editing the journal. `--refetch-gone` asks for it again,
+/// and a fresh URL from a query of the task is fetched; without it, nothing is asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refetch_gone_fetches_a_file_recorded_gone_through_a_fresh_url() {
+    let task = "860000000000000012";
+    let (base, asked) = refreshing_server(Arc::new(AtomicBool::new(true))).await;
+    let dir = std::env::temp_dir().join(format!("kling-batch-refetch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let journal_path = dir.join("journal.sqlite");
+    let files = dir.join("files");
+    let options = RunOptions::new(default_follow_policy(1.0)).download_dir(files.clone());
+    let stale = format!("{base}/stale/0.mp4");
+    {
+        let journal = Journal::open(&journal_path).unwrap();
+        let _ = engine_with_created_job(&base, &journal, task, options.clone());
+        let gone = ErrorInfo::new(
+            0,
+            format!("{}: http 403; not fetched again", download::GONE),
+            None,
+        );
+        let update = Update {
+            urls: Some(vec![stale.clone()]),
+            download_error: Some(Some(gone)),
+            ..Update::default()
+        };
+        journal
+            .transition("cat", JobState::Succeeded, update)
+            .unwrap();
+    }
+    // The task ended 31 days ago.
+    let moved = rusqlite::Connection::open(&journal_path)
+        .unwrap()
+        .execute(
+            "UPDATE transitions SET at = at - 31 * 86400 WHERE to_state = 'succeeded'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(moved, 1);
+
+    let run = |options: RunOptions| {
+        let journal = Journal::open(&journal_path).unwrap();
+        let (engine, jobs) = engine_with_created_job(&base, &journal, task, options);
+        async move {
+            let (_stop, stop) = watch::channel(false);
+            engine.run(&jobs, stop).await.unwrap().records.remove(0)
+        }
+    };
+    let record = run(options.clone()).await;
+    assert!(
+        asked.lock().unwrap().is_empty(),
+        "{:?}",
+        asked.lock().unwrap()
+    );
+    let error = record.download_error.expect("still gone");
+    assert!(error.message.starts_with(download::GONE), "{error:?}");
+
+    let record = run(options.refetch_gone(true)).await;
+    assert_eq!(record.download_error, None, "{record:?}");
+    assert_eq!(record.urls, [format!("{base}/fresh/1/0.mp4")], "{record:?}");
+    assert_eq!(record.files.len(), 1, "{record:?}");
+    assert!(
+        record.files[0].starts_with(files.to_str().unwrap()),
+        "{record:?}"
+    );
+    assert_eq!(std::fs::read(&record.files[0]).unwrap(), b"video");
+    let _ = std::fs::remove_dir_all(&dir);
+}

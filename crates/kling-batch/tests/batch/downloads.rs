@@ -670,7 +670,10 @@ async fn a_refusal_for_good_is_reported_gone_and_a_5xx_is_asked_again_a_few_time
 /// under `downloads gone`, and a later run does not ask for it again (nor creates anything).
 /// Sooner, a `404` is no expiry (a file not yet published, a CDN's refusal): the first run,
 /// whose URL was minutes old, recorded the file gone for good; it is left for the next run,
-/// and a gone-mark made so (by the version that brought the mark) is not honoured.
+/// and a gone-mark made so (by the version that brought the mark) is not honoured. Each run
+/// that asks for it while its URL is young asks the task for its URLs again, a bounded
+/// number of times, before it gives up; past the 30 days, it does not. `--refetch-gone` asks for a file recorded gone again (the mark was final: only
+/// an edit of the journal brought it back), and writes the mark anew when it is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_result_url_is_recorded_once_and_not_fetched_on_every_run() {
     let (files, asked) = status_server().await;
@@ -693,7 +696,9 @@ async fn an_expired_result_url_is_recorded_once_and_not_fetched_on_every_run() {
         "--json",
     ];
     let count = || asked.lock().unwrap().get("gone").copied().unwrap_or(0);
-    for run in 0..4 {
+    // One try, and one after each fresh query of the task.
+    let tries = 1 + download::MAX_REFRESHES as usize;
+    for run in 0..5 {
         let db = rusqlite::Connection::open(&journal_path);
         if run == 1 {
             // A gone-mark made while the URL was young (as the version that introduced the
@@ -720,6 +725,10 @@ async fn an_expired_result_url_is_recorded_once_and_not_fetched_on_every_run() {
                 .unwrap();
             assert_eq!(moved, 1);
         }
+        let mut args = args.to_vec();
+        if run == 4 {
+            args.push("--refetch-gone");
+        }
         let output = finish(run_command(&jobs, &server.base_url(), &args)).await;
         assert_eq!(
             output.status.code(),
@@ -740,12 +749,22 @@ async fn an_expired_result_url_is_recorded_once_and_not_fetched_on_every_run() {
             assert!(!why.starts_with(download::GONE), "a young URL: {why}");
             assert!(why.contains("a later run fetches it again"), "{why}");
             assert_eq!(counted, (Some(0), Some(1)), "run {run}: {summary}");
-            assert_eq!(count(), run + 1, "run {run}");
+            assert_eq!(count(), (run + 1) * tries, "run {run}");
         } else {
             assert!(why.starts_with(download::GONE), "{why}");
             assert!(why.contains("not fetched again"), "{why}");
             assert_eq!(counted, (Some(1), Some(0)), "run {run}: {summary}");
-            assert_eq!(count(), 3, "run {run}: asked once more, by the third run");
+            let asked = if run < 4 {
+                2 * tries + 1
+            } else {
+                3 * tries + 1
+            };
+            assert_eq!(
+                count(),
+                asked,
+                "run {run}: asked once more by the third run (its URL expired: no query of the \
+                 task), and again by the one with --refetch-gone"
+            );
         }
     }
     assert_eq!(server.stats().tasks_created, 1);
