@@ -416,8 +416,8 @@ struct LocalHalt {
     /// has not sent it again yet), creates of the account are refused here without asking
     /// Redis, which would grant them.
     stored_in: Option<i64>,
-    /// When it was made ([`Inner::made_at`]; empty: not known, one Redis told of): sent again
-    /// after a new generation, it does not undo a reset made after it.
+    /// When it was made ([`Inner::made_at`], or as Redis had it for one Redis told of; empty:
+    /// not known): sent again after a new generation, it does not undo a reset made after it.
     at: String,
 }
 
@@ -516,6 +516,7 @@ struct Inner {
     acquire: Script,
     apply: Script,
     snapshot: Script,
+    read_halts: Script,
 }
 
 impl Drop for Inner {
@@ -641,6 +642,7 @@ impl RedisSlots {
                 acquire: Script::new(&slots_lua::acquire(ended_for)),
                 apply: Script::new(&slots_lua::apply(ended_for)),
                 snapshot: Script::new(&slots_lua::snapshot(ended_for)),
+                read_halts: Script::new(slots_lua::READ_HALTS),
             }),
         }
     }
@@ -1596,12 +1598,14 @@ impl Inner {
                 {
                     lock(&self.registry).insert(h, held);
                 }
-                self.queue(args);
+                let coalesced = self.queue(args);
+                let finished = self.coalesced_ends(&coalesced, &local.released);
                 for r in &local.released {
                     let pk = self.pk(&r.key);
                     self.wake(&pk);
                 }
                 self.show_in_use();
+                finished.record();
                 match self.when_unreachable {
                     WhenUnreachable::Fail if !queued => Err(e.into_slots()),
                     _ => Ok(local),
@@ -1609,6 +1613,33 @@ impl Inner {
             }
             Err(e) => Err(e.into_slots()),
         }
+    }
+
+    /// The ends merged with their tasks' holds while kept for replay ([`coalesce_end`]), of
+    /// the tasks `released` here: counted here (Redis, which never sees them, counts nothing)
+    /// and noted as counted, for their reports sent again after a new generation.
+    fn coalesced_ends(&self, coalesced: &[Vec<String>], released: &[Released]) -> Finished {
+        let mut finished = Finished::default();
+        if coalesced.is_empty() {
+            return finished;
+        }
+        let mut ends = lock(&self.ends);
+        for report in coalesced {
+            let [id, ext, ..] = report.as_slice() else {
+                continue;
+            };
+            let is =
+                |task: &str| (!id.is_empty() && id == task) || (!ext.is_empty() && ext == task);
+            if let Some(r) = released.iter().find(|r| r.task.as_deref().is_some_and(is)) {
+                finished
+                    .0
+                    .push((r.key.pool.clone(), r.reason.as_str().to_owned(), r.held_for));
+            }
+            if let Some(end) = ends.iter_mut().rev().find(|end| end.report == report[..]) {
+                end.counted = true;
+            }
+        }
+        finished
     }
 
     /// After the reports `args` ran in Redis (counting `released`): notes which of the ends
@@ -1692,12 +1723,22 @@ impl Inner {
     /// generation takes the cause Redis has now (a later `1102` replaced it there), so that
     /// the reset of that one, broadcast with its cause, ends it here too; one Redis does not
     /// have yet (this process's own, its script on the way) stays as recorded.
-    fn learn_halt(&self, account: &AccountId, cause: &ApiError, generation: i64) -> bool {
+    ///
+    /// `at` is when Redis says the halt was made (its `PREFIX:stamps` field; empty: not read
+    /// with it). Sent again after Redis lost its state, the halt carries it, so that a reset
+    /// made after it in the new generation is not undone. A known halt whose time is not
+    /// known takes it; one replaced by the cause Redis has takes that one's.
+    fn learn_halt(&self, account: &AccountId, cause: &ApiError, generation: i64, at: &str) -> bool {
         let learnt = match lock(&self.halts).entry(account.clone()) {
             Entry::Occupied(mut known) => {
                 let known = known.get_mut();
                 if known.stored_in == Some(generation) {
-                    known.cause = cause.clone();
+                    if encode_cause(&known.cause) != encode_cause(cause) {
+                        known.cause = cause.clone();
+                        at.clone_into(&mut known.at);
+                    } else if known.at.is_empty() {
+                        at.clone_into(&mut known.at);
+                    }
                 }
                 false
             }
@@ -1706,7 +1747,7 @@ impl Inner {
                     cause: cause.clone(),
                     n: self.next_halt.fetch_add(1, Ordering::Relaxed),
                     stored_in: Some(generation),
-                    at: String::new(),
+                    at: at.to_owned(),
                 });
                 true
             }
@@ -1738,7 +1779,10 @@ impl Inner {
     /// under the same prefix: pub/sub ignores databases), it is not taken: its account is
     /// returned, for the subscriber to read the halt from Redis
     /// ([`read_halts`](Self::read_halts)), else this process would refuse the account's creates
-    /// without asking, a halt no maintenance pass checks and no reset reaches.
+    /// without asking, a halt no maintenance pass checks and no reset reaches. Taken, its
+    /// account is returned too while the halt's time is not known, for the subscriber to read
+    /// it ([`learn_halt`](Self::learn_halt)); should that read fail, the account's next ask
+    /// here, refused, tells it.
     fn halt_broadcast(&self, payload: Option<&str>) -> Option<AccountId> {
         #[cfg(feature = "testing")]
         if self.miss_halt_broadcasts.load(Ordering::Acquire) {
@@ -1758,7 +1802,15 @@ impl Inner {
                 if generation != self.generation.load(Ordering::Acquire) {
                     return Some(account);
                 }
-                self.learn_halt(&account, &cause, generation);
+                self.learn_halt(&account, &cause, generation, "");
+                // Learnt at once (the broadcast carries no stamp, for processes older than
+                // stamps); when it was made is read with the halt right after.
+                let unstamped = lock(&self.halts)
+                    .get(&account)
+                    .is_some_and(|halt| halt.stored_in == Some(generation) && halt.at.is_empty());
+                if unstamped {
+                    return Some(account);
+                }
             }
             None => tracing::warn!(
                 channel = %self.conn.key("halted"),
@@ -1792,16 +1844,15 @@ impl Inner {
         self.read_halts(&accounts).await
     }
 
-    /// Reads the halts of `accounts` from Redis, with its generation, and learns those set
-    /// ([`learn_halt`](Self::learn_halt)). One `MGET` per 256 accounts.
+    /// Reads the halts of `accounts` from Redis, with its generation and when each was made,
+    /// and learns those set ([`learn_halt`](Self::learn_halt)). One script
+    /// ([`READ_HALTS`](slots_lua::READ_HALTS)) per 256 accounts.
     async fn read_halts(&self, accounts: &[AccountId]) -> Result<(), StoreError> {
         for chunk in accounts.chunks(256) {
-            let mut mget = redis::cmd("MGET");
-            mget.arg(self.conn.key("alive"));
-            for account in chunk {
-                mget.arg(self.halt_key(account));
-            }
-            let values: Vec<Option<String>> = self.conn.query(&mget).await?;
+            let mut args = vec![self.conn.key("stamps"), self.conn.key("alive")];
+            args.extend(chunk.iter().map(|account| self.halt_key(account)));
+            let (values, stamps): (Vec<Option<String>>, Vec<Option<String>>) =
+                self.conn.run(&self.read_halts, &[], &args).await?;
             // No generation: Redis lost its state, halts included (those who knew send them
             // again, broadcast).
             let Some(generation) = values
@@ -1811,11 +1862,12 @@ impl Inner {
             else {
                 return Ok(());
             };
-            for (account, cause) in chunk.iter().zip(values.iter().skip(1)) {
+            for (i, (account, cause)) in chunk.iter().zip(values.iter().skip(1)).enumerate() {
                 let Some(cause) = cause else { continue };
+                let at = stamps.get(i).cloned().flatten().unwrap_or_default();
                 match decode_cause(cause) {
                     Some(cause) => {
-                        self.learn_halt(account, &cause, generation);
+                        self.learn_halt(account, &cause, generation, &at);
                     }
                     None => tracing::warn!(
                         "ignoring a malformed halt in redis (not a 1102 as this crate writes it)"
@@ -1856,7 +1908,13 @@ impl Inner {
     /// replaces the earlier renewals of the same tasks (replayed later, it renews the lease
     /// from then, or ends the task); at most [`MAX_PENDING_REPORTS`] are kept. A halt, reset or
     /// capacity is marked replayed ([`STAMPED`]): Redis drops it if a later one came meanwhile.
-    fn queue(&self, mut args: Vec<String>) {
+    ///
+    /// An end whose task's hold is still kept (a task created and ended while Redis was away)
+    /// is not kept: both become a give-back of the holding in the one merged give-back the
+    /// queue keeps ([`coalesce_end`]). Returns those ends' reports (id, ext, status, flag),
+    /// whose releases the caller counts (no reply from Redis will).
+    fn queue(&self, mut args: Vec<String>) -> Vec<Vec<String>> {
+        let mut coalesced = Vec::new();
         if STAMPED.contains(&args[3].as_str())
             && let Some(replayed) = args.last_mut()
         {
@@ -1871,13 +1929,13 @@ impl Inner {
             pending.retain(|entry| !matches!(entry, Pending::Register(h) if h == holding));
         }
         if args[3] == "upd" {
-            let account = &args[5];
+            let account = args[5].clone();
             let new: Vec<&[String]> = args[UPD_REPORTS..].chunks_exact(4).collect();
             let mut emptied = false;
             for entry in pending.iter_mut() {
                 if let Pending::Args(old) = entry
                     && old[3] == "upd"
-                    && old[5] == *account
+                    && old[5] == account
                 {
                     let before = old.len();
                     retain_reports(old, |q| {
@@ -1886,7 +1944,16 @@ impl Inner {
                     emptied |= before > UPD_REPORTS && old.len() == UPD_REPORTS;
                 }
             }
-            let mut reports = new.len()
+            let reports = args.split_off(UPD_REPORTS);
+            for quad in reports.chunks_exact(4) {
+                if quad[3] != "0" && coalesce_end(&mut pending, &account, quad, &self.overflowed) {
+                    coalesced.push(quad.to_vec());
+                } else {
+                    args.extend_from_slice(quad);
+                }
+            }
+            let new = (args.len() - UPD_REPORTS) / 4;
+            let mut reports = new
                 + pending
                     .iter()
                     .map(|entry| match entry {
@@ -1919,8 +1986,13 @@ impl Inner {
                     "redis away: dropping the oldest task reports kept for replay"
                 );
             }
+            if args.len() == UPD_REPORTS {
+                // Every report it carried was an end merged with its hold.
+                return coalesced;
+            }
         }
         pending.push_back(Pending::Args(args));
+        coalesced
     }
 
     /// Marks the store alive once per backend. A store with no generation starts one with a
@@ -2442,6 +2514,108 @@ fn give_back_instead_of_hold(pending: &mut VecDeque<Pending>, account: &str, end
     }
 }
 
+/// Where a merged give-back's holdings start in its arguments (`gives`): triples of the pool
+/// key, the holding and the task id to note ended (empty: none).
+const GIVES: usize = 4;
+
+/// An end `end` (id, ext, status, flag) of `account` about to be kept for replay: when the
+/// hold of its task is kept too (the task created and ended while Redis was away, or its
+/// hold queued behind such changes), and nothing else kept names the task (by the task or
+/// external id of either: an adopt, another hold, a report of it), the hold goes and its
+/// holding joins the queue's one merged give-back; true then, and the end is not kept.
+///
+/// Replayed, the give-back frees the grant Redis may have (one made before Redis went away,
+/// or whose ask's answer was lost) and notes the task ended (a reconcile whose list ran behind
+/// the end adopts nothing), as the hold and end would have left it, in one change for the
+/// whole outage instead of two per task. At most [`MAX_PENDING_REPORTS`] holdings: past that
+/// the oldest is dropped (its grant, if Redis has one, held until its lease runs out, as
+/// when an end is dropped), with the reports' one warning per outage.
+fn coalesce_end(
+    pending: &mut VecDeque<Pending>,
+    account: &str,
+    end: &[String],
+    overflowed: &AtomicBool,
+) -> bool {
+    let [id, ext, ..] = end else { return false };
+    let names = |args: &[String]| {
+        args[3] == "hold"
+            && args[HOLD_ACCOUNT] == account
+            && ((!id.is_empty() && args[HOLD_ID] == *id)
+                || (args[HOLD_ID].is_empty() && !ext.is_empty() && args[HOLD_EXT] == *ext))
+    };
+    let mut found = pending
+        .iter()
+        .enumerate()
+        .filter(|(_, entry)| matches!(entry, Pending::Args(args) if names(args)))
+        .map(|(at, _)| at);
+    let (Some(at), None) = (found.next(), found.next()) else {
+        return false;
+    };
+    let Some(Pending::Args(hold)) = pending.get(at) else {
+        return false;
+    };
+    let texts: Vec<&str> = [id, ext, &hold[HOLD_ID], &hold[HOLD_EXT]]
+        .into_iter()
+        .map(String::as_str)
+        .filter(|text| !text.is_empty())
+        .collect();
+    let named = |text: &String| texts.contains(&text.as_str());
+    let elsewhere = pending.iter().enumerate().any(|(i, entry)| {
+        let Pending::Args(args) = entry else {
+            return false;
+        };
+        i != at
+            && match args[3].as_str() {
+                "hold" | "adopt" | "reg" => {
+                    args[HOLD_ACCOUNT] == account
+                        && (named(&args[HOLD_ID]) || named(&args[HOLD_EXT]))
+                }
+                "upd" => {
+                    args[5] == account
+                        && args[UPD_REPORTS..]
+                            .chunks_exact(4)
+                            .any(|q| named(&q[0]) || named(&q[1]))
+                }
+                _ => false,
+            }
+    });
+    if elsewhere {
+        return false;
+    }
+    let task = if id.is_empty() { &hold[HOLD_ID] } else { id };
+    let triple = [hold[4].clone(), hold[5].clone(), task.clone()];
+    let merged = pending
+        .iter()
+        .position(|entry| matches!(entry, Pending::Args(args) if args[3] == "gives"));
+    match merged {
+        Some(merged) => {
+            pending.remove(at);
+            let merged = if merged > at { merged - 1 } else { merged };
+            let Some(Pending::Args(gives)) = pending.get_mut(merged) else {
+                return true;
+            };
+            gives.extend(triple);
+            if (gives.len() - GIVES) / 3 > MAX_PENDING_REPORTS {
+                gives.drain(GIVES..GIVES + 3);
+                if !overflowed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        max = MAX_PENDING_REPORTS,
+                        "redis away: dropping the oldest task reports kept for replay"
+                    );
+                }
+            }
+        }
+        None => {
+            if let Some(Pending::Args(args)) = pending.get_mut(at) {
+                args.truncate(GIVES);
+                args[3] = "gives".to_owned();
+                args.extend(triple);
+            }
+        }
+    }
+    true
+}
+
 struct Prepared {
     args: Vec<String>,
     local: Applied,
@@ -2824,7 +2998,8 @@ fn released_by(
 enum Verdict {
     Granted,
     Wait(Option<i64>),
-    Halted(String),
+    /// The halt's cause and when it was made (empty: not known).
+    Halted(String, String),
     Over(u32),
 }
 
@@ -3017,7 +3192,10 @@ impl SlotBackend for RedisSlots {
                         let verdict = match verdict {
                             0 => Verdict::Granted,
                             1 | 2 => Verdict::Wait(items.get(1).map(int).filter(|&t| t >= 0)),
-                            3 => Verdict::Halted(items.get(1).map(text).unwrap_or_default()),
+                            3 => Verdict::Halted(
+                                items.get(1).map(text).unwrap_or_default(),
+                                items.get(4).map(text).unwrap_or_default(),
+                            ),
                             4 => Verdict::Over(
                                 u32::try_from(items.get(1).map_or(0, int)).unwrap_or(0),
                             ),
@@ -3112,7 +3290,7 @@ impl SlotBackend for RedisSlots {
                         guard.armed = false;
                         return Ok(Reservation { key, weight, token });
                     }
-                    Verdict::Halted(cause) => {
+                    Verdict::Halted(cause, halt_made_at) => {
                         // An earlier ask whose answer was lost may have been granted before
                         // the halt was set (the script checks the halt first): its grant is
                         // given back (a give-back of none changes nothing).
@@ -3131,7 +3309,7 @@ impl SlotBackend for RedisSlots {
                         });
                         // Kept as recorded if this process recorded one since it asked.
                         let generation = inner.generation.load(Ordering::Acquire);
-                        inner.learn_halt(&key.account, &cause, generation);
+                        inner.learn_halt(&key.account, &cause, generation, &halt_made_at);
                         return Err(AcquireError::Halted(Halted::new(
                             key.account.clone(),
                             cause,

@@ -15,7 +15,7 @@
 //! | `P:pools` | set | every pool key |
 //! | `P:cap` | hash | capacity set at run time: `ACCOUNT|POOL` or `*|POOL` → slots |
 //! | `P:halt:ACCOUNT` | string | the 1102 that halted the account (`status \n envelope`) |
-//! | `P:stamps` | hash | `h:` halt key or `c:` capacity field → when the latest halt, reset or capacity applied to it was made (fleet time, µs): a replayed one made before is dropped (one field per account halted and per capacity set) |
+//! | `P:stamps` | hash | `h:` halt key or `c:` capacity field → when the latest halt, reset or capacity applied to it was made (fleet time, µs): a replayed one made before is dropped (one field per account halted or reset and per capacity field set, both the user's: no request data adds one; never expired) |
 //! | `P:alive` | string | present while Redis keeps its state; value: the generation, which is the end of the re-registration grace (µs) that started it |
 //! | `P:seq` | string | the sequence: each script's number (see `PRELUDE`) |
 //! | `P:run` | string | the `run_id` of the server that wrote the generation: another one (a restart, which may load an older snapshot; a failover to a replica, which may lag) starts a new generation |
@@ -385,7 +385,8 @@ end
 /// place outlives its last ask (µs), 15 '1' to take a place when it must wait, 16.. capacity
 /// fields.
 /// Returns {0, lost} granted, {1, next wake or -1, lost} full or another create is ahead,
-/// {2, grace end, lost}, {3, cause, lost} halted, {4, capacity, lost} never fits; once the
+/// {2, grace end, lost}, {3, cause, lost, {}, when the halt was made ('' not
+/// known)} halted, {4, capacity, lost} never fits; once the
 /// pool's leases were checked, the tasks whose lease ran out follow as a last element (flat
 /// septuples, as `APPLY` returns them), so the metrics count them once, in this process.
 ///
@@ -401,7 +402,10 @@ local w = tonumber(ARGV[6])
 local cause = redis.call('GET', ARGV[8])
 if cause then
   if leave(pk, h) then redis.call('PUBLISH', P .. ':freed', pk) end
-  return {3, cause, lost}
+  -- With when it was made, as Redis has it: a process that learns the halt here and sends it
+  -- again after a loss of state sends it with that time, so a reset made after it stays.
+  local at = stamp_of('h:' .. ARGV[8])
+  return {3, cause, lost, {}, at and int(at) or ''}
 end
 if redis.call('HEXISTS', pk .. ':h', h) == 1 then return {0, lost} end
 if now < grace_until then return {2, grace_until, lost} end
@@ -511,6 +515,21 @@ if op == 'give' then
   give(ARGV[5], ARGV[6])
   if leave(ARGV[5], ARGV[6]) then redis.call('PUBLISH', P .. ':freed', ARGV[5]) end
   tidy(ARGV[5])
+  changed = 1
+elseif op == 'gives' then
+  -- 5.. triples: pool key, holding, task id ('' none). The tasks a process created and saw
+  -- end while Redis was away, their holds and ends merged while kept: the grant Redis may
+  -- have goes back (made before Redis went away, or an ask whose answer was lost), and the
+  -- end is noted (a list that ran behind it adopts nothing), counted by that process.
+  local i = 5
+  while i + 2 <= #ARGV do
+    local pk, h, id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    give(pk, h)
+    if leave(pk, h) then redis.call('PUBLISH', P .. ':freed', pk) end
+    tidy(pk)
+    if id ~= '' then note_member('i:' .. id, 'c:' .. id) end
+    i = i + 3
+  end
   changed = 1
 elseif op == 'cong' then
   -- 5 pool key, 6 grant, 7 weight, 8 configured capacity, 9 the change's id (read above),
@@ -946,6 +965,23 @@ for _, pk in ipairs(redis.call('SMEMBERS', P .. ':pools')) do
   table.insert(out, tasks)
 end
 return {lost, redis.call('HGETALL', P .. ':cap'), out, released}
+";
+
+/// Reads halts with when they were made, in one step (no halt of one change read with the
+/// stamp of another). ARGV: 1 `P:stamps`, 2 `P:alive`, 3.. halt keys. Returns {the values of
+/// `P:alive` and the halt keys (`MGET`), their `h:` stamps (`HMGET`)}. Not a slots script: it
+/// starts no generation and takes no number. A stamp is returned as Redis has it; one written
+/// on a wrong clock (far ahead) is not trusted by the scripts, and sent back it does what no
+/// stamp does.
+pub(crate) const READ_HALTS: &str = r"
+local keys, fields = {ARGV[2]}, {}
+for i = 3, #ARGV do
+  table.insert(keys, ARGV[i])
+  table.insert(fields, 'h:' .. ARGV[i])
+end
+local stamps = {}
+if #fields > 0 then stamps = redis.call('HMGET', ARGV[1], unpack(fields)) end
+return {redis.call('MGET', unpack(keys)), stamps}
 ";
 
 /// How many entries `P:ended` (and `P:done`) keep at most, the oldest forgotten first: a

@@ -3049,6 +3049,86 @@ async fn a_halt_sent_again_after_a_restart_does_not_undo_a_later_reset() {
     }
 }
 
+/// `learner` learns a halt `one` met (by `learn`), `one` goes, Redis restarts and loses its
+/// state, and another process resets the halt: `learner`, sending again the halt it knows,
+/// must not undo that reset. Whether a create of the account is granted then, in the process
+/// that reset it and in `learner`.
+async fn a_learnt_halt_sent_again_after_a_restart(by_broadcast: bool) -> [bool; 2] {
+    let mut server = redis().expect("checked by the caller");
+    let one = backend(&server, 5).await;
+    let learner = backend(&server, 5).await;
+    // Only this test's passes send the halt again.
+    kling_redis::testing::hold_maintenance(&learner, true);
+    if by_broadcast {
+        // Subscribed (on first use) before the halt.
+        let r = learner.acquire(video(), 1).await.unwrap();
+        learner.apply(SlotOp::GiveBack(r)).await.unwrap();
+        crate::support::subscribed(&server, "halted", 1).await;
+    }
+    let r = one.acquire(video(), 1).await.unwrap();
+    one.apply(SlotOp::Halt {
+        reservation: r,
+        cause: outcome(1102),
+    })
+    .await
+    .unwrap();
+    // The process that met it is gone: only `learner` knows of it.
+    drop(one);
+    let halts = learner.create_halts().unwrap();
+    if by_broadcast {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while halts.stamp() == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "not broadcast");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // (When it was made is read right after: a round trip.)
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    } else {
+        let create = learner.acquire(video(), 1).await;
+        assert!(matches!(create, Err(AcquireError::Halted(_))), "{create:?}");
+        assert_eq!(halts.stamp(), 1, "learnt at the ask");
+    }
+    server.restart().unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let two = backend(&server, 5).await;
+    two.apply(SlotOp::ResetHalt(AccountId::new("acct")))
+        .await
+        .unwrap();
+    maintained(&learner).await;
+    maintained(&learner).await;
+    assert_eq!(learner.pending(), 0);
+    let mut granted = [false; 2];
+    for (i, backend) in [&two, &learner].into_iter().enumerate() {
+        let create =
+            tokio::time::timeout(Duration::from_secs(2), backend.acquire(video(), 1)).await;
+        granted[i] = matches!(create, Ok(Ok(_)));
+    }
+    granted
+}
+
+/// A halt this process learnt from Redis at an ask (another process's 1102, read back) is
+/// sent again after a restart with the time Redis had for it: a reset made after it in the
+/// new generation stays. It was sent with none, and halted the account again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_learnt_at_an_ask_sent_again_after_a_restart_does_not_undo_a_later_reset() {
+    if redis().is_none() {
+        return;
+    }
+    let granted = a_learnt_halt_sent_again_after_a_restart(false).await;
+    assert_eq!(granted, [true, true], "the reset halt came back");
+}
+
+/// The same for a halt learnt from its broadcast (`PREFIX:halted`): when it was made is read
+/// with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_learnt_from_its_broadcast_sent_again_after_a_restart_does_not_undo_a_later_reset() {
+    if redis().is_none() {
+        return;
+    }
+    let granted = a_learnt_halt_sent_again_after_a_restart(true).await;
+    assert_eq!(granted, [true, true], "the reset halt came back");
+}
+
 /// A create whose ask is the first script to meet a store that lost its state (emptied, as a
 /// restart without persistence leaves it, on a connection that stayed up) is refused when
 /// this process knew of a halt: the answer, without the halt, tells of a new generation, not
