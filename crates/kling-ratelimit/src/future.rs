@@ -22,6 +22,7 @@ use tower_service::Service;
 use crate::backend::{Backend, BucketKey, Decision, Feedback, Policy};
 use crate::error::{QueueFull, RateLimited, WaitExceeded, WaitLimit};
 use crate::layer::{Lane, Mode, Shared, shared_of};
+use crate::pause::least_pause_until;
 use crate::queue::{ClassTurn, Place, Queues, Ticket};
 
 /// Where a request stands at one gate (its class quota, then its account quota).
@@ -394,6 +395,13 @@ impl<Bk: Backend> Gate<Bk> {
                 return self.hold(cx, shared, request, account_key, class_key, again);
             }
         }
+        // Held paused here while the report of a pause is on its way (`LocalPauses`): as if
+        // the backend said so.
+        if self.class_key.is_none()
+            && let Some((at, now)) = shared.pauses.held_until(account_key, Instant::now)
+        {
+            return self.not_before(cx, shared, request, account_key, now, at, true);
+        }
         self.step = Step::Acquiring(self.ask(shared, account_key));
         Ok(())
     }
@@ -549,6 +557,22 @@ impl<Bk: Backend> Gate<Bk> {
         Ok(())
     }
 
+    /// A request whose ask is still to come (a remote store's round trip) with no place yet
+    /// (it asked with nothing waiting: directly, or at its first look) takes its place in the
+    /// key's queue now (wait mode): requests that come during the round trip then queue behind
+    /// it, as they came after it. Refused, it would otherwise join the queue behind them.
+    fn hold_place_while_asking(
+        &mut self,
+        cx: &Context<'_>,
+        shared: &Shared<Bk>,
+        account_key: &BucketKey,
+    ) -> Result<(), BoxError> {
+        if self.place.is_none() && shared.mode == Mode::Wait {
+            self.join(cx, shared, account_key)?;
+        }
+        Ok(())
+    }
+
     /// Notes the head's "not before" for those behind it; false when this request no longer
     /// leads its queue (one came back from the account gate ahead of it: [`Gate::back_to_class`])
     /// and must wait for its turn again.
@@ -605,23 +629,29 @@ impl<Bk: Backend> Gate<Bk> {
                         })?;
                     }
                 }
-                Step::Acquiring(future) => match ready!(Pin::new(future).poll(cx))? {
-                    Decision::Admit => {
-                        // Numbered at its first pass: one that passes again keeps its turn.
-                        if self.class_key.is_some() && !self.back {
-                            self.pass = shared.queues.next_pass();
-                        }
-                        // Noted before it leaves the account's queue, which lets its class's
-                        // next held request go.
-                        self.note_sent(shared, request, account_key);
-                        if self.passed() {
-                            return Poll::Ready(Ok(()));
-                        }
+                Step::Acquiring(future) => match Pin::new(future).poll(cx) {
+                    Poll::Pending => {
+                        self.hold_place_while_asking(cx, shared, account_key)?;
+                        return Poll::Pending;
                     }
-                    Decision::NotBefore { at, cooldown } => {
-                        let now = Instant::now();
-                        self.not_before(cx, shared, request, account_key, now, at, cooldown)?;
-                    }
+                    Poll::Ready(answer) => match answer? {
+                        Decision::Admit => {
+                            // Numbered at its first pass: one that passes again keeps its turn.
+                            if self.class_key.is_some() && !self.back {
+                                self.pass = shared.queues.next_pass();
+                            }
+                            // Noted before it leaves the account's queue, which lets its class's
+                            // next held request go.
+                            self.note_sent(shared, request, account_key);
+                            if self.passed() {
+                                return Poll::Ready(Ok(()));
+                            }
+                        }
+                        Decision::NotBefore { at, cooldown } => {
+                            let now = Instant::now();
+                            self.not_before(cx, shared, request, account_key, now, at, cooldown)?;
+                        }
+                    },
                 },
                 Step::Queued => {
                     let place = self.place.as_ref().expect("a queued request holds a place");
@@ -707,9 +737,10 @@ pin_project! {
         Failed { error: Option<BoxError> },
         Calling { #[pin] future: F },
         // Boxed: only a backend whose report is still to come waits here, and the inner
-        // future's variant then stays the largest. It holds the answer, or the inner error a
-        // proxy's page became ([`feedback_of_error`]).
-        Reporting { reporting: Box<(R, Option<Result<Response<Full<Bytes>>, BoxError>>)> },
+        // future's variant then stays the largest. It holds the report (until a drop hands it
+        // to the runtime: [`finish_report`]) and the answer, or the inner error a proxy's page
+        // became ([`feedback_of_error`]).
+        Reporting { reporting: Box<(Option<R>, Option<Result<Response<Full<Bytes>>, BoxError>>)> },
         Done,
     }
 }
@@ -718,7 +749,8 @@ pin_project! {
     /// The response future of [`Gcra`](crate::Gcra): waits for the key's turn, calls the inner
     /// service, and reports a 1302, a `Retry-After` or (when needed) a success to the backend.
     ///
-    /// Dropping it while it waits gives its place in the queue up.
+    /// Dropping it while it waits gives its place in the queue up; dropping it while its
+    /// report is on its way lets the report run to its end.
     pub struct ResponseFuture<S, B, Bk>
     where
         S: Service<Request<B>>,
@@ -743,9 +775,17 @@ pin_project! {
     {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let StateProj::Gating { waiting } = this.state.project() {
-                let account_key = BucketKey::account(this.account.clone());
-                waiting.gate.give_up(shared_of(this.lane), &account_key);
+            match this.state.project() {
+                StateProj::Gating { waiting } => {
+                    let account_key = BucketKey::account(this.account.clone());
+                    waiting.gate.give_up(shared_of(this.lane), &account_key);
+                }
+                StateProj::Reporting { reporting } => {
+                    if let Some(report) = reporting.0.take() {
+                        finish_report(report, this.account.clone());
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -767,6 +807,10 @@ where
         key: &BucketKey,
         policy: &Policy,
     ) -> Direct<Bk::AcquireFuture> {
+        // Held paused here (a report on its way): through the gate, which says until when.
+        if key.request_kind().is_none() && shared.pauses.held_until(key, Instant::now).is_some() {
+            return Direct::Gate(None);
+        }
         let mut cx = Context::from_waker(Waker::noop());
         let mut decided_at = None;
         let mut acquire = if shared.mode == Mode::Reject {
@@ -804,6 +848,10 @@ where
         class_key: &BucketKey,
         account_key: &BucketKey,
     ) -> Option<Direct<Bk::AcquireFuture>> {
+        // Held paused here (a report on its way): refused before the class turn is taken.
+        if let Some((at, now)) = shared.pauses.held_until(account_key, Instant::now) {
+            return Some(Direct::Failed(Box::new(RateLimited::new(at, now, true))));
+        }
         let mut decided_at = None;
         let mut acquire = shared.backend.acquire_class_or_refuse(
             class_key,
@@ -1019,13 +1067,43 @@ fn report<Bk: Backend>(
     let mut report = shared
         .backend
         .feedback(&key, &shared.account_policy(), feedback);
-    *account = key.into_account();
     // The in-process backend's report is ready at once: no state for it.
     if let Poll::Ready(reported) = Pin::new(&mut report).poll(cx) {
+        *account = key.into_account();
         note_cooldown(reported, account);
         return None;
     }
+    hold_pause(shared, &key, &feedback);
+    *account = key.into_account();
     Some(report)
+}
+
+/// A report still to come (a remote store's round trip): the pause it carries holds in this
+/// process from now ([`LocalPauses`](crate::pause::LocalPauses)), as the response is seen, so
+/// that a caller that drops the response future before the report ends (a timeout, a
+/// `select!`) does not take the pause with it, and the key's next decision here sees it
+/// whether or not the store has it yet.
+#[cold]
+#[inline(never)]
+fn hold_pause<Bk>(shared: &Shared<Bk>, key: &BucketKey, feedback: &Feedback) {
+    if let Some(until) = least_pause_until(&shared.cooldown, feedback) {
+        shared.pauses.hold(key, until, Instant::now());
+    }
+}
+
+/// A report whose response future was dropped before it ended: it runs to its end on the
+/// runtime (if there is one), so a store still hears of it and its cooldown is counted.
+#[cold]
+#[inline(never)]
+fn finish_report<R>(report: R, account: Option<AccountId>)
+where
+    R: Future<Output = Result<crate::backend::Reported, crate::error::BackendError>>
+        + Send
+        + 'static,
+{
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move { note_cooldown(report.await, &account) });
+    }
 }
 
 /// What a response tells the backend, if anything. A success is reported when
@@ -1215,11 +1293,12 @@ where
                         return Poll::Ready(result);
                     };
                     this.state.set(State::Reporting {
-                        reporting: Box::new((pending, Some(result))),
+                        reporting: Box::new((Some(pending), Some(result))),
                     });
                 }
                 StateProj::Reporting { reporting } => {
                     let (report, result) = &mut **reporting;
+                    let report = report.as_mut().expect("reporting holds the report");
                     note_cooldown(ready!(Pin::new(report).poll(cx)), this.account);
                     let result = result.take().expect("reporting holds the result");
                     this.state.set(State::Done);

@@ -10,6 +10,7 @@ use tower_layer::Layer;
 
 use crate::backend::{Backend, BucketKey, InProcess, Policy};
 use crate::error::ConfigError;
+use crate::pause::LocalPauses;
 use crate::policy::{Adaptive, Cooldown};
 use crate::queue::Queues;
 use crate::quota::{Quota, QuotaCell};
@@ -50,6 +51,8 @@ pub(crate) struct Shared<Bk> {
     /// running ([`Backend::streak_running`]). An adaptive limiter reports every success
     /// unless the backend says its key is at its ceiling ([`Backend::adaptive_at_ceiling`]).
     pub(crate) report_success: AtomicBool,
+    /// Keys held paused here while their backend's report of the pause is on its way.
+    pub(crate) pauses: LocalPauses,
 }
 
 impl<Bk> Shared<Bk> {
@@ -242,6 +245,7 @@ impl<Bk> Builder<Bk> {
             queues: Arc::new(Queues::default()),
             epoch: AtomicU64::new(0),
             report_success: AtomicBool::new(false),
+            pauses: LocalPauses::default(),
         });
         Ok(GcraLayer {
             lanes: Arc::new(Lanes::new(Arc::clone(&shared))),

@@ -96,7 +96,9 @@
 //!   ([`Cooldown`]). A proxy's or gateway's page (no Kling envelope, so the classify step's
 //!   [`MalformedResponse`](kling_core::error::MalformedResponse) error, or the page itself
 //!   when no classify step is below) pauses it too: for its `Retry-After`, and as a 1302
-//!   would when its status is 429.
+//!   would when its status is 429. While a remote store's report of the pause is on its way,
+//!   the key pauses in this process from the response on (for the shortest pause the store may
+//!   set), so a caller that gives up on the call then does not take the pause with it.
 //! - **Adaptive rate** (opt-in, [`Adaptive`]): the rate drops on each 1302 (up to the
 //!   cooldown's burst backoff in a streak: a later one says the server refuses whatever the
 //!   pace) and climbs back while responses succeed, under the configured quota as ceiling.
@@ -138,6 +140,7 @@ pub mod backend;
 pub mod error;
 pub mod future;
 mod layer;
+mod pause;
 mod policy;
 mod queue;
 mod quota;

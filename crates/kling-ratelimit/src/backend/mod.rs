@@ -275,6 +275,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Records what a response of `key` said: starts or extends the cooldown, moves the streak
     /// and the adaptive rate.
+    ///
+    /// A report still to come when first polled is awaited before the response is handed
+    /// back; meanwhile the layer holds the key paused itself for the shortest pause a
+    /// [`Feedback::Pause`] may set ([`pause_until`] at its shortest streak's step). If the
+    /// caller drops the response future first, the layer runs the report to its end on the
+    /// runtime, when there is one.
     fn feedback(
         &self,
         key: &BucketKey,
