@@ -103,6 +103,9 @@ struct Call<S, B, P> {
     /// Made at the first retry. Boxed: the success path needs none of it, and every layer above
     /// moves this future.
     retry: Option<Box<Retrying<S, B>>>,
+    /// The watch of a create given a generated id: whether a layer below holds its attempt
+    /// back unsent (read when the caller drops the call).
+    watch: Option<SendWatch>,
 }
 
 /// A lookup of a create by its external id, queued or in flight: while there is one, the
@@ -124,7 +127,8 @@ struct Pending<B> {
     /// budget: it resends nothing, and a create left unresolved because a bad hour spent the
     /// budget is what the budget exists to prevent. One per open create (each resend of the
     /// create that opens another drew from the budget), so it stays bounded; a lookup sent
-    /// again (after a `1302` on it, say) draws like any retry.
+    /// again (after a `1302` on it, say) draws like any retry. A lookup whose connection was
+    /// never made did not go out: this is unset again, and its next try is still the free one.
     sent: bool,
 }
 
@@ -222,6 +226,7 @@ where
         started: Instant,
         deadline: Option<Instant>,
         spliced: Option<(B, Spliced)>,
+        watch: Option<SendWatch>,
     ) -> Prepared<S, B, P>
     where
         B: ReplayBody,
@@ -237,6 +242,7 @@ where
                     sending: Sending::Original,
                     resigned: false,
                     retry: None,
+                    watch,
                 },
             },
         );
@@ -389,17 +395,26 @@ impl<S, B, P> Call<S, B, P> {
     /// (dropped during a retry's backoff or the lookup), or the create is out again
     /// (`resending`) after an earlier attempt may have made one. The task may run and be
     /// billed, and the id (perhaps one the layer generated, which the caller never saw) is the
-    /// only way to find it. (The task slots below keep its slot for the lease.) A first attempt
-    /// dropped in flight is the caller's to account for, as without this layer.
+    /// only way to find it. (The task slots below keep its slot for the lease.) A create out
+    /// with an id this layer generated is warned of whichever attempt it is, the first
+    /// included: the caller never saw that id. A first attempt dropped in flight with the
+    /// caller's own id (or none) is the caller's to account for, as without this layer.
     #[cold]
     fn warn_if_dropped_unresolved(&self, resending: bool) {
-        let Some(retry) = self.retry.as_deref() else {
-            return;
-        };
-        if !resending && retry.lookup.is_none() {
+        let retry = self.retry.as_deref();
+        if !resending && retry.is_none_or(|retry| retry.lookup.is_none()) {
             return;
         }
-        if let Some(external_id) = &retry.external_id {
+        // A layer below that still holds the attempt back unsent says it made nothing.
+        let unsent = self.watch.as_ref().is_some_and(SendWatch::never_sent);
+        let external_id = retry
+            .and_then(|retry| retry.external_id.clone())
+            .or_else(|| {
+                (resending && !unsent)
+                    .then(|| self.template.generated_external_id())
+                    .flatten()
+            });
+        if let Some(external_id) = external_id {
             tracing::warn!(
                 external_id = external_id.as_str(),
                 attempts = self.attempts,
@@ -670,6 +685,18 @@ where
             }
             Verdict::Return => Step::Finish(self.pass_through(error)),
             Verdict::Retry { delay, create } => {
+                // A lookup that never left was not the create's one free lookup: its next try
+                // still draws nothing from the budget (it puts no load on the API, and a spent
+                // budget must not leave unresolved a create the lookup would settle).
+                if self.sending == Sending::Lookup
+                    && kling_core::SendState::of(&*error) == kling_core::SendState::NotSent
+                    && let Some(pending) = self
+                        .retry
+                        .as_deref_mut()
+                        .and_then(|retry| retry.lookup.as_mut())
+                {
+                    pending.sent = false;
+                }
                 // A response without a Kling envelope (a proxy's page, read or too long to
                 // read) may still say when to come back: its `Retry-After` is honoured like
                 // Kling's own.
@@ -685,7 +712,8 @@ where
         }
     }
 
-    /// Whether a create's attempt ended in `error` that may have left it made, as
+    /// Whether a create's attempt (or a `POST` the router does not know: [`may_create`](Self::may_create))
+    /// ended in `error` that may have left it made, as
     /// [`kling_core::error::may_have_created`] reads it: no marker says the request never left,
     /// and it is no refusal that made nothing (a documented Kling refusal, or a proxy's 4xx page
     /// such as a 413). Only where the caller could not tell by itself: after a retry (the layer
@@ -694,7 +722,17 @@ where
     fn create_fate_unknown(&mut self, error: &BoxError) -> bool {
         (self.retry.is_some() || self.template.generated_id())
             && kling_core::error::may_have_created(&**error)
-            && Recognized::of(self.template.request()).is_create()
+            && self.may_create()
+    }
+
+    /// Whether the caller's request may make a task: a recognised create, or a non-idempotent
+    /// request (a `POST`) the router does not know, which may be a create endpoint newer than
+    /// this crate (as [`plan`](Self::plan) reads it).
+    fn may_create(&mut self) -> bool {
+        let template = self.template.request();
+        let recognized = Recognized::of(template);
+        recognized.is_create()
+            || (recognized.kind == RequestKind::Other && !template.method().is_idempotent())
     }
 
     fn tally(&self) -> Tally {
@@ -1005,8 +1043,9 @@ where
         }
         let now = Instant::now();
         // A create's first lookup also waits the settle time (below): the jitter is drawn from
-        // what fits before the deadline once it is counted.
-        let settle = if self.unsent_lookup_next() {
+        // what fits before the deadline once it is counted. (Not again after a lookup that never
+        // left: the time since the create's attempt is already past the settle time.)
+        let settle = if self.sending == Sending::Original && self.unsent_lookup_next() {
             self.shared().backoff.settle()
         } else {
             Duration::ZERO

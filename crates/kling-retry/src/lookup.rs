@@ -395,6 +395,11 @@ pub(crate) struct Spliced {
 }
 
 impl Spliced {
+    /// The generated id, as written into the body.
+    pub(crate) fn id(&self) -> String {
+        GeneratedId::of(self.bits).as_str().to_owned()
+    }
+
     /// `original` with the id written in, byte for byte the body the first attempt sent.
     pub(crate) fn body<B: ReplayBody>(&self, original: &B) -> B {
         let id = GeneratedId::of(self.bits);

@@ -107,6 +107,13 @@ impl<B: ReplayBody> Template<B> {
     }
 }
 
+impl<B> Template<B> {
+    /// The external id this layer generated for the create, if it did.
+    pub(crate) fn generated_external_id(&self) -> Option<String> {
+        self.spliced.as_ref().map(Spliced::id)
+    }
+}
+
 /// The longest relative URI kept as its text.
 const SHORT_URI: usize = 80;
 

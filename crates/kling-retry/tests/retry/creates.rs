@@ -909,6 +909,65 @@ async fn a_spent_budget_does_not_stop_the_lookup_of_a_create_only_its_resend() {
     assert_eq!(failed.external_id(), Some(sent_id(&log).as_str()));
 }
 
+/// A lookup whose connection was never made did not happen: it is still the create's one free
+/// lookup, so a spent budget does not leave the create unresolved when the lookup that does go
+/// out settles it. (It was counted as sent, so its second try drew from the spent budget and
+/// the call ended `CreateUnresolved` with the task there to be found.)
+#[tokio::test(start_paused = true)]
+async fn a_lookup_never_sent_is_still_the_free_one() {
+    let lookups = Arc::new(Mutex::new(0));
+    let (server, log) = kling(move |seen, _| {
+        if seen.method == Method::POST {
+            return Reply::Now(code(5002));
+        }
+        let mut lookups = lookups.lock().unwrap();
+        *lookups += 1;
+        if *lookups == 1 {
+            return Reply::Fail(crate::support::refused());
+        }
+        let id = seen.uri.rsplit('/').next().unwrap().to_owned();
+        Reply::Now(task("t1", Some(&id)))
+    });
+    let client = RetryLayer::builder()
+        .seed(3)
+        .generate_external_ids(true)
+        .budget(spent_budget())
+        .build()
+        .unwrap()
+        .layer(server);
+    let response = send(&client, create(r#"{"prompt":"a cat"}"#))
+        .await
+        .expect("the lookup that went out found the task");
+    let recovered = response.extensions().get::<Recovered>().expect("recovered");
+    assert_eq!(recovered.task_id, "t1");
+    assert_eq!((log.count("POST", ""), log.count("GET", "")), (1, 2));
+    // Sent again after its backoff, not after another settle time: the create's is past.
+    let seen = log.all();
+    assert!(seen[2].at - seen[1].at < Duration::from_secs(1), "{seen:?}");
+
+    // A lookup that did go out and was reset counts as sent: its next try draws.
+    let (server, log) = kling(move |seen, _| {
+        Reply::Now(if seen.method == Method::POST {
+            code(5002)
+        } else {
+            return Reply::Fail(crate::support::reset());
+        })
+    });
+    let client = RetryLayer::builder()
+        .seed(3)
+        .generate_external_ids(true)
+        .budget(spent_budget())
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, create(r#"{"prompt":"a cat"}"#))
+        .await
+        .unwrap_err();
+    assert_eq!(log.len(), 2, "the create and one lookup");
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::CreateUnresolved);
+}
+
 /// One free lookup per open create: a lookup throttled in its turn is sent again only as the
 /// budget allows, and the create is left unresolved, with its id.
 #[tokio::test(start_paused = true)]
@@ -1525,6 +1584,75 @@ async fn an_unrecognised_post_that_may_have_created_a_task_is_not_sent_again() {
     }
 }
 
+/// An unrecognised `POST` is a possible create for every rule, the errors the policy does not
+/// retry included: sent again after a `1302`, then failed below by an error that nothing marks
+/// as never sent (a buffer whose worker died mid-request, say), it may have made a task, as a
+/// recognised create does. It was returned as `NotRetryable`, reading as surely not made, so a
+/// caller would send it again.
+#[tokio::test(start_paused = true)]
+async fn an_unrecognised_post_failed_below_after_a_retry_may_have_made_a_task() {
+    #[derive(Debug)]
+    struct WorkerDied;
+    impl std::fmt::Display for WorkerDied {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("the worker died while the request was out")
+        }
+    }
+    impl std::error::Error for WorkerDied {}
+
+    let (server, log) = kling(|_, _| Reply::Now(code(1302)));
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let below = tower::service_fn(move |request: crate::support::Req| {
+        let mut server = server.clone();
+        let calls = calls.clone();
+        async move {
+            if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                return Err(Box::new(WorkerDied) as kling_core::error::BoxError);
+            }
+            tower::ServiceExt::ready(&mut server).await?;
+            tower::Service::call(&mut server, request).await
+        }
+    });
+    let request = http::Request::post("http://kling.test/video-effects/kling-v1")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            br#"{"effect_scene":"hug"}"#,
+        )))
+        .unwrap();
+    let error = send(&layer().layer(below), request).await.unwrap_err();
+    assert_eq!(
+        log.len(),
+        1,
+        "the 1302 reached the server; the second failed below"
+    );
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::CreateMayHaveHappened);
+    assert!(failed.may_have_created());
+    assert!(kling_core::error::may_have_created(&*error));
+    assert!(failed.last().is::<WorkerDied>());
+
+    // A `GET` the router does not know is no create: the same failure is returned as final.
+    let (server, _log) = kling(|_, _| Reply::Now(code(1302)));
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let below = tower::service_fn(move |request: crate::support::Req| {
+        let mut server = server.clone();
+        let calls = calls.clone();
+        async move {
+            if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                return Err(Box::new(WorkerDied) as kling_core::error::BoxError);
+            }
+            tower::ServiceExt::ready(&mut server).await?;
+            tower::Service::call(&mut server, request).await
+        }
+    });
+    let request = http::Request::get("http://kling.test/video-effects/kling-v1/t1")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let error = send(&layer().layer(below), request).await.unwrap_err();
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::NotRetryable);
+    assert!(!failed.may_have_created());
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_unrecognised_post_refused_before_any_work_and_an_unrecognised_get_are_sent_again() {
     let (server, log) = kling(|_, i| {
@@ -1775,6 +1903,66 @@ async fn a_call_dropped_before_its_create_was_resolved_names_the_external_id() {
     let client = layer().layer(server);
     let response = send(&client, create(r#"{"external_task_id":"job-10"}"#)).await;
     assert!(response.is_ok());
+    assert!(warnings.all().is_empty(), "{:?}", warnings.all());
+}
+
+/// A create given a generated id, dropped by its caller while its first attempt is out (an
+/// outer timeout): the task may be made, and the id the layer wrote in is the only way to find
+/// it, so the warning names it. (It warned only from the first retry on, so this id was lost.)
+/// Not when a layer below still holds the attempt back unsent (a create queued for a slot:
+/// it made nothing), nor for the caller's own id (the caller has it), nor once answered.
+#[tokio::test(start_paused = true)]
+async fn a_first_attempt_dropped_in_flight_names_its_generated_id() {
+    let (warnings, _guard) = crate::support::Warnings::capture();
+    let hang = |_: &Seen, _| Reply::Later(Duration::from_secs(3600), task("t1", None));
+    let (server, log) = kling(hang);
+    let client = generating(5).layer(server);
+    let call = send(&client, create(r#"{"prompt":"a cat"}"#));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(60), call)
+            .await
+            .is_err()
+    );
+    assert_eq!(log.len(), 1);
+    let id = sent_id(&log);
+    let all = warnings.all();
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert!(all[0].contains(&format!("external_id=\"{id}\"")), "{all:?}");
+    assert!(all[0].contains("may have made a task"), "{all:?}");
+
+    let (warnings, _guard) = crate::support::Warnings::capture();
+    // Held below, unsent: a slots layer still waiting for a slot.
+    let (server, log) = kling(hang);
+    let queued = tower::service_fn(move |request: crate::support::Req| {
+        kling_core::signals::SendWatch::held(&request);
+        let _keep = server.clone();
+        std::future::pending::<Result<crate::support::Res, kling_core::error::BoxError>>()
+    });
+    let client = generating(5).layer(queued);
+    let call = send(&client, create(r#"{"prompt":"a cat"}"#));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(60), call)
+            .await
+            .is_err()
+    );
+    assert_eq!(log.len(), 0, "never sent");
+    // The caller's own id: it has it.
+    let (server, _) = kling(hang);
+    let client = layer().layer(server);
+    let call = send(&client, create(r#"{"external_task_id":"job-12"}"#));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(60), call)
+            .await
+            .is_err()
+    );
+    // Answered: nothing to warn of.
+    let (server, _) = kling(|_, _| Reply::Now(task("t1", None)));
+    send(
+        &generating(5).layer(server),
+        create(r#"{"prompt":"a cat"}"#),
+    )
+    .await
+    .unwrap();
     assert!(warnings.all().is_empty(), "{:?}", warnings.all());
 }
 

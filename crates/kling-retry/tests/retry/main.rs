@@ -5,6 +5,7 @@ mod support;
 
 mod creates;
 mod delays;
+mod invariants;
 mod limits;
 mod mock;
 mod properties;
