@@ -128,6 +128,16 @@ impl ExtensionsCopy {
         self.0.is_ok()
     }
 
+    /// The [`SendWatch`] the copied request carried, if any: a layer that kept the copy reads
+    /// it without rebuilding the request (a dropped call: was its attempt held back unsent?).
+    pub fn send_watch(&self) -> Option<&SendWatch> {
+        let call = match &self.0 {
+            Ok(signals) => signals.0.as_ref(),
+            Err(extensions) => extensions.get::<CallContext>(),
+        };
+        call.and_then(|call| call.send_watch.as_ref())
+    }
+
     /// Puts the copy into `request`, in place of its extensions.
     pub fn restore<B>(&self, request: &mut Request<B>) {
         match &self.0 {

@@ -103,9 +103,6 @@ struct Call<S, B, P> {
     /// Made at the first retry. Boxed: the success path needs none of it, and every layer above
     /// moves this future.
     retry: Option<Box<Retrying<S, B>>>,
-    /// The watch of a create given a generated id: whether a layer below holds its attempt
-    /// back unsent (read when the caller drops the call).
-    watch: Option<SendWatch>,
 }
 
 /// A lookup of a create by its external id, queued or in flight: while there is one, the
@@ -226,7 +223,6 @@ where
         started: Instant,
         deadline: Option<Instant>,
         spliced: Option<(B, Spliced)>,
-        watch: Option<SendWatch>,
     ) -> Prepared<S, B, P>
     where
         B: ReplayBody,
@@ -242,7 +238,6 @@ where
                     sending: Sending::Original,
                     resigned: false,
                     retry: None,
-                    watch,
                 },
             },
         );
@@ -406,7 +401,10 @@ impl<S, B, P> Call<S, B, P> {
             return;
         }
         // A layer below that still holds the attempt back unsent says it made nothing.
-        let unsent = self.watch.as_ref().is_some_and(SendWatch::never_sent);
+        let unsent = self
+            .template
+            .send_watch()
+            .is_some_and(SendWatch::never_sent);
         let external_id = retry
             .and_then(|retry| retry.external_id.clone())
             .or_else(|| {

@@ -155,13 +155,14 @@ where
             let _ = handle.spare.set(Mutex::new(self.inner.clone()));
         }
         let handle = self.lanes.lane();
-        // A create given an id the caller never saw is watched, so that a call dropped while
-        // its first attempt is out knows whether a layer below still held it back unsent (and
-        // warns, naming the id, only when not).
-        let watch = spliced
-            .is_some()
-            .then(|| kling_core::signals::SendWatch::shared(&mut request));
-        let prepared = ResponseFuture::prepare(handle, &request, now, deadline, spliced, watch);
+        // A create given an id the caller never saw is watched (the template copies the watch
+        // with the signals), so that a call dropped while its first attempt is out knows
+        // whether a layer below still held it back unsent (and warns, naming the id, only when
+        // not). A layer above (metrics) has usually put one there already.
+        if spliced.is_some() {
+            drop(kling_core::signals::SendWatch::shared(&mut request));
+        }
+        let prepared = ResponseFuture::prepare(handle, &request, now, deadline, spliced);
         ResponseFuture::send(prepared, self.inner.call(request))
     }
 }

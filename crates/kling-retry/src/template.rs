@@ -108,6 +108,12 @@ impl<B: ReplayBody> Template<B> {
 }
 
 impl<B> Template<B> {
+    /// The watch the request carried when copied ([`SendWatch`](kling_core::signals::SendWatch)):
+    /// for a create given a generated id, the service puts one in first.
+    pub(crate) fn send_watch(&self) -> Option<&kling_core::signals::SendWatch> {
+        self.extensions.send_watch()
+    }
+
     /// The external id this layer generated for the create, if it did.
     pub(crate) fn generated_external_id(&self) -> Option<String> {
         self.spliced.as_ref().map(Spliced::id)
