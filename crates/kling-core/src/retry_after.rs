@@ -56,12 +56,42 @@ impl RetryAfter {
     }
 
     /// The `Retry-After` of a response's headers, if present and valid: the first valid one
-    /// when there are several (a field that is not one is skipped).
+    /// when there are several (a field that is not one is skipped; fields a proxy joined into
+    /// one with commas are read one by one, see [`RetryAfter::parse_list`]).
     pub fn from_headers(headers: &HeaderMap) -> Option<RetryAfter> {
         headers
             .get_all(RETRY_AFTER)
             .iter()
-            .find_map(|v| RetryAfter::parse(v.as_bytes()))
+            .find_map(|v| RetryAfter::parse_list(v.as_bytes()).into_iter().next())
+    }
+
+    /// Parses a field value that may hold several values joined with commas, as an
+    /// intermediary combines repeated fields (`5, 10`, or `Sun, 06 Nov 1994 08:49:37 GMT, 7`):
+    /// each valid one, in order. A value that parses whole (an HTTP-date has a comma of its
+    /// own) is that one value; elements that are not valid are skipped.
+    pub fn parse_list(value: &[u8]) -> Vec<RetryAfter> {
+        if let Some(one) = RetryAfter::parse(value) {
+            return vec![one];
+        }
+        let Ok(text) = std::str::from_utf8(value) else {
+            return Vec::new();
+        };
+        let parts: Vec<&str> = text.split(',').collect();
+        let mut values = Vec::new();
+        let mut i = 0;
+        while i < parts.len() {
+            // A date's own comma (after its day name) splits it in two: the pair first.
+            if let Some(next) = parts.get(i + 1)
+                && let Some(date) = RetryAfter::parse(format!("{},{next}", parts[i]).as_bytes())
+            {
+                values.push(date);
+                i += 2;
+                continue;
+            }
+            values.extend(RetryAfter::parse(parts[i].as_bytes()));
+            i += 1;
+        }
+        values
     }
 
     /// How long to wait counting from when the response was received.
@@ -82,14 +112,14 @@ impl RetryAfter {
 /// The delay a response's headers ask for, measured as [`RetryAfter::delay`] does, with its
 /// own `Date` header as the reference when present.
 ///
-/// A response with several `Retry-After` fields (a proxy that added its own) waits for the
-/// longest of the valid ones, so that a retry is early for none of them; one that is not valid
-/// is skipped.
+/// A response with several `Retry-After` fields (a proxy that added its own), or with fields
+/// joined into one with commas ([`RetryAfter::parse_list`]), waits for the longest of the valid
+/// ones, so that a retry is early for none of them; one that is not valid is skipped.
 pub fn retry_after_delay(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let mut values = headers
         .get_all(RETRY_AFTER)
         .iter()
-        .filter_map(|v| RetryAfter::parse(v.as_bytes()))
+        .flat_map(|v| RetryAfter::parse_list(v.as_bytes()))
         .peekable();
     values.peek()?;
     let date = headers
@@ -176,6 +206,49 @@ mod tests {
         ] {
             assert_eq!(RetryAfter::parse(bad), None, "{bad:?}");
         }
+    }
+
+    /// Fields a proxy joined with commas are each read, dates (which hold a comma of their
+    /// own) included; the delay is the longest. Before, `5, 10` was no value at all and a
+    /// retry came as soon as the caller's own backoff allowed.
+    #[test]
+    fn fields_joined_with_commas_are_read_one_by_one() {
+        let date = "Sun, 06 Nov 1994 08:49:37 GMT";
+        let delay = |secs| RetryAfter::Delay(Duration::from_secs(secs));
+        assert_eq!(RetryAfter::parse_list(b"5, 10"), [delay(5), delay(10)]);
+        assert_eq!(RetryAfter::parse_list(b"5,soon, 2.5"), [delay(5), delay(3)]);
+        assert_eq!(
+            RetryAfter::parse_list(format!("{date}, 7").as_bytes()),
+            [RetryAfter::At(at(784_111_777)), delay(7)]
+        );
+        assert_eq!(
+            RetryAfter::parse_list(format!("7, {date}").as_bytes()),
+            [delay(7), RetryAfter::At(at(784_111_777))]
+        );
+        assert_eq!(
+            RetryAfter::parse_list(date.as_bytes()),
+            [RetryAfter::At(at(784_111_777))]
+        );
+        assert!(RetryAfter::parse_list(b"soon, later").is_empty());
+        assert!(RetryAfter::parse_list(b",").is_empty());
+
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("5, 10"));
+        assert_eq!(
+            retry_after_delay(&headers, at(0)),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(RetryAfter::from_headers(&headers), Some(delay(5)));
+        let joined = format!("{date}, 7");
+        headers.insert(RETRY_AFTER, HeaderValue::from_str(&joined).unwrap());
+        headers.insert(
+            DATE,
+            HeaderValue::from_static("Sun, 06 Nov 1994 08:49:27 GMT"),
+        );
+        assert_eq!(
+            retry_after_delay(&headers, at(0)),
+            Some(Duration::from_secs(10))
+        );
     }
 
     #[test]
