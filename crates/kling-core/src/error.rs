@@ -138,6 +138,16 @@ pub fn refused_version(error: &hyper_util::client::legacy::Error) -> bool {
     error.to_string() == UNSUPPORTED_VERSION
 }
 
+/// `error` and the errors behind it, as this crate's readers walk them ([`SendState::of`],
+/// [`may_have_created`]): each link's source, except that an [`std::io::Error`] or an
+/// `Arc<dyn Error>` wrapping an error leads to that error (their own `source` skips it). For a
+/// caller that looks for a Kling error behind an adapter's wrapping, as these do.
+pub fn chain<'a>(
+    error: &'a (dyn StdError + 'static),
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> + 'a {
+    std::iter::successors(Some(error), |link| next_link(*link))
+}
+
 /// The next error in `error`'s chain: its source, except that an [`std::io::Error`] or an
 /// `Arc<dyn Error>` wrapping an error leads to that error, which their own `source` skips (it
 /// returns the wrapped error's source): a connector's `io::Error::other(NotSent::new(..))`

@@ -523,20 +523,17 @@ enum Cause<'a> {
 
 /// Walks the source chain for a Kling error or a response that was not one.
 fn find_cause<'a>(error: &'a (dyn StdError + 'static)) -> Option<Cause<'a>> {
-    let mut current = Some(error);
-    while let Some(err) = current {
+    // Through an `io::Error` or `Arc` wrapping too, as kling-core reads a chain.
+    kling_core::error::chain(error).find_map(|err| {
         if let Some(api) = err.downcast_ref::<ApiError>() {
             return Some(Cause::Api(api));
         }
         if let Some(malformed) = err.downcast_ref::<MalformedResponse>() {
             return Some(Cause::Malformed(malformed.status()));
         }
-        if let Some(large) = err.downcast_ref::<BodyTooLarge>() {
-            return Some(Cause::Malformed(large.status()));
-        }
-        current = err.source();
-    }
-    None
+        err.downcast_ref::<BodyTooLarge>()
+            .map(|large| Cause::Malformed(large.status()))
+    })
 }
 
 #[cfg(test)]

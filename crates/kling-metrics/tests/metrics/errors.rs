@@ -90,6 +90,36 @@ async fn a_kling_error_inside_an_error_is_labelled_with_its_code() {
     assert_eq!(monitor.snapshot().rejections_of(1102), 1);
 }
 
+/// A Kling error an adapter wrapped in an `io::Error` (whose `source` skips what it wraps) is
+/// still read by its code, as the retry layer and the slots read it: it was labelled `error`
+/// and no rejection was counted.
+#[tokio::test(start_paused = true)]
+async fn a_kling_error_wrapped_in_an_io_error_is_labelled_with_its_code() {
+    let recording = Recording::start();
+    let layer = MetricsLayer::new();
+    let monitor = layer.monitor().clone();
+    let failing = tower::service_fn(|_req: http::Request<Full<Bytes>>| async {
+        let outcome = Outcome::parse(
+            http::StatusCode::TOO_MANY_REQUESTS,
+            &http::HeaderMap::new(),
+            br#"{"code":1302,"message":"rate","request_id":"r9"}"#,
+            tokio::time::Instant::now(),
+        )
+        .unwrap();
+        Err::<http::Response<Full<Bytes>>, BoxError>(Box::new(std::io::Error::other(
+            ApiError::from_outcome(&outcome),
+        )))
+    });
+    layer
+        .layer(failing)
+        .oneshot(request("POST", "/v1/videos/text2video", "{}", "k"))
+        .await
+        .unwrap_err();
+    let (_, response) = labels_of_the_call(&recording);
+    assert_eq!(response, pairs(&[("kind", "create"), ("code", "1302")]));
+    assert_eq!(monitor.snapshot().rejections_of(1302), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_transport_error_is_labelled_error() {
     let recording = Recording::start();
