@@ -56,6 +56,9 @@ struct Gate<Bk: Backend> {
     /// It passed its class gate and went back there from its account's ([`Gate::back_to_class`]):
     /// it was waiting already, and no `max_queue` refuses it again.
     back: bool,
+    /// Its ask is on its way (a remote store's round trip) and it holds a place meanwhile
+    /// ([`Gate::ask_in_flight`]). (In the padding after `back`: it takes no room.)
+    in_flight: bool,
     /// The number of its first pass through its class gate ([`Queues::next_pass`]): where it
     /// stands among the requests that come back there ([`Gate::back_to_class`]). (In the
     /// padding after `back`: it takes no room.)
@@ -195,7 +198,7 @@ impl<Bk: Backend> Gate<Bk> {
         let max = shared
             .max_queue
             .filter(|_| !(self.back && self.class_key.is_none()));
-        match queues.enqueue(&key, cx.waker(), max) {
+        match queues.enqueue(&key, cx.waker(), max, false) {
             Ok(ticket) => Ok(self.take_place(queues, key, ticket)),
             Err(()) => Err(Box::new(QueueFull::new(
                 account_key.account_id().cloned(),
@@ -208,6 +211,7 @@ impl<Bk: Backend> Gate<Bk> {
     /// up its process's place itself.)
     fn passed(&mut self) -> bool {
         self.place = None;
+        self.in_flight = false;
         self.step = Step::Start;
         self.class_key.take().is_none()
     }
@@ -519,6 +523,7 @@ impl<Bk: Backend> Gate<Bk> {
         if shared.mode == Mode::Reject {
             return Err(Box::new(RateLimited::new(at, now, cooldown)));
         }
+        let was_in_flight = std::mem::take(&mut self.in_flight);
         self.start_waiting(shared, request, now);
         if let Some((limit, why)) = self.limit()
             && at > limit
@@ -543,6 +548,20 @@ impl<Bk: Backend> Gate<Bk> {
         if self.went_back_to_class(cx, shared, request, account_key, || paused.then_some(at))? {
             return Ok(());
         }
+        // Refused after asking with a place (`Gate::ask_in_flight`): it waits from now, within
+        // the queue's bound, as one refused with none would join it.
+        if was_in_flight && let Some(place) = &self.place {
+            let settled = shared.queues.answered(&place.key, place.id);
+            if let (Some(max), Some(settled)) = (shared.max_queue, settled)
+                && !self.back
+                && settled > max
+            {
+                return Err(Box::new(QueueFull::new(
+                    account_key.account_id().cloned(),
+                    max,
+                )));
+            }
+        }
         if self.place.is_none() && !self.join(cx, shared, account_key)? {
             // Others queued meanwhile: wait for our turn behind them.
             self.step = Step::Queued;
@@ -557,20 +576,30 @@ impl<Bk: Backend> Gate<Bk> {
         Ok(())
     }
 
-    /// A request whose ask is still to come (a remote store's round trip) with no place yet
-    /// (it asked with nothing waiting: directly, or at its first look) takes its place in the
-    /// key's queue now (wait mode): requests that come during the round trip then queue behind
-    /// it, as they came after it. Refused, it would otherwise join the queue behind them.
-    fn hold_place_while_asking(
-        &mut self,
-        cx: &Context<'_>,
-        shared: &Shared<Bk>,
-        account_key: &BucketKey,
-    ) -> Result<(), BoxError> {
-        if self.place.is_none() && shared.mode == Mode::Wait {
-            self.join(cx, shared, account_key)?;
+    /// A request whose ask is still to come (a remote store's round trip) holds a place in the
+    /// key's queue meanwhile (wait mode), taking one now if it asked with none (nothing
+    /// waiting: directly, or at its first look), and marked as asking
+    /// ([`Queues::ask_in_flight`](crate::queue::Queues::ask_in_flight)): refused, it keeps
+    /// its place ahead of the requests that came during the round trip; but those ask too
+    /// rather than wait for its answer, and it counts against no `max_queue` until refused
+    /// ([`Gate::not_before`]). Its ask is sent already: no bound refuses it its place.
+    #[cold]
+    fn ask_in_flight(&mut self, cx: &Context<'_>, shared: &Shared<Bk>, account_key: &BucketKey) {
+        if self.in_flight || shared.mode != Mode::Wait {
+            return;
         }
-        Ok(())
+        self.in_flight = true;
+        match &self.place {
+            Some(place) => shared.queues.ask_in_flight(&place.key, place.id),
+            None => {
+                let key = self.key(account_key).clone();
+                let queues = &shared.queues;
+                // (No bound: never refused.)
+                if let Ok(ticket) = queues.enqueue(&key, cx.waker(), None, true) {
+                    self.take_place(queues, key, ticket);
+                }
+            }
+        }
     }
 
     /// Notes the head's "not before" for those behind it; false when this request no longer
@@ -631,7 +660,7 @@ impl<Bk: Backend> Gate<Bk> {
                 }
                 Step::Acquiring(future) => match Pin::new(future).poll(cx) {
                     Poll::Pending => {
-                        self.hold_place_while_asking(cx, shared, account_key)?;
+                        self.ask_in_flight(cx, shared, account_key);
                         return Poll::Pending;
                     }
                     Poll::Ready(answer) => match answer? {
@@ -938,6 +967,7 @@ where
             limit: None,
             why: WaitLimit::MaxWait,
             back: false,
+            in_flight: false,
             // A class request here without its class key passed its class gate in `call`.
             pass: if gate_class_passed {
                 shared.queues.next_pass()

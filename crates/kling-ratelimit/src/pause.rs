@@ -14,10 +14,11 @@ use crate::policy::{Cooldown, later};
 /// The account keys this process holds paused itself, each until the shortest pause its
 /// backend may set for the response that asked for it ([`least_pause_until`]).
 ///
-/// A remote store's report (a round trip) is not waited for: the response goes back to its
-/// caller at once, and the report runs on its own (see [`ResponseFuture`](crate::future)). The
-/// next decision of the key in this process must still see the pause, though the store may
-/// not have it yet: the layer asks this first. Noted only for a report still to come (the
+/// A remote store's report (a round trip) is awaited before the response goes back, but a
+/// caller may give up on the response meanwhile (a timeout, a `select!`), and the report then
+/// runs on its own on the runtime (see [`ResponseFuture`](crate::future)). The key's next
+/// decision in this process must see the pause either way, though the store may not have it
+/// yet: the layer asks this first. Noted only for a report still to come (the
 /// in-process backend's state has the pause already), and an entry ends with its pause, so
 /// the table holds at most the keys paused in the last pause's length.
 #[derive(Debug, Default)]

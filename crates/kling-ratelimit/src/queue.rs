@@ -54,6 +54,11 @@ struct Queue {
     /// released to the front of the queue) and their class, so that one leaving clears its
     /// class's `held_out`.
     from_held: Vec<(u64, RequestKind)>,
+    /// The tickets of waiters whose ask of the backend is on its way (a remote store's round
+    /// trip: [`Queues::ask_in_flight`]). They hold their place, so that one refused keeps it,
+    /// but they wait for nothing yet: a request that comes meanwhile asks too rather than wait
+    /// for their answers, and they count against no `max_queue`.
+    in_flight: Vec<u64>,
     next_id: u64,
     /// The head's latest "not before", a lower bound on every other waiter's turn, and
     /// whether it is the end of a pause (a cooldown) rather than pacing.
@@ -80,6 +85,7 @@ impl Queue {
             held_again: WaitList::new(),
             held_out: None,
             from_held: Vec::new(),
+            in_flight: Vec::new(),
             next_id: 0,
             head_not_before: None,
             account_paused_until: None,
@@ -107,6 +113,12 @@ impl Queue {
     /// Live waiters, returned and held ones included.
     fn waiting(&self) -> usize {
         self.waiters.waiting() + self.returned.waiting() + self.held_waiting()
+    }
+
+    /// Live waiters that wait for their turn: [`Queue::waiting`] without those whose ask is
+    /// on its way (`in_flight`). What `max_queue` bounds.
+    fn settled(&self) -> usize {
+        self.waiting().saturating_sub(self.in_flight.len())
     }
 
     /// Live held waiters (held again included).
@@ -243,6 +255,8 @@ impl ClassSendsTable {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Ticket {
     pub(crate) id: u64,
+    /// It leads, and asks now: from [`Queues::enqueue`], also when only asks on their way
+    /// are ahead of it (it asks too, and [`Queues::set_head_not_before`] tells it apart).
     pub(crate) is_head: bool,
 }
 
@@ -383,24 +397,30 @@ impl Queues {
         let Some(queue) = map.get(key) else {
             return false;
         };
-        let waiting = queue.waiting();
+        let waiting = queue.settled();
         let paused = matches!(queue.head_not_before, Some((at, true)) if at > now);
         waiting > 0 && waiting >= max && !paused
     }
 
-    /// Joins the back of `key`'s queue; `Err(())` when it already holds `max` waiters.
+    /// Joins the back of `key`'s queue; `Err(())` when it already holds `max` waiters that
+    /// wait for their turn (not those whose ask is on its way: [`Queues::ask_in_flight`]).
+    /// The ticket says to ask at once when it leads, or when every waiter ahead of it has its
+    /// ask on its way: it asks too rather than wait for their answers (and, refused, waits
+    /// behind them). `in_flight`: its own ask is on its way already
+    /// ([`Queues::ask_in_flight`]).
     pub(crate) fn enqueue(
         &self,
         key: &BucketKey,
         waker: &Waker,
         max: Option<usize>,
+        in_flight: bool,
     ) -> Result<Ticket, ()> {
         let mut map = self.lock();
         if !map.contains_key(key) {
             map.insert(key.clone(), Queue::new(key));
         }
         let queue = map.get_mut(key).expect("inserted above");
-        if max.is_some_and(|max| queue.waiting() >= max) {
+        if max.is_some_and(|max| queue.settled() >= max) {
             if queue.is_empty() {
                 map.remove(key);
             }
@@ -411,12 +431,41 @@ impl Queues {
         queue.depth.increment(1.0);
         let id = queue.next_id;
         queue.next_id += 1;
+        let asks_ahead = queue.waiters.waiting() == queue.in_flight.len();
         queue.waiters.push_back(id, (), waker.clone());
+        if in_flight {
+            queue.in_flight.push(id);
+        }
         self.waiting.fetch_add(1, Ordering::AcqRel);
         Ok(Ticket {
             id,
-            is_head: queue.waiters.records() == 1 && queue.returned.is_empty(),
+            is_head: (queue.waiters.records() == 1 || asks_ahead) && queue.returned.is_empty(),
         })
+    }
+
+    /// Waiter `id` of `key`'s queue asks the backend, and the answer is on its way (a remote
+    /// store's round trip): requests that come meanwhile ask too
+    /// ([`enqueue`](Self::enqueue)).
+    #[cold]
+    pub(crate) fn ask_in_flight(&self, key: &BucketKey, id: u64) {
+        if let Some(queue) = self.lock().get_mut(key)
+            && !queue.in_flight.contains(&id)
+            && queue.waiters.position(id).is_some()
+        {
+            queue.in_flight.push(id);
+        }
+    }
+
+    /// The answer of waiter `id`'s ask came ([`ask_in_flight`](Self::ask_in_flight)): the
+    /// number of `key`'s waiters that now wait for their turn, itself included (`None` when
+    /// it was not marked: a returned or held request, which no bound refuses).
+    #[cold]
+    pub(crate) fn answered(&self, key: &BucketKey, id: u64) -> Option<usize> {
+        let mut map = self.lock();
+        let queue = map.get_mut(key)?;
+        let index = queue.in_flight.iter().position(|&ticket| ticket == id)?;
+        queue.in_flight.swap_remove(index);
+        Some(queue.settled())
     }
 
     /// The number of a class request passing its class gate now: later passes get larger
@@ -624,6 +673,7 @@ impl Queues {
         let Some(queue) = map.get_mut(key) else {
             return false;
         };
+        queue.in_flight.retain(|&ticket| ticket != id);
         let mut held = false;
         let led = match queue.returned.remove(id) {
             Removed::Head => true,
@@ -846,7 +896,7 @@ mod tests {
         let waker = Waker::noop();
         let mut ids = Vec::new();
         for key in [&whole, &whole, &whole, &class, &class] {
-            ids.push((key, queues.enqueue(key, waker, None).unwrap().id));
+            ids.push((key, queues.enqueue(key, waker, None, false).unwrap().id));
         }
         assert_eq!(depth(), 5.0);
         // One leaves each queue: the one left in the class queue's head, the other behind.
@@ -876,7 +926,7 @@ mod tests {
         for n in 0..accounts {
             let account = kling_core::AccountId::new(format!("depth-label-test-{n}"));
             let key = BucketKey::account(Some(account));
-            queues.enqueue(&key, waker, None).unwrap();
+            queues.enqueue(&key, waker, None, false).unwrap();
         }
         let mut series = std::collections::HashMap::new();
         for (key, _, _, value) in snapshotter.snapshot().into_vec() {
@@ -988,7 +1038,9 @@ mod tests {
         let class = BucketKey::class(account, RequestKind::Query);
         let waker = Waker::noop();
         let joins: [(&BucketKey, &dyn Fn() -> Ticket); 4] = [
-            (&whole, &|| queues.enqueue(&whole, waker, None).unwrap()),
+            (&whole, &|| {
+                queues.enqueue(&whole, waker, None, false).unwrap()
+            }),
             (&class, &|| queues.enqueue_returned(&class, waker, 0)),
             (&class, &|| queues.hold(&class, waker, false)),
             (&class, &|| queues.hold(&class, waker, true)),
@@ -1064,7 +1116,7 @@ mod tests {
         let _recorder = metrics::set_default_local_recorder(&recorder);
         let queues = Arc::new(Queues::default());
         let key = BucketKey::account(Some(kling_core::AccountId::new("a")));
-        let ticket = queues.enqueue(&key, Waker::noop(), None).unwrap();
+        let ticket = queues.enqueue(&key, Waker::noop(), None, false).unwrap();
         let place = Place {
             queues: Arc::clone(&queues),
             key,
@@ -1089,11 +1141,11 @@ mod tests {
         let key = BucketKey::class(account, kling_core::RequestKind::Account);
         let waker = Waker::noop();
         let at = Instant::now();
-        let head = queues.enqueue(&key, waker, Some(2)).unwrap();
-        let behind = queues.enqueue(&key, waker, Some(2)).unwrap();
+        let head = queues.enqueue(&key, waker, Some(2), false).unwrap();
+        let behind = queues.enqueue(&key, waker, Some(2), false).unwrap();
         assert!(head.is_head && !behind.is_head);
         assert!(queues.set_head_not_before(&key, head.id, at, false));
-        assert!(queues.enqueue(&key, waker, Some(2)).is_err(), "full");
+        assert!(queues.enqueue(&key, waker, Some(2), false).is_err(), "full");
         // No `max_queue` for the ones coming back.
         let back = queues.enqueue_returned(&key, waker, 0);
         let second = queues.enqueue_returned(&key, waker, 1);
@@ -1203,8 +1255,8 @@ mod tests {
         let whole = BucketKey::account(account.clone());
         let class = BucketKey::class(account, kling_core::RequestKind::Account);
         let waker = Waker::noop();
-        let gate_head = queues.enqueue(&class, waker, None).unwrap();
-        let account_head = queues.enqueue(&whole, waker, None).unwrap();
+        let gate_head = queues.enqueue(&class, waker, None, false).unwrap();
+        let account_head = queues.enqueue(&whole, waker, None, false).unwrap();
         assert_eq!(
             queues.class_turn(&class, Some(account_head.id)),
             ClassTurn::Free
@@ -1291,7 +1343,7 @@ mod tests {
         let key = BucketKey::account(None);
         let waker = Waker::noop();
         let ids: Vec<u64> = (0..1_000)
-            .map(|_| queues.enqueue(&key, waker, None).unwrap().id)
+            .map(|_| queues.enqueue(&key, waker, None, false).unwrap().id)
             .collect();
         let leaving: Vec<u64> = ids[500..]
             .iter()

@@ -12,7 +12,7 @@ use kling_ratelimit::backend::Reported;
 use kling_ratelimit::error::{BackendError, RateLimited};
 use kling_ratelimit::{Backend, BucketKey, Feedback, GcraLayer, InProcess, Policy, Quota};
 use tokio::time::Instant;
-use tower::{Layer, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 
 use crate::support::{Reply, Server, ms, request, request_to};
 
@@ -168,4 +168,35 @@ async fn reject_mode_refuses_a_key_held_paused_here_and_spends_no_class_turn() {
     tokio::time::advance(ms(600)).await;
     service.clone().oneshot(costs("c2")).await.unwrap();
     assert_eq!(server.tags(), ["a1", "c2"]);
+}
+
+/// A response future dropped with its report on its way when no runtime is left (a caller's
+/// runtime shut down first): the report is dropped with it, no panic.
+#[test]
+fn a_report_dropped_with_no_runtime_does_not_panic() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let backend = SlowReports::after(ms(300));
+    let server = Server::new();
+    server.script([Reply::throttled()]);
+    let mut given_up = None;
+    runtime.block_on(async {
+        let layer = GcraLayer::builder(Quota::per_second(10.0))
+            .backend(backend.clone())
+            .build()
+            .unwrap();
+        let mut service = layer.layer(server.service());
+        service.ready().await.unwrap();
+        let mut call = Box::pin(service.call(request(Some("a"), "a1")));
+        assert!(tokio::time::timeout(ms(50), &mut call).await.is_err());
+        given_up = Some(call);
+    });
+    drop(runtime);
+    let call = given_up.unwrap();
+    assert!(format!("{call:?}").contains("reporting"), "{call:?}");
+    drop(call);
+    assert_eq!(backend.reported(), 0);
 }
