@@ -1598,14 +1598,12 @@ impl Inner {
                 {
                     lock(&self.registry).insert(h, held);
                 }
-                let coalesced = self.queue(args);
-                let finished = self.coalesced_ends(&coalesced, &local.released);
+                self.queue(args, &local.released);
                 for r in &local.released {
                     let pk = self.pk(&r.key);
                     self.wake(&pk);
                 }
                 self.show_in_use();
-                finished.record();
                 match self.when_unreachable {
                     WhenUnreachable::Fail if !queued => Err(e.into_slots()),
                     _ => Ok(local),
@@ -1615,37 +1613,11 @@ impl Inner {
         }
     }
 
-    /// The ends merged with their tasks' holds while kept for replay ([`coalesce_end`]), of
-    /// the tasks `released` here: counted here (Redis, which never sees them, counts nothing)
-    /// and noted as counted, for their reports sent again after a new generation.
-    fn coalesced_ends(&self, coalesced: &[Vec<String>], released: &[Released]) -> Finished {
-        let mut finished = Finished::default();
-        if coalesced.is_empty() {
-            return finished;
-        }
-        let mut ends = lock(&self.ends);
-        for report in coalesced {
-            let [id, ext, ..] = report.as_slice() else {
-                continue;
-            };
-            let is =
-                |task: &str| (!id.is_empty() && id == task) || (!ext.is_empty() && ext == task);
-            if let Some(r) = released.iter().find(|r| r.task.as_deref().is_some_and(is)) {
-                finished
-                    .0
-                    .push((r.key.pool.clone(), r.reason.as_str().to_owned(), r.held_for));
-            }
-            if let Some(end) = ends.iter_mut().rev().find(|end| end.report == report[..]) {
-                end.counted = true;
-            }
-        }
-        finished
-    }
-
-    /// After the reports `args` ran in Redis (counting `released`): notes which of the ends
-    /// this process reported were counted by their release.
+    /// After the reports `args` (or a merged give-back of ended tasks) ran in Redis (counting
+    /// `released`): notes which of the ends this process reported were counted by their
+    /// release.
     fn ends_counted(&self, args: &[String], released: &[Released]) {
-        if args[3] != "upd" || released.is_empty() {
+        if !matches!(args[3].as_str(), "upd" | "gives") || released.is_empty() {
             return;
         }
         let mut ends = lock(&self.ends);
@@ -1911,10 +1883,9 @@ impl Inner {
     ///
     /// An end whose task's hold is still kept (a task created and ended while Redis was away)
     /// is not kept: both become a give-back of the holding in the one merged give-back the
-    /// queue keeps ([`coalesce_end`]). Returns those ends' reports (id, ext, status, flag),
-    /// whose releases the caller counts (no reply from Redis will).
-    fn queue(&self, mut args: Vec<String>) -> Vec<Vec<String>> {
-        let mut coalesced = Vec::new();
+    /// queue keeps ([`coalesce_end`]), which counts the end when replayed (unless another
+    /// process counted it meanwhile) if `released` (this change's releases here) has it.
+    fn queue(&self, mut args: Vec<String>, released: &[Released]) {
         if STAMPED.contains(&args[3].as_str())
             && let Some(replayed) = args.last_mut()
         {
@@ -1946,9 +1917,9 @@ impl Inner {
             }
             let reports = args.split_off(UPD_REPORTS);
             for quad in reports.chunks_exact(4) {
-                if quad[3] != "0" && coalesce_end(&mut pending, &account, quad, &self.overflowed) {
-                    coalesced.push(quad.to_vec());
-                } else {
+                if quad[3] == "0"
+                    || !coalesce_end(&mut pending, &account, quad, released, &self.overflowed)
+                {
                     args.extend_from_slice(quad);
                 }
             }
@@ -1988,11 +1959,10 @@ impl Inner {
             }
             if args.len() == UPD_REPORTS {
                 // Every report it carried was an end merged with its hold.
-                return coalesced;
+                return;
             }
         }
         pending.push_back(Pending::Args(args));
-        coalesced
     }
 
     /// Marks the store alive once per backend. A store with no generation starts one with a
@@ -2037,7 +2007,15 @@ impl Inner {
                 }
                 next
             };
-            let Some(pending) = next else { break };
+            let Some(mut pending) = next else { break };
+            // A merged give-back takes its id as it is first sent: replayed again after its
+            // answer was lost, it is skipped, answering with the ends it counted.
+            if let Pending::Args(args) = &mut pending
+                && args[3] == "gives"
+                && args[4].is_empty()
+            {
+                args[4] = self.change_id();
+            }
             #[cfg(feature = "testing")]
             {
                 let delay = *lock(&self.replay_delay);
@@ -2485,6 +2463,9 @@ fn drop_oldest_report(
 const HOLD_ID: usize = 7;
 const HOLD_EXT: usize = 8;
 const HOLD_ACCOUNT: usize = 10;
+/// Where a `hold`'s pool and create path are in its arguments ([`Inner::hold_args`]).
+const HOLD_POOL: usize = 11;
+const HOLD_PATH: usize = 13;
 
 /// A task's end `end` (id, ext, status, flag) of `account` dropped from the replay queue: the
 /// hold of that task, if one is kept too (the task created and ended while Redis was away, or
@@ -2514,9 +2495,15 @@ fn give_back_instead_of_hold(pending: &mut VecDeque<Pending>, account: &str, end
     }
 }
 
-/// Where a merged give-back's holdings start in its arguments (`gives`): triples of the pool
-/// key, the holding and the task id to note ended (empty: none).
-const GIVES: usize = 4;
+/// Where a merged give-back's holdings start in its arguments (`gives`, then its change id:
+/// empty until the replay first sends it, and one sent is not added to): [`GIVE_ARGS`] each,
+/// the pool key, the holding, the task id to note ended (empty: none), the hold's external
+/// id, account and create path (what its hold would have superseded in Redis), its pool and
+/// weight, and the end's release reason (empty: not counted) and how long the task was held
+/// (µs): Redis counts the end once, at the replay, unless another process counted it.
+const GIVES: usize = 5;
+/// The arguments of one holding in a merged give-back (`gives`).
+const GIVE_ARGS: usize = 10;
 
 /// An end `end` (id, ext, status, flag) of `account` about to be kept for replay: when the
 /// hold of its task is kept too (the task created and ended while Redis was away, or its
@@ -2525,8 +2512,10 @@ const GIVES: usize = 4;
 /// holding joins the queue's one merged give-back; true then, and the end is not kept.
 ///
 /// Replayed, the give-back frees the grant Redis may have (one made before Redis went away,
-/// or whose ask's answer was lost) and notes the task ended (a reconcile whose list ran behind
-/// the end adopts nothing), as the hold and end would have left it, in one change for the
+/// or whose ask's answer was lost) and what the hold would have superseded (a holding of the
+/// task another process's reconcile adopted meanwhile, the same create's earlier attempt
+/// under its external id), and notes the task ended (a reconcile whose list ran behind the
+/// end adopts nothing), as the hold and end would have left it, in one change for the
 /// whole outage instead of two per task. At most [`MAX_PENDING_REPORTS`] holdings: past that
 /// the oldest is dropped (its grant, if Redis has one, held until its lease runs out, as
 /// when an end is dropped), with the reports' one warning per outage.
@@ -2534,9 +2523,12 @@ fn coalesce_end(
     pending: &mut VecDeque<Pending>,
     account: &str,
     end: &[String],
+    released: &[Released],
     overflowed: &AtomicBool,
 ) -> bool {
-    let [id, ext, ..] = end else { return false };
+    let [id, ext, status, ..] = end else {
+        return false;
+    };
     let names = |args: &[String]| {
         args[3] == "hold"
             && args[HOLD_ACCOUNT] == account
@@ -2583,10 +2575,34 @@ fn coalesce_end(
         return false;
     }
     let task = if id.is_empty() { &hold[HOLD_ID] } else { id };
-    let triple = [hold[4].clone(), hold[5].clone(), task.clone()];
-    let merged = pending
+    // The end as released here, counted when Redis (not knowing it counted) replays it.
+    let named = |task: &str| (!id.is_empty() && id == task) || (!ext.is_empty() && ext == task);
+    let (reason, held_for) = released
         .iter()
-        .position(|entry| matches!(entry, Pending::Args(args) if args[3] == "gives"));
+        .find(|r| r.key.account.as_str() == account && r.task.as_deref().is_some_and(named))
+        .map_or_else(Default::default, |r| {
+            let reason = if status.is_empty() {
+                "completed".to_owned()
+            } else {
+                format!("ended:{status}")
+            };
+            (reason, micros(r.held_for).to_string())
+        });
+    let give = [
+        hold[4].clone(),
+        hold[5].clone(),
+        task.clone(),
+        hold[HOLD_EXT].clone(),
+        account.to_owned(),
+        hold[HOLD_PATH].clone(),
+        hold[HOLD_POOL].clone(),
+        hold[6].clone(),
+        reason,
+        held_for,
+    ];
+    let merged = pending.iter().position(
+        |entry| matches!(entry, Pending::Args(args) if args[3] == "gives" && args[4].is_empty()),
+    );
     match merged {
         Some(merged) => {
             pending.remove(at);
@@ -2594,9 +2610,9 @@ fn coalesce_end(
             let Some(Pending::Args(gives)) = pending.get_mut(merged) else {
                 return true;
             };
-            gives.extend(triple);
-            if (gives.len() - GIVES) / 3 > MAX_PENDING_REPORTS {
-                gives.drain(GIVES..GIVES + 3);
+            gives.extend(give);
+            if (gives.len() - GIVES) / GIVE_ARGS > MAX_PENDING_REPORTS {
+                gives.drain(GIVES..GIVES + GIVE_ARGS);
                 if !overflowed.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         max = MAX_PENDING_REPORTS,
@@ -2607,9 +2623,10 @@ fn coalesce_end(
         }
         None => {
             if let Some(Pending::Args(args)) = pending.get_mut(at) {
-                args.truncate(GIVES);
+                args.truncate(4);
                 args[3] = "gives".to_owned();
-                args.extend(triple);
+                args.push(String::new());
+                args.extend(give);
             }
         }
     }

@@ -433,3 +433,320 @@ async fn an_end_is_not_merged_with_its_hold_past_a_kept_change_naming_the_task()
     let in_use: u32 = snapshot.iter().map(|p| p.in_use).sum();
     assert_eq!(in_use, 0, "the ended task is held");
 }
+
+/// Holds `slots`' next changes in its replay queue: a report of a task nobody holds, sent
+/// through the closed gate (it runs in Redis, its answer lost), is kept, and every change
+/// after it queues behind it unsent.
+async fn queue_from_now(slots: &RedisSlots, key: &SlotKey) {
+    slots
+        .apply(SlotOp::Update {
+            account: key.account.clone(),
+            updates: vec![TaskUpdate {
+                id: "nobody".to_owned(),
+                external_id: None,
+                status: Some(TaskStatus::Processing),
+            }],
+            lease: Duration::from_secs(600),
+        })
+        .await
+        .unwrap();
+    assert_eq!(slots.pending(), 1, "the report kept");
+}
+
+/// Opens the gate and replays `slots`' queue.
+async fn replay_through(slots: &RedisSlots, gate: &tokio::sync::watch::Sender<bool>) {
+    gate.send(true).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = slots.maintain().await {
+        assert!(tokio::time::Instant::now() < deadline, "{e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(slots.pending(), 0, "replayed");
+}
+
+/// A task created and ended while its process could not reach Redis, which another process's
+/// reconcile adopted meanwhile (Redis had no holding of it): the merged give-back frees the
+/// adopted holding too, as the task's hold replayed did (it took the adopted holding's place),
+/// and the other process, reporting the end later, counts it no second time.
+#[tokio::test]
+async fn a_merged_give_back_frees_the_holding_another_process_adopted() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let Some(server) = redis() else { return };
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let (slots, gate) = behind_a_gate(&server).await;
+    let other = backend(&server, SlotsConfig::new(4)).await;
+    let key = kling3("a");
+    gate.send(false).unwrap();
+    queue_from_now(&slots, &key).await;
+    let granted = slots.acquire(key.clone(), 1).await.unwrap();
+    let task = TaskRef {
+        id: Some("t0".to_owned()),
+        external_id: Some("job-0".to_owned()),
+    };
+    slots
+        .apply(SlotOp::Hold {
+            reservation: granted,
+            task: task.clone(),
+            lease: Duration::from_secs(600),
+        })
+        .await
+        .unwrap();
+    // The other process's list names the task running: Redis knows nothing of it.
+    other
+        .apply(SlotOp::Adopt {
+            key: key.clone(),
+            task: task.clone(),
+            weight: 1,
+            lease: Duration::from_secs(600),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        configured(&other, &key).await.1,
+        2,
+        "the lost ask's grant and the adopted task"
+    );
+    let end = |process: &RedisSlots| {
+        process.apply(SlotOp::Update {
+            account: key.account.clone(),
+            updates: vec![TaskUpdate {
+                id: "t0".to_owned(),
+                external_id: Some("job-0".to_owned()),
+                status: Some(TaskStatus::Succeeded),
+            }],
+            lease: Duration::from_secs(600),
+        })
+    };
+    end(&slots).await.unwrap();
+    assert_eq!(slots.pending(), 2, "the report and the merged give-back");
+    replay_through(&slots, &gate).await;
+    assert_eq!(
+        configured(&other, &key).await.1,
+        0,
+        "the ended task is held"
+    );
+    // The other process's list then names the task ended.
+    end(&other).await.unwrap();
+    let finished: u64 = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| match value {
+            DebugValue::Counter(n) if key.key().name() == TASKS_FINISHED => Some(n),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(finished, 1, "the end counted once");
+}
+
+/// A create sent again while its process could not reach Redis (the first attempt's answer
+/// lost, its hold in Redis under the external id alone), its task ended within the outage:
+/// the merged give-back frees the first attempt's holding too, as the task's hold replayed did
+/// (the same create's earlier attempt), instead of leaving it held for its lease.
+#[tokio::test]
+async fn a_merged_give_back_frees_the_earlier_attempt_of_its_create() {
+    let Some(server) = redis() else { return };
+    let (slots, gate) = behind_a_gate(&server).await;
+    let key = kling3("a");
+    let first = slots.acquire(key.clone(), 1).await.unwrap();
+    slots
+        .apply(SlotOp::Hold {
+            reservation: first,
+            task: TaskRef {
+                id: None,
+                external_id: Some("job-0".to_owned()),
+            },
+            lease: Duration::from_secs(600),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        configured(&slots, &key).await.1,
+        1,
+        "the first attempt held"
+    );
+    gate.send(false).unwrap();
+    queue_from_now(&slots, &key).await;
+    let again = slots.acquire(key.clone(), 1).await.unwrap();
+    slots
+        .apply(SlotOp::Hold {
+            reservation: again,
+            task: TaskRef {
+                id: Some("t0".to_owned()),
+                external_id: Some("job-0".to_owned()),
+            },
+            lease: Duration::from_secs(600),
+        })
+        .await
+        .unwrap();
+    assert_eq!(slots.held_here(), 1, "the first attempt superseded here");
+    slots
+        .apply(SlotOp::Update {
+            account: key.account.clone(),
+            updates: vec![TaskUpdate {
+                id: "t0".to_owned(),
+                external_id: Some("job-0".to_owned()),
+                status: Some(TaskStatus::Succeeded),
+            }],
+            lease: Duration::from_secs(600),
+        })
+        .await
+        .unwrap();
+    assert_eq!(slots.pending(), 2, "the report and the merged give-back");
+    replay_through(&slots, &gate).await;
+    assert_eq!(
+        configured(&slots, &key).await.1,
+        0,
+        "the first attempt is held"
+    );
+}
+
+/// A task whose hold reached Redis as Redis went away (its answer lost, so kept for replay)
+/// and which ended within the outage, its end merged with that hold: another process that
+/// reports the end meanwhile (its reconcile's list names the task ended) releases the holding
+/// Redis has and counts the end; the merged give-back, replayed, counts it no second time.
+#[tokio::test]
+async fn an_end_merged_while_away_is_not_counted_again_after_another_process_counted_it() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let Some(server) = redis() else { return };
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let (slots, gate) = behind_a_gate(&server).await;
+    let other = backend(&server, SlotsConfig::new(4)).await;
+    let key = kling3("a");
+    let granted = slots.acquire(key.clone(), 1).await.unwrap();
+    gate.send(false).unwrap();
+    slots
+        .apply(SlotOp::Hold {
+            reservation: granted,
+            task: TaskRef {
+                id: Some("t0".to_owned()),
+                external_id: Some("job-0".to_owned()),
+            },
+            lease: Duration::from_secs(600),
+        })
+        .await
+        .unwrap();
+    assert_eq!(slots.pending(), 1, "the hold, its answer lost");
+    let end = |process: &RedisSlots| {
+        process.apply(SlotOp::Update {
+            account: key.account.clone(),
+            updates: vec![TaskUpdate {
+                id: "t0".to_owned(),
+                external_id: Some("job-0".to_owned()),
+                status: Some(TaskStatus::Succeeded),
+            }],
+            lease: Duration::from_secs(600),
+        })
+    };
+    end(&slots).await.unwrap();
+    assert_eq!(slots.pending(), 1, "merged");
+    let released = end(&other).await.unwrap().released;
+    assert_eq!(released.len(), 1, "the holding Redis has released");
+    replay_through(&slots, &gate).await;
+    assert_eq!(configured(&slots, &key).await.1, 0);
+    let finished: u64 = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| match value {
+            DebugValue::Counter(n) if key.key().name() == TASKS_FINISHED => Some(n),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(finished, 1, "the end counted once");
+}
+
+/// A merged give-back whose answer is lost as it is replayed (Redis ran it, counting its
+/// ends) is sent again: skipped then, it answers with the ends it counted, and each is
+/// counted once, neither lost nor counted twice.
+#[tokio::test]
+async fn a_merged_give_back_replayed_again_after_its_answer_was_lost_counts_its_end_once() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let Some(server) = redis() else { return };
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let (slots, gate) = behind_a_gate(&server).await;
+    let other = backend(&server, SlotsConfig::new(4)).await;
+    let key = kling3("a");
+    let granted = slots.acquire(key.clone(), 1).await.unwrap();
+    gate.send(false).unwrap();
+    slots
+        .apply(SlotOp::Hold {
+            reservation: granted,
+            task: TaskRef {
+                id: Some("t0".to_owned()),
+                external_id: None,
+            },
+            lease: Duration::from_secs(600),
+        })
+        .await
+        .unwrap();
+    slots
+        .apply(SlotOp::Update {
+            account: key.account.clone(),
+            updates: vec![TaskUpdate {
+                id: "t0".to_owned(),
+                external_id: None,
+                status: Some(TaskStatus::Succeeded),
+            }],
+            lease: Duration::from_secs(600),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        slots.pending(),
+        1,
+        "the hold (its answer lost) merged with the end"
+    );
+    // Replayed through the closed gate: it runs in Redis, its answer lost.
+    assert_eq!(configured(&other, &key).await.1, 1, "the hold in Redis");
+    assert!(slots.maintain().await.is_err());
+    assert_eq!(configured(&other, &key).await.1, 0, "the give-back ran");
+    assert_eq!(slots.pending(), 1, "its answer lost, it is kept");
+    // A task created and ended now is not added to the give-back sent (skipped when sent
+    // again): its ask's grant (the ask ran, its answer lost) would stay held.
+    let granted = slots.acquire(key.clone(), 1).await.unwrap();
+    slots
+        .apply(SlotOp::Hold {
+            reservation: granted,
+            task: TaskRef {
+                id: Some("t1".to_owned()),
+                external_id: None,
+            },
+            lease: Duration::from_secs(600),
+        })
+        .await
+        .unwrap();
+    slots
+        .apply(SlotOp::Update {
+            account: key.account.clone(),
+            updates: vec![TaskUpdate {
+                id: "t1".to_owned(),
+                external_id: None,
+                status: Some(TaskStatus::Succeeded),
+            }],
+            lease: Duration::from_secs(600),
+        })
+        .await
+        .unwrap();
+    replay_through(&slots, &gate).await;
+    assert_eq!(configured(&other, &key).await.1, 0, "a grant held");
+    let finished: u64 = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| match value {
+            DebugValue::Counter(n) if key.key().name() == TASKS_FINISHED => Some(n),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(finished, 2, "each end counted once");
+}
