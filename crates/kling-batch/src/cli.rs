@@ -757,4 +757,21 @@ mod tests {
         );
         assert!(text.contains("base_url: \"<redacted>\""), "{text}");
     }
+
+    /// `--refetch-gone` does something only with `--download`: alone it is refused, not
+    /// accepted and ignored.
+    #[test]
+    fn refetch_gone_requires_download() {
+        let run = |extra: &[&str]| {
+            let mut argv = vec!["kling-batch", "run", "jobs.jsonl", "--refetch-gone"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
+        };
+        let error = run(&[]).unwrap_err();
+        assert!(error.to_string().contains("--download"), "{error}");
+        let Command::Run(args) = run(&["--download", "out"]).unwrap().command else {
+            panic!("a run")
+        };
+        assert!(args.refetch_gone);
+    }
 }

@@ -249,6 +249,9 @@ pub struct Engine {
     download_client: std::sync::OnceLock<Result<kling_tower::client::HttpsClient, String>>,
     /// Turns to download: [`RunOptions::max_downloads`] jobs at a time.
     downloads: tokio::sync::Semaphore,
+    /// A query for fresh result URLs was refused for the account or its credentials: so
+    /// would every other, and none is sent again in this run.
+    refresh_refused: AtomicBool,
     /// The creates in flight, by job, with the attempts each has sent: one dropped at a stop
     /// with none sent (it waited for a slot, say) was never sent.
     in_flight: Mutex<HashMap<String, CallAttempts>>,
@@ -338,6 +341,7 @@ impl Engine {
             options,
             progress: Arc::new(Progress::default()),
             halted: AtomicBool::new(false),
+            refresh_refused: AtomicBool::new(false),
             halt_reason: Mutex::new(None),
             tasks: Mutex::new(HashMap::new()),
             confirming: Mutex::default(),
@@ -1552,8 +1556,10 @@ impl Engine {
     /// 30 days (or past them with [`RunOptions::refetch_gone`]), the task is asked for its
     /// result URLs again and they are fetched, [`download::MAX_REFRESHES`] times at most: a
     /// signed link may expire sooner, and a file may be published a moment after its task
-    /// ends. Fresh URLs are recorded. `Err` when the journal cannot record the files: they
-    /// stay on disk, a later run records them, and the run stops.
+    /// ends. Fresh URLs are recorded. The download turn is given up while it waits and asks,
+    /// and no job asks once a query was refused for the account or its credentials. `Err`
+    /// when the journal cannot record the files: they stay on disk, a later run records
+    /// them, and the run stops.
     async fn download(&self, job: &Missing) -> Result<(), JournalError> {
         let Some(dir) = &self.options.download_dir else {
             return Ok(());
@@ -1563,7 +1569,7 @@ impl Engine {
         #[cfg(test)]
         self.test_panic(job_id, "download");
         // A turn among the `max_downloads`; the semaphore is never closed.
-        let Ok(_turn) = self.downloads.acquire().await else {
+        let Ok(mut turn) = self.downloads.acquire().await else {
             return Ok(());
         };
         let timeouts = self.options.download_timeouts;
@@ -1596,13 +1602,23 @@ impl Engine {
         let mut fresh: Option<Vec<String>> = None;
         let mut wait = download::REFRESH_WAIT;
         for _ in 0..download::MAX_REFRESHES {
-            if !fetched.gone || (expired && !self.options.refetch_gone) {
+            if !fetched.gone
+                || (expired && !self.options.refetch_gone)
+                || self.refresh_refused.load(Ordering::SeqCst)
+            {
                 break;
             }
+            // The turn is for fetching: another job's files go while this one waits and
+            // asks (a query retried through an outage may take a minute).
+            drop(turn);
             tokio::time::sleep(wait).await;
             wait = wait.saturating_mul(2);
             let Some(urls) = self.result_urls(job).await else {
                 break;
+            };
+            turn = match self.downloads.acquire().await {
+                Ok(turn) => turn,
+                Err(_) => break,
             };
             fetched =
                 download::fetch_all(client, dir, job_id, task_id, &urls, recorded, timeouts).await;
@@ -1634,7 +1650,9 @@ impl Engine {
     }
 
     /// The result URLs a query of `job`'s task names now, if it succeeded with some; `None`
-    /// when the query fails or names none (a warning says why).
+    /// when the query fails or names none (a warning says why). One refused for the account
+    /// or its credentials ends the refreshes of the run (`refresh_refused`): every other
+    /// would be refused too.
     async fn result_urls(&self, job: &Missing) -> Option<Vec<String>> {
         let ids = [job.task.as_str()];
         let asked = match &job.legacy_path {
@@ -1648,6 +1666,9 @@ impl Engine {
                 .map(|t| t.urls),
             Err(e) => {
                 tracing::warn!(job = %job.job_id, error = %e, "cannot ask the task for fresh result URLs");
+                if failure_of(&*e).halts {
+                    self.refresh_refused.store(true, Ordering::SeqCst);
+                }
                 None
             }
         }

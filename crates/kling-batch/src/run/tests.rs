@@ -2052,3 +2052,179 @@ async fn refetch_gone_fetches_a_file_recorded_gone_through_a_fresh_url() {
     assert_eq!(std::fs::read(&record.files[0]).unwrap(), b"video");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A job whose result URL is refused while young waits before asking its task for fresh URLs,
+/// and the query may take long (retried through an outage): meanwhile its download turn is
+/// another job's. The turn was held across the wait and the query, so with `max_downloads`
+/// jobs refreshing every other job's files waited for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waiting_for_fresh_urls_leaves_its_download_turn_to_others() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let asked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let app = axum::Router::new().fallback({
+        let (base, asked) = (base.clone(), asked.clone());
+        move |uri: http::Uri| {
+            let path = uri.path().to_owned();
+            asked.lock().unwrap().push(path.clone());
+            let base = base.clone();
+            async move {
+                let answer = |status: u16, body: String| {
+                    http::Response::builder()
+                        .status(status)
+                        .body(axum::body::Body::from(body))
+                        .unwrap()
+                };
+                if let Some(id) = path.strip_prefix(&format!("{ENDPOINT}/")) {
+                    // A slow answer: the query of the task takes seconds.
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    let result = format!(r#"{{"videos":[{{"url":"{base}/fresh/0.mp4"}}]}}"#);
+                    answer(200, succeeded_legacy(id, &result))
+                } else if path.starts_with("/stale/") {
+                    answer(403, "expired".to_owned())
+                } else {
+                    answer(200, "video".to_owned())
+                }
+            }
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = std::env::temp_dir().join(format!("kling-batch-turn-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let options = RunOptions::new(default_follow_policy(1.0))
+        .download_dir(dir.clone())
+        .max_downloads(std::num::NonZeroUsize::MIN);
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+        &base,
+    )
+    .unwrap();
+    let journal = Journal::open_in_memory().unwrap();
+    let (jobs, _) = parse_jobs(
+        "{\"id\":\"cat\",\"prompt\":\"a cat\"}\n{\"id\":\"dog\",\"prompt\":\"a dog\"}\n",
+    );
+    journal.register(&jobs).unwrap();
+    let tasks = ["860000000000000021", "860000000000000022"];
+    for (job, task) in jobs.iter().zip(tasks) {
+        journal
+            .transition(&job.id, JobState::Creating, Update::default())
+            .unwrap();
+        journal
+            .transition(&job.id, JobState::Created, Update::task(task))
+            .unwrap();
+    }
+    let engine = Engine::new(stack, journal.clone(), options).unwrap();
+    let report = |task: &str, url: &str| {
+        let body = succeeded_legacy(task, &format!(r#"{{"videos":[{{"url":"{url}"}}]}}"#));
+        Envelope::parse(body.as_bytes()).unwrap().tasks[0].clone()
+    };
+    for (job, task) in jobs.iter().zip(tasks) {
+        engine.track(job, &TaskRef::legacy(ENDPOINT, task), Instant::now());
+    }
+    let cat = tokio::spawn({
+        let (engine, report) = (
+            engine.clone(),
+            report(tasks[0], &format!("{base}/stale/0.mp4")),
+        );
+        async move { engine.finish("cat", tasks[0], Ok(report)).await }
+    });
+    // Refused: the cat's job now waits, then asks its task.
+    let refused = async {
+        while !asked.lock().unwrap().iter().any(|p| p == "/stale/0.mp4") {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), refused)
+        .await
+        .expect("the stale URL asked");
+    let dog = engine.finish(
+        "dog",
+        tasks[1],
+        Ok(report(tasks[1], &format!("{base}/dog/0.mp4"))),
+    );
+    tokio::time::timeout(Duration::from_millis(1500), dog)
+        .await
+        .expect("the dog's file fetched while the cat's job waits for its fresh URLs")
+        .unwrap();
+    let record = journal.record("dog").unwrap().unwrap();
+    assert_eq!(record.files.len(), 1, "{record:?}");
+    cat.await.unwrap().unwrap();
+    let record = journal.record("cat").unwrap().unwrap();
+    assert_eq!(record.download_error, None, "{record:?}");
+    assert_eq!(record.urls, [format!("{base}/fresh/0.mp4")], "{record:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A query for fresh result URLs refused for the account or its credentials (`1000`, a key
+/// revoked, say): every other query of the run would be refused the same way, as
+/// `ask_results` knows. Each job whose URL was refused still sent its own, after its wait (a
+/// run with `--refetch-gone` over many old jobs: one refused query a job).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_refused_for_the_account_is_not_asked_again_for_other_jobs() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let asked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let app = axum::Router::new().fallback({
+        let asked = asked.clone();
+        move |uri: http::Uri| {
+            let path = uri.path().to_owned();
+            asked.lock().unwrap().push(path.clone());
+            async move {
+                let (status, body) = if path.starts_with(ENDPOINT) {
+                    (
+                        401,
+                        r#"{"code":1000,"message":"authentication failed","request_id":"r"}"#,
+                    )
+                } else {
+                    (403, "expired")
+                };
+                http::Response::builder()
+                    .status(status)
+                    .body(axum::body::Body::from(body))
+                    .unwrap()
+            }
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = std::env::temp_dir().join(format!("kling-batch-refused-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let options = RunOptions::new(default_follow_policy(1.0)).download_dir(dir.clone());
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+        &base,
+    )
+    .unwrap();
+    let journal = Journal::open_in_memory().unwrap();
+    let (jobs, _) = parse_jobs(
+        "{\"id\":\"cat\",\"prompt\":\"a cat\"}\n{\"id\":\"dog\",\"prompt\":\"a dog\"}\n",
+    );
+    journal.register(&jobs).unwrap();
+    let tasks = ["860000000000000031", "860000000000000032"];
+    for (job, task) in jobs.iter().zip(tasks) {
+        journal
+            .transition(&job.id, JobState::Creating, Update::default())
+            .unwrap();
+        journal
+            .transition(&job.id, JobState::Created, Update::task(task))
+            .unwrap();
+    }
+    let engine = Engine::new(stack, journal.clone(), options).unwrap();
+    for (job, task) in jobs.iter().zip(tasks) {
+        engine.track(job, &TaskRef::legacy(ENDPOINT, task), Instant::now());
+        let url = format!("{base}/stale/{}/0.mp4", job.id);
+        let body = succeeded_legacy(task, &format!(r#"{{"videos":[{{"url":"{url}"}}]}}"#));
+        let report = Envelope::parse(body.as_bytes()).unwrap().tasks[0].clone();
+        engine.finish(&job.id, task, Ok(report)).await.unwrap();
+        let record = journal.record(&job.id).unwrap().unwrap();
+        let error = record.download_error.expect("the file is missing");
+        assert!(error.message.contains("http 403"), "{error:?}");
+    }
+    let asked = asked.lock().unwrap().clone();
+    let queries = asked.iter().filter(|p| p.starts_with(ENDPOINT)).count();
+    assert_eq!(queries, 1, "{asked:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
