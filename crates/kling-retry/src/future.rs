@@ -361,6 +361,16 @@ where
     }
 }
 
+/// Whether a request the router reads as no create may still have made a task: a
+/// non-idempotent one (a `POST`) on a path it does not know at all, which may be a create
+/// endpoint newer than this crate. One on a path it knows as Kling's and no create (an
+/// endpoint that answers at once with no task, `/v1/videos/identify-face`) made none.
+fn unknown_post(recognized: &Recognized, method: &http::Method) -> bool {
+    recognized.kind == RequestKind::Other
+        && recognized.generation.is_none()
+        && !method.is_idempotent()
+}
+
 /// Far enough ahead to never arrive, near enough to never overflow.
 fn far_future(now: Instant) -> Instant {
     now + Duration::from_secs(86_400 * 365 * 30)
@@ -723,14 +733,14 @@ where
             && self.may_create()
     }
 
-    /// Whether the caller's request may make a task: a recognised create, or a non-idempotent
-    /// request (a `POST`) the router does not know, which may be a create endpoint newer than
-    /// this crate (as [`plan`](Self::plan) reads it).
+    /// Whether the caller's request may make a task: a recognised create, or a `POST` on a
+    /// path the router does not know ([`unknown_post`], as [`plan`](Self::plan) reads it).
     fn may_create(&mut self) -> bool {
         let template = self.template.request();
-        let recognized = Recognized::of(template);
-        recognized.is_create()
-            || (recognized.kind == RequestKind::Other && !template.method().is_idempotent())
+        Recognized::of(template);
+        Recognized::cached(template).is_some_and(|recognized| {
+            recognized.is_create() || unknown_post(recognized, template.method())
+        })
     }
 
     fn tally(&self) -> Tally {
@@ -897,9 +907,7 @@ where
             unreachable!("recognised above")
         };
         if !recognized.is_create() {
-            // A non-idempotent request (a `POST`) the router does not know may be a create
-            // endpoint newer than this crate: it may have made a task.
-            return if recognized.kind == RequestKind::Other && !template.method().is_idempotent() {
+            return if unknown_post(recognized, template.method()) {
                 Plan::Unlookable(None)
             } else {
                 Plan::Repeatable

@@ -97,8 +97,9 @@
 //!   (`1203`, or a new-style `data: []`); if the lookup finds one, the caller gets it as the
 //!   create's result (see [`Recovered`]). Without an id the call fails with
 //!   [`StopReason::CreateMayHaveHappened`](error::StopReason::CreateMayHaveHappened), and so
-//!   does a `POST` the router does not recognise (it may be a create endpoint newer than this
-//!   crate); [`generate_external_ids`](RetryLayerBuilder::generate_external_ids) gives every
+//!   does a `POST` on a path the router does not recognise (it may be a create endpoint newer
+//!   than this crate; one it knows as no create, `/v1/videos/identify-face`, is retried as a
+//!   query is); [`generate_external_ids`](RetryLayerBuilder::generate_external_ids) gives every
 //!   recognised create one. Once an attempt may have created a task, a final refusal of a
 //!   later attempt (`1201` "duplicate external task id" when the first create landed after
 //!   all) is looked up again before it is returned.

@@ -968,6 +968,34 @@ async fn a_lookup_never_sent_is_still_the_free_one() {
     assert_eq!(failed.reason(), StopReason::CreateUnresolved);
 }
 
+/// A lookup that never leaves stays free of the budget whatever the count, so only the attempt
+/// limit (and the deadline) bounds a client that refuses every one: the call ends there,
+/// unresolved with its id, and does not try for ever.
+#[tokio::test(start_paused = true)]
+async fn lookups_that_never_leave_are_bounded_by_the_attempt_limit() {
+    let (server, log) = kling(move |seen, _| {
+        if seen.method == Method::POST {
+            return Reply::Now(code(5002));
+        }
+        Reply::Fail(crate::support::refused())
+    });
+    let client = RetryLayer::builder()
+        .seed(3)
+        .generate_external_ids(true)
+        .budget(spent_budget())
+        .max_attempts(4)
+        .build()
+        .unwrap()
+        .layer(server);
+    let error = send(&client, create(r#"{"prompt":"a cat"}"#))
+        .await
+        .unwrap_err();
+    assert_eq!((log.count("POST", ""), log.count("GET", "")), (1, 3));
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::CreateUnresolved);
+    assert_eq!(failed.external_id(), Some(sent_id(&log).as_str()));
+}
+
 /// One free lookup per open create: a lookup throttled in its turn is sent again only as the
 /// budget allows, and the create is left unresolved, with its id.
 #[tokio::test(start_paused = true)]
@@ -1651,6 +1679,64 @@ async fn an_unrecognised_post_failed_below_after_a_retry_may_have_made_a_task() 
     let failed = error.downcast_ref::<Failed>().expect("a Failed");
     assert_eq!(failed.reason(), StopReason::NotRetryable);
     assert!(!failed.may_have_created());
+}
+
+/// A `POST` the router knows for no create is no possible create: Kling's endpoints that
+/// answer at once with no task (`/v1/videos/identify-face`, `/v1/videos/image-recognize`).
+/// Failed below after a retry, it was reported `CreateMayHaveHappened` (a caller would look
+/// for a task that cannot exist); answered `5000`, it was not sent again, as a possible
+/// create is not. Now both are as for any request that makes no task.
+#[tokio::test(start_paused = true)]
+async fn a_post_kling_answers_at_once_is_no_possible_create() {
+    #[derive(Debug)]
+    struct WorkerDied;
+    impl std::fmt::Display for WorkerDied {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("the worker died while the request was out")
+        }
+    }
+    impl std::error::Error for WorkerDied {}
+    let post = |path: &str| {
+        http::Request::post(format!("http://kling.test{path}"))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                br#"{"video_url":"https://v"}"#,
+            )))
+            .unwrap()
+    };
+
+    for path in ["/v1/videos/identify-face", "/v1/videos/image-recognize"] {
+        let (server, log) = kling(|_, _| Reply::Now(code(1302)));
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let below = tower::service_fn(move |request: crate::support::Req| {
+            let mut server = server.clone();
+            let calls = calls.clone();
+            async move {
+                if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                    return Err(Box::new(WorkerDied) as kling_core::error::BoxError);
+                }
+                tower::ServiceExt::ready(&mut server).await?;
+                tower::Service::call(&mut server, request).await
+            }
+        });
+        let error = send(&layer().layer(below), post(path)).await.unwrap_err();
+        assert_eq!(log.len(), 1, "{path}");
+        let failed = error.downcast_ref::<Failed>().expect("a Failed");
+        assert_eq!(failed.reason(), StopReason::NotRetryable, "{path}");
+        assert!(!failed.may_have_created(), "{path}");
+        assert!(!kling_core::error::may_have_created(&*error), "{path}");
+
+        // A 5000 is asked again, as for a query.
+        let (server, log) = kling(|_, i| {
+            Reply::Now(if i == 0 {
+                code(5000)
+            } else {
+                envelope(StatusCode::OK, 0, r#"{"faces":[]}"#)
+            })
+        });
+        let answer = send(&layer().layer(server), post(path)).await.unwrap();
+        assert!(Outcome::of(&answer).unwrap().is_success(), "{path}");
+        assert_eq!(log.len(), 2, "{path}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
