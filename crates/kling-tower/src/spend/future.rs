@@ -28,6 +28,31 @@ pub(crate) struct Settle {
     pub(crate) watch: SendWatch,
 }
 
+impl Settle {
+    /// Settles a create given up before its answer: its estimate goes back if the layers
+    /// below held it back unsent, and is kept otherwise (it may have reached the server).
+    pub(crate) fn dropped(self) {
+        if self.watch.never_sent() {
+            self.ledger.release(&self.account, self.estimate);
+        } else {
+            self.ledger.kept(&self.account, self.estimate);
+        }
+    }
+}
+
+/// A reservation while the inner service's `call` runs: settled as [dropped](Settle::dropped)
+/// should that call panic, which leaves no future to settle it. Left open, it was carried into
+/// every later period.
+pub(crate) struct Calling(pub(crate) Option<Settle>);
+
+impl Drop for Calling {
+    fn drop(&mut self) {
+        if let Some(settle) = self.0.take() {
+            settle.dropped();
+        }
+    }
+}
+
 pin_project! {
     /// Refuses an over-budget create at once, or waits for the inner response and settles the
     /// create's reservation (or reads task costs from a query's answer).
@@ -44,11 +69,7 @@ pin_project! {
             if let StateProj::Create { settle, .. } = this.project().state.project()
                 && let Some(settle) = settle.take()
             {
-                if settle.watch.never_sent() {
-                    settle.ledger.release(&settle.account, settle.estimate);
-                } else {
-                    settle.ledger.kept(&settle.account, settle.estimate);
-                }
+                settle.dropped();
             }
         }
     }

@@ -508,15 +508,19 @@ where
                 // layer above, which reads the same watch to count the create or not: a watch
                 // of its own here would leave that one unreported, counted as sent.
                 let watch = SendWatch::shared(&mut request);
-                future::ResponseFuture::create(
-                    self.inner.call(request),
-                    future::Settle {
-                        ledger: self.ledger.clone(),
-                        account,
-                        estimate,
-                        watch,
-                    },
-                )
+                let mut calling = future::Calling(Some(future::Settle {
+                    ledger: self.ledger.clone(),
+                    account,
+                    estimate,
+                    watch,
+                }));
+                // Settled by `calling` if this call panics, by the future once it returns.
+                let inner = self.inner.call(request);
+                match calling.0.take() {
+                    Some(settle) => future::ResponseFuture::create(inner, settle),
+                    // Never: nothing else takes it.
+                    None => future::ResponseFuture::observe(inner, None),
+                }
             }
             Err(refused) => future::ResponseFuture::refused(refused),
         }

@@ -944,3 +944,27 @@ async fn through_the_stack_a_retry_after_too_long_to_wait_gives_its_estimate_bac
     let guard = kling.spend_guard().unwrap();
     assert_eq!(guard.committed(Some(kling.account_id())), 0.0, "{err}");
 }
+
+/// A client whose `call` panics (a bug of its own, caught by the task or a `catch_unwind`
+/// around the call) returns no future to settle the create's reservation: the reservation was
+/// left open, and every later period started with it charged, for the life of the process.
+#[tokio::test(start_paused = true)]
+async fn a_create_whose_client_call_panics_is_not_charged_to_every_later_period() {
+    let guard =
+        SpendGuardLayer::with_period(2.0, Duration::from_secs(3600), CostTable::new()).unwrap();
+    let mut svc = guard.layer(service_fn(
+        |_: http::Request<Full<Bytes>>| -> std::future::Ready<
+            Result<http::Response<Full<Bytes>>, BoxError>,
+        > { panic!("the client's own bug") },
+    ));
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        drop(svc.call(video()));
+    }));
+    assert!(panicked.is_err());
+    // It may have reached the server before the panic: kept in its own period.
+    assert_eq!(guard.committed(None), 1.0);
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert_eq!(guard.committed(None), 0.0, "carried into the next period");
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert_eq!(guard.remaining(None), 2.0);
+}
