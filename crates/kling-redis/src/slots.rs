@@ -1598,7 +1598,7 @@ impl Inner {
                 {
                     lock(&self.registry).insert(h, held);
                 }
-                self.queue(args, &local.released);
+                self.queue(args);
                 for r in &local.released {
                     let pk = self.pk(&r.key);
                     self.wake(&pk);
@@ -1613,11 +1613,10 @@ impl Inner {
         }
     }
 
-    /// After the reports `args` (or a merged give-back of ended tasks) ran in Redis (counting
-    /// `released`): notes which of the ends this process reported were counted by their
-    /// release.
+    /// After the reports `args` ran in Redis (counting `released`): notes which of the ends
+    /// this process reported were counted by their release.
     fn ends_counted(&self, args: &[String], released: &[Released]) {
-        if !matches!(args[3].as_str(), "upd" | "gives") || released.is_empty() {
+        if args[3] != "upd" || released.is_empty() {
             return;
         }
         let mut ends = lock(&self.ends);
@@ -1880,12 +1879,7 @@ impl Inner {
     /// replaces the earlier renewals of the same tasks (replayed later, it renews the lease
     /// from then, or ends the task); at most [`MAX_PENDING_REPORTS`] are kept. A halt, reset or
     /// capacity is marked replayed ([`STAMPED`]): Redis drops it if a later one came meanwhile.
-    ///
-    /// An end whose task's hold is still kept (a task created and ended while Redis was away)
-    /// is not kept: both become a give-back of the holding in the one merged give-back the
-    /// queue keeps ([`coalesce_end`]), which counts the end when replayed (unless another
-    /// process counted it meanwhile) if `released` (this change's releases here) has it.
-    fn queue(&self, mut args: Vec<String>, released: &[Released]) {
+    fn queue(&self, mut args: Vec<String>) {
         if STAMPED.contains(&args[3].as_str())
             && let Some(replayed) = args.last_mut()
         {
@@ -1900,13 +1894,13 @@ impl Inner {
             pending.retain(|entry| !matches!(entry, Pending::Register(h) if h == holding));
         }
         if args[3] == "upd" {
-            let account = args[5].clone();
+            let account = &args[5];
             let new: Vec<&[String]> = args[UPD_REPORTS..].chunks_exact(4).collect();
             let mut emptied = false;
             for entry in pending.iter_mut() {
                 if let Pending::Args(old) = entry
                     && old[3] == "upd"
-                    && old[5] == account
+                    && old[5] == *account
                 {
                     let before = old.len();
                     retain_reports(old, |q| {
@@ -1915,16 +1909,7 @@ impl Inner {
                     emptied |= before > UPD_REPORTS && old.len() == UPD_REPORTS;
                 }
             }
-            let reports = args.split_off(UPD_REPORTS);
-            for quad in reports.chunks_exact(4) {
-                if quad[3] == "0"
-                    || !coalesce_end(&mut pending, &account, quad, released, &self.overflowed)
-                {
-                    args.extend_from_slice(quad);
-                }
-            }
-            let new = (args.len() - UPD_REPORTS) / 4;
-            let mut reports = new
+            let mut reports = new.len()
                 + pending
                     .iter()
                     .map(|entry| match entry {
@@ -1956,10 +1941,6 @@ impl Inner {
                     max = MAX_PENDING_REPORTS,
                     "redis away: dropping the oldest task reports kept for replay"
                 );
-            }
-            if args.len() == UPD_REPORTS {
-                // Every report it carried was an end merged with its hold.
-                return;
             }
         }
         pending.push_back(Pending::Args(args));
@@ -2007,15 +1988,7 @@ impl Inner {
                 }
                 next
             };
-            let Some(mut pending) = next else { break };
-            // A merged give-back takes its id as it is first sent: replayed again after its
-            // answer was lost, it is skipped, answering with the ends it counted.
-            if let Pending::Args(args) = &mut pending
-                && args[3] == "gives"
-                && args[4].is_empty()
-            {
-                args[4] = self.change_id();
-            }
+            let Some(pending) = next else { break };
             #[cfg(feature = "testing")]
             {
                 let delay = *lock(&self.replay_delay);
@@ -2463,9 +2436,6 @@ fn drop_oldest_report(
 const HOLD_ID: usize = 7;
 const HOLD_EXT: usize = 8;
 const HOLD_ACCOUNT: usize = 10;
-/// Where a `hold`'s pool and create path are in its arguments ([`Inner::hold_args`]).
-const HOLD_POOL: usize = 11;
-const HOLD_PATH: usize = 13;
 
 /// A task's end `end` (id, ext, status, flag) of `account` dropped from the replay queue: the
 /// hold of that task, if one is kept too (the task created and ended while Redis was away, or
@@ -2493,144 +2463,6 @@ fn give_back_instead_of_hold(pending: &mut VecDeque<Pending>, account: &str, end
         args.truncate(6);
         args[3] = "give".to_owned();
     }
-}
-
-/// Where a merged give-back's holdings start in its arguments (`gives`, then its change id:
-/// empty until the replay first sends it, and one sent is not added to): [`GIVE_ARGS`] each,
-/// the pool key, the holding, the task id to note ended (empty: none), the hold's external
-/// id, account and create path (what its hold would have superseded in Redis), its pool and
-/// weight, and the end's release reason (empty: not counted) and how long the task was held
-/// (µs): Redis counts the end once, at the replay, unless another process counted it.
-const GIVES: usize = 5;
-/// The arguments of one holding in a merged give-back (`gives`).
-const GIVE_ARGS: usize = 10;
-
-/// An end `end` (id, ext, status, flag) of `account` about to be kept for replay: when the
-/// hold of its task is kept too (the task created and ended while Redis was away, or its
-/// hold queued behind such changes), and nothing else kept names the task (by the task or
-/// external id of either: an adopt, another hold, a report of it), the hold goes and its
-/// holding joins the queue's one merged give-back; true then, and the end is not kept.
-///
-/// Replayed, the give-back frees the grant Redis may have (one made before Redis went away,
-/// or whose ask's answer was lost) and what the hold would have superseded (a holding of the
-/// task another process's reconcile adopted meanwhile, the same create's earlier attempt
-/// under its external id), and notes the task ended (a reconcile whose list ran behind the
-/// end adopts nothing), as the hold and end would have left it, in one change for the
-/// whole outage instead of two per task. At most [`MAX_PENDING_REPORTS`] holdings: past that
-/// the oldest is dropped (its grant, if Redis has one, held until its lease runs out, as
-/// when an end is dropped), with the reports' one warning per outage.
-fn coalesce_end(
-    pending: &mut VecDeque<Pending>,
-    account: &str,
-    end: &[String],
-    released: &[Released],
-    overflowed: &AtomicBool,
-) -> bool {
-    let [id, ext, status, ..] = end else {
-        return false;
-    };
-    let names = |args: &[String]| {
-        args[3] == "hold"
-            && args[HOLD_ACCOUNT] == account
-            && ((!id.is_empty() && args[HOLD_ID] == *id)
-                || (args[HOLD_ID].is_empty() && !ext.is_empty() && args[HOLD_EXT] == *ext))
-    };
-    let mut found = pending
-        .iter()
-        .enumerate()
-        .filter(|(_, entry)| matches!(entry, Pending::Args(args) if names(args)))
-        .map(|(at, _)| at);
-    let (Some(at), None) = (found.next(), found.next()) else {
-        return false;
-    };
-    let Some(Pending::Args(hold)) = pending.get(at) else {
-        return false;
-    };
-    let texts: Vec<&str> = [id, ext, &hold[HOLD_ID], &hold[HOLD_EXT]]
-        .into_iter()
-        .map(String::as_str)
-        .filter(|text| !text.is_empty())
-        .collect();
-    let named = |text: &String| texts.contains(&text.as_str());
-    let elsewhere = pending.iter().enumerate().any(|(i, entry)| {
-        let Pending::Args(args) = entry else {
-            return false;
-        };
-        i != at
-            && match args[3].as_str() {
-                "hold" | "adopt" | "reg" => {
-                    args[HOLD_ACCOUNT] == account
-                        && (named(&args[HOLD_ID]) || named(&args[HOLD_EXT]))
-                }
-                "upd" => {
-                    args[5] == account
-                        && args[UPD_REPORTS..]
-                            .chunks_exact(4)
-                            .any(|q| named(&q[0]) || named(&q[1]))
-                }
-                _ => false,
-            }
-    });
-    if elsewhere {
-        return false;
-    }
-    let task = if id.is_empty() { &hold[HOLD_ID] } else { id };
-    // The end as released here, counted when Redis (not knowing it counted) replays it.
-    let named = |task: &str| (!id.is_empty() && id == task) || (!ext.is_empty() && ext == task);
-    let (reason, held_for) = released
-        .iter()
-        .find(|r| r.key.account.as_str() == account && r.task.as_deref().is_some_and(named))
-        .map_or_else(Default::default, |r| {
-            let reason = if status.is_empty() {
-                "completed".to_owned()
-            } else {
-                format!("ended:{status}")
-            };
-            (reason, micros(r.held_for).to_string())
-        });
-    let give = [
-        hold[4].clone(),
-        hold[5].clone(),
-        task.clone(),
-        hold[HOLD_EXT].clone(),
-        account.to_owned(),
-        hold[HOLD_PATH].clone(),
-        hold[HOLD_POOL].clone(),
-        hold[6].clone(),
-        reason,
-        held_for,
-    ];
-    let merged = pending.iter().position(
-        |entry| matches!(entry, Pending::Args(args) if args[3] == "gives" && args[4].is_empty()),
-    );
-    match merged {
-        Some(merged) => {
-            pending.remove(at);
-            let merged = if merged > at { merged - 1 } else { merged };
-            let Some(Pending::Args(gives)) = pending.get_mut(merged) else {
-                return true;
-            };
-            gives.extend(give);
-            if (gives.len() - GIVES) / GIVE_ARGS > MAX_PENDING_REPORTS {
-                gives.drain(GIVES..GIVES + GIVE_ARGS);
-                if !overflowed.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        max = MAX_PENDING_REPORTS,
-                        "redis away: dropping the oldest task reports kept for replay"
-                    );
-                }
-            }
-        }
-        None => {
-            if let Some(Pending::Args(args)) = pending.get_mut(at) {
-                args.truncate(4);
-                args[3] = "gives".to_owned();
-                args.push(String::new());
-                args.extend(give);
-            }
-        }
-    }
-    true
 }
 
 struct Prepared {

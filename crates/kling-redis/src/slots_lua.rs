@@ -458,17 +458,15 @@ local changed = 0
 -- which would hide again the slots that came back since) carries an id: sent again after its
 -- answer was lost (a timeout after Redis ran it), it is skipped. So do a task's end (`upd`
 -- with an end), whose replay, finding the holding released, would file its note again (to
--- free a later create under the same external id), a create's hold, and a merged give-back
--- (`gives`), which counts the ends it carries. The tasks such a change released are kept
--- with its id (`P:rel:ID`), and a skipped replay answers with them: the process whose answer
--- was lost counts their ends, once. Ids are kept as long as
+-- free a later create under the same external id), and a create's hold. The tasks such a
+-- change released are kept with its id (`P:rel:ID`), and a skipped replay answers with them:
+-- the process whose answer was lost counts their ends, once. Ids are kept as long as
 -- `P:ended` keeps an end, and at most ENDED_KEPT of them.
 local once = nil
 do
   if op == 'cap' then once = ARGV[9] elseif op == 'halt' then once = ARGV[10]
   elseif op == 'unhalt' then once = ARGV[6] elseif op == 'upd' then once = ARGV[8]
-  elseif op == 'cong' then once = ARGV[9] elseif op == 'hold' then once = ARGV[15]
-  elseif op == 'gives' then once = ARGV[5] end
+  elseif op == 'cong' then once = ARGV[9] elseif op == 'hold' then once = ARGV[15] end
   if once == '' then once = nil end
   if once then
     local done = P .. ':done'
@@ -517,33 +515,6 @@ if op == 'give' then
   give(ARGV[5], ARGV[6])
   if leave(ARGV[5], ARGV[6]) then redis.call('PUBLISH', P .. ':freed', ARGV[5]) end
   tidy(ARGV[5])
-  changed = 1
-elseif op == 'gives' then
-  -- 5 the change's id (read above), 6.. tens: pool key, holding, task id, external id (''
-  -- none, either), account, create path ('' not known), pool, weight, the end's release
-  -- reason ('' not counted), how long the task was held (µs). The tasks a process created and saw end while Redis was away, their holds
-  -- and ends merged while kept: the grant Redis may have goes back (made before Redis went
-  -- away, or an ask whose answer was lost), and so do the holdings the hold would have
-  -- superseded (another process's reconcile adopted the task meanwhile; the same create's
-  -- earlier attempt, its answer lost, under its external id), and the end is noted (a list
-  -- that ran behind it adopts nothing) and counted, unless a report of it (another
-  -- process's, which released the hold that reached Redis) counted it already.
-  local i = 6
-  while i + 9 <= #ARGV do
-    local pk, h, id, ext, acct = ARGV[i], ARGV[i + 1], opt(ARGV[i + 2]), opt(ARGV[i + 3]), ARGV[i + 4]
-    local reason = ARGV[i + 8]
-    supersede(id, pk, h, acct)
-    supersede_ext(ext and xf(acct, ext), pk, h, opt(ARGV[i + 5]), id)
-    give(pk, h)
-    if leave(pk, h) then redis.call('PUBLISH', P .. ':freed', pk) end
-    tidy(pk)
-    if reason ~= '' and not (id and end_counted(id)) then
-      push_released(acct, ARGV[i + 6], id or ext or '', tonumber(ARGV[i + 7]),
-        now - tonumber(ARGV[i + 9]), reason, h)
-    end
-    if id then note_member('i:' .. id, 'c:' .. id) end
-    i = i + 10
-  end
   changed = 1
 elseif op == 'cong' then
   -- 5 pool key, 6 grant, 7 weight, 8 configured capacity, 9 the change's id (read above),
