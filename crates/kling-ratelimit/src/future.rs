@@ -59,6 +59,10 @@ struct Gate<Bk: Backend> {
     /// Its ask is on its way (a remote store's round trip) and it holds a place meanwhile
     /// ([`Gate::ask_in_flight`]). (In the padding after `back`: it takes no room.)
     in_flight: bool,
+    /// It has waited its turn at this gate (queued, or refused): its asks are a waiting
+    /// request's, which count toward `max_queue` and hold those behind it, not a first ask's
+    /// ([`Gate::ask_in_flight`]). (In the padding after `back`: it takes no room.)
+    waited: bool,
     /// The number of its first pass through its class gate ([`Queues::next_pass`]): where it
     /// stands among the requests that come back there ([`Gate::back_to_class`]). (In the
     /// padding after `back`: it takes no room.)
@@ -212,6 +216,7 @@ impl<Bk: Backend> Gate<Bk> {
     fn passed(&mut self) -> bool {
         self.place = None;
         self.in_flight = false;
+        self.waited = false;
         self.step = Step::Start;
         self.class_key.take().is_none()
     }
@@ -524,6 +529,7 @@ impl<Bk: Backend> Gate<Bk> {
             return Err(Box::new(RateLimited::new(at, now, cooldown)));
         }
         let was_in_flight = std::mem::take(&mut self.in_flight);
+        self.waited = true;
         self.start_waiting(shared, request, now);
         if let Some((limit, why)) = self.limit()
             && at > limit
@@ -583,9 +589,13 @@ impl<Bk: Backend> Gate<Bk> {
     /// its place ahead of the requests that came during the round trip; but those ask too
     /// rather than wait for its answer, and it counts against no `max_queue` until refused
     /// ([`Gate::not_before`]). Its ask is sent already: no bound refuses it its place.
+    ///
+    /// A request that waited its turn already (`waited`: a head asking again after a refusal,
+    /// or one that queued behind others) is not marked: it counted toward `max_queue` while it
+    /// waited, and one refused again must not meet `QueueFull` for its own place.
     #[cold]
     fn ask_in_flight(&mut self, cx: &Context<'_>, shared: &Shared<Bk>, account_key: &BucketKey) {
-        if self.in_flight || shared.mode != Mode::Wait {
+        if self.in_flight || self.waited || shared.mode != Mode::Wait {
             return;
         }
         self.in_flight = true;
@@ -683,6 +693,7 @@ impl<Bk: Backend> Gate<Bk> {
                     },
                 },
                 Step::Queued => {
+                    self.waited = true;
                     let place = self.place.as_ref().expect("a queued request holds a place");
                     match shared.queues.poll_head(&place.key, place.id, cx.waker()) {
                         Ok(_) => self.at_head(cx, shared, request, account_key)?,
@@ -968,6 +979,7 @@ where
             why: WaitLimit::MaxWait,
             back: false,
             in_flight: false,
+            waited: false,
             // A class request here without its class key passed its class gate in `call`.
             pass: if gate_class_passed {
                 shared.queues.next_pass()

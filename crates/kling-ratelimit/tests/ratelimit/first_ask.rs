@@ -25,6 +25,9 @@ type Ask = Pin<Box<dyn Future<Output = Result<Decision, BackendError>> + Send>>;
 struct Remote {
     inner: Arc<InProcess>,
     paused_until: Arc<Mutex<Option<Instant>>>,
+    /// The round trips of the next account asks, in the order they are made (then
+    /// `ROUND_TRIP`).
+    round_trips: Arc<Mutex<std::collections::VecDeque<Duration>>>,
 }
 
 const ROUND_TRIP: Duration = Duration::from_millis(50);
@@ -38,8 +41,9 @@ impl Backend for Remote {
             return Box::pin(self.inner.acquire(key, policy));
         }
         let (this, key, policy) = (self.clone(), key.clone(), *policy);
+        let round_trip = self.round_trips.lock().unwrap().pop_front();
         Box::pin(async move {
-            tokio::time::sleep(ROUND_TRIP).await;
+            tokio::time::sleep(round_trip.unwrap_or(ROUND_TRIP)).await;
             let paused = *this.paused_until.lock().unwrap();
             match paused {
                 Some(at) if at > Instant::now() => Ok(Decision::NotBefore { at, cooldown: true }),
@@ -226,5 +230,216 @@ async fn a_request_dropped_while_asking_leaves_its_place() {
     assert!(error.is::<QueueFull>(), "{error}");
     a2.await.unwrap().unwrap();
     assert_eq!(server.tags(), ["a2"]);
+    assert_eq!(handle.waiting(), 0);
+}
+
+/// A head that waited out a pause and asks again is a waiting request, not a first ask: when
+/// the store refuses it again (another process met a 1302 meanwhile), it keeps waiting at the
+/// head rather than fail with `QueueFull`, and a request that comes during its ask, with the
+/// queue at its bound (`max_queue` 2: the head and `a2`), is the one refused.
+#[tokio::test(start_paused = true)]
+async fn a_head_asking_again_is_not_refused_for_a_full_queue() {
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .max_queue(2)
+        .backend(Remote::default())
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let backend = handle.backend().clone();
+    let start = Instant::now();
+    *backend.paused_until.lock().unwrap() = Some(start + ms(3000));
+    let server = Server::new();
+    let service = layer.layer(server.service());
+    // `a1` asks at 0 and leads, refused at 50 until 3000; `a2` queues behind it at 100.
+    let a1 = spawn_call(&service, request(Some("a"), "a1")).await;
+    tokio::time::advance(ms(100)).await;
+    let a2 = spawn_call(&service, request(Some("a"), "a2")).await;
+    // `a1` asks again at 3000; another process pauses the account until 6000 meanwhile.
+    tokio::time::advance(ms(2910)).await;
+    *backend.paused_until.lock().unwrap() = Some(start + ms(6000));
+    let a3 = spawn_call(&service, request(Some("a"), "a3")).await;
+    let mut outcomes = Vec::new();
+    for call in [a1, a2, a3] {
+        outcomes.push(match call.await.unwrap() {
+            Ok(_) => "sent".to_owned(),
+            Err(error) if error.is::<QueueFull>() => "queue full".to_owned(),
+            Err(error) => error.to_string(),
+        });
+    }
+    assert_eq!(outcomes, ["sent", "sent", "queue full"]);
+    assert_eq!(server.tags(), ["a1", "a2"]);
+    assert_eq!(handle.waiting(), 0);
+}
+
+/// Advances the clock a millisecond at a time until `at` past `start`, so that every timer
+/// due meanwhile fires at its own instant.
+async fn run_until(start: Instant, at: u64) {
+    while start.elapsed() < ms(at) {
+        tokio::time::advance(ms(1)).await;
+    }
+}
+
+/// A request that queued behind a head and then leads and asks is a waiting request too:
+/// `a2` (queued at 100) asks at 1050 with a slow round trip, the account is paused again
+/// meanwhile, and `a3`, coming during that ask with `a2` counted (`max_queue` 2), queues
+/// behind it rather than ask beside it; `a4` finds the queue full. Before, `a2`'s ask was
+/// taken for a first one: `a3` asked beside it, was refused first, and `a2`, refused after,
+/// failed with `QueueFull` for its own place.
+#[tokio::test(start_paused = true)]
+async fn a_queued_request_that_leads_is_not_refused_for_a_full_queue() {
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .max_queue(2)
+        .backend(Remote::default())
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let backend = handle.backend().clone();
+    let start = Instant::now();
+    *backend.paused_until.lock().unwrap() = Some(start + ms(1000));
+    // `a1` at 0 and again at 1000, `a2` at 1050 (slow: its answer comes at 1250).
+    backend
+        .round_trips
+        .lock()
+        .unwrap()
+        .extend([ms(50), ms(50), ms(200)]);
+    let server = Server::new();
+    let service = layer.layer(server.service());
+    let a1 = spawn_call(&service, request(Some("a"), "a1")).await;
+    run_until(start, 100).await;
+    let a2 = spawn_call(&service, request(Some("a"), "a2")).await;
+    // `a1` is sent at 1050 and `a2` asks; another process pauses the account until 3000.
+    run_until(start, 1060).await;
+    assert_eq!(server.tags(), ["a1"]);
+    *backend.paused_until.lock().unwrap() = Some(start + ms(3000));
+    let a3 = spawn_call(&service, request(Some("a"), "a3")).await;
+    run_until(start, 1120).await;
+    let a4 = spawn_call(&service, request(Some("a"), "a4")).await;
+    let mut outcomes = Vec::new();
+    for call in [a1, a2, a3, a4] {
+        outcomes.push(match call.await.unwrap() {
+            Ok(_) => "sent".to_owned(),
+            Err(error) if error.is::<QueueFull>() => "queue full".to_owned(),
+            Err(error) => error.to_string(),
+        });
+    }
+    assert_eq!(outcomes, ["sent", "sent", "sent", "queue full"]);
+    assert_eq!(server.tags(), ["a1", "a2", "a3"]);
+    assert_eq!(handle.waiting(), 0);
+}
+
+/// A mix of requests (two accounts, a class quota) over round trips of varied length, with
+/// pauses another process sets now and then, some callers giving up and a bounded queue:
+/// whatever fails, nothing is left waiting and no queue is left behind, and the requests sent
+/// keep to the quota (the store's, which alone admits).
+#[tokio::test(start_paused = true)]
+async fn varied_round_trips_leave_nothing_waiting() {
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(2.0).with_burst(2))
+        .max_queue(3)
+        .max_wait(Duration::from_secs(4))
+        .backend(Remote::default())
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let backend = handle.backend().clone();
+    let start = Instant::now();
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move |n: u64| {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 33) % n
+    };
+    backend
+        .round_trips
+        .lock()
+        .unwrap()
+        .extend((0..2_000).map(|_| ms(5 + next(200))));
+    let server = Server::new();
+    let service = layer.layer(server.service());
+    let mut calls = Vec::new();
+    for n in 0..200u64 {
+        if next(15) == 0 {
+            *backend.paused_until.lock().unwrap() = Some(Instant::now() + ms(100 + next(900)));
+        }
+        let account = if next(3) == 0 { "b" } else { "a" };
+        let tag = format!("{account}{n}");
+        let req = if next(4) == 0 {
+            request_to("/account/costs", Some(account), &tag)
+        } else {
+            request(Some(account), &tag)
+        };
+        let call = spawn_call(&service, req).await;
+        if next(6) == 0 {
+            let give_up = ms(next(300));
+            calls.push(tokio::spawn(async move {
+                let _ = tokio::time::timeout(give_up, call).await;
+            }));
+        } else {
+            calls.push(tokio::spawn(async move {
+                let _ = call.await;
+            }));
+        }
+        run_until(start, (n + 1) * 30 + next(30)).await;
+    }
+    for call in calls {
+        call.await.unwrap();
+    }
+    run_until(start, 60_000).await;
+    assert_eq!(handle.waiting(), 0);
+    for account in ["a", "b"] {
+        let account = kling_core::AccountId::new(account);
+        assert_eq!(handle.queue_depth(Some(&account)), 0);
+    }
+    assert_eq!(handle.queue_bytes(), 0, "no queue is left");
+    for account in ["a", "b"] {
+        let times: Vec<Instant> = server
+            .hits()
+            .into_iter()
+            .filter(|hit| hit.account.as_deref() == Some(account))
+            .map(|hit| hit.at)
+            .collect();
+        assert!(!times.is_empty(), "{account}: {} sent", times.len());
+        for pair in times.windows(2) {
+            assert!(
+                pair[1] - pair[0] >= ms(99),
+                "{account}: sent {:?} apart",
+                pair[1] - pair[0]
+            );
+        }
+    }
+}
+
+/// A class request that waited at its class gate asks its account's for the first time once
+/// past it: that ask keeps its place too. `c2` waits for its class quota until 1000 (`c1`,
+/// which took the turn before, gives up before it is sent, so no send of the class holds `c2`
+/// after), asks its account then, and `a1` comes during the round trip; both meet a pause,
+/// and `c2`, which asked first, goes first.
+#[tokio::test(start_paused = true)]
+async fn a_class_request_that_waited_at_its_class_gate_keeps_its_turn_at_its_account() {
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .backend(Remote::default())
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let backend = handle.backend().clone();
+    let start = Instant::now();
+    let server = Server::new();
+    let service = layer.layer(server.service());
+    let costs = |tag| request_to("/account/costs", Some("a"), tag);
+    let c1 = spawn_call(&service, costs("c1")).await;
+    run_until(start, 10).await;
+    let c2 = spawn_call(&service, costs("c2")).await;
+    run_until(start, 20).await;
+    c1.abort();
+    run_until(start, 990).await;
+    *backend.paused_until.lock().unwrap() = Some(start + ms(3000));
+    run_until(start, 1020).await;
+    let a1 = spawn_call(&service, request(Some("a"), "a1")).await;
+    for call in [c2, a1] {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(server.tags(), ["c2", "a1"]);
     assert_eq!(handle.waiting(), 0);
 }
