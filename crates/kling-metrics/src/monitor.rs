@@ -214,28 +214,31 @@ pub struct Monitor {
 }
 
 /// The requests of a fleet over the rate window, as a [`SnapshotSource`] last read them from
-/// a shared store, and when: a figure older than the window no longer counts.
+/// a shared store, and until when they count: a figure older than the window no longer does.
 #[derive(Default)]
 struct FleetCount {
     requests: AtomicU64,
-    /// Nanoseconds from the window's start when read, plus one (0: never read).
-    read_at: AtomicU64,
+    /// Nanoseconds from the window's start to a window after the read, plus one (0: never
+    /// read). The end rather than the read: a read from before the monitor was built has no
+    /// place on this scale, and counted as read at its start it outlived its window.
+    counts_until: AtomicU64,
 }
 
 impl FleetCount {
-    fn note(&self, requests: u64, at_nanos: u64) {
+    /// Notes `requests`, read at `read_at`.
+    fn note(&self, window: &RateWindow, requests: u64, read_at: Instant) {
+        let until = read_at
+            .checked_add(window.window)
+            .map_or(u64::MAX, |until| window.nanos_since_start(until));
         self.requests.store(requests, Ordering::Relaxed);
-        self.read_at.store(at_nanos + 1, Ordering::Release);
+        self.counts_until
+            .store(until.saturating_add(1), Ordering::Release);
     }
 
     /// The figure, if read within the window before `now` (else 0).
     fn recent(&self, window: &RateWindow, now: Instant) -> u64 {
-        let read_at = self.read_at.load(Ordering::Acquire);
-        if read_at == 0 {
-            return 0;
-        }
-        let now = window.nanos_since_start(now);
-        if now.saturating_sub(read_at - 1) > window.window.as_nanos() as u64 {
+        let until = self.counts_until.load(Ordering::Acquire);
+        if until == 0 || window.nanos_since_start(now) > until - 1 {
             return 0;
         }
         self.requests.load(Ordering::Relaxed)
@@ -857,9 +860,7 @@ impl Monitor {
                 snapshot.rate.fleet_requests = None;
                 snapshot.rate.fleet_read_at = None;
             } else {
-                inner
-                    .fleet
-                    .note(fleet, inner.window.nanos_since_start(read_at));
+                inner.fleet.note(&inner.window, fleet, read_at);
             }
         }
         self.check_rate(now, requests, || inner.window.total(now));
@@ -2212,6 +2213,32 @@ mod tests {
         // 61 s after the read (11 after the snapshot): the figure is past its window, and
         // this process's few requests re-arm the warning.
         tokio::time::advance(Duration::from_secs(11)).await;
+        monitor.note_requests(Instant::now(), 1);
+        assert!(
+            !monitor.inner.rate_warned.load(Ordering::Relaxed),
+            "a figure read 61 s ago still counted"
+        );
+    }
+
+    /// A figure a source read before the monitor was built (a source shared with an earlier
+    /// stack) ages from that read too: noted as read at the monitor's start, it held the
+    /// warning for as long again past its window.
+    #[tokio::test(start_paused = true)]
+    async fn a_fleet_figure_read_before_the_monitor_was_built_ages_from_its_read() {
+        let read_at = Instant::now();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let monitor = Monitor::builder()
+            .rate_quota(100, Duration::from_secs(60))
+            .build()
+            .unwrap();
+        monitor.add_source(move |snapshot: &mut Snapshot| {
+            snapshot.rate.fleet_requests = Some(95);
+            snapshot.rate.fleet_read_at = Some(read_at);
+        });
+        monitor.snapshot();
+        assert!(monitor.inner.rate_warned.load(Ordering::Relaxed));
+        // 61 s after the read (31 after the monitor's start).
+        tokio::time::advance(Duration::from_secs(31)).await;
         monitor.note_requests(Instant::now(), 1);
         assert!(
             !monitor.inner.rate_warned.load(Ordering::Relaxed),
