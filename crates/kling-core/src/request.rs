@@ -969,6 +969,93 @@ mod tests {
         }
     }
 
+    /// `json` with each character inside its strings (keys included) that `picks` chooses
+    /// written as a `\u` escape: the same body to the server.
+    fn escape_in_strings(json: &str, picks: &[u8]) -> String {
+        let mut out = String::with_capacity(json.len() * 2);
+        // `verbatim`: characters of an escape still to copy as written (`\"`, `\u0041`).
+        let (mut in_string, mut verbatim) = (false, 0);
+        let mut picks = picks.iter().cycle();
+        for c in json.chars() {
+            if verbatim > 0 {
+                verbatim -= 1;
+                if c == 'u' && verbatim == 0 {
+                    verbatim = 4;
+                }
+                out.push(c);
+            } else if in_string && c != '"' && c != '\\' && picks.next().is_some_and(|p| p % 3 == 0)
+            {
+                out.push_str(&format!("\\u{:04x}", u32::from(c)));
+            } else {
+                out.push(c);
+                if in_string && c == '\\' {
+                    verbatim = 1;
+                } else if c == '"' {
+                    in_string = !in_string;
+                }
+            }
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1024))]
+
+        /// A create body's fields, of any type and with escapes anywhere, read as a plain
+        /// `Value` reading of the same body says: the generation's own id (a non-empty string),
+        /// whether it is named, the callback where the generation reads it, an image's weight.
+        #[test]
+        fn create_bodies_read_as_a_plain_value_reading_says(
+            fields in proptest::collection::vec((
+                proptest::sample::select(vec![
+                    "n", "external_task_id", "external_id", "callback_url", "options", "prompt",
+                ]),
+                proptest::sample::select(vec![
+                    serde_json::Value::Null,
+                    serde_json::json!(""),
+                    serde_json::json!("job-1"),
+                    serde_json::json!("\"é\\"),
+                    serde_json::json!(3),
+                    serde_json::json!(4.5),
+                    serde_json::json!("7"),
+                    serde_json::json!(true),
+                    serde_json::json!([2]),
+                    serde_json::json!({"callback_url": "http://cb"}),
+                    serde_json::json!({"callback_url": ""}),
+                ]),
+            ), 0..6),
+            picks in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..32),
+            path in proptest::sample::select(vec![
+                "/v1/images/generations", "/text-to-image/m", "/v1/videos/text2video",
+                "/text-to-video/m",
+            ]),
+        ) {
+            let fields: serde_json::Map<String, serde_json::Value> =
+                fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            let body = serde_json::Value::Object(fields.clone()).to_string();
+            let body = escape_in_strings(&body, &picks);
+            let r = recognize(&Method::POST, path, &body);
+            let legacy = path.starts_with("/v1/");
+            let own = if legacy { "external_task_id" } else { "external_id" };
+            let text = |v: Option<&serde_json::Value>| {
+                v.and_then(serde_json::Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned)
+            };
+            let callback = if legacy {
+                fields.get("callback_url")
+            } else {
+                fields.get("options").and_then(|o| o.get("callback_url"))
+            };
+            let weight = match path.contains("image") {
+                true => fields.get("n").and_then(image_count).unwrap_or(1),
+                false => 1,
+            };
+            proptest::prop_assert_eq!(r.external_id, text(fields.get(own)), "{}", body);
+            proptest::prop_assert_eq!(r.names_own_id, fields.contains_key(own), "{}", body);
+            proptest::prop_assert_eq!(r.has_callback, text(callback).is_some(), "{}", body);
+            proptest::prop_assert_eq!(r.weight, weight, "{}", body);
+        }
+    }
+
     /// A create written as a normalizing server reads it the same takes its slots all the
     /// same (its pool and weight), and a query its id.
     #[test]

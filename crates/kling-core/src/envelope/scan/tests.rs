@@ -1108,3 +1108,62 @@ fn adversarial_bodies_agree_with_a_plain_value_reading() {
         assert!(!err.reason().is_empty());
     }
 }
+
+/// `text` with each character inside its strings (keys included) that `picks` chooses written as
+/// a `\u` escape, in either case of hex: the same JSON to serde_json, spelled another way.
+fn escape_in_strings(text: &str, picks: &[u8]) -> String {
+    let mut out = String::with_capacity(text.len() * 2);
+    // `verbatim`: characters of an escape still to copy as written (`\"`, `\u0041`).
+    let (mut in_string, mut verbatim) = (false, 0);
+    let mut picks = picks.iter().cycle();
+    for c in text.chars() {
+        if verbatim > 0 {
+            verbatim -= 1;
+            if c == 'u' && verbatim == 0 {
+                verbatim = 4;
+            }
+            out.push(c);
+            continue;
+        }
+        if in_string && c != '"' && c != '\\' && u32::from(c) < 0x1_0000 {
+            match picks.next().copied().unwrap_or(0) % 4 {
+                0 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+                1 => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+                _ => out.push(c),
+            }
+            continue;
+        }
+        out.push(c);
+        if in_string && c == '\\' {
+            verbatim = 1;
+        } else if c == '"' {
+            in_string = !in_string;
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    /// Every name and text written with escapes anywhere (`"co\u0064e"`, `"succe\u0065d"`,
+    /// `"\u0074asks"`) reads as the reference and a plain `Value` reading read it.
+    #[test]
+    fn names_and_texts_written_with_escapes_agree(
+        envelope in envelope(),
+        ws in proptest::collection::vec(any::<u8>(), 0..64),
+        picks in proptest::collection::vec(any::<u8>(), 1..64),
+    ) {
+        let mut text = String::new();
+        envelope.render(&mut ws.into_iter().chain(std::iter::repeat(9)), &mut text);
+        let escaped = escape_in_strings(&text, &picks);
+        prop_assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&text).ok(),
+            serde_json::from_str::<serde_json::Value>(&escaped).ok()
+        );
+        agree(escaped.as_bytes());
+        if !has_duplicate_keys(&envelope) {
+            agree_with_value(escaped.as_bytes());
+        }
+    }
+}
