@@ -942,6 +942,21 @@ impl Engine {
         }
     }
 
+    /// Asks Kling once for one task (at its create path `legacy_path`, or new-style), through
+    /// the stack: its report, if the answer gives it with result URLs ([`has_results`]).
+    async fn task_with_results(
+        &self,
+        legacy_path: Option<&str>,
+        task_id: &str,
+    ) -> Result<Option<TaskReport>, BoxError> {
+        let ids = [task_id];
+        let asked = match legacy_path {
+            Some(path) => Asked::Legacy { path, id: task_id },
+            None => Asked::New(&ids),
+        };
+        Ok(self.query_tasks(asked).await?.into_iter().find(has_results))
+    }
+
     /// Asks Kling once for the tasks `asked`, through the stack: the reports of those ids the
     /// answer holds (an id it leaves out has none). `Err` on a refusal or an answer that
     /// cannot be read.
@@ -1450,15 +1465,12 @@ impl Engine {
                 // carries the status alone, URLs of a shape it does not know): one query for
                 // the whole report before the job is counted.
                 let (report, error) = if report.urls.is_empty() {
-                    let asked = match &legacy_path {
-                        Some(path) => Asked::Legacy { path, id: task_id },
-                        None => Asked::New(&[task_id]),
-                    };
-                    match self.query_tasks(asked).await {
-                        Ok(found) => match found.into_iter().find(has_results) {
-                            Some(found) => (found, None),
-                            None => (report, Some(no_result(task_id, None))),
-                        },
+                    match self
+                        .task_with_results(legacy_path.as_deref(), task_id)
+                        .await
+                    {
+                        Ok(Some(found)) => (found, None),
+                        Ok(None) => (report, Some(no_result(task_id, None))),
                         Err(e) => (report, Some(no_result(task_id, Some(&*e)))),
                     }
                 } else {
@@ -1654,16 +1666,11 @@ impl Engine {
     /// or its credentials ends the refreshes of the run (`refresh_refused`): every other
     /// would be refused too.
     async fn result_urls(&self, job: &Missing) -> Option<Vec<String>> {
-        let ids = [job.task.as_str()];
-        let asked = match &job.legacy_path {
-            Some(path) => Asked::Legacy { path, id: ids[0] },
-            None => Asked::New(&ids),
-        };
-        match self.query_tasks(asked).await {
-            Ok(found) => found
-                .into_iter()
-                .find(|t| t.id == job.task && has_results(t))
-                .map(|t| t.urls),
+        match self
+            .task_with_results(job.legacy_path.as_deref(), &job.task)
+            .await
+        {
+            Ok(found) => found.map(|t| t.urls),
             Err(e) => {
                 tracing::warn!(job = %job.job_id, error = %e, "cannot ask the task for fresh result URLs");
                 if failure_of(&*e).halts {
