@@ -309,6 +309,15 @@ impl SendWatch {
             .clone()
     }
 
+    /// Puts a new watch in the request's signals unless it carries one: for a layer that
+    /// reads the watch later from a copy of the signals it kept ([`ExtensionsCopy::send_watch`])
+    /// rather than through a handle of its own.
+    pub fn ensure<B>(request: &mut Request<B>) {
+        CallContext::of_mut(request)
+            .send_watch
+            .get_or_insert_with(SendWatch::default);
+    }
+
     /// A layer that held `request` passes it on toward the server.
     pub fn handed<B>(request: &Request<B>) {
         if let Some(watch) = SendWatch::of(request) {

@@ -160,7 +160,7 @@ where
         // whether a layer below still held it back unsent (and warns, naming the id, only when
         // not). A layer above (metrics) has usually put one there already.
         if spliced.is_some() {
-            drop(kling_core::signals::SendWatch::shared(&mut request));
+            kling_core::signals::SendWatch::ensure(&mut request);
         }
         let prepared = ResponseFuture::prepare(handle, &request, now, deadline, spliced);
         ResponseFuture::send(prepared, self.inner.call(request))
