@@ -23,8 +23,10 @@
 //! A 1003 means this machine's clock is ahead of Kling's by more than `nbf`'s margin, and a
 //! token signed afresh on the same clock would be refused just the same: so a 1003 also sets
 //! `nbf` [`MAX_NOT_BEFORE_SKEW`] in the past (instead of 5 s) for every token the layer signs
-//! from then on. One step, not a widening by halves: an earlier `nbf` only makes a token valid
-//! from further back, and each step short of the skew would fail every call that carried it.
+//! from then on, and drops a cached token signed with the narrower margin (one another request
+//! signed meanwhile would be refused too). One step, not a widening by halves: an earlier `nbf`
+//! only makes a token valid from further back, and each step short of the skew would fail
+//! every call that carried it.
 //!
 //! Every request clones the `Authorization` value, and never takes a lock to do it: an API
 //! key's value is built once per layer, in bytes the layer and the requests that carry it
@@ -276,6 +278,16 @@ struct Token {
     header: HeaderValue,
     renew_at: Duration,
     generation: u64,
+    /// How many seconds in the past its `nbf` was set: a 1003 to any token drops a cached
+    /// one signed with less than [`MAX_NOT_BEFORE_SKEW`], which the server would refuse too.
+    not_before: u64,
+}
+
+impl Token {
+    /// Whether a 1003 (`early`) to another token says this one is refused as well.
+    fn too_recent(&self, early: bool) -> bool {
+        early && self.not_before < MAX_NOT_BEFORE_SKEW.as_secs()
+    }
 }
 
 pub(crate) struct Shared {
@@ -360,29 +372,35 @@ impl Shared {
 
     /// Drops the cached token if it is still generation `refused`, so the next request signs
     /// afresh (a token another request signed since is kept); `early` (a 1003) also sets the
-    /// next tokens' `nbf` further back ([`Shared::widen_not_before`]).
+    /// next tokens' `nbf` further back ([`Shared::widen_not_before`]), and drops a token
+    /// signed since with the narrower margin (the clock that was ahead still is).
     fn invalidate(&self, refused: u64, early: bool) {
         let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
-        if token.as_ref().is_some_and(|t| t.generation == refused) {
+        if early {
+            self.widen_not_before();
+        }
+        if token
+            .as_ref()
+            .is_some_and(|t| t.generation == refused || t.too_recent(early))
+        {
             *token = None;
             self.current.store(0, Ordering::Release);
-            if early {
-                self.widen_not_before();
-            }
         }
     }
 
     /// A fresh header after the server refused generation `refused` (`early`: with a 1003); a
-    /// token another request signed since is reused rather than signing again.
+    /// token another request signed since is reused rather than signing again, unless a 1003
+    /// says its margin is too narrow.
     fn resign(&self, refused: u64, early: bool) -> Result<(HeaderValue, u64), SigningError> {
         let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = token.as_ref()
-            && t.generation != refused
-        {
-            return Ok((t.header.clone(), t.generation));
-        }
         if early {
             self.widen_not_before();
+        }
+        if let Some(t) = token.as_ref()
+            && t.generation != refused
+            && !t.too_recent(early)
+        {
+            return Ok((t.header.clone(), t.generation));
         }
         let fresh = self.sign(self.clock.unix_now())?;
         let fresh = self.replace(&mut token, fresh);
@@ -405,10 +423,11 @@ impl Shared {
             ));
         };
         let now_secs = now.as_secs();
+        let not_before = self.not_before.load(Ordering::Relaxed);
         let claims = Claims {
             iss: access,
             exp: now_secs + TOKEN_LIFETIME.as_secs(),
-            nbf: now_secs.saturating_sub(self.not_before.load(Ordering::Relaxed)),
+            nbf: now_secs.saturating_sub(not_before),
         };
         let jwt = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key)
             .map_err(SigningError::new)?;
@@ -422,6 +441,7 @@ impl Shared {
             header,
             renew_at: Duration::from_secs(now_secs) + TOKEN_LIFETIME - self.renew_before,
             generation,
+            not_before,
         })
     }
 }
@@ -816,6 +836,49 @@ mod tests {
         );
         layer.shared.resign(third, true).unwrap();
         assert_eq!(margin(&layer.shared), MAX_NOT_BEFORE_SKEW.as_secs());
+    }
+
+    /// A 1003 to a token no longer cached (another request re-signed meanwhile, with the
+    /// narrow margin) still widens `nbf`, and drops the narrow token it would otherwise keep:
+    /// the clock that was ahead still is, so that token would be refused as well.
+    #[test]
+    fn a_1003_to_an_older_token_widens_and_drops_a_narrow_one() {
+        let clock = ManualClock::default();
+        clock.set(1_000_000);
+        let layer = jwt(&clock);
+        let margin = |shared: &Shared| shared.not_before.load(Ordering::Relaxed);
+        let (_, first) = pair(&layer.shared);
+        // A 1004 to it on one request: re-signed with the narrow margin.
+        let (_, second) = layer.shared.resign(first, false).unwrap();
+        assert_ne!(second, first);
+        // A 1003 to `first`, answered late, on another request.
+        let (header, third) = layer.shared.resign(first, true).unwrap();
+        assert_eq!(margin(&layer.shared), MAX_NOT_BEFORE_SKEW.as_secs());
+        assert_ne!(third, second, "the narrow token would be refused 1003 too");
+        assert_eq!(
+            claims_nbf(&header),
+            1_000_000 - MAX_NOT_BEFORE_SKEW.as_secs()
+        );
+        // A wide token is kept: another late 1003 to `first` reuses it.
+        assert_eq!(layer.shared.resign(first, true).unwrap().1, third);
+
+        // The same through `invalidate` (the stack's way: the retry layer resends).
+        let layer = jwt(&clock);
+        let (_, first) = pair(&layer.shared);
+        let (_, second) = layer.shared.resign(first, false).unwrap();
+        layer.shared.invalidate(first, true);
+        assert_eq!(margin(&layer.shared), MAX_NOT_BEFORE_SKEW.as_secs());
+        let (header, next) = pair(&layer.shared);
+        assert_ne!(next, second);
+        assert_eq!(
+            claims_nbf(&header),
+            1_000_000 - MAX_NOT_BEFORE_SKEW.as_secs()
+        );
+        // A 1004 to an older token leaves the current one alone.
+        layer.shared.invalidate(first, false);
+        assert_eq!(pair(&layer.shared).1, next);
+        layer.shared.invalidate(first, true);
+        assert_eq!(pair(&layer.shared).1, next, "already wide: kept");
     }
 
     fn claims_nbf(header: &HeaderValue) -> u64 {
