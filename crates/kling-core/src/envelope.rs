@@ -98,7 +98,10 @@ pub struct TaskReport {
     pub failure: Option<String>,
     /// Result URLs (`task_result.videos[].url`, `task_result.images[].url`, `outputs[].url`).
     pub urls: Vec<String>,
-    /// What the finished task cost (`final_unit_deduction`, or the sum of `billing[].amount`).
+    /// What the finished task cost: `final_unit_deduction` (units), or the sum of
+    /// `billing[].amount` when the items with an amount name at most one `currency` (compared
+    /// exactly; one naming none — missing, `null`, `""` — counts in the others'). Items in two
+    /// currencies give `None`: credits plus dollars is no figure. The currency is not kept.
     pub cost: Option<f64>,
 }
 
@@ -756,8 +759,8 @@ struct RawTask<'a> {
     external_id: LooseId<'a>,
     #[serde(default, borrow)]
     outputs: Option<LooseList<Output<'a>>>,
-    #[serde(default)]
-    billing: Option<LooseList<Billing>>,
+    #[serde(default, borrow)]
+    billing: Option<LooseList<Billing<'a>>>,
     /// A page's tasks; an element that is no object reports nothing (serde's derive would read
     /// an array as a task, its fields by position).
     #[serde(default, borrow)]
@@ -813,11 +816,24 @@ impl RawTask<'_> {
                 .flat_map(|o| o.0)
                 .filter_map(|o| o.url.0.map(Cow::into_owned))
                 .collect(),
-            cost: self
-                .billing
-                .map(|b| b.0.iter().filter_map(|item| item.amount.0).sum()),
+            cost: self.billing.and_then(|b| billing_cost(&b.0)),
         })
     }
+}
+
+/// The sum of the items' amounts, when those with an amount name at most one currency (see
+/// [`TaskReport::cost`]); the scanner's `billing` keeps the same rule.
+fn billing_cost(items: &[Billing<'_>]) -> Option<f64> {
+    let mut named = items
+        .iter()
+        .filter(|item| item.amount.0.is_some())
+        .filter_map(|item| item.currency.0.as_deref().filter(|c| !c.is_empty()));
+    if let Some(first) = named.next()
+        && named.any(|other| other != first)
+    {
+        return None;
+    }
+    Some(items.iter().filter_map(|item| item.amount.0).sum())
 }
 
 // A task's optional fields read loosely: one of an odd type (a deduction as an object, a URL
@@ -852,9 +868,11 @@ struct Output<'a> {
 }
 
 #[derive(Deserialize)]
-struct Billing {
+struct Billing<'a> {
     #[serde(default)]
     amount: LooseAmount,
+    #[serde(default, borrow)]
+    currency: Loose<'a>,
 }
 
 /// An amount as a number or a number in a string (the legacy API sends money as text); any
@@ -1214,6 +1232,64 @@ mod tests {
             "task_status":"succeed","final_unit_deduction":" 2.5 "}}"#;
         for env in both(body) {
             assert_eq!(env.unwrap().tasks[0].cost, Some(2.5));
+        }
+    }
+
+    /// `billing` amounts are added only in one currency: items naming two make the cost
+    /// none, from both readers (summed, credits plus dollars read as credits to a spend
+    /// guard). An item naming none counts in the others' currency; one without an amount
+    /// names nothing.
+    #[test]
+    fn billing_in_two_currencies_is_no_cost() {
+        for (billing, cost) in [
+            (
+                r#"[{"amount":1,"currency":"credit"},{"amount":0.5,"currency":"USD"}]"#,
+                None,
+            ),
+            (
+                r#"[{"amount":1,"currency":"USD"},{"amount":2,"currency":"usd"}]"#,
+                None,
+            ),
+            (
+                r#"[{"currency":"USD","amount":"1"},{"amount":2,"currency":"credit"}]"#,
+                None,
+            ),
+            (
+                r#"[{"amount":2,"currency":"c\u0072edit"},{"amount":1,"currency":"USD"}]"#,
+                None,
+            ),
+            (
+                r#"[{"amount":1,"currency":"credit"},{"amount":0.5,"currency":"credit"}]"#,
+                Some(1.5),
+            ),
+            (
+                r#"[{"amount":1,"currency":"credit"},{"amount":2},{"amount":3,"currency":""}]"#,
+                Some(6.0),
+            ),
+            (
+                r#"[{"amount":1,"currency":"credit"},{"amount":2,"currency":null}]"#,
+                Some(3.0),
+            ),
+            (
+                r#"[{"amount":1,"currency":"credit"},{"currency":"USD"},{"amount":null,"currency":"x"}]"#,
+                Some(1.0),
+            ),
+            (
+                r#"[{"amount":2,"currency":"c\u0072edit"},{"amount":1,"currency":"credit"}]"#,
+                Some(3.0),
+            ),
+            (
+                r#"[{"amount":1,"currency":"credit"},{"amount":1,"currency":{"code":"USD"}}]"#,
+                Some(2.0),
+            ),
+            (r#"[]"#, Some(0.0)),
+        ] {
+            let body = format!(
+                r#"{{"code":0,"message":"ok","request_id":"r","data":{{"id":"t","status":"succeeded","billing":{billing}}}}}"#
+            );
+            for env in both(body.as_bytes()) {
+                assert_eq!(env.unwrap().tasks[0].cost, cost, "{billing}");
+            }
         }
     }
 

@@ -766,6 +766,7 @@ const VIDEOS: Name = Name::new(b"videos");
 const IMAGES: Name = Name::new(b"images");
 const URL: Name = Name::new(b"url");
 const AMOUNT: Name = Name::new(b"amount");
+const CURRENCY: Name = Name::new(b"currency");
 const CREATED_AT: Name = Name::new(b"created_at");
 const UPDATED_AT: Name = Name::new(b"updated_at");
 const DURATION: Name = Name::new(b"duration");
@@ -1325,7 +1326,9 @@ impl<'a> Scanner<'a> {
         Ok(i)
     }
 
-    /// `billing`: `null` or `[{amount}]`, summed.
+    /// `billing`: `null` or `[{amount, currency}]`, summed when the items with an amount name
+    /// at most one currency, else none (the reference's `billing_cost`). Currencies are
+    /// compared as ranges of the body: no copy.
     #[inline(never)]
     fn billing(&self, i: usize, depth: u32, t: &mut RawTask) -> Scan<usize> {
         let bytes = self.bytes;
@@ -1335,35 +1338,63 @@ impl<'a> Scanner<'a> {
         }
         // `Sum for f64` starts from its own zero: start where it does.
         let mut sum: f64 = std::iter::empty::<f64>().sum();
+        // The first currency an item with an amount names, and whether another differs.
+        let mut currency: Option<&[u8]> = None;
+        let mut mixed = false;
         let depth = deeper(depth)?;
         let (mut done, mut i) = open(bytes, i, b'[', b']')?;
         while !done {
             let item_depth = deeper(depth)?;
             let mut seen = 0;
+            let mut amount = None;
+            let mut named: Option<&[u8]> = None;
             let (mut item_done, mut j) = open(bytes, struct_start(bytes, i)?, b'{', b'}')?;
             while !item_done {
-                let (name, at_value) = key(bytes, j, &[AMOUNT])?;
-                j = if name == 0 {
-                    first_sighting(&mut seen, 1)?;
-                    let (is_null, at_value) = null(bytes, at_value)?;
-                    if is_null {
-                        at_value
-                    } else {
-                        if !matches!(at(bytes, at_value), Some(b'-' | b'0'..=b'9')) {
-                            return Err(Fallback);
+                let (name, at_value) = key(bytes, j, &[AMOUNT, CURRENCY])?;
+                j = match name {
+                    0 => {
+                        first_sighting(&mut seen, 1)?;
+                        let (is_null, at_value) = null(bytes, at_value)?;
+                        if is_null {
+                            at_value
+                        } else {
+                            if !matches!(at(bytes, at_value), Some(b'-' | b'0'..=b'9')) {
+                                return Err(Fallback);
+                            }
+                            let (n, end) = self.number(at_value)?;
+                            amount = Some(n.to_f64()?);
+                            end
                         }
-                        let (n, end) = self.number(at_value)?;
-                        sum += n.to_f64()?;
+                    }
+                    1 => {
+                        first_sighting(&mut seen, 2)?;
+                        // A string without escapes, or `null`; any other (an escaped text,
+                        // a number read as text) is left to the reference.
+                        let (span, end) = self.opt_string(at_value)?;
+                        if let Some(span) = span {
+                            if span.kind != Kind::Raw {
+                                return Err(Fallback);
+                            }
+                            named = bytes.get(span.start as usize..span.end as usize);
+                        }
                         end
                     }
-                } else {
-                    skip(bytes, at_value, item_depth)?
+                    _ => skip(bytes, at_value, item_depth)?,
                 };
                 (item_done, j) = next_or_close(bytes, j, b'}')?;
             }
+            if let Some(amount) = amount {
+                sum += amount;
+                if let Some(named) = named.filter(|c| !c.is_empty()) {
+                    match currency {
+                        None => currency = Some(named),
+                        Some(first) => mixed |= first != named,
+                    }
+                }
+            }
             (done, i) = next_or_close(bytes, j, b']')?;
         }
-        t.billing = Some(sum);
+        t.billing = if mixed { None } else { Some(sum) };
         Ok(i)
     }
 
