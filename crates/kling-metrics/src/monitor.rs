@@ -109,7 +109,8 @@ impl MonitorBuilder {
     }
 
     /// How many created tasks are tracked at once for their lifetime (default 100 000); past
-    /// it, new tasks are not tracked (their end is not counted).
+    /// it, new tasks are not tracked (their end is not counted): they count as
+    /// [`untracked`](crate::TaskCounts::untracked).
     pub fn max_tracked_tasks(mut self, max: usize) -> Self {
         self.max_tracked_tasks = max;
         self
@@ -348,7 +349,7 @@ const _: () = assert!(std::mem::size_of::<Bucket>() == 128);
 
 /// In declaration order (`repr(C)`): after the lock, what every create and end of a task in
 /// the slot touches, then the slot's id, then the rest. Ends are not counted: a bucket's
-/// finished tasks are its creates that are neither tracked nor `absorbed` nor `expired`, so an
+/// finished tasks are its creates that are neither tracked nor `untracked` nor `expired`, so an
 /// end writes only the first line (the counts read by the snapshot stay exact, all under the
 /// lock).
 #[repr(C)]
@@ -367,9 +368,9 @@ struct BucketState {
     /// The slot's task id (its first `SLOT_ID_FIRST_LINE` bytes on the first line).
     slot_id: [u8; SLOT_ID],
     /// Creates that neither started a tracked task nor ended one: refused for want of a
-    /// place, or of an id too long to keep. (A create answering a task tracked already is no
-    /// create: it renews the task's lease or ends it.)
-    absorbed: u64,
+    /// place, or of an id too long to keep ([`TaskCounts::untracked`]). (A create answering a
+    /// task tracked already is no create: it renews the task's lease or ends it.)
+    untracked: u64,
     failed: u64,
     /// Tasks that stopped being tracked with no sign of life for the task lease.
     expired: u64,
@@ -389,7 +390,7 @@ impl Default for BucketState {
             slot_seen: 0,
             slot_len: 0,
             slot_id: [0; SLOT_ID],
-            absorbed: 0,
+            untracked: 0,
             failed: 0,
             expired: 0,
             overflow: None,
@@ -417,10 +418,10 @@ impl BucketState {
         u32::from(self.slot_since.is_some()) + self.overflowed
     }
 
-    /// The bucket's finished tasks: its creates that neither are tracked nor were absorbed nor
-    /// expired.
+    /// The bucket's finished tasks: its creates that neither are tracked nor went untracked
+    /// nor expired.
     fn finished(&self) -> u64 {
-        self.created - u64::from(self.len()) - self.absorbed - self.expired
+        self.created - u64::from(self.len()) - self.untracked - self.expired
     }
 
     /// Renews the lease of `id` (whose hash is `hash`), if it is tracked: a sign of life at
@@ -516,12 +517,12 @@ impl BucketState {
     }
 
     /// Tracks `id` (whose hash is `hash`); an `id` tracked already is replaced and counted
-    /// absorbed (the monitor's creates renew a tracked task instead, so never do this).
+    /// untracked (the monitor's creates renew a tracked task instead, so never do this).
     /// Inlined into the create path (its other caller is the cold exact path).
     #[inline(always)]
     fn insert(&mut self, hash: u64, id: &str, tracked: Tracked) {
         if self.remove(hash, id.as_bytes()).is_some() {
-            self.absorbed += 1;
+            self.untracked += 1;
         }
         let bytes = id.as_bytes();
         if self.slot_since.is_none() && bytes.len() <= SLOT_ID && tracked.pool.is_none() {
@@ -732,8 +733,8 @@ enum TaskKey {
 /// The longest task id kept inline.
 const INLINE_ID: usize = 46;
 
-/// The longest task id tracked at all (a task with a longer id is counted as created, never as
-/// ended: it is absorbed, as when the table is full).
+/// The longest task id tracked at all (a task with a longer id is counted as created and
+/// untracked, never as ended, as when the table is full).
 const MAX_TRACKED_ID: usize = 128;
 
 impl TaskKey {
@@ -914,6 +915,7 @@ impl Monitor {
             failed: 0,
             running: 0,
             expired: 0,
+            untracked: 0,
         };
         for bucket in &self.inner.tasks {
             let state = lock(&bucket.0);
@@ -922,6 +924,7 @@ impl Monitor {
             counts.failed += state.failed;
             counts.running += u64::from(state.len());
             counts.expired += state.expired;
+            counts.untracked += state.untracked;
         }
         counts
     }
@@ -976,7 +979,7 @@ impl Monitor {
                             .is_ok()
                         && scarce.load(Ordering::Acquire) =>
                 {
-                    bucket.absorbed += 1;
+                    bucket.untracked += 1;
                     return;
                 }
                 Err(_) => {
@@ -1038,7 +1041,7 @@ impl Monitor {
                 bucket.places += 1;
                 bucket.insert(hash, id, entry);
             } else {
-                bucket.absorbed += 1;
+                bucket.untracked += 1;
             }
         }
         drop(buckets);
@@ -1072,9 +1075,12 @@ impl Monitor {
         // Counted in a step before the latest one checked (a response that arrived just
         // before a step began, its call ended just after another call was counted in the new
         // step): that step's cached sum of its earlier steps may lack these requests, and the
-        // window is judged as it stands at that step, these included.
+        // window is judged as it stands at that step, these included. The larger sum shrinks
+        // the shares `surely_below` holds that step's counts to: marked now, before the total
+        // is read, so no later request of that step skips the check on the old ones.
         if let Some(latest) = inner.window.checked_after(epoch) {
-            inner.window.recount_others(latest);
+            let others = inner.window.recount_others(latest);
+            inner.window.mark_if_near(latest, others, fire_at);
             let total = || inner.window.total_at(latest);
             return self.check_rate(now, total(), total);
         }
@@ -1163,7 +1169,7 @@ impl Monitor {
                     // Far longer than Kling's ids (18 to 36 bytes): counted, not kept, so what
                     // a faulty upstream sends cannot grow the table by its bytes.
                     bucket.created += 1;
-                    bucket.absorbed += 1;
+                    bucket.untracked += 1;
                 } else {
                     bucket.created += 1;
                     self.track(hash, &task.id, entry, bucket);
@@ -1621,6 +1627,25 @@ impl RateWindow {
         self.near.load(Ordering::SeqCst) < epoch
     }
 
+    /// Marks step `epoch` (`near`) when a shard's count in it reaches its share of what
+    /// [`surely_below`](RateWindow::surely_below) leaves below `limit` with `others` (a sum
+    /// just raised by requests counted late): those counts were held to larger shares, so
+    /// none marked it, and another shard's request would skip a check the total may be due.
+    /// A count this read misses was judged by its call on the raised sum (it read `others`
+    /// after it was cached), or is seen by the check that follows the mark.
+    #[cold]
+    fn mark_if_near(&self, epoch: u64, others: u64, limit: u64) {
+        let share = limit.saturating_sub(others) / WINDOW_SHARDS as u64;
+        let (round, slot) = (round_of(epoch), slot_of(epoch));
+        let reached = self.shards.iter().any(|shard| {
+            let (r, count) = unpack(shard.0[slot].load(Ordering::SeqCst));
+            r == round && count >= share
+        });
+        if reached {
+            self.near.fetch_max(epoch, Ordering::SeqCst);
+        }
+    }
+
     /// The requests in the window at step `epoch`.
     fn total_at(&self, epoch: u64) -> u64 {
         self.others(epoch) + self.current(epoch)
@@ -1846,12 +1871,12 @@ mod tests {
                         seen: 0,
                         pool: pool.map(SharedString::const_str),
                     };
-                    let absorbed = bucket.absorbed;
+                    let untracked = bucket.untracked;
                     bucket.insert(hash, &id, entry);
                     let was = model.insert(id.clone(), (pool, since));
-                    // A create of a task tracked already is absorbed.
+                    // A task tracked already is replaced: the first goes untracked.
                     assert_eq!(
-                        bucket.absorbed - absorbed,
+                        bucket.untracked - untracked,
                         u64::from(was.is_some()),
                         "{step}"
                     );
@@ -2139,7 +2164,14 @@ mod tests {
             Instant::now(),
         );
         assert_eq!(kept(&monitor), 1, "the long one is not stored");
-        assert_eq!(monitor.snapshot().tasks.created, 2);
+        let tasks = monitor.snapshot().tasks;
+        assert_eq!((tasks.created, tasks.running, tasks.untracked), (2, 1, 1));
+        // Its end is not seen (it was never tracked): it stays untracked.
+        let long = outcome(&"z".repeat(100_000), "succeed");
+        monitor.observe_tasks(false, &video, &long, Instant::now());
+        let tasks = monitor.snapshot().tasks;
+        assert_eq!((tasks.finished, tasks.untracked), (0, 1));
+        assert_adds_up(&tasks);
     }
 
     /// A source's figure for the fleet counts against the quota: the snapshot fires the
@@ -2326,7 +2358,8 @@ mod tests {
         // Answered by a second create: one task, one place.
         create("a");
         let tasks = monitor.snapshot().tasks;
-        assert_eq!((tasks.created, tasks.running), (5, 3));
+        assert_eq!((tasks.created, tasks.running, tasks.untracked), (5, 3, 2));
+        assert_adds_up(&tasks);
         // "d" was not tracked: its end is not counted.
         assert!(!monitor.task_finished("d", &TaskStatus::Succeeded));
         assert!(monitor.task_finished("a", &TaskStatus::Succeeded));
@@ -2340,6 +2373,9 @@ mod tests {
             (tasks.created, tasks.finished, tasks.failed, tasks.running),
             (7, 2, 1, 2)
         );
+        // "d", "e" and "g" found no place.
+        assert_eq!(tasks.untracked, 3);
+        assert_adds_up(&tasks);
     }
 
     /// Once every place is taken, creates are refused without locking every bucket (the exact
@@ -2377,6 +2413,9 @@ mod tests {
             (tasks.created, tasks.finished, tasks.failed, tasks.running),
             (3 + 200 + 150, 100, 50, 3)
         );
+        // Refused on the exact path once, then without it.
+        assert_eq!(tasks.untracked, 200 + 50);
+        assert_adds_up(&tasks);
     }
 
     #[test]
@@ -2527,21 +2566,11 @@ mod tests {
             assert!(new > 1_000, "{new}");
             assert_eq!(
                 tasks.created,
-                tasks.finished + tasks.running + absorbed(&monitor)
+                tasks.finished + tasks.running + tasks.untracked
             );
             assert_places(&monitor, 8, tasks.running as usize);
             assert!(snapshots.load(Ordering::Relaxed) > 10);
         }
-    }
-
-    /// The creates absorbed by every bucket.
-    fn absorbed(monitor: &Monitor) -> u64 {
-        monitor
-            .inner
-            .tasks
-            .iter()
-            .map(|b| lock(&b.0).absorbed)
-            .sum()
     }
 
     /// The fewest requests that fire a warning, as `check_rate` works usage out.
@@ -2701,6 +2730,56 @@ mod tests {
         }
     }
 
+    /// Requests counted late into an earlier step raise the sum of the current step's earlier
+    /// steps, so each shard's share of the requests left before a warning shrinks: a shard
+    /// whose count passed its new share unmarked let another shard's request skip the check
+    /// and the warning fire late. Three threads in turn, on two shards: 20 requests at 3.5 s
+    /// on one (below its share of 200), 179 answered at 2.5 s and counted after (199), then
+    /// the 200th at 3.5 s on the other shard, which must fire it.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_after_late_counts_fires_the_warning_it_reaches_on_any_shard() {
+        let fired = Arc::new(Mutex::new(Vec::new()));
+        let monitor = {
+            let fired = Arc::clone(&fired);
+            Monitor::builder()
+                .rate_quota(250, Duration::from_secs(60))
+                .on_usage_warning(move |warning| fired.lock().unwrap().push(warning.usage))
+                .build()
+                .unwrap()
+        };
+        assert_eq!(monitor.inner.fire_at, Some(200));
+        let second = |n: u64| Instant::now() + Duration::from_millis(n * 1000 + 500);
+        let (now, before) = (second(3), second(2));
+        // Runs `work` on a new thread whose lane (shard) is not `avoid`; returns its lane.
+        let on_a_thread = |avoid: Option<usize>, work: &(dyn Fn() + Sync)| loop {
+            let lane = std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        let lane = lanes::current();
+                        if Some(lane) != avoid {
+                            work();
+                        }
+                        lane
+                    })
+                    .join()
+                    .unwrap()
+            });
+            if Some(lane) != avoid {
+                return lane;
+            }
+        };
+        let first = on_a_thread(None, &|| {
+            for _ in 0..20 {
+                monitor.note_requests(now, 1);
+            }
+        });
+        on_a_thread(None, &|| monitor.note_requests(before, 179));
+        assert!(fired.lock().unwrap().is_empty(), "199 of 200");
+        on_a_thread(Some(first), &|| monitor.note_requests(now, 1));
+        assert_eq!(*fired.lock().unwrap(), [0.8], "the 200th request fires it");
+        assert_eq!(monitor.inner.window.total(now), 200);
+    }
+
     /// Two threads hammering the window (in its shards) at once: the snapshot counts every
     /// request, and a warning due is fired once.
     #[test]
@@ -2757,8 +2836,9 @@ mod tests {
         for max in [0, 1, 3, 17, 64, 65, 300, 5_000] {
             let monitor = Monitor::builder().max_tracked_tasks(max).build().unwrap();
             let mut model: HashMap<String, Instant> = HashMap::new();
-            // Creates, ends and failed ends seen (the snapshot counts them all).
-            let (mut created, mut finished, mut failed) = (0, 0, 0);
+            // Creates, ends and failed ends seen (the snapshot counts them all), and creates
+            // refused a place.
+            let (mut created, mut finished, mut failed, mut untracked) = (0, 0, 0, 0);
             for step in 0..6_000u32 {
                 state = state
                     .wrapping_mul(6_364_136_223_846_793_005)
@@ -2779,6 +2859,8 @@ mod tests {
                         created += 1;
                         if model.len() < max {
                             model.insert(id, now);
+                        } else {
+                            untracked += 1;
                         }
                     }
                 } else {
@@ -2794,6 +2876,7 @@ mod tests {
                         (created, finished, failed, model.len() as u64),
                         "{max} {step}"
                     );
+                    assert_eq!(tasks.untracked, untracked, "{max} {step}");
                     tokio::time::advance(Duration::from_millis(1)).await;
                 }
             }
@@ -2804,7 +2887,18 @@ mod tests {
                 (created, finished, failed, model.len() as u64),
                 "{max}"
             );
+            assert_eq!(tasks.untracked, untracked, "{max}");
+            assert_adds_up(&tasks);
         }
+    }
+
+    /// Every created task is finished, running, expired or untracked.
+    fn assert_adds_up(tasks: &TaskCounts) {
+        assert_eq!(
+            tasks.created,
+            tasks.finished + tasks.running + tasks.expired + tasks.untracked,
+            "{tasks:?}"
+        );
     }
 
     /// The thread's cached step agrees with the step worked out, for two windows used in

@@ -175,6 +175,11 @@ pub struct TaskCounts {
     /// ([`MonitorBuilder::task_lease`](crate::MonitorBuilder::task_lease)): nobody followed
     /// them to their end, and the task slots gave their slots back at the same lease.
     pub expired: u64,
+    /// Created tasks never tracked, so never seen to end: created while
+    /// [`max_tracked_tasks`](crate::MonitorBuilder::max_tracked_tasks) were tracked, or with an
+    /// id over 128 bytes (Kling's are 18 to 36). With them the counts add up:
+    /// `created == finished + running + expired + untracked`.
+    pub untracked: u64,
 }
 
 impl TaskCounts {
