@@ -233,7 +233,15 @@ pub struct Journal {
     /// ([`transition`](Self::transition), [`transition_all`](Self::transition_all)).
     #[cfg(test)]
     commits: Arc<std::sync::atomic::AtomicUsize>,
+    /// Tests: called before each [`transition`](Self::transition) takes the connection, with
+    /// the job and its new state (a test holds a write there, as a busy thread would).
+    #[cfg(test)]
+    write_hook: Arc<Mutex<Option<WriteHook>>>,
 }
+
+/// Tests: see [`Journal::on_write`].
+#[cfg(test)]
+pub(crate) type WriteHook = Arc<dyn Fn(&str, JobState) + Send + Sync>;
 
 impl fmt::Debug for Journal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -389,6 +397,8 @@ impl Journal {
             id: Arc::from(id),
             #[cfg(test)]
             commits: Arc::default(),
+            #[cfg(test)]
+            write_hook: Arc::default(),
         })
     }
 
@@ -535,6 +545,17 @@ impl Journal {
         state: JobState,
         update: Update,
     ) -> Result<(), JournalError> {
+        #[cfg(test)]
+        {
+            let hook = self
+                .write_hook
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Some(hook) = hook {
+                hook(job_id, state);
+            }
+        }
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         apply(&tx, job_id, state, update)?;
@@ -564,6 +585,13 @@ impl Journal {
         self.commits
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Tests: `hook` is called before each later [`transition`](Self::transition) of every
+    /// clone takes the connection.
+    #[cfg(test)]
+    pub(crate) fn on_write(&self, hook: WriteHook) {
+        *self.write_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
     }
 
     /// Tests: the state changes committed so far, one transaction each.

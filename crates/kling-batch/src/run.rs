@@ -50,7 +50,9 @@
 //!   ([`download::MAX_REFRESHES`]; past the 30 days too with `refetch_gone`). `429`, `408`
 //!   and `5xx` are asked again a few times in the run ([`download::MAX_TRIES`]).
 //! - **Stop** (Ctrl-C): the stack's drain gate closes (no create leaves any more), creates in
-//!   flight get a short grace to be recorded, and the run ends; a later run picks up. A create
+//!   flight get a short grace to be recorded, the follows and downloads are aborted and waited
+//!   for (one busy on another thread may still record what it was at, never after the run
+//!   reads the journal for its report), and the run ends; a later run picks up. A create
 //!   still waiting then (for its pool's slot, say) with no attempt sent was never sent: its
 //!   job is `not_submitted`, sent by the next run without a lookup. The jobs left are marked
 //!   `not_submitted` (so are they after a halt) a few hundred to a journal transaction, the
@@ -772,7 +774,22 @@ impl Engine {
                     }
                 }
                 drop(creators);
+                // An abort is heard at an await only: a follow or download busy on another
+                // worker thread may still write what it was at. Each is waited for, so that
+                // nothing is written once the journal is read below for the report.
                 follows.abort_all();
+                while let Some(done) = follows.join_next().await {
+                    match done {
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "journal write failed; the run stops");
+                            journal_error.get_or_insert(e);
+                        }
+                        Err(e) if e.is_panic() => {
+                            tracing::error!(error = %e, "a follow ended abnormally");
+                        }
+                        Ok(Ok(())) | Err(_) => {}
+                    }
+                }
                 if journal_error.is_none() {
                     self.settle_unsent()?;
                 }
@@ -1119,21 +1136,24 @@ impl Engine {
     }
 
     /// Fetches the files `missing` (succeeded jobs of an earlier run), at most
-    /// [`RunOptions::max_downloads`] jobs at a time, each in a task of its own; a job's task is
-    /// spawned only when a running one ends. `Err` (the others dropped) when the journal cannot
-    /// record a job's files, as [`download`](Self::download).
+    /// [`RunOptions::max_downloads`] jobs at a time; a job's download is begun only when a
+    /// running one ends. `Err` (the others dropped) when the journal cannot record a job's
+    /// files, as [`download`](Self::download).
+    ///
+    /// The downloads are futures of this task, not tasks of their own: aborting it at a stop
+    /// ends them all at once, and none is left on another thread to write the journal after
+    /// the stop has read it.
     async fn download_missing(self: Arc<Self>, missing: Vec<Missing>) -> Result<(), JournalError> {
         let mut missing = missing.into_iter();
-        let mut running = JoinSet::new();
+        let mut running = FuturesUnordered::new();
         loop {
             while running.len() < self.options.max_downloads.max(1) {
                 let Some(job) = missing.next() else {
                     break;
                 };
-                let engine = self.clone();
-                running.spawn(async move {
-                    let downloaded = caught(engine.download(&job));
-                    match downloaded.await {
+                let engine = &self;
+                running.push(async move {
+                    match caught(engine.download(&job)).await {
                         Ok(recorded) => recorded,
                         Err(panic) => engine.after_panic(
                             &job.job_id,
@@ -1143,11 +1163,9 @@ impl Engine {
                     }
                 });
             }
-            match running.join_next().await {
+            match running.next().await {
                 None => return Ok(()),
-                Some(Ok(recorded)) => recorded?,
-                // Each catches its own panic; never aborted but with this task.
-                Some(Err(e)) => tracing::error!(error = %e, "a download ended abnormally"),
+                Some(recorded) => recorded?,
             }
         }
     }
@@ -1634,9 +1652,8 @@ impl Engine {
             };
             fetched =
                 download::fetch_all(client, dir, job_id, task_id, &urls, recorded, timeouts).await;
-            if urls != job.urls {
-                fresh = Some(urls);
-            }
+            // The URLs fetched last are recorded: a later query may name the first ones again.
+            fresh = (urls != job.urls).then_some(urls);
         }
         // Refused as an expired URL is: gone only once the URL's lifetime is over
         // (a file not yet published, a CDN's refusal, answer so too).

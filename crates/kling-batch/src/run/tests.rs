@@ -2228,3 +2228,211 @@ async fn a_refresh_refused_for_the_account_is_not_asked_again_for_other_jobs() {
     assert_eq!(queries, 1, "{asked:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Holds the first write of `job` to `state` (in every clone of `journal`) before it takes
+/// the connection, as a task busy on the other worker thread between its poll and its write:
+/// the receiver hears when the write is held, and the sender (used or dropped) lets it go on.
+fn hold_write(
+    journal: &Journal,
+    job: &str,
+    state: JobState,
+) -> (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
+    let (held, arrived) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = Mutex::new(Some(released));
+    let job = job.to_owned();
+    journal.on_write(Arc::new(move |id, to| {
+        if id != job || to != state {
+            return;
+        }
+        let Some(released) = released.lock().unwrap().take() else {
+            return;
+        };
+        let _ = held.send(());
+        let _ = released.recv();
+    }));
+    (arrived, release)
+}
+
+/// Waits until the write `arrived` is held, stops `run`, and gives it a second (real time) to
+/// end while the write is held: whether it ended so, and its report once the write went on.
+async fn stop_while_a_write_is_held(
+    run: tokio::task::JoinHandle<Result<RunReport, RunError>>,
+    stopper: watch::Sender<bool>,
+    arrived: std::sync::mpsc::Receiver<()>,
+    release: std::sync::mpsc::Sender<()>,
+) -> (bool, RunReport) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while arrived.try_recv().is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write was never made"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stopper.send(true).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ended_while_held = run.is_finished();
+    release.send(()).unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the run ends once the write went on")
+        .unwrap()
+        .unwrap();
+    (ended_while_held, report)
+}
+
+/// A stop aborted the follows and read the journal at once, but an abort is heard only at
+/// an await: a follow busy on the other worker thread, between its task's end and its
+/// journal write, wrote after the stop had read the records. The run reported the job
+/// `created` (and a rerun followed it again) while the journal said `succeeded`. The stop
+/// now waits for the aborted follows to end before it reads the journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_waits_for_a_follow_between_its_end_and_its_journal_write() {
+    // Fast: the resumed run lists the account's tasks first, within its rate.
+    let speed = 1000.0;
+    let server = kling_mock::MockServer::start(MockConfig::preset(Preset::Pro).speed(speed))
+        .await
+        .unwrap();
+    let task = "860000000000000041";
+    let journal = Journal::open_in_memory().unwrap();
+    let (jobs, _) = parse_jobs("{\"id\":\"cat\",\"prompt\":\"a cat\"}\n");
+    journal.register(&jobs).unwrap();
+    journal
+        .transition("cat", JobState::Created, Update::task(task))
+        .unwrap();
+    // No query: the task's end comes as a callback.
+    let follow = default_follow_policy(1.0).first_query(Duration::from_secs(3600));
+    let mut options = RunOptions::new(follow);
+    options.stop_grace = Duration::from_millis(50);
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro).speed(speed),
+        Credentials::api_key("key").unwrap(),
+        &server.base_url(),
+    )
+    .unwrap();
+    let engine = Engine::new(stack, journal.clone(), options).unwrap();
+    let (arrived, release) = hold_write(&journal, "cat", JobState::Succeeded);
+    let (stopper, stop) = watch::channel(false);
+    let run = tokio::spawn({
+        let (engine, jobs) = (engine.clone(), jobs.clone());
+        async move { engine.run(&jobs, stop).await }
+    });
+    // The task's end, as a signed callback hands it over.
+    let body = succeeded_legacy(task, r#"{"videos":[{"url":"http://127.0.0.1:9/0.mp4"}]}"#);
+    engine
+        .follower
+        .deliver(Envelope::parse(body.as_bytes()).unwrap().tasks[0].clone());
+    let (ended_while_held, report) =
+        stop_while_a_write_is_held(run, stopper, arrived, release).await;
+    assert!(
+        !ended_while_held,
+        "the run ended while a follow was about to write the journal"
+    );
+    assert!(report.interrupted);
+    let recorded = journal.record("cat").unwrap().unwrap();
+    assert_eq!(recorded.state, JobState::Succeeded, "{recorded:?}");
+    assert_eq!(report.records, [recorded], "the report is the journal's");
+}
+
+/// The same for a resumed run's downloads: each ran in a task of its own under the task
+/// that hands out the turns, and aborting that one dropped them without waiting. A download
+/// busy on the other worker thread recorded its file after the stop had read the journal,
+/// and the run reported the file missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_waits_for_a_resumed_download_between_its_fetch_and_its_journal_write() {
+    let base = answering("video".to_owned()).await;
+    let (jobs, _) = parse_jobs("{\"id\":\"cat\",\"prompt\":\"a cat\"}\n");
+    let journal = Journal::open_in_memory().unwrap();
+    journal.register(&jobs).unwrap();
+    let update = Update {
+        task_id: Some("860000000000000042".to_owned()),
+        urls: Some(vec![format!("{base}/outputs/0.mp4")]),
+        ..Update::default()
+    };
+    journal
+        .transition("cat", JobState::Succeeded, update)
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("kling-batch-held-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut options = RunOptions::new(default_follow_policy(1.0)).download_dir(dir.clone());
+    options.stop_grace = Duration::from_millis(50);
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+        "http://127.0.0.1:9",
+    )
+    .unwrap();
+    let engine = Engine::new(stack, journal.clone(), options).unwrap();
+    let (arrived, release) = hold_write(&journal, "cat", JobState::Succeeded);
+    let (stopper, stop) = watch::channel(false);
+    let run = tokio::spawn(async move { engine.run(&jobs, stop).await });
+    let (ended_while_held, report) =
+        stop_while_a_write_is_held(run, stopper, arrived, release).await;
+    assert!(
+        !ended_while_held,
+        "the run ended while a download was about to write the journal"
+    );
+    let recorded = journal.record("cat").unwrap().unwrap();
+    assert_eq!(recorded.files.len(), 1, "{recorded:?}");
+    assert_eq!(report.records, [recorded], "the report is the journal's");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A server on a free local port: the `n`th query of a legacy task (`{ENDPOINT}/{id}`)
+/// answers it succeeded with the result URL `urls[n - 1]` (the last one past the list;
+/// `{base}` reads as the server's own URL); any other path answers `403`, as an expired
+/// result URL does.
+async fn refusing_every_file(urls: Vec<&'static str>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let queries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = axum::Router::new().fallback({
+        let base = base.clone();
+        move |uri: http::Uri| {
+            let path = uri.path().to_owned();
+            let answer = match path.strip_prefix(&format!("{ENDPOINT}/")) {
+                Some(id) => {
+                    let n = queries.fetch_add(1, Ordering::SeqCst).min(urls.len() - 1);
+                    let url = urls[n].replace("{base}", &base);
+                    let result = format!(r#"{{"videos":[{{"url":"{url}"}}]}}"#);
+                    (200, succeeded_legacy(id, &result))
+                }
+                None => (403, "expired".to_owned()),
+            };
+            async move {
+                http::Response::builder()
+                    .status(answer.0)
+                    .body(axum::body::Body::from(answer.1))
+                    .unwrap()
+            }
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    base
+}
+
+/// The journal records the result URLs the last fetch used: a second refresh that named the
+/// task's original URLs again left the first refresh's URLs recorded, which no fetch of the
+/// files had used last (and a later run fetched those instead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_urls_recorded_after_refreshes_are_those_fetched_last() {
+    assert_eq!(download::MAX_REFRESHES, 2, "the test makes two refreshes");
+    let task = "860000000000000043";
+    let base = refusing_every_file(vec!["{base}/fresh/0.mp4", "{base}/stale/0.mp4"]).await;
+    let dir = std::env::temp_dir().join(format!("kling-batch-last-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let options = RunOptions::new(default_follow_policy(1.0)).download_dir(dir.clone());
+    let stale = format!("{base}/stale/0.mp4");
+    let body = succeeded_legacy(task, &format!(r#"{{"videos":[{{"url":"{stale}"}}]}}"#));
+    let report = Envelope::parse(body.as_bytes()).unwrap().tasks[0].clone();
+    let journal = Journal::open_in_memory().unwrap();
+    let (engine, jobs) = engine_with_created_job(&base, &journal, task, options);
+    engine.track(&jobs[0], &TaskRef::legacy(ENDPOINT, task), Instant::now());
+    engine.finish("cat", task, Ok(report)).await.unwrap();
+    let record = journal.record("cat").unwrap().unwrap();
+    assert_eq!(record.urls, [stale], "the URLs of the last fetch");
+    let error = record.download_error.expect("the file is missing");
+    assert!(error.message.contains("/stale/0.mp4"), "{error:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
