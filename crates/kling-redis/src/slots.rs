@@ -1924,7 +1924,8 @@ impl Inner {
                     let Some((account, end)) = drop_oldest_report(&mut pending, "1") else {
                         break;
                     };
-                    // Its task's hold, kept too, would hold the slot until its lease ran out.
+                    // Its task's hold or adopts, kept too, would hold the slot until its lease
+                    // ran out.
                     give_back_instead_of_hold(&mut pending, &account, &end);
                 }
                 emptied = true;
@@ -2442,12 +2443,19 @@ const HOLD_ACCOUNT: usize = 10;
 /// its hold queued behind such changes), becomes a give-back of its holding. Replayed, the
 /// hold would hold the slot until its lease ran out; the give-back frees the grant Redis may
 /// have and holds nothing. Only a hold the end names alone: by its task id, or (a hold with no
-/// task id) by its external id.
+/// task id) by its external id. The adopts of its task id kept go too (a reconcile listed the
+/// task, before or after the hold): replayed, one would find neither the hold nor the end and
+/// hold the slot until its lease ran out.
 fn give_back_instead_of_hold(pending: &mut VecDeque<Pending>, account: &str, end: &[String]) {
     let [id, ext, ..] = end else { return };
+    let of_account = |args: &[String], op: &str| args[3] == op && args[HOLD_ACCOUNT] == account;
+    if !id.is_empty() {
+        pending.retain(|entry| {
+            !matches!(entry, Pending::Args(args) if of_account(args, "adopt") && args[HOLD_ID] == *id)
+        });
+    }
     let names = |args: &[String]| {
-        args[3] == "hold"
-            && args[HOLD_ACCOUNT] == account
+        of_account(args, "hold")
             && ((!id.is_empty() && args[HOLD_ID] == *id)
                 || (args[HOLD_ID].is_empty() && !ext.is_empty() && args[HOLD_EXT] == *ext))
     };

@@ -247,3 +247,96 @@ async fn with_redis_away_an_end_dropped_from_the_replay_queue_takes_its_hold_alo
     let in_use: u32 = snapshot.iter().map(|p| p.in_use).sum();
     assert_eq!(in_use, 0, "the ended task's hold holds its slot");
 }
+
+/// As above, with the task also adopted by a reconcile while Redis is away (its list named the
+/// task before, or after, the create's answer came): replayed, the adopt found neither the
+/// task's hold (a give-back now) nor its end, and held the slot for its whole lease. The
+/// dropped end takes the task's adopts along too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_away_an_end_dropped_from_the_replay_queue_takes_an_adopt_before_its_hold_along()
+{
+    an_end_dropped_from_the_replay_queue_takes_the_adopts_along(true, true).await;
+}
+
+/// The adopt queued after the hold: the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_away_an_end_dropped_from_the_replay_queue_takes_an_adopt_after_its_hold_along()
+{
+    an_end_dropped_from_the_replay_queue_takes_the_adopts_along(false, true).await;
+}
+
+/// `known`: the create's answer came (its hold and end name the task id), else it was lost
+/// (its hold and end name the external id alone).
+async fn an_end_dropped_from_the_replay_queue_takes_the_adopts_along(
+    adopt_first: bool,
+    known: bool,
+) {
+    let Some(mut server) = redis() else { return };
+    let slots = backend(&server, SlotsConfig::new(2))
+        .await
+        .maintain_every(Duration::from_secs(60))
+        .when_unreachable(WhenUnreachable::fallback(1));
+    kling_redis::testing::hold_maintenance(&slots, true);
+    let key = kling3("a");
+    let warm = slots.acquire(key.clone(), 1).await.unwrap();
+    slots.apply(SlotOp::GiveBack(warm)).await.unwrap();
+    server.stop();
+    let task = |known: bool| TaskRef {
+        id: known.then(|| "t0".to_owned()),
+        external_id: Some("x0".to_owned()),
+    };
+    let adopt = || SlotOp::Adopt {
+        key: key.clone(),
+        task: task(true),
+        weight: 1,
+        lease: Duration::from_secs(600),
+    };
+    let ended = |id: String| SlotOp::Update {
+        account: key.account.clone(),
+        updates: vec![TaskUpdate {
+            id,
+            external_id: None,
+            status: Some(TaskStatus::Succeeded),
+        }],
+        lease: Duration::from_secs(60),
+    };
+    let granted = slots.acquire(key.clone(), 1).await.unwrap();
+    if adopt_first {
+        // The list named the task while its create's answer was on its way.
+        slots.apply(adopt()).await.unwrap();
+    }
+    slots
+        .apply(SlotOp::Hold {
+            reservation: granted,
+            task: task(known),
+            lease: Duration::from_secs(600),
+        })
+        .await
+        .unwrap();
+    if !adopt_first {
+        slots.apply(adopt()).await.unwrap();
+    }
+    let end = SlotOp::Update {
+        account: key.account.clone(),
+        updates: vec![TaskUpdate {
+            id: if known { "t0" } else { "" }.to_owned(),
+            external_id: Some("x0".to_owned()),
+            status: Some(TaskStatus::Succeeded),
+        }],
+        lease: Duration::from_secs(60),
+    };
+    slots.apply(end).await.unwrap();
+    for n in 0..kling_redis::MAX_PENDING_REPORTS {
+        slots.apply(ended(format!("other-{n}"))).await.unwrap();
+    }
+    server.restart().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while let Err(e) = slots.maintain().await {
+        assert!(tokio::time::Instant::now() < deadline, "{e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(slots.pending(), 0, "replayed");
+    let snapshot = slots.snapshot().await.unwrap();
+    let in_use: u32 = snapshot.iter().map(|p| p.in_use).sum();
+    assert_eq!(in_use, 0, "the ended task's adopt holds its slot");
+}
