@@ -1194,13 +1194,17 @@ enum Why<'a> {
     Ended(&'a TaskStatus),
     Completed,
     LeaseExpired,
+    /// A lookup by external id found no task: the create held under it never happened. Its
+    /// slots are given back, listed as [`ReleaseReason::Completed`], but no task ended: none
+    /// counts as finished, and no hidden slot comes back for it.
+    NeverMade,
 }
 
 impl<'a> Why<'a> {
     fn reason(self) -> ReleaseReason {
         match self {
             Why::Ended(status) => ReleaseReason::Ended(status.clone()),
-            Why::Completed => ReleaseReason::Completed,
+            Why::Completed | Why::NeverMade => ReleaseReason::Completed,
             Why::LeaseExpired => ReleaseReason::LeaseExpired,
         }
     }
@@ -1209,7 +1213,7 @@ impl<'a> Why<'a> {
     fn label(self) -> &'a str {
         match self {
             Why::Ended(status) => status.as_str(),
-            Why::Completed => "completed",
+            Why::Completed | Why::NeverMade => "completed",
             Why::LeaseExpired => "expired",
         }
     }
@@ -1219,7 +1223,7 @@ impl<'a> Why<'a> {
         match self {
             Why::Ended(TaskStatus::Succeeded) => Some(0),
             Why::Ended(TaskStatus::Failed) => Some(1),
-            Why::Ended(_) => None,
+            Why::Ended(_) | Why::NeverMade => None,
             Why::Completed => Some(2),
             Why::LeaseExpired => Some(3),
         }
@@ -1831,15 +1835,18 @@ impl State {
         });
         pool.clear(slot);
         pool.give_back(weight);
+        let ended = !matches!(why, Why::NeverMade);
         // Tasks ending is also how slots held by others come back: one per ended task, unless
         // 1303s in a row said they are not coming back that way (`PoolState::congested`).
-        if pool.streak == 0 {
+        if ended && pool.streak == 0 {
             pool.hidden = pool.hidden.saturating_sub(1);
         }
         pool.dispatch();
         pool.publish();
         let held_for = now.saturating_duration_since(since);
-        pool.gauges.finished(why, held_for);
+        if ended {
+            pool.gauges.finished(why, held_for);
+        }
         if let Some(out) = out {
             out.push(Released {
                 key: pool.key.clone(),
@@ -2223,32 +2230,47 @@ impl State {
         self.by_external_among_all(account, ext, fits)
     }
 
-    /// Whether a holding of `account` under the external id `ext` may be the task a report
-    /// names by it: one whose task id is unknown, or (`any`) any; [`by_external`] with no
-    /// need for it to be the only one.
-    ///
-    /// [`by_external`]: State::by_external
-    fn held_by_external(&self, account: &AccountId, ext: &str, any: bool) -> bool {
+    /// The holdings of `key`'s account and product under the external id `ext` that a task a
+    /// reconcile listed in `key`'s pool may be: one whose task id is unknown, or (`any`) any.
+    /// Whether there is one, and where, when there is exactly one. A holding of another
+    /// product (an image create, for a video task) is another create path's create: external
+    /// ids may be unique per create path only. (Another model's pool of the product may be
+    /// the task's: a list does not say its model.)
+    fn listed_by_external(&self, key: &SlotKey, ext: &str, any: bool) -> (bool, Option<Place>) {
+        let product = key.pool.product();
         let fits = |holding: &Holding| any || holding.id.is_none();
         if self.displaced == 0 {
+            // The index names the only holding of the account under `ext`.
             let keys = &Kept(&self.list, Which::External);
-            return self
+            let place = self
                 .externals
-                .get(scope_of(account), ext.as_bytes(), keys)
-                .and_then(|(index, slot)| self.list[index].holdings[slot].held())
-                .is_some_and(fits);
+                .get(scope_of(&key.account), ext.as_bytes(), keys)
+                .filter(|&(index, slot)| {
+                    let pool = &self.list[index];
+                    pool.key.pool.product() == product
+                        && pool.holdings[slot].held().is_some_and(fits)
+                });
+            return (place.is_some(), place);
         }
-        self.list
+        let mut found = self
+            .list
             .iter()
-            .filter(|pool| pool.key.account == *account)
-            .flat_map(PoolState::live)
-            .any(|(_, holding)| {
+            .enumerate()
+            .filter(|(_, pool)| {
+                pool.key.account == key.account && pool.key.pool.product() == product
+            })
+            .flat_map(|(index, pool)| pool.live().map(move |(slot, held)| ((index, slot), held)))
+            .filter(|(_, holding)| {
                 holding
                     .external
                     .as_ref()
                     .is_some_and(|own| own.as_bytes() == ext.as_bytes())
                     && fits(holding)
-            })
+            });
+        match (found.next(), found.next()) {
+            (Some((place, _)), None) => (true, Some(place)),
+            (first, _) => (first.is_some(), None),
+        }
     }
 
     /// [`by_external`](State::by_external) while holdings are displaced from the index: every
@@ -2411,6 +2433,8 @@ impl State {
             self.note_released_end(place, id, hash, status, now, lease);
             let why = match status {
                 Some(status) => Why::Ended(status),
+                // (An empty id: a lookup by external id that found no task.)
+                None if id.is_empty() => Why::NeverMade,
                 None => Why::Completed,
             };
             let out = (!reports.unread).then_some(&mut applied.released);
@@ -2419,6 +2443,12 @@ impl State {
         }
         // Still running: renew the lease, and learn the task id of a create whose outcome was
         // unknown.
+        self.running(place, id, hash, now, lease);
+    }
+
+    /// The task held at `place` (of id `id`, of [`IdHash`] `hash`) was reported running at
+    /// `now`: its lease runs `lease` from now, and a holding of unknown task id learns `id`.
+    fn running(&mut self, place: Place, id: &str, hash: u64, now: Instant, lease: Duration) {
         let Some(holding) = self
             .list
             .get_mut(place.0)
@@ -2452,11 +2482,11 @@ impl State {
 
     /// A report of the task `id` under the external id `ext` found, by its task id, the
     /// holding at `place` that a reconcile adopted from a list that did not give its external
-    /// id. A create of unknown outcome that its account holds under `ext` (its answer lost) is
-    /// that same task, held twice: the create's holding takes the task id and the adopted one
-    /// gives its slots back, as [`take_over`](State::take_over) does when the create's holding
-    /// comes second. Returns where the task is held now, and whether its task id is out of the
-    /// index (`unfiled`: the report took it out).
+    /// id. A create of unknown outcome of the same product that its account holds under `ext`
+    /// (its answer lost) is that same task, held twice: the create's holding takes the task id
+    /// and the adopted one gives its slots back, as [`take_over`](State::take_over) does when
+    /// the create's holding comes second. Returns where the task is held now, and whether its
+    /// task id is out of the index (`unfiled`: the report took it out).
     #[cold]
     fn join_listed(
         &mut self,
@@ -2470,7 +2500,13 @@ impl State {
         let Some(create) = self.by_external(reports.account, reports.path, ext, false) else {
             return (place, unfiled);
         };
-        if create == place || self.list[create.0].key.account != self.list[place.0].key.account {
+        // Of the same account and product: a create of another product is another create
+        // path's, whose external ids may be the same.
+        let (created, listed) = (&self.list[create.0].key, &self.list[place.0].key);
+        if create == place
+            || created.account != listed.account
+            || created.pool.product() != listed.pool.product()
+        {
             return (place, unfiled);
         }
         let Some(held) = self.list[create.0].holdings[create.1].held.as_mut() else {
@@ -2662,24 +2698,27 @@ impl State {
                         || (self.ended.get(hash, NO_SCOPE, id, now)).is_some()
                         || self.freed.contains(hash, id, now)
                 });
+                // By its external id, only a holding of the listed task's product: one of
+                // another product is another create path's create.
+                let (held_by_external, listed) =
+                    task.external_id.as_deref().map_or((false, None), |ext| {
+                        self.listed_by_external(&key, ext, id.is_none())
+                    });
                 let known = known_by_id
+                    || held_by_external
                     || task.external_id.as_deref().is_some_and(|ext| {
                         let hash = hash_in::<IdHash>(account, ext.as_bytes());
                         let (ext_bytes, any) = (ext.as_bytes(), id.is_none());
-                        self.held_by_external(&key.account, ext, any)
-                            || (self.ended.get(hash, account, ext_bytes, now).is_some()
-                                && (any || !self.ended.names_a_task(hash, account, ext_bytes, now)))
+                        self.ended.get(hash, account, ext_bytes, now).is_some()
+                            && (any || !self.ended.names_a_task(hash, account, ext_bytes, now))
                     });
-                if let (true, false, Some(id), Some(ext)) =
-                    (known, known_by_id, id, task.external_id.as_deref())
-                {
+                if let (false, Some(id), Some(place)) = (known_by_id, id, listed) {
                     // Held under its external id alone (a create whose answer was lost): the
                     // list names its task id, learnt as a report of the task running teaches
                     // it, so that an end told by task id alone (`complete`, a callback without
                     // the external id) frees it.
-                    let mut reports = Reports::new(&key.account, lease, Some(now), true, 1);
-                    let (hash, running) = (IdHash::hash(id.as_bytes()), TaskStatus::Processing);
-                    self.report(id, hash, Some(ext), Some(&running), &mut reports);
+                    let hash = IdHash::hash(id.as_bytes());
+                    self.running(place, id, hash, now, lease);
                 }
                 if !known {
                     let pool = self.pool_mut(&key);
@@ -3981,7 +4020,8 @@ mod tests {
     /// create path, known here by its own task id, carries too (external ids may be unique
     /// per path only): the listed task is adopted, not taken for the one held. So is one whose
     /// external id an ended report of another task id named. A holding whose task id is
-    /// unknown may be the listed task, and is taken for it, as before.
+    /// unknown may be the listed task, and is taken for it, as before: one of the listed
+    /// task's product only (a video create is no image task's).
     #[tokio::test(start_paused = true)]
     async fn an_adopt_under_another_tasks_external_id_is_adopted() {
         let backend = InProcess::new(SlotsConfig::new(5)).unwrap();
@@ -4010,17 +4050,33 @@ mod tests {
         };
         now(backend.apply(report)).unwrap();
         assert!(now(backend.apply(adopt("t9", "job-8"))).unwrap().changed);
-        // A create of unknown outcome under `job-9`: the listed `t10` under it may be its task.
-        hold(&backend, key(), None, Some("job-9"));
+        // An image create of unknown outcome under `job-9`: the listed `t10` under it may be
+        // its task, and is known by its id from then on.
+        hold(&backend, image.clone(), None, Some("job-9"));
         assert!(!now(backend.apply(adopt("t10", "job-9"))).unwrap().changed);
+        // A video create of unknown outcome under `job-10` is no image task's create (another
+        // path's): the image `t11` listed under `job-10` is adopted, and the video create
+        // learns no task id of it.
+        hold(&backend, key(), None, Some("job-10"));
+        assert!(now(backend.apply(adopt("t11", "job-10"))).unwrap().changed);
         let snap = now(backend.snapshot()).unwrap();
         let tasks = |key: &SlotKey| snap.iter().find(|p| p.key == *key).map(|p| p.tasks);
         assert_eq!(
             tasks(&key()),
             Some(2),
-            "tv and the create of unknown outcome"
+            "tv and the video create of unknown outcome"
         );
-        assert_eq!(tasks(&image), Some(2), "ti and t9");
+        assert_eq!(
+            tasks(&image),
+            Some(4),
+            "ti, t9, the image create (t10) and t11"
+        );
+        let released = now(backend.apply(ended("t10"))).unwrap().released;
+        assert_eq!(released.len(), 1, "t10 is the image create's task");
+        assert_eq!(released[0].key, image);
+        let released = now(backend.apply(ended("t11"))).unwrap().released;
+        assert_eq!(released.len(), 1);
+        assert_eq!(released[0].key, image, "not the video create");
     }
 
     /// A waiter refused by a lowered capacity and dropped before it was polled again leaves
@@ -4989,6 +5045,36 @@ mod tests {
             let counted = std::mem::take(&mut *log.statuses.lock().unwrap());
             let once = ["succeeded", "failed", "completed", "expired"];
             assert_eq!(counted, [once, once].concat());
+        });
+    }
+
+    /// A lookup by external id that finds nothing gives back the slots of the create held
+    /// under it: that create never happened, so no task ended. None counts as finished (it
+    /// counted as a `completed` task, with a lifetime), and no slot hidden by a `1303` comes
+    /// back for it (it brought one back, as a task of ours ending does).
+    #[test]
+    fn a_create_that_never_happened_is_no_finished_task_and_brings_no_hidden_slot_back() {
+        with_metric_log(3, |log, _runtime, backend| {
+            let state = |backend: &InProcess| {
+                let pool = &now(backend.snapshot()).unwrap()[0];
+                (pool.in_use, pool.capacity)
+            };
+            hold(backend, key(), None, Some("job-1"));
+            let refused = now(backend.acquire(key(), 1)).unwrap();
+            now(backend.apply(SlotOp::Congested(refused))).unwrap();
+            assert_eq!(state(backend), (1, 1), "two slots hidden");
+            let lookup = SlotOp::Update {
+                account: key().account,
+                updates: vec![super::super::TaskUpdate {
+                    id: String::new(),
+                    external_id: Some("job-1".to_owned()),
+                    status: None,
+                }],
+                lease: Duration::from_secs(600),
+            };
+            now(backend.apply_unread(lookup)).unwrap();
+            assert_eq!(state(backend), (0, 1), "given back; still two hidden");
+            assert!(log.statuses.lock().unwrap().is_empty());
         });
     }
 

@@ -248,12 +248,13 @@ pub enum SlotOp {
     },
     /// A task found on the server (reconcile): keep `weight` slots of `key` under it unless
     /// it is already known (held, or remembered as reported ended: see
-    /// [`SlotBackend::begin_listing`]). By its external id, only a holding whose task id is
-    /// unknown (or an end not told with another task id) may be it; such a holding learns the
-    /// task id, as from a report of the task running. A task listed without its external id
-    /// cannot be told from such a holding; [`InProcess`] joins the
-    /// two at the first report naming the task by both ids (the create's holding takes the
-    /// task id, the adopted one gives its slots back).
+    /// [`SlotBackend::begin_listing`]). By its external id, only a holding of `key`'s product
+    /// whose task id is unknown (or an end not told with another task id) may be it (a create
+    /// of another product is another create path's, whose external ids may be the same);
+    /// such a holding learns the task id, as from a report of the task running. A task listed
+    /// without its external id cannot be told from such a holding; [`InProcess`] joins the
+    /// two (of one product) at the first report naming the task by both ids (the create's
+    /// holding takes the task id, the adopted one gives its slots back).
     Adopt {
         /// Where it counts.
         key: SlotKey,

@@ -98,7 +98,7 @@ impl Snapshot {
 /// tasks count in (new-style list entries do not say their model), and the pools of tasks
 /// a caller places by their task or external id ([`task_in`](Self::task_in),
 /// [`external_id_in`](Self::external_id_in)).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct Reconcile {
     base_url: String,
@@ -107,6 +107,31 @@ pub struct Reconcile {
     by_task_id: HashMap<String, Pool>,
     by_external_id: HashMap<String, Pool>,
     account: Option<AccountId>,
+}
+
+impl fmt::Debug for Reconcile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reconcile")
+            .field("base_url", &without_user_info(&self.base_url))
+            .field("legacy_paths", &self.legacy_paths)
+            .field("new_style", &self.new_style)
+            .field("by_task_id", &self.by_task_id)
+            .field("by_external_id", &self.by_external_id)
+            .field("account", &self.account)
+            .finish()
+    }
+}
+
+/// `url` with the user info of its authority (`user:password@`, a secret) shown as
+/// `<redacted>@`, for `Debug`.
+fn without_user_info(url: &str) -> std::borrow::Cow<'_, str> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let authority = &url[start..];
+    let end = authority.find(['/', '?', '#']).unwrap_or(authority.len());
+    match authority[..end].rfind('@') {
+        Some(at) => format!("{}<redacted>{}", &url[..start], &authority[at..]).into(),
+        None => url.into(),
+    }
 }
 
 impl Reconcile {
@@ -565,6 +590,22 @@ fn parse_callback(payload: &[u8]) -> Result<Vec<TaskReport>, BadCallback> {
 mod tests {
     use super::*;
     use kling_core::TaskStatus;
+
+    /// A base URL's user info (`user:password@`) is a secret: `Debug` does not show it.
+    #[test]
+    fn a_plans_debug_shows_no_user_info_of_its_base_url() {
+        let plan = Reconcile::new("https://kling:s3cret@proxy.example:8443/kling");
+        let text = format!("{plan:?}");
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(
+            text.contains("https://<redacted>@proxy.example:8443/kling"),
+            "{text}"
+        );
+        for url in ["https://api-singapore.klingai.com", "", "/p@x"] {
+            assert_eq!(without_user_info(url), url);
+        }
+        assert_eq!(without_user_info("u:p@h/x@y"), "<redacted>@h/x@y");
+    }
 
     #[test]
     fn callback_payloads_of_both_generations() {

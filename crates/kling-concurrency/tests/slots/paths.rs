@@ -397,3 +397,93 @@ async fn a_legacy_list_frees_no_create_of_another_path_by_external_id() {
     assert_eq!(svc.call(list).await.unwrap().status(), 200);
     assert_eq!(pool_state(&handle, &video()).await.0, 0);
 }
+
+/// A reconcile that lists a video task created under `job-7` while an image create of the
+/// same account under `job-7` is of unknown outcome (its answer lost) adopts the video task
+/// into the video pool: the image create is another path's (external ids may be unique per
+/// create path only), in another pool. Before, the image's holding took the video task's id
+/// and nothing was adopted: the video pool counted a slot too few (one create more met a
+/// `1303`), and the video's end freed the image create's slot while it may run.
+#[tokio::test(start_paused = true)]
+async fn a_reconcile_adopts_a_task_under_an_external_id_another_products_create_holds() {
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).unwrap();
+    let below = tower::service_fn(|req: http::Request<http_body_util::Full<bytes::Bytes>>| {
+        let answer: Result<_, kling_core::error::BoxError> = if req.method() == http::Method::POST {
+            Err(Box::new(kling_core::error::Transport::after_sent("reset")))
+        } else if req.uri().path() == "/v1/videos/text2video" {
+            let task = serde_json::json!({"task_id": "v9", "task_status": "processing",
+                "task_info": {"external_task_id": "job-7"}});
+            Ok(envelope(200, 0, &serde_json::json!([task])))
+        } else {
+            Ok(envelope(200, 0, &serde_json::json!([])))
+        };
+        std::future::ready(answer)
+    });
+    let mut svc = layer.layer(below);
+    svc.ready().await.unwrap();
+    assert!(svc.call(image_with_external("job-7")).await.is_err());
+    assert_eq!(
+        pool_state(&handle, &image()).await.0,
+        1,
+        "may have made a task"
+    );
+
+    let plan = kling_concurrency::Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+    let found = handle.reconcile(&mut svc, &plan).await.unwrap();
+    assert_eq!((found.unfinished, found.adopted), (1, 1));
+    assert_eq!(pool_state(&handle, &video()).await.0, 1, "the video runs");
+
+    // The video's end frees the video's slot, not the image create's.
+    let released = handle.complete("v9").await.unwrap().expect("v9 held");
+    assert_eq!(released.key.pool, video());
+    assert_eq!(pool_state(&handle, &video()).await.0, 0);
+    assert_eq!(
+        pool_state(&handle, &image()).await.0,
+        1,
+        "the image may run"
+    );
+}
+
+/// A video task a reconcile adopted from a list that did not give its external id, and an
+/// image create of unknown outcome under `job-7`: the video's callback, naming it by both
+/// ids, does not take the image create for it (another product's create). Before, the image
+/// create's holding took the video's task id and the adopted video holding gave its slot
+/// back: the video pool counted a slot too few while the video ran.
+#[tokio::test(start_paused = true)]
+async fn a_callback_joins_no_adopted_task_with_another_products_create() {
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(1)).unwrap();
+    let below = tower::service_fn(|req: http::Request<http_body_util::Full<bytes::Bytes>>| {
+        let answer: Result<_, kling_core::error::BoxError> = if req.method() == http::Method::POST {
+            Err(Box::new(kling_core::error::Transport::after_sent("reset")))
+        } else if req.uri().path() == "/v1/videos/text2video" {
+            let task = serde_json::json!({"task_id": "v9", "task_status": "processing"});
+            Ok(envelope(200, 0, &serde_json::json!([task])))
+        } else {
+            Ok(envelope(200, 0, &serde_json::json!([])))
+        };
+        std::future::ready(answer)
+    });
+    let mut svc = layer.layer(below);
+    svc.ready().await.unwrap();
+    assert!(svc.call(image_with_external("job-7")).await.is_err());
+    let plan = kling_concurrency::Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+    let found = handle.reconcile(&mut svc, &plan).await.unwrap();
+    assert_eq!(found.adopted, 1);
+
+    let running =
+        br#"{"task_id":"v9","task_status":"processing","task_info":{"external_task_id":"job-7"}}"#;
+    handle.on_callback(running).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await.0, 1, "the video runs");
+    assert_eq!(
+        pool_state(&handle, &image()).await.0,
+        1,
+        "the image may run"
+    );
+    let released = handle.complete("v9").await.unwrap().expect("v9 held");
+    assert_eq!(released.key.pool, video());
+    assert_eq!(
+        pool_state(&handle, &image()).await.0,
+        1,
+        "the image may run"
+    );
+}
