@@ -23,7 +23,7 @@ use crate::backend::{Backend, BucketKey, Decision, Feedback, Policy};
 use crate::error::{QueueFull, RateLimited, WaitExceeded, WaitLimit};
 use crate::layer::{Lane, Mode, Shared, shared_of};
 use crate::pause::least_pause_until;
-use crate::queue::{ClassTurn, Place, Queues, Ticket};
+use crate::queue::{ClassTurn, Joins, Place, Queues, Ticket};
 
 /// Where a request stands at one gate (its class quota, then its account quota).
 enum Step<A> {
@@ -189,12 +189,14 @@ impl<Bk: Backend> Gate<Bk> {
         }
     }
 
-    /// Joins the key's queue; `Ok(true)` when it is at the head at once.
+    /// Joins the key's queue, to ask or refused already (`how`); `Ok(true)` when it is at the
+    /// head at once.
     fn join(
         &mut self,
         cx: &Context<'_>,
         shared: &Shared<Bk>,
         account_key: &BucketKey,
+        how: Joins,
     ) -> Result<bool, BoxError> {
         let key = self.key(account_key).clone();
         let queues = &shared.queues;
@@ -202,12 +204,9 @@ impl<Bk: Backend> Gate<Bk> {
         let max = shared
             .max_queue
             .filter(|_| !(self.back && self.class_key.is_none()));
-        match queues.enqueue(&key, cx.waker(), max, false) {
+        match queues.enqueue(&key, cx.waker(), max, how) {
             Ok(ticket) => Ok(self.take_place(queues, key, ticket)),
-            Err(()) => Err(Box::new(QueueFull::new(
-                account_key.account_id().cloned(),
-                shared.max_queue.unwrap_or(0),
-            ))),
+            Err(()) => Err(queue_full(shared, account_key)),
         }
     }
 
@@ -372,10 +371,7 @@ impl<Bk: Backend> Gate<Bk> {
             && !shared.queues.is_idle()
             && shared.queues.turns_away(account_key, max, Instant::now())
         {
-            return Err(Box::new(QueueFull::new(
-                account_key.account_id().cloned(),
-                max,
-            )));
+            return Err(queue_full(shared, account_key));
         }
         // Held requests are waiting ones: with none waiting, only the record may bind. (Reject
         // mode keeps no record: a class request is sent as soon as it passes its class gate.)
@@ -528,8 +524,8 @@ impl<Bk: Backend> Gate<Bk> {
         if shared.mode == Mode::Reject {
             return Err(Box::new(RateLimited::new(at, now, cooldown)));
         }
-        let was_in_flight = std::mem::take(&mut self.in_flight);
-        self.waited = true;
+        self.in_flight = false;
+        let first = !std::mem::replace(&mut self.waited, true);
         self.start_waiting(shared, request, now);
         if let Some((limit, why)) = self.limit()
             && at > limit
@@ -554,21 +550,17 @@ impl<Bk: Backend> Gate<Bk> {
         if self.went_back_to_class(cx, shared, request, account_key, || paused.then_some(at))? {
             return Ok(());
         }
-        // Refused after asking with a place (`Gate::ask_in_flight`): it waits from now, within
-        // the queue's bound, as one refused with none would join it.
-        if was_in_flight && let Some(place) = &self.place {
-            let settled = shared.queues.answered(&place.key, place.id);
-            if let (Some(max), Some(settled)) = (shared.max_queue, settled)
-                && !self.back
-                && settled > max
-            {
-                return Err(Box::new(QueueFull::new(
-                    account_key.account_id().cloned(),
-                    max,
-                )));
+        // Refused at its first ask with a place (its ask went on its way, `Gate::ask_in_flight`,
+        // or others waited when it came): it waits from now, within the queue's bound, leaving
+        // room for the first asks on their way that came before it, as one refused with no
+        // place would join it.
+        if first && let Some(place) = &self.place {
+            let max = shared.max_queue.filter(|_| !self.back);
+            if shared.queues.settle(&place.key, place.id, max).is_err() {
+                return Err(queue_full(shared, account_key));
             }
         }
-        if self.place.is_none() && !self.join(cx, shared, account_key)? {
+        if self.place.is_none() && !self.join(cx, shared, account_key, Joins::Refused)? {
             // Others queued meanwhile: wait for our turn behind them.
             self.step = Step::Queued;
             return Ok(());
@@ -587,8 +579,11 @@ impl<Bk: Backend> Gate<Bk> {
     /// waiting: directly, or at its first look), and marked as asking
     /// ([`Queues::ask_in_flight`](crate::queue::Queues::ask_in_flight)): refused, it keeps
     /// its place ahead of the requests that came during the round trip; but those ask too
-    /// rather than wait for its answer, and it counts against no `max_queue` until refused
-    /// ([`Gate::not_before`]). Its ask is sent already: no bound refuses it its place.
+    /// rather than wait for its answer, and it is not counted as waiting (`max_queue`,
+    /// [`GcraHandle::waiting`](crate::GcraHandle::waiting), the depth gauge) until refused
+    /// ([`Gate::not_before`]), when it waits within the bound, ahead of the later requests
+    /// whatever order the answers come back in. Its ask is sent already: no bound refuses it
+    /// its place while it is on its way.
     ///
     /// A request that waited its turn already (`waited`: a head asking again after a refusal,
     /// or one that queued behind others) is not marked: it counted toward `max_queue` while it
@@ -605,7 +600,7 @@ impl<Bk: Backend> Gate<Bk> {
                 let key = self.key(account_key).clone();
                 let queues = &shared.queues;
                 // (No bound: never refused.)
-                if let Ok(ticket) = queues.enqueue(&key, cx.waker(), None, true) {
+                if let Ok(ticket) = queues.enqueue(&key, cx.waker(), None, Joins::Asking) {
                     self.take_place(queues, key, ticket);
                 }
             }
@@ -662,7 +657,7 @@ impl<Bk: Backend> Gate<Bk> {
                         if self.went_back_to_class(cx, shared, request, account_key, head_paused)? {
                             continue;
                         }
-                        let is_head = self.join(cx, shared, account_key)?;
+                        let is_head = self.join(cx, shared, account_key, Joins::ToAsk)?;
                         self.head_or_queued(is_head, |gate| {
                             gate.at_head(cx, shared, request, account_key)
                         })?;
@@ -746,6 +741,16 @@ impl<Bk: Backend> Gate<Bk> {
             }
         }
     }
+}
+
+/// The error of a request its key's queue has no room for (`max_queue`), wherever it meets it:
+/// joining, refused at its first ask ([`Gate::not_before`]), or before its class gate
+/// ([`Gate::ask_step`]).
+#[cold]
+fn queue_full<Bk: Backend>(shared: &Shared<Bk>, account_key: &BucketKey) -> BoxError {
+    // (Only a bound refuses: never 0.)
+    let max = shared.max_queue.unwrap_or(0);
+    Box::new(QueueFull::new(account_key.account_id().cloned(), max))
 }
 
 /// The direct path's answer (see [`ResponseFuture::direct`]).

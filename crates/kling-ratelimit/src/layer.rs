@@ -177,6 +177,11 @@ impl<Bk> Builder<Bk> {
     /// a paused account), and back from there to its account's queue, never refuses it: it
     /// was waiting already. A class request that would find its account's queue full fails
     /// before it asks its class gate, so it spends no turn of its class quota.
+    ///
+    /// A request whose first ask of a remote store is on its way is not counted until the
+    /// store refuses it; a request refused or queueing leaves room for such asks that came
+    /// before it, so places go in arrival order whatever order the answers come back in (a
+    /// later request may meet `QueueFull` for an earlier ask the store then admits).
     pub fn max_queue(mut self, max: usize) -> Self {
         self.max_queue = Some(max);
         self
@@ -388,12 +393,14 @@ impl<Bk> GcraHandle<Bk> {
         Ok(())
     }
 
-    /// Requests waiting over all keys.
+    /// Requests waiting over all keys: those [`Builder::max_queue`] counts (not those whose
+    /// first ask of a remote store is on its way), as the queue-depth gauge shows them.
     pub fn waiting(&self) -> usize {
         self.shared.queues.waiting()
     }
 
-    /// Requests waiting for one account's quota (`None`: the shared key).
+    /// Requests waiting for one account's quota (`None`: the shared key), counted as
+    /// [`waiting`](Self::waiting) counts them.
     pub fn queue_depth(&self, account: Option<&AccountId>) -> usize {
         self.shared
             .queues

@@ -126,7 +126,10 @@
 //!
 //! Recorded through the `metrics` facade under [`kling_core::metrics`] names:
 //! `RATELIMIT_WAIT` (seconds, for requests that waited; label `kind`),
-//! `RATELIMIT_QUEUE_DEPTH` (label `account`) and `COOLDOWNS` (label `account`).
+//! `RATELIMIT_QUEUE_DEPTH` (label `account`) and `COOLDOWNS` (label `account`). The depth
+//! gauge counts the requests [`GcraHandle::waiting`] and `max_queue` count: not those whose
+//! first ask of a remote store is on its way (they may be admitted), so a slow store shows as
+//! latency rather than as a queue.
 //!
 //! # Feature flags
 //!

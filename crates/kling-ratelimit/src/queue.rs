@@ -54,10 +54,12 @@ struct Queue {
     /// released to the front of the queue) and their class, so that one leaving clears its
     /// class's `held_out`.
     from_held: Vec<(u64, RequestKind)>,
-    /// The tickets of waiters whose ask of the backend is on its way (a remote store's round
-    /// trip: [`Queues::ask_in_flight`]). They hold their place, so that one refused keeps it,
-    /// but they wait for nothing yet: a request that comes meanwhile asks too rather than wait
-    /// for their answers, and they count against no `max_queue`.
+    /// The tickets of waiters whose first ask of the backend is on its way (a remote store's
+    /// round trip: [`Queues::ask_in_flight`]). They hold their place, so that one refused keeps
+    /// it, but they wait for nothing yet: a request that comes meanwhile asks too rather than
+    /// wait for their answers, and they are not counted as waiting (nor in the depth gauge)
+    /// until refused. A request that must wait leaves room for them ([`Queue::is_full`],
+    /// [`Queues::settle`]): they came before it.
     in_flight: Vec<u64>,
     next_id: u64,
     /// The head's latest "not before", a lower bound on every other waiter's turn, and
@@ -110,15 +112,32 @@ impl Queue {
         }
     }
 
-    /// Live waiters, returned and held ones included.
-    fn waiting(&self) -> usize {
+    /// Live places, returned and held ones included, and those whose first ask is on its way.
+    fn places(&self) -> usize {
         self.waiters.waiting() + self.returned.waiting() + self.held_waiting()
     }
 
-    /// Live waiters that wait for their turn: [`Queue::waiting`] without those whose ask is
-    /// on its way (`in_flight`). What `max_queue` bounds.
+    /// Live waiters that wait for their turn: [`Queue::places`] without those whose first ask
+    /// is on its way (`in_flight`). What `max_queue` bounds, the depth gauge shows and
+    /// [`Queues::depth`] counts.
     fn settled(&self) -> usize {
-        self.waiting().saturating_sub(self.in_flight.len())
+        self.places().saturating_sub(self.in_flight.len())
+    }
+
+    /// Whether a request joining now is refused under `max`. One that asks at once (nobody
+    /// ahead of it but first asks on their way) counts the waiters only; one that must queue,
+    /// or was refused already (`refused`), also counts those asks, which came before it and
+    /// need a place if refused: arrival order, not the order answers come back in, decides
+    /// who waits.
+    fn is_full(&self, max: usize, refused: bool) -> bool {
+        let asks_at_once =
+            !refused && self.waiters.waiting() == self.in_flight.len() && self.returned.is_empty();
+        let ahead = if asks_at_once {
+            self.settled()
+        } else {
+            self.places()
+        };
+        ahead >= max
     }
 
     /// Live held waiters (held again included).
@@ -251,6 +270,18 @@ impl ClassSendsTable {
     }
 }
 
+/// How a request joins a queue ([`Queues::enqueue`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Joins {
+    /// To ask the gate: at once when it leads, or when only first asks on their way are
+    /// ahead of it.
+    ToAsk,
+    /// Its first ask is on its way already ([`Queues::ask_in_flight`]).
+    Asking,
+    /// Refused already: it waits for its turn whatever is ahead of it.
+    Refused,
+}
+
 /// Where a new waiter stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Ticket {
@@ -266,6 +297,10 @@ pub(crate) struct Queues {
     map: Mutex<HashMap<BucketKey, Queue>>,
     /// Waiters over all keys: zero lets a request skip the queues entirely.
     waiting: AtomicUsize,
+    /// Of those, the ones whose first ask is on their way (every queue's `in_flight`), moved
+    /// under `map`'s lock as they are: [`Queues::waiting`] leaves them out without a walk
+    /// over every key.
+    asking: AtomicUsize,
     /// For each class key one of whose requests was sent through the gate lately: the GCRA
     /// theoretical arrival time of its next send, under the class quota
     /// ([`Queues::class_send_at`]), and the emission interval it was reckoned in. Kept while
@@ -372,14 +407,19 @@ impl Queues {
         self.class_sends_kept.store(true, Ordering::Release);
     }
 
-    /// Requests waiting over all keys.
+    /// Requests waiting over all keys: not those whose first ask is on its way
+    /// ([`Queues::ask_in_flight`]), as [`Queues::depth`].
     pub(crate) fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Acquire)
+        let _map = self.lock();
+        // (Both move under the lock: the difference is exact.)
+        let asking = self.asking.load(Ordering::Relaxed);
+        self.waiting.load(Ordering::Acquire).saturating_sub(asking)
     }
 
-    /// Requests waiting for one key.
+    /// Requests waiting for one key: as `max_queue` counts them and the depth gauge shows
+    /// them, without those whose first ask is on its way (they may be admitted).
     pub(crate) fn depth(&self, key: &BucketKey) -> usize {
-        self.lock().get(key).map_or(0, Queue::waiting)
+        self.lock().get(key).map_or(0, Queue::settled)
     }
 
     /// Requests waiting for one key that ask its backend: [`Queues::depth`] without a class
@@ -397,44 +437,48 @@ impl Queues {
         let Some(queue) = map.get(key) else {
             return false;
         };
-        let waiting = queue.settled();
         let paused = matches!(queue.head_not_before, Some((at, true)) if at > now);
-        waiting > 0 && waiting >= max && !paused
+        queue.is_full(max, false) && !paused
     }
 
-    /// Joins the back of `key`'s queue; `Err(())` when it already holds `max` waiters that
-    /// wait for their turn (not those whose ask is on its way: [`Queues::ask_in_flight`]).
-    /// The ticket says to ask at once when it leads, or when every waiter ahead of it has its
-    /// ask on its way: it asks too rather than wait for their answers (and, refused, waits
-    /// behind them). `in_flight`: its own ask is on its way already
-    /// ([`Queues::ask_in_flight`]).
+    /// Joins the back of `key`'s queue; `Err(())` when it is full under `max`
+    /// ([`Queue::is_full`]: a request that must queue leaves room for the first asks on their
+    /// way ahead of it). The ticket says to ask at once when it leads, or when every waiter
+    /// ahead of it has its ask on its way: it asks too rather than wait for their answers (and,
+    /// refused, waits behind them, within the bound: [`Queues::settle`]). `how`: whether it
+    /// is to ask, has its ask on its way already, or was refused already.
     pub(crate) fn enqueue(
         &self,
         key: &BucketKey,
         waker: &Waker,
         max: Option<usize>,
-        in_flight: bool,
+        how: Joins,
     ) -> Result<Ticket, ()> {
+        let in_flight = how == Joins::Asking;
         let mut map = self.lock();
         if !map.contains_key(key) {
             map.insert(key.clone(), Queue::new(key));
         }
         let queue = map.get_mut(key).expect("inserted above");
-        if max.is_some_and(|max| queue.settled() >= max) {
+        if max.is_some_and(|max| queue.is_full(max, how == Joins::Refused)) {
             if queue.is_empty() {
                 map.remove(key);
             }
             return Err(());
         }
         // Before it joins: should the metrics recorder panic, nothing waits that no caller
-        // holds a place for (it would be a head nobody polls, with everyone behind it).
-        queue.depth.increment(1.0);
+        // holds a place for (it would be a head nobody polls, with everyone behind it). One
+        // whose ask is on its way is not shown until refused ([`Queues::settle`]).
+        if !in_flight {
+            queue.depth.increment(1.0);
+        }
         let id = queue.next_id;
         queue.next_id += 1;
         let asks_ahead = queue.waiters.waiting() == queue.in_flight.len();
         queue.waiters.push_back(id, (), waker.clone());
         if in_flight {
             queue.in_flight.push(id);
+            self.asking.fetch_add(1, Ordering::Relaxed);
         }
         self.waiting.fetch_add(1, Ordering::AcqRel);
         Ok(Ticket {
@@ -443,29 +487,55 @@ impl Queues {
         })
     }
 
-    /// Waiter `id` of `key`'s queue asks the backend, and the answer is on its way (a remote
-    /// store's round trip): requests that come meanwhile ask too
-    /// ([`enqueue`](Self::enqueue)).
+    /// Waiter `id` of `key`'s queue asks the backend for the first time, and the answer is on
+    /// its way (a remote store's round trip): requests that come meanwhile ask too
+    /// ([`enqueue`](Self::enqueue)), and it is not counted as waiting until refused
+    /// ([`settle`](Self::settle)).
     #[cold]
     pub(crate) fn ask_in_flight(&self, key: &BucketKey, id: u64) {
         if let Some(queue) = self.lock().get_mut(key)
             && !queue.in_flight.contains(&id)
             && queue.waiters.position(id).is_some()
         {
+            // Before it is marked, as in `enqueue`.
+            queue.depth.decrement(1.0);
             queue.in_flight.push(id);
+            self.asking.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// The answer of waiter `id`'s ask came ([`ask_in_flight`](Self::ask_in_flight)): the
-    /// number of `key`'s waiters that now wait for their turn, itself included (`None` when
-    /// it was not marked: a returned or held request, which no bound refuses).
+    /// Waiter `id`, refused at its first ask (on its way, or answered at once), waits for its
+    /// turn from now: `Err(())` when `key`'s queue is full under `max`, counting the waiters
+    /// and the first asks on their way that came before it, which need a place if refused
+    /// (a later request's answer coming back first takes none of theirs). A returned or held
+    /// request, which no bound refuses, is let be.
     #[cold]
-    pub(crate) fn answered(&self, key: &BucketKey, id: u64) -> Option<usize> {
+    pub(crate) fn settle(&self, key: &BucketKey, id: u64, max: Option<usize>) -> Result<(), ()> {
         let mut map = self.lock();
-        let queue = map.get_mut(key)?;
-        let index = queue.in_flight.iter().position(|&ticket| ticket == id)?;
-        queue.in_flight.swap_remove(index);
-        Some(queue.settled())
+        let Some(queue) = map.get_mut(key) else {
+            return Ok(());
+        };
+        if queue.waiters.position(id).is_none() {
+            return Ok(());
+        }
+        let marked = queue.in_flight.iter().position(|&ticket| ticket == id);
+        if let Some(max) = max {
+            // (Tickets go in arrival order.)
+            let asking_ahead = queue.in_flight.iter().filter(|&&t| t < id).count();
+            let others = queue.settled() - usize::from(marked.is_none());
+            // One that joined as a waiter with no ask on its way ahead was bounded as it
+            // joined ([`Queues::enqueue`]): nothing to make room for.
+            if (marked.is_some() || asking_ahead > 0) && others + asking_ahead >= max {
+                return Err(());
+            }
+        }
+        if let Some(index) = marked {
+            // Before it is unmarked, as in `enqueue`.
+            queue.depth.increment(1.0);
+            queue.in_flight.swap_remove(index);
+            self.asking.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// The number of a class request passing its class gate now: later passes get larger
@@ -673,7 +743,15 @@ impl Queues {
         let Some(queue) = map.get_mut(key) else {
             return false;
         };
-        queue.in_flight.retain(|&ticket| ticket != id);
+        // One whose first ask was on its way was not shown in the depth gauge.
+        let shown = match queue.in_flight.iter().position(|&ticket| ticket == id) {
+            Some(index) => {
+                queue.in_flight.swap_remove(index);
+                self.asking.fetch_sub(1, Ordering::Relaxed);
+                false
+            }
+            None => true,
+        };
         let mut held = false;
         let led = match queue.returned.remove(id) {
             Removed::Head => true,
@@ -709,7 +787,7 @@ impl Queues {
             None => None,
         };
         let last = !held && queue.asking() == 0;
-        let gone = if queue.waiting() == 0 && queue.is_empty() {
+        let gone = if queue.places() == 0 && queue.is_empty() {
             map.remove(key)
         } else {
             None
@@ -732,7 +810,7 @@ impl Queues {
             Some(queue) => Some(&queue.depth),
             None => map.get(key).map(|queue| &queue.depth),
         };
-        if let Some(depth) = depth {
+        if let Some(depth) = depth.filter(|_| shown) {
             leave_depth(depth);
         }
         last
@@ -896,7 +974,10 @@ mod tests {
         let waker = Waker::noop();
         let mut ids = Vec::new();
         for key in [&whole, &whole, &whole, &class, &class] {
-            ids.push((key, queues.enqueue(key, waker, None, false).unwrap().id));
+            ids.push((
+                key,
+                queues.enqueue(key, waker, None, Joins::ToAsk).unwrap().id,
+            ));
         }
         assert_eq!(depth(), 5.0);
         // One leaves each queue: the one left in the class queue's head, the other behind.
@@ -909,6 +990,76 @@ mod tests {
             queues.leave(key, id);
         }
         assert_eq!(depth(), 0.0);
+    }
+
+    /// A place whose first ask is on its way is not waiting: the depth gauge, `waiting` and
+    /// `depth` leave it out, as `max_queue` does, until it is refused and waits
+    /// ([`Queues::settle`]); one that leaves while asking takes nothing off the gauge. Places
+    /// taken either way (asking as it joins, or marked after) count the same.
+    #[test]
+    fn a_first_ask_on_its_way_is_not_counted_as_waiting() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _recorder = metrics::set_default_local_recorder(&recorder);
+        let shown = std::cell::Cell::new(0.0);
+        let gauge = || {
+            for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+                if key.key().name() == RATELIMIT_QUEUE_DEPTH
+                    && let DebugValue::Gauge(moved) = value
+                {
+                    shown.set(shown.get() + moved.into_inner());
+                }
+            }
+            shown.get()
+        };
+        let queues = Queues::default();
+        let key = BucketKey::account(Some(kling_core::AccountId::new("a")));
+        let waker = Waker::noop();
+        let counts = |queues: &Queues| (queues.waiting(), queues.depth(&key));
+        // Asking as it joins (it had no place), and joining then asking.
+        let first = queues.enqueue(&key, waker, None, Joins::Asking).unwrap();
+        let second = queues.enqueue(&key, waker, None, Joins::ToAsk).unwrap();
+        assert!(first.is_head && second.is_head, "both ask");
+        assert_eq!((counts(&queues), gauge()), ((1, 1), 1.0));
+        queues.ask_in_flight(&key, second.id);
+        assert_eq!((counts(&queues), gauge()), ((0, 0), 0.0));
+        assert!(!queues.is_idle(), "both hold a place");
+        // Refused: it waits.
+        assert_eq!(queues.settle(&key, second.id, None), Ok(()));
+        assert_eq!((counts(&queues), gauge()), ((1, 1), 1.0));
+        // Leaving while asking takes nothing off.
+        assert!(!queues.leave(&key, first.id));
+        assert_eq!((counts(&queues), gauge()), ((1, 1), 1.0));
+        assert!(queues.leave(&key, second.id));
+        assert_eq!((counts(&queues), gauge()), ((0, 0), 0.0));
+        assert!(queues.is_idle());
+    }
+
+    /// `max_queue` leaves room for the first asks on their way that came before a request:
+    /// one refused at its first ask after a later one was, or one refused already as it joins,
+    /// is counted behind them; one that joins to ask is not refused for them; one refused
+    /// at a first ask that came after every ask still on its way is bounded by the waiters.
+    #[test]
+    fn the_bound_leaves_room_for_first_asks_that_came_before() {
+        let queues = Queues::default();
+        let key = BucketKey::account(None);
+        let waker = Waker::noop();
+        let max = Some(1);
+        let early = queues.enqueue(&key, waker, None, Joins::Asking).unwrap();
+        let late = queues.enqueue(&key, waker, None, Joins::Asking).unwrap();
+        assert!(queues.enqueue(&key, waker, max, Joins::Refused).is_err());
+        let asks = queues.enqueue(&key, waker, max, Joins::ToAsk).unwrap();
+        assert!(asks.is_head, "it asks too");
+        assert!(!queues.leave(&key, asks.id));
+        // The later answer first: no place is taken from the earlier ask.
+        assert_eq!(queues.settle(&key, late.id, max), Err(()));
+        assert!(!queues.leave(&key, late.id));
+        assert_eq!(queues.settle(&key, early.id, max), Ok(()));
+        assert_eq!(queues.depth(&key), 1);
+        // Now one waits: a request that comes must queue, and is refused.
+        assert!(queues.enqueue(&key, waker, max, Joins::ToAsk).is_err());
+        assert!(queues.leave(&key, early.id));
+        assert_eq!(queues.waiting(), 0);
     }
 
     /// Accounts past the ones a process labels by id share the `other` series: however many
@@ -926,7 +1077,7 @@ mod tests {
         for n in 0..accounts {
             let account = kling_core::AccountId::new(format!("depth-label-test-{n}"));
             let key = BucketKey::account(Some(account));
-            queues.enqueue(&key, waker, None, false).unwrap();
+            queues.enqueue(&key, waker, None, Joins::ToAsk).unwrap();
         }
         let mut series = std::collections::HashMap::new();
         for (key, _, _, value) in snapshotter.snapshot().into_vec() {
@@ -1039,7 +1190,7 @@ mod tests {
         let waker = Waker::noop();
         let joins: [(&BucketKey, &dyn Fn() -> Ticket); 4] = [
             (&whole, &|| {
-                queues.enqueue(&whole, waker, None, false).unwrap()
+                queues.enqueue(&whole, waker, None, Joins::ToAsk).unwrap()
             }),
             (&class, &|| queues.enqueue_returned(&class, waker, 0)),
             (&class, &|| queues.hold(&class, waker, false)),
@@ -1116,7 +1267,9 @@ mod tests {
         let _recorder = metrics::set_default_local_recorder(&recorder);
         let queues = Arc::new(Queues::default());
         let key = BucketKey::account(Some(kling_core::AccountId::new("a")));
-        let ticket = queues.enqueue(&key, Waker::noop(), None, false).unwrap();
+        let ticket = queues
+            .enqueue(&key, Waker::noop(), None, Joins::ToAsk)
+            .unwrap();
         let place = Place {
             queues: Arc::clone(&queues),
             key,
@@ -1141,11 +1294,14 @@ mod tests {
         let key = BucketKey::class(account, kling_core::RequestKind::Account);
         let waker = Waker::noop();
         let at = Instant::now();
-        let head = queues.enqueue(&key, waker, Some(2), false).unwrap();
-        let behind = queues.enqueue(&key, waker, Some(2), false).unwrap();
+        let head = queues.enqueue(&key, waker, Some(2), Joins::ToAsk).unwrap();
+        let behind = queues.enqueue(&key, waker, Some(2), Joins::ToAsk).unwrap();
         assert!(head.is_head && !behind.is_head);
         assert!(queues.set_head_not_before(&key, head.id, at, false));
-        assert!(queues.enqueue(&key, waker, Some(2), false).is_err(), "full");
+        assert!(
+            queues.enqueue(&key, waker, Some(2), Joins::ToAsk).is_err(),
+            "full"
+        );
         // No `max_queue` for the ones coming back.
         let back = queues.enqueue_returned(&key, waker, 0);
         let second = queues.enqueue_returned(&key, waker, 1);
@@ -1255,8 +1411,8 @@ mod tests {
         let whole = BucketKey::account(account.clone());
         let class = BucketKey::class(account, kling_core::RequestKind::Account);
         let waker = Waker::noop();
-        let gate_head = queues.enqueue(&class, waker, None, false).unwrap();
-        let account_head = queues.enqueue(&whole, waker, None, false).unwrap();
+        let gate_head = queues.enqueue(&class, waker, None, Joins::ToAsk).unwrap();
+        let account_head = queues.enqueue(&whole, waker, None, Joins::ToAsk).unwrap();
         assert_eq!(
             queues.class_turn(&class, Some(account_head.id)),
             ClassTurn::Free
@@ -1343,7 +1499,7 @@ mod tests {
         let key = BucketKey::account(None);
         let waker = Waker::noop();
         let ids: Vec<u64> = (0..1_000)
-            .map(|_| queues.enqueue(&key, waker, None, false).unwrap().id)
+            .map(|_| queues.enqueue(&key, waker, None, Joins::ToAsk).unwrap().id)
             .collect();
         let leaving: Vec<u64> = ids[500..]
             .iter()

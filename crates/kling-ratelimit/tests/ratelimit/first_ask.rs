@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kling_core::RequestKind;
+use kling_ratelimit::backend::Reported;
 use kling_ratelimit::error::{BackendError, QueueFull};
 use kling_ratelimit::{
     Backend, BucketKey, Decision, Feedback, GcraLayer, InProcess, Policy, Quota,
@@ -14,7 +15,7 @@ use kling_ratelimit::{
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 
-use crate::support::{Server, ms, request, request_to, spawn_call};
+use crate::support::{Reply, Server, ms, request, request_to, spawn_call};
 
 type Ask = Pin<Box<dyn Future<Output = Result<Decision, BackendError>> + Send>>;
 
@@ -28,13 +29,15 @@ struct Remote {
     /// The round trips of the next account asks, in the order they are made (then
     /// `ROUND_TRIP`).
     round_trips: Arc<Mutex<std::collections::VecDeque<Duration>>>,
+    /// The round trip of a report (none: it ends at once).
+    report_trip: Option<Duration>,
 }
 
 const ROUND_TRIP: Duration = Duration::from_millis(50);
 
 impl Backend for Remote {
     type AcquireFuture = Ask;
-    type FeedbackFuture = <InProcess as Backend>::FeedbackFuture;
+    type FeedbackFuture = Pin<Box<dyn Future<Output = Result<Reported, BackendError>> + Send>>;
 
     fn acquire(&self, key: &BucketKey, policy: &Policy) -> Self::AcquireFuture {
         if key.request_kind().is_some() {
@@ -58,7 +61,14 @@ impl Backend for Remote {
         policy: &Policy,
         feedback: Feedback,
     ) -> Self::FeedbackFuture {
-        self.inner.feedback(key, policy, feedback)
+        let report = self.inner.feedback(key, policy, feedback);
+        match self.report_trip {
+            None => Box::pin(report),
+            Some(trip) => Box::pin(async move {
+                tokio::time::sleep(trip).await;
+                report.await
+            }),
+        }
     }
 }
 
@@ -198,8 +208,9 @@ async fn requests_refused_after_asking_together_wait_within_the_bound() {
 }
 
 /// A request dropped while its ask is on its way leaves its place (and its mark as asking):
-/// the key's queue counts it no more. Here `a2` then waits alone for the pause, so `a3`,
-/// coming with `a2` waiting (`max_queue` 1), fails, and `a2` goes when the pause ends.
+/// the key's queue counts it no more. Here `a2` then waits alone for the pause (kept for
+/// `a1`, the place would refuse it), so `a3`, coming with `a2` waiting (`max_queue` 1),
+/// fails, and `a2` goes when the pause ends. Asking, neither is counted as waiting.
 #[tokio::test(start_paused = true)]
 async fn a_request_dropped_while_asking_leaves_its_place() {
     let layer = GcraLayer::builder(Quota::per_second(10.0))
@@ -216,10 +227,10 @@ async fn a_request_dropped_while_asking_leaves_its_place() {
     tokio::time::advance(ms(10)).await;
     let a2 = spawn_call(&service, request(Some("a"), "a2")).await;
     tokio::time::advance(ms(10)).await;
-    assert_eq!(handle.waiting(), 2, "both hold a place while they ask");
+    assert!(handle.queue_bytes() > 0, "both hold a place while they ask");
+    assert_eq!(handle.waiting(), 0, "neither waits yet");
     a1.abort();
     assert!(a1.await.unwrap_err().is_cancelled());
-    assert_eq!(handle.waiting(), 1);
     // `a2`'s answer (the pause) comes at 60 ms.
     tokio::time::advance(ms(50)).await;
     let error = service
@@ -228,9 +239,11 @@ async fn a_request_dropped_while_asking_leaves_its_place() {
         .await
         .unwrap_err();
     assert!(error.is::<QueueFull>(), "{error}");
+    assert_eq!(handle.waiting(), 1, "refused, `a2` waits");
     a2.await.unwrap().unwrap();
     assert_eq!(server.tags(), ["a2"]);
     assert_eq!(handle.waiting(), 0);
+    assert_eq!(handle.queue_bytes(), 0, "no queue is left");
 }
 
 /// A head that waited out a pause and asks again is a waiting request, not a first ask: when
@@ -373,7 +386,11 @@ async fn varied_round_trips_leave_nothing_waiting() {
         if next(6) == 0 {
             let give_up = ms(next(300));
             calls.push(tokio::spawn(async move {
-                let _ = tokio::time::timeout(give_up, call).await;
+                // (Dropping a join handle leaves its task running: the call is aborted.)
+                let mut call = call;
+                if tokio::time::timeout(give_up, &mut call).await.is_err() {
+                    call.abort();
+                }
             }));
         } else {
             calls.push(tokio::spawn(async move {
@@ -442,4 +459,243 @@ async fn a_class_request_that_waited_at_its_class_gate_keeps_its_turn_at_its_acc
     }
     assert_eq!(server.tags(), ["c2", "a1"]);
     assert_eq!(handle.waiting(), 0);
+}
+
+/// What became of each call, in the order given: "sent", "queue full", or the error.
+async fn outcomes(
+    calls: Vec<tokio::task::JoinHandle<Result<crate::support::Res, kling_core::BoxError>>>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for call in calls {
+        out.push(match call.await.unwrap() {
+            Ok(_) => "sent".to_owned(),
+            Err(error) if error.is::<QueueFull>() => "queue full".to_owned(),
+            Err(error) => error.to_string(),
+        });
+    }
+    out
+}
+
+/// Two first asks on their way together, both refused (a pause), the later one's answer
+/// first (`a1`'s round trip 200 ms, `a2`'s 50), with room for one (`max_queue` 1): arrival
+/// decides, so `a1` waits and `a2` meets `QueueFull`. Before, the first answer took the place
+/// and `a1`, which came first, failed.
+#[tokio::test(start_paused = true)]
+async fn first_asks_refused_out_of_order_get_places_in_arrival_order() {
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .max_queue(1)
+        .backend(Remote::default())
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let backend = handle.backend().clone();
+    let start = Instant::now();
+    *backend.paused_until.lock().unwrap() = Some(start + ms(1000));
+    backend
+        .round_trips
+        .lock()
+        .unwrap()
+        .extend([ms(200), ms(50)]);
+    let server = Server::new();
+    let service = layer.layer(server.service());
+    let a1 = spawn_call(&service, request(Some("a"), "a1")).await;
+    run_until(start, 10).await;
+    let a2 = spawn_call(&service, request(Some("a"), "a2")).await;
+    assert_eq!(outcomes(vec![a1, a2]).await, ["sent", "queue full"]);
+    assert_eq!(server.tags(), ["a1"]);
+    assert_eq!(handle.waiting(), 0);
+    assert_eq!(handle.queue_bytes(), 0, "no queue is left");
+}
+
+/// A request that must queue counts the first asks on their way ahead of it, which came
+/// before it: `a1` asks (200 ms), `a2` asks during it and is refused first (at 60 ms) and
+/// waits, `a3` comes at 70 ms with `max_queue` 2 and finds `a2` waiting and `a1` asking: it
+/// meets `QueueFull`, and `a1`, refused at 200 ms, waits. Before, `a3` took the place and
+/// `a1` failed.
+#[tokio::test(start_paused = true)]
+async fn a_request_that_queues_leaves_room_for_first_asks_ahead_of_it() {
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .max_queue(2)
+        .backend(Remote::default())
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let backend = handle.backend().clone();
+    let start = Instant::now();
+    *backend.paused_until.lock().unwrap() = Some(start + ms(1000));
+    backend
+        .round_trips
+        .lock()
+        .unwrap()
+        .extend([ms(200), ms(50)]);
+    let server = Server::new();
+    let service = layer.layer(server.service());
+    let a1 = spawn_call(&service, request(Some("a"), "a1")).await;
+    run_until(start, 10).await;
+    let a2 = spawn_call(&service, request(Some("a"), "a2")).await;
+    run_until(start, 70).await;
+    let a3 = spawn_call(&service, request(Some("a"), "a3")).await;
+    assert_eq!(
+        outcomes(vec![a1, a2, a3]).await,
+        ["sent", "sent", "queue full"]
+    );
+    assert_eq!(server.tags(), ["a1", "a2"]);
+    assert_eq!(handle.waiting(), 0);
+    assert_eq!(handle.queue_bytes(), 0, "no queue is left");
+}
+
+/// What became of one request of [`arrival_order_decides_who_waits`]'s runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum End {
+    Sent,
+    QueueFull,
+    GaveUp,
+    Failed,
+}
+
+/// Seeded runs of requests of two accounts (no class quota, so every waiter is bounded) over
+/// round trips of varied length, answers often coming back out of order, with pauses another
+/// process sets now and then and callers giving up: the queue never shows more than
+/// `max_queue` waiting (`queue_depth`, as the bound counts), and a request refused with
+/// `QueueFull` always found `max_queue` requests that came before it still there: no later
+/// request took its place.
+#[tokio::test(start_paused = true)]
+async fn arrival_order_decides_who_waits() {
+    const MAX: usize = 2;
+    for run in 0..12u64 {
+        let layer = GcraLayer::builder(Quota::per_second(10.0))
+            .max_queue(MAX)
+            .backend(Remote::default())
+            .build()
+            .unwrap();
+        let handle = layer.handle();
+        let backend = handle.backend().clone();
+        let start = Instant::now();
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15 ^ run.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        backend
+            .round_trips
+            .lock()
+            .unwrap()
+            .extend((0..1_000).map(|_| ms(5 + next(150))));
+        let server = Server::new();
+        let service = layer.layer(server.service());
+        // Per request: account, arrival, and its end and when.
+        let ends = Arc::new(Mutex::new(Vec::new()));
+        let mut arrivals = Vec::new();
+        let mut calls = Vec::new();
+        for n in 0..120usize {
+            if next(10) == 0 {
+                *backend.paused_until.lock().unwrap() = Some(Instant::now() + ms(100 + next(400)));
+            }
+            let account = if next(3) == 0 { "b" } else { "a" };
+            arrivals.push((account, start.elapsed()));
+            let mut call = spawn_call(&service, request(Some(account), &n.to_string())).await;
+            let give_up = (next(5) == 0).then(|| ms(next(300)));
+            let ends = Arc::clone(&ends);
+            calls.push(tokio::spawn(async move {
+                let end = match give_up {
+                    Some(after) => match tokio::time::timeout(after, &mut call).await {
+                        Ok(result) => result.unwrap(),
+                        Err(_) => {
+                            call.abort();
+                            ends.lock().unwrap().push((n, End::GaveUp, start.elapsed()));
+                            return;
+                        }
+                    },
+                    None => call.await.unwrap(),
+                };
+                let end = match end {
+                    Ok(_) => End::Sent,
+                    Err(error) if error.is::<QueueFull>() => End::QueueFull,
+                    Err(_) => End::Failed,
+                };
+                ends.lock().unwrap().push((n, end, start.elapsed()));
+            }));
+            let until = start.elapsed().as_millis() as u64 + 1 + next(40);
+            while start.elapsed() < ms(until) {
+                tokio::time::advance(ms(1)).await;
+                for account in ["a", "b"] {
+                    let account = kling_core::AccountId::new(account);
+                    let depth = handle.queue_depth(Some(&account));
+                    assert!(depth <= MAX, "run {run}: {depth} waiting");
+                }
+            }
+        }
+        for call in calls {
+            call.await.unwrap();
+        }
+        assert_eq!(handle.waiting(), 0);
+        assert_eq!(handle.queue_bytes(), 0, "no queue is left");
+        let ends = ends.lock().unwrap().clone();
+        assert_eq!(ends.len(), arrivals.len());
+        let end_of = |n: usize| ends.iter().find(|end| end.0 == n).copied().unwrap();
+        let mut refused = 0;
+        for &(n, end, at) in &ends {
+            if end != End::QueueFull {
+                continue;
+            }
+            refused += 1;
+            let (account, _) = arrivals[n];
+            // Came before it, same account, not yet gone when it was refused.
+            let before = (0..n)
+                .filter(|&m| arrivals[m].0 == account && end_of(m).2 >= at)
+                .count();
+            assert!(
+                before >= MAX,
+                "run {run}: request {n} refused at {at:?} with {before} before it waiting"
+            );
+        }
+        assert!(ends.iter().any(|end| end.1 == End::Sent), "run {run}");
+        // (The runs are made to fill the queue: the check is not empty.)
+        assert!(refused > 0, "run {run}: none refused");
+    }
+}
+
+/// A request that asks nothing, held at once by a pause whose report is on its way
+/// (`LocalPauses`), with a first ask on its way ahead of it, leaves room for that ask too:
+/// `x` asks (300 ms), `a0` is sent and answered 1302 (its report takes 500 ms), `n` comes
+/// during the report and is held, and `x` is refused (another process paused the account):
+/// with `max_queue` 1, `x`, which came first, waits and `n` meets `QueueFull`. Before, `n`
+/// took the place and `x` failed.
+#[tokio::test(start_paused = true)]
+async fn a_request_held_by_a_pause_on_its_way_leaves_room_for_first_asks_ahead() {
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .max_queue(1)
+        .backend(Remote {
+            report_trip: Some(ms(500)),
+            ..Remote::default()
+        })
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let backend = handle.backend().clone();
+    let start = Instant::now();
+    backend
+        .round_trips
+        .lock()
+        .unwrap()
+        .extend([ms(300), ms(10)]);
+    let server = Server::new();
+    server.script([Reply::throttled()]);
+    let service = layer.layer(server.service());
+    let x = spawn_call(&service, request(Some("a"), "x")).await;
+    run_until(start, 5).await;
+    let a0 = spawn_call(&service, request(Some("a"), "a0")).await;
+    run_until(start, 20).await;
+    assert_eq!(server.tags(), ["a0"]);
+    *backend.paused_until.lock().unwrap() = Some(start + ms(2000));
+    let n = spawn_call(&service, request(Some("a"), "n")).await;
+    assert_eq!(
+        outcomes(vec![a0, x, n]).await,
+        ["sent", "sent", "queue full"]
+    );
+    assert_eq!(server.tags(), ["a0", "x"]);
+    assert_eq!(handle.waiting(), 0);
+    assert_eq!(handle.queue_bytes(), 0, "no queue is left");
 }
