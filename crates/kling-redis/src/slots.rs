@@ -1257,8 +1257,9 @@ impl Inner {
                 weight,
                 lease,
             } => {
-                // By its external id, a holding whose task id is unknown may be the task; one
-                // known by another task id is another task (of another create path).
+                // By its external id, a holding of the task's product whose task id is unknown
+                // may be the task; one known by another task id, or of another product, is
+                // another task (of another create path).
                 let known = {
                     let mut registry = lock(&self.registry);
                     let by_id = task.id.is_some() && registry.values().any(|h| h.id == task.id);
@@ -1268,6 +1269,7 @@ impl Inner {
                             task.external_id.is_some()
                                 && held.ext == task.external_id
                                 && held.key.account == key.account
+                                && held.key.pool.product() == key.pool.product()
                                 && (task.id.is_none() || held.id.is_none())
                         })
                         .map(|(h, held)| (h.clone(), held.id.is_none()))
@@ -1465,15 +1467,18 @@ impl Inner {
                         .flatten()
                 });
             // A task adopted from a list that did not give its external id, and its create
-            // of unknown outcome under that external id: one task, joined as in Redis (`upd`).
+            // of unknown outcome of the same product under that external id: one task, joined
+            // as in Redis (`upd`).
             let adopted_alone = |h: &String| {
                 registry.get(h).is_some_and(|held| {
                     held.adopted && held.ext.is_none() && held.key.account == *account
                 })
             };
+            let product = |h: &String| registry.get(h).map(|held| held.key.pool.product());
             let create = match (&found, ext) {
                 (Some(h), Some(ext)) if !ext.is_empty() && !id.is_empty() && adopted_alone(h) => {
-                    by_external(ext, false).filter(|create| create != h)
+                    by_external(ext, false)
+                        .filter(|create| create != h && product(create) == product(h))
                 }
                 _ => None,
             };
@@ -2823,8 +2828,9 @@ fn released_by(
         let weight = u32::try_from(int(&chunk[3])).unwrap_or(0);
         let since = int(&chunk[4]);
         let reason = text(&chunk[5]);
-        // `=`: its end was counted already (by the release its report made before Redis lost
-        // its state).
+        // `=`: not to be counted: its end was counted already (by the release its report made
+        // before Redis lost its state), or no task ended (a lookup found its create never
+        // happened).
         let (counted_before, reason) = match reason.strip_prefix('=') {
             Some(reason) => (true, reason),
             None => (false, reason.as_str()),

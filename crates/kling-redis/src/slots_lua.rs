@@ -131,14 +131,21 @@ local function xfile(f, drop, add)
   if #keep > 1 then redis.call('SADD', xkey(f), unpack(keep)) end
 end
 local function xdel(f, place) xfile(f, place, nil) end
+-- The product of the pool whose key is `pk` (`video` of `video:kling-3.0`), as its meta
+-- hash names the pool.
+local function product_of(pk)
+  return string.match(redis.call('HGET', pk .. ':m', 'pool') or '', '^[^:]*')
+end
 -- The one live holding of account `acct` under the external id `ext` that a report of a task
 -- created on `path` may name: one whose task id is unknown (a create of unknown outcome), or
--- (`any`, `complete`'s text) any, of that path where both are known. When two could be the
--- one (creates on two paths), it names neither.
-local function by_external(acct, path, ext, any)
+-- (`any`, `complete`'s text) any, of that path where both are known, and of `product` if
+-- given (a reconcile's listed task: another product's create is another create path's).
+-- When two could be the one (creates on two paths), it names neither.
+local function by_external(acct, path, ext, any, product)
   local found = nil
   for _, x in ipairs(xlive(xf(acct, ext))) do
-    if (any or not x.rec.id) and may_be(x.rec.p, path) then
+    if (any or not x.rec.id) and may_be(x.rec.p, path)
+        and (not product or product_of(x.pk) == product) then
       if found then return nil end
       found = x
     end
@@ -156,7 +163,9 @@ local function push_released(acct, pool, task, w, since, reason, h)
   table.insert(released, reason)
   table.insert(released, h)
 end
-local function release(pk, h, rec, reason)
+-- `unmade`: a create that never happened (a lookup found no task), no task's end: its slots
+-- go back, but it brings no hidden slot back.
+local function release(pk, h, rec, reason, unmade)
   redis.call('HDEL', pk .. ':h', h)
   redis.call('ZREM', pk .. ':l', h)
   local m = pk .. ':m'
@@ -169,7 +178,9 @@ local function release(pk, h, rec, reason)
     -- An ended task brings one hidden slot back, unless 1303s in a row said they do not.
     local v = redis.call('HMGET', m, 'hid', 'stk')
     local hidden = tonumber(v[1] or '0')
-    if hidden > 0 and tonumber(v[2] or '0') == 0 then redis.call('HSET', m, 'hid', hidden - 1) end
+    if not unmade and hidden > 0 and tonumber(v[2] or '0') == 0 then
+      redis.call('HSET', m, 'hid', hidden - 1)
+    end
     local a = redis.call('HMGET', m, 'acct', 'pool')
     push_released(a[1] or '', a[2] or '', rec.id or rec.ext or '', rec.w, tonumber(rec.s), reason, h)
   end
@@ -650,17 +661,20 @@ elseif op == 'hold' or op == 'reg' then
   end
 elseif op == 'adopt' then
   -- Held, or reported ended already (the server's list ran behind the report). By its
-  -- external id, a holding whose task id is unknown may be it; one known by another task id
-  -- is another task (of another create path, whose external ids may be the same), and so is
-  -- an end a report of another task id told (`z:`).
+  -- external id, a holding of the listed task's product whose task id is unknown may be it;
+  -- one known by another task id is another task (of another create path, whose external ids
+  -- may be the same), and so is one of another product (an image create, for a video task:
+  -- another create path's; another model's pool of the product may be the task's, a list
+  -- does not say its model) and an end a report of another task id told (`z:`).
   local id = opt(ARGV[8])
   local ext = opt(ARGV[9])
   local xfield = ext and xf(ARGV[11], ext)
+  local product = string.match(ARGV[12], '^[^:]*')
   local by_id = (id and redis.call('HEXISTS', IDS, id) == 1) or was_ended(id)
   local known = by_id
   if not known and xfield then
     for _, x in ipairs(xlive(xfield)) do
-      if not id or not x.rec.id then known = true end
+      if (not id or not x.rec.id) and product_of(x.pk) == product then known = true end
     end
     known = known or ext_ended(xfield, id)
   end
@@ -671,7 +685,7 @@ elseif op == 'adopt' then
     -- Held under its external id alone (a create whose answer was lost): the holding learns
     -- the task id the list names, as a report of the task running teaches it, so that an end
     -- told by task id alone (`complete`, a callback without the external id) frees it.
-    local x = by_external(ARGV[11], nil, ext, false)
+    local x = by_external(ARGV[11], nil, ext, false, product)
     if x then
       x.rec.id = id
       redis.call('HSET', x.pk .. ':h', x.h, cjson.encode(x.rec))
@@ -726,15 +740,16 @@ elseif op == 'upd' then
       if x then place, pk, h, rec = x.place, x.pk, x.h, x.rec end
     end
     -- A task a reconcile adopted from a list that did not give its external id, reported by
-    -- task id with it: a create of unknown outcome of the account under that external id (its
-    -- answer lost) is the same task, held twice. The create's holding takes the task id and
-    -- the adopted one gives its slots back, as `supersede_ext` does when the create comes
-    -- second; else the task's end would free only one of them.
+    -- task id with it: a create of unknown outcome of the account and product under that
+    -- external id (its answer lost) is the same task, held twice. The create's holding takes
+    -- the task id and the adopted one gives its slots back, as `supersede_ext` does when the
+    -- create comes second; else the task's end would free only one of them. A create of
+    -- another product is another create path's, whose external ids may be the same.
     local joined = false
     if rec and not by_ext and rec.a and not rec.ext and ext ~= ''
         and redis.call('HGET', pk .. ':m', 'acct') == acct then
       local x = by_external(acct, path, ext, false)
-      if x and x.place ~= place then
+      if x and x.place ~= place and product_of(x.pk) == product_of(pk) then
         release(pk, h, rec, nil)
         x.rec.id = id
         redis.call('HSET', x.pk .. ':h', x.h, cjson.encode(x.rec))
@@ -781,17 +796,22 @@ elseif op == 'upd' then
       if terminal then
         local reason = 'completed'
         if status ~= '' then reason = 'ended:' .. status end
+        -- A lookup by external id that found no task (an empty id, no status): the create
+        -- held under it never happened. Its slots go back, listed as `completed`, but no task
+        -- ended: none is counted (`=`), and no hidden slot comes back for it.
+        local unmade = id == '' and status == ''
+        if unmade then reason = '=completed' end
         -- The reporting process counts it (not when it sends the end again). Found by its
         -- external id, its task id's note (above) says so too: a registration of the task
         -- after Redis went back finds that note first, and counts the end no second time.
-        if flag == '1' then
+        if flag == '1' and not unmade then
           mark_counted(id)
           if by_ext and rec.id then mark_counted(rec.id) end
         end
         -- A holding no task id note names (found by its external id): noted itself, so
         -- that its create's hold, replayed after its answer was lost, holds nothing.
         if not rec.id or rec.id ~= id or joined then note_member('h:' .. h) end
-        release(pk, h, rec, reason)
+        release(pk, h, rec, reason, unmade)
         -- A task's end, like a give-back, may leave a pool past the first 64 unused.
         tidy(pk)
       else

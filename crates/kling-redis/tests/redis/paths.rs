@@ -403,10 +403,37 @@ async fn a_create_of_unknown_outcome_in_another_pool_is_no_earlier_attempt() {
     both!(5, another_pool);
 }
 
+/// A report of task `id` ended, by its task id alone.
+fn ended(id: &str) -> SlotOp {
+    SlotOp::Update {
+        account: account(),
+        updates: vec![TaskUpdate {
+            id: id.to_owned(),
+            external_id: None,
+            status: Some(TaskStatus::Succeeded),
+        }],
+        lease: LEASE,
+    }
+}
+
+/// A reconcile's adopt of the task `id` (under `ext`, if given) listed in `key`'s pool.
+fn adopt(key: SlotKey, id: &str, ext: Option<&str>) -> SlotOp {
+    SlotOp::Adopt {
+        key,
+        task: TaskRef {
+            id: Some(id.to_owned()),
+            external_id: ext.map(str::to_owned),
+        },
+        weight: 1,
+        lease: LEASE,
+    }
+}
+
 /// A reconcile's list names a running task under an external id that a task of another
 /// create path, known by its own task id, carries too: it is adopted, not taken for the one
 /// held. So is one whose external id an ended report of another task id named. A holding whose
-/// task id is unknown may be the listed task, and is taken for it.
+/// task id is unknown may be the listed task, and is taken for it: one of the listed task's
+/// product only (a video create is no image task's).
 async fn adopt_under_another_tasks_external_id<B: SlotBackend>([one, two]: [B; 2]) {
     let adopt = |id: &str, ext: &str| SlotOp::Adopt {
         key: image(),
@@ -424,20 +451,161 @@ async fn adopt_under_another_tasks_external_id<B: SlotBackend>([one, two]: [B; 2
         .await
         .unwrap();
     assert!(two.apply(adopt("t9", "job-8")).await.unwrap().changed);
-    // A create of unknown outcome under `job-9`: the listed `t10` under it may be its task.
-    create(&one, video(), None, "job-9", TEXT2VIDEO).await;
+    // An image create of unknown outcome under `job-9`: the listed `t10` under it may be its
+    // task, and is known by its id from then on.
+    create(&one, image(), None, "job-9", IMAGES).await;
     assert!(!two.apply(adopt("t10", "job-9")).await.unwrap().changed);
+    // A video create of unknown outcome under `job-10` is no image task's create (another
+    // path's): the image `t11` listed under `job-10` is adopted, and the video create learns
+    // no task id of it.
+    create(&one, video(), None, "job-10", TEXT2VIDEO).await;
+    assert!(two.apply(adopt("t11", "job-10")).await.unwrap().changed);
     assert_eq!(
         in_use(&two, &video()).await,
         2,
-        "tv and the create under job-9"
+        "tv and the video create under job-10"
     );
-    assert_eq!(in_use(&two, &image()).await, 2, "ti and t9");
+    assert_eq!(
+        in_use(&two, &image()).await,
+        4,
+        "ti, t9, the image create (t10) and t11"
+    );
+    let applied = two.apply(ended("t10")).await.unwrap();
+    assert_eq!(tasks(&applied), ["t10"], "the image create's task");
+    assert_eq!(applied.released[0].key, image());
+    let applied = two.apply(ended("t11")).await.unwrap();
+    assert_eq!(tasks(&applied), ["t11"]);
+    assert_eq!(applied.released[0].key, image(), "not the video create");
+    assert_eq!(in_use(&two, &video()).await, 2);
+    // Creates of unknown outcome under `job-11`, a video and an image: the image `t12` listed
+    // under it is the image create's task alone, which learns its id.
+    create(&one, video(), None, "job-11", TEXT2VIDEO).await;
+    create(&one, image(), None, "job-11", IMAGES).await;
+    assert!(!two.apply(adopt("t12", "job-11")).await.unwrap().changed);
+    let applied = two.apply(ended("t12")).await.unwrap();
+    assert_eq!(tasks(&applied), ["t12"], "the image create's task");
+    assert_eq!(applied.released[0].key, image());
+    assert_eq!(in_use(&two, &video()).await, 3, "the video create may run");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adopt_under_another_tasks_external_id_is_adopted() {
     both!(5, adopt_under_another_tasks_external_id);
+}
+
+/// A reconcile lists a video task `v9` under `job-7` while an image create of the account
+/// under `job-7` is of unknown outcome (its answer lost): the image create is another path's
+/// (external ids may be unique per create path only), so the video task is adopted into the
+/// video pool, and its end frees the video's slot, not the image create's. (The image create
+/// took the video's task id, and nothing was adopted.)
+async fn adopt_beside_another_products_create<B: SlotBackend>([one, two]: [B; 2]) {
+    create(&one, image(), None, "job-7", IMAGES).await;
+    let applied = two
+        .apply(adopt(video(), "v9", Some("job-7")))
+        .await
+        .unwrap();
+    assert!(applied.changed, "adopted");
+    assert_eq!(in_use(&two, &video()).await, 1, "the video runs");
+    let applied = two.apply(complete("v9")).await.unwrap();
+    assert_eq!(tasks(&applied), ["v9"]);
+    assert_eq!(applied.released[0].key, video());
+    assert_eq!(in_use(&two, &video()).await, 0);
+    assert_eq!(in_use(&two, &image()).await, 1, "the image may run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_adopts_a_task_under_an_external_id_another_products_create_holds() {
+    both!(1, adopt_beside_another_products_create);
+}
+
+/// A video task `v9` a reconcile adopted from a list that did not give its external id, and an
+/// image create of unknown outcome under `job-7`: the video's callback, naming it by both ids,
+/// does not take the image create for it (another product's create). (The image create took
+/// the video's task id and the adopted video gave its slot back: the video pool counted a slot
+/// too few while the video ran.)
+async fn callback_beside_another_products_create<B: SlotBackend>([one, two]: [B; 2]) {
+    create(&one, image(), None, "job-7", IMAGES).await;
+    let applied = two.apply(adopt(video(), "v9", None)).await.unwrap();
+    assert!(applied.changed, "adopted");
+    two.apply(callback("v9", "job-7", TaskStatus::Processing))
+        .await
+        .unwrap();
+    assert_eq!(in_use(&two, &video()).await, 1, "the video runs");
+    assert_eq!(in_use(&two, &image()).await, 1, "the image may run");
+    let applied = two.apply(complete("v9")).await.unwrap();
+    assert_eq!(tasks(&applied), ["v9"]);
+    assert_eq!(applied.released[0].key, video());
+    assert_eq!(in_use(&two, &image()).await, 1, "the image may run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_joins_no_adopted_task_with_another_products_create() {
+    both!(1, callback_beside_another_products_create);
+}
+
+/// The finished-task metrics recorded so far (on this thread): how many tasks were counted
+/// finished, and how many lifetimes.
+fn finished_counted(snapshotter: &metrics_util::debugging::Snapshotter) -> (u64, usize) {
+    use kling_core::metrics::{TASK_LIFETIME, TASKS_FINISHED};
+    use metrics_util::debugging::DebugValue;
+    let (mut finished, mut lifetimes) = (0, 0);
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        match value {
+            DebugValue::Counter(n) if key.key().name() == TASKS_FINISHED => finished += n,
+            DebugValue::Histogram(seen) if key.key().name() == TASK_LIFETIME => {
+                lifetimes += seen.len();
+            }
+            _ => {}
+        }
+    }
+    (finished, lifetimes)
+}
+
+/// Slots of `key` in use, and its capacity less what 1303s hide.
+async fn in_use_and_capacity<B: SlotBackend>(backend: &B, key: &SlotKey) -> (u32, u32) {
+    let snapshot = backend.snapshot().await.unwrap();
+    let pool = snapshot.iter().find(|p| p.key == *key).expect("pool used");
+    (pool.in_use, pool.capacity)
+}
+
+/// A lookup by external id that finds nothing gives back the slots of the create held under
+/// it: that create never happened, so no task ended. None counts as finished (it counted as a
+/// `completed` task, with a lifetime), and no slot hidden by a `1303` comes back for it (it
+/// brought one back, as a task of ours ending does).
+async fn never_made<B: SlotBackend>(
+    [one, two]: [B; 2],
+    snapshotter: &metrics_util::debugging::Snapshotter,
+) {
+    create(&one, video(), None, "job-1", TEXT2VIDEO).await;
+    let refused = one.acquire(video(), 1).await.unwrap();
+    one.apply(SlotOp::Congested(refused)).await.unwrap();
+    assert_eq!(
+        in_use_and_capacity(&two, &video()).await,
+        (1, 1),
+        "two slots hidden"
+    );
+    found_nothing(&two, TEXT2VIDEO, "job-1").await;
+    assert_eq!(
+        in_use_and_capacity(&two, &video()).await,
+        (0, 1),
+        "given back; still two hidden"
+    );
+    assert_eq!(finished_counted(snapshotter), (0, 0), "no task finished");
+}
+
+// (A current-thread runtime: the recorder is this thread's.)
+#[tokio::test]
+async fn a_create_that_never_happened_is_no_finished_task_and_brings_no_hidden_slot_back() {
+    let recorder = Box::leak(Box::new(metrics_util::debugging::DebuggingRecorder::new()));
+    let snapshotter = recorder.snapshotter();
+    let _set = metrics::set_default_local_recorder(recorder);
+    let snapshotter = &snapshotter;
+    on_both(
+        3,
+        |procs| async move { never_made(procs, snapshotter).await },
+        |procs| async move { never_made(procs, snapshotter).await },
+    )
+    .await;
 }
 
 /// A process of `capacity` slots on `server`, its maintenance pass frequent.
@@ -468,6 +636,7 @@ async fn while_redis_is_away_a_report_finds_by_external_id_only_a_holding_it_may
     create(&one, video(), None, "job-7", TEXT2VIDEO).await;
     create(&one, image(), None, "job-7", IMAGES).await;
     create(&one, video(), Some("t1"), "job-8", TEXT2VIDEO).await;
+    create(&one, image(), None, "job-10", IMAGES).await;
     server.stop();
 
     let applied = one
@@ -493,8 +662,39 @@ async fn while_redis_is_away_a_report_finds_by_external_id_only_a_holding_it_may
         lease: LEASE,
     };
     assert!(one.apply(adopt).await.unwrap().changed, "another task");
-    // Both job-9 creates, the video's job-7 create, t1 and ti.
-    assert_eq!(one.held_here(), 5);
+    // The video's job-7 create is no image task's: the image `ti7` listed under job-7 is
+    // adopted.
+    let adopt = SlotOp::Adopt {
+        key: image(),
+        task: TaskRef {
+            id: Some("ti7".to_owned()),
+            external_id: Some("job-7".to_owned()),
+        },
+        weight: 1,
+        lease: LEASE,
+    };
+    assert!(one.apply(adopt).await.unwrap().changed, "another product's");
+    // A video `v9` listed without its external id, then named with job-10 by its callback,
+    // is not joined with the image create under job-10.
+    let adopt = SlotOp::Adopt {
+        key: video(),
+        task: TaskRef {
+            id: Some("v9".to_owned()),
+            external_id: None,
+        },
+        weight: 1,
+        lease: LEASE,
+    };
+    assert!(one.apply(adopt).await.unwrap().changed);
+    one.apply(callback("v9", "job-10", TaskStatus::Processing))
+        .await
+        .unwrap();
+    let applied = one.apply(complete("v9")).await.unwrap();
+    assert_eq!(tasks(&applied), ["v9"]);
+    assert_eq!(applied.released[0].key, video(), "not the image create");
+    // Both job-9 creates, the video's job-7 create, t1, the image create under job-10, ti
+    // and ti7.
+    assert_eq!(one.held_here(), 7);
 }
 
 /// After Redis lost its state, each holding registered again keeps its create path: a lookup
