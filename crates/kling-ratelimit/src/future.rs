@@ -332,6 +332,16 @@ impl<Bk: Backend> Gate<Bk> {
                 account_key.account_id().cloned(),
             )));
         }
+        // One that joined to ask at once, with only first asks on their way ahead of it
+        // (`Queues::enqueue`), waits instead: it leaves room for them, as one refused would.
+        if !self.waited
+            && let Some(place) = &self.place
+        {
+            let max = shared.max_queue.filter(|_| !self.back);
+            if shared.queues.settle(&place.key, place.id, max).is_err() {
+                return Err(queue_full(shared, account_key));
+            }
+        }
         if !self.lead(shared, at, true) {
             self.step = Step::Queued;
             return Ok(());

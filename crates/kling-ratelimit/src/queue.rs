@@ -504,8 +504,10 @@ impl Queues {
         }
     }
 
-    /// Waiter `id`, refused at its first ask (on its way, or answered at once), waits for its
-    /// turn from now: `Err(())` when `key`'s queue is full under `max`, counting the waiters
+    /// Waiter `id`, refused at its first ask (on its way, or answered at once), or joined to
+    /// ask at once but waiting without asking (a class gate's head during its account's
+    /// pause), waits for its turn from now: `Err(())` when `key`'s queue is full under `max`,
+    /// counting the waiters
     /// and the first asks on their way that came before it, which need a place if refused
     /// (a later request's answer coming back first takes none of theirs). A returned or held
     /// request, which no bound refuses, is let be.
@@ -1256,6 +1258,34 @@ mod tests {
         );
         assert_eq!(queues.waiting(), 0);
         assert_eq!(queues.reserved_bytes(), 0, "no queue is left");
+    }
+
+    /// A metrics recorder that panics as a first ask is marked on its way, or as it is
+    /// refused and waits, leaves the mark as the gauge is: not marked (still counted) when
+    /// the gauge was not taken down, still marked (not counted) when it was not put back up.
+    /// Either way leaving takes off the gauge what it shows, and no ask is left counted.
+    #[test]
+    fn a_recorder_panic_as_a_first_ask_is_marked_or_settled_keeps_the_mark_with_the_gauge() {
+        let recorder = PanickyDepth::default();
+        let _recorder = metrics::set_default_local_recorder(&recorder);
+        let queues = Queues::default();
+        let key = BucketKey::account(Some(kling_core::AccountId::new("a")));
+        let waker = Waker::noop();
+        let ticket = queues.enqueue(&key, waker, None, Joins::ToAsk).unwrap();
+        recorder.down.store(true, Ordering::SeqCst);
+        assert!(unwinds(|| queues.ask_in_flight(&key, ticket.id)));
+        assert_eq!((queues.waiting(), queues.depth(&key)), (1, 1), "not marked");
+        queues.ask_in_flight(&key, ticket.id);
+        assert_eq!((queues.waiting(), queues.depth(&key)), (0, 0), "marked");
+        recorder.up.store(true, Ordering::SeqCst);
+        assert!(unwinds(|| {
+            let _ = queues.settle(&key, ticket.id, Some(1));
+        }));
+        assert_eq!(queues.depth(&key), 0, "still marked");
+        assert!(queues.leave(&key, ticket.id));
+        assert_eq!(queues.asking.load(Ordering::Relaxed), 0);
+        assert!(queues.is_idle());
+        assert_eq!(queues.reserved_bytes(), 0, "the queue is dropped");
     }
 
     /// A place dropped while the thread unwinds, under a metrics recorder that panics at every

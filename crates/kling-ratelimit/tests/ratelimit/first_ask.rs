@@ -31,6 +31,11 @@ struct Remote {
     round_trips: Arc<Mutex<std::collections::VecDeque<Duration>>>,
     /// The round trip of a report (none: it ends at once).
     report_trip: Option<Duration>,
+    /// The round trip of a class key's ask, decided as it ends (none: decided at once).
+    class_trip: Option<Duration>,
+    /// The round trips of the next class asks, in the order they are made (then
+    /// `class_trip`).
+    class_trips: Arc<Mutex<std::collections::VecDeque<Duration>>>,
 }
 
 const ROUND_TRIP: Duration = Duration::from_millis(50);
@@ -41,7 +46,15 @@ impl Backend for Remote {
 
     fn acquire(&self, key: &BucketKey, policy: &Policy) -> Self::AcquireFuture {
         if key.request_kind().is_some() {
-            return Box::pin(self.inner.acquire(key, policy));
+            let trip = self.class_trips.lock().unwrap().pop_front();
+            let Some(trip) = trip.or(self.class_trip) else {
+                return Box::pin(self.inner.acquire(key, policy));
+            };
+            let (inner, key, policy) = (Arc::clone(&self.inner), key.clone(), *policy);
+            return Box::pin(async move {
+                tokio::time::sleep(trip).await;
+                inner.acquire(&key, &policy).await
+            });
         }
         let (this, key, policy) = (self.clone(), key.clone(), *policy);
         let round_trip = self.round_trips.lock().unwrap().pop_front();
@@ -561,11 +574,36 @@ enum End {
 /// request took its place.
 #[tokio::test(start_paused = true)]
 async fn arrival_order_decides_who_waits() {
+    arrival_order_runs(false).await;
+}
+
+/// [`arrival_order_decides_who_waits`] with class requests too, whose class gate's asks are
+/// on their way as well (class requests held or back from a paused account rejoin their
+/// account's queue whatever its bound, so its depth is not checked): a create refused with
+/// `QueueFull` found `max_queue` requests of its account that came before it still there. (A
+/// class request waits at two gates, its class's and then its account's, in the order it
+/// reaches each: it is not checked.) Not covered: run over 300 seeds, runs 170, 190 and 232
+/// fail, where such a rejoin lands while a first ask is on its way, after a later request took
+/// the room left for that ask: the ask is then refused for the later one's place (letting it
+/// wait would put more than `max_queue` waiting).
+#[tokio::test(start_paused = true)]
+async fn arrival_order_decides_who_waits_with_class_requests() {
+    arrival_order_runs(true).await;
+}
+
+/// The runs of [`arrival_order_decides_who_waits`], with class requests when `classes`.
+async fn arrival_order_runs(classes: bool) {
     const MAX: usize = 2;
     for run in 0..12u64 {
-        let layer = GcraLayer::builder(Quota::per_second(10.0))
-            .max_queue(MAX)
-            .backend(Remote::default())
+        let mut builder = GcraLayer::builder(Quota::per_second(10.0)).max_queue(MAX);
+        if classes {
+            builder = builder.class_quota(RequestKind::Account, Quota::per_second(4.0));
+        }
+        let layer = builder
+            .backend(Remote {
+                class_trip: classes.then_some(ROUND_TRIP),
+                ..Remote::default()
+            })
             .build()
             .unwrap();
         let handle = layer.handle();
@@ -594,8 +632,14 @@ async fn arrival_order_decides_who_waits() {
                 *backend.paused_until.lock().unwrap() = Some(Instant::now() + ms(100 + next(400)));
             }
             let account = if next(3) == 0 { "b" } else { "a" };
-            arrivals.push((account, start.elapsed()));
-            let mut call = spawn_call(&service, request(Some(account), &n.to_string())).await;
+            let is_class = classes && next(2) == 0;
+            arrivals.push((account, start.elapsed(), is_class));
+            let req = if is_class {
+                request_to("/account/costs", Some(account), &n.to_string())
+            } else {
+                request(Some(account), &n.to_string())
+            };
+            let mut call = spawn_call(&service, req).await;
             let give_up = (next(5) == 0).then(|| ms(next(300)));
             let ends = Arc::clone(&ends);
             calls.push(tokio::spawn(async move {
@@ -620,7 +664,9 @@ async fn arrival_order_decides_who_waits() {
             let until = start.elapsed().as_millis() as u64 + 1 + next(40);
             while start.elapsed() < ms(until) {
                 tokio::time::advance(ms(1)).await;
-                for account in ["a", "b"] {
+                // (A class request back from a paused account, or held and going back to its
+                // account's queue, rejoins it whatever its bound: only without them.)
+                for account in ["a", "b"].into_iter().filter(|_| !classes) {
                     let account = kling_core::AccountId::new(account);
                     let depth = handle.queue_depth(Some(&account));
                     assert!(depth <= MAX, "run {run}: {depth} waiting");
@@ -641,10 +687,14 @@ async fn arrival_order_decides_who_waits() {
                 continue;
             }
             refused += 1;
-            let (account, _) = arrivals[n];
-            // Came before it, same account, not yet gone when it was refused.
+            let (account, _, is_class) = arrivals[n];
+            if is_class {
+                continue;
+            }
+            // Came before it, same account, not yet gone when it was refused (ends are noted
+            // by the tasks awaiting the calls, up to a millisecond late).
             let before = (0..n)
-                .filter(|&m| arrivals[m].0 == account && end_of(m).2 >= at)
+                .filter(|&m| arrivals[m].0 == account && end_of(m).2 + ms(1) >= at)
                 .count();
             assert!(
                 before >= MAX,
@@ -698,4 +748,144 @@ async fn a_request_held_by_a_pause_on_its_way_leaves_room_for_first_asks_ahead()
     assert_eq!(server.tags(), ["a0", "x"]);
     assert_eq!(handle.waiting(), 0);
     assert_eq!(handle.queue_bytes(), 0, "no queue is left");
+}
+
+/// A class request that joins its class gate's queue to ask at once (only a first ask on its
+/// way ahead of it) but waits there instead, for its account's pause, leaves room for that
+/// ask, which came before it. Class asks take 100 ms, `max_queue` 1. `r` passes its class
+/// gate, meets the account's pause (to 2000) at 150 and goes back to its class gate, noting
+/// the pause there; `a` asks its class gate at 120 (refused: `r` took the turn); `r` gives up
+/// at 160; `c` comes at 170 and waits for the pause. `a`, refused at 220, came first: it
+/// waits, and `c` meets `QueueFull`. Before, `c` took the place and `a` failed.
+#[tokio::test(start_paused = true)]
+async fn a_class_request_waiting_for_its_accounts_pause_leaves_room_for_first_asks_ahead() {
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .max_queue(1)
+        .backend(Remote {
+            class_trip: Some(ms(100)),
+            ..Remote::default()
+        })
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let backend = handle.backend().clone();
+    let start = Instant::now();
+    *backend.paused_until.lock().unwrap() = Some(start + ms(2000));
+    let server = Server::new();
+    let service = layer.layer(server.service());
+    let costs = |tag| request_to("/account/costs", Some("a"), tag);
+    let r = spawn_call(&service, costs("r")).await;
+    run_until(start, 120).await;
+    let a = spawn_call(&service, costs("a")).await;
+    run_until(start, 160).await;
+    r.abort();
+    run_until(start, 170).await;
+    let c = spawn_call(&service, costs("c")).await;
+    assert_eq!(outcomes(vec![a, c]).await, ["sent", "queue full"]);
+    assert_eq!(server.tags(), ["a"]);
+    assert_eq!(handle.waiting(), 0);
+    assert_eq!(handle.queue_bytes(), 0, "no queue is left");
+}
+
+/// Seeded runs of create and class requests of two accounts, the class gate's asks on their
+/// way too, over round trips of varied length with pauses, callers giving up and a bounded
+/// queue: at every millisecond the queue-depth gauge (every account's series) shows what
+/// `waiting()` counts, whatever path a place takes (asking, refused, held, back at its class
+/// gate), and it is back to zero once every call ended.
+#[tokio::test(start_paused = true)]
+async fn the_depth_gauge_shows_what_waiting_counts() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _recorder = metrics::set_default_local_recorder(&recorder);
+    // The recorder hands over a gauge's moves since the last snapshot: they are added up.
+    let mut shown = 0.0;
+    let mut gauge = move || {
+        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+            if key.key().name() == kling_core::metrics::RATELIMIT_QUEUE_DEPTH
+                && let DebugValue::Gauge(moved) = value
+            {
+                shown += moved.into_inner();
+            }
+        }
+        shown
+    };
+    for run in 0..6u64 {
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d ^ run.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        let layer = GcraLayer::builder(Quota::per_second(10.0))
+            .class_quota(RequestKind::Account, Quota::per_second(5.0))
+            .max_queue(2 + next(4) as usize)
+            .backend(Remote {
+                class_trip: Some(ROUND_TRIP),
+                ..Remote::default()
+            })
+            .build()
+            .unwrap();
+        let handle = layer.handle();
+        let backend = handle.backend().clone();
+        let start = Instant::now();
+        backend
+            .round_trips
+            .lock()
+            .unwrap()
+            .extend((0..1_000).map(|_| ms(5 + next(150))));
+        backend
+            .class_trips
+            .lock()
+            .unwrap()
+            .extend((0..1_000).map(|_| ms(5 + next(150))));
+        let server = Server::new();
+        let service = layer.layer(server.service());
+        let mut calls = Vec::new();
+        for n in 0..120u64 {
+            if next(10) == 0 {
+                *backend.paused_until.lock().unwrap() = Some(Instant::now() + ms(100 + next(600)));
+            }
+            let account = if next(3) == 0 { "b" } else { "a" };
+            let tag = format!("{account}{n}");
+            let req = if next(2) == 0 {
+                request_to("/account/costs", Some(account), &tag)
+            } else {
+                request(Some(account), &tag)
+            };
+            let mut call = spawn_call(&service, req).await;
+            let give_up = (next(5) == 0).then(|| ms(next(400)));
+            calls.push(tokio::spawn(async move {
+                match give_up {
+                    Some(after) => {
+                        if tokio::time::timeout(after, &mut call).await.is_err() {
+                            call.abort();
+                        }
+                    }
+                    None => {
+                        let _ = call.await;
+                    }
+                }
+            }));
+            let until = start.elapsed().as_millis() as u64 + 1 + next(80);
+            while start.elapsed() < ms(until) {
+                tokio::time::advance(ms(1)).await;
+                let waiting = handle.waiting();
+                assert_eq!(
+                    gauge(),
+                    waiting as f64,
+                    "run {run} at {:?}",
+                    start.elapsed()
+                );
+            }
+        }
+        for call in calls {
+            call.await.unwrap();
+        }
+        assert_eq!(handle.waiting(), 0);
+        assert_eq!(gauge(), 0.0, "run {run}: the gauge drifted");
+        assert_eq!(handle.queue_bytes(), 0, "run {run}: no queue is left");
+    }
 }
