@@ -594,6 +594,14 @@ impl Journal {
         *self.write_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
     }
 
+    /// Tests: every later write fails (`query_only`), as on a disk that filled up.
+    #[cfg(test)]
+    pub(crate) fn fail_writes(&self) {
+        self.lock()
+            .pragma_update(None, "query_only", true)
+            .expect("query_only");
+    }
+
     /// Tests: the state changes committed so far, one transaction each.
     #[cfg(test)]
     pub(crate) fn commits(&self) -> usize {

@@ -2436,3 +2436,121 @@ async fn the_urls_recorded_after_refreshes_are_those_fetched_last() {
     assert!(error.message.contains("/stale/0.mp4"), "{error:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A resumed run's downloads share one task (so a stop can wait for them): a panic in one
+/// job's download is caught with that job, which records it, and the other jobs' files are
+/// fetched. Left uncaught, it would end the task that holds every download of the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_one_resumed_download_leaves_the_others_to_finish() {
+    let base = answering("video".to_owned()).await;
+    let (jobs, _) = parse_jobs(
+        &["a", "b", "c"]
+            .map(|id| format!("{{\"id\":\"{id}\",\"prompt\":\"{id}\"}}\n"))
+            .concat(),
+    );
+    let journal = Journal::open_in_memory().unwrap();
+    journal.register(&jobs).unwrap();
+    for (i, job) in jobs.iter().enumerate() {
+        let update = Update {
+            task_id: Some(format!("86000000000000005{i}")),
+            urls: Some(vec![format!("{base}/outputs/{i}.mp4")]),
+            ..Update::default()
+        };
+        journal
+            .transition(&job.id, JobState::Succeeded, update)
+            .unwrap();
+    }
+    let dir =
+        std::env::temp_dir().join(format!("kling-batch-resumed-panic-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let options = RunOptions::new(default_follow_policy(1.0)).download_dir(dir.clone());
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+        "http://127.0.0.1:9",
+    )
+    .unwrap();
+    let engine = Engine::new(stack, journal.clone(), options).unwrap();
+    engine
+        .test_panics
+        .lock()
+        .unwrap()
+        .push(("b".to_owned(), "download"));
+    let (_stopper, stop) = watch::channel(false);
+    let report = tokio::time::timeout(Duration::from_secs(30), engine.run(&jobs, stop))
+        .await
+        .expect("the run ends")
+        .unwrap();
+    let record = |id: &str| report.records.iter().find(|r| r.job_id == id).unwrap();
+    for id in ["a", "c"] {
+        assert_eq!(record(id).files.len(), 1, "{:?}", record(id));
+    }
+    let b = record("b");
+    assert_eq!(b.state, JobState::Succeeded, "{b:?}");
+    assert!(b.files.is_empty(), "{b:?}");
+    let error = b.download_error.as_ref().expect("the panic is recorded");
+    assert!(
+        error.message.contains("kling-batch panicked") && error.message.contains("of b"),
+        "{error:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A follow's journal write that fails while the stop waits for it is the run's error (as
+/// any failed write is: the run stops, and a later run picks up), not lost with the aborted
+/// follow: the report would have said `created` for a task that ended and was never recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_write_that_fails_while_a_stop_waits_is_the_runs_error() {
+    let speed = 1000.0;
+    let server = kling_mock::MockServer::start(MockConfig::preset(Preset::Pro).speed(speed))
+        .await
+        .unwrap();
+    let task = "860000000000000061";
+    let journal = Journal::open_in_memory().unwrap();
+    let (jobs, _) = parse_jobs("{\"id\":\"cat\",\"prompt\":\"a cat\"}\n");
+    journal.register(&jobs).unwrap();
+    journal
+        .transition("cat", JobState::Created, Update::task(task))
+        .unwrap();
+    let follow = default_follow_policy(1.0).first_query(Duration::from_secs(3600));
+    let mut options = RunOptions::new(follow);
+    options.stop_grace = Duration::from_millis(50);
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro).speed(speed),
+        Credentials::api_key("key").unwrap(),
+        &server.base_url(),
+    )
+    .unwrap();
+    let engine = Engine::new(stack, journal.clone(), options).unwrap();
+    let (arrived, release) = hold_write(&journal, "cat", JobState::Succeeded);
+    let (stopper, stop) = watch::channel(false);
+    let run = tokio::spawn({
+        let (engine, jobs) = (engine.clone(), jobs.clone());
+        async move { engine.run(&jobs, stop).await }
+    });
+    let body = succeeded_legacy(task, r#"{"videos":[{"url":"http://127.0.0.1:9/0.mp4"}]}"#);
+    engine
+        .follower
+        .deliver(Envelope::parse(body.as_bytes()).unwrap().tasks[0].clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while arrived.try_recv().is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write was never made"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stopper.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    journal.fail_writes();
+    release.send(()).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the run ends once the write went on")
+        .unwrap();
+    assert!(ended.is_err(), "{ended:?}");
+    assert_eq!(
+        journal.record("cat").unwrap().unwrap().state,
+        JobState::Created
+    );
+}
