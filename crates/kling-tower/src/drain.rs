@@ -67,7 +67,26 @@ const SHARDS: usize = 8;
 #[derive(Debug, Default)]
 struct Common {
     draining: AtomicBool,
+    /// The drains waiting. Read by a leaving guard rather than `draining`: a drain the gate's
+    /// reopening left waiting was never woken again.
+    waiting: AtomicUsize,
     idle: Notify,
+}
+
+/// Counts a drain as waiting ([`Common::waiting`]) until it returns or is dropped.
+struct Waiting<'a>(&'a Common);
+
+impl<'a> Waiting<'a> {
+    fn new(common: &'a Common) -> Self {
+        common.waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting(common)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// One slice of the in-flight count. Each thread enters through its own shard, so the
@@ -191,8 +210,9 @@ impl Drop for DrainGuard {
     fn drop(&mut self) {
         // The last guard to leave its shard while a drain waits wakes it; the drain then sums
         // every shard again. The last guard of all empties its shard, so it always wakes it.
+        // A drain waits whether or not the gate was reopened meanwhile.
         if self.shard.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.shard.common.draining.load(Ordering::SeqCst)
+            && self.shard.common.waiting.load(Ordering::SeqCst) > 0
         {
             self.shard.common.idle.notify_waiters();
         }
@@ -216,8 +236,14 @@ impl DrainHandle {
     /// Queries and lists admitted after the gate closed are not waited for (their stream may
     /// never pause); a follower's still are, through the guard of the task it follows.
     ///
+    /// A [`reopen`](Self::reopen) meanwhile does not call it off: it still returns once
+    /// nothing is in flight (the creates admitted since included), with the gate open.
+    ///
     /// Wrap it in `tokio::time::timeout` to bound the wait.
     pub async fn drain(&self) {
+        // Counted as waiting before the gate closes and the shards are read: a guard that
+        // leaves after this reads it and wakes the drain, or left before the read.
+        let _waiting = Waiting::new(&self.gate.common);
         self.gate.common.draining.store(true, Ordering::SeqCst);
         loop {
             let idle = self.gate.common.idle.notified();
@@ -576,6 +602,28 @@ mod tests {
                 .unwrap();
             assert_eq!(handle.in_flight(), 0);
         }
+    }
+
+    /// A drain waiting when the gate is reopened (a "resume" while a "drain" call waits) still
+    /// returns once nothing is in flight. The last request to leave woke a drain only while
+    /// the gate was closed, so this one waited for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_waiting_when_the_gate_reopens_returns_once_nothing_is_in_flight() {
+        let (layer, handle) = DrainLayer::pair();
+        let guard = layer.handle().track();
+        let drain = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.drain().await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(!drain.is_finished(), "a request is in flight");
+        handle.reopen();
+        drop(guard);
+        tokio::time::timeout(Duration::from_secs(60), drain)
+            .await
+            .expect("the drain returns")
+            .unwrap();
+        assert!(!handle.is_draining(), "the gate stays open");
     }
 
     /// Guards dropped on other threads than the one they entered on wake the drain too.

@@ -215,6 +215,10 @@ const MAX_PACED_PER_MINUTE: f64 = 60e9;
 /// The largest GCRA burst the rate limiter takes.
 const MAX_BURST: u32 = u16::MAX as u32;
 
+/// The longest burst window (pacing interval × burst) the rate limiter takes: 2^62 ns, about
+/// 146 years.
+const MAX_BURST_WINDOW_NANOS: u128 = 1 << 62;
+
 impl Default for StackConfig {
     /// The [`Tier::Free`] preset: the numbers every account has.
     fn default() -> Self {
@@ -317,7 +321,8 @@ impl StackConfig {
         self
     }
 
-    /// Sets the GCRA burst (1 = evenly spaced requests; at most 65535).
+    /// Sets the GCRA burst (1 = evenly spaced requests; at most 65535, and at most 146 years
+    /// worth of [pacing intervals](Self::pacing_interval), the rate limiter's longest window).
     pub fn burst(mut self, burst: u32) -> Self {
         self.burst = burst;
         self
@@ -689,6 +694,21 @@ impl StackConfig {
             return Err(ConfigError::new(
                 "burst",
                 format!("is {}, too large: must be at most {MAX_BURST}", self.burst),
+            ));
+        }
+        // The rate limiter keeps a burst window (interval × burst) of at most 2^62 ns: beyond
+        // it, the stack would not build, failing with a field no configuration has.
+        if let Some(interval) = self.pacing_interval()
+            && interval.as_nanos() * u128::from(self.burst) > MAX_BURST_WINDOW_NANOS
+        {
+            return Err(ConfigError::new(
+                "burst",
+                format!(
+                    "is {}, too large for one request every {interval:?} (rate_per_minute at \
+                     speed {}, plus the jitter allowance): the burst times the interval must be \
+                     at most 146 years, the rate limiter's longest window",
+                    self.burst, self.speed
+                ),
             ));
         }
         if self.slots == 0 {

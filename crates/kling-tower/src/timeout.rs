@@ -12,11 +12,13 @@
 //! tokio's timer per attempt cost some 850 ns (`kling-bench overhead`, "inner answers after one
 //! wait"), most of it the time driver woken to take a timer due sooner than the one it sleeps
 //! for. The attempts of a layer (and its services' clones) keep their deadlines in one list
-//! instead, in the order they were set, and one task per layer (spawned on the first wait)
-//! sleeps until the first of them, wakes the attempts whose time is up, and goes back to sleep
-//! for at most the timeout: a deadline set later is never sooner, so setting one needs nothing
-//! from that task. It holds no strong reference to the layer, and ends within a timeout of the
-//! layer's last service being dropped.
+//! instead, in the order they were set, and one task per layer and runtime (spawned on the
+//! runtime's first wait) sleeps until the first of them, wakes the attempts whose time is up,
+//! and goes back to sleep for at most the timeout: a deadline set later is never sooner, so
+//! setting one needs nothing from that task. One per runtime, because a runtime kept but no
+//! longer driven (a `current_thread` runtime between two `block_on`s) runs no task: its timer
+//! would leave the attempts of every other runtime waiting. It holds no strong reference to
+//! the layer, and ends within a timeout of the layer's last service being dropped.
 //!
 //! ```
 //! use std::time::Duration;
@@ -34,8 +36,9 @@
 
 use std::fmt;
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -44,6 +47,7 @@ use kling_core::BoxError;
 use kling_core::lanes::{self, LANES, Lane, Lanes};
 use kling_core::waitlist::WaitList;
 use pin_project_lite::pin_project;
+use tokio::runtime::{Handle, Id};
 use tokio::time::Instant;
 use tower::timeout::error::Elapsed;
 use tower_layer::Layer;
@@ -146,9 +150,12 @@ where
 struct Deadlines {
     timeout: Duration,
     lanes: [LaneDeadlines; LANES],
-    /// Whether the timer task runs (set by the attempt that spawns it, cleared when the task
-    /// ends, or when its runtime drops it).
-    timer: AtomicBool,
+    /// The runtimes a timer task runs on (added by the attempt that spawns it, removed when
+    /// the task ends, or when its runtime drops it).
+    timers: Mutex<Vec<Id>>,
+    /// The key ([`runtime_key`]) of one runtime in `timers`, 0 for none: an attempt on it
+    /// arms without taking that lock.
+    known: AtomicU64,
 }
 
 impl fmt::Debug for Deadlines {
@@ -191,7 +198,8 @@ impl Deadlines {
         Deadlines {
             timeout,
             lanes: std::array::from_fn(|_| LaneDeadlines::default()),
-            timer: AtomicBool::new(false),
+            timers: Mutex::new(Vec::new()),
+            known: AtomicU64::new(0),
         }
     }
 
@@ -221,18 +229,31 @@ impl Deadlines {
             list.push_back(ticket, deadline, waker.clone());
             (ticket, deadline)
         };
-        if !self.timer.load(Ordering::Acquire)
-            && self
-                .timer
-                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            // The guard is made here and moved in: a task its runtime drops before its first
-            // poll (the runtime shutting down) still drops it, so the flag is never left set
-            // with no timer running, which would leave every later attempt without a timeout.
-            tokio::spawn(fail_late_attempts(TimerRunning(Arc::downgrade(self))));
+        let runtime = Handle::current();
+        let id = runtime.id();
+        let key = runtime_key(&id);
+        if self.known.load(Ordering::Acquire) != key {
+            self.ensure_timer(&runtime, id, key);
         }
         (lane, ticket, deadline)
+    }
+
+    /// Spawns a timer on `runtime` unless one runs there.
+    #[cold]
+    fn ensure_timer(self: &Arc<Self>, runtime: &Handle, id: Id, key: u64) {
+        let mut timers = self.timers.lock().unwrap_or_else(|e| e.into_inner());
+        if !timers.contains(&id) {
+            timers.push(id);
+            // The guard is made here and moved in: a task its runtime drops before its first
+            // poll (the runtime shutting down) still drops it, so the runtime is never left
+            // listed with no timer running, which would leave its attempts without a timeout.
+            runtime.spawn(fail_late_attempts(TimerRunning {
+                deadlines: Arc::downgrade(self),
+                id,
+                key,
+            }));
+        }
+        self.known.store(key, Ordering::Release);
     }
 
     /// The attempt holding `ticket` is polled again: it will be woken with `waker`. False when
@@ -273,14 +294,47 @@ impl Deadlines {
     }
 }
 
-/// Clears [`Deadlines::timer`] when the timer task ends or its runtime drops it, so the next
-/// attempt that waits spawns another.
-struct TimerRunning(Weak<Deadlines>);
+/// A runtime's id as a nonzero number, for [`Deadlines::known`] (an `Id` is a nonzero
+/// number, which its `Hash` writes).
+fn runtime_key(id: &Id) -> u64 {
+    /// Keeps what is written, folded into one number.
+    struct Key(u64);
+    impl Hasher for Key {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for &byte in bytes {
+                self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+            }
+        }
+        fn write_u64(&mut self, n: u64) {
+            self.0 = self.0.rotate_left(32) ^ n;
+        }
+    }
+    let mut key = Key(0);
+    id.hash(&mut key);
+    key.finish().max(1)
+}
+
+/// Takes its runtime out of [`Deadlines::timers`] when the timer task ends or its runtime
+/// drops it, so the runtime's next attempt that waits spawns another.
+struct TimerRunning {
+    deadlines: Weak<Deadlines>,
+    id: Id,
+    key: u64,
+}
 
 impl Drop for TimerRunning {
     fn drop(&mut self) {
-        if let Some(deadlines) = self.0.upgrade() {
-            deadlines.timer.store(false, Ordering::Release);
+        if let Some(deadlines) = self.deadlines.upgrade() {
+            let mut timers = deadlines.timers.lock().unwrap_or_else(|e| e.into_inner());
+            timers.retain(|id| *id != self.id);
+            // Under the lock, so no attempt lists the runtime again in between.
+            let _ =
+                deadlines
+                    .known
+                    .compare_exchange(self.key, 0, Ordering::AcqRel, Ordering::Acquire);
         }
     }
 }
@@ -289,7 +343,7 @@ impl Drop for TimerRunning {
 /// deadline, or for a timeout when there is none sooner (a deadline set meanwhile is at least
 /// that far), until the layer is gone.
 async fn fail_late_attempts(running: TimerRunning) {
-    let deadlines = running.0.clone();
+    let deadlines = running.deadlines.clone();
     let _running = running;
     loop {
         let next = {
@@ -451,8 +505,9 @@ mod tests {
             Ok::<_, BoxError>(())
         }));
         service.clone().oneshot(()).await.unwrap();
-        assert!(
-            layer.deadlines.timer.load(Ordering::Acquire),
+        assert_eq!(
+            layer.deadlines.timers.lock().unwrap().len(),
+            1,
             "spawned on the first wait"
         );
         let deadlines = Arc::downgrade(&layer.deadlines);
@@ -540,6 +595,38 @@ mod tests {
             Poll::Ready(Err(error)) => assert!(error.is::<Elapsed>(), "{error}"),
             other => panic!("still waiting: {other:?}"),
         }
+    }
+
+    /// A runtime that hosted the layer's timer and is kept but no longer driven (a
+    /// `current_thread` runtime between two `block_on`s) runs no task: a late attempt on
+    /// another runtime failed only when something else polled it (here, the 2 s guard),
+    /// never at its 50 ms. Each runtime now runs a timer of its own.
+    #[test]
+    fn a_runtime_kept_idle_does_not_hold_up_the_timeouts_of_another() {
+        let layer = AttemptTimeoutLayer::new(Duration::from_millis(50));
+        let service = layer.layer(service_fn(|delay: u64| async move {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            Ok::<_, BoxError>(delay)
+        }));
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap()
+        };
+        let first = runtime();
+        first.block_on(async { assert_eq!(service.clone().oneshot(1).await.unwrap(), 1) });
+        let start = std::time::Instant::now();
+        let late = runtime().block_on(async {
+            tokio::time::timeout(Duration::from_secs(2), service.clone().oneshot(10_000)).await
+        });
+        let took = start.elapsed();
+        match late {
+            Ok(Err(error)) => assert!(error.is::<Elapsed>(), "{error}"),
+            other => panic!("the attempt did not time out: {other:?}"),
+        }
+        assert!(took < Duration::from_secs(1), "timed out after {took:?}");
+        drop(first);
     }
 
     #[tokio::test(start_paused = true)]

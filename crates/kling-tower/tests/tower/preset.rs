@@ -1090,3 +1090,39 @@ fn a_jitter_allowance_that_fills_the_scaled_deadline_is_refused() {
     assert_eq!(uncapped.account_rate_per_minute(), None);
     uncapped.validate().unwrap();
 }
+
+/// A burst whose window (the pacing interval times the burst) passes the rate limiter's
+/// longest, about 146 years, passed validation and then failed building the stack, as
+/// `rate_per_minute.quota.burst`, no key of the configuration. It is refused by `validate`,
+/// naming `burst` (and `KLING_BURST` where that variable set it); the same burst under a rate
+/// whose window fits still builds.
+#[test]
+fn a_burst_whose_window_passes_the_rate_limiters_longest_is_refused_naming_the_burst() {
+    // One request every 100 minutes, 65535 of them: about 12 years fits; at one every 2000
+    // minutes (33 hours, within the 78 hours a rate may ask for), about 250 years does not.
+    let fits = StackConfig::preset(Tier::Pro)
+        .rate_per_minute(0.01)
+        .jitter_allowance(Duration::ZERO)
+        .burst(65_535);
+    fits.validate().unwrap();
+    kling_tower::KlingLayer::new(fits, kling_tower::Credentials::api_key("k").unwrap()).unwrap();
+
+    let too_long = StackConfig::preset(Tier::Pro)
+        .rate_per_minute(0.0005)
+        .burst(65_535);
+    let err = too_long.validate().unwrap_err();
+    assert_eq!(err.field(), "burst", "{err}");
+    assert!(err.reason().contains("146 years"), "{err}");
+    let built =
+        kling_tower::KlingLayer::new(too_long, kling_tower::Credentials::api_key("k").unwrap());
+    assert_eq!(built.unwrap_err().field(), "burst");
+
+    let err = StackConfig::from_lookup(vars(&[
+        ("KLING_RATE_PER_MINUTE", "0.0005"),
+        ("KLING_BURST", "65535"),
+    ]))
+    .unwrap_err();
+    assert_eq!(err.field(), "KLING_BURST", "{err}");
+    let err = StackConfig::from_toml_str("rate_per_minute = 0.0005\nburst = 65535").unwrap_err();
+    assert_eq!(err.field(), "burst", "{err}");
+}
