@@ -2084,11 +2084,16 @@ impl State {
             self.supersede(old);
             return;
         }
-        if old.0 == place.0 && self.is_adopted(old) && !self.has_task_id(place) {
+        if old.0 == place.0
+            && self.is_adopted(old)
+            && !self.has_task_id(place)
+            && self.same_path(old, place)
+        {
             // A task a reconcile listed under this external id, and now a create under it
             // whose outcome is unknown (its answer lost after the list named the task): the
-            // same task, as an adopt finds such a create's holding the other way round. The
-            // create's holding takes its task id, so the task's end frees it.
+            // same task, as an adopt finds such a create's holding the other way round (of
+            // the path it was listed on, where known). The create's holding takes its task
+            // id, so the task's end frees it.
             self.take_over(old, place);
             return;
         }
@@ -2231,14 +2236,21 @@ impl State {
     }
 
     /// The holdings of `key`'s account and product under the external id `ext` that a task a
-    /// reconcile listed in `key`'s pool may be: one whose task id is unknown, or (`any`) any.
-    /// Whether there is one, and where, when there is exactly one. A holding of another
-    /// product (an image create, for a video task) is another create path's create: external
-    /// ids may be unique per create path only. (Another model's pool of the product may be
-    /// the task's: a list does not say its model.)
-    fn listed_by_external(&self, key: &SlotKey, ext: &str, any: bool) -> (bool, Option<Place>) {
+    /// reconcile listed in `key`'s pool, on `path`, may be: one whose task id is unknown, or
+    /// (`any`) any. Whether there is one, and where, when there is exactly one. A holding of
+    /// another product (an image create, for a video task), or of another known path (an
+    /// image2video create, for a task a text2video list names), is another create path's
+    /// create: external ids may be unique per create path only. (Another model's pool of the
+    /// product may be the task's: a list does not say its model.)
+    fn listed_by_external(
+        &self,
+        key: &SlotKey,
+        path: CreatePath,
+        ext: &str,
+        any: bool,
+    ) -> (bool, Option<Place>) {
         let product = key.pool.product();
-        let fits = |holding: &Holding| any || holding.id.is_none();
+        let fits = |holding: &Holding| (any || holding.id.is_none()) && holding.path.may_be(path);
         if self.displaced == 0 {
             // The index names the only holding of the account under `ext`.
             let keys = &Kept(&self.list, Which::External);
@@ -2497,7 +2509,16 @@ impl State {
         reports: &Reports<'_>,
         unfiled: bool,
     ) -> (Place, bool) {
-        let Some(create) = self.by_external(reports.account, reports.path, ext, false) else {
+        // Among creates of the path the task was listed on, where known (else the report's):
+        // one of another path is another task, whose external id may be the same.
+        let listed_on = self.list[place.0].holdings[place.1]
+            .held()
+            .map_or(CreatePath::UNKNOWN, |holding| holding.path);
+        let path = match listed_on {
+            CreatePath::UNKNOWN => reports.path,
+            listed_on => listed_on,
+        };
+        let Some(create) = self.by_external(reports.account, path, ext, false) else {
             return (place, unfiled);
         };
         // Of the same account and product: a create of another product is another create
@@ -2698,11 +2719,11 @@ impl State {
                         || (self.ended.get(hash, NO_SCOPE, id, now)).is_some()
                         || self.freed.contains(hash, id, now)
                 });
-                // By its external id, only a holding of the listed task's product: one of
-                // another product is another create path's create.
+                // By its external id, only a holding of the listed task's product and list
+                // path: one of another is another create path's create.
                 let (held_by_external, listed) =
                     task.external_id.as_deref().map_or((false, None), |ext| {
-                        self.listed_by_external(&key, ext, id.is_none())
+                        self.listed_by_external(&key, path, ext, id.is_none())
                     });
                 let known = known_by_id
                     || held_by_external
@@ -2728,6 +2749,9 @@ impl State {
                     pool.in_use += weight;
                     let mut holding = Holding::of(task, &key.account, weight, now, lease);
                     holding.adopted = true;
+                    // Of the path it was listed on: a create or report of another path under
+                    // its external id is another task.
+                    holding.path = path;
                     self.hold(&key, holding, false, None);
                     // Once held: should a metrics recorder panic here, the slots are the
                     // task's, freed by its end or its lease, not counted for nothing.
@@ -2861,6 +2885,15 @@ impl SlotBackend for InProcess {
         let now = report_time(&op);
         let _count = self.halted(matches!(op, SlotOp::Halt { .. }));
         let applied = self.lock().apply_on(op, now, true, path);
+        ready(Ok(applied))
+    }
+
+    /// As `apply`, a listed task taken by its external id for a holding of `path` (or of a
+    /// path not known) only, and kept with that path.
+    fn adopt_on(&self, op: SlotOp, path: CreatePath) -> Self::Apply {
+        let now = report_time(&op);
+        let _count = self.halted(matches!(op, SlotOp::Halt { .. }));
+        let applied = self.lock().apply_on(op, now, false, path);
         ready(Ok(applied))
     }
 

@@ -250,11 +250,12 @@ pub enum SlotOp {
     /// it is already known (held, or remembered as reported ended: see
     /// [`SlotBackend::begin_listing`]). By its external id, only a holding of `key`'s product
     /// whose task id is unknown (or an end not told with another task id) may be it (a create
-    /// of another product is another create path's, whose external ids may be the same);
-    /// such a holding learns the task id, as from a report of the task running. A task listed
+    /// of another product is another create path's, whose external ids may be the same), and
+    /// of the list's create path where both are known ([`SlotBackend::adopt_on`]); such a
+    /// holding learns the task id, as from a report of the task running. A task listed
     /// without its external id cannot be told from such a holding; [`InProcess`] joins the
-    /// two (of one product) at the first report naming the task by both ids (the create's
-    /// holding takes the task id, the adopted one gives its slots back).
+    /// two (of one product and path) at the first report naming the task by both ids (the
+    /// create's holding takes the task id, the adopted one gives its slots back).
     Adopt {
         /// Where it counts.
         key: SlotKey,
@@ -473,6 +474,16 @@ pub trait SlotBackend: Clone + Send + Sync + 'static {
     fn apply_unread_on(&self, op: SlotOp, path: CreatePath) -> Self::Apply {
         let _ = path;
         self.apply_unread(op)
+    }
+
+    /// [`apply`](SlotBackend::apply) of a [`SlotOp::Adopt`] of a task a reconcile listed on
+    /// `path` (a legacy list's create path, or [`CreatePath::NEW_STYLE`]): a backend may take
+    /// it, by its external id, for a holding of that path only, and keep the path with it, so
+    /// that a create or report of another path under the same external id is not that task.
+    /// By default, `apply` (the path unused).
+    fn adopt_on(&self, op: SlotOp, path: CreatePath) -> Self::Apply {
+        let _ = path;
+        self.apply(op)
     }
 
     /// Handles the tasks a response to a request of `account` reports, the result dropped

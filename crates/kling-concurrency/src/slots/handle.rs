@@ -13,7 +13,8 @@ use tower_service::Service;
 
 use super::layer::Settings;
 use crate::backend::{
-    Applied, InProcess, PoolSnapshot, Released, SlotBackend, SlotKey, SlotOp, TaskRef, TaskUpdate,
+    Applied, CreatePath, InProcess, PoolSnapshot, Released, SlotBackend, SlotKey, SlotOp, TaskRef,
+    TaskUpdate,
 };
 use crate::error::{BackendError, BadCallback};
 
@@ -401,6 +402,9 @@ impl<B: SlotBackend> SlotsHandle<B> {
         let mut seen = HashSet::new();
         for path in &plan.legacy_paths {
             let uri: Uri = format!("{}{path}", plan.base_url).parse()?;
+            // Its tasks were created on it: one it names by external id is no other path's
+            // create (external ids may be unique per create path only).
+            let on = CreatePath::legacy(uri.path());
             let Some(pool) = Recognized::from_parts(&Method::POST, &uri, b"{}").pool else {
                 // Told, not ignored: the caller's plan names a path whose tasks go uncounted.
                 reconciled.skipped_paths += 1;
@@ -424,7 +428,8 @@ impl<B: SlotBackend> SlotsHandle<B> {
                 // The page's own length: an entry that does not read is still an entry, and a
                 // full page is followed by another.
                 let n = page_len.unwrap_or(outcome.tasks().len());
-                self.adopt(&account, &pool, plan, &outcome, &mut reconciled, &mut seen)
+                let listed = (&account, &pool, on);
+                self.adopt(listed, plan, &outcome, &mut reconciled, &mut seen)
                     .await?;
                 if n < PAGE_SIZE {
                     break;
@@ -449,7 +454,8 @@ impl<B: SlotBackend> SlotsHandle<B> {
                         .body(Full::new(Bytes::from(body.to_string())))?;
                     let listed = list(service, request).await?;
                     let page = &listed.outcome;
-                    self.adopt(&account, pool, plan, page, &mut reconciled, &mut seen)
+                    let on = (&account, pool, CreatePath::NEW_STYLE);
+                    self.adopt(on, plan, page, &mut reconciled, &mut seen)
                         .await?;
                     match listed.next {
                         Some(next) => cursor = Some(next),
@@ -461,17 +467,17 @@ impl<B: SlotBackend> SlotsHandle<B> {
         Ok(reconciled)
     }
 
-    /// Adopts the unfinished tasks one page of a reconcile's list names, into `pool` of
-    /// `account`, as soon as the page is answered: an end reported after the page was asked
-    /// for (a callback of a task the page names running) is then at most one page's round trip
-    /// old when its adopt looks for it, not the whole reconcile's, which the bounded memory of
-    /// ends ([`SlotBackend::begin_listing`]) may have forgotten by the end of a long reconcile
-    /// of a busy account. A task in `seen` (named by an earlier page) is neither counted nor
-    /// adopted again. A task the plan places by its task or external id goes to that pool.
+    /// Adopts the unfinished tasks one page of a reconcile's list of tasks created on `path`
+    /// names, into `pool` of `account`, as soon as the page is answered: an end reported after
+    /// the page was asked for (a callback of a task the page names running) is then at most
+    /// one page's round trip old when its adopt looks for it, not the whole reconcile's, which
+    /// the bounded memory of ends ([`SlotBackend::begin_listing`]) may have forgotten by the
+    /// end of a long reconcile of a busy account. A task in `seen` (named by an earlier page)
+    /// is neither counted nor adopted again. A task the plan places by its task or external id
+    /// goes to that pool.
     async fn adopt(
         &self,
-        account: &AccountId,
-        pool: &Pool,
+        (account, pool, path): (&AccountId, &Pool, CreatePath),
         plan: &Reconcile,
         page: &Outcome,
         reconciled: &mut Reconciled,
@@ -490,18 +496,16 @@ impl<B: SlotBackend> SlotsHandle<B> {
                 .settings
                 .pool_scope
                 .apply(placed.unwrap_or(pool).clone());
-            let applied = self
-                .backend
-                .apply(SlotOp::Adopt {
-                    key: SlotKey::new(account.clone(), pool),
-                    task: TaskRef {
-                        id: Some(task.id.clone()),
-                        external_id: task.external_id.clone(),
-                    },
-                    weight: 1,
-                    lease: self.settings.lease,
-                })
-                .await?;
+            let adopt = SlotOp::Adopt {
+                key: SlotKey::new(account.clone(), pool),
+                task: TaskRef {
+                    id: Some(task.id.clone()),
+                    external_id: task.external_id.clone(),
+                },
+                weight: 1,
+                lease: self.settings.lease,
+            };
+            let applied = self.backend.adopt_on(adopt, path).await?;
             if applied.changed {
                 reconciled.adopted += 1;
             }

@@ -487,3 +487,135 @@ async fn a_callback_joins_no_adopted_task_with_another_products_create() {
         "the image may run"
     );
 }
+
+/// A legacy video create with an external id, sent to image2video.
+fn image2video_with_external(external: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    post(
+        "/v1/videos/image2video",
+        &format!(r#"{{"image":"a.png","external_task_id":"{external}"}}"#),
+    )
+}
+
+type Req = http::Request<http_body_util::Full<bytes::Bytes>>;
+type Answer =
+    Result<http::Response<http_body_util::Full<bytes::Bytes>>, kling_core::error::BoxError>;
+
+/// Below the slots: every create is reset after it was sent (its outcome unknown), and the
+/// text2video list names `v9` running (under `job-7` with `with_external`); other lists are
+/// empty.
+fn lists_v9(
+    with_external: bool,
+) -> impl tower::Service<
+    Req,
+    Response = http::Response<http_body_util::Full<bytes::Bytes>>,
+    Error = kling_core::error::BoxError,
+    Future = std::future::Ready<Answer>,
+> + Clone {
+    tower::service_fn(move |req: Req| {
+        let answer: Answer = if req.method() == http::Method::POST {
+            Err(Box::new(kling_core::error::Transport::after_sent("reset")))
+        } else if req.uri().path() == "/v1/videos/text2video" {
+            let mut task = serde_json::json!({"task_id": "v9", "task_status": "processing"});
+            if with_external {
+                task["task_info"] = serde_json::json!({"external_task_id": "job-7"});
+            }
+            Ok(envelope(200, 0, &serde_json::json!([task])))
+        } else {
+            Ok(envelope(200, 0, &serde_json::json!([])))
+        };
+        std::future::ready(answer)
+    })
+}
+
+/// A reconcile lists the text2video task `v9` under `job-7` while an image2video create of
+/// the account under `job-7` is of unknown outcome (its answer lost): of the same product,
+/// but another create path's (external ids may be unique per create path only; the list of
+/// text2video names no image2video task), so `v9` is adopted, and its end frees its own slot,
+/// not the image2video create's. Before, the create's holding took `v9`'s id and nothing was
+/// adopted: the video pool counted a slot too few, and `v9`'s end freed the create's slot.
+#[tokio::test(start_paused = true)]
+async fn a_reconcile_adopts_a_task_under_an_external_id_another_paths_create_holds() {
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2)).unwrap();
+    let mut svc = layer.layer(lists_v9(true));
+    svc.ready().await.unwrap();
+    assert!(svc.call(image2video_with_external("job-7")).await.is_err());
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        1,
+        "may have made a task"
+    );
+
+    let plan = kling_concurrency::Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+    let found = handle.reconcile(&mut svc, &plan).await.unwrap();
+    assert_eq!((found.unfinished, found.adopted), (1, 1));
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        2,
+        "v9 and the create"
+    );
+
+    handle.complete("v9").await.unwrap().expect("v9 held");
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        1,
+        "the image2video create may run"
+    );
+}
+
+/// The text2video task `v9` a reconcile adopted from a list that did not give its external
+/// id, and an image2video create of unknown outcome under `job-7`: `v9`'s callback, naming
+/// it with `job-7`, does not join it with that create (another create path's, though of the
+/// same product). Before, the create's holding took `v9`'s id and the adopted one gave its
+/// slot back: one slot for two tasks that may run.
+#[tokio::test(start_paused = true)]
+async fn a_callback_joins_no_adopted_task_with_another_paths_create() {
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2)).unwrap();
+    let mut svc = layer.layer(lists_v9(false));
+    svc.ready().await.unwrap();
+    assert!(svc.call(image2video_with_external("job-7")).await.is_err());
+    let plan = kling_concurrency::Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+    let found = handle.reconcile(&mut svc, &plan).await.unwrap();
+    assert_eq!(found.adopted, 1);
+
+    let running =
+        br#"{"task_id":"v9","task_status":"processing","task_info":{"external_task_id":"job-7"}}"#;
+    handle.on_callback(running).await.unwrap();
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        2,
+        "v9 and the create"
+    );
+    handle.complete("v9").await.unwrap().expect("v9 held");
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        1,
+        "the image2video create may run"
+    );
+}
+
+/// A reconcile adopts the text2video task `v9` under `job-7`, then an image2video create
+/// under `job-7` loses its answer: that create is not `v9` (another create path's), so it
+/// does not take `v9`'s id from the adopted holding. Before, it did, and the adopted holding
+/// gave its slot back: `v9`'s end then freed the create's slot while it may run.
+#[tokio::test(start_paused = true)]
+async fn a_create_on_another_path_takes_no_adopted_task_under_its_external_id() {
+    let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(2)).unwrap();
+    let mut svc = layer.layer(lists_v9(true));
+    let plan = kling_concurrency::Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+    let found = handle.reconcile(&mut svc, &plan).await.unwrap();
+    assert_eq!(found.adopted, 1);
+    svc.ready().await.unwrap();
+    assert!(svc.call(image2video_with_external("job-7")).await.is_err());
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        2,
+        "v9 and the create"
+    );
+
+    handle.complete("v9").await.unwrap().expect("v9 held");
+    assert_eq!(
+        pool_state(&handle, &video()).await.0,
+        1,
+        "the image2video create may run"
+    );
+}
