@@ -1218,8 +1218,9 @@ impl Inner {
                 args.push(self.change_id());
                 let mut registry = lock(&self.registry);
                 // A create of unknown outcome under the external id of a task a reconcile
-                // adopted in its pool is that task (its answer lost after the list named it):
-                // it takes the task id, and the adopted holding goes, as in Redis.
+                // adopted in its pool (listed on its path, where known) is that task (its
+                // answer lost after the list named it): it takes the task id, and the adopted
+                // holding goes, as in Redis.
                 if held.id.is_none() && held.ext.is_some() {
                     let adopted = registry.iter().find(|(_, old)| {
                         old.adopted
@@ -1227,6 +1228,7 @@ impl Inner {
                             && old.ext == held.ext
                             && old.pk == held.pk
                             && old.key.account == held.key.account
+                            && may_be(&old.path, &held.path)
                     });
                     if let Some((old, adopted)) = adopted {
                         held.id.clone_from(&adopted.id);
@@ -1258,8 +1260,8 @@ impl Inner {
                 lease,
             } => {
                 // By its external id, a holding of the task's product whose task id is unknown
-                // may be the task; one known by another task id, or of another product, is
-                // another task (of another create path).
+                // may be the task; one known by another task id, or of another product or known
+                // create path than the list's, is another task (of another create path).
                 let known = {
                     let mut registry = lock(&self.registry);
                     let by_id = task.id.is_some() && registry.values().any(|h| h.id == task.id);
@@ -1270,6 +1272,7 @@ impl Inner {
                                 && held.ext == task.external_id
                                 && held.key.account == key.account
                                 && held.key.pool.product() == key.pool.product()
+                                && may_be(&held.path, path)
                                 && (task.id.is_none() || held.id.is_none())
                         })
                         .map(|(h, held)| (h.clone(), held.id.is_none()))
@@ -1291,8 +1294,8 @@ impl Inner {
                     weight,
                     id: task.id,
                     ext: task.external_id,
-                    // (A listed task's create path is not known, as in kling-concurrency.)
-                    path: String::new(),
+                    // The path it was listed on (where known), as in kling-concurrency.
+                    path: path.to_owned(),
                     task: true,
                     since: Instant::now(),
                     renewed: None,
@@ -1439,20 +1442,22 @@ impl Inner {
                 });
             }
             args.extend(report);
-            // The one holding of the account under `text` a report may name by it: one whose
-            // task id is unknown, or (`any`) any, of the reports' path where known.
-            let by_external = |text: &str, any: bool| {
+            // The one holding of the account under `text` a report of tasks created on `on`
+            // may name by it: one whose task id is unknown, or (`any`) any, of that path where
+            // known.
+            let by_external_on = |on: &str, text: &str, any: bool| {
                 let mut fits = registry.iter().filter(|(_, held)| {
                     held.key.account == *account
                         && held.ext.as_deref() == Some(text)
                         && (any || held.id.is_none())
-                        && may_be(&held.path, path)
+                        && may_be(&held.path, on)
                 });
                 match (fits.next(), fits.next()) {
                     (Some((h, _)), None) => Some(h.clone()),
                     _ => None,
                 }
             };
+            let by_external = |text: &str, any: bool| by_external_on(path, text, any);
             // (An empty id is no task's: a lookup by external id that found nothing, which
             // says nothing of a holding whose task id is known.)
             let found = registry
@@ -1467,17 +1472,27 @@ impl Inner {
                         .flatten()
                 });
             // A task adopted from a list that did not give its external id, and its create
-            // of unknown outcome of the same product under that external id: one task, joined
-            // as in Redis (`upd`).
+            // of unknown outcome of the same product (and of the path it was listed on, where
+            // known, else the reports') under that external id: one task, joined as in Redis
+            // (`upd`).
             let adopted_alone = |h: &String| {
                 registry.get(h).is_some_and(|held| {
                     held.adopted && held.ext.is_none() && held.key.account == *account
                 })
             };
             let product = |h: &String| registry.get(h).map(|held| held.key.pool.product());
+            let listed_on = |h: &String| {
+                registry.get(h).map_or(path, |held| {
+                    if held.path.is_empty() {
+                        path
+                    } else {
+                        &held.path
+                    }
+                })
+            };
             let create = match (&found, ext) {
                 (Some(h), Some(ext)) if !ext.is_empty() && !id.is_empty() && adopted_alone(h) => {
-                    by_external(ext, false)
+                    by_external_on(listed_on(h), ext, false)
                         .filter(|create| create != h && product(create) == product(h))
                 }
                 _ => None,
@@ -3256,6 +3271,12 @@ impl SlotBackend for RedisSlots {
     /// As `apply_unread`, a task reported found by external id among the holdings of creates
     /// sent to `path` (or to a path not known) only.
     fn apply_unread_on(&self, op: SlotOp, path: CreatePath) -> Self::Apply {
+        self.apply_on(op, path)
+    }
+
+    /// As `apply`, a listed task taken by its external id for a holding of `path` (or of a
+    /// path not known) only, and kept with that path in Redis.
+    fn adopt_on(&self, op: SlotOp, path: CreatePath) -> Self::Apply {
         self.apply_on(op, path)
     }
 

@@ -4,7 +4,7 @@
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `P:pool:ACCOUNT:POOL:h` | hash | holding id → `{w, s, k, id, ext, p, a}` (weight, since, `g` grant or `t` task, task id, external id, create path: kling-concurrency's `CreatePath` number in decimal, absent when not known; `a` true for a task a reconcile adopted) |
+//! | `P:pool:ACCOUNT:POOL:h` | hash | holding id → `{w, s, k, id, ext, p, a}` (weight, since, `g` grant or `t` task, task id, external id, create path: kling-concurrency's `CreatePath` number in decimal (an adopted task's: the path it was listed on), absent when not known; `a` true for a task a reconcile adopted) |
 //! | `P:pool:ACCOUNT:POOL:l` | sorted set | holding id by lease deadline (µs) |
 //! | `P:pool:ACCOUNT:POOL:m` | hash | `used`, `hid` (hidden after a 1303), `rec` (last recovery), `lvl` (slots in use at the last 1303, the refused create's included; 0 once a create succeeded there), `lvlat` (when the last 1303 that was no part of a burst came, µs), `stk` (1303s in a row at or below `lvl`: the recovery interval is doubled that many times, and ended tasks bring no hidden slot back), `acct`, `pool` |
 //! | `P:pool:ACCOUNT:POOL:q` | sorted set | the fleet's queue: each waiting process's head create by arrival (µs) |
@@ -266,10 +266,11 @@ end
 -- task that runs until it is reported ended, whatever a later create under its external id
 -- (the caller reused it, the server made another task) says; one in another pool or on
 -- another path is another path's create (external ids may be unique per create path only).
--- Those stay, both findable. Except a task a reconcile adopted in the same pool, when this
--- create's task id is unknown (`id` nil: its answer lost after the list named the task): the
--- same task, whose task id this create's holding takes (returned), and whose adopted holding
--- gives its slots back, else the task's end would free only that one.
+-- Those stay, both findable. Except a task a reconcile adopted in the same pool (listed on
+-- this create's path, where both are known), when this create's task id is unknown (`id`
+-- nil: its answer lost after the list named the task): the same task, whose task id this
+-- create's holding takes (returned), and whose adopted holding gives its slots back, else
+-- the task's end would free only that one.
 local function supersede_ext(f, pk, h, path, id)
   if not f then return nil end
   local place = pk .. '\n' .. h
@@ -277,7 +278,8 @@ local function supersede_ext(f, pk, h, path, id)
   for _, x in ipairs(xlive(f)) do
     if x.place ~= place and x.pk == pk and not x.rec.id and may_be(x.rec.p, path) then
       release(x.pk, x.h, x.rec, nil)
-    elseif not id and not took and x.place ~= place and x.pk == pk and x.rec.a and x.rec.id then
+    elseif not id and not took and x.place ~= place and x.pk == pk and x.rec.a and x.rec.id
+        and may_be(x.rec.p, path) then
       took = x.rec.id
       release(x.pk, x.h, x.rec, nil)
     end
@@ -665,27 +667,32 @@ elseif op == 'adopt' then
   -- one known by another task id is another task (of another create path, whose external ids
   -- may be the same), and so is one of another product (an image create, for a video task:
   -- another create path's; another model's pool of the product may be the task's, a list
-  -- does not say its model) and an end a report of another task id told (`z:`).
+  -- does not say its model) or of another known create path than the list's (14: an
+  -- image2video create, for a task a text2video list names), and an end a report of another
+  -- task id told (`z:`). The adopted holding keeps the list's path.
   local id = opt(ARGV[8])
   local ext = opt(ARGV[9])
   local xfield = ext and xf(ARGV[11], ext)
   local product = string.match(ARGV[12], '^[^:]*')
+  local path = opt(ARGV[14] or '')
   local by_id = (id and redis.call('HEXISTS', IDS, id) == 1) or was_ended(id)
   local known = by_id
   if not known and xfield then
     for _, x in ipairs(xlive(xfield)) do
-      if (not id or not x.rec.id) and product_of(x.pk) == product then known = true end
+      if (not id or not x.rec.id) and may_be(x.rec.p, path) and product_of(x.pk) == product then
+        known = true
+      end
     end
     known = known or ext_ended(xfield, id)
   end
   if not known then
-    create(ARGV[5], ARGV[6], tonumber(ARGV[7]), 't', id, ext, tonumber(ARGV[10]), ARGV[11], ARGV[12], nil, true)
+    create(ARGV[5], ARGV[6], tonumber(ARGV[7]), 't', id, ext, tonumber(ARGV[10]), ARGV[11], ARGV[12], path, true)
     changed = 1
   elseif id and xfield and not by_id then
     -- Held under its external id alone (a create whose answer was lost): the holding learns
     -- the task id the list names, as a report of the task running teaches it, so that an end
     -- told by task id alone (`complete`, a callback without the external id) frees it.
-    local x = by_external(ARGV[11], nil, ext, false, product)
+    local x = by_external(ARGV[11], path, ext, false, product)
     if x then
       x.rec.id = id
       redis.call('HSET', x.pk .. ':h', x.h, cjson.encode(x.rec))
@@ -744,11 +751,12 @@ elseif op == 'upd' then
     -- external id (its answer lost) is the same task, held twice. The create's holding takes
     -- the task id and the adopted one gives its slots back, as `supersede_ext` does when the
     -- create comes second; else the task's end would free only one of them. A create of
-    -- another product is another create path's, whose external ids may be the same.
+    -- another product, or of another path than the one the task was listed on (where known,
+    -- else the report's), is another create path's, whose external ids may be the same.
     local joined = false
     if rec and not by_ext and rec.a and not rec.ext and ext ~= ''
         and redis.call('HGET', pk .. ':m', 'acct') == acct then
-      local x = by_external(acct, path, ext, false)
+      local x = by_external(acct, rec.p or path, ext, false)
       if x and x.place ~= place and product_of(x.pk) == product_of(pk) then
         release(pk, h, rec, nil)
         x.rec.id = id

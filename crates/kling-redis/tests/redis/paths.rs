@@ -543,6 +543,105 @@ async fn a_callback_joins_no_adopted_task_with_another_products_create() {
     both!(1, callback_beside_another_products_create);
 }
 
+/// A reconcile's list of text2video names `v9` under `job-7` while an image2video create of
+/// the account under `job-7` is of unknown outcome: of the same product, but another create
+/// path's (a legacy list names its own path's tasks only), so `v9` is adopted, and its end
+/// frees its own slot, not the create's. So is `n9`, listed by a new-style list under `job-8`,
+/// beside a legacy create under `job-8`. A create of the list's path under `job-9` is the
+/// listed `v10`. (The creates took the listed tasks' ids, and nothing was adopted.)
+async fn adopt_beside_another_paths_create<B: SlotBackend>([one, two]: [B; 2]) {
+    create(&one, video(), None, "job-7", IMAGE2VIDEO).await;
+    let applied = two
+        .adopt_on(adopt(video(), "v9", Some("job-7")), on(TEXT2VIDEO))
+        .await
+        .unwrap();
+    assert!(applied.changed, "adopted");
+    create(&one, video(), None, "job-8", TEXT2VIDEO).await;
+    let applied = two
+        .adopt_on(adopt(video(), "n9", Some("job-8")), CreatePath::NEW_STYLE)
+        .await
+        .unwrap();
+    assert!(applied.changed, "adopted");
+    create(&one, video(), None, "job-9", TEXT2VIDEO).await;
+    let applied = two
+        .adopt_on(adopt(video(), "v10", Some("job-9")), on(TEXT2VIDEO))
+        .await
+        .unwrap();
+    assert!(!applied.changed, "the job-9 create's task");
+    assert_eq!(in_use(&two, &video()).await, 5, "three creates, v9 and n9");
+    for id in ["v9", "n9", "v10"] {
+        let applied = two.apply(complete(id)).await.unwrap();
+        assert_eq!(tasks(&applied), [id]);
+    }
+    assert_eq!(
+        in_use(&two, &video()).await,
+        2,
+        "the job-7 and job-8 creates may run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_adopts_a_task_under_an_external_id_another_paths_create_holds() {
+    both!(5, adopt_beside_another_paths_create);
+}
+
+/// `v9`, adopted from a text2video list that did not give its external id, and an
+/// image2video create of unknown outcome under `job-7`: `v9`'s callback, naming it with
+/// `job-7`, does not join it with that create (another path's, of the same product). (The
+/// create took `v9`'s id, and the adopted holding gave its slot back.)
+async fn callback_beside_another_paths_create<B: SlotBackend>([one, two]: [B; 2]) {
+    create(&one, video(), None, "job-7", IMAGE2VIDEO).await;
+    let applied = two
+        .adopt_on(adopt(video(), "v9", None), on(TEXT2VIDEO))
+        .await
+        .unwrap();
+    assert!(applied.changed, "adopted");
+    two.apply(callback("v9", "job-7", TaskStatus::Processing))
+        .await
+        .unwrap();
+    assert_eq!(in_use(&two, &video()).await, 2, "v9 and the create");
+    let applied = two.apply(complete("v9")).await.unwrap();
+    assert_eq!(tasks(&applied), ["v9"]);
+    assert_eq!(in_use(&two, &video()).await, 1, "the create may run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_joins_no_adopted_task_with_another_paths_create() {
+    both!(2, callback_beside_another_paths_create);
+}
+
+/// `v9`, adopted from a text2video list under `job-7`, then an image2video create under
+/// `job-7` whose answer is lost: that create is not `v9` (another path's), so it takes no
+/// task id from the adopted holding; a text2video create under `job-8` whose answer is lost
+/// after `v8` was listed under it is `v8`. (The image2video create took `v9`'s id and the
+/// adopted holding gave its slot back: `v9`'s end freed the create's slot.)
+async fn create_beside_another_paths_adopted<B: SlotBackend>([one, two]: [B; 2]) {
+    let applied = two
+        .adopt_on(adopt(video(), "v9", Some("job-7")), on(TEXT2VIDEO))
+        .await
+        .unwrap();
+    assert!(applied.changed, "adopted");
+    create(&one, video(), None, "job-7", IMAGE2VIDEO).await;
+    assert_eq!(in_use(&two, &video()).await, 2, "v9 and the create");
+    let applied = two
+        .adopt_on(adopt(video(), "v8", Some("job-8")), on(TEXT2VIDEO))
+        .await
+        .unwrap();
+    assert!(applied.changed, "adopted");
+    create(&one, video(), None, "job-8", TEXT2VIDEO).await;
+    assert_eq!(in_use(&two, &video()).await, 3, "v8 held once");
+    for id in ["v9", "v8"] {
+        let applied = two.apply(complete(id)).await.unwrap();
+        assert_eq!(tasks(&applied), [id]);
+    }
+    assert_eq!(in_use(&two, &video()).await, 1, "the job-7 create may run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_on_another_path_takes_no_adopted_task_under_its_external_id() {
+    both!(5, create_beside_another_paths_adopted);
+}
+
 /// The finished-task metrics recorded so far (on this thread): how many tasks were counted
 /// finished, and how many lifetimes.
 fn finished_counted(snapshotter: &metrics_util::debugging::Snapshotter) -> (u64, usize) {
@@ -695,6 +794,44 @@ async fn while_redis_is_away_a_report_finds_by_external_id_only_a_holding_it_may
     // Both job-9 creates, the video's job-7 create, t1, the image create under job-10, ti
     // and ti7.
     assert_eq!(one.held_here(), 7);
+}
+
+/// The process's own record takes a listed task for a create of unknown outcome under its
+/// external id only when the list's path may be the create's, as the scripts do: with Redis
+/// there (a create after the adopt), and while it is away (an adopt, and a callback that
+/// names a task adopted without its external id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_is_away_a_listed_task_is_no_other_paths_create() {
+    let Some(mut server) = redis() else { return };
+    let one = process(&server, 5).await;
+    let applied = one
+        .adopt_on(adopt(video(), "v6", Some("job-6")), on(TEXT2VIDEO))
+        .await
+        .unwrap();
+    assert!(applied.changed);
+    create(&one, video(), None, "job-6", IMAGE2VIDEO).await;
+    assert_eq!(one.held_here(), 2, "v6 and the image2video create");
+    create(&one, video(), None, "job-7", IMAGE2VIDEO).await;
+    create(&one, video(), None, "job-8", IMAGE2VIDEO).await;
+    server.stop();
+
+    let applied = one
+        .adopt_on(adopt(video(), "v7", Some("job-7")), on(TEXT2VIDEO))
+        .await
+        .unwrap();
+    assert!(applied.changed, "another path's create");
+    let applied = one
+        .adopt_on(adopt(video(), "v8", None), on(TEXT2VIDEO))
+        .await
+        .unwrap();
+    assert!(applied.changed);
+    one.apply(callback("v8", "job-8", TaskStatus::Processing))
+        .await
+        .unwrap();
+    assert_eq!(one.held_here(), 6, "v6, v7, v8 and the three creates");
+    let applied = one.apply(complete("v8")).await.unwrap();
+    assert_eq!(tasks(&applied), ["v8"]);
+    assert_eq!(one.held_here(), 5, "the job-8 create may run");
 }
 
 /// After Redis lost its state, each holding registered again keeps its create path: a lookup
