@@ -3,12 +3,15 @@
 //! kling-tower stack and through tower's own layers with a simple 429 retry, on the same mock.
 
 use std::collections::BTreeMap;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
-use http::{HeaderValue, Request};
+use http::{HeaderValue, Method, Request, StatusCode};
 use http_body_util::Full;
 use kling_concurrency::{SlotsConfig, TaskSlotsLayer};
 use kling_core::{BoxError, ClassifyLayer, Outcome};
@@ -235,6 +238,10 @@ pub struct Run {
     pub limits_known: bool,
     /// Jobs started.
     pub jobs: usize,
+    /// Jobs the account's credits pay for: all of them but in [`Scenario::Credits`], where the
+    /// budget covers 66% ([`credit_budget`]). Only the others may end refused: a job refused
+    /// while the credits still paid for it was refused by the client, not the server.
+    pub paid: usize,
     /// Jobs whose task ended (succeeded or failed on the server).
     pub completed: usize,
     /// Jobs refused for good by the server (1102 and other fatal codes): not a give-up.
@@ -266,13 +273,22 @@ pub struct Run {
     pub requests: u64,
     /// HTTP 429 answers by code.
     pub rejections: BTreeMap<String, u64>,
-    /// Creates the server received more than 100 ms (API time) after the account's first 1102
-    /// (`kling_mock::Stats::creates_after_1102`). Creates only: the queries of tasks still
-    /// running must go on after a 1102, and a create already on its way when the 1102 was
-    /// sent is not the client's fault. Not the "requests after a 1102" literally.
+    /// Creates sent to the server after its first 1102 had reached the client (the run has
+    /// one account), counted by a wrapper of the mock where the jobs reach it. Creates only:
+    /// the queries of tasks still running must go on after a 1102. In process nothing is on
+    /// its way, so no grace: `kling_mock::Stats::creates_after_1102`, which allows 100 ms of
+    /// API time for the network, would not see a stack that halts its creates late by less.
     pub after_1102: u64,
-    /// Tasks created beyond one per job that got one (billed twice or never used).
+    /// Tasks the server created beyond one per job that ended on a task of its own (billed
+    /// twice or never used): the mock's count of tasks created less the distinct tasks the
+    /// completed jobs ended on.
     pub duplicates: u64,
+    /// Completed jobs that ended on a task another completed job ended on too (a lookup that
+    /// found the wrong job's task): each is a job whose own task, if any, went unused.
+    pub shared_tasks: u64,
+    /// Requests whose connection the server's fault injector dropped before carrying them
+    /// out: counted in [`Run::requests`], but never past the rate check.
+    pub dropped: u64,
 }
 
 impl Run {
@@ -285,13 +301,27 @@ impl Run {
         }
     }
 
-    /// The share of the makespan the rate was busy: `(requests - 1) / rate ÷ makespan`
-    /// (`None` without a rate cap). It grows with the requests a client sends, so it judges
-    /// only a run whose demand is over the rate ([`Scenario::PollFast`]): there a client can
-    /// do no better than keep the rate busy to the end.
+    /// The share of the makespan the rate was busy: `(carried - 1) / rate ÷ makespan`, where
+    /// `carried` is the requests the server's rate let through ([`Run::rate_carried`]), so no
+    /// run reads over 100% (`None` without a rate cap). It grows with the requests a client
+    /// sends, so it judges only a run whose demand is over the rate ([`Scenario::PollFast`]):
+    /// there a client can do no better than keep the rate busy to the end.
     pub fn rate_use(&self) -> Option<f64> {
         let rate = self.rate_per_s?;
-        (self.makespan > 0.0).then(|| self.requests.saturating_sub(1) as f64 / rate / self.makespan)
+        (self.makespan > 0.0)
+            .then(|| self.rate_carried().saturating_sub(1) as f64 / rate / self.makespan)
+    }
+
+    /// The requests the server's rate let through: all less those it refused as too fast
+    /// (1302: they use none of the rate, so counting them let a client that sends too fast
+    /// read as keeping the rate busy, up to 555%) and those dropped before it saw them. The
+    /// 5xx answers the fault injector gives in the server's place are still in ("faults", not
+    /// judged by rate use).
+    pub fn rate_carried(&self) -> u64 {
+        let too_fast = self.rejections.get("1302").copied().unwrap_or(0);
+        self.requests
+            .saturating_sub(too_fast)
+            .saturating_sub(self.dropped)
     }
 
     /// Whether the efficiency target applies. Not in [`Scenario::PollFast`]: polling every
@@ -312,11 +342,12 @@ impl Run {
 
 /// What one job ended with.
 enum JobEnd {
-    /// The task ended: its life on the server (ms), how long after the create's answer the
+    /// The task ended: its id, its life on the server (ms), how long after the create's answer the
     /// poll that saw it end came (ms), and whether the client learned of the task from a
     /// lookup by its external id (the create's answer was lost, or a 5000 that made it) rather
     /// than from the create's answer.
     Done {
+        task: String,
         life_ms: u64,
         seen_ms: u64,
         looked_up: bool,
@@ -429,6 +460,7 @@ where
             let life = life_ms(&response.body().clone_bytes())
                 .expect("the mock's terminal answer has created_at and updated_at");
             return JobEnd::Done {
+                task,
                 life_ms: life,
                 seen_ms: answered_at.elapsed().as_millis() as u64,
                 looked_up,
@@ -456,11 +488,16 @@ fn tier(preset: Preset) -> Tier {
     }
 }
 
+/// The jobs the credits pay for in [`Scenario::Credits`] (one credit a create): two thirds.
+pub fn credit_budget(jobs: usize) -> usize {
+    jobs * 66 / 100
+}
+
 fn mock_config(preset: Preset, scenario: Scenario, jobs: usize) -> MockConfig {
     let mut config = MockConfig::preset(preset).seed(0x5eed);
     config = if scenario == Scenario::Credits {
         // A create costs one credit here: two thirds of the jobs get a task.
-        config.credits((jobs * 66 / 100) as f64)
+        config.credits(credit_budget(jobs) as f64)
     } else {
         config.unlimited_credits()
     };
@@ -512,6 +549,68 @@ fn kling_config(preset: Preset, scenario: Scenario) -> StackConfig {
     }
     // Every job is queued at once: the whole run may wait, so no call gives up on a deadline.
     config.retry_deadline(JOB_DEADLINE)
+}
+
+/// The mock as the jobs reach it, counting the creates sent to it once a create's 1102 has
+/// come back ([`Run::after_1102`]). Its own answers and counts are the mock's.
+#[derive(Clone)]
+struct Watched {
+    mock: MockKling,
+    watch: Arc<Watch>,
+}
+
+#[derive(Default)]
+struct Watch {
+    /// A create's 1102 has come back out of the mock.
+    refused: AtomicBool,
+    /// Creates called after that.
+    creates_after: AtomicU64,
+}
+
+impl Watched {
+    fn new(mock: &MockKling) -> Self {
+        Watched {
+            mock: mock.clone(),
+            watch: Arc::default(),
+        }
+    }
+
+    fn creates_after_1102(&self) -> u64 {
+        self.watch.creates_after.load(Ordering::Relaxed)
+    }
+}
+
+impl Service<Req> for Watched {
+    type Response = Res;
+    type Error = kling_mock::MockError;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Res, kling_mock::MockError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.mock.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        // Every POST of the bench is a create (lookups and queries are GETs).
+        let create = request.method() == Method::POST;
+        if create && self.watch.refused.load(Ordering::Relaxed) {
+            self.watch.creates_after.fetch_add(1, Ordering::Relaxed);
+        }
+        let answer = self.mock.call(request);
+        let watch = self.watch.clone();
+        Box::pin(async move {
+            let answer = answer.await;
+            if create
+                && let Ok(response) = &answer
+                && response.status() == StatusCode::TOO_MANY_REQUESTS
+                && serde_json::from_slice::<serde_json::Value>(&response.body().clone_bytes())
+                    .is_ok_and(|body| body["code"] == 1102)
+            {
+                watch.refused.store(true, Ordering::Relaxed);
+            }
+            answer
+        })
+    }
 }
 
 /// How long a job may take before the client gives up on it.
@@ -583,6 +682,7 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
                 mock.set_switches(Switches::new());
             });
         }
+        let watched = Watched::new(&mock);
         let (ends, makespan) = match client {
             // The rate unknown: adaptive GCRA, composed by hand. `KlingLayer`'s adaptive rate
             // starts at the rate it is told; this one starts at a quarter of it, the real rate
@@ -614,7 +714,7 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
                     .gcra(gcra)
                     .kling_auth(Credentials::api_key("bench-key").expect("a key"))
                     .classify()
-                    .service(mock.clone());
+                    .service(watched.clone());
                 drive(service, &mock, jobs, interval, false, None).await
             }
             Client::Kling | Client::KlingFixedRate => {
@@ -627,13 +727,13 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
                         .replay_seed(7)
                         .build()
                         .expect("a valid stack");
-                let service = kling.layer(mock.clone());
+                let service = kling.layer(watched.clone());
                 drive(service, &mock, jobs, interval, false, None).await
             }
             Client::Tower => {
                 let rate = client_rate(preset, scenario).unwrap_or(6e9);
                 let service = tower_stack_buffered_with(
-                    ClassifyLayer::new().layer(mock.clone()),
+                    ClassifyLayer::new().layer(watched.clone()),
                     told,
                     rate,
                     1,
@@ -644,7 +744,7 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
                 drive(service, &mock, jobs, interval, true, Some(gate)).await
             }
             Client::Bare => {
-                let service = ClassifyLayer::new().layer(mock.clone());
+                let service = ClassifyLayer::new().layer(watched.clone());
                 drive(service, &mock, jobs, interval, true, None).await
             }
         };
@@ -655,9 +755,15 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
             client: client.name().to_owned(),
             limits_known: scenario.limits_known(),
             jobs,
+            paid: if scenario == Scenario::Credits {
+                credit_budget(jobs)
+            } else {
+                jobs
+            },
             makespan,
             requests: stats.requests_total,
-            after_1102: stats.creates_after_1102,
+            after_1102: watched.creates_after_1102(),
+            dropped: stats.connections_dropped,
             ..Run::default()
         };
         let q = interval.as_millis() as u64;
@@ -691,18 +797,21 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
         // sooner than the grid from the creation would: such a task counts for the time its
         // client took to see it end (never less than its life), so the bound stays a bound.
         let (mut slot_ms, mut needed) = (0u64, 0u64);
-        let mut with_task = 0u64;
+        // The distinct tasks the completed jobs ended on: two jobs on one task are one task
+        // used (and one job's own task, if it has one, never used), not two.
+        let mut tasks = std::collections::BTreeSet::new();
         // The longest time one completed task counts for in its slot's bound, ms.
         let mut longest_ms = 0u64;
         for end in &ends {
             match end {
                 JobEnd::Done {
+                    task,
                     life_ms,
                     seen_ms,
                     looked_up,
                 } => {
                     run.completed += 1;
-                    with_task += 1;
+                    tasks.insert(task.as_str());
                     let polls = life_ms.div_ceil(q).max(1);
                     let counted = if blind {
                         *life_ms
@@ -719,10 +828,13 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
                 JobEnd::Lost => run.lost += 1,
             }
         }
+        let with_task = tasks.len() as u64;
+        run.shared_tasks = run.completed as u64 - with_task;
         run.duplicates = stats.tasks_created.saturating_sub(with_task);
         // Only a slot's later tasks wait for a poll: its first create goes at the start.
         if !blind {
-            slot_ms = slot_ms.saturating_sub(with_task.min(slots as u64) * create_gap_ms);
+            slot_ms =
+                slot_ms.saturating_sub((run.completed as u64).min(slots as u64) * create_gap_ms);
         }
         let mut slot_bound = slot_ms as f64 / 1000.0 / slots as f64;
         // `needed` requests under a rate with a burst of 1 take `needed - 1` intervals: the

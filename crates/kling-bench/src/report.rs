@@ -136,19 +136,23 @@ pub fn goodput(runs: &[goodput::Run]) -> String {
          jobs need − 1) ÷ rate). \"efficiency\" is bound ÷ makespan; since the bound counts \
          only completed jobs, a client that gives jobs up can score well on it, so \"completed/h\" \
          (completed jobs per hour of makespan) sets the clients side by side. \"rate use\" is \
-         (requests − 1) ÷ rate ÷ makespan. † Polling every second asks for more than the rate \
+         (requests the rate let through − 1) ÷ rate ÷ makespan: requests refused as too fast \
+         (1302) and connections dropped before the server saw them use none of the rate. \
+         \"duplicate creates\" are the tasks the server created less the distinct tasks the \
+         completed jobs ended on. † Polling every second asks for more than the rate \
          carries: the bound counts one poll per job (the least any client sends), so the \
          efficiency is shown but not judged, and the target there is the rate kept busy \
          (rate use). \"creates after a 1102\" counts creates (not queries, which must go on for \
-         the tasks still running) the server received more than 100 ms (API time) after the \
-         account's first 1102. The rows \"bare (control)\" send the same jobs with no limiter \
-         and no retry to the same mock, in each cell with the limits known (where the target \
+         the tasks still running) sent to the server after the account's first 1102 had come \
+         back to the client (in process nothing is on its way, so no grace). The rows \
+         \"bare (control)\" send the same jobs with no limiter and no retry to the same mock, \
+         in each cell with the limits known (where the target \
          is 429s on under 1% of the requests): the server there refuses a client that does not \
          keep to the limits, so a client's 0% is its own doing.\n"
     );
     let _ = writeln!(
         out,
-        "| preset | scenario | client | limits known | jobs | completed | refused (fatal) | lost (gave up) | makespan s | bound s | efficiency | completed/h | rate use | requests | 429s by code | 429 share | creates after a 1102 (100 ms grace) | duplicate creates |"
+        "| preset | scenario | client | limits known | jobs | completed | refused (fatal) | lost (gave up) | makespan s | bound s | efficiency | completed/h | rate use | requests | 429s by code | 429 share | creates after a 1102 | duplicate creates |"
     );
     let _ = writeln!(
         out,

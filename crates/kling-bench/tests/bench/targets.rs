@@ -8,8 +8,9 @@ use crate::alone;
 fn missed(run: &Run) -> Vec<&'static str> {
     let mut missed = Vec::new();
     // Every job completes or is refused for good by the server (a 1102): none lost to a
-    // give-up.
-    if run.lost > 0 || run.completed + run.refused != run.jobs {
+    // give-up, and none refused while the credits still paid for it (`Run::paid`: a stack
+    // that halted creates for no reason ends its jobs refused, not lost).
+    if run.lost > 0 || run.completed + run.refused != run.jobs || run.completed < run.paid {
         missed.push("every job completes");
     }
     if run.after_1102 > 0 {
@@ -17,6 +18,11 @@ fn missed(run: &Run) -> Vec<&'static str> {
     }
     if run.duplicates > 0 {
         missed.push("no duplicate create");
+    }
+    // Counted by the tasks the jobs ended on, not by how many ended: a job that ended on
+    // another job's task (a lookup that found the wrong one) is no job done.
+    if run.shared_tasks > 0 {
+        missed.push("each job its own task");
     }
     // Not in "outage", whose server refuses every request for a while whatever the client
     // does (`Scenario::refusals_are_the_clients`).
@@ -40,8 +46,17 @@ fn missed(run: &Run) -> Vec<&'static str> {
     if run.efficiency() > 1.0 {
         missed.push("makespan at or above the bound");
     }
+    // The server's rate carries one request an interval: no run keeps it busier than that
+    // (a rate use counting the requests it refused as too fast read up to 555%).
+    if run.rate_use().is_some_and(|u| u > 1.0 + RATE_USE_ROUNDING) {
+        missed.push("rate use at most 100%");
+    }
     missed
 }
+
+/// A rate kept exactly busy reads 1.0 give or take a rounding (the bare client polling every
+/// second does, on Free).
+const RATE_USE_ROUNDING: f64 = 1e-9;
 
 /// What a client told twice the slots it has must still do ("unknown slots (told 2x)"),
 /// beside the targets of [`missed`]: finish within 2% of the makespan it reaches when told the
@@ -95,6 +110,13 @@ fn goodput_meets_every_target_in_every_scenario() {
             run.efficiency() <= 1.0,
             "{}: beats the bound\n{run:?}",
             name(run)
+        );
+        // Nor the rate: what it carried fits in the makespan, whoever sent too fast.
+        assert!(
+            run.rate_use().is_none_or(|u| u <= 1.0 + RATE_USE_ROUNDING),
+            "{}: rate use {:?}\n{run:?}",
+            name(run),
+            run.rate_use()
         );
     }
     // Eleven scenarios on each of the three rated presets, four on Enterprise (no rate cap):
@@ -271,8 +293,13 @@ fn the_server_refuses_a_bare_client_wherever_the_stack_meets_no_refusal() {
     assert_eq!(controls.len(), 15);
     for run in &controls {
         assert_eq!(run.client, Client::Bare.name());
-        // The bound holds for a client that keeps to no limit too.
+        // The bound holds for a client that keeps to no limit too, and the rate use counts
+        // only what the rate carried (these runs send most of their requests too fast).
         assert!(run.efficiency() <= 1.0, "{run:?}");
+        assert!(
+            run.rate_use().is_none_or(|u| u <= 1.0 + RATE_USE_ROUNDING),
+            "{run:?}"
+        );
         assert!(
             missed(run).contains(&"429s under 1% with the limits known"),
             "{} / {}: the server refused the bare client too little to judge by\n{run:?}",
