@@ -133,7 +133,11 @@ pub fn goodput(runs: &[goodput::Run]) -> String {
          slots unknown, the lives alone, since a client that creates blind can take a slot \
          before any poll sees it free) \
          and the rate's ((requests those \
-         jobs need − 1) ÷ rate). \"efficiency\" is bound ÷ makespan; since the bound counts \
+         jobs need − 1) ÷ rate). With an outage, no request succeeds during it: the rate's \
+         bound grows by the outage less one rate interval, and each slot's by the outage less \
+         the longest time one completed task counts for (the task a slot held when the outage \
+         began may run through it), so the efficiency judges what the client lost around the \
+         outage, not the outage itself. \"efficiency\" is bound ÷ makespan; since the bound counts \
          only completed jobs, a client that gives jobs up can score well on it, so \"completed/h\" \
          (completed jobs per hour of makespan) sets the clients side by side. \"rate use\" is \
          (requests the rate let through − 1) ÷ rate ÷ makespan: requests refused as too fast \
