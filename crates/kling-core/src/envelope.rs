@@ -101,8 +101,72 @@ pub struct TaskReport {
     /// What the finished task cost: `final_unit_deduction` (units), or the sum of
     /// `billing[].amount` when the items with an amount name at most one `currency` (compared
     /// exactly; one naming none — missing, `null`, `""` — counts in the others'). Items in two
-    /// currencies give `None`: credits plus dollars is no figure. The currency is not kept.
+    /// currencies give `None`: credits plus dollars is no figure. Its currency is
+    /// [`cost_currency`](Self::cost_currency); only [`cost_in_credits`](Self::cost_in_credits)
+    /// may be added to credits.
     pub cost: Option<f64>,
+    /// The currency `billing` named for [`cost`](Self::cost), as sent; `None` when none was
+    /// named (`final_unit_deduction`, billing items without one) or there is no cost.
+    pub cost_currency: Option<Currency>,
+}
+
+impl TaskReport {
+    /// [`cost`](Self::cost) when it is in credits, the unit of `final_unit_deduction`: no
+    /// currency named, or one that [reads as credits](Currency::is_credits). A cost in another
+    /// currency (`"USD"`) is `None`: booked as credits, 0.14 dollars would under-count a
+    /// credit budget.
+    pub fn cost_in_credits(&self) -> Option<f64> {
+        self.cost
+            .filter(|_| self.cost_currency.as_ref().is_none_or(Currency::is_credits))
+    }
+}
+
+/// The currency a task's `billing` items named for their amounts, as sent (`"credit"`,
+/// `"USD"`).
+///
+/// Kept as a `&'static str` for the usual spellings of credits: reading one copies nothing.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Currency(Cow<'static, str>);
+
+/// Currency names that read as credits ([`Currency::is_credits`]), in their usual spellings.
+const CREDIT_NAMES: [&str; 4] = ["credit", "credits", "unit", "units"];
+
+impl Currency {
+    /// `name` as a currency (a usual spelling of credits is not copied).
+    pub(crate) fn new(name: Cow<'_, str>) -> Currency {
+        match CREDIT_NAMES.iter().find(|known| **known == name) {
+            Some(known) => Currency(Cow::Borrowed(known)),
+            None => Currency(Cow::Owned(name.into_owned())),
+        }
+    }
+
+    /// The name as the server sent it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether the name reads as credits, the unit of legacy `final_unit_deduction` and of a
+    /// credit budget: `credit`, `credits`, `unit` or `units`, in any ASCII case (Kling's
+    /// resource packs count in credits and its mock writes `"credit"`). Any other name (`USD`,
+    /// `CNY`, `points`) is not: a cost in it cannot be added to credits, and taken for them
+    /// it would under-count a budget, where an unknown name left out only keeps an estimate.
+    pub fn is_credits(&self) -> bool {
+        CREDIT_NAMES
+            .iter()
+            .any(|known| known.eq_ignore_ascii_case(&self.0))
+    }
+}
+
+impl fmt::Debug for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl fmt::Debug for TaskReport {
@@ -116,6 +180,7 @@ impl fmt::Debug for TaskReport {
             .field("failure", &self.failure)
             .field("urls", &urls)
             .field("cost", &self.cost)
+            .field("cost_currency", &self.cost_currency)
             .finish()
     }
 }
@@ -794,12 +859,14 @@ impl RawTask<'_> {
                     .0
                     .and_then(|d| d.trim().parse::<f64>().ok())
                     .filter(|v| v.is_finite()),
+                cost_currency: None,
             });
         }
         let id = self.id.as_ref().filter(|id| !id.0.is_empty());
         let (Some(id), Some(status)) = (id, &self.status) else {
             return None;
         };
+        let (cost, cost_currency) = self.billing.map_or((None, None), |b| billing_cost(b.0));
         Some(TaskReport {
             id: String::from(&*id.0),
             status: TaskStatus::parse(status),
@@ -816,24 +883,27 @@ impl RawTask<'_> {
                 .flat_map(|o| o.0)
                 .filter_map(|o| o.url.0.map(Cow::into_owned))
                 .collect(),
-            cost: self.billing.and_then(|b| billing_cost(&b.0)),
+            cost,
+            cost_currency,
         })
     }
 }
 
-/// The sum of the items' amounts, when those with an amount name at most one currency (see
-/// [`TaskReport::cost`]); the scanner's `billing` keeps the same rule.
-fn billing_cost(items: &[Billing<'_>]) -> Option<f64> {
+/// The sum of the items' amounts and the currency they name, when those with an amount name
+/// at most one (see [`TaskReport::cost`]); the scanner's `billing` keeps the same rule.
+fn billing_cost(items: Vec<Billing<'_>>) -> (Option<f64>, Option<Currency>) {
+    let sum = items.iter().filter_map(|item| item.amount.0).sum();
     let mut named = items
-        .iter()
+        .into_iter()
         .filter(|item| item.amount.0.is_some())
-        .filter_map(|item| item.currency.0.as_deref().filter(|c| !c.is_empty()));
-    if let Some(first) = named.next()
-        && named.any(|other| other != first)
-    {
-        return None;
+        .filter_map(|item| item.currency.0.filter(|c| !c.is_empty()));
+    let Some(first) = named.next() else {
+        return (Some(sum), None);
+    };
+    if named.any(|other| other != first) {
+        return (None, None);
     }
-    Some(items.iter().filter_map(|item| item.amount.0).sum())
+    (Some(sum), Some(Currency::new(first)))
 }
 
 // A task's optional fields read loosely: one of an odd type (a deduction as an object, a URL
@@ -1290,6 +1360,83 @@ mod tests {
             for env in both(body.as_bytes()) {
                 assert_eq!(env.unwrap().tasks[0].cost, cost, "{billing}");
             }
+        }
+    }
+
+    /// A cost keeps the currency its billing named, from both readers: without it, 0.14
+    /// dollars read as 0.14 credits to a spend guard, which then let the account overspend.
+    /// Only credits (no currency named, or credits in any case) give a figure in credits.
+    #[test]
+    fn a_cost_keeps_its_currency_and_only_credits_count_as_credits() {
+        for (billing, cost, currency, credits) in [
+            (
+                r#"[{"charge_type":"money","amount":0.14,"currency":"USD"}]"#,
+                Some(0.14),
+                Some("USD"),
+                None,
+            ),
+            (
+                r#"[{"amount":1,"currency":"CNY"},{"amount":2}]"#,
+                Some(3.0),
+                Some("CNY"),
+                None,
+            ),
+            (
+                r#"[{"amount":2,"currency":"c\u0072edit"}]"#,
+                Some(2.0),
+                Some("credit"),
+                Some(2.0),
+            ),
+            (
+                r#"[{"amount":2,"currency":"Credits"}]"#,
+                Some(2.0),
+                Some("Credits"),
+                Some(2.0),
+            ),
+            (
+                r#"[{"amount":2,"currency":"UNIT"}]"#,
+                Some(2.0),
+                Some("UNIT"),
+                Some(2.0),
+            ),
+            (
+                r#"[{"amount":2,"currency":"creditz"}]"#,
+                Some(2.0),
+                Some("creditz"),
+                None,
+            ),
+            (r#"[{"amount":2,"currency":7}]"#, Some(2.0), Some("7"), None),
+            (
+                r#"[{"amount":2},{"amount":1,"currency":""}]"#,
+                Some(3.0),
+                None,
+                Some(3.0),
+            ),
+            (
+                r#"[{"amount":1,"currency":"credit"},{"amount":1,"currency":"USD"}]"#,
+                None,
+                None,
+                None,
+            ),
+        ] {
+            let body = format!(
+                r#"{{"code":0,"message":"ok","request_id":"r","data":{{"id":"t","status":"succeeded","billing":{billing}}}}}"#
+            );
+            for env in both(body.as_bytes()) {
+                let task = env.unwrap().tasks.remove(0);
+                let named = task.cost_currency.as_ref().map(Currency::as_str);
+                assert_eq!((task.cost, named), (cost, currency), "{billing}");
+                assert_eq!(task.cost_in_credits(), credits, "{billing}");
+            }
+        }
+        // A legacy deduction is in units: credits.
+        let legacy = br#"{"code":0,"data":{"task_id":"t","task_status":"succeed","final_unit_deduction":"2"}}"#;
+        for env in both(legacy) {
+            let task = env.unwrap().tasks.remove(0);
+            assert_eq!(
+                (task.cost_in_credits(), task.cost_currency),
+                (Some(2.0), None)
+            );
         }
     }
 

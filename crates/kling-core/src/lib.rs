@@ -35,7 +35,7 @@
 //! | item | why |
 //! |---|---|
 //! | [`Code`], [`Disposition`] | the error-code table, once |
-//! | [`Envelope`], [`TaskReport`], [`TaskStatus`] | both API generations' task fields |
+//! | [`Envelope`], [`TaskReport`], [`TaskStatus`], [`Currency`] | both API generations' task fields, a cost with its currency |
 //! | [`Outcome`] | one response, parsed once, shared through extensions |
 //! | [`RetryAfter`] | delta-seconds and all three HTTP-date forms |
 //! | [`Recognized`], [`Pool`], [`PoolScope`] | create / query / list / account, pool and weight |
@@ -84,7 +84,7 @@ pub use body::PeekBody;
 pub use classify::{Classify, ClassifyLayer};
 pub use clock::{TokioClock, TokioInstant};
 pub use code::{Code, Disposition, RetryKind, status_disposition};
-pub use envelope::{CallbackError, Envelope, TaskReport, TaskStatus};
+pub use envelope::{CallbackError, Currency, Envelope, TaskReport, TaskStatus};
 pub use error::{BoxError, SendState};
 pub use outcome::Outcome;
 pub use request::{

@@ -21,7 +21,7 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
-use super::{Envelope, TaskReport, TaskStatus};
+use super::{Currency, Envelope, TaskReport, TaskStatus};
 use crate::code::Code;
 use crate::request::ApiGeneration;
 
@@ -270,6 +270,8 @@ struct RawTask {
     images: Vec<String>,
     outputs: Vec<String>,
     billing: Option<f64>,
+    /// The one currency the billing items with an amount named (a string without escapes).
+    currency: Option<Span>,
     page: Option<Vec<TaskReport>>,
 }
 
@@ -1201,6 +1203,7 @@ impl<'a> Scanner<'a> {
                 failure: self.opt_owned(t.task_status_msg)?,
                 urls,
                 cost,
+                cost_currency: None,
             });
             return Ok(());
         }
@@ -1215,6 +1218,10 @@ impl<'a> Scanner<'a> {
             failure: self.opt_owned(t.message)?,
             urls: std::mem::take(&mut t.outputs),
             cost: t.billing,
+            cost_currency: match t.currency {
+                Some(span) => Some(Currency::new(self.text(span)?)),
+                None => None,
+            },
         });
         Ok(())
     }
@@ -1328,7 +1335,7 @@ impl<'a> Scanner<'a> {
 
     /// `billing`: `null` or `[{amount, currency}]`, summed when the items with an amount name
     /// at most one currency, else none (the reference's `billing_cost`). Currencies are
-    /// compared as ranges of the body: no copy.
+    /// compared as ranges of the body: no copy; the one named is kept as its span.
     #[inline(never)]
     fn billing(&self, i: usize, depth: u32, t: &mut RawTask) -> Scan<usize> {
         let bytes = self.bytes;
@@ -1339,7 +1346,7 @@ impl<'a> Scanner<'a> {
         // `Sum for f64` starts from its own zero: start where it does.
         let mut sum: f64 = std::iter::empty::<f64>().sum();
         // The first currency an item with an amount names, and whether another differs.
-        let mut currency: Option<&[u8]> = None;
+        let mut currency: Option<(&[u8], Span)> = None;
         let mut mixed = false;
         let depth = deeper(depth)?;
         let (mut done, mut i) = open(bytes, i, b'[', b']')?;
@@ -1347,7 +1354,7 @@ impl<'a> Scanner<'a> {
             let item_depth = deeper(depth)?;
             let mut seen = 0;
             let mut amount = None;
-            let mut named: Option<&[u8]> = None;
+            let mut named: Option<(&[u8], Span)> = None;
             let (mut item_done, mut j) = open(bytes, struct_start(bytes, i)?, b'{', b'}')?;
             while !item_done {
                 let (name, at_value) = key(bytes, j, &[AMOUNT, CURRENCY])?;
@@ -1375,7 +1382,9 @@ impl<'a> Scanner<'a> {
                             if span.kind != Kind::Raw {
                                 return Err(Fallback);
                             }
-                            named = bytes.get(span.start as usize..span.end as usize);
+                            named = bytes
+                                .get(span.start as usize..span.end as usize)
+                                .map(|name| (name, span));
                         }
                         end
                     }
@@ -1385,16 +1394,20 @@ impl<'a> Scanner<'a> {
             }
             if let Some(amount) = amount {
                 sum += amount;
-                if let Some(named) = named.filter(|c| !c.is_empty()) {
+                if let Some(named) = named.filter(|(c, _)| !c.is_empty()) {
                     match currency {
                         None => currency = Some(named),
-                        Some(first) => mixed |= first != named,
+                        Some((first, _)) => mixed |= first != named.0,
                     }
                 }
             }
             (done, i) = next_or_close(bytes, j, b']')?;
         }
-        t.billing = if mixed { None } else { Some(sum) };
+        (t.billing, t.currency) = if mixed {
+            (None, None)
+        } else {
+            (Some(sum), currency.map(|(_, span)| span))
+        };
         Ok(i)
     }
 

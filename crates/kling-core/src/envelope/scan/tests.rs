@@ -107,6 +107,9 @@ fn the_fast_path_reads_every_shape() {
         r#"{"code":0,"data":{"id":"a","status":"s","billing":[{"amount":1,"currency":"credit"},{"amount":2,"currency":"USD"}]}}"#,
         r#"{"code":0,"data":{"id":"a","status":"s","billing":[{"amount":1,"currency":"USD"},{"amount":2,"currency":"USDX"}]}}"#,
         r#"{"code":0,"data":{"id":"a","status":"s","billing":[{"amount":1,"currency":"credit"},{"currency":"USD"},{"amount":null,"currency":"USD"}]}}"#,
+        // A currency that is not credits, alone; credits in another case.
+        r#"{"code":0,"data":{"id":"a","status":"s","billing":[{"amount":0.14,"currency":"USD"}]}}"#,
+        r#"{"code":0,"data":[{"id":"a","status":"s","billing":[{"amount":2,"currency":"Credits"},{"amount":1}]},{"id":"b","status":"s","billing":[{"amount":3}]}]}"#,
         r#"{"code":0,"data":{"id":12345678901234567890,"status":"s"}}"#,
         r#"{"code":0,"data":{"id":-9223372036854775808,"status":"s"}}"#,
         r#"{"code":0,"data":{"task_id":"","task_status":"s","id":"","status":"s"}}"#,
@@ -515,6 +518,7 @@ fn task() -> BoxedStrategy<Node> {
     let currency = prop_oneof![
         4 => Just(raw("\"credit\"")),
         2 => Just(raw("\"USD\"")),
+        1 => Just(raw("\"Credits\"")),
         1 => Just(raw("\"\"")),
         1 => Just(raw("\"cr\\u0065dit\"")),
         1 => Just(raw("7")),
@@ -800,7 +804,7 @@ struct Meaning {
     code: i64,
     message: String,
     request_id: Option<String>,
-    /// Each task's id, status, generation, external id and cost.
+    /// Each task's id, status, generation, external id, cost and the cost's currency.
     tasks: Vec<TaskMeaning>,
 }
 
@@ -815,7 +819,15 @@ impl Meaning {
                 .iter()
                 .map(|t| {
                     let ext = t.external_id.clone();
-                    (t.id.clone(), t.status.clone(), t.generation, ext, t.cost)
+                    let currency = t.cost_currency.as_ref().map(|c| c.as_str().to_owned());
+                    (
+                        t.id.clone(),
+                        t.status.clone(),
+                        t.generation,
+                        ext,
+                        t.cost,
+                        currency,
+                    )
                 })
                 .collect(),
         }
@@ -849,6 +861,7 @@ type TaskMeaning = (
     ApiGeneration,
     Option<String>,
     Option<f64>,
+    Option<String>,
 );
 
 /// A number or a number in a string, as a finite `f64` (`TaskReport::cost`'s deduction and
@@ -864,11 +877,15 @@ fn amount_meaning(value: Option<&serde_json::Value>) -> Option<f64> {
 }
 
 /// A new-style task's cost: the sum of its billing items' amounts when those with an amount
-/// name at most one currency (a string or a number's text; `""` names none).
-fn billing_meaning(billing: Option<&serde_json::Value>) -> Option<f64> {
+/// name at most one currency (a string or a number's text; `""` names none), and that
+/// currency, as sent.
+fn billing_meaning(billing: Option<&serde_json::Value>) -> (Option<f64>, Option<String>) {
     use serde_json::Value;
-    let items: Vec<&serde_json::Map<String, Value>> = match billing? {
-        Value::Null => return None,
+    let Some(billing) = billing else {
+        return (None, None);
+    };
+    let items: Vec<&serde_json::Map<String, Value>> = match billing {
+        Value::Null => return (None, None),
         Value::Array(items) => items.iter().filter_map(Value::as_object).collect(),
         _ => Vec::new(),
     };
@@ -885,17 +902,17 @@ fn billing_meaning(billing: Option<&serde_json::Value>) -> Option<f64> {
             }),
             _ => None,
         });
-    if let Some(first) = currencies.next()
-        && currencies.any(|other| other != first)
+    let first = currencies.next();
+    if let Some(first) = &first
+        && currencies.any(|other| other != *first)
     {
-        return None;
+        return (None, None);
     }
-    Some(
-        items
-            .iter()
-            .filter_map(|item| amount_meaning(item.get("amount")))
-            .sum(),
-    )
+    let sum = items
+        .iter()
+        .filter_map(|item| amount_meaning(item.get("amount")))
+        .sum();
+    (Some(sum), first)
 }
 
 /// `data`, or an element of it: an object is a task or a page, a list holds such values,
@@ -979,12 +996,12 @@ fn task_meaning(
             let info = fields.get("task_info").and_then(Value::as_object);
             let ext = external(info.and_then(|info| info.get("external_task_id")));
             let cost = amount_meaning(fields.get("final_unit_deduction"));
-            Some((id, status, ApiGeneration::Legacy, ext, cost))
+            Some((id, status, ApiGeneration::Legacy, ext, cost, None))
         }
         (.., Some(id), Some(status)) => {
             let ext = external(fields.get("external_id"));
-            let cost = billing_meaning(fields.get("billing"));
-            Some((id, status, ApiGeneration::New, ext, cost))
+            let (cost, currency) = billing_meaning(fields.get("billing"));
+            Some((id, status, ApiGeneration::New, ext, cost, currency))
         }
         _ => None,
     })
@@ -1274,6 +1291,7 @@ proptest! {
                 ]),
                 proptest::option::of(prop_oneof![
                     Just("\"credit\""), Just("\"USD\""), Just("\"\""), Just("null"),
+                    Just("\"CREDIT\""),
                 ]),
                 any::<bool>(),
             ),
