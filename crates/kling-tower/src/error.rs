@@ -107,8 +107,8 @@ impl BudgetExceeded {
         self.budget
     }
 
-    /// Credits spent or reserved in this period (reported costs, plus estimates of tasks whose
-    /// cost is not known yet).
+    /// Credits spent or reserved in this period (reported costs in credits, plus estimates of
+    /// tasks whose cost is not known yet, or was reported in another currency).
     pub fn committed(&self) -> f64 {
         self.committed
     }

@@ -7,9 +7,14 @@
 //! the budget straight away; it is given back when the server refuses the create (a code that
 //! cannot have created a task, or a request that was never sent, or a create the caller
 //! dropped while a layer below still held it back unsent: see below), and replaced by the real
-//! cost when a query or callback reports the finished task's cost ([`TaskReport::cost`]: the
-//! legacy `final_unit_deduction` or the sum of new-style `billing[].amount`). A create whose
-//! outcome is unknown keeps its estimate: the task may run and be billed.
+//! cost when a query or callback reports the finished task's cost in credits
+//! ([`TaskReport::cost_in_credits`]: the legacy `final_unit_deduction`, or the sum of
+//! new-style `billing[].amount` when the items name no `currency` or one that
+//! [reads as credits](kling_core::Currency::is_credits): `credit`, `credits`, `unit` or
+//! `units`, in any case). A cost in another currency (`"USD"`), or in two, keeps the
+//! estimate: booked as credits, 0.14 dollars would under-count the budget, and no exchange
+//! rate is known here. A create whose outcome is unknown keeps its estimate: the task may run
+//! and be billed.
 //!
 //! The refusal is read wherever it arrives: as a response (the guard over a bare client), or
 //! as the error a retry layer below makes of it (the guard in [`KlingLayer`](crate::KlingLayer),
@@ -319,7 +324,12 @@ impl Ledger {
             return;
         };
         self.awaited.fetch_sub(1, Ordering::Relaxed);
-        if let Some(cost) = report.cost.filter(|c| c.is_finite() && *c >= 0.0) {
+        // Only a cost in credits replaces the estimate: one in another currency (`USD`) would
+        // be booked as that many credits, and the estimate it replaced is in credits.
+        if let Some(cost) = report
+            .cost_in_credits()
+            .filter(|c| c.is_finite() && *c >= 0.0)
+        {
             account.committed = (account.committed - estimate + cost).max(0.0);
         }
     }
@@ -415,8 +425,8 @@ impl SpendGuardLayer {
         (self.ledger.budget - self.committed(account)).max(0.0)
     }
 
-    /// Applies a task report from elsewhere (a callback): a finished task's cost replaces its
-    /// estimate.
+    /// Applies a task report from elsewhere (a callback): a finished task's cost in credits
+    /// replaces its estimate (one in another currency keeps it; see the [module docs](self)).
     pub fn report(&self, account: Option<&AccountId>, report: &TaskReport) {
         self.ledger
             .observe(&account.cloned(), std::slice::from_ref(report));

@@ -968,3 +968,80 @@ async fn a_create_whose_client_call_panics_is_not_charged_to_every_later_period(
     tokio::time::advance(Duration::from_secs(3600)).await;
     assert_eq!(guard.remaining(None), 2.0);
 }
+
+/// A client answering new-style creates with task `t<n>` and `/tasks` queries with every task
+/// asked for, ended and billed `billing`.
+fn billed_in(billing: &'static str) -> Client {
+    let made = Arc::new(AtomicUsize::new(0));
+    Client::new(service_fn(move |req: http::Request<Full<Bytes>>| {
+        let body = if req.method() == http::Method::POST {
+            let n = made.fetch_add(1, Ordering::Relaxed);
+            format!(
+                r#"{{"code":0,"message":"ok","request_id":"r","data":{{"id":"t{n}","status":"submitted"}}}}"#
+            )
+        } else {
+            let ids = req.uri().query().unwrap_or_default();
+            let ids = ids.strip_prefix("task_ids=").unwrap_or_default();
+            let tasks: Vec<String> = ids
+                .split(',')
+                .map(|id| format!(r#"{{"id":"{id}","status":"succeeded","billing":{billing}}}"#))
+                .collect();
+            format!(
+                r#"{{"code":0,"message":"ok","request_id":"r","data":[{}]}}"#,
+                tasks.join(",")
+            )
+        };
+        async move { Ok::<_, BoxError>(envelope(200, &body)) }
+    }))
+}
+
+/// A finished task's cost replaces its estimate only when it is in credits: billed in
+/// another currency (`0.14 USD`), it was booked as 0.14 credits and the guard let the account
+/// spend past its budget. Credits in any case, or no currency named, still replace it.
+#[tokio::test(start_paused = true)]
+async fn a_cost_in_another_currency_keeps_the_estimate() {
+    let create = || authed("POST", "/text-to-video/kling-3.0", r#"{"prompt":"a cat"}"#);
+    let query = |id: &str| authed("GET", &format!("/tasks?task_ids={id}"), "");
+    for (billing, committed) in [
+        (
+            r#"[{"charge_type":"money","amount":0.14,"currency":"USD"}]"#,
+            3.0,
+        ),
+        (r#"[{"amount":0.14,"currency":"usd"}]"#, 3.0),
+        (r#"[{"amount":1,"currency":"Credits"}]"#, 1.0),
+        (r#"[{"amount":1,"currency":"credit"}]"#, 1.0),
+        (r#"[{"amount":1}]"#, 1.0),
+        // Two currencies: no figure at all.
+        (
+            r#"[{"amount":1,"currency":"credit"},{"amount":1,"currency":"USD"}]"#,
+            3.0,
+        ),
+    ] {
+        let guard = SpendGuardLayer::new(10.0, CostTable::new().video(3.0)).unwrap();
+        let mut svc = guard.layer(ClassifyLayer::new().layer(billed_in(billing)));
+        let id = send(&mut svc, create())
+            .await
+            .unwrap()
+            .task()
+            .unwrap()
+            .id
+            .clone();
+        assert_eq!(guard.committed(None), 3.0);
+        let answer = send(&mut svc, query(&id)).await.unwrap();
+        assert!(answer.task().unwrap().status.is_terminal());
+        assert_eq!(guard.committed(None), committed, "{billing}");
+
+        // A callback's report is read by the same rule.
+        let id = send(&mut svc, create())
+            .await
+            .unwrap()
+            .task()
+            .unwrap()
+            .id
+            .clone();
+        let callback = format!(r#"{{"id":"{id}","status":"succeeded","billing":{billing}}}"#);
+        let report = &kling_core::Envelope::read_callback(callback.as_bytes()).unwrap()[0];
+        guard.report(None, report);
+        assert_eq!(guard.committed(None), committed * 2.0, "{billing}");
+    }
+}
