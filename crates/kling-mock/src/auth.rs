@@ -105,7 +105,11 @@ fn verify_jwt(
     jwt: &Jwt,
     token: &str,
 ) -> AuthResult {
-    if jwt.claims.get("iss").and_then(|v| v.as_str()) != Some(access) {
+    // No `iss` is a malformed token (1000, as in open mode); only another key's is 1002.
+    let Some(iss) = jwt.claims.get("iss").and_then(|v| v.as_str()) else {
+        return Err((1000, "authentication failed: token has no iss"));
+    };
+    if iss != access {
         return Err((1002, "invalid access key"));
     }
     check_header(jwt)?;

@@ -399,8 +399,9 @@ pub struct MockConfig {
     /// Default [`DEFAULT_MAX_OPEN_ACCOUNTS`].
     pub max_open_accounts: usize,
     /// How long [`crate::MockServer`] waits for the whole header of a request once it waits
-    /// for one (an idle keep-alive connection included) before it closes the connection, so a
-    /// client that sends half a header holds no connection for good. Real time, not divided by
+    /// for one (an idle keep-alive connection included), and then as long again for its body,
+    /// before it closes the connection without an answer, so a client that sends half a header
+    /// or half a body holds no connection for good. Real time, not divided by
     /// the speed (it is network time). `None`: no limit. Default
     /// [`DEFAULT_HEADER_READ_TIMEOUT`].
     pub header_read_timeout: Option<Duration>,

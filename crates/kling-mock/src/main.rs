@@ -97,7 +97,8 @@ struct Args {
     #[arg(long)]
     max_open_accounts: Option<usize>,
     /// Seconds (real time) to wait for a request's whole header, an idle keep-alive
-    /// connection's next one included, before closing the connection; 0: no limit.
+    /// connection's next one included, and as long again for its body, before closing the
+    /// connection; 0: no limit.
     #[arg(long, value_parser = parse_secs, default_value = "30")]
     header_read_timeout: Duration,
 }

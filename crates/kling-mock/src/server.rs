@@ -150,14 +150,24 @@ async fn accept_loop(listener: TcpListener, mock: MockKling, mut stopped: onesho
 }
 
 /// Reads the body up to the configured bound, then hands the request to the mock. An error
-/// (the dropped-connection fault) makes hyper close the connection without a response.
+/// (the dropped-connection fault, a body not sent in time) makes hyper close the connection
+/// without a response.
 async fn serve_one(
     mock: MockKling,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, MockError> {
     let (parts, body) = req.into_parts();
     let limit = mock.config().max_body_bytes;
-    let body = match Limited::new(body, limit).collect().await {
+    let read = Limited::new(body, limit).collect();
+    // The body gets as long as the header did: a client that stops halfway through it holds
+    // no connection (nor its buffer) for good.
+    let read = match mock.config().header_read_timeout {
+        Some(timeout) => tokio::time::timeout(timeout, read)
+            .await
+            .map_err(|_| MockError::dropped())?,
+        None => read.await,
+    };
+    let body = match read {
         Ok(collected) => Body::Read(collected.to_bytes()),
         // Answered 1200 by the mock, after the fault draw every request meets.
         Err(e)

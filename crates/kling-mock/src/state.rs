@@ -715,7 +715,8 @@ impl State {
 
     /// Whether `GET /__mock/files/{name}` finds a file: `{task_id}/{index}.{ext}` of a task
     /// that has succeeded, an index it produced, its extension, and less than
-    /// [`OUTPUT_LIFETIME`] (API time) after the task ended, as Kling's output URLs expire.
+    /// [`OUTPUT_LIFETIME`] (API time) after the task ended, as Kling's output URLs expire, or
+    /// [`MIN_RETENTION`] (real time) if longer: a task still kept never lists a dead URL.
     pub(crate) fn serves_file(&self, name: &str, now: Instant) -> bool {
         let Some((id, file)) = name.split_once('/') else {
             return false;
@@ -726,7 +727,7 @@ impl State {
         let Some(task) = task_seq(id).and_then(|seq| self.tasks.get(&seq)) else {
             return false;
         };
-        let expires = task.end + self.config.scaled(OUTPUT_LIFETIME);
+        let expires = task.end + self.config.scaled(OUTPUT_LIFETIME).max(MIN_RETENTION);
         task.phase(now) == Phase::Succeeded
             && now < expires
             && ext == task.extension()

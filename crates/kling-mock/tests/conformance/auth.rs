@@ -268,6 +268,25 @@ async fn a_jwt_without_nbf_or_exp_is_401_1000() {
     }
 }
 
+/// A token without an `iss` (or with one that is not a string) is malformed, 1000, with keys
+/// as in open mode; only an `iss` of another access key is 1002. With keys it was 1002, as if
+/// it named another key, while the README and open mode gave 1000.
+#[tokio::test(start_paused = true)]
+async fn a_jwt_without_iss_is_401_1000_with_keys_as_in_open_mode() {
+    for claims in [
+        json!({"exp": now() + 1800, "nbf": now() - 5}),
+        json!({"iss": 7, "exp": now() + 1800, "nbf": now() - 5}),
+    ] {
+        let token = jwt(&claims, SK);
+        for c in [caller(), Caller::new(quiet())] {
+            c.with_key(&token)
+                .post(T2V, json!({"prompt": "x"}))
+                .await
+                .assert_error(401, 1000);
+        }
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_jwt_header_without_typ_jwt_or_alg_hs256_is_401_1000() {
     for header in [

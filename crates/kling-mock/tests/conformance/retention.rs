@@ -125,6 +125,39 @@ async fn the_retention_is_api_time() {
         .assert_error(404, 1203);
 }
 
+/// At a speed where 30 days of API time are less than the second of real time a task is kept
+/// at least, its result files last as long as it does: a query that shows the task succeeded
+/// shows URLs that answer. They expired at the scaled 30 days (0.26 s at 10⁷×), so the task
+/// listed URLs that were already 404.
+#[tokio::test(start_paused = true)]
+async fn result_files_last_as_long_as_their_task_at_any_speed() {
+    use http_body_util::Full;
+    use tower_service::Service as _;
+
+    let c = Caller::new(quiet().speed(1e7));
+    let created = c.post(LEGACY, json!({"prompt": "x"})).await;
+    let id = created.data()["task_id"].as_str().unwrap().to_owned();
+    let fetch = || {
+        let (mut mock, id) = (c.mock.clone(), id.clone());
+        async move {
+            let req = http::Request::get(format!("/__mock/files/{id}/0.mp4"))
+                .body(Full::new(bytes::Bytes::new()))
+                .unwrap();
+            mock.call(req).await.unwrap().status().as_u16()
+        }
+    };
+    // 100 s of API time are 10 µs; 0.5 s later the task is still kept (1 s of real time).
+    tokio::time::advance(Duration::from_millis(500)).await;
+    let task = c.get(&format!("{LEGACY}/{id}")).await.data().clone();
+    assert_eq!(task["task_status"], "succeed", "{task}");
+    assert_eq!(fetch().await, 200, "the task still lists it");
+    tokio::time::advance(Duration::from_millis(501)).await;
+    c.get(&format!("{LEGACY}/{id}"))
+        .await
+        .assert_error(404, 1203);
+    assert_eq!(fetch().await, 404, "gone with its task");
+}
+
 /// Counted finished when it goes, even when its account never came back to see it end: the
 /// forgetting is done by another account's request.
 #[tokio::test(start_paused = true)]

@@ -230,6 +230,46 @@ async fn a_connection_that_sends_half_a_header_is_closed_after_the_timeout() {
     assert!(error.to_string().contains("header_read_timeout"), "{error}");
 }
 
+/// A client that sends a whole header and half its body is cut off once the header read
+/// timeout passes again: it held the connection (its task and up to `max_body_bytes` of
+/// buffer) for good, as the half header did before. A whole request is still answered.
+#[tokio::test]
+async fn a_connection_that_sends_half_a_body_is_closed_after_the_timeout() {
+    let config = fast().header_read_timeout(Duration::from_millis(200));
+    let server = MockServer::start(config).await.unwrap();
+    let mut half = TcpStream::connect(server.addr()).await.unwrap();
+    half.write_all(
+        b"POST /v1/videos/text2video HTTP/1.1\r\nHost: mock\r\nAuthorization: Bearer k\r\n\
+          Content-Length: 100\r\n\r\n{\"prompt\"",
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), half.read_to_end(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "closed without an answer: {read:?} {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    let stats = server.stats();
+    assert_eq!(
+        (stats.requests_total, stats.tasks_created),
+        (0, 0),
+        "{stats:?}"
+    );
+
+    let (status, _) = send(
+        &client(),
+        "POST",
+        format!("{}/v1/videos/text2video", server.base_url()),
+        Some(json!({"prompt": "x"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
 #[tokio::test]
 async fn the_server_stops_when_shut_down() {
     let server = MockServer::start(fast()).await.unwrap();
