@@ -362,13 +362,26 @@ where
 }
 
 /// Whether a request the router reads as no create may still have made a task: a
-/// non-idempotent one (a `POST`) on a path it does not know at all, which may be a create
-/// endpoint newer than this crate. One on a path it knows as Kling's and no create (an
-/// endpoint that answers at once with no task, `/v1/videos/identify-face`) made none.
-fn unknown_post(recognized: &Recognized, method: &http::Method) -> bool {
+/// non-idempotent one (a `POST`) on an endpoint it does not know, which may be a create
+/// endpoint newer than this crate (a new-style product, or a legacy endpoint under
+/// `/v1/videos` or `/v1/images`, grouped as `avatar/image2video` is: the router knows its
+/// generation, not what it does). One it knows as Kling's and no create (an endpoint that
+/// answers at once with no task, `/v1/videos/identify-face`) made none.
+fn unknown_post<B>(recognized: &Recognized, request: &Request<B>) -> bool {
     recognized.kind == RequestKind::Other
-        && recognized.generation.is_none()
-        && !method.is_idempotent()
+        && !request.method().is_idempotent()
+        && !(recognized.generation == Some(ApiGeneration::Legacy)
+            && answers_at_once(request.uri().path()))
+}
+
+/// Whether a legacy path is one of Kling's endpoints that answer at once, with no task (as
+/// kling-core's router knows them), written plainly; one written otherwise (`//`, `%2F`, dot
+/// segments) is left a possible create, which is never sent again blindly.
+fn answers_at_once(path: &str) -> bool {
+    let path = path.trim_end_matches('/');
+    ["/v1/videos/identify-face", "/v1/videos/image-recognize"]
+        .iter()
+        .any(|endpoint| path.ends_with(endpoint))
 }
 
 /// Far enough ahead to never arrive, near enough to never overflow.
@@ -738,9 +751,8 @@ where
     fn may_create(&mut self) -> bool {
         let template = self.template.request();
         Recognized::of(template);
-        Recognized::cached(template).is_some_and(|recognized| {
-            recognized.is_create() || unknown_post(recognized, template.method())
-        })
+        Recognized::cached(template)
+            .is_some_and(|recognized| recognized.is_create() || unknown_post(recognized, template))
     }
 
     fn tally(&self) -> Tally {
@@ -907,7 +919,7 @@ where
             unreachable!("recognised above")
         };
         if !recognized.is_create() {
-            return if unknown_post(recognized, template.method()) {
+            return if unknown_post(recognized, template) {
                 Plan::Unlookable(None)
             } else {
                 Plan::Repeatable

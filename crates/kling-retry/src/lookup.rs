@@ -192,29 +192,37 @@ fn lookup_path(create_path: &str, generation: ApiGeneration, last: &str) -> Opti
         return None;
     }
     let fits = |lookup: &str| {
+        #[cfg(test)]
+        tests::TRIED.with(|tried| tried.set(tried.get() + 1));
         wanted
             .iter()
             .all(|(reading, segments)| reading.segments(lookup).as_ref() == Some(segments))
     };
-    // As written: the whole create path (legacy), or the path before one of its `/`s or
-    // `%2F`s (new-style), the last first.
-    let written: Vec<String> = if legacy {
-        vec![format!("{path}/{last}")]
-    } else {
-        let bytes = path.as_bytes();
-        (0..=bytes.len())
-            .rev()
-            .filter(|&at| {
-                at == 0 || matches!(bytes[at..], [b'/', ..] | [b'%', b'2', b'F' | b'f', ..])
-            })
-            .map(|at| format!("{}/{last}", path[..at].trim_end_matches('/')))
-            .collect()
-    };
+    // As written: the whole create path (legacy), or the path before one of its last
+    // `WRITTEN_CUTS` `/`s or `%2F`s (new-style), the last first, each made only when tried.
+    let whole = legacy.then(|| format!("{path}/{last}"));
+    let bytes = path.as_bytes();
+    let cuts = (0..=bytes.len())
+        .rev()
+        .filter(|&at| at == 0 || matches!(bytes[at..], [b'/', ..] | [b'%', b'2', b'F' | b'f', ..]))
+        .take(if legacy { 0 } else { WRITTEN_CUTS })
+        .map(|at| format!("{}/{last}", path[..at].trim_end_matches('/')));
     let plain = wanted
         .iter()
         .map(|(_, segments)| format!("/{}", segments.join("/")));
-    written.into_iter().chain(plain).find(|lookup| fits(lookup))
+    whole
+        .into_iter()
+        .chain(cuts)
+        .chain(plain)
+        .find(|lookup| fits(lookup))
 }
+
+/// The most cuts of a new-style create's path tried as written (see [`lookup_path`]). The one
+/// that fits drops the product and the model, the last segments but for a tail of dot
+/// segments, parameters or `//`s; every cut of a long path, each read a dozen ways, took time
+/// quadratic in its length (minutes for 60 KB). Past these, only the plain paths are tried: a
+/// create none fits is not looked up, never looked up in the wrong place.
+const WRITTEN_CUTS: usize = 16;
 
 /// A way a server reads a path before it routes it (see [`lookup_path`]).
 #[derive(Clone, Copy, Debug)]
@@ -556,6 +564,34 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    thread_local! {
+        /// The candidate lookups [`lookup_path`] tried on this thread.
+        pub(super) static TRIED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A long create path (a gateway forwarding its callers' paths) tries at most the last
+    /// [`WRITTEN_CUTS`] cuts as written, then the plain paths: every cut was tried, each read
+    /// a dozen ways, in time quadratic in the path (minutes for 60 KB). The lookup found is the
+    /// same where one of those fits.
+    #[test]
+    fn a_long_path_tries_a_bounded_number_of_lookups() {
+        let prefix = "/a".repeat(6000);
+        let most = WRITTEN_CUTS + Reading::ALL.len();
+        for (tail, expected) in [
+            ("/text-to-video/text-to-video/m/x//../..", None),
+            ("/text-to-video/kling-3.0", Some(format!("{prefix}/tasks"))),
+        ] {
+            TRIED.with(|tried| tried.set(0));
+            let found = lookup_path(&format!("{prefix}{tail}"), ApiGeneration::New, "tasks");
+            assert_eq!(found, expected, "{tail}");
+            let tried = TRIED.with(std::cell::Cell::get);
+            assert!(
+                tried <= most,
+                "{tail}: tried {tried} lookups, at most {most} expected"
+            );
+        }
+    }
 
     fn create(uri: &str, body: &str) -> Request<Full<Bytes>> {
         let mut request = Request::post(uri)
