@@ -178,7 +178,8 @@ impl FollowPolicy {
         self
     }
 
-    /// Sets how long a task may run before following it fails.
+    /// Sets how long a task may run before following it fails. A task already past it when
+    /// following starts is still asked about, at once (see [`TaskRef::created_at`]).
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
         self
@@ -383,8 +384,10 @@ impl TaskRef {
         }
     }
 
-    /// When the task was created (its age sets the query interval; by default, when
-    /// following starts).
+    /// When the task was created (its age sets the query interval and the deadline; by
+    /// default, when following starts). A task created longer than the deadline ago is asked
+    /// about at once, and the follow gives up if no answer within the longest query interval
+    /// reports its end.
     pub fn created_at(mut self, at: Instant) -> Self {
         self.created_at = Some(at);
         self
@@ -758,7 +761,8 @@ impl<S> fmt::Debug for Follower<S> {
 struct Tracked {
     task: TaskRef,
     started: Instant,
-    /// When the follow gives up: `started` plus the policy's deadline.
+    /// When the follow gives up: `started` plus the policy's deadline (for a task already
+    /// past it, the longest interval after following started: time for one answer).
     deadline_at: Instant,
     next_at: Instant,
     errors: u32,
@@ -1055,9 +1059,18 @@ where
     }
 
     /// A task as following starts: first query after the policy's wait from its creation.
+    /// A task already past its deadline (created that long ago) is asked about at once, with
+    /// the longest interval for an answer: it may well have ended in time, and giving up
+    /// unasked reported a finished task as not ended.
     fn track(&self, task: TaskRef, now: Instant, wake: &Arc<Notify>) -> Tracked {
         let started = task.created_at.unwrap_or(now);
         let first = self.policy.first_wait();
+        let deadline_at = later(started, self.policy.deadline_duration());
+        let deadline_at = if deadline_at <= now {
+            later(now, self.policy.scaled(self.policy.max_interval))
+        } else {
+            deadline_at
+        };
         let invalid = (!task.valid_id()).then(|| {
             Err(FollowError::InvalidTask {
                 task_id: task.id.clone(),
@@ -1066,7 +1079,7 @@ where
         });
         Tracked {
             next_at: now.max(later(started, first)),
-            deadline_at: later(started, self.policy.deadline_duration()),
+            deadline_at,
             started,
             task,
             errors: 0,

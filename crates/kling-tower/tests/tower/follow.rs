@@ -2223,3 +2223,48 @@ async fn a_1203_by_external_id_does_not_end_the_follow_of_a_task_id_that_reads_t
         results[0]
     );
 }
+
+/// A task followed once its deadline has passed (its `created_at` that long ago) is asked
+/// about once before the follow gives up: it ended DeadlineExceeded at once, unasked, when
+/// the task had succeeded long before.
+#[tokio::test(start_paused = true)]
+async fn a_task_past_its_deadline_when_following_starts_is_asked_about_once() {
+    let mock = mock(60, 60);
+    let service = ClassifyLayer::new().layer(mock.clone());
+    let ended = create(&service, "/v1/videos/text2video").await;
+    let created = Instant::now();
+    tokio::time::advance(Duration::from_secs(31 * 60)).await;
+    let before = mock.stats().requests_total;
+    let done = follower(service.clone(), FollowPolicy::new())
+        .follow(TaskRef::from_report("/v1/videos/text2video", &ended).created_at(created))
+        .await
+        .unwrap();
+    assert_eq!(done.status, TaskStatus::Succeeded);
+    assert_eq!(mock.stats().requests_total - before, 1);
+
+    // One still running: one query, then the follow gives up within the longest interval.
+    let long = MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .no_rate_limit()
+            .task_duration(Duration::from_secs(7200), Duration::from_secs(7200)),
+    )
+    .unwrap();
+    let service = ClassifyLayer::new().layer(long.clone());
+    let running = create(&service, "/text-to-video/kling-3.0").await;
+    let created = Instant::now();
+    tokio::time::advance(Duration::from_secs(31 * 60)).await;
+    let before = long.stats().requests_total;
+    let start = Instant::now();
+    let err = follower(service, FollowPolicy::new())
+        .follow(TaskRef::from_report("/text-to-video/kling-3.0", &running).created_at(created))
+        .await
+        .unwrap_err();
+    match err {
+        FollowError::DeadlineExceeded { last_status, .. } => {
+            assert_eq!(last_status.as_deref(), Some("processing"));
+        }
+        other => panic!("{other}"),
+    }
+    assert_eq!(long.stats().requests_total - before, 1);
+    assert_eq!(start.elapsed(), Duration::from_secs(30));
+}
