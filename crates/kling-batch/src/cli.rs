@@ -349,10 +349,44 @@ pub fn load_config(args: &RunArgs) -> Result<StackConfig, SetupError> {
         Some(speed) => config.speed(speed),
         None => config,
     };
-    config
-        .validate()
-        .map_err(|e| SetupError::new(format!("--{}", e.field()), e.to_string()))?;
+    // Each source was validated alone; what fails now is the speed: `--speed`, else the one
+    // the file or `KLING_SPEED` set. Named so, not by the field it scales
+    // (`--jitter_allowance_ms`, no option of this tool).
+    let speed_source = if args.speed.is_some() {
+        Some("--speed".to_owned())
+    } else if let Some(path) = &args.config {
+        Some(format!("{} (speed)", path.display()))
+    } else {
+        std::env::var_os("KLING_SPEED").map(|_| "KLING_SPEED".to_owned())
+    };
+    check_speed(&config, speed_source)?;
     Ok(config)
+}
+
+/// Validates `config` as a run uses it (its retry deadline raised to
+/// [`QUEUE_DEADLINE`](crate::stack::QUEUE_DEADLINE), which a slow speed stretches past what
+/// the stack takes), naming `speed_source` (the option, file or variable that set the speed)
+/// when given, else the field.
+pub(crate) fn check_speed(
+    config: &StackConfig,
+    speed_source: Option<String>,
+) -> Result<(), SetupError> {
+    crate::stack::queue_config(config.clone())
+        .validate()
+        .map_err(|e| {
+            let mut reason = e.to_string();
+            if e.field() == "retry_deadline_secs" {
+                reason.push_str(&format!(
+                    " (kling-batch waits at least {} hours of API time for a create: a batch is \
+                     a queue)",
+                    crate::stack::QUEUE_DEADLINE.as_secs() / 3600
+                ));
+            }
+            match speed_source {
+                Some(source) => SetupError::new(source, reason),
+                None => SetupError::new(e.field().to_owned(), reason),
+            }
+        })
 }
 
 async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
@@ -449,14 +483,17 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
             }
             None => format!("http://{bound}{CALLBACK_PATH}"),
         };
-        let secret = args
-            .callback_secret
-            .clone()
-            .or_else(|| std::env::var("KLING_WEBHOOK_SECRET").ok());
+        // A secret refused is named by where it came from: the option, else the variable.
+        let secret = match &args.callback_secret {
+            Some(secret) => Some(("--callback-secret", secret.clone())),
+            None => std::env::var("KLING_WEBHOOK_SECRET")
+                .ok()
+                .map(|secret| ("KLING_WEBHOOK_SECRET", secret)),
+        };
         let verifier = match secret {
-            Some(secret) => Some(
+            Some((source, secret)) => Some(
                 WebhookVerifier::new(&secret)
-                    .map_err(|e| SetupError::new("--callback-secret", e.to_string()))?,
+                    .map_err(|e| SetupError::new(source, e.to_string()))?,
             ),
             None => None,
         };
@@ -615,11 +652,12 @@ async fn build_stack(
     credentials: Credentials,
 ) -> Result<Stack, SetupError> {
     #[cfg(feature = "redis")]
-    if let Some(url) = args
-        .redis
-        .clone()
-        .or_else(|| std::env::var("KLING_REDIS_URL").ok())
-    {
+    if let Some((source, url)) = match &args.redis {
+        Some(url) => Some(("--redis", url.clone())),
+        None => std::env::var("KLING_REDIS_URL")
+            .ok()
+            .map(|url| ("KLING_REDIS_URL", url)),
+    } {
         use kling_tower::redis::{Connection, RedisConfig};
         let mut redis = RedisConfig::new(url);
         if let Some(prefix) = &args.redis_prefix {
@@ -628,10 +666,20 @@ async fn build_stack(
         // The URL is not echoed: it may hold a password.
         let connection = Connection::connect(redis)
             .await
-            .map_err(|e| SetupError::new("--redis", format!("cannot use that Redis: {e}")))?;
-        return Stack::shared(config, credentials, &args.base_url, connection);
+            .map_err(|e| SetupError::new(source, format!("cannot use that Redis: {e}")))?;
+        return Stack::shared(config, credentials, &args.base_url, connection)
+            .map_err(base_url_option);
     }
-    Stack::new(config, credentials, &args.base_url)
+    Stack::new(config, credentials, &args.base_url).map_err(base_url_option)
+}
+
+/// A stack's error about its `base_url` field, naming the option that set it.
+fn base_url_option(e: SetupError) -> SetupError {
+    if e.field() == "base_url" {
+        e.renamed("--base-url")
+    } else {
+        e
+    }
 }
 
 async fn demo(args: DemoArgs, stop: StopSignal) -> Result<i32, RunError> {
@@ -756,6 +804,36 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("base_url: \"<redacted>\""), "{text}");
+    }
+
+    /// A speed is judged by the configuration the run uses, its retry deadline raised to 48
+    /// hours of API time: `--speed 100000` left the preset's 10 minutes at 6 ms, under its
+    /// 15 ms jitter allowance, and was refused as `--jitter_allowance_ms` (no option), though
+    /// the run never uses that deadline; `--speed 0.001`, which stretches the 48 hours past
+    /// the year the stack takes, was refused only when the stack was built, as
+    /// `retry_deadline_secs`, a field no one set.
+    #[test]
+    fn a_speed_is_judged_by_the_runs_own_deadline_and_named_as_the_option() {
+        let args = |speed: &str| {
+            let argv = [
+                "kling-batch",
+                "run",
+                "j.jsonl",
+                "--tier",
+                "pro",
+                "--speed",
+                speed,
+            ];
+            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("a run")
+            };
+            args
+        };
+        let config = load_config(&args("100000")).unwrap();
+        assert_eq!(config.speed_factor(), 100_000.0);
+        let error = load_config(&args("0.001")).unwrap_err();
+        assert_eq!(error.field(), "--speed", "{error}");
+        assert!(error.to_string().contains("48 hours"), "{error}");
     }
 
     /// `--refetch-gone` does something only with `--download`: alone it is refused, not

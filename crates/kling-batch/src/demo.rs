@@ -108,9 +108,7 @@ pub async fn run_demo(
         return Err(SetupError::new("--jobs", "must be at least 1").into());
     }
     let config = demo_config(options.tier, options.speed);
-    config
-        .validate()
-        .map_err(|e| SetupError::new(format!("--{}", e.field()), e.to_string()))?;
+    crate::cli::check_speed(&config, Some("--speed".to_owned()))?;
     let secret = format!(
         "whsec_{}",
         base64::engine::general_purpose::STANDARD

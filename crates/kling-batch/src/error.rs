@@ -141,6 +141,14 @@ impl SetupError {
     pub fn field(&self) -> &str {
         &self.field
     }
+
+    /// The same error, naming `field` instead (a library's field as the option that set it).
+    pub(crate) fn renamed(self, field: impl Into<String>) -> Self {
+        SetupError {
+            field: field.into(),
+            ..self
+        }
+    }
 }
 
 impl fmt::Display for SetupError {
@@ -205,7 +213,9 @@ impl From<SetupError> for RunError {
 }
 
 /// A result file could not be saved.
-#[derive(Debug)]
+///
+/// Its `Debug` shows the URL as its `Display` does, without query and user info (a result
+/// URL's query is its signature); [`what`](Self::what) keeps it whole.
 pub struct DownloadError {
     what: String,
     source: Box<dyn std::error::Error + Send + Sync>,
@@ -243,6 +253,15 @@ impl DownloadError {
     pub fn is_gone(&self) -> bool {
         self.http_status()
             .is_some_and(crate::download::HttpStatus::is_final)
+    }
+}
+
+impl fmt::Debug for DownloadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DownloadError")
+            .field("what", &shown(&self.what))
+            .field("source", &self.source)
+            .finish()
     }
 }
 
@@ -330,6 +349,16 @@ mod tests {
             "download of https://cdn.example:8443/outputs/t/0.mp4: reset"
         );
         assert!(error.what().contains("SECRET"), "kept whole for the caller");
+        // Nor its `Debug`, which a caller's `{:?}` (an `unwrap`, a log) prints.
+        let debug = format!("{error:?}");
+        assert!(
+            !debug.contains("SECRET") && !debug.contains("pw"),
+            "{debug}"
+        );
+        assert!(
+            debug.contains("cdn.example:8443/outputs/t/0.mp4"),
+            "{debug}"
+        );
         let path = DownloadError::new("/tmp/out/0.part", std::io::Error::other("full"));
         assert_eq!(path.to_string(), "download of /tmp/out/0.part: full");
     }

@@ -88,15 +88,17 @@ fn tmp_path(path: &Path) -> std::path::PathBuf {
 
 /// Checks that [`write_results`] can write to `path`, before a run sends anything: the
 /// results of a run whose `-o` names a missing folder, a folder, or a place it may not write
-/// would otherwise be lost only once every job ran (and was paid for). Creates and removes
-/// the temporary file [`write_results`] uses; an existing file at `path` is left alone.
+/// would otherwise be lost only once every job ran (and was paid for). Creates and removes a
+/// file of its own beside `path` (named for this process); an existing file at `path`, and
+/// the temporary file of [`write_results`], are left alone: that one may be another run's,
+/// writing its results there (an overlapping run, which its journal then refuses).
 pub fn check_writable(path: &Path) -> std::io::Result<()> {
     if path.is_dir() {
         return Err(std::io::Error::other("is a directory"));
     }
-    let tmp = tmp_path(path);
-    std::fs::File::create(&tmp)?;
-    std::fs::remove_file(&tmp)
+    let probe = path.with_extension(format!("jsonl.check-{}", std::process::id()));
+    std::fs::File::create(&probe)?;
+    std::fs::remove_file(&probe)
 }
 
 /// Writes the records as JSONL to `path` (through a temporary file, on the disk before it is
@@ -126,4 +128,33 @@ pub fn write_results(path: &Path, records: &[JobRecord]) -> std::io::Result<()> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The check of a second run (an overlapping cron job, refused later by the journal)
+    /// truncated and removed the temporary file of the run writing its results: that run's
+    /// rename then failed, or, between the two, put a truncated file in place of its results.
+    #[test]
+    fn checking_an_output_leaves_another_runs_results_being_written_alone() {
+        let dir = std::env::temp_dir().join(format!("kling-batch-check-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let output = dir.join("jobs.results.jsonl");
+        let being_written = tmp_path(&output);
+        std::fs::write(&being_written, "{\"job_id\":\"a\"}\n").unwrap();
+        check_writable(&output).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&being_written).unwrap(),
+            "{\"job_id\":\"a\"}\n"
+        );
+        assert!(!output.exists());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no probe left");
+        // Still refused where nothing can be written.
+        assert!(check_writable(&dir.join("missing").join("out.jsonl")).is_err());
+        assert!(check_writable(&dir).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -133,10 +133,89 @@ async fn a_bad_config_names_the_field() {
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("slots"), "{stderr}");
 
-    // An option out of range names the option.
-    let output = finish(run_command(&jobs, "http://127.0.0.1:9", &["--speed", "0"])).await;
+    // An option out of range names the option. (Not through `run_command`, which gives
+    // `--speed` already: clap's "cannot be used multiple times" named it too.)
+    let output = finish(refused_run(&jobs, &["--speed", "0"])).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("--speed"), "{stderr}");
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("kling-batch: --speed: "), "{stderr}");
+}
+
+/// `kling-batch run JOBS` with `args`, against a port where nothing listens, with
+/// no `--speed` of its own and no `KLING_*` variable but the API key.
+fn refused_run(jobs: &std::path::Path, args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_kling-batch"));
+    cmd.arg("run").arg(jobs).arg("--quiet").args(args);
+    if !args.contains(&"--base-url") {
+        cmd.args(["--base-url", "http://127.0.0.1:9"]);
+    }
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(|n| n.starts_with("KLING_")) {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env("KLING_API_KEY", "k").kill_on_drop(true);
+    cmd
+}
+
+/// A setting refused names what set it: a speed so slow that the batch's 48-hour queue
+/// deadline comes to more than a year is named `--speed` (the file's `speed`,
+/// `KLING_SPEED`), not `retry_deadline_secs`, which no one set; a base URL `--base-url`, not
+/// `base_url`; a webhook secret from `KLING_WEBHOOK_SECRET` that variable, not
+/// `--callback-secret`; a Redis from `KLING_REDIS_URL` that variable, not `--redis`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_setting_names_the_option_file_or_variable_that_set_it() {
+    let dir = temp_dir("setting-names");
+    let jobs = dir.join("jobs.jsonl");
+    std::fs::write(&jobs, "{\"prompt\":\"x\"}\n").unwrap();
+    let config = dir.join("kling.toml");
+    std::fs::write(&config, "tier = \"pro\"\nspeed = 0.001\n").unwrap();
+    let config = config.to_str().unwrap();
+    let with_config = ["--config", config];
+    // The arguments, the variables set, and the name the refusal must give.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], String);
+    let mut cases: Vec<Case<'_>> = vec![
+        (
+            &["--tier", "pro", "--speed", "0.001"],
+            &[],
+            "--speed: ".to_owned(),
+        ),
+        (
+            &["--tier", "pro"],
+            &[("KLING_SPEED", "0.001")],
+            "KLING_SPEED: ".to_owned(),
+        ),
+        (&with_config, &[], format!("{config} (speed): ")),
+        (
+            &["--tier", "pro", "--base-url", "ftp://kling.example/"],
+            &[],
+            "--base-url: ".to_owned(),
+        ),
+        (
+            &["--tier", "pro", "--callback-listen", "127.0.0.1:0"],
+            &[("KLING_WEBHOOK_SECRET", "whsec_!!!")],
+            "KLING_WEBHOOK_SECRET: ".to_owned(),
+        ),
+    ];
+    if cfg!(feature = "redis") {
+        // Nothing listens on port 9: refused at once.
+        cases.push((
+            &["--tier", "pro"],
+            &[("KLING_REDIS_URL", "redis://127.0.0.1:9/")],
+            "KLING_REDIS_URL: ".to_owned(),
+        ));
+    }
+    for (args, vars, named) in cases {
+        let mut cmd = refused_run(&jobs, args);
+        cmd.envs(vars.iter().copied());
+        let output = finish(cmd).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("kling-batch: {named}")),
+            "{args:?} {vars:?}: names {named:?}: {stderr}"
+        );
+    }
 }
 
 /// A results file the run could not write (`-o` in a missing folder, the journal itself) or
