@@ -28,8 +28,8 @@ use crate::service::Tap;
 pin_project! {
     /// Waits for the inner call inside the request's span, then records its metrics.
     ///
-    /// Dropped before the call ended, it records nothing but the request it may have sent
-    /// (see [`Call::dropped`]).
+    /// Dropped before the call ended (once polled), it records the call as cancelled and
+    /// counts the request it may have sent (see [`Call::dropped`]).
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
@@ -40,10 +40,11 @@ pin_project! {
     impl<F> PinnedDrop for ResponseFuture<F> {
         fn drop(this: Pin<&mut Self>) {
             // Not while a panic unwinds: a warning hook that panicked too would abort.
-            if let Some(call) = this.project().call.take()
+            let this = this.project();
+            if let Some(call) = this.call.take()
                 && !std::thread::panicking()
             {
-                call.dropped();
+                call.dropped(this.span);
             }
         }
     }
@@ -130,8 +131,12 @@ impl Call {
     }
 
     /// The call's future was dropped before its answer (a caller's timeout, a cancelled job).
+    /// Once polled, it is recorded as a call that ended at the drop with `status="error"` and
+    /// `code="cancelled"`: the calls a caller's deadline cuts short are the slowest, and left
+    /// out, the duration histogram's tail read short. Never polled, it made no call.
+    ///
     /// A classify step below counts its requests itself, each at the instant it was sent, the
-    /// one in flight included (see [`Tap`]): nothing to do here.
+    /// one in flight included (see [`Tap`]).
     ///
     /// With no classify step below, its request counts in the rate window, as an answered
     /// one does, when it may have left and so reached Kling, which counts it against the
@@ -141,14 +146,25 @@ impl Call {
     /// that made no task). One request, whichever attempt was under way: nothing tells this
     /// layer how many attempts went before, so an attempt answered and retried (a 1303, a
     /// 5000) is not counted, nor is a dropped request of another kind.
-    fn dropped(self) {
-        if self.polled
-            && !self.counted_below()
+    fn dropped(mut self, span: &Span) {
+        if !self.polled {
+            return;
+        }
+        let end = Instant::now();
+        if !self.counted_below()
             && let Some(watch) = &self.watch
             && !watch.never_sent()
         {
-            self.monitor.note_requests(Instant::now(), 1);
+            self.monitor.note_requests(end, 1);
         }
+        // No answer showed the pool exists.
+        labels::settle_pool(&mut self.pool, || false);
+        self.record(
+            labels::Status::None,
+            labels::CodeLabel::Cancelled,
+            end,
+            span,
+        );
     }
 
     fn response(mut self, response: &mut Response<Full<Bytes>>, span: &Span) {
@@ -353,16 +369,16 @@ fn pool_shown(code: Code) -> bool {
 /// ([`Attempts`]), less its last request when that never left; else one, or none for a request
 /// refused in this process (a limiter's, the drain's refusal) or one that never left the client.
 /// With the number of the attempt that ended the call, when a retry layer reported it (its
-/// count, the last request included).
+/// count, the last request included). The report is looked for through an `io::Error` or an
+/// `Arc` an adapter wrapped it in, as kling-core reads a chain ([`kling_core::error::chain`]):
+/// their own `source` skips it.
 fn requests_sent(error: &(dyn StdError + 'static)) -> (u32, Option<u32>) {
-    let mut current = Some(error);
-    while let Some(link) = current {
-        if let Some(attempts) = link.downcast_ref::<Attempts>() {
-            let last_unsent = SendState::of(attempts.last()) == SendState::NotSent;
-            let sent = attempts.sent().saturating_sub(u32::from(last_unsent));
-            return (sent, Some(attempts.sent()));
-        }
-        current = link.source();
+    if let Some(attempts) =
+        kling_core::error::chain(error).find_map(|link| link.downcast_ref::<Attempts>())
+    {
+        let last_unsent = SendState::of(attempts.last()) == SendState::NotSent;
+        let sent = attempts.sent().saturating_sub(u32::from(last_unsent));
+        return (sent, Some(attempts.sent()));
     }
     (u32::from(SendState::of(error) != SendState::NotSent), None)
 }

@@ -21,6 +21,9 @@ pub(crate) const NO_STATUS: &str = "error";
 pub(crate) const NO_CODE: &str = "error";
 /// The `code` label of a response whose body was not a Kling envelope.
 pub(crate) const MALFORMED: &str = "malformed";
+/// The `code` label of a call whose caller dropped it before it ended (a timeout around the
+/// stack, a cancelled job).
+pub(crate) const CANCELLED: &str = "cancelled";
 
 /// The `status` values with an index (the common HTTP statuses, then [`NO_STATUS`]).
 const STATUSES: [&str; 14] = [
@@ -28,11 +31,12 @@ const STATUSES: [&str; 14] = [
     NO_STATUS,
 ];
 
-/// The `code` values with an index (the documented codes, then [`NO_CODE`] and [`MALFORMED`]).
-const CODES: [&str; 24] = [
+/// The `code` values with an index (the documented codes, then [`NO_CODE`], [`MALFORMED`] and
+/// [`CANCELLED`]).
+const CODES: [&str; 25] = [
     "0", "1000", "1001", "1002", "1003", "1004", "1100", "1101", "1102", "1103", "1200", "1201",
     "1202", "1203", "1300", "1301", "1302", "1303", "1304", "5000", "5001", "5002", NO_CODE,
-    MALFORMED,
+    MALFORMED, CANCELLED,
 ];
 
 /// The `kind` values with an index, in [`kind_index`] order.
@@ -170,12 +174,13 @@ fn uncommon_status(status: u16) -> Value {
 }
 
 /// A call's `code` label: the Kling business code, none (no envelope: a transport error, a
-/// timeout) or malformed (a body that was no envelope).
+/// timeout), malformed (a body that was no envelope) or cancelled (its caller dropped it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum CodeLabel {
     Kling(Code),
     None,
     Malformed,
+    Cancelled,
 }
 
 impl CodeLabel {
@@ -185,6 +190,7 @@ impl CodeLabel {
             CodeLabel::Kling(code) => code,
             CodeLabel::None => return Some(22),
             CodeLabel::Malformed => return Some(23),
+            CodeLabel::Cancelled => return Some(24),
         };
         Some(match code.as_i64() {
             0 => 0,
@@ -220,6 +226,7 @@ impl CodeLabel {
             (None, CodeLabel::Kling(code)) => undocumented_code(code.as_i64()),
             (None, CodeLabel::None) => Value::built(NO_CODE.to_owned()),
             (None, CodeLabel::Malformed) => Value::built(MALFORMED.to_owned()),
+            (None, CodeLabel::Cancelled) => Value::built(CANCELLED.to_owned()),
         }
     }
 
@@ -428,7 +435,7 @@ pub(crate) static METADATA: Metadata<'static> =
 /// test) registers from the keys on each call.
 ///
 /// The label arrays are leaked to get the `'static` slices a [`Key`] borrows; the combinations
-/// are finite (5 kinds × 67 pools × 14 statuses × 24 codes at the very most), so the leak is
+/// are finite (5 kinds × 67 pools × 14 statuses × 25 codes at the very most), so the leak is
 /// bounded.
 static CALL_KEYS: [OnceLock<Box<[OnceLock<CallKeys>]>>; KINDS * POOLS] =
     [const { OnceLock::new() }; KINDS * POOLS];
@@ -499,6 +506,7 @@ mod tests {
         );
         assert_eq!(CodeLabel::None.value().as_str(), NO_CODE);
         assert_eq!(CodeLabel::Malformed.value().as_str(), MALFORMED);
+        assert_eq!(CodeLabel::Cancelled.value().as_str(), CANCELLED);
         for s in [
             200u16, 201, 204, 400, 401, 403, 404, 408, 418, 429, 500, 502, 503, 504,
         ] {
@@ -527,11 +535,11 @@ mod tests {
         }
         assert_eq!(indexed, STATUSES.len(), "every status has one index");
         let mut indexed = 0;
-        for label in Code::DOCUMENTED
-            .into_iter()
-            .map(CodeLabel::Kling)
-            .chain([CodeLabel::None, CodeLabel::Malformed])
-        {
+        for label in Code::DOCUMENTED.into_iter().map(CodeLabel::Kling).chain([
+            CodeLabel::None,
+            CodeLabel::Malformed,
+            CodeLabel::Cancelled,
+        ]) {
             let at = label.index().expect("indexed");
             assert_eq!(label.value().indexed(), Some((CODES[at], at)));
             indexed += 1;

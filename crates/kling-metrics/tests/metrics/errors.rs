@@ -471,3 +471,87 @@ async fn a_429_with_code_0_and_a_task_is_a_created_task_and_no_rejection() {
     assert_eq!(snapshot.rejections_of(1303), 1);
     assert_eq!((snapshot.tasks.created, snapshot.tasks.running), (2, 2));
 }
+
+/// A call its caller dropped (a timeout around the stack, a cancelled job) is often the
+/// slowest of all: its duration up to the drop is recorded, with `status="error"` and
+/// `code="cancelled"`, and it counts among the responses, so the histogram's tail and the
+/// response counts see it. A future dropped before it was ever polled made no call and records
+/// nothing; one dropped after its answer was recorded once, when answered.
+#[tokio::test(start_paused = true)]
+async fn a_call_its_caller_dropped_is_recorded_as_cancelled() {
+    use std::time::Duration;
+
+    use tower::Service;
+
+    use crate::support::Capture;
+
+    const CREATED: &str = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":{"task_id":"t-c","task_status":"submitted"}}"#;
+    let recording = Recording::start();
+    let capture = Capture::default();
+    let _tracing = tracing::subscriber::set_default(capture.clone());
+    // Kling answers ten minutes after a create is sent.
+    let slow = tower::service_fn(|_req: http::Request<Full<Bytes>>| async {
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from_static(
+            CREATED.as_bytes(),
+        ))))
+    });
+    let stack = MetricsLayer::new().layer(ClassifyLayer::new().layer(slow));
+    let create = || request("POST", "/v1/videos/text2video", "{}", "k");
+
+    let cut_short = tokio::time::timeout(Duration::from_secs(5), stack.clone().oneshot(create()));
+    assert!(cut_short.await.is_err(), "timed out");
+    let recorded = recording.take();
+    let labels = pairs(&[
+        ("kind", "create"),
+        ("pool", "video"),
+        ("status", "error"),
+        ("code", "cancelled"),
+    ]);
+    let duration = recorded.get(&(REQUEST_DURATION.to_owned(), labels));
+    assert_eq!(
+        duration.map(|(_, value)| value),
+        Some(&Value::Histogram(vec![5.0])),
+        "{recorded:?}"
+    );
+    let responses = (
+        RESPONSES.to_owned(),
+        pairs(&[("kind", "create"), ("code", "cancelled")]),
+    );
+    assert_eq!(
+        recorded.get(&responses).map(|(_, value)| value),
+        Some(&Value::Counter(1))
+    );
+    let span = capture
+        .spans()
+        .into_iter()
+        .find(|span| span.name == "kling.request")
+        .expect("a span");
+    assert_eq!(
+        (span.field("status"), span.field("code")),
+        (Some("error"), Some("cancelled"))
+    );
+
+    // Never polled: no call was made.
+    let mut service = stack.clone();
+    let unpolled = service.ready().await.unwrap().call(create());
+    drop(unpolled);
+    assert!(recording.take().is_empty(), "never polled");
+
+    // Answered, then dropped: recorded once, as answered.
+    let answered = tokio::time::timeout(Duration::from_secs(601), stack.oneshot(create()));
+    assert!(answered.await.is_ok());
+    let recorded = recording.take();
+    let durations: Vec<_> = recorded
+        .iter()
+        .filter(|((name, _), _)| name == REQUEST_DURATION)
+        .collect();
+    assert_eq!(durations.len(), 1, "{recorded:?}");
+    assert!(
+        durations[0]
+            .0
+            .1
+            .contains(&("code".to_owned(), "0".to_owned())),
+        "{durations:?}"
+    );
+}

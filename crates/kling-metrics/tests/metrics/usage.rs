@@ -365,6 +365,49 @@ async fn a_failed_call_counts_the_requests_its_retries_sent() {
     );
 }
 
+/// A retry layer's report (`Attempts`) that an adapter wrapped in an `io::Error` or an `Arc`
+/// (whose `source` skips what they wrap) is read as kling-core reads a chain: the call counts
+/// the six requests it sent, not one, and its span says the sixth attempt ended it.
+#[tokio::test(start_paused = true)]
+async fn a_retry_report_wrapped_by_an_adapter_counts_every_request_it_sent() {
+    use kling_core::error::{Attempts, BoxError};
+
+    let capture = Capture::default();
+    let _tracing = tracing::subscriber::set_default(capture.clone());
+    let monitor = Monitor::builder()
+        .rate_quota(60, Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = calls.clone();
+    let retried = tower::service_fn(move |_req: http::Request<Full<Bytes>>| {
+        let n = seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let report = Attempts::new(6, false, "code 5000 six times");
+            let error: BoxError = if n == 0 {
+                Box::new(std::io::Error::other(report))
+            } else {
+                let shared: Arc<dyn std::error::Error + Send + Sync> = Arc::new(report);
+                Box::new(shared)
+            };
+            Err::<http::Response<Full<Bytes>>, _>(error)
+        }
+    });
+    let stack = MetricsLayer::with_monitor(monitor.clone()).layer(retried);
+    let query = || request("GET", "/v1/videos/text2video/t-1", "", "k");
+    stack.clone().oneshot(query()).await.unwrap_err();
+    assert_eq!(monitor.snapshot().rate.requests, 6, "in an io::Error");
+    stack.oneshot(query()).await.unwrap_err();
+    assert_eq!(monitor.snapshot().rate.requests, 12, "in an Arc");
+    let attempts: Vec<_> = capture
+        .spans()
+        .into_iter()
+        .filter(|span| span.name == "kling.request")
+        .map(|span| span.field("attempt").map(str::to_owned))
+        .collect();
+    assert_eq!(attempts, [Some("6".to_owned()), Some("6".to_owned())]);
+}
+
 /// A failed call's span says which attempt ended it, as a successful call's does: the number
 /// of requests a retry layer's error reports (`kling_core::error::Attempts`), its last one
 /// refused before it left or not, a Kling error inside or not. An error with no such report
