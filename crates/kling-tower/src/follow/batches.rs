@@ -33,6 +33,10 @@ pub(super) struct BatchState {
     pub(super) tracked: HashMap<u64, Tracked>,
     next_key: u64,
     next_claim: u64,
+    /// A successful answer to a batch of several external ids has left one out: the server
+    /// lists the ids it finds rather than refuse the batch, so its `1203` to such a batch
+    /// means it lists none of them.
+    pub(super) lists_found_only: bool,
 }
 
 impl BatchState {
@@ -72,7 +76,7 @@ impl Batches {
     /// The next batch query of the call whose tasks are `mine`, if one of them is due: its due
     /// tasks (soonest first), then other calls' due tasks, then tasks due within `soon`
     /// (soonest first; not those just answered, whose next query is at least that far, nor
-    /// those backing off from a failed query), each id once, up to `batch_size`. A task a
+    /// those backing off from a failed query), each id once, up to `batch_size`. A task id a
     /// batch answer left out ([`Tracked::alone`]) is asked about alone. The tasks asked about
     /// are marked until the answer is applied or the [`Claimed`] is dropped. An id a query on
     /// its way asks about is left out (its tasks take that query's mark and wait for its

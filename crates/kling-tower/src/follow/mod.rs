@@ -10,7 +10,7 @@
 //! wait for its answer rather than ask again, for at most four times the longest interval (so
 //! a query that hangs holds them up no longer than that), and the sending call stops waiting
 //! for its own only when its tasks have ended or another call's answer has made one due
-//! again. A task a batch answer leaves out is then asked about alone
+//! again. A task id a batch answer leaves out is then asked about alone
 //! until an answer reports it, so an unknown id still meets its `1203`; so is every task of a
 //! batch refused with a code one id may cause (`1203`, `1200`, `1201`, or one Kling has not
 //! documented), rather than failing the other calls' tasks with it.
@@ -20,8 +20,12 @@
 //! call whose due tasks are of both kinds sends one query of each. Its answer's report is
 //! matched on its `external_id`, and names the task id the follow ends with. An external id
 //! no answer lists, even asked about alone (`1203`), is asked about again until the deadline
-//! rather than declared gone: the create may not be listed yet. A task id and an external id
-//! that read the same are different tasks.
+//! rather than declared gone: the create may not be listed yet. It stays in batches: a
+//! successful batch answer that leaves it out says what a lone `1203` says; one asked about
+//! alone (its batch refused) goes back into batches at its `1203`; and once a successful
+//! answer has left an external id out (the server lists what it finds), a `1203` to a batch
+//! of them means none is listed, and none is asked about alone (asked about alone, they ate
+//! the rate creates need). A task id and an external id that read the same are different tasks.
 //! Legacy tasks are queried one by one at `{create path}/{task_id}`. When callbacks are configured
 //! ([`FollowPolicy::callbacks_first`]) a task delivered through [`Follower::deliver`] ends at
 //! once and queries only run as a slow safety net.
@@ -351,8 +355,9 @@ impl TaskRef {
     /// answer was lost), queried with `GET /tasks?external_task_ids=…`: batched apart from
     /// task-id queries (Kling takes no mix), the answer's report matched on its `external_id`.
     /// The follow ends with that report, which names the task id. An external id no answer
-    /// lists yet (`1203`, or left out) is asked about again until the deadline, not given up:
-    /// the create may not be listed yet. Errors name the external id as their `task_id`.
+    /// lists yet (`1203`, or left out) is asked about again until the deadline, not given up
+    /// (the create may not be listed yet), in batches. Errors name the external id as their
+    /// `task_id`.
     pub fn new_style_external(external_id: impl Into<String>) -> Self {
         TaskRef {
             external: true,
@@ -770,8 +775,9 @@ struct Tracked {
     result: Option<Result<TaskReport, FollowError>>,
     /// In a batch query on its way: the claim's number, and when it was sent.
     asked: Option<(u64, Instant)>,
-    /// A batch answer left this task out: it is asked about alone (an unknown id then meets
-    /// its `1203`).
+    /// A batch answer left this task id out, or refused a batch of several with a code one id
+    /// may cause: it is asked about alone (an unknown id then meets its `1203`). An external
+    /// id goes back into batches at its lone `1203`.
     alone: bool,
     /// Its result is a report just found on the board, not yet given to the other calls that
     /// follow the same task.
@@ -1209,17 +1215,33 @@ where
         }
         let now = Instant::now();
         let several = claimed.ids.len() > 1;
+        let lists_found_only = claimed.external && several && {
+            let left_out = matches!(&answer, Answer::Reports(outcome) if claimed.ids.iter().any(
+                |id| !outcome.tasks().iter().any(|r| r.external_id.as_deref() == Some(id))
+            ));
+            let mut state = self.batches.lock();
+            state.lists_found_only |= left_out;
+            state.lists_found_only
+        };
         self.batches.answer(&claimed, |t| match &answer {
+            // A server seen leaving external ids it does not list out of a batch answer refuses
+            // a batch of them only when it lists none: each is not listed yet (`settle`).
+            Answer::Final(error) if lists_found_only && error.code() == Code::NotFound => {
+                self.settle(t, &answer, now);
+            }
             // Kling may refuse a whole batch for one unknown id (or, by its code, for something
             // one id may cause): ask about each alone.
             Answer::Final(error) if several && one_id_may_cause(error.code()) => {
                 t.alone = true;
                 t.next_at = now;
             }
-            // A batch answer that leaves a task out: ask about it alone, where an unknown id
-            // meets its `1203`.
+            // A batch answer that leaves a task id out: ask about it alone, where an unknown
+            // id meets its `1203`. An external id left out is not listed yet, as a lone `1203`
+            // would say (`settle`): it stays in batches.
             Answer::Reports(outcome)
-                if several && !outcome.tasks().iter().any(|r| t.task.reported_by(r)) =>
+                if several
+                    && !t.task.external
+                    && !outcome.tasks().iter().any(|r| t.task.reported_by(r)) =>
             {
                 t.alone = true;
                 t.next_at = now;
@@ -1359,6 +1381,8 @@ where
             // on its way and may still arrive). Asked about again, until the deadline.
             Answer::Final(error) if t.task.external && error.code() == Code::NotFound => {
                 t.errors = 0;
+                // Back into batches: asked alone, it would stay alone until listed.
+                t.alone = false;
                 t.next_at = later(now, self.policy.interval(now - t.started));
             }
             Answer::Final(error) => {

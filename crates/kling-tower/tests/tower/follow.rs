@@ -1,3 +1,4 @@
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -2267,4 +2268,148 @@ async fn a_task_past_its_deadline_when_following_starts_is_asked_about_once() {
     }
     assert_eq!(long.stats().requests_total - before, 1);
     assert_eq!(start.elapsed(), Duration::from_secs(30));
+}
+
+/// How many queries one task followed alone from its start until `deadline` takes under
+/// `policy` when every answer is "still running": its first query, then one per interval.
+fn queries_until(policy: &FollowPolicy, first: Duration, deadline: Duration) -> usize {
+    let (mut at, mut queries) = (first, 0);
+    while at < deadline {
+        queries += 1;
+        at += policy.interval(at);
+    }
+    queries
+}
+
+/// 20 external ids no create carries and one real task created with the external id `real`
+/// (ending `run` seconds after its create), all followed by external id in one call with a
+/// 600 s deadline against the mock: each result, and every query's URI.
+async fn twenty_unknown_external_ids_and_a_real_one(
+    run: u64,
+) -> (Vec<Result<TaskReport, FollowError>>, Vec<String>) {
+    let classify = ClassifyLayer::new().layer(mock(run, run));
+    let task = create_with(
+        &classify,
+        "/text-to-video/kling-3.0",
+        &with_external_id("real"),
+    )
+    .await;
+    let (service, uris) = logging_uris(classify);
+    let one = follower(
+        service,
+        FollowPolicy::new().deadline(Duration::from_secs(600)),
+    );
+    let mut tasks: Vec<TaskRef> = (0..20)
+        .map(|i| TaskRef::new_style_external(format!("lost-{i}")))
+        .collect();
+    tasks.insert(7, TaskRef::new_style_external("real"));
+    let results = one.follow_many(tasks).await;
+    let done = results[7].as_ref().unwrap();
+    assert_eq!((&done.id, &done.status), (&task.id, &TaskStatus::Succeeded));
+    for (i, result) in results.iter().enumerate().filter(|(i, _)| *i != 7) {
+        assert!(
+            matches!(
+                result,
+                Err(FollowError::DeadlineExceeded {
+                    last_status: None,
+                    ..
+                })
+            ),
+            "{i}: {result:?}"
+        );
+    }
+    let uris = uris.lock().unwrap().clone();
+    (results, uris)
+}
+
+/// External ids no answer lists are asked about in batches for the whole deadline, not alone:
+/// a successful batch answer that leaves one out says what a lone `1203` says ("not listed
+/// yet"), and the mock, seen leaving them out, refuses a batch with `1203` only when it lists
+/// none of its ids. Asked about alone from the first answer on, 20 such ids beside one real
+/// task took 674 queries in 600 s (692 with the real task ending at 550 s); with a lone `1203`
+/// sending them back into batches only, 413 (53). Batched, they take no more than one task
+/// followed alone, which the policy gives: its first query at 5 s, then one per interval (33).
+#[tokio::test(start_paused = true)]
+async fn external_ids_no_answer_lists_stay_in_batches() {
+    let batched = queries_until(
+        &FollowPolicy::new(),
+        Duration::from_secs(5),
+        Duration::from_secs(600),
+    );
+    // The real task ends early (the lost ids then alone in their batches) and late.
+    for run in [60, 550] {
+        let (_, uris) = twenty_unknown_external_ids_and_a_real_one(run).await;
+        assert!(
+            uris.len() <= batched,
+            "ran {run} s: {} queries, batched {batched}: {uris:?}",
+            uris.len()
+        );
+        assert!(
+            uris.iter()
+                .all(|u| u.contains("lost-0,") && u.contains("lost-19")),
+            "ran {run} s: every query asks about every lost id: {uris:?}"
+        );
+    }
+}
+
+/// A batch of external ids refused whole with `1203`, as Kling may refuse one with an id it
+/// does not list (not the mock's way): each id is asked about alone once, the real one is
+/// found, and those that meet `1203` alone go back into one batch, not alone for ever.
+#[tokio::test(start_paused = true)]
+async fn external_ids_refused_in_a_batch_are_asked_alone_once_then_batched_again() {
+    let classify = ClassifyLayer::new().layer(mock(20, 20));
+    let task = create_with(
+        &classify,
+        "/text-to-video/kling-3.0",
+        &with_external_id("real"),
+    )
+    .await;
+    let uris: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = uris.clone();
+    let service = ServiceBuilder::new()
+        .map_request(move |mut req: http::Request<Full<Bytes>>| {
+            let uri = req.uri().to_string();
+            if uri.contains(',') && uri.contains("lost-") {
+                *req.uri_mut() = "/tasks?external_task_ids=lost-0".parse().unwrap();
+            }
+            log.lock().unwrap().push(uri);
+            req
+        })
+        .service(classify);
+    let one = follower(
+        service,
+        FollowPolicy::new().deadline(Duration::from_secs(60)),
+    );
+    let results = one
+        .follow_many(vec![
+            TaskRef::new_style_external("lost-0"),
+            TaskRef::new_style_external("real"),
+            TaskRef::new_style_external("lost-1"),
+        ])
+        .await;
+    assert_eq!(results[1].as_ref().unwrap().id, task.id);
+    for result in [&results[0], &results[2]] {
+        assert!(
+            matches!(result, Err(FollowError::DeadlineExceeded { .. })),
+            "{result:?}"
+        );
+    }
+    let uris = uris.lock().unwrap();
+    let by = |ids: &str| format!("/tasks?external_task_ids={ids}");
+    assert_eq!(uris[0], by("lost-0,real,lost-1"), "{uris:?}");
+    let mut alone: Vec<&str> = uris[1..4].iter().map(String::as_str).collect();
+    alone.sort_unstable();
+    assert_eq!(alone, [by("lost-0"), by("lost-1"), by("real")], "{uris:?}");
+    assert_eq!(uris[4], by("lost-0,real,lost-1"), "batched again: {uris:?}");
+    // Refused again and again: never asked about alone twice in a row.
+    let mut last_alone: HashMap<&str, bool> = HashMap::new();
+    for uri in uris.iter() {
+        let ids = uri.trim_start_matches("/tasks?external_task_ids=");
+        let alone = !ids.contains(',');
+        for id in ids.split(',') {
+            let before = last_alone.insert(id, alone).unwrap_or(false);
+            assert!(!(alone && before), "{id} alone twice in a row: {uris:?}");
+        }
+    }
+    assert!(uris.len() > 8, "refused more than once: {uris:?}");
 }
