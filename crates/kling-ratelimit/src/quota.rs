@@ -177,10 +177,19 @@ impl Quota {
         }
     }
 
-    /// The governor quota with the same parameters (only for valid quotas).
+    /// The governor quota with the same parameters. An invalid quota (a [`Policy`] is public,
+    /// so one may reach a backend unchecked) is brought within the bounds a valid one keeps,
+    /// rather than panic in governor (an interval past 584 years) or overflow its arithmetic.
+    ///
+    /// [`Policy`]: crate::Policy
     pub(crate) fn to_governor(self) -> governor::Quota {
-        let burst = std::num::NonZeroU32::new(self.burst.max(1)).expect("at least 1");
-        governor::Quota::with_period(self.period.max(MIN_PERIOD))
+        let period = self
+            .period
+            .clamp(MIN_PERIOD, Duration::from_nanos(MAX_PERIOD_NANOS));
+        let widest = MAX_BURST_WINDOW_NANOS / period.as_nanos() as u64;
+        let burst = u64::from(self.burst).clamp(1, u64::from(MAX_BURST).min(widest));
+        let burst = std::num::NonZeroU32::new(burst as u32).expect("at least 1");
+        governor::Quota::with_period(period)
             .expect("non-zero period")
             .allow_burst(burst)
     }

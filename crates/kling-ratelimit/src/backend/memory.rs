@@ -59,6 +59,11 @@ thread_local! {
     /// test makes a decision there, as another thread could.
     static JUDGED_IDLE: RefCell<Option<SweepHook>> =
         const { RefCell::new(None) };
+    /// Run by a decision on this thread as it ends a pause, between the burst's spending and
+    /// the mark's clearing: a test makes a decision without the lock there, as another thread
+    /// could.
+    static ENDING_PAUSE: RefCell<Option<SweepHook>> =
+        const { RefCell::new(None) };
 }
 
 thread_local! {
@@ -257,8 +262,16 @@ impl Entry {
                 };
             }
             self.cooldown_until = None;
-            self.generation.paused_until.store(0, Ordering::Release);
+            // The burst is spent before the mark that sends decisions without the lock here
+            // is cleared: one made in between would find the burst whole.
             self.spend_burst_at(until, base);
+            #[cfg(test)]
+            ENDING_PAUSE.with_borrow_mut(|hook| {
+                if let Some(hook) = hook {
+                    hook(&self.generation);
+                }
+            });
+            self.generation.paused_until.store(0, Ordering::Release);
         }
         let quota = self.effective(policy);
         let at = nanos_since(now, base);
@@ -352,6 +365,12 @@ impl Entry {
         let paid_off = self
             .tat(base)
             .unwrap_or(base + Duration::from_nanos(self.generation.start));
+        // A pause no decision has cleared yet still owes its spent burst
+        // ([`Entry::spend_burst_at`]): dropped before that is paid off, the key would come
+        // back with its whole burst at the pause's end.
+        let paid_off = self.cooldown_until.map_or(paid_off, |until| {
+            paid_off.max(later(until, Duration::from_nanos(self.generation.tau)))
+        });
         self.cooldown_until.is_none_or(|until| until <= now)
             && self.streak_expires.is_none_or(|at| at <= now)
             && paid_off <= now
@@ -469,9 +488,10 @@ impl Recent {
 /// compare-and-swap on the key's governor state); anything else takes one lock. An adaptive
 /// key at its ceiling, where a success changes nothing, says so
 /// ([`Backend::adaptive_at_ceiling`]), so its successes are not reported either. Keys are
-/// dropped once idle — their GCRA state paid off, no cooldown or streak running, and for
-/// adaptive keys no traffic for the idle TTL (ten minutes unless set) — in sweeps that cost
-/// O(1) amortized per locked decision, so the map stays bounded by the keys active recently.
+/// dropped once idle — their GCRA state paid off (the burst a pause's end spends included),
+/// no cooldown or streak running, and for adaptive keys no traffic for the idle TTL (ten
+/// minutes unless set) — in sweeps that cost O(1) amortized per locked decision, so the map
+/// stays bounded by the keys active recently.
 ///
 /// Decisions of one key made at the same time on several threads may reach its state in
 /// another order than their instants; GCRA still admits no more than the quota in any window
@@ -1572,6 +1592,150 @@ mod tests {
             .filter(|_| backend.acquire_now(&key, &p) == Decision::Admit)
             .count();
         assert_eq!(admitted, burst as usize);
+    }
+
+    /// A pause ends with the key's burst spent, though no decision came yet to spend it: a
+    /// sweep after the pause's end, before the key's next decision, keeps the key, so the burst
+    /// builds up from the pause's end. (Dropped as paid off, the key came back with its whole
+    /// burst: five requests at once into a server that had just asked for a pause.) A
+    /// `Retry-After`, and a 1302 once its streak's window is over.
+    #[tokio::test(start_paused = true)]
+    async fn a_sweep_after_a_pause_keeps_the_burst_spent() {
+        let backend = InProcess::new();
+        let cooldown = Cooldown::new().window(Duration::from_secs(1));
+        let p = Policy::new(Quota::per_second(1.0).with_burst(5), cooldown);
+        for throttled in [false, true] {
+            let key = BucketKey::account(Some(AccountId::new(format!("{throttled}"))));
+            assert_eq!(backend.acquire_now(&key, &p), Decision::Admit);
+            let now = Instant::now();
+            let resume = now + Duration::from_secs(70);
+            let reported = backend.feedback_now(
+                &key,
+                &p,
+                Feedback::Pause {
+                    sent_at: now,
+                    received_at: now,
+                    resume_at: Some(resume),
+                    throttled,
+                },
+            );
+            assert_eq!(reported.cooldown_until, Some(resume));
+            // Two seconds after the pause's end (past the 1 s streak window): one request
+            // then and one a second since, so three, not the burst of five.
+            tokio::time::advance(Duration::from_secs(72)).await;
+            for expected in [3, 1, 1] {
+                backend.sweep();
+                let admitted = (0..5)
+                    .filter(|_| backend.acquire_now(&key, &p) == Decision::Admit)
+                    .count();
+                assert_eq!(admitted, expected, "throttled: {throttled}");
+                tokio::time::advance(Duration::from_secs(1)).await;
+            }
+        }
+    }
+
+    /// A pause ends with the burst spent for the decisions made without the lock too: one
+    /// that another thread makes as the pause ends, while the deciding thread holds the lock,
+    /// either sees the pause still marked (and asks under the lock) or the burst spent.
+    /// (The mark was cleared first: a decision in between found the whole burst, and two
+    /// requests went at the pause's end where one may.)
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_ends_with_the_burst_spent_for_decisions_without_the_lock() {
+        let backend = Arc::new(InProcess::new());
+        let key = BucketKey::account(Some(AccountId::interned("ending")));
+        let p = policy(Quota::per_second(1.0).with_burst(3));
+        assert_eq!(backend.acquire_now(&key, &p), Decision::Admit);
+        assert!(backend.remembered(&key).is_some());
+        let now = Instant::now();
+        let resume = now + Duration::from_secs(10);
+        backend.feedback_now(
+            &key,
+            &p,
+            Feedback::Pause {
+                sent_at: now,
+                received_at: now,
+                resume_at: Some(resume),
+                throttled: false,
+            },
+        );
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let slipped_in = Arc::new(Mutex::new(Vec::new()));
+        let (record, other, key2, p2) = (
+            Arc::clone(&slipped_in),
+            Arc::clone(&backend),
+            key.clone(),
+            p,
+        );
+        ENDING_PAUSE.set(Some(Box::new(move |_: &Arc<Generation>| {
+            // The lock is held: decide as a thread that remembers the limiter does.
+            let decided = other.decide_remembered(&key2, &p2, Instant::now());
+            record.lock().unwrap().push(decided);
+        })));
+        let decision = backend.acquire_now(&key, &p);
+        ENDING_PAUSE.set(None);
+        let slipped_in = slipped_in.lock().unwrap().clone();
+        let admitted = slipped_in
+            .iter()
+            .chain([&Some(decision)])
+            .filter(|d| **d == Some(Decision::Admit))
+            .count();
+        assert_eq!(
+            admitted, 1,
+            "one at the pause's end: {slipped_in:?} {decision:?}"
+        );
+    }
+
+    /// A quota handed in unchecked (a `Policy` is public) decides, pauses and adapts without
+    /// a panic: an interval past governor's 584 years panicked at the key's first decision.
+    /// It is held to the slowest quota a valid one may be.
+    #[tokio::test(start_paused = true)]
+    async fn an_unchecked_quota_does_not_panic() {
+        let backend = InProcess::new();
+        let quotas = [
+            Quota::with_period(Duration::MAX),
+            Quota::with_period(Duration::MAX).with_burst(u32::MAX),
+            Quota::with_period(Duration::from_secs(3600)).with_burst(u32::MAX),
+            Quota::per_second(0.0),
+            Quota::per_second(1.0).with_burst(0),
+        ];
+        for (i, quota) in quotas.into_iter().enumerate() {
+            assert!(quota.validate().is_err(), "{quota:?}");
+            let adaptive = Some(crate::policy::Adaptive::new());
+            for (j, p) in [policy(quota), policy(quota).with_adaptive(adaptive)]
+                .into_iter()
+                .enumerate()
+            {
+                let key = BucketKey::account(Some(AccountId::new(format!("q{i}-{j}"))));
+                assert_eq!(backend.acquire_now(&key, &p), Decision::Admit, "{quota:?}");
+                let now = Instant::now();
+                let pause = Feedback::Pause {
+                    sent_at: now,
+                    received_at: now,
+                    resume_at: None,
+                    throttled: true,
+                };
+                backend.feedback_now(&key, &p, pause);
+                tokio::time::advance(Duration::from_secs(100)).await;
+                let _ = backend.acquire_now(&key, &p);
+                let success = Feedback::Success {
+                    sent_at: Instant::now(),
+                };
+                backend.feedback_now(&key, &p, success);
+            }
+        }
+        // Slowest: a day after its first request, the key of a 584-year interval waits still.
+        let key = BucketKey::account(Some(AccountId::new("slowest")));
+        let p = policy(Quota::with_period(Duration::MAX));
+        assert_eq!(backend.acquire_now(&key, &p), Decision::Admit);
+        tokio::time::advance(Duration::from_secs(24 * 3600)).await;
+        assert!(matches!(
+            backend.acquire_now(&key, &p),
+            Decision::NotBefore {
+                cooldown: false,
+                ..
+            }
+        ));
+        backend.sweep();
     }
 
     #[tokio::test(start_paused = true)]
