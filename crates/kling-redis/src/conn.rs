@@ -35,6 +35,20 @@ const DRIFT_US_PER_SECOND: i64 = 100;
 /// The first wait before measuring again after an imprecise measurement; it doubles each time,
 /// up to `calibrate_every`.
 const IMPRECISE_RETRY: Duration = Duration::from_secs(1);
+/// The least time between two new connections made because the server answered `READONLY`:
+/// one whose endpoint has not moved to the new primary yet reaches a replica again, and is
+/// replaced at most this often, not at every command.
+const READONLY_RECONNECT_EVERY: Duration = Duration::from_secs(1);
+/// After this many failed connections in a row, commands fail at once for a while instead of
+/// each making the connection manager connect again (it does so for every command that finds
+/// the last attempt failed: about a hundred connections a second per process while Redis
+/// refuses them).
+const FAILURES_BEFORE_BACKOFF: u32 = 2;
+/// The first such while; it doubles with every failed connection after, up to
+/// [`MAX_RECONNECT_BACKOFF`].
+const MIN_RECONNECT_BACKOFF: Duration = Duration::from_millis(50);
+/// The longest such while: a Redis that is back is reached within about twice this.
+const MAX_RECONNECT_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Where Redis is and how to talk to it.
 ///
@@ -205,7 +219,10 @@ impl RedisConfig {
 
 /// One auto-reconnecting connection to Redis (the `redis` crate's `ConnectionManager`, which
 /// multiplexes every command of the process over one socket), with the key prefix, a timeout on
-/// every command, and the fleet clock.
+/// every command, and the fleet clock. A server that answers `READONLY` (a primary a failover
+/// demoted) gets the connection replaced, at most once a second, so the process follows the
+/// configured address to the new primary. While connections keep failing, commands fail at
+/// once for a while (50 ms, doubling up to 500 ms) rather than each connecting again.
 ///
 /// # The fleet clock
 ///
@@ -228,7 +245,14 @@ pub struct Connection {
 }
 
 struct Inner {
-    manager: ConnectionManager,
+    /// The connection in use, replaced by a new one when the server it reached answers
+    /// `READONLY` ([`Connection::after_error`]).
+    manager: std::sync::Mutex<Manager>,
+    /// How a replacement is made.
+    manager_config: ConnectionManagerConfig,
+    /// Failed connections in a row, and until when commands fail at once
+    /// ([`Connection::backing_off`]).
+    reconnects: std::sync::Mutex<Reconnects>,
     prefix: String,
     timeout: Duration,
     offset_us: AtomicI64,
@@ -255,6 +279,41 @@ struct Inner {
     #[cfg(feature = "testing")]
     stall_us: AtomicU64,
     client: redis::Client,
+}
+
+/// The connection in use: which one it is (counted from 0), and when it replaced the one
+/// before (none for the first).
+struct Manager {
+    connection: ConnectionManager,
+    number: u64,
+    replaced: Option<Instant>,
+}
+
+/// Failed connections in a row, and until when commands fail without reaching the connection
+/// manager.
+#[derive(Debug, Default)]
+struct Reconnects {
+    failures: u32,
+    until: Option<Instant>,
+}
+
+impl Reconnects {
+    /// Notes a command's end: `failed` when its connection failed (refused, reset, dropped),
+    /// `answered` when Redis answered (a reply, or an error reply). A timeout says neither.
+    fn note(&mut self, failed: bool, answered: bool) {
+        if answered {
+            *self = Reconnects::default();
+        } else if failed {
+            self.failures = self.failures.saturating_add(1);
+            if self.failures >= FAILURES_BEFORE_BACKOFF {
+                let doublings = (self.failures - FAILURES_BEFORE_BACKOFF).min(16);
+                let backoff = MIN_RECONNECT_BACKOFF
+                    .saturating_mul(1 << doublings)
+                    .min(MAX_RECONNECT_BACKOFF);
+                self.until = Some(Instant::now() + backoff);
+            }
+        }
+    }
 }
 
 /// When the clock is measured again, and how good the measurement in use is.
@@ -359,11 +418,18 @@ impl Connection {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(200));
-        let manager = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
-            .map_err(|_| ConfigError::new("url", "cannot be used by the redis client"))?;
+        let connection =
+            ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
+                .map_err(|_| ConfigError::new("url", "cannot be used by the redis client"))?;
         Ok(Connection {
             inner: Arc::new(Inner {
-                manager,
+                manager: std::sync::Mutex::new(Manager {
+                    connection,
+                    number: 0,
+                    replaced: None,
+                }),
+                manager_config,
+                reconnects: std::sync::Mutex::new(Reconnects::default()),
                 prefix: config.prefix,
                 timeout: config.command_timeout,
                 offset_us: AtomicI64::new(0),
@@ -633,9 +699,10 @@ impl Connection {
 
     /// Runs one command with the timeout.
     pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
-        let mut manager = self.inner.manager.clone();
-        let timeout = self.inner.timeout;
-        with_timeout(timeout, cmd.query_async(&mut manager)).await
+        self.backing_off()?;
+        let (number, mut manager) = self.manager();
+        let result = with_timeout(self.inner.timeout, cmd.query_async(&mut manager)).await;
+        self.after_error(number, result)
     }
 
     /// Runs a script (`EVALSHA`, loading it when Redis has forgotten it) with the timeout.
@@ -652,8 +719,92 @@ impl Connection {
         for arg in args {
             invocation.arg(arg);
         }
-        let mut manager = self.inner.manager.clone();
-        with_timeout(self.inner.timeout, invocation.invoke_async(&mut manager)).await
+        self.backing_off()?;
+        let (number, mut manager) = self.manager();
+        let result = with_timeout(self.inner.timeout, invocation.invoke_async(&mut manager)).await;
+        self.after_error(number, result)
+    }
+
+    /// Fails at once while connections keep failing: for 50 ms after the second failed one in
+    /// a row, doubling up to 500 ms. Only the commands after that go to the connection
+    /// manager, which connects again for the first of them: a process makes a few connection
+    /// attempts a second while Redis refuses them, not one per command (a hundred a second
+    /// and more, from every process of the fleet, against a Redis that is starting, or at its
+    /// `maxclients`).
+    fn backing_off(&self) -> Result<(), StoreError> {
+        let reconnects = self
+            .inner
+            .reconnects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match reconnects.until {
+            Some(until) if Instant::now() < until => Err(StoreError::unreachable(format!(
+                "{} failed connections in a row; connecting again in {:?}",
+                reconnects.failures,
+                until - Instant::now()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The connection in use, and its number.
+    fn manager(&self) -> (u64, ConnectionManager) {
+        let manager = self.inner.manager.lock().unwrap_or_else(|e| e.into_inner());
+        (manager.number, manager.connection.clone())
+    }
+
+    /// Notes how the command on the connection numbered `number` ended, for
+    /// [`backing_off`](Self::backing_off), and replaces that connection when the server
+    /// answered it `READONLY`: it
+    /// reached a primary that a failover demoted to a replica, and the `redis` crate's
+    /// connection manager reconnects only when the connection itself fails, so every write
+    /// would be refused for as long as this connection lives. The new one connects, on its
+    /// first command, to wherever the configured address leads now (the new primary once the
+    /// failover moved it). At most one replacement every [`READONLY_RECONNECT_EVERY`]: while
+    /// the address still leads to a replica, commands are refused as before, without a new
+    /// connection each.
+    fn after_error<T>(&self, number: u64, result: Result<T, Failed>) -> Result<T, StoreError> {
+        let (answered, failed) = match &result {
+            Ok(_) => (true, false),
+            Err(failed) => (failed.answered, failed.connection),
+        };
+        self.inner
+            .reconnects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .note(failed, answered);
+        let Failed {
+            error, readonly, ..
+        } = match result {
+            Ok(value) => return Ok(value),
+            Err(failed) => failed,
+        };
+        if !readonly {
+            return Err(error);
+        }
+        let mut manager = self.inner.manager.lock().unwrap_or_else(|e| e.into_inner());
+        let due = manager.number == number
+            && manager
+                .replaced
+                .is_none_or(|at| at.elapsed() >= READONLY_RECONNECT_EVERY);
+        if due
+            && let Ok(connection) = ConnectionManager::new_lazy_with_config(
+                self.inner.client.clone(),
+                self.inner.manager_config.clone(),
+            )
+        {
+            *manager = Manager {
+                connection,
+                number: number + 1,
+                replaced: Some(Instant::now()),
+            };
+            drop(manager);
+            tracing::warn!(
+                "redis answered READONLY (a failover demoted the server this connection reached): connecting again"
+            );
+            self.recalibrate_soon();
+        }
+        Err(error)
     }
 
     /// The key `prefix:rest`.
@@ -666,14 +817,37 @@ impl Connection {
     }
 }
 
+/// A failed command.
+struct Failed {
+    error: StoreError,
+    /// Redis answered it with an error reply.
+    answered: bool,
+    /// That reply was `READONLY`.
+    readonly: bool,
+    /// Its connection failed (refused, reset, dropped), not a timeout.
+    connection: bool,
+}
+
 async fn with_timeout<T>(
     timeout: Duration,
     future: impl Future<Output = redis::RedisResult<T>>,
-) -> Result<T, StoreError> {
+) -> Result<T, Failed> {
     match tokio::time::timeout(timeout, future).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(StoreError::from_redis(&error)),
-        Err(_) => Err(StoreError::timed_out(timeout)),
+        Ok(Err(error)) => Err(Failed {
+            error: StoreError::from_redis(&error),
+            answered: error.code().is_some(),
+            readonly: error.code() == Some("READONLY"),
+            connection: error.is_connection_refusal()
+                || error.is_connection_dropped()
+                || (error.is_io_error() && !error.is_timeout()),
+        }),
+        Err(_) => Err(Failed {
+            error: StoreError::timed_out(timeout),
+            answered: false,
+            readonly: false,
+            connection: false,
+        }),
     }
 }
 
@@ -773,6 +947,29 @@ mod tests {
         assert_eq!(schedule.every, None);
         schedule.set_next(false, cap);
         assert_eq!(schedule.every, Some(Duration::from_secs(1)));
+    }
+
+    /// Commands fail at once from the second failed connection in a row, for 50 ms, then twice
+    /// as long after each further failure up to 500 ms; an answer from Redis ends it, a timeout
+    /// changes nothing.
+    #[tokio::test(start_paused = true)]
+    async fn failed_connections_in_a_row_back_off_from_50_ms_to_500() {
+        let mut reconnects = Reconnects::default();
+        reconnects.note(true, false);
+        assert_eq!(
+            reconnects.until, None,
+            "one failure: the next command connects"
+        );
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            reconnects.note(true, false);
+            waits.push((reconnects.until.unwrap() - Instant::now()).as_millis());
+        }
+        assert_eq!(waits, [50, 100, 200, 400, 500, 500]);
+        reconnects.note(false, false);
+        assert_eq!(reconnects.failures, 7, "a timeout is no failed connection");
+        reconnects.note(false, true);
+        assert_eq!((reconnects.failures, reconnects.until), (0, None));
     }
 
     /// One background measurement at a time: none is claimed while one runs, even when due.

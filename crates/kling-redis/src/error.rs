@@ -43,8 +43,9 @@ impl StoreError {
             || error.is_unrecoverable_error()
             // A restart or failover in progress: Redis is there but cannot serve yet.
             || matches!(error.retry_method(), redis::RetryMethod::WaitAndRetry)
-            // A primary demoted by a failover, a replica cut off from its primary, a script
-            // or a memory limit busy for now: the change is kept and replayed, not dropped.
+            // A primary demoted by a failover (the connection is replaced: see
+            // `Connection::after_error`), a replica cut off from its primary, a script or a
+            // memory limit busy for now: the change is kept and replayed, not dropped.
             || matches!(
                 error.code(),
                 Some("READONLY" | "MASTERDOWN" | "LOADING" | "BUSY" | "TRYAGAIN" | "OOM")
@@ -57,6 +58,13 @@ impl StoreError {
         StoreError {
             kind,
             detail: error.to_string(),
+        }
+    }
+
+    pub(crate) fn unreachable(detail: impl Into<String>) -> Self {
+        StoreError {
+            kind: StoreErrorKind::Unreachable,
+            detail: detail.into(),
         }
     }
 

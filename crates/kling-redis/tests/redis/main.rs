@@ -4,6 +4,7 @@
 
 mod capacity_and_fallback;
 mod clock;
+mod failover;
 mod fleet;
 mod gcra;
 mod halts;
