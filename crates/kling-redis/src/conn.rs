@@ -35,9 +35,9 @@ const DRIFT_US_PER_SECOND: i64 = 100;
 /// The first wait before measuring again after an imprecise measurement; it doubles each time,
 /// up to `calibrate_every`.
 const IMPRECISE_RETRY: Duration = Duration::from_secs(1);
-/// The least time between two new connections made because the server answered `READONLY`:
-/// one whose endpoint has not moved to the new primary yet reaches a replica again, and is
-/// replaced at most this often, not at every command.
+/// The least time between two new connections made because the server answered `READONLY`
+/// (one whose endpoint has not moved to the new primary yet reaches a replica again) or
+/// refused the credentials: a connection is replaced at most this often, not at every command.
 const READONLY_RECONNECT_EVERY: Duration = Duration::from_secs(1);
 /// After this many failed connections in a row, commands fail at once for a while instead of
 /// each making the connection manager connect again (it does so for every command that finds
@@ -253,6 +253,9 @@ struct Inner {
     /// Failed connections in a row, and until when commands fail at once
     /// ([`Connection::backing_off`]).
     reconnects: std::sync::Mutex<Reconnects>,
+    /// Whether the last command that ended either way had its credentials refused: the
+    /// refusal is logged once, as an error, and its end once.
+    refused: AtomicBool,
     prefix: String,
     timeout: Duration,
     offset_us: AtomicI64,
@@ -295,15 +298,32 @@ struct Manager {
 struct Reconnects {
     failures: u32,
     until: Option<Instant>,
+    /// The last failure was Redis refusing the credentials: the commands failed meanwhile say
+    /// so, not that Redis is unreachable.
+    refused: bool,
+}
+
+/// How a command ended, for [`Reconnects::note`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    /// Redis answered (a reply, or an error reply other than a refused authentication).
+    Answered,
+    /// Its connection failed (refused, reset, dropped).
+    ConnectionFailed,
+    /// Redis refused the credentials. Backed off like a failed connection: the connection
+    /// manager connects (and authenticates) again for every command otherwise.
+    AuthRefused,
+    /// A timeout, or another error that says nothing either way.
+    Inconclusive,
 }
 
 impl Reconnects {
-    /// Notes a command's end: `failed` when its connection failed (refused, reset, dropped),
-    /// `answered` when Redis answered (a reply, or an error reply). A timeout says neither.
-    fn note(&mut self, failed: bool, answered: bool) {
-        if answered {
+    /// Notes a command's end.
+    fn note(&mut self, ended: Ended) {
+        if ended == Ended::Answered {
             *self = Reconnects::default();
-        } else if failed {
+        } else if ended != Ended::Inconclusive {
+            self.refused = ended == Ended::AuthRefused;
             self.failures = self.failures.saturating_add(1);
             if self.failures >= FAILURES_BEFORE_BACKOFF {
                 let doublings = (self.failures - FAILURES_BEFORE_BACKOFF).min(16);
@@ -393,11 +413,51 @@ impl fmt::Debug for Connection {
 }
 
 impl Connection {
-    /// Connects and measures the clock offset; fails when Redis does not answer.
+    /// Connects and measures the clock offset; fails when Redis does not answer, or refuses
+    /// the credentials ([`StoreErrorKind::AuthRefused`](crate::error::StoreErrorKind), naming
+    /// the `url`'s password or user, never showing them).
     pub async fn connect(config: RedisConfig) -> Result<Connection, StoreError> {
         let connection = Connection::lazy(config).map_err(StoreError::config)?;
-        connection.calibrate().await?;
-        Ok(connection)
+        match connection.calibrate().await {
+            Ok(()) => Ok(connection),
+            Err(e) if e.is_auth_refused() => Err(StoreError::auth_refused(format!(
+                "{} ({})",
+                connection.refusal(),
+                e.detail()
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What a refused authentication says of the `url`'s credentials (never their values).
+    fn refusal(&self) -> &'static str {
+        let settings = self.inner.client.get_connection_info().redis_settings();
+        match (settings.username(), settings.password()) {
+            (_, None) => "the server requires a password and `url` gives none",
+            (None, Some(_)) => "the server refused the password `url` gives",
+            (Some(_), Some(_)) => "the server refused the user and password `url` gives",
+        }
+    }
+
+    /// Logs, once each, that Redis began refusing the credentials and that it accepts them
+    /// again: a refusal is a configuration error that does not pass by waiting.
+    fn note_refused(&self, ended: Ended) {
+        match ended {
+            Ended::AuthRefused => {
+                if !self.inner.refused.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
+                        "redis refused authentication: {}; every command fails until it accepts them",
+                        self.refusal()
+                    );
+                }
+            }
+            Ended::Answered => {
+                if self.inner.refused.swap(false, Ordering::Relaxed) {
+                    tracing::info!("redis accepts the credentials again");
+                }
+            }
+            Ended::ConnectionFailed | Ended::Inconclusive => {}
+        }
     }
 
     /// A connection that connects on first use: a process may start while Redis is down, and
@@ -430,6 +490,7 @@ impl Connection {
                 }),
                 manager_config,
                 reconnects: std::sync::Mutex::new(Reconnects::default()),
+                refused: AtomicBool::new(false),
                 prefix: config.prefix,
                 timeout: config.command_timeout,
                 offset_us: AtomicI64::new(0),
@@ -738,6 +799,13 @@ impl Connection {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         match reconnects.until {
+            Some(until) if Instant::now() < until && reconnects.refused => {
+                Err(StoreError::auth_refused(format!(
+                    "refused {} times in a row; connecting again in {:?}",
+                    reconnects.failures,
+                    until - Instant::now()
+                )))
+            }
             Some(until) if Instant::now() < until => Err(StoreError::unreachable(format!(
                 "{} failed connections in a row; connecting again in {:?}",
                 reconnects.failures,
@@ -762,24 +830,30 @@ impl Connection {
     /// first command, to wherever the configured address leads now (the new primary once the
     /// failover moved it). At most one replacement every [`READONLY_RECONNECT_EVERY`]: while
     /// the address still leads to a replica, commands are refused as before, without a new
-    /// connection each.
+    /// connection each. Likewise when the server refused the credentials: the manager never
+    /// connects again after that, and a password put right on the server would not be seen.
     fn after_error<T>(&self, number: u64, result: Result<T, Failed>) -> Result<T, StoreError> {
-        let (answered, failed) = match &result {
-            Ok(_) => (true, false),
-            Err(failed) => (failed.answered, failed.connection),
+        let ended = match &result {
+            Ok(_) => Ended::Answered,
+            Err(failed) => failed.ended,
         };
         self.inner
             .reconnects
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .note(failed, answered);
+            .note(ended);
+        self.note_refused(ended);
         let Failed {
             error, readonly, ..
         } = match result {
             Ok(value) => return Ok(value),
             Err(failed) => failed,
         };
-        if !readonly {
+        // A connection whose authentication was refused is never made again by the connection
+        // manager (it reconnects after I/O errors only): every later command would get the
+        // same refusal, even once the server accepts the password again.
+        let refused = ended == Ended::AuthRefused;
+        if !readonly && !refused {
             return Err(error);
         }
         let mut manager = self.inner.manager.lock().unwrap_or_else(|e| e.into_inner());
@@ -799,10 +873,12 @@ impl Connection {
                 replaced: Some(Instant::now()),
             };
             drop(manager);
-            tracing::warn!(
-                "redis answered READONLY (a failover demoted the server this connection reached): connecting again"
-            );
-            self.recalibrate_soon();
+            if readonly {
+                tracing::warn!(
+                    "redis answered READONLY (a failover demoted the server this connection reached): connecting again"
+                );
+                self.recalibrate_soon();
+            }
         }
         Err(error)
     }
@@ -820,12 +896,10 @@ impl Connection {
 /// A failed command.
 struct Failed {
     error: StoreError,
-    /// Redis answered it with an error reply.
-    answered: bool,
-    /// That reply was `READONLY`.
+    /// How it ended.
+    ended: Ended,
+    /// Redis answered it `READONLY`.
     readonly: bool,
-    /// Its connection failed (refused, reset, dropped), not a timeout.
-    connection: bool,
 }
 
 async fn with_timeout<T>(
@@ -834,19 +908,30 @@ async fn with_timeout<T>(
 ) -> Result<T, Failed> {
     match tokio::time::timeout(timeout, future).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(Failed {
-            error: StoreError::from_redis(&error),
-            answered: error.code().is_some(),
-            readonly: error.code() == Some("READONLY"),
-            connection: error.is_connection_refusal()
+        Ok(Err(error)) => {
+            let store_error = StoreError::from_redis(&error);
+            let ended = if store_error.is_auth_refused() {
+                Ended::AuthRefused
+            } else if error.code().is_some() {
+                Ended::Answered
+            } else if error.is_connection_refusal()
                 || error.is_connection_dropped()
-                || (error.is_io_error() && !error.is_timeout()),
-        }),
+                || (error.is_io_error() && !error.is_timeout())
+            {
+                Ended::ConnectionFailed
+            } else {
+                Ended::Inconclusive
+            };
+            Err(Failed {
+                error: store_error,
+                ended,
+                readonly: error.code() == Some("READONLY"),
+            })
+        }
         Err(_) => Err(Failed {
             error: StoreError::timed_out(timeout),
-            answered: false,
+            ended: Ended::Inconclusive,
             readonly: false,
-            connection: false,
         }),
     }
 }
@@ -955,21 +1040,55 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failed_connections_in_a_row_back_off_from_50_ms_to_500() {
         let mut reconnects = Reconnects::default();
-        reconnects.note(true, false);
+        reconnects.note(Ended::ConnectionFailed);
         assert_eq!(
             reconnects.until, None,
             "one failure: the next command connects"
         );
         let mut waits = Vec::new();
         for _ in 0..6 {
-            reconnects.note(true, false);
+            reconnects.note(Ended::ConnectionFailed);
             waits.push((reconnects.until.unwrap() - Instant::now()).as_millis());
         }
         assert_eq!(waits, [50, 100, 200, 400, 500, 500]);
-        reconnects.note(false, false);
+        reconnects.note(Ended::Inconclusive);
         assert_eq!(reconnects.failures, 7, "a timeout is no failed connection");
-        reconnects.note(false, true);
+        reconnects.note(Ended::Answered);
         assert_eq!((reconnects.failures, reconnects.until), (0, None));
+    }
+
+    /// Refused credentials back off like failed connections (the connection manager would
+    /// otherwise connect and authenticate again for every command), and the commands failed
+    /// meanwhile say the credentials were refused, not that Redis is unreachable.
+    #[tokio::test(start_paused = true)]
+    async fn refused_credentials_back_off_as_a_refusal_not_as_unreachable() {
+        let conn = Connection::lazy(RedisConfig::new("redis://:pw@127.0.0.1:1/")).unwrap();
+        for _ in 0..FAILURES_BEFORE_BACKOFF {
+            conn.inner
+                .reconnects
+                .lock()
+                .unwrap()
+                .note(Ended::AuthRefused);
+        }
+        let error = conn.backing_off().unwrap_err();
+        assert_eq!(
+            error.kind(),
+            crate::error::StoreErrorKind::AuthRefused,
+            "{error}"
+        );
+        assert!(!error.is_unreachable(), "{error}");
+        tokio::time::advance(MIN_RECONNECT_BACKOFF).await;
+        assert!(
+            conn.backing_off().is_ok(),
+            "the next command connects again"
+        );
+        // A failed connection after it is unreachable again.
+        conn.inner
+            .reconnects
+            .lock()
+            .unwrap()
+            .note(Ended::ConnectionFailed);
+        assert!(conn.backing_off().unwrap_err().is_unreachable());
     }
 
     /// One background measurement at a time: none is claimed while one runs, even when due.

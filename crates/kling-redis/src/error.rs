@@ -24,6 +24,12 @@ pub enum StoreErrorKind {
     Protocol,
     /// The configuration is invalid.
     Config,
+    /// Redis refused this client's credentials: a wrong password or ACL user in the
+    /// configured `url` (`WRONGPASS`, the `redis` crate's `AuthenticationFailed`), or none
+    /// given to a server that requires one (`NOAUTH`). Not [`Unreachable`](Self::Unreachable):
+    /// Redis answered, and waiting does not fix a configuration, so every
+    /// [`WhenUnreachable`](crate::WhenUnreachable) mode fails with it at once.
+    AuthRefused,
 }
 
 /// A failed Redis command.
@@ -35,7 +41,13 @@ pub struct StoreError {
 
 impl StoreError {
     pub(crate) fn from_redis(error: &redis::RedisError) -> Self {
-        let kind = if error.is_timeout() {
+        // Before the `Unreachable` test: the `redis` crate marks `AuthenticationFailed`
+        // "reconnect", which would make a wrong password look like a Redis that is away.
+        let kind = if error.kind() == redis::ErrorKind::AuthenticationFailed
+            || matches!(error.code(), Some("NOAUTH" | "WRONGPASS"))
+        {
+            StoreErrorKind::AuthRefused
+        } else if error.is_timeout() {
             StoreErrorKind::TimedOut
         } else if error.is_io_error()
             || error.is_connection_dropped()
@@ -64,6 +76,13 @@ impl StoreError {
     pub(crate) fn unreachable(detail: impl Into<String>) -> Self {
         StoreError {
             kind: StoreErrorKind::Unreachable,
+            detail: detail.into(),
+        }
+    }
+
+    pub(crate) fn auth_refused(detail: impl Into<String>) -> Self {
+        StoreError {
+            kind: StoreErrorKind::AuthRefused,
             detail: detail.into(),
         }
     }
@@ -102,6 +121,17 @@ impl StoreError {
         )
     }
 
+    /// Whether Redis refused the configured credentials ([`StoreErrorKind::AuthRefused`]).
+    pub fn is_auth_refused(&self) -> bool {
+        self.kind == StoreErrorKind::AuthRefused
+    }
+
+    /// Whether Redis ran nothing of the command and a change it carried is kept for replay:
+    /// out of reach, or refusing the credentials (the change is sent once it accepts them).
+    pub(crate) fn keeps_changes(&self) -> bool {
+        self.is_unreachable() || self.is_auth_refused()
+    }
+
     /// The `redis` crate's description, or the timeout.
     pub fn detail(&self) -> &str {
         &self.detail
@@ -127,6 +157,10 @@ impl fmt::Display for StoreError {
             StoreErrorKind::TimedOut => "redis command timed out",
             StoreErrorKind::Protocol => "redis protocol error",
             StoreErrorKind::Config => "redis configuration invalid",
+            StoreErrorKind::AuthRefused => {
+                "redis refused authentication: check the password (and user) in the redis \
+                 backend's `url`"
+            }
         };
         write!(f, "{what}: {}", self.detail)
     }
@@ -197,6 +231,35 @@ mod tests {
             assert_eq!(
                 error.into_ratelimit().kind(),
                 kling_ratelimit::error::BackendErrorKind::Unreachable
+            );
+        }
+    }
+
+    /// A refused password or user is its own kind, never `Unreachable` (which would make
+    /// `Wait` wait and `Fallback` fall back for ever), and names the `url`.
+    #[test]
+    fn refused_credentials_are_their_own_kind_not_unreachable() {
+        let refusals = [
+            server_error("NOAUTH Authentication required."),
+            server_error("WRONGPASS invalid username-password pair or user is disabled."),
+            redis::RedisError::from((
+                redis::ErrorKind::AuthenticationFailed,
+                "Password authentication failed",
+            )),
+        ];
+        for refusal in refusals {
+            let error = StoreError::from_redis(&refusal);
+            assert_eq!(
+                error.kind(),
+                StoreErrorKind::AuthRefused,
+                "{refusal}: {error}"
+            );
+            assert!(!error.is_unreachable(), "{error}");
+            assert!(error.keeps_changes(), "{error}: Redis ran nothing");
+            assert!(error.to_string().contains("`url`"), "{error}");
+            assert_eq!(
+                error.into_ratelimit().kind(),
+                kling_ratelimit::error::BackendErrorKind::Protocol
             );
         }
     }

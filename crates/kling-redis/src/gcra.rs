@@ -1593,7 +1593,7 @@ impl Inner {
             match result {
                 // Redis may have run it (a timeout): it stays `sending`, merged into by no
                 // later report, which its number would have Redis skip with it.
-                Err(e) if e.is_unreachable() => return Err(e),
+                Err(e) if e.keeps_changes() => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, key = %report.redis_key, "redis refused a pause kept for delivery; dropped");
                 }
@@ -1644,7 +1644,7 @@ impl Inner {
             *held = (*held).max(until);
             self.paused_here.store(true, Ordering::Relaxed);
         }
-        if e.is_unreachable() {
+        if e.keeps_changes() {
             // Under the number its first attempt went with (a pause always has one).
             let n = number.unwrap_or_else(|| undelivered.number());
             undelivered.keep(Report {

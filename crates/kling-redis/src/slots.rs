@@ -1612,7 +1612,7 @@ impl Inner {
                 finished.record();
                 Ok(Applied { released, changed })
             }
-            Err(e) if e.is_unreachable() || queued => {
+            Err(e) if e.keeps_changes() || queued => {
                 if let Some((h, held)) = adopt
                     && local.changed
                 {
@@ -1625,6 +1625,8 @@ impl Inner {
                 }
                 self.show_in_use();
                 match self.when_unreachable {
+                    // A refused authentication fails in every mode: waiting does not fix it.
+                    _ if e.is_auth_refused() => Err(e.into_slots()),
                     WhenUnreachable::Fail if !queued => Err(e.into_slots()),
                     _ => Ok(local),
                 }
@@ -2064,7 +2066,7 @@ impl Inner {
                 }
             };
             if let Err(e) = result {
-                if e.is_unreachable() {
+                if e.keeps_changes() {
                     let mut queue = lock(&self.pending);
                     queue.push_front(pending);
                     self.replaying.store(false, Ordering::Release);

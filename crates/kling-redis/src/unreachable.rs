@@ -7,7 +7,10 @@ use std::time::Duration;
 ///
 /// "Cannot be reached" includes a Redis that answers but cannot serve yet: `LOADING`
 /// (restarting with persistence), `MASTERDOWN`, `TRYAGAIN` (see
-/// [`StoreErrorKind::Unreachable`](crate::error::StoreErrorKind::Unreachable)).
+/// [`StoreErrorKind::Unreachable`](crate::error::StoreErrorKind::Unreachable)). A Redis that
+/// refuses the credentials does not: waiting or falling back would hide a configuration
+/// error, so every mode fails at once with
+/// [`StoreErrorKind::AuthRefused`](crate::error::StoreErrorKind::AuthRefused).
 ///
 /// | choice | rate limiter | task slots | over-admission during the outage |
 /// |---|---|---|---|

@@ -2,6 +2,7 @@
 //! a free loopback port; under `CI=true` a missing server fails the test): the Lua GCRA, the
 //! task slots, and fleets of OS processes on `kling-mock`.
 
+mod auth;
 mod capacity_and_fallback;
 mod clock;
 mod failover;
