@@ -337,6 +337,45 @@ mod tests {
         assert_eq!(cell.get(), slower);
     }
 
+    /// The clamp that holds an unchecked quota within bounds leaves a valid one as it was:
+    /// over valid quotas (the edges of the interval, the burst and the burst window included),
+    /// the governor quota is the one built from the quota's own interval and burst.
+    #[test]
+    fn a_valid_quota_reaches_governor_unchanged() {
+        use proptest::prelude::*;
+
+        let config = proptest::test_runner::Config {
+            cases: 2048,
+            failure_persistence: None,
+            ..Default::default()
+        };
+        let mut runner = proptest::test_runner::TestRunner::new(config);
+        let period = prop_oneof![
+            Just(1u64),
+            Just(MAX_PERIOD_NANOS),
+            Just(MAX_BURST_WINDOW_NANOS / u64::from(MAX_BURST)),
+            1u64..=MAX_PERIOD_NANOS,
+            1u64..=10_000_000_000,
+        ];
+        let burst = prop_oneof![Just(1u32), Just(MAX_BURST), 1u32..=MAX_BURST, 1u32..=10];
+        let valid = std::cell::Cell::new(0u32);
+        runner
+            .run(&(period, burst), |(nanos, burst)| {
+                let quota = Quota::with_period(Duration::from_nanos(nanos)).with_burst(burst);
+                if quota.validate().is_err() {
+                    return Ok(());
+                }
+                valid.set(valid.get() + 1);
+                let own = governor::Quota::with_period(Duration::from_nanos(nanos))
+                    .unwrap()
+                    .allow_burst(std::num::NonZeroU32::new(burst).unwrap());
+                prop_assert_eq!(quota.to_governor(), own);
+                Ok(())
+            })
+            .unwrap();
+        assert!(valid.get() > 1000, "{} valid quotas", valid.get());
+    }
+
     #[test]
     fn at_most_only_slows_down() {
         let quota = Quota::per_second(10.0);

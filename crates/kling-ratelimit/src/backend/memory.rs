@@ -351,7 +351,10 @@ impl Entry {
             .then(|| old.start.saturating_add(last))
             .filter(|tat| *tat > now);
         let debt = tat.map(|tat| {
-            let ratio = quota.period().as_secs_f64() / old.quota.period().as_secs_f64();
+            // The intervals the limiters enforce: an unchecked quota's own may be zero or past
+            // governor's range ([`Quota::to_governor`]), and an infinite ratio panicked.
+            let interval = |quota: Quota| quota.to_governor().replenish_interval().as_secs_f64();
+            let ratio = interval(quota) / interval(old.quota);
             Duration::from_nanos(tat - now).mul_f64(ratio)
         });
         // The new limiter starts at `now`: the debt is its theoretical arrival time.
@@ -1736,6 +1739,109 @@ mod tests {
             }
         ));
         backend.sweep();
+    }
+
+    /// A key whose quota changes from or to one handed in unchecked carries its debt over
+    /// without a panic: the debt was scaled by the quotas' own intervals, and a zero interval
+    /// (`Quota::per_second(0.0)`) made the ratio infinite ("cannot convert float seconds to
+    /// Duration"). Over any pair of quotas, valid or not, each with and without adaptation.
+    #[test]
+    fn a_quota_change_with_an_unchecked_quota_does_not_panic() {
+        use proptest::prelude::*;
+
+        let quota = || {
+            (
+                prop_oneof![
+                    Just(Duration::ZERO),
+                    Just(Duration::MAX),
+                    (0u64..=u64::MAX).prop_map(Duration::from_nanos),
+                    (1u64..=1 << 50).prop_map(Duration::from_nanos),
+                ],
+                prop_oneof![Just(0u32), Just(u32::MAX), 0u32..=70_000],
+                any::<bool>(),
+            )
+                .prop_map(|(period, burst, adaptive)| {
+                    let p = policy(Quota::with_period(period).with_burst(burst));
+                    match adaptive {
+                        true => p.with_adaptive(Some(crate::policy::Adaptive::new())),
+                        false => p,
+                    }
+                })
+        };
+        let config = proptest::test_runner::Config {
+            cases: 256,
+            failure_persistence: None,
+            ..Default::default()
+        };
+        let mut runner = proptest::test_runner::TestRunner::new(config);
+        let cases = (prop::collection::vec(quota(), 2..4), 0u64..5_000);
+        runner
+            .run(&cases, |(policies, gap_ms)| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .start_paused(true)
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let backend = InProcess::new();
+                    let key = BucketKey::account(Some(AccountId::interned("changing")));
+                    for (i, p) in policies.iter().enumerate() {
+                        for _ in 0..3 {
+                            let _ = backend.acquire_now(&key, p);
+                        }
+                        if i == 0 {
+                            let now = Instant::now();
+                            let pause = Feedback::Pause {
+                                sent_at: now,
+                                received_at: now,
+                                resume_at: None,
+                                throttled: true,
+                            };
+                            backend.feedback_now(&key, p, pause);
+                        }
+                        tokio::time::advance(Duration::from_millis(gap_ms)).await;
+                    }
+                    backend.sweep();
+                });
+                Ok(())
+            })
+            .unwrap();
+        // The case that panicked: a zero interval, then a valid quota, at one instant.
+        let backend = InProcess::new();
+        let key = BucketKey::account(Some(AccountId::interned("zero")));
+        assert_eq!(
+            backend.acquire_now(&key, &policy(Quota::per_second(0.0))),
+            Decision::Admit
+        );
+        let _ = backend.acquire_now(&key, &policy(Quota::per_second(1.0)));
+    }
+
+    /// A key paused once and never asked again is still dropped: kept until the burst its
+    /// pause's end spends would be paid off (a burst of 5 at 1/s: 4 s after the pause's end),
+    /// not for ever; an adaptive one (slowed by the pause) an idle TTL after its own.
+    #[tokio::test(start_paused = true)]
+    async fn a_key_paused_and_abandoned_is_dropped_once_its_pause_is_paid_off() {
+        let backend = InProcess::new().with_idle_ttl(Duration::from_secs(30));
+        let quota = Quota::per_second(1.0).with_burst(5);
+        let adaptive = policy(quota).with_adaptive(Some(crate::policy::Adaptive::new()));
+        for (p, dropped_at) in [(policy(quota), 70 + 4), (adaptive, 10 * 60)] {
+            let key = BucketKey::account(Some(AccountId::new("abandoned")));
+            let start = Instant::now();
+            assert_eq!(backend.acquire_now(&key, &p), Decision::Admit);
+            let pause = Feedback::Pause {
+                sent_at: start,
+                received_at: start,
+                resume_at: Some(start + Duration::from_secs(70)),
+                throttled: false,
+            };
+            backend.feedback_now(&key, &p, pause);
+            tokio::time::advance(Duration::from_secs(70 + 3)).await;
+            backend.sweep();
+            assert_eq!(backend.len(), 1, "kept while its spent burst is owed");
+            tokio::time::sleep_until(start + Duration::from_secs(dropped_at)).await;
+            backend.sweep();
+            assert_eq!(backend.len(), 0, "dropped once paid off");
+        }
     }
 
     #[tokio::test(start_paused = true)]
