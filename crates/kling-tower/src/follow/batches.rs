@@ -33,9 +33,10 @@ pub(super) struct BatchState {
     pub(super) tracked: HashMap<u64, Tracked>,
     next_key: u64,
     next_claim: u64,
-    /// A successful answer to a batch of several external ids has left one out: the server
-    /// lists the ids it finds rather than refuse the batch, so its `1203` to such a batch
-    /// means it lists none of them.
+    /// An external id a successful batch answer left out has met `1203` asked about alone:
+    /// the server leaves out the ids it does not list rather than refuse their batch, so its
+    /// `1203` to a batch of them means it lists none. (An id left out alone proves nothing: a
+    /// page limit or an id echoed in another case leaves out a listed one.)
     pub(super) lists_found_only: bool,
 }
 
@@ -76,7 +77,7 @@ impl Batches {
     /// The next batch query of the call whose tasks are `mine`, if one of them is due: its due
     /// tasks (soonest first), then other calls' due tasks, then tasks due within `soon`
     /// (soonest first; not those just answered, whose next query is at least that far, nor
-    /// those backing off from a failed query), each id once, up to `batch_size`. A task id a
+    /// those backing off from a failed query), each id once, up to `batch_size`. A task a
     /// batch answer left out ([`Tracked::alone`]) is asked about alone. The tasks asked about
     /// are marked until the answer is applied or the [`Claimed`] is dropped. An id a query on
     /// its way asks about is left out (its tasks take that query's mark and wait for its

@@ -20,12 +20,14 @@
 //! call whose due tasks are of both kinds sends one query of each. Its answer's report is
 //! matched on its `external_id`, and names the task id the follow ends with. An external id
 //! no answer lists, even asked about alone (`1203`), is asked about again until the deadline
-//! rather than declared gone: the create may not be listed yet. It stays in batches: a
-//! successful batch answer that leaves it out says what a lone `1203` says; one asked about
-//! alone (its batch refused) goes back into batches at its `1203`; and once a successful
-//! answer has left an external id out (the server lists what it finds), a `1203` to a batch
-//! of them means none is listed, and none is asked about alone (asked about alone, they ate
-//! the rate creates need). A task id and an external id that read the same are different tasks.
+//! rather than declared gone: the create may not be listed yet. It stays in batches: one
+//! asked about alone (left out of a batch answer, or its batch refused) goes back into batches
+//! at its `1203`; and once an id left out of a successful answer has met `1203` alone (the
+//! server leaves out what it does not list), an external id left out says what a lone `1203`
+//! says, and a `1203` to a batch of them means none is listed: none is asked about alone
+//! (asked about alone, they ate the rate creates need). Until then one left out is asked
+//! about alone, as a task id is: a page limit or an id echoed in another case leaves out a
+//! listed one. A task id and an external id that read the same are different tasks.
 //! Legacy tasks are queried one by one at `{create path}/{task_id}`. When callbacks are configured
 //! ([`FollowPolicy::callbacks_first`]) a task delivered through [`Follower::deliver`] ends at
 //! once and queries only run as a slow safety net.
@@ -775,10 +777,15 @@ struct Tracked {
     result: Option<Result<TaskReport, FollowError>>,
     /// In a batch query on its way: the claim's number, and when it was sent.
     asked: Option<(u64, Instant)>,
-    /// A batch answer left this task id out, or refused a batch of several with a code one id
+    /// A batch answer left this task out (an external id: while the server is not known to
+    /// leave out only what it does not list), or refused a batch of several with a code one id
     /// may cause: it is asked about alone (an unknown id then meets its `1203`). An external
     /// id goes back into batches at its lone `1203`.
     alone: bool,
+    /// An external id a successful batch answer left out, asked about alone since (before
+    /// [`BatchState::lists_found_only`](batches::BatchState::lists_found_only) is known): its
+    /// lone `1203` shows the server leaves out what it does not list.
+    left_out: bool,
     /// Its result is a report just found on the board, not yet given to the other calls that
     /// follow the same task.
     from_board: bool,
@@ -1072,7 +1079,8 @@ where
         let started = task.created_at.unwrap_or(now);
         let first = self.policy.first_wait();
         let deadline_at = later(started, self.policy.deadline_duration());
-        let deadline_at = if deadline_at <= now {
+        let past = deadline_at <= now;
+        let deadline_at = if past {
             later(now, self.policy.scaled(self.policy.max_interval))
         } else {
             deadline_at
@@ -1084,7 +1092,13 @@ where
             })
         });
         Tracked {
-            next_at: now.max(later(started, first)),
+            // At once when past: a first wait from creation (the safety interval with
+            // `callbacks_first`) may fall after the time left for an answer.
+            next_at: if past {
+                now
+            } else {
+                now.max(later(started, first))
+            },
             deadline_at,
             started,
             task,
@@ -1093,6 +1107,7 @@ where
             result: invalid,
             asked: None,
             alone: false,
+            left_out: false,
             from_board: false,
             answers: 0,
             known_id: None,
@@ -1215,18 +1230,16 @@ where
         }
         let now = Instant::now();
         let several = claimed.ids.len() > 1;
-        let lists_found_only = claimed.external && several && {
-            let left_out = matches!(&answer, Answer::Reports(outcome) if claimed.ids.iter().any(
-                |id| !outcome.tasks().iter().any(|r| r.external_id.as_deref() == Some(id))
-            ));
-            let mut state = self.batches.lock();
-            state.lists_found_only |= left_out;
-            state.lists_found_only
-        };
+        let lists_found_only = self.batches.lock().lists_found_only;
+        // A lone `1203` to an external id a successful batch answer left out: that server
+        // leaves out the ids it does not list (rather than refuse their batch).
+        let mut confirmed = false;
         self.batches.answer(&claimed, |t| match &answer {
-            // A server seen leaving external ids it does not list out of a batch answer refuses
-            // a batch of them only when it lists none: each is not listed yet (`settle`).
-            Answer::Final(error) if lists_found_only && error.code() == Code::NotFound => {
+            // A server known to leave external ids it does not list out of a batch answer
+            // refuses a batch of them only when it lists none: each is not listed yet.
+            Answer::Final(error)
+                if claimed.external && lists_found_only && error.code() == Code::NotFound =>
+            {
                 self.settle(t, &answer, now);
             }
             // Kling may refuse a whole batch for one unknown id (or, by its code, for something
@@ -1235,19 +1248,40 @@ where
                 t.alone = true;
                 t.next_at = now;
             }
-            // A batch answer that leaves a task id out: ask about it alone, where an unknown
-            // id meets its `1203`. An external id left out is not listed yet, as a lone `1203`
-            // would say (`settle`): it stays in batches.
+            // A batch answer that leaves a task out: ask about it alone, where an unknown id
+            // meets its `1203`. An external id stays in batches once the server is known to
+            // leave out only what it does not list: left out, it is not listed yet (`settle`).
+            // Until then it may have been left out for another reason (a page limit, an id
+            // echoed in another case), and taking that for "not listed" starved real tasks.
             Answer::Reports(outcome)
-                if several
-                    && !t.task.external
-                    && !outcome.tasks().iter().any(|r| t.task.reported_by(r)) =>
+                if several && !outcome.tasks().iter().any(|r| t.task.reported_by(r)) =>
             {
-                t.alone = true;
-                t.next_at = now;
+                if t.task.external && lists_found_only {
+                    self.settle(t, &answer, now);
+                } else {
+                    t.alone = true;
+                    t.left_out = t.task.external;
+                    t.next_at = now;
+                }
+            }
+            Answer::Final(error) if !several && t.left_out && error.code() == Code::NotFound => {
+                confirmed = true;
+                self.settle(t, &answer, now);
             }
             _ => self.settle(t, &answer, now),
         });
+        if confirmed {
+            // The other ids left out are not listed yet either: back into batches.
+            let mut state = self.batches.lock();
+            state.lists_found_only = true;
+            for t in state.tracked.values_mut() {
+                if t.result.is_none() && t.left_out && t.asked.is_none() {
+                    t.left_out = false;
+                    t.alone = false;
+                    t.next_at = later(now, self.policy.interval(now - t.started));
+                }
+            }
+        }
     }
 
     /// Completes when every task of `mine` has ended (answered by another call's query, or
@@ -1383,6 +1417,7 @@ where
                 t.errors = 0;
                 // Back into batches: asked alone, it would stay alone until listed.
                 t.alone = false;
+                t.left_out = false;
                 t.next_at = later(now, self.policy.interval(now - t.started));
             }
             Answer::Final(error) => {
@@ -1433,6 +1468,7 @@ where
                         t.next_at = later(now, self.policy.interval(now - t.started));
                         // Reported: it can ride in batches again.
                         t.alone = false;
+                        t.left_out = false;
                     }
                     None => t.next_at = later(now, self.policy.interval(now - t.started)),
                 }
