@@ -301,6 +301,10 @@ struct Reconnects {
     /// The last failure was Redis refusing the credentials: the commands failed meanwhile say
     /// so, not that Redis is unreachable.
     refused: bool,
+    /// Failures counted so far, never reset: a command's failure counts only when none was
+    /// counted since it started. The commands in flight on one dropped connection, or waiting
+    /// for one connection attempt, all fail with it: one failed connection, not one each.
+    counted: u64,
 }
 
 /// How a command ended, for [`Reconnects::note`].
@@ -318,11 +322,15 @@ enum Ended {
 }
 
 impl Reconnects {
-    /// Notes a command's end.
-    fn note(&mut self, ended: Ended) {
+    /// Notes the end of a command that started when [`counted`](Self::counted) was `since`.
+    fn note(&mut self, ended: Ended, since: u64) {
         if ended == Ended::Answered {
-            *self = Reconnects::default();
-        } else if ended != Ended::Inconclusive {
+            *self = Reconnects {
+                counted: self.counted,
+                ..Reconnects::default()
+            };
+        } else if ended != Ended::Inconclusive && since == self.counted {
+            self.counted += 1;
             self.refused = ended == Ended::AuthRefused;
             self.failures = self.failures.saturating_add(1);
             if self.failures >= FAILURES_BEFORE_BACKOFF {
@@ -440,7 +448,8 @@ impl Connection {
     }
 
     /// Logs, once each, that Redis began refusing the credentials and that it accepts them
-    /// again: a refusal is a configuration error that does not pass by waiting.
+    /// again (then measures the clock again): a refusal is a configuration error that does
+    /// not pass by waiting.
     fn note_refused(&self, ended: Ended) {
         match ended {
             Ended::AuthRefused => {
@@ -454,6 +463,10 @@ impl Connection {
             Ended::Answered => {
                 if self.inner.refused.swap(false, Ordering::Relaxed) {
                     tracing::info!("redis accepts the credentials again");
+                    // Over a new connection, maybe to another server (the address moved, and
+                    // the new one refused the password until it was set there): as after an
+                    // outage, which the refusal hid from the backends.
+                    self.recalibrate_soon();
                 }
             }
             Ended::ConnectionFailed | Ended::Inconclusive => {}
@@ -760,10 +773,10 @@ impl Connection {
 
     /// Runs one command with the timeout.
     pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
-        self.backing_off()?;
+        let since = self.backing_off()?;
         let (number, mut manager) = self.manager();
         let result = with_timeout(self.inner.timeout, cmd.query_async(&mut manager)).await;
-        self.after_error(number, result)
+        self.after_error(number, since, result)
     }
 
     /// Runs a script (`EVALSHA`, loading it when Redis has forgotten it) with the timeout.
@@ -780,10 +793,10 @@ impl Connection {
         for arg in args {
             invocation.arg(arg);
         }
-        self.backing_off()?;
+        let since = self.backing_off()?;
         let (number, mut manager) = self.manager();
         let result = with_timeout(self.inner.timeout, invocation.invoke_async(&mut manager)).await;
-        self.after_error(number, result)
+        self.after_error(number, since, result)
     }
 
     /// Fails at once while connections keep failing: for 50 ms after the second failed one in
@@ -792,7 +805,8 @@ impl Connection {
     /// attempts a second while Redis refuses them, not one per command (a hundred a second
     /// and more, from every process of the fleet, against a Redis that is starting, or at its
     /// `maxclients`).
-    fn backing_off(&self) -> Result<(), StoreError> {
+    /// Returns the failures counted so far, for [`after_error`](Self::after_error).
+    fn backing_off(&self) -> Result<u64, StoreError> {
         let reconnects = self
             .inner
             .reconnects
@@ -811,7 +825,7 @@ impl Connection {
                 reconnects.failures,
                 until - Instant::now()
             ))),
-            _ => Ok(()),
+            _ => Ok(reconnects.counted),
         }
     }
 
@@ -832,7 +846,12 @@ impl Connection {
     /// the address still leads to a replica, commands are refused as before, without a new
     /// connection each. Likewise when the server refused the credentials: the manager never
     /// connects again after that, and a password put right on the server would not be seen.
-    fn after_error<T>(&self, number: u64, result: Result<T, Failed>) -> Result<T, StoreError> {
+    fn after_error<T>(
+        &self,
+        number: u64,
+        since: u64,
+        result: Result<T, Failed>,
+    ) -> Result<T, StoreError> {
         let ended = match &result {
             Ok(_) => Ended::Answered,
             Err(failed) => failed.ended,
@@ -841,7 +860,7 @@ impl Connection {
             .reconnects
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .note(ended);
+            .note(ended, since);
         self.note_refused(ended);
         let Failed {
             error, readonly, ..
@@ -962,6 +981,13 @@ pub(crate) fn segment(text: &str) -> String {
 mod tests {
     use super::*;
 
+    impl Reconnects {
+        /// Notes the end of a command that started now.
+        fn note_now(&mut self, ended: Ended) {
+            self.note(ended, self.counted);
+        }
+    }
+
     #[test]
     fn debug_never_shows_the_urls_password() {
         for url in [
@@ -1040,21 +1066,27 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failed_connections_in_a_row_back_off_from_50_ms_to_500() {
         let mut reconnects = Reconnects::default();
-        reconnects.note(Ended::ConnectionFailed);
+        reconnects.note_now(Ended::ConnectionFailed);
         assert_eq!(
             reconnects.until, None,
             "one failure: the next command connects"
         );
         let mut waits = Vec::new();
         for _ in 0..6 {
-            reconnects.note(Ended::ConnectionFailed);
+            reconnects.note_now(Ended::ConnectionFailed);
             waits.push((reconnects.until.unwrap() - Instant::now()).as_millis());
         }
         assert_eq!(waits, [50, 100, 200, 400, 500, 500]);
-        reconnects.note(Ended::Inconclusive);
+        reconnects.note_now(Ended::Inconclusive);
         assert_eq!(reconnects.failures, 7, "a timeout is no failed connection");
-        reconnects.note(Ended::Answered);
+        reconnects.note_now(Ended::Answered);
         assert_eq!((reconnects.failures, reconnects.until), (0, None));
+        // Commands that started before a counted failure failed with it: not counted again.
+        let since = reconnects.counted;
+        reconnects.note(Ended::ConnectionFailed, since);
+        reconnects.note(Ended::ConnectionFailed, since);
+        reconnects.note(Ended::AuthRefused, since);
+        assert_eq!((reconnects.failures, reconnects.until), (1, None));
     }
 
     /// Refused credentials back off like failed connections (the connection manager would
@@ -1068,7 +1100,7 @@ mod tests {
                 .reconnects
                 .lock()
                 .unwrap()
-                .note(Ended::AuthRefused);
+                .note_now(Ended::AuthRefused);
         }
         let error = conn.backing_off().unwrap_err();
         assert_eq!(
@@ -1087,8 +1119,133 @@ mod tests {
             .reconnects
             .lock()
             .unwrap()
-            .note(Ended::ConnectionFailed);
+            .note_now(Ended::ConnectionFailed);
         assert!(conn.backing_off().unwrap_err().is_unreachable());
+    }
+
+    /// One dropped connection is one failure, however many commands were on it: the server
+    /// closing a healthy connection (`CLIENT KILL`, an idle `timeout`, a proxy) with several
+    /// commands in flight does not make the next commands fail at once (as Redis away, in
+    /// `Fail` mode a failed request each) while the manager has already connected again.
+    #[cfg(feature = "testing")]
+    #[tokio::test]
+    async fn commands_on_one_dropped_connection_count_as_one_failure() {
+        let Some(server) =
+            crate::testing::RedisServer::start_or_skip().expect("CI=true requires a redis-server")
+        else {
+            return;
+        };
+        let conn = Connection::lazy(
+            RedisConfig::new(server.url()).command_timeout(Duration::from_secs(5)),
+        )
+        .unwrap();
+        conn.calibrate().await.unwrap();
+        // A blocking command first: the ones after it wait behind it on the one socket.
+        let mut in_flight = tokio::task::JoinSet::new();
+        let mut blpop = redis::cmd("BLPOP");
+        blpop.arg("nothing").arg(3);
+        in_flight.spawn({
+            let conn = conn.clone();
+            async move { conn.query::<redis::Value>(&blpop).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..6 {
+            let conn = conn.clone();
+            in_flight.spawn(async move { conn.query::<redis::Value>(&redis::cmd("PING")).await });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut killer = redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .arg("SKIPME")
+            .arg("yes")
+            .query_async(&mut killer)
+            .await
+            .unwrap();
+        assert_eq!(killed, 1);
+        let mut failed = 0;
+        while let Some(result) = in_flight.join_next().await {
+            failed += usize::from(result.unwrap().is_err());
+        }
+        assert_eq!(failed, 7, "every command on the killed connection failed");
+        // The manager connects again at once: the next command reaches Redis.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let pong: Result<String, _> = conn.query(&redis::cmd("PING")).await;
+        assert_eq!(pong.unwrap(), "PONG");
+    }
+
+    /// A server that accepts the credentials again after refusing them is reached over a new
+    /// connection, which may lead to another server (the address moved, and the new server
+    /// refused the password until it was set there too): the clock is measured again, as
+    /// after an outage, not kept for up to `calibrate_every`.
+    #[cfg(feature = "testing")]
+    #[tokio::test]
+    async fn the_clock_is_measured_again_once_refused_credentials_are_accepted() {
+        let Some(server) =
+            crate::testing::RedisServer::start_or_skip().expect("CI=true requires a redis-server")
+        else {
+            return;
+        };
+        let conn = Connection::lazy(RedisConfig::new(server.url())).unwrap();
+        conn.calibrated_now_us().await.unwrap();
+        // As if measured against another server, whose clock is 5 s ahead.
+        conn.shift_fleet_clock(5_000_000);
+        let mut admin = redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let config_set = |password: &str| {
+            let mut cmd = redis::cmd("CONFIG");
+            cmd.arg("SET").arg("requirepass").arg(password);
+            cmd
+        };
+        let _: () = config_set("pw").query_async(&mut admin).await.unwrap();
+        let _: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .arg("SKIPME")
+            .arg("yes")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        // The first command may still go to the killed connection.
+        let mut refused = None;
+        for _ in 0..50 {
+            match conn.query::<String>(&redis::cmd("PING")).await {
+                Err(e) if e.is_auth_refused() => {
+                    refused = Some(e);
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        assert!(refused.is_some(), "the server refused the connection");
+        let _: () = config_set("").query_async(&mut admin).await.unwrap();
+        let mut answered = false;
+        for _ in 0..100 {
+            if conn.query::<String>(&redis::cmd("PING")).await.is_ok() {
+                answered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(answered, "accepted again");
+        conn.calibrated_now_us().await.unwrap();
+        // The measurement runs in the background.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            conn.clock_offset_us().abs() < 1_000_000,
+            "offset {} µs: the other server's",
+            conn.clock_offset_us()
+        );
     }
 
     /// One background measurement at a time: none is claimed while one runs, even when due.
