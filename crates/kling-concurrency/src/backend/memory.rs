@@ -1553,6 +1553,18 @@ impl PoolState {
             || self.live().map(|(_, h)| u64::from(h.weight)).sum::<u64>() >= u64::from(level)
     }
 
+    /// A holding's lease now ends at `lease_until`, sooner than every lease `next_lease` knew
+    /// of: noted, and the queue's head woken to wait for it when its timer waits longer.
+    #[cold]
+    fn lease_sooner(&mut self, lease_until: Instant, interval: Duration) {
+        let sooner =
+            !self.queue.is_empty() && self.next_wake(interval).is_none_or(|t| lease_until < t);
+        self.next_lease = Some(lease_until);
+        if sooner {
+            self.head_changed();
+        }
+    }
+
     /// The next instant lazy maintenance has something to do.
     fn next_wake(&self, interval: Duration) -> Option<Instant> {
         let interval = self.recovery_interval(interval);
@@ -2461,15 +2473,27 @@ impl State {
     /// The task held at `place` (of id `id`, of [`IdHash`] `hash`) was reported running at
     /// `now`: its lease runs `lease` from now, and a holding of unknown task id learns `id`.
     fn running(&mut self, place: Place, id: &str, hash: u64, now: Instant, lease: Duration) {
-        let Some(holding) = self
-            .list
-            .get_mut(place.0)
-            .and_then(|pool| pool.holdings.get_mut(place.1))
+        let interval = self.config.recovery_interval;
+        let Some(pool) = self.list.get_mut(place.0) else {
+            return;
+        };
+        let Some(holding) = pool
+            .holdings
+            .get_mut(place.1)
             .and_then(|entry| entry.held.as_mut())
         else {
             return;
         };
-        holding.lease_until = lease_end(now, lease);
+        let lease_until = lease_end(now, lease);
+        holding.lease_until = lease_until;
+        if pool.next_lease.is_none_or(|at| lease_until < at) {
+            // Renewed to end sooner than any lease the pool's timer waits for (a shorter
+            // lease than its hold's): it must end then, not when that one does.
+            pool.lease_sooner(lease_until, interval);
+        }
+        let Some(holding) = pool.holdings[place.1].held.as_mut() else {
+            return;
+        };
         // (An empty id is no task's.)
         if holding.id.is_none() && !id.is_empty() {
             holding.id = Some(SmallId::new(id));
@@ -3710,6 +3734,40 @@ mod tests {
         now(backend.apply(running)).unwrap();
         tokio::time::advance(MAX_DURATION).await;
         assert_eq!(pool(&backend, "a"), (0, 0));
+    }
+
+    /// A task reported running renews its lease to the report's lease from then, also when
+    /// that is sooner than the lease it had (another layer's shorter lease over the same
+    /// backend): it ends then, and a create waiting for its slot is served then.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_renewed_shorter_ends_when_renewed_to() {
+        let backend = InProcess::new(SlotsConfig::new(1)).unwrap();
+        hold(&backend, key(), Some("t1"), None);
+        let mut waiter = tokio_test::task::spawn(backend.acquire(key(), 1));
+        assert!(waiter.poll().is_pending());
+        let running = SlotOp::Update {
+            account: key().account,
+            updates: vec![super::super::TaskUpdate {
+                id: "t1".to_owned(),
+                external_id: None,
+                status: Some(TaskStatus::Processing),
+            }],
+            lease: Duration::from_secs(60),
+        };
+        now(backend.apply(running)).unwrap();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(
+            waiter.is_woken(),
+            "the head is woken when the renewed lease ends"
+        );
+        assert!(matches!(waiter.poll(), Poll::Ready(Ok(_))));
+        drop(waiter);
+        let snap = now(backend.snapshot()).unwrap();
+        assert_eq!(
+            (snap[0].in_use, snap[0].tasks),
+            (1, 0),
+            "t1 ended by its lease"
+        );
     }
 
     /// The ends remembered are bounded by count (the oldest forgotten first) and by age (one
