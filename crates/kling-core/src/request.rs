@@ -249,6 +249,10 @@ pub struct Recognized {
     pub task_ids: Vec<String>,
     /// The external ids a batch query asks about (`external_task_ids=`), decoded likewise.
     pub external_ids: Vec<String>,
+    /// Whether the path names one of Kling's endpoints that answer at once with no task
+    /// ([`Route::answers_at_once`]): a `POST` there is no create, though its kind is
+    /// [`RequestKind::Other`] as an unknown one's is.
+    pub answers_at_once: bool,
 }
 
 impl Recognized {
@@ -269,6 +273,7 @@ impl Recognized {
             has_callback: false,
             task_ids: Vec::new(),
             external_ids: Vec::new(),
+            answers_at_once: route.answers_at_once,
         };
         match (route.kind, route.generation, route.product) {
             (RequestKind::Create, Some(generation), Some(product)) => {

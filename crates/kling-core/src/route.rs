@@ -47,6 +47,12 @@ pub struct Route<'a> {
     /// The task id a legacy query names as its last segment, as written in the path up to any
     /// `;` parameters.
     pub task_id: Option<&'a str>,
+    /// Whether the path names one of Kling's endpoints that answer at once with no task
+    /// (`/v1/videos/identify-face`, `/v1/videos/image-recognize`), whatever the method, as
+    /// [`Route::of`] reads the path: the one list of them, so that a layer that tells such a
+    /// `POST` from an unknown one (a possible create) follows when this router learns another.
+    /// A path with more segments after the endpoint names none.
+    pub answers_at_once: bool,
 }
 
 impl<'a> Route<'a> {
@@ -269,6 +275,7 @@ impl<'a> Route<'a> {
             product: route.product,
             model: route.model.and_then(as_written),
             task_id: route.task_id.and_then(as_written),
+            answers_at_once: route.answers_at_once,
         }
     }
 
@@ -307,6 +314,7 @@ impl<'a> Route<'a> {
                 };
                 let endpoint = if grouped { 3 } else { 2 };
                 match (rest.len().checked_sub(endpoint), method) {
+                    (Some(0), _) if answered_at_once => route.answers_at_once = true,
                     _ if answered_at_once => {}
                     (Some(0), &Method::POST) => {
                         route.kind = RequestKind::Create;
@@ -409,6 +417,7 @@ impl<'a> Route<'a> {
             product: None,
             model: None,
             task_id: None,
+            answers_at_once: false,
         }
     }
 
@@ -651,6 +660,7 @@ mod tests {
             product: None,
             model: None,
             task_id: None,
+            answers_at_once: false,
         };
         let path = path.trim_end_matches('/');
         if path.ends_with("/account/costs") || path == "account/costs" {
@@ -674,6 +684,7 @@ mod tests {
                 let grouped = matches!(rest, ["images", "editing", ..] | ["videos", "avatar", ..]);
                 let endpoint = if grouped { 3 } else { 2 };
                 let at_once = matches!(rest, ["videos", "identify-face" | "image-recognize", ..]);
+                route.answers_at_once = at_once && rest.len() == endpoint;
                 let id = rest.get(endpoint..).filter(|_| !at_once);
                 match (id, method) {
                     (Some([]), &Method::POST) => {
@@ -842,11 +853,43 @@ mod tests {
                 (RequestKind::Other, None, None),
                 "{path}"
             );
-            assert_eq!(Route::of(&Method::GET, path).kind, RequestKind::Other);
+            assert!(route.answers_at_once, "{path}");
+            let route = Route::of(&Method::GET, path);
             assert_eq!(
-                Route::of(&Method::GET, &format!("{path}/x")).kind,
-                RequestKind::Other
+                (route.kind, route.answers_at_once),
+                (RequestKind::Other, true)
             );
+            // More segments after the endpoint name none of Kling's endpoints.
+            let longer = format!("{path}/x");
+            let route = Route::of(&Method::GET, &longer);
+            assert_eq!(
+                (route.kind, route.answers_at_once),
+                (RequestKind::Other, false)
+            );
+            // Written another way, as the router reads the path.
+            for other in [
+                format!("/proxy{path}/"),
+                path.replace("/videos/", "//videos/./"),
+                path.replace("/videos/", "/videos%2F"),
+                format!("{path};v=2"),
+            ] {
+                let route = Route::of(&Method::POST, &other);
+                assert_eq!(
+                    (route.kind, route.answers_at_once),
+                    (RequestKind::Other, true),
+                    "{other}"
+                );
+            }
+        }
+        for (method, path) in [
+            (Method::POST, "/v1/videos/text2video"),
+            (Method::POST, "/v1/images/identify-face"),
+            (Method::POST, "/v1/videos/avatar/identify-face"),
+            (Method::GET, "/v1/videos/text2video/identify-face"),
+            (Method::POST, "/identify-face/kling-3.0"),
+            (Method::GET, "/tasks"),
+        ] {
+            assert!(!Route::of(&method, path).answers_at_once, "{method} {path}");
         }
         // The names are no ids: a task may still be called so.
         let route = Route::of(&Method::GET, "/v1/videos/text2video/identify-face");
@@ -1383,6 +1426,7 @@ mod tests {
             Option<Product>,
             Option<Pool>,
             Option<String>,
+            bool,
         );
         fn seen(method: &Method, path: &str) -> Seen {
             let route = Route::of(method, path);
@@ -1393,6 +1437,7 @@ mod tests {
                 route.product,
                 route.pool(),
                 task_id,
+                route.answers_at_once,
             )
         }
         let mut paths: Vec<Vec<&str>> = vec![vec![]];

@@ -365,23 +365,23 @@ where
 /// non-idempotent one (a `POST`) on an endpoint it does not know, which may be a create
 /// endpoint newer than this crate (a new-style product, or a legacy endpoint under
 /// `/v1/videos` or `/v1/images`, grouped as `avatar/image2video` is: the router knows its
-/// generation, not what it does). One it knows as Kling's and no create (an endpoint that
-/// answers at once with no task, `/v1/videos/identify-face`) made none.
+/// generation, not what it does). One the router knows as Kling's and no create
+/// ([`Recognized::answers_at_once`]: the router keeps the one list of them) made none, when
+/// its path is written plainly.
 fn unknown_post<B>(recognized: &Recognized, request: &Request<B>) -> bool {
     recognized.kind == RequestKind::Other
         && !request.method().is_idempotent()
-        && !(recognized.generation == Some(ApiGeneration::Legacy)
-            && answers_at_once(request.uri().path()))
+        && !(recognized.answers_at_once && written_plainly(request.uri().path()))
 }
 
-/// Whether a legacy path is one of Kling's endpoints that answer at once, with no task (as
-/// kling-core's router knows them), written plainly; one written otherwise (`//`, `%2F`, dot
-/// segments) is left a possible create, which is never sent again blindly.
-fn answers_at_once(path: &str) -> bool {
+/// Whether a path is written plainly: no `//`, `%`, `;` or dot segment (trailing `/`s aside).
+/// One written otherwise that the router reads as an endpoint answering at once is left a
+/// possible create, which is never sent again blindly: a server or proxy may read it otherwise.
+fn written_plainly(path: &str) -> bool {
     let path = path.trim_end_matches('/');
-    ["/v1/videos/identify-face", "/v1/videos/image-recognize"]
-        .iter()
-        .any(|endpoint| path.ends_with(endpoint))
+    !path.contains("//")
+        && !path.contains(['%', ';'])
+        && !path.split('/').any(|segment| matches!(segment, "." | ".."))
 }
 
 /// Far enough ahead to never arrive, near enough to never overflow.

@@ -98,8 +98,11 @@
 //!   create's result (see [`Recovered`]). Without an id the call fails with
 //!   [`StopReason::CreateMayHaveHappened`](error::StopReason::CreateMayHaveHappened), and so
 //!   does a `POST` on a path the router does not recognise (it may be a create endpoint newer
-//!   than this crate; one it knows as no create, `/v1/videos/identify-face`, is retried as a
-//!   query is); [`generate_external_ids`](RetryLayerBuilder::generate_external_ids) gives every
+//!   than this crate; one it knows as no create, an endpoint that answers at once such as
+//!   `/v1/videos/identify-face`
+//!   ([`Recognized::answers_at_once`](kling_core::Recognized::answers_at_once)), written
+//!   plainly, is retried as a query is);
+//!   [`generate_external_ids`](RetryLayerBuilder::generate_external_ids) gives every
 //!   recognised create one. Once an attempt may have created a task, a final refusal of a
 //!   later attempt (`1201` "duplicate external task id" when the first create landed after
 //!   all) is looked up again before it is returned.

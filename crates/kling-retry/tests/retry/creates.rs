@@ -1773,6 +1773,72 @@ async fn a_post_kling_answers_at_once_is_no_possible_create() {
     }
 }
 
+/// Which endpoints answer at once is the router's word ([`Recognized::answers_at_once`]), not
+/// a second list here: a `POST` it marks so is asked again after a `5000`, as a query is, and
+/// the same `POST` unmarked is a possible create, not sent again. With the two endpoints
+/// listed in this crate too, an endpoint the router learned (here marked by hand, as the
+/// router would) stayed a possible create.
+#[tokio::test(start_paused = true)]
+async fn which_posts_answer_at_once_is_the_routers_word() {
+    let post = |marked: bool| {
+        let mut request = http::Request::post("http://kling.test/v1/videos/face-sketch/detect")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                br#"{"video_url":"https://v"}"#,
+            )))
+            .unwrap();
+        let recognized = Recognized::of_mut(&mut request);
+        assert_eq!(recognized.kind, kling_core::RequestKind::Other);
+        assert!(!recognized.answers_at_once, "unknown to the router");
+        recognized.answers_at_once = marked;
+        request
+    };
+    let flaky = || {
+        kling(|_, i| {
+            Reply::Now(if i == 0 {
+                code(5000)
+            } else {
+                envelope(StatusCode::OK, 0, r#"{"faces":[]}"#)
+            })
+        })
+    };
+
+    let (server, log) = flaky();
+    let answer = send(&layer().layer(server), post(true)).await.unwrap();
+    assert!(Outcome::of(&answer).unwrap().is_success());
+    assert_eq!(log.len(), 2, "asked again, as a query is");
+
+    let (server, log) = flaky();
+    let error = send(&layer().layer(server), post(false)).await.unwrap_err();
+    assert_eq!(log.len(), 1, "a possible create is not sent again");
+    let failed = error.downcast_ref::<Failed>().expect("a Failed");
+    assert_eq!(failed.reason(), StopReason::CreateMayHaveHappened);
+}
+
+/// A path the router reads as an endpoint that answers at once but that is written otherwise
+/// (`//`, `%2F`, a `;` parameter, dot segments) stays a possible create: a server or proxy may
+/// read it otherwise, so it is never sent again blindly.
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_that_answers_at_once_written_otherwise_is_a_possible_create() {
+    for path in [
+        "/v1//videos/identify-face",
+        "/v1/videos%2Fidentify-face",
+        "/v1/videos/identify-face;v=2",
+        "/v1/images/../videos/identify-face",
+        "/v1/videos/./image-recognize",
+    ] {
+        let recognized = Recognized::from_parts(&Method::POST, &path.parse().unwrap(), b"{}");
+        assert!(recognized.answers_at_once, "{path}: the router reads it so");
+        let (server, log) = kling(|_, _| Reply::Now(code(5000)));
+        let request = http::Request::post(format!("http://kling.test{path}"))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+            .unwrap();
+        let error = send(&layer().layer(server), request).await.unwrap_err();
+        assert_eq!(log.len(), 1, "{path}: sent once");
+        let failed = error.downcast_ref::<Failed>().expect("a Failed");
+        assert_eq!(failed.reason(), StopReason::CreateMayHaveHappened, "{path}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_unrecognised_post_refused_before_any_work_and_an_unrecognised_get_are_sent_again() {
     let (server, log) = kling(|_, i| {
