@@ -101,9 +101,12 @@ pub struct TaskReport {
     /// What the finished task cost: `final_unit_deduction` (units), or the sum of
     /// `billing[].amount` when the items with an amount name at most one `currency` (compared
     /// exactly; one naming none — missing, `null`, `""` — counts in the others'). Items in two
-    /// currencies give `None`: credits plus dollars is no figure. Its currency is
-    /// [`cost_currency`](Self::cost_currency); only [`cost_in_credits`](Self::cost_in_credits)
-    /// may be added to credits.
+    /// currencies give `None`: credits plus dollars is no figure. So does what cannot be read
+    /// as a cost, rather than a smaller one: a negative deduction or amount, `billing` that is
+    /// no list of objects, an amount that is no number (`"1,5"`, `true`), a `currency` beside
+    /// an amount that is neither text nor a number (an object: an unknown unit, never
+    /// credits), a sum past `f64`. Its currency is [`cost_currency`](Self::cost_currency);
+    /// only [`cost_in_credits`](Self::cost_in_credits) may be added to credits.
     pub cost: Option<f64>,
     /// The currency `billing` named for [`cost`](Self::cost), as sent; `None` when none was
     /// named (`final_unit_deduction`, billing items without one) or there is no cost.
@@ -825,7 +828,7 @@ struct RawTask<'a> {
     #[serde(default, borrow)]
     outputs: Option<LooseList<Output<'a>>>,
     #[serde(default, borrow)]
-    billing: Option<LooseList<Billing<'a>>>,
+    billing: Option<BillingList<'a>>,
     /// A page's tasks; an element that is no object reports nothing (serde's derive would read
     /// an array as a task, its fields by position).
     #[serde(default, borrow)]
@@ -858,7 +861,7 @@ impl RawTask<'_> {
                     .final_unit_deduction
                     .0
                     .and_then(|d| d.trim().parse::<f64>().ok())
-                    .filter(|v| v.is_finite()),
+                    .filter(|v| v.is_finite() && *v >= 0.0),
                 cost_currency: None,
             });
         }
@@ -890,13 +893,33 @@ impl RawTask<'_> {
 }
 
 /// The sum of the items' amounts and the currency they name, when those with an amount name
-/// at most one (see [`TaskReport::cost`]); the scanner's `billing` keeps the same rule.
-fn billing_cost(items: Vec<Billing<'_>>) -> (Option<f64>, Option<Currency>) {
-    let sum = items.iter().filter_map(|item| item.amount.0).sum();
+/// at most one (see [`TaskReport::cost`]); the scanner's `billing` keeps the same rule. Billing
+/// that cannot be read (`None`: no list, an element that is no object), an amount that is no
+/// number or below zero, a currency of no readable kind beside an amount, or a sum past `f64`
+/// is no cost: summed as nothing, it read as a cheaper or free task to a spend guard.
+fn billing_cost(items: Option<Vec<Billing<'_>>>) -> (Option<f64>, Option<Currency>) {
+    let Some(items) = items else {
+        return (None, None);
+    };
+    let unreadable = items.iter().any(|item| match item.amount {
+        Amount::Unreadable => true,
+        Amount::Value(amount) => amount < 0.0 || matches!(item.currency, Named::Unreadable),
+        Amount::Absent => false,
+    });
+    if unreadable {
+        return (None, None);
+    }
+    let sum: f64 = items.iter().filter_map(|item| item.amount.value()).sum();
+    if !sum.is_finite() {
+        return (None, None);
+    }
     let mut named = items
         .into_iter()
-        .filter(|item| item.amount.0.is_some())
-        .filter_map(|item| item.currency.0.filter(|c| !c.is_empty()));
+        .filter(|item| item.amount.value().is_some())
+        .filter_map(|item| match item.currency {
+            Named::Text(c) if !c.is_empty() => Some(c),
+            _ => None,
+        });
     let Some(first) = named.next() else {
         return (Some(sum), None);
     };
@@ -940,24 +963,168 @@ struct Output<'a> {
 #[derive(Deserialize)]
 struct Billing<'a> {
     #[serde(default)]
-    amount: LooseAmount,
+    amount: Amount,
     #[serde(default, borrow)]
-    currency: Loose<'a>,
+    currency: Named<'a>,
 }
 
-/// An amount as a number or a number in a string (the legacy API sends money as text); any
-/// other value as none.
-#[derive(Default)]
-struct LooseAmount(Option<f64>);
+/// `billing` as read: its items, or `None` when it is no list or holds an element that is no
+/// object (read as nothing, it was a cost of zero).
+struct BillingList<'a>(Option<Vec<Billing<'a>>>);
 
-impl<'de> Deserialize<'de> for LooseAmount {
+impl<'de: 'a, 'a> Deserialize<'de> for BillingList<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = <Loose<'_>>::deserialize(deserializer)?;
-        Ok(LooseAmount(
-            text.0
-                .and_then(|t| t.trim().parse::<f64>().ok())
-                .filter(|v| v.is_finite()),
-        ))
+        struct ListVisitor;
+        impl<'de> Visitor<'de> for ListVisitor {
+            type Value = BillingList<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Some(Vec::new());
+                // Every element is read (a malformed one still fails the envelope), even
+                // after one that is no object.
+                while let Some(LooseItem(item)) = seq.next_element::<LooseItem<Billing<'de>>>()? {
+                    match (item, items.as_mut()) {
+                        (Some(item), Some(items)) => items.push(item),
+                        (None, _) => items = None,
+                        (Some(_), None) => {}
+                    }
+                }
+                Ok(BillingList(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map
+                    .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(BillingList(None))
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                d.deserialize_any(self)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(BillingList(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(BillingList(None))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(BillingList(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(BillingList(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(BillingList(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(BillingList(None))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(BillingList(None))
+            }
+        }
+        deserializer.deserialize_any(ListVisitor)
+    }
+}
+
+/// A billing amount: a number or a number in a string (the legacy API sends money as text);
+/// missing, `null` or `""` is none, any other value (`true`, `"1,5"`, one past `f64`) one
+/// that cannot be read.
+#[derive(Default)]
+enum Amount {
+    #[default]
+    Absent,
+    Value(f64),
+    Unreadable,
+}
+
+impl Amount {
+    fn value(&self) -> Option<f64> {
+        match self {
+            Amount::Value(v) => Some(*v),
+            _ => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Amount {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // `Named` reads `null` as absent and other kinds as unreadable, as an amount is.
+        let text = match Named::deserialize(deserializer)? {
+            Named::Text(text) if !text.is_empty() => text,
+            Named::Text(_) | Named::Absent => return Ok(Amount::Absent),
+            Named::Unreadable => return Ok(Amount::Unreadable),
+        };
+        Ok(text
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite())
+            .map_or(Amount::Unreadable, Amount::Value))
+    }
+}
+
+/// A billing currency: a string, or a number as its text; missing or `null` is none, and any
+/// other value (an object, a list, a boolean) one that cannot be read, which is no currency
+/// named (that was credits to a spend guard).
+#[derive(Default)]
+enum Named<'a> {
+    #[default]
+    Absent,
+    Text(Cow<'a, str>),
+    Unreadable,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Named<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NamedVisitor;
+        impl<'de> Visitor<'de> for NamedVisitor {
+            type Value = Named<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Named::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Named::Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(Named::Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Named::Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(Named::Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Named::Unreadable)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Named::Absent)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Named::Absent)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                d.deserialize_any(self)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(Named::Unreadable)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map
+                    .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Named::Unreadable)
+            }
+        }
+        deserializer.deserialize_any(NamedVisitor)
     }
 }
 
@@ -1190,7 +1357,8 @@ mod tests {
     }
 
     /// A task's optional field of an odd type is left out: failing would hide every task of a
-    /// batch answer, and none of them would free its slot.
+    /// batch answer, and none of them would free its slot. Billing with an odd amount or
+    /// element is no cost (not the sum of the rest: `billing_that_cannot_be_read_is_no_cost`).
     #[test]
     fn a_tasks_odd_optional_field_is_left_out() {
         let batch = br#"{"code":0,"message":"SUCCEED","request_id":"r","data":[
@@ -1199,7 +1367,7 @@ mod tests {
             {"id":"c","status":"succeeded","external_id":12,"outputs":[{"url":3},"x",{"url":"u"}]}]}"#;
         let env = Envelope::parse(batch).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(env.tasks.len(), 3);
-        assert_eq!(env.tasks[0].cost, Some(1.5));
+        assert_eq!(env.tasks[0].cost, None);
         assert_eq!(env.tasks[1].status, TaskStatus::Failed);
         assert_eq!(env.tasks[1].failure, None);
         assert!(env.tasks[1].urls.is_empty());
@@ -1348,9 +1516,10 @@ mod tests {
                 r#"[{"amount":2,"currency":"c\u0072edit"},{"amount":1,"currency":"credit"}]"#,
                 Some(3.0),
             ),
+            // A currency that is no text nor number names one no one can read: no figure.
             (
                 r#"[{"amount":1,"currency":"credit"},{"amount":1,"currency":{"code":"USD"}}]"#,
-                Some(2.0),
+                None,
             ),
             (r#"[]"#, Some(0.0)),
         ] {
@@ -1437,6 +1606,139 @@ mod tests {
                 (task.cost_in_credits(), task.cost_currency),
                 (Some(2.0), None)
             );
+        }
+    }
+
+    /// A billing `currency` that is neither text nor a number (an object, a list, a boolean)
+    /// names a currency no one can read: the cost is none, from both readers, never credits.
+    /// It counted as no currency named, so `{"amount":0.14,"currency":{"code":"USD"}}` read as
+    /// 0.14 credits to a spend guard. An item without an amount still names nothing.
+    #[test]
+    fn a_currency_that_is_not_text_is_unknown_not_credits() {
+        for (billing, cost) in [
+            (r#"[{"amount":0.14,"currency":{"code":"USD"}}]"#, None),
+            (r#"[{"amount":2,"currency":["USD"]}]"#, None),
+            (r#"[{"amount":2,"currency":true}]"#, None),
+            (r#"[{"amount":2},{"currency":false,"amount":1}]"#, None),
+            (
+                r#"[{"amount":2,"currency":"credit"},{"currency":{}}]"#,
+                Some(2.0),
+            ),
+            (
+                r#"[{"amount":2,"currency":"credit"},{"amount":null,"currency":[]}]"#,
+                Some(2.0),
+            ),
+        ] {
+            let body = format!(
+                r#"{{"code":0,"data":{{"id":"t","status":"succeeded","billing":{billing}}}}}"#
+            );
+            for env in both(body.as_bytes()) {
+                let task = env.unwrap().tasks.remove(0);
+                assert_eq!(
+                    (task.cost, task.cost_in_credits()),
+                    (cost, cost),
+                    "{billing}"
+                );
+            }
+        }
+    }
+
+    /// A cost below zero is no cost, from both readers: a negative deduction or billing amount
+    /// (a refund line, perhaps: undocumented) gave a negative cost, or a sum net of it, that a
+    /// spend guard took as credits given back or a cheaper task. Zero and fractions still read.
+    #[test]
+    fn a_negative_cost_is_no_cost() {
+        for deduction in [r#""-5""#, "-5", r#"" -0.5 ""#, "-1e2"] {
+            let body = format!(
+                r#"{{"code":0,"data":{{"task_id":"t","task_status":"succeed","final_unit_deduction":{deduction}}}}}"#
+            );
+            for env in both(body.as_bytes()) {
+                let task = env.unwrap().tasks.remove(0);
+                assert_eq!(
+                    (task.cost, task.cost_in_credits()),
+                    (None, None),
+                    "{deduction}"
+                );
+            }
+        }
+        for billing in [
+            r#"[{"amount":-3}]"#,
+            r#"[{"amount":5},{"amount":-3}]"#,
+            r#"[{"amount":"-1","currency":"credit"},{"amount":2,"currency":"credit"}]"#,
+        ] {
+            let body = format!(
+                r#"{{"code":0,"data":{{"id":"t","status":"succeeded","billing":{billing}}}}}"#
+            );
+            for env in both(body.as_bytes()) {
+                let task = env.unwrap().tasks.remove(0);
+                assert_eq!(
+                    (task.cost, task.cost_in_credits()),
+                    (None, None),
+                    "{billing}"
+                );
+            }
+        }
+        for (deduction, cost) in [(r#""0""#, 0.0), ("0", 0.0), (r#""0.5""#, 0.5), ("2.5", 2.5)] {
+            let body = format!(
+                r#"{{"code":0,"data":{{"task_id":"t","task_status":"succeed","final_unit_deduction":{deduction}}}}}"#
+            );
+            for env in both(body.as_bytes()) {
+                assert_eq!(env.unwrap().tasks[0].cost, Some(cost), "{deduction}");
+            }
+        }
+    }
+
+    /// Billing that is there but cannot be read as amounts is no cost, from both readers, not
+    /// a cost of zero: `billing` that is no list, an element that is no object, or an amount
+    /// that is no number (`"1,5"`, `true`, an object, one past `f64`). Each summed as nothing,
+    /// so a task billed `[{"amount":"1,5"}]` read as free to a spend guard; and amounts whose
+    /// sum passes `f64` gave an infinite cost. An amount missing, `null` or `""` is none, and
+    /// `[]` (nothing billed) is zero, as before.
+    #[test]
+    fn billing_that_cannot_be_read_is_no_cost() {
+        for billing in [
+            r#"{"amount":5}"#,
+            r#""5""#,
+            "5",
+            "true",
+            "[5]",
+            r#"[{"amount":1},"x"]"#,
+            r#"[{"amount":1},[]]"#,
+            r#"[{"amount":"1,5"}]"#,
+            r#"[{"amount":1},{"amount":true}]"#,
+            r#"[{"amount":{"value":1}}]"#,
+            r#"[{"amount":[1]}]"#,
+            r#"[{"amount":"1e400"}]"#,
+            r#"[{"amount":"NaN"}]"#,
+            r#"[{"amount":1e308},{"amount":1e308}]"#,
+        ] {
+            let body = format!(
+                r#"{{"code":0,"data":{{"id":"t","status":"succeeded","billing":{billing}}}}}"#
+            );
+            for env in both(body.as_bytes()) {
+                let task = env.unwrap().tasks.remove(0);
+                assert_eq!(
+                    (task.cost, task.cost_in_credits()),
+                    (None, None),
+                    "{billing}"
+                );
+            }
+        }
+        for (billing, cost) in [
+            ("[]", Some(0.0)),
+            ("null", None),
+            (
+                r#"[{"amount":1},{"amount":null},{"amount":""},{"currency":"x"}]"#,
+                Some(1.0),
+            ),
+            (r#"[{"amount":" 1.5 "},{"amount":1e2}]"#, Some(101.5)),
+        ] {
+            let body = format!(
+                r#"{{"code":0,"data":{{"id":"t","status":"succeeded","billing":{billing}}}}}"#
+            );
+            for env in both(body.as_bytes()) {
+                assert_eq!(env.unwrap().tasks[0].cost, cost, "{billing}");
+            }
         }
     }
 

@@ -858,8 +858,8 @@ fn code_value(bytes: &[u8], start: usize) -> Scan<(i64, usize)> {
 }
 
 /// A `final_unit_deduction` as the reference reads it (`trim` then `f64` parse, a non-finite
-/// value as none, as a `billing` amount), with a short path for what Kling sends: a few
-/// digits, which `f64` holds exactly.
+/// or negative value as none), with a short path for what Kling sends: a few digits, which
+/// `f64` holds exactly.
 #[inline(always)]
 fn deduction(text: &str) -> Option<f64> {
     let digits = text.as_bytes();
@@ -870,7 +870,10 @@ fn deduction(text: &str) -> Option<f64> {
         // At most 15 digits: below 2^53, so exact, as the parse of the same text is.
         return Some(n as f64);
     }
-    text.trim().parse().ok().filter(|v: &f64| v.is_finite())
+    text.trim()
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && *v >= 0.0)
 }
 
 /// A plain integer's value (at most 18 digits: no overflow).
@@ -1369,7 +1372,12 @@ impl<'a> Scanner<'a> {
                                 return Err(Fallback);
                             }
                             let (n, end) = self.number(at_value)?;
-                            amount = Some(n.to_f64()?);
+                            let n = n.to_f64()?;
+                            // An amount below zero is no cost: the reference's to say.
+                            if n < 0.0 {
+                                return Err(Fallback);
+                            }
+                            amount = Some(n);
                             end
                         }
                     }
@@ -1402,6 +1410,10 @@ impl<'a> Scanner<'a> {
                 }
             }
             (done, i) = next_or_close(bytes, j, b']')?;
+        }
+        // A sum past `f64` is no cost: the reference's to say.
+        if !sum.is_finite() {
+            return Err(Fallback);
         }
         (t.billing, t.currency) = if mixed {
             (None, None)

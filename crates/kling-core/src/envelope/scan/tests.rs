@@ -711,7 +711,8 @@ fn mutate(text: String, mutation: &Mutation) -> Vec<u8> {
 proptest! {
     #[test]
     fn deduction_reads_as_the_parse(text in "[0-9]{0,18}|[ 0-9.eE+-]{0,12}|\\PC{0,8}") {
-        let parsed: Option<f64> = text.trim().parse().ok();
+        // A negative deduction is no cost.
+        let parsed: Option<f64> = text.trim().parse().ok().filter(|v: &f64| v.is_nan() || *v >= 0.0);
         prop_assert_eq!(format!("{:?}", deduction(&text)), format!("{parsed:?}"));
     }
 }
@@ -864,9 +865,14 @@ type TaskMeaning = (
     Option<String>,
 );
 
-/// A number or a number in a string, as a finite `f64` (`TaskReport::cost`'s deduction and
-/// amounts); anything else is none.
+/// A number or a number in a string, as a finite `f64` at least zero (`TaskReport::cost`'s
+/// deduction); anything else is none.
 fn amount_meaning(value: Option<&serde_json::Value>) -> Option<f64> {
+    number_meaning(value).filter(|v| *v >= 0.0)
+}
+
+/// A number or a number in a string, as a finite `f64`; anything else is none.
+fn number_meaning(value: Option<&serde_json::Value>) -> Option<f64> {
     use serde_json::Value;
     match value? {
         Value::String(text) => text.trim().parse::<f64>().ok(),
@@ -878,21 +884,48 @@ fn amount_meaning(value: Option<&serde_json::Value>) -> Option<f64> {
 
 /// A new-style task's cost: the sum of its billing items' amounts when those with an amount
 /// name at most one currency (a string or a number's text; `""` names none), and that
-/// currency, as sent.
+/// currency, as sent. No cost when `billing` is no list, an element is no object, an amount
+/// (not missing, `null` or `""`) is no finite number or is below zero, an item with an amount
+/// names a currency that is neither text nor a number, or the sum passes `f64`.
 fn billing_meaning(billing: Option<&serde_json::Value>) -> (Option<f64>, Option<String>) {
     use serde_json::Value;
     let Some(billing) = billing else {
         return (None, None);
     };
     let items: Vec<&serde_json::Map<String, Value>> = match billing {
-        Value::Null => return (None, None),
-        Value::Array(items) => items.iter().filter_map(Value::as_object).collect(),
-        _ => Vec::new(),
+        Value::Array(items) if items.iter().all(Value::is_object) => {
+            items.iter().filter_map(Value::as_object).collect()
+        }
+        _ => return (None, None),
     };
+    let amount = |item: &serde_json::Map<String, Value>| match item.get("amount") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) if text.is_empty() => Ok(None),
+        value => number_meaning(value)
+            .filter(|v| *v >= 0.0)
+            .map(Some)
+            .ok_or(()),
+    };
+    let mut amounts = Vec::new();
+    for item in &items {
+        let Ok(found) = amount(item) else {
+            return (None, None);
+        };
+        if found.is_some()
+            && matches!(
+                item.get("currency"),
+                Some(Value::Bool(_) | Value::Array(_) | Value::Object(_))
+            )
+        {
+            return (None, None);
+        }
+        amounts.push(found);
+    }
     let mut currencies = items
         .iter()
-        .filter(|item| amount_meaning(item.get("amount")).is_some())
-        .filter_map(|item| match item.get("currency") {
+        .zip(&amounts)
+        .filter(|(_, amount)| amount.is_some())
+        .filter_map(|(item, _)| match item.get("currency") {
             Some(Value::String(c)) if !c.is_empty() => Some(c.clone()),
             // As the reference's `Loose` prints a number.
             Some(Value::Number(n)) => Some(match (n.as_u64(), n.as_i64(), n.as_f64()) {
@@ -908,10 +941,10 @@ fn billing_meaning(billing: Option<&serde_json::Value>) -> (Option<f64>, Option<
     {
         return (None, None);
     }
-    let sum = items
-        .iter()
-        .filter_map(|item| amount_meaning(item.get("amount")))
-        .sum();
+    let sum: f64 = amounts.iter().flatten().sum();
+    if !sum.is_finite() {
+        return (None, None);
+    }
     (Some(sum), first)
 }
 
