@@ -439,12 +439,10 @@ impl State {
         self.add_task(task);
         self.charge(account, cost);
         self.stats.tasks_created += 1;
-        *self
-            .stats
-            .task_seconds
-            .entry(spec.pool.clone())
-            .or_default() += duration.as_secs_f64();
         self.note_usage(account, &spec.pool);
+        // The key `note_usage` just gave the pool.
+        let key = self.stats_pool(&spec.pool);
+        *self.stats.task_seconds.entry(key).or_default() += duration.as_secs_f64();
 
         if self.chance(self.config.faults.ghost_create_rate) {
             // Both codes Kling documents as "a create may have happened", in turn by task (no

@@ -77,7 +77,7 @@ pub use config::{
 pub use error::MockError;
 pub use server::MockServer;
 pub use service::{MockKling, ResponseFuture};
-pub use stats::Stats;
+pub use stats::{MAX_STATS_POOLS, Stats};
 
 /// The bytes `GET /__mock/files/{name}` answers for a file that exists: 4 KiB that name the
 /// file, the same on every call, so a downloaded result can be checked.

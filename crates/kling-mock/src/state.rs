@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::config::{MAX_WAIT, MockConfig, RetryAfterMode, Switches};
-use crate::stats::Stats;
+use crate::stats::{MAX_STATS_POOLS, Stats};
 use crate::task::{Clock, Generation, Phase, Task, task_seq};
 
 /// How long a result URL works after its task ended (API time): Kling's expire after 30 days.
@@ -525,14 +525,33 @@ impl State {
         None
     }
 
-    /// Records a new high-water mark of slots for `pool`.
+    /// The key `pool` is counted under in the stats maps: its own name when it is a product's
+    /// pool, configured, already named or there is room ([`MAX_STATS_POOLS`]), else
+    /// `{pack}:*`. A model name comes from the client; the maps outlive its tasks.
+    pub(crate) fn stats_pool(&self, pool: &str) -> String {
+        let Some((pack, model)) = pool.split_once(':') else {
+            return pool.to_owned();
+        };
+        let named = self.stats.max_concurrent.contains_key(pool)
+            || self.stats.max_concurrent.len() < MAX_STATS_POOLS
+            || self.config.pool_slots.contains_key(pool)
+            || self
+                .config
+                .known_models
+                .as_ref()
+                .is_some_and(|known| known.iter().any(|m| m == model));
+        if named {
+            pool.to_owned()
+        } else {
+            format!("{pack}:*")
+        }
+    }
+
+    /// Records a new high-water mark of slots for `pool` (under [`State::stats_pool`]).
     pub(crate) fn note_usage(&mut self, account: &str, pool: &str) {
         let used = self.in_use(account, pool);
-        let max = self
-            .stats
-            .max_concurrent
-            .entry(pool.to_owned())
-            .or_default();
+        let key = self.stats_pool(pool);
+        let max = self.stats.max_concurrent.entry(key).or_default();
         *max = (*max).max(used);
     }
 
@@ -740,13 +759,15 @@ impl State {
     pub(crate) fn snapshot(&mut self, now: Instant) -> Stats {
         self.settle_all(now);
         let mut in_use: std::collections::BTreeMap<String, u32> = Default::default();
+        // Under the keys `max_concurrent` gave them (every pool in use was noted there).
+        let key = |pool: &str| self.stats_pool(pool);
         for acct in self.accounts.values() {
             for t in acct.active.iter().filter_map(|i| self.tasks.get(i)) {
-                let e = in_use.entry(t.pool.clone()).or_default();
+                let e = in_use.entry(key(&t.pool)).or_default();
                 *e = e.saturating_add(t.weight);
             }
             for o in &acct.occupied {
-                let e = in_use.entry(o.pool.clone()).or_default();
+                let e = in_use.entry(key(&o.pool)).or_default();
                 *e = e.saturating_add(o.slots);
             }
         }

@@ -7,11 +7,18 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// How many pools [`Stats::max_concurrent`] names one by one: past it, a model's pool neither
+/// configured (`pool_slots`, `known_models`) nor named already is counted under
+/// `{pack}:*` (`video:*`, `image:*`), in every map keyed by pool. A model name is the client's
+/// input: a mock without `known_models` fed random names kept an entry for each, for good.
+pub const MAX_STATS_POOLS: usize = 256;
+
 /// A snapshot of the mock's counters, served as JSON by `GET /__mock/stats`.
 ///
 /// Pools are keyed by their names (`video`, `image`, `try-on`, `video:{model}`,
-/// `image:{model}`). `max_concurrent` is the highest number of slots one account held in a pool at
-/// any moment (the limit is per account); `in_use` sums all accounts now.
+/// `image:{model}`; past [`MAX_STATS_POOLS`], `video:*` and `image:*` for the models after).
+/// `max_concurrent` is the highest number of slots one account held in a pool at any moment
+/// (the limit is per account); `in_use` sums all accounts now.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 #[non_exhaustive]

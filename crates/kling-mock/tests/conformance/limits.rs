@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use kling_mock::{MockConfig, Preset, RetryAfterMode};
+use kling_mock::{MAX_STATS_POOLS, MockConfig, Preset, RetryAfterMode};
 use serde_json::json;
 
 use crate::support::{Caller, advance, quiet, secs};
@@ -534,6 +534,46 @@ async fn stats_can_be_reset() {
     assert_eq!(stats.tasks_created, 0);
     assert_eq!(stats.in_use["video"], 1);
     assert_eq!(stats.max_concurrent["video"], 1);
+}
+
+/// A client naming a new model in every create (no `known_models`) grows the stats maps keyed
+/// by pool only up to `MAX_STATS_POOLS`: the models after share `video:*`, their slots and
+/// task-seconds summed there, while the product pools, configured pools and the models named
+/// first keep their own entries. Each name kept an entry for good, after its task was gone.
+#[tokio::test(start_paused = true)]
+async fn models_named_at_random_grow_the_stats_only_to_a_bound() {
+    let c = Caller::new(quiet().pool_slots("video:kling-late", 2));
+    let extra = 50;
+    for i in 0..MAX_STATS_POOLS + extra {
+        c.post(
+            &format!("/text-to-video/random-{i}"),
+            json!({"prompt": "x"}),
+        )
+        .await
+        .data();
+    }
+    c.post(T2V, json!({"prompt": "x"})).await.data();
+    c.post("/text-to-video/kling-late", json!({"prompt": "x"}))
+        .await
+        .data();
+    let stats = c.mock.stats();
+    assert_eq!(stats.tasks_created, (MAX_STATS_POOLS + extra + 2) as u64);
+    for map in [
+        stats.max_concurrent.keys().collect::<Vec<_>>(),
+        stats.in_use.keys().collect(),
+        stats.task_seconds.keys().collect(),
+    ] {
+        assert!(map.len() <= MAX_STATS_POOLS + 3, "{}", map.len());
+    }
+    assert!(stats.max_concurrent.contains_key("video:random-0"));
+    assert_eq!(stats.max_concurrent["video:*"], 1, "one slot each");
+    assert_eq!(stats.max_concurrent["video"], 1);
+    assert_eq!(stats.max_concurrent["video:kling-late"], 1, "configured");
+    let folded = stats.in_use["video:*"] as usize;
+    assert!((extra..=extra + 1).contains(&folded), "{folded}");
+    let seconds: f64 = stats.task_seconds.values().sum();
+    assert_eq!(seconds, 100.0 * (MAX_STATS_POOLS + extra + 2) as f64);
+    assert_eq!(stats.task_seconds["video:*"], 100.0 * folded as f64);
 }
 
 // Slots per pack type (KLING_API.md "Concurrency and rate"): a model's pool is one of its type.
