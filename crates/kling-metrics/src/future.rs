@@ -287,6 +287,10 @@ impl Call {
                 self.monitor.note_final(status, None);
                 (labels::Status::Http(status), labels::CodeLabel::Malformed)
             }
+            // Held back here, not failed by the API or the network: a label of its own.
+            None if kling_core::error::refused_before_sending(error) => {
+                (labels::Status::None, labels::CodeLabel::Refused)
+            }
             None => (labels::Status::None, labels::CodeLabel::None),
         };
         tracing::warn!(target: "kling_metrics", error = %Redacted(error), "kling call failed");
@@ -388,7 +392,8 @@ fn requests_sent(error: &(dyn StdError + 'static)) -> (u32, Option<u32>) {
 /// (any case, also ending a longer word: `authorization=Bearer`) up to whatever ends a quoted
 /// or listed value (a key may hold `:` or `!`), every JWT-shaped piece (`eyJ…`, three
 /// dot-separated parts), also inside a longer word (`token=eyJ…`, `…/eyJ…`) or before a full
-/// stop, and the user and password of a URL (`https://user:pass@host`) become `[redacted]`.
+/// stop, the user and password of a URL (`https://user:pass@host`) and its query and fragment
+/// (a signed URL's signature, an `?api_key=`) become `[redacted]`.
 /// Only worked out when the event is logged. A bare API key quoted with none of these is not
 /// recognised: the layer never sees the credentials (the auth layer sits below it).
 struct Redacted<'a>(&'a (dyn StdError + 'static));
@@ -413,7 +418,7 @@ const HIDDEN: &str = "[redacted]";
 
 /// [`Redacted`]'s rule over `text`.
 fn redact(text: &str) -> String {
-    let text = hide_url_userinfo(text);
+    let text = hide_url_secrets(text);
     let is_word = |c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c);
     // Where a credential after `Bearer` ends: a header value's end as a client quotes it.
     let ends_credential = |c: char| c.is_whitespace() || "\"'`\\,;)]}>".contains(c);
@@ -476,22 +481,34 @@ fn push_hiding_jwts(out: &mut String, word: &str) {
     out.push_str(rest);
 }
 
-/// `text` with the user and password of every URL in it (`scheme://user:pass@host`) hidden.
-fn hide_url_userinfo(text: &str) -> std::borrow::Cow<'_, str> {
+/// `text` with the user and password (`scheme://user:pass@host`) and the query and fragment
+/// (`?X-Amz-Signature=…`, `?api_key=…`: a signed URL's credential) of every URL in it hidden.
+fn hide_url_secrets(text: &str) -> std::borrow::Cow<'_, str> {
     if !text.contains("://") {
         return std::borrow::Cow::Borrowed(text);
     }
     let ends_authority = |c: char| c.is_whitespace() || "/?#\"'`\\<>)]}".contains(c);
+    // Where a quoted URL ends: `url (https://…)`, `"https://…"`, a space.
+    let ends_url = |c: char| c.is_whitespace() || "\"'`\\<>)]}".contains(c);
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(at) = rest.find("://") {
         let (head, tail) = rest.split_at(at + 3);
         out.push_str(head);
         let authority = &tail[..tail.find(ends_authority).unwrap_or(tail.len())];
-        match authority.rfind('@') {
+        let tail = match authority.rfind('@') {
             Some(user_end) => {
                 out.push_str(HIDDEN);
-                rest = &tail[user_end..];
+                &tail[user_end..]
+            }
+            None => tail,
+        };
+        let url_end = tail.find(ends_url).unwrap_or(tail.len());
+        match tail[..url_end].find('?') {
+            Some(query) => {
+                out.push_str(&tail[..=query]);
+                out.push_str(HIDDEN);
+                rest = &tail[url_end..];
             }
             None => rest = tail,
         }

@@ -24,6 +24,10 @@ pub(crate) const MALFORMED: &str = "malformed";
 /// The `code` label of a call whose caller dropped it before it ended (a timeout around the
 /// stack, a cancelled job).
 pub(crate) const CANCELLED: &str = "cancelled";
+/// The `code` label of a call a layer in this process refused before sending it (a full
+/// queue, a local deadline, a spend guard): not [`NO_CODE`], so "we held back" reads apart
+/// from "the API or the network failed us".
+pub(crate) const REFUSED: &str = "refused";
 
 /// The `status` values with an index (the common HTTP statuses, then [`NO_STATUS`]).
 const STATUSES: [&str; 14] = [
@@ -31,12 +35,12 @@ const STATUSES: [&str; 14] = [
     NO_STATUS,
 ];
 
-/// The `code` values with an index (the documented codes, then [`NO_CODE`], [`MALFORMED`] and
-/// [`CANCELLED`]).
-const CODES: [&str; 25] = [
+/// The `code` values with an index (the documented codes, then [`NO_CODE`], [`MALFORMED`],
+/// [`CANCELLED`] and [`REFUSED`]).
+const CODES: [&str; 26] = [
     "0", "1000", "1001", "1002", "1003", "1004", "1100", "1101", "1102", "1103", "1200", "1201",
     "1202", "1203", "1300", "1301", "1302", "1303", "1304", "5000", "5001", "5002", NO_CODE,
-    MALFORMED, CANCELLED,
+    MALFORMED, CANCELLED, REFUSED,
 ];
 
 /// The `kind` values with an index, in [`kind_index`] order.
@@ -174,13 +178,17 @@ fn uncommon_status(status: u16) -> Value {
 }
 
 /// A call's `code` label: the Kling business code, none (no envelope: a transport error, a
-/// timeout), malformed (a body that was no envelope) or cancelled (its caller dropped it).
+/// timeout), malformed (a body that was no envelope), cancelled (its caller dropped it) or
+/// refused (a layer in this process held it back).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum CodeLabel {
     Kling(Code),
     None,
     Malformed,
     Cancelled,
+    /// Refused in this process before it was sent
+    /// ([`kling_core::error::RefusedBeforeSending`] in the error's chain).
+    Refused,
 }
 
 impl CodeLabel {
@@ -191,6 +199,7 @@ impl CodeLabel {
             CodeLabel::None => return Some(22),
             CodeLabel::Malformed => return Some(23),
             CodeLabel::Cancelled => return Some(24),
+            CodeLabel::Refused => return Some(25),
         };
         Some(match code.as_i64() {
             0 => 0,
@@ -227,6 +236,7 @@ impl CodeLabel {
             (None, CodeLabel::None) => Value::built(NO_CODE.to_owned()),
             (None, CodeLabel::Malformed) => Value::built(MALFORMED.to_owned()),
             (None, CodeLabel::Cancelled) => Value::built(CANCELLED.to_owned()),
+            (None, CodeLabel::Refused) => Value::built(REFUSED.to_owned()),
         }
     }
 
@@ -507,6 +517,7 @@ mod tests {
         assert_eq!(CodeLabel::None.value().as_str(), NO_CODE);
         assert_eq!(CodeLabel::Malformed.value().as_str(), MALFORMED);
         assert_eq!(CodeLabel::Cancelled.value().as_str(), CANCELLED);
+        assert_eq!(CodeLabel::Refused.value().as_str(), REFUSED);
         for s in [
             200u16, 201, 204, 400, 401, 403, 404, 408, 418, 429, 500, 502, 503, 504,
         ] {
@@ -539,6 +550,7 @@ mod tests {
             CodeLabel::None,
             CodeLabel::Malformed,
             CodeLabel::Cancelled,
+            CodeLabel::Refused,
         ]) {
             let at = label.index().expect("indexed");
             assert_eq!(label.value().indexed(), Some((CODES[at], at)));

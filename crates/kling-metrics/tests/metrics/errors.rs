@@ -148,6 +148,73 @@ async fn a_transport_error_is_labelled_error() {
     assert_eq!(response, pairs(&[("kind", "query"), ("code", "error")]));
 }
 
+/// A local refusal: its source names kling-core's marker, as every layer's refusals do
+/// (kling-ratelimit's `QueueFull`, the slots' deadline, a spend guard).
+#[derive(Debug)]
+struct QueueFull;
+
+impl fmt::Display for QueueFull {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("queue full")
+    }
+}
+
+impl std::error::Error for QueueFull {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&kling_core::error::RefusedBeforeSending)
+    }
+}
+
+/// A call a layer refused before sending it (a full queue, a local deadline, the spend guard)
+/// is labelled `code="refused"`, also inside an adapter's `io::Error`: it was `error`, as a
+/// network failure is, so a dashboard could not tell "the API failed us" from "we held back".
+/// Its span says `refused` too; a transport error stays `error` (above).
+#[tokio::test(start_paused = true)]
+async fn a_call_refused_before_sending_is_labelled_refused() {
+    use crate::support::Capture;
+
+    let capture = Capture::default();
+    let _tracing = tracing::subscriber::set_default(capture.clone());
+    let recording = Recording::start();
+    for wrapped in [false, true] {
+        let failing = tower::service_fn(move |_req: http::Request<Full<Bytes>>| async move {
+            let error: BoxError = if wrapped {
+                Box::new(std::io::Error::other(QueueFull))
+            } else {
+                Box::new(QueueFull)
+            };
+            Err::<http::Response<Full<Bytes>>, BoxError>(error)
+        });
+        MetricsLayer::new()
+            .layer(failing)
+            .oneshot(request("POST", "/v1/videos/text2video", "{}", "k"))
+            .await
+            .unwrap_err();
+        let (duration, response) = labels_of_the_call(&recording);
+        assert_eq!(
+            duration,
+            pairs(&[
+                ("kind", "create"),
+                ("pool", "video"),
+                ("status", "error"),
+                ("code", "refused")
+            ]),
+            "wrapped: {wrapped}"
+        );
+        assert_eq!(response, pairs(&[("kind", "create"), ("code", "refused")]));
+    }
+    let codes: Vec<_> = capture
+        .spans()
+        .into_iter()
+        .filter(|span| span.name == "kling.request")
+        .map(|span| span.field("code").map(str::to_owned))
+        .collect();
+    assert_eq!(
+        codes,
+        [Some("refused".to_owned()), Some("refused".to_owned())]
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_body_that_is_no_envelope_is_labelled_malformed() {
     // Without the classify step: the layer parses the buffered body itself.

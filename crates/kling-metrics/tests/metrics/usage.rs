@@ -459,9 +459,10 @@ async fn a_failed_calls_span_records_the_attempt_that_ended_it() {
         fields("attempt"),
         [Some("4"), Some("3"), Some("2"), Some("1")]
     );
+    // The second ended in a local refusal after two requests went out: held back, not failed.
     assert_eq!(
         fields("code"),
-        [Some("error"), Some("error"), Some("1302"), Some("error")]
+        [Some("error"), Some("refused"), Some("1302"), Some("error")]
     );
 }
 
