@@ -33,10 +33,11 @@ pub(super) struct BatchState {
     pub(super) tracked: HashMap<u64, Tracked>,
     next_key: u64,
     next_claim: u64,
-    /// An external id a successful batch answer left out has met `1203` asked about alone:
-    /// the server leaves out the ids it does not list rather than refuse their batch, so its
-    /// `1203` to a batch of them means it lists none. (An id left out alone proves nothing: a
-    /// page limit or an id echoed in another case leaves out a listed one.)
+    /// An external id a successful batch answer left out has met `1203` (or a successful answer
+    /// listing no task) asked about alone: the server leaves out the ids it does not list
+    /// rather than refuse their batch, so its `1203` to a batch of them means it lists none.
+    /// (An id left out alone proves nothing: a page limit or an id echoed in another case
+    /// leaves out a listed one.)
     pub(super) lists_found_only: bool,
 }
 

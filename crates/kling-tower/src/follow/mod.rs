@@ -2,6 +2,11 @@
 //!
 //! Each task is queried at an interval that grows with its age (young tasks are looked at
 //! often, old ones seldom), gives up at a per-task deadline, and backs off when queries fail.
+//! A task whose next query (or retry) would fall after its deadline is asked about once more a
+//! shortest interval before the deadline, time for the answer (a task that ended after its
+//! last query was reported as not ended), unless an answer came within a shortest interval
+//! before that: queries stay that far apart. That last query is due like any other, so the
+//! last queries of many tasks share batch queries too.
 //! Many new-style tasks are asked about in one `GET /tasks?task_ids=a,b,c`, across calls: the
 //! [`follow`](Follower::follow) and [`follow_many`](Follower::follow_many) calls of a follower
 //! and its clones share batch queries. A call whose task is due asks about its own due tasks,
@@ -22,15 +27,16 @@
 //! no answer lists, even asked about alone (`1203`), is asked about again until the deadline
 //! rather than declared gone: the create may not be listed yet. It stays in batches: one
 //! asked about alone (left out of a batch answer, or its batch refused) goes back into batches
-//! at its `1203`; and once an id left out of a successful answer has met `1203` alone (the
-//! server leaves out what it does not list), an external id left out says what a lone `1203`
-//! says, and a `1203` to a batch of them means none is listed: none is asked about alone
+//! at its `1203`, or at a successful answer listing no task (a server may answer so); and once
+//! an id left out of a successful answer has met either alone (the server leaves out what it
+//! does not list), an external id left out says what a lone `1203` says, and a `1203` to a batch of them means none is listed: none is asked about alone
 //! (asked about alone, they ate the rate creates need). Until then one left out is asked
 //! about alone, as a task id is: a page limit or an id echoed in another case leaves out a
 //! listed one. A task id and an external id that read the same are different tasks.
 //! Legacy tasks are queried one by one at `{create path}/{task_id}`. When callbacks are configured
 //! ([`FollowPolicy::callbacks_first`]) a task delivered through [`Follower::deliver`] ends at
-//! once and queries only run as a slow safety net.
+//! once and queries only run as a slow safety net: every safety interval, and the last query
+//! before the deadline (also when the deadline comes before the first safety interval).
 //!
 //! A task's end, delivered or answered to a query, ends at once every call of the follower and
 //! its clones already following that task by its task id (legacy or new-style, whichever
@@ -184,8 +190,9 @@ impl FollowPolicy {
         self
     }
 
-    /// Sets how long a task may run before following it fails. A task already past it when
-    /// following starts is still asked about, at once (see [`TaskRef::created_at`]).
+    /// Sets how long a task may run before following it fails. A task is asked about once
+    /// more a shortest interval before it (see the [module docs](self)); one already past it
+    /// when following starts is still asked about, at once (see [`TaskRef::created_at`]).
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
         self
@@ -204,7 +211,9 @@ impl FollowPolicy {
         self
     }
 
-    /// Relies on callbacks ([`Follower::deliver`]): queries only every `safety_interval`.
+    /// Relies on callbacks ([`Follower::deliver`]): queries only every `safety_interval`, and
+    /// once just before the deadline (a lost callback must not end a finished task as
+    /// `DeadlineExceeded`, see the [module docs](self)).
     pub fn callbacks_first(mut self, safety_interval: Duration) -> Self {
         self.callbacks_first = true;
         self.callback_interval = safety_interval;
@@ -772,6 +781,9 @@ struct Tracked {
     /// past it, the longest interval after following started: time for one answer).
     deadline_at: Instant,
     next_at: Instant,
+    /// When its last query is due: a shortest interval before its deadline (time for the
+    /// answer), or when following starts for a task already past it (its one query).
+    last_call: Instant,
     errors: u32,
     last_status: Option<String>,
     result: Option<Result<TaskReport, FollowError>>,
@@ -780,11 +792,12 @@ struct Tracked {
     /// A batch answer left this task out (an external id: while the server is not known to
     /// leave out only what it does not list), or refused a batch of several with a code one id
     /// may cause: it is asked about alone (an unknown id then meets its `1203`). An external
-    /// id goes back into batches at its lone `1203`.
+    /// id goes back into batches at its lone `1203` or lone answer listing no task.
     alone: bool,
     /// An external id a successful batch answer left out, asked about alone since (before
     /// [`BatchState::lists_found_only`](batches::BatchState::lists_found_only) is known): its
-    /// lone `1203` shows the server leaves out what it does not list.
+    /// lone `1203`, or lone answer listing no task, shows the server leaves out what it does
+    /// not list.
     left_out: bool,
     /// Its result is a report just found on the board, not yet given to the other calls that
     /// follow the same task.
@@ -1071,7 +1084,8 @@ where
             .collect()
     }
 
-    /// A task as following starts: first query after the policy's wait from its creation.
+    /// A task as following starts: first query after the policy's wait from its creation, or
+    /// at its last call if that comes first (a deadline shorter than the safety interval).
     /// A task already past its deadline (created that long ago) is asked about at once, with
     /// the longest interval for an answer: it may well have ended in time, and giving up
     /// unasked reported a finished task as not ended.
@@ -1085,6 +1099,16 @@ where
         } else {
             deadline_at
         };
+        // A shortest interval before the deadline, for the answer to come in time; at once
+        // when that has passed (or, past the deadline, for its one query).
+        let last_call = if past {
+            now
+        } else {
+            deadline_at
+                .checked_sub(self.policy.min_interval_duration())
+                .unwrap_or(started)
+                .max(now)
+        };
         let invalid = (!task.valid_id()).then(|| {
             Err(FollowError::InvalidTask {
                 task_id: task.id.clone(),
@@ -1092,14 +1116,12 @@ where
             })
         });
         Tracked {
-            // At once when past: a first wait from creation (the safety interval with
-            // `callbacks_first`) may fall after the time left for an answer.
-            next_at: if past {
-                now
-            } else {
-                now.max(later(started, first))
-            },
+            // At the last call at the latest: a first wait from creation (the safety interval
+            // with `callbacks_first`) may fall after the deadline, or the time left for an
+            // answer when past it.
+            next_at: now.max(later(started, first)).min(last_call),
             deadline_at,
+            last_call,
             started,
             task,
             errors: 0,
@@ -1268,6 +1290,11 @@ where
                 confirmed = true;
                 self.settle(t, &answer, now);
             }
+            // A successful lone answer listing no task says the same (`settle`).
+            Answer::Reports(outcome) if !several && t.left_out && outcome.tasks().is_empty() => {
+                confirmed = true;
+                self.settle(t, &answer, now);
+            }
             _ => self.settle(t, &answer, now),
         });
         if confirmed {
@@ -1278,7 +1305,7 @@ where
                 if t.result.is_none() && t.left_out && t.asked.is_none() {
                     t.left_out = false;
                     t.alone = false;
-                    t.next_at = later(now, self.policy.interval(now - t.started));
+                    self.schedule(t, now, self.policy.interval(now - t.started));
                 }
             }
         }
@@ -1418,7 +1445,7 @@ where
                 // Back into batches: asked alone, it would stay alone until listed.
                 t.alone = false;
                 t.left_out = false;
-                t.next_at = later(now, self.policy.interval(now - t.started));
+                self.schedule(t, now, self.policy.interval(now - t.started));
             }
             Answer::Final(error) => {
                 t.result = Some(Err(FollowError::Api {
@@ -1434,7 +1461,7 @@ where
             }
             Answer::BackOff => {
                 t.errors += 1;
-                t.next_at = later(now, self.policy.backoff(t.errors));
+                self.schedule(t, now, self.policy.backoff(t.errors));
             }
             Answer::Reports(outcome) => {
                 t.errors = 0;
@@ -1465,15 +1492,39 @@ where
                     }
                     Some(report) => {
                         t.last_status = Some(report.status.as_str().to_owned());
-                        t.next_at = later(now, self.policy.interval(now - t.started));
+                        self.schedule(t, now, self.policy.interval(now - t.started));
                         // Reported: it can ride in batches again.
                         t.alone = false;
                         t.left_out = false;
                     }
-                    None => t.next_at = later(now, self.policy.interval(now - t.started)),
+                    None => {
+                        // An external id a lone query finds no task for (a successful answer
+                        // listing none, where another server answers `1203`) is not listed
+                        // yet: back into batches, as at a lone `1203`.
+                        if t.task.external && outcome.tasks().is_empty() {
+                            t.alone = false;
+                            t.left_out = false;
+                        }
+                        self.schedule(t, now, self.policy.interval(now - t.started));
+                    }
                 }
             }
         }
+    }
+
+    /// Sets `t`'s next query `wait` after an answer at `now`, or at its last call (a shortest
+    /// interval before its deadline) if that comes first: a task that ended after its last
+    /// query was reported as not ended. Not when the answer came within a shortest interval
+    /// before the last call, or after it: queries stay that far apart at least. Last calls due
+    /// together share batch queries, as other due tasks do.
+    fn schedule(&self, t: &mut Tracked, now: Instant, wait: Duration) {
+        let next = later(now, wait);
+        let lead = self.policy.min_interval_duration();
+        t.next_at = if next > t.last_call && later(now, lead) <= t.last_call {
+            t.last_call
+        } else {
+            next
+        };
     }
 }
 

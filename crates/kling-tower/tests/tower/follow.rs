@@ -1409,6 +1409,7 @@ async fn a_callback_for_another_paths_task_with_the_same_external_id_does_not_en
 /// A callback found by the external id a legacy follow knows makes it ask its path at once,
 /// once per report: a query that fails then backs off as any other, rather than being sent
 /// again whenever the call looks at the board (here at each of the other tasks' callbacks).
+/// The backoff after 73 s falls after the deadline: one last query 2 s before it.
 #[tokio::test(start_paused = true)]
 async fn a_callback_found_by_external_id_alone_makes_one_query_at_once_then_backs_off() {
     let start = Instant::now();
@@ -1452,7 +1453,7 @@ async fn a_callback_found_by_external_id_alone_makes_one_query_at_once_then_back
         "{error:?}"
     );
     let secs: Vec<u64> = sent.lock().unwrap().iter().map(Duration::as_secs).collect();
-    assert_eq!(secs, [10, 11, 13, 17, 25, 41, 73]);
+    assert_eq!(secs, [10, 11, 13, 17, 25, 41, 73, 98]);
 }
 
 /// A call that starts following a task at the moment a delivered report is handed to the calls
@@ -2271,12 +2272,22 @@ async fn a_task_past_its_deadline_when_following_starts_is_asked_about_once() {
 }
 
 /// How many queries one task followed alone from its start until `deadline` takes under
-/// `policy` when every answer is "still running": its first query, then one per interval.
+/// `policy` (without `callbacks_first`) when every answer is "still running": its first
+/// query, then one per interval, and a last one a shortest interval before the deadline
+/// unless one was answered within a shortest interval before that.
 fn queries_until(policy: &FollowPolicy, first: Duration, deadline: Duration) -> usize {
-    let (mut at, mut queries) = (first, 0);
+    // The shortest interval: the one at age 0.
+    let shortest = policy.interval(Duration::ZERO);
+    let last_call = deadline - shortest;
+    let (mut at, mut queries) = (first.min(last_call), 0);
     while at < deadline {
         queries += 1;
-        at += policy.interval(at);
+        let next = at + policy.interval(at);
+        at = if next > last_call && at + shortest <= last_call {
+            last_call
+        } else {
+            next
+        };
     }
     queries
 }
@@ -2329,7 +2340,8 @@ async fn twenty_unknown_external_ids_and_a_real_one(
 /// Asked about alone from the first answer on, 20 such ids beside one real task took 674
 /// queries in 600 s (692 with the real task ending at 550 s); with a lone `1203` sending them
 /// back into batches only, 413 (53). Batched, they take no more than one task followed alone,
-/// which the policy gives (its first query at 5 s, then one per interval: 33), and that one.
+/// which the policy gives (its first query at 5 s, then one per interval, and the last one at
+/// 598 s: 34), and that one.
 #[tokio::test(start_paused = true)]
 async fn external_ids_no_answer_lists_stay_in_batches() {
     let batched = queries_until(
@@ -2562,5 +2574,223 @@ async fn an_external_id_a_batch_answer_leaves_out_is_asked_about_alone_until_it_
             ),
             "seen not ended: {result:?}"
         );
+    }
+}
+
+/// With `callbacks_first`, a fresh task whose deadline is shorter than the safety interval is
+/// asked about once, a shortest interval (2 s) before its deadline: its first query waited the
+/// safety interval, past the deadline, so a task that had succeeded (its callback lost) ended
+/// `DeadlineExceeded` unasked. Legacy (queried by its call) and new-style (batched) alike.
+#[tokio::test(start_paused = true)]
+async fn with_callbacks_first_a_deadline_within_the_safety_interval_is_asked_about_before_it() {
+    let mock = mock(30, 30);
+    let service = ClassifyLayer::new().layer(mock.clone());
+    let legacy = create(&service, "/v1/videos/text2video").await;
+    let new_style = create(&service, "/text-to-video/kling-3.0").await;
+    let before = mock.stats().requests_total;
+    let start = Instant::now();
+    let policy = FollowPolicy::new()
+        .deadline(Duration::from_secs(60))
+        .callbacks_first(Duration::from_secs(120));
+    let results = follower(service, policy)
+        .follow_many(vec![
+            TaskRef::from_report("/v1/videos/text2video", &legacy),
+            TaskRef::from_report("/text-to-video/kling-3.0", &new_style),
+        ])
+        .await;
+    for result in results {
+        assert_eq!(result.unwrap().status, TaskStatus::Succeeded);
+    }
+    assert_eq!(mock.stats().requests_total - before, 2, "one query each");
+    assert_eq!(start.elapsed(), Duration::from_secs(58));
+}
+
+/// A policy whose interval is the task's age (2 s to 50 s), first query at 5 s: queries at 5,
+/// 10, 20, 40, 80, 130 and 180 s, the next one at 230 s.
+fn age_policy(deadline: u64) -> FollowPolicy {
+    FollowPolicy::new()
+        .interval_bounds(Duration::from_secs(2), Duration::from_secs(50))
+        .age_factor(1.0)
+        .deadline(Duration::from_secs(deadline))
+}
+
+/// A task whose next query falls after its deadline is asked about once more, a shortest
+/// interval before the deadline (it ended `DeadlineExceeded` though it had succeeded 13 s
+/// before): here a task ending at 185 s, deadline 200 s, last regular query at 180 s. Three
+/// calls' tasks of one age share that last query, as every other (not a query each), and a
+/// legacy task gets its own.
+#[tokio::test(start_paused = true)]
+async fn a_task_whose_next_query_falls_after_its_deadline_is_asked_about_just_before_it() {
+    let classify = ClassifyLayer::new().layer(mock(185, 185));
+    let tasks = create_new_style(&classify, 3).await;
+    let legacy = create(&classify, "/v1/videos/text2video").await;
+    let (service, uris) = logging_uris(classify);
+    let one = follower(service, age_policy(200));
+    let start = Instant::now();
+    let calls: Vec<_> = tasks
+        .into_iter()
+        .map(|task| {
+            let one = one.clone();
+            tokio::spawn(async move { one.follow(task).await })
+        })
+        .collect();
+    let done = one
+        .follow(TaskRef::from_report("/v1/videos/text2video", &legacy))
+        .await;
+    assert_eq!(done.unwrap().status, TaskStatus::Succeeded);
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap().status, TaskStatus::Succeeded);
+    }
+    assert_eq!(start.elapsed(), Duration::from_secs(198));
+    let uris = uris.lock().unwrap();
+    let (batches, legacy): (Vec<&String>, Vec<&String>) =
+        uris.iter().partition(|u| u.starts_with("/tasks?"));
+    assert_eq!(batches.len(), 8, "seven and the last: {uris:?}");
+    assert!(
+        batches.iter().all(|u| u.matches(',').count() == 2),
+        "{uris:?}"
+    );
+    assert_eq!(legacy.len(), 8, "{uris:?}");
+}
+
+/// The last query before the deadline is not sent when a query was answered within a
+/// shortest interval before it (here at 180 s, the deadline at 183 s): queries stay a shortest
+/// interval apart at least.
+#[tokio::test(start_paused = true)]
+async fn a_task_answered_just_before_its_last_query_is_not_asked_again() {
+    let classify = ClassifyLayer::new().layer(mock(185, 185));
+    let task = create(&classify, "/text-to-video/kling-3.0").await;
+    let (service, uris) = logging_uris(classify);
+    let start = Instant::now();
+    let err = follower(service, age_policy(183))
+        .follow(TaskRef::from_report("/text-to-video/kling-3.0", &task))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, FollowError::DeadlineExceeded { last_status: Some(s), .. } if s == "processing"),
+        "{err}"
+    );
+    assert_eq!(start.elapsed(), Duration::from_secs(183));
+    let uris = uris.lock().unwrap();
+    assert_eq!(uris.len(), 7, "{uris:?}");
+}
+
+/// An external id left out of a batch answer and asked about alone that gets a successful
+/// answer listing no task (code 0, where the mock answers `1203`) goes back into batches, as
+/// one that meets `1203` alone: it stayed alone, one query per interval each, until the
+/// deadline (47 lone queries in 120 s here). It also shows the server leaves out what it does not
+/// list, as a lone `1203` does: the other id left out goes back too, unasked alone, and a
+/// `1203` to a batch of them later sends none back alone.
+#[tokio::test(start_paused = true)]
+async fn an_external_id_a_lone_query_answers_with_no_task_goes_back_into_batches() {
+    let classify = ClassifyLayer::new().layer(mock(60, 60));
+    let task = create_with(
+        &classify,
+        "/text-to-video/kling-3.0",
+        &with_external_id("real"),
+    )
+    .await;
+    let (logged, uris) = logging_uris(classify);
+    let service = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let logged = logged.clone();
+        async move {
+            let uri = req.uri().to_string();
+            let lone_lost = uri
+                .strip_prefix("/tasks?external_task_ids=lost-")
+                .is_some_and(|rest| !rest.contains(','));
+            let response = logged.oneshot(req).await?;
+            if !lone_lost {
+                return Ok::<_, BoxError>(response);
+            }
+            let body = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":[]}"#;
+            Ok(http::Response::new(Full::new(Bytes::from_static(
+                body.as_bytes(),
+            ))))
+        }
+    });
+    let results = follower(
+        service,
+        FollowPolicy::new().deadline(Duration::from_secs(120)),
+    )
+    .follow_many(vec![
+        TaskRef::new_style_external("lost-0"),
+        TaskRef::new_style_external("real"),
+        TaskRef::new_style_external("lost-1"),
+    ])
+    .await;
+    assert_eq!(results[1].as_ref().unwrap().id, task.id);
+    for result in [&results[0], &results[2]] {
+        assert!(
+            matches!(result, Err(FollowError::DeadlineExceeded { .. })),
+            "{result:?}"
+        );
+    }
+    let uris = uris.lock().unwrap();
+    let by = |ids: &str| format!("/tasks?external_task_ids={ids}");
+    assert_eq!(uris[0], by("lost-0,real,lost-1"), "{uris:?}");
+    // The first answer alone sends both back: one left out, the other not listed either.
+    assert!(
+        uris[1] == by("lost-0") || uris[1] == by("lost-1"),
+        "{uris:?}"
+    );
+    assert!(uris[2..].iter().all(|u| u.contains(',')), "{uris:?}");
+    assert!(uris.len() > 10, "followed to the deadline: {uris:?}");
+}
+
+/// An external id asked about alone because its batch was refused (here with `1203`, the
+/// mock's answer to an id it does not list, as Kling may refuse a batch) that gets a
+/// successful answer listing no task goes back into batches too: it stayed alone.
+#[tokio::test(start_paused = true)]
+async fn an_external_id_alone_after_a_refused_batch_goes_back_at_an_answer_listing_none() {
+    let classify = ClassifyLayer::new().layer(mock(20, 20));
+    let task = create_with(
+        &classify,
+        "/text-to-video/kling-3.0",
+        &with_external_id("real"),
+    )
+    .await;
+    let uris: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = uris.clone();
+    let service = tower::service_fn(move |mut req: http::Request<Full<Bytes>>| {
+        let classify = classify.clone();
+        let uri = req.uri().to_string();
+        log.lock().unwrap().push(uri.clone());
+        async move {
+            let lost = uri.contains("lost-");
+            if lost && !uri.contains(',') {
+                let body = r#"{"code":0,"message":"SUCCEED","request_id":"r","data":[]}"#;
+                return Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from_static(
+                    body.as_bytes(),
+                ))));
+            }
+            if lost {
+                // Refused whole for the ids it does not list.
+                *req.uri_mut() = "/tasks?external_task_ids=lost-0".parse().unwrap();
+            }
+            classify.oneshot(req).await
+        }
+    });
+    let results = follower(
+        service,
+        FollowPolicy::new().deadline(Duration::from_secs(60)),
+    )
+    .follow_many(vec![
+        TaskRef::new_style_external("lost-0"),
+        TaskRef::new_style_external("real"),
+        TaskRef::new_style_external("lost-1"),
+    ])
+    .await;
+    assert_eq!(results[1].as_ref().unwrap().id, task.id);
+    let uris = uris.lock().unwrap();
+    let by = |ids: &str| format!("/tasks?external_task_ids={ids}");
+    assert_eq!(uris[4], by("lost-0,real,lost-1"), "batched again: {uris:?}");
+    let mut last_alone: HashMap<&str, bool> = HashMap::new();
+    for uri in uris.iter() {
+        let ids = uri.trim_start_matches("/tasks?external_task_ids=");
+        let alone = !ids.contains(',');
+        for id in ids.split(',') {
+            let before = last_alone.insert(id, alone).unwrap_or(false);
+            assert!(!(alone && before), "{id} alone twice in a row: {uris:?}");
+        }
     }
 }
