@@ -226,8 +226,9 @@ struct Base {
 }
 
 impl BaseUrlLayer {
-    /// A base URL such as `https://api-singapore.klingai.com`; it needs a scheme and a host,
-    /// and carries no query. The scheme is `https`, or `http` to a loopback host only
+    /// A base URL such as `https://api-singapore.klingai.com`; it needs a scheme and a host
+    /// (and a port, if written, from 1 to 65535: `http` reads `:84430` as no port), and
+    /// carries no query. The scheme is `https`, or `http` to a loopback host only
     /// (`http://127.0.0.1:PORT`, `http://[::1]:PORT`, `http://localhost:PORT`: the mock, a
     /// local proxy); plain `http` to any other host is refused, since every request's
     /// credentials would cross the network in cleartext.
@@ -255,6 +256,22 @@ impl BaseUrlLayer {
                 "base_url",
                 "must not carry user info (user:password@): the stack signs every request \
                  with its own credentials",
+            ));
+        }
+        // `http` takes `https://:443` (no host) and `https://h:99999` (a port it reads as none,
+        // so the origin kept the scheme's default): each built, and then failed every request.
+        if authority.host().is_empty() {
+            return Err(ConfigError::new("base_url", "needs a host"));
+        }
+        // With no user info (refused above) the authority is the host, then `:port` if written.
+        let written_port = authority.as_str().strip_prefix(authority.host());
+        if let Some(port) = written_port.and_then(|rest| rest.strip_prefix(':'))
+            && !port.is_empty()
+            && !matches!(port.parse::<u16>(), Ok(1..))
+        {
+            return Err(ConfigError::new(
+                "base_url",
+                format!("has port `{port}`: must be from 1 to 65535"),
             ));
         }
         let https = scheme == Scheme::HTTPS;

@@ -141,6 +141,39 @@ fn base_urls_with_user_info_are_refused_without_echoing_it() {
     }
 }
 
+/// A base URL with no host (`https://${HOST}:443` with `HOST` unset) or a port that is none
+/// (`:84430`, `:0`) is refused when the stack is built. `http` parses both: the stack built,
+/// then every request failed, and with `:84430` the origin kept the default port 443, so an
+/// absolute URI to that host's port 443 was taken for the base's and sent with the
+/// credentials.
+#[test]
+fn a_base_url_without_a_host_or_with_a_port_out_of_range_is_refused() {
+    for (base, reason) in [
+        ("https://:443", "needs a host"),
+        ("https://:8443/kling", "needs a host"),
+        ("http://:9", "needs a host"),
+        ("https://proxy.internal:84430", "port `84430`"),
+        ("https://proxy.internal:0/kling", "port `0`"),
+        ("http://127.0.0.1:65536", "port `65536`"),
+        ("https://[::1]:99999", "port `99999`"),
+    ] {
+        let refused = BaseUrlLayer::new(base).unwrap_err();
+        assert_eq!(refused.field(), "base_url", "{base}");
+        assert!(refused.reason().contains(reason), "{base}: {refused}");
+        assert_eq!(stack_refuses(base).field(), "base_url", "{base}");
+    }
+    // The control: the ports a URL may name, written or not, and an empty one (the default).
+    for base in [
+        "https://proxy.internal:1",
+        "https://proxy.internal:65535/kling",
+        "https://proxy.internal:/kling",
+        "http://[::1]:9",
+        "https://api-singapore.klingai.com",
+    ] {
+        assert!(BaseUrlLayer::new(base).is_ok(), "{base}");
+    }
+}
+
 /// Composed by hand (auth, classify, base URL), a request to another host is refused below the
 /// auth layer: the client never sees it nor the key.
 #[tokio::test]
