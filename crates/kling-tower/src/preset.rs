@@ -850,9 +850,40 @@ impl StackConfig {
 
     /// Reads the configuration from `KLING_*` environment variables (see
     /// [`StackConfig::from_lookup`] for the list) and validates it. A variable set to bytes that
-    /// are not UTF-8 is refused, naming it.
+    /// are not UTF-8 is refused, naming it, and so is one whose name is a slip of one read here
+    /// ([`check_env_names`](Self::check_env_names)).
     pub fn from_env() -> Result<StackConfig, ConfigError> {
+        StackConfig::check_env_names(std::env::vars_os().map(|(name, _)| name))?;
         StackConfig::from_os_lookup(|name| std::env::var_os(name))
+    }
+
+    /// Refuses a variable name that is a slip of one [`from_lookup`](Self::from_lookup) reads,
+    /// naming it and the one it resembles: the name in another case (`kling_tier`), with
+    /// another unit or none (`KLING_ATTEMPT_TIMEOUT_MS`, `KLING_TASK_LEASE` for
+    /// `KLING_TASK_LEASE_SECS`), or a typing slip away (a letter wrong, missing or added, or
+    /// two swapped: `KLING_TEIR`; up to two slips in the names of 10 letters or more after
+    /// `KLING_`: `KLING_RATE_PER_MINUT`). Read by name alone, such a variable was left unread
+    /// without a word, and the preset's number used (TOML refuses an unknown key). Other names
+    /// pass, `KLING_*` ones of other programs too.
+    ///
+    /// [`from_env`](Self::from_env) checks the environment's names; a caller reading the
+    /// variables through [`with_lookup`](Self::with_lookup) passes them
+    /// (`std::env::vars_os().map(|(name, _)| name)`).
+    pub fn check_env_names<N: AsRef<std::ffi::OsStr>>(
+        names: impl IntoIterator<Item = N>,
+    ) -> Result<(), ConfigError> {
+        for name in names {
+            let Some(name) = name.as_ref().to_str() else {
+                continue;
+            };
+            if let Some(meant) = misread_env_name(name) {
+                return Err(ConfigError::new(
+                    name.to_owned(),
+                    format!("is not read: did you mean {meant}? (rename it, or unset it)"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// [`from_lookup`](Self::from_lookup) over values that may not be text: a variable it reads
@@ -1087,6 +1118,113 @@ fn out_of_range(value: &toml::Value, message: String) -> String {
         Some(n) if n < 0 => format!("`{n}` is below 0: must be 0 or more ({message})"),
         _ => message,
     }
+}
+
+/// The variables [`StackConfig::from_lookup`] reads.
+const ENV_VARS: [&str; 19] = [
+    "KLING_TIER",
+    "KLING_SPEED",
+    "KLING_RATE_PER_MINUTE",
+    "KLING_ADAPTIVE_RATE",
+    "KLING_BURST",
+    "KLING_HEADROOM",
+    "KLING_JITTER_ALLOWANCE_MS",
+    "KLING_SLOTS",
+    "KLING_POOL_SLOTS",
+    "KLING_SLOT_QUEUE",
+    "KLING_POOL_SCOPE",
+    "KLING_TASK_LEASE_SECS",
+    "KLING_RETRY_MAX_ATTEMPTS",
+    "KLING_RETRY_DEADLINE_SECS",
+    "KLING_RETRY_BUDGET_RATIO",
+    "KLING_ATTEMPT_TIMEOUT_SECS",
+    "KLING_MAX_BODY_BYTES",
+    "KLING_DAILY_CREDITS",
+    "KLING_CREDIT_PERIOD_SECS",
+];
+
+/// The other variables of this crate (`Credentials::from_env`'s): never a slip.
+const CREDENTIAL_VARS: [&str; 3] = ["KLING_API_KEY", "KLING_ACCESS_KEY", "KLING_SECRET_KEY"];
+
+/// Unit suffixes a duration's variable may be written with, its own and the slips of it.
+const UNIT_SUFFIXES: [&str; 11] = [
+    "_SECONDS",
+    "_SECS",
+    "_SEC",
+    "_S",
+    "_MILLISECONDS",
+    "_MILLIS",
+    "_MS",
+    "_MINUTES",
+    "_MINS",
+    "_MIN",
+    "_M",
+];
+
+/// The variable `name` was most likely meant to be, with its unit for a duration's, when it is
+/// a slip of one ([`StackConfig::check_env_names`]); `None` for a name read as it is, or one
+/// too far from any.
+fn misread_env_name(name: &str) -> Option<String> {
+    let upper = name.to_ascii_uppercase();
+    // Windows reads variable names in any case: `Kling_Tier` is `KLING_TIER` there.
+    let known = |name: &str| ENV_VARS.contains(&name) || CREDENTIAL_VARS.contains(&name);
+    if known(name) || (cfg!(windows) && known(&upper)) {
+        return None;
+    }
+    let rest = upper.strip_prefix("KLING_")?;
+    let stem = |text: &str| -> String {
+        UNIT_SUFFIXES
+            .iter()
+            .find_map(|unit| text.strip_suffix(unit))
+            .unwrap_or(text)
+            .to_owned()
+    };
+    let meant = ENV_VARS.into_iter().find(|var| {
+        let read = &var["KLING_".len()..];
+        let slips = if read.len() < 10 { 1 } else { 2 };
+        // Another case; another unit (or none) of a duration's; typing slips.
+        *var == upper
+            || (stem(read) != read && stem(rest) == stem(read))
+            || slips_between(rest, read) <= slips
+    })?;
+    let unit = if meant.ends_with("_SECS") {
+        " (seconds)"
+    } else if meant.ends_with("_MS") {
+        " (milliseconds)"
+    } else {
+        ""
+    };
+    Some(format!("{meant}{unit}"))
+}
+
+/// The typing slips between two names: letters replaced, left out, added, or two side by side
+/// swapped (optimal string alignment distance), counted up to 3.
+fn slips_between(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len().abs_diff(b.len()) > 2 {
+        return 3;
+    }
+    // Three rows of the distance table: two back, one back, this one.
+    let mut rows = [
+        vec![0; b.len() + 1],
+        (0..=b.len()).collect::<Vec<_>>(),
+        vec![0; b.len() + 1],
+    ];
+    for i in 1..=a.len() {
+        rows[2][0] = i;
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (rows[1][j] + 1)
+                .min(rows[2][j - 1] + 1)
+                .min(rows[1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(rows[0][j - 2] + 1);
+            }
+            rows[2][j] = best;
+        }
+        rows.rotate_left(1);
+    }
+    rows[1][b.len()].min(3)
 }
 
 /// A variable's value, trimmed; `None` when it is not set or blank (`KLING_TIER=` in a `.env`

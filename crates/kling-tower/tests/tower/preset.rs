@@ -1126,3 +1126,162 @@ fn a_burst_whose_window_passes_the_rate_limiters_longest_is_refused_naming_the_b
     let err = StackConfig::from_toml_str("rate_per_minute = 0.0005\nburst = 65535").unwrap_err();
     assert_eq!(err.field(), "burst", "{err}");
 }
+
+/// A variable whose name is a slip of one `from_lookup` reads (another case, another unit or
+/// none, a typing slip) is refused, naming it and the one meant. Read by name alone, it was
+/// left unread without a word and the preset's number used: `KLING_ATTEMPT_TIMEOUT_MS=500`
+/// left the attempt timeout at 30 s, `KLING_RATE_PER_MINUTES=20` the Pro rate at 60. (TOML
+/// refuses an unknown key.)
+#[test]
+fn a_variable_named_with_a_slip_is_refused_naming_the_one_meant() {
+    for (name, meant) in [
+        (
+            "KLING_ATTEMPT_TIMEOUT_MS",
+            "KLING_ATTEMPT_TIMEOUT_SECS (seconds)",
+        ),
+        ("KLING_TASK_LEASE", "KLING_TASK_LEASE_SECS (seconds)"),
+        (
+            "KLING_RETRY_DEADLINE_MINUTES",
+            "KLING_RETRY_DEADLINE_SECS (seconds)",
+        ),
+        (
+            "KLING_JITTER_ALLOWANCE_SECS",
+            "KLING_JITTER_ALLOWANCE_MS (milliseconds)",
+        ),
+        ("KLING_RATE_PER_MINUTES", "KLING_RATE_PER_MINUTE"),
+        ("KLING_RATE_PER_MINUT", "KLING_RATE_PER_MINUTE"),
+        ("KLING_RETRY_MAX_ATTEMPT", "KLING_RETRY_MAX_ATTEMPTS"),
+        ("KLING_MAX_BODY_BYTE", "KLING_MAX_BODY_BYTES"),
+        ("KLING_TEIR", "KLING_TIER"),
+        ("KLING_SLOT", "KLING_SLOTS"),
+        ("KLING_BRUST", "KLING_BURST"),
+        // Another case (Windows reads names in any case: there, these are read).
+        ("kling_tier", "KLING_TIER"),
+        ("Kling_Daily_Credits", "KLING_DAILY_CREDITS"),
+    ] {
+        if cfg!(windows) && name.eq_ignore_ascii_case(meant) {
+            continue;
+        }
+        let err = StackConfig::check_env_names(["PATH", "KLING_API_KEY", name, "KLING_TIER"])
+            .unwrap_err();
+        assert_eq!(err.field(), name);
+        assert!(
+            err.reason().contains(&format!("did you mean {meant}?")),
+            "{err}"
+        );
+    }
+    // The control: the names read, the credentials', and other programs' (this workspace's
+    // own among them), also when close to one read but not a slip of it.
+    let read = [
+        "KLING_TIER",
+        "KLING_SPEED",
+        "KLING_RATE_PER_MINUTE",
+        "KLING_ADAPTIVE_RATE",
+        "KLING_BURST",
+        "KLING_HEADROOM",
+        "KLING_JITTER_ALLOWANCE_MS",
+        "KLING_SLOTS",
+        "KLING_POOL_SLOTS",
+        "KLING_SLOT_QUEUE",
+        "KLING_POOL_SCOPE",
+        "KLING_TASK_LEASE_SECS",
+        "KLING_RETRY_MAX_ATTEMPTS",
+        "KLING_RETRY_DEADLINE_SECS",
+        "KLING_RETRY_BUDGET_RATIO",
+        "KLING_ATTEMPT_TIMEOUT_SECS",
+        "KLING_MAX_BODY_BYTES",
+        "KLING_DAILY_CREDITS",
+        "KLING_CREDIT_PERIOD_SECS",
+    ];
+    let others = [
+        "KLING_API_KEY",
+        "KLING_ACCESS_KEY",
+        "KLING_SECRET_KEY",
+        "KLING_WEBHOOK_SECRET",
+        "KLING_REDIS_URL",
+        "KLING_REDIS_SERVER",
+        "KLING_BENCH_CLIENTS",
+        "KLING_FLEET_WORKER",
+        "KLING_OTHER",
+        "KLING_BASE_URL",
+        "KLING_MODEL",
+        "KLING_SPEEDUP",
+        "TIER",
+        "PATH",
+        "",
+    ];
+    StackConfig::check_env_names(read.iter().chain(&others)).unwrap();
+    // Every name read is one `from_lookup` asks for.
+    let asked = std::cell::RefCell::new(Vec::new());
+    StackConfig::from_lookup(|name| {
+        asked.borrow_mut().push(name.to_owned());
+        None
+    })
+    .unwrap();
+    let mut asked = asked.into_inner();
+    asked.sort();
+    asked.dedup();
+    let mut read = read.map(str::to_owned).to_vec();
+    read.sort();
+    assert_eq!(asked, read);
+}
+
+/// `StackConfig::from_env` in a process whose environment holds the one variable
+/// `PRESET_CHILD_VAR` names, set to `PRESET_CHILD_VALUE`: what it read, or its error.
+fn from_env_in_a_child(var: &str, value: &str) -> String {
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "preset::from_env_child_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env_clear()
+        .env(var, value)
+        .env("PRESET_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("FROM-ENV "))
+        .unwrap_or_else(|| {
+            panic!(
+                "no answer: {stdout} {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })
+        .to_owned()
+}
+
+/// Not a test: the child process of `from_env_refuses_a_variable_named_with_a_slip`.
+#[test]
+#[ignore = "a child process of a preset test"]
+fn from_env_child_process() {
+    if std::env::var_os("PRESET_CHILD").is_none() {
+        return;
+    }
+    let answer = match StackConfig::from_env() {
+        Ok(config) => format!("ok {:?}", config.attempt_timeout_duration()),
+        Err(e) => format!("refused {}: {}", e.field(), e.reason()),
+    };
+    #[allow(clippy::print_stdout)]
+    {
+        println!("FROM-ENV {answer}");
+    }
+}
+
+/// `from_env` reads the environment's names: `KLING_ATTEMPT_TIMEOUT_MS=500` is refused (it
+/// left the attempt timeout at 30 s); the control, `KLING_ATTEMPT_TIMEOUT_SECS=5`, is read.
+#[test]
+fn from_env_refuses_a_variable_named_with_a_slip() {
+    assert_eq!(
+        from_env_in_a_child("KLING_ATTEMPT_TIMEOUT_MS", "500"),
+        "refused KLING_ATTEMPT_TIMEOUT_MS: is not read: did you mean \
+         KLING_ATTEMPT_TIMEOUT_SECS (seconds)? (rename it, or unset it)"
+    );
+    assert_eq!(
+        from_env_in_a_child("KLING_ATTEMPT_TIMEOUT_SECS", "5"),
+        "ok 5s"
+    );
+}
