@@ -216,6 +216,9 @@ pub enum BackendErrorKind {
     Unreachable,
     /// The store answered with something the backend does not understand.
     Protocol,
+    /// The store refused the credentials: not retried until they change (waiting or falling
+    /// back would hide a configuration error).
+    AuthRefused,
 }
 
 /// A [`Backend`](crate::Backend) could not decide: the request was not sent.
@@ -242,6 +245,14 @@ impl BackendError {
         }
     }
 
+    /// The store refused the credentials.
+    pub fn auth_refused(source: impl Into<BoxError>) -> Self {
+        BackendError {
+            kind: BackendErrorKind::AuthRefused,
+            source: source.into(),
+        }
+    }
+
     /// What went wrong.
     pub fn kind(&self) -> BackendErrorKind {
         self.kind
@@ -261,6 +272,13 @@ impl fmt::Display for BackendError {
             }
             BackendErrorKind::Protocol => {
                 write!(f, "rate limit store protocol error: {}", self.source)
+            }
+            BackendErrorKind::AuthRefused => {
+                write!(
+                    f,
+                    "rate limit store refused the credentials: {}",
+                    self.source
+                )
             }
         }
     }
