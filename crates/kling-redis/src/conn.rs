@@ -1159,13 +1159,7 @@ mod tests {
             .get_multiplexed_async_connection()
             .await
             .unwrap();
-        let killed: i64 = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("TYPE")
-            .arg("normal")
-            .arg("SKIPME")
-            .arg("yes")
-            .query_async(&mut killer)
+        let killed = crate::testing::kill_clients(&mut killer, crate::testing::Clients::Normal)
             .await
             .unwrap();
         assert_eq!(killed, 1);
@@ -1207,13 +1201,7 @@ mod tests {
             cmd
         };
         let _: () = config_set("pw").query_async(&mut admin).await.unwrap();
-        let _: i64 = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("TYPE")
-            .arg("normal")
-            .arg("SKIPME")
-            .arg("yes")
-            .query_async(&mut admin)
+        crate::testing::kill_clients(&mut admin, crate::testing::Clients::Normal)
             .await
             .unwrap();
         // The first command may still go to the killed connection.

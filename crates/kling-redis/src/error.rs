@@ -45,6 +45,12 @@ impl StoreError {
         // "reconnect", which would make a wrong password look like a Redis that is away.
         let kind = if error.kind() == redis::ErrorKind::AuthenticationFailed
             || matches!(error.code(), Some("NOAUTH" | "WRONGPASS"))
+            // A server that requires a password the `url` does not give answers a command of
+            // many arguments (every script) so, not `NOAUTH`, and closes the connection.
+            || (error.code() == Some("ERR")
+                && error
+                    .detail()
+                    .is_some_and(|d| d.starts_with("Protocol error: unauthenticated")))
         {
             StoreErrorKind::AuthRefused
         } else if error.is_timeout() {
@@ -140,6 +146,8 @@ impl StoreError {
     pub(crate) fn into_ratelimit(self) -> kling_ratelimit::error::BackendError {
         if self.is_unreachable() {
             kling_ratelimit::error::BackendError::unreachable(self)
+        } else if self.is_auth_refused() {
+            kling_ratelimit::error::BackendError::auth_refused(self)
         } else {
             kling_ratelimit::error::BackendError::protocol(self)
         }
@@ -242,6 +250,9 @@ mod tests {
         let refusals = [
             server_error("NOAUTH Authentication required."),
             server_error("WRONGPASS invalid username-password pair or user is disabled."),
+            // An `EVALSHA` (more than 10 arguments) to a server that requires a password.
+            server_error("ERR Protocol error: unauthenticated multibulk length"),
+            server_error("ERR Protocol error: unauthenticated bulk length"),
             redis::RedisError::from((
                 redis::ErrorKind::AuthenticationFailed,
                 "Password authentication failed",
@@ -259,7 +270,7 @@ mod tests {
             assert!(error.to_string().contains("`url`"), "{error}");
             assert_eq!(
                 error.into_ratelimit().kind(),
-                kling_ratelimit::error::BackendErrorKind::Protocol
+                kling_ratelimit::error::BackendErrorKind::AuthRefused
             );
         }
     }

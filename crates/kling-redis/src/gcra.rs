@@ -1789,6 +1789,15 @@ impl Inner {
                     tracing::warn!(error = %e, "redis unreachable: rate limiter {:?}", self.when_unreachable);
                 }
             }
+            // Reached, but not shared again: every decision fails until the credentials are
+            // accepted (which the connection logs, measuring the clock again).
+            Err(e) if e.is_auth_refused() => {
+                if self.out.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "redis reachable again but refuses the credentials: rate limiter decisions fail"
+                    );
+                }
+            }
             _ => {
                 if self.out.swap(false, Ordering::Relaxed) {
                     tracing::info!("redis reachable again: rate limiter shared again");

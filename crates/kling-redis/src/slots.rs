@@ -437,8 +437,9 @@ const SETTLES: [&str; 4] = ["hold", "give", "cong", "halt"];
 /// A change that could not be sent yet.
 #[derive(Debug)]
 enum Pending {
-    /// `APPLY` arguments (the time at index 1 is stamped when they are sent).
-    Args(Vec<String>),
+    /// `APPLY` arguments (the time at index 1 is stamped when they are sent), and when the
+    /// change was made ([`Inner::made`]).
+    Args(Vec<String>, u64),
     /// Register a holding granted while Redis was away.
     Register(String),
 }
@@ -470,6 +471,9 @@ struct Inner {
     next_halt: AtomicU64,
     /// The number of the next change that Redis must apply once ([`Inner::change_id`]).
     next_change: AtomicU64,
+    /// The number of the next change made ([`Inner::prepare`]): changes are kept for replay
+    /// in this order ([`Inner::queue`]).
+    made: AtomicU64,
     /// When this process's last stamped change was made ([`Inner::made_at`]).
     last_made_at: std::sync::atomic::AtomicI64,
     /// The capacities set at run time (`PREFIX:cap`, field → slots) as this process last read
@@ -500,6 +504,8 @@ struct Inner {
     /// Whether reports were dropped from the replay queue since it was last empty (warned once).
     overflowed: AtomicBool,
     out: AtomicBool,
+    /// Whether Redis refused the credentials since it last answered ([`Inner::note`]).
+    refused: AtomicBool,
     started: AtomicBool,
     init: tokio::sync::OnceCell<()>,
     needs_register: AtomicBool,
@@ -615,6 +621,7 @@ impl RedisSlots {
                 create_halts,
                 next_halt: AtomicU64::new(0),
                 next_change: AtomicU64::new(0),
+                made: AtomicU64::new(0),
                 last_made_at: std::sync::atomic::AtomicI64::new(i64::MIN),
                 caps: Mutex::new(HashMap::new()),
                 ends: Mutex::new(VecDeque::new()),
@@ -630,6 +637,7 @@ impl RedisSlots {
                 #[cfg(feature = "testing")]
                 maintenance_held: AtomicBool::new(false),
                 out: AtomicBool::new(false),
+                refused: AtomicBool::new(false),
                 started: AtomicBool::new(false),
                 init: tokio::sync::OnceCell::new(),
                 needs_register: AtomicBool::new(false),
@@ -971,11 +979,27 @@ impl Inner {
                     tracing::warn!(error = %e, "redis unreachable: task slots {:?}", self.when_unreachable);
                 }
             }
+            // Reached, but not shared again: every create fails, and changes are kept until
+            // the credentials are accepted (which the connection logs).
+            Err(e) if e.is_auth_refused() => {
+                self.refused.store(true, Ordering::Relaxed);
+                if self.out.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "redis reachable again but refuses the credentials: task slots fail, changes kept"
+                    );
+                }
+            }
             Err(_) => {}
             Ok(_) => {
+                let refused = self.refused.load(Ordering::Relaxed)
+                    && self.refused.swap(false, Ordering::Relaxed);
                 if self.out.swap(false, Ordering::Relaxed) {
                     tracing::info!("redis reachable again: task slots shared again");
                     self.conn.recalibrate_soon();
+                    self.wake_maintenance.notify_one();
+                } else if refused {
+                    // The changes it refused are replayed now, as after an outage, not at the
+                    // next pass (`maintain_every`): meanwhile a slot given back stays taken.
                     self.wake_maintenance.notify_one();
                 }
             }
@@ -1139,6 +1163,7 @@ impl Inner {
     /// held slots. `path`: the create path of a hold, or of the tasks a report names
     /// ([`path_arg`]).
     fn prepare(&self, op: SlotOp, path: &str) -> Prepared {
+        let made = self.made.fetch_add(1, Ordering::Relaxed);
         let [p, now, grace] = self.unstamped_head();
         let mut args = vec![p, now, grace];
         let mut local = Applied {
@@ -1308,6 +1333,7 @@ impl Inner {
                 local.changed = !known;
                 return Prepared {
                     args,
+                    made,
                     local,
                     wake,
                     adopt: Some((h, held)),
@@ -1375,6 +1401,7 @@ impl Inner {
         }
         Prepared {
             args,
+            made,
             local,
             wake,
             adopt: None,
@@ -1559,6 +1586,7 @@ impl Inner {
     async fn send_op(self: Arc<Self>, prepared: Prepared) -> Result<Applied, BackendError> {
         let Prepared {
             mut args,
+            made,
             local,
             wake: _,
             adopt,
@@ -1618,7 +1646,7 @@ impl Inner {
                 {
                     lock(&self.registry).insert(h, held);
                 }
-                self.queue(args);
+                self.queue(args, made);
                 for r in &local.released {
                     let pk = self.pk(&r.key);
                     self.wake(&pk);
@@ -1879,7 +1907,7 @@ impl Inner {
         let mut pending = lock(&self.pending);
         let waiting = pending
             .iter()
-            .any(|p| matches!(p, Pending::Args(args) if args[3] == "rehalt"));
+            .any(|p| matches!(p, Pending::Args(args, _) if args[3] == "rehalt"));
         let halts = lock(&self.halts);
         if halts.is_empty() || waiting {
             return;
@@ -1894,14 +1922,16 @@ impl Inner {
                 halt.at.clone(),
             ]);
         }
-        pending.push_back(Pending::Args(args));
+        let made = self.made.fetch_add(1, Ordering::Relaxed);
+        pending.push_back(Pending::Args(args, made));
     }
 
-    /// Keeps `args` for replay, in order. Task reports (`upd`) are kept once per task: a report
+    /// Keeps `args`, made `made`th ([`Inner::made`]), for replay, in the order changes were
+    /// made. Task reports (`upd`) are kept once per task: a report
     /// replaces the earlier renewals of the same tasks (replayed later, it renews the lease
     /// from then, or ends the task); at most [`MAX_PENDING_REPORTS`] are kept. A halt, reset or
     /// capacity is marked replayed ([`STAMPED`]): Redis drops it if a later one came meanwhile.
-    fn queue(&self, mut args: Vec<String>) {
+    fn queue(&self, mut args: Vec<String>, made: u64) {
         if STAMPED.contains(&args[3].as_str())
             && let Some(replayed) = args.last_mut()
         {
@@ -1920,7 +1950,9 @@ impl Inner {
             let new: Vec<&[String]> = args[UPD_REPORTS..].chunks_exact(4).collect();
             let mut emptied = false;
             for entry in pending.iter_mut() {
-                if let Pending::Args(old) = entry
+                // (Only those made before it: see the insertion below.)
+                if let Pending::Args(old, before) = entry
+                    && *before < made
                     && old[3] == "upd"
                     && old[5] == *account
                 {
@@ -1935,7 +1967,7 @@ impl Inner {
                 + pending
                     .iter()
                     .map(|entry| match entry {
-                        Pending::Args(old) if old[3] == "upd" => (old.len() - UPD_REPORTS) / 4,
+                        Pending::Args(old, _) if old[3] == "upd" => (old.len() - UPD_REPORTS) / 4,
                         _ => 0,
                     })
                     .sum::<usize>();
@@ -1956,7 +1988,7 @@ impl Inner {
             }
             if emptied {
                 pending.retain(|entry| {
-                    !matches!(entry, Pending::Args(old) if old[3] == "upd" && old.len() <= UPD_REPORTS)
+                    !matches!(entry, Pending::Args(old, _) if old[3] == "upd" && old.len() <= UPD_REPORTS)
                 });
             }
             if dropped > 0 && !self.overflowed.swap(true, Ordering::Relaxed) {
@@ -1966,7 +1998,15 @@ impl Inner {
                 );
             }
         }
-        pending.push_back(Pending::Args(args));
+        // In the order the changes were made, not the order their failures were seen: the
+        // changes on one connection fail together, and their tasks queue them in any order (a
+        // task's end queued before its hold would find no task, and the hold replayed after it
+        // would keep the slot held until its lease ran out).
+        let at = pending
+            .iter()
+            .rposition(|entry| !matches!(entry, Pending::Args(_, later) if *later > made))
+            .map_or(0, |at| at + 1);
+        pending.insert(at, Pending::Args(args, made));
     }
 
     /// Marks the store alive once per backend. A store with no generation starts one with a
@@ -2020,7 +2060,7 @@ impl Inner {
                 }
             }
             let result = match &pending {
-                Pending::Args(args) => {
+                Pending::Args(args, _) => {
                     let mut args = args.clone();
                     self.apply_args(&mut args).await.map(|reply| {
                         let Reply {
@@ -2439,7 +2479,9 @@ fn drop_oldest_report(
     terminal: &str,
 ) -> Option<(String, Vec<String>)> {
     for entry in pending.iter_mut() {
-        let Pending::Args(old) = entry else { continue };
+        let Pending::Args(old, _) = entry else {
+            continue;
+        };
         if old[3] != "upd" {
             continue;
         }
@@ -2473,7 +2515,7 @@ fn give_back_instead_of_hold(pending: &mut VecDeque<Pending>, account: &str, end
     let of_account = |args: &[String], op: &str| args[3] == op && args[HOLD_ACCOUNT] == account;
     if !id.is_empty() {
         pending.retain(|entry| {
-            !matches!(entry, Pending::Args(args) if of_account(args, "adopt") && args[HOLD_ID] == *id)
+            !matches!(entry, Pending::Args(args, _) if of_account(args, "adopt") && args[HOLD_ID] == *id)
         });
     }
     let names = |args: &[String]| {
@@ -2484,12 +2526,12 @@ fn give_back_instead_of_hold(pending: &mut VecDeque<Pending>, account: &str, end
     let mut found = pending
         .iter()
         .enumerate()
-        .filter(|(_, entry)| matches!(entry, Pending::Args(args) if names(args)))
+        .filter(|(_, entry)| matches!(entry, Pending::Args(args, _) if names(args)))
         .map(|(at, _)| at);
     let (Some(at), None) = (found.next(), found.next()) else {
         return;
     };
-    if let Some(Pending::Args(args)) = pending.get_mut(at) {
+    if let Some(Pending::Args(args, _)) = pending.get_mut(at) {
         args.truncate(6);
         args[3] = "give".to_owned();
     }
@@ -2497,6 +2539,8 @@ fn give_back_instead_of_hold(pending: &mut VecDeque<Pending>, account: &str, end
 
 struct Prepared {
     args: Vec<String>,
+    /// When it was made ([`Inner::made`]).
+    made: u64,
     local: Applied,
     wake: Option<String>,
     adopt: Option<(String, Held)>,
@@ -2571,6 +2615,8 @@ const RESUBSCRIBE_MAX: Duration = Duration::from_secs(1);
 async fn subscriber(inner: Weak<Inner>, shutdown: Arc<Notify>) {
     let mut stopped = pin!(shutdown.notified_owned());
     let mut backoff = RESUBSCRIBE_FIRST;
+    // Whether the last attempt to connect was refused the credentials (logged once).
+    let mut refused = false;
     loop {
         let Some(strong) = inner.upgrade() else {
             return;
@@ -2587,6 +2633,22 @@ async fn subscriber(inner: Weak<Inner>, shutdown: Arc<Notify>) {
             Ok::<_, redis::RedisError>(pubsub)
         })
         .await;
+        // A refused password is said once (not in the commands' errors, which may still be
+        // answered over their connection): wake-ups wait for it, and creates poll meanwhile.
+        match &connected {
+            Ok(Err(e)) if !refused && StoreError::from_redis(e).is_auth_refused() => {
+                refused = true;
+                tracing::warn!(
+                    error = %StoreError::from_redis(e),
+                    "redis refused the task slots' wake-up connection: creates poll for free slots until it accepts the credentials"
+                );
+            }
+            Ok(Ok(_)) if refused => {
+                refused = false;
+                tracing::info!("redis accepts the task slots' wake-up connection again");
+            }
+            _ => {}
+        }
         // Subscribed first, then the halts read: one set in between is read or broadcast.
         let reread = match connected {
             Ok(Ok(pubsub)) => match inner.upgrade() {

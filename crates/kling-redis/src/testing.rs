@@ -286,3 +286,34 @@ fn remove_snapshot(dir: &Path) -> io::Result<()> {
         _ => Ok(()),
     }
 }
+
+/// Which connections [`kill_clients`] drops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Clients {
+    /// Commands' connections (`CLIENT KILL TYPE normal`), but the one sending it.
+    Normal,
+    /// Subscriptions (`CLIENT KILL TYPE pubsub`): the task slots' wake-up connections.
+    PubSub,
+}
+
+/// Has the server close the connections `which` over `admin` (which stays open), as a
+/// password change, a proxy or an idle `timeout` does: the next connections must be made
+/// anew. Returns how many were closed.
+pub async fn kill_clients(
+    admin: &mut redis::aio::MultiplexedConnection,
+    which: Clients,
+) -> redis::RedisResult<i64> {
+    let kind = match which {
+        Clients::Normal => "normal",
+        Clients::PubSub => "pubsub",
+    };
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg(kind)
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(admin)
+        .await
+}

@@ -11,7 +11,7 @@ use kling_ratelimit::backend::Feedback;
 use kling_ratelimit::error::BackendErrorKind;
 use kling_ratelimit::{Backend, BucketKey, Cooldown, Decision, Policy, Quota};
 use kling_redis::error::StoreErrorKind;
-use kling_redis::testing::RedisServer;
+use kling_redis::testing::{Clients, RedisServer, kill_clients};
 use kling_redis::{Connection, RedisConfig, RedisGcra, RedisSlots, WhenUnreachable};
 
 use crate::support::{raw, redis};
@@ -44,15 +44,7 @@ async fn change_password(server: &RedisServer) -> redis::aio::MultiplexedConnect
         .await
         .unwrap();
     require_password(&mut admin, "new-pw").await;
-    let _: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("normal")
-        .arg("SKIPME")
-        .arg("yes")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    kill_clients(&mut admin, Clients::Normal).await.unwrap();
     admin
 }
 
@@ -146,7 +138,7 @@ async fn a_password_changed_on_the_server_fails_at_once_in_every_mode() {
         };
         assert_eq!(
             error.kind(),
-            BackendErrorKind::Protocol,
+            BackendErrorKind::AuthRefused,
             "{mode:?}: {error}"
         );
         let store = error.store_error().to_string();
@@ -300,4 +292,224 @@ async fn a_pause_the_server_refused_is_delivered_once_it_accepts_the_password() 
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A give-back the server refused is replayed as soon as the server accepts the password
+/// again, as after an outage, not at the next maintenance pass (an hour here; by default a
+/// second, during which the pool's last slot stays taken and creates wait or are refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_the_server_refused_is_replayed_as_soon_as_it_accepts_the_password() {
+    let Some(server) = redis() else { return };
+    require_password(&mut raw(&server).await, "old-pw").await;
+    let conn = Connection::connect(config(url(&server, Some("old-pw"))))
+        .await
+        .unwrap();
+    let slots = RedisSlots::new(conn.clone(), SlotsConfig::new(1))
+        .unwrap()
+        .maintain_every(Duration::from_secs(3600));
+    let key = SlotKey::new(AccountId::new("a"), Pool::new(Product::Video));
+    let granted = slots.acquire(key.clone(), 1).await.unwrap();
+
+    let mut admin = change_password(&server).await;
+    // The dropped connection is noticed by another user of it: the task slots see only the
+    // refusal, no outage.
+    let gcra = RedisGcra::new(conn).when_unreachable(WhenUnreachable::Fail);
+    let gkey = BucketKey::account(Some(AccountId::new("a")));
+    let policy = Policy::new(Quota::per_second(1000.0), Cooldown::default());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while !gcra.acquire(&gkey, &policy).await.is_err_and(|e| {
+        e.store_error()
+            .to_string()
+            .contains("refused authentication")
+    }) {
+        assert!(tokio::time::Instant::now() < deadline, "never refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let error = slots
+        .apply(kling_concurrency::backend::SlotOp::GiveBack(granted))
+        .await
+        .expect_err("refused");
+    assert!(
+        error.to_string().contains("refused authentication"),
+        "{error}"
+    );
+    assert!(!slots.is_out(), "the task slots saw no outage");
+
+    require_password(&mut admin, "old-pw").await;
+    // The next create finds the server accepting the password: the give-back is replayed,
+    // and frees the pool's one slot for it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let granted = loop {
+        match tokio::time::timeout(Duration::from_secs(3), slots.acquire(key.clone(), 1)).await {
+            Ok(Ok(granted)) => break granted,
+            Ok(Err(error)) if tokio::time::Instant::now() < deadline => {
+                // Refused until the connection backing off after the refusals connects again.
+                assert!(error.to_string().contains("refused"), "{error}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!(
+                "the give-back waits for the next maintenance pass: {:?} ({} pending)",
+                other.map(|r| r.map(|_| ())),
+                slots.pending()
+            ),
+        }
+    };
+    drop(granted);
+}
+
+/// After an outage, a server that answers but refuses the password is not logged as Redis
+/// reachable again with the rate limiter or task slots "shared again": every decision and
+/// create fails until the password is accepted. The log says it refuses the credentials.
+#[tokio::test]
+async fn a_refusal_after_an_outage_is_not_logged_as_redis_reachable_again() {
+    let Some(mut server) = redis() else { return };
+    let (logs, _capture) = crate::support::capture_logs();
+    require_password(&mut raw(&server).await, "old-pw").await;
+    let conn = Connection::connect(config(url(&server, Some("old-pw"))))
+        .await
+        .unwrap();
+    let gcra = RedisGcra::new(conn.clone()).when_unreachable(WhenUnreachable::Fail);
+    let slots = RedisSlots::new(conn, SlotsConfig::new(5))
+        .unwrap()
+        .maintain_every(Duration::from_secs(3600))
+        .when_unreachable(WhenUnreachable::Fail);
+    let key = BucketKey::account(Some(AccountId::new("a")));
+    let policy = Policy::new(Quota::per_second(1000.0), Cooldown::default());
+    let pool = SlotKey::new(AccountId::new("a"), Pool::new(Product::Video));
+    gcra.acquire(&key, &policy).await.unwrap();
+    drop(slots.acquire(pool.clone(), 1).await.unwrap());
+
+    server.stop();
+    let error = gcra.acquire(&key, &policy).await.unwrap_err();
+    assert_eq!(error.kind(), BackendErrorKind::Unreachable, "{error}");
+    assert!(gcra.is_out());
+    let error = slots.acquire(pool.clone(), 1).await.unwrap_err();
+    assert!(slots.is_out(), "{error}");
+
+    server.restart().unwrap();
+    // A fresh server, with another password (a connection made before it is set, refused
+    // as the server had none, is dropped).
+    let mut admin = raw(&server).await;
+    require_password(&mut admin, "new-pw").await;
+    kill_clients(&mut admin, Clients::Normal).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let gcra_refused = gcra.acquire(&key, &policy).await.is_err_and(|e| {
+            e.store_error()
+                .to_string()
+                .contains("refused authentication")
+        });
+        let slots_refused = slots
+            .acquire(pool.clone(), 1)
+            .await
+            .is_err_and(|e| e.to_string().contains("refused authentication"));
+        if gcra_refused && slots_refused {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never refused: {:?} {:?}",
+            gcra.acquire(&key, &policy).await,
+            slots.acquire(pool.clone(), 1).await.map(|_| ())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logs = logs.lock().unwrap();
+    assert!(
+        !logs.iter().any(|line| line.contains("shared again")),
+        "{logs:#?}"
+    );
+    for backend in ["rate limiter", "task slots"] {
+        assert!(
+            logs.iter()
+                .any(|line| line.contains("refuses the credentials") && line.contains(backend)),
+            "{backend}: {logs:#?}"
+        );
+    }
+    assert!(!gcra.is_out() && !slots.is_out(), "reachable");
+}
+
+/// The server's `total_connections_received`, and how many listen on `test:freed`.
+async fn connections_and_listeners(admin: &mut redis::aio::MultiplexedConnection) -> (u64, i64) {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(admin)
+        .await
+        .unwrap();
+    let connections = info
+        .lines()
+        .find_map(|line| line.strip_prefix("total_connections_received:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let (_, listening): (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("test:freed")
+        .query_async(admin)
+        .await
+        .unwrap();
+    (connections, listening)
+}
+
+/// The task slots' wake-up (pub/sub) connection dropped after the password changed on the
+/// server (the commands' connection, authenticated before, still answered): it connects again
+/// about once a second, not in a storm, says once that the password is refused (wake-ups
+/// stop, creates poll meanwhile) instead of nothing, and subscribes again once the server
+/// accepts it.
+#[tokio::test]
+async fn the_wake_up_connection_refused_the_password_retries_slowly_says_so_and_resumes() {
+    let Some(server) = redis() else { return };
+    let (logs, _capture) = crate::support::capture_logs();
+    require_password(&mut raw(&server).await, "old-pw").await;
+    let conn = Connection::connect(config(url(&server, Some("old-pw"))))
+        .await
+        .unwrap();
+    let slots = RedisSlots::new(conn, SlotsConfig::new(5))
+        .unwrap()
+        .maintain_every(Duration::from_secs(3600));
+    let key = SlotKey::new(AccountId::new("a"), Pool::new(Product::Video));
+    drop(slots.acquire(key.clone(), 1).await.unwrap());
+    let mut admin = redis::Client::open(url(&server, Some("old-pw")))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while connections_and_listeners(&mut admin).await.1 < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "never subscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    require_password(&mut admin, "new-pw").await;
+    kill_clients(&mut admin, Clients::PubSub).await.unwrap();
+    let (before, _) = connections_and_listeners(&mut admin).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (after, listening) = connections_and_listeners(&mut admin).await;
+    assert_eq!(listening, 0);
+    assert!(after - before <= 8, "{} connections in 3 s", after - before);
+    assert!(
+        after - before >= 2,
+        "stopped connecting ({})",
+        after - before
+    );
+    let refusals = logs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|line| line.contains("wake-up connection") && line.contains("refused"))
+        .count();
+    assert_eq!(refusals, 1, "{:#?}", logs.lock().unwrap());
+
+    require_password(&mut admin, "old-pw").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while connections_and_listeners(&mut admin).await.1 < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never subscribed again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The commands' connection was never refused: the slots still work.
+    drop(slots.acquire(key, 1).await.unwrap());
 }

@@ -22,7 +22,7 @@ use kling_core::lanes::Lanes;
 use kling_core::signals::HaltGate;
 use kling_core::{AccountId, Classify, ClassifyLayer, Code, SendState};
 use kling_redis::RedisSlots;
-use kling_redis::testing::{RedisServer, miss_halt_broadcasts};
+use kling_redis::testing::{Clients, RedisServer, kill_clients, miss_halt_broadcasts};
 use tokio::sync::Semaphore;
 use tower::{Layer, Service, ServiceExt};
 
@@ -315,11 +315,7 @@ async fn a_halt_broadcast_while_a_process_was_not_listening_is_read_when_it_subs
         "missed"
     );
     miss_halt_broadcasts(&b_slots, false);
-    let _: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut raw(&server).await)
+    kill_clients(&mut raw(&server).await, Clients::PubSub)
         .await
         .unwrap();
     until(&gate, true, Duration::from_secs(3))
@@ -536,14 +532,7 @@ async fn a_subscription_dropped_at_once_is_made_again_after_a_backoff() {
     let mut killed = 0;
     let start = tokio::time::Instant::now();
     while start.elapsed() < Duration::from_millis(1500) {
-        let n: i64 = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("TYPE")
-            .arg("pubsub")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        killed += n;
+        killed += kill_clients(&mut conn, Clients::PubSub).await.unwrap();
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     // 100, 200, 400, 800 ms between them: five at most in 1.5 s.

@@ -205,3 +205,41 @@ pub(crate) async fn far_process_gets_its_turn<B, F, Fut>(
         }
     }
 }
+
+/// The events logged on this thread while the guard lives, one line each (`field=value`
+/// pairs): a `#[tokio::test]` runtime runs every task on its thread.
+pub(crate) fn capture_logs() -> (
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    tracing::subscriber::DefaultGuard,
+) {
+    use std::fmt::Write as _;
+    use tracing::span::{Attributes, Id, Record};
+
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+    struct Line(String);
+    impl tracing::field::Visit for Line {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            let _ = write!(self.0, "{}={value:?} ", field.name());
+        }
+    }
+    impl tracing::Subscriber for Capture {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            let mut line = Line(String::new());
+            event.record(&mut line);
+            self.0.lock().unwrap().push(line.0);
+        }
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+    let logs = std::sync::Arc::default();
+    let guard = tracing::subscriber::set_default(Capture(std::sync::Arc::clone(&logs)));
+    (logs, guard)
+}
