@@ -630,6 +630,24 @@ impl Journal {
         rows.collect::<Result<Vec<_>, _>>().map_err(Into::into)
     }
 
+    /// The jobs that may have made a task still to settle, with their state: `creating` (a
+    /// create of unknown outcome) and `created` (a task not followed to its end), by line.
+    pub fn open_jobs(&self) -> Result<Vec<(String, JobState)>, JournalError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT job_id, state FROM jobs WHERE state IN ('creating', 'created') ORDER BY line",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        rows.map(|row| {
+            let (id, state) = row?;
+            let state = state
+                .parse()
+                .map_err(|e: String| JournalError::new("unreadable journal", e))?;
+            Ok((id, state))
+        })
+        .collect()
+    }
+
     /// When the job first reached `succeeded` (its task's end noticed), by the wall clock:
     /// how old its result URLs are at least.
     pub fn succeeded_at(&self, job_id: &str) -> Result<Option<SystemTime>, JournalError> {
@@ -637,6 +655,19 @@ impl Journal {
         let at: Option<f64> = conn
             .prepare_cached(SELECT_SUCCEEDED_AT)?
             .query_row(params![job_id], |r| r.get(0))?;
+        Ok(at.filter(|at| at.is_finite() && *at >= 0.0).and_then(|at| {
+            UNIX_EPOCH.checked_add(std::time::Duration::try_from_secs_f64(at).ok()?)
+        }))
+    }
+
+    /// When the job's record last changed (a transition, its error or files set), by the wall
+    /// clock.
+    pub fn changed_at(&self, job_id: &str) -> Result<Option<SystemTime>, JournalError> {
+        let conn = self.lock();
+        let at: Option<f64> = conn
+            .prepare_cached("SELECT updated_at FROM jobs WHERE job_id = ?1")?
+            .query_row(params![job_id], |r| r.get(0))
+            .optional()?;
         Ok(at.filter(|at| at.is_finite() && *at >= 0.0).and_then(|at| {
             UNIX_EPOCH.checked_add(std::time::Duration::try_from_secs_f64(at).ok()?)
         }))

@@ -19,9 +19,15 @@
 //!   external id first (`GET {endpoint}/{id}` or `GET /tasks?external_task_ids=`); jobs
 //!   already created are followed (in one batch), after the slots they hold were adopted
 //!   ([`SlotsHandle::reconcile`](kling_concurrency::SlotsHandle::reconcile)). Nothing is created
-//!   twice. A listing or lookup refused for the account or its credentials halts the run:
-//!   the remaining lookups would be refused the same way, and the jobs stay `creating` for a
-//!   later run. So does a stop, at once, even in the middle of a listing or a lookup.
+//!   twice: a lookup's "no such task" settles a job as never made only
+//!   [`RunOptions::lookup_settle`] after its create could last have left (a task may be listed
+//!   a moment after it was made); sooner, it is looked up once more then. A create whose
+//!   answer was lost and whose lookup right after finds nothing stays `creating`, its error
+//!   saying so, for a later run. A job of the journal left open that the jobs file no longer
+//!   holds is named in a warning. A listing or lookup refused for the account or its
+//!   credentials halts the run: the remaining lookups would be refused the same way, and the
+//!   jobs stay `creating` for a later run. So does a stop, at once, even in the middle of a
+//!   listing or a lookup.
 //! - **Follow**: kling-tower's [`Follower`] with the run's [`FollowPolicy`]; callbacks (when a
 //!   listener is configured) end a follow at once. A follow that ends with a Kling error
 //!   fails the job only when the error is about the task: `1203` (Kling does not know the
@@ -120,6 +126,11 @@ pub struct RunOptions {
     pub refetch_gone: bool,
     /// How tasks are queried.
     pub follow: FollowPolicy,
+    /// How long after a create of unknown outcome a lookup that finds nothing settles it as
+    /// never made (`None`: [`LOOKUP_SETTLE`] of API time, at the stack's speed): a task may
+    /// take a moment to be listed by its external id, and a create sent again on a lookup made
+    /// sooner may bill twice.
+    pub lookup_settle: Option<Duration>,
     /// How long creates in flight may still finish after a stop.
     pub stop_grace: Duration,
 }
@@ -136,6 +147,7 @@ impl std::fmt::Debug for RunOptions {
             .field("max_downloads", &self.max_downloads)
             .field("refetch_gone", &self.refetch_gone)
             .field("follow", &self.follow)
+            .field("lookup_settle", &self.lookup_settle)
             .field("stop_grace", &self.stop_grace)
             .finish()
     }
@@ -144,7 +156,7 @@ impl std::fmt::Debug for RunOptions {
 impl RunOptions {
     /// No callbacks, no downloads (with the default [`DownloadTimeouts`] and at most
     /// [`MAX_IN_FLIGHT`](download::MAX_IN_FLIGHT) jobs downloading at once when set), `follow`
-    /// as given, a 2 s grace.
+    /// as given, a lookup settle of [`LOOKUP_SETTLE`] at the stack's speed, a 2 s grace.
     pub fn new(follow: FollowPolicy) -> Self {
         RunOptions {
             callback_url: None,
@@ -153,8 +165,17 @@ impl RunOptions {
             max_downloads: download::MAX_IN_FLIGHT,
             refetch_gone: false,
             follow,
+            lookup_settle: None,
             stop_grace: Duration::from_secs(2),
         }
+    }
+
+    /// Sets how long after a create of unknown outcome a lookup must come for its "no such
+    /// task" to settle the job as never made, in real time (the default, [`LOOKUP_SETTLE`],
+    /// is API time, scaled by the stack's speed).
+    pub fn lookup_settle(mut self, settle: Duration) -> Self {
+        self.lookup_settle = Some(settle);
+        self
     }
 
     /// Sets the callback URL sent with each create.
@@ -538,6 +559,7 @@ impl Engine {
                 JobState::Failed => {}
             }
         }
+        self.warn_open_elsewhere(&jobs_by_id)?;
         // Many at a time: after a `1102` or a stop, most of a large file is `not_submitted`,
         // and one transaction each (one write to the disk) held a run of 100 000 such jobs
         // for minutes before it sent anything, deaf to Ctrl-C. A stop is heard between two.
@@ -563,6 +585,44 @@ impl Engine {
             undownloaded,
             no_results,
         }))
+    }
+
+    /// Warns, once, of the journal's jobs that are not in `in_file` and may have made a billed
+    /// task: a run settles only its file's jobs, so such a job (its line removed, or edited
+    /// without an `id`, which makes it a new job) is neither looked up nor followed, and
+    /// no results file names it. Said, so that it is not lost without a word.
+    fn warn_open_elsewhere(&self, in_file: &HashMap<&str, &Job>) -> Result<(), JournalError> {
+        let open: Vec<(String, JobState)> = self
+            .journal
+            .open_jobs()?
+            .into_iter()
+            .filter(|(id, _)| !in_file.contains_key(id.as_str()))
+            .collect();
+        if open.is_empty() {
+            return Ok(());
+        }
+        let unknown = open
+            .iter()
+            .filter(|(_, state)| *state == JobState::Creating)
+            .count();
+        let named: Vec<String> = open
+            .iter()
+            .take(OPEN_NAMED)
+            .map(|(id, _)| format!("{id:?}"))
+            .collect();
+        let more = match open.len() - named.len() {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        };
+        tracing::warn!(
+            "{} job(s) of the journal are not in this jobs file and may have made billed tasks \
+             ({} created, {unknown} of unknown create outcome: {}{more}); this run neither looks \
+             them up nor follows them: run the file that holds them, as it was, on this journal",
+            open.len(),
+            open.len() - unknown,
+            named.join(", "),
+        );
+        Ok(())
     }
 
     /// The run once planned: everything that sends.
@@ -593,6 +653,7 @@ impl Engine {
                 () = self.adopt_slots(jobs, &creating, &created) => {}
             }
         }
+        let started = std::time::SystemTime::now();
         for (job, external_id, state, refused_permission) in creating {
             if self.halted.load(Ordering::SeqCst) || *stop.borrow() {
                 // Refused for the account, or stopped: the rest stay unknown until a later run.
@@ -602,6 +663,23 @@ impl Engine {
                 biased;
                 () = &mut stopped => break,
                 found = self.lookup(job, &external_id) => found,
+            };
+            // Not found: that settles it only `lookup_settle` after the create's last attempt
+            // could have left (a task may take a moment to be listed). Sooner, looked up once
+            // more then; the waits end at most `lookup_settle` after this run's start.
+            let found = match found {
+                Ok(None) => match self.settle_wait(&job.id, started)? {
+                    Some(wait) => tokio::select! {
+                        biased;
+                        () = &mut stopped => break,
+                        found = async {
+                            tokio::time::sleep(wait).await;
+                            self.lookup(job, &external_id).await
+                        } => found,
+                    },
+                    None => Ok(None),
+                },
+                found => found,
             };
             match found {
                 Ok(Some(report)) => {
@@ -855,6 +933,38 @@ impl Engine {
                 .transition_all(&ids, JobState::Created, &Update::error_cleared())?;
         }
         Ok(true)
+    }
+
+    /// How long a lookup of job `job_id`'s create must still wait for its "no such task" to
+    /// settle the job as never made; `None` once [`RunOptions::lookup_settle`] has passed
+    /// since the create's last attempt could have left. That is the job's mark
+    /// ([`NOT_YET_LISTED`]) when its run recorded one, written once the create's call ended.
+    /// Without (the run was killed, stopped or panicked with the create in flight), an attempt
+    /// may have left until that run's end, which the journal does not know: this run's
+    /// `started`. A mark dated ahead of the clock (one since set back) waits the whole settle.
+    fn settle_wait(
+        &self,
+        job_id: &str,
+        started: std::time::SystemTime,
+    ) -> Result<Option<Duration>, JournalError> {
+        let marked = self
+            .journal
+            .record(job_id)?
+            .and_then(|r| r.error)
+            .is_some_and(|e| e.message.starts_with(NOT_YET_LISTED));
+        let since = if marked {
+            self.journal.changed_at(job_id)?.unwrap_or(started)
+        } else {
+            started
+        };
+        let elapsed = std::time::SystemTime::now()
+            .duration_since(since)
+            .unwrap_or_default();
+        let settle = self
+            .options
+            .lookup_settle
+            .unwrap_or_else(|| self.stack.scaled(LOOKUP_SETTLE));
+        Ok(settle.checked_sub(elapsed).filter(|wait| !wait.is_zero()))
     }
 
     /// Lists the account's unfinished tasks and adopts their slots (best effort: a failure
@@ -1391,6 +1501,21 @@ impl Engine {
                 JobState::Failed,
                 Update::error(failure.info),
             ),
+            // The create may have made a task (its answer lost, say) that Kling lists by its
+            // external id only a moment later: a lookup at once proves nothing, and the create
+            // sent again by the next run might be billed twice. Left of unknown outcome, marked
+            // once its call has ended (no attempt leaves after the mark): a later run looks it
+            // up again, `lookup_settle` after the mark at the soonest, before it sends anything.
+            Ok(None) if failure.may_have_created => {
+                tracing::warn!(job = %job.id, "create outcome unknown and no task found by its external id yet; a later run looks it up again");
+                let info = ErrorInfo::new(
+                    failure.info.code,
+                    format!("{NOT_YET_LISTED}: {}", failure.info.message),
+                    failure.info.request_id,
+                );
+                self.journal
+                    .transition(&job.id, JobState::Creating, Update::error(info))
+            }
             Ok(None) => self.move_to(
                 &job.id,
                 JobState::Creating,
@@ -1772,6 +1897,21 @@ impl Drop for Confirming<'_> {
 
 /// The error of a job not sent because the run was stopped.
 const STOPPED: &str = "not submitted: the run was stopped";
+
+/// How many jobs of the journal missing from the jobs file a warning names.
+const OPEN_NAMED: usize = 5;
+
+/// How long after a create of unknown outcome a lookup must come for its "no such task" to
+/// settle the job as never made, in API time ([`RunOptions::lookup_settle`]): a task may be
+/// listed by its external id a moment after it was made, and kling-retry's own settle (2 s)
+/// is meant for a retry within one call, not for a decision a later run acts on.
+pub const LOOKUP_SETTLE: Duration = Duration::from_secs(60);
+
+/// How the error of a job begins whose create may have made a task and whose lookup right
+/// after found none: still of unknown outcome, looked up again by a later run
+/// ([`Engine::settle_wait`] counts from this mark).
+pub(crate) const NOT_YET_LISTED: &str =
+    "create outcome unknown: no task found by its external id right after the create";
 
 /// How many jobs a stop or a halt marks `not_submitted` in one journal transaction before it
 /// lets the run's other work go on.

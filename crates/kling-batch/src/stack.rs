@@ -178,6 +178,11 @@ impl Stack {
         with_layer!(&self.limits, layer => layer.snapshot())
     }
 
+    /// `duration` of API time in real time, at the configured speed.
+    pub fn scaled(&self, duration: Duration) -> Duration {
+        with_layer!(&self.limits, layer => layer.config().scaled(duration))
+    }
+
     /// The drain: closing it refuses new creates.
     pub fn drain_handle(&self) -> DrainHandle {
         with_layer!(&self.limits, layer => layer.drain_handle())

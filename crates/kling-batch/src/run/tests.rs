@@ -2554,3 +2554,77 @@ async fn a_journal_write_that_fails_while_a_stop_waits_is_the_runs_error() {
         JobState::Created
     );
 }
+
+/// A job of the journal left open (a create of unknown outcome, a task not followed to its
+/// end) that the jobs file no longer holds (its line removed, or edited without an `id`, which
+/// makes it a new job) is settled by no run: it was dropped without a word, its task billed
+/// and in no results file. The run says so on stderr, naming it, and leaves it as it is.
+#[tokio::test]
+async fn open_jobs_of_the_journal_missing_from_the_file_are_named_in_a_warning() {
+    let server = kling_mock::MockServer::start(MockConfig::preset(Preset::Pro).speed(1000.0))
+        .await
+        .unwrap();
+    let journal = Journal::open_in_memory().unwrap();
+    let (before, _) = parse_jobs(concat!(
+        "{\"prompt\":\"a cat\"}\n",
+        "{\"id\":\"dog\",\"prompt\":\"a dog\"}\n",
+        "{\"id\":\"done\",\"prompt\":\"a fox\"}\n",
+    ));
+    journal.register(&before).unwrap();
+    let edited = before[0].id.clone();
+    for (id, state) in [
+        (edited.as_str(), JobState::Creating),
+        ("dog", JobState::Creating),
+        ("dog", JobState::Created),
+        ("done", JobState::Failed),
+    ] {
+        journal.transition(id, state, Update::default()).unwrap();
+    }
+    // The first job edited (a new job), the dog's line removed, the fox's kept.
+    let (jobs, _) = parse_jobs(concat!(
+        "{\"prompt\":\"a cat, edited\"}\n",
+        "{\"id\":\"done\",\"prompt\":\"a fox\"}\n",
+    ));
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro).speed(1000.0).headroom(0.5),
+        Credentials::api_key("key").unwrap(),
+        &server.base_url(),
+    )
+    .unwrap();
+    let engine = Engine::new(
+        stack,
+        journal.clone(),
+        RunOptions::new(default_follow_policy(1000.0)),
+    )
+    .unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let capture = tracing::subscriber::set_default(crate::log::Capture(lines.clone()));
+    let (_stop, stop) = watch::channel(false);
+    let report = engine.run(&jobs, stop).await.unwrap();
+    drop(capture);
+
+    assert_eq!(report.records.len(), 2, "{report:?}");
+    let lines = lines.lock().unwrap().clone();
+    let warned: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("not in this jobs file"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{lines:?}");
+    let warning = warned[0];
+    assert!(
+        warning.contains("2 job(s)")
+            && warning.contains("1 created, 1 of unknown create outcome")
+            && warning.contains(&format!("{edited:?}"))
+            && warning.contains("\"dog\"")
+            && !warning.contains("done"),
+        "{warning}"
+    );
+    assert_eq!(
+        journal.record(&edited).unwrap().unwrap().state,
+        JobState::Creating
+    );
+    assert_eq!(
+        journal.record("dog").unwrap().unwrap().state,
+        JobState::Created
+    );
+}

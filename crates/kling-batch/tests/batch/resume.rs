@@ -612,3 +612,201 @@ async fn a_journal_named_like_a_uri_is_a_file_of_that_name() {
     assert_eq!(output.status.code(), Some(0));
     assert_eq!(server.stats().tasks_created, 2, "the rerun resumed");
 }
+
+/// A proxy on loopback in front of `mock` (whose tasks are listed by external id only
+/// `listed_after` after their create): a create is carried out, its answer lost (the
+/// connection cut mid-body), and a lookup by external id of a task made less than
+/// `listed_after` ago is answered as Kling answers an id it does not know.
+async fn lossy_lagging_proxy(mock: String, listed_after: Duration) -> String {
+    use axum::body::Body;
+    use http_body_util::BodyExt as _;
+
+    let made: std::sync::Arc<std::sync::Mutex<Vec<(String, std::time::Instant)>>> =
+        std::sync::Arc::default();
+    let client = crate::support::bare_client();
+    let app =
+        axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let (made, client, mock) = (made.clone(), client.clone(), mock.clone());
+            async move {
+                let (parts, body) = request.into_parts();
+                let body = body.collect().await.unwrap().to_bytes();
+                let mut path = parts.uri.path().to_owned();
+                let create = parts.method == http::Method::POST;
+                if create {
+                    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    let id = json["external_task_id"].as_str().unwrap().to_owned();
+                    made.lock().unwrap().push((id, std::time::Instant::now()));
+                } else if made.lock().unwrap().iter().any(|(id, at)| {
+                    path.ends_with(&format!("/{id}")) && at.elapsed() < listed_after
+                }) {
+                    // Not listed yet: asked for an id the mock does not know.
+                    path.push_str("-unlisted");
+                }
+                let mut forward = http::Request::builder()
+                    .method(parts.method.clone())
+                    .uri(format!("{mock}{path}"));
+                for (name, value) in &parts.headers {
+                    if name != http::header::HOST {
+                        forward = forward.header(name, value);
+                    }
+                }
+                let answer = client
+                    .request(forward.body(http_body_util::Full::new(body)).unwrap())
+                    .await
+                    .unwrap();
+                let (parts, body) = answer.into_parts();
+                let body = body.collect().await.unwrap().to_bytes();
+                if create {
+                    // Made and billed; the answer is cut off on its way back.
+                    let cut = futures_util::stream::iter([
+                        Ok(body.slice(..body.len() / 2)),
+                        Err(std::io::Error::other("connection reset")),
+                    ]);
+                    return http::Response::from_parts(parts, Body::from_stream(cut));
+                }
+                http::Response::from_parts(parts, Body::from(body))
+            }
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+/// A create whose answer is lost, of a task Kling lists by its external id only a moment
+/// later: the lookup right after finds nothing. That proved nothing: the job was recorded
+/// `not_submitted`, and the next run sent it again without a second lookup (a duplicate
+/// external id, which Kling may bill as a second task). It stays of unknown outcome, and a
+/// resumed run looks it up again once the lookup settle has passed since: found, followed,
+/// one task made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_create_not_yet_listed_is_looked_up_again_on_resume_never_sent_twice() {
+    use kling_batch::jobs::parse_jobs;
+    use kling_batch::run::{Engine, RunOptions, default_follow_policy};
+    use kling_batch::stack::Stack;
+    use kling_tower::{Credentials, StackConfig, Tier};
+
+    use crate::support::SPEED;
+
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let listed_after = Duration::from_millis(300);
+    let proxy = lossy_lagging_proxy(server.base_url(), listed_after).await;
+    let (jobs, _) = parse_jobs("{\"id\":\"cat\",\"prompt\":\"a cat\"}\n");
+    let journal = Journal::open_in_memory().unwrap();
+    // The default settle, 60 s of API time at the test speed: longer than the task takes to
+    // be listed.
+    let settle = kling_batch::run::LOOKUP_SETTLE.div_f64(SPEED);
+    assert!(settle > listed_after);
+    let run = |journal: Journal| {
+        let jobs = jobs.clone();
+        let proxy = proxy.clone();
+        async move {
+            // One attempt: the retry layer hands the lost create to the run at once.
+            let config = StackConfig::preset(Tier::Pro)
+                .speed(SPEED)
+                .headroom(0.3)
+                .retry_max_attempts(1);
+            let stack =
+                Stack::new(config, Credentials::api_key("test-key").unwrap(), &proxy).unwrap();
+            let options = RunOptions::new(default_follow_policy(SPEED));
+            let engine = Engine::new(stack, journal, options).unwrap();
+            let (_stop, stop) = tokio::sync::watch::channel(false);
+            tokio::time::timeout(Duration::from_secs(30), engine.run(&jobs, stop))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+
+    let first = run(journal.clone()).await;
+    assert_eq!(first.creates, 1);
+    assert_eq!(server.stats().tasks_created, 1);
+    let record = journal.record("cat").unwrap().unwrap();
+    assert_eq!(
+        record.state,
+        JobState::Creating,
+        "still unknown: {record:?}"
+    );
+
+    let second = run(journal.clone()).await;
+    assert_eq!(second.creates, 0, "nothing sent again: {second:?}");
+    let stats = server.stats();
+    assert_eq!(
+        (stats.tasks_created, stats.duplicate_external_ids),
+        (1, 0),
+        "{stats:?}"
+    );
+    let record = journal.record("cat").unwrap().unwrap();
+    assert_eq!(record.state, JobState::Succeeded, "{record:?}");
+    assert_eq!(
+        journal.transitions("cat").unwrap(),
+        ["queued", "creating", "created", "succeeded"]
+    );
+}
+
+/// A run killed with its create in flight: the create may have left any time until the kill
+/// (it waited for a slot, say), long after its `creating` mark. A resume that finds no task
+/// waits the lookup settle from its own start, not from that mark, before it sends anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_left_late_by_a_killed_run_is_looked_up_again_before_a_resend() {
+    use bytes::Bytes;
+    use http::Request;
+    use http_body_util::Full;
+    use kling_batch::jobs::parse_jobs;
+    use kling_batch::journal::Update;
+    use kling_batch::run::{Engine, RunOptions, default_follow_policy};
+    use kling_batch::stack::Stack;
+    use kling_tower::{Credentials, StackConfig, Tier};
+
+    use crate::support::SPEED;
+
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    // Listed after longer than the resumed run's listing of running tasks takes (16 legacy
+    // paths, about 0.5 s), so that its first lookup is sure to miss the task.
+    let listed_after = Duration::from_millis(1200);
+    let settle = Duration::from_secs(2);
+    let proxy = lossy_lagging_proxy(server.base_url(), listed_after).await;
+    let (jobs, _) = parse_jobs("{\"id\":\"cat\",\"prompt\":\"a cat\"}\n");
+    let journal = Journal::open_in_memory().unwrap();
+    journal.register(&jobs).unwrap();
+    journal
+        .transition("cat", JobState::Creating, Update::default())
+        .unwrap();
+    // The create leaves a settle after its mark, then the run is killed.
+    tokio::time::sleep(settle + Duration::from_millis(100)).await;
+    let body = format!(
+        "{{\"prompt\":\"a cat\",\"external_task_id\":\"{}\"}}",
+        journal.external_id_for("cat")
+    );
+    let create = Request::post(format!("{proxy}/v1/videos/text2video"))
+        .header("authorization", "Bearer test-key")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let _lost = crate::support::bare_client().request(create).await;
+    assert_eq!(server.stats().tasks_created, 1);
+
+    let config = StackConfig::preset(Tier::Pro).speed(SPEED).headroom(0.3);
+    let stack = Stack::new(config, Credentials::api_key("test-key").unwrap(), &proxy).unwrap();
+    let engine = Engine::new(
+        stack,
+        journal.clone(),
+        RunOptions::new(default_follow_policy(SPEED)).lookup_settle(settle),
+    )
+    .unwrap();
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    let report = tokio::time::timeout(Duration::from_secs(30), engine.run(&jobs, stop))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.creates, 0, "nothing sent again: {report:?}");
+    let stats = server.stats();
+    assert_eq!(
+        (stats.tasks_created, stats.duplicate_external_ids),
+        (1, 0),
+        "{stats:?}"
+    );
+    assert_eq!(
+        journal.transitions("cat").unwrap(),
+        ["queued", "creating", "created", "succeeded"]
+    );
+}
