@@ -339,6 +339,10 @@ pub fn load_config(args: &RunArgs) -> Result<StackConfig, SetupError> {
             SetupError::new(format!("{} ({})", path.display(), e.field()), e.to_string())
         })?
     } else if let Some(tier) = args.tier {
+        // A variable named with a slip of one read here is refused, as `from_env` does: read
+        // by name alone, it was ignored and the preset's value used without a word.
+        StackConfig::check_env_names(std::env::vars_os().map(|(name, _)| name))
+            .map_err(|e| SetupError::new(e.field().to_owned(), e.to_string()))?;
         StackConfig::preset(tier)
             .with_lookup(|name| std::env::var(name).ok())
             .map_err(|e| SetupError::new(e.field().to_owned(), e.to_string()))?

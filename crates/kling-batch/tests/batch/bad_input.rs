@@ -162,7 +162,9 @@ fn refused_run(jobs: &std::path::Path, args: &[&str]) -> tokio::process::Command
 /// deadline comes to more than a year is named `--speed` (the file's `speed`,
 /// `KLING_SPEED`), not `retry_deadline_secs`, which no one set; a base URL `--base-url`, not
 /// `base_url`; a webhook secret from `KLING_WEBHOOK_SECRET` that variable, not
-/// `--callback-secret`; a Redis from `KLING_REDIS_URL` that variable, not `--redis`.
+/// `--callback-secret`; a Redis from `KLING_REDIS_URL` that variable, not `--redis`; a
+/// variable whose name is a slip of one the stack reads (`KLING_ATTEMPT_TIMEOUT_MS`), that
+/// variable, with `--tier` as without.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_setting_names_the_option_file_or_variable_that_set_it() {
     let dir = temp_dir("setting-names");
@@ -186,6 +188,18 @@ async fn a_refused_setting_names_the_option_file_or_variable_that_set_it() {
             "KLING_SPEED: ".to_owned(),
         ),
         (&with_config, &[], format!("{config} (speed): ")),
+        // A variable named with a slip of one the stack reads: ignored, the preset's value
+        // would have been used without a word.
+        (
+            &["--tier", "pro"],
+            &[("KLING_ATTEMPT_TIMEOUT_MS", "500")],
+            "KLING_ATTEMPT_TIMEOUT_MS: ".to_owned(),
+        ),
+        (
+            &[],
+            &[("KLING_TIER", "pro"), ("KLING_RATE_PER_MINUTES", "20")],
+            "KLING_RATE_PER_MINUTES: ".to_owned(),
+        ),
         (
             &["--tier", "pro", "--base-url", "ftp://kling.example/"],
             &[],
