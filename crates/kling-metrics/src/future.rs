@@ -287,8 +287,9 @@ impl Call {
                 self.monitor.note_final(status, None);
                 (labels::Status::Http(status), labels::CodeLabel::Malformed)
             }
-            // Held back here, not failed by the API or the network: a label of its own.
-            None if kling_core::error::refused_before_sending(error) => {
+            // Held back here, not failed by the API or the network: a label of its own. Not
+            // when a retry layer's earlier attempts reached Kling (`sent`): the API failed it.
+            None if sent == 0 && kling_core::error::refused_before_sending(error) => {
                 (labels::Status::None, labels::CodeLabel::Refused)
             }
             None => (labels::Status::None, labels::CodeLabel::None),
@@ -392,8 +393,9 @@ fn requests_sent(error: &(dyn StdError + 'static)) -> (u32, Option<u32>) {
 /// (any case, also ending a longer word: `authorization=Bearer`) up to whatever ends a quoted
 /// or listed value (a key may hold `:` or `!`), every JWT-shaped piece (`eyJ…`, three
 /// dot-separated parts), also inside a longer word (`token=eyJ…`, `…/eyJ…`) or before a full
-/// stop, the user and password of a URL (`https://user:pass@host`) and its query and fragment
-/// (a signed URL's signature, an `?api_key=`) become `[redacted]`.
+/// stop, the user and password of a URL (`https://user:pass@host`) and its query, fragment and
+/// path parameters (a signed URL's signature, an `?api_key=`, a `#access_token=`, a
+/// `;jsessionid=`) become `[redacted]`.
 /// Only worked out when the event is logged. A bare API key quoted with none of these is not
 /// recognised: the layer never sees the credentials (the auth layer sits below it).
 struct Redacted<'a>(&'a (dyn StdError + 'static));
@@ -481,8 +483,9 @@ fn push_hiding_jwts(out: &mut String, word: &str) {
     out.push_str(rest);
 }
 
-/// `text` with the user and password (`scheme://user:pass@host`) and the query and fragment
-/// (`?X-Amz-Signature=…`, `?api_key=…`: a signed URL's credential) of every URL in it hidden.
+/// `text` with the user and password (`scheme://user:pass@host`) and the query, fragment and
+/// path parameters (`?X-Amz-Signature=…`, `?api_key=…`, `#access_token=…`, `;jsessionid=…`:
+/// a signed URL's or a session's credential) of every URL in it hidden.
 fn hide_url_secrets(text: &str) -> std::borrow::Cow<'_, str> {
     if !text.contains("://") {
         return std::borrow::Cow::Borrowed(text);
@@ -504,10 +507,15 @@ fn hide_url_secrets(text: &str) -> std::borrow::Cow<'_, str> {
             None => tail,
         };
         let url_end = tail.find(ends_url).unwrap_or(tail.len());
-        match tail[..url_end].find('?') {
-            Some(query) => {
-                out.push_str(&tail[..=query]);
-                out.push_str(HIDDEN);
+        // A query, a fragment (`#access_token=`) or path parameters (`;jsessionid=`): each
+        // may hold a credential. Only the host is before them here, and it holds none of them.
+        match tail[..url_end].find(['?', '#', ';']) {
+            Some(at) => {
+                out.push_str(&tail[..=at]);
+                // A `?` or `;` ending a sentence after the URL hides nothing.
+                if at + 1 < url_end {
+                    out.push_str(HIDDEN);
+                }
                 rest = &tail[url_end..];
             }
             None => rest = tail,
@@ -742,6 +750,48 @@ mod tests {
             "é eyJ",
         ] {
             assert_eq!(redact(kept), kept);
+        }
+    }
+
+    /// A URL's secret may follow a `#` (an OAuth `#access_token=`) or a `;` (a servlet's
+    /// `;jsessionid=`), not only a `?`; a `?` or `;` that ends a sentence after a URL hides
+    /// nothing; URLs next to each other, at the end, or with non-ASCII text around them keep
+    /// the rest of the line.
+    #[test]
+    fn redaction_hides_every_url_secret_and_cuts_nothing_else() {
+        for (quoted, shown) in [
+            (
+                "callback https://app.example/cb#access_token=s3cr3t&x=1 failed",
+                "callback https://app.example/cb#[redacted] failed",
+            ),
+            (
+                "GET https://app.example/a;jsessionid=s3cr3t/b: 500",
+                "GET https://app.example/a;[redacted] 500",
+            ),
+            (
+                "could not read https://cdn.example/a.png? is it public; retry",
+                "could not read https://cdn.example/a.png? is it public; retry",
+            ),
+            (
+                "tried https://a.example/x; then gave up",
+                "tried https://a.example/x; then gave up",
+            ),
+            (
+                "é https://a.example/x?sig=s3cr3t é https://b.example/y?k=s3cr3t",
+                "é https://a.example/x?[redacted] é https://b.example/y?[redacted]",
+            ),
+            (
+                "ends at https://a.example/é?sig=s3cr3t",
+                "ends at https://a.example/é?[redacted]",
+            ),
+            (
+                "ends at https://a.example/x?",
+                "ends at https://a.example/x?",
+            ),
+        ] {
+            let redacted = redact(quoted);
+            assert!(!redacted.contains("s3cr3t"), "{quoted} -> {redacted}");
+            assert_eq!(redacted, shown, "{quoted}");
         }
     }
 

@@ -215,6 +215,50 @@ async fn a_call_refused_before_sending_is_labelled_refused() {
     );
 }
 
+/// A retried call whose last attempt a layer refused after earlier ones reached Kling (two
+/// 5000s, then a full queue; a create that may have made a task) is `error`, not `refused`:
+/// the API failed it first, and `refused` would say no request left. Its requests still
+/// count; a retry report of one refused attempt (none sent) is `refused`, through an `Arc` too.
+#[tokio::test(start_paused = true)]
+async fn a_retried_call_that_reached_kling_is_not_labelled_refused() {
+    use std::sync::Arc;
+
+    use kling_core::error::Attempts;
+
+    let recording = Recording::start();
+    for (sent, may_have_created, shared, code, requests) in [
+        (3, true, false, "error", 2),
+        (3, false, true, "error", 2),
+        (1, false, false, "refused", 0),
+        (1, false, true, "refused", 0),
+    ] {
+        let layer = MetricsLayer::new();
+        let monitor = layer.monitor().clone();
+        let failing = tower::service_fn(move |_req: http::Request<Full<Bytes>>| async move {
+            let report = Attempts::new(sent, may_have_created, QueueFull);
+            let error: BoxError = if shared {
+                let shared: Arc<dyn std::error::Error + Send + Sync> = Arc::new(report);
+                Box::new(shared)
+            } else {
+                Box::new(report)
+            };
+            Err::<http::Response<Full<Bytes>>, BoxError>(error)
+        });
+        layer
+            .layer(failing)
+            .oneshot(request("POST", "/v1/videos/text2video", "{}", "k"))
+            .await
+            .unwrap_err();
+        let (_, response) = labels_of_the_call(&recording);
+        assert_eq!(
+            response,
+            pairs(&[("kind", "create"), ("code", code)]),
+            "{sent} sent, shared: {shared}"
+        );
+        assert_eq!(monitor.snapshot().rate.requests, requests);
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_body_that_is_no_envelope_is_labelled_malformed() {
     // Without the classify step: the layer parses the buffered body itself.

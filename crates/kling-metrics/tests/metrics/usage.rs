@@ -459,10 +459,11 @@ async fn a_failed_calls_span_records_the_attempt_that_ended_it() {
         fields("attempt"),
         [Some("4"), Some("3"), Some("2"), Some("1")]
     );
-    // The second ended in a local refusal after two requests went out: held back, not failed.
+    // The second ended in a local refusal after two requests went out: they reached Kling,
+    // so not `refused` (which says none left).
     assert_eq!(
         fields("code"),
-        [Some("error"), Some("refused"), Some("1302"), Some("error")]
+        [Some("error"), Some("error"), Some("1302"), Some("error")]
     );
 }
 
