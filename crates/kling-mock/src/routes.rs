@@ -284,6 +284,76 @@ pub(crate) fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
 mod tests {
     use super::*;
 
+    /// The mock keeps its own list of endpoints that answer at once (it is the server), and
+    /// kling-core's router its own (`Route::answers_at_once`, which keeps clients from holding
+    /// a slot for them): every path the mock answers at once is one the router flags, and every
+    /// path the mock knows (each endpoint name under each group and parent, one segment longer,
+    /// new-style, and Kling's own names below) that the router flags is one the mock answers
+    /// at once, so the two cannot drift unnoticed. kling-core exposes no list, so a name the
+    /// router learns is probed only once it is among these.
+    #[test]
+    fn endpoints_answered_at_once_are_the_ones_the_router_flags() {
+        let router =
+            |method: &Method, path: &str| kling_core::Route::of(method, path).answers_at_once;
+        assert!(!ANSWERED_AT_ONCE.is_empty());
+        for kind in ANSWERED_AT_ONCE {
+            let path = format!("/v1/videos/{kind}");
+            assert!(
+                matches!(
+                    parse(&Method::POST, &path),
+                    Some(Route::AnsweredAtOnce { .. })
+                ),
+                "{path}"
+            );
+            assert!(
+                router(&Method::POST, &path),
+                "the router does not flag {path}"
+            );
+        }
+        let names: Vec<&str> = LEGACY_VIDEO_KINDS
+            .iter()
+            .chain(LEGACY_IMAGE_KINDS)
+            .chain(ANSWERED_AT_ONCE)
+            .chain(NEW_VIDEO_PRODUCTS)
+            .chain(NEW_IMAGE_PRODUCTS)
+            .chain(LEGACY_GROUPED.iter().map(|(_, _, kind)| kind))
+            .chain([&TRY_ON, &"tasks"])
+            // Kling's endpoints that answer at once, as its API pages name them: probed even
+            // when the mock's list above leaves one out.
+            .chain(&["identify-face", "image-recognize"])
+            .copied()
+            .collect();
+        let mut paths = Vec::new();
+        for name in &names {
+            for group in ["videos", "images"] {
+                paths.push(format!("/v1/{group}/{name}"));
+                paths.push(format!("/v1/{group}/{name}/x"));
+                for (_, parent, _) in LEGACY_GROUPED {
+                    paths.push(format!("/v1/{group}/{parent}/{name}"));
+                }
+            }
+            paths.push(format!("/{name}/kling-3.0"));
+            for product in NEW_VIDEO_PRODUCTS.iter().chain(NEW_IMAGE_PRODUCTS) {
+                paths.push(format!("/{product}/{name}"));
+            }
+        }
+        paths.sort();
+        paths.dedup();
+        let mut flagged = 0;
+        for path in &paths {
+            let answered = matches!(
+                parse(&Method::POST, path),
+                Some(Route::AnsweredAtOnce { .. })
+            );
+            flagged += usize::from(answered);
+            // The router flags the path whatever the method; the mock answers it to a POST.
+            for method in [Method::POST, Method::GET] {
+                assert_eq!(router(&method, path), answered, "{method} {path}");
+            }
+        }
+        assert_eq!(flagged, ANSWERED_AT_ONCE.len());
+    }
+
     #[test]
     fn legacy_and_new_paths_are_recognised() {
         assert!(matches!(

@@ -819,3 +819,47 @@ async fn a_zero_credit_period_or_costs_rate_is_refused_naming_the_field() {
     let err = kling_mock::MockKling::new(quiet().costs_per_second(0.0)).unwrap_err();
     assert_eq!(err.field(), "costs_per_second");
 }
+
+/// Past `MAX_STATS_POOLS`, a pool is keyed alike in `in_use`, `max_concurrent` and
+/// `task_seconds`, whatever the order of creates and resets: every pool in use is one
+/// `max_concurrent` names, and a reset (its high-water marks restarted from the slots held)
+/// keeps the maps within the bound.
+#[tokio::test(start_paused = true)]
+async fn pools_past_the_stats_bound_are_keyed_alike_across_resets() {
+    let c = Caller::new(quiet());
+    let create = |i: usize| {
+        let c = &c;
+        async move {
+            c.post(
+                &format!("/text-to-video/random-{i}"),
+                json!({"prompt": "x"}),
+            )
+            .await
+            .data();
+        }
+    };
+    let check = |stage: &str| {
+        let stats = c.mock.stats();
+        for pool in stats.in_use.keys().chain(stats.task_seconds.keys()) {
+            assert!(stats.max_concurrent.contains_key(pool), "{stage}: {pool}");
+        }
+        assert!(stats.max_concurrent.len() <= MAX_STATS_POOLS + 1, "{stage}");
+        stats
+    };
+    for i in 0..MAX_STATS_POOLS + 10 {
+        create(i).await;
+    }
+    check("filled");
+    c.mock.reset_stats();
+    let stats = check("reset");
+    assert_eq!(
+        stats.in_use.values().sum::<u32>() as usize,
+        MAX_STATS_POOLS + 10
+    );
+    for i in MAX_STATS_POOLS + 10..MAX_STATS_POOLS + 20 {
+        create(i).await;
+    }
+    let stats = check("after the reset");
+    assert_eq!(stats.in_use["video:*"], 20);
+    assert_eq!(stats.task_seconds["video:*"], 100.0 * 10.0);
+}
