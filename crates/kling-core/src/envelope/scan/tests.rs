@@ -710,9 +710,13 @@ fn mutate(text: String, mutation: &Mutation) -> Vec<u8> {
 
 proptest! {
     #[test]
-    fn deduction_reads_as_the_parse(text in "[0-9]{0,18}|[ 0-9.eE+-]{0,12}|\\PC{0,8}") {
-        // A negative deduction is no cost.
-        let parsed: Option<f64> = text.trim().parse().ok().filter(|v: &f64| v.is_nan() || *v >= 0.0);
+    fn deduction_reads_as_the_parse(
+        text in "[0-9]{0,18}|[ 0-9.eE+-]{0,12}|\\PC{0,8}|[ +-]{0,2}(inf|NaN|1e999)",
+    ) {
+        // As the reference reads it: a non-finite or negative deduction is no cost (keeping
+        // `inf` and `NaN` here failed on `1E310` now and then, the reads being right).
+        let parsed: Option<f64> =
+            text.trim().parse().ok().filter(|v: &f64| v.is_finite() && *v >= 0.0);
         prop_assert_eq!(format!("{:?}", deduction(&text)), format!("{parsed:?}"));
     }
 }
