@@ -2,11 +2,12 @@
 //!
 //! Each task is queried at an interval that grows with its age (young tasks are looked at
 //! often, old ones seldom), gives up at a per-task deadline, and backs off when queries fail.
-//! A task whose next query (or retry) would fall after its deadline is asked about once more a
-//! shortest interval before the deadline, time for the answer (a task that ended after its
-//! last query was reported as not ended), unless an answer came within a shortest interval
-//! before that: queries stay that far apart. That last query is due like any other, so the
-//! last queries of many tasks share batch queries too.
+//! A task whose next query would fall after its deadline is asked about once more a shortest
+//! interval before the deadline, time for the answer (a task that ended after its last query
+//! was reported as not ended), unless an answer came within a shortest interval before that:
+//! queries stay that far apart. A retry after a failed query is not brought forward so: the
+//! backoff spares a failing server. That last query is due like any other, so the last queries
+//! of many tasks due together share batch queries too.
 //! Many new-style tasks are asked about in one `GET /tasks?task_ids=a,b,c`, across calls: the
 //! [`follow`](Follower::follow) and [`follow_many`](Follower::follow_many) calls of a follower
 //! and its clones share batch queries. A call whose task is due asks about its own due tasks,
@@ -1461,7 +1462,9 @@ where
             }
             Answer::BackOff => {
                 t.errors += 1;
-                self.schedule(t, now, self.policy.backoff(t.errors));
+                // Never brought forward to the last call: the backoff spares a failing server,
+                // and the last calls of many tasks, each its own, hammered it near deadlines.
+                t.next_at = later(now, self.policy.backoff(t.errors));
             }
             Answer::Reports(outcome) => {
                 t.errors = 0;
