@@ -51,7 +51,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -260,14 +260,37 @@ impl BaseUrlLayer {
         }
         // `http` takes `https://:443` (no host) and `https://h:99999` (a port it reads as none,
         // so the origin kept the scheme's default): each built, and then failed every request.
-        if authority.host().is_empty() {
+        let host = authority.host();
+        if host.is_empty() {
             return Err(ConfigError::new("base_url", "needs a host"));
         }
+        // `http` takes any text between brackets (`[]`) and after them (`[::1]x:80`).
+        if let Some(literal) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            let address = literal
+                .split_once("%25")
+                .map_or(literal, |(address, _zone)| address);
+            if address.parse::<Ipv6Addr>().is_err() {
+                return Err(ConfigError::new(
+                    "base_url",
+                    format!("has host `{host}`: not an IPv6 address"),
+                ));
+            }
+        }
         // With no user info (refused above) the authority is the host, then `:port` if written.
-        let written_port = authority.as_str().strip_prefix(authority.host());
-        if let Some(port) = written_port.and_then(|rest| rest.strip_prefix(':'))
+        let port = match authority.as_str().strip_prefix(host) {
+            Some("") => None,
+            Some(rest) if rest.starts_with(':') => Some(&rest[1..]),
+            _ => {
+                return Err(ConfigError::new(
+                    "base_url",
+                    format!("has `{authority}` for a host and port"),
+                ));
+            }
+        };
+        // Digits only: `u16::from_str` also takes a sign (`+443`, which reqwest refuses).
+        if let Some(port) = port
             && !port.is_empty()
-            && !matches!(port.parse::<u16>(), Ok(1..))
+            && !(port.bytes().all(|b| b.is_ascii_digit()) && matches!(port.parse::<u16>(), Ok(1..)))
         {
             return Err(ConfigError::new(
                 "base_url",

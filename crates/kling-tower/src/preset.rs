@@ -860,11 +860,13 @@ impl StackConfig {
     /// Refuses a variable name that is a slip of one [`from_lookup`](Self::from_lookup) reads,
     /// naming it and the one it resembles: the name in another case (`kling_tier`), with
     /// another unit or none (`KLING_ATTEMPT_TIMEOUT_MS`, `KLING_TASK_LEASE` for
-    /// `KLING_TASK_LEASE_SECS`), or a typing slip away (a letter wrong, missing or added, or
-    /// two swapped: `KLING_TEIR`; up to two slips in the names of 10 letters or more after
-    /// `KLING_`: `KLING_RATE_PER_MINUT`). Read by name alone, such a variable was left unread
-    /// without a word, and the preset's number used (TOML refuses an unknown key). Other names
-    /// pass, `KLING_*` ones of other programs too.
+    /// `KLING_TASK_LEASE_SECS`), or a typing slip away (two letters swapped, `KLING_TEIR`, or an
+    /// `S` added or left out, `KLING_SLOT`; after `KLING_` a name of 10 letters or more also
+    /// a letter wrong, missing or added, `KLING_RATE_PER_MINUT`). Read by name alone, such a
+    /// variable was left unread without a word, and the preset's number used (TOML refuses an
+    /// unknown key). Other names pass, `KLING_*` ones of other programs too: a short name a
+    /// letter from one read is often a word of its own (`KLING_SEED`, `KLING_TIMER`), and a
+    /// name with a digit one of its own (`KLING_SLOTS2`).
     ///
     /// [`from_env`](Self::from_env) checks the environment's names; a caller reading the
     /// variables through [`with_lookup`](Self::with_lookup) passes them
@@ -1165,27 +1167,33 @@ const UNIT_SUFFIXES: [&str; 11] = [
 /// a slip of one ([`StackConfig::check_env_names`]); `None` for a name read as it is, or one
 /// too far from any.
 fn misread_env_name(name: &str) -> Option<String> {
+    // A `KLING_` name in any case, no longer than a read one with another unit written out
+    // (`KLING_JITTER_ALLOWANCE_MILLISECONDS`, 35): a longer name costs no more than its prefix.
+    if !name.get(..6)?.eq_ignore_ascii_case("KLING_") || name.len() > 48 {
+        return None;
+    }
     let upper = name.to_ascii_uppercase();
     // Windows reads variable names in any case: `Kling_Tier` is `KLING_TIER` there.
     let known = |name: &str| ENV_VARS.contains(&name) || CREDENTIAL_VARS.contains(&name);
     if known(name) || (cfg!(windows) && known(&upper)) {
         return None;
     }
-    let rest = upper.strip_prefix("KLING_")?;
-    let stem = |text: &str| -> String {
+    let rest = &upper["KLING_".len()..];
+    // No name read has a digit: `KLING_SLOTS2` is a name of its own, not a slip.
+    let numbered = rest.bytes().any(|b| b.is_ascii_digit());
+    let stem = |text: &str| -> usize {
         UNIT_SUFFIXES
             .iter()
             .find_map(|unit| text.strip_suffix(unit))
-            .unwrap_or(text)
-            .to_owned()
+            .map_or(text.len(), str::len)
     };
     let meant = ENV_VARS.into_iter().find(|var| {
         let read = &var["KLING_".len()..];
-        let slips = if read.len() < 10 { 1 } else { 2 };
-        // Another case; another unit (or none) of a duration's; typing slips.
+        let (read_stem, rest_stem) = (&read[..stem(read)], &rest[..stem(rest)]);
+        // Another case; another unit (or none) of a duration's; a typing slip.
         *var == upper
-            || (stem(read) != read && stem(rest) == stem(read))
-            || slips_between(rest, read) <= slips
+            || (read_stem != read && rest_stem == read_stem)
+            || (!numbered && typed_slip(rest, read))
     })?;
     let unit = if meant.ends_with("_SECS") {
         " (seconds)"
@@ -1197,34 +1205,23 @@ fn misread_env_name(name: &str) -> Option<String> {
     Some(format!("{meant}{unit}"))
 }
 
-/// The typing slips between two names: letters replaced, left out, added, or two side by side
-/// swapped (optimal string alignment distance), counted up to 3.
-fn slips_between(a: &str, b: &str) -> usize {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len().abs_diff(b.len()) > 2 {
-        return 3;
+/// Whether `name` is a typing slip of `read`. In a name of under 10 letters one letter more,
+/// less or changed is often another word (`SEED`, `SPEND` for `SPEED`; `TIMER` for `TIER`), so
+/// only an `S` added or left out at the end (`SLOT`) or two letters side by side swapped
+/// (`TEIR`) count; in a longer one, also a letter wrong, missing or added (`RATE_PER_MINUT`).
+/// One slip at most, found in one pass (no distance table).
+fn typed_slip(name: &str, read: &str) -> bool {
+    let (a, b) = (name.as_bytes(), read.as_bytes());
+    // Past the letters both start with, the slip is at the first letter left.
+    let same = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let (a, b) = (&a[same..], &b[same..]);
+    let swapped = a.len() >= 2 && b.len() >= 2 && a[0] == b[1] && a[1] == b[0] && a[2..] == b[2..];
+    let added = a.get(1..) == Some(b);
+    let missing = b.get(1..) == Some(a);
+    if read.len() < 10 {
+        return swapped || (added && a == b"S") || (missing && b == b"S");
     }
-    // Three rows of the distance table: two back, one back, this one.
-    let mut rows = [
-        vec![0; b.len() + 1],
-        (0..=b.len()).collect::<Vec<_>>(),
-        vec![0; b.len() + 1],
-    ];
-    for i in 1..=a.len() {
-        rows[2][0] = i;
-        for j in 1..=b.len() {
-            let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut best = (rows[1][j] + 1)
-                .min(rows[2][j - 1] + 1)
-                .min(rows[1][j - 1] + cost);
-            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                best = best.min(rows[0][j - 2] + 1);
-            }
-            rows[2][j] = best;
-        }
-        rows.rotate_left(1);
-    }
-    rows[1][b.len()].min(3)
+    swapped || added || missing || a.get(1..) == b.get(1..)
 }
 
 /// A variable's value, trimmed; `None` when it is not set or blank (`KLING_TIER=` in a `.env`

@@ -156,6 +156,13 @@ fn a_base_url_without_a_host_or_with_a_port_out_of_range_is_refused() {
         ("https://proxy.internal:0/kling", "port `0`"),
         ("http://127.0.0.1:65536", "port `65536`"),
         ("https://[::1]:99999", "port `99999`"),
+        // `http` and `u16::from_str` take a sign (`+443` is port 443 to hyper, an invalid port
+        // to reqwest's `url`) and any text after an IPv6 literal's `]`.
+        ("https://proxy.internal:+443", "port `+443`"),
+        ("https://[::1]x:8443", "`[::1]x:8443`"),
+        ("http://[::1]x:9", "`[::1]x:9`"),
+        ("https://[]:443", "`[]`"),
+        ("https://[example.com]:443", "`[example.com]`"),
     ] {
         let refused = BaseUrlLayer::new(base).unwrap_err();
         assert_eq!(refused.field(), "base_url", "{base}");
@@ -169,6 +176,10 @@ fn a_base_url_without_a_host_or_with_a_port_out_of_range_is_refused() {
         "https://proxy.internal:/kling",
         "http://[::1]:9",
         "https://api-singapore.klingai.com",
+        "https://api-singapore.klingai.com.:443",
+        "https://[::ffff:127.0.0.1]:8443",
+        "https://[2001:db8::1]/kling",
+        "https://proxy.internal:0443",
     ] {
         assert!(BaseUrlLayer::new(base).is_ok(), "{base}");
     }

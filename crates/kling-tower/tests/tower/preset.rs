@@ -1226,6 +1226,50 @@ fn a_variable_named_with_a_slip_is_refused_naming_the_one_meant() {
     assert_eq!(asked, read);
 }
 
+/// A name a program plausibly sets for itself passes, though a letter from one read: one
+/// letter more, less or changed in a short name is often another word (`KLING_SEED` is not
+/// `KLING_SPEED`, nor `KLING_TIMER` `KLING_TIER`), and a number marks a name of its own
+/// (`KLING_SLOTS2`). Each was refused, and with it the program's whole configuration.
+#[test]
+fn a_name_of_its_own_a_letter_from_one_read_passes() {
+    for name in [
+        "KLING_SEED",
+        "KLING_SPEND",
+        "KLING_TIMER",
+        "KLING_TIGER",
+        "KLING_SPOTS",
+        "KLING_SLOTS2",
+        "KLING_POOL_SLOTS2",
+        "KLING_ADAPTIVE_RATIO",
+        "kling_seed",
+        // The control: never refused.
+        "KLING_DAILY_CREDITS_EU",
+        "KLING_MODE",
+        "KLING_HOST",
+        "KLING_PORT",
+        "KLING_DEBUG",
+    ] {
+        let checked = StackConfig::check_env_names([name]);
+        assert!(checked.is_ok(), "{name}: {checked:?}");
+    }
+    // The control: slips are still refused, of a short name as of a long one.
+    for (name, meant) in [
+        ("KLING_SLOT", "KLING_SLOTS"),
+        ("KLING_TIERS", "KLING_TIER"),
+        ("KLING_SPEEDS", "KLING_SPEED"),
+        ("KLING_HEADROMO", "KLING_HEADROOM"),
+        ("KLING_POOL_SLOT", "KLING_POOL_SLOTS"),
+        ("KLING_DAILY_CREDITZ", "KLING_DAILY_CREDITS"),
+    ] {
+        let err = StackConfig::check_env_names([name]).unwrap_err();
+        assert_eq!(err.field(), name);
+        assert!(
+            err.reason().contains(&format!("did you mean {meant}?")),
+            "{err}"
+        );
+    }
+}
+
 /// `StackConfig::from_env` in a process whose environment holds the one variable
 /// `PRESET_CHILD_VAR` names, set to `PRESET_CHILD_VALUE`: what it read, or its error.
 fn from_env_in_a_child(var: &str, value: &str) -> String {
