@@ -4,17 +4,17 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, StatusCode};
 use http_body_util::Full;
 use kling_concurrency::{SlotsConfig, TaskSlotsLayer};
-use kling_core::{BoxError, ClassifyLayer, Outcome};
+use kling_core::{BoxError, ClassifyLayer, Outcome, retry_after_delay};
 use kling_mock::{MockConfig, MockKling, Preset, RetryAfterMode, Switches};
 use kling_ratelimit::{Adaptive, GcraLayer, Quota};
 use kling_retry::{Recovered, RetryLayer};
@@ -279,6 +279,20 @@ pub struct Run {
     /// its way, so no grace: `kling_mock::Stats::creates_after_1102`, which allows 100 ms of
     /// API time for the network, would not see a stack that halts its creates late by less.
     pub after_1102: u64,
+    /// Answers that carried a `Retry-After` (kling-mock gives one on a 1302 and a 1303 in the
+    /// Retry-After scenarios only).
+    pub retry_afters: u64,
+    /// Requests sent before a `Retry-After` they fall under had passed, counted where the jobs
+    /// reach the mock (in process nothing is on its way): after a 1302's, any request before
+    /// the furthest instant one named (the server's rate counts every request of the account);
+    /// after a 1303's, creates only (its slots refuse no query). Read as a client reads it:
+    /// from the answer's arrival, an HTTP-date against the answer's `Date`.
+    pub early: u64,
+    /// The longest wait a `Retry-After` asked for, read as [`Run::early`] reads it, seconds (0
+    /// without one). A client that keeps to a pace whose interval is at least this long sends
+    /// no early request whether it reads the header or not: such a cell cannot tell the two
+    /// apart.
+    pub longest_retry_after: f64,
     /// Tasks the server created beyond one per job that ended on a task of its own (billed
     /// twice or never used): the mock's count of tasks created less the distinct tasks the
     /// completed jobs ended on.
@@ -552,7 +566,8 @@ fn kling_config(preset: Preset, scenario: Scenario) -> StackConfig {
 }
 
 /// The mock as the jobs reach it, counting the creates sent to it once a create's 1102 has
-/// come back ([`Run::after_1102`]). Its own answers and counts are the mock's.
+/// come back ([`Run::after_1102`]) and the requests sent before a `Retry-After` it gave had
+/// passed ([`Run::early`]). Its own answers and counts are the mock's.
 #[derive(Clone)]
 struct Watched {
     mock: MockKling,
@@ -565,6 +580,57 @@ struct Watch {
     refused: AtomicBool,
     /// Creates called after that.
     creates_after: AtomicU64,
+    /// The waits the mock's `Retry-After`s asked for.
+    pause: Mutex<Pause>,
+}
+
+/// The waits the account was told (the run has one account) and the requests sent within them.
+/// kling-mock gives a `Retry-After` on a 1302 and a 1303 only, and each covers what the server's
+/// own rule refuses until then: its rate counts every request of the account (a query sent
+/// during a create's 1302 pause is refused too), its slots only creates (of the pool, and the
+/// bench's creates all go to one).
+#[derive(Default)]
+struct Pause {
+    /// No request before this: the furthest a 1302's `Retry-After` named.
+    requests: Option<Instant>,
+    /// No create before this: the furthest a 1303's `Retry-After` named.
+    creates: Option<Instant>,
+    /// Answers that carried a `Retry-After`.
+    given: u64,
+    /// The longest wait one asked for.
+    longest: Duration,
+    /// Requests sent before a wait they fall under had passed.
+    early: u64,
+}
+
+impl Pause {
+    fn sent(&mut self, create: bool, now: Instant) {
+        let within = |until: Option<Instant>| until.is_some_and(|until| now < until);
+        if within(self.requests) || (create && within(self.creates)) {
+            self.early += 1;
+        }
+    }
+
+    /// Notes an answer's `Retry-After`, read as a client reads it: counted from the answer's
+    /// arrival, an HTTP-date against the answer's own `Date`.
+    fn answered(&mut self, response: &Res, now: Instant) {
+        let Some(wait) = retry_after_delay(response.headers(), SystemTime::now()) else {
+            return;
+        };
+        self.given += 1;
+        self.longest = self.longest.max(wait);
+        let until = now + wait;
+        let code = serde_json::from_slice::<serde_json::Value>(&response.body().clone_bytes())
+            .ok()
+            .and_then(|body| body["code"].as_u64());
+        // Any other code with a wait (the mock gives none) is taken as the account's.
+        let slot = if code == Some(1303) {
+            &mut self.creates
+        } else {
+            &mut self.requests
+        };
+        *slot = Some(slot.map_or(until, |t| t.max(until)));
+    }
 }
 
 impl Watched {
@@ -577,6 +643,21 @@ impl Watched {
 
     fn creates_after_1102(&self) -> u64 {
         self.watch.creates_after.load(Ordering::Relaxed)
+    }
+
+    /// (answers with a `Retry-After`, requests sent before theirs had passed, the longest wait
+    /// one asked for).
+    fn early(&self) -> (u64, u64, Duration) {
+        let pause = self.pause();
+        (pause.given, pause.early, pause.longest)
+    }
+
+    fn pause(&self) -> std::sync::MutexGuard<'_, Pause> {
+        // Nothing panics while holding it; a poisoned count is still the count.
+        self.watch
+            .pause
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -596,10 +677,15 @@ impl Service<Req> for Watched {
         if create && self.watch.refused.load(Ordering::Relaxed) {
             self.watch.creates_after.fetch_add(1, Ordering::Relaxed);
         }
+        self.pause().sent(create, Instant::now());
         let answer = self.mock.call(request);
-        let watch = self.watch.clone();
+        let watched = self.clone();
         Box::pin(async move {
             let answer = answer.await;
+            if let Ok(response) = &answer {
+                watched.pause().answered(response, Instant::now());
+            }
+            let watch = &watched.watch;
             if create
                 && let Ok(response) = &answer
                 && response.status() == StatusCode::TOO_MANY_REQUESTS
@@ -763,6 +849,9 @@ pub fn run_one(preset: Preset, scenario: Scenario, client: Client, options: Opti
             makespan,
             requests: stats.requests_total,
             after_1102: watched.creates_after_1102(),
+            retry_afters: watched.early().0,
+            early: watched.early().1,
+            longest_retry_after: watched.early().2.as_secs_f64(),
             dropped: stats.connections_dropped,
             ..Run::default()
         };

@@ -152,15 +152,23 @@ pub fn goodput(runs: &[goodput::Run]) -> String {
          \"bare (control)\" send the same jobs with no limiter and no retry to the same mock, \
          in each cell with the limits known (where the target \
          is 429s on under 1% of the requests): the server there refuses a client that does not \
-         keep to the limits, so a client's 0% is its own doing.\n"
+         keep to the limits, so a client's 0% is its own doing. \
+         \"early requests\" counts the requests sent before a `Retry-After` they fall under had \
+         passed, counted where the jobs reach the mock and read as a client reads it (from \
+         the answer's arrival, an HTTP-date against the answer's `Date`): after a 1302's, any \
+         request (the server's rate counts every request of the account, so a query sent \
+         during a create's pause is refused too); after a 1303's, creates only. In brackets, \
+         the answers that carried one and the longest wait one asked for (\"–\": none did); a \
+         client that keeps to a pace slower than that wait sends no early request whether it \
+         reads the header or not.\n"
     );
     let _ = writeln!(
         out,
-        "| preset | scenario | client | limits known | jobs | completed | refused (fatal) | lost (gave up) | makespan s | bound s | efficiency | completed/h | rate use | requests | 429s by code | 429 share | creates after a 1102 | duplicate creates |"
+        "| preset | scenario | client | limits known | jobs | completed | refused (fatal) | lost (gave up) | makespan s | bound s | efficiency | completed/h | rate use | requests | 429s by code | 429 share | creates after a 1102 | duplicate creates | early requests (Retry-Afters; longest wait) |"
     );
     let _ = writeln!(
         out,
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"
     );
     for r in runs {
         let codes = if r.rejections.is_empty() {
@@ -174,7 +182,7 @@ pub fn goodput(runs: &[goodput::Run]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.1}%{} | {:.0} | {} | {} | {} | {:.2}% | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.1}%{} | {:.0} | {} | {} | {} | {:.2}% | {} | {} | {} |",
             r.preset,
             r.scenario,
             r.client,
@@ -194,7 +202,15 @@ pub fn goodput(runs: &[goodput::Run]) -> String {
             codes,
             r.rejected() as f64 * 100.0 / r.requests.max(1) as f64,
             r.after_1102,
-            r.duplicates
+            r.duplicates,
+            if r.retry_afters == 0 {
+                "–".to_owned()
+            } else {
+                format!(
+                    "{} ({}; ≤ {:.1} s)",
+                    r.early, r.retry_afters, r.longest_retry_after
+                )
+            }
         );
     }
     out
