@@ -62,7 +62,8 @@ pub const MAX_PENDING_REPORTS: usize = 4096;
 ///   `max_queue(0)` a create is refused only after that.
 /// - **Waiting**: FIFO within the process (only the head of a pool asks Redis); the head
 ///   sleeps until a release is announced on the `PREFIX:freed` channel (pub/sub), the next
-///   lease deadline or recovery step, or at the latest [`poll_every`](Self::poll_every).
+///   lease deadline or recovery step, or at the latest [`poll_every`](Self::poll_every). A
+///   renewal that brings the next deadline forward is announced there too.
 /// - **Fleet order**: across processes, freed slots go to creates in the order they arrived
 ///   (fleet time). Each waiting head holds a place in the pool's queue in Redis, renewed by
 ///   every ask; a create that gives up leaves it at once, and a place whose process stopped
@@ -440,8 +441,29 @@ enum Pending {
     /// `APPLY` arguments (the time at index 1 is stamped when they are sent), and when the
     /// change was made ([`Inner::made`]).
     Args(Vec<String>, u64),
-    /// Register a holding granted while Redis was away.
-    Register(String),
+    /// Register a holding granted while Redis was away, and when it was granted.
+    Register(String, u64),
+}
+
+impl Pending {
+    /// When the change was made ([`Inner::made`]).
+    fn made(&self) -> u64 {
+        match self {
+            Pending::Args(_, made) | Pending::Register(_, made) => *made,
+        }
+    }
+}
+
+/// Inserts `entry` behind the changes made before it, ahead of those made after it: changes
+/// that fail together are queued in whatever order their tasks see the failures. Every entry
+/// is numbered, so none keeps a change made earlier behind one made later.
+fn insert_in_order(pending: &mut VecDeque<Pending>, entry: Pending) {
+    let made = entry.made();
+    let at = pending
+        .iter()
+        .rposition(|old| old.made() < made)
+        .map_or(0, |at| at + 1);
+    pending.insert(at, entry);
 }
 
 struct Inner {
@@ -1943,7 +1965,7 @@ impl Inner {
             // replayed, it would register nothing (the holding is off the record) or register
             // what the hold, right behind it, creates anyway.
             let holding = &args[5];
-            pending.retain(|entry| !matches!(entry, Pending::Register(h) if h == holding));
+            pending.retain(|entry| !matches!(entry, Pending::Register(h, _) if h == holding));
         }
         if args[3] == "upd" {
             let account = &args[5];
@@ -2002,11 +2024,7 @@ impl Inner {
         // changes on one connection fail together, and their tasks queue them in any order (a
         // task's end queued before its hold would find no task, and the hold replayed after it
         // would keep the slot held until its lease ran out).
-        let at = pending
-            .iter()
-            .rposition(|entry| !matches!(entry, Pending::Args(_, later) if *later > made))
-            .map_or(0, |at| at + 1);
-        pending.insert(at, Pending::Args(args, made));
+        insert_in_order(&mut pending, Pending::Args(args, made));
     }
 
     /// Marks the store alive once per backend. A store with no generation starts one with a
@@ -2084,7 +2102,7 @@ impl Inner {
                         self.halt_stored(&args);
                     })
                 }
-                Pending::Register(h) => {
+                Pending::Register(h, _) => {
                     let held = lock(&self.registry).get(h).cloned();
                     match held.map(|held| (held.lease_left(Instant::now()), held)) {
                         Some((None, _)) => {
@@ -2438,7 +2456,10 @@ impl Inner {
             },
         );
         drop(registry);
-        lock(&self.pending).push_back(Pending::Register(holding.to_owned()));
+        // Numbered under the queue's lock: every change queued already was made before it.
+        let mut pending = lock(&self.pending);
+        let made = self.made.fetch_add(1, Ordering::Relaxed);
+        pending.push_back(Pending::Register(holding.to_owned(), made));
         true
     }
 }
@@ -3404,6 +3425,20 @@ impl SlotBackend for RedisSlots {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A change queued after a grant's registration, though made before it (its failure seen
+    /// late), goes ahead of the changes made after it: the registration kept it behind them (a
+    /// hold behind its task's end, which found no task, held its slot to its lease).
+    #[test]
+    fn a_change_made_earlier_is_queued_ahead_of_a_later_grants_registration() {
+        let args = |op: &str, made| Pending::Args(vec![op.to_owned()], made);
+        let mut pending = VecDeque::from([args("upd", 6), Pending::Register("g".to_owned(), 7)]);
+        insert_in_order(&mut pending, args("hold", 5));
+        insert_in_order(&mut pending, args("give", 8));
+        let order: Vec<u64> = pending.iter().map(Pending::made).collect();
+        assert_eq!(order, [5, 6, 7, 8]);
+        assert!(matches!(&pending[0], Pending::Args(a, _) if a[0] == "hold"));
+    }
 
     /// A process stamps its changes in order across a new measurement that moved fleet time
     /// back a little; moved back further (the server's clock itself), it stamps fleet time,

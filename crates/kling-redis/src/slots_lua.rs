@@ -823,7 +823,15 @@ elseif op == 'upd' then
         -- A task's end, like a give-back, may leave a pool past the first 64 unused.
         tidy(pk)
       else
-        redis.call('ZADD', pk .. ':l', int(now + lease), h)
+        local l = pk .. ':l'
+        local first = redis.call('ZRANGE', l, 0, 0, 'WITHSCORES')
+        local ends = int(now + lease)
+        redis.call('ZADD', l, ends, h)
+        -- Renewed shorter, to before the pool's next deadline: waiting creates sleep until
+        -- that deadline (or a poll), so they ask again now, and learn the earlier one.
+        if first[2] and tonumber(ends) < tonumber(first[2]) then
+          redis.call('PUBLISH', P .. ':freed', pk)
+        end
         if not rec.id and id ~= '' then
           rec.id = id
           redis.call('HSET', pk .. ':h', h, cjson.encode(rec))

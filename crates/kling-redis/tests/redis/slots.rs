@@ -4786,3 +4786,44 @@ async fn pools_whose_hidden_slots_came_back_leave_nothing_behind() {
         .unwrap();
     assert!(pools <= 65, "{pools} pools in redis");
 }
+
+/// A task reported running with a lease shorter than its hold's (a report through another
+/// layer over the same Redis prefix) ends when renewed to: a create waiting in another
+/// process, which computed its next wake from the longer lease, is served then, not at the
+/// longer lease's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_renewed_shorter_lets_a_waiter_in_when_it_ends() {
+    let Some(server) = redis() else { return };
+    // Neither the polling fallback nor maintenance serves the waiter in this test's time.
+    let slow = |slots: RedisSlots| {
+        slots
+            .poll_every(Duration::from_secs(30))
+            .maintain_every(Duration::from_secs(30))
+    };
+    let one = slow(backend(&server, 1).await);
+    let two = slow(backend(&server, 1).await);
+    let reporter = slow(backend(&server, 1).await);
+    let held = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(held, "t1", Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let waiter = tokio::spawn(async move { two.acquire(video(), 1).await });
+    // The waiter has asked, and sleeps until the 20 s lease ends.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut renewed = ended("t1", Some(TaskStatus::Processing));
+    if let SlotOp::Update { lease, .. } = &mut renewed {
+        *lease = Duration::from_millis(500);
+    }
+    let applied = reporter.apply(renewed).await.unwrap();
+    assert!(applied.released.is_empty());
+    let granted = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("served when the shortened lease ends, not the held one")
+        .unwrap()
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(700), "{waited:?}");
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    assert_eq!(granted.weight, 1);
+}
