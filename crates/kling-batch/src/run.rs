@@ -19,9 +19,9 @@
 //!   external id first (`GET {endpoint}/{id}` or `GET /tasks?external_task_ids=`); jobs
 //!   already created are followed (in one batch), after the slots they hold were adopted
 //!   ([`SlotsHandle::reconcile`](kling_concurrency::SlotsHandle::reconcile)). Nothing is created
-//!   twice: a lookup's "no such task" settles a job as never made only
+//!   twice: a lookup's "no such task" settles a job as never made only when asked
 //!   [`RunOptions::lookup_settle`] after its create could last have left (a task may be listed
-//!   a moment after it was made); sooner, it is looked up once more then. A create whose
+//!   a moment after it was made); asked sooner, it is looked up once more then. A create whose
 //!   answer was lost and whose lookup right after finds nothing stays `creating`, its error
 //!   saying so, for a later run. A job of the journal left open that the jobs file no longer
 //!   holds is named in a warning. A listing or lookup refused for the account or its
@@ -659,16 +659,18 @@ impl Engine {
                 // Refused for the account, or stopped: the rest stay unknown until a later run.
                 break;
             }
+            let asked = std::time::SystemTime::now();
             let found = tokio::select! {
                 biased;
                 () = &mut stopped => break,
                 found = self.lookup(job, &external_id) => found,
             };
-            // Not found: that settles it only `lookup_settle` after the create's last attempt
-            // could have left (a task may take a moment to be listed). Sooner, looked up once
-            // more then; the waits end at most `lookup_settle` after this run's start.
+            // Not found: that settles it only when asked `lookup_settle` after the create's
+            // last attempt could have left (a task may take a moment to be listed). Asked
+            // sooner, looked up once more then; the waits end at most `lookup_settle` after
+            // this run's start.
             let found = match found {
-                Ok(None) => match self.settle_wait(&job.id, started)? {
+                Ok(None) => match self.settle_wait(&job.id, started, asked)? {
                     Some(wait) => tokio::select! {
                         biased;
                         () = &mut stopped => break,
@@ -935,17 +937,21 @@ impl Engine {
         Ok(true)
     }
 
-    /// How long a lookup of job `job_id`'s create must still wait for its "no such task" to
-    /// settle the job as never made; `None` once [`RunOptions::lookup_settle`] has passed
-    /// since the create's last attempt could have left. That is the job's mark
+    /// A lookup of job `job_id`'s create, asked at `asked`, found no task: how long to wait
+    /// before looking it up once more; `None` when that answer settles the job as never made,
+    /// [`RunOptions::lookup_settle`] having passed by `asked` (not by the answer: a slow lookup
+    /// asked sooner says what Kling listed then) since the create's last attempt could have
+    /// left. That is the job's mark
     /// ([`NOT_YET_LISTED`]) when its run recorded one, written once the create's call ended.
     /// Without (the run was killed, stopped or panicked with the create in flight), an attempt
     /// may have left until that run's end, which the journal does not know: this run's
-    /// `started`. A mark dated ahead of the clock (one since set back) waits the whole settle.
+    /// `started`. Never a mark after `started` (every mark is an earlier run's: a clock since
+    /// set back): counted from it, each such job waited a whole settle, one after another.
     fn settle_wait(
         &self,
         job_id: &str,
         started: std::time::SystemTime,
+        asked: std::time::SystemTime,
     ) -> Result<Option<Duration>, JournalError> {
         let marked = self
             .journal
@@ -953,18 +959,23 @@ impl Engine {
             .and_then(|r| r.error)
             .is_some_and(|e| e.message.starts_with(NOT_YET_LISTED));
         let since = if marked {
-            self.journal.changed_at(job_id)?.unwrap_or(started)
+            self.journal
+                .changed_at(job_id)?
+                .map_or(started, |mark| mark.min(started))
         } else {
             started
         };
-        let elapsed = std::time::SystemTime::now()
-            .duration_since(since)
-            .unwrap_or_default();
         let settle = self
             .options
             .lookup_settle
             .unwrap_or_else(|| self.stack.scaled(LOOKUP_SETTLE));
-        Ok(settle.checked_sub(elapsed).filter(|wait| !wait.is_zero()))
+        let since_at = |at: std::time::SystemTime| at.duration_since(since).unwrap_or_default();
+        if since_at(asked) >= settle {
+            return Ok(None);
+        }
+        Ok(Some(
+            settle.saturating_sub(since_at(std::time::SystemTime::now())),
+        ))
     }
 
     /// Lists the account's unfinished tasks and adopts their slots (best effort: a failure

@@ -2628,3 +2628,48 @@ async fn open_jobs_of_the_journal_missing_from_the_file_are_named_in_a_warning()
         JobState::Created
     );
 }
+
+/// A mark of a create not yet listed dated after the resumed run's start (a clock since set
+/// back: every mark is an earlier run's) is counted from that start: it waited the whole
+/// settle from the lookup, one job after another, so a run with many such jobs waited a
+/// settle per job before it sent anything, not at most one in all.
+#[test]
+fn a_mark_dated_after_the_runs_start_waits_no_longer_than_the_settle_from_that_start() {
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+        "http://127.0.0.1:9",
+    )
+    .unwrap();
+    let journal = Journal::open_in_memory().unwrap();
+    let (jobs, _) = parse_jobs("{\"id\":\"cat\",\"prompt\":\"a cat\"}\n");
+    journal.register(&jobs).unwrap();
+    let info = ErrorInfo::new(0, format!("{NOT_YET_LISTED}: connection reset"), None);
+    journal
+        .transition("cat", JobState::Creating, Update::error(info))
+        .unwrap();
+    let settle = Duration::from_secs(60);
+    let engine = Engine::new(
+        stack,
+        journal,
+        RunOptions::new(default_follow_policy(1.0)).lookup_settle(settle),
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now();
+    // Started a settle ago, the mark (now) ahead of that start: nothing left to wait.
+    assert_eq!(
+        engine
+            .settle_wait("cat", now - settle - Duration::from_secs(1), now)
+            .unwrap(),
+        None
+    );
+    // Started half a settle ago: what is left of the settle since that start, at most.
+    let wait = engine
+        .settle_wait("cat", now - settle / 2, now)
+        .unwrap()
+        .unwrap();
+    assert!(wait <= settle / 2, "{wait:?}");
+    // Started now, the mark just before: the settle less the little since the mark.
+    let wait = engine.settle_wait("cat", now, now).unwrap().unwrap();
+    assert!(wait > settle - Duration::from_secs(5), "{wait:?}");
+}

@@ -616,57 +616,70 @@ async fn a_journal_named_like_a_uri_is_a_file_of_that_name() {
 /// A proxy on loopback in front of `mock` (whose tasks are listed by external id only
 /// `listed_after` after their create): a create is carried out, its answer lost (the
 /// connection cut mid-body), and a lookup by external id of a task made less than
-/// `listed_after` ago is answered as Kling answers an id it does not know.
-async fn lossy_lagging_proxy(mock: String, listed_after: Duration) -> String {
+/// `listed_after` ago is answered as Kling answers an id it does not know, `answer_after`
+/// after it came in.
+async fn lossy_lagging_proxy(
+    mock: String,
+    listed_after: Duration,
+    answer_after: Duration,
+) -> String {
     use axum::body::Body;
     use http_body_util::BodyExt as _;
 
     let made: std::sync::Arc<std::sync::Mutex<Vec<(String, std::time::Instant)>>> =
         std::sync::Arc::default();
     let client = crate::support::bare_client();
-    let app =
-        axum::Router::new().fallback(move |request: axum::extract::Request| {
-            let (made, client, mock) = (made.clone(), client.clone(), mock.clone());
-            async move {
-                let (parts, body) = request.into_parts();
-                let body = body.collect().await.unwrap().to_bytes();
-                let mut path = parts.uri.path().to_owned();
-                let create = parts.method == http::Method::POST;
-                if create {
-                    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                    let id = json["external_task_id"].as_str().unwrap().to_owned();
-                    made.lock().unwrap().push((id, std::time::Instant::now()));
-                } else if made.lock().unwrap().iter().any(|(id, at)| {
-                    path.ends_with(&format!("/{id}")) && at.elapsed() < listed_after
-                }) {
+    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let (made, client, mock) = (made.clone(), client.clone(), mock.clone());
+        async move {
+            let (parts, body) = request.into_parts();
+            let body = body.collect().await.unwrap().to_bytes();
+            let mut path = parts.uri.path().to_owned();
+            let create = parts.method == http::Method::POST;
+            let mut lookup = false;
+            if create {
+                let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let id = json["external_task_id"].as_str().unwrap().to_owned();
+                made.lock().unwrap().push((id, std::time::Instant::now()));
+            } else {
+                let made = made.lock().unwrap();
+                let asked = made
+                    .iter()
+                    .find(|(id, _)| path.ends_with(&format!("/{id}")));
+                lookup = asked.is_some();
+                if asked.is_some_and(|(_, at)| at.elapsed() < listed_after) {
                     // Not listed yet: asked for an id the mock does not know.
                     path.push_str("-unlisted");
                 }
-                let mut forward = http::Request::builder()
-                    .method(parts.method.clone())
-                    .uri(format!("{mock}{path}"));
-                for (name, value) in &parts.headers {
-                    if name != http::header::HOST {
-                        forward = forward.header(name, value);
-                    }
-                }
-                let answer = client
-                    .request(forward.body(http_body_util::Full::new(body)).unwrap())
-                    .await
-                    .unwrap();
-                let (parts, body) = answer.into_parts();
-                let body = body.collect().await.unwrap().to_bytes();
-                if create {
-                    // Made and billed; the answer is cut off on its way back.
-                    let cut = futures_util::stream::iter([
-                        Ok(body.slice(..body.len() / 2)),
-                        Err(std::io::Error::other("connection reset")),
-                    ]);
-                    return http::Response::from_parts(parts, Body::from_stream(cut));
-                }
-                http::Response::from_parts(parts, Body::from(body))
             }
-        });
+            let mut forward = http::Request::builder()
+                .method(parts.method.clone())
+                .uri(format!("{mock}{path}"));
+            for (name, value) in &parts.headers {
+                if name != http::header::HOST {
+                    forward = forward.header(name, value);
+                }
+            }
+            let answer = client
+                .request(forward.body(http_body_util::Full::new(body)).unwrap())
+                .await
+                .unwrap();
+            let (parts, body) = answer.into_parts();
+            let body = body.collect().await.unwrap().to_bytes();
+            if lookup {
+                tokio::time::sleep(answer_after).await;
+            }
+            if create {
+                // Made and billed; the answer is cut off on its way back.
+                let cut = futures_util::stream::iter([
+                    Ok(body.slice(..body.len() / 2)),
+                    Err(std::io::Error::other("connection reset")),
+                ]);
+                return http::Response::from_parts(parts, Body::from_stream(cut));
+            }
+            http::Response::from_parts(parts, Body::from(body))
+        }
+    });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -690,7 +703,7 @@ async fn a_lost_create_not_yet_listed_is_looked_up_again_on_resume_never_sent_tw
 
     let server = MockServer::start(pro_mock()).await.unwrap();
     let listed_after = Duration::from_millis(300);
-    let proxy = lossy_lagging_proxy(server.base_url(), listed_after).await;
+    let proxy = lossy_lagging_proxy(server.base_url(), listed_after, Duration::ZERO).await;
     let (jobs, _) = parse_jobs("{\"id\":\"cat\",\"prompt\":\"a cat\"}\n");
     let journal = Journal::open_in_memory().unwrap();
     // The default settle, 60 s of API time at the test speed: longer than the task takes to
@@ -765,7 +778,7 @@ async fn a_create_left_late_by_a_killed_run_is_looked_up_again_before_a_resend()
     // paths, about 0.5 s), so that its first lookup is sure to miss the task.
     let listed_after = Duration::from_millis(1200);
     let settle = Duration::from_secs(2);
-    let proxy = lossy_lagging_proxy(server.base_url(), listed_after).await;
+    let proxy = lossy_lagging_proxy(server.base_url(), listed_after, Duration::ZERO).await;
     let (jobs, _) = parse_jobs("{\"id\":\"cat\",\"prompt\":\"a cat\"}\n");
     let journal = Journal::open_in_memory().unwrap();
     journal.register(&jobs).unwrap();
@@ -786,6 +799,78 @@ async fn a_create_left_late_by_a_killed_run_is_looked_up_again_before_a_resend()
     assert_eq!(server.stats().tasks_created, 1);
 
     let config = StackConfig::preset(Tier::Pro).speed(SPEED).headroom(0.3);
+    let stack = Stack::new(config, Credentials::api_key("test-key").unwrap(), &proxy).unwrap();
+    let engine = Engine::new(
+        stack,
+        journal.clone(),
+        RunOptions::new(default_follow_policy(SPEED)).lookup_settle(settle),
+    )
+    .unwrap();
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    let report = tokio::time::timeout(Duration::from_secs(30), engine.run(&jobs, stop))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.creates, 0, "nothing sent again: {report:?}");
+    let stats = server.stats();
+    assert_eq!(
+        (stats.tasks_created, stats.duplicate_external_ids),
+        (1, 0),
+        "{stats:?}"
+    );
+    assert_eq!(
+        journal.transitions("cat").unwrap(),
+        ["queued", "creating", "created", "succeeded"]
+    );
+}
+
+/// A lookup asked before the lookup settle had passed and answered after it (a slow answer,
+/// a retried one): its "no such task" is what Kling listed when it was asked, and settled the
+/// job as never made, so the create was sent again, a second billed task. A lookup asked once
+/// the settle has passed is made before anything is sent: the task is found, and followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_asked_before_the_settle_and_answered_after_it_settles_nothing() {
+    use bytes::Bytes;
+    use http::Request;
+    use http_body_util::Full;
+    use kling_batch::jobs::parse_jobs;
+    use kling_batch::journal::Update;
+    use kling_batch::run::{Engine, RunOptions, default_follow_policy};
+    use kling_batch::stack::Stack;
+    use kling_tower::{Credentials, StackConfig, Tier};
+
+    use crate::support::SPEED;
+
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    // The resumed run's first lookup comes in once it listed the running tasks (about 0.5 s
+    // after the create), while the task is not listed yet, and is answered a settle and more
+    // later; the task is listed by the time a lookup asked after that answer comes in.
+    let settle = Duration::from_secs(1);
+    let listed_after = Duration::from_millis(1500);
+    let proxy = lossy_lagging_proxy(server.base_url(), listed_after, settle * 2).await;
+    let (jobs, _) = parse_jobs("{\"id\":\"cat\",\"prompt\":\"a cat\"}\n");
+    let journal = Journal::open_in_memory().unwrap();
+    journal.register(&jobs).unwrap();
+    journal
+        .transition("cat", JobState::Creating, Update::default())
+        .unwrap();
+    // The run that marked it was killed with its create in flight.
+    let body = format!(
+        "{{\"prompt\":\"a cat\",\"external_task_id\":\"{}\"}}",
+        journal.external_id_for("cat")
+    );
+    let create = Request::post(format!("{proxy}/v1/videos/text2video"))
+        .header("authorization", "Bearer test-key")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let _lost = crate::support::bare_client().request(create).await;
+    assert_eq!(server.stats().tasks_created, 1);
+
+    // Answered within an attempt's time (6 s here), not retried.
+    let config = StackConfig::preset(Tier::Pro)
+        .speed(SPEED)
+        .headroom(0.3)
+        .attempt_timeout(Duration::from_secs(600));
     let stack = Stack::new(config, Credentials::api_key("test-key").unwrap(), &proxy).unwrap();
     let engine = Engine::new(
         stack,
