@@ -2085,8 +2085,10 @@ impl State {
     /// the same pool and its task id is unknown (a create of unknown outcome, sent again); else
     /// it stays, displaced from the index. One whose task id an answer or report gave is a task
     /// that runs until it is reported ended: a create under its external id again (the caller
-    /// reused it, the server made another task) does not end it. One in another pool is
-    /// another create path's create (external ids may be unique per create path only).
+    /// reused it, the server made another task) does not end it, unless a reconcile adopted it
+    /// in a pool of the same product and this create's task id is unknown (see below). One in
+    /// another pool is otherwise another create path's create (external ids may be unique per
+    /// create path only).
     #[cold]
     fn supersede_unknown(&mut self, old: Place, place: Place) {
         if old == place {
@@ -2096,7 +2098,8 @@ impl State {
             self.supersede(old);
             return;
         }
-        if old.0 == place.0
+        let product = |index: usize| self.list[index].key.pool.product();
+        if product(old.0) == product(place.0)
             && self.is_adopted(old)
             && !self.has_task_id(place)
             && self.same_path(old, place)
@@ -2105,7 +2108,8 @@ impl State {
             // whose outcome is unknown (its answer lost after the list named the task): the
             // same task, as an adopt finds such a create's holding the other way round (of
             // the path it was listed on, where known). The create's holding takes its task
-            // id, so the task's end frees it.
+            // id, so the task's end frees it. Of the same product, in any of its pools: a
+            // list does not say the model, so the plan's pool may be another model's.
             self.take_over(old, place);
             return;
         }
@@ -2473,7 +2477,6 @@ impl State {
     /// The task held at `place` (of id `id`, of [`IdHash`] `hash`) was reported running at
     /// `now`: its lease runs `lease` from now, and a holding of unknown task id learns `id`.
     fn running(&mut self, place: Place, id: &str, hash: u64, now: Instant, lease: Duration) {
-        let interval = self.config.recovery_interval;
         let Some(pool) = self.list.get_mut(place.0) else {
             return;
         };
@@ -2485,19 +2488,22 @@ impl State {
             return;
         };
         let lease_until = lease_end(now, lease);
+        // Usually renewed later: `next_lease`, below the old lease, stays below the new one,
+        // and is not read (it lies on the pool's line that creates on other threads write).
+        let shorter = lease_until < holding.lease_until;
         holding.lease_until = lease_until;
-        if pool.next_lease.is_none_or(|at| lease_until < at) {
-            // Renewed to end sooner than any lease the pool's timer waits for (a shorter
-            // lease than its hold's): it must end then, not when that one does.
-            pool.lease_sooner(lease_until, interval);
-        }
-        let Some(holding) = pool.holdings[place.1].held.as_mut() else {
-            return;
-        };
         // (An empty id is no task's.)
-        if holding.id.is_none() && !id.is_empty() {
+        let learns = holding.id.is_none() && !id.is_empty();
+        if learns {
             holding.id = Some(SmallId::new(id));
             holding.hashes[0] = hash;
+        }
+        if shorter && pool.next_lease.is_none_or(|at| lease_until < at) {
+            // Renewed to end sooner than any lease the pool's timer waits for (a shorter
+            // lease than its hold's): it must end then, not when that one does.
+            pool.lease_sooner(lease_until, self.config.recovery_interval);
+        }
+        if learns {
             // Known by its task id from now on (an older holding filed under the same id, in
             // another account, is no longer found by it).
             let keys = &Kept(&self.list, Which::Id);
@@ -3770,6 +3776,42 @@ mod tests {
         );
     }
 
+    /// A renewal that pushes one lease later leaves the pool's timer below every other lease:
+    /// the other task's lease still ends when it runs out, and frees the waiter then.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_renewed_later_keeps_no_other_lease_past_its_end() {
+        let backend = InProcess::new(SlotsConfig::new(2)).unwrap();
+        hold(&backend, key(), Some("t1"), None);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        hold(&backend, key(), Some("t2"), None);
+        let mut waiter = tokio_test::task::spawn(backend.acquire(key(), 1));
+        assert!(waiter.poll().is_pending());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let running = SlotOp::Update {
+            account: key().account,
+            updates: vec![super::super::TaskUpdate {
+                id: "t1".to_owned(),
+                external_id: None,
+                status: Some(TaskStatus::Processing),
+            }],
+            lease: Duration::from_secs(600),
+        };
+        now(backend.apply(running)).unwrap();
+        // t1's old lease ends: nothing to do, and the timer moves to t2's.
+        tokio::time::advance(Duration::from_secs(580)).await;
+        assert!(waiter.poll().is_pending());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(waiter.is_woken(), "t2's lease ends 610 s in");
+        assert!(matches!(waiter.poll(), Poll::Ready(Ok(_))));
+        drop(waiter);
+        let snap = now(backend.snapshot()).unwrap();
+        assert_eq!(
+            (snap[0].in_use, snap[0].tasks),
+            (2, 1),
+            "t1 renewed, t2 ended"
+        );
+    }
+
     /// The ends remembered are bounded by count (the oldest forgotten first) and by age (one
     /// lease from the report).
     #[tokio::test(start_paused = true)]
@@ -4168,6 +4210,53 @@ mod tests {
         let released = now(backend.apply(ended("t11"))).unwrap().released;
         assert_eq!(released.len(), 1);
         assert_eq!(released[0].key, image, "not the video create");
+    }
+
+    /// A reconcile adopted `t1` (under `job-9`) into the pool its plan names for the product,
+    /// then `t1`'s create, of another model's pool, lost its answer and was kept under `job-9`
+    /// alone: one task, held once, by the create's pool, and freed by its task id. (Before,
+    /// the create's holding took the adopted task's id only in the same pool: both held, and
+    /// the create's slot stayed in use for its whole lease after `t1` ended.)
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_create_of_another_models_pool_takes_over_its_adopted_task() {
+        let backend = InProcess::new(SlotsConfig::new(5)).unwrap();
+        let lease = Duration::from_secs(600);
+        let model =
+            |name: &str| SlotKey::new(AccountId::new("a"), Pool::with_model(Product::Video, name));
+        let (listed, created) = (model("kling-3.0"), model("kling-2.6"));
+        let reservation = now(backend.acquire(created.clone(), 1)).unwrap();
+        let adopt = SlotOp::Adopt {
+            key: listed.clone(),
+            task: TaskRef {
+                id: Some("t1".to_owned()),
+                external_id: Some("job-9".to_owned()),
+            },
+            weight: 1,
+            lease,
+        };
+        let path = CreatePath::NEW_STYLE;
+        assert!(now(backend.adopt_on(adopt, path)).unwrap().changed);
+        now(backend.hold_unread_on(reservation, None, Some("job-9"), lease, None, path)).unwrap();
+        let snap = now(backend.snapshot()).unwrap();
+        let held = |key: &SlotKey| {
+            snap.iter()
+                .find(|p| p.key == *key)
+                .map_or((0, 0), |p| (p.in_use, p.tasks))
+        };
+        assert_eq!(
+            held(&listed),
+            (0, 0),
+            "the adopted holding gave its slot back"
+        );
+        assert_eq!(held(&created), (1, 1), "t1 held once, by its create");
+        let released = now(backend.apply(ended("t1"))).unwrap().released;
+        assert_eq!(released.len(), 1);
+        assert_eq!(released[0].key, created);
+        let snap = now(backend.snapshot()).unwrap();
+        assert!(
+            snap.iter().all(|p| p.in_use == 0 && p.tasks == 0),
+            "{snap:?}"
+        );
     }
 
     /// A waiter refused by a lowered capacity and dropped before it was polled again leaves
