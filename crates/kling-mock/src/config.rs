@@ -351,6 +351,13 @@ pub struct MockConfig {
     pub costs_per_second: Option<f64>,
     /// Whether 1302/1303 carry `Retry-After`.
     pub retry_after: RetryAfterMode,
+    /// How long (API time) an account is refused 1302 after a request-rate 1302 (the
+    /// account's rate or `/account/costs`'), whatever its pace; every refusal's `Retry-After`
+    /// names the time left. A refusal within it neither lengthens it nor touches the rate
+    /// limit's state. `None` (the default): none. Not Kling's documented behaviour: a harsher
+    /// server, so a client that ignores `Retry-After` shows (its own pause after a 1302 no
+    /// longer covers the wait).
+    pub rate_lockout: Option<Duration>,
     /// Shortest task duration (API time).
     pub task_duration_min: Duration,
     /// Longest task duration (API time).
@@ -437,6 +444,7 @@ impl fmt::Debug for MockConfig {
             .field("credit_period", &self.credit_period)
             .field("costs_per_second", &self.costs_per_second)
             .field("retry_after", &self.retry_after)
+            .field("rate_lockout", &self.rate_lockout)
             .field("task_duration_min", &self.task_duration_min)
             .field("task_duration_max", &self.task_duration_max)
             .field("failure_rate", &self.failure_rate)
@@ -484,6 +492,7 @@ impl MockConfig {
             credit_period: preset.credit_period(),
             costs_per_second: Some(1.0),
             retry_after: RetryAfterMode::None,
+            rate_lockout: None,
             task_duration_min: Duration::from_secs(60),
             task_duration_max: Duration::from_secs(120),
             failure_rate: 0.0,
@@ -595,6 +604,16 @@ impl MockConfig {
     /// Sets the `Retry-After` mode.
     pub fn retry_after(mut self, mode: RetryAfterMode) -> Self {
         self.retry_after = mode;
+        self
+    }
+    /// Sets a lockout after a request-rate 1302 (API time; see [`MockConfig::rate_lockout`]).
+    pub fn rate_lockout(mut self, lockout: Duration) -> Self {
+        self.rate_lockout = Some(lockout);
+        self
+    }
+    /// Removes the lockout after a 1302 (the default).
+    pub fn no_rate_lockout(mut self) -> Self {
+        self.rate_lockout = None;
         self
     }
     /// Sets the range task durations are drawn from (API time).
@@ -823,6 +842,14 @@ impl MockConfig {
             && !(per_second.is_finite() && per_second > 0.0)
         {
             return err("costs_per_second", "must be a finite number above 0");
+        }
+        if let Some(lockout) = self.rate_lockout
+            && !(Duration::ZERO < lockout && lockout <= MAX_WAIT)
+        {
+            return err(
+                "rate_lockout",
+                "must be above 0 and at most ten years (None: no lockout)",
+            );
         }
         if self.pool_scope == PoolScope::Product && self.pool_slots.keys().any(|p| p.contains(':'))
         {

@@ -58,6 +58,11 @@ struct Args {
     /// A refused request pushes the next allowed time further.
     #[arg(long)]
     penalty: bool,
+    /// Seconds of API time every request of an account is refused 1302 after a request-rate
+    /// 1302, its `Retry-After` naming the time left (0 = none, the default). Harsher than
+    /// Kling documents: for testing that a client keeps `Retry-After`.
+    #[arg(long, value_parser = parse_secs)]
+    rate_lockout: Option<Duration>,
     /// Slots of every pool.
     #[arg(long)]
     slots: Option<u32>,
@@ -177,6 +182,9 @@ fn config(args: Args) -> MockConfig {
         config = config.burst(burst);
     }
     config = config.penalty(args.penalty);
+    if let Some(lockout) = args.rate_lockout.filter(|lockout| !lockout.is_zero()) {
+        config = config.rate_lockout(lockout);
+    }
     config = config.pool_scope(args.pool_scope);
     if let Some(slots) = args.slots {
         config = config.slots(slots);
@@ -297,6 +305,17 @@ mod tests {
             parsed(&["--header-read-timeout", "0"]).header_read_timeout,
             None
         );
+    }
+
+    #[test]
+    fn rate_lockout_sets_the_lockout_and_zero_or_none_leaves_it_off() {
+        assert_eq!(parsed(&[]).rate_lockout, None);
+        assert_eq!(parsed(&["--rate-lockout", "0"]).rate_lockout, None);
+        assert_eq!(
+            parsed(&["--rate-lockout", "5"]).rate_lockout,
+            Some(Duration::from_secs(5))
+        );
+        assert!(Args::try_parse_from(["kling-mock", "--rate-lockout", "soon"]).is_err());
     }
 
     #[test]

@@ -106,6 +106,8 @@ pub(crate) struct Account {
     tat: Option<Instant>,
     /// GCRA theoretical arrival time of `/account/costs`.
     costs_tat: Option<Instant>,
+    /// Every request is refused 1302 until then ([`MockConfig::rate_lockout`]).
+    locked_until: Option<Instant>,
     /// Start of the current credit period (set by the account's first create, when the
     /// configuration has a period).
     credit_period_start: Option<Instant>,
@@ -174,6 +176,7 @@ impl Account {
             && self.switches == Switches::default()
             && self.tat.is_none_or(|t| t <= now)
             && self.costs_tat.is_none_or(|t| t <= now)
+            && self.locked_until.is_none_or(|t| t <= now)
     }
 
     /// Moves the credit period on by whole periods once it has ended: the budget comes back
@@ -687,7 +690,9 @@ impl State {
     /// GCRA over every request of the account and, for `/account/costs` (`costs`), that
     /// endpoint's own limit. A request passes both or neither: one refused by either takes
     /// nothing from the other (the penalty mode still pushes the account limit on its own
-    /// refusal). `Err` carries the wait until the request would pass.
+    /// refusal). With [`MockConfig::rate_lockout`], such a refusal also refuses every request
+    /// of the account until the lockout ends, and says so in its wait. `Err` carries the wait
+    /// until the request would pass.
     pub(crate) fn rate_check(
         &mut self,
         account: &str,
@@ -706,7 +711,12 @@ impl State {
             .costs_per_second
             .filter(|_| costs)
             .map(|per_second| self.config.scaled_secs(1.0 / per_second));
+        let lockout = self.config.rate_lockout.map(|l| self.config.scaled(l));
         let acct = self.account(account);
+        if let Some(until) = acct.locked_until.filter(|&until| now < until) {
+            // Fixed from the refusal that set it: a client cannot lengthen it by asking.
+            return Err(until - now);
+        }
         let general = account_limit.map(|(interval, tolerance, penalty)| {
             gcra(acct.tat, interval, tolerance, penalty, now)
         });
@@ -721,7 +731,11 @@ impl State {
             wait = Some(wait.map_or(w, |v: Duration| v.max(w)));
         }
         if let Some(wait) = wait {
-            return Err(wait);
+            let Some(lockout) = lockout else {
+                return Err(wait);
+            };
+            acct.locked_until = Some(now + lockout);
+            return Err(wait.max(lockout));
         }
         if let Some(Ok(tat)) = general {
             acct.tat = Some(tat);

@@ -475,6 +475,25 @@ async fn in_open_mode_an_account_under_switches_occupation_or_rate_limit_is_kept
     c.with_key("c").get(T2V).await.data();
 }
 
+/// An account within a rate lockout is not at rest either, though its rate limit is.
+#[tokio::test(start_paused = true)]
+async fn in_open_mode_an_account_within_a_rate_lockout_is_kept() {
+    let c = Caller::new(
+        quiet()
+            .rate_per_minute(60.0)
+            .rate_lockout(secs(5))
+            .max_open_accounts(1),
+    );
+    let a = c.with_key("a");
+    a.get(T2V).await.data();
+    a.get(T2V).await.assert_error(429, 1302);
+    advance(2).await;
+    c.with_key("b").get(T2V).await.assert_error(503, 5001);
+    a.get(T2V).await.assert_error(429, 1302);
+    advance(3).await;
+    c.with_key("b").get(T2V).await.data();
+}
+
 /// No account at all would refuse every open-mode request: refused, naming the field.
 #[tokio::test(start_paused = true)]
 async fn a_zero_open_account_cap_is_refused_naming_the_field() {

@@ -236,6 +236,111 @@ async fn retry_after_date_is_rounded_up_and_comes_with_a_date_header() {
     );
 }
 
+/// With a lockout, a 1302 refuses every request of the account (creates too) until the lockout
+/// ends, however slow, each refusal's `Retry-After` naming the time left rounded up; without
+/// one (the default) the request one interval later passes as before.
+#[tokio::test(start_paused = true)]
+async fn a_rate_lockout_refuses_until_it_ends_naming_the_time_left_in_seconds() {
+    let config = quiet()
+        .rate_per_minute(60.0)
+        .retry_after(RetryAfterMode::Seconds);
+    assert_eq!(config.rate_lockout, None, "off by default");
+    let plain = Caller::new(config.clone());
+    let locked = Caller::new(config.rate_lockout(secs(5)));
+    for c in [&plain, &locked] {
+        c.get(LIST).await.data();
+    }
+    advance_ms(250).await;
+    let r = plain.get(LIST).await;
+    r.assert_error(429, 1302);
+    assert_eq!(
+        r.headers["retry-after"], "1",
+        "one interval without a lockout"
+    );
+    let r = locked.get(LIST).await;
+    r.assert_error(429, 1302);
+    assert_eq!(
+        r.headers["retry-after"], "5",
+        "the lockout, from this refusal"
+    );
+    advance_ms(1_000).await; // 1.25 s: past the interval, 4 s of the lockout left
+    plain.get(LIST).await.data();
+    let r = locked.get(LIST).await;
+    r.assert_error(429, 1302);
+    assert_eq!(r.headers["retry-after"], "4");
+    let r = locked.post(T2V, json!({"prompt": "x"})).await;
+    r.assert_error(429, 1302);
+    assert_eq!(r.headers["retry-after"], "4");
+    advance_ms(3_700).await; // 4.95 s: 0.3 s left, rounded up
+    let r = locked.get(LIST).await;
+    r.assert_error(429, 1302);
+    assert_eq!(r.headers["retry-after"], "1");
+    // Refusals within it did not lengthen it.
+    advance_ms(300).await;
+    locked.get(LIST).await.data();
+    assert_eq!(locked.mock.stats().responses_by_code["1302"], 4);
+}
+
+/// The date form names the lockout's end, the same instant on every refusal within it, at
+/// least the time left after the answer's `Date`.
+#[tokio::test(start_paused = true)]
+async fn a_rate_lockout_names_its_end_in_the_date_form() {
+    let c = Caller::new(
+        quiet()
+            .rate_per_minute(60.0)
+            .rate_lockout(secs(5))
+            .retry_after(RetryAfterMode::Date),
+    );
+    c.get(LIST).await.data();
+    advance_ms(250).await;
+    let mut ends = Vec::new();
+    // Time left at each refusal: 5 s, 3.75 s, 0.5 s.
+    for (step, left) in [(0, 5_000), (1_250, 3_750), (3_250, 500)] {
+        advance_ms(step).await;
+        let r = c.get(LIST).await;
+        r.assert_error(429, 1302);
+        let retry = httpdate::parse_http_date(r.headers["retry-after"].to_str().unwrap()).unwrap();
+        let date = httpdate::parse_http_date(r.headers["date"].to_str().unwrap()).unwrap();
+        let gap = retry.duration_since(date).unwrap();
+        // `Date` is cut to the second and the end rounded up: up to 2 s over.
+        let left = Duration::from_millis(left);
+        assert!(
+            gap >= left && gap <= left + Duration::from_secs(2),
+            "{left:?} left, gap {gap:?}"
+        );
+        ends.push(retry);
+    }
+    assert!(ends.windows(2).all(|w| w[0] == w[1]), "{ends:?}");
+    advance_ms(500).await;
+    c.get(LIST).await.data();
+}
+
+/// A `/account/costs` 1302 locks the account too, and the lockout is divided by the speed.
+#[tokio::test(start_paused = true)]
+async fn a_costs_refusal_starts_the_lockout_which_the_speed_divides() {
+    let c = Caller::new(
+        quiet()
+            .speed(10.0)
+            .rate_lockout(secs(5))
+            .retry_after(RetryAfterMode::Seconds),
+    );
+    c.get("/account/costs").await.data();
+    c.get("/account/costs").await.assert_error(429, 1302);
+    advance_ms(490).await; // 4.9 s of API time
+    let r = c.get(LIST).await;
+    r.assert_error(429, 1302);
+    assert_eq!(r.headers["retry-after"], "1", "never below a real second");
+    advance_ms(10).await;
+    c.get(LIST).await.data();
+}
+
+/// A zero lockout would be none: refused, naming the field.
+#[test]
+fn a_zero_rate_lockout_is_refused_naming_the_field() {
+    let err = kling_mock::MockKling::new(quiet().rate_lockout(Duration::ZERO)).unwrap_err();
+    assert_eq!(err.field(), "rate_lockout");
+}
+
 #[tokio::test(start_paused = true)]
 async fn without_a_mode_there_is_no_retry_after() {
     let c = Caller::new(quiet().rate_per_minute(60.0));
