@@ -49,7 +49,8 @@ pub enum Scenario {
     /// own 66 a day at the published size).
     Credits,
     /// The client's rate is set 50% too high (kling-tower runs in adaptive mode under it);
-    /// 1302s carry `Retry-After: <seconds>`.
+    /// 1302s carry `Retry-After: <seconds>`, and a 1302 locks the account out for
+    /// [`RATE_LOCKOUT`] (every request refused, the header naming the time left).
     RetryAfterSeconds,
     /// As [`Scenario::RetryAfterSeconds`], with an HTTP-date `Retry-After` and a `Date` header.
     RetryAfterDate,
@@ -507,6 +508,16 @@ pub fn credit_budget(jobs: usize) -> usize {
     jobs * 66 / 100
 }
 
+/// The mock's lockout after a 1302 in the Retry-After scenarios (kling-mock's `rate_lockout`:
+/// every request refused until it ends, each `Retry-After` naming the time left). Without
+/// it the header asks for about one rate interval, which a client's own pause after a 1302
+/// already covers, so a stack that ignored the header still sent no early request. 6 s is
+/// the shortest whole-second lockout that outlasts kling-tower's own pause on every preset
+/// (checked by stripping the header before the stack sees it: at 5 s Free's seconds cell
+/// still saw none early, as the stack's own gap after a 1302 there, at the 4 s interval it
+/// is told, is over 5 s), and it outlasts the pace tower's client is told on every preset.
+pub const RATE_LOCKOUT: Duration = Duration::from_secs(6);
+
 fn mock_config(preset: Preset, scenario: Scenario, jobs: usize) -> MockConfig {
     let mut config = MockConfig::preset(preset).seed(0x5eed);
     config = if scenario == Scenario::Credits {
@@ -523,8 +534,16 @@ fn mock_config(preset: Preset, scenario: Scenario, jobs: usize) -> MockConfig {
                 .drop_rate(0.01)
                 .lost_answer_rate(0.01);
         }
-        Scenario::RetryAfterSeconds => config = config.retry_after(RetryAfterMode::Seconds),
-        Scenario::RetryAfterDate => config = config.retry_after(RetryAfterMode::Date),
+        Scenario::RetryAfterSeconds => {
+            config = config
+                .retry_after(RetryAfterMode::Seconds)
+                .rate_lockout(RATE_LOCKOUT);
+        }
+        Scenario::RetryAfterDate => {
+            config = config
+                .retry_after(RetryAfterMode::Date)
+                .rate_lockout(RATE_LOCKOUT);
+        }
         Scenario::Penalty => config = config.penalty(true),
         _ => {}
     }

@@ -228,9 +228,22 @@ fn goodput_meets_every_target_in_every_scenario() {
                 name(run)
             );
         }
+        // Under the mock's lockout after a 1302 (`goodput::RATE_LOCKOUT`, the Retry-After
+        // cells), each 1302 the adaptive rate meets while it learns the account's rate costs
+        // the whole lockout: the efficiency there is 97.7-98.5% (BENCHMARKS.md, "Targets not
+        // reached"). Tolerated, not required: the date cells move with the wall clock's phase
+        // (97.99% on Standard in one run), so a miss may be met in one run and not the next.
+        let tolerated: &[&str] = if [Scenario::RetryAfterSeconds, Scenario::RetryAfterDate]
+            .iter()
+            .any(|s| run.scenario == s.name())
+        {
+            &[efficiency]
+        } else {
+            &[]
+        };
         let unexpected: Vec<_> = missed(run)
             .into_iter()
-            .filter(|m| !known.contains(m))
+            .filter(|m| !known.contains(m) && !tolerated.contains(m))
             .collect();
         assert!(
             unexpected.is_empty(),
@@ -282,9 +295,9 @@ fn goodput_meets_every_target_in_every_scenario() {
     // before them, in every cell where the header asks for more than one interval of the pace
     // it was told (1.5 times the account's rate): it keeps to that pace, so where no wait is
     // longer, no request of it can be early, and neither could one of a stack that ignored
-    // the header but kept its pace (`Run::longest_retry_after`). Those are Free's two cells
-    // and Standard's seconds (the wait rounded up to a whole second, under the 1.33 s told):
-    // there a zero says nothing of whether the header was read.
+    // the header but kept its pace (`Run::longest_retry_after`). The mock's lockout after a
+    // 1302 (`goodput::RATE_LOCKOUT`, 6 s) outlasts that pace on every preset (Free's is 4 s),
+    // so every cell is judged.
     let mut judged = Vec::new();
     for preset in ["free", "standard", "pro"] {
         for scenario in [Scenario::RetryAfterSeconds, Scenario::RetryAfterDate] {
@@ -313,6 +326,9 @@ fn goodput_meets_every_target_in_every_scenario() {
     assert_eq!(
         judged,
         [
+            "free / Retry-After seconds",
+            "free / Retry-After date",
+            "standard / Retry-After seconds",
             "standard / Retry-After date",
             "pro / Retry-After seconds",
             "pro / Retry-After date"
