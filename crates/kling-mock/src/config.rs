@@ -353,7 +353,7 @@ pub struct MockConfig {
     pub retry_after: RetryAfterMode,
     /// How long (API time) an account is refused 1302 after a request-rate 1302 (the
     /// account's rate or `/account/costs`'), whatever its pace; every refusal's `Retry-After`
-    /// names the time left. A refusal within it neither lengthens it nor touches the rate
+    /// names the time left (the rate limit's own wait if longer). A refusal within it neither lengthens it nor touches the rate
     /// limit's state. `None` (the default): none. Not Kling's documented behaviour: a harsher
     /// server, so a client that ignores `Retry-After` shows (its own pause after a 1302 no
     /// longer covers the wait).

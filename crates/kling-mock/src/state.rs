@@ -316,8 +316,10 @@ impl State {
             let value = match self.config.retry_after {
                 RetryAfterMode::None => None,
                 RetryAfterMode::Seconds => {
-                    let secs = (wait.as_secs_f64().ceil() as u64).max(1);
-                    Some(secs.to_string())
+                    // Rounded up in integers: an `f64` drops the nanoseconds of a wait past
+                    // 2^53 ns, naming a second too few.
+                    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                    Some(secs.max(1).to_string())
                 }
                 RetryAfterMode::Date => {
                     // HTTP-dates have 1 s resolution: round the resume time up so a client that
@@ -714,8 +716,21 @@ impl State {
         let lockout = self.config.rate_lockout.map(|l| self.config.scaled(l));
         let acct = self.account(account);
         if let Some(until) = acct.locked_until.filter(|&until| now < until) {
-            // Fixed from the refusal that set it: a client cannot lengthen it by asking.
-            return Err(until - now);
+            // Fixed from the refusal that set it: a client cannot lengthen it by asking. The
+            // wait names the rate limits' own too, when longer (a lockout under one interval),
+            // without touching their state.
+            let limits = [
+                account_limit.map(|(interval, tolerance, _)| (acct.tat, interval, tolerance)),
+                costs_interval.map(|interval| (acct.costs_tat, interval, Duration::ZERO)),
+            ];
+            let wait = limits
+                .into_iter()
+                .flatten()
+                .filter_map(|(tat, interval, tolerance)| {
+                    gcra(tat, interval, tolerance, false, now).err()
+                })
+                .fold(until - now, |wait, (w, _)| wait.max(w));
+            return Err(wait);
         }
         let general = account_limit.map(|(interval, tolerance, penalty)| {
             gcra(acct.tat, interval, tolerance, penalty, now)

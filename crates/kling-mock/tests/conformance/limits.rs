@@ -334,6 +334,52 @@ async fn a_costs_refusal_starts_the_lockout_which_the_speed_divides() {
     c.get(LIST).await.data();
 }
 
+/// A lockout shorter than the rate limit's own wait: a refusal within it names the longer of
+/// the two, or a client obeying it came back while the rate limit still refused (and locked
+/// it again).
+#[tokio::test(start_paused = true)]
+async fn a_refusal_within_a_short_lockout_names_the_rate_limits_longer_wait() {
+    let c = Caller::new(
+        quiet()
+            .rate_per_minute(6.0) // one request each 10 s
+            .rate_lockout(secs(5))
+            .retry_after(RetryAfterMode::Seconds),
+    );
+    c.get(LIST).await.data();
+    advance_ms(250).await;
+    let r = c.get(LIST).await;
+    r.assert_error(429, 1302);
+    assert_eq!(r.headers["retry-after"], "10");
+    advance_ms(750).await; // 1 s: 4.25 s of the lockout left, 9 s of the interval
+    let r = c.get(LIST).await;
+    r.assert_error(429, 1302);
+    assert_eq!(r.headers["retry-after"], "9");
+    advance(9).await;
+    c.get(LIST).await.data();
+}
+
+/// Past 2^53 ns (about 104 days) an `f64` cannot hold a wait to the nanosecond: the seconds
+/// form is rounded up in integers, or a lockout 1 ns over a whole second was named a second
+/// short and a client obeying it was refused again.
+#[tokio::test(start_paused = true)]
+async fn a_long_rate_lockout_is_never_named_a_second_short() {
+    let c = Caller::new(
+        quiet()
+            .rate_per_minute(60.0)
+            .rate_lockout(secs(20_000_000))
+            .retry_after(RetryAfterMode::Seconds),
+    );
+    c.get(LIST).await.data();
+    c.get(LIST).await.assert_error(429, 1302);
+    // 19,999,999 s and 1 ns left.
+    tokio::time::advance(secs(1) - Duration::from_nanos(1)).await;
+    let r = c.get(LIST).await;
+    r.assert_error(429, 1302);
+    let named: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    tokio::time::advance(secs(named)).await;
+    c.get(LIST).await.data();
+}
+
 /// A zero lockout would be none: refused, naming the field.
 #[test]
 fn a_zero_rate_lockout_is_refused_naming_the_field() {
