@@ -297,8 +297,8 @@ struct Held {
     renewed: Option<Instant>,
     /// Known to exist in Redis (pruned when it no longer does).
     registered: bool,
-    /// A task a reconcile adopted: a create of unknown outcome under its external id, in its
-    /// pool, is the same task (see `APPLY`'s `supersede_ext`).
+    /// A task a reconcile adopted: a create of unknown outcome under its external id, in a
+    /// pool of its account and product, is the same task (see `APPLY`'s `supersede_ext`).
     adopted: bool,
 }
 
@@ -1265,15 +1265,16 @@ impl Inner {
                 args.push(self.change_id());
                 let mut registry = lock(&self.registry);
                 // A create of unknown outcome under the external id of a task a reconcile
-                // adopted in its pool (listed on its path, where known) is that task (its
-                // answer lost after the list named it): it takes the task id, and the adopted
-                // holding goes, as in Redis.
+                // adopted in a pool of its account and product (listed on its path, where
+                // known) is that task (its answer lost after the list named it): it takes the
+                // task id, and the adopted holding goes, as in Redis. Any model's pool: a
+                // list does not say the model.
                 if held.id.is_none() && held.ext.is_some() {
                     let adopted = registry.iter().find(|(_, old)| {
                         old.adopted
                             && old.id.is_some()
                             && old.ext == held.ext
-                            && old.pk == held.pk
+                            && old.key.pool.product() == held.key.pool.product()
                             && old.key.account == held.key.account
                             && may_be(&old.path, &held.path)
                     });

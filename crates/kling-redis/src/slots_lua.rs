@@ -266,20 +266,22 @@ end
 -- task that runs until it is reported ended, whatever a later create under its external id
 -- (the caller reused it, the server made another task) says; one in another pool or on
 -- another path is another path's create (external ids may be unique per create path only).
--- Those stay, both findable. Except a task a reconcile adopted in the same pool (listed on
--- this create's path, where both are known), when this create's task id is unknown (`id`
--- nil: its answer lost after the list named the task): the same task, whose task id this
--- create's holding takes (returned), and whose adopted holding gives its slots back, else
--- the task's end would free only that one.
-local function supersede_ext(f, pk, h, path, id)
+-- Those stay, both findable. Except a task a reconcile adopted in a pool of this create's
+-- product (`product`; the account is `f`'s), listed on this create's path where both are
+-- known, when this create's task id is unknown (`id` nil: its answer lost after the list
+-- named the task): the same task, whose task id this create's holding takes (returned), and
+-- whose adopted holding gives its slots back, else the task's end would free only that one.
+-- In any pool of the product: a list does not say the model, so the pool a reconcile adopts
+-- into may be another model's than the create's.
+local function supersede_ext(f, pk, h, path, id, product)
   if not f then return nil end
   local place = pk .. '\n' .. h
   local took = nil
   for _, x in ipairs(xlive(f)) do
     if x.place ~= place and x.pk == pk and not x.rec.id and may_be(x.rec.p, path) then
       release(x.pk, x.h, x.rec, nil)
-    elseif not id and not took and x.place ~= place and x.pk == pk and x.rec.a and x.rec.id
-        and may_be(x.rec.p, path) then
+    elseif not id and not took and x.place ~= place and x.rec.a and x.rec.id
+        and may_be(x.rec.p, path) and product_of(x.pk) == product then
       took = x.rec.id
       release(x.pk, x.h, x.rec, nil)
     end
@@ -587,7 +589,8 @@ elseif op == 'hold' or op == 'reg' then
   local path = opt(ARGV[14] or '')
   if op == 'hold' then
     supersede(id, pk, h, ARGV[11])
-    id = supersede_ext(ext and xf(ARGV[11], ext), pk, h, path, id) or id
+    local product = string.match(ARGV[12], '^[^:]*')
+    id = supersede_ext(ext and xf(ARGV[11], ext), pk, h, path, id, product) or id
   end
   local raw = redis.call('HGET', pk .. ':h', h)
   -- Its end reported first (by another process, before this hold or registration reached

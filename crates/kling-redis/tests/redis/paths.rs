@@ -642,6 +642,66 @@ async fn a_create_on_another_path_takes_no_adopted_task_under_its_external_id() 
     both!(5, create_beside_another_paths_adopted);
 }
 
+/// `n9`, adopted from a new-style list under `job-9` into the pool the plan names for the
+/// product (`video:kling-3.0`: a list does not say the model), then its create, counted in
+/// another model's pool (`video:kling-2.6`), whose answer is lost: one task, held once (by
+/// its create), and its end frees it. An image `i8` adopted under `job-8` is no video
+/// create's task. (The create took `n9`'s id in the same pool only: `n9` held two slots, and
+/// its end left the create's held for its lease.)
+async fn create_of_another_model_beside_adopted<B: SlotBackend>([one, two]: [B; 2]) {
+    let model = |name: &str| SlotKey::new(account(), Pool::with_model(Product::Video, name));
+    let (listed, created) = (model("kling-3.0"), model("kling-2.6"));
+    let new_style = || CreatePath::NEW_STYLE;
+    let lost = |ext: &'static str| {
+        let created = created.clone();
+        let one = &one;
+        async move {
+            let reservation = one.acquire(created, 1).await.unwrap();
+            one.hold_unread_on(reservation, None, Some(ext), LEASE, None, new_style())
+                .await
+                .unwrap();
+        }
+    };
+    let adopted = two
+        .adopt_on(adopt(listed.clone(), "n9", Some("job-9")), new_style())
+        .await
+        .unwrap();
+    assert!(adopted.changed, "adopted");
+    lost("job-9").await;
+    assert_eq!(
+        in_use(&two, &listed).await,
+        0,
+        "the adopted n9 gave it back"
+    );
+    assert_eq!(
+        in_use(&two, &created).await,
+        1,
+        "n9 held once, by its create"
+    );
+    let applied = two.apply(ended("n9")).await.unwrap();
+    assert_eq!(tasks(&applied), ["n9"]);
+    assert_eq!(applied.released[0].key, created);
+    assert_eq!(in_use(&two, &created).await, 0, "nothing held for n9");
+
+    let image = SlotKey::new(account(), Pool::with_model(Product::Image, "kling-v2"));
+    let adopted = two
+        .adopt_on(adopt(image.clone(), "i8", Some("job-8")), new_style())
+        .await
+        .unwrap();
+    assert!(adopted.changed, "adopted");
+    lost("job-8").await;
+    assert_eq!(in_use(&two, &image).await, 1, "i8 runs");
+    let applied = two.apply(ended("i8")).await.unwrap();
+    assert_eq!(tasks(&applied), ["i8"]);
+    assert_eq!(applied.released[0].key, image, "not the video create");
+    assert_eq!(in_use(&two, &created).await, 1, "the video create may run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_create_of_another_models_pool_takes_over_its_adopted_task() {
+    both!(5, create_of_another_model_beside_adopted);
+}
+
 /// The finished-task metrics recorded so far (on this thread): how many tasks were counted
 /// finished, and how many lifetimes.
 fn finished_counted(snapshotter: &metrics_util::debugging::Snapshotter) -> (u64, usize) {

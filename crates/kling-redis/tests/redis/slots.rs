@@ -3942,6 +3942,61 @@ async fn an_adopted_tasks_end_frees_its_creates_slot_kept_later_under_its_extern
     assert_eq!(one.held_here(), 0);
 }
 
+/// The owner's record, used while Redis is away, joins a task a reconcile adopted into one
+/// model's pool (`video:kling-3.0`: a list does not say the model) with its lost create of
+/// another model's pool of the product, as Redis does (see `paths.rs`'s
+/// `a_lost_create_of_another_models_pool_takes_over_its_adopted_task`): one holding, freed by
+/// the task's end there. (It kept both, so its share counted the task twice.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owners_record_joins_an_adopted_task_and_its_lost_create_of_another_model() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 5).await;
+    // (No pass prunes the adopted holding meanwhile: the hold itself must.)
+    kling_redis::testing::hold_maintenance(&one, true);
+    let model = |name: &str| SlotKey::new(video().account, Pool::with_model(Product::Video, name));
+    let granted = one.acquire(model("kling-2.6"), 1).await.unwrap();
+    let adopt = SlotOp::Adopt {
+        key: model("kling-3.0"),
+        task: TaskRef {
+            id: Some("t1".to_owned()),
+            external_id: Some("job-9".to_owned()),
+        },
+        weight: 1,
+        lease: LONG,
+    };
+    assert!(one.apply(adopt).await.unwrap().changed, "adopted");
+    one.apply(hold_unknown(granted, "job-9")).await.unwrap();
+    assert_eq!(in_use(&one).await, 1, "one task, one slot");
+    assert_eq!(one.held_here(), 1, "and so in the owner's record");
+    // An image `i8` adopted under `job-8` is no video create's task.
+    let image = SlotKey::new(
+        video().account,
+        Pool::with_model(Product::Image, "kling-v2"),
+    );
+    let adopt = SlotOp::Adopt {
+        key: image,
+        task: TaskRef {
+            id: Some("i8".to_owned()),
+            external_id: Some("job-8".to_owned()),
+        },
+        weight: 1,
+        lease: LONG,
+    };
+    assert!(one.apply(adopt).await.unwrap().changed, "adopted");
+    let granted = one.acquire(model("kling-2.6"), 1).await.unwrap();
+    one.apply(hold_unknown(granted, "job-8")).await.unwrap();
+    assert_eq!(in_use(&one).await, 3, "t1, i8 and the job-8 create");
+    assert_eq!(one.held_here(), 3, "and so in the owner's record");
+    server.stop();
+    let end = one
+        .apply(ended("t1", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(end.released.len(), 1, "{end:?}");
+    assert_eq!(end.released[0].key, model("kling-2.6"));
+    assert_eq!(one.held_here(), 2, "i8 and the job-8 create");
+}
+
 /// A create whose answer was lost (kept under its external id alone), then a reconcile whose
 /// list names its task: the list adopts nothing (the create's holding is the task), and the
 /// holding learns the task id the list names, so that `complete` by task id (or a callback
