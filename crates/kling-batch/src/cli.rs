@@ -343,9 +343,19 @@ pub fn load_config(args: &RunArgs) -> Result<StackConfig, SetupError> {
         // by name alone, it was ignored and the preset's value used without a word.
         StackConfig::check_env_names(std::env::vars_os().map(|(name, _)| name))
             .map_err(|e| SetupError::new(e.field().to_owned(), e.to_string()))?;
-        StackConfig::preset(tier)
-            .with_lookup(|name| std::env::var(name).ok())
-            .map_err(|e| SetupError::new(e.field().to_owned(), e.to_string()))?
+        // Values not UTF-8 are refused, as `from_env` does: read as unset, the preset's value
+        // was used without a word. The first one the stack asked for is named.
+        let unreadable = std::cell::RefCell::new(None);
+        let config = StackConfig::preset(tier).with_lookup(|name| {
+            env_text(name).unwrap_or_else(|e| {
+                unreadable.borrow_mut().get_or_insert(e);
+                None
+            })
+        });
+        if let Some(e) = unreadable.into_inner() {
+            return Err(e);
+        }
+        config.map_err(|e| SetupError::new(e.field().to_owned(), e.to_string()))?
     } else {
         StackConfig::from_env().map_err(|e| SetupError::new(e.field().to_owned(), e.to_string()))?
     };
@@ -365,6 +375,18 @@ pub fn load_config(args: &RunArgs) -> Result<StackConfig, SetupError> {
     };
     check_speed(&config, speed_source)?;
     Ok(config)
+}
+
+/// A variable's value, `None` if unset. One set to bytes that are not UTF-8 is refused,
+/// naming it (`std::env::var(..).ok()` read it as unset, without a word).
+fn env_text(name: &str) -> Result<Option<String>, SetupError> {
+    std::env::var_os(name)
+        .map(|value| {
+            value
+                .into_string()
+                .map_err(|_| SetupError::new(name, "is set but is not valid UTF-8"))
+        })
+        .transpose()
 }
 
 /// Validates `config` as a run uses it (its retry deadline raised to
@@ -490,9 +512,9 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
         // A secret refused is named by where it came from: the option, else the variable.
         let secret = match &args.callback_secret {
             Some(secret) => Some(("--callback-secret", secret.clone())),
-            None => std::env::var("KLING_WEBHOOK_SECRET")
-                .ok()
-                .map(|secret| ("KLING_WEBHOOK_SECRET", secret)),
+            None => {
+                env_text("KLING_WEBHOOK_SECRET")?.map(|secret| ("KLING_WEBHOOK_SECRET", secret))
+            }
         };
         let verifier = match secret {
             Some((source, secret)) => Some(
@@ -658,9 +680,7 @@ async fn build_stack(
     #[cfg(feature = "redis")]
     if let Some((source, url)) = match &args.redis {
         Some(url) => Some(("--redis", url.clone())),
-        None => std::env::var("KLING_REDIS_URL")
-            .ok()
-            .map(|url| ("KLING_REDIS_URL", url)),
+        None => env_text("KLING_REDIS_URL")?.map(|url| ("KLING_REDIS_URL", url)),
     } {
         use kling_tower::redis::{Connection, RedisConfig};
         let mut redis = RedisConfig::new(url);

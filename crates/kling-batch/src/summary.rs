@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::journal::{JobRecord, JobState};
 use crate::progress::is_429;
-use crate::run::{FOLLOW_DEADLINE, PANICKED};
+use crate::run::{FOLLOW_DEADLINE, NOT_YET_LISTED, PANICKED};
 
 /// The lower bound on a run's makespan, in seconds: task-seconds of each pool over its slots,
 /// and the intervals between the requests that must be sent at the allowed rate (per second;
@@ -68,6 +68,14 @@ pub(crate) const DEADLINE_REASON: &str = "deadline passed; the task exists: run 
 /// journal follows it.
 pub(crate) const FOLLOW_ERROR_REASON: &str = "an error; the task exists: run again to follow it";
 
+/// The reason of a job of unknown create outcome whose create panicked (a bug): it may have
+/// been sent, and a run on the same journal looks it up (the row above says so).
+pub(crate) const CREATE_PANIC_REASON: &str = "kling-batch panicked (a bug) during the create";
+
+/// The reason of a job of unknown create outcome that recorded none: its create was sent
+/// and the run stopped or was killed before the answer (a lookup by the next run tells).
+pub(crate) const UNANSWERED_REASON: &str = "sent, no answer recorded (stopped or killed)";
+
 /// The longest reason the table shows whole; the results file and `--json` keep every reason
 /// whole.
 const REASON_CHARS: usize = 72;
@@ -78,6 +86,61 @@ fn shortened(reason: &str) -> std::borrow::Cow<'_, str> {
     match reason.char_indices().nth(REASON_CHARS) {
         Some((end, _)) => format!("{}…", &reason[..end]).into(),
         None => reason.into(),
+    }
+}
+
+/// `message` as a reason to count jobs under: without the retry layer's tally (`after 6
+/// attempts in 132.62ms (34.07ms backing off)`), whose times differ from job to job, so
+/// that jobs refused alike share one row, not one each. The results file keeps it whole.
+fn reason_of(message: &str) -> String {
+    const END: &str = " backing off)";
+    let mut reason = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find(" after ") {
+        let tally = &rest[start..];
+        let is_tally = tally[" after ".len()..].starts_with(|c: char| c.is_ascii_digit())
+            && tally.contains(" attempt");
+        match tally.find(END).filter(|_| is_tally) {
+            Some(end) => {
+                reason.push_str(&rest[..start]);
+                rest = &tally[end + END.len()..];
+            }
+            None => {
+                reason.push_str(&rest[..start + " after ".len()]);
+                rest = &tally[" after ".len()..];
+            }
+        }
+    }
+    reason.push_str(rest);
+    reason
+}
+
+/// The Kling code a reason begins with (`1102 resource pack …`), if any.
+fn leading_code(reason: &str) -> Option<i64> {
+    reason.split(' ').next()?.parse().ok()
+}
+
+/// What to do about jobs not submitted for `reason`: a refusal of the account or its
+/// credentials comes back on a rerun until it is dealt with, so the table says how.
+fn not_submitted_hint(reason: &str) -> &'static str {
+    match leading_code(reason) {
+        Some(1102) => "top up credits or the resource pack, then run again",
+        Some(1100 | 1101) => "settle the account with Kling, then run again",
+        Some(1000..=1002) => "check the keys and the --base-url region, then run again",
+        Some(1103) => "get access to the model, then run again",
+        Some(1304) => "allow this machine's IP for the account, then run again",
+        _ => "run again to send",
+    }
+}
+
+/// What to do about jobs failed for `reason`, when the job itself must change: a rerun does
+/// not send a failed job again.
+fn failed_hint(reason: &str) -> Option<&'static str> {
+    match leading_code(reason) {
+        Some(1300 | 1301) => Some("change the prompt or image, under a new id"),
+        Some(1200..=1203) => Some("fix the job's fields, under a new id"),
+        Some(1103) => Some("get access to the model, then a new id"),
+        _ => None,
     }
 }
 
@@ -131,6 +194,12 @@ pub struct Summary {
     /// the lookup that would tell could not be made. The next run looks them up.
     #[serde(default)]
     pub unknown_by_reason: BTreeMap<String, usize>,
+    /// Jobs of unknown create outcome whose create may have made a task (its answer lost, a
+    /// `5000`, a timeout, a run stopped or killed while it waited), by what ended it
+    /// (`5000 internal error`, `sent, no answer recorded (stopped or killed)`): not refused,
+    /// their fate is open. The next run looks them up.
+    #[serde(default)]
+    pub unknown_open_by_reason: BTreeMap<String, usize>,
     /// Logical calls through the stack (creates, queries, lookups).
     pub calls: u64,
     /// Requests sent to the server (retries included).
@@ -227,7 +296,7 @@ impl Summary {
                     let reason = match &record.error {
                         Some(e) if e.code != 0 => code_reason(e.code),
                         Some(e) if e.message.starts_with("task failed") => "task failed".to_owned(),
-                        Some(e) => e.message.clone(),
+                        Some(e) => reason_of(&e.message),
                         None => "unknown".to_owned(),
                     };
                     *self.failed_by_reason.entry(reason).or_default() += 1;
@@ -239,7 +308,7 @@ impl Summary {
                         let reason = if e.code != 0 {
                             code_reason(e.code)
                         } else {
-                            e.message.clone()
+                            reason_of(&e.message)
                         };
                         *self.not_submitted_by_reason.entry(reason).or_default() += 1;
                     }
@@ -262,12 +331,35 @@ impl Summary {
                 }
                 JobState::Creating => {
                     self.unknown += 1;
-                    if let Some(e) = record.error.as_ref().filter(|e| e.code != 0) {
-                        *self
-                            .unknown_by_reason
-                            .entry(code_reason(e.code))
-                            .or_default() += 1;
-                    }
+                    // A refusal stays one; any other end (a lost answer, a 5000, a timeout)
+                    // may have made a task, and is not called refused.
+                    let (refused, reason) = match &record.error {
+                        Some(e) => match e.message.strip_prefix(NOT_YET_LISTED) {
+                            Some(cause) => {
+                                let cause = cause.trim_start_matches(": ");
+                                let reason = match e.code {
+                                    0 => reason_of(cause),
+                                    code => code_reason(code),
+                                };
+                                (false, reason)
+                            }
+                            None if e.message.starts_with(PANICKED) => {
+                                (false, CREATE_PANIC_REASON.to_owned())
+                            }
+                            None if e.code == 0 => (false, reason_of(&e.message)),
+                            None => (
+                                !kling_core::Code::from_i64(e.code).may_have_created(),
+                                code_reason(e.code),
+                            ),
+                        },
+                        None => (false, UNANSWERED_REASON.to_owned()),
+                    };
+                    let by_reason = if refused {
+                        &mut self.unknown_by_reason
+                    } else {
+                        &mut self.unknown_open_by_reason
+                    };
+                    *by_reason.entry(reason).or_default() += 1;
                 }
             }
         }
@@ -379,13 +471,39 @@ impl fmt::Display for Summary {
                 format!("{} (run again to ask for them)", self.no_result_url),
             ));
         }
-        rows.push(("failed".into(), self.failed.to_string()));
+        rows.push((
+            "failed".into(),
+            if self.failed > 0 {
+                format!(
+                    "{} (not sent again by a rerun: to try one again, give it a new id)",
+                    self.failed
+                )
+            } else {
+                "0".into()
+            },
+        ));
         for (reason, n) in &self.failed_by_reason {
-            rows.push((format!("  {reason}"), n.to_string()));
+            rows.push((
+                format!("  {reason}"),
+                match failed_hint(reason) {
+                    Some(hint) => format!("{n} ({hint})"),
+                    None => n.to_string(),
+                },
+            ));
         }
-        rows.push(("not submitted".into(), self.not_submitted.to_string()));
+        rows.push((
+            "not submitted".into(),
+            if self.not_submitted > 0 {
+                format!("{} (never created: a rerun sends them)", self.not_submitted)
+            } else {
+                "0".into()
+            },
+        ));
         for (reason, n) in &self.not_submitted_by_reason {
-            rows.push((format!("  {}", shortened(reason)), n.to_string()));
+            rows.push((
+                format!("  {}", shortened(reason)),
+                format!("{n} ({})", not_submitted_hint(reason)),
+            ));
         }
         if self.unfinished > 0 {
             rows.push((
@@ -406,7 +524,8 @@ impl fmt::Display for Summary {
             rows.push((
                 "downloads gone".into(),
                 format!(
-                    "{} (result URLs refused for good, expired: not fetched again)",
+                    "{} (result URLs refused for good, expired: not fetched again; \
+                     --refetch-gone to try)",
                     self.downloads_gone
                 ),
             ));
@@ -418,6 +537,12 @@ impl fmt::Display for Summary {
             ));
             for (reason, n) in &self.unknown_by_reason {
                 rows.push((format!("  create refused: {reason}"), n.to_string()));
+            }
+            for (reason, n) in &self.unknown_open_by_reason {
+                rows.push((
+                    format!("  create outcome unknown: {}", shortened(reason)),
+                    n.to_string(),
+                ));
             }
         }
         rows.push((
@@ -620,7 +745,9 @@ mod tests {
     }
 
     /// A job of unknown create outcome whose create Kling refused is counted under the
-    /// refusal's code, and the table says what to do: such jobs showed as a bare count.
+    /// refusal's code, and the table says what to do: such jobs showed as a bare count. One
+    /// whose create may have made a task (a 5000, a timeout, no answer) is not called
+    /// refused: a 5000 showed as `create refused: 5000 internal error`.
     #[test]
     fn jobs_of_unknown_outcome_are_counted_by_the_refusal_of_their_create() {
         use crate::journal::ErrorInfo;
@@ -647,14 +774,41 @@ mod tests {
                 None,
             ))),
             record(None),
+            // A 5000 whose lookup failed, and one whose lookup found nothing yet: neither
+            // was refused, either may have made a task.
+            record(Some(ErrorInfo::new(5000, "internal error", None))),
+            record(Some(ErrorInfo::new(
+                5000,
+                format!("{NOT_YET_LISTED}: internal error"),
+                None,
+            ))),
+            record(Some(ErrorInfo::new(
+                0,
+                format!("{NOT_YET_LISTED}: attempt timed out after 30 s"),
+                None,
+            ))),
         ];
         let mut s = Summary::default();
         s.count_jobs(&records);
-        assert_eq!(s.unknown, 4);
+        assert_eq!(s.unknown, 7);
         let reason = "1103 no permission for this api or model";
         assert_eq!(
             s.unknown_by_reason,
             BTreeMap::from([(reason.to_owned(), 2)])
+        );
+        assert_eq!(
+            s.unknown_open_by_reason,
+            BTreeMap::from([
+                ("5000 internal error".to_owned(), 2),
+                ("attempt timed out after 30 s".to_owned(), 2),
+                (UNANSWERED_REASON.to_owned(), 1),
+            ])
+        );
+        // Every job of unknown outcome is under one reason.
+        assert_eq!(
+            s.unknown_by_reason.values().sum::<usize>()
+                + s.unknown_open_by_reason.values().sum::<usize>(),
+            s.unknown
         );
         let table = s.to_string();
         let has_row = |key: &str, value: &str| {
@@ -666,13 +820,168 @@ mod tests {
             })
         };
         assert!(
-            has_row("create outcome unknown", "4 (run again to look up)"),
+            has_row("create outcome unknown", "7 (run again to look up)"),
             "{table}"
         );
         assert!(
             has_row(&format!("  create refused: {reason}"), "2"),
             "{table}"
         );
+        assert!(
+            has_row("  create outcome unknown: 5000 internal error", "2"),
+            "{table}"
+        );
+        assert!(!table.contains("create refused: 5000"), "{table}");
+        assert!(
+            has_row(
+                &format!("  create outcome unknown: {UNANSWERED_REASON}"),
+                "1"
+            ),
+            "{table}"
+        );
+    }
+
+    /// A run with every kind of ending: the table's counts add up to the jobs in the file,
+    /// each row of jobs left undone says what to do, and no row shows a result URL. Jobs
+    /// refused for the account's credits (`1102`) read as a bare count, with nothing saying
+    /// to top up before running again, and failed ones as if a rerun would send them.
+    #[test]
+    fn every_row_of_a_run_with_every_ending_adds_up_and_says_what_to_do() {
+        use crate::journal::ErrorInfo;
+
+        let record = |state, urls: &[&str], error: Option<ErrorInfo>, download| JobRecord {
+            job_id: String::new(),
+            line: 0,
+            endpoint: String::new(),
+            external_id: String::new(),
+            state,
+            task_id: None,
+            status: None,
+            urls: urls.iter().map(|u| (*u).to_owned()).collect(),
+            files: Vec::new(),
+            error,
+            download_error: download,
+        };
+        let error = |code, message: &str| Some(ErrorInfo::new(code, message, None));
+        let signed = ["https://cdn.example/0.mp4?sig=s3cr3t"];
+        let records = [
+            record(JobState::Succeeded, &signed, None, None),
+            record(
+                JobState::Succeeded,
+                &signed,
+                None,
+                error(0, "download of https://cdn.example/0.mp4: timed out"),
+            ),
+            record(
+                JobState::Failed,
+                &[],
+                error(0, "task failed: bad frame"),
+                None,
+            ),
+            record(JobState::Failed, &[], error(1301, "unsafe"), None),
+            record(JobState::NotSubmitted, &[], error(1102, "exhausted"), None),
+            record(
+                JobState::NotSubmitted,
+                &[],
+                error(1103, "no permission"),
+                None,
+            ),
+            record(
+                JobState::NotSubmitted,
+                &[],
+                error(0, "not submitted: the run was stopped"),
+                None,
+            ),
+            record(
+                JobState::Creating,
+                &[],
+                error(5000, &format!("{NOT_YET_LISTED}: internal error")),
+                None,
+            ),
+            record(JobState::Created, &[], None, None),
+        ];
+        let mut s = Summary::default();
+        s.count_jobs(&records);
+        assert_eq!(
+            s.ok + s.no_result_url + s.failed + s.not_submitted + s.unfinished + s.unknown,
+            s.jobs
+        );
+        assert_eq!(s.jobs, records.len());
+        let table = s.to_string();
+        let row = |key: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(&format!("{key}  ")))
+                .unwrap_or_else(|| panic!("no row {key:?}: {table}"))
+                .to_owned()
+        };
+        assert!(row("  1102 resource pack exhausted or expired").contains("top up credits"));
+        assert!(row("  1102 resource pack exhausted or expired").contains("run again"));
+        assert!(row("  1103 no permission for this api or model").contains("access"));
+        assert!(row("  not submitted: the run was stopped").contains("run again"));
+        assert!(row("not submitted").contains("rerun sends them"), "{table}");
+        assert!(row("failed").contains("new id"), "{table}");
+        assert!(row("  1301 refused by content security").contains("change the prompt"));
+        assert!(row("still running").contains("run again"), "{table}");
+        assert!(row("downloads missing").contains("run again"), "{table}");
+        assert!(
+            row("create outcome unknown").contains("run again"),
+            "{table}"
+        );
+        assert!(!table.contains("cdn.example"), "{table}");
+        assert!(!table.contains("s3cr3t"), "{table}");
+    }
+
+    /// Jobs refused alike are counted under one reason: the retry layer's tally in their
+    /// messages (`after 6 attempts in 132.6ms (34.0ms backing off)`) differs from job to job,
+    /// and a run against a server that did not answer listed each of its jobs on a row of
+    /// its own.
+    #[test]
+    fn jobs_refused_alike_share_a_reason_whatever_their_retry_timings() {
+        use crate::journal::ErrorInfo;
+
+        let record = |state, message: String| JobRecord {
+            job_id: String::new(),
+            line: 0,
+            endpoint: String::new(),
+            external_id: String::new(),
+            state,
+            task_id: None,
+            status: None,
+            urls: Vec::new(),
+            files: Vec::new(),
+            error: Some(ErrorInfo::new(0, message, None)),
+            download_error: None,
+        };
+        let refused = |ms: u32, attempts: u32| {
+            format!(
+                "attempts exhausted after {attempts} attempts in {ms}.62ms ({ms}.07ms backing \
+                 off): request was never sent: client error (Connect)"
+            )
+        };
+        let mut records: Vec<JobRecord> = (0..5)
+            .map(|i| record(JobState::NotSubmitted, refused(130 + i, 6)))
+            .collect();
+        records.push(record(JobState::Failed, refused(7, 1)));
+        records.push(record(JobState::Failed, refused(9, 1)));
+        records.push(record(
+            JobState::Creating,
+            format!("{NOT_YET_LISTED}: {}", refused(1, 2)),
+        ));
+        records.push(record(JobState::Creating, refused(3, 2)));
+        let mut s = Summary::default();
+        s.count_jobs(&records);
+        let reason =
+            "attempts exhausted: request was never sent: client error (Connect)".to_owned();
+        assert_eq!(
+            s.not_submitted_by_reason,
+            BTreeMap::from([(reason.clone(), 5)])
+        );
+        assert_eq!(s.failed_by_reason, BTreeMap::from([(reason.clone(), 2)]));
+        assert_eq!(s.unknown_open_by_reason, BTreeMap::from([(reason, 2)]));
+        // Text that is no tally is kept.
+        assert_eq!(reason_of("gave up after a while"), "gave up after a while");
+        assert_eq!(reason_of("after 3 attempts"), "after 3 attempts");
     }
 
     #[test]

@@ -265,6 +265,12 @@ async fn a_panic_in_a_jobs_create_follow_or_download_is_reported_and_the_rest_go
         summary.unfinished_by_reason,
         BTreeMap::from([(crate::summary::PANIC_REASON.to_owned(), 1)])
     );
+    // `c`'s create may have been sent: of unknown outcome, not refused.
+    assert_eq!(
+        summary.unknown_open_by_reason,
+        BTreeMap::from([(crate::summary::CREATE_PANIC_REASON.to_owned(), 1)])
+    );
+    assert!(summary.unknown_by_reason.is_empty());
     let table = summary.to_string();
     let row = format!("not followed: {}  1", crate::summary::PANIC_REASON);
     assert!(table.contains(&row), "{table}");

@@ -422,3 +422,49 @@ async fn a_download_folder_whose_path_is_not_utf8_is_refused() {
     assert_eq!(server.stats().requests_total, 0, "{stderr}");
     assert!(!folder.exists());
 }
+
+/// A variable the run reads set to bytes that are not UTF-8 is refused, naming it, with
+/// `--tier` as without: read as unset, `--tier` used the preset's number in its place (a
+/// `KLING_SLOTS` of 1 meant for an account's single slot became the Pro tier's 5), a
+/// `KLING_WEBHOOK_SECRET` left callbacks unverified and a `KLING_REDIS_URL` the limits in
+/// this process alone, without a word.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_variable_that_is_not_utf8_is_refused_naming_it() {
+    use std::os::unix::ffi::OsStrExt as _;
+
+    let dir = temp_dir("non-utf8-var");
+    let jobs = dir.join("jobs.jsonl");
+    std::fs::write(&jobs, "{\"prompt\":\"x\"}\n").unwrap();
+    let latin1 = std::ffi::OsStr::from_bytes(b"1\xe9");
+    let mut cases: Vec<(&[&str], &str)> = vec![
+        (&["--tier", "pro"], "KLING_SLOTS"),
+        (&["--tier", "pro"], "KLING_DAILY_CREDITS"),
+        (&[], "KLING_SLOTS"),
+        (
+            &["--tier", "pro", "--callback-listen", "127.0.0.1:0"],
+            "KLING_WEBHOOK_SECRET",
+        ),
+    ];
+    if cfg!(feature = "redis") {
+        cases.push((&["--tier", "pro"], "KLING_REDIS_URL"));
+    }
+    for (args, var) in cases {
+        let mut cmd = refused_run(&jobs, args);
+        if args.is_empty() {
+            cmd.env("KLING_TIER", "pro");
+        }
+        cmd.env(var, latin1);
+        let output = finish(cmd).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?} {var}: {stderr}");
+        assert!(
+            stderr.contains(&format!("kling-batch: {var}: ")),
+            "{args:?} {var}: {stderr}"
+        );
+        assert!(
+            stderr.contains("not valid UTF-8"),
+            "{args:?} {var}: {stderr}"
+        );
+    }
+}
