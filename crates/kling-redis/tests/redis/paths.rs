@@ -702,6 +702,70 @@ async fn a_lost_create_of_another_models_pool_takes_over_its_adopted_task() {
     both!(5, create_of_another_model_beside_adopted);
 }
 
+/// A lost new-style create of `video:kling-2.6` beside tasks adopted under its external id:
+/// one adopted into the product's own pool (`video`, a pool name without a model) from the
+/// new-style list is its task (the list does not say the model); one listed on a legacy path,
+/// or adopted in another account under the same external id, is not.
+async fn create_of_a_model_beside_product_wide_adopted<B: SlotBackend>([one, two]: [B; 2]) {
+    let model = SlotKey::new(account(), Pool::with_model(Product::Video, "kling-2.6"));
+    let other = SlotKey::new(AccountId::new("other"), Pool::new(Product::Video));
+    let lost = |ext: &'static str| {
+        let (model, one) = (model.clone(), &one);
+        async move {
+            let reservation = one.acquire(model, 1).await.unwrap();
+            one.hold_unread_on(
+                reservation,
+                None,
+                Some(ext),
+                LEASE,
+                None,
+                CreatePath::NEW_STYLE,
+            )
+            .await
+            .unwrap();
+        }
+    };
+    let adopted = two
+        .adopt_on(adopt(video(), "v5", Some("job-5")), on(TEXT2VIDEO))
+        .await
+        .unwrap();
+    assert!(adopted.changed, "adopted");
+    let adopted = two
+        .adopt_on(
+            adopt(other.clone(), "w5", Some("job-5")),
+            CreatePath::NEW_STYLE,
+        )
+        .await
+        .unwrap();
+    assert!(adopted.changed, "adopted");
+    lost("job-5").await;
+    assert_eq!(in_use(&two, &video()).await, 1, "v5, a legacy list's, runs");
+    assert_eq!(in_use(&two, &other).await, 1, "w5, another account's, runs");
+    assert_eq!(in_use(&two, &model).await, 1, "the create may run");
+
+    let adopted = two
+        .adopt_on(adopt(video(), "n6", Some("job-6")), CreatePath::NEW_STYLE)
+        .await
+        .unwrap();
+    assert!(adopted.changed, "adopted");
+    lost("job-6").await;
+    assert_eq!(
+        in_use(&two, &video()).await,
+        1,
+        "the adopted n6 gave it back"
+    );
+    assert_eq!(in_use(&two, &model).await, 2, "n6 held by its create");
+    let applied = two.apply(ended("n6")).await.unwrap();
+    assert_eq!(tasks(&applied), ["n6"]);
+    assert_eq!(applied.released[0].key, model);
+    assert_eq!(in_use(&two, &model).await, 1, "the job-5 create may run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_create_joins_a_product_wide_adopted_task_of_its_path_and_account_only() {
+    both!(5, create_of_a_model_beside_product_wide_adopted);
+}
+
 /// The finished-task metrics recorded so far (on this thread): how many tasks were counted
 /// finished, and how many lifetimes.
 fn finished_counted(snapshotter: &metrics_util::debugging::Snapshotter) -> (u64, usize) {

@@ -4882,3 +4882,57 @@ async fn a_lease_renewed_shorter_lets_a_waiter_in_when_it_ends() {
     assert!(waited < Duration::from_secs(3), "{waited:?}");
     assert_eq!(granted.weight, 1);
 }
+
+/// A renewal announces on `PREFIX:freed` only when it brings the pool's next lease deadline
+/// forward: a renewal that ends later (the common case), or sooner than its own old lease but
+/// after the pool's next deadline (which waiters wake at anyway), wakes no process's waiters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_renewal_that_brings_the_next_deadline_forward_is_announced() {
+    let Some(server) = redis() else { return };
+    let one = backend(&server, 2)
+        .await
+        .maintain_every(Duration::from_secs(30));
+    let held = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(held, "t1", Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let held = one.acquire(video(), 1).await.unwrap();
+    one.apply(hold(held, "t2", Duration::from_secs(40)))
+        .await
+        .unwrap();
+    // The prefix is `test` (`support::connect`).
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut events = client.get_async_pubsub().await.unwrap();
+    events.subscribe("test:freed").await.unwrap();
+    let mut events = events.into_on_message();
+    let mut announced = async || {
+        let mut pools = Vec::new();
+        loop {
+            let next = std::future::poll_fn(|cx| {
+                futures_core::Stream::poll_next(std::pin::Pin::new(&mut events), cx)
+            });
+            match tokio::time::timeout(Duration::from_millis(300), next).await {
+                Ok(Some(msg)) => pools.push(msg.get_payload::<String>().unwrap()),
+                _ => return pools,
+            }
+        }
+    };
+    let renew = async |lease: Duration| {
+        let mut renewed = ended("t2", Some(TaskStatus::Processing));
+        if let SlotOp::Update { lease: l, .. } = &mut renewed {
+            *l = lease;
+        }
+        let applied = one.apply(renewed).await.unwrap();
+        assert!(applied.released.is_empty());
+    };
+    renew(Duration::from_secs(60)).await;
+    assert_eq!(announced().await, Vec::<String>::new(), "renewed later");
+    renew(Duration::from_secs(30)).await;
+    assert_eq!(
+        announced().await,
+        Vec::<String>::new(),
+        "renewed sooner, after t1's lease"
+    );
+    renew(Duration::from_secs(1)).await;
+    assert_eq!(announced().await.len(), 1, "renewed before t1's lease");
+}
