@@ -89,10 +89,63 @@ fn shortened(reason: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// The reasons of `by_reason` as the table shows them, with their counts: each
+/// [`shortened`], but whole where two would read alike (the messages of creates of open
+/// outcome share their first hundred characters, and differ in the status at the end).
+fn shown(by_reason: &BTreeMap<String, usize>) -> Vec<(std::borrow::Cow<'_, str>, &str, usize)> {
+    let short: Vec<_> = by_reason.keys().map(|reason| shortened(reason)).collect();
+    let mut readings: BTreeMap<&str, usize> = BTreeMap::new();
+    for label in &short {
+        *readings.entry(label).or_default() += 1;
+    }
+    by_reason
+        .iter()
+        .zip(&short)
+        .map(|((reason, n), label)| {
+            let label = if readings[label.as_ref()] > 1 {
+                reason.as_str().into()
+            } else {
+                label.clone()
+            };
+            (label, reason.as_str(), *n)
+        })
+        .collect()
+}
+
 /// `message` as a reason to count jobs under: without the retry layer's tally (`after 6
-/// attempts in 132.62ms (34.07ms backing off)`), whose times differ from job to job, so
-/// that jobs refused alike share one row, not one each. The results file keeps it whole.
+/// attempts in 132.62ms (34.07ms backing off)`), whose times differ from job to job, nor the
+/// create's external id (`(external id kb-…)`), each job's own, so that jobs refused alike
+/// share one row, not one each. The results file keeps it whole.
 fn reason_of(message: &str) -> String {
+    without_external_ids(&without_tally(message))
+}
+
+/// `message` without the retry layer's ` (external id …)` (one id, no space in it).
+fn without_external_ids(message: &str) -> String {
+    const START: &str = " (external id ";
+    let mut reason = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find(START) {
+        let after = &rest[start + START.len()..];
+        match after.find(')').filter(|&end| {
+            end > 0 && !after[..end].contains(|c: char| c.is_whitespace() || c == '(')
+        }) {
+            Some(end) => {
+                reason.push_str(&rest[..start]);
+                rest = &after[end + 1..];
+            }
+            None => {
+                reason.push_str(&rest[..start + START.len()]);
+                rest = after;
+            }
+        }
+    }
+    reason.push_str(rest);
+    reason
+}
+
+/// `message` without the retry layer's tally (see [`reason_of`]).
+fn without_tally(message: &str) -> String {
     const END: &str = " backing off)";
     let mut reason = String::with_capacity(message.len());
     let mut rest = message;
@@ -499,9 +552,9 @@ impl fmt::Display for Summary {
                 "0".into()
             },
         ));
-        for (reason, n) in &self.not_submitted_by_reason {
+        for (label, reason, n) in shown(&self.not_submitted_by_reason) {
             rows.push((
-                format!("  {}", shortened(reason)),
+                format!("  {label}"),
                 format!("{n} ({})", not_submitted_hint(reason)),
             ));
         }
@@ -538,11 +591,8 @@ impl fmt::Display for Summary {
             for (reason, n) in &self.unknown_by_reason {
                 rows.push((format!("  create refused: {reason}"), n.to_string()));
             }
-            for (reason, n) in &self.unknown_open_by_reason {
-                rows.push((
-                    format!("  create outcome unknown: {}", shortened(reason)),
-                    n.to_string(),
-                ));
+            for (label, _, n) in shown(&self.unknown_open_by_reason) {
+                rows.push((format!("  create outcome unknown: {label}"), n.to_string()));
             }
         }
         rows.push((
@@ -932,6 +982,51 @@ mod tests {
         assert!(!table.contains("s3cr3t"), "{table}");
     }
 
+    /// Reasons that differ only past the length the table shows are shown whole: a gateway's
+    /// `502` and `504` to creates of open outcome read as two rows alike, the status cut.
+    #[test]
+    fn reasons_that_differ_past_the_cut_are_shown_whole() {
+        use crate::journal::ErrorInfo;
+
+        let record = |state, status: u16| JobRecord {
+            job_id: String::new(),
+            line: 0,
+            endpoint: String::new(),
+            external_id: String::new(),
+            state,
+            task_id: None,
+            status: None,
+            urls: Vec::new(),
+            files: Vec::new(),
+            error: Some(ErrorInfo::new(
+                0,
+                format!(
+                    "answered by something other than Kling (a proxy's or gateway's page? check \
+                     --base-url): create may have made a task that no lookup by its external id \
+                     has ruled out: malformed kling response (http {status}): expected value"
+                ),
+                None,
+            )),
+            download_error: None,
+        };
+        let records = [
+            record(JobState::Creating, 502),
+            record(JobState::Creating, 504),
+            record(JobState::NotSubmitted, 403),
+            record(JobState::NotSubmitted, 404),
+        ];
+        let mut s = Summary::default();
+        s.count_jobs(&records);
+        let table = s.to_string();
+        for status in [502, 504, 403, 404] {
+            assert!(table.contains(&format!("(http {status})")), "{table}");
+        }
+        // A reason alone past the cut is still cut.
+        let mut one = Summary::default();
+        one.count_jobs(&records[..1]);
+        assert!(!one.to_string().contains("(http 502)"), "{one}");
+    }
+
     /// Jobs refused alike are counted under one reason: the retry layer's tally in their
     /// messages (`after 6 attempts in 132.6ms (34.0ms backing off)`) differs from job to job,
     /// and a run against a server that did not answer listed each of its jobs on a row of
@@ -979,7 +1074,21 @@ mod tests {
         );
         assert_eq!(s.failed_by_reason, BTreeMap::from([(reason.clone(), 2)]));
         assert_eq!(s.unknown_open_by_reason, BTreeMap::from([(reason, 2)]));
-        // Text that is no tally is kept.
+        // Nor does the external id each create has of its own split them.
+        assert_eq!(
+            reason_of(
+                "create may have made a task that no lookup by its external id has ruled out \
+                 (external id kb-9f2442ab) after 6 attempts in 87.7ms (9.8ms backing off): \
+                 malformed kling response (http 502)"
+            ),
+            "create may have made a task that no lookup by its external id has ruled out: \
+             malformed kling response (http 502)"
+        );
+        // Text that is no tally or id is kept.
+        assert_eq!(
+            reason_of("x (external id of the job) y"),
+            "x (external id of the job) y"
+        );
         assert_eq!(reason_of("gave up after a while"), "gave up after a while");
         assert_eq!(reason_of("after 3 attempts"), "after 3 attempts");
     }

@@ -2679,3 +2679,60 @@ fn a_mark_dated_after_the_runs_start_waits_no_longer_than_the_settle_from_that_s
     let wait = engine.settle_wait("cat", now, now).unwrap().unwrap();
     assert!(wait > settle - Duration::from_secs(5), "{wait:?}");
 }
+
+/// Through the real stack, creates of open outcome refused alike (a gateway's `502` page to
+/// each create and each lookup) share one reason in the summary: the retry layer names
+/// each create's external id in its message, and each job was counted on a row of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_of_open_outcome_ended_alike_share_a_reason_whatever_their_external_ids() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().fallback(|| async {
+        (
+            http::StatusCode::BAD_GATEWAY,
+            [(http::header::CONTENT_TYPE, "text/html")],
+            "<html>bad gateway</html>",
+        )
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro).speed(1000.0),
+        Credentials::api_key("key").unwrap(),
+        &base,
+    )
+    .unwrap();
+    let (jobs, _) = parse_jobs(
+        "{\"id\":\"cat\",\"prompt\":\"a cat\"}\n{\"id\":\"dog\",\"prompt\":\"a dog\"}\n",
+    );
+    let engine = Engine::new(
+        stack,
+        Journal::open_in_memory().unwrap(),
+        RunOptions::new(default_follow_policy(1000.0)),
+    )
+    .unwrap();
+    let (_stopper, stop) = watch::channel(false);
+    let report = engine.run(&jobs, stop).await.unwrap();
+    let mut summary = crate::summary::Summary::default();
+    summary.count_jobs(&report.records);
+    assert_eq!(summary.unknown, 2, "{summary}");
+    assert_eq!(
+        summary
+            .unknown_open_by_reason
+            .values()
+            .copied()
+            .collect::<Vec<_>>(),
+        [2],
+        "{summary}"
+    );
+    let reason = summary.unknown_open_by_reason.keys().next().unwrap();
+    assert!(reason.contains("(http 502)"), "{reason}");
+    // The results file keeps each message whole, the external id in it.
+    assert!(
+        report.records.iter().all(|r| r
+            .error
+            .as_ref()
+            .is_some_and(|e| e.message.contains("(external id kb-"))),
+        "{:?}",
+        report.records
+    );
+}
