@@ -167,37 +167,48 @@ impl Credentials {
         })
     }
 
-    /// Reads `KLING_API_KEY`, or else `KLING_ACCESS_KEY` and `KLING_SECRET_KEY`. A blank
-    /// variable (`KLING_API_KEY=` in a `.env` file, or `${KLING_API_KEY}` of a compose file
-    /// where it is unset) counts as not set, as in
-    /// [`StackConfig::from_env`](crate::StackConfig::from_env). A variable set to bytes that are
-    /// not UTF-8 is refused, naming it (read as unset, a bad `KLING_API_KEY` was reported as
-    /// not set, or passed over for the access key pair).
+    /// Reads `KLING_API_KEY`, or else `KLING_ACCESS_KEY` and `KLING_SECRET_KEY`: with an API
+    /// key set, the pair is not read. A blank variable (`KLING_API_KEY=` in a `.env` file, or
+    /// `${KLING_API_KEY}` of a compose file where it is unset) counts as not set, as in
+    /// [`StackConfig::from_env`](crate::StackConfig::from_env). A variable read that is set to
+    /// bytes that are not UTF-8 is refused, naming it (read as unset, a bad `KLING_API_KEY` was
+    /// reported as not set, or passed over for the access key pair); one not read (the pair
+    /// beside an API key) is left alone.
     pub fn from_env() -> Result<Credentials, ConfigError> {
         Credentials::from_os_lookup(|name| std::env::var_os(name))
     }
 
-    /// [`from_lookup`](Self::from_lookup) over values that may not be text.
+    /// [`from_lookup`](Self::from_lookup) over values that may not be text: each is checked
+    /// when it is read, so one the credentials do not use fails nothing.
     fn from_os_lookup(
         lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
     ) -> Result<Credentials, ConfigError> {
-        for var in ["KLING_API_KEY", "KLING_ACCESS_KEY", "KLING_SECRET_KEY"] {
-            if lookup(var).is_some_and(|value| value.to_str().is_none()) {
-                return Err(ConfigError::new(var, "is set but is not valid UTF-8"));
-            }
-        }
-        Credentials::from_lookup(|name| lookup(name).and_then(|value| value.into_string().ok()))
+        Credentials::read(|name| match lookup(name) {
+            None => Ok(None),
+            Some(value) => value
+                .into_string()
+                .map(Some)
+                .map_err(|_| ConfigError::new(name.to_owned(), "is set but is not valid UTF-8")),
+        })
     }
 
     /// Like [`Credentials::from_env`], with variables looked up by name.
     pub fn from_lookup(
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<Credentials, ConfigError> {
-        let set = |var: &str| lookup(var).filter(|value| !value.trim().is_empty());
-        if let Some(key) = set("KLING_API_KEY") {
+        Credentials::read(|name| Ok(lookup(name)))
+    }
+
+    /// The credentials from variables, each looked up only if they use it: a lookup's error
+    /// is the answer when that variable is the one to use.
+    fn read(
+        lookup: impl Fn(&str) -> Result<Option<String>, ConfigError>,
+    ) -> Result<Credentials, ConfigError> {
+        let set = |var: &str| Ok(lookup(var)?.filter(|value| !value.trim().is_empty()));
+        if let Some(key) = set("KLING_API_KEY")? {
             return Credentials::api_key(key).map_err(|e| e.renamed("KLING_API_KEY"));
         }
-        match (set("KLING_ACCESS_KEY"), set("KLING_SECRET_KEY")) {
+        match (set("KLING_ACCESS_KEY")?, set("KLING_SECRET_KEY")?) {
             (Some(ak), Some(sk)) => Credentials::access_key(ak, sk).map_err(|e| {
                 let var = if e.field() == "access_key" {
                     "KLING_ACCESS_KEY"
@@ -749,6 +760,107 @@ mod tests {
         }
         // The control: text is read.
         assert!(Credentials::from_os_lookup(lookup("KLING_OTHER")).is_ok());
+    }
+
+    /// A variable the credentials do not use is not read: a non-UTF-8 `KLING_ACCESS_KEY` or
+    /// `KLING_SECRET_KEY` beside a `KLING_API_KEY` (which wins) fails nothing; one they do use
+    /// is refused naming it, and no error shows any of its bytes.
+    #[cfg(unix)]
+    #[test]
+    fn a_credential_variable_not_used_is_not_read() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+
+        const BAD: &[u8] = b"sk-hidden-\xe9";
+        let lookup = |vars: &'static [(&'static str, Option<&'static str>)]| {
+            move |name: &str| {
+                let (_, value) = vars.iter().find(|(var, _)| *var == name)?;
+                Some(match value {
+                    Some(text) => OsString::from(text),
+                    None => OsString::from_vec(BAD.to_vec()),
+                })
+            }
+        };
+        let api_key = Credentials::api_key("k").unwrap().account_id();
+        for vars in [
+            &[("KLING_API_KEY", Some("k")), ("KLING_ACCESS_KEY", None)][..],
+            &[("KLING_API_KEY", Some("k")), ("KLING_SECRET_KEY", None)],
+            &[
+                ("KLING_API_KEY", Some("k")),
+                ("KLING_ACCESS_KEY", None),
+                ("KLING_SECRET_KEY", None),
+            ],
+            // Both sets: the API key wins, as with text.
+            &[
+                ("KLING_API_KEY", Some("k")),
+                ("KLING_ACCESS_KEY", Some("a")),
+                ("KLING_SECRET_KEY", None),
+            ],
+        ] {
+            let credentials = Credentials::from_os_lookup(lookup(vars))
+                .unwrap_or_else(|e| panic!("{vars:?}: {e}"));
+            assert!(!credentials.is_jwt());
+            assert_eq!(credentials.account_id(), api_key);
+        }
+        let both = Credentials::from_os_lookup(lookup(&[
+            ("KLING_API_KEY", Some("k")),
+            ("KLING_ACCESS_KEY", Some("a")),
+            ("KLING_SECRET_KEY", Some("s")),
+        ]))
+        .unwrap();
+        assert_eq!(both.account_id(), api_key, "the API key wins");
+
+        // Used: refused naming it (a blank API key counts as unset, so the pair is read).
+        for (vars, named) in [
+            (
+                &[("KLING_ACCESS_KEY", None), ("KLING_SECRET_KEY", Some("s"))][..],
+                "KLING_ACCESS_KEY",
+            ),
+            (
+                &[
+                    ("KLING_API_KEY", Some(" ")),
+                    ("KLING_ACCESS_KEY", Some("a")),
+                    ("KLING_SECRET_KEY", None),
+                ],
+                "KLING_SECRET_KEY",
+            ),
+            (&[("KLING_ACCESS_KEY", None)], "KLING_ACCESS_KEY"),
+            (&[("KLING_SECRET_KEY", None)], "KLING_SECRET_KEY"),
+            (
+                &[
+                    ("KLING_API_KEY", None),
+                    ("KLING_ACCESS_KEY", Some("a")),
+                    ("KLING_SECRET_KEY", Some("s")),
+                ],
+                "KLING_API_KEY",
+            ),
+        ] {
+            let err = Credentials::from_os_lookup(lookup(vars)).unwrap_err();
+            assert_eq!(err.field(), named, "{vars:?}: {err}");
+            assert!(err.reason().contains("UTF-8"), "{err}");
+            for shown in [err.to_string(), format!("{err:?}")] {
+                for part in ["hidden", "\u{fffd}", "xe9", "xE9"] {
+                    assert!(!shown.contains(part), "{shown}");
+                }
+            }
+        }
+        // Nor a text value refused.
+        let text = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                let (_, value) = vars.iter().find(|(var, _)| *var == name)?;
+                Some(value.to_string())
+            }
+        };
+        for vars in [
+            &[("KLING_API_KEY", "sk-hidden\n1")][..],
+            &[("KLING_ACCESS_KEY", "sk-hidden")],
+            &[("KLING_SECRET_KEY", "sk-hidden")],
+        ] {
+            let err = Credentials::from_lookup(text(vars)).unwrap_err();
+            for shown in [err.to_string(), format!("{err:?}")] {
+                assert!(!shown.contains("hidden"), "{shown}");
+            }
+        }
     }
 
     /// A wall clock tests move by hand.
