@@ -338,6 +338,14 @@ impl AdaptiveState {
         self.lowerings > 0
     }
 
+    /// Caps the rate at `ceiling`, lowered since (`GcraHandle::set_quota`), so the state never
+    /// reads above the rate enforced.
+    pub(crate) fn cap(&mut self, ceiling: f64) {
+        if self.rate > ceiling {
+            self.rate = within(self.rate, ceiling);
+        }
+    }
+
     /// A response succeeded.
     pub fn on_success(&mut self, config: &Adaptive, ceiling: f64) {
         self.lowerings = 0;
@@ -370,8 +378,11 @@ impl AdaptiveState {
             return;
         }
         self.lowerings += 1;
-        self.limit = Some(self.rate);
-        self.rate = within(self.rate * config.decrease, ceiling);
+        // Refused at the rate enforced, which a ceiling lowered since (`set_quota`) caps: the
+        // state's own rate may still be above it until a success clamps it.
+        let refused_at = within(self.rate, ceiling);
+        self.limit = Some(refused_at);
+        self.rate = within(refused_at * config.decrease, ceiling);
     }
 }
 
@@ -580,5 +591,15 @@ mod tests {
             "probing goes past the limit again: {}",
             s.rate()
         );
+    }
+
+    /// A 1302 under a ceiling lowered below the state's rate (`set_quota`) lowers the rate
+    /// from the ceiling, where the request was refused: clamped back to it, it stayed there.
+    #[test]
+    fn a_1302_under_a_lowered_ceiling_lowers_the_rate_from_it() {
+        let cfg = Adaptive::default();
+        let mut s = AdaptiveState::from_parts(4.0, None);
+        s.on_throttle(&cfg, 1.0, 1, &Cooldown::default());
+        assert_eq!((s.rate(), s.limit()), (0.85, Some(1.0)));
     }
 }

@@ -312,6 +312,8 @@ impl Entry {
                 let state = self
                     .adaptive
                     .get_or_insert_with(|| AdaptiveState::new(config, ceiling));
+                // A ceiling lowered since (`set_quota`) caps the rate the state holds too.
+                state.cap(ceiling);
                 policy.quota.at_most(state.rate())
             }
         }
@@ -1291,6 +1293,42 @@ mod tests {
         }
         let state = backend.key_state(&key).expect("held");
         assert_eq!(state.adaptive_rate, Some(4.0 * 0.85 * 0.85 * 0.85));
+    }
+
+    /// A ceiling lowered at run time (`set_quota`) under an adaptive key whose rate was above
+    /// it: the key's next decision caps the rate it holds (its state read 4/s under a 1/s
+    /// ceiling), and the next 1302 lowers the rate below the ceiling it was refused at.
+    #[tokio::test(start_paused = true)]
+    async fn a_1302_after_the_ceiling_is_lowered_lowers_the_rate_below_it() {
+        let backend = InProcess::new();
+        let key = BucketKey::account(Some(AccountId::interned("lowered-ceiling")));
+        let high = Quota::per_second(4.0);
+        let adaptive = Some(crate::policy::Adaptive::new().start(high));
+        let p = Policy::new(high, Cooldown::default()).with_adaptive(adaptive);
+        assert_eq!(backend.acquire_now(&key, &p), Decision::Admit);
+        let low = Policy::new(Quota::per_second(1.0), Cooldown::default()).with_adaptive(adaptive);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(backend.acquire_now(&key, &low), Decision::Admit);
+        let state = backend.key_state(&key).expect("held");
+        assert_eq!(state.adaptive_rate, Some(1.0), "capped by the new ceiling");
+        let now = Instant::now();
+        backend.feedback_now(
+            &key,
+            &low,
+            Feedback::Pause {
+                sent_at: now,
+                received_at: now,
+                resume_at: None,
+                throttled: true,
+            },
+        );
+        let state = backend.key_state(&key).expect("held");
+        assert_eq!(state.adaptive_rate, Some(0.85));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(backend.acquire_now(&key, &low), Decision::Admit);
+        let state = backend.key_state(&key).expect("held");
+        let rate = state.effective.rate_per_second();
+        assert!((rate - 0.85).abs() < 1e-6, "{rate}");
     }
 
     /// A cooldown set by feedback reaches the decisions that skip the lock.
