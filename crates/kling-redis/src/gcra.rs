@@ -134,8 +134,8 @@ local function gcra(key, q, qx, period, burst, adaptive, start, ceiling, rec)
   local wrote = false
   -- Whether a 1302 streak runs (a success would reset it), and whether the key's adaptive
   -- `rate` is at its ceiling with no streak running: a success there changes nothing (the
-  -- rule caps the grown rate at the ceiling, whatever limit it remembers). At it, not above:
-  -- a rate above a ceiling lowered since is brought down to it by a success.
+  -- rule caps the grown rate at the ceiling, whatever limit it remembers). A rate above a
+  -- ceiling lowered since is capped at it (further down), as in process.
   local function running()
     local se = tonumber(v[5])
     return se ~= nil and se >= now
@@ -181,13 +181,20 @@ local function gcra(key, q, qx, period, burst, adaptive, start, ceiling, rec)
   end
   local rate = nil
   if adaptive == '1' then
+    local ceil = tonumber(ceiling)
     rate = tonumber(v[4])
     if not rate then
-      local ceil = tonumber(ceiling)
       rate = tonumber(start)
       if rate < 0 then rate = ceil / 4 end
       if rate > ceil then rate = ceil end
       if rate < ceil / 1000 then rate = ceil / 1000 end
+      redis.call('HSET', key, 'r', string.format('%.17g', rate))
+      wrote = true
+    end
+    if rate > ceil then
+      -- The ceiling was lowered since (a quota change): the rate held is capped at it, as in
+      -- process, so the key is at its ceiling and a 1302 lowers the rate from it.
+      rate = ceil
       redis.call('HSET', key, 'r', string.format('%.17g', rate))
       wrote = true
     end
@@ -405,7 +412,8 @@ end
 local function int(x) return string.format('%.0f', x) end
 -- 1 when the key's adaptive rate is at its ceiling and no streak runs (a success would change
 -- nothing): the process then reports no success (`Backend::adaptive_at_ceiling`). At it, not
--- above: a rate above a ceiling lowered since is brought down to it by a success.
+-- above: a rate above a ceiling lowered since (no decision under it yet, which caps it) is
+-- brought down to it by a success.
 local function top()
   if adaptive and rate and rate == ceiling and not (se and se >= now) then return 1 end
   return 0
@@ -478,6 +486,9 @@ if counted then
   local ea = tonumber(ARGV[16])
   if adaptive and streak <= ea and lowerings < ea then
     if not rate then rate = start_rate() end
+    -- Refused at the rate enforced, which a ceiling lowered since (a quota change) caps: `r`
+    -- may still be above it. Lowered from `r`, the rate was clamped back to that ceiling.
+    rate = clamp(rate)
     limit = rate
     rate = clamp(rate * tonumber(ARGV[12]))
     redis.call('HSET', key, 'r', string.format('%.17g', rate), 'l', string.format('%.17g', limit),
@@ -2163,8 +2174,9 @@ impl Backend for RedisGcra {
     /// requests admitted before the 1302 reached Redis go unreported meanwhile (most were
     /// sent before the pause began, and Redis would leave the rate alone for those anyway). A
     /// 1302 this process reports takes the key off its ceiling here at once. A rate above the
-    /// ceiling (lowered since) is not at it, and while Redis is away no key is: the fallback
-    /// decides then, and its own rate counts every success.
+    /// ceiling (lowered since, and capped at the key's next decision) is not at it, and while
+    /// Redis is away no key is: the fallback decides then, and its own rate counts every
+    /// success.
     fn adaptive_at_ceiling(&self, key: &BucketKey, policy: &Policy) -> bool {
         if key.request_kind().is_some()
             || policy.adaptive.is_none()

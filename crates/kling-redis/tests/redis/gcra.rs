@@ -2695,10 +2695,10 @@ async fn admitted(backend: &RedisGcra, key: &BucketKey, policy: &Policy) {
     panic!("never admitted");
 }
 
-/// A key whose adaptive rate is above its ceiling (the ceiling lowered since: a quota change)
-/// is not at its ceiling: a success brings the rate down to it, as `AdaptiveState` does, so it
-/// is reported, and the next 1302 lowers the rate below the new ceiling as in process (left
-/// above it, the rate a 1302 lowered would still be the ceiling).
+/// A key whose adaptive rate is above its ceiling (the ceiling lowered since: a quota change,
+/// and no decision under it yet, which would cap the rate) is not at its ceiling: a success
+/// brings the rate down to it, as `AdaptiveState` does, so it is reported, and the next 1302
+/// lowers the rate below the new ceiling as in process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_above_a_lowered_ceiling_is_not_at_the_ceiling() {
     let Some(server) = redis() else { return };
@@ -2712,7 +2712,6 @@ async fn a_rate_above_a_lowered_ceiling_is_not_at_the_ceiling() {
     assert!(backend.adaptive_at_ceiling(&key, &policy));
     let lowered =
         Policy::new(Quota::per_second(50.0), Cooldown::default()).with_adaptive(Some(config));
-    admitted(&backend, &key, &lowered).await;
     assert_eq!(fleet_rate(&server, &redis_key).await, 100.0);
     assert!(
         !backend.adaptive_at_ceiling(&key, &lowered),
@@ -2734,6 +2733,79 @@ async fn a_rate_above_a_lowered_ceiling_is_not_at_the_ceiling() {
     model.on_throttle(&config, 50.0, 1, &Cooldown::default());
     assert!(model.rate() < 50.0);
     assert_eq!(fleet_rate(&server, &redis_key).await, model.rate());
+}
+
+/// The adaptive limit Redis remembers for `redis_key`, if any.
+async fn fleet_limit(server: &kling_redis::testing::RedisServer, redis_key: &str) -> Option<f64> {
+    redis::cmd("HGET")
+        .arg(redis_key)
+        .arg("l")
+        .query_async(&mut raw(server).await)
+        .await
+        .unwrap()
+}
+
+/// As kling-ratelimit's `a_1302_after_the_ceiling_is_lowered_lowers_the_rate_below_it`: a
+/// ceiling lowered (a quota change) under a key whose rate was above it, then a 1302 with no
+/// success between. The key's next decision caps the rate Redis holds, and the 1302 lowers the
+/// rate from the rate enforced (the new ceiling) and remembers that as the limit: lowered
+/// from the old rate it was clamped back to the ceiling just refused, and the limit was the
+/// old rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1302_after_the_ceiling_is_lowered_lowers_the_rate_below_it() {
+    let Some(server) = redis() else { return };
+    let backend = RedisGcra::new(connect(&server).await);
+    let key = BucketKey::account(Some(AccountId::new("ceiling-lowered-1302")));
+    let redis_key = backend.key_of(&key);
+    let high = Quota::per_second(100.0);
+    let config = kling_ratelimit::Adaptive::new().start(high);
+    let policy = Policy::new(high, Cooldown::default()).with_adaptive(Some(config));
+    admitted(&backend, &key, &policy).await;
+    assert_eq!(fleet_rate(&server, &redis_key).await, 100.0);
+    let lowered =
+        Policy::new(Quota::per_second(25.0), Cooldown::default()).with_adaptive(Some(config));
+    admitted(&backend, &key, &lowered).await;
+    assert_eq!(
+        fleet_rate(&server, &redis_key).await,
+        25.0,
+        "capped by the new ceiling"
+    );
+    assert!(backend.adaptive_at_ceiling(&key, &lowered));
+    backend
+        .feedback(&key, &lowered, throttled_at(tokio::time::Instant::now()))
+        .await
+        .unwrap();
+    let mut model = kling_ratelimit::AdaptiveState::new(&config, 100.0);
+    model.on_throttle(&config, 25.0, 1, &Cooldown::default());
+    assert_eq!((model.rate(), model.limit()), (25.0 * 0.85, Some(25.0)));
+    assert_eq!(fleet_rate(&server, &redis_key).await, model.rate());
+    assert_eq!(fleet_limit(&server, &redis_key).await, model.limit());
+    assert!(!backend.adaptive_at_ceiling(&key, &lowered));
+}
+
+/// A 1302 reported under a lowered ceiling before any decision under it (its request was
+/// admitted under the old quota) lowers the rate from the new ceiling, not from the rate Redis
+/// still holds above it, as `AdaptiveState::on_throttle` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1302_reported_under_a_lowered_ceiling_lowers_the_rate_from_it() {
+    let Some(server) = redis() else { return };
+    let backend = RedisGcra::new(connect(&server).await);
+    let key = BucketKey::account(Some(AccountId::new("ceiling-lowered-report")));
+    let redis_key = backend.key_of(&key);
+    let high = Quota::per_second(100.0);
+    let config = kling_ratelimit::Adaptive::new().start(high);
+    let policy = Policy::new(high, Cooldown::default()).with_adaptive(Some(config));
+    admitted(&backend, &key, &policy).await;
+    let lowered =
+        Policy::new(Quota::per_second(25.0), Cooldown::default()).with_adaptive(Some(config));
+    backend
+        .feedback(&key, &lowered, throttled_at(tokio::time::Instant::now()))
+        .await
+        .unwrap();
+    let mut model = kling_ratelimit::AdaptiveState::new(&config, 100.0);
+    model.on_throttle(&config, 25.0, 1, &Cooldown::default());
+    assert_eq!(fleet_rate(&server, &redis_key).await, model.rate());
+    assert_eq!(fleet_limit(&server, &redis_key).await, model.limit());
 }
 
 /// While Redis is away the fallback decides, and its own adaptive rate (in slow start: it
