@@ -666,6 +666,23 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A job's record in `state` with nothing else known, for a test to fill in what it needs.
+    fn blank(state: JobState) -> JobRecord {
+        JobRecord {
+            job_id: String::new(),
+            line: 0,
+            endpoint: String::new(),
+            external_id: String::new(),
+            state,
+            task_id: None,
+            status: None,
+            urls: Vec::new(),
+            files: Vec::new(),
+            error: None,
+            download_error: None,
+        }
+    }
+
     proptest! {
         #[test]
         fn the_bound_is_never_below_either_limit(
@@ -701,17 +718,8 @@ mod tests {
         use crate::journal::ErrorInfo;
 
         let record = |state, error: Option<ErrorInfo>| JobRecord {
-            job_id: String::new(),
-            line: 0,
-            endpoint: String::new(),
-            external_id: String::new(),
-            state,
-            task_id: None,
-            status: None,
-            urls: Vec::new(),
-            files: Vec::new(),
             error,
-            download_error: None,
+            ..blank(state)
         };
         let page = format!(
             "answered by something other than Kling: {}",
@@ -757,17 +765,9 @@ mod tests {
         use crate::journal::ErrorInfo;
 
         let record = |error: Option<ErrorInfo>| JobRecord {
-            job_id: String::new(),
-            line: 0,
-            endpoint: String::new(),
-            external_id: String::new(),
-            state: JobState::Created,
             task_id: Some("860000000000000001".to_owned()),
-            status: None,
-            urls: Vec::new(),
-            files: Vec::new(),
             error,
-            download_error: None,
+            ..blank(JobState::Created)
         };
         let error = |code, message: &str| Some(ErrorInfo::new(code, message, None));
         let records = [
@@ -803,17 +803,8 @@ mod tests {
         use crate::journal::ErrorInfo;
 
         let record = |error: Option<ErrorInfo>| JobRecord {
-            job_id: String::new(),
-            line: 0,
-            endpoint: String::new(),
-            external_id: String::new(),
-            state: JobState::Creating,
-            task_id: None,
-            status: None,
-            urls: Vec::new(),
-            files: Vec::new(),
             error,
-            download_error: None,
+            ..blank(JobState::Creating)
         };
         let records = [
             record(Some(ErrorInfo::new(1103, "no permission", None))),
@@ -900,17 +891,10 @@ mod tests {
         use crate::journal::ErrorInfo;
 
         let record = |state, urls: &[&str], error: Option<ErrorInfo>, download| JobRecord {
-            job_id: String::new(),
-            line: 0,
-            endpoint: String::new(),
-            external_id: String::new(),
-            state,
-            task_id: None,
-            status: None,
             urls: urls.iter().map(|u| (*u).to_owned()).collect(),
-            files: Vec::new(),
             error,
             download_error: download,
+            ..blank(state)
         };
         let error = |code, message: &str| Some(ErrorInfo::new(code, message, None));
         let signed = ["https://cdn.example/0.mp4?sig=s3cr3t"];
@@ -989,15 +973,6 @@ mod tests {
         use crate::journal::ErrorInfo;
 
         let record = |state, status: u16| JobRecord {
-            job_id: String::new(),
-            line: 0,
-            endpoint: String::new(),
-            external_id: String::new(),
-            state,
-            task_id: None,
-            status: None,
-            urls: Vec::new(),
-            files: Vec::new(),
             error: Some(ErrorInfo::new(
                 0,
                 format!(
@@ -1007,7 +982,7 @@ mod tests {
                 ),
                 None,
             )),
-            download_error: None,
+            ..blank(state)
         };
         let records = [
             record(JobState::Creating, 502),
@@ -1036,17 +1011,8 @@ mod tests {
         use crate::journal::ErrorInfo;
 
         let record = |state, message: String| JobRecord {
-            job_id: String::new(),
-            line: 0,
-            endpoint: String::new(),
-            external_id: String::new(),
-            state,
-            task_id: None,
-            status: None,
-            urls: Vec::new(),
-            files: Vec::new(),
             error: Some(ErrorInfo::new(0, message, None)),
-            download_error: None,
+            ..blank(state)
         };
         let refused = |ms: u32, attempts: u32| {
             format!(
@@ -1098,17 +1064,10 @@ mod tests {
         use crate::journal::ErrorInfo;
 
         let record = |files: usize, download_error: Option<ErrorInfo>| JobRecord {
-            job_id: String::new(),
-            line: 0,
-            endpoint: String::new(),
-            external_id: String::new(),
-            state: JobState::Succeeded,
-            task_id: None,
-            status: None,
             urls: vec!["http://h/0.mp4".to_owned(), "http://h/1.mp4".to_owned()],
             files: vec!["f".to_owned(); files],
-            error: None,
             download_error,
+            ..blank(JobState::Succeeded)
         };
         let records = [
             record(2, None),
