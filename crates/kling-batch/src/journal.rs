@@ -237,6 +237,104 @@ pub struct Journal {
     /// the job and its new state (a test holds a write there, as a busy thread would).
     #[cfg(test)]
     write_hook: Arc<Mutex<Option<WriteHook>>>,
+    /// A journal on disk: marks it closed when the last clone is dropped ([`CloseMark`]).
+    close_mark: Option<Arc<CloseMark>>,
+}
+
+/// The `meta` key a journal on disk holds `1` under while a run has it open, written to the
+/// main file (not only its write-ahead log) when it is opened, and `0` once it is closed and
+/// every commit is in the main file. SQLite offers no way to tell a main file whose `-wal`
+/// was lost from one closed cleanly (its header says WAL mode in both), so the journal says
+/// it itself: `1` with no `-wal` beside it means the commits of its last run may be lost.
+const OPEN_KEY: &str = "open";
+
+/// The statement that marks a journal closed (see [`OPEN_KEY`]) by hand: for one whose
+/// `-wal` another program folded into it, which the journal cannot tell from a lost `-wal`.
+const CLOSE_BY_HAND: &str = "UPDATE meta SET value = '0' WHERE key = 'open'";
+
+/// Marks the journal closed (see [`OPEN_KEY`]) when dropped, with the last of its clones:
+/// the mark and every commit are moved into the main file, which then stands alone. Not run
+/// when the process is killed, so the main file keeps saying that it needs its `-wal`.
+struct CloseMark(Arc<Mutex<Connection>>);
+
+impl Drop for CloseMark {
+    fn drop(&mut self) {
+        let conn = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // A failure leaves the mark at `1`: a copy without the `-wal` is then refused,
+        // which is safe.
+        if conn
+            .execute("UPDATE meta SET value = '0' WHERE key = ?1", [OPEN_KEY])
+            .is_ok()
+        {
+            let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        }
+    }
+}
+
+/// What an existing file holds, read before the journal writes anything to it.
+enum Contents {
+    /// No table (a new database), or only a journal's tables with no job in them (one whose
+    /// creation was cut short): nothing to lose.
+    Fresh,
+    /// A kling-batch journal; `left_open` when its last run did not close it.
+    Journal { left_open: bool },
+    /// Another program's database, by its tables.
+    Foreign(Vec<String>),
+}
+
+impl Contents {
+    fn read(conn: &Connection) -> rusqlite::Result<Contents> {
+        let tables: Vec<String> = conn
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' \
+                 ORDER BY name",
+            )?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        if tables.is_empty() {
+            return Ok(Contents::Fresh);
+        }
+        let has = |name: &str| tables.iter().any(|t| t == name);
+        // A `meta` of another program may lack the columns, or hold no text: then it is not a
+        // journal's. Any other error (a busy or damaged file) is said as it is.
+        let meta = |key: &str| -> rusqlite::Result<Option<String>> {
+            match conn
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+            {
+                Err(e)
+                    if matches!(
+                        e.sqlite_error_code(),
+                        None | Some(rusqlite::ErrorCode::Unknown)
+                    ) =>
+                {
+                    Ok(None)
+                }
+                other => other,
+            }
+        };
+        if has("meta") && meta("journal_id")?.is_some() {
+            let left_open = meta(OPEN_KEY)?.as_deref() == Some("1");
+            return Ok(Contents::Journal { left_open });
+        }
+        let ours = tables
+            .iter()
+            .all(|t| matches!(t.as_str(), "meta" | "jobs" | "transitions"));
+        let no_job = !has("jobs")
+            || conn.query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get::<_, i64>(0))? == 0;
+        Ok(if ours && no_job {
+            Contents::Fresh
+        } else {
+            Contents::Foreign(tables)
+        })
+    }
+}
+
+/// `path` with `-wal` after it: where SQLite keeps the journal's write-ahead log.
+fn wal_path(path: &Path) -> std::path::PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    wal.into()
 }
 
 /// Tests: see [`Journal::on_write`].
@@ -327,6 +425,21 @@ impl Journal {
         } else {
             path.to_owned()
         };
+        // A file cut to 0 bytes reads as a new journal: a resume on it would send every
+        // create again, billed twice.
+        if std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0) {
+            return Err(JournalError::new(
+                "the file is empty (0 bytes), no journal",
+                "a journal cut short cannot say which jobs were created, and a run on it \
+                 would create them all again (billed twice); put the journal back from a \
+                 copy, or, to start over knowing that, remove the file or choose another \
+                 journal",
+            ));
+        }
+        // Looked at before SQLite opens the file (reading it creates an empty `-wal`), beside
+        // the file a symbolic link names, where SQLite keeps it.
+        let wal = wal_path(&std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone()));
+        let wal_present = std::fs::symlink_metadata(&wal).is_ok();
         let flags = OpenFlags::default().difference(OpenFlags::SQLITE_OPEN_URI);
         let conn = Connection::open_with_flags(&path, flags)
             .map_err(|e| JournalError::new("cannot open the journal file", e))?;
@@ -342,6 +455,44 @@ impl Journal {
         };
         conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
             .map_err(refused)?;
+        // Nothing is written to a file that is no kling-batch journal, nor to a journal that
+        // lost its last commits.
+        match Contents::read(&conn).map_err(refused)? {
+            Contents::Foreign(tables) => {
+                let mut named = tables
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                if tables.len() > 5 {
+                    named.push_str(&format!(" and {} more", tables.len() - 5));
+                }
+                return Err(JournalError::new(
+                    "not a kling-batch journal",
+                    format!(
+                        "a SQLite database of tables {named}, with no journal id; nothing was \
+                         written to it: give the path of a kling-batch journal, or of a new file"
+                    ),
+                ));
+            }
+            Contents::Journal { left_open: true } if !wal_present => {
+                return Err(JournalError::new(
+                    "its write-ahead log is missing",
+                    format!(
+                        "{} is not beside it, and the journal's last run did not close it (it \
+                         was killed, or the journal was copied while it ran): the jobs it \
+                         recorded last may be lost, and a run on it could create them again \
+                         (billed twice); put the -wal file back beside it as it was. If \
+                         another program (sqlite3) opened the journal since, which folds the \
+                         -wal into it, nothing is lost: mark it closed with `{CLOSE_BY_HAND}` \
+                         and run again",
+                        wal.display()
+                    ),
+                ));
+            }
+            Contents::Fresh | Contents::Journal { .. } => {}
+        }
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(refused)?;
         conn.pragma_update(None, "synchronous", "FULL")
@@ -349,10 +500,23 @@ impl Journal {
         // A write takes the lock, held until the journal is closed.
         conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
             .map_err(refused)?;
-        Journal::init(conn).map_err(|e| match e.context() {
+        let mut journal = Journal::init(conn).map_err(|e| match e.context() {
             "sqlite" => JournalError::new("cannot open the journal file", e),
             _ => e,
-        })
+        })?;
+        // Open until the last clone is dropped: said in the main file itself, so that a copy
+        // of it without its `-wal` is known for one.
+        {
+            let conn = journal.lock();
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, '1')",
+                [OPEN_KEY],
+            )
+            .and_then(|_| conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())))
+            .map_err(|e| JournalError::new("cannot open the journal file", e))?;
+        }
+        journal.close_mark = Some(Arc::new(CloseMark(journal.conn.clone())));
+        Ok(journal)
     }
 
     /// A journal that lives in memory (for tests and dry runs).
@@ -365,7 +529,10 @@ impl Journal {
         // connection (`prepare_cached`): parsing them again for each of 100 000 jobs took most
         // of a register's time, and of a stop's marking.
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-        conn.execute_batch(SCHEMA)?;
+        // The tables and the journal's id in one transaction: a journal cut between the two
+        // would hold tables and no id.
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(SCHEMA)?;
         // Journals of earlier versions lack the columns added since.
         let has_download_error: bool = conn.query_row(
             "SELECT COUNT(*) FROM pragma_table_info('jobs') WHERE name = 'download_error'",
@@ -392,6 +559,7 @@ impl Journal {
                 id
             }
         };
+        tx.commit()?;
         Ok(Journal {
             conn: Arc::new(Mutex::new(conn)),
             id: Arc::from(id),
@@ -399,6 +567,7 @@ impl Journal {
             commits: Arc::default(),
             #[cfg(test)]
             write_hook: Arc::default(),
+            close_mark: None,
         })
     }
 
@@ -871,6 +1040,128 @@ mod tests {
 
     use super::*;
     use crate::jobs::parse_jobs;
+
+    /// A folder of its own for a test's files, emptied.
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("kb-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A journal file cut to 0 bytes is refused, naming what is wrong, and left as it is: it
+    /// opened as a new journal, and a resume on it sent every create again.
+    #[test]
+    fn an_empty_journal_file_is_refused_and_left_alone() {
+        let dir = scratch("empty");
+        let path = dir.join("j.sqlite");
+        std::fs::write(&path, b"").unwrap();
+        let error = Journal::open(&path).map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains("empty (0 bytes)"), "{error}");
+        assert!(error.contains("billed twice"), "{error}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        // A path where no file is yet is a new journal.
+        Journal::open(dir.join("new.sqlite")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Another program's SQLite database is refused, naming its tables, and nothing is
+    /// written to it: the journal's tables were added to it and it ran as a new journal.
+    #[test]
+    fn a_database_that_is_no_kling_batch_journal_is_refused_and_left_alone() {
+        let dir = scratch("foreign");
+        let path = dir.join("photos.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE photos (id INTEGER PRIMARY KEY, name TEXT);
+                 CREATE TABLE meta (k TEXT, v TEXT);
+                 INSERT INTO photos (name) VALUES ('a');",
+            )
+            .unwrap();
+        }
+        let before = std::fs::read(&path).unwrap();
+        let error = Journal::open(&path).map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains("not a kling-batch journal"), "{error}");
+        assert!(error.contains("meta, photos"), "{error}");
+        assert_eq!(std::fs::read(&path).unwrap(), before, "left as it was");
+        // A journal whose creation stopped before its id was written holds no job: opened.
+        let cut = dir.join("cut.sqlite");
+        Connection::open(&cut)
+            .unwrap()
+            .execute_batch(SCHEMA)
+            .unwrap();
+        Journal::open(&cut).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A journal whose run was killed, copied without its `-wal`, is refused, naming the
+    /// missing file: it read as a new journal (its jobs, their `creating` marks, its id, all
+    /// in the `-wal`), and a resume on it created the jobs again. Copied with it, or closed
+    /// before it was copied, it opens with every state.
+    #[test]
+    fn a_journal_copied_without_its_wal_after_its_run_was_killed_is_refused() {
+        let dir = scratch("nowal");
+        let path = dir.join("j.sqlite");
+        let (jobs, _) = parse_jobs("{\"id\":\"a\",\"prompt\":\"x\"}\n");
+        // Still open, as after a kill: the last commits are in the `-wal` alone.
+        let killed = Journal::open(&path).unwrap();
+        killed.register(&jobs).unwrap();
+        killed
+            .transition("a", JobState::Creating, Update::default())
+            .unwrap();
+        let copy = |to: &str, with_wal: bool| {
+            let copy = dir.join(to);
+            std::fs::copy(&path, &copy).unwrap();
+            if with_wal {
+                std::fs::copy(wal_path(&path), wal_path(&copy)).unwrap();
+            }
+            copy
+        };
+        let alone = copy("alone.sqlite", false);
+        let whole = copy("whole.sqlite", true);
+        let error = Journal::open(&alone).map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains("write-ahead log is missing"), "{error}");
+        assert!(error.contains("alone.sqlite-wal"), "{error}");
+        assert!(!wal_path(&alone).exists(), "left as it was");
+        // Refused again: the refusal left no empty `-wal` that would let it through.
+        assert!(Journal::open(&alone).is_err());
+        let state = |path: &Path| {
+            let journal = Journal::open(path).unwrap();
+            journal.record("a").unwrap().map(|r| r.state)
+        };
+        assert_eq!(state(&whole), Some(JobState::Creating));
+        // Another program that opened it folded the `-wal` into it: refused alike (nothing
+        // tells the two apart), and run once marked closed by hand, as the error says.
+        let folded = copy("folded.sqlite", true);
+        Connection::open(&folded)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get::<_, i64>(0))
+            .unwrap();
+        assert!(!wal_path(&folded).exists());
+        let error = Journal::open(&folded).map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains(CLOSE_BY_HAND), "{error}");
+        Connection::open(&folded)
+            .unwrap()
+            .execute(CLOSE_BY_HAND, [])
+            .unwrap();
+        assert_eq!(state(&folded), Some(JobState::Creating));
+        // Through a symbolic link, the `-wal` is the one beside the file it names.
+        #[cfg(unix)]
+        {
+            let link = dir.join("link.sqlite");
+            std::os::unix::fs::symlink(copy("target.sqlite", true), &link).unwrap();
+            assert!(!wal_path(&link).exists());
+            assert_eq!(state(&link), Some(JobState::Creating));
+        }
+        // Closed: the main file stands alone.
+        drop(killed);
+        assert!(!wal_path(&path).exists());
+        let closed = copy("closed.sqlite", false);
+        assert_eq!(state(&closed), Some(JobState::Creating));
+        assert_eq!(state(&closed), Some(JobState::Creating), "and again");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_reopened_journal_keeps_states_and_external_ids() {

@@ -454,6 +454,17 @@ impl Engine {
                 .records()
                 .map_err(|e| RunError::Setup(SetupError::new("journal", e.to_string())))?;
             records.retain(|r| ids.contains(r.job_id.as_str()));
+            // The jobs a stop left unregistered (every job of a new file, its registration
+            // rolled back) are in no record: reported as not sent, so that the results and
+            // the summary count every job of the file (it said `jobs  0`).
+            let registered: std::collections::HashSet<String> =
+                records.iter().map(|r| r.job_id.clone()).collect();
+            records.extend(
+                jobs.iter()
+                    .filter(|job| !registered.contains(&job.id))
+                    .map(|job| self.unregistered(job)),
+            );
+            records.sort_by_key(|r| r.line);
             return Ok(RunReport {
                 records,
                 interrupted: true,
@@ -464,6 +475,24 @@ impl Engine {
         self.carry_out(jobs, plan, stop)
             .await
             .map_err(RunError::Sent)
+    }
+
+    /// The record of `job`, which a stop kept out of the journal: `not_submitted` as
+    /// stopped, under the external id its registration will give it.
+    fn unregistered(&self, job: &Job) -> JobRecord {
+        JobRecord {
+            job_id: job.id.clone(),
+            line: job.line,
+            endpoint: job.endpoint.clone(),
+            external_id: self.journal.external_id_for(&job.id),
+            state: JobState::NotSubmitted,
+            task_id: None,
+            status: None,
+            urls: Vec::new(),
+            files: Vec::new(),
+            error: Some(ErrorInfo::new(0, STOPPED, None)),
+            download_error: None,
+        }
     }
 
     /// Registers `jobs` in the journal and sorts them by what the run must do first; sends

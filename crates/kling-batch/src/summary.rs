@@ -76,9 +76,47 @@ pub(crate) const CREATE_PANIC_REASON: &str = "kling-batch panicked (a bug) durin
 /// and the run stopped or was killed before the answer (a lookup by the next run tells).
 pub(crate) const UNANSWERED_REASON: &str = "sent, no answer recorded (stopped or killed)";
 
+/// The reason of a job still `queued` when the summary is made: the run ended (it was
+/// stopped while it planned, say) before it sent that job's create, and a rerun sends it.
+pub(crate) const QUEUED_REASON: &str = "not submitted: the run ended before it reached them";
+
 /// The longest reason the table shows whole; the results file and `--json` keep every reason
 /// whole.
 const REASON_CHARS: usize = 72;
+
+/// The most reasons a group of jobs (`failed`, `not submitted`, …) is counted under: past
+/// them, a run of thousands of distinct messages printed a row each. The reasons of most
+/// jobs are kept, the others summed under [`OTHER_REASONS`]; the results file and the
+/// journal keep each job's whole.
+pub const REASON_ROWS: usize = 10;
+
+/// The reason the jobs of the reasons past [`REASON_ROWS`] are summed under.
+pub const OTHER_REASONS: &str = "other reasons";
+
+/// Keeps the `REASON_ROWS - 1` reasons of `by_reason` that hold the most jobs (the first by
+/// name among equals) and sums the others' jobs under [`OTHER_REASONS`], when there are
+/// more than [`REASON_ROWS`]. Returns how many reasons were summed (0: none).
+fn cut_reasons(by_reason: &mut BTreeMap<String, usize>) -> usize {
+    if by_reason.len() <= REASON_ROWS {
+        return 0;
+    }
+    let mut by_jobs: Vec<(String, usize)> = std::mem::take(by_reason).into_iter().collect();
+    // Stable: equals stay in name order.
+    by_jobs.sort_by_key(|(_, jobs)| std::cmp::Reverse(*jobs));
+    let rest = by_jobs.split_off(REASON_ROWS - 1);
+    let summed = rest.len();
+    let mut other: usize = rest.iter().map(|(_, n)| n).sum();
+    for (reason, n) in by_jobs {
+        // A message that reads `other reasons` is summed with the others, not lost.
+        if reason == OTHER_REASONS {
+            other += n;
+        } else {
+            by_reason.insert(reason, n);
+        }
+    }
+    by_reason.insert(OTHER_REASONS.to_owned(), other);
+    summed
+}
 
 /// `reason`, cut to [`REASON_CHARS`] with `…` when longer (an error message can be long, and
 /// the table's first column is as wide as its longest row).
@@ -253,6 +291,11 @@ pub struct Summary {
     /// their fate is open. The next run looks them up.
     #[serde(default)]
     pub unknown_open_by_reason: BTreeMap<String, usize>,
+    /// How many reasons each `*_by_reason` map above sums under [`OTHER_REASONS`], by the
+    /// map's name (`"failed_by_reason": 2991`): each keeps [`REASON_ROWS`] at most. Absent
+    /// when no map was cut.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub other_reasons: BTreeMap<String, usize>,
     /// Logical calls through the stack (creates, queries, lookups).
     pub calls: u64,
     /// Requests sent to the server (retries included).
@@ -354,7 +397,15 @@ impl Summary {
                     };
                     *self.failed_by_reason.entry(reason).or_default() += 1;
                 }
-                JobState::Queued => self.not_submitted += 1,
+                // Never reached by the run that ended (an earlier run's error, if any, is
+                // stale: it was queued again).
+                JobState::Queued => {
+                    self.not_submitted += 1;
+                    *self
+                        .not_submitted_by_reason
+                        .entry(QUEUED_REASON.to_owned())
+                        .or_default() += 1;
+                }
                 JobState::NotSubmitted => {
                     self.not_submitted += 1;
                     if let Some(e) = &record.error {
@@ -413,6 +464,20 @@ impl Summary {
                         &mut self.unknown_open_by_reason
                     };
                     *by_reason.entry(reason).or_default() += 1;
+                }
+            }
+        }
+        for (name, by_reason) in [
+            ("failed_by_reason", &mut self.failed_by_reason),
+            ("not_submitted_by_reason", &mut self.not_submitted_by_reason),
+            ("unfinished_by_reason", &mut self.unfinished_by_reason),
+            ("unknown_by_reason", &mut self.unknown_by_reason),
+            ("unknown_open_by_reason", &mut self.unknown_open_by_reason),
+        ] {
+            match cut_reasons(by_reason) {
+                0 => {}
+                summed => {
+                    self.other_reasons.insert(name.to_owned(), summed);
                 }
             }
         }
@@ -507,6 +572,42 @@ impl Summary {
     }
 }
 
+impl Summary {
+    /// The table's rows of one group's reasons (`by_reason`, named `name` in `--json`): each
+    /// reason as [`shown`], after `prefix`, with its jobs and what to do (`hint`); the jobs
+    /// summed under [`OTHER_REASONS`] last, with how many reasons they hold.
+    fn reason_rows(
+        &self,
+        rows: &mut Vec<(String, String)>,
+        name: &str,
+        by_reason: &BTreeMap<String, usize>,
+        prefix: &str,
+        hint: impl Fn(&str) -> Option<&'static str>,
+    ) {
+        let summed = self.other_reasons.get(name).copied();
+        let mut other = None;
+        for (label, reason, n) in shown(by_reason) {
+            if summed.is_some() && reason == OTHER_REASONS {
+                other = Some(n);
+                continue;
+            }
+            rows.push((
+                format!("  {prefix}{label}"),
+                match hint(reason) {
+                    Some(hint) => format!("{n} ({hint})"),
+                    None => n.to_string(),
+                },
+            ));
+        }
+        if let (Some(n), Some(summed)) = (other, summed) {
+            rows.push((
+                format!("  {prefix}{OTHER_REASONS}"),
+                format!("{n} ({summed} reasons; each job's is in the results file)"),
+            ));
+        }
+    }
+}
+
 impl fmt::Display for Summary {
     /// The summary table.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -535,15 +636,13 @@ impl fmt::Display for Summary {
                 "0".into()
             },
         ));
-        for (reason, n) in &self.failed_by_reason {
-            rows.push((
-                format!("  {reason}"),
-                match failed_hint(reason) {
-                    Some(hint) => format!("{n} ({hint})"),
-                    None => n.to_string(),
-                },
-            ));
-        }
+        self.reason_rows(
+            &mut rows,
+            "failed_by_reason",
+            &self.failed_by_reason,
+            "",
+            failed_hint,
+        );
         rows.push((
             "not submitted".into(),
             if self.not_submitted > 0 {
@@ -552,20 +651,25 @@ impl fmt::Display for Summary {
                 "0".into()
             },
         ));
-        for (label, reason, n) in shown(&self.not_submitted_by_reason) {
-            rows.push((
-                format!("  {label}"),
-                format!("{n} ({})", not_submitted_hint(reason)),
-            ));
-        }
+        self.reason_rows(
+            &mut rows,
+            "not_submitted_by_reason",
+            &self.not_submitted_by_reason,
+            "",
+            |reason| Some(not_submitted_hint(reason)),
+        );
         if self.unfinished > 0 {
             rows.push((
                 "still running".into(),
                 format!("{} (run again to follow)", self.unfinished),
             ));
-            for (reason, n) in &self.unfinished_by_reason {
-                rows.push((format!("  not followed: {reason}"), n.to_string()));
-            }
+            self.reason_rows(
+                &mut rows,
+                "unfinished_by_reason",
+                &self.unfinished_by_reason,
+                "not followed: ",
+                |_| None,
+            );
         }
         if self.downloads_missing > 0 {
             rows.push((
@@ -588,12 +692,20 @@ impl fmt::Display for Summary {
                 "create outcome unknown".into(),
                 format!("{} (run again to look up)", self.unknown),
             ));
-            for (reason, n) in &self.unknown_by_reason {
-                rows.push((format!("  create refused: {reason}"), n.to_string()));
-            }
-            for (label, _, n) in shown(&self.unknown_open_by_reason) {
-                rows.push((format!("  create outcome unknown: {label}"), n.to_string()));
-            }
+            self.reason_rows(
+                &mut rows,
+                "unknown_by_reason",
+                &self.unknown_by_reason,
+                "create refused: ",
+                |_| None,
+            );
+            self.reason_rows(
+                &mut rows,
+                "unknown_open_by_reason",
+                &self.unknown_open_by_reason,
+                "create outcome unknown: ",
+                |_| None,
+            );
         }
         rows.push((
             "requests".into(),
@@ -746,13 +858,145 @@ mod tests {
         assert_eq!(s.not_submitted, 4);
         assert_eq!(
             s.not_submitted_by_reason,
-            BTreeMap::from([("1002 invalid key".to_owned(), 2), (page.clone(), 1)])
+            BTreeMap::from([
+                ("1002 invalid key".to_owned(), 2),
+                (page.clone(), 1),
+                (QUEUED_REASON.to_owned(), 1),
+            ])
         );
         let table = s.to_string();
         assert!(table.contains("  1002 invalid key"), "{table}");
         assert!(!table.contains(&page), "{table}");
         assert!(
             table.contains(&format!("{}…", &page[..REASON_CHARS])),
+            "{table}"
+        );
+    }
+
+    /// A job still `queued` when the summary is made (its run was stopped before it reached
+    /// it) is counted under a reason, and its row says what to do: it was counted under
+    /// `not submitted` alone, with no row saying why it did not run.
+    #[test]
+    fn a_job_still_queued_is_counted_under_a_reason_that_says_to_run_again() {
+        use crate::journal::ErrorInfo;
+
+        let stopped = JobRecord {
+            error: Some(ErrorInfo::new(
+                0,
+                "not submitted: the run was stopped",
+                None,
+            )),
+            ..blank(JobState::NotSubmitted)
+        };
+        let records = [blank(JobState::Queued), blank(JobState::Queued), stopped];
+        let mut s = Summary::default();
+        s.count_jobs(&records);
+        assert_eq!(s.not_submitted, 3);
+        assert_eq!(
+            s.not_submitted_by_reason.values().sum::<usize>(),
+            s.not_submitted,
+            "every job not submitted is under a reason: {s:?}"
+        );
+        assert_eq!(
+            s.not_submitted_by_reason.get(QUEUED_REASON),
+            Some(&2),
+            "{s:?}"
+        );
+        let table = s.to_string();
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with(&format!("  {QUEUED_REASON}  "))
+                    && l.ends_with("2 (run again to send)")),
+            "{table}"
+        );
+    }
+
+    /// Thousands of failures of distinct messages: every group of reasons keeps
+    /// [`REASON_ROWS`] at most, those of the most jobs, and sums the others' jobs in one row
+    /// that says how many reasons it holds; `--json` the same. The failed rows were never
+    /// cut (one row a message) while those of jobs not submitted were cut in length only.
+    #[test]
+    fn every_group_of_reasons_is_cut_to_the_rows_of_most_jobs_and_sums_the_rest() {
+        use crate::journal::ErrorInfo;
+
+        let distinct = 3000;
+        let record = |state, code, message: String| JobRecord {
+            error: Some(ErrorInfo::new(code, message, None)),
+            ..blank(state)
+        };
+        let mut records: Vec<JobRecord> = (0..distinct)
+            .map(|i| record(JobState::Failed, 0, format!("cannot read frame {i:04}")))
+            .collect();
+        records.extend((0..5).map(|_| record(JobState::Failed, 1301, "unsafe".to_owned())));
+        records.extend(
+            (0..distinct).map(|i| record(JobState::NotSubmitted, 0, format!("page {i:04}"))),
+        );
+        records.extend((0..2).map(|_| blank(JobState::Queued)));
+        let mut s = Summary::default();
+        s.count_jobs(&records);
+        for (name, by_reason, jobs) in [
+            ("failed_by_reason", &s.failed_by_reason, s.failed),
+            (
+                "not_submitted_by_reason",
+                &s.not_submitted_by_reason,
+                s.not_submitted,
+            ),
+        ] {
+            assert_eq!(by_reason.len(), REASON_ROWS, "{name}");
+            assert_eq!(by_reason.values().sum::<usize>(), jobs, "{name}");
+            // The reason of most jobs is kept, then the first by name.
+            let kept = REASON_ROWS - 2;
+            assert_eq!(
+                s.other_reasons.get(name),
+                Some(&(distinct - kept)),
+                "{name}"
+            );
+            assert_eq!(by_reason[OTHER_REASONS], distinct - kept, "{name}");
+        }
+        assert_eq!(s.failed_by_reason["1301 refused by content security"], 5);
+        assert!(s.failed_by_reason.contains_key("cannot read frame 0000"));
+        assert!(!s.failed_by_reason.contains_key("cannot read frame 2999"));
+        assert_eq!(s.not_submitted_by_reason[QUEUED_REASON], 2);
+        let table = s.to_string();
+        assert!(table.lines().count() < 40, "{table}");
+        let other = format!(
+            "{} reasons; each job's is in the results file",
+            distinct - 8
+        );
+        assert_eq!(table.matches(&other).count(), 2, "{table}");
+        assert!(table.contains("change the prompt"), "{table}");
+        let json: Summary = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(json, s);
+        // Ten reasons or fewer: none cut.
+        let mut few = Summary::default();
+        few.count_jobs(&records[..REASON_ROWS]);
+        assert_eq!(few.failed_by_reason.len(), REASON_ROWS);
+        assert!(few.other_reasons.is_empty());
+        assert!(!few.to_string().contains(OTHER_REASONS));
+    }
+
+    /// A failure's reason is cut in the table past [`REASON_CHARS`], as the other groups'
+    /// are: a failed job showed a long message whole.
+    #[test]
+    fn a_long_failure_reason_is_cut_in_the_table() {
+        use crate::journal::ErrorInfo;
+
+        let message = format!("decoder said: {}", "y".repeat(200));
+        let records = [JobRecord {
+            error: Some(ErrorInfo::new(0, &message, None)),
+            ..blank(JobState::Failed)
+        }];
+        let mut s = Summary::default();
+        s.count_jobs(&records);
+        assert_eq!(
+            s.failed_by_reason[&message], 1,
+            "the summary keeps it whole"
+        );
+        let table = s.to_string();
+        assert!(!table.contains(&message), "{table}");
+        assert!(
+            table.contains(&format!("{}…", &message[..REASON_CHARS])),
             "{table}"
         );
     }

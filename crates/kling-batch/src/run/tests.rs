@@ -646,7 +646,8 @@ fn a_stop_while_jobs_are_queued_again_ends_the_plan_between_two_transactions() {
 /// A stop while the jobs are registered ends the run there: it registered every job of
 /// the file first (100 000 jobs: seconds), then marked them all `not_submitted`. Nothing
 /// is written to the journal and nothing is sent; a resumed run's report keeps the
-/// journal's records as an earlier run left them.
+/// journal's records as an earlier run left them, and reports the jobs not registered as
+/// not sent.
 #[tokio::test(start_paused = true)]
 async fn a_stop_while_the_jobs_are_registered_ends_the_run_with_nothing_written() {
     let text = |n: usize| -> String {
@@ -684,12 +685,19 @@ async fn a_stop_while_the_jobs_are_registered_ends_the_run_with_nothing_written(
         .map(|r| (r.job_id.as_str(), r.state))
         .collect();
     assert_eq!(
-        states,
+        states[..3],
         [
             ("j0", JobState::Succeeded),
             ("j1", JobState::Queued),
             ("j2", JobState::Queued)
         ]
+    );
+    assert_eq!(states.len(), jobs.len());
+    assert!(
+        states[3..]
+            .iter()
+            .all(|(_, state)| *state == JobState::NotSubmitted),
+        "{states:?}"
     );
     assert_eq!(journal.records().unwrap().len(), 3, "nothing registered");
 }
@@ -754,6 +762,65 @@ async fn a_stop_marks_the_jobs_left_in_chunks_and_other_work_goes_on_meanwhile()
         journal.transitions(&format!("j{}", n - 1)).unwrap(),
         ["queued", "not_submitted"]
     );
+}
+
+/// A run stopped before its jobs are registered (a Ctrl-C while a large new file is
+/// registered: the transaction is rolled back) reports every job of the file as not sent
+/// because of the stop, and the journal holds none: its summary said `jobs  0`, and its
+/// results file was empty. The jobs an earlier run registered keep their records.
+#[tokio::test]
+async fn a_run_stopped_before_its_jobs_are_registered_reports_every_job_not_sent() {
+    let (jobs, _) = parse_jobs(
+        "{\"id\":\"a\",\"prompt\":\"p\"}\n{\"id\":\"b\",\"prompt\":\"p\"}\n\
+         {\"id\":\"c\",\"prompt\":\"p\"}\n",
+    );
+    let journal = Journal::open_in_memory().unwrap();
+    // `b` was registered by an earlier run, and failed.
+    journal.register(&jobs[1..2]).unwrap();
+    let failed = ErrorInfo::new(1301, "unsafe", None);
+    journal
+        .transition("b", JobState::Failed, Update::error(failed.clone()))
+        .unwrap();
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+        "http://127.0.0.1:9",
+    )
+    .unwrap();
+    let options = RunOptions::new(default_follow_policy(1.0));
+    let engine = Engine::new(stack.clone(), journal.clone(), options).unwrap();
+    let (_stopper, stop) = watch::channel(true);
+    let report = engine.run(&jobs, stop).await.unwrap();
+    assert!(report.interrupted);
+    let seen: Vec<(&str, JobState)> = report
+        .records
+        .iter()
+        .map(|r| (r.job_id.as_str(), r.state))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("a", JobState::NotSubmitted),
+            ("b", JobState::Failed),
+            ("c", JobState::NotSubmitted),
+        ]
+    );
+    assert_eq!(report.records[0].error.as_ref().unwrap().message, STOPPED);
+    assert_eq!(report.records[1].error.as_ref(), Some(&failed));
+    assert_eq!(report.records[2].external_id, journal.external_id_for("c"));
+    let mut summary = crate::summary::Summary::default();
+    summary.count_jobs(&report.records);
+    assert_eq!(summary.jobs, 3);
+    assert_eq!(
+        summary.not_submitted_by_reason,
+        BTreeMap::from([(STOPPED.to_owned(), 2)])
+    );
+    assert_eq!(
+        journal.records().unwrap().len(),
+        1,
+        "nothing was registered"
+    );
+    assert_eq!(stack.attempts().requests(), 0, "nothing was sent");
 }
 
 /// A stop while a create waits (nothing answers: it is retried until the grace ends)

@@ -699,11 +699,12 @@ async fn an_expired_result_url_is_recorded_once_and_not_fetched_on_every_run() {
     // One try, and one after each fresh query of the task.
     let tries = 1 + download::MAX_REFRESHES as usize;
     for run in 0..5 {
-        let db = rusqlite::Connection::open(&journal_path);
+        // Opened once the first run made the journal: an empty file there is refused.
+        let db = || rusqlite::Connection::open(&journal_path);
         if run == 1 {
             // A gone-mark made while the URL was young (as the version that introduced the
             // mark made it) is not honoured: the file is asked for again.
-            let db = db.unwrap();
+            let db = db().unwrap();
             let error: String = db
                 .query_row("SELECT download_error FROM jobs", [], |r| r.get(0))
                 .unwrap();
@@ -716,7 +717,7 @@ async fn an_expired_result_url_is_recorded_once_and_not_fetched_on_every_run() {
             .unwrap();
         } else if run == 2 {
             // The task ended 31 days ago: its URL's lifetime is over.
-            let moved = db
+            let moved = db()
                 .unwrap()
                 .execute(
                     "UPDATE transitions SET at = at - 31 * 86400 WHERE to_state = 'succeeded'",

@@ -83,6 +83,84 @@ async fn a_killed_run_resumes_and_creates_nothing_twice() {
     assert_eq!(creates, 60, "each job entered `created` exactly once");
 }
 
+/// A killed run's journal copied without its `-wal` (or cut to 0 bytes) is refused by the
+/// run pointed at it, naming the file and what is wrong, and nothing is sent: it read as a
+/// new journal, and the resume created every job again, each billed twice. The journal with
+/// its `-wal` resumes and creates none twice; closed by its run, it stands alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_runs_journal_without_its_wal_or_emptied_is_refused_and_nothing_is_sent() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("nowal");
+    let jobs = write_jobs(&dir, 30);
+    let journal = dir.join("journal.sqlite");
+    let out = dir.join("out.jsonl");
+    let args = |journal: &std::path::Path| {
+        [
+            "--journal".to_owned(),
+            journal.to_str().unwrap().to_owned(),
+            "-o".to_owned(),
+            out.to_str().unwrap().to_owned(),
+        ]
+    };
+    let run = |journal: &std::path::Path| {
+        let args = args(journal);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_command(&jobs, &server.base_url(), &args)
+    };
+    let mut first = run(&journal)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    until_created(&server, 10).await;
+    first.kill().await.unwrap();
+    first.wait().await.unwrap();
+    let wal = dir.join("journal.sqlite-wal");
+    assert!(wal.exists(), "a killed run leaves its -wal");
+    let copy = dir.join("copy.sqlite");
+    std::fs::copy(&journal, &copy).unwrap();
+    let empty = dir.join("empty.sqlite");
+    std::fs::write(&empty, b"").unwrap();
+    let sent = server.stats().requests_total;
+    for (path, named, what) in [
+        (&copy, "copy.sqlite-wal", "write-ahead log is missing"),
+        (&empty, "empty.sqlite", "empty (0 bytes)"),
+    ] {
+        let output = finish(run(path)).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("--journal"), "{stderr}");
+        assert!(stderr.contains(named), "{stderr}");
+        assert!(stderr.contains(what), "{stderr}");
+        assert_eq!(
+            server.stats().requests_total,
+            sent,
+            "nothing was sent: {stderr}"
+        );
+    }
+    // With its `-wal`, the journal resumes the run: nothing created twice.
+    let second = finish(run(&journal)).await;
+    assert_eq!(
+        second.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let stats = server.stats();
+    assert_eq!(stats.duplicate_external_ids, 0, "{stats:?}");
+    assert_eq!(stats.tasks_created, 30, "{stats:?}");
+    // Closed by its run, the journal needs no `-wal`: a copy of it resumes, sending nothing.
+    assert!(!wal.exists(), "the run closed the journal");
+    std::fs::copy(&journal, &copy).unwrap();
+    let third = finish(run(&copy)).await;
+    assert_eq!(
+        third.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&third.stderr)
+    );
+    assert_eq!(server.stats().tasks_created, 30);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_stops_creating_exits_cleanly_and_a_rerun_finishes() {
     a_stop_signal_stops_creating_exits_cleanly_and_a_rerun_finishes("-INT").await;
