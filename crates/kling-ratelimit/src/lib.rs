@@ -151,7 +151,7 @@ mod service;
 
 pub use backend::{Backend, BucketKey, Decision, Feedback, InProcess, Policy};
 pub use layer::{Builder, GcraHandle, GcraLayer, KeyFn, Mode};
-pub use policy::{Adaptive, AdaptiveState, Cooldown};
+pub use policy::{Adaptive, AdaptiveState, Cooldown, RETRY_AFTER_RESOLUTION};
 pub use quota::Quota;
 pub use service::Gcra;
 

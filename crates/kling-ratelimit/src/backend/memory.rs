@@ -825,7 +825,17 @@ impl InProcess {
                         let adaptive = entry
                             .adaptive
                             .get_or_insert_with(|| AdaptiveState::new(config, ceiling));
-                        adaptive.on_throttle(config, ceiling, entry.streak, &policy.cooldown);
+                        // What the server asked for, from the answer's arrival: the cost of
+                        // the refusal ([`Adaptive`](crate::Adaptive)'s caution).
+                        let retry_after =
+                            resume_at.map(|at| at.saturating_duration_since(received_at));
+                        adaptive.on_throttle_retry_after(
+                            config,
+                            ceiling,
+                            entry.streak,
+                            &policy.cooldown,
+                            retry_after,
+                        );
                     }
                 }
                 let until = pause_until(

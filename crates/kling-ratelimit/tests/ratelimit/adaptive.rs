@@ -227,3 +227,113 @@ async fn adaptive_recovery_after_a_long_run_of_1302s_is_bounded() {
         "{time:?}"
     );
 }
+
+/// A key with a `ceiling` per second, starting at 4/s, meets one 1302 answered with `reply`
+/// (a `Retry-After`, or none), then a steady load of one request after another: the successes
+/// (and the time from the first, the first request sent after the pause) until the rate is
+/// back at `goal` requests per second, and the probe step of the success that got it there.
+/// `None` when 2,000 successes were not enough.
+async fn climb_after_one_1302(
+    ceiling: f64,
+    reply: crate::support::Reply,
+    goal: f64,
+) -> Option<(usize, Duration, f64)> {
+    use kling_core::AccountId;
+    use kling_ratelimit::BucketKey;
+
+    use crate::support::{Server, request};
+
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(ceiling))
+        .adaptive(Adaptive::new().start(Quota::per_second(4.0)))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let key = BucketKey::account(Some(AccountId::new("a")));
+    let rate = || {
+        handle
+            .backend()
+            .key_state(&key)
+            .unwrap()
+            .adaptive_rate
+            .unwrap()
+    };
+    server.script([reply]);
+    service
+        .clone()
+        .oneshot(request(Some("a"), "x"))
+        .await
+        .unwrap();
+    assert_eq!(rate(), 4.0 * 0.85, "lowered from where it was refused");
+    for successes in 1..=2000 {
+        let before = rate();
+        service
+            .clone()
+            .oneshot(request(Some("a"), "x"))
+            .await
+            .unwrap();
+        if rate() >= goal {
+            let hits = server.hits();
+            let took = hits.last().unwrap().at - hits[1].at;
+            return Some((successes, took, rate() - before));
+        }
+    }
+    None
+}
+
+/// A `Retry-After` of about one interval (the header's least, one second, at 4/s) leaves the
+/// rule as it was: the climb back to the limit is the one after a bare 1302, success for
+/// success and to the nanosecond.
+#[tokio::test(start_paused = true)]
+async fn a_short_retry_after_climbs_back_as_a_bare_1302_does() {
+    use crate::support::Reply;
+
+    let bare = climb_after_one_1302(4.0, Reply::throttled(), 4.0).await;
+    let short = climb_after_one_1302(4.0, Reply::throttled().header("retry-after", "1"), 4.0).await;
+    assert_eq!(bare.map(|(n, _, _)| n), Some(46));
+    assert_eq!(short, bare);
+    // Two seconds is still the header's resolution past one interval.
+    let two = climb_after_one_1302(4.0, Reply::throttled().header("retry-after", "2"), 4.0).await;
+    assert_eq!(two.map(|(n, _, _)| n), Some(46));
+}
+
+/// A `Retry-After` of 3 s at 4/s costs four intervals past the header's resolution: the probe
+/// goes four times slower, so the rate is back at the limit after 141 successes instead of
+/// 46 (the climb to 97% of it, by a quarter of the way left per success, takes 21 instead of
+/// 16: its last steps are the probe's), so the next 1302 comes about three times further apart.
+#[tokio::test(start_paused = true)]
+async fn a_long_retry_after_climbs_back_to_the_limit_more_slowly() {
+    use crate::support::Reply;
+
+    let (short, _, _) = climb_after_one_1302(4.0, Reply::throttled(), 4.0)
+        .await
+        .unwrap();
+    let reply = || Reply::throttled().header("retry-after", "3");
+    let (long, took, _) = climb_after_one_1302(4.0, reply(), 4.0).await.unwrap();
+    assert_eq!((short, long), (46, 141), "{took:?}");
+    let to_97 = |r| async move { climb_after_one_1302(4.0, r, 4.0 * 0.97).await.unwrap().0 };
+    assert_eq!(
+        (to_97(Reply::throttled()).await, to_97(reply()).await),
+        (16, 21)
+    );
+}
+
+/// A 60 s `Retry-After` slows the probe ten times (`max_caution`), not 232: the rate is back at
+/// the limit within 324 successes (82 s of steady load), then probes by 0.1% of the limit per
+/// success as before, so a limit raised 10% is found 100 successes later.
+#[tokio::test(start_paused = true)]
+async fn after_a_60_s_retry_after_recovery_is_bounded() {
+    use crate::support::Reply;
+
+    let reply = || Reply::throttled().header("retry-after", "60");
+    let (successes, took, _) = climb_after_one_1302(8.0, reply(), 4.0).await.unwrap();
+    assert_eq!(successes, 324, "{took:?}");
+    assert!(
+        took > Duration::from_secs(82) && took < Duration::from_secs(83),
+        "{took:?}"
+    );
+    let (raised, _, step) = climb_after_one_1302(8.0, reply(), 4.4).await.unwrap();
+    assert_eq!(raised, successes + 100);
+    assert!((step - 0.004).abs() < 1e-12, "{step}");
+}
