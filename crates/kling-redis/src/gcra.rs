@@ -11,7 +11,9 @@ use std::time::Duration;
 use kling_core::AccountId;
 use kling_ratelimit::backend::{FleetRequests, Reported};
 use kling_ratelimit::error::BackendError;
-use kling_ratelimit::{Backend, BucketKey, Decision, Feedback, InProcess, Policy};
+use kling_ratelimit::{
+    Backend, BucketKey, Decision, Feedback, InProcess, Policy, RETRY_AFTER_RESOLUTION,
+};
 use redis::Script;
 use tokio::time::Instant;
 
@@ -364,20 +366,23 @@ return 0
 /// What a response said. `KEYS[1]` the key's hash. ARGV: now, kind (s/p), sent_at, received_at,
 /// resume_at ('' for none), throttled (0/1), configured period, adaptive (0/1), start rate,
 /// ceiling, growth, decrease, target, probe, cooldown first, escalate_after, backoff, ceiling,
-/// window, idle TTL. Returns {cooldown_until or -1, streak, at_ceiling}: `at_ceiling` 1 when
+/// window, idle TTL, the `Retry-After`'s wait less its resolution in seconds ('' for none),
+/// max caution. Returns {cooldown_until or -1, streak, at_ceiling}: `at_ceiling` 1 when
 /// the key's adaptive rate is at its ceiling after the report, with no streak running.
 ///
 /// The adaptive rate follows [`AdaptiveState`](kling_ratelimit::AdaptiveState)'s rule: `r`
 /// the rate, `l` the remembered limit, `nl` the lowerings since the last success; a counted
 /// 1302 lowers the rate unless it is past the cooldown's `escalate_after` in its streak (it
-/// came after a burst-backoff pause) or `escalate_after` lowerings came since the last success.
+/// came after a burst-backoff pause) or `escalate_after` lowerings came since the last success;
+/// `k` the caution, which a lowering sets to what its `Retry-After` cost in intervals (absent:
+/// 1) and which divides the probe step until a success takes the rate to the limit.
 ///
 /// A 1302 adds to the key's streak when it comes within the window of the end of the pause the
 /// streak's last 1302 set (`se` holds that end plus the window), as in process.
 ///
 /// A pause (which is kept for delivery when Redis does not take it) also gives `KEYS[2]`, the
 /// numbers of this process's pauses that the key took (a sorted set, expiring when this script
-/// leaves the key's hash to expire), `ARGV[21]` its number and `ARGV[22]` the lowest number
+/// leaves the key's hash to expire), `ARGV[23]` its number and `ARGV[24]` the lowest number
 /// the process may still send (those below are dropped from the set). One whose number was
 /// taken already (its first attempt, or a delivery, whose answer was lost: cut short, or
 /// timed out) is not applied again, which would count its 1302 twice in the streak. A set,
@@ -385,7 +390,7 @@ return 0
 const FEEDBACK: &str = r"
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
-local v = redis.call('HMGET', key, 's', 'lp', 'se', 'cd', 'r', 'l', 'p', 't', 'nl')
+local v = redis.call('HMGET', key, 's', 'lp', 'se', 'cd', 'r', 'l', 'p', 't', 'nl', 'k')
 local streak = tonumber(v[1]) or 0
 -- Every counted 1302 sets `se` and only a success deletes it: without it, no lowering came
 -- since the last success, whatever `nl` says (a script of the version before `nl` deletes
@@ -429,12 +434,12 @@ local function expire()
   local ms = math.ceil((last - now + tonumber(ARGV[20])) / 1000)
   redis.call('PEXPIRE', key, ms)
   if KEYS[2] then
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[22])
-    redis.call('ZADD', KEYS[2], ARGV[21], ARGV[21])
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[24])
+    redis.call('ZADD', KEYS[2], ARGV[23], ARGV[23])
     redis.call('PEXPIRE', KEYS[2], ms)
   end
 end
-if KEYS[2] and redis.call('ZSCORE', KEYS[2], ARGV[21]) then
+if KEYS[2] and redis.call('ZSCORE', KEYS[2], ARGV[23]) then
   -- Taken already: what the key holds now.
   if cd and cd > now then return {cd, streak, top()} end
   return {-1, streak, top()}
@@ -452,9 +457,12 @@ if ARGV[2] == 's' then
   se = nil
   if adaptive and rate then
     if limit then
+      local caution = tonumber(v[10]) or 1
       local target = tonumber(ARGV[13]) * limit
-      local probe = tonumber(ARGV[14]) * limit
+      local probe = tonumber(ARGV[14]) * limit / caution
       rate = rate + math.max((target - rate) / 4, probe)
+      -- Past where the costly refusal came: a raised limit is found at the usual pace.
+      if rate >= limit and v[10] then redis.call('HDEL', key, 'k') end
     else
       rate = rate * (1 + tonumber(ARGV[11]))
     end
@@ -493,6 +501,18 @@ if counted then
     rate = clamp(rate * tonumber(ARGV[12]))
     redis.call('HSET', key, 'r', string.format('%.17g', rate), 'l', string.format('%.17g', limit),
       'nl', lowerings + 1)
+    -- What the refusal cost in intervals of the refused rate, past the header's resolution
+    -- (`Adaptive::caution`): the probe's divisor until the rate is back at the limit.
+    local caution = 1
+    local excess = tonumber(ARGV[21])
+    if excess then
+      caution = math.min(math.max(excess * limit, 1), math.max(tonumber(ARGV[22]), 1))
+    end
+    if caution ~= 1 then
+      redis.call('HSET', key, 'k', string.format('%.17g', caution))
+    elseif v[10] then
+      redis.call('HDEL', key, 'k')
+    end
   end
 end
 local interval = tonumber(v[7]) or tonumber(ARGV[7])
@@ -1475,10 +1495,18 @@ impl Inner {
             }
         };
         let fleet = |t: Instant| self.conn.to_fleet(t, now, now_us).to_string();
-        let (kind, sent, received, resume, throttled) = match feedback {
-            Feedback::Success { sent_at } => {
-                ("s", fleet(sent_at), String::new(), String::new(), false)
-            }
+        // The last, for a pause: the wait its `Retry-After` asked for less the header's
+        // resolution, seconds, measured from the instants as in process (not from their fleet
+        // times, a microsecond coarser), so the fleet's caution is the in-process one.
+        let (kind, sent, received, resume, throttled, excess) = match feedback {
+            Feedback::Success { sent_at } => (
+                "s",
+                fleet(sent_at),
+                String::new(),
+                String::new(),
+                false,
+                String::new(),
+            ),
             Feedback::Pause {
                 sent_at,
                 received_at,
@@ -1490,6 +1518,12 @@ impl Inner {
                 fleet(received_at),
                 resume_at.map(fleet).unwrap_or_default(),
                 throttled,
+                resume_at
+                    .map(|at| {
+                        let wait = at.saturating_duration_since(received_at).as_secs_f64();
+                        format!("{:e}", wait - RETRY_AFTER_RESOLUTION.as_secs_f64())
+                    })
+                    .unwrap_or_default(),
             ),
             _ => return Ok(Reported::default()),
         };
@@ -1517,6 +1551,8 @@ impl Inner {
             micros(c.ceiling).to_string(),
             micros(c.window).to_string(),
             micros(self.idle_ttl).to_string(),
+            excess,
+            format!("{:e}", a.max_caution),
         ];
         let result: Result<Vec<i64>, StoreError> = match number {
             None => {

@@ -2095,6 +2095,91 @@ async fn the_adaptive_rule_in_redis_is_the_in_process_one() {
     );
 }
 
+/// A 1302 whose `Retry-After` asks for many intervals makes the fleet's rate probe as
+/// cautiously as in process (kling-ratelimit's `Adaptive::caution`), report by report: the
+/// caution the key's hash holds (`k`) is the in-process rule's after each report — set by a
+/// long wait (2.6 s at 5/s: three intervals past the header's resolution; 60 s: capped at ten),
+/// ended by the success that takes the rate back to the limit, and 1 after a short wait —
+/// and the rate is the in-process backend's.
+#[tokio::test]
+async fn a_long_retry_after_slows_the_fleets_probe_as_in_process() {
+    let Some(server) = redis() else { return };
+    let backend = RedisGcra::new(connect(&server).await);
+    let memory = InProcess::new();
+    let key = BucketKey::account(Some(AccountId::new("adaptive-caution")));
+    let redis_key = backend.key_of(&key);
+    let adaptive = kling_ratelimit::Adaptive::new().start(Quota::per_second(5.0));
+    let cooldown = Cooldown::default().first(Duration::from_millis(1));
+    let policy = Policy::new(Quota::per_second(10.0), cooldown).with_adaptive(Some(adaptive));
+    let mut model = kling_ratelimit::AdaptiveState::new(&adaptive, 10.0);
+    assert_eq!(
+        backend.acquire(&key, &policy).await.unwrap(),
+        Decision::Admit
+    );
+    assert_eq!(memory.acquire_now(&key, &policy), Decision::Admit);
+    let fleet = |field: &'static str| {
+        let server = &server;
+        let redis_key = &redis_key;
+        async move {
+            let value: Option<f64> = redis::cmd("HGET")
+                .arg(redis_key)
+                .arg(field)
+                .query_async(&mut raw(server).await)
+                .await
+                .unwrap();
+            value
+        }
+    };
+    // A long wait, recovery past the limit, the longest, then a short one.
+    let mut events = vec![Some(Duration::from_millis(2600))];
+    events.extend([None; 150]);
+    events.push(Some(Duration::from_secs(60)));
+    events.extend([None; 40]);
+    events.push(Some(Duration::from_secs(1)));
+    events.extend([None; 5]);
+    let mut cautions = Vec::new();
+    for (i, wait) in events.into_iter().enumerate() {
+        // (Each report is of a request sent after the last pause began.)
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let now = tokio::time::Instant::now();
+        let feedback = match wait {
+            Some(wait) => {
+                model.on_throttle_retry_after(&adaptive, 10.0, 1, &cooldown, Some(wait));
+                Feedback::Pause {
+                    sent_at: now,
+                    received_at: now,
+                    resume_at: Some(now + wait),
+                    throttled: true,
+                }
+            }
+            None => {
+                model.on_success(&adaptive, 10.0);
+                Feedback::Success { sent_at: now }
+            }
+        };
+        backend.feedback(&key, &policy, feedback).await.unwrap();
+        memory.feedback_now(&key, &policy, feedback);
+        let expected = memory.key_state(&key).unwrap().adaptive_rate.unwrap();
+        let actual = fleet("r").await.unwrap();
+        assert!(
+            (actual - expected).abs() <= expected * 1e-12,
+            "report {i}: in process {expected}, redis {actual}"
+        );
+        assert_eq!(actual, model.rate(), "report {i}");
+        let caution = fleet("k").await.unwrap_or(1.0);
+        assert_eq!(caution, model.caution(), "report {i}");
+        cautions.push(caution);
+    }
+    assert!((cautions[0] - 3.0).abs() < 1e-9, "{}", cautions[0]);
+    let ended = cautions.iter().position(|&k| k == 1.0).unwrap();
+    assert!(
+        (90..150).contains(&ended),
+        "the caution ended at report {ended}"
+    );
+    assert_eq!(cautions[151], 10.0, "a 60 s wait: capped");
+    assert_eq!(cautions[192..], [1.0; 6], "a short wait: no caution");
+}
+
 /// 1302s each past the streak's window of the one before (a client that asks less often than
 /// that, through an outage) lower the fleet's rate at most `escalate_after` times between two
 /// successes, as in process, report by report (each lowering it, the rate fell to the floor).
