@@ -202,9 +202,10 @@ impl<S, B> Retrying<S, B> {
     }
 }
 
-/// What to do after an attempt.
+/// What to do after an attempt that did not answer the call (see [`Call::after_response`]).
 enum Step {
-    Finish(Result<Response<Full<Bytes>>, BoxError>),
+    /// The call ends with this error.
+    Fail(BoxError),
     Sleep,
     Send,
 }
@@ -230,7 +231,6 @@ where
         let mut boxed = Box::write(
             Box::new_uninit(),
             Inner {
-                state: State::Done,
                 call: Call {
                     handle,
                     template: Template::new(request, started, deadline, spliced),
@@ -239,6 +239,9 @@ where
                     resigned: false,
                     retry: None,
                 },
+                // Last: listed first, the state (as large as the attempt's future, not there
+                // yet) was built aside and copied in through a second temporary, every call.
+                state: State::Done,
             },
         );
         boxed.call.template.copy_headers(request);
@@ -289,30 +292,39 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Calling { future } => {
-                    let result = match future.poll(cx) {
-                        Poll::Ready(result) => result.map_err(Into::into),
+                    let step = match future.poll(cx) {
+                        // Judged in place and handed up with one move: nearly every call
+                        // ends here, with its first answer.
+                        Poll::Ready(Ok(mut response)) => {
+                            match this.call.after_response(&mut response) {
+                                None => {
+                                    // A call that took more than one request says how many on
+                                    // its answer: a metrics layer above counts every request
+                                    // sent against the account's rate, not one per call.
+                                    if this.call.attempts > 1 {
+                                        response
+                                            .extensions_mut()
+                                            .insert(Attempt(this.call.attempts));
+                                    }
+                                    this.state.set(State::Done);
+                                    return Poll::Ready(Ok(response));
+                                }
+                                Some(step) => step,
+                            }
+                        }
+                        Poll::Ready(Err(error)) => this.call.after_error(error.into()),
                         // A retry or lookup still out at the call's deadline is given up as a
                         // timed-out attempt (it may have made a task): the next step finds the
                         // deadline passed and ends the call with what is known.
                         Poll::Pending if this.call.past_deadline_in_flight(cx) => {
-                            Err(Box::new(Elapsed::new()) as BoxError)
+                            this.call.after_error(Box::new(Elapsed::new()))
                         }
                         Poll::Pending => return Poll::Pending,
                     };
-                    match this.call.after_attempt(result) {
-                        Step::Finish(mut output) => {
-                            // A call that took more than one request says how many on its
-                            // answer: a metrics layer above counts every request sent against
-                            // the account's rate, not one per call.
-                            if this.call.attempts > 1
-                                && let Ok(response) = &mut output
-                            {
-                                response
-                                    .extensions_mut()
-                                    .insert(Attempt(this.call.attempts));
-                            }
+                    match step {
+                        Step::Fail(error) => {
                             this.state.set(State::Done);
-                            return Poll::Ready(output);
+                            return Poll::Ready(Err(error));
                         }
                         Step::Sleep => this.state.set(State::Sleeping),
                         Step::Send => this.state.set(State::Readying),
@@ -336,20 +348,20 @@ where
                         // after the deadline does, naming what is known.
                         Poll::Pending if this.call.past_deadline_in_flight(cx) => {
                             this.state.set(State::Done);
-                            return Poll::Ready(this.call.not_ready_by_deadline());
+                            return Poll::Ready(Err(this.call.not_ready_by_deadline()));
                         }
                         Poll::Pending => return Poll::Pending,
                     };
                     if let Err(error) = ready {
                         this.state.set(State::Done);
-                        return Poll::Ready(this.call.pass_through(error.into()));
+                        return Poll::Ready(Err(this.call.pass_through(error.into())));
                     }
                     // Ready only at the deadline (or woken past it: timers fire on whole
                     // milliseconds): a request sent now would be given up at once as out at
                     // the deadline, so it is not sent.
                     if this.call.deadline_reached() {
                         this.state.set(State::Done);
-                        return Poll::Ready(this.call.not_ready_by_deadline());
+                        return Poll::Ready(Err(this.call.not_ready_by_deadline()));
                     }
                     let request = this.call.next_request();
                     let future = this.call.service().call(request);
@@ -538,20 +550,19 @@ where
     B: ReplayBody,
     P: Policy,
 {
-    fn after_attempt(&mut self, result: Result<Response<Full<Bytes>>, BoxError>) -> Step {
-        let mut response = match result {
-            Ok(response) => response,
-            Err(error) => return self.after_error(error),
-        };
+    /// What an attempt's response comes to: `None` when it is the call's answer (a success, or
+    /// a lookup's task with [`Recovered`] added), else the next step. Read in place, so the
+    /// caller moves the answer once, into its return value.
+    fn after_response(&mut self, response: &mut Response<Full<Bytes>>) -> Option<Step> {
         // One extension lookup when the classify step below attached the outcome (the stack's
         // case); parsed here otherwise.
-        let outcome = match Outcome::of(&response) {
+        let outcome = match Outcome::of(response) {
             Some(outcome) => outcome,
             None => {
-                if let Err(malformed) = Outcome::ensure(&mut response) {
-                    return self.after_error(Box::new(malformed));
+                if let Err(malformed) = Outcome::ensure(response) {
+                    return Some(self.after_error(Box::new(malformed)));
                 }
-                let Some(outcome) = Outcome::of(&response) else {
+                let Some(outcome) = Outcome::of(response) else {
                     unreachable!("the outcome was attached above")
                 };
                 outcome
@@ -579,23 +590,23 @@ where
                         external_id,
                         task_id,
                     });
-                    return Step::Finish(Ok(response));
+                    return None;
                 }
                 Lookup::NotFound => {
                     let pending = self.retry.as_mut().and_then(|retry| retry.lookup.take());
                     if let Some(answer) = pending.and_then(|pending| pending.final_answer) {
                         // The re-sent create's refusal stands: no task was made.
-                        return self.fail(StopReason::NotRetryable, Last::Api(answer));
+                        return Some(self.fail(StopReason::NotRetryable, Last::Api(answer)));
                     }
-                    return self.resend_after_lookup();
+                    return Some(self.resend_after_lookup());
                 }
                 Lookup::Inconclusive => {}
             }
         }
-        match self
+        let step = match self
             .shared()
             .policy
-            .judge(Attempted::Response(&response, outcome))
+            .judge(Attempted::Response(response, outcome))
         {
             Verdict::Return if self.sending == Sending::Lookup => {
                 // The lookup answered for good without settling the create (refused, or a
@@ -613,13 +624,13 @@ where
                 };
                 self.fail(StopReason::CreateUnresolved, last)
             }
-            Verdict::Return if outcome.is_success() => Step::Finish(Ok(response)),
+            Verdict::Return if outcome.is_success() => return None,
             Verdict::Return => self.refused(ApiError::from_outcome(outcome)),
             Verdict::Retry { delay, create } => {
                 let resign = outcome.disposition() == Disposition::Resign;
                 if resign {
                     if self.resigned {
-                        return self.refused(ApiError::from_outcome(outcome));
+                        return Some(self.refused(ApiError::from_outcome(outcome)));
                     }
                     self.resigned = true;
                 }
@@ -627,7 +638,8 @@ where
                 let hint = outcome.retry_after().map(|h| (outcome.received_at(), h));
                 self.schedule(delay, create, hint, last, resign)
             }
-        }
+        };
+        Some(step)
     }
 
     /// Whether `error` is a create's answer of 2xx whose body could not be read (not JSON, a
@@ -684,7 +696,7 @@ where
                     Last::Error(error),
                 )
                 .with_external_id(id);
-                Step::Finish(Err(Box::new(failed)))
+                Step::Fail(Box::new(failed))
             }
             Verdict::Return
                 if self.sending == Sending::Original && self.create_fate_unknown(&error) =>
@@ -704,7 +716,7 @@ where
                 self.retrying().external_id = id;
                 self.fail(reason, Last::Error(error))
             }
-            Verdict::Return => Step::Finish(self.pass_through(error)),
+            Verdict::Return => Step::Fail(self.pass_through(error)),
             Verdict::Retry { delay, create } => {
                 // A lookup that never left was not the create's one free lookup: its next try
                 // still draws nothing from the budget (it puts no load on the API, and a spent
@@ -805,7 +817,7 @@ where
         let failed = Failed::new(reason, self.tally(), last)
             .with_external_id(self.created_as())
             .with_too_long(too_long);
-        Step::Finish(Err(Box::new(failed)))
+        Step::Fail(Box::new(failed))
     }
 
     /// The final refusal a pending lookup was to check, when it stands should the lookup not
@@ -847,13 +859,13 @@ where
             self.unresolved(),
         )
         .with_asked(asked);
-        Step::Finish(Err(Box::new(error)))
+        Step::Fail(Box::new(error))
     }
 
     /// Ends a call whose next attempt the service below was still not ready to take before the
     /// deadline: [`DeadlineExceeded`], with the last attempt's failure and, for a create that may
     /// have made a task, its external id.
-    fn not_ready_by_deadline(&mut self) -> Result<Response<Full<Bytes>>, BoxError> {
+    fn not_ready_by_deadline(&mut self) -> BoxError {
         let now = Instant::now();
         let deadline = self.template.deadline.unwrap_or(now);
         let last = self
@@ -862,7 +874,7 @@ where
             .and_then(|retry| retry.last.take())
             .unwrap_or_else(|| Last::Error("the service below was not ready".into()));
         match self.past_deadline(now, deadline, now, last) {
-            Step::Finish(output) => output,
+            Step::Fail(error) => error,
             Step::Sleep | Step::Send => unreachable!("`past_deadline` finishes the call"),
         }
     }
@@ -873,12 +885,12 @@ where
     /// nothing, so the create goes again only with that id); while a create's fate is
     /// unresolved (it failed a lookup, or the service below refused to take one), the reason is
     /// [`StopReason::CreateUnresolved`].
-    fn pass_through(&mut self, error: BoxError) -> Result<Response<Full<Bytes>>, BoxError> {
+    fn pass_through(&mut self, error: BoxError) -> BoxError {
         if self.retry.is_none() {
-            return Err(error);
+            return error;
         }
         match self.fail(StopReason::NotRetryable, Last::Error(error)) {
-            Step::Finish(output) => output,
+            Step::Fail(error) => error,
             Step::Sleep | Step::Send => unreachable!("`fail` finishes the call"),
         }
     }
