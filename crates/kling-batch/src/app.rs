@@ -119,6 +119,72 @@ pub fn summarize(
     let rate = config.account_rate_per_minute().map(|r| r / 60.0);
     let bound = bound_secs(&task_seconds, slots_of, report.creates, rate);
     summary.set_timing(report.makespan.as_secs_f64(), bound, basis);
+    // No task ran to its end (every create refused, say): the bound is then the creates'
+    // pacing alone, over a makespan that is the whole run, and read as the run's speed
+    // (`0.7%`) it misleads. Not applicable.
+    if !task_seconds.values().any(|secs| *secs > 0.0) {
+        summary.efficiency = None;
+    }
     summary.server = truth.map(ServerTruth::from_stats);
     summary
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use kling_tower::{Credentials, Tier};
+
+    use super::*;
+    use crate::journal::{ErrorInfo, JobRecord, JobState};
+
+    /// A run whose creates were all refused (no task ran) has no efficiency, and its table
+    /// says so: the creates' pacing over the whole run read `efficiency  0.7%`. A run whose
+    /// tasks ran has one.
+    #[tokio::test]
+    async fn a_run_in_which_no_task_ran_has_no_efficiency() {
+        let config = StackConfig::preset(Tier::Pro);
+        let stack = Stack::new(
+            config.clone(),
+            Credentials::api_key("key").unwrap(),
+            "http://127.0.0.1:9",
+        )
+        .unwrap();
+        let refused = |i: usize| JobRecord {
+            job_id: format!("j{i}"),
+            line: i + 1,
+            endpoint: "/v1/videos/text2video".to_owned(),
+            external_id: format!("kb-{i}"),
+            state: JobState::Failed,
+            task_id: None,
+            status: None,
+            urls: Vec::new(),
+            files: Vec::new(),
+            error: Some(ErrorInfo::new(1301, "unsafe", None)),
+            download_error: None,
+        };
+        let mut report = RunReport {
+            records: (0..50).map(refused).collect(),
+            makespan: Duration::from_secs(900),
+            creates: 50,
+            ..RunReport::default()
+        };
+        let summary = summarize(&stack, &config, &report, None);
+        assert!(summary.bound_secs > 0.0, "the creates' pacing: {summary:?}");
+        assert_eq!(summary.efficiency, None, "{summary:?}");
+        let table = summary.to_string();
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with("efficiency") && l.ends_with("n/a (no task ran)")),
+            "{table}"
+        );
+        // Control: tasks that ran give a figure.
+        report
+            .observed_task_seconds
+            .insert("video".to_owned(), 4500.0);
+        let summary = summarize(&stack, &config, &report, None);
+        assert!(summary.efficiency.is_some_and(|e| e > 0.0), "{summary:?}");
+        assert!(summary.to_string().contains('%'), "{summary}");
+    }
 }

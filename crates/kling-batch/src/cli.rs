@@ -216,6 +216,19 @@ fn note_line(message: impl std::fmt::Display) -> String {
     crate::log::escape_controls(&format!("kling-batch: {message}"))
 }
 
+/// How long [`shut_down`] waits for blocking work still running (a file being written).
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// Shuts the runtime [`main`] ran on down, before the process exits: every task still
+/// held (a callback listener's, a follow a stop gave up on) is dropped, and with the last
+/// of them the journal, which marks itself closed ([`Journal`]). `std::process::exit` runs
+/// no `Drop`: shut down in the background, they were dropped on its threads while the
+/// process exited, and a clean run left its journal marked open (or cut off its closing
+/// checkpoint). Blocking work is waited for at most 5 s.
+pub fn shut_down(runtime: tokio::runtime::Runtime) {
+    runtime.shutdown_timeout(SHUTDOWN_WAIT);
+}
+
 /// Runs a parsed command line; returns the exit status.
 pub async fn main(cli: Cli) -> i32 {
     let stop = stop_on_ctrl_c();
@@ -752,6 +765,46 @@ mod tests {
     use clap::Parser as _;
 
     use super::*;
+
+    /// The journal a task still holds when the command returns (a callback listener's
+    /// connection, an aborted follow) is closed before the process may exit: the runtime
+    /// was shut down in the background, and the process exited while its threads dropped
+    /// the last handle, leaving a clean run's journal marked open, with its `-wal`.
+    #[test]
+    fn the_journal_a_task_still_holds_is_closed_before_the_process_may_exit() {
+        /// Holds the journal, and lets it go slowly, as a thread that is busy would.
+        struct SlowDrop(Option<Journal>);
+        impl Drop for SlowDrop {
+            fn drop(&mut self) {
+                std::thread::sleep(Duration::from_millis(500));
+                self.0.take();
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("kb-cli-close-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("j.sqlite");
+        let wal = dir.join("j.sqlite-wal");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let held = SlowDrop(Some(Journal::open(&path).unwrap()));
+        assert!(wal.exists(), "open: its commits may be in the -wal alone");
+        runtime.spawn(async move {
+            let _held = held;
+            std::future::pending::<()>().await
+        });
+        assert_eq!(runtime.block_on(async { EXIT_OK }), EXIT_OK);
+        shut_down(runtime);
+        assert!(!wal.exists(), "closed: the journal stands alone");
+        // So a copy of the main file alone is a whole journal, not one refused as left open.
+        let copy = dir.join("copy.sqlite");
+        std::fs::copy(&path, &copy).unwrap();
+        Journal::open(&copy).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// A malformed line is named with what it holds (`endpoint` `…` is not a path): a control
     /// character there (an escape that clears the screen or colors it) reached the terminal.

@@ -317,9 +317,21 @@ impl Contents {
             let left_open = meta(OPEN_KEY)?.as_deref() == Some("1");
             return Ok(Contents::Journal { left_open });
         }
-        let ours = tables
-            .iter()
-            .all(|t| matches!(t.as_str(), "meta" | "jobs" | "transitions"));
+        // A table is a journal's by its columns too, not its name alone: another program's
+        // empty `jobs` would have the journal's tables and columns added to it.
+        let mut ours = true;
+        for table in &tables {
+            ours &= match JOURNAL_COLUMNS.iter().find(|(name, _)| name == table) {
+                Some((_, columns)) => {
+                    let found: Vec<String> = conn
+                        .prepare("SELECT name FROM pragma_table_info(?1)")?
+                        .query_map([table], |r| r.get(0))?
+                        .collect::<Result<_, _>>()?;
+                    columns.iter().all(|c| found.iter().any(|f| f == c))
+                }
+                None => false,
+            };
+        }
         let no_job = !has("jobs")
             || conn.query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get::<_, i64>(0))? == 0;
         Ok(if ours && no_job {
@@ -329,6 +341,33 @@ impl Contents {
         })
     }
 }
+
+/// The columns each table of a journal has had since the first version (later ones added
+/// columns): a table of another program that bears one of these names lacks them.
+const JOURNAL_COLUMNS: [(&str, &[&str]); 3] = [
+    ("meta", &["key", "value"]),
+    (
+        "jobs",
+        &[
+            "job_id",
+            "line",
+            "endpoint",
+            "body",
+            "external_id",
+            "state",
+            "task_id",
+            "status",
+            "urls",
+            "files",
+            "error",
+            "updated_at",
+        ],
+    ),
+    (
+        "transitions",
+        &["seq", "job_id", "from_state", "to_state", "at"],
+    ),
+];
 
 /// `path` with `-wal` after it: where SQLite keeps the journal's write-ahead log.
 fn wal_path(path: &Path) -> std::path::PathBuf {
@@ -1090,6 +1129,51 @@ mod tests {
         Connection::open(&cut)
             .unwrap()
             .execute_batch(SCHEMA)
+            .unwrap();
+        Journal::open(&cut).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Another program's database whose tables bear a journal's names but not its columns (a
+    /// job queue's empty `jobs`) is refused and left alone: holding no row, it read as a
+    /// journal whose creation was cut short, and had the journal's tables, a column and an id
+    /// added to it.
+    #[test]
+    fn empty_tables_of_another_program_under_a_journals_names_are_refused_and_left_alone() {
+        let dir = scratch("foreign-empty");
+        for (name, schema) in [
+            (
+                "queue.db",
+                "CREATE TABLE jobs (id INTEGER PRIMARY KEY, payload BLOB);",
+            ),
+            (
+                "kv.db",
+                "CREATE TABLE meta (name TEXT, data BLOB); CREATE TABLE transitions (x);",
+            ),
+        ] {
+            let path = dir.join(name);
+            Connection::open(&path)
+                .unwrap()
+                .execute_batch(schema)
+                .unwrap();
+            let before = std::fs::read(&path).unwrap();
+            let error = Journal::open(&path).map(|_| ()).unwrap_err().to_string();
+            assert!(
+                error.contains("not a kling-batch journal"),
+                "{name}: {error}"
+            );
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                before,
+                "{name}: left as it was"
+            );
+        }
+        // A journal of an earlier version cut before its id (its tables, no `download_error`
+        // yet, no row) is still opened.
+        let cut = dir.join("cut-old.sqlite");
+        Connection::open(&cut)
+            .unwrap()
+            .execute_batch(&SCHEMA.replace(",\n    download_error TEXT", ""))
             .unwrap();
         Journal::open(&cut).unwrap();
         let _ = std::fs::remove_dir_all(&dir);

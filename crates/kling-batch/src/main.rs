@@ -21,7 +21,8 @@ fn main() {
         }
     };
     let code = runtime.block_on(cli::main(cli));
-    // Background tasks (listeners, the ctrl-c watcher) are not waited for.
-    runtime.shutdown_background();
+    // The tasks left (listeners, the ctrl-c watcher) are dropped, not waited for; the
+    // journal one of them may hold is closed before `exit`, which runs no `Drop`.
+    cli::shut_down(runtime);
     std::process::exit(code);
 }

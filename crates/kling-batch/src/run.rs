@@ -448,23 +448,28 @@ impl Engine {
             // Stopped while the jobs were registered (nothing written), or while those an
             // earlier run left `not_submitted` were queued again (some are `queued`, the
             // others not yet): nothing was sent. The results are the journal's.
-            let ids: std::collections::HashSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
-            let mut records = self
+            let mut registered: HashMap<String, JobRecord> = self
                 .journal
                 .records()
-                .map_err(|e| RunError::Setup(SetupError::new("journal", e.to_string())))?;
-            records.retain(|r| ids.contains(r.job_id.as_str()));
-            // The jobs a stop left unregistered (every job of a new file, its registration
-            // rolled back) are in no record: reported as not sent, so that the results and
-            // the summary count every job of the file (it said `jobs  0`).
-            let registered: std::collections::HashSet<String> =
-                records.iter().map(|r| r.job_id.clone()).collect();
-            records.extend(
-                jobs.iter()
-                    .filter(|job| !registered.contains(&job.id))
-                    .map(|job| self.unregistered(job)),
-            );
-            records.sort_by_key(|r| r.line);
+                .map_err(|e| RunError::Setup(SetupError::new("journal", e.to_string())))?
+                .into_iter()
+                .map(|r| (r.job_id.clone(), r))
+                .collect();
+            // In the file's order, each at its line there: the registration that would have
+            // moved a record to its new line was rolled back. The jobs a stop left
+            // unregistered (every job of a new file) are in no record: reported as not sent,
+            // so that the results and the summary count every job of the file (it said
+            // `jobs  0`).
+            let records = jobs
+                .iter()
+                .map(|job| match registered.remove(&job.id) {
+                    Some(record) => JobRecord {
+                        line: job.line,
+                        ..record
+                    },
+                    None => self.unregistered(job),
+                })
+                .collect();
             return Ok(RunReport {
                 records,
                 interrupted: true,

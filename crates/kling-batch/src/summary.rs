@@ -100,20 +100,16 @@ fn cut_reasons(by_reason: &mut BTreeMap<String, usize>) -> usize {
     if by_reason.len() <= REASON_ROWS {
         return 0;
     }
+    // A message that reads `other reasons` is summed with the others, not lost, and the
+    // rows kept are the reasons of most jobs besides it.
+    let literal = by_reason.remove(OTHER_REASONS);
     let mut by_jobs: Vec<(String, usize)> = std::mem::take(by_reason).into_iter().collect();
     // Stable: equals stay in name order.
     by_jobs.sort_by_key(|(_, jobs)| std::cmp::Reverse(*jobs));
     let rest = by_jobs.split_off(REASON_ROWS - 1);
-    let summed = rest.len();
-    let mut other: usize = rest.iter().map(|(_, n)| n).sum();
-    for (reason, n) in by_jobs {
-        // A message that reads `other reasons` is summed with the others, not lost.
-        if reason == OTHER_REASONS {
-            other += n;
-        } else {
-            by_reason.insert(reason, n);
-        }
-    }
+    let summed = rest.len() + usize::from(literal.is_some());
+    let other: usize = rest.iter().map(|(_, n)| n).sum::<usize>() + literal.unwrap_or(0);
+    by_reason.extend(by_jobs);
     by_reason.insert(OTHER_REASONS.to_owned(), other);
     summed
 }
@@ -329,7 +325,9 @@ pub struct Summary {
     pub bound_secs: f64,
     /// Where the task durations of the bound came from (`mock` or `observed`).
     pub bound_basis: String,
-    /// `bound_secs / makespan_secs` (1.0 = as fast as allowed); `None` when nothing ran.
+    /// `bound_secs / makespan_secs` (1.0 = as fast as allowed); `None` when no task ran to
+    /// its end (every create refused, say: the creates' pacing over the whole run is no
+    /// measure of its speed).
     pub efficiency: Option<f64>,
     /// Whether the run was stopped before the end.
     pub interrupted: bool,
@@ -755,8 +753,10 @@ impl fmt::Display for Summary {
         ));
         rows.push((
             "efficiency".into(),
-            self.efficiency
-                .map_or_else(|| "-".to_owned(), |e| format!("{:.1}%", e * 100.0)),
+            self.efficiency.map_or_else(
+                || "n/a (no task ran)".to_owned(),
+                |e| format!("{:.1}%", e * 100.0),
+            ),
         ));
         if self.interrupted {
             rows.push(("interrupted".into(), "yes: run again to resume".into()));
@@ -974,6 +974,30 @@ mod tests {
         assert_eq!(few.failed_by_reason.len(), REASON_ROWS);
         assert!(few.other_reasons.is_empty());
         assert!(!few.to_string().contains(OTHER_REASONS));
+    }
+
+    /// A message that reads `other reasons`, among the reasons of most jobs of a group that
+    /// is cut, is summed on that row and counted among the reasons it holds, and the group
+    /// keeps its ten rows: the row said one reason fewer than it summed, and the group
+    /// showed nine.
+    #[test]
+    fn a_reason_that_reads_other_reasons_is_counted_among_those_summed() {
+        use crate::journal::ErrorInfo;
+
+        let record = |message: &str| JobRecord {
+            error: Some(ErrorInfo::new(0, message, None)),
+            ..blank(JobState::Failed)
+        };
+        let mut records: Vec<JobRecord> = (0..5).map(|_| record(OTHER_REASONS)).collect();
+        records.extend((0..REASON_ROWS + 2).map(|i| record(&format!("frame {i:02}"))));
+        let mut s = Summary::default();
+        s.count_jobs(&records);
+        assert_eq!(s.failed_by_reason.len(), REASON_ROWS);
+        assert_eq!(s.failed_by_reason.values().sum::<usize>(), s.failed);
+        // Kept: `frame 00` to `frame 08`; summed: `other reasons` and `frame 09` to `frame 11`.
+        assert!(s.failed_by_reason.contains_key("frame 08"), "{s:?}");
+        assert_eq!(s.failed_by_reason[OTHER_REASONS], 5 + 3);
+        assert_eq!(s.other_reasons.get("failed_by_reason"), Some(&4), "{s:?}");
     }
 
     /// A failure's reason is cut in the table past [`REASON_CHARS`], as the other groups'

@@ -823,6 +823,40 @@ async fn a_run_stopped_before_its_jobs_are_registered_reports_every_job_not_sent
     assert_eq!(stack.attempts().requests(), 0, "nothing was sent");
 }
 
+/// A run stopped before its jobs are registered reports them in the order of the file it
+/// was given, each at its line there: a job an earlier run registered from another file
+/// (lines added above it since) kept that file's line, so it was listed, and written to
+/// the results file, ahead of the jobs now above it.
+#[tokio::test]
+async fn a_run_stopped_before_its_jobs_are_registered_reports_them_in_the_files_order() {
+    let (earlier, _) = parse_jobs("{\"id\":\"b\",\"prompt\":\"p\"}\n");
+    let (jobs, _) = parse_jobs(
+        "{\"id\":\"a\",\"prompt\":\"p\"}\n{\"id\":\"b\",\"prompt\":\"p\"}\n\
+         {\"id\":\"c\",\"prompt\":\"p\"}\n",
+    );
+    let journal = Journal::open_in_memory().unwrap();
+    journal.register(&earlier).unwrap();
+    assert_eq!(journal.record("b").unwrap().unwrap().line, 1);
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+        "http://127.0.0.1:9",
+    )
+    .unwrap();
+    let options = RunOptions::new(default_follow_policy(1.0));
+    let engine = Engine::new(stack.clone(), journal.clone(), options).unwrap();
+    let (_stopper, stop) = watch::channel(true);
+    let report = engine.run(&jobs, stop).await.unwrap();
+    assert!(report.interrupted);
+    let seen: Vec<(&str, usize)> = report
+        .records
+        .iter()
+        .map(|r| (r.job_id.as_str(), r.line))
+        .collect();
+    assert_eq!(seen, [("a", 1), ("b", 2), ("c", 3)]);
+    assert_eq!(stack.attempts().requests(), 0, "nothing was sent");
+}
+
 /// A stop while a create waits (nothing answers: it is retried until the grace ends)
 /// leaves no job `queued` without a word: the jobs its pool had not reached stayed
 /// `queued`, counted as not submitted with no reason. They are `not_submitted` as stopped,
