@@ -503,10 +503,16 @@ if counted then
       'nl', lowerings + 1)
     -- What the refusal cost in intervals of the refused rate, past the header's resolution
     -- (`Adaptive::caution`): the probe's divisor until the rate is back at the limit.
+    -- Comparisons, not `math.max`: that keeps a NaN first argument (a `max_caution` no layer
+    -- validated), which Rust's `f64::max` reads as the other, 1.
     local caution = 1
     local excess = tonumber(ARGV[21])
     if excess then
-      caution = math.min(math.max(excess * limit, 1), math.max(tonumber(ARGV[22]), 1))
+      local most = tonumber(ARGV[22])
+      if not (most and most >= 1) then most = 1 end
+      caution = excess * limit
+      if not (caution >= 1) then caution = 1 end
+      if caution > most then caution = most end
     end
     if caution ~= 1 then
       redis.call('HSET', key, 'k', string.format('%.17g', caution))
@@ -1043,6 +1049,12 @@ struct Report {
     redis_key: String,
     policy: Policy,
     feedback: Feedback,
+    /// What the `Retry-After` of the pause whose times `feedback` carries asked for, from its
+    /// arrival: the fleet's adaptive caution is measured from it. Not from `resume_at`, which
+    /// a merge moves to the latest end of the merged pauses and of the one held here (another
+    /// answer's `Retry-After`, or the cooldown's own escalation): a bare 1302 would read as
+    /// one that cost the whole escalated pause.
+    retry_after: Option<Duration>,
     /// Its number in the queue ([`Undelivered::keep`]).
     n: u64,
 }
@@ -1069,11 +1081,12 @@ impl Report {
         else {
             return;
         };
-        let (sent_at, received_at) = if later_throttled || !throttled {
-            (later_sent, later_received)
+        let (sent_at, received_at, retry_after) = if later_throttled || !throttled {
+            (later_sent, later_received, later.retry_after)
         } else {
-            (sent_at, received_at)
+            (sent_at, received_at, self.retry_after)
         };
+        self.retry_after = retry_after;
         let resume_at = [resume_at, later_resume, held].into_iter().flatten().max();
         self.feedback = Feedback::Pause {
             sent_at,
@@ -1232,6 +1245,19 @@ fn quota_args(policy: &Policy) -> [String; 5] {
         format!("{start:e}"),
         format!("{ceiling:e}"),
     ]
+}
+
+/// What a pause's `Retry-After` asked for, from the answer's arrival: what the adaptive
+/// caution is measured from, as in process.
+fn retry_after_of(feedback: &Feedback) -> Option<Duration> {
+    match *feedback {
+        Feedback::Pause {
+            received_at,
+            resume_at,
+            ..
+        } => resume_at.map(|at| at.saturating_duration_since(received_at)),
+        _ => None,
+    }
 }
 
 fn share(policy: &Policy, processes: u32) -> Policy {
@@ -1481,6 +1507,7 @@ impl Inner {
         redis_key: &str,
         policy: &Policy,
         feedback: Feedback,
+        retry_after: Option<Duration>,
         number: Option<u64>,
     ) -> Result<Reported, StoreError> {
         let asked = self.throttles.load(Ordering::Relaxed);
@@ -1495,18 +1522,21 @@ impl Inner {
             }
         };
         let fleet = |t: Instant| self.conn.to_fleet(t, now, now_us).to_string();
-        // The last, for a pause: the wait its `Retry-After` asked for less the header's
+        // For a 1302's caution: the wait its `Retry-After` asked for less the header's
         // resolution, seconds, measured from the instants as in process (not from their fleet
         // times, a microsecond coarser), so the fleet's caution is the in-process one.
-        let (kind, sent, received, resume, throttled, excess) = match feedback {
-            Feedback::Success { sent_at } => (
-                "s",
-                fleet(sent_at),
-                String::new(),
-                String::new(),
-                false,
-                String::new(),
-            ),
+        let excess = retry_after
+            .map(|wait| {
+                format!(
+                    "{:e}",
+                    wait.as_secs_f64() - RETRY_AFTER_RESOLUTION.as_secs_f64()
+                )
+            })
+            .unwrap_or_default();
+        let (kind, sent, received, resume, throttled) = match feedback {
+            Feedback::Success { sent_at } => {
+                ("s", fleet(sent_at), String::new(), String::new(), false)
+            }
             Feedback::Pause {
                 sent_at,
                 received_at,
@@ -1518,12 +1548,6 @@ impl Inner {
                 fleet(received_at),
                 resume_at.map(fleet).unwrap_or_default(),
                 throttled,
-                resume_at
-                    .map(|at| {
-                        let wait = at.saturating_duration_since(received_at).as_secs_f64();
-                        format!("{:e}", wait - RETRY_AFTER_RESOLUTION.as_secs_f64())
-                    })
-                    .unwrap_or_default(),
             ),
             _ => return Ok(Reported::default()),
         };
@@ -1634,6 +1658,7 @@ impl Inner {
                     &report.redis_key,
                     &report.policy,
                     report.feedback,
+                    report.retry_after,
                     Some(report.n),
                 )
                 .await;
@@ -1698,6 +1723,7 @@ impl Inner {
                 redis_key,
                 policy: *policy,
                 feedback,
+                retry_after: retry_after_of(&feedback),
                 n,
             });
             self.to_deliver.store(true, Ordering::Relaxed);
@@ -2166,7 +2192,12 @@ impl Backend for RedisGcra {
                 Ok(())
             };
             let result = match sent {
-                Ok(()) => inner.send_feedback(&redis_key, &policy, feedback, n).await,
+                Ok(()) => {
+                    let retry_after = retry_after_of(&feedback);
+                    inner
+                        .send_feedback(&redis_key, &policy, feedback, retry_after, n)
+                        .await
+                }
                 Err(e) => Err(e),
             };
             // (Kept, if it is, before its first attempt ends: the key's set of numbers taken
@@ -2248,17 +2279,76 @@ mod tests {
 
     fn pause(redis_key: &str, resume_at: Instant, throttled: bool) -> Report {
         let now = Instant::now();
+        pause_received(redis_key, now, Some(resume_at), throttled)
+    }
+
+    /// A pause of `redis_key` whose answer arrived at `received_at`.
+    fn pause_received(
+        redis_key: &str,
+        received_at: Instant,
+        resume_at: Option<Instant>,
+        throttled: bool,
+    ) -> Report {
+        let feedback = Feedback::Pause {
+            sent_at: received_at,
+            received_at,
+            resume_at,
+            throttled,
+        };
         Report {
             redis_key: redis_key.to_owned(),
             policy: Policy::new(Quota::per_second(1.0), Cooldown::default()),
-            feedback: Feedback::Pause {
-                sent_at: now,
-                received_at: now,
-                resume_at: Some(resume_at),
-                throttled,
-            },
+            feedback,
+            retry_after: retry_after_of(&feedback),
             n: 0,
         }
+    }
+
+    /// A merge keeps, for the fleet's caution, the `Retry-After` of the 1302 whose times it
+    /// carries, while its pause lasts to the latest end: a bare 1302 merged with a later
+    /// answer's long `Retry-After`, or with the escalated pause this process holds, still
+    /// reads as a bare one (`k` = 1), and a 1302's 6 s wait stays 6 s.
+    #[test]
+    fn a_merged_1302_keeps_its_own_retry_after_for_the_caution() {
+        let start = Instant::now();
+        let secs = Duration::from_secs;
+        let bare = pause_received("a", start, None, true);
+        let held = start + secs(30);
+        // A maintenance page's 120 s (not a 1302) after it.
+        let page = pause_received("a", start + secs(1), Some(start + secs(121)), false);
+        let mut merged = bare.clone();
+        merged.merge(&page, Some(held));
+        assert_eq!(resume_at(&merged), Some(start + secs(121)));
+        assert_eq!(merged.retry_after, None, "a bare 1302");
+        // The process's escalated pause alone.
+        let mut merged = bare.clone();
+        merged.merge(&pause_received("a", start, None, false), Some(held));
+        assert_eq!(resume_at(&merged), Some(held));
+        assert_eq!(merged.retry_after, None, "a bare 1302");
+        // A later bare 1302: its times and its (absent) `Retry-After`.
+        let six = pause_received("a", start, Some(start + secs(6)), true);
+        let mut merged = six.clone();
+        merged.merge(
+            &pause_received("a", start + secs(2), None, true),
+            Some(held),
+        );
+        assert_eq!(merged.retry_after, None, "the later, bare 1302");
+        // A 1302's own 6 s, whatever came after.
+        let mut merged = six.clone();
+        merged.merge(&page, Some(held));
+        assert_eq!(merged.retry_after, Some(secs(6)));
+        // Past the bound, by `keep`: the same.
+        let mut kept = Undelivered::default();
+        keep(&mut kept, bare);
+        kept.paused.insert("a".to_owned(), held);
+        for _ in 1..MAX_UNDELIVERED {
+            keep(&mut kept, pause("b", start + secs(10), false));
+        }
+        keep(&mut kept, page);
+        assert_eq!(kept.pending.len(), MAX_UNDELIVERED);
+        assert_eq!(kept.pending[0].redis_key, "a");
+        assert_eq!(resume_at(&kept.pending[0]), Some(start + secs(121)));
+        assert_eq!(kept.pending[0].retry_after, None, "a bare 1302");
     }
 
     /// Keeps `report` in `kept` under the next number, as a first attempt that timed out does.

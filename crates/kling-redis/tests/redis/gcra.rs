@@ -2180,6 +2180,51 @@ async fn a_long_retry_after_slows_the_fleets_probe_as_in_process() {
     assert_eq!(cautions[192..], [1.0; 6], "a short wait: no caution");
 }
 
+/// A `max_caution` no layer validated (a `Policy` built by hand for the backend) bounds the
+/// fleet's caution as `Adaptive::caution` does in process: NaN, below 1 and 1 read as 1, an
+/// infinite one as no bound. (Lua's `math.max` keeps a NaN first argument: the script left a
+/// 60 s wait's 58 with a NaN bound, 1 in process.)
+#[tokio::test]
+async fn a_max_caution_no_layer_validated_bounds_the_fleets_caution_as_in_process() {
+    let Some(server) = redis() else { return };
+    let backend = RedisGcra::new(connect(&server).await);
+    let wait = Duration::from_secs(60);
+    let bounds = [f64::NAN, 0.5, -3.0, 1.0, f64::INFINITY, 30.0];
+    let mut cautions = Vec::new();
+    for (i, most) in bounds.into_iter().enumerate() {
+        let key = BucketKey::account(Some(AccountId::new(format!("caution-bound-{i}"))));
+        let adaptive = kling_ratelimit::Adaptive::new()
+            .start(Quota::per_second(1.0))
+            .max_caution(most);
+        let cooldown = Cooldown::default();
+        let policy = Policy::new(Quota::per_second(1.0), cooldown).with_adaptive(Some(adaptive));
+        let mut model = kling_ratelimit::AdaptiveState::new(&adaptive, 1.0);
+        model.on_throttle_retry_after(&adaptive, 1.0, 1, &cooldown, Some(wait));
+        assert_eq!(
+            backend.acquire(&key, &policy).await.unwrap(),
+            Decision::Admit
+        );
+        let now = tokio::time::Instant::now();
+        let throttled = Feedback::Pause {
+            sent_at: now,
+            received_at: now,
+            resume_at: Some(now + wait),
+            throttled: true,
+        };
+        backend.feedback(&key, &policy, throttled).await.unwrap();
+        let caution: Option<f64> = redis::cmd("HGET")
+            .arg(backend.key_of(&key))
+            .arg("k")
+            .query_async(&mut raw(&server).await)
+            .await
+            .unwrap();
+        let caution = caution.unwrap_or(1.0);
+        assert_eq!(caution, model.caution(), "max_caution {most}");
+        cautions.push(caution);
+    }
+    assert_eq!(cautions, [1.0, 1.0, 1.0, 1.0, 58.0, 30.0]);
+}
+
 /// 1302s each past the streak's window of the one before (a client that asks less often than
 /// that, through an outage) lower the fleet's rate at most `escalate_after` times between two
 /// successes, as in process, report by report (each lowering it, the rate fell to the floor).
