@@ -19,8 +19,8 @@ use kling_core::{AccountId, Outcome, TaskStatus};
 use tokio::time::{Instant, Sleep};
 
 use super::{
-    Applied, CreatePath, PoolSnapshot, ReleaseReason, Released, Reservation, SlotBackend, SlotKey,
-    SlotOp, TaskRef,
+    Applied, CreatePath, PoolSnapshot, ReleaseReason, Released, ReportPath, Reservation,
+    SlotBackend, SlotKey, SlotOp, TaskRef,
 };
 use crate::config::{MAX_DURATION, MAX_RECOVERY_DOUBLINGS, SlotsConfig};
 use crate::error::{AcquireError, BackendError, ConfigError, Halted, OverCapacity, QueueFull};
@@ -1235,8 +1235,8 @@ struct Reports<'a> {
     /// The account they come from: external ids are looked up within it.
     account: &'a AccountId,
     /// The create path of the tasks they report, as far as known: a task is found by external
-    /// id among holdings of that path only.
-    path: CreatePath,
+    /// id among holdings of that path only (read only then).
+    path: ReportPath<'a>,
     lease: Duration,
     /// Read before the lock was taken, or else once, when a report first finds its task.
     now: Option<Instant>,
@@ -1260,7 +1260,7 @@ impl<'a> Reports<'a> {
     ) -> Self {
         Reports {
             account,
-            path: CreatePath::UNKNOWN,
+            path: ReportPath::Known(CreatePath::UNKNOWN),
             lease,
             now,
             applied: Applied::default(),
@@ -2190,7 +2190,7 @@ impl State {
     fn find(
         &self,
         account: &AccountId,
-        path: CreatePath,
+        path: ReportPath<'_>,
         id: &str,
         hash: u64,
         external: Option<&str>,
@@ -2205,6 +2205,11 @@ impl State {
         {
             return Some(place);
         }
+        if external.is_none() && !by_complete {
+            return None;
+        }
+        // Read only for a lookup by external id.
+        let path = path.create_path();
         // `complete`'s text (no status, not empty) may be a task id or an external id: a
         // holding known by another task id may be the one it names. Any other report names
         // a task id (or, empty, none: a lookup that found nothing), which a holding known by
@@ -2545,7 +2550,7 @@ impl State {
             .held()
             .map_or(CreatePath::UNKNOWN, |holding| holding.path);
         let path = match listed_on {
-            CreatePath::UNKNOWN => reports.path,
+            CreatePath::UNKNOWN => reports.path.create_path(),
             listed_on => listed_on,
         };
         let Some(create) = self.by_external(reports.account, path, ext, false) else {
@@ -2706,7 +2711,7 @@ impl State {
                 lease,
             } => {
                 let mut reports = Reports::new(&account, lease, now, unread, outcome.tasks().len());
-                reports.path = path;
+                reports.path = ReportPath::Known(path);
                 each_completing(outcome.tasks().iter(), |task| {
                     let (ext, status) = (task.external_id.as_deref(), Some(&task.status));
                     let hash = IdHash::hash(task.id.as_bytes());
@@ -2720,7 +2725,7 @@ impl State {
                 lease,
             } => {
                 let mut reports = Reports::new(&account, lease, now, unread, updates.len());
-                reports.path = path;
+                reports.path = ReportPath::Known(path);
                 each_completing(updates.iter(), |update| {
                     let (ext, status) = (update.external_id.as_deref(), update.status.as_ref());
                     let hash = IdHash::hash(update.id.as_bytes());
@@ -2999,6 +3004,17 @@ impl SlotBackend for InProcess {
         outcome: &Outcome,
         lease: Duration,
         path: CreatePath,
+    ) -> Self::Apply {
+        self.observe_unread_of(account, outcome, lease, ReportPath::Known(path))
+    }
+
+    /// As `observe_unread_on`, the path read only for a task not found by its task id.
+    fn observe_unread_of(
+        &self,
+        account: &AccountId,
+        outcome: &Outcome,
+        lease: Duration,
+        path: ReportPath<'_>,
     ) -> Self::Apply {
         let tasks = outcome.tasks();
         if tasks.is_empty() {

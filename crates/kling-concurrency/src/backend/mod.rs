@@ -100,11 +100,13 @@ impl CreatePath {
     /// that reading is the create (`videos%2Ftext2video`). A plain path (none of these) is
     /// hashed as written, as before.
     pub fn legacy(create_path: &str) -> Self {
-        let path = create_path.trim_end_matches('/');
-        if !path::is_plain(path.as_bytes()) {
-            return CreatePath::hashed(&path::normalized(path));
-        }
-        CreatePath::hashed(path)
+        path::remembered(create_path, |create_path| {
+            let path = create_path.trim_end_matches('/');
+            if !path::is_plain(path.as_bytes()) {
+                return CreatePath::hashed(&path::normalized(path));
+            }
+            CreatePath::hashed(path)
+        })
     }
 
     /// The path's hash, past the numbers taken.
@@ -146,6 +148,29 @@ impl CreatePath {
     /// Whether a holding of scope `self` may be a task a report of scope `other` names.
     pub fn may_be(self, other: CreatePath) -> bool {
         self == other || self == CreatePath::UNKNOWN || other == CreatePath::UNKNOWN
+    }
+}
+
+/// The create path of the tasks an answer reports, read only when a report needs it
+/// ([`SlotBackend::observe_unread_of`]): a backend needs it to find a task by its external id,
+/// not by its task id (the usual query's task), and reading a legacy query's path costs more
+/// than the rest of the query's bookkeeping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportPath<'a> {
+    /// Known already: every new-style create, a legacy list's path, or not known.
+    Known(CreatePath),
+    /// The path of a legacy single-task query (`{create path}/{id}`): its tasks are of
+    /// [`CreatePath::of_legacy_query`] of it.
+    LegacyQuery(&'a str),
+}
+
+impl ReportPath<'_> {
+    /// The create path.
+    pub fn create_path(self) -> CreatePath {
+        match self {
+            ReportPath::Known(path) => path,
+            ReportPath::LegacyQuery(query_path) => CreatePath::of_legacy_query(query_path),
+        }
     }
 }
 
@@ -465,6 +490,20 @@ pub trait SlotBackend: Clone + Send + Sync + 'static {
     ) -> Self::Apply {
         let _ = path;
         self.observe_unread(account, outcome, lease)
+    }
+
+    /// [`observe_unread_on`](SlotBackend::observe_unread_on) with the path read only if a
+    /// report needs it ([`ReportPath::create_path`]): a backend that finds the reported task by
+    /// its task id may skip reading it (the layer's query path). By default, `observe_unread_on`
+    /// with the path read first.
+    fn observe_unread_of(
+        &self,
+        account: &AccountId,
+        outcome: &Outcome,
+        lease: Duration,
+        path: ReportPath<'_>,
+    ) -> Self::Apply {
+        self.observe_unread_on(account, outcome, lease, path.create_path())
     }
 
     /// [`apply_unread`](SlotBackend::apply_unread) of a [`SlotOp::Update`] whose reports are

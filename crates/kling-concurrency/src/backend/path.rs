@@ -2,8 +2,60 @@
 //! create path written two ways (`text2video;jsessionid=1`, `videos//text2video`,
 //! `videos%2Ftext2video`, `x/../text2video`) is one [`CreatePath`](super::CreatePath).
 
+use std::cell::Cell;
+
 use http::Method;
 use kling_core::{ApiGeneration, RequestKind, Route};
+
+use super::CreatePath;
+
+/// How long a create path [`remembered`] keeps may be: Kling's legacy create paths
+/// (`/v1/videos/avatar/image2video`) with a short prefix.
+const REMEMBERED: usize = 48;
+
+/// A create path a thread read last, and its reading.
+#[derive(Clone, Copy)]
+struct LastRead {
+    /// Its length (`usize::MAX`: none yet).
+    len: usize,
+    path: [u8; REMEMBERED],
+    read: CreatePath,
+}
+
+thread_local! {
+    // Const-initialised and without a destructor: no lazy-initialisation check per read.
+    static LAST_READ: Cell<LastRead> = const {
+        Cell::new(LastRead {
+            len: usize::MAX,
+            path: [0; REMEMBERED],
+            read: CreatePath::UNKNOWN,
+        })
+    };
+}
+
+/// `read(path)`, kept for the path this thread read last: a process sends its creates to a
+/// few create paths, and reading one (its plain check and hash) cost some 200 instructions a
+/// create by callgrind, comparing it with the last one read some 30.
+#[inline]
+pub(super) fn remembered(path: &str, read: impl FnOnce(&str) -> CreatePath) -> CreatePath {
+    LAST_READ.with(|last| {
+        let known = last.get();
+        if known.path.get(..known.len) == Some(path.as_bytes()) {
+            return known.read;
+        }
+        let reading = read(path);
+        if let Some(kept) = known.path.get(..path.len()) {
+            let mut kept_path = [0; REMEMBERED];
+            kept_path[..kept.len()].copy_from_slice(path.as_bytes());
+            last.set(LastRead {
+                len: path.len(),
+                path: kept_path,
+                read: reading,
+            });
+        }
+        reading
+    })
+}
 
 /// Whether `path` (its trailing `/`s trimmed) is read as written: no `;` (parameters), no `%`
 /// (escapes), no empty segment (`//`) and no segment starting with a `.` (a dot segment, or
@@ -140,6 +192,41 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A path read just before on the same thread is not read again; any other path is (only
+    /// the last one is kept, and none longer than [`REMEMBERED`] bytes), and the empty path
+    /// is not taken for the "none yet" it starts with.
+    #[test]
+    fn only_the_path_read_last_is_remembered() {
+        std::thread::spawn(|| {
+            let reads = Cell::new(0);
+            let read = |path: &str| {
+                reads.set(reads.get() + 1);
+                CreatePath::hashed(path)
+            };
+            let long = format!("/{}", "x".repeat(REMEMBERED));
+            let text2video = "/v1/videos/text2video";
+            for (path, read_again) in [
+                ("", true),
+                ("", false),
+                (text2video, true),
+                (text2video, false),
+                ("/v1/videos/text2vide", true),
+                (text2video, true),
+                ("/v1/videos/text2video/", true),
+                (&long[..REMEMBERED], true),
+                (&long[..REMEMBERED], false),
+                (&long, true),
+                (&long, true),
+            ] {
+                let before = reads.get();
+                assert_eq!(remembered(path, read), CreatePath::hashed(path), "{path:?}");
+                assert_eq!(reads.get() > before, read_again, "{path:?}");
+            }
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -22,7 +22,9 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use crate::backend::{Applied, CreatePath, Reservation, SlotBackend, SlotOp, TaskUpdate};
+use crate::backend::{
+    Applied, CreatePath, ReportPath, Reservation, SlotBackend, SlotOp, TaskUpdate,
+};
 use crate::error::BackendError;
 use crate::error::DeadlineExceeded;
 use crate::id::SmallId;
@@ -664,13 +666,13 @@ where
                     };
                     let lease = *lease;
                     // Where the tasks it reports were created, as far as the request says: a
-                    // task is found by external id among that path's creates only. (Hashed
-                    // only for an answer that reports or denies a task.)
+                    // task is found by external id among that path's creates only. (Read only
+                    // for a task not found by its task id, or an answer that denies one.)
                     let (asked, known) = (&*asked, *path);
-                    let path = || match asked {
-                        _ if known != CreatePath::UNKNOWN => known,
-                        Some(asked) => CreatePath::of_legacy_query(asked.path()),
-                        None => CreatePath::UNKNOWN,
+                    let path = match asked {
+                        _ if known != CreatePath::UNKNOWN => ReportPath::Known(known),
+                        Some(asked) => ReportPath::LegacyQuery(asked.path()),
+                        None => ReportPath::Known(CreatePath::UNKNOWN),
                     };
                     let apply = if let Some(mut updates) = asked
                         .as_ref()
@@ -687,12 +689,12 @@ where
                             updates,
                             lease,
                         };
-                        backend.apply_unread_on(update, path())
+                        backend.apply_unread_on(update, path.create_path())
                     } else if outcome.tasks().is_empty() {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
                     } else {
-                        backend.observe_unread_on(account, &outcome, lease, path())
+                        backend.observe_unread_of(account, &outcome, lease, path)
                     };
                     drop(outcome);
                     match settle_now(apply, cx) {

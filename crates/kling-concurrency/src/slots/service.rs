@@ -11,7 +11,7 @@ use http_body_util::Full;
 use kling_core::error::BoxError;
 use kling_core::lanes::Lanes;
 use kling_core::signals::{CreateHalts, HaltGate, SendWatch};
-use kling_core::{AccountId, ApiGeneration, PeekBody, Pool, PoolScope, Recognized, RequestKind};
+use kling_core::{ApiGeneration, PeekBody, Pool, PoolScope, Recognized, RequestKind};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -177,13 +177,17 @@ where
         // One lookup when a layer above recognised the request already (the stack's case).
         // The account is read with it (one lookup for both): a create's slots are the
         // account's, and a query's reports find external ids within it.
+        let read_account;
         let (route, account) = match Recognized::cached_with_account(&request) {
             (Some(recognized), account) => {
                 (Route::of(recognized, self.settings.pool_scope), account)
             }
-            (None, _) => {
+            (None, account) => {
+                // Copied out before the request is recognised (a copy for an interned account,
+                // such as the stack's), rather than looked up again after.
+                read_account = account.cloned();
                 let route = Route::of(Recognized::of(&mut request), self.settings.pool_scope);
-                (route, AccountId::of(&request))
+                (route, read_account.as_ref())
             }
         };
         // (Cloned where it is kept: a copy, not a reference count, for an interned account,

@@ -5,8 +5,11 @@
 
 use std::time::Duration;
 
+use kling_concurrency::backend::{
+    InProcess, InProcessAcquire, ReportPath, SlotBackend, SlotKey, SlotOp,
+};
 use kling_concurrency::{SlotsConfig, TaskSlotsLayer};
-use kling_core::{Envelope, Pool, Product};
+use kling_core::{AccountId, Envelope, Outcome, Pool, Product};
 use tokio::time::advance;
 use tokio_test::task::spawn;
 use tokio_test::{assert_pending, assert_ready_ok};
@@ -618,4 +621,69 @@ async fn a_create_on_another_path_takes_no_adopted_task_under_its_external_id() 
         1,
         "the image2video create may run"
     );
+}
+
+/// A backend that notes the path each query's answer is handed to it with, and applies it as
+/// the in-process backend does.
+#[derive(Clone)]
+struct NotesPaths {
+    inner: InProcess,
+    paths: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl SlotBackend for NotesPaths {
+    type Acquire = InProcessAcquire;
+    type Apply = <InProcess as SlotBackend>::Apply;
+    type Snapshot = <InProcess as SlotBackend>::Snapshot;
+
+    fn acquire(&self, key: SlotKey, weight: u32) -> Self::Acquire {
+        self.inner.acquire(key, weight)
+    }
+
+    fn apply(&self, op: SlotOp) -> Self::Apply {
+        self.inner.apply(op)
+    }
+
+    fn snapshot(&self) -> Self::Snapshot {
+        self.inner.snapshot()
+    }
+
+    fn observe_unread_of(
+        &self,
+        account: &AccountId,
+        outcome: &Outcome,
+        lease: Duration,
+        path: ReportPath<'_>,
+    ) -> Self::Apply {
+        self.paths.lock().unwrap().push(format!("{path:?}"));
+        self.inner.observe_unread_of(account, outcome, lease, path)
+    }
+}
+
+/// A legacy query's answer is handed to the backend with the query's path unread
+/// (`ReportPath::LegacyQuery`): the task it reports is found by its task id, and reading the
+/// path's create path (its plain check and hash) would cost more than the rest of the query's
+/// bookkeeping. The task still ends.
+#[tokio::test(start_paused = true)]
+async fn a_legacy_querys_path_is_handed_on_unread() {
+    let config = SlotsConfig::new(1);
+    let backend = NotesPaths {
+        inner: InProcess::new(config.clone()).unwrap(),
+        paths: Default::default(),
+    };
+    let layer = TaskSlotsLayer::with_backend(&config, backend.clone()).unwrap();
+    let handle = layer.handle();
+    let fake = Fake::new();
+    let mut svc = layer.layer(fake.clone());
+    svc.ready().await.unwrap();
+    svc.call(create_with_external("job-7")).await.unwrap();
+    assert_eq!(pool_state(&handle, &video()).await.0, 1);
+    fake.finish("t1");
+    svc.ready().await.unwrap();
+    svc.call(get("/v1/videos/text2video/t1")).await.unwrap();
+    assert_eq!(
+        *backend.paths.lock().unwrap(),
+        [r#"LegacyQuery("/v1/videos/text2video/t1")"#]
+    );
+    assert_eq!(pool_state(&handle, &video()).await.0, 0, "ended");
 }
