@@ -195,8 +195,8 @@ mod tests {
     }
 
     /// A path read just before on the same thread is not read again; any other path is (only
-    /// the last one is kept, and none longer than [`REMEMBERED`] bytes), and the empty path
-    /// is not taken for the "none yet" it starts with.
+    /// the last one is kept, and none longer than [`REMEMBERED`] bytes), also one as long as
+    /// it, and the empty path is not taken for the "none yet" it starts with.
     #[test]
     fn only_the_path_read_last_is_remembered() {
         std::thread::spawn(|| {
@@ -213,6 +213,10 @@ mod tests {
                 (text2video, true),
                 (text2video, false),
                 ("/v1/videos/text2vide", true),
+                (text2video, true),
+                // As long as the last one, another byte first or last: another path.
+                ("/v1/videos/text2videx", true),
+                ("_v1/videos/text2videx", true),
                 (text2video, true),
                 ("/v1/videos/text2video/", true),
                 (&long[..REMEMBERED], true),

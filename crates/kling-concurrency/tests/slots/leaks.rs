@@ -1547,14 +1547,21 @@ async fn a_panicking_metrics_recorder_does_not_stop_a_capacity_change_half_way()
             .insert(kling_core::AccountId::new(account));
         req
     };
-    // Account a: two slots held, a create of three waits. Account b: one held.
+    // Account a: two slots held, a create of three waits. Account b: one held. (Within a
+    // bound: a create counted under a's pool would queue behind `heavy`, which only this test
+    // polls, and wait for ever rather than fail.)
+    let granted = |call| async move {
+        tokio::time::timeout(Duration::from_secs(1), call)
+            .await
+            .expect("a create with free slots in its own account's pool is granted at once")
+    };
     svc.ready().await.unwrap();
-    svc.call(images(2, "a")).await.unwrap();
+    granted(svc.call(images(2, "a"))).await.unwrap();
     svc.ready().await.unwrap();
     let mut heavy = spawn(svc.call(images(3, "a")));
     assert_pending!(heavy.poll());
     svc.ready().await.unwrap();
-    svc.call(images(1, "b")).await.unwrap();
+    granted(svc.call(images(1, "b"))).await.unwrap();
 
     // Two slots for every account: a's waiter is refused, and its waiters gauge panics.
     recorder.waiters.store(true, Ordering::SeqCst);
