@@ -3,6 +3,7 @@
 
 mod support;
 
+mod answers;
 mod creates;
 mod delays;
 mod invariants;
