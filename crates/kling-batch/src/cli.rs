@@ -216,7 +216,8 @@ fn note_line(message: impl std::fmt::Display) -> String {
     crate::log::escape_controls(&format!("kling-batch: {message}"))
 }
 
-/// How long [`shut_down`] waits for blocking work still running (a file being written).
+/// How long [`shut_down`] waits for blocking work still running (a file being written, a
+/// name lookup).
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// Shuts the runtime [`main`] ran on down, before the process exits: every task still
@@ -225,8 +226,51 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 /// no `Drop`: shut down in the background, they were dropped on its threads while the
 /// process exited, and a clean run left its journal marked open (or cut off its closing
 /// checkpoint). Blocking work is waited for at most 5 s.
-pub fn shut_down(runtime: tokio::runtime::Runtime) {
-    runtime.shutdown_timeout(SHUTDOWN_WAIT);
+///
+/// `false` when a Ctrl-C or SIGTERM came first: the process is to exit at once, its journal
+/// left open as a kill leaves it. The run's own watcher is dropped with the runtime, and a
+/// stop while blocking work was waited for (a name lookup a stop gave up on) went unheard.
+pub fn shut_down(runtime: tokio::runtime::Runtime) -> bool {
+    shut_down_unless(runtime, async { Stops::new().next().await })
+}
+
+/// [`shut_down`], cut short by `quit`.
+fn shut_down_unless(
+    runtime: tokio::runtime::Runtime,
+    quit: impl std::future::Future<Output = ()>,
+) -> bool {
+    // Listens for `quit` on a runtime of its own while the other is shut down on a thread.
+    let Ok(waiter) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        runtime.shutdown_timeout(SHUTDOWN_WAIT);
+        return true;
+    };
+    let (done, closed) = tokio::sync::oneshot::channel::<()>();
+    let (hand_over, to_close) = std::sync::mpsc::sync_channel::<tokio::runtime::Runtime>(1);
+    let closer = std::thread::Builder::new()
+        .name("kling-batch-shutdown".to_owned())
+        .spawn(move || {
+            if let Ok(runtime) = to_close.recv() {
+                runtime.shutdown_timeout(SHUTDOWN_WAIT);
+            }
+            let _ = done.send(());
+        });
+    if closer.is_err() {
+        runtime.shutdown_timeout(SHUTDOWN_WAIT);
+        return true;
+    }
+    if let Err(std::sync::mpsc::SendError(runtime)) = hand_over.send(runtime) {
+        runtime.shutdown_timeout(SHUTDOWN_WAIT);
+        return true;
+    }
+    waiter.block_on(async {
+        tokio::select! {
+            _ = closed => true,
+            () = quit => false,
+        }
+    })
 }
 
 /// Runs a parsed command line; returns the exit status.
@@ -797,13 +841,46 @@ mod tests {
             std::future::pending::<()>().await
         });
         assert_eq!(runtime.block_on(async { EXIT_OK }), EXIT_OK);
-        shut_down(runtime);
+        assert!(shut_down_unless(runtime, std::future::pending()));
         assert!(!wal.exists(), "closed: the journal stands alone");
         // So a copy of the main file alone is a whole journal, not one refused as left open.
         let copy = dir.join("copy.sqlite");
         std::fs::copy(&path, &copy).unwrap();
         Journal::open(&copy).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A stop while the runtime is shut down (blocking work that does not end, as a name
+    /// lookup a stop gave up on) quits at once: the run's own watcher was dropped with the
+    /// runtime, and a second Ctrl-C went unheard for the 5 s the shutdown waited. Control:
+    /// with no stop, the shutdown ends as the work it waits for does.
+    #[test]
+    fn a_stop_while_the_runtime_shuts_down_quits_at_once() {
+        let blocked_runtime = || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let (release, released) = std::sync::mpsc::channel::<()>();
+            runtime.spawn_blocking(move || released.recv());
+            (runtime, release)
+        };
+        let (runtime, release) = blocked_runtime();
+        let began = std::time::Instant::now();
+        let quit = async { tokio::time::sleep(Duration::from_millis(100)).await };
+        assert!(!shut_down_unless(runtime, quit), "the stop came first");
+        let waited = began.elapsed();
+        assert!(waited < Duration::from_secs(2), "quit after {waited:?}");
+        drop(release);
+
+        let (runtime, release) = blocked_runtime();
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(release);
+        });
+        assert!(shut_down_unless(runtime, std::future::pending()));
+        releaser.join().unwrap();
     }
 
     /// A malformed line is named with what it holds (`endpoint` `…` is not a path): a control

@@ -22,7 +22,10 @@ fn main() {
     };
     let code = runtime.block_on(cli::main(cli));
     // The tasks left (listeners, the ctrl-c watcher) are dropped, not waited for; the
-    // journal one of them may hold is closed before `exit`, which runs no `Drop`.
-    cli::shut_down(runtime);
-    std::process::exit(code);
+    // journal one of them may hold is closed before `exit`, which runs no `Drop`, unless a
+    // Ctrl-C asks to quit at once.
+    if cli::shut_down(runtime) {
+        std::process::exit(code);
+    }
+    std::process::exit(cli::EXIT_INTERRUPTED);
 }
