@@ -306,14 +306,17 @@ impl MockKling {
                 }
             }
             if switches.throttled {
-                // Whatever the pace: the rate limit's state is not touched.
+                // Whatever the pace: the rate limit's state is not touched. The wait is one
+                // interval, or what is left of a lockout a 1302 started before (a client that
+                // waits as told would be refused by the lockout next).
                 let wait = self
                     .shared
                     .config
                     .rate_limit
                     .map_or(self.shared.config.scaled(Duration::from_secs(1)), |limit| {
                         self.shared.config.scaled_secs(60.0 / limit.per_minute)
-                    });
+                    })
+                    .max(state.lockout_left(&account, now).unwrap_or_default());
                 break 'answer (
                     state.error(1302, "request rate over limit", now, Some(wait)),
                     None,

@@ -689,6 +689,17 @@ impl State {
         }
     }
 
+    /// The time left of the account's lockout after a 1302 ([`MockConfig::rate_lockout`]), if
+    /// one is running: a refusal for another reason within it (the `throttled` switch) names
+    /// it too, so a client that waits as told is not refused by the lockout next.
+    pub(crate) fn lockout_left(&self, account: &str, now: Instant) -> Option<Duration> {
+        self.accounts
+            .get(account)?
+            .locked_until
+            .filter(|&until| now < until)
+            .map(|until| until - now)
+    }
+
     /// GCRA over every request of the account and, for `/account/costs` (`costs`), that
     /// endpoint's own limit. A request passes both or neither: one refused by either takes
     /// nothing from the other (the penalty mode still pushes the account limit on its own

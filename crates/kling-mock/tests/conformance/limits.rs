@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use kling_mock::{MAX_STATS_POOLS, MockConfig, Preset, RetryAfterMode};
+use kling_mock::{MAX_STATS_POOLS, MockConfig, Preset, RetryAfterMode, Switches};
 use serde_json::json;
 
 use crate::support::{Caller, advance, quiet, secs};
@@ -279,6 +279,36 @@ async fn a_rate_lockout_refuses_until_it_ends_naming_the_time_left_in_seconds() 
     advance_ms(300).await;
     locked.get(LIST).await.data();
     assert_eq!(locked.mock.stats().responses_by_code["1302"], 4);
+}
+
+/// The throttled switch turned on within a lockout names the time left of the lockout, not one
+/// interval: a client that came back after one interval met the lockout's refusal next. Past
+/// the lockout it names one interval again.
+#[tokio::test(start_paused = true)]
+async fn the_throttled_switch_within_a_lockout_names_the_time_left() {
+    let c = Caller::new(
+        quiet()
+            .rate_per_minute(60.0)
+            .rate_lockout(secs(5))
+            .retry_after(RetryAfterMode::Seconds),
+    );
+    c.get(LIST).await.data();
+    advance_ms(250).await;
+    let r = c.get(LIST).await;
+    r.assert_error(429, 1302);
+    assert_eq!(r.headers["retry-after"], "5", "the lockout starts");
+    c.mock.set_switches(Switches::new().throttled(true));
+    advance_ms(1_000).await;
+    let r = c.get(LIST).await;
+    r.assert_error(429, 1302);
+    assert_eq!(r.headers["retry-after"], "4", "the lockout's time left");
+    advance_ms(4_000).await;
+    let r = c.get(LIST).await;
+    r.assert_error(429, 1302);
+    assert_eq!(
+        r.headers["retry-after"], "1",
+        "one interval past the lockout"
+    );
 }
 
 /// The date form names the lockout's end, the same instant on every refusal within it, at
