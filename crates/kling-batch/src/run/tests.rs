@@ -42,6 +42,22 @@ async fn follow_on_mock(
     (id, result)
 }
 
+/// A run of `jobs` on `journal` whose stop was asked before it began (the stack points at a
+/// closed port: nothing may be sent), and its stack, to count what was sent.
+async fn run_stopped_from_the_start(journal: &Journal, jobs: &[Job]) -> (Stack, RunReport) {
+    let stack = Stack::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::api_key("key").unwrap(),
+        "http://127.0.0.1:9",
+    )
+    .unwrap();
+    let options = RunOptions::new(default_follow_policy(1.0));
+    let engine = Engine::new(stack.clone(), journal.clone(), options).unwrap();
+    let (_stopper, stop) = watch::channel(true);
+    let report = engine.run(jobs, stop).await.unwrap();
+    (stack, report)
+}
+
 /// An engine (nothing is sent) with one job `created` as task `task_id`; `finish` is
 /// handed `result` as a follow's end.
 async fn finish_created_job(
@@ -662,20 +678,7 @@ async fn a_stop_while_the_jobs_are_registered_ends_the_run_with_nothing_written(
     journal
         .transition("j0", JobState::Succeeded, Update::task("t0"))
         .unwrap();
-    let stack = Stack::new(
-        StackConfig::preset(Tier::Pro),
-        Credentials::api_key("key").unwrap(),
-        "http://127.0.0.1:9",
-    )
-    .unwrap();
-    let engine = Engine::new(
-        stack.clone(),
-        journal.clone(),
-        RunOptions::new(default_follow_policy(1.0)),
-    )
-    .unwrap();
-    let (_stopper, stopped) = watch::channel(true);
-    let report = engine.run(&jobs, stopped).await.unwrap();
+    let (stack, report) = run_stopped_from_the_start(&journal, &jobs).await;
     assert!(report.interrupted);
     assert_eq!(report.creates, 0);
     assert_eq!(stack.attempts().requests(), 0);
@@ -781,16 +784,7 @@ async fn a_run_stopped_before_its_jobs_are_registered_reports_every_job_not_sent
     journal
         .transition("b", JobState::Failed, Update::error(failed.clone()))
         .unwrap();
-    let stack = Stack::new(
-        StackConfig::preset(Tier::Pro),
-        Credentials::api_key("key").unwrap(),
-        "http://127.0.0.1:9",
-    )
-    .unwrap();
-    let options = RunOptions::new(default_follow_policy(1.0));
-    let engine = Engine::new(stack.clone(), journal.clone(), options).unwrap();
-    let (_stopper, stop) = watch::channel(true);
-    let report = engine.run(&jobs, stop).await.unwrap();
+    let (stack, report) = run_stopped_from_the_start(&journal, &jobs).await;
     assert!(report.interrupted);
     let seen: Vec<(&str, JobState)> = report
         .records
@@ -837,16 +831,7 @@ async fn a_run_stopped_before_its_jobs_are_registered_reports_them_in_the_files_
     let journal = Journal::open_in_memory().unwrap();
     journal.register(&earlier).unwrap();
     assert_eq!(journal.record("b").unwrap().unwrap().line, 1);
-    let stack = Stack::new(
-        StackConfig::preset(Tier::Pro),
-        Credentials::api_key("key").unwrap(),
-        "http://127.0.0.1:9",
-    )
-    .unwrap();
-    let options = RunOptions::new(default_follow_policy(1.0));
-    let engine = Engine::new(stack.clone(), journal.clone(), options).unwrap();
-    let (_stopper, stop) = watch::channel(true);
-    let report = engine.run(&jobs, stop).await.unwrap();
+    let (stack, report) = run_stopped_from_the_start(&journal, &jobs).await;
     assert!(report.interrupted);
     let seen: Vec<(&str, usize)> = report
         .records
