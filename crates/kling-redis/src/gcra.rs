@@ -1062,7 +1062,8 @@ struct Report {
 impl Report {
     /// Merges `later`, a later report of the same key, into this one: the pause ends at the
     /// latest of their ends and of `held` (the pause this process holds for the key), and is
-    /// a 1302 (counted in the fleet's streak) if either was, with that 1302's times.
+    /// a 1302 (counted in the fleet's streak) if either was, with that 1302's times (the
+    /// later's, unless it was sent before this one arrived).
     fn merge(&mut self, later: &Report, held: Option<Instant>) {
         let (
             Feedback::Pause {
@@ -1081,7 +1082,10 @@ impl Report {
         else {
             return;
         };
-        let (sent_at, received_at, retry_after) = if later_throttled || !throttled {
+        // A 1302 sent before this one arrived is not counted (in process, nor by the script
+        // after this one): this one's times and `Retry-After` stay, and the caution they set.
+        let later_counted = later_throttled && (!throttled || later_sent >= received_at);
+        let (sent_at, received_at, retry_after) = if later_counted || !throttled {
             (later_sent, later_received, later.retry_after)
         } else {
             (sent_at, received_at, self.retry_after)
@@ -2349,6 +2353,49 @@ mod tests {
         assert_eq!(kept.pending[0].redis_key, "a");
         assert_eq!(resume_at(&kept.pending[0]), Some(start + secs(121)));
         assert_eq!(kept.pending[0].retry_after, None, "a bare 1302");
+    }
+
+    /// A 1302 sent before an earlier one arrived (a request in flight as the pause began) is
+    /// not counted, in process nor by the script after the earlier: merged after it, it
+    /// leaves the counted one's times and `Retry-After`, so the fleet's caution is the one in
+    /// process (60 s, not a bare 1302's 1). One sent after it arrived is counted: its own.
+    #[test]
+    fn a_merged_1302_sent_before_the_pause_began_leaves_the_counted_ones_caution() {
+        let start = Instant::now();
+        let ms = Duration::from_millis;
+        let throttled = |sent: u64, received: u64, wait: Option<u64>| {
+            let received_at = start + ms(received);
+            let feedback = Feedback::Pause {
+                sent_at: start + ms(sent),
+                received_at,
+                resume_at: wait.map(|wait| received_at + ms(wait)),
+                throttled: true,
+            };
+            Report {
+                redis_key: "a".to_owned(),
+                policy: Policy::new(Quota::per_second(1.0), Cooldown::default()),
+                feedback,
+                retry_after: retry_after_of(&feedback),
+                n: 0,
+            }
+        };
+        let counted = throttled(0, 100, Some(60_000));
+        let mut merged = counted.clone();
+        merged.merge(&throttled(50, 200, None), None);
+        assert_eq!(merged.retry_after, Some(ms(60_000)));
+        assert!(matches!(
+            merged.feedback,
+            Feedback::Pause { sent_at, received_at, throttled: true, .. }
+                if sent_at == start && received_at == start + ms(100)
+        ));
+        assert_eq!(resume_at(&merged), Some(start + ms(60_100)));
+        let mut merged = counted.clone();
+        merged.merge(&throttled(100, 300, None), None);
+        assert_eq!(
+            merged.retry_after, None,
+            "sent after the pause began: counted"
+        );
+        assert_eq!(resume_at(&merged), Some(start + ms(60_100)));
     }
 
     /// Keeps `report` in `kept` under the next number, as a first attempt that timed out does.

@@ -455,7 +455,8 @@ impl Pending {
 }
 
 /// Inserts `entry` behind the changes made before it, ahead of those made after it: changes
-/// that fail together are queued in whatever order their tasks see the failures. Every entry
+/// that fail together are queued in whatever order their tasks see the failures, and a
+/// replayed change that fails again may find one made before it queued meanwhile. Every entry
 /// is numbered, so none keeps a change made earlier behind one made later.
 fn insert_in_order(pending: &mut VecDeque<Pending>, entry: Pending) {
     let made = entry.made();
@@ -2126,8 +2127,11 @@ impl Inner {
             };
             if let Err(e) = result {
                 if e.keeps_changes() {
+                    // In the order changes were made, not at the front: a change made before
+                    // it may have been queued while it was on its way (its own send failed
+                    // later), and must still go first.
                     let mut queue = lock(&self.pending);
-                    queue.push_front(pending);
+                    insert_in_order(&mut queue, pending);
                     self.replaying.store(false, Ordering::Release);
                     return Err(e);
                 }
@@ -3529,6 +3533,50 @@ mod tests {
         // Reset (`PREFIX:unhalted`: the key and the halt deleted), by the name's length too.
         inner.halt_reset(&format!("{key}\n{cause}"));
         assert!(lock(&inner.halts).is_empty());
+    }
+
+    /// A replayed change that fails again goes back in the order changes were made, not to
+    /// the front: a change made before it may have been queued while it was on its way (its
+    /// own send failed later), and the next replay would send a task's end ahead of its hold,
+    /// which, found no task, held the slot until its lease ran out.
+    #[cfg(feature = "testing")]
+    #[tokio::test(start_paused = true)]
+    async fn a_replayed_change_that_fails_again_goes_back_behind_one_made_before_it() {
+        let conn = Connection::lazy(crate::RedisConfig::new("redis://127.0.0.1:1/")).unwrap();
+        let slots = RedisSlots::new(conn, SlotsConfig::new(1)).unwrap();
+        let inner = Arc::clone(&slots.inner);
+        let change = |op: &str| -> Vec<String> {
+            let [p, now, grace] = inner.unstamped_head();
+            vec![
+                p,
+                now,
+                grace,
+                op.to_owned(),
+                "pool".to_owned(),
+                "h".to_owned(),
+            ]
+        };
+        // The task's end, made 8th, is queued and the replay takes it.
+        inner.queue(change("give"), 8);
+        *lock(&inner.replay_delay) = Duration::from_secs(1);
+        let replay = tokio::spawn({
+            let inner = Arc::clone(&inner);
+            async move { inner.replay().await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(lock(&inner.pending).is_empty(), "the replay took the end");
+        // Meanwhile its hold, made 5th, whose own send failed later.
+        inner.queue(change("hold"), 5);
+        let failed = replay.await.unwrap().unwrap_err();
+        assert!(failed.keeps_changes(), "{failed}");
+        let order: Vec<(u64, String)> = lock(&inner.pending)
+            .iter()
+            .map(|entry| match entry {
+                Pending::Args(args, made) => (*made, args[3].clone()),
+                Pending::Register(h, made) => (*made, format!("reg {h}")),
+            })
+            .collect();
+        assert_eq!(order, [(5, "hold".to_owned()), (8, "give".to_owned())]);
     }
 
     #[tokio::test]
