@@ -1,7 +1,7 @@
 //! [`RedisSlots`]: the task-slot [`SlotBackend`] in Redis.
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::{Pin, pin};
@@ -454,6 +454,22 @@ impl Pending {
     }
 }
 
+/// A change sent to Redis at once ([`Inner::send_now`]), until its answer is handled.
+struct OnItsWay<'a> {
+    inner: &'a Inner,
+    made: u64,
+}
+
+impl Drop for OnItsWay<'_> {
+    fn drop(&mut self) {
+        {
+            let _pending = lock(&self.inner.pending);
+            lock(&self.inner.sending).remove(&self.made);
+        }
+        self.inner.answered.notify_waiters();
+    }
+}
+
 /// Inserts `entry` behind the changes made before it, ahead of those made after it: changes
 /// that fail together are queued in whatever order their tasks see the failures, and a
 /// replayed change that fails again may find one made before it queued meanwhile. Every entry
@@ -509,6 +525,13 @@ struct Inner {
     /// Whether a replay runs: new changes queue behind it (read and written under `pending`'s
     /// lock).
     replaying: AtomicBool,
+    /// When the changes sent to Redis at once (not replayed) and not answered yet were made
+    /// (read and written under `pending`'s lock): the replay sends no change made after one of
+    /// them, which, failing later, is queued and would be replayed behind it (a task's hold
+    /// after its end, holding the slot until its lease ran out).
+    sending: Mutex<BTreeSet<u64>>,
+    /// Wakes a replay waiting for one of `sending` to be answered.
+    answered: Notify,
     /// How long the replay waits before sending each change (`testing::delay_replay`).
     #[cfg(feature = "testing")]
     replay_delay: Mutex<Duration>,
@@ -651,6 +674,8 @@ impl RedisSlots {
                 pending: Mutex::new(VecDeque::new()),
                 overflowed: AtomicBool::new(false),
                 replaying: AtomicBool::new(false),
+                sending: Mutex::new(BTreeSet::new()),
+                answered: Notify::new(),
                 #[cfg(feature = "testing")]
                 replay_delay: Mutex::new(Duration::ZERO),
                 #[cfg(feature = "testing")]
@@ -1617,10 +1642,8 @@ impl Inner {
         } = prepared;
         // Behind the replay while it runs, even when its last change is in flight and the
         // queue looks empty: a change sent now could overtake it.
-        let queued = {
-            let pending = lock(&self.pending);
-            !pending.is_empty() || self.replaying.load(Ordering::Acquire)
-        };
+        let on_its_way = self.send_now(made);
+        let queued = on_its_way.is_none();
         let result = if queued {
             // Keep the order: behind what is waiting to be replayed.
             Err(StoreError::protocol(
@@ -2054,6 +2077,43 @@ impl Inner {
         replayed
     }
 
+    /// Whether the change made `made`th may be sent to Redis now: not while changes wait to
+    /// be replayed or a replay runs. Sent, it is on its way until the guard returned drops,
+    /// after its failure is queued.
+    fn send_now(&self, made: u64) -> Option<OnItsWay<'_>> {
+        let pending = lock(&self.pending);
+        if !pending.is_empty() || self.replaying.load(Ordering::Acquire) {
+            return None;
+        }
+        lock(&self.sending).insert(made);
+        Some(OnItsWay { inner: self, made })
+    }
+
+    /// The next change to replay, once no change made before it is on its way to Redis (its
+    /// failure would queue it ahead); none when the queue is empty, which ends the replay.
+    async fn next_to_replay(&self) -> Option<Pending> {
+        loop {
+            let mut answered = pin!(self.answered.notified());
+            answered.as_mut().enable();
+            {
+                let mut pending = lock(&self.pending);
+                let sent_before = |front: &Pending| {
+                    lock(&self.sending)
+                        .first()
+                        .is_some_and(|&made| made < front.made())
+                };
+                if !pending.front().is_some_and(sent_before) {
+                    let next = pending.pop_front();
+                    if next.is_none() {
+                        self.replaying.store(false, Ordering::Release);
+                    }
+                    return next;
+                }
+            }
+            answered.await;
+        }
+    }
+
     /// [`replay`](Self::replay), the releases to count added to `finished`.
     async fn replay_counting(&self, finished: &mut Finished) -> Result<(), StoreError> {
         {
@@ -2063,14 +2123,7 @@ impl Inner {
             }
         }
         loop {
-            let next = {
-                let mut pending = lock(&self.pending);
-                let next = pending.pop_front();
-                if next.is_none() {
-                    self.replaying.store(false, Ordering::Release);
-                }
-                next
-            };
+            let next = self.next_to_replay().await;
             let Some(pending) = next else { break };
             #[cfg(feature = "testing")]
             {
@@ -3568,6 +3621,61 @@ mod tests {
         // Meanwhile its hold, made 5th, whose own send failed later.
         inner.queue(change("hold"), 5);
         let failed = replay.await.unwrap().unwrap_err();
+        assert!(failed.keeps_changes(), "{failed}");
+        let order: Vec<(u64, String)> = lock(&inner.pending)
+            .iter()
+            .map(|entry| match entry {
+                Pending::Args(args, made) => (*made, args[3].clone()),
+                Pending::Register(h, made) => (*made, format!("reg {h}")),
+            })
+            .collect();
+        assert_eq!(order, [(5, "hold".to_owned()), (8, "give".to_owned())]);
+    }
+
+    /// The replay sends no change made after one still on its way to Redis: that one, failing
+    /// later, is queued, and replayed behind a task's end already applied, its hold would hold
+    /// the slot until its lease ran out. One made later on its way holds nothing up.
+    #[cfg(feature = "testing")]
+    #[tokio::test(start_paused = true)]
+    async fn the_replay_waits_for_a_change_made_before_its_next_one_to_be_answered() {
+        let conn = Connection::lazy(crate::RedisConfig::new("redis://127.0.0.1:1/")).unwrap();
+        let slots = RedisSlots::new(conn, SlotsConfig::new(1)).unwrap();
+        let inner = Arc::clone(&slots.inner);
+        let change = |op: &str| -> Vec<String> {
+            let [p, now, grace] = inner.unstamped_head();
+            vec![
+                p,
+                now,
+                grace,
+                op.to_owned(),
+                "pool".to_owned(),
+                "h".to_owned(),
+            ]
+        };
+        // A task's hold, made 5th, and another change, made 9th, are on their way to Redis.
+        let hold_on_its_way = inner.send_now(5).expect("nothing queued yet");
+        let _later_on_its_way = inner.send_now(9).expect("nothing queued yet");
+        // The task's end, made 8th, failed at once and is queued; a replay starts.
+        inner.queue(change("give"), 8);
+        let replay = tokio::spawn({
+            let inner = Arc::clone(&inner);
+            async move { inner.replay().await }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(
+            !replay.is_finished(),
+            "the end was sent before its hold's answer"
+        );
+        assert_eq!(lock(&inner.pending).len(), 1, "the end waits, queued");
+        // The hold fails: it is queued before its answer is handled, and goes first, while
+        // the change made 9th is still on its way.
+        inner.queue(change("hold"), 5);
+        drop(hold_on_its_way);
+        let failed = tokio::time::timeout(Duration::from_secs(60), replay)
+            .await
+            .expect("a change made later on its way held the replay up")
+            .unwrap()
+            .unwrap_err();
         assert!(failed.keeps_changes(), "{failed}");
         let order: Vec<(u64, String)> = lock(&inner.pending)
             .iter()
