@@ -225,26 +225,35 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 /// of them the journal, which marks itself closed ([`Journal`]). `std::process::exit` runs
 /// no `Drop`: shut down in the background, they were dropped on its threads while the
 /// process exited, and a clean run left its journal marked open (or cut off its closing
-/// checkpoint). Blocking work is waited for at most 5 s.
+/// checkpoint). Blocking work is waited for at most 5 s, the journal's close as long as it
+/// takes (a checkpoint cut halfway may leave a main file that reads as closed).
 ///
 /// `false` when a Ctrl-C or SIGTERM came first: the process is to exit at once, its journal
 /// left open as a kill leaves it. The run's own watcher is dropped with the runtime, and a
 /// stop while blocking work was waited for (a name lookup a stop gave up on) went unheard.
 pub fn shut_down(runtime: tokio::runtime::Runtime) -> bool {
-    shut_down_unless(runtime, async { Stops::new().next().await })
+    shut_down_unless(
+        runtime,
+        async { Stops::new().next().await },
+        SHUTDOWN_WAIT,
+        || crate::journal::open_on_disk() == 0,
+    )
 }
 
-/// [`shut_down`], cut short by `quit`.
+/// [`shut_down`], cut short by `quit`, waiting `wait` for blocking work and, past it, for
+/// `journals_closed`.
 fn shut_down_unless(
     runtime: tokio::runtime::Runtime,
     quit: impl std::future::Future<Output = ()>,
+    wait: Duration,
+    journals_closed: impl Fn() -> bool + Send + 'static,
 ) -> bool {
     // Listens for `quit` on a runtime of its own while the other is shut down on a thread.
     let Ok(waiter) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     else {
-        runtime.shutdown_timeout(SHUTDOWN_WAIT);
+        close(runtime, wait, &journals_closed);
         return true;
     };
     let (done, closed) = tokio::sync::oneshot::channel::<()>();
@@ -253,16 +262,16 @@ fn shut_down_unless(
         .name("kling-batch-shutdown".to_owned())
         .spawn(move || {
             if let Ok(runtime) = to_close.recv() {
-                runtime.shutdown_timeout(SHUTDOWN_WAIT);
+                close(runtime, wait, &journals_closed);
             }
             let _ = done.send(());
         });
-    if closer.is_err() {
-        runtime.shutdown_timeout(SHUTDOWN_WAIT);
+    let Ok(_closer) = closer else {
+        runtime.shutdown_timeout(wait);
         return true;
-    }
+    };
     if let Err(std::sync::mpsc::SendError(runtime)) = hand_over.send(runtime) {
-        runtime.shutdown_timeout(SHUTDOWN_WAIT);
+        runtime.shutdown_timeout(wait);
         return true;
     }
     waiter.block_on(async {
@@ -271,6 +280,20 @@ fn shut_down_unless(
             () = quit => false,
         }
     })
+}
+
+/// Shuts `runtime` down, waiting `wait` for blocking work, then for the journals' close
+/// however long it takes: past the wait, a worker may still be closing one (a checkpoint
+/// on a slow disk), and an exit then would cut it. A stop still quits at once.
+fn close(runtime: tokio::runtime::Runtime, wait: Duration, journals_closed: &impl Fn() -> bool) {
+    runtime.shutdown_timeout(wait);
+    if journals_closed() {
+        return;
+    }
+    note("waiting for the journal to close (ctrl-c to quit at once, leaving it as a kill does)");
+    while !journals_closed() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Runs a parsed command line; returns the exit status.
@@ -841,7 +864,12 @@ mod tests {
             std::future::pending::<()>().await
         });
         assert_eq!(runtime.block_on(async { EXIT_OK }), EXIT_OK);
-        assert!(shut_down_unless(runtime, std::future::pending()));
+        assert!(shut_down_unless(
+            runtime,
+            std::future::pending(),
+            SHUTDOWN_WAIT,
+            || true
+        ));
         assert!(!wal.exists(), "closed: the journal stands alone");
         // So a copy of the main file alone is a whole journal, not one refused as left open.
         let copy = dir.join("copy.sqlite");
@@ -869,7 +897,10 @@ mod tests {
         let (runtime, release) = blocked_runtime();
         let began = std::time::Instant::now();
         let quit = async { tokio::time::sleep(Duration::from_millis(100)).await };
-        assert!(!shut_down_unless(runtime, quit), "the stop came first");
+        assert!(
+            !shut_down_unless(runtime, quit, SHUTDOWN_WAIT, || true),
+            "the stop came first"
+        );
         let waited = began.elapsed();
         assert!(waited < Duration::from_secs(2), "quit after {waited:?}");
         drop(release);
@@ -879,8 +910,75 @@ mod tests {
             std::thread::sleep(Duration::from_millis(100));
             drop(release);
         });
-        assert!(shut_down_unless(runtime, std::future::pending()));
+        assert!(shut_down_unless(
+            runtime,
+            std::future::pending(),
+            SHUTDOWN_WAIT,
+            || true
+        ));
         releaser.join().unwrap();
+    }
+
+    /// A journal whose close outlasts the wait for blocking work (a checkpoint on a slow
+    /// disk, a worker busy as the shutdown began) is waited for: the shutdown returned after
+    /// the wait and the process exited (0 for a clean run) with the close cut, a checkpoint
+    /// half done leaving a main file that may read as closed without all its commits. A stop
+    /// while it is waited for still quits at once.
+    #[test]
+    fn a_journal_closing_past_the_wait_for_blocking_work_is_waited_for() {
+        /// Holds the journal, and lets it go slowly, as a thread that is busy would.
+        struct SlowDrop(Option<Journal>);
+        impl Drop for SlowDrop {
+            fn drop(&mut self) {
+                std::thread::sleep(Duration::from_millis(1_500));
+                self.0.take();
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("kb-cli-slow-close-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let holding = |name: &str| {
+            let path = dir.join(name);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let held = SlowDrop(Some(Journal::open(&path).unwrap()));
+            runtime.spawn(async move {
+                let _held = held;
+                std::future::pending::<()>().await
+            });
+            let wal = dir.join(format!("{name}-wal"));
+            assert!(wal.exists(), "open");
+            (runtime, wal)
+        };
+        let wait = Duration::from_millis(50);
+
+        let (runtime, wal) = holding("slow.sqlite");
+        let probe = wal.clone();
+        assert!(shut_down_unless(
+            runtime,
+            std::future::pending(),
+            wait,
+            move || !probe.exists()
+        ));
+        assert!(!wal.exists(), "closed before the process may exit");
+
+        // Control: a stop while the close is waited for quits at once, as a kill does.
+        let (runtime, wal) = holding("stopped.sqlite");
+        let probe = wal.clone();
+        let began = std::time::Instant::now();
+        let quit = async { tokio::time::sleep(Duration::from_millis(100)).await };
+        assert!(!shut_down_unless(runtime, quit, wait, move || !probe.exists()));
+        assert!(
+            began.elapsed() < Duration::from_millis(1_000),
+            "{:?}",
+            began.elapsed()
+        );
+        assert!(wal.exists(), "left open");
+        std::thread::sleep(Duration::from_millis(1_600));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A malformed line is named with what it holds (`endpoint` `…` is not a path): a control

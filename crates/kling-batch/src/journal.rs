@@ -255,19 +255,45 @@ const CLOSE_BY_HAND: &str = "UPDATE meta SET value = '0' WHERE key = 'open'";
 /// Marks the journal closed (see [`OPEN_KEY`]) when dropped, with the last of its clones:
 /// the mark and every commit are moved into the main file, which then stands alone. Not run
 /// when the process is killed, so the main file keeps saying that it needs its `-wal`.
-struct CloseMark(Arc<Mutex<Connection>>);
+/// Counted in [`OPEN_ON_DISK`] until its connection is closed.
+struct CloseMark(Option<Arc<Mutex<Connection>>>);
+
+/// Journals on disk this process has open, their close not yet ended: the process waits for
+/// them before it exits ([`open_on_disk`]).
+static OPEN_ON_DISK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many journals on disk this process has open or is closing: an exit before they reach
+/// 0 cuts a close (a checkpoint half done leaves a main file that may read as closed
+/// without all its commits).
+pub(crate) fn open_on_disk() -> usize {
+    OPEN_ON_DISK.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+impl CloseMark {
+    fn new(conn: Arc<Mutex<Connection>>) -> CloseMark {
+        OPEN_ON_DISK.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        CloseMark(Some(conn))
+    }
+}
 
 impl Drop for CloseMark {
     fn drop(&mut self) {
-        let conn = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        // A failure leaves the mark at `1`: a copy without the `-wal` is then refused,
-        // which is safe.
-        if conn
-            .execute("UPDATE meta SET value = '0' WHERE key = ?1", [OPEN_KEY])
-            .is_ok()
-        {
-            let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        if let Some(shared) = self.0.take() {
+            {
+                let conn = shared.lock().unwrap_or_else(|e| e.into_inner());
+                // A failure leaves the mark at `1`: a copy without the `-wal` is then
+                // refused, which is safe.
+                if conn
+                    .execute("UPDATE meta SET value = '0' WHERE key = ?1", [OPEN_KEY])
+                    .is_ok()
+                {
+                    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+                }
+            }
+            // The last handle: the connection closes here, and SQLite removes the `-wal`.
+            drop(shared);
         }
+        OPEN_ON_DISK.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -554,7 +580,7 @@ impl Journal {
             .and_then(|_| conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())))
             .map_err(|e| JournalError::new("cannot open the journal file", e))?;
         }
-        journal.close_mark = Some(Arc::new(CloseMark(journal.conn.clone())));
+        journal.close_mark = Some(Arc::new(CloseMark::new(journal.conn.clone())));
         Ok(journal)
     }
 

@@ -345,6 +345,42 @@ async fn a_rate_lockout_names_its_end_in_the_date_form() {
     c.get(LIST).await.data();
 }
 
+/// The throttled switch within a lockout names the lockout's end in the date form too, the
+/// instant the lockout's own refusals name; past the lockout, one interval after `Date`.
+#[tokio::test(start_paused = true)]
+async fn the_throttled_switch_within_a_lockout_names_its_end_in_the_date_form() {
+    let c = Caller::new(
+        quiet()
+            .rate_per_minute(60.0)
+            .rate_lockout(secs(5))
+            .retry_after(RetryAfterMode::Date),
+    );
+    let retry_after = |r: &crate::support::Reply| {
+        httpdate::parse_http_date(r.headers["retry-after"].to_str().unwrap()).unwrap()
+    };
+    c.get(LIST).await.data();
+    advance_ms(250).await;
+    let r = c.get(LIST).await;
+    r.assert_error(429, 1302);
+    let end = retry_after(&r);
+    c.mock.set_switches(Switches::new().throttled(true));
+    for step in [1_000, 2_500] {
+        advance_ms(step).await;
+        let r = c.get(LIST).await;
+        r.assert_error(429, 1302);
+        assert_eq!(retry_after(&r), end, "the lockout's end");
+    }
+    advance_ms(1_500).await;
+    let r = c.get(LIST).await;
+    r.assert_error(429, 1302);
+    let date = httpdate::parse_http_date(r.headers["date"].to_str().unwrap()).unwrap();
+    let gap = retry_after(&r).duration_since(date).unwrap();
+    assert!(
+        gap >= secs(1) && gap <= secs(2),
+        "one interval past the lockout: {gap:?}"
+    );
+}
+
 /// A `/account/costs` 1302 locks the account too, and the lockout is divided by the speed.
 #[tokio::test(start_paused = true)]
 async fn a_costs_refusal_starts_the_lockout_which_the_speed_divides() {
