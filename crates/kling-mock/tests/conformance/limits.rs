@@ -281,19 +281,26 @@ async fn a_rate_lockout_refuses_until_it_ends_naming_the_time_left_in_seconds() 
     assert_eq!(locked.mock.stats().responses_by_code["1302"], 4);
 }
 
+/// A caller at 60 requests a minute whose 1302s lock it out for 5 s (`Retry-After` in `mode`),
+/// its first request sent 250 ms ago: its next is refused and starts the lockout.
+async fn a_request_from_a_5_s_lockout(mode: RetryAfterMode) -> Caller {
+    let c = Caller::new(
+        quiet()
+            .rate_per_minute(60.0)
+            .rate_lockout(secs(5))
+            .retry_after(mode),
+    );
+    c.get(LIST).await.data();
+    advance_ms(250).await;
+    c
+}
+
 /// The throttled switch turned on within a lockout names the time left of the lockout, not one
 /// interval: a client that came back after one interval met the lockout's refusal next. Past
 /// the lockout it names one interval again.
 #[tokio::test(start_paused = true)]
 async fn the_throttled_switch_within_a_lockout_names_the_time_left() {
-    let c = Caller::new(
-        quiet()
-            .rate_per_minute(60.0)
-            .rate_lockout(secs(5))
-            .retry_after(RetryAfterMode::Seconds),
-    );
-    c.get(LIST).await.data();
-    advance_ms(250).await;
+    let c = a_request_from_a_5_s_lockout(RetryAfterMode::Seconds).await;
     let r = c.get(LIST).await;
     r.assert_error(429, 1302);
     assert_eq!(r.headers["retry-after"], "5", "the lockout starts");
@@ -315,14 +322,7 @@ async fn the_throttled_switch_within_a_lockout_names_the_time_left() {
 /// least the time left after the answer's `Date`.
 #[tokio::test(start_paused = true)]
 async fn a_rate_lockout_names_its_end_in_the_date_form() {
-    let c = Caller::new(
-        quiet()
-            .rate_per_minute(60.0)
-            .rate_lockout(secs(5))
-            .retry_after(RetryAfterMode::Date),
-    );
-    c.get(LIST).await.data();
-    advance_ms(250).await;
+    let c = a_request_from_a_5_s_lockout(RetryAfterMode::Date).await;
     let mut ends = Vec::new();
     // Time left at each refusal: 5 s, 3.75 s, 0.5 s.
     for (step, left) in [(0, 5_000), (1_250, 3_750), (3_250, 500)] {
@@ -349,17 +349,10 @@ async fn a_rate_lockout_names_its_end_in_the_date_form() {
 /// instant the lockout's own refusals name; past the lockout, one interval after `Date`.
 #[tokio::test(start_paused = true)]
 async fn the_throttled_switch_within_a_lockout_names_its_end_in_the_date_form() {
-    let c = Caller::new(
-        quiet()
-            .rate_per_minute(60.0)
-            .rate_lockout(secs(5))
-            .retry_after(RetryAfterMode::Date),
-    );
+    let c = a_request_from_a_5_s_lockout(RetryAfterMode::Date).await;
     let retry_after = |r: &crate::support::Reply| {
         httpdate::parse_http_date(r.headers["retry-after"].to_str().unwrap()).unwrap()
     };
-    c.get(LIST).await.data();
-    advance_ms(250).await;
     let r = c.get(LIST).await;
     r.assert_error(429, 1302);
     let end = retry_after(&r);
