@@ -3588,6 +3588,41 @@ mod tests {
         assert!(lock(&inner.halts).is_empty());
     }
 
+    /// Slots on a Redis that never answers (port 1), and their inner state.
+    #[cfg(feature = "testing")]
+    fn unreachable_slots() -> (RedisSlots, Arc<Inner>) {
+        let conn = Connection::lazy(crate::RedisConfig::new("redis://127.0.0.1:1/")).unwrap();
+        let slots = RedisSlots::new(conn, SlotsConfig::new(1)).unwrap();
+        let inner = Arc::clone(&slots.inner);
+        (slots, inner)
+    }
+
+    /// The arguments of a change `op` of holding `h` in pool `pool`.
+    #[cfg(feature = "testing")]
+    fn change_of_h(inner: &Inner, op: &str) -> Vec<String> {
+        let [p, now, grace] = inner.unstamped_head();
+        vec![
+            p,
+            now,
+            grace,
+            op.to_owned(),
+            "pool".to_owned(),
+            "h".to_owned(),
+        ]
+    }
+
+    /// The queue's changes in order: when each was made, and its operation.
+    #[cfg(feature = "testing")]
+    fn queued(inner: &Inner) -> Vec<(u64, String)> {
+        lock(&inner.pending)
+            .iter()
+            .map(|entry| match entry {
+                Pending::Args(args, made) => (*made, args[3].clone()),
+                Pending::Register(h, made) => (*made, format!("reg {h}")),
+            })
+            .collect()
+    }
+
     /// A replayed change that fails again goes back in the order changes were made, not to
     /// the front: a change made before it may have been queued while it was on its way (its
     /// own send failed later), and the next replay would send a task's end ahead of its hold,
@@ -3595,20 +3630,8 @@ mod tests {
     #[cfg(feature = "testing")]
     #[tokio::test(start_paused = true)]
     async fn a_replayed_change_that_fails_again_goes_back_behind_one_made_before_it() {
-        let conn = Connection::lazy(crate::RedisConfig::new("redis://127.0.0.1:1/")).unwrap();
-        let slots = RedisSlots::new(conn, SlotsConfig::new(1)).unwrap();
-        let inner = Arc::clone(&slots.inner);
-        let change = |op: &str| -> Vec<String> {
-            let [p, now, grace] = inner.unstamped_head();
-            vec![
-                p,
-                now,
-                grace,
-                op.to_owned(),
-                "pool".to_owned(),
-                "h".to_owned(),
-            ]
-        };
+        let (_slots, inner) = unreachable_slots();
+        let change = |op: &str| change_of_h(&inner, op);
         // The task's end, made 8th, is queued and the replay takes it.
         inner.queue(change("give"), 8);
         *lock(&inner.replay_delay) = Duration::from_secs(1);
@@ -3622,14 +3645,10 @@ mod tests {
         inner.queue(change("hold"), 5);
         let failed = replay.await.unwrap().unwrap_err();
         assert!(failed.keeps_changes(), "{failed}");
-        let order: Vec<(u64, String)> = lock(&inner.pending)
-            .iter()
-            .map(|entry| match entry {
-                Pending::Args(args, made) => (*made, args[3].clone()),
-                Pending::Register(h, made) => (*made, format!("reg {h}")),
-            })
-            .collect();
-        assert_eq!(order, [(5, "hold".to_owned()), (8, "give".to_owned())]);
+        assert_eq!(
+            queued(&inner),
+            [(5, "hold".to_owned()), (8, "give".to_owned())]
+        );
     }
 
     /// The replay sends no change made after one still on its way to Redis: that one, failing
@@ -3638,20 +3657,8 @@ mod tests {
     #[cfg(feature = "testing")]
     #[tokio::test(start_paused = true)]
     async fn the_replay_waits_for_a_change_made_before_its_next_one_to_be_answered() {
-        let conn = Connection::lazy(crate::RedisConfig::new("redis://127.0.0.1:1/")).unwrap();
-        let slots = RedisSlots::new(conn, SlotsConfig::new(1)).unwrap();
-        let inner = Arc::clone(&slots.inner);
-        let change = |op: &str| -> Vec<String> {
-            let [p, now, grace] = inner.unstamped_head();
-            vec![
-                p,
-                now,
-                grace,
-                op.to_owned(),
-                "pool".to_owned(),
-                "h".to_owned(),
-            ]
-        };
+        let (_slots, inner) = unreachable_slots();
+        let change = |op: &str| change_of_h(&inner, op);
         // A task's hold, made 5th, and another change, made 9th, are on their way to Redis.
         let hold_on_its_way = inner.send_now(5).expect("nothing queued yet");
         let _later_on_its_way = inner.send_now(9).expect("nothing queued yet");
@@ -3677,14 +3684,10 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert!(failed.keeps_changes(), "{failed}");
-        let order: Vec<(u64, String)> = lock(&inner.pending)
-            .iter()
-            .map(|entry| match entry {
-                Pending::Args(args, made) => (*made, args[3].clone()),
-                Pending::Register(h, made) => (*made, format!("reg {h}")),
-            })
-            .collect();
-        assert_eq!(order, [(5, "hold".to_owned()), (8, "give".to_owned())]);
+        assert_eq!(
+            queued(&inner),
+            [(5, "hold".to_owned()), (8, "give".to_owned())]
+        );
     }
 
     #[tokio::test]
