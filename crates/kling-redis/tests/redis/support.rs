@@ -10,11 +10,17 @@ pub(crate) fn redis() -> Option<RedisServer> {
     RedisServer::start_or_skip().expect("CI=true requires a redis-server")
 }
 
-/// A plain connection to `server`, to read what the scripts left.
+/// A plain connection to `server`, to read what the scripts left, and to wait out a
+/// `CLIENT PAUSE` (a `PING` answers when it ends). Patient: the client's default 500 ms
+/// response timeout left a loaded machine about 100 ms of margin behind a 600 ms pause, and a
+/// test failed there on its own `PING`.
 pub(crate) async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    let patient = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(10)))
+        .set_response_timeout(Some(Duration::from_secs(10)));
     redis::Client::open(server.url())
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&patient)
         .await
         .unwrap()
 }
