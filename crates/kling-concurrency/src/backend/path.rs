@@ -1,6 +1,6 @@
 //! Legacy create paths read as kling-core reads them ([`kling_core::Route::of`]), so that one
 //! create path written two ways (`text2video;jsessionid=1`, `videos//text2video`,
-//! `videos%2Ftext2video`, `x/../text2video`) is one [`CreatePath`](super::CreatePath).
+//! `videos%2Ftext2video`, `x/../text2video`) is one [`CreatePath`].
 
 use std::cell::Cell;
 
