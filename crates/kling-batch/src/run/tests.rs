@@ -42,15 +42,20 @@ async fn follow_on_mock(
     (id, result)
 }
 
-/// A run of `jobs` on `journal` whose stop was asked before it began (the stack points at a
-/// closed port: nothing may be sent), and its stack, to count what was sent.
-async fn run_stopped_from_the_start(journal: &Journal, jobs: &[Job]) -> (Stack, RunReport) {
-    let stack = Stack::new(
+/// The Pro stack pointed at a closed port: a test through it expects nothing to be sent.
+fn stack_sending_nowhere() -> Stack {
+    Stack::new(
         StackConfig::preset(Tier::Pro),
         Credentials::api_key("key").unwrap(),
         "http://127.0.0.1:9",
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// A run of `jobs` on `journal` whose stop was asked before it began
+/// ([`stack_sending_nowhere`]), and its stack, to count what was sent.
+async fn run_stopped_from_the_start(journal: &Journal, jobs: &[Job]) -> (Stack, RunReport) {
+    let stack = stack_sending_nowhere();
     let options = RunOptions::new(default_follow_policy(1.0));
     let engine = Engine::new(stack.clone(), journal.clone(), options).unwrap();
     let (_stopper, stop) = watch::channel(true);
@@ -64,12 +69,7 @@ async fn finish_created_job(
     task_id: &str,
     result: Result<TaskReport, FollowError>,
 ) -> (Journal, JobRecord) {
-    let stack = Stack::new(
-        StackConfig::preset(Tier::Pro),
-        Credentials::api_key("key").unwrap(),
-        "http://127.0.0.1:9",
-    )
-    .unwrap();
+    let stack = stack_sending_nowhere();
     let journal = Journal::open_in_memory().unwrap();
     let (jobs, _) = parse_jobs("{\"id\":\"cat\",\"prompt\":\"a cat\"}\n");
     journal.register(&jobs).unwrap();
@@ -551,12 +551,7 @@ fn jobs_not_submitted_are_queued_again_many_to_a_transaction() {
     journal
         .transition_all(&ids, JobState::NotSubmitted, &stopped)
         .unwrap();
-    let stack = Stack::new(
-        StackConfig::preset(Tier::Pro),
-        Credentials::api_key("key").unwrap(),
-        "http://127.0.0.1:9",
-    )
-    .unwrap();
+    let stack = stack_sending_nowhere();
     let options = RunOptions::new(default_follow_policy(1.0));
     let engine = Engine::new(stack, journal.clone(), options).unwrap();
     let before = journal.commits();
@@ -602,12 +597,7 @@ fn a_stop_while_jobs_are_queued_again_ends_the_plan_between_two_transactions() {
             &Update::error(credits.clone()),
         )
         .unwrap();
-    let stack = Stack::new(
-        StackConfig::preset(Tier::Pro),
-        Credentials::api_key("key").unwrap(),
-        "http://127.0.0.1:9",
-    )
-    .unwrap();
+    let stack = stack_sending_nowhere();
     let options = RunOptions::new(default_follow_policy(1.0));
     let engine = Engine::new(stack.clone(), journal.clone(), options).unwrap();
     let before = journal.commits();
@@ -716,12 +706,7 @@ async fn a_stop_marks_the_jobs_left_in_chunks_and_other_work_goes_on_meanwhile()
         .map(|i| format!("{{\"id\":\"j{i}\",\"prompt\":\"p\"}}\n"))
         .collect();
     let (jobs, _) = parse_jobs(&text);
-    let stack = Stack::new(
-        StackConfig::preset(Tier::Pro),
-        Credentials::api_key("key").unwrap(),
-        "http://127.0.0.1:9",
-    )
-    .unwrap();
+    let stack = stack_sending_nowhere();
     let journal = Journal::open_in_memory().unwrap();
     let engine = Engine::new(
         stack,
@@ -1450,12 +1435,7 @@ async fn a_resumed_run_with_many_files_missing_holds_only_the_downloads_it_runs(
     }
     let dir = std::env::temp_dir().join(format!("kling-batch-missing-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let stack = Stack::new(
-        StackConfig::preset(Tier::Pro),
-        Credentials::api_key("key").unwrap(),
-        "http://127.0.0.1:9",
-    )
-    .unwrap();
+    let stack = stack_sending_nowhere();
     let options = RunOptions::new(default_follow_policy(1.0)).download_dir(dir.clone());
     let engine = Engine::new(stack, journal, options).unwrap();
     let (stop_tx, stop) = watch::channel(false);
@@ -1747,12 +1727,7 @@ fn a_stop_while_earlier_errors_are_cleared_ends_it_between_two_transactions() {
     journal
         .transition_all(&ids, JobState::Created, &Update::error(earlier.clone()))
         .unwrap();
-    let stack = Stack::new(
-        StackConfig::preset(Tier::Pro),
-        Credentials::api_key("key").unwrap(),
-        "http://127.0.0.1:9",
-    )
-    .unwrap();
+    let stack = stack_sending_nowhere();
     let options = RunOptions::new(default_follow_policy(1.0));
     let engine = Engine::new(stack, journal.clone(), options).unwrap();
     let refs: Vec<&Job> = jobs.iter().collect();
@@ -2449,12 +2424,7 @@ async fn a_stop_waits_for_a_resumed_download_between_its_fetch_and_its_journal_w
     let _ = std::fs::remove_dir_all(&dir);
     let mut options = RunOptions::new(default_follow_policy(1.0)).download_dir(dir.clone());
     options.stop_grace = Duration::from_millis(50);
-    let stack = Stack::new(
-        StackConfig::preset(Tier::Pro),
-        Credentials::api_key("key").unwrap(),
-        "http://127.0.0.1:9",
-    )
-    .unwrap();
+    let stack = stack_sending_nowhere();
     let engine = Engine::new(stack, journal.clone(), options).unwrap();
     let (arrived, release) = hold_write(&journal, "cat", JobState::Succeeded);
     let (stopper, stop) = watch::channel(false);
@@ -2556,12 +2526,7 @@ async fn a_panic_in_one_resumed_download_leaves_the_others_to_finish() {
         std::env::temp_dir().join(format!("kling-batch-resumed-panic-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let options = RunOptions::new(default_follow_policy(1.0)).download_dir(dir.clone());
-    let stack = Stack::new(
-        StackConfig::preset(Tier::Pro),
-        Credentials::api_key("key").unwrap(),
-        "http://127.0.0.1:9",
-    )
-    .unwrap();
+    let stack = stack_sending_nowhere();
     let engine = Engine::new(stack, journal.clone(), options).unwrap();
     engine
         .test_panics
@@ -2727,12 +2692,7 @@ async fn open_jobs_of_the_journal_missing_from_the_file_are_named_in_a_warning()
 /// settle per job before it sent anything, not at most one in all.
 #[test]
 fn a_mark_dated_after_the_runs_start_waits_no_longer_than_the_settle_from_that_start() {
-    let stack = Stack::new(
-        StackConfig::preset(Tier::Pro),
-        Credentials::api_key("key").unwrap(),
-        "http://127.0.0.1:9",
-    )
-    .unwrap();
+    let stack = stack_sending_nowhere();
     let journal = Journal::open_in_memory().unwrap();
     let (jobs, _) = parse_jobs("{\"id\":\"cat\",\"prompt\":\"a cat\"}\n");
     journal.register(&jobs).unwrap();
