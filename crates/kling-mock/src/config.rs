@@ -234,8 +234,10 @@ pub struct Switches {
     pub ip_denied: bool,
     /// The server refuses every request as too fast, whatever the pace (an overload, a burst
     /// lockout): 429 code 1302, with a `Retry-After` of one rate interval (one second without a
-    /// rate limit) when [`MockConfig::retry_after`] asks for one. The rate limit's own state is
-    /// left as it was. The account states (1100, 1101, 1304) come first.
+    /// rate limit) when [`MockConfig::retry_after`] asks for one, or of the time until the rate
+    /// check would admit the request when longer (a running [`MockConfig::rate_lockout`], a
+    /// penalty-pushed limit). The rate limit's own state is left as it was. The account states
+    /// (1100, 1101, 1304) come first.
     pub throttled: bool,
 }
 

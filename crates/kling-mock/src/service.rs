@@ -305,10 +305,12 @@ impl MockKling {
                     state.stats.creates_after_1102 += 1;
                 }
             }
+            let costs = matches!(route, Some(Route::AccountCosts));
             if switches.throttled {
                 // Whatever the pace: the rate limit's state is not touched. The wait is one
-                // interval, or what is left of a lockout a 1302 started before (a client that
-                // waits as told would be refused by the lockout next).
+                // interval, or the time until the rate check would let the request in when
+                // longer (a lockout a 1302 started, a penalty-pushed limit): a client that
+                // waits as told is not refused by them next.
                 let wait = self
                     .shared
                     .config
@@ -316,13 +318,12 @@ impl MockKling {
                     .map_or(self.shared.config.scaled(Duration::from_secs(1)), |limit| {
                         self.shared.config.scaled_secs(60.0 / limit.per_minute)
                     })
-                    .max(state.lockout_left(&account, now).unwrap_or_default());
+                    .max(state.admission_wait(&account, costs, now));
                 break 'answer (
                     state.error(1302, "request rate over limit", now, Some(wait)),
                     None,
                 );
             }
-            let costs = matches!(route, Some(Route::AccountCosts));
             if let Err(wait) = state.rate_check(&account, costs, now) {
                 break 'answer (
                     state.error(1302, "request rate over limit", now, Some(wait)),

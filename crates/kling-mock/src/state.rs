@@ -689,15 +689,52 @@ impl State {
         }
     }
 
-    /// The time left of the account's lockout after a 1302 ([`MockConfig::rate_lockout`]), if
-    /// one is running: a refusal for another reason within it (the `throttled` switch) names
-    /// it too, so a client that waits as told is not refused by the lockout next.
-    pub(crate) fn lockout_left(&self, account: &str, now: Instant) -> Option<Duration> {
-        self.accounts
-            .get(account)?
+    /// The account's request-rate GCRA parameters (interval, tolerance, penalty), if it has a
+    /// limit.
+    fn account_limit(&self) -> Option<(Duration, Duration, bool)> {
+        self.config.rate_limit.map(|limit| {
+            let interval = self.config.scaled_secs(60.0 / limit.per_minute);
+            let tolerance = interval
+                .saturating_mul(limit.burst.saturating_sub(1))
+                .min(MAX_WAIT);
+            (interval, tolerance, limit.penalty)
+        })
+    }
+
+    /// The interval of `/account/costs`' own limit, when the request is one (`costs`) and the
+    /// limit is set.
+    fn costs_interval(&self, costs: bool) -> Option<Duration> {
+        self.config
+            .costs_per_second
+            .filter(|_| costs)
+            .map(|per_second| self.config.scaled_secs(1.0 / per_second))
+    }
+
+    /// How long until [`State::rate_check`] would let a request of `account` in, touching no
+    /// state: the lockout's time left, or the rate limits' own wait when longer (the penalty
+    /// mode may have pushed it past the lockout's end). A refusal for another reason (the
+    /// `throttled` switch) names it too, so a client that waits as told is not refused by the
+    /// rate limit next.
+    pub(crate) fn admission_wait(&self, account: &str, costs: bool, now: Instant) -> Duration {
+        let Some(acct) = self.accounts.get(account) else {
+            return Duration::ZERO;
+        };
+        let lockout_left = acct
             .locked_until
-            .filter(|&until| now < until)
-            .map(|until| until - now)
+            .map_or(Duration::ZERO, |until| until.saturating_duration_since(now));
+        let limits = [
+            self.account_limit()
+                .map(|(interval, tolerance, _)| (acct.tat, interval, tolerance)),
+            self.costs_interval(costs)
+                .map(|interval| (acct.costs_tat, interval, Duration::ZERO)),
+        ];
+        limits
+            .into_iter()
+            .flatten()
+            .filter_map(|(tat, interval, tolerance)| {
+                gcra(tat, interval, tolerance, false, now).err()
+            })
+            .fold(lockout_left, |wait, (w, _)| wait.max(w))
     }
 
     /// GCRA over every request of the account and, for `/account/costs` (`costs`), that
@@ -712,37 +749,21 @@ impl State {
         costs: bool,
         now: Instant,
     ) -> Result<(), Duration> {
-        let account_limit = self.config.rate_limit.map(|limit| {
-            let interval = self.config.scaled_secs(60.0 / limit.per_minute);
-            let tolerance = interval
-                .saturating_mul(limit.burst.saturating_sub(1))
-                .min(MAX_WAIT);
-            (interval, tolerance, limit.penalty)
-        });
-        let costs_interval = self
-            .config
-            .costs_per_second
-            .filter(|_| costs)
-            .map(|per_second| self.config.scaled_secs(1.0 / per_second));
+        let account_limit = self.account_limit();
+        let costs_interval = self.costs_interval(costs);
         let lockout = self.config.rate_lockout.map(|l| self.config.scaled(l));
-        let acct = self.account(account);
-        if let Some(until) = acct.locked_until.filter(|&until| now < until) {
+        if self
+            .accounts
+            .get(account)
+            .and_then(|acct| acct.locked_until)
+            .is_some_and(|until| now < until)
+        {
             // Fixed from the refusal that set it: a client cannot lengthen it by asking. The
             // wait names the rate limits' own too, when longer (a lockout under one interval),
             // without touching their state.
-            let limits = [
-                account_limit.map(|(interval, tolerance, _)| (acct.tat, interval, tolerance)),
-                costs_interval.map(|interval| (acct.costs_tat, interval, Duration::ZERO)),
-            ];
-            let wait = limits
-                .into_iter()
-                .flatten()
-                .filter_map(|(tat, interval, tolerance)| {
-                    gcra(tat, interval, tolerance, false, now).err()
-                })
-                .fold(until - now, |wait, (w, _)| wait.max(w));
-            return Err(wait);
+            return Err(self.admission_wait(account, costs, now));
         }
+        let acct = self.account(account);
         let general = account_limit.map(|(interval, tolerance, penalty)| {
             gcra(acct.tat, interval, tolerance, penalty, now)
         });

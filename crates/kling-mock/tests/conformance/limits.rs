@@ -417,6 +417,68 @@ async fn a_refusal_within_a_short_lockout_names_the_rate_limits_longer_wait() {
     c.get(LIST).await.data();
 }
 
+/// In penalty mode the refusal that starts a short lockout pushes the rate limit's next allowed
+/// time past the lockout's end: the throttled switch names that time (both forms), the instant
+/// the lockout's own refusals name, not one interval or the lockout's time left; a client
+/// that waited one interval was refused again (and pushed once more).
+#[tokio::test(start_paused = true)]
+async fn the_throttled_switch_names_the_penalty_pushed_wait_past_a_short_lockout() {
+    for mode in [RetryAfterMode::Seconds, RetryAfterMode::Date] {
+        let c = Caller::new(
+            quiet()
+                .rate_per_minute(6.0) // one request each 10 s
+                .penalty(true)
+                .rate_lockout(secs(5))
+                .retry_after(mode),
+        );
+        c.get(LIST).await.data();
+        advance_ms(250).await;
+        // Pushed to 20 s; locked until 5.25 s.
+        c.get(LIST).await.assert_error(429, 1302);
+        advance_ms(750).await; // 1 s: 4.25 s of the lockout left, 19 s of the rate limit
+        c.mock.set_switches(Switches::new().throttled(true));
+        let throttled = c.get(LIST).await;
+        throttled.assert_error(429, 1302);
+        c.mock.set_switches(Switches::new());
+        let locked = c.get(LIST).await;
+        locked.assert_error(429, 1302);
+        assert_eq!(
+            throttled.headers["retry-after"], locked.headers["retry-after"],
+            "{mode:?}: the throttled switch names the lockout's own refusal's time"
+        );
+        if mode == RetryAfterMode::Seconds {
+            assert_eq!(throttled.headers["retry-after"], "19");
+        }
+        advance(19).await;
+        c.get(LIST).await.data();
+    }
+}
+
+/// Without a lockout too: refusals in penalty mode pushed the next allowed time 3 s past one
+/// interval, which the throttled switch names rather than the interval.
+#[tokio::test(start_paused = true)]
+async fn the_throttled_switch_names_the_penalty_pushed_wait_without_a_lockout() {
+    let c = Caller::new(
+        quiet()
+            .rate_per_minute(60.0)
+            .penalty(true)
+            .retry_after(RetryAfterMode::Seconds),
+    );
+    c.get(LIST).await.data();
+    for _ in 0..3 {
+        advance_ms(300).await;
+        c.get(LIST).await.assert_error(429, 1302);
+    }
+    advance_ms(100).await; // 1 s: the next allowed time is 4 s
+    c.mock.set_switches(Switches::new().throttled(true));
+    let r = c.get(LIST).await;
+    r.assert_error(429, 1302);
+    assert_eq!(r.headers["retry-after"], "3");
+    c.mock.set_switches(Switches::new());
+    advance(3).await;
+    c.get(LIST).await.data();
+}
+
 /// Past 2^53 ns (about 104 days) an `f64` cannot hold a wait to the nanosecond: the seconds
 /// form is rounded up in integers, or a lockout 1 ns over a whole second was named a second
 /// short and a client obeying it was refused again.
