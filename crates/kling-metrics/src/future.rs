@@ -395,7 +395,7 @@ fn requests_sent(error: &(dyn StdError + 'static)) -> (u32, Option<u32>) {
 /// dot-separated parts), also inside a longer word (`token=eyJ…`, `…/eyJ…`) or before a full
 /// stop, the user and password of a URL (`https://user:pass@host`) and its query, fragment and
 /// path parameters (a signed URL's signature, an `?api_key=`, a `#access_token=`, a
-/// `;jsessionid=`) become `[redacted]`.
+/// `;jsessionid=`) become `[redacted]`, sentence punctuation after the URL left outside.
 /// Only worked out when the event is logged. A bare API key quoted with none of these is not
 /// recognised: the layer never sees the credentials (the auth layer sits below it).
 struct Redacted<'a>(&'a (dyn StdError + 'static));
@@ -491,8 +491,23 @@ fn hide_url_secrets(text: &str) -> std::borrow::Cow<'_, str> {
         return std::borrow::Cow::Borrowed(text);
     }
     let ends_authority = |c: char| c.is_whitespace() || "/?#\"'`\\<>)]}".contains(c);
-    // Where a quoted URL ends: `url (https://…)`, `"https://…"`, a space.
-    let ends_url = |c: char| c.is_whitespace() || "\"'`\\<>)]}".contains(c);
+    // Where a quoted URL ends: `url (https://…)`, `"https://…"`, a space; a `)` only when it
+    // closes no `(` of the URL's own (`https://host/wiki/Foo_(bar)?…`), as autolinkers read it.
+    let url_len = |url: &str| {
+        let mut open_parens = 0usize;
+        url.find(|c: char| match c {
+            '(' => {
+                open_parens += 1;
+                false
+            }
+            ')' if open_parens > 0 => {
+                open_parens -= 1;
+                false
+            }
+            _ => c.is_whitespace() || "\"'`\\<>)]}".contains(c),
+        })
+        .unwrap_or(url.len())
+    };
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(at) = rest.find("://") {
@@ -506,13 +521,21 @@ fn hide_url_secrets(text: &str) -> std::borrow::Cow<'_, str> {
             }
             None => tail,
         };
-        let url_end = tail.find(ends_url).unwrap_or(tail.len());
+        let url_end = url_len(tail);
+        // Sentence punctuation right after a URL (`see https://host/x?sig=….`) is prose, as
+        // autolinkers read it: a trailing run of it is left out, so a full stop is not hidden
+        // with the query. A dot inside the query, or ending a value more of it follows, stays
+        // in; at most a value's last punctuation shows, never a letter or digit of it.
+        let url_end = tail[..url_end]
+            .trim_end_matches(['.', ',', ':', ';', '!', '?'])
+            .len();
         // A query, a fragment (`#access_token=`) or path parameters (`;jsessionid=`): each
         // may hold a credential. Only the host is before them here, and it holds none of them.
         match tail[..url_end].find(['?', '#', ';']) {
             Some(at) => {
                 out.push_str(&tail[..=at]);
-                // A `?` or `;` ending a sentence after the URL hides nothing.
+                // A bare `#` ending the URL hides nothing (a `?` or `;` there is punctuation,
+                // trimmed above).
                 if at + 1 < url_end {
                     out.push_str(HIDDEN);
                 }
@@ -766,7 +789,7 @@ mod tests {
             ),
             (
                 "GET https://app.example/a;jsessionid=s3cr3t/b: 500",
-                "GET https://app.example/a;[redacted] 500",
+                "GET https://app.example/a;[redacted]: 500",
             ),
             (
                 "could not read https://cdn.example/a.png? is it public; retry",
@@ -787,6 +810,89 @@ mod tests {
             (
                 "ends at https://a.example/x?",
                 "ends at https://a.example/x?",
+            ),
+        ] {
+            let redacted = redact(quoted);
+            assert!(!redacted.contains("s3cr3t"), "{quoted} -> {redacted}");
+            assert_eq!(redacted, shown, "{quoted}");
+        }
+    }
+
+    /// Sentence punctuation right after a URL is prose, as autolinkers read it: a trailing run
+    /// of `.`, `,`, `:`, `;`, `!` or `?` stays outside `[redacted]` (a full stop was
+    /// swallowed), while a dot inside the query (`?a=b.c`), or ending a value that more of the
+    /// query follows (`?a=b.&c=d`), is redacted with the rest.
+    #[test]
+    fn redaction_leaves_sentence_punctuation_after_a_url_outside() {
+        for (quoted, shown) in [
+            (
+                "could not read https://a.example/x?sig=s3cr3t.",
+                "could not read https://a.example/x?[redacted].",
+            ),
+            (
+                "could not read https://a.example/x?sig=s3cr3t.c",
+                "could not read https://a.example/x?[redacted]",
+            ),
+            (
+                "could not read https://a.example/x?sig=s3cr3t.c. Retry",
+                "could not read https://a.example/x?[redacted]. Retry",
+            ),
+            (
+                "could not read https://a.example/x?sig=s3cr3t...",
+                "could not read https://a.example/x?[redacted]...",
+            ),
+            (
+                "(see https://a.example/x?sig=s3cr3t.)",
+                "(see https://a.example/x?[redacted].)",
+            ),
+            (
+                "read https://a.example/x?a=s3cr3t.&b=s3cr3t. Retry",
+                "read https://a.example/x?[redacted]. Retry",
+            ),
+            (
+                "https://a.example/x?sig=s3cr3t, https://b.example/y#k=s3cr3t!",
+                "https://a.example/x?[redacted], https://b.example/y#[redacted]!",
+            ),
+            (
+                "tried https://a.example/x;jsessionid=s3cr3t: refused",
+                "tried https://a.example/x;[redacted]: refused",
+            ),
+            (
+                "is it https://a.example/x?sig=s3cr3t?",
+                "is it https://a.example/x?[redacted]?",
+            ),
+            (
+                "ends at https://a.example/x?.",
+                "ends at https://a.example/x?.",
+            ),
+            (
+                "ends at https://a.example/a.png.",
+                "ends at https://a.example/a.png.",
+            ),
+        ] {
+            let redacted = redact(quoted);
+            assert!(!redacted.contains("s3cr3t"), "{quoted} -> {redacted}");
+            assert_eq!(redacted, shown, "{quoted}");
+        }
+    }
+
+    /// A `)` ends a URL only when it closes no `(` of the URL's own, as autolinkers read
+    /// one: a path with parentheses (`/wiki/Foo_(bar)`) ended the URL there, and its query
+    /// was shown whole.
+    #[test]
+    fn redaction_reads_a_url_past_parentheses_of_its_own() {
+        for (quoted, shown) in [
+            (
+                "GET https://a.example/wiki/Foo_(bar)?sig=s3cr3t failed",
+                "GET https://a.example/wiki/Foo_(bar)?[redacted] failed",
+            ),
+            (
+                "(see https://a.example/wiki/Foo_(bar)?sig=s3cr3t).",
+                "(see https://a.example/wiki/Foo_(bar)?[redacted]).",
+            ),
+            (
+                "url (https://a.example/x?sig=s3cr3t) failed",
+                "url (https://a.example/x?[redacted]) failed",
             ),
         ] {
             let redacted = redact(quoted);
