@@ -228,10 +228,11 @@ struct Base {
 impl BaseUrlLayer {
     /// A base URL such as `https://api-singapore.klingai.com`; it needs a scheme and a host
     /// (and a port, if written, from 1 to 65535: `http` reads `:84430` as no port), and
-    /// carries no query. The scheme is `https`, or `http` to a loopback host only
-    /// (`http://127.0.0.1:PORT`, `http://[::1]:PORT`, `http://localhost:PORT`: the mock, a
-    /// local proxy); plain `http` to any other host is refused, since every request's
-    /// credentials would cross the network in cleartext.
+    /// carries no query nor an IPv6 zone id (`[fe80::1%25eth0]`, which the clients refuse).
+    /// The scheme is `https`, or `http` to a loopback host only (`http://127.0.0.1:PORT`,
+    /// `http://[::1]:PORT`, `http://localhost:PORT`: the mock, a local proxy); plain `http` to
+    /// any other host is refused, since every request's credentials would cross the network
+    /// in cleartext.
     pub fn new(base: &str) -> Result<BaseUrlLayer, ConfigError> {
         let base = base.trim();
         let uri: Uri = base
@@ -266,10 +267,19 @@ impl BaseUrlLayer {
         }
         // `http` takes any text between brackets (`[]`) and after them (`[::1]x:80`).
         if let Some(literal) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-            let address = literal
-                .split_once("%25")
-                .map_or(literal, |(address, _zone)| address);
-            if address.parse::<Ipv6Addr>().is_err() {
+            // A zone id (`[fe80::1%25eth0]`) too, which no client of the stack can reach:
+            // reqwest's `url` refuses it (every request a builder error), hyper's connector
+            // looks it up as a host name and fails.
+            if let Some((_, zone)) = literal.split_once('%') {
+                return Err(ConfigError::new(
+                    "base_url",
+                    format!(
+                        "has host `{host}` with a zone id (`%{zone}`), which the HTTP clients \
+                         refuse: name the address without it, or a host name"
+                    ),
+                ));
+            }
+            if literal.parse::<Ipv6Addr>().is_err() {
                 return Err(ConfigError::new(
                     "base_url",
                     format!("has host `{host}`: not an IPv6 address"),

@@ -850,23 +850,25 @@ impl StackConfig {
 
     /// Reads the configuration from `KLING_*` environment variables (see
     /// [`StackConfig::from_lookup`] for the list) and validates it. A variable set to bytes that
-    /// are not UTF-8 is refused, naming it, and so is one whose name is a slip of one read here
+    /// are not UTF-8 is refused, naming it, and so is one named as one read here in another
+    /// case or unit; one a typing slip away is warned of
     /// ([`check_env_names`](Self::check_env_names)).
     pub fn from_env() -> Result<StackConfig, ConfigError> {
         StackConfig::check_env_names(std::env::vars_os().map(|(name, _)| name))?;
         StackConfig::from_os_lookup(|name| std::env::var_os(name))
     }
 
-    /// Refuses a variable name that is a slip of one [`from_lookup`](Self::from_lookup) reads,
-    /// naming it and the one it resembles: the name in another case (`kling_tier`), with
-    /// another unit or none (`KLING_ATTEMPT_TIMEOUT_MS`, `KLING_TASK_LEASE` for
-    /// `KLING_TASK_LEASE_SECS`), or a typing slip away (two letters swapped, `KLING_TEIR`, or an
-    /// `S` added or left out, `KLING_SLOT`; after `KLING_` a name of 10 letters or more also
-    /// a letter wrong, missing or added, `KLING_RATE_PER_MINUT`). Read by name alone, such a
-    /// variable was left unread without a word, and the preset's number used (TOML refuses an
-    /// unknown key). Other names pass, `KLING_*` ones of other programs too: a short name a
-    /// letter from one read is often a word of its own (`KLING_SEED`, `KLING_TIMER`), and a
-    /// name with a digit one of its own (`KLING_SLOTS2`).
+    /// Refuses a variable name that is one [`from_lookup`](Self::from_lookup) reads in another
+    /// form, naming it and the one meant: in another case (`kling_tier`), or with another unit
+    /// or none (`KLING_ATTEMPT_TIMEOUT_MS`, `KLING_TASK_LEASE` for `KLING_TASK_LEASE_SECS`).
+    /// Read by name alone, such a variable was left unread without a word, and the preset's
+    /// number used (TOML refuses an unknown key).
+    ///
+    /// A name a typing slip away from one read ([`env_name_slips`](Self::env_name_slips):
+    /// `KLING_TEIR`, `KLING_SLOT`) is logged as a `WARN` event (target `kling_tower`) and
+    /// passes: a program's own name may be one too (`KLING_TIRE`, `KLING_POOL_SCORE`), and no
+    /// rule on the letters tells it from a typo, so it must not stop the program. Other names
+    /// pass without a word.
     ///
     /// [`from_env`](Self::from_env) checks the environment's names; a caller reading the
     /// variables through [`with_lookup`](Self::with_lookup) passes them
@@ -878,14 +880,50 @@ impl StackConfig {
             let Some(name) = name.as_ref().to_str() else {
                 continue;
             };
-            if let Some(meant) = misread_env_name(name) {
-                return Err(ConfigError::new(
-                    name.to_owned(),
-                    format!("is not read: did you mean {meant}? (rename it, or unset it)"),
-                ));
+            match misread_env_name(name) {
+                Some(Misread::Form(meant)) => {
+                    return Err(ConfigError::new(
+                        name.to_owned(),
+                        format!("is not read: did you mean {meant}? (rename it, or unset it)"),
+                    ));
+                }
+                Some(Misread::Slip(meant)) => {
+                    tracing::warn!(
+                        target: "kling_tower",
+                        variable = name,
+                        meant = %meant,
+                        "{name} is not read: did you mean {meant}? (ignored)"
+                    );
+                }
+                None => {}
             }
         }
         Ok(())
+    }
+
+    /// The names a typing slip away from one [`from_lookup`](Self::from_lookup) reads, each
+    /// with the one it resembles: two letters swapped (`KLING_TEIR`) or an `S` added or left
+    /// out at the end (`KLING_SLOT`); after `KLING_` a name of 10 letters or more also a letter
+    /// wrong, missing or added (`KLING_RATE_PER_MINUT`). A short name a letter from one read
+    /// is often a word of its own (`KLING_SEED`, `KLING_TIMER`) and a name with a digit one of
+    /// its own (`KLING_SLOTS2`): not named. [`check_env_names`](Self::check_env_names) warns
+    /// of these; a program that owns no `KLING_*` name of its own may refuse them.
+    pub fn env_name_slips<N: AsRef<std::ffi::OsStr>>(
+        names: impl IntoIterator<Item = N>,
+    ) -> Vec<EnvNameSlip> {
+        names
+            .into_iter()
+            .filter_map(|name| {
+                let name = name.as_ref().to_str()?;
+                match misread_env_name(name)? {
+                    Misread::Slip(meant) => Some(EnvNameSlip {
+                        name: name.to_owned(),
+                        meant,
+                    }),
+                    Misread::Form(_) => None,
+                }
+            })
+            .collect()
     }
 
     /// [`from_lookup`](Self::from_lookup) over values that may not be text: a variable it reads
@@ -1163,10 +1201,46 @@ const UNIT_SUFFIXES: [&str; 11] = [
     "_M",
 ];
 
-/// The variable `name` was most likely meant to be, with its unit for a duration's, when it is
-/// a slip of one ([`StackConfig::check_env_names`]); `None` for a name read as it is, or one
-/// too far from any.
-fn misread_env_name(name: &str) -> Option<String> {
+/// A variable name a typing slip away from one [`StackConfig`] reads
+/// ([`StackConfig::env_name_slips`]): warned of, not refused, as it may be a program's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvNameSlip {
+    name: String,
+    meant: String,
+}
+
+impl EnvNameSlip {
+    /// The name as set.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The name read that it resembles, with its unit for a duration's
+    /// (`KLING_TASK_LEASE_SECS (seconds)`).
+    pub fn meant(&self) -> &str {
+        &self.meant
+    }
+}
+
+impl fmt::Display for EnvNameSlip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} is not read: did you mean {}?", self.name, self.meant)
+    }
+}
+
+/// How a variable name differs from the one it was most likely meant to be, with that one's
+/// unit for a duration's.
+enum Misread {
+    /// The name read in another case or with another unit (or none): nobody else's. Refused.
+    Form(String),
+    /// A typing slip of it: maybe a name of its own. Warned of.
+    Slip(String),
+}
+
+/// How `name` is a slip of a variable read ([`StackConfig::check_env_names`]); `None` for a
+/// name read as it is, or one too far from any. Another form of one read wins over a typing
+/// slip of another.
+fn misread_env_name(name: &str) -> Option<Misread> {
     // A `KLING_` name in any case, no longer than a read one with another unit written out
     // (`KLING_JITTER_ALLOWANCE_MILLISECONDS`, 35): a longer name costs no more than its prefix.
     if !name.get(..6)?.eq_ignore_ascii_case("KLING_") || name.len() > 48 {
@@ -1187,22 +1261,28 @@ fn misread_env_name(name: &str) -> Option<String> {
             .find_map(|unit| text.strip_suffix(unit))
             .map_or(text.len(), str::len)
     };
-    let meant = ENV_VARS.into_iter().find(|var| {
+    let another_form = |var: &&str| {
         let read = &var["KLING_".len()..];
         let (read_stem, rest_stem) = (&read[..stem(read)], &rest[..stem(rest)]);
-        // Another case; another unit (or none) of a duration's; a typing slip.
-        *var == upper
-            || (read_stem != read && rest_stem == read_stem)
-            || (!numbered && typed_slip(rest, read))
-    })?;
-    let unit = if meant.ends_with("_SECS") {
-        " (seconds)"
-    } else if meant.ends_with("_MS") {
-        " (milliseconds)"
-    } else {
-        ""
+        *var == upper || (read_stem != read && rest_stem == read_stem)
     };
-    Some(format!("{meant}{unit}"))
+    let with_unit = |meant: &str| {
+        let unit = if meant.ends_with("_SECS") {
+            " (seconds)"
+        } else if meant.ends_with("_MS") {
+            " (milliseconds)"
+        } else {
+            ""
+        };
+        format!("{meant}{unit}")
+    };
+    if let Some(meant) = ENV_VARS.into_iter().find(another_form) {
+        return Some(Misread::Form(with_unit(meant)));
+    }
+    let meant = ENV_VARS
+        .into_iter()
+        .find(|var| !numbered && typed_slip(rest, &var["KLING_".len()..]))?;
+    Some(Misread::Slip(with_unit(meant)))
 }
 
 /// Whether `name` is a typing slip of `read`. In a name of under 10 letters one letter more,

@@ -163,6 +163,11 @@ fn a_base_url_without_a_host_or_with_a_port_out_of_range_is_refused() {
         ("http://[::1]x:9", "`[::1]x:9`"),
         ("https://[]:443", "`[]`"),
         ("https://[example.com]:443", "`[example.com]`"),
+        // A zone id: `http` takes it, reqwest's `url` refuses it (a builder error on every
+        // request) and hyper's connector looks it up as a host name, which fails.
+        ("http://[fe80::1%25eth0]:8080", "zone id"),
+        ("https://[fe80::1%25eth0]/kling", "zone id"),
+        ("http://[::1%25lo]:9", "zone id"),
     ] {
         let refused = BaseUrlLayer::new(base).unwrap_err();
         assert_eq!(refused.field(), "base_url", "{base}");

@@ -1130,13 +1130,12 @@ fn a_burst_whose_window_passes_the_rate_limiters_longest_is_refused_naming_the_b
     assert_eq!(err.field(), "burst", "{err}");
 }
 
-/// A variable whose name is a slip of one `from_lookup` reads (another case, another unit or
-/// none, a typing slip) is refused, naming it and the one meant. Read by name alone, it was
-/// left unread without a word and the preset's number used: `KLING_ATTEMPT_TIMEOUT_MS=500`
-/// left the attempt timeout at 30 s, `KLING_RATE_PER_MINUTES=20` the Pro rate at 60. (TOML
-/// refuses an unknown key.)
+/// A variable named as one `from_lookup` reads in another form (another case, another unit or
+/// none) is refused, naming it and the one meant. Read by name alone, it was left unread
+/// without a word and the preset's number used: `KLING_ATTEMPT_TIMEOUT_MS=500` left the
+/// attempt timeout at 30 s. (TOML refuses an unknown key.)
 #[test]
-fn a_variable_named_with_a_slip_is_refused_naming_the_one_meant() {
+fn a_variable_named_in_another_form_is_refused_naming_the_one_meant() {
     for (name, meant) in [
         (
             "KLING_ATTEMPT_TIMEOUT_MS",
@@ -1151,13 +1150,6 @@ fn a_variable_named_with_a_slip_is_refused_naming_the_one_meant() {
             "KLING_JITTER_ALLOWANCE_SECS",
             "KLING_JITTER_ALLOWANCE_MS (milliseconds)",
         ),
-        ("KLING_RATE_PER_MINUTES", "KLING_RATE_PER_MINUTE"),
-        ("KLING_RATE_PER_MINUT", "KLING_RATE_PER_MINUTE"),
-        ("KLING_RETRY_MAX_ATTEMPT", "KLING_RETRY_MAX_ATTEMPTS"),
-        ("KLING_MAX_BODY_BYTE", "KLING_MAX_BODY_BYTES"),
-        ("KLING_TEIR", "KLING_TIER"),
-        ("KLING_SLOT", "KLING_SLOTS"),
-        ("KLING_BRUST", "KLING_BURST"),
         // Another case (Windows reads names in any case: there, these are read).
         ("kling_tier", "KLING_TIER"),
         ("Kling_Daily_Credits", "KLING_DAILY_CREDITS"),
@@ -1193,7 +1185,9 @@ fn a_variable_named_with_a_slip_is_refused_naming_the_one_meant() {
         "PATH",
         "",
     ];
-    StackConfig::check_env_names(read.iter().chain(&others)).unwrap();
+    let names = || read.iter().chain(&others);
+    StackConfig::check_env_names(names()).unwrap();
+    assert_eq!(StackConfig::env_name_slips(names()), []);
     // Every name read is one `from_lookup` asks for.
     let asked = std::cell::RefCell::new(Vec::new());
     StackConfig::from_lookup(|name| {
@@ -1209,10 +1203,63 @@ fn a_variable_named_with_a_slip_is_refused_naming_the_one_meant() {
     assert_eq!(asked, read);
 }
 
+/// The names a typing slip away from one read (an `S` more or less, two letters swapped, in a
+/// long name a letter wrong, missing or added) and what `env_name_slips` says each was meant.
+const SLIPS: [(&str, &str); 12] = [
+    ("KLING_RATE_PER_MINUTES", "KLING_RATE_PER_MINUTE"),
+    ("KLING_RATE_PER_MINUT", "KLING_RATE_PER_MINUTE"),
+    ("KLING_RETRY_MAX_ATTEMPT", "KLING_RETRY_MAX_ATTEMPTS"),
+    ("KLING_MAX_BODY_BYTE", "KLING_MAX_BODY_BYTES"),
+    ("KLING_TEIR", "KLING_TIER"),
+    ("KLING_SLOT", "KLING_SLOTS"),
+    ("KLING_BRUST", "KLING_BURST"),
+    ("KLING_TIERS", "KLING_TIER"),
+    ("KLING_SPEEDS", "KLING_SPEED"),
+    ("KLING_HEADROMO", "KLING_HEADROOM"),
+    ("KLING_POOL_SLOT", "KLING_POOL_SLOTS"),
+    ("KLING_DAILY_CREDITZ", "KLING_DAILY_CREDITS"),
+];
+
+/// A name a typing slip away from one read is warned of, naming it and the one meant, but
+/// not refused: a user's own name may be one too (`KLING_POOL_SCORE` beside
+/// `KLING_POOL_SCOPE`, `KLING_TIRE` beside `KLING_TIER`, `KLING_SLOT` for a deployment slot),
+/// and each such name stopped the program. No rule on the letters tells them apart: `TIRE` is
+/// `TIER` with its last two letters swapped as `HEADROMO` is `HEADROOM`.
+#[test]
+fn a_variable_named_with_a_typing_slip_is_warned_of_not_refused() {
+    for (name, meant) in SLIPS.into_iter().chain([
+        ("KLING_POOL_SCORE", "KLING_POOL_SCOPE"),
+        ("KLING_TIRE", "KLING_TIER"),
+    ]) {
+        let (checked, warnings) =
+            warnings_of(|| StackConfig::check_env_names(["PATH", name, "KLING_TIER"]));
+        assert!(checked.is_ok(), "{name}: {checked:?}");
+        let [warning] = &warnings[..] else {
+            panic!("{name}: one warning, not {warnings:?}")
+        };
+        assert!(
+            warning.contains(name) && warning.contains(&format!("did you mean {meant}?")),
+            "{name}: {warning}"
+        );
+        let slips = StackConfig::env_name_slips(["PATH", name, "KLING_TIER"]);
+        assert_eq!(slips.len(), 1, "{name}: {slips:?}");
+        assert_eq!((slips[0].name(), slips[0].meant()), (name, meant));
+        assert_eq!(
+            slips[0].to_string(),
+            format!("{name} is not read: did you mean {meant}?")
+        );
+    }
+    // The control: a name read, or of its own, is not warned of.
+    let (checked, warnings) =
+        warnings_of(|| StackConfig::check_env_names(["KLING_TIER", "KLING_SEED", "PATH"]));
+    assert!(checked.is_ok() && warnings.is_empty(), "{warnings:?}");
+}
+
 /// A name a program plausibly sets for itself passes, though a letter from one read: one
 /// letter more, less or changed in a short name is often another word (`KLING_SEED` is not
 /// `KLING_SPEED`, nor `KLING_TIMER` `KLING_TIER`), and a number marks a name of its own
-/// (`KLING_SLOTS2`). Each was refused, and with it the program's whole configuration.
+/// (`KLING_SLOTS2`). Each was refused, and with it the program's whole configuration; they are
+/// not even warned of.
 #[test]
 fn a_name_of_its_own_a_letter_from_one_read_passes() {
     for name in [
@@ -1234,23 +1281,52 @@ fn a_name_of_its_own_a_letter_from_one_read_passes() {
     ] {
         let checked = StackConfig::check_env_names([name]);
         assert!(checked.is_ok(), "{name}: {checked:?}");
+        assert_eq!(StackConfig::env_name_slips([name]), [], "{name}");
     }
-    // The control: slips are still refused, of a short name as of a long one.
-    for (name, meant) in [
-        ("KLING_SLOT", "KLING_SLOTS"),
-        ("KLING_TIERS", "KLING_TIER"),
-        ("KLING_SPEEDS", "KLING_SPEED"),
-        ("KLING_HEADROMO", "KLING_HEADROOM"),
-        ("KLING_POOL_SLOT", "KLING_POOL_SLOTS"),
-        ("KLING_DAILY_CREDITZ", "KLING_DAILY_CREDITS"),
-    ] {
-        let err = StackConfig::check_env_names([name]).unwrap_err();
-        assert_eq!(err.field(), name);
-        assert!(
-            err.reason().contains(&format!("did you mean {meant}?")),
-            "{err}"
-        );
+    // The control: slips are still named, of a short name as of a long one.
+    for (name, meant) in SLIPS {
+        let slips = StackConfig::env_name_slips([name]);
+        assert_eq!(slips.len(), 1, "{name}: {slips:?}");
+        assert_eq!(slips[0].meant(), meant, "{name}");
     }
+}
+
+/// The `WARN` events logged on this thread while `f` runs, each as its fields' values, and
+/// what `f` returned.
+fn warnings_of<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    use std::sync::{Arc, Mutex};
+
+    struct Capture(Arc<Mutex<Vec<String>>>);
+
+    impl tracing::Subscriber for Capture {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            if *event.metadata().level() != tracing::Level::WARN {
+                return;
+            }
+            let mut text = String::new();
+            event.record(
+                &mut |field: &tracing::field::Field, value: &dyn std::fmt::Debug| {
+                    text.push_str(&format!("{}={value:?} ", field.name()));
+                },
+            );
+            self.0.lock().unwrap().push(text);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let out = tracing::subscriber::with_default(Capture(events.clone()), f);
+    let events = events.lock().unwrap().clone();
+    (out, events)
 }
 
 /// `StackConfig::from_env` in a process whose environment holds the one variable
@@ -1311,4 +1387,7 @@ fn from_env_refuses_a_variable_named_with_a_slip() {
         from_env_in_a_child("KLING_ATTEMPT_TIMEOUT_SECS", "5"),
         "ok 5s"
     );
+    // A program's own name a typing slip from one read is warned of, and the program goes on
+    // (`KLING_TIRE=summer` was refused as a slip of `KLING_TIER`).
+    assert_eq!(from_env_in_a_child("KLING_TIRE", "summer"), "ok 30s");
 }
