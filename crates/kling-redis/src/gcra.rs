@@ -59,18 +59,20 @@ struct Options {
 /// it takes none), 9 since when the asking request has waited (µs), 10 how long a place
 /// outlives the instant its process was told to ask again (µs), 11 the usage bucket (µs).
 ///
-/// `gcra(key, q, qx, period, burst, adaptive, start, ceiling)`: `key` the key's hash, `q` its
-/// fleet queue (sorted set: waiting process → since when its asking request has waited, µs),
-/// `qx` when each place ends (µs); the key's quota: period (µs, rounded up), burst, adaptive
-/// ('1'), adaptive start rate (-1: ceiling/4; clamped to ceiling/1000..ceiling, as
-/// [`AdaptiveState::new`](kling_ratelimit::AdaptiveState::new) does), ceiling rate. Returns a
-/// function that takes the cell and returns whether the key's 1302 streak is running and
-/// whether its adaptive rate is at the ceiling with no streak running (a success would change
-/// nothing), or `nil` and the refusal `{1, not_before, cooldown 0/1}`: nothing is taken until
-/// that function is called, so a script may ask another key first. The first decision after a
-/// pause (`cd`, then cleared) ends it with the key's burst spent, as in process: `tat` at least
-/// `cd + period × (burst − 1)` at the pace applied before, so the requests queued behind it go
-/// an interval apart (kept whether the decision then admits or refuses).
+/// `gcra(key, q, qx, period, burst, adaptive, start, ceiling, rec, target, probe)`: `key` the
+/// key's hash, `q` its fleet queue (sorted set: waiting process → since when its asking request
+/// has waited, µs), `qx` when each place ends (µs); the key's quota: period (µs, rounded up),
+/// burst, adaptive ('1'), adaptive start rate (-1: ceiling/4; clamped to ceiling/1000..ceiling,
+/// as [`AdaptiveState::new`](kling_ratelimit::AdaptiveState::new) does), ceiling rate; `rec`
+/// the asking process's record (below); the adaptive target and probe (`nil`: a caution held
+/// reads as not at the ceiling). Returns a function that takes the cell and returns whether
+/// the key's 1302 streak is running and whether its adaptive rate is at the ceiling with
+/// nothing a success would change, or `nil` and the refusal `{1, not_before, cooldown 0/1}`:
+/// nothing is taken until that function is called, so a script may ask another key first.
+/// The first decision after a pause (`cd`, then cleared) ends it with the key's burst spent,
+/// as in process: `tat` at least `cd + period × (burst − 1)` at the pace applied before, so
+/// the requests queued behind it go an interval apart (kept whether the decision then admits
+/// or refuses).
 ///
 /// The fleet's order: each process sends only its queue's head, with the instant that request
 /// began waiting; a refused head holds its process's place, scored by that instant, and a cell
@@ -124,26 +126,34 @@ local function rec_tidy(key)
     end
   end
 end
-local function gcra(key, q, qx, period, burst, adaptive, start, ceiling, rec)
+local function gcra(key, q, qx, period, burst, adaptive, start, ceiling, rec, target, probe)
   -- The end of the place of the process ahead of this one, if one is. (No queue, the usual
   -- case when nobody waits: one lookup.)
   local ahead_until = nil
   local queued = redis.call('EXISTS', qx) == 1
   if queued then ahead_until = ahead_of(q, qx, me, tonumber(since), now) end
   local v = redis.call('HMGET', key, 't', 'p', 'cd', 'r', 'se', rec and rec.a or 'a:',
-    rec and rec.m or 'm:')
+    rec and rec.m or 'm:', 'l', 'k')
   -- Whether this call wrote the hash: a write may create it, and every hash gets an expiry.
   local wrote = false
   -- Whether a 1302 streak runs (a success would reset it), and whether the key's adaptive
-  -- `rate` is at its ceiling with no streak running: a success there changes nothing (the
-  -- rule caps the grown rate at the ceiling, whatever limit it remembers). A rate above a
-  -- ceiling lowered since is capped at it (further down), as in process.
+  -- `rate` is at its ceiling with nothing a success would change, as kling-ratelimit's
+  -- in-process backend asks `AdaptiveState::on_success`: the rule caps the grown rate at the
+  -- ceiling; no 1302 came since the last success (`se`, which a success deletes with the
+  -- streak and the lowerings it ends); and no caution (`k`) is held that the success would
+  -- end, its step reaching the limit (`l`: a ceiling lowered near it). A rate above a ceiling
+  -- lowered since is capped at it (further down), as in process.
   local function running()
     local se = tonumber(v[5])
     return se ~= nil and se >= now
   end
-  local function at_ceiling(rate, streak)
-    return adaptive == '1' and rate ~= nil and rate == tonumber(ceiling) and not streak
+  local function at_ceiling(rate)
+    if adaptive ~= '1' or rate == nil or rate ~= tonumber(ceiling) or v[5] then return false end
+    local caution = tonumber(v[9])
+    if not caution then return true end
+    local limit, t, pr = tonumber(v[8]), tonumber(target), tonumber(probe)
+    if not (limit and t and pr) then return false end
+    return rate + math.max((t * limit - rate) / 4, pr * limit / caution) < limit
   end
   -- The hash lives the idle TTL past the latest of `last`, the key's pace and its streak
   -- window.
@@ -175,8 +185,7 @@ local function gcra(key, q, qx, period, burst, adaptive, start, ceiling, rec)
         return function()
           if queued and me ~= '' then leave_place(q, qx, me) end
           redis.call('HSET', key, rec.a, lo, rec.m, mask, rec.w, now)
-          local streak = running()
-          return streak, at_ceiling(tonumber(v[4]), streak)
+          return running(), at_ceiling(tonumber(v[4]))
         end, nil, m
       end
     end
@@ -248,8 +257,7 @@ local function gcra(key, q, qx, period, burst, adaptive, start, ceiling, rec)
       redis.call('HSET', key, 't', int(nxt), 'p', int(period))
     end
     expire(nxt)
-    local streak = running()
-    return streak, at_ceiling(rate, streak)
+    return running(), at_ceiling(rate)
   end
 end
 local function count(n)
@@ -273,12 +281,13 @@ end
 /// its fleet queue. ARGV: as `GCRA_FN`'s, and 2 period (µs, rounded up), 3 burst, 4 adaptive
 /// (0/1), 5 adaptive start rate (-1: ceiling/4), 6 ceiling rate; 12 the asking process ('':
 /// no record), 13 the ask's number, 14 the lowest number of the process's asks of the key
-/// whose answer it has not heard, 15 those whose answer was lost (comma-separated).
+/// whose answer it has not heard, 15 those whose answer was lost (comma-separated), 16 and 17
+/// the adaptive target and probe (`Adaptive::target`, `Adaptive::probe`; '' for a fixed quota).
 /// Returns {0, streak, replayed, at_ceiling} (admit; streak 1 while the key's 1302 streak is
 /// running, so the process reports its successes and one of them resets it; `replayed` the
 /// lost ask whose cell it was given, else -1 when the lost ones were looked at and none was
 /// admitted, -2 when they were not; `at_ceiling` 1 when the key's adaptive rate is at its
-/// ceiling and no streak runs, so its successes need no report:
+/// ceiling with nothing a success would change, so its successes need no report:
 /// [`Backend::adaptive_at_ceiling`]) or {1, not_before, cooldown 0/1, looked at 0/1}.
 ///
 /// The process's admitted asks are recorded in the key's hash (`a:`, `m:`, `w:PROCESS`, see
@@ -295,7 +304,7 @@ if ARGV[12] ~= '' then
   for m in string.gmatch(ARGV[15], '%d+') do rec.lost[#rec.lost + 1] = tonumber(m) end
 end
 local take, refusal, replayed = gcra(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[2]),
-  tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], rec)
+  tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], rec, ARGV[16], ARGV[17])
 local checked = rec ~= nil and rec.checked
 if not take then
   refusal[4] = checked and 1 or 0
@@ -311,11 +320,12 @@ return {0, streak and 1 or 0, replayed, top and 1 or 0}
 /// class key's turn and its account key's, both or neither. `KEYS[1..3]` the class key's hash
 /// and fleet queue, `KEYS[4..6]` the account key's, `KEYS[7]` (optional) the account key's
 /// count of admitted requests. ARGV: as [`ACQUIRE_BODY`]'s for the class key (it takes no
-/// place: 8 is ''), then 12 to 16 the account key's quota (as 2 to 6).
+/// place: 8 is ''), then 12 to 16 the account key's quota (as 2 to 6), 17 and 18 its adaptive
+/// target and probe.
 /// Returns {0, streak, at_ceiling} (both turns taken; the account key's streak, and whether
-/// its adaptive rate is at the ceiling with no streak running) or {1, not_before, cooldown
-/// 0/1, which}: the class key's refusal (`which` 0; the account is not asked), or the account
-/// key's (1; the class key's turn is not taken).
+/// its adaptive rate is at the ceiling with nothing a success would change) or {1,
+/// not_before, cooldown 0/1, which}: the class key's refusal (`which` 0; the account is not
+/// asked), or the account key's (1; the class key's turn is not taken).
 const ACQUIRE_CLASS_BODY: &str = r"
 local take_class, refusal = gcra(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[2]),
   tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6])
@@ -324,7 +334,7 @@ if not take_class then
   return refusal
 end
 local take_account, refused = gcra(KEYS[4], KEYS[5], KEYS[6], tonumber(ARGV[12]),
-  tonumber(ARGV[13]), ARGV[14], ARGV[15], ARGV[16])
+  tonumber(ARGV[13]), ARGV[14], ARGV[15], ARGV[16], nil, ARGV[17], ARGV[18])
 if not take_account then
   refused[4] = 1
   return refused
@@ -368,7 +378,8 @@ return 0
 /// ceiling, growth, decrease, target, probe, cooldown first, escalate_after, backoff, ceiling,
 /// window, idle TTL, the `Retry-After`'s wait less its resolution in seconds ('' for none),
 /// max caution. Returns {cooldown_until or -1, streak, at_ceiling}: `at_ceiling` 1 when
-/// the key's adaptive rate is at its ceiling after the report, with no streak running.
+/// the key's adaptive rate is at its ceiling after the report, with nothing a success would
+/// change (no 1302 since the last success, no caution a success would end).
 ///
 /// The adaptive rate follows [`AdaptiveState`](kling_ratelimit::AdaptiveState)'s rule: `r`
 /// the rate, `l` the remembered limit, `nl` the lowerings since the last success; a counted
@@ -402,6 +413,8 @@ local se = tonumber(v[3])
 local cd = tonumber(v[4])
 local rate = tonumber(v[5])
 local limit = tonumber(v[6])
+-- The caution held (`k`), as this script leaves it.
+local held = tonumber(v[10])
 local adaptive = ARGV[8] == '1'
 local ceiling = tonumber(ARGV[10])
 local function clamp(x)
@@ -415,13 +428,20 @@ local function start_rate()
   return clamp(r)
 end
 local function int(x) return string.format('%.0f', x) end
--- 1 when the key's adaptive rate is at its ceiling and no streak runs (a success would change
--- nothing): the process then reports no success (`Backend::adaptive_at_ceiling`). At it, not
--- above: a rate above a ceiling lowered since (no decision under it yet, which caps it) is
--- brought down to it by a success.
+-- 1 when the key's adaptive rate is at its ceiling with nothing a success would change (as
+-- `gcra`'s `at_ceiling` in the acquire scripts: no 1302 since the last success, no caution the
+-- success would end): the process then reports no success (`Backend::adaptive_at_ceiling`).
+-- At it, not above: a rate above a ceiling lowered since (no decision under it yet, which caps
+-- it) is brought down to it by a success.
 local function top()
-  if adaptive and rate and rate == ceiling and not (se and se >= now) then return 1 end
-  return 0
+  if not (adaptive and rate and rate == ceiling) or se then return 0 end
+  if held then
+    if not limit then return 0 end
+    local step = math.max((tonumber(ARGV[13]) * limit - rate) / 4,
+      tonumber(ARGV[14]) * limit / held)
+    if rate + step >= limit then return 0 end
+  end
+  return 1
 end
 local function expire()
   -- The latest of the key's pace, its pause and its streak window, any of which may be absent
@@ -462,7 +482,10 @@ if ARGV[2] == 's' then
       local probe = tonumber(ARGV[14]) * limit / caution
       rate = rate + math.max((target - rate) / 4, probe)
       -- Past where the costly refusal came: a raised limit is found at the usual pace.
-      if rate >= limit and v[10] then redis.call('HDEL', key, 'k') end
+      if rate >= limit and held then
+        redis.call('HDEL', key, 'k')
+        held = nil
+      end
     else
       rate = rate * (1 + tonumber(ARGV[11]))
     end
@@ -516,8 +539,10 @@ if counted then
     end
     if caution ~= 1 then
       redis.call('HSET', key, 'k', string.format('%.17g', caution))
-    elseif v[10] then
+      held = caution
+    elseif held then
       redis.call('HDEL', key, 'k')
+      held = nil
     end
   end
 end
@@ -599,9 +624,10 @@ return {-1, streak, top()}
 ///   ([`Backend::streak_running`]), and the layer of a process that never received a pause
 ///   reports its successes too: any process's success resets the streak.
 /// - **An adaptive key at its ceiling reports no success**: an admission's reply says whether
-///   the key's adaptive rate is at its ceiling with no streak running, where a success changes
-///   nothing ([`Backend::adaptive_at_ceiling`]); such a key costs one script a request, as a
-///   fixed quota does. A 1302 another process reports is learned at the next admission here.
+///   the key's adaptive rate is at its ceiling where a success changes nothing (no 1302 since
+///   the last success, no caution it would end: [`Backend::adaptive_at_ceiling`]); such a key
+///   costs one script a request, as a fixed quota does. A 1302 another process reports is
+///   learned at the next admission here.
 ///
 /// # Clone
 ///
@@ -641,9 +667,10 @@ struct Inner {
     /// Whether `streaks` holds any key: the usual success asks nothing more.
     any_streak: AtomicBool,
     /// The account-wide adaptive keys (Redis names) whose last admission or report here said
-    /// their rate is at its ceiling with no streak running, each with that ceiling (requests a
-    /// second, its bits): their successes are not reported ([`Backend::adaptive_at_ceiling`]).
-    /// At most [`MAX_AT_CEILING`] keys (one left out only has its successes reported).
+    /// their rate is at its ceiling with nothing a success would change, each with that ceiling
+    /// (requests a second, its bits): their successes are not reported
+    /// ([`Backend::adaptive_at_ceiling`]). At most [`MAX_AT_CEILING`] keys (one left out only
+    /// has its successes reported).
     at_ceiling: Mutex<HashMap<String, u64>>,
     /// Whether `at_ceiling` holds any key.
     any_at_ceiling: AtomicBool,
@@ -1251,6 +1278,15 @@ fn quota_args(policy: &Policy) -> [String; 5] {
     ]
 }
 
+/// The adaptive target and probe the acquire scripts take to tell whether a success at the
+/// ceiling would end a caution held (`''` each for a fixed quota).
+fn step_args(policy: &Policy) -> [String; 2] {
+    match &policy.adaptive {
+        Some(a) => [format!("{:e}", a.target), format!("{:e}", a.probe)],
+        None => [String::new(), String::new()],
+    }
+}
+
 /// What a pause's `Retry-After` asked for, from the answer's arrival: what the adaptive
 /// caution is measured from, as in process.
 fn retry_after_of(feedback: &Feedback) -> Option<Duration> {
@@ -1291,8 +1327,8 @@ impl Inner {
     /// requests [`RedisGcra::fleet_requests`] counts; `ask` its number, with which the key
     /// records it if it admits it, and the lost asks it carries ([`ACQUIRE_BODY`]). With the
     /// decision, whether the key's 1302 streak is running and whether its adaptive rate is at
-    /// the ceiling with no streak running (both said by an admission only), and what the key
-    /// said of the lost asks.
+    /// the ceiling with nothing a success would change (both said by an admission only), and
+    /// what the key said of the lost asks.
     async fn decide(
         &self,
         redis_key: String,
@@ -1303,6 +1339,7 @@ impl Inner {
         ask: Option<&Ask<'_>>,
     ) -> Result<(FleetDecision, bool, bool, Looked), StoreError> {
         let [period, burst, adaptive, start, ceiling] = quota_args(policy);
+        let [target, probe] = step_args(policy);
         let (instance, n, floor, lost) = match ask {
             Some(ask) => (
                 self.instance.clone(),
@@ -1332,6 +1369,8 @@ impl Inner {
             n,
             floor,
             lost,
+            target,
+            probe,
         ];
         let [q, qx] = queue_keys(&redis_key);
         let result: Result<Vec<i64>, StoreError> = if counted {
@@ -1375,8 +1414,8 @@ impl Inner {
     /// takes no place in either key's fleet queue, and waits behind those who hold one.
     /// `counted` if the account key's admitted requests are counted. With the decision, whether
     /// the account key's 1302 streak is running and whether its adaptive rate is at the
-    /// ceiling with no streak running (both said by an admission only), and whether the
-    /// account key refused (a refusal only; else the class key did).
+    /// ceiling with nothing a success would change (both said by an admission only), and
+    /// whether the account key refused (a refusal only; else the class key did).
     async fn decide_class(
         &self,
         class: (String, &Policy),
@@ -1386,6 +1425,7 @@ impl Inner {
     ) -> Result<(FleetDecision, bool, bool, bool), StoreError> {
         let [period, burst, adaptive, start, ceiling] = quota_args(class.1);
         let [a_period, a_burst, a_adaptive, a_start, a_ceiling] = quota_args(account.1);
+        let [a_target, a_probe] = step_args(account.1);
         let args = [
             now_us.to_string(),
             period,
@@ -1403,6 +1443,8 @@ impl Inner {
             a_adaptive,
             a_start,
             a_ceiling,
+            a_target,
+            a_probe,
         ];
         let [q, qx] = queue_keys(&class.0);
         let [aq, aqx] = queue_keys(&account.0);
@@ -1451,11 +1493,12 @@ impl Inner {
     }
 
     /// Notes what an admission or a report said of the account-wide key `redis_key` under
-    /// `policy`: whether its adaptive rate is at the ceiling with no streak running, for
-    /// [`Backend::adaptive_at_ceiling`]. `asked` is what [`Inner::throttles`] held before the
-    /// script was sent: a 1302 this process reported since makes an "at its ceiling" stale (the
-    /// script may have run before that 1302 reached Redis), and the key is noted as not at it.
-    /// Costs nothing while no key is noted and this one is not at its ceiling (a fixed quota's
+    /// `policy`: whether its adaptive rate is at the ceiling with nothing a success would
+    /// change, for [`Backend::adaptive_at_ceiling`]. `asked` is what [`Inner::throttles`] held
+    /// before the script was sent: a 1302 this process reported since makes an "at its
+    /// ceiling" stale (the script may have run before that 1302 reached Redis), and the key is
+    /// noted as not at it. Costs nothing while no key is noted and this one is not at its
+    /// ceiling (a fixed quota's
     /// never is).
     fn saw_ceiling(&self, redis_key: &str, policy: &Policy, at_ceiling: bool, asked: u64) {
         if !at_ceiling && !self.any_at_ceiling.load(Ordering::Relaxed) {
@@ -2236,12 +2279,13 @@ impl Backend for RedisGcra {
     }
 
     /// Whether the last admission (or report) under the account-wide `key` here said its
-    /// adaptive rate is at `policy`'s ceiling with no 1302 streak running, where a success
-    /// changes nothing in Redis: the layer then reports none, and an adaptive key at its
-    /// ceiling costs one script a request, as a fixed quota does. Below the ceiling (after a
-    /// 1302, or in slow start) every success is reported, until a report's reply says the rate
-    /// is back at the ceiling. A 1302 another process reports is learned at this process's
-    /// next admission, whose reply takes the key off its ceiling here: only the successes of
+    /// adaptive rate is at `policy`'s ceiling where a success changes nothing in Redis (no
+    /// 1302 since the last success, no caution it would end): the layer then reports none, and
+    /// an adaptive key at its ceiling costs one script a request, as a fixed quota does. Below
+    /// the ceiling (after a 1302, or in slow start) every success is reported, until a
+    /// report's reply says the rate is back at the ceiling. A 1302 another process reports is
+    /// learned at this process's next admission, whose reply takes the key off its ceiling
+    /// here: only the successes of
     /// requests admitted before the 1302 reached Redis go unreported meanwhile (most were
     /// sent before the pause began, and Redis would leave the rate alone for those anyway). A
     /// 1302 this process reports takes the key off its ceiling here at once. A rate above the

@@ -1,7 +1,7 @@
 //! [`RedisSlots`]: the task-slot [`SlotBackend`] in Redis.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::{Pin, pin};
@@ -45,8 +45,10 @@ pub const DEFAULT_PLACE_TTL_POLLS: u32 = 3;
 /// renewal) a process keeps for replay while Redis is away. Past it, the oldest renewal is
 /// dropped (the task's next query renews its lease again), then, with no renewal left, the
 /// oldest report of an end (that task's slots stay held until its lease runs out; its hold,
-/// if kept too, becomes a give-back). Other changes (grants given back, tasks held, halts,
-/// capacities) are never dropped: they follow this process's own creates.
+/// if kept too, becomes a give-back; the end of a task whose hold is on its way to Redis is
+/// kept, and the next dropped instead). A replayed report that fails again is held to it too.
+/// Other changes (grants given back, tasks held, halts, capacities) are never dropped: they
+/// follow this process's own creates.
 pub const MAX_PENDING_REPORTS: usize = 4096;
 
 /// The task slots' state in Redis, shared by every process of a fleet: implements
@@ -528,8 +530,14 @@ struct Inner {
     /// When the changes sent to Redis at once (not replayed) and not answered yet were made
     /// (read and written under `pending`'s lock): the replay sends no change made after one of
     /// them, which, failing later, is queued and would be replayed behind it (a task's hold
-    /// after its end, holding the slot until its lease ran out).
-    sending: Mutex<BTreeSet<u64>>,
+    /// after its end, holding the slot until its lease ran out). With each, the arguments of
+    /// a change that holds a task ([`holds_a_task`]), for the bound on kept reports.
+    sending: Mutex<BTreeMap<u64, Option<Vec<String>>>>,
+    /// The arguments of the change the replay is sending, when it holds a task
+    /// ([`holds_a_task`]; read and written under `pending`'s lock). Off the queue, it cannot
+    /// become a give-back when the bound on kept reports drops its task's end, so that end
+    /// is kept instead ([`Inner::bound_reports`]).
+    replay_sending: Mutex<Option<Vec<String>>>,
     /// Wakes a replay waiting for one of `sending` to be answered.
     answered: Notify,
     /// How long the replay waits before sending each change (`testing::delay_replay`).
@@ -674,7 +682,8 @@ impl RedisSlots {
                 pending: Mutex::new(VecDeque::new()),
                 overflowed: AtomicBool::new(false),
                 replaying: AtomicBool::new(false),
-                sending: Mutex::new(BTreeSet::new()),
+                sending: Mutex::new(BTreeMap::new()),
+                replay_sending: Mutex::new(None),
                 answered: Notify::new(),
                 #[cfg(feature = "testing")]
                 replay_delay: Mutex::new(Duration::ZERO),
@@ -785,7 +794,8 @@ impl RedisSlots {
     }
 
     /// Changes waiting to be replayed once Redis is back, not counting the one a replay is
-    /// sending at that moment (it is put back first in line if the send fails).
+    /// sending at that moment (it is put back in the order changes were made if the send
+    /// fails).
     pub fn pending(&self) -> usize {
         lock(&self.inner.pending).len()
     }
@@ -1642,7 +1652,7 @@ impl Inner {
         } = prepared;
         // Behind the replay while it runs, even when its last change is in flight and the
         // queue looks empty: a change sent now could overtake it.
-        let on_its_way = self.send_now(made);
+        let on_its_way = self.send_now(made, &args);
         let queued = on_its_way.is_none();
         let result = if queued {
             // Keep the order: behind what is waiting to be replayed.
@@ -2010,46 +2020,104 @@ impl Inner {
                     emptied |= before > UPD_REPORTS && old.len() == UPD_REPORTS;
                 }
             }
-            let mut reports = new.len()
-                + pending
-                    .iter()
-                    .map(|entry| match entry {
-                        Pending::Args(old, _) if old[3] == "upd" => (old.len() - UPD_REPORTS) / 4,
-                        _ => 0,
-                    })
-                    .sum::<usize>();
-            let mut dropped = 0;
-            while reports > MAX_PENDING_REPORTS {
-                // The oldest renewal, else the oldest end.
-                if drop_oldest_report(&mut pending, "0").is_none() {
-                    let Some((account, end)) = drop_oldest_report(&mut pending, "1") else {
-                        break;
-                    };
-                    // Its task's hold or adopts, kept too, would hold the slot until its lease
-                    // ran out.
-                    give_back_instead_of_hold(&mut pending, &account, &end);
-                }
-                emptied = true;
-                reports -= 1;
-                dropped += 1;
-            }
             if emptied {
-                pending.retain(|entry| {
-                    !matches!(entry, Pending::Args(old, _) if old[3] == "upd" && old.len() <= UPD_REPORTS)
-                });
+                drop_emptied_reports(&mut pending);
             }
-            if dropped > 0 && !self.overflowed.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    max = MAX_PENDING_REPORTS,
-                    "redis away: dropping the oldest task reports kept for replay"
-                );
-            }
+            insert_in_order(&mut pending, Pending::Args(args, made));
+            self.bound_reports(&mut pending);
+            return;
         }
         // In the order the changes were made, not the order their failures were seen: the
         // changes on one connection fail together, and their tasks queue them in any order (a
         // task's end queued before its hold would find no task, and the hold replayed after it
         // would keep the slot held until its lease ran out).
         insert_in_order(&mut pending, Pending::Args(args, made));
+    }
+
+    /// Holds the task reports kept for replay to [`MAX_PENDING_REPORTS`]: drops the oldest
+    /// renewal, else the oldest end, whose task's hold or adopts, kept too, become a give-back
+    /// ([`give_back_instead_of_hold`]). An end of a task whose hold or adopt is on its way to
+    /// Redis (sent at once, or by the replay) is kept and the next dropped instead: off the
+    /// queue, that change cannot become a give-back, and would hold the slot until its lease
+    /// ran out.
+    fn bound_reports(&self, pending: &mut VecDeque<Pending>) {
+        let mut reports = pending
+            .iter()
+            .map(|entry| match entry {
+                Pending::Args(old, _) if old[3] == "upd" => (old.len() - UPD_REPORTS) / 4,
+                _ => 0,
+            })
+            .sum::<usize>();
+        if reports <= MAX_PENDING_REPORTS {
+            return;
+        }
+        let on_their_way: Vec<Vec<String>> = lock(&self.sending)
+            .values()
+            .flatten()
+            .cloned()
+            .chain(lock(&self.replay_sending).clone())
+            .collect();
+        let mut dropped = 0;
+        while reports > MAX_PENDING_REPORTS {
+            if drop_oldest_report(pending, "0", &[]).is_none() {
+                let Some((account, end)) = drop_oldest_report(pending, "1", &on_their_way) else {
+                    break;
+                };
+                // Its task's hold or adopts, kept too, would hold the slot until its lease
+                // ran out.
+                give_back_instead_of_hold(pending, &account, &end);
+            }
+            reports -= 1;
+            dropped += 1;
+        }
+        if dropped > 0 {
+            drop_emptied_reports(pending);
+            if !self.overflowed.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    max = MAX_PENDING_REPORTS,
+                    "redis away: dropping the oldest task reports kept for replay"
+                );
+            }
+        }
+    }
+
+    /// Puts a replayed change Redis could not take again back in the queue, in the order
+    /// changes were made and held to the bound on kept reports, as a change queued anew is:
+    /// reports queued while it was on its way, put back past the bound, would grow the queue
+    /// at every replay of a long outage that fails again. Its renewals that a report made after
+    /// it replaced go first, as they would have had it been queued ([`Inner::queue`]).
+    fn requeue(&self, pending: &mut VecDeque<Pending>, mut entry: Pending) {
+        let Pending::Args(args, made) = &mut entry else {
+            insert_in_order(pending, entry);
+            return;
+        };
+        if args[3] != "upd" {
+            insert_in_order(pending, entry);
+            return;
+        }
+        let made = *made;
+        let replaced = |quad: &[String]| {
+            pending.iter().any(|later| {
+                matches!(later, Pending::Args(new, after)
+                    if *after > made
+                        && new[3] == "upd"
+                        && new[5] == args[5]
+                        && new[UPD_REPORTS..]
+                            .chunks_exact(4)
+                            .any(|n| n[0] == quad[0] && n[1] == quad[1]))
+            })
+        };
+        let gone: Vec<bool> = args[UPD_REPORTS..]
+            .chunks_exact(4)
+            .map(|quad| quad[3] == "0" && replaced(quad))
+            .collect();
+        let mut each = gone.into_iter();
+        retain_reports(args, |_| !each.next().unwrap_or(false));
+        if args.len() == UPD_REPORTS {
+            return;
+        }
+        insert_in_order(pending, entry);
+        self.bound_reports(pending);
     }
 
     /// Marks the store alive once per backend. A store with no generation starts one with a
@@ -2077,15 +2145,16 @@ impl Inner {
         replayed
     }
 
-    /// Whether the change made `made`th may be sent to Redis now: not while changes wait to
-    /// be replayed or a replay runs. Sent, it is on its way until the guard returned drops,
-    /// after its failure is queued.
-    fn send_now(&self, made: u64) -> Option<OnItsWay<'_>> {
+    /// Whether the change `args` made `made`th may be sent to Redis now: not while changes
+    /// wait to be replayed or a replay runs. Sent, it is on its way until the guard returned
+    /// drops, after its failure is queued.
+    fn send_now(&self, made: u64, args: &[String]) -> Option<OnItsWay<'_>> {
         let pending = lock(&self.pending);
         if !pending.is_empty() || self.replaying.load(Ordering::Acquire) {
             return None;
         }
-        lock(&self.sending).insert(made);
+        let holds = holds_a_task(args).then(|| args.to_vec());
+        lock(&self.sending).insert(made, holds);
         Some(OnItsWay { inner: self, made })
     }
 
@@ -2099,14 +2168,18 @@ impl Inner {
                 let mut pending = lock(&self.pending);
                 let sent_before = |front: &Pending| {
                     lock(&self.sending)
-                        .first()
-                        .is_some_and(|&made| made < front.made())
+                        .first_key_value()
+                        .is_some_and(|(&made, _)| made < front.made())
                 };
                 if !pending.front().is_some_and(sent_before) {
                     let next = pending.pop_front();
                     if next.is_none() {
                         self.replaying.store(false, Ordering::Release);
                     }
+                    *lock(&self.replay_sending) = match &next {
+                        Some(Pending::Args(args, _)) if holds_a_task(args) => Some(args.clone()),
+                        _ => None,
+                    };
                     return next;
                 }
             }
@@ -2178,16 +2251,18 @@ impl Inner {
                     }
                 }
             };
+            let mut queue = lock(&self.pending);
+            *lock(&self.replay_sending) = None;
             if let Err(e) = result {
                 if e.keeps_changes() {
                     // In the order changes were made, not at the front: a change made before
                     // it may have been queued while it was on its way (its own send failed
                     // later), and must still go first.
-                    let mut queue = lock(&self.pending);
-                    insert_in_order(&mut queue, pending);
+                    self.requeue(&mut queue, pending);
                     self.replaying.store(false, Ordering::Release);
                     return Err(e);
                 }
+                drop(queue);
                 tracing::warn!(error = %e, "dropping a task slot change redis refused");
             }
         }
@@ -2551,12 +2626,22 @@ fn retain_reports(args: &mut Vec<String>, mut keep: impl FnMut(&[String]) -> boo
     }
 }
 
+/// Drops the `upd` changes whose reports all went.
+fn drop_emptied_reports(pending: &mut VecDeque<Pending>) {
+    pending.retain(|entry| {
+        !matches!(entry, Pending::Args(old, _) if old[3] == "upd" && old.len() <= UPD_REPORTS)
+    });
+}
+
 /// Drops the oldest kept report whose terminal flag is `terminal`: its account and its quad
-/// (id, ext, status, flag); none if none is kept.
+/// (id, ext, status, flag); none if none is kept. The oldest report of the task of each of
+/// `spared` (changes that hold a task, [`holds_a_task`]) stays.
 fn drop_oldest_report(
     pending: &mut VecDeque<Pending>,
     terminal: &str,
+    spared: &[Vec<String>],
 ) -> Option<(String, Vec<String>)> {
+    let mut spent = vec![false; spared.len()];
     for entry in pending.iter_mut() {
         let Pending::Args(old, _) = entry else {
             continue;
@@ -2564,9 +2649,17 @@ fn drop_oldest_report(
         if old[3] != "upd" {
             continue;
         }
-        let at = old[UPD_REPORTS..]
-            .chunks_exact(4)
-            .position(|q| q[3] == terminal);
+        let at = old[UPD_REPORTS..].chunks_exact(4).position(|q| {
+            if q[3] != terminal {
+                return false;
+            }
+            let spare =
+                (0..spared.len()).find(|&i| !spent[i] && names_task(&spared[i], &old[5], q));
+            if let Some(i) = spare {
+                spent[i] = true;
+            }
+            spare.is_none()
+        });
         if let Some(at) = at {
             let start = UPD_REPORTS + at * 4;
             let quad = old.drain(start..start + 4).collect();
@@ -2590,22 +2683,15 @@ const HOLD_ACCOUNT: usize = 10;
 /// task, before or after the hold): replayed, one would find neither the hold nor the end and
 /// hold the slot until its lease ran out.
 fn give_back_instead_of_hold(pending: &mut VecDeque<Pending>, account: &str, end: &[String]) {
-    let [id, ext, ..] = end else { return };
-    let of_account = |args: &[String], op: &str| args[3] == op && args[HOLD_ACCOUNT] == account;
-    if !id.is_empty() {
-        pending.retain(|entry| {
-            !matches!(entry, Pending::Args(args, _) if of_account(args, "adopt") && args[HOLD_ID] == *id)
-        });
-    }
-    let names = |args: &[String]| {
-        of_account(args, "hold")
-            && ((!id.is_empty() && args[HOLD_ID] == *id)
-                || (args[HOLD_ID].is_empty() && !ext.is_empty() && args[HOLD_EXT] == *ext))
+    let is = |entry: &Pending, op: &str| match entry {
+        Pending::Args(args, _) => args[3] == op && names_task(args, account, end),
+        Pending::Register(..) => false,
     };
+    pending.retain(|entry| !is(entry, "adopt"));
     let mut found = pending
         .iter()
         .enumerate()
-        .filter(|(_, entry)| matches!(entry, Pending::Args(args, _) if names(args)))
+        .filter(|(_, entry)| is(entry, "hold"))
         .map(|(at, _)| at);
     let (Some(at), None) = (found.next(), found.next()) else {
         return;
@@ -2614,6 +2700,27 @@ fn give_back_instead_of_hold(pending: &mut VecDeque<Pending>, account: &str, end
         args.truncate(6);
         args[3] = "give".to_owned();
     }
+}
+
+/// Whether `args` hold a task's slots once Redis applies them: a `hold` or an `adopt`.
+fn holds_a_task(args: &[String]) -> bool {
+    matches!(args.get(3).map(String::as_str), Some("hold" | "adopt"))
+}
+
+/// Whether the end `end` (id, ext, status, flag) of `account` names the task that `change`
+/// holds ([`holds_a_task`]) alone: by its task id, or (a hold with no task id) by its
+/// external id.
+fn names_task(change: &[String], account: &str, end: &[String]) -> bool {
+    let [id, ext, ..] = end else { return false };
+    if !holds_a_task(change) || change.len() <= HOLD_ACCOUNT || change[HOLD_ACCOUNT] != account {
+        return false;
+    }
+    let by_id = !id.is_empty() && change[HOLD_ID] == *id;
+    let by_ext = change[3] == "hold"
+        && change[HOLD_ID].is_empty()
+        && !ext.is_empty()
+        && change[HOLD_EXT] == *ext;
+    by_id || by_ext
 }
 
 struct Prepared {
@@ -3660,8 +3767,12 @@ mod tests {
         let (_slots, inner) = unreachable_slots();
         let change = |op: &str| change_of_h(&inner, op);
         // A task's hold, made 5th, and another change, made 9th, are on their way to Redis.
-        let hold_on_its_way = inner.send_now(5).expect("nothing queued yet");
-        let _later_on_its_way = inner.send_now(9).expect("nothing queued yet");
+        let hold_on_its_way = inner
+            .send_now(5, &change("hold"))
+            .expect("nothing queued yet");
+        let _later_on_its_way = inner
+            .send_now(9, &change("give"))
+            .expect("nothing queued yet");
         // The task's end, made 8th, failed at once and is queued; a replay starts.
         inner.queue(change("give"), 8);
         let replay = tokio::spawn({
@@ -3688,6 +3799,204 @@ mod tests {
             queued(&inner),
             [(5, "hold".to_owned()), (8, "give".to_owned())]
         );
+    }
+
+    /// An `upd` of `account` reporting `tasks` (task id, terminal flag).
+    #[cfg(feature = "testing")]
+    fn reports(inner: &Inner, account: &str, tasks: &[(String, &str)]) -> Vec<String> {
+        let [p, now, grace] = inner.unstamped_head();
+        let mut args = vec![p, now, grace];
+        args.extend(upd_head(
+            Duration::from_secs(60),
+            &AccountId::new(account),
+            false,
+            String::new(),
+            "",
+        ));
+        assert_eq!(args.len(), UPD_REPORTS);
+        for (id, terminal) in tasks {
+            let status = if *terminal == "1" {
+                "succeed"
+            } else {
+                "processing"
+            };
+            args.extend([
+                id.clone(),
+                String::new(),
+                status.to_owned(),
+                (*terminal).to_owned(),
+            ]);
+        }
+        args
+    }
+
+    /// The task reports kept: (account, task id, terminal flag), oldest first.
+    #[cfg(feature = "testing")]
+    fn kept_reports(inner: &Inner) -> Vec<(String, String, String)> {
+        lock(&inner.pending)
+            .iter()
+            .filter_map(|entry| match entry {
+                Pending::Args(args, _) if args[3] == "upd" => Some(args),
+                _ => None,
+            })
+            .flat_map(|args| {
+                args[UPD_REPORTS..]
+                    .chunks_exact(4)
+                    .map(|q| (args[5].clone(), q[0].clone(), q[3].clone()))
+            })
+            .collect()
+    }
+
+    /// `n` task ids starting `from`, reported with the terminal flag `terminal`.
+    fn tasks(from: usize, n: usize, terminal: &str) -> Vec<(String, &str)> {
+        (from..from + n)
+            .map(|i| (format!("t{i}"), terminal))
+            .collect()
+    }
+
+    /// Starts a replay that takes the queue's first change and holds it a second before it
+    /// sends it (to a Redis that never answers), and waits until it took it.
+    #[cfg(feature = "testing")]
+    async fn replay_taking_the_first(
+        inner: &Arc<Inner>,
+    ) -> tokio::task::JoinHandle<Result<(), StoreError>> {
+        *lock(&inner.replay_delay) = Duration::from_secs(1);
+        let queued = lock(&inner.pending).len();
+        let replay = tokio::spawn({
+            let inner = Arc::clone(inner);
+            async move { inner.replay().await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(lock(&inner.pending).len(), queued - 1, "the replay took it");
+        replay
+    }
+
+    /// A replayed report that fails again goes back held to `MAX_PENDING_REPORTS`, as a report
+    /// queued anew is: reports queued while it was on its way filled the queue, and put back
+    /// past the bound, each failed replay of a long outage grew the queue by its reports. A
+    /// renewal of it that a later report replaced goes first, as it would have had it been
+    /// queued then, and no other report goes in its place.
+    #[cfg(feature = "testing")]
+    #[tokio::test(start_paused = true)]
+    async fn a_replayed_report_that_fails_again_is_held_to_the_bound() {
+        let (_slots, inner) = unreachable_slots();
+        let mut first = tasks(1, 2, "0");
+        first.extend(tasks(0, 1, "0"));
+        first.extend(tasks(3, 1, "1"));
+        inner.queue(reports(&inner, "acct", &first), 1);
+        let replay = replay_taking_the_first(&inner).await;
+        // Meanwhile t0 is renewed again, and other tasks end, two short of the bound.
+        let mut later = tasks(0, 1, "0");
+        later.extend(tasks(100, MAX_PENDING_REPORTS - 3, "1"));
+        inner.queue(reports(&inner, "acct", &later), 2);
+        assert_eq!(kept_reports(&inner).len(), MAX_PENDING_REPORTS - 2);
+        let failed = replay.await.unwrap().unwrap_err();
+        assert!(failed.keeps_changes(), "{failed}");
+        let kept = kept_reports(&inner);
+        assert_eq!(kept.len(), MAX_PENDING_REPORTS, "held to the bound");
+        // t0's first renewal was replaced by its later one; for the bound went the oldest
+        // renewal, t1's, and only it.
+        let oldest: Vec<&str> = kept[..4].iter().map(|(_, id, _)| id.as_str()).collect();
+        assert_eq!(oldest, ["t2", "t3", "t0", "t100"]);
+    }
+
+    /// The end of a task whose hold the replay is sending (off the queue, where it could
+    /// become a give-back) is kept when the bound drops an end, and the next oldest dropped
+    /// instead: dropped, the hold, applied or put back, held the slot until its lease ran out.
+    /// An end of a task whose hold waits in the queue is still dropped, its hold a give-back.
+    #[cfg(feature = "testing")]
+    #[tokio::test(start_paused = true)]
+    async fn the_end_of_a_task_whose_hold_is_replayed_is_kept_past_the_bound() {
+        let (_slots, inner) = unreachable_slots();
+        let hold = |id: &str, holding: &str| {
+            let mut args = change_of_h(&inner, "hold");
+            args[5] = holding.to_owned();
+            args.extend(
+                ["1", id, "", "60000000", "acct", "video:kling-2.6", "t", ""].map(String::from),
+            );
+            assert_eq!(
+                (&args[HOLD_ID], &args[HOLD_ACCOUNT]),
+                (&id.to_owned(), &"acct".to_owned())
+            );
+            args
+        };
+        inner.queue(hold("t0", "h0"), 1);
+        inner.queue(hold("t1", "h1"), 2);
+        let replay = replay_taking_the_first(&inner).await;
+        // t0 and t1 end; then the queue fills past the bound with other ends.
+        inner.queue(reports(&inner, "acct", &tasks(0, 2, "1")), 3);
+        inner.queue(
+            reports(&inner, "acct", &tasks(100, MAX_PENDING_REPORTS - 1, "1")),
+            4,
+        );
+        let kept = kept_reports(&inner);
+        assert_eq!(kept.len(), MAX_PENDING_REPORTS);
+        assert_eq!(
+            kept[0].1, "t0",
+            "the end of the task whose hold is on its way stays"
+        );
+        assert!(
+            !kept.iter().any(|(_, id, _)| id == "t1"),
+            "{:?}",
+            &kept[..2]
+        );
+        let ops: Vec<String> = queued(&inner).into_iter().map(|(_, op)| op).collect();
+        assert_eq!(ops[0], "give", "t1's hold, queued, gives the slot back");
+        let failed = replay.await.unwrap().unwrap_err();
+        assert!(failed.keeps_changes(), "{failed}");
+        let queued = queued(&inner);
+        assert_eq!(
+            queued[0],
+            (1, "hold".to_owned()),
+            "t0's hold goes back first"
+        );
+        assert_eq!(queued[1], (2, "give".to_owned()));
+        assert_eq!(kept_reports(&inner)[0].1, "t0", "and its end behind it");
+        // Nothing on its way any more: t0's end is the oldest, and goes with its hold.
+        inner.queue(reports(&inner, "acct", &tasks(5000, 1, "1")), 5);
+        assert!(!kept_reports(&inner).iter().any(|(_, id, _)| id == "t0"));
+        assert_eq!(
+            lock(&inner.pending)
+                .iter()
+                .filter(|e| matches!(e, Pending::Args(a, _) if a[3] == "hold"))
+                .count(),
+            0
+        );
+    }
+
+    /// The same for a hold sent at once (not replayed) that has not been answered.
+    #[cfg(feature = "testing")]
+    #[tokio::test(start_paused = true)]
+    async fn the_end_of_a_task_whose_hold_is_on_its_way_is_kept_past_the_bound() {
+        let (_slots, inner) = unreachable_slots();
+        let mut hold = change_of_h(&inner, "hold");
+        hold.extend(
+            [
+                "1",
+                "t0",
+                "",
+                "60000000",
+                "acct",
+                "video:kling-2.6",
+                "t",
+                "",
+            ]
+            .map(String::from),
+        );
+        let on_its_way = inner.send_now(1, &hold).expect("nothing queued yet");
+        inner.queue(reports(&inner, "acct", &tasks(0, 1, "1")), 2);
+        inner.queue(
+            reports(&inner, "acct", &tasks(100, MAX_PENDING_REPORTS, "1")),
+            3,
+        );
+        let kept = kept_reports(&inner);
+        assert_eq!(kept.len(), MAX_PENDING_REPORTS);
+        assert_eq!(
+            kept[0].1, "t0",
+            "the end of the task whose hold is on its way stays"
+        );
+        assert_eq!(kept[1].1, "t101", "the next oldest went instead");
+        drop(on_its_way);
     }
 
     #[tokio::test]

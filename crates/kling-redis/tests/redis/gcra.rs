@@ -2938,6 +2938,143 @@ async fn a_1302_reported_under_a_lowered_ceiling_lowers_the_rate_from_it() {
     assert_eq!(fleet_limit(&server, &redis_key).await, model.limit());
 }
 
+/// Admits `key` under `policy` in `fleet` and in `memory` (in process), a moment after the
+/// last decision so both have a cell.
+async fn admit_in_both(fleet: &RedisGcra, memory: &InProcess, key: &BucketKey, policy: &Policy) {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(fleet.acquire(key, policy).await.unwrap(), Decision::Admit);
+    assert_eq!(memory.acquire_now(key, policy), Decision::Admit);
+}
+
+/// A success of `key` under `policy`, reported to `fleet` and to `memory` as the layer does:
+/// unless the backend says the key is at its ceiling.
+async fn succeed_in_both(fleet: &RedisGcra, memory: &InProcess, key: &BucketKey, policy: &Policy) {
+    let success = Feedback::Success {
+        sent_at: tokio::time::Instant::now(),
+    };
+    if !fleet.adaptive_at_ceiling(key, policy) {
+        fleet.feedback(key, policy, success).await.unwrap();
+    }
+    if !memory.adaptive_at_ceiling(key, policy) {
+        memory.feedback_now(key, policy, success);
+    }
+}
+
+/// The fleet's adaptive rate for `key` and whether it is at its ceiling under `policy` are
+/// the in-process backend's (`memory`) at `step`, after an admission (the in-process answer
+/// is the one its last decision on this thread noted).
+async fn agree(
+    step: &str,
+    server: &kling_redis::testing::RedisServer,
+    fleet: &RedisGcra,
+    memory: &InProcess,
+    key: &BucketKey,
+    policy: &Policy,
+) {
+    let expected = memory.key_state(key).unwrap().adaptive_rate.unwrap();
+    let actual = fleet_rate(server, &fleet.key_of(key)).await;
+    assert!(
+        (actual - expected).abs() <= expected * 1e-12,
+        "{step}: in process {expected}, redis {actual}"
+    );
+    assert_eq!(
+        fleet.adaptive_at_ceiling(key, policy),
+        memory.adaptive_at_ceiling(key, policy),
+        "{step}: at the ceiling in redis, as in process"
+    );
+}
+
+/// A key is at its adaptive ceiling (its successes go unreported) only when a success would
+/// change nothing, as in process: not while a caution a success would end is held (`k`: a
+/// ceiling lowered near the limit of a 1302 with a long `Retry-After`), nor after a 1302 with
+/// no success since (the ceiling lowered below the rate it left; a success ends the run of
+/// lowerings that bounds how far 1302s lower the rate). Said at the ceiling with the caution
+/// held, the fleet kept it: with the ceiling raised again, its first success took the rate to
+/// 100.5/s where the process went to 132/s.
+#[tokio::test]
+async fn an_adaptive_key_is_at_its_ceiling_only_when_a_success_would_change_nothing() {
+    let Some(server) = redis() else { return };
+    let fleet = RedisGcra::new(connect(&server).await);
+    let memory = InProcess::new();
+    let key = BucketKey::account(Some(AccountId::new("ceiling-as-in-process")));
+    let mut adaptive = kling_ratelimit::Adaptive::new().start(Quota::per_second(100.0));
+    adaptive.probe = 0.35;
+    let cooldown = Cooldown::default()
+        .first(Duration::from_millis(1))
+        .window(Duration::from_millis(1));
+    let under = |ceiling: f64| {
+        Policy::new(Quota::per_second(ceiling), cooldown).with_adaptive(Some(adaptive))
+    };
+    let (at_100, at_97, at_200) = (under(100.0), under(97.0), under(200.0));
+    admit_in_both(&fleet, &memory, &key, &at_100).await;
+    agree("start", &server, &fleet, &memory, &key, &at_100).await;
+    assert!(fleet.adaptive_at_ceiling(&key, &at_100));
+    // A 1302 with a 3 s `Retry-After` (over already): the caution is ten, the probe 3.5/s.
+    let now = tokio::time::Instant::now();
+    let costly = Feedback::Pause {
+        sent_at: now - Duration::from_secs(4),
+        received_at: now - Duration::from_secs(4),
+        resume_at: Some(now - Duration::from_secs(1)),
+        throttled: true,
+    };
+    fleet.feedback(&key, &at_100, costly).await.unwrap();
+    memory.feedback_now(&key, &at_100, costly);
+    agree("1302", &server, &fleet, &memory, &key, &at_100).await;
+    // 85, 88.5, 92, 95.5, 99: within a probe step of the limit.
+    for i in 0..4 {
+        succeed_in_both(&fleet, &memory, &key, &at_100).await;
+        agree(
+            &format!("success {i}"),
+            &server,
+            &fleet,
+            &memory,
+            &key,
+            &at_100,
+        )
+        .await;
+    }
+    // The ceiling lowered to 97/s caps the rate; a success there would end the caution.
+    admit_in_both(&fleet, &memory, &key, &at_97).await;
+    agree("lowered", &server, &fleet, &memory, &key, &at_97).await;
+    assert!(!fleet.adaptive_at_ceiling(&key, &at_97));
+    succeed_in_both(&fleet, &memory, &key, &at_97).await;
+    admit_in_both(&fleet, &memory, &key, &at_97).await;
+    agree("caution ended", &server, &fleet, &memory, &key, &at_97).await;
+    assert!(fleet.adaptive_at_ceiling(&key, &at_97));
+    // Raised again: the probe is the usual one.
+    admit_in_both(&fleet, &memory, &key, &at_200).await;
+    succeed_in_both(&fleet, &memory, &key, &at_200).await;
+    agree("raised", &server, &fleet, &memory, &key, &at_200).await;
+    assert!(fleet_rate(&server, &fleet.key_of(&key)).await > 130.0);
+    // A 1302 (its pause and window over), then the ceiling lowered below the rate it left:
+    // at the ceiling only after a success.
+    let now = tokio::time::Instant::now();
+    let bare = Feedback::Pause {
+        sent_at: now - Duration::from_millis(50),
+        received_at: now - Duration::from_millis(50),
+        resume_at: None,
+        throttled: true,
+    };
+    fleet.feedback(&key, &at_200, bare).await.unwrap();
+    memory.feedback_now(&key, &at_200, bare);
+    agree("second 1302", &server, &fleet, &memory, &key, &at_200).await;
+    admit_in_both(&fleet, &memory, &key, &at_100).await;
+    agree("lowered again", &server, &fleet, &memory, &key, &at_100).await;
+    assert!(!fleet.adaptive_at_ceiling(&key, &at_100));
+    succeed_in_both(&fleet, &memory, &key, &at_100).await;
+    admit_in_both(&fleet, &memory, &key, &at_100).await;
+    agree(
+        "run of 1302s ended",
+        &server,
+        &fleet,
+        &memory,
+        &key,
+        &at_100,
+    )
+    .await;
+    assert!(fleet.adaptive_at_ceiling(&key, &at_100));
+}
+
 /// While Redis is away the fallback decides, and its own adaptive rate (in slow start: it
 /// starts a quarter of the ceiling) grows only by the successes reported to it: a key Redis
 /// said was at its ceiling before it went away is not at its ceiling for this answer then.
