@@ -682,15 +682,18 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
 }
 
 /// Refuses a run whose journal, results file or `--download` folder is the jobs file, the
-/// `--config` file, or another of these three, naming the option and both paths.
+/// `--config` file, or another of these three, or whose results (or their temporary file),
+/// jobs, `--config` file or `--download` folder is a file SQLite keeps beside the journal:
+/// SQLite takes such a file for the journal's own, reads it as the journal's last commits or
+/// deletes it when it opens the journal. Each refusal names both options and the path.
 fn check_distinct(args: &RunArgs, journal: &Path, output: &Path) -> Result<(), SetupError> {
-    let mut read: Vec<(&Path, &str)> = vec![(&args.jobs, "the jobs file")];
+    let mut read: Vec<(&str, &Path, &str)> = vec![("JOBS", &args.jobs, "the jobs file")];
     if let Some(config) = &args.config {
-        read.push((config, "the --config file"));
+        read.push(("--config", config, "the --config file"));
     }
     let mut written: Vec<(&str, &Path, &str, &str)> = vec![
-        ("--journal", journal, "the journal", "file"),
-        ("--output", output, "the results file", "file"),
+        ("--journal", journal, "the --journal file", "file"),
+        ("--output", output, "the --output file", "file"),
     ];
     if let Some(dir) = &args.download {
         written.push(("--download", dir, "the --download folder", "folder"));
@@ -698,7 +701,7 @@ fn check_distinct(args: &RunArgs, journal: &Path, output: &Path) -> Result<(), S
     for (index, &(option, path, _, kind)) in written.iter().enumerate() {
         let others = read
             .iter()
-            .copied()
+            .map(|&(_, p, what)| (p, what))
             .chain(written[..index].iter().map(|&(_, p, what, _)| (p, what)));
         for (other, what) in others {
             if same_file(path, other) {
@@ -708,6 +711,58 @@ fn check_distinct(args: &RunArgs, journal: &Path, output: &Path) -> Result<(), S
                         "{} is {what} ({}); name another {kind}",
                         path.display(),
                         other.display()
+                    ),
+                ));
+            }
+        }
+    }
+    // The results reach their path through a temporary file, which must be none of those.
+    let results_tmp = crate::output::tmp_path(output);
+    let read_or_journal = read
+        .iter()
+        .map(|&(_, p, what)| (p, what))
+        .chain([(journal, "the --journal file")]);
+    for (other, what) in read_or_journal {
+        if same_file(&results_tmp, other) {
+            return Err(SetupError::new(
+                "--output",
+                format!(
+                    "{}: the results are written first to {}, which is {what} ({}); name \
+                     another file",
+                    output.display(),
+                    results_tmp.display(),
+                    other.display()
+                ),
+            ));
+        }
+    }
+    // Nor may any be a file SQLite keeps beside the journal, and takes for the journal's own.
+    let mut others: Vec<(&str, &Path, &str, &str)> = read
+        .iter()
+        .map(|&(option, path, what)| (option, path, what, "file"))
+        .collect();
+    others.push(("--output", output, "the --output file", "file"));
+    others.push((
+        "--output",
+        &results_tmp,
+        "the --output file's temporary file",
+        "file",
+    ));
+    if let Some(dir) = &args.download {
+        others.push(("--download", dir, "the --download folder", "folder"));
+    }
+    for (companion, role) in crate::journal::companions(journal) {
+        for &(option, path, what, kind) in &others {
+            if same_file(path, &companion) {
+                return Err(SetupError::new(
+                    option,
+                    format!(
+                        "{} ({what}) is the {role} of the --journal file {}, which SQLite keeps \
+                         beside it: opening the journal, SQLite would take it for the journal's \
+                         own, and read it as the journal's commits or delete it; name another \
+                         {kind}",
+                        path.display(),
+                        journal.display(),
                     ),
                 ));
             }

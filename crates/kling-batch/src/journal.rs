@@ -239,18 +239,76 @@ pub struct Journal {
     write_hook: Arc<Mutex<Option<WriteHook>>>,
     /// A journal on disk: marks it closed when the last clone is dropped ([`CloseMark`]).
     close_mark: Option<Arc<CloseMark>>,
+    /// A journal on disk: its write-ahead log, folded into the main file by the journal
+    /// itself ([`Journal::fold_if_long`]).
+    folding: Option<Arc<Folding>>,
 }
 
 /// The `meta` key a journal on disk holds `1` under while a run has it open, written to the
 /// main file (not only its write-ahead log) when it is opened, and `0` once it is closed and
 /// every commit is in the main file. SQLite offers no way to tell a main file whose `-wal`
 /// was lost from one closed cleanly (its header says WAL mode in both), so the journal says
-/// it itself: `1` with no `-wal` beside it means the commits of its last run may be lost.
+/// it itself: `1` with no `-wal` beside it means the commits of its last run may be lost,
+/// unless [`FOLDED_KEY`] says another program folded every one of them into the main file.
 const OPEN_KEY: &str = "open";
 
+/// The `meta` key that tells a main file whose `-wal` another program folded into it (which
+/// is whole) from one whose `-wal` was lost: `0` in every state the run's own checkpoints
+/// fold into the main file, and `1` in the commits that follow each (in the `-wal` alone).
+/// So a main file reads `1` only once the whole log was folded in by someone else: `sqlite3`
+/// opening the journal after a kill (its close folds every commit of the log, and deletes it
+/// only then), or SQLite closing the run's connection when the close mark failed. A log lost
+/// after the run's last checkpoint leaves `0`. The run makes no other checkpoint: SQLite's
+/// automatic one is off (`wal_autocheckpoint = 0`), and [`Journal::fold_if_long`] does it.
+const FOLDED_KEY: &str = "after_checkpoint";
+
 /// The statement that marks a journal closed (see [`OPEN_KEY`]) by hand: for one whose
-/// `-wal` another program folded into it, which the journal cannot tell from a lost `-wal`.
+/// `-wal` was lost, at the user's own risk.
 const CLOSE_BY_HAND: &str = "UPDATE meta SET value = '0' WHERE key = 'open'";
+
+/// The size past which a commit folds the write-ahead log into the main file: SQLite's own
+/// automatic checkpoint (1000 pages of 4 KiB), which the journal makes itself ([`FOLDED_KEY`]).
+const FOLD_PAST_BYTES: u64 = 1000 * (4096 + 24);
+
+/// A journal's write-ahead log, and the size past which a commit folds it into the main file.
+struct Folding {
+    wal: std::path::PathBuf,
+    past_bytes: std::sync::atomic::AtomicU64,
+}
+
+/// Folds the write-ahead log into the main file, the main file saying meanwhile that its
+/// state is the run's own checkpoint's ([`FOLDED_KEY`]): marked `0` before the checkpoint and
+/// `1` after it. A failure at any step leaves the main file reading `0` (a lost `-wal` is then
+/// refused, which is safe). `opening` marks the journal open ([`OPEN_KEY`]) in the first
+/// of the two transactions.
+fn fold(conn: &Connection, opening: bool) -> rusqlite::Result<()> {
+    let mark = |key: &str, value: &str| {
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+            [key, value],
+        )
+    };
+    let tx = conn.unchecked_transaction()?;
+    if opening {
+        mark(OPEN_KEY, "1")?;
+    }
+    mark(FOLDED_KEY, "0")?;
+    tx.commit()?;
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    mark(FOLDED_KEY, "1")?;
+    Ok(())
+}
+
+/// `path` as a shell word: as it is when it needs no quoting, else in single quotes.
+fn shell_word(path: &Path) -> String {
+    let text = path.to_string_lossy();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+:,@%=".contains(c);
+    if !text.is_empty() && text.chars().all(plain) {
+        text.into_owned()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
+}
 
 /// Marks the journal closed (see [`OPEN_KEY`]) when dropped, with the last of its clones:
 /// the mark and every commit are moved into the main file, which then stands alone. Not run
@@ -302,8 +360,9 @@ enum Contents {
     /// No table (a new database), or only a journal's tables with no job in them (one whose
     /// creation was cut short): nothing to lose.
     Fresh,
-    /// A kling-batch journal; `left_open` when its last run did not close it.
-    Journal { left_open: bool },
+    /// A kling-batch journal; `left_open` when its last run did not close it, `folded` when
+    /// its whole write-ahead log was folded into the main file since ([`FOLDED_KEY`]).
+    Journal { left_open: bool, folded: bool },
     /// Another program's database, by its tables.
     Foreign(Vec<String>),
 }
@@ -341,7 +400,8 @@ impl Contents {
         };
         if has("meta") && meta("journal_id")?.is_some() {
             let left_open = meta(OPEN_KEY)?.as_deref() == Some("1");
-            return Ok(Contents::Journal { left_open });
+            let folded = meta(FOLDED_KEY)?.as_deref() == Some("1");
+            return Ok(Contents::Journal { left_open, folded });
         }
         // A table is a journal's by its columns too, not its name alone: another program's
         // empty `jobs` would have the journal's tables and columns added to it.
@@ -400,6 +460,34 @@ fn wal_path(path: &Path) -> std::path::PathBuf {
     let mut wal = path.as_os_str().to_owned();
     wal.push("-wal");
     wal.into()
+}
+
+/// The files SQLite keeps beside the journal at `path`, each with what it is: its
+/// write-ahead log, the log's shared-memory index, and a rollback journal. They lie beside
+/// the file a symbolic link names, where SQLite looks for them, and SQLite takes a file under
+/// one of these names for the journal's own: it reads the log's commits into the journal, and
+/// deletes such a file it cannot read as one (results written there are lost).
+pub(crate) fn companions(path: &Path) -> [(std::path::PathBuf, &'static str); 3] {
+    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| {
+        let parent = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        match (std::fs::canonicalize(parent), path.file_name()) {
+            (Ok(parent), Some(name)) => parent.join(name),
+            _ => path.to_owned(),
+        }
+    });
+    let beside = |suffix: &str| {
+        let mut companion = resolved.as_os_str().to_owned();
+        companion.push(suffix);
+        std::path::PathBuf::from(companion)
+    };
+    [
+        (beside("-wal"), "write-ahead log (-wal)"),
+        (beside("-shm"), "shared-memory index (-shm)"),
+        (beside("-journal"), "rollback journal (-journal)"),
+    ]
 }
 
 /// Tests: see [`Journal::on_write`].
@@ -541,18 +629,26 @@ impl Journal {
                     ),
                 ));
             }
-            Contents::Journal { left_open: true } if !wal_present => {
+            // Its last run left it open, and its `-wal` is not beside it: whole only if
+            // another program folded every commit of the log into it.
+            Contents::Journal {
+                left_open: true,
+                folded: false,
+            } if !wal_present => {
                 return Err(JournalError::new(
-                    "its write-ahead log is missing",
+                    "its last run did not close it, and its write-ahead log is missing",
                     format!(
-                        "{} is not beside it, and the journal's last run did not close it (it \
-                         was killed, or the journal was copied while it ran): the jobs it \
-                         recorded last may be lost, and a run on it could create them again \
-                         (billed twice); put the -wal file back beside it as it was. If \
-                         another program (sqlite3) opened the journal since, which folds the \
-                         -wal into it, nothing is lost: mark it closed with `{CLOSE_BY_HAND}` \
-                         and run again",
-                        wal.display()
+                        "that run (killed, or still going when the file was copied) kept its \
+                         last commits in {wal}, which is not beside it: the jobs it created or \
+                         was creating last may be missing from this file, and a run on it would \
+                         create them again (billed twice). Check where the journal came from: \
+                         if the -wal file is there, put it back beside the journal under that \
+                         name and run again; a copy made while its run went on is older than \
+                         the run, so run on the original instead. Only if the -wal is gone for \
+                         good, to run on this file at your own risk (jobs it lost may be created \
+                         and billed again), mark it closed: sqlite3 {} \"{CLOSE_BY_HAND}\"",
+                        shell_word(&path),
+                        wal = wal.display(),
                     ),
                 ));
             }
@@ -561,6 +657,9 @@ impl Journal {
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(refused)?;
         conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(refused)?;
+        // The journal folds its log itself, marking the main file around it ([`FOLDED_KEY`]).
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(refused)?;
         // A write takes the lock, held until the journal is closed.
         conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
@@ -573,14 +672,14 @@ impl Journal {
         // of it without its `-wal` is known for one.
         {
             let conn = journal.lock();
-            conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, '1')",
-                [OPEN_KEY],
-            )
-            .and_then(|_| conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())))
-            .map_err(|e| JournalError::new("cannot open the journal file", e))?;
+            fold(&conn, true).map_err(|e| JournalError::new("cannot open the journal file", e))?;
         }
         journal.close_mark = Some(Arc::new(CloseMark::new(journal.conn.clone())));
+        let [(wal, _), ..] = companions(&path);
+        journal.folding = Some(Arc::new(Folding {
+            wal,
+            past_bytes: FOLD_PAST_BYTES.into(),
+        }));
         Ok(journal)
     }
 
@@ -633,11 +732,38 @@ impl Journal {
             #[cfg(test)]
             write_hook: Arc::default(),
             close_mark: None,
+            folding: None,
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// After a commit: folds the write-ahead log into the main file once it is longer than
+    /// SQLite's automatic checkpoint lets it grow, marking the main file around it ([`fold`]).
+    /// A failure is left for the next commit, as SQLite leaves its own: the commit stands.
+    fn fold_if_long(&self, conn: &Connection) {
+        let Some(folding) = &self.folding else { return };
+        let long = std::fs::metadata(&folding.wal).is_ok_and(|m| {
+            m.len()
+                > folding
+                    .past_bytes
+                    .load(std::sync::atomic::Ordering::Relaxed)
+        });
+        if long && let Err(e) = fold(conn, false) {
+            tracing::warn!(error = %e, "could not fold the journal's write-ahead log");
+        }
+    }
+
+    /// Tests: the log is folded after every commit longer than `bytes`.
+    #[cfg(test)]
+    pub(crate) fn fold_past(&self, bytes: u64) {
+        if let Some(folding) = &self.folding {
+            folding
+                .past_bytes
+                .store(bytes, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// The journal's own random id, fixed when it was created.
@@ -756,6 +882,7 @@ impl Journal {
             ));
         }
         tx.commit()?;
+        self.fold_if_long(&conn);
         let mut select = conn.prepare_cached(SELECT_RECORD)?;
         jobs.iter()
             .map(|job| {
@@ -794,6 +921,7 @@ impl Journal {
         let tx = conn.transaction()?;
         apply(&tx, job_id, state, update)?;
         tx.commit()?;
+        self.fold_if_long(&conn);
         #[cfg(test)]
         self.commits
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -815,6 +943,7 @@ impl Journal {
             apply(&tx, job_id, state, update.clone())?;
         }
         tx.commit()?;
+        self.fold_if_long(&conn);
         #[cfg(test)]
         self.commits
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -1206,9 +1335,10 @@ mod tests {
     }
 
     /// A journal whose run was killed, copied without its `-wal`, is refused, naming the
-    /// missing file: it read as a new journal (its jobs, their `creating` marks, its id, all
-    /// in the `-wal`), and a resume on it created the jobs again. Copied with it, or closed
-    /// before it was copied, it opens with every state.
+    /// missing file, what to check, and the command that accepts it at the user's own risk: it
+    /// read as a new journal (its jobs, their `creating` marks, its id, all in the `-wal`), and
+    /// a resume on it created the jobs again. Copied with it, or closed before it was copied,
+    /// it opens with every state.
     #[test]
     fn a_journal_copied_without_its_wal_after_its_run_was_killed_is_refused() {
         let dir = scratch("nowal");
@@ -1228,34 +1358,37 @@ mod tests {
             }
             copy
         };
-        let alone = copy("alone.sqlite", false);
+        let alone = copy("alone copy.sqlite", false);
         let whole = copy("whole.sqlite", true);
         let error = Journal::open(&alone).map(|_| ()).unwrap_err().to_string();
         assert!(error.contains("write-ahead log is missing"), "{error}");
-        assert!(error.contains("alone.sqlite-wal"), "{error}");
+        assert!(error.contains("alone copy.sqlite-wal"), "{error}");
+        assert!(error.contains("did not close it"), "{error}");
+        assert!(error.contains("put it back beside the journal"), "{error}");
+        assert!(error.contains("at your own risk"), "{error}");
+        let command = format!("sqlite3 '{}' \"{CLOSE_BY_HAND}\"", alone.to_str().unwrap());
+        assert!(error.contains(&command), "{error}");
         assert!(!wal_path(&alone).exists(), "left as it was");
         // Refused again: the refusal left no empty `-wal` that would let it through.
         assert!(Journal::open(&alone).is_err());
+        // The command the error gives accepts it, as it reads (the job is lost).
+        let status = std::process::Command::new("sqlite3")
+            .arg(&alone)
+            .arg(CLOSE_BY_HAND)
+            .status();
+        if status.is_err() {
+            // No sqlite3 shell here: the same statement through SQLite.
+            Connection::open(&alone)
+                .unwrap()
+                .execute(CLOSE_BY_HAND, [])
+                .unwrap();
+        }
         let state = |path: &Path| {
             let journal = Journal::open(path).unwrap();
             journal.record("a").unwrap().map(|r| r.state)
         };
+        assert_eq!(state(&alone), None);
         assert_eq!(state(&whole), Some(JobState::Creating));
-        // Another program that opened it folded the `-wal` into it: refused alike (nothing
-        // tells the two apart), and run once marked closed by hand, as the error says.
-        let folded = copy("folded.sqlite", true);
-        Connection::open(&folded)
-            .unwrap()
-            .query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get::<_, i64>(0))
-            .unwrap();
-        assert!(!wal_path(&folded).exists());
-        let error = Journal::open(&folded).map(|_| ()).unwrap_err().to_string();
-        assert!(error.contains(CLOSE_BY_HAND), "{error}");
-        Connection::open(&folded)
-            .unwrap()
-            .execute(CLOSE_BY_HAND, [])
-            .unwrap();
-        assert_eq!(state(&folded), Some(JobState::Creating));
         // Through a symbolic link, the `-wal` is the one beside the file it names.
         #[cfg(unix)]
         {
@@ -1270,6 +1403,96 @@ mod tests {
         let closed = copy("closed.sqlite", false);
         assert_eq!(state(&closed), Some(JobState::Creating));
         assert_eq!(state(&closed), Some(JobState::Creating), "and again");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Opens `path` as another program (`sqlite3 path .tables`) does after a kill: reading it
+    /// folds the `-wal` into the main file, and closing it deletes the `-wal`.
+    fn fold_as_another_program(path: &Path) {
+        Connection::open(path)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get::<_, i64>(0))
+            .unwrap();
+        assert!(!wal_path(path).exists(), "folded in");
+    }
+
+    /// A journal left open by a killed run whose `-wal` another program folded into it (the
+    /// user looked at it with `sqlite3`) is whole, and opens with every state, the commits
+    /// made after the run's own folds of its log included: it was refused as one whose `-wal`
+    /// was lost. One whose `-wal` was lost after the run folded its log itself is still
+    /// refused: the main file holds the state of that fold, not the last.
+    #[test]
+    fn a_journal_whose_wal_another_program_folded_in_is_whole_and_a_lost_one_is_refused() {
+        let dir = scratch("folded");
+        let path = dir.join("j.sqlite");
+        let (jobs, _) =
+            parse_jobs("{\"id\":\"a\",\"prompt\":\"x\"}\n{\"id\":\"b\",\"prompt\":\"y\"}\n");
+        let killed = Journal::open(&path).unwrap();
+        killed.register(&jobs).unwrap();
+        // The run folds its log into the main file after every commit (as past 4 MB), up to
+        // the `creating` mark of `a`; `b`'s is in the log alone.
+        killed.fold_past(0);
+        killed
+            .transition("a", JobState::Creating, Update::default())
+            .unwrap();
+        killed.fold_past(u64::MAX);
+        killed
+            .transition("b", JobState::Creating, Update::default())
+            .unwrap();
+        let copy = |to: &str, with_wal: bool| {
+            let copy = dir.join(to);
+            std::fs::copy(&path, &copy).unwrap();
+            if with_wal {
+                std::fs::copy(wal_path(&path), wal_path(&copy)).unwrap();
+            }
+            copy
+        };
+        let states = |path: &Path| {
+            let journal = Journal::open(path).unwrap();
+            ["a", "b"].map(|id| journal.record(id).unwrap().map(|r| r.state))
+        };
+        let both_creating = [Some(JobState::Creating), Some(JobState::Creating)];
+        let folded = copy("folded.sqlite", true);
+        fold_as_another_program(&folded);
+        assert_eq!(states(&folded), both_creating);
+        assert_eq!(states(&folded), both_creating, "and again");
+        // Lost after the run's own fold: the main file has `a`'s mark, not `b`'s. Refused.
+        let lost = copy("lost.sqlite", false);
+        let error = Journal::open(&lost).map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains("write-ahead log is missing"), "{error}");
+        // Folded by another program, then resumed, killed and lost again: refused too (the
+        // resume's own fold marks the main file as its state, not the last).
+        let resumed = Journal::open(&folded).unwrap();
+        resumed
+            .transition("a", JobState::Created, Update::task("t1"))
+            .unwrap();
+        let again = dir.join("again.sqlite");
+        std::fs::copy(&folded, &again).unwrap();
+        let error = Journal::open(&again).map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains("write-ahead log is missing"), "{error}");
+        drop(resumed);
+        drop(killed);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The log is folded into the main file by the journal itself once it is longer than
+    /// SQLite's automatic checkpoint lets it grow (which the journal turns off): it stays
+    /// bounded, however many jobs a run records.
+    #[test]
+    fn the_write_ahead_log_stays_bounded() {
+        let dir = scratch("bounded");
+        let path = dir.join("j.sqlite");
+        let text: String = (0..20_000)
+            .map(|i| {
+                format!("{{\"id\":\"job-{i}\",\"prompt\":\"a paper boat sailing, shot {i}\"}}\n")
+            })
+            .collect();
+        let (jobs, _) = parse_jobs(&text);
+        let journal = Journal::open(&path).unwrap();
+        journal.register(&jobs).unwrap();
+        let wal = std::fs::metadata(wal_path(&path)).map_or(0, |m| m.len());
+        assert!(wal <= FOLD_PAST_BYTES, "{wal} bytes of log");
+        drop(journal);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -82,7 +82,7 @@ impl<'a> ResultLine<'a> {
 }
 
 /// The temporary file [`write_results`] writes before renaming it to `path`.
-fn tmp_path(path: &Path) -> std::path::PathBuf {
+pub(crate) fn tmp_path(path: &Path) -> std::path::PathBuf {
     path.with_extension("jsonl.tmp")
 }
 

@@ -259,7 +259,10 @@ async fn an_output_that_cannot_be_written_is_refused_before_anything_is_sent() {
     let cases: [(Vec<&str>, &str); 4] = [
         (vec!["-o", missing.to_str().unwrap()], "--output"),
         (vec!["-o", dir.to_str().unwrap()], "--output"),
-        (vec!["-o", journal.to_str().unwrap()], "is the journal ("),
+        (
+            vec!["-o", journal.to_str().unwrap()],
+            "is the --journal file (",
+        ),
         (
             vec![
                 "-o",
@@ -343,6 +346,93 @@ async fn an_output_that_cannot_be_written_is_refused_before_anything_is_sent() {
         !std::path::Path::new(folder).exists(),
         "no folder was made in place of the results"
     );
+}
+
+/// `-o` naming a file SQLite keeps beside the journal (its `-wal`, `-shm` or `-journal`,
+/// however the path is written, and beside the file a symbolic link `--journal` names), the
+/// journal itself, or a path whose temporary file is the journal, is refused before anything
+/// is sent or written, naming both options and the path: the run went on, and its results
+/// were read by SQLite as the journal's own at the next open, and deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_among_the_journals_own_files_is_refused_naming_both_options() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("companions");
+    let jobs = dir.join("jobs.jsonl");
+    std::fs::write(&jobs, JOBS.replace("{\"prompt\": oops\n", "")).unwrap();
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    let journal = dir.join("state.sqlite");
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let journal_text = journal.to_str().unwrap().to_owned();
+    let mut cases: Vec<(String, String, String)> = ["-wal", "-shm", "-journal"]
+        .iter()
+        .map(|suffix| {
+            (
+                journal_text.clone(),
+                path(&format!("state.sqlite{suffix}")),
+                suffix.to_string(),
+            )
+        })
+        .collect();
+    cases.push((
+        journal_text.clone(),
+        path("sub/../state.sqlite-wal"),
+        "-wal".into(),
+    ));
+    cases.push((
+        journal_text.clone(),
+        journal_text.clone(),
+        "is the --journal file".into(),
+    ));
+    // Results written first to `state.jsonl.tmp`, the journal.
+    cases.push((
+        path("state.jsonl.tmp"),
+        path("state.jsonl"),
+        "state.jsonl.tmp".into(),
+    ));
+    #[cfg(unix)]
+    {
+        // Through a link, SQLite keeps the `-wal` beside the file the link names.
+        kling_batch::journal::Journal::open(dir.join("sub/real.sqlite")).unwrap();
+        std::os::unix::fs::symlink(dir.join("sub/real.sqlite"), dir.join("link.sqlite")).unwrap();
+        cases.push((
+            path("link.sqlite"),
+            path("sub/real.sqlite-wal"),
+            "-wal".into(),
+        ));
+    }
+    for (journal, out, named) in cases {
+        let args = ["--journal", journal.as_str(), "-o", out.as_str()];
+        let output = finish(run_command(&jobs, &server.base_url(), &args)).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        for expected in [
+            "--output",
+            "--journal",
+            out.as_str(),
+            named.as_str(),
+            "name another file",
+        ] {
+            assert!(
+                stderr.contains(expected),
+                "{args:?}: names {expected:?}: {stderr}"
+            );
+        }
+        assert_eq!(server.stats().requests_total, 0, "{args:?}: {stderr}");
+        assert!(
+            !std::path::Path::new(&out).exists() || out == journal,
+            "{args:?}: nothing written at {out}"
+        );
+    }
+    // A name beside the link itself is no file of the journal's: the run goes on.
+    #[cfg(unix)]
+    {
+        let out = path("link.sqlite-wal");
+        let args = ["--journal", &path("link.sqlite"), "-o", &out];
+        let output = finish(run_command(&jobs, &server.base_url(), &args)).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
+        assert_eq!(results(std::path::Path::new(&out)).len(), 3);
+    }
 }
 
 /// A results file that can no longer be written once the jobs ran (its folder went away)
