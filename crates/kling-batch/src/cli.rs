@@ -419,8 +419,9 @@ pub fn load_config(args: &RunArgs) -> Result<StackConfig, SetupError> {
             SetupError::new(format!("{} ({})", path.display(), e.field()), e.to_string())
         })?
     } else if let Some(tier) = args.tier {
-        // A variable named with a slip of one read here is refused, as `from_env` does: read
-        // by name alone, it was ignored and the preset's value used without a word.
+        // As `from_env` does: a variable named as one read here in another case or unit is
+        // refused (read by name alone, it was ignored and the preset's value used without a
+        // word), one a typing slip away is warned of on stderr ([`crate::log`]).
         StackConfig::check_env_names(std::env::vars_os().map(|(name, _)| name))
             .map_err(|e| SetupError::new(e.field().to_owned(), e.to_string()))?;
         // Values not UTF-8 are refused, as `from_env` does: read as unset, the preset's value

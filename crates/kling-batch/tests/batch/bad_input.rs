@@ -163,8 +163,8 @@ fn refused_run(jobs: &std::path::Path, args: &[&str]) -> tokio::process::Command
 /// `KLING_SPEED`), not `retry_deadline_secs`, which no one set; a base URL `--base-url`, not
 /// `base_url`; a webhook secret from `KLING_WEBHOOK_SECRET` that variable, not
 /// `--callback-secret`; a Redis from `KLING_REDIS_URL` that variable, not `--redis`; a
-/// variable whose name is a slip of one the stack reads (`KLING_ATTEMPT_TIMEOUT_MS`), that
-/// variable, with `--tier` as without.
+/// variable named as one the stack reads in another unit or case (`KLING_ATTEMPT_TIMEOUT_MS`,
+/// `kling_rate_per_minute`), that variable, with `--tier` as without.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_setting_names_the_option_file_or_variable_that_set_it() {
     let dir = temp_dir("setting-names");
@@ -188,8 +188,8 @@ async fn a_refused_setting_names_the_option_file_or_variable_that_set_it() {
             "KLING_SPEED: ".to_owned(),
         ),
         (&with_config, &[], format!("{config} (speed): ")),
-        // A variable named with a slip of one the stack reads: ignored, the preset's value
-        // would have been used without a word.
+        // A variable named as one the stack reads in another unit or case: ignored, the
+        // preset's value would have been used without a word.
         (
             &["--tier", "pro"],
             &[("KLING_ATTEMPT_TIMEOUT_MS", "500")],
@@ -197,8 +197,8 @@ async fn a_refused_setting_names_the_option_file_or_variable_that_set_it() {
         ),
         (
             &[],
-            &[("KLING_TIER", "pro"), ("KLING_RATE_PER_MINUTES", "20")],
-            "KLING_RATE_PER_MINUTES: ".to_owned(),
+            &[("KLING_TIER", "pro"), ("kling_rate_per_minute", "20")],
+            "kling_rate_per_minute: ".to_owned(),
         ),
         (
             &["--tier", "pro", "--base-url", "ftp://kling.example/"],
@@ -237,6 +237,44 @@ async fn a_refused_setting_names_the_option_file_or_variable_that_set_it() {
         {
             assert!(!stderr.contains("is not read"), "{vars:?}: {stderr}");
         }
+    }
+}
+
+/// A variable a typing slip away from one the stack reads (`KLING_RATE_PER_MINUTES`) may be
+/// another program's own, so it stops nothing: the run goes on, and a warning on stderr names
+/// it and the name it resembles, with `--tier` as without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_variable_a_typing_slip_from_one_read_is_warned_of_and_the_run_goes_on() {
+    let dir = temp_dir("setting-slips");
+    let jobs = dir.join("jobs.jsonl");
+    std::fs::write(&jobs, "{\"prompt\":\"x\"}\n").unwrap();
+    let cases: [(&[&str], &[(&str, &str)]); 2] = [
+        (
+            &[],
+            &[("KLING_TIER", "pro"), ("KLING_RATE_PER_MINUTES", "20")],
+        ),
+        (&["--tier", "pro"], &[("KLING_RATE_PER_MINUTES", "20")]),
+    ];
+    for (args, vars) in cases {
+        let mut cmd = refused_run(&jobs, args);
+        cmd.envs(vars.iter().copied());
+        let output = finish(cmd).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr
+                .lines()
+                .any(|line| line.starts_with("kling-batch: warning: ")
+                    && line.contains(
+                        "KLING_RATE_PER_MINUTES is not read: did you mean KLING_RATE_PER_MINUTE?"
+                    )),
+            "{args:?}: {stderr}"
+        );
+        // Not refused for it: the run went on to send (to a port where nothing listens).
+        assert!(
+            !stderr.contains("kling-batch: KLING_RATE_PER_MINUTES: "),
+            "{args:?}: {stderr}"
+        );
+        assert_ne!(output.status.code(), Some(2), "{args:?}: {stderr}");
     }
 }
 
