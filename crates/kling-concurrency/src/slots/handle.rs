@@ -40,7 +40,9 @@ pub const LEGACY_PATHS: &[&str] = &[
 /// The largest page Kling serves (legacy `pageSize`, new `limit`).
 const PAGE_SIZE: usize = 500;
 
-/// At most this many pages are read per path and status (250 000 tasks).
+/// At most this many pages are read per legacy path, and per new-style product type and
+/// status (250 000 tasks at full pages): a server whose list never ends (a full page, or a
+/// next cursor, every time) must not keep a reconcile listing forever.
 const MAX_PAGES: usize = 500;
 
 /// A handle on a [`TaskSlotsLayer`](crate::TaskSlotsLayer)'s slots, from
@@ -206,6 +208,12 @@ pub struct Reconciled {
     /// every other path's tasks from being adopted; and legacy paths listed that are no
     /// create path known here (no pool to count their tasks in), never asked for.
     pub skipped_paths: usize,
+    /// Listings (a legacy path, or a new-style product type and status) stopped before the
+    /// server said they ended: at the page cap (500 pages) with more said to follow, or at a
+    /// legacy page that repeated the one before (a server ignoring `pageNum`). Tasks on the
+    /// pages not read are not counted (a `1303` still corrects the pool); each stop is logged
+    /// as a warning.
+    pub truncated_listings: usize,
 }
 
 impl<B: SlotBackend> SlotsHandle<B> {
@@ -370,6 +378,13 @@ impl<B: SlotBackend> SlotsHandle<B> {
     /// matter): a list running behind adopts it, until its end is reported again or its
     /// lease runs out.
     ///
+    /// A legacy list is read until an empty page, or one shorter than a page the server
+    /// already served: a server may serve fewer entries than the 500 asked for, so a short
+    /// page alone is no end. New-style tasks are listed `submitted` first, then `processing`,
+    /// each until no next cursor. At most 500 pages are read a listing; one stopped there, or
+    /// at a legacy page repeating the one before, is logged and counted in
+    /// [`Reconciled::truncated_listings`].
+    ///
     /// Each page's tasks are adopted as soon as the page is answered, so an end reported
     /// after a page was asked for has to be remembered for that page's round trip only, not
     /// for the whole reconcile: a task ended after its page is either still held when it is
@@ -410,6 +425,8 @@ impl<B: SlotBackend> SlotsHandle<B> {
                 reconciled.skipped_paths += 1;
                 continue;
             };
+            let mut paging = LegacyPaging::default();
+            let mut ended = false;
             for page in 1..=MAX_PAGES {
                 let request = Request::get(format!(
                     "{}{path}?pageNum={page}&pageSize={PAGE_SIZE}",
@@ -421,24 +438,52 @@ impl<B: SlotBackend> SlotsHandle<B> {
                     Ok(listed) => (listed.outcome, listed.entries),
                     Err(error) if page == 1 && not_listable(&*error) => {
                         reconciled.skipped_paths += 1;
+                        ended = true;
                         break;
                     }
                     Err(error) => return Err(error),
                 };
-                // The page's own length: an entry that does not read is still an entry, and a
-                // full page is followed by another.
+                // The page's own length: an entry that does not read is still an entry.
                 let n = page_len.unwrap_or(outcome.tasks().len());
                 let listed = (&account, &pool, on);
                 self.adopt(listed, plan, &outcome, &mut reconciled, &mut seen)
                     .await?;
-                if n < PAGE_SIZE {
-                    break;
+                match paging.after(n, &outcome) {
+                    PageEnd::More => {}
+                    PageEnd::Last => {
+                        ended = true;
+                        break;
+                    }
+                    PageEnd::Repeated => {
+                        tracing::warn!(
+                            path = %path,
+                            page,
+                            "reconcile: the server answered a legacy list page with the page \
+                             before (pageNum ignored?); later pages are not listed"
+                        );
+                        reconciled.truncated_listings += 1;
+                        ended = true;
+                        break;
+                    }
                 }
+            }
+            if !ended {
+                tracing::warn!(
+                    path = %path,
+                    pages = MAX_PAGES,
+                    "reconcile: legacy list still not at its end after the page cap; \
+                     later pages are not listed"
+                );
+                reconciled.truncated_listings += 1;
             }
         }
         for (product_type, pool) in &plan.new_style {
+            // In the order a task moves: one that moves on between the two lists was
+            // `submitted` when the first was answered, or is `processing` (or ended) at the
+            // second; listed the other way round, it would be named by neither.
             for status in ["submitted", "processing"] {
                 let mut cursor: Option<String> = None;
+                let mut ended = false;
                 for _ in 0..MAX_PAGES {
                     let mut body = serde_json::json!({
                         "status": status,
@@ -459,8 +504,21 @@ impl<B: SlotBackend> SlotsHandle<B> {
                         .await?;
                     match listed.next {
                         Some(next) => cursor = Some(next),
-                        None => break,
+                        None => {
+                            ended = true;
+                            break;
+                        }
                     }
+                }
+                if !ended {
+                    tracing::warn!(
+                        product_type = %product_type,
+                        status,
+                        pages = MAX_PAGES,
+                        "reconcile: new-style list still names a next cursor after the page \
+                         cap; later pages are not listed"
+                    );
+                    reconciled.truncated_listings += 1;
                 }
             }
         }
@@ -520,6 +578,44 @@ struct Listing<'a, B: SlotBackend>(&'a B);
 impl<B: SlotBackend> Drop for Listing<'_, B> {
     fn drop(&mut self) {
         self.0.end_listing();
+    }
+}
+
+/// Where a legacy list ends. Its answer carries no total and no page size, and a server may
+/// serve fewer entries a page than `pageSize` asks for (a lower cap of its own): a page
+/// shorter than asked is no end by itself, or the tasks of later pages go uncounted and the
+/// limiter admits creates that meet `1303`.
+#[derive(Default)]
+struct LegacyPaging {
+    /// The longest page served so far: the server's page size is at least that.
+    longest: usize,
+    /// The previous page's entry count and task ids, to tell a server that ignores `pageNum`.
+    previous: (usize, Vec<String>),
+}
+
+/// What a legacy list page says of the listing.
+enum PageEnd {
+    /// Another page may follow.
+    More,
+    /// The last page: empty, or shorter than one the server already served.
+    Last,
+    /// The page before, again: pages cannot be told apart, so listing on would only repeat.
+    Repeated,
+}
+
+impl LegacyPaging {
+    /// Reads a page of `entries` entries (`page` its answer).
+    fn after(&mut self, entries: usize, page: &Outcome) -> PageEnd {
+        if entries == 0 || entries < self.longest {
+            return PageEnd::Last;
+        }
+        let ids: Vec<String> = page.tasks().iter().map(|t| t.id.clone()).collect();
+        if !ids.is_empty() && self.previous.0 == entries && self.previous.1 == ids {
+            return PageEnd::Repeated;
+        }
+        self.longest = entries;
+        self.previous = (entries, ids);
+        PageEnd::More
     }
 }
 

@@ -226,9 +226,13 @@ async fn a_list_answered_before_a_reported_end_adopts_nothing_for_that_task() {
         ) -> std::task::Poll<Result<(), BoxError>> {
             std::task::Poll::Ready(Ok(()))
         }
-        fn call(&mut self, _: Request<Full<Bytes>>) -> Self::Future {
+        fn call(&mut self, request: Request<Full<Bytes>>) -> Self::Future {
             let handle = self.0.clone();
+            let first = request.uri().query().unwrap().starts_with("pageNum=1&");
             Box::pin(async move {
+                if !first {
+                    return Ok(envelope(200, 0, &json!([])));
+                }
                 // The list was asked; t1 ends and its callback comes before the answer.
                 let callback = br#"{"task_id":"t1","task_status":"succeed"}"#;
                 let applied = handle.on_callback(callback).await.unwrap();
@@ -544,7 +548,11 @@ async fn a_legacy_path_not_known_as_a_create_is_counted_skipped() {
         (found.unfinished, found.adopted, found.skipped_paths),
         (1, 1, 1)
     );
-    assert_eq!(*asked.lock().unwrap(), ["/v1/videos/text2video"]);
+    // Page 1, then page 2 (empty: the end), of the known path only.
+    assert_eq!(
+        *asked.lock().unwrap(),
+        ["/v1/videos/text2video", "/v1/videos/text2video"]
+    );
 }
 
 /// What the reconcile doc says of an end a batch answer told of a task not held here: it is
@@ -588,4 +596,192 @@ async fn an_end_a_batch_answer_told_of_a_task_not_held_here_is_not_remembered() 
             assert_eq!(snapshot.get(&account, &video()).unwrap().in_use, 0);
         }
     }
+}
+
+/// A legacy list whose server serves at most `cap` entries a page, whatever `pageSize` asks
+/// for, over `tasks` (newest first, as Kling lists); counts the requests.
+fn capped_legacy_list(
+    tasks: Vec<serde_json::Value>,
+    cap: usize,
+    asked: Arc<AtomicI32>,
+) -> impl Service<Request<Full<Bytes>>, Response = http::Response<Full<Bytes>>, Error = BoxError> {
+    tower::service_fn(move |request: Request<Full<Bytes>>| {
+        asked.fetch_add(1, Ordering::SeqCst);
+        let query = request.uri().query().unwrap_or("").to_owned();
+        let number = |key: &str| -> usize {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(key))
+                .and_then(|n| n.parse().ok())
+                .unwrap()
+        };
+        let size = number("pageSize=").min(cap);
+        let skip = (number("pageNum=") - 1) * size;
+        let page: Vec<_> = tasks.iter().skip(skip).take(size).cloned().collect();
+        let data = serde_json::Value::Array(page);
+        std::future::ready(Ok::<_, BoxError>(crate::support::envelope(200, 0, &data)))
+    })
+}
+
+/// A server that caps its legacy pages at 100 entries (asked for 500): 250 tasks, the running
+/// ones on pages 2 and 3. Before, the first page (100, fewer than the 500 asked for) was taken
+/// for the last, the running tasks were never counted, and the limiter admitted creates that
+/// met `1303`. Now only an empty page, or one shorter than a page the server already served,
+/// ends the listing.
+#[tokio::test(start_paused = true)]
+async fn a_server_capping_its_legacy_pages_below_the_size_asked_is_listed_to_the_end() {
+    let tasks: Vec<_> = (0..250)
+        .map(|i| {
+            let status = if i >= 150 && i % 10 == 0 {
+                "processing"
+            } else {
+                "succeed"
+            };
+            legacy_task(&format!("t{i}"), status)
+        })
+        .collect();
+    let asked = Arc::new(AtomicI32::new(0));
+    let mut service = capped_legacy_list(tasks, 100, asked.clone());
+    let (_layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(20)).unwrap();
+    let plan = Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+    let found = handle.reconcile(&mut service, &plan).await.unwrap();
+    assert_eq!((found.unfinished, found.adopted), (10, 10), "pages 2 and 3");
+    assert_eq!(found.truncated_listings, 0);
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        3,
+        "page 3 (50) is shorter than page 1 (100): the end"
+    );
+    let snapshot = handle.snapshot().await.unwrap();
+    let in_use = snapshot
+        .get(handle.default_account(), &crate::support::video())
+        .unwrap()
+        .in_use;
+    assert_eq!(in_use, 10);
+}
+
+/// A short first page is no end by itself (the server's cap may be that short): the next page
+/// is asked for, and its emptiness ends the listing.
+#[tokio::test(start_paused = true)]
+async fn a_short_first_legacy_page_is_followed_by_one_more_request() {
+    let tasks = vec![legacy_task("a", "processing"), legacy_task("b", "succeed")];
+    let asked = Arc::new(AtomicI32::new(0));
+    let mut service = capped_legacy_list(tasks, 500, asked.clone());
+    let (_layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(5)).unwrap();
+    let plan = Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+    let found = handle.reconcile(&mut service, &plan).await.unwrap();
+    assert_eq!((found.unfinished, found.truncated_listings), (1, 0));
+    assert_eq!(asked.load(Ordering::SeqCst), 2, "page 2 is empty: the end");
+}
+
+/// A legacy list that never ends (a server serving 2 new running tasks on every page) is read
+/// up to the page cap (500 pages), not forever: the reconcile returns what it counted and
+/// says the listing was cut short. A server that ignores `pageNum` (the same page each time)
+/// ends the listing at its repeat.
+#[tokio::test(start_paused = true)]
+async fn a_legacy_list_that_never_ends_stops_at_the_page_cap() {
+    let asked = Arc::new(AtomicI32::new(0));
+    let counter = asked.clone();
+    let mut endless = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        let page = serde_json::json!([
+            legacy_task(&format!("a{n}"), "processing"),
+            legacy_task(&format!("b{n}"), "submitted"),
+        ]);
+        std::future::ready(Ok::<_, BoxError>(crate::support::envelope(200, 0, &page)))
+    });
+    let (_layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(5)).unwrap();
+    let plan = Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+    let found = handle.reconcile(&mut endless, &plan).await.unwrap();
+    assert_eq!(asked.load(Ordering::SeqCst), 500, "the page cap");
+    assert_eq!((found.unfinished, found.truncated_listings), (1000, 1));
+
+    let asked = Arc::new(AtomicI32::new(0));
+    let counter = asked.clone();
+    let mut repeating = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        let page = serde_json::json!([legacy_task("same", "processing")]);
+        std::future::ready(Ok::<_, BoxError>(crate::support::envelope(200, 0, &page)))
+    });
+    let found = handle.reconcile(&mut repeating, &plan).await.unwrap();
+    assert_eq!(asked.load(Ordering::SeqCst), 2, "page 2 repeats page 1");
+    assert_eq!((found.unfinished, found.truncated_listings), (1, 1));
+}
+
+/// A new-style list whose cursor never runs out stops at the page cap for each status, and
+/// says so.
+#[tokio::test(start_paused = true)]
+async fn a_new_style_list_whose_cursor_never_ends_stops_at_the_page_cap() {
+    let asked = Arc::new(AtomicI32::new(0));
+    let counter = asked.clone();
+    let mut endless = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        let data = serde_json::json!({"tasks": [], "next_cursor": format!("c{n}")});
+        std::future::ready(Ok::<_, BoxError>(crate::support::envelope(200, 0, &data)))
+    });
+    let (_layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(5)).unwrap();
+    let plan = Reconcile::new("")
+        .legacy_paths(Vec::<String>::new())
+        .new_style(
+            "text-to-video",
+            Pool::with_model(Product::Video, "kling-3.0"),
+        );
+    let found = handle.reconcile(&mut endless, &plan).await.unwrap();
+    assert_eq!(asked.load(Ordering::SeqCst), 1000, "500 pages per status");
+    assert_eq!(found.truncated_listings, 2);
+}
+
+/// A new-style task moves from `submitted` to `processing` between the reconcile's list of
+/// `submitted` tasks and its list of `processing` ones. A task only moves forward, so listing
+/// `submitted` first cannot miss it: before that list it is `processing` at the later list
+/// too; after it, the `submitted` list named it. (Listed the other way round, it would be
+/// `submitted` at the `processing` list and `processing` at the `submitted` list: named by
+/// neither, its slot uncounted until `1303`s corrected the pool.) The negative control: a task
+/// that stays `submitted` and one already `processing` are counted too.
+#[tokio::test(start_paused = true)]
+async fn a_task_moving_forward_between_the_two_status_lists_is_counted() {
+    let lists = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = lists.clone();
+    let mut server = tower::service_fn(move |request: Request<Full<Bytes>>| {
+        use http_body_util::BodyExt;
+        let seen = seen.clone();
+        async move {
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let status = body["status"].as_str().unwrap().to_owned();
+            let mut lists = seen.lock().unwrap();
+            // `moving` is `submitted` until the first list is answered, `processing` after.
+            let moving = if lists.is_empty() {
+                "submitted"
+            } else {
+                "processing"
+            };
+            lists.push(status.clone());
+            let tasks: Vec<_> = [
+                ("moving", moving),
+                ("waiting", "submitted"),
+                ("running", "processing"),
+            ]
+            .into_iter()
+            .filter(|(_, s)| *s == status)
+            .map(|(id, s)| serde_json::json!({"id": id, "status": s}))
+            .collect();
+            let data = serde_json::json!({"tasks": tasks, "next_cursor": null});
+            Ok::<_, BoxError>(crate::support::envelope(200, 0, &data))
+        }
+    });
+    let kling3 = Pool::with_model(Product::Video, "kling-3.0");
+    let (_layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(5)).unwrap();
+    let plan = Reconcile::new("")
+        .legacy_paths(Vec::<String>::new())
+        .new_style("text-to-video", kling3.clone());
+    let found = handle.reconcile(&mut server, &plan).await.unwrap();
+    assert_eq!(lists.lock().unwrap().len(), 2, "one list per status");
+    assert_eq!((found.unfinished, found.adopted), (3, 3));
+    let snapshot = handle.snapshot().await.unwrap();
+    let in_use = snapshot
+        .get(handle.default_account(), &kling3)
+        .unwrap()
+        .in_use;
+    assert_eq!(in_use, 3, "moving, waiting and running each hold a slot");
 }
