@@ -490,24 +490,8 @@ fn hide_url_secrets(text: &str) -> std::borrow::Cow<'_, str> {
     if !text.contains("://") {
         return std::borrow::Cow::Borrowed(text);
     }
-    let ends_authority = |c: char| c.is_whitespace() || "/?#\"'`\\<>)]}".contains(c);
-    // Where a quoted URL ends: `url (https://…)`, `"https://…"`, a space; a `)` only when it
-    // closes no `(` of the URL's own (`https://host/wiki/Foo_(bar)?…`), as autolinkers read it.
-    let url_len = |url: &str| {
-        let mut open_parens = 0usize;
-        url.find(|c: char| match c {
-            '(' => {
-                open_parens += 1;
-                false
-            }
-            ')' if open_parens > 0 => {
-                open_parens -= 1;
-                false
-            }
-            _ => c.is_whitespace() || "\"'`\\<>)]}".contains(c),
-        })
-        .unwrap_or(url.len())
-    };
+    // Not at a `)` or `'`: a password may hold them (RFC 3986), and was shown whole.
+    let ends_authority = |c: char| c.is_whitespace() || "/?#\"`\\<>]}".contains(c);
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(at) = rest.find("://") {
@@ -522,20 +506,13 @@ fn hide_url_secrets(text: &str) -> std::borrow::Cow<'_, str> {
             None => tail,
         };
         let url_end = url_len(tail);
-        // Sentence punctuation right after a URL (`see https://host/x?sig=….`) is prose, as
-        // autolinkers read it: a trailing run of it is left out, so a full stop is not hidden
-        // with the query. A dot inside the query, or ending a value more of it follows, stays
-        // in; at most a value's last punctuation shows, never a letter or digit of it.
-        let url_end = tail[..url_end]
-            .trim_end_matches(['.', ',', ':', ';', '!', '?'])
-            .len();
         // A query, a fragment (`#access_token=`) or path parameters (`;jsessionid=`): each
         // may hold a credential. Only the host is before them here, and it holds none of them.
         match tail[..url_end].find(['?', '#', ';']) {
             Some(at) => {
                 out.push_str(&tail[..=at]);
                 // A bare `#` ending the URL hides nothing (a `?` or `;` there is punctuation,
-                // trimmed above).
+                // left out by `url_len`).
                 if at + 1 < url_end {
                     out.push_str(HIDDEN);
                 }
@@ -546,6 +523,50 @@ fn hide_url_secrets(text: &str) -> std::borrow::Cow<'_, str> {
     }
     out.push_str(rest);
     std::borrow::Cow::Owned(out)
+}
+
+/// How much of `tail` (the text after a `://`) is the URL, as autolinkers read one: up to a
+/// space, a `"` or `` ` ``, `<`, `>` or `\` (an escaped quote), none of which a URL holds,
+/// then without what ends it in prose, from the end: a run of sentence punctuation (`.`, `,`,
+/// `:`, `;`, `!`, `?`, so a full stop is not hidden with the query), and a `)`, `]`, `}` or
+/// `'` that closes no bracket or quote of the URL's own (`(see https://…)`). Inside the URL
+/// none of them ends it (`/wiki/Foo_(bar)?…`, `?a=b)&sig=…`, `?filter[key]=…`,
+/// `?name=O'Brien&sig=…`): the rest of its query was shown. A run of punctuation that is a
+/// whole value (`?pw=!!`) stays in; at most a value's last punctuation shows, never a letter
+/// or digit of it.
+fn url_len(tail: &str) -> usize {
+    let ends_url = |c: char| c.is_whitespace() || "\"`\\<>".contains(c);
+    let mut url = &tail[..tail.find(ends_url).unwrap_or(tail.len())];
+    let count = |url: &str, c: u8| url.bytes().filter(|&b| b == c).count();
+    let mut quotes = count(url, b'\'');
+    // Each closing bracket, how many of it are left in the URL and how many open ones.
+    let mut brackets =
+        [b"()", b"[]", b"{}"].map(|&[open, close]| (close, count(url, close), count(url, open)));
+    while let Some(&last) = url.as_bytes().last() {
+        // A `'` closes a quote when the URL holds an odd number of them.
+        if last == b'\'' {
+            if quotes % 2 == 0 {
+                break;
+            }
+            quotes -= 1;
+            url = &url[..url.len() - 1];
+            continue;
+        }
+        if let Some((_, closings, openings)) = brackets.iter_mut().find(|b| b.0 == last) {
+            if *closings <= *openings {
+                break;
+            }
+            *closings -= 1;
+            url = &url[..url.len() - 1];
+            continue;
+        }
+        let prose = url.trim_end_matches(['.', ',', ':', ';', '!', '?']);
+        if prose.len() == url.len() || prose.ends_with('=') {
+            break;
+        }
+        url = prose;
+    }
+    url.len()
 }
 
 /// Warns of a response whose code is not success (out of line: the success path needs none
@@ -893,6 +914,92 @@ mod tests {
             (
                 "url (https://a.example/x?sig=s3cr3t) failed",
                 "url (https://a.example/x?[redacted]) failed",
+            ),
+        ] {
+            let redacted = redact(quoted);
+            assert!(!redacted.contains("s3cr3t"), "{quoted} -> {redacted}");
+            assert_eq!(redacted, shown, "{quoted}");
+        }
+    }
+
+    /// A `)`, `]`, `}` or `'` inside a URL that closes nothing of its own (`?a=b)&…`,
+    /// `?filter[key]=…`, `?name=O'Brien&…`) does not end it: only an unmatched one at its end
+    /// does, as autolinkers read one. Ending the URL there showed the rest of its query whole,
+    /// a second parameter's signature and all.
+    #[test]
+    fn redaction_reads_a_url_past_a_closing_bracket_inside_it() {
+        for (quoted, shown) in [
+            (
+                "GET https://a.example/x?a=b)&sig=s3cr3t failed",
+                "GET https://a.example/x?[redacted] failed",
+            ),
+            (
+                "GET https://a.example/x?filter[key]=s3cr3t failed",
+                "GET https://a.example/x?[redacted] failed",
+            ),
+            (
+                "GET https://a.example/x?a=b}&sig=s3cr3t failed",
+                "GET https://a.example/x?[redacted] failed",
+            ),
+            (
+                "GET https://a.example/x?name=O'Brien&sig=s3cr3t failed",
+                "GET https://a.example/x?[redacted] failed",
+            ),
+            // The control: an unmatched one ending the URL is the text's own.
+            (
+                "[see https://a.example/x?sig=s3cr3t], {https://a.example/y#k=s3cr3t}",
+                "[see https://a.example/x?[redacted]], {https://a.example/y#[redacted]}",
+            ),
+            (
+                "{'url': 'https://a.example/x?sig=s3cr3t'}, 'https://b.example/y#k=s3cr3t'.",
+                "{'url': 'https://a.example/x?[redacted]'}, 'https://b.example/y#[redacted]'.",
+            ),
+            (
+                "[link](https://a.example/x?sig=s3cr3t): refused",
+                "[link](https://a.example/x?[redacted]): refused",
+            ),
+        ] {
+            let redacted = redact(quoted);
+            assert!(!redacted.contains("s3cr3t"), "{quoted} -> {redacted}");
+            assert_eq!(redacted, shown, "{quoted}");
+        }
+    }
+
+    /// A value that is nothing but punctuation (`?pw=!!`) is the value, not prose after the
+    /// URL: it is hidden whole, where trimming sentence punctuation showed it.
+    #[test]
+    fn redaction_hides_a_value_that_is_all_punctuation() {
+        for (quoted, shown) in [
+            (
+                "GET https://a.example/x?pw=!?.",
+                "GET https://a.example/x?[redacted]",
+            ),
+            (
+                "GET https://a.example/x?a=b&pw=!!, then",
+                "GET https://a.example/x?[redacted] then",
+            ),
+            // The control: after a value with more in it, the run is prose.
+            (
+                "GET https://a.example/x?pw=b!!, then",
+                "GET https://a.example/x?[redacted]!!, then",
+            ),
+        ] {
+            assert_eq!(redact(quoted), shown, "{quoted}");
+        }
+    }
+
+    /// A URL's password may hold `)` or `'` (RFC 3986 lets them in a user info): neither ends
+    /// the part before the `@`, which was shown whole.
+    #[test]
+    fn redaction_hides_a_password_holding_a_parenthesis_or_quote() {
+        for (quoted, shown) in [
+            (
+                "proxy https://user:pa)s3cr3t@proxy.example:8080/v1 refused",
+                "proxy https://[redacted]@proxy.example:8080/v1 refused",
+            ),
+            (
+                "proxy https://user:pa's3cr3t@proxy.example/v1 refused",
+                "proxy https://[redacted]@proxy.example/v1 refused",
             ),
         ] {
             let redacted = redact(quoted);
