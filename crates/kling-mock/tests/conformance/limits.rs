@@ -479,6 +479,29 @@ async fn the_throttled_switch_names_the_penalty_pushed_wait_without_a_lockout() 
     c.get(LIST).await.data();
 }
 
+/// For an `/account/costs` query the throttled switch names the wait of that endpoint's own
+/// limit too, when longer than a second; another request, which that limit does not hold,
+/// still gets one second.
+#[tokio::test(start_paused = true)]
+async fn the_throttled_switch_names_the_costs_limits_wait_for_a_costs_query() {
+    let c = Caller::new(
+        quiet()
+            .costs_per_second(0.2) // one query each 5 s
+            .retry_after(RetryAfterMode::Seconds),
+    );
+    c.get("/account/costs").await.data();
+    c.mock.set_switches(Switches::new().throttled(true));
+    let costs = c.get("/account/costs").await;
+    costs.assert_error(429, 1302);
+    assert_eq!(costs.headers["retry-after"], "5");
+    let list = c.get(LIST).await;
+    list.assert_error(429, 1302);
+    assert_eq!(list.headers["retry-after"], "1");
+    c.mock.set_switches(Switches::new());
+    advance(5).await;
+    c.get("/account/costs").await.data();
+}
+
 /// Past 2^53 ns (about 104 days) an `f64` cannot hold a wait to the nanosecond: the seconds
 /// form is rounded up in integers, or a lockout 1 ns over a whole second was named a second
 /// short and a client obeying it was refused again.
