@@ -230,9 +230,9 @@ impl Envelope {
     /// Parses an envelope; a body that is not JSON or has no numeric `code` is an error. An
     /// error envelope whose fields do not all read keeps its code (even one written as
     /// `"1102"` or `1102.0`), and a task's optional fields of an odd type are left out. The
-    /// error says what was wrong and where (the kind of a value, the type expected, the line
-    /// and column), never quoting a value from the body: a gateway's page may echo the
-    /// request's credential.
+    /// error says what was wrong and where (the field's path, such as `data.tasks[0].status`,
+    /// the kind of its value, the type expected, the line and column), never quoting a value
+    /// from the body: a gateway's page may echo the request's credential.
     ///
     /// A hand-rolled single-pass scanner reads the usual envelopes; whatever it does not
     /// handle exactly as serde_json does (and every error) goes to
@@ -281,7 +281,7 @@ impl Envelope {
                             tasks: Vec::new(),
                         })
                     }
-                    _ => Err(without_values(e)),
+                    _ => Err(without_values(e, body)),
                 };
             }
         };
@@ -507,25 +507,28 @@ const NOT_AN_OBJECT: &str = "an envelope must be a JSON object, not an array";
 const TASK_ID_NOT_AN_INTEGER: &str =
     "a task id that is a number must be an integer of at most 64 bits";
 
-/// `error` as a log may carry it, placed where it was (line and column).
+/// `error` as a log may carry it, naming the field it is about and placed where it was.
 ///
 /// serde_json's data errors quote the value they could not read (`invalid type: string
 /// "Bearer ak-…", expected i64`), and a body may hold anything: a gateway's page that echoes the
-/// request's `Authorization` in its `code`, say. Here the value gives way to its kind (`invalid
-/// type: a string, expected i64`), and a message of any other form, which might quote one,
-/// gives way to one that names none. A syntax or end-of-input error names no value (its words
-/// are serde_json's own) and is returned as it is. Only errors come here: a body that reads
-/// costs nothing more.
+/// request's `Authorization` in its `code`, say. Here the value gives way to its kind, and a
+/// message of any other form, which might quote one, gives way to one that names none. Nor do
+/// they name the field, so a log could not tell what the server sent wrong without the body:
+/// its path is read from `body`, the text that was parsed (``invalid type at
+/// `data.tasks[0].status`: a number, expected a string at line 1 column 45``). A syntax or
+/// end-of-input error names no value (its words are serde_json's own) and is returned as it
+/// is. Only errors come here: a body that reads costs nothing more.
 #[cold]
 #[inline(never)]
-fn without_values(error: serde_json::Error) -> serde_json::Error {
+fn without_values(error: serde_json::Error, body: &[u8]) -> serde_json::Error {
     if !error.is_data() {
         return error;
     }
     let text = error.to_string();
     let place = format!(" at line {} column {}", error.line(), error.column());
     let message = text.strip_suffix(&place).unwrap_or(&text);
-    let told = value_free(message);
+    let path = field_path(body, error.line(), error.column());
+    let told = value_free(message, path.as_deref());
     if error.line() == 0 {
         de::Error::custom(told)
     } else {
@@ -533,8 +536,9 @@ fn without_values(error: serde_json::Error) -> serde_json::Error {
     }
 }
 
-/// A data error's message with no value from the body in it (see [`without_values`]).
-fn value_free(message: &str) -> Cow<'_, str> {
+/// A data error's message with no value from the body in it (see [`without_values`]), naming
+/// the field at `path` when it is known.
+fn value_free<'m>(message: &'m str, path: Option<&str>) -> Cow<'m, str> {
     // A kind for each of serde's `Unexpected`s a JSON value can be, by how it is written.
     fn kind(unexpected: &str) -> &'static str {
         const KINDS: [(&str, &str); 8] = [
@@ -552,21 +556,42 @@ fn value_free(message: &str) -> Cow<'_, str> {
             .find(|(written, _)| unexpected.starts_with(written))
             .map_or("a value", |&(_, kind)| kind)
     }
-    if [NOT_AN_OBJECT, TASK_ID_NOT_AN_INTEGER].contains(&message) {
+    // serde's names for the types this crate reads, in JSON's words.
+    fn expectation(expected: &str) -> &str {
+        match expected {
+            "i64" => "a 64-bit integer",
+            "a sequence" => "an array",
+            "struct RawEnvelope" => "an envelope object",
+            other => other,
+        }
+    }
+    let at = path.map_or_else(String::new, |path| format!(" at `{path}`"));
+    if message == TASK_ID_NOT_AN_INTEGER {
+        return Cow::Owned(format!(
+            "invalid value{at}: a number, expected a task id that is a string or an integer \
+             of at most 64 bits"
+        ));
+    }
+    if message == NOT_AN_OBJECT {
         return Cow::Borrowed(message);
     }
-    for lead in ["invalid type: ", "invalid value: "] {
+    for lead in ["invalid type", "invalid value"] {
         // The expectation comes last, in serde's or this crate's words (none of which holds
         // `, expected `): the value before it may hold anything.
         if let Some((unexpected, expected)) = message
             .strip_prefix(lead)
+            .and_then(|rest| rest.strip_prefix(": "))
             .and_then(|rest| rest.rsplit_once(", expected "))
         {
-            return Cow::Owned(format!("{lead}{}, expected {expected}", kind(unexpected)));
+            return Cow::Owned(format!(
+                "{lead}{at}: {}, expected {}",
+                kind(unexpected),
+                expectation(expected)
+            ));
         }
     }
     // A field's name in serde's derive is this crate's (`missing field `code``): kept when it
-    // reads as one.
+    // reads as one, after the path of its object.
     for lead in ["missing field `", "duplicate field `"] {
         if let Some(name) = message
             .strip_prefix(lead)
@@ -575,10 +600,137 @@ fn value_free(message: &str) -> Cow<'_, str> {
             && name.len() <= 32
             && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
         {
-            return Cow::Borrowed(message);
+            // A duplicate is placed after its key, so the path ends in it; a missing field is
+            // placed at its object's end, so the path is the object's.
+            return match path {
+                Some(path) if path == name || path.ends_with(&format!(".{name}")) => {
+                    Cow::Owned(format!("{lead}{path}`"))
+                }
+                Some(path) => Cow::Owned(format!("{lead}{path}.{name}`")),
+                None => Cow::Borrowed(message),
+            };
         }
     }
-    Cow::Borrowed("a value is of a type or form no envelope has")
+    Cow::Owned(format!("a value{at} is of a type or form no envelope has"))
+}
+
+/// The path (`data.tasks[0].status`) of the field at an error's place in `body`: the keys and
+/// indexes of the objects and arrays open there, each object's by the last key read in it.
+///
+/// serde_json places a data error just after the value it could not read, or at the `{` or
+/// `[` that opened it, or after a key written twice, or after the `}` of an object missing a
+/// field: each reads as the field's path (the last as its object's). The body is JSON up to
+/// there (serde_json read it), so a plain walk of its tokens is enough. `None` without a
+/// place or at the top level; a key that is no plain name (escapes read) is shown as `?`, so
+/// the path quotes nothing from the body but this crate's field names.
+fn field_path(body: &[u8], line: usize, column: usize) -> Option<String> {
+    enum Open {
+        Object {
+            key: Option<String>,
+            in_key: bool,
+        },
+        /// `begun` once the element at `index` has started: an array just opened, at whose
+        /// `[` serde_json placed an error about the array itself, adds no index.
+        Array {
+            index: usize,
+            begun: bool,
+        },
+    }
+    if line == 0 {
+        return None;
+    }
+    // serde_json counts lines by `\n` and a column as the bytes before the place in its line.
+    let line_start = if line == 1 {
+        0
+    } else {
+        body.iter()
+            .enumerate()
+            .filter(|&(_, &b)| b == b'\n')
+            .nth(line - 2)
+            .map(|(at, _)| at + 1)?
+    };
+    let end = line_start.saturating_add(column).min(body.len());
+    let mut open: Vec<Open> = Vec::new();
+    let mut at = 0;
+    while at < end {
+        let byte = body[at];
+        if !matches!(
+            byte,
+            b'}' | b']' | b',' | b':' | b' ' | b'\t' | b'\n' | b'\r'
+        ) && let Some(Open::Array { begun, .. }) = open.last_mut()
+        {
+            *begun = true;
+        }
+        match byte {
+            b'{' => open.push(Open::Object {
+                key: None,
+                in_key: true,
+            }),
+            b'[' => open.push(Open::Array {
+                index: 0,
+                begun: false,
+            }),
+            b'}' | b']' => {
+                open.pop();
+            }
+            b',' => match open.last_mut() {
+                Some(Open::Object { in_key, .. }) => *in_key = true,
+                Some(Open::Array { index, begun }) => {
+                    *index += 1;
+                    *begun = false;
+                }
+                None => {}
+            },
+            b':' => {
+                if let Some(Open::Object { in_key, .. }) = open.last_mut() {
+                    *in_key = false;
+                }
+            }
+            b'"' => {
+                let start = at;
+                at += 1;
+                while at < body.len() && body[at] != b'"' {
+                    at += if body[at] == b'\\' { 2 } else { 1 };
+                }
+                if let Some(Open::Object { key, in_key: true }) = open.last_mut() {
+                    let written = body.get(start..=at).unwrap_or_default();
+                    *key = Some(key_name(written));
+                }
+            }
+            _ => {}
+        }
+        at += 1;
+    }
+    let mut path = String::new();
+    for step in &open {
+        match step {
+            Open::Object { key: Some(key), .. } => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
+            }
+            Open::Object { key: None, .. } | Open::Array { begun: false, .. } => {}
+            Open::Array { index, .. } => path.push_str(&format!("[{index}]")),
+        }
+    }
+    (!path.is_empty()).then_some(path)
+}
+
+/// A key as a path shows it: its name when it reads as one of this crate's field names
+/// (escapes read), else `?`; a key from the body is never quoted.
+fn key_name(written: &[u8]) -> String {
+    let plain = |name: &str| {
+        !name.is_empty()
+            && name.len() <= 32
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
+    match serde_json::from_slice::<String>(written) {
+        Ok(name) if plain(&name) => name,
+        _ => "?".to_owned(),
+    }
 }
 
 /// One UTF-8 check of the whole body (a word at a time for ASCII) instead of one per string,
@@ -2164,5 +2316,211 @@ mod tests {
         let env = Envelope::parse(body).unwrap();
         assert_eq!(env.message, "a\"b");
         assert_eq!(env.tasks[0].id, "t/1");
+    }
+
+    /// Why `body` is no envelope, as `Envelope::parse` says and as the layers' error (the
+    /// reason of `Outcome::parse`'s `MalformedResponse`) says it, which must be the same.
+    fn failure(body: &[u8]) -> String {
+        let shown = String::from_utf8_lossy(body);
+        let parsed = Envelope::parse(body)
+            .map(|env| panic!("{shown} read as {env:?}"))
+            .unwrap_err();
+        let malformed = crate::Outcome::parse(
+            http::StatusCode::OK,
+            &http::HeaderMap::new(),
+            body,
+            tokio::time::Instant::now(),
+        )
+        .map(|_| panic!("{shown} read as an outcome"))
+        .unwrap_err();
+        assert_eq!(malformed.reason(), parsed.to_string(), "{shown}");
+        parsed.to_string()
+    }
+
+    /// Asserts each body's error is `expected`, in whole.
+    fn fails_as(cases: &[(&str, &str)]) {
+        for (body, expected) in cases {
+            assert_eq!(failure(body.as_bytes()), *expected, "{body}");
+        }
+    }
+
+    /// A `code` of the wrong type is named, with what came and what was expected: the error
+    /// said only "invalid type: a string, expected i64", and a log could not tell which field.
+    #[test]
+    fn a_wrong_typed_code_is_named() {
+        fails_as(&[
+            (
+                r#"{"code":"0"}"#,
+                "invalid type at `code`: a string, expected a 64-bit integer at line 1 column 11",
+            ),
+            (
+                r#"{"code":{"v":0},"message":"m"}"#,
+                "invalid type at `code`: an object, expected a 64-bit integer at line 1 column 8",
+            ),
+            (
+                r#"{"message":"m","code":[0]}"#,
+                "invalid type at `code`: an array, expected a 64-bit integer at line 1 column 22",
+            ),
+            (
+                r#"{"code":true}"#,
+                "invalid type at `code`: a boolean, expected a 64-bit integer at line 1 column 12",
+            ),
+            (
+                r#"{"code":18446744073709551616}"#,
+                "invalid type at `code`: a number, expected a 64-bit integer at line 1 column 28",
+            ),
+            (
+                r#"{"code":9223372036854775808}"#,
+                "invalid value at `code`: an integer, expected a 64-bit integer at line 1 column 27",
+            ),
+        ]);
+    }
+
+    /// A `message` or `request_id` of the wrong type is named by its field.
+    #[test]
+    fn a_wrong_typed_text_is_named() {
+        fails_as(&[
+            (
+                r#"{"code":0,"message":5}"#,
+                "invalid type at `message`: an integer, expected a string at line 1 column 21",
+            ),
+            (
+                r#"{"code":0,"message":"m","request_id":{"id":"r"}}"#,
+                "invalid type at `request_id`: an object, expected a string at line 1 column 37",
+            ),
+        ]);
+    }
+
+    /// A task id of the wrong type is named by its path, in each shape `data` takes (one
+    /// task, a list, a page, a list of lists) and for a number that is no 64-bit integer.
+    #[test]
+    fn a_wrong_typed_task_id_is_named_by_its_path() {
+        fails_as(&[
+            (
+                r#"{"code":0,"data":{"task_id":true,"task_status":"submitted"}}"#,
+                "invalid type at `data.task_id`: a boolean, expected a string or an integer at line 1 column 32",
+            ),
+            (
+                r#"{"code":0,"data":[{"id":"a","status":"failed"},{"id":["b"],"status":"failed"}]}"#,
+                "invalid type at `data[1].id`: an array, expected a string or an integer at line 1 column 54",
+            ),
+            (
+                r#"{"code":0,"data":{"tasks":[{"id":{},"status":"failed"}]}}"#,
+                "invalid type at `data.tasks[0].id`: an object, expected a string or an integer at line 1 column 35",
+            ),
+            (
+                r#"{"code":0,"data":{"task_id":1.5,"task_status":"submitted"}}"#,
+                "invalid value at `data.task_id`: a number, expected a task id that is a string or an integer of at most 64 bits at line 1 column 31",
+            ),
+        ]);
+    }
+
+    /// A task status of the wrong type is named by its path, however deep.
+    #[test]
+    fn a_wrong_typed_task_status_is_named_by_its_path() {
+        fails_as(&[
+            (
+                r#"{"code":0,"data":{"task_id":"t","task_status":5}}"#,
+                "invalid type at `data.task_status`: an integer, expected a string at line 1 column 47",
+            ),
+            (
+                r#"{"code":0,"data":{"tasks":[{"id":"a","status":"failed"},{"id":"b","status":[1]}]}}"#,
+                "invalid type at `data.tasks[1].status`: an array, expected a string at line 1 column 75",
+            ),
+            (
+                r#"{"code":0,"data":[[{"id":"a","status":"s"}],[{"id":"b","status":null},{"id":"c","status":7.5}]]}"#,
+                "invalid type at `data[1][1].status`: a number, expected a string at line 1 column 92",
+            ),
+        ]);
+    }
+
+    /// A page's `tasks` that is no list is named by its path.
+    #[test]
+    fn a_page_whose_tasks_is_no_list_is_named() {
+        fails_as(&[(
+            r#"{"code":0,"data":{"tasks":{"id":"t","status":"failed"}}}"#,
+            "invalid type at `data.tasks`: an object, expected an array at line 1 column 26",
+        )]);
+    }
+
+    /// A field written twice is named by its path (a missing `code` is the top level's).
+    #[test]
+    fn a_field_written_twice_is_named_by_its_path() {
+        fails_as(&[
+            (
+                r#"{"code":0,"data":{"task_id":"a","task_id":"b","task_status":"failed"}}"#,
+                "duplicate field `data.task_id` at line 1 column 41",
+            ),
+            (
+                r#"{"code":0,"message":"m","code":0}"#,
+                "duplicate field `code` at line 1 column 30",
+            ),
+            (
+                r#"{"code":0,"data":{"id":"t","status":"s","billing":[{"amount":1},{"amount":1,"amount":2}]}}"#,
+                "duplicate field `data.billing[1].amount` at line 1 column 84",
+            ),
+            (
+                r#"{"message":"m"}"#,
+                "missing field `code` at line 1 column 15",
+            ),
+        ]);
+    }
+
+    /// The path is the field's in the body as sent: over several lines, behind a byte-order
+    /// mark, its keys written with escapes; a key that is no field name of ours is never
+    /// quoted.
+    #[test]
+    fn the_path_is_read_in_the_body_as_sent() {
+        fails_as(&[
+            (
+                "{\"code\":0,\n \"data\":\n  {\"status\":\"x\",\n   \"id\":[]}}",
+                "invalid type at `data.id`: an array, expected a string or an integer at line 4 column 10",
+            ),
+            (
+                "\u{feff}{\"code\":0,\"data\":{\"id\":\"t\",\"status\":false}}",
+                "invalid type at `data.status`: a boolean, expected a string at line 1 column 41",
+            ),
+            (
+                r#"{"code":0,"d\u0061ta":{"t\u0061sks":[{"id":"a","status":{}}]}}"#,
+                "invalid type at `data.tasks[0].status`: an object, expected a string at line 1 column 56",
+            ),
+        ]);
+        assert_eq!(
+            field_path(br#"{"Bearer ak-1":{"x":"#, 1, 20).as_deref(),
+            Some("?.x")
+        );
+        assert_eq!(field_path(br#"{"code":0}"#, 0, 0), None);
+        assert_eq!(field_path(br#"{"code":0}"#, 3, 1), None);
+    }
+
+    proptest::proptest! {
+        /// The walk reads any bytes at any place without a panic: only a data error's body is
+        /// JSON up to its place, and a wrong place must still give some answer.
+        #[test]
+        fn the_path_walk_never_panics(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128),
+            line in 0..4usize,
+            column in 0..200usize,
+        ) {
+            let _ = field_path(&body, line, column);
+        }
+    }
+
+    /// Fields read loosely stay no error, so they have no path to name: a task id that is an
+    /// integer, a field no reader reads (`created_at`), `task_result.videos` that is an
+    /// object, a billing amount of the wrong type (no cost, not an unreadable answer).
+    #[test]
+    fn loosely_read_fields_of_another_type_are_no_error() {
+        for body in [
+            &br#"{"code":0,"data":{"task_id":123,"task_status":"submitted"}}"#[..],
+            br#"{"code":0,"data":{"task_id":"t","task_status":"succeed","created_at":"x"}}"#,
+            br#"{"code":0,"data":{"task_id":"t","task_status":"succeed","task_result":{"videos":{"url":"u"}}}}"#,
+            br#"{"code":0,"data":{"id":"t","status":"succeeded","billing":[{"amount":true}]}}"#,
+        ] {
+            for env in both(body) {
+                let task = env.unwrap_or_else(|e| panic!("{e}")).tasks.remove(0);
+                assert!(task.urls.is_empty() && task.cost.is_none(), "{task:?}");
+            }
+        }
     }
 }

@@ -545,8 +545,9 @@ impl MalformedResponse {
         self.status
     }
 
-    /// Why the body could not be read as an envelope, and where: the kind of a value and the
-    /// type expected, a field's name, a line and column, never a value from the body (a
+    /// Why the body could not be read as an envelope, and where: the path of the field that
+    /// was wrong (`data.task_status`), the kind of its value and the type expected, a line and
+    /// column, never a value from the body (a
     /// gateway's page may echo the request's `Authorization`), so that it may go to a log.
     pub fn reason(&self) -> &str {
         &self.reason
@@ -917,8 +918,12 @@ mod tests {
                 assert!(!text.contains(DIGITS), "{body}: {text}");
                 assert!(!text.contains("Bearer"), "{body}: {text}");
             }
-            // What was wrong, and where.
+            // What was wrong, in which field, and where.
             assert!(err.reason().contains(" at line 1 column "), "{body}: {err}");
+            assert!(
+                err.reason().contains(" at `") || !body.starts_with('{'),
+                "{body}: {err}"
+            );
             assert!(err.reason().contains("expected"), "{body}: {err}");
             assert_eq!(parsed.line(), 1, "{body}: {parsed}");
         }
@@ -936,13 +941,17 @@ mod tests {
         assert_eq!(
             err(&bodies[0]),
             format!(
-                "invalid type: a string, expected i64 at line 1 column {}",
+                "invalid type at `code`: a string, expected a 64-bit integer at line 1 column {}",
                 9 + bearer.len() + 1
             )
         );
         assert_eq!(
             err(&bodies[6]),
-            "invalid type: an integer, expected a string at line 1 column 39"
+            "invalid type at `request_id`: an integer, expected a string at line 1 column 39"
+        );
+        assert_eq!(
+            err(&bodies[3]),
+            "invalid type: a string, expected an envelope object at line 1 column 33"
         );
         // A field's name is this crate's, and kept; a syntax error names no value.
         assert_eq!(

@@ -46,8 +46,63 @@ proptest! {
         let body = serde_json::json!({"code": code, "message": "m", "request_id": "r", "data": data});
         let env = Envelope::parse(body.to_string().as_bytes());
         prop_assert!(env.is_ok() || !body["data"].is_null());
-        if let Ok(env) = env {
-            prop_assert_eq!(env.code, Code::from_i64(code));
+        match env {
+            Ok(env) => prop_assert_eq!(env.code, Code::from_i64(code)),
+            // Only `data` can be wrong here: the error names the field in it that was.
+            Err(e) => prop_assert!(
+                e.to_string().contains("`data"),
+                "{} for {}", e, body
+            ),
+        }
+    }
+
+    /// A success envelope that is JSON with one field of a type no reader takes, at any of
+    /// the places a task sits: the error names that field by its path, says what came, and
+    /// still says where.
+    #[test]
+    fn one_wrong_typed_field_is_named_by_its_path(
+        (field, wrong) in wrong_typed_field(),
+        place in 0..4usize,
+        legacy in any::<bool>(),
+    ) {
+        let (id, status) = if legacy { ("task_id", "task_status") } else { ("id", "status") };
+        let mut task = serde_json::json!({id: "t", status: "submitted"});
+        let (path, body) = match field {
+            Field::Code => ("code".to_owned(), serde_json::json!({"code": wrong, "data": task})),
+            Field::Message | Field::RequestId => {
+                let name = if field == Field::Message { "message" } else { "request_id" };
+                (name.to_owned(), serde_json::json!({"code": 0, name: wrong, "data": task}))
+            }
+            Field::Tasks => (
+                "data.tasks".to_owned(),
+                serde_json::json!({"code": 0, "data": {"tasks": wrong}}),
+            ),
+            Field::Id | Field::Status => {
+                let name = if field == Field::Id { id } else { status };
+                task[name] = wrong;
+                let fine = serde_json::json!({id: "a", status: "failed"});
+                match place {
+                    0 => (format!("data.{name}"), serde_json::json!({"code": 0, "data": task})),
+                    1 => (
+                        format!("data[1].{name}"),
+                        serde_json::json!({"code": 0, "data": [fine, task]}),
+                    ),
+                    2 => (
+                        format!("data.tasks[1].{name}"),
+                        serde_json::json!({"code": 0, "data": {"tasks": [fine, task]}}),
+                    ),
+                    _ => (
+                        format!("data[0][1].{name}"),
+                        serde_json::json!({"code": 0, "data": [[fine, task]]}),
+                    ),
+                }
+            }
+        };
+        for text in [body.to_string(), serde_json::to_string_pretty(&body).unwrap()] {
+            let e = Envelope::parse(text.as_bytes()).unwrap_err().to_string();
+            prop_assert!(e.contains(&format!(" at `{path}`: ")), "{} for {}", e, text);
+            prop_assert!(e.contains(", expected "), "{}", e);
+            prop_assert!(e.contains(" at line "), "{}", e);
         }
     }
 
@@ -88,4 +143,49 @@ proptest! {
             prop_assert_eq!(&task.status, &expected);
         }
     }
+}
+
+/// A field the strict readers read.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Field {
+    Code,
+    Message,
+    RequestId,
+    Id,
+    Status,
+    Tasks,
+}
+
+/// A field and a value of a JSON type it never takes (a `code` as a number-like string is
+/// read, as a proxy writes it, so only other kinds are wrong for it).
+fn wrong_typed_field() -> impl Strategy<Value = (Field, serde_json::Value)> {
+    let object = || json_value().prop_map(|v| serde_json::json!({"v": v}));
+    let array = || json_value().prop_map(|v| serde_json::json!([v]));
+    let boolean = || any::<bool>().prop_map(serde_json::Value::from);
+    let fraction = || {
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(serde_json::Value::from)
+    };
+    let integer = || any::<i64>().prop_map(serde_json::Value::from);
+    let word = || "[a-z_]{0,12}".prop_map(serde_json::Value::from);
+    prop_oneof![
+        prop_oneof![
+            object(),
+            array(),
+            boolean(),
+            Just(serde_json::Value::Null),
+            word()
+        ]
+        .prop_map(|v| (Field::Code, v)),
+        prop_oneof![object(), array(), boolean(), integer(), fraction()]
+            .prop_map(|v| (Field::Message, v)),
+        prop_oneof![object(), array(), boolean(), integer(), fraction()]
+            .prop_map(|v| (Field::RequestId, v)),
+        prop_oneof![object(), array(), boolean(), fraction()].prop_map(|v| (Field::Id, v)),
+        prop_oneof![object(), array(), boolean(), integer(), fraction()]
+            .prop_map(|v| (Field::Status, v)),
+        prop_oneof![object(), boolean(), integer(), fraction(), word()]
+            .prop_map(|v| (Field::Tasks, v)),
+    ]
 }
