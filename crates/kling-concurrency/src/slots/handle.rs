@@ -210,9 +210,9 @@ pub struct Reconciled {
     pub skipped_paths: usize,
     /// Listings (a legacy path, or a new-style product type and status) stopped before the
     /// server said they ended: at the page cap (500 pages) with more said to follow, or at a
-    /// legacy page that repeated the one before (a server ignoring `pageNum`). Tasks on the
-    /// pages not read are not counted (a `1303` still corrects the pool); each stop is logged
-    /// as a warning.
+    /// legacy page that repeated the one before twice in a row (a server ignoring `pageNum`;
+    /// once may be a page's worth of creates shifting the list). Tasks on the pages not read
+    /// are not counted (a `1303` still corrects the pool); each stop is logged as a warning.
     pub truncated_listings: usize,
 }
 
@@ -382,7 +382,8 @@ impl<B: SlotBackend> SlotsHandle<B> {
     /// already served: a server may serve fewer entries than the 500 asked for, so a short
     /// page alone is no end. New-style tasks are listed `submitted` first, then `processing`,
     /// each until no next cursor. At most 500 pages are read a listing; one stopped there, or
-    /// at a legacy page repeating the one before, is logged and counted in
+    /// at a legacy page repeating the one before twice in a row (once may be a page's worth
+    /// of creates between two requests shifting the list), is logged and counted in
     /// [`Reconciled::truncated_listings`].
     ///
     /// Each page's tasks are adopted as soon as the page is answered, so an end reported
@@ -434,8 +435,8 @@ impl<B: SlotBackend> SlotsHandle<B> {
                 ))
                 .extension(account.clone())
                 .body(Full::new(Bytes::new()))?;
-                let (outcome, page_len) = match list(service, request).await {
-                    Ok(listed) => (listed.outcome, listed.entries),
+                let (outcome, page_len, identity) = match list(service, request).await {
+                    Ok(listed) => (listed.outcome, listed.entries, listed.identity),
                     Err(error) if page == 1 && not_listable(&*error) => {
                         reconciled.skipped_paths += 1;
                         ended = true;
@@ -448,7 +449,7 @@ impl<B: SlotBackend> SlotsHandle<B> {
                 let listed = (&account, &pool, on);
                 self.adopt(listed, plan, &outcome, &mut reconciled, &mut seen)
                     .await?;
-                match paging.after(n, &outcome) {
+                match paging.after(n, identity) {
                     PageEnd::More => {}
                     PageEnd::Last => {
                         ended = true;
@@ -458,8 +459,8 @@ impl<B: SlotBackend> SlotsHandle<B> {
                         tracing::warn!(
                             path = %path,
                             page,
-                            "reconcile: the server answered a legacy list page with the page \
-                             before (pageNum ignored?); later pages are not listed"
+                            "reconcile: the server answered two legacy list pages in a row with \
+                             the page before (pageNum ignored?); later pages are not listed"
                         );
                         reconciled.truncated_listings += 1;
                         ended = true;
@@ -589,8 +590,12 @@ impl<B: SlotBackend> Drop for Listing<'_, B> {
 struct LegacyPaging {
     /// The longest page served so far: the server's page size is at least that.
     longest: usize,
-    /// The previous page's entry count and task ids, to tell a server that ignores `pageNum`.
-    previous: (usize, Vec<String>),
+    /// The previous page's entry count and [identity](Listed::identity), to tell a server
+    /// that ignores `pageNum`.
+    previous: Option<(usize, u64)>,
+    /// Pages in a row that repeated the one before. One alone is no proof: a page's worth of
+    /// creates between two requests shifts the list (newest first) by exactly a page.
+    repeats: usize,
 }
 
 /// What a legacy list page says of the listing.
@@ -599,22 +604,27 @@ enum PageEnd {
     More,
     /// The last page: empty, or shorter than one the server already served.
     Last,
-    /// The page before, again: pages cannot be told apart, so listing on would only repeat.
+    /// The page before, a second time in a row: the server ignores `pageNum`, so listing on
+    /// would only repeat.
     Repeated,
 }
 
 impl LegacyPaging {
-    /// Reads a page of `entries` entries (`page` its answer).
-    fn after(&mut self, entries: usize, page: &Outcome) -> PageEnd {
+    /// Reads a page of `entries` entries, of [identity](Listed::identity) `identity`.
+    fn after(&mut self, entries: usize, identity: u64) -> PageEnd {
         if entries == 0 || entries < self.longest {
             return PageEnd::Last;
         }
-        let ids: Vec<String> = page.tasks().iter().map(|t| t.id.clone()).collect();
-        if !ids.is_empty() && self.previous.0 == entries && self.previous.1 == ids {
-            return PageEnd::Repeated;
+        if self.previous == Some((entries, identity)) {
+            self.repeats += 1;
+            return match self.repeats {
+                1 => PageEnd::More,
+                _ => PageEnd::Repeated,
+            };
         }
+        self.repeats = 0;
         self.longest = entries;
-        self.previous = (entries, ids);
+        self.previous = Some((entries, identity));
         PageEnd::More
     }
 }
@@ -627,6 +637,8 @@ struct Listed {
     /// How many entries the page holds (`data`, or `data.tasks`), readable or not; `None`
     /// when it holds no list.
     entries: Option<usize>,
+    /// Which entries the page holds ([`page_identity`]), to tell the same page served again.
+    identity: u64,
 }
 
 /// Sends one list request; returns its answer.
@@ -643,7 +655,7 @@ where
     if !outcome.is_success() {
         return Err(Box::new(ApiError::from_outcome(&outcome)));
     }
-    let (next, entries) = {
+    let (next, entries, identity) = {
         use kling_core::PeekBody;
         let body = response.body().peek_bytes();
         let value = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
@@ -653,17 +665,35 @@ where
             serde_json::Value::Number(n) => Some(n.to_string()),
             _ => None,
         };
-        let entries = data
-            .as_array()
-            .or_else(|| data["tasks"].as_array())
-            .map(Vec::len);
-        (next, entries)
+        let array = data.as_array().or_else(|| data["tasks"].as_array());
+        (
+            next,
+            array.map(Vec::len),
+            array.map_or(0, |a| page_identity(a)),
+        )
     };
     Ok(Listed {
         outcome,
         next,
         entries,
+        identity,
     })
+}
+
+/// A hash of a list page's entries: each one's task id (legacy `task_id`, new `id`), or the
+/// whole entry where it has none. By id, so a page served again whose tasks moved on meanwhile
+/// is still the same page; by the entry, so a page of entries that do not read as tasks can
+/// be told apart too. A hash, so no page's text is held while the next is asked for.
+fn page_identity(entries: &[serde_json::Value]) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut hasher = DefaultHasher::new();
+    for entry in entries {
+        match entry.get("task_id").or_else(|| entry.get("id")) {
+            Some(id) => (0u8, id.to_string()).hash(&mut hasher),
+            None => (1u8, entry.to_string()).hash(&mut hasher),
+        }
+    }
+    hasher.finish()
 }
 
 /// Whether a list's refusal says the path is not this account's to list (`1103`) or not there

@@ -677,7 +677,7 @@ async fn a_short_first_legacy_page_is_followed_by_one_more_request() {
 /// A legacy list that never ends (a server serving 2 new running tasks on every page) is read
 /// up to the page cap (500 pages), not forever: the reconcile returns what it counted and
 /// says the listing was cut short. A server that ignores `pageNum` (the same page each time)
-/// ends the listing at its repeat.
+/// ends the listing at its second repeat in a row.
 #[tokio::test(start_paused = true)]
 async fn a_legacy_list_that_never_ends_stops_at_the_page_cap() {
     let asked = Arc::new(AtomicI32::new(0));
@@ -704,7 +704,11 @@ async fn a_legacy_list_that_never_ends_stops_at_the_page_cap() {
         std::future::ready(Ok::<_, BoxError>(crate::support::envelope(200, 0, &page)))
     });
     let found = handle.reconcile(&mut repeating, &plan).await.unwrap();
-    assert_eq!(asked.load(Ordering::SeqCst), 2, "page 2 repeats page 1");
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        3,
+        "pages 2 and 3 repeat page 1 (one repeat alone may be a shifted list)"
+    );
     assert_eq!((found.unfinished, found.truncated_listings), (1, 1));
 }
 
@@ -784,4 +788,88 @@ async fn a_task_moving_forward_between_the_two_status_lists_is_counted() {
         .unwrap()
         .in_use;
     assert_eq!(in_use, 3, "moving, waiting and running each hold a slot");
+}
+
+/// A server capping its legacy pages at 2 entries, while another process creates 2 tasks
+/// between the reconcile's requests for pages 1 and 2: the list, newest first, shifts by
+/// exactly a page, and page 2 names the tasks page 1 named. That is no server ignoring
+/// `pageNum`: pages 3 and 4 hold the running tasks. Before, a page repeating the one before
+/// ended the listing at once (counted truncated): those tasks were never counted, and the
+/// limiter admitted creates that met `1303`. A server that does ignore `pageNum` serves the
+/// same page a third time, and only that ends the listing (the negative control, in
+/// `a_legacy_list_that_never_ends_stops_at_the_page_cap`).
+#[tokio::test(start_paused = true)]
+async fn a_legacy_page_repeated_by_a_page_of_creates_between_two_requests_does_not_end_it() {
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            legacy_task(
+                &format!("t{i}"),
+                if i < 2 { "succeed" } else { "processing" },
+            )
+        })
+        .collect();
+    let tasks = Arc::new(std::sync::Mutex::new(tasks));
+    let asked = Arc::new(AtomicI32::new(0));
+    let (listed, counter) = (tasks.clone(), asked.clone());
+    let mut shifting = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        let n = counter.fetch_add(1, Ordering::SeqCst) as usize;
+        let mut tasks = listed.lock().unwrap();
+        if n == 1 {
+            // Two creates, listed first, before page 2 is answered.
+            for id in ["new0", "new1"] {
+                tasks.insert(0, legacy_task(id, "submitted"));
+            }
+        }
+        let page: Vec<_> = tasks.iter().skip(n * 2).take(2).cloned().collect();
+        let data = serde_json::Value::Array(page);
+        std::future::ready(Ok::<_, BoxError>(crate::support::envelope(200, 0, &data)))
+    });
+    let (_layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(20)).unwrap();
+    let plan = Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+    let found = handle.reconcile(&mut shifting, &plan).await.unwrap();
+    assert_eq!(
+        (found.unfinished, found.truncated_listings),
+        (4, 0),
+        "t2 to t5, on pages 3 and 4"
+    );
+    assert_eq!(asked.load(Ordering::SeqCst), 5, "page 5 is empty: the end");
+}
+
+/// A server that ignores `pageNum` and serves a page whose entries do not read as tasks (no
+/// task id): its repeats are told by the entries themselves, not by task ids it has none of.
+/// Before, such a page never counted as a repeat, and each reconcile asked for it 500 times
+/// (the page cap) on every legacy path; when a short page still ended a listing, once. The
+/// negative control: pages of unreadable entries that differ are read on.
+#[tokio::test(start_paused = true)]
+async fn a_repeated_legacy_page_of_unreadable_entries_ends_the_listing() {
+    let asked = Arc::new(AtomicI32::new(0));
+    let counter = asked.clone();
+    let mut repeating = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        let page = serde_json::json!([{"task_status": "processing"}]);
+        std::future::ready(Ok::<_, BoxError>(crate::support::envelope(200, 0, &page)))
+    });
+    let (_layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(5)).unwrap();
+    let plan = Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+    let found = handle.reconcile(&mut repeating, &plan).await.unwrap();
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        3,
+        "pages 2 and 3 repeat page 1"
+    );
+    assert_eq!((found.unfinished, found.truncated_listings), (0, 1));
+
+    let asked = Arc::new(AtomicI32::new(0));
+    let counter = asked.clone();
+    let mut differing = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        let page = match n {
+            0..3 => serde_json::json!([{"task_status": "processing", "n": n}]),
+            _ => serde_json::json!([]),
+        };
+        std::future::ready(Ok::<_, BoxError>(crate::support::envelope(200, 0, &page)))
+    });
+    let found = handle.reconcile(&mut differing, &plan).await.unwrap();
+    assert_eq!(asked.load(Ordering::SeqCst), 4, "page 4 is empty: the end");
+    assert_eq!(found.truncated_listings, 0);
 }
