@@ -211,7 +211,8 @@ pub struct Reconciled {
     /// Listings (a legacy path, or a new-style product type and status) stopped before the
     /// server said they ended: at the page cap (500 pages) with more said to follow, or at a
     /// legacy page that repeated the one before twice in a row (a server ignoring `pageNum`;
-    /// once may be a page's worth of creates shifting the list). Tasks on the pages not read
+    /// once may be a page's worth of creates shifting the list), or at a new-style answer
+    /// handing back the cursor it was sent. Tasks on the pages not read
     /// are not counted (a `1303` still corrects the pool); each stop is logged as a warning.
     pub truncated_listings: usize,
 }
@@ -383,7 +384,8 @@ impl<B: SlotBackend> SlotsHandle<B> {
     /// page alone is no end. New-style tasks are listed `submitted` first, then `processing`,
     /// each until no next cursor. At most 500 pages are read a listing; one stopped there, or
     /// at a legacy page repeating the one before twice in a row (once may be a page's worth
-    /// of creates between two requests shifting the list), is logged and counted in
+    /// of creates between two requests shifting the list), or at a new-style answer handing
+    /// back the cursor it was sent, is logged and counted in
     /// [`Reconciled::truncated_listings`].
     ///
     /// Each page's tasks are adopted as soon as the page is answered, so an end reported
@@ -504,6 +506,19 @@ impl<B: SlotBackend> SlotsHandle<B> {
                     self.adopt(on, plan, page, &mut reconciled, &mut seen)
                         .await?;
                     match listed.next {
+                        // The cursor it was sent, handed back: asking on would only get this
+                        // page again, up to the page cap.
+                        Some(next) if cursor.as_ref() == Some(&next) => {
+                            tracing::warn!(
+                                product_type = %product_type,
+                                status,
+                                "reconcile: the server answered a new-style list page with the \
+                                 cursor it was sent; later pages are not listed"
+                            );
+                            reconciled.truncated_listings += 1;
+                            ended = true;
+                            break;
+                        }
                         Some(next) => cursor = Some(next),
                         None => {
                             ended = true;

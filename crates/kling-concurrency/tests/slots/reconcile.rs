@@ -735,6 +735,47 @@ async fn a_new_style_list_whose_cursor_never_ends_stops_at_the_page_cap() {
     assert_eq!(found.truncated_listings, 2);
 }
 
+/// A new-style list whose answer hands back the cursor it was sent would give the same page
+/// again up to the page cap (1,000 requests for the two statuses): it stops at the first
+/// repeat, logged and counted. The negative control: cursors that move on are followed.
+#[tokio::test(start_paused = true)]
+async fn a_new_style_list_answering_with_the_cursor_it_was_sent_stops_there() {
+    // Three pages a status either way: the stuck server's third hands back `b`.
+    for (stuck, truncated) in [(true, 2), (false, 0)] {
+        let asked = Arc::new(AtomicI32::new(0));
+        let counter = asked.clone();
+        let mut server = tower::service_fn(move |request: Request<Full<Bytes>>| {
+            use http_body_util::BodyExt;
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                // Pages `a`, then `b`; a stuck server answers `b` with `b` for ever, the
+                // other ends there.
+                let next = match body["cursor"].as_str() {
+                    None => Some("a"),
+                    Some("a") => Some("b"),
+                    Some(_) if stuck => Some("b"),
+                    Some(_) => None,
+                };
+                let data = serde_json::json!({"tasks": [], "next_cursor": next});
+                Ok::<_, BoxError>(crate::support::envelope(200, 0, &data))
+            }
+        });
+        let (_layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(5)).unwrap();
+        let plan = Reconcile::new("")
+            .legacy_paths(Vec::<String>::new())
+            .new_style(
+                "text-to-video",
+                Pool::with_model(Product::Video, "kling-3.0"),
+            );
+        let found = handle.reconcile(&mut server, &plan).await.unwrap();
+        assert_eq!(asked.load(Ordering::SeqCst), 6, "stuck: {stuck}");
+        assert_eq!(found.truncated_listings, truncated, "stuck: {stuck}");
+    }
+}
+
 /// A new-style task moves from `submitted` to `processing` between the reconcile's list of
 /// `submitted` tasks and its list of `processing` ones. A task only moves forward, so listing
 /// `submitted` first cannot miss it: before that list it is `processing` at the later list
