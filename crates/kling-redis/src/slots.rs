@@ -438,7 +438,7 @@ const STAMPED: [&str; 3] = ["halt", "unhalt", "cap"];
 const SETTLES: [&str; 4] = ["hold", "give", "cong", "halt"];
 
 /// A change that could not be sent yet.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Pending {
     /// `APPLY` arguments (the time at index 1 is stamped when they are sent), and when the
     /// change was made ([`Inner::made`]).
@@ -469,6 +469,31 @@ impl Drop for OnItsWay<'_> {
             lock(&self.inner.sending).remove(&self.made);
         }
         self.inner.answered.notify_waiters();
+    }
+}
+
+/// A change the replay took off the queue, until Redis answers it. Dropped before (the
+/// replay's future dropped: a [`RedisSlots::maintain`] cut short by a timeout), it goes back
+/// in the queue as a failed send does, and the replay's marks are cleared: else the change was
+/// lost (a task's hold or end, its slot held until its lease ran out), new changes queued
+/// behind a replay that no longer ran, and the bound on kept reports still spared the end of
+/// the task it held.
+struct Replayed<'a> {
+    inner: &'a Inner,
+    change: Pending,
+    /// Whether Redis answered it (or refused it), or the send failed: the replay then decides.
+    answered: bool,
+}
+
+impl Drop for Replayed<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let mut pending = lock(&self.inner.pending);
+        *lock(&self.inner.replay_sending) = None;
+        self.inner.requeue(&mut pending, self.change.clone());
+        self.inner.replaying.store(false, Ordering::Release);
     }
 }
 
@@ -795,7 +820,7 @@ impl RedisSlots {
 
     /// Changes waiting to be replayed once Redis is back, not counting the one a replay is
     /// sending at that moment (it is put back in the order changes were made if the send
-    /// fails).
+    /// fails, or the replay is dropped).
     pub fn pending(&self) -> usize {
         lock(&self.inner.pending).len()
     }
@@ -2197,7 +2222,12 @@ impl Inner {
         }
         loop {
             let next = self.next_to_replay().await;
-            let Some(pending) = next else { break };
+            let Some(change) = next else { break };
+            let mut replayed = Replayed {
+                inner: self,
+                change,
+                answered: false,
+            };
             #[cfg(feature = "testing")]
             {
                 let delay = *lock(&self.replay_delay);
@@ -2205,7 +2235,7 @@ impl Inner {
                     tokio::time::sleep(delay).await;
                 }
             }
-            let result = match &pending {
+            let result = match &replayed.change {
                 Pending::Args(args, _) => {
                     let mut args = args.clone();
                     self.apply_args(&mut args).await.map(|reply| {
@@ -2251,6 +2281,7 @@ impl Inner {
                     }
                 }
             };
+            replayed.answered = true;
             let mut queue = lock(&self.pending);
             *lock(&self.replay_sending) = None;
             if let Err(e) = result {
@@ -2258,7 +2289,7 @@ impl Inner {
                     // In the order changes were made, not at the front: a change made before
                     // it may have been queued while it was on its way (its own send failed
                     // later), and must still go first.
-                    self.requeue(&mut queue, pending);
+                    self.requeue(&mut queue, replayed.change.clone());
                     self.replaying.store(false, Ordering::Release);
                     return Err(e);
                 }
@@ -3997,6 +4028,46 @@ mod tests {
         );
         assert_eq!(kept[1].1, "t101", "the next oldest went instead");
         drop(on_its_way);
+    }
+
+    /// A replay dropped while its change is on its way (a `maintain` cut short by a timeout)
+    /// puts that change back, as a failed send does, and leaves nothing marked on its way:
+    /// the change was lost (a task's hold, holding nothing in Redis; its end, the slot until
+    /// its lease ran out), new changes queued behind a replay that no longer ran, and the
+    /// bound on kept reports kept the end of a task whose hold was nowhere, dropping another.
+    #[cfg(feature = "testing")]
+    #[tokio::test(start_paused = true)]
+    async fn a_replay_dropped_while_its_change_is_on_its_way_puts_it_back() {
+        let (_slots, inner) = unreachable_slots();
+        let mut hold = change_of_h(&inner, "hold");
+        hold.extend(
+            [
+                "1",
+                "t0",
+                "",
+                "60000000",
+                "acct",
+                "video:kling-2.6",
+                "t",
+                "",
+            ]
+            .map(String::from),
+        );
+        inner.queue(hold, 1);
+        let replay = replay_taking_the_first(&inner).await;
+        replay.abort();
+        assert!(replay.await.unwrap_err().is_cancelled());
+        assert_eq!(queued(&inner), [(1, "hold".to_owned())], "put back");
+        assert!(lock(&inner.replay_sending).is_none());
+        assert!(!inner.replaying.load(Ordering::Acquire));
+        // Its task's end, dropped past the bound, now turns it into a give-back.
+        inner.queue(reports(&inner, "acct", &tasks(0, 1, "1")), 2);
+        inner.queue(
+            reports(&inner, "acct", &tasks(100, MAX_PENDING_REPORTS, "1")),
+            3,
+        );
+        assert!(!kept_reports(&inner).iter().any(|(_, id, _)| id == "t0"));
+        assert_eq!(queued(&inner)[0], (1, "give".to_owned()));
     }
 
     #[tokio::test]

@@ -3075,6 +3075,177 @@ async fn an_adaptive_key_is_at_its_ceiling_only_when_a_success_would_change_noth
     assert!(fleet.adaptive_at_ceiling(&key, &at_100));
 }
 
+/// The adaptive rule and cooldown [`an_adaptive_key_is_at_its_ceiling_only_when_a_success_would_change_nothing`]
+/// compares the fleet with the process under, at `ceiling` requests a second: a 1302 with a
+/// 3 s `Retry-After` sets a caution of ten (a probe of 3.5/s), and pauses and streak windows
+/// are over in milliseconds.
+fn cautious_at(ceiling: f64) -> Policy {
+    let mut adaptive = kling_ratelimit::Adaptive::new().start(Quota::per_second(100.0));
+    adaptive.probe = 0.35;
+    let cooldown = Cooldown::default()
+        .first(Duration::from_millis(1))
+        .window(Duration::from_millis(1));
+    Policy::new(Quota::per_second(ceiling), cooldown).with_adaptive(Some(adaptive))
+}
+
+/// A 1302 that arrived 4 s ago with a 3 s `Retry-After` (its pause over), reported to `fleet`
+/// and to `memory`: it lowers the rate, remembers the limit, and sets a caution of ten.
+async fn costly_1302_in_both(
+    fleet: &RedisGcra,
+    memory: &InProcess,
+    key: &BucketKey,
+    policy: &Policy,
+) {
+    let now = tokio::time::Instant::now();
+    let costly = Feedback::Pause {
+        sent_at: now - Duration::from_secs(4),
+        received_at: now - Duration::from_secs(4),
+        resume_at: Some(now - Duration::from_secs(1)),
+        throttled: true,
+    };
+    fleet.feedback(key, policy, costly).await.unwrap();
+    memory.feedback_now(key, policy, costly);
+}
+
+/// A report's reply says the key is at its ceiling only when the next success would change
+/// nothing, as an admission's does: not when the report left the rate at the ceiling with a
+/// caution the next success ends, nor when a success sent before the last 1302 (which ends
+/// nothing) leaves that 1302's run of lowerings in place, its streak window over. Said at the
+/// ceiling, the process would leave the next success (of a request admitted before) unreported,
+/// and the fleet would keep what the process ends.
+#[tokio::test]
+async fn a_reports_reply_is_at_the_ceiling_only_when_the_next_success_would_change_nothing() {
+    let Some(server) = redis() else { return };
+    let fleet = RedisGcra::new(connect(&server).await);
+    let memory = InProcess::new();
+    let key = BucketKey::account(Some(AccountId::new("report-at-ceiling-as-in-process")));
+    let (at_100, at_97, at_50) = (cautious_at(100.0), cautious_at(97.0), cautious_at(50.0));
+    admit_in_both(&fleet, &memory, &key, &at_100).await;
+    costly_1302_in_both(&fleet, &memory, &key, &at_100).await;
+    // Under a ceiling of 97/s: 85, 88.5, 92, 95.5.
+    admit_in_both(&fleet, &memory, &key, &at_97).await;
+    for i in 0..3 {
+        succeed_in_both(&fleet, &memory, &key, &at_97).await;
+        admit_in_both(&fleet, &memory, &key, &at_97).await;
+        agree(
+            &format!("success {i}"),
+            &server,
+            &fleet,
+            &memory,
+            &key,
+            &at_97,
+        )
+        .await;
+    }
+    // 95.5 + 3.5 = 99: the ceiling, the caution held (below the limit, 100); the next success
+    // (97 + 3.5) ends it, so this one's reply is not at the ceiling.
+    succeed_in_both(&fleet, &memory, &key, &at_97).await;
+    assert!(
+        !fleet.adaptive_at_ceiling(&key, &at_97),
+        "a caution the next success ends is held"
+    );
+    succeed_in_both(&fleet, &memory, &key, &at_97).await;
+    admit_in_both(&fleet, &memory, &key, &at_97).await;
+    agree("caution ended", &server, &fleet, &memory, &key, &at_97).await;
+    assert!(fleet.adaptive_at_ceiling(&key, &at_97));
+    // A 1302 (its pause and window over in milliseconds) lowers the rate; the ceiling lowered
+    // below what it left puts the rate at the ceiling, the run of lowerings still there.
+    let now = tokio::time::Instant::now();
+    let received_at = now - Duration::from_millis(50);
+    let bare = Feedback::Pause {
+        sent_at: received_at,
+        received_at,
+        resume_at: None,
+        throttled: true,
+    };
+    fleet.feedback(&key, &at_97, bare).await.unwrap();
+    memory.feedback_now(&key, &at_97, bare);
+    admit_in_both(&fleet, &memory, &key, &at_50).await;
+    agree(
+        "lowered below the 1302's rate",
+        &server,
+        &fleet,
+        &memory,
+        &key,
+        &at_50,
+    )
+    .await;
+    assert!(!fleet.adaptive_at_ceiling(&key, &at_50));
+    // A success of a request sent before that 1302 ends nothing.
+    let sent_before = Feedback::Success {
+        sent_at: received_at - Duration::from_millis(20),
+    };
+    fleet.feedback(&key, &at_50, sent_before).await.unwrap();
+    memory.feedback_now(&key, &at_50, sent_before);
+    assert!(
+        !fleet.adaptive_at_ceiling(&key, &at_50),
+        "the 1302's run of lowerings is still there"
+    );
+    succeed_in_both(&fleet, &memory, &key, &at_50).await;
+    admit_in_both(&fleet, &memory, &key, &at_50).await;
+    agree("run of 1302s ended", &server, &fleet, &memory, &key, &at_50).await;
+    assert!(fleet.adaptive_at_ceiling(&key, &at_50));
+}
+
+/// A caution a success would not end (the ceiling lowered far below the limit: the probe
+/// step from the ceiling stays below it) leaves the key at its ceiling, as in process, in both
+/// acquire scripts: a single key's, and Reject mode's class request, which decides the account
+/// key with the adaptive target and probe too. Each is asked by a process that has not heard
+/// of the key before, so only that admission's reply can say so.
+#[tokio::test]
+async fn a_caution_a_success_would_not_end_leaves_the_key_at_its_ceiling_in_both_scripts() {
+    let Some(server) = redis() else { return };
+    let fleet = RedisGcra::new(connect(&server).await);
+    let memory = InProcess::new();
+    let account = AccountId::new("caution-kept-at-ceiling");
+    let key = BucketKey::account(Some(account.clone()));
+    let class = BucketKey::class(Some(account), kling_core::RequestKind::Account);
+    let class_policy = Policy::new(Quota::per_second(1000.0), Cooldown::default());
+    let (at_100, at_90) = (cautious_at(100.0), cautious_at(90.0));
+    admit_in_both(&fleet, &memory, &key, &at_100).await;
+    costly_1302_in_both(&fleet, &memory, &key, &at_100).await;
+    // Under a ceiling of 90/s: 85, 88.5, then 92 capped at 90, the caution held (below 100).
+    admit_in_both(&fleet, &memory, &key, &at_90).await;
+    for i in 0..2 {
+        succeed_in_both(&fleet, &memory, &key, &at_90).await;
+        admit_in_both(&fleet, &memory, &key, &at_90).await;
+        agree(
+            &format!("success {i}"),
+            &server,
+            &fleet,
+            &memory,
+            &key,
+            &at_90,
+        )
+        .await;
+    }
+    // 90 + 3.5 < 100: a success changes nothing.
+    assert!(memory.adaptive_at_ceiling(&key, &at_90), "in process");
+    let single = RedisGcra::new(connect(&server).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(single.acquire(&key, &at_90).await.unwrap(), Decision::Admit);
+    assert!(
+        single.adaptive_at_ceiling(&key, &at_90),
+        "a single key's admission"
+    );
+    let classed = RedisGcra::new(connect(&server).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let decided = classed
+        .acquire_class_or_refuse(&class, &class_policy, &key, &at_90, &mut None)
+        .expect("redis decides both turns in one script")
+        .await
+        .unwrap();
+    assert_eq!(decided, Decision::Admit);
+    let (in_process, _) = memory.acquire_class_now(&class, &class_policy, &key, &at_90);
+    assert_eq!(in_process, Decision::Admit);
+    assert!(memory.adaptive_at_ceiling(&key, &at_90), "in process");
+    assert!(
+        classed.adaptive_at_ceiling(&key, &at_90),
+        "a class request's admission"
+    );
+    agree("class request", &server, &classed, &memory, &key, &at_90).await;
+}
+
 /// While Redis is away the fallback decides, and its own adaptive rate (in slow start: it
 /// starts a quarter of the ceiling) grows only by the successes reported to it: a key Redis
 /// said was at its ceiling before it went away is not at its ceiling for this answer then.
