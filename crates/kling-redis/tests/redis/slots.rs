@@ -4643,6 +4643,11 @@ async fn a_task_ended_after_its_page_is_not_adopted_however_many_ends_follow() {
         fn call(&mut self, request: http::Request<Full<Bytes>>) -> Self::Future {
             let (handle, mut raw) = (self.0.clone(), self.1.clone());
             let first = request.uri().path() == "/v1/videos/text2video";
+            // The list ends at its first empty page: `t1` is on page 1 only.
+            let later_page = request
+                .uri()
+                .query()
+                .is_some_and(|q| !q.contains("pageNum=1&"));
             Box::pin(async move {
                 let page = |data: serde_json::Value| {
                     let body = serde_json::json!({
@@ -4652,6 +4657,9 @@ async fn a_task_ended_after_its_page_is_not_adopted_however_many_ends_follow() {
                         body.to_string(),
                     ))))
                 };
+                if first && later_page {
+                    return page(serde_json::json!([]));
+                }
                 if first {
                     let running = serde_json::json!({"task_id": "t1", "task_status": "processing"});
                     return page(serde_json::json!([running]));
@@ -4698,6 +4706,7 @@ async fn a_task_ended_after_its_page_is_not_adopted_however_many_ends_follow() {
     let plan = Reconcile::new("").legacy_paths(["/v1/videos/text2video", "/v1/videos/image2video"]);
     let found = handle.reconcile(&mut busy.clone(), &plan).await.unwrap();
     assert_eq!((found.unfinished, found.adopted), (1, 0), "t1 was held");
+    assert_eq!(found.truncated_listings, 0, "each list read to its end");
     assert_eq!(in_use(&slots).await, 0, "no slot held for t1");
     assert_eq!(slots.held_here(), 0);
     // Adopted only now, as a reconcile that adopted after its last page did, t1 would be.
