@@ -719,11 +719,16 @@ fn check_distinct(args: &RunArgs, journal: &Path, output: &Path) -> Result<(), S
     }
     // The results reach their path through a temporary file, which must be none of those.
     let results_tmp = crate::output::tmp_path(output);
-    let read_or_journal = read
+    let read_or_written = read
         .iter()
         .map(|&(_, p, what)| (p, what))
-        .chain([(journal, "the --journal file")]);
-    for (other, what) in read_or_journal {
+        .chain([(journal, "the --journal file")])
+        .chain(
+            args.download
+                .as_deref()
+                .map(|d| (d, "the --download folder")),
+        );
+    for (other, what) in read_or_written {
         if same_file(&results_tmp, other) {
             return Err(SetupError::new(
                 "--output",

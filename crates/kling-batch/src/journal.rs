@@ -299,9 +299,15 @@ fn fold(conn: &Connection, opening: bool) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// `path` as a shell word: as it is when it needs no quoting, else in single quotes.
+/// `path` as a shell word: as it is when it needs no quoting, else in single quotes; a
+/// relative path that begins with `-` behind `./`, which a command would take for an option.
 fn shell_word(path: &Path) -> String {
     let text = path.to_string_lossy();
+    let text = if text.starts_with('-') {
+        std::borrow::Cow::Owned(format!("./{text}"))
+    } else {
+        text
+    };
     let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+:,@%=".contains(c);
     if !text.is_empty() && text.chars().all(plain) {
         text.into_owned()
@@ -462,22 +468,70 @@ fn wal_path(path: &Path) -> std::path::PathBuf {
     wal.into()
 }
 
+/// The file SQLite opens for `path`, by its full path: through every symbolic link, one to a
+/// file not made yet too (SQLite makes it where the link points, its `-wal` beside it).
+fn linked_file(path: &Path) -> std::path::PathBuf {
+    let mut path = path.to_owned();
+    // As many links as Linux follows in one path.
+    for _ in 0..40 {
+        if let Ok(full) = std::fs::canonicalize(&path) {
+            return full;
+        }
+        match std::fs::read_link(&path) {
+            Ok(target) => path = path.parent().unwrap_or(Path::new("")).join(target),
+            Err(_) => break,
+        }
+    }
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    match (std::fs::canonicalize(parent), path.file_name()) {
+        (Ok(parent), Some(name)) => parent.join(name),
+        _ => path,
+    }
+}
+
+/// What lies under the journal's `-wal` name, looked at before SQLite opens the journal:
+/// SQLite reads a file there that does not begin as a write-ahead log as an empty one, and
+/// deletes it.
+enum WalFile {
+    /// Nothing (a dangling symbolic link included).
+    Missing,
+    /// A write-ahead log by its first bytes, an empty file (as a checkpoint leaves the log),
+    /// or one that cannot be read (SQLite then says why).
+    Log,
+    /// Another file.
+    NotALog,
+}
+
+impl WalFile {
+    /// The first four bytes of a write-ahead log, big-endian: its two checksum orders.
+    const MAGIC: [[u8; 4]; 2] = [[0x37, 0x7f, 0x06, 0x82], [0x37, 0x7f, 0x06, 0x83]];
+
+    fn at(wal: &Path) -> WalFile {
+        use std::io::Read as _;
+        let mut file = match std::fs::File::open(wal) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return WalFile::Missing,
+            Err(_) => return WalFile::Log,
+        };
+        let mut start = Vec::with_capacity(4);
+        match (&mut file).take(4).read_to_end(&mut start) {
+            Ok(_) if start.is_empty() || Self::MAGIC.iter().any(|m| start == m) => WalFile::Log,
+            Ok(_) => WalFile::NotALog,
+            Err(_) => WalFile::Log,
+        }
+    }
+}
+
 /// The files SQLite keeps beside the journal at `path`, each with what it is: its
 /// write-ahead log, the log's shared-memory index, and a rollback journal. They lie beside
 /// the file a symbolic link names, where SQLite looks for them, and SQLite takes a file under
 /// one of these names for the journal's own: it reads the log's commits into the journal, and
 /// deletes such a file it cannot read as one (results written there are lost).
 pub(crate) fn companions(path: &Path) -> [(std::path::PathBuf, &'static str); 3] {
-    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| {
-        let parent = match path.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent,
-            _ => Path::new("."),
-        };
-        match (std::fs::canonicalize(parent), path.file_name()) {
-            (Ok(parent), Some(name)) => parent.join(name),
-            _ => path.to_owned(),
-        }
-    });
+    let resolved = linked_file(path);
     let beside = |suffix: &str| {
         let mut companion = resolved.as_os_str().to_owned();
         companion.push(suffix);
@@ -591,8 +645,24 @@ impl Journal {
         }
         // Looked at before SQLite opens the file (reading it creates an empty `-wal`), beside
         // the file a symbolic link names, where SQLite keeps it.
-        let wal = wal_path(&std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone()));
-        let wal_present = std::fs::symlink_metadata(&wal).is_ok();
+        let wal = wal_path(&linked_file(&path));
+        let wal_present = match WalFile::at(&wal) {
+            WalFile::Missing => false,
+            WalFile::Log => true,
+            WalFile::NotALog => {
+                return Err(JournalError::new(
+                    "the file under its write-ahead log's name is no write-ahead log",
+                    format!(
+                        "{} does not begin as a SQLite write-ahead log: opening the journal, \
+                         SQLite would read it as an empty log and delete it (and a journal \
+                         whose run did not close it would read as if its last commits were \
+                         never made); nothing was written: move that file elsewhere, and if \
+                         the journal's own -wal file is elsewhere, put it back under that name",
+                        wal.display()
+                    ),
+                ));
+            }
+        };
         let flags = OpenFlags::default().difference(OpenFlags::SQLITE_OPEN_URI);
         let conn = Connection::open_with_flags(&path, flags)
             .map_err(|e| JournalError::new("cannot open the journal file", e))?;
@@ -1472,6 +1542,77 @@ mod tests {
         assert!(error.contains("write-ahead log is missing"), "{error}");
         drop(resumed);
         drop(killed);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A file under the journal's `-wal` name that is no write-ahead log (another file put
+    /// there, the wrong one put back) is refused and left as it is: SQLite reads it as an
+    /// empty log and deletes it, so a killed run's journal whose `-wal` was lost passed as one
+    /// with its log beside it (its jobs read as never registered, and a run created them
+    /// again), and the file was lost. An empty `-wal` (as a checkpoint leaves it) is a log.
+    #[test]
+    fn a_file_at_the_wal_name_that_is_no_write_ahead_log_is_refused_and_kept() {
+        let dir = scratch("notwal");
+        let path = dir.join("j.sqlite");
+        let (jobs, _) = parse_jobs("{\"id\":\"a\",\"prompt\":\"x\"}\n");
+        // Still open, as after a kill: the job and its `creating` mark are in the `-wal` alone.
+        let killed = Journal::open(&path).unwrap();
+        killed.register(&jobs).unwrap();
+        killed
+            .transition("a", JobState::Creating, Update::default())
+            .unwrap();
+        let stray = "{\"id\":\"a result, not a log\"}\n";
+        let lost = dir.join("lost.sqlite");
+        std::fs::copy(&path, &lost).unwrap();
+        std::fs::write(wal_path(&lost), stray).unwrap();
+        let error = Journal::open(&lost).map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains("no write-ahead log"), "{error}");
+        assert!(error.contains("lost.sqlite-wal"), "{error}");
+        assert_eq!(std::fs::read_to_string(wal_path(&lost)).unwrap(), stray);
+        // Beside a journal closed by its run too: SQLite would delete it.
+        let closed = dir.join("closed.sqlite");
+        drop(Journal::open(&closed).unwrap());
+        std::fs::write(wal_path(&closed), stray).unwrap();
+        let error = Journal::open(&closed).map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains("no write-ahead log"), "{error}");
+        assert_eq!(std::fs::read_to_string(wal_path(&closed)).unwrap(), stray);
+        // Moved away, the journal closed by its run opens; the one whose log was lost is
+        // refused for that.
+        std::fs::remove_file(wal_path(&closed)).unwrap();
+        drop(Journal::open(&closed).unwrap());
+        std::fs::remove_file(wal_path(&lost)).unwrap();
+        let error = Journal::open(&lost).map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains("write-ahead log is missing"), "{error}");
+        // An empty `-wal` is the log a checkpoint truncated: the journal opens.
+        let empty = dir.join("empty.sqlite");
+        drop(Journal::open(&empty).unwrap());
+        std::fs::write(wal_path(&empty), "").unwrap();
+        drop(Journal::open(&empty).unwrap());
+        drop(killed);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The command a refusal gives names a relative journal whose name begins with `-` as
+    /// `./-…`: `sqlite3 -j.sqlite …` takes the name for an option and refuses it.
+    #[test]
+    fn the_command_to_accept_a_journal_names_a_path_that_begins_with_a_dash_as_a_path() {
+        let dir = scratch("dash");
+        let path = dir.join("-j.sqlite");
+        let id = Journal::open(&path).unwrap().id().to_owned();
+        let word = shell_word(Path::new("-j.sqlite"));
+        assert_eq!(word, "./-j.sqlite");
+        assert_eq!(shell_word(Path::new("-a b")), "'./-a b'");
+        let read = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "sqlite3 {word} \"SELECT value FROM meta WHERE key = 'journal_id'\""
+            ))
+            .current_dir(&dir)
+            .output();
+        // Without a sqlite3 shell here, the word alone is checked.
+        if let Some(read) = read.ok().filter(|r| r.status.code() != Some(127)) {
+            assert_eq!(String::from_utf8_lossy(&read.stdout).trim(), id, "{read:?}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 

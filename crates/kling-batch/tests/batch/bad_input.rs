@@ -248,7 +248,9 @@ async fn a_variable_a_typing_slip_from_one_read_is_warned_of_and_the_run_goes_on
     let dir = temp_dir("setting-slips");
     let jobs = dir.join("jobs.jsonl");
     std::fs::write(&jobs, "{\"prompt\":\"x\"}\n").unwrap();
-    let cases: [(&[&str], &[(&str, &str)]); 2] = [
+    // The arguments, and the variables set.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
+    let cases: [Case<'_>; 2] = [
         (
             &[],
             &[("KLING_TIER", "pro"), ("KLING_RATE_PER_MINUTES", "20")],
@@ -387,10 +389,10 @@ async fn an_output_that_cannot_be_written_is_refused_before_anything_is_sent() {
 }
 
 /// `-o` naming a file SQLite keeps beside the journal (its `-wal`, `-shm` or `-journal`,
-/// however the path is written, and beside the file a symbolic link `--journal` names), the
-/// journal itself, or a path whose temporary file is the journal, is refused before anything
-/// is sent or written, naming both options and the path: the run went on, and its results
-/// were read by SQLite as the journal's own at the next open, and deleted.
+/// however the path is written, and beside the file a symbolic link `--journal` names, made
+/// or not yet), the journal itself, or a path whose temporary file is the journal, is refused
+/// before anything is sent or written, naming both options and the path: the run went on,
+/// and its results were read by SQLite as the journal's own at the next open, and deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_output_among_the_journals_own_files_is_refused_naming_both_options() {
     let server = MockServer::start(pro_mock()).await.unwrap();
@@ -437,6 +439,15 @@ async fn an_output_among_the_journals_own_files_is_refused_naming_both_options()
             path("sub/real.sqlite-wal"),
             "-wal".into(),
         ));
+        // A link to a journal not made yet, which SQLite makes where the link points: the
+        // `-wal` beside that, through a relative link and a second link.
+        std::os::unix::fs::symlink("sub/new.sqlite", dir.join("to-new.sqlite")).unwrap();
+        std::os::unix::fs::symlink("to-new.sqlite", dir.join("to-to-new.sqlite")).unwrap();
+        cases.push((
+            path("to-to-new.sqlite"),
+            path("sub/new.sqlite-wal"),
+            "-wal".into(),
+        ));
     }
     for (journal, out, named) in cases {
         let args = ["--journal", journal.as_str(), "-o", out.as_str()];
@@ -471,6 +482,44 @@ async fn an_output_among_the_journals_own_files_is_refused_naming_both_options()
         assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
         assert_eq!(results(std::path::Path::new(&out)).len(), 3);
     }
+}
+
+/// A `--download` folder at the path the results are first written to (`X.jsonl.tmp` for
+/// `-o X.*`) is refused before anything is sent, naming both options: the run created every
+/// job, and then could not write its results, nor could any rerun.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_folder_at_the_results_temporary_file_is_refused_naming_both_options() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("download-tmp");
+    let jobs = dir.join("jobs.jsonl");
+    std::fs::write(&jobs, JOBS.replace("{\"prompt\": oops\n", "")).unwrap();
+    let out = dir.join("out.json");
+    let folder = dir.join("out.jsonl.tmp");
+    let args = [
+        "-o",
+        out.to_str().unwrap(),
+        "--download",
+        folder.to_str().unwrap(),
+    ];
+    let output = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    for expected in ["--output", "--download", folder.to_str().unwrap()] {
+        assert!(stderr.contains(expected), "names {expected:?}: {stderr}");
+    }
+    assert_eq!(server.stats().requests_total, 0, "{stderr}");
+    // Elsewhere, the same run goes through and writes its results.
+    let files = dir.join("files");
+    let args = [
+        "-o",
+        out.to_str().unwrap(),
+        "--download",
+        files.to_str().unwrap(),
+    ];
+    let output = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(results(&out).len(), 3);
 }
 
 /// A results file that can no longer be written once the jobs ran (its folder went away)
