@@ -60,6 +60,23 @@ pub(super) fn is_due(t: &Tracked, now: Instant, takeover: Duration) -> bool {
             .is_none_or(|(_, since)| later(since, takeover) <= now)
 }
 
+/// Whether a task's next query is its last before its deadline, due within `slack`, and its
+/// last answer came a shortest interval (`lead`) ago at least: a batch sent now takes it along
+/// rather than leave it a query of its own later (its answer, within `slack` of the last call,
+/// schedules no other). Not a task backing off from a failed query (the backoff spares a
+/// failing server), nor one never answered (its first query is its last: not before its time).
+pub(super) fn joins_as_last_query(
+    t: &Tracked,
+    now: Instant,
+    lead: Duration,
+    slack: Duration,
+) -> bool {
+    t.errors == 0
+        && t.next_at == t.last_call
+        && t.last_call < later(now, slack)
+        && t.answered_at.is_some_and(|at| later(at, lead) <= now)
+}
+
 /// When a pending task next needs its call: its next query (or, while a query about it is on
 /// its way, the takeover time), or its deadline, whichever comes first.
 pub(super) fn next_wake(t: &Tracked, takeover: Duration) -> Instant {
@@ -78,11 +95,12 @@ impl Batches {
     /// The next batch query of the call whose tasks are `mine`, if one of them is due: its due
     /// tasks (soonest first), then other calls' due tasks, then tasks due within `soon`
     /// (soonest first; not those just answered, whose next query is at least that far, nor
-    /// those backing off from a failed query), each id once, up to `batch_size`. A task a
-    /// batch answer left out ([`Tracked::alone`]) is asked about alone. The tasks asked about
-    /// are marked until the answer is applied or the [`Claimed`] is dropped. An id a query on
-    /// its way asks about is left out (its tasks take that query's mark and wait for its
-    /// answer), so no claim overwrites another's recent mark.
+    /// those backing off from a failed query), then tasks whose last query before their
+    /// deadline is due within `last_slack` (see [`joins_as_last_query`]), each id once, up to
+    /// `batch_size`. A task a batch answer left out ([`Tracked::alone`]) is asked about alone.
+    /// The tasks asked about are marked until the answer is applied or the [`Claimed`] is
+    /// dropped. An id a query on its way asks about is left out (its tasks take that query's
+    /// mark and wait for its answer), so no claim overwrites another's recent mark.
     ///
     /// The query is given up at the latest deadline among the tasks it asks about, but no later
     /// than the last of the calling call's own: a call does not outlive its own tasks to wait
@@ -94,6 +112,7 @@ impl Batches {
         batch_size: usize,
         takeover: Duration,
         soon: Duration,
+        last_slack: Duration,
     ) -> Option<Claimed<'_>> {
         let mut state = self.lock();
         // Ids a query on its way asks about (a mark younger than the takeover time): no second
@@ -143,7 +162,11 @@ impl Batches {
                 .tracked
                 .values()
                 .filter(|t| t.result.is_none() && !t.alone && t.task.external == external)
-                .filter(|t| t.next_at <= now || (t.next_at < horizon && t.errors == 0))
+                .filter(|t| {
+                    t.next_at <= now
+                        || (t.next_at < horizon && t.errors == 0)
+                        || joins_as_last_query(t, now, soon, last_slack)
+                })
                 .filter(|t| !in_flight.contains_key(&asked_as(t)))
                 .collect();
             others.sort_by_key(|t| (t.next_at > now, t.next_at));

@@ -168,6 +168,22 @@ fn a_policy_with_an_unbounded_duration_is_refused_naming_the_field() {
     longest.validate().unwrap();
 }
 
+/// A last query slack beyond a year is refused, naming it, as every other duration is.
+#[test]
+fn a_last_query_slack_beyond_a_year_is_refused_naming_it() {
+    let year = kling_tower::preset::MAX_DURATION;
+    for slack in [Duration::MAX, year + Duration::from_secs(1)] {
+        let policy = FollowPolicy::new().last_query_slack(slack);
+        let err = Follower::new(mock(60, 60), policy).unwrap_err();
+        assert_eq!(err.field(), "follow.last_query_slack");
+        assert!(err.to_string().contains("at most a year"), "{err}");
+    }
+    FollowPolicy::new()
+        .last_query_slack(year)
+        .validate()
+        .unwrap();
+}
+
 /// A year is the longest policy: following with it works, and a task's creation time far in
 /// the future (an instant whose sum with the first wait does not exist) does not panic either.
 #[tokio::test(start_paused = true)]
@@ -2845,4 +2861,198 @@ async fn a_failing_server_is_not_asked_sooner_than_the_backoff_near_the_deadline
             );
         }
     }
+}
+
+/// Queries as a server saw them: when each came, and the ids it asked about.
+type Sent = Vec<(Duration, Vec<String>)>;
+
+/// What [`last_queries_scenario`] saw: every query, and each task's follow.
+struct LastQueries {
+    sent: Sent,
+    tasks: Vec<Followed>,
+}
+
+/// A task of [`last_queries_scenario`]: its id, deadline, whether it ends, and its result.
+struct Followed {
+    id: String,
+    deadline: Duration,
+    ends: bool,
+    result: Result<TaskReport, FollowError>,
+}
+
+/// Sixty new-style tasks created a second apart, each followed by a call of its own on clones of
+/// one follower (as the batch tool does) with a 300 s deadline, through an in-memory server
+/// that reports each task processing until its end: even ones end 13 s before their deadline
+/// (after their last regular query, before their last query at the latest slack), odd ones
+/// never.
+async fn last_queries_scenario(policy: FollowPolicy) -> LastQueries {
+    const TASKS: u64 = 60;
+    let deadline = Duration::from_secs(300);
+    let start = Instant::now();
+    let created = |i: u64| Duration::from_secs(i);
+    let ends: HashMap<String, Duration> = (0..TASKS)
+        .filter(|i| i % 2 == 0)
+        .map(|i| {
+            (
+                format!("t{i}"),
+                created(i) + deadline - Duration::from_secs(13),
+            )
+        })
+        .collect();
+    let sent: Arc<Mutex<Sent>> = Arc::default();
+    let log = sent.clone();
+    let service = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let at = start.elapsed();
+        let ids: Vec<String> = req
+            .uri()
+            .to_string()
+            .strip_prefix("/tasks?task_ids=")
+            .expect("a batch query by task ids")
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        let reports: Vec<String> = ids
+            .iter()
+            .map(|id| {
+                let ended = ends.get(id).is_some_and(|end| *end <= at);
+                let status = if ended { "succeeded" } else { "processing" };
+                format!(r#"{{"id":"{id}","status":"{status}"}}"#)
+            })
+            .collect();
+        log.lock().unwrap().push((at, ids));
+        let body = format!(
+            r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":[{}]}}"#,
+            reports.join(",")
+        );
+        async move { Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from(body)))) }
+    });
+    let one = follower(service, policy.deadline(deadline));
+    let mut calls = Vec::new();
+    for i in 0..TASKS {
+        tokio::time::sleep_until(start + created(i)).await;
+        let one = one.clone();
+        let id = format!("t{i}");
+        calls.push(tokio::spawn(async move {
+            one.follow(TaskRef::new_style(id)).await
+        }));
+    }
+    let mut tasks = Vec::new();
+    for (i, call) in (0..TASKS).zip(calls) {
+        let id = format!("t{i}");
+        tasks.push(Followed {
+            id,
+            deadline: created(i) + deadline,
+            ends: i % 2 == 0,
+            result: call.await.unwrap(),
+        });
+    }
+    let sent = sent.lock().unwrap().clone();
+    LastQueries { sent, tasks }
+}
+
+/// The last queries of tasks whose deadlines are spread over a window ride in the batch
+/// queries sent anyway, up to a slack of 10 s before they are due: 152 queries here, where
+/// the control (no slack, the default) sends each last query at its own time, and takes
+/// 164. Every task is still asked about within the slack (at least a shortest
+/// interval, as any task due that soon rides in a batch) and a shortest interval before its
+/// deadline, so each that ended by then ends with its report, and none is asked about twice
+/// within a shortest interval.
+#[tokio::test(start_paused = true)]
+async fn last_queries_before_spread_deadlines_ride_in_batches() {
+    let slack = Duration::from_secs(10);
+    let lead = Duration::from_secs(2);
+    let with_slack = last_queries_scenario(FollowPolicy::new().last_query_slack(slack)).await;
+    let without = last_queries_scenario(FollowPolicy::new()).await;
+    for (run, slack) in [(&with_slack, slack), (&without, Duration::ZERO)] {
+        let mut asked: HashMap<&str, Vec<Duration>> = HashMap::new();
+        for (at, ids) in &run.sent {
+            for id in ids {
+                asked.entry(id).or_default().push(*at);
+            }
+        }
+        for Followed {
+            id,
+            deadline,
+            ends,
+            result,
+        } in &run.tasks
+        {
+            let times = &asked[id.as_str()];
+            for pair in times.windows(2) {
+                assert!(pair[1] - pair[0] >= lead, "{id} asked at {times:?}");
+            }
+            let last = *times.last().unwrap();
+            assert!(last <= *deadline - lead, "{id} asked at {times:?}");
+            match (ends, result) {
+                (true, Ok(report)) => assert_eq!(report.status, TaskStatus::Succeeded),
+                (false, Err(FollowError::DeadlineExceeded { .. })) => {
+                    assert!(
+                        last >= *deadline - lead - slack.max(lead),
+                        "{id} not asked near its deadline {deadline:?}: {times:?}"
+                    );
+                }
+                _ => panic!("{id}: {result:?}"),
+            }
+        }
+    }
+    let (batched, alone) = (with_slack.sent.len(), without.sent.len());
+    assert!(
+        batched * 100 <= alone * 95,
+        "{batched} queries against {alone}: not 5% fewer"
+    );
+}
+
+/// Task `a` followed from the start and task `b`, created 60 s before, followed from `b_at`
+/// (due at once), on clones of one follower with [`age_policy`] and a 93 s deadline, through
+/// an in-memory server that reports every task processing: when each was asked about.
+async fn last_query_beside_a_late_call(b_at: Duration) -> HashMap<String, Vec<Duration>> {
+    let start = Instant::now();
+    let asked: Arc<Mutex<HashMap<String, Vec<Duration>>>> = Arc::default();
+    let log = asked.clone();
+    let service = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let uri = req.uri().to_string();
+        let ids = uri.strip_prefix("/tasks?task_ids=").unwrap();
+        let mut reports = Vec::new();
+        for id in ids.split(',') {
+            let mut log = log.lock().unwrap();
+            log.entry(id.to_owned()).or_default().push(start.elapsed());
+            reports.push(format!(r#"{{"id":"{id}","status":"processing"}}"#));
+        }
+        let body = format!(r#"{{"code":0,"data":[{}]}}"#, reports.join(","));
+        async move { Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from(body)))) }
+    });
+    let one = follower(
+        service,
+        age_policy(93).last_query_slack(Duration::from_secs(10)),
+    );
+    let a = tokio::spawn({
+        let one = one.clone();
+        async move { one.follow(TaskRef::new_style("a")).await }
+    });
+    tokio::time::sleep_until(start + b_at).await;
+    let b = TaskRef::new_style("b").created_at(start + b_at - Duration::from_secs(60));
+    let b = one.follow(b).await;
+    for result in [a.await.unwrap(), b] {
+        assert!(
+            matches!(result, Err(FollowError::DeadlineExceeded { .. })),
+            "{result:?}"
+        );
+    }
+    asked.lock().unwrap().clone()
+}
+
+/// A batch takes a task's last query along ahead of its time only a shortest interval after
+/// its last answer: here `a` is answered at 80 s and its last query is due at 91 s. A batch
+/// sent at 81.5 s (a call starting on a task already due) leaves it out, as it took it along
+/// 1.5 s after its previous query; one sent at 82 s takes it along, and it is not asked again.
+#[tokio::test(start_paused = true)]
+async fn a_last_query_rides_in_a_batch_no_sooner_than_a_shortest_interval_after_an_answer() {
+    let secs = Duration::from_secs_f64;
+    let regular: Vec<Duration> = [5.0, 10.0, 20.0, 40.0, 80.0].map(secs).to_vec();
+    let early = last_query_beside_a_late_call(secs(81.5)).await;
+    assert_eq!(early["a"], [regular.clone(), vec![secs(91.0)]].concat());
+    assert_eq!(early["b"], [secs(81.5), secs(112.5)]);
+    let riding = last_query_beside_a_late_call(secs(82.0)).await;
+    assert_eq!(riding["a"], [regular, vec![secs(82.0)]].concat());
+    assert_eq!(riding["b"], [secs(82.0), secs(113.0)]);
 }
