@@ -617,24 +617,22 @@ fn value_free<'m>(message: &'m str, path: Option<&str>) -> Cow<'m, str> {
 /// The path (`data.tasks[0].status`) of the field at an error's place in `body`: the keys and
 /// indexes of the objects and arrays open there, each object's by the last key read in it.
 ///
-/// serde_json places a data error just after the value it could not read, or at the `{` or
-/// `[` that opened it, or after a key written twice, or after the `}` of an object missing a
-/// field: each reads as the field's path (the last as its object's). The body is JSON up to
-/// there (serde_json read it), so a plain walk of its tokens is enough. `None` without a
-/// place or at the top level; a key that is no plain name (escapes read) is shown as `?`, so
-/// the path quotes nothing from the body but this crate's field names.
+/// serde_json places a data error just after the value it could not read, or at or just after
+/// the `{` or `[` that opened it (after its `}` or `]` when it is empty), or after a key written
+/// twice, or after the `}` of an object missing a field: each reads as the field's path (the
+/// last as its object's). The body is JSON up to there (serde_json read it), so a plain walk
+/// of its tokens is enough. `None` without a place or at the top level; a key that is none of
+/// the envelope's field names (escapes read) is shown as `?`, so the path quotes nothing from
+/// the body but this crate's field names.
 fn field_path(body: &[u8], line: usize, column: usize) -> Option<String> {
     enum Open {
         Object {
-            key: Option<String>,
+            key: Option<&'static str>,
             in_key: bool,
         },
         /// `begun` once the element at `index` has started: an array just opened, at whose
         /// `[` serde_json placed an error about the array itself, adds no index.
-        Array {
-            index: usize,
-            begun: bool,
-        },
+        Array { index: usize, begun: bool },
     }
     if line == 0 {
         return None;
@@ -717,21 +715,56 @@ fn field_path(body: &[u8], line: usize, column: usize) -> Option<String> {
     (!path.is_empty()).then_some(path)
 }
 
-/// A key as a path shows it: its name when it reads as one of this crate's field names
-/// (escapes read), else `?`; a key from the body is never quoted.
-fn key_name(written: &[u8]) -> String {
-    let plain = |name: &str| {
-        !name.is_empty()
-            && name.len() <= 32
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+/// A key as a path shows it: its name when it is one of the envelope's field names
+/// ([`FIELD_NAMES`], escapes read), else `?`. Any other key is the server's (one inside a
+/// task's free-form `task_info`, say) and may be a token: a key from the body is never quoted.
+fn key_name(written: &[u8]) -> &'static str {
+    let known = |name: &[u8]| {
+        FIELD_NAMES
+            .iter()
+            .copied()
+            .find(|field| field.as_bytes() == name)
     };
-    match serde_json::from_slice::<String>(written) {
-        Ok(name) if plain(&name) => name,
-        _ => "?".to_owned(),
-    }
+    // `written` is the key with its quotes; only one with an escape needs reading.
+    let inner = written
+        .get(1..written.len().saturating_sub(1))
+        .unwrap_or_default();
+    let name = if inner.contains(&b'\\') {
+        serde_json::from_slice::<String>(written)
+            .ok()
+            .and_then(|name| known(name.as_bytes()))
+    } else {
+        known(inner)
+    };
+    name.unwrap_or("?")
 }
+
+/// Every field name the envelope's readers (`RawEnvelope`, `RawTask` and the structs of a
+/// task's optional fields) read: the only keys [`field_path`] shows.
+const FIELD_NAMES: [&str; 22] = [
+    "code",
+    "message",
+    "request_id",
+    "data",
+    "task_id",
+    "task_status",
+    "task_status_msg",
+    "task_info",
+    "task_result",
+    "final_unit_deduction",
+    "id",
+    "status",
+    "external_id",
+    "outputs",
+    "billing",
+    "tasks",
+    "external_task_id",
+    "videos",
+    "images",
+    "url",
+    "amount",
+    "currency",
+];
 
 /// One UTF-8 check of the whole body (a word at a time for ASCII) instead of one per string,
 /// which is what `from_slice` does; a body that is not UTF-8 still goes through `from_slice`,
@@ -2487,10 +2520,118 @@ mod tests {
         ]);
         assert_eq!(
             field_path(br#"{"Bearer ak-1":{"x":"#, 1, 20).as_deref(),
-            Some("?.x")
+            Some("?.?")
         );
         assert_eq!(field_path(br#"{"code":0}"#, 0, 0), None);
         assert_eq!(field_path(br#"{"code":0}"#, 3, 1), None);
+    }
+
+    /// A key from the body is shown only when it is one of the envelope's field names: a
+    /// server's own key (inside `task_info`, say) can be a token in lowercase hex, which a
+    /// path that showed every plain-looking key would put in a log.
+    #[test]
+    fn a_path_shows_no_key_but_the_envelopes_field_names() {
+        let body = br#"{"code":0,"data":{"task_info":{"a3f9c2d1e8b74f60":{"sk_live_4242":{"x":"#;
+        assert_eq!(
+            field_path(body, 1, body.len()).as_deref(),
+            Some("data.task_info.?.?.?")
+        );
+        let body = br#"{"code":0,"data":{"tasks":[{"t\u0061sk_result":{"videos":[{"url":"#;
+        assert_eq!(
+            field_path(body, 1, body.len()).as_deref(),
+            Some("data.tasks[0].task_result.videos[0].url")
+        );
+    }
+
+    /// serde_json's column counts bytes (multi-byte text before the place, `\r\n` line ends)
+    /// and stops where serde_json stopped (after the spaces before an empty `[ ]`'s end, at an
+    /// object opened on a new line): the path is the field's in each of these places.
+    #[test]
+    fn the_path_is_found_whatever_the_spacing_and_text_before_it() {
+        fails_as(&[
+            (
+                "{\"code\":0,\r\n\"data\":{\"id\":\"t\",\r\n\"status\":5}}",
+                "invalid type at `data.status`: an integer, expected a string at line 3 column 10",
+            ),
+            (
+                r#"{"code":0,"message":"héllo wörld ✓","data":{"id":"t","status":5}}"#,
+                "invalid type at `data.status`: an integer, expected a string at line 1 column 67",
+            ),
+            (
+                r#"{"code":0,"message":"a\"b\\","data":{"id":"t","status":[1]}}"#,
+                "invalid type at `data.status`: an array, expected a string at line 1 column 55",
+            ),
+            (
+                r#"{"code":0,"data":{"id":"t" , "id" : "u"}}"#,
+                "duplicate field `data.id` at line 1 column 34",
+            ),
+            (
+                r#"{"code":0,"data":{"id":[ ],"status":"s"}}"#,
+                "invalid type at `data.id`: an array, expected a string or an integer at line 1 column 26",
+            ),
+            (
+                r#"{"code":0,"data":{"id":{ "k":1},"status":"s"}}"#,
+                "invalid type at `data.id`: an object, expected a string or an integer at line 1 column 25",
+            ),
+            (
+                "{\"code\":0,\"data\":{\"status\":\n{\"a\":1}}}",
+                "invalid type at `data.status`: an object, expected a string at line 2 column 0",
+            ),
+            (
+                r#"{"code":0,"data":[[],[{"id":"a","status":"s"},{"id":true}]]}"#,
+                "invalid type at `data[1][1].id`: a boolean, expected a string or an integer at line 1 column 56",
+            ),
+        ]);
+    }
+
+    /// [`FIELD_NAMES`] is every field name the readers' derives read, and no other: a field
+    /// added to a reader and not to the list would be shown as `?` in a path, and a duplicate
+    /// of it named wrong.
+    #[test]
+    fn the_names_a_path_shows_are_the_readers_fields() {
+        /// The field names serde's derive gives `T`: the `fields` it calls
+        /// `deserialize_struct` with, carried out in the error.
+        fn derived<T: Deserialize<'static>>() -> Vec<String> {
+            struct Fields;
+            impl<'de> Deserializer<'de> for Fields {
+                type Error = de::value::Error;
+                fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+                    Err(de::Error::custom("not a struct"))
+                }
+                fn deserialize_struct<V: Visitor<'de>>(
+                    self,
+                    _: &'static str,
+                    fields: &'static [&'static str],
+                    _: V,
+                ) -> Result<V::Value, Self::Error> {
+                    Err(de::Error::custom(fields.join(",")))
+                }
+                serde::forward_to_deserialize_any! {
+                    bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+                    bytes byte_buf option unit unit_struct newtype_struct seq tuple
+                    tuple_struct map enum identifier ignored_any
+                }
+            }
+            let Err(fields) = T::deserialize(Fields) else {
+                panic!("read from no struct");
+            };
+            fields.to_string().split(',').map(str::to_owned).collect()
+        }
+        let mut read: Vec<String> = [
+            derived::<RawEnvelope<'static>>(),
+            derived::<RawTask<'static>>(),
+            derived::<TaskInfo<'static>>(),
+            derived::<TaskResult<'static>>(),
+            derived::<Media<'static>>(),
+            derived::<Output<'static>>(),
+            derived::<Billing<'static>>(),
+        ]
+        .concat();
+        read.sort();
+        read.dedup();
+        let mut listed = FIELD_NAMES.map(str::to_owned).to_vec();
+        listed.sort();
+        assert_eq!(listed, read);
     }
 
     proptest::proptest! {

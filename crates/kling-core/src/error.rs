@@ -547,8 +547,8 @@ impl MalformedResponse {
 
     /// Why the body could not be read as an envelope, and where: the path of the field that
     /// was wrong (`data.task_status`), the kind of its value and the type expected, a line and
-    /// column, never a value from the body (a
-    /// gateway's page may echo the request's `Authorization`), so that it may go to a log.
+    /// column, never a value from the body (a gateway's page may echo the request's
+    /// `Authorization`), so that it may go to a log.
     pub fn reason(&self) -> &str {
         &self.reason
     }
