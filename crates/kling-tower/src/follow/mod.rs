@@ -814,7 +814,7 @@ struct Tracked {
     /// When its last query is due: a shortest interval before its deadline (time for the
     /// answer), or when following starts for a task already past it (its one query).
     last_call: Instant,
-    /// When the last answer that scheduled its next query came: a last query rides in a
+    /// When it was last answered (or left out of a batch answer): a last query rides in a
     /// batch no sooner than a shortest interval after it, as queries stay that far apart.
     answered_at: Option<Instant>,
     errors: u32,
@@ -1319,6 +1319,8 @@ where
                     t.alone = true;
                     t.left_out = t.task.external;
                     t.next_at = now;
+                    // Left out is its answer: what it is scheduled from if put back unasked.
+                    t.answered_at = Some(now);
                 }
             }
             Answer::Final(error) if !several && t.left_out && error.code() == Code::NotFound => {
@@ -1340,7 +1342,10 @@ where
                 if t.result.is_none() && t.left_out && t.asked.is_none() {
                     t.left_out = false;
                     t.alone = false;
-                    self.schedule(t, now, self.policy.interval(now - t.started));
+                    // Unasked since the answer that left it out: that answer, not this one,
+                    // is what may stand for its last query.
+                    let left_out_at = t.answered_at.unwrap_or(now);
+                    self.schedule_after(t, left_out_at, now, self.policy.interval(now - t.started));
                 }
             }
         }
@@ -1557,11 +1562,21 @@ where
     /// (this answer is that query). Last calls due together share batch queries, as other due
     /// tasks do.
     fn schedule(&self, t: &mut Tracked, now: Instant, wait: Duration) {
-        t.answered_at = Some(now);
+        self.schedule_after(t, now, now, wait);
+    }
+
+    /// [`schedule`](Self::schedule)s `t` at `now` from its last answer, which came at
+    /// `answered` (before `now` for a task put back into batches unasked): only an answer
+    /// within the slack stands for the last query.
+    fn schedule_after(&self, t: &mut Tracked, answered: Instant, now: Instant, wait: Duration) {
+        t.answered_at = Some(answered);
         let next = later(now, wait);
         let lead = self.policy.min_interval_duration();
-        let slack = self.policy.last_query_slack_duration().max(lead);
-        t.next_at = if next > t.last_call && later(now, slack) <= t.last_call {
+        let slack = self.policy.last_query_slack_duration();
+        t.next_at = if next > t.last_call
+            && later(now, lead) <= t.last_call
+            && later(answered, slack) <= t.last_call
+        {
             t.last_call
         } else {
             next

@@ -3056,3 +3056,455 @@ async fn a_last_query_rides_in_a_batch_no_sooner_than_a_shortest_interval_after_
     assert_eq!(riding["a"], [regular, vec![secs(82.0)]].concat());
     assert_eq!(riding["b"], [secs(82.0), secs(113.0)]);
 }
+
+/// External ids `x1` (never listed) and `x2` (listed from 5.5 s, ended at 6 s), created as
+/// following starts and followed by one call with a 19 s deadline (last call at 17 s), an
+/// interval of the task's age, and `slack`, through a server that leaves out of a batch answer
+/// what it does not list and answers a lone query about `x1` with `1203` after 9 s: the result
+/// for `x2`, and when each query came with the ids it asked about.
+async fn left_out_beside_a_slow_lone_1203(
+    slack: Duration,
+) -> (Result<TaskReport, FollowError>, Vec<(Duration, String)>) {
+    let start = Instant::now();
+    let sent: Arc<Mutex<Vec<(Duration, String)>>> = Arc::default();
+    let log = sent.clone();
+    let service = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let at = start.elapsed();
+        let uri = req.uri().to_string();
+        let ids = uri
+            .strip_prefix("/tasks?external_task_ids=")
+            .unwrap()
+            .to_owned();
+        log.lock().unwrap().push((at, ids.clone()));
+        async move {
+            let listed: Vec<String> = ids
+                .split(',')
+                .filter(|id| *id == "x2" && at >= Duration::from_millis(5_500))
+                .map(|id| {
+                    let status = if at >= Duration::from_secs(6) {
+                        "succeeded"
+                    } else {
+                        "processing"
+                    };
+                    format!(r#"{{"id":"t-{id}","external_id":"{id}","status":"{status}"}}"#)
+                })
+                .collect();
+            let body = if ids == "x1" {
+                tokio::time::sleep(Duration::from_secs(9)).await;
+                r#"{"code":1203,"message":"not found","request_id":"r"}"#.to_owned()
+            } else {
+                format!(
+                    r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":[{}]}}"#,
+                    listed.join(",")
+                )
+            };
+            Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from(body))))
+        }
+    });
+    let policy = FollowPolicy::new()
+        .interval_bounds(Duration::from_secs(2), Duration::from_secs(30))
+        .age_factor(1.0)
+        .deadline(Duration::from_secs(19))
+        .last_query_slack(slack);
+    let one = follower(service, policy);
+    let mut results = one
+        .follow_many(vec![
+            TaskRef::new_style_external("x1"),
+            TaskRef::new_style_external("x2"),
+        ])
+        .await;
+    let sent = sent.lock().unwrap().clone();
+    (results.remove(1), sent)
+}
+
+/// An external id left out of a batch answer at 5 s, waiting to be asked about alone while a
+/// lone query about another takes 9 s to meet its `1203`, is put back into batches at 14 s,
+/// within the slack before its last call (17 s): its last answer is still the one at 5 s,
+/// outside the slack, so its last call stays. It ended at 6 s, 13 s before its deadline, more
+/// than the slack and a shortest interval: it ends with its report, asked about at 17 s (it
+/// ended `DeadlineExceeded`, never asked again, as if the `1203` were its own answer). `x1`,
+/// whose `1203` at 14 s is within the slack, is not asked again; with no slack (the control)
+/// both are, at 17 s.
+#[tokio::test(start_paused = true)]
+async fn an_id_put_back_into_batches_within_the_slack_keeps_its_last_call() {
+    let secs = Duration::from_secs;
+    for (slack, last) in [(secs(10), "x2"), (Duration::ZERO, "x1,x2")] {
+        let (x2, sent) = left_out_beside_a_slow_lone_1203(slack).await;
+        let expected =
+            [("x1,x2", 5), ("x1", 5), (last, 17)].map(|(ids, at)| (secs(at), ids.to_owned()));
+        assert_eq!(sent, expected, "slack {slack:?}");
+        let x2 = x2.unwrap();
+        assert_eq!((&*x2.id, x2.status), ("t-x2", TaskStatus::Succeeded));
+    }
+}
+
+/// What kind of task a random schedule follows.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum RandomKind {
+    NewStyle,
+    External,
+    Legacy,
+    Unknown,
+}
+
+/// One task of a random schedule: who follows it, when, and how it goes on the server.
+#[derive(Clone, Debug)]
+struct RandomTask {
+    id: String,
+    kind: RandomKind,
+    /// When its call starts, from the scenario's start.
+    follow_at: Duration,
+    /// Its age when its call starts (created that long before).
+    age: Duration,
+    /// When it ends on the server, if it does; an external id is listed from `listed`.
+    end: Option<Duration>,
+    listed: Duration,
+    /// 0: the base follower, 1: a clone, 2: a clone with another account.
+    clone: usize,
+    /// Its end is delivered as a callback too (at its end).
+    delivered: bool,
+}
+
+/// A small deterministic generator (no dependency for it).
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// `count` tasks of every kind, followed within 2 minutes, drawn from `seed`, for a policy with
+/// `deadline` (seconds).
+fn random_tasks(seed: u64, count: usize, deadline: u64) -> Vec<RandomTask> {
+    let mut rng = Lcg(seed);
+    (0..count)
+        .map(|i| {
+            let kind = match rng.below(20) {
+                0..=12 => RandomKind::NewStyle,
+                13..=15 => RandomKind::External,
+                16..=18 => RandomKind::Legacy,
+                _ => RandomKind::Unknown,
+            };
+            let follow_at = Duration::from_millis(rng.below(120_000));
+            // Mostly young, some past their deadline when following starts.
+            let age = match rng.below(10) {
+                0 => Duration::from_secs(deadline + rng.below(100)),
+                1 | 2 => Duration::from_millis(rng.below(deadline * 1000)),
+                _ => Duration::from_millis(rng.below(5_000)),
+            };
+            let created = follow_at.saturating_sub(age);
+            let end = (rng.below(3) != 0)
+                .then(|| created + Duration::from_millis(rng.below((deadline + 30) * 1000)));
+            RandomTask {
+                id: format!("{}{i}", ["n", "x", "l", "u"][kind as usize]),
+                kind,
+                follow_at,
+                age,
+                end,
+                listed: created + Duration::from_millis(rng.below(20_000)),
+                clone: rng.below(3) as usize,
+                delivered: rng.below(2) == 0,
+            }
+        })
+        .collect()
+}
+
+/// A report parsed from a new-style answer body (a test cannot build one).
+fn parsed_report(json: &str) -> TaskReport {
+    let body = format!(r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":[{json}]}}"#);
+    let mut response = http::Response::new(Full::new(Bytes::from(body)));
+    Outcome::ensure(&mut response).unwrap().tasks()[0].clone()
+}
+
+/// Every query (when, account, URI) and every follow's end (its id, when, the result as text) of
+/// `tasks` followed with `policy` through an in-memory server: new-style tasks as they are,
+/// external ids once listed (a batch answer leaves out the others, a lone query meets
+/// `1203`), legacy tasks at their path, unknown ids never.
+async fn random_schedule_log(
+    policy: FollowPolicy,
+    tasks: Vec<RandomTask>,
+) -> (
+    Vec<(Duration, String, String)>,
+    Vec<(String, Duration, String)>,
+) {
+    let start = Instant::now();
+    let by_id: HashMap<String, RandomTask> =
+        tasks.iter().map(|t| (t.id.clone(), t.clone())).collect();
+    let queries: Arc<Mutex<Vec<(Duration, String, String)>>> = Arc::default();
+    let log = queries.clone();
+    let service = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let at = start.elapsed();
+        let uri = req.uri().to_string();
+        let account = AccountId::of(&req)
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default();
+        log.lock().unwrap().push((at, account, uri.clone()));
+        let status = |t: &RandomTask, legacy: bool| {
+            let ended = t.end.is_some_and(|end| end <= at);
+            match (ended, legacy) {
+                (true, true) => "succeed",
+                (true, false) => "succeeded",
+                (false, _) => "processing",
+            }
+        };
+        let body = if let Some(ids) = uri.strip_prefix("/tasks?task_ids=") {
+            ids.split(',')
+                .filter_map(|id| by_id.get(id))
+                .filter(|t| t.kind == RandomKind::NewStyle)
+                .map(|t| format!(r#"{{"id":"{}","status":"{}"}}"#, t.id, status(t, false)))
+                .collect::<Vec<String>>()
+        } else if let Some(ids) = uri.strip_prefix("/tasks?external_task_ids=") {
+            ids.split(',')
+                .filter_map(|id| by_id.get(id))
+                .filter(|t| t.kind == RandomKind::External && t.listed <= at)
+                .map(|t| {
+                    format!(
+                        r#"{{"id":"T{}","external_id":"{}","status":"{}"}}"#,
+                        t.id,
+                        t.id,
+                        status(t, false)
+                    )
+                })
+                .collect()
+        } else {
+            let id = uri.rsplit('/').next().unwrap();
+            let t = &by_id[id];
+            let legacy = format!(
+                r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":{{"task_id":"{id}","task_status":"{}"}}}}"#,
+                status(t, true)
+            );
+            return std::future::ready(Ok::<_, BoxError>(http::Response::new(Full::new(
+                Bytes::from(legacy),
+            ))));
+        };
+        let body = if body.is_empty() {
+            r#"{"code":1203,"message":"not found","request_id":"r"}"#.to_owned()
+        } else {
+            format!(
+                r#"{{"code":0,"message":"SUCCEED","request_id":"r","data":[{}]}}"#,
+                body.join(",")
+            )
+        };
+        std::future::ready(Ok::<_, BoxError>(http::Response::new(Full::new(
+            Bytes::from(body),
+        ))))
+    });
+    let base = follower(service, policy);
+    let followers = [
+        base.clone(),
+        base.clone(),
+        base.clone().with_account(AccountId::new("other")),
+    ];
+    let mut calls = Vec::new();
+    for t in tasks {
+        let one = followers[t.clone].clone();
+        calls.push(tokio::spawn(async move {
+            tokio::time::sleep_until(start + t.follow_at).await;
+            let created = Instant::now()
+                .checked_sub(t.age)
+                .unwrap_or_else(Instant::now);
+            let task = match t.kind {
+                RandomKind::NewStyle | RandomKind::Unknown => TaskRef::new_style(t.id.clone()),
+                RandomKind::External => TaskRef::new_style_external(t.id.clone()),
+                RandomKind::Legacy => TaskRef::legacy("/v1/videos/text2video", t.id.clone()),
+            };
+            if t.delivered
+                && t.kind == RandomKind::NewStyle
+                && let Some(end) = t.end
+            {
+                let delivering = one.clone();
+                let report = parsed_report(&format!(r#"{{"id":"{}","status":"succeeded"}}"#, t.id));
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(start + end.max(t.follow_at)).await;
+                    delivering.deliver(report);
+                });
+            }
+            let result = one.follow(task.created_at(created)).await;
+            let result = match result {
+                Ok(report) => format!("ok {} {:?}", report.id, report.status),
+                Err(FollowError::DeadlineExceeded { last_status, .. }) => {
+                    format!("deadline {last_status:?}")
+                }
+                Err(FollowError::Api { error, .. }) => format!("api {:?}", error.code()),
+                Err(other) => format!("other {other}"),
+            };
+            (t.id, start.elapsed(), result)
+        }));
+    }
+    let mut ends = Vec::new();
+    for call in calls {
+        ends.push(call.await.unwrap());
+    }
+    let queries = queries.lock().unwrap().clone();
+    (queries, ends)
+}
+
+/// Checks, for `tasks` followed with a deadline of `deadline`, a shortest interval of `lead`
+/// and a last query slack of `slack` (real time), as `queries` and `ends` tell: no task is asked
+/// about more than `lead` before its first query (a task due that soon rides in a batch sent
+/// anyway); with a slack, its last query comes `lead` after the one before at least; every
+/// task that ends `DeadlineExceeded` was asked about within `slack` (at least `lead`) before its
+/// last call; every task that ended more than `slack` and `lead` before its deadline (or was
+/// delivered) ends with its report. The failures, as text.
+fn random_schedule_faults(
+    tasks: &[RandomTask],
+    queries: &[(Duration, String, String)],
+    ends: &[(String, Duration, String)],
+    (deadline, lead, slack, first): (Duration, Duration, Duration, Duration),
+) -> Vec<String> {
+    let mut asked: HashMap<&str, Vec<Duration>> = HashMap::new();
+    for (at, _, uri) in queries {
+        let ids = match uri.split_once('=') {
+            Some((_, ids)) => ids,
+            None => uri.rsplit('/').next().unwrap(),
+        };
+        for id in ids.split(',') {
+            asked.entry(id).or_default().push(*at);
+        }
+    }
+    let ended: HashMap<&str, &str> = ends
+        .iter()
+        .map(|(id, _, r)| (id.as_str(), r.as_str()))
+        .collect();
+    let mut faults = Vec::new();
+    for t in tasks.iter().filter(|t| t.kind != RandomKind::Unknown) {
+        let times = asked.get(t.id.as_str()).cloned().unwrap_or_default();
+        let result = ended[t.id.as_str()];
+        // Seconds from the scenario's start (a task may be created before it).
+        let secs = |d: Duration| d.as_secs_f64();
+        let created = secs(t.follow_at) - secs(t.age);
+        let follow_at = secs(t.follow_at);
+        let (deadline, lead, slack, first) = (secs(deadline), secs(lead), secs(slack), secs(first));
+        let past = created + deadline <= follow_at;
+        let last_call = if past {
+            follow_at
+        } else {
+            (created + deadline - lead).max(follow_at)
+        };
+        let first_at = follow_at.max(created + first).min(last_call);
+        let times: Vec<f64> = times.iter().map(|d| secs(*d)).collect();
+        // The last query (the one a slack moves) comes a shortest interval after the one
+        // before at least. (Earlier ones may not: a task due within a shortest interval rides
+        // in a batch sent anyway, also one just answered.)
+        if slack > 0.0
+            && let [.., before, last] = times[..]
+            && last - before < lead - 1e-6
+            && result.starts_with("deadline")
+        {
+            faults.push(format!(
+                "{} last asked within {lead}s of the one before: {times:?}",
+                t.id
+            ));
+        }
+        if let Some(at) = times.first()
+            && *at + lead < first_at - 1e-6
+        {
+            faults.push(format!(
+                "{} asked at {at:?}, first query at {first_at:?}",
+                t.id
+            ));
+        }
+        let delivered = t.delivered
+            && t.kind == RandomKind::NewStyle
+            && t.end.is_some_and(|end| secs(end) <= created + deadline);
+        let ended_in_time = t.end.is_some_and(|end| {
+            if past {
+                secs(end) <= follow_at
+            } else {
+                secs(end) + slack.max(lead) + lead < created + deadline - 1e-6
+            }
+        });
+        if (ended_in_time || delivered) && !result.starts_with("ok") {
+            faults.push(format!(
+                "{} ended at {:?}, deadline {:?}, asked at {times:?}: {result}",
+                t.id,
+                t.end,
+                created + deadline
+            ));
+        }
+        if result.starts_with("deadline")
+            && !times
+                .last()
+                .is_some_and(|last| *last + slack.max(lead) >= last_call - 1e-6)
+        {
+            faults.push(format!(
+                "{} last call {last_call} not asked near it: {times:?}",
+                t.id
+            ));
+        }
+    }
+    faults
+}
+
+/// With a last query slack, random schedules (60 tasks each: new-style, external ids listed a
+/// while after their create, legacy and unknown ones; some created past their deadline; on
+/// clones, one of another account; some ends delivered) keep the follower's promises: no task
+/// asked about before its first query, nor left without an answer within the slack (at least
+/// a shortest interval) before its last call, its last query a shortest interval after the one
+/// before; none that ended more than the slack and a shortest interval before its deadline
+/// ends `DeadlineExceeded`. So at speed 4 (durations a quarter), with `callbacks_first`, and
+/// with no slack; the slack takes fewer queries. The control, a run with a 25 s slack checked
+/// as if it had none, breaks them.
+#[tokio::test(start_paused = true)]
+async fn random_schedules_with_a_last_query_slack_keep_the_follow_promises() {
+    let mut faults = Vec::new();
+    let mut queries_by_slack: HashMap<u64, usize> = HashMap::new();
+    for seed in 1..=8u64 {
+        for slack_secs in [0u64, 10, 25] {
+            for (speed, callbacks) in [(1.0, false), (4.0, false), (1.0, true)] {
+                let deadline = 300;
+                let tasks: Vec<RandomTask> = random_tasks(seed, 60, deadline)
+                    .into_iter()
+                    .map(|t| RandomTask {
+                        follow_at: t.follow_at.div_f64(speed),
+                        age: t.age.div_f64(speed),
+                        end: t.end.map(|e| e.div_f64(speed)),
+                        listed: t.listed.div_f64(speed),
+                        ..t
+                    })
+                    .collect();
+                let policy = FollowPolicy::new()
+                    .deadline(Duration::from_secs(deadline))
+                    .last_query_slack(Duration::from_secs(slack_secs))
+                    .speed(speed);
+                let policy = if callbacks {
+                    policy.callbacks_first(Duration::from_secs(60))
+                } else {
+                    policy
+                };
+                let (queries, ends) = random_schedule_log(policy, tasks.clone()).await;
+                if speed == 1.0 && !callbacks {
+                    *queries_by_slack.entry(slack_secs).or_default() += queries.len();
+                }
+                let real = |secs: u64| Duration::from_secs(secs).div_f64(speed);
+                let first = if callbacks { 60 } else { 5 };
+                let timing = (real(deadline), real(2), real(slack_secs), real(first));
+                for fault in random_schedule_faults(&tasks, &queries, &ends, timing) {
+                    faults.push(format!(
+                        "seed {seed}, slack {slack_secs} s, speed {speed}, callbacks {callbacks}: {fault}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(faults.is_empty(), "{}", faults.join("\n"));
+    assert!(
+        queries_by_slack[&10] < queries_by_slack[&0]
+            && queries_by_slack[&25] < queries_by_slack[&10],
+        "{queries_by_slack:?}"
+    );
+
+    let tasks = random_tasks(1, 60, 300);
+    let policy = FollowPolicy::new()
+        .deadline(Duration::from_secs(300))
+        .last_query_slack(Duration::from_secs(25));
+    let (queries, ends) = random_schedule_log(policy, tasks.clone()).await;
+    let secs = Duration::from_secs;
+    let timing = (secs(300), secs(2), Duration::ZERO, secs(5));
+    assert!(!random_schedule_faults(&tasks, &queries, &ends, timing).is_empty());
+}
