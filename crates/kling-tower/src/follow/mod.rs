@@ -16,7 +16,9 @@
 //! Many new-style tasks are asked about in one `GET /tasks?task_ids=a,b,c`, across calls: the
 //! [`follow`](Follower::follow) and [`follow_many`](Follower::follow_many) calls of a follower
 //! and its clones share batch queries. A call whose task is due asks about its own due tasks,
-//! other calls' due tasks, and tasks due within the shortest interval, up to the batch size;
+//! other calls' due tasks, and tasks due within the shortest interval (one answered a moment
+//! before too: riding in a query sent anyway costs the account no request, and its next query
+//! is then an interval after this answer), up to the batch size;
 //! the calls whose tasks it asks about, and calls that start following one of them meanwhile,
 //! wait for its answer rather than ask again, for at most four times the longest interval (so
 //! a query that hangs holds them up no longer than that), and the sending call stops waiting
@@ -229,7 +231,9 @@ impl FollowPolicy {
     /// ending within `slack` and the shortest interval before its deadline may end
     /// `DeadlineExceeded` though it ended in time: the trade is fewer queries (request rate
     /// for other work) against that blind window. Zero, the default, sends each last query at
-    /// its time.
+    /// its time. It must be below the longest interval (the safety interval with
+    /// [`callbacks_first`](Self::callbacks_first)): an answer comes within that before the
+    /// last query, so a slack that long would drop almost every last query.
     pub fn last_query_slack(mut self, slack: Duration) -> Self {
         self.last_query_slack = slack;
         self
@@ -329,6 +333,20 @@ impl FollowPolicy {
         }
         if self.callbacks_first && self.scaled(self.callback_interval).is_zero() {
             return err("follow.callback_interval", "must be above 0");
+        }
+        // An answer within the slack before the last query stands for it, and one always comes
+        // within the longest interval: a slack that long drops almost every last query.
+        if self.callbacks_first && self.last_query_slack >= self.callback_interval {
+            return err(
+                "follow.last_query_slack",
+                "must be below callback_interval (the query interval with callbacks_first)",
+            );
+        }
+        if !self.callbacks_first && self.last_query_slack >= self.max_interval {
+            return err(
+                "follow.last_query_slack",
+                "must be below max_interval (the longest interval between queries)",
+            );
         }
         Ok(())
     }
@@ -814,8 +832,8 @@ struct Tracked {
     /// When its last query is due: a shortest interval before its deadline (time for the
     /// answer), or when following starts for a task already past it (its one query).
     last_call: Instant,
-    /// When it was last answered (or left out of a batch answer): a last query rides in a
-    /// batch no sooner than a shortest interval after it, as queries stay that far apart.
+    /// When it was last answered (or left out of a batch answer): its last query rides in a
+    /// batch ahead of its time no sooner than a shortest interval after it.
     answered_at: Option<Instant>,
     errors: u32,
     last_status: Option<String>,

@@ -178,10 +178,58 @@ fn a_last_query_slack_beyond_a_year_is_refused_naming_it() {
         assert_eq!(err.field(), "follow.last_query_slack");
         assert!(err.to_string().contains("at most a year"), "{err}");
     }
+    // Below the longest interval (which a year-long slack must be under).
     FollowPolicy::new()
-        .last_query_slack(year)
+        .interval_bounds(Duration::from_secs(2), year)
+        .last_query_slack(year - Duration::from_secs(1))
         .validate()
         .unwrap();
+}
+
+/// A last query slack at or above the longest interval (the safety interval with
+/// `callbacks_first`) is refused, naming it and the bound: an answer always comes within that
+/// before the last query and stands for it, so such a slack dropped almost every last query.
+/// Just below it (and any slack under the safety interval with callbacks, whatever the longest
+/// interval) passes.
+#[test]
+fn a_last_query_slack_not_below_the_longest_interval_is_refused_naming_the_bound() {
+    let secs = Duration::from_secs;
+    let refused = [
+        (
+            FollowPolicy::new().last_query_slack(secs(30)),
+            "max_interval",
+        ),
+        (
+            FollowPolicy::new()
+                .interval_bounds(secs(2), secs(10))
+                .last_query_slack(secs(25)),
+            "max_interval",
+        ),
+        (
+            FollowPolicy::new().last_query_slack(secs(30)).speed(4.0),
+            "max_interval",
+        ),
+        (
+            FollowPolicy::new()
+                .callbacks_first(secs(20))
+                .last_query_slack(secs(20)),
+            "callback_interval",
+        ),
+    ];
+    for (policy, bound) in refused {
+        let err = Follower::new(mock(60, 60), policy.clone()).unwrap_err();
+        assert_eq!(err.field(), "follow.last_query_slack", "{policy:?}");
+        assert!(err.to_string().contains(bound), "{err}");
+    }
+    let accepted = [
+        FollowPolicy::new().last_query_slack(secs(29)),
+        FollowPolicy::new()
+            .callbacks_first(secs(60))
+            .last_query_slack(secs(40)),
+    ];
+    for policy in accepted {
+        policy.validate().unwrap();
+    }
 }
 
 /// A year is the longest policy: following with it works, and a task's creation time far in
