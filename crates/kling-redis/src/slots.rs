@@ -3931,6 +3931,20 @@ mod tests {
         assert_eq!(oldest, ["t2", "t3", "t0", "t100"]);
     }
 
+    /// The hold of `acct`'s task `id` (holding `h`, one slot of `video:kling-2.6`).
+    #[cfg(feature = "testing")]
+    fn hold_of_acct(inner: &Inner, id: &str) -> Vec<String> {
+        let mut args = change_of_h(inner, "hold");
+        args.extend(
+            ["1", id, "", "60000000", "acct", "video:kling-2.6", "t", ""].map(String::from),
+        );
+        assert_eq!(
+            (&args[HOLD_ID], &args[HOLD_ACCOUNT]),
+            (&id.to_owned(), &"acct".to_owned())
+        );
+        args
+    }
+
     /// The end of a task whose hold the replay is sending (off the queue, where it could
     /// become a give-back) is kept when the bound drops an end, and the next oldest dropped
     /// instead: dropped, the hold, applied or put back, held the slot until its lease ran out.
@@ -3940,15 +3954,8 @@ mod tests {
     async fn the_end_of_a_task_whose_hold_is_replayed_is_kept_past_the_bound() {
         let (_slots, inner) = unreachable_slots();
         let hold = |id: &str, holding: &str| {
-            let mut args = change_of_h(&inner, "hold");
+            let mut args = hold_of_acct(&inner, id);
             args[5] = holding.to_owned();
-            args.extend(
-                ["1", id, "", "60000000", "acct", "video:kling-2.6", "t", ""].map(String::from),
-            );
-            assert_eq!(
-                (&args[HOLD_ID], &args[HOLD_ACCOUNT]),
-                (&id.to_owned(), &"acct".to_owned())
-            );
             args
         };
         inner.queue(hold("t0", "h0"), 1);
@@ -4000,20 +4007,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_end_of_a_task_whose_hold_is_on_its_way_is_kept_past_the_bound() {
         let (_slots, inner) = unreachable_slots();
-        let mut hold = change_of_h(&inner, "hold");
-        hold.extend(
-            [
-                "1",
-                "t0",
-                "",
-                "60000000",
-                "acct",
-                "video:kling-2.6",
-                "t",
-                "",
-            ]
-            .map(String::from),
-        );
+        let hold = hold_of_acct(&inner, "t0");
         let on_its_way = inner.send_now(1, &hold).expect("nothing queued yet");
         inner.queue(reports(&inner, "acct", &tasks(0, 1, "1")), 2);
         inner.queue(
@@ -4039,20 +4033,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_replay_dropped_while_its_change_is_on_its_way_puts_it_back() {
         let (_slots, inner) = unreachable_slots();
-        let mut hold = change_of_h(&inner, "hold");
-        hold.extend(
-            [
-                "1",
-                "t0",
-                "",
-                "60000000",
-                "acct",
-                "video:kling-2.6",
-                "t",
-                "",
-            ]
-            .map(String::from),
-        );
+        let hold = hold_of_acct(&inner, "t0");
         inner.queue(hold, 1);
         let replay = replay_taking_the_first(&inner).await;
         replay.abort();
