@@ -1404,6 +1404,18 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// The journal at `path`, still open as a killed run leaves it: job `a` registered and
+    /// marked `creating`, both in the `-wal` alone.
+    fn killed_while_creating(path: &Path) -> Journal {
+        let (jobs, _) = parse_jobs("{\"id\":\"a\",\"prompt\":\"x\"}\n");
+        let killed = Journal::open(path).unwrap();
+        killed.register(&jobs).unwrap();
+        killed
+            .transition("a", JobState::Creating, Update::default())
+            .unwrap();
+        killed
+    }
+
     /// A journal whose run was killed, copied without its `-wal`, is refused, naming the
     /// missing file, what to check, and the command that accepts it at the user's own risk: it
     /// read as a new journal (its jobs, their `creating` marks, its id, all in the `-wal`), and
@@ -1413,13 +1425,8 @@ mod tests {
     fn a_journal_copied_without_its_wal_after_its_run_was_killed_is_refused() {
         let dir = scratch("nowal");
         let path = dir.join("j.sqlite");
-        let (jobs, _) = parse_jobs("{\"id\":\"a\",\"prompt\":\"x\"}\n");
         // Still open, as after a kill: the last commits are in the `-wal` alone.
-        let killed = Journal::open(&path).unwrap();
-        killed.register(&jobs).unwrap();
-        killed
-            .transition("a", JobState::Creating, Update::default())
-            .unwrap();
+        let killed = killed_while_creating(&path);
         let copy = |to: &str, with_wal: bool| {
             let copy = dir.join(to);
             std::fs::copy(&path, &copy).unwrap();
@@ -1554,13 +1561,8 @@ mod tests {
     fn a_file_at_the_wal_name_that_is_no_write_ahead_log_is_refused_and_kept() {
         let dir = scratch("notwal");
         let path = dir.join("j.sqlite");
-        let (jobs, _) = parse_jobs("{\"id\":\"a\",\"prompt\":\"x\"}\n");
         // Still open, as after a kill: the job and its `creating` mark are in the `-wal` alone.
-        let killed = Journal::open(&path).unwrap();
-        killed.register(&jobs).unwrap();
-        killed
-            .transition("a", JobState::Creating, Update::default())
-            .unwrap();
+        let killed = killed_while_creating(&path);
         let stray = "{\"id\":\"a result, not a log\"}\n";
         let lost = dir.join("lost.sqlite");
         std::fs::copy(&path, &lost).unwrap();
