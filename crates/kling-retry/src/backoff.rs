@@ -137,6 +137,8 @@ impl Backoff {
     /// Sets the longest `Retry-After` the retry layer waits out; a longer one ends the call with
     /// [`StopReason::RetryAfterTooLong`](crate::error::StopReason::RetryAfterTooLong) instead
     /// of a retry sooner than the server asked. ([`hint_bounds`](Self::hint_bounds) clamps.)
+    /// Above a day it ends the call all the same: kling-core reads a longer wait as
+    /// [`kling_core::MAX_RETRY_AFTER`], which says only "a day or more".
     pub fn max_retry_after(mut self, max: Duration) -> Self {
         self.max_retry_after = max;
         self

@@ -53,7 +53,9 @@ pub enum StopReason {
     /// The last answer's `Retry-After` asked for a longer wait than
     /// [`Backoff::max_retry_after`](crate::Backoff::max_retry_after) allows: the layer neither
     /// waits that long nor sends the request sooner than the server asked. Send it again no
-    /// sooner than [`Failed::retry_after`].
+    /// sooner than [`Failed::retry_after`]. A wait of [`kling_core::MAX_RETRY_AFTER`] (a day)
+    /// ends the call whatever the limit: kling-core reads any longer one as that, so it is a
+    /// lower bound (the `Retry-After` header itself says how long).
     RetryAfterTooLong,
 }
 
@@ -244,7 +246,8 @@ impl Failed {
     /// The wait the last answer's `Retry-After` asked for, if it had one: send the request
     /// again no sooner (the layer stopped before waiting it out). A Kling answer's, or a page
     /// without a Kling envelope's, read or too long to read (a proxy's 429 or 503, which the
-    /// layer retries by its `Retry-After` as it does Kling's own).
+    /// layer retries by its `Retry-After` as it does Kling's own). A day
+    /// ([`kling_core::MAX_RETRY_AFTER`]) means a day or more: read the header itself.
     pub fn retry_after(&self) -> Option<Duration> {
         if let Some(api) = self.api_error() {
             return api.retry_after();
@@ -283,11 +286,18 @@ impl fmt::Display for Failed {
             }
             (reason, _) => write!(f, "{reason}")?,
         }
-        if let Some((asked, limit)) = self.too_long {
-            write!(
+        match self.too_long {
+            // kling-core reads a longer wait as its ceiling: the server asked for this or more.
+            Some((asked, limit)) if asked >= kling_core::MAX_RETRY_AFTER => write!(
+                f,
+                " (Retry-After {asked:?} or more, longer than this layer reads exactly; \
+                 max_retry_after {limit:?})"
+            )?,
+            Some((asked, limit)) => write!(
                 f,
                 " (Retry-After {asked:?}, longer than max_retry_after {limit:?})"
-            )?;
+            )?,
+            None => {}
         }
         write!(
             f,
@@ -357,7 +367,8 @@ impl DeadlineExceeded {
     }
 
     /// The wait the last answer's `Retry-After` asked for, when that wait (not this layer's
-    /// backoff) is what would have passed the deadline.
+    /// backoff) is what would have passed the deadline. [`kling_core::MAX_RETRY_AFTER`] (a
+    /// day) means that or more, and [`resume_at`](Self::resume_at) is then a lower bound.
     pub fn asked(&self) -> Option<Duration> {
         self.asked
     }
@@ -397,9 +408,15 @@ impl DeadlineExceeded {
 impl fmt::Display for DeadlineExceeded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(asked) = self.asked {
+            // kling-core reads a longer wait as its ceiling: the server asked for this or more.
+            let more = if asked >= kling_core::MAX_RETRY_AFTER {
+                " or more"
+            } else {
+                ""
+            };
             write!(
                 f,
-                "the server asked to wait {asked:?} (Retry-After), and only {:?} \
+                "the server asked to wait {asked:?}{more} (Retry-After), and only {:?} \
                  are left before the deadline",
                 self.left
             )?;

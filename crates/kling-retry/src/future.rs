@@ -1100,9 +1100,11 @@ where
                     let asked = (hint >= floor).then_some(hint);
                     return self.past_deadline_asked(earliest, deadline, now, last, asked);
                 }
-                // Nor longer than this layer waits: the call ends, saying what was asked.
+                // Nor longer than this layer waits: the call ends, saying what was asked. A
+                // hint at kling-core's ceiling is a longer one read as the ceiling, a lower
+                // bound: waited out, the retry could come days early.
                 let limit = shared.backoff.retry_after_limit();
-                if hint > limit {
+                if hint > limit || hint >= kling_core::MAX_RETRY_AFTER {
                     return self.fail_with(
                         StopReason::RetryAfterTooLong,
                         last,

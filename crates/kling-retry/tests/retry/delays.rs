@@ -115,11 +115,99 @@ async fn a_retry_after_over_the_maximum_ends_the_call_instead_of_retrying_early(
     assert_eq!(failed.retry_after(), Some(Duration::from_secs(86_400)));
     assert!(
         error.to_string().starts_with(
-            "the server asked to wait longer than this layer waits (Retry-After 86400s, longer \
-             than max_retry_after 30s) after 1 attempt"
+            "the server asked to wait longer than this layer waits (Retry-After 86400s or more, \
+             longer than this layer reads exactly; max_retry_after 30s) after 1 attempt"
         ),
         "{error}"
     );
+}
+
+/// kling-core reads a `Retry-After` of more than a day as a day (`MAX_RETRY_AFTER`): with a
+/// `max_retry_after` above a day, a wait of two days (either form) was retried after one, a
+/// day sooner than the server asked, and again every day until the attempts ran out. A hint
+/// at that ceiling is a lower bound: the call ends at once, saying so. Negative control: a
+/// 12-hour wait under the same limit is waited out.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_longer_than_a_day_is_not_cut_to_a_day() {
+    let date = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let two_days = Duration::from_secs(2 * 86_400);
+    for (form, deadline) in [
+        ("seconds", None),
+        ("http-date", None),
+        ("seconds", Some(Duration::from_secs(30 * 86_400))),
+    ] {
+        let (server, log) = kling(move |_, i| {
+            Reply::Now(match (i, form) {
+                (0, "seconds") => with_header(code(1302), "retry-after", "172800"),
+                (0, _) => {
+                    let res = with_header(code(1302), "date", &httpdate::fmt_http_date(date));
+                    let later = httpdate::fmt_http_date(date + two_days);
+                    with_header(res, "retry-after", &later)
+                }
+                _ => task("t1", None),
+            })
+        });
+        let builder = RetryLayer::builder()
+            .seed(1)
+            .backoff(Backoff::new().max_retry_after(Duration::from_secs(3 * 86_400)));
+        let builder = match deadline {
+            Some(deadline) => builder.deadline(deadline),
+            None => builder.no_deadline(),
+        };
+        let client = builder.build().unwrap().layer(server);
+        let start = tokio::time::Instant::now();
+        let error = send(&client, get("/v1/videos/text2video/t1"))
+            .await
+            .expect_err(form);
+        assert_eq!(tokio::time::Instant::now(), start, "{form}: no wait");
+        assert_eq!(log.len(), 1, "{form}: no retry a day early");
+        let failed = error.downcast_ref::<Failed>().expect(form);
+        assert_eq!(failed.reason(), StopReason::RetryAfterTooLong, "{form}");
+        assert!(
+            error.to_string().contains(
+                "(Retry-After 86400s or more, longer than this layer reads exactly; \
+                 max_retry_after 259200s)"
+            ),
+            "{form}: {error}"
+        );
+    }
+    // Past a deadline, the error does not give the ceiling as the wait asked for.
+    let (server, log) = kling(|_, _| Reply::Now(with_header(code(1302), "retry-after", "172800")));
+    let client = RetryLayer::builder().seed(1).build().unwrap().layer(server);
+    let error = send(&client, get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap_err();
+    assert_eq!(log.len(), 1);
+    let late = error
+        .downcast_ref::<kling_retry::error::DeadlineExceeded>()
+        .unwrap_or_else(|| panic!("{error}"));
+    assert_eq!(late.asked(), Some(Duration::from_secs(86_400)));
+    assert!(
+        error
+            .to_string()
+            .starts_with("the server asked to wait 86400s or more (Retry-After), and only 600s"),
+        "{error}"
+    );
+    // A wait under a day, under the limit, is waited out.
+    let (server, log) = kling(|_, i| {
+        Reply::Now(if i == 0 {
+            with_header(code(1302), "retry-after", "43200")
+        } else {
+            task("t1", None)
+        })
+    });
+    let client = RetryLayer::builder()
+        .seed(1)
+        .no_deadline()
+        .backoff(Backoff::new().max_retry_after(Duration::from_secs(3 * 86_400)))
+        .build()
+        .unwrap()
+        .layer(server);
+    send(&client, get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap();
+    let seen = log.all();
+    assert!(seen[1].at - seen[0].at >= Duration::from_secs(43_200));
 }
 
 /// A `Retry-After` under the maximum overrides even a 5xx's backoff, exactly.
