@@ -6,6 +6,7 @@
 //! `exp` at most 1800 s (plus 300 s of clock skew) ahead; anything else is 1000, except an `iss`
 //! of another key (1002), a token not yet valid (1003) and an expired one (1004). With no keys
 //! configured (open mode) a JWT is checked the same way but for its issuer and signature.
+//! New-style endpoints take only an API key (KLING_API.md): a JWT there is 1000 whatever it holds.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -19,8 +20,21 @@ use crate::config::MockConfig;
 /// Who a request is, or why it is refused (a Kling code with its message).
 pub(crate) type AuthResult = Result<String, (u32, &'static str)>;
 
+/// Which credentials an endpoint takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Accepts {
+    /// An API key or the legacy JWT: legacy endpoints (and requests not yet routed).
+    KeyOrJwt,
+    /// An API key only: KLING_API.md gives it as the only option on new-style endpoints.
+    KeyOnly,
+}
+
 /// Resolves the `Authorization` header value to an account id.
-pub(crate) fn authenticate(config: &MockConfig, header: Option<&[u8]>) -> AuthResult {
+pub(crate) fn authenticate(
+    config: &MockConfig,
+    header: Option<&[u8]>,
+    accepts: Accepts,
+) -> AuthResult {
     let Some(raw) = header else {
         return Err((1001, "authorization header is empty"));
     };
@@ -43,6 +57,14 @@ pub(crate) fn authenticate(config: &MockConfig, header: Option<&[u8]>) -> AuthRe
     }
 
     let jwt = Jwt::parse(token);
+    // Refused whatever its claims: a client signing JWTs works on legacy endpoints and fails
+    // on these, as against Kling, instead of passing here.
+    if accepts == Accepts::KeyOnly && jwt.is_some() {
+        return Err((
+            1000,
+            "authentication failed: new-style endpoints take an API key, not an access-key JWT",
+        ));
+    }
     if let (Some(access), Some(secret), Some(jwt)) =
         (&config.access_key, &config.secret_key, jwt.as_ref())
     {

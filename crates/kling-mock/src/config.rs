@@ -662,7 +662,9 @@ impl MockConfig {
         self.account = Some(account);
         self
     }
-    /// Configures the legacy access key + secret key (JWT auth).
+    /// Configures the legacy access key + secret key (JWT auth). Legacy endpoints only: a JWT on
+    /// a new-style endpoint (`/{product}/{model}`, `/tasks`) is 401 code 1000, as KLING_API.md
+    /// gives the API key as their only option.
     pub fn access_key(
         mut self,
         access_key: impl Into<String>,

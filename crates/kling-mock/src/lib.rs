@@ -6,9 +6,9 @@
 //! code at its HTTP status, account-wide weighted concurrency per pool, a request-rate GCRA with an
 //! optional penalty, `/account/costs` at one query a second, credits that run out (1102) until
 //! their period ends (the Free tier's 66 a day) or for good, API-key and HS256-JWT auth (header
-//! and claims as KLING_API.md gives them), signed callbacks, and seeded fault injection (5xx,
-//! ghost creates, dropped connections, slow and malformed answers). It is an independent oracle:
-//! it shares no code with the client crates.
+//! and claims as KLING_API.md gives them; the JWT on legacy endpoints only), signed callbacks,
+//! and seeded fault injection (5xx, ghost creates, dropped connections, slow and malformed
+//! answers). It is an independent oracle: it shares no code with the client crates.
 //!
 //! Two ways to use it:
 //! - [`MockKling`], an in-process `tower_service::Service<http::Request<Full<Bytes>>>` whose time

@@ -80,7 +80,7 @@ struct Args {
     /// Accept only this API key (repeatable).
     #[arg(long)]
     api_key: Vec<String>,
-    /// Legacy access key (JWT iss); needs --secret-key.
+    /// Legacy access key (JWT iss; legacy endpoints only); needs --secret-key.
     #[arg(long, requires = "secret_key")]
     access_key: Option<String>,
     /// Legacy secret key (JWT HS256 key); needs --access-key.

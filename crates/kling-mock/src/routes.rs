@@ -92,6 +92,14 @@ impl Route {
     pub(crate) fn is_create(&self) -> bool {
         matches!(self, Route::LegacyCreate { .. } | Route::NewCreate { .. })
     }
+
+    /// A new-style endpoint (`/{product}/{model}`, `/tasks`), which takes only an API key.
+    pub(crate) fn is_new_style(&self) -> bool {
+        matches!(
+            self,
+            Route::NewCreate { .. } | Route::NewBatchQuery | Route::NewList
+        )
+    }
 }
 
 fn segment_ok(s: &str) -> bool {

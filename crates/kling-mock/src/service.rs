@@ -13,7 +13,7 @@ use http_body_util::Full;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::auth::authenticate;
+use crate::auth::{Accepts, authenticate};
 use crate::callbacks::{self, HttpClient};
 use crate::config::{ConfigError, MAX_WAIT, MockConfig, Switches};
 use crate::error::MockError;
@@ -268,7 +268,12 @@ impl MockKling {
                 .headers
                 .get(http::header::AUTHORIZATION)
                 .map(|v| v.as_bytes());
-            let account = match authenticate(&self.shared.config, auth) {
+            let accepts = if route.as_ref().is_some_and(Route::is_new_style) {
+                Accepts::KeyOnly
+            } else {
+                Accepts::KeyOrJwt
+            };
+            let account = match authenticate(&self.shared.config, auth, accepts) {
                 Ok(account) => account,
                 Err((code, msg)) => break 'answer (state.error(code, msg, now, None), None),
             };

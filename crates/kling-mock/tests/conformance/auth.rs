@@ -305,6 +305,38 @@ async fn a_jwt_header_without_typ_jwt_or_alg_hs256_is_401_1000() {
 /// The secrets a mock is configured with (API keys, the legacy secret key, callback secrets)
 /// never show in its `Debug`, nor in its server's: a test that logs `{:?}` of its mock or
 /// config printed them all (STYLE: no secrets in logs or `Debug`).
+/// KLING_API.md "Auth": the API key is the only option on new-style endpoints. A legacy JWT,
+/// however valid, is refused there (401 code 1000), with keys configured or in open mode, and
+/// makes no task; on a legacy endpoint it still works, as an API key does on both.
+#[tokio::test(start_paused = true)]
+async fn a_jwt_on_a_new_style_endpoint_is_401_1000() {
+    let t2v_new = "/text-to-video/kling-3.0";
+    for config in [quiet().access_key(AK, SK).api_key("api-key"), quiet()] {
+        let c = Caller::new(config);
+        let token = c.with_key(&jwt(&good_claims(), SK));
+        let key = c.with_key("api-key");
+        let task = key.post(t2v_new, json!({"prompt": "x"})).await;
+        let id = task.data()["id"].as_str().unwrap().to_owned();
+        key.get(&format!("/tasks?task_ids={id}")).await.data();
+        key.post("/tasks", json!({})).await.data();
+
+        let refused = [
+            token.post(t2v_new, json!({"prompt": "x"})).await,
+            token.get(&format!("/tasks?task_ids={id}")).await,
+            token.post("/tasks", json!({})).await,
+        ];
+        for reply in refused {
+            reply.assert_error(401, 1000);
+            let message = reply.body["message"].as_str().unwrap();
+            assert!(message.contains("API key"), "{message}");
+        }
+        assert_eq!(c.mock.stats().tasks_created, 1);
+        // The same token on a legacy endpoint is let in.
+        token.post(T2V, json!({"prompt": "x"})).await.data();
+        assert_eq!(c.mock.stats().tasks_created, 2);
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_debug_of_a_mock_shows_no_secret() {
     let config = quiet()

@@ -111,18 +111,18 @@ async fn each_preset_builds_the_stack_with_its_numbers() {
     }
 }
 
-/// The Pro mock of the forty-jobs test: tasks of 20–40 s, a JWT account.
+/// The Pro mock of the forty-jobs test: tasks of 20–40 s, an API-key account.
 fn forty_jobs_mock() -> MockConfig {
     MockConfig::preset(Preset::Pro)
         .task_duration(Duration::from_secs(20), Duration::from_secs(40))
-        .access_key("ak", "sk")
+        .api_key("forty-jobs-key")
 }
 
-/// The forty creates of the forty-jobs test, at once, through a bare client (a signed JWT and
+/// The forty creates of the forty-jobs test, at once, through a bare client (the API key and
 /// the classify step, no limit) on a mock of `config`: the mock's counts.
 async fn forty_bare_creates(config: MockConfig) -> kling_mock::Stats {
     let mock = MockKling::new(config).unwrap();
-    let bare = kling_tower::AuthLayer::new(Credentials::access_key("ak", "sk").unwrap())
+    let bare = kling_tower::AuthLayer::new(Credentials::api_key("forty-jobs-key").unwrap())
         .layer(kling_core::ClassifyLayer::new().layer(mock.clone()));
     let creates: Vec<_> = (0..40)
         .map(|i| {
@@ -144,7 +144,7 @@ async fn the_pro_stack_runs_forty_jobs_without_a_refusal() {
     let mock = MockKling::new(forty_jobs_mock()).unwrap();
     let kling = KlingLayer::new(
         StackConfig::preset(Tier::Pro),
-        Credentials::access_key("ak", "sk").unwrap(),
+        Credentials::api_key("forty-jobs-key").unwrap(),
     )
     .unwrap();
     let service = kling.layer(mock.clone());
@@ -179,8 +179,9 @@ async fn the_pro_stack_runs_forty_jobs_without_a_refusal() {
     assert_eq!(stats.max_concurrent.get("video:kling-3.0"), Some(&5));
     // Every slot came back: the follower's queries went through the slots layer.
     assert_eq!(kling.snapshot().pool("video:kling-3.0").unwrap().in_use, 0);
-    // The JWT was signed once and reused.
-    assert_eq!(kling.auth().tokens_signed(), 1);
+    // An API key (new-style endpoints take no other) signs nothing; the JWT's reuse in the
+    // stack is the auth tests' and the reliability suite's, on legacy endpoints.
+    assert_eq!(kling.auth().tokens_signed(), 0);
 
     // Negative control: the same forty creates through a bare client on the same mock
     // settings meet the rate (a burst of one: all but the first are 1302s) ...
