@@ -262,6 +262,15 @@ const OPEN_KEY: &str = "open";
 /// automatic one is off (`wal_autocheckpoint = 0`), and [`Journal::fold_if_long`] does it.
 const FOLDED_KEY: &str = "after_checkpoint";
 
+/// The `meta` key counting the run's folds of its log into the main file ([`fold`]): raised
+/// in the commit that opens each fold, unless the last fold did not end (its [`FOLDED_KEY`]
+/// still `0`: the same fold, tried again). Read from the main file alone
+/// ([`main_file_folds`]) and through its `-wal`, it tells a `-wal` older than the main file
+/// (put back from an earlier moment: its pages laid over newer ones) or newer (the two
+/// copied one after the other while the run folded its log) from the journal's own, whose
+/// count is the main file's, or one more while a fold has not ended.
+const FOLDS_KEY: &str = "folds";
+
 /// The statement that marks a journal closed (see [`OPEN_KEY`]) by hand: for one whose
 /// `-wal` was lost, at the user's own risk.
 const CLOSE_BY_HAND: &str = "UPDATE meta SET value = '0' WHERE key = 'open'";
@@ -278,25 +287,40 @@ struct Folding {
 
 /// Folds the write-ahead log into the main file, the main file saying meanwhile that its
 /// state is the run's own checkpoint's ([`FOLDED_KEY`]): marked `0` before the checkpoint and
-/// `1` after it. A failure at any step leaves the main file reading `0` (a lost `-wal` is then
-/// refused, which is safe). `opening` marks the journal open ([`OPEN_KEY`]) in the first
-/// of the two transactions.
+/// `1` after it, its count of folds raised meanwhile ([`FOLDS_KEY`]). A failure at any step
+/// leaves the main file reading `0` (a lost `-wal` is then refused, which is safe). `opening`
+/// marks the journal open ([`OPEN_KEY`]) in the first of the two transactions.
 fn fold(conn: &Connection, opening: bool) -> rusqlite::Result<()> {
-    let mark = |key: &str, value: &str| {
-        conn.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
-            [key, value],
-        )
-    };
-    let tx = conn.unchecked_transaction()?;
-    if opening {
-        mark(OPEN_KEY, "1")?;
-    }
-    mark(FOLDED_KEY, "0")?;
-    tx.commit()?;
+    begin_fold(conn, opening.then_some(true))?;
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-    mark(FOLDED_KEY, "1")?;
+    mark(conn, FOLDED_KEY, "1")?;
     Ok(())
+}
+
+/// Sets a `meta` key.
+fn mark(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<usize> {
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+        [key, value],
+    )
+}
+
+/// The commit that opens a fold, before its checkpoint ([`fold`], and the close's
+/// [`CloseMark`]): the open mark if given, the count of folds, and the fold mark `0`.
+fn begin_fold(conn: &Connection, open: Option<bool>) -> rusqlite::Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    if let Some(open) = open {
+        mark(conn, OPEN_KEY, if open { "1" } else { "0" })?;
+    }
+    // Before the fold mark below: whether the last fold ended ([`FOLDS_KEY`]).
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, \
+         COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = ?1), 0) \
+         + COALESCE((SELECT value != '0' FROM meta WHERE key = ?2), 1))",
+        [FOLDS_KEY, FOLDED_KEY],
+    )?;
+    mark(conn, FOLDED_KEY, "0")?;
+    tx.commit()
 }
 
 /// `path` as a shell word: as it is when it needs no quoting, else in single quotes; a
@@ -346,11 +370,9 @@ impl Drop for CloseMark {
             {
                 let conn = shared.lock().unwrap_or_else(|e| e.into_inner());
                 // A failure leaves the mark at `1`: a copy without the `-wal` is then
-                // refused, which is safe.
-                if conn
-                    .execute("UPDATE meta SET value = '0' WHERE key = ?1", [OPEN_KEY])
-                    .is_ok()
-                {
+                // refused, which is safe. Counted as a fold: a `-wal` of the run's last
+                // moments put back beside the closed file is older than it ([`FOLDS_KEY`]).
+                if begin_fold(&conn, Some(false)).is_ok() {
                     let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
                 }
             }
@@ -367,8 +389,13 @@ enum Contents {
     /// creation was cut short): nothing to lose.
     Fresh,
     /// A kling-batch journal; `left_open` when its last run did not close it, `folded` when
-    /// its whole write-ahead log was folded into the main file since ([`FOLDED_KEY`]).
-    Journal { left_open: bool, folded: bool },
+    /// its whole write-ahead log was folded into the main file since ([`FOLDED_KEY`]), `folds`
+    /// its count of folds, if it has one ([`FOLDS_KEY`]).
+    Journal {
+        left_open: bool,
+        folded: bool,
+        folds: Option<u64>,
+    },
     /// Another program's database, by its tables.
     Foreign(Vec<String>),
 }
@@ -407,7 +434,12 @@ impl Contents {
         if has("meta") && meta("journal_id")?.is_some() {
             let left_open = meta(OPEN_KEY)?.as_deref() == Some("1");
             let folded = meta(FOLDED_KEY)?.as_deref() == Some("1");
-            return Ok(Contents::Journal { left_open, folded });
+            let folds = meta(FOLDS_KEY)?.and_then(|count| count.parse().ok());
+            return Ok(Contents::Journal {
+                left_open,
+                folded,
+                folds,
+            });
         }
         // A table is a journal's by its columns too, not its name alone: another program's
         // empty `jobs` would have the journal's tables and columns added to it.
@@ -492,14 +524,49 @@ fn linked_file(path: &Path) -> std::path::PathBuf {
     }
 }
 
+/// The count of folds ([`FOLDS_KEY`]) the main file at `file` holds by itself, its `-wal`
+/// unread: opened `immutable` (read only, no lock taken, no `-wal` read or made). `None` when
+/// it holds none (a new file, a journal of an earlier version) or cannot be read so.
+fn main_file_folds(file: &Path) -> Option<u64> {
+    use std::fmt::Write as _;
+    // As a URI, the only way to ask for `immutable`: every byte but a few percent-encoded.
+    let mut uri = String::from(if file.is_absolute() {
+        "file://"
+    } else {
+        "file:"
+    });
+    for &byte in file.as_os_str().as_encoded_bytes() {
+        if byte.is_ascii_alphanumeric() || b"/._-~".contains(&byte) {
+            uri.push(char::from(byte));
+        } else {
+            let _ = write!(uri, "%{byte:02X}");
+        }
+    }
+    uri.push_str("?immutable=1");
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+        | OpenFlags::SQLITE_OPEN_URI
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(uri, flags).ok()?;
+    let count: String = conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [FOLDS_KEY], |r| {
+            r.get(0)
+        })
+        .ok()?;
+    count.parse().ok()
+}
+
 /// What lies under the journal's `-wal` name, looked at before SQLite opens the journal:
 /// SQLite reads a file there that does not begin as a write-ahead log as an empty one, and
 /// deletes it.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum WalFile {
     /// Nothing (a dangling symbolic link included).
     Missing,
-    /// A write-ahead log by its first bytes, an empty file (as a checkpoint leaves the log),
-    /// or one that cannot be read (SQLite then says why).
+    /// An empty file: the log a checkpoint truncated, or an empty file put in place of a lost
+    /// one, which SQLite reads as no log at all.
+    Empty,
+    /// A write-ahead log by its first bytes, or one that cannot be read (SQLite then says
+    /// why).
     Log,
     /// Another file.
     NotALog,
@@ -518,7 +585,8 @@ impl WalFile {
         };
         let mut start = Vec::with_capacity(4);
         match (&mut file).take(4).read_to_end(&mut start) {
-            Ok(_) if start.is_empty() || Self::MAGIC.iter().any(|m| start == m) => WalFile::Log,
+            Ok(_) if start.is_empty() => WalFile::Empty,
+            Ok(_) if Self::MAGIC.iter().any(|m| start == m) => WalFile::Log,
             Ok(_) => WalFile::NotALog,
             Err(_) => WalFile::Log,
         }
@@ -646,9 +714,19 @@ impl Journal {
         // Looked at before SQLite opens the file (reading it creates an empty `-wal`), beside
         // the file a symbolic link names, where SQLite keeps it.
         let wal = wal_path(&linked_file(&path));
-        let wal_present = match WalFile::at(&wal) {
-            WalFile::Missing => false,
-            WalFile::Log => true,
+        let wal_file = WalFile::at(&wal);
+        // What a journal its run left open lacks without its log: the refusal's words, and
+        // where the log is.
+        let log_lost = match wal_file {
+            WalFile::Missing => Some((
+                "its last run did not close it, and its write-ahead log is missing",
+                "which is not beside it",
+            )),
+            WalFile::Empty => Some((
+                "its last run did not close it, and its write-ahead log is empty",
+                "which is empty (0 bytes) and holds none of them",
+            )),
+            WalFile::Log => None,
             WalFile::NotALog => {
                 return Err(JournalError::new(
                     "the file under its write-ahead log's name is no write-ahead log",
@@ -667,6 +745,15 @@ impl Journal {
         let conn = Connection::open_with_flags(&path, flags)
             .map_err(|e| JournalError::new("cannot open the journal file", e))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Until the file and its log are known to be one journal's, closing the connection
+        // must not fold the log into the file (SQLite's last close does): a refused file and
+        // its `-wal` are left as they were, not the log's pages of another moment laid over
+        // the file's for good.
+        use rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE as NO_FOLD_ON_CLOSE;
+        if wal_file == WalFile::Log {
+            conn.set_db_config(NO_FOLD_ON_CLOSE, true)
+                .map_err(|e| JournalError::new("cannot open the journal file", e))?;
+        }
         // Only a lock held elsewhere means another run; anything else (a file that is no
         // SQLite database, such as the jobs file given as `--journal`, a read-only file) is
         // said as it is.
@@ -680,8 +767,9 @@ impl Journal {
             .map_err(refused)?;
         // Nothing is written to a file that is no kling-batch journal, nor to a journal that
         // lost its last commits.
-        match Contents::read(&conn).map_err(refused)? {
-            Contents::Foreign(tables) => {
+        let contents = Contents::read(&conn).map_err(refused)?;
+        match (&contents, log_lost) {
+            (Contents::Foreign(tables), _) => {
                 let mut named = tables
                     .iter()
                     .take(5)
@@ -700,16 +788,24 @@ impl Journal {
                 ));
             }
             // Its last run left it open, and its `-wal` is not beside it: whole only if
-            // another program folded every commit of the log into it.
-            Contents::Journal {
-                left_open: true,
-                folded: false,
-            } if !wal_present => {
+            // another program folded every commit of the log into it. An empty `-wal` holds
+            // no commit either (SQLite reads it as no log): the run's own fold is always
+            // followed by a commit to the log, so an empty one beside a journal its run left
+            // open was put there, or the run was killed in the instant between the two (then
+            // refused too, which is safe).
+            (
+                Contents::Journal {
+                    left_open: true,
+                    folded: false,
+                    ..
+                },
+                Some((refusal, where_log_is)),
+            ) => {
                 return Err(JournalError::new(
-                    "its last run did not close it, and its write-ahead log is missing",
+                    refusal,
                     format!(
                         "that run (killed, or still going when the file was copied) kept its \
-                         last commits in {wal}, which is not beside it: the jobs it created or \
+                         last commits in {wal}, {where_log_is}: the jobs it created or \
                          was creating last may be missing from this file, and a run on it would \
                          create them again (billed twice). Check where the journal came from: \
                          if the -wal file is there, put it back beside the journal under that \
@@ -722,8 +818,50 @@ impl Journal {
                     ),
                 ));
             }
-            Contents::Fresh | Contents::Journal { .. } => {}
+            (Contents::Fresh | Contents::Journal { .. }, _) => {}
         }
+        // A `-wal` of another moment than the main file: SQLite lays its pages over the main
+        // file's, and the journal reads as neither (jobs created since may read as never
+        // created, and be created again). Read once the reads above passed, which a run
+        // holding the journal makes fail; a count the file alone cannot give skips the check.
+        if let Contents::Journal { folded, folds, .. } = contents
+            && wal_file == WalFile::Log
+            && let Some(main) = main_file_folds(&linked_file(&path))
+        {
+            // The count is the main file's, or one more while a fold has not ended.
+            let of_log = folds.unwrap_or(0);
+            let unfolded_next = of_log == main + 1 && !folded;
+            if of_log != main && !unfolded_next {
+                let (refusal, moment) = if of_log < main {
+                    (
+                        "its write-ahead log is older than the journal file",
+                        "is from before the journal's last folds of its log into the file \
+                         (a copy put back from an earlier moment?)",
+                    )
+                } else {
+                    (
+                        "its write-ahead log is newer than the journal file",
+                        "is from after folds of the log that the file does not hold (the two \
+                         copied one after the other while their run went on?)",
+                    )
+                };
+                return Err(JournalError::new(
+                    refusal,
+                    format!(
+                        "{wal} (fold {of_log} of the log) {moment}, and the file holds fold \
+                         {main}: SQLite would lay the log's pages over the file's, and the \
+                         journal would read as neither, its jobs' states lost (jobs may be \
+                         created again, billed twice). Nothing was written: put back the -wal \
+                         and the file as they were together (copied together from a stopped \
+                         run), or run on the original; a journal its run closed needs no -wal, \
+                         and opens alone once that one is moved away",
+                        wal = wal.display(),
+                    ),
+                ));
+            }
+        }
+        conn.set_db_config(NO_FOLD_ON_CLOSE, false)
+            .map_err(|e| JournalError::new("cannot open the journal file", e))?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(refused)?;
         conn.pragma_update(None, "synchronous", "FULL")
@@ -1591,6 +1729,159 @@ mod tests {
         std::fs::write(wal_path(&empty), "").unwrap();
         drop(Journal::open(&empty).unwrap());
         drop(killed);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An empty file put in place of the lost `-wal` of a journal its run left open is
+    /// refused as a missing one: SQLite reads an empty `-wal` as no log, so the journal read
+    /// as it was before the log's commits (its job never registered) and a run created the
+    /// job again, billed twice. Beside a journal its run closed, an empty `-wal` is the log a
+    /// checkpoint truncated, and the journal opens.
+    #[test]
+    fn an_empty_file_in_place_of_a_lost_wal_is_refused_as_a_missing_one() {
+        let dir = scratch("emptywal");
+        let path = dir.join("j.sqlite");
+        let killed = killed_while_creating(&path);
+        let lost = dir.join("lost.sqlite");
+        std::fs::copy(&path, &lost).unwrap();
+        std::fs::write(wal_path(&lost), "").unwrap();
+        let error = Journal::open(&lost).map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains("write-ahead log is empty"), "{error}");
+        assert!(error.contains("lost.sqlite-wal, which is empty"), "{error}");
+        assert!(error.contains(CLOSE_BY_HAND), "{error}");
+        // SQLite removed the empty file as it closed the file it read: refused again as
+        // missing, nothing written.
+        let error = Journal::open(&lost).map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains("write-ahead log is missing"), "{error}");
+        // With its own log put back, it opens with the job's mark.
+        std::fs::copy(wal_path(&path), wal_path(&lost)).unwrap();
+        let journal = Journal::open(&lost).unwrap();
+        assert_eq!(
+            journal.record("a").unwrap().map(|r| r.state),
+            Some(JobState::Creating)
+        );
+        drop(journal);
+        // Closed by its run: an empty `-wal` beside it is no loss.
+        let closed = dir.join("closed.sqlite");
+        drop(Journal::open(&closed).unwrap());
+        std::fs::write(wal_path(&closed), "").unwrap();
+        drop(Journal::open(&closed).unwrap());
+        drop(killed);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A `-wal` put back from an earlier moment beside a journal file that holds later
+    /// folds of the log is refused, naming it: SQLite laid its older pages over the file's
+    /// newer ones, and the journal read as the earlier moment (a task created since read as
+    /// a create to look up again, or as never made). So is a `-wal` newer than its file (the
+    /// two copied one after the other while the run folded its log). The pair as the run
+    /// left it opens, one killed amid a fold (its count one ahead of the file's) included.
+    #[test]
+    fn a_wal_of_another_moment_than_its_journal_file_is_refused() {
+        let dir = scratch("stalewal");
+        // A name SQLite's URI would misread unless encoded: the check must read this file.
+        let path = dir.join("j ?#%&=.sqlite");
+        let (jobs, _) =
+            parse_jobs("{\"id\":\"a\",\"prompt\":\"x\"}\n{\"id\":\"b\",\"prompt\":\"y\"}\n");
+        let killed = Journal::open(&path).unwrap();
+        killed.register(&jobs).unwrap();
+        let early_file = dir.join("early-file");
+        std::fs::copy(&path, &early_file).unwrap();
+        killed
+            .transition("a", JobState::Creating, Update::default())
+            .unwrap();
+        let early_wal = dir.join("early-wal");
+        std::fs::copy(wal_path(&path), &early_wal).unwrap();
+        // The run folds its log after `a` is created, then marks `b`: in the log alone.
+        killed.fold_past(0);
+        killed
+            .transition("a", JobState::Created, Update::task("t1"))
+            .unwrap();
+        killed.fold_past(u64::MAX);
+        killed
+            .transition("b", JobState::Creating, Update::default())
+            .unwrap();
+        let pair = |name: &str, file: &Path, wal: &Path| {
+            let copy = dir.join(name);
+            std::fs::copy(file, &copy).unwrap();
+            std::fs::copy(wal, wal_path(&copy)).unwrap();
+            copy
+        };
+        let older = pair("older.sqlite", &path, &early_wal);
+        let error = Journal::open(&older).map(|_| ()).unwrap_err().to_string();
+        assert!(
+            error.contains("log is older than the journal file"),
+            "{error}"
+        );
+        assert!(error.contains("older.sqlite-wal"), "{error}");
+        let newer = pair("newer.sqlite", &early_file, &wal_path(&path));
+        let error = Journal::open(&newer).map(|_| ()).unwrap_err().to_string();
+        assert!(
+            error.contains("log is newer than the journal file"),
+            "{error}"
+        );
+        // Refused again: nothing was written, both files left as they were.
+        assert!(Journal::open(&older).is_err());
+        assert_eq!(
+            std::fs::read(wal_path(&older)).unwrap(),
+            std::fs::read(&early_wal).unwrap()
+        );
+        let states = |path: &Path| {
+            let journal = Journal::open(path).unwrap();
+            ["a", "b"].map(|id| journal.record(id).unwrap().map(|r| r.state))
+        };
+        let whole = pair("whole.sqlite", &path, &wal_path(&path));
+        assert_eq!(
+            states(&whole),
+            [Some(JobState::Created), Some(JobState::Creating)]
+        );
+        // Killed amid a fold, its first commit made and the log not yet folded: the log's
+        // count is one ahead of the file's. A fold tried again after one that failed keeps
+        // that count.
+        begin_fold(&killed.lock(), None).unwrap();
+        begin_fold(&killed.lock(), None).unwrap();
+        let amid = pair("amid.sqlite", &path, &wal_path(&path));
+        assert_eq!(
+            states(&amid),
+            [Some(JobState::Created), Some(JobState::Creating)]
+        );
+        assert_eq!(
+            states(&amid),
+            [Some(JobState::Created), Some(JobState::Creating)],
+            "and again"
+        );
+        drop(killed);
+        // The run's close folds its log too: a `-wal` of its last moments put back beside
+        // the closed file is older than it. Killed amid the close, the pair opens.
+        let run_to = |name: &str| {
+            let run = dir.join(name);
+            let journal = Journal::open(&run).unwrap();
+            journal.register(&jobs).unwrap();
+            journal
+                .transition("a", JobState::Creating, Update::default())
+                .unwrap();
+            (run, journal)
+        };
+        let as_left = [Some(JobState::Creating), Some(JobState::Queued)];
+        let (run, journal) = run_to("run.sqlite");
+        let last_wal = dir.join("last-wal");
+        std::fs::copy(wal_path(&run), &last_wal).unwrap();
+        drop(journal);
+        assert!(!wal_path(&run).exists());
+        let closed = pair("closed.sqlite", &run, &last_wal);
+        let error = Journal::open(&closed).map(|_| ()).unwrap_err().to_string();
+        assert!(
+            error.contains("log is older than the journal file"),
+            "{error}"
+        );
+        // Moved away, the closed file opens alone.
+        std::fs::remove_file(wal_path(&closed)).unwrap();
+        assert_eq!(states(&closed), as_left);
+        let (cut, journal) = run_to("cut.sqlite");
+        begin_fold(&journal.lock(), Some(false)).unwrap();
+        let amid_close = pair("amid-close.sqlite", &cut, &wal_path(&cut));
+        assert_eq!(states(&amid_close), as_left);
+        drop(journal);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -55,10 +55,25 @@ impl StderrSubscriber {
     }
 }
 
+/// The fields, by their event's target, whose values the message itself names: kling-tower's
+/// warning of a variable a typing slip from one it reads (`KLING_TEIR is not read: did you
+/// mean KLING_TIER? (ignored)`) carries both names as fields too, which printed each name
+/// twice. Such a field is left out only when the message holds its value.
+const NAMED_IN_MESSAGE: [(&str, &str); 2] = [("kling_tower", "variable"), ("kling_tower", "meant")];
+
 /// The text of one event: its message, then its other fields as `name=value`.
 fn format_event(event: &Event<'_>) -> String {
-    let mut fields = Fields::default();
+    let target = event.metadata().target();
+    let mut fields = Fields {
+        named_in_message: NAMED_IN_MESSAGE
+            .iter()
+            .filter(|(of, _)| *of == target)
+            .map(|&(_, field)| field)
+            .collect(),
+        ..Fields::default()
+    };
     event.record(&mut fields);
+    fields.add_fields_not_in_message();
     let level = if *event.metadata().level() == Level::ERROR {
         "error"
     } else {
@@ -89,6 +104,28 @@ pub(crate) fn escape_controls(text: &str) -> String {
 struct Fields {
     message: String,
     rest: String,
+    /// The fields of this event that the message may name ([`NAMED_IN_MESSAGE`]).
+    named_in_message: Vec<&'static str>,
+    /// Those recorded, with their values: printed unless the message holds the value.
+    maybe_named: Vec<(&'static str, String)>,
+}
+
+impl Fields {
+    /// Adds `name=value` to the fields printed.
+    fn push(&mut self, name: &str, value: &str) {
+        let sep = if self.rest.is_empty() { "" } else { ", " };
+        let _ = write!(self.rest, "{sep}{name}={value}");
+    }
+
+    /// Adds the fields the message may name whose value it does not hold: called once the
+    /// whole event is recorded, as its message may come after its fields.
+    fn add_fields_not_in_message(&mut self) {
+        for (name, value) in std::mem::take(&mut self.maybe_named) {
+            if !self.message.contains(&value) {
+                self.push(name, &value);
+            }
+        }
+    }
 }
 
 impl Visit for Fields {
@@ -99,9 +136,10 @@ impl Visit for Fields {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         if field.name() == "message" {
             let _ = write!(self.message, "{value:?}");
+        } else if self.named_in_message.contains(&field.name()) {
+            self.maybe_named.push((field.name(), format!("{value:?}")));
         } else {
-            let sep = if self.rest.is_empty() { "" } else { ", " };
-            let _ = write!(self.rest, "{sep}{}={value:?}", field.name());
+            self.push(field.name(), &format!("{value:?}"));
         }
     }
 }
@@ -190,6 +228,34 @@ mod tests {
                 "kling-batch: error: journal write failed (job=cat, error=disk full)",
                 "kling-batch: warning: download failed; a later run tries again (job=dog)",
                 "kling-batch: warning: server said \\u{7}\\u{1b}[31mred (job=\\u{1b}[2Jx)",
+            ]
+        );
+    }
+
+    /// kling-tower's warning of a variable a typing slip from one it reads names both in its
+    /// message and in its fields: each name is printed once. A field of another event is
+    /// printed even when the message holds its value (a job `a`, in "a later run").
+    #[test]
+    fn a_variable_a_slip_from_one_read_is_named_once() {
+        let lines = std::sync::Arc::new(Mutex::new(Vec::new()));
+        tracing::subscriber::with_default(Capture(lines.clone()), || {
+            kling_tower::StackConfig::check_env_names(["KLING_RATE_PER_MINUTES"]).unwrap();
+            tracing::warn!(job = "a", "download failed; a later run tries again");
+            tracing::warn!(
+                target: "kling_tower",
+                variable = "KLING_X",
+                meant = "KLING_Y",
+                "a message of another shape"
+            );
+        });
+        assert_eq!(
+            *lines.lock().unwrap(),
+            [
+                "kling-batch: warning: KLING_RATE_PER_MINUTES is not read: did you mean \
+                 KLING_RATE_PER_MINUTE? (ignored)",
+                "kling-batch: warning: download failed; a later run tries again (job=a)",
+                "kling-batch: warning: a message of another shape (variable=KLING_X, \
+                 meant=KLING_Y)",
             ]
         );
     }

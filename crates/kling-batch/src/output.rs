@@ -91,10 +91,27 @@ pub(crate) fn tmp_path(path: &Path) -> std::path::PathBuf {
 /// would otherwise be lost only once every job ran (and was paid for). Creates and removes a
 /// file of its own beside `path` (named for this process); an existing file at `path`, and
 /// the temporary file of [`write_results`], are left alone: that one may be another run's,
-/// writing its results there (an overlapping run, which its journal then refuses).
+/// writing its results there (an overlapping run, which its journal then refuses). A
+/// directory or other non-file under the temporary file's name is refused, naming it: the
+/// results could not be written through it, once every job ran.
 pub fn check_writable(path: &Path) -> std::io::Result<()> {
     if path.is_dir() {
         return Err(std::io::Error::other("is a directory"));
+    }
+    let tmp = tmp_path(path);
+    if let Ok(found) = std::fs::metadata(&tmp)
+        && !found.is_file()
+    {
+        let what = if found.is_dir() {
+            "a directory"
+        } else {
+            "no regular file"
+        };
+        return Err(std::io::Error::other(format!(
+            "the results are written first to {}, which is {what}: move it, or name another \
+             file",
+            tmp.display()
+        )));
     }
     let probe = path.with_extension(format!("jsonl.check-{}", std::process::id()));
     std::fs::File::create(&probe)?;
@@ -155,6 +172,30 @@ mod tests {
         // Still refused where nothing can be written.
         assert!(check_writable(&dir.join("missing").join("out.jsonl")).is_err());
         assert!(check_writable(&dir).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A directory (or a FIFO, which an open for writing would wait on for ever) under the
+    /// results' temporary file's name is refused, naming it: the run sent every create and
+    /// then could not write its results.
+    #[test]
+    fn a_non_file_at_the_results_temporary_file_is_refused_naming_it() {
+        let dir = std::env::temp_dir().join(format!("kling-batch-tmpdir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let output = dir.join("out.json");
+        let tmp = tmp_path(&output);
+        check_writable(&output).unwrap();
+        std::fs::create_dir(&tmp).unwrap();
+        let error = check_writable(&output).unwrap_err().to_string();
+        assert!(error.contains(tmp.to_str().unwrap()), "{error}");
+        assert!(error.contains("a directory"), "{error}");
+        std::fs::remove_dir(&tmp).unwrap();
+        let fifo = std::process::Command::new("mkfifo").arg(&tmp).status();
+        if fifo.is_ok_and(|s| s.success()) {
+            let error = check_writable(&output).unwrap_err().to_string();
+            assert!(error.contains("no regular file"), "{error}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -2,7 +2,7 @@
 
 use kling_mock::MockServer;
 
-use crate::support::{finish, pro_mock, results, run_command, summary, temp_dir};
+use crate::support::{SPEED, finish, pro_mock, results, run_command, summary, temp_dir};
 
 const JOBS: &str = "{\"id\":\"a\",\"prompt\":\"one\"}\n{\"id\":\"b\",\"prompt\":\"two\"}\n{\"prompt\": oops\n{\"id\":\"d\",\"prompt\":\"four\"}\n";
 
@@ -242,41 +242,51 @@ async fn a_refused_setting_names_the_option_file_or_variable_that_set_it() {
 
 /// A variable a typing slip away from one the stack reads (`KLING_RATE_PER_MINUTES`) may be
 /// another program's own, so it stops nothing: the run goes on, and a warning on stderr names
-/// it and the name it resembles, with `--tier` as without.
+/// it and the name it resembles, each once, with `--tier` as without. Run against a mock on
+/// loopback, each run ends at once, having sent its job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_variable_a_typing_slip_from_one_read_is_warned_of_and_the_run_goes_on() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let base_url = server.base_url();
     let dir = temp_dir("setting-slips");
     let jobs = dir.join("jobs.jsonl");
     std::fs::write(&jobs, "{\"prompt\":\"x\"}\n").unwrap();
+    let speed = SPEED.to_string();
     // The arguments, and the variables set.
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
     let cases: [Case<'_>; 2] = [
         (
-            &[],
+            &["--journal", "env.sqlite"],
             &[("KLING_TIER", "pro"), ("KLING_RATE_PER_MINUTES", "20")],
         ),
-        (&["--tier", "pro"], &[("KLING_RATE_PER_MINUTES", "20")]),
+        (
+            &["--journal", "tier.sqlite", "--tier", "pro"],
+            &[("KLING_RATE_PER_MINUTES", "20")],
+        ),
     ];
-    for (args, vars) in cases {
-        let mut cmd = refused_run(&jobs, args);
-        cmd.envs(vars.iter().copied());
+    for (index, (args, vars)) in cases.into_iter().enumerate() {
+        let mut all_args = args.to_vec();
+        all_args.extend(["--base-url", &base_url, "--speed", &speed]);
+        let mut cmd = refused_run(&jobs, &all_args);
+        cmd.current_dir(&dir)
+            .envs(vars.iter().copied())
+            // Real-time jitter does not speed up: keep a few ms between requests at the mock.
+            .env("KLING_HEADROOM", "0.3");
         let output = finish(cmd).await;
         let stderr = String::from_utf8_lossy(&output.stderr);
+        let warning = "kling-batch: warning: KLING_RATE_PER_MINUTES is not read: did you mean \
+                       KLING_RATE_PER_MINUTE? (ignored)";
         assert!(
-            stderr
-                .lines()
-                .any(|line| line.starts_with("kling-batch: warning: ")
-                    && line.contains(
-                        "KLING_RATE_PER_MINUTES is not read: did you mean KLING_RATE_PER_MINUTE?"
-                    )),
+            stderr.lines().any(|line| line == warning),
             "{args:?}: {stderr}"
         );
-        // Not refused for it: the run went on to send (to a port where nothing listens).
+        // Not refused for it: the run went on, sent its job, and saw it through.
         assert!(
             !stderr.contains("kling-batch: KLING_RATE_PER_MINUTES: "),
             "{args:?}: {stderr}"
         );
-        assert_ne!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
+        assert_eq!(server.stats().tasks_created, index as u64 + 1, "{args:?}");
     }
 }
 
@@ -516,6 +526,34 @@ async fn a_download_folder_at_the_results_temporary_file_is_refused_naming_both_
         "--download",
         files.to_str().unwrap(),
     ];
+    let output = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(results(&out).len(), 3);
+}
+
+/// A directory already at the path the results are first written to (`X.jsonl.tmp` for
+/// `-o X.*`), with no `--download` naming it, is refused before anything is sent, naming
+/// the path: the run created every job, and then could not write its results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_at_the_results_temporary_file_is_refused_before_anything_is_sent() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("tmp-dir");
+    let jobs = dir.join("jobs.jsonl");
+    std::fs::write(&jobs, JOBS.replace("{\"prompt\": oops\n", "")).unwrap();
+    let out = dir.join("out.json");
+    let in_the_way = dir.join("out.jsonl.tmp");
+    std::fs::create_dir(&in_the_way).unwrap();
+    let args = ["-o", out.to_str().unwrap()];
+    let output = finish(run_command(&jobs, &server.base_url(), &args)).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    for expected in ["--output", in_the_way.to_str().unwrap(), "a directory"] {
+        assert!(stderr.contains(expected), "names {expected:?}: {stderr}");
+    }
+    assert_eq!(server.stats().requests_total, 0, "{stderr}");
+    // Moved away, the same run goes through and writes its results.
+    std::fs::remove_dir(&in_the_way).unwrap();
     let output = finish(run_command(&jobs, &server.base_url(), &args)).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
