@@ -95,10 +95,11 @@ impl Batches {
     /// The next batch query of the call whose tasks are `mine`, if one of them is due: its due
     /// tasks (soonest first), then other calls' due tasks, then tasks due within `soon`
     /// (soonest first, one answered a moment before too: it costs no request, and its next
-    /// query is then an interval after this answer; not those backing off from a failed
-    /// query), then tasks whose last query before their
-    /// deadline is due within `last_slack` (see [`joins_as_last_query`]), each id once, up to
-    /// `batch_size`. A task a batch answer left out ([`Tracked::alone`]) is asked about alone.
+    /// query is then an interval after this answer; a last query before the deadline too, whose
+    /// answer then stands for it; not those backing off from a failed query), then tasks whose
+    /// last query before their deadline is due within `last_slack` (see
+    /// [`joins_as_last_query`]), each id once, up to `batch_size`. A task a batch answer left
+    /// out ([`Tracked::alone`]) is asked about alone.
     /// The tasks asked about are marked until the answer is applied or the [`Claimed`] is
     /// dropped. An id a query on its way asks about is left out (its tasks take that query's
     /// mark and wait for its answer), so no claim overwrites another's recent mark.

@@ -7,10 +7,12 @@
 //! was reported as not ended), unless an answer came within a shortest interval before that:
 //! queries stay that far apart. A retry after a failed query is not brought forward so: the
 //! backoff spares a failing server. That last query is due like any other, so the last queries
-//! of many tasks due together share batch queries too. With a
-//! [`last_query_slack`](FollowPolicy::last_query_slack) (off by default), a batch query sent
-//! anyway up to that long before it takes it along, a shortest interval after the task's last
-//! answer at the soonest: tasks created apart have their deadlines apart, and their last
+//! of many tasks due together share batch queries too, and like any task due within a
+//! shortest interval it rides in a batch query sent anyway that long before it (its answer
+//! then stands for it: the last answer may come two shortest intervals before the deadline).
+//! With a [`last_query_slack`](FollowPolicy::last_query_slack) (off by default), a batch query
+//! sent anyway up to that long before it takes it along, a shortest interval after the task's
+//! last answer at the soonest: tasks created apart have their deadlines apart, and their last
 //! queries go one each. Any answer within that slack before the last query then stands for
 //! it.
 //! Many new-style tasks are asked about in one `GET /tasks?task_ids=a,b,c`, across calls: the
@@ -228,12 +230,16 @@ impl FollowPolicy {
     /// deadlines of tasks created apart are apart too, and so were their last queries, one
     /// query each (60 tasks created a second apart, 300 s deadline: 152 queries with 10 s,
     /// 164 without). An answer within `slack` before the last query stands for it, so a task
-    /// ending within `slack` and the shortest interval before its deadline may end
-    /// `DeadlineExceeded` though it ended in time: the trade is fewer queries (request rate
-    /// for other work) against that blind window. Zero, the default, sends each last query at
-    /// its time. It must be below the longest interval (the safety interval with
-    /// [`callbacks_first`](Self::callbacks_first)): an answer comes within that before the
-    /// last query, so a slack that long would drop almost every last query.
+    /// ending within `slack` (at least the shortest interval) and the shortest interval
+    /// before its deadline may end `DeadlineExceeded` though it ended in time: the trade is
+    /// fewer queries (request rate for other work) against that blind window. Zero, the
+    /// default, sends each last query at its time, or in a batch sent within a shortest
+    /// interval before it, as any task due that soon (a blind window of two shortest
+    /// intervals). It must be below the query interval before the last query: the safety
+    /// interval with [`callbacks_first`](Self::callbacks_first), else the interval at that
+    /// query's age (`max_interval` unless the deadline is short or the age factor small:
+    /// 11.6 s for a 60 s deadline by default). An answer comes within that before the last
+    /// query, so a slack that long would drop almost every last query.
     pub fn last_query_slack(mut self, slack: Duration) -> Self {
         self.last_query_slack = slack;
         self
@@ -241,7 +247,8 @@ impl FollowPolicy {
 
     /// Relies on callbacks ([`Follower::deliver`]): queries only every `safety_interval`, and
     /// once just before the deadline (a lost callback must not end a finished task as
-    /// `DeadlineExceeded`, see the [module docs](self)).
+    /// `DeadlineExceeded`, see the [module docs](self)). The safety interval must be at least
+    /// the shortest interval (`min_interval`): a safety net polls less often than polling.
     pub fn callbacks_first(mut self, safety_interval: Duration) -> Self {
         self.callbacks_first = true;
         self.callback_interval = safety_interval;
@@ -334,21 +341,54 @@ impl FollowPolicy {
         if self.callbacks_first && self.scaled(self.callback_interval).is_zero() {
             return err("follow.callback_interval", "must be above 0");
         }
-        // An answer within the slack before the last query stands for it, and one always comes
-        // within the longest interval: a slack that long drops almost every last query.
-        if self.callbacks_first && self.last_query_slack >= self.callback_interval {
-            return err(
-                "follow.last_query_slack",
-                "must be below callback_interval (the query interval with callbacks_first)",
-            );
+        // A safety net polling more often than polling itself may is none, and the shortest
+        // interval is what keeps a task's queries apart.
+        if self.callbacks_first && self.callback_interval < self.min_interval {
+            return Err(ConfigError::new(
+                "follow.callback_interval",
+                format!(
+                    "must be at least min_interval ({:?}) with callbacks_first",
+                    self.min_interval
+                ),
+            ));
         }
-        if !self.callbacks_first && self.last_query_slack >= self.max_interval {
-            return err(
+        // An answer within the slack before the last query stands for it, and one always comes
+        // within the interval that applies then: a slack that long drops almost every last query.
+        let (bound, which) = self.interval_before_last_query();
+        if self.last_query_slack >= bound {
+            return Err(ConfigError::new(
                 "follow.last_query_slack",
-                "must be below max_interval (the longest interval between queries)",
-            );
+                format!(
+                    "must be below {bound:?}, the query interval before the last query ({which})"
+                ),
+            ));
         }
         Ok(())
+    }
+
+    /// The query interval that applies just before a task's last query (API time), and what
+    /// sets it: the safety interval with [`callbacks_first`](Self::callbacks_first), else the
+    /// interval at the age of the last query (a shortest interval before the deadline). Shorter
+    /// than `max_interval` when the deadline is short or the age factor small.
+    fn interval_before_last_query(&self) -> (Duration, &'static str) {
+        if self.callbacks_first {
+            return (
+                self.callback_interval,
+                "callback_interval with callbacks_first",
+            );
+        }
+        let age = self.deadline.saturating_sub(self.min_interval);
+        let by_age = Duration::try_from_secs_f64(age.as_secs_f64() * self.age_factor)
+            .unwrap_or(self.max_interval);
+        let interval = by_age.max(self.min_interval).min(self.max_interval);
+        let which = if interval == self.max_interval {
+            "max_interval"
+        } else if interval == self.min_interval {
+            "min_interval"
+        } else {
+            "age_factor × (deadline − min_interval), below max_interval"
+        };
+        (interval, which)
     }
 
     /// The wait before the next query of a task of this age (real time, at this speed: the
@@ -832,8 +872,9 @@ struct Tracked {
     /// When its last query is due: a shortest interval before its deadline (time for the
     /// answer), or when following starts for a task already past it (its one query).
     last_call: Instant,
-    /// When it was last answered (or left out of a batch answer): its last query rides in a
-    /// batch ahead of its time no sooner than a shortest interval after it.
+    /// When it was last answered (or left out of a batch answer): a batch takes its last query
+    /// along within the slack no sooner than a shortest interval after it (within a shortest
+    /// interval of its time, it rides as any task due that soon).
     answered_at: Option<Instant>,
     errors: u32,
     last_status: Option<String>,
@@ -1360,6 +1401,10 @@ where
                 if t.result.is_none() && t.left_out && t.asked.is_none() {
                     t.left_out = false;
                     t.alone = false;
+                    // Backing off from a failed lone query: its retry is not brought forward.
+                    if t.errors > 0 {
+                        continue;
+                    }
                     // Unasked since the answer that left it out: that answer, not this one,
                     // is what may stand for its last query.
                     let left_out_at = t.answered_at.unwrap_or(now);
