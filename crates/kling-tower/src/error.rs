@@ -8,6 +8,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
+pub use crate::auth::ApiKeyRequired;
 pub use crate::base_url::OtherOrigin;
 use kling_core::AccountId;
 use kling_core::error::{ApiError, RefusedBeforeSending};

@@ -38,6 +38,17 @@
 //! sends none keeps the token, never the keys, until it ends); only the layer that made a copy
 //! ever sends it.
 //!
+//! # New-style endpoints take an API key
+//!
+//! Kling takes only an API key on new-style endpoints (`/{product}/{model}`, `/tasks`); the
+//! access key pair's JWT works on legacy ones (`/v1/...`) and on `/account/costs`, and Kling
+//! answers it elsewhere with 401 code 1000. So with an access key pair the layer refuses a
+//! request to a new-style endpoint itself, before a token is signed or anything is sent, with
+//! [`ApiKeyRequired`] (naming the path, and the fix: an API key, or the legacy path): a
+//! request spent at Kling on a certain refusal, reported as "authentication failed", would
+//! say less. The endpoint is read from the recognition the stack cached, else from the method
+//! and path ([`Route::of`]); an API key's requests are not looked at.
+//!
 //! The layer also sets the request's [`AccountId`] when it has none: for an API key,
 //! `key-` and the first 12 hex digits of the key's SHA-256; for an access key, `ak-` and the
 //! same of the access key's (the id is a metric label and a Redis key, and an access key is half
@@ -64,7 +75,7 @@
 //! (`https://`, or plain `http://` to a loopback host) and refuses a request whose absolute URI
 //! names another origin with [`OtherOrigin`](crate::base_url::OtherOrigin), before it is sent. The classify step passes that
 //! refusal up as it is (its source is
-//! [`RefusedBeforeSending`](kling_core::error::RefusedBeforeSending)), so a retry layer above
+//! [`RefusedBeforeSending`]), so a retry layer above
 //! returns it at once rather than trying again.
 //!
 //! # Position
@@ -87,8 +98,9 @@ use http::{HeaderValue, Request, Response};
 use http_body_util::Full;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use kling_core::call_clock;
+use kling_core::error::{NotSent, RefusedBeforeSending};
 use kling_core::signals::TokenDropped;
-use kling_core::{AccountId, BoxError};
+use kling_core::{AccountId, ApiGeneration, BoxError, Recognized, Route};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tower_layer::Layer;
@@ -143,6 +155,11 @@ impl Credentials {
 
     /// A legacy access key and secret key, signed into an HS256 JWT. Whitespace around either
     /// (a line end left by a `.env` file) is not part of it.
+    ///
+    /// For legacy endpoints (`/v1/...`) and `/account/costs` only: new-style endpoints
+    /// (`/{product}/{model}`, `/tasks`) take an API key ([`Credentials::api_key`],
+    /// `KLING_API_KEY`), and [`AuthLayer`] refuses a request to one with [`ApiKeyRequired`]
+    /// before sending it.
     pub fn access_key(
         access_key: impl Into<String>,
         secret_key: impl Into<String>,
@@ -706,6 +723,12 @@ where
         if self.set_account {
             AccountId::set_if_absent(&mut request, &self.shared.account);
         }
+        // A JWT where Kling takes only an API key: refused here, before a token is signed or
+        // anything sent, rather than sent for a certain 401 (code 1000).
+        if self.shared.static_header.is_none() && takes_api_key_only(&request) {
+            let refused = ApiKeyRequired::new(request.uri().path());
+            return future::ResponseFuture::failed(Box::new(refused));
+        }
         let drops = self.shared.static_header.is_none() && !self.resend;
         let (header, generation, owner) = match self.shared.header(drops) {
             Ok(found) => found,
@@ -728,6 +751,73 @@ where
             (true, false, None) => future::Refusal::Pass,
         };
         future::ResponseFuture::new(self.inner.call(request), refusal)
+    }
+}
+
+/// Whether `request` goes to a new-style endpoint (`/{product}/{model}`, `/tasks`), where
+/// Kling takes only an API key: read from the recognition the stack cached (one extension
+/// lookup), else from the method and path (no allocation for an ordinary path).
+/// `/account/costs` is of no generation, and takes a JWT.
+fn takes_api_key_only<B>(request: &Request<B>) -> bool {
+    let generation = match Recognized::cached(request) {
+        Some(recognized) => recognized.generation,
+        None => Route::of(request.method(), request.uri().path()).generation,
+    };
+    generation == Some(ApiGeneration::New)
+}
+
+/// A request to a new-style endpoint (`/{product}/{model}`, `/tasks`) with an access key pair,
+/// refused before it was sent: Kling takes only an API key there and answers a JWT with 401
+/// code 1000, so sending it would only spend a request on a certain refusal.
+///
+/// Its [`source`](std::error::Error::source) is a [`NotSent::for_good`] over
+/// [`RefusedBeforeSending`]: the request never left, and every attempt of it is refused again
+/// ([`will_recur`](kling_core::error::will_recur)), so a retry layer returns it at once and a
+/// [`Follower`](crate::follow::Follower) ends the follow rather than asking again until its
+/// deadline.
+#[derive(Clone, Debug)]
+pub struct ApiKeyRequired {
+    path: String,
+    refused: Arc<NotSent>,
+}
+
+impl ApiKeyRequired {
+    fn new(path: &str) -> ApiKeyRequired {
+        ApiKeyRequired {
+            path: path.to_owned(),
+            refused: Arc::new(NotSent::for_good(RefusedBeforeSending)),
+        }
+    }
+
+    /// The refused request's path (no query string).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+impl PartialEq for ApiKeyRequired {
+    fn eq(&self, other: &ApiKeyRequired) -> bool {
+        self.path == other.path
+    }
+}
+
+impl Eq for ApiKeyRequired {}
+
+impl fmt::Display for ApiKeyRequired {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "new-style endpoint `{}` takes an API key; these credentials are an access key pair: \
+             use `Credentials::api_key` / `KLING_API_KEY`, or the legacy path (`/v1/...`)",
+            self.path
+        )
+    }
+}
+
+impl std::error::Error for ApiKeyRequired {
+    /// Never sent, and refused again on every attempt (see the type's docs).
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.refused)
     }
 }
 

@@ -9,7 +9,7 @@ use kling_core::signals::TokenDropped;
 use kling_core::{AccountId, ClassifyLayer, Code, Outcome, SendState};
 use kling_mock::{MockConfig, MockKling, Preset};
 use kling_retry::error::{Failed, StopReason};
-use kling_tower::auth::{AuthLayer, Credentials};
+use kling_tower::auth::{ApiKeyRequired, AuthLayer, Credentials};
 use kling_tower::base_url::OtherOrigin;
 use kling_tower::clock::TokioWallClock;
 use kling_tower::{KlingLayer, StackConfig, Tier};
@@ -237,7 +237,7 @@ async fn a_second_refusal_is_returned_not_retried_again() {
     let (seen, inner) = recorder(|_| (401, EXPIRED));
     let svc = layer.layer(ClassifyLayer::new().layer(inner));
     let response = svc
-        .oneshot(request("GET", "/tasks?task_ids=a", ""))
+        .oneshot(request("GET", "/v1/videos/text2video/a", ""))
         .await
         .unwrap();
     assert_eq!(Outcome::of(&response).unwrap().code(), Code::TokenExpired);
@@ -253,7 +253,7 @@ async fn without_resend_a_refusal_drops_the_token_and_is_marked_for_the_retry_la
     let svc = layer.layer(ClassifyLayer::new().layer(inner));
     let response = svc
         .clone()
-        .oneshot(request("GET", "/tasks?task_ids=a", ""))
+        .oneshot(request("GET", "/v1/videos/text2video/a", ""))
         .await
         .unwrap();
     assert_eq!(Outcome::of(&response).unwrap().code(), Code::TokenExpired);
@@ -263,7 +263,7 @@ async fn without_resend_a_refusal_drops_the_token_and_is_marked_for_the_retry_la
 
     tokio::time::advance(Duration::from_secs(1)).await;
     let response = svc
-        .oneshot(request("GET", "/tasks?task_ids=a", ""))
+        .oneshot(request("GET", "/v1/videos/text2video/a", ""))
         .await
         .unwrap();
     assert_eq!(Outcome::of(&response).unwrap().code(), Code::Success);
@@ -283,24 +283,22 @@ async fn without_resend_a_token_signed_since_the_refusal_is_kept() {
     let svc = layer.layer(ClassifyLayer::new().layer(inner));
     // Request A carries generation 1; before its refusal arrives, the token is renewed
     // (generation 2) for request B.
-    let a =
-        svc.clone()
-            .ready_oneshot()
-            .await
-            .unwrap()
-            .call(request("GET", "/tasks?task_ids=a", ""));
+    let a = svc.clone().ready_oneshot().await.unwrap().call(request(
+        "GET",
+        "/v1/videos/text2video/a",
+        "",
+    ));
     tokio::time::advance(Duration::from_secs(1500)).await;
-    let b =
-        svc.clone()
-            .ready_oneshot()
-            .await
-            .unwrap()
-            .call(request("GET", "/tasks?task_ids=b", ""));
+    let b = svc.clone().ready_oneshot().await.unwrap().call(request(
+        "GET",
+        "/v1/videos/text2video/b",
+        "",
+    ));
     assert_eq!(layer.tokens_signed(), 2);
     let a = a.await.unwrap();
     assert!(a.extensions().get::<TokenDropped>().is_some());
     b.await.unwrap();
-    svc.oneshot(request("GET", "/tasks?task_ids=c", ""))
+    svc.oneshot(request("GET", "/v1/videos/text2video/c", ""))
         .await
         .unwrap();
     assert_eq!(layer.tokens_signed(), 2, "generation 2 was kept");
@@ -819,4 +817,182 @@ async fn a_resend_after_a_refusal_is_not_sent_once_its_account_was_halted() {
         2,
         "no resend after the 1102: {error}"
     );
+}
+
+/// The error `error`'s chain names as [`ApiKeyRequired`], if any.
+fn api_key_required<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a ApiKeyRequired> {
+    kling_core::error::chain(error).find_map(|link| link.downcast_ref::<ApiKeyRequired>())
+}
+
+/// KLING_API.md "Auth": new-style endpoints take only an API key. An access key pair's JWT
+/// there is refused by the layer itself, naming the endpoint and the fix, before a token is
+/// signed or anything reaches the service below; legacy endpoints and `/account/costs` (of no
+/// generation) still take it.
+#[tokio::test(start_paused = true)]
+async fn a_jwt_on_a_new_style_endpoint_is_refused_before_it_is_sent() {
+    let layer = AuthLayer::new(Credentials::access_key("ak", "sk").unwrap());
+    let (seen, inner) = recorder(|_| (200, OK));
+    let svc = layer.layer(ClassifyLayer::new().layer(inner));
+    for (method, uri, path) in [
+        (
+            "POST",
+            "/text-to-video/kling-3.0",
+            "/text-to-video/kling-3.0",
+        ),
+        ("GET", "/tasks?task_ids=a", "/tasks"),
+        ("POST", "/tasks", "/tasks"),
+    ] {
+        let body = if method == "POST" {
+            r#"{"prompt":"x"}"#
+        } else {
+            ""
+        };
+        let error = svc
+            .clone()
+            .oneshot(request(method, uri, body))
+            .await
+            .unwrap_err();
+        let refused = api_key_required(&*error).unwrap_or_else(|| panic!("{uri}: {error}"));
+        assert_eq!(refused.path(), path);
+        let text = error.to_string();
+        for part in [
+            path,
+            "API key",
+            "Credentials::api_key",
+            "KLING_API_KEY",
+            "/v1/",
+        ] {
+            assert!(text.contains(part), "{part}: {text}");
+        }
+        assert_eq!(SendState::of(&*error), SendState::NotSent);
+        assert!(kling_core::error::refused_before_sending(&*error));
+        assert!(kling_core::error::will_recur(&*error), "not worth a retry");
+    }
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "nothing reached the service"
+    );
+    assert_eq!(layer.tokens_signed(), 0, "no token signed for them");
+
+    // The same credentials on a legacy create and on `/account/costs`: signed and sent.
+    for (method, uri, body) in [
+        ("POST", "/v1/videos/text2video", r#"{"prompt":"x"}"#),
+        ("GET", "/account/costs", ""),
+    ] {
+        let response = svc.clone().oneshot(request(method, uri, body)).await;
+        assert!(response.is_ok(), "{uri}: {:?}", response.err());
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    assert!(seen.iter().all(|header| claims(header)["iss"] == "ak"));
+    assert_eq!(layer.tokens_signed(), 1);
+}
+
+/// An API key is the credential new-style endpoints take: it passes on each of them as is.
+#[tokio::test(start_paused = true)]
+async fn an_api_key_passes_on_new_style_endpoints() {
+    let layer = AuthLayer::new(Credentials::api_key("new-style-key").unwrap());
+    let (seen, inner) = recorder(|_| (200, OK));
+    let svc = layer.layer(ClassifyLayer::new().layer(inner));
+    for (method, uri) in [
+        ("POST", "/text-to-video/kling-3.0"),
+        ("GET", "/tasks?task_ids=a"),
+        ("POST", "/tasks"),
+    ] {
+        svc.clone()
+            .oneshot(request(method, uri, r#"{"prompt":"x"}"#))
+            .await
+            .unwrap();
+    }
+    assert_eq!(*seen.lock().unwrap(), ["Bearer new-style-key"; 3]);
+}
+
+/// Through the whole stack on a mock with the same access key pair: a new-style create fails
+/// with the local error at once (no retry, no backoff) and the mock sees no request, while a
+/// legacy create and `/account/costs` go through. The negative control shows what the check
+/// spares: the layer's own JWT, sent by hand to the same mock on the same path, is 401 1000.
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_a_jwt_new_style_create_fails_locally_and_the_mock_sees_nothing() {
+    const T2V_NEW: &str = "/text-to-video/kling-3.0";
+    let mock = MockKling::new(MockConfig::preset(Preset::Pro).access_key("ak", "sk")).unwrap();
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::access_key("ak", "sk").unwrap(),
+    )
+    .unwrap();
+    let stack = kling.layer(mock.clone());
+    let started = tokio::time::Instant::now();
+    let error = stack
+        .clone()
+        .oneshot(request("POST", T2V_NEW, r#"{"prompt":"a cat"}"#))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "no retry waited: {error}"
+    );
+    let refused = api_key_required(&*error).unwrap_or_else(|| panic!("{error}"));
+    assert_eq!(refused.path(), T2V_NEW);
+    assert!(!kling_core::error::may_have_created(&*error));
+    assert_eq!(mock.stats().requests_total, 0, "nothing was sent");
+    assert_eq!(kling.snapshot().rate.requests, 0, "nor counted as sent");
+    assert_eq!(kling.auth().tokens_signed(), 0);
+    let pool = kling.snapshot().pool("video:kling-3.0").cloned();
+    assert_eq!(pool.map(|pool| pool.in_use), Some(0), "its slot came back");
+
+    // The same pair on a legacy create and `/account/costs`, through the same stack.
+    accepted_create(stack.clone()).await;
+    let costs = stack
+        .clone()
+        .oneshot(request("GET", "/account/costs", ""))
+        .await
+        .unwrap();
+    assert!(Outcome::of(&costs).unwrap().is_success());
+    assert_eq!(mock.stats().requests_total, 2);
+
+    // Negative control: the stack's JWT, sent by hand to the new-style path, is refused.
+    let mut by_hand = request("POST", T2V_NEW, r#"{"prompt":"a cat"}"#);
+    let token = kling.auth().authorization().unwrap();
+    by_hand.headers_mut().insert(AUTHORIZATION, token);
+    let response = ClassifyLayer::new()
+        .layer(mock.clone())
+        .oneshot(by_hand)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(Outcome::of(&response).unwrap().code(), Code::AuthFailed);
+    let stats = mock.stats();
+    assert_eq!((stats.requests_total, stats.tasks_created), (3, 1));
+}
+
+/// A follower on access-key credentials asked to follow a new-style task ends at once with the
+/// local refusal (its queries go to `/tasks`, which takes only an API key) rather than backing
+/// off and asking again until the task's deadline: the refusal is one every query meets again.
+#[tokio::test(start_paused = true)]
+async fn a_follower_with_a_jwt_ends_a_new_style_follow_at_once() {
+    let mock = MockKling::new(MockConfig::preset(Preset::Pro).access_key("ak", "sk")).unwrap();
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::access_key("ak", "sk").unwrap(),
+    )
+    .unwrap();
+    let follower = kling
+        .follower(kling.layer(mock.clone()), kling.follow_policy())
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let error = follower
+        .follow(kling_tower::TaskRef::new_style("860000000000000001"))
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        matches!(error, kling_tower::error::FollowError::Unsendable { .. }),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("KLING_API_KEY"), "{error}");
+    assert!(took <= Duration::from_secs(5), "{took:?}: {error}");
+    assert_eq!(mock.stats().requests_total, 0);
 }
