@@ -18,15 +18,28 @@ pub struct RateLimited {
     resume_at: Instant,
     retry_after: Duration,
     cooldown: bool,
+    account: Option<AccountId>,
 }
 
 impl RateLimited {
-    pub(crate) fn new(resume_at: Instant, now: Instant, cooldown: bool) -> Self {
+    pub(crate) fn new(
+        resume_at: Instant,
+        now: Instant,
+        cooldown: bool,
+        account: Option<AccountId>,
+    ) -> Self {
         RateLimited {
             resume_at,
             retry_after: resume_at.saturating_duration_since(now),
             cooldown,
+            account,
         }
+    }
+
+    /// The account refused (`None` for the shared key): a gateway rejecting for many
+    /// accounts can tell which one is over its quota or paused.
+    pub fn account(&self) -> Option<&AccountId> {
+        self.account.as_ref()
     }
 
     /// How long to wait before trying again (from when the request was refused).
@@ -52,11 +65,11 @@ impl fmt::Display for RateLimited {
         } else {
             "over its quota"
         };
-        write!(
-            f,
-            "rate limited: key {why}, retry after {:?}",
-            self.retry_after
-        )
+        match &self.account {
+            Some(account) => write!(f, "rate limited: account {}", account.as_str())?,
+            None => write!(f, "rate limited: key")?,
+        }
+        write!(f, " {why}, retry after {:?}", self.retry_after)
     }
 }
 
@@ -345,7 +358,7 @@ mod tests {
         let now = Instant::now();
         let later = now + Duration::from_secs(5);
         let refusals: [BoxError; 4] = [
-            Box::new(RateLimited::new(later, now, false)),
+            Box::new(RateLimited::new(later, now, false, None)),
             Box::new(WaitExceeded::new(
                 later,
                 now,

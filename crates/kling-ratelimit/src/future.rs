@@ -532,7 +532,12 @@ impl<Bk: Backend> Gate<Bk> {
         cooldown: bool,
     ) -> Result<(), BoxError> {
         if shared.mode == Mode::Reject {
-            return Err(Box::new(RateLimited::new(at, now, cooldown)));
+            return Err(Box::new(RateLimited::new(
+                at,
+                now,
+                cooldown,
+                account_key.account_id().cloned(),
+            )));
         }
         self.in_flight = false;
         let first = !std::mem::replace(&mut self.waited, true);
@@ -707,7 +712,12 @@ impl<Bk: Backend> Gate<Bk> {
                                 return Poll::Pending;
                             };
                             let now = Instant::now();
-                            if now >= limit {
+                            // Behind a head waiting out a pause that ends past the limit, this
+                            // request cannot go in time (a pause is never shortened): it fails
+                            // now rather than at its limit. A pacing hint may still shrink (a
+                            // quota change), so it waits for that one.
+                            let paused_past_limit = matches!(hint, Some((at, true)) if at > limit);
+                            if now >= limit || paused_past_limit {
                                 // Behind a head waiting out a pause, this request waited for
                                 // the pause too: its error says so.
                                 let (resume_at, cooldown) = hint
@@ -905,7 +915,10 @@ where
     ) -> Option<Direct<Bk::AcquireFuture>> {
         // Held paused here (a report on its way): refused before the class turn is taken.
         if let Some((at, now)) = shared.pauses.held_until(account_key, Instant::now) {
-            return Some(Direct::Failed(Box::new(RateLimited::new(at, now, true))));
+            let account = account_key.account_id().cloned();
+            return Some(Direct::Failed(Box::new(RateLimited::new(
+                at, now, true, account,
+            ))));
         }
         let mut decided_at = None;
         let mut acquire = shared.backend.acquire_class_or_refuse(
@@ -922,7 +935,8 @@ where
             }
             Poll::Ready(Ok(Decision::NotBefore { at, cooldown })) => {
                 let now = decided_at.unwrap_or_else(Instant::now);
-                Direct::Failed(Box::new(RateLimited::new(at, now, cooldown)))
+                let account = account_key.account_id().cloned();
+                Direct::Failed(Box::new(RateLimited::new(at, now, cooldown, account)))
             }
             Poll::Ready(Err(error)) => Direct::Failed(error.into()),
             Poll::Pending => Direct::Gate(Some(acquire)),

@@ -82,7 +82,9 @@
 //!   decides at that instant (the key's limiter has a clock that hands it back rather than
 //!   reading its own), which is also the request's send time; every wait is one
 //!   [`tokio::time::Sleep`] until the instant governor names, never governor's own
-//!   `until_ready`. Paused-time tests are exact.
+//!   `until_ready`. Paused-time tests are exact. A request nothing queues before is admitted
+//!   in `call`: poll its future promptly, as one polled later is sent then, even into a pause
+//!   that began meanwhile.
 //! - **Threads**: a key's governor state is one atomic cell, so the usual decision (a key the
 //!   thread asked recently, no cooldown, no quota change, no adaptive rate below its ceiling)
 //!   takes no lock and writes no line another request of another key writes; an adaptive key

@@ -117,7 +117,9 @@ pub enum Decision {
     NotBefore {
         /// The earliest instant to ask again.
         at: Instant,
-        /// Whether the key is paused by a cooldown (rather than paced by its quota).
+        /// Whether the key is paused by a cooldown (rather than paced by its quota). A pause is
+        /// never cut short (a quota change may shorten a pacing wait): the layer fails at once
+        /// a request queued behind it whose wait limit comes before `at`.
         cooldown: bool,
     },
 }

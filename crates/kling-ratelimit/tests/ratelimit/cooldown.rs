@@ -673,6 +673,84 @@ async fn a_wait_refused_in_the_queue_behind_a_pause_says_so() {
     assert_eq!(server.tags(), vec!["a1", "a2"]);
 }
 
+/// A request that joins the queue behind a head waiting out a pause that ends after the
+/// request's deadline fails at once: it cannot be sent before the pause ends, and it waited
+/// until its deadline for nothing (100 s, against a `Retry-After: 3600`). One whose deadline
+/// comes after the pause's end waits it out and is sent; one behind a head that is only paced
+/// (a quota change may still make it sooner) waits for its limit as before.
+#[tokio::test(start_paused = true)]
+async fn a_request_queued_behind_a_pause_past_its_deadline_fails_at_once() {
+    use kling_core::signals::Deadline;
+
+    let server = Server::new();
+    server.script([Reply::throttled().header("retry-after", "3600")]);
+    let layer = GcraLayer::builder(Quota::per_second(10.0)).build().unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    service
+        .clone()
+        .oneshot(request(Some("a"), "a1"))
+        .await
+        .unwrap();
+    // The head waits the pause out (no limit).
+    let head = spawn_call(&service, request(Some("a"), "a2")).await;
+    let with_deadline = |tag, secs| {
+        let mut req = request(Some("a"), tag);
+        req.extensions_mut()
+            .insert(Deadline(start + Duration::from_secs(secs)));
+        req
+    };
+    let error = service
+        .clone()
+        .oneshot(with_deadline("a3", 100))
+        .await
+        .unwrap_err();
+    assert_eq!(start.elapsed(), Duration::ZERO, "failed at once");
+    let exceeded = error
+        .downcast_ref::<kling_ratelimit::error::WaitExceeded>()
+        .unwrap_or_else(|| panic!("{error}"));
+    assert!(
+        exceeded.was_queued() && exceeded.in_cooldown(),
+        "{exceeded}"
+    );
+    assert_eq!(exceeded.resume_at(), start + Duration::from_secs(3600));
+    assert_eq!(handle.waiting(), 1, "the failed request left its place");
+    // Control: a deadline after the pause's end waits it out.
+    let late = spawn_call(&service, with_deadline("a4", 4000)).await;
+    head.await.unwrap().unwrap();
+    late.await.unwrap().unwrap();
+    assert_eq!(
+        server.times_ms(start),
+        vec![
+            ("a1".into(), 0),
+            ("a2".into(), 3_600_000),
+            ("a4".into(), 3_600_100)
+        ]
+    );
+
+    // Behind a head that is only paced, the request waits for its limit.
+    let slow = GcraLayer::new(Quota::per_minute(1.0)).unwrap();
+    let service = slow.layer(Server::new().service());
+    let start = Instant::now();
+    service
+        .clone()
+        .oneshot(request(Some("b"), "b1"))
+        .await
+        .unwrap();
+    let _head = spawn_call(&service, request(Some("b"), "b2")).await;
+    let mut paced = request(Some("b"), "b3");
+    paced
+        .extensions_mut()
+        .insert(Deadline(start + Duration::from_secs(10)));
+    let error = service.clone().oneshot(paced).await.unwrap_err();
+    assert!(
+        error.is::<kling_ratelimit::error::WaitExceeded>(),
+        "{error}"
+    );
+    assert_eq!(start.elapsed(), Duration::from_secs(10));
+}
+
 /// Requests queued behind a pause go out spaced at the quota's rate when it ends, not a whole
 /// burst at once into the server that just refused: the burst builds up again from the end of
 /// the pause. A request that comes long after the pause finds its burst whole again.

@@ -223,6 +223,56 @@ async fn reject_mode_fails_fast_with_the_wait() {
     assert_eq!(server.tags(), vec!["1", "3"]);
 }
 
+/// Reject mode's refusal names the account refused, as a wait refused in wait mode does: a
+/// gateway that rejects for many accounts logs which one is over its quota or paused.
+#[tokio::test(start_paused = true)]
+async fn reject_mode_names_the_account_refused() {
+    let server = Server::new();
+    let layer = GcraLayer::builder(Quota::per_second(2.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .reject()
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    service
+        .clone()
+        .oneshot(request(Some("b"), "b1"))
+        .await
+        .unwrap();
+    let err = service
+        .clone()
+        .oneshot(request(Some("b"), "b2"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "rate limited: account b over its quota, retry after 500ms"
+    );
+    let limited = err.downcast_ref::<RateLimited>().expect("RateLimited");
+    assert_eq!(limited.account().map(|a| a.as_str()), Some("b"));
+    // Paused after a 1302: a class request is refused naming its account too.
+    tokio::time::advance(ms(500)).await;
+    server.script([Reply::throttled()]);
+    service
+        .clone()
+        .oneshot(request(Some("b"), "b3"))
+        .await
+        .unwrap();
+    let costs = request_to("/account/costs", Some("b"), "b4");
+    let err = service.clone().oneshot(costs).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "rate limited: account b paused after a throttling response, retry after 1s"
+    );
+    // Another account is not paused.
+    service
+        .clone()
+        .oneshot(request(Some("c"), "c1"))
+        .await
+        .unwrap();
+    assert_eq!(server.tags(), vec!["b1", "b3", "c1"]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_full_queue_and_a_long_wait_become_typed_errors() {
     let server = Server::new();
@@ -402,8 +452,10 @@ async fn class_requests_behind_an_account_waiting_out_a_pause_pass_their_gate_ag
     );
 }
 
-/// A class request that comes to the head of its class queue while the account's pause is
-/// noted there waits for the pause's end, and fails at once when that is past its deadline.
+/// A class request queued behind one that waits out its account's pause at the head of its
+/// class queue fails at once when the pause ends past its deadline: it cannot go before the
+/// head. (It failed when it came to the head, 500 ms later here, or at its deadline had the
+/// head not given up.)
 #[tokio::test(start_paused = true)]
 async fn a_class_request_whose_deadline_comes_before_the_account_pause_ends_fails_at_once() {
     let server = Server::new();
@@ -421,21 +473,60 @@ async fn a_class_request_whose_deadline_comes_before_the_account_pause_ends_fail
     let first = spawn_call(&service, costs("c1")).await;
     let mut late = costs("c2");
     late.extensions_mut().insert(Deadline(start + ms(4000)));
+    let err = service.clone().oneshot(late).await.unwrap_err();
+    let exceeded = err.downcast_ref::<WaitExceeded>().expect("WaitExceeded");
+    assert!(exceeded.in_cooldown());
+    assert!(exceeded.was_queued());
+    assert_eq!(exceeded.resume_at(), start + ms(5000));
+    assert_eq!(Instant::now(), start + ms(1000), "it failed as it queued");
+    first.abort();
+    let _ = first.await;
+    assert_eq!(server.tags(), vec!["c0"]);
+}
+
+/// A class request that comes to the head of its class queue while the account's pause is
+/// noted there waits for the pause's end, and fails at once when that is past its deadline:
+/// here it queued behind a head paced by the class quota, which then met the pause and gave
+/// up.
+#[tokio::test(start_paused = true)]
+async fn a_class_request_that_comes_to_the_head_during_a_pause_past_its_deadline_fails_at_once() {
+    let server = Server::new();
+    server.script([Reply::ok(), Reply::throttled().header("retry-after", "5")]);
+    let layer = GcraLayer::builder(Quota::per_second(10.0))
+        .class_quota(RequestKind::Account, Quota::per_second(1.0))
+        .build()
+        .unwrap();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let costs = |tag: &str| request_to("/account/costs", Some("a"), tag);
+    service.clone().oneshot(costs("c0")).await.unwrap();
+    // Both wait for the class's next turn, at 1000 ms.
+    let first = spawn_call(&service, costs("c1")).await;
+    let mut late = costs("c2");
+    late.extensions_mut().insert(Deadline(start + ms(4000)));
     let late = spawn_call(&service, late).await;
-    tokio::time::advance(ms(500)).await;
+    // A create meets a 1302 asking for 5 s: the account is paused until 5100 ms.
+    tokio::time::advance(ms(100)).await;
+    service
+        .clone()
+        .oneshot(request(Some("a"), "x1"))
+        .await
+        .unwrap();
+    // c1 passes its class gate at 1000 ms, meets the pause and waits it out at the head.
+    tokio::time::advance(ms(1400)).await;
     first.abort();
     let _ = first.await;
     let err = late.await.unwrap().unwrap_err();
     let exceeded = err.downcast_ref::<WaitExceeded>().expect("WaitExceeded");
     assert!(exceeded.in_cooldown());
     assert!(!exceeded.was_queued());
-    assert_eq!(exceeded.resume_at(), start + ms(5000));
+    assert_eq!(exceeded.resume_at(), start + ms(5100));
     assert_eq!(
         Instant::now(),
         start + ms(1500),
         "it failed when it came to the head"
     );
-    assert_eq!(server.tags(), vec!["c0"]);
+    assert_eq!(server.tags(), vec!["c0", "x1"]);
 }
 
 /// The class gate and then the account gate, both decided in `call` when nothing queues: a
