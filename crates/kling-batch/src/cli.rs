@@ -529,6 +529,9 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
     let timeouts = download_timeouts(&args)?;
     let credentials = Credentials::from_env()
         .map_err(|e| SetupError::new(e.field().to_owned(), e.to_string()))?;
+    if credentials.is_jwt() {
+        check_no_new_style_job(&jobs)?;
+    }
     let stack = build_stack(&args, config.clone(), credentials).await?;
     let journal_path = args
         .journal
@@ -680,6 +683,55 @@ async fn run(args: RunArgs, stop: StopSignal) -> Result<i32, RunError> {
             })
         }
     }
+}
+
+/// How many jobs on a new-style endpoint a refusal for the access key pair names.
+const NEW_STYLE_JOBS_NAMED: usize = 5;
+
+/// Refuses a run signed with the access key pair whose jobs include some on a new-style
+/// endpoint (`/{product}/{model}`), which takes only an API key (KLING_API.md, "Auth"): each
+/// such create would be sent to a sure refusal (401, code 1000), after the legacy jobs before
+/// it were created and paid for. Names the first such jobs, by line and id, and their
+/// endpoints.
+fn check_no_new_style_job(jobs: &[crate::jobs::Job]) -> Result<(), SetupError> {
+    let new_style: Vec<_> = jobs
+        .iter()
+        .filter(|job| {
+            kling_core::Route::of(&http::Method::POST, &job.endpoint).generation
+                == Some(kling_core::ApiGeneration::New)
+        })
+        .collect();
+    if new_style.is_empty() {
+        return Ok(());
+    }
+    let mut named = String::from(if new_style.len() == 1 {
+        "job "
+    } else {
+        "jobs "
+    });
+    for (index, job) in new_style.iter().take(NEW_STYLE_JOBS_NAMED).enumerate() {
+        let sep = if index > 0 { ", " } else { "" };
+        named.push_str(&format!(
+            "{sep}`{}` (line {}) on {}",
+            job.id, job.line, job.endpoint
+        ));
+    }
+    if new_style.len() > NEW_STYLE_JOBS_NAMED {
+        named.push_str(&format!(
+            " and {} more",
+            new_style.len() - NEW_STYLE_JOBS_NAMED
+        ));
+    }
+    Err(SetupError::new(
+        "KLING_ACCESS_KEY",
+        format!(
+            "the credentials are an access key pair (KLING_ACCESS_KEY and KLING_SECRET_KEY, \
+             no KLING_API_KEY), which new-style endpoints (/{{product}}/{{model}}) refuse: \
+             they take only an API key, and Kling would refuse (401, code 1000) every create \
+             of {named}; nothing was sent: set KLING_API_KEY to an API key (it works on \
+             every endpoint), or give these jobs a legacy endpoint (/v1/...)"
+        ),
+    ))
 }
 
 /// Refuses a run whose journal, results file or `--download` folder is the jobs file, the

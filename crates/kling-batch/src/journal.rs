@@ -292,9 +292,19 @@ struct Folding {
 /// marks the journal open ([`OPEN_KEY`]) in the first of the two transactions.
 fn fold(conn: &Connection, opening: bool) -> rusqlite::Result<()> {
     begin_fold(conn, opening.then_some(true))?;
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    checkpoint(conn)?;
     mark(conn, FOLDED_KEY, "1")?;
     Ok(())
+}
+
+/// A fold's checkpoint: every commit of the log into the main file, the log kept as it is
+/// (`RESTART`, not `TRUNCATE`) until the next commit writes over it from its start and cuts
+/// it to that commit (`journal_size_limit = 0`). So a run's `-wal` is never empty while the
+/// main file says it is open: a run killed between the checkpoint and the fold's mark leaves
+/// the log whole (its commits all in the main file too), not an empty `-wal` that reads as
+/// one put in place of a lost log ([`WalFile::Empty`]).
+fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
+    conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
 }
 
 /// Sets a `meta` key.
@@ -750,7 +760,8 @@ impl Journal {
         // its `-wal` are left as they were, not the log's pages of another moment laid over
         // the file's for good.
         use rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE as NO_FOLD_ON_CLOSE;
-        if wal_file == WalFile::Log {
+        // An empty `-wal` too: SQLite's close deletes it, and the refusal said next "missing".
+        if wal_file != WalFile::Missing {
             conn.set_db_config(NO_FOLD_ON_CLOSE, true)
                 .map_err(|e| JournalError::new("cannot open the journal file", e))?;
         }
@@ -789,18 +800,27 @@ impl Journal {
             }
             // Its last run left it open, and its `-wal` is not beside it: whole only if
             // another program folded every commit of the log into it. An empty `-wal` holds
-            // no commit either (SQLite reads it as no log): the run's own fold is always
-            // followed by a commit to the log, so an empty one beside a journal its run left
-            // open was put there, or the run was killed in the instant between the two (then
-            // refused too, which is safe).
+            // no commit either (SQLite reads it as no log): a run's log is never empty while
+            // the file says it is open ([`checkpoint`]), so an empty one was put there, or
+            // left by an earlier kling-batch, whose fold emptied the log (its journal has no
+            // count of folds): killed in the instant after that, it lost nothing, which the
+            // refusal says, as it cannot tell that from a lost log.
             (
                 Contents::Journal {
                     left_open: true,
                     folded: false,
-                    ..
+                    folds,
                 },
                 Some((refusal, where_log_is)),
             ) => {
+                let earlier_version = if wal_file == WalFile::Empty && folds.is_none() {
+                    " (An earlier kling-batch, which wrote this journal, also left an empty \
+                     -wal when killed in the instant after it folded its log into the file, \
+                     and then nothing was lost: if its run was killed on this machine, not \
+                     copied, that is likely, and marking it closed is safe.)"
+                } else {
+                    ""
+                };
                 return Err(JournalError::new(
                     refusal,
                     format!(
@@ -812,7 +832,8 @@ impl Journal {
                          name and run again; a copy made while its run went on is older than \
                          the run, so run on the original instead. Only if the -wal is gone for \
                          good, to run on this file at your own risk (jobs it lost may be created \
-                         and billed again), mark it closed: sqlite3 {} \"{CLOSE_BY_HAND}\"",
+                         and billed again), mark it closed: sqlite3 {} \"{CLOSE_BY_HAND}\"\
+                         {earlier_version}",
                         shell_word(&path),
                         wal = wal.display(),
                     ),
@@ -866,8 +887,11 @@ impl Journal {
             .map_err(refused)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(refused)?;
-        // The journal folds its log itself, marking the main file around it ([`FOLDED_KEY`]).
+        // The journal folds its log itself, marking the main file around it ([`FOLDED_KEY`]),
+        // the log cut by the commit after each fold ([`checkpoint`]).
         conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(refused)?;
+        conn.pragma_update(None, "journal_size_limit", 0)
             .map_err(refused)?;
         // A write takes the lock, held until the journal is closed.
         conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
@@ -1749,10 +1773,17 @@ mod tests {
         assert!(error.contains("write-ahead log is empty"), "{error}");
         assert!(error.contains("lost.sqlite-wal, which is empty"), "{error}");
         assert!(error.contains(CLOSE_BY_HAND), "{error}");
-        // SQLite removed the empty file as it closed the file it read: refused again as
-        // missing, nothing written.
+        // This journal counts its folds: the note on an earlier version's empty log is not
+        // given.
+        assert!(!error.contains("earlier kling-batch"), "{error}");
+        // Refused again as empty: the refused open left the empty file where it was (SQLite's
+        // close deleted it, and the next refusal said the log was missing).
         let error = Journal::open(&lost).map(|_| ()).unwrap_err().to_string();
-        assert!(error.contains("write-ahead log is missing"), "{error}");
+        assert!(error.contains("write-ahead log is empty"), "{error}");
+        assert_eq!(
+            std::fs::metadata(wal_path(&lost)).map(|m| m.len()).ok(),
+            Some(0)
+        );
         // With its own log put back, it opens with the job's mark.
         std::fs::copy(wal_path(&path), wal_path(&lost)).unwrap();
         let journal = Journal::open(&lost).unwrap();
@@ -1767,6 +1798,111 @@ mod tests {
         std::fs::write(wal_path(&closed), "").unwrap();
         drop(Journal::open(&closed).unwrap());
         drop(killed);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A run killed between a fold's checkpoint and its mark left every commit in the main
+    /// file, and its resume opens the journal with every state: the checkpoint emptied the
+    /// `-wal` (`TRUNCATE`), and the journal was refused as one whose lost log was replaced by
+    /// an empty file. The log stays short: the commit after a fold cuts it to itself.
+    #[test]
+    fn a_run_killed_between_a_folds_checkpoint_and_its_mark_resumes() {
+        let dir = scratch("foldcut");
+        let path = dir.join("j.sqlite");
+        let killed = killed_while_creating(&path);
+        begin_fold(&killed.lock(), None).unwrap();
+        checkpoint(&killed.lock()).unwrap();
+        let copy = dir.join("copy.sqlite");
+        std::fs::copy(&path, &copy).unwrap();
+        std::fs::copy(wal_path(&path), wal_path(&copy)).unwrap();
+        let journal = Journal::open(&copy).unwrap();
+        assert_eq!(
+            journal.record("a").unwrap().map(|r| r.state),
+            Some(JobState::Creating)
+        );
+        drop(journal);
+        // Grown past a fold's length, the log is folded and cut to the commit after it.
+        mark(&killed.lock(), "filler", &"x".repeat(64 * 4096)).unwrap();
+        let long = std::fs::metadata(wal_path(&path)).unwrap().len();
+        killed.fold_past(long - 1);
+        killed
+            .transition("a", JobState::Created, Update::task("t1"))
+            .unwrap();
+        let short = std::fs::metadata(wal_path(&path)).unwrap().len();
+        assert!(
+            0 < short && short < 8 * (4096 + 24),
+            "{long} -> {short} bytes"
+        );
+        drop(killed);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An empty `-wal` beside a journal an earlier kling-batch left open (no count of folds)
+    /// is refused, and the refusal says that such a run, killed in the instant after its
+    /// fold emptied the log, lost nothing: that case cannot be told from a lost log.
+    #[test]
+    fn an_empty_wal_beside_an_earlier_versions_journal_is_refused_saying_what_it_may_be() {
+        let dir = scratch("emptywal-earlier");
+        let path = dir.join("j.sqlite");
+        let killed = killed_while_creating(&path);
+        {
+            // As an earlier version's fold left it: no count, the mark `0`, the log emptied.
+            let conn = killed.lock();
+            conn.execute("DELETE FROM meta WHERE key = ?1", [FOLDS_KEY])
+                .unwrap();
+            mark(&conn, FOLDED_KEY, "0").unwrap();
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .unwrap();
+        }
+        assert_eq!(std::fs::metadata(wal_path(&path)).unwrap().len(), 0);
+        let copy = dir.join("copy.sqlite");
+        std::fs::copy(&path, &copy).unwrap();
+        std::fs::copy(wal_path(&path), wal_path(&copy)).unwrap();
+        drop(killed);
+        let error = Journal::open(&copy).map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains("write-ahead log is empty"), "{error}");
+        assert!(error.contains("An earlier kling-batch"), "{error}");
+        assert!(error.contains("nothing was lost"), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The count of folds is read from the main file whatever bytes its path holds (ones
+    /// SQLite's URI reads as its own: `?`, `#`, `%`, an escape that names another file;
+    /// bytes that are not UTF-8), through a symbolic link too: a count not read skips the
+    /// check of the `-wal`'s moment.
+    #[test]
+    fn the_main_files_count_of_folds_is_read_whatever_its_path_holds() {
+        use std::os::unix::ffi::OsStrExt as _;
+        let dir = scratch("uri-bytes");
+        let names: [&[u8]; 5] = [
+            b"a?b#c.sqlite",
+            b"100%41.sqlite",
+            b"x\xff\xfe.sqlite",
+            b"n\nl :.sqlite",
+            b"~home",
+        ];
+        for name in names {
+            let path = dir.join(std::ffi::OsStr::from_bytes(name));
+            drop(Journal::open(&path).unwrap());
+            let expected = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .unwrap()
+                .query_row("SELECT value FROM meta WHERE key = ?1", [FOLDS_KEY], |r| {
+                    r.get::<_, String>(0)
+                })
+                .ok()
+                .and_then(|count| count.parse().ok());
+            assert!(expected.is_some());
+            assert_eq!(main_file_folds(&path), expected, "{}", path.display());
+            let link = dir.join("link.sqlite");
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&path, &link).unwrap();
+            assert_eq!(
+                main_file_folds(&linked_file(&link)),
+                expected,
+                "{}",
+                path.display()
+            );
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -112,6 +112,66 @@ async fn a_missing_credential_names_the_variable_to_set() {
     assert!(stderr.contains("KLING_SECRET_KEY"), "{stderr}");
 }
 
+/// An access key pair with jobs on a new-style endpoint, which takes only an API key, is
+/// refused before anything is sent, naming the first such jobs (line, id, endpoint) and what
+/// to do: each of their creates would be refused (401, code 1000), after the legacy jobs
+/// before them were created and paid for. The same jobs run with an API key, and legacy jobs
+/// run with the pair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_key_pair_with_jobs_on_new_style_endpoints_is_refused_before_sending() {
+    let server = MockServer::start(pro_mock()).await.unwrap();
+    let dir = temp_dir("pair-new-style");
+    let legacy = "{\"id\":\"a\",\"prompt\":\"one\"}\n{\"id\":\"c\",\"prompt\":\"three\"}\n";
+    let mixed = dir.join("mixed.jsonl");
+    std::fs::write(
+        &mixed,
+        "{\"id\":\"a\",\"prompt\":\"one\"}\n\
+         {\"id\":\"b\",\"prompt\":\"two\",\"endpoint\":\"/text-to-video/kling-3.0\"}\n\
+         {\"id\":\"c\",\"prompt\":\"three\"}\n\
+         {\"id\":\"d\",\"prompt\":\"four\",\"endpoint\":\"/image-to-video/kling-3.0\",\
+         \"image\":\"https://example.com/x.png\"}\n",
+    )
+    .unwrap();
+    let legacy_only = dir.join("legacy.jsonl");
+    std::fs::write(&legacy_only, legacy).unwrap();
+    let with_pair = |jobs: &std::path::Path| {
+        let mut cmd = run_command(jobs, &server.base_url(), &[]);
+        cmd.env_remove("KLING_API_KEY")
+            .env("KLING_ACCESS_KEY", "ak")
+            .env("KLING_SECRET_KEY", "sk");
+        cmd
+    };
+    let output = finish(with_pair(&mixed)).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    for expected in [
+        "KLING_ACCESS_KEY: ",
+        "`b` (line 2) on /text-to-video/kling-3.0",
+        "`d` (line 4) on /image-to-video/kling-3.0",
+        "set KLING_API_KEY",
+        "legacy endpoint",
+        "nothing was sent",
+    ] {
+        assert!(stderr.contains(expected), "names {expected:?}: {stderr}");
+    }
+    assert!(!stderr.contains("`a`"), "{stderr}");
+    assert_eq!(server.stats().requests_total, 0, "{stderr}");
+    assert!(
+        !dir.join("mixed.journal.sqlite").exists(),
+        "no journal made"
+    );
+    // Legacy jobs alone run with the pair.
+    let output = finish(with_pair(&legacy_only)).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(server.stats().tasks_created, 2, "{stderr}");
+    // With an API key, the refused jobs all run.
+    let output = finish(run_command(&mixed, &server.base_url(), &[])).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(server.stats().tasks_created, 6, "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_config_names_the_field() {
     let dir = temp_dir("badconfig");
