@@ -7,6 +7,7 @@
 //! of another key (1002), a token not yet valid (1003) and an expired one (1004). With no keys
 //! configured (open mode) a JWT is checked the same way but for its issuer and signature.
 //! New-style endpoints take only an API key (KLING_API.md): a JWT there is 1000 whatever it holds.
+//! A configured API key is looked up first, so one shaped like a JWT is still a key.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -56,6 +57,11 @@ pub(crate) fn authenticate(
         return Err((1001, "authorization header is empty"));
     }
 
+    // A configured key is that key, whatever its shape: one that reads as a JWT (three
+    // base64url parts, two of them JSON objects) is no token to refuse or verify.
+    if let Some(key) = config.api_keys.iter().find(|k| k.key == token) {
+        return Ok(key.account.clone());
+    }
     let jwt = Jwt::parse(token);
     // Refused whatever its claims: a client signing JWTs works on legacy endpoints and fails
     // on these, as against Kling, instead of passing here.
@@ -71,12 +77,7 @@ pub(crate) fn authenticate(
         return verify_jwt(config, access, secret, jwt, token);
     }
     if !config.api_keys.is_empty() || config.access_key.is_some() {
-        return config
-            .api_keys
-            .iter()
-            .find(|k| k.key == token)
-            .map(|k| k.account.clone())
-            .ok_or((1002, "invalid api key"));
+        return Err((1002, "invalid api key"));
     }
     // Open mode: any key is its own account. A JWT is keyed by its issuer so that re-signing
     // every 30 minutes does not move the client to a fresh account with fresh limits. With no

@@ -212,13 +212,23 @@ pub(crate) fn parse(method: &Method, path: &str) -> Option<Route> {
                     || NEW_IMAGE_PRODUCTS.contains(product))
                 && segment_ok(model) =>
         {
-            Some(Route::NewCreate {
+            let model = percent_decode(model);
+            model_ok(&model).then(|| Route::NewCreate {
                 product: (*product).to_owned(),
-                model: percent_decode(model),
+                model,
             })
         }
         _ => None,
     }
+}
+
+/// Whether a new-style create's decoded model can name one: not a dot segment (`.`, `..`, or
+/// escaped as `%2E`), which a server normalizing its paths removes before routing, and no
+/// `/` (`%2F`), which one decoding it routes as a separator. Either way Kling has no model
+/// there (404), and clients (kling-core's router) read no create, nor a new-style endpoint
+/// that takes only an API key, there.
+fn model_ok(model: &str) -> bool {
+    !matches!(model, "." | "..") && !model.contains('/')
 }
 
 /// A legacy endpoint's create, list or query, by what follows the endpoint (`rest`).
@@ -360,6 +370,68 @@ mod tests {
             }
         }
         assert_eq!(flagged, ANSWERED_AT_ONCE.len());
+    }
+
+    /// The mock refuses a JWT on the requests it routes as new-style (they take only an API
+    /// key); a client that signs JWTs refuses, before sending, those kling-core's router reads
+    /// as a new-style create, query or list. Every request the mock takes as new-style must be
+    /// one the router does, or a JWT client sends what the mock refuses with 401 1000 on a
+    /// path the client thinks no endpoint: dot segments and `%2F`s in a model, which a server
+    /// normalizes or splits before routing, are none. (The router reads more as new-style
+    /// than the mock routes, `;` parameters and proxy prefixes: the mock answers those 404.)
+    #[test]
+    fn what_the_mock_takes_as_new_style_the_router_does() {
+        let models = [
+            "kling-3.0",
+            "%6Bling-3.0",
+            "kling_v2~x",
+            "a%",
+            "%zz",
+            "kling%253.0",
+            ".",
+            "..",
+            "%2E",
+            "%2e%2E",
+            ".%2E",
+            "kling%2F3.0",
+            "kling%2f3.0",
+            "%2F",
+            "..%2F",
+        ];
+        let mut paths: Vec<String> = vec!["/tasks".into(), "/tasks/".into(), "/%74asks".into()];
+        for product in NEW_VIDEO_PRODUCTS.iter().chain(NEW_IMAGE_PRODUCTS) {
+            for model in models {
+                paths.push(format!("/{product}/{model}"));
+            }
+        }
+        let mut new_style = 0;
+        for path in &paths {
+            for method in [Method::GET, Method::POST, Method::PUT, Method::DELETE] {
+                if !parse(&method, path).is_some_and(|route| route.is_new_style()) {
+                    continue;
+                }
+                new_style += 1;
+                let route = kling_core::Route::of(&method, path);
+                assert_eq!(
+                    route.generation,
+                    Some(kling_core::ApiGeneration::New),
+                    "{method} {path}"
+                );
+                assert!(
+                    matches!(
+                        route.kind,
+                        kling_core::RequestKind::Create
+                            | kling_core::RequestKind::Query
+                            | kling_core::RequestKind::List
+                    ),
+                    "{method} {path}: {:?}",
+                    route.kind
+                );
+            }
+        }
+        // `GET` and `POST /tasks`, and the first six models of each product.
+        let products = NEW_VIDEO_PRODUCTS.len() + NEW_IMAGE_PRODUCTS.len();
+        assert_eq!(new_style, 2 + 6 * products);
     }
 
     #[test]

@@ -302,9 +302,6 @@ async fn a_jwt_header_without_typ_jwt_or_alg_hs256_is_401_1000() {
     }
 }
 
-/// The secrets a mock is configured with (API keys, the legacy secret key, callback secrets)
-/// never show in its `Debug`, nor in its server's: a test that logs `{:?}` of its mock or
-/// config printed them all (STYLE: no secrets in logs or `Debug`).
 /// KLING_API.md "Auth": the API key is the only option on new-style endpoints. A legacy JWT,
 /// however valid, is refused there (401 code 1000), with keys configured or in open mode, and
 /// makes no task; on a legacy endpoint it still works, as an API key does on both.
@@ -337,6 +334,60 @@ async fn a_jwt_on_a_new_style_endpoint_is_401_1000() {
     }
 }
 
+/// A model that is a dot segment (`..`, `%2E`) or holds a `%2F` names no new-style endpoint:
+/// a server normalizing its paths removes the one and splits at the other before routing, and
+/// kling-core's router reads no endpoint there, so a client signing JWTs sends them. The mock
+/// answers 404 code 1202 with a JWT as with an API key, and makes no task, rather than a 401
+/// that blames the credentials; the negative control is `kling-3.0`, which is 401 1000 with
+/// the JWT.
+#[tokio::test(start_paused = true)]
+async fn a_model_no_server_routes_is_404_1202_whatever_the_credentials() {
+    let c = Caller::new(quiet().access_key(AK, SK).api_key("api-key"));
+    let token = c.with_key(&jwt(&good_claims(), SK));
+    let key = c.with_key("api-key");
+    for model in ["..", ".", "%2E%2E", "kling%2F3.0", "%2f"] {
+        let path = format!("/text-to-video/{model}");
+        for caller in [&token, &key] {
+            caller
+                .post(&path, json!({"prompt": "x"}))
+                .await
+                .assert_error(404, 1202);
+        }
+    }
+    assert_eq!(c.mock.stats().tasks_created, 0);
+    token
+        .post("/text-to-video/kling-3.0", json!({"prompt": "x"}))
+        .await
+        .assert_error(401, 1000);
+}
+
+/// A configured API key is that key whatever its shape: one that reads as a JWT (three
+/// base64url parts, the first two JSON objects; an issuer's keys may be JWTs themselves) is let
+/// in on new-style endpoints as on legacy ones, with an access key pair configured or not,
+/// rather than refused as a JWT there or checked as the pair's token. The negative control:
+/// the same token, not configured as a key, is refused as a JWT on the new-style endpoint.
+#[tokio::test(start_paused = true)]
+async fn an_api_key_shaped_like_a_jwt_is_a_key() {
+    let t2v_new = "/text-to-video/kling-3.0";
+    let key = jwt(&json!({"sub": "issued-key"}), "issuer-secret");
+    for config in [
+        quiet().api_key(key.clone()),
+        quiet().access_key(AK, SK).api_key(key.clone()),
+    ] {
+        let c = Caller::new(config).with_key(&key);
+        c.post(t2v_new, json!({"prompt": "x"})).await.data();
+        c.post(T2V, json!({"prompt": "x"})).await.data();
+        assert_eq!(c.mock.stats().tasks_created, 2);
+    }
+    let c = Caller::new(quiet().api_key("another-key")).with_key(&key);
+    c.post(t2v_new, json!({"prompt": "x"}))
+        .await
+        .assert_error(401, 1000);
+}
+
+/// The secrets a mock is configured with (API keys, the legacy secret key, callback secrets)
+/// never show in its `Debug`, nor in its server's: a test that logs `{:?}` of its mock or
+/// config printed them all (STYLE: no secrets in logs or `Debug`).
 #[tokio::test(start_paused = true)]
 async fn the_debug_of_a_mock_shows_no_secret() {
     let config = quiet()
