@@ -622,9 +622,10 @@ impl<Bk: Backend> Gate<Bk> {
         }
     }
 
-    /// Notes the head's "not before" for those behind it; false when this request no longer
-    /// leads its queue (one came back from the account gate ahead of it: [`Gate::back_to_class`])
-    /// and must wait for its turn again.
+    /// Notes the head's "not before" for those behind it (a pause past the limit of one of
+    /// them wakes them: [`Queues::poll_behind`](crate::queue::Queues::poll_behind)); false
+    /// when this request no longer leads its queue (one came back from the account gate ahead
+    /// of it: [`Gate::back_to_class`]) and must wait for its turn again.
     fn lead(&self, shared: &Shared<Bk>, at: Instant, cooldown: bool) -> bool {
         let place = self.place.as_ref().expect("a head holds a place");
         shared
@@ -705,7 +706,8 @@ impl<Bk: Backend> Gate<Bk> {
                 Step::Queued => {
                     self.waited = true;
                     let place = self.place.as_ref().expect("a queued request holds a place");
-                    match shared.queues.poll_head(&place.key, place.id, cx.waker()) {
+                    let queues = &shared.queues;
+                    match queues.poll_behind(&place.key, place.id, cx.waker(), self.limit) {
                         Ok(_) => self.at_head(cx, shared, request, account_key)?,
                         Err(hint) => {
                             let Some((limit, why)) = self.limit() else {
@@ -714,8 +716,9 @@ impl<Bk: Backend> Gate<Bk> {
                             let now = Instant::now();
                             // Behind a head waiting out a pause that ends past the limit, this
                             // request cannot go in time (a pause is never shortened): it fails
-                            // now rather than at its limit. A pacing hint may still shrink (a
-                            // quota change), so it waits for that one.
+                            // now rather than at its limit (on joining, or woken by a head that
+                            // met the pause meanwhile). A pacing hint may still shrink (a quota
+                            // change), so it waits for that one.
                             let paused_past_limit = matches!(hint, Some((at, true)) if at > limit);
                             if now >= limit || paused_past_limit {
                                 // Behind a head waiting out a pause, this request waited for

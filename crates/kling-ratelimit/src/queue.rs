@@ -65,6 +65,11 @@ struct Queue {
     /// The head's latest "not before", a lower bound on every other waiter's turn, and
     /// whether it is the end of a pause (a cooldown) rather than pacing.
     head_not_before: Option<NotBefore>,
+    /// The earliest wait limit of the waiters behind the head that noted one
+    /// ([`Queues::poll_behind`]) since the head last woke them: a head that meets a pause
+    /// ending past it wakes them, so those that cannot go in time fail then, not at their
+    /// limit. Not lowered when one leaves (at worst one wake too many), cleared by the wake.
+    earliest_limit: Option<Instant>,
     /// For a class key's queue: the end of the account's pause, met by one of its requests
     /// after passing the class gate. Unlike the head's hint it outlives the head: each head
     /// waits for it before asking the class gate, so the class quota spaces the sending after
@@ -90,6 +95,7 @@ impl Queue {
             in_flight: Vec::new(),
             next_id: 0,
             head_not_before: None,
+            earliest_limit: None,
             account_paused_until: None,
             depth: metrics::gauge!(RATELIMIT_QUEUE_DEPTH, LABEL_ACCOUNT => account),
         }
@@ -100,6 +106,18 @@ impl Queue {
         let head = self.returned.front().or_else(|| self.waiters.front());
         if let Some(waker) = head.and_then(|w| w.waker.as_ref()) {
             waker.wake_by_ref();
+        }
+    }
+
+    /// Wakes every waiter but `head`, held ones included: each looks at the head's hint again.
+    fn wake_behind(&self, head: u64) {
+        let lists = [&self.returned, &self.waiters, &self.held_again, &self.held];
+        for waiter in lists.into_iter().flat_map(WaitList::iter) {
+            if waiter.ticket != head
+                && let Some(waker) = &waiter.waker
+            {
+                waker.wake_by_ref();
+            }
         }
     }
 
@@ -667,6 +685,19 @@ impl Queues {
         id: u64,
         waker: &Waker,
     ) -> Result<bool, Option<NotBefore>> {
+        self.poll_behind(key, id, waker, None)
+    }
+
+    /// [`poll_head`](Self::poll_head) for a waiter that must not wait past `limit`: behind
+    /// the head, it notes the limit, so that the head wakes it when it meets a pause ending
+    /// past it ([`set_head_not_before`](Self::set_head_not_before)).
+    pub(crate) fn poll_behind(
+        &self,
+        key: &BucketKey,
+        id: u64,
+        waker: &Waker,
+        limit: Option<Instant>,
+    ) -> Result<bool, Option<NotBefore>> {
         let mut map = self.lock();
         let Some(queue) = map.get_mut(key) else {
             return Ok(false);
@@ -688,6 +719,9 @@ impl Queues {
         if queue.is_head(id) == Some(true) {
             Ok(true)
         } else {
+            if let Some(limit) = limit {
+                queue.earliest_limit = Some(queue.earliest_limit.map_or(limit, |l| l.min(limit)));
+            }
             Err(queue.head_not_before)
         }
     }
@@ -710,7 +744,15 @@ impl Queues {
         if queue.is_head(id) == Some(false) {
             return false;
         }
+        // A pause the waiters behind have not been shown (pacing before, or a shorter pause)
+        // wakes them when one of them cannot wait it out: it fails now rather than at its limit.
+        let new_pause =
+            cooldown && !matches!(queue.head_not_before, Some((before, true)) if before >= at);
         queue.head_not_before = Some((at, cooldown));
+        if new_pause && queue.earliest_limit.is_some_and(|limit| limit < at) {
+            queue.earliest_limit = None;
+            queue.wake_behind(id);
+        }
         true
     }
 
@@ -1363,6 +1405,63 @@ mod tests {
         assert!(queues.leave(&key, behind.id), "the last one");
         assert_eq!(queues.waiting(), 0);
         assert_eq!(queues.reserved_bytes(), 0, "the queue is dropped");
+    }
+
+    /// A head that meets a pause wakes the waiters behind it only when one of them noted a
+    /// limit before the pause's end, once per pause (an extension past a limit noted since
+    /// wakes them again); pacing, a pause within every limit, or no limit wakes nobody.
+    #[test]
+    fn a_pause_past_a_waiters_limit_wakes_those_behind_once() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+        use std::task::Wake;
+
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let woken = || count.0.swap(0, Ordering::SeqCst);
+        let waker = Waker::from(Arc::clone(&count));
+        let queues = Queues::default();
+        let key = BucketKey::account(Some(kling_core::AccountId::new("a")));
+        let now = Instant::now();
+        let secs = |n| now + std::time::Duration::from_secs(n);
+        let head = queues
+            .enqueue(&key, Waker::noop(), None, Joins::ToAsk)
+            .unwrap();
+        let unbounded = queues.enqueue(&key, &waker, None, Joins::ToAsk).unwrap();
+        let bounded = queues.enqueue(&key, &waker, None, Joins::ToAsk).unwrap();
+        assert!(
+            queues
+                .poll_behind(&key, unbounded.id, &waker, None)
+                .is_err()
+        );
+        assert!(queues.set_head_not_before(&key, head.id, secs(100), true));
+        assert_eq!(woken(), 0, "no limit noted");
+        assert!(
+            queues
+                .poll_behind(&key, bounded.id, &waker, Some(secs(50)))
+                .is_err()
+        );
+        assert!(queues.set_head_not_before(&key, head.id, secs(10), false));
+        assert!(queues.set_head_not_before(&key, head.id, secs(50), true));
+        assert_eq!(woken(), 0, "pacing, and a pause within the limit");
+        assert!(queues.set_head_not_before(&key, head.id, secs(60), true));
+        assert_eq!(woken(), 2, "both behind the head, not the head");
+        assert!(queues.set_head_not_before(&key, head.id, secs(60), true));
+        assert_eq!(woken(), 0, "the same pause: cleared by the wake");
+        assert!(
+            queues
+                .poll_behind(&key, bounded.id, &waker, Some(secs(70)))
+                .is_err()
+        );
+        assert!(queues.set_head_not_before(&key, head.id, secs(65), true));
+        assert_eq!(woken(), 0);
+        assert!(queues.set_head_not_before(&key, head.id, secs(80), true));
+        assert_eq!(woken(), 2, "extended past the limit noted since");
     }
 
     /// The record of a class's sends is GCRA on the send instants: a burst of two lets the

@@ -287,10 +287,11 @@ impl fmt::Display for Failed {
             (reason, _) => write!(f, "{reason}")?,
         }
         match self.too_long {
-            // kling-core reads a longer wait as its ceiling: the server asked for this or more.
+            // kling-core reads a longer wait as its ceiling: the server asked for this or more
+            // (exactly this, maybe: not "longer").
             Some((asked, limit)) if asked >= kling_core::MAX_RETRY_AFTER => write!(
                 f,
-                " (Retry-After {asked:?} or more, longer than this layer reads exactly; \
+                " (Retry-After {asked:?} or more, the longest kling-core reads; \
                  max_retry_after {limit:?})"
             )?,
             Some((asked, limit)) => write!(

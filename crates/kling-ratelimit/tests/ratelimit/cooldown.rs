@@ -751,6 +751,61 @@ async fn a_request_queued_behind_a_pause_past_its_deadline_fails_at_once() {
     assert_eq!(start.elapsed(), Duration::from_secs(10));
 }
 
+/// A request already queued behind a head that is only paced fails as soon as that head meets
+/// a pause ending past the request's deadline, not at the deadline: the usual case under load
+/// (requests queue for the quota, then an answer in flight is a 1302). It slept until its
+/// limit and was not told of the pause: behind `Retry-After: 3600`, it held its caller 100 s.
+/// One whose deadline comes after the pause's end still waits it out and is sent.
+#[tokio::test(start_paused = true)]
+async fn a_request_queued_behind_a_paced_head_fails_once_the_head_meets_a_pause_past_its_deadline()
+{
+    use kling_core::signals::Deadline;
+
+    let server = Server::with_latency(ms(500));
+    server.script([Reply::throttled().header("retry-after", "3600")]);
+    let service = GcraLayer::new(Quota::per_second(1.0))
+        .unwrap()
+        .layer(server.service());
+    let start = Instant::now();
+    let with_deadline = |tag, secs| {
+        let mut req = request(Some("a"), tag);
+        req.extensions_mut()
+            .insert(Deadline(start + Duration::from_secs(secs)));
+        req
+    };
+    // a1 goes at once; its 1302 comes back at 500 ms and pauses the account until 3600.5 s.
+    let first = spawn_call(&service, request(Some("a"), "a1")).await;
+    // a2 leads, paced until 1 s; a3 and a4 queue behind it while it is only paced.
+    let head = spawn_call(&service, request(Some("a"), "a2")).await;
+    let short = spawn_call(&service, with_deadline("a3", 100)).await;
+    let long = spawn_call(&service, with_deadline("a4", 4000)).await;
+    let error = short.await.unwrap().unwrap_err();
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_secs(1),
+        "failed when the head met the pause"
+    );
+    let exceeded = error
+        .downcast_ref::<kling_ratelimit::error::WaitExceeded>()
+        .unwrap_or_else(|| panic!("{error}"));
+    assert!(
+        exceeded.was_queued() && exceeded.in_cooldown(),
+        "{exceeded}"
+    );
+    assert_eq!(exceeded.resume_at(), start + ms(3_600_500));
+    first.await.unwrap().unwrap();
+    head.await.unwrap().unwrap();
+    long.await.unwrap().unwrap();
+    assert_eq!(
+        server.times_ms(start),
+        vec![
+            ("a1".into(), 0),
+            ("a2".into(), 3_600_500),
+            ("a4".into(), 3_601_500)
+        ]
+    );
+}
+
 /// Requests queued behind a pause go out spaced at the quota's rate when it ends, not a whole
 /// burst at once into the server that just refused: the burst builds up again from the end of
 /// the pause. A request that comes long after the pause finds its burst whole again.

@@ -116,7 +116,7 @@ async fn a_retry_after_over_the_maximum_ends_the_call_instead_of_retrying_early(
     assert!(
         error.to_string().starts_with(
             "the server asked to wait longer than this layer waits (Retry-After 86400s or more, \
-             longer than this layer reads exactly; max_retry_after 30s) after 1 attempt"
+             the longest kling-core reads; max_retry_after 30s) after 1 attempt"
         ),
         "{error}"
     );
@@ -165,7 +165,7 @@ async fn a_retry_after_longer_than_a_day_is_not_cut_to_a_day() {
         assert_eq!(failed.reason(), StopReason::RetryAfterTooLong, "{form}");
         assert!(
             error.to_string().contains(
-                "(Retry-After 86400s or more, longer than this layer reads exactly; \
+                "(Retry-After 86400s or more, the longest kling-core reads; \
                  max_retry_after 259200s)"
             ),
             "{form}: {error}"
@@ -208,6 +208,72 @@ async fn a_retry_after_longer_than_a_day_is_not_cut_to_a_day() {
         .unwrap();
     let seen = log.all();
     assert!(seen[1].at - seen[0].at >= Duration::from_secs(43_200));
+}
+
+/// At kling-core's ceiling exactly — `Retry-After: 86400`, an HTTP-date a day after the
+/// answer's `Date`, a decimal rounded up to it — the wait may be a day or longer: kling-core
+/// reads any longer one the same. The call ends, and the message does not say the server asked
+/// for longer than the ceiling (it may have asked for exactly a day). A second under the
+/// ceiling is waited out under a limit of three days.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_at_the_ceiling_exactly_ends_the_call_as_a_lower_bound() {
+    let date = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let three_days = Backoff::new().max_retry_after(Duration::from_secs(3 * 86_400));
+    for form in ["86400", "http-date", "86399.5"] {
+        let (server, log) = kling(move |_, i| {
+            Reply::Now(match (i, form) {
+                (0, "http-date") => {
+                    let res = with_header(code(1302), "date", &httpdate::fmt_http_date(date));
+                    let later = date + Duration::from_secs(86_400);
+                    with_header(res, "retry-after", &httpdate::fmt_http_date(later))
+                }
+                (0, seconds) => with_header(code(1302), "retry-after", seconds),
+                _ => task("t1", None),
+            })
+        });
+        let client = RetryLayer::builder()
+            .seed(1)
+            .no_deadline()
+            .backoff(three_days)
+            .build()
+            .unwrap()
+            .layer(server);
+        let start = tokio::time::Instant::now();
+        let error = send(&client, get("/v1/videos/text2video/t1"))
+            .await
+            .expect_err(form);
+        assert_eq!(tokio::time::Instant::now(), start, "{form}: no wait");
+        assert_eq!(log.len(), 1, "{form}");
+        let failed = error.downcast_ref::<Failed>().expect(form);
+        assert_eq!(failed.reason(), StopReason::RetryAfterTooLong, "{form}");
+        assert_eq!(failed.retry_after(), Some(Duration::from_secs(86_400)));
+        assert!(
+            error.to_string().contains(
+                "(Retry-After 86400s or more, the longest kling-core reads; \
+                 max_retry_after 259200s)"
+            ),
+            "{form}: {error}"
+        );
+    }
+    let (server, log) = kling(|_, i| {
+        Reply::Now(if i == 0 {
+            with_header(code(1302), "retry-after", "86399")
+        } else {
+            task("t1", None)
+        })
+    });
+    let client = RetryLayer::builder()
+        .seed(1)
+        .no_deadline()
+        .backoff(three_days)
+        .build()
+        .unwrap()
+        .layer(server);
+    send(&client, get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap();
+    let seen = log.all();
+    assert!(seen[1].at - seen[0].at >= Duration::from_secs(86_399));
 }
 
 /// A `Retry-After` under the maximum overrides even a 5xx's backoff, exactly.
