@@ -47,7 +47,11 @@
 //! [`ApiKeyRequired`] (naming the path, and the fix: an API key, or the legacy path): a
 //! request spent at Kling on a certain refusal, reported as "authentication failed", would
 //! say less. The endpoint is read from the recognition the stack cached, else from the method
-//! and path ([`Route::of`]); an API key's requests are not looked at.
+//! and path ([`Route::of`]); an API key's requests are not looked at, and another method on
+//! `/tasks` (no endpoint: the server's 404, wrong method) is sent. Below a rate limiter and
+//! task slots, such a request has waited for a turn and a slot by then;
+//! [`AuthLayer::check_endpoint`] is the same check for a stack's entry, before either, and
+//! [`KlingLayer`](crate::KlingLayer)'s stack makes it there.
 //!
 //! The layer also sets the request's [`AccountId`] when it has none: for an API key,
 //! `key-` and the first 12 hex digits of the key's SHA-256; for an access key, `ak-` and the
@@ -100,7 +104,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use kling_core::call_clock;
 use kling_core::error::{NotSent, RefusedBeforeSending};
 use kling_core::signals::TokenDropped;
-use kling_core::{AccountId, ApiGeneration, BoxError, Recognized, Route};
+use kling_core::{AccountId, ApiGeneration, BoxError, Recognized, RequestKind, Route};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tower_layer::Layer;
@@ -342,6 +346,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// [`AuthLayer::check_endpoint`]; an API key's requests are not looked at.
+    fn check_endpoint<B>(&self, request: &Request<B>) -> Result<(), ApiKeyRequired> {
+        if self.static_header.is_none() && takes_api_key_only(request) {
+            return Err(ApiKeyRequired::new(request.uri().path()));
+        }
+        Ok(())
+    }
+
     /// The header to send now, its token generation (0 for an API key) and, when `owner` asks
     /// for it, the way back here to drop a refused token: the API key's static value; for a
     /// JWT this thread's own copy while it is current, else the shared one (signing a token if
@@ -619,9 +631,24 @@ impl AuthLayer {
         .resend_on_refusal(self.resend))
     }
 
+    /// Refuses `request` when these credentials cannot be sent on its endpoint: an access key
+    /// pair's JWT on a new-style one (a create at `/{product}/{model}`, a query or list at
+    /// `/tasks`), which Kling takes only with an API key. The layer's own check, before it
+    /// signs or sends; a stack can ask it at its entry too, so that such a request waits for
+    /// no rate turn or task slot (which the layers above this one give it) only to be refused.
+    pub fn check_endpoint<B>(&self, request: &Request<B>) -> Result<(), ApiKeyRequired> {
+        self.shared.check_endpoint(request)
+    }
+
     /// The account id the layer sets on requests without one.
     pub fn account_id(&self) -> &AccountId {
         &self.shared.account
+    }
+
+    /// Whether the layer signs tokens (an access key pair), and so checks endpoints
+    /// ([`check_endpoint`](Self::check_endpoint)); an API key's requests are not looked at.
+    pub(crate) fn signs_tokens(&self) -> bool {
+        self.shared.static_header.is_none()
     }
 
     /// How many tokens have been signed (0 for an API key).
@@ -725,8 +752,7 @@ where
         }
         // A JWT where Kling takes only an API key: refused here, before a token is signed or
         // anything sent, rather than sent for a certain 401 (code 1000).
-        if self.shared.static_header.is_none() && takes_api_key_only(&request) {
-            let refused = ApiKeyRequired::new(request.uri().path());
+        if let Err(refused) = self.shared.check_endpoint(&request) {
             return future::ResponseFuture::failed(Box::new(refused));
         }
         let drops = self.shared.static_header.is_none() && !self.resend;
@@ -754,16 +780,25 @@ where
     }
 }
 
-/// Whether `request` goes to a new-style endpoint (`/{product}/{model}`, `/tasks`), where
-/// Kling takes only an API key: read from the recognition the stack cached (one extension
-/// lookup), else from the method and path (no allocation for an ordinary path).
-/// `/account/costs` is of no generation, and takes a JWT.
+/// Whether `request` goes to a new-style endpoint (a create at `/{product}/{model}`, a query
+/// or list at `/tasks`), where Kling takes only an API key: read from the recognition the
+/// stack cached (one extension lookup), else from the method and path (no allocation for an
+/// ordinary path). `/account/costs` is of no generation, and takes a JWT. Another method on
+/// a new-style path (`PUT /tasks`) names no endpoint: it is sent, for the server's own 404
+/// (wrong method), which an API key would meet too.
 fn takes_api_key_only<B>(request: &Request<B>) -> bool {
-    let generation = match Recognized::cached(request) {
-        Some(recognized) => recognized.generation,
-        None => Route::of(request.method(), request.uri().path()).generation,
+    let (kind, generation) = match Recognized::cached(request) {
+        Some(recognized) => (recognized.kind, recognized.generation),
+        None => {
+            let route = Route::of(request.method(), request.uri().path());
+            (route.kind, route.generation)
+        }
     };
     generation == Some(ApiGeneration::New)
+        && matches!(
+            kind,
+            RequestKind::Create | RequestKind::Query | RequestKind::List
+        )
 }
 
 /// A request to a new-style endpoint (`/{product}/{model}`, `/tasks`) with an access key pair,

@@ -941,7 +941,7 @@ async fn through_the_stack_a_jwt_new_style_create_fails_locally_and_the_mock_see
     assert_eq!(kling.snapshot().rate.requests, 0, "nor counted as sent");
     assert_eq!(kling.auth().tokens_signed(), 0);
     let pool = kling.snapshot().pool("video:kling-3.0").cloned();
-    assert_eq!(pool.map(|pool| pool.in_use), Some(0), "its slot came back");
+    assert_eq!(pool.map(|pool| pool.in_use), None, "the slots never saw it");
 
     // The same pair on a legacy create and `/account/costs`, through the same stack.
     accepted_create(stack.clone()).await;
@@ -966,6 +966,37 @@ async fn through_the_stack_a_jwt_new_style_create_fails_locally_and_the_mock_see
     assert_eq!(Outcome::of(&response).unwrap().code(), Code::AuthFailed);
     let stats = mock.stats();
     assert_eq!((stats.requests_total, stats.tasks_created), (3, 1));
+}
+
+/// The stack refuses such a request at its entry, above the rate limiter and the slots: it
+/// takes no turn of the pace (which every other request of the account would wait for) and
+/// holds no slot. Between two legacy creates a pacing interval apart, the refused new-style
+/// create answers at once, and the second legacy create goes one interval after the first,
+/// not two (refused below the rate limiter, it waited for a turn and pushed the next one on).
+#[tokio::test(start_paused = true)]
+async fn the_stack_refuses_a_jwt_new_style_create_before_it_takes_a_rate_turn() {
+    let mock = MockKling::new(MockConfig::preset(Preset::Pro).access_key("ak", "sk")).unwrap();
+    let config = StackConfig::preset(Tier::Pro);
+    let interval = config.pacing_interval().expect("the Pro preset paces");
+    let kling = KlingLayer::new(config, Credentials::access_key("ak", "sk").unwrap()).unwrap();
+    let stack = kling.layer(mock.clone());
+    let started = tokio::time::Instant::now();
+    accepted_create(stack.clone()).await;
+    let error = stack
+        .clone()
+        .oneshot(request("POST", "/text-to-video/kling-3.0", r#"{"prompt":"a dog"}"#))
+        .await
+        .unwrap_err();
+    assert!(api_key_required(&*error).is_some(), "{error}");
+    assert_eq!(started.elapsed(), Duration::ZERO, "refused without a wait");
+    assert_eq!(kling.snapshot().pool("video:kling-3.0").map(|p| p.in_use), None);
+    accepted_create(stack.clone()).await;
+    assert!(
+        started.elapsed() <= interval,
+        "the second create waited {:?}, past one interval ({interval:?})",
+        started.elapsed()
+    );
+    assert_eq!(mock.stats().requests_total, 2);
 }
 
 /// A follower on access-key credentials asked to follow a new-style task ends at once with the
@@ -995,4 +1026,95 @@ async fn a_follower_with_a_jwt_ends_a_new_style_follow_at_once() {
     assert!(error.to_string().contains("KLING_API_KEY"), "{error}");
     assert!(took <= Duration::from_secs(5), "{took:?}: {error}");
     assert_eq!(mock.stats().requests_total, 0);
+}
+
+/// A request that names no new-style endpoint is sent with the JWT, for the server's 404
+/// (code 1202), which an API key meets too, rather than refused as needing an API key, which
+/// would send the user after the wrong fix: another method on `/tasks`, and a model that no
+/// server routes (a dot segment, which normalizing removes; a `%2F`, which decoding splits).
+/// The mock agrees: it answers each 1202, not 401. The negative control is the same layer
+/// refusing `GET` and `POST /tasks` and a create of `kling-3.0` locally.
+#[tokio::test(start_paused = true)]
+async fn a_request_naming_no_new_style_endpoint_is_sent_for_the_servers_404() {
+    let config = MockConfig::preset(Preset::Pro).no_rate_limit();
+    let mock = MockKling::new(config.access_key("ak", "sk")).unwrap();
+    let layer = AuthLayer::new(Credentials::access_key("ak", "sk").unwrap());
+    let svc = layer.layer(ClassifyLayer::new().layer(mock.clone()));
+    let sent = [
+        ("PUT", "/tasks"),
+        ("DELETE", "/tasks"),
+        ("PATCH", "/tasks"),
+        ("POST", "/text-to-video/.."),
+        ("POST", "/text-to-video/%2E%2E"),
+        ("POST", "/text-to-video/kling%2F3.0"),
+    ];
+    for (method, uri) in sent {
+        let response = svc
+            .clone()
+            .oneshot(request(method, uri, "{}"))
+            .await
+            .unwrap_or_else(|error| panic!("{method} {uri}: {error}"));
+        assert_eq!(response.status(), 404, "{method} {uri}");
+        assert_eq!(Outcome::of(&response).unwrap().code(), Code::WrongMethod);
+    }
+    assert_eq!(mock.stats().requests_total, sent.len() as u64);
+    assert_eq!(mock.stats().tasks_created, 0);
+    // Negative control: the endpoints are refused before sending.
+    for (method, uri) in [
+        ("GET", "/tasks"),
+        ("POST", "/tasks"),
+        ("POST", "/text-to-video/kling-3.0"),
+    ] {
+        let error = svc
+            .clone()
+            .oneshot(request(method, uri, "{}"))
+            .await
+            .unwrap_err();
+        assert!(
+            api_key_required(&*error).is_some(),
+            "{method} {uri}: {error}"
+        );
+    }
+    assert_eq!(mock.stats().requests_total, sent.len() as u64);
+}
+
+/// `AuthLayer::check_endpoint`, for a stack's entry, refuses what the layer refuses (an access
+/// key pair on a new-style create, query or list) and nothing else: a legacy request,
+/// `/account/costs`, another method on `/tasks`, and every request of an API key pass.
+#[tokio::test(start_paused = true)]
+async fn check_endpoint_refuses_what_the_layer_refuses() {
+    let pair = AuthLayer::new(Credentials::access_key("ak", "sk").unwrap());
+    let key = AuthLayer::new(Credentials::api_key("new-style-key").unwrap());
+    let refused = [
+        ("POST", "/text-to-video/kling-3.0"),
+        ("GET", "/tasks?task_ids=a"),
+        ("POST", "/tasks"),
+    ];
+    let passed = [
+        ("POST", "/v1/videos/text2video"),
+        ("GET", "/v1/videos/text2video/a"),
+        ("GET", "/account/costs"),
+        ("PUT", "/tasks"),
+    ];
+    for (method, uri) in refused {
+        let error = pair
+            .check_endpoint(&request(method, uri, "{}"))
+            .unwrap_err();
+        assert_eq!(error.path(), uri.split('?').next().unwrap());
+        assert!(
+            key.check_endpoint(&request(method, uri, "{}")).is_ok(),
+            "{uri}"
+        );
+    }
+    for (method, uri) in passed {
+        assert!(
+            pair.check_endpoint(&request(method, uri, "{}")).is_ok(),
+            "{method} {uri}"
+        );
+        assert!(
+            key.check_endpoint(&request(method, uri, "{}")).is_ok(),
+            "{uri}"
+        );
+    }
+    assert_eq!(pair.tokens_signed(), 0, "checking signs nothing");
 }
