@@ -13,7 +13,7 @@
 //! The sending call stops waiting for its own query only when its tasks have ended or another
 //! call's answer has made one due again. A call that ends drops its mark with its query.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -29,8 +29,11 @@ pub(super) struct Batches {
 
 #[derive(Debug, Default)]
 pub(super) struct BatchState {
-    /// Each call's tasks, by a key of their own (two calls may follow the same task).
-    pub(super) tracked: HashMap<u64, Tracked>,
+    /// Each call's tasks, by a key of their own (two calls may follow the same task), in the
+    /// order they were followed: tasks due together go into batches, and calls are woken, in
+    /// that order, the same from run to run (a hash map's order changed with its random
+    /// hasher, and with it which tasks a full batch took).
+    pub(super) tracked: BTreeMap<u64, Tracked>,
     next_key: u64,
     next_claim: u64,
     /// An external id a successful batch answer left out has met `1203` (or a successful answer
@@ -98,8 +101,9 @@ impl Batches {
     /// query is then an interval after this answer; a last query before the deadline too, whose
     /// answer then stands for it; not those backing off from a failed query), then tasks whose
     /// last query before their deadline is due within `last_slack` (see
-    /// [`joins_as_last_query`]), each id once, up to `batch_size`. A task a batch answer left
-    /// out ([`Tracked::alone`]) is asked about alone.
+    /// [`joins_as_last_query`]), each id once, up to `batch_size`; ties in the order the tasks
+    /// were followed. A task a batch answer left out when due ([`Tracked::alone`]) is asked
+    /// about alone.
     /// The tasks asked about are marked until the answer is applied or the [`Claimed`] is
     /// dropped. An id a query on its way asks about is left out (its tasks take that query's
     /// mark and wait for its answer), so no claim overwrites another's recent mark.
@@ -201,6 +205,7 @@ impl Batches {
         Some(Claimed {
             batches: self,
             claim,
+            at: now,
             external,
             ids,
             until: until.min(own_until),
@@ -235,6 +240,8 @@ fn asked_as(t: &Tracked) -> (bool, String) {
 pub(super) struct Claimed<'a> {
     batches: &'a Batches,
     pub(super) claim: u64,
+    /// When it was claimed: a task due later only rode along.
+    pub(super) at: Instant,
     /// Whether `ids` are external ids (`external_task_ids=`), not task ids.
     pub(super) external: bool,
     pub(super) ids: Vec<String>,
@@ -272,12 +279,14 @@ impl Drop for Claimed<'_> {
     }
 }
 
-/// Wakes each call once (a call's tasks share its `Notify`).
-pub(super) fn wake_each(mut wakes: Vec<Arc<Notify>>) {
-    wakes.sort_unstable_by_key(Arc::as_ptr);
-    wakes.dedup_by(|a, b| Arc::ptr_eq(a, b));
+/// Wakes each call once (a call's tasks share its `Notify`), in the order given: the order
+/// the woken calls then run in, which must not follow where their `Notify`s were allocated.
+pub(super) fn wake_each(wakes: Vec<Arc<Notify>>) {
+    let mut woken: HashSet<*const Notify> = HashSet::with_capacity(wakes.len());
     for wake in wakes {
-        wake.notify_waiters();
+        if woken.insert(Arc::as_ptr(&wake)) {
+            wake.notify_waiters();
+        }
     }
 }
 

@@ -28,7 +28,11 @@
 //! again. A task id a batch answer leaves out is then asked about alone
 //! until an answer reports it, so an unknown id still meets its `1203`; so is every task of a
 //! batch refused with a code one id may cause (`1203`, `1200`, `1201`, or one Kling has not
-//! documented), rather than failing the other calls' tasks with it.
+//! documented), rather than failing the other calls' tasks with it. Not a task that only rode
+//! along, not due yet: it keeps its time (asked about alone at once, riding cost a request
+//! after all, and at a page limit a burst of them), and is asked about alone if left out then.
+//! Tasks due together go into a batch in the order they were followed, and calls are woken in
+//! that order: a run in paused time repeats query for query.
 //! A new-style task known by its external id alone (a create whose answer was lost:
 //! [`TaskRef::new_style_external`]) is asked about the same way in
 //! `GET /tasks?external_task_ids=x,y`, never in a query by task ids (Kling takes no mix): a
@@ -235,11 +239,13 @@ impl FollowPolicy {
     /// fewer queries (request rate for other work) against that blind window. Zero, the
     /// default, sends each last query at its time, or in a batch sent within a shortest
     /// interval before it, as any task due that soon (a blind window of two shortest
-    /// intervals). It must be below the query interval before the last query: the safety
-    /// interval with [`callbacks_first`](Self::callbacks_first), else the interval at that
-    /// query's age (`max_interval` unless the deadline is short or the age factor small:
-    /// 11.6 s for a 60 s deadline by default). An answer comes within that before the last
-    /// query, so a slack that long would drop almost every last query.
+    /// intervals). It must be below the longest a task's last answer can come before its last
+    /// query: the safety interval with [`callbacks_first`](Self::callbacks_first), else the
+    /// interval at the age whose next query falls at the last query
+    /// (`age_factor × (deadline − min_interval) / (1 + age_factor)` within the interval bounds:
+    /// `max_interval` unless the deadline is short or the age factor small; 9.67 s for a 60 s
+    /// deadline by default). Every last answer comes within that before the last query, so a
+    /// slack that long drops every last query, and one just below it almost every.
     pub fn last_query_slack(mut self, slack: Duration) -> Self {
         self.last_query_slack = slack;
         self
@@ -352,24 +358,28 @@ impl FollowPolicy {
                 ),
             ));
         }
-        // An answer within the slack before the last query stands for it, and one always comes
-        // within the interval that applies then: a slack that long drops almost every last query.
+        // An answer within the slack before the last query stands for it, and the last answer
+        // before it always comes within this bound: a slack that long drops every last query.
         let (bound, which) = self.interval_before_last_query();
         if self.last_query_slack >= bound {
             return Err(ConfigError::new(
                 "follow.last_query_slack",
                 format!(
-                    "must be below {bound:?}, the query interval before the last query ({which})"
+                    "must be below {bound:?}, the longest a last answer comes before the last \
+                     query ({which})"
                 ),
             ));
         }
         Ok(())
     }
 
-    /// The query interval that applies just before a task's last query (API time), and what
-    /// sets it: the safety interval with [`callbacks_first`](Self::callbacks_first), else the
-    /// interval at the age of the last query (a shortest interval before the deadline). Shorter
-    /// than `max_interval` when the deadline is short or the age factor small.
+    /// The longest a task's last answer before its last call (a shortest interval before the
+    /// deadline) can come ahead of it, in API time, and what sets it: the safety interval with
+    /// [`callbacks_first`](Self::callbacks_first); else the interval at the age whose next
+    /// query falls at the last call (`age × (1 + age_factor)` = `deadline − min_interval`), as
+    /// [`interval`](Self::interval) computes it. A later answer's interval reaches past the last
+    /// call too, from nearer it; an earlier one's falls before it. Shorter than `max_interval`
+    /// when the deadline is short or the age factor small.
     fn interval_before_last_query(&self) -> (Duration, &'static str) {
         if self.callbacks_first {
             return (
@@ -377,16 +387,18 @@ impl FollowPolicy {
                 "callback_interval with callbacks_first",
             );
         }
-        let age = self.deadline.saturating_sub(self.min_interval);
-        let by_age = Duration::try_from_secs_f64(age.as_secs_f64() * self.age_factor)
-            .unwrap_or(self.max_interval);
-        let interval = by_age.max(self.min_interval).min(self.max_interval);
+        let last_call_age = self.deadline.saturating_sub(self.min_interval);
+        let age =
+            Duration::try_from_secs_f64(last_call_age.as_secs_f64() / (1.0 + self.age_factor))
+                .unwrap_or(last_call_age);
+        let interval = interval_at(age, self.age_factor, self.min_interval, self.max_interval);
         let which = if interval == self.max_interval {
             "max_interval"
         } else if interval == self.min_interval {
             "min_interval"
         } else {
-            "age_factor × (deadline − min_interval), below max_interval"
+            "age_factor × (deadline − min_interval) / (1 + age_factor), the interval at the age \
+             whose next query falls at the last query"
         };
         (interval, which)
     }
@@ -397,11 +409,12 @@ impl FollowPolicy {
         if self.callbacks_first {
             return self.scaled(self.callback_interval);
         }
-        let max = self.scaled(self.max_interval);
-        let scaled =
-            Duration::try_from_secs_f64(age.as_secs_f64() * self.age_factor).unwrap_or(max);
-        // Not `clamp`, which panics on bounds the other way round (a policy not validated).
-        scaled.max(self.scaled(self.min_interval)).min(max)
+        interval_at(
+            age,
+            self.age_factor,
+            self.scaled(self.min_interval),
+            self.scaled(self.max_interval),
+        )
     }
 
     /// How far ahead of its time a last query rides in a batch, at this speed.
@@ -1322,7 +1335,10 @@ where
             "task_ids"
         };
         let uri = format!("/tasks?{by}={}", claimed.ids.join(","));
+        // Biased: an answer that came in is applied, whatever else is ready, rather than one
+        // drawn at random (paused-time runs must repeat).
         let answer = tokio::select! {
+            biased;
             answer = tokio::time::timeout_at(claimed.until, self.query_now(uri)) => match answer {
                 Ok(answer) => judge(answer),
                 Err(_) => return,
@@ -1358,6 +1374,17 @@ where
             {
                 self.settle(t, &answer, now);
             }
+            // A task that only rode along (not due yet) and that this answer tells nothing
+            // about keeps its time: asked about alone at once, riding cost a request after all
+            // (a burst of them at a page limit), and its answer came early (for a last query, a
+            // longer blind window). Once due, it is asked about alone if left out again.
+            Answer::Final(error)
+                if several && one_id_may_cause(error.code()) && t.next_at > claimed.at => {}
+            Answer::Reports(outcome)
+                if several
+                    && t.next_at > claimed.at
+                    && !(t.task.external && lists_found_only)
+                    && !outcome.tasks().iter().any(|r| t.task.reported_by(r)) => {}
             // Kling may refuse a whole batch for one unknown id (or, by its code, for something
             // one id may cause): ask about each alone.
             Answer::Final(error) if several && one_id_may_cause(error.code()) => {
@@ -1720,6 +1747,14 @@ fn unsendable(error: &(dyn std::error::Error + 'static)) -> Option<String> {
     }
     // The client's own refusals (kling-core reads them through wrappers `source` skips).
     kling_core::error::will_recur(error).then(|| error.to_string())
+}
+
+/// The query interval at `age`: `age × factor` within `min` and `max` (not `clamp`, which
+/// panics on bounds the other way round, as in a policy not validated). One formula for the
+/// interval a follow waits and the one [`FollowPolicy::validate`] bounds the slack by.
+fn interval_at(age: Duration, factor: f64, min: Duration, max: Duration) -> Duration {
+    let scaled = Duration::try_from_secs_f64(age.as_secs_f64() * factor).unwrap_or(max);
+    scaled.max(min).min(max)
 }
 
 /// An instant no wait reaches: a year from now, the longest duration a policy holds.
