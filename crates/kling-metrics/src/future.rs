@@ -271,6 +271,7 @@ impl Call {
             span.record("attempt", attempts);
         }
         let cause = find_cause(error);
+        gave_up(error, cause.as_ref());
         let shown = matches!(&cause, Some(Cause::Api(api)) if pool_shown(api.code()));
         labels::settle_pool(&mut self.pool, || shown);
         let (status, code) = match cause {
@@ -294,7 +295,6 @@ impl Call {
             }
             None => (labels::Status::None, labels::CodeLabel::None),
         };
-        tracing::warn!(target: "kling_metrics", error = %Redacted(error), "kling call failed");
         self.record(status, code, end, span);
     }
 
@@ -583,6 +583,29 @@ fn failed(outcome: &Outcome, status: StatusCode) {
         // came out as a duplicate key in JSON logs.
         kling_message = %RedactedText(outcome.message()),
         request_id = outcome.request_id(),
+        "kling call failed"
+    );
+}
+
+/// Warns of a call that ended in an error, with the Kling answer it carries (a retry layer's
+/// "gave up" on a 1302 or 1303) in the fields [`failed`] gives an answered one: the error's
+/// text alone left a log line no `code` to filter or alert on (the span's is recorded after
+/// this event).
+#[cold]
+#[inline(never)]
+fn gave_up(error: &(dyn StdError + 'static), cause: Option<&Cause<'_>>) {
+    let (api, status) = match cause {
+        Some(Cause::Api(api)) => (Some(*api), Some(api.status())),
+        Some(Cause::Malformed(status)) => (None, Some(*status)),
+        None => (None, None),
+    };
+    tracing::warn!(
+        target: "kling_metrics",
+        code = api.map(|api| api.code().as_i64()),
+        http_status = status.map(|status| status.as_u16()),
+        kling_message = api.map(|api| tracing::field::display(RedactedText(api.message()))),
+        request_id = api.and_then(ApiError::request_id),
+        error = %Redacted(error),
         "kling call failed"
     );
 }

@@ -666,3 +666,89 @@ async fn a_call_its_caller_dropped_is_recorded_as_cancelled() {
         "{durations:?}"
     );
 }
+
+/// Every final 429 is logged once with its code, whether its answer ended the call or a retry
+/// layer gave up on it and the call ended in its error (the stack's usual way for a 1302 or a
+/// 1303): that `WARN` had only the error's text (`3 requests sent` for a bare report), and the
+/// span's `code` is recorded after it, so a log line held no `code`, `http_status` or
+/// `request_id` to filter or alert on.
+#[tokio::test(start_paused = true)]
+async fn every_final_429_is_logged_once_with_its_code_answered_or_given_up() {
+    use crate::support::Capture;
+
+    const ANSWERS: [&str; 6] = [
+        r#"{"code":1100,"message":"account abnormal","request_id":"r1100"}"#,
+        r#"{"code":1101,"message":"account in arrears","request_id":"r1101"}"#,
+        r#"{"code":1102,"message":"resource pack exhausted","request_id":"r1102"}"#,
+        r#"{"code":1302,"message":"too fast for Bearer ak-s3cr3t","request_id":"r1302"}"#,
+        r#"{"code":1303,"message":"parallel task over resource pack limit","request_id":"r1303"}"#,
+        r#"{"code":1304,"message":"ip whitelist","request_id":"r1304"}"#,
+    ];
+    let _recording = Recording::start();
+    for body in ANSWERS {
+        let code = &body[8..12];
+        for given_up in [false, true] {
+            let capture = Capture::default();
+            let _tracing = tracing::subscriber::set_default(capture.clone());
+            let result = if given_up {
+                let failing = tower::service_fn(move |_req: http::Request<Full<Bytes>>| async {
+                    let outcome = Outcome::parse(
+                        http::StatusCode::TOO_MANY_REQUESTS,
+                        &http::HeaderMap::new(),
+                        body.as_bytes(),
+                        tokio::time::Instant::now(),
+                    )
+                    .unwrap();
+                    // The retry layer's report: three attempts, the last answered so.
+                    let report = kling_core::error::Attempts::new(
+                        3,
+                        false,
+                        ApiError::from_outcome(&outcome),
+                    );
+                    Err::<http::Response<Full<Bytes>>, BoxError>(Box::new(report))
+                });
+                MetricsLayer::new()
+                    .layer(failing)
+                    .oneshot(request("POST", "/v1/videos/text2video", "{}", "k"))
+                    .await
+                    .map(drop)
+            } else {
+                MetricsLayer::new()
+                    .layer(ClassifyLayer::new().layer(answering(429, body)))
+                    .oneshot(request("POST", "/v1/videos/text2video", "{}", "k"))
+                    .await
+                    .map(drop)
+            };
+            assert_eq!(result.is_err(), given_up);
+            let warnings: Vec<_> = capture
+                .events()
+                .into_iter()
+                .filter(|event| event.level == "WARN" && event.target == "kling_metrics")
+                .collect();
+            assert_eq!(
+                warnings.len(),
+                1,
+                "{code}, given up: {given_up}: {warnings:?}"
+            );
+            let warning = &warnings[0];
+            assert_eq!(warning.field("message"), Some("kling call failed"));
+            assert_eq!(
+                (
+                    warning.field("code"),
+                    warning.field("http_status"),
+                    warning.field("request_id"),
+                ),
+                (Some(code), Some("429"), Some(&*format!("r{code}"))),
+                "given up: {given_up}: {warning:?}"
+            );
+            assert!(
+                warning
+                    .field("kling_message")
+                    .is_some_and(|m| !m.is_empty()),
+                "{warning:?}"
+            );
+            // The answer's text is redacted in either path.
+            assert!(!capture.all_text().contains("s3cr3t"), "{warning:?}");
+        }
+    }
+}
