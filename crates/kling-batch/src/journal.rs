@@ -265,11 +265,14 @@ const FOLDED_KEY: &str = "after_checkpoint";
 /// The `meta` key counting the run's folds of its log into the main file ([`fold`]): raised
 /// in the commit that opens each fold, unless the last fold did not end (its [`FOLDED_KEY`]
 /// still `0`: the same fold, tried again). Read from the main file alone
-/// ([`main_file_folds`]) and through its `-wal`, it tells a `-wal` older than the main file
+/// ([`main_file`]) and through its `-wal`, it tells a `-wal` older than the main file
 /// (put back from an earlier moment: its pages laid over newer ones) or newer (the two
 /// copied one after the other while the run folded its log) from the journal's own, whose
 /// count is the main file's, or one more while a fold has not ended.
 const FOLDS_KEY: &str = "folds";
+
+/// The `meta` key of the journal's id, set once when it is made.
+const JOURNAL_ID_KEY: &str = "journal_id";
 
 /// The statement that marks a journal closed (see [`OPEN_KEY`]) by hand: for one whose
 /// `-wal` was lost, at the user's own risk.
@@ -304,7 +307,22 @@ fn fold(conn: &Connection, opening: bool) -> rusqlite::Result<()> {
 /// the log whole (its commits all in the main file too), not an empty `-wal` that reads as
 /// one put in place of a lost log ([`WalFile::Empty`]).
 fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
-    conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
+    wal_checkpoint(conn, "RESTART")
+}
+
+/// `PRAGMA wal_checkpoint(mode)`, one that did not fold the whole log an error: SQLite says
+/// that a reader cut it short (`busy`) in the pragma's row, not as an error, and a fold
+/// marked done after it would say the main file holds commits it lacks ([`FOLDED_KEY`]). The
+/// run's own connection, alone on the journal (`locking_mode = EXCLUSIVE`), meets no reader.
+fn wal_checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<()> {
+    let busy: i64 = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| r.get(0))?;
+    if busy != 0 {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            Some("a reader kept the checkpoint from folding the whole log".into()),
+        ));
+    }
+    Ok(())
 }
 
 /// Sets a `meta` key.
@@ -383,7 +401,7 @@ impl Drop for CloseMark {
                 // refused, which is safe. Counted as a fold: a `-wal` of the run's last
                 // moments put back beside the closed file is older than it ([`FOLDS_KEY`]).
                 if begin_fold(&conn, Some(false)).is_ok() {
-                    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+                    let _ = wal_checkpoint(&conn, "TRUNCATE");
                 }
             }
             // The last handle: the connection closes here, and SQLite removes the `-wal`.
@@ -398,10 +416,11 @@ enum Contents {
     /// No table (a new database), or only a journal's tables with no job in them (one whose
     /// creation was cut short): nothing to lose.
     Fresh,
-    /// A kling-batch journal; `left_open` when its last run did not close it, `folded` when
-    /// its whole write-ahead log was folded into the main file since ([`FOLDED_KEY`]), `folds`
-    /// its count of folds, if it has one ([`FOLDS_KEY`]).
+    /// A kling-batch journal, `id` its id; `left_open` when its last run did not close it,
+    /// `folded` when its whole write-ahead log was folded into the main file since
+    /// ([`FOLDED_KEY`]), `folds` its count of folds, if it has one ([`FOLDS_KEY`]).
     Journal {
+        id: String,
         left_open: bool,
         folded: bool,
         folds: Option<u64>,
@@ -441,11 +460,14 @@ impl Contents {
                 other => other,
             }
         };
-        if has("meta") && meta("journal_id")?.is_some() {
+        if has("meta")
+            && let Some(id) = meta(JOURNAL_ID_KEY)?
+        {
             let left_open = meta(OPEN_KEY)?.as_deref() == Some("1");
             let folded = meta(FOLDED_KEY)?.as_deref() == Some("1");
             let folds = meta(FOLDS_KEY)?.and_then(|count| count.parse().ok());
             return Ok(Contents::Journal {
+                id,
                 left_open,
                 folded,
                 folds,
@@ -534,10 +556,20 @@ fn linked_file(path: &Path) -> std::path::PathBuf {
     }
 }
 
-/// The count of folds ([`FOLDS_KEY`]) the main file at `file` holds by itself, its `-wal`
-/// unread: opened `immutable` (read only, no lock taken, no `-wal` read or made). `None` when
-/// it holds none (a new file, a journal of an earlier version) or cannot be read so.
-fn main_file_folds(file: &Path) -> Option<u64> {
+/// What the main file at `file` says of itself, its `-wal` unread: set against what the
+/// journal reads through the `-wal`, it tells a log of another moment or another journal.
+#[derive(Debug, Default, PartialEq)]
+struct MainFile {
+    /// Its count of folds ([`FOLDS_KEY`]), if it has one (not a journal of an earlier version).
+    folds: Option<u64>,
+    /// Its journal id, if it holds one.
+    journal_id: Option<String>,
+}
+
+/// What the main file at `file` holds by itself, its `-wal` unread: opened `immutable` (read
+/// only, no lock taken, no `-wal` read or made). Nothing when it holds no `meta` (a new file)
+/// or cannot be read so.
+fn main_file(file: &Path) -> MainFile {
     use std::fmt::Write as _;
     // As a URI, the only way to ask for `immutable`: every byte but a few percent-encoded.
     let mut uri = String::from(if file.is_absolute() {
@@ -556,13 +588,17 @@ fn main_file_folds(file: &Path) -> Option<u64> {
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
         | OpenFlags::SQLITE_OPEN_URI
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(uri, flags).ok()?;
-    let count: String = conn
-        .query_row("SELECT value FROM meta WHERE key = ?1", [FOLDS_KEY], |r| {
-            r.get(0)
-        })
-        .ok()?;
-    count.parse().ok()
+    let Ok(conn) = Connection::open_with_flags(uri, flags) else {
+        return MainFile::default();
+    };
+    let meta = |key: &str| -> Option<String> {
+        conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .ok()
+    };
+    MainFile {
+        folds: meta(FOLDS_KEY).and_then(|count| count.parse().ok()),
+        journal_id: meta(JOURNAL_ID_KEY),
+    }
 }
 
 /// What lies under the journal's `-wal` name, looked at before SQLite opens the journal:
@@ -810,6 +846,7 @@ impl Journal {
                     left_open: true,
                     folded: false,
                     folds,
+                    ..
                 },
                 Some((refusal, where_log_is)),
             ) => {
@@ -841,13 +878,36 @@ impl Journal {
             }
             (Contents::Fresh | Contents::Journal { .. }, _) => {}
         }
-        // A `-wal` of another moment than the main file: SQLite lays its pages over the main
-        // file's, and the journal reads as neither (jobs created since may read as never
-        // created, and be created again). Read once the reads above passed, which a run
-        // holding the journal makes fail; a count the file alone cannot give skips the check.
+        // A `-wal` of another journal or another moment than the main file: SQLite lays its
+        // pages over the main file's, and the journal reads as neither (jobs created since
+        // may read as never created, and be created again). Read once the reads above
+        // passed, which a run holding the journal makes fail; what the file alone cannot give
+        // skips its check.
+        let main = match (&contents, wal_file) {
+            (Contents::Journal { .. }, WalFile::Log) => main_file(&linked_file(&path)),
+            _ => MainFile::default(),
+        };
+        if let Contents::Journal { id: of_log, .. } = &contents
+            && let Some(of_file) = &main.journal_id
+            && of_log != of_file
+        {
+            return Err(JournalError::new(
+                "its write-ahead log is another journal's",
+                format!(
+                    "{wal} holds the commits of journal {of_log}, and {file} (journal \
+                     {of_file}) is another: SQLite would lay that journal's pages over this \
+                     one's, and it would read as neither, its jobs' states lost (jobs may be \
+                     created again, billed twice). Nothing was written: move that -wal back \
+                     beside its own journal, and put this journal's own -wal here if its run \
+                     did not close it; a journal its run closed needs no -wal, and opens alone \
+                     once that one is moved away",
+                    wal = wal.display(),
+                    file = path.display(),
+                ),
+            ));
+        }
         if let Contents::Journal { folded, folds, .. } = contents
-            && wal_file == WalFile::Log
-            && let Some(main) = main_file_folds(&linked_file(&path))
+            && let Some(main) = main.folds
         {
             // The count is the main file's, or one more while a fold has not ended.
             let of_log = folds.unwrap_or(0);
@@ -939,9 +999,11 @@ impl Journal {
             conn.execute_batch("ALTER TABLE jobs ADD COLUMN download_error TEXT")?;
         }
         let existing: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE key = 'journal_id'", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [JOURNAL_ID_KEY],
+                |r| r.get(0),
+            )
             .optional()?;
         let id = match existing {
             Some(id) => id,
@@ -949,8 +1011,8 @@ impl Journal {
                 let seed = format!("{}:{}:{:?}", now(), std::process::id(), SystemTime::now());
                 let id = hex(&Sha256::digest(seed.as_bytes())[..8]);
                 conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('journal_id', ?1)",
-                    params![id],
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                    params![JOURNAL_ID_KEY, id],
                 )?;
                 id
             }
@@ -1837,6 +1899,92 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Over a long run (3000 jobs, each through `creating`, `created` and `succeeded`: 9000
+    /// commits after the registration), the `-wal` stays bounded by the length past which a
+    /// commit folds it and the commit after the fold, which cuts it to itself
+    /// (`journal_size_limit = 0`); it is never empty while the run holds the journal.
+    #[test]
+    fn the_log_stays_bounded_over_a_long_run() {
+        let dir = scratch("longrun");
+        let path = dir.join("j.sqlite");
+        let n = 3000;
+        let text: String = (0..n)
+            .map(|i| format!("{{\"id\":\"j{i}\",\"prompt\":\"p{i}\"}}\n"))
+            .collect();
+        let (jobs, _) = parse_jobs(&text);
+        let journal = Journal::open(&path).unwrap();
+        journal.register(&jobs).unwrap();
+        let wal = || std::fs::metadata(wal_path(&path)).unwrap().len();
+        let after_register = wal();
+        let (mut longest, mut shortest) = (0, u64::MAX);
+        for (i, job) in jobs.iter().enumerate() {
+            for (state, update) in [
+                (JobState::Creating, Update::default()),
+                (JobState::Created, Update::task(format!("t{i}"))),
+                (JobState::Succeeded, Update::default()),
+            ] {
+                journal.transition(&job.id, state, update).unwrap();
+                longest = longest.max(wal());
+                shortest = shortest.min(wal());
+            }
+        }
+        let folds: u64 = journal
+            .lock()
+            .query_row("SELECT value FROM meta WHERE key = ?1", [FOLDS_KEY], |r| {
+                r.get::<_, String>(0)
+            })
+            .unwrap()
+            .parse()
+            .unwrap();
+        let sizes = format!(
+            "registered {after_register}, longest {longest}, shortest {shortest}, at end {}, \
+             {folds} folds",
+            wal()
+        );
+        assert!(shortest > 0, "{sizes}");
+        assert!(longest <= FOLD_PAST_BYTES + 16 * (4096 + 24), "{sizes}");
+        // Cut after each fold: a log left at its longest would be folded by every commit.
+        assert!(folds < 200, "{sizes}");
+        drop(journal);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A checkpoint a reader kept from folding the whole log is an error, and the fold is not
+    /// marked done: SQLite says so in the pragma's row (`busy`), not as an error, and the
+    /// fold's mark `1` went to the log as if the main file held every commit.
+    #[test]
+    fn a_checkpoint_that_a_reader_cut_short_is_an_error() {
+        let dir = scratch("busyfold");
+        let path = dir.join("j.sqlite");
+        let writer = Connection::open(&path).unwrap();
+        writer.busy_timeout(std::time::Duration::ZERO).unwrap();
+        writer.pragma_update(None, "journal_mode", "WAL").unwrap();
+        writer
+            .execute_batch("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);")
+            .unwrap();
+        let reader = Connection::open(&path).unwrap();
+        reader
+            .execute_batch("BEGIN; SELECT COUNT(*) FROM meta;")
+            .unwrap();
+        mark(&writer, "k", "v").unwrap();
+        let error = fold(&writer, false).unwrap_err();
+        assert_eq!(
+            error.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy)
+        );
+        let folded: String = writer
+            .query_row("SELECT value FROM meta WHERE key = ?1", [FOLDED_KEY], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(folded, "0");
+        // The reader gone, the fold ends.
+        reader.execute_batch("COMMIT;").unwrap();
+        fold(&writer, false).unwrap();
+        drop((reader, writer));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// An empty `-wal` beside a journal an earlier kling-batch left open (no count of folds)
     /// is refused, and the refusal says that such a run, killed in the instant after its
     /// fold emptied the log, lost nothing: that case cannot be told from a lost log.
@@ -1866,10 +2014,10 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// The count of folds is read from the main file whatever bytes its path holds (ones
-    /// SQLite's URI reads as its own: `?`, `#`, `%`, an escape that names another file;
-    /// bytes that are not UTF-8), through a symbolic link too: a count not read skips the
-    /// check of the `-wal`'s moment.
+    /// The count of folds and the journal id are read from the main file whatever bytes its
+    /// path holds (ones SQLite's URI reads as its own: `?`, `#`, `%`, an escape that names
+    /// another file; bytes that are not UTF-8), through a symbolic link too: a count or id
+    /// not read skips the check of the `-wal`'s moment or journal.
     #[test]
     fn the_main_files_count_of_folds_is_read_whatever_its_path_holds() {
         use std::os::unix::ffi::OsStrExt as _;
@@ -1883,7 +2031,7 @@ mod tests {
         ];
         for name in names {
             let path = dir.join(std::ffi::OsStr::from_bytes(name));
-            drop(Journal::open(&path).unwrap());
+            let id = Journal::open(&path).unwrap().id().to_owned();
             let expected = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
                 .unwrap()
                 .query_row("SELECT value FROM meta WHERE key = ?1", [FOLDS_KEY], |r| {
@@ -1892,12 +2040,16 @@ mod tests {
                 .ok()
                 .and_then(|count| count.parse().ok());
             assert!(expected.is_some());
-            assert_eq!(main_file_folds(&path), expected, "{}", path.display());
+            let expected = MainFile {
+                folds: expected,
+                journal_id: Some(id),
+            };
+            assert_eq!(main_file(&path), expected, "{}", path.display());
             let link = dir.join("link.sqlite");
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink(&path, &link).unwrap();
             assert_eq!(
-                main_file_folds(&linked_file(&link)),
+                main_file(&linked_file(&link)),
                 expected,
                 "{}",
                 path.display()
@@ -2018,6 +2170,44 @@ mod tests {
         let amid_close = pair("amid-close.sqlite", &cut, &wal_path(&cut));
         assert_eq!(states(&amid_close), as_left);
         drop(journal);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A `-wal` of another journal beside a journal file is refused, naming both files and
+    /// both journals, even when their counts of folds agree (two runs alike, each opened
+    /// once): SQLite laid the other journal's pages over the file's, and the journal read as
+    /// the other one's jobs. Both files are left as they were; the pair of one journal opens.
+    #[test]
+    fn a_wal_of_another_journal_is_refused_naming_both_files() {
+        let dir = scratch("otherwal");
+        let ours = killed_while_creating(&dir.join("ours.sqlite"));
+        let theirs = killed_while_creating(&dir.join("theirs.sqlite"));
+        let mixed = dir.join("mixed.sqlite");
+        std::fs::copy(dir.join("ours.sqlite"), &mixed).unwrap();
+        std::fs::copy(wal_path(&dir.join("theirs.sqlite")), wal_path(&mixed)).unwrap();
+        let error = Journal::open(&mixed).map(|_| ()).unwrap_err().to_string();
+        assert!(
+            error.contains("its write-ahead log is another journal's"),
+            "{error}"
+        );
+        assert!(error.contains("mixed.sqlite-wal"), "{error}");
+        assert!(error.contains("mixed.sqlite (journal"), "{error}");
+        assert!(
+            error.contains(ours.id()) && error.contains(theirs.id()),
+            "{error}"
+        );
+        // Nothing written: refused again, the other journal's log as it was.
+        assert!(Journal::open(&mixed).is_err());
+        assert_eq!(
+            std::fs::read(wal_path(&mixed)).unwrap(),
+            std::fs::read(wal_path(&dir.join("theirs.sqlite"))).unwrap()
+        );
+        // The pair of one journal opens, as that journal.
+        let whole = dir.join("whole.sqlite");
+        std::fs::copy(dir.join("ours.sqlite"), &whole).unwrap();
+        std::fs::copy(wal_path(&dir.join("ours.sqlite")), wal_path(&whole)).unwrap();
+        assert_eq!(Journal::open(&whole).unwrap().id(), ours.id());
+        drop((ours, theirs));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -14,7 +14,8 @@ pub(super) struct Failure {
     /// Surely not created, and sending it again would fail the same way.
     pub(super) final_refusal: bool,
     /// The account can create nothing more: [`halts_run`] (1000–1002, 1100–1102, 1304),
-    /// [`refuses_account`] (a final refusal under 429), a spent budget.
+    /// [`refuses_account`] (a final refusal under 429), a spent budget, the access key pair
+    /// on a new-style endpoint (`ApiKeyRequired`).
     pub(super) halts: bool,
     /// The stack's drain gate refused it (never sent).
     pub(super) draining: bool,
@@ -130,6 +131,15 @@ fn read_failure(error: &(dyn std::error::Error + 'static)) -> Failure {
             failure.draining = true;
             return failure;
         }
+        // The auth layer's refusal of the access key pair on a new-style endpoint, made
+        // before sending: every request there meets it again, as a refusal of the
+        // credentials from Kling would be (1000), so the run stops.
+        if err.is::<kling_tower::error::ApiKeyRequired>() {
+            let mut failure = Failure::unknown(err.to_string());
+            failure.halts = true;
+            failure.final_refusal = true;
+            return failure;
+        }
         if err.is::<kling_tower::error::BudgetExceeded>() {
             let mut failure = Failure::unknown(err.to_string());
             failure.halts = true;
@@ -147,4 +157,59 @@ fn read_failure(error: &(dyn std::error::Error + 'static)) -> Failure {
         current = err.source();
     }
     Failure::unknown(error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wrapper such as a layer above the auth layer puts around its error.
+    #[derive(Debug)]
+    struct Wrapped(Box<dyn std::error::Error + Send + Sync>);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "call failed: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    /// The auth layer's local refusal of an access key pair's JWT on a new-style endpoint
+    /// (`ApiKeyRequired`), read alone or under a wrapper, stops the run as a refusal of the
+    /// credentials that no job can get past, named, and made nothing: it read as an unknown
+    /// failure that did not halt, so each further job met it again.
+    #[test]
+    fn an_api_key_required_refusal_halts_the_run_and_is_named() {
+        let layer =
+            kling_tower::AuthLayer::new(kling_tower::Credentials::access_key("ak", "sk").unwrap());
+        let request = http::Request::post("/text-to-video/kling-3.0")
+            .body(())
+            .unwrap();
+        let refused = layer.check_endpoint(&request).unwrap_err();
+        let wrapped = Wrapped(Box::new(refused.clone()));
+        for error in [
+            &refused as &(dyn std::error::Error + 'static),
+            &wrapped as &(dyn std::error::Error + 'static),
+        ] {
+            let failure = failure_of(error);
+            assert!(failure.halts, "{error}");
+            assert!(failure.final_refusal, "{error}");
+            assert!(!failure.may_have_created, "{error}");
+            assert!(failure.made_nothing(), "{error}");
+            assert!(
+                failure.info.message.contains("/text-to-video/kling-3.0")
+                    && failure.info.message.contains("KLING_API_KEY"),
+                "{:?}",
+                failure.info
+            );
+        }
+        // Negative control: another local failure under the same wrapper does not halt.
+        let other = Wrapped(Box::new(std::io::Error::other("connection reset")));
+        assert!(!failure_of(&other).halts);
+    }
 }

@@ -2782,3 +2782,57 @@ async fn creates_of_open_outcome_ended_alike_share_a_reason_whatever_their_exter
         report.records
     );
 }
+
+/// Jobs on a new-style endpoint run with the access key pair (the command line refuses
+/// such a run up front; an engine given one anyway) meet the auth layer's local refusal
+/// (`ApiKeyRequired`), which stops the run as a refusal of the credentials does: the first
+/// job is `not_submitted` with the refusal, naming the path and the fix, and the others are
+/// never tried. Read as an unknown failure, each job was tried and refused in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_key_pair_refused_on_a_new_style_endpoint_stops_the_run() {
+    let text: String = (0..3)
+        .map(|i| {
+            format!(
+                "{{\"id\":\"j{i}\",\"prompt\":\"p\",\"endpoint\":\"/text-to-video/kling-3.0\"}}\n"
+            )
+        })
+        .collect();
+    let (jobs, _) = parse_jobs(&text);
+    let config = StackConfig::preset(Tier::Pro).speed(100.0);
+    let stack = Stack::new(
+        config,
+        Credentials::access_key("ak", "sk").unwrap(),
+        "http://127.0.0.1:9",
+    )
+    .unwrap();
+    let journal = Journal::open_in_memory().unwrap();
+    let options = RunOptions::new(default_follow_policy(100.0));
+    let engine = Engine::new(stack, journal.clone(), options).unwrap();
+    let (_stop, stop) = watch::channel(false);
+    let report = engine.run(&jobs, stop).await.unwrap();
+    assert_eq!(report.creates, 0, "nothing sent");
+    let tried: Vec<_> = jobs
+        .iter()
+        .filter(|job| {
+            journal
+                .transitions(&job.id)
+                .unwrap()
+                .iter()
+                .any(|s| s == "creating")
+        })
+        .map(|job| job.id.clone())
+        .collect();
+    assert_eq!(tried, ["j0"], "the run stops at the first refusal");
+    for record in &report.records {
+        assert_eq!(record.state, JobState::NotSubmitted, "{record:?}");
+        let message = record
+            .error
+            .as_ref()
+            .map(|e| e.message.as_str())
+            .unwrap_or("");
+        assert!(
+            message.contains("/text-to-video/kling-3.0") && message.contains("KLING_API_KEY"),
+            "{record:?}"
+        );
+    }
+}
