@@ -150,6 +150,7 @@ pub struct OverCapacity {
     pool: Pool,
     weight: u32,
     capacity: u32,
+    account: Option<AccountId>,
 }
 
 impl OverCapacity {
@@ -159,7 +160,22 @@ impl OverCapacity {
             pool,
             weight,
             capacity,
+            account: None,
         }
+    }
+
+    /// Names the account whose pool refused the create: capacities may be set per account,
+    /// so the pool alone does not say which setting to raise.
+    pub fn in_account(self, account: AccountId) -> Self {
+        OverCapacity {
+            account: Some(account),
+            ..self
+        }
+    }
+
+    /// The account whose pool refused the create, when the backend named it.
+    pub fn account(&self) -> Option<&AccountId> {
+        self.account.as_ref()
     }
 
     /// The pool.
@@ -182,9 +198,13 @@ impl fmt::Display for OverCapacity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "create needs {} slot(s) but pool {} has only {}",
-            self.weight, self.pool, self.capacity
-        )
+            "create needs {} slot(s) but pool {}",
+            self.weight, self.pool
+        )?;
+        if let Some(account) = &self.account {
+            write!(f, " of account {account}")?;
+        }
+        write!(f, " has only {}", self.capacity)
     }
 }
 
@@ -323,6 +343,75 @@ impl AcquireError {
             AcquireError::QueueFull(e) => Box::new(e),
             AcquireError::Backend(e) => Box::new(BackendError { refused: true, ..e }),
         }
+    }
+}
+
+/// A [`SlotsHandle::reconcile`](crate::SlotsHandle::reconcile) stopped at a list request that
+/// failed. It names the listing and the page, and what was found until then: those tasks stay
+/// adopted, so the failure is partial, not a reconcile that did nothing. The cause is its
+/// [`source`](StdError::source) (an `ApiError` for a Kling refusal, the transport's error, the
+/// store's).
+#[derive(Debug)]
+pub struct ReconcileFailed {
+    listing: String,
+    page: Option<usize>,
+    so_far: crate::Reconciled,
+    source: kling_core::error::BoxError,
+}
+
+impl ReconcileFailed {
+    pub(crate) fn new(
+        listing: String,
+        page: Option<usize>,
+        so_far: crate::Reconciled,
+        source: kling_core::error::BoxError,
+    ) -> Self {
+        ReconcileFailed {
+            listing,
+            page,
+            so_far,
+            source,
+        }
+    }
+
+    /// The listing that failed: `legacy list /v1/videos/text2video`, or `new-style list of
+    /// text-to-video tasks submitted`.
+    pub fn listing(&self) -> &str {
+        &self.listing
+    }
+
+    /// The page whose request failed (from 1); `None` when its request could not be built.
+    pub fn page(&self) -> Option<usize> {
+        self.page
+    }
+
+    /// What the reconcile found and adopted before it stopped (kept).
+    pub fn so_far(&self) -> crate::Reconciled {
+        self.so_far
+    }
+}
+
+impl fmt::Display for ReconcileFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.page {
+            Some(page) => write!(
+                f,
+                "reconcile stopped at page {page} of the {}",
+                self.listing
+            )?,
+            None => write!(f, "reconcile stopped before the {}", self.listing)?,
+        }
+        write!(
+            f,
+            " ({} unfinished task(s) listed, {} task(s) adopted so far, kept): {}",
+            self.so_far.unfinished, self.so_far.adopted, self.source
+        )
+    }
+}
+
+impl StdError for ReconcileFailed {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.source)
     }
 }
 

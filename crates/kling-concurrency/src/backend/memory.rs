@@ -1736,6 +1736,29 @@ fn same_key(a: &SlotKey, b: &SlotKey) -> bool {
         }
 }
 
+/// Says that a task's slots went back because its lease ran out: nothing reported the task
+/// for a whole lease (no query, callback or listing), so it may still run on the server, and
+/// the freed slot may meet a `1303`. Usually a sign that tasks are not followed, or that the
+/// lease is shorter than they run.
+#[cold]
+fn warn_lease_ran_out(
+    key: &SlotKey,
+    (id, external): (Option<&SmallId>, Option<&SmallId>),
+    weight: u32,
+    held_for: Duration,
+) {
+    tracing::warn!(
+        account = %key.account,
+        pool = %key.pool,
+        task_id = id.map_or("(unknown: its create's answer was lost)", SmallId::as_str),
+        external_id = external.map(SmallId::as_str),
+        weight,
+        held_secs = held_for.as_secs(),
+        "task slot released at the end of its lease, the task never reported ended: it may still \
+         be running on the server"
+    );
+}
+
 impl State {
     /// The index of `key`'s pool, made on first use: the pool used last is checked first (its
     /// account and pool names are usually the very same `Arc`s, compared by address), else one
@@ -1840,6 +1863,12 @@ impl State {
         if let Some(ext) = &holding.external {
             let account = scope_of(&pool.key.account);
             externals.remove_hashed(holding.hashes[1], account, ext.as_bytes(), place);
+        }
+        if matches!(why, Why::LeaseExpired) {
+            let ids = (holding.id.as_ref(), holding.external.as_ref());
+            let held_for = now.saturating_duration_since(since);
+            // (Caught while the thread unwinds, as a recorder's panic is: see `call_recorder`.)
+            call_recorder(|| warn_lease_ran_out(&pool.key, ids, weight, held_for));
         }
         let task = out.is_some().then(|| {
             let id = holding.id.as_ref().or(holding.external.as_ref());
@@ -3132,7 +3161,8 @@ impl Future for InProcessAcquire {
                     let index = state.index(key);
                     let pool = &mut state.list[index];
                     if pool.configured > 0 && weight > pool.configured {
-                        let err = OverCapacity::new(key.pool.clone(), weight, pool.configured);
+                        let err = OverCapacity::new(key.pool.clone(), weight, pool.configured)
+                            .in_account(key.account.clone());
                         this.key = None;
                         return Poll::Ready(Err(AcquireError::OverCapacity(err)));
                     }
@@ -3191,7 +3221,7 @@ impl Future for InProcessAcquire {
                 // The pool's capacity was lowered below this create's weight while it waited.
                 this.token = None;
                 let key = this.key.take().expect("checked above");
-                let err = OverCapacity::new(key.pool, weight, capacity);
+                let err = OverCapacity::new(key.pool, weight, capacity).in_account(key.account);
                 return Poll::Ready(Err(AcquireError::OverCapacity(err)));
             }
             let mut head = false;

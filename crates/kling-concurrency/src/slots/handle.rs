@@ -16,7 +16,7 @@ use crate::backend::{
     Applied, CreatePath, InProcess, PoolSnapshot, Released, SlotBackend, SlotKey, SlotOp, TaskRef,
     TaskUpdate,
 };
-use crate::error::{BackendError, BadCallback};
+use crate::error::{BackendError, BadCallback, ReconcileFailed};
 
 /// The legacy create paths [`Reconcile::new`] lists by default.
 pub const LEGACY_PATHS: &[&str] = &[
@@ -368,7 +368,9 @@ impl<B: SlotBackend> SlotsHandle<B> {
 
     /// Lists the account's unfinished tasks on the server (both API generations, see
     /// [`Reconcile`]) and adopts each one not known here into its pool, so a restarted
-    /// process does not over-admit. Legacy image tasks count 1 slot each (a list does not say
+    /// process does not over-admit. What a page says of a task held here is applied as a list
+    /// through the layer applies it, whichever `service` lists: an ended task's slots are freed,
+    /// a running one's lease renewed. Legacy image tasks count 1 slot each (a list does not say
     /// their `n`); a pool that turns out fuller still corrects itself through `1303`. A task
     /// whose end a report (a callback, a query) told, before the listing began or while it
     /// ran, is not adopted, even when a list answered before that end names it running (the
@@ -395,7 +397,8 @@ impl<B: SlotBackend> SlotsHandle<B> {
     /// tasks between a task's end and its page's answer (a list that runs that far behind, or
     /// one page's round trip that long) let such a task be adopted, its slot then held until
     /// its lease runs out. A reconcile that fails part way keeps what it adopted (the tasks
-    /// listed running).
+    /// listed running), and fails with [`ReconcileFailed`], which names the listing and page
+    /// that failed and what was found until then, its cause as its source.
     ///
     /// `service` is the client to list with (with auth; it may be the whole stack).
     pub async fn reconcile<S>(
@@ -419,7 +422,10 @@ impl<B: SlotBackend> SlotsHandle<B> {
         // The unfinished tasks counted so far (at most every entry of the pages read).
         let mut seen = HashSet::new();
         for path in &plan.legacy_paths {
-            let uri: Uri = format!("{}{path}", plan.base_url).parse()?;
+            let listing = || format!("legacy list {path}");
+            let uri: Uri = format!("{}{path}", plan.base_url)
+                .parse()
+                .map_err(|e| failed(listing(), None, reconciled, e))?;
             // Its tasks were created on it: one it names by external id is no other path's
             // create (external ids may be unique per create path only).
             let on = CreatePath::legacy(uri.path());
@@ -436,7 +442,8 @@ impl<B: SlotBackend> SlotsHandle<B> {
                     plan.base_url
                 ))
                 .extension(account.clone())
-                .body(Full::new(Bytes::new()))?;
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| failed(listing(), Some(page), reconciled, e))?;
                 let (outcome, page_len, identity) = match list(service, request).await {
                     Ok(listed) => (listed.outcome, listed.entries, listed.identity),
                     Err(error) if page == 1 && not_listable(&*error) => {
@@ -444,13 +451,14 @@ impl<B: SlotBackend> SlotsHandle<B> {
                         ended = true;
                         break;
                     }
-                    Err(error) => return Err(error),
+                    Err(error) => return Err(failed(listing(), Some(page), reconciled, error)),
                 };
                 // The page's own length: an entry that does not read is still an entry.
                 let n = page_len.unwrap_or(outcome.tasks().len());
                 let listed = (&account, &pool, on);
                 self.adopt(listed, plan, &outcome, &mut reconciled, &mut seen)
-                    .await?;
+                    .await
+                    .map_err(|e| failed(listing(), Some(page), reconciled, e))?;
                 match paging.after(n, identity) {
                     PageEnd::More => {}
                     PageEnd::Last => {
@@ -487,7 +495,8 @@ impl<B: SlotBackend> SlotsHandle<B> {
             for status in ["submitted", "processing"] {
                 let mut cursor: Option<String> = None;
                 let mut ended = false;
-                for _ in 0..MAX_PAGES {
+                let listing = || format!("new-style list of {product_type} tasks {status}");
+                for page in 1..=MAX_PAGES {
                     let mut body = serde_json::json!({
                         "status": status,
                         "product_type": product_type,
@@ -499,12 +508,15 @@ impl<B: SlotBackend> SlotsHandle<B> {
                     let request = Request::post(format!("{}/tasks", plan.base_url))
                         .header(http::header::CONTENT_TYPE, "application/json")
                         .extension(account.clone())
-                        .body(Full::new(Bytes::from(body.to_string())))?;
-                    let listed = list(service, request).await?;
-                    let page = &listed.outcome;
+                        .body(Full::new(Bytes::from(body.to_string())))
+                        .map_err(|e| failed(listing(), Some(page), reconciled, e))?;
+                    let listed = list(service, request)
+                        .await
+                        .map_err(|e| failed(listing(), Some(page), reconciled, e))?;
                     let on = (&account, pool, CreatePath::NEW_STYLE);
-                    self.adopt(on, plan, page, &mut reconciled, &mut seen)
-                        .await?;
+                    self.adopt(on, plan, &listed.outcome, &mut reconciled, &mut seen)
+                        .await
+                        .map_err(|e| failed(listing(), Some(page), reconciled, e))?;
                     match listed.next {
                         // The cursor it was sent, handed back: asking on would only get this
                         // page again, up to the page cap.
@@ -557,6 +569,15 @@ impl<B: SlotBackend> SlotsHandle<B> {
         reconciled: &mut Reconciled,
         seen: &mut HashSet<String>,
     ) -> Result<(), BackendError> {
+        // First what the page says of the tasks held here, as a list sent through the layer
+        // does: its ended tasks are freed (a callback missed, holdings a backend kept across a
+        // restart), its running ones renew their leases. The service listing may be the bare
+        // client, whose answers never pass the layer.
+        if !page.tasks().is_empty() {
+            self.backend
+                .observe_unread_on(account, page, self.settings.lease, path)
+                .await?;
+        }
         for task in page.tasks().iter().filter(|t| !t.status.is_terminal()) {
             if !seen.insert(task.id.clone()) {
                 continue;
@@ -586,6 +607,16 @@ impl<B: SlotBackend> SlotsHandle<B> {
         }
         Ok(())
     }
+}
+
+/// `error`, as the failure of a reconcile at `page` of `listing`, having found `so_far`.
+fn failed(
+    listing: String,
+    page: Option<usize>,
+    so_far: Reconciled,
+    error: impl Into<BoxError>,
+) -> BoxError {
+    Box::new(ReconcileFailed::new(listing, page, so_far, error.into()))
 }
 
 /// Ends the backend's listing when the reconcile that began it returns, fails or is dropped.

@@ -1,6 +1,7 @@
 //! The integration tests of `kling-concurrency`, one binary.
 
 mod config;
+mod expiry;
 mod halt_gate;
 mod in_flight;
 mod leaks;

@@ -914,3 +914,94 @@ async fn a_repeated_legacy_page_of_unreadable_entries_ends_the_listing() {
     assert_eq!(asked.load(Ordering::SeqCst), 4, "page 4 is empty: the end");
     assert_eq!(found.truncated_listings, 0);
 }
+
+/// A reconcile's list that names a task held here as ended frees its slot, as a list sent
+/// through the layer does, also when the reconcile lists with the bare client (its answers
+/// never pass the layer): a process that missed the task's callback, or a backend that kept
+/// holdings across a restart, would otherwise hold the slot until the lease ran out. A list
+/// that names it running keeps it (the negative control), and the end frees it once.
+#[tokio::test(start_paused = true)]
+async fn a_reconcile_listing_a_held_task_as_ended_frees_its_slot() {
+    let minute = Duration::from_secs(60);
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .no_rate_limit()
+            .task_duration(5 * minute, 5 * minute),
+    )
+    .unwrap();
+    let account = AccountId::new("key");
+    let (layer, handle) =
+        TaskSlotsLayer::pair(SlotsConfig::new(5).default_account(account.clone())).unwrap();
+    let mut slots = layer.layer(client(&mock));
+    let answer = send(
+        &mut slots,
+        post("/v1/videos/text2video", r#"{"prompt":"held"}"#),
+    )
+    .await;
+    assert!(Outcome::of(&answer).unwrap().is_success());
+    let video = Pool::new(Product::Video);
+    let in_use = |handle: kling_concurrency::SlotsHandle| {
+        let (account, video) = (account.clone(), video.clone());
+        async move {
+            let snapshot = handle.snapshot().await.unwrap();
+            snapshot.get(&account, &video).unwrap().in_use
+        }
+    };
+    let plan = Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+    let mut bare = client(&mock);
+
+    let running = handle.reconcile(&mut bare, &plan).await.unwrap();
+    assert_eq!((running.unfinished, running.adopted), (1, 0));
+    assert_eq!(in_use(handle.clone()).await, 1, "listed running: kept");
+
+    tokio::time::advance(6 * minute).await;
+    let ended = handle.reconcile(&mut bare, &plan).await.unwrap();
+    assert_eq!((ended.unfinished, ended.adopted), (0, 0));
+    assert_eq!(in_use(handle.clone()).await, 0, "listed ended: freed");
+    // Listed ended again: nothing more is freed.
+    handle.reconcile(&mut bare, &plan).await.unwrap();
+    assert_eq!(in_use(handle.clone()).await, 0);
+}
+
+/// A reconcile whose list fails part way (a reset on a later page) says which listing and
+/// page failed and what it had adopted by then, and keeps those tasks held; the cause stays
+/// in its source chain (a caller that reads the `ApiError` of a refusal still finds it).
+#[tokio::test(start_paused = true)]
+async fn a_listing_that_fails_part_way_says_where_and_keeps_what_it_adopted() {
+    let handle = TaskSlotsLayer::pair(SlotsConfig::new(5)).unwrap().1;
+    let running = serde_json::json!([
+        legacy_task("a", "processing"),
+        legacy_task("b", "submitted")
+    ]);
+    let mut service = tower::service_fn(move |request: Request<Full<Bytes>>| {
+        let first = request.uri().query().unwrap_or("").contains("pageNum=1&");
+        let answer = match first {
+            true => Ok(crate::support::envelope(200, 0, &running)),
+            false => Err::<_, BoxError>("connection reset by peer".into()),
+        };
+        std::future::ready(answer)
+    });
+    let plan = Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+    let err = handle.reconcile(&mut service, &plan).await.unwrap_err();
+    let text = err.to_string();
+    for part in [
+        "page 2",
+        "/v1/videos/text2video",
+        "2 task(s) adopted",
+        "connection reset by peer",
+    ] {
+        assert!(text.contains(part), "{part:?} in {text}");
+    }
+    let failed = err
+        .downcast_ref::<kling_concurrency::error::ReconcileFailed>()
+        .expect("typed error");
+    assert_eq!(failed.page(), Some(2));
+    assert_eq!(failed.so_far().adopted, 2);
+    let cause = std::error::Error::source(failed).expect("its cause");
+    assert_eq!(cause.to_string(), "connection reset by peer");
+    let snapshot = handle.snapshot().await.unwrap();
+    let video = snapshot
+        .get(handle.default_account(), &Pool::new(Product::Video))
+        .unwrap();
+    assert_eq!(video.in_use, 2, "what was adopted stays held");
+}

@@ -12,7 +12,7 @@ use kling_core::signals::{Deadline, SlotGated, Waited};
 use kling_core::{Code, Outcome, Pool, Product};
 use tokio::time::{Instant, advance};
 use tokio_test::task::spawn;
-use tokio_test::{assert_pending, assert_ready_ok};
+use tokio_test::{assert_pending, assert_ready_err, assert_ready_ok};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::support::*;
@@ -546,6 +546,47 @@ async fn image_creates_weigh_n_and_too_heavy_ones_are_refused() {
     assert_eq!(pool_state(&handle, &image).await, (5, 5, 0));
 }
 
+/// Capacities are set per account: a create too heavy for its pool names the account whose
+/// capacity refused it, whether refused on arrival or when a lowered capacity no longer fits
+/// it while it waits.
+#[tokio::test(start_paused = true)]
+async fn a_create_too_heavy_for_its_pool_names_the_account() {
+    let image = Pool::new(Product::Image);
+    let other = kling_core::AccountId::new("acct-b");
+    let config = SlotsConfig::new(9).account_capacity(other.clone(), image.clone(), 5);
+    let (mut svc, handle, fake) = stack(config);
+    let nine = || {
+        let mut request = post("/v1/images/generations", r#"{"n":9}"#);
+        request.extensions_mut().insert(other.clone());
+        request
+    };
+    let err = send(&mut svc, nine()).await.unwrap_err();
+    let over = err.downcast_ref::<OverCapacity>().expect("typed error");
+    assert_eq!(over.account(), Some(&other));
+    assert_eq!(
+        err.to_string(),
+        "create needs 9 slot(s) but pool image of account acct-b has only 5"
+    );
+
+    // Waiting behind a create of 4 when the capacity drops to 5.
+    handle
+        .set_capacity(Some(&other), image.clone(), 9)
+        .await
+        .unwrap();
+    let mut four = post("/v1/images/generations", r#"{"n":4}"#);
+    four.extensions_mut().insert(other.clone());
+    send(&mut svc, four).await.unwrap();
+    let mut waiting = spawn(call(&mut svc, nine()).await);
+    assert_pending!(waiting.poll());
+    handle.set_capacity(Some(&other), image, 5).await.unwrap();
+    let err = assert_ready_err!(waiting.poll());
+    assert!(
+        err.to_string().contains("of account acct-b has only 5"),
+        "{err}"
+    );
+    assert_eq!(fake.creates(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn accounts_have_their_own_slots() {
     let (mut svc, handle, _fake) = stack(SlotsConfig::new(1));
@@ -671,7 +712,7 @@ async fn lowering_the_capacity_below_a_waiting_creates_weight_refuses_it_and_ser
     );
     assert_eq!(
         err.to_string(),
-        "create needs 4 slot(s) but pool image has only 3"
+        "create needs 4 slot(s) but pool image of account default has only 3"
     );
     assert!(
         light.is_woken(),
