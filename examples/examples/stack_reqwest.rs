@@ -1,5 +1,7 @@
 //! The whole stack on a `reqwest::Client`, with an access key and secret key signed into a
-//! JWT: ten image jobs (`n` = 2, two slots each) through the Standard preset.
+//! JWT: ten image jobs (`n` = 2, two slots each) through the Standard preset. They go to the
+//! legacy `/v1/images/generations`: a JWT is taken on legacy paths only, and the stack refuses
+//! an access key pair's request to a new-style one (`ApiKeyRequired`).
 //!
 //! Run: `cargo run -p kling-examples --example stack_reqwest`
 
