@@ -229,10 +229,11 @@ pub struct Envelope {
 impl Envelope {
     /// Parses an envelope; a body that is not JSON or has no numeric `code` is an error. An
     /// error envelope whose fields do not all read keeps its code (even one written as
-    /// `"1102"` or `1102.0`), and a task's optional fields of an odd type are left out. The
-    /// error says what was wrong and where (the field's path, such as `data.tasks[0].status`,
-    /// the kind of its value, the type expected, the line and column), never quoting a value
-    /// from the body: a gateway's page may echo the request's credential.
+    /// `"1102"` or `1102.0`, twice alike, or beside a text JSON forbids: a raw control
+    /// character, an escape that is none), and a task's optional fields of an odd type are
+    /// left out. The error says what was wrong and where (the field's path, such as
+    /// `data.tasks[0].status`, the kind of its value, the type expected, the line and column),
+    /// never quoting a value from the body: a gateway's page may echo the request's credential.
     ///
     /// A hand-rolled single-pass scanner reads the usual envelopes; whatever it does not
     /// handle exactly as serde_json does (and every error) goes to
@@ -264,26 +265,7 @@ impl Envelope {
             // answer cannot be read must stay one of unknown outcome.
             // The code is read on its own first, so that texts it cannot read (a lone
             // surrogate, a key written twice) do not hide it; the texts are kept when they read.
-            Err(e) => {
-                return match parse_raw::<RawErrorCode>(body) {
-                    Ok(head) if head.code.0 != 0 => {
-                        let message = parse_raw::<RawErrorMessage<'_>>(body).ok();
-                        let request_id = parse_raw::<RawErrorRequestId<'_>>(body).ok();
-                        Ok(Envelope {
-                            code: Code::from_i64(head.code.0),
-                            message: message
-                                .and_then(|m| m.message.0)
-                                .map(Cow::into_owned)
-                                .unwrap_or_default(),
-                            request_id: request_id
-                                .and_then(|r| r.request_id.0)
-                                .map(Cow::into_owned),
-                            tasks: Vec::new(),
-                        })
-                    }
-                    _ => Err(without_values(e, body)),
-                };
-            }
+            Err(e) => return error_envelope(body).ok_or_else(|| without_values(e, body)),
         };
         Ok(Envelope {
             code: Code::from_i64(raw.code),
@@ -369,6 +351,79 @@ impl Envelope {
                 de::Error::custom(reason)
             })
     }
+}
+
+/// An error envelope's code and texts, read when the whole envelope cannot be; `None` for a
+/// success (code 0) or a body with no code that reads. Texts that JSON forbids (a raw control
+/// character, an escape that is none) are read as a lenient parser reads them
+/// ([`lenient_texts`]): they hid the code with the whole body, and a 429's 1102 was retried
+/// as throttling.
+#[cold]
+#[inline(never)]
+fn error_envelope(body: &[u8]) -> Option<Envelope> {
+    let read = |body: &[u8]| {
+        let head = parse_raw::<RawErrorCode>(body)
+            .ok()
+            .filter(|head| head.code.0 != 0)?;
+        let message = parse_raw::<RawErrorMessage<'_>>(body).ok();
+        let request_id = parse_raw::<RawErrorRequestId<'_>>(body).ok();
+        Some(Envelope {
+            code: Code::from_i64(head.code.0),
+            message: message
+                .and_then(|m| m.message.0)
+                .map(Cow::into_owned)
+                .unwrap_or_default(),
+            request_id: request_id.and_then(|r| r.request_id.0).map(Cow::into_owned),
+            tasks: Vec::new(),
+        })
+    };
+    read(body).or_else(|| read(&lenient_texts(body, true)?))
+}
+
+/// `body` with what JSON forbids inside its strings written as JSON allows, read as a lenient
+/// parser reads it, or `None` when there is none: a control character as its `\u00XX` escape
+/// (the same text) and, when `escapes`, the `\` of an escape that is none (`\d` of a Windows
+/// path, `\u12zz`) as `\\` (kept as written). Only strings change, and a key keeps the
+/// character or `\` that made it odd, so no key becomes another and no number changes.
+pub(crate) fn lenient_texts(body: &[u8], escapes: bool) -> Option<Vec<u8>> {
+    let mut text = Vec::with_capacity(body.len() + 16);
+    let mut changed = false;
+    let mut in_string = false;
+    let mut at = 0;
+    while let Some(&byte) = body.get(at) {
+        let mut step = 1;
+        match byte {
+            b'"' => in_string = !in_string,
+            b'\\' if in_string => {
+                step = match body.get(at + 1) {
+                    Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => 2,
+                    Some(b'u')
+                        if body
+                            .get(at + 2..at + 6)
+                            .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit)) =>
+                    {
+                        6
+                    }
+                    _ if escapes => {
+                        text.push(b'\\');
+                        changed = true;
+                        1
+                    }
+                    _ => 1,
+                };
+            }
+            0x00..=0x1F if in_string => {
+                text.extend_from_slice(format!("\\u{byte:04x}").as_bytes());
+                changed = true;
+                at += 1;
+                continue;
+            }
+            _ => {}
+        }
+        text.extend_from_slice(&body[at..(at + step).min(body.len())]);
+        at += step;
+    }
+    changed.then_some(text)
 }
 
 /// What [`Envelope::parse_callback`] puts before a bare task object to read it as an envelope.
@@ -778,10 +833,59 @@ fn parse_raw<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, serde_json::Er
 
 /// An error envelope's code, read when the whole envelope cannot be: every other field is
 /// skipped (the texts included: each is read on its own, so one that does not read loses
-/// only itself).
-#[derive(Deserialize)]
+/// only itself). A `code` written twice with one value is that value (the typed parse
+/// refuses the duplicate; parsers that take the last value read the same code); two
+/// different values are serde's "duplicate field".
 struct RawErrorCode {
     code: LooseCode,
+}
+
+impl<'de> Deserialize<'de> for RawErrorCode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        /// Whether an object key is `code` (escapes read).
+        struct IsCode(bool);
+        impl<'de> Deserialize<'de> for IsCode {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct KeyVisitor;
+                impl Visitor<'_> for KeyVisitor {
+                    type Value = IsCode;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("a field name")
+                    }
+                    fn visit_str<E: de::Error>(self, v: &str) -> Result<IsCode, E> {
+                        Ok(IsCode(v == "code"))
+                    }
+                }
+                deserializer.deserialize_identifier(KeyVisitor)
+            }
+        }
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = RawErrorCode;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an envelope object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawErrorCode, A::Error> {
+                let mut code = None;
+                while let Some(IsCode(is_code)) = map.next_key()? {
+                    if !is_code {
+                        map.next_value::<de::IgnoredAny>()?;
+                        continue;
+                    }
+                    let LooseCode(value) = map.next_value()?;
+                    if code.is_some_and(|first| first != value) {
+                        return Err(de::Error::duplicate_field("code"));
+                    }
+                    code = Some(value);
+                }
+                code.map(|code| RawErrorCode {
+                    code: LooseCode(code),
+                })
+                .ok_or_else(|| de::Error::missing_field("code"))
+            }
+        }
+        deserializer.deserialize_map(FieldsVisitor)
+    }
 }
 
 /// An error envelope's message, when it reads (text or a number; any other type is none).
@@ -1535,6 +1639,98 @@ mod tests {
         ] {
             assert!(
                 Envelope::parse(body).is_err(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    /// A text JSON forbids — a raw line break or control character, an escape that is none
+    /// (`\d` of a Windows path) — hides no error code, wherever it stands: the code was lost
+    /// with the whole body, and a 429's 1102 was retried as throttling. The texts are kept as
+    /// a lenient parser reads them.
+    #[test]
+    fn an_error_code_survives_a_text_json_forbids() {
+        let bodies: [&[u8]; 6] = [
+            b"{\"code\":1102,\"message\":\"resource pack\nexhausted\",\"request_id\":\"r\"}",
+            b"{\"code\":1102,\"message\":\"tab\there\",\"request_id\":\"r\"}",
+            b"{\"code\":1102,\"message\":\"nul\x00\x1f\",\"request_id\":\"r\"}",
+            br#"{"code":1102,"message":"at C:\data\x","request_id":"r"}"#,
+            br#"{"request_id":"r","message":"bad \u12zz","code":1102}"#,
+            b"{\"code\":1102,\"data\":{\"detail\":\"a\rb\",\"k\\q\":1},\"request_id\":\"r\"}",
+        ];
+        for body in bodies {
+            let shown = String::from_utf8_lossy(body);
+            for env in both(body) {
+                let env = env.unwrap_or_else(|e| panic!("{e}: {shown}"));
+                assert_eq!(env.code, Code::from_i64(1102), "{shown}");
+                assert_eq!(env.request_id.as_deref(), Some("r"), "{shown}");
+                assert!(env.tasks.is_empty(), "{shown}");
+            }
+            let outcome = crate::Outcome::parse(
+                http::StatusCode::TOO_MANY_REQUESTS,
+                &http::HeaderMap::new(),
+                body,
+                tokio::time::Instant::now(),
+            )
+            .unwrap_or_else(|e| panic!("{e}: {shown}"));
+            assert_eq!(outcome.disposition(), crate::Disposition::Fatal, "{shown}");
+        }
+        let message = |body: &[u8]| Envelope::parse(body).unwrap().message;
+        assert_eq!(message(bodies[0]), "resource pack\nexhausted");
+        assert_eq!(message(bodies[1]), "tab\there");
+        assert_eq!(message(bodies[2]), "nul\u{0}\u{1f}");
+        assert_eq!(message(bodies[3]), r"at C:\data\x");
+        assert_eq!(message(bodies[4]), r"bad \u12zz");
+        // A success stays malformed, with serde_json's own error: its task is what was asked.
+        let success = b"{\"code\":0,\"message\":\"a\nb\"}";
+        assert_eq!(
+            Envelope::parse(success).unwrap_err().to_string(),
+            "control character (\\u0000-\\u001F) found while parsing a string at line 2 column 0"
+        );
+        // The key `co\de` is no `code`, nor is `code` with a control character.
+        for body in [
+            &br#"{"co\de":1102}"#[..],
+            b"{\"code\x01\":1102}",
+            b"{\"code\":1102\x01}",
+        ] {
+            assert!(
+                Envelope::parse(body).is_err(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    /// A `code` written twice with one value is that code (JSON parsers that take the last
+    /// value, as serde_json's `Value` does, read it so too); two different values are no code.
+    #[test]
+    fn an_error_code_written_twice_alike_is_read() {
+        for body in [
+            &br#"{"code":1102,"message":"m","code":1102,"request_id":"r"}"#[..],
+            br#"{"code":1102,"message":"m","c\u006fde":"1102","request_id":"r"}"#,
+        ] {
+            for env in both(body) {
+                let env = env.unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(env.code, Code::from_i64(1102));
+                assert_eq!(
+                    (env.message.as_str(), env.request_id.as_deref()),
+                    ("m", Some("r"))
+                );
+            }
+        }
+        for body in [
+            &br#"{"code":1102,"code":1303}"#[..],
+            br#"{"code":0,"code":1102}"#,
+            br#"{"code":1102,"code":0}"#,
+            br#"{"code":0,"code":0}"#,
+        ] {
+            assert_eq!(
+                Envelope::parse(body).unwrap_err().to_string(),
+                format!(
+                    "duplicate field `code` at line 1 column {}",
+                    body.iter().rposition(|&b| b == b':').unwrap()
+                ),
                 "{}",
                 String::from_utf8_lossy(body)
             );

@@ -444,8 +444,22 @@ impl Recognized {
     /// not known: no id, so a layer that writes one in sets the field once, and looks up what
     /// it wrote); `n` counts at its largest; a callback is a non-empty string where the
     /// generation reads it. A body that is no JSON object leaves the defaults.
+    ///
+    /// A body serde_json refuses is read as a lenient server reads it when that reading is
+    /// plain: a byte-order mark in front is none of the JSON, and a control character in a
+    /// string is that character. Counted as nothing, its image `n` held slots the limiter did
+    /// not know of, and its external id went unseen (a second one was spliced in beside it).
     fn read_create_keys(&mut self, product: Product, generation: ApiGeneration, body: &[u8]) {
-        let Ok(CreateKeys(keys)) = serde_json::from_slice::<CreateKeys>(body) else {
+        let keys = serde_json::from_slice::<CreateKeys>(body).or_else(|refused| {
+            let unmarked = body.strip_prefix(b"\xEF\xBB\xBF");
+            let body = unmarked.unwrap_or(body);
+            match crate::envelope::lenient_texts(body, false) {
+                Some(lenient) => serde_json::from_slice(&lenient),
+                None if unmarked.is_some() => serde_json::from_slice(body),
+                None => Err(refused),
+            }
+        });
+        let Ok(CreateKeys(keys)) = keys else {
             return;
         };
         let own_name = match generation {
@@ -703,6 +717,36 @@ mod tests {
 
     fn recognize(method: &Method, uri: &str, body: &str) -> Recognized {
         Recognized::from_parts(method, &uri.parse().unwrap(), body.as_bytes())
+    }
+
+    /// A create body that serde_json refuses but a lenient server reads — a byte-order mark in
+    /// front, a raw line break or control character in a text — is read as that server reads
+    /// it. Its image `n` was counted as 1 (slots the limiter did not know of), and its
+    /// external id was unseen, so the retry layer spliced a generated one in beside it and
+    /// looked the create up by an id the server never kept.
+    #[test]
+    fn a_create_body_a_lenient_server_reads_is_read_so() {
+        let legacy = "{\"prompt\":\"line one\nline two\",\"n\":9,\"external_task_id\":\"e\t1\",\"callback_url\":\"https://cb\"}";
+        let r = recognize(&Method::POST, "/v1/images/generations", legacy);
+        assert_eq!((r.weight, r.external_id.as_deref()), (9, Some("e\t1")));
+        assert!(r.names_own_id && r.has_callback);
+        let marked = "\u{feff}{\"n\":4,\"external_task_id\":\"e2\"}";
+        let r = recognize(&Method::POST, "/v1/images/generations", marked);
+        assert_eq!((r.weight, r.external_id.as_deref()), (4, Some("e2")));
+        let new = "{\"prompt\":\"a\u{1}b\",\"n\":3,\"external_id\":\"x\",\"options\":{\"callback_url\":\"u\"}}";
+        let r = recognize(&Method::POST, "/text-to-image/kling-v2", new);
+        assert_eq!((r.weight, r.external_id.as_deref()), (3, Some("x")));
+        assert!(r.names_own_id && r.has_callback);
+        // What no parser reads alike stays unread: an escape that is none, a body cut short,
+        // a control character outside a string.
+        for body in [
+            r#"{"n":9,"prompt":"C:\data"}"#,
+            r#"{"n":9,"#,
+            "{\"n\":9\u{1}}",
+        ] {
+            let r = recognize(&Method::POST, "/v1/images/generations", body);
+            assert_eq!((r.weight, r.names_own_id), (1, false), "{body:?}");
+        }
     }
 
     #[test]
