@@ -1,7 +1,7 @@
 //! The shared vocabulary of kling-tower: what a Kling response says, what a request is, and
 //! the one step every layer needs, classification.
 //!
-//! Kling answers overload with HTTP 429, but five different business codes hide behind that
+//! Kling answers overload with HTTP 429, but six different business codes hide behind that
 //! status and only two are worth retrying. This crate reads each response once — the envelope
 //! `{code, message, request_id, data}`, the tasks it reports, any `Retry-After` — into an
 //! [`Outcome`], and says for every [`Code`] what a client should do ([`Disposition`]). The
