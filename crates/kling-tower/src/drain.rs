@@ -41,7 +41,11 @@
 //! # Position
 //!
 //! Under the metrics layer (a refused create is counted) and above everything that waits: a
-//! create refused here holds no slot, no rate-limit turn and no budget.
+//! create refused here holds no slot, no rate-limit turn and no budget. For the same reasons,
+//! in [`KlingLayer`](crate::KlingLayer)'s stack with an access key pair, the gate also
+//! refuses a request to a new-style endpoint that the auth layer below would refuse
+//! ([`ApiKeyRequired`](crate::error::ApiKeyRequired), [`AuthLayer::check_endpoint`]), before
+//! the drain is looked at: it could never be sent, drained or not.
 
 use std::cell::Cell;
 use std::fmt;
@@ -58,6 +62,7 @@ use tokio::sync::Notify;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::auth::AuthLayer;
 use crate::error::Draining;
 
 /// How many counters the in-flight count is split into (a power of two).
@@ -320,6 +325,7 @@ impl<S> Layer<S> for DrainLayer {
         Drain {
             inner,
             gate: self.gate.clone(),
+            endpoint_check: None,
         }
     }
 }
@@ -333,6 +339,11 @@ impl<S> Layer<S> for DrainLayer {
 pub struct Drain<S> {
     inner: S,
     gate: Arc<Gate>,
+    /// In [`KlingLayer`](crate::KlingLayer)'s stack with an access key pair: its auth layer,
+    /// whose JWT Kling refuses on a new-style endpoint. Such a request is refused here, at the
+    /// gate: counted by the metrics layer above, and before any layer below gives it a rate
+    /// turn or a slot only for the auth layer to refuse it.
+    endpoint_check: Option<AuthLayer>,
 }
 
 impl<S: fmt::Debug> fmt::Debug for Drain<S> {
@@ -345,6 +356,14 @@ impl<S: fmt::Debug> fmt::Debug for Drain<S> {
 }
 
 impl<S> Drain<S> {
+    /// Refuses at the gate what `auth` would refuse for its endpoint
+    /// ([`AuthLayer::check_endpoint`]), whether draining or not: the request could never be
+    /// sent, and that is the error that names the fix.
+    pub(crate) fn check_endpoints(mut self, auth: Option<AuthLayer>) -> Self {
+        self.endpoint_check = auth;
+        self
+    }
+
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -377,6 +396,15 @@ where
 
     #[inline]
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if let Some(auth) = &self.endpoint_check
+            && let Err(refused) = auth.check_endpoint(&request)
+        {
+            return ResponseFuture {
+                future: None,
+                guard: None,
+                refused: Some(Box::new(refused)),
+            };
+        }
         // A `POST` the router does not recognise may be a create endpoint newer than this crate
         // (the retry layer treats it so): refused too, so none goes out after a drain.
         let admitted = self.gate.admit(|| {
@@ -395,7 +423,7 @@ where
             Err(()) => ResponseFuture {
                 future: None,
                 guard: None,
-                refused: Some(Draining::new(request.uri().path())),
+                refused: Some(Box::new(Draining::new(request.uri().path()))),
             },
         }
     }
@@ -403,14 +431,14 @@ where
 
 pin_project! {
     /// The [`Drain`] response future: the inner future with its in-flight guard, or a refused
-    /// create.
+    /// create (or, in the stack, a request its credentials cannot be sent on).
     pub struct ResponseFuture<F> {
         // Fields rather than an enum of states: the inner future (the whole stack below, in
         // the Pro stack) is written in place once instead of being moved into a variant.
         #[pin]
         future: Option<F>,
         guard: Option<DrainGuard>,
-        refused: Option<Draining>,
+        refused: Option<BoxError>,
     }
 }
 
@@ -434,10 +462,10 @@ where
             drop(this.guard.take());
             return Poll::Ready(output.map_err(Into::into));
         }
-        Poll::Ready(Err(match this.refused.take() {
-            Some(e) => Box::new(e),
-            None => "drain future polled after completion".into(),
-        }))
+        Poll::Ready(Err(this
+            .refused
+            .take()
+            .unwrap_or_else(|| "drain future polled after completion".into())))
     }
 }
 

@@ -99,7 +99,7 @@ pub use follow::{FollowPolicy, Follower, TaskRef};
 pub use gateway::{Gateway, GatewayLayer};
 pub use preset::{StackConfig, Tier};
 pub use spend::{CostTable, SpendGuardLayer};
-pub use stack::{Kling, KlingBuilder, KlingFuture, KlingLayer};
+pub use stack::{Kling, KlingBuilder, KlingLayer};
 pub use webhook::WebhookVerifier;
 
 // The layer crates, whole: the stack is made of them, and hand-made stacks use them directly.

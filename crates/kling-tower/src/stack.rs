@@ -713,10 +713,15 @@ impl<S, B: StackBackends> Layer<S> for KlingLayer<B> {
             Some(spend) => Either::Left(spend.layer(core)),
             None => Either::Right(core),
         };
+        // With an access key pair, the drain gate refuses a new-style request at once: under
+        // the metrics layer (counted as refused), before a rate turn or a slot is spent on it.
+        let gate = p
+            .drain
+            .layer(guarded)
+            .check_endpoints(p.auth.signs_tokens().then(|| p.auth.clone()));
         Kling {
-            inner: p.metrics.layer(p.drain.layer(guarded)),
+            inner: p.metrics.layer(gate),
             account: p.account.clone(),
-            endpoint_check: p.auth.signs_tokens().then(|| p.auth.clone()),
         }
     }
 }
@@ -741,10 +746,6 @@ impl<S, B: StackBackends> Layer<S> for KlingLayer<B> {
 pub struct Kling<S, B: StackBackends = InProcess> {
     inner: Stack<S, B>,
     account: AccountId,
-    /// With an access key pair: the auth layer, to refuse at the entry what it would refuse
-    /// below the rate limiter and the slots ([`AuthLayer::check_endpoint`]). `None` for an
-    /// API key, whose requests are not looked at.
-    endpoint_check: Option<AuthLayer>,
 }
 
 impl<S, B: StackBackends> Clone for Kling<S, B>
@@ -755,7 +756,6 @@ where
         Kling {
             inner: self.inner.clone(),
             account: self.account.clone(),
-            endpoint_check: self.endpoint_check.clone(),
         }
     }
 }
@@ -786,7 +786,7 @@ where
 {
     type Response = Response<Full<Bytes>>;
     type Error = BoxError;
-    type Future = KlingFuture<<Stack<S, B> as Service<Request<Full<Bytes>>>>::Future>;
+    type Future = <Stack<S, B> as Service<Request<Full<Bytes>>>>::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
@@ -796,81 +796,7 @@ where
         // Recognised once, here: metrics, retry, slots and the rate limiter all read the copy
         // cached in the request.
         Recognized::of_with_account(&mut request, &self.account);
-        // A JWT where Kling takes only an API key: refused before the rate limiter paces it
-        // (a turn everyone else waits for: 6 s on the Free preset) or the slots hold it. The
-        // inner service stays ready for the next call, as tower allows.
-        if let Some(auth) = &self.endpoint_check
-            && let Err(refused) = auth.check_endpoint(&request)
-        {
-            return KlingFuture::refused(Box::new(refused));
-        }
-        KlingFuture::stack(self.inner.call(request))
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The response future of [`Kling`]: the layers' own, or a request refused at the entry
-    /// (an access key pair's request to a new-style endpoint,
-    /// [`ApiKeyRequired`](crate::error::ApiKeyRequired)).
-    pub struct KlingFuture<F> {
-        #[pin]
-        state: State<F>,
-    }
-}
-
-pin_project_lite::pin_project! {
-    #[project = StateProj]
-    enum State<F> {
-        // The request went into the layers.
-        Stack {
-            #[pin]
-            future: F,
-        },
-        // The request was refused before the layers; taken when polled.
-        Refused {
-            error: Option<BoxError>,
-        },
-    }
-}
-
-impl<F> KlingFuture<F> {
-    fn stack(future: F) -> Self {
-        KlingFuture {
-            state: State::Stack { future },
-        }
-    }
-
-    fn refused(error: BoxError) -> Self {
-        KlingFuture {
-            state: State::Refused { error: Some(error) },
-        }
-    }
-}
-
-impl<F> fmt::Debug for KlingFuture<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match &self.state {
-            State::Stack { .. } => "in the stack",
-            State::Refused { .. } => "refused at the entry",
-        };
-        f.debug_tuple("KlingFuture").field(&state).finish()
-    }
-}
-
-impl<F, T> std::future::Future for KlingFuture<F>
-where
-    F: std::future::Future<Output = Result<T, BoxError>>,
-{
-    type Output = Result<T, BoxError>;
-
-    #[inline]
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Stack { future } => future.poll(cx),
-            StateProj::Refused { error } => Poll::Ready(Err(error
-                .take()
-                .unwrap_or_else(|| "polled after completion".into()))),
-        }
+        self.inner.call(request)
     }
 }
 

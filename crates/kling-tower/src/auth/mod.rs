@@ -51,7 +51,8 @@
 //! `/tasks` (no endpoint: the server's 404, wrong method) is sent. Below a rate limiter and
 //! task slots, such a request has waited for a turn and a slot by then;
 //! [`AuthLayer::check_endpoint`] is the same check for a stack's entry, before either, and
-//! [`KlingLayer`](crate::KlingLayer)'s stack makes it there.
+//! [`KlingLayer`](crate::KlingLayer)'s stack makes it at its drain gate (under the metrics
+//! layer, which counts the refusal).
 //!
 //! The layer also sets the request's [`AccountId`] when it has none: for an API key,
 //! `key-` and the first 12 hex digits of the key's SHA-256; for an access key, `ak-` and the

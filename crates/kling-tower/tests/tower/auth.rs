@@ -984,12 +984,19 @@ async fn the_stack_refuses_a_jwt_new_style_create_before_it_takes_a_rate_turn() 
     accepted_create(stack.clone()).await;
     let error = stack
         .clone()
-        .oneshot(request("POST", "/text-to-video/kling-3.0", r#"{"prompt":"a dog"}"#))
+        .oneshot(request(
+            "POST",
+            "/text-to-video/kling-3.0",
+            r#"{"prompt":"a dog"}"#,
+        ))
         .await
         .unwrap_err();
     assert!(api_key_required(&*error).is_some(), "{error}");
     assert_eq!(started.elapsed(), Duration::ZERO, "refused without a wait");
-    assert_eq!(kling.snapshot().pool("video:kling-3.0").map(|p| p.in_use), None);
+    assert_eq!(
+        kling.snapshot().pool("video:kling-3.0").map(|p| p.in_use),
+        None
+    );
     accepted_create(stack.clone()).await;
     assert!(
         started.elapsed() <= interval,
@@ -1117,4 +1124,41 @@ async fn check_endpoint_refuses_what_the_layer_refuses() {
         );
     }
     assert_eq!(pair.tokens_signed(), 0, "checking signs nothing");
+}
+
+/// A draining stack with an access key pair refuses a new-style create with
+/// `ApiKeyRequired`, not `Draining`: it could never be sent, drained or not, and that error
+/// names the fix. A legacy create is refused `Draining` (the control), and neither is sent
+/// or left in flight.
+#[tokio::test(start_paused = true)]
+async fn a_draining_stack_refuses_a_jwt_new_style_create_as_needing_an_api_key() {
+    let mock = MockKling::new(MockConfig::preset(Preset::Pro).access_key("ak", "sk")).unwrap();
+    let kling = KlingLayer::new(
+        StackConfig::preset(Tier::Pro),
+        Credentials::access_key("ak", "sk").unwrap(),
+    )
+    .unwrap();
+    let stack = kling.layer(mock.clone());
+    kling.drain().await;
+    let error = stack
+        .clone()
+        .oneshot(request(
+            "POST",
+            "/text-to-video/kling-3.0",
+            r#"{"prompt":"a dog"}"#,
+        ))
+        .await
+        .unwrap_err();
+    assert!(api_key_required(&*error).is_some(), "{error}");
+    let error = stack
+        .oneshot(request(
+            "POST",
+            "/v1/videos/text2video",
+            r#"{"prompt":"a dog"}"#,
+        ))
+        .await
+        .unwrap_err();
+    assert!(error.is::<kling_tower::error::Draining>(), "{error}");
+    assert_eq!(kling.drain_handle().in_flight(), 0);
+    assert_eq!(mock.stats().requests_total, 0);
 }

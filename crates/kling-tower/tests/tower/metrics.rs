@@ -10,7 +10,7 @@ use http_body_util::Full;
 use kling_metrics::catalog::{self, MetricType};
 use kling_mock::{MockConfig, MockKling, Preset};
 use kling_tower::{Credentials, KlingLayer, StackConfig, TaskRef, Tier};
-use metrics_util::debugging::DebuggingRecorder;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use metrics_util::{CompositeKey, MetricKind};
 use tower::{Layer, Service, ServiceExt};
 
@@ -244,4 +244,84 @@ fn many_model_names_make_a_bounded_set_of_pool_labels() {
         assert!(labels.contains("video:other"), "{name}: {labels:?}");
         assert!(labels.contains("video:model-0"), "{name}: {labels:?}");
     }
+}
+
+/// A request the stack refuses at its gate because the credentials cannot be sent on its
+/// endpoint (an access key pair's JWT on a new-style create) is counted as any local refusal
+/// is: `code="refused"` on `kling_responses_total` and the duration histogram, once. Refused
+/// ahead of the metrics layer, it left no trace in the metrics (nor their `WARN` log), where
+/// the same refusal made below the rate limiter was counted. The control: a legacy create by
+/// the same pair is counted under Kling's code `0`, not `refused`.
+#[test]
+fn a_jwt_new_style_create_refused_at_the_gate_is_counted_as_refused() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap()
+            .block_on(async {
+                let config = MockConfig::preset(Preset::Pro).access_key("ak", "sk");
+                let mock = MockKling::new(config).unwrap();
+                let kling = KlingLayer::new(
+                    StackConfig::preset(Tier::Pro),
+                    Credentials::access_key("ak", "sk").unwrap(),
+                )
+                .unwrap();
+                let service = kling.layer(mock.clone());
+                let refused = service
+                    .clone()
+                    .oneshot(request(
+                        "POST",
+                        "/text-to-video/kling-3.0",
+                        r#"{"prompt":"p"}"#,
+                    ))
+                    .await
+                    .unwrap_err();
+                assert!(
+                    refused.to_string().contains("takes an API key"),
+                    "{refused}"
+                );
+                let created = service
+                    .oneshot(request(
+                        "POST",
+                        "/v1/videos/text2video",
+                        r#"{"prompt":"p"}"#,
+                    ))
+                    .await
+                    .unwrap();
+                assert_eq!(created.status(), 200);
+                assert_eq!(
+                    mock.stats().requests_total,
+                    1,
+                    "the refused one was not sent"
+                );
+            });
+    });
+    let mut responses: BTreeMap<String, u64> = BTreeMap::new();
+    let mut timed: BTreeMap<String, usize> = BTreeMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let key = key.key();
+        let Some(code) = key.labels().find(|l| l.key() == "code") else {
+            continue;
+        };
+        let code = code.value().to_owned();
+        match value {
+            DebugValue::Counter(n) if key.name() == kling_core::metrics::RESPONSES => {
+                *responses.entry(code).or_default() += n;
+            }
+            DebugValue::Histogram(samples)
+                if key.name() == kling_core::metrics::REQUEST_DURATION =>
+            {
+                *timed.entry(code).or_default() += samples.len();
+            }
+            _ => {}
+        }
+    }
+    let expected = BTreeMap::from([("0".to_owned(), 1), ("refused".to_owned(), 1)]);
+    assert_eq!(responses, expected, "kling_responses_total by code");
+    let expected = BTreeMap::from([("0".to_owned(), 1), ("refused".to_owned(), 1)]);
+    assert_eq!(timed, expected, "durations by code");
 }

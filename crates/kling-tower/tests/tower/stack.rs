@@ -1349,3 +1349,26 @@ async fn a_create_granted_after_waiting_then_dropped_at_the_rate_limiter_gives_i
     assert!(second.await.unwrap().is_err(), "dropped before its turn");
     assert_eq!(kling.snapshot().pool("video").unwrap().in_use, 0);
 }
+
+/// The stack's response future is `Send` and `Sync` (a spawned call, a future held across an
+/// await in a `Send` task), and `Unpin` when the client's is, with an access key pair or an
+/// API key alike: the gate's refusal of a request its credentials cannot be sent on is a
+/// field of the drain's future, not another future type around the stack's.
+#[tokio::test(start_paused = true)]
+async fn the_stacks_future_is_send_sync_and_unpin() {
+    fn send_sync_unpin<F: std::future::Future + Send + Sync + Unpin>(_: &F) {}
+    let client = tower::service_fn(|_: http::Request<Full<Bytes>>| {
+        std::future::ready(Ok::<_, kling_core::BoxError>(http::Response::new(
+            Full::new(Bytes::new()),
+        )))
+    });
+    for credentials in [
+        Credentials::access_key("ak", "sk").unwrap(),
+        Credentials::api_key("k").unwrap(),
+    ] {
+        let kling = KlingLayer::new(StackConfig::preset(Tier::Pro), credentials).unwrap();
+        let mut stack = kling.layer(client);
+        let future = stack.call(request("POST", "/text-to-video/kling-3.0", "{}"));
+        send_sync_unpin(&future);
+    }
+}
