@@ -1245,8 +1245,10 @@ struct Reports<'a> {
     unread: bool,
     /// Whether an end that finds no holding is remembered ([`Ended`]): only from a report of
     /// one task (a callback, a query of it), the way an end overtakes its create's answer. A
-    /// list page or a batch answer reports many tasks long released, and would push the ends
-    /// that matter out.
+    /// batch answer reports many tasks long released, and would push the ends that matter out;
+    /// so does a list page, of any length ([`SlotBackend::observe_list_on`]): one naming a
+    /// single task long ended (a legacy list's last page) would free a later create of unknown
+    /// outcome under its external id.
     note_ends: bool,
 }
 
@@ -2886,6 +2888,52 @@ fn report_time(op: &SlotOp) -> Option<Instant> {
     }
 }
 
+impl InProcess {
+    /// The reports of `outcome`, an answer to a request of `account` for tasks created on
+    /// `path`, read in place under one lock (none when it reports no task); of a list page
+    /// (`list`), an end that finds no holding is not remembered.
+    #[inline]
+    fn observe(
+        &self,
+        account: &AccountId,
+        outcome: &Outcome,
+        lease: Duration,
+        path: ReportPath<'_>,
+        list: bool,
+    ) -> Ready<Result<Applied, BackendError>> {
+        let tasks = outcome.tasks();
+        if tasks.is_empty() {
+            return ready(Ok(Applied::default()));
+        }
+        // The answer's arrival is the time its reports speak of: no clock read.
+        let mut reports = Reports::new(
+            account,
+            lease,
+            Some(outcome.received_at()),
+            true,
+            tasks.len(),
+        );
+        reports.path = path;
+        reports.note_ends &= !list;
+        // The ids are hashed before the lock is taken (the first few: a query reports one).
+        let mut hashes = [0; PREHASHED];
+        for (hash, task) in hashes.iter_mut().zip(tasks) {
+            *hash = IdHash::hash(task.id.as_bytes());
+        }
+        let mut state = self.lock();
+        each_completing(tasks.iter().enumerate(), |(i, task)| {
+            let (ext, status) = (task.external_id.as_deref(), Some(&task.status));
+            let hash = match hashes.get(i) {
+                Some(&hash) => hash,
+                None => IdHash::hash(task.id.as_bytes()),
+            };
+            state.report(&task.id, hash, ext, status, &mut reports);
+        });
+        drop(state);
+        ready(Ok(reports.applied))
+    }
+}
+
 impl SlotBackend for InProcess {
     type Acquire = InProcessAcquire;
     type Apply = Ready<Result<Applied, BackendError>>;
@@ -3045,35 +3093,18 @@ impl SlotBackend for InProcess {
         lease: Duration,
         path: ReportPath<'_>,
     ) -> Self::Apply {
-        let tasks = outcome.tasks();
-        if tasks.is_empty() {
-            return ready(Ok(Applied::default()));
-        }
-        // The answer's arrival is the time its reports speak of: no clock read.
-        let mut reports = Reports::new(
-            account,
-            lease,
-            Some(outcome.received_at()),
-            true,
-            tasks.len(),
-        );
-        reports.path = path;
-        // The ids are hashed before the lock is taken (the first few: a query reports one).
-        let mut hashes = [0; PREHASHED];
-        for (hash, task) in hashes.iter_mut().zip(tasks) {
-            *hash = IdHash::hash(task.id.as_bytes());
-        }
-        let mut state = self.lock();
-        each_completing(tasks.iter().enumerate(), |(i, task)| {
-            let (ext, status) = (task.external_id.as_deref(), Some(&task.status));
-            let hash = match hashes.get(i) {
-                Some(&hash) => hash,
-                None => IdHash::hash(task.id.as_bytes()),
-            };
-            state.report(&task.id, hash, ext, status, &mut reports);
-        });
-        drop(state);
-        ready(Ok(reports.applied))
+        self.observe(account, outcome, lease, path, false)
+    }
+
+    /// As `observe_unread_on`, an end of a task not held here never remembered.
+    fn observe_list_on(
+        &self,
+        account: &AccountId,
+        outcome: &Outcome,
+        lease: Duration,
+        path: CreatePath,
+    ) -> Self::Apply {
+        self.observe(account, outcome, lease, ReportPath::Known(path), true)
     }
 
     fn snapshot(&self) -> Self::Snapshot {

@@ -506,6 +506,23 @@ pub trait SlotBackend: Clone + Send + Sync + 'static {
         self.observe_unread_on(account, outcome, lease, path.create_path())
     }
 
+    /// [`observe_unread_on`](SlotBackend::observe_unread_on) of a page of a list (one sent
+    /// through the layer, or a [`reconcile`](crate::SlotsHandle::reconcile)'s): the end of a
+    /// task it names that nothing here holds is not remembered as an end that overtook its
+    /// create's answer, however few tasks the page names. A list names tasks long ended (a
+    /// legacy list keeps them for days), often one alone on its last page; remembered, such an
+    /// end would free a later create of unknown outcome under the same external id (another
+    /// path's create may carry it). By default `observe_unread_on`.
+    fn observe_list_on(
+        &self,
+        account: &AccountId,
+        outcome: &Outcome,
+        lease: Duration,
+        path: CreatePath,
+    ) -> Self::Apply {
+        self.observe_unread_on(account, outcome, lease, path)
+    }
+
     /// [`apply_unread`](SlotBackend::apply_unread) of a [`SlotOp::Update`] whose reports are
     /// of tasks created on `path` (a lookup by external id at `{create path}/{external id}`
     /// that found nothing): a backend may find them by external id among holdings of that path

@@ -308,6 +308,8 @@ pin_project! {
             // new-style create (their external ids are looked up together), a legacy list's
             // create path; else unknown (a legacy query's is read from `asked`).
             path: CreatePath,
+            // A list's answer: the ends it names of tasks not held here are long past.
+            list: bool,
         },
         Pass {
             #[pin]
@@ -384,7 +386,7 @@ where
         lease: Duration,
         asked: Option<PathAndQuery>,
         account: AccountId,
-        path: CreatePath,
+        (path, list): (CreatePath, bool),
     ) -> Self {
         ResponseFuture {
             state: State::Observe {
@@ -394,6 +396,7 @@ where
                 asked,
                 account,
                 path,
+                list,
             },
         }
     }
@@ -652,6 +655,7 @@ where
                     asked,
                     account,
                     path,
+                    list,
                 } => {
                     let mut response = match ready!(future.poll(cx)) {
                         Ok(response) => response,
@@ -693,6 +697,8 @@ where
                     } else if outcome.tasks().is_empty() {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
+                    } else if *list {
+                        backend.observe_list_on(account, &outcome, lease, known)
                     } else {
                         backend.observe_unread_of(account, &outcome, lease, path)
                     };

@@ -572,10 +572,11 @@ impl<B: SlotBackend> SlotsHandle<B> {
         // First what the page says of the tasks held here, as a list sent through the layer
         // does: its ended tasks are freed (a callback missed, holdings a backend kept across a
         // restart), its running ones renew their leases. The service listing may be the bare
-        // client, whose answers never pass the layer.
+        // client, whose answers never pass the layer. As a list: the ends it names of tasks
+        // not held here are long past, not ends that overtook a create's answer.
         if !page.tasks().is_empty() {
             self.backend
-                .observe_unread_on(account, page, self.settings.lease, path)
+                .observe_list_on(account, page, self.settings.lease, path)
                 .await?;
         }
         for task in page.tasks().iter().filter(|t| !t.status.is_terminal()) {

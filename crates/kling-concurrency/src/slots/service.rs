@@ -222,7 +222,7 @@ where
                     self.settings.lease,
                     asked,
                     account,
-                    path,
+                    (path, false),
                 );
             }
             Route::List { new_style } => {
@@ -240,7 +240,7 @@ where
                     self.settings.lease,
                     None,
                     account,
-                    path,
+                    (path, true),
                 );
             }
             Route::Other => return ResponseFuture::pass(self.inner.call(request)),

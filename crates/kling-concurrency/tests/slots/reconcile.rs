@@ -1005,3 +1005,225 @@ async fn a_listing_that_fails_part_way_says_where_and_keeps_what_it_adopted() {
         .unwrap();
     assert_eq!(video.in_use, 2, "what was adopted stays held");
 }
+
+/// A reconcile's last legacy page often holds a single entry, a task long ended (legacy lists
+/// keep ended tasks for 30 days). Its end is no news: it must not be remembered as an end
+/// that overtook a create's answer, or a later create under the same external id on another
+/// path (allowed: external ids may be unique per create path only), whose answer is lost, is
+/// released at once while its task runs. A page of two such entries (the negative control
+/// of the rule "a report of one task is remembered") never did this.
+#[tokio::test(start_paused = true)]
+async fn a_one_entry_list_page_of_an_ended_task_frees_no_later_create_under_its_external_id() {
+    for entries in [2, 1] {
+        let fake = crate::support::Fake::new();
+        let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(5)).unwrap();
+        let mut slots = layer.layer(fake.clone());
+        let mut page: Vec<_> = (0..entries)
+            .map(|i| {
+                serde_json::json!({
+                    "task_id": format!("old-image-{i}"),
+                    "task_status": "succeed",
+                    "task_info": {"external_task_id": format!("job-{i}")},
+                })
+            })
+            .collect();
+        page.reverse();
+        let mut images = legacy_pages(
+            vec![serde_json::json!(page)],
+            Arc::new(std::sync::Mutex::new(Vec::new())),
+        );
+        let plan = Reconcile::new("").legacy_paths(["/v1/images/generations"]);
+        let found = handle.reconcile(&mut images, &plan).await.unwrap();
+        assert_eq!((found.unfinished, found.adopted), (0, 0));
+
+        // A video create under `job-0`, its answer lost: it may run, so it keeps its slot.
+        fake.script(crate::support::Scripted::Lost);
+        let video = crate::support::create_with_external("job-0");
+        assert!(slots.ready().await.unwrap().call(video).await.is_err());
+        let in_use = crate::support::pool_state(&handle, &crate::support::video()).await;
+        assert_eq!(
+            in_use.0, 1,
+            "a page of {entries} entries freed a later create"
+        );
+    }
+}
+
+/// As above, for a list sent through the layer (kling-batch reconciles through its stack, so
+/// the layer reads every page before the reconcile does): a one-entry page naming a task long
+/// ended is not remembered either. A page naming it alone through a query (a report of one
+/// task, which may overtake its create's answer) still is (the negative control).
+#[tokio::test(start_paused = true)]
+async fn a_one_entry_list_page_through_the_layer_frees_no_later_create_under_its_external_id() {
+    for (request, freed) in [
+        ("/v1/images/generations/old-image", true),
+        ("/v1/images/generations?pageNum=1&pageSize=500", false),
+    ] {
+        let fake = crate::support::Fake::new();
+        let lists = fake.clone();
+        let server = tower::service_fn(move |request: Request<Full<Bytes>>| {
+            let entry = serde_json::json!({
+                "task_id": "old-image",
+                "task_status": "succeed",
+                "task_info": {"external_task_id": "job-0"},
+            });
+            let answer = match request.uri().path().starts_with("/v1/images/") {
+                true if request.uri().query().is_some() => Ok(crate::support::envelope(
+                    200,
+                    0,
+                    &serde_json::json!([entry]),
+                )),
+                true => Ok(crate::support::envelope(200, 0, &entry)),
+                false => lists.clone().call(request).into_inner(),
+            };
+            std::future::ready(answer)
+        });
+        let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(5)).unwrap();
+        let mut slots = layer.layer(server);
+        send(&mut slots, crate::support::get(request)).await;
+
+        fake.script(crate::support::Scripted::Lost);
+        let video = crate::support::create_with_external("job-0");
+        assert!(slots.ready().await.unwrap().call(video).await.is_err());
+        let in_use = crate::support::pool_state(&handle, &crate::support::video()).await;
+        assert_eq!(in_use.0, u32::from(!freed), "after {request}");
+    }
+}
+
+/// Counts the finished-task metrics: `kling_tasks_finished_total` increments and
+/// `kling_task_lifetime_seconds` records.
+#[derive(Default)]
+struct FinishedCount {
+    finished: Arc<std::sync::atomic::AtomicU64>,
+    lifetimes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+struct Adds(Arc<std::sync::atomic::AtomicU64>);
+
+impl metrics::CounterFn for Adds {
+    fn increment(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::SeqCst);
+    }
+    fn absolute(&self, _: u64) {}
+}
+
+impl metrics::HistogramFn for Adds {
+    fn record(&self, _: f64) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl metrics::Recorder for FinishedCount {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        match key.name() == kling_core::metrics::TASKS_FINISHED {
+            true => metrics::Counter::from_arc(Arc::new(Adds(self.finished.clone()))),
+            false => metrics::Counter::noop(),
+        }
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        match key.name() == kling_core::metrics::TASK_LIFETIME {
+            true => metrics::Histogram::from_arc(Arc::new(Adds(self.lifetimes.clone()))),
+            false => metrics::Histogram::noop(),
+        }
+    }
+}
+
+/// A reconcile that lists through the layer has each page applied twice (the layer reads the
+/// answer, then the reconcile applies it): a held task the page names ended is released, and
+/// counted finished, once. (Counted at all: the recorder sees the release.)
+#[tokio::test(start_paused = true)]
+async fn a_reconcile_through_the_layer_counts_a_listed_end_once() {
+    let recorder = FinishedCount::default();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let minute = Duration::from_secs(60);
+    let mock = MockKling::new(
+        MockConfig::preset(Preset::Pro)
+            .no_rate_limit()
+            .task_duration(5 * minute, 5 * minute),
+    )
+    .unwrap();
+    let account = AccountId::new("key");
+    let (layer, handle) =
+        TaskSlotsLayer::pair(SlotsConfig::new(5).default_account(account.clone())).unwrap();
+    let mut slots = layer.layer(client(&mock));
+    send(
+        &mut slots,
+        post("/v1/videos/text2video", r#"{"prompt":"a"}"#),
+    )
+    .await;
+    tokio::time::advance(6 * minute).await;
+    let plan = Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+    for _ in 0..2 {
+        handle.reconcile(&mut slots, &plan).await.unwrap();
+    }
+    let snapshot = handle.snapshot().await.unwrap();
+    let video = snapshot.get(&account, &Pool::new(Product::Video)).unwrap();
+    assert_eq!(video.in_use, 0);
+    assert_eq!(recorder.finished.load(Ordering::SeqCst), 1, "finished");
+    assert_eq!(recorder.lifetimes.load(Ordering::SeqCst), 1, "lifetimes");
+}
+
+/// A listed task's id is looked up as a task id only: an entry naming as ended a task whose id
+/// is the external id a create of unknown outcome is held under (another task: external ids
+/// are the caller's, any text) frees nothing. The same entry carrying that external id is that
+/// create's task, and frees it (the negative control).
+#[tokio::test(start_paused = true)]
+async fn a_listed_end_whose_task_id_is_a_held_external_id_frees_nothing() {
+    for (entry, freed) in [
+        (
+            serde_json::json!({"task_id": "e-7", "task_status": "succeed"}),
+            false,
+        ),
+        (
+            serde_json::json!({
+                "task_id": "t-70",
+                "task_status": "succeed",
+                "task_info": {"external_task_id": "e-7"},
+            }),
+            true,
+        ),
+    ] {
+        let fake = crate::support::Fake::new();
+        let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(5)).unwrap();
+        let mut slots = layer.layer(fake.clone());
+        fake.script(crate::support::Scripted::Lost);
+        let video = crate::support::create_with_external("e-7");
+        assert!(slots.ready().await.unwrap().call(video).await.is_err());
+
+        let mut list = legacy_pages(
+            vec![serde_json::json!([entry])],
+            Arc::new(std::sync::Mutex::new(Vec::new())),
+        );
+        let plan = Reconcile::new("").legacy_paths(["/v1/videos/text2video"]);
+        handle.reconcile(&mut list, &plan).await.unwrap();
+        let in_use = crate::support::pool_state(&handle, &crate::support::video()).await;
+        assert_eq!(in_use.0, u32::from(!freed), "after {entry}");
+    }
+}
