@@ -1143,6 +1143,13 @@ fn report<Bk: Backend>(
         .feedback(&key, &shared.account_policy(), feedback);
     // The in-process backend's report is ready at once: no state for it.
     if let Poll::Ready(reported) = Pin::new(&mut report).poll(cx) {
+        if let Ok(crate::backend::Reported {
+            cooldown_until: Some(until),
+            ..
+        }) = reported
+        {
+            pause_reported(shared, &key, until);
+        }
         *account = key.into_account();
         note_cooldown(reported, account);
         return None;
@@ -1162,6 +1169,16 @@ fn report<Bk: Backend>(
 fn hold_pause<Bk>(shared: &Shared<Bk>, key: &BucketKey, feedback: &Feedback) {
     if let Some(until) = least_pause_until(&shared.cooldown, feedback) {
         shared.pauses.hold(key, until, Instant::now());
+        pause_reported(shared, key, until);
+    }
+}
+
+/// A pause of `key` until `until` reported from an answer: the requests queued behind a head
+/// paced past it learn of it now ([`Queues::pause_reported`]), not when that head next asks.
+#[inline]
+fn pause_reported<Bk>(shared: &Shared<Bk>, key: &BucketKey, until: Instant) {
+    if !shared.queues.is_idle() {
+        shared.queues.pause_reported(key, until);
     }
 }
 

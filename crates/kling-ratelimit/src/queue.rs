@@ -68,7 +68,8 @@ struct Queue {
     /// The earliest wait limit of the waiters behind the head that noted one
     /// ([`Queues::poll_behind`]) since the head last woke them: a head that meets a pause
     /// ending past it wakes them, so those that cannot go in time fail then, not at their
-    /// limit. Not lowered when one leaves (at worst one wake too many), cleared by the wake.
+    /// limit. Not noted by one the hint fails at once, not lowered when one leaves (at worst
+    /// one wake too many), cleared by the wake.
     earliest_limit: Option<Instant>,
     /// For a class key's queue: the end of the account's pause, met by one of its requests
     /// after passing the class gate. Unlike the head's hint it outlives the head: each head
@@ -106,6 +107,19 @@ impl Queue {
         let head = self.returned.front().or_else(|| self.waiters.front());
         if let Some(waker) = head.and_then(|w| w.waker.as_ref()) {
             waker.wake_by_ref();
+        }
+    }
+
+    /// Sets the head's hint (`head` leads). A pause the waiters behind have not been shown
+    /// (pacing before, or a shorter pause) wakes them when one of them cannot wait it out: it
+    /// fails now rather than at its limit.
+    fn show_behind(&mut self, head: u64, at: Instant, cooldown: bool) {
+        let new_pause =
+            cooldown && !matches!(self.head_not_before, Some((before, true)) if before >= at);
+        self.head_not_before = Some((at, cooldown));
+        if new_pause && self.earliest_limit.is_some_and(|limit| limit < at) {
+            self.earliest_limit = None;
+            self.wake_behind(head);
         }
     }
 
@@ -719,10 +733,15 @@ impl Queues {
         if queue.is_head(id) == Some(true) {
             Ok(true)
         } else {
-            if let Some(limit) = limit {
+            // Not one the hint fails at once (a pause past its limit): left behind, it would
+            // wake every waiter again when the pause is extended.
+            let hint = queue.head_not_before;
+            if let Some(limit) = limit
+                && !matches!(hint, Some((at, true)) if at > limit)
+            {
                 queue.earliest_limit = Some(queue.earliest_limit.map_or(limit, |l| l.min(limit)));
             }
-            Err(queue.head_not_before)
+            Err(hint)
         }
     }
 
@@ -744,16 +763,31 @@ impl Queues {
         if queue.is_head(id) == Some(false) {
             return false;
         }
-        // A pause the waiters behind have not been shown (pacing before, or a shorter pause)
-        // wakes them when one of them cannot wait it out: it fails now rather than at its limit.
-        let new_pause =
-            cooldown && !matches!(queue.head_not_before, Some((before, true)) if before >= at);
-        queue.head_not_before = Some((at, cooldown));
-        if new_pause && queue.earliest_limit.is_some_and(|limit| limit < at) {
-            queue.earliest_limit = None;
-            queue.wake_behind(id);
-        }
+        queue.show_behind(id, at, cooldown);
         true
+    }
+
+    /// `key` is paused until `until`, as the report of an answer said (a 1302, a
+    /// `Retry-After`): shown to the waiters behind its head now, as if the head had met it
+    /// ([`set_head_not_before`](Self::set_head_not_before)). A head paced past the answer's
+    /// arrival (a minute, under a per-minute quota) meets the pause only when it asks again,
+    /// and those behind it that cannot wait the pause out would wait until their limit
+    /// meanwhile. Not when the head's hint is as late already: a pacing instant past the
+    /// pause's end is the stronger bound.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn pause_reported(&self, key: &BucketKey, until: Instant) {
+        let mut map = self.lock();
+        let Some(queue) = map.get_mut(key) else {
+            return;
+        };
+        if queue.head_not_before.is_some_and(|(at, _)| at >= until) {
+            return;
+        }
+        let head = queue.returned.front().or_else(|| queue.waiters.front());
+        if let Some(head) = head.map(|waiter| waiter.ticket) {
+            queue.show_behind(head, until, true);
+        }
     }
 
     /// The account of class key `key` is paused until `at` (one of its requests met the pause
@@ -1441,18 +1475,25 @@ mod tests {
         );
         assert!(queues.set_head_not_before(&key, head.id, secs(100), true));
         assert_eq!(woken(), 0, "no limit noted");
+        assert!(queues.set_head_not_before(&key, head.id, secs(10), false));
         assert!(
             queues
                 .poll_behind(&key, bounded.id, &waker, Some(secs(50)))
                 .is_err()
         );
-        assert!(queues.set_head_not_before(&key, head.id, secs(10), false));
         assert!(queues.set_head_not_before(&key, head.id, secs(50), true));
         assert_eq!(woken(), 0, "pacing, and a pause within the limit");
         assert!(queues.set_head_not_before(&key, head.id, secs(60), true));
         assert_eq!(woken(), 2, "both behind the head, not the head");
         assert!(queues.set_head_not_before(&key, head.id, secs(60), true));
         assert_eq!(woken(), 0, "the same pause: cleared by the wake");
+        // One the hint fails at once notes nothing: it leaves, and would wake them again.
+        assert_eq!(
+            queues.poll_behind(&key, bounded.id, &waker, Some(secs(55))),
+            Err(Some((secs(60), true)))
+        );
+        assert!(queues.set_head_not_before(&key, head.id, secs(62), true));
+        assert_eq!(woken(), 0, "no limit left behind");
         assert!(
             queues
                 .poll_behind(&key, bounded.id, &waker, Some(secs(70)))

@@ -752,3 +752,91 @@ async fn every_final_429_is_logged_once_with_its_code_answered_or_given_up() {
         }
     }
 }
+
+/// Each way a call ends logs at most one event, as the README says: an error with no Kling
+/// answer (a refusal, a transport error) one "kling call failed" with the error and no
+/// `code` nor `http_status`; a gateway's page one "kling call failed" with `http_status` alone
+/// when a classify step made it an error, else one "kling call answered with no envelope"; a
+/// call its caller dropped none (the caller gave up: the metrics say
+/// `cancelled`), where the same call left to end logs its answer's one.
+#[tokio::test(start_paused = true)]
+async fn every_call_logs_at_most_one_event_and_a_dropped_one_none() {
+    use std::time::Duration;
+
+    use crate::support::Capture;
+
+    const SLOT_FULL: &str =
+        r#"{"code":1303,"message":"parallel task over resource pack limit","request_id":"r1303"}"#;
+    let _recording = Recording::start();
+    let create = || request("POST", "/v1/videos/text2video", "{}", "k");
+    // The events of `kling_metrics` one call logged.
+    async fn events_of<F>(call: F) -> Vec<crate::support::Captured>
+    where
+        F: std::future::Future,
+    {
+        let capture = Capture::default();
+        let _tracing = tracing::subscriber::set_default(capture.clone());
+        call.await;
+        capture
+            .events()
+            .into_iter()
+            .filter(|event| event.target == "kling_metrics")
+            .collect()
+    }
+    let refused = tower::service_fn(|_req: http::Request<Full<Bytes>>| async {
+        Err::<http::Response<Full<Bytes>>, BoxError>(Box::new(QueueFull))
+    });
+    let transport = tower::service_fn(|_req: http::Request<Full<Bytes>>| async {
+        Err::<http::Response<Full<Bytes>>, BoxError>(Box::new(std::io::Error::other("reset")))
+    });
+    for (service, text) in [
+        (
+            MetricsLayer::new().layer(refused).boxed_clone(),
+            "queue full",
+        ),
+        (MetricsLayer::new().layer(transport).boxed_clone(), "reset"),
+    ] {
+        let events = events_of(service.oneshot(create())).await;
+        assert_eq!(events.len(), 1, "{text}: {events:?}");
+        let event = &events[0];
+        assert_eq!(event.level, "WARN");
+        assert_eq!(event.field("message"), Some("kling call failed"));
+        assert_eq!(event.field("error"), Some(text));
+        assert_eq!(
+            (event.field("code"), event.field("http_status")),
+            (None, None)
+        );
+    }
+    // A gateway's page: an error over a classify step, an answer without one.
+    let gateway = MetricsLayer::new().layer(ClassifyLayer::new().layer(answering(502, "<html>")));
+    let events = events_of(gateway.oneshot(create())).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].field("message"), Some("kling call failed"));
+    assert_eq!(
+        (events[0].field("code"), events[0].field("http_status")),
+        (None, Some("502"))
+    );
+    let gateway = MetricsLayer::new().layer(answering(502, "<html>"));
+    let events = events_of(gateway.oneshot(create())).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        events[0].field("message"),
+        Some("kling call answered with no envelope")
+    );
+    // Kling answers a minute after the create is sent.
+    let slow = tower::service_fn(|_req: http::Request<Full<Bytes>>| async {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let response = http::Response::builder()
+            .status(429)
+            .body(Full::new(Bytes::from_static(SLOT_FULL.as_bytes())))
+            .unwrap();
+        Ok::<_, BoxError>(response)
+    });
+    let stack = MetricsLayer::new().layer(ClassifyLayer::new().layer(slow));
+    let cut_short = tokio::time::timeout(Duration::from_secs(5), stack.clone().oneshot(create()));
+    let events = events_of(async { assert!(cut_short.await.is_err()) }).await;
+    assert!(events.is_empty(), "{events:?}");
+    let events = events_of(stack.oneshot(create())).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].field("code"), Some("1303"));
+}

@@ -752,20 +752,21 @@ async fn a_request_queued_behind_a_pause_past_its_deadline_fails_at_once() {
 }
 
 /// A request already queued behind a head that is only paced fails as soon as that head meets
-/// a pause ending past the request's deadline, not at the deadline: the usual case under load
-/// (requests queue for the quota, then an answer in flight is a 1302). It slept until its
-/// limit and was not told of the pause: behind `Retry-After: 3600`, it held its caller 100 s.
-/// One whose deadline comes after the pause's end still waits it out and is sent.
+/// a pause ending past the request's deadline, not at the deadline. The pause here is one this
+/// layer never saw an answer for (another process's 1302, through a store the fleet shares):
+/// the head meets it when it asks at the end of its pacing. The request slept until its limit
+/// and was not told of the pause: behind `Retry-After: 3600`, it held its caller 100 s. One
+/// whose deadline comes after the pause's end still waits it out and is sent.
 #[tokio::test(start_paused = true)]
 async fn a_request_queued_behind_a_paced_head_fails_once_the_head_meets_a_pause_past_its_deadline()
 {
     use kling_core::signals::Deadline;
+    use kling_ratelimit::Feedback;
 
     let server = Server::with_latency(ms(500));
-    server.script([Reply::throttled().header("retry-after", "3600")]);
-    let service = GcraLayer::new(Quota::per_second(1.0))
-        .unwrap()
-        .layer(server.service());
+    let layer = GcraLayer::new(Quota::per_second(1.0)).unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
     let start = Instant::now();
     let with_deadline = |tag, secs| {
         let mut req = request(Some("a"), tag);
@@ -773,12 +774,24 @@ async fn a_request_queued_behind_a_paced_head_fails_once_the_head_meets_a_pause_
             .insert(Deadline(start + Duration::from_secs(secs)));
         req
     };
-    // a1 goes at once; its 1302 comes back at 500 ms and pauses the account until 3600.5 s.
     let first = spawn_call(&service, request(Some("a"), "a1")).await;
     // a2 leads, paced until 1 s; a3 and a4 queue behind it while it is only paced.
     let head = spawn_call(&service, request(Some("a"), "a2")).await;
     let short = spawn_call(&service, with_deadline("a3", 100)).await;
     let long = spawn_call(&service, with_deadline("a4", 4000)).await;
+    // At 500 ms another process's 1302 pauses the account until 3600.5 s.
+    tokio::time::sleep(ms(500)).await;
+    let key = BucketKey::account(Some(kling_core::AccountId::new("a")));
+    let now = Instant::now();
+    let pause = Feedback::Pause {
+        sent_at: now,
+        received_at: now,
+        resume_at: Some(now + Duration::from_secs(3600)),
+        throttled: true,
+    };
+    handle
+        .backend()
+        .feedback_now(&key, &handle.policy(&key), pause);
     let error = short.await.unwrap().unwrap_err();
     assert_eq!(
         start.elapsed(),
@@ -804,6 +817,148 @@ async fn a_request_queued_behind_a_paced_head_fails_once_the_head_meets_a_pause_
             ("a4".into(), 3_601_500)
         ]
     );
+}
+
+/// The pause need not wait for the head to meet it: under a per-minute quota the head is paced
+/// for up to a minute, and a 1302 that comes back meanwhile pauses the account at once. A
+/// request queued behind that head with a deadline before the pause's end fails when the
+/// pause is reported, with the pause's end as its resume time; it slept until its deadline
+/// and then named the head's pacing instant (60 s), not the pause, as when it could go. One
+/// whose deadline comes after the pause's end keeps its place and is sent, in order. Alike
+/// when the report is still on its way (a remote store's round trip).
+#[tokio::test(start_paused = true)]
+async fn a_request_queued_behind_a_paced_head_fails_when_a_pause_past_its_deadline_is_reported() {
+    let quota = Quota::per_minute(1.0);
+    paced_head_then_reported_pause(GcraLayer::new(quota).unwrap()).await;
+    let late = GcraLayer::builder(quota).backend(LateReports::default());
+    paced_head_then_reported_pause(late.build().unwrap()).await;
+}
+
+/// [`a_request_queued_behind_a_paced_head_fails_when_a_pause_past_its_deadline_is_reported`]
+/// through `layer`.
+async fn paced_head_then_reported_pause<Bk>(layer: GcraLayer<Bk>)
+where
+    Bk: kling_ratelimit::Backend,
+{
+    use kling_core::signals::Deadline;
+
+    let server = Server::with_latency(ms(500));
+    server.script([Reply::throttled().header("retry-after", "3600")]);
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    let with_deadline = |tag, secs| {
+        let mut req = request(Some("a"), tag);
+        req.extensions_mut()
+            .insert(Deadline(start + Duration::from_secs(secs)));
+        req
+    };
+    // a1 goes at once; its 1302 comes back at 500 ms and pauses the account until 3600.5 s.
+    let first = spawn_call(&service, request(Some("a"), "a1")).await;
+    // a2 leads, paced until 60 s; a3 and a4 queue behind it.
+    let head = spawn_call(&service, request(Some("a"), "a2")).await;
+    let short = spawn_call(&service, with_deadline("a3", 30)).await;
+    let long = spawn_call(&service, with_deadline("a4", 4000)).await;
+    let error = short.await.unwrap().unwrap_err();
+    assert_eq!(
+        start.elapsed(),
+        ms(500),
+        "failed when the pause was reported"
+    );
+    let exceeded = error
+        .downcast_ref::<kling_ratelimit::error::WaitExceeded>()
+        .unwrap_or_else(|| panic!("{error}"));
+    assert!(
+        exceeded.was_queued() && exceeded.in_cooldown(),
+        "{exceeded}"
+    );
+    assert_eq!(exceeded.resume_at(), start + ms(3_600_500));
+    first.await.unwrap().unwrap();
+    head.await.unwrap().unwrap();
+    long.await.unwrap().unwrap();
+    assert_eq!(
+        server.times_ms(start),
+        vec![
+            ("a1".into(), 0),
+            ("a2".into(), 3_600_500),
+            ("a4".into(), 3_660_500)
+        ]
+    );
+}
+
+/// Under a long pause a request queued behind its head is woken only when something changes
+/// for it, never in a loop: when the pause is first reported (another one behind the head
+/// cannot wait it out, and fails then), not again as two more 1302s extend it within its
+/// deadline, nor when the head meets the pause, and when its turn comes. Over an hour's pause
+/// it is polled a handful of times, and it keeps its place: sent after the head, in order.
+#[tokio::test(start_paused = true)]
+async fn a_request_queued_behind_a_long_pause_is_not_woken_in_a_loop() {
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll};
+
+    use kling_core::signals::Deadline;
+
+    /// Counts the polls of the future it wraps.
+    struct Counted<F>(Pin<Box<F>>, Arc<AtomicUsize>);
+
+    impl<F: std::future::Future> std::future::Future for Counted<F> {
+        type Output = F::Output;
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            self.0.as_mut().poll(cx)
+        }
+    }
+
+    let server = Server::with_latency(ms(500));
+    server.script([
+        Reply::throttled().header("retry-after", "3600"),
+        Reply::throttled().header("retry-after", "3600"),
+        Reply::throttled().header("retry-after", "3600"),
+    ]);
+    let quota = Quota::per_minute(3.0).with_burst(3);
+    let service = GcraLayer::new(quota).unwrap().layer(server.service());
+    let start = Instant::now();
+    let with_deadline = |tag, secs| {
+        let mut req = request(Some("a"), tag);
+        req.extensions_mut()
+            .insert(Deadline(start + Duration::from_secs(secs)));
+        req
+    };
+    // a1 to a3 go 100 ms apart; their 1302s come back at 500, 600 and 700 ms, each pausing
+    // `a` 3600 s from then: until 3600.7 s in the end.
+    let mut burst = Vec::new();
+    for tag in ["a1", "a2", "a3"] {
+        burst.push(spawn_call(&service, request(Some("a"), tag)).await);
+        tokio::time::sleep(ms(100)).await;
+    }
+    // a4 leads, paced until 20 s; a5 and a6 queue behind it.
+    let head = spawn_call(&service, request(Some("a"), "a4")).await;
+    let polls = Arc::new(AtomicUsize::new(0));
+    let counted = Counted(
+        Box::pin(service.clone().oneshot(with_deadline("a5", 10_000))),
+        Arc::clone(&polls),
+    );
+    let patient = tokio::spawn(counted);
+    let short = spawn_call(&service, with_deadline("a6", 100)).await;
+    let error = short.await.unwrap().unwrap_err();
+    assert_eq!(start.elapsed(), ms(500), "{error}");
+    for call in burst {
+        call.await.unwrap().unwrap();
+    }
+    head.await.unwrap().unwrap();
+    patient.await.unwrap().unwrap();
+    assert_eq!(
+        server.tags()[3..],
+        ["a4".to_owned(), "a5".to_owned()],
+        "in order"
+    );
+    assert_eq!(server.times_ms(start)[3].1, 3_600_700, "a4 after the pause");
+    // Its first poll, the wake at the first report, its turn, its pacing, its answer. (a6,
+    // failing at once at 500 ms, noted its limit and left it behind: each extension woke
+    // every waiter again, 6 polls.)
+    assert_eq!(polls.load(Ordering::SeqCst), 5);
 }
 
 /// Requests queued behind a pause go out spaced at the quota's rate when it ends, not a whole
