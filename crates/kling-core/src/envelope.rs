@@ -383,8 +383,11 @@ fn error_envelope(body: &[u8]) -> Option<Envelope> {
 /// `body` with what JSON forbids inside its strings written as JSON allows, read as a lenient
 /// parser reads it, or `None` when there is none: a control character as its `\u00XX` escape
 /// (the same text) and, when `escapes`, the `\` of an escape that is none (`\d` of a Windows
-/// path, `\u12zz`) as `\\` (kept as written). Only strings change, and a key keeps the
-/// character or `\` that made it odd, so no key becomes another and no number changes.
+/// path, `\u12zz`, a `\` before a control character) as `\\` (kept as written); without
+/// `escapes`, such an escape is `None`: rewriting only the control character after a `\`
+/// would make a valid `\\` of the pair, and `e\<LF>` be read as the id `e\u000a`. Only
+/// strings change, and a key keeps the character or `\` that made it odd, so no key becomes
+/// another and no number changes. One pass, at most six bytes out for one in.
 pub(crate) fn lenient_texts(body: &[u8], escapes: bool) -> Option<Vec<u8>> {
     let mut text = Vec::with_capacity(body.len() + 16);
     let mut changed = false;
@@ -409,11 +412,20 @@ pub(crate) fn lenient_texts(body: &[u8], escapes: bool) -> Option<Vec<u8>> {
                         changed = true;
                         1
                     }
-                    _ => 1,
+                    _ => return None,
                 };
             }
             0x00..=0x1F if in_string => {
-                text.extend_from_slice(format!("\\u{byte:04x}").as_bytes());
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                let escape = [
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[usize::from(byte >> 4)],
+                    HEX[usize::from(byte & 0xF)],
+                ];
+                text.extend_from_slice(&escape);
                 changed = true;
                 at += 1;
                 continue;
@@ -1699,6 +1711,29 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(body)
             );
+        }
+    }
+
+    /// A `\"` is an escaped quote in the lenient reading as in JSON, so the texts around it
+    /// end where the server ended them: a `code` inside a text is never read, and a success
+    /// whose text hides `"code":1102` stays malformed.
+    #[test]
+    fn a_lenient_reading_ends_texts_where_json_does() {
+        let body =
+            b"{\"code\":1102,\"message\":\"say \\\"hi\\\"\tC:\\dir\\\\\",\"request_id\":\"r\"}";
+        for env in both(body) {
+            let env = env.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(env.code, Code::from_i64(1102));
+            assert_eq!(env.message, "say \"hi\"\tC:\\dir\\");
+            assert_eq!(env.request_id.as_deref(), Some("r"));
+        }
+        for body in [
+            &b"{\"code\":0,\"message\":\"a\\\",\\\"code\\\":1102,\\\"x\\\":\\\"\n\"}"[..],
+            br#"{"message":"a\","code":1102,"x":"\d"}"#,
+        ] {
+            for env in both(body) {
+                assert!(env.is_err(), "{}", String::from_utf8_lossy(body));
+            }
         }
     }
 

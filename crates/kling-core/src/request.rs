@@ -447,8 +447,10 @@ impl Recognized {
     ///
     /// A body serde_json refuses is read as a lenient server reads it when that reading is
     /// plain: a byte-order mark in front is none of the JSON, and a control character in a
-    /// string is that character. Counted as nothing, its image `n` held slots the limiter did
-    /// not know of, and its external id went unseen (a second one was spliced in beside it).
+    /// string is that character (an escape that is none, a `\` before a control character
+    /// too, leaves the body unread). Counted as nothing, its image `n` held slots the limiter
+    /// did not know of, and its external id went unseen (a second one was spliced in beside
+    /// it).
     fn read_create_keys(&mut self, product: Product, generation: ApiGeneration, body: &[u8]) {
         let keys = serde_json::from_slice::<CreateKeys>(body).or_else(|refused| {
             let unmarked = body.strip_prefix(b"\xEF\xBB\xBF");
@@ -746,6 +748,42 @@ mod tests {
         ] {
             let r = recognize(&Method::POST, "/v1/images/generations", body);
             assert_eq!((r.weight, r.names_own_id), (1, false), "{body:?}");
+        }
+    }
+
+    /// A `\` before a raw control character is an escape that is none, like `\d`: no reading,
+    /// even though the character alone would be read. Rewriting only the character gave
+    /// `\\u000a`, a valid escaped `\` and the letters `u000a`, so an id the server never
+    /// kept (`e\u000a1`) was looked up, and the create sent again.
+    #[test]
+    fn a_backslash_before_a_control_character_is_no_reading() {
+        for (path, body, id) in [
+            (
+                "/v1/images/generations",
+                "{\"n\":9,\"external_task_id\":\"e\\\n1\"}",
+                Some("e\n1"),
+            ),
+            (
+                "/text-to-image/kling-v2",
+                "{\"n\":9,\"external_id\":\"e\\\t1\"}",
+                Some("e\t1"),
+            ),
+            (
+                "/v1/images/generations",
+                "{\"prompt\":\"a\\\u{1}\",\"n\":9}",
+                None,
+            ),
+        ] {
+            let r = recognize(&Method::POST, path, body);
+            assert_eq!(
+                (r.weight, r.names_own_id, r.external_id.as_deref()),
+                (1, false, None),
+                "{body:?}"
+            );
+            // Negative control: the same body without its `\` is read.
+            let plain = body.replacen('\\', "", 1);
+            let r = recognize(&Method::POST, path, &plain);
+            assert_eq!((r.weight, r.external_id.as_deref()), (9, id), "{plain:?}");
         }
     }
 
