@@ -815,6 +815,47 @@ impl Journal {
         // Nothing is written to a file that is no kling-batch journal, nor to a journal that
         // lost its last commits.
         let contents = Contents::read(&conn).map_err(refused)?;
+        // A `-wal` of another journal or another database than the main file: SQLite lays its
+        // pages over the main file's, and the journal reads as neither (jobs created since may
+        // read as never created, and be created again; one that reads as new is made a new
+        // journal over the old one's pages). The main file's id, once there, is in every
+        // commit of its own log. Read once the reads above passed, which a run holding the
+        // journal makes fail; an id the file alone cannot give skips the check.
+        let main = match wal_file {
+            WalFile::Log => main_file(&linked_file(&path)),
+            _ => MainFile::default(),
+        };
+        let of_log = match &contents {
+            Contents::Journal { id, .. } => Some(id.as_str()),
+            Contents::Fresh | Contents::Foreign(_) => None,
+        };
+        if let Some(of_file) = &main.journal_id
+            && of_log != Some(of_file.as_str())
+        {
+            let (refusal, what) = match of_log {
+                Some(of_log) => (
+                    "its write-ahead log is another journal's",
+                    format!("holds the commits of journal {of_log}"),
+                ),
+                None => (
+                    "its write-ahead log is another database's",
+                    "holds the pages of a database that is no kling-batch journal".to_owned(),
+                ),
+            };
+            return Err(JournalError::new(
+                refusal,
+                format!(
+                    "{wal} {what}, and {file} (journal {of_file}) is another: SQLite would \
+                     lay that log's pages over this journal's, and it would read as neither, \
+                     its jobs' states lost (jobs may be created again, billed twice). Nothing \
+                     was written: move that -wal back beside its own database, and put this \
+                     journal's own -wal here if its run did not close it; a journal its run \
+                     closed needs no -wal, and opens alone once that one is moved away",
+                    wal = wal.display(),
+                    file = path.display(),
+                ),
+            ));
+        }
         match (&contents, log_lost) {
             (Contents::Foreign(tables), _) => {
                 let mut named = tables
@@ -878,34 +919,8 @@ impl Journal {
             }
             (Contents::Fresh | Contents::Journal { .. }, _) => {}
         }
-        // A `-wal` of another journal or another moment than the main file: SQLite lays its
-        // pages over the main file's, and the journal reads as neither (jobs created since
-        // may read as never created, and be created again). Read once the reads above
-        // passed, which a run holding the journal makes fail; what the file alone cannot give
-        // skips its check.
-        let main = match (&contents, wal_file) {
-            (Contents::Journal { .. }, WalFile::Log) => main_file(&linked_file(&path)),
-            _ => MainFile::default(),
-        };
-        if let Contents::Journal { id: of_log, .. } = &contents
-            && let Some(of_file) = &main.journal_id
-            && of_log != of_file
-        {
-            return Err(JournalError::new(
-                "its write-ahead log is another journal's",
-                format!(
-                    "{wal} holds the commits of journal {of_log}, and {file} (journal \
-                     {of_file}) is another: SQLite would lay that journal's pages over this \
-                     one's, and it would read as neither, its jobs' states lost (jobs may be \
-                     created again, billed twice). Nothing was written: move that -wal back \
-                     beside its own journal, and put this journal's own -wal here if its run \
-                     did not close it; a journal its run closed needs no -wal, and opens alone \
-                     once that one is moved away",
-                    wal = wal.display(),
-                    file = path.display(),
-                ),
-            ));
-        }
+        // A `-wal` of another moment than the main file ([`FOLDS_KEY`]): a count the file
+        // alone cannot give skips the check.
         if let Contents::Journal { folded, folds, .. } = contents
             && let Some(main) = main.folds
         {
@@ -2014,6 +2029,43 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A journal an earlier kling-batch left open (no count of folds, in the file or its log)
+    /// with its `-wal` opens as itself, its last commit (in the log alone) read: the checks of
+    /// the log's moment and journal pass it, as its id is the file's and a missing count skips.
+    #[test]
+    fn an_earlier_versions_journal_left_open_with_its_wal_opens() {
+        let dir = scratch("earlier-open");
+        let path = dir.join("j.sqlite");
+        let killed = killed_while_creating(&path);
+        {
+            // As an earlier version left it: no count, a fold into the file, then a commit in
+            // the log alone.
+            let conn = killed.lock();
+            conn.execute("DELETE FROM meta WHERE key = ?1", [FOLDS_KEY])
+                .unwrap();
+            mark(&conn, FOLDED_KEY, "0").unwrap();
+            checkpoint(&conn).unwrap();
+            mark(&conn, FOLDED_KEY, "1").unwrap();
+        }
+        killed
+            .transition("a", JobState::Created, Update::task("t1"))
+            .unwrap();
+        assert_eq!(main_file(&path).folds, None);
+        assert_eq!(main_file(&path).journal_id.as_deref(), Some(killed.id()));
+        let copy = dir.join("copy.sqlite");
+        std::fs::copy(&path, &copy).unwrap();
+        std::fs::copy(wal_path(&path), wal_path(&copy)).unwrap();
+        let id = killed.id().to_owned();
+        drop(killed);
+        let resumed = Journal::open(&copy).unwrap();
+        assert_eq!(resumed.id(), id);
+        let record = resumed.record("a").unwrap().unwrap();
+        assert_eq!(record.state, JobState::Created);
+        assert_eq!(record.task_id.as_deref(), Some("t1"));
+        drop(resumed);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// The count of folds and the journal id are read from the main file whatever bytes its
     /// path holds (ones SQLite's URI reads as its own: `?`, `#`, `%`, an escape that names
     /// another file; bytes that are not UTF-8), through a symbolic link too: a count or id
@@ -2208,6 +2260,56 @@ mod tests {
         std::fs::copy(wal_path(&dir.join("ours.sqlite")), wal_path(&whole)).unwrap();
         assert_eq!(Journal::open(&whole).unwrap().id(), ours.id());
         drop((ours, theirs));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A `-wal` of another database beside a journal file, one that reads as no journal
+    /// through it, is refused as not the journal's, naming both files and the journal, and
+    /// both files are left as they were: one that read as new (no table, or a journal's
+    /// tables and no job) was taken for a new journal, laid over the old one's pages and
+    /// folded into the file, its jobs created again; one of another program's tables was
+    /// said to be no kling-batch journal, the file's path to blame.
+    #[test]
+    fn a_wal_of_another_database_is_refused_as_not_the_journals() {
+        let dir = scratch("otherdb");
+        let path = dir.join("j.sqlite");
+        let id = killed_while_creating(&path).id().to_owned();
+        assert!(!wal_path(&path).exists(), "closed: no -wal");
+        let closed = std::fs::read(&path).unwrap();
+        for (name, statements) in [
+            ("empty", "PRAGMA user_version = 7;"),
+            (
+                "tables",
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+            ),
+            (
+                "foreign",
+                "CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('x');",
+            ),
+        ] {
+            let other = dir.join(format!("{name}.db"));
+            let writer = Connection::open(&other).unwrap();
+            writer.pragma_update(None, "journal_mode", "WAL").unwrap();
+            writer.execute_batch(statements).unwrap();
+            std::fs::copy(wal_path(&other), wal_path(&path)).unwrap();
+            drop(writer);
+            let theirs = std::fs::read(wal_path(&path)).unwrap();
+            let error = Journal::open(&path).map(|_| ()).unwrap_err().to_string();
+            assert!(
+                error.contains("its write-ahead log is another database's"),
+                "{name}: {error}"
+            );
+            assert!(error.contains("j.sqlite-wal"), "{name}: {error}");
+            assert!(
+                error.contains(&format!("j.sqlite (journal {id})")),
+                "{name}: {error}"
+            );
+            assert_eq!(std::fs::read(&path).unwrap(), closed, "{name}");
+            assert_eq!(std::fs::read(wal_path(&path)).unwrap(), theirs, "{name}");
+            std::fs::remove_file(wal_path(&path)).unwrap();
+        }
+        // That -wal moved away, the journal opens alone, as itself.
+        assert_eq!(Journal::open(&path).unwrap().id(), id);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
