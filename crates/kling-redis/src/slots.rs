@@ -392,6 +392,25 @@ fn may_be(held: &str, report: &str) -> bool {
     held.is_empty() || report.is_empty() || held == report
 }
 
+/// Whether an `upd` of `reports` tasks `heard` notes an end that finds no holding: only a
+/// report of one task does (a callback, a query of it: the way an end overtakes its create's
+/// answer; a batch's many long-released tasks would push those out of `P:ended`), never a list
+/// page, however few tasks it names (one naming a task long ended alone, a legacy list's last
+/// page, would free a later create of unknown outcome under its external id), as in the
+/// in-process backend.
+fn notes_unheld_ends(heard: Heard, reports: usize) -> bool {
+    heard == Heard::Report && reports == 1
+}
+
+/// What told of the tasks an `upd` reports ([`notes_unheld_ends`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Heard {
+    /// A report of its tasks: a query's or a batch's answer, a callback, `complete`.
+    Report,
+    /// A list page ([`SlotBackend::observe_list_on`]).
+    List,
+}
+
 /// The end of a task this process reported (an `upd` report).
 #[derive(Clone, Debug)]
 struct ReportedEnd {
@@ -861,13 +880,23 @@ impl RedisSlots {
 
     /// Applies `op`, whose hold or reports are of a create sent to `path` ([`CreatePath`]).
     fn apply_on(&self, op: SlotOp, path: CreatePath) -> SlotsFuture<Applied, BackendError> {
+        self.apply_heard(op, path, Heard::Report)
+    }
+
+    /// [`apply_on`](Self::apply_on), its reports `heard` from a report or a list page.
+    fn apply_heard(
+        &self,
+        op: SlotOp,
+        path: CreatePath,
+        heard: Heard,
+    ) -> SlotsFuture<Applied, BackendError> {
         let path = path_arg(path);
         let inner = Arc::clone(&self.inner);
         inner.start();
         // The change starts now, even if the returned future is never polled.
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                let task = inner.start_op(op, &path, &handle);
+                let task = inner.start_op(op, &path, heard, &handle);
                 Box::pin(async move {
                     task.await.unwrap_or_else(|e| {
                         Err(BackendError::new(format!("task slot change lost: {e}")))
@@ -1244,8 +1273,8 @@ impl Inner {
 
     /// Translates an operation into `APPLY` arguments, and records it in the local record of
     /// held slots. `path`: the create path of a hold, or of the tasks a report names
-    /// ([`path_arg`]).
-    fn prepare(&self, op: SlotOp, path: &str) -> Prepared {
+    /// ([`path_arg`]); `heard`: what told of the tasks an update reports.
+    fn prepare(&self, op: SlotOp, path: &str, heard: Heard) -> Prepared {
         let made = self.made.fetch_add(1, Ordering::Relaxed);
         let [p, now, grace] = self.unstamped_head();
         let mut args = vec![p, now, grace];
@@ -1431,7 +1460,8 @@ impl Inner {
                 let reports = updates
                     .iter()
                     .map(|u| (u.id.as_str(), u.external_id.as_deref(), u.status.as_ref()));
-                args.extend(self.upd_head_for(lease, &account, path, reports.clone()));
+                let note = notes_unheld_ends(heard, reports.len());
+                args.extend(self.upd_head_for(lease, &account, path, note, reports.clone()));
                 local = self.local_update(&account, path, reports, &mut args);
             }
             SlotOp::Observed {
@@ -1443,7 +1473,8 @@ impl Inner {
                     .tasks()
                     .iter()
                     .map(|t| (t.id.as_str(), t.external_id.as_deref(), Some(&t.status)));
-                args.extend(self.upd_head_for(lease, &account, path, reports.clone()));
+                let note = notes_unheld_ends(heard, reports.len());
+                args.extend(self.upd_head_for(lease, &account, path, note, reports.clone()));
                 local = self.local_update(&account, path, reports, &mut args);
             }
             SlotOp::SetCapacity {
@@ -1492,10 +1523,8 @@ impl Inner {
         }
     }
 
-    /// The head of the `upd` of `reports`: an end that finds no holding is noted only from a
-    /// report of one task (a callback, a query of it: the way an end overtakes its create's
-    /// answer; a list page's many long-released tasks would push those out of `P:ended`), as
-    /// in the in-process backend. Reports with an end carry an id: replayed after their answer
+    /// The head of the `upd` of `reports`, noting an end that finds no holding when `note`
+    /// ([`notes_unheld_ends`]). Reports with an end carry an id: replayed after their answer
     /// was lost (a timeout after Redis ran them), their holdings released, they would file
     /// their notes again, which would free a later create under the same external id; skipped,
     /// they answer with the tasks they released, whose ends this process then counts.
@@ -1504,9 +1533,9 @@ impl Inner {
         lease: Duration,
         account: &AccountId,
         path: &str,
-        mut reports: impl ExactSizeIterator<Item = Report<'a>>,
+        note: bool,
+        mut reports: impl Iterator<Item = Report<'a>>,
     ) -> [String; 6] {
-        let note = reports.len() == 1;
         let ends = reports.any(|(_, _, status)| status.is_none_or(TaskStatus::is_terminal));
         let once = if ends {
             self.change_id()
@@ -1644,14 +1673,16 @@ impl Inner {
     }
 
     /// Applies an operation: records it here at once (a halt refuses this process's next
-    /// create from now), then sends it on `handle`'s runtime. `path`: as [`Inner::prepare`]'s.
+    /// create from now), then sends it on `handle`'s runtime. `path`, `heard`: as
+    /// [`Inner::prepare`]'s.
     fn start_op(
         self: &Arc<Self>,
         op: SlotOp,
         path: &str,
+        heard: Heard,
         handle: &tokio::runtime::Handle,
     ) -> tokio::task::JoinHandle<Result<Applied, BackendError>> {
-        let prepared = self.prepare(op, path);
+        let prepared = self.prepare(op, path, heard);
         if let Some(pk) = &prepared.wake {
             self.wake(pk);
         }
@@ -3020,7 +3051,7 @@ impl Drop for GrantGuard {
             token: self.token,
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            drop(self.inner.start_op(op, "", &handle));
+            drop(self.inner.start_op(op, "", Heard::Report, &handle));
         }
     }
 }
@@ -3076,21 +3107,47 @@ pub type SlotsFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 /// metrics recorder that panics there loses no change.
 #[derive(Debug, Default)]
 #[must_use = "released tasks are counted by `record`"]
-struct Finished(Vec<(Pool, String, Duration)>);
+struct Finished(Vec<FinishedTask>);
+
+/// A released task to count: its pool, its status label, how long it was held, and, when its
+/// lease ran out, what the warning names.
+#[derive(Debug)]
+struct FinishedTask {
+    pool: Pool,
+    status: String,
+    held_for: Duration,
+    ran_out: Option<RanOut>,
+}
+
+/// A task whose lease ran out, as its warning names it.
+#[derive(Debug)]
+struct RanOut {
+    account: String,
+    /// `None`: its create's answer never came (or its grant was never held).
+    task_id: Option<String>,
+    external_id: Option<String>,
+    weight: u32,
+}
 
 impl Finished {
-    /// Counts the releases in the finished-task metrics.
+    /// Counts the releases in the finished-task metrics, and logs those whose lease ran out.
     ///
-    /// Every one, even when the recorder panics at one (the first panic resumes after): one
-    /// answer ends several tasks.
+    /// Every one, even when the recorder (or the subscriber) panics at one (the first panic
+    /// resumes after): one answer ends several tasks.
     fn record(self) {
-        each_completing(self.0.into_iter(), |(pool, reason, held_for)| {
+        each_completing(self.0.into_iter(), |task| {
+            if let Some(ran_out) = &task.ran_out {
+                warn_lease_ran_out(ran_out, &task.pool, task.held_for);
+            }
             let labels = [
-                (names::LABEL_POOL, names::pool_label(Some(&pool)).to_owned()),
-                (names::LABEL_STATUS, reason),
+                (
+                    names::LABEL_POOL,
+                    names::pool_label(Some(&task.pool)).to_owned(),
+                ),
+                (names::LABEL_STATUS, task.status),
             ];
             metrics::counter!(names::TASKS_FINISHED, &labels).increment(1);
-            metrics::histogram!(names::TASK_LIFETIME, &labels).record(held_for.as_secs_f64());
+            metrics::histogram!(names::TASK_LIFETIME, &labels).record(task.held_for.as_secs_f64());
         });
     }
 
@@ -3099,10 +3156,45 @@ impl Finished {
     }
 }
 
+/// Says that a task's slots went back because its lease ran out, as the in-process backend
+/// says it: nothing reported the task for a whole lease (no query, callback or listing, in any
+/// process), so it may still run on the server, and the freed slot may meet a `1303`. Logged
+/// once in the fleet, by the process whose script released it.
+#[cold]
+fn warn_lease_ran_out(task: &RanOut, pool: &Pool, held_for: Duration) {
+    tracing::warn!(
+        account = %task.account,
+        pool = %pool,
+        task_id = task
+            .task_id
+            .as_deref()
+            .unwrap_or("(unknown: its create's answer was lost)"),
+        external_id = task.external_id.as_deref(),
+        weight = task.weight,
+        held_secs = held_for.as_secs(),
+        "task slot released at the end of its lease, the task never reported ended: it may still \
+         be running on the server"
+    );
+}
+
+/// A release's reason as a script gives it when the lease ran out (see `maintain`), with its
+/// task field: the task's ids, else `None` (another reason).
+fn ran_out_ids(reason: &str, task: &str) -> Option<(Option<String>, Option<String>)> {
+    let task = (!task.is_empty()).then(|| task.to_owned());
+    match reason {
+        "expired" => Some((task, None)),
+        "expired?" => Some((None, task)),
+        _ => reason
+            .strip_prefix("expired:")
+            .map(|external| (task, Some(external.to_owned()))),
+    }
+}
+
 /// The tasks a script released (flat septuples: account, pool, task, weight, since, reason,
 /// holding), and their holdings. Each release is reported to the one process whose script
 /// made it, which counts it in its finished-task metrics (when `count`: those returned, to
-/// [`record`](Finished::record)), so the fleet counts it once.
+/// [`record`](Finished::record)), so the fleet counts it once, and logs it once when its
+/// lease ran out.
 fn released_by(
     flat: Option<&Value>,
     now_us: i64,
@@ -3131,6 +3223,7 @@ fn released_by(
             Some(reason) => (true, reason),
             None => (false, reason.as_str()),
         };
+        let ran_out = ran_out_ids(reason, &task);
         let reason = match reason.strip_prefix("ended:") {
             Some(status) => ReleaseReason::Ended(TaskStatus::parse(status)),
             None if reason == "completed" => ReleaseReason::Completed,
@@ -3139,9 +3232,18 @@ fn released_by(
         holdings.push(text(&chunk[6]));
         let held_for = Duration::from_micros(now_us.saturating_sub(since).max(0) as u64);
         if count && !counted_before {
-            finished
-                .0
-                .push((pool.clone(), reason.as_str().to_owned(), held_for));
+            let ran_out = ran_out.map(|(task_id, external_id)| RanOut {
+                account: account.clone(),
+                task_id,
+                external_id,
+                weight,
+            });
+            finished.0.push(FinishedTask {
+                pool: pool.clone(),
+                status: reason.as_str().to_owned(),
+                held_for,
+                ran_out,
+            });
         }
         released.push(Released {
             key: SlotKey::new(AccountId::new(account), pool),
@@ -3382,11 +3484,9 @@ impl SlotBackend for RedisSlots {
                         // The capacity as this process last read or set it.
                         let capacity = inner.capacity_of(&key);
                         if capacity > 0 && weight > capacity {
-                            return Err(AcquireError::OverCapacity(OverCapacity::new(
-                                key.pool.clone(),
-                                weight,
-                                capacity,
-                            )));
+                            let over = OverCapacity::new(key.pool.clone(), weight, capacity);
+                            let over = over.in_account(key.account.clone());
+                            return Err(AcquireError::OverCapacity(over));
                         }
                         match inner.when_unreachable {
                             WhenUnreachable::Fail => {
@@ -3477,11 +3577,9 @@ impl SlotBackend for RedisSlots {
                     Verdict::Over(capacity) => {
                         guard.armed = false;
                         guard.queued = false;
-                        return Err(AcquireError::OverCapacity(OverCapacity::new(
-                            key.pool.clone(),
-                            weight,
-                            capacity,
-                        )));
+                        let over = OverCapacity::new(key.pool.clone(), weight, capacity);
+                        let over = over.in_account(key.account.clone());
+                        return Err(AcquireError::OverCapacity(over));
                     }
                     Verdict::Wait(next) => {
                         guard.armed = false;
@@ -3547,6 +3645,24 @@ impl SlotBackend for RedisSlots {
             lease,
         };
         self.apply_on(op, path)
+    }
+
+    /// As `observe_unread_on`, the end of a task not held in the fleet never noted in
+    /// `PREFIX:ended`: a list page's ends are long past (a legacy list keeps tasks for days),
+    /// not ends that overtook a create's answer.
+    fn observe_list_on(
+        &self,
+        account: &AccountId,
+        outcome: &Outcome,
+        lease: Duration,
+        path: CreatePath,
+    ) -> Self::Apply {
+        let op = SlotOp::Observed {
+            account: account.clone(),
+            outcome: outcome.clone(),
+            lease,
+        };
+        self.apply_heard(op, path, Heard::List)
     }
 
     /// As `apply_unread`, a task reported found by external id among the holdings of creates

@@ -221,7 +221,13 @@ local function maintain(pk, interval)
   for _, h in ipairs(expired) do
     local raw = redis.call('HGET', pk .. ':h', h)
     if raw then
-      release(pk, h, cjson.decode(raw), 'expired')
+      -- For the process's warning (the task may still run): `expired:EXT` names the external
+      -- id beside the task id in the task field, `expired?` a task field that is the external
+      -- id (the create's answer never came).
+      local rec = cjson.decode(raw)
+      local why = 'expired'
+      if rec.id and rec.ext then why = 'expired:' .. rec.ext elseif rec.ext then why = 'expired?' end
+      release(pk, h, rec, why)
     else
       redis.call('ZREM', pk .. ':l', h)
     end
@@ -710,8 +716,9 @@ elseif op == 'upd' then
   -- status ('' = said ended), flag: 0 running, 1 ended; an end sent again after a new
   -- generation, 2 if its first report's release was counted, else 3 (its releases are not).
   -- An end that finds no holding is noted only from a report of one task (a callback, a query
-  -- of it), the way an end overtakes its create's answer, and from ends sent again: a list
-  -- page reports many tasks long released, which would push the ends that matter out.
+  -- of it; never a list page, whose ends are long past), the way an end overtakes its create's
+  -- answer, and from ends sent again: a list page or a batch reports many tasks long
+  -- released, which would push the ends that matter out.
   local lease = tonumber(ARGV[5])
   local acct = ARGV[6]
   local note_ends = ARGV[7] == '1'

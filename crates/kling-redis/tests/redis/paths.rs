@@ -1019,3 +1019,72 @@ async fn an_end_sent_again_after_redis_went_back_keeps_its_create_path() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A legacy list page naming `id` under `ext` with `status`, alone (often a legacy list's last
+/// page, which keeps ended tasks for days), as the layer or a reconcile observes it on `path`.
+async fn listed_alone<B: SlotBackend>(
+    backend: &B,
+    path: &str,
+    id: &str,
+    ext: &str,
+    status: &str,
+) -> Applied {
+    let body = serde_json::json!({
+        "code": 0,
+        "message": "SUCCEED",
+        "request_id": "r-1",
+        "data": [{
+            "task_id": id,
+            "task_status": status,
+            "task_info": {"external_task_id": ext},
+        }],
+    })
+    .to_string();
+    let outcome = Outcome::parse(
+        http::StatusCode::OK,
+        &http::HeaderMap::new(),
+        body.as_bytes(),
+        tokio::time::Instant::now(),
+    )
+    .unwrap();
+    assert_eq!(outcome.tasks().len(), 1);
+    backend
+        .observe_list_on(&account(), &outcome, LEASE, on(path))
+        .await
+        .unwrap()
+}
+
+/// A list page naming one task long ended is no report of that task: its end is not
+/// remembered as one that overtook a create's answer, so a later video create under the same
+/// external id (another path's create may carry it) whose answer is lost keeps its slot while
+/// its task runs. A query's answer naming that task alone is a report of it, and frees such a
+/// create (the negative control). (As kling-concurrency's
+/// `a_one_entry_list_page_of_an_ended_task_frees_no_later_create_under_its_external_id`.)
+async fn a_one_entry_list_page<B: SlotBackend>([one, two]: [B; 2]) {
+    let listed = listed_alone(&two, IMAGES, "old-image-0", "job-0", "succeed").await;
+    assert!(listed.released.is_empty(), "{listed:?}");
+    create(&one, video(), None, "job-0", TEXT2VIDEO).await;
+    assert_eq!(in_use(&one, &video()).await, 1, "the listed end freed it");
+
+    let queried = queried(
+        &two,
+        IMAGES,
+        "old-image-1",
+        "old-image-1",
+        "job-1",
+        "succeed",
+    )
+    .await;
+    assert!(queried.released.is_empty(), "{queried:?}");
+    create(&one, video(), None, "job-1", TEXT2VIDEO).await;
+    assert_eq!(
+        in_use(&one, &video()).await,
+        1,
+        "the queried end is remembered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_entry_list_page_of_an_ended_task_frees_no_later_create_under_its_external_id() {
+    both!(2, a_one_entry_list_page);
+}

@@ -1458,6 +1458,12 @@ async fn lowering_the_capacity_below_a_waiting_creates_weight_refuses_it_and_ser
         (over.pool(), over.weight(), over.capacity()),
         (&video().pool, 4, 3)
     );
+    // Capacities may be set per account: the message says whose setting to raise.
+    assert_eq!(over.account(), Some(&video().account));
+    assert_eq!(
+        over.to_string(),
+        "create needs 4 slot(s) but pool video of account acct has only 3"
+    );
     for waiter in [behind, elsewhere] {
         let granted = tokio::time::timeout(within, waiter)
             .await
@@ -1466,6 +1472,100 @@ async fn lowering_the_capacity_below_a_waiting_creates_weight_refuses_it_and_ser
         assert!(granted.is_ok(), "{granted:?}");
     }
     assert_eq!(in_use(&one).await, 3);
+}
+
+/// While Redis is away, a create too heavy for its pool's capacity (as this process last read
+/// it) is refused at once, naming the account whose setting to raise, as when Redis refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_is_away_a_create_over_capacity_names_its_account() {
+    let Some(mut server) = redis() else { return };
+    let one = backend(&server, 2).await;
+    maintained(&one).await;
+    server.stop();
+    let refused = one.acquire(video(), 3).await;
+    let Err(AcquireError::OverCapacity(over)) = refused else {
+        panic!("{refused:?}");
+    };
+    assert_eq!(over.account(), Some(&video().account));
+    assert_eq!(
+        over.to_string(),
+        "create needs 3 slot(s) but pool video of account acct has only 2"
+    );
+}
+
+/// A task whose lease runs out is released by whichever process's script finds it, and that
+/// process logs a warning naming it (account, pool, task id and external id, or the external
+/// id alone of a create whose answer was lost, weight, time held): the task may still run on
+/// the server, and the slot it frees may meet a `1303`. As kling-concurrency's
+/// `a_lease_that_runs_out_is_logged_with_the_task_it_held`. A task reported ended before its
+/// lease ran out is released without one (the negative control).
+#[tokio::test]
+async fn a_lease_that_runs_out_is_logged_with_the_task_it_held() {
+    let Some(server) = redis() else { return };
+    let (logs, _capture) = crate::support::capture_logs();
+    let one = backend(&server, 3).await;
+    let two = backend(&server, 3).await;
+    let short = Duration::from_millis(1200);
+    for (id, ext) in [
+        (Some("t-ended"), None),
+        (Some("t-forgotten"), Some("job-f")),
+        (None, Some("job-lost")),
+    ] {
+        let reservation = one.acquire(video(), 1).await.unwrap();
+        let task = TaskRef {
+            id: id.map(str::to_owned),
+            external_id: ext.map(str::to_owned),
+        };
+        let hold = SlotOp::Hold {
+            reservation,
+            task,
+            lease: short,
+        };
+        one.apply(hold).await.unwrap();
+    }
+    let applied = two
+        .apply(ended("t-ended", Some(TaskStatus::Succeeded)))
+        .await
+        .unwrap();
+    assert_eq!(applied.released.len(), 1, "{applied:?}");
+    tokio::time::sleep(short + Duration::from_millis(300)).await;
+    assert_eq!(in_use(&two).await, 0, "the leases ran out");
+    let warnings: Vec<String> = logs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|line| line.contains("end of its lease"))
+        .cloned()
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:#?}");
+    let forgotten = warnings
+        .iter()
+        .find(|line| line.contains(r#"task_id="t-forgotten""#))
+        .unwrap_or_else(|| panic!("{warnings:#?}"));
+    let lost = warnings
+        .iter()
+        .find(|line| line.contains(r#"external_id="job-lost""#))
+        .unwrap_or_else(|| panic!("{warnings:#?}"));
+    for (warning, parts) in [
+        (forgotten, [r#"external_id="job-f""#, "account=acct"]),
+        (
+            lost,
+            [
+                r#"task_id="(unknown: its create's answer was lost)""#,
+                "account=acct",
+            ],
+        ),
+    ] {
+        for part in parts.into_iter().chain(["pool=video", "weight=1"]) {
+            assert!(warning.contains(part), "{part:?} in {warning}");
+        }
+        // Held a whole lease (1.2 s), give or take a loaded machine's delays.
+        let held_secs: u64 = warning
+            .split_once("held_secs=")
+            .and_then(|(_, rest)| rest.split(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("held_secs in {warning}"));
+        assert!((1..10).contains(&held_secs), "{warning}");
+    }
 }
 
 /// While Redis is away, a report applied to the process's own record finds a holding by its
