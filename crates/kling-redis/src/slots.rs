@@ -356,9 +356,9 @@ fn ends_kept_for(config: &SlotsConfig) -> Duration {
 const MAX_ENDS_KEPT: usize = 4096;
 
 /// The arguments an `upd` command starts with: the command, the lease, the account, `"1"` if
-/// an end that finds no holding is noted (a report of one task, or ends sent again), the
-/// change's id (`""`: none; see [`Inner::change_id`]), and the create path of the tasks
-/// reported ([`path_arg`]); the reports follow, four arguments each.
+/// an end that finds no holding is noted ([`notes_unheld_ends`]; ends sent again, as first
+/// reported), the change's id (`""`: none; see [`Inner::change_id`]), and the create path of
+/// the tasks reported ([`path_arg`]); the reports follow, four arguments each.
 fn upd_head(
     lease: Duration,
     account: &AccountId,
@@ -425,6 +425,11 @@ struct ReportedEnd {
     /// after a new generation, it tells Redis so, and a registration of the task that finds
     /// it ended then gives the slots back without counting the end a second time.
     counted: bool,
+    /// Whether its report noted the end of a task held nowhere ([`notes_unheld_ends`]): sent
+    /// again, an end that neither did nor released a holding (a list page's, a batch's) notes
+    /// nothing either, else it would free a later create of unknown outcome under its external
+    /// id.
+    noted_unheld: bool,
 }
 
 /// A halt (1102) this process knows of.
@@ -1462,7 +1467,7 @@ impl Inner {
                     .map(|u| (u.id.as_str(), u.external_id.as_deref(), u.status.as_ref()));
                 let note = notes_unheld_ends(heard, reports.len());
                 args.extend(self.upd_head_for(lease, &account, path, note, reports.clone()));
-                local = self.local_update(&account, path, reports, &mut args);
+                local = self.local_update(&account, path, note, reports, &mut args);
             }
             SlotOp::Observed {
                 account,
@@ -1475,7 +1480,7 @@ impl Inner {
                     .map(|t| (t.id.as_str(), t.external_id.as_deref(), Some(&t.status)));
                 let note = notes_unheld_ends(heard, reports.len());
                 args.extend(self.upd_head_for(lease, &account, path, note, reports.clone()));
-                local = self.local_update(&account, path, reports, &mut args);
+                local = self.local_update(&account, path, note, reports, &mut args);
             }
             SlotOp::SetCapacity {
                 account,
@@ -1550,10 +1555,13 @@ impl Inner {
     /// external id within `account` (external ids are unique per account only), as in Redis:
     /// only a create of unknown outcome (or any holding, by `complete`'s text), of the
     /// reports' create `path` where known, and only the one holding that may be it.
+    /// `noted_unheld`: whether Redis notes their ends that find no holding, kept with the ends
+    /// to send them again alike.
     fn local_update<'a>(
         &self,
         account: &AccountId,
         path: &str,
+        noted_unheld: bool,
         reports: impl Iterator<Item = Report<'a>>,
         args: &mut Vec<String>,
     ) -> Applied {
@@ -1579,6 +1587,7 @@ impl Inner {
                     report: report.clone(),
                     at: now,
                     counted: false,
+                    noted_unheld,
                 });
             }
             args.extend(report);
@@ -2521,21 +2530,25 @@ impl Inner {
             });
             ends.iter().cloned().collect()
         };
-        // (By account and create path: an `upd`'s reports share both.)
-        let mut by_account: HashMap<(&AccountId, &str), Vec<&ReportedEnd>> = HashMap::new();
+        // (By account, create path and whether an end that finds no holding is noted: an
+        // `upd`'s reports share all three.)
+        type Batch<'e> = (&'e AccountId, &'e str, bool);
+        let mut by_account: HashMap<Batch<'_>, Vec<&ReportedEnd>> = HashMap::new();
         for end in &ends {
-            let at = (&end.account, end.path.as_str());
+            // Noted if it finds no holding as when first reported: by a report of it alone,
+            // or because it released one (a restored snapshot may bring the task back).
+            let note = end.noted_unheld || end.counted;
+            let at = (&end.account, end.path.as_str(), note);
             by_account.entry(at).or_default().push(end);
         }
-        for ((account, path), ends) in by_account {
+        for ((account, path, note), ends) in by_account {
             for chunk in ends.chunks(256) {
                 let mut args = Vec::from(self.unstamped_head());
-                // (Noted if they find no holding, as when first reported; no id: Redis lost
-                // or went back before them.)
+                // (No id: Redis lost or went back before them.)
                 args.extend(upd_head(
                     self.config.get_lease(),
                     account,
-                    true,
+                    note,
                     String::new(),
                     path,
                 ));

@@ -717,8 +717,8 @@ elseif op == 'upd' then
   -- generation, 2 if its first report's release was counted, else 3 (its releases are not).
   -- An end that finds no holding is noted only from a report of one task (a callback, a query
   -- of it; never a list page, whose ends are long past), the way an end overtakes its create's
-  -- answer, and from ends sent again: a list page or a batch reports many tasks long
-  -- released, which would push the ends that matter out.
+  -- answer, and when sent again such an end or one that released a holding: a list page or a
+  -- batch reports many tasks long released, which would push the ends that matter out.
   local lease = tonumber(ARGV[5])
   local acct = ARGV[6]
   local note_ends = ARGV[7] == '1'

@@ -1088,3 +1088,81 @@ async fn a_one_entry_list_page<B: SlotBackend>([one, two]: [B; 2]) {
 async fn a_one_entry_list_page_of_an_ended_task_frees_no_later_create_under_its_external_id() {
     both!(2, a_one_entry_list_page);
 }
+
+/// Runs one maintenance pass of `backend`, waiting for Redis to come back first.
+async fn maintained(backend: &RedisSlots) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = backend.maintain().await {
+        assert!(tokio::time::Instant::now() < deadline, "{e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A list page's end of a task held nowhere, sent again with the process's recent ends after
+/// Redis lost its state, is still no report of that task: a later create of unknown outcome
+/// under its external id keeps its slot. A query's end of a task held nowhere, sent again, is
+/// noted as when first reported, and frees such a create (the negative control: the ends were
+/// sent again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listed_end_sent_again_after_a_restart_frees_no_later_create_under_its_external_id() {
+    let Some(mut server) = redis() else { return };
+    let one = process(&server, 2).await;
+    let two = process(&server, 2).await;
+    let listed = listed_alone(&two, IMAGES, "old-image-0", "job-0", "succeed").await;
+    assert!(listed.released.is_empty(), "{listed:?}");
+    let queried = queried(
+        &two,
+        IMAGES,
+        "old-image-1",
+        "old-image-1",
+        "job-1",
+        "succeed",
+    )
+    .await;
+    assert!(queried.released.is_empty(), "{queried:?}");
+    server.stop();
+    server.restart().unwrap();
+    // The lister's passes: the new generation, and its ends sent again.
+    maintained(&two).await;
+    maintained(&two).await;
+    maintained(&one).await;
+    create(&one, video(), None, "job-0", TEXT2VIDEO).await;
+    assert_eq!(
+        in_use(&one, &video()).await,
+        1,
+        "the listed end, sent again, freed it"
+    );
+    create(&one, video(), None, "job-1", TEXT2VIDEO).await;
+    assert_eq!(
+        in_use(&one, &video()).await,
+        1,
+        "the queried end, sent again, is remembered"
+    );
+}
+
+/// A list page's end that released a task another process held, sent again after Redis
+/// restarted empty before that process's next pass, is noted: the owner's registration of
+/// the task finds it ended and gives its slot back (its lease is long).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listed_end_that_released_a_holding_is_noted_when_sent_again_after_a_restart() {
+    let Some(mut server) = redis() else { return };
+    // (No pass but those the test runs: the owner must not learn of the release first.)
+    let one = process(&server, 2)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    let two = process(&server, 2)
+        .await
+        .maintain_every(Duration::from_secs(60));
+    create(&one, video(), Some("t1"), "job-1", TEXT2VIDEO).await;
+    let listed = listed_alone(&two, TEXT2VIDEO, "t1", "job-1", "succeed").await;
+    assert_eq!(tasks(&listed), ["t1"]);
+    assert_eq!(one.held_here(), 1, "the owner has not seen the release");
+    server.stop();
+    server.restart().unwrap();
+    maintained(&two).await;
+    maintained(&two).await;
+    maintained(&one).await;
+    maintained(&one).await;
+    assert_eq!(one.held_here(), 0, "t1 ended");
+    assert_eq!(in_use(&one, &video()).await, 0);
+}

@@ -1506,10 +1506,11 @@ async fn a_lease_that_runs_out_is_logged_with_the_task_it_held() {
     let one = backend(&server, 3).await;
     let two = backend(&server, 3).await;
     let short = Duration::from_millis(1200);
+    // (External ids holding the scripts' separators, `:` and `?`: the reason carries them.)
     for (id, ext) in [
         (Some("t-ended"), None),
-        (Some("t-forgotten"), Some("job-f")),
-        (None, Some("job-lost")),
+        (Some("t-forgotten"), Some("job:f?")),
+        (None, Some("job:lost?")),
     ] {
         let reservation = one.acquire(video(), 1).await.unwrap();
         let task = TaskRef {
@@ -1544,10 +1545,10 @@ async fn a_lease_that_runs_out_is_logged_with_the_task_it_held() {
         .unwrap_or_else(|| panic!("{warnings:#?}"));
     let lost = warnings
         .iter()
-        .find(|line| line.contains(r#"external_id="job-lost""#))
+        .find(|line| line.contains(r#"external_id="job:lost?""#))
         .unwrap_or_else(|| panic!("{warnings:#?}"));
     for (warning, parts) in [
-        (forgotten, [r#"external_id="job-f""#, "account=acct"]),
+        (forgotten, [r#"external_id="job:f?""#, "account=acct"]),
         (
             lost,
             [
