@@ -12,7 +12,7 @@ use kling_ratelimit::{
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 
-use crate::support::{Reply, Server, ms, request, request_to, spawn_call};
+use crate::support::{Reply, Server, costs, ms, request, spawn_call};
 
 /// The in-process backend, with a pause of every account key that the test sets, as another
 /// process sharing the store would by meeting a 1302 (class keys are never paused).
@@ -50,10 +50,6 @@ impl Backend for FleetPause {
     ) -> Self::FeedbackFuture {
         self.inner.feedback(key, policy, feedback)
     }
-}
-
-fn costs(tag: &str) -> crate::support::Req {
-    request_to("/account/costs", Some("a"), tag)
 }
 
 /// Three `/account/costs` requests queue at their one-a-second class gate; a create meets a

@@ -2,14 +2,16 @@
 
 use std::time::{Duration, SystemTime};
 
+use kling_core::BoxError;
 use kling_core::ClassifyLayer;
 use kling_core::error::{BodyTooLarge, MalformedResponse, Transport};
 use kling_ratelimit::error::RateLimited;
 use kling_ratelimit::{Adaptive, BucketKey, Cooldown, GcraLayer, Quota};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 
-use crate::support::{Reply, Server, ms, request, spawn_call};
+use crate::support::{Reply, Req, Res, Server, ms, request, send, spawn_call};
 
 /// Four requests of account `a` queued at once behind a first answer, and one of `b`.
 async fn pause_after(first: Reply) -> Vec<(String, u128)> {
@@ -673,40 +675,18 @@ async fn a_wait_refused_in_the_queue_behind_a_pause_says_so() {
     assert_eq!(server.tags(), vec!["a1", "a2"]);
 }
 
-/// A request that joins the queue behind a head waiting out a pause that ends after the
-/// request's deadline fails at once: it cannot be sent before the pause ends, and it waited
-/// until its deadline for nothing (100 s, against a `Retry-After: 3600`). One whose deadline
-/// comes after the pause's end waits it out and is sent; one behind a head that is only paced
-/// (a quota change may still make it sooner) waits for its limit as before.
-#[tokio::test(start_paused = true)]
-async fn a_request_queued_behind_a_pause_past_its_deadline_fails_at_once() {
-    use kling_core::signals::Deadline;
+/// A request of account `a` tagged `tag` whose deadline is `secs` after `start`.
+fn due_by(start: Instant, tag: &str, secs: u64) -> Req {
+    let mut req = request(Some("a"), tag);
+    req.extensions_mut().insert(kling_core::signals::Deadline(
+        start + Duration::from_secs(secs),
+    ));
+    req
+}
 
-    let server = Server::new();
-    server.script([Reply::throttled().header("retry-after", "3600")]);
-    let layer = GcraLayer::builder(Quota::per_second(10.0)).build().unwrap();
-    let handle = layer.handle();
-    let service = layer.layer(server.service());
-    let start = Instant::now();
-    service
-        .clone()
-        .oneshot(request(Some("a"), "a1"))
-        .await
-        .unwrap();
-    // The head waits the pause out (no limit).
-    let head = spawn_call(&service, request(Some("a"), "a2")).await;
-    let with_deadline = |tag, secs| {
-        let mut req = request(Some("a"), tag);
-        req.extensions_mut()
-            .insert(Deadline(start + Duration::from_secs(secs)));
-        req
-    };
-    let error = service
-        .clone()
-        .oneshot(with_deadline("a3", 100))
-        .await
-        .unwrap_err();
-    assert_eq!(start.elapsed(), Duration::ZERO, "failed at once");
+/// Checks that `error` refused a request queued behind a pause, naming `resume_at`, the
+/// pause's end, as when it could have gone.
+fn assert_refused_behind_a_pause(error: &BoxError, resume_at: Instant) {
     let exceeded = error
         .downcast_ref::<kling_ratelimit::error::WaitExceeded>()
         .unwrap_or_else(|| panic!("{error}"));
@@ -714,12 +694,83 @@ async fn a_request_queued_behind_a_pause_past_its_deadline_fails_at_once() {
         exceeded.was_queued() && exceeded.in_cooldown(),
         "{exceeded}"
     );
-    assert_eq!(exceeded.resume_at(), start + Duration::from_secs(3600));
+    assert_eq!(exceeded.resume_at(), resume_at);
+}
+
+/// Spawns, in this order, `a1`, `a2` (the head once `a1` is sent), `a3` due by `short_secs`
+/// and `a4` due by 4000 s, all of account `a`.
+async fn a_head_and_two_behind<S>(
+    service: &S,
+    start: Instant,
+    short_secs: u64,
+) -> [JoinHandle<Result<Res, BoxError>>; 4]
+where
+    S: tower::Service<Req, Response = Res, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    [
+        spawn_call(service, request(Some("a"), "a1")).await,
+        spawn_call(service, request(Some("a"), "a2")).await,
+        spawn_call(service, due_by(start, "a3", short_secs)).await,
+        spawn_call(service, due_by(start, "a4", 4000)).await,
+    ]
+}
+
+/// Waits for every one of `calls` to succeed.
+async fn all_succeed(calls: impl IntoIterator<Item = JoinHandle<Result<Res, BoxError>>>) {
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+}
+
+/// Checks the end of [`a_head_and_two_behind`] meeting a pause until 3600.5 s: `a3` fails
+/// `refused_after` from `start` (`when` says why then), behind the pause; the rest are sent,
+/// `a2` when the pause ends and `a4` at `a4_at_ms`.
+async fn only_the_short_one_refused(
+    calls: [JoinHandle<Result<Res, BoxError>>; 4],
+    server: &Server,
+    start: Instant,
+    (refused_after, when): (Duration, &str),
+    a4_at_ms: u128,
+) {
+    let [first, head, short, long] = calls;
+    let error = short.await.unwrap().unwrap_err();
+    assert_eq!(start.elapsed(), refused_after, "{when}");
+    assert_refused_behind_a_pause(&error, start + ms(3_600_500));
+    all_succeed([first, head, long]).await;
+    assert_eq!(
+        server.times_ms(start),
+        vec![
+            ("a1".into(), 0),
+            ("a2".into(), 3_600_500),
+            ("a4".into(), a4_at_ms)
+        ]
+    );
+}
+
+/// A request that joins the queue behind a head waiting out a pause that ends after the
+/// request's deadline fails at once: it cannot be sent before the pause ends, and it waited
+/// until its deadline for nothing (100 s, against a `Retry-After: 3600`). One whose deadline
+/// comes after the pause's end waits it out and is sent; one behind a head that is only paced
+/// (a quota change may still make it sooner) waits for its limit as before.
+#[tokio::test(start_paused = true)]
+async fn a_request_queued_behind_a_pause_past_its_deadline_fails_at_once() {
+    let server = Server::new();
+    server.script([Reply::throttled().header("retry-after", "3600")]);
+    let layer = GcraLayer::builder(Quota::per_second(10.0)).build().unwrap();
+    let handle = layer.handle();
+    let service = layer.layer(server.service());
+    let start = Instant::now();
+    send(&service, request(Some("a"), "a1")).await.unwrap();
+    // The head waits the pause out (no limit).
+    let head = spawn_call(&service, request(Some("a"), "a2")).await;
+    let error = send(&service, due_by(start, "a3", 100)).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::ZERO, "failed at once");
+    assert_refused_behind_a_pause(&error, start + Duration::from_secs(3600));
     assert_eq!(handle.waiting(), 1, "the failed request left its place");
     // Control: a deadline after the pause's end waits it out.
-    let late = spawn_call(&service, with_deadline("a4", 4000)).await;
-    head.await.unwrap().unwrap();
-    late.await.unwrap().unwrap();
+    let late = spawn_call(&service, due_by(start, "a4", 4000)).await;
+    all_succeed([head, late]).await;
     assert_eq!(
         server.times_ms(start),
         vec![
@@ -733,17 +784,13 @@ async fn a_request_queued_behind_a_pause_past_its_deadline_fails_at_once() {
     let slow = GcraLayer::new(Quota::per_minute(1.0)).unwrap();
     let service = slow.layer(Server::new().service());
     let start = Instant::now();
-    service
-        .clone()
-        .oneshot(request(Some("b"), "b1"))
-        .await
-        .unwrap();
+    send(&service, request(Some("b"), "b1")).await.unwrap();
     let _head = spawn_call(&service, request(Some("b"), "b2")).await;
     let mut paced = request(Some("b"), "b3");
-    paced
-        .extensions_mut()
-        .insert(Deadline(start + Duration::from_secs(10)));
-    let error = service.clone().oneshot(paced).await.unwrap_err();
+    paced.extensions_mut().insert(kling_core::signals::Deadline(
+        start + Duration::from_secs(10),
+    ));
+    let error = send(&service, paced).await.unwrap_err();
     assert!(
         error.is::<kling_ratelimit::error::WaitExceeded>(),
         "{error}"
@@ -760,7 +807,6 @@ async fn a_request_queued_behind_a_pause_past_its_deadline_fails_at_once() {
 #[tokio::test(start_paused = true)]
 async fn a_request_queued_behind_a_paced_head_fails_once_the_head_meets_a_pause_past_its_deadline()
 {
-    use kling_core::signals::Deadline;
     use kling_ratelimit::Feedback;
 
     let server = Server::with_latency(ms(500));
@@ -768,17 +814,8 @@ async fn a_request_queued_behind_a_paced_head_fails_once_the_head_meets_a_pause_
     let handle = layer.handle();
     let service = layer.layer(server.service());
     let start = Instant::now();
-    let with_deadline = |tag, secs| {
-        let mut req = request(Some("a"), tag);
-        req.extensions_mut()
-            .insert(Deadline(start + Duration::from_secs(secs)));
-        req
-    };
-    let first = spawn_call(&service, request(Some("a"), "a1")).await;
     // a2 leads, paced until 1 s; a3 and a4 queue behind it while it is only paced.
-    let head = spawn_call(&service, request(Some("a"), "a2")).await;
-    let short = spawn_call(&service, with_deadline("a3", 100)).await;
-    let long = spawn_call(&service, with_deadline("a4", 4000)).await;
+    let calls = a_head_and_two_behind(&service, start, 100).await;
     // At 500 ms another process's 1302 pauses the account until 3600.5 s.
     tokio::time::sleep(ms(500)).await;
     let key = BucketKey::account(Some(kling_core::AccountId::new("a")));
@@ -792,31 +829,8 @@ async fn a_request_queued_behind_a_paced_head_fails_once_the_head_meets_a_pause_
     handle
         .backend()
         .feedback_now(&key, &handle.policy(&key), pause);
-    let error = short.await.unwrap().unwrap_err();
-    assert_eq!(
-        start.elapsed(),
-        Duration::from_secs(1),
-        "failed when the head met the pause"
-    );
-    let exceeded = error
-        .downcast_ref::<kling_ratelimit::error::WaitExceeded>()
-        .unwrap_or_else(|| panic!("{error}"));
-    assert!(
-        exceeded.was_queued() && exceeded.in_cooldown(),
-        "{exceeded}"
-    );
-    assert_eq!(exceeded.resume_at(), start + ms(3_600_500));
-    first.await.unwrap().unwrap();
-    head.await.unwrap().unwrap();
-    long.await.unwrap().unwrap();
-    assert_eq!(
-        server.times_ms(start),
-        vec![
-            ("a1".into(), 0),
-            ("a2".into(), 3_600_500),
-            ("a4".into(), 3_601_500)
-        ]
-    );
+    let met = (Duration::from_secs(1), "failed when the head met the pause");
+    only_the_short_one_refused(calls, &server, start, met, 3_601_500).await;
 }
 
 /// The pause need not wait for the head to meet it: under a per-minute quota the head is paced
@@ -840,49 +854,15 @@ async fn paced_head_then_reported_pause<Bk>(layer: GcraLayer<Bk>)
 where
     Bk: kling_ratelimit::Backend,
 {
-    use kling_core::signals::Deadline;
-
     let server = Server::with_latency(ms(500));
     server.script([Reply::throttled().header("retry-after", "3600")]);
     let service = layer.layer(server.service());
     let start = Instant::now();
-    let with_deadline = |tag, secs| {
-        let mut req = request(Some("a"), tag);
-        req.extensions_mut()
-            .insert(Deadline(start + Duration::from_secs(secs)));
-        req
-    };
     // a1 goes at once; its 1302 comes back at 500 ms and pauses the account until 3600.5 s.
-    let first = spawn_call(&service, request(Some("a"), "a1")).await;
     // a2 leads, paced until 60 s; a3 and a4 queue behind it.
-    let head = spawn_call(&service, request(Some("a"), "a2")).await;
-    let short = spawn_call(&service, with_deadline("a3", 30)).await;
-    let long = spawn_call(&service, with_deadline("a4", 4000)).await;
-    let error = short.await.unwrap().unwrap_err();
-    assert_eq!(
-        start.elapsed(),
-        ms(500),
-        "failed when the pause was reported"
-    );
-    let exceeded = error
-        .downcast_ref::<kling_ratelimit::error::WaitExceeded>()
-        .unwrap_or_else(|| panic!("{error}"));
-    assert!(
-        exceeded.was_queued() && exceeded.in_cooldown(),
-        "{exceeded}"
-    );
-    assert_eq!(exceeded.resume_at(), start + ms(3_600_500));
-    first.await.unwrap().unwrap();
-    head.await.unwrap().unwrap();
-    long.await.unwrap().unwrap();
-    assert_eq!(
-        server.times_ms(start),
-        vec![
-            ("a1".into(), 0),
-            ("a2".into(), 3_600_500),
-            ("a4".into(), 3_660_500)
-        ]
-    );
+    let calls = a_head_and_two_behind(&service, start, 30).await;
+    let reported = (ms(500), "failed when the pause was reported");
+    only_the_short_one_refused(calls, &server, start, reported, 3_660_500).await;
 }
 
 /// Under a long pause a request queued behind its head is woken only when something changes
@@ -896,8 +876,6 @@ async fn a_request_queued_behind_a_long_pause_is_not_woken_in_a_loop() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::{Context, Poll};
-
-    use kling_core::signals::Deadline;
 
     /// Counts the polls of the future it wraps.
     struct Counted<F>(Pin<Box<F>>, Arc<AtomicUsize>);
@@ -920,12 +898,6 @@ async fn a_request_queued_behind_a_long_pause_is_not_woken_in_a_loop() {
     let quota = Quota::per_minute(3.0).with_burst(3);
     let service = GcraLayer::new(quota).unwrap().layer(server.service());
     let start = Instant::now();
-    let with_deadline = |tag, secs| {
-        let mut req = request(Some("a"), tag);
-        req.extensions_mut()
-            .insert(Deadline(start + Duration::from_secs(secs)));
-        req
-    };
     // a1 to a3 go 100 ms apart; their 1302s come back at 500, 600 and 700 ms, each pausing
     // `a` 3600 s from then: until 3600.7 s in the end.
     let mut burst = Vec::new();
@@ -937,16 +909,14 @@ async fn a_request_queued_behind_a_long_pause_is_not_woken_in_a_loop() {
     let head = spawn_call(&service, request(Some("a"), "a4")).await;
     let polls = Arc::new(AtomicUsize::new(0));
     let counted = Counted(
-        Box::pin(service.clone().oneshot(with_deadline("a5", 10_000))),
+        Box::pin(service.clone().oneshot(due_by(start, "a5", 10_000))),
         Arc::clone(&polls),
     );
     let patient = tokio::spawn(counted);
-    let short = spawn_call(&service, with_deadline("a6", 100)).await;
+    let short = spawn_call(&service, due_by(start, "a6", 100)).await;
     let error = short.await.unwrap().unwrap_err();
     assert_eq!(start.elapsed(), ms(500), "{error}");
-    for call in burst {
-        call.await.unwrap().unwrap();
-    }
+    all_succeed(burst).await;
     head.await.unwrap().unwrap();
     patient.await.unwrap().unwrap();
     assert_eq!(

@@ -9,7 +9,9 @@ use kling_ratelimit::{GcraLayer, Quota};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 
-use crate::support::{Reply, Server, ms, request, request_to, spawn_call};
+use crate::support::{
+    Reply, Server, class_gated, costs, ms, request, request_to, send, spawn_call,
+};
 
 #[tokio::test(start_paused = true)]
 async fn requests_are_never_earlier_than_the_quota_allows() {
@@ -234,16 +236,8 @@ async fn reject_mode_names_the_account_refused() {
         .build()
         .unwrap();
     let service = layer.layer(server.service());
-    service
-        .clone()
-        .oneshot(request(Some("b"), "b1"))
-        .await
-        .unwrap();
-    let err = service
-        .clone()
-        .oneshot(request(Some("b"), "b2"))
-        .await
-        .unwrap_err();
+    send(&service, request(Some("b"), "b1")).await.unwrap();
+    let err = send(&service, request(Some("b"), "b2")).await.unwrap_err();
     assert_eq!(
         err.to_string(),
         "rate limited: account b over its quota, retry after 500ms"
@@ -253,23 +247,15 @@ async fn reject_mode_names_the_account_refused() {
     // Paused after a 1302: a class request is refused naming its account too.
     tokio::time::advance(ms(500)).await;
     server.script([Reply::throttled()]);
-    service
-        .clone()
-        .oneshot(request(Some("b"), "b3"))
-        .await
-        .unwrap();
+    send(&service, request(Some("b"), "b3")).await.unwrap();
     let costs = request_to("/account/costs", Some("b"), "b4");
-    let err = service.clone().oneshot(costs).await.unwrap_err();
+    let err = send(&service, costs).await.unwrap_err();
     assert_eq!(
         err.to_string(),
         "rate limited: account b paused after a throttling response, retry after 1s"
     );
     // Another account is not paused.
-    service
-        .clone()
-        .oneshot(request(Some("c"), "c1"))
-        .await
-        .unwrap();
+    send(&service, request(Some("c"), "c1")).await.unwrap();
     assert_eq!(server.tags(), vec!["b1", "b3", "c1"]);
 }
 
@@ -460,20 +446,16 @@ async fn class_requests_behind_an_account_waiting_out_a_pause_pass_their_gate_ag
 async fn a_class_request_whose_deadline_comes_before_the_account_pause_ends_fails_at_once() {
     let server = Server::new();
     server.script([Reply::throttled().header("retry-after", "5")]);
-    let layer = GcraLayer::builder(Quota::per_second(10.0))
-        .class_quota(RequestKind::Account, Quota::per_second(1.0))
-        .build()
-        .unwrap();
+    let layer = class_gated().build().unwrap();
     let service = layer.layer(server.service());
     let start = Instant::now();
-    let costs = |tag: &str| request_to("/account/costs", Some("a"), tag);
-    service.clone().oneshot(costs("c0")).await.unwrap();
+    send(&service, costs("c0")).await.unwrap();
     tokio::time::advance(ms(1000)).await;
     // Passes its class gate, meets the pause and waits for its end at the class queue's head.
     let first = spawn_call(&service, costs("c1")).await;
     let mut late = costs("c2");
     late.extensions_mut().insert(Deadline(start + ms(4000)));
-    let err = service.clone().oneshot(late).await.unwrap_err();
+    let err = send(&service, late).await.unwrap_err();
     let exceeded = err.downcast_ref::<WaitExceeded>().expect("WaitExceeded");
     assert!(exceeded.in_cooldown());
     assert!(exceeded.was_queued());
@@ -492,14 +474,10 @@ async fn a_class_request_whose_deadline_comes_before_the_account_pause_ends_fail
 async fn a_class_request_that_comes_to_the_head_during_a_pause_past_its_deadline_fails_at_once() {
     let server = Server::new();
     server.script([Reply::ok(), Reply::throttled().header("retry-after", "5")]);
-    let layer = GcraLayer::builder(Quota::per_second(10.0))
-        .class_quota(RequestKind::Account, Quota::per_second(1.0))
-        .build()
-        .unwrap();
+    let layer = class_gated().build().unwrap();
     let service = layer.layer(server.service());
     let start = Instant::now();
-    let costs = |tag: &str| request_to("/account/costs", Some("a"), tag);
-    service.clone().oneshot(costs("c0")).await.unwrap();
+    send(&service, costs("c0")).await.unwrap();
     // Both wait for the class's next turn, at 1000 ms.
     let first = spawn_call(&service, costs("c1")).await;
     let mut late = costs("c2");
@@ -507,11 +485,7 @@ async fn a_class_request_that_comes_to_the_head_during_a_pause_past_its_deadline
     let late = spawn_call(&service, late).await;
     // A create meets a 1302 asking for 5 s: the account is paused until 5100 ms.
     tokio::time::advance(ms(100)).await;
-    service
-        .clone()
-        .oneshot(request(Some("a"), "x1"))
-        .await
-        .unwrap();
+    send(&service, request(Some("a"), "x1")).await.unwrap();
     // c1 passes its class gate at 1000 ms, meets the pause and waits it out at the head.
     tokio::time::advance(ms(1400)).await;
     first.abort();

@@ -173,6 +173,27 @@ pub(crate) fn request_to(path: &str, account: Option<&str>, tag: &str) -> Req {
     req
 }
 
+/// A `/account/costs` request of account `a` tagged `tag`: one of the account class.
+pub(crate) fn costs(tag: &str) -> Req {
+    request_to("/account/costs", Some("a"), tag)
+}
+
+/// A builder of ten requests a second, of which the account class may take one.
+pub(crate) fn class_gated() -> kling_ratelimit::Builder<kling_ratelimit::InProcess> {
+    kling_ratelimit::GcraLayer::builder(kling_ratelimit::Quota::per_second(10.0)).class_quota(
+        kling_core::RequestKind::Account,
+        kling_ratelimit::Quota::per_second(1.0),
+    )
+}
+
+/// Sends one request through a fresh clone of `service`.
+pub(crate) async fn send<S>(service: &S, req: Req) -> Result<Res, BoxError>
+where
+    S: Service<Req, Response = Res, Error = BoxError> + Clone,
+{
+    service.clone().oneshot(req).await
+}
+
 /// Spawns one call and lets it run until it waits, so calls queue in spawn order.
 pub(crate) async fn spawn_call<S>(
     service: &S,

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
+use kling_core::ClassifyLayer;
 use kling_core::error::BoxError;
 use kling_retry::error::{Failed, StopReason};
 use kling_retry::{Backoff, RetryLayer};
@@ -22,64 +23,36 @@ fn layer(seed: u64) -> RetryLayer {
         .unwrap()
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_retry_after_of_7_seconds_delays_by_7_to_7_plus_the_jitter() {
+/// Checks that the retry's `gap` fell within `wait` and `wait` plus the jitter.
+fn assert_within_the_jitter(gap: Duration, wait: Duration, what: &str) {
+    assert!(gap >= wait, "{what}{gap:?} is early");
+    assert!(gap <= wait + JITTER, "{what}{gap:?} is late");
+}
+
+/// Checks, over ten seeds, that a call answered `first` and then a task is retried after 7 s
+/// to 7 s plus the jitter.
+async fn retried_7_seconds_after(first: fn() -> Res) {
     for seed in 0..10 {
-        let (server, log) = kling(|_, i| {
-            Reply::Now(if i == 0 {
-                with_header(code(1302), "retry-after", "7")
-            } else {
-                task("t1", None)
-            })
-        });
+        let (server, log) = first_then_task(ClassifyLayer::new(), first);
         send(&layer(seed).layer(server), get("/v1/videos/text2video/t1"))
             .await
             .unwrap();
         let seen = log.all();
         let gap = seen[1].at - seen[0].at;
-        assert!(
-            gap >= Duration::from_secs(7),
-            "seed {seed}: {gap:?} is early"
-        );
-        assert!(
-            gap <= Duration::from_secs(7) + JITTER,
-            "seed {seed}: {gap:?} is late"
-        );
+        assert_within_the_jitter(gap, Duration::from_secs(7), &format!("seed {seed}: "));
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_of_7_seconds_delays_by_7_to_7_plus_the_jitter() {
+    retried_7_seconds_after(|| with_header(code(1302), "retry-after", "7")).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_retry_after_http_date_of_7_seconds_delays_the_same() {
     // The date is read against the response's own Date header, so the local clock does not
     // matter; whole seconds keep the HTTP-date exact.
-    let date = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-    for seed in 0..10 {
-        let (server, log) = kling(move |_, i| {
-            Reply::Now(if i == 0 {
-                let res = with_header(code(1302), "date", &httpdate::fmt_http_date(date));
-                with_header(
-                    res,
-                    "retry-after",
-                    &httpdate::fmt_http_date(date + Duration::from_secs(7)),
-                )
-            } else {
-                task("t1", None)
-            })
-        });
-        send(&layer(seed).layer(server), get("/v1/videos/text2video/t1"))
-            .await
-            .unwrap();
-        let seen = log.all();
-        let gap = seen[1].at - seen[0].at;
-        assert!(
-            gap >= Duration::from_secs(7),
-            "seed {seed}: {gap:?} is early"
-        );
-        assert!(
-            gap <= Duration::from_secs(7) + JITTER,
-            "seed {seed}: {gap:?} is late"
-        );
-    }
+    retried_7_seconds_after(|| throttled_until(Duration::from_secs(7))).await;
 }
 
 /// A `Retry-After` over `max_retry_after` is not waited out, nor cut short: a retry sent
@@ -90,12 +63,8 @@ async fn a_retry_after_over_the_maximum_ends_the_call_instead_of_retrying_early(
     let backoff = Backoff::new()
         .retry_after_jitter(Duration::ZERO)
         .max_retry_after(Duration::from_secs(30));
-    let (server, log) = kling(|_, i| {
-        Reply::Now(if i == 0 {
-            with_header(code(5001), "retry-after", "86400")
-        } else {
-            task("t1", None)
-        })
+    let (server, log) = first_then_task(ClassifyLayer::new(), || {
+        with_header(code(5001), "retry-after", "86400")
     });
     let client = RetryLayer::builder()
         .seed(1)
@@ -122,6 +91,66 @@ async fn a_retry_after_over_the_maximum_ends_the_call_instead_of_retrying_early(
     );
 }
 
+/// A `max_retry_after` of three days, above kling-core's one-day ceiling on `Retry-After`.
+fn three_day_limit() -> Backoff {
+    Backoff::new().max_retry_after(Duration::from_secs(3 * 86_400))
+}
+
+/// A layer under [`three_day_limit`], with `deadline` or none.
+fn under_three_days(deadline: Option<Duration>) -> RetryLayer {
+    let builder = RetryLayer::builder().seed(1).backoff(three_day_limit());
+    let builder = match deadline {
+        Some(deadline) => builder.deadline(deadline),
+        None => builder.no_deadline(),
+    };
+    builder.build().unwrap()
+}
+
+/// A 1302 whose `Retry-After` is an HTTP-date `wait` after the answer's own `Date`.
+fn throttled_until(wait: Duration) -> Res {
+    let date = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let res = with_header(code(1302), "date", &httpdate::fmt_http_date(date));
+    with_header(res, "retry-after", &httpdate::fmt_http_date(date + wait))
+}
+
+/// Sends one call through `client` and checks that it ended at once, after its one request,
+/// because the hint stands at kling-core's ceiling; returns the error for what else to check.
+async fn ends_at_the_ceiling<S>(client: &S, log: &Log, form: &str) -> BoxError
+where
+    S: tower::Service<Req, Response = Res, Error = BoxError> + Clone,
+{
+    let start = tokio::time::Instant::now();
+    let error = send(client, get("/v1/videos/text2video/t1"))
+        .await
+        .expect_err(form);
+    assert_eq!(tokio::time::Instant::now(), start, "{form}: no wait");
+    assert_eq!(log.len(), 1, "{form}: no retry a day early");
+    let failed = error.downcast_ref::<Failed>().expect(form);
+    assert_eq!(failed.reason(), StopReason::RetryAfterTooLong, "{form}");
+    assert!(
+        error.to_string().contains(
+            "(Retry-After 86400s or more, the longest kling-core reads; \
+             max_retry_after 259200s)"
+        ),
+        "{form}: {error}"
+    );
+    error
+}
+
+/// The negative control: a 1302 asking for `seconds` under the ceiling and the three-day
+/// limit is waited out, and the call then succeeds.
+async fn waits_out_a_retry_after_of(seconds: u64) {
+    let (server, log) = first_then_task(ClassifyLayer::new(), move || {
+        with_header(code(1302), "retry-after", &seconds.to_string())
+    });
+    let client = under_three_days(None).layer(server);
+    send(&client, get("/v1/videos/text2video/t1"))
+        .await
+        .unwrap();
+    let seen = log.all();
+    assert!(seen[1].at - seen[0].at >= Duration::from_secs(seconds));
+}
+
 /// kling-core reads a `Retry-After` of more than a day as a day (`MAX_RETRY_AFTER`): with a
 /// `max_retry_after` above a day, a wait of two days (either form) was retried after one, a
 /// day sooner than the server asked, and again every day until the attempts ran out. A hint
@@ -129,47 +158,18 @@ async fn a_retry_after_over_the_maximum_ends_the_call_instead_of_retrying_early(
 /// 12-hour wait under the same limit is waited out.
 #[tokio::test(start_paused = true)]
 async fn a_retry_after_longer_than_a_day_is_not_cut_to_a_day() {
-    let date = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     let two_days = Duration::from_secs(2 * 86_400);
     for (form, deadline) in [
         ("seconds", None),
         ("http-date", None),
         ("seconds", Some(Duration::from_secs(30 * 86_400))),
     ] {
-        let (server, log) = kling(move |_, i| {
-            Reply::Now(match (i, form) {
-                (0, "seconds") => with_header(code(1302), "retry-after", "172800"),
-                (0, _) => {
-                    let res = with_header(code(1302), "date", &httpdate::fmt_http_date(date));
-                    let later = httpdate::fmt_http_date(date + two_days);
-                    with_header(res, "retry-after", &later)
-                }
-                _ => task("t1", None),
-            })
+        let (server, log) = first_then_task(ClassifyLayer::new(), move || match form {
+            "seconds" => with_header(code(1302), "retry-after", "172800"),
+            _ => throttled_until(two_days),
         });
-        let builder = RetryLayer::builder()
-            .seed(1)
-            .backoff(Backoff::new().max_retry_after(Duration::from_secs(3 * 86_400)));
-        let builder = match deadline {
-            Some(deadline) => builder.deadline(deadline),
-            None => builder.no_deadline(),
-        };
-        let client = builder.build().unwrap().layer(server);
-        let start = tokio::time::Instant::now();
-        let error = send(&client, get("/v1/videos/text2video/t1"))
-            .await
-            .expect_err(form);
-        assert_eq!(tokio::time::Instant::now(), start, "{form}: no wait");
-        assert_eq!(log.len(), 1, "{form}: no retry a day early");
-        let failed = error.downcast_ref::<Failed>().expect(form);
-        assert_eq!(failed.reason(), StopReason::RetryAfterTooLong, "{form}");
-        assert!(
-            error.to_string().contains(
-                "(Retry-After 86400s or more, the longest kling-core reads; \
-                 max_retry_after 259200s)"
-            ),
-            "{form}: {error}"
-        );
+        let client = under_three_days(deadline).layer(server);
+        ends_at_the_ceiling(&client, &log, form).await;
     }
     // Past a deadline, the error does not give the ceiling as the wait asked for.
     let (server, log) = kling(|_, _| Reply::Now(with_header(code(1302), "retry-after", "172800")));
@@ -189,25 +189,7 @@ async fn a_retry_after_longer_than_a_day_is_not_cut_to_a_day() {
         "{error}"
     );
     // A wait under a day, under the limit, is waited out.
-    let (server, log) = kling(|_, i| {
-        Reply::Now(if i == 0 {
-            with_header(code(1302), "retry-after", "43200")
-        } else {
-            task("t1", None)
-        })
-    });
-    let client = RetryLayer::builder()
-        .seed(1)
-        .no_deadline()
-        .backoff(Backoff::new().max_retry_after(Duration::from_secs(3 * 86_400)))
-        .build()
-        .unwrap()
-        .layer(server);
-    send(&client, get("/v1/videos/text2video/t1"))
-        .await
-        .unwrap();
-    let seen = log.all();
-    assert!(seen[1].at - seen[0].at >= Duration::from_secs(43_200));
+    waits_out_a_retry_after_of(43_200).await;
 }
 
 /// At kling-core's ceiling exactly — `Retry-After: 86400`, an HTTP-date a day after the
@@ -217,63 +199,17 @@ async fn a_retry_after_longer_than_a_day_is_not_cut_to_a_day() {
 /// ceiling is waited out under a limit of three days.
 #[tokio::test(start_paused = true)]
 async fn a_retry_after_at_the_ceiling_exactly_ends_the_call_as_a_lower_bound() {
-    let date = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-    let three_days = Backoff::new().max_retry_after(Duration::from_secs(3 * 86_400));
     for form in ["86400", "http-date", "86399.5"] {
-        let (server, log) = kling(move |_, i| {
-            Reply::Now(match (i, form) {
-                (0, "http-date") => {
-                    let res = with_header(code(1302), "date", &httpdate::fmt_http_date(date));
-                    let later = date + Duration::from_secs(86_400);
-                    with_header(res, "retry-after", &httpdate::fmt_http_date(later))
-                }
-                (0, seconds) => with_header(code(1302), "retry-after", seconds),
-                _ => task("t1", None),
-            })
+        let (server, log) = first_then_task(ClassifyLayer::new(), move || match form {
+            "http-date" => throttled_until(Duration::from_secs(86_400)),
+            seconds => with_header(code(1302), "retry-after", seconds),
         });
-        let client = RetryLayer::builder()
-            .seed(1)
-            .no_deadline()
-            .backoff(three_days)
-            .build()
-            .unwrap()
-            .layer(server);
-        let start = tokio::time::Instant::now();
-        let error = send(&client, get("/v1/videos/text2video/t1"))
-            .await
-            .expect_err(form);
-        assert_eq!(tokio::time::Instant::now(), start, "{form}: no wait");
-        assert_eq!(log.len(), 1, "{form}");
+        let client = under_three_days(None).layer(server);
+        let error = ends_at_the_ceiling(&client, &log, form).await;
         let failed = error.downcast_ref::<Failed>().expect(form);
-        assert_eq!(failed.reason(), StopReason::RetryAfterTooLong, "{form}");
         assert_eq!(failed.retry_after(), Some(Duration::from_secs(86_400)));
-        assert!(
-            error.to_string().contains(
-                "(Retry-After 86400s or more, the longest kling-core reads; \
-                 max_retry_after 259200s)"
-            ),
-            "{form}: {error}"
-        );
     }
-    let (server, log) = kling(|_, i| {
-        Reply::Now(if i == 0 {
-            with_header(code(1302), "retry-after", "86399")
-        } else {
-            task("t1", None)
-        })
-    });
-    let client = RetryLayer::builder()
-        .seed(1)
-        .no_deadline()
-        .backoff(three_days)
-        .build()
-        .unwrap()
-        .layer(server);
-    send(&client, get("/v1/videos/text2video/t1"))
-        .await
-        .unwrap();
-    let seen = log.all();
-    assert!(seen[1].at - seen[0].at >= Duration::from_secs(86_399));
+    waits_out_a_retry_after_of(86_399).await;
 }
 
 /// A `Retry-After` under the maximum overrides even a 5xx's backoff, exactly.
@@ -282,12 +218,8 @@ async fn a_retry_after_overrides_even_a_5xx_backoff() {
     let backoff = Backoff::new()
         .retry_after_jitter(Duration::ZERO)
         .max_retry_after(Duration::from_secs(30));
-    let (server, log) = kling(|_, i| {
-        Reply::Now(if i == 0 {
-            with_header(code(5001), "retry-after", "30")
-        } else {
-            task("t1", None)
-        })
+    let (server, log) = first_then_task(ClassifyLayer::new(), || {
+        with_header(code(5001), "retry-after", "30")
     });
     let client = RetryLayer::builder()
         .seed(1)
@@ -452,33 +384,20 @@ fn page(status: u16, retry_after: &str) -> crate::support::Res {
 #[tokio::test(start_paused = true)]
 async fn a_proxy_page_s_retry_after_is_honoured_like_kling_s_own() {
     // A 503 page asking for 60 s: the maintenance backoff alone would come back within 10 s.
-    let (server, log) = kling(|_, i| {
-        Reply::Now(if i == 0 {
-            page(503, "60")
-        } else {
-            task("t1", None)
-        })
-    });
+    let (server, log) = first_then_task(ClassifyLayer::new(), || page(503, "60"));
     send(&layer(3).layer(server), get("/v1/videos/text2video/t1"))
         .await
         .unwrap();
     let seen = log.all();
     let gap = seen[1].at - seen[0].at;
-    assert!(gap >= Duration::from_secs(60), "{gap:?} is early");
-    assert!(gap <= Duration::from_secs(60) + JITTER, "{gap:?} is late");
+    assert_within_the_jitter(gap, Duration::from_secs(60), "");
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_proxy_s_429_page_is_throttled_and_a_create_behind_it_is_sent_again() {
     // Turned away before it was handled: nothing was made, so even a create without an
     // external id goes again, after the page's Retry-After.
-    let (server, log) = kling(|_, i| {
-        Reply::Now(if i == 0 {
-            page(429, "5")
-        } else {
-            task("t1", None)
-        })
-    });
+    let (server, log) = first_then_task(ClassifyLayer::new(), || page(429, "5"));
     let client = RetryLayer::builder()
         .seed(3)
         .generate_external_ids(false)
@@ -493,8 +412,7 @@ async fn a_proxy_s_429_page_is_throttled_and_a_create_behind_it_is_sent_again() 
     assert_eq!(seen.len(), 2, "the create and its one resend");
     assert!(seen.iter().all(|s| s.method == http::Method::POST));
     let gap = seen[1].at - seen[0].at;
-    assert!(gap >= Duration::from_secs(5), "{gap:?} is early");
-    assert!(gap <= Duration::from_secs(5) + JITTER, "{gap:?} is late");
+    assert_within_the_jitter(gap, Duration::from_secs(5), "");
 }
 
 /// A call that runs out of attempts on a throttled answer (one without a deadline: with one,
@@ -575,9 +493,9 @@ fn large_page(retry_after: &str, declared: bool) -> Res {
     }
 }
 
-/// A server under a classify step that reads at most [`BODY_LIMIT`] bytes, answering `first`
-/// and then a task.
-fn behind_a_small_limit(
+/// A server under `classify` answering `first` and then a task.
+fn first_then_task(
+    classify: ClassifyLayer,
     first: impl Fn() -> Res + Send + Sync + 'static,
 ) -> (
     impl tower::Service<
@@ -590,10 +508,14 @@ fn behind_a_small_limit(
     + 'static,
     Log,
 ) {
-    let classify = kling_core::ClassifyLayer::new().max_body_bytes(BODY_LIMIT);
     kling_under(classify, move |_, i| {
         Reply::Now(if i == 0 { first() } else { task("t1", None) })
     })
+}
+
+/// A classify step that reads at most [`BODY_LIMIT`] bytes.
+fn small_limit() -> ClassifyLayer {
+    ClassifyLayer::new().max_body_bytes(BODY_LIMIT)
 }
 
 /// A 429 page too long to read keeps its `Retry-After`: the retry goes out when the server
@@ -601,7 +523,7 @@ fn behind_a_small_limit(
 #[tokio::test(start_paused = true)]
 async fn a_429_page_too_long_to_read_is_retried_after_its_retry_after() {
     for declared in [false, true] {
-        let (server, log) = behind_a_small_limit(move || large_page("7", declared));
+        let (server, log) = first_then_task(small_limit(), move || large_page("7", declared));
         let client = RetryLayer::builder()
             .seed(1)
             .backoff(Backoff::new().retry_after_jitter(Duration::ZERO))
@@ -624,7 +546,7 @@ async fn a_429_page_too_long_to_read_is_retried_after_its_retry_after() {
 #[tokio::test(start_paused = true)]
 async fn a_429_page_too_long_to_read_keeps_the_retry_after_limits() {
     let start = tokio::time::Instant::now();
-    let (server, log) = behind_a_small_limit(|| large_page("300", false));
+    let (server, log) = first_then_task(small_limit(), || large_page("300", false));
     let client = RetryLayer::builder()
         .seed(1)
         .deadline(Duration::from_secs(600))
@@ -641,7 +563,7 @@ async fn a_429_page_too_long_to_read_keeps_the_retry_after_limits() {
     assert_eq!(failed.reason(), StopReason::RetryAfterTooLong, "{error}");
     assert_eq!(failed.retry_after(), Some(Duration::from_secs(300)));
 
-    let (server, log) = behind_a_small_limit(|| large_page("300", true));
+    let (server, log) = first_then_task(small_limit(), || large_page("300", true));
     let client = RetryLayer::builder()
         .seed(1)
         .deadline(Duration::from_secs(180))
@@ -659,8 +581,7 @@ async fn a_429_page_too_long_to_read_keeps_the_retry_after_limits() {
     assert_eq!(late.asked(), Some(Duration::from_secs(300)));
     assert_eq!(late.resume_at(), start + Duration::from_secs(300));
 
-    let classify = kling_core::ClassifyLayer::new().max_body_bytes(BODY_LIMIT);
-    let (server, log) = kling_under(classify, |_, _| Reply::Now(large_page("30", false)));
+    let (server, log) = kling_under(small_limit(), |_, _| Reply::Now(large_page("30", false)));
     let client = RetryLayer::builder()
         .seed(1)
         .max_attempts(2)

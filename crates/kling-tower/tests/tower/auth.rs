@@ -15,7 +15,9 @@ use kling_tower::clock::TokioWallClock;
 use kling_tower::{KlingLayer, StackConfig, Tier};
 use tower::{Layer, Service, ServiceExt, service_fn};
 
-use crate::support::{accepted_create, envelope, request};
+use crate::support::{
+    accepted_create, envelope, legacy_create, new_style_create, pro_stack_on_a_key_pair, request,
+};
 
 /// 2024-01-01T00:00:00Z.
 const T0: u64 = 1_704_067_200;
@@ -916,17 +918,12 @@ async fn an_api_key_passes_on_new_style_endpoints() {
 #[tokio::test(start_paused = true)]
 async fn through_the_stack_a_jwt_new_style_create_fails_locally_and_the_mock_sees_nothing() {
     const T2V_NEW: &str = "/text-to-video/kling-3.0";
-    let mock = MockKling::new(MockConfig::preset(Preset::Pro).access_key("ak", "sk")).unwrap();
-    let kling = KlingLayer::new(
-        StackConfig::preset(Tier::Pro),
-        Credentials::access_key("ak", "sk").unwrap(),
-    )
-    .unwrap();
+    let (mock, kling) = pro_stack_on_a_key_pair();
     let stack = kling.layer(mock.clone());
     let started = tokio::time::Instant::now();
     let error = stack
         .clone()
-        .oneshot(request("POST", T2V_NEW, r#"{"prompt":"a cat"}"#))
+        .oneshot(new_style_create("a cat"))
         .await
         .unwrap_err();
     assert_eq!(
@@ -954,7 +951,7 @@ async fn through_the_stack_a_jwt_new_style_create_fails_locally_and_the_mock_see
     assert_eq!(mock.stats().requests_total, 2);
 
     // Negative control: the stack's JWT, sent by hand to the new-style path, is refused.
-    let mut by_hand = request("POST", T2V_NEW, r#"{"prompt":"a cat"}"#);
+    let mut by_hand = new_style_create("a cat");
     let token = kling.auth().authorization().unwrap();
     by_hand.headers_mut().insert(AUTHORIZATION, token);
     let response = ClassifyLayer::new()
@@ -975,20 +972,15 @@ async fn through_the_stack_a_jwt_new_style_create_fails_locally_and_the_mock_see
 /// not two (refused below the rate limiter, it waited for a turn and pushed the next one on).
 #[tokio::test(start_paused = true)]
 async fn the_stack_refuses_a_jwt_new_style_create_before_it_takes_a_rate_turn() {
-    let mock = MockKling::new(MockConfig::preset(Preset::Pro).access_key("ak", "sk")).unwrap();
-    let config = StackConfig::preset(Tier::Pro);
-    let interval = config.pacing_interval().expect("the Pro preset paces");
-    let kling = KlingLayer::new(config, Credentials::access_key("ak", "sk").unwrap()).unwrap();
+    let (mock, kling) = pro_stack_on_a_key_pair();
+    let interval = StackConfig::preset(Tier::Pro).pacing_interval();
+    let interval = interval.expect("the Pro preset paces");
     let stack = kling.layer(mock.clone());
     let started = tokio::time::Instant::now();
     accepted_create(stack.clone()).await;
     let error = stack
         .clone()
-        .oneshot(request(
-            "POST",
-            "/text-to-video/kling-3.0",
-            r#"{"prompt":"a dog"}"#,
-        ))
+        .oneshot(new_style_create("a dog"))
         .await
         .unwrap_err();
     assert!(api_key_required(&*error).is_some(), "{error}");
@@ -1011,12 +1003,7 @@ async fn the_stack_refuses_a_jwt_new_style_create_before_it_takes_a_rate_turn() 
 /// off and asking again until the task's deadline: the refusal is one every query meets again.
 #[tokio::test(start_paused = true)]
 async fn a_follower_with_a_jwt_ends_a_new_style_follow_at_once() {
-    let mock = MockKling::new(MockConfig::preset(Preset::Pro).access_key("ak", "sk")).unwrap();
-    let kling = KlingLayer::new(
-        StackConfig::preset(Tier::Pro),
-        Credentials::access_key("ak", "sk").unwrap(),
-    )
-    .unwrap();
+    let (mock, kling) = pro_stack_on_a_key_pair();
     let follower = kling
         .follower(kling.layer(mock.clone()), kling.follow_policy())
         .unwrap();
@@ -1132,32 +1119,16 @@ async fn check_endpoint_refuses_what_the_layer_refuses() {
 /// or left in flight.
 #[tokio::test(start_paused = true)]
 async fn a_draining_stack_refuses_a_jwt_new_style_create_as_needing_an_api_key() {
-    let mock = MockKling::new(MockConfig::preset(Preset::Pro).access_key("ak", "sk")).unwrap();
-    let kling = KlingLayer::new(
-        StackConfig::preset(Tier::Pro),
-        Credentials::access_key("ak", "sk").unwrap(),
-    )
-    .unwrap();
+    let (mock, kling) = pro_stack_on_a_key_pair();
     let stack = kling.layer(mock.clone());
     kling.drain().await;
     let error = stack
         .clone()
-        .oneshot(request(
-            "POST",
-            "/text-to-video/kling-3.0",
-            r#"{"prompt":"a dog"}"#,
-        ))
+        .oneshot(new_style_create("a dog"))
         .await
         .unwrap_err();
     assert!(api_key_required(&*error).is_some(), "{error}");
-    let error = stack
-        .oneshot(request(
-            "POST",
-            "/v1/videos/text2video",
-            r#"{"prompt":"a dog"}"#,
-        ))
-        .await
-        .unwrap_err();
+    let error = stack.oneshot(legacy_create("a dog")).await.unwrap_err();
     assert!(error.is::<kling_tower::error::Draining>(), "{error}");
     assert_eq!(kling.drain_handle().in_flight(), 0);
     assert_eq!(mock.stats().requests_total, 0);

@@ -83,6 +83,86 @@ where
         .unwrap()
 }
 
+/// Checks that a follow ran out of time: its task never ended.
+fn assert_ran_out<T: std::fmt::Debug>(result: &Result<T, FollowError>) {
+    assert!(
+        matches!(result, Err(FollowError::DeadlineExceeded { .. })),
+        "{result:?}"
+    );
+}
+
+/// A server of task lists by task ids that reports every id of a query as processing, or only
+/// the first (a page limit) unless `all`; it first hands `seen` the time since `start` and the
+/// query's ids.
+fn reporting_processing(
+    start: Instant,
+    all: bool,
+    seen: impl Fn(Duration, &str) + Send + Sync + 'static,
+) -> impl tower::Service<
+    http::Request<Full<Bytes>>,
+    Response = http::Response<Full<Bytes>>,
+    Error = BoxError,
+    Future = impl std::future::Future<Output = Answer> + Send,
+> + Clone
++ Send
++ 'static {
+    let seen = Arc::new(seen);
+    tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let uri = req.uri().to_string();
+        let ids = uri.strip_prefix("/tasks?task_ids=").unwrap();
+        seen(start.elapsed(), ids);
+        let answered = if all { ids.split(',').count() } else { 1 };
+        let reports: Vec<String> = ids
+            .split(',')
+            .take(answered)
+            .map(|id| format!(r#"{{"id":"{id}","status":"processing"}}"#))
+            .collect();
+        let body = format!(r#"{{"code":0,"data":[{}]}}"#, reports.join(","));
+        async move { Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from(body)))) }
+    })
+}
+
+/// Follows task `a` on a clone of `one` from `start` and `b` on `one` from `b_at` after it, and
+/// checks that both ran out of time.
+async fn follow_a_then_b<S>(one: Follower<S>, start: Instant, b_at: Duration, b: TaskRef)
+where
+    S: tower::Service<http::Request<Full<Bytes>>, Response = http::Response<Full<Bytes>>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+{
+    let other = one.clone();
+    let a = tokio::spawn(async move { other.follow(TaskRef::new_style("a")).await });
+    tokio::time::sleep_until(start + b_at).await;
+    let b = one.follow(b).await;
+    for result in [a.await.unwrap(), b] {
+        assert_ran_out(&result);
+    }
+}
+
+/// A server's answer to a query.
+type Answer = Result<http::Response<Full<Bytes>>, BoxError>;
+
+/// When (since a start) each task id was asked about.
+type AskedAbout = Arc<Mutex<HashMap<String, Vec<Duration>>>>;
+
+/// A log of when each task id was asked about, and the `seen` for [`reporting_processing`]
+/// that fills it.
+fn each_id_asked() -> (AskedAbout, impl Fn(Duration, &str) + Send + Sync + 'static) {
+    let asked: AskedAbout = Arc::default();
+    let log = asked.clone();
+    let note = move |at, ids: &str| {
+        let mut log = log.lock().unwrap();
+        for id in ids.split(',') {
+            log.entry(id.to_owned()).or_default().push(at);
+        }
+    };
+    (asked, note)
+}
+
 #[test]
 fn query_interval_grows_with_age_and_errors_back_off() {
     let p = FollowPolicy::new();
@@ -279,20 +359,8 @@ fn a_last_query_slack_not_below_the_longest_gap_before_the_last_query_is_refused
 #[tokio::test(start_paused = true)]
 async fn the_last_answer_before_the_last_query_comes_within_the_slack_bound() {
     let start = Instant::now();
-    let asked: Arc<Mutex<HashMap<String, Vec<Duration>>>> = Arc::default();
-    let log = asked.clone();
-    let service = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
-        let uri = req.uri().to_string();
-        let ids = uri.strip_prefix("/tasks?task_ids=").unwrap().to_owned();
-        let mut reports = Vec::new();
-        for id in ids.split(',') {
-            let mut log = log.lock().unwrap();
-            log.entry(id.to_owned()).or_default().push(start.elapsed());
-            reports.push(format!(r#"{{"id":"{id}","status":"processing"}}"#));
-        }
-        let body = format!(r#"{{"code":0,"data":[{}]}}"#, reports.join(","));
-        async move { Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from(body)))) }
-    });
+    let (asked, note) = each_id_asked();
+    let service = reporting_processing(start, true, note);
     let policy = FollowPolicy::new()
         .deadline(Duration::from_secs(60))
         .last_query_slack(Duration::from_millis(9_600));
@@ -306,10 +374,7 @@ async fn the_last_answer_before_the_last_query_comes_within_the_slack_bound() {
     }
     for call in calls {
         let result = call.await.unwrap();
-        assert!(
-            matches!(result, Err(FollowError::DeadlineExceeded { .. })),
-            "{result:?}"
-        );
+        assert_ran_out(&result);
     }
     let bound = 58.0 * 0.2 / 1.2;
     let mut kept = Vec::new();
@@ -2605,10 +2670,7 @@ async fn external_ids_refused_in_a_batch_are_asked_alone_once_then_batched_again
         .await;
     assert_eq!(results[1].as_ref().unwrap().id, task.id);
     for result in [&results[0], &results[2]] {
-        assert!(
-            matches!(result, Err(FollowError::DeadlineExceeded { .. })),
-            "{result:?}"
-        );
+        assert_ran_out(result);
     }
     let uris = uris.lock().unwrap();
     let by = |ids: &str| format!("/tasks?external_task_ids={ids}");
@@ -2920,10 +2982,7 @@ async fn an_external_id_a_lone_query_answers_with_no_task_goes_back_into_batches
     .await;
     assert_eq!(results[1].as_ref().unwrap().id, task.id);
     for result in [&results[0], &results[2]] {
-        assert!(
-            matches!(result, Err(FollowError::DeadlineExceeded { .. })),
-            "{result:?}"
-        );
+        assert_ran_out(result);
     }
     let uris = uris.lock().unwrap();
     let by = |ids: &str| format!("/tasks?external_task_ids={ids}");
@@ -3019,10 +3078,7 @@ async fn a_failing_server_is_not_asked_sooner_than_the_backoff_near_the_deadline
     let policy = FollowPolicy::new().deadline(Duration::from_secs(300));
     let results = follower(service, policy.clone()).follow_many(tasks).await;
     for result in &results {
-        assert!(
-            matches!(result, Err(FollowError::DeadlineExceeded { .. })),
-            "{result:?}"
-        );
+        assert_ran_out(result);
     }
     let sent = sent.lock().unwrap();
     let mut asked: HashMap<String, Vec<Duration>> = HashMap::new();
@@ -3193,34 +3249,11 @@ async fn last_query_beside_a_late_call(
     slack: Duration,
 ) -> HashMap<String, Vec<Duration>> {
     let start = Instant::now();
-    let asked: Arc<Mutex<HashMap<String, Vec<Duration>>>> = Arc::default();
-    let log = asked.clone();
-    let service = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
-        let uri = req.uri().to_string();
-        let ids = uri.strip_prefix("/tasks?task_ids=").unwrap();
-        let mut reports = Vec::new();
-        for id in ids.split(',') {
-            let mut log = log.lock().unwrap();
-            log.entry(id.to_owned()).or_default().push(start.elapsed());
-            reports.push(format!(r#"{{"id":"{id}","status":"processing"}}"#));
-        }
-        let body = format!(r#"{{"code":0,"data":[{}]}}"#, reports.join(","));
-        async move { Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from(body)))) }
-    });
+    let (asked, note) = each_id_asked();
+    let service = reporting_processing(start, true, note);
     let one = follower(service, age_policy(93).last_query_slack(slack));
-    let a = tokio::spawn({
-        let one = one.clone();
-        async move { one.follow(TaskRef::new_style("a")).await }
-    });
-    tokio::time::sleep_until(start + b_at).await;
     let b = TaskRef::new_style("b").created_at(start + b_at - Duration::from_secs(60));
-    let b = one.follow(b).await;
-    for result in [a.await.unwrap(), b] {
-        assert!(
-            matches!(result, Err(FollowError::DeadlineExceeded { .. })),
-            "{result:?}"
-        );
-    }
+    follow_a_then_b(one, start, b_at, b).await;
     asked.lock().unwrap().clone()
 }
 
@@ -3880,28 +3913,14 @@ async fn two_calls_beside_a_page_limit(b_at: Duration) -> Vec<(Duration, String)
     let start = Instant::now();
     let sent: Arc<Mutex<Vec<(Duration, String)>>> = Arc::default();
     let log = sent.clone();
-    let service = tower::service_fn(move |req: http::Request<Full<Bytes>>| {
-        let uri = req.uri().to_string();
-        let ids = uri.strip_prefix("/tasks?task_ids=").unwrap().to_owned();
-        log.lock().unwrap().push((start.elapsed(), ids.clone()));
-        let first = ids.split(',').next().unwrap();
-        let body = format!(r#"{{"code":0,"data":[{{"id":"{first}","status":"processing"}}]}}"#);
-        async move { Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from(body)))) }
+    let service = reporting_processing(start, false, move |at, ids| {
+        log.lock().unwrap().push((at, ids.to_owned()));
     });
     let one = follower(
         service,
         FollowPolicy::new().deadline(Duration::from_secs(12)),
     );
-    let other = one.clone();
-    let a = tokio::spawn(async move { other.follow(TaskRef::new_style("a")).await });
-    tokio::time::sleep(b_at).await;
-    let b = one.follow(TaskRef::new_style("b")).await;
-    for result in [a.await.unwrap(), b] {
-        assert!(
-            matches!(result, Err(FollowError::DeadlineExceeded { .. })),
-            "{result:?}"
-        );
-    }
+    follow_a_then_b(one, start, b_at, TaskRef::new_style("b")).await;
     sent.lock().unwrap().clone()
 }
 

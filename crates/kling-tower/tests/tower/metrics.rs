@@ -10,17 +10,17 @@ use http_body_util::Full;
 use kling_metrics::catalog::{self, MetricType};
 use kling_mock::{MockConfig, MockKling, Preset};
 use kling_tower::{Credentials, KlingLayer, StackConfig, TaskRef, Tier};
-use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshot};
 use metrics_util::{CompositeKey, MetricKind};
 use tower::{Layer, Service, ServiceExt};
 
-use crate::support::request;
+use crate::support::{legacy_create, new_style_create, pro_stack_on_a_key_pair, request};
 
 type Series = (String, MetricKind, BTreeSet<String>);
 
 /// Runs `f` on a current-thread runtime with paused time, recording into a fresh debugging
-/// recorder; returns the key of every series recorded.
-fn keys_recorded(f: impl std::future::Future<Output = ()>) -> Vec<CompositeKey> {
+/// recorder; returns what it recorded.
+fn snapshot_of(f: impl std::future::Future<Output = ()>) -> Snapshot {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     metrics::with_local_recorder(&recorder, || {
@@ -31,8 +31,12 @@ fn keys_recorded(f: impl std::future::Future<Output = ()>) -> Vec<CompositeKey> 
             .unwrap()
             .block_on(f);
     });
-    snapshotter
-        .snapshot()
+    snapshotter.snapshot()
+}
+
+/// [`snapshot_of`] as the key of every series recorded.
+fn keys_recorded(f: impl std::future::Future<Output = ()>) -> Vec<CompositeKey> {
+    snapshot_of(f)
         .into_vec()
         .into_iter()
         .map(|(key, _, _, _)| key)
@@ -254,55 +258,29 @@ fn many_model_names_make_a_bounded_set_of_pool_labels() {
 /// the same pair is counted under Kling's code `0`, not `refused`.
 #[test]
 fn a_jwt_new_style_create_refused_at_the_gate_is_counted_as_refused() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    metrics::with_local_recorder(&recorder, || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap()
-            .block_on(async {
-                let config = MockConfig::preset(Preset::Pro).access_key("ak", "sk");
-                let mock = MockKling::new(config).unwrap();
-                let kling = KlingLayer::new(
-                    StackConfig::preset(Tier::Pro),
-                    Credentials::access_key("ak", "sk").unwrap(),
-                )
-                .unwrap();
-                let service = kling.layer(mock.clone());
-                let refused = service
-                    .clone()
-                    .oneshot(request(
-                        "POST",
-                        "/text-to-video/kling-3.0",
-                        r#"{"prompt":"p"}"#,
-                    ))
-                    .await
-                    .unwrap_err();
-                assert!(
-                    refused.to_string().contains("takes an API key"),
-                    "{refused}"
-                );
-                let created = service
-                    .oneshot(request(
-                        "POST",
-                        "/v1/videos/text2video",
-                        r#"{"prompt":"p"}"#,
-                    ))
-                    .await
-                    .unwrap();
-                assert_eq!(created.status(), 200);
-                assert_eq!(
-                    mock.stats().requests_total,
-                    1,
-                    "the refused one was not sent"
-                );
-            });
+    let snapshot = snapshot_of(async {
+        let (mock, kling) = pro_stack_on_a_key_pair();
+        let service = kling.layer(mock.clone());
+        let refused = service
+            .clone()
+            .oneshot(new_style_create("p"))
+            .await
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("takes an API key"),
+            "{refused}"
+        );
+        let created = service.oneshot(legacy_create("p")).await.unwrap();
+        assert_eq!(created.status(), 200);
+        assert_eq!(
+            mock.stats().requests_total,
+            1,
+            "the refused one was not sent"
+        );
     });
     let mut responses: BTreeMap<String, u64> = BTreeMap::new();
     let mut timed: BTreeMap<String, usize> = BTreeMap::new();
-    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+    for (key, _, _, value) in snapshot.into_vec() {
         let key = key.key();
         let Some(code) = key.labels().find(|l| l.key() == "code") else {
             continue;
