@@ -16,14 +16,15 @@ use kling_core::{AccountId, BoxError, Code, Outcome};
 use kling_retry::error::{DeadlineExceeded, Failed, StopReason};
 use pin_project_lite::pin_project;
 
-use super::Ledger;
+use super::{Ledger, Nanos};
 use crate::error::BudgetExceeded;
 
 /// A create's reservation, settled by its response.
 pub(crate) struct Settle {
     pub(crate) ledger: Arc<Ledger>,
     pub(crate) account: Option<AccountId>,
-    pub(crate) estimate: f64,
+    /// What was reserved, as the ledger counts.
+    pub(crate) estimate: Nanos,
     /// Whether the layers below held the create back unsent, read if the caller drops it.
     pub(crate) watch: SendWatch,
 }

@@ -13,8 +13,10 @@
 //! [reads as credits](kling_core::Currency::is_credits): `credit`, `credits`, `unit` or
 //! `units`, in any case). A cost in another currency (`"USD"`), or in two, keeps the
 //! estimate: booked as credits, 0.14 dollars would under-count the budget, and no exchange
-//! rate is known here. A create whose outcome is unknown keeps its estimate: the task may run
-//! and be billed.
+//! rate is known here. A finished task reported without a cost (a callback body) keeps
+//! awaiting one, from a later query, until the period ends. A create whose outcome is unknown
+//! keeps its estimate: the task may run and be billed. The ledger counts whole nano-credits
+//! (prices and costs rounded to the nearest), so sums and give-backs are exact.
 //!
 //! The refusal is read wherever it arrives: as a response (the guard over a bare client), or
 //! as the error a retry layer below makes of it (the guard in [`KlingLayer`](crate::KlingLayer),
@@ -189,24 +191,41 @@ impl CostTable {
     }
 }
 
-/// Slack for float sums: a create that fits to within this is accepted.
+/// Slack for comparing credits given as floats: one nano-credit, the ledger's unit.
 pub(crate) const EPSILON: f64 = 1e-9;
+
+/// Credits as the ledger counts them: whole nano-credits. Sums and give-backs of integers are
+/// exact; summed as floats, a hundred thousand 0.1-credit creates came to more than 10,000
+/// credits and a budget of exactly that refused its last create.
+pub(crate) type Nanos = u128;
+
+/// A non-negative finite price or budget in nano-credits (rounded; saturating past `u128`).
+fn to_nanos(credits: f64) -> Nanos {
+    (credits / EPSILON).round() as Nanos
+}
+
+/// Nano-credits back in credits, for the caller's eyes.
+fn to_credits(nanos: Nanos) -> f64 {
+    nanos as f64 / 1e9
+}
 
 #[derive(Debug)]
 struct Account {
     period_start: Instant,
-    committed: f64,
+    committed: Nanos,
     /// Reservations neither given back nor turned into a task yet (creates still waiting below
     /// the guard, or sent and not answered): carried into the next period when one starts, as
     /// their tasks, if any, are made then.
-    open: f64,
+    open: Nanos,
     /// Task id → the estimate it was charged, until its real cost is known.
-    tasks: HashMap<String, f64>,
+    tasks: HashMap<String, Nanos>,
 }
 
 #[derive(Debug)]
 pub(crate) struct Ledger {
     budget: f64,
+    /// `budget`, as the ledger counts.
+    budget_nanos: Nanos,
     period: Duration,
     costs: CostTable,
     accounts: Mutex<HashMap<Option<AccountId>, Account>>,
@@ -229,8 +248,8 @@ impl Ledger {
     ) -> &'a mut Account {
         let account = accounts.entry(key.clone()).or_insert_with(|| Account {
             period_start: now,
-            committed: 0.0,
-            open: 0.0,
+            committed: 0,
+            open: 0,
             tasks: HashMap::new(),
         });
         if now >= account.period_start + self.period {
@@ -251,49 +270,51 @@ impl Ledger {
         account
     }
 
-    /// Reserves `estimate` or refuses the create.
-    fn reserve(&self, key: &Option<AccountId>, estimate: f64) -> Result<(), BudgetExceeded> {
+    /// Reserves `estimate` credits, returning what was reserved (to settle it with), or
+    /// refuses the create.
+    fn reserve(&self, key: &Option<AccountId>, estimate: f64) -> Result<Nanos, BudgetExceeded> {
         let now = Instant::now();
+        let reserved = to_nanos(estimate);
         let mut accounts = self.lock();
         let account = self.account(&mut accounts, key, now);
-        if account.committed + estimate > self.budget + EPSILON {
+        if account.committed.saturating_add(reserved) > self.budget_nanos {
             return Err(BudgetExceeded {
                 account: key.clone(),
                 budget: self.budget,
-                committed: account.committed,
+                committed: to_credits(account.committed),
                 estimate,
                 resets_in: (account.period_start + self.period).saturating_duration_since(now),
             });
         }
-        account.committed += estimate;
-        account.open += estimate;
-        Ok(())
+        account.committed = account.committed.saturating_add(reserved);
+        account.open = account.open.saturating_add(reserved);
+        Ok(reserved)
     }
 
     /// Settles a reservation as spent with no task to read its cost from (a success that
     /// named none, a create whose fate is unknown): it stays charged to the current period and
     /// is carried no further.
-    fn kept(&self, key: &Option<AccountId>, estimate: f64) {
+    fn kept(&self, key: &Option<AccountId>, estimate: Nanos) {
         let mut accounts = self.lock();
         let account = self.account(&mut accounts, key, Instant::now());
-        account.open = (account.open - estimate).max(0.0);
+        account.open = account.open.saturating_sub(estimate);
     }
 
     /// Gives a reservation back (the create did not happen), in whichever period it was
     /// carried into.
-    fn release(&self, key: &Option<AccountId>, estimate: f64) {
+    fn release(&self, key: &Option<AccountId>, estimate: Nanos) {
         let mut accounts = self.lock();
         let account = self.account(&mut accounts, key, Instant::now());
-        account.open = (account.open - estimate).max(0.0);
-        account.committed = (account.committed - estimate).max(0.0);
+        account.open = account.open.saturating_sub(estimate);
+        account.committed = account.committed.saturating_sub(estimate);
     }
 
     /// Records the task a create made, in the current period (its reservation, carried into
     /// it, is charged there), then applies its report.
-    fn created(&self, key: &Option<AccountId>, estimate: f64, report: &TaskReport) {
+    fn created(&self, key: &Option<AccountId>, estimate: Nanos, report: &TaskReport) {
         let mut accounts = self.lock();
         let account = self.account(&mut accounts, key, Instant::now());
-        account.open = (account.open - estimate).max(0.0);
+        account.open = account.open.saturating_sub(estimate);
         if account.tasks.insert(report.id.clone(), estimate).is_none() {
             self.awaited.fetch_add(1, Ordering::Relaxed);
         }
@@ -320,18 +341,24 @@ impl Ledger {
         if !report.status.is_terminal() {
             return;
         }
+        // Only a cost in credits replaces the estimate: one in another currency (`USD`) would
+        // be booked as that many credits, and the estimate it replaced is in credits. A report
+        // without one (a callback body carries no cost; a cost in dollars) leaves the task
+        // awaiting a later one (a query's) until the period ends.
+        let Some(cost) = report
+            .cost_in_credits()
+            .filter(|c| c.is_finite() && *c >= 0.0)
+        else {
+            return;
+        };
         let Some(estimate) = account.tasks.remove(&report.id) else {
             return;
         };
         self.awaited.fetch_sub(1, Ordering::Relaxed);
-        // Only a cost in credits replaces the estimate: one in another currency (`USD`) would
-        // be booked as that many credits, and the estimate it replaced is in credits.
-        if let Some(cost) = report
-            .cost_in_credits()
-            .filter(|c| c.is_finite() && *c >= 0.0)
-        {
-            account.committed = (account.committed - estimate + cost).max(0.0);
-        }
+        account.committed = account
+            .committed
+            .saturating_sub(estimate)
+            .saturating_add(to_nanos(cost));
     }
 }
 
@@ -377,6 +404,7 @@ impl SpendGuardLayer {
         Ok(SpendGuardLayer {
             ledger: Arc::new(Ledger {
                 budget: credits,
+                budget_nanos: to_nanos(credits),
                 period,
                 costs,
                 accounts: Mutex::new(HashMap::new()),
@@ -407,11 +435,15 @@ impl SpendGuardLayer {
 
     /// Credits spent or reserved by an account in the current period.
     pub fn committed(&self, account: Option<&AccountId>) -> f64 {
+        to_credits(self.committed_nanos(account))
+    }
+
+    fn committed_nanos(&self, account: Option<&AccountId>) -> Nanos {
         let key = account.cloned();
         let mut accounts = self.ledger.lock();
         // A look starts nothing: an account's first period starts at its first create.
         if !accounts.contains_key(&key) {
-            return 0.0;
+            return 0;
         }
         self.ledger
             .account(&mut accounts, &key, Instant::now())
@@ -422,7 +454,11 @@ impl SpendGuardLayer {
     /// [`AccountId`]; under [`KlingLayer`](crate::KlingLayer), whose requests all carry its
     /// account, ask with [`KlingLayer::account_id`](crate::KlingLayer::account_id)).
     pub fn remaining(&self, account: Option<&AccountId>) -> f64 {
-        (self.ledger.budget - self.committed(account)).max(0.0)
+        match self.committed_nanos(account) {
+            0 => self.ledger.budget,
+            // Subtracted in the ledger's unit: as floats, 0.3 - 0.1 left 0.19999999999999998.
+            committed => to_credits(self.ledger.budget_nanos.saturating_sub(committed)),
+        }
     }
 
     /// Applies a task report from elsewhere (a callback): a finished task's cost in credits
@@ -512,7 +548,7 @@ where
         };
         let account = AccountId::of(&request).cloned();
         match self.ledger.reserve(&account, estimate) {
-            Ok(()) => {
+            Ok(estimate) => {
                 // Tells, should the caller drop the create, whether a layer below held it back
                 // unsent (a slot's wait), so the estimate goes back. Shared with the metrics
                 // layer above, which reads the same watch to count the create or not: a watch

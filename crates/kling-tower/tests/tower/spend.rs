@@ -1045,3 +1045,181 @@ async fn a_cost_in_another_currency_keeps_the_estimate() {
         assert_eq!(guard.committed(None), committed * 2.0, "{billing}");
     }
 }
+
+/// A budget spent in steps that are no binary fraction (0.1 credits) must hold exactly as many
+/// creates as it has room for. Summed in floating point, a hundred thousand 0.1-credit
+/// reservations came to 10000.000000018848, past a 10,000-credit budget by more than the
+/// guard's slack, so the last create that fits was refused. Reservations of another price
+/// given back in between (0.07 credits, refused with 1303) must leave nothing behind.
+#[tokio::test(start_paused = true)]
+async fn a_hundred_thousand_creates_at_a_tenth_of_a_credit_spend_the_budget_exactly() {
+    let made = Arc::new(AtomicUsize::new(0));
+    let client = {
+        let made = made.clone();
+        service_fn(move |req: http::Request<Full<Bytes>>| {
+            let body = if req.uri().path().starts_with("/v1/images") {
+                r#"{"code":1303,"message":"parallel task over resource pack limit","request_id":"r"}"#
+                    .to_owned()
+            } else {
+                let n = made.fetch_add(1, Ordering::Relaxed);
+                format!(
+                    r#"{{"code":0,"message":"ok","request_id":"r","data":{{"task_id":"t{n}","task_status":"submitted"}}}}"#
+                )
+            };
+            async move { Ok::<_, BoxError>(envelope(200, &body)) }
+        })
+    };
+    let costs = CostTable::new().video(0.1).image_per_image(0.07);
+    let guard = SpendGuardLayer::new(10_000.0, costs).unwrap();
+    let mut svc = guard.layer(ClassifyLayer::new().layer(client));
+    let image = || {
+        authed(
+            "POST",
+            "/v1/images/generations",
+            r#"{"prompt":"a cat","n":1}"#,
+        )
+    };
+    for n in 0..100_000 {
+        let refused = send(&mut svc, image()).await.unwrap();
+        assert_eq!(refused.code(), Code::ParallelTaskLimit);
+        if let Err(e) = send(&mut svc, video()).await {
+            panic!("create {n} refused: {e}");
+        }
+    }
+    assert_eq!(made.load(Ordering::Relaxed), 100_000);
+    assert_eq!(guard.committed(None), 10_000.0);
+    assert_eq!(guard.remaining(None), 0.0);
+    // Negative control: the budget is spent, and the next create is refused.
+    let err = send(&mut svc, video()).await.unwrap_err();
+    assert!(err.downcast_ref::<BudgetExceeded>().is_some(), "{err}");
+    assert_eq!(made.load(Ordering::Relaxed), 100_000);
+}
+
+/// A legacy client: creates make task `t<n>`, a query of a task answers it finished and billed
+/// `final_unit_deduction` `cost`.
+fn legacy_billed(cost: &'static str) -> Client {
+    let made = Arc::new(AtomicUsize::new(0));
+    Client::new(service_fn(move |req: http::Request<Full<Bytes>>| {
+        let body = if req.method() == http::Method::POST {
+            let n = made.fetch_add(1, Ordering::Relaxed);
+            format!(
+                r#"{{"code":0,"message":"ok","request_id":"r","data":{{"task_id":"t{n}","task_status":"submitted"}}}}"#
+            )
+        } else {
+            let id = req.uri().path().rsplit('/').next().unwrap_or_default();
+            format!(
+                r#"{{"code":0,"message":"ok","request_id":"r","data":{{"task_id":"{id}","task_status":"succeed","final_unit_deduction":"{cost}"}}}}"#
+            )
+        };
+        async move { Ok::<_, BoxError>(envelope(200, &body)) }
+    }))
+}
+
+/// A finished task first reported without its cost (a callback: Kling's callback body carries
+/// no `final_unit_deduction`), then by a query that carries it: the query's cost replaces the
+/// estimate. The first report used to end the wait for the task's cost, so the estimate stayed
+/// charged whatever the task cost. A cost reported twice still corrects it once.
+#[tokio::test(start_paused = true)]
+async fn a_cost_reported_after_a_report_without_one_still_replaces_the_estimate() {
+    let guard = SpendGuardLayer::new(10.0, CostTable::new().video(3.0)).unwrap();
+    let mut svc = guard.layer(ClassifyLayer::new().layer(legacy_billed("1")));
+    let id = send(&mut svc, video())
+        .await
+        .unwrap()
+        .task()
+        .unwrap()
+        .id
+        .clone();
+    assert_eq!(guard.committed(None), 3.0);
+
+    let callback = format!(r#"{{"task_id":"{id}","task_status":"succeed"}}"#);
+    let report = &kling_core::Envelope::read_callback(callback.as_bytes()).unwrap()[0];
+    assert!(report.status.is_terminal() && report.cost.is_none());
+    guard.report(None, report);
+    assert_eq!(
+        guard.committed(None),
+        3.0,
+        "no cost yet: the estimate stays"
+    );
+
+    let query = || authed("GET", &format!("/v1/videos/text2video/{id}"), "");
+    let answer = send(&mut svc, query()).await.unwrap();
+    assert_eq!(answer.task().unwrap().cost, Some(1.0));
+    assert_eq!(
+        guard.committed(None),
+        1.0,
+        "the late cost replaces the estimate"
+    );
+
+    // Reported again: corrected once, not twice.
+    send(&mut svc, query()).await.unwrap();
+    let billed = r#"{"task_id":"TASK","task_status":"succeed","final_unit_deduction":"1"}"#
+        .replace("TASK", &id);
+    guard.report(
+        None,
+        &kling_core::Envelope::read_callback(billed.as_bytes()).unwrap()[0],
+    );
+    assert_eq!(guard.committed(None), 1.0);
+}
+
+/// A 1102 (resource pack exhausted) through the stack: the create's estimate goes back, no
+/// further create is sent (each is refused locally, its estimate given back too), and queries
+/// still are.
+#[tokio::test(start_paused = true)]
+async fn through_the_stack_after_a_1102_no_create_is_sent_and_queries_still_are() {
+    let creates = Arc::new(AtomicUsize::new(0));
+    let queries = Arc::new(AtomicUsize::new(0));
+    let client = {
+        let (creates, queries) = (creates.clone(), queries.clone());
+        Client::new(service_fn(move |req: http::Request<Full<Bytes>>| {
+            let body = if req.method() == http::Method::POST {
+                creates.fetch_add(1, Ordering::Relaxed);
+                r#"{"code":1102,"message":"resource pack exhausted","request_id":"r"}"#
+            } else {
+                queries.fetch_add(1, Ordering::Relaxed);
+                r#"{"code":0,"message":"ok","request_id":"r","data":{"task_id":"t","task_status":"processing"}}"#
+            };
+            let status = if body.contains("1102") { 429 } else { 200 };
+            async move { Ok::<_, BoxError>(envelope(status, body)) }
+        }))
+    };
+    let (kling, service) = free_stack(client);
+    let guard = kling.spend_guard().unwrap().clone();
+    let account = Some(kling.account_id());
+
+    let err = service.clone().oneshot(video()).await.unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<Failed>().and_then(Failed::code),
+        Some(Code::ResourcePackExhausted),
+        "{err}"
+    );
+    assert_eq!(creates.load(Ordering::Relaxed), 1, "never retried");
+    assert_eq!(guard.committed(account), 0.0);
+
+    for _ in 0..3 {
+        assert!(service.clone().oneshot(video()).await.is_err());
+        let query = authed("GET", "/v1/videos/text2video/t", "");
+        let answer = service.clone().oneshot(query).await.unwrap();
+        assert!(Outcome::of(&answer).unwrap().is_success());
+    }
+    assert_eq!(
+        creates.load(Ordering::Relaxed),
+        1,
+        "no create after the 1102"
+    );
+    assert_eq!(queries.load(Ordering::Relaxed), 3, "queries still go");
+    assert_eq!(guard.committed(account), 0.0);
+}
+
+/// What is left is counted as the ledger counts: 0.3 credits less a 0.1-credit create leave
+/// 0.2, not the float difference 0.19999999999999998.
+#[tokio::test(start_paused = true)]
+async fn what_is_left_of_a_budget_is_exact() {
+    let mock = mock(MockConfig::preset(Preset::Pro));
+    let guard = SpendGuardLayer::new(0.3, CostTable::new().video(0.1)).unwrap();
+    let mut svc = guard.layer(ClassifyLayer::new().layer(mock));
+    assert_eq!(guard.remaining(None), 0.3);
+    send(&mut svc, video()).await.unwrap();
+    assert_eq!(guard.committed(None), 0.1);
+    assert_eq!(guard.remaining(None), 0.2);
+}

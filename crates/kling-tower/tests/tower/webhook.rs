@@ -264,7 +264,7 @@ async fn axum_route_bounds_its_body_whatever_the_router_allows() {
 
 /// Bad requests to the route, each answered without calling `on_task`: a body over the limit
 /// with no length given (streamed) `413`; a signed body that is not JSON, or JSON that reports
-/// no task, `400`; an accepted message's id sent again with a wrong signature `401` (not the
+/// no task (an empty body, one that is not UTF-8), `400`; an accepted message's id sent again with a wrong signature `401` (not the
 /// replay's `200`: only the sender can make a delivery a replay); a `GET` `405`; another path
 /// `404`.
 #[cfg(feature = "axum")]
@@ -311,7 +311,15 @@ async fn axum_route_answers_bad_requests_without_handling_them() {
         send("POST", "/cb", signed("big", &big), streamed).await,
         413
     );
-    for junk in [&b"not json"[..], b"{}", b"[]", br#"{"code":0,"data":null}"#] {
+    // An empty body and one that is not UTF-8 too, signed as they are.
+    for junk in [
+        &b"not json"[..],
+        b"{}",
+        b"[]",
+        br#"{"code":0,"data":null}"#,
+        b"",
+        b"\xff\xfe{\"task_id\":\"t\xff\",\"task_status\":\"succeed\"}",
+    ] {
         assert_eq!(
             send("POST", "/cb", signed("junk", junk), body(junk)).await,
             400
