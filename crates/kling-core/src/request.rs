@@ -787,6 +787,40 @@ mod tests {
         }
     }
 
+    /// Every escape form before a raw control character, read as JSON reads the escape: a
+    /// `\\` is a valid escape, so the control character after it is text and the id is read
+    /// (`e\` then a line break); a `\u` short of four hex digits before it, a `\` cut off
+    /// by the body's end, and a third `\` before it are escapes that are none: no reading.
+    #[test]
+    fn each_escape_form_before_a_control_character_is_read_as_json_reads_the_escape() {
+        let path = "/v1/images/generations";
+        let r = recognize(
+            &Method::POST,
+            path,
+            "{\"n\":9,\"external_task_id\":\"e\\\\\n1\"}",
+        );
+        assert_eq!((r.weight, r.external_id.as_deref()), (9, Some("e\\\n1")));
+        let r = recognize(
+            &Method::POST,
+            path,
+            "{\"n\":9,\"external_task_id\":\"e\\u0041\t1\"}",
+        );
+        assert_eq!((r.weight, r.external_id.as_deref()), (9, Some("eA\t1")));
+        for body in [
+            "{\"n\":9,\"external_task_id\":\"e\\u1\n1\"}",
+            "{\"n\":9,\"external_task_id\":\"e\\u00a\n\"}",
+            "{\"n\":9,\"external_task_id\":\"e\\\\\\\n1\"}",
+            "{\"n\":9,\"prompt\":\"a\n\",\"external_task_id\":\"e\\",
+        ] {
+            let r = recognize(&Method::POST, path, body);
+            assert_eq!(
+                (r.weight, r.names_own_id, r.external_id.as_deref()),
+                (1, false, None),
+                "{body:?}"
+            );
+        }
+    }
+
     #[test]
     fn legacy_paths() {
         let r = recognize(

@@ -560,6 +560,22 @@ fn settle_create<B: SlotBackend>(
     backend.apply_unread(op)
 }
 
+/// Whether the answer to a legacy single-task query (`{create path}/{id}`), naming one task
+/// ended, is a list page: its `data` an array where a query's is the task itself (a server
+/// that reads the path another way, `{create path}/x//..` with its slashes merged, answers its
+/// create path's list). Such a page names tasks long ended, whose end no create's answer
+/// waits for. Read again (serde_json) only for that one answer of a task, its last.
+#[inline]
+fn answered_as_list(
+    path: ReportPath<'_>,
+    outcome: &Outcome,
+    response: &Response<Full<Bytes>>,
+) -> bool {
+    matches!(path, ReportPath::LegacyQuery(_))
+        && matches!(outcome.tasks(), [task] if task.status.is_terminal())
+        && outcome.lists_every_task(&response.body().peek_bytes())
+}
+
 /// The external ids a query asked about that its answer says do not exist, as updates that
 /// end what is held under them (`None` when the query was no lookup by external id or the answer
 /// does not say).
@@ -697,8 +713,8 @@ where
                     } else if outcome.tasks().is_empty() {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
-                    } else if *list {
-                        backend.observe_list_on(account, &outcome, lease, known)
+                    } else if *list || answered_as_list(path, &outcome, &response) {
+                        backend.observe_list_on(account, &outcome, lease, path.create_path())
                     } else {
                         backend.observe_unread_of(account, &outcome, lease, path)
                     };

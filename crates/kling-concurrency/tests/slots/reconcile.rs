@@ -1227,3 +1227,65 @@ async fn a_listed_end_whose_task_id_is_a_held_external_id_frees_nothing() {
         assert_eq!(in_use.0, u32::from(!freed), "after {entry}");
     }
 }
+
+/// A single-task query is a report of that task only when it is answered as one: a legacy
+/// query (`GET {create path}/{id}`) answered with a list (`data` an array, as a server that
+/// merges the slashes of `{create path}/x//..` reads it) names tasks long ended like any list
+/// page, and the one it names alone frees no later create under its external id. Answered
+/// with the task itself (the negative control), and a new-style batch query of one id (whose
+/// answer is always an array), each is a report of that task, remembered.
+#[tokio::test(start_paused = true)]
+async fn a_query_answered_with_a_list_frees_no_later_create_under_its_external_id() {
+    let legacy = serde_json::json!({
+        "task_id": "old-image",
+        "task_status": "succeed",
+        "task_info": {"external_task_id": "job-0"},
+    });
+    let new_style = serde_json::json!({
+        "id": "old-image",
+        "status": "succeeded",
+        "external_id": "job-0",
+    });
+    for (request, data, freed) in [
+        ("/v1/images/generations/old-image", legacy.clone(), true),
+        (
+            "/v1/images/generations/old-image",
+            serde_json::json!([legacy.clone()]),
+            false,
+        ),
+        (
+            "/v1/images/generations/old-image//..",
+            serde_json::json!([legacy]),
+            false,
+        ),
+        (
+            "/tasks?task_ids=old-image",
+            serde_json::json!([new_style]),
+            true,
+        ),
+    ] {
+        let fake = crate::support::Fake::new();
+        let creates = fake.clone();
+        let answer = data.clone();
+        let server = tower::service_fn(move |request: Request<Full<Bytes>>| {
+            let answer = match request.method() == http::Method::GET {
+                true => Ok(crate::support::envelope(200, 0, &answer)),
+                false => creates.clone().call(request).into_inner(),
+            };
+            std::future::ready(answer)
+        });
+        let (layer, handle) = TaskSlotsLayer::pair(SlotsConfig::new(5)).unwrap();
+        let mut slots = layer.layer(server);
+        send(&mut slots, crate::support::get(request)).await;
+
+        fake.script(crate::support::Scripted::Lost);
+        let video = crate::support::create_with_external("job-0");
+        assert!(slots.ready().await.unwrap().call(video).await.is_err());
+        let in_use = crate::support::pool_state(&handle, &crate::support::video()).await;
+        assert_eq!(
+            in_use.0,
+            u32::from(!freed),
+            "after {request} answered {data}"
+        );
+    }
+}
