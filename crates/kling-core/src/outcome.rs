@@ -321,8 +321,11 @@ impl Outcome {
     /// lookup by external id must tell apart: only the first says a task does not exist.
     ///
     /// Reads the body again (serde_json), for the rare answers where that matters, never for
-    /// every response.
+    /// every response; a body whose bytes show no `data` list is answered without that read.
     pub fn lists_every_task(&self, body: &[u8]) -> bool {
+        if !may_hold_a_data_list(body) {
+            return false;
+        }
         // Each element itself a task, not a list or page of them: tasks found inside one
         // element must not make up, in the count, for another element that was not read.
         fn is_task(element: &serde_json::Value) -> bool {
@@ -406,6 +409,43 @@ impl Outcome {
     }
 }
 
+/// Whether `body` may hold a key `data` whose value is a list: the bytes `"data"`, blanks, `:`,
+/// blanks, `[`, or an escape `\u` (a key written with one, `"\u0064ata"`, reads as `data` only
+/// when decoded). No text of valid JSON holds the bytes `"data"` followed by a `:` (its quotes
+/// are escaped), so a body without them is no answer whose `data` is a list, and the full read
+/// of [`Outcome::lists_every_task`] (thousands of instructions: a legacy query's last answer
+/// asks it) is spared. A nested key of that name only sends the body to the full read.
+fn may_hold_a_data_list(body: &[u8]) -> bool {
+    let blank = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    let after_blanks = |i: usize| {
+        body[i.min(body.len())..]
+            .iter()
+            .position(|b| !blank(b))
+            .map(|n| i + n)
+    };
+    let mut i = 0;
+    while let Some(n) = body[i..].iter().position(|&b| b == b'"' || b == b'\\') {
+        let at = i + n;
+        if body[at] == b'\\' {
+            if body.get(at + 1) == Some(&b'u') {
+                return true;
+            }
+            i = (at + 2).min(body.len());
+            continue;
+        }
+        if body[at..].starts_with(b"\"data\"")
+            && let Some(colon) = after_blanks(at + 6)
+            && body[colon] == b':'
+            && let Some(value) = after_blanks(colon + 1)
+            && body[value] == b'['
+        {
+            return true;
+        }
+        i = at + 1;
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -458,6 +498,19 @@ mod tests {
         assert!(read(
             r#"[{"task_id":7,"task_status":"succeed"},{"id":"b","status":"failed"}]"#
         ));
+        // Read as serde_json reads them: blanks around the colon, an escaped key.
+        assert!(read(" \t[ ]"));
+        let escaped = br#"{"code":0,"message":"SUCCEED","\u0064ata":[]}"#;
+        let outcome =
+            Outcome::parse(StatusCode::OK, &HeaderMap::new(), escaped, Instant::now()).unwrap();
+        assert!(outcome.lists_every_task(escaped));
+        // A text that names `"data":[` is no list.
+        let in_text = br#"{"code":0,"message":"\"data\":[]","data":null}"#;
+        let outcome =
+            Outcome::parse(StatusCode::OK, &HeaderMap::new(), in_text, Instant::now()).unwrap();
+        assert!(!outcome.lists_every_task(in_text));
+        // A body that ends in an escape's backslash is read to its end, not past it.
+        assert!(!may_hold_a_data_list(br#"{"data":"\"#));
         let no_data = br#"{"code":0,"message":"SUCCEED"}"#;
         let outcome =
             Outcome::parse(StatusCode::OK, &HeaderMap::new(), no_data, Instant::now()).unwrap();
