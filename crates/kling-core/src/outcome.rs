@@ -416,34 +416,14 @@ impl Outcome {
 /// of [`Outcome::lists_every_task`] (thousands of instructions: a legacy query's last answer
 /// asks it) is spared. A nested key of that name only sends the body to the full read.
 fn may_hold_a_data_list(body: &[u8]) -> bool {
-    let blank = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
-    let after_blanks = |i: usize| {
-        body[i.min(body.len())..]
-            .iter()
-            .position(|b| !blank(b))
-            .map(|n| i + n)
-    };
-    let mut i = 0;
-    while let Some(n) = body[i..].iter().position(|&b| b == b'"' || b == b'\\') {
-        let at = i + n;
-        if body[at] == b'\\' {
-            if body.get(at + 1) == Some(&b'u') {
-                return true;
-            }
-            i = (at + 2).min(body.len());
-            continue;
-        }
-        if body[at..].starts_with(b"\"data\"")
-            && let Some(colon) = after_blanks(at + 6)
-            && body[colon] == b':'
-            && let Some(value) = after_blanks(colon + 1)
-            && body[value] == b'['
-        {
-            return true;
-        }
-        i = at + 1;
-    }
-    false
+    // An escaped `\\u` too sends the body to the full read, as it costs nothing to.
+    let escape = memchr::memchr_iter(b'\\', body).any(|at| body.get(at + 1) == Some(&b'u'));
+    escape
+        || memchr::memmem::find_iter(body, b"\"data\"").any(|at| {
+            let after_key = body[at + 6..].trim_ascii_start();
+            after_key.first() == Some(&b':')
+                && after_key[1..].trim_ascii_start().first() == Some(&b'[')
+        })
 }
 
 #[cfg(test)]
