@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::ops::Range;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -418,8 +418,11 @@ impl Outcome {
 fn may_hold_a_data_list(body: &[u8]) -> bool {
     // An escaped `\\u` too sends the body to the full read, as it costs nothing to.
     let escape = memchr::memchr_iter(b'\\', body).any(|at| body.get(at + 1) == Some(&b'u'));
+    // Built once: a searcher's set-up costs more than its search of a short body.
+    static DATA_KEY: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"\"data\""));
     escape
-        || memchr::memmem::find_iter(body, b"\"data\"").any(|at| {
+        || DATA_KEY.find_iter(body).any(|at| {
             let after_key = body[at + 6..].trim_ascii_start();
             after_key.first() == Some(&b':')
                 && after_key[1..].trim_ascii_start().first() == Some(&b'[')
