@@ -564,16 +564,28 @@ fn settle_create<B: SlotBackend>(
 /// ended, is a list page: its `data` an array where a query's is the task itself (a server
 /// that reads the path another way, `{create path}/x//..` with its slashes merged, answers its
 /// create path's list). Such a page names tasks long ended, whose end no create's answer
-/// waits for. Read again (serde_json) only for that one answer of a task, its last.
+/// waits for. A path every server reads as written ([`read_alike`]) is answered as the query
+/// it is, so only another path's answer is read again, and only its last (one task ended).
 #[inline]
 fn answered_as_list(
     path: ReportPath<'_>,
     outcome: &Outcome,
     response: &Response<Full<Bytes>>,
 ) -> bool {
-    matches!(path, ReportPath::LegacyQuery(_))
+    matches!(path, ReportPath::LegacyQuery(asked) if !read_alike(asked))
         && matches!(outcome.tasks(), [task] if task.status.is_terminal())
         && outcome.lists_every_task(&response.body().peek_bytes())
+}
+
+/// Whether every server reads `path` as written: no escape (`%`), no `;` parameters, and no
+/// empty (`//`, a trailing `/`) or dot segment, each of which a server may read otherwise than
+/// this layer's router (kling-core's `Route::of`) does.
+fn read_alike(path: &str) -> bool {
+    !path.bytes().any(|b| b == b'%' || b == b';')
+        && !path
+            .split('/')
+            .skip(1)
+            .any(|segment| segment.is_empty() || segment == "." || segment == "..")
 }
 
 /// The external ids a query asked about that its answer says do not exist, as updates that
