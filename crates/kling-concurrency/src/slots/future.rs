@@ -572,20 +572,31 @@ fn answered_as_list(
     outcome: &Outcome,
     response: &Response<Full<Bytes>>,
 ) -> bool {
-    matches!(path, ReportPath::LegacyQuery(asked) if !read_alike(asked))
-        && matches!(outcome.tasks(), [task] if task.status.is_terminal())
+    let ReportPath::LegacyQuery(asked) = path else {
+        return false;
+    };
+    matches!(outcome.tasks(), [task] if task.status.is_terminal())
+        && !read_alike(asked)
         && outcome.lists_every_task(&response.body().peek_bytes())
 }
 
 /// Whether every server reads `path` as written: no escape (`%`), no `;` parameters, and no
 /// empty (`//`, a trailing `/`) or dot segment, each of which a server may read otherwise than
-/// this layer's router (kling-core's `Route::of`) does.
+/// this layer's router (kling-core's `Route::of`) does. One pass over the bytes.
 fn read_alike(path: &str) -> bool {
-    !path.bytes().any(|b| b == b'%' || b == b';')
-        && !path
-            .split('/')
-            .skip(1)
-            .any(|segment| segment.is_empty() || segment == "." || segment == "..")
+    let odd = |segment: &[u8]| matches!(segment, b"" | b"." | b"..");
+    let bytes = path.as_bytes();
+    let mut start = 0;
+    for (i, &byte) in bytes.iter().enumerate() {
+        match byte {
+            b'%' | b';' => return false,
+            // The segment before the leading `/` is no segment.
+            b'/' if i > 0 && odd(&bytes[start..i]) => return false,
+            b'/' => start = i + 1,
+            _ => {}
+        }
+    }
+    !odd(&bytes[start..])
 }
 
 /// The external ids a query asked about that its answer says do not exist, as updates that
@@ -820,4 +831,31 @@ fn warn_unsettled(error: &crate::error::BackendError) {
     // The response is real; losing it over bookkeeping would make callers repeat a create that
     // happened. Leases bound the damage.
     tracing::warn!(%error, "task slot state not updated");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_alike;
+
+    #[test]
+    fn a_path_is_read_alike_only_without_escapes_parameters_or_odd_segments() {
+        for path in [
+            "/v1/videos/text2video/abc",
+            "/proxy/v1/images/generations/t-1.x",
+        ] {
+            assert!(read_alike(path), "{path}");
+        }
+        for path in [
+            "/v1/images/generations/old-image//..",
+            "/v1/videos/text2video/abc/",
+            "/v1/videos/./text2video/abc",
+            "/v1/videos/text2video/..",
+            "/v1/videos/text2video/%61bc",
+            "/v1/videos;v=1/text2video/abc",
+            "//v1/videos/text2video/abc",
+            "",
+        ] {
+            assert!(!read_alike(path), "{path}");
+        }
+    }
 }
