@@ -582,10 +582,16 @@ fn answered_as_list(
 
 /// Whether every server reads `path` as written: no escape (`%`), no `;` parameters, and no
 /// empty (`//`, a trailing `/`) or dot segment, each of which a server may read otherwise than
-/// this layer's router (kling-core's `Route::of`) does. One pass over the bytes.
+/// this layer's router (kling-core's `Route::of`) does. The usual path (no `%`, `;` or `.`)
+/// is told by a SIMD search; one with any of them is walked segment by segment.
 fn read_alike(path: &str) -> bool {
     let odd = |segment: &[u8]| matches!(segment, b"" | b"." | b"..");
     let bytes = path.as_bytes();
+    if memchr::memchr3(b'%', b';', b'.', bytes).is_none() {
+        return !bytes.is_empty()
+            && !bytes.ends_with(b"/")
+            && !memchr::memchr_iter(b'/', bytes).any(|at| bytes.get(at + 1) == Some(&b'/'));
+    }
     let mut start = 0;
     for (i, &byte) in bytes.iter().enumerate() {
         match byte {
